@@ -1,0 +1,111 @@
+/**
+ * The IPC protocol between the gateway and an episode subprocess (agents/host.ts).
+ * Every message is parsed at the edge with `parseChildMessage` / `parseParentMessage`;
+ * past that, code trusts these types.
+ */
+
+/** An agent's identity as the subprocess sees it. */
+export interface AgentRef {
+  readonly type: string;
+  readonly key: string;
+  /** `<type>/<key>` */
+  readonly id: string;
+}
+
+/** What woke the agent (SPEC §4). */
+export interface Stimulus {
+  readonly id: string;
+  readonly kind: "mqtt" | "timer" | "webhook" | "inbox" | "manual";
+  readonly topic?: string;
+  /** Parsed JSON when the payload was JSON, else the payload as a string. */
+  readonly payload: unknown;
+  /** Epoch milliseconds. */
+  readonly received_at: number;
+}
+
+/** One entry of an episode's event log, in the order it happened. */
+export type EpisodeRecord =
+  | { readonly k: "decide"; readonly name: string; readonly data: unknown }
+  | { readonly k: "emit"; readonly data: unknown }
+  | { readonly k: "send"; readonly to: string; readonly data: unknown }
+  | { readonly k: "now"; readonly v: number }
+  | { readonly k: "random"; readonly v: number }
+  | { readonly k: "log"; readonly level: "debug" | "info" | "warn" | "error"; readonly msg: string }
+  | { readonly k: "tool"; readonly call: number; readonly tool: string; readonly args: readonly unknown[]; readonly ok: boolean; readonly result: unknown };
+
+/** Recorded inputs that make a replay deterministic. */
+export interface ReplayInputs {
+  readonly now: readonly number[];
+  readonly random: readonly number[];
+  /** Tool results in call order. */
+  readonly tools: readonly { readonly tool: string; readonly ok: boolean; readonly result: unknown }[];
+}
+
+/** Gateway -> subprocess. */
+export type ParentMessage =
+  | {
+      readonly t: "start";
+      readonly episode: string;
+      readonly agent: AgentRef;
+      /** Absolute path of the agent module. */
+      readonly module: string;
+      readonly config: Readonly<Record<string, unknown>>;
+      /** The last checkpoint's state, or null for a brand-new agent (run `init`). */
+      readonly state: unknown;
+      readonly fresh: boolean;
+      readonly stimulus: Stimulus;
+      /** Present when replaying: tools are answered from here, `now`/`random` return these. */
+      readonly replay: ReplayInputs | null;
+      /** Limits the subprocess enforces on itself before the gateway has to. */
+      readonly limits: { readonly max_records: number; readonly max_record_bytes: number };
+    }
+  | { readonly t: "tool_result"; readonly call: number; readonly ok: boolean; readonly result: unknown };
+
+/** Subprocess -> gateway. `records` batches are flushed before every tool call and at the end. */
+export type ChildMessage =
+  | { readonly t: "ready" }
+  | { readonly t: "records"; readonly records: readonly EpisodeRecord[] }
+  | { readonly t: "tool"; readonly call: number; readonly tool: string; readonly args: readonly unknown[] }
+  | { readonly t: "done"; readonly state: unknown }
+  | { readonly t: "error"; readonly kind: "threw" | "invalid_module" | "invalid_state" | "flood"; readonly message: string; readonly stack?: string };
+
+const RECORD_KINDS = new Set(["decide", "emit", "send", "now", "random", "log", "tool"]);
+
+function isObj(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+/** Parse a message from the subprocess; null when it is not a well-formed `ChildMessage`. */
+export function parseChildMessage(raw: unknown): ChildMessage | null {
+  if (!isObj(raw)) return null;
+  switch (raw.t) {
+    case "ready":
+      return { t: "ready" };
+    case "records": {
+      if (!Array.isArray(raw.records)) return null;
+      for (const r of raw.records) if (!isObj(r) || typeof r.k !== "string" || !RECORD_KINDS.has(r.k) || r.k === "tool") return null;
+      return raw as unknown as ChildMessage;
+    }
+    case "tool":
+      if (typeof raw.call !== "number" || typeof raw.tool !== "string" || !Array.isArray(raw.args)) return null;
+      return { t: "tool", call: raw.call, tool: raw.tool, args: raw.args };
+    case "done":
+      return { t: "done", state: raw.state };
+    case "error": {
+      const kinds = ["threw", "invalid_module", "invalid_state", "flood"] as const;
+      const kind = kinds.find((k) => k === raw.kind);
+      if (!kind || typeof raw.message !== "string") return null;
+      return { t: "error", kind, message: raw.message, stack: typeof raw.stack === "string" ? raw.stack : undefined };
+    }
+    default:
+      return null;
+  }
+}
+
+/** Parse a message from the gateway; null when malformed. */
+export function parseParentMessage(raw: unknown): ParentMessage | null {
+  if (!isObj(raw)) return null;
+  if (raw.t === "start" && isObj(raw.agent) && isObj(raw.stimulus) && typeof raw.module === "string") return raw as unknown as ParentMessage;
+  if (raw.t === "tool_result" && typeof raw.call === "number" && typeof raw.ok === "boolean") return raw as unknown as ParentMessage;
+  return null;
+}

@@ -1,0 +1,67 @@
+/**
+ * A guarded MQTT connection: a Duplex that aedes reads and writes, fed by a transport
+ * (TCP socket or WebSocket) only after every byte passed the packet size guard.
+ */
+import { Duplex } from "node:stream";
+import type { GuardVerdict, PacketSizeGuard } from "./guard.ts";
+
+/** A refusal from the guard. */
+export type GuardViolation = Exclude<GuardVerdict, { ok: true }>;
+
+/** The byte pipe under a connection. */
+export interface Transport {
+  /** Stop delivering inbound bytes (backpressure); may be a no-op. */
+  pause(): void;
+  resume(): void;
+  /** Send bytes; call `done` once the transport can take more. */
+  write(chunk: Uint8Array, done: (err?: Error | null) => void): void;
+  end(): void;
+  destroy(): void;
+}
+
+/** The stream aedes sees for one client connection. */
+export class GuardedConnection extends Duplex {
+  constructor(
+    private readonly transport: Transport,
+    private readonly guard: PacketSizeGuard,
+    private readonly onViolation: (v: GuardViolation) => void,
+  ) {
+    super({ allowHalfOpen: false });
+  }
+
+  /** Inbound bytes from the transport. A violating chunk is dropped whole and the connection destroyed. */
+  receive(chunk: Uint8Array): void {
+    if (this.destroyed) return;
+    const verdict = this.guard.feed(chunk);
+    if (!verdict.ok) {
+      // Destroy first so not one more byte of the announced packet is read or buffered.
+      this.destroy();
+      this.onViolation(verdict);
+      return;
+    }
+    if (!this.push(chunk)) this.transport.pause();
+  }
+
+  /** The transport ended cleanly. */
+  receiveEnd(): void {
+    if (!this.destroyed) this.push(null);
+  }
+
+  override _read(): void {
+    this.transport.resume();
+  }
+
+  override _write(chunk: Buffer, _enc: BufferEncoding, done: (err?: Error | null) => void): void {
+    this.transport.write(chunk, done);
+  }
+
+  override _final(done: (err?: Error | null) => void): void {
+    this.transport.end();
+    done();
+  }
+
+  override _destroy(err: Error | null, done: (err?: Error | null) => void): void {
+    this.transport.destroy();
+    done(err);
+  }
+}

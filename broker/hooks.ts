@@ -1,0 +1,161 @@
+/**
+ * The aedes hooks that enforce the device rules (SPEC §5): authentication, the publish
+ * topic rules + ACL + durable intake before any ack, the subscribe ACL, and counting.
+ */
+import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";
+import type { Logger } from "pino";
+import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
+import type { BrokerOptions, ClientInfo, IntakeVerdict, PublishedMessage } from "./types.ts";
+
+/** Mutable broker state the hooks read and count into. */
+export interface HookState {
+  intakeOpen: boolean;
+  messagesIn: number;
+  messagesOut: number;
+  refused: number;
+}
+
+/** Why a device publish was refused; aedes emits it as `clientError` and drops the connection. */
+export class PublishRefused extends Error {
+  constructor(
+    readonly topic: string,
+    readonly reason: string,
+  ) {
+    super(`publish to ${JSON.stringify(topic)} refused: ${reason}`);
+    this.name = "PublishRefused";
+  }
+}
+
+/** aedes' CONNACK return codes we use (MQTT 3.1.1 §3.2.2.3). */
+const SERVER_UNAVAILABLE = 3;
+const BAD_CREDENTIALS = 4;
+const NOT_AUTHORIZED = 5;
+
+function connackError(returnCode: 3 | 4 | 5, message: string): AuthenticateError {
+  return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
+}
+
+function bytes(data: Buffer | string | undefined): Uint8Array {
+  if (data === undefined) return new Uint8Array(0);
+  if (typeof data === "string") return new TextEncoder().encode(data);
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/** Builds the aedes hooks for one broker. */
+export function createHooks(
+  opts: BrokerOptions,
+  state: HookState,
+  log: Logger,
+): Required<Pick<AedesOptions, "authenticate" | "authorizePublish" | "authorizeSubscribe" | "authorizeForward">> {
+  // aedes' Client does not keep the username; remember it from CONNECT.
+  const usernames = new WeakMap<Client, string | null>();
+  // The verdict of each client's latest publish: acks go out in PUBLISH order (MQTT-4.6.0-2)
+  // even when intake resolves out of order, because aedes runs a read chunk's packets concurrently.
+  const lastTurn = new WeakMap<Client, Promise<unknown>>();
+
+  const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo =>
+    client
+      ? { id: client.id, username: usernames.get(client) ?? null }
+      : { id: (packet as { clientId?: string } | undefined)?.clientId ?? "", username: null };
+
+  const safeIntake = (msg: PublishedMessage, info: ClientInfo): Promise<IntakeVerdict> => {
+    try {
+      return opts.intake(msg, info).catch((err: unknown) => {
+        // Never ack what was not recorded.
+        log.error({ err, client: info.id, topic: msg.topic }, "intake failed; publish refused");
+        return { ok: false, reason: "intake failed" };
+      });
+    } catch (err) {
+      log.error({ err, client: info.id, topic: msg.topic }, "intake threw; publish refused");
+      return Promise.resolve({ ok: false, reason: "intake failed" });
+    }
+  };
+
+  const aclAllows = (check: (() => boolean) | null, what: string, info: ClientInfo): boolean => {
+    if (!check) return true;
+    try {
+      return check();
+    } catch (err) {
+      log.error({ err, client: info.id, what }, "ACL hook threw; refused");
+      return false;
+    }
+  };
+
+  return {
+    authenticate(client, username, password, done) {
+      const info: ClientInfo = { id: client.id, username: username ?? null };
+      usernames.set(client, info.username);
+      if (!state.intakeOpen) return done(connackError(SERVER_UNAVAILABLE, "broker is not accepting devices"), null);
+      const hook = opts.authenticate;
+      if (info.username === null || !hook) {
+        if (opts.allowAnonymous) return done(null, true);
+        log.info({ client: info.id }, "connect refused: anonymous clients not allowed");
+        return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
+      }
+      hook.call(opts, info, password ? bytes(password) : null).then(
+        (ok) => {
+          if (ok) return done(null, true);
+          log.info({ client: info.id, username: info.username }, "connect refused: bad credentials");
+          done(connackError(BAD_CREDENTIALS, "bad user name or password"), null);
+        },
+        (err: unknown) => {
+          log.error({ err, client: info.id }, "authenticate hook failed; connect refused");
+          done(connackError(SERVER_UNAVAILABLE, "authentication unavailable"), null);
+        },
+      );
+    },
+
+    // Also called for a client's will when it drops. Publishes by the gateway itself
+    // (aedes.publish) never come here. Refusal semantics, aedes 1.2.0
+    // (lib/handlers/publish.js, lib/client.js): callback(err) ends the packet's handling
+    // before enqueuePublish, so no PUBACK/PUBREC is written and nothing is delivered; the
+    // error becomes `clientError` and the socket is destroyed. MQTT 3.1.1 has no negative
+    // PUBACK, so a dropped connection is the only refusal a QoS 1 sender can observe.
+    authorizePublish(client, packet, callback) {
+      const info = infoOf(client, packet);
+      const refuse = (reason: string): void => {
+        state.refused++;
+        log.info({ client: info.id, topic: packet.topic, reason }, "publish refused");
+        callback(new PublishRefused(packet.topic, reason));
+      };
+      const rule = checkDevicePublishTopic(packet.topic);
+      if (!rule.ok) return refuse(rule.reason);
+      const acl = opts.authorizePublishTopic;
+      if (!aclAllows(acl ? () => acl.call(opts, info, packet.topic) : null, packet.topic, info)) {
+        return refuse("not authorized");
+      }
+      if (!state.intakeOpen) return refuse("intake stopped");
+      const msg: PublishedMessage = {
+        topic: packet.topic,
+        payload: bytes(packet.payload),
+        qos: packet.qos,
+        retain: packet.retain,
+      };
+      const verdict = safeIntake(msg, info);
+      const previous = (client && lastTurn.get(client)) || Promise.resolve();
+      const turn = previous.then(() => verdict).then((v) => {
+        if (!v.ok) return refuse(v.reason);
+        state.messagesIn++;
+        callback(null); // only now may aedes write the PUBACK (NOTES: it acks before `published`)
+      }).catch((err: unknown) => log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed"));
+      if (client) lastTurn.set(client, turn);
+    },
+
+    authorizeSubscribe(client, sub, done) {
+      const info = infoOf(client);
+      const rule = checkDeviceSubscribeFilter(sub.topic);
+      const acl = opts.authorizeSubscribeTopic;
+      const allowed = rule.ok && aclAllows(acl ? () => acl.call(opts, info, sub.topic) : null, sub.topic, info);
+      if (allowed) return done(null, sub);
+      log.info({ client: info.id, filter: sub.topic }, "subscribe refused");
+      // aedes 1.2.0 (lib/handlers/subscribe.js storeSubscriptions): a null subscription is
+      // granted 128 in the SUBACK (MQTT 3.1.1 §3.9.3) and the connection stays open.
+      done(null, null);
+    },
+
+    authorizeForward(_client, packet) {
+      state.messagesOut++;
+      return packet;
+    },
+  };
+}

@@ -1,0 +1,15 @@
+/**
+ * The broker boundary (SPEC §5, §8): an MQTT broker behind the `Broker` interface, so an
+ * external broker can replace the embedded one later, plus the pure topic rules.
+ */
+export type {
+  Broker,
+  BrokerOptions,
+  BrokerStats,
+  ClientInfo,
+  IntakeVerdict,
+  PublishedMessage,
+} from "./types.ts";
+export { createEmbeddedBroker } from "./embedded.ts";
+export { checkDevicePublishTopic, checkDeviceSubscribeFilter, matchTopic, type TopicCheck } from "./topics.ts";
+export { PacketSizeGuard, type GuardVerdict } from "./guard.ts";

@@ -1,0 +1,83 @@
+/**
+ * MQTT over TCP: Node's `net` server (works under Bun), each socket wrapped in a
+ * GuardedConnection before aedes sees it.
+ */
+import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
+import type { Duplex } from "node:stream";
+import { PacketSizeGuard } from "./guard.ts";
+import { GuardedConnection, type GuardViolation } from "./connection.ts";
+
+/** What a listener needs from the broker. */
+export interface ListenerHooks {
+  readonly maxPacketBytes: number;
+  /** Hand a guarded connection to aedes. */
+  accept(conn: Duplex, remote: string): void;
+  /** The guard closed a connection. */
+  violation(v: GuardViolation, remote: string): void;
+}
+
+function socketTransport(socket: Socket) {
+  return {
+    pause: () => void socket.pause(),
+    resume: () => void socket.resume(),
+    write(chunk: Uint8Array, done: (err?: Error | null) => void) {
+      if (socket.write(chunk)) done();
+      else socket.once("drain", () => done());
+    },
+    end: () => void socket.end(),
+    destroy: () => void socket.destroy(),
+  };
+}
+
+/** A TCP listener for MQTT clients. */
+export class TcpListener {
+  private readonly server: Server;
+  private readonly sockets = new Set<Socket>();
+  private closed: Promise<void> | null = null;
+
+  constructor(private readonly hooks: ListenerHooks) {
+    this.server = createServer((socket) => this.onSocket(socket));
+  }
+
+  /** Listen; resolves with the bound port. */
+  listen(host: string, port: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const onError = (err: Error) => reject(err);
+      this.server.once("error", onError);
+      this.server.listen({ host, port }, () => {
+        this.server.off("error", onError);
+        resolve((this.server.address() as AddressInfo).port);
+      });
+    });
+  }
+
+  /** Stop accepting new connections; open ones stay. */
+  stopAccepting(): Promise<void> {
+    // The close callback only fires once every connection has ended, so do not wait for it here.
+    this.closed ??= new Promise((resolve) => this.server.close(() => resolve()));
+    return Promise.resolve();
+  }
+
+  /** Destroy every open connection and wait for the server to be fully closed. */
+  async closeAll(): Promise<void> {
+    await this.stopAccepting();
+    for (const socket of this.sockets) socket.destroy();
+    await this.closed;
+  }
+
+  private onSocket(socket: Socket): void {
+    this.sockets.add(socket);
+    socket.setNoDelay(true);
+    const remote = `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? "?"}`;
+    const guard = new PacketSizeGuard(this.hooks.maxPacketBytes);
+    const conn = new GuardedConnection(socketTransport(socket), guard, (v) => this.hooks.violation(v, remote));
+    socket.on("data", (chunk: Buffer) => conn.receive(chunk));
+    socket.on("end", () => conn.receiveEnd());
+    socket.on("error", (err) => conn.destroy(err));
+    socket.on("close", () => {
+      this.sockets.delete(socket);
+      conn.destroy();
+    });
+    this.hooks.accept(conn, remote);
+  }
+}

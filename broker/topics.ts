@@ -1,0 +1,72 @@
+/**
+ * Topic rules for device traffic (SPEC §5) and MQTT topic-filter matching.
+ * Pure functions on strings; the broker adapter calls them, and so can the router.
+ */
+
+/** A topic check result: expected refusals are values, not exceptions. */
+export type TopicCheck = { readonly ok: true } | { readonly ok: false; readonly reason: string };
+
+const OK: TopicCheck = { ok: true };
+
+/**
+ * MQTT filter match. Returns the wildcard captures in order ('+' -> one level, '#' -> the
+ * remaining levels joined with '/'), or null if the topic does not match.
+ */
+export function matchTopic(filter: string, topic: string): string[] | null {
+  // MQTT-4.7.2-1: a filter starting with a wildcard does not match topics starting with '$'.
+  if ((filter.startsWith("+") || filter.startsWith("#")) && topic.startsWith("$")) return null;
+  const f = filter.split("/");
+  const t = topic.split("/");
+  const captures: string[] = [];
+  for (let i = 0; i < f.length; i++) {
+    const level = f[i];
+    if (level === "#") {
+      // MQTT-4.7.1-2: '#' also matches the parent level ('a/#' matches 'a'), capturing "".
+      if (i !== f.length - 1) return null;
+      captures.push(t.slice(i).join("/"));
+      return captures;
+    }
+    const actual = t[i];
+    if (actual === undefined) return null;
+    if (level === "+") captures.push(actual);
+    else if (level !== actual) return null;
+  }
+  return f.length === t.length ? captures : null;
+}
+
+/** The one `fleet/` topic a device may publish to: `fleet/agents/<type>/<key>/inbox`. */
+function isInboxTopic(levels: readonly string[]): boolean {
+  return (
+    levels.length === 5 &&
+    levels[1] === "agents" &&
+    levels[2] !== "" &&
+    levels[3] !== "" &&
+    levels[4] === "inbox"
+  );
+}
+
+/**
+ * Whether a device may publish to `topic` (SPEC §5): no wildcards, no empty topic, nothing
+ * starting with '$' (covers `$SYS`), and nothing in the `fleet` namespace except
+ * `fleet/agents/<type>/<key>/inbox`.
+ */
+export function checkDevicePublishTopic(topic: string): TopicCheck {
+  if (topic.length === 0) return { ok: false, reason: "empty topic" };
+  // MQTT-3.3.2-2: wildcards are not allowed in a PUBLISH topic name.
+  if (topic.includes("+") || topic.includes("#")) return { ok: false, reason: "wildcard in publish topic" };
+  // MQTT-4.7.3-2: no U+0000 in topic names.
+  if (topic.includes("\u0000")) return { ok: false, reason: "null character in topic" };
+  // Overriding aedes' authorizePublish drops its own $SYS guard (NOTES), so check here.
+  if (topic.startsWith("$")) return { ok: false, reason: "topics starting with '$' are reserved" };
+  const levels = topic.split("/");
+  if (levels[0] === "fleet" && !isInboxTopic(levels)) {
+    return { ok: false, reason: "devices may only publish to fleet/agents/<type>/<key>/inbox under fleet/" };
+  }
+  return OK;
+}
+
+/** Whether a device may subscribe to `filter`: anything but `$SYS` (broker internals, other clients' ids). */
+export function checkDeviceSubscribeFilter(filter: string): TopicCheck {
+  if (filter === "$SYS" || filter.startsWith("$SYS/")) return { ok: false, reason: "$SYS is reserved" };
+  return OK;
+}

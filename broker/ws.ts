@@ -1,0 +1,115 @@
+/**
+ * MQTT over WebSocket on Bun.serve's native WebSocket server (the `ws` package path was
+ * reported broken under Bun, NOTES). Each socket is a GuardedConnection like TCP; the
+ * MQTT byte stream is the concatenation of binary messages, so packets may span frames.
+ */
+import type { Server, ServerWebSocket } from "bun";
+import { PacketSizeGuard } from "./guard.ts";
+import { GuardedConnection } from "./connection.ts";
+import type { ListenerHooks } from "./tcp.ts";
+
+interface WsData {
+  remote: string;
+  conn: GuardedConnection | null;
+  /** Write callbacks waiting for the socket to drain. */
+  drains: (() => void)[];
+}
+
+/** Subprotocols MQTT clients ask for ("mqttv3.1" is MQTT 3.1's name). */
+const SUBPROTOCOLS = ["mqtt", "mqttv3.1"] as const;
+
+function pickSubprotocol(header: string | null): string | null {
+  const offered = (header ?? "").split(",").map((p) => p.trim());
+  return SUBPROTOCOLS.find((p) => offered.includes(p)) ?? null;
+}
+
+function wsTransport(ws: ServerWebSocket<WsData>) {
+  return {
+    // Bun's WebSocket server has no inbound pause; the flood bound lives in `message`.
+    pause: () => {},
+    resume: () => {},
+    write(chunk: Uint8Array, done: (err?: Error | null) => void) {
+      const sent = ws.send(chunk);
+      if (sent > 0) done();
+      else if (sent === -1) ws.data.drains.push(() => done());
+      else done(new Error("websocket closed"));
+    },
+    end: () => ws.close(1000),
+    destroy: () => ws.terminate(),
+  };
+}
+
+/** A WebSocket listener for MQTT clients (any path; subprotocol `mqtt`). */
+export class WsListener {
+  private server: Server<WsData> | null = null;
+
+  constructor(private readonly hooks: ListenerHooks) {}
+
+  /** Listen; resolves with the bound port. */
+  listen(host: string, port: number): Promise<number> {
+    const hooks = this.hooks;
+    // Bun buffers a whole frame before `message`; cap frames so a huge one never reaches memory.
+    const maxFrame = hooks.maxPacketBytes + 16;
+    // Packets waiting for aedes beyond this close the connection (no inbound pause on WS).
+    const maxBacklog = Math.max(4 * hooks.maxPacketBytes, 1 << 20);
+    this.server = Bun.serve<WsData>({
+      hostname: host,
+      port,
+      fetch(req, server) {
+        const protocol = pickSubprotocol(req.headers.get("sec-websocket-protocol"));
+        const remote = server.requestIP(req)?.address ?? "?";
+        const upgraded = server.upgrade(req, {
+          data: { remote, conn: null, drains: [] },
+          headers: protocol ? { "Sec-WebSocket-Protocol": protocol } : {},
+        });
+        return upgraded ? undefined : new Response("MQTT over WebSocket only\n", { status: 426 });
+      },
+      websocket: {
+        maxPayloadLength: maxFrame,
+        open(ws) {
+          const guard = new PacketSizeGuard(hooks.maxPacketBytes);
+          const conn = new GuardedConnection(wsTransport(ws), guard, (v) => hooks.violation(v, ws.data.remote));
+          ws.data.conn = conn;
+          hooks.accept(conn, ws.data.remote);
+        },
+        message(ws, message) {
+          const conn = ws.data.conn;
+          if (!conn) return;
+          if (typeof message === "string") {
+            // MQTT-6.0.0-1: MQTT travels in binary frames only.
+            conn.destroy();
+            return;
+          }
+          conn.receive(message);
+          if (conn.readableLength > maxBacklog) conn.destroy(new Error("websocket client floods faster than the broker reads"));
+        },
+        drain(ws) {
+          const waiting = ws.data.drains.splice(0);
+          for (const done of waiting) done();
+        },
+        close(ws, code, reason) {
+          // Bun refused a frame over maxPayloadLength (seen in Bun 1.4.5 as 1006 "Received too
+          // big message"; 1009 is the standard code): an oversized packet.
+          if (code === 1009 || /too big/i.test(reason)) {
+            hooks.violation({ ok: false, kind: "oversized", packetBytes: maxFrame + 1 }, ws.data.remote);
+          }
+          ws.data.conn?.destroy();
+        },
+      },
+    });
+    return Promise.resolve(this.server.port ?? port);
+  }
+
+  /** Stop accepting new connections; open ones stay. */
+  stopAccepting(): Promise<void> {
+    // stop(false)'s promise waits for every open websocket to close: do not wait for it here.
+    void this.server?.stop(false);
+    return Promise.resolve();
+  }
+
+  /** Close every connection and the listener. */
+  async closeAll(): Promise<void> {
+    await this.server?.stop(true);
+    this.server = null;
+  }
+}

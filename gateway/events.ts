@@ -1,0 +1,52 @@
+/**
+ * Domain facts of the fleet (episode committed or failed, agent status changed, stimulus
+ * queued). Metrics, the MQTT status topics and the dashboard all subscribe here; nothing
+ * that emits knows who listens.
+ */
+import type { AgentStatus } from "./types.ts";
+
+/** The facts and their payloads. */
+export interface FleetEventMap {
+  episode: {
+    episode: string;
+    agent: string;
+    type: string;
+    stimulus: string;
+    status: "committed" | "failed";
+    kind?: string;
+    checkpoint: string | null;
+    ms: number;
+    quarantined: boolean;
+  };
+  status: { agent: string; status: AgentStatus; reason?: string; checkpoint?: string | null };
+  queued: { agent: string };
+  intake: { source: "mqtt" | "timer" | "webhook" | "inbox" | "manual"; accepted: number; duplicates: number };
+}
+
+type Listener<K extends keyof FleetEventMap> = (e: FleetEventMap[K]) => void;
+
+/** A tiny typed event bus. Listener errors are contained so one bad subscriber cannot break a commit. */
+export class FleetEvents {
+  private readonly listeners: { [K in keyof FleetEventMap]?: Listener<K>[] } = {};
+
+  /** Subscribe; returns an unsubscribe function. */
+  on<K extends keyof FleetEventMap>(kind: K, fn: Listener<K>): () => void {
+    const list = (this.listeners[kind] ??= []) as Listener<K>[];
+    list.push(fn);
+    return () => {
+      const i = list.indexOf(fn);
+      if (i >= 0) list.splice(i, 1);
+    };
+  }
+
+  /** Deliver a fact to every subscriber. */
+  emit<K extends keyof FleetEventMap>(kind: K, e: FleetEventMap[K]): void {
+    for (const fn of (this.listeners[kind] ?? []) as Listener<K>[]) {
+      try {
+        fn(e);
+      } catch {
+        // a subscriber's bug must not fail the episode that emitted the fact
+      }
+    }
+  }
+}

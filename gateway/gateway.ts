@@ -1,0 +1,276 @@
+/**
+ * The gateway: composes spec, store, broker, intake, scheduler, episode executor,
+ * effects and HTTP into one process with an explicit lifecycle
+ * ('created' -> 'starting' -> 'running' -> 'draining' -> 'stopped').
+ */
+import { mkdirSync, writeFileSync, rmSync } from "node:fs";
+import { join, resolve } from "node:path";
+import pino, { type Logger } from "pino";
+import { createEmbeddedBroker, type Broker } from "../broker/index.ts";
+import { loadSpec } from "./spec/load.ts";
+import type { SpecVersion } from "./spec/types.ts";
+import { Store } from "./store/index.ts";
+import { Scheduler } from "./scheduler.ts";
+import { EpisodeExecutor } from "./episode.ts";
+import { Effects } from "./effects.ts";
+import { Intake } from "./intake.ts";
+import { createRouter, type Route } from "./router.ts";
+import { FleetEvents } from "./events.ts";
+import { defaultSpawnOptions, killAllEpisodes, liveEpisodeGroups, type SpawnOptions } from "./runner.ts";
+import { topics } from "./protocol.ts";
+import { agentId, parseAgentId } from "./types.ts";
+import { startHttp, type HttpServer } from "./http.ts";
+
+/** How to start a gateway. Flags override fleet.toml (SPEC §2). */
+export interface GatewayOptions {
+  readonly configPath: string;
+  readonly dataDir?: string;
+  readonly mqttPort?: number;
+  readonly httpPort?: number;
+  readonly logger?: Logger;
+  readonly spawn?: SpawnOptions;
+  /** Where secrets come from (default: the gateway's own environment). */
+  readonly secrets?: Readonly<Record<string, string | undefined>>;
+  readonly now?: () => number;
+  readonly healthIntervalMs?: number;
+}
+
+export type GatewayState = "created" | "starting" | "running" | "draining" | "stopped";
+
+/** A running fleet. */
+export class Gateway {
+  state: GatewayState = "created";
+  readonly events = new FleetEvents();
+  readonly log: Logger;
+  readonly startedAt = Date.now();
+  store!: Store;
+  broker!: Broker;
+  scheduler!: Scheduler;
+  effects!: Effects;
+  intake!: Intake;
+  http!: HttpServer;
+  dataDir!: string;
+  private current!: SpecVersion;
+  private route!: (topic: string) => Route;
+  private readonly retired = new Set<string>();
+  private readonly queuedCounts = new Map<string, number>();
+  private healthTimer: ReturnType<typeof setInterval> | null = null;
+  /** Last spec reload error, shown by status and /api/fleet. */
+  specError: string | null = null;
+  private readonly now: () => number;
+
+  constructor(readonly opts: GatewayOptions) {
+    this.log = opts.logger ?? pino({ base: { svc: "fleet" } });
+    this.now = opts.now ?? Date.now;
+  }
+
+  /** The spec version new episodes start on. */
+  get spec(): SpecVersion {
+    return this.current;
+  }
+
+  /** Start everything; resolves once MQTT and HTTP listen. */
+  async start(): Promise<void> {
+    if (this.state !== "created") return;
+    this.state = "starting";
+    this.current = await loadSpec(resolve(this.opts.configPath));
+    const spec = this.current.spec;
+    this.route = createRouter(spec);
+    this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
+    mkdirSync(this.dataDir, { recursive: true });
+    this.store = await Store.open(join(this.dataDir, "fleet.db"), { synchronous: spec.fleet.synchronous });
+    await this.store.saveSpecVersion({ hash: this.current.hash, path: this.current.path, text: this.current.text, summary: "loaded at start", at: this.now() });
+    await this.deployInstances();
+
+    const executor = new EpisodeExecutor({
+      store: this.store,
+      spec: () => this.current,
+      spawn: this.opts.spawn ?? defaultSpawnOptions(),
+      toolEnv: { secrets: this.opts.secrets ?? process.env, fetch },
+      events: this.events,
+      log: this.log,
+      now: this.now,
+      stopping: () => this.state === "draining" || this.state === "stopped",
+    });
+    this.scheduler = new Scheduler({ maxConcurrent: spec.fleet.max_concurrent_episodes, runTurn: (a) => executor.turn(a), now: this.now });
+    this.intake = new Intake(
+      this.store,
+      {
+        route: (t) => this.route(t),
+        isRetired: (a) => this.retired.has(a),
+        queued: (a) => this.queuedCounts.get(a) ?? 0,
+        enqueued: (a) => this.noteQueued(a),
+      },
+      this.events,
+      this.log,
+      this.now,
+    );
+    this.wireEvents();
+
+    for (const row of await this.store.agentCounts()) void row; // warm the connection
+    for (const a of await this.store.listAgents({ status: "retired", limit: 1_000_000 }).then((r) => r.rows)) this.retired.add(a.id);
+    for (const q of await this.store.queuedSummary()) {
+      this.queuedCounts.set(q.agent, q.n);
+      this.scheduler.enqueue(q.agent, q.n);
+    }
+
+    this.broker = createEmbeddedBroker({
+      host: spec.broker.host,
+      port: this.opts.mqttPort ?? spec.broker.mqtt_port,
+      wsPort: spec.broker.ws_port,
+      maxPacketBytes: spec.broker.max_packet_bytes,
+      allowAnonymous: spec.broker.allow_anonymous,
+      intake: (msg) => (this.state === "running" ? this.intake.mqtt(msg) : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` })),
+      logger: this.log.child({ mod: "broker" }),
+    });
+    this.effects = new Effects(this.store, this.broker, this.log);
+    await this.broker.start();
+    this.http = startHttp(this, { host: spec.http.host, port: this.opts.httpPort ?? spec.http.port });
+    this.state = "running";
+    // Retained topics live in aedes' memory: re-publish them, then re-send unsent effects.
+    await this.republishStatuses();
+    void this.effects.kick();
+    this.healthTimer = setInterval(() => void this.publishHealth(), this.opts.healthIntervalMs ?? 10_000);
+    this.healthTimer.unref?.();
+    void this.publishHealth();
+    writeFileSync(join(this.dataDir, "gateway.json"), JSON.stringify({ mqtt_port: this.broker.port, http_port: this.http.port, pid: process.pid, gateway: this.store.gatewayId }) + "\n");
+    this.log.info({ mqtt_port: this.broker.port, http_port: this.http.port, data_dir: this.dataDir, spec: this.current.hash.slice(0, 12) }, `fleet "${spec.fleet.name}" running`);
+  }
+
+  /** Stop intake, let in-flight episodes finish (or kill them at the drain timeout), flush, close. */
+  async stop(): Promise<void> {
+    if (this.state === "stopped" || this.state === "draining") return;
+    this.state = "draining";
+    if (this.healthTimer) clearInterval(this.healthTimer);
+    await this.broker?.stopIntake();
+    this.scheduler?.stop();
+    const drainMs = this.current?.spec.fleet.drain_timeout_ms ?? 10_000;
+    const drained = await Promise.race([this.scheduler?.idle().then(() => true) ?? true, Bun.sleep(drainMs).then(() => false)]);
+    if (!drained) {
+      this.log.warn({ running: liveEpisodeGroups.size }, "drain timeout: aborting in-flight episodes (their stimuli stay queued)");
+      killAllEpisodes();
+      await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
+    }
+    await this.effects?.kick().catch(() => undefined);
+    this.http?.stop();
+    await this.broker?.close();
+    await this.store?.close();
+    try {
+      rmSync(join(this.dataDir, "gateway.json"));
+    } catch {
+      // not written (failed start)
+    }
+    this.state = "stopped";
+    this.log.info("fleet stopped");
+  }
+
+  /** Stimuli waiting for an agent. */
+  queued(agent: string): number {
+    return this.queuedCounts.get(agent) ?? 0;
+  }
+
+  /** Route a topic with the current spec (HTTP send, CLI). */
+  routeTopic(topic: string): Route {
+    return this.route(topic);
+  }
+
+  /** Operator lifecycle: pause, resume or retire an agent. */
+  async setLifecycle(id: string, action: "pause" | "resume" | "retire"): Promise<{ ok: true } | { ok: false; reason: string }> {
+    const agent = await this.store.getAgent(id);
+    if (!agent) return { ok: false, reason: `no agent ${id}` };
+    if (action === "pause") {
+      await this.store.setAgentStatus(id, "paused", "paused by operator");
+      this.events.emit("status", { agent: id, status: "paused", reason: "paused by operator" });
+    } else if (action === "resume") {
+      if (agent.status === "retired") return { ok: false, reason: `${id} is retired` };
+      await this.store.setAgentStatus(id, "active", null);
+      this.events.emit("status", { agent: id, status: "idle", checkpoint: agent.headHash });
+      this.scheduler.wake(id);
+    } else {
+      await this.store.setAgentStatus(id, "retired", "retired by operator");
+      this.retired.add(id);
+      this.events.emit("status", { agent: id, status: "retired", reason: "retired by operator" });
+    }
+    return { ok: true };
+  }
+
+  private noteQueued(agent: string): void {
+    this.queuedCounts.set(agent, (this.queuedCounts.get(agent) ?? 0) + 1);
+    this.scheduler.enqueue(agent);
+  }
+
+  private wireEvents(): void {
+    this.events.on("episode", (e) => {
+      if (e.status === "committed" || e.quarantined) {
+        const n = (this.queuedCounts.get(e.agent) ?? 1) - 1;
+        if (n <= 0) this.queuedCounts.delete(e.agent);
+        else this.queuedCounts.set(e.agent, n);
+      }
+      if (e.status === "committed") void this.effects.kick();
+      else void this.broker.publish(topics.episodes, JSON.stringify({ episode: e.episode, agent: e.agent, stimulus: e.stimulus, status: "failed", kind: e.kind, checkpoint: e.checkpoint, ms: Math.round(e.ms) })).catch(() => undefined);
+    });
+    this.events.on("queued", (e) => this.noteQueued(e.agent));
+    this.events.on("status", (e) => {
+      const a = parseAgentId(e.agent);
+      if (!a || !this.broker) return;
+      const body: Record<string, unknown> = { status: e.status };
+      if (e.reason) body.reason = e.reason;
+      if (e.checkpoint) body.checkpoint = e.checkpoint;
+      void this.broker.publish(topics.status(a.type, a.key), JSON.stringify(body), { qos: 1, retain: true }).catch(() => undefined);
+    });
+  }
+
+  private async deployInstances(): Promise<void> {
+    const list = [];
+    for (const type of Object.values(this.current.spec.agents)) {
+      for (const key of type.instances) {
+        const id = agentId(type.name, key);
+        if (id) list.push({ id, type: type.name, key });
+      }
+    }
+    await this.store.ensureAgents(list, this.now());
+  }
+
+  private async republishStatuses(): Promise<void> {
+    for (let offset = 0; ; offset += 1000) {
+      const { rows } = await this.store.listAgents({ limit: 1000, offset });
+      for (const a of rows) {
+        const status = a.status === "active" ? "idle" : a.status;
+        this.events.emit("status", { agent: a.id, status, ...(a.reason ? { reason: a.reason } : {}), checkpoint: a.headHash });
+      }
+      if (rows.length < 1000) return;
+    }
+  }
+
+  /** Fleet-level summary: the body of `fleet/health` and part of /api/fleet. */
+  async health() {
+    const counts = await this.store.agentCounts();
+    const byStatus: Record<string, number> = {};
+    for (const c of counts) byStatus[c.status] = (byStatus[c.status] ?? 0) + c.n;
+    const queued = [...this.queuedCounts.values()].reduce((a, b) => a + b, 0);
+    const summary = await this.store.queuedSummary();
+    const oldest = summary.reduce((m, q) => Math.min(m, q.oldest ?? Infinity), Infinity);
+    return {
+      fleet: this.current.spec.fleet.name,
+      gateway: this.store.gatewayId,
+      state: this.state,
+      spec_version: this.current.hash,
+      spec_error: this.specError,
+      uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
+      agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
+      running_episodes: this.scheduler.active,
+      queued_stimuli: queued,
+      lag_ms: Number.isFinite(oldest) ? Math.max(0, this.now() - oldest) : 0,
+      broker: this.broker.stats(),
+    };
+  }
+
+  private async publishHealth(): Promise<void> {
+    if (this.state !== "running") return;
+    try {
+      await this.broker.publish(topics.health, JSON.stringify(await this.health()), { qos: 0, retain: true });
+    } catch (err) {
+      this.log.warn({ err }, "health publish failed");
+    }
+  }
+}

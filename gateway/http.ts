@@ -1,0 +1,122 @@
+/**
+ * The HTTP surface (SPEC §7) on Bun.serve: health, the JSON API, operator actions and
+ * manual stimuli. Errors are `{ "error": { "code", "message" } }` with a fitting status.
+ */
+import type { Gateway } from "./gateway.ts";
+import { agentId } from "./types.ts";
+import type { StimulusId } from "./types.ts";
+import { agentView, episodeView } from "./views.ts";
+
+/** A started HTTP server. */
+export interface HttpServer {
+  readonly port: number;
+  stop(): void;
+}
+
+/** JSON response helper. */
+export function json(data: unknown, status = 200, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(data), { status, headers: { "content-type": "application/json", ...headers } });
+}
+
+/** Consistent error body. */
+export function httpError(status: number, code: string, message: string): Response {
+  return json({ error: { code, message } }, status);
+}
+
+const MAX_API_BODY = 1024 * 1024;
+
+async function readJson(req: Request, cap = MAX_API_BODY): Promise<{ ok: true; value: unknown; raw: Uint8Array } | { ok: false; res: Response }> {
+  const len = Number(req.headers.get("content-length") ?? "0");
+  if (len > cap) return { ok: false, res: httpError(413, "too_large", `body larger than ${cap} bytes`) };
+  const raw = new Uint8Array(await req.arrayBuffer());
+  if (raw.byteLength > cap) return { ok: false, res: httpError(413, "too_large", `body larger than ${cap} bytes`) };
+  try {
+    return { ok: true, value: raw.byteLength ? JSON.parse(new TextDecoder().decode(raw)) : null, raw };
+  } catch (err) {
+    return { ok: false, res: httpError(400, "bad_json", `body is not JSON: ${(err as Error).message}`) };
+  }
+}
+
+function intParam(url: URL, name: string, dflt: number, max: number): number {
+  const v = Number(url.searchParams.get(name) ?? dflt);
+  return Number.isFinite(v) && v >= 0 ? Math.min(Math.floor(v), max) : dflt;
+}
+
+/** Start the HTTP server of a gateway. */
+export function startHttp(gw: Gateway, opts: { host: string; port: number }): HttpServer {
+  const agentOr404 = async (type: string, key: string) => {
+    const id = agentId(type, key);
+    return id ? ((await gw.store.getAgent(id)) ?? null) : null;
+  };
+
+  const server = Bun.serve({
+    hostname: opts.host,
+    port: opts.port,
+    routes: {
+      "/healthz": () => json({ ok: true }),
+      "/readyz": () => (gw.state === "running" ? json({ ready: true, state: gw.state }) : json({ ready: false, state: gw.state }, 503)),
+      "/api/fleet": async () => json(await gw.health()),
+      "/api/agents": async (req) => {
+        const url = new URL(req.url);
+        const limit = intParam(url, "limit", 50, 1000);
+        const page = intParam(url, "page", 1, 1_000_000) || 1;
+        const { rows, total } = await gw.store.listAgents({
+          type: url.searchParams.get("type") ?? undefined,
+          status: url.searchParams.get("status") ?? undefined,
+          q: url.searchParams.get("q") ?? undefined,
+          limit,
+          offset: (page - 1) * limit,
+        });
+        return json({ agents: rows.map((a) => agentView(a, gw.queued(a.id))), total, page, limit });
+      },
+      "/api/agents/:type/:key": async (req) => {
+        const a = await agentOr404(req.params.type, req.params.key);
+        if (!a) return httpError(404, "not_found", `no agent ${req.params.type}/${req.params.key}`);
+        const checkpoints = await gw.store.listCheckpoints(a.id, 1_000_000);
+        return json({ ...agentView(a, gw.queued(a.id)), checkpoints: checkpoints.slice(-20).reverse().map((c) => ({ hash: c.hash, seq: c.seq, parent: c.parent, episode: c.episode, spec_version: c.specVersion, collected: c.state === null, created_at: c.createdAt })) });
+      },
+      "/api/agents/:type/:key/episodes": async (req) => {
+        const a = await agentOr404(req.params.type, req.params.key);
+        if (!a) return httpError(404, "not_found", `no agent ${req.params.type}/${req.params.key}`);
+        const url = new URL(req.url);
+        const before = url.searchParams.get("before");
+        const rows = await gw.store.listEpisodes(a.id, intParam(url, "limit", 50, 1000), before ? Number(before) : undefined);
+        return json({ episodes: rows.map(episodeView) });
+      },
+      "/api/agents/:type/:key/:action": {
+        POST: async (req) => {
+          const action = req.params.action;
+          if (action !== "pause" && action !== "resume" && action !== "retire") return httpError(404, "not_found", `no action ${action}`);
+          const id = agentId(req.params.type, req.params.key);
+          if (!id) return httpError(400, "bad_agent", "invalid agent id");
+          const r = await gw.setLifecycle(id, action);
+          return r.ok ? json({ ok: true, agent: id, action }) : httpError(404, "not_found", r.reason);
+        },
+      },
+      "/api/episodes/:id": async (req) => {
+        const ep = await gw.store.getEpisode(req.params.id);
+        if (!ep) return httpError(404, "not_found", `no episode ${req.params.id}`);
+        const events = await gw.store.listEvents(ep.id);
+        return json({ ...episodeView(ep), events: events.map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) })) });
+      },
+      "/api/send": {
+        // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.
+        POST: async (req) => {
+          const body = await readJson(req);
+          if (!body.ok) return body.res;
+          const v = body.value as { topic?: unknown; payload?: unknown; id?: unknown } | null;
+          if (!v || typeof v.topic !== "string") return httpError(400, "bad_request", "body must be {\"topic\": string, \"payload\": any}");
+          const route = gw.routeTopic(v.topic);
+          if (route.targets.length === 0) return httpError(404, "no_target", route.problems[0] ?? `no agent subscribes to ${v.topic}`);
+          const payload = new TextEncoder().encode(typeof v.payload === "string" ? v.payload : JSON.stringify(v.payload ?? null));
+          const explicit = typeof v.id === "string" && v.id ? (`id:${v.id}` as StimulusId) : null;
+          const report = await gw.intake.record(route.targets, route.inbox ? "inbox" : "manual", v.topic, payload, explicit);
+          return json(report, report.accepted.length > 0 ? 202 : 200);
+        },
+      },
+    },
+    fetch: () => httpError(404, "not_found", "no such endpoint"),
+    error: (err) => httpError(500, "internal", err.message),
+  });
+  return { port: server.port ?? opts.port, stop: () => void server.stop(true) };
+}

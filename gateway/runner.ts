@@ -1,0 +1,206 @@
+/**
+ * Runs one episode in a fresh Bun subprocess (agents/host.ts): explicit minimal env (never
+ * the parent's), its own process group (killed whole when the episode ends), a wall-clock
+ * timeout, a memory ceiling (RLIMIT_DATA as a backstop plus an RSS watch) and, when the
+ * gateway runs as root, an unprivileged uid so the child cannot read the gateway's
+ * /proc/<pid>/environ. IPC is parsed at the edge; the child never touches the database.
+ */
+import { fileURLToPath } from "node:url";
+import { readFile } from "node:fs/promises";
+import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../agents/protocol.ts";
+
+const HOST = fileURLToPath(new URL("../agents/host.ts", import.meta.url));
+
+/** How an episode failed (STYLE: retry decisions read this, not a message). */
+export type FailureKind = "threw" | "timeout" | "oom" | "crashed" | "invalid_module" | "invalid_state" | "flood" | "protocol";
+
+/** What a run produced. `records` holds what arrived before the end, even on failure. */
+export type RunResult =
+  | { readonly ok: true; readonly state: unknown; readonly records: EpisodeRecord[]; readonly ms: number }
+  | { readonly ok: false; readonly kind: FailureKind; readonly message: string; readonly records: EpisodeRecord[]; readonly ms: number };
+
+/** Answers a tool call from the subprocess; records it as it sees fit. */
+export type ToolHandler = (call: number, tool: string, args: readonly unknown[]) => Promise<{ ok: boolean; result: unknown }>;
+
+/** Sandbox and limits for one run. */
+export interface RunLimits {
+  readonly timeoutMs: number;
+  readonly memoryMb: number;
+  readonly maxRecords: number;
+  readonly maxRecordBytes: number;
+  readonly maxOpenFiles: number;
+  readonly maxProcesses: number;
+}
+
+/** How subprocesses are started; injected so tests and benches can vary it. */
+export interface SpawnOptions {
+  /** Path of the bun executable (defaults to the running one). */
+  readonly bun: string;
+  /** Run the child as this uid/gid (root only); null keeps the gateway's. */
+  readonly uid: number | null;
+  readonly gid: number | null;
+  /** Wrap with prlimit for RLIMIT_DATA/NOFILE/NPROC when available. */
+  readonly prlimit: string | null;
+  /** How often the RSS watch samples, ms. */
+  readonly rssPollMs: number;
+}
+
+/** Sensible defaults for this machine: drop to nobody when root, prlimit when installed. */
+export function defaultSpawnOptions(): SpawnOptions {
+  const root = process.getuid?.() === 0;
+  const prlimit = ["/usr/bin/prlimit", "/bin/prlimit"].find((p) => Bun.file(p).size > 0) ?? null;
+  return { bun: process.execPath, uid: root ? 65534 : null, gid: root ? 65534 : null, prlimit, rssPollMs: 50 };
+}
+
+/** The only environment an agent subprocess gets. */
+export const CHILD_ENV: Readonly<Record<string, string>> = Object.freeze({
+  PATH: "/usr/local/bin:/usr/bin:/bin",
+  HOME: "/nonexistent",
+  TZ: "UTC",
+  NO_COLOR: "1",
+  // A transpiler cache under HOME would be shared state between episodes; turn it off.
+  BUN_RUNTIME_TRANSPILER_CACHE_PATH: "0",
+});
+
+// Bun itself maps a few hundred MB of private memory at start; RLIMIT_DATA below that
+// aborts the runtime (measured: 268 MB aborts, 300 MB starts), so the hard backstop sits
+// above the budget and the RSS watch enforces the budget itself.
+const RUNTIME_DATA_MB = 384;
+
+async function rssMb(pid: number): Promise<number | null> {
+  try {
+    const status = await readFile(`/proc/${pid}/status`, "utf8");
+    const m = /VmRSS:\s+(\d+) kB/.exec(status);
+    return m ? Number(m[1]) / 1024 : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Process groups of episodes running now; the gateway kills them all on shutdown. */
+export const liveEpisodeGroups = new Set<number>();
+
+/** Kill every running episode's process group (shutdown, drain timeout). */
+export function killAllEpisodes(): void {
+  for (const pid of liveEpisodeGroups) killGroup(pid);
+}
+
+function killGroup(pid: number): void {
+  try {
+    process.kill(-pid, "SIGKILL");
+  } catch {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  }
+}
+
+/** Run one episode to completion or failure. Never throws. */
+export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, limits: RunLimits, onTool: ToolHandler, spawnOpts: SpawnOptions): Promise<RunResult> {
+  const began = performance.now();
+  const records: EpisodeRecord[] = [];
+  let outcome: RunResult | null = null;
+  let stderrTail = "";
+  let settle!: () => void;
+  const settled = new Promise<void>((r) => (settle = r));
+
+  type Outcome = { ok: true; state: unknown } | { ok: false; kind: FailureKind; message: string };
+  const finish = (r: Outcome): void => {
+    if (outcome) return;
+    outcome = { ...r, records, ms: performance.now() - began } as RunResult;
+    settle();
+  };
+
+  const cmd = [spawnOpts.bun, HOST];
+  if (spawnOpts.prlimit) {
+    const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
+    cmd.unshift(spawnOpts.prlimit, `--data=${dataBytes}`, `--nofile=${limits.maxOpenFiles}`, ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []));
+  }
+
+  let proc: ReturnType<typeof Bun.spawn>;
+  try {
+    proc = Bun.spawn(cmd, {
+      env: { ...CHILD_ENV },
+      cwd: "/",
+      detached: true,
+      stdin: "ignore",
+      stdout: "ignore",
+      stderr: "pipe",
+      serialization: "json",
+      ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
+      ipc(raw, child) {
+        const msg = parseChildMessage(raw);
+        if (!msg) return finish({ ok: false, kind: "protocol", message: "subprocess sent a malformed message" });
+        switch (msg.t) {
+          case "ready":
+            child.send(start);
+            return;
+          case "records":
+            records.push(...msg.records);
+            if (records.length > limits.maxRecords) finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
+            return;
+          case "tool":
+            // The gateway, not the child, writes the tool record: the child cannot forge a result.
+            void onTool(msg.call, msg.tool, msg.args)
+              .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
+              .then((r) => {
+                if (outcome) return;
+                records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
+                child.send({ t: "tool_result", call: msg.call, ok: r.ok, result: r.result } satisfies ParentMessage);
+              });
+            return;
+          case "done":
+            return finish({ ok: true, state: msg.state });
+          case "error":
+            return finish({ ok: false, kind: msg.kind, message: msg.message + (msg.stack ? `\n${msg.stack}` : "") });
+          default: {
+            const never: never = msg;
+            return never;
+          }
+        }
+      },
+    });
+  } catch (err) {
+    return { ok: false, kind: "crashed", message: `could not start subprocess: ${String(err)}`, records, ms: performance.now() - began };
+  }
+
+  const pid = proc.pid;
+  liveEpisodeGroups.add(pid);
+  const timer = setTimeout(() => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }), limits.timeoutMs);
+  const rssWatch = setInterval(async () => {
+    const mb = await rssMb(pid);
+    if (mb !== null && mb > limits.memoryMb) finish({ ok: false, kind: "oom", message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}` });
+  }, spawnOpts.rssPollMs);
+
+  // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
+  const stderrDone = (async () => {
+    const reader = (proc.stderr as ReadableStream<Uint8Array>).getReader();
+    const dec = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read().catch(() => ({ value: undefined, done: true }));
+      if (done) break;
+      stderrTail = (stderrTail + dec.decode(value)).slice(-4000);
+    }
+  })();
+
+  void proc.exited.then(async (code) => {
+    await Promise.race([stderrDone, Bun.sleep(100)]);
+    const oom = /out of memory/i.test(stderrTail);
+    const detail = stderrTail.trim().split("\n").slice(-6).join("\n");
+    finish({
+      ok: false,
+      kind: oom ? "oom" : "crashed",
+      message: `subprocess exited (code ${code}${proc.signalCode ? `, signal ${proc.signalCode}` : ""}) before finishing${detail ? `: ${detail}` : ""}`,
+    });
+  });
+
+  await settled;
+  clearTimeout(timer);
+  clearInterval(rssWatch);
+  killGroup(pid);
+  await proc.exited;
+  liveEpisodeGroups.delete(pid);
+  return outcome!;
+}

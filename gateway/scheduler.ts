@@ -1,0 +1,185 @@
+/**
+ * The scheduler: one durable FIFO per agent (rows in `stimuli`), one episode at a time
+ * per agent, at most `maxConcurrent` across the fleet, round-robin across agents that have
+ * work so a flooded agent cannot starve a quiet one. Only agents with work have an entry:
+ * idle agents cost rows on disk, not memory or processes.
+ */
+
+/** What running one episode for an agent reported back. */
+export type TurnResult =
+  /** An episode ran (committed or failed); the agent may have more work. */
+  | { readonly kind: "ran" }
+  /** Nothing queued after all. */
+  | { readonly kind: "empty" }
+  /** Head of queue must wait until `until` (retry backoff, budget window). */
+  | { readonly kind: "wait"; readonly until: number }
+  /** The agent cannot run now (paused, retired, failed); wake it with `wake()`. */
+  | { readonly kind: "parked" };
+
+/** Options of the scheduler. */
+export interface SchedulerOptions {
+  readonly maxConcurrent: number;
+  /** Run one turn for an agent: one episode at most. Must not throw. */
+  readonly runTurn: (agent: string) => Promise<TurnResult>;
+  readonly now?: () => number;
+}
+
+interface Slot {
+  queued: number;
+  running: boolean;
+  parked: boolean;
+  waitUntil: number;
+  inReady: boolean;
+}
+
+/** Fair, bounded episode scheduler. */
+export class Scheduler {
+  private readonly slots = new Map<string, Slot>();
+  private readonly ready: string[] = [];
+  private readyHead = 0;
+  private running = 0;
+  private stopped = false;
+  private timer: ReturnType<typeof setTimeout> | null = null;
+  private timerAt = Infinity;
+  private readonly idleWaiters: (() => void)[] = [];
+  private readonly now: () => number;
+
+  constructor(private readonly opts: SchedulerOptions) {
+    this.now = opts.now ?? Date.now;
+  }
+
+  /** Episodes running now. */
+  get active(): number {
+    return this.running;
+  }
+
+  /** Agents that have queued work or a running episode. */
+  get busyAgents(): number {
+    return this.slots.size;
+  }
+
+  /** Tell the scheduler `n` new stimuli were queued for `agent`. */
+  enqueue(agent: string, n = 1): void {
+    const slot = this.slot(agent);
+    slot.queued += n;
+    this.makeReady(agent, slot);
+    this.pump();
+  }
+
+  /** Re-examine an agent (resumed, budget window reset, quarantine retried). */
+  wake(agent: string): void {
+    const slot = this.slot(agent);
+    slot.parked = false;
+    slot.waitUntil = 0;
+    if (slot.queued === 0) slot.queued = 1; // unknown count: the turn will find out
+    this.makeReady(agent, slot);
+    this.pump();
+  }
+
+  /** Stop starting episodes; running ones finish. */
+  stop(): void {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+  }
+
+  /** Resolves when no episode is running. */
+  idle(): Promise<void> {
+    if (this.running === 0) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  private slot(agent: string): Slot {
+    let s = this.slots.get(agent);
+    if (!s) {
+      s = { queued: 0, running: false, parked: false, waitUntil: 0, inReady: false };
+      this.slots.set(agent, s);
+    }
+    return s;
+  }
+
+  private makeReady(agent: string, slot: Slot): void {
+    if (slot.running || slot.inReady || slot.parked || slot.queued <= 0) return;
+    slot.inReady = true;
+    this.ready.push(agent);
+  }
+
+  private pump(): void {
+    if (this.stopped) return;
+    const now = this.now();
+    let scanned = 0;
+    const pending = this.ready.length - this.readyHead;
+    while (this.running < this.opts.maxConcurrent && this.readyHead < this.ready.length && scanned < pending) {
+      const agent = this.ready[this.readyHead++]!;
+      scanned++;
+      const slot = this.slots.get(agent);
+      if (!slot) continue;
+      slot.inReady = false;
+      if (slot.waitUntil > now) {
+        this.armTimer(slot.waitUntil);
+        continue;
+      }
+      this.start(agent, slot);
+    }
+    // Compact the ring once its consumed prefix dominates.
+    if (this.readyHead > 1024 && this.readyHead * 2 > this.ready.length) {
+      this.ready.splice(0, this.readyHead);
+      this.readyHead = 0;
+    }
+  }
+
+  private armTimer(at: number): void {
+    if (at >= this.timerAt) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timerAt = at;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.timerAt = Infinity;
+      const now = this.now();
+      for (const [agent, slot] of this.slots) {
+        if (slot.waitUntil > 0 && slot.waitUntil <= now && !slot.running && !slot.parked) {
+          slot.waitUntil = 0;
+          this.makeReady(agent, slot);
+        } else if (slot.waitUntil > now) this.armTimer(slot.waitUntil);
+      }
+      this.pump();
+    }, Math.max(0, at - this.now()));
+  }
+
+  private start(agent: string, slot: Slot): void {
+    slot.running = true;
+    this.running++;
+    void this.opts
+      .runTurn(agent)
+      .catch((): TurnResult => ({ kind: "wait", until: this.now() + 1000 }))
+      .then((r) => {
+        slot.running = false;
+        this.running--;
+        switch (r.kind) {
+          case "ran":
+            slot.queued = Math.max(0, slot.queued - 1);
+            // Unknown remaining count is fine: an empty turn drops the slot.
+            if (slot.queued === 0) slot.queued = 1;
+            break;
+          case "empty":
+            slot.queued = 0;
+            break;
+          case "wait":
+            slot.waitUntil = r.until;
+            this.armTimer(r.until);
+            break;
+          case "parked":
+            slot.parked = true;
+            break;
+          default: {
+            const never: never = r;
+            return never;
+          }
+        }
+        if (slot.queued === 0 && !slot.running) this.slots.delete(agent);
+        else if (r.kind !== "wait") this.makeReady(agent, slot);
+        else this.slots.set(agent, slot);
+        if (this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
+        this.pump();
+      });
+  }
+}

@@ -1,0 +1,134 @@
+/**
+ * The compiled fleet spec: what `loadSpec` produces from fleet.toml after validation,
+ * defaults and cross-checks. Deeply frozen; nothing downstream re-validates it.
+ */
+
+/** Hex BLAKE3 digest (64 chars). */
+export type Blake3Hex = string & { readonly __brand: "Blake3Hex" };
+
+/** Budget limits of one agent type (SPEC §3 `[agents.<type>.budget]`). */
+export interface BudgetSpec {
+  readonly episodes_per_hour: number;
+  readonly tool_calls_per_episode: number;
+  readonly tokens_per_day: number;
+  readonly episode_timeout_ms: number;
+  readonly memory_mb: number;
+  /** Optional cost units charged per tool call, by tool name; limited by `cost_per_day`. */
+  readonly tool_costs: Readonly<Record<string, number>>;
+  /** 0 = unlimited. */
+  readonly cost_per_day: number;
+}
+
+/** Retry policy for a failing stimulus before it is quarantined. */
+export interface RetrySpec {
+  readonly max_attempts: number;
+  readonly backoff_ms: number;
+}
+
+/** What a timer does with fires missed while the gateway was down. */
+export type CatchUp = "none" | "one" | "all";
+
+/** A compiled timer: interval or cron, never both. */
+export type TimerSpec =
+  | { readonly kind: "every"; readonly ms: number; readonly catch_up: CatchUp }
+  | { readonly kind: "cron"; readonly expr: string; readonly catch_up: CatchUp };
+
+/** One agent type (SPEC §3 `[agents.<type>]`). */
+export interface AgentTypeSpec {
+  readonly name: string;
+  /** Module path as written in fleet.toml. */
+  readonly module: string;
+  /** Module path resolved against the fleet.toml directory. */
+  readonly module_path: string;
+  readonly subscribe: readonly string[];
+  /** Key template, e.g. "{1}"; "{n}" is the n-th wildcard capture of the matching pattern. */
+  readonly key: string;
+  readonly instances: readonly string[];
+  readonly timer: TimerSpec | null;
+  /** Payload JSON field carrying the stimulus id; null means content hash. */
+  readonly dedup: string | null;
+  readonly tools: readonly string[];
+  readonly publish: readonly string[];
+  readonly http_hosts: readonly string[];
+  readonly secrets: readonly string[];
+  readonly config: Readonly<Record<string, unknown>>;
+  readonly budget: BudgetSpec;
+  readonly checkpoint: { readonly keep: number };
+  readonly retry: RetrySpec;
+  /** Most stimuli that may wait for one agent; past it intake refuses (MQTT: connection closed, no PUBACK). */
+  readonly max_queue: number;
+}
+
+/** A webhook (`[hooks.<name>]`): routes `POST /hooks/<name>` to one agent or to a type by a payload field. */
+export interface HookSpec {
+  readonly name: string;
+  /** Fixed target "type/key", or null when routed by `type` + `key_field`. */
+  readonly agent: string | null;
+  readonly type: string | null;
+  readonly key_field: string | null;
+  /** Payload field carrying the dedup id when no Idempotency-Key header is sent. */
+  readonly dedup: string | null;
+  /** Env name of a shared secret; requests must carry `X-Fleet-Signature: sha256=<hmac>` or `Authorization: Bearer <secret>`. */
+  readonly secret_env: string | null;
+  readonly max_body_bytes: number;
+}
+
+/** The whole compiled fleet. */
+export interface FleetSpec {
+  readonly fleet: {
+    readonly name: string;
+    readonly data_dir: string;
+    readonly max_concurrent_episodes: number;
+    /** libSQL `synchronous`: "full" survives power loss, "normal" survives process crashes. */
+    readonly synchronous: "full" | "normal";
+    readonly drain_timeout_ms: number;
+  };
+  readonly broker: {
+    readonly host: string;
+    readonly mqtt_port: number;
+    readonly ws_port: number | null;
+    readonly max_packet_bytes: number;
+    readonly allow_anonymous: boolean;
+    /** Devices file (credentials + ACL), resolved against the fleet.toml directory; null when none. */
+    readonly devices_file: string | null;
+  };
+  readonly http: { readonly host: string; readonly port: number };
+  readonly llm: {
+    readonly url: string;
+    readonly model: string;
+    readonly api_key_env: string | null;
+    readonly timeout_ms: number;
+  };
+  readonly agents: Readonly<Record<string, AgentTypeSpec>>;
+  readonly hooks: Readonly<Record<string, HookSpec>>;
+  readonly retention: {
+    readonly episodes_days: number;
+    readonly dedup_days: number;
+  };
+}
+
+/** A spec as accepted: the compiled value plus its identity. */
+export interface SpecVersion {
+  /** BLAKE3 of the fleet.toml text. */
+  readonly hash: Blake3Hex;
+  readonly path: string;
+  readonly text: string;
+  readonly spec: FleetSpec;
+}
+
+/** Where in fleet.toml an error is: line/column for syntax, key path for schema. */
+export class SpecError extends Error {
+  override readonly name = "SpecError";
+  constructor(
+    /** File the error is in. */
+    readonly file: string,
+    /** Human sentence, e.g. "agents.t.budget.episodes_per_hour must be a positive integer". */
+    readonly detail: string,
+    readonly line: number | null = null,
+    readonly column: number | null = null,
+    /** Dotted key path for schema errors. */
+    readonly keyPath: string | null = null,
+  ) {
+    super(line !== null ? `${file}:${line}:${column ?? 0}: ${detail}` : `${file}: ${detail}`);
+  }
+}

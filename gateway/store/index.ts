@@ -1,0 +1,349 @@
+/**
+ * The store: every durable fact of the fleet, in one libSQL file. Writes go through the
+ * group committer; each method here is one atomic unit (an intake, an episode commit, a
+ * failure), which is what the guarantees of SPEC §6 rest on.
+ */
+import { and, asc, desc, eq, gt, inArray, lt, sql, count, min, like, or } from "drizzle-orm";
+import type { Client } from "@libsql/client";
+import { openDb, GroupCommitter, type Db, type OpenDbOptions, type WriteItem } from "./db.ts";
+import * as t from "./schema.ts";
+import type { AgentId, NewStimulus } from "../types.ts";
+
+export * as tables from "./schema.ts";
+export type { Db, WriteItem } from "./db.ts";
+export type { AgentRow, StimulusRow, EpisodeRow, EventRow, CheckpointRow, OutboxRow, SpecVersionRow, StoredAgentStatus } from "./schema.ts";
+
+/** Result of recording one stimulus: `seq` null means it was a duplicate. */
+export interface IntakeOutcome {
+  readonly agent: AgentId;
+  readonly sid: string;
+  readonly seq: number | null;
+}
+
+/** Everything one committed episode writes, atomically. */
+export interface EpisodeCommit {
+  readonly episode: typeof t.episodes.$inferInsert;
+  readonly events: readonly (typeof t.events.$inferInsert)[];
+  readonly checkpoint: typeof t.checkpoints.$inferInsert;
+  readonly outbox: readonly (typeof t.outbox.$inferInsert)[];
+  /** Inbox stimuli for other agents (ctx.send), deduplicated by episode + seq. */
+  readonly inbox: readonly NewStimulus[];
+  readonly usage: { readonly hourWindow: string; readonly dayWindow: string; readonly toolCalls: number; readonly tokens: number; readonly cost: number };
+}
+
+/** A failed episode attempt and what happens to its stimulus. */
+export interface EpisodeFailure {
+  readonly episode: typeof t.episodes.$inferInsert;
+  readonly events: readonly (typeof t.events.$inferInsert)[];
+  /** Retry not before this time, or quarantine when null. */
+  readonly retryAt: number | null;
+  readonly usage: { readonly hourWindow: string; readonly dayWindow: string; readonly toolCalls: number; readonly tokens: number; readonly cost: number };
+}
+
+const CHUNK = 400;
+
+function chunks<T>(rows: readonly T[]): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < rows.length; i += CHUNK) out.push(rows.slice(i, i + CHUNK));
+  return out;
+}
+
+/** The fleet's durable state. */
+export class Store {
+  private constructor(
+    readonly client: Client,
+    readonly db: Db,
+    readonly writer: GroupCommitter,
+    /** This gateway's id; stamped on every record for replication (SPEC §8). */
+    readonly gatewayId: string,
+    readonly path: string,
+  ) {}
+
+  /** Open the database file, migrating it, and load (or mint) the gateway id. */
+  static async open(path: string, opts: OpenDbOptions): Promise<Store> {
+    const { client, db } = await openDb(path, opts);
+    let gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())?.value;
+    if (!gatewayId && !opts.readonly) {
+      gatewayId = Bun.randomUUIDv7();
+      await db.insert(t.meta).values({ key: "gateway_id", value: gatewayId }).onConflictDoNothing();
+      gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())!.value;
+    }
+    return new Store(client, db, new GroupCommitter(db), gatewayId ?? "unknown", path);
+  }
+
+  /** Flush pending writes and close the file. */
+  async close(): Promise<void> {
+    await this.writer.drain();
+    this.client.close();
+  }
+
+  // ---- spec versions -------------------------------------------------------------
+
+  /** Record an accepted spec version (idempotent by hash). */
+  async saveSpecVersion(v: { hash: string; path: string; text: string; summary: string; at: number }): Promise<void> {
+    await this.writer.write([
+      this.db
+        .insert(t.specVersions)
+        .values({ hash: v.hash, gateway: this.gatewayId, path: v.path, text: v.text, summary: v.summary, createdAt: v.at })
+        .onConflictDoNothing(),
+    ]);
+  }
+
+  /** Spec versions, newest first. */
+  listSpecVersions(limit = 50) {
+    return this.db.select().from(t.specVersions).orderBy(desc(t.specVersions.createdAt)).limit(limit).all();
+  }
+
+  // ---- agents --------------------------------------------------------------------
+
+  private ensureAgentItems(list: readonly { id: AgentId; type: string; key: string }[], at: number): WriteItem[] {
+    return chunks(list).map((rows) =>
+      this.db
+        .insert(t.agents)
+        .values(rows.map((a) => ({ id: a.id, type: a.type, key: a.key, gateway: this.gatewayId, createdAt: at, updatedAt: at })))
+        .onConflictDoNothing(),
+    );
+  }
+
+  /** Create agents that do not exist yet. */
+  async ensureAgents(list: readonly { id: AgentId; type: string; key: string }[], at = Date.now()): Promise<void> {
+    if (list.length > 0) await this.writer.write(this.ensureAgentItems(list, at));
+  }
+
+  getAgent(id: string) {
+    return this.db.select().from(t.agents).where(eq(t.agents.id, id)).get();
+  }
+
+  /** Agents, filtered and paged (server-side, for 10,000+ agents). */
+  async listAgents(f: { type?: string; status?: string; q?: string; limit?: number; offset?: number } = {}) {
+    const conds = [];
+    if (f.type) conds.push(eq(t.agents.type, f.type));
+    if (f.status) conds.push(eq(t.agents.status, f.status as t.StoredAgentStatus));
+    if (f.q) conds.push(or(like(t.agents.id, `%${f.q}%`)));
+    const where = conds.length ? and(...conds) : undefined;
+    const rows = await this.db.select().from(t.agents).where(where).orderBy(asc(t.agents.id)).limit(f.limit ?? 100).offset(f.offset ?? 0).all();
+    const total = (await this.db.select({ n: count() }).from(t.agents).where(where).get())?.n ?? 0;
+    return { rows, total };
+  }
+
+  /** Agent counts by type and stored status. */
+  agentCounts() {
+    return this.db.select({ type: t.agents.type, status: t.agents.status, n: count() }).from(t.agents).groupBy(t.agents.type, t.agents.status).all();
+  }
+
+  /** Set an agent's durable status. */
+  async setAgentStatus(id: string, status: t.StoredAgentStatus, reason: string | null, pausedUntil: number | null = null): Promise<void> {
+    await this.writer.write([
+      this.db.update(t.agents).set({ status, reason, pausedUntil, updatedAt: Date.now() }).where(eq(t.agents.id, id)),
+    ]);
+  }
+
+  // ---- intake --------------------------------------------------------------------
+
+  /**
+   * Record stimuli durably in one transaction (creating their agents on first sight).
+   * Resolves after commit; a duplicate `(agent, sid)` comes back with `seq: null`.
+   */
+  async intake(items: readonly NewStimulus[]): Promise<IntakeOutcome[]> {
+    if (items.length === 0) return [];
+    const at = items[0]!.receivedAt;
+    const agentsSeen = new Map<string, { id: AgentId; type: string; key: string }>();
+    for (const s of items) agentsSeen.set(s.agent, { id: s.agent, type: s.type, key: s.key });
+    const ensure = this.ensureAgentItems([...agentsSeen.values()], at);
+    const inserts = items.map((s) =>
+      this.db
+        .insert(t.stimuli)
+        .values({
+          gateway: this.gatewayId,
+          agent: s.agent,
+          sid: s.sid,
+          kind: s.kind,
+          topic: s.topic,
+          payload: Buffer.from(s.payload.buffer, s.payload.byteOffset, s.payload.byteLength),
+          receivedAt: s.receivedAt,
+        })
+        .onConflictDoNothing()
+        .returning({ seq: t.stimuli.seq }),
+    );
+    const results = await this.writer.write([...ensure, ...inserts]);
+    return items.map((s, i) => {
+      const rows = results[ensure.length + i] as { seq: number }[];
+      return { agent: s.agent, sid: s.sid, seq: rows[0]?.seq ?? null };
+    });
+  }
+
+  /** Queued stimuli per agent with the oldest receive time (scheduler bootstrap, lag). */
+  queuedSummary() {
+    return this.db
+      .select({ agent: t.stimuli.agent, n: count(), oldest: min(t.stimuli.receivedAt) })
+      .from(t.stimuli)
+      .where(eq(t.stimuli.state, "queued"))
+      .groupBy(t.stimuli.agent)
+      .all();
+  }
+
+  /** The oldest queued stimulus of an agent (its FIFO head). */
+  headOfQueue(agent: string) {
+    return this.db
+      .select()
+      .from(t.stimuli)
+      .where(and(eq(t.stimuli.agent, agent), eq(t.stimuli.state, "queued")))
+      .orderBy(asc(t.stimuli.seq))
+      .limit(1)
+      .get();
+  }
+
+  /** Look a stimulus up by agent and dedup id. */
+  findStimulus(agent: string, sid: string) {
+    return this.db.select().from(t.stimuli).where(and(eq(t.stimuli.agent, agent), eq(t.stimuli.sid, sid))).get();
+  }
+
+  getStimulus(seq: number) {
+    return this.db.select().from(t.stimuli).where(eq(t.stimuli.seq, seq)).get();
+  }
+
+  /** Stimuli in a given state (e.g. quarantined), newest first. */
+  listStimuli(state: t.StimulusState, limit = 100) {
+    return this.db.select().from(t.stimuli).where(eq(t.stimuli.state, state)).orderBy(desc(t.stimuli.seq)).limit(limit).all();
+  }
+
+  /** Put a quarantined stimulus back in its queue, or drop it. */
+  async setStimulusState(seq: number, state: t.StimulusState): Promise<void> {
+    await this.writer.write([
+      this.db.update(t.stimuli).set({ state, attempts: 0, notBefore: 0 }).where(eq(t.stimuli.seq, seq)),
+    ]);
+  }
+
+  // ---- episodes ------------------------------------------------------------------
+
+  private usageItem(agent: string, window: string, u: { toolCalls: number; tokens: number; cost: number }): WriteItem {
+    return this.db
+      .insert(t.budgetUsage)
+      .values({ agent, window, episodes: 1, toolCalls: u.toolCalls, tokens: u.tokens, cost: u.cost })
+      .onConflictDoUpdate({
+        target: [t.budgetUsage.agent, t.budgetUsage.window],
+        set: {
+          episodes: sql`${t.budgetUsage.episodes} + 1`,
+          toolCalls: sql`${t.budgetUsage.toolCalls} + ${u.toolCalls}`,
+          tokens: sql`${t.budgetUsage.tokens} + ${u.tokens}`,
+          cost: sql`${t.budgetUsage.cost} + ${u.cost}`,
+        },
+      });
+  }
+
+  /** Commit an episode whole: log, decisions, checkpoint, outbox, inbox sends, budget use, dedup mark. */
+  async commitEpisode(c: EpisodeCommit): Promise<void> {
+    const ep = c.episode;
+    const now = ep.endedAt;
+    const items: WriteItem[] = [this.db.insert(t.episodes).values(ep)];
+    for (const rows of chunks(c.events)) items.push(this.db.insert(t.events).values(rows));
+    items.push(this.db.insert(t.checkpoints).values(c.checkpoint));
+    for (const rows of chunks(c.outbox)) items.push(this.db.insert(t.outbox).values(rows));
+    if (c.inbox.length > 0) {
+      items.push(...this.ensureAgentItems(c.inbox.map((s) => ({ id: s.agent, type: s.type, key: s.key })), now));
+      for (const s of c.inbox) {
+        items.push(
+          this.db
+            .insert(t.stimuli)
+            .values({ gateway: this.gatewayId, agent: s.agent, sid: s.sid, kind: s.kind, topic: s.topic, payload: Buffer.from(s.payload), receivedAt: s.receivedAt })
+            .onConflictDoNothing(),
+        );
+      }
+    }
+    items.push(
+      this.db.update(t.stimuli).set({ state: "done", episode: ep.id, doneAt: now, attempts: ep.attempt }).where(eq(t.stimuli.seq, ep.stimulusSeq)),
+      this.db
+        .update(t.agents)
+        .set({
+          headSeq: c.checkpoint.seq,
+          headHash: c.checkpoint.hash,
+          episodes: sql`${t.agents.episodes} + 1`,
+          lastEpisodeAt: now,
+          updatedAt: now,
+        })
+        .where(eq(t.agents.id, ep.agent)),
+      this.usageItem(ep.agent, c.usage.hourWindow, c.usage),
+      this.usageItem(ep.agent, c.usage.dayWindow, c.usage),
+    );
+    await this.writer.write(items);
+  }
+
+  /** Record a failed attempt; the stimulus is retried later or quarantined. State is untouched. */
+  async recordFailure(f: EpisodeFailure): Promise<void> {
+    const ep = f.episode;
+    const items: WriteItem[] = [this.db.insert(t.episodes).values(ep)];
+    for (const rows of chunks(f.events)) items.push(this.db.insert(t.events).values(rows));
+    items.push(
+      this.db
+        .update(t.stimuli)
+        .set(
+          f.retryAt === null
+            ? { state: "quarantined", attempts: ep.attempt, lastError: ep.error, episode: ep.id, doneAt: ep.endedAt }
+            : { attempts: ep.attempt, notBefore: f.retryAt, lastError: ep.error },
+        )
+        .where(eq(t.stimuli.seq, ep.stimulusSeq)),
+      this.db
+        .update(t.agents)
+        .set({ failures: sql`${t.agents.failures} + 1`, lastEpisodeAt: ep.endedAt, updatedAt: ep.endedAt })
+        .where(eq(t.agents.id, ep.agent)),
+      // Failed attempts still count against episodes_per_hour and the tools they used.
+      this.usageItem(ep.agent, f.usage.hourWindow, f.usage),
+      this.usageItem(ep.agent, f.usage.dayWindow, f.usage),
+    );
+    await this.writer.write(items);
+  }
+
+  getEpisode(id: string) {
+    return this.db.select().from(t.episodes).where(eq(t.episodes.id, id)).get();
+  }
+
+  /** An agent's episodes, newest first. */
+  listEpisodes(agent: string, limit = 50, beforeStartedAt?: number) {
+    const where = beforeStartedAt === undefined ? eq(t.episodes.agent, agent) : and(eq(t.episodes.agent, agent), lt(t.episodes.startedAt, beforeStartedAt));
+    return this.db.select().from(t.episodes).where(where).orderBy(desc(t.episodes.startedAt), desc(t.episodes.id)).limit(limit).all();
+  }
+
+  /** An agent's episodes in id (time) order after `afterId`: for full scans. */
+  scanEpisodes(agent: string, afterId: string, limit = 500) {
+    return this.db.select().from(t.episodes).where(and(eq(t.episodes.agent, agent), gt(t.episodes.id, afterId))).orderBy(asc(t.episodes.id)).limit(limit).all();
+  }
+
+  /** An episode's event log in order. */
+  listEvents(episode: string) {
+    return this.db.select().from(t.events).where(eq(t.events.episode, episode)).orderBy(asc(t.events.seq)).all();
+  }
+
+  /** Usage of an agent in the given windows. */
+  usage(agent: string, windows: readonly string[]) {
+    return this.db.select().from(t.budgetUsage).where(and(eq(t.budgetUsage.agent, agent), inArray(t.budgetUsage.window, [...windows]))).all();
+  }
+
+  // ---- checkpoints ---------------------------------------------------------------
+
+  getCheckpoint(hash: string) {
+    return this.db.select().from(t.checkpoints).where(eq(t.checkpoints.hash, hash)).get();
+  }
+
+  /** An agent's checkpoint chain, oldest first. */
+  listCheckpoints(agent: string, limit = 1_000_000) {
+    return this.db.select().from(t.checkpoints).where(eq(t.checkpoints.agent, agent)).orderBy(asc(t.checkpoints.seq)).limit(limit).all();
+  }
+
+  /** Every agent that has at least one checkpoint. */
+  async agentsWithCheckpoints(): Promise<string[]> {
+    const rows = await this.db.selectDistinct({ agent: t.checkpoints.agent }).from(t.checkpoints).all();
+    return rows.map((r) => r.agent);
+  }
+
+  // ---- outbox --------------------------------------------------------------------
+
+  /** Unsent effects, oldest first. */
+  pendingOutbox(limit = 500) {
+    return this.db.select().from(t.outbox).orderBy(asc(t.outbox.id)).limit(limit).all();
+  }
+
+  /** Forget effects that were published. */
+  async deleteOutbox(ids: readonly number[]): Promise<void> {
+    if (ids.length > 0) await this.writer.write(chunks(ids).map((part) => this.db.delete(t.outbox).where(inArray(t.outbox.id, part))));
+  }
+}

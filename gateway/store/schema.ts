@@ -1,0 +1,179 @@
+/**
+ * The drizzle schema: the one source of truth for tables (DDL in ./migrate.ts mirrors it,
+ * and test/store.test.ts checks the two agree). Designed for replication (SPEC §8):
+ * every record names its gateway; immutable records are keyed by content hash or by
+ * (gateway, seq)/UUIDv7; the mutable rows are `agents`, `stimuli.state`, `outbox` and
+ * `budget_usage`.
+ */
+import { sql } from "drizzle-orm";
+import { sqliteTable, text, integer, real, blob, primaryKey, uniqueIndex, index } from "drizzle-orm/sqlite-core";
+
+/** Key/value facts about this data dir (gateway id, schema version). */
+export const meta = sqliteTable("meta", {
+  key: text("key").primaryKey(),
+  value: text("value").notNull(),
+});
+
+/** Every accepted fleet.toml, by content hash. Immutable. */
+export const specVersions = sqliteTable("spec_versions", {
+  hash: text("hash").primaryKey(),
+  gateway: text("gateway").notNull(),
+  path: text("path").notNull(),
+  text: text("text").notNull(),
+  summary: text("summary").notNull().default(""),
+  createdAt: integer("created_at").notNull(),
+});
+
+/** Durable agent status. `running`/`idle` are live states and are not stored. */
+export type StoredAgentStatus = "active" | "paused" | "retired" | "failed";
+
+/** One row per agent instance. Mutable. */
+export const agents = sqliteTable(
+  "agents",
+  {
+    id: text("id").primaryKey(),
+    type: text("type").notNull(),
+    key: text("key").notNull(),
+    gateway: text("gateway").notNull(),
+    status: text("status").$type<StoredAgentStatus>().notNull().default("active"),
+    reason: text("reason"),
+    /** Epoch ms when a budget pause ends by itself; null for operator pauses. */
+    pausedUntil: integer("paused_until"),
+    headSeq: integer("head_seq").notNull().default(0),
+    headHash: text("head_hash"),
+    episodes: integer("episodes").notNull().default(0),
+    failures: integer("failures").notNull().default(0),
+    lastEpisodeAt: integer("last_episode_at"),
+    createdAt: integer("created_at").notNull(),
+    updatedAt: integer("updated_at").notNull(),
+  },
+  (t) => [index("agents_type").on(t.type, t.key), index("agents_status").on(t.status)],
+);
+
+/** Lifecycle of a stimulus for one agent. */
+export type StimulusState = "queued" | "done" | "quarantined" | "dropped" | "rejected";
+
+/**
+ * Stimuli: the dedup memory and each agent's durable FIFO queue in one table.
+ * `(agent, sid)` is unique, which is what makes intake idempotent.
+ */
+export const stimuli = sqliteTable(
+  "stimuli",
+  {
+    seq: integer("seq").primaryKey({ autoIncrement: true }),
+    gateway: text("gateway").notNull(),
+    agent: text("agent").notNull(),
+    sid: text("sid").notNull(),
+    kind: text("kind").$type<"mqtt" | "timer" | "webhook" | "inbox" | "manual">().notNull(),
+    topic: text("topic"),
+    /** Raw payload bytes; null once collected (the dedup mark stays). */
+    payload: blob("payload", { mode: "buffer" }),
+    receivedAt: integer("received_at").notNull(),
+    state: text("state").$type<StimulusState>().notNull().default("queued"),
+    attempts: integer("attempts").notNull().default(0),
+    /** Epoch ms before which a retry must not start. */
+    notBefore: integer("not_before").notNull().default(0),
+    lastError: text("last_error"),
+    episode: text("episode"),
+    doneAt: integer("done_at"),
+  },
+  (t) => [
+    uniqueIndex("stimuli_dedup").on(t.agent, t.sid),
+    index("stimuli_queue").on(t.agent, t.state, t.seq),
+    index("stimuli_state").on(t.state, t.doneAt),
+  ],
+);
+
+/** One row per episode attempt (committed or failed). Immutable once written. */
+export const episodes = sqliteTable(
+  "episodes",
+  {
+    id: text("id").primaryKey(),
+    gateway: text("gateway").notNull(),
+    agent: text("agent").notNull(),
+    stimulusSeq: integer("stimulus_seq").notNull(),
+    stimulusId: text("stimulus_id").notNull(),
+    specVersion: text("spec_version").notNull(),
+    status: text("status").$type<"committed" | "failed">().notNull(),
+    errorKind: text("error_kind"),
+    error: text("error"),
+    attempt: integer("attempt").notNull(),
+    startedAt: integer("started_at").notNull(),
+    endedAt: integer("ended_at").notNull(),
+    /** Hash of the checkpoint this episode sealed (committed only). */
+    checkpoint: text("checkpoint"),
+    /** Hash of the checkpoint it started from. */
+    parent: text("parent"),
+    eventsHash: text("events_hash").notNull(),
+    eventCount: integer("event_count").notNull(),
+  },
+  (t) => [
+    index("episodes_agent").on(t.agent, t.startedAt),
+    index("episodes_time").on(t.startedAt),
+    // Exactly-once commit: a second committed episode for the same stimulus aborts its whole batch.
+    uniqueIndex("episodes_once").on(t.stimulusSeq).where(sql`status = 'committed'`),
+  ],
+);
+
+/** The append-only event log of each episode. */
+export const events = sqliteTable(
+  "events",
+  {
+    episode: text("episode").notNull(),
+    seq: integer("seq").notNull(),
+    kind: text("kind").notNull(),
+    data: text("data").notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.episode, t.seq] })],
+);
+
+/** Sealed checkpoints: a hash chain per agent. `state` is null once collected (tombstone). */
+export const checkpoints = sqliteTable(
+  "checkpoints",
+  {
+    hash: text("hash").primaryKey(),
+    gateway: text("gateway").notNull(),
+    agent: text("agent").notNull(),
+    seq: integer("seq").notNull(),
+    parent: text("parent"),
+    episode: text("episode").notNull(),
+    specVersion: text("spec_version").notNull(),
+    state: text("state"),
+    createdAt: integer("created_at").notNull(),
+  },
+  (t) => [uniqueIndex("checkpoints_chain").on(t.agent, t.seq)],
+);
+
+/** Effects waiting to be published after commit (at least once). Rows are deleted once sent. */
+export const outbox = sqliteTable("outbox", {
+  id: integer("id").primaryKey({ autoIncrement: true }),
+  episode: text("episode").notNull(),
+  seq: integer("seq").notNull(),
+  topic: text("topic").notNull(),
+  payload: text("payload").notNull(),
+  qos: integer("qos").notNull().default(1),
+  retain: integer("retain", { mode: "boolean" }).notNull().default(false),
+  createdAt: integer("created_at").notNull(),
+});
+
+/** Budget ledger: usage per agent per window (`h:<hour>` / `d:<day>`), committed with each episode. */
+export const budgetUsage = sqliteTable(
+  "budget_usage",
+  {
+    agent: text("agent").notNull(),
+    window: text("window").notNull(),
+    episodes: integer("episodes").notNull().default(0),
+    toolCalls: integer("tool_calls").notNull().default(0),
+    tokens: integer("tokens").notNull().default(0),
+    cost: real("cost").notNull().default(0),
+  },
+  (t) => [primaryKey({ columns: [t.agent, t.window] })],
+);
+
+export type AgentRow = typeof agents.$inferSelect;
+export type StimulusRow = typeof stimuli.$inferSelect;
+export type EpisodeRow = typeof episodes.$inferSelect;
+export type EventRow = typeof events.$inferSelect;
+export type CheckpointRow = typeof checkpoints.$inferSelect;
+export type OutboxRow = typeof outbox.$inferSelect;
+export type SpecVersionRow = typeof specVersions.$inferSelect;

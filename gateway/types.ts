@@ -1,0 +1,64 @@
+/**
+ * Core value types shared across the gateway. Identifiers that must not be mixed up are
+ * branded; they are created only by the functions below or by parsing at the edge.
+ */
+import type { Stimulus } from "../agents/protocol.ts";
+
+/** `<type>/<key>` */
+export type AgentId = string & { readonly __brand: "AgentId" };
+/** UUIDv7 of one episode attempt. */
+export type EpisodeId = string & { readonly __brand: "EpisodeId" };
+/** Dedup id of a stimulus (unique per agent). */
+export type StimulusId = string & { readonly __brand: "StimulusId" };
+
+export type { Stimulus };
+export type StimulusKind = Stimulus["kind"];
+
+const NAME = /^[A-Za-z0-9_.:@-]+$/;
+
+/** Make an agent id from a type and key, or null when either is not a valid name. */
+export function agentId(type: string, key: string): AgentId | null {
+  if (!NAME.test(type) || !NAME.test(key)) return null;
+  return `${type}/${key}` as AgentId;
+}
+
+/** Split `<type>/<key>`; null when it is not one. */
+export function parseAgentId(id: string): { type: string; key: string; id: AgentId } | null {
+  const slash = id.indexOf("/");
+  if (slash < 0) return null;
+  const type = id.slice(0, slash);
+  const key = id.slice(slash + 1);
+  const ok = agentId(type, key);
+  return ok ? { type, key, id: ok } : null;
+}
+
+/** A new, time-ordered episode id. */
+export function newEpisodeId(): EpisodeId {
+  return Bun.randomUUIDv7() as EpisodeId;
+}
+
+/** A stimulus addressed to one agent, before it is recorded. */
+export interface NewStimulus {
+  readonly agent: AgentId;
+  readonly type: string;
+  readonly key: string;
+  readonly sid: StimulusId;
+  readonly kind: StimulusKind;
+  readonly topic: string | null;
+  readonly payload: Uint8Array;
+  readonly receivedAt: number;
+}
+
+/** Decode a stored payload: parsed JSON when it is JSON, else the UTF-8 string (SPEC §4). */
+export function decodePayload(bytes: Uint8Array | null): unknown {
+  if (!bytes || bytes.length === 0) return null;
+  const text = new TextDecoder("utf-8", { fatal: false }).decode(bytes);
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+/** Live agent status as published on `fleet/agents/<type>/<key>/status`. */
+export type AgentStatus = "idle" | "running" | "paused" | "retired" | "failed";

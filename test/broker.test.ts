@@ -1,0 +1,637 @@
+/**
+ * The embedded broker against real clients: mqtt.js, raw sockets speaking MQTT bytes,
+ * Bun's WebSocket, and Debian's mosquitto_pub / mosquitto_sub.
+ */
+import { afterEach, describe, expect, test } from "bun:test";
+import { once } from "node:events";
+import { connect as netConnect, type Socket } from "node:net";
+import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
+import pino from "pino";
+import {
+  checkDevicePublishTopic,
+  createEmbeddedBroker,
+  matchTopic,
+  PacketSizeGuard,
+  type Broker,
+  type BrokerOptions,
+  type ClientInfo,
+  type PublishedMessage,
+} from "../broker/index.ts";
+
+const HOST = "127.0.0.1";
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const fn of cleanups.splice(0).reverse()) await fn();
+});
+
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
+}
+
+function deferred(): { promise: Promise<void>; resolve: () => void } {
+  let resolve = () => {};
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+/** Re-checks a condition whenever `notify()` is called; resolves once it holds. */
+class Watch {
+  private readonly checks = new Set<() => void>();
+  notify(): void {
+    for (const check of this.checks) check();
+  }
+  until<T>(probe: () => T | undefined, what: string, ms = 3000): Promise<T> {
+    return within(
+      new Promise<T>((resolve) => {
+        const check = () => {
+          const v = probe();
+          if (v === undefined) return;
+          this.checks.delete(check);
+          resolve(v);
+        };
+        this.checks.add(check);
+        check();
+      }),
+      ms,
+      what,
+    );
+  }
+}
+
+interface Harness {
+  broker: Broker;
+  intakes: { msg: PublishedMessage; client: ClientInfo }[];
+  untilIntakes(n: number): Promise<void>;
+  logs: string[];
+}
+
+async function startBroker(overrides: Partial<BrokerOptions> = {}): Promise<Harness> {
+  const intakes: Harness["intakes"] = [];
+  const logs: string[] = [];
+  const watch = new Watch();
+  const logger = pino({ level: "info" }, { write: (line: string) => void logs.push(line) });
+  const intake = overrides.intake ?? (async () => ({ ok: true }) as const);
+  const broker = createEmbeddedBroker({
+    host: HOST,
+    port: 0,
+    maxPacketBytes: 4096,
+    allowAnonymous: true,
+    logger,
+    ...overrides,
+    intake(msg, client) {
+      intakes.push({ msg, client });
+      watch.notify();
+      return intake(msg, client);
+    },
+  });
+  cleanups.push(() => broker.close());
+  await broker.start();
+  const untilIntakes = (n: number) => watch.until(() => (intakes.length >= n ? true : undefined), `${n} intake calls`).then(() => {});
+  return { broker, intakes, untilIntakes, logs };
+}
+
+async function device(h: Harness, opts: IClientOptions = {}): Promise<MqttClient> {
+  const client = await within(
+    connectAsync(`mqtt://${HOST}:${h.broker.port}`, { reconnectPeriod: 0, connectTimeout: 3000, ...opts }),
+    5000,
+    "mqtt.js connect",
+  );
+  cleanups.push(() => client.endAsync(true));
+  return client;
+}
+
+/** Resolves on the next message the client receives. */
+function nextMessage(client: MqttClient): Promise<{ topic: string; payload: string; retain: boolean }> {
+  return within(
+    new Promise((resolve) =>
+      client.once("message", (topic, payload, packet) => resolve({ topic, payload: payload.toString(), retain: packet.retain })),
+    ),
+    3000,
+    "a message",
+  );
+}
+
+/** Resolves when the broker (or anything) closes the client's connection. */
+function closeOf(client: MqttClient): Promise<void> {
+  return new Promise((resolve) => client.once("close", () => resolve()));
+}
+
+/** The QoS granted per filter (mqtt.js rejects a SUBACK with 128 but carries the packet). */
+function grantedQos(client: MqttClient, filters: string[]): Promise<number[]> {
+  return client.subscribeAsync(filters, { qos: 1 }).then(
+    (grants) => grants.map((g) => g.qos),
+    (err: { packet?: { granted?: number[] } }) => {
+      if (!err.packet?.granted) throw err;
+      return err.packet.granted;
+    },
+  );
+}
+
+// --- raw MQTT 3.1.1 bytes, for what mqtt.js will not send ---
+
+const utf8 = new TextEncoder();
+function remainingLength(n: number): number[] {
+  const out: number[] = [];
+  do {
+    let b = n % 128;
+    n = Math.floor(n / 128);
+    if (n > 0) b |= 0x80;
+    out.push(b);
+  } while (n > 0);
+  return out;
+}
+const str = (s: string): number[] => {
+  const b = utf8.encode(s);
+  return [b.length >> 8, b.length & 0xff, ...b];
+};
+const frame = (first: number, body: number[]): Uint8Array<ArrayBuffer> => Uint8Array.from([first, ...remainingLength(body.length), ...body]);
+const connectPacket = (id: string): Uint8Array<ArrayBuffer> => frame(0x10, [...str("MQTT"), 4, 0x02, 0, 60, ...str(id)]);
+const publishPacket = (topic: string, payload: string, qos: 0 | 1, id = 1): Uint8Array<ArrayBuffer> =>
+  frame(0x30 | (qos << 1), [...str(topic), ...(qos ? [id >> 8, id & 0xff] : []), ...utf8.encode(payload)]);
+const CONNACK = 2;
+const PUBACK = 4;
+const SUBACK = 9;
+
+interface RawPacket {
+  type: number;
+  body: Uint8Array;
+}
+
+/** Splits a byte stream into MQTT packets (test-side parser; the broker's guard is under test). */
+class PacketReader {
+  readonly packets: RawPacket[] = [];
+  private buf = new Uint8Array(0);
+  push(chunk: Uint8Array): void {
+    const next = new Uint8Array(this.buf.length + chunk.length);
+    next.set(this.buf);
+    next.set(chunk, this.buf.length);
+    this.buf = next;
+    for (;;) {
+      let len = 0;
+      let mult = 1;
+      let i = 1;
+      for (; i < this.buf.length; i++) {
+        const b = this.buf[i] ?? 0;
+        len += (b & 0x7f) * mult;
+        mult *= 128;
+        if (!(b & 0x80)) break;
+      }
+      if (i >= this.buf.length || this.buf.length < i + 1 + len) return;
+      this.packets.push({ type: (this.buf[0] ?? 0) >> 4, body: this.buf.slice(i + 1, i + 1 + len) });
+      this.buf = this.buf.slice(i + 1 + len);
+    }
+  }
+}
+
+class RawClient {
+  readonly reader = new PacketReader();
+  readonly watch = new Watch();
+  closed = false;
+  readonly whenClosed: Promise<void>;
+
+  static async open(port: number): Promise<RawClient> {
+    const socket = netConnect({ host: HOST, port });
+    await within(once(socket, "connect"), 3000, "tcp connect");
+    return new RawClient(socket);
+  }
+
+  private constructor(readonly socket: Socket) {
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => {
+      this.reader.push(chunk);
+      this.watch.notify();
+    });
+    socket.on("error", () => {}); // EPIPE/ECONNRESET are how a refusal looks from here
+    this.whenClosed = new Promise((resolve) =>
+      socket.once("close", () => {
+        this.closed = true;
+        resolve();
+      }),
+    );
+    cleanups.push(() => socket.destroy());
+  }
+
+  packet(type: number, what: string): Promise<RawPacket> {
+    return this.watch.until(() => this.reader.packets.find((p) => p.type === type), what);
+  }
+
+  async handshake(id: string): Promise<void> {
+    this.socket.write(connectPacket(id));
+    const connack = await this.packet(CONNACK, "CONNACK");
+    expect(connack.body[1]).toBe(0);
+  }
+
+  closedWithin(ms: number, what: string): Promise<void> {
+    return within(this.whenClosed, ms, what);
+  }
+}
+
+describe("intake and acknowledgement", () => {
+  test("a QoS 1 publish is acked only after intake resolved", async () => {
+    const release = deferred();
+    const h = await startBroker({
+      intake: async () => {
+        await release.promise;
+        return { ok: true };
+      },
+    });
+    const c = await device(h);
+    let pubacks = 0;
+    c.on("packetreceive", (p) => void (p.cmd === "puback" && pubacks++));
+    const acked = c.publishAsync("sensors/boiler-1/temperature", "81", { qos: 1 });
+    await h.untilIntakes(1);
+    // "No PUBACK yet" is the absence of an event; give one a fair window to (wrongly) show up.
+    await Bun.sleep(150);
+    expect(pubacks).toBe(0);
+    release.resolve();
+    await within(acked, 3000, "PUBACK after release");
+    expect(pubacks).toBe(1);
+    expect(h.broker.stats().messagesIn).toBe(1);
+  });
+
+  test("intake receives topic, payload, qos, retain and the client", async () => {
+    const h = await startBroker();
+    const c = await device(h, { clientId: "boiler-1", username: "dev" });
+    await c.publishAsync("sensors/boiler-1/temperature", '{"value":81}', { qos: 1, retain: true });
+    await c.publishAsync("sensors/boiler-1/humidity", "40", { qos: 0 });
+    await h.untilIntakes(2);
+    const [first, second] = h.intakes;
+    expect(first?.msg.topic).toBe("sensors/boiler-1/temperature");
+    expect(new TextDecoder().decode(first?.msg.payload)).toBe('{"value":81}');
+    expect(first?.msg.payload).toBeInstanceOf(Uint8Array);
+    expect(first?.msg.qos).toBe(1);
+    expect(first?.msg.retain).toBe(true);
+    expect(first?.client).toEqual({ id: "boiler-1", username: "dev" });
+    expect(second?.msg.qos).toBe(0);
+  });
+
+  for (const [name, intake] of [
+    ["a refused intake", async () => ({ ok: false, reason: "duplicate store down" }) as const],
+    ["an intake that throws", async (): Promise<never> => Promise.reject(new Error("disk full"))],
+  ] as const) {
+    test(`${name} disconnects the device and never acks`, async () => {
+      const h = await startBroker({ intake });
+      const c = await device(h);
+      let pubacks = 0;
+      c.on("packetreceive", (p) => void (p.cmd === "puback" && pubacks++));
+      const closed = closeOf(c);
+      c.publish("sensors/a/temperature", "1", { qos: 1 }, () => {});
+      await within(closed, 3000, "the broker to drop the connection");
+      expect(pubacks).toBe(0);
+      expect(h.intakes).toHaveLength(1);
+      expect(h.broker.stats()).toMatchObject({ messagesIn: 0, refused: 1 });
+    });
+  }
+
+  test("a device's last will goes through the topic rules and intake", async () => {
+    const h = await startBroker();
+    const c = await device(h, {
+      clientId: "boiler-1",
+      will: { topic: "sensors/boiler-1/status", payload: Buffer.from("offline"), qos: 1, retain: false },
+    });
+    c.stream.destroy(); // an unclean drop, so the broker publishes the will
+    await h.untilIntakes(1);
+    expect(h.intakes[0]?.msg.topic).toBe("sensors/boiler-1/status");
+    expect(h.intakes[0]?.client.id).toBe("boiler-1");
+  });
+
+  test("acks go out in publish order even when intake resolves out of order", async () => {
+    const first = deferred();
+    const h = await startBroker({
+      intake: async (msg) => {
+        if (msg.topic === "s/1") await first.promise;
+        return { ok: true };
+      },
+    });
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("order");
+    raw.socket.write(Buffer.concat([publishPacket("s/1", "a", 1, 1), publishPacket("s/2", "b", 1, 2)]));
+    // Both usually arrive in one read, which aedes handles concurrently; if they do not,
+    // the second waits for the first anyway.
+    await h.untilIntakes(2).catch(() => {});
+    first.resolve();
+    await raw.watch.until(() => (raw.reader.packets.filter((p) => p.type === PUBACK).length === 2 ? true : undefined), "2 PUBACKs");
+    const ids = raw.reader.packets.filter((p) => p.type === PUBACK).map((p) => ((p.body[0] ?? 0) << 8) | (p.body[1] ?? 0));
+    expect(ids).toEqual([1, 2]);
+  });
+});
+
+describe("packet size guard", () => {
+  test("a packet announcing more than maxPacketBytes closes the connection before it is buffered", async () => {
+    const h = await startBroker({ maxPacketBytes: 64 * 1024 });
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("big");
+    const announced = 10 * 1024 * 1024;
+    raw.socket.write(Uint8Array.from([0x30, ...remainingLength(announced)]));
+    const chunk = new Uint8Array(64 * 1024);
+    let sent = 0;
+    const started = performance.now();
+    while (!raw.closed && sent < announced) {
+      sent += chunk.length;
+      if (!raw.socket.write(chunk)) await Promise.race([new Promise((r) => raw.socket.once("drain", r)), raw.whenClosed]);
+    }
+    await raw.closedWithin(2000, "the server to close the socket");
+    expect(performance.now() - started).toBeLessThan(2000);
+    expect(sent).toBeLessThan(announced);
+    expect(h.broker.stats().oversized).toBe(1);
+    expect(h.intakes).toHaveLength(0);
+    expect(h.logs.some((l) => l.includes("oversized packet"))).toBe(true);
+  });
+
+  test("a packet of exactly maxPacketBytes is accepted; one byte more closes the connection", async () => {
+    const h = await startBroker({ maxPacketBytes: 1024 });
+    const topic = "sensors/limit"; // PUBLISH QoS1: 1 + 2 (length) + 2 + 13 (topic) + 2 (id) + payload
+    const ok = await device(h);
+    await within(ok.publishAsync(topic, "x".repeat(1024 - 20), { qos: 1 }), 3000, "PUBACK at the limit");
+    expect(h.intakes[0]?.msg.payload.byteLength).toBe(1004);
+
+    const over = await device(h);
+    const closed = closeOf(over);
+    over.publish(topic, "x".repeat(1024 - 19), { qos: 1 }, () => {});
+    await within(closed, 3000, "the broker to drop the connection");
+    expect(h.intakes).toHaveLength(1);
+    expect(h.broker.stats().oversized).toBe(1);
+  });
+
+  test("a malformed remaining length closes the connection", async () => {
+    const h = await startBroker();
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("malformed");
+    raw.socket.write(Uint8Array.from([0x30, 0xff, 0xff, 0xff, 0xff, 0x01]));
+    await raw.closedWithin(2000, "the server to close the socket");
+    expect(h.broker.stats().oversized).toBe(1);
+  });
+
+  test("fixed headers split across chunks are still measured", () => {
+    const guard = new PacketSizeGuard(100);
+    // A 4-byte PINGREQ-sized packet split mid-body, then a header split byte by byte.
+    expect(guard.feed(Uint8Array.from([0x30, 2, 0]))).toEqual({ ok: true });
+    expect(guard.feed(Uint8Array.from([1, 0x30]))).toEqual({ ok: true });
+    expect(guard.feed(Uint8Array.from([0xff]))).toEqual({ ok: true });
+    expect(guard.feed(Uint8Array.from([0x7f]))).toEqual({ ok: false, kind: "oversized", packetBytes: 1 + 2 + 16383 });
+    expect(guard.feed(Uint8Array.from([0xc0]))).toEqual({ ok: false, kind: "oversized", packetBytes: 16386 });
+
+    const exact = new PacketSizeGuard(100);
+    expect(exact.feed(Uint8Array.from([0x30, 98, ...new Uint8Array(98), 0xc0, 0]))).toEqual({ ok: true });
+    const malformed = new PacketSizeGuard(1 << 30);
+    expect(malformed.feed(Uint8Array.from([0x30, 0x80, 0x80, 0x80]))).toEqual({ ok: true });
+    expect(malformed.feed(Uint8Array.from([0x80]))).toEqual({ ok: false, kind: "malformed" });
+  });
+});
+
+describe("device topic rules", () => {
+  test("publishes to wildcards, $SYS and fleet/ topics other than an inbox are refused", async () => {
+    const h = await startBroker();
+    const watcher = await device(h);
+    await watcher.subscribeAsync("#", { qos: 1 });
+    const received: string[] = [];
+    watcher.on("message", (topic) => received.push(topic));
+
+    for (const topic of ["a/+/b", "a/#", "$SYS/x", "fleet/agents/t/k/out", "fleet/health", "fleet/agents/t//inbox"]) {
+      const raw = await RawClient.open(h.broker.port);
+      await raw.handshake("refused");
+      raw.socket.write(publishPacket(topic, "{}", 1));
+      await raw.closedWithin(3000, `the broker to drop the publisher of ${topic}`);
+      expect(raw.reader.packets.filter((p) => p.type === PUBACK)).toHaveLength(0);
+    }
+    expect(h.intakes).toHaveLength(0);
+
+    const ok = await RawClient.open(h.broker.port);
+    await ok.handshake("inbox");
+    const delivered = nextMessage(watcher);
+    ok.socket.write(publishPacket("fleet/agents/t/k/inbox", '{"hi":1}', 1));
+    await ok.packet(PUBACK, "PUBACK for the inbox");
+    expect((await delivered).topic).toBe("fleet/agents/t/k/inbox");
+    expect(received).toEqual(["fleet/agents/t/k/inbox"]);
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["fleet/agents/t/k/inbox"]);
+  });
+
+  test("subscribing to $SYS/# is granted 128 and the connection stays open", async () => {
+    const h = await startBroker();
+    const c = await device(h);
+    expect(await grantedQos(c, ["$SYS/#", "fleet/#"])).toEqual([128, 1]);
+    const msg = nextMessage(c);
+    await h.broker.publish("fleet/health", "{}");
+    expect((await msg).topic).toBe("fleet/health");
+  });
+
+  test("the publish and subscribe ACL hooks can refuse per client", async () => {
+    const h = await startBroker({
+      authorizePublishTopic: (client, topic) => topic.startsWith(`sensors/${client.id}/`),
+      authorizeSubscribeTopic: (client, filter) => filter !== "secret/#",
+    });
+    const c = await device(h, { clientId: "boiler-1" });
+    expect(await grantedQos(c, ["secret/#"])).toEqual([128]);
+    await c.publishAsync("sensors/boiler-1/t", "1", { qos: 1 });
+    const closed = closeOf(c);
+    c.publish("sensors/boiler-2/t", "1", { qos: 1 }, () => {});
+    await within(closed, 3000, "the broker to drop the connection");
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["sensors/boiler-1/t"]);
+  });
+});
+
+describe("gateway publishing", () => {
+  test("a retained broker.publish reaches a later subscriber", async () => {
+    const h = await startBroker();
+    await h.broker.publish("fleet/agents/t/k/status", '{"status":"idle"}', { qos: 1, retain: true });
+    const c = await device(h);
+    const msg = nextMessage(c);
+    await c.subscribeAsync("fleet/agents/+/+/status", { qos: 1 });
+    expect(await msg).toEqual({ topic: "fleet/agents/t/k/status", payload: '{"status":"idle"}', retain: true });
+    expect(h.intakes).toHaveLength(0);
+    expect(h.broker.stats().messagesOut).toBe(1);
+  });
+
+  test("stopIntake refuses new devices and publishes but gateway publishes still flow", async () => {
+    const h = await startBroker();
+    const sub = await device(h);
+    await sub.subscribeAsync("fleet/#", { qos: 1 });
+    const pub = await device(h);
+    await h.broker.stopIntake();
+
+    await expect(connectAsync(`mqtt://${HOST}:${h.broker.port}`, { reconnectPeriod: 0, connectTimeout: 2000 })).rejects.toThrow();
+    const dropped = closeOf(pub);
+    pub.publish("sensors/a/t", "1", { qos: 1 }, () => {});
+    await within(dropped, 3000, "the publisher to be dropped");
+    expect(h.intakes).toHaveLength(0);
+
+    const msg = nextMessage(sub);
+    await h.broker.publish("fleet/agents/t/k/status", '{"status":"retired"}');
+    expect((await msg).payload).toBe('{"status":"retired"}');
+    await h.broker.close();
+    await h.broker.close();
+  });
+});
+
+describe("third-party clients", () => {
+  test("mosquitto_pub publishes and intake sees it", async () => {
+    const h = await startBroker();
+    const proc = Bun.spawn(
+      ["mosquitto_pub", "-h", HOST, "-p", String(h.broker.port), "-i", "mosq-pub", "-q", "1", "-t", "sensors/boiler-1/temperature", "-m", '{"value":81}'],
+      { env: {}, stdout: "pipe", stderr: "pipe" },
+    );
+    // mosquitto_pub -q 1 exits after the PUBACK, which comes only after intake.
+    expect(await within(proc.exited, 5000, "mosquitto_pub to exit")).toBe(0);
+    expect(h.intakes).toHaveLength(1);
+    expect(h.intakes[0]?.client.id).toBe("mosq-pub");
+    expect(h.intakes[0]?.msg.qos).toBe(1);
+    expect(new TextDecoder().decode(h.intakes[0]?.msg.payload)).toBe('{"value":81}');
+  });
+
+  test("mosquitto_sub receives a broker.publish", async () => {
+    const h = await startBroker();
+    const proc = Bun.spawn(
+      // stdbuf: mosquitto_sub block-buffers its debug lines on a pipe; we wait for "SUBACK".
+      ["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", HOST, "-p", String(h.broker.port), "-q", "1", "-C", "1", "-W", "10", "-t", "fleet/agents/+/+/out"],
+      { env: {}, stdout: "pipe", stderr: "pipe" },
+    );
+    cleanups.push(() => proc.kill());
+    const reader = proc.stdout.getReader();
+    let out = "";
+    const decoder = new TextDecoder();
+    const readUntil = async (marker: string) => {
+      while (!out.includes(marker)) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        out += decoder.decode(value, { stream: true });
+      }
+    };
+    await within(readUntil("SUBACK"), 5000, "mosquitto_sub's SUBACK");
+    await h.broker.publish("fleet/agents/t/k/out", '{"episode":"e1","seq":0}', { qos: 1 });
+    await within(readUntil('{"episode":"e1","seq":0}'), 5000, "mosquitto_sub to print the message");
+    expect(await within(proc.exited, 5000, "mosquitto_sub to exit")).toBe(0);
+  });
+});
+
+describe("authentication", () => {
+  test("allowAnonymous=false refuses an anonymous connect", async () => {
+    const h = await startBroker({ allowAnonymous: false });
+    const err = await connectAsync(`mqtt://${HOST}:${h.broker.port}`, { reconnectPeriod: 0, connectTimeout: 3000 }).then(
+      () => null,
+      (e: { code?: number }) => e,
+    );
+    expect(err?.code).toBe(5);
+    expect(h.broker.stats().clients).toBe(0);
+  });
+
+  test("the authenticate hook decides for clients with credentials", async () => {
+    const h = await startBroker({
+      allowAnonymous: false,
+      authenticate: async (client, password) =>
+        client.username === "dev-1" && new TextDecoder().decode(password ?? new Uint8Array()) === "s3cret",
+    });
+    const good = await device(h, { username: "dev-1", password: "s3cret", clientId: "d1" });
+    await good.publishAsync("sensors/d1/t", "1", { qos: 1 });
+    expect(h.intakes[0]?.client).toEqual({ id: "d1", username: "dev-1" });
+    const bad = await connectAsync(`mqtt://${HOST}:${h.broker.port}`, {
+      reconnectPeriod: 0,
+      username: "dev-1",
+      password: "wrong",
+    }).then(
+      () => null,
+      (e: { code?: number }) => e,
+    );
+    expect(bad?.code).toBe(4);
+  });
+});
+
+describe("MQTT over WebSocket", () => {
+  test("mqtt.js over ws publishes through intake and receives gateway publishes", async () => {
+    const h = await startBroker({ wsPort: 0 });
+    expect(h.broker.wsPort).toBeGreaterThan(0);
+    const c = await within(connectAsync(`ws://${HOST}:${h.broker.wsPort}/mqtt`, { reconnectPeriod: 0 }), 5000, "ws connect");
+    cleanups.push(() => c.endAsync(true));
+    await c.subscribeAsync("fleet/agents/t/k/out", { qos: 1 });
+    const msg = nextMessage(c);
+    await h.broker.publish("fleet/agents/t/k/out", "hello");
+    expect((await msg).payload).toBe("hello");
+    await c.publishAsync("fleet/agents/t/k/inbox", "hi", { qos: 1 });
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["fleet/agents/t/k/inbox"]);
+  });
+
+  test("packets may span websocket frames, and an oversized one closes the socket", async () => {
+    const h = await startBroker({ wsPort: 0, maxPacketBytes: 1024 });
+    const ws = new WebSocket(`ws://${HOST}:${h.broker.wsPort}/`, ["mqtt"]);
+    ws.binaryType = "arraybuffer";
+    const reader = new PacketReader();
+    const watch = new Watch();
+    ws.onmessage = (e) => {
+      reader.push(new Uint8Array(e.data as ArrayBuffer));
+      watch.notify();
+    };
+    const closed = new Promise<void>((resolve) => ws.addEventListener("close", () => resolve()));
+    cleanups.push(() => ws.close());
+    await within(once(ws as unknown as EventTarget, "open"), 3000, "ws open");
+    expect(ws.protocol).toBe("mqtt");
+    const connect = connectPacket("ws-raw");
+    ws.send(connect.slice(0, 3));
+    ws.send(connect.slice(3));
+    await watch.until(() => reader.packets.find((p) => p.type === CONNACK), "CONNACK");
+    ws.send(frame(0x82, [0, 1, ...str("$SYS/#"), 0]));
+    const suback = await watch.until(() => reader.packets.find((p) => p.type === SUBACK), "SUBACK");
+    expect(suback.body[2]).toBe(0x80);
+    ws.send(Uint8Array.from([0x30, ...remainingLength(5 * 1024 * 1024)]));
+    await within(closed, 3000, "the server to close the websocket");
+    expect(h.broker.stats().oversized).toBe(1);
+  });
+  test("a websocket frame larger than the limit closes the socket and counts as oversized", async () => {
+    const h = await startBroker({ wsPort: 0, maxPacketBytes: 1024 });
+    const ws = new WebSocket(`ws://${HOST}:${h.broker.wsPort}/`, ["mqtt"]);
+    const closed = new Promise<void>((resolve) => ws.addEventListener("close", () => resolve()));
+    cleanups.push(() => ws.close());
+    await within(once(ws as unknown as EventTarget, "open"), 3000, "ws open");
+    ws.send(new Uint8Array(8 * 1024));
+    await within(closed, 3000, "the server to close the websocket");
+    await within(
+      (async () => {
+        while (h.broker.stats().oversized === 0) await Bun.sleep(10);
+      })(),
+      2000,
+      "the server side to count the violation",
+    );
+    expect(h.broker.stats().oversized).toBe(1);
+  });
+});
+
+describe("matchTopic", () => {
+  test("captures '+' levels and the '#' remainder in order", () => {
+    expect(matchTopic("sensors/+/temperature", "sensors/boiler-1/temperature")).toEqual(["boiler-1"]);
+    expect(matchTopic("a/+/c/#", "a/b/c/d/e")).toEqual(["b", "d/e"]);
+    expect(matchTopic("a/b", "a/b")).toEqual([]);
+    expect(matchTopic("+", "")).toEqual([""]);
+  });
+
+  test("'#' matches its parent level with an empty capture", () => {
+    expect(matchTopic("a/#", "a")).toEqual([""]);
+    expect(matchTopic("#", "a/b")).toEqual(["a/b"]);
+  });
+
+  test("returns null when the topic does not match", () => {
+    expect(matchTopic("sensors/+/temperature", "sensors/boiler-1/humidity")).toBeNull();
+    expect(matchTopic("a/+", "a/b/c")).toBeNull();
+    expect(matchTopic("a/b/c", "a/b")).toBeNull();
+    expect(matchTopic("a/#", "b")).toBeNull();
+    // MQTT-4.7.2-1: leading wildcards do not match '$' topics.
+    expect(matchTopic("#", "$SYS/x")).toBeNull();
+    expect(matchTopic("+/x", "$SYS/x")).toBeNull();
+    expect(matchTopic("$SYS/#", "$SYS/x")).toEqual(["x"]);
+  });
+});
+
+describe("checkDevicePublishTopic", () => {
+  test("allows ordinary topics and agent inboxes", () => {
+    for (const topic of ["sensors/boiler-1/temperature", "fleet/agents/t/k/inbox", "fleetwide/x", "a"]) {
+      expect(checkDevicePublishTopic(topic)).toEqual({ ok: true });
+    }
+  });
+
+  test("refuses wildcards, empty, '$' and the rest of fleet/", () => {
+    for (const topic of ["", "a/+", "a/#", "$SYS/x", "$share/g/x", "fleet", "fleet/health", "fleet/agents/t/k/out", "fleet/agents/t/k/inbox/x", "fleet/agents//k/inbox"]) {
+      expect(checkDevicePublishTopic(topic).ok).toBe(false);
+    }
+  });
+});

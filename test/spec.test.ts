@@ -1,0 +1,261 @@
+import { describe, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseDuration } from "../gateway/spec/duration.ts";
+import { compileSpec, DEFAULT_BUDGET, loadSpec } from "../gateway/spec/load.ts";
+import { SpecError } from "../gateway/spec/types.ts";
+
+const FILE = "/srv/plant/fleet.toml";
+
+const FULL = `
+[fleet]
+name = "plant-7"
+max_concurrent_episodes = 8
+
+[broker]
+mqtt_port = 1884
+allow_anonymous = false
+devices = "devices.toml"
+
+[http]
+port = 0
+
+[llm]
+api_key_env = "OPENAI_API_KEY"
+
+[agents.temp-monitor]
+module = "agents/temp-monitor.ts"
+subscribe = ["sensors/+/temperature"]
+instances = ["boiler-1"]
+every = "30s"
+dedup = "id"
+tools = ["publish", "llm"]
+publish = ["alerts/#"]
+secrets = ["SLACK_TOKEN"]
+config = { threshold = 80.0, labels = ["a", "b"] }
+
+[agents.temp-monitor.budget]
+episodes_per_hour = 100
+
+[agents.reporter]
+module = "./reporter.ts"
+cron = "*/5 * * * *"
+catch_up = "all"
+
+[hooks.github]
+type = "temp-monitor"
+key_field = "repo"
+
+[hooks.fixed]
+agent = "reporter/default"
+`;
+
+/** Compiles `text` expecting a SpecError, and returns it. */
+async function specError(text: string, file = FILE): Promise<SpecError> {
+  try {
+    await compileSpec(text, file);
+  } catch (err) {
+    if (err instanceof SpecError) return err;
+    throw err;
+  }
+  throw new Error("expected a SpecError");
+}
+
+/** An agent type with a module plus the given extra lines. */
+const agent = (lines: string) => `[agents.x]\nmodule = "x.ts"\n${lines}\n`;
+
+describe("parseDuration", () => {
+  test("reads single units and combinations as milliseconds", () => {
+    expect(parseDuration("500ms")).toBe(500);
+    expect(parseDuration("30s")).toBe(30_000);
+    expect(parseDuration("5m")).toBe(300_000);
+    expect(parseDuration("1h")).toBe(3_600_000);
+    expect(parseDuration("1d")).toBe(86_400_000);
+    expect(parseDuration("1m30s")).toBe(90_000);
+    expect(parseDuration("1h30m15s250ms")).toBe(5_415_250);
+  });
+
+  test("rejects malformed durations", () => {
+    for (const s of ["", "30", "s", "5 m", "1x", "30s1m", "1m1m", "-5s"]) expect(parseDuration(s)).toBeNull();
+  });
+});
+
+describe("compileSpec", () => {
+  test("a full valid file compiles with defaults filled and is deeply frozen", async () => {
+    const v = await compileSpec(FULL, FILE);
+    const { spec } = v;
+    expect(spec.fleet).toEqual({
+      name: "plant-7",
+      data_dir: ".fleet",
+      max_concurrent_episodes: 8,
+      synchronous: "full",
+      drain_timeout_ms: 10_000,
+    });
+    expect(spec.broker).toEqual({
+      host: "0.0.0.0",
+      mqtt_port: 1884,
+      ws_port: null,
+      max_packet_bytes: 262_144,
+      allow_anonymous: false,
+      devices_file: "/srv/plant/devices.toml",
+    });
+    expect(spec.http).toEqual({ host: "0.0.0.0", port: 0 });
+    expect(spec.llm).toEqual({ url: "http://127.0.0.1:11434/v1", model: "llama3.2", api_key_env: "OPENAI_API_KEY", timeout_ms: 30_000 });
+    expect(spec.retention).toEqual({ episodes_days: 30, dedup_days: 7 });
+
+    const tm = spec.agents["temp-monitor"]!;
+    expect(tm.key).toBe("{1}");
+    expect(tm.timer).toEqual({ kind: "every", ms: 30_000, catch_up: "one" });
+    expect(tm.budget).toEqual({ ...DEFAULT_BUDGET, episodes_per_hour: 100 });
+    expect(tm.config).toEqual({ threshold: 80, labels: ["a", "b"] });
+    expect(tm.checkpoint).toEqual({ keep: 50 });
+    expect(tm.retry).toEqual({ max_attempts: 3, backoff_ms: 1000 });
+    expect(tm.max_queue).toBe(10_000);
+    expect(tm.http_hosts).toEqual([]);
+
+    const rep = spec.agents.reporter!;
+    expect(rep.key).toBe("default");
+    expect(rep.subscribe).toEqual([]);
+    expect(rep.tools).toEqual([]);
+    expect(rep.dedup).toBeNull();
+    expect(rep.timer).toEqual({ kind: "cron", expr: "*/5 * * * *", catch_up: "all" });
+
+    expect(spec.hooks.github).toEqual({
+      name: "github",
+      agent: null,
+      type: "temp-monitor",
+      key_field: "repo",
+      dedup: null,
+      secret_env: null,
+      max_body_bytes: 1_048_576,
+    });
+    expect(spec.hooks.fixed?.agent).toBe("reporter/default");
+
+    expect(Object.isFrozen(v)).toBe(true);
+    expect(Object.isFrozen(spec.broker)).toBe(true);
+    expect(Object.isFrozen(tm.budget.tool_costs)).toBe(true);
+    expect(Object.isFrozen(tm.config.labels)).toBe(true);
+    expect(() => {
+      (tm.subscribe as string[]).push("more/#");
+    }).toThrow();
+  });
+
+  test("an empty file is a fleet of defaults", async () => {
+    const { spec } = await compileSpec("", FILE);
+    expect(spec.fleet.name).toBe("fleet");
+    expect(spec.broker.allow_anonymous).toBe(true);
+    expect(spec.agents).toEqual({});
+    expect(spec.hooks).toEqual({});
+  });
+
+  test("a syntax error reports the file, line and column", async () => {
+    const err = await specError(`[fleet]\nname = "a"\n\nmax_concurrent_episodes = = 3\n`);
+    expect(err.file).toBe(FILE);
+    expect(err.line).toBe(4);
+    expect(err.column).toBe(27);
+    expect(err.keyPath).toBeNull();
+    expect(err.message).toStartWith(`${FILE}:4:27: invalid TOML`);
+  });
+
+  test("module and devices paths resolve against the fleet.toml directory", async () => {
+    const { spec } = await compileSpec(agent("") + `[agents.y]\nmodule = "/opt/y.ts"\n`, "/etc/fleets/a/fleet.toml");
+    expect(spec.agents.x?.module).toBe("x.ts");
+    expect(spec.agents.x?.module_path).toBe("/etc/fleets/a/x.ts");
+    expect(spec.agents.y?.module_path).toBe("/opt/y.ts");
+  });
+
+  test("the hash is stable for the same text and differs for different text", async () => {
+    const a = await compileSpec(FULL, FILE);
+    const b = await compileSpec(FULL, "/elsewhere/fleet.toml");
+    const c = await compileSpec(`${FULL}\n# edited\n`, FILE);
+    expect(a.hash).toMatch(/^[0-9a-f]{64}$/);
+    expect(b.hash).toBe(a.hash);
+    expect(c.hash).not.toBe(a.hash);
+  });
+
+  test("a key template may use captures that every subscribe pattern has", async () => {
+    const { spec } = await compileSpec(agent(`subscribe = ["a/+/+/x", "b/+/#"]\nkey = "{1}:{2}"`), FILE);
+    expect(spec.agents.x?.key).toBe("{1}:{2}");
+  });
+});
+
+describe("schema errors name the key path", () => {
+  const cases: [string, string, string, RegExp][] = [
+    ["negative episodes_per_hour", agent("[agents.x.budget]\nepisodes_per_hour = -5"), "agents.x.budget.episodes_per_hour", /must be a positive integer$/],
+    ["unknown top-level table", "[colours]\nred = 1\n", "colours", /is not a known key/],
+    ["unknown nested key", agent('colour = "red"'), "agents.x.colour", /is not a known key/],
+    ["unknown budget key", agent("[agents.x.budget]\nfuel = 1"), "agents.x.budget.fuel", /is not a known key/],
+    ["# not last", agent('subscribe = ["a/#/b"]'), "agents.x.subscribe[0]", /# must be a whole level and the last one/],
+    ["+ inside a level", agent('subscribe = ["ok/+", "a/b+"]'), "agents.x.subscribe[1]", /\+ must be a whole level/],
+    ["subscribe under fleet/", agent('subscribe = ["fleet/agents/#"]'), "agents.x.subscribe[0]", /fleet\//],
+    ["subscribe to $SYS", agent('subscribe = ["$SYS/#"]'), "agents.x.subscribe[0]", /\$/],
+    ["key template beyond the wildcards", agent('subscribe = ["a/+/t", "b/+/+"]\nkey = "{2}"'), "agents.x.key", /references \{2\} but "a\/\+\/t" has 1/],
+    ["default key with a literal pattern", agent('subscribe = ["a/+/t", "b/c"]'), "agents.x.key", /defaults to "\{1\}"/],
+    ["both every and cron", agent('every = "1m"\ncron = "* * * * *"'), "agents.x.cron", /cannot be combined with every/],
+    ["bad cron", agent('cron = "61 * * * *"'), "agents.x.cron", /is not a valid cron expression/],
+    ["cron with too few fields", agent('cron = "* * *"'), "agents.x.cron", /is not a valid cron expression/],
+    ["bad duration", agent('every = "often"'), "agents.x.every", /must be a positive duration/],
+    ["unknown tool", agent('tools = ["publish", "shell"]'), "agents.x.tools[1]", /must be one of publish, http, llm, send/],
+    ["missing module", "[agents.x]\nsubscribe = []\n", "agents.x.module", /is required/],
+    ["bad type name", '[agents."a b"]\nmodule = "m.ts"\n', 'agents."a b"', /is not a valid agent type name/],
+    ["hook at unknown type", agent('[hooks.h]\ntype = "nope"\nkey_field = "k"'), "hooks.h.type", /"nope", which is not defined/],
+    ["hook at unknown agent", agent('[hooks.h]\nagent = "nope/1"'), "hooks.h.agent", /"nope", which is not defined/],
+    ["hook with both forms", agent('[hooks.h]\nagent = "x/1"\ntype = "x"\nkey_field = "k"'), "hooks.h.type", /cannot be combined with agent/],
+    ["hook with neither form", agent("[hooks.h]\nmax_body_bytes = 10"), "hooks.h.agent", /is required/],
+    ["closed broker without devices", "[broker]\nallow_anonymous = false\n", "broker.devices", /is required when allow_anonymous = false/],
+    ["port out of range", "[http]\nport = 70000\n", "http.port", /must be a port number/],
+    ["wrong type", '[fleet]\nmax_concurrent_episodes = "four"\n', "fleet.max_concurrent_episodes", /must be a positive integer/],
+    ["bad enum", '[fleet]\nsynchronous = "off"\n', "fleet.synchronous", /must be "full" or "normal"/],
+    ["small memory", agent("[agents.x.budget]\nmemory_mb = 8"), "agents.x.budget.memory_mb", /at least 16/],
+    ["bad secret name", agent('secrets = ["slack-token"]'), "agents.x.secrets[0]", /environment variable name/],
+  ];
+  for (const [what, text, keyPath, message] of cases) {
+    test(`${what} is reported at ${keyPath}`, async () => {
+      const err = await specError(text);
+      expect(err.keyPath).toBe(keyPath);
+      expect(err.line).toBeNull();
+      expect(err.detail.split("\n")[0]).toStartWith(`${keyPath} `);
+      expect(err.detail.split("\n")[0]).toMatch(message);
+      expect(err.message).toStartWith(`${FILE}: ${keyPath} `);
+    });
+  }
+
+  test("the documented example message is produced word for word", async () => {
+    const err = await specError("[agents.temp-monitor]\nmodule = \"m.ts\"\n[agents.temp-monitor.budget]\nepisodes_per_hour = 0\n");
+    expect(err.detail).toBe("agents.temp-monitor.budget.episodes_per_hour must be a positive integer");
+  });
+
+  test("every problem is listed, one per line, the first one giving keyPath", async () => {
+    const err = await specError(agent('colour = "red"\ntools = ["shell"]'));
+    expect(err.detail.split("\n")).toEqual(["agents.x.tools[0] must be one of publish, http, llm, send", "agents.x.colour is not a known key"]);
+    expect(err.keyPath).toBe("agents.x.tools[0]");
+  });
+});
+
+describe("loadSpec", () => {
+  test("loads a file and resolves module paths against its directory", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "fleet-spec-"));
+    try {
+      const file = join(dir, "fleet.toml");
+      await writeFile(file, agent(""));
+      const v = await loadSpec(file);
+      expect(v.path).toBe(file);
+      expect(v.spec.agents.x?.module_path).toBe(join(dir, "x.ts"));
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a missing file is a SpecError naming it", async () => {
+    const file = join(tmpdir(), "no-such-dir-fleet", "fleet.toml");
+    const err = await loadSpec(file).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(SpecError);
+    expect((err as SpecError).file).toBe(file);
+    expect((err as SpecError).message).toContain(file);
+    expect((err as SpecError).detail).toBe("file not found");
+  });
+});
