@@ -113,6 +113,7 @@ async function cmdStart(): Promise<void> {
   };
   process.on("SIGTERM", () => void stop("SIGTERM"));
   process.on("SIGINT", () => void stop("SIGINT"));
+  process.on("SIGHUP", () => void gw.reload("SIGHUP"));
   await gw.start();
   console.log(`fleet running: mqtt on port ${gw.broker.port}, http on port ${gw.http.port}, data in ${gw.dataDir}`);
 }

@@ -20,6 +20,10 @@ import { defaultSpawnOptions, killAllEpisodes, liveEpisodeGroups, type SpawnOpti
 import { topics } from "./protocol.ts";
 import { agentId, parseAgentId } from "./types.ts";
 import { startHttp, type HttpServer } from "./http.ts";
+import { Timers } from "./timers.ts";
+import { diffSpecs, SpecWatcher } from "./reload.ts";
+import { SpecError } from "./spec/types.ts";
+import type { StimulusId } from "./types.ts";
 
 /** How to start a gateway. Flags override fleet.toml (SPEC §2). */
 export interface GatewayOptions {
@@ -55,6 +59,9 @@ export class Gateway {
   private readonly retired = new Set<string>();
   private readonly queuedCounts = new Map<string, number>();
   private healthTimer: ReturnType<typeof setInterval> | null = null;
+  timers!: Timers;
+  private watcher: SpecWatcher | null = null;
+  private reloading: Promise<void> = Promise.resolve();
   /** Last spec reload error, shown by status and /api/fleet. */
   specError: string | null = null;
   private readonly now: () => number;
@@ -127,6 +134,19 @@ export class Gateway {
     await this.broker.start();
     this.http = startHttp(this, { host: spec.http.host, port: this.opts.httpPort ?? spec.http.port });
     this.state = "running";
+    this.timers = new Timers({
+      fire: (type, at, now) => this.fireTimer(type.name, at, now),
+      lastFire: async (type) => {
+        const v = await this.store.getMeta(`timer:${type}`);
+        return v === null ? null : Number(v);
+      },
+      saveLastFire: (type, at) => this.store.setMeta(`timer:${type}`, String(at)),
+      log: this.log.child({ mod: "timers" }),
+      now: this.now,
+    });
+    await this.timers.update(spec);
+    this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"));
+    this.watcher.start(this.current.text);
     // Retained topics live in aedes' memory: re-publish them, then re-send unsent effects.
     await this.republishStatuses();
     void this.effects.kick();
@@ -142,6 +162,8 @@ export class Gateway {
     if (this.state === "stopped" || this.state === "draining") return;
     this.state = "draining";
     if (this.healthTimer) clearInterval(this.healthTimer);
+    this.watcher?.stop();
+    await this.timers?.stop();
     await this.broker?.stopIntake();
     this.scheduler?.stop();
     const drainMs = this.current?.spec.fleet.drain_timeout_ms ?? 10_000;
@@ -162,6 +184,77 @@ export class Gateway {
     }
     this.state = "stopped";
     this.log.info("fleet stopped");
+  }
+
+  /**
+   * Hot redeploy: load fleet.toml again; an invalid file changes nothing (its error is kept
+   * for status and /api/fleet). A valid change becomes a new spec version: new types and
+   * instances start, removed types' agents are retired, changed types take effect from their
+   * next episode (an in-flight episode finishes on the version it started on), timers re-plan.
+   */
+  reload(reason: string): Promise<void> {
+    this.reloading = this.reloading.then(() => this.reloadNow(reason)).catch((err) => this.log.error({ err }, "reload failed"));
+    return this.reloading;
+  }
+
+  private async reloadNow(reason: string): Promise<void> {
+    if (this.state !== "running") return;
+    let next;
+    try {
+      next = await loadSpec(this.current.path);
+    } catch (err) {
+      this.specError = err instanceof SpecError ? err.message : String(err);
+      this.log.error({ reason }, `fleet.toml rejected, keeping spec ${this.current.hash.slice(0, 12)}: ${this.specError}`);
+      return;
+    }
+    this.specError = null;
+    if (next.hash === this.current.hash) return;
+    const diff = diffSpecs(this.current.spec, next.spec);
+    await this.store.saveSpecVersion({ hash: next.hash, path: next.path, text: next.text, summary: diff.summary, at: this.now() });
+    const before = this.current;
+    this.current = next;
+    this.route = createRouter(next.spec);
+    this.scheduler.setMaxConcurrent(next.spec.fleet.max_concurrent_episodes);
+    await this.deployInstances();
+    for (const type of diff.removed) await this.retireType(type, next.hash);
+    for (const type of diff.added) await this.unretireType(type);
+    await this.timers.update(next.spec);
+    this.log.info({ reason, from: before.hash.slice(0, 12), to: next.hash.slice(0, 12) }, `redeployed: ${diff.summary}`);
+  }
+
+  private async retireType(type: string, hash: string): Promise<void> {
+    const reason = `type ${type} removed from fleet.toml (spec ${hash.slice(0, 12)})`;
+    for (const a of await this.store.listAgents({ type, limit: 1_000_000 }).then((r) => r.rows)) {
+      if (a.status === "retired") continue;
+      await this.store.setAgentStatus(a.id, "retired", reason);
+      this.retired.add(a.id);
+      this.events.emit("status", { agent: a.id, status: "retired", reason });
+    }
+  }
+
+  /** A type that comes back brings back the agents its removal retired (not operator retirements). */
+  private async unretireType(type: string): Promise<void> {
+    for (const a of await this.store.listAgents({ type, status: "retired", limit: 1_000_000 }).then((r) => r.rows)) {
+      if (!a.reason?.startsWith(`type ${type} removed`)) continue;
+      await this.store.setAgentStatus(a.id, "active", null);
+      this.retired.delete(a.id);
+      this.events.emit("status", { agent: a.id, status: "idle", checkpoint: a.headHash });
+      this.scheduler.wake(a.id);
+    }
+  }
+
+  /** One timer fire: a stimulus for every deployed instance of the type, id from the scheduled time. */
+  private async fireTimer(typeName: string, at: number, now: number): Promise<void> {
+    const type = this.current.spec.agents[typeName];
+    if (!type) return;
+    const agents = await this.store.deployedOfType(typeName);
+    if (agents.length === 0) return;
+    const payload = new TextEncoder().encode(JSON.stringify({ scheduled_at: at, fired_at: now, timer: type.timer }));
+    const targets = agents.flatMap((a) => {
+      const id = agentId(typeName, a.key);
+      return id ? [{ agent: id, type, key: a.key }] : [];
+    });
+    await this.intake.record(targets, "timer", null, payload, `timer:${at}` as StimulusId);
   }
 
   /** Stimuli waiting for an agent. */

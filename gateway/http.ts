@@ -6,6 +6,7 @@ import type { Gateway } from "./gateway.ts";
 import { agentId } from "./types.ts";
 import type { StimulusId } from "./types.ts";
 import { agentView, episodeView } from "./views.ts";
+import { handleHook } from "./hooks.ts";
 
 /** A started HTTP server. */
 export interface HttpServer {
@@ -86,6 +87,7 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
       "/api/agents/:type/:key/:action": {
         POST: async (req) => {
           const action = req.params.action;
+          if (action === "stimuli") return manualStimulus(gw, req.params.type, req.params.key, req);
           if (action !== "pause" && action !== "resume" && action !== "retire") return httpError(404, "not_found", `no action ${action}`);
           const id = agentId(req.params.type, req.params.key);
           if (!id) return httpError(400, "bad_agent", "invalid agent id");
@@ -98,6 +100,9 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
         if (!ep) return httpError(404, "not_found", `no episode ${req.params.id}`);
         const events = await gw.store.listEvents(ep.id);
         return json({ ...episodeView(ep), events: events.map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) })) });
+      },
+      "/hooks/:name": {
+        POST: (req) => handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.opts.secrets ?? process.env }, req.params.name, req),
       },
       "/api/send": {
         // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.
@@ -119,4 +124,21 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
     error: (err) => httpError(500, "internal", err.message),
   });
   return { port: server.port ?? opts.port, stop: () => void server.stop(true) };
+}
+
+/** `POST /api/agents/<type>/<key>/stimuli`: a manual stimulus (body = payload JSON; `Idempotency-Key` dedups). */
+async function manualStimulus(gw: Gateway, typeName: string, key: string, req: Request): Promise<Response> {
+  const type = gw.spec.spec.agents[typeName];
+  const id = agentId(typeName, key);
+  if (!type) return httpError(404, "not_found", `no agent type ${typeName}`);
+  if (!id) return httpError(400, "bad_agent", `"${key}" is not a valid agent key`);
+  const body = await readJson(req);
+  if (!body.ok) return body.res;
+  const idem = req.headers.get("idempotency-key");
+  const report = await gw.intake.record([{ agent: id, type, key }], "manual", null, body.raw, idem ? (`idem:${idem}` as StimulusId) : null);
+  const a = report.accepted[0];
+  if (a) return json({ stimulus: a.sid, agent: id, seq: a.seq, duplicate: false }, 202);
+  const d = report.duplicates[0];
+  if (d) return json({ stimulus: d.sid, agent: id, duplicate: true }, 200);
+  return httpError(409, "refused", report.refused[0]?.reason ?? "refused");
 }

@@ -43,9 +43,18 @@ export class Scheduler {
   private timerAt = Infinity;
   private readonly idleWaiters: (() => void)[] = [];
   private readonly now: () => number;
+  /** Fleet-wide limit; a redeploy may change it. */
+  maxConcurrent: number;
 
   constructor(private readonly opts: SchedulerOptions) {
     this.now = opts.now ?? Date.now;
+    this.maxConcurrent = opts.maxConcurrent;
+  }
+
+  /** Change the fleet-wide limit (redeploy) and start what now fits. */
+  setMaxConcurrent(n: number): void {
+    this.maxConcurrent = n;
+    this.pump();
   }
 
   /** Episodes running now. */
@@ -108,7 +117,7 @@ export class Scheduler {
     const now = this.now();
     let scanned = 0;
     const pending = this.ready.length - this.readyHead;
-    while (this.running < this.opts.maxConcurrent && this.readyHead < this.ready.length && scanned < pending) {
+    while (this.running < this.maxConcurrent && this.readyHead < this.ready.length && scanned < pending) {
       const agent = this.ready[this.readyHead++]!;
       scanned++;
       const slot = this.slots.get(agent);

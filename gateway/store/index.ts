@@ -77,6 +77,17 @@ export class Store {
     this.client.close();
   }
 
+  // ---- meta ----------------------------------------------------------------------
+
+  /** A durable fact of this data dir (e.g. a timer's last fire). */
+  async getMeta(key: string): Promise<string | null> {
+    return (await this.db.select().from(t.meta).where(eq(t.meta.key, key)).get())?.value ?? null;
+  }
+
+  async setMeta(key: string, value: string): Promise<void> {
+    await this.writer.write([this.db.insert(t.meta).values({ key, value }).onConflictDoUpdate({ target: t.meta.key, set: { value } })]);
+  }
+
   // ---- spec versions -------------------------------------------------------------
 
   /** Record an accepted spec version (idempotent by hash). */
@@ -124,6 +135,15 @@ export class Store {
     const rows = await this.db.select().from(t.agents).where(where).orderBy(asc(t.agents.id)).limit(f.limit ?? 100).offset(f.offset ?? 0).all();
     const total = (await this.db.select({ n: count() }).from(t.agents).where(where).get())?.n ?? 0;
     return { rows, total };
+  }
+
+  /** Deployed (not retired or failed) agents of a type: the targets of its timer. */
+  deployedOfType(type: string) {
+    return this.db
+      .select({ id: t.agents.id, key: t.agents.key })
+      .from(t.agents)
+      .where(and(eq(t.agents.type, type), inArray(t.agents.status, ["active", "paused"])))
+      .all();
   }
 
   /** Agent counts by type and stored status. */
