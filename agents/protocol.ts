@@ -75,15 +75,19 @@ function isObj(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }
 
-/** Parse a message from the subprocess; null when it is not a well-formed `ChildMessage`. */
-export function parseChildMessage(raw: unknown): ChildMessage | null {
+/**
+ * Parse a message from the subprocess; null when it is not a well-formed `ChildMessage`.
+ * Live, `tool` records come only from the gateway (a child cannot forge a tool result);
+ * in a replay the child answers tools from the recording and records them itself.
+ */
+export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { replay: false }): ChildMessage | null {
   if (!isObj(raw)) return null;
   switch (raw.t) {
     case "ready":
       return { t: "ready" };
     case "records": {
       if (!Array.isArray(raw.records)) return null;
-      for (const r of raw.records) if (!isObj(r) || typeof r.k !== "string" || !RECORD_KINDS.has(r.k) || r.k === "tool") return null;
+      for (const r of raw.records) if (!isObj(r) || typeof r.k !== "string" || !RECORD_KINDS.has(r.k) || (r.k === "tool" && !opts.replay)) return null;
       return raw as unknown as ChildMessage;
     }
     case "tool":

@@ -15,6 +15,8 @@ import { verifyStore } from "./verify.ts";
 import { agentView, episodeView } from "./views.ts";
 import { parseAgentId } from "./types.ts";
 import { createLogger } from "./log.ts";
+import { replayAgent, replayEpisode, type ReplayResult } from "./replay.ts";
+import { defaultSpawnOptions } from "./runner.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
 
@@ -24,6 +26,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
   episodes <type/key> [--limit N]
   show <episode>              one episode with its event log
   verify [--agent type/key]   recompute every hash chain; exit 1 on mismatch
+  replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
+  replay --agent <type/key> [--module FILE] replay an agent's whole history (regression test for new code)
   pause|resume|retire <type/key>
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
@@ -45,6 +49,7 @@ const { values: flags, positionals } = parseArgs({
     limit: { type: "string" },
     page: { type: "string" },
     id: { type: "string" },
+    module: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 });
@@ -186,6 +191,30 @@ async function cmdVerify(): Promise<number> {
   return report.problems.length === 0 ? 0 : 1;
 }
 
+function describeReplay(r: ReplayResult): string {
+  if (r.verdict === "MATCH") return `MATCH     ${r.episode} ${r.agent}`;
+  if (r.verdict === "UNREPLAYABLE") return `SKIPPED   ${r.episode} ${r.agent}: ${r.reason}`;
+  const d = r.divergence;
+  return `DIVERGED  ${r.episode} ${r.agent} at ${d.at}\n  expected ${JSON.stringify(d.expected)}\n  actual   ${JSON.stringify(d.actual)}`;
+}
+
+async function cmdReplay(episode: string | undefined): Promise<number> {
+  const store = await openReadonly();
+  const module = flags.module ? resolve(flags.module) : undefined;
+  const spawn = defaultSpawnOptions();
+  if (flags.agent) {
+    const results = await replayAgent(store, flags.agent, spawn, module);
+    const diverged = results.filter((r) => r.verdict === "DIVERGED").length;
+    const summary = { agent: flags.agent, episodes: results.length, matched: results.filter((r) => r.verdict === "MATCH").length, diverged, results };
+    print(summary, () => [...results.filter((r) => r.verdict !== "MATCH").map(describeReplay), `${summary.matched}/${results.length} episode(s) MATCH, ${diverged} DIVERGED`].join("\n"));
+    return diverged === 0 && results.length > 0 ? 0 : 1;
+  }
+  if (!episode) throw new UsageError("replay needs an episode id or --agent <type/key>");
+  const r = await replayEpisode(store, episode, spawn, module);
+  print(r, () => describeReplay(r));
+  return r.verdict === "MATCH" ? 0 : 1;
+}
+
 async function cmdLifecycle(action: "pause" | "resume" | "retire", agent: string | undefined): Promise<number> {
   const a = agent ? parseAgentId(agent) : null;
   if (!a) throw new UsageError(`${action} needs an agent <type>/<key>`);
@@ -264,6 +293,8 @@ async function main(): Promise<number> {
       return cmdShow(a1);
     case "verify":
       return cmdVerify();
+    case "replay":
+      return cmdReplay(a1);
     case "pause":
     case "resume":
     case "retire":

@@ -131,7 +131,7 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
       serialization: "json",
       ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
       ipc(raw, child) {
-        const msg = parseChildMessage(raw);
+        const msg = parseChildMessage(raw, { replay: start.replay !== null });
         if (!msg) return finish({ ok: false, kind: "protocol", message: "subprocess sent a malformed message" });
         switch (msg.t) {
           case "ready":
