@@ -17,6 +17,7 @@ import { parseAgentId } from "./types.ts";
 import { createLogger } from "./log.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "./replay.ts";
 import { defaultSpawnOptions } from "./runner.ts";
+import { gcAll, type GcReport } from "./gc.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
 
@@ -29,6 +30,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
   replay --agent <type/key> [--module FILE] replay an agent's whole history (regression test for new code)
   pause|resume|retire <type/key>
+  gc [--dry-run] [--now MS]   apply retention now (checkpoint.keep, episodes_days, dedup_days)
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
 
@@ -50,6 +52,8 @@ const { values: flags, positionals } = parseArgs({
     page: { type: "string" },
     id: { type: "string" },
     module: { type: "string" },
+    "dry-run": { type: "boolean", default: false },
+    now: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 });
@@ -215,6 +219,23 @@ async function cmdReplay(episode: string | undefined): Promise<number> {
   return r.verdict === "MATCH" ? 0 : 1;
 }
 
+async function cmdGc(): Promise<number> {
+  const dryRun = flags["dry-run"] === true;
+  const now = flags.now !== undefined ? Number(flags.now) : undefined;
+  const live = await running();
+  let report: GcReport;
+  if (live) {
+    const q = new URLSearchParams({ ...(dryRun ? { dry_run: "1" } : {}), ...(now !== undefined ? { now: String(now) } : {}) });
+    report = (await (await fetch(`${live.http}/api/gc?${q}`, { method: "POST" })).json()) as GcReport;
+  } else {
+    const store = await Store.open(join(await dataDir(), "fleet.db"), { synchronous: "full" });
+    report = await gcAll(store, (await loadSpec(configPath())).spec, { now: now ?? Date.now(), dryRun });
+    await store.close();
+  }
+  print(report, () => `${dryRun ? "would collect" : "collected"}: ${report.tombstoned} checkpoint state(s) tombstoned, ${report.checkpointsDeleted} tombstone(s), ${report.episodesDeleted} episode(s) with ${report.eventsDeleted} event(s), ${report.stimuliForgotten} dedup record(s), ${report.usageRowsDeleted} budget row(s) in ${Math.round(report.ms)} ms`);
+  return 0;
+}
+
 async function cmdLifecycle(action: "pause" | "resume" | "retire", agent: string | undefined): Promise<number> {
   const a = agent ? parseAgentId(agent) : null;
   if (!a) throw new UsageError(`${action} needs an agent <type>/<key>`);
@@ -295,6 +316,8 @@ async function main(): Promise<number> {
       return cmdVerify();
     case "replay":
       return cmdReplay(a1);
+    case "gc":
+      return cmdGc();
     case "pause":
     case "resume":
     case "retire":

@@ -21,6 +21,7 @@ import { topics } from "./protocol.ts";
 import { agentId, parseAgentId } from "./types.ts";
 import { startHttp, type HttpServer } from "./http.ts";
 import { Timers } from "./timers.ts";
+import { gcAll, gcPass, gcTotal, type GcReport } from "./gc.ts";
 import { diffSpecs, SpecWatcher } from "./reload.ts";
 import { SpecError } from "./spec/types.ts";
 import type { StimulusId } from "./types.ts";
@@ -37,6 +38,8 @@ export interface GatewayOptions {
   readonly secrets?: Readonly<Record<string, string | undefined>>;
   readonly now?: () => number;
   readonly healthIntervalMs?: number;
+  /** Background retention pass interval (default 60 s; 0 = off). */
+  readonly gcIntervalMs?: number;
 }
 
 export type GatewayState = "created" | "starting" | "running" | "draining" | "stopped";
@@ -59,6 +62,8 @@ export class Gateway {
   private readonly retired = new Set<string>();
   private readonly queuedCounts = new Map<string, number>();
   private healthTimer: ReturnType<typeof setInterval> | null = null;
+  private gcTimer: ReturnType<typeof setInterval> | null = null;
+  private gcRunning = false;
   timers!: Timers;
   private watcher: SpecWatcher | null = null;
   private reloading: Promise<void> = Promise.resolve();
@@ -152,6 +157,11 @@ export class Gateway {
     void this.effects.kick();
     this.healthTimer = setInterval(() => void this.publishHealth(), this.opts.healthIntervalMs ?? 10_000);
     this.healthTimer.unref?.();
+    const gcEvery = this.opts.gcIntervalMs ?? 60_000;
+    if (gcEvery > 0) {
+      this.gcTimer = setInterval(() => void this.backgroundGc(), gcEvery);
+      this.gcTimer.unref?.();
+    }
     void this.publishHealth();
     writeFileSync(join(this.dataDir, "gateway.json"), JSON.stringify({ mqtt_port: this.broker.port, http_port: this.http.port, pid: process.pid, gateway: this.store.gatewayId }) + "\n");
     this.log.info({ mqtt_port: this.broker.port, http_port: this.http.port, data_dir: this.dataDir, spec: this.current.hash.slice(0, 12) }, `fleet "${spec.fleet.name}" running`);
@@ -162,6 +172,7 @@ export class Gateway {
     if (this.state === "stopped" || this.state === "draining") return;
     this.state = "draining";
     if (this.healthTimer) clearInterval(this.healthTimer);
+    if (this.gcTimer) clearInterval(this.gcTimer);
     this.watcher?.stop();
     await this.timers?.stop();
     await this.broker?.stopIntake();
@@ -255,6 +266,25 @@ export class Gateway {
       return id ? [{ agent: id, type, key: a.key }] : [];
     });
     await this.intake.record(targets, "timer", null, payload, `timer:${at}` as StimulusId);
+  }
+
+  /** Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run. */
+  gc(opts: { dryRun: boolean; now?: number }): Promise<GcReport> {
+    return gcAll(this.store, this.current.spec, { now: opts.now ?? this.now(), dryRun: opts.dryRun });
+  }
+
+  /** One bounded retention pass in the background; skipped if the previous one still runs. */
+  private async backgroundGc(): Promise<void> {
+    if (this.gcRunning || this.state !== "running") return;
+    this.gcRunning = true;
+    try {
+      const r = await gcPass(this.store, this.current.spec, { now: this.now(), batch: 2000 });
+      if (gcTotal(r) > 0) this.log.info({ ...r, ms: Math.round(r.ms) }, "retention pass");
+    } catch (err) {
+      this.log.error({ err }, "retention pass failed");
+    } finally {
+      this.gcRunning = false;
+    }
   }
 
   /** Stimuli waiting for an agent. */

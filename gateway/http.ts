@@ -104,6 +104,13 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
       "/hooks/:name": {
         POST: (req) => handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.opts.secrets ?? process.env }, req.params.name, req),
       },
+      "/api/gc": {
+        POST: async (req) => {
+          const url = new URL(req.url);
+          const now = url.searchParams.get("now");
+          return json(await gw.gc({ dryRun: url.searchParams.get("dry_run") === "1", now: now ? Number(now) : undefined }));
+        },
+      },
       "/api/send": {
         // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.
         POST: async (req) => {

@@ -29,13 +29,15 @@ export async function verifyStore(store: Store, only?: readonly string[]): Promi
   let episodes = 0;
   for (const agent of agents) {
     const chain = await store.listCheckpoints(agent);
-    let prev: string | null = null;
-    let prevSeq = chain[0] ? chain[0].seq - 1 : 0;
+    const a = await store.getAgent(agent);
+    // Retention deletes a prefix of the chain and keeps its newest hash as the anchor.
+    let prev: string | null = a?.anchorHash ?? null;
+    let prevSeq = a?.anchorSeq ?? 0;
     for (const row of chain) {
       checkpoints++;
       const rec = `checkpoint ${agent}#${row.seq} ${row.hash.slice(0, 16)}`;
       if (row.seq !== prevSeq + 1) problems.push({ agent, record: rec, problem: `sequence gap after #${prevSeq}` });
-      if (prev !== null && row.parent !== prev) problems.push({ agent, record: rec, problem: `parent ${String(row.parent).slice(0, 16)} does not link to #${prevSeq} ${prev.slice(0, 16)}` });
+      if (row.parent !== prev) problems.push({ agent, record: rec, problem: `parent ${String(row.parent).slice(0, 16)} does not link to #${prevSeq} ${String(prev).slice(0, 16)}` });
       if (row.state !== null) {
         try {
           await verifyCheckpointRow(row);
@@ -46,7 +48,6 @@ export async function verifyStore(store: Store, only?: readonly string[]): Promi
       prev = row.hash;
       prevSeq = row.seq;
     }
-    const a = await store.getAgent(agent);
     if (a && chain.length > 0 && a.headHash !== prev) problems.push({ agent, record: `agent ${agent}`, problem: `head ${String(a.headHash).slice(0, 16)} is not the newest checkpoint ${String(prev).slice(0, 16)}` });
     for (let after = ""; ; ) {
       const page = await store.scanEpisodes(agent, after, 500);

@@ -12,6 +12,7 @@ export const DDL: readonly string[] = [
   `CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL, gateway TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'active', reason TEXT, paused_until INTEGER,
+    anchor_seq INTEGER NOT NULL DEFAULT 0, anchor_hash TEXT,
     head_seq INTEGER NOT NULL DEFAULT 0, head_hash TEXT,
     episodes INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0, last_episode_at INTEGER,
     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)`,

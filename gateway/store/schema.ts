@@ -39,6 +39,9 @@ export const agents = sqliteTable(
     reason: text("reason"),
     /** Epoch ms when a budget pause ends by itself; null for operator pauses. */
     pausedUntil: integer("paused_until"),
+    /** Newest checkpoint deleted by retention: the chain verifies from here (SPEC §8: a tombstone of a prefix). */
+    anchorSeq: integer("anchor_seq").notNull().default(0),
+    anchorHash: text("anchor_hash"),
     headSeq: integer("head_seq").notNull().default(0),
     headHash: text("head_hash"),
     episodes: integer("episodes").notNull().default(0),
