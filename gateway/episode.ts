@@ -86,7 +86,9 @@ export class EpisodeExecutor {
     }
 
     const win = budgetWindows(now);
-    const over = await this.overBudget(agent, win);
+    let over = await this.overBudget(agent, win);
+    // An operator's `fleet resume` of a budget pause lets the agent run until that window ends.
+    if (over && Number((await store.getMeta(`budget_override:${agentId}`)) ?? 0) > now) over = null;
     if (over) {
       await store.setAgentStatus(agentId, "paused", over.reason, over.until);
       this.d.events.emit("status", { agent: agentId, status: "paused", reason: over.reason });

@@ -16,7 +16,7 @@ import { Effects } from "./effects.ts";
 import { Intake } from "./intake.ts";
 import { createRouter, type Route } from "./router.ts";
 import { FleetEvents } from "./events.ts";
-import { defaultSpawnOptions, killAllEpisodes, liveEpisodeGroups, type SpawnOptions } from "./runner.ts";
+import { defaultSpawnOptions, describeSandbox, killAllEpisodes, liveEpisodeGroups, type SpawnOptions } from "./runner.ts";
 import { topics } from "./protocol.ts";
 import { agentId, parseAgentId } from "./types.ts";
 import { startHttp, type HttpServer } from "./http.ts";
@@ -70,6 +70,8 @@ export class Gateway {
   /** Last spec reload error, shown by status and /api/fleet. */
   specError: string | null = null;
   private readonly now: () => number;
+  /** How episodes are spawned and isolated. */
+  spawnOptions!: SpawnOptions;
 
   constructor(readonly opts: GatewayOptions) {
     this.log = opts.logger ?? pino({ base: { svc: "fleet" } });
@@ -94,10 +96,14 @@ export class Gateway {
     await this.store.saveSpecVersion({ hash: this.current.hash, path: this.current.path, text: this.current.text, summary: "loaded at start", at: this.now() });
     await this.deployInstances();
 
+    this.spawnOptions = this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox);
+    if (this.spawnOptions.uid === null && !this.spawnOptions.bwrap) {
+      this.log.warn("agent subprocesses are NOT isolated from the gateway (not root, no bubblewrap): they run with its uid and could read its /proc environ");
+    }
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
-      spawn: this.opts.spawn ?? defaultSpawnOptions(),
+      spawn: this.spawnOptions,
       toolEnv: { secrets: this.opts.secrets ?? process.env, fetch },
       events: this.events,
       log: this.log,
@@ -164,7 +170,7 @@ export class Gateway {
     }
     void this.publishHealth();
     writeFileSync(join(this.dataDir, "gateway.json"), JSON.stringify({ mqtt_port: this.broker.port, http_port: this.http.port, pid: process.pid, gateway: this.store.gatewayId }) + "\n");
-    this.log.info({ mqtt_port: this.broker.port, http_port: this.http.port, data_dir: this.dataDir, spec: this.current.hash.slice(0, 12) }, `fleet "${spec.fleet.name}" running`);
+    this.log.info({ mqtt_port: this.broker.port, http_port: this.http.port, data_dir: this.dataDir, spec: this.current.hash.slice(0, 12), sandbox: describeSandbox(this.spawnOptions) }, `fleet "${spec.fleet.name}" running`);
   }
 
   /** Stop intake, let in-flight episodes finish (or kill them at the drain timeout), flush, close. */
@@ -306,6 +312,9 @@ export class Gateway {
       this.events.emit("status", { agent: id, status: "paused", reason: "paused by operator" });
     } else if (action === "resume") {
       if (agent.status === "retired") return { ok: false, reason: `${id} is retired` };
+      if (agent.status === "paused" && agent.pausedUntil !== null && agent.reason?.startsWith("budget")) {
+        await this.store.setMeta(`budget_override:${id}`, String(agent.pausedUntil));
+      }
       await this.store.setAgentStatus(id, "active", null);
       this.events.emit("status", { agent: id, status: "idle", checkpoint: agent.headHash });
       this.scheduler.wake(id);

@@ -6,7 +6,7 @@
  * /proc/<pid>/environ. IPC is parsed at the edge; the child never touches the database.
  */
 import { fileURLToPath } from "node:url";
-import { readFile } from "node:fs/promises";
+import { readdir, readFile } from "node:fs/promises";
 import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../agents/protocol.ts";
 
 const HOST = fileURLToPath(new URL("../agents/host.ts", import.meta.url));
@@ -41,15 +41,50 @@ export interface SpawnOptions {
   readonly gid: number | null;
   /** Wrap with prlimit for RLIMIT_DATA/NOFILE/NPROC when available. */
   readonly prlimit: string | null;
+  /** Run inside bubblewrap (own pid/net/ipc namespaces, read-only root) when set. */
+  readonly bwrap: string | null;
   /** How often the RSS watch samples, ms. */
   readonly rssPollMs: number;
 }
 
-/** Sensible defaults for this machine: drop to nobody when root, prlimit when installed. */
-export function defaultSpawnOptions(): SpawnOptions {
+/** Isolation modes of `[fleet] sandbox`. */
+export type SandboxMode = "auto" | "bwrap" | "uid" | "none";
+
+function which(names: readonly string[]): string | null {
+  return names.find((p) => Bun.file(p).size > 0) ?? null;
+}
+
+let bwrapWorks: boolean | null = null;
+/** Whether bubblewrap can create the namespaces we ask for here (probed once). */
+function probeBwrap(bwrap: string): boolean {
+  if (bwrapWorks === null) {
+    const r = Bun.spawnSync([bwrap, ...BWRAP_ARGS, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
+    bwrapWorks = r.exitCode === 0;
+  }
+  return bwrapWorks;
+}
+
+const BWRAP_ARGS = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent"];
+
+/**
+ * Spawn options for a sandbox mode on this machine. Root drops to nobody (65534), so the
+ * child cannot read the gateway's /proc/<pid>/environ; bubblewrap adds its own pid, net and
+ * ipc namespaces (no network: tools go through the gateway) and a read-only root.
+ */
+export function defaultSpawnOptions(mode: SandboxMode = "auto"): SpawnOptions {
   const root = process.getuid?.() === 0;
-  const prlimit = ["/usr/bin/prlimit", "/bin/prlimit"].find((p) => Bun.file(p).size > 0) ?? null;
-  return { bun: process.execPath, uid: root ? 65534 : null, gid: root ? 65534 : null, prlimit, rssPollMs: 50 };
+  const prlimit = which(["/usr/bin/prlimit", "/bin/prlimit"]);
+  const bwrapPath = mode === "auto" || mode === "bwrap" ? which(["/usr/bin/bwrap", "/bin/bwrap"]) : null;
+  const bwrap = bwrapPath && probeBwrap(bwrapPath) ? bwrapPath : null;
+  if (mode === "bwrap" && !bwrap) throw new Error('sandbox = "bwrap" but bubblewrap is not installed or cannot create namespaces here');
+  const dropUid = root && mode !== "none";
+  return { bun: process.execPath, uid: dropUid ? 65534 : null, gid: dropUid ? 65534 : null, prlimit, bwrap, rssPollMs: 50 };
+}
+
+/** One line for the start-up log: what an episode is isolated by. */
+export function describeSandbox(o: SpawnOptions): string {
+  const parts = [o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway", o.bwrap ? "bubblewrap (pid/net/ipc namespaces, read-only root)" : "no namespaces", o.prlimit ? "rlimits" : "no rlimits"];
+  return parts.join(", ");
 }
 
 /** The only environment an agent subprocess gets. */
@@ -67,14 +102,34 @@ export const CHILD_ENV: Readonly<Record<string, string>> = Object.freeze({
 // above the budget and the RSS watch enforces the budget itself.
 const RUNTIME_DATA_MB = 384;
 
-async function rssMb(pid: number): Promise<number | null> {
+async function childrenOf(pid: number): Promise<number[]> {
   try {
-    const status = await readFile(`/proc/${pid}/status`, "utf8");
-    const m = /VmRSS:\s+(\d+) kB/.exec(status);
-    return m ? Number(m[1]) / 1024 : null;
+    const tasks = await readdir(`/proc/${pid}/task`);
+    const lists = await Promise.all(tasks.map((t) => readFile(`/proc/${pid}/task/${t}/children`, "utf8").catch(() => "")));
+    return lists.flatMap((l) => l.split(" ").filter(Boolean).map(Number));
   } catch {
-    return null;
+    return [];
   }
+}
+
+/** RSS of a process and all its descendants (bwrap and prlimit put the agent below the spawned pid). */
+async function rssMb(pid: number): Promise<number | null> {
+  let total = 0;
+  let seen = 0;
+  const queue = [pid];
+  while (queue.length > 0 && seen < 256) {
+    const p = queue.shift()!;
+    seen++;
+    try {
+      const status = await readFile(`/proc/${p}/status`, "utf8");
+      const m = /VmRSS:\s+(\d+) kB/.exec(status);
+      if (m) total += Number(m[1]) / 1024;
+    } catch {
+      continue;
+    }
+    queue.push(...(await childrenOf(p)));
+  }
+  return seen > 0 ? total : null;
 }
 
 /** Process groups of episodes running now; the gateway kills them all on shutdown. */
@@ -114,6 +169,7 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
   };
 
   const cmd = [spawnOpts.bun, HOST];
+  if (spawnOpts.bwrap) cmd.unshift(spawnOpts.bwrap, ...BWRAP_ARGS, "--");
   if (spawnOpts.prlimit) {
     const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
     cmd.unshift(spawnOpts.prlimit, `--data=${dataBytes}`, `--nofile=${limits.maxOpenFiles}`, ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []));

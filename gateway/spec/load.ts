@@ -138,6 +138,7 @@ const fleetSchema = z.strictObject({
     max_concurrent_episodes: posInt(4),
     synchronous: z.enum(["full", "normal"], says('must be "full" or "normal"')).default("full"),
     drain_timeout_ms: nonNegInt(10_000),
+    sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
   }),
   broker: table({
     host: str().default("0.0.0.0"),

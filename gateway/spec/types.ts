@@ -82,6 +82,12 @@ export interface FleetSpec {
     /** libSQL `synchronous`: "full" survives power loss, "normal" survives process crashes. */
     readonly synchronous: "full" | "normal";
     readonly drain_timeout_ms: number;
+    /**
+     * How episode subprocesses are isolated: "uid" (root only: run as nobody), "bwrap"
+     * (bubblewrap namespaces: own pid/net/ipc, read-only root; plus "uid" when root),
+     * "none", or "auto" (bwrap when it works, else uid when root, else none).
+     */
+    readonly sandbox: "auto" | "bwrap" | "uid" | "none";
   };
   readonly broker: {
     readonly host: string;
