@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Test prerequisites: the suite drives real third-party programs (Debian's mosquitto
+# clients for MQTT interop, chromium for the dashboard, bubblewrap + prlimit for the agent
+# sandbox). Installs what is missing when run as root with apt-get; otherwise says what to install.
+set -euo pipefail
+missing=()
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+command -v stdbuf >/dev/null 2>&1 || missing+=(coreutils)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "prereqs: installing ${missing[*]} with apt-get" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "prereqs: the test suite needs these Debian packages: ${missing[*]}" >&2
+  echo "         sudo apt-get install ${missing[*]}" >&2
+  exit 1
+fi
