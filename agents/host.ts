@@ -21,14 +21,18 @@ class Recorder {
   private buffer: EpisodeRecord[] = [];
   private count = 0;
   private bytes = 0;
+  /** Set once a limit is crossed; sticky, so an agent that catches the error still fails. */
+  flood: string | null = null;
   constructor(private readonly limits: Start["limits"]) {}
 
   push(record: EpisodeRecord): void {
+    if (this.flood !== null) throw new Flood(this.flood);
     this.count += 1;
     // Encoding here is what the gateway will store; measure it once, refuse floods early.
     this.bytes += JSON.stringify(record)?.length ?? 4;
-    if (this.count > this.limits.max_records) throw new Flood(`episode wrote more than ${this.limits.max_records} records`);
-    if (this.bytes > this.limits.max_record_bytes) throw new Flood(`episode records exceed ${this.limits.max_record_bytes} bytes`);
+    if (this.count > this.limits.max_records) this.flood = `episode wrote more than ${this.limits.max_records} records`;
+    else if (this.bytes > this.limits.max_record_bytes) this.flood = `episode records exceed ${this.limits.max_record_bytes} bytes`;
+    if (this.flood !== null) throw new Flood(this.flood);
     this.buffer.push(record);
   }
 
@@ -124,7 +128,15 @@ async function run(start: Start): Promise<void> {
 
   if (start.fresh) ctx.state = await def.init({ agent: start.agent, config: start.config });
   await def.onStimulus(start.stimulus, ctx);
-  const state = asJson(ctx.state, "agent state");
+  if (rec.flood !== null) throw new Flood(rec.flood);
+  let state: unknown;
+  try {
+    state = asJson(ctx.state, "agent state");
+  } catch (err) {
+    const why = err instanceof Error ? err.message : String(err);
+    send({ t: "error", kind: "invalid_state", message: `agent state cannot be checkpointed as JSON: ${why}` });
+    return;
+  }
   rec.flush();
   send({ t: "done", state });
 }
@@ -163,5 +175,9 @@ process.on("unhandledRejection", (err) => {
   fail(err);
   process.exit(1);
 });
+
+// The gateway died (kill -9) and cannot kill our group: nobody will ever read our result,
+// so do not linger on the agent's timers or a tool call that will never be answered.
+process.on("disconnect", () => process.exit(70));
 
 send({ t: "ready" });

@@ -95,6 +95,8 @@ export const CHILD_ENV: Readonly<Record<string, string>> = Object.freeze({
   NO_COLOR: "1",
   // A transpiler cache under HOME would be shared state between episodes; turn it off.
   BUN_RUNTIME_TRANSPILER_CACHE_PATH: "0",
+  // The child's cwd; bubblewrap sets PWD itself, so name it here and the env is the same in every sandbox mode.
+  PWD: "/",
 });
 
 // Bun itself maps a few hundred MB of private memory at start; RLIMIT_DATA below that
@@ -172,7 +174,10 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
   if (spawnOpts.bwrap) cmd.unshift(spawnOpts.bwrap, ...BWRAP_ARGS, "--");
   if (spawnOpts.prlimit) {
     const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
-    cmd.unshift(spawnOpts.prlimit, `--data=${dataBytes}`, `--nofile=${limits.maxOpenFiles}`, ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []));
+    // RLIMIT_CPU backstop: an agent spinning after its gateway died (kill -9, no bwrap
+    // --die-with-parent) would run forever; CPU time can exceed wall time only by its threads.
+    const cpuSeconds = 2 * Math.ceil(limits.timeoutMs / 1000) + 2;
+    cmd.unshift(spawnOpts.prlimit, `--data=${dataBytes}`, `--nofile=${limits.maxOpenFiles}`, `--cpu=${cpuSeconds}`, ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []));
   }
 
   let proc: ReturnType<typeof Bun.spawn>;
@@ -209,8 +214,11 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
             return;
           case "done":
             return finish({ ok: true, state: msg.state });
-          case "error":
-            return finish({ ok: false, kind: msg.kind, message: msg.message + (msg.stack ? `\n${msg.stack}` : "") });
+          case "error": {
+            // RangeError "Out of memory": the RLIMIT_DATA backstop stopped an allocation before the RSS watch looked.
+            const kind = msg.kind === "threw" && /^Out of memory\b/i.test(msg.message) ? "oom" : msg.kind;
+            return finish({ ok: false, kind, message: msg.message + (msg.stack ? `\n${msg.stack}` : "") });
+          }
           default: {
             const never: never = msg;
             return never;

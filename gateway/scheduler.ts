@@ -30,6 +30,10 @@ interface Slot {
   parked: boolean;
   waitUntil: number;
   inReady: boolean;
+  /** Stimuli enqueued while a turn ran: that turn may have looked at the queue before they arrived. */
+  addedWhileRunning: number;
+  /** wake() while a turn ran: that turn may have read the agent's status before the change. */
+  wokenWhileRunning: boolean;
 }
 
 /** Fair, bounded episode scheduler. */
@@ -71,6 +75,7 @@ export class Scheduler {
   enqueue(agent: string, n = 1): void {
     const slot = this.slot(agent);
     slot.queued += n;
+    if (slot.running) slot.addedWhileRunning += n;
     this.makeReady(agent, slot);
     this.pump();
   }
@@ -80,6 +85,7 @@ export class Scheduler {
     const slot = this.slot(agent);
     slot.parked = false;
     slot.waitUntil = 0;
+    if (slot.running) slot.wokenWhileRunning = true;
     if (slot.queued === 0) slot.queued = 1; // unknown count: the turn will find out
     this.makeReady(agent, slot);
     this.pump();
@@ -100,7 +106,7 @@ export class Scheduler {
   private slot(agent: string): Slot {
     let s = this.slots.get(agent);
     if (!s) {
-      s = { queued: 0, running: false, parked: false, waitUntil: 0, inReady: false };
+      s = { queued: 0, running: false, parked: false, waitUntil: 0, inReady: false, addedWhileRunning: 0, wokenWhileRunning: false };
       this.slots.set(agent, s);
     }
     return s;
@@ -156,6 +162,7 @@ export class Scheduler {
 
   private start(agent: string, slot: Slot): void {
     slot.running = true;
+    slot.waitUntil = 0; // any wait is over (the timer may not have fired yet)
     this.running++;
     void this.opts
       .runTurn(agent)
@@ -163,6 +170,11 @@ export class Scheduler {
       .then((r) => {
         slot.running = false;
         this.running--;
+        // News that arrived during the turn overrides what the turn saw before it.
+        const added = slot.addedWhileRunning;
+        const woken = slot.wokenWhileRunning;
+        slot.addedWhileRunning = 0;
+        slot.wokenWhileRunning = false;
         switch (r.kind) {
           case "ran":
             slot.queued = Math.max(0, slot.queued - 1);
@@ -170,23 +182,23 @@ export class Scheduler {
             if (slot.queued === 0) slot.queued = 1;
             break;
           case "empty":
-            slot.queued = 0;
+            slot.queued = woken ? Math.max(1, added) : added;
             break;
           case "wait":
+            if (woken) break; // re-examine now
             slot.waitUntil = r.until;
             this.armTimer(r.until);
             break;
           case "parked":
-            slot.parked = true;
+            if (!woken) slot.parked = true;
             break;
           default: {
             const never: never = r;
             return never;
           }
         }
-        if (slot.queued === 0 && !slot.running) this.slots.delete(agent);
-        else if (r.kind !== "wait") this.makeReady(agent, slot);
-        else this.slots.set(agent, slot);
+        if (slot.queued === 0) this.slots.delete(agent);
+        else if (slot.waitUntil === 0) this.makeReady(agent, slot);
         if (this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
         this.pump();
       });

@@ -31,6 +31,8 @@ export interface ToolEnv {
   /** Secret values by env name (the gateway's environment). */
   readonly secrets: Readonly<Record<string, string | undefined>>;
   readonly fetch: typeof fetch;
+  /** Agents whose stimuli are refused (retired); a send to one is denied. */
+  readonly isRetired?: (agent: string) => boolean;
 }
 
 const deny = (reason: string): ToolOutcome => ({ ok: false, result: { error: "denied", reason } });
@@ -85,7 +87,12 @@ export class ToolGate {
     const [topic, payload, opts] = args as [unknown, unknown, { retain?: unknown; qos?: unknown } | undefined];
     if (typeof topic !== "string") return deny("publish topic must be a string");
     const own = `fleet/agents/${this.agent.type}/${this.agent.key}/`;
-    const shape = topic.startsWith(own) ? { ok: true as const } : checkDevicePublishTopic(topic);
+    // Own topics skip the fleet/ namespace rule, never the MQTT ones (MQTT-3.3.2-2: no wildcards in a topic name).
+    const shape = !topic.startsWith(own)
+      ? checkDevicePublishTopic(topic)
+      : /[+#\u0000]/.test(topic)
+        ? { ok: false as const, reason: "wildcard or NUL in publish topic" }
+        : { ok: true as const };
     if (!shape.ok) return deny(`topic "${topic}": ${shape.reason}`);
     if (!topic.startsWith(own) && !this.type.publish.some((f) => matchTopic(f, topic) !== null)) {
       return deny(`topic "${topic}" is not allowed by agents.${this.type.name}.publish`);
@@ -100,6 +107,7 @@ export class ToolGate {
     const target = typeof to === "string" ? parseAgentId(to) : null;
     if (!target) return deny(`"${String(to)}" is not an agent id <type>/<key>`);
     if (!this.spec.agents[target.type]) return deny(`no agent type "${target.type}" in this fleet`);
+    if (this.env.isRetired?.(target.id)) return deny(`agent ${target.id} is retired`);
     this.sends.push({ to: target, payload: encodePayload(payload) });
     return { ok: true, result: { queued: true, to: target.id } };
   }
@@ -160,7 +168,7 @@ export class ToolGate {
       } catch {
         json = undefined;
       }
-      return { ok: true, result: { status: res.status, headers: Object.fromEntries(res.headers), body: text, ...(json === undefined ? {} : { json }) } };
+      return { ok: true, result: { status: res.status, headers: Object.fromEntries([...res.headers].map(([k, v]) => [k, this.redact(v)])), body: text, ...(json === undefined ? {} : { json }) } };
     } catch (err) {
       return failed(this.redact(err instanceof Error ? err.message : String(err)));
     }

@@ -90,6 +90,7 @@ describe("compileSpec", () => {
       data_dir: ".fleet",
       max_concurrent_episodes: 8,
       synchronous: "full",
+      sandbox: "auto",
       drain_timeout_ms: 10_000,
     });
     expect(spec.broker).toEqual({

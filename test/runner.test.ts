@@ -1,0 +1,540 @@
+/**
+ * The episode runner with real subprocesses (small fixture agents in test/fixtures/unit),
+ * and the tool gate against local HTTP and OpenAI-style servers.
+ */
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { readdirSync, readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
+import { CHILD_ENV, defaultSpawnOptions, liveEpisodeGroups, runEpisode, type FailureKind, type RunLimits, type RunResult, type SpawnOptions, type ToolHandler } from "../gateway/runner.ts";
+import { compileSpec } from "../gateway/spec/load.ts";
+import type { FleetSpec } from "../gateway/spec/types.ts";
+import { ToolGate, type ToolEnv } from "../gateway/tools.ts";
+
+// Subprocess tests on a busy 2-core machine: generous bounds, no timing assertions.
+setDefaultTimeout(30_000);
+
+const FIXTURES = fileURLToPath(new URL("./fixtures/unit/", import.meta.url));
+const fixture = (name: string) => `${FIXTURES}${name}.ts`;
+
+const LIMITS: RunLimits = { timeoutMs: 20_000, memoryMb: 256, maxRecords: 10_000, maxRecordBytes: 8 * 1024 * 1024, maxOpenFiles: 256, maxProcesses: 4096 };
+const SPAWN: SpawnOptions = defaultSpawnOptions();
+
+type Start = Extract<ParentMessage, { t: "start" }>;
+
+function start(module: string, payload: unknown = { v: 1 }, over: Partial<Start> = {}): Start {
+  return {
+    t: "start",
+    episode: "0190f000-0000-7000-8000-000000000001",
+    agent: { type: "unit", key: "k1", id: "unit/k1" },
+    module: fixture(module),
+    config: { threshold: 80 },
+    state: null,
+    fresh: true,
+    stimulus: { id: "id:1", kind: "manual", payload, received_at: 1_700_000_000_000 },
+    replay: null,
+    limits: { max_records: 10_000, max_record_bytes: 8 * 1024 * 1024 },
+    ...over,
+  };
+}
+
+const noTools: ToolHandler = async () => ({ ok: false, result: { error: "denied", reason: "no tools in this test" } });
+
+/** Whether a process is gone (a zombie waiting for init counts as gone). */
+function gone(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return true;
+  }
+  try {
+    return /^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return true;
+  }
+}
+
+/** Every descendant pid of `pid`, read from /proc/<pid>/task/<tid>/children. */
+function descendantsOf(pid: number): number[] {
+  const out: number[] = [];
+  const queue = [pid];
+  while (queue.length > 0) {
+    const p = queue.shift()!;
+    let tasks: string[] = [];
+    try {
+      tasks = readdirSync(`/proc/${p}/task`);
+    } catch {
+      continue;
+    }
+    for (const t of tasks) {
+      let children = "";
+      try {
+        children = readFileSync(`/proc/${p}/task/${t}/children`, "utf8");
+      } catch {
+        // the task ended meanwhile
+      }
+      for (const c of children.split(" ").filter(Boolean).map(Number)) {
+        out.push(c);
+        queue.push(c);
+      }
+    }
+  }
+  return out;
+}
+
+/** Poll until `cond` holds; fails after `ms` (a bound, not a timing assertion). */
+async function waitUntil(cond: () => boolean, what: string, ms = 5000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await Bun.sleep(10);
+  }
+}
+
+/** Run an episode and report the subprocess pid it used (runEpisode registers it before its first await). */
+async function run(s: Start, limits: Partial<RunLimits> = {}, onTool: ToolHandler = noTools, spawn: SpawnOptions = SPAWN): Promise<RunResult & { pid: number }> {
+  const before = new Set(liveEpisodeGroups);
+  const pending = runEpisode(s, { ...LIMITS, ...limits }, onTool, spawn);
+  const pids = [...liveEpisodeGroups].filter((p) => !before.has(p));
+  expect(pids).toHaveLength(1);
+  const result = await pending;
+  return { ...result, pid: pids[0]! };
+}
+
+/** Expect a failed run of `kind` whose subprocess is gone. */
+function expectFailure(r: RunResult & { pid: number }, kind: FailureKind): Extract<RunResult, { ok: false }> {
+  if (r.ok) throw new Error(`expected a ${kind} failure, got success with state ${JSON.stringify(r.state)}`);
+  expect({ kind: r.kind, message: r.message }).toEqual({ kind, message: expect.any(String) });
+  expect(liveEpisodeGroups.has(r.pid)).toBe(false);
+  expect(() => process.kill(r.pid, 0)).toThrow();
+  return r;
+}
+
+const decisions = (records: readonly EpisodeRecord[]) => records.filter((r) => r.k === "decide");
+
+describe("runEpisode: success", () => {
+  test("returns the new state and the records in the order the agent wrote them", async () => {
+    const r = await run(start("records", { v: 42 }));
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    expect(r.state).toEqual({ count: 1, last: { v: 42 } });
+    expect(r.records.map((x) => x.k)).toEqual(["decide", "emit", "now", "random", "log"]);
+    const [decide, emit, now, random, log] = r.records as [
+      Extract<EpisodeRecord, { k: "decide" }>,
+      Extract<EpisodeRecord, { k: "emit" }>,
+      Extract<EpisodeRecord, { k: "now" }>,
+      Extract<EpisodeRecord, { k: "random" }>,
+      Extract<EpisodeRecord, { k: "log" }>,
+    ];
+    expect(decide).toEqual({ k: "decide", name: "saw", data: { id: "id:1", payload: { v: 42 } } });
+    expect(emit).toEqual({ k: "emit", data: { hello: "unit/k1" } });
+    expect(now.v).toBeNumber();
+    expect(random.v).toBeGreaterThanOrEqual(0);
+    expect(random.v).toBeLessThan(1);
+    // The log line carries the recorded now/random values, so the order is the call order.
+    expect(log).toEqual({ k: "log", level: "info", msg: `note ${JSON.stringify({ t: now.v, r: random.v })}` });
+    expect(liveEpisodeGroups.has(r.pid)).toBe(false);
+    expect(() => process.kill(r.pid, 0)).toThrow();
+  });
+
+  test("continues from the given state when the agent is not fresh", async () => {
+    const r = await run(start("records", "x", { fresh: false, state: { count: 41, last: null } }));
+    expect(r.ok && r.state).toEqual({ count: 42, last: "x" });
+  });
+
+  test("replay answers now() and random() from the recorded inputs", async () => {
+    const r = await run(start("records", 1, { replay: { now: [123], random: [0.25], tools: [] } }));
+    if (!r.ok) throw new Error(r.message);
+    expect(r.records.filter((x) => x.k === "now" || x.k === "random")).toEqual([
+      { k: "now", v: 123 },
+      { k: "random", v: 0.25 },
+    ]);
+  });
+});
+
+describe("runEpisode: tool calls", () => {
+  test("a tool call round-trips through the handler and is recorded with the handler's result", async () => {
+    const seen: { call: number; tool: string; args: readonly unknown[] }[] = [];
+    const r = await run(start("tool-caller", { tool: "publish", args: ["alerts/k1", { t: 90 }, { retain: true }] }), {}, async (call, tool, args) => {
+      seen.push({ call, tool, args });
+      return { ok: true, result: { queued: true, topic: "alerts/k1", echo: args[1] } };
+    });
+    if (!r.ok) throw new Error(r.message);
+    expect(seen).toEqual([{ call: 1, tool: "publish", args: ["alerts/k1", { t: 90 }, { retain: true }] }]);
+    expect(r.records).toEqual([
+      { k: "tool", call: 1, tool: "publish", args: ["alerts/k1", { t: 90 }, { retain: true }], ok: true, result: { queued: true, topic: "alerts/k1", echo: { t: 90 } } },
+      { k: "decide", name: "result", data: { queued: true, topic: "alerts/k1", echo: { t: 90 } } },
+    ]);
+  });
+
+  test("a denied tool surfaces in the agent as a catchable ToolDenied", async () => {
+    const r = await run(start("tool-caller", { tool: "http", args: ["http://example.invalid/"] }), {}, async () => ({
+      ok: false,
+      result: { error: "denied", reason: 'tool "http" is not in agents.unit.tools' },
+    }));
+    if (!r.ok) throw new Error(r.message);
+    expect(r.records[0]).toMatchObject({ k: "tool", tool: "http", ok: false, result: { error: "denied" } });
+    expect(decisions(r.records)).toEqual([{ k: "decide", name: "denied", data: { name: "ToolDenied", tool: "http", reason: 'tool "http" is not in agents.unit.tools' } }]);
+    expect(r.state).toEqual({ calls: 1 });
+  });
+
+  test("a failed tool surfaces as ToolFailed, and a handler that throws becomes a failed result", async () => {
+    const failed = await run(start("tool-caller", { tool: "llm", args: [{ prompt: "hi" }] }), {}, async () => ({ ok: false, result: { error: "failed", reason: "llm endpoint answered 503" } }));
+    expect(failed.ok && decisions(failed.records)).toEqual([{ k: "decide", name: "failed", data: { name: "ToolFailed", tool: "llm", reason: "llm endpoint answered 503" } }]);
+    const threw = await run(start("tool-caller", { tool: "llm", args: [{ prompt: "hi" }] }), {}, async () => {
+      throw new Error("handler bug");
+    });
+    if (!threw.ok) throw new Error(threw.message);
+    expect(decisions(threw.records)[0]).toMatchObject({ name: "failed", data: { name: "ToolFailed", reason: expect.stringContaining("handler bug") } });
+  });
+});
+
+/** The sandbox modes this machine supports: bubblewrap when it works here, and the plain uid drop. */
+const SANDBOXES = (["bwrap", "uid"] as const).flatMap((mode) => {
+  try {
+    return [[mode, defaultSpawnOptions(mode)] as const];
+  } catch {
+    return [];
+  }
+});
+
+describe.each(SANDBOXES)("runEpisode in sandbox %s: failures end the episode and leave no process behind", (_mode, spawn) => {
+  test("a throw fails with kind threw and the agent's message", async () => {
+    const r = expectFailure(await run(start("throws"), {}, noTools, spawn), "threw");
+    expect(r.message).toContain("sensor value out of range");
+  });
+
+  test("an infinite loop fails with kind timeout", async () => {
+    const r = expectFailure(await run(start("loops"), { timeoutMs: 500 }, noTools, spawn), "timeout");
+    expect(r.message).toContain("500 ms");
+  });
+
+  test("unbounded allocation fails with kind oom", async () => {
+    const r = expectFailure(await run(start("hog"), { memoryMb: 64 }, noTools, spawn), "oom");
+    expect(r.message.toLowerCase()).toMatch(/memory/);
+  });
+
+  test.if(spawn.prlimit !== null)("allocation stopped by the RLIMIT_DATA backstop (before the RSS watch looks) is still oom", async () => {
+    // An RSS watch that never gets to look: only prlimit --data can stop the agent.
+    const blind = { ...spawn, rssPollMs: 600_000 };
+    expectFailure(await run(start("fast-hog"), { memoryMb: 64 }, noTools, blind), "oom");
+  });
+
+  test("process.exit(3) fails with kind crashed and names the exit code", async () => {
+    const r = expectFailure(await run(start("exits"), {}, noTools, spawn), "crashed");
+    expect(r.message).toContain("code 3");
+  });
+
+  test("a module without a defineAgent default export fails with kind invalid_module", async () => {
+    const r = expectFailure(await run(start("no-agent"), {}, noTools, spawn), "invalid_module");
+    expect(r.message).toContain("defineAgent");
+  });
+
+  test("a module that does not exist fails with kind threw and names the module", async () => {
+    const r = expectFailure(await run(start("does-not-exist"), {}, noTools, spawn), "threw");
+    expect(r.message).toContain("does-not-exist");
+  });
+
+  test("a state that cannot become JSON (a BigInt) fails with a message about the state", async () => {
+    const r = await run(start("bigint-state"), {}, noTools, spawn);
+    if (r.ok) throw new Error("expected a failure");
+    expect(["threw", "invalid_state"]).toContain(r.kind);
+    expectFailure(r, r.kind);
+    expect(r.message).toMatch(/state/i);
+    expect(r.message).toMatch(/BigInt/);
+  });
+
+  test("an agent that calls ctx.log 100,000 times fails with kind flood", async () => {
+    const r = expectFailure(await run(start("flood"), {}, noTools, spawn), "flood");
+    expect(r.message).toContain("10000");
+  });
+
+  test("an agent that catches the flood error still fails with kind flood", async () => {
+    expectFailure(await run(start("flood", { swallow: true }), {}, noTools, spawn), "flood");
+  });
+
+  test("a process the agent started is killed with the episode", async () => {
+    let descendants: number[] = [];
+    let episodePid = 0;
+    const before = new Set(liveEpisodeGroups);
+    const r = await run(start("spawner"), {}, async () => {
+      // The agent has started its grandchild before this call: note the whole process tree now.
+      episodePid = [...liveEpisodeGroups].find((p) => !before.has(p)) ?? 0;
+      descendants = descendantsOf(episodePid);
+      return { ok: true, result: { queued: true } };
+    }, spawn);
+    expectFailure(r, "threw");
+    expect(episodePid).toBe(r.pid);
+    // At least the agent's own `sleep` below the subprocess (bubblewrap and prlimit add levels).
+    expect(descendants.length).toBeGreaterThanOrEqual(1);
+    await waitUntil(() => descendants.every(gone), "every process of the episode is gone");
+  });
+});
+
+describe.each(SANDBOXES)("runEpisode in sandbox %s: environment", (_mode, spawn) => {
+  test("the child environment is exactly CHILD_ENV, whatever the gateway's holds", async () => {
+    process.env.FLEET_TEST_SECRET = "must-not-leak";
+    try {
+      const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
+      if (!r.ok) throw new Error(r.message);
+      const seen = decisions(r.records)[0]!.data as { env: Record<string, string> };
+      expect(seen.env).toEqual({ ...CHILD_ENV });
+    } finally {
+      delete process.env.FLEET_TEST_SECRET;
+    }
+  });
+
+  test.if(process.getuid?.() === 0)("as root, the agent runs as nobody and cannot read the gateway's /proc/<pid>/environ", async () => {
+    const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
+    if (!r.ok) throw new Error(r.message);
+    const seen = decisions(r.records)[0]!.data as { gatewayEnv: string; uid: number };
+    expect(seen.uid).toBe(65534);
+    // EACCES when only the uid differs; ENOENT when a pid namespace hides the gateway altogether.
+    expect(["EACCES", "ENOENT"]).toContain(seen.gatewayEnv);
+  });
+});
+
+// ---- the tool gate ---------------------------------------------------------------------
+
+const SECRET = "s3cr3t-token-value";
+const LLM_KEY = "llm-key-value";
+
+interface Seen {
+  path: string;
+  headers: Record<string, string>;
+  body: string;
+}
+
+let server: ReturnType<typeof Bun.serve>;
+const seen: Seen[] = [];
+let spec: FleetSpec;
+let port = 0;
+
+beforeAll(async () => {
+  server = Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    async fetch(req) {
+      const url = new URL(req.url);
+      const body = await req.text();
+      seen.push({ path: url.pathname, headers: Object.fromEntries(req.headers), body });
+      if (url.pathname === "/v1/chat/completions") {
+        const r = JSON.parse(body) as { messages: { content: string }[] };
+        return Response.json({
+          id: "chatcmpl-1",
+          object: "chat.completion",
+          choices: [{ index: 0, message: { role: "assistant", content: `echo: ${r.messages.at(-1)?.content}` }, finish_reason: "stop" }],
+          usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 },
+        });
+      }
+      if (url.pathname === "/echo") {
+        const auth = req.headers.get("authorization") ?? "";
+        return Response.json({ auth, note: `token was ${auth}` }, { headers: { "x-echo": auth } });
+      }
+      if (url.pathname === "/redirect") return new Response(null, { status: 302, headers: { location: "http://example.invalid/steal" } });
+      return new Response("plain text", { status: 200 });
+    },
+  });
+  port = server.port!;
+  spec = (
+    await compileSpec(
+      `
+[llm]
+url = "http://127.0.0.1:${port}/v1"
+model = "tiny"
+api_key_env = "LLM_KEY"
+
+[agents.mon]
+module = "mon.ts"
+subscribe = ["s/+/t"]
+tools = ["publish", "send", "http", "llm"]
+publish = ["alerts/#", "ops/+/notice"]
+http_hosts = ["127.0.0.1:${port}"]
+secrets = ["API_TOKEN"]
+
+[agents.mon.budget]
+tool_calls_per_episode = 3
+tokens_per_day = 1000
+
+[agents.narrow]
+module = "narrow.ts"
+tools = ["publish"]
+`,
+      "/srv/fleet.toml",
+    )
+  ).spec;
+});
+
+afterAll(() => server?.stop(true));
+
+const ENV: ToolEnv = { secrets: { API_TOKEN: SECRET, OTHER_SECRET: "other-secret-value", LLM_KEY }, fetch };
+
+/** A fresh gate for one episode of `<type>/k1`. */
+function gate(type = "mon", tokensLeft = 1000): ToolGate {
+  return new ToolGate({ type, key: "k1", id: `${type}/k1` }, spec.agents[type]!, spec, ENV, tokensLeft);
+}
+
+describe("ToolGate: allowlist and budget", () => {
+  test("a tool outside the type's allowlist is denied", async () => {
+    const out = await gate("narrow").handle(1, "http", ["http://127.0.0.1/"]);
+    expect(out).toEqual({ ok: false, result: { error: "denied", reason: 'tool "http" is not in agents.narrow.tools' } });
+  });
+
+  test("calls past tool_calls_per_episode are denied", async () => {
+    const g = gate();
+    for (let i = 1; i <= 3; i++) expect((await g.handle(i, "publish", [`alerts/${i}`, i])).ok).toBe(true);
+    const fourth = await g.handle(4, "publish", ["alerts/4", 4]);
+    expect(fourth).toEqual({ ok: false, result: { error: "denied", reason: "budget tool_calls_per_episode (3) exhausted" } });
+    expect(g.publishes).toHaveLength(3);
+    expect(g.calls).toBe(4);
+  });
+});
+
+describe("ToolGate: publish", () => {
+  test.each([
+    ["its own fleet/agents/<type>/<key>/... topics", "fleet/agents/mon/k1/custom"],
+    ["a topic matching a publish pattern (#)", "alerts/boiler/high"],
+    ["a topic matching a publish pattern (+)", "ops/east/notice"],
+  ])("allows %s", async (_what, topic) => {
+    const g = gate();
+    expect(await g.handle(1, "publish", [topic, { t: 1 }])).toEqual({ ok: true, result: { queued: true, topic } });
+    expect(g.publishes).toEqual([{ topic, payload: '{"t":1}', qos: 1, retain: false }]);
+  });
+
+  test("keeps qos 0 and retain from the options", async () => {
+    const g = gate();
+    await g.handle(1, "publish", ["alerts/x", "raw text", { qos: 0, retain: true }]);
+    expect(g.publishes).toEqual([{ topic: "alerts/x", payload: "raw text", qos: 0, retain: true }]);
+  });
+
+  test.each([
+    ["a topic outside the publish patterns", "kitchen/toaster"],
+    ["a topic one level too deep for +", "ops/east/west/notice"],
+    ["another agent's topics", "fleet/agents/mon/k2/out"],
+    ["the gateway's own namespace", "fleet/episodes"],
+    ["a wildcard topic (#)", "alerts/#"],
+    ["a wildcard topic (+)", "alerts/+/high"],
+    ["a wildcard under its own topics", "fleet/agents/mon/k1/#"],
+    ["$SYS", "$SYS/broker/clients"],
+    ["an empty topic", ""],
+  ])("refuses %s", async (_what, topic) => {
+    const g = gate();
+    const out = await g.handle(1, "publish", [topic, 1]);
+    expect(out.ok).toBe(false);
+    expect(out.result).toMatchObject({ error: "denied" });
+    expect(g.publishes).toEqual([]);
+  });
+
+  test("refuses a topic that is not a string", async () => {
+    expect((await gate().handle(1, "publish", [42, 1])).ok).toBe(false);
+  });
+});
+
+describe("ToolGate: send", () => {
+  test("queues an inbox message for an agent of a known type", async () => {
+    const g = gate();
+    expect(await g.handle(1, "send", ["narrow/default", { hi: 1 }])).toEqual({ ok: true, result: { queued: true, to: "narrow/default" } });
+    expect(g.sends).toEqual([{ to: { type: "narrow", key: "default", id: "narrow/default" }, payload: '{"hi":1}' }]);
+  });
+
+  test("denies a send to an unknown type", async () => {
+    const g = gate();
+    expect(await g.handle(1, "send", ["ghost/x", 1])).toEqual({ ok: false, result: { error: "denied", reason: 'no agent type "ghost" in this fleet' } });
+    expect(g.sends).toEqual([]);
+  });
+
+  test("denies a send to something that is not an agent id", async () => {
+    expect((await gate().handle(1, "send", ["no-slash", 1])).ok).toBe(false);
+    expect((await gate().handle(1, "send", [{ id: "mon/k2" }, 1])).ok).toBe(false);
+  });
+});
+
+describe("ToolGate: http", () => {
+  test("denies a host that is not in http_hosts, without calling it", async () => {
+    const before = seen.length;
+    const out = await gate().handle(1, "http", [`http://localhost:${port}/plain`]);
+    expect(out).toEqual({ ok: false, result: { error: "denied", reason: `host localhost:${port} is not in agents.mon.http_hosts` } });
+    expect(seen.length).toBe(before);
+  });
+
+  test("denies schemes other than http and https", async () => {
+    expect((await gate().handle(1, "http", ["file:///etc/passwd"])).result).toMatchObject({ error: "denied" });
+  });
+
+  test("calls an allowed host and returns status, headers and body", async () => {
+    const out = await gate().handle(1, "http", [`http://127.0.0.1:${port}/plain`]);
+    expect(out).toMatchObject({ ok: true, result: { status: 200, body: "plain text" } });
+  });
+
+  test("injects a declared secret into headers and redacts it from what the agent gets back", async () => {
+    const before = seen.length;
+    const out = await gate().handle(1, "http", [`http://127.0.0.1:${port}/echo`, { headers: { authorization: "Bearer {{secret:API_TOKEN}}" } }]);
+    // The server received the real value...
+    expect(seen.slice(before).map((s) => s.headers.authorization)).toEqual([`Bearer ${SECRET}`]);
+    // ...the agent never sees it: not in the body, the parsed JSON, or the response headers.
+    if (!out.ok) throw new Error(JSON.stringify(out.result));
+    const result = out.result as { status: number; body: string; json: { auth: string }; headers: Record<string, string> };
+    expect(result.status).toBe(200);
+    expect(JSON.stringify(result)).not.toContain(SECRET);
+    expect(result.json.auth).toBe("Bearer [secret:API_TOKEN]");
+    expect(result.headers["x-echo"]).toBe("Bearer [secret:API_TOKEN]");
+  });
+
+  test("denies a secret the type did not declare, without calling the host", async () => {
+    const before = seen.length;
+    const out = await gate().handle(1, "http", [`http://127.0.0.1:${port}/echo`, { headers: { authorization: "Bearer {{secret:OTHER_SECRET}}" } }]);
+    expect(out).toEqual({ ok: false, result: { error: "denied", reason: "secret OTHER_SECRET is not in agents.mon.secrets" } });
+    expect(seen.length).toBe(before);
+  });
+
+  test("does not follow redirects (they could lead to a host outside the allowlist)", async () => {
+    const out = await gate().handle(1, "http", [`http://127.0.0.1:${port}/redirect`]);
+    expect(out).toMatchObject({ ok: true, result: { status: 302 } });
+  });
+});
+
+describe("ToolGate: llm", () => {
+  test("returns the completion text and meters usage.total_tokens", async () => {
+    const g = gate("mon", 1000);
+    const before = seen.length;
+    const out = await g.handle(1, "llm", [{ prompt: "is 91.5 C too hot?", max_tokens: 64 }]);
+    expect(out).toEqual({ ok: true, result: { text: "echo: is 91.5 C too hot?", usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 } } });
+    expect(g.tokens).toBe(12);
+    const req = seen.slice(before);
+    expect(req.map((s) => s.path)).toEqual(["/v1/chat/completions"]);
+    expect(JSON.parse(req[0]!.body)).toEqual({ model: "tiny", messages: [{ role: "user", content: "is 91.5 C too hot?" }], max_tokens: 64 });
+    expect(req[0]!.headers.authorization).toBe(`Bearer ${LLM_KEY}`);
+    await g.handle(2, "llm", [{ messages: [{ role: "user", content: "again" }] }]);
+    expect(g.tokens).toBe(24);
+  });
+
+  test("caps max_tokens at what is left of the day's budget", async () => {
+    const before = seen.length;
+    await gate("mon", 10).handle(1, "llm", [{ prompt: "hi", max_tokens: 512 }]);
+    expect(JSON.parse(seen[before]!.body).max_tokens).toBe(10);
+  });
+
+  test("is denied when no tokens are left, without calling the endpoint", async () => {
+    const before = seen.length;
+    const out = await gate("mon", 0).handle(1, "llm", [{ prompt: "hi" }]);
+    expect(out).toEqual({ ok: false, result: { error: "denied", reason: "budget tokens_per_day (1000) exhausted" } });
+    expect(seen.length).toBe(before);
+  });
+
+  test("is denied once this episode has used up what was left", async () => {
+    const g = gate("mon", 12);
+    expect((await g.handle(1, "llm", [{ prompt: "one" }])).ok).toBe(true);
+    expect(await g.handle(2, "llm", [{ prompt: "two" }])).toMatchObject({ ok: false, result: { error: "denied" } });
+  });
+});
+
+describe("runEpisode with the tool gate", () => {
+  test("an allowed publish is queued by the gate and recorded; a disallowed one is caught by the agent", async () => {
+    const g = gate();
+    const ok = await run(start("tool-caller", { tool: "publish", args: ["alerts/k1", { t: 95 }] }), {}, (c, t, a) => g.handle(c, t, a));
+    const denied = await run(start("tool-caller", { tool: "publish", args: ["kitchen/toaster", 1] }), {}, (c, t, a) => g.handle(c, t, a));
+    if (!ok.ok || !denied.ok) throw new Error("episodes should succeed");
+    expect(g.publishes).toEqual([{ topic: "alerts/k1", payload: '{"t":95}', qos: 1, retain: false }]);
+    expect(ok.records[0]).toMatchObject({ k: "tool", tool: "publish", ok: true, result: { queued: true, topic: "alerts/k1" } });
+    expect(decisions(denied.records)[0]).toMatchObject({ name: "denied", data: { name: "ToolDenied", reason: expect.stringContaining("agents.mon.publish") } });
+  });
+});

@@ -1,0 +1,338 @@
+/**
+ * The scheduler with an injected runTurn: per-agent serialism, the fleet-wide bound,
+ * round-robin fairness, waits, parking and waking, and idle().
+ */
+import { describe, expect, test } from "bun:test";
+import { Scheduler, type TurnResult } from "../gateway/scheduler.ts";
+
+/** Resolve after the current I/O turn: lets other turns interleave without using wall time. */
+const tick = () => new Promise<void>((r) => setImmediate(r));
+
+/** Poll `cond` until it holds; fails after `ms` (a bound, not a timing assertion). */
+async function waitFor(cond: () => boolean, what: string, ms = 3000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await Bun.sleep(1);
+  }
+}
+
+/**
+ * A fake fleet: per-agent queue lengths, and a runTurn that behaves like the episode
+ * executor (look at the head, run for a few ticks, report) while recording what it saw.
+ */
+class FakeFleet {
+  readonly queues = new Map<string, number>();
+  readonly turns: string[] = [];
+  readonly running = new Set<string>();
+  overlaps = 0;
+  maxRunning = 0;
+  /** Per-agent override of a turn's outcome, consulted before the queue. */
+  readonly script = new Map<string, (agent: string) => TurnResult | null>();
+  ticksPerTurn = 2;
+
+  constructor() {}
+
+  add(agent: string, n: number): void {
+    this.queues.set(agent, (this.queues.get(agent) ?? 0) + n);
+  }
+
+  get pending(): number {
+    let n = 0;
+    for (const q of this.queues.values()) n += q;
+    return n;
+  }
+
+  turnsOf(agent: string): number {
+    return this.turns.filter((a) => a === agent).length;
+  }
+
+  readonly runTurn = async (agent: string): Promise<TurnResult> => {
+    if (this.running.has(agent)) this.overlaps++;
+    this.running.add(agent);
+    this.maxRunning = Math.max(this.maxRunning, this.running.size);
+    this.turns.push(agent);
+    try {
+      const scripted = this.script.get(agent)?.(agent) ?? null;
+      for (let i = 0; i < this.ticksPerTurn; i++) await tick();
+      if (scripted) return scripted;
+      const q = this.queues.get(agent) ?? 0;
+      if (q === 0) return { kind: "empty" };
+      this.queues.set(agent, q - 1);
+      return { kind: "ran" };
+    } finally {
+      this.running.delete(agent);
+    }
+  };
+}
+
+function setup(maxConcurrent: number) {
+  const fleet = new FakeFleet();
+  const scheduler = new Scheduler({ maxConcurrent, runTurn: fleet.runTurn });
+  /** Queue `n` stimuli for `agent`, telling the scheduler like intake does. */
+  const enqueue = (agent: string, n = 1) => {
+    fleet.add(agent, n);
+    scheduler.enqueue(agent, n);
+  };
+  const drained = () => waitFor(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "all queues drained");
+  return { fleet, scheduler, enqueue, drained };
+}
+
+describe("scheduler", () => {
+  test("runs one episode at a time per agent", async () => {
+    const { fleet, enqueue, drained } = setup(4);
+    for (let i = 0; i < 20; i++) enqueue("a");
+    for (let i = 0; i < 5; i++) enqueue("b");
+    await drained();
+    expect(fleet.overlaps).toBe(0);
+    expect(fleet.turnsOf("a")).toBeGreaterThanOrEqual(20);
+    expect(fleet.maxRunning).toBe(2); // a and b together, never a twice
+  });
+
+  test("never runs more than maxConcurrent episodes across agents", async () => {
+    const { fleet, enqueue, drained } = setup(3);
+    for (let a = 0; a < 10; a++) enqueue(`agent-${a}`, 5);
+    await drained();
+    expect(fleet.maxRunning).toBe(3);
+    expect(fleet.overlaps).toBe(0);
+    for (let a = 0; a < 10; a++) expect(fleet.turnsOf(`agent-${a}`)).toBeGreaterThanOrEqual(5);
+  });
+
+  test.each([1, 2, 3])("round-robin: a quiet agent is not starved by a flooded one (maxConcurrent %i)", async (max) => {
+    const { fleet, enqueue, drained } = setup(max);
+    enqueue("flooded", 1000);
+    enqueue("quiet", 1);
+    await waitFor(() => fleet.turnsOf("quiet") > 0, "the quiet agent's first turn");
+    expect(fleet.turns.indexOf("quiet")).toBeLessThan(max + 1);
+    await drained();
+    expect(fleet.turnsOf("flooded")).toBeGreaterThanOrEqual(1000);
+  });
+
+  test("round-robin: an agent that arrives while others are busy gets a turn within maxConcurrent + 1 turns", async () => {
+    const max = 2;
+    const { fleet, enqueue, drained } = setup(max);
+    for (let i = 0; i < 300; i++) for (const a of ["f1", "f2", "f3"]) enqueue(a);
+    await waitFor(() => fleet.turns.length >= 50, "50 turns of the flooded agents");
+    const arrivedAt = fleet.turns.length;
+    enqueue("late", 1);
+    await waitFor(() => fleet.turnsOf("late") > 0, "the late agent's first turn");
+    expect(fleet.turns.indexOf("late") - arrivedAt).toBeLessThan(max + 1);
+    await drained();
+  });
+
+  test("a waiting agent is retried after its time passes, and does not hold up others", async () => {
+    const { fleet, scheduler, enqueue, drained } = setup(1);
+    let until = 0;
+    let retriedAt = 0;
+    fleet.script.set("backoff", () => {
+      if (until === 0) {
+        until = Date.now() + 40;
+        return { kind: "wait", until };
+      }
+      retriedAt ||= Date.now();
+      return null;
+    });
+    enqueue("backoff", 1);
+    enqueue("other", 3);
+    await drained();
+    expect(fleet.turnsOf("backoff")).toBeGreaterThanOrEqual(2);
+    // The retry started no earlier than it was allowed to.
+    expect(retriedAt).toBeGreaterThanOrEqual(until);
+    // The other agent got the slot as soon as backoff reported its wait.
+    expect(fleet.turns[1]).toBe("other");
+    expect(scheduler.active).toBe(0);
+  });
+
+  test("new stimuli for a waiting agent do not bypass its wait", async () => {
+    const { fleet, enqueue, drained } = setup(2);
+    let until = 0;
+    const startedAt: number[] = [];
+    fleet.script.set("w", () => {
+      startedAt.push(Date.now());
+      if (until === 0) {
+        until = Date.now() + 40;
+        return { kind: "wait", until };
+      }
+      return null;
+    });
+    enqueue("w", 1);
+    await waitFor(() => until > 0 && fleet.running.size === 0, "the first (waiting) turn");
+    enqueue("w", 2);
+    await drained();
+    expect(startedAt.slice(1).every((t) => t >= until)).toBe(true);
+  });
+
+  test("an agent whose wait has passed runs as soon as it is enqueued, and keeps going until its queue is empty", async () => {
+    let clock = 1_000_000;
+    const fleet = new FakeFleet();
+    const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: fleet.runTurn, now: () => clock });
+    let waited = false;
+    fleet.script.set("a", () => {
+      if (waited) return null;
+      waited = true;
+      return { kind: "wait", until: clock + 3_600_000 }; // its timer will not fire during this test
+    });
+    fleet.add("a", 1);
+    scheduler.enqueue("a");
+    await waitFor(() => waited && scheduler.active === 0, "the waiting turn");
+    clock += 7_200_000; // the wait is over on the injected clock
+    fleet.add("a", 3);
+    scheduler.enqueue("a", 3);
+    await waitFor(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "a drained without its timer");
+    scheduler.stop();
+  });
+
+  test("a parked agent does not run until wake()", async () => {
+    const { fleet, scheduler, enqueue, drained } = setup(2);
+    let paused = true;
+    fleet.script.set("p", () => (paused ? { kind: "parked" } : null));
+    enqueue("p", 2);
+    enqueue("other", 2);
+    await waitFor(() => fleet.turnsOf("p") === 1 && fleet.queues.get("other") === 0 && scheduler.active === 0, "p parked, other done");
+    // More stimuli for a parked agent are kept, not run.
+    enqueue("p", 1);
+    for (let i = 0; i < 50; i++) await tick();
+    await Bun.sleep(20);
+    expect(fleet.turnsOf("p")).toBe(1);
+    expect(fleet.queues.get("p")).toBe(3);
+    paused = false;
+    scheduler.wake("p");
+    await drained();
+    expect(fleet.queues.get("p")).toBe(0);
+  });
+
+  test("wake() of an agent with nothing queued costs one empty turn and drops it", async () => {
+    const { fleet, scheduler, drained } = setup(2);
+    scheduler.wake("idle-agent");
+    await drained();
+    expect(fleet.turns).toEqual(["idle-agent"]);
+    expect(scheduler.busyAgents).toBe(0);
+  });
+
+  test("a stimulus queued while a turn finds the queue empty still gets its turn", async () => {
+    const { fleet, scheduler, drained } = setup(2);
+    // The turn looks at an empty queue; intake commits a stimulus and tells the scheduler
+    // before that turn reports back "empty".
+    let raced = false;
+    fleet.script.set("a", () => {
+      if (raced) return null;
+      raced = true;
+      queueMicrotask(() => {
+        fleet.add("a", 1);
+        scheduler.enqueue("a", 1);
+      });
+      return { kind: "empty" };
+    });
+    scheduler.wake("a");
+    await drained();
+    expect(fleet.queues.get("a")).toBe(0);
+    expect(fleet.turnsOf("a")).toBeGreaterThanOrEqual(2);
+  });
+
+  test("a wake() that arrives while a turn parks the agent is not lost", async () => {
+    const { fleet, scheduler, enqueue, drained } = setup(2);
+    // The turn reads "paused"; the operator resumes (and wakes) before the turn reports back.
+    let paused = true;
+    fleet.script.set("r", () => {
+      if (!paused) return null;
+      queueMicrotask(() => {
+        paused = false;
+        scheduler.wake("r");
+      });
+      return { kind: "parked" };
+    });
+    enqueue("r", 1);
+    await drained();
+    expect(fleet.queues.get("r")).toBe(0);
+  });
+
+  test("a wake() that arrives while a turn decides to wait re-examines the agent at once", async () => {
+    const { fleet, scheduler, enqueue, drained } = setup(2);
+    let first = true;
+    fleet.script.set("q", () => {
+      if (!first) return null;
+      first = false;
+      queueMicrotask(() => scheduler.wake("q")); // e.g. an operator retries the stimulus now
+      return { kind: "wait", until: Date.now() + 3_600_000 };
+    });
+    enqueue("q", 1);
+    await drained();
+    expect(fleet.queues.get("q")).toBe(0);
+  });
+
+  test("a turn that throws is treated as a wait, not a crash of the scheduler", async () => {
+    const fleet = new FakeFleet();
+    let thrown = false;
+    const scheduler = new Scheduler({
+      maxConcurrent: 1,
+      runTurn: async (agent) => {
+        if (agent === "bad" && !thrown) {
+          thrown = true;
+          throw new Error("bug");
+        }
+        return fleet.runTurn(agent);
+      },
+    });
+    fleet.add("bad", 1);
+    fleet.add("good", 2);
+    scheduler.enqueue("bad");
+    scheduler.enqueue("good", 2);
+    await waitFor(() => fleet.queues.get("good") === 0, "good drained");
+    expect(thrown).toBe(true);
+    scheduler.stop();
+  });
+
+  test("idle() resolves at once when nothing runs", async () => {
+    const { scheduler } = setup(2);
+    await scheduler.idle();
+    expect(scheduler.active).toBe(0);
+  });
+
+  test("after stop(), idle() resolves when the running turns finish and no new turn starts", async () => {
+    const release: (() => void)[] = [];
+    const started: string[] = [];
+    const scheduler = new Scheduler({
+      maxConcurrent: 2,
+      runTurn: async (agent) => {
+        started.push(agent);
+        await new Promise<void>((r) => release.push(r));
+        return { kind: "ran" };
+      },
+    });
+    scheduler.enqueue("a", 5);
+    scheduler.enqueue("b", 5);
+    scheduler.enqueue("c", 5);
+    expect(scheduler.active).toBe(2);
+    scheduler.stop();
+    let idle = false;
+    const done = scheduler.idle().then(() => (idle = true));
+    await tick();
+    expect(idle).toBe(false);
+    for (const r of release.splice(0)) r();
+    await done;
+    expect(idle).toBe(true);
+    expect(scheduler.active).toBe(0);
+    for (let i = 0; i < 10; i++) await tick();
+    expect(started).toEqual(["a", "b"]);
+  });
+
+  test("setMaxConcurrent raises the bound and starts what now fits", async () => {
+    const release: (() => void)[] = [];
+    const scheduler = new Scheduler({
+      maxConcurrent: 1,
+      runTurn: async () => {
+        await new Promise<void>((r) => release.push(r));
+        return { kind: "empty" };
+      },
+    });
+    for (const a of ["a", "b", "c"]) scheduler.enqueue(a);
+    expect(scheduler.active).toBe(1);
+    scheduler.setMaxConcurrent(3);
+    expect(scheduler.active).toBe(3);
+    while (scheduler.active > 0 || release.length > 0) {
+      for (const r of release.splice(0)) r();
+      await tick();
+    }
+    await scheduler.idle();
+  });
+});

@@ -1,0 +1,579 @@
+/**
+ * The store against real libSQL files: the drizzle schema and the hand-written DDL agree,
+ * intake is idempotent per (agent, sid) across restarts, the group committer folds writes
+ * without letting one bad job sink the rest, an episode commits exactly once and whole,
+ * and a failure leaves the checkpoint chain alone.
+ */
+import { afterAll, afterEach, beforeEach, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { eq, getTableColumns, is } from "drizzle-orm";
+import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
+import { DDL } from "../gateway/store/migrate.ts";
+import { Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
+import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
+
+const root = mkdtempSync(join(tmpdir(), "fleet-store-test-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+let n = 0;
+/** A fresh database file path. */
+const freshPath = () => join(root, `t${++n}`, "fleet.db");
+const open = (path: string) => Store.open(path, { synchronous: "normal" });
+
+const T0 = 1_700_000_000_000;
+const HASH = (c: string) => c.repeat(64);
+
+/** A stimulus for `temp/<key>` with dedup id `sid`. */
+function stim(sid: string, key = "boiler-1", payload: unknown = { t: 80 }): NewStimulus {
+  return {
+    agent: `temp/${key}` as AgentId,
+    type: "temp",
+    key,
+    sid: sid as StimulusId,
+    kind: "mqtt",
+    topic: `sensors/${key}/temperature`,
+    payload: new TextEncoder().encode(JSON.stringify(payload)),
+    receivedAt: T0,
+  };
+}
+
+/** Record one new stimulus and return its queue seq. */
+async function intakeOne(store: Store, s: NewStimulus): Promise<number> {
+  const [outcome] = await store.intake([s]);
+  if (!outcome || outcome.seq === null) throw new Error(`stimulus ${s.sid} was not recorded`);
+  return outcome.seq;
+}
+
+/** The cause chain of an error as one string (drizzle wraps libSQL errors). */
+function describeError(err: unknown): string {
+  const parts: string[] = [];
+  for (let e: unknown = err, i = 0; e && i < 5; e = (e as { cause?: unknown }).cause, i++) parts.push(String((e as Error).message ?? e));
+  return parts.join(" <- ");
+}
+
+/** What `fn` rejected with (fails the test if it resolved). */
+async function rejection(fn: () => Promise<unknown>): Promise<unknown> {
+  try {
+    await fn();
+  } catch (err) {
+    return err;
+  }
+  throw new Error("expected a rejection");
+}
+
+// ---- schema.ts and migrate.ts agree ---------------------------------------------------
+
+/** One full row per table: every column set, and set away from its default. */
+const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
+  [tables.meta, { key: "k", value: "v" }],
+  [tables.specVersions, { hash: HASH("1"), gateway: "gw", path: "/srv/fleet.toml", text: "[fleet]\n", summary: "+temp", createdAt: T0 }],
+  [
+    tables.agents,
+    {
+      id: "temp/boiler-1",
+      type: "temp",
+      key: "boiler-1",
+      gateway: "gw",
+      status: "paused",
+      reason: "budget episodes_per_hour (1) reached",
+      pausedUntil: T0 + 3_600_000,
+      anchorSeq: 2,
+      anchorHash: HASH("9"),
+      headSeq: 4,
+      headHash: HASH("2"),
+      episodes: 9,
+      failures: 2,
+      lastEpisodeAt: T0 + 5,
+      createdAt: T0,
+      updatedAt: T0 + 6,
+    },
+  ],
+  [
+    tables.stimuli,
+    {
+      seq: 77,
+      gateway: "gw",
+      agent: "temp/boiler-1",
+      sid: "id:m-1",
+      kind: "webhook",
+      topic: "hooks/x",
+      payload: Buffer.from([0, 1, 2, 255]),
+      receivedAt: T0,
+      state: "quarantined",
+      attempts: 3,
+      notBefore: T0 + 1000,
+      lastError: "threw",
+      episode: "ep-1",
+      doneAt: T0 + 2000,
+    },
+  ],
+  [
+    tables.episodes,
+    {
+      id: "ep-1",
+      gateway: "gw",
+      agent: "temp/boiler-1",
+      stimulusSeq: 77,
+      stimulusId: "id:m-1",
+      specVersion: HASH("1"),
+      status: "failed",
+      errorKind: "timeout",
+      error: "episode exceeded 500 ms",
+      attempt: 2,
+      startedAt: T0,
+      endedAt: T0 + 500,
+      checkpoint: HASH("3"),
+      parent: HASH("2"),
+      eventsHash: HASH("4"),
+      eventCount: 3,
+    },
+  ],
+  [tables.events, { episode: "ep-1", seq: 2, kind: "decide", data: '{"k":"decide"}' }],
+  [
+    tables.checkpoints,
+    { hash: HASH("3"), gateway: "gw", agent: "temp/boiler-1", seq: 5, parent: HASH("2"), episode: "ep-1", specVersion: HASH("1"), state: '{"n":1}', createdAt: T0 },
+  ],
+  [tables.outbox, { id: 12, episode: "ep-1", seq: 0, topic: "alerts/x", payload: '{"t":90}', qos: 0, retain: true, createdAt: T0 }],
+  [tables.budgetUsage, { agent: "temp/boiler-1", window: "d:19675", episodes: 3, toolCalls: 7, tokens: 1234, cost: 1.5 }],
+];
+
+/** How a drizzle default appears in `PRAGMA table_info(...).dflt_value`. */
+function sqlDefault(value: unknown): string | null {
+  if (value === undefined) return null;
+  if (typeof value === "string") return `'${value.replaceAll("'", "''")}'`;
+  if (typeof value === "boolean") return value ? "1" : "0";
+  return String(value);
+}
+
+describe("schema.ts and migrate.ts agree", () => {
+  let store: Store;
+  beforeEach(async () => (store = await open(freshPath())));
+  afterEach(() => store.close());
+
+  test("the DDL creates exactly the tables the drizzle schema declares", async () => {
+    const rows = await store.client.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'libsql_%' AND name NOT LIKE '_litestream%'");
+    const inDb = rows.rows.map((r) => String(r.name)).sort();
+    const inSchema = FULL_ROWS.map(([table]) => getTableConfig(table).name).sort();
+    expect(inDb).toEqual(inSchema);
+    // Every table of schema.ts has a full row below.
+    expect(Object.values(tables).filter((v) => is(v, SQLiteTable)).length).toBe(FULL_ROWS.length);
+  });
+
+  test.each(FULL_ROWS.map(([table, row]) => [getTableConfig(table).name, table, row] as const))(
+    "%s: a full row round-trips through drizzle",
+    async (_name, table, row) => {
+      // The row names every column of the drizzle table, so nothing is left to a default.
+      expect(Object.keys(row).sort()).toEqual(Object.keys(getTableColumns(table)).sort());
+      await store.db.delete(table); // meta already holds the gateway id and schema version
+      await store.db.insert(table).values(row as never);
+      const back = await store.db.select().from(table).all();
+      expect(back).toEqual([row]);
+    },
+  );
+
+  test.each(FULL_ROWS.map(([table]) => [getTableConfig(table).name, table] as const))(
+    "%s: column names, types, NOT NULL, defaults and primary key match the DDL",
+    async (name, table) => {
+      const cfg = getTableConfig(table);
+      const info = (await store.client.execute(`PRAGMA table_info(${name})`)).rows;
+      const pkCols = new Set([...cfg.columns.filter((c) => c.primary).map((c) => c.name), ...cfg.primaryKeys.flatMap((pk) => pk.columns.map((c) => c.name))]);
+      const fromDrizzle = cfg.columns
+        .map((c) => ({ name: c.name, type: c.getSQLType().toLowerCase(), notnull: c.notNull && !pkCols.has(c.name), dflt: sqlDefault(c.default), pk: pkCols.has(c.name) }))
+        .sort((a, b) => a.name.localeCompare(b.name));
+      const fromDdl = info
+        .map((r) => ({
+          name: String(r.name),
+          type: String(r.type).toLowerCase(),
+          // SQLite reports NOT NULL = 0 for INTEGER PRIMARY KEY even though it can never be null.
+          notnull: Number(r.notnull) === 1 && Number(r.pk) === 0,
+          dflt: r.dflt_value === null ? null : String(r.dflt_value),
+          pk: Number(r.pk) > 0,
+        }))
+        .sort((a, b) => a.name.localeCompare(b.name));
+      expect(fromDdl).toEqual(fromDrizzle);
+    },
+  );
+
+  test.each(FULL_ROWS.map(([table]) => [getTableConfig(table).name, table] as const))("%s: indexes match the DDL", async (name, table) => {
+    const cfg = getTableConfig(table);
+    const fromDrizzle = cfg.indexes
+      .map((i) => ({ name: i.config.name, unique: i.config.unique === true, partial: i.config.where !== undefined, columns: i.config.columns.map((c) => (c as { name: string }).name) }))
+      .sort((a, b) => a.name.localeCompare(b.name));
+    const list = (await store.client.execute(`PRAGMA index_list(${name})`)).rows.filter((r) => r.origin === "c");
+    const fromDdl = [];
+    for (const r of list) {
+      const cols = (await store.client.execute(`PRAGMA index_info(${String(r.name)})`)).rows.map((c) => String(c.name));
+      fromDdl.push({ name: String(r.name), unique: Number(r.unique) === 1, partial: Number(r.partial) === 1, columns: cols });
+    }
+    fromDdl.sort((a, b) => a.name.localeCompare(b.name));
+    expect(fromDdl).toEqual(fromDrizzle);
+  });
+
+  test("the partial exactly-once index covers committed episodes only", () => {
+    const ddl = DDL.find((s) => s.includes("episodes_once"));
+    expect(ddl).toContain("WHERE status = 'committed'");
+  });
+
+  test("migrating an existing file again is harmless and keeps the gateway id", async () => {
+    const id = store.gatewayId;
+    const path = store.path;
+    await store.close();
+    store = await open(path);
+    expect(store.gatewayId).toBe(id);
+    expect(id).toMatch(/^[0-9a-f-]{36}$/);
+  });
+});
+
+// ---- intake --------------------------------------------------------------------------
+
+describe("intake", () => {
+  test("records a stimulus once per (agent, sid); a duplicate returns seq null", async () => {
+    const store = await open(freshPath());
+    try {
+      const [first] = await store.intake([stim("id:1")]);
+      expect(first).toEqual({ agent: "temp/boiler-1" as AgentId, sid: "id:1", seq: expect.any(Number) });
+      const [again] = await store.intake([stim("id:1", "boiler-1", { t: 99 })]);
+      expect(again!.seq).toBeNull();
+      // The same sid for another agent is a different stimulus.
+      const [other] = await store.intake([stim("id:1", "boiler-2")]);
+      expect(other!.seq).not.toBeNull();
+      const row = await store.findStimulus("temp/boiler-1", "id:1");
+      expect(JSON.parse(Buffer.from(row!.payload!).toString())).toEqual({ t: 80 }); // the first one wins
+      expect(row!.state).toBe("queued");
+      expect((await store.getAgent("temp/boiler-1"))?.status).toBe("active");
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a duplicate inside one intake call is recorded once", async () => {
+    const store = await open(freshPath());
+    try {
+      const out = await store.intake([stim("id:1"), stim("id:1"), stim("id:2")]);
+      expect(out.map((o) => o.seq === null)).toEqual([false, true, false]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a duplicate stimulus after a restart is not recorded again", async () => {
+    const path = freshPath();
+    const before = await open(path);
+    const [first] = await before.intake([stim("id:restart")]);
+    await before.close();
+    const after = await open(path);
+    try {
+      const [again] = await after.intake([stim("id:restart")]);
+      expect(first!.seq).not.toBeNull();
+      expect(again!.seq).toBeNull();
+      expect((await after.queuedSummary()).find((q) => q.agent === "temp/boiler-1")?.n).toBe(1);
+    } finally {
+      await after.close();
+    }
+  });
+
+  test("the queue is FIFO by seq per agent", async () => {
+    const store = await open(freshPath());
+    try {
+      await store.intake([stim("id:a"), stim("id:b"), stim("id:c", "boiler-2")]);
+      expect((await store.headOfQueue("temp/boiler-1"))?.sid).toBe("id:a");
+      expect((await store.headOfQueue("temp/boiler-2"))?.sid).toBe("id:c");
+      expect(await store.headOfQueue("temp/nobody")).toBeUndefined();
+    } finally {
+      await store.close();
+    }
+  });
+});
+
+// ---- group committer -----------------------------------------------------------------
+
+describe("group committer", () => {
+  test("folds 200 concurrent intakes into fewer commits, each durably recorded", async () => {
+    const store = await open(freshPath());
+    try {
+      const before = { ...store.writer.stats };
+      const pending = Array.from({ length: 200 }, (_, i) => store.intake([stim(`id:${i}`, `k${i % 10}`)]));
+      const outcomes = (await Promise.all(pending)).flat();
+      const commits = store.writer.stats.commits - before.commits;
+      expect(commits).toBeGreaterThanOrEqual(1);
+      expect(commits).toBeLessThan(200);
+      expect(store.writer.stats.jobs - before.jobs).toBe(200);
+      const seqs = outcomes.map((o) => o.seq);
+      expect(seqs.every((s) => typeof s === "number")).toBe(true);
+      expect(new Set(seqs).size).toBe(200);
+      const total = (await store.queuedSummary()).reduce((a, q) => a + q.n, 0);
+      expect(total).toBe(200);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a failing job does not sink the other jobs of its batch", async () => {
+    const store = await open(freshPath());
+    try {
+      await store.db.insert(tables.meta).values({ key: "taken", value: "1" });
+      const before = { ...store.writer.stats };
+      const good1 = store.intake([stim("id:g1")]);
+      // Primary-key violation, queued in the same turn as the good jobs.
+      const bad = store.writer.write([store.db.insert(tables.meta).values({ key: "taken", value: "2" })]);
+      const good2 = store.intake([stim("id:g2")]);
+      const good3 = store.writer.write([store.db.insert(tables.meta).values({ key: "fresh", value: "3" })]);
+      const badErr = await rejection(() => bad);
+      expect(describeError(badErr)).toMatch(/UNIQUE constraint failed: meta\.key/);
+      expect((await good1)[0]!.seq).not.toBeNull();
+      expect((await good2)[0]!.seq).not.toBeNull();
+      await good3;
+      // They really were one batch.
+      expect(store.writer.stats.commits - before.commits).toBe(1);
+      expect(store.writer.stats.jobs - before.jobs).toBe(4);
+      expect((await store.db.select().from(tables.meta).where(eq(tables.meta.key, "taken")).get())?.value).toBe("1");
+      expect((await store.db.select().from(tables.meta).where(eq(tables.meta.key, "fresh")).get())?.value).toBe("3");
+      expect(await store.findStimulus("temp/boiler-1", "id:g1")).toBeDefined();
+      expect(await store.findStimulus("temp/boiler-1", "id:g2")).toBeDefined();
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a job's statements commit together or not at all", async () => {
+    const store = await open(freshPath());
+    try {
+      await store.db.insert(tables.meta).values({ key: "taken", value: "1" });
+      const err = await rejection(() =>
+        store.writer.write([store.db.insert(tables.meta).values({ key: "first", value: "x" }), store.db.insert(tables.meta).values({ key: "taken", value: "y" })]),
+      );
+      expect(describeError(err)).toMatch(/UNIQUE/);
+      expect(await store.db.select().from(tables.meta).where(eq(tables.meta.key, "first")).get()).toBeUndefined();
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("close() waits for queued writes", async () => {
+    const path = freshPath();
+    const store = await open(path);
+    const pending = store.intake([stim("id:late")]);
+    await store.close();
+    expect((await pending)[0]!.seq).not.toBeNull();
+    const again = await open(path);
+    try {
+      expect(await again.findStimulus("temp/boiler-1", "id:late")).toBeDefined();
+    } finally {
+      await again.close();
+    }
+  });
+});
+
+// ---- episodes ------------------------------------------------------------------------
+
+const USAGE = { hourWindow: "h:1", dayWindow: "d:1", toolCalls: 2, tokens: 30, cost: 0.5 };
+
+/** A full episode commit for stimulus `seq`, sealing checkpoint `cpSeq` of temp/boiler-1. */
+function episodeCommit(episode: string, seq: number, sid: string, cpSeq: number, cpHash: string, parent: string | null): EpisodeCommit {
+  return {
+    episode: {
+      id: episode,
+      gateway: "gw",
+      agent: "temp/boiler-1",
+      stimulusSeq: seq,
+      stimulusId: sid,
+      specVersion: HASH("5"),
+      status: "committed",
+      attempt: 1,
+      startedAt: T0 + cpSeq * 10,
+      endedAt: T0 + cpSeq * 10 + 5,
+      checkpoint: cpHash,
+      parent,
+      eventsHash: HASH("6"),
+      eventCount: 2,
+    },
+    events: [
+      { episode, seq: 0, kind: "stimulus", data: "{}" },
+      { episode, seq: 1, kind: "end", data: '{"ok":true}' },
+    ],
+    checkpoint: { hash: cpHash, gateway: "gw", agent: "temp/boiler-1", seq: cpSeq, parent, episode, specVersion: HASH("5"), state: `{"n":${cpSeq}}`, createdAt: T0 },
+    outbox: [{ episode, seq: 0, topic: "fleet/agents/temp/boiler-1/out", payload: "{}", qos: 1, retain: false, createdAt: T0 }],
+    inbox: [
+      {
+        agent: "other/x" as AgentId,
+        type: "other",
+        key: "x",
+        sid: `inbox:${episode}:0` as StimulusId,
+        kind: "inbox",
+        topic: "fleet/agents/other/x/inbox",
+        payload: new TextEncoder().encode('{"hi":1}'),
+        receivedAt: T0,
+      },
+    ],
+    usage: USAGE,
+  };
+}
+
+/** Row counts that an episode commit touches, for "nothing partial" checks. */
+async function footprint(store: Store, episode: string) {
+  return {
+    episodes: (await store.db.select().from(tables.episodes).where(eq(tables.episodes.id, episode)).all()).length,
+    events: (await store.listEvents(episode)).length,
+    checkpoints: (await store.db.select().from(tables.checkpoints).where(eq(tables.checkpoints.episode, episode)).all()).length,
+    outbox: (await store.db.select().from(tables.outbox).where(eq(tables.outbox.episode, episode)).all()).length,
+    inbox: (await store.findStimulus("other/x", `inbox:${episode}:0`)) ? 1 : 0,
+  };
+}
+
+describe("commitEpisode", () => {
+  test("commits the whole episode: log, checkpoint, outbox, inbox, usage, dedup mark, agent head", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      await store.commitEpisode(episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null));
+      expect(await footprint(store, "ep-1")).toEqual({ episodes: 1, events: 2, checkpoints: 1, outbox: 1, inbox: 1 });
+      const agent = await store.getAgent("temp/boiler-1");
+      expect(agent).toMatchObject({ headSeq: 1, headHash: HASH("a"), episodes: 1 });
+      expect(await store.getStimulus(seq)).toMatchObject({ state: "done", episode: "ep-1", attempts: 1 });
+      expect(await store.getAgent("other/x")).toMatchObject({ type: "other", key: "x", status: "active" });
+      const usage = await store.usage("temp/boiler-1", ["h:1", "d:1"]);
+      expect(usage.map((u) => [u.window, u.episodes, u.toolCalls, u.tokens, u.cost]).sort()).toEqual([
+        ["d:1", 1, 2, 30, 0.5],
+        ["h:1", 1, 2, 30, 0.5],
+      ]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a second commit for the same stimulus is rejected by episodes_once and leaves no partial rows", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      await store.commitEpisode(episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null));
+      // A different episode id, checkpoint hash and chain position: only episodes_once can object.
+      const err = await rejection(() => store.commitEpisode(episodeCommit("ep-2", seq, "id:1", 2, HASH("b"), HASH("a"))));
+      expect(describeError(err)).toMatch(/UNIQUE constraint failed: episodes\.stimulus_seq/);
+      expect(await footprint(store, "ep-2")).toEqual({ episodes: 0, events: 0, checkpoints: 0, outbox: 0, inbox: 0 });
+      expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), episodes: 1 });
+      expect(await store.getStimulus(seq)).toMatchObject({ state: "done", episode: "ep-1" });
+      const usage = await store.usage("temp/boiler-1", ["h:1"]);
+      expect(usage[0]).toMatchObject({ episodes: 1, toolCalls: 2, tokens: 30 });
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("the exactly-once rule holds across a restart", async () => {
+    const path = freshPath();
+    const first = await open(path);
+    const seq = await intakeOne(first, stim("id:1"));
+    await first.commitEpisode(episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null));
+    await first.close();
+    const second = await open(path);
+    try {
+      await rejection(() => second.commitEpisode(episodeCommit("ep-2", seq, "id:1", 2, HASH("b"), HASH("a"))));
+      expect(await footprint(second, "ep-2")).toEqual({ episodes: 0, events: 0, checkpoints: 0, outbox: 0, inbox: 0 });
+    } finally {
+      await second.close();
+    }
+  });
+
+  test("failed attempts do not block the commit of the same stimulus", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      await store.recordFailure(episodeFailure("ep-f", seq, "id:1", 1, T0 + 1000));
+      await store.commitEpisode(episodeCommit("ep-ok", seq, "id:1", 1, HASH("a"), null));
+      expect((await store.listEpisodes("temp/boiler-1")).map((e) => e.status).sort()).toEqual(["committed", "failed"]);
+    } finally {
+      await store.close();
+    }
+  });
+});
+
+/** A failed attempt `attempt` for stimulus `seq`. */
+function episodeFailure(episode: string, seq: number, sid: string, attempt: number, retryAt: number | null): EpisodeFailure {
+  return {
+    episode: {
+      id: episode,
+      gateway: "gw",
+      agent: "temp/boiler-1",
+      stimulusSeq: seq,
+      stimulusId: sid,
+      specVersion: HASH("5"),
+      status: "failed",
+      errorKind: "threw",
+      error: `boom ${attempt}`,
+      attempt,
+      startedAt: T0 + attempt * 100,
+      endedAt: T0 + attempt * 100 + 7,
+      checkpoint: null,
+      parent: HASH("a"),
+      eventsHash: HASH("7"),
+      eventCount: 2,
+    },
+    events: [
+      { episode, seq: 0, kind: "stimulus", data: "{}" },
+      { episode, seq: 1, kind: "failure", data: '{"kind":"threw"}' },
+    ],
+    retryAt,
+    usage: { hourWindow: "h:1", dayWindow: "d:1", toolCalls: 1, tokens: 0, cost: 0 },
+  };
+}
+
+describe("recordFailure", () => {
+  /** A store where temp/boiler-1 has one committed checkpoint and stimulus `id:2` queued. */
+  async function withHistory() {
+    const store = await open(freshPath());
+    const s1 = await intakeOne(store, stim("id:1"));
+    await store.commitEpisode(episodeCommit("ep-1", s1, "id:1", 1, HASH("a"), null));
+    const s2 = await intakeOne(store, stim("id:2"));
+    const checkpoints = await store.listCheckpoints("temp/boiler-1");
+    return { store, s2, checkpoints };
+  }
+
+  test("schedules a retry: the stimulus stays queued with not_before, the checkpoints are untouched", async () => {
+    const { store, s2, checkpoints } = await withHistory();
+    try {
+      await store.recordFailure(episodeFailure("ep-f1", s2, "id:2", 1, T0 + 5000));
+      expect(await store.listCheckpoints("temp/boiler-1")).toEqual(checkpoints);
+      expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), episodes: 1, failures: 1 });
+      expect(await store.getStimulus(s2)).toMatchObject({ state: "queued", attempts: 1, notBefore: T0 + 5000, lastError: "boom 1", episode: null, doneAt: null });
+      expect((await store.headOfQueue("temp/boiler-1"))?.seq).toBe(s2);
+      expect(await store.getEpisode("ep-f1")).toMatchObject({ status: "failed", errorKind: "threw", checkpoint: null });
+      expect((await store.listEvents("ep-f1")).map((e) => e.kind)).toEqual(["stimulus", "failure"]);
+      // Failed attempts count against the budget too.
+      expect((await store.usage("temp/boiler-1", ["h:1"]))[0]).toMatchObject({ episodes: 2, toolCalls: 3 });
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("quarantines on the last attempt: the stimulus leaves the queue, the checkpoints are untouched", async () => {
+    const { store, s2, checkpoints } = await withHistory();
+    try {
+      await store.recordFailure(episodeFailure("ep-f1", s2, "id:2", 1, T0 + 5000));
+      await store.recordFailure(episodeFailure("ep-f2", s2, "id:2", 2, T0 + 9000));
+      await store.recordFailure(episodeFailure("ep-f3", s2, "id:2", 3, null));
+      expect(await store.listCheckpoints("temp/boiler-1")).toEqual(checkpoints);
+      expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), failures: 3 });
+      expect(await store.getStimulus(s2)).toMatchObject({ state: "quarantined", attempts: 3, lastError: "boom 3", episode: "ep-f3", doneAt: T0 + 307 });
+      expect(await store.headOfQueue("temp/boiler-1")).toBeUndefined();
+      expect((await store.listStimuli("quarantined")).map((s) => s.seq)).toEqual([s2]);
+      // A duplicate of a quarantined stimulus is still a duplicate.
+      expect((await store.intake([stim("id:2")]))[0]!.seq).toBeNull();
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a quarantined stimulus can be put back in its queue", async () => {
+    const { store, s2 } = await withHistory();
+    try {
+      await store.recordFailure(episodeFailure("ep-f3", s2, "id:2", 3, null));
+      await store.setStimulusState(s2, "queued");
+      expect(await store.getStimulus(s2)).toMatchObject({ state: "queued", attempts: 0, notBefore: 0 });
+      expect((await store.headOfQueue("temp/boiler-1"))?.seq).toBe(s2);
+    } finally {
+      await store.close();
+    }
+  });
+});
