@@ -87,14 +87,22 @@ export function createHooks(
       usernames.set(client, info.username);
       if (!state.intakeOpen) return done(connackError(SERVER_UNAVAILABLE, "broker is not accepting devices"), null);
       const hook = opts.authenticate;
-      if (info.username === null || !hook) {
-        if (opts.allowAnonymous) return done(null, true);
-        log.info({ client: info.id }, "connect refused: anonymous clients not allowed");
-        return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
+      const anonymous = info.username === null;
+      if (anonymous || !hook) {
+        if (!opts.allowAnonymous) {
+          log.info({ client: info.id }, "connect refused: anonymous clients not allowed");
+          return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
+        }
+        if (!hook) return done(null, true);
       }
+      // An allowed anonymous client is asked too, so the hook can keep it off a device's client id.
       hook.call(opts, info, password ? bytes(password) : null).then(
         (ok) => {
           if (ok) return done(null, true);
+          if (anonymous) {
+            log.info({ client: info.id }, "connect refused: anonymous client not authorized");
+            return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
+          }
           log.info({ client: info.id, username: info.username }, "connect refused: bad credentials");
           done(connackError(BAD_CREDENTIALS, "bad user name or password"), null);
         },

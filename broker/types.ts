@@ -35,8 +35,10 @@ export interface BrokerOptions {
   /** Called for each device publish that passed the topic rules and ACL, BEFORE the broker acks it. Must resolve once the message is durably recorded. */
   intake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict>;
   /**
-   * Optional device auth, asked for clients that present a username. Clients without one
-   * are decided by `allowAnonymous`; without this hook, `allowAnonymous` decides for all.
+   * Optional device auth, asked for clients that present a username (false -> CONNACK 4).
+   * Clients without one are refused when `allowAnonymous` is false; when it is true they are
+   * asked too, with `username: null` (false -> CONNACK 5), so a hook can keep anonymous
+   * clients off registered client ids. Without this hook, `allowAnonymous` decides for all.
    */
   authenticate?(client: ClientInfo, password: Uint8Array | null): Promise<boolean>;
   /** Optional per-client publish ACL; default allow (the device topic rules always apply first). */

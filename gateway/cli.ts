@@ -18,6 +18,8 @@ import { createLogger } from "./log.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "./replay.ts";
 import { defaultSpawnOptions } from "./runner.ts";
 import { gcAll, type GcReport } from "./gc.ts";
+import { DEVICE_USAGE, deviceCommand, quarantineCommand, type CliContext } from "./cli-devices.ts";
+import { DevicesError } from "./devices.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
 
@@ -33,6 +35,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   gc [--dry-run] [--now MS]   apply retention now (checkpoint.keep, episodes_days, dedup_days)
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
+${DEVICE_USAGE}
 
   Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR)`;
 
@@ -54,6 +57,9 @@ const { values: flags, positionals } = parseArgs({
     module: { type: "string" },
     "dry-run": { type: "boolean", default: false },
     now: { type: "string" },
+    publish: { type: "string", multiple: true },
+    subscribe: { type: "string", multiple: true },
+    "client-id": { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 });
@@ -146,7 +152,9 @@ async function cmdAgents(): Promise<number> {
   const store = await openReadonly();
   const limit = Number(flags.limit ?? 100);
   const page = Number(flags.page ?? 1);
-  const { rows, total } = await store.listAgents({ type: flags.type, status: flags.status, limit, offset: (page - 1) * limit });
+  // Agents show as `idle`; the store calls that `active`.
+  const status = flags.status === "idle" ? "active" : flags.status;
+  const { rows, total } = await store.listAgents({ type: flags.type, status, limit, offset: (page - 1) * limit });
   const views = rows.map((a) => agentView(a, 0));
   print({ agents: views, total, page, limit }, () => `${table(views.map((v) => ({ ...v, checkpoint: v.checkpoint?.slice(0, 12) ?? null, last_episode: when(v.last_episode_at) })), ["id", "status", "episodes", "failures", "seq", "checkpoint", "last_episode", "reason"])}\n${total} agent(s)`);
   return 0;
@@ -254,6 +262,11 @@ async function cmdLifecycle(action: "pause" | "resume" | "retire", agent: string
     console.error(`no agent ${a.id}`);
     return 1;
   }
+  if (row.status === "retired" && action !== "retire") {
+    await store.close();
+    console.error(`${a.id} is retired`);
+    return 1;
+  }
   const status = action === "pause" ? "paused" : action === "resume" ? "active" : "retired";
   await store.setAgentStatus(a.id, status, action === "resume" ? null : `${action}d by operator`);
   await store.close();
@@ -326,6 +339,12 @@ async function main(): Promise<number> {
       return cmdSend(a1, a2);
     case "validate":
       return cmdValidate(a1);
+    case "device":
+    case "quarantine": {
+      const ctx: CliContext = { json: flags.json, configPath: configPath(), dataDir, running };
+      if (cmd === "quarantine") return quarantineCommand(positionals.slice(1), Number(flags.limit ?? 100), ctx);
+      return deviceCommand(positionals.slice(1), { publish: flags.publish, subscribe: flags.subscribe, clientId: flags["client-id"] }, ctx);
+    }
     default:
       throw new UsageError(`unknown command "${cmd}"`);
   }
@@ -342,6 +361,10 @@ main().then(
     }
     if (err instanceof SpecError) {
       console.error(`fleet: invalid fleet spec: ${err.message}`);
+      process.exit(1);
+    }
+    if (err instanceof DevicesError) {
+      console.error(`fleet: invalid devices file: ${err.message}`);
       process.exit(1);
     }
     console.error(`fleet: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);

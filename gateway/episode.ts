@@ -178,7 +178,7 @@ export class EpisodeExecutor {
       });
       log.warn({ kind: result.kind, attempt, quarantined: quarantine }, `episode failed (${result.kind}): ${result.message.split("\n")[0]}`);
       this.d.events.emit("episode", { episode, agent: agentId, stimulus: head.sid, status: "failed", kind: result.kind, checkpoint: agent.headHash, ms: result.ms, type: agent.type, quarantined: quarantine });
-      this.d.events.emit("status", { agent: agentId, status: "idle", checkpoint: agent.headHash, reason: `last episode failed: ${result.kind}` });
+      await this.emitSettled(agentId, agent.headHash, `last episode failed: ${result.kind}`);
       return retryAt === null ? { kind: "ran" } : { kind: "wait", until: retryAt };
     }
 
@@ -215,9 +215,22 @@ export class EpisodeExecutor {
     });
     log.debug({ ms: Math.round(result.ms), checkpoint: hash }, "episode committed");
     this.d.events.emit("episode", { episode, agent: agentId, stimulus: head.sid, status: "committed", checkpoint: hash, ms: result.ms, type: agent.type, quarantined: false });
-    this.d.events.emit("status", { agent: agentId, status: "idle", checkpoint: hash });
+    await this.emitSettled(agentId, hash);
     for (const s of inbox) this.d.events.emit("queued", { agent: s.agent });
     return { kind: "ran" };
+  }
+
+  /**
+   * The status after an episode: idle, unless an operator paused or retired the agent while
+   * it ran (the retained status topic must not overwrite that with "idle").
+   */
+  private async emitSettled(agentId: string, checkpoint: string | null, reason?: string): Promise<void> {
+    const now = await this.d.store.getAgent(agentId);
+    if (now && now.status !== "active") {
+      this.d.events.emit("status", { agent: agentId, status: now.status, ...(now.reason ? { reason: now.reason } : {}), checkpoint });
+      return;
+    }
+    this.d.events.emit("status", { agent: agentId, status: "idle", checkpoint, ...(reason ? { reason } : {}) });
   }
 
   private async overBudget(agent: AgentRow, win: ReturnType<typeof budgetWindows>): Promise<{ budget: string; reason: string; until: number } | null> {

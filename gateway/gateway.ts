@@ -20,10 +20,12 @@ import { defaultSpawnOptions, describeSandbox, killAllEpisodes, liveEpisodeGroup
 import { topics } from "./protocol.ts";
 import { agentId, parseAgentId } from "./types.ts";
 import { startHttp, type HttpServer } from "./http.ts";
+import { FleetMetrics } from "./metrics.ts";
 import { Timers } from "./timers.ts";
 import { gcAll, gcPass, gcTotal, type GcReport } from "./gc.ts";
 import { diffSpecs, SpecWatcher } from "./reload.ts";
 import { SpecError } from "./spec/types.ts";
+import { DeviceRegistry, deviceBrokerHooks } from "./devices.ts";
 import type { StimulusId } from "./types.ts";
 
 /** How to start a gateway. Flags override fleet.toml (SPEC §2). */
@@ -69,6 +71,8 @@ export class Gateway {
   private reloading: Promise<void> = Promise.resolve();
   /** Last spec reload error, shown by status and /api/fleet. */
   specError: string | null = null;
+  /** Prometheus registry and rolling rates of this gateway (/metrics, fleet/health). */
+  metrics!: FleetMetrics;
   private readonly now: () => number;
   /** How episodes are spawned and isolated. */
   spawnOptions!: SpawnOptions;
@@ -93,6 +97,7 @@ export class Gateway {
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
     mkdirSync(this.dataDir, { recursive: true });
     this.store = await Store.open(join(this.dataDir, "fleet.db"), { synchronous: spec.fleet.synchronous });
+    this.metrics = new FleetMetrics(this, { now: this.now });
     await this.store.saveSpecVersion({ hash: this.current.hash, path: this.current.path, text: this.current.text, summary: "loaded at start", at: this.now() });
     await this.deployInstances();
 
@@ -104,7 +109,7 @@ export class Gateway {
       store: this.store,
       spec: () => this.current,
       spawn: this.spawnOptions,
-      toolEnv: { secrets: this.opts.secrets ?? process.env, fetch },
+      toolEnv: { secrets: this.opts.secrets ?? process.env, fetch, isRetired: (a) => this.retired.has(a) },
       events: this.events,
       log: this.log,
       now: this.now,
@@ -138,6 +143,8 @@ export class Gateway {
       wsPort: spec.broker.ws_port,
       maxPacketBytes: spec.broker.max_packet_bytes,
       allowAnonymous: spec.broker.allow_anonymous,
+      // Device credentials + topic ACLs from the devices file (re-read when it changes).
+      ...(spec.broker.devices_file ? deviceBrokerHooks(new DeviceRegistry(spec.broker.devices_file, { log: this.log.child({ mod: "devices" }) })) : {}),
       intake: (msg) => (this.state === "running" ? this.intake.mqtt(msg) : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` })),
       logger: this.log.child({ mod: "broker" }),
     });
@@ -308,6 +315,8 @@ export class Gateway {
     const agent = await this.store.getAgent(id);
     if (!agent) return { ok: false, reason: `no agent ${id}` };
     if (action === "pause") {
+      // Pausing must not bring a retired agent back (resume would then reactivate it).
+      if (agent.status === "retired") return { ok: false, reason: `${id} is retired` };
       await this.store.setAgentStatus(id, "paused", "paused by operator");
       this.events.emit("status", { agent: id, status: "paused", reason: "paused by operator" });
     } else if (action === "resume") {
@@ -394,6 +403,7 @@ export class Gateway {
       queued_stimuli: queued,
       lag_ms: Number.isFinite(oldest) ? Math.max(0, this.now() - oldest) : 0,
       broker: this.broker.stats(),
+      ...(await this.metrics.healthSummary()),
     };
   }
 

@@ -5,8 +5,9 @@
 import type { Gateway } from "./gateway.ts";
 import { agentId } from "./types.ts";
 import type { StimulusId } from "./types.ts";
-import { agentView, episodeView } from "./views.ts";
 import { handleHook } from "./hooks.ts";
+import { quarantineRoutes } from "./http-quarantine.ts";
+import { agentDetail, agentEpisodes, episodeDetail, listAgents, observeRoutes } from "./observe.ts";
 
 /** A started HTTP server. */
 export interface HttpServer {
@@ -38,18 +39,9 @@ async function readJson(req: Request, cap = MAX_API_BODY): Promise<{ ok: true; v
   }
 }
 
-function intParam(url: URL, name: string, dflt: number, max: number): number {
-  const v = Number(url.searchParams.get(name) ?? dflt);
-  return Number.isFinite(v) && v >= 0 ? Math.min(Math.floor(v), max) : dflt;
-}
-
 /** Start the HTTP server of a gateway. */
 export function startHttp(gw: Gateway, opts: { host: string; port: number }): HttpServer {
-  const agentOr404 = async (type: string, key: string) => {
-    const id = agentId(type, key);
-    return id ? ((await gw.store.getAgent(id)) ?? null) : null;
-  };
-
+  const observe = observeRoutes(gw);
   const server = Bun.serve({
     hostname: opts.host,
     port: opts.port,
@@ -57,33 +49,10 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
       "/healthz": () => json({ ok: true }),
       "/readyz": () => (gw.state === "running" ? json({ ready: true, state: gw.state }) : json({ ready: false, state: gw.state }, 503)),
       "/api/fleet": async () => json(await gw.health()),
-      "/api/agents": async (req) => {
-        const url = new URL(req.url);
-        const limit = intParam(url, "limit", 50, 1000);
-        const page = intParam(url, "page", 1, 1_000_000) || 1;
-        const { rows, total } = await gw.store.listAgents({
-          type: url.searchParams.get("type") ?? undefined,
-          status: url.searchParams.get("status") ?? undefined,
-          q: url.searchParams.get("q") ?? undefined,
-          limit,
-          offset: (page - 1) * limit,
-        });
-        return json({ agents: rows.map((a) => agentView(a, gw.queued(a.id))), total, page, limit });
-      },
-      "/api/agents/:type/:key": async (req) => {
-        const a = await agentOr404(req.params.type, req.params.key);
-        if (!a) return httpError(404, "not_found", `no agent ${req.params.type}/${req.params.key}`);
-        const checkpoints = await gw.store.listCheckpoints(a.id, 1_000_000);
-        return json({ ...agentView(a, gw.queued(a.id)), checkpoints: checkpoints.slice(-20).reverse().map((c) => ({ hash: c.hash, seq: c.seq, parent: c.parent, episode: c.episode, spec_version: c.specVersion, collected: c.state === null, created_at: c.createdAt })) });
-      },
-      "/api/agents/:type/:key/episodes": async (req) => {
-        const a = await agentOr404(req.params.type, req.params.key);
-        if (!a) return httpError(404, "not_found", `no agent ${req.params.type}/${req.params.key}`);
-        const url = new URL(req.url);
-        const before = url.searchParams.get("before");
-        const rows = await gw.store.listEpisodes(a.id, intParam(url, "limit", 50, 1000), before ? Number(before) : undefined);
-        return json({ episodes: rows.map(episodeView) });
-      },
+      // Paging, filters and strict query parsing live in observe.ts.
+      "/api/agents": (req) => listAgents(gw, req),
+      "/api/agents/:type/:key": (req) => agentDetail(gw, req.params.type, req.params.key),
+      "/api/agents/:type/:key/episodes": (req) => agentEpisodes(gw, req.params.type, req.params.key, req),
       "/api/agents/:type/:key/:action": {
         POST: async (req) => {
           const action = req.params.action;
@@ -92,15 +61,11 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
           const id = agentId(req.params.type, req.params.key);
           if (!id) return httpError(400, "bad_agent", "invalid agent id");
           const r = await gw.setLifecycle(id, action);
-          return r.ok ? json({ ok: true, agent: id, action }) : httpError(404, "not_found", r.reason);
+          if (r.ok) return json({ ok: true, agent: id, action });
+          return r.reason.startsWith("no agent") ? httpError(404, "not_found", r.reason) : httpError(409, "conflict", r.reason);
         },
       },
-      "/api/episodes/:id": async (req) => {
-        const ep = await gw.store.getEpisode(req.params.id);
-        if (!ep) return httpError(404, "not_found", `no episode ${req.params.id}`);
-        const events = await gw.store.listEvents(ep.id);
-        return json({ ...episodeView(ep), events: events.map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) })) });
-      },
+      "/api/episodes/:id": (req) => episodeDetail(gw, req.params.id),
       "/hooks/:name": {
         POST: (req) => handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.opts.secrets ?? process.env }, req.params.name, req),
       },
@@ -111,6 +76,8 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
           return json(await gw.gc({ dryRun: url.searchParams.get("dry_run") === "1", now: now ? Number(now) : undefined }));
         },
       },
+      ...quarantineRoutes(gw),
+      ...observe.routes,
       "/api/send": {
         // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.
         POST: async (req) => {
@@ -123,6 +90,10 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
           const payload = new TextEncoder().encode(typeof v.payload === "string" ? v.payload : JSON.stringify(v.payload ?? null));
           const explicit = typeof v.id === "string" && v.id ? (`id:${v.id}` as StimulusId) : null;
           const report = await gw.intake.record(route.targets, route.inbox ? "inbox" : "manual", v.topic, payload, explicit);
+          // Every target refused (retired, queue full): not a success, so `fleet send` exits non-zero.
+          if (report.accepted.length + report.duplicates.length === 0) {
+            return json({ ...report, error: { code: "refused", message: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ") } }, 409);
+          }
           return json(report, report.accepted.length > 0 ? 202 : 200);
         },
       },
@@ -130,7 +101,13 @@ export function startHttp(gw: Gateway, opts: { host: string; port: number }): Ht
     fetch: () => httpError(404, "not_found", "no such endpoint"),
     error: (err) => httpError(500, "internal", err.message),
   });
-  return { port: server.port ?? opts.port, stop: () => void server.stop(true) };
+  return {
+    port: server.port ?? opts.port,
+    stop: () => {
+      observe.close();
+      void server.stop(true);
+    },
+  };
 }
 
 /** `POST /api/agents/<type>/<key>/stimuli`: a manual stimulus (body = payload JSON; `Idempotency-Key` dedups). */

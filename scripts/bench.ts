@@ -1,0 +1,108 @@
+/**
+ * `bun run bench`: the gateway against baselines measured in the same run, so the ratios
+ * hold on any machine.
+ *
+ *   bun scripts/bench.ts [intake] [episodes] [latency] [agents] [--quick] [--json FILE]
+ *     [--window N] [--all-episodes]
+ *
+ *   intake    QoS 1 stimuli/s accepted durably vs bare aedes           (target >= 0.5x)
+ *   episodes  episodes/s, fresh subprocess each, vs bare Bun.spawn+IPC  (target >= 0.7x)
+ *   latency   stimulus -> out p50/p99 vs the bare spawn round trip     (target p50 <= +5 ms)
+ *   agents    gateway RSS with 10,000 agents vs idle; no subprocess left behind
+ *
+ * Progress goes to stderr; stdout gets one table per section, the summary, and (unless
+ * --json FILE is given) the results as JSON on its last line. Exit code 0 even when a
+ * target is missed (it is a measurement, not a test); 1 when a section could not run.
+ */
+import { parseArgs } from "node:util";
+import { writeFileSync } from "node:fs";
+import { cpus } from "node:os";
+import { benchAgents } from "./bench/agents.ts";
+import { benchEpisodes, benchLatency } from "./bench/episodes.ts";
+import { cleanupAll, rowCells, table, type BenchOptions, type Row } from "./bench/harness.ts";
+import { benchIntake } from "./bench/intake.ts";
+
+const SECTIONS = ["intake", "episodes", "latency", "agents"] as const;
+type Section = (typeof SECTIONS)[number];
+
+const { values: flags, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    quick: { type: "boolean", default: false },
+    json: { type: "string" },
+    window: { type: "string", default: "1000" },
+    "all-episodes": { type: "boolean", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  },
+});
+
+if (flags.help) {
+  console.log("usage: bun scripts/bench.ts [intake] [episodes] [latency] [agents] [--quick] [--json FILE] [--window N] [--all-episodes]");
+  process.exit(0);
+}
+const unknown = positionals.filter((p) => !(SECTIONS as readonly string[]).includes(p));
+if (unknown.length > 0) {
+  console.error(`bench: unknown section(s) ${unknown.join(", ")}; choose from ${SECTIONS.join(", ")}`);
+  process.exit(2);
+}
+const chosen: Section[] = positionals.length > 0 ? SECTIONS.filter((s) => positionals.includes(s)) : [...SECTIONS];
+
+const started = performance.now();
+const elapsed = () => `${((performance.now() - started) / 1000).toFixed(1)}s`;
+const opts: BenchOptions & { allEpisodes: boolean } = {
+  quick: flags.quick,
+  window: Math.max(1, Number(flags.window) || 1000),
+  allEpisodes: flags["all-episodes"],
+  log: (line) => console.error(`[${elapsed()}] ${line}`),
+};
+
+const run: Record<Section, () => Promise<Row[]>> = {
+  intake: () => benchIntake(opts),
+  episodes: () => benchEpisodes(opts),
+  latency: () => benchLatency(opts),
+  agents: () => benchAgents(opts),
+};
+
+let interrupted = false;
+for (const sig of ["SIGINT", "SIGTERM"] as const) {
+  process.on(sig, () => {
+    if (interrupted) return;
+    interrupted = true;
+    console.error(`bench: ${sig}, cleaning up`);
+    void cleanupAll().finally(() => process.exit(130));
+  });
+}
+
+const HEAD = ["metric", "gateway", "baseline", "ratio", "target", "ok"];
+const rows: Row[] = [];
+const errors: { section: Section; error: string }[] = [];
+for (const section of chosen) {
+  try {
+    const got = await run[section]();
+    rows.push(...got);
+    console.log(`\n## ${section}\n${table(HEAD, got.map(rowCells))}`);
+    for (const r of got.filter((r) => r.note)) console.log(`  ${r.metric}: ${r.note}`);
+  } catch (err) {
+    const error = err instanceof Error ? err.message : String(err);
+    errors.push({ section, error });
+    console.log(`\n## ${section}\nFAILED: ${error}`);
+  } finally {
+    await cleanupAll();
+  }
+}
+
+console.log(`\n## summary (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ${Bun.version}, ${elapsed()})\n${table(HEAD, rows.map(rowCells))}`);
+for (const e of errors) console.log(`FAILED ${e.section}: ${e.error}`);
+
+const result = {
+  quick: flags.quick,
+  sections: chosen,
+  machine: { cpus: cpus().length, bun: Bun.version, platform: process.platform },
+  seconds: Number(((performance.now() - started) / 1000).toFixed(1)),
+  rows,
+  errors,
+};
+if (flags.json) writeFileSync(flags.json, JSON.stringify(result, null, 2) + "\n");
+else console.log(JSON.stringify(result));
+// Idle keep-alive sockets (fetch, mqtt.js) would hold the process open for a while.
+process.exit(errors.length > 0 ? 1 : 0);

@@ -1,0 +1,91 @@
+/**
+ * The episode baseline: `Bun.spawn` of a tiny child + one IPC round trip + exit, with no
+ * gateway around it. Two variants:
+ *  - plain:   `bun bare-child.ts`, minimal env, pipes ignored;
+ *  - wrapped: what the gateway's runner does to every episode (gateway/runner.ts, with its
+ *             `defaultSpawnOptions()`): bubblewrap when it works here, prlimit
+ *             (RLIMIT_DATA/NOFILE/NPROC), uid/gid 65534 when root, its own process group,
+ *             cwd "/", the runner's child env, stderr piped and drained.
+ * Both are ended the way the runner ends an episode: SIGKILL on the reply, then await exit.
+ */
+import { join } from "node:path";
+import { CHILD_ENV, defaultSpawnOptions } from "../../gateway/runner.ts";
+import { ROOT, defer, killPid } from "./harness.ts";
+
+const CHILD = join(ROOT, "scripts/bench/bare-child.ts");
+/** Matches the bench fleet's memory_mb (128) plus the runner's 384 MB runtime allowance. */
+const DATA_BYTES = (128 + 384) * 1024 * 1024;
+
+/** Mirrors BWRAP_ARGS in gateway/runner.ts (not exported there); keep the two in step. */
+const BWRAP_ARGS = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent"];
+
+/** Which baseline. */
+export type BareVariant = "plain" | "wrapped";
+
+/** What `wrapped` adds on this machine, for the report. */
+export function wrappingNote(): string {
+  const s = defaultSpawnOptions();
+  const parts = [s.bwrap ? "bwrap" : "no bwrap", s.prlimit ? "prlimit" : "no prlimit", s.uid !== null ? `uid ${s.uid}` : "same uid", "own pgid", "stderr pipe"];
+  return parts.join(", ");
+}
+
+const live = new Set<number>();
+defer(() => {
+  for (const pid of live) killPid(pid);
+});
+
+/** One spawn + ready + request/reply + kill + exit; resolves with its duration in ms. */
+export async function bareOnce(variant: BareVariant): Promise<number> {
+  const began = performance.now();
+  const s = defaultSpawnOptions();
+  const wrapped = variant === "wrapped";
+  const cmd = [s.bun, CHILD];
+  if (wrapped && s.bwrap) cmd.unshift(s.bwrap, ...BWRAP_ARGS, "--");
+  if (wrapped && s.prlimit) cmd.unshift(s.prlimit, `--data=${DATA_BYTES}`, "--nofile=256", ...(s.uid !== null ? ["--nproc=4096"] : []));
+  let replied!: () => void;
+  const reply = new Promise<void>((r) => (replied = r));
+  const proc = Bun.spawn(cmd, {
+    env: wrapped ? { ...CHILD_ENV } : { PATH: CHILD_ENV.PATH! },
+    cwd: wrapped ? "/" : ROOT,
+    detached: wrapped,
+    stdin: "ignore",
+    stdout: "ignore",
+    stderr: wrapped ? "pipe" : "ignore",
+    serialization: "json",
+    ...(wrapped && s.uid !== null ? { uid: s.uid, gid: s.gid ?? s.uid } : {}),
+    ipc(msg: { t?: string }, child) {
+      if (msg?.t === "ready") child.send({ t: "start", pad: "x".repeat(512) });
+      else if (msg?.t === "done") replied();
+    },
+  });
+  live.add(proc.pid);
+  if (wrapped) void new Response(proc.stderr as ReadableStream<Uint8Array>).text().catch(() => "");
+  const timeout = setTimeout(() => killPid(proc.pid), 10_000);
+  await Promise.race([reply, proc.exited]);
+  clearTimeout(timeout);
+  killPid(wrapped ? -proc.pid : proc.pid);
+  await proc.exited;
+  live.delete(proc.pid);
+  return performance.now() - began;
+}
+
+/** `total` round trips, `concurrency` at a time; resolves with round trips per second. */
+export async function bareRate(variant: BareVariant, total: number, concurrency: number): Promise<number> {
+  let next = 0;
+  const began = performance.now();
+  const worker = async () => {
+    while (next < total) {
+      next++;
+      await bareOnce(variant);
+    }
+  };
+  await Promise.all(Array.from({ length: concurrency }, worker));
+  return total / ((performance.now() - began) / 1000);
+}
+
+/** `samples` serial round trips; resolves with their durations in ms. */
+export async function bareLatencies(variant: BareVariant, samples: number): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < samples; i++) out.push(await bareOnce(variant));
+  return out;
+}

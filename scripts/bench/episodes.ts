@@ -1,0 +1,124 @@
+/**
+ * (b) episodes per second and (c) stimulus -> out latency, each against the bare spawn
+ * baseline of ./bare.ts (plain, and with the runner's wrapping), interleaved with the
+ * gateway's own measurements so background load hits both alike.
+ *
+ * (b) queues K stimuli for K distinct agents through MQTT (concurrency = the fleet's
+ * max_concurrent_episodes = 4) and times first publish -> K-th committed summary on
+ * `fleet/episodes`; median over rounds. (c) sends one stimulus at a time to one agent and
+ * times the PUBLISH -> its `fleet/agents/bench/lat/out` message; each gateway sample sits
+ * between a plain and a wrapped bare sample.
+ */
+import type { MqttClient } from "mqtt";
+import type { BenchOptions, Row } from "./harness.ts";
+import { deltaRow, quantile, rateRow, until } from "./harness.ts";
+import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
+import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
+import { benchFleet, startGateway } from "./procs.ts";
+
+const CONCURRENCY = 4;
+const ROUNDS = 3;
+
+type Summary = { episode: string; agent: string; status: string; ms: number };
+
+/**
+ * Publish one stimulus each to `bench/<prefix><i>/t`; resolves once every one of those
+ * agents has a committed episode (summaries are at least once: count agents, not messages).
+ */
+async function gatewayBatch(client: MqttClient, summaries: Collector<Summary>, prefix: string, k: number, window: number): Promise<{ rate: number; failed: number }> {
+  const agents = (status: "committed" | "failed") => new Set(summaries.matched.filter((s) => s.status === status && s.agent.startsWith(`bench/${prefix}`)).map((s) => s.agent)).size;
+  const began = performance.now();
+  await publishWindowed(client, k, window, (i) => ({ topic: `bench/${prefix}${i}/t`, payload: JSON.stringify({ id: `${prefix}${i}`, n: i }) }));
+  await until(`${k} committed episodes for bench/${prefix}*`, () => (agents("committed") >= k ? true : null), 120_000, 2);
+  return { rate: k / ((performance.now() - began) / 1000), failed: agents("failed") };
+}
+
+/** Run section (b). */
+export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
+  const k = o.quick ? 90 : 300;
+  const perRound = Math.round(k / ROUNDS);
+  o.log(`episodes: ${ROUNDS} interleaved rounds of ${perRound} stimuli for distinct agents per target, concurrency ${CONCURRENCY}`);
+
+  const gw = await startGateway("episodes", benchFleet({ maxConcurrent: CONCURRENCY }));
+  const client = await connect(gw.mqttPort, "bench-episodes");
+  const summaries = await collect(client, "fleet/episodes", (_t, p) => json<Summary>(p));
+  await gatewayBatch(client, summaries, "w", 8, o.window);
+  await bareRate("plain", 8, CONCURRENCY);
+  await bareRate("wrapped", 8, CONCURRENCY);
+
+  const rates = { plain: [] as number[], wrapped: [] as number[], gateway: [] as number[] };
+  let failed = 0;
+  const runs: Record<keyof typeof rates, (round: number) => Promise<number>> = {
+    plain: () => bareRate("plain", perRound, CONCURRENCY),
+    wrapped: () => bareRate("wrapped", perRound, CONCURRENCY),
+    gateway: async (round) => {
+      const r = await gatewayBatch(client, summaries, `r${round}e`, perRound, o.window);
+      failed += r.failed;
+      return r.rate;
+    },
+  };
+  const order = ["gateway", "wrapped", "plain"] as const;
+  for (let round = 0; round < ROUNDS; round++) {
+    for (let j = 0; j < order.length; j++) {
+      const t = order[(round + j) % order.length]!;
+      rates[t].push(await runs[t](round));
+    }
+    o.log(`  round ${round + 1}: gateway ${rates.gateway.at(-1)!.toFixed(1)}/s, bare wrapped ${rates.wrapped.at(-1)!.toFixed(1)}/s, bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`);
+  }
+  summaries.close();
+  await gw.stop();
+  if (failed > 0) o.log(`  warning: ${failed} episode attempts failed (retried until committed); see the gateway log`);
+
+  const med = (t: keyof typeof rates) => quantile(rates[t], 0.5);
+  return [
+    rateRow("episodes", "episodes/s vs bare spawn (wrapped like runner)", "/s", med("gateway"), med("wrapped"), 0.7, `median of rounds; wrapping: ${wrappingNote()}`),
+    rateRow("episodes", "episodes/s vs bare spawn (plain)", "/s", med("gateway"), med("plain"), 0.7),
+  ];
+}
+
+/** Run section (c). */
+export async function benchLatency(o: BenchOptions): Promise<Row[]> {
+  const samples = o.quick ? 30 : 100;
+  const warm = 5;
+  o.log(`latency: ${samples} samples, one stimulus at a time, interleaved with bare round trips`);
+
+  const gw = await startGateway("latency", benchFleet({ maxConcurrent: CONCURRENCY }));
+  const client = await connect(gw.mqttPort, "bench-latency");
+  const outs = await collect(client, "fleet/agents/bench/lat/out", (_t, p) => json<{ data?: { n?: number } }>(p)?.data?.n ?? null);
+  // The summary's `ms` is runEpisode's own clock (spawn -> "done"): the rest is gateway overhead.
+  const runs = await collect(client, "fleet/episodes", (_t, p) => {
+    const e = json<Summary>(p);
+    return e?.agent === "bench/lat" && e.status === "committed" ? e.ms : null;
+  });
+
+  const lat = { gateway: [] as number[], plain: [] as number[], wrapped: [] as number[] };
+  for (let i = 0; i < warm + samples; i++) {
+    const plain = await bareOnce("plain");
+    const sent = performance.now();
+    await publishWindowed(client, 1, 1, () => ({ topic: "bench/lat/t", payload: JSON.stringify({ id: `lat-${i}`, n: i }) }));
+    const arrived = await outs.waitFor(i + 1, 30_000);
+    if (outs.matched[i] !== i) throw new Error(`latency: expected out n=${i}, got ${outs.matched[i]}`);
+    await Bun.sleep(20); // let the gateway finish its post-commit work before the next bare sample
+    const wrapped = await bareOnce("wrapped");
+    if (i < warm) continue;
+    lat.gateway.push(arrived - sent);
+    lat.plain.push(plain);
+    lat.wrapped.push(wrapped);
+  }
+  await runs.waitFor(warm + samples, 10_000);
+  outs.close();
+  runs.close();
+  await gw.stop();
+
+  const p = (a: number[], q: number) => quantile(a, q);
+  const inRunner = p(runs.matched.slice(warm), 0.5);
+  if (process.env.BENCH_DEBUG) console.error(JSON.stringify({ runs: runs.matched.map(Math.round), lat: lat.gateway.map(Math.round) }));
+  o.log(`  gateway p50 ${p(lat.gateway, 0.5).toFixed(1)} ms (runEpisode ${inRunner.toFixed(1)}), bare wrapped ${p(lat.wrapped, 0.5).toFixed(1)}, bare plain ${p(lat.plain, 0.5).toFixed(1)}`);
+  return [
+    deltaRow("latency", "p50 stimulus->out vs bare (wrapped like runner)", "ms", p(lat.gateway, 0.5), p(lat.wrapped, 0.5), 5),
+    deltaRow("latency", "p50 stimulus->out vs bare (plain)", "ms", p(lat.gateway, 0.5), p(lat.plain, 0.5), 5),
+    deltaRow("latency", "p99 stimulus->out vs bare (wrapped like runner)", "ms", p(lat.gateway, 0.99), p(lat.wrapped, 0.99), null),
+    deltaRow("latency", "p99 stimulus->out vs bare (plain)", "ms", p(lat.gateway, 0.99), p(lat.plain, 0.99), null),
+    deltaRow("latency", "p50 inside runEpisode (its own ms) vs bare (wrapped)", "ms", inRunner, p(lat.wrapped, 0.5), null, "spawn -> done: host.ts + agent module load and run"),
+  ];
+}

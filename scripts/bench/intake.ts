@@ -1,0 +1,74 @@
+/**
+ * (a) intake: QoS 1 stimuli per second accepted durably by the gateway vs bare brokers,
+ * with the same mqtt.js publisher, topics, payloads and in-flight window.
+ *
+ * All three targets run as subprocesses at once and are measured in interleaved rounds
+ * (median per target), so load from elsewhere on the machine hits them alike:
+ *  - plain aedes + node:net (the "bare aedes" baseline);
+ *  - createEmbeddedBroker with an intake that resolves at once (our broker layer alone);
+ *  - the gateway (`fleet start`), whose 200 `bench` agents are declared as instances and
+ *    paused over HTTP before publishing, so intake (route, dedup id, group-committed
+ *    insert, then PUBACK) is measured without episodes competing for the CPU.
+ * Afterwards /api/fleet must count every acked stimulus as queued.
+ */
+import type { MqttClient } from "mqtt";
+import type { BenchOptions, Row } from "./harness.ts";
+import { quantile, rateRow } from "./harness.ts";
+import { connect, publishWindowed } from "./mqttkit.ts";
+import { benchFleet, startBareBroker, startGateway } from "./procs.ts";
+
+const TOPICS = 200;
+const ROUNDS = 3;
+type Target = "aedes" | "embedded" | "gateway";
+const TARGETS: readonly Target[] = ["aedes", "embedded", "gateway"];
+
+function message(run: string) {
+  return (i: number) => ({ topic: `bench/k${i % TOPICS}/t`, payload: JSON.stringify({ id: `${run}-${i}`, n: i, value: 20 + (i % 50) }) });
+}
+
+/** Publish `count` messages; resolves with accepted messages per second (first publish -> last PUBACK). */
+async function rate(client: MqttClient, count: number, window: number, run: string): Promise<number> {
+  const r = await publishWindowed(client, count, window, message(run));
+  return count / ((r.lastAckAt - r.firstAt) / 1000);
+}
+
+/** Run section (a). */
+export async function benchIntake(o: BenchOptions): Promise<Row[]> {
+  const count = o.quick ? 6_000 : 21_000;
+  const warmup = o.quick ? 500 : 2_000;
+  const perRound = Math.round(count / ROUNDS);
+  o.log(`intake: ${ROUNDS} interleaved rounds of ${perRound} QoS 1 messages over ${TOPICS} topics per target, window ${o.window}, after ${warmup} warm-up`);
+
+  const keys = Array.from({ length: TOPICS }, (_, i) => `k${i}`);
+  const gw = await startGateway("intake", benchFleet({ maxConcurrent: 1, instances: keys }));
+  await Promise.all(keys.map((k) => gw.api(`/api/agents/bench/${k}/pause`, "POST")));
+  const ports: Record<Target, number> = { aedes: (await startBareBroker("aedes")).port, embedded: (await startBareBroker("embedded")).port, gateway: gw.mqttPort };
+
+  const clients = {} as Record<Target, MqttClient>;
+  const rates: Record<Target, number[]> = { aedes: [], embedded: [], gateway: [] };
+  for (const t of TARGETS) {
+    clients[t] = await connect(ports[t], `bench-${t}`);
+    await rate(clients[t], warmup, o.window, `${t}-warm`);
+  }
+  for (let round = 0; round < ROUNDS; round++) {
+    // Rotate the order so no target always runs first (or right after the gateway's fsyncs).
+    for (let j = 0; j < TARGETS.length; j++) {
+      const t = TARGETS[(round + j) % TARGETS.length]!;
+      rates[t].push(await rate(clients[t], perRound, o.window, `${t}-r${round}`));
+    }
+    o.log(`  round ${round + 1}: ${TARGETS.map((t) => `${t} ${rates[t].at(-1)!.toFixed(0)}`).join(", ")} msg/s`);
+  }
+
+  const health = await gw.api<{ queued_stimuli: number; running_episodes: number }>("/api/fleet");
+  await gw.stop();
+  const expected = warmup + perRound * ROUNDS;
+  o.log(`  gateway queued after: ${health.queued_stimuli} (expected ${expected}), running episodes: ${health.running_episodes}`);
+  if (health.queued_stimuli !== expected) throw new Error(`intake: gateway acked ${expected} stimuli but reports ${health.queued_stimuli} queued`);
+
+  const med = (t: Target) => quantile(rates[t], 0.5);
+  return [
+    rateRow("intake", "QoS1 intake vs plain aedes", "msg/s", med("gateway"), med("aedes"), 0.5, "median of rounds; agents paused; each PUBACK follows a committed row"),
+    rateRow("intake", "QoS1 intake vs embedded broker, no-op intake", "msg/s", med("gateway"), med("embedded"), 0.5, "isolates routing + durable commit"),
+    rateRow("intake", "embedded broker (no-op intake) vs plain aedes", "msg/s", med("embedded"), med("aedes"), null, "cost of packet guard + hooks + ordered acks"),
+  ];
+}

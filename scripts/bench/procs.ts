@@ -1,0 +1,152 @@
+/**
+ * The processes a bench measures: the real gateway (`bun gateway/cli.ts start`) and the
+ * baseline brokers (scripts/bench/bare-broker.ts), each a subprocess so the publisher in
+ * the bench process never shares their event loop. Both are torn down at exit.
+ */
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { ROOT, defer, descendantPids, killPid, procStatusKb, tempDir, until } from "./harness.ts";
+
+/** The trivial agent every bench fleet runs. */
+export const NOOP_AGENT = join(ROOT, "scripts/bench/noop-agent.ts");
+
+/** A fleet.toml with one agent type `bench` subscribed to `bench/+/t`, keyed by the `+`. */
+export function benchFleet(o: { maxConcurrent: number; instances?: readonly string[] }): string {
+  const instances = o.instances && o.instances.length > 0 ? `instances = [${o.instances.map((k) => JSON.stringify(k)).join(", ")}]\n` : "";
+  return `[fleet]
+name = "bench"
+max_concurrent_episodes = ${o.maxConcurrent}
+
+[broker]
+host = "127.0.0.1"
+
+[http]
+host = "127.0.0.1"
+
+[agents.bench]
+module = ${JSON.stringify(NOOP_AGENT)}
+subscribe = ["bench/+/t"]
+key = "{1}"
+dedup = "id"
+${instances}
+[agents.bench.budget]
+episodes_per_hour = 1000000
+episode_timeout_ms = 10000
+memory_mb = 128
+`;
+}
+
+/** A running gateway subprocess. */
+export interface GatewayProc {
+  readonly pid: number;
+  readonly mqttPort: number;
+  readonly httpPort: number;
+  readonly dataDir: string;
+  readonly logFile: string;
+  /** GET/POST the gateway's HTTP API, JSON in and out. */
+  api<T = unknown>(path: string, method?: "GET" | "POST"): Promise<T>;
+  /** Resident set size now, kB. */
+  rssKb(): number | null;
+  /** SIGTERM, wait for exit (SIGKILL it and its descendants after `graceMs`). */
+  stop(graceMs?: number): Promise<void>;
+}
+
+/** Start `bun gateway/cli.ts start` on a fresh data dir; resolves once it wrote gateway.json. */
+export async function startGateway(tag: string, fleetToml: string): Promise<GatewayProc> {
+  const dir = tempDir(tag);
+  const config = join(dir, "fleet.toml");
+  const dataDir = join(dir, "data");
+  const logFile = join(dir, "gateway.log");
+  writeFileSync(config, fleetToml);
+  // BENCH_PROFILE_DIR=DIR: the gateway writes a markdown CPU profile DIR/<tag>.md when it stops.
+  const profDir = process.env.BENCH_PROFILE_DIR;
+  const prof = profDir ? ["--cpu-prof-md", `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${tag}.md`] : [];
+  const proc = Bun.spawn([process.execPath, ...prof, join(ROOT, "gateway/cli.ts"), "start", "--config", config, "--data-dir", dataDir, "--mqtt-port", "0", "--http-port", "0"], {
+    cwd: ROOT,
+    env: { ...process.env, FLEET_LOG_FORMAT: "json" },
+    stdin: "ignore",
+    stdout: Bun.file(logFile),
+    stderr: Bun.file(join(dir, "gateway.err")),
+  });
+  const stop = defer(async () => {
+    await stopProc(proc, 15_000);
+  });
+  const infoFile = join(dataDir, "gateway.json");
+  try {
+    const info = await until(
+      "the gateway to write gateway.json",
+      () => {
+        if (proc.exitCode !== null) throw new Error(`gateway exited with ${proc.exitCode}: ${readTail(join(dir, "gateway.err"))}${readTail(logFile)}`);
+        return existsSync(infoFile) ? (JSON.parse(readFileSync(infoFile, "utf8")) as { mqtt_port: number; http_port: number }) : null;
+      },
+      30_000,
+    );
+    const base = `http://127.0.0.1:${info.http_port}`;
+    return {
+      pid: proc.pid,
+      mqttPort: info.mqtt_port,
+      httpPort: info.http_port,
+      dataDir,
+      logFile,
+      async api<T>(path: string, method: "GET" | "POST" = "GET") {
+        const res = await fetch(base + path, { method });
+        if (!res.ok) throw new Error(`${method} ${path}: HTTP ${res.status} ${await res.text()}`);
+        return (await res.json()) as T;
+      },
+      rssKb: () => procStatusKb(proc.pid, "VmRSS"),
+      stop: async (graceMs = 15_000) => {
+        await stopProc(proc, graceMs);
+        await stop();
+      },
+    };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+function readTail(file: string): string {
+  try {
+    return readFileSync(file, "utf8").slice(-2000);
+  } catch {
+    return "";
+  }
+}
+
+async function stopProc(proc: Bun.Subprocess, graceMs: number): Promise<void> {
+  if (proc.exitCode !== null || proc.signalCode !== null) return;
+  // Remember its episode subprocesses first: if it has to be SIGKILLed they would be orphaned.
+  const descendants = descendantPids(proc.pid);
+  killPid(proc.pid, "SIGTERM");
+  const exited = await Promise.race([proc.exited.then(() => true), Bun.sleep(graceMs).then(() => false)]);
+  if (!exited) {
+    killPid(proc.pid, "SIGKILL");
+    await proc.exited;
+  }
+  for (const pid of descendants) killPid(pid, "SIGKILL");
+}
+
+/** A baseline broker subprocess (`aedes`: plain aedes + net; `embedded`: createEmbeddedBroker, no-op intake). */
+export async function startBareBroker(mode: "aedes" | "embedded"): Promise<{ port: number; pid: number; stop(): Promise<void> }> {
+  const proc = Bun.spawn([process.execPath, join(ROOT, "scripts/bench/bare-broker.ts"), mode], {
+    cwd: ROOT,
+    env: { ...process.env },
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "inherit",
+  });
+  const stop = defer(() => stopProc(proc, 5000));
+  const reader = (proc.stdout as ReadableStream<Uint8Array>).getReader();
+  let text = "";
+  while (!text.includes("\n")) {
+    const { value, done } = await reader.read();
+    if (done) {
+      await stop();
+      throw new Error(`bare broker (${mode}) exited before listening`);
+    }
+    text += new TextDecoder().decode(value);
+  }
+  reader.releaseLock();
+  const { port } = JSON.parse(text.split("\n")[0]!) as { port: number };
+  return { port, pid: proc.pid, stop };
+}

@@ -1,0 +1,240 @@
+/**
+ * Device credentials and ACLs, in process: %c/%u substitution, filter coverage, argon2id
+ * hashing, devices-file validation, the registry (auth, reload) and the file editor.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connectAsync } from "mqtt";
+import pino from "pino";
+import { createEmbeddedBroker } from "../broker/index.ts";
+import { aclAllowsPublish, aclAllowsSubscribe, aclPatternProblem, patternCoversFilter, substitute } from "../gateway/device-acl.ts";
+import { addDevice, listDevices, removeDevice } from "../gateway/device-file.ts";
+import { hashSecret, newSecret, parseArgon2, verifySecret } from "../gateway/device-secret.ts";
+import { compileDevices, DeviceRegistry, DevicesError, deviceBrokerHooks } from "../gateway/devices.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "fleet-devices-unit-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const enc = (s: string) => new TextEncoder().encode(s);
+const who = (clientId: string, username: string) => ({ clientId, username });
+
+describe("ACL patterns", () => {
+  test("%c and %u are replaced by the client id and the username", () => {
+    expect(substitute("sensors/%c/#", who("c1", "u1"))).toBe("sensors/c1/#");
+    expect(substitute("fleet/agents/+/%u/inbox", who("c1", "u1"))).toBe("fleet/agents/+/u1/inbox");
+    expect(substitute("a/%u-%c", who("c1", "u1"))).toBe("a/u1-c1");
+  });
+
+  test("a client id or username with /, + or # grants nothing instead of widening the pattern", () => {
+    for (const bad of ["+", "#", "a/b", "x+", ""]) {
+      expect(substitute("sensors/%u/#", who("ok", bad))).toBeNull();
+      expect(substitute("sensors/%c/t", who(bad, "ok"))).toBeNull();
+    }
+    expect(aclAllowsPublish(["sensors/%u/t"], who("c", "+"), "sensors/other/t")).toBe(false);
+    expect(aclAllowsPublish(["sensors/%u/t"], who("c", "a/b"), "sensors/a/b/t")).toBe(false);
+    expect(aclAllowsSubscribe(["alerts/%u/#"], who("c", "#"), "alerts/#")).toBe(false);
+    // A pattern without substitutions is unaffected by the names.
+    expect(aclAllowsPublish(["public/t"], who("#", "#"), "public/t")).toBe(true);
+  });
+
+  test("publish: the topic must match an expanded pattern", () => {
+    const pats = ["sensors/%c/#", "fleet/agents/+/%u/inbox"];
+    expect(aclAllowsPublish(pats, who("boiler-1", "boiler-1"), "sensors/boiler-1/temp")).toBe(true);
+    expect(aclAllowsPublish(pats, who("boiler-1", "boiler-1"), "sensors/boiler-1")).toBe(true);
+    expect(aclAllowsPublish(pats, who("boiler-1", "boiler-1"), "sensors/boiler-2/temp")).toBe(false);
+    expect(aclAllowsPublish(pats, who("boiler-1", "boiler-1"), "fleet/agents/t/boiler-1/inbox")).toBe(true);
+    expect(aclAllowsPublish(pats, who("boiler-1", "boiler-1"), "fleet/agents/t/boiler-2/inbox")).toBe(false);
+    expect(aclAllowsPublish([], who("a", "a"), "anything")).toBe(false);
+  });
+
+  test("subscribe: the filter must be covered, wildcard for wildcard", () => {
+    expect(patternCoversFilter("alerts/u1/#", "alerts/u1/#")).toBe(true);
+    expect(patternCoversFilter("alerts/u1/#", "alerts/u1/+/x")).toBe(true);
+    expect(patternCoversFilter("alerts/u1/#", "alerts/u1")).toBe(true);
+    expect(patternCoversFilter("alerts/u1/#", "alerts/+/x")).toBe(false);
+    expect(patternCoversFilter("alerts/u1/#", "alerts/#")).toBe(false);
+    expect(patternCoversFilter("alerts/u1/#", "#")).toBe(false);
+    expect(patternCoversFilter("a/+/out", "a/x/out")).toBe(true);
+    expect(patternCoversFilter("a/+/out", "a/+/out")).toBe(true);
+    expect(patternCoversFilter("a/+/out", "a/#")).toBe(false);
+    expect(patternCoversFilter("a/+/out", "a/x/out/more")).toBe(false);
+    expect(patternCoversFilter("a/x/out", "a/+/out")).toBe(false);
+    expect(patternCoversFilter("#", "$SYS/x")).toBe(false);
+  });
+
+  test("invalid patterns are named", () => {
+    expect(aclPatternProblem("a/#/b")).toContain("# must be");
+    expect(aclPatternProblem("a/b+")).toContain("+ must be");
+    expect(aclPatternProblem("$SYS/#")).toContain("$");
+    expect(aclPatternProblem("a/%x")).toContain("%x");
+    expect(aclPatternProblem("")).toContain("empty");
+    expect(aclPatternProblem("fleet/agents/+/%u/inbox")).toBeNull();
+  });
+});
+
+describe("secrets", () => {
+  test("a secret is 32 random bytes in base64url and differs every time", () => {
+    const a = newSecret();
+    expect(a).toMatch(/^[A-Za-z0-9_-]{43}$/);
+    expect(newSecret()).not.toBe(a);
+  });
+
+  test("argon2id hash with a random salt verifies the secret and nothing else", async () => {
+    const secret = newSecret();
+    const h1 = await hashSecret(secret);
+    const h2 = await hashSecret(secret);
+    expect(h1).toStartWith("$argon2id$v=19$m=19456,t=2,p=1$");
+    expect(h1).not.toContain(secret);
+    expect(h1).not.toBe(h2); // salted
+    const parsed = parseArgon2(h1);
+    if (!parsed.ok) throw new Error(parsed.problem);
+    expect(await verifySecret(secret, parsed.value)).toBe(true);
+    expect(await verifySecret(enc(secret), parsed.value)).toBe(true);
+    expect(await verifySecret(secret + "x", parsed.value)).toBe(false);
+    expect(await verifySecret("", parsed.value)).toBe(false);
+  }, 30_000);
+
+  test("malformed hashes are refused with a reason", () => {
+    expect(parseArgon2("plaintext").ok).toBe(false);
+    expect(parseArgon2("$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA").ok).toBe(false);
+    const huge = parseArgon2("$argon2id$v=19$m=99999999,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA");
+    expect(huge.ok ? "" : huge.problem).toContain("memorySize");
+  });
+});
+
+describe("devices file", () => {
+  const hash = hashSecret("s3cret-value");
+
+  test("defaults are added to every device's ACL and client id defaults to the device id", async () => {
+    const cfg = compileDevices(
+      `[defaults]\npublish = ["fleet/agents/+/%u/inbox"]\n[devices.a]\nsecret = ${JSON.stringify(await hash)}\npublish = ["sensors/%u/#"]\n[devices.b]\nsecret = ${JSON.stringify(await hash)}\nclient_id = "b-client"\n`,
+      "devices.toml",
+    );
+    expect(cfg.devices.get("a")?.acl.publish).toEqual(["fleet/agents/+/%u/inbox", "sensors/%u/#"]);
+    expect(cfg.devices.get("a")?.clientId).toBe("a");
+    expect(cfg.byClientId.get("b-client")?.id).toBe("b");
+  }, 30_000);
+
+  test("errors name the file and the key path, or line and column", async () => {
+    const h = JSON.stringify(await hash);
+    const cases: [string, string][] = [
+      [`[devices.a]\nsecret = ${h}\npublish = ["a/#/b"]\n`, "devices.a.publish[0] is not a valid ACL pattern"],
+      [`[devices.a]\npublish = []\n`, "devices.a.secret is required"],
+      [`[devices.a]\nsecret = "hunter2"\n`, "devices.a.secret must be an argon2id hash"],
+      [`[devices.a]\nsecret = ${h}\npassword = "x"\n`, "devices.a.password is not a known key"],
+      [`[devices."a/b"]\nsecret = ${h}\n`, "must be a device id"],
+      [`[devices.a]\nsecret = ${h}\n[devices.b]\nsecret = ${h}\nclient_id = "a"\n`, 'devices.b.client_id "a" is already the client id of device "a"'],
+      [`[other]\n`, "other is not a known key"],
+    ];
+    for (const [text, message] of cases) {
+      let err: unknown = null;
+      try {
+        compileDevices(text, "/etc/fleet/devices.toml");
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(DevicesError);
+      expect((err as Error).message).toStartWith("/etc/fleet/devices.toml: ");
+      expect((err as Error).message).toContain(message);
+    }
+    try {
+      compileDevices(`[devices.a]\nsecret = \n`, "d.toml");
+      throw new Error("no error");
+    } catch (e) {
+      expect(e).toBeInstanceOf(DevicesError);
+      expect((e as DevicesError).line).toBe(2);
+      expect((e as Error).message).toStartWith("d.toml:2:");
+    }
+  }, 30_000);
+});
+
+describe("device registry", () => {
+  test("authenticates by device id + secret on the device's own client id, and reloads on edit", async () => {
+    const file = join(dir, "reg.toml");
+    const a = await addDevice(file, "dev-a", { publish: ["sensors/%u/#"], subscribe: ["alerts/%u/#"] });
+    const reg = new DeviceRegistry(file);
+    expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true);
+    expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true); // cached path
+    expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc("wrong"))).toBe(false);
+    expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, null)).toBe(false);
+    expect(await reg.authenticate({ id: "other", username: "dev-a" }, enc(a.secret))).toBe(false);
+    expect(await reg.authenticate({ id: "x", username: "nobody" }, enc(a.secret))).toBe(false);
+    expect(await reg.authenticate({ id: "dev-a", username: null }, null)).toBe(false); // anonymous on a device's client id
+    expect(await reg.authenticate({ id: "someone", username: null }, null)).toBe(true);
+
+    expect(reg.mayPublish({ id: "dev-a", username: "dev-a" }, "sensors/dev-a/t")).toBe(true);
+    expect(reg.mayPublish({ id: "dev-a", username: "dev-a" }, "sensors/dev-b/t")).toBe(false);
+    expect(reg.maySubscribe({ id: "dev-a", username: "dev-a" }, "alerts/dev-a/#")).toBe(true);
+    expect(reg.maySubscribe({ id: "dev-a", username: "dev-a" }, "alerts/#")).toBe(false);
+    expect(reg.mayPublish({ id: "anon", username: null }, "anything/at/all")).toBe(true);
+
+    const b = await addDevice(file, "dev-b");
+    expect(await reg.authenticate({ id: "dev-b", username: "dev-b" }, enc(b.secret))).toBe(true);
+    // An invalid edit keeps the devices that were loaded.
+    writeFileSync(file, readFileSync(file, "utf8") + "\n[broken\n");
+    expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true);
+  }, 30_000);
+
+  test("with anonymous clients allowed, an anonymous client cannot take a device's client id", async () => {
+    const file = join(dir, "anon.toml");
+    const a = await addDevice(file, "dev-a", { publish: ["sensors/%u/#"] });
+    const broker = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: true,
+      intake: async () => ({ ok: true }),
+      logger: pino({ level: "silent" }),
+      ...deviceBrokerHooks(new DeviceRegistry(file)),
+    });
+    await broker.start();
+    try {
+      const url = `mqtt://127.0.0.1:${broker.port}`;
+      const refused = await connectAsync(url, { clientId: "dev-a", reconnectPeriod: 0 }).then(
+        (c) => (c.end(true), null),
+        (e: { code?: number }) => e.code,
+      );
+      expect(refused).toBe(5);
+      const anon = await connectAsync(url, { clientId: "visitor", reconnectPeriod: 0 });
+      await anon.publishAsync("sensors/dev-a/t", "1", { qos: 1 }); // anonymous: built-in rules only
+      await anon.endAsync();
+      const dev = await connectAsync(url, { clientId: "dev-a", username: "dev-a", password: a.secret, reconnectPeriod: 0 });
+      await dev.endAsync();
+      const unknown = await connectAsync(url, { clientId: "z", username: "z", password: "z", reconnectPeriod: 0 }).then(
+        (c) => (c.end(true), null),
+        (e: { code?: number }) => e.code,
+      );
+      expect(unknown).toBe(4);
+    } finally {
+      await broker.close();
+    }
+  }, 30_000);
+});
+
+describe("device file editing", () => {
+  test("add stores only a hash, keeps comments, and remove takes out exactly one device", async () => {
+    const file = join(dir, "edit.toml");
+    writeFileSync(file, "# my devices\n[defaults]\nsubscribe = [\"public/#\"]\n");
+    const a = await addDevice(file, "boiler.1", { publish: ["sensors/%c/#"], clientId: "b1" });
+    const b = await addDevice(file, "boiler-2");
+    const text = readFileSync(file, "utf8");
+    expect(text).toStartWith("# my devices\n");
+    expect(text).not.toContain(a.secret);
+    expect(text).not.toContain(b.secret);
+    expect(text).toContain('[devices."boiler.1"]');
+    expect(listDevices(file).map((d) => [d.id, d.client_id])).toEqual([["boiler.1", "b1"], ["boiler-2", "boiler-2"]]);
+    await expect(addDevice(file, "boiler-2")).rejects.toThrow("already exists");
+    await expect(addDevice(file, "x", { clientId: "b1" })).rejects.toThrow("already the client id");
+    expect(removeDevice(file, "boiler.1")).toBe(true);
+    expect(removeDevice(file, "boiler.1")).toBe(false);
+    expect(listDevices(file).map((d) => d.id)).toEqual(["boiler-2"]);
+    expect(readFileSync(file, "utf8")).toContain('subscribe = ["public/#"]');
+  }, 30_000);
+
+  test("a new devices file is created readable by its owner only", async () => {
+    const file = join(dir, "new.toml");
+    await addDevice(file, "d");
+    expect(statSync(file).mode & 0o777).toBe(0o600);
+  }, 30_000);
+});
