@@ -78,18 +78,24 @@ async function run(start: Start): Promise<void> {
     const id = call;
     const jsonArgs = asJson(args, `arguments of ${tool}`) as unknown[];
     let outcome: { ok: boolean; result: unknown };
+    // Flushed before every call, live and in replay alike, so an agent that throws after a
+    // tool call leaves the same records behind in both (replay compares them).
+    rec.flush();
     if (replay) {
       const recorded = replay.tools[id - 1];
       outcome = recorded && recorded.tool === tool ? recorded : { ok: false, result: { error: "failed", reason: "replay: no recorded result for this call" } };
     } else {
-      rec.flush();
       outcome = await new Promise((resolve) => {
         pendingTools.set(id, resolve);
         send({ t: "tool", call: id, tool, args: jsonArgs });
       });
     }
-    // In replay the tool record is produced here; live, the gateway records the call it ran.
-    if (replay) rec.push({ k: "tool", call: id, tool, args: jsonArgs, ok: outcome.ok, result: outcome.result });
+    // In replay the tool record is produced here (and sent at once, as the gateway appends
+    // it live); live, the gateway records the call it ran.
+    if (replay) {
+      rec.push({ k: "tool", call: id, tool, args: jsonArgs, ok: outcome.ok, result: outcome.result });
+      rec.flush();
+    }
     if (!outcome.ok) throw toolError(tool, outcome.result);
     return outcome.result;
   };

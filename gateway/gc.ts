@@ -47,12 +47,13 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   const episodeCutoff = opts.now - spec.retention.episodes_days * DAY;
   const dedupCutoff = opts.now - spec.retention.dedup_days * DAY;
 
-  // 1. Tombstone checkpoints beyond `keep`, per type.
+  // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass.
   for (const type of Object.values(spec.agents)) {
     const keep = type.checkpoint.keep;
-    if (keep === 0) continue;
+    const budget = batch - report.tombstoned;
+    if (keep === 0 || budget <= 0) continue;
     const pick = sql`SELECT c.rowid FROM checkpoints c JOIN agents a ON a.id = c.agent
-      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep} LIMIT ${batch}`;
+      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep} LIMIT ${budget}`;
     if (opts.dryRun) report.tombstoned += await scalar(store, sql`SELECT count(*) FROM (${pick})`);
     else {
       const [r] = await store.writer.write([store.db.run(sql`UPDATE checkpoints SET state = NULL WHERE rowid IN (${pick})`)]);
@@ -60,17 +61,26 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     }
   }
 
-  // 2. Delete old tombstones (always a prefix of each chain) and record each agent's anchor.
-  const prefixes = (await store.db.all(sql`SELECT agent, max(seq) AS seq, count(*) AS n FROM checkpoints
-    WHERE state IS NULL AND created_at < ${episodeCutoff} GROUP BY agent LIMIT ${batch}`)) as { agent: string; seq: number; n: number }[];
-  for (const p of prefixes) {
-    report.checkpointsDeleted += p.n;
+  // 2. Delete old tombstones and move each agent's anchor forward. Only the run of old
+  //    tombstones at the very start of a chain goes (step 1 may have tombstoned rows out of
+  //    order), so whatever remains still links to the anchor; `batch` rows in all per pass.
+  const candidates = (await store.db.all(sql`SELECT DISTINCT agent FROM checkpoints
+    WHERE state IS NULL AND created_at < ${episodeCutoff} LIMIT ${batch}`)) as { agent: string }[];
+  for (const { agent } of candidates) {
+    const budget = batch - report.checkpointsDeleted;
+    if (budget <= 0) break;
+    const chain = (await store.db.all(sql`SELECT seq, hash, state IS NULL AND created_at < ${episodeCutoff} AS old
+      FROM checkpoints WHERE agent = ${agent} ORDER BY seq LIMIT ${budget}`)) as { seq: number; hash: string; old: number }[];
+    let n = 0;
+    while (n < chain.length && Number(chain[n]!.old) === 1) n++;
+    const anchor = chain[n - 1];
+    if (!anchor) continue;
+    report.checkpointsDeleted += n;
     if (opts.dryRun) continue;
-    const head = (await store.db.all(sql`SELECT hash FROM checkpoints WHERE agent = ${p.agent} AND seq = ${p.seq}`)) as { hash: string }[];
-    if (!head[0]) continue;
     await store.writer.write([
-      store.db.run(sql`UPDATE agents SET anchor_seq = ${p.seq}, anchor_hash = ${head[0].hash} WHERE id = ${p.agent}`),
-      store.db.run(sql`DELETE FROM checkpoints WHERE agent = ${p.agent} AND seq <= ${p.seq} AND state IS NULL`),
+      // Never move an anchor backwards (a concurrent `fleet gc` may have gone further).
+      store.db.run(sql`UPDATE agents SET anchor_seq = ${anchor.seq}, anchor_hash = ${anchor.hash} WHERE id = ${agent} AND anchor_seq < ${anchor.seq}`),
+      store.db.run(sql`DELETE FROM checkpoints WHERE agent = ${agent} AND seq <= ${anchor.seq} AND state IS NULL`),
     ]);
   }
 

@@ -86,7 +86,14 @@ export class FleetMetrics {
     this.snapshots = new SnapshotCache(() => readSnapshot(host.store, host.spec.spec, now()), now, opts.snapshotTtlMs ?? 1000);
     this.rates = new RollingCounts(["episodes", "failures", "stimuli", "duplicates"], now, 60);
     const registers = [this.registry];
-    if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+    if (opts.processMetrics ?? true) {
+      collectDefaultMetrics({ register: this.registry });
+      // Under Bun these cost ~100 ms a scrape (a JSC heap walk) or report nonsense (event
+      // loop lag min 2^63 ns, mean NaN): drop them, keep the process_* and heap totals.
+      for (const name of this.registry.getMetricsAsArray().map((m) => (m as unknown as { name: string }).name)) {
+        if (name.startsWith("nodejs_heap_space_size_") || name.startsWith("nodejs_eventloop_lag")) this.registry.removeSingleMetric(name);
+      }
+    }
 
     // ---- facts from the event bus --------------------------------------------------
     const episodes = new Counter({ name: "fleet_episodes_total", help: "Episodes that ended, by agent type and outcome (committed|failed).", labelNames: ["type", "outcome"], registers });

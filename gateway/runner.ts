@@ -233,10 +233,18 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
   const pid = proc.pid;
   liveEpisodeGroups.add(pid);
   const timer = setTimeout(() => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }), limits.timeoutMs);
-  const rssWatch = setInterval(async () => {
+  // One scan at a time, and a scan that took long (a big process tree: a fork bomb) waits
+  // 4x its own duration before the next, so the watch never costs the gateway more than
+  // ~20% of a core however many processes the agent starts (RLIMIT_DATA is the backstop).
+  let rssTimer: ReturnType<typeof setTimeout> | undefined;
+  const watchRss = async (): Promise<void> => {
+    const scanBegan = performance.now();
     const mb = await rssMb(pid);
-    if (mb !== null && mb > limits.memoryMb) finish({ ok: false, kind: "oom", message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}` });
-  }, spawnOpts.rssPollMs);
+    if (outcome) return;
+    if (mb !== null && mb > limits.memoryMb) return finish({ ok: false, kind: "oom", message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}` });
+    rssTimer = setTimeout(() => void watchRss(), Math.max(spawnOpts.rssPollMs, 4 * (performance.now() - scanBegan)));
+  };
+  rssTimer = setTimeout(() => void watchRss(), spawnOpts.rssPollMs);
 
   // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
   const stderrDone = (async () => {
@@ -262,7 +270,7 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
 
   await settled;
   clearTimeout(timer);
-  clearInterval(rssWatch);
+  clearTimeout(rssTimer);
   killGroup(pid);
   await proc.exited;
   liveEpisodeGroups.delete(pid);

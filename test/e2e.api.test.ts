@@ -144,6 +144,9 @@ describe("agents: paging and filters", () => {
     expect(cli.json.total).toBe(120);
     expect(cli.json.agents.map((a: any) => a.id)).toEqual(api.body.agents.map((a: any) => a.id));
     expect(cli.json.agents.length).toBe(20);
+    // The CLI takes the status the API shows (`idle`), like the API does.
+    const idle = await fleet.cli("agents", "--status", "idle", "--type", "counter", "--limit", "1");
+    expect(idle.json.total).toBe(120);
   }, 60_000);
 });
 

@@ -134,6 +134,7 @@ describe("the dashboard", () => {
     const boiler = table.locator('tr[data-agent="temp-monitor/boiler-1"]');
     expect(await boiler.locator("td.status").textContent()).toBe("idle");
     expect(await boiler.locator('td[data-col="episodes"]').textContent()).toBe("2");
+    await page.evaluate(() => window.scrollTo(0, 0)); // the pager sits at the bottom; the sticky header at the top
     await page.screenshot({ path: join(OUT, "dashboard.png"), fullPage: true });
   }, 60_000);
 

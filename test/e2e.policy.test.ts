@@ -404,13 +404,15 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
   let client: MqttClient;
   let baseline: number[] = [];
   const report: string[] = [];
+  /** The healthy agent's normal pace: one stimulus every PACE_MS (well above its episode time). */
+  const PACE_MS = 300;
 
   beforeAll(async () => {
     fleet = new TestFleet(
       fleetHeader("e2e-policy-isolation", { maxConcurrent: 4 }) +
         agentBlock("steady", policyAgent("steady")) +
         agentBlock("hog", policyAgent("hog"), { budget: { memory_mb: 128 }, extra: "retry = { max_attempts = 1 }\n" }) +
-        agentBlock("spin", policyAgent("spin"), { budget: { episode_timeout_ms: 1500 }, extra: "retry = { max_attempts = 1 }\n" }) +
+        agentBlock("spin", policyAgent("spin"), { budget: { episode_timeout_ms: 1000 }, extra: "retry = { max_attempts = 1 }\n" }) +
         // Memory is not what should stop the fork bomb here: the process and fd limits are.
         agentBlock("bomb", policyAgent("forkbomb"), { budget: { memory_mb: 2048, episode_timeout_ms: 15_000 }, extra: "retry = { max_attempts = 1 }\n" }) +
         agentBlock("fdleak", policyAgent("fdleak"), { extra: "retry = { max_attempts = 1 }\n" }),
@@ -424,7 +426,7 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     pinger.ping();
     await pinger.settle();
     const from = performance.now();
-    pinger.start(150);
+    pinger.start(PACE_MS);
     await Bun.sleep(2500);
     await pinger.stop();
     baseline = pinger.latencies(from);
@@ -438,14 +440,14 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
   }, 60_000);
 
   /**
-   * Run one offender while the steady agent is pinged every 150 ms; returns the offender's
+   * Run one offender while the steady agent is pinged every PACE_MS; returns the offender's
    * episode. Afterwards: the steady agent kept its pace and none of the processes any episode
    * started during the run survives, none is a zombie of the gateway.
    */
   async function contained(name: string, agent: string, payload: Record<string, unknown>, timeoutMs: number) {
     const watch = new ProcessWatch(fleet.pid).start();
     const from = performance.now();
-    pinger.start(150);
+    pinger.start(PACE_MS);
     await publishQos1(client, `${agent}/in`, { id: `${name}-1`, ...payload });
     const [episode] = await waitFor(async () => {
       const eps = await fleet.episodes(agent);
@@ -483,7 +485,7 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     const { episode } = await contained("spin", "spin/a", {}, 20_000);
     expect(episode.status).toBe("failed");
     expect(episode.error_kind).toBe("timeout");
-    expect(episode.ms).toBeGreaterThanOrEqual(1400);
+    expect(episode.ms).toBeGreaterThanOrEqual(950);
     expect(episode.ms).toBeLessThan(5000);
   }, 60_000);
 

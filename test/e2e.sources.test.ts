@@ -7,8 +7,10 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { createHmac } from "node:crypto";
-import { readFileSync, writeFileSync } from "node:fs";
-import { cleanupAll, publishQos1, RawMqtt, publishPacket, seeded, spawnLines, subscribe, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { cleanupAll, publishPacket, publishQos1, RawMqtt, seeded, subscribe, TestFleet, waitFor } from "./helpers/gateway.ts";
 import {
   agentInfo,
   api,
@@ -27,7 +29,18 @@ import {
   waitCommitted,
 } from "./helpers/sources.ts";
 
-afterAll(cleanupAll);
+// Our own temp root (os.tmpdir() reads TMPDIR on every call): another suite clearing
+// /tmp/fleet-e2e-* while this one runs must not pull the data dirs from under our gateways.
+const TMP_ROOT = join(tmpdir(), "fleet-sources-e2e");
+const OUTER_TMPDIR = process.env.TMPDIR;
+mkdirSync(TMP_ROOT, { recursive: true });
+process.env.TMPDIR = TMP_ROOT;
+
+afterAll(async () => {
+  await cleanupAll();
+  if (OUTER_TMPDIR === undefined) delete process.env.TMPDIR;
+  else process.env.TMPDIR = OUTER_TMPDIR;
+});
 
 const REC = JSON.stringify(sourceAgent("recorder"));
 const REC_V2 = JSON.stringify(sourceAgent("recorder-v2"));

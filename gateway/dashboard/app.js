@@ -156,7 +156,8 @@ function connectEvents() {
 const STATUSES = ["idle", "paused", "failed", "retired"];
 
 function kpi(id, label, value, sub, level = "") {
-  return h("div", { class: `kpi ${level}`, "data-testid": `kpi-${id}` }, h("div", { class: "label" }, label), h("div", { class: "value", "data-testid": `kpi-${id}-value` }, value), h("div", { class: "sub" }, sub));
+  const parts = (Array.isArray(sub) ? sub : [sub]).map((p) => (typeof p === "string" ? h("span", {}, p) : p));
+  return h("div", { class: `kpi ${level}`, "data-testid": `kpi-${id}` }, h("div", { class: "label" }, label), h("div", { class: "value", "data-testid": `kpi-${id}-value` }, value), h("div", { class: "sub" }, parts));
 }
 
 function renderKpis(root, hl) {
@@ -350,6 +351,7 @@ function eventText(e) {
     case "log":
       return `[${d.level}] ${d.msg}`;
     case "now":
+      return `${d.v} (${new Date(d.v).toISOString()})`;
     case "random":
       return String(d.v);
     case "send":

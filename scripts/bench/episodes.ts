@@ -11,7 +11,7 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { deltaRow, quantile, rateRow, until } from "./harness.ts";
+import { cpuMs, deltaRow, quantile, rateRow, until } from "./harness.ts";
 import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway } from "./procs.ts";
@@ -47,12 +47,21 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   await bareRate("wrapped", 8, CONCURRENCY);
 
   const rates = { plain: [] as number[], wrapped: [] as number[], gateway: [] as number[] };
+  // CPU the spawning process itself spends per episode, ms. (Children's CPU is not comparable:
+  // bwrap's inner processes are reaped outside the gateway, so cutime misses them.)
+  const cpu = { plain: 0, wrapped: 0, gateway: 0 };
+  const measured = async <T>(t: keyof typeof cpu, pid: number | "self", run: () => Promise<T>): Promise<T> => {
+    const before = cpuMs(pid).self;
+    const r = await run();
+    cpu[t] += cpuMs(pid).self - before;
+    return r;
+  };
   let failed = 0;
   const runs: Record<keyof typeof rates, (round: number) => Promise<number>> = {
-    plain: () => bareRate("plain", perRound, CONCURRENCY),
-    wrapped: () => bareRate("wrapped", perRound, CONCURRENCY),
+    plain: () => measured("plain", "self", () => bareRate("plain", perRound, CONCURRENCY)),
+    wrapped: () => measured("wrapped", "self", () => bareRate("wrapped", perRound, CONCURRENCY)),
     gateway: async (round) => {
-      const r = await gatewayBatch(client, summaries, `r${round}e`, perRound, o.window);
+      const r = await measured("gateway", gw.pid, () => gatewayBatch(client, summaries, `r${round}e`, perRound, o.window));
       failed += r.failed;
       return r.rate;
     },
@@ -70,9 +79,12 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   if (failed > 0) o.log(`  warning: ${failed} episode attempts failed (retried until committed); see the gateway log`);
 
   const med = (t: keyof typeof rates) => quantile(rates[t], 0.5);
+  const per = (t: keyof typeof cpu) => cpu[t] / (perRound * ROUNDS);
+  o.log(`  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn loop ${per("wrapped").toFixed(1)} (wrapped), ${per("plain").toFixed(1)} (plain)`);
   return [
     rateRow("episodes", "episodes/s vs bare spawn (wrapped like runner)", "/s", med("gateway"), med("wrapped"), 0.7, `median of rounds; wrapping: ${wrappingNote()}`),
     rateRow("episodes", "episodes/s vs bare spawn (plain)", "/s", med("gateway"), med("plain"), 0.7),
+    deltaRow("episodes", "CPU/episode, spawning process: gateway vs bare loop (wrapped)", "ms", per("gateway"), per("wrapped"), null, "utime+stime of the gateway vs of the bench's spawn loop"),
   ];
 }
 
@@ -112,7 +124,6 @@ export async function benchLatency(o: BenchOptions): Promise<Row[]> {
 
   const p = (a: number[], q: number) => quantile(a, q);
   const inRunner = p(runs.matched.slice(warm), 0.5);
-  if (process.env.BENCH_DEBUG) console.error(JSON.stringify({ runs: runs.matched.map(Math.round), lat: lat.gateway.map(Math.round) }));
   o.log(`  gateway p50 ${p(lat.gateway, 0.5).toFixed(1)} ms (runEpisode ${inRunner.toFixed(1)}), bare wrapped ${p(lat.wrapped, 0.5).toFixed(1)}, bare plain ${p(lat.plain, 0.5).toFixed(1)}`);
   return [
     deltaRow("latency", "p50 stimulus->out vs bare (wrapped like runner)", "ms", p(lat.gateway, 0.5), p(lat.wrapped, 0.5), 5),

@@ -55,9 +55,7 @@ export async function cleanupAll(): Promise<void> {
   while (undos.length > 0) {
     const undo = undos.pop()!;
     try {
-      const t0 = performance.now();
       await undo();
-      if (process.env.BENCH_DEBUG) console.error(`cleanup step ${(performance.now() - t0).toFixed(0)} ms: ${undo.toString().slice(0, 80)}`);
     } catch {
       // best effort: the rest must still run
     }
@@ -78,6 +76,19 @@ export function procStatusKb(pid: number, field: "VmRSS" | "VmHWM"): number | nu
     return m ? Number(m[1]) : null;
   } catch {
     return null;
+  }
+}
+
+/** CPU time of a process (`self`: utime+stime) and of its reaped descendants (`children`: cutime+cstime), ms, 10 ms resolution. */
+export function cpuMs(pid: number | "self"): { self: number; children: number } {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the command name: state(3) ... utime(14) stime(15) cutime(16) cstime(17).
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ").map(Number);
+    const tick = 10; // USER_HZ is 100 on Linux: one tick = 10 ms
+    return { self: (f[11]! + f[12]!) * tick, children: (f[13]! + f[14]!) * tick };
+  } catch {
+    return { self: NaN, children: NaN };
   }
 }
 

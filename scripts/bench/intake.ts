@@ -13,7 +13,7 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { quantile, rateRow } from "./harness.ts";
+import { cpuMs, quantile, rateRow } from "./harness.ts";
 import { connect, publishWindowed } from "./mqttkit.ts";
 import { benchFleet, startBareBroker, startGateway } from "./procs.ts";
 
@@ -42,7 +42,12 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   const keys = Array.from({ length: TOPICS }, (_, i) => `k${i}`);
   const gw = await startGateway("intake", benchFleet({ maxConcurrent: 1, instances: keys }));
   await Promise.all(keys.map((k) => gw.api(`/api/agents/bench/${k}/pause`, "POST")));
-  const ports: Record<Target, number> = { aedes: (await startBareBroker("aedes")).port, embedded: (await startBareBroker("embedded")).port, gateway: gw.mqttPort };
+  const aedes = await startBareBroker("aedes");
+  const embedded = await startBareBroker("embedded");
+  const ports: Record<Target, number> = { aedes: aedes.port, embedded: embedded.port, gateway: gw.mqttPort };
+  const pids: Record<Target, number> = { aedes: aedes.pid, embedded: embedded.pid, gateway: gw.pid };
+  // CPU the broker process itself spent per accepted message (less noisy than wall time).
+  const cpu: Record<Target, number> = { aedes: 0, embedded: 0, gateway: 0 };
 
   const clients = {} as Record<Target, MqttClient>;
   const rates: Record<Target, number[]> = { aedes: [], embedded: [], gateway: [] };
@@ -54,7 +59,9 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
     // Rotate the order so no target always runs first (or right after the gateway's fsyncs).
     for (let j = 0; j < TARGETS.length; j++) {
       const t = TARGETS[(round + j) % TARGETS.length]!;
+      const before = cpuMs(pids[t]).self;
       rates[t].push(await rate(clients[t], perRound, o.window, `${t}-r${round}`));
+      cpu[t] += cpuMs(pids[t]).self - before;
     }
     o.log(`  round ${round + 1}: ${TARGETS.map((t) => `${t} ${rates[t].at(-1)!.toFixed(0)}`).join(", ")} msg/s`);
   }
@@ -66,9 +73,12 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   if (health.queued_stimuli !== expected) throw new Error(`intake: gateway acked ${expected} stimuli but reports ${health.queued_stimuli} queued`);
 
   const med = (t: Target) => quantile(rates[t], 0.5);
+  const usPerMsg = (t: Target) => (cpu[t] * 1000) / (perRound * ROUNDS);
   return [
     rateRow("intake", "QoS1 intake vs plain aedes", "msg/s", med("gateway"), med("aedes"), 0.5, "median of rounds; agents paused; each PUBACK follows a committed row"),
     rateRow("intake", "QoS1 intake vs embedded broker, no-op intake", "msg/s", med("gateway"), med("embedded"), 0.5, "isolates routing + durable commit"),
     rateRow("intake", "embedded broker (no-op intake) vs plain aedes", "msg/s", med("embedded"), med("aedes"), null, "cost of packet guard + hooks + ordered acks"),
+    rateRow("intake", "broker process CPU per message: gateway vs plain aedes", "us", usPerMsg("gateway"), usPerMsg("aedes"), null, "from /proc/<pid>/stat utime+stime"),
+    rateRow("intake", "broker process CPU per message: embedded vs plain aedes", "us", usPerMsg("embedded"), usPerMsg("aedes"), null),
   ];
 }
