@@ -4,7 +4,8 @@
  * chain still verifies after GC.
  */
 import { hashEvents, verifyCheckpointRow, IntegrityError } from "./checkpoint.ts";
-import type { Store } from "./store/index.ts";
+import { asc, inArray } from "drizzle-orm";
+import { tables, type EventRow, type Store } from "./store/index.ts";
 
 /** One broken record. */
 export interface VerifyProblem {
@@ -51,10 +52,24 @@ export async function verifyStore(store: Store, only?: readonly string[]): Promi
     if (a && chain.length > 0 && a.headHash !== prev) problems.push({ agent, record: `agent ${agent}`, problem: `head ${String(a.headHash).slice(0, 16)} is not the newest checkpoint ${String(prev).slice(0, 16)}` });
     for (let after = ""; ; ) {
       const page = await store.scanEpisodes(agent, after, 500);
+      // One query per page, not per episode: `fleet verify` reads 100,000s of episodes.
+      const logs = new Map<string, EventRow[]>();
+      if (page.length > 0) {
+        const rows = await store.db.select().from(tables.events).where(inArray(tables.events.episode, page.map((e) => e.id))).orderBy(asc(tables.events.episode), asc(tables.events.seq)).all();
+        for (const r of rows) {
+          const log = logs.get(r.episode);
+          if (log) log.push(r);
+          else logs.set(r.episode, [r]);
+        }
+      }
       for (const ep of page) {
         episodes++;
-        const events = await store.listEvents(ep.id);
-        if (events.length === 0) continue; // collected by retention; nothing left to check
+        const events = logs.get(ep.id) ?? [];
+        // Retention deletes an episode together with its log, so a log cannot vanish alone.
+        if (events.length === 0) {
+          if (ep.eventCount > 0) problems.push({ agent, record: `episode ${ep.id}`, problem: `event log missing (${ep.eventCount} event(s) recorded)` });
+          continue;
+        }
         const h = await hashEvents(events);
         if (h !== ep.eventsHash) problems.push({ agent, record: `episode ${ep.id}`, problem: `event log hash mismatch (stored ${ep.eventsHash.slice(0, 16)}, recomputed ${h.slice(0, 16)})` });
       }

@@ -6,9 +6,16 @@
  *     [--window N] [--all-episodes]
  *
  *   intake    QoS 1 stimuli/s accepted durably vs bare aedes           (target >= 0.5x)
+ *             gateway agents are paused so episodes do not compete with intake
  *   episodes  episodes/s, fresh subprocess each, vs bare Bun.spawn+IPC  (target >= 0.7x)
  *   latency   stimulus -> out p50/p99 vs the bare spawn round trip     (target p50 <= +5 ms)
- *   agents    gateway RSS with 10,000 agents vs idle; no subprocess left behind
+ *   agents    gateway RSS with 10,000 agents (fleet.toml instances; 1,000 of them run an
+ *             episode, --all-episodes: all) vs idle; no subprocess left behind
+ *
+ * Every gateway runs as its own process (`bun gateway/cli.ts start`), as do the baseline
+ * brokers; bare spawn baselines run in this process like the gateway's runner does. Gateway
+ * and baseline are measured in interleaved rounds (medians), so load from elsewhere on the
+ * machine hits both. BENCH_PROFILE_DIR=DIR makes each gateway write a markdown CPU profile.
  *
  * Progress goes to stderr; stdout gets one table per section, the summary, and (unless
  * --json FILE is given) the results as JSON on its last line. Exit code 0 even when a
@@ -19,7 +26,7 @@ import { writeFileSync } from "node:fs";
 import { cpus } from "node:os";
 import { benchAgents } from "./bench/agents.ts";
 import { benchEpisodes, benchLatency } from "./bench/episodes.ts";
-import { cleanupAll, rowCells, table, type BenchOptions, type Row } from "./bench/harness.ts";
+import { beginShutdown, cleanupAll, rowCells, table, type BenchOptions, type Row } from "./bench/harness.ts";
 import { benchIntake } from "./bench/intake.ts";
 
 const SECTIONS = ["intake", "episodes", "latency", "agents"] as const;
@@ -68,6 +75,7 @@ for (const sig of ["SIGINT", "SIGTERM"] as const) {
   process.on(sig, () => {
     if (interrupted) return;
     interrupted = true;
+    beginShutdown();
     console.error(`bench: ${sig}, cleaning up`);
     void cleanupAll().finally(() => process.exit(130));
   });
@@ -77,6 +85,7 @@ const HEAD = ["metric", "gateway", "baseline", "ratio", "target", "ok"];
 const rows: Row[] = [];
 const errors: { section: Section; error: string }[] = [];
 for (const section of chosen) {
+  if (interrupted) break;
   try {
     const got = await run[section]();
     rows.push(...got);

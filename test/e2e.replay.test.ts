@@ -258,6 +258,25 @@ describe("fleet replay --agent <type/key> --module FILE", () => {
   }, SLOW);
 });
 
+describe("fleet gc while the gateway runs", () => {
+  test("`fleet gc --dry-run` goes through the running gateway (POST /api/gc) and changes nothing", async () => {
+    const count = async (table: string) => Number(Object.values((await fleet.query(`SELECT count(*) AS n FROM ${table}`))[0]!)[0]);
+    const before = { episodes: await count("episodes"), events: await count("events"), stimuli: await count("stimuli"), checkpoints: await count("checkpoints") };
+    expect(before).toMatchObject({ episodes: 18, stimuli: 18, checkpoints: 17 });
+
+    // Nothing is old yet, and no agent has more than `keep` (default 50) checkpoints.
+    const now = await fleet.cli("gc", "--dry-run");
+    expect(now.code).toBe(0);
+    expect(now.json).toMatchObject({ tombstoned: 0, checkpointsDeleted: 0, episodesDeleted: 0, eventsDeleted: 0, stimuliForgotten: 0 });
+
+    // Forty days on, every episode log (30 days) and dedup record (7 days) would go.
+    const later = await fleet.cli("gc", "--dry-run", "--now", String(Date.now() + 40 * 86_400_000));
+    expect(later.code).toBe(0);
+    expect(later.json).toMatchObject({ tombstoned: 0, checkpointsDeleted: 0, episodesDeleted: 18, eventsDeleted: before.events, stimuliForgotten: 18 });
+    expect({ episodes: await count("episodes"), events: await count("events"), stimuli: await count("stimuli"), checkpoints: await count("checkpoints") }).toEqual(before);
+  }, SLOW);
+});
+
 describe("fleet verify", () => {
   const AGENT = "temp-monitor/boiler-1";
   let db: ReturnType<typeof openDbFile>;
@@ -338,5 +357,37 @@ describe("fleet verify", () => {
       await db.execute({ sql: "UPDATE events SET data = ? WHERE episode = ? AND seq = ?", args: [ev.data, alert.id, ev.seq] });
     }
     expect((await verify()).code).toBe(0);
+  }, SLOW);
+
+  test("an episode whose whole event log was deleted fails verify too (retention never does that)", async () => {
+    const ep = episodeOf("dice/d1", "d2");
+    const saved = (await db.execute({ sql: "SELECT episode, seq, kind, data FROM events WHERE episode = ? ORDER BY seq", args: [ep.id] })).rows.map((r) => ({ ...r }));
+    expect(saved.length).toBe(7);
+    await db.execute({ sql: "DELETE FROM events WHERE episode = ?", args: [ep.id] });
+    try {
+      const j = await verify();
+      expect(j.code).toBe(1);
+      expect(j.json.problems).toEqual([{ agent: "dice/d1", record: `episode ${ep.id}`, problem: "event log missing (7 event(s) recorded)" }]);
+    } finally {
+      for (const r of saved) await db.execute({ sql: "INSERT INTO events (episode, seq, kind, data) VALUES (?, ?, ?, ?)", args: [r.episode as string, r.seq as number, r.kind as string, r.data as string] });
+    }
+    expect((await verify()).code).toBe(0);
+  }, SLOW);
+});
+
+describe("fleet gc on the stopped gateway's data dir", () => {
+  test("collecting past every retention window keeps the chains verifiable; a collected episode is reported, not replayed", async () => {
+    const collected = episodeOf("temp-monitor/boiler-1", "r4");
+    const gc = await runCli(["gc", "--config", fleet.configPath, "--data-dir", fleet.dataDir, "--now", String(Date.now() + 40 * 86_400_000), "--json"], { timeoutMs: SLOW });
+    expect(gc.code).toBe(0);
+    expect(gc.json).toMatchObject({ tombstoned: 0, checkpointsDeleted: 0, episodesDeleted: 18, stimuliForgotten: 18 });
+
+    const v = await fleet.cli("verify");
+    expect(v.code).toBe(0);
+    expect(v.json).toEqual({ agents: 3, checkpoints: 17, episodes: 0, problems: [] });
+
+    const r = await fleet.cli("replay", collected.id);
+    expect(r.code).toBe(1);
+    expect(r.json.verdict).toBe("UNREPLAYABLE");
   }, SLOW);
 });

@@ -118,14 +118,22 @@ episodes_per_hour = 1000000
   }, T);
 
   test("a SIGTERM and restart within the interval window fires no id twice and skips none", async () => {
-    // Stop right after a fire, so the restart lands in the same 1 s window whenever it is quick.
-    const before = await timerFires(fleet, "tick/a");
-    await waitFor(async () => (await timerFires(fleet, "tick/a")).length > before.length || undefined, 10_000, "a fresh fire");
-    const lastBefore = (await timerFires(fleet, "tick/a")).at(-1)!;
-    expect(await fleet.stop()).toBe(0);
-    await fleet.start();
-    const restartedAt = Date.now();
-    measured["timer restart landed in the same window"] = String(restartedAt < lastBefore + 1000);
+    // Stop right after a fire and restart at once, so the gateway comes back inside the window
+    // of the fire it already recorded (retried when a busy machine makes startup take longer).
+    let restartedAt = 0;
+    let sameWindow = false;
+    let cycles = 0;
+    while (!sameWindow && cycles < 3) {
+      cycles++;
+      const before = await timerFires(fleet, "tick/a");
+      await waitFor(async () => (await timerFires(fleet, "tick/a")).length > before.length || undefined, 10_000, "a fresh fire");
+      const lastBefore = (await timerFires(fleet, "tick/a")).at(-1)!;
+      expect(await fleet.stop()).toBe(0);
+      await fleet.start();
+      restartedAt = Date.now(); // the timers were re-planned before start() returned
+      sameWindow = restartedAt < lastBefore + 1000;
+    }
+    measured["timer restart inside the fire's window"] = `${sameWindow} after ${cycles} restart(s)`;
     await waitFor(async () => (await timerFires(fleet, "tick/c")).filter((t) => t > restartedAt).length >= 3 || undefined, 20_000, "3 fires after the restart");
     for (const a of agents) {
       const fires = await timerFires(fleet, a);

@@ -10,7 +10,7 @@
  * linked exactly as EpisodeExecutor links it) with an injected clock spreading the
  * episodes over several days. That path costs ~0.5–1 ms of CPU per episode (drizzle SQL
  * building and libSQL statement preparation), so CI runs two cycles of FLEET_GC_EPISODES
- * episodes each (default 10,000); `FLEET_GC_EPISODES=100000 bun test test/gc.test.ts` runs
+ * episodes each (default 8,000); `FLEET_GC_EPISODES=100000 bun test test/gc.test.ts` runs
  * the issue's full scale (and `bun scripts/bench-ops.ts` measures GC throughput on it).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
@@ -22,7 +22,7 @@ import { verifyStore } from "../gateway/verify.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { DAY, HOUR, SyntheticFleet } from "./helpers/ops.ts";
 
-const EPISODES = Number(process.env.FLEET_GC_EPISODES ?? 10_000);
+const EPISODES = Number(process.env.FLEET_GC_EPISODES ?? 8_000);
 const KEEP = 10;
 const RUN_DAYS = 4;
 const T0 = Date.UTC(2025, 0, 6);

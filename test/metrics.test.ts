@@ -169,9 +169,11 @@ describe("/metrics", () => {
     const mqtt = await connectMqtt(gw.broker.port);
     try {
       const sub = await subscribe(mqtt, "fleet/health");
-      const msg = await sub.next((m) => m.json?.rates?.episodes >= 6, 10_000, "a fleet/health with the last minute's 6 episodes");
+      // Rates are live; the per-type part comes from the store snapshot (up to a second old):
+      // wait for a tick whose snapshot has seen all 5 counter episodes.
+      const msg = await sub.next((m) => m.json?.rates?.episodes >= 6 && m.json?.types?.counter?.episodes_hour === 5, 10_000, "a fleet/health with the last minute's 6 episodes");
       const h = msg.json;
-      const x = await scrape(base);
+      const x = await scrapeUntil((x) => sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }) === 5, "/metrics with the same snapshot");
       expect(h.rates.episodes).toBe((sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) ?? 0) + (sampleValue(x, "fleet_episodes_total", { type: "thrower", outcome: "failed" }) ?? 0));
       expect(h.rates.failures).toBe(1);
       expect(h.rates.failure_ratio).toBeCloseTo(1 / 6, 3);

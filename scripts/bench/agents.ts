@@ -27,7 +27,7 @@ async function settledRssMb(gw: GatewayProc): Promise<number> {
 /** Run section (d). */
 export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): Promise<Row[]> {
   const agents = o.quick ? 1_000 : 10_000;
-  const driven = o.allEpisodes ? agents : o.quick ? 200 : 1_000;
+  const driven = o.allEpisodes ? agents : o.quick ? 120 : 1_000;
   o.log(`agents: ${agents} agents deployed via fleet.toml instances, ${driven} of them run one episode each`);
 
   const idle = await startGateway("agents-idle", benchFleet({ maxConcurrent: 4 }));

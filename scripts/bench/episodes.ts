@@ -35,7 +35,7 @@ async function gatewayBatch(client: MqttClient, summaries: Collector<Summary>, p
 
 /** Run section (b). */
 export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
-  const k = o.quick ? 90 : 300;
+  const k = o.quick ? 60 : 300;
   const perRound = Math.round(k / ROUNDS);
   o.log(`episodes: ${ROUNDS} interleaved rounds of ${perRound} stimuli for distinct agents per target, concurrency ${CONCURRENCY}`);
 

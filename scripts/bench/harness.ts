@@ -34,6 +34,12 @@ export interface BenchOptions {
 
 type Undo = () => void | Promise<void>;
 const undos: Undo[] = [];
+let shuttingDown = false;
+
+/** After this, anything registered with `defer` is undone at once (an interrupted run). */
+export function beginShutdown(): void {
+  shuttingDown = true;
+}
 
 /** Remember something to undo at exit (LIFO); returns a function that undoes it now. */
 export function defer(undo: Undo): () => Promise<void> {
@@ -47,6 +53,7 @@ export function defer(undo: Undo): () => Promise<void> {
   };
   const wrapped: Undo = run;
   undos.push(wrapped);
+  if (shuttingDown) void run().catch(() => undefined);
   return run;
 }
 

@@ -196,8 +196,12 @@ export function startEchoServer(): { port: number; requests: SeenRequest[]; stop
   return { port: server.port!, requests, stop: () => void server.stop(true) };
 }
 
-/** A local OpenAI-compatible `POST /v1/chat/completions` that answers with fixed usage. */
-export function startLlmServer(usage: { prompt_tokens: number; completion_tokens: number }): { port: number; requests: SeenRequest[]; stop(): void } {
+/**
+ * A local OpenAI-compatible `POST /v1/chat/completions` that answers with fixed usage; a
+ * request whose last message contains "slow" is answered after `slowMs` (an episode that is
+ * still running when a test kills the gateway).
+ */
+export function startLlmServer(usage: { prompt_tokens: number; completion_tokens: number }, slowMs = 3000): { port: number; requests: SeenRequest[]; stop(): void } {
   const requests: SeenRequest[] = [];
   const server = Bun.serve({
     hostname: "127.0.0.1",
@@ -207,7 +211,8 @@ export function startLlmServer(usage: { prompt_tokens: number; completion_tokens
       const seen = { method: req.method, path: url.pathname, headers: Object.fromEntries(req.headers), body: await req.text() };
       requests.push(seen);
       if (req.method !== "POST" || url.pathname !== "/v1/chat/completions") return new Response("not found", { status: 404 });
-      const body = JSON.parse(seen.body) as { model: string };
+      const body = JSON.parse(seen.body) as { model: string; messages: { content: string }[] };
+      if (body.messages.at(-1)?.content.includes("slow")) await Bun.sleep(slowMs);
       return Response.json({
         id: `chatcmpl-${requests.length}`,
         object: "chat.completion",

@@ -1,0 +1,174 @@
+#!/usr/bin/env bun
+/**
+ * The cost of policy (issue 4): `bun scripts/bench-policy.ts [--quick]`.
+ *
+ * 1. Episodes/s with tools and budgets on (every episode makes 3 gated `publish` tool calls;
+ *    every budget set, cost metered) vs off (no tool calls, default budgets): one gateway,
+ *    the same agent module and config otherwise, stimuli spread over 16 agents.
+ * 2. Stimulus -> `out` latency (p50/p99) of a quiet agent pinged every 200 ms, alone vs
+ *    while another agent is flooded with thousands of QoS 1 stimuli.
+ *
+ * Real gateway process, real MQTT (mqtt.js), real episode subprocesses. `benchPolicy()` is
+ * exported so a bench runner can include it; run directly it prints a table.
+ */
+import { loadavg } from "node:os";
+import type { MqttClient } from "mqtt";
+import { TestFleet, cleanupAll, subscribe, waitFor } from "../test/helpers/gateway.ts";
+import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
+
+/** One measured line: the same metric without and with the thing under test. */
+export interface PolicyRow {
+  readonly metric: string;
+  readonly unit: string;
+  readonly baselineLabel: string;
+  readonly baseline: number;
+  readonly measuredLabel: string;
+  readonly measured: number;
+  /** measured / baseline. */
+  readonly ratio: number;
+}
+
+/** Options of the policy bench. */
+export interface PolicyBenchOptions {
+  readonly quick: boolean;
+  readonly log?: (line: string) => void;
+}
+
+const KEYS = 16;
+const STEPS = [0, 1, 2].map((i) => ({ tool: "publish", args: [`bench/policy/${i}`, { i }] }));
+
+/** Send `n` stimuli over KEYS agents of `type` and time until all their outputs arrived; episodes/s. */
+async function throughput(client: MqttClient, outs: { count: (type: string) => number }, type: string, n: number, steps: unknown[]): Promise<number> {
+  const before = outs.count(type);
+  const began = performance.now();
+  const acks: Promise<unknown>[] = [];
+  for (let i = 0; i < n; i++) {
+    acks.push(client.publishAsync(`${type}/k${i % KEYS}/in`, JSON.stringify({ id: `${type}-${began.toFixed(0)}-${i}`, steps }), { qos: 1 }));
+  }
+  await Promise.all(acks);
+  await waitFor(() => outs.count(type) - before >= n, 10 * 60_000, `${n} outputs of ${type}`, 20);
+  return n / ((performance.now() - began) / 1000);
+}
+
+/** Run both measurements; returns the rows (also logged as they come when `log` is given). */
+export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
+  const log = o.log ?? (() => {});
+  const rows: PolicyRow[] = [];
+  const scripted = policyAgent("scripted");
+
+  // ---- 1. throughput, policy off vs on --------------------------------------------------
+  {
+    const fleet = new TestFleet(
+      fleetHeader("bench-policy-throughput", { maxConcurrent: 4 }) +
+        agentBlock("off", scripted) +
+        agentBlock("on", scripted, {
+          tools: ["publish"],
+          publish: ["bench/#"],
+          budget: {
+            episodes_per_hour: 1_000_000,
+            tool_calls_per_episode: 5,
+            tokens_per_day: 1_000_000,
+            episode_timeout_ms: 5000,
+            memory_mb: 256,
+            tool_costs: "{ publish = 0.001 }",
+            cost_per_day: 1_000_000,
+          },
+        }),
+    );
+    try {
+      await fleet.start();
+      const client = await fleet.mqtt();
+      const sub = await fleet.mqtt();
+      const counts = new Map<string, number>();
+      sub.on("message", (topic) => {
+        const type = topic.split("/")[2]!;
+        counts.set(type, (counts.get(type) ?? 0) + 1);
+      });
+      await subscribe(sub, "fleet/agents/+/+/out");
+      const outs = { count: (t: string) => counts.get(t) ?? 0 };
+      const n = o.quick ? 120 : 600;
+      // Warm both (module load, first checkpoint of every agent), then alternate rounds.
+      await throughput(client, outs, "off", KEYS, []);
+      await throughput(client, outs, "on", KEYS, STEPS);
+      const off: number[] = [];
+      const on: number[] = [];
+      for (let round = 0; round < (o.quick ? 1 : 2); round++) {
+        off.push(await throughput(client, outs, "off", n, []));
+        log(`  throughput round ${round + 1}: policy off ${off.at(-1)!.toFixed(1)} episodes/s`);
+        on.push(await throughput(client, outs, "on", n, STEPS));
+        log(`  throughput round ${round + 1}: policy on  ${on.at(-1)!.toFixed(1)} episodes/s`);
+      }
+      const best = (xs: number[]) => Math.max(...xs);
+      rows.push({ metric: "episodes/s (3 tool calls + budgets vs none)", unit: "ep/s", baselineLabel: "off", baseline: best(off), measuredLabel: "on", measured: best(on), ratio: best(on) / best(off) });
+    } finally {
+      await fleet.dispose();
+    }
+  }
+
+  // ---- 2. quiet agent latency, alone vs while another is flooded ------------------------
+  {
+    const fleet = new TestFleet(fleetHeader("bench-policy-flood", { maxConcurrent: 4 }) + agentBlock("quiet", policyAgent("steady")) + agentBlock("flood", policyAgent("steady")));
+    try {
+      await fleet.start();
+      const client = await fleet.mqtt();
+      const sub = await fleet.mqtt();
+      const quiet = await Pinger.create(client, sub, "quiet/a", "q");
+      quiet.ping();
+      await quiet.settle();
+      const seconds = o.quick ? 4 : 10;
+      let from = performance.now();
+      quiet.start(200);
+      await Bun.sleep(seconds * 1000);
+      await quiet.stop();
+      const solo = quiet.latencies(from);
+
+      const flooder = await fleet.mqtt();
+      const floodN = o.quick ? 1000 : 5000;
+      const acked = Promise.all(Array.from({ length: floodN }, (_, i) => flooder.publishAsync("flood/f1/in", JSON.stringify({ id: `f${i}` }), { qos: 1 })));
+      await waitFor(async () => (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1'"))[0]!.n >= Math.min(200, floodN), 60_000, "the flood to arrive");
+      from = performance.now();
+      quiet.start(200);
+      await Bun.sleep(seconds * 1000);
+      await quiet.stop(60_000);
+      const flooded = quiet.latencies(from);
+      await acked;
+      const [{ n: backlog }] = (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'")) as [{ n: number }];
+      log(`  flood: ${floodN} stimuli to flood/f1, ${backlog} still queued when the measurement ended`);
+      for (const [q, name] of [[0.5, "p50"], [0.99, "p99"]] as const) {
+        const a = percentile(solo, q);
+        const b = percentile(flooded, q);
+        rows.push({ metric: `quiet agent stimulus->out ${name} (n=${flooded.length})`, unit: "ms", baselineLabel: "no flood", baseline: a, measuredLabel: "flood", measured: b, ratio: b / a });
+      }
+      await quiet.close();
+    } finally {
+      await fleet.dispose();
+    }
+  }
+  return rows;
+}
+
+/** Render rows as a plain-text table. */
+export function renderPolicyTable(rows: readonly PolicyRow[]): string {
+  const cells = rows.map((r) => [r.metric, `${r.baselineLabel}: ${r.baseline.toFixed(1)} ${r.unit}`, `${r.measuredLabel}: ${r.measured.toFixed(1)} ${r.unit}`, `${r.ratio.toFixed(2)}x`]);
+  const head = ["metric", "baseline", "measured", "ratio"];
+  const widths = head.map((h, i) => Math.max(h.length, ...cells.map((c) => c[i]!.length)));
+  const line = (c: readonly string[]) => c.map((v, i) => v.padEnd(widths[i]!)).join("  ").trimEnd();
+  return [line(head), line(widths.map((w) => "-".repeat(w))), ...cells.map(line)].join("\n");
+}
+
+if (import.meta.main) {
+  const quick = process.argv.includes("--quick");
+  const stop = async () => {
+    await cleanupAll();
+    process.exit(130);
+  };
+  process.on("SIGINT", () => void stop());
+  process.on("SIGTERM", () => void stop());
+  console.log(`policy bench${quick ? " (--quick)" : ""}: real gateway, mqtt.js, episode subprocesses; load average ${loadavg().map((l) => l.toFixed(1)).join(" ")}`);
+  try {
+    const rows = await benchPolicy({ quick, log: (l) => console.log(l) });
+    console.log(`\n${renderPolicyTable(rows)}`);
+  } finally {
+    await cleanupAll();
+  }
+}
