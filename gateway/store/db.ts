@@ -4,7 +4,7 @@
  * writes goes through `GroupCommitter`, which folds the jobs queued in one turn of the
  * event loop into a single transaction, so one fsync covers many stimuli.
  */
-import { createClient, type Client } from "@libsql/client";
+import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client";
 import { drizzle, type LibSQLDatabase } from "drizzle-orm/libsql";
 import type { BatchItem } from "drizzle-orm/batch";
 import { mkdirSync } from "node:fs";
@@ -15,8 +15,21 @@ import { DDL, SCHEMA_VERSION } from "./migrate.ts";
 /** The drizzle handle over the fleet schema. */
 export type Db = LibSQLDatabase<typeof schema>;
 
-/** One statement of a write job. */
-export type WriteItem = BatchItem<"sqlite">;
+/** A statement already in SQL (the hot paths skip drizzle's query building). */
+export interface RawStatement {
+  readonly sql: string;
+  readonly args: InArgs;
+}
+
+/** One statement of a write job: a drizzle query or raw SQL. Results are libSQL ResultSets. */
+export type WriteItem = BatchItem<"sqlite"> | RawStatement;
+
+function toStatement(item: WriteItem): RawStatement {
+  if ("args" in item && typeof (item as RawStatement).sql === "string") return item as RawStatement;
+  const q = item as unknown as { toSQL?: () => { sql: string; params: unknown[] }; getQuery?: () => { sql: string; params: unknown[] } };
+  const built = q.toSQL ? q.toSQL() : q.getQuery!();
+  return { sql: built.sql, args: built.params as InArgs };
+}
 
 /** Options for `openDb`. */
 export interface OpenDbOptions {
@@ -45,8 +58,8 @@ export async function openDb(path: string, opts: OpenDbOptions): Promise<{ clien
 }
 
 interface Job {
-  items: WriteItem[];
-  resolve: (results: unknown[]) => void;
+  items: RawStatement[];
+  resolve: (results: ResultSet[]) => void;
   reject: (err: unknown) => void;
 }
 
@@ -71,13 +84,13 @@ export class GroupCommitter {
   /** Optional observer of each commit's duration (metrics histogram). */
   onCommit: ((ms: number, jobs: number) => void) | null = null;
 
-  constructor(private readonly db: Db) {}
+  constructor(private readonly client: Client) {}
 
-  /** Queue a job; resolves with one result per statement once durably committed. */
-  write(items: WriteItem[]): Promise<unknown[]> {
+  /** Queue a job; resolves with one ResultSet per statement once durably committed. */
+  write(items: WriteItem[]): Promise<ResultSet[]> {
     if (items.length === 0) return Promise.resolve([]);
     return new Promise((resolve, reject) => {
-      this.queue.push({ items, resolve, reject });
+      this.queue.push({ items: items.map(toStatement), resolve, reject });
       if (!this.scheduled) {
         this.scheduled = true;
         // setImmediate lets every packet already read from sockets join this transaction.
@@ -120,10 +133,10 @@ export class GroupCommitter {
     const started = performance.now();
     const all = jobs.flatMap((j) => j.items);
     try {
-      const results = await this.db.batch(all as unknown as [WriteItem, ...WriteItem[]]);
+      const results = await this.client.batch(all, "write");
       let i = 0;
       for (const job of jobs) {
-        job.resolve(results.slice(i, i + job.items.length) as unknown[]);
+        job.resolve(results.slice(i, i + job.items.length));
         i += job.items.length;
       }
     } catch (err) {
@@ -132,7 +145,7 @@ export class GroupCommitter {
       } else {
         for (const job of jobs) {
           try {
-            job.resolve((await this.db.batch(job.items as unknown as [WriteItem, ...WriteItem[]])) as unknown[]);
+            job.resolve(await this.client.batch(job.items, "write"));
           } catch (e) {
             job.reject(e);
           }
