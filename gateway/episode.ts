@@ -27,6 +27,12 @@ export interface EpisodeDeps {
   readonly now: () => number;
   /** True while the gateway drains: an aborted episode is then not a failure, its stimulus stays queued. */
   readonly stopping: () => boolean;
+  /** Counter bumped by operator lifecycle actions; unchanged means no pause/retire happened meanwhile. */
+  readonly lifecycleStamp?: (agent: string) => number;
+  /** Whether stimuli still wait for the agent (the gateway's in-memory count). */
+  readonly hasQueued?: (agent: string) => boolean;
+  /** Publish a committed episode's outbox now (effects after commit). */
+  readonly publishCommitted?: (episode: string, rows: readonly { topic: string; payload: string; qos: number; retain: boolean }[]) => void;
 }
 
 /** Budget windows an episode's usage is booked in. */
@@ -86,7 +92,8 @@ export class EpisodeExecutor {
     }
 
     const win = budgetWindows(now);
-    let over = await this.overBudget(agent, win);
+    const usage = await store.usage(agentId, [win.hourWindow, win.dayWindow]);
+    let over = this.overBudget(agent, win, usage);
     // An operator's `fleet resume` of a budget pause lets the agent run until that window ends.
     if (over && Number((await store.getMeta(`budget_override:${agentId}`)) ?? 0) > now) over = null;
     if (over) {
@@ -114,8 +121,8 @@ export class EpisodeExecutor {
     const episode = newEpisodeId();
     const stimulus = toStimulus(head);
     const attempt = head.attempts + 1;
-    const usage = await store.usage(agentId, [win.dayWindow]);
-    const tokensLeft = type.budget.tokens_per_day - (usage[0]?.tokens ?? 0);
+    const tokensLeft = type.budget.tokens_per_day - (usage.find((u) => u.window === win.dayWindow)?.tokens ?? 0);
+    const stamp = this.d.lifecycleStamp?.(agentId);
     const gate = new ToolGate({ type: agent.type, key: agent.key, id: agentId }, type, sv.spec, this.d.toolEnv, tokensLeft);
     this.d.events.emit("status", { agent: agentId, status: "running" });
     const log = this.d.log.child({ agent: agentId, episode, stimulus: head.sid });
@@ -178,8 +185,8 @@ export class EpisodeExecutor {
       });
       log.warn({ kind: result.kind, attempt, quarantined: quarantine }, `episode failed (${result.kind}): ${result.message.split("\n")[0]}`);
       this.d.events.emit("episode", { episode, agent: agentId, stimulus: head.sid, status: "failed", kind: result.kind, checkpoint: agent.headHash, ms: result.ms, type: agent.type, quarantined: quarantine });
-      await this.emitSettled(agentId, agent.headHash, `last episode failed: ${result.kind}`);
-      return retryAt === null ? { kind: "ran" } : { kind: "wait", until: retryAt };
+      await this.emitSettled(agentId, stamp, agent.headHash, `last episode failed: ${result.kind}`);
+      return retryAt === null ? { kind: "ran", more: this.d.hasQueued?.(agentId) } : { kind: "wait", until: retryAt };
     }
 
     const seq = agent.headSeq + 1;
@@ -214,18 +221,21 @@ export class EpisodeExecutor {
       usage: bookUsage,
     });
     log.debug({ ms: Math.round(result.ms), checkpoint: hash }, "episode committed");
+    this.d.publishCommitted?.(episode, outbox);
     this.d.events.emit("episode", { episode, agent: agentId, stimulus: head.sid, status: "committed", checkpoint: hash, ms: result.ms, type: agent.type, quarantined: false });
-    await this.emitSettled(agentId, hash);
+    await this.emitSettled(agentId, stamp, hash);
     for (const s of inbox) this.d.events.emit("queued", { agent: s.agent });
-    return { kind: "ran" };
+    return { kind: "ran", more: this.d.hasQueued?.(agentId) };
   }
 
   /**
    * The status after an episode: idle, unless an operator paused or retired the agent while
    * it ran (the retained status topic must not overwrite that with "idle").
    */
-  private async emitSettled(agentId: string, checkpoint: string | null, reason?: string): Promise<void> {
-    const now = await this.d.store.getAgent(agentId);
+  private async emitSettled(agentId: string, stamp: number | undefined, checkpoint: string | null, reason?: string): Promise<void> {
+    // Only an operator action during the episode can have changed the stored status.
+    const changed = stamp === undefined || this.d.lifecycleStamp?.(agentId) !== stamp;
+    const now = changed ? await this.d.store.getAgent(agentId) : null;
     if (now && now.status !== "active") {
       this.d.events.emit("status", { agent: agentId, status: now.status, ...(now.reason ? { reason: now.reason } : {}), checkpoint });
       return;
@@ -233,10 +243,13 @@ export class EpisodeExecutor {
     this.d.events.emit("status", { agent: agentId, status: "idle", checkpoint, ...(reason ? { reason } : {}) });
   }
 
-  private async overBudget(agent: AgentRow, win: ReturnType<typeof budgetWindows>): Promise<{ budget: string; reason: string; until: number } | null> {
+  private overBudget(
+    agent: AgentRow,
+    win: ReturnType<typeof budgetWindows>,
+    rows: readonly { window: string; episodes: number; tokens: number; cost: number }[],
+  ): { budget: string; reason: string; until: number } | null {
     const type = this.d.spec().spec.agents[agent.type];
     if (!type) return null;
-    const rows = await this.d.store.usage(agent.id, [win.hourWindow, win.dayWindow]);
     const hour = rows.find((r) => r.window === win.hourWindow);
     const day = rows.find((r) => r.window === win.dayWindow);
     const b = type.budget;

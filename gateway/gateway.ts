@@ -63,6 +63,8 @@ export class Gateway {
   private route!: (topic: string) => Route;
   private readonly retired = new Set<string>();
   private readonly queuedCounts = new Map<string, number>();
+  /** Bumped on every operator lifecycle action, so a finishing episode knows whether to re-read status. */
+  private readonly lifecycleStamps = new Map<string, number>();
   private healthTimer: ReturnType<typeof setInterval> | null = null;
   private gcTimer: ReturnType<typeof setInterval> | null = null;
   private gcRunning = false;
@@ -114,6 +116,9 @@ export class Gateway {
       log: this.log,
       now: this.now,
       stopping: () => this.state === "draining" || this.state === "stopped",
+      lifecycleStamp: (a) => this.lifecycleStamps.get(a) ?? 0,
+      hasQueued: (a) => (this.queuedCounts.get(a) ?? 0) > 0,
+      publishCommitted: (episode, rows) => this.effects.publishCommitted(episode, rows),
     });
     this.scheduler = new Scheduler({ maxConcurrent: spec.fleet.max_concurrent_episodes, runTurn: (a) => executor.turn(a), now: this.now });
     this.intake = new Intake(
@@ -198,6 +203,7 @@ export class Gateway {
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
     await this.effects?.kick().catch(() => undefined);
+    await this.effects?.flush();
     this.http?.stop();
     await this.broker?.close();
     await this.store?.close();
@@ -312,6 +318,7 @@ export class Gateway {
 
   /** Operator lifecycle: pause, resume or retire an agent. */
   async setLifecycle(id: string, action: "pause" | "resume" | "retire"): Promise<{ ok: true } | { ok: false; reason: string }> {
+    this.lifecycleStamps.set(id, (this.lifecycleStamps.get(id) ?? 0) + 1);
     const agent = await this.store.getAgent(id);
     if (!agent) return { ok: false, reason: `no agent ${id}` };
     if (action === "pause") {
@@ -347,7 +354,6 @@ export class Gateway {
         if (n <= 0) this.queuedCounts.delete(e.agent);
         else this.queuedCounts.set(e.agent, n);
       }
-      if (e.status === "committed") void this.effects.kick();
       else void this.broker.publish(topics.episodes, JSON.stringify({ episode: e.episode, agent: e.agent, stimulus: e.stimulus, status: "failed", kind: e.kind, checkpoint: e.checkpoint, ms: Math.round(e.ms) })).catch(() => undefined);
     });
     this.events.on("queued", (e) => this.noteQueued(e.agent));

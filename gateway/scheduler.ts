@@ -7,8 +7,8 @@
 
 /** What running one episode for an agent reported back. */
 export type TurnResult =
-  /** An episode ran (committed or failed); the agent may have more work. */
-  | { readonly kind: "ran" }
+  /** An episode ran (committed or failed); `more` says whether work is left (undefined: unknown, look again). */
+  | { readonly kind: "ran"; readonly more?: boolean }
   /** Nothing queued after all. */
   | { readonly kind: "empty" }
   /** Head of queue must wait until `until` (retry backoff, budget window). */
@@ -177,9 +177,13 @@ export class Scheduler {
         slot.wokenWhileRunning = false;
         switch (r.kind) {
           case "ran":
-            slot.queued = Math.max(0, slot.queued - 1);
-            // Unknown remaining count is fine: an empty turn drops the slot.
-            if (slot.queued === 0) slot.queued = 1;
+            if (r.more === false) slot.queued = added;
+            else {
+              slot.queued = Math.max(0, slot.queued - 1);
+              // Unknown remaining count is fine: an empty turn drops the slot.
+              if (slot.queued === 0) slot.queued = 1;
+            }
+            if (woken && slot.queued === 0) slot.queued = 1;
             break;
           case "empty":
             slot.queued = woken ? Math.max(1, added) : added;

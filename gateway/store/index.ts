@@ -391,6 +391,11 @@ export class Store {
     return this.db.select().from(t.outbox).orderBy(asc(t.outbox.id)).limit(limit).all();
   }
 
+  /** Forget the effects of episodes whose outbox was published. */
+  async deleteOutboxOf(episodes: readonly string[]): Promise<void> {
+    if (episodes.length > 0) await this.writer.write(chunks(episodes).map((part) => ({ sql: `DELETE FROM outbox WHERE episode IN (${part.map(() => "?").join(",")})`, args: [...part] })));
+  }
+
   /** Forget effects that were published. */
   async deleteOutbox(ids: readonly number[]): Promise<void> {
     if (ids.length > 0) await this.writer.write(chunks(ids).map((part) => this.db.delete(t.outbox).where(inArray(t.outbox.id, part))));
