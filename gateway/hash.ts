@@ -3,7 +3,7 @@
  * logs, spec versions) is hashed over `canonicalJson`, so equal values hash equally
  * whatever order their keys were built in.
  */
-import { blake3 } from "hash-wasm";
+import { createBLAKE3, type IHasher } from "hash-wasm";
 import type { Blake3Hex } from "./spec/types.ts";
 
 /**
@@ -30,9 +30,15 @@ export function canonicalJson(value: unknown): string {
   throw new TypeError(`cannot encode ${typeof value}`);
 }
 
+// One hasher, reused (NOTES: much cheaper than the one-shot blake3(), which sets up WASM
+// state per call). init/update/digest run synchronously, so calls cannot interleave.
+let hasher: IHasher | null = null;
+let pending: Promise<IHasher> | null = null;
+
 /** BLAKE3 (256-bit) of a string or bytes, as lowercase hex. */
 export async function blake3Hex(data: string | Uint8Array): Promise<Blake3Hex> {
-  return (await blake3(data)) as Blake3Hex;
+  const h = hasher ?? (await (pending ??= createBLAKE3().then((x) => (hasher = x))));
+  return h.init().update(data).digest("hex") as Blake3Hex;
 }
 
 /** BLAKE3 over the canonical encoding of a value. */

@@ -16,7 +16,7 @@
  * `--quick`: 2,000 agents, 50 requests per endpoint, 20,000 episodes. Exports `benchOps`
  * for scripts/bench.ts. Progress on stderr; the tables on stdout, then the rows as JSON.
  */
-import { writeFileSync } from "node:fs";
+import { statSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { cpus } from "node:os";
 import { gcAll, gcPass, gcTotal, type GcReport } from "../gateway/gc.ts";
@@ -129,6 +129,7 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     const { last } = await fleet.commit(episodes, t0, (4 * DAY) / episodes);
     const fillSecs = (performance.now() - fillStart) / 1000;
     await fleet.checkpointWal();
+    const filledMb = statSync(fleet.dbPath).size / 1e6;
     o.log(`  filled in ${fillSecs.toFixed(1)} s (${fmt(episodes / fillSecs)} commits/s); ${JSON.stringify(await fleet.counts())}`);
 
     // Background passes at the end of the run: most checkpoints tombstoned, older days collected.
@@ -155,6 +156,7 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     const info = (metric: string, unit: string, value: number, note?: string): Row => ({ section: "ops-gc", metric, unit, gateway: value, baseline: null, ratio: null, ratioKind: "x", target: "-", ok: null, ...(note ? { note } : {}) });
     return [
       info(`store fill through Store.commitEpisode, ${fmt(episodes)} episodes`, "commits/s", episodes / fillSecs),
+      info("DB file after the fill", "MB", filledMb),
       info("GC background passes (batch 2000), records collected", "records/s", background / backgroundSecs, `${fmt(background)} records in ${passMs.length} passes`),
       info("GC background pass duration p50", "ms", quantile(passMs, 0.5)),
       info("GC background pass duration max", "ms", Math.max(...passMs)),
