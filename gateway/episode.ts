@@ -6,7 +6,7 @@
 import type { Logger } from "pino";
 import type { Stimulus, EpisodeRecord } from "../agents/protocol.ts";
 import { IntegrityError, hashEvents, sealCheckpoint, verifyCheckpointRow } from "./checkpoint.ts";
-import { runEpisode, type RunResult, type SpawnOptions } from "./runner.ts";
+import { runEpisode, type RunResult, type SparePool, type SpawnOptions } from "./runner.ts";
 import type { SpecVersion } from "./spec/types.ts";
 import type { Store, AgentRow, StimulusRow } from "./store/index.ts";
 import type { TurnResult } from "./scheduler.ts";
@@ -21,6 +21,8 @@ export interface EpisodeDeps {
   /** The spec version episodes start on now. */
   readonly spec: () => SpecVersion;
   readonly spawn: SpawnOptions;
+  /** Warm spare host processes (optional). */
+  readonly pool?: SparePool;
   readonly toolEnv: ToolEnv;
   readonly events: FleetEvents;
   readonly log: Logger;
@@ -150,6 +152,7 @@ export class EpisodeExecutor {
       },
       (call, tool, args) => gate.handle(call, tool, args),
       this.d.spawn,
+      this.d.pool,
     );
     const endedAt = this.d.now();
     const events = buildEvents(episode, stimulus, result);

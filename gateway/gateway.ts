@@ -16,7 +16,7 @@ import { Effects } from "./effects.ts";
 import { Intake } from "./intake.ts";
 import { createRouter, type Route } from "./router.ts";
 import { FleetEvents } from "./events.ts";
-import { defaultSpawnOptions, describeSandbox, killAllEpisodes, liveEpisodeGroups, type SpawnOptions } from "./runner.ts";
+import { defaultSpawnOptions, describeSandbox, killAllEpisodes, liveEpisodeGroups, SparePool, type SpawnOptions } from "./runner.ts";
 import { topics } from "./protocol.ts";
 import { agentId, parseAgentId } from "./types.ts";
 import { startHttp, type HttpServer } from "./http.ts";
@@ -78,6 +78,7 @@ export class Gateway {
   private readonly now: () => number;
   /** How episodes are spawned and isolated. */
   spawnOptions!: SpawnOptions;
+  private spares: SparePool | null = null;
 
   constructor(readonly opts: GatewayOptions) {
     this.log = opts.logger ?? pino({ base: { svc: "fleet" } });
@@ -107,10 +108,12 @@ export class Gateway {
     if (this.spawnOptions.uid === null && !this.spawnOptions.bwrap) {
       this.log.warn("agent subprocesses are NOT isolated from the gateway (not root, no bubblewrap): they run with its uid and could read its /proc environ");
     }
+    this.spares = new SparePool(spec.fleet.warm_spares, this.spawnOptions);
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
       spawn: this.spawnOptions,
+      pool: this.spares,
       toolEnv: { secrets: this.opts.secrets ?? process.env, fetch, isRetired: (a) => this.retired.has(a) },
       events: this.events,
       log: this.log,
@@ -202,6 +205,7 @@ export class Gateway {
       killAllEpisodes();
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
+    await this.spares?.close();
     await this.effects?.kick().catch(() => undefined);
     await this.effects?.flush();
     this.http?.stop();
@@ -406,6 +410,8 @@ export class Gateway {
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
       running_episodes: this.scheduler.active,
+      /** Idle warm spare processes (no agent code or state), by process group. */
+      spares: this.spares?.pids() ?? [],
       queued_stimuli: queued,
       lag_ms: Number.isFinite(oldest) ? Math.max(0, this.now() - oldest) : 0,
       broker: this.broker.stats(),

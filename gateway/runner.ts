@@ -137,9 +137,12 @@ async function rssMb(pid: number): Promise<number | null> {
 /** Process groups of episodes running now; the gateway kills them all on shutdown. */
 export const liveEpisodeGroups = new Set<number>();
 
-/** Kill every running episode's process group (shutdown, drain timeout). */
+/** Every host process group, spares included. */
+const allHostGroups = new Set<number>();
+
+/** Kill every running episode's (and spare's) process group (shutdown, drain timeout). */
 export function killAllEpisodes(): void {
-  for (const pid of liveEpisodeGroups) killGroup(pid);
+  for (const pid of allHostGroups) killGroup(pid);
 }
 
 function killGroup(pid: number): void {
@@ -154,12 +157,155 @@ function killGroup(pid: number): void {
   }
 }
 
+/** The prlimit/bwrap command line for a host process with these limits. */
+function hostCommand(limits: RunLimits, spawnOpts: SpawnOptions): string[] {
+  const cmd = [spawnOpts.bun, HOST];
+  if (spawnOpts.bwrap) cmd.unshift(spawnOpts.bwrap, ...BWRAP_ARGS, "--");
+  if (spawnOpts.prlimit) {
+    const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
+    // RLIMIT_CPU backstop: an agent spinning after its gateway died (kill -9, no bwrap
+    // --die-with-parent) would run forever; CPU time can exceed wall time only by its threads.
+    const cpuSeconds = 2 * Math.ceil(limits.timeoutMs / 1000) + 2;
+    cmd.unshift(spawnOpts.prlimit, `--data=${dataBytes}`, `--nofile=${limits.maxOpenFiles}`, `--cpu=${cpuSeconds}`, ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []));
+  }
+  return cmd;
+}
+
+/**
+ * One agents/host.ts subprocess. It serves exactly one episode, then its process group is
+ * killed. Messages that arrive before the episode attaches (its "ready") are kept.
+ */
+class HostProcess {
+  readonly proc: ReturnType<typeof Bun.spawn>;
+  readonly pid: number;
+  stderrTail = "";
+  readonly stderrDone: Promise<void>;
+  private listener: ((raw: unknown) => void) | null = null;
+  private early: unknown[] = [];
+  readyAt: number | null = null;
+
+  constructor(
+    readonly key: string,
+    cmd: string[],
+    spawnOpts: SpawnOptions,
+  ) {
+    this.proc = Bun.spawn(cmd, {
+      env: { ...CHILD_ENV },
+      cwd: "/",
+      detached: true,
+      stdin: "ignore",
+      stdout: "ignore",
+      stderr: "pipe",
+      serialization: "json",
+      ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
+      ipc: (raw) => {
+        if ((raw as { t?: unknown })?.t === "ready" && this.readyAt === null) this.readyAt = performance.now();
+        if (this.listener) this.listener(raw);
+        else this.early.push(raw);
+      },
+    });
+    this.pid = this.proc.pid;
+    allHostGroups.add(this.pid);
+    // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
+    const stderr = this.proc.stderr as ReadableStream<Uint8Array>;
+    this.stderrDone = (async () => {
+      const reader = stderr.getReader();
+      const dec = new TextDecoder();
+      for (;;) {
+        const { value, done } = await reader.read().catch(() => ({ value: undefined, done: true }));
+        if (done) break;
+        this.stderrTail = (this.stderrTail + dec.decode(value)).slice(-4000);
+      }
+    })();
+  }
+
+  /** Route messages to `fn`, replaying what arrived before. */
+  attach(fn: (raw: unknown) => void): void {
+    liveEpisodeGroups.add(this.pid);
+    this.listener = fn;
+    for (const m of this.early.splice(0)) fn(m);
+  }
+
+  send(msg: ParentMessage): void {
+    this.proc.send(msg);
+  }
+
+  get alive(): boolean {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+
+  /** Kill the whole process group and wait for the exit. */
+  async kill(): Promise<void> {
+    killGroup(this.pid);
+    await this.proc.exited;
+    liveEpisodeGroups.delete(this.pid);
+    allHostGroups.delete(this.pid);
+  }
+}
+
+/**
+ * Warm spares: host processes started ahead of need (sandboxed, host.ts loaded, no agent
+ * code, no state), so an episode does not wait for process start-up. Each still serves
+ * exactly one episode: a fresh process per episode, only started earlier. Spares are keyed
+ * by their limits (the prlimit command line); a request with other limits starts cold.
+ */
+export class SparePool {
+  private spares: HostProcess[] = [];
+  private stopped = false;
+
+  constructor(
+    /** How many idle spares to keep (0 = off). */
+    readonly size: number,
+    private readonly spawnOpts: SpawnOptions,
+  ) {}
+
+  /** A ready spare for these limits, or null; a replacement starts in the background. */
+  take(limits: RunLimits): HostProcess | null {
+    const key = hostCommand(limits, this.spawnOpts).join(" ");
+    this.spares = this.spares.filter((h) => h.alive || (void h.kill(), false));
+    const i = this.spares.findIndex((h) => h.key === key);
+    const found = i >= 0 ? this.spares.splice(i, 1)[0]! : null;
+    this.refill(limits, key);
+    return found;
+  }
+
+  private refill(limits: RunLimits, key: string): void {
+    if (this.stopped || this.size === 0) return;
+    // Spares for other limits are dropped: keep the pool for what runs now.
+    for (const h of this.spares.filter((x) => x.key !== key)) void h.kill();
+    this.spares = this.spares.filter((x) => x.key === key);
+    while (this.spares.length < this.size) {
+      try {
+        this.spares.push(new HostProcess(key, hostCommand(limits, this.spawnOpts), this.spawnOpts));
+      } catch {
+        return;
+      }
+    }
+  }
+
+  /** Process groups of the idle spares (each spare's pid leads its group). */
+  pids(): number[] {
+    return this.spares.filter((h) => h.alive).map((h) => h.pid);
+  }
+
+  /** Kill every spare (shutdown). */
+  async close(): Promise<void> {
+    this.stopped = true;
+    await Promise.all(this.spares.splice(0).map((h) => h.kill()));
+  }
+}
+
 /** Run one episode to completion or failure. Never throws. */
-export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, limits: RunLimits, onTool: ToolHandler, spawnOpts: SpawnOptions): Promise<RunResult> {
+export async function runEpisode(
+  start: Extract<ParentMessage, { t: "start" }>,
+  limits: RunLimits,
+  onTool: ToolHandler,
+  spawnOpts: SpawnOptions,
+  pool?: SparePool,
+): Promise<RunResult> {
   const began = performance.now();
   const records: EpisodeRecord[] = [];
   let outcome: RunResult | null = null;
-  let stderrTail = "";
   let settle!: () => void;
   const settled = new Promise<void>((r) => (settle = r));
 
@@ -170,68 +316,52 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
     settle();
   };
 
-  const cmd = [spawnOpts.bun, HOST];
-  if (spawnOpts.bwrap) cmd.unshift(spawnOpts.bwrap, ...BWRAP_ARGS, "--");
-  if (spawnOpts.prlimit) {
-    const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
-    // RLIMIT_CPU backstop: an agent spinning after its gateway died (kill -9, no bwrap
-    // --die-with-parent) would run forever; CPU time can exceed wall time only by its threads.
-    const cpuSeconds = 2 * Math.ceil(limits.timeoutMs / 1000) + 2;
-    cmd.unshift(spawnOpts.prlimit, `--data=${dataBytes}`, `--nofile=${limits.maxOpenFiles}`, `--cpu=${cpuSeconds}`, ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []));
-  }
-
-  let proc: ReturnType<typeof Bun.spawn>;
+  let host: HostProcess;
   try {
-    proc = Bun.spawn(cmd, {
-      env: { ...CHILD_ENV },
-      cwd: "/",
-      detached: true,
-      stdin: "ignore",
-      stdout: "ignore",
-      stderr: "pipe",
-      serialization: "json",
-      ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
-      ipc(raw, child) {
-        const msg = parseChildMessage(raw, { replay: start.replay !== null });
-        if (!msg) return finish({ ok: false, kind: "protocol", message: "subprocess sent a malformed message" });
-        switch (msg.t) {
-          case "ready":
-            child.send(start);
-            return;
-          case "records":
-            records.push(...msg.records);
-            if (records.length > limits.maxRecords) finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
-            return;
-          case "tool":
-            // The gateway, not the child, writes the tool record: the child cannot forge a result.
-            void onTool(msg.call, msg.tool, msg.args)
-              .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
-              .then((r) => {
-                if (outcome) return;
-                records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
-                child.send({ t: "tool_result", call: msg.call, ok: r.ok, result: r.result } satisfies ParentMessage);
-              });
-            return;
-          case "done":
-            return finish({ ok: true, state: msg.state });
-          case "error": {
-            // RangeError "Out of memory": the RLIMIT_DATA backstop stopped an allocation before the RSS watch looked.
-            const kind = msg.kind === "threw" && /^Out of memory\b/i.test(msg.message) ? "oom" : msg.kind;
-            return finish({ ok: false, kind, message: msg.message + (msg.stack ? `\n${msg.stack}` : "") });
-          }
-          default: {
-            const never: never = msg;
-            return never;
-          }
-        }
-      },
-    });
+    host = pool?.take(limits) ?? new HostProcess("", hostCommand(limits, spawnOpts), spawnOpts);
   } catch (err) {
     return { ok: false, kind: "crashed", message: `could not start subprocess: ${String(err)}`, records, ms: performance.now() - began };
   }
+  let sent = false;
+  host.attach((raw) => {
+    const msg = parseChildMessage(raw, { replay: start.replay !== null });
+    if (!msg) return finish({ ok: false, kind: "protocol", message: "subprocess sent a malformed message" });
+    switch (msg.t) {
+      case "ready":
+        if (!sent) {
+          sent = true;
+          host.send(start);
+        }
+        return;
+      case "records":
+        records.push(...msg.records);
+        if (records.length > limits.maxRecords) finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
+        return;
+      case "tool":
+        // The gateway, not the child, writes the tool record: the child cannot forge a result.
+        void onTool(msg.call, msg.tool, msg.args)
+          .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
+          .then((r) => {
+            if (outcome) return;
+            records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
+            host.send({ t: "tool_result", call: msg.call, ok: r.ok, result: r.result });
+          });
+        return;
+      case "done":
+        return finish({ ok: true, state: msg.state });
+      case "error": {
+        // RangeError "Out of memory": the RLIMIT_DATA backstop stopped an allocation before the RSS watch looked.
+        const kind = msg.kind === "threw" && /^Out of memory\b/i.test(msg.message) ? "oom" : msg.kind;
+        return finish({ ok: false, kind, message: msg.message + (msg.stack ? `\n${msg.stack}` : "") });
+      }
+      default: {
+        const never: never = msg;
+        return never;
+      }
+    }
+  });
 
-  const pid = proc.pid;
-  liveEpisodeGroups.add(pid);
+  const pid = host.pid;
   const timer = setTimeout(() => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }), limits.timeoutMs);
   // One scan at a time, and a scan that took long (a big process tree: a fork bomb) waits
   // 4x its own duration before the next, so the watch never costs the gateway more than
@@ -246,33 +376,20 @@ export async function runEpisode(start: Extract<ParentMessage, { t: "start" }>, 
   };
   rssTimer = setTimeout(() => void watchRss(), spawnOpts.rssPollMs);
 
-  // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
-  const stderrDone = (async () => {
-    const reader = (proc.stderr as ReadableStream<Uint8Array>).getReader();
-    const dec = new TextDecoder();
-    for (;;) {
-      const { value, done } = await reader.read().catch(() => ({ value: undefined, done: true }));
-      if (done) break;
-      stderrTail = (stderrTail + dec.decode(value)).slice(-4000);
-    }
-  })();
-
-  void proc.exited.then(async (code) => {
-    await Promise.race([stderrDone, Bun.sleep(100)]);
-    const oom = /out of memory/i.test(stderrTail);
-    const detail = stderrTail.trim().split("\n").slice(-6).join("\n");
+  void host.proc.exited.then(async (code) => {
+    await Promise.race([host.stderrDone, Bun.sleep(100)]);
+    const oom = /out of memory/i.test(host.stderrTail);
+    const detail = host.stderrTail.trim().split("\n").slice(-6).join("\n");
     finish({
       ok: false,
       kind: oom ? "oom" : "crashed",
-      message: `subprocess exited (code ${code}${proc.signalCode ? `, signal ${proc.signalCode}` : ""}) before finishing${detail ? `: ${detail}` : ""}`,
+      message: `subprocess exited (code ${code}${host.proc.signalCode ? `, signal ${host.proc.signalCode}` : ""}) before finishing${detail ? `: ${detail}` : ""}`,
     });
   });
 
   await settled;
   clearTimeout(timer);
   clearTimeout(rssTimer);
-  killGroup(pid);
-  await proc.exited;
-  liveEpisodeGroups.delete(pid);
+  await host.kill();
   return outcome!;
 }

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { readdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
-import { CHILD_ENV, defaultSpawnOptions, liveEpisodeGroups, runEpisode, type FailureKind, type RunLimits, type RunResult, type SpawnOptions, type ToolHandler } from "../gateway/runner.ts";
+import { CHILD_ENV, defaultSpawnOptions, liveEpisodeGroups, runEpisode, SparePool, type FailureKind, type RunLimits, type RunResult, type SpawnOptions, type ToolHandler } from "../gateway/runner.ts";
 import { compileSpec } from "../gateway/spec/load.ts";
 import type { FleetSpec } from "../gateway/spec/types.ts";
 import { ToolGate, type ToolEnv } from "../gateway/tools.ts";
@@ -538,3 +538,55 @@ describe("runEpisode with the tool gate", () => {
     expect(decisions(denied.records)[0]).toMatchObject({ name: "denied", data: { name: "ToolDenied", reason: expect.stringContaining("agents.mon.publish") } });
   });
 });
+
+describe("warm spares", () => {
+  test("each episode still gets a fresh process: a spare serves exactly one episode and is then killed", async () => {
+    const pool = new SparePool(2, SPAWN);
+    try {
+      const pids: number[] = [];
+      const hostPids: number[] = [];
+      let state: unknown = null;
+      for (let i = 0; i < 4; i++) {
+        const before = new Set(pool.pids());
+        const r = await runEpisode(start("whoami", { i }, { state, fresh: state === null }), LIMITS, noTools, SPAWN, pool);
+        expect(r.ok).toBe(true);
+        if (!r.ok) return;
+        state = r.state;
+        const emit = r.records.find((x) => x.k === "emit") as { data: { pid: number; seen: number[] } };
+        pids.push(emit.data.pid);
+        // From the second episode on, the host came from the pool of spares started earlier.
+        if (i > 0) expect(before.size).toBeGreaterThan(0);
+        for (const p of before) if (!pool.pids().includes(p)) hostPids.push(p);
+      }
+      // The state carried over (via the checkpoint handed in), the process never did.
+      expect((state as { seen: number[] }).seen).toHaveLength(4);
+      expect(hostPids.length).toBeGreaterThanOrEqual(3);
+      // Every host process taken from the pool is gone once its episode ended.
+      await waitGone(hostPids);
+      expect(hostPids.every(gone)).toBe(true);
+    } finally {
+      await pool.close();
+    }
+    expect(pool.pids()).toEqual([]);
+  });
+
+  test("a spare is started with the same sandbox and limits as a cold episode process", async () => {
+    const pool = new SparePool(1, SPAWN);
+    try {
+      pool.take(LIMITS); // primes a spare for these limits
+      await Bun.sleep(50);
+      const r = await runEpisode(start("env", { gateway_pid: process.pid }), LIMITS, noTools, SPAWN, pool);
+      expect(r.ok).toBe(true);
+      const env = (r.records.find((x) => x.k === "decide") as { data: { env: Record<string, string>; gatewayEnv: string } }).data;
+      expect(Object.keys(env.env).sort()).toEqual(Object.keys(CHILD_ENV).sort());
+      expect(env.gatewayEnv).not.toBe("readable");
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
+async function waitGone(pids: readonly number[]): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline && !pids.every(gone)) await Bun.sleep(20);
+}

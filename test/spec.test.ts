@@ -91,6 +91,7 @@ describe("compileSpec", () => {
       max_concurrent_episodes: 8,
       synchronous: "full",
       sandbox: "auto",
+      warm_spares: 2,
       drain_timeout_ms: 10_000,
     });
     expect(spec.broker).toEqual({

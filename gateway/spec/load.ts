@@ -139,6 +139,7 @@ const fleetSchema = z.strictObject({
     synchronous: z.enum(["full", "normal"], says('must be "full" or "normal"')).default("full"),
     drain_timeout_ms: nonNegInt(10_000),
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
+    warm_spares: nonNegInt(2),
   }),
   broker: table({
     host: str().default("0.0.0.0"),

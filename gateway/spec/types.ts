@@ -88,6 +88,11 @@ export interface FleetSpec {
      * "none", or "auto" (bwrap when it works, else uid when root, else none).
      */
     readonly sandbox: "auto" | "bwrap" | "uid" | "none";
+    /**
+     * Host processes kept started ahead of need (sandboxed, no agent code or state loaded),
+     * so an episode skips process start-up. Each still serves one episode. 0 = off.
+     */
+    readonly warm_spares: number;
   };
   readonly broker: {
     readonly host: string;

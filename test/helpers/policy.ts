@@ -64,6 +64,8 @@ export interface Proc {
   readonly state: string;
   /** Clock ticks since boot: with the pid, identifies a process across pid reuse. */
   readonly start: number;
+  /** Process group: a warm spare's whole tree shares the spare's pid as its group. */
+  readonly pgid: number;
   readonly argv: readonly string[];
 }
 
@@ -84,7 +86,7 @@ export function processTable(): Proc[] {
       } catch {
         // zombie or gone
       }
-      out.push({ pid: Number(name), ppid: Number(f[1]), uid, state: f[0] ?? "?", start: Number(f[19]), argv });
+      out.push({ pid: Number(name), ppid: Number(f[1]), pgid: Number(f[2]), uid, state: f[0] ?? "?", start: Number(f[19]), argv });
     } catch {
       // exited meanwhile
     }
@@ -147,9 +149,10 @@ export class ProcessWatch {
   }
 
   /** Processes seen earlier that are still alive (same pid and start time). */
-  survivors(): Proc[] {
+  /** Seen processes still alive, except those in the given process groups (idle warm spares). */
+  survivors(exceptGroups: ReadonlySet<number> = new Set()): Proc[] {
     const alive = new Map(processTable().map((p) => [key(p), p]));
-    return [...this.seen.keys()].flatMap((k) => (alive.has(k) ? [alive.get(k)!] : []));
+    return [...this.seen.keys()].flatMap((k) => (alive.has(k) && !exceptGroups.has(alive.get(k)!.pgid) ? [alive.get(k)!] : []));
   }
 }
 
