@@ -11,6 +11,9 @@
  *   latency   stimulus -> out p50/p99 vs the bare spawn round trip     (target p50 <= +5 ms)
  *   agents    gateway RSS with 10,000 agents (fleet.toml instances; 1,000 of them run an
  *             episode, --all-episodes: all) vs idle; no subprocess left behind
+ *   timers    1,000 agents with every = "1s": timer stimuli/s vs expected, gateway CPU
+ *   policy    episodes/s with tools + budgets vs without; a quiet agent's latency under a flood
+ *   ops       /metrics and /api/agents?page= with 10,000 agents vs /healthz; GC records/s
  *
  * Every gateway runs as its own process (`bun gateway/cli.ts start`), as do the baseline
  * brokers; bare spawn baselines run in this process like the gateway's runner does. Gateway
@@ -28,8 +31,11 @@ import { benchAgents } from "./bench/agents.ts";
 import { benchEpisodes, benchLatency } from "./bench/episodes.ts";
 import { beginShutdown, cleanupAll, rowCells, table, type BenchOptions, type Row } from "./bench/harness.ts";
 import { benchIntake } from "./bench/intake.ts";
+import { benchTimers } from "./bench-timers.ts";
+import { benchPolicy } from "./bench-policy.ts";
+import { benchOps } from "./bench-ops.ts";
 
-const SECTIONS = ["intake", "episodes", "latency", "agents"] as const;
+const SECTIONS = ["intake", "episodes", "latency", "agents", "timers", "policy", "ops"] as const;
 type Section = (typeof SECTIONS)[number];
 
 const { values: flags, positionals } = parseArgs({
@@ -44,7 +50,7 @@ const { values: flags, positionals } = parseArgs({
 });
 
 if (flags.help) {
-  console.log("usage: bun scripts/bench.ts [intake] [episodes] [latency] [agents] [--quick] [--json FILE] [--window N] [--all-episodes]");
+  console.log(`usage: bun scripts/bench.ts [${SECTIONS.join("] [")}] [--quick] [--json FILE] [--window N] [--all-episodes]`);
   process.exit(0);
 }
 const unknown = positionals.filter((p) => !(SECTIONS as readonly string[]).includes(p));
@@ -68,6 +74,20 @@ const run: Record<Section, () => Promise<Row[]>> = {
   episodes: () => benchEpisodes(opts),
   latency: () => benchLatency(opts),
   agents: () => benchAgents(opts),
+  timers: () => benchTimers(opts),
+  policy: async () =>
+    (await benchPolicy(opts)).map((r) => ({
+      section: "policy",
+      metric: `${r.metric} (${r.measuredLabel} vs ${r.baselineLabel})`,
+      unit: r.unit,
+      gateway: r.measured,
+      baseline: r.baseline,
+      ratio: r.ratio,
+      ratioKind: "x" as const,
+      target: "-",
+      ok: null,
+    })),
+  ops: () => benchOps(opts),
 };
 
 let interrupted = false;
