@@ -11,6 +11,7 @@
  * detection of the next one, which is acceptable for a monitor that alerts, not one that gates.
  */
 import { defineAgent, ToolDenied } from "./sdk.ts";
+import { readingOf } from "./readings.ts";
 import type { AgentContext, Stimulus } from "./sdk.ts";
 
 /** Config of the `anomaly` type. */
@@ -37,16 +38,6 @@ export interface AnomalyState {
 
 type Ctx = AgentContext<AnomalyState, AnomalyConfig>;
 
-function readingOf(payload: unknown, field: string): number | null {
-  const raw = typeof payload === "object" && payload !== null && !Array.isArray(payload) ? (payload as Record<string, unknown>)[field] : payload;
-  if (typeof raw === "number") return Number.isFinite(raw) ? raw : null;
-  // Number("") is 0, which would read as a real measurement.
-  if (typeof raw === "string" && raw.trim() !== "") {
-    const n = Number(raw);
-    return Number.isFinite(n) ? n : null;
-  }
-  return null;
-}
 
 async function onReading(x: number, ctx: Ctx): Promise<void> {
   const alpha = ctx.config.alpha ?? 0.1;

@@ -6,6 +6,7 @@
  * hovering around the threshold does not flap between alert and clear.
  */
 import { defineAgent } from "./sdk.ts";
+import { readingOf } from "./readings.ts";
 import type { AgentContext, Stimulus } from "./sdk.ts";
 
 /** Config of the `temp-monitor` type (`config = { threshold = 80.0 }` in fleet.toml). */
@@ -30,17 +31,6 @@ export interface TempMonitorState {
   max?: number;
 }
 
-/** The reading in a payload: a number, a numeric string, or a numeric `field` of an object; null otherwise. */
-function readingOf(payload: unknown, field: string): number | null {
-  const raw = typeof payload === "object" && payload !== null && !Array.isArray(payload) ? (payload as Record<string, unknown>)[field] : payload;
-  if (typeof raw === "number") return Number.isFinite(raw) ? raw : null;
-  // Number("") and Number("  ") are 0, which would read as a real temperature.
-  if (typeof raw === "string" && raw.trim() !== "") {
-    const n = Number(raw);
-    return Number.isFinite(n) ? n : null;
-  }
-  return null;
-}
 
 type Ctx = AgentContext<TempMonitorState, TempMonitorConfig>;
 

@@ -6,8 +6,8 @@
 import type { Logger } from "pino";
 import type { Stimulus, EpisodeRecord } from "../agents/protocol.ts";
 import { IntegrityError, hashEvents, sealCheckpoint, verifyCheckpointRow } from "./checkpoint.ts";
-import { runEpisode, type RunResult, type SparePool, type SpawnOptions } from "./runner.ts";
-import type { SpecVersion } from "./spec/types.ts";
+import { runEpisode, type RunLimits, type RunResult, type SparePool, type SpawnOptions } from "./runner.ts";
+import type { BudgetSpec, SpecVersion } from "./spec/types.ts";
 import type { Store, AgentRow, StimulusRow } from "./store/index.ts";
 import type { TurnResult } from "./scheduler.ts";
 import { ToolGate, type ToolEnv } from "./tools.ts";
@@ -35,6 +35,21 @@ export interface EpisodeDeps {
   readonly hasQueued?: (agent: string) => boolean;
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (episode: string, rows: readonly { topic: string; payload: string; qos: number; retain: boolean }[]) => void;
+}
+
+/** Record limits the subprocess enforces on itself (the gateway checks them too). */
+export const CHILD_LIMITS = { max_records: 10_000, max_record_bytes: 8 * 1024 * 1024 } as const;
+
+/** The sandbox limits of an episode of a type with this budget. */
+export function runLimitsFor(budget: BudgetSpec, minTimeoutMs = 0): RunLimits {
+  return {
+    timeoutMs: Math.max(budget.episode_timeout_ms, minTimeoutMs),
+    memoryMb: budget.memory_mb,
+    maxRecords: CHILD_LIMITS.max_records,
+    maxRecordBytes: CHILD_LIMITS.max_record_bytes,
+    maxOpenFiles: 256,
+    maxProcesses: 4096,
+  };
 }
 
 /** Budget windows an episode's usage is booked in. */
@@ -140,16 +155,9 @@ export class EpisodeExecutor {
         fresh: agent.headHash === null,
         stimulus,
         replay: null,
-        limits: { max_records: 10_000, max_record_bytes: 8 * 1024 * 1024 },
+        limits: CHILD_LIMITS,
       },
-      {
-        timeoutMs: type.budget.episode_timeout_ms,
-        memoryMb: type.budget.memory_mb,
-        maxRecords: 10_000,
-        maxRecordBytes: 8 * 1024 * 1024,
-        maxOpenFiles: 256,
-        maxProcesses: 4096,
-      },
+      runLimitsFor(type.budget),
       (call, tool, args) => gate.handle(call, tool, args),
       this.d.spawn,
       this.d.pool,

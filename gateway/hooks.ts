@@ -10,6 +10,7 @@ import type { Intake, IntakeReport } from "./intake.ts";
 import { agentId, type StimulusId } from "./types.ts";
 import { stimulusId } from "./intake.ts";
 import { httpError, json } from "./http.ts";
+import { readBodyCapped } from "./body.ts";
 import type { FleetSpec } from "./spec/types.ts";
 
 /** What a hook needs from the gateway. */
@@ -36,25 +37,6 @@ export function checkSignature(secret: string, body: Uint8Array, headers: Header
   return auth !== null && safeEqual(auth.trim(), `Bearer ${secret}`);
 }
 
-async function readCapped(req: Request, cap: number): Promise<Uint8Array | null> {
-  const declared = Number(req.headers.get("content-length") ?? "0");
-  if (declared > cap) return null;
-  const reader = req.body?.getReader();
-  if (!reader) return new Uint8Array(0);
-  const parts: Uint8Array[] = [];
-  let total = 0;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > cap) {
-      await reader.cancel().catch(() => undefined);
-      return null;
-    }
-    parts.push(value);
-  }
-  return new Uint8Array(Buffer.concat(parts));
-}
 
 function resolveTarget(hook: HookSpec, spec: FleetSpec, payload: unknown): Target | string {
   let typeName: string;
@@ -81,7 +63,7 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   const spec = d.spec();
   const hook = spec.hooks[name];
   if (!hook) return httpError(404, "unknown_hook", `no hook "${name}" in fleet.toml`);
-  const body = await readCapped(req, hook.max_body_bytes);
+  const body = await readBodyCapped(req, hook.max_body_bytes);
   if (body === null) return httpError(413, "too_large", `body larger than ${hook.max_body_bytes} bytes`);
   if (hook.secret_env) {
     const secret = d.secrets[hook.secret_env];

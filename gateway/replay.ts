@@ -7,6 +7,7 @@
 import type { EpisodeRecord, ReplayInputs, Stimulus } from "../agents/protocol.ts";
 import { canonicalJson } from "./hash.ts";
 import { runEpisode, type SpawnOptions } from "./runner.ts";
+import { CHILD_LIMITS, runLimitsFor } from "./episode.ts";
 import { compileSpec } from "./spec/load.ts";
 import type { Store } from "./store/index.ts";
 
@@ -94,9 +95,10 @@ export async function replayEpisode(store: Store, episodeId: string, spawn: Spaw
       fresh: ep.parent === null,
       stimulus,
       replay: inputs,
-      limits: { max_records: 10_000, max_record_bytes: 8 * 1024 * 1024 },
+      limits: CHILD_LIMITS,
     },
-    { timeoutMs: Math.max(type.budget.episode_timeout_ms, 10_000), memoryMb: type.budget.memory_mb, maxRecords: 10_000, maxRecordBytes: 8 * 1024 * 1024, maxOpenFiles: 256, maxProcesses: 4096 },
+    // A replay is not on the clock of a live fleet: allow at least 10 s.
+    runLimitsFor(type.budget, 10_000),
     async () => ({ ok: false, result: { error: "failed", reason: "replay: tools are answered from the recording" } }),
     spawn,
   );

@@ -8,6 +8,7 @@ import { matchTopic, checkDevicePublishTopic } from "../broker/index.ts";
 import type { AgentRef } from "../agents/protocol.ts";
 import type { AgentTypeSpec, FleetSpec } from "./spec/types.ts";
 import { parseAgentId } from "./types.ts";
+import { readBodyCapped } from "./body.ts";
 
 /** A publish waiting for the episode to commit. */
 export interface PendingPublish {
@@ -159,7 +160,7 @@ export class ToolGate {
         signal: AbortSignal.timeout(timeout),
         redirect: "manual",
       });
-      const body = await readCapped(res, MAX_HTTP_BODY);
+      const body = await readText(res, MAX_HTTP_BODY);
       if (body === null) return failed(`response larger than ${MAX_HTTP_BODY} bytes`);
       const text = this.redact(body);
       let json: unknown;
@@ -192,7 +193,7 @@ export class ToolGate {
         body: JSON.stringify({ model: llm.model, messages, max_tokens: maxTokens }),
         signal: AbortSignal.timeout(Math.min(llm.timeout_ms, this.type.budget.episode_timeout_ms)),
       });
-      const body = await readCapped(res, MAX_HTTP_BODY);
+      const body = await readText(res, MAX_HTTP_BODY);
       if (!res.ok || body === null) return failed(`llm endpoint answered ${res.status}`);
       const data = JSON.parse(body) as { choices?: { message?: { content?: string } }[]; usage?: Record<string, number> };
       const usage = {
@@ -208,22 +209,8 @@ export class ToolGate {
   }
 }
 
-async function readCapped(res: Response, cap: number): Promise<string | null> {
-  const len = Number(res.headers.get("content-length") ?? "0");
-  if (len > cap) return null;
-  const reader = res.body?.getReader();
-  if (!reader) return "";
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > cap) {
-      await reader.cancel();
-      return null;
-    }
-    chunks.push(value);
-  }
-  return new TextDecoder().decode(Buffer.concat(chunks));
+
+async function readText(res: Response, cap: number): Promise<string | null> {
+  const bytes = await readBodyCapped(res, cap);
+  return bytes === null ? null : new TextDecoder().decode(bytes);
 }
