@@ -366,6 +366,24 @@ describe("packet size guard", () => {
     expect(h.broker.stats().oversized).toBe(1);
   });
 
+  test("bytes that are not MQTT close that connection, never reach intake, and other clients go on", async () => {
+    const h = await startBroker();
+    const junk = await RawClient.open(h.broker.port);
+    junk.socket.write(new TextEncoder().encode("GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    await junk.closedWithin(2000, "the server to close the junk connection");
+
+    // A PUBLISH whose topic length runs past the end of its packet, after a valid CONNECT.
+    const bad = await RawClient.open(h.broker.port);
+    await bad.handshake("bad-publish");
+    bad.socket.write(Uint8Array.from([0x32, 0x06, 0x00, 0x40, 0x61, 0x62, 0x00, 0x01]));
+    await bad.closedWithin(2000, "the server to close the malformed PUBLISH connection");
+    expect(h.intakes).toHaveLength(0);
+
+    const ok = await device(h);
+    await within(ok.publishAsync("sensors/after-junk", "1", { qos: 1 }), 3000, "a PUBACK for a well-formed client");
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["sensors/after-junk"]);
+  });
+
   test("fixed headers split across chunks are still measured", () => {
     const guard = new PacketSizeGuard(100);
     // A 4-byte PINGREQ-sized packet split mid-body, then a header split byte by byte.
