@@ -163,6 +163,10 @@ export class EpisodeExecutor {
       this.d.pool,
     );
     const endedAt = this.d.now();
+    // ctx.log lines go to the gateway log too, with the episode's bound context (the first
+    // 100: all of them stay in the episode's event log; a chatty agent must not flood ours).
+    let logged = 0;
+    for (const r of result.records) if (r.k === "log" && logged++ < 100) log[r.level](r.msg);
     const events = buildEvents(episode, stimulus, result);
     const eventsHash = await hashEvents(events);
     const bookUsage = { ...win, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
