@@ -9,13 +9,14 @@
  * sends a stimulus to every agent instead (slow; the faithful variant).
  */
 import type { BenchOptions, Row } from "./harness.ts";
+import { readFileSync } from "node:fs";
 import { childPids, deltaRow, descendantPids, fmt, until } from "./harness.ts";
 import { collect, connect, json, publishWindowed } from "./mqttkit.ts";
 import { benchFleet, startGateway, type GatewayProc } from "./procs.ts";
 
 const SETTLE_MS = 2000;
 
-type Health = { agents: { total: number }; running_episodes: number; queued_stimuli: number };
+type Health = { agents: { total: number }; running_episodes: number; queued_stimuli: number; spares?: number[] };
 
 async function settledRssMb(gw: GatewayProc): Promise<number> {
   await Bun.sleep(SETTLE_MS);
@@ -45,8 +46,23 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
   const client = await connect(gw.mqttPort, "bench-agents");
   const committed = await collect(client, "fleet/episodes", (_t, p) => (json<{ status: string }>(p)?.status === "committed" ? true : null));
   let maxChildren = 0;
-  // Direct children of the gateway are episode roots (prlimit execs; bwrap forks below it).
-  const sampler = setInterval(() => (maxChildren = Math.max(maxChildren, childPids(gw.pid).length)), 50);
+  // Direct children of the gateway are episode roots (prlimit execs; bwrap forks below it),
+  // except idle warm spares (started ahead of need, listed by /api/fleet): a spare listed
+  // before or after the scan is not running an episode.
+  const spares = async () => (await gw.api<Health>("/api/fleet")).spares ?? [];
+  let sampling = false;
+  const sampler = setInterval(async () => {
+    if (sampling) return;
+    sampling = true;
+    try {
+      const before = await spares();
+      const kids = childPids(gw.pid);
+      const idle = new Set([...before, ...(await spares())]);
+      maxChildren = Math.max(maxChildren, kids.filter((p) => !idle.has(p)).length);
+    } finally {
+      sampling = false;
+    }
+  }, 50);
   const began = performance.now();
   let lastLog = began;
   await publishWindowed(client, driven, o.window, (i) => ({ topic: `bench/a${i}/t`, payload: JSON.stringify({ id: `a${i}`, n: i }) }));
@@ -70,7 +86,9 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
     return h.running_episodes === 0 && h.queued_stimuli === 0 ? h : null;
   }, 30_000, 100);
   const afterMb = await settledRssMb(gw);
-  const left = descendantPids(gw.pid);
+  // Processes left = everything under the gateway outside the idle spares' process groups.
+  const idleGroups = new Set(await spares());
+  const left = descendantPids(gw.pid).filter((p) => !idleGroups.has(pgidOf(p)));
   const total = (await gw.api<Health>("/api/fleet")).agents.total;
   o.log(`  after ${driven} episodes (${(driven / episodeSecs).toFixed(1)}/s): ${afterMb.toFixed(1)} MB; ${left.length} subprocess(es) left, at most ${maxChildren} at once; ${total} agents`);
   await gw.stop();
@@ -82,4 +100,14 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
     deltaRow("agents", "agent subprocesses left after episodes", "", left.length, 0, 0),
     deltaRow("agents", "most episode subprocesses at once", "", maxChildren, 4, 0, "max_concurrent_episodes = 4"),
   ];
+}
+
+/** A process's group (field 5 of /proc/<pid>/stat); -1 when it is gone. */
+function pgidOf(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);
+  } catch {
+    return -1;
+  }
 }
