@@ -1,51 +1,28 @@
 /**
  * The store: every durable fact of the fleet, in one libSQL file. Writes go through the
  * group committer; each method here is one atomic unit (an intake, an episode commit, a
- * failure), which is what the guarantees of SPEC §6 rest on.
+ * failure), which is what the guarantees of SPEC §6 rest on. The per-episode paths (intake,
+ * commit, failure, the per-turn reads) are raw SQL derived from the schema (./sql.ts,
+ * ./episodes.ts); the rest goes through drizzle.
  */
-import { and, asc, desc, eq, gt, inArray, lt, sql, count, min, like, or } from "drizzle-orm";
+import { and, asc, desc, eq, gt, inArray, lt, count, min, like, or } from "drizzle-orm";
 import type { Client } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement, type WriteItem } from "./db.ts";
 import * as t from "./schema.ts";
+import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
+import { chunks, codecs, selectAll, selectOne } from "./sql.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
 export type { Db, RawStatement, WriteItem } from "./db.ts";
 export type { AgentRow, StimulusRow, EpisodeRow, EventRow, CheckpointRow, OutboxRow, SpecVersionRow, StoredAgentStatus } from "./schema.ts";
+export type { EpisodeCommit, EpisodeFailure, EpisodeUsage } from "./episodes.ts";
 
 /** Result of recording one stimulus: `seq` null means it was a duplicate. */
 export interface IntakeOutcome {
   readonly agent: AgentId;
   readonly sid: string;
   readonly seq: number | null;
-}
-
-/** Everything one committed episode writes, atomically. */
-export interface EpisodeCommit {
-  readonly episode: typeof t.episodes.$inferInsert;
-  readonly events: readonly (typeof t.events.$inferInsert)[];
-  readonly checkpoint: typeof t.checkpoints.$inferInsert;
-  readonly outbox: readonly (typeof t.outbox.$inferInsert)[];
-  /** Inbox stimuli for other agents (ctx.send), deduplicated by episode + seq. */
-  readonly inbox: readonly NewStimulus[];
-  readonly usage: { readonly hourWindow: string; readonly dayWindow: string; readonly toolCalls: number; readonly tokens: number; readonly cost: number };
-}
-
-/** A failed episode attempt and what happens to its stimulus. */
-export interface EpisodeFailure {
-  readonly episode: typeof t.episodes.$inferInsert;
-  readonly events: readonly (typeof t.events.$inferInsert)[];
-  /** Retry not before this time, or quarantine when null. */
-  readonly retryAt: number | null;
-  readonly usage: { readonly hourWindow: string; readonly dayWindow: string; readonly toolCalls: number; readonly tokens: number; readonly cost: number };
-}
-
-const CHUNK = 400;
-
-function chunks<T>(rows: readonly T[]): T[][] {
-  const out: T[][] = [];
-  for (let i = 0; i < rows.length; i += CHUNK) out.push(rows.slice(i, i + CHUNK));
-  return out;
 }
 
 /** The fleet's durable state. */
@@ -108,22 +85,22 @@ export class Store {
 
   // ---- agents --------------------------------------------------------------------
 
-  private ensureAgentItems(list: readonly { id: AgentId; type: string; key: string }[], at: number): WriteItem[] {
-    return chunks(list).map((rows) =>
-      this.db
-        .insert(t.agents)
-        .values(rows.map((a) => ({ id: a.id, type: a.type, key: a.key, gateway: this.gatewayId, createdAt: at, updatedAt: at })))
-        .onConflictDoNothing(),
+  /** Create agents that do not exist yet. */
+  async ensureAgents(list: readonly { id: AgentId; type: string; key: string }[], at = Date.now()): Promise<void> {
+    if (list.length === 0) return;
+    await this.writer.write(
+      chunks(list).map((rows) =>
+        this.db
+          .insert(t.agents)
+          .values(rows.map((a) => ({ id: a.id, type: a.type, key: a.key, gateway: this.gatewayId, createdAt: at, updatedAt: at })))
+          .onConflictDoNothing(),
+      ),
     );
   }
 
-  /** Create agents that do not exist yet. */
-  async ensureAgents(list: readonly { id: AgentId; type: string; key: string }[], at = Date.now()): Promise<void> {
-    if (list.length > 0) await this.writer.write(this.ensureAgentItems(list, at));
-  }
-
-  getAgent(id: string) {
-    return this.db.select().from(t.agents).where(eq(t.agents.id, id)).get();
+  /** One agent's row, or undefined. */
+  getAgent(id: string): Promise<t.AgentRow | undefined> {
+    return selectOne(this.client, codecs.agents, "FROM agents WHERE id = ?", [id]);
   }
 
   /** Agents, filtered and paged (server-side, for 10,000+ agents). */
@@ -232,14 +209,8 @@ export class Store {
   }
 
   /** The oldest queued stimulus of an agent (its FIFO head). */
-  headOfQueue(agent: string) {
-    return this.db
-      .select()
-      .from(t.stimuli)
-      .where(and(eq(t.stimuli.agent, agent), eq(t.stimuli.state, "queued")))
-      .orderBy(asc(t.stimuli.seq))
-      .limit(1)
-      .get();
+  headOfQueue(agent: string): Promise<t.StimulusRow | undefined> {
+    return selectOne(this.client, codecs.stimuli, "FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1", [agent]);
   }
 
   /** Look a stimulus up by agent and dedup id. */
@@ -265,81 +236,14 @@ export class Store {
 
   // ---- episodes ------------------------------------------------------------------
 
-  private usageItem(agent: string, window: string, u: { toolCalls: number; tokens: number; cost: number }): WriteItem {
-    return this.db
-      .insert(t.budgetUsage)
-      .values({ agent, window, episodes: 1, toolCalls: u.toolCalls, tokens: u.tokens, cost: u.cost })
-      .onConflictDoUpdate({
-        target: [t.budgetUsage.agent, t.budgetUsage.window],
-        set: {
-          episodes: sql`${t.budgetUsage.episodes} + 1`,
-          toolCalls: sql`${t.budgetUsage.toolCalls} + ${u.toolCalls}`,
-          tokens: sql`${t.budgetUsage.tokens} + ${u.tokens}`,
-          cost: sql`${t.budgetUsage.cost} + ${u.cost}`,
-        },
-      });
-  }
-
   /** Commit an episode whole: log, decisions, checkpoint, outbox, inbox sends, budget use, dedup mark. */
   async commitEpisode(c: EpisodeCommit): Promise<void> {
-    const ep = c.episode;
-    const now = ep.endedAt;
-    const items: WriteItem[] = [this.db.insert(t.episodes).values(ep)];
-    for (const rows of chunks(c.events)) items.push(this.db.insert(t.events).values(rows));
-    items.push(this.db.insert(t.checkpoints).values(c.checkpoint));
-    for (const rows of chunks(c.outbox)) items.push(this.db.insert(t.outbox).values(rows));
-    if (c.inbox.length > 0) {
-      items.push(...this.ensureAgentItems(c.inbox.map((s) => ({ id: s.agent, type: s.type, key: s.key })), now));
-      for (const s of c.inbox) {
-        items.push(
-          this.db
-            .insert(t.stimuli)
-            .values({ gateway: this.gatewayId, agent: s.agent, sid: s.sid, kind: s.kind, topic: s.topic, payload: Buffer.from(s.payload), receivedAt: s.receivedAt })
-            .onConflictDoNothing(),
-        );
-      }
-    }
-    items.push(
-      this.db.update(t.stimuli).set({ state: "done", episode: ep.id, doneAt: now, attempts: ep.attempt }).where(eq(t.stimuli.seq, ep.stimulusSeq)),
-      this.db
-        .update(t.agents)
-        .set({
-          headSeq: c.checkpoint.seq,
-          headHash: c.checkpoint.hash,
-          episodes: sql`${t.agents.episodes} + 1`,
-          lastEpisodeAt: now,
-          updatedAt: now,
-        })
-        .where(eq(t.agents.id, ep.agent)),
-      this.usageItem(ep.agent, c.usage.hourWindow, c.usage),
-      this.usageItem(ep.agent, c.usage.dayWindow, c.usage),
-    );
-    await this.writer.write(items);
+    await this.writer.write(commitStatements(this.gatewayId, c));
   }
 
   /** Record a failed attempt; the stimulus is retried later or quarantined. State is untouched. */
   async recordFailure(f: EpisodeFailure): Promise<void> {
-    const ep = f.episode;
-    const items: WriteItem[] = [this.db.insert(t.episodes).values(ep)];
-    for (const rows of chunks(f.events)) items.push(this.db.insert(t.events).values(rows));
-    items.push(
-      this.db
-        .update(t.stimuli)
-        .set(
-          f.retryAt === null
-            ? { state: "quarantined", attempts: ep.attempt, lastError: ep.error, episode: ep.id, doneAt: ep.endedAt }
-            : { attempts: ep.attempt, notBefore: f.retryAt, lastError: ep.error },
-        )
-        .where(eq(t.stimuli.seq, ep.stimulusSeq)),
-      this.db
-        .update(t.agents)
-        .set({ failures: sql`${t.agents.failures} + 1`, lastEpisodeAt: ep.endedAt, updatedAt: ep.endedAt })
-        .where(eq(t.agents.id, ep.agent)),
-      // Failed attempts still count against episodes_per_hour and the tools they used.
-      this.usageItem(ep.agent, f.usage.hourWindow, f.usage),
-      this.usageItem(ep.agent, f.usage.dayWindow, f.usage),
-    );
-    await this.writer.write(items);
+    await this.writer.write(failureStatements(f));
   }
 
   getEpisode(id: string) {
@@ -363,14 +267,16 @@ export class Store {
   }
 
   /** Usage of an agent in the given windows. */
-  usage(agent: string, windows: readonly string[]) {
-    return this.db.select().from(t.budgetUsage).where(and(eq(t.budgetUsage.agent, agent), inArray(t.budgetUsage.window, [...windows]))).all();
+  async usage(agent: string, windows: readonly string[]): Promise<(typeof t.budgetUsage.$inferSelect)[]> {
+    if (windows.length === 0) return [];
+    return selectAll(this.client, codecs.budgetUsage, `FROM budget_usage WHERE agent = ? AND "window" IN (${windows.map(() => "?").join(",")})`, [agent, ...windows]);
   }
 
   // ---- checkpoints ---------------------------------------------------------------
 
-  getCheckpoint(hash: string) {
-    return this.db.select().from(t.checkpoints).where(eq(t.checkpoints.hash, hash)).get();
+  /** A checkpoint by hash, or undefined. */
+  getCheckpoint(hash: string): Promise<t.CheckpointRow | undefined> {
+    return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE hash = ?", [hash]);
   }
 
   /** An agent's checkpoint chain, oldest first. */

@@ -2,22 +2,19 @@
  * The episode baseline: `Bun.spawn` of a tiny child + one IPC round trip + exit, with no
  * gateway around it. Two variants:
  *  - plain:   `bun bare-child.ts`, minimal env, pipes ignored;
- *  - wrapped: what the gateway's runner does to every episode (gateway/runner.ts, with its
- *             `defaultSpawnOptions()`): bubblewrap when it works here, prlimit
- *             (RLIMIT_DATA/NOFILE/NPROC), uid/gid 65534 when root, its own process group,
+ *  - wrapped: what the gateway's runner does to every episode (gateway/sandbox.ts, with its
+ *             `defaultSpawnOptions()` and `sandboxCommand`): bubblewrap when it works here,
+ *             prlimit (RLIMIT_DATA/NOFILE/CPU/NPROC), uid/gid 65534 when root, its own process group,
  *             cwd "/", the runner's child env, stderr piped and drained.
  * Both are ended the way the runner ends an episode: SIGKILL on the reply, then await exit.
  */
 import { join } from "node:path";
-import { CHILD_ENV, defaultSpawnOptions } from "../../gateway/runner.ts";
+import { CHILD_ENV, defaultSpawnOptions, sandboxCommand, type ProcessLimits } from "../../gateway/runner.ts";
 import { ROOT, defer, killPid } from "./harness.ts";
 
 const CHILD = join(ROOT, "scripts/bench/bare-child.ts");
-/** Matches the bench fleet's memory_mb (128) plus the runner's 384 MB runtime allowance. */
-const DATA_BYTES = (128 + 384) * 1024 * 1024;
-
-/** Mirrors BWRAP_ARGS in gateway/runner.ts (not exported there); keep the two in step. */
-const BWRAP_ARGS = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent"];
+/** The limits the runner gives a bench fleet episode (procs.ts benchFleet, episode.ts runLimitsFor). */
+const LIMITS: ProcessLimits = { timeoutMs: 10_000, memoryMb: 128, maxOpenFiles: 256, maxProcesses: 4096 };
 
 /** Which baseline. */
 export type BareVariant = "plain" | "wrapped";
@@ -39,9 +36,8 @@ export async function bareOnce(variant: BareVariant): Promise<number> {
   const began = performance.now();
   const s = defaultSpawnOptions();
   const wrapped = variant === "wrapped";
-  const cmd = [s.bun, CHILD];
-  if (wrapped && s.bwrap) cmd.unshift(s.bwrap, ...BWRAP_ARGS, "--");
-  if (wrapped && s.prlimit) cmd.unshift(s.prlimit, `--data=${DATA_BYTES}`, "--nofile=256", ...(s.uid !== null ? ["--nproc=4096"] : []));
+  // The wrapped command line is the runner's own builder, so the baseline cannot drift from it.
+  const cmd = wrapped ? sandboxCommand(CHILD, LIMITS, s) : [s.bun, CHILD];
   let replied!: () => void;
   const reply = new Promise<void>((r) => (replied = r));
   const proc = Bun.spawn(cmd, {

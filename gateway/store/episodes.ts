@@ -1,0 +1,98 @@
+/**
+ * The statements of an episode's end, the store's hottest write: a commit (log, checkpoint,
+ * outbox, inbox sends, budget use, dedup mark) or a failed attempt. Raw SQL through the
+ * schema codecs (./sql.ts): one multi-row INSERT per table and one upsert for both budget
+ * windows, so a commit is 7 statements (9 with inbox sends) and nothing is built by drizzle.
+ */
+import type { NewStimulus } from "../types.ts";
+import type { RawStatement } from "./db.ts";
+import * as t from "./schema.ts";
+import { chunks, codecs, insertRows } from "./sql.ts";
+
+/** Budget use booked with an episode, in its hour and day windows. */
+export interface EpisodeUsage {
+  readonly hourWindow: string;
+  readonly dayWindow: string;
+  readonly toolCalls: number;
+  readonly tokens: number;
+  readonly cost: number;
+}
+
+/** Everything one committed episode writes, atomically. */
+export interface EpisodeCommit {
+  readonly episode: typeof t.episodes.$inferInsert;
+  readonly events: readonly (typeof t.events.$inferInsert)[];
+  readonly checkpoint: typeof t.checkpoints.$inferInsert;
+  readonly outbox: readonly (typeof t.outbox.$inferInsert)[];
+  /** Inbox stimuli for other agents (ctx.send), deduplicated by episode + seq. */
+  readonly inbox: readonly NewStimulus[];
+  readonly usage: EpisodeUsage;
+}
+
+/** A failed episode attempt and what happens to its stimulus. */
+export interface EpisodeFailure {
+  readonly episode: typeof t.episodes.$inferInsert;
+  readonly events: readonly (typeof t.events.$inferInsert)[];
+  /** Retry not before this time, or quarantine when null. */
+  readonly retryAt: number | null;
+  readonly usage: EpisodeUsage;
+}
+
+/** Book one episode in both budget windows; `excluded` lets one statement carry both rows. */
+function usageStatement(agent: string, u: EpisodeUsage): RawStatement {
+  const row = (window: string) => ({ agent, window, episodes: 1, toolCalls: u.toolCalls, tokens: u.tokens, cost: u.cost });
+  return insertRows(
+    codecs.budgetUsage,
+    [row(u.hourWindow), row(u.dayWindow)],
+    `ON CONFLICT (agent, "window") DO UPDATE SET episodes = episodes + excluded.episodes,
+      tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost`,
+  );
+}
+
+/** The log rows of an attempt: its episode row, then its events 400 to a statement. */
+function logStatements(episode: typeof t.episodes.$inferInsert, events: readonly (typeof t.events.$inferInsert)[]): RawStatement[] {
+  return [insertRows(codecs.episodes, [episode]), ...chunks(events).map((rows) => insertRows(codecs.events, rows))];
+}
+
+/** The statements that commit an episode whole; `gatewayId` stamps the inbox rows. */
+export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatement[] {
+  const ep = c.episode;
+  const now = ep.endedAt;
+  const out = logStatements(ep, c.events);
+  out.push(insertRows(codecs.checkpoints, [c.checkpoint]));
+  for (const rows of chunks(c.outbox)) out.push(insertRows(codecs.outbox, rows));
+  // Inbox sends: their target agents first (created on first sight), then the stimuli.
+  for (const rows of chunks(c.inbox)) {
+    out.push(insertRows(codecs.agents, rows.map((s) => ({ id: s.agent, type: s.type, key: s.key, gateway: gatewayId, createdAt: now, updatedAt: now })), "ON CONFLICT DO NOTHING"));
+  }
+  for (const rows of chunks(c.inbox)) {
+    const stimuli = rows.map((s) => ({ gateway: gatewayId, agent: s.agent, sid: s.sid, kind: s.kind, topic: s.topic, payload: Buffer.from(s.payload), receivedAt: s.receivedAt }));
+    out.push(insertRows(codecs.stimuli, stimuli, "ON CONFLICT DO NOTHING"));
+  }
+  out.push(
+    { sql: "UPDATE stimuli SET state = 'done', episode = ?, done_at = ?, attempts = ? WHERE seq = ?", args: [ep.id, now, ep.attempt, ep.stimulusSeq] },
+    {
+      sql: "UPDATE agents SET head_seq = ?, head_hash = ?, episodes = episodes + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
+      args: [c.checkpoint.seq, c.checkpoint.hash, now, now, ep.agent],
+    },
+    usageStatement(ep.agent, c.usage),
+  );
+  return out;
+}
+
+/** The statements that record a failed attempt: the stimulus is retried later or quarantined. */
+export function failureStatements(f: EpisodeFailure): RawStatement[] {
+  const ep = f.episode;
+  const out = logStatements(ep, f.events);
+  // An unset error leaves last_error as it was (drizzle's .set() skipped undefined too).
+  const [setError, error] = ep.error === undefined ? ["", []] : [", last_error = ?", [ep.error]];
+  out.push(
+    f.retryAt === null
+      ? { sql: `UPDATE stimuli SET state = 'quarantined', attempts = ?, episode = ?, done_at = ?${setError} WHERE seq = ?`, args: [ep.attempt, ep.id, ep.endedAt, ...error, ep.stimulusSeq] }
+      : { sql: `UPDATE stimuli SET attempts = ?, not_before = ?${setError} WHERE seq = ?`, args: [ep.attempt, f.retryAt, ...error, ep.stimulusSeq] },
+    { sql: "UPDATE agents SET failures = failures + 1, last_episode_at = ?, updated_at = ? WHERE id = ?", args: [ep.endedAt, ep.endedAt, ep.agent] },
+    // Failed attempts still count against episodes_per_hour and the tools they used.
+    usageStatement(ep.agent, f.usage),
+  );
+  return out;
+}
