@@ -1,6 +1,6 @@
 /**
  * Hot redeploy support: watching fleet.toml and describing what changed between two
- * spec versions. The gateway applies the change (gateway.ts `reload`).
+ * spec versions. redeploy.ts applies the change.
  */
 import { watch, type FSWatcher } from "node:fs";
 import { readFile } from "node:fs/promises";

@@ -17,6 +17,7 @@ import {
   type ClientInfo,
   type PublishedMessage,
 } from "../broker/index.ts";
+import { remainingLength } from "./helpers/gateway.ts";
 
 const HOST = "127.0.0.1";
 const cleanups: (() => unknown)[] = [];
@@ -134,16 +135,6 @@ function grantedQos(client: MqttClient, filters: string[]): Promise<number[]> {
 // --- raw MQTT 3.1.1 bytes, for what mqtt.js will not send ---
 
 const utf8 = new TextEncoder();
-function remainingLength(n: number): number[] {
-  const out: number[] = [];
-  do {
-    let b = n % 128;
-    n = Math.floor(n / 128);
-    if (n > 0) b |= 0x80;
-    out.push(b);
-  } while (n > 0);
-  return out;
-}
 const str = (s: string): number[] => {
   const b = utf8.encode(s);
   return [b.length >> 8, b.length & 0xff, ...b];

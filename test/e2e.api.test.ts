@@ -6,49 +6,14 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { MqttClient } from "mqtt";
-import { TestFleet, cleanupAll, fixture, publishQos1, shippedAgent, waitFor } from "./helpers/gateway.ts";
+import { TestFleet, cleanupAll, publishQos1, waitFor } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
+import { counterType, fleetHeader, tempMonitorType, throwerType } from "./helpers/toml.ts";
 
-const q = (s: string) => JSON.stringify(s);
 /** 120 deployed counter instances: enough for three pages of 50. */
 const DEVICES = Array.from({ length: 120 }, (_, i) => `dev-${String(i).padStart(3, "0")}`);
 
-const TOML = `[fleet]
-name = "e2e-api"
-max_concurrent_episodes = 4
-
-[broker]
-host = "127.0.0.1"
-
-[http]
-host = "127.0.0.1"
-
-[agents.counter]
-module = ${q(fixture("counter"))}
-subscribe = ["api/+/in"]
-key = "{1}"
-dedup = "id"
-instances = [${DEVICES.map(q).join(", ")}]
-
-[agents.monitor]
-module = ${q(shippedAgent("temp-monitor"))}
-subscribe = ["sensors/+/temperature"]
-key = "{1}"
-dedup = "id"
-tools = ["publish"]
-publish = ["alerts/#"]
-config = { threshold = 80.0, hysteresis = 2.0 }
-
-[agents.thrower]
-module = ${q(fixture("throws"))}
-subscribe = ["bad/+/in"]
-key = "{1}"
-dedup = "id"
-
-[agents.thrower.retry]
-max_attempts = 1
-backoff_ms = 10
-`;
+const TOML = fleetHeader("e2e-api") + counterType("counter", "api/+/in", { instances: DEVICES }) + tempMonitorType("monitor") + throwerType("bad/+/in");
 
 let fleet: TestFleet;
 let client: MqttClient;

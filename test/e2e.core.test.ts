@@ -27,38 +27,15 @@ import {
   within,
   type Received,
 } from "./helpers/gateway.ts";
+import { agentType, fleetHeader } from "./helpers/toml.ts";
 
-const q = (s: string) => JSON.stringify(s);
 const COUNTER = fixture("counter");
 const IS_ROOT = process.getuid?.() === 0;
 /** Per-test bound: generous for a busy 2-core machine (Bun ignores a bunfig [test] timeout). */
 const E2E_TIMEOUT = 120_000;
 
-/** `[fleet]`, `[broker]` and `[http]` on loopback with ports picked by the flags. */
-function header(name: string, extra = ""): string {
-  return `[fleet]
-name = ${q(name)}
-max_concurrent_episodes = 4
-drain_timeout_ms = 10000
-${extra}
-[broker]
-host = "127.0.0.1"
-max_packet_bytes = 65536
-
-[http]
-host = "127.0.0.1"
-`;
-}
-
-/** One agent type block. */
-function agentType(name: string, module: string, subscribe: string[], opts: { key?: string; dedup?: string; extra?: string } = {}): string {
-  return `
-[agents.${name}]
-module = ${q(module)}
-subscribe = [${subscribe.map(q).join(", ")}]
-key = ${q(opts.key ?? "{1}")}
-${opts.dedup ? `dedup = ${q(opts.dedup)}\n` : ""}${opts.extra ?? ""}`;
-}
+/** `[fleet]`, `[broker]` and `[http]` on loopback with ports picked by the flags; `extra` adds `[fleet]` lines. */
+const header = (name: string, extra?: string): string => fleetHeader(name, { drainTimeoutMs: 10_000, maxPacketBytes: 65536, fleet: extra });
 
 /** An out message's envelope for `agent`, or undefined. */
 function outOf(msgs: readonly Received[], agent: string, pred: (data: any) => boolean = () => true): Received | undefined {

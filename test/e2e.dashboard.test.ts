@@ -10,53 +10,18 @@ import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
 import { chromium, type Browser, type Page } from "playwright-core";
-import { ROOT, TestFleet, cleanupAll, fixture, publishQos1, shippedAgent, waitFor } from "./helpers/gateway.ts";
+import { ROOT, TestFleet, cleanupAll, publishQos1, waitFor } from "./helpers/gateway.ts";
+import { counterType, fleetHeader, tempMonitorType, throwerType } from "./helpers/toml.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const OUT = join(ROOT, "test-output");
-const q = (s: string) => JSON.stringify(s);
 const DEVICES = Array.from({ length: 60 }, (_, i) => `pump-${String(i).padStart(2, "0")}`);
 
-const TOML = `[fleet]
-name = "plant-7"
-max_concurrent_episodes = 4
-
-[broker]
-host = "127.0.0.1"
-
-[http]
-host = "127.0.0.1"
-
-[agents.temp-monitor]
-module = ${q(shippedAgent("temp-monitor"))}
-subscribe = ["sensors/+/temperature"]
-key = "{1}"
-instances = ["boiler-1", "boiler-2"]
-dedup = "id"
-tools = ["publish"]
-publish = ["alerts/#"]
-config = { threshold = 80.0, hysteresis = 2.0 }
-
-[agents.temp-monitor.budget]
-episodes_per_hour = 20
-
-[agents.counter]
-module = ${q(fixture("counter"))}
-subscribe = ["pumps/+/in"]
-key = "{1}"
-dedup = "id"
-instances = [${DEVICES.map(q).join(", ")}]
-
-[agents.thrower]
-module = ${q(fixture("throws"))}
-subscribe = ["bad/+/in"]
-key = "{1}"
-dedup = "id"
-
-[agents.thrower.retry]
-max_attempts = 1
-backoff_ms = 10
-`;
+const TOML =
+  fleetHeader("plant-7") +
+  tempMonitorType("temp-monitor", { instances: ["boiler-1", "boiler-2"], extra: "\n[agents.temp-monitor.budget]\nepisodes_per_hour = 20\n" }) +
+  counterType("counter", "pumps/+/in", { instances: DEVICES }) +
+  throwerType("bad/+/in");
 
 let fleet: TestFleet;
 let client: MqttClient;

@@ -9,38 +9,16 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ROOT, TestFleet, cleanupAll, publishQos1, runCli, subscribe, waitFor } from "./helpers/gateway.ts";
 import { closed, connackCode, deviceCli, grantedQos, mosquittoPub, publishOutcome, quarantineAction, quarantined, type QuarantineJson } from "./helpers/devices.ts";
+import { agentType, fleetHeader } from "./helpers/toml.ts";
 
-const q = (s: string) => JSON.stringify(s);
 const PICKY = join(ROOT, "test/fixtures/devices/picky.ts");
 const PUBLISH = ["sensors/%u/#", "fleet/agents/+/%u/inbox"];
 const SUBSCRIBE = ["alerts/%u/#", "fleet/agents/+/%u/out"];
 
 function fleetToml(acceptAll: boolean): string {
-  return `[fleet]
-name = "e2e-devices"
-max_concurrent_episodes = 2
-drain_timeout_ms = 5000
-
-[broker]
-host = "127.0.0.1"
-max_packet_bytes = 65536
-allow_anonymous = false
-devices = "devices.toml"
-
-[http]
-host = "127.0.0.1"
-
-[agents.picky]
-module = ${q(PICKY)}
-subscribe = ["sensors/+/temp"]
-key = "{1}"
-dedup = "id"
-config = { accept_all = ${acceptAll} }
-
-[agents.picky.retry]
-max_attempts = 1
-backoff_ms = 0
-`;
+  const broker = 'allow_anonymous = false\ndevices = "devices.toml"';
+  const picky = `config = { accept_all = ${acceptAll} }\n\n[agents.picky.retry]\nmax_attempts = 1\nbackoff_ms = 0\n`;
+  return fleetHeader("e2e-devices", { maxConcurrent: 2, drainTimeoutMs: 5000, maxPacketBytes: 65536, broker }) + agentType("picky", PICKY, ["sensors/+/temp"], { dedup: "id", extra: picky });
 }
 
 afterAll(() => cleanupAll(), 60_000);

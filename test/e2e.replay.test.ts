@@ -8,50 +8,19 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import { TestFleet, cleanupAll, openDbFile, publishQos1, runCli, shippedAgent, waitFor, type CliResult, type EpisodeJson } from "./helpers/gateway.ts";
+import { agentType, fleetHeader, tempMonitorType } from "./helpers/toml.ts";
 
-const q = (s: string) => JSON.stringify(s);
 const ops = (name: string) => join(import.meta.dir, "fixtures/ops", `${name}.ts`);
 const SLOW = 180_000;
 
-const TOML = `[fleet]
-name = "e2e-replay"
-max_concurrent_episodes = 4
-
-[broker]
-host = "127.0.0.1"
-
-[http]
-host = "127.0.0.1"
-
-[agents.temp-monitor]
-module = ${q(shippedAgent("temp-monitor"))}
-subscribe = ["sensors/+/temperature"]
-key = "{1}"
-dedup = "id"
-tools = ["publish"]
-publish = ["alerts/#"]
-config = { threshold = 80.0, hysteresis = 2.0 }
-
-[agents.anomaly]
-module = ${q(shippedAgent("anomaly"))}
-subscribe = ["sensors/+/temperature"]
-key = "{1}"
-dedup = "id"
-tools = ["publish"]
-publish = ["alerts/anomaly/#"]
-config = { alpha = 0.1, z = 3.0, warmup = 3 }
-
-[agents.dice]
-module = ${q(ops("dice"))}
-subscribe = ["dice/+/roll"]
-key = "{1}"
-dedup = "id"
-tools = ["publish"]
-publish = ["rolls/#"]
-
-[agents.dice.retry]
-max_attempts = 1
-`;
+const TOML =
+  fleetHeader("e2e-replay") +
+  tempMonitorType("temp-monitor") +
+  agentType("anomaly", shippedAgent("anomaly"), ["sensors/+/temperature"], {
+    dedup: "id",
+    extra: 'tools = ["publish"]\npublish = ["alerts/anomaly/#"]\nconfig = { alpha = 0.1, z = 3.0, warmup = 3 }\n',
+  }) +
+  agentType("dice", ops("dice"), ["dice/+/roll"], { dedup: "id", extra: 'tools = ["publish"]\npublish = ["rolls/#"]\n\n[agents.dice.retry]\nmax_attempts = 1\n' });
 
 /**
  * Readings for boiler-1. temp-monitor (threshold 80, hysteresis 2): quiet, quiet, quiet,

@@ -28,6 +28,7 @@ import {
   timerPayloads,
   waitCommitted,
 } from "./helpers/sources.ts";
+import { fleetHeader } from "./helpers/toml.ts";
 
 // Our own temp root (os.tmpdir() reads TMPDIR on every call): another suite clearing
 // /tmp/fleet-e2e-* while this one runs must not pull the data dirs from under our gateways.
@@ -49,17 +50,7 @@ const RELAY = JSON.stringify(sourceAgent("relay"));
 /** Per-test bound: generous, the machine may be busy with other suites. */
 const T = 90_000;
 
-const HEAD = `[fleet]
-name = "sources"
-max_concurrent_episodes = 4
-drain_timeout_ms = 5000
-
-[broker]
-host = "127.0.0.1"
-
-[http]
-host = "127.0.0.1"
-`;
+const HEAD = fleetHeader("sources", { drainTimeoutMs: 5000 });
 
 /** Measured numbers, printed once at the end (the report quotes them). */
 const measured: Record<string, string> = {};

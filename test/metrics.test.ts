@@ -11,40 +11,12 @@ import pino from "pino";
 import { Gateway } from "../gateway/gateway.ts";
 import { agentId, type AgentId } from "../gateway/types.ts";
 import { RollingCounts } from "../gateway/rates.ts";
-import { fixture, connectMqtt, publishQos1, subscribe, waitFor } from "./helpers/gateway.ts";
+import { connectMqtt, publishQos1, subscribe, waitFor } from "./helpers/gateway.ts";
 import { parseExposition, sampleValue, samplesOf, scrape, type Exposition } from "./helpers/prom.ts";
+import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
 
-const q = (s: string) => JSON.stringify(s);
 
-const TOML = `[fleet]
-name = "metrics-test"
-max_concurrent_episodes = 4
-
-[broker]
-host = "127.0.0.1"
-
-[http]
-host = "127.0.0.1"
-
-[agents.counter]
-module = ${q(fixture("counter"))}
-subscribe = ["m/+/in"]
-key = "{1}"
-dedup = "id"
-
-[agents.counter.budget]
-episodes_per_hour = 100
-
-[agents.thrower]
-module = ${q(fixture("throws"))}
-subscribe = ["t/+/in"]
-key = "{1}"
-dedup = "id"
-
-[agents.thrower.retry]
-max_attempts = 1
-backoff_ms = 10
-`;
+const TOML = fleetHeader("metrics-test") + counterType("counter", "m/+/in", { extra: "\n[agents.counter.budget]\nepisodes_per_hour = 100\n" }) + throwerType("t/+/in");
 
 /** Metric families the issue asks for, by name. */
 const REQUIRED: Record<string, string> = {

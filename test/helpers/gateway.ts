@@ -548,7 +548,8 @@ export async function collect(client: MqttClient, filter: string, pred: (msgs: r
 
 // ---- raw MQTT bytes (for what well-behaved clients refuse to send) ------------------------
 
-function remainingLength(n: number): number[] {
+/** The Remaining Length field of a fixed header: a variable byte integer (MQTT 3.1.1 §2.2.3). */
+export function remainingLength(n: number): number[] {
   const out: number[] = [];
   do {
     let b = n % 128;

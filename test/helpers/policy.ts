@@ -9,27 +9,15 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
 import { ROOT, subscribe, within, type Subscription } from "./gateway.ts";
+import { fleetHeader as loopbackHeader, q } from "./toml.ts";
 
 /** Absolute path of a policy fixture agent (world-readable: episodes run as nobody). */
 export const policyAgent = (name: "steady" | "scripted" | "probe" | "hog" | "spin" | "forkbomb" | "fdleak"): string =>
   join(ROOT, "test/fixtures/policy", `${name}.ts`);
 
-const q = (s: string) => JSON.stringify(s);
-
-/** `[fleet]`, `[broker]` and `[http]` on loopback; ports come from the harness flags. */
+/** `[fleet]`, `[broker]` and `[http]` on loopback with a 5 s drain; ports come from the harness flags. */
 export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: string } = {}): string {
-  return `[fleet]
-name = ${q(name)}
-max_concurrent_episodes = ${o.maxConcurrent ?? 4}
-drain_timeout_ms = 5000
-
-[broker]
-host = "127.0.0.1"
-
-[http]
-host = "127.0.0.1"
-${o.extra ?? ""}
-`;
+  return loopbackHeader(name, { drainTimeoutMs: 5000, ...o });
 }
 
 /** One `[agents.<name>]` block subscribed to `<name>/+/in`, keyed by the `+`. */

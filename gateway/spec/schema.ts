@@ -1,0 +1,155 @@
+/**
+ * The zod schema of fleet.toml: every key, its type, its default and the message a wrong
+ * value gets (a missing value always reads "is required"). load.ts parses with it, then
+ * cross-checks what one key cannot know about another.
+ */
+import { Cron } from "croner";
+import { z } from "zod";
+import { parseDuration } from "./duration.ts";
+import { topicFilterProblem } from "./topic-filter.ts";
+import type { BudgetSpec } from "./types.ts";
+
+/** Tools an agent type may allowlist. */
+export const TOOL_NAMES = ["publish", "http", "llm", "send"] as const;
+/** Agent type and hook names. */
+export const TYPE_NAME_RE = /^[A-Za-z0-9_.-]+$/;
+/** Agent instance keys. */
+export const AGENT_KEY_RE = /^[A-Za-z0-9_.:@-]+$/;
+const ENV_NAME_RE = /^[A-Z_][A-Z0-9_]*$/;
+/** A key template: key characters and `{n}` wildcard captures (n >= 1). */
+const KEY_TEMPLATE_RE = /^(?:[A-Za-z0-9_.:@-]|\{[1-9][0-9]*\})+$/;
+
+/** Budget applied to an agent type that leaves `[agents.<type>.budget]` (or parts of it) out. */
+export const DEFAULT_BUDGET: BudgetSpec = Object.freeze({
+  episodes_per_hour: 3600,
+  tool_calls_per_episode: 20,
+  tokens_per_day: 100_000,
+  episode_timeout_ms: 5000,
+  memory_mb: 256,
+  tool_costs: Object.freeze({}),
+  cost_per_day: 0,
+});
+
+type Issue = { input?: unknown };
+/** Schema-level message; a missing value always reads "is required". */
+const says = (m: string) => ({ error: (iss: Issue) => (iss.input === undefined ? "is required" : m) });
+const POS = says("must be a positive integer");
+const NONNEG = says("must be a non-negative integer");
+const posInt = (d: number) => z.int(POS).positive(POS).default(d);
+const nonNegInt = (d: number) => z.int(NONNEG).min(0, NONNEG).default(d);
+const MEM = says("must be an integer of at least 16");
+const NONNEG_NUM = says("must be a non-negative number");
+const nonNegNum = () => z.number(NONNEG_NUM).min(0, NONNEG_NUM);
+const PORT = says("must be a port number (0-65535)");
+const port = () => z.int(PORT).min(0, PORT).max(65535, PORT);
+const str = () => z.string(says("must be a string")).min(1, "must not be empty");
+const envName = () => str().regex(ENV_NAME_RE, "must be an environment variable name (A-Z, 0-9, _)");
+const list = <T extends z.ZodType>(item: T) => z.array(item, says("must be an array")).default([]);
+const filter = () =>
+  str().superRefine((f, ctx) => {
+    const p = topicFilterProblem(f);
+    if (p !== null) ctx.addIssue({ code: "custom", message: `is not a valid topic filter (${JSON.stringify(f)}): ${p}` });
+  });
+/** A sub-table whose keys all have defaults, so a missing table reads as `{}`. */
+const table = <T extends z.core.$ZodLooseShape>(shape: T) =>
+  z.strictObject(shape, says("must be a table")).prefault({} as never);
+const tool = z.enum(TOOL_NAMES, says(`must be one of ${TOOL_NAMES.join(", ")}`));
+
+const agentSchema = z.strictObject(
+  {
+    module: str(),
+    subscribe: list(filter()),
+    key: str().regex(KEY_TEMPLATE_RE, "must be key characters (A-Z a-z 0-9 _ . : @ -) and {n} captures").optional(),
+    instances: list(str().regex(AGENT_KEY_RE, "must be an agent key (A-Z a-z 0-9 _ . : @ -)")),
+    every: str().refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "30s", "5m" or "1h30m"').optional(),
+    cron: str().superRefine((expr, ctx) => {
+      const fields = expr.trim().split(/\s+/).length;
+      const problem = !expr.startsWith("@") && fields !== 5 && fields !== 6 ? "must have 5 or 6 fields" : cronProblem(expr);
+      if (problem !== null) ctx.addIssue({ code: "custom", message: `is not a valid cron expression: ${problem}` });
+    }).optional(),
+    catch_up: z.enum(["none", "one", "all"], says('must be "none", "one" or "all"')).default("one"),
+    dedup: str().optional(),
+    tools: list(tool),
+    publish: list(filter()),
+    http_hosts: list(str().regex(/^[^\s/]+$/, "must be a host name, without scheme or path")),
+    secrets: list(envName()),
+    config: z.record(z.string(), z.unknown(), says("must be a table")).default({}),
+    max_queue: posInt(10_000),
+    budget: table({
+      episodes_per_hour: posInt(DEFAULT_BUDGET.episodes_per_hour),
+      tool_calls_per_episode: posInt(DEFAULT_BUDGET.tool_calls_per_episode),
+      tokens_per_day: posInt(DEFAULT_BUDGET.tokens_per_day),
+      episode_timeout_ms: posInt(DEFAULT_BUDGET.episode_timeout_ms),
+      memory_mb: z.int(MEM).min(16, MEM).default(DEFAULT_BUDGET.memory_mb),
+      tool_costs: z.partialRecord(tool, nonNegNum(), says("must be a table")).default({}),
+      cost_per_day: nonNegNum().default(DEFAULT_BUDGET.cost_per_day),
+    }),
+    checkpoint: table({ keep: nonNegInt(50) }),
+    retry: table({ max_attempts: posInt(3), backoff_ms: nonNegInt(1000) }),
+  },
+  says("must be a table"),
+);
+
+const hookSchema = z.strictObject(
+  {
+    agent: str().regex(/^[A-Za-z0-9_.-]+\/[A-Za-z0-9_.:@-]+$/, 'must be "<type>/<key>"').optional(),
+    type: str().regex(TYPE_NAME_RE, "must be an agent type name").optional(),
+    key_field: str().optional(),
+    dedup: str().optional(),
+    secret_env: envName().optional(),
+    max_body_bytes: posInt(1_048_576),
+  },
+  says("must be a table"),
+);
+
+const named = <T extends z.ZodType>(what: string, value: T) =>
+  z.record(str().regex(TYPE_NAME_RE, `is not a valid ${what} name (use A-Z a-z 0-9 _ . -)`), value, says("must be a table")).default({});
+const positive = () => z.number(says("must be a positive number")).positive(says("must be a positive number"));
+
+/** The whole file. */
+export const fleetSchema = z.strictObject({
+  fleet: table({
+    name: str().default("fleet"),
+    data_dir: str().default(".fleet"),
+    max_concurrent_episodes: posInt(4),
+    synchronous: z.enum(["full", "normal"], says('must be "full" or "normal"')).default("full"),
+    drain_timeout_ms: nonNegInt(10_000),
+    sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
+    warm_spares: nonNegInt(2),
+  }),
+  broker: table({
+    host: str().default("0.0.0.0"),
+    mqtt_port: port().default(1883),
+    ws_port: port().optional(),
+    max_packet_bytes: posInt(262_144),
+    allow_anonymous: z.boolean(says("must be true or false")).default(true),
+    devices: str().optional(),
+  }),
+  http: table({ host: str().default("0.0.0.0"), port: port().default(8080) }),
+  llm: table({
+    url: str().refine((u) => URL.canParse(u), "must be a URL").default("http://127.0.0.1:11434/v1"),
+    model: str().default("llama3.2"),
+    api_key_env: envName().optional(),
+    timeout_ms: posInt(30_000),
+  }),
+  agents: named("agent type", agentSchema),
+  hooks: named("hook", hookSchema),
+  retention: table({ episodes_days: positive().default(30), dedup_days: positive().default(7) }),
+});
+
+/** fleet.toml as the schema outputs it: defaults filled, not yet cross-checked. */
+export type RawFleet = z.output<typeof fleetSchema>;
+/** One `[agents.<type>]` table as the schema outputs it. */
+export type RawAgent = z.output<typeof agentSchema>;
+/** One `[hooks.<name>]` table as the schema outputs it. */
+export type RawHook = z.output<typeof hookSchema>;
+
+/** Why croner rejects a cron expression (or that it never fires), or null when it is fine. */
+function cronProblem(expr: string): string | null {
+  try {
+    const next = new Cron(expr, { paused: true }).nextRun();
+    return next === null ? "it never fires" : null;
+  } catch (err) {
+    return err instanceof Error ? err.message.replace(/^CronPattern: /, "") : String(err);
+  }
+}
