@@ -12,22 +12,14 @@ import type { BrokerOptions, ClientInfo } from "../broker/index.ts";
 import { aclAllowsPublish, aclAllowsSubscribe, aclPatternProblem } from "./device-acl.ts";
 import { digestsEqual, hashSecret, parseArgon2, secretDigest, verifySecret, type Argon2Hash } from "./device-secret.ts";
 import { formatKeyPath } from "./spec/load.ts";
+import { ConfigFileError } from "./spec/types.ts";
 
 /** Device ids (= MQTT usernames) and client ids: one plain topic level, so `%u`/`%c` never widen an ACL. */
 export const DEVICE_ID_RE = /^[A-Za-z0-9_.:@-]+$/;
 
 /** A problem in the devices file: syntax errors carry line:column, schema errors the key path. */
-export class DevicesError extends Error {
+export class DevicesError extends ConfigFileError {
   override readonly name = "DevicesError";
-  constructor(
-    readonly file: string,
-    readonly detail: string,
-    readonly line: number | null = null,
-    readonly column: number | null = null,
-    readonly keyPath: string | null = null,
-  ) {
-    super(line !== null ? `${file}:${line}:${column ?? 0}: ${detail}` : `${file}: ${detail}`);
-  }
 }
 
 /** One registered device. */

@@ -127,9 +127,9 @@ export interface SpecVersion {
   readonly spec: FleetSpec;
 }
 
-/** Where in fleet.toml an error is: line/column for syntax, key path for schema. */
-export class SpecError extends Error {
-  override readonly name = "SpecError";
+/** A problem in a configuration file: line/column for syntax, key path for schema. */
+export class ConfigFileError extends Error {
+  override readonly name: string = "ConfigFileError";
   constructor(
     /** File the error is in. */
     readonly file: string,
@@ -142,4 +142,9 @@ export class SpecError extends Error {
   ) {
     super(line !== null ? `${file}:${line}:${column ?? 0}: ${detail}` : `${file}: ${detail}`);
   }
+}
+
+/** Where in fleet.toml an error is: line/column for syntax, key path for schema. */
+export class SpecError extends ConfigFileError {
+  override readonly name = "SpecError";
 }
