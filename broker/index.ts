@@ -11,5 +11,5 @@ export type {
   PublishedMessage,
 } from "./types.ts";
 export { createEmbeddedBroker } from "./embedded.ts";
-export { checkDevicePublishTopic, checkDeviceSubscribeFilter, matchTopic, type TopicCheck } from "./topics.ts";
+export { checkDevicePublishTopic, checkDeviceSubscribeFilter, compileFilter, matchTopic, type CompiledFilter, type TopicCheck } from "./topics.ts";
 export { PacketSizeGuard, type GuardVerdict } from "./guard.ts";

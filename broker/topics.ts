@@ -34,6 +34,33 @@ export function matchTopic(filter: string, topic: string): string[] | null {
   return f.length === t.length ? captures : null;
 }
 
+/** A filter compiled once: matches a topic already split into levels, returning the captures. */
+export type CompiledFilter = (levels: readonly string[]) => string[] | null;
+
+/** Compile an MQTT filter for repeated matching (same semantics as `matchTopic`). */
+export function compileFilter(filter: string): CompiledFilter {
+  const f = filter.split("/");
+  const wildFirst = f[0] === "+" || f[0] === "#";
+  const hashAt = f[f.length - 1] === "#" ? f.length - 1 : -1;
+  return (t) => {
+    // MQTT-4.7.2-1: a filter starting with a wildcard does not match topics starting with '$'.
+    if (wildFirst && t[0]?.startsWith("$")) return null;
+    if (hashAt < 0 ? t.length !== f.length : t.length < hashAt) return null;
+    const captures: string[] = [];
+    for (let i = 0; i < f.length; i++) {
+      const level = f[i]!;
+      if (i === hashAt) {
+        // MQTT-4.7.1-2: '#' also matches the parent level ('a/#' matches 'a'), capturing "".
+        captures.push(t.slice(i).join("/"));
+        return captures;
+      }
+      if (level === "+") captures.push(t[i]!);
+      else if (level !== t[i]) return null;
+    }
+    return captures;
+  };
+}
+
 /** The one `fleet/` topic a device may publish to: `fleet/agents/<type>/<key>/inbox`. */
 function isInboxTopic(levels: readonly string[]): boolean {
   return (

@@ -59,7 +59,9 @@ export class Roster {
 
   /** Stimuli waiting across the fleet. */
   totalQueued(): number {
-    return [...this.queuedCounts.values()].reduce((a, b) => a + b, 0);
+    let n = 0;
+    for (const v of this.queuedCounts.values()) n += v;
+    return n;
   }
 
   /** How many lifecycle actions an agent has seen (compared before and after an episode). */

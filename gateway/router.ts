@@ -4,7 +4,7 @@
  * `fleet/agents/<type>/<key>/inbox` names one directly. One message matching several
  * types yields one target per agent.
  */
-import { matchTopic } from "../broker/index.ts";
+import { compileFilter } from "../broker/index.ts";
 import type { AgentTypeSpec, FleetSpec } from "./spec/types.ts";
 import { agentId, type AgentId } from "./types.ts";
 
@@ -36,9 +36,18 @@ export function renderKey(template: string, captures: readonly string[]): string
   return missing || key === "" ? null : key;
 }
 
-/** Compile the routing table of a spec. */
+/** Compile a key template once: literal parts and capture indexes. */
+function compileKey(template: string): (captures: readonly string[]) => string | null {
+  if (template === "{1}") {
+    // The common case: the first wildcard level is the key.
+    return (c) => (c[0] === undefined || c[0] === "" ? null : c[0].replaceAll("/", "."));
+  }
+  return (c) => renderKey(template, c);
+}
+
+/** Compile the routing table of a spec: filters and key templates are parsed once, not per message. */
 export function createRouter(spec: FleetSpec): (topic: string) => Route {
-  const types = Object.values(spec.agents);
+  const types = Object.values(spec.agents).map((type) => ({ type, filters: type.subscribe.map(compileFilter), key: compileKey(type.key) }));
   return (topic) => {
     const inbox = INBOX.exec(topic);
     if (inbox) {
@@ -52,11 +61,12 @@ export function createRouter(spec: FleetSpec): (topic: string) => Route {
     const targets: Target[] = [];
     const problems: string[] = [];
     const seen = new Set<string>();
-    for (const type of types) {
-      for (const filter of type.subscribe) {
-        const captures = matchTopic(filter, topic);
+    const levels = topic.split("/");
+    for (const { type, filters, key: keyOf } of types) {
+      for (const filter of filters) {
+        const captures = filter(levels);
         if (!captures) continue;
-        const key = renderKey(type.key, captures);
+        const key = keyOf(captures);
         const id = key === null ? null : agentId(type.name, key);
         if (!id || key === null) {
           problems.push(`topic "${topic}" gives no valid key for ${type.name} (template ${type.key})`);

@@ -17,6 +17,7 @@ import {
   type ClientInfo,
   type PublishedMessage,
 } from "../broker/index.ts";
+import { compileFilter } from "../broker/index.ts";
 import { remainingLength } from "./helpers/gateway.ts";
 
 const HOST = "127.0.0.1";
@@ -641,6 +642,17 @@ describe("checkDevicePublishTopic", () => {
   test("refuses wildcards, empty, '$' and the rest of fleet/", () => {
     for (const topic of ["", "a/+", "a/#", "$SYS/x", "$share/g/x", "fleet", "fleet/health", "fleet/agents/t/k/out", "fleet/agents/t/k/inbox/x", "fleet/agents//k/inbox"]) {
       expect(checkDevicePublishTopic(topic).ok).toBe(false);
+    }
+  });
+});
+
+describe("compiled filters", () => {
+  test("a compiled filter matches and captures exactly as matchTopic does", () => {
+    const filters = ["a/b", "a/+", "a/#", "#", "+/b", "+", "a/+/c/#", "a/+/+", "$SYS/#", "sensors/+/temperature"];
+    const topics = ["a", "a/b", "a/b/c", "a/x/c/d/e", "b", "$SYS/x", "$SYS", "x/b", "sensors/boiler-1/temperature", "sensors//temperature", "a//", ""];
+    for (const f of filters) {
+      const compiled = compileFilter(f);
+      for (const t of topics) expect({ f, t, m: compiled(t.split("/")) }).toEqual({ f, t, m: matchTopic(f, t) });
     }
   });
 });
