@@ -46,7 +46,12 @@ let base: string;
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), "fleet-metrics-"));
   writeFileSync(join(dir, "fleet.toml"), TOML);
-  gw = new Gateway({ configPath: join(dir, "fleet.toml"), dataDir: join(dir, "data"), mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }), healthIntervalMs: 250 });
+  // Budget gauges read the current hour's window: run the gateway on a clock that starts a
+  // minute into an hour, so a suite that happens to run across hh:00 still sees one window.
+  const began = Date.now();
+  const hourStart = Math.floor(began / 3_600_000) * 3_600_000 + 60_000;
+  const now = () => hourStart + (Date.now() - began);
+  gw = new Gateway({ configPath: join(dir, "fleet.toml"), dataDir: join(dir, "data"), mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }), healthIntervalMs: 250, now });
   await gw.start();
   base = `http://127.0.0.1:${gw.http.port}`;
 });
