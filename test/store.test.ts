@@ -590,3 +590,21 @@ describe("recordFailure", () => {
     }
   });
 });
+
+describe("agent search", () => {
+  test("search is a plain substring match: _ and % match only themselves", async () => {
+    const store = await open(freshPath());
+    try {
+      await store.ensureAgents([
+        { id: "temp/a_b" as never, type: "temp", key: "a_b" },
+        { id: "temp/axb" as never, type: "temp", key: "axb" },
+        { id: "temp/100%" as never, type: "temp", key: "100%" },
+      ]);
+      expect((await store.listAgents({ q: "a_b" })).rows.map((r) => r.id)).toEqual(["temp/a_b"]);
+      expect((await store.listAgents({ q: "0%" })).rows.map((r) => r.id)).toEqual(["temp/100%"]);
+      expect((await store.listAgents({ q: "temp/" })).total).toBe(3);
+    } finally {
+      await store.close();
+    }
+  });
+});

@@ -5,7 +5,7 @@
  * commit, failure, the per-turn reads) are raw SQL derived from the schema (./sql.ts,
  * ./episodes.ts); the rest goes through drizzle.
  */
-import { and, asc, desc, eq, gt, inArray, lt, count, min, like, or } from "drizzle-orm";
+import { and, asc, desc, eq, gt, inArray, lt, count, min, sql } from "drizzle-orm";
 import type { Client } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement, type WriteItem } from "./db.ts";
 import * as t from "./schema.ts";
@@ -108,7 +108,8 @@ export class Store {
     const conds = [];
     if (f.type) conds.push(eq(t.agents.type, f.type));
     if (f.status) conds.push(eq(t.agents.status, f.status as t.StoredAgentStatus));
-    if (f.q) conds.push(or(like(t.agents.id, `%${f.q}%`)));
+    // Search is a substring match: escape LIKE's own wildcards so "_" and "%" mean themselves.
+    if (f.q) conds.push(sql`${t.agents.id} LIKE ${`%${f.q.replace(/[\\%_]/g, (c) => `\\${c}`)}%`} ESCAPE '\\'`);
     const where = conds.length ? and(...conds) : undefined;
     const rows = await this.db.select().from(t.agents).where(where).orderBy(asc(t.agents.id)).limit(f.limit ?? 100).offset(f.offset ?? 0).all();
     const total = (await this.db.select({ n: count() }).from(t.agents).where(where).get())?.n ?? 0;
