@@ -107,6 +107,13 @@ export async function replayEpisode(store: Store, episodeId: string, spawn: Spaw
   if (result.ok !== recordedOk) {
     return { ...base, verdict: "DIVERGED", divergence: { at: "outcome", expected: recordedOk ? "committed" : JSON.parse(ending.data), actual: result.ok ? "committed" : { kind: result.kind, message: result.message.split("\n")[0] } } };
   }
+  if (!result.ok && !recordedOk) {
+    // Both failed: the same way? (a timeout replayed as a throw is new behaviour)
+    const recorded = JSON.parse(ending.data) as { kind: string; message: string };
+    if (recorded.kind !== result.kind) {
+      return { ...base, verdict: "DIVERGED", divergence: { at: "outcome", expected: { kind: recorded.kind }, actual: { kind: result.kind, message: result.message.split("\n")[0] } } };
+    }
+  }
   const d = firstDivergence(records, result.records);
   if (d) return { ...base, verdict: "DIVERGED", divergence: d };
   if (result.ok && ep.checkpoint) {
