@@ -95,6 +95,17 @@ export class EpisodeExecutor {
       this.d.events.emit("status", { agent: agentId, status: "idle", reason: "budget window reset" });
       agent = { ...agent, status: "active", reason: null, pausedUntil: null };
     }
+    if (agent.status === "retired") {
+      // Whatever still waits for a retired agent (queued before the retirement, or sent by an
+      // episode that committed just after it) is refused with a recorded reason, not left forever.
+      const reason = `agent is retired${agent.reason ? ` (${agent.reason})` : ""}`;
+      const count = await store.rejectQueued(agentId, reason, now);
+      if (count > 0) {
+        this.d.log.warn({ agent: agentId, count }, `stimuli refused: ${reason}`);
+        this.d.events.emit("rejected", { agent: agentId, count, reason });
+      }
+      return { kind: "parked" };
+    }
     if (agent.status !== "active") return { kind: "parked" };
     const head = await store.headOfQueue(agentId);
     if (!head) return { kind: "empty" };

@@ -20,6 +20,8 @@ export interface FleetEventMap {
   };
   status: { agent: string; status: AgentStatus; reason?: string; checkpoint?: string | null };
   queued: { agent: string };
+  /** Stimuli left in a retired agent's queue were refused (recorded as `rejected`). */
+  rejected: { agent: string; count: number; reason: string };
   intake: { source: "mqtt" | "timer" | "webhook" | "inbox" | "manual"; accepted: number; duplicates: number };
 }
 

@@ -36,6 +36,7 @@ export class Roster {
       else this.queuedCounts.set(e.agent, n);
     });
     this.events.on("queued", (e) => this.noteQueued(e.agent));
+    this.events.on("rejected", (e) => this.queuedCounts.delete(e.agent));
   }
 
   /** Read retirements and queued stimuli from the store, and hand the queue to the scheduler. */
@@ -97,6 +98,8 @@ export class Roster {
       await this.store.setAgentStatus(id, "retired", "retired by operator");
       this.retired.add(id);
       this.events.emit("status", { agent: id, status: "retired", reason: "retired by operator" });
+      // Its next turn refuses what still waits for it (recorded as rejected).
+      if (this.queued(id) > 0) this.scheduler.wake(id);
     }
     return { ok: true };
   }
@@ -109,6 +112,7 @@ export class Roster {
       await this.store.setAgentStatus(a.id, "retired", reason);
       this.retired.add(a.id);
       this.events.emit("status", { agent: a.id, status: "retired", reason });
+      if (this.queued(a.id) > 0) this.scheduler.wake(a.id);
     }
   }
 

@@ -228,6 +228,14 @@ export class Store {
     return this.db.select().from(t.stimuli).where(eq(t.stimuli.state, state)).orderBy(desc(t.stimuli.seq)).limit(limit).all();
   }
 
+  /** Refuse everything still queued for an agent (it was retired); returns how many. */
+  async rejectQueued(agent: string, reason: string, at: number): Promise<number> {
+    const [rs] = await this.writer.write([
+      { sql: "UPDATE stimuli SET state = 'rejected', last_error = ?, done_at = ? WHERE agent = ? AND state = 'queued'", args: [reason, at, agent] },
+    ]);
+    return rs?.rowsAffected ?? 0;
+  }
+
   /** Put a quarantined stimulus back in its queue, or drop it. */
   async setStimulusState(seq: number, state: t.StimulusState): Promise<void> {
     await this.writer.write([
