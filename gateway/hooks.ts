@@ -82,14 +82,19 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   if (idem !== null && (idem.length === 0 || idem.length > 256)) return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
   const sid = idem ? (`idem:${idem}` as StimulusId) : await stimulusId(hook.dedup, `hooks/${name}`, body, payload);
   const report = await d.intake.record([target], "webhook", `hooks/${name}`, body, sid);
-  return respond(report, target);
+  return intakeResponse(report, target.agent);
 }
 
-function respond(report: IntakeReport, target: Target): Response {
+/**
+ * The HTTP answer to recording one stimulus for one agent (webhooks, manual stimuli): 202 with
+ * the new stimulus id, 200 with the original id for a duplicate, 429 when its queue is full,
+ * 409 when it was refused otherwise.
+ */
+export function intakeResponse(report: IntakeReport, agent: string): Response {
   const a = report.accepted[0];
-  if (a) return json({ stimulus: a.sid, agent: target.agent, seq: a.seq, duplicate: false }, 202);
+  if (a) return json({ stimulus: a.sid, agent, seq: a.seq, duplicate: false }, 202);
   const dup = report.duplicates[0];
-  if (dup) return json({ stimulus: dup.sid, agent: target.agent, duplicate: true }, 200);
+  if (dup) return json({ stimulus: dup.sid, agent, duplicate: true }, 200);
   const refused = report.refused[0];
   const full = refused?.reason.startsWith("queue full");
   return full

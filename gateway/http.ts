@@ -5,7 +5,7 @@
 import type { Gateway } from "./gateway.ts";
 import { agentId } from "./types.ts";
 import type { StimulusId } from "./types.ts";
-import { handleHook } from "./hooks.ts";
+import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./http-quarantine.ts";
 import { agentDetail, agentEpisodes, episodeDetail, listAgents, observeRoutes } from "./observe.ts";
 
@@ -120,9 +120,5 @@ async function manualStimulus(gw: Gateway, typeName: string, key: string, req: R
   if (!body.ok) return body.res;
   const idem = req.headers.get("idempotency-key");
   const report = await gw.intake.record([{ agent: id, type, key }], "manual", null, body.raw, idem ? (`idem:${idem}` as StimulusId) : null);
-  const a = report.accepted[0];
-  if (a) return json({ stimulus: a.sid, agent: id, seq: a.seq, duplicate: false }, 202);
-  const d = report.duplicates[0];
-  if (d) return json({ stimulus: d.sid, agent: id, duplicate: true }, 200);
-  return httpError(409, "refused", report.refused[0]?.reason ?? "refused");
+  return intakeResponse(report, id);
 }

@@ -119,11 +119,11 @@ export function childPids(pid: number): number[] {
 /** Every descendant of `pid` (children, their children, ...). */
 export function descendantPids(pid: number): number[] {
   const out: number[] = [];
-  const todo = [pid];
-  while (todo.length > 0) {
-    for (const c of childPids(todo.pop()!)) {
+  const frontier = [pid];
+  while (frontier.length > 0) {
+    for (const c of childPids(frontier.pop()!)) {
       out.push(c);
-      todo.push(c);
+      frontier.push(c);
     }
   }
   return out;
