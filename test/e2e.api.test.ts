@@ -136,6 +136,23 @@ describe("one error shape", () => {
     ["POST", "/api/agents/counter/nope/pause", 404, "not_found"],
     ["POST", "/api/agents/counter/dev-000/explode", 404, "not_found"],
   ];
+  const bodies: [string, string, number, string][] = [
+    ["/api/send", "{not json", 400, "bad_json"],
+    ["/api/send", JSON.stringify({ payload: 1 }), 400, "bad_request"],
+    ["/api/send", JSON.stringify({ topic: "nobody/listens/here", payload: 1 }), 404, "no_target"],
+    ["/api/agents/counter/dev-000/stimuli", "{not json", 400, "bad_json"],
+    ["/api/agents/nosuchtype/k/stimuli", "{}", 404, "not_found"],
+  ];
+  for (const [path, body, status, code] of bodies) {
+    test(`POST ${path} with ${body} -> ${status} ${code}`, async () => {
+      const res = await fetch(`${base}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body });
+      expect(res.status).toBe(status);
+      const json = (await res.json()) as { error: { code: string; message: string } };
+      expect(json.error.code).toBe(code);
+      expect(json.error.message.length).toBeGreaterThan(5);
+    }, 60_000);
+  }
+
   for (const [method, path, status, code] of cases) {
     test(`${method} ${path} -> ${status} ${code}`, async () => {
       const res = await fetch(`${base}${path}`, { method });

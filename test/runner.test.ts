@@ -590,3 +590,15 @@ async function waitGone(pids: readonly number[]): Promise<void> {
   const deadline = Date.now() + 10_000;
   while (Date.now() < deadline && !pids.every(gone)) await Bun.sleep(20);
 }
+
+describe("the IPC edge", () => {
+  test("a subprocess that sends a malformed or forged message fails its episode as protocol, and is killed", async () => {
+    const r = await runEpisode(start("bad-ipc"), LIMITS, noTools, SPAWN);
+    expect(r.ok).toBe(false);
+    if (r.ok) return;
+    expect(r.kind).toBe("protocol");
+    expect(r.message).toContain("malformed");
+    // The forged tool record never reached the log.
+    expect(r.records.some((x) => x.k === "tool")).toBe(false);
+  });
+});
