@@ -6,6 +6,7 @@ import type { Gateway } from "./gateway.ts";
 import { agentId } from "./types.ts";
 import type { StimulusId } from "./types.ts";
 import { handleHook, intakeResponse } from "./hooks.ts";
+import { readBodyCapped } from "./body.ts";
 import { quarantineRoutes } from "./http-quarantine.ts";
 import { agentDetail, agentEpisodes, episodeDetail, listAgents, observeRoutes } from "./observe.ts";
 
@@ -28,10 +29,8 @@ export function httpError(status: number, code: string, message: string): Respon
 const MAX_API_BODY = 1024 * 1024;
 
 async function readJson(req: Request, cap = MAX_API_BODY): Promise<{ ok: true; value: unknown; raw: Uint8Array } | { ok: false; res: Response }> {
-  const len = Number(req.headers.get("content-length") ?? "0");
-  if (len > cap) return { ok: false, res: httpError(413, "too_large", `body larger than ${cap} bytes`) };
-  const raw = new Uint8Array(await req.arrayBuffer());
-  if (raw.byteLength > cap) return { ok: false, res: httpError(413, "too_large", `body larger than ${cap} bytes`) };
+  const raw = await readBodyCapped(req, cap);
+  if (raw === null) return { ok: false, res: httpError(413, "too_large", `body larger than ${cap} bytes`) };
   try {
     return { ok: true, value: raw.byteLength ? JSON.parse(new TextDecoder().decode(raw)) : null, raw };
   } catch (err) {
