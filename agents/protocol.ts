@@ -1,5 +1,5 @@
 /**
- * The IPC protocol between the gateway and an episode subprocess (agents/host.ts).
+ * The IPC protocol between the gateway and an episode subprocess (agents/host/main.ts).
  * Every message is parsed at the edge with `parseChildMessage` / `parseParentMessage`;
  * past that, code trusts these types.
  */
@@ -31,7 +31,14 @@ export type EpisodeRecord =
   | { readonly k: "now"; readonly v: number }
   | { readonly k: "random"; readonly v: number }
   | { readonly k: "log"; readonly level: "debug" | "info" | "warn" | "error"; readonly msg: string }
-  | { readonly k: "tool"; readonly call: number; readonly tool: string; readonly args: readonly unknown[]; readonly ok: boolean; readonly result: unknown };
+  | {
+      readonly k: "tool";
+      readonly call: number;
+      readonly tool: string;
+      readonly args: readonly unknown[];
+      readonly ok: boolean;
+      readonly result: unknown;
+    };
 
 /** Recorded inputs that make a replay deterministic. */
 export interface ReplayInputs {
@@ -67,7 +74,12 @@ export type ChildMessage =
   | { readonly t: "records"; readonly records: readonly EpisodeRecord[] }
   | { readonly t: "tool"; readonly call: number; readonly tool: string; readonly args: readonly unknown[] }
   | { readonly t: "done"; readonly state: unknown }
-  | { readonly t: "error"; readonly kind: "threw" | "invalid_module" | "invalid_state" | "flood"; readonly message: string; readonly stack?: string };
+  | {
+      readonly t: "error";
+      readonly kind: "threw" | "invalid_module" | "invalid_state" | "flood";
+      readonly message: string;
+      readonly stack?: string;
+    };
 
 const RECORD_KINDS = new Set(["decide", "emit", "send", "now", "random", "log", "tool"]);
 
@@ -87,7 +99,9 @@ export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { re
       return { t: "ready" };
     case "records": {
       if (!Array.isArray(raw.records)) return null;
-      for (const r of raw.records) if (!isObj(r) || typeof r.k !== "string" || !RECORD_KINDS.has(r.k) || (r.k === "tool" && !opts.replay)) return null;
+      for (const r of raw.records)
+        if (!isObj(r) || typeof r.k !== "string" || !RECORD_KINDS.has(r.k) || (r.k === "tool" && !opts.replay))
+          return null;
       return raw as unknown as ChildMessage;
     }
     case "tool":
@@ -109,7 +123,9 @@ export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { re
 /** Parse a message from the gateway; null when malformed. */
 export function parseParentMessage(raw: unknown): ParentMessage | null {
   if (!isObj(raw)) return null;
-  if (raw.t === "start" && isObj(raw.agent) && isObj(raw.stimulus) && typeof raw.module === "string") return raw as unknown as ParentMessage;
-  if (raw.t === "tool_result" && typeof raw.call === "number" && typeof raw.ok === "boolean") return raw as unknown as ParentMessage;
+  if (raw.t === "start" && isObj(raw.agent) && isObj(raw.stimulus) && typeof raw.module === "string")
+    return raw as unknown as ParentMessage;
+  if (raw.t === "tool_result" && typeof raw.call === "number" && typeof raw.ok === "boolean")
+    return raw as unknown as ParentMessage;
   return null;
 }

@@ -136,7 +136,10 @@ class EmbeddedBroker implements Broker {
   private onViolation(v: GuardViolation, remote: string): void {
     this.oversized++;
     if (v.kind === "oversized") {
-      this.log.warn({ remote, packetBytes: v.packetBytes, max: this.opts.maxPacketBytes }, "oversized packet; connection closed");
+      this.log.warn(
+        { remote, packetBytes: v.packetBytes, max: this.opts.maxPacketBytes },
+        "oversized packet; connection closed",
+      );
     } else {
       this.log.warn({ remote }, "malformed remaining length; connection closed");
     }

@@ -141,11 +141,14 @@ export function createHooks(
       };
       const verdict = safeIntake(msg, info);
       const previous = (client && lastTurn.get(client)) || Promise.resolve();
-      const turn = previous.then(() => verdict).then((v) => {
-        if (!v.ok) return refuse(v.reason);
-        state.messagesIn++;
-        callback(null); // only now may aedes write the PUBACK (NOTES: it acks before `published`)
-      }).catch((err: unknown) => log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed"));
+      const turn = previous
+        .then(() => verdict)
+        .then((v) => {
+          if (!v.ok) return refuse(v.reason);
+          state.messagesIn++;
+          callback(null); // only now may aedes write the PUBACK (NOTES: it acks before `published`)
+        })
+        .catch((err: unknown) => log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed"));
       if (client) lastTurn.set(client, turn);
     },
 

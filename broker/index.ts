@@ -11,5 +11,12 @@ export type {
   PublishedMessage,
 } from "./types.ts";
 export { createEmbeddedBroker } from "./embedded.ts";
-export { checkDevicePublishTopic, checkDeviceSubscribeFilter, compileFilter, matchTopic, type CompiledFilter, type TopicCheck } from "./topics.ts";
+export {
+  checkDevicePublishTopic,
+  checkDeviceSubscribeFilter,
+  compileFilter,
+  matchTopic,
+  type CompiledFilter,
+  type TopicCheck,
+} from "./topics.ts";
 export { PacketSizeGuard, type GuardVerdict } from "./guard.ts";

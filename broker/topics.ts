@@ -63,13 +63,7 @@ export function compileFilter(filter: string): CompiledFilter {
 
 /** The one `fleet/` topic a device may publish to: `fleet/agents/<type>/<key>/inbox`. */
 function isInboxTopic(levels: readonly string[]): boolean {
-  return (
-    levels.length === 5 &&
-    levels[1] === "agents" &&
-    levels[2] !== "" &&
-    levels[3] !== "" &&
-    levels[4] === "inbox"
-  );
+  return levels.length === 5 && levels[1] === "agents" && levels[2] !== "" && levels[3] !== "" && levels[4] === "inbox";
 }
 
 /**

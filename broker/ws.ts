@@ -81,7 +81,8 @@ export class WsListener {
             return;
           }
           conn.receive(message);
-          if (conn.readableLength > maxBacklog) conn.destroy(new Error("websocket client floods faster than the broker reads"));
+          if (conn.readableLength > maxBacklog)
+            conn.destroy(new Error("websocket client floods faster than the broker reads"));
         },
         drain(ws) {
           const waiting = ws.data.drains.splice(0);

@@ -9,26 +9,33 @@ import { mkdirSync, writeFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
 import { createEmbeddedBroker, type Broker } from "../broker/index.ts";
-import { loadSpec } from "./spec/load.ts";
-import type { FleetSpec, SpecVersion } from "./spec/types.ts";
+import { loadSpec } from "./spec/index.ts";
+import type { FleetSpec, SpecVersion } from "./spec/index.ts";
 import { Store } from "./store/index.ts";
-import { Scheduler } from "./scheduler.ts";
-import { EpisodeExecutor } from "./episode.ts";
-import { Effects } from "./effects.ts";
-import { Intake } from "./intake.ts";
-import { createRouter, type Route } from "./router.ts";
+import { Scheduler } from "./fleet/index.ts";
+import { EpisodeExecutor } from "./episode/index.ts";
+import { Effects } from "./episode/index.ts";
+import { Intake } from "./intake/index.ts";
+import { createRouter, type Route } from "./intake/index.ts";
 import { FleetEvents } from "./events.ts";
-import { defaultSpawnOptions, describeSandbox, killAllEpisodes, liveEpisodeGroups, SparePool, type SpawnOptions } from "./runner.ts";
-import { startHttp, type HttpServer } from "./http.ts";
-import { FleetMetrics } from "./metrics.ts";
-import type { Timers } from "./timers.ts";
-import { gcAll, type GcReport } from "./gc.ts";
-import { SpecWatcher } from "./reload.ts";
-import { DeviceRegistry, deviceBrokerHooks } from "./devices.ts";
-import { Roster, type LifecycleAction, type LifecycleResult } from "./roster.ts";
-import { deployInstances, Redeploy } from "./redeploy.ts";
-import { fleetTimers, Housekeeping } from "./background.ts";
-import { publishFacts, republishStatuses } from "./status-topics.ts";
+import {
+  defaultSpawnOptions,
+  describeSandbox,
+  killAllEpisodes,
+  liveEpisodeGroups,
+  SparePool,
+  type SpawnOptions,
+} from "./episode/index.ts";
+import { startHttp, type HttpServer } from "./http/index.ts";
+import { FleetMetrics } from "./observe/index.ts";
+import type { Timers } from "./intake/index.ts";
+import { gcAll, type GcReport } from "./ops/index.ts";
+import { SpecWatcher } from "./fleet/index.ts";
+import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
+import { Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
+import { deployInstances, Redeploy } from "./fleet/index.ts";
+import { fleetTimers, Housekeeping } from "./fleet/index.ts";
+import { publishFacts, republishStatuses } from "./observe/index.ts";
 
 /** How to start a gateway. Flags override fleet.toml (SPEC §2). */
 export interface GatewayOptions {
@@ -46,7 +53,9 @@ export interface GatewayOptions {
   readonly gcIntervalMs?: number;
 }
 
-export type GatewayState = "created" | "starting" | "running" | "draining" | "stopped";
+import type { GatewayState } from "./types.ts";
+
+export type { GatewayState };
 
 /** A running fleet. */
 export class Gateway {
@@ -100,7 +109,13 @@ export class Gateway {
     mkdirSync(this.dataDir, { recursive: true });
     this.store = await Store.open(join(this.dataDir, "fleet.db"), { synchronous: spec.fleet.synchronous });
     this.metrics = new FleetMetrics(this, { now: this.now });
-    await this.store.saveSpecVersion({ hash: this.current.hash, path: this.current.path, text: this.current.text, summary: "loaded at start", at: this.now() });
+    await this.store.saveSpecVersion({
+      hash: this.current.hash,
+      path: this.current.path,
+      text: this.current.text,
+      summary: "loaded at start",
+      at: this.now(),
+    });
     await deployInstances(this.store, this.current, this.now());
 
     this.buildPipeline(spec);
@@ -123,10 +138,31 @@ export class Gateway {
     // Retained topics live in aedes' memory: re-publish them, then re-send unsent effects.
     await republishStatuses(this.store, this.events);
     void this.effects.kick();
-    this.housekeeping = new Housekeeping(this, { now: this.now, healthIntervalMs: this.opts.healthIntervalMs ?? 10_000, gcIntervalMs: this.opts.gcIntervalMs ?? 60_000 });
+    this.housekeeping = new Housekeeping(this, {
+      now: this.now,
+      healthIntervalMs: this.opts.healthIntervalMs ?? 10_000,
+      gcIntervalMs: this.opts.gcIntervalMs ?? 60_000,
+    });
     this.housekeeping.start();
-    writeFileSync(join(this.dataDir, "gateway.json"), JSON.stringify({ mqtt_port: this.broker.port, http_port: this.http.port, pid: process.pid, gateway: this.store.gatewayId }) + "\n");
-    this.log.info({ mqtt_port: this.broker.port, http_port: this.http.port, data_dir: this.dataDir, spec: this.current.hash.slice(0, 12), sandbox: describeSandbox(this.spawnOptions) }, `fleet "${spec.fleet.name}" running`);
+    writeFileSync(
+      join(this.dataDir, "gateway.json"),
+      `${JSON.stringify({
+        mqtt_port: this.broker.port,
+        http_port: this.http.port,
+        pid: process.pid,
+        gateway: this.store.gatewayId,
+      })}\n`,
+    );
+    this.log.info(
+      {
+        mqtt_port: this.broker.port,
+        http_port: this.http.port,
+        data_dir: this.dataDir,
+        spec: this.current.hash.slice(0, 12),
+        sandbox: describeSandbox(this.spawnOptions),
+      },
+      `fleet "${spec.fleet.name}" running`,
+    );
   }
 
   /** Stop intake, let in-flight episodes finish (or kill them at the drain timeout), flush, close. */
@@ -139,9 +175,15 @@ export class Gateway {
     await this.broker?.stopIntake();
     this.scheduler?.stop();
     const drainMs = this.current?.spec.fleet.drain_timeout_ms ?? 10_000;
-    const drained = await Promise.race([this.scheduler?.idle().then(() => true) ?? true, Bun.sleep(drainMs).then(() => false)]);
+    const drained = await Promise.race([
+      this.scheduler?.idle().then(() => true) ?? true,
+      Bun.sleep(drainMs).then(() => false),
+    ]);
     if (!drained) {
-      this.log.warn({ running: liveEpisodeGroups.size }, "drain timeout: aborting in-flight episodes (their stimuli stay queued)");
+      this.log.warn(
+        { running: liveEpisodeGroups.size },
+        "drain timeout: aborting in-flight episodes (their stimuli stay queued)",
+      );
       killAllEpisodes();
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
@@ -168,6 +210,22 @@ export class Gateway {
   /** Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run. */
   gc(opts: { dryRun: boolean; now?: number }): Promise<GcReport> {
     return gcAll(this.store, this.current.spec, { now: opts.now ?? this.now(), dryRun: opts.dryRun });
+  }
+
+  /** Where secrets come from (tools, webhooks): the options, else the gateway's environment. */
+  get secrets(): Readonly<Record<string, string | undefined>> {
+    return this.opts.secrets ?? process.env;
+  }
+
+  /** Episode subprocess groups alive now. */
+  subprocesses(): number {
+    return liveEpisodeGroups.size;
+  }
+
+  /** A stimulus went back into an agent's queue (quarantine retry): count it and run the agent. */
+  requeued(agent: string): void {
+    this.events.emit("queued", { agent });
+    this.scheduler.wake(agent);
   }
 
   /** Stimuli waiting for an agent. */
@@ -215,7 +273,9 @@ export class Gateway {
   private buildPipeline(spec: FleetSpec): void {
     this.spawnOptions = this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox);
     if (this.spawnOptions.uid === null && !this.spawnOptions.bwrap) {
-      this.log.warn("agent subprocesses are NOT isolated from the gateway (not root, no bubblewrap): they run with its uid and could read its /proc environ");
+      this.log.warn(
+        "agent subprocesses are NOT isolated from the gateway (not root, no bubblewrap): they run with its uid and could read its /proc environ",
+      );
     }
     this.spares = new SparePool(spec.fleet.warm_spares, this.spawnOptions);
     const executor = new EpisodeExecutor({
@@ -223,7 +283,7 @@ export class Gateway {
       spec: () => this.current,
       spawn: this.spawnOptions,
       pool: this.spares,
-      toolEnv: { secrets: this.opts.secrets ?? process.env, fetch, isRetired: (a) => this.roster.isRetired(a) },
+      toolEnv: { secrets: this.secrets, fetch, isRetired: (a) => this.roster.isRetired(a) },
       events: this.events,
       log: this.log,
       now: this.now,
@@ -232,7 +292,11 @@ export class Gateway {
       hasQueued: (a) => this.roster.queued(a) > 0,
       publishCommitted: (episode, rows) => this.effects.publishCommitted(episode, rows),
     });
-    this.scheduler = new Scheduler({ maxConcurrent: spec.fleet.max_concurrent_episodes, runTurn: (a) => executor.turn(a), now: this.now });
+    this.scheduler = new Scheduler({
+      maxConcurrent: spec.fleet.max_concurrent_episodes,
+      runTurn: (a) => executor.turn(a),
+      now: this.now,
+    });
     this.roster = new Roster(this.store, this.events, this.scheduler);
     this.intake = new Intake(
       this.store,
@@ -257,8 +321,13 @@ export class Gateway {
       maxPacketBytes: spec.broker.max_packet_bytes,
       allowAnonymous: spec.broker.allow_anonymous,
       // Device credentials + topic ACLs from the devices file (re-read when it changes).
-      ...(spec.broker.devices_file ? deviceBrokerHooks(new DeviceRegistry(spec.broker.devices_file, { log: this.log.child({ mod: "devices" }) })) : {}),
-      intake: (msg) => (this.state === "running" ? this.intake.mqtt(msg) : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` })),
+      ...(spec.broker.devices_file
+        ? deviceBrokerHooks(new DeviceRegistry(spec.broker.devices_file, { log: this.log.child({ mod: "devices" }) }))
+        : {}),
+      intake: (msg) =>
+        this.state === "running"
+          ? this.intake.mqtt(msg)
+          : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` }),
       logger: this.log.child({ mod: "broker" }),
     });
   }

@@ -4,7 +4,7 @@
  * whatever order their keys were built in.
  */
 import { createBLAKE3, type IHasher } from "hash-wasm";
-import type { Blake3Hex } from "./spec/types.ts";
+import type { Blake3Hex } from "./types.ts";
 
 /**
  * Deterministic JSON: object keys sorted by code unit, no whitespace, `undefined`

@@ -4,7 +4,23 @@
  */
 import type { Stimulus } from "../agents/protocol.ts";
 
-/** `<type>/<key>` */
+/** Hex BLAKE3 digest (64 chars). */
+export type Blake3Hex = string & { readonly __brand: "Blake3Hex" };
+
+/** The gateway's lifecycle. */
+export type GatewayState = "created" | "starting" | "running" | "draining" | "stopped";
+
+/** What one scheduler turn for an agent did (the executor returns it, the scheduler acts on it). */
+export type TurnResult =
+  /** An episode ran (committed or failed); `more` says whether work is left (undefined: unknown, look again). */
+  | { readonly kind: "ran"; readonly more?: boolean }
+  /** Nothing queued after all. */
+  | { readonly kind: "empty" }
+  /** Head of queue must wait until `until` (retry backoff, budget window). */
+  | { readonly kind: "wait"; readonly until: number }
+  /** The agent cannot run now (paused, retired, failed); wake it with `wake()`. */
+  | { readonly kind: "parked" };
+
 export type AgentId = string & { readonly __brand: "AgentId" };
 /** UUIDv7 of one episode attempt. */
 export type EpisodeId = string & { readonly __brand: "EpisodeId" };

@@ -19,8 +19,8 @@
 import { statSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { cpus } from "node:os";
-import { gcAll, gcPass, gcTotal, type GcReport } from "../gateway/gc.ts";
-import { verifyStore } from "../gateway/verify.ts";
+import { gcAll, gcPass, gcTotal, type GcReport } from "../gateway/ops/index.ts";
+import { verifyStore } from "../gateway/ops/index.ts";
 import { DAY, SyntheticFleet } from "../test/helpers/ops.ts";
 import { cleanupAll, deltaRow, fmt, quantile, table, tempDir, type BenchOptions, type Row } from "./bench/harness.ts";
 import { NOOP_AGENT, startGateway } from "./bench/procs.ts";
@@ -74,7 +74,8 @@ async function benchHttp(o: OpsOptions): Promise<Row[]> {
   const gw = await startGateway("ops-http", fleetToml(agents / 2));
   try {
     const fleet = await gw.api<{ agents: { total: number } }>("/api/fleet");
-    if (fleet.agents.total !== agents) throw new Error(`http: expected ${agents} agents, /api/fleet says ${fleet.agents.total}`);
+    if (fleet.agents.total !== agents)
+      throw new Error(`http: expected ${agents} agents, /api/fleet says ${fleet.agents.total}`);
     // Some variety for the filters: every 50th agent paused by an operator.
     for (let i = 0; i < agents / 2; i += 50) await gw.api(`/api/agents/meter/meter-${i}/pause`, "POST");
     const paused = agents / 2 / 50;
@@ -88,10 +89,19 @@ async function benchHttp(o: OpsOptions): Promise<Row[]> {
     const cases: [string, (i: number) => string][] = [
       ["GET /healthz (baseline)", () => "/healthz"],
       ["GET /metrics", () => "/metrics"],
-      [`GET /api/agents?page=N&limit=${limit} (N over 1..${pages})`, (i) => `/api/agents?page=${spread(i)}&limit=${limit}`],
-      [`GET /api/agents?q=…&limit=${limit}`, (i) => `/api/agents?q=${i % 2 ? "meter" : "valve"}-${(i * 37) % 1000}&limit=${limit}`],
+      [
+        `GET /api/agents?page=N&limit=${limit} (N over 1..${pages})`,
+        (i) => `/api/agents?page=${spread(i)}&limit=${limit}`,
+      ],
+      [
+        `GET /api/agents?q=…&limit=${limit}`,
+        (i) => `/api/agents?q=${i % 2 ? "meter" : "valve"}-${(i * 37) % 1000}&limit=${limit}`,
+      ],
       [`GET /api/agents?status=paused&limit=${limit}`, () => `/api/agents?status=paused&limit=${limit}`],
-      [`GET /api/agents?type=valve&page=N&limit=${limit}`, (i) => `/api/agents?type=valve&page=${1 + ((i * 13) % (pages / 2))}&limit=${limit}`],
+      [
+        `GET /api/agents?type=valve&page=N&limit=${limit}`,
+        (i) => `/api/agents?type=valve&page=${1 + ((i * 13) % (pages / 2))}&limit=${limit}`,
+      ],
     ];
     const results: { name: string; p50: number; p99: number }[] = [];
     for (const [name, path] of cases) {
@@ -100,10 +110,12 @@ async function benchHttp(o: OpsOptions): Promise<Row[]> {
       o.log(`  ${name}: p50 ${fmt(quantile(ms, 0.5))} ms, p99 ${fmt(quantile(ms, 0.99))} ms`);
     }
     const baseline = results[0]!;
-    return results.slice(1).flatMap((r) => [
-      deltaRow("ops-http", `${r.name} p50, ${fmt(agents)} agents`, "ms", r.p50, baseline.p50, null),
-      deltaRow("ops-http", `${r.name} p99, ${fmt(agents)} agents`, "ms", r.p99, baseline.p99, null),
-    ]);
+    return results
+      .slice(1)
+      .flatMap((r) => [
+        deltaRow("ops-http", `${r.name} p50, ${fmt(agents)} agents`, "ms", r.p50, baseline.p50, null),
+        deltaRow("ops-http", `${r.name} p99, ${fmt(agents)} agents`, "ms", r.p99, baseline.p99, null),
+      ]);
   } finally {
     await gw.stop();
   }
@@ -130,7 +142,9 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     const fillSecs = (performance.now() - fillStart) / 1000;
     await fleet.checkpointWal();
     const filledMb = statSync(fleet.dbPath).size / 1e6;
-    o.log(`  filled in ${fillSecs.toFixed(1)} s (${fmt(episodes / fillSecs)} commits/s); ${JSON.stringify(await fleet.counts())}`);
+    o.log(
+      `  filled in ${fillSecs.toFixed(1)} s (${fmt(episodes / fillSecs)} commits/s); ${JSON.stringify(await fleet.counts())}`,
+    );
 
     // Background passes at the end of the run: most checkpoints tombstoned, older days collected.
     const passMs: number[] = [];
@@ -143,7 +157,9 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
       background += gcTotal(r);
     }
     const backgroundSecs = (performance.now() - started) / 1000;
-    o.log(`  ${passMs.length} background passes: ${fmt(background)} records in ${backgroundSecs.toFixed(1)} s; pass p50 ${fmt(quantile(passMs, 0.5))} ms, max ${fmt(Math.max(...passMs))} ms`);
+    o.log(
+      `  ${passMs.length} background passes: ${fmt(background)} records in ${backgroundSecs.toFixed(1)} s; pass p50 ${fmt(quantile(passMs, 0.5))} ms, max ${fmt(Math.max(...passMs))} ms`,
+    );
 
     // `fleet gc` once everything is past retention.
     started = performance.now();
@@ -151,16 +167,40 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     const allSecs = (performance.now() - started) / 1000;
     o.log(`  gcAll past retention: ${fmt(gcTotal(all))} records in ${allSecs.toFixed(1)} s ${JSON.stringify(all)}`);
     const report = await verifyStore(fleet.store);
-    if (report.problems.length > 0) throw new Error(`gc: verify found ${report.problems.length} problem(s) after collection: ${JSON.stringify(report.problems.slice(0, 3))}`);
+    if (report.problems.length > 0)
+      throw new Error(
+        `gc: verify found ${report.problems.length} problem(s) after collection: ${JSON.stringify(report.problems.slice(0, 3))}`,
+      );
 
-    const info = (metric: string, unit: string, value: number, note?: string): Row => ({ section: "ops-gc", metric, unit, gateway: value, baseline: null, ratio: null, ratioKind: "x", target: "-", ok: null, ...(note ? { note } : {}) });
+    const info = (metric: string, unit: string, value: number, note?: string): Row => ({
+      section: "ops-gc",
+      metric,
+      unit,
+      gateway: value,
+      baseline: null,
+      ratio: null,
+      ratioKind: "x",
+      target: "-",
+      ok: null,
+      ...(note ? { note } : {}),
+    });
     return [
       info(`store fill through Store.commitEpisode, ${fmt(episodes)} episodes`, "commits/s", episodes / fillSecs),
       info("DB file after the fill", "MB", filledMb),
-      info("GC background passes (batch 2000), records collected", "records/s", background / backgroundSecs, `${fmt(background)} records in ${passMs.length} passes`),
+      info(
+        "GC background passes (batch 2000), records collected",
+        "records/s",
+        background / backgroundSecs,
+        `${fmt(background)} records in ${passMs.length} passes`,
+      ),
       info("GC background pass duration p50", "ms", quantile(passMs, 0.5)),
       info("GC background pass duration max", "ms", Math.max(...passMs)),
-      info("GC `fleet gc` (gcAll) past retention, records collected", "records/s", gcTotal(all) / allSecs, `${fmt(gcTotal(all))} records`),
+      info(
+        "GC `fleet gc` (gcAll) past retention, records collected",
+        "records/s",
+        gcTotal(all) / allSecs,
+        `${fmt(gcTotal(all))} records`,
+      ),
     ];
   } finally {
     await fleet.close();
@@ -173,17 +213,26 @@ export async function benchOps(o: OpsOptions): Promise<Row[]> {
 }
 
 if (import.meta.main) {
-  const { values: flags } = parseArgs({ options: { quick: { type: "boolean", default: false }, json: { type: "string" } } });
+  const { values: flags } = parseArgs({
+    options: { quick: { type: "boolean", default: false }, json: { type: "string" } },
+  });
   const started = performance.now();
   const log = (line: string) => console.error(`[${((performance.now() - started) / 1000).toFixed(1)}s] ${line}`);
   let code = 0;
   try {
     const rows = await benchOps({ quick: flags.quick === true, log });
-    const cells = rows.map((r) => [r.metric, `${fmt(r.gateway)} ${r.unit}`, r.baseline === null ? "-" : `${fmt(r.baseline)} ${r.unit}`, r.ratio === null ? "-" : `+${fmt(r.ratio)} ${r.unit}`]);
-    console.log(`\n## ops (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ${Bun.version})\n${table(["metric", "gateway", "baseline (/healthz)", "extra"], cells)}`);
+    const cells = rows.map((r) => [
+      r.metric,
+      `${fmt(r.gateway)} ${r.unit}`,
+      r.baseline === null ? "-" : `${fmt(r.baseline)} ${r.unit}`,
+      r.ratio === null ? "-" : `+${fmt(r.ratio)} ${r.unit}`,
+    ]);
+    console.log(
+      `\n## ops (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ${Bun.version})\n${table(["metric", "gateway", "baseline (/healthz)", "extra"], cells)}`,
+    );
     for (const r of rows.filter((r) => r.note)) console.log(`  ${r.metric}: ${r.note}`);
     const result = { quick: flags.quick, rows };
-    if (flags.json) writeFileSync(flags.json, JSON.stringify(result, null, 2) + "\n");
+    if (flags.json) writeFileSync(flags.json, `${JSON.stringify(result, null, 2)}\n`);
     else console.log(JSON.stringify(result));
   } catch (err) {
     console.error(`bench-ops: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);

@@ -38,12 +38,24 @@ const KEYS = 16;
 const STEPS = [0, 1, 2].map((i) => ({ tool: "publish", args: [`bench/policy/${i}`, { i }] }));
 
 /** Send `n` stimuli over KEYS agents of `type` and time until all their outputs arrived; episodes/s. */
-async function throughput(client: MqttClient, outs: { count: (type: string) => number }, type: string, n: number, steps: unknown[]): Promise<number> {
+async function throughput(
+  client: MqttClient,
+  outs: { count: (type: string) => number },
+  type: string,
+  n: number,
+  steps: unknown[],
+): Promise<number> {
   const before = outs.count(type);
   const began = performance.now();
   const acks: Promise<unknown>[] = [];
   for (let i = 0; i < n; i++) {
-    acks.push(client.publishAsync(`${type}/k${i % KEYS}/in`, JSON.stringify({ id: `${type}-${began.toFixed(0)}-${i}`, steps }), { qos: 1 }));
+    acks.push(
+      client.publishAsync(
+        `${type}/k${i % KEYS}/in`,
+        JSON.stringify({ id: `${type}-${began.toFixed(0)}-${i}`, steps }),
+        { qos: 1 },
+      ),
+    );
   }
   await Promise.all(acks);
   await waitFor(() => outs.count(type) - before >= n, 10 * 60_000, `${n} outputs of ${type}`, 20);
@@ -99,7 +111,15 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
         log(`  throughput round ${round + 1}: policy on  ${on.at(-1)!.toFixed(1)} episodes/s`);
       }
       const best = (xs: number[]) => Math.max(...xs);
-      rows.push({ metric: "episodes/s (3 tool calls + budgets vs none)", unit: "ep/s", baselineLabel: "off", baseline: best(off), measuredLabel: "on", measured: best(on), ratio: best(on) / best(off) });
+      rows.push({
+        metric: "episodes/s (3 tool calls + budgets vs none)",
+        unit: "ep/s",
+        baselineLabel: "off",
+        baseline: best(off),
+        measuredLabel: "on",
+        measured: best(on),
+        ratio: best(on) / best(off),
+      });
     } finally {
       await fleet.dispose();
     }
@@ -107,7 +127,11 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
 
   // ---- 2. quiet agent latency, alone vs while another is flooded ------------------------
   {
-    const fleet = new TestFleet(fleetHeader("bench-policy-flood", { maxConcurrent: 4 }) + agentBlock("quiet", policyAgent("steady")) + agentBlock("flood", policyAgent("steady")));
+    const fleet = new TestFleet(
+      fleetHeader("bench-policy-flood", { maxConcurrent: 4 }) +
+        agentBlock("quiet", policyAgent("steady")) +
+        agentBlock("flood", policyAgent("steady")),
+    );
     try {
       await fleet.start();
       const client = await fleet.mqtt();
@@ -124,20 +148,43 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
 
       const flooder = await fleet.mqtt();
       const floodN = o.quick ? 1000 : 5000;
-      const acked = Promise.all(Array.from({ length: floodN }, (_, i) => flooder.publishAsync("flood/f1/in", JSON.stringify({ id: `f${i}` }), { qos: 1 })));
-      await waitFor(async () => (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1'"))[0]!.n >= Math.min(200, floodN), 60_000, "the flood to arrive");
+      const acked = Promise.all(
+        Array.from({ length: floodN }, (_, i) =>
+          flooder.publishAsync("flood/f1/in", JSON.stringify({ id: `f${i}` }), { qos: 1 }),
+        ),
+      );
+      await waitFor(
+        async () =>
+          (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1'"))[0]!.n >=
+          Math.min(200, floodN),
+        60_000,
+        "the flood to arrive",
+      );
       from = performance.now();
       quiet.start(200);
       await Bun.sleep(seconds * 1000);
       await quiet.stop(60_000);
       const flooded = quiet.latencies(from);
       await acked;
-      const [{ n: backlog }] = (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'")) as [{ n: number }];
+      const [{ n: backlog }] = (await fleet.query<{ n: number }>(
+        "SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'",
+      )) as [{ n: number }];
       log(`  flood: ${floodN} stimuli to flood/f1, ${backlog} still queued when the measurement ended`);
-      for (const [q, name] of [[0.5, "p50"], [0.99, "p99"]] as const) {
+      for (const [q, name] of [
+        [0.5, "p50"],
+        [0.99, "p99"],
+      ] as const) {
         const a = percentile(solo, q);
         const b = percentile(flooded, q);
-        rows.push({ metric: `quiet agent stimulus->out ${name} (n=${flooded.length})`, unit: "ms", baselineLabel: "no flood", baseline: a, measuredLabel: "flood", measured: b, ratio: b / a });
+        rows.push({
+          metric: `quiet agent stimulus->out ${name} (n=${flooded.length})`,
+          unit: "ms",
+          baselineLabel: "no flood",
+          baseline: a,
+          measuredLabel: "flood",
+          measured: b,
+          ratio: b / a,
+        });
       }
       await quiet.close();
     } finally {
@@ -149,10 +196,19 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
 
 /** Render rows as a plain-text table. */
 export function renderPolicyTable(rows: readonly PolicyRow[]): string {
-  const cells = rows.map((r) => [r.metric, `${r.baselineLabel}: ${r.baseline.toFixed(1)} ${r.unit}`, `${r.measuredLabel}: ${r.measured.toFixed(1)} ${r.unit}`, `${r.ratio.toFixed(2)}x`]);
+  const cells = rows.map((r) => [
+    r.metric,
+    `${r.baselineLabel}: ${r.baseline.toFixed(1)} ${r.unit}`,
+    `${r.measuredLabel}: ${r.measured.toFixed(1)} ${r.unit}`,
+    `${r.ratio.toFixed(2)}x`,
+  ]);
   const head = ["metric", "baseline", "measured", "ratio"];
   const widths = head.map((h, i) => Math.max(h.length, ...cells.map((c) => c[i]!.length)));
-  const line = (c: readonly string[]) => c.map((v, i) => v.padEnd(widths[i]!)).join("  ").trimEnd();
+  const line = (c: readonly string[]) =>
+    c
+      .map((v, i) => v.padEnd(widths[i]!))
+      .join("  ")
+      .trimEnd();
   return [line(head), line(widths.map((w) => "-".repeat(w))), ...cells.map(line)].join("\n");
 }
 
@@ -164,7 +220,11 @@ if (import.meta.main) {
   };
   process.on("SIGINT", () => void stop());
   process.on("SIGTERM", () => void stop());
-  console.log(`policy bench${quick ? " (--quick)" : ""}: real gateway, mqtt.js, episode subprocesses; load average ${loadavg().map((l) => l.toFixed(1)).join(" ")}`);
+  console.log(
+    `policy bench${quick ? " (--quick)" : ""}: real gateway, mqtt.js, episode subprocesses; load average ${loadavg()
+      .map((l) => l.toFixed(1))
+      .join(" ")}`,
+  );
   try {
     const rows = await benchPolicy({ quick, log: (l) => console.log(l) });
     console.log(`\n${renderPolicyTable(rows)}`);

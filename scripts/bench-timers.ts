@@ -5,7 +5,7 @@
  *
  *   bun scripts/bench-timers.ts [--quick] [--agents N] [--seconds S]
  *
- * Phases, each on the gateway process (`bun gateway/cli.ts start`, its own data dir):
+ * Phases, each on the gateway process (`bun gateway/cli/main.ts start`, its own data dir):
  *   baseline  the same 1,000 agents without a timer: the idle gateway's CPU and wake-ups
  *   running   timers firing while episodes run (a subprocess each; they lag far behind
  *             1,000/s, that is the episode rate, not the timer's)
@@ -133,7 +133,11 @@ async function sample(gw: GatewayProc, seconds: number): Promise<Sampled> {
 }
 
 /** What was recorded for the fire slots (whole seconds) in [from, to): stimuli, their lateness, and episodes committed meanwhile. */
-function recorded(gw: GatewayProc, from: number, to: number): { slots: number; stimuli: number; fires: number; latenessP50: number; latenessMax: number; episodes: number } {
+function recorded(
+  gw: GatewayProc,
+  from: number,
+  to: number,
+): { slots: number; stimuli: number; fires: number; latenessP50: number; latenessMax: number; episodes: number } {
   const db = new Database(join(gw.dataDir, "fleet.db"), { readonly: true });
   try {
     const first = Math.ceil(from / 1000) * 1000;
@@ -141,10 +145,17 @@ function recorded(gw: GatewayProc, from: number, to: number): { slots: number; s
     const lo = `timer:${first}`;
     const hi = `timer:${end}`;
     const rows = db
-      .query<{ sid: string; n: number; at: number }, [string, string]>("SELECT sid, count(*) AS n, max(received_at) AS at FROM stimuli WHERE kind = 'timer' AND sid >= ? AND sid < ? GROUP BY sid")
+      .query<{ sid: string; n: number; at: number }, [string, string]>(
+        "SELECT sid, count(*) AS n, max(received_at) AS at FROM stimuli WHERE kind = 'timer' AND sid >= ? AND sid < ? GROUP BY sid",
+      )
       .all(lo, hi);
     const late = rows.map((r) => r.at - Number(r.sid.slice(6))).sort((a, b) => a - b);
-    const episodes = db.query<{ n: number }, [number, number]>("SELECT count(*) AS n FROM episodes WHERE status = 'committed' AND ended_at >= ? AND ended_at < ?").get(from, to)?.n ?? 0;
+    const episodes =
+      db
+        .query<{ n: number }, [number, number]>(
+          "SELECT count(*) AS n FROM episodes WHERE status = 'committed' AND ended_at >= ? AND ended_at < ?",
+        )
+        .get(from, to)?.n ?? 0;
     return {
       slots: (end - first) / 1000,
       stimuli: rows.reduce((s, r) => s + r.n, 0),
@@ -167,9 +178,30 @@ async function waitFor(what: string, check: () => Promise<boolean> | boolean, ti
 }
 
 /** A rate against the expected rate ("x"), or a cost against the timer-less gateway ("+"). */
-function row(kind: "x" | "+", metric: string, unit: string, gateway: number, baseline: number | null, target: string, ok: boolean | null, note?: string): Row {
-  const ratio = baseline === null ? null : kind === "x" ? (baseline === 0 ? null : gateway / baseline) : gateway - baseline;
-  return { section: SECTION, metric, unit, gateway, baseline, ratio, ratioKind: kind, target, ok, ...(note ? { note } : {}) };
+function row(
+  kind: "x" | "+",
+  metric: string,
+  unit: string,
+  gateway: number,
+  baseline: number | null,
+  target: string,
+  ok: boolean | null,
+  note?: string,
+): Row {
+  const ratio =
+    baseline === null ? null : kind === "x" ? (baseline === 0 ? null : gateway / baseline) : gateway - baseline;
+  return {
+    section: SECTION,
+    metric,
+    unit,
+    gateway,
+    baseline,
+    ratio,
+    ratioKind: kind,
+    target,
+    ok,
+    ...(note ? { note } : {}),
+  };
 }
 
 /** The timer scale section: rows with the expected rate or the timer-less gateway as baseline. */
@@ -188,7 +220,9 @@ export async function benchTimers(o: BenchOptions & { agents?: number; seconds?:
   const countFires = () => {
     const db = new Database(join(gw.dataDir, "fleet.db"), { readonly: true });
     try {
-      return db.query<{ n: number }, []>("SELECT count(DISTINCT sid) AS n FROM stimuli WHERE kind = 'timer'").get()?.n ?? 0;
+      return (
+        db.query<{ n: number }, []>("SELECT count(DISTINCT sid) AS n FROM stimuli WHERE kind = 'timer'").get()?.n ?? 0
+      );
     } finally {
       db.close();
     }
@@ -200,9 +234,15 @@ export async function benchTimers(o: BenchOptions & { agents?: number; seconds?:
 
   o.log(`timers: pausing all ${agents} agents over HTTP`);
   for (let i = 0; i < agents; i += 50) {
-    await Promise.all(Array.from({ length: Math.min(50, agents - i) }, (_, j) => gw.api(`/api/agents/tick/t${i + j}/pause`, "POST")));
+    await Promise.all(
+      Array.from({ length: Math.min(50, agents - i) }, (_, j) => gw.api(`/api/agents/tick/t${i + j}/pause`, "POST")),
+    );
   }
-  await waitFor("running episodes to finish", async () => (await gw.api<{ running_episodes: number }>("/api/fleet")).running_episodes === 0, 60_000);
+  await waitFor(
+    "running episodes to finish",
+    async () => (await gw.api<{ running_episodes: number }>("/api/fleet")).running_episodes === 0,
+    60_000,
+  );
   await Bun.sleep(1000);
   o.log(`timers: paused, fires queue durably, ${seconds} s`);
   const paused = await sample(gw, seconds);
@@ -214,17 +254,96 @@ export async function benchTimers(o: BenchOptions & { agents?: number; seconds?:
   const expectedRate = agents;
   // Stimuli per scheduled second: each whole second in the window is one fire slot.
   const rate = (r: { stimuli: number; slots: number }) => r.stimuli / r.slots;
-  const fullFires = (r: { stimuli: number; fires: number; slots: number }) => `${r.fires} of ${r.slots} fire slots, ${r.stimuli} stimuli (${r.fires > 0 ? fmt(r.stimuli / r.fires) : "-"} per fire)`;
+  const fullFires = (r: { stimuli: number; fires: number; slots: number }) =>
+    `${r.fires} of ${r.slots} fire slots, ${r.stimuli} stimuli (${r.fires > 0 ? fmt(r.stimuli / r.fires) : "-"} per fire)`;
   return [
-    row("x", "timer stimuli/s recorded, episodes running", "/s", rate(runRec), expectedRate, ">= 0.95x expected", rate(runRec) >= 0.95 * expectedRate, fullFires(runRec)),
-    row("x", "timer stimuli/s recorded, agents paused", "/s", rate(pausedRec), expectedRate, ">= 0.95x expected", rate(pausedRec) >= 0.95 * expectedRate, `${fullFires(pausedRec)}; ${health.queued_stimuli} stimuli waiting durably at the end`),
-    row("x", "episodes committed/s while firing", "/s", runRec.episodes / run.seconds, expectedRate, "- (subprocess-bound)", null, "one fresh Bun subprocess per episode: the backlog grows, the timer does not slow down"),
-    row("x", "fire lateness p50 (recorded - scheduled)", "ms", runRec.latenessP50, null, "-", null, `max ${fmt(runRec.latenessMax)} ms running, p50 ${fmt(pausedRec.latenessP50)} / max ${fmt(pausedRec.latenessMax)} ms paused`),
-    row("+", "gateway CPU, episodes running", "%", run.cpuPct, base.cpuPct, "-", null, "includes spawning, IPC and committing episodes; subprocess CPU not counted"),
-    row("+", "gateway CPU, paused (intake + scheduler)", "%", paused.cpuPct, base.cpuPct, "-", null, `${fmt(paused.cpuMsPerSecond)} ms CPU per fire of ${agents} stimuli`),
-    row("+", `gateway CPU in the ${FIRE_WINDOW_MS} ms after each fire, paused`, "%", paused.firePct, base.firePct, "-", null),
-    row("+", `gateway CPU in the ${IDLE_WINDOW_MS} ms before each fire, paused (idle)`, "%", paused.idlePct, base.idlePct, "<= +5 %", paused.idlePct - base.idlePct <= 5),
-    row("+", "gateway wake-ups/s (voluntary context switches), paused", "/s", paused.wakeupsPerS, base.wakeupsPerS, `< ${agents}/s (one scheduler)`, paused.wakeupsPerS < agents),
+    row(
+      "x",
+      "timer stimuli/s recorded, episodes running",
+      "/s",
+      rate(runRec),
+      expectedRate,
+      ">= 0.95x expected",
+      rate(runRec) >= 0.95 * expectedRate,
+      fullFires(runRec),
+    ),
+    row(
+      "x",
+      "timer stimuli/s recorded, agents paused",
+      "/s",
+      rate(pausedRec),
+      expectedRate,
+      ">= 0.95x expected",
+      rate(pausedRec) >= 0.95 * expectedRate,
+      `${fullFires(pausedRec)}; ${health.queued_stimuli} stimuli waiting durably at the end`,
+    ),
+    row(
+      "x",
+      "episodes committed/s while firing",
+      "/s",
+      runRec.episodes / run.seconds,
+      expectedRate,
+      "- (subprocess-bound)",
+      null,
+      "one fresh Bun subprocess per episode: the backlog grows, the timer does not slow down",
+    ),
+    row(
+      "x",
+      "fire lateness p50 (recorded - scheduled)",
+      "ms",
+      runRec.latenessP50,
+      null,
+      "-",
+      null,
+      `max ${fmt(runRec.latenessMax)} ms running, p50 ${fmt(pausedRec.latenessP50)} / max ${fmt(pausedRec.latenessMax)} ms paused`,
+    ),
+    row(
+      "+",
+      "gateway CPU, episodes running",
+      "%",
+      run.cpuPct,
+      base.cpuPct,
+      "-",
+      null,
+      "includes spawning, IPC and committing episodes; subprocess CPU not counted",
+    ),
+    row(
+      "+",
+      "gateway CPU, paused (intake + scheduler)",
+      "%",
+      paused.cpuPct,
+      base.cpuPct,
+      "-",
+      null,
+      `${fmt(paused.cpuMsPerSecond)} ms CPU per fire of ${agents} stimuli`,
+    ),
+    row(
+      "+",
+      `gateway CPU in the ${FIRE_WINDOW_MS} ms after each fire, paused`,
+      "%",
+      paused.firePct,
+      base.firePct,
+      "-",
+      null,
+    ),
+    row(
+      "+",
+      `gateway CPU in the ${IDLE_WINDOW_MS} ms before each fire, paused (idle)`,
+      "%",
+      paused.idlePct,
+      base.idlePct,
+      "<= +5 %",
+      paused.idlePct - base.idlePct <= 5,
+    ),
+    row(
+      "+",
+      "gateway wake-ups/s (voluntary context switches), paused",
+      "/s",
+      paused.wakeupsPerS,
+      base.wakeupsPerS,
+      `< ${agents}/s (one scheduler)`,
+      paused.wakeupsPerS < agents,
+    ),
   ];
 }
 
@@ -236,14 +355,34 @@ if (import.meta.main) {
   };
   const started = performance.now();
   const log = (line: string) => console.error(`[${((performance.now() - started) / 1000).toFixed(1)}s] ${line}`);
-  for (const sig of ["SIGINT", "SIGTERM"] as const) process.on(sig, () => void cleanupAll().finally(() => process.exit(130)));
+  for (const sig of ["SIGINT", "SIGTERM"] as const)
+    process.on(sig, () => void cleanupAll().finally(() => process.exit(130)));
   try {
-    const rows = await benchTimers({ quick: argv.includes("--quick"), window: 1000, log, agents: num("--agents"), seconds: num("--seconds") });
+    const rows = await benchTimers({
+      quick: argv.includes("--quick"),
+      window: 1000,
+      log,
+      agents: num("--agents"),
+      seconds: num("--seconds"),
+    });
     const cells = rows.map((r) => {
       const unit = r.unit === "%" ? "%" : r.unit ? ` ${r.unit}` : "";
-      return [r.metric, `${fmt(r.gateway)}${unit}`, r.baseline === null ? "-" : `${fmt(r.baseline)}${unit}`, r.ratio === null ? "-" : r.ratioKind === "x" ? `${r.ratio.toFixed(2)}x` : `${r.ratio >= 0 ? "+" : ""}${fmt(r.ratio)}${unit}`, r.target, r.ok === null ? "-" : r.ok ? "yes" : "NO"];
+      return [
+        r.metric,
+        `${fmt(r.gateway)}${unit}`,
+        r.baseline === null ? "-" : `${fmt(r.baseline)}${unit}`,
+        r.ratio === null
+          ? "-"
+          : r.ratioKind === "x"
+            ? `${r.ratio.toFixed(2)}x`
+            : `${r.ratio >= 0 ? "+" : ""}${fmt(r.ratio)}${unit}`,
+        r.target,
+        r.ok === null ? "-" : r.ok ? "yes" : "NO",
+      ];
     });
-    console.log(`\n## timers (1 s interval; baseline = expected rate, or the same gateway without a timer)\n${table(["metric", "gateway", "baseline/expected", "ratio", "target", "ok"], cells)}`);
+    console.log(
+      `\n## timers (1 s interval; baseline = expected rate, or the same gateway without a timer)\n${table(["metric", "gateway", "baseline/expected", "ratio", "target", "ok"], cells)}`,
+    );
     for (const r of rows.filter((x) => x.note)) console.log(`  ${r.metric}: ${r.note}`);
   } finally {
     await cleanupAll();

@@ -15,7 +15,7 @@
  *   policy    episodes/s with tools + budgets vs without; a quiet agent's latency under a flood
  *   ops       /metrics and /api/agents?page= with 10,000 agents vs /healthz; GC records/s
  *
- * Every gateway runs as its own process (`bun gateway/cli.ts start`), as do the baseline
+ * Every gateway runs as its own process (`bun gateway/cli/main.ts start`), as do the baseline
  * brokers; bare spawn baselines run in this process like the gateway's runner does. Gateway
  * and baseline are measured in interleaved rounds (medians), so load from elsewhere on the
  * machine hits both. BENCH_PROFILE_DIR=DIR makes each gateway write a markdown CPU profile.
@@ -50,7 +50,9 @@ const { values: flags, positionals } = parseArgs({
 });
 
 if (flags.help) {
-  console.log(`usage: bun scripts/bench.ts [${SECTIONS.join("] [")}] [--quick] [--json FILE] [--window N] [--all-episodes]`);
+  console.log(
+    `usage: bun scripts/bench.ts [${SECTIONS.join("] [")}] [--quick] [--json FILE] [--window N] [--all-episodes]`,
+  );
   process.exit(0);
 }
 const unknown = positionals.filter((p) => !(SECTIONS as readonly string[]).includes(p));
@@ -120,7 +122,9 @@ for (const section of chosen) {
   }
 }
 
-console.log(`\n## summary (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ${Bun.version}, ${elapsed()})\n${table(HEAD, rows.map(rowCells))}`);
+console.log(
+  `\n## summary (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ${Bun.version}, ${elapsed()})\n${table(HEAD, rows.map(rowCells))}`,
+);
 for (const e of errors) console.log(`FAILED ${e.section}: ${e.error}`);
 
 const result = {
@@ -131,7 +135,7 @@ const result = {
   rows,
   errors,
 };
-if (flags.json) writeFileSync(flags.json, JSON.stringify(result, null, 2) + "\n");
+if (flags.json) writeFileSync(flags.json, `${JSON.stringify(result, null, 2)}\n`);
 else console.log(JSON.stringify(result));
 // Idle keep-alive sockets (fetch, mqtt.js) would hold the process open for a while.
 process.exit(errors.length > 0 ? 1 : 0);

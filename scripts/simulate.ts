@@ -101,7 +101,14 @@ export function makeDevices(count: number, seed: number, seqStart = 1): DeviceSt
       humidityBase: 35 + 20 * next(),
     };
     // Each device gets its own stream so adding a device does not change the others' readings.
-    devices.push({ profile, rng: Math.floor(next() * 4294967296) | 0, seq: seqStart, humSeq: seqStart, lastS: 0, excursion: null });
+    devices.push({
+      profile,
+      rng: Math.floor(next() * 4294967296) | 0,
+      seq: seqStart,
+      humSeq: seqStart,
+      lastS: 0,
+      excursion: null,
+    });
   }
   return devices;
 }
@@ -119,12 +126,17 @@ function envelope(ex: Excursion, t: number): number {
 const round = (x: number, digits: number) => Math.round(x * 10 ** digits) / 10 ** digits;
 
 /** The device's temperature at simulated time `tS` seconds, and its next state. Pure. */
-export function nextTemperature(state: DeviceState, tS: number, opts: ModelOptions): { reading: Reading; state: DeviceState; spike: boolean } {
+export function nextTemperature(
+  state: DeviceState,
+  tS: number,
+  opts: ModelOptions,
+): { reading: Reading; state: DeviceState; spike: boolean } {
   const rng = stream(state.rng);
   const next = () => rng.next();
   const p = state.profile;
 
-  let excursion = state.excursion !== null && tS < state.excursion.startS + state.excursion.durationS ? state.excursion : null;
+  let excursion =
+    state.excursion !== null && tS < state.excursion.startS + state.excursion.durationS ? state.excursion : null;
   // Poisson start, scaled by the real gap so the rate does not depend on --rate.
   if (excursion === null && next() < (opts.excursionsPerHour * Math.max(0, tS - state.lastS)) / 3600) {
     excursion = { startS: tS, durationS: 120 + 480 * next(), peak: 82 + 6 * next() };
@@ -150,7 +162,10 @@ export function nextTemperature(state: DeviceState, tS: number, opts: ModelOptio
 export function nextHumidity(state: DeviceState, tS: number): { reading: Reading; state: DeviceState } {
   const rng = stream(state.rng);
   const p = state.profile;
-  const value = p.humidityBase + 5 * Math.sin((2 * Math.PI * tS) / (p.driftPeriodS * 1.7) + p.driftPhase) + 0.8 * gaussian(() => rng.next());
+  const value =
+    p.humidityBase +
+    5 * Math.sin((2 * Math.PI * tS) / (p.driftPeriodS * 1.7) + p.driftPhase) +
+    0.8 * gaussian(() => rng.next());
   return {
     // A distinct id space: a dedup key shared with the temperature stream would drop readings.
     reading: { id: `${p.name}-h-${state.humSeq}`, value: round(Math.min(100, Math.max(0, value)), 1), unit: "%" },
@@ -227,7 +242,10 @@ function parseCli(argv: string[]): CliOptions {
     seed: values.seed === undefined ? Date.now() | 0 : num("seed", values.seed, Number.isInteger, "an integer"),
     // The gateway remembers stimulus ids for days (SPEC §3 retention.dedup_days): starting a rerun's
     // sequence at the clock keeps its ids from colliding with an earlier run's and being dropped.
-    seqStart: values["seq-start"] === undefined ? Date.now() : num("seq-start", values["seq-start"], Number.isInteger, "an integer"),
+    seqStart:
+      values["seq-start"] === undefined
+        ? Date.now()
+        : num("seq-start", values["seq-start"], Number.isInteger, "an integer"),
   };
 }
 
@@ -236,7 +254,11 @@ async function run(opts: CliOptions): Promise<void> {
   let client: MqttClient;
   try {
     // No retries before the first CONNACK: a wrong URL should fail now, not loop silently.
-    client = await connectAsync(opts.url, { clientId: `simulator-${process.pid}`, connectTimeout: 5000, reconnectPeriod: 1000 }, false);
+    client = await connectAsync(
+      opts.url,
+      { clientId: `simulator-${process.pid}`, connectTimeout: 5000, reconnectPeriod: 1000 },
+      false,
+    );
   } catch (err) {
     log(`cannot connect to ${opts.url}: ${(err as Error).message}`);
     process.exit(1);
@@ -245,7 +267,7 @@ async function run(opts: CliOptions): Promise<void> {
   client.on("reconnect", () => log("reconnecting"));
   client.on("error", (err) => log(`mqtt error: ${err.message}`));
 
-  let devices = makeDevices(opts.devices, opts.seed, opts.seqStart);
+  const devices = makeDevices(opts.devices, opts.seed, opts.seqStart);
   const totals = { sent: 0, acked: 0, errors: 0, spikes: 0 };
   const excursionsStarted = new Set<string>();
   let issued = 0; // readings issued across all devices, round-robin
@@ -312,8 +334,17 @@ async function run(opts: CliOptions): Promise<void> {
     while (totals.sent - totals.acked - totals.errors > 0 && Date.now() < deadline) await Bun.sleep(50);
     await client.endAsync();
     const secs = (Date.now() - started) / 1000;
-    log(`${why}: sent=${totals.sent} acked=${totals.acked} errors=${totals.errors} in ${secs.toFixed(1)}s (${(totals.sent / secs).toFixed(1)}/s)`);
-    process.stdout.write(JSON.stringify({ ...totals, unacked: totals.sent - totals.acked - totals.errors, excursions: excursionsStarted.size, seconds: secs }) + "\n");
+    log(
+      `${why}: sent=${totals.sent} acked=${totals.acked} errors=${totals.errors} in ${secs.toFixed(1)}s (${(totals.sent / secs).toFixed(1)}/s)`,
+    );
+    process.stdout.write(
+      `${JSON.stringify({
+        ...totals,
+        unacked: totals.sent - totals.acked - totals.errors,
+        excursions: excursionsStarted.size,
+        seconds: secs,
+      })}\n`,
+    );
     process.exit(0);
   };
 

@@ -3,12 +3,12 @@
  * simulator's reading model.
  */
 import { describe, expect, test } from "bun:test";
-import { ToolDenied } from "../agents/sdk.ts";
-import type { AgentContext, AgentDefinition, AgentRef, Stimulus } from "../agents/sdk.ts";
-import tempMonitor from "../agents/temp-monitor.ts";
-import type { TempMonitorConfig, TempMonitorState } from "../agents/temp-monitor.ts";
-import anomaly from "../agents/anomaly.ts";
-import type { AnomalyConfig, AnomalyState } from "../agents/anomaly.ts";
+import { ToolDenied } from "../agents/sdk/index.ts";
+import type { AgentContext, AgentDefinition, AgentRef, Stimulus } from "../agents/sdk/index.ts";
+import tempMonitor from "../agents/examples/temp-monitor.ts";
+import type { TempMonitorConfig, TempMonitorState } from "../agents/examples/temp-monitor.ts";
+import anomaly from "../agents/examples/anomaly.ts";
+import type { AnomalyConfig, AnomalyState } from "../agents/examples/anomaly.ts";
 import { makeDevices, mulberry32, nextHumidity, nextTemperature } from "../scripts/simulate.ts";
 import type { DeviceState } from "../scripts/simulate.ts";
 
@@ -71,7 +71,13 @@ class Harness<S, C> {
       random: rand,
       log: (...args) => void episode.logs.push(args),
     };
-    const stim: Stimulus = { id: `s-${this.seq++}`, kind, topic: kind === "mqtt" ? `sensors/${this.agent.key}/temperature` : undefined, payload, received_at: this.clock };
+    const stim: Stimulus = {
+      id: `s-${this.seq++}`,
+      kind,
+      topic: kind === "mqtt" ? `sensors/${this.agent.key}/temperature` : undefined,
+      payload,
+      received_at: this.clock,
+    };
     await this.def.onStimulus(stim, ctx);
     // Commit like the host: the checkpoint is whatever JSON the state serialises to.
     this.state = JSON.parse(JSON.stringify(ctx.state)) as S;
@@ -88,8 +94,10 @@ class Harness<S, C> {
   }
 }
 
-const monitor = (config: TempMonitorConfig = { threshold: 80 }) => new Harness<TempMonitorState, TempMonitorConfig>(tempMonitor, config);
-const detector = (config: AnomalyConfig = {}, allowPublish = true) => new Harness<AnomalyState, AnomalyConfig>(anomaly, config, "boiler-1", allowPublish);
+const monitor = (config: TempMonitorConfig = { threshold: 80 }) =>
+  new Harness<TempMonitorState, TempMonitorConfig>(tempMonitor, config);
+const detector = (config: AnomalyConfig = {}, allowPublish = true) =>
+  new Harness<AnomalyState, AnomalyConfig>(anomaly, config, "boiler-1", allowPublish);
 const names = (rec: Recorded) => rec.decisions.map((d) => d.name);
 
 describe("temp-monitor", () => {
@@ -97,7 +105,9 @@ describe("temp-monitor", () => {
     const h = monitor({ threshold: 80, hysteresis: 2 });
     await h.feed([70, 79.9, 80, 81.2]);
     expect(names(h.rec)).toEqual(["alert"]);
-    expect(h.rec.publishes).toEqual([{ topic: "alerts/boiler-1", payload: { level: "alert", value: 81.2, threshold: 80, agent: "test/boiler-1" } }]);
+    expect(h.rec.publishes).toEqual([
+      { topic: "alerts/boiler-1", payload: { level: "alert", value: 81.2, threshold: 80, agent: "test/boiler-1" } },
+    ]);
 
     // Inside the hysteresis band [78, 80]: still in alarm, nothing new.
     await h.feed([79, 78.5, 78]);
@@ -109,7 +119,13 @@ describe("temp-monitor", () => {
     expect(h.state).toEqual({ alarm: false, count: 8, last: 77.9 });
     const clear = h.rec.publishes[1];
     expect(clear?.topic).toBe("alerts/boiler-1");
-    expect(clear?.payload).toMatchObject({ level: "clear", value: 77.9, threshold: 80, max: 81.2, agent: "test/boiler-1" });
+    expect(clear?.payload).toMatchObject({
+      level: "clear",
+      value: 77.9,
+      threshold: 80,
+      max: 81.2,
+      agent: "test/boiler-1",
+    });
 
     // Every numeric reading emits its value, alarm flag and count.
     expect(h.rec.emits.at(3)).toEqual({ value: 81.2, alarm: true, count: 4 });
@@ -188,9 +204,11 @@ describe("anomaly", () => {
     expect(data.x).toBe(60);
     expect(data.zscore).toBeGreaterThan(3);
     expect(ep.emits).toEqual([{ anomaly: true, ...data }]);
-    expect(ep.publishes).toEqual([{ topic: "alerts/anomaly/boiler-1", payload: { level: "anomaly", ...data, agent: "test/boiler-1" } }]);
+    expect(ep.publishes).toEqual([
+      { topic: "alerts/anomaly/boiler-1", payload: { level: "anomaly", ...data, agent: "test/boiler-1" } },
+    ]);
     expect(g.state?.anomalies).toBe(1);
-    // The spike is folded into the estimate (see agents/anomaly.ts).
+    // The spike is folded into the estimate (see agents/examples/anomaly.ts).
     expect(g.state?.n).toBe(31);
     expect(g.state?.last).toBe(60);
   });
@@ -248,7 +266,10 @@ test("state survives a JSON round trip", async () => {
       random: () => 0,
       log: () => {},
     } as unknown as AgentContext<TempMonitorState, TempMonitorConfig>;
-    await tempMonitor.onStimulus({ id: "s", kind: "mqtt", payload: typeof v === "number" ? { value: v } : v, received_at: 0 }, ctx);
+    await tempMonitor.onStimulus(
+      { id: "s", kind: "mqtt", payload: typeof v === "number" ? { value: v } : v, received_at: 0 },
+      ctx,
+    );
     live = ctx.state;
   }
   expect(names(viaJson.rec)).toEqual(liveDecisions);

@@ -92,7 +92,8 @@ async function startBroker(overrides: Partial<BrokerOptions> = {}): Promise<Harn
   });
   cleanups.push(() => broker.close());
   await broker.start();
-  const untilIntakes = (n: number) => watch.until(() => (intakes.length >= n ? true : undefined), `${n} intake calls`).then(() => {});
+  const untilIntakes = (n: number) =>
+    watch.until(() => (intakes.length >= n ? true : undefined), `${n} intake calls`).then(() => {});
   return { broker, intakes, untilIntakes, logs };
 }
 
@@ -110,7 +111,9 @@ async function device(h: Harness, opts: IClientOptions = {}): Promise<MqttClient
 function nextMessage(client: MqttClient): Promise<{ topic: string; payload: string; retain: boolean }> {
   return within(
     new Promise((resolve) =>
-      client.once("message", (topic, payload, packet) => resolve({ topic, payload: payload.toString(), retain: packet.retain })),
+      client.once("message", (topic, payload, packet) =>
+        resolve({ topic, payload: payload.toString(), retain: packet.retain }),
+      ),
     ),
     3000,
     "a message",
@@ -140,8 +143,10 @@ const str = (s: string): number[] => {
   const b = utf8.encode(s);
   return [b.length >> 8, b.length & 0xff, ...b];
 };
-const frame = (first: number, body: number[]): Uint8Array<ArrayBuffer> => Uint8Array.from([first, ...remainingLength(body.length), ...body]);
-const connectPacket = (id: string): Uint8Array<ArrayBuffer> => frame(0x10, [...str("MQTT"), 4, 0x02, 0, 60, ...str(id)]);
+const frame = (first: number, body: number[]): Uint8Array<ArrayBuffer> =>
+  Uint8Array.from([first, ...remainingLength(body.length), ...body]);
+const connectPacket = (id: string): Uint8Array<ArrayBuffer> =>
+  frame(0x10, [...str("MQTT"), 4, 0x02, 0, 60, ...str(id)]);
 const publishPacket = (topic: string, payload: string, qos: 0 | 1, id = 1): Uint8Array<ArrayBuffer> =>
   frame(0x30 | (qos << 1), [...str(topic), ...(qos ? [id >> 8, id & 0xff] : []), ...utf8.encode(payload)]);
 const CONNACK = 2;
@@ -306,8 +311,13 @@ describe("intake and acknowledgement", () => {
     // the second waits for the first anyway.
     await h.untilIntakes(2).catch(() => {});
     first.resolve();
-    await raw.watch.until(() => (raw.reader.packets.filter((p) => p.type === PUBACK).length === 2 ? true : undefined), "2 PUBACKs");
-    const ids = raw.reader.packets.filter((p) => p.type === PUBACK).map((p) => ((p.body[0] ?? 0) << 8) | (p.body[1] ?? 0));
+    await raw.watch.until(
+      () => (raw.reader.packets.filter((p) => p.type === PUBACK).length === 2 ? true : undefined),
+      "2 PUBACKs",
+    );
+    const ids = raw.reader.packets
+      .filter((p) => p.type === PUBACK)
+      .map((p) => ((p.body[0] ?? 0) << 8) | (p.body[1] ?? 0));
     expect(ids).toEqual([1, 2]);
   });
 });
@@ -324,7 +334,8 @@ describe("packet size guard", () => {
     const started = performance.now();
     while (!raw.closed && sent < announced) {
       sent += chunk.length;
-      if (!raw.socket.write(chunk)) await Promise.race([new Promise((r) => raw.socket.once("drain", r)), raw.whenClosed]);
+      if (!raw.socket.write(chunk))
+        await Promise.race([new Promise((r) => raw.socket.once("drain", r)), raw.whenClosed]);
     }
     await raw.closedWithin(2000, "the server to close the socket");
     expect(performance.now() - started).toBeLessThan(2000);
@@ -432,7 +443,7 @@ describe("device topic rules", () => {
   test("the publish and subscribe ACL hooks can refuse per client", async () => {
     const h = await startBroker({
       authorizePublishTopic: (client, topic) => topic.startsWith(`sensors/${client.id}/`),
-      authorizeSubscribeTopic: (client, filter) => filter !== "secret/#",
+      authorizeSubscribeTopic: (_client, filter) => filter !== "secret/#",
     });
     const c = await device(h, { clientId: "boiler-1" });
     expect(await grantedQos(c, ["secret/#"])).toEqual([128]);
@@ -463,7 +474,9 @@ describe("gateway publishing", () => {
     const pub = await device(h);
     await h.broker.stopIntake();
 
-    await expect(connectAsync(`mqtt://${HOST}:${h.broker.port}`, { reconnectPeriod: 0, connectTimeout: 2000 })).rejects.toThrow();
+    await expect(
+      connectAsync(`mqtt://${HOST}:${h.broker.port}`, { reconnectPeriod: 0, connectTimeout: 2000 }),
+    ).rejects.toThrow();
     const dropped = closeOf(pub);
     pub.publish("sensors/a/t", "1", { qos: 1 }, () => {});
     await within(dropped, 3000, "the publisher to be dropped");
@@ -481,7 +494,21 @@ describe("third-party clients", () => {
   test("mosquitto_pub publishes and intake sees it", async () => {
     const h = await startBroker();
     const proc = Bun.spawn(
-      ["mosquitto_pub", "-h", HOST, "-p", String(h.broker.port), "-i", "mosq-pub", "-q", "1", "-t", "sensors/boiler-1/temperature", "-m", '{"value":81}'],
+      [
+        "mosquitto_pub",
+        "-h",
+        HOST,
+        "-p",
+        String(h.broker.port),
+        "-i",
+        "mosq-pub",
+        "-q",
+        "1",
+        "-t",
+        "sensors/boiler-1/temperature",
+        "-m",
+        '{"value":81}',
+      ],
       { env: {}, stdout: "pipe", stderr: "pipe" },
     );
     // mosquitto_pub -q 1 exits after the PUBACK, which comes only after intake.
@@ -496,7 +523,24 @@ describe("third-party clients", () => {
     const h = await startBroker();
     const proc = Bun.spawn(
       // stdbuf: mosquitto_sub block-buffers its debug lines on a pipe; we wait for "SUBACK".
-      ["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", HOST, "-p", String(h.broker.port), "-q", "1", "-C", "1", "-W", "10", "-t", "fleet/agents/+/+/out"],
+      [
+        "stdbuf",
+        "-oL",
+        "mosquitto_sub",
+        "-d",
+        "-h",
+        HOST,
+        "-p",
+        String(h.broker.port),
+        "-q",
+        "1",
+        "-C",
+        "1",
+        "-W",
+        "10",
+        "-t",
+        "fleet/agents/+/+/out",
+      ],
       { env: {}, stdout: "pipe", stderr: "pipe" },
     );
     cleanups.push(() => proc.kill());
@@ -520,7 +564,10 @@ describe("third-party clients", () => {
 describe("authentication", () => {
   test("allowAnonymous=false refuses an anonymous connect", async () => {
     const h = await startBroker({ allowAnonymous: false });
-    const err = await connectAsync(`mqtt://${HOST}:${h.broker.port}`, { reconnectPeriod: 0, connectTimeout: 3000 }).then(
+    const err = await connectAsync(`mqtt://${HOST}:${h.broker.port}`, {
+      reconnectPeriod: 0,
+      connectTimeout: 3000,
+    }).then(
       () => null,
       (e: { code?: number }) => e,
     );
@@ -553,7 +600,11 @@ describe("MQTT over WebSocket", () => {
   test("mqtt.js over ws publishes through intake and receives gateway publishes", async () => {
     const h = await startBroker({ wsPort: 0 });
     expect(h.broker.wsPort).toBeGreaterThan(0);
-    const c = await within(connectAsync(`ws://${HOST}:${h.broker.wsPort}/mqtt`, { reconnectPeriod: 0 }), 5000, "ws connect");
+    const c = await within(
+      connectAsync(`ws://${HOST}:${h.broker.wsPort}/mqtt`, { reconnectPeriod: 0 }),
+      5000,
+      "ws connect",
+    );
     cleanups.push(() => c.endAsync(true));
     await c.subscribeAsync("fleet/agents/t/k/out", { qos: 1 });
     const msg = nextMessage(c);
@@ -640,7 +691,18 @@ describe("checkDevicePublishTopic", () => {
   });
 
   test("refuses wildcards, empty, '$' and the rest of fleet/", () => {
-    for (const topic of ["", "a/+", "a/#", "$SYS/x", "$share/g/x", "fleet", "fleet/health", "fleet/agents/t/k/out", "fleet/agents/t/k/inbox/x", "fleet/agents//k/inbox"]) {
+    for (const topic of [
+      "",
+      "a/+",
+      "a/#",
+      "$SYS/x",
+      "$share/g/x",
+      "fleet",
+      "fleet/health",
+      "fleet/agents/t/k/out",
+      "fleet/agents/t/k/inbox/x",
+      "fleet/agents//k/inbox",
+    ]) {
       expect(checkDevicePublishTopic(topic).ok).toBe(false);
     }
   });
@@ -649,7 +711,20 @@ describe("checkDevicePublishTopic", () => {
 describe("compiled filters", () => {
   test("a compiled filter matches and captures exactly as matchTopic does", () => {
     const filters = ["a/b", "a/+", "a/#", "#", "+/b", "+", "a/+/c/#", "a/+/+", "$SYS/#", "sensors/+/temperature"];
-    const topics = ["a", "a/b", "a/b/c", "a/x/c/d/e", "b", "$SYS/x", "$SYS", "x/b", "sensors/boiler-1/temperature", "sensors//temperature", "a//", ""];
+    const topics = [
+      "a",
+      "a/b",
+      "a/b/c",
+      "a/x/c/d/e",
+      "b",
+      "$SYS/x",
+      "$SYS",
+      "x/b",
+      "sensors/boiler-1/temperature",
+      "sensors//temperature",
+      "a//",
+      "",
+    ];
     for (const f of filters) {
       const compiled = compileFilter(f);
       for (const t of topics) expect({ f, t, m: compiled(t.split("/")) }).toEqual({ f, t, m: matchTopic(f, t) });

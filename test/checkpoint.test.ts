@@ -3,7 +3,7 @@
  * integrity check that refuses a tampered or collected checkpoint.
  */
 import { describe, expect, test } from "bun:test";
-import { IntegrityError, sealCheckpoint, verifyCheckpointRow, type CheckpointRecord } from "../gateway/checkpoint.ts";
+import { IntegrityError, sealCheckpoint, verifyCheckpointRow, type CheckpointRecord } from "../gateway/store/index.ts";
 import { canonicalJson } from "../gateway/hash.ts";
 import type { CheckpointRow } from "../gateway/store/index.ts";
 
@@ -118,7 +118,7 @@ describe("verifyCheckpointRow", () => {
   test("refuses a state text with one byte changed", async () => {
     const row = await sealedRow();
     const i = row.state!.indexOf("3");
-    const tampered = { ...row, state: row.state!.slice(0, i) + "4" + row.state!.slice(i + 1) };
+    const tampered = { ...row, state: `${row.state!.slice(0, i)}4${row.state!.slice(i + 1)}` };
     expect(JSON.parse(tampered.state)).not.toEqual(record.state); // still valid JSON: only the hash can tell
     const err = await integrityError(() => verifyCheckpointRow(tampered));
     expect(err.agent).toBe(record.agent);
@@ -129,7 +129,7 @@ describe("verifyCheckpointRow", () => {
 
   test("refuses a state text that differs only in whitespace", async () => {
     const row = await sealedRow();
-    await integrityError(() => verifyCheckpointRow({ ...row, state: row.state + " " }));
+    await integrityError(() => verifyCheckpointRow({ ...row, state: `${row.state} ` }));
   });
 
   test.each([

@@ -9,10 +9,16 @@ import { join } from "node:path";
 import { connectAsync } from "mqtt";
 import pino from "pino";
 import { createEmbeddedBroker } from "../broker/index.ts";
-import { aclAllowsPublish, aclAllowsSubscribe, aclPatternProblem, patternCoversFilter, substitute } from "../gateway/device-acl.ts";
-import { addDevice, listDevices, removeDevice } from "../gateway/device-file.ts";
-import { hashSecret, newSecret, parseArgon2, verifySecret } from "../gateway/device-secret.ts";
-import { compileDevices, DeviceRegistry, DevicesError, deviceBrokerHooks } from "../gateway/devices.ts";
+import {
+  aclAllowsPublish,
+  aclAllowsSubscribe,
+  aclPatternProblem,
+  patternCoversFilter,
+  substitute,
+} from "../gateway/devices/index.ts";
+import { addDevice, listDevices, removeDevice } from "../gateway/devices/index.ts";
+import { hashSecret, newSecret, parseArgon2, verifySecret } from "../gateway/devices/index.ts";
+import { compileDevices, DeviceRegistry, DevicesError, deviceBrokerHooks } from "../gateway/devices/index.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-devices-unit-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -91,7 +97,7 @@ describe("secrets", () => {
     if (!parsed.ok) throw new Error(parsed.problem);
     expect(await verifySecret(secret, parsed.value)).toBe(true);
     expect(await verifySecret(enc(secret), parsed.value)).toBe(true);
-    expect(await verifySecret(secret + "x", parsed.value)).toBe(false);
+    expect(await verifySecret(`${secret}x`, parsed.value)).toBe(false);
     expect(await verifySecret("", parsed.value)).toBe(false);
   }, 30_000);
 
@@ -124,7 +130,10 @@ describe("devices file", () => {
       [`[devices.a]\nsecret = "hunter2"\n`, "devices.a.secret must be an argon2id hash"],
       [`[devices.a]\nsecret = ${h}\npassword = "x"\n`, "devices.a.password is not a known key"],
       [`[devices."a/b"]\nsecret = ${h}\n`, "must be a device id"],
-      [`[devices.a]\nsecret = ${h}\n[devices.b]\nsecret = ${h}\nclient_id = "a"\n`, 'devices.b.client_id "a" is already the client id of device "a"'],
+      [
+        `[devices.a]\nsecret = ${h}\n[devices.b]\nsecret = ${h}\nclient_id = "a"\n`,
+        'devices.b.client_id "a" is already the client id of device "a"',
+      ],
       [`[other]\n`, "other is not a known key"],
     ];
     for (const [text, message] of cases) {
@@ -172,7 +181,7 @@ describe("device registry", () => {
     const b = await addDevice(file, "dev-b");
     expect(await reg.authenticate({ id: "dev-b", username: "dev-b" }, enc(b.secret))).toBe(true);
     // An invalid edit keeps the devices that were loaded.
-    writeFileSync(file, readFileSync(file, "utf8") + "\n[broken\n");
+    writeFileSync(file, `${readFileSync(file, "utf8")}\n[broken\n`);
     expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true);
   }, 30_000);
 
@@ -192,17 +201,28 @@ describe("device registry", () => {
     try {
       const url = `mqtt://127.0.0.1:${broker.port}`;
       const refused = await connectAsync(url, { clientId: "dev-a", reconnectPeriod: 0 }).then(
-        (c) => (c.end(true), null),
+        (c) => {
+          c.end(true);
+          return null;
+        },
         (e: { code?: number }) => e.code,
       );
       expect(refused).toBe(5);
       const anon = await connectAsync(url, { clientId: "visitor", reconnectPeriod: 0 });
       await anon.publishAsync("sensors/dev-a/t", "1", { qos: 1 }); // anonymous: built-in rules only
       await anon.endAsync();
-      const dev = await connectAsync(url, { clientId: "dev-a", username: "dev-a", password: a.secret, reconnectPeriod: 0 });
+      const dev = await connectAsync(url, {
+        clientId: "dev-a",
+        username: "dev-a",
+        password: a.secret,
+        reconnectPeriod: 0,
+      });
       await dev.endAsync();
       const unknown = await connectAsync(url, { clientId: "z", username: "z", password: "z", reconnectPeriod: 0 }).then(
-        (c) => (c.end(true), null),
+        (c) => {
+          c.end(true);
+          return null;
+        },
         (e: { code?: number }) => e.code,
       );
       expect(unknown).toBe(4);
@@ -215,7 +235,7 @@ describe("device registry", () => {
 describe("device file editing", () => {
   test("add stores only a hash, keeps comments, and remove takes out exactly one device", async () => {
     const file = join(dir, "edit.toml");
-    writeFileSync(file, "# my devices\n[defaults]\nsubscribe = [\"public/#\"]\n");
+    writeFileSync(file, '# my devices\n[defaults]\nsubscribe = ["public/#"]\n');
     const a = await addDevice(file, "boiler.1", { publish: ["sensors/%c/#"], clientId: "b1" });
     const b = await addDevice(file, "boiler-2");
     const text = readFileSync(file, "utf8");
@@ -223,7 +243,10 @@ describe("device file editing", () => {
     expect(text).not.toContain(a.secret);
     expect(text).not.toContain(b.secret);
     expect(text).toContain('[devices."boiler.1"]');
-    expect(listDevices(file).map((d) => [d.id, d.client_id])).toEqual([["boiler.1", "b1"], ["boiler-2", "boiler-2"]]);
+    expect(listDevices(file).map((d) => [d.id, d.client_id])).toEqual([
+      ["boiler.1", "b1"],
+      ["boiler-2", "boiler-2"],
+    ]);
     await expect(addDevice(file, "boiler-2")).rejects.toThrow("already exists");
     await expect(addDevice(file, "x", { clientId: "b1" })).rejects.toThrow("already the client id");
     expect(removeDevice(file, "boiler.1")).toBe(true);

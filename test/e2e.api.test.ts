@@ -13,7 +13,11 @@ import { counterType, fleetHeader, tempMonitorType, throwerType } from "./helper
 /** 120 deployed counter instances: enough for three pages of 50. */
 const DEVICES = Array.from({ length: 120 }, (_, i) => `dev-${String(i).padStart(3, "0")}`);
 
-const TOML = fleetHeader("e2e-api") + counterType("counter", "api/+/in", { instances: DEVICES }) + tempMonitorType("monitor") + throwerType("bad/+/in");
+const TOML =
+  fleetHeader("e2e-api") +
+  counterType("counter", "api/+/in", { instances: DEVICES }) +
+  tempMonitorType("monitor") +
+  throwerType("bad/+/in");
 
 let fleet: TestFleet;
 let client: MqttClient;
@@ -73,7 +77,13 @@ describe("agents: paging and filters", () => {
 
     const byType = await get("/api/agents?type=monitor");
     expect(byType.body.agents.map((a: any) => a.id)).toEqual(["monitor/boiler-1"]);
-    expect(byType.body.agents[0]).toMatchObject({ type: "monitor", key: "boiler-1", status: "idle", episodes: 2, seq: 2 });
+    expect(byType.body.agents[0]).toMatchObject({
+      type: "monitor",
+      key: "boiler-1",
+      status: "idle",
+      episodes: 2,
+      seq: 2,
+    });
 
     expect((await post("/api/agents/counter/dev-005/pause")).status).toBe(200);
     expect((await post("/api/agents/counter/dev-017/pause")).status).toBe(200);
@@ -145,7 +155,11 @@ describe("one error shape", () => {
   ];
   for (const [path, body, status, code] of bodies) {
     test(`POST ${path} with ${body} -> ${status} ${code}`, async () => {
-      const res = await fetch(`${base}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body });
+      const res = await fetch(`${base}${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body,
+      });
       expect(res.status).toBe(status);
       const json = (await res.json()) as { error: { code: string; message: string } };
       expect(json.error.code).toBe(code);
@@ -179,7 +193,9 @@ describe("episodes, event logs, decisions, checkpoints", () => {
     const paged: string[] = [];
     let cursor: number | null = null;
     for (let i = 0; i < 5; i++) {
-      const r: any = await get(`/api/agents/counter/dev-000/episodes?limit=2${cursor !== null ? `&before=${cursor}` : ""}`);
+      const r: any = await get(
+        `/api/agents/counter/dev-000/episodes?limit=2${cursor !== null ? `&before=${cursor}` : ""}`,
+      );
       paged.push(...r.body.episodes.map((e: any) => e.id));
       cursor = r.body.next_before;
       if (cursor === null) break;
@@ -189,7 +205,9 @@ describe("episodes, event logs, decisions, checkpoints", () => {
     const cli = await fleet.cli("episodes", "counter/dev-000");
     expect(cli.code).toBe(0);
     expect(cli.json.agent).toBe("counter/dev-000");
-    expect(cli.json.episodes.map((e: any) => [e.id, e.status, e.stimulus, e.checkpoint])).toEqual(all.body.episodes.map((e: any) => [e.id, e.status, e.stimulus, e.checkpoint]));
+    expect(cli.json.episodes.map((e: any) => [e.id, e.status, e.stimulus, e.checkpoint])).toEqual(
+      all.body.episodes.map((e: any) => [e.id, e.status, e.stimulus, e.checkpoint]),
+    );
 
     const failed = await get("/api/agents/thrower/x/episodes?status=failed");
     expect(failed.body.episodes.map((e: any) => [e.status, e.error_kind])).toEqual([["failed", "threw"]]);
@@ -209,7 +227,9 @@ describe("episodes, event logs, decisions, checkpoints", () => {
     expect(kinds).toContain("tool");
     expect(r.body.events.map((e: any) => e.seq)).toEqual(r.body.events.map((_: unknown, i: number) => i));
     expect(r.body.events.length).toBe(r.body.event_count);
-    expect(r.body.decisions).toEqual([{ seq: kinds.indexOf("decide"), name: "alert", data: { value: 91.5, threshold: 80 } }]);
+    expect(r.body.decisions).toEqual([
+      { seq: kinds.indexOf("decide"), name: "alert", data: { value: 91.5, threshold: 80 } },
+    ]);
 
     const onlyDecisions = await get(`/api/episodes/${alert.id}/events?kind=decide`);
     expect(onlyDecisions.body.events.map((e: any) => e.kind)).toEqual(["decide"]);
@@ -262,7 +282,11 @@ describe("live and health endpoints", () => {
     const reader = res.body!.getReader();
     const dec = new TextDecoder();
     let text = "";
-    await waitFor(async () => (await scrape(base)).text.includes("fleet_sse_clients 1"), 10_000, "one SSE client in /metrics");
+    await waitFor(
+      async () => (await scrape(base)).text.includes("fleet_sse_clients 1"),
+      10_000,
+      "one SSE client in /metrics",
+    );
     await publishQos1(client, "api/dev-002/in", { id: "live-1" });
     const deadline = Date.now() + 30_000;
     while (!/event: episode\ndata: \{[^\n]*"agent":"counter\/dev-002"/.test(text)) {
@@ -274,7 +298,11 @@ describe("live and health endpoints", () => {
     expect(text).toContain("event: health");
     expect(text).toMatch(/event: status\ndata: \{"agent":"counter\/dev-002","status":"running"\}/);
     ac.abort();
-    await waitFor(async () => sampleValue(await scrape(base), "fleet_sse_clients") === 0, 10_000, "the SSE client to be released");
+    await waitFor(
+      async () => sampleValue(await scrape(base), "fleet_sse_clients") === 0,
+      10_000,
+      "the SSE client to be released",
+    );
   }, 60_000);
 
   test("/metrics of the real process counts its episodes by type", async () => {

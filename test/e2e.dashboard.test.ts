@@ -19,7 +19,10 @@ const DEVICES = Array.from({ length: 60 }, (_, i) => `pump-${String(i).padStart(
 
 const TOML =
   fleetHeader("plant-7") +
-  tempMonitorType("temp-monitor", { instances: ["boiler-1", "boiler-2"], extra: "\n[agents.temp-monitor.budget]\nepisodes_per_hour = 20\n" }) +
+  tempMonitorType("temp-monitor", {
+    instances: ["boiler-1", "boiler-2"],
+    extra: "\n[agents.temp-monitor.budget]\nepisodes_per_hour = 20\n",
+  }) +
   counterType("counter", "pumps/+/in", { instances: DEVICES }) +
   throwerType("bad/+/in");
 
@@ -34,7 +37,9 @@ const byTestId = (id: string) => page.getByTestId(id);
 
 beforeAll(async () => {
   if (!existsSync(CHROMIUM)) {
-    throw new Error(`the dashboard browser test needs Debian's chromium at ${CHROMIUM} (apt-get install -y chromium); it does not skip`);
+    throw new Error(
+      `the dashboard browser test needs Debian's chromium at ${CHROMIUM} (apt-get install -y chromium); it does not skip`,
+    );
   }
   mkdirSync(OUT, { recursive: true });
   fleet = new TestFleet(TOML);
@@ -49,11 +54,24 @@ beforeAll(async () => {
   await publishQos1(client, "bad/valve-9/in", { id: "boom" });
   await fleet.waitCommitted("temp-monitor/boiler-1", 2);
   await fleet.waitCommitted("counter/pump-05", 1);
-  await waitFor(async () => (await fleet.episodes("thrower/valve-9")).length === 1, 30_000, "the failed thrower episode");
+  await waitFor(
+    async () => (await fleet.episodes("thrower/valve-9")).length === 1,
+    30_000,
+    "the failed thrower episode",
+  );
 
   browser = await chromium.launch({
     executablePath: CHROMIUM,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
   });
   page = await browser.newPage({ viewport: { width: 1440, height: 1000 } });
   page.on("pageerror", (err) => console.error("page error:", err));
@@ -78,7 +96,9 @@ describe("the dashboard", () => {
     expect(await byTestId("count-idle").textContent()).toContain("63 idle");
     expect(await byTestId("count-paused").textContent()).toContain("0 paused");
     // 10 episodes ran in the last minute, one of them failed.
-    await page.waitForFunction(() => document.querySelector('[data-testid="kpi-episode-rate-value"]')?.textContent === "10");
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="kpi-episode-rate-value"]')?.textContent === "10",
+    );
     expect(await byTestId("kpi-failure-rate-value").textContent()).toBe("10%");
     expect(await byTestId("kpi-lag-value").textContent()).toBe("0 ms");
     expect(await byTestId("kpi-budget-value").textContent()).toBe("10%"); // boiler-1: 2 of 20 episodes this hour
@@ -93,7 +113,9 @@ describe("the dashboard", () => {
     expect(await byTestId("agents-count").textContent()).toBe("1–50 of 63 agents");
 
     await byTestId("page-next").click();
-    await page.waitForFunction(() => document.querySelector('[data-testid="agents-count"]')?.textContent === "51–63 of 63 agents");
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="agents-count"]')?.textContent === "51–63 of 63 agents",
+    );
     expect(await table.locator("tbody tr").count()).toBe(13);
     expect(page.url()).toContain("page=2");
     const boiler = table.locator('tr[data-agent="temp-monitor/boiler-1"]');
@@ -107,22 +129,39 @@ describe("the dashboard", () => {
     await page.goto(`${base}/#/`);
     const table = byTestId("agents-table");
     await byTestId("agent-search").fill("boiler");
-    await page.waitForFunction(() => document.querySelector('[data-testid="agents-count"]')?.textContent === "1–2 of 2 agents");
-    expect(await table.locator("tbody tr[data-agent]").evaluateAll((rows) => rows.map((r) => (r as HTMLElement).dataset.agent))).toEqual(["temp-monitor/boiler-1", "temp-monitor/boiler-2"]);
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="agents-count"]')?.textContent === "1–2 of 2 agents",
+    );
+    expect(
+      await table
+        .locator("tbody tr[data-agent]")
+        .evaluateAll((rows) => rows.map((r) => (r as HTMLElement).dataset.agent)),
+    ).toEqual(["temp-monitor/boiler-1", "temp-monitor/boiler-2"]);
 
     await byTestId("agent-search").fill("boiler-1");
-    await page.waitForFunction(() => document.querySelector('[data-testid="agents-count"]')?.textContent === "1–1 of 1 agents");
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="agents-count"]')?.textContent === "1–1 of 1 agents",
+    );
 
     await byTestId("agent-search").fill("");
-    await page.waitForFunction(() => document.querySelector('[data-testid="agents-count"]')?.textContent === "1–50 of 63 agents");
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="agents-count"]')?.textContent === "1–50 of 63 agents",
+    );
     await byTestId("filter-type").selectOption("thrower");
-    await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="agents-table"] tbody tr[data-agent]')].map((r) => (r as HTMLElement).dataset.agent).join() === "thrower/valve-9");
+    await page.waitForFunction(
+      () =>
+        [...document.querySelectorAll('[data-testid="agents-table"] tbody tr[data-agent]')]
+          .map((r) => (r as HTMLElement).dataset.agent)
+          .join() === "thrower/valve-9",
+    );
     expect(await byTestId("agents-count").textContent()).toBe("1–1 of 1 agents");
     expect(await table.locator('tr[data-agent="thrower/valve-9"] td').nth(4).textContent()).toBe("1"); // failures
 
     await byTestId("filter-type").selectOption("");
     await byTestId("filter-status").selectOption("paused");
-    await page.waitForFunction(() => document.querySelector('[data-testid="agents-count"]')?.textContent === "0 agents");
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="agents-count"]')?.textContent === "0 agents",
+    );
     expect(await table.textContent()).toContain("No agents match these filters.");
     await byTestId("filter-status").selectOption("");
   }, 60_000);
@@ -138,7 +177,9 @@ describe("the dashboard", () => {
     await expect(byTestId("agent-status").textContent()).resolves.toBe("idle");
 
     const episodes = byTestId("episodes-table").locator("tbody tr[data-episode]");
-    await page.waitForFunction(() => document.querySelectorAll('[data-testid="episodes-table"] tbody tr[data-episode]').length === 2);
+    await page.waitForFunction(
+      () => document.querySelectorAll('[data-testid="episodes-table"] tbody tr[data-episode]').length === 2,
+    );
     expect(await episodes.count()).toBe(2);
     const chain = byTestId("checkpoint-chain").locator("li[data-seq]");
     expect(await chain.evaluateAll((li) => li.map((l) => (l as HTMLElement).dataset.seq))).toEqual(["2", "1"]);
@@ -148,8 +189,13 @@ describe("the dashboard", () => {
     const alert = eps.find((e: any) => e.stimulus === "id:t1");
     await byTestId("episodes-table").locator(`tr[data-episode="${alert.id}"]`).click();
     const log = byTestId("event-log");
-    await page.waitForFunction((id) => location.hash.endsWith(id) && document.querySelector('[data-testid="event-log"]') !== null, alert.id);
-    await page.waitForFunction(() => document.querySelector('[data-testid="decisions"] li')?.textContent?.includes("alert"));
+    await page.waitForFunction(
+      (id) => location.hash.endsWith(id) && document.querySelector('[data-testid="event-log"]') !== null,
+      alert.id,
+    );
+    await page.waitForFunction(() =>
+      document.querySelector('[data-testid="decisions"] li')?.textContent?.includes("alert"),
+    );
     expect(await byTestId("decisions").locator("li").count()).toBe(1);
     expect(await byTestId("decisions").textContent()).toContain('{"value":91.5,"threshold":80}');
     const kinds = await log.locator("li").evaluateAll((li) => li.map((l) => (l as HTMLElement).dataset.kind));
@@ -180,18 +226,30 @@ describe("the dashboard", () => {
 
   test("a new episode appears live, without a reload", async () => {
     await page.goto(`${base}/#/agents/temp-monitor/boiler-1`);
-    await page.waitForFunction(() => document.querySelectorAll('[data-testid="episodes-table"] tbody tr[data-episode]').length === 2);
+    await page.waitForFunction(
+      () => document.querySelectorAll('[data-testid="episodes-table"] tbody tr[data-episode]').length === 2,
+    );
     await byTestId("live").and(page.locator('[data-state="open"]')).waitFor({ timeout: 15_000 });
     await page.evaluate(() => ((window as unknown as { __noReload: number }).__noReload = 42));
 
     await publishQos1(client, "sensors/boiler-1/temperature", { id: "t3", value: 88 });
-    await page.waitForFunction(() => document.querySelectorAll('[data-testid="episodes-table"] tbody tr[data-episode]').length === 3, undefined, { timeout: 30_000 });
+    await page.waitForFunction(
+      () => document.querySelectorAll('[data-testid="episodes-table"] tbody tr[data-episode]').length === 3,
+      undefined,
+      { timeout: 30_000 },
+    );
     const newest = (await api("/api/agents/temp-monitor/boiler-1/episodes")).episodes[0];
     expect(newest.stimulus).toBe("id:t3");
-    expect(await byTestId("episodes-table").locator("tbody tr[data-episode]").first().getAttribute("data-episode")).toBe(newest.id);
+    expect(
+      await byTestId("episodes-table").locator("tbody tr[data-episode]").first().getAttribute("data-episode"),
+    ).toBe(newest.id);
     // Following the newest episode, the detail shows its alert decision, and the chain grew.
-    await page.waitForFunction(() => document.querySelector('[data-testid="decisions"] li')?.textContent?.includes('"value":88'));
-    await page.waitForFunction(() => document.querySelector('[data-testid="checkpoint-chain"] li[data-seq]')?.getAttribute("data-seq") === "3");
+    await page.waitForFunction(() =>
+      document.querySelector('[data-testid="decisions"] li')?.textContent?.includes('"value":88'),
+    );
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="checkpoint-chain"] li[data-seq]')?.getAttribute("data-seq") === "3",
+    );
     expect(await page.evaluate(() => (window as unknown as { __noReload?: number }).__noReload)).toBe(42);
 
     // The overview is live too: a status change shows without a reload.
@@ -201,13 +259,21 @@ describe("the dashboard", () => {
     await byTestId("live").and(page.locator('[data-state="open"]')).waitFor({ timeout: 15_000 });
     await page.evaluate(() => ((window as unknown as { __noReload: number }).__noReload = 7));
     await fetch(`${base}/api/agents/counter/pump-07/pause`, { method: "POST" });
-    await page.waitForFunction(() => document.querySelector('tr[data-agent="counter/pump-07"] td.status')?.textContent === "paused");
+    await page.waitForFunction(
+      () => document.querySelector('tr[data-agent="counter/pump-07"] td.status')?.textContent === "paused",
+    );
     await fetch(`${base}/api/agents/counter/pump-07/resume`, { method: "POST" });
-    await page.waitForFunction(() => document.querySelector('tr[data-agent="counter/pump-07"] td.status')?.textContent === "idle");
+    await page.waitForFunction(
+      () => document.querySelector('tr[data-agent="counter/pump-07"] td.status')?.textContent === "idle",
+    );
     // An episode of another visible agent updates its row.
     expect(await page.locator('tr[data-agent="counter/pump-08"] td[data-col="episodes"]').textContent()).toBe("0");
     await publishQos1(client, "pumps/pump-08/in", { id: "late" });
-    await page.waitForFunction(() => document.querySelector('tr[data-agent="counter/pump-08"] td[data-col="episodes"]')?.textContent === "1", undefined, { timeout: 30_000 });
+    await page.waitForFunction(
+      () => document.querySelector('tr[data-agent="counter/pump-08"] td[data-col="episodes"]')?.textContent === "1",
+      undefined,
+      { timeout: 30_000 },
+    );
     expect(await page.evaluate(() => (window as unknown as { __noReload?: number }).__noReload)).toBe(7);
   }, 60_000);
 });

@@ -10,7 +10,17 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { RawMqtt, TestFleet, cleanupAll, openDbFile, publishPacket, publishQos1, subscribe, waitFor, type Subscription } from "./helpers/gateway.ts";
+import {
+  RawMqtt,
+  TestFleet,
+  cleanupAll,
+  openDbFile,
+  publishPacket,
+  publishQos1,
+  subscribe,
+  waitFor,
+  type Subscription,
+} from "./helpers/gateway.ts";
 import {
   Pinger,
   ProcessWatch,
@@ -43,21 +53,37 @@ interface StepResult {
 }
 
 /** Publish a stimulus for `<type>/<key>` (QoS 1) and wait for the `out` carrying its id. */
-async function stimulate(client: MqttClient, sub: Subscription, agent: string, payload: { id: string } & Record<string, unknown>, timeoutMs = 20_000): Promise<any> {
+async function stimulate(
+  client: MqttClient,
+  sub: Subscription,
+  agent: string,
+  payload: { id: string } & Record<string, unknown>,
+  timeoutMs = 20_000,
+): Promise<any> {
   await publishQos1(client, `${agent}/in`, payload);
-  const m = await sub.next((r) => r.topic === `fleet/agents/${agent}/out` && r.json?.data?.id === payload.id, timeoutMs, `out of ${agent} for ${payload.id}`);
+  const m = await sub.next(
+    (r) => r.topic === `fleet/agents/${agent}/out` && r.json?.data?.id === payload.id,
+    timeoutMs,
+    `out of ${agent} for ${payload.id}`,
+  );
   return m.json;
 }
 
 /** `fleet show <episode> --json`: the episode with its event log. */
-async function show(f: TestFleet, episode: string): Promise<{ status: string; events: { seq: number; kind: string; data: any }[]; stdout: string }> {
+async function show(
+  f: TestFleet,
+  episode: string,
+): Promise<{ status: string; events: { seq: number; kind: string; data: any }[]; stdout: string }> {
   const r = await f.cli("show", episode);
   expect(r.code).toBe(0);
   return { ...r.json, stdout: r.stdout };
 }
 
 /** An agent as `fleet agents --json` shows it (with `paused_until`). */
-async function agentRow(f: TestFleet, id: string): Promise<{ status: string; reason: string | null; paused_until: number | null; episodes: number }> {
+async function agentRow(
+  f: TestFleet,
+  id: string,
+): Promise<{ status: string; reason: string | null; paused_until: number | null; episodes: number }> {
   const a = await f.agent(id);
   if (!a) throw new Error(`no agent ${id}`);
   return a as unknown as { status: string; reason: string | null; paused_until: number | null; episodes: number };
@@ -78,8 +104,16 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
   beforeAll(async () => {
     fleet = new TestFleet(
       fleetHeader("e2e-policy-tools") +
-        agentBlock("tooler", policyAgent("scripted"), { tools: ["publish"], publish: ["alerts/#"], budget: { tool_calls_per_episode: 4 } }) +
-        agentBlock("sec", policyAgent("scripted"), { tools: ["http"], httpHosts: [echoHost], secrets: ["SLACK_TOKEN"] }) +
+        agentBlock("tooler", policyAgent("scripted"), {
+          tools: ["publish"],
+          publish: ["alerts/#"],
+          budget: { tool_calls_per_episode: 4 },
+        }) +
+        agentBlock("sec", policyAgent("scripted"), {
+          tools: ["http"],
+          httpHosts: [echoHost],
+          secrets: ["SLACK_TOKEN"],
+        }) +
         agentBlock("nosec", policyAgent("scripted"), { tools: ["http"], httpHosts: [echoHost] }) +
         agentBlock("probe", policyAgent("probe"), { tools: ["http"], httpHosts: [echoHost], secrets: ["SLACK_TOKEN"] }),
       { env: { SLACK_TOKEN: SECRET } },
@@ -118,8 +152,12 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
 
     // The allowed publish goes out after the commit; the denied one never does.
     await all.next((m) => m.topic === "alerts/t1", 10_000);
-    expect(all.messages.some((m) => m.topic.startsWith("other/") || m.topic.startsWith("fleet/agents/tooler/t9"))).toBe(false);
-    expect(await fleet.query("SELECT topic FROM outbox WHERE topic LIKE 'other/%' OR topic LIKE 'fleet/agents/tooler/t9/%'")).toEqual([]);
+    expect(all.messages.some((m) => m.topic.startsWith("other/") || m.topic.startsWith("fleet/agents/tooler/t9"))).toBe(
+      false,
+    );
+    expect(
+      await fleet.query("SELECT topic FROM outbox WHERE topic LIKE 'other/%' OR topic LIKE 'fleet/agents/tooler/t9/%'"),
+    ).toEqual([]);
     expect(echo.requests).toHaveLength(0);
 
     // Every call, allowed or denied, is an event of the committed episode.
@@ -163,9 +201,18 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
     const out = await stimulate(client, all, "sec/s1", {
       id: "secret-1",
       steps: [
-        { tool: "http", args: [`http://${echoHost}/hook`, { method: "POST", headers: { Authorization: "Bearer {{secret:SLACK_TOKEN}}" }, body: "hello" }] },
+        {
+          tool: "http",
+          args: [
+            `http://${echoHost}/hook`,
+            { method: "POST", headers: { Authorization: "Bearer {{secret:SLACK_TOKEN}}" }, body: "hello" },
+          ],
+        },
         // Same server under another host name: not in http_hosts.
-        { tool: "http", args: [`http://localhost:${echo.port}/hook`, { headers: { Authorization: "Bearer {{secret:SLACK_TOKEN}}" } }] },
+        {
+          tool: "http",
+          args: [`http://localhost:${echo.port}/hook`, { headers: { Authorization: "Bearer {{secret:SLACK_TOKEN}}" } }],
+        },
       ],
     });
     episodes.push(out.episode);
@@ -187,7 +234,12 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
     const before = echo.requests.length;
     const out = await stimulate(client, all, "nosec/n1", {
       id: "nosecret-1",
-      steps: [{ tool: "http", args: [`http://${echoHost}/hook`, { headers: { Authorization: "Bearer {{secret:SLACK_TOKEN}}" } }] }],
+      steps: [
+        {
+          tool: "http",
+          args: [`http://${echoHost}/hook`, { headers: { Authorization: "Bearer {{secret:SLACK_TOKEN}}" } }],
+        },
+      ],
     });
     episodes.push(out.episode);
     const [r] = out.data.results as StepResult[];
@@ -225,7 +277,15 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
     expect(all.messages.length).toBeGreaterThan(5);
 
     const agents = ["tooler/t1", "tooler/t2", "sec/s1", "nosec/n1", "probe/p1"];
-    const paths = ["/api/fleet", "/api/agents", "/metrics", "/", "/healthz", ...agents.flatMap((a) => [`/api/agents/${a}`, `/api/agents/${a}/episodes`]), ...episodes.map((e) => `/api/episodes/${e}`)];
+    const paths = [
+      "/api/fleet",
+      "/api/agents",
+      "/metrics",
+      "/",
+      "/healthz",
+      ...agents.flatMap((a) => [`/api/agents/${a}`, `/api/agents/${a}/episodes`]),
+      ...episodes.map((e) => `/api/episodes/${e}`),
+    ];
     for (const p of paths) {
       const res = await fetch(fleet.httpUrl + p);
       expect(res.status).toBe(200);
@@ -253,8 +313,10 @@ describe("budgets pause the agent durably and it resumes", () => {
       "SELECT agent, window, episodes, tool_calls, tokens, cost FROM budget_usage ORDER BY agent, window",
     );
   /** Bodies of the LLM requests whose prompt contains `word`. */
-  const asked = (word: string) => llm.requests.map((r) => JSON.parse(r.body)).filter((b) => JSON.stringify(b.messages).includes(word));
-  const queued = (agent: string) => fleet.query<{ sid: string }>("SELECT sid FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq", [agent]);
+  const asked = (word: string) =>
+    llm.requests.map((r) => JSON.parse(r.body)).filter((b) => JSON.stringify(b.messages).includes(word));
+  const queued = (agent: string) =>
+    fleet.query<{ sid: string }>("SELECT sid FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq", [agent]);
 
   beforeAll(async () => {
     // The ledger is booked in UTC hour/day windows: do not start a few seconds before one ends.
@@ -265,8 +327,15 @@ describe("budgets pause the agent durably and it resumes", () => {
       }) +
         agentBlock("eph", policyAgent("steady"), { budget: { episodes_per_hour: 3 } }) +
         agentBlock("tok", policyAgent("scripted"), { tools: ["llm"], budget: { tokens_per_day: 100 } }) +
-        agentBlock("slowtok", policyAgent("scripted"), { tools: ["llm"], budget: { tokens_per_day: 1000, episode_timeout_ms: 20_000 } }) +
-        agentBlock("cost", policyAgent("scripted"), { tools: ["publish"], publish: ["spend/#"], budget: { tool_costs: "{ publish = 1.5 }", cost_per_day: 4 } }),
+        agentBlock("slowtok", policyAgent("scripted"), {
+          tools: ["llm"],
+          budget: { tokens_per_day: 1000, episode_timeout_ms: 20_000 },
+        }) +
+        agentBlock("cost", policyAgent("scripted"), {
+          tools: ["publish"],
+          publish: ["spend/#"],
+          budget: { tool_costs: "{ publish = 1.5 }", cost_per_day: 4 },
+        }),
       { env: { LLM_API_KEY: "llm-key-value" } },
     );
     await fleet.start();
@@ -282,10 +351,14 @@ describe("budgets pause the agent durably and it resumes", () => {
   test("episodes_per_hour: the 4th stimulus pauses the agent (status, reason, retained topic) and waits durably in the queue", async () => {
     for (const id of ["e1", "e2", "e3", "e4"]) await publishQos1(client, "eph/a/in", { id });
     await fleet.waitCommitted("eph/a", 3);
-    const a = await waitFor(async () => {
-      const r = await agentRow(fleet, "eph/a");
-      return r.status === "paused" ? r : undefined;
-    }, 15_000, "eph/a paused");
+    const a = await waitFor(
+      async () => {
+        const r = await agentRow(fleet, "eph/a");
+        return r.status === "paused" ? r : undefined;
+      },
+      15_000,
+      "eph/a paused",
+    );
     expect(a.reason).toContain("episodes_per_hour");
     expect(a.paused_until).toBe(hourEnd(Date.now()));
     expect((await fleet.episodes("eph/a")).length).toBe(3); // the 4th never started, nor failed
@@ -301,26 +374,43 @@ describe("budgets pause the agent durably and it resumes", () => {
   }, 60_000);
 
   test("tokens_per_day: the llm tool meters the endpoint's usage; past the budget the agent pauses", async () => {
-    const ask = (id: string) => stimulate(client, outs, "tok/a", { id, steps: [{ tool: "llm", args: [{ prompt: `question ${id}`, max_tokens: 50 }] }] });
+    const ask = (id: string) =>
+      stimulate(client, outs, "tok/a", {
+        id,
+        steps: [{ tool: "llm", args: [{ prompt: `question ${id}`, max_tokens: 50 }] }],
+      });
     const first = await ask("t1");
     const [r1] = first.data.results as StepResult[];
     expect(r1!.ok).toBe(true);
-    expect(r1!.result).toEqual({ text: "answer 1", usage: { prompt_tokens: 20, completion_tokens: 40, total_tokens: 60 } });
+    expect(r1!.result).toEqual({
+      text: "answer 1",
+      usage: { prompt_tokens: 20, completion_tokens: 40, total_tokens: 60 },
+    });
     // 60 of 100 used: the second call is still allowed, capped to what is left.
     const second = await ask("t2");
     expect((second.data.results as StepResult[])[0]!.ok).toBe(true);
-    await publishQos1(client, "tok/a/in", { id: "t3", steps: [{ tool: "llm", args: [{ prompt: "question t3", max_tokens: 50 }] }] });
-    const a = await waitFor(async () => {
-      const r = await agentRow(fleet, "tok/a");
-      return r.status === "paused" ? r : undefined;
-    }, 15_000, "tok/a paused");
+    await publishQos1(client, "tok/a/in", {
+      id: "t3",
+      steps: [{ tool: "llm", args: [{ prompt: "question t3", max_tokens: 50 }] }],
+    });
+    const a = await waitFor(
+      async () => {
+        const r = await agentRow(fleet, "tok/a");
+        return r.status === "paused" ? r : undefined;
+      },
+      15_000,
+      "tok/a paused",
+    );
     expect(a.reason).toContain("tokens_per_day");
     expect(a.paused_until).toBe(dayEnd(Date.now()));
 
     // What the endpoint saw: the configured model, the key from api_key_env, max_tokens capped by the budget left.
     expect(llm.requests).toHaveLength(2);
     const bodies = asked("question");
-    expect(bodies.map((b) => [b.model, b.max_tokens])).toEqual([["test-model", 50], ["test-model", 40]]);
+    expect(bodies.map((b) => [b.model, b.max_tokens])).toEqual([
+      ["test-model", 50],
+      ["test-model", 40],
+    ]);
     expect(bodies[0].messages).toEqual([{ role: "user", content: "question t1" }]);
     expect(llm.requests[0]!.headers.authorization).toBe("Bearer llm-key-value");
 
@@ -330,31 +420,51 @@ describe("budgets pause the agent durably and it resumes", () => {
     expect(tool.result.usage.total_tokens).toBe(60);
     expect(ep.stdout).not.toContain("llm-key-value");
     const day = `d:${Math.floor(Date.now() / 86_400_000)}`;
-    expect((await ledger()).find((r) => r.agent === "tok/a" && r.window === day)).toMatchObject({ episodes: 2, tokens: 120, tool_calls: 2 });
+    expect((await ledger()).find((r) => r.agent === "tok/a" && r.window === day)).toMatchObject({
+      episodes: 2,
+      tokens: 120,
+      tool_calls: 2,
+    });
     expect(await queued("tok/a")).toEqual([{ sid: "id:t3" }]);
   }, 60_000);
 
   test("cost_per_day: tool_costs are charged per call; past the budget the agent pauses", async () => {
-    const spend = (id: string) => ({ id, steps: [0, 1].map((i) => ({ tool: "publish", args: [`spend/${id}/${i}`, { i }] })) });
+    const spend = (id: string) => ({
+      id,
+      steps: [0, 1].map((i) => ({ tool: "publish", args: [`spend/${id}/${i}`, { i }] })),
+    });
     await stimulate(client, outs, "cost/a", spend("c1"));
     await stimulate(client, outs, "cost/a", spend("c2"));
     await publishQos1(client, "cost/a/in", spend("c3"));
-    const a = await waitFor(async () => {
-      const r = await agentRow(fleet, "cost/a");
-      return r.status === "paused" ? r : undefined;
-    }, 15_000, "cost/a paused");
+    const a = await waitFor(
+      async () => {
+        const r = await agentRow(fleet, "cost/a");
+        return r.status === "paused" ? r : undefined;
+      },
+      15_000,
+      "cost/a paused",
+    );
     expect(a.reason).toContain("cost_per_day");
     const day = `d:${Math.floor(Date.now() / 86_400_000)}`;
-    expect((await ledger()).find((r) => r.agent === "cost/a" && r.window === day)).toMatchObject({ episodes: 2, tool_calls: 4, cost: 6 });
+    expect((await ledger()).find((r) => r.agent === "cost/a" && r.window === day)).toMatchObject({
+      episodes: 2,
+      tool_calls: 4,
+      cost: 6,
+    });
     expect(await queued("cost/a")).toEqual([{ sid: "id:c3" }]);
   }, 60_000);
 
   test("kill -9, even mid-episode, neither resets nor double-counts the ledger; paused agents stay paused with their stimuli queued", async () => {
     // An episode in flight at the crash: its LLM call is answered only after 3 s.
-    await publishQos1(client, "slowtok/a/in", { id: "k1", steps: [{ tool: "llm", args: [{ prompt: "slow k1", max_tokens: 50 }] }] });
+    await publishQos1(client, "slowtok/a/in", {
+      id: "k1",
+      steps: [{ tool: "llm", args: [{ prompt: "slow k1", max_tokens: 50 }] }],
+    });
     await waitFor(() => asked("slow k1").length === 1, 15_000, "the slow LLM call to be in flight");
     const before = await ledger();
-    const agentsBefore = await fleet.query("SELECT id, status, reason, paused_until, episodes FROM agents WHERE id != 'slowtok/a' ORDER BY id");
+    const agentsBefore = await fleet.query(
+      "SELECT id, status, reason, paused_until, episodes FROM agents WHERE id != 'slowtok/a' ORDER BY id",
+    );
     const episodesBefore = await fleet.query("SELECT id, status FROM episodes ORDER BY id");
     expect(before.filter((r) => r.agent !== "slowtok/a").length).toBe(6); // hour + day rows of three agents
     expect(before.filter((r) => r.agent === "slowtok/a")).toEqual([]);
@@ -376,8 +486,14 @@ describe("budgets pause the agent durably and it resumes", () => {
 
     // Everyone else's ledger and status is exactly as before the crash: nothing ran for them.
     expect((await ledger()).filter((r) => r.agent !== "slowtok/a")).toEqual(before);
-    expect(await fleet.query("SELECT id, status, reason, paused_until, episodes FROM agents WHERE id != 'slowtok/a' ORDER BY id")).toEqual(agentsBefore);
-    expect(await fleet.query("SELECT id, status FROM episodes WHERE agent != 'slowtok/a' ORDER BY id")).toEqual(episodesBefore);
+    expect(
+      await fleet.query(
+        "SELECT id, status, reason, paused_until, episodes FROM agents WHERE id != 'slowtok/a' ORDER BY id",
+      ),
+    ).toEqual(agentsBefore);
+    expect(await fleet.query("SELECT id, status FROM episodes WHERE agent != 'slowtok/a' ORDER BY id")).toEqual(
+      episodesBefore,
+    );
     for (const id of ["eph/a", "tok/a", "cost/a"]) expect((await agentRow(fleet, id)).status).toBe("paused");
     expect(await queued("eph/a")).toEqual([{ sid: "id:e4" }]);
     expect(await queued("tok/a")).toEqual([{ sid: "id:t3" }]);
@@ -403,7 +519,10 @@ describe("budgets pause the agent durably and it resumes", () => {
     const day = Math.floor(Date.now() / 86_400_000);
     const db = openDbFile(join(fleet.dataDir, "fleet.db"));
     await db.execute({ sql: "UPDATE agents SET paused_until = ? WHERE id = 'tok/a'", args: [Date.now() - 1000] });
-    await db.execute({ sql: "UPDATE budget_usage SET window = ? WHERE agent = 'tok/a' AND window = ?", args: [`d:${day - 1}`, `d:${day}`] });
+    await db.execute({
+      sql: "UPDATE budget_usage SET window = ? WHERE agent = 'tok/a' AND window = ?",
+      args: [`d:${day - 1}`, `d:${day}`],
+    });
     db.close();
 
     await fleet.start();
@@ -416,7 +535,10 @@ describe("budgets pause the agent durably and it resumes", () => {
     expect(asked("question t3")).toHaveLength(1);
     const status = await subscribe(client, "fleet/agents/tok/a/status");
     await status.next((m) => m.retain && m.json?.status === "idle", 10_000, "retained idle status of tok/a");
-    expect((await ledger()).find((r) => r.agent === "tok/a" && r.window === `d:${day}`)).toMatchObject({ episodes: 1, tokens: 60 });
+    expect((await ledger()).find((r) => r.agent === "tok/a" && r.window === `d:${day}`)).toMatchObject({
+      episodes: 1,
+      tokens: 60,
+    });
     // The cost agent's window has not passed: it is still paused, its stimulus still queued.
     expect((await agentRow(fleet, "cost/a")).status).toBe("paused");
     expect(await queued("cost/a")).toEqual([{ sid: "id:c3" }]);
@@ -439,9 +561,15 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
       fleetHeader("e2e-policy-isolation", { maxConcurrent: 4 }) +
         agentBlock("steady", policyAgent("steady")) +
         agentBlock("hog", policyAgent("hog"), { budget: { memory_mb: 128 }, extra: "retry = { max_attempts = 1 }\n" }) +
-        agentBlock("spin", policyAgent("spin"), { budget: { episode_timeout_ms: 1000 }, extra: "retry = { max_attempts = 1 }\n" }) +
+        agentBlock("spin", policyAgent("spin"), {
+          budget: { episode_timeout_ms: 1000 },
+          extra: "retry = { max_attempts = 1 }\n",
+        }) +
         // Memory is not what should stop the fork bomb here: the process and fd limits are.
-        agentBlock("bomb", policyAgent("forkbomb"), { budget: { memory_mb: 2048, episode_timeout_ms: 15_000 }, extra: "retry = { max_attempts = 1 }\n" }) +
+        agentBlock("bomb", policyAgent("forkbomb"), {
+          budget: { memory_mb: 2048, episode_timeout_ms: 15_000 },
+          extra: "retry = { max_attempts = 1 }\n",
+        }) +
         agentBlock("fdleak", policyAgent("fdleak"), { extra: "retry = { max_attempts = 1 }\n" }),
     );
     await fleet.start();
@@ -471,21 +599,33 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
    * episode. Afterwards: the steady agent kept its pace and none of the processes any episode
    * started during the run survives, none is a zombie of the gateway.
    */
-  async function contained(name: string, agent: string, payload: Record<string, unknown>, timeoutMs: number, extraSlackMs = 0) {
+  async function contained(
+    name: string,
+    agent: string,
+    payload: Record<string, unknown>,
+    timeoutMs: number,
+    extraSlackMs = 0,
+  ) {
     const watch = new ProcessWatch(fleet.pid).start();
     const from = performance.now();
     pinger.start(PACE_MS);
     await publishQos1(client, `${agent}/in`, { id: `${name}-1`, ...payload });
-    const [episode] = await waitFor(async () => {
-      const eps = await fleet.episodes(agent);
-      return eps.length > 0 ? eps : undefined;
-    }, timeoutMs, `the ${name} episode to end`);
+    const [episode] = await waitFor(
+      async () => {
+        const eps = await fleet.episodes(agent);
+        return eps.length > 0 ? eps : undefined;
+      },
+      timeoutMs,
+      `the ${name} episode to end`,
+    );
     // Keep the healthy agent going past the end too, for at least 1.5 s in all.
     await Bun.sleep(Math.max(300, 1500 - (performance.now() - from)));
     await pinger.stop();
     watch.stop();
     const during = pinger.latencies(from);
-    report.push(`during ${name.padEnd(6)}: ${describeLatency(during)} (offender ${episode!.status}${episode!.error_kind ? `/${episode!.error_kind}` : ""} after ${episode!.ms} ms, ${watch.seen.size} processes seen)`);
+    report.push(
+      `during ${name.padEnd(6)}: ${describeLatency(during)} (offender ${episode!.status}${episode!.error_kind ? `/${episode!.error_kind}` : ""} after ${episode!.ms} ms, ${watch.seen.size} processes seen)`,
+    );
 
     // The healthy agent kept committing at its pace: every ping answered, none failed, latency bounded.
     expect(during.every(Number.isFinite)).toBe(true);
@@ -496,11 +636,21 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
 
     // Nothing the episodes started survives them, and the gateway reaped every child.
     // Idle warm spares (started ahead of need, no agent code loaded) are the only children allowed to outlive it.
-    const spares = async () => new Set(((await (await fetch(`${fleet.httpUrl}/api/fleet`)).json()) as { spares: number[] }).spares);
-    await waitFor(async () => watch.survivors(await spares()).length === 0, 10_000, `no survivor of ${name} (${watch.survivors().map((p) => `${p.pid}:${p.argv.join(" ")}`).join(", ")})`);
+    const spares = async () =>
+      new Set(((await (await fetch(`${fleet.httpUrl}/api/fleet`)).json()) as { spares: number[] }).spares);
+    await waitFor(
+      async () => watch.survivors(await spares()).length === 0,
+      10_000,
+      `no survivor of ${name} (${watch
+        .survivors()
+        .map((p) => `${p.pid}:${p.argv.join(" ")}`)
+        .join(", ")})`,
+    );
     await waitFor(() => zombiesOf(fleet.pid).length === 0, 10_000, "no zombie children of the gateway");
     const idle = await spares();
-    expect(processTable().filter((p) => p.uid === 65534 && watch.seen.has(`${p.pid}:${p.start}`) && !idle.has(p.pgid))).toEqual([]);
+    expect(
+      processTable().filter((p) => p.uid === 65534 && watch.seen.has(`${p.pid}:${p.start}`) && !idle.has(p.pgid)),
+    ).toEqual([]);
     return { episode: episode!, watch };
   }
 
@@ -531,7 +681,9 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     expect(out.json.data.spawned).toBeGreaterThan(10);
     expect(out.json.data.spawned).toBeLessThan(4096);
     const sleepers = [...watch.seen.values()].filter((p) => p.argv[1] === marker).length;
-    report.push(`  fork bomb: spawned ${out.json.data.spawned} from Bun, ${sleepers} sleepers seen in total; error ${JSON.stringify(out.json.data.error)}`);
+    report.push(
+      `  fork bomb: spawned ${out.json.data.spawned} from Bun, ${sleepers} sleepers seen in total; error ${JSON.stringify(out.json.data.error)}`,
+    );
     expect(sleepersWith(marker)).toEqual([]);
     // The sandbox's rlimits as the kernel applied them to the episode.
     expect(watch.hostLimits).not.toBeNull();
@@ -605,7 +757,9 @@ describe("fairness and bounded queues", () => {
 
     expect((await fleet.cli("resume", "bounded/q1")).code).toBe(0);
     await fleet.waitCommitted("bounded/q1", 50, 30_000);
-    const ran = await fleet.query<{ sid: string }>("SELECT e.stimulus_id AS sid FROM episodes e WHERE e.agent = 'bounded/q1' AND e.status = 'committed' ORDER BY e.started_at");
+    const ran = await fleet.query<{ sid: string }>(
+      "SELECT e.stimulus_id AS sid FROM episodes e WHERE e.agent = 'bounded/q1' AND e.status = 'committed' ORDER BY e.started_at",
+    );
     expect(ran.map((r) => r.sid)).toEqual(Array.from({ length: 50 }, (_, i) => `id:b${i + 1}`));
     const seen = new Set(outs.messages.filter((m) => m.json?.agent === "bounded/q1").map((m) => m.json.data.id));
     expect(seen.size).toBe(50);
@@ -615,19 +769,34 @@ describe("fairness and bounded queues", () => {
   test("one agent flooded with 2,000 stimuli leaves a quiet agent's latency within about one episode of its solo latency", async () => {
     const flooder = await fleet.mqtt();
     const N = 2000;
-    const acked = Promise.all(Array.from({ length: N }, (_, i) => flooder.publishAsync("flood/f1/in", JSON.stringify({ id: `f${i}` }), { qos: 1 })));
+    const acked = Promise.all(
+      Array.from({ length: N }, (_, i) =>
+        flooder.publishAsync("flood/f1/in", JSON.stringify({ id: `f${i}` }), { qos: 1 }),
+      ),
+    );
     // Measure while the backlog is there.
-    await waitFor(async () => (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1'"))[0]!.n >= 100, 20_000, "the flood to start arriving");
+    await waitFor(
+      async () =>
+        (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1'"))[0]!.n >= 100,
+      20_000,
+      "the flood to start arriving",
+    );
     const from = performance.now();
     quiet.start(200);
     await Bun.sleep(5000);
     await quiet.stop(30_000);
     const during = quiet.latencies(from);
     await acked;
-    const [{ n: backlog }] = (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'")) as [{ n: number }];
-    const floodDone = (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE agent = 'flood/f1'"))[0]!.n;
+    const [{ n: backlog }] = (await fleet.query<{ n: number }>(
+      "SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'",
+    )) as [{ n: number }];
+    const floodDone = (
+      await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE agent = 'flood/f1'")
+    )[0]!.n;
     const bound = 5 * percentile(solo, 0.5) + 500;
-    report.push(`quiet during flood: ${describeLatency(during)}; bound p95 < ${bound.toFixed(0)} ms; flood: ${floodDone} episodes done, ${backlog} still queued`);
+    report.push(
+      `quiet during flood: ${describeLatency(during)}; bound p95 < ${bound.toFixed(0)} ms; flood: ${floodDone} episodes done, ${backlog} still queued`,
+    );
     expect(during.every(Number.isFinite)).toBe(true);
     expect(during.length).toBeGreaterThanOrEqual(15);
     // The measurement really was under flood: most of it is still waiting.

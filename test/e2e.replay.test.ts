@@ -7,7 +7,17 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
-import { TestFleet, cleanupAll, openDbFile, publishQos1, runCli, shippedAgent, waitFor, type CliResult, type EpisodeJson } from "./helpers/gateway.ts";
+import {
+  TestFleet,
+  cleanupAll,
+  openDbFile,
+  publishQos1,
+  runCli,
+  shippedAgent,
+  waitFor,
+  type CliResult,
+  type EpisodeJson,
+} from "./helpers/gateway.ts";
 import { agentType, fleetHeader, tempMonitorType } from "./helpers/toml.ts";
 
 const ops = (name: string) => join(import.meta.dir, "fixtures/ops", `${name}.ts`);
@@ -20,7 +30,10 @@ const TOML =
     dedup: "id",
     extra: 'tools = ["publish"]\npublish = ["alerts/anomaly/#"]\nconfig = { alpha = 0.1, z = 3.0, warmup = 3 }\n',
   }) +
-  agentType("dice", ops("dice"), ["dice/+/roll"], { dedup: "id", extra: 'tools = ["publish"]\npublish = ["rolls/#"]\n\n[agents.dice.retry]\nmax_attempts = 1\n' });
+  agentType("dice", ops("dice"), ["dice/+/roll"], {
+    dedup: "id",
+    extra: 'tools = ["publish"]\npublish = ["rolls/#"]\n\n[agents.dice.retry]\nmax_attempts = 1\n',
+  });
 
 /**
  * Readings for boiler-1. temp-monitor (threshold 80, hysteresis 2): quiet, quiet, quiet,
@@ -76,7 +89,11 @@ beforeAll(async () => {
   await fleet.waitCommitted("temp-monitor/boiler-1", READINGS.length, 90_000);
   await fleet.waitCommitted("anomaly/boiler-1", READINGS.length, 90_000);
   await fleet.waitCommitted("dice/d1", 3, 90_000);
-  await waitFor(async () => (await fleet.episodes("dice/d1")).some((e) => e.status === "failed"), 60_000, "the failed dice episode");
+  await waitFor(
+    async () => (await fleet.episodes("dice/d1")).some((e) => e.status === "failed"),
+    60_000,
+    "the failed dice episode",
+  );
   for (const agent of ["temp-monitor/boiler-1", "anomaly/boiler-1", "dice/d1"]) {
     history[agent] = (await fleet.episodes(agent)).sort((a, b) => a.id.localeCompare(b.id));
   }
@@ -85,165 +102,267 @@ beforeAll(async () => {
 afterAll(() => cleanupAll(), 60_000);
 
 describe("fleet replay <episode>", () => {
-  test("a temp-monitor episode that raised an alert through the publish tool replays as MATCH", async () => {
-    const alert = episodeOf("temp-monitor/boiler-1", "r4");
-    const ev = await events(alert.id);
-    expect(ev.find((e) => e.kind === "decide")?.data).toMatchObject({ name: "alert", data: { value: 85, threshold: 80 } });
-    expect(ev.find((e) => e.kind === "tool")?.data).toMatchObject({ tool: "publish", ok: true, args: ["alerts/boiler-1", { level: "alert", value: 85 }] });
-    expect(ev.some((e) => e.kind === "now")).toBe(true);
+  test(
+    "a temp-monitor episode that raised an alert through the publish tool replays as MATCH",
+    async () => {
+      const alert = episodeOf("temp-monitor/boiler-1", "r4");
+      const ev = await events(alert.id);
+      expect(ev.find((e) => e.kind === "decide")?.data).toMatchObject({
+        name: "alert",
+        data: { value: 85, threshold: 80 },
+      });
+      expect(ev.find((e) => e.kind === "tool")?.data).toMatchObject({
+        tool: "publish",
+        ok: true,
+        args: ["alerts/boiler-1", { level: "alert", value: 85 }],
+      });
+      expect(ev.some((e) => e.kind === "now")).toBe(true);
 
-    const h = await human("replay", alert.id);
-    expect(h.code).toBe(0);
-    expect(h.stdout.trim()).toMatch(new RegExp(`^MATCH\\s+${alert.id}\\s+temp-monitor/boiler-1$`));
+      const h = await human("replay", alert.id);
+      expect(h.code).toBe(0);
+      expect(h.stdout.trim()).toMatch(new RegExp(`^MATCH\\s+${alert.id}\\s+temp-monitor/boiler-1$`));
 
-    const j = await fleet.cli("replay", alert.id);
-    expect(j.code).toBe(0);
-    expect(j.json).toEqual({ episode: alert.id, agent: "temp-monitor/boiler-1", verdict: "MATCH" });
+      const j = await fleet.cli("replay", alert.id);
+      expect(j.code).toBe(0);
+      expect(j.json).toEqual({ episode: alert.id, agent: "temp-monitor/boiler-1", verdict: "MATCH" });
 
-    // The clear episode used the tool too, and `now()` for the alarm's duration.
-    const clear = await fleet.cli("replay", episodeOf("temp-monitor/boiler-1", "r6").id);
-    expect([clear.code, clear.json.verdict]).toEqual([0, "MATCH"]);
-  }, SLOW);
+      // The clear episode used the tool too, and `now()` for the alarm's duration.
+      const clear = await fleet.cli("replay", episodeOf("temp-monitor/boiler-1", "r6").id);
+      expect([clear.code, clear.json.verdict]).toEqual([0, "MATCH"]);
+    },
+    SLOW,
+  );
 
-  test("an anomaly episode that flagged a reading and published it replays as MATCH", async () => {
-    const flagged = episodeOf("anomaly/boiler-1", "r4");
-    const ev = await events(flagged.id);
-    expect(ev.find((e) => e.kind === "decide")?.data).toMatchObject({ name: "anomaly", data: { x: 85 } });
-    expect(ev.find((e) => e.kind === "tool")?.data).toMatchObject({ tool: "publish", ok: true, args: ["alerts/anomaly/boiler-1", { level: "anomaly", x: 85 }] });
+  test(
+    "an anomaly episode that flagged a reading and published it replays as MATCH",
+    async () => {
+      const flagged = episodeOf("anomaly/boiler-1", "r4");
+      const ev = await events(flagged.id);
+      expect(ev.find((e) => e.kind === "decide")?.data).toMatchObject({ name: "anomaly", data: { x: 85 } });
+      expect(ev.find((e) => e.kind === "tool")?.data).toMatchObject({
+        tool: "publish",
+        ok: true,
+        args: ["alerts/anomaly/boiler-1", { level: "anomaly", x: 85 }],
+      });
 
-    const h = await human("replay", flagged.id);
-    expect(h.code).toBe(0);
-    expect(h.stdout).toStartWith("MATCH");
-    const j = await fleet.cli("replay", flagged.id);
-    expect([j.code, j.json.verdict, j.json.agent]).toEqual([0, "MATCH", "anomaly/boiler-1"]);
-  }, SLOW);
+      const h = await human("replay", flagged.id);
+      expect(h.code).toBe(0);
+      expect(h.stdout).toStartWith("MATCH");
+      const j = await fleet.cli("replay", flagged.id);
+      expect([j.code, j.json.verdict, j.json.agent]).toEqual([0, "MATCH", "anomaly/boiler-1"]);
+    },
+    SLOW,
+  );
 
-  test("an episode that used ctx.random(), ctx.now() and a tool result replays as MATCH", async () => {
-    const ep = episodeOf("dice/d1", "d2");
-    const ev = await events(ep.id);
-    const kinds = ev.map((e) => e.kind);
-    expect(kinds).toEqual(["stimulus", "random", "now", "decide", "tool", "emit", "end"]);
-    // The recorded tool result is what the agent emitted: replay must hand the same one back.
-    const tool = ev.find((e) => e.kind === "tool")!.data;
-    expect(ev.find((e) => e.kind === "emit")!.data.data.receipt).toEqual(tool.result);
+  test(
+    "an episode that used ctx.random(), ctx.now() and a tool result replays as MATCH",
+    async () => {
+      const ep = episodeOf("dice/d1", "d2");
+      const ev = await events(ep.id);
+      const kinds = ev.map((e) => e.kind);
+      expect(kinds).toEqual(["stimulus", "random", "now", "decide", "tool", "emit", "end"]);
+      // The recorded tool result is what the agent emitted: replay must hand the same one back.
+      const tool = ev.find((e) => e.kind === "tool")!.data;
+      expect(ev.find((e) => e.kind === "emit")!.data.data.receipt).toEqual(tool.result);
 
-    const j = await fleet.cli("replay", ep.id);
-    expect(j.code).toBe(0);
-    expect(j.json.verdict).toBe("MATCH");
-  }, SLOW);
+      const j = await fleet.cli("replay", ep.id);
+      expect(j.code).toBe(0);
+      expect(j.json.verdict).toBe("MATCH");
+    },
+    SLOW,
+  );
 
-  test("a failed (throwing) episode replays as MATCH: the replay fails the same way", async () => {
-    const failed = episodeOf("dice/d1", "d4", "failed");
-    expect(failed.error_kind).toBe("threw");
-    const ev = await events(failed.id);
-    expect(ev.map((e) => e.kind)).toEqual(["stimulus", "random", "now", "decide", "tool", "failure"]);
-    expect(ev.at(-1)!.data.message).toContain("boom after rolling");
+  test(
+    "a failed (throwing) episode replays as MATCH: the replay fails the same way",
+    async () => {
+      const failed = episodeOf("dice/d1", "d4", "failed");
+      expect(failed.error_kind).toBe("threw");
+      const ev = await events(failed.id);
+      expect(ev.map((e) => e.kind)).toEqual(["stimulus", "random", "now", "decide", "tool", "failure"]);
+      expect(ev.at(-1)!.data.message).toContain("boom after rolling");
 
-    const h = await human("replay", failed.id);
-    expect(h.stdout + h.stderr).toStartWith("MATCH");
-    expect(h.code).toBe(0);
-    expect(h.stdout).toStartWith("MATCH");
-    const j = await fleet.cli("replay", failed.id);
-    expect([j.code, j.json.verdict]).toEqual([0, "MATCH"]);
-  }, SLOW);
+      const h = await human("replay", failed.id);
+      expect(h.stdout + h.stderr).toStartWith("MATCH");
+      expect(h.code).toBe(0);
+      expect(h.stdout).toStartWith("MATCH");
+      const j = await fleet.cli("replay", failed.id);
+      expect([j.code, j.json.verdict]).toEqual([0, "MATCH"]);
+    },
+    SLOW,
+  );
 
-  test("a modified module with a renamed decision is DIVERGED at that decision, exit 1", async () => {
-    const alert = episodeOf("temp-monitor/boiler-1", "r4");
-    const h = await human("replay", alert.id, "--module", ops("temp-monitor-renamed"));
-    expect(h.code).toBe(1);
-    expect(h.stdout).toContain(`DIVERGED  ${alert.id} temp-monitor/boiler-1 at decision #1`);
-    expect(h.stdout).toContain('"name":"alert"');
-    expect(h.stdout).toContain('"name":"alarm"');
+  test(
+    "a modified module with a renamed decision is DIVERGED at that decision, exit 1",
+    async () => {
+      const alert = episodeOf("temp-monitor/boiler-1", "r4");
+      const h = await human("replay", alert.id, "--module", ops("temp-monitor-renamed"));
+      expect(h.code).toBe(1);
+      expect(h.stdout).toContain(`DIVERGED  ${alert.id} temp-monitor/boiler-1 at decision #1`);
+      expect(h.stdout).toContain('"name":"alert"');
+      expect(h.stdout).toContain('"name":"alarm"');
 
-    const j = await fleet.cli("replay", alert.id, "--module", ops("temp-monitor-renamed"));
-    expect(j.code).toBe(1);
-    expect(j.json).toEqual({
-      episode: alert.id,
-      agent: "temp-monitor/boiler-1",
-      verdict: "DIVERGED",
-      divergence: {
-        at: "decision #1",
+      const j = await fleet.cli("replay", alert.id, "--module", ops("temp-monitor-renamed"));
+      expect(j.code).toBe(1);
+      expect(j.json).toEqual({
+        episode: alert.id,
+        agent: "temp-monitor/boiler-1",
+        verdict: "DIVERGED",
+        divergence: {
+          at: "decision #1",
+          expected: { "decision #1": { name: "alert", data: { value: 85, threshold: 80 } } },
+          actual: { "decision #1": { name: "alarm", data: { value: 85, threshold: 80 } } },
+        },
+      });
+
+      // An episode that never made that decision still matches under the new code.
+      const quiet = await fleet.cli(
+        "replay",
+        episodeOf("temp-monitor/boiler-1", "r2").id,
+        "--module",
+        ops("temp-monitor-renamed"),
+      );
+      expect([quiet.code, quiet.json.verdict]).toEqual([0, "MATCH"]);
+    },
+    SLOW,
+  );
+
+  test(
+    "a modified module with different threshold logic is DIVERGED at the first step it does differently",
+    async () => {
+      const alert = episodeOf("temp-monitor/boiler-1", "r4");
+      const j = await fleet.cli("replay", alert.id, "--module", ops("temp-monitor-stricter"));
+      expect(j.code).toBe(1);
+      expect(j.json.verdict).toBe("DIVERGED");
+      // Recorded: an alert decision first. New code (threshold 90): no alert, straight to the emit.
+      expect(j.json.divergence).toEqual({
+        at: "step 1",
         expected: { "decision #1": { name: "alert", data: { value: 85, threshold: 80 } } },
-        actual: { "decision #1": { name: "alarm", data: { value: 85, threshold: 80 } } },
-      },
-    });
+        actual: { "emit #1": { value: 85, alarm: false, count: 4 } },
+      });
+    },
+    SLOW,
+  );
 
-    // An episode that never made that decision still matches under the new code.
-    const quiet = await fleet.cli("replay", episodeOf("temp-monitor/boiler-1", "r2").id, "--module", ops("temp-monitor-renamed"));
-    expect([quiet.code, quiet.json.verdict]).toEqual([0, "MATCH"]);
-  }, SLOW);
-
-  test("a modified module with different threshold logic is DIVERGED at the first step it does differently", async () => {
-    const alert = episodeOf("temp-monitor/boiler-1", "r4");
-    const j = await fleet.cli("replay", alert.id, "--module", ops("temp-monitor-stricter"));
-    expect(j.code).toBe(1);
-    expect(j.json.verdict).toBe("DIVERGED");
-    // Recorded: an alert decision first. New code (threshold 90): no alert, straight to the emit.
-    expect(j.json.divergence).toEqual({
-      at: "step 1",
-      expected: { "decision #1": { name: "alert", data: { value: 85, threshold: 80 } } },
-      actual: { "emit #1": { value: 85, alarm: false, count: 4 } },
-    });
-  }, SLOW);
-
-  test("an unknown episode is reported, not replayed, exit 1", async () => {
-    const j = await fleet.cli("replay", "00000000-0000-7000-8000-000000000000");
-    expect(j.code).toBe(1);
-    expect(j.json).toMatchObject({ verdict: "UNREPLAYABLE", reason: "no such episode" });
-  }, SLOW);
+  test(
+    "an unknown episode is reported, not replayed, exit 1",
+    async () => {
+      const j = await fleet.cli("replay", "00000000-0000-7000-8000-000000000000");
+      expect(j.code).toBe(1);
+      expect(j.json).toMatchObject({ verdict: "UNREPLAYABLE", reason: "no such episode" });
+    },
+    SLOW,
+  );
 });
 
 describe("fleet replay --agent <type/key> --module FILE", () => {
-  test("each agent's whole history replays as MATCH on its own code", async () => {
-    for (const [agent, n] of [["temp-monitor/boiler-1", READINGS.length], ["anomaly/boiler-1", READINGS.length], ["dice/d1", 3]] as const) {
-      const j = await fleet.cli("replay", "--agent", agent);
-      expect(j.code).toBe(0);
-      expect(j.json).toMatchObject({ agent, episodes: n, matched: n, diverged: 0 });
-      // Oldest first, committed episodes only.
-      expect(j.json.results.map((r: { episode: string }) => r.episode)).toEqual(history[agent]!.filter((e) => e.status === "committed").map((e) => e.id));
-    }
-    const h = await human("replay", "--agent", "temp-monitor/boiler-1", "--module", shippedAgent("temp-monitor"));
-    expect(h.code).toBe(0);
-    expect(h.stdout.trim()).toBe(`${READINGS.length}/${READINGS.length} episode(s) MATCH, 0 DIVERGED`);
-  }, SLOW);
+  test(
+    "each agent's whole history replays as MATCH on its own code",
+    async () => {
+      for (const [agent, n] of [
+        ["temp-monitor/boiler-1", READINGS.length],
+        ["anomaly/boiler-1", READINGS.length],
+        ["dice/d1", 3],
+      ] as const) {
+        const j = await fleet.cli("replay", "--agent", agent);
+        expect(j.code).toBe(0);
+        expect(j.json).toMatchObject({ agent, episodes: n, matched: n, diverged: 0 });
+        // Oldest first, committed episodes only.
+        expect(j.json.results.map((r: { episode: string }) => r.episode)).toEqual(
+          history[agent]!.filter((e) => e.status === "committed").map((e) => e.id),
+        );
+      }
+      const h = await human("replay", "--agent", "temp-monitor/boiler-1", "--module", shippedAgent("temp-monitor"));
+      expect(h.code).toBe(0);
+      expect(h.stdout.trim()).toBe(`${READINGS.length}/${READINGS.length} episode(s) MATCH, 0 DIVERGED`);
+    },
+    SLOW,
+  );
 
-  test("the history against modified code counts the episodes that diverge, exit 1", async () => {
-    const renamed = await fleet.cli("replay", "--agent", "temp-monitor/boiler-1", "--module", ops("temp-monitor-renamed"));
-    expect(renamed.code).toBe(1);
-    expect(renamed.json).toMatchObject({ episodes: 7, matched: 6, diverged: 1 });
-    const divergedIds = (j: CliResult) => j.json.results.filter((r: { verdict: string }) => r.verdict === "DIVERGED").map((r: { episode: string }) => r.episode);
-    expect(divergedIds(renamed)).toEqual([episodeOf("temp-monitor/boiler-1", "r4").id]);
+  test(
+    "the history against modified code counts the episodes that diverge, exit 1",
+    async () => {
+      const renamed = await fleet.cli(
+        "replay",
+        "--agent",
+        "temp-monitor/boiler-1",
+        "--module",
+        ops("temp-monitor-renamed"),
+      );
+      expect(renamed.code).toBe(1);
+      expect(renamed.json).toMatchObject({ episodes: 7, matched: 6, diverged: 1 });
+      const divergedIds = (j: CliResult) =>
+        j.json.results
+          .filter((r: { verdict: string }) => r.verdict === "DIVERGED")
+          .map((r: { episode: string }) => r.episode);
+      expect(divergedIds(renamed)).toEqual([episodeOf("temp-monitor/boiler-1", "r4").id]);
 
-    // Threshold 90 instead of 80: the alert, the "still high" and the clear all go differently.
-    const stricter = await fleet.cli("replay", "--agent", "temp-monitor/boiler-1", "--module", ops("temp-monitor-stricter"));
-    expect(stricter.code).toBe(1);
-    expect(stricter.json).toMatchObject({ episodes: 7, matched: 4, diverged: 3 });
-    expect(divergedIds(stricter)).toEqual(["r4", "r5", "r6"].map((sid) => episodeOf("temp-monitor/boiler-1", sid).id));
+      // Threshold 90 instead of 80: the alert, the "still high" and the clear all go differently.
+      const stricter = await fleet.cli(
+        "replay",
+        "--agent",
+        "temp-monitor/boiler-1",
+        "--module",
+        ops("temp-monitor-stricter"),
+      );
+      expect(stricter.code).toBe(1);
+      expect(stricter.json).toMatchObject({ episodes: 7, matched: 4, diverged: 3 });
+      expect(divergedIds(stricter)).toEqual(
+        ["r4", "r5", "r6"].map((sid) => episodeOf("temp-monitor/boiler-1", sid).id),
+      );
 
-    const h = await human("replay", "--agent", "temp-monitor/boiler-1", "--module", ops("temp-monitor-stricter"));
-    expect(h.code).toBe(1);
-    expect(h.stdout).toContain("4/7 episode(s) MATCH, 3 DIVERGED");
-    expect(h.stdout.match(/^DIVERGED /gm)?.length).toBe(3);
-  }, SLOW);
+      const h = await human("replay", "--agent", "temp-monitor/boiler-1", "--module", ops("temp-monitor-stricter"));
+      expect(h.code).toBe(1);
+      expect(h.stdout).toContain("4/7 episode(s) MATCH, 3 DIVERGED");
+      expect(h.stdout.match(/^DIVERGED /gm)?.length).toBe(3);
+    },
+    SLOW,
+  );
 });
 
 describe("fleet gc while the gateway runs", () => {
-  test("`fleet gc --dry-run` goes through the running gateway (POST /api/gc) and changes nothing", async () => {
-    const count = async (table: string) => Number(Object.values((await fleet.query(`SELECT count(*) AS n FROM ${table}`))[0]!)[0]);
-    const before = { episodes: await count("episodes"), events: await count("events"), stimuli: await count("stimuli"), checkpoints: await count("checkpoints") };
-    expect(before).toMatchObject({ episodes: 18, stimuli: 18, checkpoints: 17 });
+  test(
+    "`fleet gc --dry-run` goes through the running gateway (POST /api/gc) and changes nothing",
+    async () => {
+      const count = async (table: string) =>
+        Number(Object.values((await fleet.query(`SELECT count(*) AS n FROM ${table}`))[0]!)[0]);
+      const before = {
+        episodes: await count("episodes"),
+        events: await count("events"),
+        stimuli: await count("stimuli"),
+        checkpoints: await count("checkpoints"),
+      };
+      expect(before).toMatchObject({ episodes: 18, stimuli: 18, checkpoints: 17 });
 
-    // Nothing is old yet, and no agent has more than `keep` (default 50) checkpoints.
-    const now = await fleet.cli("gc", "--dry-run");
-    expect(now.code).toBe(0);
-    expect(now.json).toMatchObject({ tombstoned: 0, checkpointsDeleted: 0, episodesDeleted: 0, eventsDeleted: 0, stimuliForgotten: 0 });
+      // Nothing is old yet, and no agent has more than `keep` (default 50) checkpoints.
+      const now = await fleet.cli("gc", "--dry-run");
+      expect(now.code).toBe(0);
+      expect(now.json).toMatchObject({
+        tombstoned: 0,
+        checkpointsDeleted: 0,
+        episodesDeleted: 0,
+        eventsDeleted: 0,
+        stimuliForgotten: 0,
+      });
 
-    // Forty days on, every episode log (30 days) and dedup record (7 days) would go.
-    const later = await fleet.cli("gc", "--dry-run", "--now", String(Date.now() + 40 * 86_400_000));
-    expect(later.code).toBe(0);
-    expect(later.json).toMatchObject({ tombstoned: 0, checkpointsDeleted: 0, episodesDeleted: 18, eventsDeleted: before.events, stimuliForgotten: 18 });
-    expect({ episodes: await count("episodes"), events: await count("events"), stimuli: await count("stimuli"), checkpoints: await count("checkpoints") }).toEqual(before);
-  }, SLOW);
+      // Forty days on, every episode log (30 days) and dedup record (7 days) would go.
+      const later = await fleet.cli("gc", "--dry-run", "--now", String(Date.now() + 40 * 86_400_000));
+      expect(later.code).toBe(0);
+      expect(later.json).toMatchObject({
+        tombstoned: 0,
+        checkpointsDeleted: 0,
+        episodesDeleted: 18,
+        eventsDeleted: before.events,
+        stimuliForgotten: 18,
+      });
+      expect({
+        episodes: await count("episodes"),
+        events: await count("events"),
+        stimuli: await count("stimuli"),
+        checkpoints: await count("checkpoints"),
+      }).toEqual(before);
+    },
+    SLOW,
+  );
 });
 
 describe("fleet verify", () => {
@@ -267,96 +386,176 @@ describe("fleet verify", () => {
 
   afterAll(() => db?.close());
 
-  test("an untouched store verifies: exit 0", async () => {
-    const j = await verify();
-    expect(j.code).toBe(0);
-    expect(j.json).toEqual({ agents: 3, checkpoints: 17, episodes: 18, problems: [] });
-    const h = await human("verify");
-    expect(h.code).toBe(0);
-    expect(h.stdout.trim()).toBe("verified 3 agent(s), 17 checkpoint(s), 18 episode(s): OK");
-  }, SLOW);
-
-  test("a changed byte in a checkpoint's state fails verify naming that checkpoint", async () => {
-    const cp = await row<{ hash: string; state: string }>("SELECT hash, state FROM checkpoints WHERE agent = ? AND seq = 2", [AGENT]);
-    expect(cp.state).toContain('"count":2');
-    await db.execute({ sql: "UPDATE checkpoints SET state = ? WHERE hash = ?", args: [cp.state.replace('"count":2', '"count":3'), cp.hash] });
-    try {
+  test(
+    "an untouched store verifies: exit 0",
+    async () => {
       const j = await verify();
-      expect(j.code).toBe(1);
-      expect(j.json.problems).toEqual([{ agent: AGENT, record: `checkpoint ${AGENT}#2 ${cp.hash.slice(0, 16)}`, problem: expect.stringContaining("hash mismatch") }]);
+      expect(j.code).toBe(0);
+      expect(j.json).toEqual({ agents: 3, checkpoints: 17, episodes: 18, problems: [] });
       const h = await human("verify");
-      expect(h.code).toBe(1);
-      expect(h.stdout).toContain(`BROKEN checkpoint ${AGENT}#2 ${cp.hash.slice(0, 16)}: `);
-    } finally {
-      await db.execute({ sql: "UPDATE checkpoints SET state = ? WHERE hash = ?", args: [cp.state, cp.hash] });
-    }
-    expect((await verify()).code).toBe(0);
-  }, SLOW);
+      expect(h.code).toBe(0);
+      expect(h.stdout.trim()).toBe("verified 3 agent(s), 17 checkpoint(s), 18 episode(s): OK");
+    },
+    SLOW,
+  );
 
-  test("a checkpoint whose parent link points elsewhere fails verify naming it", async () => {
-    const cp = await row<{ hash: string; parent: string }>("SELECT hash, parent FROM checkpoints WHERE agent = ? AND seq = 3", [AGENT]);
-    const first = await row<{ hash: string }>("SELECT hash FROM checkpoints WHERE agent = ? AND seq = 1", [AGENT]);
-    await db.execute({ sql: "UPDATE checkpoints SET parent = ? WHERE hash = ?", args: [first.hash, cp.hash] });
-    try {
-      const j = await verify("--agent", AGENT);
-      expect(j.code).toBe(1);
-      const record = `checkpoint ${AGENT}#3 ${cp.hash.slice(0, 16)}`;
-      expect(j.json.problems.map((p: { record: string }) => p.record)).toEqual([record, record]);
-      expect(j.json.problems[0].problem).toBe(`parent ${first.hash.slice(0, 16)} does not link to #2 ${cp.parent.slice(0, 16)}`);
-      // The parent is part of the sealed record, so the hash no longer matches either.
-      expect(j.json.problems[1].problem).toContain("hash mismatch");
-    } finally {
-      await db.execute({ sql: "UPDATE checkpoints SET parent = ? WHERE hash = ?", args: [cp.parent, cp.hash] });
-    }
-    expect((await verify("--agent", AGENT)).code).toBe(0);
-  }, SLOW);
+  test(
+    "a changed byte in a checkpoint's state fails verify naming that checkpoint",
+    async () => {
+      const cp = await row<{ hash: string; state: string }>(
+        "SELECT hash, state FROM checkpoints WHERE agent = ? AND seq = 2",
+        [AGENT],
+      );
+      expect(cp.state).toContain('"count":2');
+      await db.execute({
+        sql: "UPDATE checkpoints SET state = ? WHERE hash = ?",
+        args: [cp.state.replace('"count":2', '"count":3'), cp.hash],
+      });
+      try {
+        const j = await verify();
+        expect(j.code).toBe(1);
+        expect(j.json.problems).toEqual([
+          {
+            agent: AGENT,
+            record: `checkpoint ${AGENT}#2 ${cp.hash.slice(0, 16)}`,
+            problem: expect.stringContaining("hash mismatch"),
+          },
+        ]);
+        const h = await human("verify");
+        expect(h.code).toBe(1);
+        expect(h.stdout).toContain(`BROKEN checkpoint ${AGENT}#2 ${cp.hash.slice(0, 16)}: `);
+      } finally {
+        await db.execute({ sql: "UPDATE checkpoints SET state = ? WHERE hash = ?", args: [cp.state, cp.hash] });
+      }
+      expect((await verify()).code).toBe(0);
+    },
+    SLOW,
+  );
 
-  test("an edited event row fails verify naming the episode whose event-log hash broke", async () => {
-    const alert = episodeOf(AGENT, "r4");
-    const ev = await row<{ seq: number; data: string }>("SELECT seq, data FROM events WHERE episode = ? AND kind = 'decide'", [alert.id]);
-    await db.execute({ sql: "UPDATE events SET data = ? WHERE episode = ? AND seq = ?", args: [ev.data.replace('"value":85', '"value":58'), alert.id, ev.seq] });
-    try {
-      const j = await verify();
-      expect(j.code).toBe(1);
-      expect(j.json.problems).toEqual([{ agent: AGENT, record: `episode ${alert.id}`, problem: expect.stringContaining("event log hash mismatch") }]);
-      // Other agents' records are intact.
-      const other = await verify("--agent", "anomaly/boiler-1");
-      expect([other.code, other.json.problems]).toEqual([0, []]);
-    } finally {
-      await db.execute({ sql: "UPDATE events SET data = ? WHERE episode = ? AND seq = ?", args: [ev.data, alert.id, ev.seq] });
-    }
-    expect((await verify()).code).toBe(0);
-  }, SLOW);
+  test(
+    "a checkpoint whose parent link points elsewhere fails verify naming it",
+    async () => {
+      const cp = await row<{ hash: string; parent: string }>(
+        "SELECT hash, parent FROM checkpoints WHERE agent = ? AND seq = 3",
+        [AGENT],
+      );
+      const first = await row<{ hash: string }>("SELECT hash FROM checkpoints WHERE agent = ? AND seq = 1", [AGENT]);
+      await db.execute({ sql: "UPDATE checkpoints SET parent = ? WHERE hash = ?", args: [first.hash, cp.hash] });
+      try {
+        const j = await verify("--agent", AGENT);
+        expect(j.code).toBe(1);
+        const record = `checkpoint ${AGENT}#3 ${cp.hash.slice(0, 16)}`;
+        expect(j.json.problems.map((p: { record: string }) => p.record)).toEqual([record, record]);
+        expect(j.json.problems[0].problem).toBe(
+          `parent ${first.hash.slice(0, 16)} does not link to #2 ${cp.parent.slice(0, 16)}`,
+        );
+        // The parent is part of the sealed record, so the hash no longer matches either.
+        expect(j.json.problems[1].problem).toContain("hash mismatch");
+      } finally {
+        await db.execute({ sql: "UPDATE checkpoints SET parent = ? WHERE hash = ?", args: [cp.parent, cp.hash] });
+      }
+      expect((await verify("--agent", AGENT)).code).toBe(0);
+    },
+    SLOW,
+  );
 
-  test("an episode whose whole event log was deleted fails verify too (retention never does that)", async () => {
-    const ep = episodeOf("dice/d1", "d2");
-    const saved = (await db.execute({ sql: "SELECT episode, seq, kind, data FROM events WHERE episode = ? ORDER BY seq", args: [ep.id] })).rows.map((r) => ({ ...r }));
-    expect(saved.length).toBe(7);
-    await db.execute({ sql: "DELETE FROM events WHERE episode = ?", args: [ep.id] });
-    try {
-      const j = await verify();
-      expect(j.code).toBe(1);
-      expect(j.json.problems).toEqual([{ agent: "dice/d1", record: `episode ${ep.id}`, problem: "event log missing (7 event(s) recorded)" }]);
-    } finally {
-      for (const r of saved) await db.execute({ sql: "INSERT INTO events (episode, seq, kind, data) VALUES (?, ?, ?, ?)", args: [r.episode as string, r.seq as number, r.kind as string, r.data as string] });
-    }
-    expect((await verify()).code).toBe(0);
-  }, SLOW);
+  test(
+    "an edited event row fails verify naming the episode whose event-log hash broke",
+    async () => {
+      const alert = episodeOf(AGENT, "r4");
+      const ev = await row<{ seq: number; data: string }>(
+        "SELECT seq, data FROM events WHERE episode = ? AND kind = 'decide'",
+        [alert.id],
+      );
+      await db.execute({
+        sql: "UPDATE events SET data = ? WHERE episode = ? AND seq = ?",
+        args: [ev.data.replace('"value":85', '"value":58'), alert.id, ev.seq],
+      });
+      try {
+        const j = await verify();
+        expect(j.code).toBe(1);
+        expect(j.json.problems).toEqual([
+          { agent: AGENT, record: `episode ${alert.id}`, problem: expect.stringContaining("event log hash mismatch") },
+        ]);
+        // Other agents' records are intact.
+        const other = await verify("--agent", "anomaly/boiler-1");
+        expect([other.code, other.json.problems]).toEqual([0, []]);
+      } finally {
+        await db.execute({
+          sql: "UPDATE events SET data = ? WHERE episode = ? AND seq = ?",
+          args: [ev.data, alert.id, ev.seq],
+        });
+      }
+      expect((await verify()).code).toBe(0);
+    },
+    SLOW,
+  );
+
+  test(
+    "an episode whose whole event log was deleted fails verify too (retention never does that)",
+    async () => {
+      const ep = episodeOf("dice/d1", "d2");
+      const saved = (
+        await db.execute({
+          sql: "SELECT episode, seq, kind, data FROM events WHERE episode = ? ORDER BY seq",
+          args: [ep.id],
+        })
+      ).rows.map((r) => ({ ...r }));
+      expect(saved.length).toBe(7);
+      await db.execute({ sql: "DELETE FROM events WHERE episode = ?", args: [ep.id] });
+      try {
+        const j = await verify();
+        expect(j.code).toBe(1);
+        expect(j.json.problems).toEqual([
+          { agent: "dice/d1", record: `episode ${ep.id}`, problem: "event log missing (7 event(s) recorded)" },
+        ]);
+      } finally {
+        for (const r of saved)
+          await db.execute({
+            sql: "INSERT INTO events (episode, seq, kind, data) VALUES (?, ?, ?, ?)",
+            args: [r.episode as string, r.seq as number, r.kind as string, r.data as string],
+          });
+      }
+      expect((await verify()).code).toBe(0);
+    },
+    SLOW,
+  );
 });
 
 describe("fleet gc on the stopped gateway's data dir", () => {
-  test("collecting past every retention window keeps the chains verifiable; a collected episode is reported, not replayed", async () => {
-    const collected = episodeOf("temp-monitor/boiler-1", "r4");
-    const gc = await runCli(["gc", "--config", fleet.configPath, "--data-dir", fleet.dataDir, "--now", String(Date.now() + 40 * 86_400_000), "--json"], { timeoutMs: SLOW });
-    expect(gc.code).toBe(0);
-    expect(gc.json).toMatchObject({ tombstoned: 0, checkpointsDeleted: 0, episodesDeleted: 18, stimuliForgotten: 18 });
+  test(
+    "collecting past every retention window keeps the chains verifiable; a collected episode is reported, not replayed",
+    async () => {
+      const collected = episodeOf("temp-monitor/boiler-1", "r4");
+      const gc = await runCli(
+        [
+          "gc",
+          "--config",
+          fleet.configPath,
+          "--data-dir",
+          fleet.dataDir,
+          "--now",
+          String(Date.now() + 40 * 86_400_000),
+          "--json",
+        ],
+        { timeoutMs: SLOW },
+      );
+      expect(gc.code).toBe(0);
+      expect(gc.json).toMatchObject({
+        tombstoned: 0,
+        checkpointsDeleted: 0,
+        episodesDeleted: 18,
+        stimuliForgotten: 18,
+      });
 
-    const v = await fleet.cli("verify");
-    expect(v.code).toBe(0);
-    expect(v.json).toEqual({ agents: 3, checkpoints: 17, episodes: 0, problems: [] });
+      const v = await fleet.cli("verify");
+      expect(v.code).toBe(0);
+      expect(v.json).toEqual({ agents: 3, checkpoints: 17, episodes: 0, problems: [] });
 
-    const r = await fleet.cli("replay", collected.id);
-    expect(r.code).toBe(1);
-    expect(r.json.verdict).toBe("UNREPLAYABLE");
-  }, SLOW);
+      const r = await fleet.cli("replay", collected.id);
+      expect(r.code).toBe(1);
+      expect(r.json.verdict).toBe("UNREPLAYABLE");
+    },
+    SLOW,
+  );
 });

@@ -29,13 +29,24 @@ test("retiring an agent refuses the stimuli still waiting for it, with the reaso
     await fleet.waitCommitted("counter/m1", 1);
     expect((await fleet.cli("pause", "counter/m1")).code).toBe(0);
     for (let i = 1; i <= 3; i++) await publishQos1(client, "meters/m1/reading", { id: `r${i}`, v: i });
-    await waitFor(async () => (await apiAgent("counter/m1")).queued === 3 || undefined, 10_000, "3 stimuli waiting while paused");
+    await waitFor(
+      async () => (await apiAgent("counter/m1")).queued === 3 || undefined,
+      10_000,
+      "3 stimuli waiting while paused",
+    );
 
     expect((await fleet.cli("retire", "counter/m1")).code).toBe(0);
-    const rows = await waitFor(async () => {
-      const r = await fleet.query<{ sid: string; state: string; last_error: string | null }>("SELECT sid, state, last_error FROM stimuli WHERE agent = ? AND sid != 'id:r0' ORDER BY seq", ["counter/m1"]);
-      return r.length === 3 && r.every((x) => x.state === "rejected") ? r : undefined;
-    }, 10_000, "the waiting stimuli to be refused");
+    const rows = await waitFor(
+      async () => {
+        const r = await fleet.query<{ sid: string; state: string; last_error: string | null }>(
+          "SELECT sid, state, last_error FROM stimuli WHERE agent = ? AND sid != 'id:r0' ORDER BY seq",
+          ["counter/m1"],
+        );
+        return r.length === 3 && r.every((x) => x.state === "rejected") ? r : undefined;
+      },
+      10_000,
+      "the waiting stimuli to be refused",
+    );
     expect(rows.map((r) => r.sid)).toEqual(["id:r1", "id:r2", "id:r3"]);
     for (const r of rows) expect(r.last_error).toContain("agent is retired");
     const agent = await apiAgent("counter/m1");

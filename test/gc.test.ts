@@ -17,8 +17,8 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { gcAll, gcPass, type GcReport } from "../gateway/gc.ts";
-import { verifyStore } from "../gateway/verify.ts";
+import { gcAll, gcPass, type GcReport } from "../gateway/ops/index.ts";
+import { verifyStore } from "../gateway/ops/index.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { DAY, HOUR, SyntheticFleet } from "./helpers/ops.ts";
 
@@ -60,8 +60,17 @@ function expectBounded(r: GcReport, batch: number): void {
 /** What retention must leave once `now` is past every record's retention. */
 async function expectOnlyKeptCheckpoints(): Promise<void> {
   const counts = await fleet.counts();
-  expect(counts).toMatchObject({ checkpoints: KEEP * fleet.agents.length, live: KEEP * fleet.agents.length, tombstones: 0, episodes: 0, events: 0, stimuli: 0 });
-  const rows = (await fleet.store.client.execute("SELECT id, head_seq, anchor_seq, anchor_hash FROM agents ORDER BY id")).rows;
+  expect(counts).toMatchObject({
+    checkpoints: KEEP * fleet.agents.length,
+    live: KEEP * fleet.agents.length,
+    tombstones: 0,
+    episodes: 0,
+    events: 0,
+    stimuli: 0,
+  });
+  const rows = (
+    await fleet.store.client.execute("SELECT id, head_seq, anchor_seq, anchor_hash FROM agents ORDER BY id")
+  ).rows;
   for (const a of rows) {
     expect(Number(a.anchor_seq)).toBe(Number(a.head_seq) - KEEP);
     expect(a.anchor_hash).toBeString();
@@ -88,104 +97,160 @@ afterAll(async () => {
 });
 
 describe(`retention over ${EPISODES} episodes x 2 on 4 agents (keep = ${KEEP}, 1-day retention)`, () => {
-  test("the filled store verifies and every episode is on record", async () => {
-    const c = await fleet.counts();
-    expect(c).toMatchObject({ checkpoints: EPISODES, live: EPISODES, tombstones: 0, episodes: EPISODES, events: EPISODES * EVENTS_PER_EPISODE, stimuli: EPISODES });
-    // A budget row per agent per hour and per day of the run.
-    expect(c.usage).toBeGreaterThanOrEqual(4 * RUN_DAYS * 24);
-    await verifiesClean();
-  }, SLOW);
+  test(
+    "the filled store verifies and every episode is on record",
+    async () => {
+      const c = await fleet.counts();
+      expect(c).toMatchObject({
+        checkpoints: EPISODES,
+        live: EPISODES,
+        tombstones: 0,
+        episodes: EPISODES,
+        events: EPISODES * EVENTS_PER_EPISODE,
+        stimuli: EPISODES,
+      });
+      // A budget row per agent per hour and per day of the run.
+      expect(c.usage).toBeGreaterThanOrEqual(4 * RUN_DAYS * 24);
+      await verifiesClean();
+    },
+    SLOW,
+  );
 
-  test("a dry run reports what it would collect and changes nothing", async () => {
-    const before = await fleet.counts();
-    const anchors = await scalar("SELECT sum(anchor_seq) FROM agents");
-    const r = await gcAll(fleet.store, fleet.spec.spec, { now: last + 1, dryRun: true });
-    expect(r.tombstoned).toBeGreaterThan(0);
-    expect(r.episodesDeleted).toBeGreaterThan(0);
-    expect(r.stimuliForgotten).toBeGreaterThan(0);
-    expect(await fleet.counts()).toEqual(before);
-    expect(await scalar("SELECT sum(anchor_seq) FROM agents")).toBe(anchors);
-  }, SLOW);
+  test(
+    "a dry run reports what it would collect and changes nothing",
+    async () => {
+      const before = await fleet.counts();
+      const anchors = await scalar("SELECT sum(anchor_seq) FROM agents");
+      const r = await gcAll(fleet.store, fleet.spec.spec, { now: last + 1, dryRun: true });
+      expect(r.tombstoned).toBeGreaterThan(0);
+      expect(r.episodesDeleted).toBeGreaterThan(0);
+      expect(r.stimuliForgotten).toBeGreaterThan(0);
+      expect(await fleet.counts()).toEqual(before);
+      expect(await scalar("SELECT sum(anchor_seq) FROM agents")).toBe(anchors);
+    },
+    SLOW,
+  );
 
-  test("one background pass touches at most its batch per category and leaves every chain verifiable", async () => {
-    const r = await gcPass(fleet.store, fleet.spec.spec, { now: last + 1, batch: BATCH });
-    expectBounded(r, BATCH);
-    expect(r.tombstoned).toBe(BATCH);
-    expect(r.episodesDeleted).toBe(BATCH);
-    await verifiesClean();
-  }, SLOW);
+  test(
+    "one background pass touches at most its batch per category and leaves every chain verifiable",
+    async () => {
+      const r = await gcPass(fleet.store, fleet.spec.spec, { now: last + 1, batch: BATCH });
+      expectBounded(r, BATCH);
+      expect(r.tombstoned).toBe(BATCH);
+      expect(r.episodesDeleted).toBe(BATCH);
+      await verifiesClean();
+    },
+    SLOW,
+  );
 
-  test("collecting at the end of the run keeps the newest `keep` states and only the last day of logs", async () => {
-    const now = last + 1;
-    const cutoff = now - DAY;
-    const r = await gcAll(fleet.store, fleet.spec.spec, { now, batch: 5000 });
-    expect(r.tombstoned + BATCH).toBe(EPISODES - KEEP * fleet.agents.length);
+  test(
+    "collecting at the end of the run keeps the newest `keep` states and only the last day of logs",
+    async () => {
+      const now = last + 1;
+      const cutoff = now - DAY;
+      const r = await gcAll(fleet.store, fleet.spec.spec, { now, batch: 5000 });
+      expect(r.tombstoned + BATCH).toBe(EPISODES - KEEP * fleet.agents.length);
 
-    const inWindow = Array.from({ length: EPISODES }, (_, i) => T0 + i * SPACING).filter((t) => t >= cutoff).length;
-    const c = await fleet.counts();
-    expect(c.live).toBe(KEEP * fleet.agents.length);
-    for (const agent of fleet.agents) expect(await scalar("SELECT count(*) FROM checkpoints WHERE agent = ? AND state IS NOT NULL", [agent])).toBe(KEEP);
-    // Tombstones older than retention are gone; younger ones stay so the chain still verifies.
-    expect(await scalar("SELECT count(*) FROM checkpoints WHERE created_at < ?", [cutoff])).toBe(0);
-    expect(c.checkpoints).toBe(inWindow);
-    expect(c.episodes).toBe(inWindow);
-    expect(c.events).toBe(inWindow * EVENTS_PER_EPISODE);
-    expect(await scalar("SELECT count(*) FROM episodes WHERE ended_at < ?", [cutoff])).toBe(0);
-    expect(c.stimuli).toBe(inWindow);
-    expect(await scalar("SELECT count(*) FROM stimuli WHERE done_at < ?", [cutoff])).toBe(0);
-    // Budget windows nothing looks at any more: hours older than two days, days older than two.
-    expect(await scalar("SELECT count(*) FROM budget_usage WHERE window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ?", [Math.floor(now / HOUR) - 48])).toBe(0);
-    expect(await scalar("SELECT count(*) FROM budget_usage WHERE window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ?", [Math.floor(now / DAY) - 2])).toBe(0);
-    expect(c.usage).toBeLessThanOrEqual(4 * (49 + 3));
-    // Each chain now starts at an anchor: the newest deleted checkpoint.
-    for (const agent of fleet.agents) {
-      const a = (await fleet.store.getAgent(agent))!;
-      const first = (await fleet.store.listCheckpoints(agent, 1))[0]!;
-      expect(a.anchorSeq).toBe(first.seq - 1);
-      expect(first.parent).toBe(a.anchorHash);
-    }
-    await verifiesClean();
-  }, SLOW);
+      const inWindow = Array.from({ length: EPISODES }, (_, i) => T0 + i * SPACING).filter((t) => t >= cutoff).length;
+      const c = await fleet.counts();
+      expect(c.live).toBe(KEEP * fleet.agents.length);
+      for (const agent of fleet.agents)
+        expect(await scalar("SELECT count(*) FROM checkpoints WHERE agent = ? AND state IS NOT NULL", [agent])).toBe(
+          KEEP,
+        );
+      // Tombstones older than retention are gone; younger ones stay so the chain still verifies.
+      expect(await scalar("SELECT count(*) FROM checkpoints WHERE created_at < ?", [cutoff])).toBe(0);
+      expect(c.checkpoints).toBe(inWindow);
+      expect(c.episodes).toBe(inWindow);
+      expect(c.events).toBe(inWindow * EVENTS_PER_EPISODE);
+      expect(await scalar("SELECT count(*) FROM episodes WHERE ended_at < ?", [cutoff])).toBe(0);
+      expect(c.stimuli).toBe(inWindow);
+      expect(await scalar("SELECT count(*) FROM stimuli WHERE done_at < ?", [cutoff])).toBe(0);
+      // Budget windows nothing looks at any more: hours older than two days, days older than two.
+      expect(
+        await scalar(
+          "SELECT count(*) FROM budget_usage WHERE window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ?",
+          [Math.floor(now / HOUR) - 48],
+        ),
+      ).toBe(0);
+      expect(
+        await scalar(
+          "SELECT count(*) FROM budget_usage WHERE window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ?",
+          [Math.floor(now / DAY) - 2],
+        ),
+      ).toBe(0);
+      expect(c.usage).toBeLessThanOrEqual(4 * (49 + 3));
+      // Each chain now starts at an anchor: the newest deleted checkpoint.
+      for (const agent of fleet.agents) {
+        const a = (await fleet.store.getAgent(agent))!;
+        const first = (await fleet.store.listCheckpoints(agent, 1))[0]!;
+        expect(a.anchorSeq).toBe(first.seq - 1);
+        expect(first.parent).toBe(a.anchorHash);
+      }
+      await verifiesClean();
+    },
+    SLOW,
+  );
 
-  test("a later background pass stays bounded when a whole day of tombstones expires at once", async () => {
-    const r = await gcPass(fleet.store, fleet.spec.spec, { now: last + 2 * DAY, batch: BATCH });
-    expectBounded(r, BATCH);
-    expect(r.checkpointsDeleted).toBe(BATCH);
-    await verifiesClean();
-  }, SLOW);
+  test(
+    "a later background pass stays bounded when a whole day of tombstones expires at once",
+    async () => {
+      const r = await gcPass(fleet.store, fleet.spec.spec, { now: last + 2 * DAY, batch: BATCH });
+      expectBounded(r, BATCH);
+      expect(r.checkpointsDeleted).toBe(BATCH);
+      await verifiesClean();
+    },
+    SLOW,
+  );
 
-  test("past every retention window only the newest `keep` checkpoints per agent remain, and `fleet verify` passes", async () => {
-    await gcAll(fleet.store, fleet.spec.spec, { now: last + 2 * DAY });
-    await expectOnlyKeptCheckpoints();
-    await verifiesClean();
-    await fleet.checkpointWal();
-    sizeAfterFirstCycle = statSync(fleet.dbPath).size;
+  test(
+    "past every retention window only the newest `keep` checkpoints per agent remain, and `fleet verify` passes",
+    async () => {
+      await gcAll(fleet.store, fleet.spec.spec, { now: last + 2 * DAY });
+      await expectOnlyKeptCheckpoints();
+      await verifiesClean();
+      await fleet.checkpointWal();
+      sizeAfterFirstCycle = statSync(fleet.dbPath).size;
 
-    const v = await runCli(["verify", "--data-dir", join(dir, "data"), "--json"]);
-    expect(v.code).toBe(0);
-    expect(v.json).toMatchObject({ agents: 4, checkpoints: KEEP * 4, problems: [] });
-  }, SLOW);
+      const v = await runCli(["verify", "--data-dir", join(dir, "data"), "--json"]);
+      expect(v.code).toBe(0);
+      expect(v.json).toMatchObject({ agents: 4, checkpoints: KEEP * 4, problems: [] });
+    },
+    SLOW,
+  );
 
-  test("a second run of the same size reuses the freed pages: `fleet gc` keeps the file from growing", async () => {
-    const start = last + 2 * DAY + SPACING;
-    last = (await fleet.commit(EPISODES, start, SPACING)).last;
-    expect((await fleet.counts()).episodes).toBe(EPISODES);
-    await fleet.checkpointWal();
+  test(
+    "a second run of the same size reuses the freed pages: `fleet gc` keeps the file from growing",
+    async () => {
+      const start = last + 2 * DAY + SPACING;
+      last = (await fleet.commit(EPISODES, start, SPACING)).last;
+      expect((await fleet.counts()).episodes).toBe(EPISODES);
+      await fleet.checkpointWal();
 
-    const now = last + 2 * DAY;
-    const gc = await runCli(["gc", "--config", fleet.configPath, "--data-dir", join(dir, "data"), "--now", String(now), "--json"], { timeoutMs: SLOW });
-    expect(gc.code).toBe(0);
-    expect(gc.json).toMatchObject({ tombstoned: EPISODES, episodesDeleted: EPISODES, eventsDeleted: EPISODES * EVENTS_PER_EPISODE, stimuliForgotten: EPISODES });
-    expect(gc.json.checkpointsDeleted).toBe(EPISODES);
+      const now = last + 2 * DAY;
+      const gc = await runCli(
+        ["gc", "--config", fleet.configPath, "--data-dir", join(dir, "data"), "--now", String(now), "--json"],
+        { timeoutMs: SLOW },
+      );
+      expect(gc.code).toBe(0);
+      expect(gc.json).toMatchObject({
+        tombstoned: EPISODES,
+        episodesDeleted: EPISODES,
+        eventsDeleted: EPISODES * EVENTS_PER_EPISODE,
+        stimuliForgotten: EPISODES,
+      });
+      expect(gc.json.checkpointsDeleted).toBe(EPISODES);
 
-    await expectOnlyKeptCheckpoints();
-    await verifiesClean();
-    await fleet.checkpointWal();
-    const size = statSync(fleet.dbPath).size;
-    expect(size).toBeLessThanOrEqual(sizeAfterFirstCycle * 1.1);
+      await expectOnlyKeptCheckpoints();
+      await verifiesClean();
+      await fleet.checkpointWal();
+      const size = statSync(fleet.dbPath).size;
+      expect(size).toBeLessThanOrEqual(sizeAfterFirstCycle * 1.1);
 
-    const v = await runCli(["verify", "--data-dir", join(dir, "data"), "--json"]);
-    expect(v.code).toBe(0);
-    expect(v.json.problems).toEqual([]);
-  }, SLOW);
+      const v = await runCli(["verify", "--data-dir", join(dir, "data"), "--json"]);
+      expect(v.code).toBe(0);
+      expect(v.json.problems).toEqual([]);
+    },
+    SLOW,
+  );
 });

@@ -10,13 +10,15 @@ import { join } from "node:path";
 import pino from "pino";
 import { Gateway } from "../gateway/gateway.ts";
 import { agentId, type AgentId } from "../gateway/types.ts";
-import { RollingCounts } from "../gateway/rates.ts";
+import { RollingCounts } from "../gateway/observe/index.ts";
 import { connectMqtt, publishQos1, subscribe, waitFor } from "./helpers/gateway.ts";
 import { parseExposition, sampleValue, samplesOf, scrape, type Exposition } from "./helpers/prom.ts";
 import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
 
-
-const TOML = fleetHeader("metrics-test") + counterType("counter", "m/+/in", { extra: "\n[agents.counter.budget]\nepisodes_per_hour = 100\n" }) + throwerType("t/+/in");
+const TOML =
+  fleetHeader("metrics-test") +
+  counterType("counter", "m/+/in", { extra: "\n[agents.counter.budget]\nepisodes_per_hour = 100\n" }) +
+  throwerType("t/+/in");
 
 /** Metric families the issue asks for, by name. */
 const REQUIRED: Record<string, string> = {
@@ -51,7 +53,15 @@ beforeAll(async () => {
   const began = Date.now();
   const hourStart = Math.floor(began / 3_600_000) * 3_600_000 + 60_000;
   const now = () => hourStart + (Date.now() - began);
-  gw = new Gateway({ configPath: join(dir, "fleet.toml"), dataDir: join(dir, "data"), mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }), healthIntervalMs: 250, now });
+  gw = new Gateway({
+    configPath: join(dir, "fleet.toml"),
+    dataDir: join(dir, "data"),
+    mqttPort: 0,
+    httpPort: 0,
+    logger: pino({ level: "silent" }),
+    healthIntervalMs: 250,
+    now,
+  });
   await gw.start();
   base = `http://127.0.0.1:${gw.http.port}`;
 });
@@ -66,11 +76,20 @@ async function send(topic: string, payload: unknown): Promise<Response> {
 }
 
 /** Scrape until `probe` holds (the DB-backed gauges are cached for a second). */
-async function scrapeUntil(probe: (x: Exposition) => boolean, what: string, timeoutMs = 20_000): Promise<Exposition & { text: string }> {
-  return waitFor(async () => {
-    const x = await scrape(base);
-    return probe(x) ? x : undefined;
-  }, timeoutMs, what, 100);
+async function scrapeUntil(
+  probe: (x: Exposition) => boolean,
+  what: string,
+  timeoutMs = 20_000,
+): Promise<Exposition & { text: string }> {
+  return waitFor(
+    async () => {
+      const x = await scrape(base);
+      return probe(x) ? x : undefined;
+    },
+    timeoutMs,
+    what,
+    100,
+  );
 }
 
 describe("/metrics", () => {
@@ -91,7 +110,8 @@ describe("/metrics", () => {
     const before = await scrape(base);
     const commitsBefore = sampleValue(before, "fleet_db_commit_seconds_count") ?? 0;
 
-    for (const [i, key] of ["a", "b", "c"].entries()) expect((await send(`m/${key}/in`, { id: `s${i}`, v: i })).status).toBe(202);
+    for (const [i, key] of ["a", "b", "c"].entries())
+      expect((await send(`m/${key}/in`, { id: `s${i}`, v: i })).status).toBe(202);
     expect((await send("m/a/in", { id: "s0", v: 0 })).status).toBe(200); // duplicate
     const mqtt = await connectMqtt(gw.broker.port);
     try {
@@ -99,7 +119,9 @@ describe("/metrics", () => {
       expect((await send("t/x/in", { id: "boom" })).status).toBe(202);
 
       const x = await scrapeUntil(
-        (x) => sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) === 4 && sampleValue(x, "fleet_episodes_total", { type: "thrower", outcome: "failed" }) === 1,
+        (x) =>
+          sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) === 4 &&
+          sampleValue(x, "fleet_episodes_total", { type: "thrower", outcome: "failed" }) === 1,
         "4 committed counter episodes and 1 failed thrower episode in /metrics",
       );
       expect(sampleValue(x, "fleet_episode_duration_seconds_count", { type: "counter" })).toBe(4);
@@ -115,11 +137,17 @@ describe("/metrics", () => {
       expect(sampleValue(x, "fleet_broker_clients")).toBe(1);
 
       // Gauges read from the store (cached up to a second).
-      const g = await scrapeUntil((x) => sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }) === 4, "budget use of 4 counter episodes");
+      const g = await scrapeUntil(
+        (x) => sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }) === 4,
+        "budget use of 4 counter episodes",
+      );
       expect(sampleValue(g, "fleet_agents", { type: "counter", status: "idle" })).toBe(3);
       expect(sampleValue(g, "fleet_agents", { type: "thrower", status: "idle" })).toBe(1);
       // Agent a ran 2 of its 100 episodes this hour: the type's closest agent is at 2%.
-      expect(sampleValue(g, "fleet_budget_max_ratio", { type: "counter", budget: "episodes_per_hour" })).toBeCloseTo(0.02, 5);
+      expect(sampleValue(g, "fleet_budget_max_ratio", { type: "counter", budget: "episodes_per_hour" })).toBeCloseTo(
+        0.02,
+        5,
+      );
       expect(sampleValue(g, "fleet_budget_limit", { type: "counter", budget: "episodes_per_hour" })).toBe(100);
       expect(sampleValue(g, "fleet_queue_depth")).toBe(0);
       expect(sampleValue(g, "fleet_queue_oldest_age_seconds")).toBe(0);
@@ -132,14 +160,22 @@ describe("/metrics", () => {
   test("a paused agent's waiting stimuli show as queue depth and lag, by type", async () => {
     expect((await fetch(`${base}/api/agents/counter/b/pause`, { method: "POST" })).status).toBe(200);
     expect((await send("m/b/in", { id: "while-paused" })).status).toBe(202);
-    const x = await scrapeUntil((x) => sampleValue(x, "fleet_type_queue_depth", { type: "counter" }) === 1, "1 queued counter stimulus");
+    const x = await scrapeUntil(
+      (x) => sampleValue(x, "fleet_type_queue_depth", { type: "counter" }) === 1,
+      "1 queued counter stimulus",
+    );
     expect(sampleValue(x, "fleet_queue_depth")).toBe(1);
     expect(sampleValue(x, "fleet_type_queue_depth", { type: "thrower" })).toBe(0);
     expect(sampleValue(x, "fleet_agents", { type: "counter", status: "paused" })).toBe(1);
     await scrapeUntil((x) => (sampleValue(x, "fleet_queue_oldest_age_seconds") ?? 0) > 0, "a growing lag");
 
     expect((await fetch(`${base}/api/agents/counter/b/resume`, { method: "POST" })).status).toBe(200);
-    await scrapeUntil((x) => sampleValue(x, "fleet_queue_depth") === 0 && sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) === 5, "the queue drained after resume");
+    await scrapeUntil(
+      (x) =>
+        sampleValue(x, "fleet_queue_depth") === 0 &&
+        sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) === 5,
+      "the queue drained after resume",
+    );
   }, 60_000);
 
   test("fleet/health carries the same counts, rates, lag and budget burn as /metrics", async () => {
@@ -148,14 +184,26 @@ describe("/metrics", () => {
       const sub = await subscribe(mqtt, "fleet/health");
       // Rates are live; the per-type part comes from the store snapshot (up to a second old):
       // wait for a tick whose snapshot has seen all 5 counter episodes.
-      const msg = await sub.next((m) => m.json?.rates?.episodes >= 6 && m.json?.types?.counter?.episodes_hour === 5, 10_000, "a fleet/health with the last minute's 6 episodes");
+      const msg = await sub.next(
+        (m) => m.json?.rates?.episodes >= 6 && m.json?.types?.counter?.episodes_hour === 5,
+        10_000,
+        "a fleet/health with the last minute's 6 episodes",
+      );
       const h = msg.json;
-      const x = await scrapeUntil((x) => sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }) === 5, "/metrics with the same snapshot");
-      expect(h.rates.episodes).toBe((sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) ?? 0) + (sampleValue(x, "fleet_episodes_total", { type: "thrower", outcome: "failed" }) ?? 0));
+      const x = await scrapeUntil(
+        (x) => sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }) === 5,
+        "/metrics with the same snapshot",
+      );
+      expect(h.rates.episodes).toBe(
+        (sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) ?? 0) +
+          (sampleValue(x, "fleet_episodes_total", { type: "thrower", outcome: "failed" }) ?? 0),
+      );
       expect(h.rates.failures).toBe(1);
       expect(h.rates.failure_ratio).toBeCloseTo(1 / 6, 3);
       expect(h.rates.episodes_per_min).toBe(6);
-      expect(h.types.counter.episodes_hour).toBe(sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }));
+      expect(h.types.counter.episodes_hour).toBe(
+        sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }),
+      );
       expect(h.types.counter.agents).toEqual({ idle: 3, paused: 0, failed: 0, retired: 0 });
       expect(h.budget_burn).toBeCloseTo(0.02, 3); // agents a and b: 2 of their 100 episodes this hour
       expect(h.lag_ms).toBe(0);
@@ -178,16 +226,41 @@ describe("/metrics", () => {
       list.push({ id: agentId(type, `device-${i}`)!, type, key: `device-${i}` });
     }
     await gw.store.ensureAgents(list);
-    for (let i = 0; i < 30; i++) await gw.store.setAgentStatus(list[i]!.id, (["paused", "failed", "retired"] as const)[i % 3]!, "test");
+    for (let i = 0; i < 30; i++)
+      await gw.store.setAgentStatus(list[i]!.id, (["paused", "failed", "retired"] as const)[i % 3]!, "test");
 
     const started = performance.now();
     // Gauges may lag the store by the snapshot's second: wait for the statuses set last.
-    const after = await scrapeUntil((x) => sampleValue(x, "fleet_agents", { type: "thrower", status: "retired" }) === 5, "10,000 agents counted"); // i = 2, 8, 14, 20, 26
+    const after = await scrapeUntil(
+      (x) => sampleValue(x, "fleet_agents", { type: "thrower", status: "retired" }) === 5,
+      "10,000 agents counted",
+    ); // i = 2, 8, 14, 20, 26
     const ms = performance.now() - started;
     expect(fleetSeries(after)).toBe(fleetSeries(before));
     expect(after.text).not.toContain("device-");
-    const allowed = new Set(["type", "outcome", "source", "status", "kind", "budget", "le", "fleet", "version", "reload_error", "space", "major", "minor", "patch"]);
-    for (const s of after.samples) for (const l of Object.keys(s.labels)) expect({ series: s.name, label: l, allowed: allowed.has(l) }).toEqual({ series: s.name, label: l, allowed: true });
+    const allowed = new Set([
+      "type",
+      "outcome",
+      "source",
+      "status",
+      "kind",
+      "budget",
+      "le",
+      "fleet",
+      "version",
+      "reload_error",
+      "space",
+      "major",
+      "minor",
+      "patch",
+    ]);
+    for (const s of after.samples)
+      for (const l of Object.keys(s.labels))
+        expect({ series: s.name, label: l, allowed: allowed.has(l) }).toEqual({
+          series: s.name,
+          label: l,
+          allowed: true,
+        });
     const total = samplesOf(after, "fleet_agents").reduce((n, s) => n + s.value, 0);
     expect(total).toBe(10_000 + 4);
     expect(sampleValue(after, "fleet_agents", { type: "counter", status: "paused" })).toBe(5);

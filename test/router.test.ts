@@ -2,9 +2,9 @@
  * Routing (topic -> agents) and stimulus ids (the dedup key intake records per agent).
  */
 import { describe, expect, test } from "bun:test";
-import { stimulusId } from "../gateway/intake.ts";
-import { createRouter, renderKey, type Route } from "../gateway/router.ts";
-import { compileSpec } from "../gateway/spec/load.ts";
+import { stimulusId } from "../gateway/intake/index.ts";
+import { createRouter, renderKey, type Route } from "../gateway/intake/index.ts";
+import { compileSpec } from "../gateway/spec/index.ts";
 
 const FLEET = `
 [agents.temp]
@@ -134,7 +134,8 @@ describe("renderKey", () => {
 
 describe("stimulusId", () => {
   const enc = (v: unknown) => new TextEncoder().encode(JSON.stringify(v));
-  const idOf = async (dedup: string | null, topic: string, value: unknown): Promise<string> => stimulusId(dedup, topic, enc(value), value);
+  const idOf = async (dedup: string | null, topic: string, value: unknown): Promise<string> =>
+    stimulusId(dedup, topic, enc(value), value);
 
   test("uses the dedup field when it is a string", async () => {
     expect(await idOf("id", "sensors/a/temperature", { id: "m-17", t: 80 })).toBe("id:m-17");
@@ -166,14 +167,20 @@ describe("stimulusId", () => {
   });
 
   test("the content hash is stable for the same topic and payload", async () => {
-    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).toBe(await idOf(null, "sensors/a/temperature", { t: 80 }));
+    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).toBe(
+      await idOf(null, "sensors/a/temperature", { t: 80 }),
+    );
   });
 
   test("the content hash differs with the topic", async () => {
-    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).not.toBe(await idOf(null, "sensors/b/temperature", { t: 80 }));
+    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).not.toBe(
+      await idOf(null, "sensors/b/temperature", { t: 80 }),
+    );
   });
 
   test("the content hash differs with the payload", async () => {
-    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).not.toBe(await idOf(null, "sensors/a/temperature", { t: 81 }));
+    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).not.toBe(
+      await idOf(null, "sensors/a/temperature", { t: 81 }),
+    );
   });
 });

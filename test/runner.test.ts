@@ -6,10 +6,21 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { readdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
-import { CHILD_ENV, defaultSpawnOptions, liveEpisodeGroups, runEpisode, SparePool, type FailureKind, type RunLimits, type RunResult, type SpawnOptions, type ToolHandler } from "../gateway/runner.ts";
-import { compileSpec } from "../gateway/spec/load.ts";
-import type { FleetSpec } from "../gateway/spec/types.ts";
-import { ToolGate, type ToolEnv } from "../gateway/tools.ts";
+import {
+  CHILD_ENV,
+  defaultSpawnOptions,
+  liveEpisodeGroups,
+  runEpisode,
+  SparePool,
+  type FailureKind,
+  type RunLimits,
+  type RunResult,
+  type SpawnOptions,
+  type ToolHandler,
+} from "../gateway/episode/index.ts";
+import { compileSpec } from "../gateway/spec/index.ts";
+import type { FleetSpec } from "../gateway/spec/index.ts";
+import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
 
 // Subprocess tests on a busy 2-core machine: generous bounds, no timing assertions.
 setDefaultTimeout(30_000);
@@ -17,7 +28,14 @@ setDefaultTimeout(30_000);
 const FIXTURES = fileURLToPath(new URL("./fixtures/unit/", import.meta.url));
 const fixture = (name: string) => `${FIXTURES}${name}.ts`;
 
-const LIMITS: RunLimits = { timeoutMs: 20_000, memoryMb: 256, maxRecords: 10_000, maxRecordBytes: 8 * 1024 * 1024, maxOpenFiles: 256, maxProcesses: 4096 };
+const LIMITS: RunLimits = {
+  timeoutMs: 20_000,
+  memoryMb: 256,
+  maxRecords: 10_000,
+  maxRecordBytes: 8 * 1024 * 1024,
+  maxOpenFiles: 256,
+  maxProcesses: 4096,
+};
 const SPAWN: SpawnOptions = defaultSpawnOptions();
 
 type Start = Extract<ParentMessage, { t: "start" }>;
@@ -92,7 +110,12 @@ async function waitUntil(cond: () => boolean, what: string, ms = 5000): Promise<
 }
 
 /** Run an episode and report the subprocess pid it used (runEpisode registers it before its first await). */
-async function run(s: Start, limits: Partial<RunLimits> = {}, onTool: ToolHandler = noTools, spawn: SpawnOptions = SPAWN): Promise<RunResult & { pid: number }> {
+async function run(
+  s: Start,
+  limits: Partial<RunLimits> = {},
+  onTool: ToolHandler = noTools,
+  spawn: SpawnOptions = SPAWN,
+): Promise<RunResult & { pid: number }> {
   const before = new Set(liveEpisodeGroups);
   const pending = runEpisode(s, { ...LIMITS, ...limits }, onTool, spawn);
   const pids = [...liveEpisodeGroups].filter((p) => !before.has(p));
@@ -154,14 +177,25 @@ describe("runEpisode: success", () => {
 describe("runEpisode: tool calls", () => {
   test("a tool call round-trips through the handler and is recorded with the handler's result", async () => {
     const seen: { call: number; tool: string; args: readonly unknown[] }[] = [];
-    const r = await run(start("tool-caller", { tool: "publish", args: ["alerts/k1", { t: 90 }, { retain: true }] }), {}, async (call, tool, args) => {
-      seen.push({ call, tool, args });
-      return { ok: true, result: { queued: true, topic: "alerts/k1", echo: args[1] } };
-    });
+    const r = await run(
+      start("tool-caller", { tool: "publish", args: ["alerts/k1", { t: 90 }, { retain: true }] }),
+      {},
+      async (call, tool, args) => {
+        seen.push({ call, tool, args });
+        return { ok: true, result: { queued: true, topic: "alerts/k1", echo: args[1] } };
+      },
+    );
     if (!r.ok) throw new Error(r.message);
     expect(seen).toEqual([{ call: 1, tool: "publish", args: ["alerts/k1", { t: 90 }, { retain: true }] }]);
     expect(r.records).toEqual([
-      { k: "tool", call: 1, tool: "publish", args: ["alerts/k1", { t: 90 }, { retain: true }], ok: true, result: { queued: true, topic: "alerts/k1", echo: { t: 90 } } },
+      {
+        k: "tool",
+        call: 1,
+        tool: "publish",
+        args: ["alerts/k1", { t: 90 }, { retain: true }],
+        ok: true,
+        result: { queued: true, topic: "alerts/k1", echo: { t: 90 } },
+      },
       { k: "decide", name: "result", data: { queued: true, topic: "alerts/k1", echo: { t: 90 } } },
     ]);
   });
@@ -173,18 +207,32 @@ describe("runEpisode: tool calls", () => {
     }));
     if (!r.ok) throw new Error(r.message);
     expect(r.records[0]).toMatchObject({ k: "tool", tool: "http", ok: false, result: { error: "denied" } });
-    expect(decisions(r.records)).toEqual([{ k: "decide", name: "denied", data: { name: "ToolDenied", tool: "http", reason: 'tool "http" is not in agents.unit.tools' } }]);
+    expect(decisions(r.records)).toEqual([
+      {
+        k: "decide",
+        name: "denied",
+        data: { name: "ToolDenied", tool: "http", reason: 'tool "http" is not in agents.unit.tools' },
+      },
+    ]);
     expect(r.state).toEqual({ calls: 1 });
   });
 
   test("a failed tool surfaces as ToolFailed, and a handler that throws becomes a failed result", async () => {
-    const failed = await run(start("tool-caller", { tool: "llm", args: [{ prompt: "hi" }] }), {}, async () => ({ ok: false, result: { error: "failed", reason: "llm endpoint answered 503" } }));
-    expect(failed.ok && decisions(failed.records)).toEqual([{ k: "decide", name: "failed", data: { name: "ToolFailed", tool: "llm", reason: "llm endpoint answered 503" } }]);
+    const failed = await run(start("tool-caller", { tool: "llm", args: [{ prompt: "hi" }] }), {}, async () => ({
+      ok: false,
+      result: { error: "failed", reason: "llm endpoint answered 503" },
+    }));
+    expect(failed.ok && decisions(failed.records)).toEqual([
+      { k: "decide", name: "failed", data: { name: "ToolFailed", tool: "llm", reason: "llm endpoint answered 503" } },
+    ]);
     const threw = await run(start("tool-caller", { tool: "llm", args: [{ prompt: "hi" }] }), {}, async () => {
       throw new Error("handler bug");
     });
     if (!threw.ok) throw new Error(threw.message);
-    expect(decisions(threw.records)[0]).toMatchObject({ name: "failed", data: { name: "ToolFailed", reason: expect.stringContaining("handler bug") } });
+    expect(decisions(threw.records)[0]).toMatchObject({
+      name: "failed",
+      data: { name: "ToolFailed", reason: expect.stringContaining("handler bug") },
+    });
   });
 });
 
@@ -197,78 +245,89 @@ const SANDBOXES = (["bwrap", "uid"] as const).flatMap((mode) => {
   }
 });
 
-describe.each(SANDBOXES)("runEpisode in sandbox %s: failures end the episode and leave no process behind", (_mode, spawn) => {
-  test("a throw fails with kind threw and the agent's message", async () => {
-    const r = expectFailure(await run(start("throws"), {}, noTools, spawn), "threw");
-    expect(r.message).toContain("sensor value out of range");
-  });
+describe.each(SANDBOXES)(
+  "runEpisode in sandbox %s: failures end the episode and leave no process behind",
+  (_mode, spawn) => {
+    test("a throw fails with kind threw and the agent's message", async () => {
+      const r = expectFailure(await run(start("throws"), {}, noTools, spawn), "threw");
+      expect(r.message).toContain("sensor value out of range");
+    });
 
-  test("an infinite loop fails with kind timeout", async () => {
-    const r = expectFailure(await run(start("loops"), { timeoutMs: 500 }, noTools, spawn), "timeout");
-    expect(r.message).toContain("500 ms");
-  });
+    test("an infinite loop fails with kind timeout", async () => {
+      const r = expectFailure(await run(start("loops"), { timeoutMs: 500 }, noTools, spawn), "timeout");
+      expect(r.message).toContain("500 ms");
+    });
 
-  test("unbounded allocation fails with kind oom", async () => {
-    const r = expectFailure(await run(start("hog"), { memoryMb: 64 }, noTools, spawn), "oom");
-    expect(r.message.toLowerCase()).toMatch(/memory/);
-  });
+    test("unbounded allocation fails with kind oom", async () => {
+      const r = expectFailure(await run(start("hog"), { memoryMb: 64 }, noTools, spawn), "oom");
+      expect(r.message.toLowerCase()).toMatch(/memory/);
+    });
 
-  test.if(spawn.prlimit !== null)("allocation stopped by the RLIMIT_DATA backstop (before the RSS watch looks) is still oom", async () => {
-    // An RSS watch that never gets to look: only prlimit --data can stop the agent.
-    const blind = { ...spawn, rssPollMs: 600_000 };
-    expectFailure(await run(start("fast-hog"), { memoryMb: 64 }, noTools, blind), "oom");
-  });
+    test.if(spawn.prlimit !== null)(
+      "allocation stopped by the RLIMIT_DATA backstop (before the RSS watch looks) is still oom",
+      async () => {
+        // An RSS watch that never gets to look: only prlimit --data can stop the agent.
+        const blind = { ...spawn, rssPollMs: 600_000 };
+        expectFailure(await run(start("fast-hog"), { memoryMb: 64 }, noTools, blind), "oom");
+      },
+    );
 
-  test("process.exit(3) fails with kind crashed and names the exit code", async () => {
-    const r = expectFailure(await run(start("exits"), {}, noTools, spawn), "crashed");
-    expect(r.message).toContain("code 3");
-  });
+    test("process.exit(3) fails with kind crashed and names the exit code", async () => {
+      const r = expectFailure(await run(start("exits"), {}, noTools, spawn), "crashed");
+      expect(r.message).toContain("code 3");
+    });
 
-  test("a module without a defineAgent default export fails with kind invalid_module", async () => {
-    const r = expectFailure(await run(start("no-agent"), {}, noTools, spawn), "invalid_module");
-    expect(r.message).toContain("defineAgent");
-  });
+    test("a module without a defineAgent default export fails with kind invalid_module", async () => {
+      const r = expectFailure(await run(start("no-agent"), {}, noTools, spawn), "invalid_module");
+      expect(r.message).toContain("defineAgent");
+    });
 
-  test("a module that does not exist fails with kind threw and names the module", async () => {
-    const r = expectFailure(await run(start("does-not-exist"), {}, noTools, spawn), "threw");
-    expect(r.message).toContain("does-not-exist");
-  });
+    test("a module that does not exist fails with kind threw and names the module", async () => {
+      const r = expectFailure(await run(start("does-not-exist"), {}, noTools, spawn), "threw");
+      expect(r.message).toContain("does-not-exist");
+    });
 
-  test("a state that cannot become JSON (a BigInt) fails with a message about the state", async () => {
-    const r = await run(start("bigint-state"), {}, noTools, spawn);
-    if (r.ok) throw new Error("expected a failure");
-    expect(["threw", "invalid_state"]).toContain(r.kind);
-    expectFailure(r, r.kind);
-    expect(r.message).toMatch(/state/i);
-    expect(r.message).toMatch(/BigInt/);
-  });
+    test("a state that cannot become JSON (a BigInt) fails with a message about the state", async () => {
+      const r = await run(start("bigint-state"), {}, noTools, spawn);
+      if (r.ok) throw new Error("expected a failure");
+      expect(["threw", "invalid_state"]).toContain(r.kind);
+      expectFailure(r, r.kind);
+      expect(r.message).toMatch(/state/i);
+      expect(r.message).toMatch(/BigInt/);
+    });
 
-  test("an agent that calls ctx.log 100,000 times fails with kind flood", async () => {
-    const r = expectFailure(await run(start("flood"), {}, noTools, spawn), "flood");
-    expect(r.message).toContain("10000");
-  });
+    test("an agent that calls ctx.log 100,000 times fails with kind flood", async () => {
+      const r = expectFailure(await run(start("flood"), {}, noTools, spawn), "flood");
+      expect(r.message).toContain("10000");
+    });
 
-  test("an agent that catches the flood error still fails with kind flood", async () => {
-    expectFailure(await run(start("flood", { swallow: true }), {}, noTools, spawn), "flood");
-  });
+    test("an agent that catches the flood error still fails with kind flood", async () => {
+      expectFailure(await run(start("flood", { swallow: true }), {}, noTools, spawn), "flood");
+    });
 
-  test("a process the agent started is killed with the episode", async () => {
-    let descendants: number[] = [];
-    let episodePid = 0;
-    const before = new Set(liveEpisodeGroups);
-    const r = await run(start("spawner"), {}, async () => {
-      // The agent has started its grandchild before this call: note the whole process tree now.
-      episodePid = [...liveEpisodeGroups].find((p) => !before.has(p)) ?? 0;
-      descendants = descendantsOf(episodePid);
-      return { ok: true, result: { queued: true } };
-    }, spawn);
-    expectFailure(r, "threw");
-    expect(episodePid).toBe(r.pid);
-    // At least the agent's own `sleep` below the subprocess (bubblewrap and prlimit add levels).
-    expect(descendants.length).toBeGreaterThanOrEqual(1);
-    await waitUntil(() => descendants.every(gone), "every process of the episode is gone");
-  });
-});
+    test("a process the agent started is killed with the episode", async () => {
+      let descendants: number[] = [];
+      let episodePid = 0;
+      const before = new Set(liveEpisodeGroups);
+      const r = await run(
+        start("spawner"),
+        {},
+        async () => {
+          // The agent has started its grandchild before this call: note the whole process tree now.
+          episodePid = [...liveEpisodeGroups].find((p) => !before.has(p)) ?? 0;
+          descendants = descendantsOf(episodePid);
+          return { ok: true, result: { queued: true } };
+        },
+        spawn,
+      );
+      expectFailure(r, "threw");
+      expect(episodePid).toBe(r.pid);
+      // At least the agent's own `sleep` below the subprocess (bubblewrap and prlimit add levels).
+      expect(descendants.length).toBeGreaterThanOrEqual(1);
+      await waitUntil(() => descendants.every(gone), "every process of the episode is gone");
+    });
+  },
+);
 
 describe.each(SANDBOXES)("runEpisode in sandbox %s: environment", (_mode, spawn) => {
   test("the child environment is exactly CHILD_ENV, whatever the gateway's holds", async () => {
@@ -283,14 +342,17 @@ describe.each(SANDBOXES)("runEpisode in sandbox %s: environment", (_mode, spawn)
     }
   });
 
-  test.if(process.getuid?.() === 0)("as root, the agent runs as nobody and cannot read the gateway's /proc/<pid>/environ", async () => {
-    const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
-    if (!r.ok) throw new Error(r.message);
-    const seen = decisions(r.records)[0]!.data as { gatewayEnv: string; uid: number };
-    expect(seen.uid).toBe(65534);
-    // EACCES when only the uid differs; ENOENT when a pid namespace hides the gateway altogether.
-    expect(["EACCES", "ENOENT"]).toContain(seen.gatewayEnv);
-  });
+  test.if(process.getuid?.() === 0)(
+    "as root, the agent runs as nobody and cannot read the gateway's /proc/<pid>/environ",
+    async () => {
+      const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
+      if (!r.ok) throw new Error(r.message);
+      const seen = decisions(r.records)[0]!.data as { gatewayEnv: string; uid: number };
+      expect(seen.uid).toBe(65534);
+      // EACCES when only the uid differs; ENOENT when a pid namespace hides the gateway altogether.
+      expect(["EACCES", "ENOENT"]).toContain(seen.gatewayEnv);
+    },
+  );
 });
 
 // ---- the tool gate ---------------------------------------------------------------------
@@ -322,7 +384,13 @@ beforeAll(async () => {
         return Response.json({
           id: "chatcmpl-1",
           object: "chat.completion",
-          choices: [{ index: 0, message: { role: "assistant", content: `echo: ${r.messages.at(-1)?.content}` }, finish_reason: "stop" }],
+          choices: [
+            {
+              index: 0,
+              message: { role: "assistant", content: `echo: ${r.messages.at(-1)?.content}` },
+              finish_reason: "stop",
+            },
+          ],
           usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 },
         });
       }
@@ -330,7 +398,8 @@ beforeAll(async () => {
         const auth = req.headers.get("authorization") ?? "";
         return Response.json({ auth, note: `token was ${auth}` }, { headers: { "x-echo": auth } });
       }
-      if (url.pathname === "/redirect") return new Response(null, { status: 302, headers: { location: "http://example.invalid/steal" } });
+      if (url.pathname === "/redirect")
+        return new Response(null, { status: 302, headers: { location: "http://example.invalid/steal" } });
       return new Response("plain text", { status: 200 });
     },
   });
@@ -376,14 +445,20 @@ function gate(type = "mon", tokensLeft = 1000): ToolGate {
 describe("ToolGate: allowlist and budget", () => {
   test("a tool outside the type's allowlist is denied", async () => {
     const out = await gate("narrow").handle(1, "http", ["http://127.0.0.1/"]);
-    expect(out).toEqual({ ok: false, result: { error: "denied", reason: 'tool "http" is not in agents.narrow.tools' } });
+    expect(out).toEqual({
+      ok: false,
+      result: { error: "denied", reason: 'tool "http" is not in agents.narrow.tools' },
+    });
   });
 
   test("calls past tool_calls_per_episode are denied", async () => {
     const g = gate();
     for (let i = 1; i <= 3; i++) expect((await g.handle(i, "publish", [`alerts/${i}`, i])).ok).toBe(true);
     const fourth = await g.handle(4, "publish", ["alerts/4", 4]);
-    expect(fourth).toEqual({ ok: false, result: { error: "denied", reason: "budget tool_calls_per_episode (3) exhausted" } });
+    expect(fourth).toEqual({
+      ok: false,
+      result: { error: "denied", reason: "budget tool_calls_per_episode (3) exhausted" },
+    });
     expect(g.publishes).toHaveLength(3);
     expect(g.calls).toBe(4);
   });
@@ -432,13 +507,19 @@ describe("ToolGate: publish", () => {
 describe("ToolGate: send", () => {
   test("queues an inbox message for an agent of a known type", async () => {
     const g = gate();
-    expect(await g.handle(1, "send", ["narrow/default", { hi: 1 }])).toEqual({ ok: true, result: { queued: true, to: "narrow/default" } });
+    expect(await g.handle(1, "send", ["narrow/default", { hi: 1 }])).toEqual({
+      ok: true,
+      result: { queued: true, to: "narrow/default" },
+    });
     expect(g.sends).toEqual([{ to: { type: "narrow", key: "default", id: "narrow/default" }, payload: '{"hi":1}' }]);
   });
 
   test("denies a send to an unknown type", async () => {
     const g = gate();
-    expect(await g.handle(1, "send", ["ghost/x", 1])).toEqual({ ok: false, result: { error: "denied", reason: 'no agent type "ghost" in this fleet' } });
+    expect(await g.handle(1, "send", ["ghost/x", 1])).toEqual({
+      ok: false,
+      result: { error: "denied", reason: 'no agent type "ghost" in this fleet' },
+    });
     expect(g.sends).toEqual([]);
   });
 
@@ -452,7 +533,10 @@ describe("ToolGate: http", () => {
   test("denies a host that is not in http_hosts, without calling it", async () => {
     const before = seen.length;
     const out = await gate().handle(1, "http", [`http://localhost:${port}/plain`]);
-    expect(out).toEqual({ ok: false, result: { error: "denied", reason: `host localhost:${port} is not in agents.mon.http_hosts` } });
+    expect(out).toEqual({
+      ok: false,
+      result: { error: "denied", reason: `host localhost:${port} is not in agents.mon.http_hosts` },
+    });
     expect(seen.length).toBe(before);
   });
 
@@ -467,12 +551,20 @@ describe("ToolGate: http", () => {
 
   test("injects a declared secret into headers and redacts it from what the agent gets back", async () => {
     const before = seen.length;
-    const out = await gate().handle(1, "http", [`http://127.0.0.1:${port}/echo`, { headers: { authorization: "Bearer {{secret:API_TOKEN}}" } }]);
+    const out = await gate().handle(1, "http", [
+      `http://127.0.0.1:${port}/echo`,
+      { headers: { authorization: "Bearer {{secret:API_TOKEN}}" } },
+    ]);
     // The server received the real value...
     expect(seen.slice(before).map((s) => s.headers.authorization)).toEqual([`Bearer ${SECRET}`]);
     // ...the agent never sees it: not in the body, the parsed JSON, or the response headers.
     if (!out.ok) throw new Error(JSON.stringify(out.result));
-    const result = out.result as { status: number; body: string; json: { auth: string }; headers: Record<string, string> };
+    const result = out.result as {
+      status: number;
+      body: string;
+      json: { auth: string };
+      headers: Record<string, string>;
+    };
     expect(result.status).toBe(200);
     expect(JSON.stringify(result)).not.toContain(SECRET);
     expect(result.json.auth).toBe("Bearer [secret:API_TOKEN]");
@@ -481,8 +573,14 @@ describe("ToolGate: http", () => {
 
   test("denies a secret the type did not declare, without calling the host", async () => {
     const before = seen.length;
-    const out = await gate().handle(1, "http", [`http://127.0.0.1:${port}/echo`, { headers: { authorization: "Bearer {{secret:OTHER_SECRET}}" } }]);
-    expect(out).toEqual({ ok: false, result: { error: "denied", reason: "secret OTHER_SECRET is not in agents.mon.secrets" } });
+    const out = await gate().handle(1, "http", [
+      `http://127.0.0.1:${port}/echo`,
+      { headers: { authorization: "Bearer {{secret:OTHER_SECRET}}" } },
+    ]);
+    expect(out).toEqual({
+      ok: false,
+      result: { error: "denied", reason: "secret OTHER_SECRET is not in agents.mon.secrets" },
+    });
     expect(seen.length).toBe(before);
   });
 
@@ -497,11 +595,18 @@ describe("ToolGate: llm", () => {
     const g = gate("mon", 1000);
     const before = seen.length;
     const out = await g.handle(1, "llm", [{ prompt: "is 91.5 C too hot?", max_tokens: 64 }]);
-    expect(out).toEqual({ ok: true, result: { text: "echo: is 91.5 C too hot?", usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 } } });
+    expect(out).toEqual({
+      ok: true,
+      result: { text: "echo: is 91.5 C too hot?", usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 } },
+    });
     expect(g.tokens).toBe(12);
     const req = seen.slice(before);
     expect(req.map((s) => s.path)).toEqual(["/v1/chat/completions"]);
-    expect(JSON.parse(req[0]!.body)).toEqual({ model: "tiny", messages: [{ role: "user", content: "is 91.5 C too hot?" }], max_tokens: 64 });
+    expect(JSON.parse(req[0]!.body)).toEqual({
+      model: "tiny",
+      messages: [{ role: "user", content: "is 91.5 C too hot?" }],
+      max_tokens: 64,
+    });
     expect(req[0]!.headers.authorization).toBe(`Bearer ${LLM_KEY}`);
     await g.handle(2, "llm", [{ messages: [{ role: "user", content: "again" }] }]);
     expect(g.tokens).toBe(24);
@@ -530,12 +635,24 @@ describe("ToolGate: llm", () => {
 describe("runEpisode with the tool gate", () => {
   test("an allowed publish is queued by the gate and recorded; a disallowed one is caught by the agent", async () => {
     const g = gate();
-    const ok = await run(start("tool-caller", { tool: "publish", args: ["alerts/k1", { t: 95 }] }), {}, (c, t, a) => g.handle(c, t, a));
-    const denied = await run(start("tool-caller", { tool: "publish", args: ["kitchen/toaster", 1] }), {}, (c, t, a) => g.handle(c, t, a));
+    const ok = await run(start("tool-caller", { tool: "publish", args: ["alerts/k1", { t: 95 }] }), {}, (c, t, a) =>
+      g.handle(c, t, a),
+    );
+    const denied = await run(start("tool-caller", { tool: "publish", args: ["kitchen/toaster", 1] }), {}, (c, t, a) =>
+      g.handle(c, t, a),
+    );
     if (!ok.ok || !denied.ok) throw new Error("episodes should succeed");
     expect(g.publishes).toEqual([{ topic: "alerts/k1", payload: '{"t":95}', qos: 1, retain: false }]);
-    expect(ok.records[0]).toMatchObject({ k: "tool", tool: "publish", ok: true, result: { queued: true, topic: "alerts/k1" } });
-    expect(decisions(denied.records)[0]).toMatchObject({ name: "denied", data: { name: "ToolDenied", reason: expect.stringContaining("agents.mon.publish") } });
+    expect(ok.records[0]).toMatchObject({
+      k: "tool",
+      tool: "publish",
+      ok: true,
+      result: { queued: true, topic: "alerts/k1" },
+    });
+    expect(decisions(denied.records)[0]).toMatchObject({
+      name: "denied",
+      data: { name: "ToolDenied", reason: expect.stringContaining("agents.mon.publish") },
+    });
   });
 });
 
@@ -548,7 +665,13 @@ describe("warm spares", () => {
       let state: unknown = null;
       for (let i = 0; i < 4; i++) {
         const before = new Set(pool.pids());
-        const r = await runEpisode(start("whoami", { i }, { state, fresh: state === null }), LIMITS, noTools, SPAWN, pool);
+        const r = await runEpisode(
+          start("whoami", { i }, { state, fresh: state === null }),
+          LIMITS,
+          noTools,
+          SPAWN,
+          pool,
+        );
         expect(r.ok).toBe(true);
         if (!r.ok) return;
         state = r.state;
@@ -577,7 +700,9 @@ describe("warm spares", () => {
       await Bun.sleep(50);
       const r = await runEpisode(start("env", { gateway_pid: process.pid }), LIMITS, noTools, SPAWN, pool);
       expect(r.ok).toBe(true);
-      const env = (r.records.find((x) => x.k === "decide") as { data: { env: Record<string, string>; gatewayEnv: string } }).data;
+      const env = (
+        r.records.find((x) => x.k === "decide") as { data: { env: Record<string, string>; gatewayEnv: string } }
+      ).data;
       expect(Object.keys(env.env).sort()).toEqual(Object.keys(CHILD_ENV).sort());
       expect(env.gatewayEnv).not.toBe("readable");
     } finally {

@@ -3,7 +3,7 @@
  * round-robin fairness, waits, parking and waking, and idle().
  */
 import { describe, expect, test } from "bun:test";
-import { Scheduler, type TurnResult } from "../gateway/scheduler.ts";
+import { Scheduler, type TurnResult } from "../gateway/fleet/index.ts";
 
 /** Resolve after the current I/O turn: lets other turns interleave without using wall time. */
 const tick = () => new Promise<void>((r) => setImmediate(r));
@@ -30,8 +30,6 @@ class FakeFleet {
   /** Per-agent override of a turn's outcome, consulted before the queue. */
   readonly script = new Map<string, (agent: string) => TurnResult | null>();
   ticksPerTurn = 2;
-
-  constructor() {}
 
   add(agent: string, n: number): void {
     this.queues.set(agent, (this.queues.get(agent) ?? 0) + n);
@@ -74,7 +72,8 @@ function setup(maxConcurrent: number) {
     fleet.add(agent, n);
     scheduler.enqueue(agent, n);
   };
-  const drained = () => waitFor(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "all queues drained");
+  const drained = () =>
+    waitFor(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "all queues drained");
   return { fleet, scheduler, enqueue, drained };
 }
 
@@ -178,7 +177,10 @@ describe("scheduler", () => {
     clock += 7_200_000; // the wait is over on the injected clock
     fleet.add("a", 3);
     scheduler.enqueue("a", 3);
-    await waitFor(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "a drained without its timer");
+    await waitFor(
+      () => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0,
+      "a drained without its timer",
+    );
     scheduler.stop();
   });
 
@@ -188,7 +190,10 @@ describe("scheduler", () => {
     fleet.script.set("p", () => (paused ? { kind: "parked" } : null));
     enqueue("p", 2);
     enqueue("other", 2);
-    await waitFor(() => fleet.turnsOf("p") === 1 && fleet.queues.get("other") === 0 && scheduler.active === 0, "p parked, other done");
+    await waitFor(
+      () => fleet.turnsOf("p") === 1 && fleet.queues.get("other") === 0 && scheduler.active === 0,
+      "p parked, other done",
+    );
     // More stimuli for a parked agent are kept, not run.
     enqueue("p", 1);
     for (let i = 0; i < 50; i++) await tick();

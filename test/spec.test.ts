@@ -2,9 +2,9 @@ import { describe, expect, test } from "bun:test";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseDuration } from "../gateway/spec/duration.ts";
-import { compileSpec, DEFAULT_BUDGET, loadSpec } from "../gateway/spec/load.ts";
-import { SpecError } from "../gateway/spec/types.ts";
+import { parseDuration } from "../gateway/spec/index.ts";
+import { compileSpec, DEFAULT_BUDGET, loadSpec } from "../gateway/spec/index.ts";
+import { SpecError } from "../gateway/spec/index.ts";
 
 const FILE = "/srv/plant/fleet.toml";
 
@@ -25,7 +25,7 @@ port = 0
 api_key_env = "OPENAI_API_KEY"
 
 [agents.temp-monitor]
-module = "agents/temp-monitor.ts"
+module = "agents/examples/temp-monitor.ts"
 subscribe = ["sensors/+/temperature"]
 instances = ["boiler-1"]
 every = "30s"
@@ -103,7 +103,12 @@ describe("compileSpec", () => {
       devices_file: "/srv/plant/devices.toml",
     });
     expect(spec.http).toEqual({ host: "0.0.0.0", port: 0 });
-    expect(spec.llm).toEqual({ url: "http://127.0.0.1:11434/v1", model: "llama3.2", api_key_env: "OPENAI_API_KEY", timeout_ms: 30_000 });
+    expect(spec.llm).toEqual({
+      url: "http://127.0.0.1:11434/v1",
+      model: "llama3.2",
+      api_key_env: "OPENAI_API_KEY",
+      timeout_ms: 30_000,
+    });
     expect(spec.retention).toEqual({ episodes_days: 30, dedup_days: 7 });
 
     const tm = spec.agents["temp-monitor"]!;
@@ -161,7 +166,7 @@ describe("compileSpec", () => {
   });
 
   test("module and devices paths resolve against the fleet.toml directory", async () => {
-    const { spec } = await compileSpec(agent("") + `[agents.y]\nmodule = "/opt/y.ts"\n`, "/etc/fleets/a/fleet.toml");
+    const { spec } = await compileSpec(`${agent("")}[agents.y]\nmodule = "/opt/y.ts"\n`, "/etc/fleets/a/fleet.toml");
     expect(spec.agents.x?.module).toBe("x.ts");
     expect(spec.agents.x?.module_path).toBe("/etc/fleets/a/x.ts");
     expect(spec.agents.y?.module_path).toBe("/opt/y.ts");
@@ -184,7 +189,12 @@ describe("compileSpec", () => {
 
 describe("schema errors name the key path", () => {
   const cases: [string, string, string, RegExp][] = [
-    ["negative episodes_per_hour", agent("[agents.x.budget]\nepisodes_per_hour = -5"), "agents.x.budget.episodes_per_hour", /must be a positive integer$/],
+    [
+      "negative episodes_per_hour",
+      agent("[agents.x.budget]\nepisodes_per_hour = -5"),
+      "agents.x.budget.episodes_per_hour",
+      /must be a positive integer$/,
+    ],
     ["unknown top-level table", "[colours]\nred = 1\n", "colours", /is not a known key/],
     ["unknown nested key", agent('colour = "red"'), "agents.x.colour", /is not a known key/],
     ["unknown budget key", agent("[agents.x.budget]\nfuel = 1"), "agents.x.budget.fuel", /is not a known key/],
@@ -192,22 +202,62 @@ describe("schema errors name the key path", () => {
     ["+ inside a level", agent('subscribe = ["ok/+", "a/b+"]'), "agents.x.subscribe[1]", /\+ must be a whole level/],
     ["subscribe under fleet/", agent('subscribe = ["fleet/agents/#"]'), "agents.x.subscribe[0]", /fleet\//],
     ["subscribe to $SYS", agent('subscribe = ["$SYS/#"]'), "agents.x.subscribe[0]", /\$/],
-    ["key template beyond the wildcards", agent('subscribe = ["a/+/t", "b/+/+"]\nkey = "{2}"'), "agents.x.key", /references \{2\} but "a\/\+\/t" has 1/],
-    ["default key with a literal pattern", agent('subscribe = ["a/+/t", "b/c"]'), "agents.x.key", /defaults to "\{1\}"/],
-    ["both every and cron", agent('every = "1m"\ncron = "* * * * *"'), "agents.x.cron", /cannot be combined with every/],
+    [
+      "key template beyond the wildcards",
+      agent('subscribe = ["a/+/t", "b/+/+"]\nkey = "{2}"'),
+      "agents.x.key",
+      /references \{2\} but "a\/\+\/t" has 1/,
+    ],
+    [
+      "default key with a literal pattern",
+      agent('subscribe = ["a/+/t", "b/c"]'),
+      "agents.x.key",
+      /defaults to "\{1\}"/,
+    ],
+    [
+      "both every and cron",
+      agent('every = "1m"\ncron = "* * * * *"'),
+      "agents.x.cron",
+      /cannot be combined with every/,
+    ],
     ["bad cron", agent('cron = "61 * * * *"'), "agents.x.cron", /is not a valid cron expression/],
     ["cron with too few fields", agent('cron = "* * *"'), "agents.x.cron", /is not a valid cron expression/],
     ["bad duration", agent('every = "often"'), "agents.x.every", /must be a positive duration/],
-    ["unknown tool", agent('tools = ["publish", "shell"]'), "agents.x.tools[1]", /must be one of publish, http, llm, send/],
+    [
+      "unknown tool",
+      agent('tools = ["publish", "shell"]'),
+      "agents.x.tools[1]",
+      /must be one of publish, http, llm, send/,
+    ],
     ["missing module", "[agents.x]\nsubscribe = []\n", "agents.x.module", /is required/],
     ["bad type name", '[agents."a b"]\nmodule = "m.ts"\n', 'agents."a b"', /is not a valid agent type name/],
-    ["hook at unknown type", agent('[hooks.h]\ntype = "nope"\nkey_field = "k"'), "hooks.h.type", /"nope", which is not defined/],
+    [
+      "hook at unknown type",
+      agent('[hooks.h]\ntype = "nope"\nkey_field = "k"'),
+      "hooks.h.type",
+      /"nope", which is not defined/,
+    ],
     ["hook at unknown agent", agent('[hooks.h]\nagent = "nope/1"'), "hooks.h.agent", /"nope", which is not defined/],
-    ["hook with both forms", agent('[hooks.h]\nagent = "x/1"\ntype = "x"\nkey_field = "k"'), "hooks.h.type", /cannot be combined with agent/],
+    [
+      "hook with both forms",
+      agent('[hooks.h]\nagent = "x/1"\ntype = "x"\nkey_field = "k"'),
+      "hooks.h.type",
+      /cannot be combined with agent/,
+    ],
     ["hook with neither form", agent("[hooks.h]\nmax_body_bytes = 10"), "hooks.h.agent", /is required/],
-    ["closed broker without devices", "[broker]\nallow_anonymous = false\n", "broker.devices", /is required when allow_anonymous = false/],
+    [
+      "closed broker without devices",
+      "[broker]\nallow_anonymous = false\n",
+      "broker.devices",
+      /is required when allow_anonymous = false/,
+    ],
     ["port out of range", "[http]\nport = 70000\n", "http.port", /must be a port number/],
-    ["wrong type", '[fleet]\nmax_concurrent_episodes = "four"\n', "fleet.max_concurrent_episodes", /must be a positive integer/],
+    [
+      "wrong type",
+      '[fleet]\nmax_concurrent_episodes = "four"\n',
+      "fleet.max_concurrent_episodes",
+      /must be a positive integer/,
+    ],
     ["bad enum", '[fleet]\nsynchronous = "off"\n', "fleet.synchronous", /must be "full" or "normal"/],
     ["small memory", agent("[agents.x.budget]\nmemory_mb = 8"), "agents.x.budget.memory_mb", /at least 16/],
     ["bad secret name", agent('secrets = ["slack-token"]'), "agents.x.secrets[0]", /environment variable name/],
@@ -224,13 +274,18 @@ describe("schema errors name the key path", () => {
   }
 
   test("the documented example message is produced word for word", async () => {
-    const err = await specError("[agents.temp-monitor]\nmodule = \"m.ts\"\n[agents.temp-monitor.budget]\nepisodes_per_hour = 0\n");
+    const err = await specError(
+      '[agents.temp-monitor]\nmodule = "m.ts"\n[agents.temp-monitor.budget]\nepisodes_per_hour = 0\n',
+    );
     expect(err.detail).toBe("agents.temp-monitor.budget.episodes_per_hour must be a positive integer");
   });
 
   test("every problem is listed, one per line, the first one giving keyPath", async () => {
     const err = await specError(agent('colour = "red"\ntools = ["shell"]'));
-    expect(err.detail.split("\n")).toEqual(["agents.x.tools[0] must be one of publish, http, llm, send", "agents.x.colour is not a known key"]);
+    expect(err.detail.split("\n")).toEqual([
+      "agents.x.tools[0] must be one of publish, http, llm, send",
+      "agents.x.colour is not a known key",
+    ]);
     expect(err.keyPath).toBe("agents.x.tools[0]");
   });
 });

@@ -5,7 +5,7 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { FleetEvents } from "../gateway/events.ts";
-import { EventStream } from "../gateway/sse.ts";
+import { EventStream } from "../gateway/observe/index.ts";
 import { waitFor } from "./helpers/gateway.ts";
 
 const listeners = (events: FleetEvents) => {
@@ -14,7 +14,11 @@ const listeners = (events: FleetEvents) => {
 };
 
 /** Read SSE frames from a response body until `until` holds (bounded). */
-async function readFrames(body: ReadableStream<Uint8Array>, until: (frames: { event: string; data: any }[]) => boolean, timeoutMs = 5000) {
+async function readFrames(
+  body: ReadableStream<Uint8Array>,
+  until: (frames: { event: string; data: any }[]) => boolean,
+  timeoutMs = 5000,
+) {
   const reader = body.getReader();
   const dec = new TextDecoder();
   let buf = "";
@@ -43,7 +47,16 @@ async function readFrames(body: ReadableStream<Uint8Array>, until: (frames: { ev
   return frames;
 }
 
-const episode = (i: number, agent = "t/a") => ({ episode: `e${i}`, agent, type: "t", stimulus: `s${i}`, status: "committed" as const, checkpoint: null, ms: 1, quarantined: false });
+const episode = (i: number, agent = "t/a") => ({
+  episode: `e${i}`,
+  agent,
+  type: "t",
+  stimulus: `s${i}`,
+  status: "committed" as const,
+  checkpoint: null,
+  ms: 1,
+  quarantined: false,
+});
 
 let hub: EventStream | null = null;
 afterEach(() => hub?.close());
@@ -56,7 +69,10 @@ describe("GET /api/events", () => {
     expect(res.headers.get("content-type")).toStartWith("text/event-stream");
     events.emit("status", { agent: "t/a", status: "running" });
     events.emit("episode", episode(1));
-    const frames = await readFrames(res.body!, (f) => f.filter((x) => x.event === "health").length >= 2 && f.some((x) => x.event === "episode"));
+    const frames = await readFrames(
+      res.body!,
+      (f) => f.filter((x) => x.event === "health").length >= 2 && f.some((x) => x.event === "episode"),
+    );
     expect(frames.find((f) => f.event === "status")?.data).toEqual({ agent: "t/a", status: "running" });
     expect(frames.find((f) => f.event === "episode")?.data.episode).toBe("e1");
   });
@@ -108,7 +124,11 @@ describe("GET /api/events", () => {
   test("over real HTTP, closing the connection frees the client", async () => {
     const events = new FleetEvents();
     const stream = (hub = new EventStream({ events, health: async () => ({ up: true }), tickMs: 50 }));
-    const server = Bun.serve({ port: 0, hostname: "127.0.0.1", routes: { "/api/events": (req, srv) => stream.handle(req, srv) } });
+    const server = Bun.serve({
+      port: 0,
+      hostname: "127.0.0.1",
+      routes: { "/api/events": (req, srv) => stream.handle(req, srv) },
+    });
     try {
       const ac = new AbortController();
       const res = await fetch(`http://127.0.0.1:${server.port}/api/events`, { signal: ac.signal });

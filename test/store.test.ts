@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
-import { DDL } from "../gateway/store/migrate.ts";
+import { DDL } from "../gateway/store/index.ts";
 import { Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 
@@ -49,7 +49,8 @@ async function intakeOne(store: Store, s: NewStimulus): Promise<number> {
 /** The cause chain of an error as one string (drizzle wraps libSQL errors). */
 function describeError(err: unknown): string {
   const parts: string[] = [];
-  for (let e: unknown = err, i = 0; e && i < 5; e = (e as { cause?: unknown }).cause, i++) parts.push(String((e as Error).message ?? e));
+  for (let e: unknown = err, i = 0; e && i < 5; e = (e as { cause?: unknown }).cause, i++)
+    parts.push(String((e as Error).message ?? e));
   return parts.join(" <- ");
 }
 
@@ -68,7 +69,10 @@ async function rejection(fn: () => Promise<unknown>): Promise<unknown> {
 /** One full row per table: every column set, and set away from its default. */
 const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   [tables.meta, { key: "k", value: "v" }],
-  [tables.specVersions, { hash: HASH("1"), gateway: "gw", path: "/srv/fleet.toml", text: "[fleet]\n", summary: "+temp", createdAt: T0 }],
+  [
+    tables.specVersions,
+    { hash: HASH("1"), gateway: "gw", path: "/srv/fleet.toml", text: "[fleet]\n", summary: "+temp", createdAt: T0 },
+  ],
   [
     tables.agents,
     {
@@ -133,10 +137,26 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   [tables.events, { episode: "ep-1", seq: 2, kind: "decide", data: '{"k":"decide"}' }],
   [
     tables.checkpoints,
-    { hash: HASH("3"), gateway: "gw", agent: "temp/boiler-1", seq: 5, parent: HASH("2"), episode: "ep-1", specVersion: HASH("1"), state: '{"n":1}', createdAt: T0 },
+    {
+      hash: HASH("3"),
+      gateway: "gw",
+      agent: "temp/boiler-1",
+      seq: 5,
+      parent: HASH("2"),
+      episode: "ep-1",
+      specVersion: HASH("1"),
+      state: '{"n":1}',
+      createdAt: T0,
+    },
   ],
-  [tables.outbox, { id: 12, episode: "ep-1", seq: 0, topic: "alerts/x", payload: '{"t":90}', qos: 0, retain: true, createdAt: T0 }],
-  [tables.budgetUsage, { agent: "temp/boiler-1", window: "d:19675", episodes: 3, toolCalls: 7, tokens: 1234, cost: 1.5 }],
+  [
+    tables.outbox,
+    { id: 12, episode: "ep-1", seq: 0, topic: "alerts/x", payload: '{"t":90}', qos: 0, retain: true, createdAt: T0 },
+  ],
+  [
+    tables.budgetUsage,
+    { agent: "temp/boiler-1", window: "d:19675", episodes: 3, toolCalls: 7, tokens: 1234, cost: 1.5 },
+  ],
 ];
 
 /** How a drizzle default appears in `PRAGMA table_info(...).dflt_value`. */
@@ -153,7 +173,9 @@ describe("schema.ts and migrate.ts agree", () => {
   afterEach(() => store.close());
 
   test("the DDL creates exactly the tables the drizzle schema declares", async () => {
-    const rows = await store.client.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'libsql_%' AND name NOT LIKE '_litestream%'");
+    const rows = await store.client.execute(
+      "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'libsql_%' AND name NOT LIKE '_litestream%'",
+    );
     const inDb = rows.rows.map((r) => String(r.name)).sort();
     const inSchema = FULL_ROWS.map(([table]) => getTableConfig(table).name).sort();
     expect(inDb).toEqual(inSchema);
@@ -178,9 +200,18 @@ describe("schema.ts and migrate.ts agree", () => {
     async (name, table) => {
       const cfg = getTableConfig(table);
       const info = (await store.client.execute(`PRAGMA table_info(${name})`)).rows;
-      const pkCols = new Set([...cfg.columns.filter((c) => c.primary).map((c) => c.name), ...cfg.primaryKeys.flatMap((pk) => pk.columns.map((c) => c.name))]);
+      const pkCols = new Set([
+        ...cfg.columns.filter((c) => c.primary).map((c) => c.name),
+        ...cfg.primaryKeys.flatMap((pk) => pk.columns.map((c) => c.name)),
+      ]);
       const fromDrizzle = cfg.columns
-        .map((c) => ({ name: c.name, type: c.getSQLType().toLowerCase(), notnull: c.notNull && !pkCols.has(c.name), dflt: sqlDefault(c.default), pk: pkCols.has(c.name) }))
+        .map((c) => ({
+          name: c.name,
+          type: c.getSQLType().toLowerCase(),
+          notnull: c.notNull && !pkCols.has(c.name),
+          dflt: sqlDefault(c.default),
+          pk: pkCols.has(c.name),
+        }))
         .sort((a, b) => a.name.localeCompare(b.name));
       const fromDdl = info
         .map((r) => ({
@@ -196,20 +227,35 @@ describe("schema.ts and migrate.ts agree", () => {
     },
   );
 
-  test.each(FULL_ROWS.map(([table]) => [getTableConfig(table).name, table] as const))("%s: indexes match the DDL", async (name, table) => {
-    const cfg = getTableConfig(table);
-    const fromDrizzle = cfg.indexes
-      .map((i) => ({ name: i.config.name, unique: i.config.unique === true, partial: i.config.where !== undefined, columns: i.config.columns.map((c) => (c as { name: string }).name) }))
-      .sort((a, b) => a.name.localeCompare(b.name));
-    const list = (await store.client.execute(`PRAGMA index_list(${name})`)).rows.filter((r) => r.origin === "c");
-    const fromDdl = [];
-    for (const r of list) {
-      const cols = (await store.client.execute(`PRAGMA index_info(${String(r.name)})`)).rows.map((c) => String(c.name));
-      fromDdl.push({ name: String(r.name), unique: Number(r.unique) === 1, partial: Number(r.partial) === 1, columns: cols });
-    }
-    fromDdl.sort((a, b) => a.name.localeCompare(b.name));
-    expect(fromDdl).toEqual(fromDrizzle);
-  });
+  test.each(FULL_ROWS.map(([table]) => [getTableConfig(table).name, table] as const))(
+    "%s: indexes match the DDL",
+    async (name, table) => {
+      const cfg = getTableConfig(table);
+      const fromDrizzle = cfg.indexes
+        .map((i) => ({
+          name: i.config.name,
+          unique: i.config.unique === true,
+          partial: i.config.where !== undefined,
+          columns: i.config.columns.map((c) => (c as { name: string }).name),
+        }))
+        .sort((a, b) => a.name.localeCompare(b.name));
+      const list = (await store.client.execute(`PRAGMA index_list(${name})`)).rows.filter((r) => r.origin === "c");
+      const fromDdl = [];
+      for (const r of list) {
+        const cols = (await store.client.execute(`PRAGMA index_info(${String(r.name)})`)).rows.map((c) =>
+          String(c.name),
+        );
+        fromDdl.push({
+          name: String(r.name),
+          unique: Number(r.unique) === 1,
+          partial: Number(r.partial) === 1,
+          columns: cols,
+        });
+      }
+      fromDdl.sort((a, b) => a.name.localeCompare(b.name));
+      expect(fromDdl).toEqual(fromDrizzle);
+    },
+  );
 
   test("the partial exactly-once index covers committed episodes only", () => {
     const ddl = DDL.find((s) => s.includes("episodes_once"));
@@ -355,7 +401,10 @@ describe("group committer", () => {
     try {
       await store.db.insert(tables.meta).values({ key: "taken", value: "1" });
       const err = await rejection(() =>
-        store.writer.write([store.db.insert(tables.meta).values({ key: "first", value: "x" }), store.db.insert(tables.meta).values({ key: "taken", value: "y" })]),
+        store.writer.write([
+          store.db.insert(tables.meta).values({ key: "first", value: "x" }),
+          store.db.insert(tables.meta).values({ key: "taken", value: "y" }),
+        ]),
       );
       expect(describeError(err)).toMatch(/UNIQUE/);
       expect(await store.db.select().from(tables.meta).where(eq(tables.meta.key, "first")).get()).toBeUndefined();
@@ -384,7 +433,14 @@ describe("group committer", () => {
 const USAGE = { hourWindow: "h:1", dayWindow: "d:1", toolCalls: 2, tokens: 30, cost: 0.5 };
 
 /** A full episode commit for stimulus `seq`, sealing checkpoint `cpSeq` of temp/boiler-1. */
-function episodeCommit(episode: string, seq: number, sid: string, cpSeq: number, cpHash: string, parent: string | null): EpisodeCommit {
+function episodeCommit(
+  episode: string,
+  seq: number,
+  sid: string,
+  cpSeq: number,
+  cpHash: string,
+  parent: string | null,
+): EpisodeCommit {
   return {
     episode: {
       id: episode,
@@ -406,8 +462,20 @@ function episodeCommit(episode: string, seq: number, sid: string, cpSeq: number,
       { episode, seq: 0, kind: "stimulus", data: "{}" },
       { episode, seq: 1, kind: "end", data: '{"ok":true}' },
     ],
-    checkpoint: { hash: cpHash, gateway: "gw", agent: "temp/boiler-1", seq: cpSeq, parent, episode, specVersion: HASH("5"), state: `{"n":${cpSeq}}`, createdAt: T0 },
-    outbox: [{ episode, seq: 0, topic: "fleet/agents/temp/boiler-1/out", payload: "{}", qos: 1, retain: false, createdAt: T0 }],
+    checkpoint: {
+      hash: cpHash,
+      gateway: "gw",
+      agent: "temp/boiler-1",
+      seq: cpSeq,
+      parent,
+      episode,
+      specVersion: HASH("5"),
+      state: `{"n":${cpSeq}}`,
+      createdAt: T0,
+    },
+    outbox: [
+      { episode, seq: 0, topic: "fleet/agents/temp/boiler-1/out", payload: "{}", qos: 1, retain: false, createdAt: T0 },
+    ],
     inbox: [
       {
         agent: "other/x" as AgentId,
@@ -429,7 +497,8 @@ async function footprint(store: Store, episode: string) {
   return {
     episodes: (await store.db.select().from(tables.episodes).where(eq(tables.episodes.id, episode)).all()).length,
     events: (await store.listEvents(episode)).length,
-    checkpoints: (await store.db.select().from(tables.checkpoints).where(eq(tables.checkpoints.episode, episode)).all()).length,
+    checkpoints: (await store.db.select().from(tables.checkpoints).where(eq(tables.checkpoints.episode, episode)).all())
+      .length,
     outbox: (await store.db.select().from(tables.outbox).where(eq(tables.outbox.episode, episode)).all()).length,
     inbox: (await store.findStimulus("other/x", `inbox:${episode}:0`)) ? 1 : 0,
   };
@@ -462,7 +531,9 @@ describe("commitEpisode", () => {
       const seq = await intakeOne(store, stim("id:1"));
       await store.commitEpisode(episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null));
       // A different episode id, checkpoint hash and chain position: only episodes_once can object.
-      const err = await rejection(() => store.commitEpisode(episodeCommit("ep-2", seq, "id:1", 2, HASH("b"), HASH("a"))));
+      const err = await rejection(() =>
+        store.commitEpisode(episodeCommit("ep-2", seq, "id:1", 2, HASH("b"), HASH("a"))),
+      );
       expect(describeError(err)).toMatch(/UNIQUE constraint failed: episodes\.stimulus_seq/);
       expect(await footprint(store, "ep-2")).toEqual({ episodes: 0, events: 0, checkpoints: 0, outbox: 0, inbox: 0 });
       expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), episodes: 1 });
@@ -503,7 +574,13 @@ describe("commitEpisode", () => {
 });
 
 /** A failed attempt `attempt` for stimulus `seq`. */
-function episodeFailure(episode: string, seq: number, sid: string, attempt: number, retryAt: number | null): EpisodeFailure {
+function episodeFailure(
+  episode: string,
+  seq: number,
+  sid: string,
+  attempt: number,
+  retryAt: number | null,
+): EpisodeFailure {
   return {
     episode: {
       id: episode,
@@ -548,8 +625,20 @@ describe("recordFailure", () => {
     try {
       await store.recordFailure(episodeFailure("ep-f1", s2, "id:2", 1, T0 + 5000));
       expect(await store.listCheckpoints("temp/boiler-1")).toEqual(checkpoints);
-      expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), episodes: 1, failures: 1 });
-      expect(await store.getStimulus(s2)).toMatchObject({ state: "queued", attempts: 1, notBefore: T0 + 5000, lastError: "boom 1", episode: null, doneAt: null });
+      expect(await store.getAgent("temp/boiler-1")).toMatchObject({
+        headSeq: 1,
+        headHash: HASH("a"),
+        episodes: 1,
+        failures: 1,
+      });
+      expect(await store.getStimulus(s2)).toMatchObject({
+        state: "queued",
+        attempts: 1,
+        notBefore: T0 + 5000,
+        lastError: "boom 1",
+        episode: null,
+        doneAt: null,
+      });
       expect((await store.headOfQueue("temp/boiler-1"))?.seq).toBe(s2);
       expect(await store.getEpisode("ep-f1")).toMatchObject({ status: "failed", errorKind: "threw", checkpoint: null });
       expect((await store.listEvents("ep-f1")).map((e) => e.kind)).toEqual(["stimulus", "failure"]);
@@ -568,7 +657,13 @@ describe("recordFailure", () => {
       await store.recordFailure(episodeFailure("ep-f3", s2, "id:2", 3, null));
       expect(await store.listCheckpoints("temp/boiler-1")).toEqual(checkpoints);
       expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), failures: 3 });
-      expect(await store.getStimulus(s2)).toMatchObject({ state: "quarantined", attempts: 3, lastError: "boom 3", episode: "ep-f3", doneAt: T0 + 307 });
+      expect(await store.getStimulus(s2)).toMatchObject({
+        state: "quarantined",
+        attempts: 3,
+        lastError: "boom 3",
+        episode: "ep-f3",
+        doneAt: T0 + 307,
+      });
       expect(await store.headOfQueue("temp/boiler-1")).toBeUndefined();
       expect((await store.listStimuli("quarantined")).map((s) => s.seq)).toEqual([s2]);
       // A duplicate of a quarantined stimulus is still a duplicate.

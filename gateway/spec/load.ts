@@ -35,14 +35,18 @@ export function formatKeyPath(path: readonly PropertyKey[]): string {
 
 /** Message for issues the schema does not word itself. */
 function genericMessage(iss: z.core.$ZodRawIssue): string {
-  if (iss.code === "invalid_type") return iss.input === undefined ? "is required" : `must be ${iss.expected === "object" ? "a table" : `a ${iss.expected}`}`;
+  if (iss.code === "invalid_type")
+    return iss.input === undefined
+      ? "is required"
+      : `must be ${iss.expected === "object" ? "a table" : `a ${iss.expected}`}`;
   if (iss.code === "invalid_value") return `must be one of ${iss.values.map((v) => JSON.stringify(v)).join(", ")}`;
   return "is invalid";
 }
 
 function problemsOf(error: z.ZodError): Problem[] {
   return error.issues.flatMap((iss): Problem[] => {
-    if (iss.code === "unrecognized_keys") return iss.keys.map((k) => ({ path: [...iss.path, k], message: "is not a known key" }));
+    if (iss.code === "unrecognized_keys")
+      return iss.keys.map((k) => ({ path: [...iss.path, k], message: "is not a known key" }));
     if (iss.code === "invalid_key") return [{ path: iss.path, message: iss.issues[0]?.message ?? iss.message }];
     return [{ path: iss.path, message: iss.message }];
   });
@@ -51,7 +55,13 @@ function problemsOf(error: z.ZodError): Problem[] {
 function specErrorOf(file: string, problems: readonly Problem[]): SpecError {
   const lines = problems.map((p) => (p.path.length === 0 ? p.message : `${formatKeyPath(p.path)} ${p.message}`));
   const first = problems[0];
-  return new SpecError(file, lines.join("\n"), null, null, first && first.path.length > 0 ? formatKeyPath(first.path) : null);
+  return new SpecError(
+    file,
+    lines.join("\n"),
+    null,
+    null,
+    first && first.path.length > 0 ? formatKeyPath(first.path) : null,
+  );
 }
 
 // ---- compile ------------------------------------------------------------------------------
@@ -83,7 +93,10 @@ export async function loadSpec(path: string): Promise<SpecVersion> {
     text = await Bun.file(path).text();
   } catch (err) {
     const code = (err as { code?: string }).code;
-    throw new SpecError(path, code === "ENOENT" ? "file not found" : `cannot read file: ${err instanceof Error ? err.message : String(err)}`);
+    throw new SpecError(
+      path,
+      code === "ENOENT" ? "file not found" : `cannot read file: ${err instanceof Error ? err.message : String(err)}`,
+    );
   }
   return compileSpec(text, path);
 }
@@ -146,10 +159,16 @@ function buildAgent(name: string, a: RawAgent, dir: string, problems: Problem[])
   }
   const key = a.key ?? (a.subscribe.some((f) => wildcardCount(f) > 0) ? "{1}" : "default");
   // {n} must resolve for whichever pattern matched, so the poorest pattern bounds n.
-  const poorest = a.subscribe.reduce<string | null>((p, f) => (p === null || wildcardCount(f) < wildcardCount(p) ? f : p), null);
+  const poorest = a.subscribe.reduce<string | null>(
+    (p, f) => (p === null || wildcardCount(f) < wildcardCount(p) ? f : p),
+    null,
+  );
   const highest = Math.max(0, ...Array.from(key.matchAll(/\{(\d+)\}/g), (m) => Number(m[1])));
   if (highest > (poorest === null ? 0 : wildcardCount(poorest))) {
-    const why = poorest === null ? "there are no subscribe patterns" : `${JSON.stringify(poorest)} has ${wildcardCount(poorest)} wildcard(s)`;
+    const why =
+      poorest === null
+        ? "there are no subscribe patterns"
+        : `${JSON.stringify(poorest)} has ${wildcardCount(poorest)} wildcard(s)`;
     const what = a.key === undefined ? `defaults to "${key}" (set it explicitly), which` : "";
     problems.push({ path: at("key"), message: `${what} references {${highest}} but ${why}`.trimStart() });
   }

@@ -48,7 +48,8 @@ const list = <T extends z.ZodType>(item: T) => z.array(item, says("must be an ar
 const filter = () =>
   str().superRefine((f, ctx) => {
     const p = topicFilterProblem(f);
-    if (p !== null) ctx.addIssue({ code: "custom", message: `is not a valid topic filter (${JSON.stringify(f)}): ${p}` });
+    if (p !== null)
+      ctx.addIssue({ code: "custom", message: `is not a valid topic filter (${JSON.stringify(f)}): ${p}` });
   });
 /** A sub-table whose keys all have defaults, so a missing table reads as `{}`. */
 const table = <T extends z.core.$ZodLooseShape>(shape: T) =>
@@ -61,12 +62,17 @@ const agentSchema = z.strictObject(
     subscribe: list(filter()),
     key: str().regex(KEY_TEMPLATE_RE, "must be key characters (A-Z a-z 0-9 _ . : @ -) and {n} captures").optional(),
     instances: list(str().regex(AGENT_KEY_RE, "must be an agent key (A-Z a-z 0-9 _ . : @ -)")),
-    every: str().refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "30s", "5m" or "1h30m"').optional(),
-    cron: str().superRefine((expr, ctx) => {
-      const fields = expr.trim().split(/\s+/).length;
-      const problem = !expr.startsWith("@") && fields !== 5 && fields !== 6 ? "must have 5 or 6 fields" : cronProblem(expr);
-      if (problem !== null) ctx.addIssue({ code: "custom", message: `is not a valid cron expression: ${problem}` });
-    }).optional(),
+    every: str()
+      .refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "30s", "5m" or "1h30m"')
+      .optional(),
+    cron: str()
+      .superRefine((expr, ctx) => {
+        const fields = expr.trim().split(/\s+/).length;
+        const problem =
+          !expr.startsWith("@") && fields !== 5 && fields !== 6 ? "must have 5 or 6 fields" : cronProblem(expr);
+        if (problem !== null) ctx.addIssue({ code: "custom", message: `is not a valid cron expression: ${problem}` });
+      })
+      .optional(),
     catch_up: z.enum(["none", "one", "all"], says('must be "none", "one" or "all"')).default("one"),
     dedup: str().optional(),
     tools: list(tool),
@@ -92,7 +98,9 @@ const agentSchema = z.strictObject(
 
 const hookSchema = z.strictObject(
   {
-    agent: str().regex(/^[A-Za-z0-9_.-]+\/[A-Za-z0-9_.:@-]+$/, 'must be "<type>/<key>"').optional(),
+    agent: str()
+      .regex(/^[A-Za-z0-9_.-]+\/[A-Za-z0-9_.:@-]+$/, 'must be "<type>/<key>"')
+      .optional(),
     type: str().regex(TYPE_NAME_RE, "must be an agent type name").optional(),
     key_field: str().optional(),
     dedup: str().optional(),
@@ -103,7 +111,13 @@ const hookSchema = z.strictObject(
 );
 
 const named = <T extends z.ZodType>(what: string, value: T) =>
-  z.record(str().regex(TYPE_NAME_RE, `is not a valid ${what} name (use A-Z a-z 0-9 _ . -)`), value, says("must be a table")).default({});
+  z
+    .record(
+      str().regex(TYPE_NAME_RE, `is not a valid ${what} name (use A-Z a-z 0-9 _ . -)`),
+      value,
+      says("must be a table"),
+    )
+    .default({});
 const positive = () => z.number(says("must be a positive number")).positive(says("must be a positive number"));
 
 /** The whole file. */
@@ -127,7 +141,9 @@ export const fleetSchema = z.strictObject({
   }),
   http: table({ host: str().default("0.0.0.0"), port: port().default(8080) }),
   llm: table({
-    url: str().refine((u) => URL.canParse(u), "must be a URL").default("http://127.0.0.1:11434/v1"),
+    url: str()
+      .refine((u) => URL.canParse(u), "must be a URL")
+      .default("http://127.0.0.1:11434/v1"),
     model: str().default("llama3.2"),
     api_key_env: envName().optional(),
     timeout_ms: posInt(30_000),

@@ -3,8 +3,9 @@
  * defaults and cross-checks. Deeply frozen; nothing downstream re-validates it.
  */
 
-/** Hex BLAKE3 digest (64 chars). */
-export type Blake3Hex = string & { readonly __brand: "Blake3Hex" };
+import type { Blake3Hex } from "../types.ts";
+
+export type { Blake3Hex };
 
 /** Budget limits of one agent type (SPEC §3 `[agents.<type>.budget]`). */
 export interface BudgetSpec {

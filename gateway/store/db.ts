@@ -26,7 +26,10 @@ export type WriteItem = BatchItem<"sqlite"> | RawStatement;
 
 function toStatement(item: WriteItem): RawStatement {
   if ("args" in item && typeof (item as RawStatement).sql === "string") return item as RawStatement;
-  const q = item as unknown as { toSQL?: () => { sql: string; params: unknown[] }; getQuery?: () => { sql: string; params: unknown[] } };
+  const q = item as unknown as {
+    toSQL?: () => { sql: string; params: unknown[] };
+    getQuery?: () => { sql: string; params: unknown[] };
+  };
   const built = q.toSQL ? q.toSQL() : q.getQuery!();
   return { sql: built.sql, args: built.params as InArgs };
 }
@@ -51,7 +54,10 @@ export async function openDb(path: string, opts: OpenDbOptions): Promise<{ clien
     await client.execute(`PRAGMA synchronous = ${opts.synchronous.toUpperCase()}`);
     await client.execute("PRAGMA foreign_keys = OFF");
     await client.migrate(DDL.map((sql) => ({ sql, args: [] })));
-    await client.execute({ sql: "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", args: [String(SCHEMA_VERSION)] });
+    await client.execute({
+      sql: "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+      args: [String(SCHEMA_VERSION)],
+    });
   }
   const db = drizzle(client, { schema });
   return { client, db };

@@ -6,7 +6,7 @@
  */
 import type { NewStimulus } from "../types.ts";
 import type { RawStatement } from "./db.ts";
-import * as t from "./schema.ts";
+import type * as t from "./schema.ts";
 import { chunks, codecs, insertRows } from "./sql.ts";
 
 /** Budget use booked with an episode, in its hour and day windows. */
@@ -40,7 +40,14 @@ export interface EpisodeFailure {
 
 /** Book one episode in both budget windows; `excluded` lets one statement carry both rows. */
 function usageStatement(agent: string, u: EpisodeUsage): RawStatement {
-  const row = (window: string) => ({ agent, window, episodes: 1, toolCalls: u.toolCalls, tokens: u.tokens, cost: u.cost });
+  const row = (window: string) => ({
+    agent,
+    window,
+    episodes: 1,
+    toolCalls: u.toolCalls,
+    tokens: u.tokens,
+    cost: u.cost,
+  });
   return insertRows(
     codecs.budgetUsage,
     [row(u.hourWindow), row(u.dayWindow)],
@@ -50,7 +57,10 @@ function usageStatement(agent: string, u: EpisodeUsage): RawStatement {
 }
 
 /** The log rows of an attempt: its episode row, then its events 400 to a statement. */
-function logStatements(episode: typeof t.episodes.$inferInsert, events: readonly (typeof t.events.$inferInsert)[]): RawStatement[] {
+function logStatements(
+  episode: typeof t.episodes.$inferInsert,
+  events: readonly (typeof t.events.$inferInsert)[],
+): RawStatement[] {
   return [insertRows(codecs.episodes, [episode]), ...chunks(events).map((rows) => insertRows(codecs.events, rows))];
 }
 
@@ -63,14 +73,38 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
   for (const rows of chunks(c.outbox)) out.push(insertRows(codecs.outbox, rows));
   // Inbox sends: their target agents first (created on first sight), then the stimuli.
   for (const rows of chunks(c.inbox)) {
-    out.push(insertRows(codecs.agents, rows.map((s) => ({ id: s.agent, type: s.type, key: s.key, gateway: gatewayId, createdAt: now, updatedAt: now })), "ON CONFLICT DO NOTHING"));
+    out.push(
+      insertRows(
+        codecs.agents,
+        rows.map((s) => ({
+          id: s.agent,
+          type: s.type,
+          key: s.key,
+          gateway: gatewayId,
+          createdAt: now,
+          updatedAt: now,
+        })),
+        "ON CONFLICT DO NOTHING",
+      ),
+    );
   }
   for (const rows of chunks(c.inbox)) {
-    const stimuli = rows.map((s) => ({ gateway: gatewayId, agent: s.agent, sid: s.sid, kind: s.kind, topic: s.topic, payload: Buffer.from(s.payload), receivedAt: s.receivedAt }));
+    const stimuli = rows.map((s) => ({
+      gateway: gatewayId,
+      agent: s.agent,
+      sid: s.sid,
+      kind: s.kind,
+      topic: s.topic,
+      payload: Buffer.from(s.payload),
+      receivedAt: s.receivedAt,
+    }));
     out.push(insertRows(codecs.stimuli, stimuli, "ON CONFLICT DO NOTHING"));
   }
   out.push(
-    { sql: "UPDATE stimuli SET state = 'done', episode = ?, done_at = ?, attempts = ? WHERE seq = ?", args: [ep.id, now, ep.attempt, ep.stimulusSeq] },
+    {
+      sql: "UPDATE stimuli SET state = 'done', episode = ?, done_at = ?, attempts = ? WHERE seq = ?",
+      args: [ep.id, now, ep.attempt, ep.stimulusSeq],
+    },
     {
       sql: "UPDATE agents SET head_seq = ?, head_hash = ?, episodes = episodes + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
       args: [c.checkpoint.seq, c.checkpoint.hash, now, now, ep.agent],
@@ -88,9 +122,18 @@ export function failureStatements(f: EpisodeFailure): RawStatement[] {
   const [setError, error] = ep.error === undefined ? ["", []] : [", last_error = ?", [ep.error]];
   out.push(
     f.retryAt === null
-      ? { sql: `UPDATE stimuli SET state = 'quarantined', attempts = ?, episode = ?, done_at = ?${setError} WHERE seq = ?`, args: [ep.attempt, ep.id, ep.endedAt, ...error, ep.stimulusSeq] }
-      : { sql: `UPDATE stimuli SET attempts = ?, not_before = ?${setError} WHERE seq = ?`, args: [ep.attempt, f.retryAt, ...error, ep.stimulusSeq] },
-    { sql: "UPDATE agents SET failures = failures + 1, last_episode_at = ?, updated_at = ? WHERE id = ?", args: [ep.endedAt, ep.endedAt, ep.agent] },
+      ? {
+          sql: `UPDATE stimuli SET state = 'quarantined', attempts = ?, episode = ?, done_at = ?${setError} WHERE seq = ?`,
+          args: [ep.attempt, ep.id, ep.endedAt, ...error, ep.stimulusSeq],
+        }
+      : {
+          sql: `UPDATE stimuli SET attempts = ?, not_before = ?${setError} WHERE seq = ?`,
+          args: [ep.attempt, f.retryAt, ...error, ep.stimulusSeq],
+        },
+    {
+      sql: "UPDATE agents SET failures = failures + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
+      args: [ep.endedAt, ep.endedAt, ep.agent],
+    },
     // Failed attempts still count against episodes_per_hour and the tools they used.
     usageStatement(ep.agent, f.usage),
   );

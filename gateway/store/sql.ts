@@ -28,7 +28,10 @@ export interface TableCodec<Select, Insert> {
 export function codecOf<T extends SQLiteTable>(table: T): TableCodec<T["$inferSelect"], T["$inferInsert"]> {
   const entries = Object.entries(getTableColumns(table) as Record<string, Column>);
   for (const [key, c] of entries) {
-    if (c.generated !== undefined || is(c.default, SQL)) throw new Error(`${getTableName(table)}.${key}: generated columns and SQL defaults are not supported by raw SQL codecs`);
+    if (c.generated !== undefined || is(c.default, SQL))
+      throw new Error(
+        `${getTableName(table)}.${key}: generated columns and SQL defaults are not supported by raw SQL codecs`,
+      );
   }
   return {
     table: getTableName(table),
@@ -62,13 +65,23 @@ export function decodeRow<S, I>(codec: TableCodec<S, I>, row: Row): S {
 }
 
 /** Rows of `SELECT <codec columns> <rest>` (rest: `FROM … WHERE …`), decoded. */
-export async function selectAll<S, I>(client: Client, codec: TableCodec<S, I>, rest: string, args: InArgs): Promise<S[]> {
+export async function selectAll<S, I>(
+  client: Client,
+  codec: TableCodec<S, I>,
+  rest: string,
+  args: InArgs,
+): Promise<S[]> {
   const rs = await client.execute({ sql: `SELECT ${codec.columns} ${rest}`, args });
   return rs.rows.map((r) => decodeRow(codec, r));
 }
 
 /** The first row of `SELECT <codec columns> <rest>`, decoded, or undefined (as drizzle's `.get()`). */
-export async function selectOne<S, I>(client: Client, codec: TableCodec<S, I>, rest: string, args: InArgs): Promise<S | undefined> {
+export async function selectOne<S, I>(
+  client: Client,
+  codec: TableCodec<S, I>,
+  rest: string,
+  args: InArgs,
+): Promise<S | undefined> {
   const rs = await client.execute({ sql: `SELECT ${codec.columns} ${rest}`, args });
   const row = rs.rows[0];
   return row ? decodeRow(codec, row) : undefined;
@@ -90,7 +103,10 @@ export function insertRows<S, I>(codec: TableCodec<S, I>, rows: readonly I[], ta
     }
   }
   const values = rows.length === 1 ? codec.tuple : Array(rows.length).fill(codec.tuple).join(",");
-  return { sql: `INSERT INTO ${codec.table} (${codec.columns}) VALUES ${values}${tail ? ` ${tail}` : ""}`, args: args as RawStatement["args"] };
+  return {
+    sql: `INSERT INTO ${codec.table} (${codec.columns}) VALUES ${values}${tail ? ` ${tail}` : ""}`,
+    args: args as RawStatement["args"],
+  };
 }
 
 /** Rows per multi-row statement: well under SQLite's bound-parameter limit for every table. */

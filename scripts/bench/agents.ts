@@ -39,12 +39,15 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
   const keys = Array.from({ length: agents }, (_, i) => `a${i}`);
   const gw = await startGateway("agents", benchFleet({ maxConcurrent: 4, instances: keys }));
   const deployed = await gw.api<Health>("/api/fleet");
-  if (deployed.agents.total !== agents) throw new Error(`agents: expected ${agents} agents, /api/fleet says ${deployed.agents.total}`);
+  if (deployed.agents.total !== agents)
+    throw new Error(`agents: expected ${agents} agents, /api/fleet says ${deployed.agents.total}`);
   const beforeMb = await settledRssMb(gw);
   o.log(`  ${agents} agents deployed, before episodes: ${beforeMb.toFixed(1)} MB`);
 
   const client = await connect(gw.mqttPort, "bench-agents");
-  const committed = await collect(client, "fleet/episodes", (_t, p) => (json<{ status: string }>(p)?.status === "committed" ? true : null));
+  const committed = await collect(client, "fleet/episodes", (_t, p) =>
+    json<{ status: string }>(p)?.status === "committed" ? true : null,
+  );
   let maxChildren = 0;
   // Direct children of the gateway are episode roots (prlimit execs; bwrap forks below it),
   // except idle warm spares (started ahead of need, listed by /api/fleet): a spare listed
@@ -65,7 +68,10 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
   }, 50);
   const began = performance.now();
   let lastLog = began;
-  await publishWindowed(client, driven, o.window, (i) => ({ topic: `bench/a${i}/t`, payload: JSON.stringify({ id: `a${i}`, n: i }) }));
+  await publishWindowed(client, driven, o.window, (i) => ({
+    topic: `bench/a${i}/t`,
+    payload: JSON.stringify({ id: `a${i}`, n: i }),
+  }));
   await until(
     `${driven} committed episodes`,
     () => {
@@ -81,22 +87,45 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
   const episodeSecs = (performance.now() - began) / 1000;
   clearInterval(sampler);
   committed.close();
-  await until("the fleet to go quiet", async () => {
-    const h = await gw.api<Health>("/api/fleet");
-    return h.running_episodes === 0 && h.queued_stimuli === 0 ? h : null;
-  }, 30_000, 100);
+  await until(
+    "the fleet to go quiet",
+    async () => {
+      const h = await gw.api<Health>("/api/fleet");
+      return h.running_episodes === 0 && h.queued_stimuli === 0 ? h : null;
+    },
+    30_000,
+    100,
+  );
   const afterMb = await settledRssMb(gw);
   // Processes left = everything under the gateway outside the idle spares' process groups.
   const idleGroups = new Set(await spares());
   const left = descendantPids(gw.pid).filter((p) => !idleGroups.has(pgidOf(p)));
   const total = (await gw.api<Health>("/api/fleet")).agents.total;
-  o.log(`  after ${driven} episodes (${(driven / episodeSecs).toFixed(1)}/s): ${afterMb.toFixed(1)} MB; ${left.length} subprocess(es) left, at most ${maxChildren} at once; ${total} agents`);
+  o.log(
+    `  after ${driven} episodes (${(driven / episodeSecs).toFixed(1)}/s): ${afterMb.toFixed(1)} MB; ${left.length} subprocess(es) left, at most ${maxChildren} at once; ${total} agents`,
+  );
   await gw.stop();
 
   const kb = (mb: number) => `${(((mb - idleMb) * 1024) / agents).toFixed(1)} KB/agent`;
   return [
-    deltaRow("agents", `RSS, ${fmt(agents)} agents deployed vs idle (0 agents)`, "MB", beforeMb, idleMb, null, `${kb(beforeMb)}; includes ${fmt(agents)} retained status messages in aedes' memory`),
-    deltaRow("agents", `RSS, after ${fmt(driven)} of them ran an episode vs idle`, "MB", afterMb, idleMb, null, kb(afterMb)),
+    deltaRow(
+      "agents",
+      `RSS, ${fmt(agents)} agents deployed vs idle (0 agents)`,
+      "MB",
+      beforeMb,
+      idleMb,
+      null,
+      `${kb(beforeMb)}; includes ${fmt(agents)} retained status messages in aedes' memory`,
+    ),
+    deltaRow(
+      "agents",
+      `RSS, after ${fmt(driven)} of them ran an episode vs idle`,
+      "MB",
+      afterMb,
+      idleMb,
+      null,
+      kb(afterMb),
+    ),
     deltaRow("agents", "agent subprocesses left after episodes", "", left.length, 0, 0),
     deltaRow("agents", "most episode subprocesses at once", "", maxChildren, 4, 0, "max_concurrent_episodes = 4"),
   ];

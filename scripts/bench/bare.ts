@@ -9,7 +9,7 @@
  * Both are ended the way the runner ends an episode: SIGKILL on the reply, then await exit.
  */
 import { join } from "node:path";
-import { CHILD_ENV, defaultSpawnOptions, sandboxCommand, type ProcessLimits } from "../../gateway/runner.ts";
+import { CHILD_ENV, defaultSpawnOptions, sandboxCommand, type ProcessLimits } from "../../gateway/episode/index.ts";
 import { ROOT, defer, killPid } from "./harness.ts";
 
 const CHILD = join(ROOT, "scripts/bench/bare-child.ts");
@@ -22,7 +22,13 @@ export type BareVariant = "plain" | "wrapped";
 /** What `wrapped` adds on this machine, for the report. */
 export function wrappingNote(): string {
   const s = defaultSpawnOptions();
-  const parts = [s.bwrap ? "bwrap" : "no bwrap", s.prlimit ? "prlimit" : "no prlimit", s.uid !== null ? `uid ${s.uid}` : "same uid", "own pgid", "stderr pipe"];
+  const parts = [
+    s.bwrap ? "bwrap" : "no bwrap",
+    s.prlimit ? "prlimit" : "no prlimit",
+    s.uid !== null ? `uid ${s.uid}` : "same uid",
+    "own pgid",
+    "stderr pipe",
+  ];
   return parts.join(", ");
 }
 

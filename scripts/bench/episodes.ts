@@ -25,11 +25,28 @@ type Summary = { episode: string; agent: string; status: string; ms: number };
  * Publish one stimulus each to `bench/<prefix><i>/t`; resolves once every one of those
  * agents has a committed episode (summaries are at least once: count agents, not messages).
  */
-async function gatewayBatch(client: MqttClient, summaries: Collector<Summary>, prefix: string, k: number, window: number): Promise<{ rate: number; failed: number }> {
-  const agents = (status: "committed" | "failed") => new Set(summaries.matched.filter((s) => s.status === status && s.agent.startsWith(`bench/${prefix}`)).map((s) => s.agent)).size;
+async function gatewayBatch(
+  client: MqttClient,
+  summaries: Collector<Summary>,
+  prefix: string,
+  k: number,
+  window: number,
+): Promise<{ rate: number; failed: number }> {
+  const agents = (status: "committed" | "failed") =>
+    new Set(
+      summaries.matched.filter((s) => s.status === status && s.agent.startsWith(`bench/${prefix}`)).map((s) => s.agent),
+    ).size;
   const began = performance.now();
-  await publishWindowed(client, k, window, (i) => ({ topic: `bench/${prefix}${i}/t`, payload: JSON.stringify({ id: `${prefix}${i}`, n: i }) }));
-  await until(`${k} committed episodes for bench/${prefix}*`, () => (agents("committed") >= k ? true : null), 120_000, 2);
+  await publishWindowed(client, k, window, (i) => ({
+    topic: `bench/${prefix}${i}/t`,
+    payload: JSON.stringify({ id: `${prefix}${i}`, n: i }),
+  }));
+  await until(
+    `${k} committed episodes for bench/${prefix}*`,
+    () => (agents("committed") >= k ? true : null),
+    120_000,
+    2,
+  );
   return { rate: k / ((performance.now() - began) / 1000), failed: agents("failed") };
 }
 
@@ -37,7 +54,9 @@ async function gatewayBatch(client: MqttClient, summaries: Collector<Summary>, p
 export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   const k = o.quick ? 60 : 300;
   const perRound = Math.round(k / ROUNDS);
-  o.log(`episodes: ${ROUNDS} interleaved rounds of ${perRound} stimuli for distinct agents per target, concurrency ${CONCURRENCY}`);
+  o.log(
+    `episodes: ${ROUNDS} interleaved rounds of ${perRound} stimuli for distinct agents per target, concurrency ${CONCURRENCY}`,
+  );
 
   const gw = await startGateway("episodes", benchFleet({ maxConcurrent: CONCURRENCY }));
   const client = await connect(gw.mqttPort, "bench-episodes");
@@ -61,7 +80,9 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
     plain: () => measured("plain", "self", () => bareRate("plain", perRound, CONCURRENCY)),
     wrapped: () => measured("wrapped", "self", () => bareRate("wrapped", perRound, CONCURRENCY)),
     gateway: async (round) => {
-      const r = await measured("gateway", gw.pid, () => gatewayBatch(client, summaries, `r${round}e`, perRound, o.window));
+      const r = await measured("gateway", gw.pid, () =>
+        gatewayBatch(client, summaries, `r${round}e`, perRound, o.window),
+      );
       failed += r.failed;
       return r.rate;
     },
@@ -72,7 +93,9 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       const t = order[(round + j) % order.length]!;
       rates[t].push(await runs[t](round));
     }
-    o.log(`  round ${round + 1}: gateway ${rates.gateway.at(-1)!.toFixed(1)}/s, bare wrapped ${rates.wrapped.at(-1)!.toFixed(1)}/s, bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`);
+    o.log(
+      `  round ${round + 1}: gateway ${rates.gateway.at(-1)!.toFixed(1)}/s, bare wrapped ${rates.wrapped.at(-1)!.toFixed(1)}/s, bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`,
+    );
   }
   summaries.close();
   await gw.stop();
@@ -80,11 +103,29 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
 
   const med = (t: keyof typeof rates) => quantile(rates[t], 0.5);
   const per = (t: keyof typeof cpu) => cpu[t] / (perRound * ROUNDS);
-  o.log(`  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn loop ${per("wrapped").toFixed(1)} (wrapped), ${per("plain").toFixed(1)} (plain)`);
+  o.log(
+    `  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn loop ${per("wrapped").toFixed(1)} (wrapped), ${per("plain").toFixed(1)} (plain)`,
+  );
   return [
-    rateRow("episodes", "episodes/s vs bare spawn (wrapped like runner)", "/s", med("gateway"), med("wrapped"), 0.7, `median of rounds; wrapping: ${wrappingNote()}`),
+    rateRow(
+      "episodes",
+      "episodes/s vs bare spawn (wrapped like runner)",
+      "/s",
+      med("gateway"),
+      med("wrapped"),
+      0.7,
+      `median of rounds; wrapping: ${wrappingNote()}`,
+    ),
     rateRow("episodes", "episodes/s vs bare spawn (plain)", "/s", med("gateway"), med("plain"), 0.7),
-    deltaRow("episodes", "CPU/episode, spawning process: gateway vs bare loop (wrapped)", "ms", per("gateway"), per("wrapped"), null, "utime+stime of the gateway vs of the bench's spawn loop"),
+    deltaRow(
+      "episodes",
+      "CPU/episode, spawning process: gateway vs bare loop (wrapped)",
+      "ms",
+      per("gateway"),
+      per("wrapped"),
+      null,
+      "utime+stime of the gateway vs of the bench's spawn loop",
+    ),
   ];
 }
 
@@ -96,7 +137,11 @@ export async function benchLatency(o: BenchOptions): Promise<Row[]> {
 
   const gw = await startGateway("latency", benchFleet({ maxConcurrent: CONCURRENCY }));
   const client = await connect(gw.mqttPort, "bench-latency");
-  const outs = await collect(client, "fleet/agents/bench/lat/out", (_t, p) => json<{ data?: { n?: number } }>(p)?.data?.n ?? null);
+  const outs = await collect(
+    client,
+    "fleet/agents/bench/lat/out",
+    (_t, p) => json<{ data?: { n?: number } }>(p)?.data?.n ?? null,
+  );
   // The summary's `ms` is runEpisode's own clock (spawn -> "done"): the rest is gateway overhead.
   const runs = await collect(client, "fleet/episodes", (_t, p) => {
     const e = json<Summary>(p);
@@ -107,7 +152,10 @@ export async function benchLatency(o: BenchOptions): Promise<Row[]> {
   for (let i = 0; i < warm + samples; i++) {
     const plain = await bareOnce("plain");
     const sent = performance.now();
-    await publishWindowed(client, 1, 1, () => ({ topic: "bench/lat/t", payload: JSON.stringify({ id: `lat-${i}`, n: i }) }));
+    await publishWindowed(client, 1, 1, () => ({
+      topic: "bench/lat/t",
+      payload: JSON.stringify({ id: `lat-${i}`, n: i }),
+    }));
     const arrived = await outs.waitFor(i + 1, 30_000);
     if (outs.matched[i] !== i) throw new Error(`latency: expected out n=${i}, got ${outs.matched[i]}`);
     await Bun.sleep(20); // let the gateway finish its post-commit work before the next bare sample
@@ -124,12 +172,36 @@ export async function benchLatency(o: BenchOptions): Promise<Row[]> {
 
   const p = (a: number[], q: number) => quantile(a, q);
   const inRunner = p(runs.matched.slice(warm), 0.5);
-  o.log(`  gateway p50 ${p(lat.gateway, 0.5).toFixed(1)} ms (runEpisode ${inRunner.toFixed(1)}), bare wrapped ${p(lat.wrapped, 0.5).toFixed(1)}, bare plain ${p(lat.plain, 0.5).toFixed(1)}`);
+  o.log(
+    `  gateway p50 ${p(lat.gateway, 0.5).toFixed(1)} ms (runEpisode ${inRunner.toFixed(1)}), bare wrapped ${p(lat.wrapped, 0.5).toFixed(1)}, bare plain ${p(lat.plain, 0.5).toFixed(1)}`,
+  );
   return [
-    deltaRow("latency", "p50 stimulus->out vs bare (wrapped like runner)", "ms", p(lat.gateway, 0.5), p(lat.wrapped, 0.5), 5),
+    deltaRow(
+      "latency",
+      "p50 stimulus->out vs bare (wrapped like runner)",
+      "ms",
+      p(lat.gateway, 0.5),
+      p(lat.wrapped, 0.5),
+      5,
+    ),
     deltaRow("latency", "p50 stimulus->out vs bare (plain)", "ms", p(lat.gateway, 0.5), p(lat.plain, 0.5), 5),
-    deltaRow("latency", "p99 stimulus->out vs bare (wrapped like runner)", "ms", p(lat.gateway, 0.99), p(lat.wrapped, 0.99), null),
+    deltaRow(
+      "latency",
+      "p99 stimulus->out vs bare (wrapped like runner)",
+      "ms",
+      p(lat.gateway, 0.99),
+      p(lat.wrapped, 0.99),
+      null,
+    ),
     deltaRow("latency", "p99 stimulus->out vs bare (plain)", "ms", p(lat.gateway, 0.99), p(lat.plain, 0.99), null),
-    deltaRow("latency", "p50 inside runEpisode (its own ms) vs bare (wrapped)", "ms", inRunner, p(lat.wrapped, 0.5), null, "spawn -> done: host.ts + agent module load and run"),
+    deltaRow(
+      "latency",
+      "p50 inside runEpisode (its own ms) vs bare (wrapped)",
+      "ms",
+      inRunner,
+      p(lat.wrapped, 0.5),
+      null,
+      "spawn -> done: host.ts + agent module load and run",
+    ),
   ];
 }

@@ -91,7 +91,10 @@ export function cpuMs(pid: number | "self"): { self: number; children: number } 
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
     // Fields after the command name: state(3) ... utime(14) stime(15) cutime(16) cstime(17).
-    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ").map(Number);
+    const f = stat
+      .slice(stat.lastIndexOf(")") + 2)
+      .split(" ")
+      .map(Number);
     const tick = 10; // USER_HZ is 100 on Linux: one tick = 10 ms
     return { self: (f[11]! + f[12]!) * tick, children: (f[13]! + f[14]!) * tick };
   } catch {
@@ -146,7 +149,12 @@ export function quantile(samples: readonly number[], q: number): number {
 }
 
 /** Poll `check` every `everyMs` until it returns a value, or throw after `timeoutMs`. */
-export async function until<T>(what: string, check: () => T | null | undefined | Promise<T | null | undefined>, timeoutMs: number, everyMs = 20): Promise<T> {
+export async function until<T>(
+  what: string,
+  check: () => T | null | undefined | Promise<T | null | undefined>,
+  timeoutMs: number,
+  everyMs = 20,
+): Promise<T> {
   const deadline = performance.now() + timeoutMs;
   for (;;) {
     const v = await check();
@@ -157,13 +165,40 @@ export async function until<T>(what: string, check: () => T | null | undefined |
 }
 
 /** Throughput row: higher is better, ok when gateway/baseline reaches `min` (null: informational). */
-export function rateRow(section: string, metric: string, unit: string, gateway: number, baseline: number, min: number | null, note?: string): Row {
+export function rateRow(
+  section: string,
+  metric: string,
+  unit: string,
+  gateway: number,
+  baseline: number,
+  min: number | null,
+  note?: string,
+): Row {
   const ratio = gateway / baseline;
-  return { section, metric, unit, gateway, baseline, ratio, ratioKind: "x", target: min === null ? "-" : `>= ${min}x`, ok: min === null ? null : ratio >= min, ...(note ? { note } : {}) };
+  return {
+    section,
+    metric,
+    unit,
+    gateway,
+    baseline,
+    ratio,
+    ratioKind: "x",
+    target: min === null ? "-" : `>= ${min}x`,
+    ok: min === null ? null : ratio >= min,
+    ...(note ? { note } : {}),
+  };
 }
 
 /** Lower-is-better row: ok when gateway - baseline stays within `maxExtra` `unit`s (null: informational). */
-export function deltaRow(section: string, metric: string, unit: string, gateway: number, baseline: number, maxExtra: number | null, note?: string): Row {
+export function deltaRow(
+  section: string,
+  metric: string,
+  unit: string,
+  gateway: number,
+  baseline: number,
+  maxExtra: number | null,
+  note?: string,
+): Row {
   const extra = gateway - baseline;
   return {
     section,
@@ -191,13 +226,29 @@ export function fmt(n: number | null): string {
 /** Render rows as an aligned text table. */
 export function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
-  const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ").trimEnd();
+  const line = (cells: readonly string[]) =>
+    cells
+      .map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!)))
+      .join("  ")
+      .trimEnd();
   return [line(headers), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line)].join("\n");
 }
 
 /** The cells of a row for the summary table. */
 export function rowCells(r: Row): string[] {
-  const ratio = r.ratio === null ? "-" : r.ratioKind === "x" ? `${r.ratio.toFixed(2)}x` : `${r.ratio >= 0 ? "+" : ""}${fmt(r.ratio)} ${r.unit}`;
+  const ratio =
+    r.ratio === null
+      ? "-"
+      : r.ratioKind === "x"
+        ? `${r.ratio.toFixed(2)}x`
+        : `${r.ratio >= 0 ? "+" : ""}${fmt(r.ratio)} ${r.unit}`;
   const unit = r.unit ? ` ${r.unit}` : "";
-  return [r.metric, `${fmt(r.gateway)}${unit}`, r.baseline === null ? "-" : `${fmt(r.baseline)}${unit}`, ratio, r.target, r.ok === null ? "-" : r.ok ? "yes" : "NO"];
+  return [
+    r.metric,
+    `${fmt(r.gateway)}${unit}`,
+    r.baseline === null ? "-" : `${fmt(r.baseline)}${unit}`,
+    ratio,
+    r.target,
+    r.ok === null ? "-" : r.ok ? "yes" : "NO",
+  ];
 }

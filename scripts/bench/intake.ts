@@ -23,7 +23,10 @@ type Target = "aedes" | "embedded" | "gateway";
 const TARGETS: readonly Target[] = ["aedes", "embedded", "gateway"];
 
 function message(run: string) {
-  return (i: number) => ({ topic: `bench/k${i % TOPICS}/t`, payload: JSON.stringify({ id: `${run}-${i}`, n: i, value: 20 + (i % 50) }) });
+  return (i: number) => ({
+    topic: `bench/k${i % TOPICS}/t`,
+    payload: JSON.stringify({ id: `${run}-${i}`, n: i, value: 20 + (i % 50) }),
+  });
 }
 
 /** Publish `count` messages; resolves with accepted messages per second (first publish -> last PUBACK). */
@@ -37,7 +40,9 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   const count = o.quick ? 6_000 : 21_000;
   const warmup = o.quick ? 500 : 2_000;
   const perRound = Math.round(count / ROUNDS);
-  o.log(`intake: ${ROUNDS} interleaved rounds of ${perRound} QoS 1 messages over ${TOPICS} topics per target, window ${o.window}, after ${warmup} warm-up`);
+  o.log(
+    `intake: ${ROUNDS} interleaved rounds of ${perRound} QoS 1 messages over ${TOPICS} topics per target, window ${o.window}, after ${warmup} warm-up`,
+  );
 
   const keys = Array.from({ length: TOPICS }, (_, i) => `k${i}`);
   const gw = await startGateway("intake", benchFleet({ maxConcurrent: 1, instances: keys }));
@@ -69,16 +74,58 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   const health = await gw.api<{ queued_stimuli: number; running_episodes: number }>("/api/fleet");
   await gw.stop();
   const expected = warmup + perRound * ROUNDS;
-  o.log(`  gateway queued after: ${health.queued_stimuli} (expected ${expected}), running episodes: ${health.running_episodes}`);
-  if (health.queued_stimuli !== expected) throw new Error(`intake: gateway acked ${expected} stimuli but reports ${health.queued_stimuli} queued`);
+  o.log(
+    `  gateway queued after: ${health.queued_stimuli} (expected ${expected}), running episodes: ${health.running_episodes}`,
+  );
+  if (health.queued_stimuli !== expected)
+    throw new Error(`intake: gateway acked ${expected} stimuli but reports ${health.queued_stimuli} queued`);
 
   const med = (t: Target) => quantile(rates[t], 0.5);
   const usPerMsg = (t: Target) => (cpu[t] * 1000) / (perRound * ROUNDS);
   return [
-    rateRow("intake", "QoS1 intake vs plain aedes", "msg/s", med("gateway"), med("aedes"), 0.5, "median of rounds; agents paused; each PUBACK follows a committed row"),
-    rateRow("intake", "QoS1 intake vs embedded broker, no-op intake", "msg/s", med("gateway"), med("embedded"), 0.5, "isolates routing + durable commit"),
-    rateRow("intake", "embedded broker (no-op intake) vs plain aedes", "msg/s", med("embedded"), med("aedes"), null, "cost of packet guard + hooks + ordered acks"),
-    rateRow("intake", "broker process CPU per message: gateway vs plain aedes", "us", usPerMsg("gateway"), usPerMsg("aedes"), null, "from /proc/<pid>/stat utime+stime"),
-    rateRow("intake", "broker process CPU per message: embedded vs plain aedes", "us", usPerMsg("embedded"), usPerMsg("aedes"), null),
+    rateRow(
+      "intake",
+      "QoS1 intake vs plain aedes",
+      "msg/s",
+      med("gateway"),
+      med("aedes"),
+      0.5,
+      "median of rounds; agents paused; each PUBACK follows a committed row",
+    ),
+    rateRow(
+      "intake",
+      "QoS1 intake vs embedded broker, no-op intake",
+      "msg/s",
+      med("gateway"),
+      med("embedded"),
+      0.5,
+      "isolates routing + durable commit",
+    ),
+    rateRow(
+      "intake",
+      "embedded broker (no-op intake) vs plain aedes",
+      "msg/s",
+      med("embedded"),
+      med("aedes"),
+      null,
+      "cost of packet guard + hooks + ordered acks",
+    ),
+    rateRow(
+      "intake",
+      "broker process CPU per message: gateway vs plain aedes",
+      "us",
+      usPerMsg("gateway"),
+      usPerMsg("aedes"),
+      null,
+      "from /proc/<pid>/stat utime+stime",
+    ),
+    rateRow(
+      "intake",
+      "broker process CPU per message: embedded vs plain aedes",
+      "us",
+      usPerMsg("embedded"),
+      usPerMsg("aedes"),
+      null,
+    ),
   ];
 }

@@ -9,8 +9,16 @@ import { defer, until } from "./harness.ts";
 
 /** Connect an mqtt.js client (MQTT 3.1.1, no reconnects); closed at exit. */
 export async function connect(port: number, id: string): Promise<MqttClient> {
-  const client = await connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: `${id}-${process.pid}`, protocolVersion: 4, clean: true, reconnectPeriod: 0, connectTimeout: 10_000 });
-  defer(() => (client.disconnected ? undefined : new Promise<void>((resolve) => client.end(true, {}, () => resolve()))));
+  const client = await connectAsync(`mqtt://127.0.0.1:${port}`, {
+    clientId: `${id}-${process.pid}`,
+    protocolVersion: 4,
+    clean: true,
+    reconnectPeriod: 0,
+    connectTimeout: 10_000,
+  });
+  defer(() =>
+    client.disconnected ? undefined : new Promise<void>((resolve) => client.end(true, {}, () => resolve())),
+  );
   return client;
 }
 
@@ -25,7 +33,12 @@ export interface PublishRun {
  * Publish `count` QoS 1 messages (`message(i)` gives topic and payload), keeping at most
  * `window` unacknowledged. Rejects on the first error (a refused publish closes the socket).
  */
-export function publishWindowed(client: MqttClient, count: number, window: number, message: (i: number) => { topic: string; payload: string }): Promise<PublishRun> {
+export function publishWindowed(
+  client: MqttClient,
+  count: number,
+  window: number,
+  message: (i: number) => { topic: string; payload: string },
+): Promise<PublishRun> {
   return new Promise((resolve, reject) => {
     let next = 0;
     let acked = 0;
@@ -68,7 +81,11 @@ export interface Collector<T> {
 }
 
 /** Subscribe to `filter` and keep every message on it that `pick` maps to a value (null/undefined: ignore). */
-export async function collect<T>(client: MqttClient, filter: string, pick: (topic: string, payload: Buffer) => T | null): Promise<Collector<T>> {
+export async function collect<T>(
+  client: MqttClient,
+  filter: string,
+  pick: (topic: string, payload: Buffer) => T | null,
+): Promise<Collector<T>> {
   const matched: T[] = [];
   const arrivals: number[] = [];
   const onMessage = (topic: string, payload: Buffer) => {
@@ -88,7 +105,8 @@ export async function collect<T>(client: MqttClient, filter: string, pick: (topi
   await client.subscribeAsync(filter, { qos: 1 });
   return {
     matched,
-    waitFor: (n, timeoutMs) => until(`${n} messages on ${filter} (have ${matched.length})`, () => arrivals[n - 1], timeoutMs, 5),
+    waitFor: (n, timeoutMs) =>
+      until(`${n} messages on ${filter} (have ${matched.length})`, () => arrivals[n - 1], timeoutMs, 5),
     close: () => {
       client.off("message", onMessage);
       void client.unsubscribeAsync(filter).catch(() => undefined);

@@ -1,5 +1,5 @@
 /**
- * The processes a bench measures: the real gateway (`bun gateway/cli.ts start`) and the
+ * The processes a bench measures: the real gateway (`bun gateway/cli/main.ts start`) and the
  * baseline brokers (scripts/bench/bare-broker.ts), each a subprocess so the publisher in
  * the bench process never shares their event loop. Both are torn down at exit.
  */
@@ -12,7 +12,10 @@ export const NOOP_AGENT = join(ROOT, "scripts/bench/noop-agent.ts");
 
 /** A fleet.toml with one agent type `bench` subscribed to `bench/+/t`, keyed by the `+`. */
 export function benchFleet(o: { maxConcurrent: number; instances?: readonly string[] }): string {
-  const instances = o.instances && o.instances.length > 0 ? `instances = [${o.instances.map((k) => JSON.stringify(k)).join(", ")}]\n` : "";
+  const instances =
+    o.instances && o.instances.length > 0
+      ? `instances = [${o.instances.map((k) => JSON.stringify(k)).join(", ")}]\n`
+      : "";
   return `[fleet]
 name = "bench"
 max_concurrent_episodes = ${o.maxConcurrent}
@@ -51,7 +54,7 @@ export interface GatewayProc {
   stop(graceMs?: number): Promise<void>;
 }
 
-/** Start `bun gateway/cli.ts start` on a fresh data dir; resolves once it wrote gateway.json. */
+/** Start `bun gateway/cli/main.ts start` on a fresh data dir; resolves once it wrote gateway.json. */
 export async function startGateway(tag: string, fleetToml: string): Promise<GatewayProc> {
   const dir = tempDir(tag);
   const config = join(dir, "fleet.toml");
@@ -61,13 +64,29 @@ export async function startGateway(tag: string, fleetToml: string): Promise<Gate
   // BENCH_PROFILE_DIR=DIR: the gateway writes a markdown CPU profile DIR/<tag>.md when it stops.
   const profDir = process.env.BENCH_PROFILE_DIR;
   const prof = profDir ? ["--cpu-prof-md", `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${tag}.md`] : [];
-  const proc = Bun.spawn([process.execPath, ...prof, join(ROOT, "gateway/cli.ts"), "start", "--config", config, "--data-dir", dataDir, "--mqtt-port", "0", "--http-port", "0"], {
-    cwd: ROOT,
-    env: { ...process.env, FLEET_LOG_FORMAT: "json" },
-    stdin: "ignore",
-    stdout: Bun.file(logFile),
-    stderr: Bun.file(join(dir, "gateway.err")),
-  });
+  const proc = Bun.spawn(
+    [
+      process.execPath,
+      ...prof,
+      join(ROOT, "gateway/cli/main.ts"),
+      "start",
+      "--config",
+      config,
+      "--data-dir",
+      dataDir,
+      "--mqtt-port",
+      "0",
+      "--http-port",
+      "0",
+    ],
+    {
+      cwd: ROOT,
+      env: { ...process.env, FLEET_LOG_FORMAT: "json" },
+      stdin: "ignore",
+      stdout: Bun.file(logFile),
+      stderr: Bun.file(join(dir, "gateway.err")),
+    },
+  );
   const stop = defer(async () => {
     await stopProc(proc, 15_000);
   });
@@ -76,8 +95,13 @@ export async function startGateway(tag: string, fleetToml: string): Promise<Gate
     const info = await until(
       "the gateway to write gateway.json",
       () => {
-        if (proc.exitCode !== null) throw new Error(`gateway exited with ${proc.exitCode}: ${readTail(join(dir, "gateway.err"))}${readTail(logFile)}`);
-        return existsSync(infoFile) ? (JSON.parse(readFileSync(infoFile, "utf8")) as { mqtt_port: number; http_port: number }) : null;
+        if (proc.exitCode !== null)
+          throw new Error(
+            `gateway exited with ${proc.exitCode}: ${readTail(join(dir, "gateway.err"))}${readTail(logFile)}`,
+          );
+        return existsSync(infoFile)
+          ? (JSON.parse(readFileSync(infoFile, "utf8")) as { mqtt_port: number; http_port: number })
+          : null;
       },
       30_000,
     );
@@ -127,7 +151,9 @@ async function stopProc(proc: Bun.Subprocess, graceMs: number): Promise<void> {
 }
 
 /** A baseline broker subprocess (`aedes`: plain aedes + net; `embedded`: createEmbeddedBroker, no-op intake). */
-export async function startBareBroker(mode: "aedes" | "embedded"): Promise<{ port: number; pid: number; stop(): Promise<void> }> {
+export async function startBareBroker(
+  mode: "aedes" | "embedded",
+): Promise<{ port: number; pid: number; stop(): Promise<void> }> {
   const proc = Bun.spawn([process.execPath, join(ROOT, "scripts/bench/bare-broker.ts"), mode], {
     cwd: ROOT,
     env: { ...process.env },

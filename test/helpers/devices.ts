@@ -8,7 +8,10 @@ import { connectMqtt, runCli, within, type CliResult, type TestFleet } from "./g
 /** The CONNACK return code of a refused connect, or 0 when it was accepted (the client is then closed). */
 export async function connackCode(port: number, opts: IClientOptions): Promise<number> {
   return connectMqtt(port, opts).then(
-    (c) => (c.end(true), 0),
+    (c) => {
+      c.end(true);
+      return 0;
+    },
     (e: { code?: number }) => e.code ?? -1,
   );
 }
@@ -45,8 +48,25 @@ export async function publishOutcome(client: MqttClient, topic: string, payload:
 }
 
 /** Run mosquitto_pub once (QoS 1) and return its exit code and output. */
-export async function mosquittoPub(port: number, args: { id: string; user?: string; password?: string; topic: string; message: string }): Promise<{ code: number; stderr: string }> {
-  const cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", String(port), "-i", args.id, "-q", "1", "-t", args.topic, "-m", args.message];
+export async function mosquittoPub(
+  port: number,
+  args: { id: string; user?: string; password?: string; topic: string; message: string },
+): Promise<{ code: number; stderr: string }> {
+  const cmd = [
+    "mosquitto_pub",
+    "-h",
+    "127.0.0.1",
+    "-p",
+    String(port),
+    "-i",
+    args.id,
+    "-q",
+    "1",
+    "-t",
+    args.topic,
+    "-m",
+    args.message,
+  ];
   if (args.user !== undefined) cmd.push("-u", args.user);
   if (args.password !== undefined) cmd.push("-P", args.password);
   const proc = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });

@@ -1,25 +1,34 @@
 /**
  * End-to-end harness: runs the real gateway as a separate process exactly as a user does
- * (`bun gateway/cli.ts start --config F --data-dir D --mqtt-port 0 --http-port 0`), runs
+ * (`bun gateway/cli/main.ts start --config F --data-dir D --mqtt-port 0 --http-port 0`), runs
  * CLI commands against its data dir, and talks MQTT to it with mqtt.js and raw sockets.
  * Every wait is bounded; nothing sleeps for a fixed time where an event can be awaited.
  */
-import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { connect as netConnect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createClient, type Client as DbClient } from "@libsql/client";
 import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
 
-/** The repository root (where gateway/cli.ts lives). */
+/** The repository root (where gateway/cli/main.ts lives). */
 export const ROOT = resolve(import.meta.dir, "../..");
 /** Absolute path of a test fixture agent module (world-readable: episodes run as nobody). */
 export const fixture = (name: string): string => join(ROOT, "test/fixtures/agents", `${name}.ts`);
 /** Absolute path of a shipped agent module. */
-export const shippedAgent = (name: string): string => join(ROOT, "agents", `${name}.ts`);
+export const shippedAgent = (name: string): string => join(ROOT, "agents/examples", `${name}.ts`);
 
 const BUN = process.execPath;
-const CLI = join(ROOT, "gateway/cli.ts");
+const CLI = join(ROOT, "gateway/cli/main.ts");
 
 // ---- waiting ----------------------------------------------------------------------------
 
@@ -70,8 +79,11 @@ export interface CliResult {
   readonly json: any;
 }
 
-/** Run `bun gateway/cli.ts <args>` from the repository root and wait (bounded) for it to exit. */
-export async function runCli(args: readonly string[], opts: { env?: Record<string, string>; timeoutMs?: number } = {}): Promise<CliResult> {
+/** Run `bun gateway/cli/main.ts <args>` from the repository root and wait (bounded) for it to exit. */
+export async function runCli(
+  args: readonly string[],
+  opts: { env?: Record<string, string>; timeoutMs?: number } = {},
+): Promise<CliResult> {
   const proc = Bun.spawn([BUN, CLI, ...args], {
     cwd: ROOT,
     env: { ...process.env, FLEET_LOG_FORMAT: "json", ...opts.env },
@@ -81,9 +93,13 @@ export async function runCli(args: readonly string[], opts: { env?: Record<strin
   });
   const timeoutMs = opts.timeoutMs ?? 30_000;
   const timer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);
-  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+    proc.exited,
+  ]);
   clearTimeout(timer);
-  let json: unknown = undefined;
+  let json: unknown;
   try {
     json = JSON.parse(stdout);
   } catch {
@@ -174,7 +190,19 @@ export class TestFleet {
     const fd = openSync(this.logPath, "a");
     writeFileSync(fd, `---- start ${new Date().toISOString()} ----\n`);
     const proc = Bun.spawn(
-      [BUN, CLI, "start", "--config", this.configPath, "--data-dir", this.dataDir, "--mqtt-port", "0", "--http-port", "0"],
+      [
+        BUN,
+        CLI,
+        "start",
+        "--config",
+        this.configPath,
+        "--data-dir",
+        this.dataDir,
+        "--mqtt-port",
+        "0",
+        "--http-port",
+        "0",
+      ],
       {
         cwd: ROOT,
         env: { ...process.env, FLEET_LOG_FORMAT: "json", FLEET_LOG_LEVEL: "debug", ...this.opts.env },
@@ -190,7 +218,8 @@ export class TestFleet {
     try {
       const info = await waitFor(
         () => {
-          if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`gateway exited (code ${proc.exitCode}, signal ${proc.signalCode})`);
+          if (proc.exitCode !== null || proc.signalCode !== null)
+            throw new Error(`gateway exited (code ${proc.exitCode}, signal ${proc.signalCode})`);
           if (!existsSync(file)) return undefined;
           const g = JSON.parse(readFileSync(file, "utf8")) as GatewayInfo;
           // A kill -9 leaves the previous run's file behind: only ours counts.
@@ -436,11 +465,20 @@ export function reap(pids: readonly number[]): void {
 
 /** Connect an mqtt.js client (no reconnects: a dropped connection must stay visible). */
 export function connectMqtt(port: number, opts: IClientOptions = {}): Promise<MqttClient> {
-  return within(connectAsync(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 0, connectTimeout: 10_000, ...opts }), 15_000, "MQTT connect");
+  return within(
+    connectAsync(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 0, connectTimeout: 10_000, ...opts }),
+    15_000,
+    "MQTT connect",
+  );
 }
 
 /** Publish with QoS 1; resolves once the PUBACK arrived (bounded). */
-export async function publishQos1(client: MqttClient, topic: string, payload: string | Uint8Array | object, timeoutMs = 15_000): Promise<void> {
+export async function publishQos1(
+  client: MqttClient,
+  topic: string,
+  payload: string | Uint8Array | object,
+  timeoutMs = 15_000,
+): Promise<void> {
   const body = typeof payload === "string" || payload instanceof Uint8Array ? payload : JSON.stringify(payload);
   await within(client.publishAsync(topic, body as string | Buffer, { qos: 1 }), timeoutMs, `PUBACK for ${topic}`);
 }
@@ -457,7 +495,7 @@ export interface Received {
 
 function toReceived(topic: string, payload: Buffer, retain: boolean): Received {
   const text = payload.toString("utf8");
-  let json: unknown = undefined;
+  let json: unknown;
   try {
     json = JSON.parse(text);
   } catch {
@@ -497,7 +535,11 @@ export class Subscription {
   }
 
   /** Resolve with the first truthy value of `probe(messages)`, re-checked on every message (bounded). */
-  until<T>(probe: (msgs: readonly Received[]) => T | undefined | null | false, timeoutMs: number, what = `messages on ${this.filter}`): Promise<T> {
+  until<T>(
+    probe: (msgs: readonly Received[]) => T | undefined | null | false,
+    timeoutMs: number,
+    what = `messages on ${this.filter}`,
+  ): Promise<T> {
     let check = () => {};
     const p = new Promise<T>((resolve) => {
       check = () => {
@@ -511,7 +553,10 @@ export class Subscription {
     });
     return within(p, timeoutMs, what).catch((err: Error) => {
       this.waiters.delete(check);
-      const seen = this.messages.slice(-10).map((m) => `  ${m.topic} ${m.text.slice(0, 200)}`).join("\n");
+      const seen = this.messages
+        .slice(-10)
+        .map((m) => `  ${m.topic} ${m.text.slice(0, 200)}`)
+        .join("\n");
       throw new Error(`${err.message}; last messages:\n${seen || "  (none)"}`);
     });
   }
@@ -536,7 +581,12 @@ export async function subscribe(client: MqttClient, filter: string): Promise<Sub
 }
 
 /** Subscribe to `filter` and collect messages until `pred(messages)` holds (bounded). */
-export async function collect(client: MqttClient, filter: string, pred: (msgs: readonly Received[]) => boolean, timeoutMs: number): Promise<Received[]> {
+export async function collect(
+  client: MqttClient,
+  filter: string,
+  pred: (msgs: readonly Received[]) => boolean,
+  timeoutMs: number,
+): Promise<Received[]> {
   const sub = await subscribe(client, filter);
   try {
     await sub.until((msgs) => pred(msgs) && true, timeoutMs, `messages on ${filter}`);
@@ -601,11 +651,16 @@ export class RawMqtt {
   /** Open a socket and complete CONNECT/CONNACK. */
   static async connect(port: number, clientId: string): Promise<RawMqtt> {
     const socket = netConnect({ host: "127.0.0.1", port });
-    await within(new Promise<void>((resolve, reject) => socket.once("connect", resolve).once("error", reject)), 10_000, "TCP connect");
+    await within(
+      new Promise<void>((resolve, reject) => socket.once("connect", resolve).once("error", reject)),
+      10_000,
+      "TCP connect",
+    );
     const raw = new RawMqtt(socket);
     socket.write(connectPacket(clientId));
     await raw.until(() => raw.received.length >= 4 || raw.closed, 10_000, "CONNACK");
-    if (raw.received[0] !== 0x20 || raw.received[3] !== 0) throw new Error(`connection refused: ${raw.received.toString("hex")}`);
+    if (raw.received[0] !== 0x20 || raw.received[3] !== 0)
+      throw new Error(`connection refused: ${raw.received.toString("hex")}`);
     raw.received = raw.received.subarray(4);
     return raw;
   }
@@ -658,7 +713,11 @@ export function seeded(seed: number): () => number {
 }
 
 /** Start a long-running helper process (e.g. mosquitto_sub) whose stdout lines are collected. */
-export function spawnLines(cmd: string[]): { lines: string[]; until(pred: (lines: readonly string[]) => boolean, timeoutMs: number, what: string): Promise<void>; stop(): Promise<void> } {
+export function spawnLines(cmd: string[]): {
+  lines: string[];
+  until(pred: (lines: readonly string[]) => boolean, timeoutMs: number, what: string): Promise<void>;
+  stop(): Promise<void>;
+} {
   const proc = Bun.spawn(cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   const lines: string[] = [];
   const waiters = new Set<() => void>();

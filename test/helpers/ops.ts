@@ -9,10 +9,10 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { EpisodeRecord, Stimulus } from "../../agents/protocol.ts";
-import { hashEvents, sealCheckpoint } from "../../gateway/checkpoint.ts";
-import { budgetWindows, buildEvents } from "../../gateway/episode.ts";
-import { compileSpec } from "../../gateway/spec/load.ts";
-import type { SpecVersion } from "../../gateway/spec/types.ts";
+import { hashEvents, sealCheckpoint } from "../../gateway/store/index.ts";
+import { budgetWindows, buildEvents } from "../../gateway/episode/index.ts";
+import { compileSpec } from "../../gateway/spec/index.ts";
+import type { SpecVersion } from "../../gateway/spec/index.ts";
 import { Store } from "../../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../../gateway/types.ts";
 
@@ -54,18 +54,28 @@ export class SyntheticFleet {
     readonly spec: SpecVersion,
   ) {
     this.heads = spec.spec.agents
-      ? Object.values(spec.spec.agents).flatMap((t) => t.instances.map((key) => ({ id: `${t.name}/${key}` as AgentId, type: t.name, key, seq: 0, hash: null, count: 0 })))
+      ? Object.values(spec.spec.agents).flatMap((t) =>
+          t.instances.map((key) => ({
+            id: `${t.name}/${key}` as AgentId,
+            type: t.name,
+            key,
+            seq: 0,
+            hash: null,
+            count: 0,
+          })),
+        )
       : [];
   }
 
   /** Write `<dir>/fleet.toml`, open `<dir>/data/fleet.db` and record the spec version. */
   static async create(dir: string, opts: SyntheticFleetOptions): Promise<SyntheticFleet> {
     mkdirSync(join(dir, "data"), { recursive: true });
-    const module = join(ROOT, "agents/temp-monitor.ts");
+    const module = join(ROOT, "agents/examples/temp-monitor.ts");
     const toml = [
       `[fleet]\nname = "synthetic"\nsynchronous = "normal"\n`,
       ...opts.types.map(
-        (t) => `[agents.${t.name}]\nmodule = ${JSON.stringify(module)}\ninstances = [${t.keys.map((k) => JSON.stringify(k)).join(", ")}]\nconfig = { threshold = 80.0 }\n\n[agents.${t.name}.checkpoint]\nkeep = ${opts.keep}\n`,
+        (t) =>
+          `[agents.${t.name}]\nmodule = ${JSON.stringify(module)}\ninstances = [${t.keys.map((k) => JSON.stringify(k)).join(", ")}]\nconfig = { threshold = 80.0 }\n\n[agents.${t.name}.checkpoint]\nkeep = ${opts.keep}\n`,
       ),
       `[retention]\nepisodes_days = ${opts.episodesDays}\ndedup_days = ${opts.dedupDays}\n`,
     ].join("\n");
@@ -88,7 +98,12 @@ export class SyntheticFleet {
    * (its stimulus received 5 ms before). Chunks of `chunk` episodes: one intake job, then
    * every commit of the chunk fired at once so the group committer folds them together.
    */
-  async commit(count: number, start: number, spacingMs: number, chunk = 2000): Promise<{ first: number; last: number }> {
+  async commit(
+    count: number,
+    start: number,
+    spacingMs: number,
+    chunk = 2000,
+  ): Promise<{ first: number; last: number }> {
     const enc = new TextEncoder();
     let last = start;
     for (let base = 0; base < count; base += chunk) {
@@ -126,7 +141,13 @@ export class SyntheticFleet {
   /** One episode's commit, exactly as EpisodeExecutor builds it after a successful run. */
   private async episode(head: Head, at: number, stimulusSeq: number, sid: StimulusId, value: number) {
     const episode = Bun.randomUUIDv7("hex", at);
-    const stimulus: Stimulus = { id: sid, kind: "mqtt", topic: `sensors/${head.key}/temperature`, payload: { id: sid, value }, received_at: at - 5 };
+    const stimulus: Stimulus = {
+      id: sid,
+      kind: "mqtt",
+      topic: `sensors/${head.key}/temperature`,
+      payload: { id: sid, value },
+      received_at: at - 5,
+    };
     head.count += 1;
     const state = { alarm: false, count: head.count, last: value };
     const records: EpisodeRecord[] = [
@@ -138,7 +159,14 @@ export class SyntheticFleet {
     const eventsHash = await hashEvents(events);
     const seq = head.seq + 1;
     const parent = head.hash;
-    const { hash, stateText } = await sealCheckpoint({ agent: head.id, seq, parent, episode, spec_version: this.spec.hash, state });
+    const { hash, stateText } = await sealCheckpoint({
+      agent: head.id,
+      seq,
+      parent,
+      episode,
+      spec_version: this.spec.hash,
+      state,
+    });
     head.seq = seq;
     head.hash = hash;
     const win = budgetWindows(at);
@@ -160,7 +188,17 @@ export class SyntheticFleet {
         eventCount: events.length,
       },
       events,
-      checkpoint: { hash, gateway: this.store.gatewayId, agent: head.id, seq, parent, episode, specVersion: this.spec.hash, state: stateText, createdAt: at },
+      checkpoint: {
+        hash,
+        gateway: this.store.gatewayId,
+        agent: head.id,
+        seq,
+        parent,
+        episode,
+        specVersion: this.spec.hash,
+        state: stateText,
+        createdAt: at,
+      },
       outbox: [],
       inbox: [],
       usage: { hourWindow: win.hourWindow, dayWindow: win.dayWindow, toolCalls: 0, tokens: 0, cost: 0 },
@@ -168,7 +206,15 @@ export class SyntheticFleet {
   }
 
   /** Row counts of the tables retention works on. */
-  async counts(): Promise<{ checkpoints: number; live: number; tombstones: number; episodes: number; events: number; stimuli: number; usage: number }> {
+  async counts(): Promise<{
+    checkpoints: number;
+    live: number;
+    tombstones: number;
+    episodes: number;
+    events: number;
+    stimuli: number;
+    usage: number;
+  }> {
     const one = async (q: string) => Number((await this.store.client.execute(q)).rows[0]![0]);
     return {
       checkpoints: await one("SELECT count(*) FROM checkpoints"),

@@ -24,10 +24,22 @@ export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: s
 export function agentBlock(
   name: string,
   module: string,
-  o: { tools?: string[]; publish?: string[]; httpHosts?: string[]; secrets?: string[]; budget?: Record<string, number | string>; extra?: string; instances?: string[] } = {},
+  o: {
+    tools?: string[];
+    publish?: string[];
+    httpHosts?: string[];
+    secrets?: string[];
+    budget?: Record<string, number | string>;
+    extra?: string;
+    instances?: string[];
+  } = {},
 ): string {
   const list = (xs: string[] | undefined) => `[${(xs ?? []).map(q).join(", ")}]`;
-  const budget = o.budget ? `\n[agents.${name}.budget]\n${Object.entries(o.budget).map(([k, v]) => `${k} = ${typeof v === "string" ? v : String(v)}`).join("\n")}\n` : "";
+  const budget = o.budget
+    ? `\n[agents.${name}.budget]\n${Object.entries(o.budget)
+        .map(([k, v]) => `${k} = ${typeof v === "string" ? v : String(v)}`)
+        .join("\n")}\n`
+    : "";
   return `
 [agents.${name}]
 module = ${q(module)}
@@ -74,7 +86,15 @@ export function processTable(): Proc[] {
       } catch {
         // zombie or gone
       }
-      out.push({ pid: Number(name), ppid: Number(f[1]), pgid: Number(f[2]), uid, state: f[0] ?? "?", start: Number(f[19]), argv });
+      out.push({
+        pid: Number(name),
+        ppid: Number(f[1]),
+        pgid: Number(f[2]),
+        uid,
+        state: f[0] ?? "?",
+        start: Number(f[19]),
+        argv,
+      });
     } catch {
       // exited meanwhile
     }
@@ -106,7 +126,7 @@ const key = (p: Proc) => `${p.pid}:${p.start}`;
  */
 export class ProcessWatch {
   readonly seen = new Map<string, Proc>();
-  /** `/proc/<pid>/limits` of the first episode host process seen (agents/host.ts). */
+  /** `/proc/<pid>/limits` of the first episode host process seen (agents/host/main.ts). */
   hostLimits: string | null = null;
   private timer: ReturnType<typeof setInterval> | null = null;
 
@@ -121,7 +141,7 @@ export class ProcessWatch {
   sample(): void {
     for (const p of descendantsOf(this.gatewayPid)) {
       if (!this.seen.has(key(p))) this.seen.set(key(p), p);
-      if (this.hostLimits === null && p.argv.some((a) => a.endsWith("agents/host.ts")) && p.uid !== 0) {
+      if (this.hostLimits === null && p.argv.some((a) => a.endsWith("agents/host/main.ts")) && p.uid !== 0) {
         try {
           this.hostLimits = readFileSync(`/proc/${p.pid}/limits`, "utf8");
         } catch {
@@ -140,7 +160,9 @@ export class ProcessWatch {
   /** Seen processes still alive, except those in the given process groups (idle warm spares). */
   survivors(exceptGroups: ReadonlySet<number> = new Set()): Proc[] {
     const alive = new Map(processTable().map((p) => [key(p), p]));
-    return [...this.seen.keys()].flatMap((k) => (alive.has(k) && !exceptGroups.has(alive.get(k)!.pgid) ? [alive.get(k)!] : []));
+    return [...this.seen.keys()].flatMap((k) =>
+      alive.has(k) && !exceptGroups.has(alive.get(k)!.pgid) ? [alive.get(k)!] : [],
+    );
   }
 }
 
@@ -178,10 +200,18 @@ export function startEchoServer(): { port: number; requests: SeenRequest[]; stop
     port: 0,
     async fetch(req) {
       const url = new URL(req.url);
-      const seen = { method: req.method, path: url.pathname, headers: Object.fromEntries(req.headers), body: await req.text() };
+      const seen = {
+        method: req.method,
+        path: url.pathname,
+        headers: Object.fromEntries(req.headers),
+        body: await req.text(),
+      };
       requests.push(seen);
       // A careless API reflecting the credential back, in the body and in a header.
-      return Response.json({ echo: seen.headers.authorization ?? null, path: seen.path }, { headers: { "x-echo-authorization": seen.headers.authorization ?? "" } });
+      return Response.json(
+        { echo: seen.headers.authorization ?? null, path: seen.path },
+        { headers: { "x-echo-authorization": seen.headers.authorization ?? "" } },
+      );
     },
   });
   return { port: server.port!, requests, stop: () => void server.stop(true) };
@@ -192,16 +222,25 @@ export function startEchoServer(): { port: number; requests: SeenRequest[]; stop
  * request whose last message contains "slow" is answered after `slowMs` (an episode that is
  * still running when a test kills the gateway).
  */
-export function startLlmServer(usage: { prompt_tokens: number; completion_tokens: number }, slowMs = 3000): { port: number; requests: SeenRequest[]; stop(): void } {
+export function startLlmServer(
+  usage: { prompt_tokens: number; completion_tokens: number },
+  slowMs = 3000,
+): { port: number; requests: SeenRequest[]; stop(): void } {
   const requests: SeenRequest[] = [];
   const server = Bun.serve({
     hostname: "127.0.0.1",
     port: 0,
     async fetch(req) {
       const url = new URL(req.url);
-      const seen = { method: req.method, path: url.pathname, headers: Object.fromEntries(req.headers), body: await req.text() };
+      const seen = {
+        method: req.method,
+        path: url.pathname,
+        headers: Object.fromEntries(req.headers),
+        body: await req.text(),
+      };
       requests.push(seen);
-      if (req.method !== "POST" || url.pathname !== "/v1/chat/completions") return new Response("not found", { status: 404 });
+      if (req.method !== "POST" || url.pathname !== "/v1/chat/completions")
+        return new Response("not found", { status: 404 });
       const body = JSON.parse(seen.body) as { model: string; messages: { content: string }[] };
       if (body.messages.at(-1)?.content.includes("slow")) await Bun.sleep(slowMs);
       return Response.json({
@@ -209,7 +248,9 @@ export function startLlmServer(usage: { prompt_tokens: number; completion_tokens
         object: "chat.completion",
         created: Math.floor(Date.now() / 1000),
         model: body.model,
-        choices: [{ index: 0, message: { role: "assistant", content: `answer ${requests.length}` }, finish_reason: "stop" }],
+        choices: [
+          { index: 0, message: { role: "assistant", content: `answer ${requests.length}` }, finish_reason: "stop" },
+        ],
         usage: { ...usage, total_tokens: usage.prompt_tokens + usage.completion_tokens },
       });
     },

@@ -9,7 +9,8 @@ import { join } from "node:path";
 import { ROOT, waitFor, type TestFleet } from "./gateway.ts";
 
 /** Absolute path of a fixture agent of these tests (world-readable: episodes run as nobody). */
-export const sourceAgent = (name: "recorder" | "recorder-v2" | "relay"): string => join(ROOT, "test/fixtures/sources", `${name}.ts`);
+export const sourceAgent = (name: "recorder" | "recorder-v2" | "relay"): string =>
+  join(ROOT, "test/fixtures/sources", `${name}.ts`);
 
 /** What the recorder fixtures emit once per episode. */
 export interface Emitted {
@@ -36,7 +37,16 @@ export interface CommittedEpisode {
 
 /** Committed episodes (optionally of one agent), oldest first, straight from the store. */
 export async function committed(f: TestFleet, agent?: string): Promise<CommittedEpisode[]> {
-  const rows = await f.query<{ id: string; agent: string; sid: string; kind: string; spec_version: string; started_at: number; ended_at: number; emit: string | null }>(
+  const rows = await f.query<{
+    id: string;
+    agent: string;
+    sid: string;
+    kind: string;
+    spec_version: string;
+    started_at: number;
+    ended_at: number;
+    emit: string | null;
+  }>(
     `SELECT e.id, e.agent, e.stimulus_id AS sid, s.kind, e.spec_version, e.started_at, e.ended_at,
             (SELECT v.data FROM events v WHERE v.episode = e.id AND v.kind = 'emit' ORDER BY v.seq LIMIT 1) AS emit
        FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq
@@ -53,7 +63,13 @@ export async function committed(f: TestFleet, agent?: string): Promise<Committed
 }
 
 /** Wait (bounded) until `agent` has at least `n` committed episodes matching `pred`. */
-export async function waitCommitted(f: TestFleet, agent: string, n: number, timeoutMs = 20_000, pred: (e: CommittedEpisode) => boolean = () => true): Promise<CommittedEpisode[]> {
+export async function waitCommitted(
+  f: TestFleet,
+  agent: string,
+  n: number,
+  timeoutMs = 20_000,
+  pred: (e: CommittedEpisode) => boolean = () => true,
+): Promise<CommittedEpisode[]> {
   let seen = 0;
   try {
     return await waitFor(
@@ -73,14 +89,27 @@ export async function waitCommitted(f: TestFleet, agent: string, n: number, time
 
 /** Scheduled times (ms) of the timer fires recorded for an agent, ascending. */
 export async function timerFires(f: TestFleet, agent: string): Promise<number[]> {
-  const rows = await f.query<{ sid: string }>("SELECT sid FROM stimuli WHERE agent = ? AND kind = 'timer' ORDER BY sid", [agent]);
+  const rows = await f.query<{ sid: string }>(
+    "SELECT sid FROM stimuli WHERE agent = ? AND kind = 'timer' ORDER BY sid",
+    [agent],
+  );
   return rows.map((r) => Number(r.sid.slice("timer:".length))).sort((a, b) => a - b);
 }
 
 /** Payloads of an agent's timer stimuli by scheduled time. */
-export async function timerPayloads(f: TestFleet, agent: string): Promise<{ sid: string; received_at: number; payload: { scheduled_at: number; fired_at: number } }[]> {
-  const rows = await f.query<{ sid: string; received_at: number; payload: ArrayBuffer }>("SELECT sid, received_at, payload FROM stimuli WHERE agent = ? AND kind = 'timer' ORDER BY seq", [agent]);
-  return rows.map((r) => ({ sid: r.sid, received_at: Number(r.received_at), payload: JSON.parse(new TextDecoder().decode(r.payload)) }));
+export async function timerPayloads(
+  f: TestFleet,
+  agent: string,
+): Promise<{ sid: string; received_at: number; payload: { scheduled_at: number; fired_at: number } }[]> {
+  const rows = await f.query<{ sid: string; received_at: number; payload: ArrayBuffer }>(
+    "SELECT sid, received_at, payload FROM stimuli WHERE agent = ? AND kind = 'timer' ORDER BY seq",
+    [agent],
+  );
+  return rows.map((r) => ({
+    sid: r.sid,
+    received_at: Number(r.received_at),
+    payload: JSON.parse(new TextDecoder().decode(r.payload)),
+  }));
 }
 
 /** The durable "last fire handled" of a timer type, or null. */
@@ -91,7 +120,10 @@ export async function lastFireMeta(f: TestFleet, type: string): Promise<number |
 
 /** Stimuli still waiting (state queued), fleet-wide or for one agent. */
 export async function queuedCount(f: TestFleet, agent?: string): Promise<number> {
-  const rows = await f.query<{ n: number }>(`SELECT count(*) AS n FROM stimuli WHERE state = 'queued' ${agent ? "AND agent = ?" : ""}`, agent ? [agent] : []);
+  const rows = await f.query<{ n: number }>(
+    `SELECT count(*) AS n FROM stimuli WHERE state = 'queued' ${agent ? "AND agent = ?" : ""}`,
+    agent ? [agent] : [],
+  );
   return Number(rows[0]?.n ?? 0);
 }
 
@@ -129,20 +161,33 @@ export async function api(f: TestFleet, path: string, init: RequestInit = {}): P
 }
 
 /** POST a manual stimulus to an agent (JSON body, optional Idempotency-Key). */
-export function postStimulus(f: TestFleet, agent: string, payload: unknown, idempotencyKey?: string): Promise<ApiResponse> {
+export function postStimulus(
+  f: TestFleet,
+  agent: string,
+  payload: unknown,
+  idempotencyKey?: string,
+): Promise<ApiResponse> {
   const headers: Record<string, string> = { "content-type": "application/json" };
   if (idempotencyKey) headers["idempotency-key"] = idempotencyKey;
   return api(f, `/api/agents/${agent}/stimuli`, { method: "POST", headers, body: JSON.stringify(payload) });
 }
 
 /** The agent as GET /api/agents/<type>/<key> shows it, or null on 404. */
-export async function agentInfo(f: TestFleet, agent: string): Promise<{ status: string; reason: string | null; queued: number; episodes: number } | null> {
+export async function agentInfo(
+  f: TestFleet,
+  agent: string,
+): Promise<{ status: string; reason: string | null; queued: number; episodes: number } | null> {
   const r = await api(f, `/api/agents/${agent}`);
   return r.status === 200 ? r.body : null;
 }
 
 /** Poll until `probe` holds; resolves with the elapsed ms since `since` (for "takes effect within" checks). */
-export async function msUntil(since: number, probe: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<number> {
+export async function msUntil(
+  since: number,
+  probe: () => boolean | Promise<boolean>,
+  timeoutMs: number,
+  what: string,
+): Promise<number> {
   await waitFor(async () => (await probe()) || undefined, timeoutMs, what, 25);
   return Date.now() - since;
 }
@@ -157,7 +202,7 @@ export function currentLog(f: TestFleet): Record<string, any>[] {
   }
   const start = text.lastIndexOf("---- start");
   return text
-    .slice(start < 0 ? 0 : start)
+    .slice(Math.max(start, 0))
     .split("\n")
     .flatMap((line) => {
       if (!line.startsWith("{")) return [];

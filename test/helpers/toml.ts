@@ -56,7 +56,12 @@ export interface AgentTypeOptions {
 }
 
 /** One `[agents.<name>]` table. */
-export function agentType(name: string, module: string, subscribe: readonly string[], o: AgentTypeOptions = {}): string {
+export function agentType(
+  name: string,
+  module: string,
+  subscribe: readonly string[],
+  o: AgentTypeOptions = {},
+): string {
   return `
 [agents.${name}]
 module = ${q(module)}
@@ -66,17 +71,28 @@ ${o.dedup ? `dedup = ${q(o.dedup)}\n` : ""}${o.instances ? `instances = [${o.ins
 }
 
 /** The counter fixture keyed by the topic's `+`, deduplicated by `id`. */
-export function counterType(name: string, subscribe: string, o: { instances?: readonly string[]; extra?: string } = {}): string {
+export function counterType(
+  name: string,
+  subscribe: string,
+  o: { instances?: readonly string[]; extra?: string } = {},
+): string {
   return agentType(name, fixture("counter"), [subscribe], { dedup: "id", ...o });
 }
 
 /** `thrower`: the throws fixture, failing every episode; one attempt, so it is quarantined at once. */
 export function throwerType(subscribe: string): string {
-  return agentType("thrower", fixture("throws"), [subscribe], { dedup: "id", extra: "\n[agents.thrower.retry]\nmax_attempts = 1\nbackoff_ms = 10\n" });
+  return agentType("thrower", fixture("throws"), [subscribe], {
+    dedup: "id",
+    extra: "\n[agents.thrower.retry]\nmax_attempts = 1\nbackoff_ms = 10\n",
+  });
 }
 
 /** The shipped temp-monitor on `sensors/+/temperature`: alerts above 80 (hysteresis 2) on `alerts/#`. */
 export function tempMonitorType(name: string, o: { instances?: readonly string[]; extra?: string } = {}): string {
   const tools = 'tools = ["publish"]\npublish = ["alerts/#"]\nconfig = { threshold = 80.0, hysteresis = 2.0 }\n';
-  return agentType(name, shippedAgent("temp-monitor"), ["sensors/+/temperature"], { dedup: "id", instances: o.instances, extra: tools + (o.extra ?? "") });
+  return agentType(name, shippedAgent("temp-monitor"), ["sensors/+/temperature"], {
+    dedup: "id",
+    instances: o.instances,
+    extra: tools + (o.extra ?? ""),
+  });
 }

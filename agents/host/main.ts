@@ -1,0 +1,201 @@
+/**
+ * The episode subprocess. Spawned fresh for every episode by the gateway with a scrubbed
+ * environment; it never opens the database. It waits for one `start` message, loads the
+ * agent module, runs `init` (brand-new agent) and `onStimulus`, streams the episode's
+ * records, asks the gateway for every tool call, and reports the final state.
+ */
+import { pathToFileURL } from "node:url";
+import { parseParentMessage, type ChildMessage, type EpisodeRecord, type ParentMessage } from "../protocol.ts";
+import { ToolDenied, ToolFailed, type AgentContext, type AgentDefinition } from "../sdk/index.ts";
+
+type Start = Extract<ParentMessage, { t: "start" }>;
+
+function send(msg: ChildMessage): void {
+  process.send!(msg);
+}
+
+class Flood extends Error {}
+
+/** Buffers records and flushes them before each tool call and at the end, preserving order. */
+class Recorder {
+  private buffer: EpisodeRecord[] = [];
+  private count = 0;
+  private bytes = 0;
+  /** Set once a limit is crossed; sticky, so an agent that catches the error still fails. */
+  flood: string | null = null;
+  constructor(private readonly limits: Start["limits"]) {}
+
+  push(record: EpisodeRecord): void {
+    if (this.flood !== null) throw new Flood(this.flood);
+    this.count += 1;
+    // Encoding here is what the gateway will store; measure it once, refuse floods early.
+    this.bytes += JSON.stringify(record)?.length ?? 4;
+    if (this.count > this.limits.max_records) this.flood = `episode wrote more than ${this.limits.max_records} records`;
+    else if (this.bytes > this.limits.max_record_bytes)
+      this.flood = `episode records exceed ${this.limits.max_record_bytes} bytes`;
+    if (this.flood !== null) throw new Flood(this.flood);
+    this.buffer.push(record);
+  }
+
+  flush(): void {
+    if (this.buffer.length === 0) return;
+    send({ t: "records", records: this.buffer });
+    this.buffer = [];
+  }
+}
+
+const pendingTools = new Map<number, (r: { ok: boolean; result: unknown }) => void>();
+let started = false;
+
+function asJson(value: unknown, what: string): unknown {
+  if (value === undefined) return null;
+  const text = JSON.stringify(value);
+  if (text === undefined) throw new TypeError(`${what} is not JSON-serialisable`);
+  return JSON.parse(text);
+}
+
+function toolError(tool: string, result: unknown): Error {
+  const r = (result ?? {}) as { error?: string; reason?: string };
+  const reason = r.reason ?? "unknown reason";
+  return r.error === "denied" ? new ToolDenied(tool, reason) : new ToolFailed(tool, reason);
+}
+
+async function run(start: Start): Promise<void> {
+  const rec = new Recorder(start.limits);
+  const replay = start.replay;
+  let nowIdx = 0;
+  let randIdx = 0;
+  let call = 0;
+
+  const mod = (await import(pathToFileURL(start.module).href)) as { default?: AgentDefinition<unknown> };
+  const def = mod.default;
+  if (def?.__fleetAgent !== true || typeof def.onStimulus !== "function") {
+    send({
+      t: "error",
+      kind: "invalid_module",
+      message: `${start.module} has no default export made by defineAgent()`,
+    });
+    return;
+  }
+
+  const callTool = async (tool: string, args: unknown[]): Promise<unknown> => {
+    call += 1;
+    const id = call;
+    const jsonArgs = asJson(args, `arguments of ${tool}`) as unknown[];
+    let outcome: { ok: boolean; result: unknown };
+    // Flushed before every call, live and in replay alike, so an agent that throws after a
+    // tool call leaves the same records behind in both (replay compares them).
+    rec.flush();
+    if (replay) {
+      const recorded = replay.tools[id - 1];
+      outcome =
+        recorded && recorded.tool === tool
+          ? recorded
+          : { ok: false, result: { error: "failed", reason: "replay: no recorded result for this call" } };
+    } else {
+      outcome = await new Promise((resolve) => {
+        pendingTools.set(id, resolve);
+        send({ t: "tool", call: id, tool, args: jsonArgs });
+      });
+    }
+    // In replay the tool record is produced here (and sent at once, as the gateway appends
+    // it live); live, the gateway records the call it ran.
+    if (replay) {
+      rec.push({ k: "tool", call: id, tool, args: jsonArgs, ok: outcome.ok, result: outcome.result });
+      rec.flush();
+    }
+    if (!outcome.ok) throw toolError(tool, outcome.result);
+    return outcome.result;
+  };
+
+  const tools = {
+    publish: (topic: string, payload: unknown, options?: unknown) =>
+      callTool("publish", options === undefined ? [topic, payload] : [topic, payload, options]),
+    http: (url: string, init?: unknown) => callTool("http", init === undefined ? [url] : [url, init]),
+    llm: (request: unknown) => callTool("llm", [request]),
+    send: (agentId: string, payload: unknown) => callTool("send", [agentId, payload]),
+  } as AgentContext<unknown>["tools"];
+
+  const ctx: AgentContext<unknown> = {
+    agent: start.agent,
+    state: start.state,
+    config: start.config,
+    episode: start.episode,
+    decide: (name, data) => rec.push({ k: "decide", name: String(name), data: asJson(data, "decision data") }),
+    emit: (payload) => rec.push({ k: "emit", data: asJson(payload, "emitted payload") }),
+    send: (agentId, payload) => tools.send(agentId, payload),
+    tools,
+    now: () => {
+      const v = replay ? (replay.now[nowIdx++] ?? Date.now()) : Date.now();
+      rec.push({ k: "now", v });
+      return v;
+    },
+    random: () => {
+      const v = replay ? (replay.random[randIdx++] ?? Math.random()) : Math.random();
+      rec.push({ k: "random", v });
+      return v;
+    },
+    log: (...args) => {
+      const msg = args
+        .map((a) => (typeof a === "string" ? a : safeStringify(a)))
+        .join(" ")
+        .slice(0, 4096);
+      rec.push({ k: "log", level: "info", msg });
+    },
+  };
+
+  if (start.fresh) ctx.state = await def.init({ agent: start.agent, config: start.config });
+  await def.onStimulus(start.stimulus, ctx);
+  if (rec.flood !== null) throw new Flood(rec.flood);
+  let state: unknown;
+  try {
+    state = asJson(ctx.state, "agent state");
+  } catch (err) {
+    const why = err instanceof Error ? err.message : String(err);
+    send({ t: "error", kind: "invalid_state", message: `agent state cannot be checkpointed as JSON: ${why}` });
+    return;
+  }
+  rec.flush();
+  send({ t: "done", state });
+}
+
+function safeStringify(v: unknown): string {
+  try {
+    return JSON.stringify(v) ?? String(v);
+  } catch {
+    return String(v);
+  }
+}
+
+function fail(err: unknown): void {
+  const kind = err instanceof Flood ? "flood" : "threw";
+  const e = err instanceof Error ? err : new Error(String(err));
+  send({ t: "error", kind, message: e.message, stack: e.stack?.slice(0, 4000) });
+}
+
+process.on("message", (raw: unknown) => {
+  const msg = parseParentMessage(raw);
+  if (!msg) return;
+  if (msg.t === "tool_result") {
+    const resolve = pendingTools.get(msg.call);
+    pendingTools.delete(msg.call);
+    resolve?.({ ok: msg.ok, result: msg.result });
+    return;
+  }
+  if (started) return;
+  started = true;
+  // The gateway kills this process group as soon as `done` or `error` arrives, so an
+  // agent's stray timers or sockets cannot keep the episode alive.
+  run(msg).catch(fail);
+});
+
+process.on("unhandledRejection", (err) => {
+  fail(err);
+  process.exit(1);
+});
+
+// The gateway died (kill -9) and cannot kill our group: nobody will ever read our result,
+// so do not linger on the agent's timers or a tool call that will never be answered.
+process.on("disconnect", () => process.exit(70));
+
+send({ t: "ready" });

@@ -1,0 +1,114 @@
+/**
+ * What every `fleet` command shares: the parsed flags, where the config and data dir are,
+ * whether a gateway is running, and how output is printed (human text or `--json`).
+ * cli.ts builds one `Cli` from the command line and hands it to the command it runs.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import type { CliContext } from "./devices.ts";
+import { loadSpec } from "../spec/index.ts";
+import { Store } from "../store/index.ts";
+
+/** A bad command line: cli.ts prints the message with the usage and exits 2. */
+export class UsageError extends Error {}
+
+/** The flags cli.ts parses (every one optional on the command line). */
+export interface CliFlags {
+  readonly config?: string;
+  readonly "data-dir"?: string;
+  readonly "mqtt-port"?: string;
+  readonly "http-port"?: string;
+  readonly json: boolean;
+  readonly agent?: string;
+  readonly type?: string;
+  readonly status?: string;
+  readonly limit?: string;
+  readonly page?: string;
+  readonly id?: string;
+  readonly module?: string;
+  readonly "dry-run": boolean;
+  readonly now?: string;
+  readonly publish?: string[];
+  readonly subscribe?: string[];
+  readonly "client-id"?: string;
+  readonly help: boolean;
+}
+
+/** A running gateway, as its `gateway.json` and a live pid say. */
+export interface LiveGateway {
+  readonly http: string;
+  readonly mqtt_port: number;
+}
+
+/** What a command gets: the flags and the environment derived from them. */
+export interface Cli extends CliContext {
+  readonly flags: CliFlags;
+  dataDir(): Promise<string>;
+  running(): Promise<LiveGateway | null>;
+  /** The data dir's database, read-only; a UsageError when there is none. */
+  openReadonly(): Promise<Store>;
+  /** Print `data` as JSON with --json, else the human text. */
+  print(data: unknown, human: () => string): void;
+}
+
+/** The command environment for these flags (and FLEET_CONFIG / FLEET_DATA_DIR). */
+export function createCli(flags: CliFlags): Cli {
+  const configPath = resolve(flags.config ?? process.env.FLEET_CONFIG ?? "fleet.toml");
+
+  async function dataDir(): Promise<string> {
+    if (flags["data-dir"]) return resolve(flags["data-dir"]);
+    if (process.env.FLEET_DATA_DIR) return resolve(process.env.FLEET_DATA_DIR);
+    try {
+      return resolve((await loadSpec(configPath)).spec.fleet.data_dir);
+    } catch {
+      return resolve(".fleet");
+    }
+  }
+
+  async function running(): Promise<LiveGateway | null> {
+    const file = join(await dataDir(), "gateway.json");
+    if (!existsSync(file)) return null;
+    try {
+      const g = JSON.parse(readFileSync(file, "utf8")) as { http_port: number; mqtt_port: number; pid: number };
+      process.kill(g.pid, 0); // throws when the pid is gone: a stale gateway.json
+      return { http: `http://127.0.0.1:${g.http_port}`, mqtt_port: g.mqtt_port };
+    } catch {
+      return null;
+    }
+  }
+
+  async function openReadonly(): Promise<Store> {
+    const dir = await dataDir();
+    const file = join(dir, "fleet.db");
+    if (!existsSync(file))
+      throw new UsageError(`no fleet data in ${dir} (start the gateway first, or pass --data-dir)`);
+    return Store.open(file, { synchronous: "normal", readonly: true });
+  }
+
+  return {
+    flags,
+    json: flags.json,
+    configPath,
+    dataDir,
+    running,
+    openReadonly,
+    print: (data, human) => console.log(flags.json ? JSON.stringify(data, null, 2) : human()),
+  };
+}
+
+/** A plain text table with upper-case headers; null cells print as "-". */
+export function table(rows: Record<string, unknown>[], cols: string[]): string {
+  if (rows.length === 0) return "(none)";
+  const cell = (v: unknown) => (v === null || v === undefined ? "-" : String(v));
+  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
+  const line = (vals: string[]) =>
+    vals
+      .map((v, i) => v.padEnd(widths[i]!))
+      .join("  ")
+      .trimEnd();
+  return [line(cols.map((c) => c.toUpperCase())), ...rows.map((r) => line(cols.map((c) => cell(r[c]))))].join("\n");
+}
+
+/** A timestamp as `YYYY-MM-DD HH:MM:SS` (UTC), or "-". */
+export const when = (ms: number | null): string =>
+  ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "-";

@@ -1,0 +1,206 @@
+/**
+ * `fleet device add|list|remove` and `fleet quarantine [retry|drop <seq>]`, called by
+ * cli.ts. Devices edit the file named by `[broker] devices` (a running gateway re-reads it
+ * at the next CONNECT); quarantine goes through the running gateway's HTTP API, or writes
+ * the data dir directly when the gateway is stopped (it is then the only writer).
+ */
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { addDevice, listDevices, removeDevice } from "../devices/index.ts";
+import { DevicesError, loadDevices } from "../devices/index.ts";
+import { listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
+import { loadSpec } from "../spec/index.ts";
+import { Store } from "../store/index.ts";
+
+/** What the command needs from cli.ts. */
+export interface CliContext {
+  readonly json: boolean;
+  readonly configPath: string;
+  dataDir(): Promise<string>;
+  /** The running gateway's HTTP base URL, or null when it is stopped. */
+  running(): Promise<{ readonly http: string } | null>;
+}
+
+/** Flags of `fleet device add`. */
+export interface DeviceFlags {
+  readonly publish?: readonly string[];
+  readonly subscribe?: readonly string[];
+  readonly clientId?: string;
+}
+
+/** Usage lines of these commands, for the CLI help. */
+export const DEVICE_USAGE = `  device add <id> [--publish PATTERN]... [--subscribe PATTERN]... [--client-id ID]
+                              register a device; prints its secret once
+  device list | device remove <id>
+  quarantine [--limit N]      poison stimuli with their failures
+  quarantine retry|drop <seq> requeue (attempts reset) or drop one`;
+
+function usage(message: string): number {
+  console.error(`fleet: ${message}\n\n${DEVICE_USAGE}`);
+  return 2;
+}
+
+function out(ctx: CliContext, data: unknown, human: () => string): void {
+  console.log(ctx.json ? JSON.stringify(data, null, 2) : human());
+}
+
+/** A plain text table. */
+export function table(rows: readonly Record<string, unknown>[], cols: readonly string[]): string {
+  if (rows.length === 0) return "(none)";
+  const cell = (v: unknown) => (v === null || v === undefined || v === "" ? "-" : String(v));
+  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
+  const line = (vals: string[]) =>
+    vals
+      .map((v, i) => v.padEnd(widths[i]!))
+      .join("  ")
+      .trimEnd();
+  return [line(cols.map((c) => c.toUpperCase())), ...rows.map((r) => line(cols.map((c) => cell(r[c]))))].join("\n");
+}
+
+async function devicesFile(ctx: CliContext): Promise<string> {
+  const file = (await loadSpec(ctx.configPath)).spec.broker.devices_file;
+  if (file === null)
+    throw new DevicesError(ctx.configPath, 'names no devices file: add `devices = "devices.toml"` under [broker]');
+  return file;
+}
+
+/** `fleet device <add|list|remove> ...` */
+export async function deviceCommand(args: readonly string[], flags: DeviceFlags, ctx: CliContext): Promise<number> {
+  const [sub, id] = args;
+  try {
+    switch (sub) {
+      case "add": {
+        if (!id) return usage("device add needs a device id");
+        const file = await devicesFile(ctx);
+        const r = await addDevice(file, id, {
+          publish: flags.publish,
+          subscribe: flags.subscribe,
+          clientId: flags.clientId,
+        });
+        const device = loadDevices(file).devices.get(id);
+        const clientId = device?.clientId ?? id;
+        const noAcl = device && device.acl.publish.length === 0 && device.acl.subscribe.length === 0;
+        out(ctx, { id: r.id, secret: r.secret }, () =>
+          [
+            `added device ${id} to ${file}`,
+            `secret: ${r.secret}`,
+            `This secret is shown only now; the file keeps an argon2id hash of it.`,
+            `MQTT login: username "${id}", password = the secret, client id "${clientId}".`,
+            ...(noAcl
+              ? [
+                  "note: no publish/subscribe patterns (here or in [defaults]): the device may connect but not publish or subscribe.",
+                ]
+              : []),
+          ].join("\n"),
+        );
+        return 0;
+      }
+      case "list": {
+        const file = await devicesFile(ctx);
+        const devices = listDevices(file);
+        const defaults = loadDevices(file).defaults;
+        out(ctx, { file, defaults, devices }, () => {
+          const rows = devices.map((d) => ({
+            ...d,
+            publish: d.publish.join(" "),
+            subscribe: d.subscribe.join(" "),
+            created: d.created?.slice(0, 19).replace("T", " "),
+          }));
+          const dflt =
+            defaults.publish.length + defaults.subscribe.length > 0
+              ? `\ndefaults: publish ${defaults.publish.join(" ") || "-"}; subscribe ${defaults.subscribe.join(" ") || "-"}`
+              : "";
+          return `${table(rows, ["id", "client_id", "publish", "subscribe", "created"])}\n${devices.length} device(s) in ${file}${dflt}`;
+        });
+        return 0;
+      }
+      case "remove": {
+        if (!id) return usage("device remove needs a device id");
+        const file = await devicesFile(ctx);
+        if (!removeDevice(file, id)) {
+          console.error(`fleet: no device ${id} in ${file}`);
+          return 1;
+        }
+        out(
+          ctx,
+          { ok: true, removed: id },
+          () =>
+            `removed device ${id} (it can no longer connect; a live session loses publish/subscribe rights within a second)`,
+        );
+        return 0;
+      }
+      default:
+        return usage(sub ? `unknown device command "${sub}"` : "device needs add, list or remove");
+    }
+  } catch (err) {
+    if (!(err instanceof DevicesError)) throw err;
+    console.error(`fleet: ${err.message}`);
+    return 1;
+  }
+}
+
+function quarantineTable(items: readonly QuarantineItem[]): string {
+  const rows = items.map((q) => ({
+    seq: q.seq,
+    agent: q.agent,
+    stimulus: q.sid.length > 24 ? `${q.sid.slice(0, 23)}…` : q.sid,
+    attempts: q.attempts,
+    error: (q.last_error ?? "").split("\n")[0]!.slice(0, 60),
+    episodes: q.episodes.join(","),
+  }));
+  return `${table(rows, ["seq", "agent", "stimulus", "attempts", "error", "episodes"])}\n${items.length} quarantined stimulus(es)`;
+}
+
+/** `fleet quarantine [retry|drop <seq>]` */
+export async function quarantineCommand(args: readonly string[], limitFlag: number, ctx: CliContext): Promise<number> {
+  const [sub, seqText] = args;
+  const limit = Number.isSafeInteger(limitFlag) && limitFlag > 0 ? Math.min(limitFlag, 10_000) : 100;
+  const live = await ctx.running();
+  if (sub === undefined || sub === "list") {
+    let items: QuarantineItem[];
+    if (live) {
+      const res = await fetch(`${live.http}/api/quarantine?limit=${limit}`);
+      items = ((await res.json()) as { stimuli: QuarantineItem[] }).stimuli;
+    } else {
+      const file = join(await ctx.dataDir(), "fleet.db");
+      if (!existsSync(file)) return usage(`no fleet data in ${file} (start the gateway first, or pass --data-dir)`);
+      const store = await Store.open(file, { synchronous: "normal", readonly: true });
+      items = await listQuarantine(store, limit);
+      await store.close();
+    }
+    out(ctx, { stimuli: items }, () => quarantineTable(items));
+    return 0;
+  }
+  if (sub !== "retry" && sub !== "drop") return usage(`unknown quarantine command "${sub}"`);
+  if (!seqText || !/^\d+$/.test(seqText)) return usage(`quarantine ${sub} needs a stimulus seq (the SEQ column)`);
+  const seq = Number(seqText);
+  let result: { ok: boolean; agent?: string; message?: string };
+  if (live) {
+    const res = await fetch(`${live.http}/api/quarantine/${seq}/${sub}`, { method: "POST" });
+    const body = (await res.json()) as { agent?: string; error?: { message: string } };
+    result = res.ok
+      ? { ok: true, agent: body.agent }
+      : { ok: false, message: body.error?.message ?? `HTTP ${res.status}` };
+  } else {
+    const file = join(await ctx.dataDir(), "fleet.db");
+    if (!existsSync(file)) return usage(`no fleet data in ${file} (pass --data-dir)`);
+    const store = await Store.open(file, { synchronous: "full" });
+    try {
+      const r = await resolveQuarantined(store, seq, sub);
+      result = r.ok ? { ok: true, agent: r.agent } : { ok: false, message: r.message };
+    } finally {
+      await store.close();
+    }
+  }
+  if (!result.ok) {
+    if (ctx.json) out(ctx, { ok: false, seq, error: result.message }, () => "");
+    console.error(`fleet: ${result.message}`);
+    return 1;
+  }
+  const what =
+    sub === "retry"
+      ? `requeued for ${result.agent}${live ? "" : " (gateway stopped; runs at next start)"}`
+      : `dropped (was for ${result.agent})`;
+  out(ctx, { ok: true, seq, agent: result.agent, action: sub }, () => `stimulus ${seq} ${what}`);
+  return 0;
+}

@@ -1,0 +1,7 @@
+/**
+ * The `fleet` command line. `main.ts` is the entry point (the package's `fleet` bin):
+ * it parses flags and dispatches to the commands in read.ts (data dir, read-only),
+ * ops.ts (through the running gateway's API, or the file when it is stopped) and
+ * devices.ts. This door exports the context the commands share.
+ */
+export { type Cli, type CliFlags, createCli, UsageError } from "./context.ts";

@@ -1,0 +1,127 @@
+#!/usr/bin/env bun
+/**
+ * `fleet <command>` (SPEC §2, §7): parses the command line and dispatches. Read commands
+ * (cli-read.ts) open the data dir read-only and work whether the gateway runs or not;
+ * commands that change the fleet (cli-ops.ts, cli-devices.ts) go through the running
+ * gateway's HTTP API (it is the only writer), or to the file when it is stopped.
+ */
+import { parseArgs } from "node:util";
+import { createCli, UsageError } from "./context.ts";
+import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
+import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
+import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify } from "./read.ts";
+import { DevicesError } from "../devices/index.ts";
+import { SpecError } from "../spec/index.ts";
+
+const USAGE = `usage: fleet <command> [args] [--json]
+
+  start [--config FILE] [--data-dir DIR] [--mqtt-port N] [--http-port N]
+  status                      fleet health, spec version, reload errors
+  agents [--type T] [--status S] [--limit N] [--page N]
+  episodes <type/key> [--limit N]
+  show <episode>              one episode with its event log
+  verify [--agent type/key]   recompute every hash chain; exit 1 on mismatch
+  replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
+  replay --agent <type/key> [--module FILE] replay an agent's whole history (regression test for new code)
+  pause|resume|retire <type/key>
+  gc [--dry-run] [--now MS]   apply retention now (checkpoint.keep, episodes_days, dedup_days)
+  send <topic> <json> [--id ID]
+  validate [FILE]             check a fleet.toml without touching the fleet
+${DEVICE_USAGE}
+
+  Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR)`;
+
+const { values: flags, positionals } = parseArgs({
+  allowPositionals: true,
+  strict: true,
+  options: {
+    config: { type: "string" },
+    "data-dir": { type: "string" },
+    "mqtt-port": { type: "string" },
+    "http-port": { type: "string" },
+    json: { type: "boolean", default: false },
+    agent: { type: "string" },
+    type: { type: "string" },
+    status: { type: "string" },
+    limit: { type: "string" },
+    page: { type: "string" },
+    id: { type: "string" },
+    module: { type: "string" },
+    "dry-run": { type: "boolean", default: false },
+    now: { type: "string" },
+    publish: { type: "string", multiple: true },
+    subscribe: { type: "string", multiple: true },
+    "client-id": { type: "string" },
+    help: { type: "boolean", short: "h", default: false },
+  },
+});
+
+const cli = createCli(flags);
+
+/** Run the command; its exit code, or -1 to keep the process running (`start`). */
+async function main(): Promise<number> {
+  const [cmd, a1, a2] = positionals;
+  if (flags.help || !cmd) {
+    console.log(USAGE);
+    return cmd || flags.help ? 0 : 2;
+  }
+  switch (cmd) {
+    case "start":
+      await cmdStart(cli);
+      return -1; // keep running
+    case "status":
+      return cmdStatus(cli);
+    case "agents":
+      return cmdAgents(cli);
+    case "episodes":
+      return cmdEpisodes(cli, a1);
+    case "show":
+      return cmdShow(cli, a1);
+    case "verify":
+      return cmdVerify(cli);
+    case "replay":
+      return cmdReplay(cli, a1);
+    case "gc":
+      return cmdGc(cli);
+    case "pause":
+    case "resume":
+    case "retire":
+      return cmdLifecycle(cli, cmd, a1);
+    case "send":
+      return cmdSend(cli, a1, a2);
+    case "validate":
+      return cmdValidate(cli, a1);
+    case "device":
+      return deviceCommand(
+        positionals.slice(1),
+        { publish: flags.publish, subscribe: flags.subscribe, clientId: flags["client-id"] },
+        cli,
+      );
+    case "quarantine":
+      return quarantineCommand(positionals.slice(1), Number(flags.limit ?? 100), cli);
+    default:
+      throw new UsageError(`unknown command "${cmd}"`);
+  }
+}
+
+main().then(
+  (code) => {
+    if (code >= 0) process.exit(code);
+  },
+  (err: unknown) => {
+    if (err instanceof UsageError) {
+      console.error(`fleet: ${err.message}\n\n${USAGE}`);
+      process.exit(2);
+    }
+    if (err instanceof SpecError) {
+      console.error(`fleet: invalid fleet spec: ${err.message}`);
+      process.exit(1);
+    }
+    if (err instanceof DevicesError) {
+      console.error(`fleet: invalid devices file: ${err.message}`);
+      process.exit(1);
+    }
+    console.error(`fleet: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,156 @@
+/**
+ * The `fleet` commands that run or change the fleet: start, gc, pause/resume/retire, send,
+ * validate. Changes go through the running gateway's HTTP API (it is the only writer), or
+ * to the data dir directly when it is stopped.
+ */
+import { join, resolve } from "node:path";
+import { UsageError, type Cli } from "./context.ts";
+import { Gateway } from "../gateway.ts";
+import { gcAll, type GcReport } from "../ops/index.ts";
+import { createLogger } from "../observe/index.ts";
+import { loadSpec } from "../spec/index.ts";
+import { SpecError } from "../spec/index.ts";
+import { Store } from "../store/index.ts";
+import { parseAgentId } from "../types.ts";
+
+/** `fleet start`: run the gateway in this process until SIGTERM/SIGINT; SIGHUP reloads fleet.toml. */
+export async function cmdStart(cli: Cli): Promise<void> {
+  const { flags } = cli;
+  const log = createLogger();
+  const gw = new Gateway({
+    configPath: cli.configPath,
+    dataDir: flags["data-dir"] ?? process.env.FLEET_DATA_DIR,
+    mqttPort: flags["mqtt-port"] !== undefined ? Number(flags["mqtt-port"]) : undefined,
+    httpPort: flags["http-port"] !== undefined ? Number(flags["http-port"]) : undefined,
+    logger: log,
+  });
+  const stop = async (signal: string) => {
+    log.info({ signal }, "shutting down");
+    await gw.stop();
+    process.exit(0);
+  };
+  process.on("SIGTERM", () => void stop("SIGTERM"));
+  process.on("SIGINT", () => void stop("SIGINT"));
+  process.on("SIGHUP", () => void gw.reload("SIGHUP"));
+  await gw.start();
+  console.log(`fleet running: mqtt on port ${gw.broker.port}, http on port ${gw.http.port}, data in ${gw.dataDir}`);
+}
+
+/** `fleet gc [--dry-run] [--now MS]`: retention now, by the running gateway or on the stopped data dir. */
+export async function cmdGc(cli: Cli): Promise<number> {
+  const { flags } = cli;
+  const dryRun = flags["dry-run"] === true;
+  const now = flags.now !== undefined ? Number(flags.now) : undefined;
+  const live = await cli.running();
+  let report: GcReport;
+  if (live) {
+    const q = new URLSearchParams({
+      ...(dryRun ? { dry_run: "1" } : {}),
+      ...(now !== undefined ? { now: String(now) } : {}),
+    });
+    report = (await (await fetch(`${live.http}/api/gc?${q}`, { method: "POST" })).json()) as GcReport;
+  } else {
+    const store = await Store.open(join(await cli.dataDir(), "fleet.db"), { synchronous: "full" });
+    report = await gcAll(store, (await loadSpec(cli.configPath)).spec, { now: now ?? Date.now(), dryRun });
+    await store.close();
+  }
+  cli.print(
+    report,
+    () =>
+      `${dryRun ? "would collect" : "collected"}: ${report.tombstoned} checkpoint state(s) tombstoned, ${report.checkpointsDeleted} tombstone(s), ${report.episodesDeleted} episode(s) with ${report.eventsDeleted} event(s), ${report.stimuliForgotten} dedup record(s), ${report.usageRowsDeleted} budget row(s) in ${Math.round(report.ms)} ms`,
+  );
+  return 0;
+}
+
+/** `fleet pause|resume|retire <type/key>` */
+export async function cmdLifecycle(
+  cli: Cli,
+  action: "pause" | "resume" | "retire",
+  agent: string | undefined,
+): Promise<number> {
+  const a = agent ? parseAgentId(agent) : null;
+  if (!a) throw new UsageError(`${action} needs an agent <type>/<key>`);
+  const live = await cli.running();
+  if (live) {
+    const res = await fetch(`${live.http}/api/agents/${a.type}/${a.key}/${action}`, { method: "POST" });
+    const body = await res.json();
+    cli.print(body, () =>
+      res.ok ? `${action}d ${a.id}` : `error: ${(body as { error: { message: string } }).error.message}`,
+    );
+    return res.ok ? 0 : 1;
+  }
+  // Stopped: we are the only writer now.
+  const dir = await cli.dataDir();
+  const store = await Store.open(join(dir, "fleet.db"), { synchronous: "full" });
+  const row = await store.getAgent(a.id);
+  if (!row) {
+    console.error(`no agent ${a.id}`);
+    return 1;
+  }
+  if (row.status === "retired" && action !== "retire") {
+    await store.close();
+    console.error(`${a.id} is retired`);
+    return 1;
+  }
+  const status = action === "pause" ? "paused" : action === "resume" ? "active" : "retired";
+  await store.setAgentStatus(a.id, status, action === "resume" ? null : `${action}d by operator`);
+  await store.close();
+  cli.print(
+    { ok: true, agent: a.id, action },
+    () => `${action}d ${a.id} (gateway stopped; takes effect at next start)`,
+  );
+  return 0;
+}
+
+/** `fleet send <topic> <json> [--id ID]`: through the running gateway only. */
+export async function cmdSend(cli: Cli, topic: string | undefined, payload: string | undefined): Promise<number> {
+  if (!topic || payload === undefined) throw new UsageError("send needs <topic> <json>");
+  let value: unknown;
+  try {
+    value = JSON.parse(payload);
+  } catch (err) {
+    throw new UsageError(`payload is not JSON: ${(err as Error).message}`);
+  }
+  const live = await cli.running();
+  if (!live) {
+    console.error("the gateway is not running (start it with `fleet start`)");
+    return 1;
+  }
+  const res = await fetch(`${live.http}/api/send`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ topic, payload: value, ...(cli.flags.id ? { id: cli.flags.id } : {}) }),
+  });
+  const body = (await res.json()) as {
+    accepted?: { agent: string; sid: string }[];
+    duplicates?: unknown[];
+    error?: { message: string };
+  };
+  cli.print(body, () =>
+    res.ok
+      ? `accepted ${body.accepted?.length ?? 0}, duplicates ${body.duplicates?.length ?? 0}${body.accepted?.map((a) => `\n  ${a.agent} ${a.sid}`).join("") ?? ""}`
+      : `error: ${body.error?.message}`,
+  );
+  return res.ok ? 0 : 1;
+}
+
+/** `fleet validate [FILE]`: compile a fleet.toml without touching the fleet; 1 with the error's location. */
+export async function cmdValidate(cli: Cli, file: string | undefined): Promise<number> {
+  const path = resolve(file ?? cli.configPath);
+  try {
+    const sv = await loadSpec(path);
+    const types = Object.keys(sv.spec.agents);
+    cli.print(
+      { ok: true, file: path, hash: sv.hash, agent_types: types },
+      () => `${path}: OK (${types.length} agent type(s): ${types.join(", ")}; spec ${sv.hash.slice(0, 12)})`,
+    );
+    return 0;
+  } catch (err) {
+    if (!(err instanceof SpecError)) throw err;
+    cli.print(
+      { ok: false, file: err.file, line: err.line, column: err.column, key_path: err.keyPath, error: err.message },
+      () => err.message,
+    );
+    return 1;
+  }
+}

@@ -1,0 +1,157 @@
+/**
+ * The `fleet` commands that only read: status, agents, episodes, show, verify, replay.
+ * They open the data dir read-only and work whether the gateway runs or not (status asks
+ * a running gateway for its live health instead).
+ */
+import { resolve } from "node:path";
+import { table, UsageError, when, type Cli } from "./context.ts";
+import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
+import { defaultSpawnOptions } from "../episode/index.ts";
+import { parseAgentId } from "../types.ts";
+import { verifyStore } from "../ops/index.ts";
+import { agentView, episodeView } from "../observe/index.ts";
+
+/** `fleet status`: live health from a running gateway, else what the data dir says. */
+export async function cmdStatus(cli: Cli): Promise<number> {
+  const live = await cli.running();
+  if (live) {
+    const health = await (await fetch(`${live.http}/api/fleet`)).json();
+    cli.print(health, () =>
+      Object.entries(health as Record<string, unknown>)
+        .map(([k, v]) => `${k.padEnd(18)} ${typeof v === "object" ? JSON.stringify(v) : String(v)}`)
+        .join("\n"),
+    );
+    return 0;
+  }
+  const store = await cli.openReadonly();
+  const counts = await store.agentCounts();
+  const specs = await store.listSpecVersions(1);
+  const data = { state: "stopped", spec_version: specs[0]?.hash ?? null, agents: counts };
+  cli.print(
+    data,
+    () => `gateway stopped\nspec_version ${data.spec_version}\n${table(counts, ["type", "status", "n"])}`,
+  );
+  return 0;
+}
+
+/** `fleet agents [--type T] [--status S] [--limit N] [--page N]` */
+export async function cmdAgents(cli: Cli): Promise<number> {
+  const { flags } = cli;
+  const store = await cli.openReadonly();
+  const limit = Number(flags.limit ?? 100);
+  const page = Number(flags.page ?? 1);
+  // Agents show as `idle`; the store calls that `active`.
+  const status = flags.status === "idle" ? "active" : flags.status;
+  const { rows, total } = await store.listAgents({ type: flags.type, status, limit, offset: (page - 1) * limit });
+  const views = rows.map((a) => agentView(a, 0));
+  cli.print(
+    { agents: views, total, page, limit },
+    () =>
+      `${table(
+        views.map((v) => ({
+          ...v,
+          checkpoint: v.checkpoint?.slice(0, 12) ?? null,
+          last_episode: when(v.last_episode_at),
+        })),
+        ["id", "status", "episodes", "failures", "seq", "checkpoint", "last_episode", "reason"],
+      )}\n${total} agent(s)`,
+  );
+  return 0;
+}
+
+/** `fleet episodes <type/key> [--limit N]` */
+export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<number> {
+  if (!agent || !parseAgentId(agent)) throw new UsageError("episodes needs an agent <type>/<key>");
+  const store = await cli.openReadonly();
+  const rows = (await store.listEpisodes(agent, Number(cli.flags.limit ?? 50))).map(episodeView);
+  cli.print({ agent, episodes: rows }, () =>
+    table(
+      rows.map((e) => ({
+        ...e,
+        started: when(e.started_at),
+        checkpoint: e.checkpoint?.slice(0, 12) ?? null,
+        error: e.error_kind,
+      })),
+      ["id", "status", "started", "ms", "attempt", "stimulus", "checkpoint", "error"],
+    ),
+  );
+  return 0;
+}
+
+/** `fleet show <episode>`: one episode with its event log. */
+export async function cmdShow(cli: Cli, id: string | undefined): Promise<number> {
+  if (!id) throw new UsageError("show needs an episode id");
+  const store = await cli.openReadonly();
+  const ep = await store.getEpisode(id);
+  if (!ep) {
+    console.error(`no episode ${id}`);
+    return 1;
+  }
+  const events = (await store.listEvents(id)).map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) }));
+  const view = { ...episodeView(ep), events };
+  cli.print(view, () =>
+    [
+      `episode    ${ep.id}`,
+      `agent      ${ep.agent}`,
+      `status     ${ep.status}${ep.errorKind ? ` (${ep.errorKind}: ${ep.error?.split("\n")[0]})` : ""}`,
+      `stimulus   ${ep.stimulusId}`,
+      `started    ${when(ep.startedAt)} (${ep.endedAt - ep.startedAt} ms, attempt ${ep.attempt})`,
+      `spec       ${ep.specVersion}`,
+      `checkpoint ${ep.checkpoint ?? "-"} (parent ${ep.parent ?? "-"})`,
+      "events:",
+      ...events.map(
+        (e) => `  ${String(e.seq).padStart(3)} ${e.kind.padEnd(9)} ${JSON.stringify(e.data).slice(0, 160)}`,
+      ),
+    ].join("\n"),
+  );
+  return 0;
+}
+
+/** `fleet verify [--agent type/key]`: recompute every hash chain; 1 on a mismatch. */
+export async function cmdVerify(cli: Cli): Promise<number> {
+  const store = await cli.openReadonly();
+  const report = await verifyStore(store, cli.flags.agent ? [cli.flags.agent] : undefined);
+  cli.print(report, () => {
+    const head = `verified ${report.agents} agent(s), ${report.checkpoints} checkpoint(s), ${report.episodes} episode(s)`;
+    if (report.problems.length === 0) return `${head}: OK`;
+    return `${head}: ${report.problems.length} problem(s)\n${report.problems.map((p) => `  BROKEN ${p.record}: ${p.problem}`).join("\n")}`;
+  });
+  return report.problems.length === 0 ? 0 : 1;
+}
+
+function describeReplay(r: ReplayResult): string {
+  if (r.verdict === "MATCH") return `MATCH     ${r.episode} ${r.agent}`;
+  if (r.verdict === "UNREPLAYABLE") return `SKIPPED   ${r.episode} ${r.agent}: ${r.reason}`;
+  const d = r.divergence;
+  return `DIVERGED  ${r.episode} ${r.agent} at ${d.at}\n  expected ${JSON.stringify(d.expected)}\n  actual   ${JSON.stringify(d.actual)}`;
+}
+
+/** `fleet replay <episode> | --agent <type/key> [--module FILE]`: 0 only when everything MATCHes. */
+export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<number> {
+  const { flags } = cli;
+  const store = await cli.openReadonly();
+  const module = flags.module ? resolve(flags.module) : undefined;
+  const spawn = defaultSpawnOptions();
+  if (flags.agent) {
+    const results = await replayAgent(store, flags.agent, spawn, module);
+    const diverged = results.filter((r) => r.verdict === "DIVERGED").length;
+    const summary = {
+      agent: flags.agent,
+      episodes: results.length,
+      matched: results.filter((r) => r.verdict === "MATCH").length,
+      diverged,
+      results,
+    };
+    cli.print(summary, () =>
+      [
+        ...results.filter((r) => r.verdict !== "MATCH").map(describeReplay),
+        `${summary.matched}/${results.length} episode(s) MATCH, ${diverged} DIVERGED`,
+      ].join("\n"),
+    );
+    return diverged === 0 && results.length > 0 ? 0 : 1;
+  }
+  if (!episode) throw new UsageError("replay needs an episode id or --agent <type/key>");
+  const r = await replayEpisode(store, episode, spawn, module);
+  cli.print(r, () => describeReplay(r));
+  return r.verdict === "MATCH" ? 0 : 1;
+}

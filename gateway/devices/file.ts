@@ -1,0 +1,131 @@
+/**
+ * Editing the devices file for `fleet device add|list|remove`. Edits are textual (comments
+ * and layout survive), checked by compiling the result before it is written, and written
+ * atomically (temp file + rename) so a running gateway never reads half a file.
+ */
+import { chmodSync, existsSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
+import { aclPatternProblem } from "./acl.ts";
+import { hashSecret, newSecret } from "./secret.ts";
+import { compileDevices, DEVICE_ID_RE, DevicesError, loadDevices } from "./registry.ts";
+
+/** What `addDevice` may set besides the secret. */
+export interface AddDeviceOptions {
+  readonly publish?: readonly string[];
+  readonly subscribe?: readonly string[];
+  /** Default: the device id. */
+  readonly clientId?: string;
+  readonly now?: () => Date;
+}
+
+/** A device as listed: never its secret or hash. */
+export interface DeviceSummary {
+  readonly id: string;
+  readonly client_id: string;
+  readonly publish: readonly string[];
+  readonly subscribe: readonly string[];
+  readonly created: string | null;
+}
+
+const HEADER = `# Device credentials and topic ACLs for the fleet's MQTT broker (docs/devices.md).
+# Secrets are stored only as argon2id hashes; add devices with \`fleet device add <id>\`.
+`;
+
+const tomlKey = (k: string) => (/^[A-Za-z0-9_-]+$/.test(k) ? k : JSON.stringify(k));
+const tomlStrings = (xs: readonly string[]) => `[${xs.map((x) => JSON.stringify(x)).join(", ")}]`;
+
+function readText(file: string): string | null {
+  try {
+    return readFileSync(file, "utf8");
+  } catch (err) {
+    if ((err as { code?: string }).code === "ENOENT") return null;
+    throw new DevicesError(file, `cannot read file: ${err instanceof Error ? err.message : String(err)}`);
+  }
+}
+
+/** Write `text` to `file` atomically; a new file is 0600 (it holds hashes), an existing one keeps its mode. */
+function writeAtomic(file: string, text: string): void {
+  const mode = existsSync(file) ? statSync(file).mode & 0o777 : 0o600;
+  const tmp = join(dirname(file), `.${basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  writeFileSync(tmp, text, { mode });
+  chmodSync(tmp, mode);
+  renameSync(tmp, file);
+}
+
+/**
+ * Register a device: generate a random secret, store only its argon2id hash, and return the
+ * secret (the only time it is ever shown). Creates the file when missing.
+ */
+export async function addDevice(
+  file: string,
+  id: string,
+  opts: AddDeviceOptions = {},
+): Promise<{ id: string; secret: string; file: string }> {
+  if (!DEVICE_ID_RE.test(id))
+    throw new DevicesError(file, `device id ${JSON.stringify(id)} must be A-Z a-z 0-9 _ . : @ - (no /, + or #)`);
+  if (opts.clientId !== undefined && !DEVICE_ID_RE.test(opts.clientId)) {
+    throw new DevicesError(
+      file,
+      `client id ${JSON.stringify(opts.clientId)} must be A-Z a-z 0-9 _ . : @ - (no /, + or #)`,
+    );
+  }
+  for (const p of [...(opts.publish ?? []), ...(opts.subscribe ?? [])]) {
+    const problem = aclPatternProblem(p);
+    if (problem !== null) throw new DevicesError(file, `ACL pattern ${JSON.stringify(p)}: ${problem}`);
+  }
+  const text = readText(file) ?? HEADER;
+  const before = compileDevices(text, file);
+  if (before.devices.has(id))
+    throw new DevicesError(file, `device "${id}" already exists (remove it first to issue a new secret)`);
+  const secret = newSecret();
+  const lines = [
+    "",
+    `[devices.${tomlKey(id)}]`,
+    `secret = ${JSON.stringify(await hashSecret(secret))}`,
+    ...(opts.clientId !== undefined && opts.clientId !== id ? [`client_id = ${JSON.stringify(opts.clientId)}`] : []),
+    `publish = ${tomlStrings(opts.publish ?? [])}`,
+    `subscribe = ${tomlStrings(opts.subscribe ?? [])}`,
+    `created = ${JSON.stringify((opts.now?.() ?? new Date()).toISOString())}`,
+    "",
+  ];
+  const next = text.replace(/\n*$/, "\n") + lines.join("\n");
+  const after = compileDevices(next, file); // e.g. a clashing client id, or `devices = {…}` written inline
+  if (!after.devices.has(id)) throw new DevicesError(file, `could not add device "${id}" to this file; add it by hand`);
+  writeAtomic(file, next);
+  return { id, secret, file };
+}
+
+/** Remove a device; false when there is none with that id. */
+export function removeDevice(file: string, id: string): boolean {
+  const text = readText(file);
+  if (text === null || !compileDevices(text, file).devices.has(id)) return false;
+  const lines = text.split("\n");
+  const esc = id.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  const header = new RegExp(`^\\s*\\[\\s*devices\\s*\\.\\s*(?:${esc}|"${esc}"|'${esc}')\\s*\\]\\s*(?:#.*)?$`);
+  const start = lines.findIndex((l) => header.test(l));
+  if (start < 0)
+    throw new DevicesError(
+      file,
+      `device "${id}" is not written as a [devices.${tomlKey(id)}] table; remove it by hand`,
+    );
+  let end = start + 1;
+  while (end < lines.length && !/^\s*\[/.test(lines[end]!)) end++;
+  // Comment lines right above the next table belong to it.
+  while (end > start + 1 && /^\s*#/.test(lines[end - 1]!) && end < lines.length) end--;
+  const next = [...lines.slice(0, start), ...lines.slice(end)].join("\n").replace(/\n{3,}/g, "\n\n");
+  if (compileDevices(next, file).devices.has(id))
+    throw new DevicesError(file, `could not remove device "${id}"; remove it by hand`);
+  writeAtomic(file, next);
+  return true;
+}
+
+/** The registered devices, without secrets. */
+export function listDevices(file: string): DeviceSummary[] {
+  return [...loadDevices(file).devices.values()].map((d) => ({
+    id: d.id,
+    client_id: d.clientId,
+    publish: d.publish,
+    subscribe: d.subscribe,
+    created: d.created,
+  }));
+}

@@ -1,0 +1,4 @@
+export * from "./acl.ts";
+export * from "./file.ts";
+export * from "./registry.ts";
+export * from "./secret.ts";

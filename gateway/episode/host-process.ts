@@ -1,0 +1,196 @@
+/**
+ * The agents/host/main.ts subprocesses themselves: spawning one in its own process group with
+ * the sandbox's command line and env, the warm-spare pool, the registry of live process
+ * groups the gateway kills on shutdown, and the RSS scan of a process tree.
+ */
+import { readdir, readFile } from "node:fs/promises";
+import type { ParentMessage } from "../../agents/protocol.ts";
+import { CHILD_ENV, hostCommand, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+
+async function childrenOf(pid: number): Promise<number[]> {
+  try {
+    const tasks = await readdir(`/proc/${pid}/task`);
+    const lists = await Promise.all(
+      tasks.map((t) => readFile(`/proc/${pid}/task/${t}/children`, "utf8").catch(() => "")),
+    );
+    return lists.flatMap((l) => l.split(" ").filter(Boolean).map(Number));
+  } catch {
+    return [];
+  }
+}
+
+/** RSS of a process and all its descendants (bwrap and prlimit put the agent below the spawned pid). */
+export async function rssMb(pid: number): Promise<number | null> {
+  let total = 0;
+  let seen = 0;
+  const queue = [pid];
+  while (queue.length > 0 && seen < 256) {
+    const p = queue.shift()!;
+    seen++;
+    try {
+      const status = await readFile(`/proc/${p}/status`, "utf8");
+      const m = /VmRSS:\s+(\d+) kB/.exec(status);
+      if (m) total += Number(m[1]) / 1024;
+    } catch {
+      continue;
+    }
+    queue.push(...(await childrenOf(p)));
+  }
+  return seen > 0 ? total : null;
+}
+
+/** Process groups of episodes running now; the gateway kills them all on shutdown. */
+export const liveEpisodeGroups = new Set<number>();
+
+/** Every host process group, spares included. */
+const allHostGroups = new Set<number>();
+
+/** Kill every running episode's (and spare's) process group (shutdown, drain timeout). */
+export function killAllEpisodes(): void {
+  for (const pid of allHostGroups) killGroup(pid);
+}
+
+/** SIGKILL a process group, or the lone process if it has no group of its own. */
+function killGroup(pid: number): void {
+  try {
+    process.kill(-pid, "SIGKILL");
+  } catch {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  }
+}
+
+/**
+ * One agents/host/main.ts subprocess. It serves exactly one episode, then its process group is
+ * killed. Messages that arrive before the episode attaches (its "ready") are kept.
+ */
+export class HostProcess {
+  readonly proc: ReturnType<typeof Bun.spawn>;
+  readonly pid: number;
+  stderrTail = "";
+  readonly stderrDone: Promise<void>;
+  private listener: ((raw: unknown) => void) | null = null;
+  private early: unknown[] = [];
+  readyAt: number | null = null;
+
+  constructor(
+    readonly key: string,
+    cmd: string[],
+    spawnOpts: SpawnOptions,
+  ) {
+    this.proc = Bun.spawn(cmd, {
+      env: { ...CHILD_ENV },
+      cwd: "/",
+      detached: true,
+      stdin: "ignore",
+      stdout: "ignore",
+      stderr: "pipe",
+      serialization: "json",
+      ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
+      ipc: (raw) => {
+        if ((raw as { t?: unknown })?.t === "ready" && this.readyAt === null) this.readyAt = performance.now();
+        if (this.listener) this.listener(raw);
+        else this.early.push(raw);
+      },
+    });
+    this.pid = this.proc.pid;
+    allHostGroups.add(this.pid);
+    // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
+    const stderr = this.proc.stderr as ReadableStream<Uint8Array>;
+    this.stderrDone = (async () => {
+      const reader = stderr.getReader();
+      const dec = new TextDecoder();
+      for (;;) {
+        const { value, done } = await reader.read().catch(() => ({ value: undefined, done: true }));
+        if (done) break;
+        this.stderrTail = (this.stderrTail + dec.decode(value)).slice(-4000);
+      }
+    })();
+  }
+
+  /** A host process started cold (no spare), keyed by nothing. */
+  static start(limits: ProcessLimits, spawnOpts: SpawnOptions): HostProcess {
+    return new HostProcess("", hostCommand(limits, spawnOpts), spawnOpts);
+  }
+
+  /** Route messages to `fn`, replaying what arrived before. */
+  attach(fn: (raw: unknown) => void): void {
+    liveEpisodeGroups.add(this.pid);
+    this.listener = fn;
+    for (const m of this.early.splice(0)) fn(m);
+  }
+
+  /** Send one IPC message to the child. */
+  send(msg: ParentMessage): void {
+    this.proc.send(msg);
+  }
+
+  /** Neither exited nor killed by a signal yet. */
+  get alive(): boolean {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+
+  /** Kill the whole process group and wait for the exit. */
+  async kill(): Promise<void> {
+    killGroup(this.pid);
+    await this.proc.exited;
+    liveEpisodeGroups.delete(this.pid);
+    allHostGroups.delete(this.pid);
+  }
+}
+
+/**
+ * Warm spares: host processes started ahead of need (sandboxed, host.ts loaded, no agent
+ * code, no state), so an episode does not wait for process start-up. Each still serves
+ * exactly one episode: a fresh process per episode, only started earlier. Spares are keyed
+ * by their limits (the prlimit command line); a request with other limits starts cold.
+ */
+export class SparePool {
+  private spares: HostProcess[] = [];
+  private stopped = false;
+
+  constructor(
+    /** How many idle spares to keep (0 = off). */
+    readonly size: number,
+    private readonly spawnOpts: SpawnOptions,
+  ) {}
+
+  /** A ready spare for these limits, or null; a replacement starts in the background. */
+  take(limits: ProcessLimits): HostProcess | null {
+    const key = hostCommand(limits, this.spawnOpts).join(" ");
+    for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
+    this.spares = this.spares.filter((h) => h.alive);
+    const i = this.spares.findIndex((h) => h.key === key);
+    const found = i >= 0 ? this.spares.splice(i, 1)[0]! : null;
+    this.refill(limits, key);
+    return found;
+  }
+
+  private refill(limits: ProcessLimits, key: string): void {
+    if (this.stopped || this.size === 0) return;
+    // Spares for other limits are dropped: keep the pool for what runs now.
+    for (const h of this.spares.filter((x) => x.key !== key)) void h.kill();
+    this.spares = this.spares.filter((x) => x.key === key);
+    while (this.spares.length < this.size) {
+      try {
+        this.spares.push(new HostProcess(key, hostCommand(limits, this.spawnOpts), this.spawnOpts));
+      } catch {
+        return;
+      }
+    }
+  }
+
+  /** Process groups of the idle spares (each spare's pid leads its group). */
+  pids(): number[] {
+    return this.spares.filter((h) => h.alive).map((h) => h.pid);
+  }
+
+  /** Kill every spare (shutdown). */
+  async close(): Promise<void> {
+    this.stopped = true;
+    await Promise.all(this.spares.splice(0).map((h) => h.kill()));
+  }
+}

@@ -1,0 +1,174 @@
+/**
+ * Runs one episode in a fresh Bun subprocess (agents/host/main.ts): explicit minimal env (never
+ * the parent's), its own process group (killed whole when the episode ends), a wall-clock
+ * timeout, a memory ceiling (RLIMIT_DATA as a backstop plus an RSS watch) and, when the
+ * gateway runs as root, an unprivileged uid so the child cannot read the gateway's
+ * /proc/<pid>/environ. IPC is parsed at the edge; the child never touches the database.
+ * The isolation itself is ./sandbox.ts; spawning, spares and kills are ./host-process.ts.
+ */
+import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
+import { HostProcess, rssMb, type SparePool } from "./host-process.ts";
+import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
+
+// Callers (episode executor, replay, gateway, tests, benches) import the whole runner surface from here.
+export {
+  BWRAP_ARGS,
+  CHILD_ENV,
+  defaultSpawnOptions,
+  describeSandbox,
+  hostCommand,
+  sandboxCommand,
+  type ProcessLimits,
+  type SandboxMode,
+  type SpawnOptions,
+} from "./sandbox.ts";
+export { killAllEpisodes, liveEpisodeGroups, SparePool } from "./host-process.ts";
+
+/** How an episode failed (STYLE: retry decisions read this, not a message). */
+export type FailureKind =
+  | "threw"
+  | "timeout"
+  | "oom"
+  | "crashed"
+  | "invalid_module"
+  | "invalid_state"
+  | "flood"
+  | "protocol";
+
+/** What a run produced. `records` holds what arrived before the end, even on failure. */
+export type RunResult =
+  | { readonly ok: true; readonly state: unknown; readonly records: EpisodeRecord[]; readonly ms: number }
+  | {
+      readonly ok: false;
+      readonly kind: FailureKind;
+      readonly message: string;
+      readonly records: EpisodeRecord[];
+      readonly ms: number;
+    };
+
+/** Answers a tool call from the subprocess; records it as it sees fit. */
+export type ToolHandler = (
+  call: number,
+  tool: string,
+  args: readonly unknown[],
+) => Promise<{ ok: boolean; result: unknown }>;
+
+/** Sandbox and limits for one run: the subprocess's OS limits plus what the runner enforces on its output. */
+export interface RunLimits extends ProcessLimits {
+  readonly maxRecords: number;
+  readonly maxRecordBytes: number;
+}
+
+/** Run one episode to completion or failure. Never throws. */
+export async function runEpisode(
+  start: Extract<ParentMessage, { t: "start" }>,
+  limits: RunLimits,
+  onTool: ToolHandler,
+  spawnOpts: SpawnOptions,
+  pool?: SparePool,
+): Promise<RunResult> {
+  const began = performance.now();
+  const records: EpisodeRecord[] = [];
+  let outcome: RunResult | null = null;
+  let settle!: () => void;
+  const settled = new Promise<void>((r) => (settle = r));
+
+  type Outcome = { ok: true; state: unknown } | { ok: false; kind: FailureKind; message: string };
+  const finish = (r: Outcome): void => {
+    if (outcome) return;
+    outcome = { ...r, records, ms: performance.now() - began } as RunResult;
+    settle();
+  };
+
+  let host: HostProcess;
+  try {
+    host = pool?.take(limits) ?? HostProcess.start(limits, spawnOpts);
+  } catch (err) {
+    return {
+      ok: false,
+      kind: "crashed",
+      message: `could not start subprocess: ${String(err)}`,
+      records,
+      ms: performance.now() - began,
+    };
+  }
+  let sent = false;
+  host.attach((raw) => {
+    const msg = parseChildMessage(raw, { replay: start.replay !== null });
+    if (!msg) return finish({ ok: false, kind: "protocol", message: "subprocess sent a malformed message" });
+    switch (msg.t) {
+      case "ready":
+        if (!sent) {
+          sent = true;
+          host.send(start);
+        }
+        return;
+      case "records":
+        records.push(...msg.records);
+        if (records.length > limits.maxRecords)
+          finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
+        return;
+      case "tool":
+        // The gateway, not the child, writes the tool record: the child cannot forge a result.
+        void onTool(msg.call, msg.tool, msg.args)
+          .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
+          .then((r) => {
+            if (outcome) return;
+            records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
+            host.send({ t: "tool_result", call: msg.call, ok: r.ok, result: r.result });
+          });
+        return;
+      case "done":
+        return finish({ ok: true, state: msg.state });
+      case "error": {
+        // RangeError "Out of memory": the RLIMIT_DATA backstop stopped an allocation before the RSS watch looked.
+        const kind = msg.kind === "threw" && /^Out of memory\b/i.test(msg.message) ? "oom" : msg.kind;
+        return finish({ ok: false, kind, message: msg.message + (msg.stack ? `\n${msg.stack}` : "") });
+      }
+      default: {
+        const never: never = msg;
+        return never;
+      }
+    }
+  });
+
+  const pid = host.pid;
+  const timer = setTimeout(
+    () => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }),
+    limits.timeoutMs,
+  );
+  // One scan at a time, and a scan that took long (a big process tree: a fork bomb) waits
+  // 4x its own duration before the next, so the watch never costs the gateway more than
+  // ~20% of a core however many processes the agent starts (RLIMIT_DATA is the backstop).
+  let rssTimer: ReturnType<typeof setTimeout> | undefined;
+  const watchRss = async (): Promise<void> => {
+    const scanBegan = performance.now();
+    const mb = await rssMb(pid);
+    if (outcome) return;
+    if (mb !== null && mb > limits.memoryMb)
+      return finish({
+        ok: false,
+        kind: "oom",
+        message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}`,
+      });
+    rssTimer = setTimeout(() => void watchRss(), Math.max(spawnOpts.rssPollMs, 4 * (performance.now() - scanBegan)));
+  };
+  rssTimer = setTimeout(() => void watchRss(), spawnOpts.rssPollMs);
+
+  void host.proc.exited.then(async (code) => {
+    await Promise.race([host.stderrDone, Bun.sleep(100)]);
+    const oom = /out of memory/i.test(host.stderrTail);
+    const detail = host.stderrTail.trim().split("\n").slice(-6).join("\n");
+    finish({
+      ok: false,
+      kind: oom ? "oom" : "crashed",
+      message: `subprocess exited (code ${code}${host.proc.signalCode ? `, signal ${host.proc.signalCode}` : ""}) before finishing${detail ? `: ${detail}` : ""}`,
+    });
+  });
+
+  await settled;
+  clearTimeout(timer);
+  clearTimeout(rssTimer);
+  await host.kill();
+  return outcome!;
+}

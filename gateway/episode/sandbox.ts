@@ -1,0 +1,141 @@
+/**
+ * How an agent subprocess is isolated: the sandbox mode probed on this machine, the only
+ * environment the child gets, and the prlimit/bubblewrap command line that wraps it.
+ * Pure of process state except the one-time bubblewrap probe; spawning lives in
+ * ./host-process.ts.
+ */
+import { HOST_ENTRY as HOST } from "../../agents/host/index.ts";
+
+/** How subprocesses are started; injected so tests and benches can vary it. */
+export interface SpawnOptions {
+  /** Path of the bun executable (defaults to the running one). */
+  readonly bun: string;
+  /** Run the child as this uid/gid (root only); null keeps the gateway's. */
+  readonly uid: number | null;
+  readonly gid: number | null;
+  /** Wrap with prlimit for RLIMIT_DATA/NOFILE/NPROC when available. */
+  readonly prlimit: string | null;
+  /** Run inside bubblewrap (own pid/net/ipc namespaces, read-only root) when set. */
+  readonly bwrap: string | null;
+  /** How often the RSS watch samples, ms. */
+  readonly rssPollMs: number;
+}
+
+/** Isolation modes of `[fleet] sandbox`. */
+export type SandboxMode = "auto" | "bwrap" | "uid" | "none";
+
+/** The OS-level limits of one subprocess (a subset of the runner's `RunLimits`). */
+export interface ProcessLimits {
+  readonly timeoutMs: number;
+  readonly memoryMb: number;
+  readonly maxOpenFiles: number;
+  readonly maxProcesses: number;
+}
+
+/** Bubblewrap flags: own pid/net/ipc/uts namespaces, read-only root, dies with the gateway. */
+export const BWRAP_ARGS: readonly string[] = Object.freeze([
+  "--ro-bind",
+  "/",
+  "/",
+  "--dev",
+  "/dev",
+  "--proc",
+  "/proc",
+  "--unshare-pid",
+  "--unshare-net",
+  "--unshare-ipc",
+  "--unshare-uts",
+  "--die-with-parent",
+]);
+
+/**
+ * MB of RLIMIT_DATA granted above `memory_mb`. Bun itself maps a few hundred MB of private
+ * memory at start; RLIMIT_DATA below that aborts the runtime (measured: 268 MB aborts,
+ * 300 MB starts), so the hard backstop sits above the budget and the RSS watch enforces
+ * the budget itself.
+ */
+export const RUNTIME_DATA_MB = 384;
+
+function which(names: readonly string[]): string | null {
+  return names.find((p) => Bun.file(p).size > 0) ?? null;
+}
+
+let bwrapWorks: boolean | null = null;
+/** Whether bubblewrap can create the namespaces we ask for here (probed once). */
+function probeBwrap(bwrap: string): boolean {
+  if (bwrapWorks === null) {
+    const r = Bun.spawnSync([bwrap, ...BWRAP_ARGS, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
+    bwrapWorks = r.exitCode === 0;
+  }
+  return bwrapWorks;
+}
+
+/**
+ * Spawn options for a sandbox mode on this machine. Root drops to nobody (65534), so the
+ * child cannot read the gateway's /proc/<pid>/environ; bubblewrap adds its own pid, net and
+ * ipc namespaces (no network: tools go through the gateway) and a read-only root.
+ */
+export function defaultSpawnOptions(mode: SandboxMode = "auto"): SpawnOptions {
+  const root = process.getuid?.() === 0;
+  const prlimit = which(["/usr/bin/prlimit", "/bin/prlimit"]);
+  const bwrapPath = mode === "auto" || mode === "bwrap" ? which(["/usr/bin/bwrap", "/bin/bwrap"]) : null;
+  const bwrap = bwrapPath && probeBwrap(bwrapPath) ? bwrapPath : null;
+  if (mode === "bwrap" && !bwrap)
+    throw new Error('sandbox = "bwrap" but bubblewrap is not installed or cannot create namespaces here');
+  const dropUid = root && mode !== "none";
+  return {
+    bun: process.execPath,
+    uid: dropUid ? 65534 : null,
+    gid: dropUid ? 65534 : null,
+    prlimit,
+    bwrap,
+    rssPollMs: 50,
+  };
+}
+
+/** One line for the start-up log: what an episode is isolated by. */
+export function describeSandbox(o: SpawnOptions): string {
+  const parts = [
+    o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway",
+    o.bwrap ? "bubblewrap (pid/net/ipc namespaces, read-only root)" : "no namespaces",
+    o.prlimit ? "rlimits" : "no rlimits",
+  ];
+  return parts.join(", ");
+}
+
+/** The only environment an agent subprocess gets. */
+export const CHILD_ENV: Readonly<Record<string, string>> = Object.freeze({
+  PATH: "/usr/local/bin:/usr/bin:/bin",
+  HOME: "/nonexistent",
+  TZ: "UTC",
+  NO_COLOR: "1",
+  // A transpiler cache under HOME would be shared state between episodes; turn it off.
+  BUN_RUNTIME_TRANSPILER_CACHE_PATH: "0",
+  // The child's cwd; bubblewrap sets PWD itself, so name it here and the env is the same in every sandbox mode.
+  PWD: "/",
+});
+
+/** The prlimit/bwrap command line that runs `bun <script>` with these limits. */
+export function sandboxCommand(script: string, limits: ProcessLimits, spawnOpts: SpawnOptions): string[] {
+  const cmd = [spawnOpts.bun, script];
+  if (spawnOpts.bwrap) cmd.unshift(spawnOpts.bwrap, ...BWRAP_ARGS, "--");
+  if (spawnOpts.prlimit) {
+    const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
+    // RLIMIT_CPU backstop: an agent spinning after its gateway died (kill -9, no bwrap
+    // --die-with-parent) would run forever; CPU time can exceed wall time only by its threads.
+    const cpuSeconds = 2 * Math.ceil(limits.timeoutMs / 1000) + 2;
+    cmd.unshift(
+      spawnOpts.prlimit,
+      `--data=${dataBytes}`,
+      `--nofile=${limits.maxOpenFiles}`,
+      `--cpu=${cpuSeconds}`,
+      ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []),
+    );
+  }
+  return cmd;
+}
+
+/** The prlimit/bwrap command line for an agents/host/main.ts process with these limits. */
+export function hostCommand(limits: ProcessLimits, spawnOpts: SpawnOptions): string[] {
+  return sandboxCommand(HOST, limits, spawnOpts);
+}

@@ -1,0 +1,110 @@
+/**
+ * What the gateway does on its own clock: agent timers (a fire becomes stimuli through
+ * intake), the bounded retention pass, and the retained `fleet/health` topic.
+ */
+import type { Logger } from "pino";
+import type { Broker } from "../../broker/index.ts";
+import type { GatewayState } from "../types.ts";
+import { gcPass, gcTotal } from "../ops/index.ts";
+import type { Intake } from "../intake/index.ts";
+import type { SpecVersion } from "../spec/index.ts";
+import { publishHealth } from "../observe/index.ts";
+import type { Store } from "../store/index.ts";
+import { Timers } from "../intake/index.ts";
+import { agentId, type StimulusId } from "../types.ts";
+
+/** What background work reads from the gateway (the `Gateway` class satisfies it). */
+export interface BackgroundHost {
+  readonly state: GatewayState;
+  readonly spec: SpecVersion;
+  readonly store: Store;
+  readonly intake: Intake;
+  readonly broker: Broker;
+  readonly log: Logger;
+  /** The body of `fleet/health`. */
+  health(): Promise<unknown>;
+}
+
+/** The fleet's timer service, wired to the store (last fires) and intake (the stimuli). */
+export function fleetTimers(host: BackgroundHost, now: () => number): Timers {
+  return new Timers({
+    fire: (type, at, firedAt) => fireTimer(host, type.name, at, firedAt),
+    lastFire: async (type) => {
+      const v = await host.store.getMeta(`timer:${type}`);
+      return v === null ? null : Number(v);
+    },
+    saveLastFire: (type, at) => host.store.setMeta(`timer:${type}`, String(at)),
+    log: host.log.child({ mod: "timers" }),
+    now,
+  });
+}
+
+/** One timer fire: a stimulus for every deployed instance of the type, id from the scheduled time. */
+async function fireTimer(host: BackgroundHost, typeName: string, at: number, now: number): Promise<void> {
+  const type = host.spec.spec.agents[typeName];
+  if (!type) return;
+  const agents = await host.store.deployedOfType(typeName);
+  if (agents.length === 0) return;
+  const payload = new TextEncoder().encode(JSON.stringify({ scheduled_at: at, fired_at: now, timer: type.timer }));
+  const targets = agents.flatMap((a) => {
+    const id = agentId(typeName, a.key);
+    return id ? [{ agent: id, type, key: a.key }] : [];
+  });
+  await host.intake.record(targets, "timer", null, payload, `timer:${at}` as StimulusId);
+}
+
+/** Intervals of the periodic work, ms. */
+export interface HousekeepingOptions {
+  readonly now: () => number;
+  readonly healthIntervalMs: number;
+  /** 0 turns the background retention pass off. */
+  readonly gcIntervalMs: number;
+}
+
+/** The health topic and the retention pass, on unref'd intervals so they never hold the process. */
+export class Housekeeping {
+  private readonly intervals: ReturnType<typeof setInterval>[] = [];
+  private gcRunning = false;
+
+  constructor(
+    private readonly host: BackgroundHost,
+    private readonly opts: HousekeepingOptions,
+  ) {}
+
+  /** Start both intervals and publish health once now. */
+  start(): void {
+    this.every(this.opts.healthIntervalMs, () => this.publishHealth());
+    if (this.opts.gcIntervalMs > 0) this.every(this.opts.gcIntervalMs, () => this.backgroundGc());
+    void this.publishHealth();
+  }
+
+  /** Clear the intervals (a pass already running finishes on its own). */
+  stop(): void {
+    for (const t of this.intervals) clearInterval(t);
+  }
+
+  private every(ms: number, run: () => Promise<void>): void {
+    const t = setInterval(() => void run(), ms);
+    t.unref?.();
+    this.intervals.push(t);
+  }
+
+  private async publishHealth(): Promise<void> {
+    if (this.host.state !== "running") return;
+    await publishHealth(this.host.broker, () => this.host.health(), this.host.log);
+  }
+
+  /** One bounded retention pass; skipped if the previous one still runs. */
+  private async backgroundGc(): Promise<void> {
+    if (this.gcRunning || this.host.state !== "running") return;
+    this.gcRunning = true;
+    try {
+      const r = await gcPass(this.host.store, this.host.spec.spec, { now: this.opts.now(), batch: 2000 });
+      if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms) }, "retention pass");
+    } catch (err) {
+      this.host.log.error({ err }, "retention pass failed");
+    } finally {
+      this.gcRunning = false;
+    }
+  }
+}

@@ -1,0 +1,5 @@
+export * from "./background.ts";
+export * from "./redeploy.ts";
+export * from "./reload.ts";
+export * from "./roster.ts";
+export * from "./scheduler.ts";

@@ -1,0 +1,94 @@
+/**
+ * Hot redeploy: load fleet.toml again; an invalid file changes nothing (its error is kept
+ * for status and /api/fleet). A valid change becomes a new spec version: new types and
+ * instances start, removed types' agents are retired, changed types take effect from their
+ * next episode (an in-flight episode finishes on the version it started on), timers re-plan.
+ * What changed is described by reload.ts; this file applies it.
+ */
+import type { Logger } from "pino";
+import { diffSpecs } from "./reload.ts";
+import type { Roster } from "./roster.ts";
+import type { Scheduler } from "./scheduler.ts";
+import { loadSpec } from "../spec/index.ts";
+import { SpecError, type SpecVersion } from "../spec/index.ts";
+import type { Store } from "../store/index.ts";
+import type { Timers } from "../intake/index.ts";
+import { agentId } from "../types.ts";
+
+/** Make sure every instance a spec lists exists as an agent row. */
+export async function deployInstances(store: Store, sv: SpecVersion, at: number): Promise<void> {
+  const list = [];
+  for (const type of Object.values(sv.spec.agents)) {
+    for (const key of type.instances) {
+      const id = agentId(type.name, key);
+      if (id) list.push({ id, type: type.name, key });
+    }
+  }
+  await store.ensureAgents(list, at);
+}
+
+/** What a redeploy changes on the running gateway. */
+export interface RedeployDeps {
+  readonly store: Store;
+  readonly scheduler: Scheduler;
+  readonly timers: Timers;
+  readonly roster: Roster;
+  readonly log: Logger;
+  readonly now: () => number;
+  /** Only a running gateway redeploys (not while starting, draining or stopped). */
+  running(): boolean;
+  /** The version new episodes start on. */
+  current(): SpecVersion;
+  /** Route and start new episodes on `next` from now on. */
+  adopt(next: SpecVersion): void;
+}
+
+/** Applies fleet.toml changes one at a time. */
+export class Redeploy {
+  /** Last spec reload error, shown by status and /api/fleet; null once a load succeeds. */
+  error: string | null = null;
+  private chain: Promise<void> = Promise.resolve();
+
+  constructor(private readonly d: RedeployDeps) {}
+
+  /** Queue a reload behind any in progress; resolves when it is applied (or rejected). */
+  reload(reason: string): Promise<void> {
+    this.chain = this.chain
+      .then(() => this.reloadNow(reason))
+      .catch((err) => this.d.log.error({ err }, "reload failed"));
+    return this.chain;
+  }
+
+  private async reloadNow(reason: string): Promise<void> {
+    if (!this.d.running()) return;
+    const current = this.d.current();
+    let next: SpecVersion;
+    try {
+      next = await loadSpec(current.path);
+    } catch (err) {
+      this.error = err instanceof SpecError ? err.message : String(err);
+      this.d.log.error({ reason }, `fleet.toml rejected, keeping spec ${current.hash.slice(0, 12)}: ${this.error}`);
+      return;
+    }
+    this.error = null;
+    if (next.hash === current.hash) return;
+    const diff = diffSpecs(current.spec, next.spec);
+    await this.d.store.saveSpecVersion({
+      hash: next.hash,
+      path: next.path,
+      text: next.text,
+      summary: diff.summary,
+      at: this.d.now(),
+    });
+    this.d.adopt(next);
+    this.d.scheduler.setMaxConcurrent(next.spec.fleet.max_concurrent_episodes);
+    await deployInstances(this.d.store, next, this.d.now());
+    for (const type of diff.removed) await this.d.roster.retireType(type, next.hash);
+    for (const type of diff.added) await this.d.roster.unretireType(type);
+    await this.d.timers.update(next.spec);
+    this.d.log.info(
+      { reason, from: current.hash.slice(0, 12), to: next.hash.slice(0, 12) },
+      `redeployed: ${diff.summary}`,
+    );
+  }
+}

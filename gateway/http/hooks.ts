@@ -1,0 +1,108 @@
+/**
+ * Webhooks: `POST /hooks/<name>` as declared by `[hooks.<name>]`. The response is sent
+ * only after the stimulus is durable: 202 with the stimulus id, 200 with the original id
+ * for a duplicate. Bad JSON 400, too large 413, unknown hook 404, bad signature 401.
+ */
+import { createHmac, timingSafeEqual } from "node:crypto";
+import type { HookSpec } from "../spec/index.ts";
+import type { Target } from "../intake/index.ts";
+import type { Intake, IntakeReport } from "../intake/index.ts";
+import { agentId, type StimulusId } from "../types.ts";
+import { stimulusId } from "../intake/index.ts";
+import { httpError, json } from "./responses.ts";
+import { readBodyCapped } from "../body.ts";
+import type { FleetSpec } from "../spec/index.ts";
+
+/** What a hook needs from the gateway. */
+export interface HookDeps {
+  readonly spec: () => FleetSpec;
+  readonly intake: Intake;
+  readonly secrets: Readonly<Record<string, string | undefined>>;
+}
+
+function safeEqual(a: string, b: string): boolean {
+  const x = Buffer.from(a);
+  const y = Buffer.from(b);
+  return x.length === y.length && timingSafeEqual(x, y);
+}
+
+/** Check `X-Fleet-Signature: sha256=<hex HMAC of body>` or `Authorization: Bearer <secret>`. */
+export function checkSignature(secret: string, body: Uint8Array, headers: Headers): boolean {
+  const sig = headers.get("x-fleet-signature") ?? headers.get("x-hub-signature-256");
+  if (sig) {
+    const expected = `sha256=${createHmac("sha256", secret).update(body).digest("hex")}`;
+    return safeEqual(sig.trim().toLowerCase(), expected);
+  }
+  const auth = headers.get("authorization");
+  return auth !== null && safeEqual(auth.trim(), `Bearer ${secret}`);
+}
+
+function resolveTarget(hook: HookSpec, spec: FleetSpec, payload: unknown): Target | string {
+  let typeName: string;
+  let key: string;
+  if (hook.agent) {
+    const slash = hook.agent.indexOf("/");
+    typeName = hook.agent.slice(0, slash);
+    key = hook.agent.slice(slash + 1);
+  } else {
+    typeName = hook.type ?? "";
+    const v =
+      typeof payload === "object" && payload !== null
+        ? (payload as Record<string, unknown>)[hook.key_field ?? ""]
+        : undefined;
+    if (typeof v !== "string" && typeof v !== "number")
+      return `payload field "${hook.key_field}" (the agent key) is missing`;
+    key = String(v);
+  }
+  const type = spec.agents[typeName];
+  if (!type) return `agent type "${typeName}" is not in the fleet`;
+  const id = agentId(typeName, key);
+  if (!id) return `"${key}" is not a valid agent key`;
+  return { agent: id, type, key };
+}
+
+/** Handle one webhook request. */
+export async function handleHook(d: HookDeps, name: string, req: Request): Promise<Response> {
+  const spec = d.spec();
+  const hook = spec.hooks[name];
+  if (!hook) return httpError(404, "unknown_hook", `no hook "${name}" in fleet.toml`);
+  const body = await readBodyCapped(req, hook.max_body_bytes);
+  if (body === null) return httpError(413, "too_large", `body larger than ${hook.max_body_bytes} bytes`);
+  if (hook.secret_env) {
+    const secret = d.secrets[hook.secret_env];
+    if (!secret) return httpError(503, "hook_unconfigured", `secret ${hook.secret_env} is not set on the gateway`);
+    if (!checkSignature(secret, body, req.headers))
+      return httpError(401, "bad_signature", "signature or bearer token does not match");
+  }
+  let payload: unknown;
+  try {
+    payload = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(body));
+  } catch (err) {
+    return httpError(400, "bad_json", `body is not JSON: ${(err as Error).message}`);
+  }
+  const target = resolveTarget(hook, spec, payload);
+  if (typeof target === "string") return httpError(400, "bad_target", target);
+  const idem = req.headers.get("idempotency-key");
+  if (idem !== null && (idem.length === 0 || idem.length > 256))
+    return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
+  const sid = idem ? (`idem:${idem}` as StimulusId) : await stimulusId(hook.dedup, `hooks/${name}`, body, payload);
+  const report = await d.intake.record([target], "webhook", `hooks/${name}`, body, sid);
+  return intakeResponse(report, target.agent);
+}
+
+/**
+ * The HTTP answer to recording one stimulus for one agent (webhooks, manual stimuli): 202 with
+ * the new stimulus id, 200 with the original id for a duplicate, 429 when its queue is full,
+ * 409 when it was refused otherwise.
+ */
+export function intakeResponse(report: IntakeReport, agent: string): Response {
+  const a = report.accepted[0];
+  if (a) return json({ stimulus: a.sid, agent, seq: a.seq, duplicate: false }, 202);
+  const dup = report.duplicates[0];
+  if (dup) return json({ stimulus: dup.sid, agent, duplicate: true }, 200);
+  const refused = report.refused[0];
+  const full = refused?.reason.startsWith("queue full");
+  return full
+    ? json({ error: { code: "queue_full", message: refused!.reason } }, 429, { "retry-after": "5" })
+    : httpError(409, "refused", refused?.reason ?? "refused");
+}

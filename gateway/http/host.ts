@@ -1,0 +1,42 @@
+/**
+ * What the HTTP surface needs from the gateway. Handlers take the narrowest slice they
+ * use (a `Pick` of this), never the `Gateway` class: the composition root imports the
+ * HTTP folder, not the other way round.
+ */
+import type { Logger } from "pino";
+import type { FleetEvents } from "../events.ts";
+import type { LifecycleAction, LifecycleResult } from "../fleet/index.ts";
+import type { Intake, Route } from "../intake/index.ts";
+import type { GcReport } from "../ops/index.ts";
+import type { SpecVersion } from "../spec/index.ts";
+import type { Store } from "../store/index.ts";
+import type { AgentId, GatewayState } from "../types.ts";
+
+/** The metrics registry as the `/metrics` route and the SSE gauge see it. */
+export interface MetricsView {
+  readonly registry: import("prom-client").Registry;
+  readonly contentType: string;
+  text(): Promise<string>;
+}
+
+/** Everything any HTTP handler may ask of the gateway. */
+export interface HttpHost {
+  readonly state: GatewayState;
+  readonly spec: SpecVersion;
+  readonly store: Store;
+  readonly intake: Intake;
+  readonly events: FleetEvents;
+  readonly log: Logger;
+  readonly metrics: MetricsView;
+  /** Where webhook secrets come from. */
+  readonly secrets: Readonly<Record<string, string | undefined>>;
+  /** The body of `fleet/health` and `/api/fleet`. */
+  health(): Promise<unknown>;
+  /** Stimuli waiting for an agent. */
+  queued(agent: string): number;
+  /** A stimulus went back into an agent's queue (quarantine retry): count it and run the agent. */
+  requeued(agent: string): void;
+  setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult>;
+  gc(opts: { dryRun: boolean; now?: number }): Promise<GcReport>;
+  routeTopic(topic: string): Route;
+}

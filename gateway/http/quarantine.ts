@@ -1,0 +1,37 @@
+/**
+ * Quarantine endpoints (used by `fleet quarantine` while the gateway runs):
+ * `GET /api/quarantine`, `POST /api/quarantine/<seq>/retry`, `POST /api/quarantine/<seq>/drop`.
+ */
+import type { HttpHost } from "./host.ts";
+import { httpError, json } from "./responses.ts";
+import { listQuarantine, resolveQuarantined } from "../ops/index.ts";
+
+type ParamRequest<P extends string> = Request & { params: Record<P, string> };
+
+/** Routes to spread into `Bun.serve({ routes })`. */
+export function quarantineRoutes(gw: Pick<HttpHost, "store" | "requeued">) {
+  return {
+    "/api/quarantine": async (req: Request) => {
+      const limit = Number(new URL(req.url).searchParams.get("limit") ?? 100);
+      const n = Number.isSafeInteger(limit) && limit > 0 ? Math.min(limit, 10_000) : 100;
+      return json({ stimuli: await listQuarantine(gw.store, n) });
+    },
+    "/api/quarantine/:seq/:action": {
+      POST: async (req: ParamRequest<"seq" | "action">) => {
+        const action = req.params.action;
+        if (action !== "retry" && action !== "drop")
+          return httpError(404, "not_found", `no action ${action} (retry or drop)`);
+        const seq = Number(req.params.seq);
+        if (!/^\d+$/.test(req.params.seq) || !Number.isSafeInteger(seq))
+          return httpError(400, "bad_seq", "stimulus seq must be an integer");
+        const r = await resolveQuarantined(gw.store, seq, action);
+        if (!r.ok) return httpError(r.code === "not_found" ? 404 : 409, r.code, r.message);
+        if (r.state === "queued") {
+          // Back in the queue: count it and run the agent (un-parks it if it was waiting).
+          gw.requeued(r.agent);
+        }
+        return json({ ok: true, seq: r.seq, agent: r.agent, action, state: r.state });
+      },
+    },
+  };
+}

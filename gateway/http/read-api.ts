@@ -1,0 +1,188 @@
+/**
+ * The observing side of the HTTP surface (SPEC §7): `/metrics`, the live event stream,
+ * the dashboard, and the paged, filtered read API the dashboard and `fleet` use.
+ * Query parameters are parsed strictly: a bad value is a 400 naming the parameter, in the
+ * same `{ "error": { "code", "message" } }` shape as every other error.
+ */
+import type { HttpHost } from "./host.ts";
+import { httpError, intQuery, json } from "./responses.ts";
+import { agentId } from "../types.ts";
+import { agentView, episodeView } from "../observe/index.ts";
+import { episodesPage, recentCheckpoints } from "../observe/index.ts";
+import { EventStream } from "../observe/index.ts";
+import { dashboardRoutes } from "../observe/index.ts";
+import { Gauge } from "prom-client";
+import type { StoredAgentStatus } from "../store/index.ts";
+
+type Route = (
+  req: Request & { params: Record<string, string> },
+  server: { timeout(req: Request, seconds: number): void },
+) => Response | Promise<Response>;
+
+/** What the read API needs from the gateway. */
+type ReadHost = Pick<HttpHost, "store" | "queued" | "events" | "health" | "log" | "metrics">;
+
+/** Shown status (and the stored alias `active`) -> stored status. */
+const STATUS_FILTER: Readonly<Record<string, StoredAgentStatus>> = {
+  idle: "active",
+  active: "active",
+  paused: "paused",
+  failed: "failed",
+  retired: "retired",
+};
+
+/** `GET /api/agents?page=&limit=&q=&status=&type=`: server-side paging for 10,000+ agents. */
+export async function listAgents(gw: ReadHost, req: Request): Promise<Response> {
+  const url = new URL(req.url);
+  const limit = intQuery(url, "limit", 50, 1, 1000);
+  if (limit instanceof Response) return limit;
+  const page = intQuery(url, "page", 1, 1, 1_000_000);
+  if (page instanceof Response) return page;
+  const statusRaw = url.searchParams.get("status") || null;
+  const status = statusRaw === null ? undefined : STATUS_FILTER[statusRaw];
+  if (statusRaw !== null && !status) {
+    const hint = statusRaw === "running" ? " (running is momentary; filter idle)" : "";
+    return httpError(
+      400,
+      "bad_query",
+      `status must be one of idle, paused, failed, retired; got "${statusRaw}"${hint}`,
+    );
+  }
+  const type = url.searchParams.get("type") || undefined;
+  if (type !== undefined && !agentId(type, "x"))
+    return httpError(400, "bad_query", `type "${type}" is not a valid type name`);
+  const q = url.searchParams.get("q")?.trim() || undefined;
+  if (q !== undefined && q.length > 200) return httpError(400, "bad_query", "q must be at most 200 characters");
+  const { rows, total } = await gw.store.listAgents({ type, status, q, limit, offset: (page - 1) * limit });
+  return json({
+    agents: rows.map((a) => agentView(a, gw.queued(a.id))),
+    total,
+    page,
+    limit,
+    pages: Math.max(1, Math.ceil(total / limit)),
+  });
+}
+
+async function agentOrError(gw: ReadHost, type: string, key: string) {
+  const id = agentId(type, key);
+  if (!id) return httpError(400, "bad_agent", `"${type}/${key}" is not a valid agent id`);
+  return (await gw.store.getAgent(id)) ?? httpError(404, "not_found", `no agent ${type}/${key}`);
+}
+
+/** A checkpoint as the API shows it. */
+function checkpointView(c: Awaited<ReturnType<typeof recentCheckpoints>>[number]) {
+  return {
+    hash: c.hash,
+    seq: c.seq,
+    parent: c.parent,
+    episode: c.episode,
+    spec_version: c.specVersion,
+    collected: c.collected === 1,
+    created_at: c.createdAt,
+  };
+}
+
+/** `GET /api/agents/<type>/<key>`: the agent with the newest 20 links of its checkpoint chain. */
+export async function agentDetail(gw: ReadHost, type: string, key: string): Promise<Response> {
+  const a = await agentOrError(gw, type, key);
+  if (a instanceof Response) return a;
+  const checkpoints = await recentCheckpoints(gw.store, a.id, 20);
+  return json({ ...agentView(a, gw.queued(a.id)), checkpoints: checkpoints.map(checkpointView) });
+}
+
+/** `GET /api/agents/<type>/<key>/episodes?limit=&before=&status=`: newest first; `next_before` pages on. */
+export async function agentEpisodes(gw: ReadHost, type: string, key: string, req: Request): Promise<Response> {
+  const a = await agentOrError(gw, type, key);
+  if (a instanceof Response) return a;
+  const url = new URL(req.url);
+  const limit = intQuery(url, "limit", 50, 1, 1000);
+  if (limit instanceof Response) return limit;
+  const before = intQuery(url, "before", Number.MAX_SAFE_INTEGER, 0, Number.MAX_SAFE_INTEGER);
+  if (before instanceof Response) return before;
+  const status = url.searchParams.get("status") || undefined;
+  if (status !== undefined && status !== "committed" && status !== "failed")
+    return httpError(400, "bad_query", `status must be committed or failed, got "${status}"`);
+  const rows = await episodesPage(gw.store, a.id, { limit, before, status });
+  const last = rows.at(-1);
+  return json({
+    agent: a.id,
+    episodes: rows.map(episodeView),
+    next_before: rows.length === limit && last ? last.startedAt : null,
+  });
+}
+
+/** An event log row as the API shows it. */
+function eventView(e: { seq: number; kind: string; data: string }) {
+  return { seq: e.seq, kind: e.kind, data: JSON.parse(e.data) as unknown };
+}
+
+/** The decisions of an event log: `ctx.decide(name, data)` records in order. */
+function decisionsOf(events: readonly { seq: number; kind: string; data: unknown }[]) {
+  return events
+    .filter((e) => e.kind === "decide")
+    .map((e) => {
+      const d = e.data as { name?: unknown; data?: unknown };
+      return { seq: e.seq, name: typeof d.name === "string" ? d.name : "?", data: d.data ?? null };
+    });
+}
+
+/** `GET /api/episodes/<id>`: the episode, its event log and its decisions. */
+export async function episodeDetail(gw: ReadHost, id: string): Promise<Response> {
+  const ep = await gw.store.getEpisode(id);
+  if (!ep) return httpError(404, "not_found", `no episode ${id}`);
+  const events = (await gw.store.listEvents(ep.id)).map(eventView);
+  return json({ ...episodeView(ep), events, decisions: decisionsOf(events) });
+}
+
+/** The observing routes, to spread into Bun.serve's `routes`, and their cleanup. */
+export function observeRoutes(gw: ReadHost): { routes: Record<string, Route | Record<string, Route>>; close(): void } {
+  const stream = new EventStream({
+    events: gw.events,
+    health: () => gw.health(),
+    onError: (err) => gw.log.warn({ err }, "event stream health tick failed"),
+  });
+  gw.metrics.registry.removeSingleMetric("fleet_sse_clients"); // a restarted HTTP server re-registers it
+  new Gauge({
+    name: "fleet_sse_clients",
+    help: "Open dashboard event streams (GET /api/events).",
+    registers: [gw.metrics.registry],
+    collect() {
+      this.set(stream.size);
+    },
+  });
+  const routes: Record<string, Route | Record<string, Route>> = {
+    ...dashboardRoutes(),
+    "/metrics": async () =>
+      new Response(await gw.metrics.text(), { headers: { "content-type": gw.metrics.contentType } }),
+    "/api/events": (req, server) => stream.handle(req, server),
+    "/api/agents/:type/:key/checkpoints": async (req) => {
+      const a = await agentOrError(gw, req.params.type!, req.params.key!);
+      if (a instanceof Response) return a;
+      const url = new URL(req.url);
+      const limit = intQuery(url, "limit", 50, 1, 1000);
+      if (limit instanceof Response) return limit;
+      const before = intQuery(url, "before", Number.MAX_SAFE_INTEGER, 1, Number.MAX_SAFE_INTEGER);
+      if (before instanceof Response) return before;
+      const rows = await recentCheckpoints(gw.store, a.id, limit, before);
+      const last = rows.at(-1);
+      return json({
+        agent: a.id,
+        head: a.headHash,
+        checkpoints: rows.map(checkpointView),
+        next_before: rows.length === limit && last ? last.seq : null,
+      });
+    },
+    "/api/episodes/:id/events": async (req) => {
+      const ep = await gw.store.getEpisode(req.params.id!);
+      if (!ep) return httpError(404, "not_found", `no episode ${req.params.id}`);
+      const kind = new URL(req.url).searchParams.get("kind");
+      const events = (await gw.store.listEvents(ep.id)).map(eventView);
+      return json({
+        episode: ep.id,
+        events: kind ? events.filter((e) => e.kind === kind) : events,
+        decisions: decisionsOf(events),
+      });
+    },
+  };
+  return { routes, close: () => stream.close() };
+}

@@ -1,0 +1,43 @@
+/**
+ * Response helpers shared by every HTTP handler. Errors are always
+ * `{ "error": { "code", "message" } }` with a fitting status.
+ */
+import { readBodyCapped } from "../body.ts";
+
+/** JSON response helper. */
+export function json(data: unknown, status = 200, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(data), { status, headers: { "content-type": "application/json", ...headers } });
+}
+
+/** Consistent error body. */
+export function httpError(status: number, code: string, message: string): Response {
+  return json({ error: { code, message } }, status);
+}
+
+/** Default cap of an API request body. */
+export const MAX_API_BODY = 1024 * 1024;
+
+/** A request body parsed as JSON (empty body = null), or the error response to send. */
+export async function readJson(
+  req: Request,
+  cap = MAX_API_BODY,
+): Promise<{ ok: true; value: unknown; raw: Uint8Array } | { ok: false; res: Response }> {
+  const raw = await readBodyCapped(req, cap);
+  if (raw === null) return { ok: false, res: httpError(413, "too_large", `body larger than ${cap} bytes`) };
+  try {
+    return { ok: true, value: raw.byteLength ? JSON.parse(new TextDecoder().decode(raw)) : null, raw };
+  } catch (err) {
+    return { ok: false, res: httpError(400, "bad_json", `body is not JSON: ${(err as Error).message}`) };
+  }
+}
+
+/** An integer query parameter in [min, max], its default when absent, or a 400. */
+export function intQuery(url: URL, name: string, dflt: number, min: number, max: number): number | Response {
+  const raw = url.searchParams.get(name);
+  if (raw === null || raw === "") return dflt;
+  const v = Number(raw);
+  if (!Number.isInteger(v) || v < min || v > max) {
+    return httpError(400, "bad_query", `${name} must be an integer from ${min} to ${max}, got "${raw}"`);
+  }
+  return v;
+}

@@ -1,0 +1,135 @@
+/**
+ * The HTTP surface (SPEC §7) on Bun.serve: health, the JSON API, operator actions and
+ * manual stimuli. Errors are `{ "error": { "code", "message" } }` with a fitting status.
+ */
+import type { HttpHost } from "./host.ts";
+import { httpError, json, readJson } from "./responses.ts";
+import { agentId } from "../types.ts";
+import type { StimulusId } from "../types.ts";
+import { handleHook, intakeResponse } from "./hooks.ts";
+import { quarantineRoutes } from "./quarantine.ts";
+import { agentDetail, agentEpisodes, episodeDetail, listAgents, observeRoutes } from "./read-api.ts";
+
+/** A started HTTP server. */
+export interface HttpServer {
+  readonly port: number;
+  stop(): void;
+}
+
+/** Start the HTTP server of a gateway. */
+export function startHttp(gw: HttpHost, opts: { host: string; port: number }): HttpServer {
+  const observe = observeRoutes(gw);
+  const server = Bun.serve({
+    hostname: opts.host,
+    port: opts.port,
+    routes: {
+      "/healthz": () => json({ ok: true }),
+      "/readyz": () =>
+        gw.state === "running" ? json({ ready: true, state: gw.state }) : json({ ready: false, state: gw.state }, 503),
+      "/api/fleet": async () => json(await gw.health()),
+      // Paging, filters and strict query parsing live in observe.ts.
+      "/api/agents": (req) => listAgents(gw, req),
+      "/api/agents/:type/:key": (req) => agentDetail(gw, req.params.type, req.params.key),
+      "/api/agents/:type/:key/episodes": (req) => agentEpisodes(gw, req.params.type, req.params.key, req),
+      "/api/agents/:type/:key/:action": {
+        POST: async (req) => {
+          const action = req.params.action;
+          if (action === "stimuli") return manualStimulus(gw, req.params.type, req.params.key, req);
+          if (action !== "pause" && action !== "resume" && action !== "retire")
+            return httpError(404, "not_found", `no action ${action}`);
+          const id = agentId(req.params.type, req.params.key);
+          if (!id) return httpError(400, "bad_agent", "invalid agent id");
+          const r = await gw.setLifecycle(id, action);
+          if (r.ok) return json({ ok: true, agent: id, action });
+          return r.reason.startsWith("no agent")
+            ? httpError(404, "not_found", r.reason)
+            : httpError(409, "conflict", r.reason);
+        },
+      },
+      "/api/episodes/:id": (req) => episodeDetail(gw, req.params.id),
+      "/hooks/:name": {
+        POST: (req) =>
+          handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.secrets }, req.params.name, req),
+      },
+      "/api/gc": {
+        POST: async (req) => {
+          const url = new URL(req.url);
+          const now = url.searchParams.get("now");
+          return json(
+            await gw.gc({ dryRun: url.searchParams.get("dry_run") === "1", now: now ? Number(now) : undefined }),
+          );
+        },
+      },
+      ...quarantineRoutes(gw),
+      ...observe.routes,
+      "/api/send": {
+        // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.
+        POST: async (req) => {
+          const body = await readJson(req);
+          if (!body.ok) return body.res;
+          const v = body.value as { topic?: unknown; payload?: unknown; id?: unknown } | null;
+          if (!v || typeof v.topic !== "string")
+            return httpError(400, "bad_request", 'body must be {"topic": string, "payload": any}');
+          const route = gw.routeTopic(v.topic);
+          if (route.targets.length === 0)
+            return httpError(404, "no_target", route.problems[0] ?? `no agent subscribes to ${v.topic}`);
+          const payload = new TextEncoder().encode(
+            typeof v.payload === "string" ? v.payload : JSON.stringify(v.payload ?? null),
+          );
+          const explicit = typeof v.id === "string" && v.id ? (`id:${v.id}` as StimulusId) : null;
+          const report = await gw.intake.record(
+            route.targets,
+            route.inbox ? "inbox" : "manual",
+            v.topic,
+            payload,
+            explicit,
+          );
+          // Every target refused (retired, queue full): not a success, so `fleet send` exits non-zero.
+          if (report.accepted.length + report.duplicates.length === 0) {
+            return json(
+              {
+                ...report,
+                error: { code: "refused", message: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ") },
+              },
+              409,
+            );
+          }
+          return json(report, report.accepted.length > 0 ? 202 : 200);
+        },
+      },
+    },
+    fetch: () => httpError(404, "not_found", "no such endpoint"),
+    error: (err) => httpError(500, "internal", err.message),
+  });
+  return {
+    port: server.port ?? opts.port,
+    stop: () => {
+      observe.close();
+      void server.stop(true);
+    },
+  };
+}
+
+/** `POST /api/agents/<type>/<key>/stimuli`: a manual stimulus (body = payload JSON; `Idempotency-Key` dedups). */
+async function manualStimulus(
+  gw: Pick<HttpHost, "spec" | "intake">,
+  typeName: string,
+  key: string,
+  req: Request,
+): Promise<Response> {
+  const type = gw.spec.spec.agents[typeName];
+  const id = agentId(typeName, key);
+  if (!type) return httpError(404, "not_found", `no agent type ${typeName}`);
+  if (!id) return httpError(400, "bad_agent", `"${key}" is not a valid agent key`);
+  const body = await readJson(req);
+  if (!body.ok) return body.res;
+  const idem = req.headers.get("idempotency-key");
+  const report = await gw.intake.record(
+    [{ agent: id, type, key }],
+    "manual",
+    null,
+    body.raw,
+    idem ? (`idem:${idem}` as StimulusId) : null,
+  );
+  return intakeResponse(report, id);
+}

@@ -1,0 +1,3 @@
+export * from "./intake.ts";
+export * from "./router.ts";
+export * from "./timers.ts";

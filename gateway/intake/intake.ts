@@ -1,0 +1,140 @@
+/**
+ * Intake: turns a message from any source into durable, deduplicated stimuli, one per
+ * target agent. For MQTT it runs inside the broker's authorizePublish, so a QoS 1 PUBACK
+ * goes out only after the stimuli are committed (NOTES: aedes acks before `published`).
+ */
+import type { Logger } from "pino";
+import type { IntakeVerdict, PublishedMessage } from "../../broker/index.ts";
+import { blake3Hex } from "../hash.ts";
+import type { Route, Target } from "./router.ts";
+import type { Store } from "../store/index.ts";
+import type { FleetEvents } from "../events.ts";
+import type { NewStimulus, StimulusId, StimulusKind } from "../types.ts";
+
+/** What intake needs to know about live agents, kept by the gateway. */
+export interface IntakeView {
+  /** Route a topic with the current spec. */
+  route(topic: string): Route;
+  /** Agents whose stimuli are refused (retired). */
+  isRetired(agent: string): boolean;
+  /** Stimuli waiting for an agent now. */
+  queued(agent: string): number;
+  /** Called for every newly queued stimulus. */
+  enqueued(agent: string): void;
+}
+
+/** Outcome per target of one intake. */
+export interface IntakeReport {
+  readonly accepted: { agent: string; sid: string; seq: number }[];
+  readonly duplicates: { agent: string; sid: string }[];
+  readonly refused: { agent: string; reason: string }[];
+}
+
+/** Parse a payload as JSON when it is JSON. */
+function tryJson(bytes: Uint8Array): unknown {
+  if (bytes.length === 0) return undefined;
+  const first = bytes[0]!;
+  // Cheap check before decoding: JSON objects/arrays/strings/numbers/literals.
+  if (
+    first !== 0x7b &&
+    first !== 0x5b &&
+    first !== 0x22 &&
+    !(first >= 0x30 && first <= 0x39) &&
+    first !== 0x2d &&
+    first !== 0x74 &&
+    first !== 0x66 &&
+    first !== 0x6e
+  )
+    return undefined;
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
+  } catch {
+    return undefined;
+  }
+}
+
+/** The stimulus id: the type's `dedup` payload field when present, else a content hash. */
+export async function stimulusId(
+  dedupField: string | null,
+  topic: string,
+  payload: Uint8Array,
+  parsed: unknown,
+): Promise<StimulusId> {
+  if (dedupField && typeof parsed === "object" && parsed !== null) {
+    const v = (parsed as Record<string, unknown>)[dedupField];
+    if ((typeof v === "string" && v.length > 0 && v.length <= 256) || typeof v === "number")
+      return `id:${v}` as StimulusId;
+  }
+  const head = new TextEncoder().encode(`${topic}\n`);
+  const buf = new Uint8Array(head.length + payload.length);
+  buf.set(head, 0);
+  buf.set(payload, head.length);
+  return `h:${await blake3Hex(buf)}` as StimulusId;
+}
+
+/** Intake for all sources. */
+export class Intake {
+  constructor(
+    private readonly store: Store,
+    private readonly view: IntakeView,
+    private readonly events: FleetEvents,
+    private readonly log: Logger,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** The broker hook: route, record, then let aedes ack. */
+  async mqtt(msg: PublishedMessage): Promise<IntakeVerdict> {
+    const route = this.view.route(msg.topic);
+    for (const p of route.problems) this.log.warn({ topic: msg.topic }, `intake: ${p}`);
+    if (route.inbox && route.targets.length === 0) return { ok: false, reason: route.problems[0] ?? "unknown inbox" };
+    if (route.targets.length === 0) return { ok: true };
+    const report = await this.record(route.targets, route.inbox ? "inbox" : "mqtt", msg.topic, msg.payload, null);
+    if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) {
+      return { ok: false, reason: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ") };
+    }
+    return { ok: true };
+  }
+
+  /**
+   * Record one message for its targets in one transaction. `explicitId` (webhook
+   * Idempotency-Key, timer fire id) overrides the per-type dedup rule.
+   */
+  async record(
+    targets: readonly Target[],
+    kind: StimulusKind,
+    topic: string | null,
+    payload: Uint8Array,
+    explicitId: StimulusId | null,
+  ): Promise<IntakeReport> {
+    const refused: { agent: string; reason: string }[] = [];
+    const items: NewStimulus[] = [];
+    const parsed = explicitId ? undefined : tryJson(payload);
+    const at = this.now();
+    for (const t of targets) {
+      if (this.view.isRetired(t.agent)) {
+        refused.push({ agent: t.agent, reason: "agent is retired" });
+        continue;
+      }
+      if (this.view.queued(t.agent) >= t.type.max_queue) {
+        // Backpressure: no PUBACK, the device keeps the message and retries later.
+        refused.push({ agent: t.agent, reason: `queue full (max_queue ${t.type.max_queue})` });
+        continue;
+      }
+      const sid = explicitId ?? (await stimulusId(t.type.dedup, topic ?? "", payload, parsed));
+      items.push({ agent: t.agent, type: t.type.name, key: t.key, sid, kind, topic, payload, receivedAt: at });
+    }
+    for (const r of refused) this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);
+    const outcomes = await this.store.intake(items);
+    const accepted: IntakeReport["accepted"] = [];
+    const duplicates: IntakeReport["duplicates"] = [];
+    for (const o of outcomes) {
+      if (o.seq === null) duplicates.push({ agent: o.agent, sid: o.sid });
+      else {
+        accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
+        this.view.enqueued(o.agent);
+      }
+    }
+    this.events.emit("intake", { source: kind, accepted: accepted.length, duplicates: duplicates.length });
+    return { accepted, duplicates, refused };
+  }
+}

@@ -1,0 +1,136 @@
+/**
+ * Timers (`every` / `cron` on an agent type). One scheduler for the whole fleet: a single
+ * timeout armed for the earliest due type, never one timer per agent. A fire is a
+ * stimulus for every deployed instance of the type whose id is derived from the
+ * *scheduled* time (`timer:<ms>`), so restarts, redeploys and overlapping schedulers
+ * can never fire it twice. The last fire handled per type is remembered in `meta`, and
+ * fires missed while the gateway was down follow the type's `catch_up` policy.
+ */
+import { Cron } from "croner";
+import type { Logger } from "pino";
+import type { AgentTypeSpec, FleetSpec, TimerSpec } from "../spec/index.ts";
+
+/** Most missed fires replayed for `catch_up = "all"` per type after downtime. */
+export const CATCH_UP_ALL_MAX = 100;
+
+/** What the timer service needs from the gateway. */
+export interface TimerDeps {
+  /** Record one fire (scheduled at `at`) for every deployed instance of `type`. */
+  fire(type: AgentTypeSpec, at: number, now: number): Promise<void>;
+  /** The last fire handled for a type (durable), or null. */
+  lastFire(type: string): Promise<number | null>;
+  saveLastFire(type: string, at: number): Promise<void>;
+  readonly log: Logger;
+  readonly now?: () => number;
+}
+
+/** Next scheduled time strictly after `after`. */
+export function nextFire(timer: TimerSpec, after: number): number | null {
+  if (timer.kind === "every") return (Math.floor(after / timer.ms) + 1) * timer.ms; // aligned to the epoch: stable across restarts
+  const next = new Cron(timer.expr, { paused: true, timezone: "UTC" }).nextRun(new Date(after));
+  return next ? next.getTime() : null;
+}
+
+/** Scheduled times in (from, to], oldest first, at most `limit` (the newest ones). */
+export function firesBetween(timer: TimerSpec, from: number, to: number, limit: number): number[] {
+  const out: number[] = [];
+  if (timer.kind === "every") {
+    const first = Math.floor(from / timer.ms) + 1;
+    const last = Math.floor(to / timer.ms);
+    for (let k = Math.max(first, last - limit + 1); k <= last; k++) out.push(k * timer.ms);
+    return out;
+  }
+  for (let t = nextFire(timer, from); t !== null && t <= to; t = nextFire(timer, t)) {
+    out.push(t);
+    if (out.length > limit) out.shift();
+  }
+  return out;
+}
+
+interface Entry {
+  type: AgentTypeSpec;
+  timer: TimerSpec;
+  next: number;
+}
+
+/** The fleet's single timer scheduler. */
+export class Timers {
+  private entries = new Map<string, Entry>();
+  private handle: ReturnType<typeof setTimeout> | null = null;
+  private stopped = false;
+  private firing: Promise<void> = Promise.resolve();
+  /** Fires recorded since start (bench / metrics). */
+  fired = 0;
+  private readonly now: () => number;
+
+  constructor(private readonly d: TimerDeps) {
+    this.now = d.now ?? Date.now;
+  }
+
+  /** (Re)schedule from a spec: new types start, removed ones stop, changed ones re-plan. Catches up missed fires. */
+  async update(spec: FleetSpec): Promise<void> {
+    const now = this.now();
+    const next = new Map<string, Entry>();
+    for (const type of Object.values(spec.agents)) {
+      if (!type.timer) continue;
+      const prev = this.entries.get(type.name);
+      if (prev && JSON.stringify(prev.timer) === JSON.stringify(type.timer)) {
+        next.set(type.name, { ...prev, type });
+        continue;
+      }
+      const last = await this.d.lastFire(type.name);
+      if (last !== null) await this.catchUp(type, type.timer, last, now);
+      const at = nextFire(type.timer, now);
+      if (at !== null) next.set(type.name, { type, timer: type.timer, next: at });
+    }
+    this.entries = next;
+    this.arm();
+  }
+
+  /** Stop firing; resolves after an in-progress fire is recorded. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.handle) clearTimeout(this.handle);
+    await this.firing;
+  }
+
+  private async catchUp(type: AgentTypeSpec, timer: TimerSpec, last: number, now: number): Promise<void> {
+    const policy = timer.catch_up;
+    if (policy === "none") return;
+    const missed = firesBetween(timer, last, now, policy === "all" ? CATCH_UP_ALL_MAX : 1);
+    if (missed.length === 0) return;
+    this.d.log.info({ type: type.name, missed: missed.length, policy }, "timer catch-up after downtime");
+    for (const at of missed) await this.fireOne(type, at);
+  }
+
+  private arm(): void {
+    if (this.stopped) return;
+    if (this.handle) clearTimeout(this.handle);
+    let earliest = Infinity;
+    for (const e of this.entries.values()) earliest = Math.min(earliest, e.next);
+    if (!Number.isFinite(earliest)) return;
+    // Cap the sleep so a suspended machine or clock jump is noticed within a minute.
+    const delay = Math.min(Math.max(0, earliest - this.now()), 60_000);
+    this.handle = setTimeout(() => void this.tick(), delay);
+  }
+
+  private async tick(): Promise<void> {
+    const now = this.now();
+    const due = [...this.entries.values()].filter((e) => e.next <= now);
+    const run = async () => {
+      for (const e of due) {
+        await this.fireOne(e.type, e.next);
+        e.next = nextFire(e.timer, Math.max(e.next, now)) ?? Infinity;
+      }
+    };
+    this.firing = run().catch((err) => this.d.log.error({ err }, "timer fire failed"));
+    await this.firing;
+    this.arm();
+  }
+
+  private async fireOne(type: AgentTypeSpec, at: number): Promise<void> {
+    await this.d.fire(type, at, this.now());
+    await this.d.saveLastFire(type.name, at);
+    this.fired++;
+  }
+}

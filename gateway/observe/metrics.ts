@@ -1,0 +1,423 @@
+/**
+ * Prometheus metrics of one gateway (`GET /metrics`, SPEC §7) and the summary that
+ * `fleet/health` carries. A registry per gateway, never prom-client's global one.
+ *
+ * Labels are agent *types* (and small fixed sets: outcome, source, status, budget), never
+ * agent keys: 10,000 agents make as many series as one. Event-driven series (episodes,
+ * stimuli, commits) move from the `FleetEvents` bus; gauges that need the database read a
+ * cached per-type snapshot on scrape, so a scrape costs a few aggregate queries at most
+ * once a second.
+ */
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import type { BrokerStats } from "../../broker/index.ts";
+import type { FleetEvents } from "../events.ts";
+import { RollingCounts } from "./rates.ts";
+import { AGENT_STATUSES, BUDGETS, SnapshotCache, readSnapshot, type FleetSnapshot } from "./snapshot.ts";
+import type { SpecVersion } from "../spec/index.ts";
+import type { Store } from "../store/index.ts";
+
+/** What the metrics read from the gateway (the `Gateway` class satisfies it). */
+export interface MetricsHost {
+  readonly events: FleetEvents;
+  readonly store: Store;
+  readonly spec: SpecVersion;
+  readonly specError: string | null;
+  readonly scheduler: { readonly active: number } | undefined;
+  readonly broker: { stats(): BrokerStats } | undefined;
+  /** Episode subprocess groups alive now. */
+  subprocesses(): number;
+}
+
+/** Options; tests inject the clock. */
+export interface MetricsOptions {
+  readonly now?: () => number;
+  /** How long a database snapshot is reused, ms (default 1000). */
+  readonly snapshotTtlMs?: number;
+  /** Collect prom-client's default process metrics (default true). */
+  readonly processMetrics?: boolean;
+}
+
+const EPISODE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+const COMMIT_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
+
+/** Rolling fleet-level rates over the last minute. */
+export interface FleetRates {
+  readonly window_s: number;
+  readonly episodes: number;
+  readonly failures: number;
+  readonly episodes_per_min: number;
+  readonly failures_per_min: number;
+  /** failures / episodes in the window; 0 when nothing ran. */
+  readonly failure_ratio: number;
+  readonly stimuli: number;
+  readonly duplicates: number;
+}
+
+/** A counter that mirrors a monotonic number kept elsewhere (broker counters). */
+function mirrorCounter(registry: Registry, name: string, help: string, read: () => number | undefined): Counter {
+  let seen = 0;
+  return new Counter({
+    name,
+    help,
+    registers: [registry],
+    collect() {
+      const v = read();
+      if (v === undefined) return;
+      if (v < seen) seen = 0; // the source restarted
+      if (v > seen) this.inc(v - seen);
+      seen = v;
+    },
+  });
+}
+
+/** The metrics of one gateway. */
+export class FleetMetrics {
+  readonly registry = new Registry();
+  private readonly now: () => number;
+  private readonly snapshots: SnapshotCache;
+  private readonly rates: RollingCounts<"episodes" | "failures" | "stimuli" | "duplicates">;
+  private readonly unsubscribe: (() => void)[] = [];
+  private readonly commitSeconds: Histogram;
+
+  constructor(
+    private readonly host: MetricsHost,
+    opts: MetricsOptions = {},
+  ) {
+    const now = (this.now = opts.now ?? Date.now);
+    this.snapshots = new SnapshotCache(
+      () => readSnapshot(host.store, host.spec.spec, now()),
+      now,
+      opts.snapshotTtlMs ?? 1000,
+    );
+    this.rates = new RollingCounts(["episodes", "failures", "stimuli", "duplicates"], now, 60);
+    const registers = [this.registry];
+    if (opts.processMetrics ?? true) {
+      collectDefaultMetrics({ register: this.registry });
+      // Under Bun these cost ~100 ms a scrape (a JSC heap walk) or report nonsense (event
+      // loop lag min 2^63 ns, mean NaN): drop them, keep the process_* and heap totals.
+      for (const name of this.registry.getMetricsAsArray().map((m) => (m as unknown as { name: string }).name)) {
+        if (name.startsWith("nodejs_heap_space_size_") || name.startsWith("nodejs_eventloop_lag"))
+          this.registry.removeSingleMetric(name);
+      }
+    }
+
+    // ---- facts from the event bus --------------------------------------------------
+    const episodes = new Counter({
+      name: "fleet_episodes_total",
+      help: "Episodes that ended, by agent type and outcome (committed|failed).",
+      labelNames: ["type", "outcome"],
+      registers,
+    });
+    const failures = new Counter({
+      name: "fleet_episode_failures_total",
+      help: "Failed episodes by agent type and failure kind (threw|timeout|oom|crashed|...).",
+      labelNames: ["type", "kind"],
+      registers,
+    });
+    const quarantined = new Counter({
+      name: "fleet_stimuli_quarantined_total",
+      help: "Stimuli quarantined after their last retry failed, by agent type.",
+      labelNames: ["type"],
+      registers,
+    });
+    const duration = new Histogram({
+      name: "fleet_episode_duration_seconds",
+      help: "Episode wall time (subprocess start to result), by agent type.",
+      labelNames: ["type"],
+      buckets: EPISODE_BUCKETS,
+      registers,
+    });
+    const stimuli = new Counter({
+      name: "fleet_stimuli_total",
+      help: "Stimuli accepted (durably queued) by source (mqtt|timer|webhook|inbox|manual).",
+      labelNames: ["source"],
+      registers,
+    });
+    const dedup = new Counter({
+      name: "fleet_dedup_hits_total",
+      help: "Stimuli dropped as duplicates of one already recorded, by source.",
+      labelNames: ["source"],
+      registers,
+    });
+    const statusChanges = new Counter({
+      name: "fleet_agent_status_changes_total",
+      help: "Agent status transitions published, by new status (idle|running|paused|retired|failed).",
+      labelNames: ["status"],
+      registers,
+    });
+    this.commitSeconds = new Histogram({
+      name: "fleet_db_commit_seconds",
+      help: "Duration of each group commit (one transaction, one fsync).",
+      buckets: COMMIT_BUCKETS,
+      registers,
+    });
+
+    this.unsubscribe.push(
+      host.events.on("episode", (e) => {
+        episodes.inc({ type: e.type, outcome: e.status });
+        duration.observe({ type: e.type }, e.ms / 1000);
+        this.rates.add("episodes");
+        if (e.status === "failed") {
+          failures.inc({ type: e.type, kind: e.kind ?? "unknown" });
+          this.rates.add("failures");
+          if (e.quarantined) quarantined.inc({ type: e.type });
+        }
+      }),
+      host.events.on("intake", (e) => {
+        if (e.accepted > 0) stimuli.inc({ source: e.source }, e.accepted);
+        if (e.duplicates > 0) dedup.inc({ source: e.source }, e.duplicates);
+        this.rates.add("stimuli", e.accepted);
+        this.rates.add("duplicates", e.duplicates);
+      }),
+      host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
+    );
+    // Pre-create the outcome series so a fresh gateway exposes zeros rather than nothing.
+    for (const type of Object.keys(host.spec.spec.agents)) {
+      for (const outcome of ["committed", "failed"]) episodes.inc({ type, outcome }, 0);
+    }
+    this.observeCommits(host.store);
+
+    // ---- gauges read on scrape -----------------------------------------------------
+    const snap = () => this.snapshots.get();
+    const perType = (name: string, help: string, pick: (s: FleetSnapshot, type: string) => number) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ["type"],
+        registers,
+        async collect() {
+          const s = await snap();
+          this.reset(); // a type removed by a redeploy must not linger
+          for (const type of s.types.keys()) this.set({ type }, pick(s, type));
+        },
+      });
+
+    new Gauge({
+      name: "fleet_agents",
+      help: "Agents by status (idle|paused|failed|retired; running agents count as idle) and type.",
+      labelNames: ["status", "type"],
+      registers,
+      async collect() {
+        const s = await snap();
+        this.reset();
+        for (const [type, t] of s.types)
+          for (const status of AGENT_STATUSES) this.set({ status, type }, t.agents[status]);
+      },
+    });
+    perType(
+      "fleet_agents_budget_paused",
+      "Agents paused by a budget (they resume when the window ends), by type.",
+      (s, t) => s.types.get(t)!.budgetPaused,
+    );
+    new Gauge({
+      name: "fleet_queue_depth",
+      help: "Stimuli waiting in all agents' queues (including ones waiting for a retry or a paused agent).",
+      registers,
+      async collect() {
+        let n = 0;
+        for (const t of (await snap()).types.values()) n += t.queued;
+        this.set(n);
+      },
+    });
+    new Gauge({
+      name: "fleet_queue_oldest_age_seconds",
+      help: "Age of the oldest waiting stimulus (the fleet's lag); 0 when nothing waits.",
+      registers,
+      async collect() {
+        const s = await snap();
+        let oldest = Infinity;
+        for (const t of s.types.values()) if (t.oldestQueuedAt !== null) oldest = Math.min(oldest, t.oldestQueuedAt);
+        this.set(Number.isFinite(oldest) ? Math.max(0, s.at - oldest) / 1000 : 0);
+      },
+    });
+    perType("fleet_type_queue_depth", "Stimuli waiting, by agent type.", (s, t) => s.types.get(t)!.queued);
+    perType("fleet_type_queue_oldest_age_seconds", "Age of the oldest waiting stimulus, by agent type.", (s, t) => {
+      const at = s.types.get(t)!.oldestQueuedAt;
+      return at === null ? 0 : Math.max(0, s.at - at) / 1000;
+    });
+    perType(
+      "fleet_budget_episodes_hour_used",
+      "Episodes booked in the current hour window, summed over the type's agents.",
+      (s, t) => s.types.get(t)!.used.episodesHour,
+    );
+    perType(
+      "fleet_budget_tool_calls_hour_used",
+      "Tool calls booked in the current hour window, summed over the type's agents.",
+      (s, t) => s.types.get(t)!.used.toolCallsHour,
+    );
+    perType(
+      "fleet_budget_tokens_day_used",
+      "LLM tokens booked today, summed over the type's agents.",
+      (s, t) => s.types.get(t)!.used.tokensDay,
+    );
+    perType(
+      "fleet_budget_cost_day_used",
+      "Cost units booked today, summed over the type's agents.",
+      (s, t) => s.types.get(t)!.used.costDay,
+    );
+    new Gauge({
+      name: "fleet_budget_max_ratio",
+      help: "Use/limit of the agent of this type closest to its budget (1 = that agent is paused), by budget.",
+      labelNames: ["type", "budget"],
+      registers,
+      async collect() {
+        const s = await snap();
+        this.reset();
+        for (const [type, t] of s.types) for (const budget of BUDGETS) this.set({ type, budget }, t.maxRatio[budget]);
+      },
+    });
+    new Gauge({
+      name: "fleet_budget_limit",
+      help: "Per-agent limit of each budget, by type (0 = unlimited).",
+      labelNames: ["type", "budget"],
+      registers,
+      async collect() {
+        const s = await snap();
+        this.reset();
+        for (const [type, t] of s.types)
+          for (const budget of BUDGETS)
+            this.set({ type, budget }, Number.isFinite(t.limits[budget]) ? t.limits[budget] : 0);
+      },
+    });
+    new Gauge({
+      name: "fleet_episodes_running",
+      help: "Episodes running now.",
+      registers,
+      collect() {
+        this.set(host.scheduler?.active ?? 0);
+      },
+    });
+    new Gauge({
+      name: "fleet_subprocesses_alive",
+      help: "Episode subprocess groups alive now.",
+      registers,
+      collect() {
+        this.set(host.subprocesses());
+      },
+    });
+    new Gauge({
+      name: "fleet_broker_clients",
+      help: "Connected MQTT clients.",
+      registers,
+      collect() {
+        this.set(host.broker?.stats().clients ?? 0);
+      },
+    });
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_messages_in_total",
+      "Device publishes accepted by the broker's intake.",
+      () => host.broker?.stats().messagesIn,
+    );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_messages_out_total",
+      "PUBLISH packets the broker forwarded to clients.",
+      () => host.broker?.stats().messagesOut,
+    );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_refused_total",
+      "Device publishes the broker refused (rules, ACL, intake refusal).",
+      () => host.broker?.stats().refused,
+    );
+    new Gauge({
+      name: "fleet_spec_info",
+      help: "The spec version new episodes start on (value 1); `reload_error` is 1 while the last fleet.toml edit was rejected.",
+      labelNames: ["fleet", "version", "reload_error"],
+      registers,
+      collect() {
+        this.reset();
+        this.set(
+          {
+            fleet: host.spec.spec.fleet.name,
+            version: host.spec.hash.slice(0, 12),
+            reload_error: host.specError ? "1" : "0",
+          },
+          1,
+        );
+      },
+    });
+  }
+
+  /** Time every group commit of `store` (keeps any observer already installed). */
+  private observeCommits(store: Store): void {
+    const prev = store.writer.onCommit;
+    store.writer.onCommit = (ms, jobs) => {
+      prev?.(ms, jobs);
+      this.commitSeconds.observe(ms / 1000);
+    };
+  }
+
+  /** The Prometheus text exposition. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  /** Content type of `text()`. */
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
+  /** Episode and failure rates over the last minute. */
+  rollingRates(): FleetRates {
+    const episodes = this.rates.sum("episodes");
+    const failures = this.rates.sum("failures");
+    const perMin = 60 / this.rates.windowS;
+    return {
+      window_s: this.rates.windowS,
+      episodes,
+      failures,
+      episodes_per_min: episodes * perMin,
+      failures_per_min: failures * perMin,
+      failure_ratio: episodes > 0 ? failures / episodes : 0,
+      stimuli: this.rates.sum("stimuli"),
+      duplicates: this.rates.sum("duplicates"),
+    };
+  }
+
+  /**
+   * What `fleet/health` adds to the gateway's counts: rates over the last minute, per-type
+   * agents/queue/lag/budget, the fleet's budget burn (the highest use/limit ratio of any
+   * agent), subprocesses alive and DB commit latency. The same numbers as `/metrics`.
+   */
+  async healthSummary() {
+    const s = await this.snapshots.get();
+    const types: Record<string, unknown> = {};
+    let burn = 0;
+    for (const [name, t] of s.types) {
+      const typeBurn = Math.max(...BUDGETS.map((b) => t.maxRatio[b]));
+      burn = Math.max(burn, typeBurn);
+      types[name] = {
+        agents: t.agents,
+        budget_paused: t.budgetPaused,
+        queued: t.queued,
+        lag_ms: t.oldestQueuedAt === null ? 0 : Math.max(0, s.at - t.oldestQueuedAt),
+        episodes_hour: t.used.episodesHour,
+        episodes_hour_limit: t.limits.episodes_per_hour,
+        tokens_day: t.used.tokensDay,
+        cost_day: t.used.costDay,
+        budget_burn: round(typeBurn),
+      };
+    }
+    const st = this.host.store.writer.stats;
+    return {
+      rates: this.rollingRates(),
+      budget_burn: round(burn),
+      types,
+      subprocesses: this.host.subprocesses(),
+      db: {
+        commits: st.commits,
+        last_commit_ms: round(st.lastCommitMs),
+        mean_commit_ms: st.commits ? round(st.totalCommitMs / st.commits) : 0,
+      },
+    };
+  }
+
+  /** Stop listening to the event bus. */
+  close(): void {
+    for (const off of this.unsubscribe.splice(0)) off();
+  }
+}
+
+const round = (n: number) => Math.round(n * 1000) / 1000;

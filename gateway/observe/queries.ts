@@ -1,0 +1,95 @@
+/**
+ * Read-side queries for observing the fleet (metrics, health, dashboard, API paging).
+ * Every query here is aggregated by agent *type* or bounded by a limit, so its cost does
+ * not grow into one row per agent on the wire.
+ */
+import { and, desc, eq, inArray, lt, sql, count, min, max, sum } from "drizzle-orm";
+import { tables as t, type Store } from "../store/index.ts";
+
+/** Agents per type and stored status; `budget` marks pauses that end by themselves. */
+export function agentStatusByType(store: Store) {
+  return store.db
+    .select({
+      type: t.agents.type,
+      status: t.agents.status,
+      budget: sql<number>`(${t.agents.pausedUntil} IS NOT NULL)`.mapWith(Number),
+      n: count(),
+    })
+    .from(t.agents)
+    .groupBy(t.agents.type, t.agents.status, sql`(${t.agents.pausedUntil} IS NOT NULL)`)
+    .all();
+}
+
+/** Queued stimuli per type: how many, and the oldest receive time (lag). */
+export function queueByType(store: Store) {
+  return store.db
+    .select({ type: t.agents.type, n: count(), oldest: min(t.stimuli.receivedAt) })
+    .from(t.stimuli)
+    .innerJoin(t.agents, eq(t.agents.id, t.stimuli.agent))
+    .where(eq(t.stimuli.state, "queued"))
+    .groupBy(t.agents.type)
+    .all();
+}
+
+/** Budget ledger of the given windows per type: totals and the highest single agent. */
+export function usageByType(store: Store, windows: readonly string[]) {
+  const u = t.budgetUsage;
+  return store.db
+    .select({
+      type: t.agents.type,
+      window: u.window,
+      agents: count(),
+      episodes: sum(u.episodes).mapWith(Number),
+      maxEpisodes: max(u.episodes),
+      toolCalls: sum(u.toolCalls).mapWith(Number),
+      tokens: sum(u.tokens).mapWith(Number),
+      maxTokens: max(u.tokens),
+      cost: sum(u.cost).mapWith(Number),
+      maxCost: max(u.cost),
+    })
+    .from(u)
+    .innerJoin(t.agents, eq(t.agents.id, u.agent))
+    .where(inArray(u.window, [...windows]))
+    .groupBy(t.agents.type, u.window)
+    .all();
+}
+
+/** An agent's checkpoint chain, newest first, without the (possibly large) state text. */
+export function recentCheckpoints(store: Store, agent: string, limit: number, beforeSeq?: number) {
+  const c = t.checkpoints;
+  const where = beforeSeq === undefined ? eq(c.agent, agent) : and(eq(c.agent, agent), lt(c.seq, beforeSeq));
+  return store.db
+    .select({
+      hash: c.hash,
+      seq: c.seq,
+      parent: c.parent,
+      episode: c.episode,
+      specVersion: c.specVersion,
+      collected: sql<number>`(${c.state} IS NULL)`.mapWith(Number),
+      createdAt: c.createdAt,
+    })
+    .from(c)
+    .where(where)
+    .orderBy(desc(c.seq))
+    .limit(limit)
+    .all();
+}
+
+/** An agent's episodes, newest first, optionally only one status, paged by start time. */
+export function episodesPage(
+  store: Store,
+  agent: string,
+  f: { limit: number; before?: number; status?: "committed" | "failed" },
+) {
+  const e = t.episodes;
+  const conds = [eq(e.agent, agent)];
+  if (f.before !== undefined) conds.push(lt(e.startedAt, f.before));
+  if (f.status) conds.push(eq(e.status, f.status));
+  return store.db
+    .select()
+    .from(e)
+    .where(and(...conds))
+    .orderBy(desc(e.startedAt), desc(e.id))
+    .limit(f.limit)
+    .all();
+}

@@ -1,0 +1,61 @@
+/**
+ * The gateway's facts on MQTT (SPEC §5): a failed episode on `fleet/episodes`, each agent's
+ * status retained on `fleet/agents/<type>/<key>/status`, the fleet summary retained on
+ * `fleet/health`. A committed episode reaches `fleet/episodes` through its outbox rows
+ * (episode.ts), with what it publishes.
+ */
+import type { Logger } from "pino";
+import type { Broker } from "../../broker/index.ts";
+import type { FleetEvents } from "../events.ts";
+import { topics } from "../protocol.ts";
+import type { Store } from "../store/index.ts";
+import { parseAgentId } from "../types.ts";
+
+/** Publish episode failures and status changes; `broker` is read per fact (it starts after the bus). */
+export function publishFacts(events: FleetEvents, broker: () => Broker | undefined): void {
+  events.on("episode", (e) => {
+    if (e.status === "committed" || e.quarantined) return;
+    const body = {
+      episode: e.episode,
+      agent: e.agent,
+      stimulus: e.stimulus,
+      status: "failed",
+      kind: e.kind,
+      checkpoint: e.checkpoint,
+      ms: Math.round(e.ms),
+    };
+    void broker()
+      ?.publish(topics.episodes, JSON.stringify(body))
+      .catch(() => undefined);
+  });
+  events.on("status", (e) => {
+    const a = parseAgentId(e.agent);
+    const b = broker();
+    if (!a || !b) return;
+    const body: Record<string, unknown> = { status: e.status };
+    if (e.reason) body.reason = e.reason;
+    if (e.checkpoint) body.checkpoint = e.checkpoint;
+    void b.publish(topics.status(a.type, a.key), JSON.stringify(body), { qos: 1, retain: true }).catch(() => undefined);
+  });
+}
+
+/** Emit every agent's current status again: retained topics live in aedes' memory, lost on restart. */
+export async function republishStatuses(store: Store, events: FleetEvents): Promise<void> {
+  for (let offset = 0; ; offset += 1000) {
+    const { rows } = await store.listAgents({ limit: 1000, offset });
+    for (const a of rows) {
+      const status = a.status === "active" ? "idle" : a.status;
+      events.emit("status", { agent: a.id, status, ...(a.reason ? { reason: a.reason } : {}), checkpoint: a.headHash });
+    }
+    if (rows.length < 1000) return;
+  }
+}
+
+/** Publish the fleet summary, retained; a failure is logged (the next tick tries again). */
+export async function publishHealth(broker: Broker, health: () => Promise<unknown>, log: Logger): Promise<void> {
+  try {
+    await broker.publish(topics.health, JSON.stringify(await health()), { qos: 0, retain: true });
+  } catch (err) {
+    log.warn({ err }, "health publish failed");
+  }
+}

@@ -1,0 +1,162 @@
+/**
+ * Retention (SPEC §3): keeps what accumulates bounded without breaking verifiability.
+ *  - checkpoints past a type's `checkpoint.keep` lose their state (tombstone: hash, parent
+ *    and seq stay, so the chain still verifies);
+ *  - tombstones and episode logs older than `retention.episodes_days` are deleted; the
+ *    newest deleted checkpoint of each agent becomes its chain anchor;
+ *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory);
+ *  - SQLite reuses the freed pages, so the file stops growing at its working-set size.
+ * Each pass does bounded work through the group committer; it never blocks episodes for long.
+ */
+import { sql } from "drizzle-orm";
+import type { FleetSpec } from "../spec/index.ts";
+import type { Store, WriteItem } from "../store/index.ts";
+
+const DAY = 86_400_000;
+
+/** What one pass did (or, dry, would do). */
+export interface GcReport {
+  tombstoned: number;
+  checkpointsDeleted: number;
+  episodesDeleted: number;
+  eventsDeleted: number;
+  stimuliForgotten: number;
+  usageRowsDeleted: number;
+  ms: number;
+}
+
+/** Options of a pass. */
+export interface GcOptions {
+  readonly now: number;
+  /** Most rows touched per category per pass. */
+  readonly batch?: number;
+  readonly dryRun?: boolean;
+}
+
+async function scalar(store: Store, query: ReturnType<typeof sql>): Promise<number> {
+  const row = (await store.db.get(query)) as Record<string, number> | [number] | undefined;
+  if (!row) return 0;
+  return Number(Array.isArray(row) ? row[0] : Object.values(row)[0]) || 0;
+}
+
+/** Run one bounded pass. Call repeatedly until it reports nothing to do. */
+export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Promise<GcReport> {
+  const started = performance.now();
+  const batch = opts.batch ?? 5000;
+  const report: GcReport = {
+    tombstoned: 0,
+    checkpointsDeleted: 0,
+    episodesDeleted: 0,
+    eventsDeleted: 0,
+    stimuliForgotten: 0,
+    usageRowsDeleted: 0,
+    ms: 0,
+  };
+  const episodeCutoff = opts.now - spec.retention.episodes_days * DAY;
+  const dedupCutoff = opts.now - spec.retention.dedup_days * DAY;
+
+  // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass.
+  for (const type of Object.values(spec.agents)) {
+    const keep = type.checkpoint.keep;
+    const budget = batch - report.tombstoned;
+    if (keep === 0 || budget <= 0) continue;
+    const pick = sql`SELECT c.rowid FROM checkpoints c JOIN agents a ON a.id = c.agent
+      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep} LIMIT ${budget}`;
+    if (opts.dryRun) report.tombstoned += await scalar(store, sql`SELECT count(*) FROM (${pick})`);
+    else {
+      const [r] = await store.writer.write([
+        store.db.run(sql`UPDATE checkpoints SET state = NULL WHERE rowid IN (${pick})`),
+      ]);
+      report.tombstoned += (r as { rowsAffected: number }).rowsAffected;
+    }
+  }
+
+  // 2. Delete old tombstones and move each agent's anchor forward. Only the run of old
+  //    tombstones at the very start of a chain goes (step 1 may have tombstoned rows out of
+  //    order), so whatever remains still links to the anchor; `batch` rows in all per pass.
+  const candidates = (await store.db.all(sql`SELECT DISTINCT agent FROM checkpoints
+    WHERE state IS NULL AND created_at < ${episodeCutoff} LIMIT ${batch}`)) as { agent: string }[];
+  for (const { agent } of candidates) {
+    const budget = batch - report.checkpointsDeleted;
+    if (budget <= 0) break;
+    const chain = (await store.db.all(sql`SELECT seq, hash, state IS NULL AND created_at < ${episodeCutoff} AS old
+      FROM checkpoints WHERE agent = ${agent} ORDER BY seq LIMIT ${budget}`)) as {
+      seq: number;
+      hash: string;
+      old: number;
+    }[];
+    let n = 0;
+    while (n < chain.length && Number(chain[n]!.old) === 1) n++;
+    const anchor = chain[n - 1];
+    if (!anchor) continue;
+    report.checkpointsDeleted += n;
+    if (opts.dryRun) continue;
+    await store.writer.write([
+      // Never move an anchor backwards (a concurrent `fleet gc` may have gone further).
+      store.db.run(
+        sql`UPDATE agents SET anchor_seq = ${anchor.seq}, anchor_hash = ${anchor.hash} WHERE id = ${agent} AND anchor_seq < ${anchor.seq}`,
+      ),
+      store.db.run(sql`DELETE FROM checkpoints WHERE agent = ${agent} AND seq <= ${anchor.seq} AND state IS NULL`),
+    ]);
+  }
+
+  // 3. Episode logs older than the retention window.
+  const oldEpisodes = sql`SELECT id FROM episodes WHERE ended_at < ${episodeCutoff} LIMIT ${batch}`;
+  if (opts.dryRun) {
+    report.episodesDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldEpisodes})`);
+    report.eventsDeleted = await scalar(store, sql`SELECT count(*) FROM events WHERE episode IN (${oldEpisodes})`);
+  } else {
+    const [ev, eps] = await store.writer.write([
+      store.db.run(sql`DELETE FROM events WHERE episode IN (${oldEpisodes})`),
+      store.db.run(sql`DELETE FROM episodes WHERE id IN (${oldEpisodes})`),
+    ]);
+    report.eventsDeleted = (ev as { rowsAffected: number }).rowsAffected;
+    report.episodesDeleted = (eps as { rowsAffected: number }).rowsAffected;
+  }
+
+  // 4. Dedup memory: finished stimuli past dedup_days. Queued ones are never touched.
+  const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected') AND done_at < ${dedupCutoff} LIMIT ${batch}`;
+  // 5. Budget windows no budget looks at any more (older than two days).
+  const oldUsage = sql`SELECT rowid FROM budget_usage WHERE (window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
+    OR (window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / DAY) - 2}) LIMIT ${batch}`;
+  if (opts.dryRun) {
+    report.stimuliForgotten = await scalar(store, sql`SELECT count(*) FROM (${oldStimuli})`);
+    report.usageRowsDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldUsage})`);
+  } else {
+    const items: WriteItem[] = [
+      store.db.run(sql`DELETE FROM stimuli WHERE seq IN (${oldStimuli})`),
+      store.db.run(sql`DELETE FROM budget_usage WHERE rowid IN (${oldUsage})`),
+    ];
+    const [st, us] = await store.writer.write(items);
+    report.stimuliForgotten = (st as { rowsAffected: number }).rowsAffected;
+    report.usageRowsDeleted = (us as { rowsAffected: number }).rowsAffected;
+  }
+  report.ms = performance.now() - started;
+  return report;
+}
+
+/** Total rows a report touched. */
+export function gcTotal(r: GcReport): number {
+  return (
+    r.tombstoned + r.checkpointsDeleted + r.episodesDeleted + r.eventsDeleted + r.stimuliForgotten + r.usageRowsDeleted
+  );
+}
+
+/** Run passes until nothing is left (CLI `fleet gc`), summing the reports. */
+export async function gcAll(store: Store, spec: FleetSpec, opts: GcOptions): Promise<GcReport> {
+  const sum: GcReport = {
+    tombstoned: 0,
+    checkpointsDeleted: 0,
+    episodesDeleted: 0,
+    eventsDeleted: 0,
+    stimuliForgotten: 0,
+    usageRowsDeleted: 0,
+    ms: 0,
+  };
+  for (let i = 0; i < 10_000; i++) {
+    const r = await gcPass(store, spec, opts);
+    for (const k of Object.keys(sum) as (keyof GcReport)[]) sum[k] += r[k];
+    if (opts.dryRun || gcTotal(r) === 0) break;
+  }
+  return sum;
+}

@@ -1,0 +1,4 @@
+export * from "./gc.ts";
+export * from "./quarantine.ts";
+export * from "./replay.ts";
+export * from "./verify.ts";

@@ -1,0 +1,83 @@
+/**
+ * Quarantine (issue 4 item 7): poison stimuli — those that failed `retry.max_attempts`
+ * times — listed with their failures, put back in their agent's queue, or dropped.
+ * Works on a Store, so the running gateway (HTTP) and the CLI on a stopped data dir share it.
+ */
+import { and, asc, eq, inArray } from "drizzle-orm";
+import { tables, type Store, type StimulusRow } from "../store/index.ts";
+
+/** One quarantined stimulus as the API and CLI show it. */
+export interface QuarantineItem {
+  readonly seq: number;
+  readonly agent: string;
+  readonly sid: string;
+  readonly kind: StimulusRow["kind"];
+  readonly topic: string | null;
+  readonly attempts: number;
+  readonly last_error: string | null;
+  readonly received_at: number;
+  readonly quarantined_at: number | null;
+  /** Ids of the failed episodes of this stimulus, oldest first. */
+  readonly episodes: readonly string[];
+}
+
+/** Outcome of retry/drop: expected refusals are values. */
+export type QuarantineAction =
+  | { readonly ok: true; readonly seq: number; readonly agent: string; readonly state: "queued" | "dropped" }
+  | { readonly ok: false; readonly code: "not_found" | "not_quarantined"; readonly message: string };
+
+/** Quarantined stimuli, newest first, with their failed episodes. */
+export async function listQuarantine(store: Store, limit = 100): Promise<QuarantineItem[]> {
+  const rows = await store.listStimuli("quarantined", limit);
+  if (rows.length === 0) return [];
+  const failed = await store.db
+    .select({ id: tables.episodes.id, seq: tables.episodes.stimulusSeq })
+    .from(tables.episodes)
+    .where(
+      and(
+        inArray(
+          tables.episodes.stimulusSeq,
+          rows.map((r) => r.seq),
+        ),
+        eq(tables.episodes.status, "failed"),
+      ),
+    )
+    .orderBy(asc(tables.episodes.startedAt), asc(tables.episodes.id))
+    .all();
+  const bySeq = new Map<number, string[]>();
+  for (const e of failed) {
+    const list = bySeq.get(e.seq) ?? [];
+    list.push(e.id);
+    bySeq.set(e.seq, list);
+  }
+  return rows.map((r) => ({
+    seq: r.seq,
+    agent: r.agent,
+    sid: r.sid,
+    kind: r.kind,
+    topic: r.topic,
+    attempts: r.attempts,
+    last_error: r.lastError,
+    received_at: r.receivedAt,
+    quarantined_at: r.doneAt,
+    episodes: bySeq.get(r.seq) ?? [],
+  }));
+}
+
+/**
+ * Put a quarantined stimulus back in its agent's queue (state queued, attempts 0) or drop
+ * it. The caller wakes the agent when a gateway is running (`requeued`).
+ */
+export async function resolveQuarantined(
+  store: Store,
+  seq: number,
+  action: "retry" | "drop",
+): Promise<QuarantineAction> {
+  const row = Number.isSafeInteger(seq) ? await store.getStimulus(seq) : undefined;
+  if (!row) return { ok: false, code: "not_found", message: `no stimulus ${seq}` };
+  if (row.state !== "quarantined")
+    return { ok: false, code: "not_quarantined", message: `stimulus ${seq} is ${row.state}, not quarantined` };
+  const state = action === "retry" ? "queued" : "dropped";
+  await store.setStimulusState(seq, state);
+  return { ok: true, seq, agent: row.agent, state };
+}

@@ -1,0 +1,192 @@
+/**
+ * Replay (SPEC §7): re-run a recorded episode in a fresh subprocess on its recorded inputs
+ * — the parent checkpoint's state, the stimulus, tool results, `now()` and `random()` —
+ * and compare what it produces (decisions, emits, sends, tool calls, final state) with what
+ * was recorded. Like Temporal's replayer, `--module` runs history against new code.
+ */
+import type { EpisodeRecord, ReplayInputs, Stimulus } from "../../agents/protocol.ts";
+import { canonicalJson } from "../hash.ts";
+import { runEpisode, type SpawnOptions } from "../episode/index.ts";
+import { CHILD_LIMITS, runLimitsFor } from "../episode/index.ts";
+import { compileSpec } from "../spec/index.ts";
+import type { Store } from "../store/index.ts";
+
+/** The first difference between a recording and a replay. */
+export interface Divergence {
+  /** e.g. "decision #2", "state", "outcome". */
+  readonly at: string;
+  readonly expected: unknown;
+  readonly actual: unknown;
+}
+
+/** Result of replaying one episode. */
+export type ReplayResult =
+  | { readonly episode: string; readonly agent: string; readonly verdict: "MATCH" }
+  | { readonly episode: string; readonly agent: string; readonly verdict: "DIVERGED"; readonly divergence: Divergence }
+  | { readonly episode: string; readonly agent: string; readonly verdict: "UNREPLAYABLE"; readonly reason: string };
+
+type Rec = EpisodeRecord;
+
+/** The observable behaviour of an episode, in comparable form. */
+function behaviour(records: readonly Rec[]): { label: string; value: unknown }[] {
+  const out: { label: string; value: unknown }[] = [];
+  const n: Record<string, number> = {};
+  for (const r of records) {
+    const kind = r.k === "decide" ? "decision" : r.k;
+    if (kind === "now" || kind === "random" || kind === "log") continue;
+    n[kind] = (n[kind] ?? 0) + 1;
+    const value =
+      r.k === "decide"
+        ? { name: r.name, data: r.data }
+        : r.k === "emit"
+          ? r.data
+          : r.k === "send"
+            ? { to: r.to, data: r.data }
+            : r.k === "tool"
+              ? { tool: r.tool, args: r.args }
+              : r;
+    out.push({ label: `${kind} #${n[kind]}`, value });
+  }
+  return out;
+}
+
+/** Compare two behaviours; the first difference or null. */
+export function firstDivergence(expected: readonly Rec[], actual: readonly Rec[]): Divergence | null {
+  const e = behaviour(expected);
+  const a = behaviour(actual);
+  for (let i = 0; i < Math.max(e.length, a.length); i++) {
+    const x = e[i];
+    const y = a[i];
+    if (!x || !y)
+      return { at: (x ?? y)!.label, expected: x ? x.value : "(nothing)", actual: y ? y.value : "(nothing)" };
+    if (x.label !== y.label || canonicalJson(x.value) !== canonicalJson(y.value))
+      return {
+        at: x.label === y.label ? x.label : `step ${i + 1}`,
+        expected: { [x.label]: x.value },
+        actual: { [y.label]: y.value },
+      };
+  }
+  return null;
+}
+
+/** Replay one episode; `moduleOverride` runs the recording against other code. */
+export async function replayEpisode(
+  store: Store,
+  episodeId: string,
+  spawn: SpawnOptions,
+  moduleOverride?: string,
+): Promise<ReplayResult> {
+  const ep = await store.getEpisode(episodeId);
+  if (!ep) return { episode: episodeId, agent: "?", verdict: "UNREPLAYABLE", reason: "no such episode" };
+  const base = { episode: ep.id, agent: ep.agent };
+  const events = await store.listEvents(ep.id);
+  if (events.length === 0)
+    return { ...base, verdict: "UNREPLAYABLE", reason: "its event log was collected by retention" };
+  const parsed = events.map((e) => JSON.parse(e.data) as unknown);
+  const stimulus = parsed[0] as Stimulus;
+  const records = events
+    .slice(1)
+    .flatMap((e, i) => (["stimulus", "end", "failure"].includes(e.kind) ? [] : [parsed[i + 1] as Rec]));
+  const ending = events[events.length - 1]!;
+
+  let state: unknown = null;
+  if (ep.parent) {
+    const parent = await store.getCheckpoint(ep.parent);
+    if (!parent || parent.state === null)
+      return { ...base, verdict: "UNREPLAYABLE", reason: "its parent checkpoint was collected" };
+    state = JSON.parse(parent.state);
+  }
+  const sv =
+    (await store.db.query.specVersions.findFirst({ where: (t, { eq }) => eq(t.hash, ep.specVersion) })) ?? null;
+  if (!sv)
+    return { ...base, verdict: "UNREPLAYABLE", reason: `spec version ${ep.specVersion.slice(0, 12)} is not stored` };
+  const spec = (await compileSpec(sv.text, sv.path)).spec;
+  const [typeName, key] = [ep.agent.slice(0, ep.agent.indexOf("/")), ep.agent.slice(ep.agent.indexOf("/") + 1)];
+  const type = spec.agents[typeName];
+  if (!type) return { ...base, verdict: "UNREPLAYABLE", reason: `type ${typeName} is not in its spec version` };
+
+  const inputs: ReplayInputs = {
+    now: records.flatMap((r) => (r.k === "now" ? [r.v] : [])),
+    random: records.flatMap((r) => (r.k === "random" ? [r.v] : [])),
+    tools: records
+      .flatMap((r) => (r.k === "tool" ? [r] : []))
+      .sort((x, y) => x.call - y.call)
+      .map((r) => ({ tool: r.tool, ok: r.ok, result: r.result })),
+  };
+  const result = await runEpisode(
+    {
+      t: "start",
+      episode: ep.id,
+      agent: { type: typeName, key, id: ep.agent },
+      module: moduleOverride ?? type.module_path,
+      config: type.config,
+      state,
+      fresh: ep.parent === null,
+      stimulus,
+      replay: inputs,
+      limits: CHILD_LIMITS,
+    },
+    // A replay is not on the clock of a live fleet: allow at least 10 s.
+    runLimitsFor(type.budget, 10_000),
+    async () => ({ ok: false, result: { error: "failed", reason: "replay: tools are answered from the recording" } }),
+    spawn,
+  );
+
+  const recordedOk = ending.kind === "end";
+  if (result.ok !== recordedOk) {
+    return {
+      ...base,
+      verdict: "DIVERGED",
+      divergence: {
+        at: "outcome",
+        expected: recordedOk ? "committed" : JSON.parse(ending.data),
+        actual: result.ok ? "committed" : { kind: result.kind, message: result.message.split("\n")[0] },
+      },
+    };
+  }
+  if (!result.ok && !recordedOk) {
+    // Both failed: the same way? (a timeout replayed as a throw is new behaviour)
+    const recorded = JSON.parse(ending.data) as { kind: string; message: string };
+    if (recorded.kind !== result.kind) {
+      return {
+        ...base,
+        verdict: "DIVERGED",
+        divergence: {
+          at: "outcome",
+          expected: { kind: recorded.kind },
+          actual: { kind: result.kind, message: result.message.split("\n")[0] },
+        },
+      };
+    }
+  }
+  const d = firstDivergence(records, result.records);
+  if (d) return { ...base, verdict: "DIVERGED", divergence: d };
+  if (result.ok && ep.checkpoint) {
+    const cp = await store.getCheckpoint(ep.checkpoint);
+    if (cp && cp.state !== null && cp.state !== canonicalJson(result.state)) {
+      return {
+        ...base,
+        verdict: "DIVERGED",
+        divergence: { at: "state", expected: JSON.parse(cp.state), actual: result.state },
+      };
+    }
+  }
+  return { ...base, verdict: "MATCH" };
+}
+
+/** Replay an agent's whole recorded history (committed episodes, oldest first). */
+export async function replayAgent(
+  store: Store,
+  agent: string,
+  spawn: SpawnOptions,
+  moduleOverride?: string,
+): Promise<ReplayResult[]> {
+  const out: ReplayResult[] = [];
+  for (let after = ""; ; ) {
+    const page = await store.scanEpisodes(agent, after, 200);
+    for (const ep of page)
+      if (ep.status === "committed") out.push(await replayEpisode(store, ep.id, spawn, moduleOverride));
+    if (page.length < 200) return out;
+    after = page[page.length - 1]!.id;
+  }
+}

@@ -1,0 +1,111 @@
+/**
+ * `fleet verify`: recompute every checkpoint hash, every chain link and every episode's
+ * event-log hash. Collected checkpoints (tombstones) keep their hash and links, so the
+ * chain still verifies after GC.
+ */
+import { hashEvents, verifyCheckpointRow, IntegrityError } from "../store/index.ts";
+import { asc, inArray } from "drizzle-orm";
+import { tables, type EventRow, type Store } from "../store/index.ts";
+
+/** One broken record. */
+export interface VerifyProblem {
+  readonly agent: string;
+  readonly record: string;
+  readonly problem: string;
+}
+
+/** What verify looked at and what it found. */
+export interface VerifyReport {
+  readonly agents: number;
+  readonly checkpoints: number;
+  readonly episodes: number;
+  readonly problems: VerifyProblem[];
+}
+
+/** Verify every agent (or those listed). */
+export async function verifyStore(store: Store, only?: readonly string[]): Promise<VerifyReport> {
+  const agents = only?.length ? [...only] : await store.agentsWithCheckpoints();
+  const problems: VerifyProblem[] = [];
+  let checkpoints = 0;
+  let episodes = 0;
+  for (const agent of agents) {
+    const chain = await store.listCheckpoints(agent);
+    const a = await store.getAgent(agent);
+    // Retention deletes a prefix of the chain and keeps its newest hash as the anchor.
+    let prev: string | null = a?.anchorHash ?? null;
+    let prevSeq = a?.anchorSeq ?? 0;
+    for (const row of chain) {
+      checkpoints++;
+      const rec = `checkpoint ${agent}#${row.seq} ${row.hash.slice(0, 16)}`;
+      if (row.seq !== prevSeq + 1) problems.push({ agent, record: rec, problem: `sequence gap after #${prevSeq}` });
+      if (row.parent !== prev)
+        problems.push({
+          agent,
+          record: rec,
+          problem: `parent ${String(row.parent).slice(0, 16)} does not link to #${prevSeq} ${String(prev).slice(0, 16)}`,
+        });
+      if (row.state !== null) {
+        try {
+          await verifyCheckpointRow(row);
+        } catch (err) {
+          problems.push({ agent, record: rec, problem: err instanceof IntegrityError ? err.message : String(err) });
+        }
+      }
+      prev = row.hash;
+      prevSeq = row.seq;
+    }
+    if (a && chain.length > 0 && a.headHash !== prev)
+      problems.push({
+        agent,
+        record: `agent ${agent}`,
+        problem: `head ${String(a.headHash).slice(0, 16)} is not the newest checkpoint ${String(prev).slice(0, 16)}`,
+      });
+    for (let after = ""; ; ) {
+      const page = await store.scanEpisodes(agent, after, 500);
+      // One query per page, not per episode: `fleet verify` reads 100,000s of episodes.
+      const logs = new Map<string, EventRow[]>();
+      if (page.length > 0) {
+        const rows = await store.db
+          .select()
+          .from(tables.events)
+          .where(
+            inArray(
+              tables.events.episode,
+              page.map((e) => e.id),
+            ),
+          )
+          .orderBy(asc(tables.events.episode), asc(tables.events.seq))
+          .all();
+        for (const r of rows) {
+          const log = logs.get(r.episode);
+          if (log) log.push(r);
+          else logs.set(r.episode, [r]);
+        }
+      }
+      for (const ep of page) {
+        episodes++;
+        const events = logs.get(ep.id) ?? [];
+        // Retention deletes an episode together with its log, so a log cannot vanish alone.
+        if (events.length === 0) {
+          if (ep.eventCount > 0)
+            problems.push({
+              agent,
+              record: `episode ${ep.id}`,
+              problem: `event log missing (${ep.eventCount} event(s) recorded)`,
+            });
+          continue;
+        }
+        const h = await hashEvents(events);
+        if (h !== ep.eventsHash)
+          problems.push({
+            agent,
+            record: `episode ${ep.id}`,
+            problem: `event log hash mismatch (stored ${ep.eventsHash.slice(0, 16)}, recomputed ${h.slice(0, 16)})`,
+          });
+      }
+      if (page.length < 500) break;
+      after = page[page.length - 1]!.id;
+    }
+  }
+  return { agents: agents.length, checkpoints, episodes, problems };
+}

@@ -1,0 +1,3 @@
+export * from "./duration.ts";
+export * from "./load.ts";
+export * from "./types.ts";

@@ -1,0 +1,417 @@
+/**
+ * The store: every durable fact of the fleet, in one libSQL file. Writes go through the
+ * group committer; each method here is one atomic unit (an intake, an episode commit, a
+ * failure), which is what the guarantees of SPEC §6 rest on. The per-episode paths (intake,
+ * commit, failure, the per-turn reads) are raw SQL derived from the schema (./sql.ts,
+ * ./episodes.ts); the rest goes through drizzle.
+ */
+import { and, asc, desc, eq, gt, inArray, lt, count, min, sql } from "drizzle-orm";
+import type { Client } from "@libsql/client";
+import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement } from "./db.ts";
+import * as t from "./schema.ts";
+import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
+import { chunks, codecs, selectAll, selectOne } from "./sql.ts";
+import type { AgentId, NewStimulus } from "../types.ts";
+
+export * as tables from "./schema.ts";
+export type { Db, RawStatement, WriteItem } from "./db.ts";
+export type {
+  AgentRow,
+  StimulusRow,
+  EpisodeRow,
+  EventRow,
+  CheckpointRow,
+  OutboxRow,
+  SpecVersionRow,
+  StoredAgentStatus,
+} from "./schema.ts";
+export type { EpisodeCommit, EpisodeFailure, EpisodeUsage } from "./episodes.ts";
+
+/** Result of recording one stimulus: `seq` null means it was a duplicate. */
+export interface IntakeOutcome {
+  readonly agent: AgentId;
+  readonly sid: string;
+  readonly seq: number | null;
+}
+
+/** The fleet's durable state. */
+export class Store {
+  private constructor(
+    readonly client: Client,
+    readonly db: Db,
+    readonly writer: GroupCommitter,
+    /** This gateway's id; stamped on every record for replication (SPEC §8). */
+    readonly gatewayId: string,
+    readonly path: string,
+  ) {}
+
+  /** Open the database file, migrating it, and load (or mint) the gateway id. */
+  static async open(path: string, opts: OpenDbOptions): Promise<Store> {
+    const { client, db } = await openDb(path, opts);
+    let gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())?.value;
+    if (!gatewayId && !opts.readonly) {
+      gatewayId = Bun.randomUUIDv7();
+      await db.insert(t.meta).values({ key: "gateway_id", value: gatewayId }).onConflictDoNothing();
+      gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())!.value;
+    }
+    return new Store(client, db, new GroupCommitter(client), gatewayId ?? "unknown", path);
+  }
+
+  /** Flush pending writes and close the file. */
+  async close(): Promise<void> {
+    if (this.pendingIntake.length > 0) await this.flushIntake();
+    await this.writer.drain();
+    this.client.close();
+  }
+
+  // ---- meta ----------------------------------------------------------------------
+
+  /** A durable fact of this data dir (e.g. a timer's last fire). */
+  async getMeta(key: string): Promise<string | null> {
+    return (await this.db.select().from(t.meta).where(eq(t.meta.key, key)).get())?.value ?? null;
+  }
+
+  async setMeta(key: string, value: string): Promise<void> {
+    await this.writer.write([
+      this.db.insert(t.meta).values({ key, value }).onConflictDoUpdate({ target: t.meta.key, set: { value } }),
+    ]);
+  }
+
+  // ---- spec versions -------------------------------------------------------------
+
+  /** Record an accepted spec version (idempotent by hash). */
+  async saveSpecVersion(v: { hash: string; path: string; text: string; summary: string; at: number }): Promise<void> {
+    await this.writer.write([
+      this.db
+        .insert(t.specVersions)
+        .values({
+          hash: v.hash,
+          gateway: this.gatewayId,
+          path: v.path,
+          text: v.text,
+          summary: v.summary,
+          createdAt: v.at,
+        })
+        .onConflictDoNothing(),
+    ]);
+  }
+
+  /** Spec versions, newest first. */
+  listSpecVersions(limit = 50) {
+    return this.db.select().from(t.specVersions).orderBy(desc(t.specVersions.createdAt)).limit(limit).all();
+  }
+
+  // ---- agents --------------------------------------------------------------------
+
+  /** Create agents that do not exist yet. */
+  async ensureAgents(list: readonly { id: AgentId; type: string; key: string }[], at = Date.now()): Promise<void> {
+    if (list.length === 0) return;
+    await this.writer.write(
+      chunks(list).map((rows) =>
+        this.db
+          .insert(t.agents)
+          .values(
+            rows.map((a) => ({
+              id: a.id,
+              type: a.type,
+              key: a.key,
+              gateway: this.gatewayId,
+              createdAt: at,
+              updatedAt: at,
+            })),
+          )
+          .onConflictDoNothing(),
+      ),
+    );
+  }
+
+  /** One agent's row, or undefined. */
+  getAgent(id: string): Promise<t.AgentRow | undefined> {
+    return selectOne(this.client, codecs.agents, "FROM agents WHERE id = ?", [id]);
+  }
+
+  /** Agents, filtered and paged (server-side, for 10,000+ agents). */
+  async listAgents(f: { type?: string; status?: string; q?: string; limit?: number; offset?: number } = {}) {
+    const conds = [];
+    if (f.type) conds.push(eq(t.agents.type, f.type));
+    if (f.status) conds.push(eq(t.agents.status, f.status as t.StoredAgentStatus));
+    // Search is a substring match: escape LIKE's own wildcards so "_" and "%" mean themselves.
+    if (f.q) conds.push(sql`${t.agents.id} LIKE ${`%${f.q.replace(/[\\%_]/g, (c) => `\\${c}`)}%`} ESCAPE '\\'`);
+    const where = conds.length ? and(...conds) : undefined;
+    const rows = await this.db
+      .select()
+      .from(t.agents)
+      .where(where)
+      .orderBy(asc(t.agents.id))
+      .limit(f.limit ?? 100)
+      .offset(f.offset ?? 0)
+      .all();
+    const total = (await this.db.select({ n: count() }).from(t.agents).where(where).get())?.n ?? 0;
+    return { rows, total };
+  }
+
+  /** Deployed (not retired or failed) agents of a type: the targets of its timer. */
+  deployedOfType(type: string) {
+    return this.db
+      .select({ id: t.agents.id, key: t.agents.key })
+      .from(t.agents)
+      .where(and(eq(t.agents.type, type), inArray(t.agents.status, ["active", "paused"])))
+      .all();
+  }
+
+  /** Agent counts by type and stored status. */
+  agentCounts() {
+    return this.db
+      .select({ type: t.agents.type, status: t.agents.status, n: count() })
+      .from(t.agents)
+      .groupBy(t.agents.type, t.agents.status)
+      .all();
+  }
+
+  /** Set an agent's durable status. */
+  async setAgentStatus(
+    id: string,
+    status: t.StoredAgentStatus,
+    reason: string | null,
+    pausedUntil: number | null = null,
+  ): Promise<void> {
+    await this.writer.write([
+      this.db.update(t.agents).set({ status, reason, pausedUntil, updatedAt: Date.now() }).where(eq(t.agents.id, id)),
+    ]);
+  }
+
+  // ---- intake --------------------------------------------------------------------
+
+  /**
+   * Record stimuli durably (creating their agents on first sight). Calls made in the same
+   * turn of the event loop share one multi-row INSERT and one transaction: the hot path
+   * skips drizzle's query building and prepares one statement per 400 rows, not per row.
+   * Resolves after commit; a duplicate `(agent, sid)` comes back with `seq: null`.
+   */
+  intake(items: readonly NewStimulus[]): Promise<IntakeOutcome[]> {
+    if (items.length === 0) return Promise.resolve([]);
+    return new Promise((resolve, reject) => {
+      this.pendingIntake.push({ items, resolve, reject });
+      if (this.pendingIntake.length === 1) setImmediate(() => void this.flushIntake());
+    });
+  }
+
+  private pendingIntake: {
+    items: readonly NewStimulus[];
+    resolve: (o: IntakeOutcome[]) => void;
+    reject: (e: unknown) => void;
+  }[] = [];
+  /** Agents known to have a row: their INSERT OR IGNORE can be skipped. */
+  private readonly knownAgents = new Set<string>();
+
+  private async flushIntake(): Promise<void> {
+    const calls = this.pendingIntake;
+    this.pendingIntake = [];
+    const all = calls.flatMap((c) => c.items);
+    const fresh = new Map<string, NewStimulus>();
+    for (const s of all) if (!this.knownAgents.has(s.agent) && !fresh.has(s.agent)) fresh.set(s.agent, s);
+    const stmts: RawStatement[] = [];
+    for (const part of chunks([...fresh.values()])) {
+      stmts.push({
+        sql: `INSERT INTO agents (id, type, key, gateway, created_at, updated_at) VALUES ${part.map(() => "(?,?,?,?,?,?)").join(",")} ON CONFLICT DO NOTHING`,
+        args: part.flatMap((s) => [s.agent, s.type, s.key, this.gatewayId, s.receivedAt, s.receivedAt]),
+      });
+    }
+    const firstInsert = stmts.length;
+    for (const part of chunks(all)) {
+      stmts.push({
+        sql: `INSERT INTO stimuli (gateway, agent, sid, kind, topic, payload, received_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?)").join(",")}
+          ON CONFLICT DO NOTHING RETURNING seq, agent, sid`,
+        args: part.flatMap((s) => [this.gatewayId, s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt]),
+      });
+    }
+    try {
+      const results = await this.writer.write(stmts);
+      for (const a of fresh.keys()) this.knownAgents.add(a);
+      // RETURNING gives one row per inserted stimulus; the first caller to name (agent, sid) owns it.
+      const inserted = new Map<string, number>();
+      for (const rs of results.slice(firstInsert))
+        for (const row of rs.rows) inserted.set(`${row.agent}\n${row.sid}`, Number(row.seq));
+      for (const c of calls) {
+        c.resolve(
+          c.items.map((s) => {
+            const k = `${s.agent}\n${s.sid}`;
+            const seq = inserted.get(k) ?? null;
+            inserted.delete(k);
+            return { agent: s.agent, sid: s.sid, seq };
+          }),
+        );
+      }
+    } catch (err) {
+      for (const c of calls) c.reject(err);
+    }
+  }
+
+  /** Queued stimuli per agent with the oldest receive time (scheduler bootstrap, lag). */
+  queuedSummary() {
+    return this.db
+      .select({ agent: t.stimuli.agent, n: count(), oldest: min(t.stimuli.receivedAt) })
+      .from(t.stimuli)
+      .where(eq(t.stimuli.state, "queued"))
+      .groupBy(t.stimuli.agent)
+      .all();
+  }
+
+  /** The oldest queued stimulus of an agent (its FIFO head). */
+  headOfQueue(agent: string): Promise<t.StimulusRow | undefined> {
+    return selectOne(
+      this.client,
+      codecs.stimuli,
+      "FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1",
+      [agent],
+    );
+  }
+
+  /** Look a stimulus up by agent and dedup id. */
+  findStimulus(agent: string, sid: string) {
+    return this.db
+      .select()
+      .from(t.stimuli)
+      .where(and(eq(t.stimuli.agent, agent), eq(t.stimuli.sid, sid)))
+      .get();
+  }
+
+  getStimulus(seq: number) {
+    return this.db.select().from(t.stimuli).where(eq(t.stimuli.seq, seq)).get();
+  }
+
+  /** Stimuli in a given state (e.g. quarantined), newest first. */
+  listStimuli(state: t.StimulusState, limit = 100) {
+    return this.db
+      .select()
+      .from(t.stimuli)
+      .where(eq(t.stimuli.state, state))
+      .orderBy(desc(t.stimuli.seq))
+      .limit(limit)
+      .all();
+  }
+
+  /** Refuse everything still queued for an agent (it was retired); returns how many. */
+  async rejectQueued(agent: string, reason: string, at: number): Promise<number> {
+    const [rs] = await this.writer.write([
+      {
+        sql: "UPDATE stimuli SET state = 'rejected', last_error = ?, done_at = ? WHERE agent = ? AND state = 'queued'",
+        args: [reason, at, agent],
+      },
+    ]);
+    return rs?.rowsAffected ?? 0;
+  }
+
+  /** Put a quarantined stimulus back in its queue, or drop it. */
+  async setStimulusState(seq: number, state: t.StimulusState): Promise<void> {
+    await this.writer.write([
+      this.db.update(t.stimuli).set({ state, attempts: 0, notBefore: 0 }).where(eq(t.stimuli.seq, seq)),
+    ]);
+  }
+
+  // ---- episodes ------------------------------------------------------------------
+
+  /** Commit an episode whole: log, decisions, checkpoint, outbox, inbox sends, budget use, dedup mark. */
+  async commitEpisode(c: EpisodeCommit): Promise<void> {
+    await this.writer.write(commitStatements(this.gatewayId, c));
+  }
+
+  /** Record a failed attempt; the stimulus is retried later or quarantined. State is untouched. */
+  async recordFailure(f: EpisodeFailure): Promise<void> {
+    await this.writer.write(failureStatements(f));
+  }
+
+  getEpisode(id: string) {
+    return this.db.select().from(t.episodes).where(eq(t.episodes.id, id)).get();
+  }
+
+  /** An agent's episodes, newest first. */
+  listEpisodes(agent: string, limit = 50, beforeStartedAt?: number) {
+    const where =
+      beforeStartedAt === undefined
+        ? eq(t.episodes.agent, agent)
+        : and(eq(t.episodes.agent, agent), lt(t.episodes.startedAt, beforeStartedAt));
+    return this.db
+      .select()
+      .from(t.episodes)
+      .where(where)
+      .orderBy(desc(t.episodes.startedAt), desc(t.episodes.id))
+      .limit(limit)
+      .all();
+  }
+
+  /** An agent's episodes in id (time) order after `afterId`: for full scans. */
+  scanEpisodes(agent: string, afterId: string, limit = 500) {
+    return this.db
+      .select()
+      .from(t.episodes)
+      .where(and(eq(t.episodes.agent, agent), gt(t.episodes.id, afterId)))
+      .orderBy(asc(t.episodes.id))
+      .limit(limit)
+      .all();
+  }
+
+  /** An episode's event log in order. */
+  listEvents(episode: string) {
+    return this.db.select().from(t.events).where(eq(t.events.episode, episode)).orderBy(asc(t.events.seq)).all();
+  }
+
+  /** Usage of an agent in the given windows. */
+  async usage(agent: string, windows: readonly string[]): Promise<(typeof t.budgetUsage.$inferSelect)[]> {
+    if (windows.length === 0) return [];
+    return selectAll(
+      this.client,
+      codecs.budgetUsage,
+      `FROM budget_usage WHERE agent = ? AND "window" IN (${windows.map(() => "?").join(",")})`,
+      [agent, ...windows],
+    );
+  }
+
+  // ---- checkpoints ---------------------------------------------------------------
+
+  /** A checkpoint by hash, or undefined. */
+  getCheckpoint(hash: string): Promise<t.CheckpointRow | undefined> {
+    return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE hash = ?", [hash]);
+  }
+
+  /** An agent's checkpoint chain, oldest first. */
+  listCheckpoints(agent: string, limit = 1_000_000) {
+    return this.db
+      .select()
+      .from(t.checkpoints)
+      .where(eq(t.checkpoints.agent, agent))
+      .orderBy(asc(t.checkpoints.seq))
+      .limit(limit)
+      .all();
+  }
+
+  /** Every agent that has at least one checkpoint. */
+  async agentsWithCheckpoints(): Promise<string[]> {
+    const rows = await this.db.selectDistinct({ agent: t.checkpoints.agent }).from(t.checkpoints).all();
+    return rows.map((r) => r.agent);
+  }
+
+  // ---- outbox --------------------------------------------------------------------
+
+  /** Unsent effects, oldest first. */
+  pendingOutbox(limit = 500) {
+    return this.db.select().from(t.outbox).orderBy(asc(t.outbox.id)).limit(limit).all();
+  }
+
+  /** Forget the effects of episodes whose outbox was published. */
+  async deleteOutboxOf(episodes: readonly string[]): Promise<void> {
+    if (episodes.length > 0)
+      await this.writer.write(
+        chunks(episodes).map((part) => ({
+          sql: `DELETE FROM outbox WHERE episode IN (${part.map(() => "?").join(",")})`,
+          args: [...part],
+        })),
+      );
+  }
+
+  /** Forget effects that were published. */
+  async deleteOutbox(ids: readonly number[]): Promise<void> {
+    if (ids.length > 0)
+      await this.writer.write(chunks(ids).map((part) => this.db.delete(t.outbox).where(inArray(t.outbox.id, part))));
+  }
+}

@@ -1,0 +1,53 @@
+/**
+ * The folder rule (README "Layout"): a module imports another folder only through that
+ * folder's `index.ts`. Folders are `broker/`, `gateway/<part>/` and `agents/<part>/`; the
+ * files at the root of `gateway/` and `agents/` are shared (types, wire constants) and
+ * `agents/examples/*` are agent modules, each its own door. Import cycles are Biome's job
+ * (`noImportCycles`); this checks what Biome cannot express. Exit 1 on any violation.
+ *
+ * Usage: bun scripts/lint-imports.ts [ROOT]
+ */
+import { readFileSync } from "node:fs";
+import { dirname, join, normalize, relative } from "node:path";
+
+const root = process.argv[2] ?? join(import.meta.dir, "..");
+const SPECIFIER = /(?:\bfrom\s*|\bimport\s*\(\s*|\bimport\s+)(["'])(\.{1,2}\/[^"']+)\1/g;
+
+/** The folder a repository path belongs to, or null for shared or consumer code. */
+export function folderOf(path: string): string | null {
+  const parts = path.split("/");
+  if (parts[0] === "broker") return "broker";
+  if ((parts[0] === "gateway" || parts[0] === "agents") && parts.length >= 3) {
+    return parts[1] === "examples" ? null : `${parts[0]}/${parts[1]}`;
+  }
+  return null;
+}
+
+/** Violations in one file's source: imports that reach past another folder's index. */
+export function deepImports(file: string, source: string): string[] {
+  const from = folderOf(file);
+  const found: string[] = [];
+  for (const m of source.matchAll(SPECIFIER)) {
+    const spec = m[2] as string;
+    const target = normalize(join(dirname(file), spec));
+    const folder = folderOf(target);
+    if (folder === null || folder === from || target === `${folder}/index.ts`) continue;
+    found.push(`${file}: imports "${spec}"; import ${folder}/index.ts instead`);
+  }
+  return found;
+}
+
+if (import.meta.main) {
+  const glob = new Bun.Glob("{broker,gateway,agents,test,scripts}/**/*.ts");
+  const problems: string[] = [];
+  for (const abs of glob.scanSync({ cwd: root, absolute: true })) {
+    const file = relative(root, abs);
+    problems.push(...deepImports(file, readFileSync(abs, "utf8")));
+  }
+  for (const p of problems) console.error(p);
+  if (problems.length > 0) {
+    console.error(`${problems.length} deep import(s) across folders`);
+    process.exit(1);
+  }
+  console.log("imports: every cross-folder import goes through an index.ts");
+}
