@@ -1,0 +1,268 @@
+/**
+ * `agent-fleets/testing`: run an agent's episodes in-process, with no gateway, no broker
+ * and no subprocess, against a recording fake `ctx`. Authors unit-test agents with
+ * `bun test`:
+ *
+ * ```ts
+ * import { testAgent, stimuli } from "agent-fleets/testing";
+ * import doorWatcher from "./door-watcher.ts";
+ *
+ * const agent = testAgent(doorWatcher, { key: "d1", config: { open_after_ms: 60_000 }, tools: ["publish"] });
+ * const run = await agent.run(stimuli.mqtt("doors/d1/state", { open: true }));
+ * expect(run.decisions).toEqual([{ name: "opened", data: { at: 1000 } }]);
+ * ```
+ *
+ * It keeps the gateway's rules that an author can trip over: tools outside the allowlist
+ * throw `ToolDenied`, state and every recorded value must survive JSON, a throwing episode
+ * leaves the state as it was (the checkpoint is not written), and `now()`/`random()` come
+ * from an injectable clock and generator so a test is deterministic.
+ */
+import type { AgentRef, Stimulus } from "../protocol.ts";
+import { type AgentContext, type AgentDefinition, ToolDenied, type Tools } from "./index.ts";
+
+/** The names of the built-in tools. */
+export type ToolName = keyof Tools;
+
+/** Fakes for tool calls; each receives the call's arguments as the agent passed them. */
+export type ToolFakes = { readonly [K in ToolName]?: (...args: Parameters<Tools[K]>) => unknown };
+
+/** How to set up the fake agent. */
+export interface TestAgentOptions<C> {
+  /** Agent type (default "test"). */
+  readonly type?: string;
+  /** Instance key (default "k1"). */
+  readonly key?: string;
+  readonly config?: C;
+  /** Start from this state instead of running `init`. */
+  readonly state?: unknown;
+  /** The type's `tools` allowlist (default: every built-in tool). `ctx.emit` is always allowed. */
+  readonly tools?: readonly ToolName[];
+  /** Results of tool calls (default: publish and send succeed; http and llm fail with ToolFailed). */
+  readonly fakes?: ToolFakes;
+  /** Clock for `ctx.now()` and stimuli made by `stimuli.*` (default: starts at 1,000 and advances 1 ms per call). */
+  readonly now?: () => number;
+  /** Generator for `ctx.random()` (default: a fixed sequence, so runs repeat). */
+  readonly random?: () => number;
+}
+
+/** One recorded tool call. */
+export interface ToolCall {
+  readonly tool: ToolName;
+  readonly args: readonly unknown[];
+  readonly ok: boolean;
+  /** What the agent got back, or the error it was thrown. */
+  readonly result: unknown;
+}
+
+/** What one episode did. */
+export interface EpisodeRun<S> {
+  readonly stimulus: Stimulus;
+  /** "committed" when `onStimulus` resolved (state is the new checkpoint); "failed" when it threw. */
+  readonly status: "committed" | "failed";
+  /** The error it threw, when it failed. */
+  readonly error: Error | null;
+  /** The state after the episode (unchanged from before when it failed). */
+  readonly state: S;
+  readonly decisions: readonly { readonly name: string; readonly data: unknown }[];
+  /** Payloads passed to `ctx.emit` (they go to `fleet/agents/<type>/<key>/out` after commit). */
+  readonly emits: readonly unknown[];
+  readonly toolCalls: readonly ToolCall[];
+  /** Topic and payload of each allowed `publish` call. */
+  readonly published: readonly { readonly topic: string; readonly payload: unknown }[];
+  /** Target and payload of each allowed `send`. */
+  readonly sent: readonly { readonly to: string; readonly payload: unknown }[];
+  readonly logs: readonly string[];
+}
+
+/** A fake agent instance whose state carries from one `run` to the next. */
+export interface AgentUnderTest<S> {
+  readonly agent: AgentRef;
+  /** The current state (after `init` on the first run unless a state was given). */
+  readonly state: S | undefined;
+  /** Run one episode for a stimulus. Never throws for an agent error: see `status`. */
+  run(stimulus: Stimulus): Promise<EpisodeRun<S>>;
+  /** Every episode run so far, oldest first. */
+  readonly history: readonly EpisodeRun<S>[];
+}
+
+const ALL_TOOLS: readonly ToolName[] = ["publish", "http", "llm", "send"];
+
+function jsonCopy<T>(value: T, what: string): T {
+  if (value === undefined) return null as T;
+  const text = JSON.stringify(value);
+  if (text === undefined) throw new TypeError(`${what} is not JSON-serialisable`);
+  return JSON.parse(text) as T;
+}
+
+function defaultClock(): () => number {
+  let t = 1_000;
+  return () => t++;
+}
+
+function defaultRandom(): () => number {
+  // A small LCG: deterministic, uniform enough for tests.
+  let seed = 42;
+  return () => {
+    seed = (seed * 1_103_515_245 + 12_345) % 2_147_483_648;
+    return seed / 2_147_483_648;
+  };
+}
+
+/** Wrap an agent definition so its episodes run in-process. */
+export function testAgent<S, C = Record<string, unknown>>(
+  def: AgentDefinition<S, C>,
+  opts: TestAgentOptions<C> = {},
+): AgentUnderTest<S> {
+  const type = opts.type ?? "test";
+  const key = opts.key ?? "k1";
+  const agent: AgentRef = { type, key, id: `${type}/${key}` };
+  const config = jsonCopy((opts.config ?? {}) as C, "config");
+  const allowed = new Set(opts.tools ?? ALL_TOOLS);
+  const now = opts.now ?? defaultClock();
+  const random = opts.random ?? defaultRandom();
+  let state: S | undefined = opts.state === undefined ? undefined : jsonCopy(opts.state as S, "initial state");
+  let episodes = 0;
+  const history: EpisodeRun<S>[] = [];
+
+  async function run(stimulus: Stimulus): Promise<EpisodeRun<S>> {
+    episodes += 1;
+    const decisions: { name: string; data: unknown }[] = [];
+    const emits: unknown[] = [];
+    const toolCalls: ToolCall[] = [];
+    const published: { topic: string; payload: unknown }[] = [];
+    const sent: { to: string; payload: unknown }[] = [];
+    const logs: string[] = [];
+    const before = state;
+
+    const call = async (tool: ToolName, args: unknown[]): Promise<unknown> => {
+      const jsonArgs = jsonCopy(args, `arguments of ${tool}`);
+      if (!allowed.has(tool)) {
+        const err = new ToolDenied(tool, `tool ${tool} is not in this type's tools allowlist`);
+        toolCalls.push({ tool, args: jsonArgs, ok: false, result: err });
+        throw err;
+      }
+      try {
+        const fake = opts.fakes?.[tool] as ((...a: unknown[]) => unknown) | undefined;
+        const result = jsonCopy(await (fake ? fake(...jsonArgs) : defaultTool(tool, jsonArgs)), `result of ${tool}`);
+        toolCalls.push({ tool, args: jsonArgs, ok: true, result });
+        if (tool === "publish") published.push({ topic: String(jsonArgs[0]), payload: jsonArgs[1] });
+        if (tool === "send") sent.push({ to: String(jsonArgs[0]), payload: jsonArgs[1] });
+        return result;
+      } catch (err) {
+        toolCalls.push({ tool, args: jsonArgs, ok: false, result: err });
+        throw err;
+      }
+    };
+    const tools: Tools = {
+      publish: (topic, payload, options) =>
+        call("publish", options === undefined ? [topic, payload] : [topic, payload, options]) as ReturnType<
+          Tools["publish"]
+        >,
+      http: (url, init) => call("http", init === undefined ? [url] : [url, init]) as ReturnType<Tools["http"]>,
+      llm: (request) => call("llm", [request]) as ReturnType<Tools["llm"]>,
+      send: (to, payload) => call("send", [to, payload]) as ReturnType<Tools["send"]>,
+    };
+
+    let error: Error | null = null;
+    try {
+      const current = state === undefined ? jsonCopy(await def.init({ agent, config }), "initial state") : state;
+      const ctx: AgentContext<S, C> = {
+        agent,
+        state: jsonCopy(current, "state"),
+        config,
+        episode: `test-episode-${episodes}`,
+        decide: (name, data) => decisions.push({ name: String(name), data: jsonCopy(data, "decision data") }),
+        emit: (payload) => emits.push(jsonCopy(payload, "emitted payload")),
+        send: (to, payload) => tools.send(to, payload),
+        tools,
+        now,
+        random,
+        log: (...args) => logs.push(args.map((a) => (typeof a === "string" ? a : JSON.stringify(a))).join(" ")),
+      };
+      await def.onStimulus(stimulus, ctx);
+      // Like the gateway: the new checkpoint is the state as JSON, written only on success.
+      state = jsonCopy(ctx.state, "agent state");
+    } catch (err) {
+      error = err instanceof Error ? err : new Error(String(err));
+      state = before;
+    }
+    const result: EpisodeRun<S> = {
+      stimulus,
+      status: error === null ? "committed" : "failed",
+      error,
+      state: state as S,
+      decisions,
+      emits,
+      toolCalls,
+      published,
+      sent,
+      logs,
+    };
+    history.push(result);
+    return result;
+  }
+
+  return {
+    agent,
+    get state() {
+      return state;
+    },
+    run,
+    history,
+  };
+}
+
+function defaultTool(tool: ToolName, args: readonly unknown[]): unknown {
+  switch (tool) {
+    case "publish":
+      return { queued: true, topic: args[0] };
+    case "send":
+      return { queued: true, to: args[0] };
+    case "http":
+    case "llm":
+      throw new Error(`no fake for tool ${tool}: pass fakes.${tool} to testAgent()`);
+    default: {
+      const never: never = tool;
+      throw new Error(`unknown tool ${String(never)}`);
+    }
+  }
+}
+
+let seq = 0;
+const stimulusId = (kind: string) => `${kind}:test-${++seq}`;
+
+/** Build stimuli the way the gateway delivers them (payload already parsed). */
+export const stimuli = {
+  mqtt: (topic: string, payload: unknown, at = Date.now()): Stimulus => ({
+    id: stimulusId("mqtt"),
+    kind: "mqtt",
+    topic,
+    payload,
+    received_at: at,
+  }),
+  /** A timer fire: the payload the gateway sends (`scheduled_at`, `fired_at`, the type's timer). */
+  timer: (at = Date.now(), timer: unknown = { every_ms: 60_000 }): Stimulus => ({
+    id: `timer:${at}`,
+    kind: "timer",
+    payload: { scheduled_at: at, fired_at: at, timer },
+    received_at: at,
+  }),
+  webhook: (payload: unknown, at = Date.now()): Stimulus => ({
+    id: stimulusId("webhook"),
+    kind: "webhook",
+    payload,
+    received_at: at,
+  }),
+  inbox: (payload: unknown, at = Date.now()): Stimulus => ({
+    id: stimulusId("inbox"),
+    kind: "inbox",
+    payload,
+    received_at: at,
+  }),
+  manual: (payload: unknown, at = Date.now()): Stimulus => ({
+    id: stimulusId("manual"),
+    kind: "manual",
+    payload,
+    received_at: at,
+  }),
+};
