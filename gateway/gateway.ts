@@ -207,9 +207,9 @@ export class Gateway {
     return this.redeploy?.reload(reason) ?? Promise.resolve();
   }
 
-  /** Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run. */
-  gc(opts: { dryRun: boolean; now?: number }): Promise<GcReport> {
-    return gcAll(this.store, this.current.spec, { now: opts.now ?? this.now(), dryRun: opts.dryRun });
+  /** Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run, on the gateway's clock. */
+  gc(opts: { dryRun: boolean }): Promise<GcReport> {
+    return gcAll(this.store, this.current.spec, { now: this.now(), dryRun: opts.dryRun });
   }
 
   /** Where secrets come from (tools, webhooks): the options, else the gateway's environment. */

@@ -8,6 +8,7 @@ import { join, resolve } from "node:path";
 import type { CliContext } from "./devices.ts";
 import { loadSpec } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
+import type { LiveEndpoint } from "./live.ts";
 
 /** A bad command line: cli.ts prints the message with the usage and exits 2. */
 export class UsageError extends Error {}
@@ -35,8 +36,7 @@ export interface CliFlags {
 }
 
 /** A running gateway, as its `gateway.json` and a live pid say. */
-export interface LiveGateway {
-  readonly http: string;
+export interface LiveGateway extends LiveEndpoint {
   readonly mqtt_port: number;
 }
 
@@ -71,7 +71,7 @@ export function createCli(flags: CliFlags): Cli {
     try {
       const g = JSON.parse(readFileSync(file, "utf8")) as { http_port: number; mqtt_port: number; pid: number };
       process.kill(g.pid, 0); // throws when the pid is gone: a stale gateway.json
-      return { http: `http://127.0.0.1:${g.http_port}`, mqtt_port: g.mqtt_port };
+      return { http: `http://127.0.0.1:${g.http_port}`, mqtt_port: g.mqtt_port, token: null };
     } catch {
       return null;
     }

@@ -11,6 +11,7 @@ import { DevicesError, loadDevices } from "../devices/index.ts";
 import { listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
+import { liveFetch, type LiveEndpoint } from "./live.ts";
 
 /** What the command needs from cli.ts. */
 export interface CliContext {
@@ -18,7 +19,7 @@ export interface CliContext {
   readonly configPath: string;
   dataDir(): Promise<string>;
   /** The running gateway's HTTP base URL, or null when it is stopped. */
-  running(): Promise<{ readonly http: string } | null>;
+  running(): Promise<LiveEndpoint | null>;
 }
 
 /** Flags of `fleet device add`. */
@@ -159,7 +160,7 @@ export async function quarantineCommand(args: readonly string[], limitFlag: numb
   if (sub === undefined || sub === "list") {
     let items: QuarantineItem[];
     if (live) {
-      const res = await fetch(`${live.http}/api/quarantine?limit=${limit}`);
+      const res = await liveFetch(live, `/api/quarantine?limit=${limit}`);
       items = ((await res.json()) as { stimuli: QuarantineItem[] }).stimuli;
     } else {
       const file = join(await ctx.dataDir(), "fleet.db");
@@ -176,7 +177,7 @@ export async function quarantineCommand(args: readonly string[], limitFlag: numb
   const seq = Number(seqText);
   let result: { ok: boolean; agent?: string; message?: string };
   if (live) {
-    const res = await fetch(`${live.http}/api/quarantine/${seq}/${sub}`, { method: "POST" });
+    const res = await liveFetch(live, `/api/quarantine/${seq}/${sub}`, { method: "POST" });
     const body = (await res.json()) as { agent?: string; error?: { message: string } };
     result = res.ok
       ? { ok: true, agent: body.agent }

@@ -24,7 +24,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
   replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
   replay --agent <type/key> [--module FILE] replay an agent's whole history (regression test for new code)
   pause|resume|retire <type/key>
-  gc [--dry-run] [--now MS]   apply retention now (checkpoint.keep, episodes_days, dedup_days)
+  gc [--dry-run] [--now MS]   apply retention now (checkpoint.keep, episodes_days, dedup_days);
+                              --now: a --dry-run preview, or on a stopped gateway only (warns)
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
 ${DEVICE_USAGE}

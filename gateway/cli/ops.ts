@@ -5,6 +5,7 @@
  */
 import { join, resolve } from "node:path";
 import { UsageError, type Cli } from "./context.ts";
+import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
 import { gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
@@ -36,20 +37,44 @@ export async function cmdStart(cli: Cli): Promise<void> {
   console.log(`fleet running: mqtt on port ${gw.broker.port}, http on port ${gw.http.port}, data in ${gw.dataDir}`);
 }
 
-/** `fleet gc [--dry-run] [--now MS]`: retention now, by the running gateway or on the stopped data dir. */
+/**
+ * `fleet gc [--dry-run] [--now MS]`: retention now, by the running gateway (on its own clock) or on
+ * the stopped data dir. `--now` pretends it is another time: with `--dry-run` it only previews
+ * (read-only, gateway running or not); without it, it works only on a stopped gateway's data dir
+ * and warns loudly, since a future time forgets dedup ids early (an old id could run again).
+ */
 export async function cmdGc(cli: Cli): Promise<number> {
   const { flags } = cli;
   const dryRun = flags["dry-run"] === true;
-  const now = flags.now !== undefined ? Number(flags.now) : undefined;
+  let now: number | undefined;
+  if (flags.now !== undefined) {
+    now = Number(flags.now);
+    if (!Number.isSafeInteger(now) || now < 0)
+      throw new UsageError(`--now must be epoch milliseconds, got "${flags.now}"`);
+  }
   const live = await cli.running();
   let report: GcReport;
-  if (live) {
-    const q = new URLSearchParams({
-      ...(dryRun ? { dry_run: "1" } : {}),
-      ...(now !== undefined ? { now: String(now) } : {}),
-    });
-    report = (await (await fetch(`${live.http}/api/gc?${q}`, { method: "POST" })).json()) as GcReport;
+  if (now !== undefined && dryRun) {
+    const store = await cli.openReadonly();
+    report = await gcAll(store, (await loadSpec(cli.configPath)).spec, { now, dryRun: true });
+    await store.close();
+  } else if (live) {
+    if (now !== undefined)
+      throw new UsageError(
+        "--now works only with --dry-run or on a stopped gateway's data dir: the running gateway collects on its own clock",
+      );
+    const res = await liveFetch(live, `/api/gc${dryRun ? "?dry_run=1" : ""}`, { method: "POST" });
+    const body = (await res.json()) as GcReport & { error?: { message: string } };
+    if (!res.ok) {
+      console.error(`fleet: gc refused: ${body.error?.message ?? `HTTP ${res.status}`}`);
+      return 1;
+    }
+    report = body;
   } else {
+    if (now !== undefined && now > Date.now())
+      console.error(
+        `WARNING: collecting as of ${new Date(now).toISOString()}, a time in the future: dedup ids younger than dedup_days are forgotten, so a stimulus already processed may run a second episode if it is sent again.`,
+      );
     const store = await Store.open(join(await cli.dataDir(), "fleet.db"), { synchronous: "full" });
     report = await gcAll(store, (await loadSpec(cli.configPath)).spec, { now: now ?? Date.now(), dryRun });
     await store.close();
@@ -72,7 +97,7 @@ export async function cmdLifecycle(
   if (!a) throw new UsageError(`${action} needs an agent <type>/<key>`);
   const live = await cli.running();
   if (live) {
-    const res = await fetch(`${live.http}/api/agents/${a.type}/${a.key}/${action}`, { method: "POST" });
+    const res = await liveFetch(live, `/api/agents/${a.type}/${a.key}/${action}`, { method: "POST" });
     const body = await res.json();
     cli.print(body, () =>
       res.ok ? `${action}d ${a.id}` : `error: ${(body as { error: { message: string } }).error.message}`,
@@ -116,9 +141,8 @@ export async function cmdSend(cli: Cli, topic: string | undefined, payload: stri
     console.error("the gateway is not running (start it with `fleet start`)");
     return 1;
   }
-  const res = await fetch(`${live.http}/api/send`, {
+  const res = await liveFetch(live, "/api/send", {
     method: "POST",
-    headers: { "content-type": "application/json" },
     body: JSON.stringify({ topic, payload: value, ...(cli.flags.id ? { id: cli.flags.id } : {}) }),
   });
   const body = (await res.json()) as {

@@ -5,6 +5,7 @@
  */
 import { resolve } from "node:path";
 import { table, UsageError, when, type Cli } from "./context.ts";
+import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { defaultSpawnOptions } from "../episode/index.ts";
 import { parseAgentId } from "../types.ts";
@@ -15,7 +16,7 @@ import { agentView, episodeView } from "../observe/index.ts";
 export async function cmdStatus(cli: Cli): Promise<number> {
   const live = await cli.running();
   if (live) {
-    const health = await (await fetch(`${live.http}/api/fleet`)).json();
+    const health = await (await liveFetch(live, "/api/fleet")).json();
     cli.print(health, () =>
       Object.entries(health as Record<string, unknown>)
         .map(([k, v]) => `${k.padEnd(18)} ${typeof v === "object" ? JSON.stringify(v) : String(v)}`)

@@ -37,6 +37,7 @@ export interface HttpHost {
   /** A stimulus went back into an agent's queue (quarantine retry): count it and run the agent. */
   requeued(agent: string): void;
   setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult>;
-  gc(opts: { dryRun: boolean; now?: number }): Promise<GcReport>;
+  /** Retention now, on the gateway's clock (never a client's). */
+  gc(opts: { dryRun: boolean }): Promise<GcReport>;
   routeTopic(topic: string): Route;
 }

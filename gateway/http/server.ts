@@ -52,12 +52,13 @@ export function startHttp(gw: HttpHost, opts: { host: string; port: number }): H
           handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.secrets }, req.params.name, req),
       },
       "/api/gc": {
+        // Retention runs on the gateway's own clock: a client-supplied time could forget dedup
+        // ids early and let an already-processed stimulus run a second episode.
         POST: async (req) => {
           const url = new URL(req.url);
-          const now = url.searchParams.get("now");
-          return json(
-            await gw.gc({ dryRun: url.searchParams.get("dry_run") === "1", now: now ? Number(now) : undefined }),
-          );
+          if (url.searchParams.has("now"))
+            return httpError(400, "bad_query", "now is not accepted: retention runs on the gateway's clock");
+          return json(await gw.gc({ dryRun: url.searchParams.get("dry_run") === "1" }));
         },
       },
       ...quarantineRoutes(gw),
