@@ -632,6 +632,50 @@ describe("ToolGate: llm", () => {
   });
 });
 
+describe("ToolGate: bad arguments are denied with a reason naming the argument", () => {
+  test.each([
+    ["publish", [42, 1], "publish topic must be a string"],
+    ["publish", ["alerts/x", 1, { qos: 2 }], "publish options.qos must be 0 or 1"],
+    ["publish", ["alerts/x", 1, { retain: "yes" }], "publish options.retain must be true or false"],
+    ["publish", ["alerts/x", 1, { retian: true }], "publish options has unknown key(s) retian"],
+    ["publish", ["alerts/x", 1, "fast"], "publish options must be an object { retain?, qos? }"],
+    ["publish", ["alerts/x", 1, {}, "extra"], "publish takes (topic, payload, options), got 4 argument(s)"],
+    ["send", [{ id: "mon/k2" }, 1], "send agent must be an agent id <type>/<key>"],
+    ["send", ["no-slash", 1], 'send agent must be an agent id <type>/<key>, got "no-slash"'],
+    ["send", [], "send takes (agent, payload), got 0 argument(s)"],
+    ["http", [7], "http url must be a string"],
+    ["http", ["not a url"], 'http url must be an absolute URL, got "not a url"'],
+    ["http", ["http://127.0.0.1/", { headers: { a: 1 } }], "http init.headers.a must be a string"],
+    ["http", ["http://127.0.0.1/", { timeout_ms: -5 }], "http init.timeout_ms must be positive"],
+    ["http", ["http://127.0.0.1/", { method: "GET /x" }], "http init.method must be an HTTP method"],
+    ["http", ["http://127.0.0.1/", { redirect: "follow" }], "http init has unknown key(s) redirect"],
+    ["llm", [], "llm takes (request), got 0 argument(s)"],
+    ["llm", [{}], "llm request needs messages or prompt"],
+    ["llm", [{ prompt: 5 }], "llm request.prompt must be a string"],
+    ["llm", [{ prompt: "hi", max_tokens: 1.5 }], "llm request.max_tokens must be an integer"],
+    [
+      "llm",
+      [{ messages: [{ role: "wizard", content: "x" }] }],
+      "llm request.messages[0].role must be system, user or assistant",
+    ],
+  ] as const)("%s %j: %s", async (tool, args, reason) => {
+    const before = seen.length;
+    const g = gate();
+    expect(await g.handle(1, tool, args)).toEqual({ ok: false, result: { error: "denied", reason } });
+    // Nothing was queued or called.
+    expect(g.publishes).toEqual([]);
+    expect(g.sends).toEqual([]);
+    expect(seen.length).toBe(before);
+  });
+
+  test("a tool that is not built in is denied by name", async () => {
+    expect(await gate().handle(1, "shell", ["rm -rf /"])).toEqual({
+      ok: false,
+      result: { error: "denied", reason: 'unknown tool "shell" (built-in tools: publish, http, llm, send)' },
+    });
+  });
+});
+
 describe("runEpisode with the tool gate", () => {
   test("an allowed publish is queued by the gate and recorded; a disallowed one is caught by the agent", async () => {
     const g = gate();

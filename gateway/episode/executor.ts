@@ -10,7 +10,7 @@ import { runEpisode, type RunLimits, type RunResult, type SparePool, type SpawnO
 import type { BudgetSpec, SpecVersion } from "../spec/index.ts";
 import type { Store, AgentRow, StimulusRow } from "../store/index.ts";
 import type { TurnResult } from "../types.ts";
-import { ToolGate, type ToolEnv } from "./tools.ts";
+import { ToolGate, type ToolEnv } from "./tools/index.ts";
 import { decodePayload, newEpisodeId, type AgentId, type NewStimulus, type StimulusId } from "../types.ts";
 import type { FleetEvents } from "../events.ts";
 import { topics } from "../protocol.ts";

@@ -1,4 +1,4 @@
 export * from "./effects.ts";
 export * from "./executor.ts";
 export * from "./runner.ts";
-export * from "./tools.ts";
+export * from "./tools/index.ts";

@@ -1,0 +1,127 @@
+/**
+ * `http(url, { method?, headers?, body?, timeout_ms? })`: an HTTP call from the gateway to a
+ * host in the type's `http_hosts`. Header values may name the type's secrets as
+ * `{{secret:NAME}}`; their values are substituted here and scrubbed from what comes back.
+ * Redirects are not followed (they could lead outside the allowlist).
+ */
+import { z } from "zod";
+import { readBodyCapped } from "../../body.ts";
+import type { AgentTypeSpec } from "../../spec/index.ts";
+import { arity, deny, failed, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
+
+const NAMES = ["url", "init"] as const;
+/** Largest response body handed to the agent. */
+export const MAX_HTTP_BODY = 1024 * 1024;
+/** RFC 9110 method token. */
+const METHOD_RE = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
+/** The http tool's arguments. */
+export const HttpArgs = z.tuple(
+  [
+    z.string({ error: "must be a string" }).transform((url, ctx) => {
+      try {
+        return new URL(url);
+      } catch {
+        ctx.addIssue({ code: "custom", message: `must be an absolute URL, got ${JSON.stringify(url)}` });
+        return z.NEVER;
+      }
+    }),
+    z
+      .strictObject(
+        {
+          method: z.string({ error: "must be a string" }).regex(METHOD_RE, "must be an HTTP method").optional(),
+          headers: z
+            .record(z.string(), z.string({ error: "must be a string" }), { error: "must be an object of strings" })
+            .optional(),
+          body: z.string({ error: "must be a string" }).optional(),
+          timeout_ms: z.int({ error: "must be an integer" }).positive("must be positive").optional(),
+        },
+        { error: "must be an object { method?, headers?, body?, timeout_ms? }" },
+      )
+      .optional(),
+  ],
+  arity(NAMES),
+);
+
+/** Make the call, or deny it before anything leaves the gateway. */
+export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<ToolOutcome> {
+  const parsed = parseToolArgs("http", NAMES, HttpArgs, raw);
+  if (!parsed.ok) return parsed.outcome;
+  const [url, init] = parsed.args;
+  const { type, env } = ctx;
+  if (url.protocol !== "http:" && url.protocol !== "https:") return deny(`scheme ${url.protocol} is not allowed`);
+  const host = url.port ? `${url.hostname}:${url.port}` : url.hostname;
+  if (!type.http_hosts.some((h) => h === host || h === url.hostname))
+    return deny(`host ${host} is not in agents.${type.name}.http_hosts`);
+  const headers: Record<string, string> = {};
+  for (const [k, v] of Object.entries(init?.headers ?? {})) {
+    const value = inject(type, env.secrets, v);
+    if (typeof value !== "string") return deny(value.denied);
+    headers[k] = value;
+  }
+  const redact = (text: string) => redactSecrets(type, env.secrets, text);
+  const timeout = Math.min(init?.timeout_ms ?? 10_000, type.budget.episode_timeout_ms);
+  try {
+    const res = await env.fetch(url, {
+      method: init?.method ?? "GET",
+      headers,
+      body: init?.body,
+      signal: AbortSignal.timeout(timeout),
+      redirect: "manual",
+    });
+    const body = await readText(res, MAX_HTTP_BODY);
+    if (body === null) return failed(`response larger than ${MAX_HTTP_BODY} bytes`);
+    const text = redact(body);
+    let json: unknown;
+    try {
+      json = JSON.parse(text);
+    } catch {
+      json = undefined;
+    }
+    return {
+      ok: true,
+      result: {
+        status: res.status,
+        headers: Object.fromEntries([...res.headers].map(([k, v]) => [k, redact(v)])),
+        body: text,
+        ...(json === undefined ? {} : { json }),
+      },
+    };
+  } catch (err) {
+    return failed(redact(err instanceof Error ? err.message : String(err)));
+  }
+}
+
+/** Replace `{{secret:NAME}}` with the value, only for names this type may use. */
+function inject(
+  type: AgentTypeSpec,
+  secrets: Readonly<Record<string, string | undefined>>,
+  text: string,
+): string | { denied: string } {
+  let denied: string | null = null;
+  const out = text.replace(/\{\{secret:([A-Z_][A-Z0-9_]*)\}\}/g, (_m, name: string) => {
+    if (!type.secrets.includes(name)) denied = `secret ${name} is not in agents.${type.name}.secrets`;
+    return secrets[name] ?? "";
+  });
+  return denied ? { denied } : out;
+}
+
+/** Scrub secret values from anything recorded or returned. */
+function redactSecrets(
+  type: AgentTypeSpec,
+  secrets: Readonly<Record<string, string | undefined>>,
+  text: string,
+): string {
+  let out = text;
+  for (const name of type.secrets) {
+    const v = secrets[name];
+    if (v && v.length >= 4) out = out.split(v).join(`[secret:${name}]`);
+  }
+  return out;
+}
+
+/** A response body as text, or null past `cap` bytes. */
+export async function readText(res: Response, cap: number): Promise<string | null> {
+  const bytes = await readBodyCapped(res, cap);
+  return bytes === null ? null : new TextDecoder().decode(bytes);
+}

@@ -1,0 +1,83 @@
+/**
+ * The tool gate: every tool call of an episode arrives here from the subprocess. It checks
+ * the type's allowlist and per-episode budget, then hands the call to its tool (one file
+ * each), which parses the arguments and runs in the gateway (secrets are injected here,
+ * never in the child). Deferred effects (publish, send) are committed with the episode.
+ * Denials are results, not exceptions.
+ */
+import type { AgentRef } from "../../../agents/protocol.ts";
+import type { AgentTypeSpec, FleetSpec } from "../../spec/index.ts";
+import { TOOL_NAMES } from "../../spec/index.ts";
+import { http } from "./http.ts";
+import { llm } from "./llm.ts";
+import { publish } from "./publish.ts";
+import { send } from "./send.ts";
+import {
+  deny,
+  type PendingPublish,
+  type PendingSend,
+  type ToolContext,
+  type ToolEnv,
+  type ToolName,
+  type ToolOutcome,
+} from "./types.ts";
+
+export { encodePayload } from "./types.ts";
+export type { PendingPublish, PendingSend, ToolEnv, ToolName, ToolOutcome } from "./types.ts";
+
+const isToolName = (tool: string): tool is ToolName => (TOOL_NAMES as readonly string[]).includes(tool);
+
+/** Run one allowed call on its tool. */
+function dispatch(ctx: ToolContext, tool: ToolName, args: readonly unknown[]): ToolOutcome | Promise<ToolOutcome> {
+  switch (tool) {
+    case "publish":
+      return publish(ctx, args);
+    case "send":
+      return send(ctx, args);
+    case "http":
+      return http(ctx, args);
+    case "llm":
+      return llm(ctx, args);
+    default: {
+      const unknownTool: never = tool;
+      return deny(`unknown tool "${String(unknownTool)}"`);
+    }
+  }
+}
+
+/** One episode's tool gate. */
+export class ToolGate implements ToolContext {
+  calls = 0;
+  tokens = 0;
+  cost = 0;
+  readonly publishes: PendingPublish[] = [];
+  readonly sends: PendingSend[] = [];
+
+  constructor(
+    readonly agent: AgentRef,
+    readonly type: AgentTypeSpec,
+    readonly spec: FleetSpec,
+    readonly env: ToolEnv,
+    /** Tokens left today before this episode; the llm tool is denied past it. */
+    private readonly tokensLeftToday: number,
+  ) {}
+
+  tokensLeft(): number {
+    return this.tokensLeftToday - this.tokens;
+  }
+
+  spendTokens(n: number): void {
+    this.tokens += n;
+  }
+
+  /** Handle one call from the subprocess. */
+  async handle(_call: number, tool: string, args: readonly unknown[]): Promise<ToolOutcome> {
+    this.calls += 1;
+    if (!isToolName(tool)) return deny(`unknown tool "${tool}" (built-in tools: ${TOOL_NAMES.join(", ")})`);
+    if (!this.type.tools.includes(tool)) return deny(`tool "${tool}" is not in agents.${this.type.name}.tools`);
+    const limit = this.type.budget.tool_calls_per_episode;
+    if (this.calls > limit) return deny(`budget tool_calls_per_episode (${limit}) exhausted`);
+    this.cost += this.type.budget.tool_costs[tool] ?? 0;
+    return dispatch(this, tool, args);
+  }
+}

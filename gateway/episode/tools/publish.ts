@@ -1,0 +1,49 @@
+/**
+ * `publish(topic, payload, { retain?, qos? })`: queues an MQTT publish that goes out after
+ * the episode commits. Own `fleet/agents/<type>/<key>/...` topics are always allowed,
+ * anything else must match the type's `publish` patterns and be a valid device topic.
+ */
+import { z } from "zod";
+import { checkDevicePublishTopic, matchTopic } from "../../../broker/index.ts";
+import { arity, deny, encodePayload, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
+
+const NAMES = ["topic", "payload", "options"] as const;
+
+/** The publish tool's arguments. */
+export const PublishArgs = z.tuple(
+  [
+    z.string({ error: "must be a string" }),
+    z.unknown(),
+    z
+      .strictObject(
+        {
+          retain: z.boolean({ error: "must be true or false" }).optional(),
+          qos: z.literal([0, 1], { error: "must be 0 or 1" }).optional(),
+        },
+        { error: "must be an object { retain?, qos? }" },
+      )
+      .optional(),
+  ],
+  arity(NAMES),
+);
+
+/** Queue one publish, or deny it. */
+export function publish(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
+  const parsed = parseToolArgs("publish", NAMES, PublishArgs, raw);
+  if (!parsed.ok) return parsed.outcome;
+  const [topic, payload, opts] = parsed.args;
+  const own = `fleet/agents/${ctx.agent.type}/${ctx.agent.key}/`;
+  // Own topics skip the fleet/ namespace rule, never the MQTT ones (MQTT-3.3.2-2: no wildcards in a topic name).
+  const shape = !topic.startsWith(own)
+    ? checkDevicePublishTopic(topic)
+    : // biome-ignore lint/suspicious/noControlCharactersInRegex: NUL is what this rejects (MQTT-4.7.3-2)
+      /[+#\u0000]/.test(topic)
+      ? { ok: false as const, reason: "wildcard or NUL in publish topic" }
+      : { ok: true as const };
+  if (!shape.ok) return deny(`topic "${topic}": ${shape.reason}`);
+  if (!topic.startsWith(own) && !ctx.type.publish.some((f) => matchTopic(f, topic) !== null)) {
+    return deny(`topic "${topic}" is not allowed by agents.${ctx.type.name}.publish`);
+  }
+  ctx.publishes.push({ topic, payload: encodePayload(payload), qos: opts?.qos ?? 1, retain: opts?.retain ?? false });
+  return { ok: true, result: { queued: true, topic } };
+}

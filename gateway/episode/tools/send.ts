@@ -1,0 +1,35 @@
+/**
+ * `send(agentId, payload)` (also `ctx.send`): queues an inbox message for another agent,
+ * delivered after the episode commits. The target's type must be in the fleet and the
+ * agent not retired.
+ */
+import { z } from "zod";
+import { parseAgentId } from "../../types.ts";
+import { arity, deny, encodePayload, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
+
+const NAMES = ["agent", "payload"] as const;
+
+/** The send tool's arguments: the target is parsed into its type and key here. */
+export const SendArgs = z.tuple(
+  [
+    z.string({ error: "must be an agent id <type>/<key>" }).transform((id, ctx) => {
+      const target = parseAgentId(id);
+      if (target) return target;
+      ctx.addIssue({ code: "custom", message: `must be an agent id <type>/<key>, got ${JSON.stringify(id)}` });
+      return z.NEVER;
+    }),
+    z.unknown(),
+  ],
+  arity(NAMES),
+);
+
+/** Queue one inbox message, or deny it. */
+export function send(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
+  const parsed = parseToolArgs("send", NAMES, SendArgs, raw);
+  if (!parsed.ok) return parsed.outcome;
+  const [target, payload] = parsed.args;
+  if (!ctx.spec.agents[target.type]) return deny(`no agent type "${target.type}" in this fleet`);
+  if (ctx.env.isRetired?.(target.id)) return deny(`agent ${target.id} is retired`);
+  ctx.sends.push({ to: target, payload: encodePayload(payload) });
+  return { ok: true, result: { queued: true, to: target.id } };
+}

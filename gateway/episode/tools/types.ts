@@ -1,0 +1,84 @@
+/**
+ * What every tool shares: the outcome sent back to the subprocess, the effects that wait
+ * for the episode to commit, the gateway resources a tool may use, and argument parsing
+ * (zod at the edge; a bad argument is a denial that names it).
+ */
+import type { z } from "zod";
+import type { AgentRef } from "../../../agents/protocol.ts";
+import { describeZodError } from "../../parse.ts";
+import type { AgentTypeSpec, FleetSpec, TOOL_NAMES } from "../../spec/index.ts";
+
+/** A built-in tool's name. */
+export type ToolName = (typeof TOOL_NAMES)[number];
+
+/** A publish waiting for the episode to commit. */
+export interface PendingPublish {
+  readonly topic: string;
+  readonly payload: string;
+  readonly qos: 0 | 1;
+  readonly retain: boolean;
+}
+
+/** An inbox message waiting for the episode to commit. */
+export interface PendingSend {
+  readonly to: { type: string; key: string; id: string };
+  readonly payload: string;
+}
+
+/** What a tool call returns to the subprocess. */
+export type ToolOutcome =
+  | { ok: true; result: unknown }
+  | { ok: false; result: { error: "denied" | "failed"; reason: string } };
+
+/** Outside resources the gate needs; injected for tests. */
+export interface ToolEnv {
+  /** Secret values by env name (the gateway's environment). */
+  readonly secrets: Readonly<Record<string, string | undefined>>;
+  readonly fetch: typeof fetch;
+  /** Agents whose stimuli are refused (retired); a send to one is denied. */
+  readonly isRetired?: (agent: string) => boolean;
+}
+
+/** What one tool call sees of its episode: who calls, under which spec, and what it has queued or spent. */
+export interface ToolContext {
+  readonly agent: AgentRef;
+  readonly type: AgentTypeSpec;
+  readonly spec: FleetSpec;
+  readonly env: ToolEnv;
+  readonly publishes: PendingPublish[];
+  readonly sends: PendingSend[];
+  /** Tokens of the day's budget not yet spent, this episode's calls included. */
+  tokensLeft(): number;
+  /** Meter tokens an llm call used. */
+  spendTokens(n: number): void;
+}
+
+/** The call was refused; nothing happened. */
+export const deny = (reason: string): ToolOutcome => ({ ok: false, result: { error: "denied", reason } });
+/** The call was allowed and went wrong (endpoint down, too large). */
+export const failed = (reason: string): ToolOutcome => ({ ok: false, result: { error: "failed", reason } });
+
+/** Encode a payload the way outputs are published: strings as-is, everything else JSON. */
+export function encodePayload(payload: unknown): string {
+  return typeof payload === "string" ? payload : (JSON.stringify(payload) ?? "null");
+}
+
+/** A tool's positional arguments, parsed with `schema`; a denial naming the bad argument otherwise. */
+export function parseToolArgs<S extends z.ZodType>(
+  tool: ToolName,
+  names: readonly string[],
+  schema: S,
+  args: readonly unknown[],
+): { ok: true; args: z.output<S> } | { ok: false; outcome: ToolOutcome } {
+  const r = schema.safeParse(args);
+  if (r.success) return { ok: true, args: r.data };
+  return { ok: false, outcome: deny(describeZodError(tool, r.error, names)) };
+}
+
+/** The error option of a tool's argument tuple: how many arguments it takes, by name. */
+export function arity(names: readonly string[]) {
+  return {
+    error: (iss: { input?: unknown }) =>
+      `takes (${names.join(", ")}), got ${Array.isArray(iss.input) ? iss.input.length : "no"} argument(s)`,
+  };
+}
