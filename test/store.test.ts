@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
-import { DDL } from "../gateway/store/index.ts";
+import { MIGRATIONS } from "../gateway/store/index.ts";
 import { Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 
@@ -258,7 +258,7 @@ describe("schema.ts and migrate.ts agree", () => {
   );
 
   test("the partial exactly-once index covers committed episodes only", () => {
-    const ddl = DDL.find((s) => s.includes("episodes_once"));
+    const ddl = MIGRATIONS.flatMap((m) => m.statements).find((s) => s.includes("episodes_once"));
     expect(ddl).toContain("WHERE status = 'committed'");
   });
 

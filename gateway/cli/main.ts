@@ -11,6 +11,9 @@ import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
 import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
 import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify } from "./read.ts";
 import { DevicesError } from "../devices/index.ts";
+import { BackupError } from "../ops/index.ts";
+import { SchemaVersionError } from "../store/index.ts";
+import { cmdBackup, cmdRestore } from "./backup.ts";
 import { SpecError } from "../spec/index.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
@@ -28,6 +31,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
                               --now: a --dry-run preview, or on a stopped gateway only (warns)
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
+  backup FILE                 consistent, verified copy of the database (works while running)
+  restore FILE                put a backup in place in an empty data dir (gateway stopped)
 ${DEVICE_USAGE}
 
   Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR)`;
@@ -92,6 +97,10 @@ async function main(): Promise<number> {
       return cmdSend(cli, a1, a2);
     case "validate":
       return cmdValidate(cli, a1);
+    case "backup":
+      return cmdBackup(cli, a1);
+    case "restore":
+      return cmdRestore(cli, a1);
     case "device":
       return deviceCommand(
         positionals.slice(1),
@@ -116,6 +125,10 @@ main().then(
     }
     if (err instanceof SpecError) {
       console.error(`fleet: invalid fleet spec: ${err.message}`);
+      process.exit(1);
+    }
+    if (err instanceof BackupError || err instanceof SchemaVersionError) {
+      console.error(`fleet: ${err.message}`);
       process.exit(1);
     }
     if (err instanceof DevicesError) {

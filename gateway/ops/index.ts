@@ -2,3 +2,4 @@ export * from "./gc.ts";
 export * from "./quarantine.ts";
 export * from "./replay.ts";
 export * from "./verify.ts";
+export * from "./backup.ts";

@@ -10,7 +10,7 @@ import type { BatchItem } from "drizzle-orm/batch";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import * as schema from "./schema.ts";
-import { DDL, SCHEMA_VERSION } from "./migrate.ts";
+import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
 
 /** The drizzle handle over the fleet schema. */
 export type Db = LibSQLDatabase<typeof schema>;
@@ -53,11 +53,9 @@ export async function openDb(path: string, opts: OpenDbOptions): Promise<{ clien
     await client.execute("PRAGMA journal_mode = WAL");
     await client.execute(`PRAGMA synchronous = ${opts.synchronous.toUpperCase()}`);
     await client.execute("PRAGMA foreign_keys = OFF");
-    await client.migrate(DDL.map((sql) => ({ sql, args: [] })));
-    await client.execute({
-      sql: "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-      args: [String(SCHEMA_VERSION)],
-    });
+    await migrate(client, path);
+  } else {
+    checkNotNewer(await schemaVersion(client), path);
   }
   const db = drizzle(client, { schema });
   return { client, db };

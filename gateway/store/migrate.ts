@@ -1,10 +1,26 @@
 /**
- * DDL for the schema in ./schema.ts. Kept by hand beside it (no drizzle-kit at run time);
- * test/store.test.ts round-trips every table through drizzle to prove they agree.
+ * Versioned schema migrations, kept by hand beside ./schema.ts (no drizzle-kit at run
+ * time; test/store.test.ts round-trips every table through drizzle to prove they agree).
+ *
+ * The database records its version in `meta.schema_version`. At start the gateway applies
+ * every migration newer than that, all in ONE transaction with the version bump, so a
+ * crash mid-upgrade leaves the old schema whole. A data dir written by newer code is
+ * refused (`SchemaVersionError`): old code must not guess at columns it does not know.
+ * Migrations are append-only: never edit one that has shipped, add the next.
  */
-export const SCHEMA_VERSION = 1;
+import type { Client } from "@libsql/client";
 
-export const DDL: readonly string[] = [
+/** One step of the schema's history. */
+export interface Migration {
+  /** 1, 2, 3, ... in order, without gaps. */
+  readonly version: number;
+  /** What it changes, for the log. */
+  readonly name: string;
+  readonly statements: readonly string[];
+}
+
+/** Release 0.1: the schema as it first shipped. */
+const INITIAL: readonly string[] = [
   `CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
   `CREATE TABLE IF NOT EXISTS spec_versions (
     hash TEXT PRIMARY KEY, gateway TEXT NOT NULL, path TEXT NOT NULL, text TEXT NOT NULL,
@@ -49,3 +65,71 @@ export const DDL: readonly string[] = [
     tool_calls INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0, cost REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (agent, window))`,
 ];
+
+/** Every migration, oldest first. */
+export const MIGRATIONS: readonly Migration[] = [{ version: 1, name: "initial schema", statements: INITIAL }];
+
+/** The schema version this code writes. */
+export const SCHEMA_VERSION: number = MIGRATIONS.at(-1)?.version ?? 0;
+
+/** The database's schema does not match what this code can use. */
+export class SchemaVersionError extends Error {
+  override readonly name = "SchemaVersionError";
+  constructor(
+    readonly found: number,
+    readonly supported: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The version recorded in the database (0 for an empty one). */
+export async function schemaVersion(client: Client): Promise<number> {
+  const meta = await client.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
+  if (meta.rows.length === 0) return 0;
+  const row = await client.execute("SELECT value FROM meta WHERE key = 'schema_version'");
+  const v = Number(row.rows[0]?.value ?? 0);
+  if (!Number.isSafeInteger(v) || v < 0) throw new SchemaVersionError(-1, SCHEMA_VERSION, `bad schema_version "${v}"`);
+  return v;
+}
+
+/** Refuse a database written by newer code. */
+export function checkNotNewer(found: number, path: string, supported = SCHEMA_VERSION): void {
+  if (found > supported) {
+    throw new SchemaVersionError(
+      found,
+      supported,
+      `${path} has schema version ${found}, newer than this code's ${supported}: ` +
+        "run the release that wrote it (or newer); nothing was changed",
+    );
+  }
+}
+
+/**
+ * Bring the database up to the newest migration, in one transaction. Returns the versions
+ * before and after (equal when there was nothing to do).
+ */
+export async function migrate(
+  client: Client,
+  path: string,
+  migrations: readonly Migration[] = MIGRATIONS,
+): Promise<{ from: number; to: number }> {
+  const target = migrations.at(-1)?.version ?? 0;
+  const from = await schemaVersion(client);
+  checkNotNewer(from, path, target);
+  const pending = migrations.filter((m) => m.version > from);
+  if (pending.length === 0) return { from, to: from };
+  const tx = await client.transaction("write");
+  try {
+    for (const m of pending) for (const sql of m.statements) await tx.execute(sql);
+    await tx.execute({
+      sql: "INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+      args: [String(target)],
+    });
+    await tx.commit();
+  } finally {
+    tx.close();
+  }
+  return { from, to: target };
+}

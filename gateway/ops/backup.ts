@@ -1,0 +1,114 @@
+/**
+ * `fleet backup FILE` and `fleet restore FILE`. A backup is one self-contained SQLite file
+ * made with `VACUUM INTO`: it reads a single consistent snapshot, so it is safe while the
+ * gateway writes (WAL readers never block the writer, and the writer never blocks them).
+ * Both sides check the copy before calling it good: `PRAGMA integrity_check`, the schema
+ * version, and every hash chain (`fleet verify`).
+ */
+import { createClient } from "@libsql/client";
+import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { checkNotNewer, schemaVersion, Store } from "../store/index.ts";
+import { type VerifyReport, verifyStore } from "./verify.ts";
+
+/** Why a backup or restore was refused (the CLI prints the message, exit 1). */
+export class BackupError extends Error {
+  override readonly name = "BackupError";
+}
+
+/** What a backup or restore produced, after checking it. */
+export interface BackupReport {
+  readonly file: string;
+  readonly bytes: number;
+  readonly schema_version: number;
+  readonly verify: VerifyReport;
+}
+
+/** Integrity, schema version and hash chains of a database file; throws BackupError when broken. */
+async function check(file: string): Promise<{ schema_version: number; verify: VerifyReport }> {
+  const client = createClient({ url: `file:${file}` });
+  let version: number;
+  try {
+    const rows = (await client.execute("PRAGMA integrity_check")).rows;
+    const verdict = rows.map((r) => String(r[0])).join("; ");
+    if (verdict !== "ok") throw new BackupError(`${file} is damaged: ${verdict}`);
+    version = await schemaVersion(client);
+    if (version === 0) throw new BackupError(`${file} is not a fleet database (no schema version)`);
+    checkNotNewer(version, file);
+  } catch (err) {
+    if (err instanceof BackupError) throw err;
+    const why = err instanceof Error ? err.message : String(err);
+    throw new BackupError(`${file} cannot be read as a fleet database: ${why}`);
+  } finally {
+    client.close();
+  }
+  const store = await Store.open(file, { synchronous: "normal", readonly: true });
+  try {
+    const verify = await verifyStore(store);
+    if (verify.problems.length > 0) {
+      const first = verify.problems[0]!;
+      throw new BackupError(
+        `${file} fails verification (${verify.problems.length} problem(s)); first: ${first.record}: ${first.problem}`,
+      );
+    }
+    return { schema_version: version, verify };
+  } finally {
+    await store.close();
+  }
+}
+
+/** Write a consistent, verified copy of `dbPath` to `target` (which must not exist). */
+export async function backupDatabase(dbPath: string, target: string): Promise<BackupReport> {
+  const file = resolve(target);
+  if (!existsSync(dbPath)) throw new BackupError(`no fleet database at ${dbPath}`);
+  if (existsSync(file)) throw new BackupError(`${file} already exists; choose a new file name`);
+  mkdirSync(dirname(file), { recursive: true });
+  const client = createClient({ url: `file:${dbPath}` });
+  try {
+    await client.execute("PRAGMA busy_timeout = 5000");
+    await client.execute({ sql: "VACUUM INTO ?", args: [file] });
+  } finally {
+    client.close();
+  }
+  chmodSync(file, 0o600); // it holds every agent's state and every device payload
+  try {
+    return { file, bytes: statSync(file).size, ...(await check(file)) };
+  } catch (err) {
+    rmSync(file, { force: true });
+    throw err;
+  }
+}
+
+/**
+ * Put a backup in place as `<dataDir>/fleet.db`. Refused while a gateway runs on the data
+ * dir or when it already holds a database: restore never overwrites history.
+ */
+export async function restoreDatabase(source: string, dataDir: string, gatewayRunning: boolean): Promise<BackupReport> {
+  const from = resolve(source);
+  if (!existsSync(from)) throw new BackupError(`no backup file at ${from}`);
+  if (gatewayRunning) throw new BackupError(`a gateway is running on ${dataDir}; stop it first`);
+  const target = join(dataDir, "fleet.db");
+  for (const f of ["fleet.db", "fleet.db-wal"]) {
+    if (existsSync(join(dataDir, f))) {
+      throw new BackupError(`${dataDir} already holds a fleet database (${f}); restore into an empty data dir`);
+    }
+  }
+  const checked = await check(from);
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  // Copy through VACUUM INTO (a clean file, no WAL) under a temporary name, then rename, so
+  // a crash never leaves a half-written fleet.db behind.
+  const partial = `${target}.restoring`;
+  rmSync(partial, { force: true });
+  const client = createClient({ url: `file:${from}` });
+  try {
+    await client.execute({ sql: "VACUUM INTO ?", args: [partial] });
+  } finally {
+    client.close();
+  }
+  chmodSync(partial, 0o600);
+  renameSync(partial, target);
+  for (const leftover of readdirSync(dataDir).filter((f) => f.startsWith("fleet.db-"))) {
+    rmSync(join(dataDir, leftover), { force: true });
+  }
+  return { file: target, bytes: statSync(target).size, ...checked };
+}

@@ -1,0 +1,128 @@
+/**
+ * Versioned migrations: a data dir written by an older release upgrades at start in one
+ * transaction and still verifies; a data dir written by newer code is refused untouched.
+ */
+import { afterEach, describe, expect, test } from "bun:test";
+import { createClient } from "@libsql/client";
+import { copyFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { verifyStore } from "../gateway/ops/index.ts";
+import {
+  MIGRATIONS,
+  type Migration,
+  migrate,
+  SCHEMA_VERSION,
+  SchemaVersionError,
+  Store,
+  schemaVersion,
+} from "../gateway/store/index.ts";
+
+const FIXTURE = join(import.meta.dir, "fixtures/datadir-v1/fleet.db");
+const dirs: string[] = [];
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+/** A private copy of the release-0.1 data dir's database. */
+function fixtureCopy(): string {
+  const dir = mkdtempSync(join(tmpdir(), "fleet-migrate-"));
+  dirs.push(dir);
+  const path = join(dir, "fleet.db");
+  copyFileSync(FIXTURE, path);
+  return path;
+}
+
+async function versionOf(path: string): Promise<number> {
+  const c = createClient({ url: `file:${path}` });
+  try {
+    return await schemaVersion(c);
+  } finally {
+    c.close();
+  }
+}
+
+describe("schema migrations", () => {
+  test("a data dir written by release 0.1 opens with the current code, is at the current version and verifies", async () => {
+    const path = fixtureCopy();
+    expect(await versionOf(path)).toBe(1);
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      expect(await versionOf(path)).toBe(SCHEMA_VERSION);
+      const report = await verifyStore(store);
+      expect(report).toMatchObject({ agents: 3, checkpoints: 12, episodes: 12, problems: [] });
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("pending migrations apply in order, in one transaction with the version bump", async () => {
+    const path = fixtureCopy();
+    const next: Migration[] = [
+      ...MIGRATIONS,
+      {
+        version: SCHEMA_VERSION + 1,
+        name: "test: a note per agent",
+        statements: ["CREATE TABLE agent_notes (agent TEXT PRIMARY KEY, note TEXT NOT NULL)"],
+      },
+    ];
+    const c = createClient({ url: `file:${path}` });
+    try {
+      expect(await migrate(c, path, next)).toEqual({ from: 1, to: SCHEMA_VERSION + 1 });
+      expect(await schemaVersion(c)).toBe(SCHEMA_VERSION + 1);
+      // Applying again is a no-op.
+      expect(await migrate(c, path, next)).toEqual({ from: SCHEMA_VERSION + 1, to: SCHEMA_VERSION + 1 });
+      const tables = await c.execute("SELECT name FROM sqlite_master WHERE name = 'agent_notes'");
+      expect(tables.rows).toHaveLength(1);
+    } finally {
+      c.close();
+    }
+  });
+
+  test("a migration that fails leaves the old schema and version whole", async () => {
+    const path = fixtureCopy();
+    const broken: Migration[] = [
+      ...MIGRATIONS,
+      {
+        version: SCHEMA_VERSION + 1,
+        name: "test: half good, half broken",
+        statements: ["CREATE TABLE half_done (x INTEGER)", "ALTER TABLE no_such_table ADD COLUMN y INTEGER"],
+      },
+    ];
+    const c = createClient({ url: `file:${path}` });
+    try {
+      const before = await schemaVersion(c);
+      await expect(migrate(c, path, broken)).rejects.toThrow(/no_such_table/);
+      expect(await schemaVersion(c)).toBe(before);
+      const left = await c.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'");
+      expect(left.rows).toHaveLength(0);
+    } finally {
+      c.close();
+    }
+  });
+
+  test("a data dir from newer code is refused with a clear error and left untouched", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    await c.execute({
+      sql: "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+      args: [String(SCHEMA_VERSION + 5)],
+    });
+    c.close();
+    const bytes = readFileSync(path);
+    for (const readonly of [false, true]) {
+      const err = await Store.open(path, { synchronous: "full", readonly }).then(
+        () => null,
+        (e: unknown) => e,
+      );
+      expect(err).toBeInstanceOf(SchemaVersionError);
+      expect((err as SchemaVersionError).found).toBe(SCHEMA_VERSION + 5);
+      expect((err as Error).message).toContain(`newer than this code's ${SCHEMA_VERSION}`);
+    }
+    expect(readFileSync(path).equals(bytes)).toBe(true);
+  });
+
+  test("migration versions run 1, 2, 3 ... without gaps", () => {
+    expect(MIGRATIONS.map((m) => m.version)).toEqual(MIGRATIONS.map((_, i) => i + 1));
+  });
+});
