@@ -1,0 +1,355 @@
+/** An agent's page: status and actions, KPIs, recent episodes, the checkpoint chain, one episode's log. */
+import { ApiError, api } from "./api.ts";
+import { h, messageOf, throttle, toast } from "./dom.ts";
+import { ago, clock, fmtInt, fmtMs, pill, short, when } from "./format.ts";
+import { refreshHealth, type View } from "./health.ts";
+import { kpi } from "./overview.ts";
+import type { AgentDetail, Checkpoint, Episode, EpisodeDetail, EpisodeEvent } from "./types.ts";
+
+/** One event log entry as a line of text. */
+function eventText(e: EpisodeEvent): string {
+  const d = e.data;
+  switch (e.kind) {
+    case "stimulus":
+      return `${d.kind}${d.topic ? ` ${d.topic}` : ""} ${JSON.stringify(d.payload)}`;
+    case "decide":
+      return `${d.name} ${JSON.stringify(d.data)}`;
+    case "emit":
+      return JSON.stringify(d.data);
+    case "tool": {
+      const args = ((d.args ?? []) as unknown[]).map((a) => JSON.stringify(a)).join(", ");
+      return `${d.tool}(${args}) → ${d.ok ? "" : "DENIED "}${JSON.stringify(d.result)}`;
+    }
+    case "log":
+      return `[${d.level}] ${d.msg}`;
+    case "now":
+      return `${d.v} (${new Date(d.v).toISOString()})`;
+    case "random":
+      return String(d.v);
+    case "send":
+      return `→ ${d.to} ${JSON.stringify(d.data)}`;
+    case "failure":
+      return `${d.kind}: ${d.message}`;
+    case "end":
+      return `ok in ${d.ms} ms`;
+    default:
+      return JSON.stringify(d);
+  }
+}
+
+function chainLink(c: Checkpoint, head: string | null, base: string): HTMLLIElement {
+  return h(
+    "li",
+    { class: `${c.hash === head ? "head" : ""} ${c.collected ? "collected" : ""}`, dataset: { seq: String(c.seq) } },
+    h(
+      "div",
+      {},
+      h("b", {}, `#${c.seq} `),
+      h("span", { class: "mono", title: c.hash }, short(c.hash, 16)),
+      c.hash === head ? h("span", { class: "pill idle", style: "margin-left:8px" }, "head") : null,
+      c.collected ? h("span", { class: "pill retired", style: "margin-left:8px" }, "collected") : null,
+    ),
+    h(
+      "div",
+      { class: "sub" },
+      "episode ",
+      h("a", { href: `${base}/${c.episode}`, class: "mono" }, short(c.episode, 13)),
+      " · ",
+      when(c.created_at),
+      " · parent ",
+      h("span", { class: "mono" }, short(c.parent, 8)),
+    ),
+  );
+}
+
+function episodeDetail(ep: EpisodeDetail): HTMLElement[] {
+  return [
+    h(
+      "dl",
+      { class: "kv" },
+      h("dt", {}, "Status"),
+      h(
+        "dd",
+        {},
+        pill(ep.status),
+        ep.error_kind ? ` ${ep.error_kind}` : "",
+        ep.attempt > 1 ? h("span", { class: "muted" }, ` attempt ${ep.attempt}`) : "",
+      ),
+      h("dt", {}, "Episode"),
+      h("dd", { class: "mono" }, ep.id),
+      h("dt", {}, "Stimulus"),
+      h("dd", { class: "mono" }, ep.stimulus),
+      h("dt", {}, "Started"),
+      h("dd", {}, new Date(ep.started_at).toLocaleString(), h("span", { class: "muted" }, ` · ${fmtMs(ep.ms)}`)),
+      h("dt", {}, "Checkpoint"),
+      h(
+        "dd",
+        { class: "mono", title: ep.checkpoint ?? "" },
+        ep.checkpoint ? `${short(ep.checkpoint, 16)} ← ${short(ep.parent, 8)}` : "none (state unchanged)",
+      ),
+      h("dt", {}, "Spec"),
+      h("dd", { class: "mono" }, short(ep.spec_version, 16)),
+      ep.error
+        ? [h("dt", {}, "Error"), h("dd", { style: "color:#b91c1c;white-space:pre-wrap" }, ep.error.split("\n")[0])]
+        : null,
+    ),
+    h("div", { class: "section-title" }, `Decisions (${ep.decisions.length})`),
+    ep.decisions.length
+      ? h(
+          "ul",
+          { class: "decisions", "data-testid": "decisions" },
+          ...ep.decisions.map((d) =>
+            h("li", {}, h("b", {}, d.name), h("span", { class: "mono" }, JSON.stringify(d.data))),
+          ),
+        )
+      : h("div", { class: "muted", "data-testid": "decisions" }, "No decisions recorded."),
+    h("div", { class: "section-title" }, `Event log (${ep.events.length})`),
+    h(
+      "ol",
+      { class: "events", "data-testid": "event-log" },
+      ...ep.events.map((e) =>
+        h(
+          "li",
+          { dataset: { kind: e.kind } },
+          h("span", { class: "seq" }, String(e.seq)),
+          h("span", { class: `k ${e.kind}` }, e.kind),
+          h("span", { class: "d" }, eventText(e)),
+        ),
+      ),
+    ),
+  ];
+}
+
+function episodeRow(e: Episode, cls: string, onPick: () => void): HTMLTableRowElement {
+  return h(
+    "tr",
+    { class: cls, dataset: { episode: e.id }, onclick: onPick },
+    h("td", {}, clock(e.started_at), " ", h("span", { class: "muted" }, when(e.started_at))),
+    h("td", {}, pill(e.status), e.error_kind ? h("span", { class: "muted" }, ` ${e.error_kind}`) : null),
+    h("td", { class: "num" }, fmtMs(e.ms)),
+    h("td", { class: "num" }, String(e.event_count)),
+    h("td", { class: "mono", title: e.stimulus }, e.stimulus.length > 22 ? `${e.stimulus.slice(0, 22)}…` : e.stimulus),
+  );
+}
+
+const panel = (title: HTMLElement | string, body: HTMLElement, note?: string) =>
+  h(
+    "section",
+    { class: "panel" },
+    h(
+      "div",
+      { class: "panel-head" },
+      typeof title === "string" ? h("h2", {}, title) : title,
+      note ? h("span", { class: "muted" }, note) : null,
+    ),
+    body,
+  );
+
+/** The page of agent `<type>/<key>`, with episode `selected` open (else it follows the newest). */
+export function agentView(type: string, key: string, selectedAtStart: string | null): View {
+  const id = `${type}/${key}`;
+  const base = `#/agents/${encodeURIComponent(type)}/${encodeURIComponent(key)}`;
+  let selected = selectedAtStart;
+  let agent: AgentDetail | null = null;
+  let follow = !selected; // show the newest episode until the operator picks one
+  let known = new Set<string>();
+
+  const statusEl = h("span", { "data-testid": "agent-status-slot" });
+  const reasonEl = h("div", { class: "reason", "data-testid": "agent-reason" });
+  const pauseBtn = h("button", { class: "warn", "data-testid": "btn-pause", onclick: () => act("pause") }, "Pause");
+  const resumeBtn = h(
+    "button",
+    { class: "primary", "data-testid": "btn-resume", onclick: () => act("resume") },
+    "Resume",
+  );
+  const kpis = h("section", { class: "kpis" });
+  const epBody = h("tbody");
+  const detail = h(
+    "div",
+    { class: "panel-body", "data-testid": "episode-detail" },
+    h("div", { class: "empty" }, "Select an episode."),
+  );
+  const detailTitle = h("h2", {}, "Episode");
+  const chain = h("ol", { class: "chain", "data-testid": "checkpoint-chain" });
+
+  function showStatus(status: string, reason: string | null | undefined): void {
+    statusEl.replaceChildren(pill(status, status, "agent-status"));
+    reasonEl.textContent = reason ?? "";
+    pauseBtn.disabled = status === "paused" || status === "retired";
+    resumeBtn.disabled = status !== "paused" && status !== "failed";
+  }
+
+  async function act(action: "pause" | "resume"): Promise<void> {
+    pauseBtn.disabled = resumeBtn.disabled = true;
+    try {
+      await api.lifecycle(type, key, action);
+      toast(`${action === "pause" ? "Paused" : "Resumed"} ${id}`);
+      await loadAgent();
+      refreshHealth();
+    } catch (err) {
+      toast(`Could not ${action} ${id}: ${messageOf(err)}`, true);
+      if (agent) showStatus(agent.status, agent.reason);
+    }
+  }
+
+  async function loadAgent(): Promise<void> {
+    let a: AgentDetail;
+    try {
+      a = await api.agent(type, key);
+    } catch (err) {
+      const missing = err instanceof ApiError && err.status === 404;
+      el.replaceChildren(
+        h("div", { class: "crumbs" }, h("a", { href: "#/" }, "Fleet")),
+        h(
+          "div",
+          { class: "panel" },
+          h("div", { class: "empty" }, missing ? `No agent ${id}.` : `Could not load ${id}: ${messageOf(err)}`),
+        ),
+      );
+      return;
+    }
+    agent = a;
+    showStatus(a.status, a.reason);
+    kpis.replaceChildren(
+      kpi(
+        "a-episodes",
+        "Episodes",
+        fmtInt(a.episodes),
+        `${fmtInt(a.failures)} failed attempts`,
+        a.failures > 0 ? "warn" : "",
+      ),
+      kpi("a-queued", "Queued", fmtInt(a.queued), "stimuli waiting"),
+      kpi(
+        "a-seq",
+        "Checkpoint",
+        a.seq ? `#${a.seq}` : "—",
+        h("span", { class: "mono", title: a.checkpoint ?? "" }, short(a.checkpoint, 16)),
+      ),
+      kpi("a-last", "Last episode", a.last_episode_at ? ago(a.last_episode_at) : "never", clock(a.last_episode_at)),
+    );
+    chain.replaceChildren(
+      ...(a.checkpoints.length
+        ? a.checkpoints.map((c) => chainLink(c, a.checkpoint, base))
+        : [
+            h(
+              "li",
+              { class: "collected" },
+              h("span", { class: "muted" }, "No checkpoint yet: the first committed episode seals #1."),
+            ),
+          ]),
+    );
+  }
+
+  async function loadEpisodes(): Promise<void> {
+    let episodes: readonly Episode[];
+    try {
+      episodes = (await api.episodes(type, key, 25)).episodes;
+    } catch {
+      return;
+    }
+    const fresh = known.size > 0;
+    const rows = episodes.map((e) =>
+      episodeRow(
+        e,
+        `clickable${e.id === selected ? " selected" : ""}${fresh && !known.has(e.id) ? " flash" : ""}`,
+        () => select(e.id, true),
+      ),
+    );
+    known = new Set(episodes.map((e) => e.id));
+    epBody.replaceChildren(
+      ...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 5, class: "empty" }, "No episodes yet."))]),
+    );
+    const newest = episodes[0]?.id ?? null;
+    if (follow && newest && newest !== selected) void select(newest, false);
+  }
+
+  async function select(episode: string, byUser: boolean): Promise<void> {
+    if (byUser) follow = false;
+    selected = episode;
+    history.replaceState(null, "", `${base}/${episode}`);
+    for (const tr of epBody.querySelectorAll<HTMLElement>("tr[data-episode]"))
+      tr.classList.toggle("selected", tr.dataset.episode === episode);
+    let ep: EpisodeDetail;
+    try {
+      ep = await api.episode(episode);
+    } catch (err) {
+      detail.replaceChildren(h("div", { class: "empty" }, `Could not load episode: ${messageOf(err)}`));
+      return;
+    }
+    if (selected !== episode) return;
+    detailTitle.textContent = `Episode ${short(ep.id, 13)}…`;
+    detail.replaceChildren(...episodeDetail(ep));
+  }
+
+  const refreshAgent = throttle(() => void loadAgent(), 700);
+  const refreshEpisodes = throttle(() => void loadEpisodes(), 700);
+
+  const episodesTable = h(
+    "table",
+    { "data-testid": "episodes-table" },
+    h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        h("th", {}, "Started"),
+        h("th", {}, "Status"),
+        h("th", { class: "num" }, "Duration"),
+        h("th", { class: "num" }, "Events"),
+        h("th", {}, "Stimulus"),
+      ),
+    ),
+    epBody,
+  );
+  const el = h(
+    "div",
+    {},
+    h(
+      "div",
+      { class: "crumbs" },
+      h("a", { href: "#/" }, "Fleet"),
+      " › ",
+      h("a", { href: `#/?type=${encodeURIComponent(type)}` }, type),
+      " › ",
+      key,
+    ),
+    h(
+      "div",
+      { class: "agent-head" },
+      h("div", {}, h("div", { class: "title" }, h("h1", { "data-testid": "agent-title" }, id), statusEl), reasonEl),
+      h("div", { class: "actions" }, pauseBtn, resumeBtn),
+    ),
+    kpis,
+    h(
+      "div",
+      { class: "grid2" },
+      h(
+        "div",
+        {},
+        panel("Recent episodes", episodesTable, "newest first"),
+        panel("Checkpoint chain", h("div", { class: "panel-body" }, chain), "newest first"),
+      ),
+      panel(detailTitle, detail),
+    ),
+  );
+
+  return {
+    el,
+    async mount() {
+      await loadAgent();
+      await loadEpisodes();
+      if (selected) void select(selected, false);
+    },
+    reload() {
+      void loadAgent();
+      void loadEpisodes();
+    },
+    onFact(kind, e) {
+      if (e.agent !== id) return;
+      if (kind === "status") showStatus(e.status ?? "", e.reason);
+      refreshAgent();
+      if (kind === "episode") refreshEpisodes();
+    },
+  };
+}

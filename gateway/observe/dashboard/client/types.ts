@@ -1,0 +1,116 @@
+/**
+ * The JSON the dashboard reads, as the gateway's API writes it (gateway/observe/views.ts,
+ * the `/api/fleet` health summary, the `/api/events` facts). Only the fields it shows.
+ */
+
+/** Agent statuses as operators see them. */
+export const STATUSES = ["idle", "paused", "failed", "retired"] as const;
+export type ShownStatus = (typeof STATUSES)[number];
+
+/** One agent type's row of the health summary. */
+export interface TypeHealth {
+  readonly agents?: Partial<Record<ShownStatus, number>>;
+  readonly queued?: number;
+  readonly lag_ms?: number | null;
+  readonly budget_burn?: number;
+  readonly episodes_hour?: number;
+}
+
+/** `GET /api/fleet` and the `health` event. */
+export interface Health {
+  readonly fleet?: string;
+  readonly state: string;
+  readonly spec_version?: string;
+  readonly spec_error?: string | null;
+  readonly uptime_s?: number;
+  readonly agents?: Partial<Record<ShownStatus | "active" | "total", number>>;
+  readonly running_episodes?: number;
+  readonly queued_stimuli?: number;
+  readonly subprocesses?: number;
+  readonly lag_ms?: number;
+  readonly budget_burn?: number;
+  readonly broker?: { readonly clients?: number; readonly messagesIn?: number; readonly messagesOut?: number };
+  readonly rates?: {
+    readonly episodes_per_min: number;
+    readonly failures_per_min: number;
+    readonly failure_ratio: number;
+    readonly window_s?: number;
+  };
+  readonly types?: Readonly<Record<string, TypeHealth>>;
+}
+
+/** An agent in `/api/agents`. */
+export interface Agent {
+  readonly id: string;
+  readonly type: string;
+  readonly key: string;
+  readonly status: string;
+  readonly reason: string | null;
+  readonly checkpoint: string | null;
+  readonly seq: number | null;
+  readonly episodes: number;
+  readonly failures: number;
+  readonly queued: number;
+  readonly last_episode_at: number | null;
+}
+
+/** A page of `/api/agents`. */
+export interface AgentPage {
+  readonly agents: readonly Agent[];
+  readonly total: number;
+  readonly page: number;
+  readonly limit: number;
+  readonly pages?: number;
+}
+
+/** One link of `/api/agents/<t>/<k>`'s checkpoint chain. */
+export interface Checkpoint {
+  readonly hash: string;
+  readonly seq: number;
+  readonly parent: string | null;
+  readonly episode: string;
+  readonly collected: boolean;
+  readonly created_at: number;
+}
+
+/** `GET /api/agents/<type>/<key>`. */
+export interface AgentDetail extends Agent {
+  readonly checkpoints: readonly Checkpoint[];
+}
+
+/** An episode in `/api/agents/<t>/<k>/episodes`. */
+export interface Episode {
+  readonly id: string;
+  readonly stimulus: string;
+  readonly status: string;
+  readonly error_kind: string | null;
+  readonly error: string | null;
+  readonly attempt: number;
+  readonly spec_version: string;
+  readonly checkpoint: string | null;
+  readonly parent: string | null;
+  readonly started_at: number;
+  readonly ms: number;
+  readonly event_count: number;
+}
+
+/** One entry of an episode's event log; `data` depends on `kind`. */
+export interface EpisodeEvent {
+  readonly seq: number;
+  readonly kind: string;
+  // biome-ignore lint/suspicious/noExplicitAny: each kind has its own shape; eventText reads it per kind
+  readonly data: any;
+}
+
+/** `GET /api/episodes/<id>`. */
+export interface EpisodeDetail extends Episode {
+  readonly events: readonly EpisodeEvent[];
+  readonly decisions: readonly { readonly seq: number; readonly name: string; readonly data: unknown }[];
+}
+
+/** A fact from `/api/events` (`episode` or `status`). */
+export interface Fact {
+  readonly agent: string;
+  readonly status?: string;
+  readonly reason?: string | null;
+}
