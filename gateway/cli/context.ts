@@ -32,6 +32,12 @@ export interface CliFlags {
   readonly publish?: string[];
   readonly subscribe?: string[];
   readonly "client-id"?: string;
+  /** `state --at SEQ`, `trace --at TIME`. */
+  readonly at?: string;
+  /** `state --diff A..B`. */
+  readonly diff?: string;
+  /** `trace --topic T`. */
+  readonly topic?: string;
   readonly help: boolean;
 }
 

@@ -14,6 +14,7 @@ import { DevicesError } from "../devices/index.ts";
 import { BackupError } from "../ops/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
 import { cmdBackup, cmdRestore } from "./backup.ts";
+import { cmdState, cmdTrace } from "./history.ts";
 import { SpecError } from "../spec/index.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
@@ -31,6 +32,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
                               --now: a --dry-run preview, or on a stopped gateway only (warns)
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
+  state <type/key> [--at SEQ] [--diff A..B]   the agent's state at a checkpoint, or a JSON Patch between two
+  trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream
   backup FILE                 consistent, verified copy of the database (works while running)
   restore FILE                put a backup in place in an empty data dir (gateway stopped)
 ${DEVICE_USAGE}
@@ -58,6 +61,9 @@ const { values: flags, positionals } = parseArgs({
     publish: { type: "string", multiple: true },
     subscribe: { type: "string", multiple: true },
     "client-id": { type: "string" },
+    at: { type: "string" },
+    diff: { type: "string" },
+    topic: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 });
@@ -97,6 +103,10 @@ async function main(): Promise<number> {
       return cmdSend(cli, a1, a2);
     case "validate":
       return cmdValidate(cli, a1);
+    case "state":
+      return cmdState(cli, a1);
+    case "trace":
+      return cmdTrace(cli, a1);
     case "backup":
       return cmdBackup(cli, a1);
     case "restore":

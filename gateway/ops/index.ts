@@ -3,3 +3,5 @@ export * from "./quarantine.ts";
 export * from "./replay.ts";
 export * from "./verify.ts";
 export * from "./backup.ts";
+export * from "./state.ts";
+export * from "./trace.ts";

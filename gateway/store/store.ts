@@ -374,6 +374,11 @@ export class Store {
     return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE hash = ?", [hash]);
   }
 
+  /** An agent's checkpoint number `seq`, or undefined (never written, or deleted by retention). */
+  checkpointAt(agent: string, seq: number): Promise<t.CheckpointRow | undefined> {
+    return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE agent = ? AND seq = ?", [agent, seq]);
+  }
+
   /** An agent's checkpoint chain, oldest first. */
   listCheckpoints(agent: string, limit = 1_000_000) {
     return this.db

@@ -1,0 +1,99 @@
+/**
+ * `fleet state <agent> [--at SEQ] [--diff A..B]`: an agent's state at any retained
+ * checkpoint, and what changed between two of them as an RFC 6902 JSON Patch.
+ */
+import type { CheckpointRow, Store } from "../store/index.ts";
+
+/** One change between two states (RFC 6902 subset: the ops a diff needs). */
+export type PatchOp =
+  | { readonly op: "add"; readonly path: string; readonly value: unknown }
+  | { readonly op: "remove"; readonly path: string; readonly from_value: unknown }
+  | { readonly op: "replace"; readonly path: string; readonly from_value: unknown; readonly value: unknown };
+
+/** An agent's state at one checkpoint. */
+export interface StateAt {
+  readonly agent: string;
+  readonly seq: number;
+  readonly hash: string;
+  readonly episode: string;
+  readonly created_at: number;
+  /** null when retention collected this checkpoint's state (the hash stays in the chain). */
+  readonly state: unknown;
+  readonly collected: boolean;
+}
+
+/** Why a state read found nothing. */
+export type StateMiss =
+  | { readonly code: "no_agent"; readonly message: string }
+  | { readonly code: "no_checkpoint"; readonly message: string };
+
+const pointerToken = (key: string) => key.replaceAll("~", "~0").replaceAll("/", "~1");
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+
+/** The JSON Patch that turns `a` into `b` (objects by key, arrays by index). */
+export function diffJson(a: unknown, b: unknown, path = ""): PatchOp[] {
+  if (isObject(a) && isObject(b)) {
+    const ops: PatchOp[] = [];
+    for (const k of Object.keys(a).sort()) {
+      if (!(k in b)) ops.push({ op: "remove", path: `${path}/${pointerToken(k)}`, from_value: a[k] });
+      else ops.push(...diffJson(a[k], b[k], `${path}/${pointerToken(k)}`));
+    }
+    for (const k of Object.keys(b).sort()) {
+      if (!(k in a)) ops.push({ op: "add", path: `${path}/${pointerToken(k)}`, value: b[k] });
+    }
+    return ops;
+  }
+  if (Array.isArray(a) && Array.isArray(b)) {
+    const ops: PatchOp[] = [];
+    const common = Math.min(a.length, b.length);
+    for (let i = 0; i < common; i++) ops.push(...diffJson(a[i], b[i], `${path}/${i}`));
+    for (let i = common; i < b.length; i++) ops.push({ op: "add", path: `${path}/${i}`, value: b[i] });
+    // Remove from the end so each index is valid when its op applies.
+    for (let i = a.length - 1; i >= common; i--) ops.push({ op: "remove", path: `${path}/${i}`, from_value: a[i] });
+    return ops;
+  }
+  return JSON.stringify(a) === JSON.stringify(b) ? [] : [{ op: "replace", path, from_value: a, value: b }];
+}
+
+function stateOf(agent: string, row: CheckpointRow): StateAt {
+  return {
+    agent,
+    seq: row.seq,
+    hash: row.hash,
+    episode: row.episode,
+    created_at: row.createdAt,
+    state: row.state === null ? null : JSON.parse(row.state),
+    collected: row.state === null,
+  };
+}
+
+/** The state at checkpoint `seq` (default: the head). */
+export async function stateAt(store: Store, agent: string, seq?: number): Promise<StateAt | StateMiss> {
+  const a = await store.getAgent(agent);
+  if (!a) return { code: "no_agent", message: `no agent ${agent}` };
+  const want = seq ?? a.headSeq;
+  if (want === 0) return { code: "no_checkpoint", message: `${agent} has no checkpoint yet (no episode committed)` };
+  const row = await store.checkpointAt(agent, want);
+  if (!row) {
+    const hint = want <= a.anchorSeq ? " (collected by retention)" : ` (head is #${a.headSeq})`;
+    return { code: "no_checkpoint", message: `${agent} has no checkpoint #${want}${hint}` };
+  }
+  return stateOf(agent, row);
+}
+
+/** The patch from checkpoint `from` to checkpoint `to`. */
+export async function stateDiff(
+  store: Store,
+  agent: string,
+  from: number,
+  to: number,
+): Promise<{ from: StateAt; to: StateAt; patch: PatchOp[] } | StateMiss> {
+  const a = await stateAt(store, agent, from);
+  if ("code" in a) return a;
+  const b = await stateAt(store, agent, to);
+  if ("code" in b) return b;
+  if (a.collected || b.collected) {
+    return { code: "no_checkpoint", message: `the state of #${a.collected ? from : to} was collected by retention` };
+  }
+  return { from: a, to: b, patch: diffJson(a.state, b.state) };
+}

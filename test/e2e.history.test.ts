@@ -1,0 +1,116 @@
+/**
+ * Provenance from the CLI against a real gateway: `fleet trace` follows a two-agent chain
+ * (device -> relay -> send -> alerter -> publish) both ways, and `fleet state` shows what an
+ * agent knew at any checkpoint and what changed between two.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { join } from "node:path";
+import { diffJson } from "../gateway/ops/index.ts";
+import { cleanupAll, publishQos1, ROOT, TestFleet } from "./helpers/gateway.ts";
+import { agentType, fleetHeader, q } from "./helpers/toml.ts";
+
+const TOML =
+  fleetHeader("history") +
+  agentType("relay", join(ROOT, "test/fixtures/sources/relay.ts"), ["door/+/event"], {
+    extra: `tools = ["send"]\nconfig = { to = ${q("alerter/d1")} }\n`,
+  }) +
+  agentType("alerter", join(ROOT, "test/fixtures/ops/alerter.ts"), ["alerter/+/never"], {
+    instances: ["d1"],
+    extra: 'tools = ["publish"]\npublish = ["alerts/#"]\n',
+  });
+
+let fleet: TestFleet;
+beforeAll(async () => {
+  fleet = new TestFleet(TOML);
+  await fleet.start();
+  const client = await fleet.mqtt();
+  await publishQos1(client, "door/d1/event", { open: true });
+  await publishQos1(client, "door/d1/event", { open: false });
+  await fleet.waitCommitted("relay/d1", 2);
+  await fleet.waitCommitted("alerter/d1", 2);
+});
+afterAll(cleanupAll);
+
+describe("fleet trace", () => {
+  test("from the device's episode down: relay -> send -> alerter -> publish, across agents", async () => {
+    const [first] = (await fleet.episodes("relay/d1")).sort((a, b) => a.started_at - b.started_at);
+    const r = await fleet.cli("trace", first!.id);
+    expect(r.code).toBe(0);
+    const t = r.json;
+    expect(t.upstream).toEqual([]);
+    expect(t.episode).toMatchObject({
+      agent: "relay/d1",
+      status: "committed",
+      stimulus: { kind: "mqtt", topic: "door/d1/event", sent_by: null, payload_hash: expect.any(String) },
+    });
+    const send = t.episode.effects.find((e: { kind: string }) => e.kind === "send");
+    expect(send).toMatchObject({ to: "alerter/d1", ok: true });
+    expect(send.episodes).toHaveLength(1);
+    expect(send.episodes[0]).toMatchObject({
+      agent: "alerter/d1",
+      status: "committed",
+      stimulus: { kind: "inbox", sent_by: first!.id },
+    });
+    expect(send.episodes[0].effects).toContainEqual({ kind: "publish", topic: "alerts/d1", seq: 0, ok: true });
+  });
+
+  test("from a published topic up: finds the alerter's newest episode and its cause", async () => {
+    const r = await fleet.cli("trace", "--topic", "alerts/d1");
+    expect(r.code).toBe(0);
+    const alerterEpisodes = (await fleet.episodes("alerter/d1")).sort((a, b) => b.started_at - a.started_at);
+    expect(r.json.episode.episode).toBe(alerterEpisodes[0]!.id);
+    expect(r.json.upstream).toHaveLength(1);
+    expect(r.json.upstream[0]).toMatchObject({ agent: "relay/d1", stimulus: { kind: "mqtt", topic: "door/d1/event" } });
+
+    const human = await fleet.cli("trace", alerterEpisodes[0]!.id.slice(0, 13));
+    expect(human.code).toBe(0);
+  });
+
+  test("an unknown episode or topic is one clear line and exit 1", async () => {
+    const r = await fleet.cli("trace", "0000ffff");
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim()).toBe("fleet: no episode starts with 0000ffff");
+    const t = await fleet.cli("trace", "--topic", "alerts/nobody");
+    expect(t.code).toBe(1);
+    expect(t.stderr).toContain("no committed episode published to alerts/nobody");
+  });
+});
+
+describe("fleet state", () => {
+  test("--json prints the state object; --at shows an older checkpoint", async () => {
+    const now = await fleet.cli("state", "alerter/d1");
+    expect(now.code).toBe(0);
+    expect(now.json).toMatchObject({ alerts: 2 });
+    const first = await fleet.cli("state", "alerter/d1", "--at", "1");
+    expect(first.json).toMatchObject({ alerts: 1 });
+  });
+
+  test("--diff A..B is a JSON Patch from one checkpoint to the other", async () => {
+    const r = await fleet.cli("state", "alerter/d1", "--diff", "1..2");
+    expect(r.code).toBe(0);
+    expect(r.json.patch).toContainEqual({ op: "replace", path: "/alerts", from_value: 1, value: 2 });
+  });
+
+  test("a checkpoint that does not exist, or a bad --at, is refused with a clear line", async () => {
+    const missing = await fleet.cli("state", "alerter/d1", "--at", "99");
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain("has no checkpoint #99 (head is #2)");
+    const bad = await fleet.cli("state", "alerter/d1", "--at", "two");
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain('--at must be a checkpoint number (1, 2, ...), got "two"');
+  });
+});
+
+describe("diffJson", () => {
+  test("adds, removes and replaces by JSON Pointer, objects by key and arrays by index", () => {
+    expect(diffJson({ a: 1, b: { c: [1, 2, 3] }, "x/y": 1 }, { a: 2, b: { c: [1, 5] }, d: true })).toEqual([
+      { op: "replace", path: "/a", from_value: 1, value: 2 },
+      { op: "replace", path: "/b/c/1", from_value: 2, value: 5 },
+      { op: "remove", path: "/b/c/2", from_value: 3 },
+      { op: "remove", path: "/x~1y", from_value: 1 },
+      { op: "add", path: "/d", value: true },
+    ]);
+    expect(diffJson({ same: [1, { k: "v" }] }, { same: [1, { k: "v" }] })).toEqual([]);
+    expect(diffJson(1, "1")).toEqual([{ op: "replace", path: "", from_value: 1, value: "1" }]);
+  });
+});
