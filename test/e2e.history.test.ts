@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import { diffJson } from "../gateway/ops/index.ts";
-import { cleanupAll, publishQos1, ROOT, TestFleet } from "./helpers/gateway.ts";
+import { cleanupAll, publishQos1, ROOT, runCli, TestFleet } from "./helpers/gateway.ts";
 import { agentType, fleetHeader, q } from "./helpers/toml.ts";
 
 const TOML =
@@ -114,3 +114,34 @@ describe("diffJson", () => {
     expect(diffJson(1, "1")).toEqual([{ op: "replace", path: "", from_value: 1, value: "1" }]);
   });
 });
+
+describe("reading the data dir", () => {
+  test("fleet show takes a unique id prefix and prints every event line whole", async () => {
+    const [ep] = await fleet.episodes("alerter/d1");
+    const r = await runShow(ep!.id.slice(0, 18));
+    expect(r.code).toBe(0);
+    expect(r.json.id).toBe(ep!.id);
+    const human = await runShowHuman(ep!.id.slice(0, 18));
+    const stimulusLine = human.split("\n").find((l) => l.includes(" stimulus "));
+    expect(stimulusLine).toBeDefined();
+    expect(stimulusLine!.endsWith("}")).toBe(true); // not cut at 160 characters
+  });
+
+  test("fleet agents --json reports how many stimuli wait for each agent", async () => {
+    expect((await fleet.cli("pause", "relay/d1")).code).toBe(0);
+    const client = await fleet.mqtt();
+    for (let i = 0; i < 3; i++) await publishQos1(client, "door/d1/event", { waiting: i });
+    const r = await fleet.cli("agents", "--type", "relay");
+    expect(r.code).toBe(0);
+    expect(r.json.agents).toContainEqual(expect.objectContaining({ id: "relay/d1", queued: 3 }));
+    expect((await fleet.cli("resume", "relay/d1")).code).toBe(0);
+  });
+});
+
+function runShow(id: string) {
+  return fleet.cli("show", id);
+}
+
+async function runShowHuman(id: string): Promise<string> {
+  return (await runCli(["show", id, "--data-dir", fleet.dataDir])).stdout;
+}

@@ -9,7 +9,7 @@ import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { defaultSpawnOptions } from "../episode/index.ts";
 import { parseAgentId } from "../types.ts";
-import { verifyStore } from "../ops/index.ts";
+import { findEpisode, verifyStore } from "../ops/index.ts";
 import { agentView, episodeView } from "../observe/index.ts";
 
 /** `fleet status`: live health from a running gateway, else what the data dir says. */
@@ -44,7 +44,9 @@ export async function cmdAgents(cli: Cli): Promise<number> {
   // Agents show as `idle`; the store calls that `active`.
   const status = flags.status === "idle" ? "active" : flags.status;
   const { rows, total } = await store.listAgents({ type: flags.type, status, limit, offset: (page - 1) * limit });
-  const views = rows.map((a) => agentView(a, 0));
+  // The queue lengths come from the store: the data dir is the truth whether or not a gateway runs.
+  const queued = new Map((await store.queuedSummary()).map((q) => [q.agent, q.n]));
+  const views = rows.map((a) => agentView(a, queued.get(a.id) ?? 0));
   cli.print(
     { agents: views, total, page, limit },
     () =>
@@ -79,16 +81,16 @@ export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<
   return 0;
 }
 
-/** `fleet show <episode>`: one episode with its event log. */
+/** `fleet show <episode|prefix>`: one episode with its whole event log. */
 export async function cmdShow(cli: Cli, id: string | undefined): Promise<number> {
-  if (!id) throw new UsageError("show needs an episode id");
+  if (!id) throw new UsageError("show needs an episode id (or a unique prefix of one)");
   const store = await cli.openReadonly();
-  const ep = await store.getEpisode(id);
-  if (!ep) {
-    console.error(`no episode ${id}`);
+  const ep = await findEpisode(store, id);
+  if ("code" in ep) {
+    console.error(`fleet: ${ep.message}`);
     return 1;
   }
-  const events = (await store.listEvents(id)).map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) }));
+  const events = (await store.listEvents(ep.id)).map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) }));
   const view = { ...episodeView(ep), events };
   cli.print(view, () =>
     [
@@ -101,7 +103,8 @@ export async function cmdShow(cli: Cli, id: string | undefined): Promise<number>
       `checkpoint ${ep.checkpoint ?? "-"} (parent ${ep.parent ?? "-"})`,
       "events:",
       ...events.map(
-        (e) => `  ${String(e.seq).padStart(3)} ${e.kind.padEnd(9)} ${JSON.stringify(e.data).slice(0, 160)}`,
+        // Whole lines: `show` is where an operator reads what happened, so nothing is cut.
+        (e) => `  ${String(e.seq).padStart(3)} ${e.kind.padEnd(9)} ${JSON.stringify(e.data)}`,
       ),
     ].join("\n"),
   );
