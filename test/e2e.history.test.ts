@@ -145,3 +145,34 @@ function runShow(id: string) {
 async function runShowHuman(id: string): Promise<string> {
   return (await runCli(["show", id, "--data-dir", fleet.dataDir])).stdout;
 }
+
+describe("the same over HTTP", () => {
+  const get = async (path: string) => {
+    const res = await fetch(`${fleet.httpUrl}${path}`);
+    return { status: res.status, body: (await res.json()) as any };
+  };
+
+  test("GET /api/episodes/<id>/trace and /api/trace?topic= return the lineage", async () => {
+    const [relayEp] = (await fleet.episodes("relay/d1")).sort((a, b) => a.started_at - b.started_at);
+    const byId = await get(`/api/episodes/${relayEp!.id}/trace`);
+    expect(byId.status).toBe(200);
+    expect(byId.body.episode.effects.find((e: { kind: string }) => e.kind === "send").episodes).toHaveLength(1);
+    const byTopic = await get("/api/trace?topic=alerts/d1");
+    expect(byTopic.status).toBe(200);
+    expect(byTopic.body.episode.agent).toBe("alerter/d1");
+    expect(byTopic.body.upstream[0].agent).toBe("relay/d1");
+    expect((await get("/api/trace")).status).toBe(400);
+    expect((await get("/api/episodes/ffffffff/trace")).body.error.code).toBe("not_found");
+  });
+
+  test("GET /api/agents/<t>/<k>/state and state/diff", async () => {
+    const at1 = await get("/api/agents/alerter/d1/state?at=1");
+    expect(at1.status).toBe(200);
+    expect(at1.body).toMatchObject({ seq: 1, state: { alerts: 1 }, collected: false });
+    const diff = await get("/api/agents/alerter/d1/state/diff?from=1&to=2");
+    expect(diff.body.patch).toContainEqual({ op: "replace", path: "/alerts", from_value: 1, value: 2 });
+    const bad = await get("/api/agents/alerter/d1/state?at=zero");
+    expect(bad.status).toBe(400);
+    expect(bad.body.error.code).toBe("bad_query");
+  });
+});

@@ -8,6 +8,7 @@ import { agentId } from "../types.ts";
 import type { StimulusId } from "../types.ts";
 import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
+import { historyRoutes } from "./history.ts";
 import { agentDetail, agentEpisodes, episodeDetail, listAgents, observeRoutes } from "./read-api.ts";
 
 /** A started HTTP server. */
@@ -62,6 +63,7 @@ export function startHttp(gw: HttpHost, opts: { host: string; port: number }): H
         },
       },
       ...quarantineRoutes(gw),
+      ...historyRoutes(gw),
       ...observe.routes,
       "/api/send": {
         // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.

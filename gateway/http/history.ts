@@ -1,0 +1,65 @@
+/**
+ * Provenance over HTTP, the same answers as `fleet state` and `fleet trace`:
+ * `GET /api/agents/<t>/<k>/state[?at=SEQ]`, `GET /api/agents/<t>/<k>/state/diff?from=A&to=B`,
+ * `GET /api/episodes/<id|prefix>/trace`, `GET /api/trace?topic=T[&at=MS]`.
+ */
+import { episodeForTopic, stateAt, stateDiff, traceEpisode } from "../ops/index.ts";
+import { agentId } from "../types.ts";
+import type { HttpHost } from "./host.ts";
+import { httpError, intQuery, json } from "./responses.ts";
+
+type Req = Request & { params: Record<string, string> };
+const MAX_SEQ = Number.MAX_SAFE_INTEGER;
+
+function agentOf(req: Req): string | Response {
+  const id = agentId(req.params.type ?? "", req.params.key ?? "");
+  return id ?? httpError(400, "bad_agent", "invalid agent id");
+}
+
+/** Routes to spread into `Bun.serve({ routes })`. */
+export function historyRoutes(gw: Pick<HttpHost, "store">) {
+  return {
+    "/api/agents/:type/:key/state": async (req: Req) => {
+      const agent = agentOf(req);
+      if (agent instanceof Response) return agent;
+      const url = new URL(req.url);
+      const at = url.searchParams.has("at") ? intQuery(url, "at", 1, 1, MAX_SEQ) : undefined;
+      if (at instanceof Response) return at;
+      const r = await stateAt(gw.store, agent, at);
+      if ("code" in r) return httpError(404, r.code, r.message);
+      return json(r);
+    },
+    "/api/agents/:type/:key/state/diff": async (req: Req) => {
+      const agent = agentOf(req);
+      if (agent instanceof Response) return agent;
+      const url = new URL(req.url);
+      if (!url.searchParams.has("from") || !url.searchParams.has("to")) {
+        return httpError(400, "bad_query", "from and to (checkpoint numbers) are required");
+      }
+      const from = intQuery(url, "from", 1, 1, MAX_SEQ);
+      if (from instanceof Response) return from;
+      const to = intQuery(url, "to", 1, 1, MAX_SEQ);
+      if (to instanceof Response) return to;
+      const r = await stateDiff(gw.store, agent, from, to);
+      if ("code" in r) return httpError(404, r.code, r.message);
+      return json({ agent, from: r.from.seq, to: r.to.seq, patch: r.patch });
+    },
+    "/api/episodes/:id/trace": async (req: Req) => {
+      const r = await traceEpisode(gw.store, req.params.id ?? "");
+      if ("code" in r) return httpError(r.code === "ambiguous" ? 409 : 404, r.code, r.message);
+      return json(r);
+    },
+    "/api/trace": async (req: Request) => {
+      const url = new URL(req.url);
+      const topic = url.searchParams.get("topic");
+      if (!topic) return httpError(400, "bad_query", "topic is required");
+      const at = url.searchParams.has("at") ? intQuery(url, "at", 0, 0, MAX_SEQ) : undefined;
+      if (at instanceof Response) return at;
+      const found = await episodeForTopic(gw.store, topic, at);
+      if ("code" in found) return httpError(404, found.code, found.message);
+      const r = await traceEpisode(gw.store, found.id);
+      if ("code" in r) return httpError(404, r.code, r.message);
+      return json(r);
+    },
+  };
+}
