@@ -1,0 +1,175 @@
+/**
+ * What each fleet.toml key means, for the generated reference (docs/fleet-toml.md).
+ * Types, defaults and allowed values come from the zod schema itself (./schema.ts), so the
+ * reference cannot drift from what the loader accepts; this file adds only the prose, and
+ * test/docs.test.ts fails when a key has none or the committed page is stale
+ * (`bun scripts/gen-docs.ts` rewrites it).
+ */
+import { z } from "zod";
+import { fleetSchema } from "./schema.ts";
+
+/** One line per key; `*` stands for an agent type or hook name. */
+export const KEY_DOCS: Readonly<Record<string, string>> = {
+  fleet: "The fleet as a whole.",
+  "fleet.name": "Name of this fleet (shown in status, health and metrics; make it unique per site).",
+  "fleet.data_dir": "Where the libSQL database and runtime files live (created 0700).",
+  "fleet.max_concurrent_episodes": "Episodes running at once across the fleet; one at a time per agent always.",
+  "fleet.synchronous":
+    '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
+  "fleet.drain_timeout_ms":
+    "On SIGTERM, how long in-flight episodes may finish before they are killed (their stimuli stay queued).",
+  "fleet.sandbox": 'How episode subprocesses are isolated: "auto" picks the strongest available (see the README).',
+  "fleet.warm_spares": "Sandboxed subprocesses started ahead of need; each still serves exactly one episode.",
+  broker: "The embedded MQTT broker.",
+  "broker.host": "Address the MQTT listener binds.",
+  "broker.mqtt_port": "MQTT (TCP) port; 0 picks a free one (written to <data_dir>/gateway.json).",
+  "broker.ws_port": "MQTT over WebSocket port; absent: no WebSocket listener.",
+  "broker.max_packet_bytes": "Largest MQTT packet accepted; a larger one closes the connection before it is buffered.",
+  "broker.allow_anonymous": "false: devices need credentials from the devices file.",
+  "broker.devices": "Devices file (credentials and ACLs, see docs/devices.md); reloaded when it changes.",
+  http: "The HTTP API, dashboard, /metrics and webhooks.",
+  "http.host": "Address the HTTP server binds.",
+  "http.port": "HTTP port; 0 picks a free one (written to <data_dir>/gateway.json).",
+  llm: "The OpenAI-compatible endpoint behind the `llm` tool.",
+  "llm.url": "Base URL of the endpoint (`/chat/completions` is appended).",
+  "llm.model": "Model name sent with every request.",
+  "llm.api_key_env": "Environment variable (of the gateway) holding the API key; never visible to agents.",
+  "llm.timeout_ms": "Timeout of one llm call.",
+  agents: "Agent types, one table each: `[agents.<type>]`.",
+  "agents.*.module": "The agent module (default export made by defineAgent); relative to fleet.toml.",
+  "agents.*.subscribe": "MQTT topic filters whose messages are stimuli for this type.",
+  "agents.*.key": "Instance key from the topic: `{1}` is the first wildcard's segment, and so on.",
+  "agents.*.instances": "Agent keys deployed up front (they get timer stimuli before any message).",
+  "agents.*.every": 'Timer interval ("30s", "5m", "1h30m"); each fire is a stimulus of kind "timer".',
+  "agents.*.cron": "Timer as a cron expression (5 or 6 fields), instead of `every`.",
+  "agents.*.catch_up":
+    'Timer fires missed while the gateway was down: "none", "one" (the newest) or "all" (capped at 100).',
+  "agents.*.dedup": "Payload field whose value is the stimulus id, so a repeated id runs no second episode.",
+  "agents.*.tools": "Tools this type may call (publish, http, llm, send); any other call is denied and recorded.",
+  "agents.*.publish": "Topic filters the publish tool may write (the agent's own fleet/agents/... topics always).",
+  "agents.*.http_hosts": "Host names the http tool may reach.",
+  "agents.*.secrets":
+    "Environment variable names this type's tools may inject as {{secret:NAME}}; never visible to the agent.",
+  "agents.*.config": "Free-form table handed to the agent as ctx.config.",
+  "agents.*.max_queue": "Stimuli that may wait per agent; past it intake refuses (no PUBACK, the device retries).",
+  "agents.*.budget":
+    "Limits per agent; exceeding one pauses the agent until its window resets or an operator resumes it.",
+  "agents.*.budget.episodes_per_hour": "Episodes per hour window.",
+  "agents.*.budget.tool_calls_per_episode": "Tool calls one episode may make.",
+  "agents.*.budget.tokens_per_day": "llm tokens per day window.",
+  "agents.*.budget.episode_timeout_ms": "Wall-clock limit of one episode; past it the subprocess is killed (timeout).",
+  "agents.*.budget.memory_mb": "Memory ceiling of the episode's process tree; past it the subprocess is killed (oom).",
+  "agents.*.budget.tool_costs": "Cost charged per call of each tool, against cost_per_day.",
+  "agents.*.budget.cost_per_day": "Cost per day window (0 = no cost budget).",
+  "agents.*.checkpoint": "Checkpoint retention.",
+  "agents.*.checkpoint.keep":
+    "Newest checkpoints kept per agent; older ones are collected, the chain stays verifiable (0 = keep all).",
+  "agents.*.retry": "What happens when an episode fails.",
+  "agents.*.retry.max_attempts": "Attempts per stimulus before it is quarantined.",
+  "agents.*.retry.backoff_ms": "Wait before the second attempt; doubles with each further one.",
+  hooks: "Webhooks, one table each: `POST /hooks/<name>`.",
+  "hooks.*.agent": "The agent (<type>/<key>) every call goes to, or use `type` + `key_field`.",
+  "hooks.*.type": "The agent type; the key comes from the body's `key_field`.",
+  "hooks.*.key_field": "Body field naming the agent key (with `type`).",
+  "hooks.*.dedup": "Body field whose value is the stimulus id (the Idempotency-Key header wins).",
+  "hooks.*.secret_env": "Environment variable holding the shared secret (HMAC X-Fleet-Signature or Bearer).",
+  "hooks.*.max_body_bytes": "Largest body accepted (413 past it).",
+  retention: "How long history is kept.",
+  "retention.episodes_days": "Episode logs older than this are collected (the hash chain stays verifiable).",
+  "retention.dedup_days": "A stimulus id is remembered at least this long.",
+};
+
+type Json = {
+  type?: string | string[];
+  properties?: Record<string, Json>;
+  additionalProperties?: Json | boolean;
+  items?: Json;
+  enum?: unknown[];
+  default?: unknown;
+  anyOf?: Json[];
+  minimum?: number;
+  exclusiveMinimum?: number;
+  maximum?: number;
+  pattern?: string;
+};
+
+/** One documented key. */
+export interface KeyRef {
+  readonly path: string;
+  readonly type: string;
+  readonly default: string;
+  readonly required: boolean;
+  readonly doc: string | undefined;
+}
+
+function typeOf(s: Json): string {
+  if (s.enum) return s.enum.map((v) => JSON.stringify(v)).join(" \\| ");
+  if (s.anyOf) return s.anyOf.map(typeOf).join(" \\| ");
+  const t = Array.isArray(s.type) ? s.type.join(" \\| ") : (s.type ?? "any");
+  if (t === "array" && s.items) return `array of ${typeOf(s.items)}`;
+  if (t === "object") return "table";
+  if (t === "integer" && s.minimum === 0 && s.maximum === 65535) return "port";
+  if (t === "integer" && (s.exclusiveMinimum === 0 || (s.minimum ?? 0) > 0)) return "positive integer";
+  if (t === "integer" && s.minimum === 0) return "integer ≥ 0";
+  return t;
+}
+
+function walk(s: Json, path: string, required: readonly string[], out: KeyRef[]): void {
+  const props = s.properties ?? {};
+  for (const [key, child] of Object.entries(props)) {
+    const p = path ? `${path}.${key}` : key;
+    const isTable = child.type === "object";
+    out.push({
+      path: p,
+      type: typeOf(child),
+      default: child.default === undefined || isTable ? "" : JSON.stringify(child.default),
+      required: required.includes(key),
+      doc: KEY_DOCS[p],
+    });
+    if (child.properties) walk(child, p, (child as { required?: string[] }).required ?? [], out);
+    else if (isTable && typeof child.additionalProperties === "object" && child.additionalProperties.properties) {
+      const entry = child.additionalProperties;
+      walk(entry, `${p}.*`, (entry as { required?: string[] }).required ?? [], out);
+    }
+  }
+}
+
+/** Every key of fleet.toml with its type, default and meaning, in schema order. */
+export function fleetTomlKeys(): KeyRef[] {
+  const schema = z.toJSONSchema(fleetSchema, { unrepresentable: "any", io: "input" }) as Json;
+  const out: KeyRef[] = [];
+  walk(schema, "", [], out);
+  return out;
+}
+
+/** docs/fleet-toml.md, generated. */
+export function fleetTomlReference(): string {
+  const keys = fleetTomlKeys();
+  const sections = new Map<string, KeyRef[]>();
+  for (const k of keys) {
+    const top = k.path.split(".")[0]!;
+    sections.set(top, [...(sections.get(top) ?? []), k]);
+  }
+  const lines = [
+    "# fleet.toml reference",
+    "",
+    "<!-- Generated by `bun scripts/gen-docs.ts` from the zod schema (gateway/spec/schema.ts) and",
+    "     gateway/spec/reference.ts. Do not edit by hand: test/docs.test.ts fails when it is stale. -->",
+    "",
+    "Every key the loader accepts. Unknown keys are errors; an invalid file never replaces the",
+    "running spec (the error names the line and column, or the key path). `*` is an agent type",
+    'or hook name. Durations are strings like `"30s"`, `"5m"`, `"1h30m"`.',
+    "",
+  ];
+  for (const [top, rows] of sections) {
+    const table = rows[0]!;
+    lines.push(`## \`[${top}]\``, "", table.doc ?? "", "", "| key | type | default | meaning |", "|---|---|---|---|");
+    for (const k of rows.slice(1)) {
+      const name = k.path.slice(top.length + 1);
+      const dflt = k.required ? "required" : k.default ? `\`${k.default}\`` : "—";
+      lines.push(`| \`${name}\` | ${k.type} | ${dflt} | ${(k.doc ?? "").replaceAll("|", "\\|")} |`);
+    }
+    lines.push("");
+  }
+  return `${lines.join("\n").trimEnd()}\n`;
+}
