@@ -20,11 +20,11 @@ export interface IntBounds {
   readonly max?: number;
 }
 
-const DECIMAL = /^-?(0|[1-9][0-9]*)$/;
+const DECIMAL = /^(0|-?[1-9][0-9]*)$/;
 
 /**
  * A base-10 integer written plainly: optional `-`, digits, no leading zeros, nothing else
- * (`Number()` would take "", " 7", "1e3", "0x10", "7.0" and "Infinity"). Safe and within
+ * (`Number()` would take "", " 7", "1e3", "0x10", "7.0", "-0" and "Infinity"). Safe and within
  * `[min, max]`.
  */
 export function parseStrictInt(raw: string | null | undefined, bounds: IntBounds): Parsed<number, IntProblem> {

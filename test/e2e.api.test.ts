@@ -145,11 +145,22 @@ describe("one error shape", () => {
     ["GET", "/api/nothing-here", 404, "not_found"],
     ["POST", "/api/agents/counter/nope/pause", 404, "not_found"],
     ["POST", "/api/agents/counter/dev-000/explode", 404, "not_found"],
+    // Numbers are written plainly: no exponent, no spaces, no hex.
+    ["GET", "/api/agents?limit=1e2", 400, "bad_query"],
+    ["GET", "/api/agents?page=%202", 400, "bad_query"],
+    ["GET", "/api/agents/counter/dev-000/episodes?before=0x10", 400, "bad_query"],
+    ["GET", "/api/quarantine?limit=abc", 400, "bad_query"],
+    ["GET", "/api/quarantine?limit=0", 400, "bad_query"],
+    ["POST", "/api/quarantine/1e3/retry", 400, "bad_seq"],
   ];
   const bodies: [string, string, number, string][] = [
     ["/api/send", "{not json", 400, "bad_json"],
     ["/api/send", JSON.stringify({ payload: 1 }), 400, "bad_request"],
     ["/api/send", JSON.stringify({ topic: "nobody/listens/here", payload: 1 }), 404, "no_target"],
+    ["/api/send", JSON.stringify({ topic: 5 }), 400, "bad_request"],
+    ["/api/send", JSON.stringify({ topic: "api/dev-000/in", payload: 1, id: 7 }), 400, "bad_request"],
+    ["/api/send", JSON.stringify({ topic: "api/dev-000/in", payload: 1, colour: "red" }), 400, "bad_request"],
+    ["/api/send", "[]", 400, "bad_request"],
     ["/api/agents/counter/dev-000/stimuli", "{not json", 400, "bad_json"],
     ["/api/agents/nosuchtype/k/stimuli", "{}", 404, "not_found"],
   ];
@@ -166,6 +177,37 @@ describe("one error shape", () => {
       expect(json.error.message.length).toBeGreaterThan(5);
     }, 60_000);
   }
+
+  test("a bad /api/send body is refused naming the field, and records nothing", async () => {
+    const before = (await fleet.episodes("counter/dev-002")).length;
+    const res = await fetch(`${base}/api/send`, {
+      method: "POST",
+      body: JSON.stringify({ topic: "api/dev-002/in", payload: { n: 1 }, id: 42 }),
+    });
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as any).error).toEqual({ code: "bad_request", message: "body id must be a string" });
+    const stimuli = await fleet.query("SELECT count(*) AS n FROM stimuli WHERE agent = ?", ["counter/dev-002"]);
+    expect(Number(stimuli[0]!.n)).toBe(0);
+    expect((await fleet.episodes("counter/dev-002")).length).toBe(before);
+  }, 60_000);
+
+  test.each([
+    [["agents", "--limit", "1e2"], '--limit must be an integer from 1 to 100000, got "1e2"'],
+    [["agents", "--page", "0"], "--page must be an integer from 1 to 9007199254740991, got 0"],
+    [["episodes", "counter/dev-000", "--limit", "ten"], '--limit must be an integer from 1 to 100000, got "ten"'],
+    [["quarantine", "list", "--limit=-1"], "--limit must be an integer from 1 to 10000, got -1"],
+    [["agents", "--bogus"], "Unknown option '--bogus'"],
+    [["quarantine", "retry", "0x10"], "stimulus seq (the SEQ column) must be an integer from 0 to"],
+    [["gc", "--dry-run", "--now", "soon"], "--now (epoch milliseconds) must be an integer from 0 to"],
+  ])(
+    "`fleet %j` is a usage error naming the bad flag or number (exit 2)",
+    async (args, message) => {
+      const r = await fleet.cli(...args);
+      expect(r.code).toBe(2);
+      expect(r.stderr).toContain(message);
+    },
+    60_000,
+  );
 
   for (const [method, path, status, code] of cases) {
     test(`${method} ${path} -> ${status} ${code}`, async () => {

@@ -6,12 +6,38 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { CliContext } from "./devices.ts";
+import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
 
 /** A bad command line: cli.ts prints the message with the usage and exits 2. */
 export class UsageError extends Error {}
+
+/** A numeric flag or argument parsed strictly: `dflt` when absent, a UsageError naming it when bad. */
+export function intArg(
+  name: string,
+  raw: string | undefined,
+  dflt: number,
+  bounds: { min?: number; max?: number },
+): number;
+export function intArg(
+  name: string,
+  raw: string | undefined,
+  dflt: undefined,
+  bounds: { min?: number; max?: number },
+): number | undefined;
+export function intArg(
+  name: string,
+  raw: string | undefined,
+  dflt: number | undefined,
+  bounds: { min?: number; max?: number },
+): number | undefined {
+  if (raw === undefined) return dflt;
+  const v = parseStrictInt(raw, { name, ...bounds });
+  if (!v.ok) throw new UsageError(v.message);
+  return v.value;
+}
 
 /** The flags cli.ts parses (every one optional on the command line). */
 export interface CliFlags {

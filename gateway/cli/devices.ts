@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { addDevice, listDevices, removeDevice } from "../devices/index.ts";
 import { DevicesError, loadDevices } from "../devices/index.ts";
 import { listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
+import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import { liveFetch, type LiveEndpoint } from "./live.ts";
@@ -173,8 +174,10 @@ export async function quarantineCommand(args: readonly string[], limitFlag: numb
     return 0;
   }
   if (sub !== "retry" && sub !== "drop") return usage(`unknown quarantine command "${sub}"`);
-  if (!seqText || !/^\d+$/.test(seqText)) return usage(`quarantine ${sub} needs a stimulus seq (the SEQ column)`);
-  const seq = Number(seqText);
+  if (!seqText) return usage(`quarantine ${sub} needs a stimulus seq (the SEQ column)`);
+  const parsedSeq = parseStrictInt(seqText, { name: "stimulus seq (the SEQ column)", min: 0 });
+  if (!parsedSeq.ok) return usage(`quarantine ${sub}: ${parsedSeq.message}`);
+  const seq = parsedSeq.value;
   let result: { ok: boolean; agent?: string; message?: string };
   if (live) {
     const res = await liveFetch(live, `/api/quarantine/${seq}/${sub}`, { method: "POST" });

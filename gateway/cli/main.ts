@@ -6,7 +6,7 @@
  * gateway's HTTP API (it is the only writer), or to the file when it is stopped.
  */
 import { parseArgs } from "node:util";
-import { createCli, UsageError } from "./context.ts";
+import { createCli, intArg, UsageError } from "./context.ts";
 import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
 import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
 import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify } from "./read.ts";
@@ -40,7 +40,19 @@ ${DEVICE_USAGE}
 
   Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR)`;
 
-const { values: flags, positionals } = parseArgs({
+/** The command line, or exit 2 with the usage when parseArgs refuses it (unknown option, missing value). */
+function parseCommandLine() {
+  try {
+    return parseArgs(ARGS);
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    if (typeof code !== "string" || !code.startsWith("ERR_PARSE_ARGS")) throw err;
+    console.error(`fleet: ${(err as Error).message}\n\n${USAGE}`);
+    process.exit(2);
+  }
+}
+
+const ARGS = {
   allowPositionals: true,
   strict: true,
   options: {
@@ -66,7 +78,9 @@ const { values: flags, positionals } = parseArgs({
     topic: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
-});
+} as const;
+
+const { values: flags, positionals } = parseCommandLine();
 
 const cli = createCli(flags);
 
@@ -118,7 +132,7 @@ async function main(): Promise<number> {
         cli,
       );
     case "quarantine":
-      return quarantineCommand(positionals.slice(1), Number(flags.limit ?? 100), cli);
+      return quarantineCommand(positionals.slice(1), intArg("--limit", flags.limit, 100, { min: 1, max: 10_000 }), cli);
     default:
       throw new UsageError(`unknown command "${cmd}"`);
   }

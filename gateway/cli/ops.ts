@@ -4,7 +4,7 @@
  * to the data dir directly when it is stopped.
  */
 import { join, resolve } from "node:path";
-import { UsageError, type Cli } from "./context.ts";
+import { intArg, UsageError, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
 import { gcAll, type GcReport } from "../ops/index.ts";
@@ -14,6 +14,9 @@ import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import { parseAgentId } from "../types.ts";
 
+/** A port flag: 0 picks a free port. */
+const PORT = { min: 0, max: 65_535 } as const;
+
 /** `fleet start`: run the gateway in this process until SIGTERM/SIGINT; SIGHUP reloads fleet.toml. */
 export async function cmdStart(cli: Cli): Promise<void> {
   const { flags } = cli;
@@ -21,8 +24,8 @@ export async function cmdStart(cli: Cli): Promise<void> {
   const gw = new Gateway({
     configPath: cli.configPath,
     dataDir: flags["data-dir"] ?? process.env.FLEET_DATA_DIR,
-    mqttPort: flags["mqtt-port"] !== undefined ? Number(flags["mqtt-port"]) : undefined,
-    httpPort: flags["http-port"] !== undefined ? Number(flags["http-port"]) : undefined,
+    mqttPort: intArg("--mqtt-port", flags["mqtt-port"], undefined, PORT),
+    httpPort: intArg("--http-port", flags["http-port"], undefined, PORT),
     logger: log,
   });
   const stop = async (signal: string) => {
@@ -46,12 +49,7 @@ export async function cmdStart(cli: Cli): Promise<void> {
 export async function cmdGc(cli: Cli): Promise<number> {
   const { flags } = cli;
   const dryRun = flags["dry-run"] === true;
-  let now: number | undefined;
-  if (flags.now !== undefined) {
-    now = Number(flags.now);
-    if (!Number.isSafeInteger(now) || now < 0)
-      throw new UsageError(`--now must be epoch milliseconds, got "${flags.now}"`);
-  }
+  const now = intArg("--now (epoch milliseconds)", flags.now, undefined, { min: 0 });
   const live = await cli.running();
   let report: GcReport;
   if (now !== undefined && dryRun) {

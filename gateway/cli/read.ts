@@ -4,7 +4,7 @@
  * a running gateway for its live health instead).
  */
 import { resolve } from "node:path";
-import { table, UsageError, when, type Cli } from "./context.ts";
+import { intArg, table, UsageError, when, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { defaultSpawnOptions } from "../episode/index.ts";
@@ -39,8 +39,8 @@ export async function cmdStatus(cli: Cli): Promise<number> {
 export async function cmdAgents(cli: Cli): Promise<number> {
   const { flags } = cli;
   const store = await cli.openReadonly();
-  const limit = Number(flags.limit ?? 100);
-  const page = Number(flags.page ?? 1);
+  const limit = intArg("--limit", flags.limit, 100, { min: 1, max: 100_000 });
+  const page = intArg("--page", flags.page, 1, { min: 1 });
   // Agents show as `idle`; the store calls that `active`.
   const status = flags.status === "idle" ? "active" : flags.status;
   const { rows, total } = await store.listAgents({ type: flags.type, status, limit, offset: (page - 1) * limit });
@@ -66,7 +66,9 @@ export async function cmdAgents(cli: Cli): Promise<number> {
 export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<number> {
   if (!agent || !parseAgentId(agent)) throw new UsageError("episodes needs an agent <type>/<key>");
   const store = await cli.openReadonly();
-  const rows = (await store.listEpisodes(agent, Number(cli.flags.limit ?? 50))).map(episodeView);
+  const rows = (await store.listEpisodes(agent, intArg("--limit", cli.flags.limit, 50, { min: 1, max: 100_000 }))).map(
+    episodeView,
+  );
   cli.print({ agent, episodes: rows }, () =>
     table(
       rows.map((e) => ({

@@ -101,8 +101,7 @@ export function intakeResponse(report: IntakeReport, agent: string): Response {
   const dup = report.duplicates[0];
   if (dup) return json({ stimulus: dup.sid, agent, duplicate: true }, 200);
   const refused = report.refused[0];
-  const full = refused?.reason.startsWith("queue full");
-  return full
+  return refused?.code === "queue_full"
     ? json({ error: { code: "queue_full", message: refused!.reason } }, 429, { "retry-after": "5" })
     : httpError(409, "refused", refused?.reason ?? "refused");
 }

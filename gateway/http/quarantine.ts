@@ -3,7 +3,8 @@
  * `GET /api/quarantine`, `POST /api/quarantine/<seq>/retry`, `POST /api/quarantine/<seq>/drop`.
  */
 import type { HttpHost } from "./host.ts";
-import { httpError, json } from "./responses.ts";
+import { httpError, intQuery, json } from "./responses.ts";
+import { parseStrictInt } from "../parse.ts";
 import { listQuarantine, resolveQuarantined } from "../ops/index.ts";
 
 type ParamRequest<P extends string> = Request & { params: Record<P, string> };
@@ -12,19 +13,18 @@ type ParamRequest<P extends string> = Request & { params: Record<P, string> };
 export function quarantineRoutes(gw: Pick<HttpHost, "store" | "requeued">) {
   return {
     "/api/quarantine": async (req: Request) => {
-      const limit = Number(new URL(req.url).searchParams.get("limit") ?? 100);
-      const n = Number.isSafeInteger(limit) && limit > 0 ? Math.min(limit, 10_000) : 100;
-      return json({ stimuli: await listQuarantine(gw.store, n) });
+      const limit = intQuery(new URL(req.url), "limit", 100, 1, 10_000);
+      if (limit instanceof Response) return limit;
+      return json({ stimuli: await listQuarantine(gw.store, limit) });
     },
     "/api/quarantine/:seq/:action": {
       POST: async (req: ParamRequest<"seq" | "action">) => {
         const action = req.params.action;
         if (action !== "retry" && action !== "drop")
           return httpError(404, "not_found", `no action ${action} (retry or drop)`);
-        const seq = Number(req.params.seq);
-        if (!/^\d+$/.test(req.params.seq) || !Number.isSafeInteger(seq))
-          return httpError(400, "bad_seq", "stimulus seq must be an integer");
-        const r = await resolveQuarantined(gw.store, seq, action);
+        const seq = parseStrictInt(req.params.seq, { name: "stimulus seq", min: 0 });
+        if (!seq.ok) return httpError(400, "bad_seq", seq.message);
+        const r = await resolveQuarantined(gw.store, seq.value, action);
         if (!r.ok) return httpError(r.code === "not_found" ? 404 : 409, r.code, r.message);
         if (r.state === "queued") {
           // Back in the queue: count it and run the agent (un-parks it if it was waiting).

@@ -2,7 +2,9 @@
  * Response helpers shared by every HTTP handler. Errors are always
  * `{ "error": { "code", "message" } }` with a fitting status.
  */
+import type { z } from "zod";
 import { readBodyCapped } from "../body.ts";
+import { describeZodError, parseOptionalInt } from "../parse.ts";
 
 /** JSON response helper. */
 export function json(data: unknown, status = 200, headers: Record<string, string> = {}): Response {
@@ -31,13 +33,19 @@ export async function readJson(
   }
 }
 
-/** An integer query parameter in [min, max], its default when absent, or a 400. */
+/** An integer query parameter in [min, max], its default when absent or empty, or a 400 naming it. */
 export function intQuery(url: URL, name: string, dflt: number, min: number, max: number): number | Response {
-  const raw = url.searchParams.get(name);
-  if (raw === null || raw === "") return dflt;
-  const v = Number(raw);
-  if (!Number.isInteger(v) || v < min || v > max) {
-    return httpError(400, "bad_query", `${name} must be an integer from ${min} to ${max}, got "${raw}"`);
-  }
-  return v;
+  const v = parseOptionalInt(url.searchParams.get(name), dflt, { name, min, max });
+  return v.ok ? v.value : httpError(400, "bad_query", v.message);
+}
+
+/** A request body checked against `schema`, or a 400 `bad_request` naming the first bad field. */
+export function parseBody<S extends z.ZodType>(
+  schema: S,
+  value: unknown,
+): { ok: true; value: z.output<S> } | { ok: false; res: Response } {
+  const r = schema.safeParse(value);
+  return r.success
+    ? { ok: true, value: r.data }
+    : { ok: false, res: httpError(400, "bad_request", describeZodError("body", r.error)) };
 }

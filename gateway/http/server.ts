@@ -3,7 +3,8 @@
  * manual stimuli. Errors are `{ "error": { "code", "message" } }` with a fitting status.
  */
 import type { HttpHost } from "./host.ts";
-import { httpError, json, readJson } from "./responses.ts";
+import { httpError, json, parseBody, readJson } from "./responses.ts";
+import { SendBody } from "./bodies.ts";
 import { agentId } from "../types.ts";
 import type { StimulusId } from "../types.ts";
 import { handleHook, intakeResponse } from "./hooks.ts";
@@ -70,16 +71,16 @@ export function startHttp(gw: HttpHost, opts: { host: string; port: number }): H
         POST: async (req) => {
           const body = await readJson(req);
           if (!body.ok) return body.res;
-          const v = body.value as { topic?: unknown; payload?: unknown; id?: unknown } | null;
-          if (!v || typeof v.topic !== "string")
-            return httpError(400, "bad_request", 'body must be {"topic": string, "payload": any}');
+          const parsed = parseBody(SendBody, body.value);
+          if (!parsed.ok) return parsed.res;
+          const v = parsed.value;
           const route = gw.routeTopic(v.topic);
           if (route.targets.length === 0)
             return httpError(404, "no_target", route.problems[0] ?? `no agent subscribes to ${v.topic}`);
           const payload = new TextEncoder().encode(
             typeof v.payload === "string" ? v.payload : JSON.stringify(v.payload ?? null),
           );
-          const explicit = typeof v.id === "string" && v.id ? (`id:${v.id}` as StimulusId) : null;
+          const explicit = v.id !== undefined ? (`id:${v.id}` as StimulusId) : null;
           const report = await gw.intake.record(
             route.targets,
             route.inbox ? "inbox" : "manual",

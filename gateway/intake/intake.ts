@@ -23,11 +23,21 @@ export interface IntakeView {
   enqueued(agent: string): void;
 }
 
+/** Why intake refused a stimulus for an agent. */
+export type RefusalCode = "retired" | "queue_full";
+
+/** A refused target: `code` for callers to branch on, `reason` for people. */
+export interface Refusal {
+  readonly agent: string;
+  readonly code: RefusalCode;
+  readonly reason: string;
+}
+
 /** Outcome per target of one intake. */
 export interface IntakeReport {
   readonly accepted: { agent: string; sid: string; seq: number }[];
   readonly duplicates: { agent: string; sid: string }[];
-  readonly refused: { agent: string; reason: string }[];
+  readonly refused: Refusal[];
 }
 
 /** Parse a payload as JSON when it is JSON. */
@@ -106,18 +116,18 @@ export class Intake {
     payload: Uint8Array,
     explicitId: StimulusId | null,
   ): Promise<IntakeReport> {
-    const refused: { agent: string; reason: string }[] = [];
+    const refused: Refusal[] = [];
     const items: NewStimulus[] = [];
     const parsed = explicitId ? undefined : tryJson(payload);
     const at = this.now();
     for (const t of targets) {
       if (this.view.isRetired(t.agent)) {
-        refused.push({ agent: t.agent, reason: "agent is retired" });
+        refused.push({ agent: t.agent, code: "retired", reason: "agent is retired" });
         continue;
       }
       if (this.view.queued(t.agent) >= t.type.max_queue) {
         // Backpressure: no PUBACK, the device keeps the message and retries later.
-        refused.push({ agent: t.agent, reason: `queue full (max_queue ${t.type.max_queue})` });
+        refused.push({ agent: t.agent, code: "queue_full", reason: `queue full (max_queue ${t.type.max_queue})` });
         continue;
       }
       const sid = explicitId ?? (await stimulusId(t.type.dedup, topic ?? "", payload, parsed));
