@@ -1,0 +1,40 @@
+import { describe, expect, test } from "bun:test";
+import { intakeResponse } from "../gateway/http/index.ts";
+
+describe("the HTTP answer to one recorded stimulus", () => {
+  const agent = "counter/dev-1";
+
+  test("a stimulus refused because the queue is full is 429 with Retry-After", async () => {
+    const res = intakeResponse(
+      {
+        accepted: [],
+        duplicates: [],
+        refused: [{ agent, code: "queue_full", reason: "waiting line at capacity (max_queue 5)" }],
+      },
+      agent,
+    );
+    expect(res.status).toBe(429);
+    expect(res.headers.get("retry-after")).toBe("5");
+    expect(await res.json()).toEqual({
+      error: { code: "queue_full", message: "waiting line at capacity (max_queue 5)" },
+    });
+  });
+
+  test("a stimulus refused for a retired agent is 409, whatever its reason says", async () => {
+    const res = intakeResponse(
+      { accepted: [], duplicates: [], refused: [{ agent, code: "retired", reason: "queue full (no, retired)" }] },
+      agent,
+    );
+    expect(res.status).toBe(409);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("refused");
+  });
+
+  test("accepted is 202 with the stimulus id, a duplicate 200 with the original", async () => {
+    const accepted = intakeResponse({ accepted: [{ agent, sid: "s1", seq: 9 }], duplicates: [], refused: [] }, agent);
+    expect(accepted.status).toBe(202);
+    expect(await accepted.json()).toEqual({ stimulus: "s1", agent, seq: 9, duplicate: false });
+    const dup = intakeResponse({ accepted: [], duplicates: [{ agent, sid: "s1" }], refused: [] }, agent);
+    expect(dup.status).toBe(200);
+    expect(await dup.json()).toEqual({ stimulus: "s1", agent, duplicate: true });
+  });
+});
