@@ -191,24 +191,6 @@ describe("one error shape", () => {
     expect((await fleet.episodes("counter/dev-002")).length).toBe(before);
   }, 60_000);
 
-  test.each([
-    [["agents", "--limit", "1e2"], '--limit must be an integer from 1 to 100000, got "1e2"'],
-    [["agents", "--page", "0"], "--page must be an integer from 1 to 9007199254740991, got 0"],
-    [["episodes", "counter/dev-000", "--limit", "ten"], '--limit must be an integer from 1 to 100000, got "ten"'],
-    [["quarantine", "list", "--limit=-1"], "--limit must be an integer from 1 to 10000, got -1"],
-    [["agents", "--bogus"], "Unknown option '--bogus'"],
-    [["quarantine", "retry", "0x10"], "stimulus seq (the SEQ column) must be an integer from 0 to"],
-    [["gc", "--dry-run", "--now", "soon"], "--now (epoch milliseconds) must be an integer from 0 to"],
-  ])(
-    "`fleet %j` is a usage error naming the bad flag or number (exit 2)",
-    async (args, message) => {
-      const r = await fleet.cli(...args);
-      expect(r.code).toBe(2);
-      expect(r.stderr).toContain(message);
-    },
-    60_000,
-  );
-
   for (const [method, path, status, code] of cases) {
     test(`${method} ${path} -> ${status} ${code}`, async () => {
       const res = await fetch(`${base}${path}`, { method });
@@ -355,4 +337,25 @@ describe("live and health endpoints", () => {
     expect(sampleValue(x, "fleet_stimuli_total", { source: "mqtt" })).toBeGreaterThanOrEqual(9);
     expect(sampleValue(x, "fleet_broker_clients")).toBeGreaterThanOrEqual(1);
   }, 60_000);
+});
+
+// Last in the file: the health test above reads a rate over the last minute of episodes.
+describe("fleet numbers and flags", () => {
+  test.each([
+    [["agents", "--limit", "1e2"], '--limit must be an integer from 1 to 100000, got "1e2"'],
+    [["agents", "--page", "0"], "--page must be an integer from 1 to 9007199254740991, got 0"],
+    [["episodes", "counter/dev-000", "--limit", "ten"], '--limit must be an integer from 1 to 100000, got "ten"'],
+    [["quarantine", "list", "--limit=-1"], "--limit must be an integer from 1 to 10000, got -1"],
+    [["agents", "--bogus"], "Unknown option '--bogus'"],
+    [["quarantine", "retry", "0x10"], "stimulus seq (the SEQ column) must be an integer from 0 to"],
+    [["gc", "--dry-run", "--now", "soon"], "--now (epoch milliseconds) must be an integer from 0 to"],
+  ])(
+    "`fleet %j` is a usage error naming the bad flag or number (exit 2)",
+    async (args, message) => {
+      const r = await fleet.cli(...args);
+      expect(r.code).toBe(2);
+      expect(r.stderr).toContain(message);
+    },
+    60_000,
+  );
 });
