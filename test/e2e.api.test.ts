@@ -54,6 +54,19 @@ afterAll(async () => {
   await cleanupAll();
 }, 60_000);
 
+// First: the summary's rates cover the last minute, which holds the episodes beforeAll ran.
+describe("the fleet summary", () => {
+  test("/healthz, /readyz and /api/fleet answer with the fleet summary", async () => {
+    expect((await get("/healthz")).status).toBe(200);
+    expect((await get("/readyz")).body).toMatchObject({ ready: true, state: "running" });
+    const f = await get("/api/fleet");
+    expect(f.body).toMatchObject({ fleet: "e2e-api", state: "running", spec_error: null, agents: { total: 122 } });
+    expect(f.body.rates.episodes).toBeGreaterThanOrEqual(9);
+    expect(f.body.rates.failures).toBe(1);
+    expect(Object.keys(f.body.types).sort()).toEqual(["counter", "monitor", "thrower"]);
+  }, 60_000);
+});
+
 describe("agents: paging and filters", () => {
   test("pages of 50 cover all 122 agents once, in a stable order", async () => {
     const seen: string[] = [];
@@ -289,16 +302,6 @@ describe("episodes, event logs, decisions, checkpoints", () => {
 });
 
 describe("live and health endpoints", () => {
-  test("/healthz, /readyz and /api/fleet answer with the fleet summary", async () => {
-    expect((await get("/healthz")).status).toBe(200);
-    expect((await get("/readyz")).body).toMatchObject({ ready: true, state: "running" });
-    const f = await get("/api/fleet");
-    expect(f.body).toMatchObject({ fleet: "e2e-api", state: "running", spec_error: null, agents: { total: 122 } });
-    expect(f.body.rates.episodes).toBeGreaterThanOrEqual(9);
-    expect(f.body.rates.failures).toBe(1);
-    expect(Object.keys(f.body.types).sort()).toEqual(["counter", "monitor", "thrower"]);
-  }, 60_000);
-
   test("/api/events streams a new episode as it commits, and a closed stream frees its slot", async () => {
     const ac = new AbortController();
     const res = await fetch(`${base}/api/events`, { signal: ac.signal });
