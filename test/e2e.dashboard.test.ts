@@ -207,6 +207,33 @@ describe("the dashboard", () => {
     await page.screenshot({ path: join(OUT, "dashboard-agent.png"), fullPage: true });
   }, 60_000);
 
+  test("the agent page shows the state, a checkpoint's diff from its parent, and an episode's lineage", async () => {
+    await page.goto(`${base}/#/agents/temp-monitor/boiler-1`);
+    await page.waitForFunction(() => document.querySelector('[data-testid="state-json"]') !== null);
+    const head = JSON.parse((await byTestId("state-json").textContent()) ?? "null");
+    expect(head).toMatchObject({ count: 2 });
+    // The diff from #1 to the head names what the second reading changed.
+    await page.waitForFunction(() => document.querySelector('[data-testid="state-diff"]') !== null);
+    expect(await byTestId("state-diff").textContent()).toContain("/count: 1 → 2");
+
+    // Pick checkpoint #1: its state, and no diff (it has no parent).
+    await byTestId("checkpoint-chain").locator('li[data-seq="1"]').click();
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="state-panel"]')?.textContent?.includes("State at #1") === true,
+    );
+    expect(JSON.parse((await byTestId("state-json").textContent()) ?? "null")).toMatchObject({ count: 1 });
+
+    // The alert episode's lineage names the device topic above and the publish below.
+    const eps = (await api("/api/agents/temp-monitor/boiler-1/episodes")).episodes;
+    const alert = eps.find((e: any) => e.stimulus === "id:t1");
+    await byTestId("episodes-table").locator(`tr[data-episode="${alert.id}"]`).click();
+    await page.waitForFunction(() => document.querySelector('[data-testid="trace"]') !== null);
+    const trace = (await byTestId("trace").textContent()) ?? "";
+    expect(trace).toContain("publish alerts/boiler-1");
+    expect(trace).toContain("sensors/boiler-1/temperature");
+    await page.screenshot({ path: join(OUT, "dashboard-provenance.png"), fullPage: true });
+  }, 60_000);
+
   test("pause and resume from the page change the agent's status, and the API agrees", async () => {
     await page.goto(`${base}/#/agents/temp-monitor/boiler-1`);
     await expect(byTestId("agent-status").textContent()).resolves.toBe("idle");

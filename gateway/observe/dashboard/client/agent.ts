@@ -3,6 +3,7 @@ import { ApiError, api } from "./api.ts";
 import { h, messageOf, throttle, toast } from "./dom.ts";
 import { ago, clock, fmtInt, fmtMs, pill, short, when } from "./format.ts";
 import { refreshHealth, type View } from "./health.ts";
+import { showState, showTrace } from "./history.ts";
 import { kpi } from "./overview.ts";
 import type { AgentDetail, Checkpoint, Episode, EpisodeDetail, EpisodeEvent } from "./types.ts";
 
@@ -37,10 +38,15 @@ function eventText(e: EpisodeEvent): string {
   }
 }
 
-function chainLink(c: Checkpoint, head: string | null, base: string): HTMLLIElement {
+function chainLink(c: Checkpoint, head: string | null, base: string, onPick: () => void): HTMLLIElement {
   return h(
     "li",
-    { class: `${c.hash === head ? "head" : ""} ${c.collected ? "collected" : ""}`, dataset: { seq: String(c.seq) } },
+    {
+      class: `clickable ${c.hash === head ? "head" : ""} ${c.collected ? "collected" : ""}`,
+      dataset: { seq: String(c.seq) },
+      title: "Show the state at this checkpoint and what changed",
+      onclick: onPick,
+    },
     h(
       "div",
       {},
@@ -171,6 +177,8 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
   );
   const detailTitle = h("h2", {}, "Episode");
   const chain = h("ol", { class: "chain", "data-testid": "checkpoint-chain" });
+  const stateBody = h("div", { class: "panel-body", "data-testid": "state-panel" });
+  let stateSeq: number | null = -1; // the head seq whose state is shown; a new checkpoint refreshes it
 
   function showStatus(status: string, reason: string | null | undefined): void {
     statusEl.replaceChildren(pill(status, status, "agent-status"));
@@ -210,6 +218,10 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     }
     agent = a;
     showStatus(a.status, a.reason);
+    if (a.seq !== stateSeq) {
+      stateSeq = a.seq;
+      void showState(stateBody, type, key);
+    }
     kpis.replaceChildren(
       kpi(
         "a-episodes",
@@ -229,7 +241,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     );
     chain.replaceChildren(
       ...(a.checkpoints.length
-        ? a.checkpoints.map((c) => chainLink(c, a.checkpoint, base))
+        ? a.checkpoints.map((c) => chainLink(c, a.checkpoint, base, () => void showState(stateBody, type, key, c.seq)))
         : [
             h(
               "li",
@@ -278,7 +290,9 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     }
     if (selected !== episode) return;
     detailTitle.textContent = `Episode ${short(ep.id, 13)}…`;
-    detail.replaceChildren(...episodeDetail(ep));
+    const lineage = h("div", { "data-testid": "lineage" });
+    detail.replaceChildren(...episodeDetail(ep), lineage);
+    void showTrace(lineage, episode);
   }
 
   const refreshAgent = throttle(() => void loadAgent(), 700);
@@ -328,6 +342,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
         "div",
         {},
         panel("Recent episodes", episodesTable, "newest first"),
+        panel("State", stateBody, "click a checkpoint for its state and diff"),
         panel("Checkpoint chain", h("div", { class: "panel-body" }, chain), "newest first"),
       ),
       panel(detailTitle, detail),

@@ -2,7 +2,7 @@
  * Every call the dashboard makes to the gateway, in one place (a sign-in would add its
  * credentials here and nowhere else).
  */
-import type { AgentDetail, AgentPage, Episode, EpisodeDetail, Health } from "./types.ts";
+import type { AgentDetail, AgentPage, Episode, EpisodeDetail, Health, PatchOp, StateAt, Trace } from "./types.ts";
 
 /** A non-2xx answer: its status and the API's `error.message`. */
 export class ApiError extends Error {
@@ -33,6 +33,11 @@ export const api = {
   episode: (id: string) => request<EpisodeDetail>("GET", `/api/episodes/${encodeURIComponent(id)}`),
   lifecycle: (type: string, key: string, action: "pause" | "resume") =>
     request<unknown>("POST", `${agentPath(type, key)}/${action}`),
+  state: (type: string, key: string, seq?: number) =>
+    request<StateAt>("GET", `${agentPath(type, key)}/state${seq === undefined ? "" : `?at=${seq}`}`),
+  stateDiff: (type: string, key: string, from: number, to: number) =>
+    request<{ patch: PatchOp[] }>("GET", `${agentPath(type, key)}/state/diff?from=${from}&to=${to}`),
+  trace: (id: string) => request<Trace>("GET", `/api/episodes/${encodeURIComponent(id)}/trace`),
   /** The live event stream (server-sent events). */
   events: () => new EventSource("/api/events"),
 };

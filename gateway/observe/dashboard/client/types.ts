@@ -114,3 +114,52 @@ export interface Fact {
   readonly status?: string;
   readonly reason?: string | null;
 }
+
+/** `GET /api/agents/<t>/<k>/state`. */
+export interface StateAt {
+  readonly agent: string;
+  readonly seq: number;
+  readonly hash: string;
+  readonly episode: string;
+  readonly created_at: number;
+  readonly state: unknown;
+  readonly collected: boolean;
+}
+
+/** One RFC 6902 operation of a state diff. */
+export interface PatchOp {
+  readonly op: "add" | "remove" | "replace";
+  readonly path: string;
+  readonly value?: unknown;
+  readonly from_value?: unknown;
+}
+
+/** What an episode caused, in a trace. */
+export type TraceEffect =
+  | { readonly kind: "decide"; readonly name: string; readonly data: unknown }
+  | { readonly kind: "emit"; readonly topic: string; readonly seq: number; readonly data: unknown }
+  | { readonly kind: "publish"; readonly topic: string; readonly seq: number | null; readonly ok: boolean }
+  | { readonly kind: "send"; readonly to: string; readonly ok: boolean; readonly episodes: readonly TraceNode[] }
+  | { readonly kind: "tool"; readonly tool: string; readonly ok: boolean };
+
+/** One episode of a trace. */
+export interface TraceNode {
+  readonly episode: string;
+  readonly agent: string;
+  readonly status: string;
+  readonly started_at: number;
+  readonly ms: number;
+  readonly stimulus: {
+    readonly kind: string;
+    readonly topic: string | null;
+    readonly payload_hash: string;
+    readonly sent_by: string | null;
+  } | null;
+  readonly effects: readonly TraceEffect[];
+}
+
+/** `GET /api/episodes/<id>/trace`. */
+export interface Trace {
+  readonly upstream: readonly TraceNode[];
+  readonly episode: TraceNode;
+}
