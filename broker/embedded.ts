@@ -8,7 +8,7 @@ import type { Logger } from "pino";
 import type { GuardViolation } from "./connection.ts";
 import { createHooks, type HookState } from "./hooks.ts";
 import { TcpListener, type ListenerHooks } from "./tcp.ts";
-import type { Broker, BrokerOptions, BrokerStats } from "./types.ts";
+import type { AuthChange, Broker, BrokerAuth, BrokerOptions, BrokerStats, ClientInfo } from "./types.ts";
 import { WsListener } from "./ws.ts";
 
 /** Lifecycle of an embedded broker. */
@@ -22,11 +22,20 @@ export function createEmbeddedBroker(opts: BrokerOptions): Broker {
 class EmbeddedBroker implements Broker {
   private lifecycle: Lifecycle = "new";
   private readonly log: Logger;
-  private readonly state: HookState = { intakeOpen: true, messagesIn: 0, messagesOut: 0, refused: 0 };
+  private readonly state: HookState;
   private oversized = 0;
+  private invalid = 0;
+  /** Open client connections and the limit past which new ones are refused. */
+  private open = 0;
+  private maxConnections: number;
+  private connectionsRefused = 0;
   private readonly aedes: Aedes;
   private readonly tcp: TcpListener;
   private readonly ws: WsListener | null;
+  private readonly mqtts: TcpListener | null;
+  private readonly wss: WsListener | null;
+  private boundTlsPort: number | null = null;
+  private boundWssPort: number | null = null;
   private boundPort: number;
   private boundWsPort: number | null;
   private starting: Promise<void> | null = null;
@@ -37,6 +46,16 @@ class EmbeddedBroker implements Broker {
       throw new RangeError(`maxPacketBytes must be an integer >= 2, got ${opts.maxPacketBytes}`);
     }
     this.log = opts.logger.child({ component: "broker" });
+    this.maxConnections = opts.maxConnections ?? 0;
+    this.state = {
+      intakeOpen: true,
+      messagesIn: 0,
+      messagesOut: 0,
+      refused: 0,
+      auth: authOf(opts),
+      refuseAtConnect: new WeakMap(),
+      usernames: new WeakMap(),
+    };
     this.aedes = new Aedes(createHooks(opts, this.state, this.log));
     this.aedes.on("clientError", (client: Client, err: Error) =>
       this.log.debug({ client: client.id, err: err.message }, "client dropped"),
@@ -46,14 +65,14 @@ class EmbeddedBroker implements Broker {
     );
     const hooks: ListenerHooks = {
       maxPacketBytes: opts.maxPacketBytes,
-      accept: (conn: Duplex) => {
-        if (this.lifecycle === "closed") conn.destroy();
-        else this.aedes.handle(conn);
-      },
+      accept: (conn: Duplex, remote: string) => this.accept(conn, remote),
       violation: (v: GuardViolation, remote: string) => this.onViolation(v, remote),
     };
     this.tcp = new TcpListener(hooks);
     this.ws = opts.wsPort == null ? null : new WsListener(hooks);
+    const tls = opts.tls ?? null;
+    this.mqtts = tls?.port == null ? null : new TcpListener(hooks, tls);
+    this.wss = tls?.wssPort == null ? null : new WsListener(hooks);
     this.boundPort = opts.port;
     this.boundWsPort = opts.wsPort ?? null;
   }
@@ -64,6 +83,14 @@ class EmbeddedBroker implements Broker {
 
   get wsPort(): number | null {
     return this.boundWsPort;
+  }
+
+  get tlsPort(): number | null {
+    return this.boundTlsPort;
+  }
+
+  get wssPort(): number | null {
+    return this.boundWssPort;
   }
 
   start(): Promise<void> {
@@ -79,8 +106,20 @@ class EmbeddedBroker implements Broker {
     if (this.ws && this.opts.wsPort != null) {
       this.boundWsPort = await this.ws.listen(this.opts.host, this.opts.wsPort);
     }
+    const tls = this.opts.tls;
+    if (this.mqtts && tls?.port != null) this.boundTlsPort = await this.mqtts.listen(this.opts.host, tls.port);
+    if (this.wss && tls?.wssPort != null) this.boundWssPort = await this.wss.listen(this.opts.host, tls.wssPort, tls);
     this.lifecycle = "running";
-    this.log.info({ host: this.opts.host, port: this.boundPort, wsPort: this.boundWsPort }, "broker listening");
+    this.log.info(
+      {
+        host: this.opts.host,
+        port: this.boundPort,
+        wsPort: this.boundWsPort,
+        tlsPort: this.boundTlsPort,
+        wssPort: this.boundWssPort,
+      },
+      "broker listening",
+    );
   }
 
   publish(topic: string, payload: Uint8Array | string, opts: { qos?: 0 | 1; retain?: boolean } = {}): Promise<void> {
@@ -107,14 +146,88 @@ class EmbeddedBroker implements Broker {
       messagesOut: this.state.messagesOut,
       refused: this.state.refused,
       oversized: this.oversized,
+      invalid: this.invalid,
+      connections: this.open,
+      connectionsRefused: this.connectionsRefused,
     };
+  }
+
+  setMaxConnections(max: number): void {
+    this.maxConnections = max;
+  }
+
+  async setAuth(auth: BrokerAuth): Promise<AuthChange> {
+    this.state.auth = authOf(auth);
+    const clients = Object.values((this.aedes as unknown as { clients: Record<string, Client> }).clients);
+    let disconnected = 0;
+    for (const client of clients) {
+      if (client.closed) continue;
+      const info: ClientInfo = { id: client.id, username: this.state.usernames.get(client) ?? null };
+      const why = await this.sessionProblem(client, info, auth).catch((err: unknown) => `auth check failed: ${err}`);
+      if (why === null) continue;
+      disconnected++;
+      this.log.info({ client: info.id, username: info.username, reason: why }, "session closed: auth changed");
+      client.close();
+    }
+    return { disconnected };
+  }
+
+  /** Why a connected client no longer passes `auth`, or null when it may stay. */
+  private async sessionProblem(client: Client, info: ClientInfo, auth: BrokerAuth): Promise<string | null> {
+    if (info.username === null) {
+      if (!auth.allowAnonymous) return "anonymous clients are no longer allowed";
+      if (auth.authenticate && !(await auth.authenticate(info, null))) return "anonymous client no longer authorized";
+    } else if (!auth.authenticate) {
+      if (!auth.allowAnonymous) return "no device registry and anonymous clients not allowed";
+    } else if (!auth.sessionValid?.(info)) {
+      return "credentials no longer valid";
+    }
+    const acl = auth.authorizeSubscribeTopic;
+    if (acl) {
+      const subscriptions = Object.keys(
+        (client as unknown as { subscriptions: Record<string, unknown> }).subscriptions,
+      );
+      const denied = subscriptions.find((f) => !acl.call(auth, info, f));
+      if (denied !== undefined) return `subscription ${JSON.stringify(denied)} no longer granted`;
+    }
+    return null;
+  }
+
+  /** A new transport connection: counted, refused past `maxConnections`, else handed to aedes. */
+  private accept(conn: Duplex, remote: string): void {
+    if (this.lifecycle === "closed") {
+      conn.destroy();
+      return;
+    }
+    const max = this.maxConnections;
+    if (max > 0 && this.open >= max) {
+      this.connectionsRefused++;
+      // Past twice the limit, do not even wait for the CONNECT: a flood must not pin memory.
+      if (this.open >= 2 * max + 16) {
+        this.log.warn({ remote, max }, "max_connections reached; connection dropped");
+        conn.destroy();
+        return;
+      }
+      this.log.warn({ remote, max }, "max_connections reached; connection refused (CONNACK 3)");
+    }
+    this.open++;
+    conn.once("close", () => this.open--);
+    const client = this.aedes.handle(conn) as Client;
+    if (max > 0 && this.open > max) {
+      this.state.refuseAtConnect.set(client, { code: 3, reason: `server busy: max_connections (${max}) reached` });
+    }
   }
 
   async stopIntake(): Promise<void> {
     if (!this.state.intakeOpen) return;
     this.state.intakeOpen = false;
     if (this.lifecycle === "running") this.lifecycle = "draining";
-    await Promise.all([this.tcp.stopAccepting(), this.ws?.stopAccepting()]);
+    await Promise.all([
+      this.tcp.stopAccepting(),
+      this.ws?.stopAccepting(),
+      this.mqtts?.stopAccepting(),
+      this.wss?.stopAccepting(),
+    ]);
     this.log.info("broker intake stopped");
   }
 
@@ -129,11 +242,16 @@ class EmbeddedBroker implements Broker {
     await this.stopIntake();
     this.lifecycle = "closed";
     await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
-    await Promise.all([this.tcp.closeAll(), this.ws?.closeAll()]);
+    await Promise.all([this.tcp.closeAll(), this.ws?.closeAll(), this.mqtts?.closeAll(), this.wss?.closeAll()]);
     this.log.info("broker closed");
   }
 
   private onViolation(v: GuardViolation, remote: string): void {
+    if (v.kind === "invalid") {
+      this.invalid++;
+      this.log.warn({ remote, reason: v.reason }, "MQTT input rule broken; connection closed");
+      return;
+    }
     this.oversized++;
     if (v.kind === "oversized") {
       this.log.warn(
@@ -144,4 +262,15 @@ class EmbeddedBroker implements Broker {
       this.log.warn({ remote }, "malformed remaining length; connection closed");
     }
   }
+}
+
+/** The auth part of options, copied so a later swap never mutates what the caller passed. */
+function authOf(a: BrokerAuth): BrokerAuth {
+  return {
+    allowAnonymous: a.allowAnonymous,
+    authenticate: a.authenticate?.bind(a),
+    authorizePublishTopic: a.authorizePublishTopic?.bind(a),
+    authorizeSubscribeTopic: a.authorizeSubscribeTopic?.bind(a),
+    sessionValid: a.sessionValid?.bind(a),
+  };
 }

@@ -5,7 +5,7 @@
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";
 import type { Logger } from "pino";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
-import type { BrokerOptions, ClientInfo, IntakeVerdict, PublishedMessage } from "./types.ts";
+import type { BrokerAuth, BrokerOptions, ClientInfo, IntakeVerdict, PublishedMessage } from "./types.ts";
 
 /** Mutable broker state the hooks read and count into. */
 export interface HookState {
@@ -13,6 +13,12 @@ export interface HookState {
   messagesIn: number;
   messagesOut: number;
   refused: number;
+  /** Who may connect and what they may do; replaced whole when auth changes live. */
+  auth: BrokerAuth;
+  /** Connections to refuse at CONNECT with this CONNACK code (set before aedes authenticates). */
+  readonly refuseAtConnect: WeakMap<Client, { code: 2 | 3; reason: string }>;
+  /** The user name each client connected with (aedes' Client does not keep it). */
+  readonly usernames: WeakMap<Client, string | null>;
 }
 
 /** Why a device publish was refused; aedes emits it as `clientError` and drops the connection. */
@@ -28,10 +34,11 @@ export class PublishRefused extends Error {
 
 /** aedes' CONNACK return codes we use (MQTT 3.1.1 §3.2.2.3). */
 const SERVER_UNAVAILABLE = 3;
+const IDENTIFIER_REJECTED = 2;
 const BAD_CREDENTIALS = 4;
 const NOT_AUTHORIZED = 5;
 
-function connackError(returnCode: 3 | 4 | 5, message: string): AuthenticateError {
+function connackError(returnCode: 2 | 3 | 4 | 5, message: string): AuthenticateError {
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
 
@@ -46,9 +53,10 @@ export function createHooks(
   opts: BrokerOptions,
   state: HookState,
   log: Logger,
-): Required<Pick<AedesOptions, "authenticate" | "authorizePublish" | "authorizeSubscribe" | "authorizeForward">> {
-  // aedes' Client does not keep the username; remember it from CONNECT.
-  const usernames = new WeakMap<Client, string | null>();
+): Required<
+  Pick<AedesOptions, "preConnect" | "authenticate" | "authorizePublish" | "authorizeSubscribe" | "authorizeForward">
+> {
+  const usernames = state.usernames;
   // The verdict of each client's latest publish: acks go out in PUBLISH order (MQTT-4.6.0-2)
   // even when intake resolves out of order, because aedes runs a read chunk's packets concurrently.
   const lastTurn = new WeakMap<Client, Promise<unknown>>();
@@ -82,21 +90,39 @@ export function createHooks(
   };
 
   return {
+    preConnect(client, packet, done) {
+      // MQTT-3.1.3-8: a zero-byte client id with CleanSession 0 gets CONNACK 0x02, then close.
+      // aedes would invent an id and keep a session no one can resume; refuse it in authenticate.
+      if (packet.clientId === "" && packet.clean === false && !state.refuseAtConnect.has(client)) {
+        state.refuseAtConnect.set(client, {
+          code: IDENTIFIER_REJECTED,
+          reason: "a zero-length client id needs clean session (MQTT-3.1.3-8)",
+        });
+      }
+      done(null, true);
+    },
+
     authenticate(client, username, password, done) {
       const info: ClientInfo = { id: client.id, username: username ?? null };
       usernames.set(client, info.username);
       if (!state.intakeOpen) return done(connackError(SERVER_UNAVAILABLE, "broker is not accepting devices"), null);
-      const hook = opts.authenticate;
+      const refusal = state.refuseAtConnect.get(client);
+      if (refusal) {
+        log.info({ client: info.id, reason: refusal.reason }, "connect refused");
+        return done(connackError(refusal.code, refusal.reason), null);
+      }
+      const auth = state.auth;
+      const hook = auth.authenticate;
       const anonymous = info.username === null;
       if (anonymous || !hook) {
-        if (!opts.allowAnonymous) {
+        if (!auth.allowAnonymous) {
           log.info({ client: info.id }, "connect refused: anonymous clients not allowed");
           return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
         }
         if (!hook) return done(null, true);
       }
       // An allowed anonymous client is asked too, so the hook can keep it off a device's client id.
-      hook.call(opts, info, password ? bytes(password) : null).then(
+      hook.call(auth, info, password ? bytes(password) : null).then(
         (ok) => {
           if (ok) return done(null, true);
           if (anonymous) {
@@ -128,8 +154,9 @@ export function createHooks(
       };
       const rule = checkDevicePublishTopic(packet.topic);
       if (!rule.ok) return refuse(rule.reason);
-      const acl = opts.authorizePublishTopic;
-      if (!aclAllows(acl ? () => acl.call(opts, info, packet.topic) : null, packet.topic, info)) {
+      const auth = state.auth;
+      const acl = auth.authorizePublishTopic;
+      if (!aclAllows(acl ? () => acl.call(auth, info, packet.topic) : null, packet.topic, info)) {
         return refuse("not authorized");
       }
       if (!state.intakeOpen) return refuse("intake stopped");
@@ -155,8 +182,9 @@ export function createHooks(
     authorizeSubscribe(client, sub, done) {
       const info = infoOf(client);
       const rule = checkDeviceSubscribeFilter(sub.topic);
-      const acl = opts.authorizeSubscribeTopic;
-      const allowed = rule.ok && aclAllows(acl ? () => acl.call(opts, info, sub.topic) : null, sub.topic, info);
+      const auth = state.auth;
+      const acl = auth.authorizeSubscribeTopic;
+      const allowed = rule.ok && aclAllows(acl ? () => acl.call(auth, info, sub.topic) : null, sub.topic, info);
       if (allowed) return done(null, sub);
       log.info({ client: info.id, filter: sub.topic }, "subscribe refused");
       // aedes 1.2.0 (lib/handlers/subscribe.js storeSubscriptions): a null subscription is

@@ -3,6 +3,7 @@
  * GuardedConnection before aedes sees it.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
+import { createServer as createTlsServer } from "node:tls";
 import type { Duplex } from "node:stream";
 import { PacketSizeGuard } from "./guard.ts";
 import { GuardedConnection, type GuardViolation } from "./connection.ts";
@@ -29,14 +30,33 @@ function socketTransport(socket: Socket) {
   };
 }
 
-/** A TCP listener for MQTT clients. */
+/** PEM contents for a TLS listener; with `ca`, clients must present a certificate it signed. */
+export interface TlsPem {
+  readonly cert: string;
+  readonly key: string;
+  readonly ca?: string | null;
+}
+
+/** A TCP (or, with `tls`, TLS) listener for MQTT clients. */
 export class TcpListener {
   private readonly server: Server;
   private readonly sockets = new Set<Socket>();
   private closed: Promise<void> | null = null;
 
-  constructor(private readonly hooks: ListenerHooks) {
-    this.server = createServer((socket) => this.onSocket(socket));
+  constructor(
+    private readonly hooks: ListenerHooks,
+    tls: TlsPem | null = null,
+  ) {
+    this.server = tls
+      ? createTlsServer(
+          {
+            cert: tls.cert,
+            key: tls.key,
+            ...(tls.ca ? { ca: tls.ca, requestCert: true, rejectUnauthorized: true } : {}),
+          },
+          (socket) => this.onSocket(socket),
+        )
+      : createServer((socket) => this.onSocket(socket));
   }
 
   /** Listen; resolves with the bound port. */

@@ -21,19 +21,10 @@ export interface ClientInfo {
 /** Intake result: ok -> the publish is accepted (PUBACK sent for QoS1 only after intake resolved); refused -> publish is refused with reason. */
 export type IntakeVerdict = { readonly ok: true } | { readonly ok: false; readonly reason: string };
 
-/** How to build and run a broker. */
-export interface BrokerOptions {
-  readonly host: string;
-  /** 0 = pick a free port (read it back from `Broker.port` after `start()`). */
-  readonly port: number;
-  /** Optional MQTT over WebSocket listener (subprotocol `mqtt`); 0 = pick a free port. */
-  readonly wsPort?: number | null;
-  /** Largest MQTT packet accepted (fixed header included); a larger one closes the connection. */
-  readonly maxPacketBytes: number;
+/** Who may connect and what they may publish and subscribe; `Broker.setAuth` swaps it live. */
+export interface BrokerAuth {
   /** Whether clients without a username may connect. */
   readonly allowAnonymous: boolean;
-  /** Called for each device publish that passed the topic rules and ACL, BEFORE the broker acks it. Must resolve once the message is durably recorded. */
-  intake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict>;
   /**
    * Optional device auth, asked for clients that present a username (false -> CONNACK 4).
    * Clients without one are refused when `allowAnonymous` is false; when it is true they are
@@ -45,6 +36,39 @@ export interface BrokerOptions {
   authorizePublishTopic?(client: ClientInfo, topic: string): boolean;
   /** Optional per-client subscribe ACL; default allow (`$SYS` filters are always refused). */
   authorizeSubscribeTopic?(client: ClientInfo, filter: string): boolean;
+  /**
+   * When auth changes live: may a connected client that logged in with a username keep its
+   * session under these rules (without its password, which the broker does not keep)?
+   * Absent -> such sessions are closed and must log in again.
+   */
+  sessionValid?(client: ClientInfo): boolean;
+}
+
+/** How to build and run a broker. */
+export interface BrokerOptions extends BrokerAuth {
+  readonly host: string;
+  /** 0 = pick a free port (read it back from `Broker.port` after `start()`). */
+  readonly port: number;
+  /** Optional MQTT over WebSocket listener (subprotocol `mqtt`); 0 = pick a free port. */
+  readonly wsPort?: number | null;
+  /** Optional TLS listeners: `mqtts` on `port`, secure WebSocket on `wssPort` (either may be null). */
+  readonly tls?: {
+    readonly port: number | null;
+    readonly wssPort: number | null;
+    /** PEM contents (not paths); with `ca`, clients must present a certificate it signed. */
+    readonly cert: string;
+    readonly key: string;
+    readonly ca: string | null;
+  } | null;
+  /** Largest MQTT packet accepted (fixed header included); a larger one closes the connection. */
+  readonly maxPacketBytes: number;
+  /**
+   * Most open client connections (TCP + WebSocket); past it a new connection gets CONNACK 3
+   * (server unavailable) and is closed. 0 or absent = no limit.
+   */
+  readonly maxConnections?: number;
+  /** Called for each device publish that passed the topic rules and ACL, BEFORE the broker acks it. Must resolve once the message is durably recorded. */
+  intake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict>;
   readonly logger: Logger;
 }
 
@@ -63,6 +87,18 @@ export interface BrokerStats {
   readonly refused: number;
   /** Connections closed by the packet size guard (oversized or malformed length). */
   readonly oversized: number;
+  /** Connections closed for breaking an MQTT input rule (invalid UTF-8, will QoS 3, ...). */
+  readonly invalid: number;
+  /** Open client connections (TCP + WebSocket, before and after CONNECT). */
+  readonly connections: number;
+  /** Connections refused because `maxConnections` were open. */
+  readonly connectionsRefused: number;
+}
+
+/** What `Broker.setAuth` did to the sessions already connected. */
+export interface AuthChange {
+  /** Sessions closed because they no longer pass the new rules. */
+  readonly disconnected: number;
 }
 
 /** An MQTT broker the gateway runs or connects to. */
@@ -71,12 +107,24 @@ export interface Broker {
   readonly port: number;
   /** The MQTT/WebSocket port, or null when not configured. */
   readonly wsPort: number | null;
+  /** The MQTT over TLS port, or null when not configured. */
+  readonly tlsPort: number | null;
+  /** The MQTT over secure WebSocket port, or null when not configured. */
+  readonly wssPort: number | null;
   /** Listen; resolves when listening; idempotent. */
   start(): Promise<void>;
   /** Publish from the gateway itself (bypasses intake and device rules). */
   publish(topic: string, payload: Uint8Array | string, opts?: { qos?: 0 | 1; retain?: boolean }): Promise<void>;
   /** Current counters. */
   stats(): BrokerStats;
+  /**
+   * Apply new auth rules now: later CONNECTs, publishes and subscribes use them, and every
+   * connected client that no longer passes them (or whose subscriptions they no longer
+   * grant) is disconnected.
+   */
+  setAuth(auth: BrokerAuth): Promise<AuthChange>;
+  /** Change the connection limit for new connections (0 = none); open ones stay. */
+  setMaxConnections(max: number): void;
   /** Stop accepting connections and publishes (intake stops), keep gateway publishing possible. */
   stopIntake(): Promise<void>;
   /** Close listeners and every connection; idempotent. */

@@ -6,7 +6,7 @@
 import type { Server, ServerWebSocket } from "bun";
 import { PacketSizeGuard } from "./guard.ts";
 import { GuardedConnection } from "./connection.ts";
-import type { ListenerHooks } from "./tcp.ts";
+import type { ListenerHooks, TlsPem } from "./tcp.ts";
 
 interface WsData {
   remote: string;
@@ -45,8 +45,8 @@ export class WsListener {
 
   constructor(private readonly hooks: ListenerHooks) {}
 
-  /** Listen; resolves with the bound port. */
-  listen(host: string, port: number): Promise<number> {
+  /** Listen (WSS when `tls` is given); resolves with the bound port. */
+  listen(host: string, port: number, tls: TlsPem | null = null): Promise<number> {
     const hooks = this.hooks;
     // Bun buffers a whole frame before `message`; cap frames so a huge one never reaches memory.
     const maxFrame = hooks.maxPacketBytes + 16;
@@ -55,6 +55,15 @@ export class WsListener {
     this.server = Bun.serve<WsData>({
       hostname: host,
       port,
+      ...(tls
+        ? {
+            tls: {
+              cert: tls.cert,
+              key: tls.key,
+              ...(tls.ca ? { ca: tls.ca, requestCert: true, rejectUnauthorized: true } : {}),
+            },
+          }
+        : {}),
       fetch(req, server) {
         const protocol = pickSubprotocol(req.headers.get("sec-websocket-protocol"));
         const remote = server.requestIP(req)?.address ?? "?";

@@ -22,6 +22,8 @@ export interface FleetEventMap {
   queued: { agent: string };
   /** Stimuli left in a retired agent's queue were refused (recorded as `rejected`). */
   rejected: { agent: string; count: number; reason: string };
+  /** Messages that matched a subscription but named no valid agent were recorded as rejected. */
+  rejectedMessage: { count: number };
   intake: { source: "mqtt" | "timer" | "webhook" | "inbox" | "manual"; accepted: number; duplicates: number };
 }
 

@@ -5,13 +5,13 @@
  * live next door: roster.ts (agents in memory, operator lifecycle), redeploy.ts (hot
  * reload of fleet.toml), background.ts (timers, retention, health) and status-topics.ts.
  */
-import { mkdirSync, writeFileSync, rmSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
 import { createEmbeddedBroker, type Broker } from "../broker/index.ts";
 import { loadSpec } from "./spec/index.ts";
-import type { FleetSpec, SpecVersion } from "./spec/index.ts";
-import { Store } from "./store/index.ts";
+import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
+import { commitFaultFromEnv, Store } from "./store/index.ts";
 import { Scheduler } from "./fleet/index.ts";
 import { EpisodeExecutor } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
@@ -35,7 +35,16 @@ import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
 import { deployInstances, Redeploy } from "./fleet/index.ts";
 import { fleetTimers, Housekeeping } from "./fleet/index.ts";
-import { publishFacts, republishStatuses } from "./observe/index.ts";
+import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
+
+/** Read a listener's PEM files (paths were checked readable when the spec loaded). */
+function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null } {
+  return {
+    cert: readFileSync(files.cert, "utf8"),
+    key: readFileSync(files.key, "utf8"),
+    ca: files.ca === null ? null : readFileSync(files.ca, "utf8"),
+  };
+}
 
 /** How to start a gateway. Flags override fleet.toml (SPEC §2). */
 export interface GatewayOptions {
@@ -82,6 +91,7 @@ export class Gateway {
   private housekeeping: Housekeeping | null = null;
   private watcher: SpecWatcher | null = null;
   private spares: SparePool | null = null;
+  private storageWatch: StorageWatch | null = null;
   private readonly now: () => number;
 
   constructor(readonly opts: GatewayOptions) {
@@ -107,7 +117,12 @@ export class Gateway {
     const spec = this.current.spec;
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
     mkdirSync(this.dataDir, { recursive: true });
-    this.store = await Store.open(join(this.dataDir, "fleet.db"), { synchronous: spec.fleet.synchronous });
+    this.store = await Store.open(join(this.dataDir, "fleet.db"), {
+      synchronous: spec.fleet.synchronous,
+      commitFault: commitFaultFromEnv(process.env) ?? undefined,
+    });
+    this.storageWatch = new StorageWatch(this.store, this.log);
+    this.storageWatch.start();
     this.metrics = new FleetMetrics(this, { now: this.now });
     await this.store.saveSpecVersion({
       hash: this.current.hash,
@@ -128,7 +143,11 @@ export class Gateway {
     this.broker = this.createBroker(spec);
     this.effects = new Effects(this.store, this.broker, this.log);
     await this.broker.start();
-    this.http = startHttp(this, { host: spec.http.host, port: this.opts.httpPort ?? spec.http.port });
+    this.http = startHttp(this, {
+      host: spec.http.host,
+      port: this.opts.httpPort ?? spec.http.port,
+      tls: spec.http.tls ? readTls(spec.http.tls) : null,
+    });
     this.timers = fleetTimers(this, this.now);
     this.redeploy = this.createRedeploy();
     this.state = "running";
@@ -149,6 +168,9 @@ export class Gateway {
       `${JSON.stringify({
         mqtt_port: this.broker.port,
         http_port: this.http.port,
+        ...(this.broker.tlsPort === null ? {} : { mqtts_port: this.broker.tlsPort }),
+        ...(this.broker.wssPort === null ? {} : { wss_port: this.broker.wssPort }),
+        ...(spec.http.tls ? { https: true } : {}),
         pid: process.pid,
         gateway: this.store.gatewayId,
       })}\n`,
@@ -157,6 +179,9 @@ export class Gateway {
       {
         mqtt_port: this.broker.port,
         http_port: this.http.port,
+        mqtts_port: this.broker.tlsPort,
+        wss_port: this.broker.wssPort,
+        https: spec.http.tls !== null,
         data_dir: this.dataDir,
         spec: this.current.hash.slice(0, 12),
         sandbox: describeSandbox(this.spawnOptions),
@@ -170,6 +195,7 @@ export class Gateway {
     if (this.state === "stopped" || this.state === "draining") return;
     this.state = "draining";
     this.housekeeping?.stop();
+    this.storageWatch?.stop();
     this.watcher?.stop();
     await this.timers?.stop();
     await this.broker?.stopIntake();
@@ -200,6 +226,11 @@ export class Gateway {
     }
     this.state = "stopped";
     this.log.info("fleet stopped");
+  }
+
+  /** `/readyz`: running, and commits are not failing for a storage reason. */
+  readiness(): Readiness {
+    return readiness(this.state, this.store);
   }
 
   /** Hot redeploy (redeploy.ts): load fleet.toml again; a no-op unless the gateway runs. */
@@ -257,6 +288,9 @@ export class Gateway {
       state: this.state,
       spec_version: this.current.hash,
       spec_error: this.specError,
+      /** Same as /readyz: false while commits fail (full disk, I/O error), with the reason. */
+      readiness: this.readiness(),
+      rejected_messages: await this.store.countRejected(),
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
       running_episodes: this.scheduler.active,
@@ -318,15 +352,23 @@ export class Gateway {
       host: spec.broker.host,
       port: this.opts.mqttPort ?? spec.broker.mqtt_port,
       wsPort: spec.broker.ws_port,
+      tls: spec.broker.tls
+        ? {
+            port: spec.broker.tls_port,
+            wssPort: spec.broker.wss_port,
+            ...readTls(spec.broker.tls),
+          }
+        : null,
       maxPacketBytes: spec.broker.max_packet_bytes,
+      maxConnections: spec.broker.max_connections,
       allowAnonymous: spec.broker.allow_anonymous,
       // Device credentials + topic ACLs from the devices file (re-read when it changes).
       ...(spec.broker.devices_file
         ? deviceBrokerHooks(new DeviceRegistry(spec.broker.devices_file, { log: this.log.child({ mod: "devices" }) }))
         : {}),
-      intake: (msg) =>
+      intake: (msg, client) =>
         this.state === "running"
-          ? this.intake.mqtt(msg)
+          ? this.intake.mqtt(msg, client)
           : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` }),
       logger: this.log.child({ mod: "broker" }),
     });

@@ -32,9 +32,20 @@ export type StimulusKind = Stimulus["kind"];
 
 const NAME = /^[A-Za-z0-9_.:@-]+$/;
 
+/** Longest agent key (keys are ASCII, so characters = bytes): ids stay short in topics, rows and logs. */
+export const MAX_KEY_BYTES = 128;
+
+/** Why a string cannot be an agent key, or null when it can. */
+export function keyProblem(key: string): string | null {
+  if (key.length === 0) return "is empty";
+  if (key.length > MAX_KEY_BYTES) return `is longer than ${MAX_KEY_BYTES} bytes (${key.length})`;
+  if (!NAME.test(key)) return "may only hold A-Z a-z 0-9 _ . : @ -";
+  return null;
+}
+
 /** Make an agent id from a type and key, or null when either is not a valid name. */
 export function agentId(type: string, key: string): AgentId | null {
-  if (!NAME.test(type) || !NAME.test(key)) return null;
+  if (!NAME.test(type) || keyProblem(key) !== null) return null;
   return `${type}/${key}` as AgentId;
 }
 

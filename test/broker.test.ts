@@ -596,6 +596,169 @@ describe("authentication", () => {
   });
 });
 
+// --- MQTT input rules aedes does not enforce (raw bytes: mqtt.js refuses to build these) ---
+
+const bytesField = (b: readonly number[]): number[] => [b.length >> 8, b.length & 0xff, ...b];
+/** "dev/" + 0xff + "/c": not UTF-8 (0xff never starts a sequence). */
+const BAD_TOPIC = [0x64, 0x65, 0x76, 0x2f, 0xff, 0x2f, 0x63];
+
+async function refusedConnect(h: Harness, opts: IClientOptions): Promise<{ code?: number } | null> {
+  return connectAsync(`mqtt://${HOST}:${h.broker.port}`, { reconnectPeriod: 0, connectTimeout: 3000, ...opts }).then(
+    (c) => {
+      cleanups.push(() => c.endAsync(true));
+      return null;
+    },
+    (e: { code?: number }) => e,
+  );
+}
+
+describe("MQTT input rules", () => {
+  test("a zero-length client id with clean session 0 gets CONNACK 0x02 and is closed (MQTT-3.1.3-8)", async () => {
+    const h = await startBroker();
+    const raw = await RawClient.open(h.broker.port);
+    raw.socket.write(frame(0x10, [...str("MQTT"), 4, 0x00, 0, 60, ...str("")]));
+    const connack = await raw.packet(CONNACK, "CONNACK");
+    expect(connack.body[1]).toBe(0x02);
+    await raw.closedWithin(2000, "the server to close the connection");
+    expect(h.broker.stats().clients).toBe(0);
+
+    // With clean session 1 an empty id is fine: the broker assigns one.
+    const clean = await RawClient.open(h.broker.port);
+    clean.socket.write(frame(0x10, [...str("MQTT"), 4, 0x02, 0, 60, ...str("")]));
+    expect((await clean.packet(CONNACK, "CONNACK")).body[1]).toBe(0);
+  });
+
+  test("a will with QoS 3 closes the connection without a CONNACK (MQTT-3.1.2-14)", async () => {
+    const h = await startBroker();
+    const raw = await RawClient.open(h.broker.port);
+    // flags: clean 0x02 | will 0x04 | will QoS 3 (0x18)
+    raw.socket.write(frame(0x10, [...str("MQTT"), 4, 0x1e, 0, 60, ...str("w3"), ...str("wills/w3"), ...str("bye")]));
+    await raw.closedWithin(2000, "the server to close the connection");
+    expect(raw.reader.packets.find((p) => p.type === CONNACK)).toBeUndefined();
+    expect(h.broker.stats().invalid).toBe(1);
+    expect(h.logs.some((l) => l.includes("MQTT-3.1.2-14"))).toBe(true);
+  });
+
+  test("a PUBLISH whose topic is not UTF-8 closes the connection: no PUBACK, no intake (MQTT-1.5.3-1)", async () => {
+    const h = await startBroker();
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("bad-utf8");
+    raw.socket.write(frame(0x32, [...bytesField(BAD_TOPIC), 0, 1, ...utf8.encode('{"v":1}')]));
+    await raw.closedWithin(2000, "the server to close the connection");
+    expect(raw.reader.packets.find((p) => p.type === PUBACK)).toBeUndefined();
+    expect(h.intakes).toHaveLength(0);
+    expect(h.broker.stats().invalid).toBe(1);
+
+    // U+FFFD written as valid UTF-8 is an ordinary character.
+    const ok = await device(h);
+    await within(ok.publishAsync("dev/\uFFFD/c", "1", { qos: 1 }), 3000, "PUBACK for a valid topic");
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["dev/\uFFFD/c"]);
+  });
+
+  test("SUBSCRIBE and UNSUBSCRIBE filters and a will topic that are not UTF-8 close the connection", async () => {
+    const h = await startBroker();
+    const sub = await RawClient.open(h.broker.port);
+    await sub.handshake("bad-sub");
+    sub.socket.write(frame(0x82, [0, 1, ...bytesField(BAD_TOPIC), 1]));
+    await sub.closedWithin(2000, "SUBSCRIBE to close the connection");
+    expect(sub.reader.packets.find((p) => p.type === SUBACK)).toBeUndefined();
+
+    const unsub = await RawClient.open(h.broker.port);
+    await unsub.handshake("bad-unsub");
+    unsub.socket.write(frame(0xa2, [0, 2, ...bytesField(BAD_TOPIC)]));
+    await unsub.closedWithin(2000, "UNSUBSCRIBE to close the connection");
+
+    const will = await RawClient.open(h.broker.port);
+    will.socket.write(
+      frame(0x10, [...str("MQTT"), 4, 0x0e, 0, 60, ...str("w1"), ...bytesField(BAD_TOPIC), ...str("x")]),
+    );
+    await will.closedWithin(2000, "CONNECT with a bad will topic to close the connection");
+    expect(will.reader.packets.find((p) => p.type === CONNACK)).toBeUndefined();
+    expect(h.broker.stats().invalid).toBe(3);
+  });
+
+  test("the guard finds a bad topic byte however the PUBLISH is split into chunks", () => {
+    const packet = frame(0x30, [...bytesField(BAD_TOPIC), ...utf8.encode("payload")]);
+    for (let cut = 1; cut < packet.length; cut++) {
+      const guard = new PacketSizeGuard(1024);
+      const first = guard.feed(packet.subarray(0, cut));
+      const verdict = first.ok ? guard.feed(packet.subarray(cut)) : first;
+      expect(verdict).toEqual({ ok: false, kind: "invalid", reason: "topic name is not valid UTF-8 (MQTT-1.5.3-1)" });
+    }
+    const good = new PacketSizeGuard(1024);
+    const fine = frame(0x30, [...str("dev/ok/c"), ...utf8.encode("payload")]);
+    for (const b of [...fine, ...fine]) expect(good.feed(Uint8Array.of(b))).toEqual({ ok: true });
+  });
+});
+
+describe("connection limit", () => {
+  test("past maxConnections a new client gets CONNACK 3 and is counted; a freed slot is usable again", async () => {
+    const h = await startBroker({ maxConnections: 2 });
+    const a = await device(h, { clientId: "a" });
+    await device(h, { clientId: "b" });
+    const refused = await refusedConnect(h, { clientId: "c" });
+    expect(refused?.code).toBe(3);
+    expect(h.broker.stats().connectionsRefused).toBe(1);
+    expect(h.broker.stats().clients).toBe(2);
+
+    const gone = closeOf(a);
+    await a.endAsync();
+    await within(gone, 3000, "client a to close");
+    const again = await within(
+      (async () => {
+        for (;;) {
+          const r = await refusedConnect(h, { clientId: "c" });
+          if (r === null) return true;
+          await Bun.sleep(20);
+        }
+      })(),
+      3000,
+      "a connection in the freed slot",
+    );
+    expect(again).toBe(true);
+  });
+});
+
+describe("live auth changes", () => {
+  test("turning anonymous off disconnects anonymous sessions and refuses new ones", async () => {
+    const h = await startBroker();
+    const anon = await device(h, { clientId: "anon-1" });
+    const closed = closeOf(anon);
+    const change = await h.broker.setAuth({ allowAnonymous: false });
+    expect(change.disconnected).toBe(1);
+    await within(closed, 3000, "the anonymous session to be closed");
+    expect((await refusedConnect(h, { clientId: "anon-2" }))?.code).toBe(5);
+  });
+
+  test("sessions with a username stay only when the new rules vouch for them, and lose denied subscriptions", async () => {
+    const users: Record<string, string> = { "dev-1": "s1", "dev-2": "s2" };
+    const authenticate = async (c: ClientInfo, pw: Uint8Array | null) =>
+      c.username !== null && users[c.username] === new TextDecoder().decode(pw ?? new Uint8Array());
+    const h = await startBroker({ allowAnonymous: false, authenticate });
+    const d1 = await device(h, { clientId: "d1", username: "dev-1", password: "s1" });
+    const d2 = await device(h, { clientId: "d2", username: "dev-2", password: "s2" });
+    await d2.subscribeAsync("alerts/#");
+    const d1Closed = closeOf(d1);
+    const d2Closed = closeOf(d2);
+    let d1Open = true;
+    d1.once("close", () => (d1Open = false));
+    const change = await h.broker.setAuth({
+      allowAnonymous: false,
+      authenticate,
+      sessionValid: (c) => c.username === "dev-1" || c.username === "dev-2",
+      authorizeSubscribeTopic: (_c, f) => f !== "alerts/#",
+    });
+    expect(change.disconnected).toBe(1);
+    await within(d2Closed, 3000, "dev-2 (subscription no longer granted) to be closed");
+    await within(d1.publishAsync("sensors/d1/t", "1", { qos: 1 }), 3000, "dev-1 to keep publishing");
+    expect(d1Open).toBe(true);
+    void d1Closed;
+
+    await h.broker.setAuth({ allowAnonymous: false, authenticate });
+    await within(d1Closed, 3000, "dev-1 to be closed when nothing vouches for its session");
+  });
+});
+
 describe("MQTT over WebSocket", () => {
   test("mqtt.js over ws publishes through intake and receives gateway publishes", async () => {
     const h = await startBroker({ wsPort: 0 });

@@ -90,6 +90,16 @@ describe("router: subscribe patterns and key templates", () => {
     expect(r.problems.join("\n")).toContain("gives no valid key for temp");
   });
 
+  test("a key longer than 128 bytes is a problem that says so; 128 bytes is a key", () => {
+    const long = "k".repeat(129);
+    const r = route(`sensors/${long}/temperature`);
+    expect(r.targets).toEqual([]);
+    expect(r.problems[0]).toContain("is longer than 128 bytes (129)");
+    expect(route(`sensors/${"k".repeat(128)}/temperature`).targets.length).toBeGreaterThan(0);
+    const inbox = route(`fleet/agents/temp/${long}/inbox`);
+    expect(inbox.problems[0]).toContain("is longer than 128 bytes (129)");
+  });
+
   test("an empty '#' capture (the parent level) is a problem, not an agent with an empty key", () => {
     const r = route("logs");
     expect(r.targets).toEqual([]);
@@ -114,7 +124,11 @@ describe("router: inbox topics", () => {
 
   test("an inbox whose key is not a valid agent key is a problem with no target", () => {
     const r = route("fleet/agents/temp/bad key/inbox");
-    expect(r).toEqual({ targets: [], inbox: true, problems: ['"bad key" is not a valid agent key'] });
+    expect(r).toEqual({
+      targets: [],
+      inbox: true,
+      problems: ['"bad key" is not a valid agent key: it may only hold A-Z a-z 0-9 _ . : @ -'],
+    });
   });
 
   test("other fleet/ topics are not inboxes and route nowhere", () => {

@@ -99,10 +99,14 @@ describe("compileSpec", () => {
       mqtt_port: 1884,
       ws_port: null,
       max_packet_bytes: 262_144,
+      max_connections: 5000,
       allow_anonymous: false,
       devices_file: "/srv/plant/devices.toml",
+      tls_port: null,
+      wss_port: null,
+      tls: null,
     });
-    expect(spec.http).toEqual({ host: "0.0.0.0", port: 0 });
+    expect(spec.http).toEqual({ host: "0.0.0.0", port: 0, tls: null });
     expect(spec.llm).toEqual({
       url: "http://127.0.0.1:11434/v1",
       model: "llama3.2",
@@ -230,6 +234,15 @@ describe("schema errors name the key path", () => {
       /must be one of publish, http, llm, send/,
     ],
     ["missing module", "[agents.x]\nsubscribe = []\n", "agents.x.module", /is required/],
+    ["negative max_connections", "[broker]\nmax_connections = -1\n", "broker.max_connections", /non-negative integer/],
+    ["tls_port without a certificate", "[broker]\ntls_port = 8883\n", "broker.tls_port", /needs tls_cert and tls_key/],
+    ["tls_cert without tls_key", '[http]\ntls_cert = "c.pem"\n', "http.tls_key", /both or neither/],
+    [
+      "unreadable certificate",
+      '[broker]\ntls_port = 8883\ntls_cert = "/no/such/cert.pem"\ntls_key = "/no/such/key.pem"\n',
+      "broker.tls_cert",
+      /cannot read \/no\/such\/cert.pem \(ENOENT\)/,
+    ],
     ["bad type name", '[agents."a b"]\nmodule = "m.ts"\n', 'agents."a b"', /is not a valid agent type name/],
     [
       "hook at unknown type",

@@ -17,10 +17,14 @@ export async function cmdStatus(cli: Cli): Promise<number> {
   const live = await cli.running();
   if (live) {
     const health = await (await liveFetch(live, "/api/fleet")).json();
+    const ready = (health as { readiness?: { ready: boolean; reason?: string } }).readiness;
     cli.print(health, () =>
-      Object.entries(health as Record<string, unknown>)
-        .map(([k, v]) => `${k.padEnd(18)} ${typeof v === "object" ? JSON.stringify(v) : String(v)}`)
-        .join("\n"),
+      [
+        ...(ready && !ready.ready ? [`NOT READY: ${ready.reason}`] : []),
+        ...Object.entries(health as Record<string, unknown>).map(
+          ([k, v]) => `${k.padEnd(18)} ${typeof v === "object" ? JSON.stringify(v) : String(v)}`,
+        ),
+      ].join("\n"),
     );
     return 0;
   }

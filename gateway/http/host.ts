@@ -30,6 +30,8 @@ export interface HttpHost {
   readonly metrics: MetricsView;
   /** Where webhook secrets come from. */
   readonly secrets: Readonly<Record<string, string | undefined>>;
+  /** `/readyz`: running and commits not failing (else the reason). */
+  readiness(): { readonly ready: boolean; readonly state: GatewayState; readonly reason?: string };
   /** The body of `fleet/health` and `/api/fleet`. */
   health(): Promise<unknown>;
   /** Stimuli waiting for an agent. */

@@ -6,7 +6,7 @@
  */
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
-import { agentId } from "../types.ts";
+import { agentId, decodePayload } from "../types.ts";
 import { agentView, episodeView } from "../observe/index.ts";
 import { episodesPage, recentCheckpoints } from "../observe/index.ts";
 import { EventStream } from "../observe/index.ts";
@@ -30,6 +30,31 @@ const STATUS_FILTER: Readonly<Record<string, StoredAgentStatus>> = {
   failed: "failed",
   retired: "retired",
 };
+
+/**
+ * `GET /api/rejected?limit=&before=`: messages that matched a subscription but could not
+ * become a stimulus (e.g. an invalid agent key), newest first, with the reason.
+ */
+export async function listRejected(gw: Pick<HttpHost, "store">, req: Request): Promise<Response> {
+  const url = new URL(req.url);
+  const limit = intQuery(url, "limit", 100, 1, 1000);
+  if (limit instanceof Response) return limit;
+  const before = url.searchParams.has("before") ? intQuery(url, "before", 0, 1, Number.MAX_SAFE_INTEGER) : undefined;
+  if (before instanceof Response) return before;
+  const [rows, total] = await Promise.all([gw.store.listRejected(limit, before), gw.store.countRejected()]);
+  return json({
+    rejected: rows.map((r) => ({
+      seq: r.seq,
+      kind: r.kind,
+      topic: r.topic,
+      client: r.client,
+      reason: r.reason,
+      received_at: r.receivedAt,
+      payload: decodePayload(r.payload),
+    })),
+    total,
+  });
+}
 
 /** `GET /api/agents?page=&limit=&q=&status=&type=`: server-side paging for 10,000+ agents. */
 export async function listAgents(gw: ReadHost, req: Request): Promise<Response> {

@@ -10,7 +10,7 @@ import type { StimulusId } from "../types.ts";
 import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { historyRoutes } from "./history.ts";
-import { agentDetail, agentEpisodes, episodeDetail, listAgents, observeRoutes } from "./read-api.ts";
+import { agentDetail, agentEpisodes, episodeDetail, listAgents, listRejected, observeRoutes } from "./read-api.ts";
 
 /** A started HTTP server. */
 export interface HttpServer {
@@ -19,15 +19,22 @@ export interface HttpServer {
 }
 
 /** Start the HTTP server of a gateway. */
-export function startHttp(gw: HttpHost, opts: { host: string; port: number }): HttpServer {
+export function startHttp(
+  gw: HttpHost,
+  opts: { host: string; port: number; tls?: { cert: string; key: string } | null },
+): HttpServer {
   const observe = observeRoutes(gw);
   const server = Bun.serve({
     hostname: opts.host,
     port: opts.port,
+    // HTTPS when `[http] tls_cert`/`tls_key` are set.
+    ...(opts.tls ? { tls: { cert: opts.tls.cert, key: opts.tls.key } } : {}),
     routes: {
       "/healthz": () => json({ ok: true }),
-      "/readyz": () =>
-        gw.state === "running" ? json({ ready: true, state: gw.state }) : json({ ready: false, state: gw.state }, 503),
+      "/readyz": () => {
+        const r = gw.readiness();
+        return json(r, r.ready ? 200 : 503);
+      },
       "/api/fleet": async () => json(await gw.health()),
       // Paging, filters and strict query parsing live in observe.ts.
       "/api/agents": (req) => listAgents(gw, req),
@@ -49,6 +56,7 @@ export function startHttp(gw: HttpHost, opts: { host: string; port: number }): H
         },
       },
       "/api/episodes/:id": (req) => episodeDetail(gw, req.params.id),
+      "/api/rejected": (req) => listRejected(gw, req),
       "/hooks/:name": {
         POST: (req) =>
           handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.secrets }, req.params.name, req),

@@ -4,7 +4,7 @@
  * goes out only after the stimuli are committed (NOTES: aedes acks before `published`).
  */
 import type { Logger } from "pino";
-import type { IntakeVerdict, PublishedMessage } from "../../broker/index.ts";
+import type { ClientInfo, IntakeVerdict, PublishedMessage } from "../../broker/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Route, Target } from "./router.ts";
 import type { Store } from "../store/index.ts";
@@ -92,17 +92,49 @@ export class Intake {
     private readonly now: () => number = Date.now,
   ) {}
 
-  /** The broker hook: route, record, then let aedes ack. */
-  async mqtt(msg: PublishedMessage): Promise<IntakeVerdict> {
+  /**
+   * The broker hook: route, record, then let aedes ack. A message that matched a
+   * subscription but yields no valid agent (bad key) is recorded as a rejected message with
+   * the reason before the ack, never acked and dropped; an inbox topic naming no agent is
+   * refused (no ack).
+   */
+  async mqtt(msg: PublishedMessage, client: ClientInfo | null = null): Promise<IntakeVerdict> {
     const route = this.view.route(msg.topic);
-    for (const p of route.problems) this.log.warn({ topic: msg.topic }, `intake: ${p}`);
-    if (route.inbox && route.targets.length === 0) return { ok: false, reason: route.problems[0] ?? "unknown inbox" };
-    if (route.targets.length === 0) return { ok: true };
-    const report = await this.record(route.targets, route.inbox ? "inbox" : "mqtt", msg.topic, msg.payload, null);
+    if (route.inbox && route.targets.length === 0) {
+      this.log.warn({ topic: msg.topic }, `intake: ${route.problems[0] ?? "unknown inbox"}`);
+      return { ok: false, reason: route.problems[0] ?? "unknown inbox" };
+    }
+    const rejected =
+      route.problems.length === 0 ? Promise.resolve() : this.reject(msg, client?.id ?? null, route.problems);
+    if (route.targets.length === 0) {
+      await rejected;
+      return { ok: true };
+    }
+    const [report] = await Promise.all([
+      this.record(route.targets, route.inbox ? "inbox" : "mqtt", msg.topic, msg.payload, null),
+      rejected,
+    ]);
     if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) {
       return { ok: false, reason: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ") };
     }
     return { ok: true };
+  }
+
+  /** Record a message that could not become a stimulus, one row per reason (resolves after commit). */
+  private async reject(msg: PublishedMessage, client: string | null, reasons: readonly string[]): Promise<void> {
+    const at = this.now();
+    for (const reason of reasons) this.log.warn({ topic: msg.topic, client }, `intake: rejected message: ${reason}`);
+    await this.store.recordRejected(
+      reasons.map((reason) => ({
+        kind: "mqtt",
+        topic: msg.topic,
+        payload: msg.payload,
+        client,
+        reason,
+        receivedAt: at,
+      })),
+    );
+    this.events.emit("rejectedMessage", { count: reasons.length });
   }
 
   /**

@@ -6,7 +6,7 @@
  */
 import { compileFilter } from "../../broker/index.ts";
 import type { AgentTypeSpec, FleetSpec } from "../spec/index.ts";
-import { agentId, type AgentId } from "../types.ts";
+import { agentId, keyProblem, type AgentId } from "../types.ts";
 
 /** An agent a message is for. */
 export interface Target {
@@ -36,6 +36,11 @@ export function renderKey(template: string, captures: readonly string[]): string
   return missing || key === "" ? null : key;
 }
 
+/** A value quoted in a problem, cut so a long topic cannot flood logs or rows. */
+function clip(s: string): string {
+  return s.length > 160 ? `${s.slice(0, 160)}…` : s;
+}
+
 /** Compile a key template once: literal parts and capture indexes. */
 function compileKey(template: string): (captures: readonly string[]) => string | null {
   if (template === "{1}") {
@@ -59,7 +64,10 @@ export function createRouter(spec: FleetSpec): (topic: string) => Route {
       const type = spec.agents[typeName];
       const id = agentId(typeName, key);
       if (!type) return { targets: [], inbox: true, problems: [`no agent type "${typeName}" in this fleet`] };
-      if (!id) return { targets: [], inbox: true, problems: [`"${key}" is not a valid agent key`] };
+      if (!id) {
+        const why = keyProblem(key) ?? "";
+        return { targets: [], inbox: true, problems: [`"${clip(key)}" is not a valid agent key: it ${why}`] };
+      }
       return { targets: [{ agent: id, type, key }], inbox: true, problems: [] };
     }
     const targets: Target[] = [];
@@ -73,7 +81,8 @@ export function createRouter(spec: FleetSpec): (topic: string) => Route {
         const key = keyOf(captures);
         const id = key === null ? null : agentId(type.name, key);
         if (!id || key === null) {
-          problems.push(`topic "${topic}" gives no valid key for ${type.name} (template ${type.key})`);
+          const why = key === null ? "" : `: key "${clip(key)}" ${keyProblem(key) ?? "is invalid"}`;
+          problems.push(`topic "${clip(topic)}" gives no valid key for ${type.name} (template ${type.key})${why}`);
           break;
         }
         if (!seen.has(id)) {

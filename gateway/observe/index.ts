@@ -6,3 +6,4 @@ export * from "./rates.ts";
 export * from "./sse.ts";
 export * from "./status-topics.ts";
 export * from "./views.ts";
+export * from "./storage.ts";

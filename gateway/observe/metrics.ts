@@ -139,6 +139,11 @@ export class FleetMetrics {
       labelNames: ["source"],
       registers,
     });
+    const rejectedMessages = new Counter({
+      name: "fleet_intake_rejected_messages_total",
+      help: "Messages that matched a subscription but named no valid agent; recorded with the reason (GET /api/rejected).",
+      registers,
+    });
     const statusChanges = new Counter({
       name: "fleet_agent_status_changes_total",
       help: "Agent status transitions published, by new status (idle|running|paused|retired|failed).",
@@ -170,6 +175,7 @@ export class FleetMetrics {
         this.rates.add("duplicates", e.duplicates);
       }),
       host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
+      host.events.on("rejectedMessage", (e) => rejectedMessages.inc(e.count)),
     );
     // Pre-create the outcome series so a fresh gateway exposes zeros rather than nothing.
     for (const type of Object.keys(host.spec.spec.agents)) {
@@ -322,6 +328,26 @@ export class FleetMetrics {
       () => host.broker?.stats().refused,
     );
     new Gauge({
+      name: "fleet_broker_connections",
+      help: "Open MQTT connections (TCP, TLS, WebSocket; before and after CONNECT).",
+      registers,
+      collect() {
+        this.set(host.broker?.stats().connections ?? 0);
+      },
+    });
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_connections_refused_total",
+      "MQTT connections refused because [broker] max_connections were open (CONNACK 3).",
+      () => host.broker?.stats().connectionsRefused,
+    );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_invalid_packets_total",
+      "MQTT connections closed for breaking an input rule (invalid UTF-8, will QoS 3, ...).",
+      () => host.broker?.stats().invalid,
+    );
+    new Gauge({
       name: "fleet_spec_info",
       help: "The spec version new episodes start on (value 1); `reload_error` is 1 while the last fleet.toml edit was rejected.",
       labelNames: ["fleet", "version", "reload_error"],
@@ -340,13 +366,33 @@ export class FleetMetrics {
     });
   }
 
-  /** Time every group commit of `store` (keeps any observer already installed). */
+  /** Time every group commit of `store` and count failed ones (keeps any observer already installed). */
   private observeCommits(store: Store): void {
     const prev = store.writer.onCommit;
     store.writer.onCommit = (ms, jobs) => {
       prev?.(ms, jobs);
       this.commitSeconds.observe(ms / 1000);
     };
+    const failures = new Counter({
+      name: "fleet_commit_failures_total",
+      help: "Write jobs whose commit failed, by kind (disk_full|io|readonly|busy|constraint|other); nothing was acknowledged for them.",
+      labelNames: ["kind"],
+      registers: [this.registry],
+    });
+    for (const kind of ["disk_full", "io", "readonly", "busy", "constraint", "other"]) failures.inc({ kind }, 0);
+    const prevFailure = store.writer.onFailure;
+    store.writer.onFailure = (kind, err) => {
+      prevFailure?.(kind, err);
+      failures.inc({ kind });
+    };
+    new Gauge({
+      name: "fleet_storage_ok",
+      help: "1 while commits succeed, 0 while they fail for a storage reason (full disk, I/O error); /readyz answers 503 then.",
+      registers: [this.registry],
+      collect() {
+        this.set(store.writer.health.failing ? 0 : 1);
+      },
+    });
   }
 
   /** The Prometheus text exposition. */
@@ -401,6 +447,7 @@ export class FleetMetrics {
       };
     }
     const st = this.host.store.writer.stats;
+    const h = this.host.store.writer.health;
     return {
       rates: this.rollingRates(),
       budget_burn: round(burn),
@@ -410,6 +457,12 @@ export class FleetMetrics {
         commits: st.commits,
         last_commit_ms: round(st.lastCommitMs),
         mean_commit_ms: st.commits ? round(st.totalCommitMs / st.commits) : 0,
+        /** False while commits fail for a storage reason (full disk, I/O error): /readyz is 503 then. */
+        ok: !h.failing,
+        failing_since: h.since,
+        failure_kind: h.kind,
+        error: h.error,
+        commit_failures: { ...st.failures },
       },
     };
   }

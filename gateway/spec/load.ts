@@ -2,6 +2,7 @@
  * fleet.toml -> SpecVersion: parse (syntax errors carry line:column), validate with a strict
  * schema (schema.ts; errors name the dotted key path), fill defaults, cross-check, deep-freeze.
  */
+import { accessSync, constants } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { parse, TomlError } from "smol-toml";
 import type { z } from "zod";
@@ -10,7 +11,7 @@ import { parseDuration } from "./duration.ts";
 import { fleetSchema, type RawAgent, type RawFleet, type RawHook } from "./schema.ts";
 import { wildcardCount } from "./topic-filter.ts";
 import { SpecError } from "./types.ts";
-import type { AgentTypeSpec, FleetSpec, HookSpec, SpecVersion, TimerSpec } from "./types.ts";
+import type { AgentTypeSpec, FleetSpec, HookSpec, SpecVersion, TimerSpec, TlsFiles } from "./types.ts";
 
 export { AGENT_KEY_RE, DEFAULT_BUDGET, TOOL_NAMES, TYPE_NAME_RE } from "./schema.ts";
 export { topicFilterProblem, wildcardCount } from "./topic-filter.ts";
@@ -102,24 +103,80 @@ export async function loadSpec(path: string): Promise<SpecVersion> {
 }
 
 function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
-  const { devices, ws_port, ...broker } = raw.broker;
+  const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, ...broker } = raw.broker;
   if (!broker.allow_anonymous && devices === undefined) {
     const message = "is required when allow_anonymous = false (a devices file with credentials and ACL)";
     problems.push({ path: ["broker", "devices"], message });
   }
+  const brokerTls = tlsFiles("broker", { cert: tls_cert, key: tls_key, ca: tls_ca }, dir, problems);
+  for (const [k, v] of [
+    ["tls_port", tls_port],
+    ["wss_port", wss_port],
+  ] as const) {
+    if (v !== undefined && brokerTls === null && tls_cert === undefined && tls_key === undefined)
+      problems.push({ path: ["broker", k], message: "needs tls_cert and tls_key" });
+  }
+  if (tls_ca !== undefined && tls_port === undefined && wss_port === undefined)
+    problems.push({
+      path: ["broker", "tls_ca"],
+      message: "needs tls_port or wss_port (client certificates are asked there)",
+    });
+  const { tls_cert: httpCert, tls_key: httpKey, ...http } = raw.http;
+  const httpTls = tlsFiles("http", { cert: httpCert, key: httpKey, ca: undefined }, dir, problems);
   const agents: Record<string, AgentTypeSpec> = {};
   for (const [name, a] of Object.entries(raw.agents)) agents[name] = buildAgent(name, a, dir, problems);
   const hooks: Record<string, HookSpec> = {};
   for (const [name, h] of Object.entries(raw.hooks)) hooks[name] = buildHook(name, h, raw.agents, problems);
   return {
     fleet: raw.fleet,
-    broker: { ...broker, ws_port: ws_port ?? null, devices_file: devices === undefined ? null : resolve(dir, devices) },
-    http: raw.http,
+    broker: {
+      ...broker,
+      ws_port: ws_port ?? null,
+      devices_file: devices === undefined ? null : resolve(dir, devices),
+      tls_port: tls_port ?? null,
+      wss_port: wss_port ?? null,
+      tls: brokerTls,
+    },
+    http: { ...http, tls: httpTls },
     llm: { ...raw.llm, api_key_env: raw.llm.api_key_env ?? null },
     agents,
     hooks,
     retention: raw.retention,
   };
+}
+
+/** A table's `tls_cert`/`tls_key`(/`tls_ca`) as readable files, or null when TLS is off there. */
+function tlsFiles(
+  table: "broker" | "http",
+  f: { cert: string | undefined; key: string | undefined; ca: string | undefined },
+  dir: string,
+  problems: Problem[],
+): TlsFiles | null {
+  if (f.cert === undefined && f.key === undefined) return null;
+  if (f.cert === undefined || f.key === undefined) {
+    const missing = f.cert === undefined ? "tls_cert" : "tls_key";
+    problems.push({ path: [table, missing], message: "is required with tls_cert/tls_key (both or neither)" });
+    return null;
+  }
+  const files = {
+    cert: resolve(dir, f.cert),
+    key: resolve(dir, f.key),
+    ca: f.ca === undefined ? null : resolve(dir, f.ca),
+  };
+  for (const [k, file] of [
+    ["tls_cert", files.cert],
+    ["tls_key", files.key],
+    ["tls_ca", files.ca],
+  ] as const) {
+    if (file === null) continue;
+    try {
+      accessSync(file, constants.R_OK);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      problems.push({ path: [table, k], message: `cannot read ${file} (${code ?? String(err)})` });
+    }
+  }
+  return files;
 }
 
 function buildHook(name: string, h: RawHook, agents: RawFleet["agents"], problems: Problem[]): HookSpec {

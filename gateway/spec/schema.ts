@@ -61,7 +61,9 @@ const agentSchema = z.strictObject(
     module: str(),
     subscribe: list(filter()),
     key: str().regex(KEY_TEMPLATE_RE, "must be key characters (A-Z a-z 0-9 _ . : @ -) and {n} captures").optional(),
-    instances: list(str().regex(AGENT_KEY_RE, "must be an agent key (A-Z a-z 0-9 _ . : @ -)")),
+    instances: list(
+      str().regex(AGENT_KEY_RE, "must be an agent key (A-Z a-z 0-9 _ . : @ -)").max(128, "must be at most 128 bytes"),
+    ),
     every: str()
       .refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "30s", "5m" or "1h30m"')
       .optional(),
@@ -136,10 +138,21 @@ export const fleetSchema = z.strictObject({
     mqtt_port: port().default(1883),
     ws_port: port().optional(),
     max_packet_bytes: posInt(262_144),
+    max_connections: nonNegInt(5000),
     allow_anonymous: z.boolean(says("must be true or false")).default(true),
     devices: str().optional(),
+    tls_port: port().optional(),
+    wss_port: port().optional(),
+    tls_cert: str().optional(),
+    tls_key: str().optional(),
+    tls_ca: str().optional(),
   }),
-  http: table({ host: str().default("0.0.0.0"), port: port().default(8080) }),
+  http: table({
+    host: str().default("0.0.0.0"),
+    port: port().default(8080),
+    tls_cert: str().optional(),
+    tls_key: str().optional(),
+  }),
   llm: table({
     url: str()
       .refine((u) => URL.canParse(u), "must be a URL")

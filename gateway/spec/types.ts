@@ -74,6 +74,14 @@ export interface HookSpec {
   readonly max_body_bytes: number;
 }
 
+/** Certificate files of a TLS listener, resolved against the fleet.toml directory. */
+export interface TlsFiles {
+  readonly cert: string;
+  readonly key: string;
+  /** CA bundle: when set, clients must present a certificate it signed. */
+  readonly ca: string | null;
+}
+
 /** The whole compiled fleet. */
 export interface FleetSpec {
   readonly fleet: {
@@ -100,11 +108,24 @@ export interface FleetSpec {
     readonly mqtt_port: number;
     readonly ws_port: number | null;
     readonly max_packet_bytes: number;
+    /** Most open MQTT connections (TCP, TLS, WebSocket); past it CONNACK 3. 0 = no limit. */
+    readonly max_connections: number;
     readonly allow_anonymous: boolean;
     /** Devices file (credentials + ACL), resolved against the fleet.toml directory; null when none. */
     readonly devices_file: string | null;
+    /** MQTT over TLS (`mqtts`) port, or null when not configured. */
+    readonly tls_port: number | null;
+    /** MQTT over secure WebSocket (`wss`) port, or null when not configured. */
+    readonly wss_port: number | null;
+    /** PEM files (resolved against the fleet.toml directory) for `tls_port`/`wss_port`; `ca` asks clients for a certificate it signed. */
+    readonly tls: TlsFiles | null;
   };
-  readonly http: { readonly host: string; readonly port: number };
+  readonly http: {
+    readonly host: string;
+    readonly port: number;
+    /** HTTPS instead of HTTP when set. */
+    readonly tls: TlsFiles | null;
+  };
   readonly llm: {
     readonly url: string;
     readonly model: string;

@@ -7,7 +7,7 @@
 import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client";
 import { drizzle, type LibSQLDatabase } from "drizzle-orm/libsql";
 import type { BatchItem } from "drizzle-orm/batch";
-import { mkdirSync } from "node:fs";
+import { existsSync, mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
@@ -41,6 +41,50 @@ export interface OpenDbOptions {
   /** Read-only handles (CLI readers) skip migrations and never write. */
   readonly?: boolean;
   busyTimeoutMs?: number;
+  /**
+   * Test hook: asked before every group commit; an error it returns fails that commit as if
+   * libSQL had (e.g. a full disk), without touching the file. See `commitFaultFromEnv`.
+   */
+  commitFault?: () => Error | null;
+}
+
+/** Why a commit failed, from libSQL's error code: a small fixed set (a metric label). */
+export type CommitFailureKind = "disk_full" | "io" | "readonly" | "busy" | "constraint" | "other";
+
+/** Classify a failed commit. `constraint` is one job's own conflict, not a storage problem. */
+export function commitFailureKind(err: unknown): CommitFailureKind {
+  const code = String((err as { code?: unknown } | null)?.code ?? "");
+  const text = `${code} ${err instanceof Error ? err.message : String(err)}`;
+  if (/SQLITE_FULL|disk is full/i.test(text)) return "disk_full";
+  if (/SQLITE_IOERR|disk I\/O error/i.test(text)) return "io";
+  if (/SQLITE_READONLY|readonly database/i.test(text)) return "readonly";
+  if (/SQLITE_BUSY|SQLITE_LOCKED|database is locked/i.test(text)) return "busy";
+  if (/SQLITE_CONSTRAINT|constraint failed/i.test(text)) return "constraint";
+  return "other";
+}
+
+/**
+ * The fault hook for end-to-end tests: with `FLEET_TEST_COMMIT_FAULT_FILE=<path>` set,
+ * every commit fails like a full disk while that file exists. Null when the variable is unset.
+ */
+export function commitFaultFromEnv(env: Readonly<Record<string, string | undefined>>): (() => Error | null) | null {
+  const file = env.FLEET_TEST_COMMIT_FAULT_FILE;
+  if (!file) return null;
+  return () =>
+    existsSync(file)
+      ? Object.assign(new Error(`SQLITE_FULL: database or disk is full (injected: ${file} exists)`), {
+          code: "SQLITE_FULL",
+        })
+      : null;
+}
+
+/** The storage health the committer saw: failing from a storage-level commit failure until the next commit succeeds. */
+export interface CommitHealth {
+  readonly failing: boolean;
+  /** Epoch ms of the first failure in the current failing run, or null. */
+  readonly since: number | null;
+  readonly kind: CommitFailureKind | null;
+  readonly error: string | null;
 }
 
 /** Open (and migrate) the fleet database at `path`. */
@@ -73,6 +117,8 @@ export interface CommitStats {
   jobs: number;
   lastCommitMs: number;
   totalCommitMs: number;
+  /** Jobs whose commit failed, by kind. */
+  failures: Partial<Record<CommitFailureKind, number>>;
 }
 
 /**
@@ -84,11 +130,23 @@ export class GroupCommitter {
   private queue: Job[] = [];
   private scheduled = false;
   private flushing: Promise<void> | null = null;
-  readonly stats: CommitStats = { commits: 0, jobs: 0, lastCommitMs: 0, totalCommitMs: 0 };
+  readonly stats: CommitStats = { commits: 0, jobs: 0, lastCommitMs: 0, totalCommitMs: 0, failures: {} };
   /** Optional observer of each commit's duration (metrics histogram). */
   onCommit: ((ms: number, jobs: number) => void) | null = null;
+  /** Optional observer of each failed job (metrics, logs). */
+  onFailure: ((kind: CommitFailureKind, err: unknown) => void) | null = null;
+  private healthNow: CommitHealth = { failing: false, since: null, kind: null, error: null };
 
-  constructor(private readonly client: Client) {}
+  constructor(
+    private readonly client: Client,
+    private readonly fault: (() => Error | null) | null = null,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** Whether commits are failing for a storage reason now (readiness, status). */
+  get health(): CommitHealth {
+    return this.healthNow;
+  }
 
   /** Queue a job; resolves with one ResultSet per statement once durably committed. */
   write(items: WriteItem[]): Promise<ResultSet[]> {
@@ -133,11 +191,38 @@ export class GroupCommitter {
     }
   }
 
+  private batch(items: RawStatement[]): Promise<ResultSet[]> {
+    const injected = this.fault?.();
+    if (injected) return Promise.reject(injected);
+    return this.client.batch(items, "write");
+  }
+
+  private succeeded(): void {
+    if (this.healthNow.failing) this.healthNow = { failing: false, since: null, kind: null, error: null };
+  }
+
+  private failed(job: Job, err: unknown): void {
+    const kind = commitFailureKind(err);
+    this.stats.failures[kind] = (this.stats.failures[kind] ?? 0) + 1;
+    // A job's own constraint conflict (e.g. a second commit of one stimulus) says nothing about the disk.
+    if (kind !== "constraint") {
+      this.healthNow = {
+        failing: true,
+        since: this.healthNow.since ?? this.now(),
+        kind,
+        error: err instanceof Error ? err.message : String(err),
+      };
+    }
+    this.onFailure?.(kind, err);
+    job.reject(err);
+  }
+
   private async commit(jobs: Job[]): Promise<void> {
     const started = performance.now();
     const all = jobs.flatMap((j) => j.items);
     try {
-      const results = await this.client.batch(all, "write");
+      const results = await this.batch(all);
+      this.succeeded();
       let i = 0;
       for (const job of jobs) {
         job.resolve(results.slice(i, i + job.items.length));
@@ -145,13 +230,15 @@ export class GroupCommitter {
       }
     } catch (err) {
       if (jobs.length === 1) {
-        jobs[0]!.reject(err);
+        this.failed(jobs[0]!, err);
       } else {
         for (const job of jobs) {
           try {
-            job.resolve(await this.client.batch(job.items, "write"));
+            const results = await this.batch(job.items);
+            this.succeeded();
+            job.resolve(results);
           } catch (e) {
-            job.reject(e);
+            this.failed(job, e);
           }
         }
       }

@@ -42,6 +42,10 @@ const INITIAL: readonly string[] = [
   `CREATE UNIQUE INDEX IF NOT EXISTS stimuli_dedup ON stimuli (agent, sid)`,
   `CREATE INDEX IF NOT EXISTS stimuli_queue ON stimuli (agent, state, seq)`,
   `CREATE INDEX IF NOT EXISTS stimuli_state ON stimuli (state, done_at)`,
+  `CREATE TABLE IF NOT EXISTS rejected_messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, gateway TEXT NOT NULL, kind TEXT NOT NULL, topic TEXT, payload BLOB,
+    client TEXT, reason TEXT NOT NULL, received_at INTEGER NOT NULL)`,
+  `CREATE INDEX IF NOT EXISTS rejected_messages_time ON rejected_messages (received_at)`,
   `CREATE TABLE IF NOT EXISTS episodes (
     id TEXT PRIMARY KEY, gateway TEXT NOT NULL, agent TEXT NOT NULL, stimulus_seq INTEGER NOT NULL,
     stimulus_id TEXT NOT NULL, spec_version TEXT NOT NULL, status TEXT NOT NULL, error_kind TEXT, error TEXT,

@@ -87,6 +87,27 @@ export const stimuli = sqliteTable(
   ],
 );
 
+/**
+ * Messages that matched a subscription but could not become a stimulus (e.g. the topic
+ * gives an invalid agent key). They were acknowledged, so they are recorded with the
+ * reason instead of being dropped. Immutable; collected after `dedup_days`.
+ */
+export const rejectedMessages = sqliteTable(
+  "rejected_messages",
+  {
+    seq: integer("seq").primaryKey({ autoIncrement: true }),
+    gateway: text("gateway").notNull(),
+    kind: text("kind").$type<"mqtt" | "timer" | "webhook" | "inbox" | "manual">().notNull(),
+    topic: text("topic"),
+    payload: blob("payload", { mode: "buffer" }),
+    /** MQTT client id of the sender, when known. */
+    client: text("client"),
+    reason: text("reason").notNull(),
+    receivedAt: integer("received_at").notNull(),
+  },
+  (t) => [index("rejected_messages_time").on(t.receivedAt)],
+);
+
 /** One row per episode attempt (committed or failed). Immutable once written. */
 export const episodes = sqliteTable(
   "episodes",
@@ -180,3 +201,4 @@ export type EventRow = typeof events.$inferSelect;
 export type CheckpointRow = typeof checkpoints.$inferSelect;
 export type OutboxRow = typeof outbox.$inferSelect;
 export type SpecVersionRow = typeof specVersions.$inferSelect;
+export type RejectedMessageRow = typeof rejectedMessages.$inferSelect;

@@ -14,7 +14,8 @@ import { chunks, codecs, selectAll, selectOne } from "./sql.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
-export type { Db, RawStatement, WriteItem } from "./db.ts";
+export type { Db, RawStatement, WriteItem, CommitFailureKind, CommitHealth } from "./db.ts";
+export { commitFaultFromEnv } from "./db.ts";
 export type {
   AgentRow,
   StimulusRow,
@@ -24,6 +25,7 @@ export type {
   OutboxRow,
   SpecVersionRow,
   StoredAgentStatus,
+  RejectedMessageRow,
 } from "./schema.ts";
 export type { EpisodeCommit, EpisodeFailure, EpisodeUsage } from "./episodes.ts";
 
@@ -32,6 +34,16 @@ export interface IntakeOutcome {
   readonly agent: AgentId;
   readonly sid: string;
   readonly seq: number | null;
+}
+
+/** A message that could not become a stimulus, to be recorded with its reason. */
+export interface NewRejected {
+  readonly kind: t.RejectedMessageRow["kind"];
+  readonly topic: string | null;
+  readonly payload: Uint8Array;
+  readonly client: string | null;
+  readonly reason: string;
+  readonly receivedAt: number;
 }
 
 /** The fleet's durable state. */
@@ -54,7 +66,7 @@ export class Store {
       await db.insert(t.meta).values({ key: "gateway_id", value: gatewayId }).onConflictDoNothing();
       gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())!.value;
     }
-    return new Store(client, db, new GroupCommitter(client), gatewayId ?? "unknown", path);
+    return new Store(client, db, new GroupCommitter(client, opts.commitFault ?? null), gatewayId ?? "unknown", path);
   }
 
   /** Flush pending writes and close the file. */
@@ -245,6 +257,34 @@ export class Store {
     } catch (err) {
       for (const c of calls) c.reject(err);
     }
+  }
+
+  /** Record messages that could not become stimuli (one transaction; resolves after commit). */
+  async recordRejected(rows: readonly NewRejected[]): Promise<void> {
+    if (rows.length === 0) return;
+    await this.writer.write(
+      [...chunks(rows)].map((part) => ({
+        sql: `INSERT INTO rejected_messages (gateway, kind, topic, payload, client, reason, received_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?)").join(",")}`,
+        args: part.flatMap((r) => [this.gatewayId, r.kind, r.topic, r.payload, r.client, r.reason, r.receivedAt]),
+      })),
+    );
+  }
+
+  /** Rejected messages, newest first (`before`: a seq to page from). */
+  listRejected(limit = 100, before?: number) {
+    return this.db
+      .select()
+      .from(t.rejectedMessages)
+      .where(before === undefined ? undefined : lt(t.rejectedMessages.seq, before))
+      .orderBy(desc(t.rejectedMessages.seq))
+      .limit(limit)
+      .all();
+  }
+
+  /** How many rejected messages are on record. */
+  async countRejected(): Promise<number> {
+    const row = await this.db.select({ n: count() }).from(t.rejectedMessages).get();
+    return row?.n ?? 0;
   }
 
   /** Queued stimuli per agent with the oldest receive time (scheduler bootstrap, lag). */

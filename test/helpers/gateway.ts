@@ -115,6 +115,11 @@ export interface GatewayInfo {
   readonly mqtt_port: number;
   readonly http_port: number;
   readonly pid: number;
+  /** Present when configured: MQTT over TLS and over secure WebSocket. */
+  readonly mqtts_port?: number;
+  readonly wss_port?: number;
+  /** True when `[http]` serves HTTPS. */
+  readonly https?: boolean;
 }
 
 /** Options of a test fleet. */
@@ -172,7 +177,7 @@ export class TestFleet {
 
   get httpUrl(): string {
     if (!this.info) throw new Error("gateway not started");
-    return `http://127.0.0.1:${this.info.http_port}`;
+    return `${this.info.https ? "https" : "http"}://127.0.0.1:${this.info.http_port}`;
   }
 
   /** The last lines of the gateway log, for failure messages. */
@@ -228,8 +233,12 @@ export class TestFleet {
         timeoutMs,
         "gateway.json",
       );
+      const scheme = info.https ? "https" : "http";
       await waitFor(
-        async () => (await fetch(`http://127.0.0.1:${info.http_port}/readyz`)).status === 200,
+        // The harness only probes readiness here; TLS tests check the certificate themselves.
+        async () =>
+          (await fetch(`${scheme}://127.0.0.1:${info.http_port}/readyz`, { tls: { rejectUnauthorized: false } }))
+            .status === 200,
         timeoutMs,
         "/readyz 200",
       );

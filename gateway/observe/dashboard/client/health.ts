@@ -42,6 +42,11 @@ export function setHealth(next: Health): void {
   err.textContent = next.spec_error
     ? `fleet.toml reload rejected — still running spec ${short(next.spec_version, 12)}:\n${next.spec_error}`
     : "";
+  // Failing commits (e.g. a full disk): nothing new is acknowledged until storage recovers.
+  const storage = tid("storage-error");
+  const notReady = next.state === "running" && next.readiness !== undefined && !next.readiness.ready;
+  storage.hidden = !notReady;
+  storage.textContent = notReady ? `Not ready — ${next.readiness?.reason ?? "unknown reason"}` : "";
   document.title = `${next.fleet ?? "fleet"} · Agent Fleets`;
   for (const fn of listeners) fn(next);
 }

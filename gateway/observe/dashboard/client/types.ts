@@ -22,6 +22,8 @@ export interface Health {
   readonly state: string;
   readonly spec_version?: string;
   readonly spec_error?: string | null;
+  /** Same as /readyz: not ready while commits fail, with the reason. */
+  readonly readiness?: { readonly ready: boolean; readonly reason?: string };
   readonly uptime_s?: number;
   readonly agents?: Partial<Record<ShownStatus | "active" | "total", number>>;
   readonly running_episodes?: number;

@@ -1,0 +1,120 @@
+/**
+ * What a device and an operator see at the edges of intake, against the real gateway
+ * process: a message that names no valid agent is recorded with its reason (never acked and
+ * dropped), failing commits make /readyz 503 with the reason until a commit succeeds again,
+ * and `[broker] max_connections` refuses extra devices while HTTP keeps answering.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connectAsync } from "mqtt";
+import { TestFleet, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
+import { sampleValue, scrape } from "./helpers/prom.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
+
+afterAll(async () => {
+  await cleanupAll();
+}, 60_000);
+
+const getJson = async (url: string) => {
+  const res = await fetch(url);
+  return { status: res.status, body: (await res.json()) as any };
+};
+
+describe("a message that matches a subscription but names no valid agent", () => {
+  test("is acknowledged only after it is recorded as rejected with its reason (GET /api/rejected)", async () => {
+    const fleet = new TestFleet(fleetHeader("e2e-rejected") + counterType("counter", "dev/+/c"));
+    await fleet.start();
+    const client = await fleet.mqtt({ clientId: "e2e-rejected" });
+    await publishQos1(client, "dev/bad key!/c", { id: "r1", v: 1 });
+    await publishQos1(client, `dev/${"k".repeat(129)}/c`, { id: "r2" });
+    await publishQos1(client, "dev/good/c", { id: "g1" });
+    // Acked means recorded: the rows are there the moment the PUBACK arrived.
+    const { status, body } = await getJson(`${fleet.httpUrl}/api/rejected`);
+    expect(status).toBe(200);
+    expect(body.total).toBe(2);
+    const [long, bad] = body.rejected;
+    expect(bad).toMatchObject({
+      kind: "mqtt",
+      topic: "dev/bad key!/c",
+      client: "e2e-rejected",
+      payload: { id: "r1", v: 1 },
+    });
+    expect(bad.reason).toContain("gives no valid key for counter");
+    expect(long.reason).toContain("is longer than 128 bytes (129)");
+    expect((await getJson(`${fleet.httpUrl}/api/fleet`)).body.rejected_messages).toBe(2);
+    expect(sampleValue(await scrape(fleet.httpUrl), "fleet_intake_rejected_messages_total")).toBe(2);
+    await fleet.waitCommitted("counter/good", 1);
+    expect(await fleet.stop()).toBe(0);
+  }, 60_000);
+});
+
+describe("failing commits", () => {
+  test("/readyz is 503 with the reason while commits fail, nothing is acked, and 200 once a commit succeeds", async () => {
+    const faultFile = join(tmpdir(), `fleet-disk-full-${process.pid}-${Date.now()}`);
+    const withFault = new TestFleet(fleetHeader("e2e-disk") + counterType("counter", "disk/+/c"), {
+      env: { FLEET_TEST_COMMIT_FAULT_FILE: faultFile },
+    });
+    await withFault.start();
+    const base = withFault.httpUrl;
+    expect((await getJson(`${base}/readyz`)).status).toBe(200);
+    await publishQos1(await withFault.mqtt({ clientId: "before" }), "disk/a/c", { id: "before" });
+
+    writeFileSync(faultFile, "");
+    const client = await withFault.mqtt({ clientId: "during" });
+    const closed = new Promise<void>((resolve) => client.once("close", () => resolve()));
+    let acked = false;
+    client.publish("disk/a/c", JSON.stringify({ id: "during" }), { qos: 1 }, (err) => (acked = !err));
+    await within(closed, 15_000, "the broker to drop the publish it could not record");
+    expect(acked).toBe(false);
+
+    const down = await getJson(`${base}/readyz`);
+    expect(down.status).toBe(503);
+    expect(down.body.ready).toBe(false);
+    expect(down.body.reason).toContain("commits failing (disk_full)");
+    expect(await getJson(`${base}/healthz`)).toMatchObject({ status: 200 });
+    const health = (await getJson(`${base}/api/fleet`)).body;
+    expect(health.readiness.ready).toBe(false);
+    expect(health.db.ok).toBe(false);
+    expect(health.db.failure_kind).toBe("disk_full");
+    const status = await withFault.cli("status");
+    expect(status.json.readiness.reason).toContain("disk_full");
+    const metrics = await scrape(base);
+    expect(sampleValue(metrics, "fleet_commit_failures_total", { kind: "disk_full" })).toBeGreaterThanOrEqual(1);
+    expect(sampleValue(metrics, "fleet_storage_ok")).toBe(0);
+
+    rmSync(faultFile);
+    // The gateway probes with a tiny write while failing, so readiness returns without traffic.
+    await waitFor(async () => (await fetch(`${base}/readyz`)).status === 200, 15_000, "/readyz back to 200");
+    await publishQos1(await withFault.mqtt({ clientId: "after" }), "disk/a/c", { id: "during" });
+    await withFault.waitCommitted("counter/a", 2);
+    expect(await withFault.stop()).toBe(0);
+  }, 60_000);
+});
+
+describe("[broker] max_connections", () => {
+  test("past the limit a device gets CONNACK 3, the refusal is counted, and /healthz keeps answering", async () => {
+    const fleet = new TestFleet(fleetHeader("e2e-maxconn", { broker: "max_connections = 2" }));
+    await fleet.start();
+    await fleet.mqtt({ clientId: "one" });
+    await fleet.mqtt({ clientId: "two" });
+    const err = await connectAsync(`mqtt://127.0.0.1:${fleet.mqttPort}`, {
+      clientId: "three",
+      reconnectPeriod: 0,
+      connectTimeout: 5000,
+    }).then(
+      (c) => {
+        c.end(true);
+        return null;
+      },
+      (e: { code?: number }) => e,
+    );
+    expect(err?.code).toBe(3);
+    expect((await getJson(`${fleet.httpUrl}/healthz`)).status).toBe(200);
+    const metrics = await scrape(fleet.httpUrl);
+    expect(sampleValue(metrics, "fleet_broker_connections_refused_total")).toBe(1);
+    expect(sampleValue(metrics, "fleet_broker_connections")).toBe(2);
+    expect(await fleet.stop()).toBe(0);
+  }, 60_000);
+});

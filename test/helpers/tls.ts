@@ -1,0 +1,86 @@
+/**
+ * Test certificates made at test time with Debian's `openssl` in a temp dir: a CA, a server
+ * certificate for 127.0.0.1/localhost signed by it, and a client certificate (for `tls_ca`).
+ */
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+/** Paths of the PEM files, and the CA's text for clients. */
+export interface TestCerts {
+  readonly dir: string;
+  readonly ca: string;
+  readonly caPem: string;
+  readonly cert: string;
+  readonly key: string;
+  readonly clientCert: string;
+  readonly clientKey: string;
+}
+
+function openssl(dir: string, args: string[]): void {
+  const r = Bun.spawnSync(["openssl", ...args], { cwd: dir, stdout: "pipe", stderr: "pipe" });
+  if (r.exitCode !== 0) throw new Error(`openssl ${args.join(" ")} failed: ${r.stderr.toString()}`);
+}
+
+/** Make a CA and a server and client certificate signed by it (EC P-256, valid one day). */
+export function makeCerts(): TestCerts {
+  const dir = mkdtempSync(join(tmpdir(), "fleet-tls-"));
+  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+  openssl(dir, [
+    "req",
+    "-x509",
+    ...ec,
+    "-keyout",
+    "ca.key",
+    "-out",
+    "ca.pem",
+    "-days",
+    "1",
+    "-subj",
+    "/CN=fleet test CA",
+  ]);
+  writeFileSync(join(dir, "server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+  openssl(dir, ["req", ...ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+  openssl(dir, [
+    "x509",
+    "-req",
+    "-in",
+    "server.csr",
+    "-CA",
+    "ca.pem",
+    "-CAkey",
+    "ca.key",
+    "-CAcreateserial",
+    "-out",
+    "server.pem",
+    "-days",
+    "1",
+    "-extfile",
+    "server.ext",
+  ]);
+  openssl(dir, ["req", ...ec, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=boiler-1"]);
+  openssl(dir, [
+    "x509",
+    "-req",
+    "-in",
+    "client.csr",
+    "-CA",
+    "ca.pem",
+    "-CAkey",
+    "ca.key",
+    "-CAcreateserial",
+    "-out",
+    "client.pem",
+    "-days",
+    "1",
+  ]);
+  return {
+    dir,
+    ca: join(dir, "ca.pem"),
+    caPem: readFileSync(join(dir, "ca.pem"), "utf8"),
+    cert: join(dir, "server.pem"),
+    key: join(dir, "server.key"),
+    clientCert: join(dir, "client.pem"),
+    clientKey: join(dir, "client.key"),
+  };
+}
