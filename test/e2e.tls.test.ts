@@ -67,6 +67,8 @@ describe("TLS listeners", () => {
       () => "refused",
     );
     expect(plain).not.toBe(200);
+    // The CLI finds the HTTPS API through gateway.json.
+    expect((await fleet.cli("status")).json.fleet).toBe("e2e-tls");
     mqtts.end(true);
     wss.end(true);
     expect(await fleet.stop()).toBe(0);

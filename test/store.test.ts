@@ -70,6 +70,19 @@ async function rejection(fn: () => Promise<unknown>): Promise<unknown> {
 const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   [tables.meta, { key: "k", value: "v" }],
   [
+    tables.rejectedMessages,
+    {
+      seq: 1,
+      gateway: "gw",
+      kind: "mqtt",
+      topic: "dev/bad key!/c",
+      payload: Buffer.from("{}"),
+      client: "dev-1",
+      reason: "no valid key",
+      receivedAt: T0,
+    },
+  ],
+  [
     tables.specVersions,
     { hash: HASH("1"), gateway: "gw", path: "/srv/fleet.toml", text: "[fleet]\n", summary: "+temp", createdAt: T0 },
   ],

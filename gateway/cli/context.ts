@@ -101,9 +101,14 @@ export function createCli(flags: CliFlags): Cli {
     const file = join(await dataDir(), "gateway.json");
     if (!existsSync(file)) return null;
     try {
-      const g = JSON.parse(readFileSync(file, "utf8")) as { http_port: number; mqtt_port: number; pid: number };
+      const g = JSON.parse(readFileSync(file, "utf8")) as {
+        http_port: number;
+        mqtt_port: number;
+        pid: number;
+        https?: boolean;
+      };
       process.kill(g.pid, 0); // throws when the pid is gone: a stale gateway.json
-      return { http: `http://127.0.0.1:${g.http_port}`, mqtt_port: g.mqtt_port, token: null };
+      return { http: `${g.https ? "https" : "http"}://127.0.0.1:${g.http_port}`, mqtt_port: g.mqtt_port, token: null };
     } catch {
       return null;
     }
