@@ -3,7 +3,9 @@
  * external broker can replace the embedded one later, plus the pure topic rules.
  */
 export type {
+  AuthChange,
   Broker,
+  BrokerAuth,
   BrokerOptions,
   BrokerStats,
   ClientInfo,

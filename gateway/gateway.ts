@@ -8,8 +8,8 @@
 import { mkdirSync, readFileSync, writeFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
-import { createEmbeddedBroker, type Broker } from "../broker/index.ts";
-import { loadSpec } from "./spec/index.ts";
+import { createEmbeddedBroker, type Broker, type BrokerAuth } from "../broker/index.ts";
+import { loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store } from "./store/index.ts";
 import { Scheduler } from "./fleet/index.ts";
@@ -92,6 +92,8 @@ export class Gateway {
   private watcher: SpecWatcher | null = null;
   private spares: SparePool | null = null;
   private storageWatch: StorageWatch | null = null;
+  /** The devices registry behind broker auth, or null without a devices file. */
+  private devices: DeviceRegistry | null = null;
   private readonly now: () => number;
 
   constructor(readonly opts: GatewayOptions) {
@@ -361,17 +363,46 @@ export class Gateway {
         : null,
       maxPacketBytes: spec.broker.max_packet_bytes,
       maxConnections: spec.broker.max_connections,
-      allowAnonymous: spec.broker.allow_anonymous,
-      // Device credentials + topic ACLs from the devices file (re-read when it changes).
-      ...(spec.broker.devices_file
-        ? deviceBrokerHooks(new DeviceRegistry(spec.broker.devices_file, { log: this.log.child({ mod: "devices" }) }))
-        : {}),
+      // Anonymous policy + device credentials and topic ACLs from the devices file (re-read when it changes).
+      ...this.brokerAuth(spec),
       intake: (msg, client) =>
         this.state === "running"
           ? this.intake.mqtt(msg, client)
           : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` }),
       logger: this.log.child({ mod: "broker" }),
     });
+  }
+
+  /** Broker auth for a spec: anonymous policy plus the devices file's hooks (throws DevicesError on a bad file). */
+  private brokerAuth(spec: FleetSpec): BrokerAuth {
+    const file = spec.broker.devices_file;
+    // Same file: keep the registry, so the sessions it verified can stay.
+    if (file !== this.devices?.file)
+      this.devices = file === null ? null : new DeviceRegistry(file, { log: this.log.child({ mod: "devices" }) });
+    return { allowAnonymous: spec.broker.allow_anonymous, ...(this.devices ? deviceBrokerHooks(this.devices) : {}) };
+  }
+
+  /** The [broker] keys a reload applies live: connection limit, anonymous policy, devices file. */
+  private async applyBroker(current: FleetSpec, next: FleetSpec): Promise<string | null> {
+    const [a, b] = [current.broker, next.broker];
+    const done: string[] = [];
+    if (a.max_connections !== b.max_connections) {
+      this.broker.setMaxConnections(b.max_connections);
+      done.push(`max_connections ${b.max_connections}`);
+    }
+    if (a.allow_anonymous !== b.allow_anonymous || a.devices_file !== b.devices_file) {
+      const previous = this.devices;
+      let auth: BrokerAuth;
+      try {
+        auth = this.brokerAuth(next);
+      } catch (err) {
+        this.devices = previous;
+        throw err;
+      }
+      const { disconnected } = await this.broker.setAuth(auth);
+      done.push(`broker auth applied live, ${disconnected} session(s) closed`);
+    }
+    return done.length > 0 ? done.join("; ") : null;
   }
 
   /** Hot redeploy over the running parts; `adopt` is how it switches spec versions. */
@@ -386,6 +417,12 @@ export class Gateway {
       running: () => this.state === "running",
       current: () => this.current,
       adopt: (next) => this.adopt(next),
+      needsRestart: (current, next) =>
+        restartNeeded(current, next, [
+          ...(this.opts.mqttPort === undefined ? [] : ["broker.mqtt_port"]),
+          ...(this.opts.httpPort === undefined ? [] : ["http.port"]),
+        ]),
+      applyLive: (current, next) => this.applyBroker(current, next),
     });
   }
 

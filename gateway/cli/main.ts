@@ -15,6 +15,7 @@ import { BackupError } from "../ops/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
 import { cmdBackup, cmdRestore } from "./backup.ts";
 import { cmdState, cmdTrace } from "./history.ts";
+import { cmdInstallService } from "./service.ts";
 import { SpecError } from "../spec/index.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
@@ -36,6 +37,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
   trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream
   backup FILE                 consistent, verified copy of the database (works while running)
   restore FILE                put a backup in place in an empty data dir (gateway stopped)
+  install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/fleet] [--dry-run]
+                              write a hardened systemd unit (--dry-run prints it); docs/deploy.md
 ${DEVICE_USAGE}
 
   Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR)`;
@@ -76,6 +79,8 @@ const ARGS = {
     at: { type: "string" },
     diff: { type: "string" },
     topic: { type: "string" },
+    user: { type: "string" },
+    dir: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 } as const;
@@ -125,6 +130,8 @@ async function main(): Promise<number> {
       return cmdBackup(cli, a1);
     case "restore":
       return cmdRestore(cli, a1);
+    case "install-service":
+      return cmdInstallService(cli, { user: flags.user, dir: flags.dir });
     case "device":
       return deviceCommand(
         positionals.slice(1),

@@ -268,6 +268,21 @@ export class DeviceRegistry {
     return ok;
   }
 
+  /**
+   * Whether a connected device may keep its session when auth changes live: it logged in
+   * through this registry with its device's current secret, on its own client id.
+   */
+  sessionValid(client: ClientInfo): boolean {
+    if (client.username === null) return false;
+    this.refresh(true);
+    const device = this.config.devices.get(client.username);
+    return (
+      device !== undefined &&
+      device.clientId === client.id &&
+      this.verified.get(device.id)?.secretHash === device.secretHash
+    );
+  }
+
   /** Publish ACL: anonymous clients (when allowed) are limited by the built-in rules only. */
   mayPublish(client: ClientInfo, topic: string): boolean {
     const device = this.deviceOf(client);
@@ -308,9 +323,12 @@ export class DeviceRegistry {
 /** The broker hooks that enforce a registry (see `BrokerOptions`). */
 export function deviceBrokerHooks(
   registry: DeviceRegistry,
-): Required<Pick<BrokerOptions, "authenticate" | "authorizePublishTopic" | "authorizeSubscribeTopic">> {
+): Required<
+  Pick<BrokerOptions, "authenticate" | "authorizePublishTopic" | "authorizeSubscribeTopic" | "sessionValid">
+> {
   return {
     authenticate: (client, password) => registry.authenticate(client, password),
+    sessionValid: (client) => registry.sessionValid(client),
     authorizePublishTopic: (client, topic) => registry.mayPublish(client, topic),
     authorizeSubscribeTopic: (client, filter) => registry.maySubscribe(client, filter),
   };

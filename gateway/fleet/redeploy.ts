@@ -10,7 +10,7 @@ import { diffSpecs } from "./reload.ts";
 import type { Roster } from "./roster.ts";
 import type { Scheduler } from "./scheduler.ts";
 import { loadSpec } from "../spec/index.ts";
-import { SpecError, type SpecVersion } from "../spec/index.ts";
+import { SpecError, type FleetSpec, type SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { Timers } from "../intake/index.ts";
 import { agentId } from "../types.ts";
@@ -41,6 +41,10 @@ export interface RedeployDeps {
   current(): SpecVersion;
   /** Route and start new episodes on `next` from now on. */
   adopt(next: SpecVersion): void;
+  /** Changed keys that only a restart applies; any -> the reload is refused ("needs restart: …"). */
+  needsRestart?(current: FleetSpec, next: FleetSpec): string[];
+  /** Apply what changes live outside the fleet (broker auth); what it did, for the log. Throws to refuse the reload. */
+  applyLive?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
 }
 
 /** Applies fleet.toml changes one at a time. */
@@ -72,6 +76,20 @@ export class Redeploy {
     }
     this.error = null;
     if (next.hash === current.hash) return;
+    const restart = this.d.needsRestart?.(current.spec, next.spec) ?? [];
+    if (restart.length > 0) {
+      this.error = `needs restart: ${restart.join(", ")}; still running spec ${current.hash.slice(0, 12)}`;
+      this.d.log.error({ reason }, `fleet.toml not applied: ${this.error}`);
+      return;
+    }
+    let live: string | null;
+    try {
+      live = (await this.d.applyLive?.(current.spec, next.spec)) ?? null;
+    } catch (err) {
+      this.error = `not applied: ${err instanceof Error ? err.message : String(err)}`;
+      this.d.log.error({ reason }, `fleet.toml ${this.error}; keeping spec ${current.hash.slice(0, 12)}`);
+      return;
+    }
     const diff = diffSpecs(current.spec, next.spec);
     await this.d.store.saveSpecVersion({
       hash: next.hash,
@@ -88,7 +106,7 @@ export class Redeploy {
     await this.d.timers.update(next.spec);
     this.d.log.info(
       { reason, from: current.hash.slice(0, 12), to: next.hash.slice(0, 12) },
-      `redeployed: ${diff.summary}`,
+      `redeployed: ${diff.summary}${live ? ` (${live})` : ""}`,
     );
   }
 }

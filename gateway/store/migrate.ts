@@ -42,10 +42,6 @@ const INITIAL: readonly string[] = [
   `CREATE UNIQUE INDEX IF NOT EXISTS stimuli_dedup ON stimuli (agent, sid)`,
   `CREATE INDEX IF NOT EXISTS stimuli_queue ON stimuli (agent, state, seq)`,
   `CREATE INDEX IF NOT EXISTS stimuli_state ON stimuli (state, done_at)`,
-  `CREATE TABLE IF NOT EXISTS rejected_messages (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, gateway TEXT NOT NULL, kind TEXT NOT NULL, topic TEXT, payload BLOB,
-    client TEXT, reason TEXT NOT NULL, received_at INTEGER NOT NULL)`,
-  `CREATE INDEX IF NOT EXISTS rejected_messages_time ON rejected_messages (received_at)`,
   `CREATE TABLE IF NOT EXISTS episodes (
     id TEXT PRIMARY KEY, gateway TEXT NOT NULL, agent TEXT NOT NULL, stimulus_seq INTEGER NOT NULL,
     stimulus_id TEXT NOT NULL, spec_version TEXT NOT NULL, status TEXT NOT NULL, error_kind TEXT, error TEXT,
@@ -70,8 +66,19 @@ const INITIAL: readonly string[] = [
     PRIMARY KEY (agent, window))`,
 ];
 
+/** Messages that matched a subscription but named no valid agent, recorded instead of acked and dropped. */
+const REJECTED_MESSAGES: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS rejected_messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, gateway TEXT NOT NULL, kind TEXT NOT NULL, topic TEXT, payload BLOB,
+    client TEXT, reason TEXT NOT NULL, received_at INTEGER NOT NULL)`,
+  `CREATE INDEX IF NOT EXISTS rejected_messages_time ON rejected_messages (received_at)`,
+];
+
 /** Every migration, oldest first. */
-export const MIGRATIONS: readonly Migration[] = [{ version: 1, name: "initial schema", statements: INITIAL }];
+export const MIGRATIONS: readonly Migration[] = [
+  { version: 1, name: "initial schema", statements: INITIAL },
+  { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
+];
 
 /** The schema version this code writes. */
 export const SCHEMA_VERSION: number = MIGRATIONS.at(-1)?.version ?? 0;

@@ -1,0 +1,116 @@
+/**
+ * `fleet install-service [--user fleet] [--dir /opt/fleet] [--data-dir DIR] [--dry-run]`:
+ * a systemd unit for an edge box (docs/deploy.md). It runs the gateway as a dedicated
+ * user, restarts it always, and confines it (read-only system, private /tmp, writable data
+ * dir only). Namespaces stay allowed: bubblewrap sandboxes episodes with user namespaces.
+ */
+import { execFileSync } from "node:child_process";
+import { existsSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import type { Cli } from "./context.ts";
+import { UsageError } from "./context.ts";
+
+/** What the unit is made from. */
+export interface ServiceOptions {
+  /** The user the gateway runs as. */
+  readonly user: string;
+  /** The installed app: fleet.toml, agents, node_modules. */
+  readonly dir: string;
+  /** The data dir (libSQL file, gateway.json); the only path the service may write. */
+  readonly dataDir: string;
+  /** The bun binary. */
+  readonly bun: string;
+}
+
+const USER_RE = /^[a-z_][a-z0-9_-]{0,31}$/;
+/** Unit file paths are written without quoting: no spaces or specials. */
+const PATH_RE = /^\/[A-Za-z0-9._/@+-]*$/;
+
+/** The unit file text. */
+export function serviceUnit(o: ServiceOptions): string {
+  const underHome = /^\/(home|root)(\/|$)/.test(o.dir) || /^\/(home|root)(\/|$)/.test(o.dataDir);
+  return `# Written by \`fleet install-service\`; see docs/deploy.md.
+[Unit]
+Description=Agent Fleets gateway (${o.dir}/fleet.toml)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=${o.user}
+Group=${o.user}
+WorkingDirectory=${o.dir}
+Environment=FLEET_CONFIG=${o.dir}/fleet.toml
+Environment=FLEET_DATA_DIR=${o.dataDir}
+Environment=FLEET_LOG_FORMAT=json
+ExecStart=${o.bun} ${o.dir}/gateway/cli/main.ts start --config ${o.dir}/fleet.toml --data-dir ${o.dataDir}
+# SIGHUP reloads fleet.toml; SIGTERM drains in-flight episodes, then exits 0.
+ExecReload=/bin/kill -HUP $MAINPID
+KillMode=mixed
+TimeoutStopSec=60
+Restart=always
+RestartSec=2
+LimitNOFILE=65536
+UMask=0077
+
+# Confinement. Episode subprocesses are sandboxed by bubblewrap, which needs user
+# namespaces: do not add RestrictNamespaces= or PrivateUsers= here.
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=${underHome ? "read-only" : "yes"}
+ReadWritePaths=${o.dataDir}
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+
+[Install]
+WantedBy=multi-user.target
+`;
+}
+
+/** The command. */
+export async function cmdInstallService(cli: Cli, flags: { user?: string; dir?: string }): Promise<number> {
+  const user = flags.user ?? "fleet";
+  const dir = resolve(flags.dir ?? "/opt/fleet");
+  const dataDir = resolve(cli.flags["data-dir"] ?? join("/var/lib", user));
+  if (!USER_RE.test(user)) throw new UsageError(`--user "${user}" is not a valid user name`);
+  for (const [flag, p] of [
+    ["--dir", dir],
+    ["--data-dir", dataDir],
+  ] as const) {
+    if (!PATH_RE.test(p)) throw new UsageError(`${flag} "${p}" must be an absolute path without spaces or specials`);
+  }
+  const unit = serviceUnit({ user, dir, dataDir, bun: process.execPath });
+  if (cli.flags["dry-run"]) {
+    process.stdout.write(unit);
+    return 0;
+  }
+  if (process.getuid?.() !== 0) throw new UsageError("install-service writes /etc/systemd/system: run it as root");
+  if (!existsSync(join(dir, "fleet.toml"))) throw new UsageError(`no fleet.toml in ${dir}`);
+  let created = false;
+  try {
+    execFileSync("id", ["-u", user], { stdio: "ignore" });
+  } catch {
+    execFileSync("useradd", ["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user], {
+      stdio: "inherit",
+    });
+    created = true;
+  }
+  execFileSync("install", ["-d", "-m", "0750", "-o", user, "-g", user, dataDir], { stdio: "inherit" });
+  const file = "/etc/systemd/system/fleet.service";
+  writeFileSync(file, unit, { mode: 0o644 });
+  console.log(
+    `${created ? `created system user ${user}\n` : ""}wrote ${file} (data in ${dataDir})\n` +
+      "next: systemctl daemon-reload && systemctl enable --now fleet && journalctl -u fleet -f",
+  );
+  return 0;
+}

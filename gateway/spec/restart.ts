@@ -1,0 +1,41 @@
+/**
+ * Which keys of fleet.toml a running gateway cannot change without a restart: listeners
+ * (hosts, ports, TLS files, packet limit) and process-wide choices made at start. A hot
+ * reload that changes one of them is refused with "needs restart: …" instead of claiming
+ * it was applied. Auth and ACL keys (`allow_anonymous`, `devices`) and `max_connections`
+ * are applied live by the gateway.
+ */
+import { canonicalJson } from "../hash.ts";
+import type { FleetSpec } from "./types.ts";
+
+/** Keys read once at start, by table. */
+const RESTART_KEYS = {
+  fleet: ["data_dir", "synchronous", "sandbox", "warm_spares"],
+  broker: ["host", "mqtt_port", "ws_port", "tls_port", "wss_port", "tls", "max_packet_bytes"],
+  http: ["host", "port", "tls"],
+} as const satisfies { [T in keyof FleetSpec]?: readonly (keyof FleetSpec[T])[] };
+
+/** Keys a reload applies to the running broker without a restart. */
+export const LIVE_BROKER_KEYS = ["allow_anonymous", "devices_file", "max_connections"] as const;
+
+/**
+ * The changed keys that need a restart, as `table.key (old -> new)`. `ignore` names keys a
+ * command-line flag overrides (e.g. `broker.mqtt_port` under `--mqtt-port`): the file's
+ * value does not matter then.
+ */
+export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: readonly string[] = []): string[] {
+  const out: string[] = [];
+  for (const [table, keys] of Object.entries(RESTART_KEYS) as [keyof typeof RESTART_KEYS, readonly string[]][]) {
+    const a = before[table] as unknown as Record<string, unknown>;
+    const b = after[table] as unknown as Record<string, unknown>;
+    for (const key of keys) {
+      const path = `${table}.${key}`;
+      if (ignore.includes(path)) continue;
+      const was = canonicalJson(a[key] ?? null);
+      const now = canonicalJson(b[key] ?? null);
+      if (was !== now)
+        out.push(`${path === "broker.tls" || path === "http.tls" ? `${table}.tls_*` : path} (${was} -> ${now})`);
+    }
+  }
+  return out;
+}

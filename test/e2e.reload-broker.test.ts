@@ -1,0 +1,77 @@
+/**
+ * Hot reload of `[broker]` and `[http]` keys against the real gateway process: auth and
+ * ACL keys are applied live (sessions that no longer pass are closed), keys that only a
+ * restart applies make the reload fail with "needs restart: …" instead of claiming success.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { readFileSync, writeFileSync } from "node:fs";
+import { TestFleet, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
+import { closed, connackCode, deviceCli } from "./helpers/devices.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
+
+afterAll(() => cleanupAll(), 60_000);
+
+const fleetInfo = async (f: TestFleet) =>
+  (await (await fetch(`${f.httpUrl}/api/fleet`)).json()) as { spec_version: string; spec_error: string | null };
+
+describe("reloading [broker] and [http]", () => {
+  test("allow_anonymous = false applies at once: anonymous sessions are closed and refused, devices stay", async () => {
+    const toml = (anonymous: boolean) =>
+      fleetHeader("e2e-reload-auth", { broker: `allow_anonymous = ${anonymous}\ndevices = "devices.toml"` }) +
+      counterType("counter", "sensors/+/c");
+    const fleet = new TestFleet(toml(true));
+    const added = await deviceCli(fleet, "add", "boiler-1", "--publish", "sensors/%u/#", "--json");
+    expect(added.code).toBe(0);
+    const secret = (added.json as { secret: string }).secret;
+    await fleet.start();
+    const port = fleet.mqttPort;
+    const device = await fleet.mqtt({ clientId: "boiler-1", username: "boiler-1", password: secret });
+    const anonymous = await fleet.mqtt({ clientId: "anon-1" });
+    const anonymousClosed = closed(anonymous);
+    let deviceOpen = true;
+    device.once("close", () => (deviceOpen = false));
+
+    writeFileSync(fleet.configPath, toml(false));
+    await within(anonymousClosed, 15_000, "the anonymous session to be closed by the reload");
+    expect(await connackCode(port, { clientId: "anon-2" })).toBe(5);
+    await publishQos1(device, "sensors/boiler-1/c", { id: "after-reload" });
+    expect(deviceOpen).toBe(true);
+    const info = await fleetInfo(fleet);
+    expect(info.spec_error).toBeNull();
+    expect(readFileSync(fleet.logPath, "utf8")).toContain("broker auth applied live, 1 session(s) closed");
+
+    // Back to anonymous: allowed again without a restart.
+    writeFileSync(fleet.configPath, toml(true));
+    await waitFor(
+      async () => (await connackCode(port, { clientId: "anon-3" })) === 0,
+      15_000,
+      "anonymous allowed again",
+    );
+    expect(await fleet.stop()).toBe(0);
+  }, 60_000);
+
+  test("a listener key is not applied live: the reload fails with needs restart and the spec stays", async () => {
+    const base = fleetHeader("e2e-reload-restart") + counterType("counter", "sensors/+/c");
+    const fleet = new TestFleet(base);
+    await fleet.start();
+    const before = await fleetInfo(fleet);
+    writeFileSync(
+      fleet.configPath,
+      base.replace('[broker]\nhost = "127.0.0.1"', '[broker]\nhost = "127.0.0.1"\nmax_packet_bytes = 1000'),
+    );
+    const after = await waitFor(
+      async () => {
+        const i = await fleetInfo(fleet);
+        return i.spec_error ? i : undefined;
+      },
+      15_000,
+      "the reload error",
+    );
+    expect(after.spec_error).toContain("needs restart: broker.max_packet_bytes (262144 -> 1000)");
+    expect(after.spec_version).toBe(before.spec_version);
+    const status = await fleet.cli("status");
+    expect(status.json.spec_error).toBe(after.spec_error);
+    expect(readFileSync(fleet.logPath, "utf8")).not.toContain("redeployed");
+    expect(await fleet.stop()).toBe(0);
+  }, 60_000);
+});

@@ -1,0 +1,58 @@
+/**
+ * `fleet install-service --dry-run` prints a systemd unit for an edge box: a dedicated user,
+ * Restart=always, confinement with a writable data dir only, and nothing that would stop
+ * bubblewrap's user namespaces. `systemd-analyze verify` checks it when it is installed.
+ */
+import { describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { runCli } from "./helpers/gateway.ts";
+
+describe("fleet install-service", () => {
+  test("--dry-run prints a hardened unit that systemd-analyze verify accepts", async () => {
+    const r = await runCli(["install-service", "--dry-run", "--user", "edge", "--dir", "/opt/fleet"]);
+    expect(r.code).toBe(0);
+    const unit = r.stdout;
+    for (const line of [
+      "User=edge",
+      "Group=edge",
+      "WorkingDirectory=/opt/fleet",
+      "Restart=always",
+      "NoNewPrivileges=yes",
+      "ProtectSystem=strict",
+      "PrivateTmp=yes",
+      "ReadWritePaths=/var/lib/edge",
+      "ExecReload=/bin/kill -HUP $MAINPID",
+      "WantedBy=multi-user.target",
+    ]) {
+      expect(unit.split("\n")).toContain(line);
+    }
+    expect(unit).toMatch(
+      /^ExecStart=\S+ \/opt\/fleet\/gateway\/cli\/main\.ts start --config \/opt\/fleet\/fleet\.toml --data-dir \/var\/lib\/edge$/m,
+    );
+    // bwrap needs user namespaces.
+    expect(unit).not.toMatch(/^(RestrictNamespaces|PrivateUsers)=/m);
+
+    const analyze = Bun.which("systemd-analyze");
+    if (!analyze) return;
+    const dir = mkdtempSync(join(tmpdir(), "fleet-unit-"));
+    try {
+      const file = join(dir, "fleet.service");
+      writeFileSync(file, unit);
+      const v = Bun.spawnSync([analyze, "verify", file], { stdout: "pipe", stderr: "pipe" });
+      expect({ code: v.exitCode, stderr: v.stderr.toString() }).toEqual({ code: 0, stderr: "" });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
+
+  test("a bad user name or a relative path is a usage error, and nothing is written", async () => {
+    const bad = await runCli(["install-service", "--dry-run", "--user", "Bad User"]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain('--user "Bad User" is not a valid user name');
+    const spaced = await runCli(["install-service", "--dry-run", "--dir", "/opt/my fleet"]);
+    expect(spaced.code).toBe(2);
+    expect(spaced.stderr).toContain("must be an absolute path without spaces");
+  }, 30_000);
+});
