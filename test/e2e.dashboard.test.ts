@@ -6,16 +6,19 @@
  * Screenshots go to test-output/ (git-ignored).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
 import { chromium, type Browser, type Page } from "playwright-core";
-import { ROOT, TestFleet, cleanupAll, publishQos1, waitFor } from "./helpers/gateway.ts";
+import { ROOT, TestFleet, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
 import { counterType, fleetHeader, tempMonitorType, throwerType } from "./helpers/toml.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const OUT = join(ROOT, "test-output");
 const DEVICES = Array.from({ length: 60 }, (_, i) => `pump-${String(i).padStart(2, "0")}`);
+/** While this file exists the gateway's commits fail like a full disk (FLEET_TEST_COMMIT_FAULT_FILE). */
+const DISK_FULL = join(tmpdir(), `fleet-dashboard-disk-full-${process.pid}`);
 
 const TOML =
   fleetHeader("plant-7") +
@@ -42,7 +45,7 @@ beforeAll(async () => {
     );
   }
   mkdirSync(OUT, { recursive: true });
-  fleet = new TestFleet(TOML);
+  fleet = new TestFleet(TOML, { env: { FLEET_TEST_COMMIT_FAULT_FILE: DISK_FULL } });
   await fleet.start();
   base = fleet.httpUrl;
   client = await fleet.mqtt({ clientId: "e2e-dashboard" });
@@ -302,5 +305,28 @@ describe("the dashboard", () => {
       { timeout: 30_000 },
     );
     expect(await page.evaluate(() => (window as unknown as { __noReload?: number }).__noReload)).toBe(7);
+  }, 60_000);
+
+  test("while commits fail the header says not ready with the reason; the banner goes once a commit succeeds", async () => {
+    await page.goto(`${base}/`);
+    await page.waitForFunction(() => document.querySelector('[data-testid="fleet-name"]')?.textContent === "plant-7");
+    expect(await byTestId("storage-error").isHidden()).toBe(true);
+    writeFileSync(DISK_FULL, "");
+    try {
+      const device = await fleet.mqtt({ clientId: "disk-full" });
+      const dropped = new Promise<void>((resolve) => device.once("close", () => resolve()));
+      device.publish("pumps/pump-09/in", JSON.stringify({ id: "disk" }), { qos: 1 });
+      await within(dropped, 15_000, "the publish the gateway could not record to be refused");
+      await page.reload();
+      const banner = byTestId("storage-error");
+      await banner.waitFor({ state: "visible", timeout: 15_000 });
+      expect(await banner.textContent()).toContain("commits failing (disk_full)");
+      await page.screenshot({ path: join(OUT, "dashboard-not-ready.png") });
+    } finally {
+      rmSync(DISK_FULL, { force: true });
+    }
+    await waitFor(async () => (await fetch(`${base}/readyz`)).status === 200, 15_000, "/readyz 200 again");
+    await page.reload();
+    await byTestId("storage-error").waitFor({ state: "hidden", timeout: 15_000 });
   }, 60_000);
 });
