@@ -27,7 +27,7 @@ import {
   type SpawnOptions,
 } from "./episode/index.ts";
 import { startHttp, type HttpServer } from "./http/index.ts";
-import { FleetMetrics } from "./observe/index.ts";
+import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers } from "./intake/index.ts";
 import { gcAll, type GcReport } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
@@ -94,6 +94,7 @@ export class Gateway {
   private storageWatch: StorageWatch | null = null;
   /** The devices registry behind broker auth, or null without a devices file. */
   private devices: DeviceRegistry | null = null;
+  private telemetry: EpisodeTelemetry | null = null;
   private readonly now: () => number;
 
   constructor(readonly opts: GatewayOptions) {
@@ -126,6 +127,16 @@ export class Gateway {
     this.storageWatch = new StorageWatch(this.store, this.log);
     this.storageWatch.start();
     this.metrics = new FleetMetrics(this, { now: this.now });
+    if (spec.telemetry.otlp_endpoint !== null) {
+      this.telemetry = new EpisodeTelemetry(this.store, {
+        endpoint: spec.telemetry.otlp_endpoint,
+        serviceName: spec.telemetry.service_name,
+        fleet: spec.fleet.name,
+        gateway: this.store.gatewayId,
+        log: this.log.child({ mod: "telemetry" }),
+      });
+      this.telemetry.attach(this.events);
+    }
     await this.store.saveSpecVersion({
       hash: this.current.hash,
       path: this.current.path,
@@ -220,6 +231,7 @@ export class Gateway {
     await this.effects?.flush();
     this.http?.stop();
     await this.broker?.close();
+    await this.telemetry?.close().catch((err: unknown) => this.log.warn({ err }, "telemetry: final export failed"));
     await this.store?.close();
     try {
       rmSync(join(this.dataDir, "gateway.json"));

@@ -7,3 +7,4 @@ export * from "./sse.ts";
 export * from "./status-topics.ts";
 export * from "./views.ts";
 export * from "./storage.ts";
+export * from "./telemetry.ts";

@@ -139,6 +139,10 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
     },
     http: { ...http, tls: httpTls },
     llm: { ...raw.llm, api_key_env: raw.llm.api_key_env ?? null },
+    telemetry: {
+      otlp_endpoint: raw.telemetry.otlp_endpoint ?? null,
+      service_name: raw.telemetry.service_name ?? raw.fleet.name,
+    },
     agents,
     hooks,
     retention: raw.retention,

@@ -85,6 +85,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "hooks.*.dedup": "Body field whose value is the stimulus id (the Idempotency-Key header wins).",
   "hooks.*.secret_env": "Environment variable holding the shared secret (HMAC X-Fleet-Signature or Bearer).",
   "hooks.*.max_body_bytes": "Largest body accepted (413 past it).",
+  telemetry: "OpenTelemetry export: one span per episode, with its tool calls, decisions and outputs.",
+  "telemetry.otlp_endpoint":
+    "OTLP/HTTP collector URL (spans are POSTed as JSON to <url>/v1/traces); absent: nothing is exported.",
+  "telemetry.service_name": "The spans' service.name (default: [fleet] name).",
   retention: "How long history is kept.",
   "retention.episodes_days": "Episode logs older than this are collected (the hash chain stays verifiable).",
   "retention.dedup_days": "A stimulus id is remembered at least this long.",

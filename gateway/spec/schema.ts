@@ -163,6 +163,12 @@ export const fleetSchema = z.strictObject({
   }),
   agents: named("agent type", agentSchema),
   hooks: named("hook", hookSchema),
+  telemetry: table({
+    otlp_endpoint: str()
+      .refine((u) => URL.canParse(u) && /^https?:$/.test(new URL(u).protocol), "must be an http(s) URL")
+      .optional(),
+    service_name: str().optional(),
+  }),
   retention: table({ episodes_days: positive().default(30), dedup_days: positive().default(7) }),
 });
 

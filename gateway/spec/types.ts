@@ -132,6 +132,12 @@ export interface FleetSpec {
     readonly api_key_env: string | null;
     readonly timeout_ms: number;
   };
+  readonly telemetry: {
+    /** OTLP/HTTP collector base URL (traces go to `<url>/v1/traces`); null: no export. */
+    readonly otlp_endpoint: string | null;
+    /** `service.name` of the spans (default: the fleet's name). */
+    readonly service_name: string;
+  };
   readonly agents: Readonly<Record<string, AgentTypeSpec>>;
   readonly hooks: Readonly<Record<string, HookSpec>>;
   readonly retention: {
