@@ -18,7 +18,10 @@ export interface ClientInfo {
   readonly username: string | null;
 }
 
-/** Intake result: ok -> the publish is accepted (PUBACK sent for QoS1 only after intake resolved); refused -> publish is refused with reason. */
+/**
+ * Intake result: ok -> the publish is accepted (PUBACK sent for QoS1 only after intake resolved); refused -> publish is
+ * refused with reason.
+ */
 export type IntakeVerdict = { readonly ok: true } | { readonly ok: false; readonly reason: string };
 
 /** Who may connect and what they may publish and subscribe; `Broker.setAuth` swaps it live. */

@@ -322,7 +322,8 @@ export class Gateway {
     this.spawnOptions = this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox);
     if (this.spawnOptions.uid === null && !this.spawnOptions.bwrap) {
       this.log.warn(
-        "agent subprocesses are NOT isolated from the gateway (not root, no bubblewrap): they run with its uid and could read its /proc environ",
+        "agent subprocesses are NOT isolated from the gateway (not root, no " +
+          "bubblewrap): they run with its uid and could read its /proc environ",
       );
     }
     this.spares = new SparePool(spec.fleet.warm_spares, this.spawnOptions);

@@ -81,7 +81,8 @@ async function benchHttp(o: OpsOptions): Promise<Row[]> {
     const paused = agents / 2 / 50;
     const base = `http://127.0.0.1:${gw.httpPort}`;
     const pages = agents / limit;
-    const spread = (i: number) => 1 + Math.floor((i * 7919) % pages); // a stride prime to the page count: every part of the range
+    // a stride prime to the page count: every part of the range
+    const spread = (i: number) => 1 + Math.floor((i * 7919) % pages);
 
     const check = (await (await fetch(`${base}/api/agents?status=paused&limit=${limit}`)).json()) as { total: number };
     if (check.total !== paused) throw new Error(`http: expected ${paused} paused agents, got ${check.total}`);
@@ -143,7 +144,8 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     await fleet.checkpointWal();
     const filledMb = statSync(fleet.dbPath).size / 1e6;
     o.log(
-      `  filled in ${fillSecs.toFixed(1)} s (${fmt(episodes / fillSecs)} commits/s); ${JSON.stringify(await fleet.counts())}`,
+      `  filled in ${fillSecs.toFixed(1)} s (${fmt(episodes / fillSecs)} ` +
+        `commits/s); ${JSON.stringify(await fleet.counts())}`,
     );
 
     // Background passes at the end of the run: most checkpoints tombstoned, older days collected.
@@ -158,7 +160,8 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     }
     const backgroundSecs = (performance.now() - started) / 1000;
     o.log(
-      `  ${passMs.length} background passes: ${fmt(background)} records in ${backgroundSecs.toFixed(1)} s; pass p50 ${fmt(quantile(passMs, 0.5))} ms, max ${fmt(Math.max(...passMs))} ms`,
+      `  ${passMs.length} background passes: ${fmt(background)} records in ${backgroundSecs.toFixed(1)} ` +
+        `s; pass p50 ${fmt(quantile(passMs, 0.5))} ms, max ${fmt(Math.max(...passMs))} ms`,
     );
 
     // `fleet gc` once everything is past retention.
@@ -169,7 +172,8 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     const report = await verifyStore(fleet.store);
     if (report.problems.length > 0)
       throw new Error(
-        `gc: verify found ${report.problems.length} problem(s) after collection: ${JSON.stringify(report.problems.slice(0, 3))}`,
+        `gc: verify found ${report.problems.length} problem(s) after ` +
+          `collection: ${JSON.stringify(report.problems.slice(0, 3))}`,
       );
 
     const info = (metric: string, unit: string, value: number, note?: string): Row => ({
@@ -228,7 +232,8 @@ if (import.meta.main) {
       r.ratio === null ? "-" : `+${fmt(r.ratio)} ${r.unit}`,
     ]);
     console.log(
-      `\n## ops (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ${Bun.version})\n${table(["metric", "gateway", "baseline (/healthz)", "extra"], cells)}`,
+      `\n## ops (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ` +
+        `${Bun.version})\n${table(["metric", "gateway", "baseline (/healthz)", "extra"], cells)}`,
     );
     for (const r of rows.filter((r) => r.note)) console.log(`  ${r.metric}: ${r.note}`);
     const result = { quick: flags.quick, rows };

@@ -82,7 +82,9 @@ interface Sampled {
   readonly seconds: number;
   readonly cpuPct: number;
   readonly wakeupsPerS: number;
-  /** CPU in the FIRE_WINDOW_MS after each second boundary, and in the IDLE_WINDOW_MS before the next, as % of that time. */
+  /**
+   * CPU in the FIRE_WINDOW_MS after each second boundary, and in the IDLE_WINDOW_MS before the next, as % of that time.
+   */
   readonly firePct: number;
   readonly idlePct: number;
   readonly cpuMsPerSecond: number;
@@ -132,7 +134,10 @@ async function sample(gw: GatewayProc, seconds: number): Promise<Sampled> {
   };
 }
 
-/** What was recorded for the fire slots (whole seconds) in [from, to): stimuli, their lateness, and episodes committed meanwhile. */
+/**
+ * What was recorded for the fire slots (whole seconds) in [from, to): stimuli, their lateness, and episodes committed
+ * meanwhile.
+ */
 function recorded(
   gw: GatewayProc,
   from: number,
@@ -146,7 +151,8 @@ function recorded(
     const hi = `timer:${end}`;
     const rows = db
       .query<{ sid: string; n: number; at: number }, [string, string]>(
-        "SELECT sid, count(*) AS n, max(received_at) AS at FROM stimuli WHERE kind = 'timer' AND sid >= ? AND sid < ? GROUP BY sid",
+        "SELECT sid, count(*) AS n, max(received_at) AS at FROM stimuli " +
+          "WHERE kind = 'timer' AND sid >= ? AND sid < ? GROUP BY sid",
       )
       .all(lo, hi);
     const late = rows.map((r) => r.at - Number(r.sid.slice(6))).sort((a, b) => a - b);
@@ -255,7 +261,8 @@ export async function benchTimers(o: BenchOptions & { agents?: number; seconds?:
   // Stimuli per scheduled second: each whole second in the window is one fire slot.
   const rate = (r: { stimuli: number; slots: number }) => r.stimuli / r.slots;
   const fullFires = (r: { stimuli: number; fires: number; slots: number }) =>
-    `${r.fires} of ${r.slots} fire slots, ${r.stimuli} stimuli (${r.fires > 0 ? fmt(r.stimuli / r.fires) : "-"} per fire)`;
+    `${r.fires} of ${r.slots} fire slots, ${r.stimuli} stimuli ` +
+    `(${r.fires > 0 ? fmt(r.stimuli / r.fires) : "-"} per fire)`;
   return [
     row(
       "x",
@@ -295,7 +302,8 @@ export async function benchTimers(o: BenchOptions & { agents?: number; seconds?:
       null,
       "-",
       null,
-      `max ${fmt(runRec.latenessMax)} ms running, p50 ${fmt(pausedRec.latenessP50)} / max ${fmt(pausedRec.latenessMax)} ms paused`,
+      `max ${fmt(runRec.latenessMax)} ms running, p50 ` +
+        `${fmt(pausedRec.latenessP50)} / max ${fmt(pausedRec.latenessMax)} ms paused`,
     ),
     row(
       "+",
@@ -381,7 +389,8 @@ if (import.meta.main) {
       ];
     });
     console.log(
-      `\n## timers (1 s interval; baseline = expected rate, or the same gateway without a timer)\n${table(["metric", "gateway", "baseline/expected", "ratio", "target", "ok"], cells)}`,
+      `\n## timers (1 s interval; baseline = expected rate, or the same gateway without a ` +
+        `timer)\n${table(["metric", "gateway", "baseline/expected", "ratio", "target", "ok"], cells)}`,
     );
     for (const r of rows.filter((x) => x.note)) console.log(`  ${r.metric}: ${r.note}`);
   } finally {

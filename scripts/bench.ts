@@ -123,7 +123,8 @@ for (const section of chosen) {
 }
 
 console.log(
-  `\n## summary (${flags.quick ? "quick" : "full"} run, ${cpus().length} CPUs, Bun ${Bun.version}, ${elapsed()})\n${table(HEAD, rows.map(rowCells))}`,
+  `\n## summary (${flags.quick ? "quick" : "full"} run, ${cpus().length} ` +
+    `CPUs, Bun ${Bun.version}, ${elapsed()})\n${table(HEAD, rows.map(rowCells))}`,
 );
 for (const e of errors) console.log(`FAILED ${e.section}: ${e.error}`);
 

@@ -335,7 +335,8 @@ async function run(opts: CliOptions): Promise<void> {
     await client.endAsync();
     const secs = (Date.now() - started) / 1000;
     log(
-      `${why}: sent=${totals.sent} acked=${totals.acked} errors=${totals.errors} in ${secs.toFixed(1)}s (${(totals.sent / secs).toFixed(1)}/s)`,
+      `${why}: sent=${totals.sent} acked=${totals.acked} errors=${totals.errors} ` +
+        `in ${secs.toFixed(1)}s (${(totals.sent / secs).toFixed(1)}/s)`,
     );
     process.stdout.write(
       `${JSON.stringify({

@@ -101,7 +101,7 @@ const detector = (config: AnomalyConfig = {}, allowPublish = true) =>
 const names = (rec: Recorded) => rec.decisions.map((d) => d.name);
 
 describe("temp-monitor", () => {
-  test("temp-monitor alerts once when crossing the threshold and clears only below threshold minus hysteresis", async () => {
+  test("alerts once when crossing the threshold and clears only below threshold minus hysteresis", async () => {
     const h = monitor({ threshold: 80, hysteresis: 2 });
     await h.feed([70, 79.9, 80, 81.2]);
     expect(names(h.rec)).toEqual(["alert"]);

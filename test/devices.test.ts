@@ -114,7 +114,9 @@ describe("devices file", () => {
 
   test("defaults are added to every device's ACL and client id defaults to the device id", async () => {
     const cfg = compileDevices(
-      `[defaults]\npublish = ["fleet/agents/+/%u/inbox"]\n[devices.a]\nsecret = ${JSON.stringify(await hash)}\npublish = ["sensors/%u/#"]\n[devices.b]\nsecret = ${JSON.stringify(await hash)}\nclient_id = "b-client"\n`,
+      `[defaults]\npublish = ["fleet/agents/+/%u/inbox"]\n` +
+        `[devices.a]\nsecret = ${JSON.stringify(await hash)}\npublish = ["sensors/%u/#"]\n` +
+        `[devices.b]\nsecret = ${JSON.stringify(await hash)}\nclient_id = "b-client"\n`,
       "devices.toml",
     );
     expect(cfg.devices.get("a")?.acl.publish).toEqual(["fleet/agents/+/%u/inbox", "sensors/%u/#"]);
@@ -169,7 +171,8 @@ describe("device registry", () => {
     expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, null)).toBe(false);
     expect(await reg.authenticate({ id: "other", username: "dev-a" }, enc(a.secret))).toBe(false);
     expect(await reg.authenticate({ id: "x", username: "nobody" }, enc(a.secret))).toBe(false);
-    expect(await reg.authenticate({ id: "dev-a", username: null }, null)).toBe(false); // anonymous on a device's client id
+    // anonymous on a device's client id
+    expect(await reg.authenticate({ id: "dev-a", username: null }, null)).toBe(false);
     expect(await reg.authenticate({ id: "someone", username: null }, null)).toBe(true);
 
     expect(reg.mayPublish({ id: "dev-a", username: "dev-a" }, "sensors/dev-a/t")).toBe(true);

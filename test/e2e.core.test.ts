@@ -872,7 +872,8 @@ describe("crash safety", () => {
           const agent = `counter/k${k}`;
           const n = committed.filter((e) => e.agent === agent).length;
           const [row] = await fleet.query<{ head_seq: number; state: string; chain: number }>(
-            "SELECT a.head_seq, c.state, (SELECT count(*) FROM checkpoints WHERE agent = a.id) AS chain FROM agents a LEFT JOIN checkpoints c ON c.hash = a.head_hash WHERE a.id = ?",
+            "SELECT a.head_seq, c.state, (SELECT count(*) FROM checkpoints WHERE agent = a.id) AS " +
+              "chain FROM agents a LEFT JOIN checkpoints c ON c.hash = a.head_hash WHERE a.id = ?",
             [agent],
           );
           if (n === 0) continue;

@@ -41,7 +41,8 @@ const byTestId = (id: string) => page.getByTestId(id);
 beforeAll(async () => {
   if (!existsSync(CHROMIUM)) {
     throw new Error(
-      `the dashboard browser test needs Debian's chromium at ${CHROMIUM} (apt-get install -y chromium); it does not skip`,
+      `the dashboard browser test needs Debian's chromium at ` +
+        `${CHROMIUM} (apt-get install -y chromium); it does not skip`,
     );
   }
   mkdirSync(OUT, { recursive: true });

@@ -68,7 +68,7 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
     if (fleet?.running) expect(await fleet.stop()).toBe(0);
   }, 60_000);
 
-  test("a wrong password, an unknown device or no credentials get CONNACK refused (mqtt.js and mosquitto_pub)", async () => {
+  test("wrong password, unknown device or no credentials: CONNACK refused (mqtt.js and mosquitto_pub)", async () => {
     const port = fleet.mqttPort;
     expect(await connackCode(port, { ...login("dev-a"), password: "wrong" })).toBe(4);
     expect(await connackCode(port, { clientId: "dev-z", username: "dev-z", password: secrets["dev-a"]! })).toBe(4);
@@ -183,7 +183,7 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
     expect(a.connected).toBe(true);
   }, 60_000);
 
-  test("fleet device add prints a secret once, stores only its hash, and the running gateway accepts it at once", async () => {
+  test("device add: the secret is printed once, only its hash is stored, the running gateway accepts it", async () => {
     const human = await deviceCli(fleet, "add", "dev-c", "--publish", "sensors/%u/#");
     expect(human.code).toBe(0);
     const secret = /^secret: (\S+)$/m.exec(human.stdout)?.[1] ?? "";
@@ -261,7 +261,7 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
     expect((await quarantineAction(fleet, "retry", 999_999)).code).toBe(1);
   }, 60_000);
 
-  test("quarantine while stopped: list and retry write the data dir; the next start runs the retried stimulus", async () => {
+  test("quarantine while stopped: list and retry write the data dir, and the next start runs it", async () => {
     const a = await fleet.mqtt(login("dev-a"));
     await publishQos1(a, "sensors/dev-a/temp", { id: "poison-3", v: 3 });
     await waitFor(

@@ -129,7 +129,7 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
     echo.stop();
   }, 60_000);
 
-  test("a tool outside the allowlist or a topic outside `publish` is denied and recorded; the agent catches ToolDenied and the episode commits", async () => {
+  test("a denied tool or publish topic is recorded; the agent catches ToolDenied and the episode commits", async () => {
     const out = await stimulate(client, all, "tooler/t1", {
       id: "deny-1",
       steps: [
@@ -248,7 +248,7 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
     expect(echo.requests.length).toBe(before);
   }, 60_000);
 
-  test("the agent of a type that holds the secret cannot see it: not in its env, /proc/self/environ, its parent's or any readable environ", async () => {
+  test("an agent cannot see its type's secret: not in its env nor in any /proc environ it can read", async () => {
     const out = await stimulate(client, all, "probe/p1", { id: "probe-1", needle: "SLACK_TOKEN", pids: [fleet.pid] });
     episodes.push(out.episode);
     const d = out.data;
@@ -263,7 +263,7 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
     if (IS_ROOT) expect(d.uid).toBe(65534);
   }, 60_000);
 
-  test("the secret value appears nowhere: events (fleet show), MQTT, the gateway log, the /api endpoints, the database file", async () => {
+  test("the secret appears nowhere: events (fleet show), MQTT, the gateway log, the API, the database", async () => {
     expect(episodes.length).toBeGreaterThanOrEqual(5);
     for (const id of episodes) {
       const ep = await show(fleet, id);
@@ -348,7 +348,7 @@ describe("budgets pause the agent durably and it resumes", () => {
     llm.stop();
   }, 60_000);
 
-  test("episodes_per_hour: the 4th stimulus pauses the agent (status, reason, retained topic) and waits durably in the queue", async () => {
+  test("episodes_per_hour: the 4th stimulus pauses the agent (reason, retained status) and waits durably", async () => {
     for (const id of ["e1", "e2", "e3", "e4"]) await publishQos1(client, "eph/a/in", { id });
     await fleet.waitCommitted("eph/a", 3);
     const a = await waitFor(
@@ -454,7 +454,7 @@ describe("budgets pause the agent durably and it resumes", () => {
     expect(await queued("cost/a")).toEqual([{ sid: "id:c3" }]);
   }, 60_000);
 
-  test("kill -9, even mid-episode, neither resets nor double-counts the ledger; paused agents stay paused with their stimuli queued", async () => {
+  test("kill -9 mid-episode neither resets nor double-counts the ledger; paused agents keep their queue", async () => {
     // An episode in flight at the crash: its LLM call is answered only after 3 s.
     await publishQos1(client, "slowtok/a/in", {
       id: "k1",
@@ -512,7 +512,7 @@ describe("budgets pause the agent durably and it resumes", () => {
     expect(await queued("eph/a")).toEqual([]);
   }, 60_000);
 
-  test("a paused agent resumes by itself once its window has passed (stored window moved one day back while stopped)", async () => {
+  test("a paused agent resumes by itself when its window has passed (window moved back a day, stopped)", async () => {
     // Time travel without a clock hook: stop the gateway, then make the stored state what it
     // would be a day later — the pause deadline is past and the usage belongs to yesterday.
     await fleet.stop();
@@ -624,7 +624,9 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     watch.stop();
     const during = pinger.latencies(from);
     report.push(
-      `during ${name.padEnd(6)}: ${describeLatency(during)} (offender ${episode!.status}${episode!.error_kind ? `/${episode!.error_kind}` : ""} after ${episode!.ms} ms, ${watch.seen.size} processes seen)`,
+      `during ${name.padEnd(6)}: ${describeLatency(during)} (offender ` +
+        `${episode!.status}${episode!.error_kind ? `/${episode!.error_kind}` : ""} ` +
+        `after ${episode!.ms} ms, ${watch.seen.size} processes seen)`,
     );
 
     // The healthy agent kept committing at its pace: every ping answered, none failed, latency bounded.
@@ -682,7 +684,8 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     expect(out.json.data.spawned).toBeLessThan(4096);
     const sleepers = [...watch.seen.values()].filter((p) => p.argv[1] === marker).length;
     report.push(
-      `  fork bomb: spawned ${out.json.data.spawned} from Bun, ${sleepers} sleepers seen in total; error ${JSON.stringify(out.json.data.error)}`,
+      `  fork bomb: spawned ${out.json.data.spawned} from Bun, ${sleepers} ` +
+        `sleepers seen in total; error ${JSON.stringify(out.json.data.error)}`,
     );
     expect(sleepersWith(marker)).toEqual([]);
     // The sandbox's rlimits as the kernel applied them to the episode.
@@ -740,7 +743,7 @@ describe("fairness and bounded queues", () => {
     await fleet?.dispose();
   }, 60_000);
 
-  test("max_queue: with the agent paused, the 51st QoS 1 publish gets no PUBACK and the connection closes; after resume exactly the 50 acknowledged run", async () => {
+  test("max_queue 50: the 51st QoS 1 publish to a paused agent gets no PUBACK; on resume exactly 50 run", async () => {
     expect((await fleet.cli("pause", "bounded/q1")).code).toBe(0);
     const pub = await fleet.mqtt();
     for (let i = 1; i <= 50; i++) await publishQos1(pub, "bounded/q1/in", { id: `b${i}` });
@@ -758,7 +761,8 @@ describe("fairness and bounded queues", () => {
     expect((await fleet.cli("resume", "bounded/q1")).code).toBe(0);
     await fleet.waitCommitted("bounded/q1", 50, 30_000);
     const ran = await fleet.query<{ sid: string }>(
-      "SELECT e.stimulus_id AS sid FROM episodes e WHERE e.agent = 'bounded/q1' AND e.status = 'committed' ORDER BY e.started_at",
+      "SELECT e.stimulus_id AS sid FROM episodes e WHERE e.agent = " +
+        "'bounded/q1' AND e.status = 'committed' ORDER BY e.started_at",
     );
     expect(ran.map((r) => r.sid)).toEqual(Array.from({ length: 50 }, (_, i) => `id:b${i + 1}`));
     const seen = new Set(outs.messages.filter((m) => m.json?.agent === "bounded/q1").map((m) => m.json.data.id));
@@ -766,7 +770,7 @@ describe("fairness and bounded queues", () => {
     expect(seen.has("b51")).toBe(false);
   }, 60_000);
 
-  test("one agent flooded with 2,000 stimuli leaves a quiet agent's latency within about one episode of its solo latency", async () => {
+  test("2,000 stimuli flooding one agent leave a quiet agent within about an episode of its solo latency", async () => {
     const flooder = await fleet.mqtt();
     const N = 2000;
     const acked = Promise.all(
@@ -795,7 +799,8 @@ describe("fairness and bounded queues", () => {
     )[0]!.n;
     const bound = 5 * percentile(solo, 0.5) + 500;
     report.push(
-      `quiet during flood: ${describeLatency(during)}; bound p95 < ${bound.toFixed(0)} ms; flood: ${floodDone} episodes done, ${backlog} still queued`,
+      `quiet during flood: ${describeLatency(during)}; bound p95 < ${bound.toFixed(0)} ` +
+        `ms; flood: ${floodDone} episodes done, ${backlog} still queued`,
     );
     expect(during.every(Number.isFinite)).toBe(true);
     expect(during.length).toBeGreaterThanOrEqual(15);

@@ -203,7 +203,8 @@ episodes_per_hour = 1000000
 describe("timer catch-up after downtime", () => {
   for (const policy of ["none", "one", "all"] as const) {
     test(
-      `catch_up = "${policy}": missed fires are ${policy === "none" ? "skipped" : policy === "one" ? "replayed once (the newest)" : "all replayed"}`,
+      `catch_up = "${policy}": missed fires are ` +
+        `${policy === "none" ? "skipped" : policy === "one" ? "replayed once (the newest)" : "all replayed"}`,
       async () => {
         const fleet = new TestFleet(`${HEAD}
 [agents.tick]
@@ -262,7 +263,8 @@ catch_up = "${policy}"
         if (policy === "none") expect(replayed).toEqual([]);
         if (policy === "all") expect(replayed).toEqual(missed);
         if (policy === "one") {
-          // The gateway's clock at catch-up lies in [restartAt, readyAt]; in the same window the newest missed fire is certain.
+          // The gateway's clock at catch-up lies in [restartAt, readyAt]; in the same window the newest missed fire is
+          // certain.
           if (sameWindow) expect(replayed).toEqual([missed.at(-1)!]);
           else expect(fires.filter((t) => t > last && t <= readyAt).length).toBeGreaterThanOrEqual(1);
           expect(fires.filter((t) => t > last && t < missed.at(-1)!)).toEqual([]);
@@ -278,7 +280,8 @@ catch_up = "${policy}"
         const eps = await waitCommitted(fleet, "tick/a", fires.length, 20_000);
         expectOncePerStimulus(eps);
         measured[`catch_up ${policy}`] =
-          `down ${restartAt - stoppedAt} ms, missed ${missed.length}, replayed ${replayed.length}, startup ${readyAt - restartAt} ms (same window: ${sameWindow}, cycles ${c.attempts})`;
+          `down ${restartAt - stoppedAt} ms, missed ${missed.length}, replayed ${replayed.length}, ` +
+          `startup ${readyAt - restartAt} ms (same window: ${sameWindow}, cycles ${c.attempts})`;
         await fleet.dispose();
       },
       T,

@@ -106,7 +106,7 @@ describe("/metrics", () => {
     expect(sampleValue(x, "fleet_agents", { type: "counter", status: "idle" })).toBe(0);
   }, 60_000);
 
-  test("episodes, intake by source, dedup hits, failures, budget use and commit latency move with real episodes", async () => {
+  test("episode, intake, dedup, failure, budget and commit-latency metrics move with real episodes", async () => {
     const before = await scrape(base);
     const commitsBefore = sampleValue(before, "fleet_db_commit_seconds_count") ?? 0;
 

@@ -43,7 +43,7 @@ async function versionOf(path: string): Promise<number> {
 }
 
 describe("schema migrations", () => {
-  test("a data dir written by release 0.1 opens with the current code, is at the current version and verifies", async () => {
+  test("a release 0.1 data dir opens with the current code, is at the current version and verifies", async () => {
     const path = fixtureCopy();
     expect(await versionOf(path)).toBe(1);
     const store = await Store.open(path, { synchronous: "full" });

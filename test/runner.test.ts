@@ -761,7 +761,7 @@ async function waitGone(pids: readonly number[]): Promise<void> {
 }
 
 describe("the IPC edge", () => {
-  test("a subprocess that sends a malformed or forged message fails its episode as protocol, and is killed", async () => {
+  test("a subprocess sending a malformed or forged message fails its episode as protocol, and is killed", async () => {
     const r = await runEpisode(start("bad-ipc"), LIMITS, noTools, SPAWN);
     expect(r.ok).toBe(false);
     if (r.ok) return;

@@ -107,7 +107,7 @@ describe("scheduler", () => {
     expect(fleet.turnsOf("flooded")).toBeGreaterThanOrEqual(1000);
   });
 
-  test("round-robin: an agent that arrives while others are busy gets a turn within maxConcurrent + 1 turns", async () => {
+  test("round-robin: an agent arriving while others are busy gets a turn within maxConcurrent + 1 turns", async () => {
     const max = 2;
     const { fleet, enqueue, drained } = setup(max);
     for (let i = 0; i < 300; i++) for (const a of ["f1", "f2", "f3"]) enqueue(a);
@@ -161,7 +161,7 @@ describe("scheduler", () => {
     expect(startedAt.slice(1).every((t) => t >= until)).toBe(true);
   });
 
-  test("an agent whose wait has passed runs as soon as it is enqueued, and keeps going until its queue is empty", async () => {
+  test("an agent whose wait has passed runs once enqueued and keeps going until its queue is empty", async () => {
     let clock = 1_000_000;
     const fleet = new FakeFleet();
     const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: fleet.runTurn, now: () => clock });

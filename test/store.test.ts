@@ -187,7 +187,8 @@ describe("schema.ts and migrate.ts agree", () => {
 
   test("the DDL creates exactly the tables the drizzle schema declares", async () => {
     const rows = await store.client.execute(
-      "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'libsql_%' AND name NOT LIKE '_litestream%'",
+      "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE " +
+        "'sqlite_%' AND name NOT LIKE 'libsql_%' AND name NOT LIKE '_litestream%'",
     );
     const inDb = rows.rows.map((r) => String(r.name)).sort();
     const inSchema = FULL_ROWS.map(([table]) => getTableConfig(table).name).sort();
@@ -370,7 +371,7 @@ describe("group committer", () => {
     }
   });
 
-  test("the same stimulus twice in one batched insert is recorded once; the second caller sees a duplicate", async () => {
+  test("the same stimulus twice in one batched insert is recorded once; the second sees a duplicate", async () => {
     const store = await open(freshPath());
     try {
       const [a, b] = await Promise.all([store.intake([stim("id:twin")]), store.intake([stim("id:twin")])]);

@@ -90,7 +90,8 @@ export async function deviceCommand(args: readonly string[], flags: DeviceFlags,
             `MQTT login: username "${id}", password = the secret, client id "${clientId}".`,
             ...(noAcl
               ? [
-                  "note: no publish/subscribe patterns (here or in [defaults]): the device may connect but not publish or subscribe.",
+                  "note: no publish/subscribe patterns (here or in [defaults]): " +
+                    "the device may connect but not publish or subscribe.",
                 ]
               : []),
           ].join("\n"),
@@ -110,9 +111,13 @@ export async function deviceCommand(args: readonly string[], flags: DeviceFlags,
           }));
           const dflt =
             defaults.publish.length + defaults.subscribe.length > 0
-              ? `\ndefaults: publish ${defaults.publish.join(" ") || "-"}; subscribe ${defaults.subscribe.join(" ") || "-"}`
+              ? `\ndefaults: publish ${defaults.publish.join(" ") || "-"}; ` +
+                `subscribe ${defaults.subscribe.join(" ") || "-"}`
               : "";
-          return `${table(rows, ["id", "client_id", "publish", "subscribe", "created"])}\n${devices.length} device(s) in ${file}${dflt}`;
+          return (
+            `${table(rows, ["id", "client_id", "publish", "subscribe", "created"])}\n${devices.length} ` +
+            `device(s) in ${file}${dflt}`
+          );
         });
         return 0;
       }
@@ -127,7 +132,8 @@ export async function deviceCommand(args: readonly string[], flags: DeviceFlags,
           ctx,
           { ok: true, removed: id },
           () =>
-            `removed device ${id} (it can no longer connect; a live session loses publish/subscribe rights within a second)`,
+            `removed device ${id} (it can no longer connect; a live ` +
+            `session loses publish/subscribe rights within a second)`,
         );
         return 0;
       }
@@ -150,7 +156,10 @@ function quarantineTable(items: readonly QuarantineItem[]): string {
     error: (q.last_error ?? "").split("\n")[0]!.slice(0, 60),
     episodes: q.episodes.join(","),
   }));
-  return `${table(rows, ["seq", "agent", "stimulus", "attempts", "error", "episodes"])}\n${items.length} quarantined stimulus(es)`;
+  return (
+    `${table(rows, ["seq", "agent", "stimulus", "attempts", "error", "episodes"])}\n${items.length} ` +
+    `quarantined stimulus(es)`
+  );
 }
 
 /** `fleet quarantine [retry|drop <seq>]` */

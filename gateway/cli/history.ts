@@ -104,7 +104,8 @@ function describePatch(patch: readonly PatchOp[]): string {
 function head(n: TraceNode): string {
   const s = n.stimulus;
   const cause = s ? `${s.kind}${s.topic ? ` ${s.topic}` : ""} (payload ${s.payload_hash.slice(0, 12)})` : "?";
-  return `episode ${n.episode} ${n.agent} ${n.status} ${n.ms} ms <- ${cause} at ${new Date(n.started_at).toISOString()}`;
+  const at = new Date(n.started_at).toISOString();
+  return `episode ${n.episode} ${n.agent} ${n.status} ${n.ms} ms <- ${cause} at ${at}`;
 }
 
 function effectLines(e: TraceEffect, indent: string): string[] {

@@ -59,7 +59,8 @@ export async function cmdGc(cli: Cli): Promise<number> {
   } else if (live) {
     if (now !== undefined)
       throw new UsageError(
-        "--now works only with --dry-run or on a stopped gateway's data dir: the running gateway collects on its own clock",
+        "--now works only with --dry-run or on a stopped gateway's " +
+          "data dir: the running gateway collects on its own clock",
       );
     const res = await liveFetch(live, `/api/gc${dryRun ? "?dry_run=1" : ""}`, { method: "POST" });
     const body = (await res.json()) as GcReport & { error?: { message: string } };
@@ -71,7 +72,8 @@ export async function cmdGc(cli: Cli): Promise<number> {
   } else {
     if (now !== undefined && now > Date.now())
       console.error(
-        `WARNING: collecting as of ${new Date(now).toISOString()}, a time in the future: dedup ids younger than dedup_days are forgotten, so a stimulus already processed may run a second episode if it is sent again.`,
+        `WARNING: collecting as of ${new Date(now).toISOString()}, a time in the future: dedup ids younger than ` +
+          `dedup_days are forgotten, so a stimulus already processed may run a second episode if it is sent again.`,
       );
     const store = await Store.open(join(await cli.dataDir(), "fleet.db"), { synchronous: "full" });
     report = await gcAll(store, (await loadSpec(cli.configPath)).spec, { now: now ?? Date.now(), dryRun });
@@ -80,7 +82,10 @@ export async function cmdGc(cli: Cli): Promise<number> {
   cli.print(
     report,
     () =>
-      `${dryRun ? "would collect" : "collected"}: ${report.tombstoned} checkpoint state(s) tombstoned, ${report.checkpointsDeleted} tombstone(s), ${report.episodesDeleted} episode(s) with ${report.eventsDeleted} event(s), ${report.stimuliForgotten} dedup record(s), ${report.usageRowsDeleted} budget row(s) in ${Math.round(report.ms)} ms`,
+      `${dryRun ? "would collect" : "collected"}: ${report.tombstoned} checkpoint state(s) ` +
+      `tombstoned, ${report.checkpointsDeleted} tombstone(s), ${report.episodesDeleted} ` +
+      `episode(s) with ${report.eventsDeleted} event(s), ${report.stimuliForgotten} dedup ` +
+      `record(s), ${report.usageRowsDeleted} budget row(s) in ${Math.round(report.ms)} ms`,
   );
   return 0;
 }
@@ -150,7 +155,8 @@ export async function cmdSend(cli: Cli, topic: string | undefined, payload: stri
   };
   cli.print(body, () =>
     res.ok
-      ? `accepted ${body.accepted?.length ?? 0}, duplicates ${body.duplicates?.length ?? 0}${body.accepted?.map((a) => `\n  ${a.agent} ${a.sid}`).join("") ?? ""}`
+      ? `accepted ${body.accepted?.length ?? 0}, duplicates ` +
+        `${body.duplicates?.length ?? 0}${body.accepted?.map((a) => `\n  ${a.agent} ${a.sid}`).join("") ?? ""}`
       : `error: ${body.error?.message}`,
   );
   return res.ok ? 0 : 1;

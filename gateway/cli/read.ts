@@ -122,9 +122,13 @@ export async function cmdVerify(cli: Cli): Promise<number> {
   const store = await cli.openReadonly();
   const report = await verifyStore(store, cli.flags.agent ? [cli.flags.agent] : undefined);
   cli.print(report, () => {
-    const head = `verified ${report.agents} agent(s), ${report.checkpoints} checkpoint(s), ${report.episodes} episode(s)`;
+    const { agents, checkpoints, episodes } = report;
+    const head = `verified ${agents} agent(s), ${checkpoints} checkpoint(s), ${episodes} episode(s)`;
     if (report.problems.length === 0) return `${head}: OK`;
-    return `${head}: ${report.problems.length} problem(s)\n${report.problems.map((p) => `  BROKEN ${p.record}: ${p.problem}`).join("\n")}`;
+    return (
+      `${head}: ${report.problems.length} ` +
+      `problem(s)\n${report.problems.map((p) => `  BROKEN ${p.record}: ${p.problem}`).join("\n")}`
+    );
   });
   return report.problems.length === 0 ? 0 : 1;
 }
@@ -133,7 +137,10 @@ function describeReplay(r: ReplayResult): string {
   if (r.verdict === "MATCH") return `MATCH     ${r.episode} ${r.agent}`;
   if (r.verdict === "UNREPLAYABLE") return `SKIPPED   ${r.episode} ${r.agent}: ${r.reason}`;
   const d = r.divergence;
-  return `DIVERGED  ${r.episode} ${r.agent} at ${d.at}\n  expected ${JSON.stringify(d.expected)}\n  actual   ${JSON.stringify(d.actual)}`;
+  return (
+    `DIVERGED  ${r.episode} ${r.agent} at ${d.at}\n  expected ` +
+    `${JSON.stringify(d.expected)}\n  actual   ${JSON.stringify(d.actual)}`
+  );
 }
 
 /** `fleet replay <episode> | --agent <type/key> [--module FILE]`: 0 only when everything MATCHes. */

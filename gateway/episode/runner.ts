@@ -162,7 +162,9 @@ export async function runEpisode(
     finish({
       ok: false,
       kind: oom ? "oom" : "crashed",
-      message: `subprocess exited (code ${code}${host.proc.signalCode ? `, signal ${host.proc.signalCode}` : ""}) before finishing${detail ? `: ${detail}` : ""}`,
+      message:
+        `subprocess exited (code ${code}${host.proc.signalCode ? `, signal ${host.proc.signalCode}` : ""}) ` +
+        `before finishing${detail ? `: ${detail}` : ""}`,
     });
   });
 

@@ -26,7 +26,8 @@ export interface TimerDeps {
 
 /** Next scheduled time strictly after `after`. */
 export function nextFire(timer: TimerSpec, after: number): number | null {
-  if (timer.kind === "every") return (Math.floor(after / timer.ms) + 1) * timer.ms; // aligned to the epoch: stable across restarts
+  // aligned to the epoch: stable across restarts
+  if (timer.kind === "every") return (Math.floor(after / timer.ms) + 1) * timer.ms;
   const next = new Cron(timer.expr, { paused: true, timezone: "UTC" }).nextRun(new Date(after));
   return next ? next.getTime() : null;
 }

@@ -349,7 +349,9 @@ export class FleetMetrics {
     );
     new Gauge({
       name: "fleet_spec_info",
-      help: "The spec version new episodes start on (value 1); `reload_error` is 1 while the last fleet.toml edit was rejected.",
+      help:
+        "The spec version new episodes start on (value 1); " +
+        "`reload_error` is 1 while the last fleet.toml edit was rejected.",
       labelNames: ["fleet", "version", "reload_error"],
       registers,
       collect() {

@@ -94,7 +94,8 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     await store.writer.write([
       // Never move an anchor backwards (a concurrent `fleet gc` may have gone further).
       store.db.run(
-        sql`UPDATE agents SET anchor_seq = ${anchor.seq}, anchor_hash = ${anchor.hash} WHERE id = ${agent} AND anchor_seq < ${anchor.seq}`,
+        sql`UPDATE agents SET anchor_seq = ${anchor.seq}, anchor_hash =
+          ${anchor.hash} WHERE id = ${agent} AND anchor_seq < ${anchor.seq}`,
       ),
       store.db.run(sql`DELETE FROM checkpoints WHERE agent = ${agent} AND seq <= ${anchor.seq} AND state IS NULL`),
     ]);
@@ -115,9 +116,11 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   }
 
   // 4. Dedup memory: finished stimuli past dedup_days. Queued ones are never touched.
-  const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected') AND done_at < ${dedupCutoff} LIMIT ${batch}`;
+  const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected')
+    AND done_at < ${dedupCutoff} LIMIT ${batch}`;
   // 5. Budget windows no budget looks at any more (older than two days).
-  const oldUsage = sql`SELECT rowid FROM budget_usage WHERE (window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
+  const oldUsage = sql`SELECT rowid FROM budget_usage WHERE (window LIKE 'h:%' AND
+    CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
     OR (window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / DAY) - 2}) LIMIT ${batch}`;
   if (opts.dryRun) {
     report.stimuliForgotten = await scalar(store, sql`SELECT count(*) FROM (${oldStimuli})`);

@@ -22,6 +22,9 @@ export interface VerifyReport {
   readonly problems: VerifyProblem[];
 }
 
+/** A hash as problems quote it: its first 16 characters. */
+const short = (hash: unknown): string => String(hash).slice(0, 16);
+
 /** Verify every agent (or those listed). */
 export async function verifyStore(store: Store, only?: readonly string[]): Promise<VerifyReport> {
   const agents = only?.length ? [...only] : await store.agentsWithCheckpoints();
@@ -42,7 +45,7 @@ export async function verifyStore(store: Store, only?: readonly string[]): Promi
         problems.push({
           agent,
           record: rec,
-          problem: `parent ${String(row.parent).slice(0, 16)} does not link to #${prevSeq} ${String(prev).slice(0, 16)}`,
+          problem: `parent ${short(row.parent)} does not link to #${prevSeq} ${short(prev)}`,
         });
       if (row.state !== null) {
         try {
@@ -58,7 +61,7 @@ export async function verifyStore(store: Store, only?: readonly string[]): Promi
       problems.push({
         agent,
         record: `agent ${agent}`,
-        problem: `head ${String(a.headHash).slice(0, 16)} is not the newest checkpoint ${String(prev).slice(0, 16)}`,
+        problem: `head ${short(a.headHash)} is not the newest checkpoint ${short(prev)}`,
       });
     for (let after = ""; ; ) {
       const page = await store.scanEpisodes(agent, after, 500);

@@ -67,7 +67,10 @@ function specErrorOf(file: string, problems: readonly Problem[]): SpecError {
 
 // ---- compile ------------------------------------------------------------------------------
 
-/** Compiles fleet.toml text (from `file`, used for errors and relative paths) into a frozen SpecVersion; throws SpecError. */
+/**
+ * Compiles fleet.toml text (from `file`, used for errors and relative paths) into a frozen SpecVersion; throws
+ * SpecError.
+ */
 export async function compileSpec(text: string, file: string): Promise<SpecVersion> {
   let doc: unknown;
   try {

@@ -69,7 +69,10 @@ export interface HookSpec {
   readonly key_field: string | null;
   /** Payload field carrying the dedup id when no Idempotency-Key header is sent. */
   readonly dedup: string | null;
-  /** Env name of a shared secret; requests must carry `X-Fleet-Signature: sha256=<hmac>` or `Authorization: Bearer <secret>`. */
+  /**
+   * Env name of a shared secret; requests must carry `X-Fleet-Signature: sha256=<hmac>` or `Authorization: Bearer
+   * <secret>`.
+   */
   readonly secret_env: string | null;
   readonly max_body_bytes: number;
 }

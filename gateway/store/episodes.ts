@@ -106,7 +106,9 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
       args: [ep.id, now, ep.attempt, ep.stimulusSeq],
     },
     {
-      sql: "UPDATE agents SET head_seq = ?, head_hash = ?, episodes = episodes + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
+      sql:
+        "UPDATE agents SET head_seq = ?, head_hash = ?, episodes = " +
+        "episodes + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
       args: [c.checkpoint.seq, c.checkpoint.hash, now, now, ep.agent],
     },
     usageStatement(ep.agent, c.usage),
@@ -123,7 +125,9 @@ export function failureStatements(f: EpisodeFailure): RawStatement[] {
   out.push(
     f.retryAt === null
       ? {
-          sql: `UPDATE stimuli SET state = 'quarantined', attempts = ?, episode = ?, done_at = ?${setError} WHERE seq = ?`,
+          sql:
+            `UPDATE stimuli SET state = 'quarantined', attempts = ` +
+            `?, episode = ?, done_at = ?${setError} WHERE seq = ?`,
           args: [ep.attempt, ep.id, ep.endedAt, ...error, ep.stimulusSeq],
         }
       : {

@@ -59,7 +59,8 @@ const INITIAL: readonly string[] = [
   `CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_chain ON checkpoints (agent, seq)`,
   `CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, episode TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
-    payload TEXT NOT NULL, qos INTEGER NOT NULL DEFAULT 1, retain INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL)`,
+    payload TEXT NOT NULL, qos INTEGER NOT NULL DEFAULT 1, retain INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL)`,
   `CREATE TABLE IF NOT EXISTS budget_usage (
     agent TEXT NOT NULL, window TEXT NOT NULL, episodes INTEGER NOT NULL DEFAULT 0,
     tool_calls INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0, cost REAL NOT NULL DEFAULT 0,
@@ -135,7 +136,9 @@ export async function migrate(
   try {
     for (const m of pending) for (const sql of m.statements) await tx.execute(sql);
     await tx.execute({
-      sql: "INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+      sql:
+        "INSERT INTO meta(key, value) VALUES ('schema_version', " +
+        "?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
       args: [String(target)],
     });
     await tx.commit();

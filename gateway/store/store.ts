@@ -225,14 +225,18 @@ export class Store {
     const stmts: RawStatement[] = [];
     for (const part of chunks([...fresh.values()])) {
       stmts.push({
-        sql: `INSERT INTO agents (id, type, key, gateway, created_at, updated_at) VALUES ${part.map(() => "(?,?,?,?,?,?)").join(",")} ON CONFLICT DO NOTHING`,
+        sql:
+          `INSERT INTO agents (id, type, key, gateway, created_at, updated_at) ` +
+          `VALUES ${part.map(() => "(?,?,?,?,?,?)").join(",")} ON CONFLICT DO NOTHING`,
         args: part.flatMap((s) => [s.agent, s.type, s.key, this.gatewayId, s.receivedAt, s.receivedAt]),
       });
     }
     const firstInsert = stmts.length;
     for (const part of chunks(all)) {
       stmts.push({
-        sql: `INSERT INTO stimuli (gateway, agent, sid, kind, topic, payload, received_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?)").join(",")}
+        sql:
+          `INSERT INTO stimuli (gateway, agent, sid, kind, topic, payload, ` +
+          `received_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?)").join(",")}
           ON CONFLICT DO NOTHING RETURNING seq, agent, sid`,
         args: part.flatMap((s) => [this.gatewayId, s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt]),
       });

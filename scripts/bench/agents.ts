@@ -102,7 +102,8 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
   const left = descendantPids(gw.pid).filter((p) => !idleGroups.has(pgidOf(p)));
   const total = (await gw.api<Health>("/api/fleet")).agents.total;
   o.log(
-    `  after ${driven} episodes (${(driven / episodeSecs).toFixed(1)}/s): ${afterMb.toFixed(1)} MB; ${left.length} subprocess(es) left, at most ${maxChildren} at once; ${total} agents`,
+    `  after ${driven} episodes (${(driven / episodeSecs).toFixed(1)}/s): ${afterMb.toFixed(1)} ` +
+      `MB; ${left.length} subprocess(es) left, at most ${maxChildren} at once; ${total} agents`,
   );
   await gw.stop();
 

@@ -55,7 +55,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   const k = o.quick ? 60 : 300;
   const perRound = Math.round(k / ROUNDS);
   o.log(
-    `episodes: ${ROUNDS} interleaved rounds of ${perRound} stimuli for distinct agents per target, concurrency ${CONCURRENCY}`,
+    `episodes: ${ROUNDS} interleaved rounds of ${perRound} stimuli ` +
+      `for distinct agents per target, concurrency ${CONCURRENCY}`,
   );
 
   const gw = await startGateway("episodes", benchFleet({ maxConcurrent: CONCURRENCY }));
@@ -94,7 +95,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       rates[t].push(await runs[t](round));
     }
     o.log(
-      `  round ${round + 1}: gateway ${rates.gateway.at(-1)!.toFixed(1)}/s, bare wrapped ${rates.wrapped.at(-1)!.toFixed(1)}/s, bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`,
+      `  round ${round + 1}: gateway ${rates.gateway.at(-1)!.toFixed(1)}/s, bare wrapped ` +
+        `${rates.wrapped.at(-1)!.toFixed(1)}/s, bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`,
     );
   }
   summaries.close();
@@ -104,7 +106,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   const med = (t: keyof typeof rates) => quantile(rates[t], 0.5);
   const per = (t: keyof typeof cpu) => cpu[t] / (perRound * ROUNDS);
   o.log(
-    `  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn loop ${per("wrapped").toFixed(1)} (wrapped), ${per("plain").toFixed(1)} (plain)`,
+    `  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn ` +
+      `loop ${per("wrapped").toFixed(1)} (wrapped), ${per("plain").toFixed(1)} (plain)`,
   );
   return [
     rateRow(
@@ -173,7 +176,8 @@ export async function benchLatency(o: BenchOptions): Promise<Row[]> {
   const p = (a: number[], q: number) => quantile(a, q);
   const inRunner = p(runs.matched.slice(warm), 0.5);
   o.log(
-    `  gateway p50 ${p(lat.gateway, 0.5).toFixed(1)} ms (runEpisode ${inRunner.toFixed(1)}), bare wrapped ${p(lat.wrapped, 0.5).toFixed(1)}, bare plain ${p(lat.plain, 0.5).toFixed(1)}`,
+    `  gateway p50 ${p(lat.gateway, 0.5).toFixed(1)} ms (runEpisode ${inRunner.toFixed(1)}), ` +
+      `bare wrapped ${p(lat.wrapped, 0.5).toFixed(1)}, bare plain ${p(lat.plain, 0.5).toFixed(1)}`,
   );
   return [
     deltaRow(

@@ -86,7 +86,10 @@ export function procStatusKb(pid: number, field: "VmRSS" | "VmHWM"): number | nu
   }
 }
 
-/** CPU time of a process (`self`: utime+stime) and of its reaped descendants (`children`: cutime+cstime), ms, 10 ms resolution. */
+/**
+ * CPU time of a process (`self`: utime+stime) and of its reaped descendants (`children`: cutime+cstime), ms, 10 ms
+ * resolution.
+ */
 export function cpuMs(pid: number | "self"): { self: number; children: number } {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, "utf8");

@@ -41,7 +41,8 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   const warmup = o.quick ? 500 : 2_000;
   const perRound = Math.round(count / ROUNDS);
   o.log(
-    `intake: ${ROUNDS} interleaved rounds of ${perRound} QoS 1 messages over ${TOPICS} topics per target, window ${o.window}, after ${warmup} warm-up`,
+    `intake: ${ROUNDS} interleaved rounds of ${perRound} QoS 1 messages over ` +
+      `${TOPICS} topics per target, window ${o.window}, after ${warmup} warm-up`,
   );
 
   const keys = Array.from({ length: TOPICS }, (_, i) => `k${i}`);
@@ -75,7 +76,8 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   await gw.stop();
   const expected = warmup + perRound * ROUNDS;
   o.log(
-    `  gateway queued after: ${health.queued_stimuli} (expected ${expected}), running episodes: ${health.running_episodes}`,
+    `  gateway queued after: ${health.queued_stimuli} (expected ` +
+      `${expected}), running episodes: ${health.running_episodes}`,
   );
   if (health.queued_stimuli !== expected)
     throw new Error(`intake: gateway acked ${expected} stimuli but reports ${health.queued_stimuli} queued`);

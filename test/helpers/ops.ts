@@ -75,7 +75,9 @@ export class SyntheticFleet {
       `[fleet]\nname = "synthetic"\nsynchronous = "normal"\n`,
       ...opts.types.map(
         (t) =>
-          `[agents.${t.name}]\nmodule = ${JSON.stringify(module)}\ninstances = [${t.keys.map((k) => JSON.stringify(k)).join(", ")}]\nconfig = { threshold = 80.0 }\n\n[agents.${t.name}.checkpoint]\nkeep = ${opts.keep}\n`,
+          `[agents.${t.name}]\nmodule = ${JSON.stringify(module)}\n` +
+          `instances = [${t.keys.map((k) => JSON.stringify(k)).join(", ")}]\nconfig = { threshold = 80.0 }\n\n` +
+          `[agents.${t.name}.checkpoint]\nkeep = ${opts.keep}\n`,
       ),
       `[retention]\nepisodes_days = ${opts.episodesDays}\ndedup_days = ${opts.dedupDays}\n`,
     ].join("\n");

@@ -355,7 +355,10 @@ export class Pinger {
 /** A one-line summary of latency samples. */
 export function describeLatency(xs: readonly number[]): string {
   const f = (n: number) => (Number.isFinite(n) ? n.toFixed(0) : "inf");
-  return `n=${xs.length} p50=${f(percentile(xs, 0.5))} p95=${f(percentile(xs, 0.95))} p99=${f(percentile(xs, 0.99))} max=${f(Math.max(...xs))} ms`;
+  return (
+    `n=${xs.length} p50=${f(percentile(xs, 0.5))} p95=${f(percentile(xs, 0.95))} ` +
+    `p99=${f(percentile(xs, 0.99))} max=${f(Math.max(...xs))} ms`
+  );
 }
 
 // ---- budget windows -----------------------------------------------------------------------

@@ -67,7 +67,9 @@ export function agentType(
 module = ${q(module)}
 subscribe = [${subscribe.map(q).join(", ")}]
 key = ${q(o.key ?? "{1}")}
-${o.dedup ? `dedup = ${q(o.dedup)}\n` : ""}${o.instances ? `instances = [${o.instances.map(q).join(", ")}]\n` : ""}${o.extra ?? ""}`;
+${o.dedup ? `dedup = ${q(o.dedup)}\n` : ""}${
+  o.instances ? `instances = [${o.instances.map(q).join(", ")}]\n` : ""
+}${o.extra ?? ""}`;
 }
 
 /** The counter fixture keyed by the topic's `+`, deduplicated by `id`. */

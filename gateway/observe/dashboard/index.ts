@@ -1,5 +1,5 @@
 /**
- * The operator dashboard (`GET /`): a static page, a stylesheet and one script. The script
+ * The operator dashboard (`GET /`): a static page, a stylesheet, an icon and one script. The script
  * is TypeScript under `client/` (type-checked with the DOM library by its own
  * `client/tsconfig.json`, part of `npm test`), bundled with `Bun.build` once per gateway
  * process when the routes are made and kept in memory. Everything it shows comes from the
@@ -11,6 +11,7 @@ const HEADERS = { "cache-control": "no-cache", "x-content-type-options": "nosnif
 const FILES = {
   "/": { file: "index.html", type: "text/html; charset=utf-8" },
   "/ui/style.css": { file: "style.css", type: "text/css; charset=utf-8" },
+  "/ui/icon.svg": { file: "icon.svg", type: "image/svg+xml" },
 } as const;
 
 /** The client's entry point. */
