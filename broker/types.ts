@@ -70,7 +70,10 @@ export interface BrokerOptions extends BrokerAuth {
    * (server unavailable) and is closed. 0 or absent = no limit.
    */
   readonly maxConnections?: number;
-  /** Called for each device publish that passed the topic rules and ACL, BEFORE the broker acks it. Must resolve once the message is durably recorded. */
+  /**
+   * Called for each device publish that passed the topic rules and ACL, BEFORE the broker acks it. Must resolve once
+   * the message is durably recorded.
+   */
   intake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict>;
   readonly logger: Logger;
 }

@@ -730,7 +730,7 @@ describe("live auth changes", () => {
     expect((await refusedConnect(h, { clientId: "anon-2" }))?.code).toBe(5);
   });
 
-  test("sessions with a username stay only when the new rules vouch for them, and lose denied subscriptions", async () => {
+  test("sessions with a username stay only if the new rules vouch for them and lose denied subscriptions", async () => {
     const users: Record<string, string> = { "dev-1": "s1", "dev-2": "s2" };
     const authenticate = async (c: ClientInfo, pw: Uint8Array | null) =>
       c.username !== null && users[c.username] === new TextDecoder().decode(pw ?? new Uint8Array());

@@ -308,7 +308,7 @@ describe("the dashboard", () => {
     expect(await page.evaluate(() => (window as unknown as { __noReload?: number }).__noReload)).toBe(7);
   }, 60_000);
 
-  test("while commits fail the header says not ready with the reason; the banner goes once a commit succeeds", async () => {
+  test("while commits fail the header says not ready, with the reason; the banner goes once one succeeds", async () => {
     await page.goto(`${base}/`);
     await page.waitForFunction(() => document.querySelector('[data-testid="fleet-name"]')?.textContent === "plant-7");
     expect(await byTestId("storage-error").isHidden()).toBe(true);

@@ -51,7 +51,7 @@ describe("a message that matches a subscription but names no valid agent", () =>
 });
 
 describe("failing commits", () => {
-  test("/readyz is 503 with the reason while commits fail, nothing is acked, and 200 once a commit succeeds", async () => {
+  test("/readyz is 503 with the reason while commits fail, nothing is acked; 200 once a commit succeeds", async () => {
     const faultFile = join(tmpdir(), `fleet-disk-full-${process.pid}-${Date.now()}`);
     const withFault = new TestFleet(fleetHeader("e2e-disk") + counterType("counter", "disk/+/c"), {
       env: { FLEET_TEST_COMMIT_FAULT_FILE: faultFile },

@@ -141,7 +141,9 @@ export class FleetMetrics {
     });
     const rejectedMessages = new Counter({
       name: "fleet_intake_rejected_messages_total",
-      help: "Messages that matched a subscription but named no valid agent; recorded with the reason (GET /api/rejected).",
+      help:
+        "Messages that matched a subscription but named no valid " +
+        "agent; recorded with the reason (GET /api/rejected).",
       registers,
     });
     const statusChanges = new Counter({
@@ -377,7 +379,9 @@ export class FleetMetrics {
     };
     const failures = new Counter({
       name: "fleet_commit_failures_total",
-      help: "Write jobs whose commit failed, by kind (disk_full|io|readonly|busy|constraint|other); nothing was acknowledged for them.",
+      help:
+        "Write jobs whose commit failed, by kind " +
+        "(disk_full|io|readonly|busy|constraint|other); nothing was acknowledged for them.",
       labelNames: ["kind"],
       registers: [this.registry],
     });
@@ -389,7 +393,9 @@ export class FleetMetrics {
     };
     new Gauge({
       name: "fleet_storage_ok",
-      help: "1 while commits succeed, 0 while they fail for a storage reason (full disk, I/O error); /readyz answers 503 then.",
+      help:
+        "1 while commits succeed, 0 while they fail for a storage " +
+        "reason (full disk, I/O error); /readyz answers 503 then.",
       registers: [this.registry],
       collect() {
         this.set(store.writer.health.failing ? 0 : 1);

@@ -131,7 +131,8 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
       store.db.run(sql`DELETE FROM budget_usage WHERE rowid IN (${oldUsage})`),
       // Rejected messages (GET /api/rejected) are kept as long as the dedup memory.
       store.db.run(
-        sql`DELETE FROM rejected_messages WHERE seq IN (SELECT seq FROM rejected_messages WHERE received_at < ${dedupCutoff} LIMIT ${batch})`,
+        sql`DELETE FROM rejected_messages WHERE seq IN (SELECT seq FROM
+          rejected_messages WHERE received_at < ${dedupCutoff} LIMIT ${batch})`,
       ),
     ];
     const [st, us] = await store.writer.write(items);

@@ -26,7 +26,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.ws_port": "MQTT over WebSocket port; absent: no WebSocket listener.",
   "broker.max_packet_bytes": "Largest MQTT packet accepted; a larger one closes the connection before it is buffered.",
   "broker.max_connections":
-    "Most open MQTT connections (TCP, TLS, WebSocket); past it a device gets CONNACK 3 (counted in /metrics). 0 = no limit. Applies live.",
+    "Most open MQTT connections (TCP, TLS, WebSocket); past it a device " +
+    "gets CONNACK 3 (counted in /metrics). 0 = no limit. Applies live.",
   "broker.allow_anonymous":
     "false: devices need credentials from the devices file. Applies live (anonymous sessions are closed).",
   "broker.devices":

@@ -120,7 +120,10 @@ export interface FleetSpec {
     readonly tls_port: number | null;
     /** MQTT over secure WebSocket (`wss`) port, or null when not configured. */
     readonly wss_port: number | null;
-    /** PEM files (resolved against the fleet.toml directory) for `tls_port`/`wss_port`; `ca` asks clients for a certificate it signed. */
+    /**
+     * PEM files (resolved against the fleet.toml directory) for `tls_port`/`wss_port`; `ca` asks clients for a
+     * certificate it signed.
+     */
     readonly tls: TlsFiles | null;
   };
   readonly http: {

@@ -268,7 +268,9 @@ export class Store {
     if (rows.length === 0) return;
     await this.writer.write(
       [...chunks(rows)].map((part) => ({
-        sql: `INSERT INTO rejected_messages (gateway, kind, topic, payload, client, reason, received_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?)").join(",")}`,
+        sql:
+          `INSERT INTO rejected_messages (gateway, kind, topic, payload, client, ` +
+          `reason, received_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?)").join(",")}`,
         args: part.flatMap((r) => [this.gatewayId, r.kind, r.topic, r.payload, r.client, r.reason, r.receivedAt]),
       })),
     );
