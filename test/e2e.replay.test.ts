@@ -244,6 +244,19 @@ describe("fleet replay <episode>", () => {
   );
 
   test(
+    "--module naming a missing file is one clear line (exit 2); an id prefix names the episode",
+    async () => {
+      const [ep] = await fleet.episodes("temp-monitor/boiler-1");
+      const missing = await fleet.cli("replay", ep!.id, "--module", "missing.ts");
+      expect(missing.code).toBe(2);
+      expect(missing.stderr).toContain("--module missing.ts: no such file");
+      const byPrefix = await fleet.cli("replay", ep!.id.slice(0, 20));
+      expect(byPrefix.json).toMatchObject({ episode: ep!.id, verdict: "MATCH" });
+    },
+    SLOW,
+  );
+
+  test(
     "an unknown episode is reported, not replayed, exit 1",
     async () => {
       const j = await fleet.cli("replay", "00000000-0000-7000-8000-000000000000");

@@ -3,6 +3,7 @@
  * They open the data dir read-only and work whether the gateway runs or not (status asks
  * a running gateway for its live health instead).
  */
+import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { intArg, table, UsageError, when, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
@@ -148,6 +149,7 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   const { flags } = cli;
   const store = await cli.openReadonly();
   const module = flags.module ? resolve(flags.module) : undefined;
+  if (module !== undefined && !existsSync(module)) throw new UsageError(`--module ${flags.module}: no such file`);
   const spawn = defaultSpawnOptions();
   if (flags.agent) {
     const results = await replayAgent(store, flags.agent, spawn, module);
@@ -168,7 +170,9 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
     return diverged === 0 && results.length > 0 ? 0 : 1;
   }
   if (!episode) throw new UsageError("replay needs an episode id or --agent <type/key>");
-  const r = await replayEpisode(store, episode, spawn, module);
+  // A unique prefix names the episode; anything else is replayed as given (and reported UNREPLAYABLE).
+  const found = await findEpisode(store, episode);
+  const r = await replayEpisode(store, "code" in found ? episode : found.id, spawn, module);
   cli.print(r, () => describeReplay(r));
   return r.verdict === "MATCH" ? 0 : 1;
 }
