@@ -1,6 +1,7 @@
 /**
  * Which keys of fleet.toml a running gateway cannot change without a restart: listeners
- * (hosts, ports, TLS files, packet limit) and process-wide choices made at start. A hot
+ * (hosts, ports, TLS files, packet limit), the span exporter, and process-wide choices made at
+ * start. A hot
  * reload that changes one of them is refused with "needs restart: …" instead of claiming
  * it was applied. Auth and ACL keys (`allow_anonymous`, `devices`) and `max_connections`
  * are applied live by the gateway.
@@ -13,6 +14,8 @@ const RESTART_KEYS = {
   fleet: ["data_dir", "synchronous", "sandbox", "warm_spares"],
   broker: ["host", "mqtt_port", "ws_port", "tls_port", "wss_port", "tls", "max_packet_bytes"],
   http: ["host", "port", "tls"],
+  // The span exporter is built once at start.
+  telemetry: ["otlp_endpoint", "service_name"],
 } as const satisfies { [T in keyof FleetSpec]?: readonly (keyof FleetSpec[T])[] };
 
 /** Keys a reload applies to the running broker without a restart. */

@@ -1,0 +1,18 @@
+/** Which fleet.toml edits a running gateway can apply, and which need a restart. */
+import { describe, expect, test } from "bun:test";
+import { compileSpec, restartNeeded } from "../gateway/spec/index.ts";
+
+const spec = async (extra: string) =>
+  (await compileSpec(`[fleet]\nname = "r"\n[http]\nhost = "127.0.0.1"\n${extra}`, "/tmp/fleet.toml")).spec;
+
+describe("restartNeeded", () => {
+  test("telemetry keys are read at start: changing them needs a restart", async () => {
+    const before = await spec("");
+    const after = await spec('[telemetry]\notlp_endpoint = "http://127.0.0.1:4318"\n');
+    expect(restartNeeded(before, after)).toEqual(['telemetry.otlp_endpoint (null -> "http://127.0.0.1:4318")']);
+  });
+
+  test("an unchanged file needs nothing", async () => {
+    expect(restartNeeded(await spec(""), await spec(""))).toEqual([]);
+  });
+});
