@@ -221,3 +221,22 @@ export async function sleepToWindow(stepMs: number, offsetMs: number): Promise<v
   if (at <= now) at += stepMs;
   await Bun.sleep(at - now);
 }
+
+/**
+ * "No further episode", proven without sleeping: send `agent` a sentinel (a manual stimulus)
+ * and wait for its episode. An agent runs its stimuli one at a time in FIFO order, so when the
+ * sentinel's episode has committed, anything recorded before it (a duplicate that slipped
+ * through dedup) has run too. Returns the agent's committed episodes before the sentinel's,
+ * oldest first; the sentinel's own episode is left out.
+ */
+export async function committedBeforeSentinel(f: TestFleet, agent: string): Promise<CommittedEpisode[]> {
+  const res = await postStimulus(f, agent, { sentinel: true }, `sentinel-${Bun.randomUUIDv7()}`);
+  if (res.status !== 202) throw new Error(`sentinel for ${agent} refused: ${res.status} ${JSON.stringify(res.body)}`);
+  const sid = (res.body as { stimulus: string }).stimulus;
+  await waitCommitted(f, agent, 1, 20_000, (e) => e.sid === sid);
+  const all = await committed(f, agent);
+  return all.slice(
+    0,
+    all.findIndex((e) => e.sid === sid),
+  );
+}
