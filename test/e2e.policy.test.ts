@@ -25,7 +25,6 @@ import {
   Pinger,
   ProcessWatch,
   agentBlock,
-  awayFromWindowEdge,
   describeLatency,
   fleetHeader,
   limitOf,
@@ -307,6 +306,12 @@ describe("budgets pause the agent durably and it resumes", () => {
   let client: MqttClient;
   let outs: Subscription;
   const llm = startLlmServer({ prompt_tokens: 20, completion_tokens: 40 });
+  /**
+   * The gateway's clock, shifted (FLEET_TEST_CLOCK_OFFSET_MS) to start 10 s into an hour: budgets
+   * are booked in UTC hour and day windows, and no window edge may fall inside these tests.
+   */
+  let clockOffset = 0;
+  const gwNow = () => Date.now() + clockOffset;
 
   const ledger = () =>
     fleet.query<{ agent: string; window: string; episodes: number; tool_calls: number; tokens: number; cost: number }>(
@@ -319,8 +324,8 @@ describe("budgets pause the agent durably and it resumes", () => {
     fleet.query<{ sid: string }>("SELECT sid FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq", [agent]);
 
   beforeAll(async () => {
-    // The ledger is booked in UTC hour/day windows: do not start a few seconds before one ends.
-    await awayFromWindowEdge(45_000);
+    const at = Date.now();
+    clockOffset = (Math.floor(at / 3_600_000) + 1) * 3_600_000 + 10_000 - at;
     fleet = new TestFleet(
       fleetHeader("e2e-policy-budgets", {
         extra: `\n[llm]\nurl = "http://127.0.0.1:${llm.port}/v1"\nmodel = "test-model"\napi_key_env = "LLM_API_KEY"\n`,
@@ -336,7 +341,7 @@ describe("budgets pause the agent durably and it resumes", () => {
           publish: ["spend/#"],
           budget: { tool_costs: "{ publish = 1.5 }", cost_per_day: 4 },
         }),
-      { env: { LLM_API_KEY: "llm-key-value" } },
+      { env: { LLM_API_KEY: "llm-key-value", FLEET_TEST_CLOCK_OFFSET_MS: String(clockOffset) } },
     );
     await fleet.start();
     client = await fleet.mqtt();
@@ -360,7 +365,7 @@ describe("budgets pause the agent durably and it resumes", () => {
       "eph/a paused",
     );
     expect(a.reason).toContain("episodes_per_hour");
-    expect(a.paused_until).toBe(hourEnd(Date.now()));
+    expect(a.paused_until).toBe(hourEnd(gwNow()));
     expect((await fleet.episodes("eph/a")).length).toBe(3); // the 4th never started, nor failed
     expect(await queued("eph/a")).toEqual([{ sid: "id:e4" }]);
 
@@ -402,7 +407,7 @@ describe("budgets pause the agent durably and it resumes", () => {
       "tok/a paused",
     );
     expect(a.reason).toContain("tokens_per_day");
-    expect(a.paused_until).toBe(dayEnd(Date.now()));
+    expect(a.paused_until).toBe(dayEnd(gwNow()));
 
     // What the endpoint saw: the configured model, the key from api_key_env, max_tokens capped by the budget left.
     expect(llm.requests).toHaveLength(2);
@@ -419,7 +424,7 @@ describe("budgets pause the agent durably and it resumes", () => {
     const tool = ep.events.find((e) => e.kind === "tool")!.data;
     expect(tool.result.usage.total_tokens).toBe(60);
     expect(ep.stdout).not.toContain("llm-key-value");
-    const day = `d:${Math.floor(Date.now() / 86_400_000)}`;
+    const day = `d:${Math.floor(gwNow() / 86_400_000)}`;
     expect((await ledger()).find((r) => r.agent === "tok/a" && r.window === day)).toMatchObject({
       episodes: 2,
       tokens: 120,
@@ -445,7 +450,7 @@ describe("budgets pause the agent durably and it resumes", () => {
       "cost/a paused",
     );
     expect(a.reason).toContain("cost_per_day");
-    const day = `d:${Math.floor(Date.now() / 86_400_000)}`;
+    const day = `d:${Math.floor(gwNow() / 86_400_000)}`;
     expect((await ledger()).find((r) => r.agent === "cost/a" && r.window === day)).toMatchObject({
       episodes: 2,
       tool_calls: 4,
@@ -477,8 +482,8 @@ describe("budgets pause the agent durably and it resumes", () => {
     await fleet.waitCommitted("slowtok/a", 1, 30_000);
     expect(asked("slow k1")).toHaveLength(2);
     expect((await fleet.episodes("slowtok/a")).map((e) => e.status)).toEqual(["committed"]);
-    const hour = `h:${Math.floor(Date.now() / 3_600_000)}`;
-    const day = `d:${Math.floor(Date.now() / 86_400_000)}`;
+    const hour = `h:${Math.floor(gwNow() / 3_600_000)}`;
+    const day = `d:${Math.floor(gwNow() / 86_400_000)}`;
     expect((await ledger()).filter((r) => r.agent === "slowtok/a")).toEqual([
       { agent: "slowtok/a", window: day, episodes: 1, tool_calls: 1, tokens: 60, cost: 0 },
       { agent: "slowtok/a", window: hour, episodes: 1, tool_calls: 1, tokens: 60, cost: 0 },
@@ -507,18 +512,18 @@ describe("budgets pause the agent durably and it resumes", () => {
     // The operator's override holds for the rest of this window: a 5th stimulus runs too.
     await stimulate(client, outs, "eph/a", { id: "e5" });
     expect((await agentRow(fleet, "eph/a")).status).toBe("idle");
-    const hour = `h:${Math.floor(Date.now() / 3_600_000)}`;
+    const hour = `h:${Math.floor(gwNow() / 3_600_000)}`;
     expect((await ledger()).find((x) => x.agent === "eph/a" && x.window === hour)).toMatchObject({ episodes: 5 });
     expect(await queued("eph/a")).toEqual([]);
   }, 60_000);
 
   test("a paused agent resumes by itself when its window has passed (window moved back a day, stopped)", async () => {
-    // Time travel without a clock hook: stop the gateway, then make the stored state what it
+    // Time travel on the stored state: stop the gateway, then make the stored state what it
     // would be a day later — the pause deadline is past and the usage belongs to yesterday.
     await fleet.stop();
-    const day = Math.floor(Date.now() / 86_400_000);
+    const day = Math.floor(gwNow() / 86_400_000);
     const db = openDbFile(join(fleet.dataDir, "fleet.db"));
-    await db.execute({ sql: "UPDATE agents SET paused_until = ? WHERE id = 'tok/a'", args: [Date.now() - 1000] });
+    await db.execute({ sql: "UPDATE agents SET paused_until = ? WHERE id = 'tok/a'", args: [gwNow() - 1000] });
     await db.execute({
       sql: "UPDATE budget_usage SET window = ? WHERE agent = 'tok/a' AND window = ?",
       args: [`d:${day - 1}`, `d:${day}`],

@@ -12,16 +12,35 @@ import { createLogger } from "../observe/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
+import { parseStrictInt } from "../parse.ts";
 import { parseAgentId } from "../types.ts";
 
 /** A port flag: 0 picks a free port. */
 const PORT = { min: 0, max: 65_535 } as const;
 
+/**
+ * TEST ONLY: `FLEET_TEST_CLOCK_OFFSET_MS` shifts the started gateway's clock (budget windows,
+ * timers, retention, lag) by that many milliseconds, so end-to-end tests can start well inside
+ * an hour window instead of racing the wall clock. Read here and nowhere else; never set it on a
+ * real fleet (the gateway logs a warning when it is set).
+ */
+function testClock(): (() => number) | undefined {
+  const raw = process.env.FLEET_TEST_CLOCK_OFFSET_MS;
+  if (raw === undefined || raw === "") return undefined;
+  const offset = parseStrictInt(raw, { name: "FLEET_TEST_CLOCK_OFFSET_MS" });
+  if (!offset.ok) throw new UsageError(offset.message);
+  return () => Date.now() + offset.value;
+}
+
 /** `fleet start`: run the gateway in this process until SIGTERM/SIGINT; SIGHUP reloads fleet.toml. */
 export async function cmdStart(cli: Cli): Promise<void> {
   const { flags } = cli;
   const log = createLogger();
+  const now = testClock();
+  if (now)
+    log.warn({ offset_ms: now() - Date.now() }, "FLEET_TEST_CLOCK_OFFSET_MS is set: the clock is shifted (tests only)");
   const gw = new Gateway({
+    now,
     configPath: cli.configPath,
     dataDir: flags["data-dir"] ?? process.env.FLEET_DATA_DIR,
     mqttPort: intArg("--mqtt-port", flags["mqtt-port"], undefined, PORT),

@@ -360,14 +360,3 @@ export function describeLatency(xs: readonly number[]): string {
     `p99=${f(percentile(xs, 0.99))} max=${f(Math.max(...xs))} ms`
   );
 }
-
-// ---- budget windows -----------------------------------------------------------------------
-
-/**
- * Budgets are booked in UTC hour and day windows. A test that fills a window must not
- * straddle its edge: wait (at most `marginMs`) until the next hour starts if it is that close.
- */
-export async function awayFromWindowEdge(marginMs: number): Promise<void> {
-  const left = 3_600_000 - (Date.now() % 3_600_000);
-  if (left < marginMs) await Bun.sleep(left + 250);
-}
