@@ -3,7 +3,7 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseDuration } from "../gateway/spec/index.ts";
-import { compileSpec, DEFAULT_BUDGET, loadSpec } from "../gateway/spec/index.ts";
+import { compileSpec, DEFAULT_BUDGET, loadSpec, restartNeeded } from "../gateway/spec/index.ts";
 import { SpecError } from "../gateway/spec/index.ts";
 
 const FILE = "/srv/plant/fleet.toml";
@@ -327,5 +327,34 @@ describe("loadSpec", () => {
     expect((err as SpecError).file).toBe(file);
     expect((err as SpecError).message).toContain(file);
     expect((err as SpecError).detail).toBe("file not found");
+  });
+});
+
+describe("restartNeeded", () => {
+  const base = '[broker]\nhost = "127.0.0.1"\n';
+  const spec = async (extra: string) => (await compileSpec(base + extra, FILE)).spec;
+
+  test("listener and start-time keys need a restart; auth, ACL and the connection limit do not", async () => {
+    const before = await spec("");
+    for (const [edit, key] of [
+      ["mqtt_port = 1999", "broker.mqtt_port (1883 -> 1999)"],
+      ["ws_port = 9001", "broker.ws_port (null -> 9001)"],
+      ["max_packet_bytes = 1000", "broker.max_packet_bytes (262144 -> 1000)"],
+      ['tls_port = 8883\ntls_cert = "/etc/hostname"\ntls_key = "/etc/hostname"', "broker.tls_port (null -> 8883)"],
+    ] as const) {
+      expect(restartNeeded(before, await spec(edit))).toContain(key);
+    }
+    expect(restartNeeded(before, await spec("[http]\nport = 9090"))).toEqual(["http.port (8080 -> 9090)"]);
+    expect(restartNeeded(before, await spec('[fleet]\nsandbox = "none"'))).toEqual([
+      'fleet.sandbox ("auto" -> "none")',
+    ]);
+    for (const live of ["max_connections = 10", 'allow_anonymous = false\ndevices = "d.toml"']) {
+      expect(restartNeeded(before, await spec(live))).toEqual([]);
+    }
+    expect(restartNeeded(before, await spec("[fleet]\nmax_concurrent_episodes = 9"))).toEqual([]);
+  });
+
+  test("a key a command-line flag overrides is ignored", async () => {
+    expect(restartNeeded(await spec(""), await spec("mqtt_port = 1999"), ["broker.mqtt_port"])).toEqual([]);
   });
 });
