@@ -8,7 +8,7 @@
 import { mkdirSync, readFileSync, writeFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
-import { createEmbeddedBroker, type Broker, type BrokerAuth } from "../broker/index.ts";
+import { createEmbeddedBroker, type AuthChange, type Broker, type BrokerAuth } from "../broker/index.ts";
 import { loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store } from "./store/index.ts";
@@ -95,6 +95,10 @@ export class Gateway {
   /** The devices registry behind broker auth, or null without a devices file. */
   private devices: DeviceRegistry | null = null;
   private telemetry: EpisodeTelemetry | null = null;
+  private stopDeviceWatch: (() => void) | null = null;
+  private rechecks: Promise<void> = Promise.resolve();
+  /** The broker auth in force. */
+  private auth: BrokerAuth | null = null;
   private readonly now: () => number;
 
   constructor(readonly opts: GatewayOptions) {
@@ -209,6 +213,7 @@ export class Gateway {
     this.state = "draining";
     this.housekeeping?.stop();
     this.storageWatch?.stop();
+    this.stopDeviceWatch?.();
     this.watcher?.stop();
     await this.timers?.stop();
     await this.broker?.stopIntake();
@@ -377,7 +382,7 @@ export class Gateway {
       maxPacketBytes: spec.broker.max_packet_bytes,
       maxConnections: spec.broker.max_connections,
       // Anonymous policy + device credentials and topic ACLs from the devices file (re-read when it changes).
-      ...this.brokerAuth(spec),
+      ...this.initialAuth(spec),
       intake: (msg, client) =>
         this.state === "running"
           ? this.intake.mqtt(msg, client)
@@ -390,9 +395,51 @@ export class Gateway {
   private brokerAuth(spec: FleetSpec): BrokerAuth {
     const file = spec.broker.devices_file;
     // Same file: keep the registry, so the sessions it verified can stay.
-    if (file !== this.devices?.file)
-      this.devices = file === null ? null : new DeviceRegistry(file, { log: this.log.child({ mod: "devices" }) });
+    if (file !== this.devices?.file) {
+      const registry =
+        file === null
+          ? null
+          : new DeviceRegistry(file, {
+              log: this.log.child({ mod: "devices" }),
+              // An edit of the devices file closes the sessions it no longer allows.
+              onChange: () => {
+                if (this.devices === registry) this.recheckSessions();
+              },
+            });
+      this.stopDeviceWatch?.();
+      this.stopDeviceWatch = registry?.watch() ?? null;
+      this.devices = registry;
+    }
     return { allowAnonymous: spec.broker.allow_anonymous, ...(this.devices ? deviceBrokerHooks(this.devices) : {}) };
+  }
+
+  /** The auth the broker starts with (remembered as the auth in force). */
+  private initialAuth(spec: FleetSpec): BrokerAuth {
+    this.auth = this.brokerAuth(spec);
+    return this.auth;
+  }
+
+  /** Apply broker auth; passes run one at a time, each with the newest auth. */
+  private applyAuth(auth: BrokerAuth): Promise<AuthChange> {
+    this.auth = auth;
+    const run = this.rechecks.then(() => this.broker.setAuth(this.auth ?? auth));
+    this.rechecks = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+
+  /** Re-check every session against the auth in force (the devices file changed). */
+  private recheckSessions(): void {
+    if (!this.broker || !this.auth) return;
+    this.applyAuth(this.auth).then(
+      ({ disconnected }) => {
+        if (disconnected > 0)
+          this.log.info({ disconnected }, "devices file changed: sessions it no longer allows closed");
+      },
+      (err: unknown) => this.log.error({ err }, "re-checking sessions failed"),
+    );
   }
 
   /** The [broker] keys a reload applies live: connection limit, anonymous policy, devices file. */
@@ -412,7 +459,7 @@ export class Gateway {
         this.devices = previous;
         throw err;
       }
-      const { disconnected } = await this.broker.setAuth(auth);
+      const { disconnected } = await this.applyAuth(auth);
       done.push(`broker auth applied live, ${disconnected} session(s) closed`);
     }
     return done.length > 0 ? done.join("; ") : null;

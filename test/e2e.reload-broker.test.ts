@@ -74,4 +74,29 @@ describe("reloading [broker] and [http]", () => {
     expect(readFileSync(fleet.logPath, "utf8")).not.toContain("redeployed");
     expect(await fleet.stop()).toBe(0);
   }, 60_000);
+
+  test("removing a device from the devices file closes its live session, even an idle one", async () => {
+    const fleet = new TestFleet(
+      fleetHeader("e2e-device-removed", { broker: 'allow_anonymous = false\ndevices = "devices.toml"' }),
+    );
+    const login = async (id: string) => {
+      const added = await deviceCli(fleet, "add", id, "--subscribe", "alerts/%u/#", "--json");
+      expect(added.code).toBe(0);
+      return { clientId: id, username: id, password: (added.json as { secret: string }).secret };
+    };
+    const [one, two] = [await login("dev-1"), await login("dev-2")];
+    await fleet.start();
+    const gone = await fleet.mqtt(one);
+    const stays = await fleet.mqtt(two);
+    await gone.subscribeAsync("alerts/dev-1/#");
+    const goneClosed = closed(gone);
+    let staysOpen = true;
+    stays.once("close", () => (staysOpen = false));
+
+    expect((await deviceCli(fleet, "remove", "dev-1")).code).toBe(0);
+    await within(goneClosed, 15_000, "the removed device's session to be closed");
+    expect(await connackCode(fleet.mqttPort, one)).toBe(4);
+    expect(staysOpen).toBe(true);
+    expect(await fleet.stop()).toBe(0);
+  }, 120_000);
 });

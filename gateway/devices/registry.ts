@@ -184,6 +184,11 @@ export interface DeviceRegistryOptions {
   /** Publish/subscribe checks look at the file at most this often; CONNECTs always do. */
   readonly checkIntervalMs?: number;
   readonly now?: () => number;
+  /**
+   * Called (on a later turn of the event loop) after an edit of the file was loaded, so the
+   * broker can close sessions the new file no longer allows.
+   */
+  readonly onChange?: () => void;
 }
 
 /** The live devices file: answers auth and ACL questions, reloading when the file changes. */
@@ -214,6 +219,13 @@ export class DeviceRegistry {
     return this.config;
   }
 
+  /** Look at the file every `checkIntervalMs` even without traffic (so removals close sessions); returns the stop. */
+  watch(): () => void {
+    const timer = setInterval(() => this.refresh(), this.opts.checkIntervalMs ?? 1000);
+    timer.unref?.();
+    return () => clearInterval(timer);
+  }
+
   /** Reload when the file changed; an invalid edit keeps the previous devices (and is logged). */
   refresh(force = false): void {
     const now = this.now();
@@ -225,6 +237,8 @@ export class DeviceRegistry {
     try {
       this.config = loadDevices(this.file);
       this.opts.log?.info({ file: this.file, devices: this.config.devices.size }, "devices file reloaded");
+      const onChange = this.opts.onChange;
+      if (onChange) setImmediate(onChange);
     } catch (err) {
       this.opts.log?.error(
         { file: this.file },
