@@ -29,6 +29,7 @@ class EmbeddedBroker implements Broker {
   private open = 0;
   private maxConnections: number;
   private connectionsRefused = 0;
+  private lastRefusalLog = 0;
   private readonly aedes: Aedes;
   private readonly tcp: TcpListener;
   private readonly ws: WsListener | null;
@@ -202,13 +203,20 @@ class EmbeddedBroker implements Broker {
     const max = this.maxConnections;
     if (max > 0 && this.open >= max) {
       this.connectionsRefused++;
+      // One line per 10 s at most: a reconnect storm must not flood the log.
+      const now = Date.now();
+      if (now - this.lastRefusalLog >= 10_000) {
+        this.lastRefusalLog = now;
+        this.log.warn(
+          { remote, max, refused: this.connectionsRefused },
+          "max_connections reached; new connections refused (CONNACK 3)",
+        );
+      }
       // Past twice the limit, do not even wait for the CONNECT: a flood must not pin memory.
       if (this.open >= 2 * max + 16) {
-        this.log.warn({ remote, max }, "max_connections reached; connection dropped");
         conn.destroy();
         return;
       }
-      this.log.warn({ remote, max }, "max_connections reached; connection refused (CONNACK 3)");
     }
     this.open++;
     conn.once("close", () => this.open--);

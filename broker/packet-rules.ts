@@ -14,6 +14,16 @@ const strict = new TextDecoder("utf-8", { fatal: true });
 
 /** Why a UTF-8 string field is not allowed (MQTT-1.5.3-1, -2), or null. */
 function stringProblem(bytes: Uint8Array, what: string): string | null {
+  // Fast path: printable-or-control ASCII without NUL is valid UTF-8 (most topics).
+  let ascii = true;
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i]!;
+    if (b === 0 || b >= 0x80) {
+      ascii = false;
+      break;
+    }
+  }
+  if (ascii) return null;
   let text: string;
   try {
     text = strict.decode(bytes);
