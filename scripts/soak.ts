@@ -1,0 +1,111 @@
+/**
+ * `bun scripts/soak.ts`: a day of a steady fleet on an injected clock, at high speed. Each
+ * simulated hour commits `rate * 3600` temp-monitor episodes through the gateway's own
+ * commit path (test/helpers/ops.ts: intake, event log, sealed checkpoint, one commit — no
+ * subprocesses), runs the background retention passes the gateway would run every minute,
+ * and prints one row per hour: episodes so far, rows kept, database + WAL bytes, RSS and
+ * CPU. With retention shorter than the run, disk must level off once the first records age
+ * out; the last line checks that and `fleet verify` still passes.
+ *
+ *   bun scripts/soak.ts [--hours 24] [--rate 5] [--agents 100] [--retention-hours 6] [--keep 10]
+ *
+ * (The gateway itself adds a process per episode on top; the store and retention are what
+ * grows, so they are what a day of simulated time exercises.)
+ */
+import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { gcPass, verifyStore } from "../gateway/ops/index.ts";
+import { HOUR, SyntheticFleet } from "../test/helpers/ops.ts";
+
+const { values: flags } = parseArgs({
+  options: {
+    hours: { type: "string", default: "24" },
+    rate: { type: "string", default: "5" },
+    agents: { type: "string", default: "100" },
+    "retention-hours": { type: "string", default: "6" },
+    keep: { type: "string", default: "10" },
+  },
+});
+const num = (name: keyof typeof flags) => {
+  const v = Number(flags[name]);
+  if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} must be a positive number`);
+  return v;
+};
+const hours = num("hours");
+const rate = num("rate");
+const agents = Math.round(num("agents"));
+const retentionDays = num("retention-hours") / 24;
+const keep = Math.round(num("keep"));
+
+const bytes = (path: string) => {
+  try {
+    return statSync(path).size;
+  } catch {
+    return 0;
+  }
+};
+const mb = (n: number) => (n / 1_048_576).toFixed(1);
+
+const dir = mkdtempSync(join(tmpdir(), "fleet-soak-"));
+const fleet = await SyntheticFleet.create(dir, {
+  types: [{ name: "temp-monitor", keys: Array.from({ length: agents }, (_, i) => `dev-${i}`) }],
+  keep,
+  episodesDays: retentionDays,
+  dedupDays: retentionDays,
+});
+const T0 = Date.UTC(2026, 0, 5);
+const perHour = Math.round(rate * 3600);
+const slices = 6; // commit in 10-minute slices, then the minute-by-minute retention passes of that slice
+const spacing = HOUR / perHour;
+const rows: string[] = [];
+const dbBytes = () => bytes(fleet.dbPath) + bytes(`${fleet.dbPath}-wal`);
+let total = 0;
+let cpuBefore = process.cpuUsage();
+const sizes: number[] = [];
+
+console.log(
+  `soak: ${hours} h simulated, ${rate} episodes/s over ${agents} agents, retention ${num("retention-hours")} h, ` +
+    `keep ${keep} (${dir})`,
+);
+console.log(
+  "| hour | episodes | kept episodes | checkpoint rows (with state) | db+wal MB | bytes/episode kept | RSS MB | CPU s |",
+);
+console.log("|---|---|---|---|---|---|---|---|");
+for (let h = 0; h < hours; h++) {
+  for (let s = 0; s < slices; s++) {
+    const start = T0 + h * HOUR + (s * HOUR) / slices;
+    const n = Math.round(perHour / slices);
+    await fleet.commit(n, start, spacing);
+    total += n;
+    // The gateway runs one bounded pass a minute: ten of them per 10-minute slice.
+    for (let m = 1; m <= 10; m++) {
+      const r = await gcPass(fleet.store, fleet.spec.spec, { now: start + m * 60_000 });
+      if (r.tombstoned + r.checkpointsDeleted + r.episodesDeleted + r.stimuliForgotten === 0) break;
+    }
+  }
+  const counts = await fleet.counts();
+  const size = dbBytes();
+  sizes.push(size);
+  const cpu = process.cpuUsage(cpuBefore);
+  cpuBefore = process.cpuUsage();
+  const row =
+    `| ${h + 1} | ${total} | ${counts.episodes} | ${counts.checkpoints} (${counts.live}) | ${mb(size)} | ` +
+    `${counts.episodes ? Math.round(size / counts.episodes) : 0} | ${mb(process.memoryUsage().rss)} | ` +
+    `${((cpu.user + cpu.system) / 1e6).toFixed(1)} |`;
+  rows.push(row);
+  console.log(row);
+}
+const report = await verifyStore(fleet.store);
+const settle = Math.ceil(num("retention-hours")) + 1;
+const after = sizes.slice(settle);
+const flat = after.length < 2 || Math.max(...after) <= Math.min(...after) * 1.25;
+console.log(
+  `verify: ${report.problems.length === 0 ? "OK" : `${report.problems.length} problem(s)`}; ` +
+    `disk after hour ${settle}: ${after.length ? `${mb(Math.min(...after))}–${mb(Math.max(...after))} MB` : "n/a"} ` +
+    `(${flat ? "flat" : "STILL GROWING"})`,
+);
+await fleet.close();
+rmSync(dir, { recursive: true, force: true });
+process.exit(report.problems.length === 0 && flat ? 0 : 1);
