@@ -70,7 +70,8 @@ console.log(
     `keep ${keep} (${dir})`,
 );
 console.log(
-  "| hour | episodes | kept episodes | checkpoint rows (with state) | db+wal MB | bytes/episode kept | RSS MB | CPU s |",
+  "| hour | episodes | kept episodes | checkpoint rows (with state) | db+wal MB | bytes/episode kept " +
+    "| RSS MB | CPU s |",
 );
 console.log("|---|---|---|---|---|---|---|---|");
 for (let h = 0; h < hours; h++) {
