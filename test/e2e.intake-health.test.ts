@@ -45,6 +45,16 @@ describe("a message that matches a subscription but names no valid agent", () =>
     expect(long.reason).toContain("is longer than 128 bytes (129)");
     expect((await getJson(`${fleet.httpUrl}/api/fleet`)).body.rejected_messages).toBe(2);
     expect(sampleValue(await scrape(fleet.httpUrl), "fleet_intake_rejected_messages_total")).toBe(2);
+    // The same cap for a manual stimulus, with the same reason.
+    const manual = await fetch(`${fleet.httpUrl}/api/agents/counter/${"k".repeat(129)}/stimuli`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: "{}",
+    });
+    expect(manual.status).toBe(400);
+    expect(((await manual.json()) as { error: { message: string } }).error.message).toContain(
+      "is longer than 128 bytes (129)",
+    );
     await fleet.waitCommitted("counter/good", 1);
     expect(await fleet.stop()).toBe(0);
   }, 60_000);

@@ -7,7 +7,7 @@ import { createHmac, timingSafeEqual } from "node:crypto";
 import type { HookSpec } from "../spec/index.ts";
 import type { Target } from "../intake/index.ts";
 import type { Intake, IntakeReport } from "../intake/index.ts";
-import { agentId, type StimulusId } from "../types.ts";
+import { agentId, keyProblem, type StimulusId } from "../types.ts";
 import { stimulusId } from "../intake/index.ts";
 import { httpError, json } from "./responses.ts";
 import { readBodyCapped } from "../body.ts";
@@ -57,7 +57,7 @@ function resolveTarget(hook: HookSpec, spec: FleetSpec, payload: unknown): Targe
   const type = spec.agents[typeName];
   if (!type) return `agent type "${typeName}" is not in the fleet`;
   const id = agentId(typeName, key);
-  if (!id) return `"${key}" is not a valid agent key`;
+  if (!id) return `"${key.slice(0, 160)}" is not a valid agent key: it ${keyProblem(key) ?? "is invalid"}`;
   return { agent: id, type, key };
 }
 

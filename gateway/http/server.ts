@@ -5,7 +5,7 @@
 import type { HttpHost } from "./host.ts";
 import { httpError, json, parseBody, readJson } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
-import { agentId } from "../types.ts";
+import { agentId, keyProblem } from "../types.ts";
 import type { StimulusId } from "../types.ts";
 import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
@@ -132,7 +132,10 @@ async function manualStimulus(
   const type = gw.spec.spec.agents[typeName];
   const id = agentId(typeName, key);
   if (!type) return httpError(404, "not_found", `no agent type ${typeName}`);
-  if (!id) return httpError(400, "bad_agent", `"${key}" is not a valid agent key`);
+  if (!id) {
+    const why = keyProblem(key) ?? "is invalid";
+    return httpError(400, "bad_agent", `"${key.slice(0, 160)}" is not a valid agent key: it ${why}`);
+  }
   const body = await readJson(req);
   if (!body.ok) return body.res;
   const idem = req.headers.get("idempotency-key");
