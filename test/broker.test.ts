@@ -18,7 +18,7 @@ import {
   type PublishedMessage,
 } from "../broker/index.ts";
 import { compileFilter } from "../broker/index.ts";
-import { remainingLength } from "./helpers/gateway.ts";
+import { remainingLength, seeded } from "./helpers/gateway.ts";
 
 const HOST = "127.0.0.1";
 const cleanups: (() => unknown)[] = [];
@@ -675,6 +675,30 @@ describe("MQTT input rules", () => {
     await will.closedWithin(2000, "CONNECT with a bad will topic to close the connection");
     expect(will.reader.packets.find((p) => p.type === CONNACK)).toBeUndefined();
     expect(h.broker.stats().invalid).toBe(3);
+  });
+
+  test("the guard never throws on random packets cut at random, and a verdict against a connection is final", () => {
+    const rnd = seeded(20261130);
+    const int = (n: number) => Math.floor(rnd() * n);
+    for (let run = 0; run < 300; run++) {
+      const guard = new PacketSizeGuard(512);
+      const parts: number[] = [];
+      for (let p = 0; p < 8; p++) {
+        const type = [1, 3, 8, 10, int(16)][int(5)]!;
+        const body = Array.from({ length: int(80) }, () => (rnd() < 0.8 ? 0x61 + int(26) : int(256)));
+        if (type === 3 && body.length >= 2 && rnd() < 0.7) [body[0], body[1]] = [0, int(body.length)];
+        parts.push(type << 4, ...remainingLength(body.length), ...body);
+      }
+      const bytes = Uint8Array.from(parts);
+      let failed: unknown = null;
+      for (let at = 0; at < bytes.length; ) {
+        const next = Math.min(bytes.length, at + 1 + int(40));
+        const verdict = guard.feed(bytes.subarray(at, next));
+        if (failed) expect(verdict).toEqual(failed as never);
+        else if (!verdict.ok) failed = verdict;
+        at = next;
+      }
+    }
   });
 
   test("the guard finds a bad topic byte however the PUBLISH is split into chunks", () => {
