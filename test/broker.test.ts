@@ -331,14 +331,13 @@ describe("packet size guard", () => {
     raw.socket.write(Uint8Array.from([0x30, ...remainingLength(announced)]));
     const chunk = new Uint8Array(64 * 1024);
     let sent = 0;
-    const started = performance.now();
     while (!raw.closed && sent < announced) {
       sent += chunk.length;
       if (!raw.socket.write(chunk))
         await Promise.race([new Promise((r) => raw.socket.once("drain", r)), raw.whenClosed]);
     }
     await raw.closedWithin(2000, "the server to close the socket");
-    expect(performance.now() - started).toBeLessThan(2000);
+    // Closed before the announced 10 MB could arrive: nothing was buffered up to it.
     expect(sent).toBeLessThan(announced);
     expect(h.broker.stats().oversized).toBe(1);
     expect(h.intakes).toHaveLength(0);

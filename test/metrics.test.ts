@@ -229,13 +229,11 @@ describe("/metrics", () => {
     for (let i = 0; i < 30; i++)
       await gw.store.setAgentStatus(list[i]!.id, (["paused", "failed", "retired"] as const)[i % 3]!, "test");
 
-    const started = performance.now();
     // Gauges may lag the store by the snapshot's second: wait for the statuses set last.
     const after = await scrapeUntil(
       (x) => sampleValue(x, "fleet_agents", { type: "thrower", status: "retired" }) === 5,
       "10,000 agents counted",
     ); // i = 2, 8, 14, 20, 26
-    const ms = performance.now() - started;
     expect(fleetSeries(after)).toBe(fleetSeries(before));
     expect(after.text).not.toContain("device-");
     const allowed = new Set([
@@ -266,7 +264,6 @@ describe("/metrics", () => {
     expect(sampleValue(after, "fleet_agents", { type: "counter", status: "paused" })).toBe(5);
     // The whole exposition (process metrics included) stays the size of a handful of types.
     expect(after.seriesCount).toBeLessThan(before.seriesCount + 20);
-    expect(ms).toBeLessThan(5000);
   }, 60_000);
 });
 
