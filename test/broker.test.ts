@@ -18,21 +18,13 @@ import {
   type PublishedMessage,
 } from "../broker/index.ts";
 import { compileFilter } from "../broker/index.ts";
-import { remainingLength, seeded } from "./helpers/gateway.ts";
+import { remainingLength, seeded, within } from "./helpers/gateway.ts";
 
 const HOST = "127.0.0.1";
 const cleanups: (() => unknown)[] = [];
 afterEach(async () => {
   for (const fn of cleanups.splice(0).reverse()) await fn();
 });
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
-}
 
 function deferred(): { promise: Promise<void>; resolve: () => void } {
   let resolve = () => {};

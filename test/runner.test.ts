@@ -26,7 +26,10 @@ import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
 setDefaultTimeout(30_000);
 
 const FIXTURES = fileURLToPath(new URL("./fixtures/unit/", import.meta.url));
-const fixture = (name: string) => `${FIXTURES}${name}.ts`;
+/** Agents every suite shares (one copy, in test/fixtures/agents); the rest are this suite's own. */
+const SHARED = new Set(["throws", "exits", "loops"]);
+const fixture = (name: string) =>
+  SHARED.has(name) ? fileURLToPath(new URL(`./fixtures/agents/${name}.ts`, import.meta.url)) : `${FIXTURES}${name}.ts`;
 
 const LIMITS: RunLimits = {
   timeoutMs: 20_000,
@@ -250,7 +253,7 @@ describe.each(SANDBOXES)(
   (_mode, spawn) => {
     test("a throw fails with kind threw and the agent's message", async () => {
       const r = expectFailure(await run(start("throws"), {}, noTools, spawn), "threw");
-      expect(r.message).toContain("sensor value out of range");
+      expect(r.message).toContain("throws fixture refuses stimulus");
     });
 
     test("an infinite loop fails with kind timeout", async () => {

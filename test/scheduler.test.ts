@@ -4,18 +4,13 @@
  */
 import { describe, expect, test } from "bun:test";
 import { Scheduler, type TurnResult } from "../gateway/fleet/index.ts";
+import { waitFor } from "./helpers/gateway.ts";
 
 /** Resolve after the current I/O turn: lets other turns interleave without using wall time. */
 const tick = () => new Promise<void>((r) => setImmediate(r));
 
-/** Poll `cond` until it holds; fails after `ms` (a bound, not a timing assertion). */
-async function waitFor(cond: () => boolean, what: string, ms = 3000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
-    await Bun.sleep(1);
-  }
-}
+/** Poll `cond` every millisecond until it holds; fails after 3 s (a bound, not a timing assertion). */
+const holds = (cond: () => boolean, what: string): Promise<boolean> => waitFor(cond, 3000, what, 1);
 
 /**
  * A fake fleet: per-agent queue lengths, and a runTurn that behaves like the episode
@@ -73,7 +68,7 @@ function setup(maxConcurrent: number) {
     scheduler.enqueue(agent, n);
   };
   const drained = () =>
-    waitFor(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "all queues drained");
+    holds(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "all queues drained");
   return { fleet, scheduler, enqueue, drained };
 }
 
@@ -101,7 +96,7 @@ describe("scheduler", () => {
     const { fleet, enqueue, drained } = setup(max);
     enqueue("flooded", 1000);
     enqueue("quiet", 1);
-    await waitFor(() => fleet.turnsOf("quiet") > 0, "the quiet agent's first turn");
+    await holds(() => fleet.turnsOf("quiet") > 0, "the quiet agent's first turn");
     expect(fleet.turns.indexOf("quiet")).toBeLessThan(max + 1);
     await drained();
     expect(fleet.turnsOf("flooded")).toBeGreaterThanOrEqual(1000);
@@ -111,10 +106,10 @@ describe("scheduler", () => {
     const max = 2;
     const { fleet, enqueue, drained } = setup(max);
     for (let i = 0; i < 300; i++) for (const a of ["f1", "f2", "f3"]) enqueue(a);
-    await waitFor(() => fleet.turns.length >= 50, "50 turns of the flooded agents");
+    await holds(() => fleet.turns.length >= 50, "50 turns of the flooded agents");
     const arrivedAt = fleet.turns.length;
     enqueue("late", 1);
-    await waitFor(() => fleet.turnsOf("late") > 0, "the late agent's first turn");
+    await holds(() => fleet.turnsOf("late") > 0, "the late agent's first turn");
     expect(fleet.turns.indexOf("late") - arrivedAt).toBeLessThan(max + 1);
     await drained();
   });
@@ -155,7 +150,7 @@ describe("scheduler", () => {
       return null;
     });
     enqueue("w", 1);
-    await waitFor(() => until > 0 && fleet.running.size === 0, "the first (waiting) turn");
+    await holds(() => until > 0 && fleet.running.size === 0, "the first (waiting) turn");
     enqueue("w", 2);
     await drained();
     expect(startedAt.slice(1).every((t) => t >= until)).toBe(true);
@@ -173,11 +168,11 @@ describe("scheduler", () => {
     });
     fleet.add("a", 1);
     scheduler.enqueue("a");
-    await waitFor(() => waited && scheduler.active === 0, "the waiting turn");
+    await holds(() => waited && scheduler.active === 0, "the waiting turn");
     clock += 7_200_000; // the wait is over on the injected clock
     fleet.add("a", 3);
     scheduler.enqueue("a", 3);
-    await waitFor(
+    await holds(
       () => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0,
       "a drained without its timer",
     );
@@ -190,7 +185,7 @@ describe("scheduler", () => {
     fleet.script.set("p", () => (paused ? { kind: "parked" } : null));
     enqueue("p", 2);
     enqueue("other", 2);
-    await waitFor(
+    await holds(
       () => fleet.turnsOf("p") === 1 && fleet.queues.get("other") === 0 && scheduler.active === 0,
       "p parked, other done",
     );
@@ -282,7 +277,7 @@ describe("scheduler", () => {
     fleet.add("good", 2);
     scheduler.enqueue("bad");
     scheduler.enqueue("good", 2);
-    await waitFor(() => fleet.queues.get("good") === 0, "good drained");
+    await holds(() => fleet.queues.get("good") === 0, "good drained");
     expect(thrown).toBe(true);
     scheduler.stop();
   });
