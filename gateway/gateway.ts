@@ -232,8 +232,7 @@ export class Gateway {
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
     await this.spares?.close();
-    await this.effects?.kick().catch(() => undefined);
-    await this.effects?.flush();
+    await this.effects?.stop();
     this.http?.stop();
     await this.broker?.close();
     await this.telemetry?.close().catch((err: unknown) => this.log.warn({ err }, "telemetry: final export failed"));

@@ -1,66 +1,128 @@
 /**
  * Effects after commit: drains the outbox to the broker (agent outputs, publish tool
  * calls), at least once. Rows are deleted only after publishing, so a crash in between
- * re-sends them on the next start; consumers dedup by `episode` + `seq`.
+ * re-sends them on the next start; consumers dedup by `episode` + `seq`. A failed publish
+ * is retried with backoff while the gateway runs; what is still unsent at stop stays in the
+ * outbox for the next start. Nothing already published is published again by this process.
  */
 import type { Logger } from "pino";
 import type { Broker } from "../../broker/index.ts";
-import type { Store } from "../store/index.ts";
+import type { OutboxRow, Store } from "../store/index.ts";
+
+/** The outbox as effects use it (a `Store` satisfies it). */
+export type OutboxStore = Pick<Store, "pendingOutbox" | "deleteOutbox" | "deleteOutboxOf">;
+
+/** An outbox row as a just-committed episode hands it over. */
+export interface CommittedEffect {
+  readonly topic: string;
+  readonly payload: string;
+  readonly qos: number;
+  readonly retain: boolean;
+}
+
+/** Timers and backoff; tests inject them. */
+export interface EffectsOptions {
+  /** Delay before the grouped delete of published rows (joins the next commit), ms. */
+  readonly deleteDelayMs?: number;
+  /** First retry delay after a failed publish, ms; doubles up to `retryMaxMs`. */
+  readonly retryMs?: number;
+  readonly retryMaxMs?: number;
+  readonly setTimeout?: (fn: () => void, ms: number) => unknown;
+}
 
 /** The outbox dispatcher. */
 export class Effects {
+  /** Messages handed to the broker by this process. */
+  published = 0;
   private running: Promise<void> | null = null;
   private again = false;
-  published = 0;
-
-  constructor(
-    private readonly store: Store,
-    private readonly broker: Broker,
-    private readonly log: Logger,
-  ) {}
-
+  private stopped = false;
+  /** Episodes published from memory whose rows are not deleted yet: a drain must skip them. */
+  private readonly sentEpisodes = new Set<string>();
+  /** Episodes being published from memory now. */
+  private readonly inFlight = new Map<string, Promise<void>>();
   private doneEpisodes: string[] = [];
   private deleteScheduled = false;
+  private retryArmed = false;
+  private retryDelay: number;
+  private readonly opts: Required<EffectsOptions>;
+
+  constructor(
+    private readonly store: OutboxStore,
+    private readonly broker: Pick<Broker, "publish">,
+    private readonly log: Logger,
+    opts: EffectsOptions = {},
+  ) {
+    this.opts = {
+      deleteDelayMs: opts.deleteDelayMs ?? 20,
+      retryMs: opts.retryMs ?? 1000,
+      retryMaxMs: opts.retryMaxMs ?? 30_000,
+      setTimeout:
+        opts.setTimeout ??
+        ((fn, ms) => {
+          const t = setTimeout(fn, ms);
+          t.unref?.();
+          return t;
+        }),
+    };
+    this.retryDelay = this.opts.retryMs;
+  }
 
   /**
    * Publish a just-committed episode's effects from memory (no read-back), then forget its
    * outbox rows in a later grouped delete. A crash in between re-sends them at start.
    */
-  publishCommitted(
-    episode: string,
-    rows: readonly { topic: string; payload: string; qos: number; retain: boolean }[],
-  ): void {
-    void (async () => {
+  publishCommitted(episode: string, rows: readonly CommittedEffect[]): void {
+    const run = (async () => {
       try {
         for (const r of rows)
           await this.broker.publish(r.topic, r.payload, { qos: r.qos === 0 ? 0 : 1, retain: r.retain });
         this.published += rows.length;
       } catch (err) {
-        this.log.error({ err, episode }, "publishing effects failed; they stay in the outbox for the next start");
+        // Some rows may have gone out: the drain re-sends the episode whole (at least once).
+        this.log.error({ err, episode }, "publishing effects failed; the outbox drain retries them");
+        this.scheduleRetry();
         return;
       }
+      this.sentEpisodes.add(episode);
       this.doneEpisodes.push(episode);
       if (!this.deleteScheduled) {
         this.deleteScheduled = true;
         // Joins whatever transaction commits next instead of paying its own fsync now.
-        setTimeout(() => void this.flushDeletes(), 20);
+        this.opts.setTimeout(() => void this.flushDeletes(), this.opts.deleteDelayMs);
       }
-    })();
+    })().finally(() => this.inFlight.delete(episode));
+    this.inFlight.set(episode, run);
   }
 
   private async flushDeletes(): Promise<void> {
     this.deleteScheduled = false;
     const episodes = this.doneEpisodes;
     this.doneEpisodes = [];
-    if (episodes.length > 0)
-      await this.store
-        .deleteOutboxOf(episodes)
-        .catch((err) => this.log.warn({ err }, "outbox cleanup failed; rows are re-sent at next start"));
+    if (episodes.length === 0) return;
+    try {
+      await this.store.deleteOutboxOf(episodes);
+      for (const e of episodes) this.sentEpisodes.delete(e);
+    } catch (err) {
+      // Still marked sent: this process will not publish them again; the next start does.
+      this.log.warn({ err }, "outbox cleanup failed; rows are re-sent at next start");
+    }
   }
 
-  /** Publish and delete pending cleanups (shutdown). */
+  /** Delete the rows of what was published (part of stop). */
   async flush(): Promise<void> {
     await this.flushDeletes();
+  }
+
+  /**
+   * Shutdown: no more retries; wait for publishes in flight, forget what they sent, then
+   * drain what is left once. Rows already published are not published again.
+   */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await Promise.all(this.inFlight.values());
+    await this.flushDeletes();
+    await this.kick().catch((err) => this.log.warn({ err }, "final outbox drain failed; rows stay for next start"));
   }
 
   /** Drain the outbox soon; coalesces concurrent kicks. */
@@ -79,24 +141,55 @@ export class Effects {
     return this.running;
   }
 
+  private scheduleRetry(): void {
+    if (this.stopped || this.retryArmed) return;
+    this.retryArmed = true;
+    const delay = this.retryDelay;
+    this.retryDelay = Math.min(this.retryDelay * 2, this.opts.retryMaxMs);
+    this.opts.setTimeout(() => {
+      this.retryArmed = false;
+      void this.kick();
+    }, delay);
+  }
+
+  /** Rows a drain may publish: not being published or already published from memory. */
+  private unsent(rows: readonly OutboxRow[]): OutboxRow[] {
+    return rows.filter((r) => !this.sentEpisodes.has(r.episode) && !this.inFlight.has(r.episode));
+  }
+
   private async drain(): Promise<void> {
+    let after = 0;
     for (;;) {
-      const rows = await this.store.pendingOutbox(500);
-      if (rows.length === 0) return;
-      const sent: number[] = [];
-      try {
-        for (const r of rows) {
-          await this.broker.publish(r.topic, r.payload, { qos: r.qos === 0 ? 0 : 1, retain: r.retain });
-          sent.push(r.id);
-        }
-      } catch (err) {
-        this.log.error({ err }, "publishing outbox failed; will retry");
-        await this.store.deleteOutbox(sent);
-        this.published += sent.length;
+      const page = await this.store.pendingOutbox(500, after);
+      if (page.length === 0) {
+        this.retryDelay = this.opts.retryMs;
         return;
+      }
+      after = page[page.length - 1]!.id;
+      const rows = this.unsent(page);
+      const sent: number[] = [];
+      let failed: unknown = null;
+      for (const r of rows) {
+        try {
+          await this.broker.publish(r.topic, r.payload, { qos: r.qos === 0 ? 0 : 1, retain: r.retain });
+        } catch (err) {
+          failed = err;
+          break;
+        }
+        sent.push(r.id);
       }
       await this.store.deleteOutbox(sent);
       this.published += sent.length;
+      if (failed) {
+        this.log.error(
+          { err: failed, retry_ms: this.stopped ? null : this.retryDelay },
+          this.stopped
+            ? "publishing outbox failed; rows stay for the next start"
+            : "publishing outbox failed; retrying",
+        );
+        this.scheduleRetry();
+        return;
+      }
     }
   }
 }

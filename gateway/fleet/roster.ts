@@ -11,8 +11,13 @@ import type { Store } from "../store/index.ts";
 /** An operator lifecycle action (`fleet pause|resume|retire`, POST /api/agents/.../<action>). */
 export type LifecycleAction = "pause" | "resume" | "retire";
 
+/** Why a lifecycle action was refused; callers branch on this, never on the message. */
+export type LifecycleRefusal = "not_found" | "retired";
+
 /** What a lifecycle action returns: an unknown or retired agent is an expected outcome. */
-export type LifecycleResult = { ok: true } | { ok: false; reason: string };
+export type LifecycleResult =
+  | { readonly ok: true }
+  | { readonly ok: false; readonly code: LifecycleRefusal; readonly message: string };
 
 /** Retired agents, queued counts and lifecycle stamps of a running gateway. */
 export class Roster {
@@ -81,14 +86,14 @@ export class Roster {
   async setLifecycle(id: string, action: LifecycleAction): Promise<LifecycleResult> {
     this.lifecycleStamps.set(id, (this.lifecycleStamps.get(id) ?? 0) + 1);
     const agent = await this.store.getAgent(id);
-    if (!agent) return { ok: false, reason: `no agent ${id}` };
+    if (!agent) return { ok: false, code: "not_found", message: `no agent ${id}` };
     if (action === "pause") {
       // Pausing must not bring a retired agent back (resume would then reactivate it).
-      if (agent.status === "retired") return { ok: false, reason: `${id} is retired` };
+      if (agent.status === "retired") return { ok: false, code: "retired", message: `${id} is retired` };
       await this.store.setAgentStatus(id, "paused", "paused by operator");
       this.events.emit("status", { agent: id, status: "paused", reason: "paused by operator" });
     } else if (action === "resume") {
-      if (agent.status === "retired") return { ok: false, reason: `${id} is retired` };
+      if (agent.status === "retired") return { ok: false, code: "retired", message: `${id} is retired` };
       if (agent.status === "paused" && agent.pausedUntil !== null && agent.reason?.startsWith("budget")) {
         await this.store.setMeta(`budget_override:${id}`, String(agent.pausedUntil));
       }

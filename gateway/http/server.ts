@@ -50,9 +50,9 @@ export function startHttp(
           if (!id) return httpError(400, "bad_agent", "invalid agent id");
           const r = await gw.setLifecycle(id, action);
           if (r.ok) return json({ ok: true, agent: id, action });
-          return r.reason.startsWith("no agent")
-            ? httpError(404, "not_found", r.reason)
-            : httpError(409, "conflict", r.reason);
+          return r.code === "not_found"
+            ? httpError(404, "not_found", r.message)
+            : httpError(409, "conflict", r.message);
         },
       },
       "/api/episodes/:id": (req) => episodeDetail(gw, req.params.id),

@@ -444,9 +444,9 @@ export class Store {
 
   // ---- outbox --------------------------------------------------------------------
 
-  /** Unsent effects, oldest first. */
-  pendingOutbox(limit = 500) {
-    return this.db.select().from(t.outbox).orderBy(asc(t.outbox.id)).limit(limit).all();
+  /** Unsent effects after row `afterId`, oldest first. */
+  pendingOutbox(limit = 500, afterId = 0) {
+    return this.db.select().from(t.outbox).where(gt(t.outbox.id, afterId)).orderBy(asc(t.outbox.id)).limit(limit).all();
   }
 
   /** Forget the effects of episodes whose outbox was published. */

@@ -1,0 +1,177 @@
+/**
+ * Effects after commit, in-process: a fake outbox and a fake broker, timers run by hand.
+ * Published after commit, retried on failure, at least once, and never re-sent by the
+ * process that already sent it.
+ */
+import { describe, expect, test } from "bun:test";
+import pino from "pino";
+import { Effects, type OutboxStore } from "../gateway/episode/index.ts";
+import type { OutboxRow } from "../gateway/store/index.ts";
+
+const log = pino({ level: "silent" });
+
+/** An in-memory outbox with the Store's semantics. */
+class FakeOutbox implements OutboxStore {
+  rows: OutboxRow[] = [];
+  private nextId = 1;
+
+  add(episode: string, n: number): { topic: string; payload: string; qos: number; retain: boolean }[] {
+    const out = [];
+    for (let seq = 0; seq < n; seq++) {
+      const row = {
+        id: this.nextId++,
+        episode,
+        seq,
+        topic: `fleet/agents/t/k/out`,
+        payload: `${episode}:${seq}`,
+        qos: 1,
+        retain: false,
+        createdAt: 0,
+      };
+      this.rows.push(row);
+      out.push(row);
+    }
+    return out;
+  }
+
+  async pendingOutbox(limit = 500, afterId = 0) {
+    return this.rows.filter((r) => r.id > afterId).slice(0, limit);
+  }
+
+  async deleteOutbox(ids: readonly number[]) {
+    this.rows = this.rows.filter((r) => !ids.includes(r.id));
+  }
+
+  async deleteOutboxOf(episodes: readonly string[]) {
+    this.rows = this.rows.filter((r) => !episodes.includes(r.episode));
+  }
+}
+
+/** A broker that records payloads and fails while `failing` > 0. */
+class FakeBroker {
+  readonly sent: string[] = [];
+  failing = 0;
+  async publish(_topic: string, payload: string | Uint8Array): Promise<void> {
+    if (this.failing > 0) {
+      this.failing--;
+      throw new Error("broker down");
+    }
+    this.sent.push(String(payload));
+  }
+}
+
+/** Timers that run only when the test says so. */
+class ManualTimers {
+  private due: { fn: () => void; ms: number }[] = [];
+  readonly setTimeout = (fn: () => void, ms: number) => {
+    this.due.push({ fn, ms });
+  };
+  get delays(): number[] {
+    return this.due.map((d) => d.ms);
+  }
+  /** Run everything armed so far (and let the async work it starts settle). */
+  async runAll(): Promise<void> {
+    const now = this.due.splice(0);
+    for (const d of now) d.fn();
+    for (let i = 0; i < 20; i++) await new Promise<void>((r) => setImmediate(r));
+  }
+}
+
+function setup() {
+  const outbox = new FakeOutbox();
+  const broker = new FakeBroker();
+  const timers = new ManualTimers();
+  const effects = new Effects(outbox, broker, log, { setTimeout: timers.setTimeout, retryMs: 100, retryMaxMs: 400 });
+  return { outbox, broker, timers, effects };
+}
+
+const settle = async () => {
+  for (let i = 0; i < 20; i++) await new Promise<void>((r) => setImmediate(r));
+};
+
+describe("effects", () => {
+  test("a committed episode's effects are published once and then deleted from the outbox", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    effects.publishCommitted("e1", outbox.add("e1", 3));
+    await settle();
+    expect(broker.sent).toEqual(["e1:0", "e1:1", "e1:2"]);
+    expect(outbox.rows.length).toBe(3); // the delete joins a later commit
+    await timers.runAll();
+    expect(outbox.rows.length).toBe(0);
+    expect(effects.published).toBe(3);
+  });
+
+  test("stop() right after a publish does not re-send what was already published", async () => {
+    const { outbox, broker, effects } = setup();
+    effects.publishCommitted("e1", outbox.add("e1", 2));
+    // The grouped delete has not run yet: the rows are still in the outbox at stop.
+    await effects.stop();
+    expect(broker.sent).toEqual(["e1:0", "e1:1"]);
+    expect(outbox.rows.length).toBe(0);
+  });
+
+  test("a drain while an episode is being published from memory does not send it twice", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    const left = outbox.add("old", 1); // left by a previous run
+    effects.publishCommitted("e1", outbox.add("e1", 2));
+    await effects.kick();
+    await settle();
+    await timers.runAll();
+    expect(broker.sent.sort()).toEqual(["e1:0", "e1:1", left[0]!.payload].sort());
+    expect(outbox.rows.length).toBe(0);
+  });
+
+  test("a drain at start publishes what a previous run left, oldest first, past one page", async () => {
+    const { outbox, broker, effects } = setup();
+    for (let e = 0; e < 300; e++) outbox.add(`e${e}`, 2);
+    await effects.kick();
+    expect(broker.sent.length).toBe(600);
+    expect(broker.sent[0]).toBe("e0:0");
+    expect(broker.sent[599]).toBe("e299:1");
+    expect(outbox.rows.length).toBe(0);
+  });
+
+  test("a failed publish is retried with backoff until it goes out (at least once)", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    broker.failing = 3;
+    effects.publishCommitted("e1", outbox.add("e1", 2));
+    await settle();
+    expect(broker.sent).toEqual([]);
+    expect(timers.delays).toEqual([100]);
+    await timers.runAll(); // drain: fails again
+    expect(timers.delays).toEqual([200]);
+    await timers.runAll(); // fails a third time
+    expect(timers.delays).toEqual([400]);
+    await timers.runAll(); // goes out
+    expect(broker.sent).toEqual(["e1:0", "e1:1"]);
+    expect(outbox.rows.length).toBe(0);
+    expect(timers.delays).toEqual([]);
+  });
+
+  test("rows published before a failure are deleted; the rest are retried, none is lost", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    outbox.add("a", 2);
+    outbox.add("b", 2);
+    let calls = 0;
+    const publish = broker.publish.bind(broker);
+    broker.publish = async (topic, payload) => {
+      if (++calls === 3) throw new Error("broker down once");
+      return publish(topic, payload);
+    };
+    await effects.kick();
+    expect(broker.sent).toEqual(["a:0", "a:1"]);
+    expect(outbox.rows.map((r) => r.payload)).toEqual(["b:0", "b:1"]);
+    await timers.runAll();
+    expect(broker.sent).toEqual(["a:0", "a:1", "b:0", "b:1"]);
+    expect(outbox.rows.length).toBe(0);
+  });
+
+  test("after stop() a failure is not retried: the rows stay for the next start", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    outbox.add("e1", 1);
+    broker.failing = 10;
+    await effects.stop();
+    expect(timers.delays).toEqual([]);
+    expect(outbox.rows.length).toBe(1);
+  });
+});
