@@ -1,8 +1,10 @@
 /**
- * Domain facts of the fleet (episode committed or failed, agent status changed, stimulus
- * queued). Metrics, the MQTT status topics and the dashboard all subscribe here; nothing
- * that emits knows who listens.
+ * Domain facts of the fleet (episode committed or failed, agent status changed, stimuli
+ * accepted or refused). The bus is for observers only: metrics, the MQTT status topics,
+ * the SSE stream. Nothing functional listens here (queue accounting is the queue book's,
+ * told directly); nothing that emits knows who listens.
  */
+import type { Logger } from "pino";
 import type { AgentStatus } from "./types.ts";
 
 /** The facts and their payloads. */
@@ -19,7 +21,6 @@ export interface FleetEventMap {
     quarantined: boolean;
   };
   status: { agent: string; status: AgentStatus; reason?: string; checkpoint?: string | null };
-  queued: { agent: string };
   /** Stimuli left in a retired agent's queue were refused (recorded as `rejected`). */
   rejected: { agent: string; count: number; reason: string };
   /** Messages that matched a subscription but named no valid agent were recorded as rejected. */
@@ -29,9 +30,14 @@ export interface FleetEventMap {
 
 type Listener<K extends keyof FleetEventMap> = (e: FleetEventMap[K]) => void;
 
-/** A tiny typed event bus. Listener errors are contained so one bad subscriber cannot break a commit. */
+/**
+ * A tiny typed event bus. A listener's error is logged and contained, so one bad observer
+ * cannot break the commit that emitted the fact.
+ */
 export class FleetEvents {
   private readonly listeners: { [K in keyof FleetEventMap]?: Listener<K>[] } = {};
+
+  constructor(private readonly log?: Pick<Logger, "error">) {}
 
   /** Subscribe; returns an unsubscribe function. */
   on<K extends keyof FleetEventMap>(kind: K, fn: Listener<K>): () => void {
@@ -48,8 +54,9 @@ export class FleetEvents {
     for (const fn of (this.listeners[kind] ?? []) as Listener<K>[]) {
       try {
         fn(e);
-      } catch {
-        // a subscriber's bug must not fail the episode that emitted the fact
+      } catch (err) {
+        // An observer's bug must not fail the episode that emitted the fact.
+        this.log?.error({ err, event: kind }, `a listener of "${kind}" events failed`);
       }
     }
   }

@@ -29,10 +29,10 @@ import {
 import { startHttp, type HttpServer } from "./http/index.ts";
 import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers } from "./intake/index.ts";
-import { gcAll, type GcReport } from "./ops/index.ts";
+import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
-import { Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
+import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
 import { deployInstances, Redeploy } from "./fleet/index.ts";
 import { fleetTimers, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
@@ -62,14 +62,14 @@ export interface GatewayOptions {
   readonly gcIntervalMs?: number;
 }
 
-import type { GatewayState } from "./types.ts";
+import type { AgentId, GatewayState } from "./types.ts";
 
 export type { GatewayState };
 
 /** A running fleet. */
 export class Gateway {
   state: GatewayState = "created";
-  readonly events = new FleetEvents();
+  readonly events: FleetEvents;
   readonly log: Logger;
   readonly startedAt = Date.now();
   store!: Store;
@@ -87,6 +87,8 @@ export class Gateway {
   private current!: SpecVersion;
   private route!: (topic: string) => Route;
   private roster!: Roster;
+  /** The one owner of queued counts and admission (gateway/fleet/queue-book.ts). */
+  private book!: QueueBook;
   private redeploy: Redeploy | null = null;
   private housekeeping: Housekeeping | null = null;
   private watcher: SpecWatcher | null = null;
@@ -103,6 +105,7 @@ export class Gateway {
 
   constructor(readonly opts: GatewayOptions) {
     this.log = opts.logger ?? pino({ base: { svc: "fleet" } });
+    this.events = new FleetEvents(this.log);
     this.now = opts.now ?? Date.now;
   }
 
@@ -151,11 +154,10 @@ export class Gateway {
     await deployInstances(this.store, this.current, this.now());
 
     this.buildPipeline(spec);
-    this.roster.wire();
     publishFacts(this.events, () => this.broker);
 
     for (const row of await this.store.agentCounts()) void row; // warm the connection
-    await this.roster.load();
+    await this.book.load(this.store);
 
     this.broker = this.createBroker(spec);
     this.effects = new Effects(this.store, this.broker, this.log);
@@ -271,15 +273,24 @@ export class Gateway {
     return liveEpisodeGroups.size;
   }
 
-  /** A stimulus went back into an agent's queue (quarantine retry): count it and run the agent. */
-  requeued(agent: string): void {
-    this.events.emit("queued", { agent });
-    this.scheduler.wake(agent);
+  /**
+   * Retry or drop a quarantined stimulus. A retry is admitted like a new stimulus; back in
+   * the queue it runs now (it is older than the head that may be waiting for its backoff).
+   */
+  resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction> {
+    return resolveQuarantined(this.store, seq, action, {
+      admit: (agent) => this.book.admit(agent, this.current.spec.agents[agent.split("/")[0]!]?.max_queue ?? Infinity),
+      recorded: (agent) => {
+        this.book.recorded(agent);
+        this.scheduler.wake(agent);
+      },
+      released: (agent) => this.book.released(agent),
+    });
   }
 
   /** Stimuli waiting for an agent. */
   queued(agent: string): number {
-    return this.roster?.queued(agent) ?? 0;
+    return this.book?.queued(agent as AgentId) ?? 0;
   }
 
   /** Route a topic with the current spec (HTTP send, CLI). */
@@ -288,7 +299,7 @@ export class Gateway {
   }
 
   /** Operator lifecycle: pause, resume or retire an agent. */
-  setLifecycle(id: string, action: LifecycleAction): Promise<LifecycleResult> {
+  setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult> {
     return this.roster.setLifecycle(id, action);
   }
 
@@ -297,7 +308,7 @@ export class Gateway {
     const counts = await this.store.agentCounts();
     const byStatus: Record<string, number> = {};
     for (const c of counts) byStatus[c.status] = (byStatus[c.status] ?? 0) + c.n;
-    const queued = this.roster.totalQueued();
+    const queued = this.book.total();
     const summary = await this.store.queuedSummary();
     const oldest = summary.reduce((m, q) => Math.min(m, q.oldest ?? Infinity), Infinity);
     return {
@@ -331,33 +342,35 @@ export class Gateway {
       );
     }
     this.spares = new SparePool(spec.fleet.warm_spares, this.spawnOptions);
+    this.book = new QueueBook({ onQueued: (a) => this.scheduler.notify(a) });
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
       spawn: this.spawnOptions,
       pool: this.spares,
-      toolEnv: { secrets: this.secrets, fetch, isRetired: (a) => this.roster.isRetired(a) },
+      toolEnv: { secrets: this.secrets, fetch, admit: (a, max) => this.book.admit(a, max) },
       events: this.events,
       log: this.log,
       now: this.now,
       stopping: () => this.state === "draining" || this.state === "stopped",
       lifecycleStamp: (a) => this.roster.lifecycleStamp(a),
-      hasQueued: (a) => this.roster.queued(a) > 0,
+      queue: this.book,
       publishCommitted: (episode, rows) => this.effects.publishCommitted(episode, rows),
     });
     this.scheduler = new Scheduler({
       maxConcurrent: spec.fleet.max_concurrent_episodes,
       runTurn: (a) => executor.turn(a),
+      queued: (a) => this.book.queued(a),
       now: this.now,
     });
-    this.roster = new Roster(this.store, this.events, this.scheduler);
+    this.roster = new Roster(this.store, this.events, this.scheduler, this.book);
     this.intake = new Intake(
       this.store,
       {
         route: (t) => this.route(t),
-        isRetired: (a) => this.roster.isRetired(a),
-        queued: (a) => this.roster.queued(a),
-        enqueued: (a) => this.roster.noteQueued(a),
+        admit: (a, max) => this.book.admit(a, max),
+        recorded: (a, n) => this.book.recorded(a, n),
+        released: (a, n) => this.book.released(a, n),
       },
       this.events,
       this.log,

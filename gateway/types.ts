@@ -12,8 +12,8 @@ export type GatewayState = "created" | "starting" | "running" | "draining" | "st
 
 /** What one scheduler turn for an agent did (the executor returns it, the scheduler acts on it). */
 export type TurnResult =
-  /** An episode ran (committed or failed); `more` says whether work is left (undefined: unknown, look again). */
-  | { readonly kind: "ran"; readonly more?: boolean }
+  /** An episode ran (committed or failed); whether work is left is the queue book's count. */
+  | { readonly kind: "ran" }
   /** Nothing queued after all. */
   | { readonly kind: "empty" }
   /** Head of queue must wait until `until` (retry backoff, budget window). */
@@ -21,6 +21,7 @@ export type TurnResult =
   /** The agent cannot run now (paused, retired, failed); wake it with `wake()`. */
   | { readonly kind: "parked" };
 
+/** `<type>/<key>` of one agent instance; made by `agentId()` / `parseAgentId()` only. */
 export type AgentId = string & { readonly __brand: "AgentId" };
 /** UUIDv7 of one episode attempt. */
 export type EpisodeId = string & { readonly __brand: "EpisodeId" };
@@ -89,3 +90,11 @@ export function decodePayload(bytes: Uint8Array | null): unknown {
 
 /** Live agent status as published on `fleet/agents/<type>/<key>/status`. */
 export type AgentStatus = "idle" | "running" | "paused" | "retired" | "failed";
+
+/** Why a stimulus was not admitted to an agent's queue; callers branch on the code. */
+export type AdmissionCode = "retired" | "queue_full";
+
+/** The answer of the one admission every source goes through (intake, timers, sends, retries). */
+export type Admission =
+  | { readonly ok: true }
+  | { readonly ok: false; readonly code: AdmissionCode; readonly message: string };

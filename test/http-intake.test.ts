@@ -1,8 +1,9 @@
 import { describe, expect, test } from "bun:test";
 import { intakeResponse } from "../gateway/http/index.ts";
+import type { AgentId } from "../gateway/types.ts";
 
 describe("the HTTP answer to one recorded stimulus", () => {
-  const agent = "counter/dev-1";
+  const agent = "counter/dev-1" as AgentId;
 
   test("a stimulus refused because the queue is full is 429 with Retry-After", async () => {
     const res = intakeResponse(

@@ -21,6 +21,7 @@ import {
 import { compileSpec } from "../gateway/spec/index.ts";
 import type { FleetSpec } from "../gateway/spec/index.ts";
 import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
+import type { AgentId } from "../gateway/types.ts";
 
 // Subprocess tests on a busy 2-core machine: generous bounds, no timing assertions.
 setDefaultTimeout(30_000);
@@ -514,7 +515,9 @@ describe("ToolGate: send", () => {
       ok: true,
       result: { queued: true, to: "narrow/default" },
     });
-    expect(g.sends).toEqual([{ to: { type: "narrow", key: "default", id: "narrow/default" }, payload: '{"hi":1}' }]);
+    expect(g.sends).toEqual([
+      { to: { type: "narrow", key: "default", id: "narrow/default" as AgentId }, payload: '{"hi":1}' },
+    ]);
   });
 
   test("denies a send to an unknown type", async () => {

@@ -1,10 +1,15 @@
 /**
- * The scheduler with an injected runTurn: per-agent serialism, the fleet-wide bound,
- * round-robin fairness, waits, parking and waking, and idle().
+ * The scheduler with an injected runTurn and queue counts (the queue book's role):
+ * per-agent serialism, the fleet-wide bound, round-robin fairness, waits, parking and
+ * waking, and idle().
  */
 import { describe, expect, test } from "bun:test";
 import { Scheduler, type TurnResult } from "../gateway/fleet/index.ts";
 import { waitFor } from "./helpers/gateway.ts";
+import type { AgentId } from "../gateway/types.ts";
+
+/** Test agent names are valid ids. */
+const id = (s: string) => s as AgentId;
 
 /** Resolve after the current I/O turn: lets other turns interleave without using wall time. */
 const tick = () => new Promise<void>((r) => setImmediate(r));
@@ -36,6 +41,9 @@ class FakeFleet {
     return n;
   }
 
+  /** The queue book's count, as the scheduler reads it. */
+  readonly queued = (agent: string): number => this.queues.get(agent) ?? 0;
+
   turnsOf(agent: string): number {
     return this.turns.filter((a) => a === agent).length;
   }
@@ -61,11 +69,11 @@ class FakeFleet {
 
 function setup(maxConcurrent: number) {
   const fleet = new FakeFleet();
-  const scheduler = new Scheduler({ maxConcurrent, runTurn: fleet.runTurn });
-  /** Queue `n` stimuli for `agent`, telling the scheduler like intake does. */
+  const scheduler = new Scheduler({ maxConcurrent, runTurn: fleet.runTurn, queued: fleet.queued });
+  /** Queue `n` stimuli for `agent`, telling the scheduler like the queue book does. */
   const enqueue = (agent: string, n = 1) => {
     fleet.add(agent, n);
-    scheduler.enqueue(agent, n);
+    scheduler.notify(id(agent));
   };
   const drained = () =>
     holds(() => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0, "all queues drained");
@@ -159,7 +167,12 @@ describe("scheduler", () => {
   test("an agent whose wait has passed runs once enqueued and keeps going until its queue is empty", async () => {
     let clock = 1_000_000;
     const fleet = new FakeFleet();
-    const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: fleet.runTurn, now: () => clock });
+    const scheduler = new Scheduler({
+      maxConcurrent: 1,
+      runTurn: fleet.runTurn,
+      queued: fleet.queued,
+      now: () => clock,
+    });
     let waited = false;
     fleet.script.set("a", () => {
       if (waited) return null;
@@ -167,11 +180,11 @@ describe("scheduler", () => {
       return { kind: "wait", until: clock + 3_600_000 }; // its timer will not fire during this test
     });
     fleet.add("a", 1);
-    scheduler.enqueue("a");
+    scheduler.notify(id("a"));
     await holds(() => waited && scheduler.active === 0, "the waiting turn");
     clock += 7_200_000; // the wait is over on the injected clock
     fleet.add("a", 3);
-    scheduler.enqueue("a", 3);
+    scheduler.notify(id("a"));
     await holds(
       () => fleet.pending === 0 && scheduler.active === 0 && scheduler.busyAgents === 0,
       "a drained without its timer",
@@ -196,16 +209,16 @@ describe("scheduler", () => {
     expect(fleet.turnsOf("p")).toBe(1);
     expect(fleet.queues.get("p")).toBe(3);
     paused = false;
-    scheduler.wake("p");
+    scheduler.wake(id("p"));
     await drained();
     expect(fleet.queues.get("p")).toBe(0);
   });
 
-  test("wake() of an agent with nothing queued costs one empty turn and drops it", async () => {
+  test("wake() of an agent with nothing queued starts no turn and keeps no entry", async () => {
     const { fleet, scheduler, drained } = setup(2);
-    scheduler.wake("idle-agent");
+    scheduler.wake(id("idle-agent"));
     await drained();
-    expect(fleet.turns).toEqual(["idle-agent"]);
+    expect(fleet.turns).toEqual([]);
     expect(scheduler.busyAgents).toBe(0);
   });
 
@@ -219,11 +232,13 @@ describe("scheduler", () => {
       raced = true;
       queueMicrotask(() => {
         fleet.add("a", 1);
-        scheduler.enqueue("a", 1);
+        scheduler.notify(id("a"));
       });
       return { kind: "empty" };
     });
-    scheduler.wake("a");
+    fleet.add("a", 0);
+    fleet.queues.set("a", 1); // the book still counts one the turn will not find
+    scheduler.wake(id("a"));
     await drained();
     expect(fleet.queues.get("a")).toBe(0);
     expect(fleet.turnsOf("a")).toBeGreaterThanOrEqual(2);
@@ -237,7 +252,7 @@ describe("scheduler", () => {
       if (!paused) return null;
       queueMicrotask(() => {
         paused = false;
-        scheduler.wake("r");
+        scheduler.wake(id("r"));
       });
       return { kind: "parked" };
     });
@@ -252,7 +267,7 @@ describe("scheduler", () => {
     fleet.script.set("q", () => {
       if (!first) return null;
       first = false;
-      queueMicrotask(() => scheduler.wake("q")); // e.g. an operator retries the stimulus now
+      queueMicrotask(() => scheduler.wake(id("q"))); // e.g. an operator retries the stimulus now
       return { kind: "wait", until: Date.now() + 3_600_000 };
     });
     enqueue("q", 1);
@@ -265,6 +280,7 @@ describe("scheduler", () => {
     let thrown = false;
     const scheduler = new Scheduler({
       maxConcurrent: 1,
+      queued: fleet.queued,
       runTurn: async (agent) => {
         if (agent === "bad" && !thrown) {
           thrown = true;
@@ -275,8 +291,8 @@ describe("scheduler", () => {
     });
     fleet.add("bad", 1);
     fleet.add("good", 2);
-    scheduler.enqueue("bad");
-    scheduler.enqueue("good", 2);
+    scheduler.notify(id("bad"));
+    scheduler.notify(id("good"));
     await holds(() => fleet.queues.get("good") === 0, "good drained");
     expect(thrown).toBe(true);
     scheduler.stop();
@@ -293,15 +309,16 @@ describe("scheduler", () => {
     const started: string[] = [];
     const scheduler = new Scheduler({
       maxConcurrent: 2,
+      queued: () => 5,
       runTurn: async (agent) => {
         started.push(agent);
         await new Promise<void>((r) => release.push(r));
         return { kind: "ran" };
       },
     });
-    scheduler.enqueue("a", 5);
-    scheduler.enqueue("b", 5);
-    scheduler.enqueue("c", 5);
+    scheduler.notify(id("a"));
+    scheduler.notify(id("b"));
+    scheduler.notify(id("c"));
     expect(scheduler.active).toBe(2);
     scheduler.stop();
     let idle = false;
@@ -320,12 +337,13 @@ describe("scheduler", () => {
     const release: (() => void)[] = [];
     const scheduler = new Scheduler({
       maxConcurrent: 1,
+      queued: () => 1,
       runTurn: async () => {
         await new Promise<void>((r) => release.push(r));
         return { kind: "empty" };
       },
     });
-    for (const a of ["a", "b", "c"]) scheduler.enqueue(a);
+    for (const a of ["a", "b", "c"]) scheduler.notify(id(a));
     expect(scheduler.active).toBe(1);
     scheduler.setMaxConcurrent(3);
     expect(scheduler.active).toBe(3);

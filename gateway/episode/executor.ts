@@ -30,14 +30,28 @@ export interface EpisodeDeps {
   /** True while the gateway drains: an aborted episode is then not a failure, its stimulus stays queued. */
   readonly stopping: () => boolean;
   /** Counter bumped by operator lifecycle actions; unchanged means no pause/retire happened meanwhile. */
-  readonly lifecycleStamp?: (agent: string) => number;
-  /** Whether stimuli still wait for the agent (the gateway's in-memory count). */
-  readonly hasQueued?: (agent: string) => boolean;
+  readonly lifecycleStamp?: (agent: AgentId) => number;
+  /** The queue book: told right after the store's queue rows change. */
+  readonly queue: EpisodeQueue;
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (
     episode: string,
     rows: readonly { topic: string; payload: string; qos: number; retain: boolean }[],
   ) => void;
+}
+
+/** What a turn tells the queue book (gateway/fleet/queue-book.ts) after each write that changes a queue. */
+export interface EpisodeQueue {
+  /** The head of the agent's queue left it (committed or quarantined). */
+  left(agent: AgentId): void;
+  /** The agent's queue is empty (refused because retired, or found empty). */
+  cleared(agent: AgentId): void;
+  /** Admitted sends were written to their target's queue. */
+  recorded(agent: AgentId, n?: number): void;
+  /** Admitted sends were not written (the episode failed or did not commit). */
+  released(agent: AgentId, n?: number): void;
+  /** The agent was retired (its type left the spec). */
+  retire(agent: AgentId): void;
 }
 
 /** Record limits the subprocess enforces on itself (the gateway checks them too). */
@@ -88,7 +102,7 @@ export class EpisodeExecutor {
   constructor(private readonly d: EpisodeDeps) {}
 
   /** One turn for `agentId` (see Scheduler). Never throws. */
-  async turn(agentId: string): Promise<TurnResult> {
+  async turn(agentId: AgentId): Promise<TurnResult> {
     try {
       return await this.turnInner(agentId);
     } catch (err) {
@@ -97,7 +111,7 @@ export class EpisodeExecutor {
     }
   }
 
-  private async turnInner(agentId: string): Promise<TurnResult> {
+  private async turnInner(agentId: AgentId): Promise<TurnResult> {
     const { store } = this.d;
     const now = this.d.now();
     let agent = await store.getAgent(agentId);
@@ -114,6 +128,7 @@ export class EpisodeExecutor {
       // episode that committed just after it) is refused with a recorded reason, not left forever.
       const reason = `agent is retired${agent.reason ? ` (${agent.reason})` : ""}`;
       const count = await store.rejectQueued(agentId, reason, now);
+      this.d.queue.cleared(agentId);
       if (count > 0) {
         this.d.log.warn({ agent: agentId, count }, `stimuli refused: ${reason}`);
         this.d.events.emit("rejected", { agent: agentId, count, reason });
@@ -122,13 +137,17 @@ export class EpisodeExecutor {
     }
     if (agent.status !== "active") return { kind: "parked" };
     const head = await store.headOfQueue(agentId);
-    if (!head) return { kind: "empty" };
+    if (!head) {
+      this.d.queue.cleared(agentId);
+      return { kind: "empty" };
+    }
     if (head.notBefore > now) return { kind: "wait", until: head.notBefore };
 
     const sv = this.d.spec();
     const type = sv.spec.agents[agent.type];
     if (!type) {
       await store.setAgentStatus(agentId, "retired", `type ${agent.type} is not in the fleet spec`);
+      this.d.queue.retire(agentId);
       this.d.events.emit("status", {
         agent: agentId,
         status: "retired",
@@ -220,6 +239,7 @@ export class EpisodeExecutor {
       eventCount: events.length,
     };
 
+    if (!result.ok) this.settleSends(gate, false);
     if (!result.ok && this.d.stopping()) {
       log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
       return { kind: "parked" };
@@ -233,6 +253,7 @@ export class EpisodeExecutor {
         retryAt,
         usage: bookUsage,
       });
+      if (quarantine) this.d.queue.left(agentId);
       log.warn(
         { kind: result.kind, attempt, quarantined: quarantine },
         `episode failed (${result.kind}): ${result.message.split("\n")[0]}`,
@@ -249,7 +270,7 @@ export class EpisodeExecutor {
         quarantined: quarantine,
       });
       await this.emitSettled(agentId, stamp, agent.headHash, `last episode failed: ${result.kind}`);
-      return retryAt === null ? { kind: "ran", more: this.d.hasQueued?.(agentId) } : { kind: "wait", until: retryAt };
+      return retryAt === null ? { kind: "ran" } : { kind: "wait", until: retryAt };
     }
 
     const seq = agent.headSeq + 1;
@@ -280,7 +301,7 @@ export class EpisodeExecutor {
       createdAt: endedAt,
     });
     const inbox: NewStimulus[] = gate.sends.map((s, i) => ({
-      agent: s.to.id as AgentId,
+      agent: s.to.id,
       type: s.to.type,
       key: s.to.key,
       sid: `inbox:${episode}:${i}` as StimulusId,
@@ -289,24 +310,31 @@ export class EpisodeExecutor {
       payload: new TextEncoder().encode(s.payload),
       receivedAt: endedAt,
     }));
-    await store.commitEpisode({
-      episode: { ...base, status: "committed", checkpoint: hash },
-      events,
-      checkpoint: {
-        hash,
-        gateway: store.gatewayId,
-        agent: agentId,
-        seq,
-        parent: agent.headHash,
-        episode,
-        specVersion: sv.hash,
-        state: stateText,
-        createdAt: endedAt,
-      },
-      outbox,
-      inbox,
-      usage: bookUsage,
-    });
+    try {
+      await store.commitEpisode({
+        episode: { ...base, status: "committed", checkpoint: hash },
+        events,
+        checkpoint: {
+          hash,
+          gateway: store.gatewayId,
+          agent: agentId,
+          seq,
+          parent: agent.headHash,
+          episode,
+          specVersion: sv.hash,
+          state: stateText,
+          createdAt: endedAt,
+        },
+        outbox,
+        inbox,
+        usage: bookUsage,
+      });
+    } catch (err) {
+      this.settleSends(gate, false);
+      throw err;
+    }
+    this.d.queue.left(agentId);
+    this.settleSends(gate, true);
     log.debug({ ms: Math.round(result.ms), checkpoint: hash }, "episode committed");
     this.d.publishCommitted?.(episode, outbox);
     this.d.events.emit("episode", {
@@ -320,8 +348,16 @@ export class EpisodeExecutor {
       quarantined: false,
     });
     await this.emitSettled(agentId, stamp, hash);
-    for (const s of inbox) this.d.events.emit("queued", { agent: s.agent });
-    return { kind: "ran", more: this.d.hasQueued?.(agentId) };
+    if (inbox.length > 0) this.d.events.emit("intake", { source: "inbox", accepted: inbox.length, duplicates: 0 });
+    return { kind: "ran" };
+  }
+
+  /** The places the episode's sends reserved: written with its commit, or given back. */
+  private settleSends(gate: ToolGate, committed: boolean): void {
+    for (const s of gate.sends) {
+      if (committed) this.d.queue.recorded(s.to.id);
+      else this.d.queue.released(s.to.id);
+    }
   }
 
   /**
@@ -329,7 +365,7 @@ export class EpisodeExecutor {
    * it ran (the retained status topic must not overwrite that with "idle").
    */
   private async emitSettled(
-    agentId: string,
+    agentId: AgentId,
     stamp: number | undefined,
     checkpoint: string | null,
     reason?: string,

@@ -3,3 +3,4 @@ export * from "./redeploy.ts";
 export * from "./reload.ts";
 export * from "./roster.ts";
 export * from "./scheduler.ts";
+export * from "./queue-book.ts";

@@ -1,12 +1,13 @@
 /**
- * The gateway's in-memory view of its agents: which are retired, how many stimuli wait for
- * each, and the operator lifecycle actions (pause, resume, retire) that change them. The
- * store stays the source of truth; this mirror answers the hot-path questions (intake,
- * scheduler, tools) without a query.
+ * The operator lifecycle of agents (pause, resume, retire; a type removed from or brought
+ * back to fleet.toml). The store keeps the status; the queue book learns retirements (its
+ * admission refuses them); the scheduler is woken when an agent may run again.
  */
 import type { FleetEvents } from "../events.ts";
+import type { QueueBook } from "./queue-book.ts";
 import type { Scheduler } from "./scheduler.ts";
 import type { Store } from "../store/index.ts";
+import type { AgentId } from "../types.ts";
 
 /** An operator lifecycle action (`fleet pause|resume|retire`, POST /api/agents/.../<action>). */
 export type LifecycleAction = "pause" | "resume" | "retire";
@@ -19,71 +20,25 @@ export type LifecycleResult =
   | { readonly ok: true }
   | { readonly ok: false; readonly code: LifecycleRefusal; readonly message: string };
 
-/** Retired agents, queued counts and lifecycle stamps of a running gateway. */
+/** Lifecycle actions of a running gateway. */
 export class Roster {
-  private readonly retired = new Set<string>();
-  private readonly queuedCounts = new Map<string, number>();
   /** Bumped on every operator lifecycle action, so a finishing episode knows whether to re-read status. */
-  private readonly lifecycleStamps = new Map<string, number>();
+  private readonly lifecycleStamps = new Map<AgentId, number>();
 
   constructor(
     private readonly store: Store,
     private readonly events: FleetEvents,
     private readonly scheduler: Scheduler,
+    private readonly book: QueueBook,
   ) {}
 
-  /** Follow the event bus: finished stimuli leave the queue, queued ones join it. */
-  wire(): void {
-    this.events.on("episode", (e) => {
-      if (e.status !== "committed" && !e.quarantined) return; // a failure is retried: still queued
-      const n = (this.queuedCounts.get(e.agent) ?? 1) - 1;
-      if (n <= 0) this.queuedCounts.delete(e.agent);
-      else this.queuedCounts.set(e.agent, n);
-    });
-    this.events.on("queued", (e) => this.noteQueued(e.agent));
-    this.events.on("rejected", (e) => this.queuedCounts.delete(e.agent));
-  }
-
-  /** Read retirements and queued stimuli from the store, and hand the queue to the scheduler. */
-  async load(): Promise<void> {
-    for (const a of await this.store.listAgents({ status: "retired", limit: 1_000_000 }).then((r) => r.rows))
-      this.retired.add(a.id);
-    for (const q of await this.store.queuedSummary()) {
-      this.queuedCounts.set(q.agent, q.n);
-      this.scheduler.enqueue(q.agent, q.n);
-    }
-  }
-
-  /** Whether an agent is retired (intake drops its stimuli, tools refuse to send to it). */
-  isRetired(agent: string): boolean {
-    return this.retired.has(agent);
-  }
-
-  /** Stimuli waiting for an agent. */
-  queued(agent: string): number {
-    return this.queuedCounts.get(agent) ?? 0;
-  }
-
-  /** Stimuli waiting across the fleet. */
-  totalQueued(): number {
-    let n = 0;
-    for (const v of this.queuedCounts.values()) n += v;
-    return n;
-  }
-
   /** How many lifecycle actions an agent has seen (compared before and after an episode). */
-  lifecycleStamp(agent: string): number {
+  lifecycleStamp(agent: AgentId): number {
     return this.lifecycleStamps.get(agent) ?? 0;
   }
 
-  /** One more stimulus is queued for `agent`. */
-  noteQueued(agent: string): void {
-    this.queuedCounts.set(agent, (this.queuedCounts.get(agent) ?? 0) + 1);
-    this.scheduler.enqueue(agent);
-  }
-
   /** Operator lifecycle: pause, resume or retire an agent. */
-  async setLifecycle(id: string, action: LifecycleAction): Promise<LifecycleResult> {
+  async setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult> {
     this.lifecycleStamps.set(id, (this.lifecycleStamps.get(id) ?? 0) + 1);
     const agent = await this.store.getAgent(id);
     if (!agent) return { ok: false, code: "not_found", message: `no agent ${id}` };
@@ -102,10 +57,10 @@ export class Roster {
       this.scheduler.wake(id);
     } else {
       await this.store.setAgentStatus(id, "retired", "retired by operator");
-      this.retired.add(id);
+      this.book.retire(id);
       this.events.emit("status", { agent: id, status: "retired", reason: "retired by operator" });
       // Its next turn refuses what still waits for it (recorded as rejected).
-      if (this.queued(id) > 0) this.scheduler.wake(id);
+      if (this.book.queued(id) > 0) this.scheduler.wake(id);
     }
     return { ok: true };
   }
@@ -115,10 +70,11 @@ export class Roster {
     const reason = `type ${type} removed from fleet.toml (spec ${hash.slice(0, 12)})`;
     for (const a of await this.store.listAgents({ type, limit: 1_000_000 }).then((r) => r.rows)) {
       if (a.status === "retired") continue;
-      await this.store.setAgentStatus(a.id, "retired", reason);
-      this.retired.add(a.id);
-      this.events.emit("status", { agent: a.id, status: "retired", reason });
-      if (this.queued(a.id) > 0) this.scheduler.wake(a.id);
+      const id = a.id as AgentId;
+      await this.store.setAgentStatus(id, "retired", reason);
+      this.book.retire(id);
+      this.events.emit("status", { agent: id, status: "retired", reason });
+      if (this.book.queued(id) > 0) this.scheduler.wake(id);
     }
   }
 
@@ -126,10 +82,11 @@ export class Roster {
   async unretireType(type: string): Promise<void> {
     for (const a of await this.store.listAgents({ type, status: "retired", limit: 1_000_000 }).then((r) => r.rows)) {
       if (!a.reason?.startsWith(`type ${type} removed`)) continue;
-      await this.store.setAgentStatus(a.id, "active", null);
-      this.retired.delete(a.id);
-      this.events.emit("status", { agent: a.id, status: "idle", checkpoint: a.headHash });
-      this.scheduler.wake(a.id);
+      const id = a.id as AgentId;
+      await this.store.setAgentStatus(id, "active", null);
+      this.book.unretire(id);
+      this.events.emit("status", { agent: id, status: "idle", checkpoint: a.headHash });
+      this.scheduler.wake(id);
     }
   }
 }

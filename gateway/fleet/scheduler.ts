@@ -1,11 +1,12 @@
 /**
  * The scheduler: one durable FIFO per agent (rows in `stimuli`), one episode at a time
  * per agent, at most `maxConcurrent` across the fleet, round-robin across agents that have
- * work so a flooded agent cannot starve a quiet one. Only agents with work have an entry:
- * idle agents cost rows on disk, not memory or processes.
+ * work so a flooded agent cannot starve a quiet one. How much work an agent has is the
+ * queue book's count (`queued`), never a copy kept here. Only agents with work have an
+ * entry: idle agents cost rows on disk, not memory or processes.
  */
 
-import type { TurnResult } from "../types.ts";
+import type { AgentId, TurnResult } from "../types.ts";
 
 export type { TurnResult };
 
@@ -13,26 +14,27 @@ export type { TurnResult };
 export interface SchedulerOptions {
   readonly maxConcurrent: number;
   /** Run one turn for an agent: one episode at most. Must not throw. */
-  readonly runTurn: (agent: string) => Promise<TurnResult>;
+  readonly runTurn: (agent: AgentId) => Promise<TurnResult>;
+  /** Stimuli waiting for an agent (the queue book). */
+  readonly queued: (agent: AgentId) => number;
   readonly now?: () => number;
 }
 
 interface Slot {
-  queued: number;
   running: boolean;
   parked: boolean;
   waitUntil: number;
   inReady: boolean;
-  /** Stimuli enqueued while a turn ran: that turn may have looked at the queue before they arrived. */
-  addedWhileRunning: number;
+  /** notify() while a turn ran: that turn may have looked at the queue before the news. */
+  notifiedWhileRunning: boolean;
   /** wake() while a turn ran: that turn may have read the agent's status before the change. */
   wokenWhileRunning: boolean;
 }
 
 /** Fair, bounded episode scheduler. */
 export class Scheduler {
-  private readonly slots = new Map<string, Slot>();
-  private readonly ready: string[] = [];
+  private readonly slots = new Map<AgentId, Slot>();
+  private readonly ready: AgentId[] = [];
   private readyHead = 0;
   private running = 0;
   private stopped = false;
@@ -64,23 +66,22 @@ export class Scheduler {
     return this.slots.size;
   }
 
-  /** Tell the scheduler `n` new stimuli were queued for `agent`. */
-  enqueue(agent: string, n = 1): void {
+  /** New stimuli were queued for `agent` (the queue book says so). */
+  notify(agent: AgentId): void {
     const slot = this.slot(agent);
-    slot.queued += n;
-    if (slot.running) slot.addedWhileRunning += n;
+    if (slot.running) slot.notifiedWhileRunning = true;
     this.makeReady(agent, slot);
     this.pump();
   }
 
-  /** Re-examine an agent (resumed, budget window reset, quarantine retried). */
-  wake(agent: string): void {
+  /** Re-examine an agent that has work (resumed, budget window reset, retired with work left). */
+  wake(agent: AgentId): void {
     const slot = this.slot(agent);
     slot.parked = false;
     slot.waitUntil = 0;
     if (slot.running) slot.wokenWhileRunning = true;
-    if (slot.queued === 0) slot.queued = 1; // unknown count: the turn will find out
     this.makeReady(agent, slot);
+    if (!slot.running && !slot.inReady) this.slots.delete(agent); // nothing to do
     this.pump();
   }
 
@@ -96,16 +97,15 @@ export class Scheduler {
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
-  private slot(agent: string): Slot {
+  private slot(agent: AgentId): Slot {
     let s = this.slots.get(agent);
     if (!s) {
       s = {
-        queued: 0,
         running: false,
         parked: false,
         waitUntil: 0,
         inReady: false,
-        addedWhileRunning: 0,
+        notifiedWhileRunning: false,
         wokenWhileRunning: false,
       };
       this.slots.set(agent, s);
@@ -113,8 +113,8 @@ export class Scheduler {
     return s;
   }
 
-  private makeReady(agent: string, slot: Slot): void {
-    if (slot.running || slot.inReady || slot.parked || slot.queued <= 0) return;
+  private makeReady(agent: AgentId, slot: Slot): void {
+    if (slot.running || slot.inReady || slot.parked || this.opts.queued(agent) <= 0) return;
     slot.inReady = true;
     this.ready.push(agent);
   }
@@ -156,6 +156,7 @@ export class Scheduler {
           if (slot.waitUntil > 0 && slot.waitUntil <= now && !slot.running && !slot.parked) {
             slot.waitUntil = 0;
             this.makeReady(agent, slot);
+            if (!slot.inReady) this.slots.delete(agent); // its queue emptied meanwhile
           } else if (slot.waitUntil > now) this.armTimer(slot.waitUntil);
         }
         this.pump();
@@ -164,7 +165,7 @@ export class Scheduler {
     );
   }
 
-  private start(agent: string, slot: Slot): void {
+  private start(agent: AgentId, slot: Slot): void {
     slot.running = true;
     slot.waitUntil = 0; // any wait is over (the timer may not have fired yet)
     this.running++;
@@ -175,29 +176,28 @@ export class Scheduler {
         slot.running = false;
         this.running--;
         // News that arrived during the turn overrides what the turn saw before it.
-        const added = slot.addedWhileRunning;
+        const notified = slot.notifiedWhileRunning;
         const woken = slot.wokenWhileRunning;
-        slot.addedWhileRunning = 0;
+        slot.notifiedWhileRunning = false;
         slot.wokenWhileRunning = false;
+        let again: boolean;
         switch (r.kind) {
           case "ran":
-            if (r.more === false) slot.queued = added;
-            else {
-              slot.queued = Math.max(0, slot.queued - 1);
-              // Unknown remaining count is fine: an empty turn drops the slot.
-              if (slot.queued === 0) slot.queued = 1;
-            }
-            if (woken && slot.queued === 0) slot.queued = 1;
+            again = true;
             break;
           case "empty":
-            slot.queued = woken ? Math.max(1, added) : added;
+            // The turn found nothing: only news from during the turn is worth another look.
+            again = notified || woken;
             break;
           case "wait":
-            if (woken) break; // re-examine now
-            slot.waitUntil = r.until;
-            this.armTimer(r.until);
+            again = woken; // re-examine now
+            if (!woken) {
+              slot.waitUntil = r.until;
+              this.armTimer(r.until);
+            }
             break;
           case "parked":
+            again = woken;
             if (!woken) slot.parked = true;
             break;
           default: {
@@ -205,8 +205,9 @@ export class Scheduler {
             return never;
           }
         }
-        if (slot.queued === 0) this.slots.delete(agent);
-        else if (slot.waitUntil === 0) this.makeReady(agent, slot);
+        const work = this.opts.queued(agent) > 0;
+        if (!work || (!again && !slot.parked && slot.waitUntil === 0)) this.slots.delete(agent);
+        else if (again) this.makeReady(agent, slot);
         if (this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
         this.pump();
       });

@@ -7,7 +7,7 @@ import type { Logger } from "pino";
 import type { FleetEvents } from "../events.ts";
 import type { LifecycleAction, LifecycleResult } from "../fleet/index.ts";
 import type { Intake, Route } from "../intake/index.ts";
-import type { GcReport } from "../ops/index.ts";
+import type { GcReport, QuarantineAction } from "../ops/index.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { AgentId, GatewayState } from "../types.ts";
@@ -36,8 +36,8 @@ export interface HttpHost {
   health(): Promise<unknown>;
   /** Stimuli waiting for an agent. */
   queued(agent: string): number;
-  /** A stimulus went back into an agent's queue (quarantine retry): count it and run the agent. */
-  requeued(agent: string): void;
+  /** Retry (admitted like a new stimulus) or drop a quarantined stimulus. */
+  resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction>;
   setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult>;
   /** Retention now, on the gateway's clock (never a client's). */
   gc(opts: { dryRun: boolean }): Promise<GcReport>;

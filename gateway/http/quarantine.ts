@@ -5,12 +5,12 @@
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
 import { parseStrictInt } from "../parse.ts";
-import { listQuarantine, resolveQuarantined } from "../ops/index.ts";
+import { listQuarantine } from "../ops/index.ts";
 
 type ParamRequest<P extends string> = Request & { params: Record<P, string> };
 
 /** Routes to spread into `Bun.serve({ routes })`. */
-export function quarantineRoutes(gw: Pick<HttpHost, "store" | "requeued">) {
+export function quarantineRoutes(gw: Pick<HttpHost, "store" | "resolveQuarantined">) {
   return {
     "/api/quarantine": async (req: Request) => {
       const limit = intQuery(new URL(req.url), "limit", 100, 1, 10_000);
@@ -24,12 +24,12 @@ export function quarantineRoutes(gw: Pick<HttpHost, "store" | "requeued">) {
           return httpError(404, "not_found", `no action ${action} (retry or drop)`);
         const seq = parseStrictInt(req.params.seq, { name: "stimulus seq", min: 0 });
         if (!seq.ok) return httpError(400, "bad_seq", seq.message);
-        const r = await resolveQuarantined(gw.store, seq.value, action);
-        if (!r.ok) return httpError(r.code === "not_found" ? 404 : 409, r.code, r.message);
-        if (r.state === "queued") {
-          // Back in the queue: count it and run the agent (un-parks it if it was waiting).
-          gw.requeued(r.agent);
-        }
+        // A retry is admitted like a new stimulus: refused for a retired agent or a full queue.
+        const r = await gw.resolveQuarantined(seq.value, action);
+        if (!r.ok)
+          return r.code === "queue_full"
+            ? json({ error: { code: r.code, message: r.message } }, 429, { "retry-after": "5" })
+            : httpError(r.code === "not_found" ? 404 : 409, r.code, r.message);
         return json({ ok: true, seq: r.seq, agent: r.agent, action, state: r.state });
       },
     },

@@ -9,34 +9,34 @@ import { blake3Hex } from "../hash.ts";
 import type { Route, Target } from "./router.ts";
 import type { Store } from "../store/index.ts";
 import type { FleetEvents } from "../events.ts";
-import type { NewStimulus, StimulusId, StimulusKind } from "../types.ts";
+import type { Admission, AdmissionCode, AgentId, NewStimulus, StimulusId, StimulusKind } from "../types.ts";
 
-/** What intake needs to know about live agents, kept by the gateway. */
+/** What intake needs from the running gateway: routing and the queue book's admission. */
 export interface IntakeView {
   /** Route a topic with the current spec. */
   route(topic: string): Route;
-  /** Agents whose stimuli are refused (retired). */
-  isRetired(agent: string): boolean;
-  /** Stimuli waiting for an agent now. */
-  queued(agent: string): number;
-  /** Called for every newly queued stimulus. */
-  enqueued(agent: string): void;
+  /** Admit one stimulus (retired? queue full?) and reserve its place. */
+  admit(agent: AgentId, maxQueue: number): Admission;
+  /** Admitted stimuli were written to the agent's queue. */
+  recorded(agent: AgentId, n?: number): void;
+  /** Admitted places were not used (duplicates, a failed write). */
+  released(agent: AgentId, n?: number): void;
 }
 
-/** Why intake refused a stimulus for an agent. */
-export type RefusalCode = "retired" | "queue_full";
+/** Why intake refused a stimulus for an agent (the queue book's admission codes). */
+export type RefusalCode = AdmissionCode;
 
 /** A refused target: `code` for callers to branch on, `reason` for people. */
 export interface Refusal {
-  readonly agent: string;
+  readonly agent: AgentId;
   readonly code: RefusalCode;
   readonly reason: string;
 }
 
 /** Outcome per target of one intake. */
 export interface IntakeReport {
-  readonly accepted: { agent: string; sid: string; seq: number }[];
-  readonly duplicates: { agent: string; sid: string }[];
+  readonly accepted: { agent: AgentId; sid: string; seq: number }[];
+  readonly duplicates: { agent: AgentId; sid: string }[];
   readonly refused: Refusal[];
 }
 
@@ -153,27 +153,32 @@ export class Intake {
     const parsed = explicitId ? undefined : tryJson(payload);
     const at = this.now();
     for (const t of targets) {
-      if (this.view.isRetired(t.agent)) {
-        refused.push({ agent: t.agent, code: "retired", reason: "agent is retired" });
-        continue;
-      }
-      if (this.view.queued(t.agent) >= t.type.max_queue) {
-        // Backpressure: no PUBACK, the device keeps the message and retries later.
-        refused.push({ agent: t.agent, code: "queue_full", reason: `queue full (max_queue ${t.type.max_queue})` });
-        continue;
-      }
       const sid = explicitId ?? (await stimulusId(t.type.dedup, topic ?? "", payload, parsed));
+      // A full queue is backpressure: no PUBACK, the device keeps the message and retries later.
+      const admission = this.view.admit(t.agent, t.type.max_queue);
+      if (!admission.ok) {
+        refused.push({ agent: t.agent, code: admission.code, reason: admission.message });
+        continue;
+      }
       items.push({ agent: t.agent, type: t.type.name, key: t.key, sid, kind, topic, payload, receivedAt: at });
     }
     for (const r of refused) this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);
-    const outcomes = await this.store.intake(items);
+    let outcomes: Awaited<ReturnType<Store["intake"]>>;
+    try {
+      outcomes = await this.store.intake(items);
+    } catch (err) {
+      for (const s of items) this.view.released(s.agent);
+      throw err;
+    }
     const accepted: IntakeReport["accepted"] = [];
     const duplicates: IntakeReport["duplicates"] = [];
     for (const o of outcomes) {
-      if (o.seq === null) duplicates.push({ agent: o.agent, sid: o.sid });
-      else {
+      if (o.seq === null) {
+        duplicates.push({ agent: o.agent, sid: o.sid });
+        this.view.released(o.agent);
+      } else {
         accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
-        this.view.enqueued(o.agent);
+        this.view.recorded(o.agent);
       }
     }
     this.events.emit("intake", { source: kind, accepted: accepted.length, duplicates: duplicates.length });

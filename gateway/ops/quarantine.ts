@@ -5,6 +5,7 @@
  */
 import { and, asc, eq, inArray } from "drizzle-orm";
 import { tables, type Store, type StimulusRow } from "../store/index.ts";
+import type { Admission, AdmissionCode, AgentId } from "../types.ts";
 
 /** One quarantined stimulus as the API and CLI show it. */
 export interface QuarantineItem {
@@ -24,7 +25,15 @@ export interface QuarantineItem {
 /** Outcome of retry/drop: expected refusals are values. */
 export type QuarantineAction =
   | { readonly ok: true; readonly seq: number; readonly agent: string; readonly state: "queued" | "dropped" }
-  | { readonly ok: false; readonly code: "not_found" | "not_quarantined"; readonly message: string };
+  | { readonly ok: false; readonly code: "not_found" | "not_quarantined" | AdmissionCode; readonly message: string };
+
+/** A running gateway's queue book: a retry goes through the same admission as any new stimulus. */
+export interface RetryAdmission {
+  admit(agent: AgentId): Admission;
+  /** The stimulus is back in the agent's queue. */
+  recorded(agent: AgentId): void;
+  released(agent: AgentId): void;
+}
 
 /** Quarantined stimuli, newest first, with their failed episodes. */
 export async function listQuarantine(store: Store, limit = 100): Promise<QuarantineItem[]> {
@@ -66,18 +75,33 @@ export async function listQuarantine(store: Store, limit = 100): Promise<Quarant
 
 /**
  * Put a quarantined stimulus back in its agent's queue (state queued, attempts 0) or drop
- * it. The caller wakes the agent when a gateway is running (`requeued`).
+ * it. With a running gateway's `queue`, a retry is admitted like a new stimulus (refused
+ * for a retired agent or a full queue) and counted; without one (a stopped data dir) the
+ * next start loads it.
  */
 export async function resolveQuarantined(
   store: Store,
   seq: number,
   action: "retry" | "drop",
+  queue?: RetryAdmission,
 ): Promise<QuarantineAction> {
   const row = Number.isSafeInteger(seq) ? await store.getStimulus(seq) : undefined;
   if (!row) return { ok: false, code: "not_found", message: `no stimulus ${seq}` };
   if (row.state !== "quarantined")
     return { ok: false, code: "not_quarantined", message: `stimulus ${seq} is ${row.state}, not quarantined` };
   const state = action === "retry" ? "queued" : "dropped";
-  await store.setStimulusState(seq, state);
+  const agent = row.agent as AgentId;
+  const admitted = state === "queued" && queue !== undefined;
+  if (admitted) {
+    const a = queue.admit(agent);
+    if (!a.ok) return { ok: false, code: a.code, message: `stimulus ${seq} not retried: ${a.message}` };
+  }
+  try {
+    await store.setStimulusState(seq, state);
+  } catch (err) {
+    if (admitted) queue.released(agent);
+    throw err;
+  }
+  if (admitted) queue.recorded(agent);
   return { ok: true, seq, agent: row.agent, state };
 }

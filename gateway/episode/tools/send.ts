@@ -1,7 +1,7 @@
 /**
  * `send(agentId, payload)` (also `ctx.send`): queues an inbox message for another agent,
- * delivered after the episode commits. The target's type must be in the fleet and the
- * agent not retired.
+ * delivered after the episode commits. The target's type must be in the fleet, and the
+ * target admitted by the queue book like any other stimulus (not retired, queue not full).
  */
 import { z } from "zod";
 import { parseAgentId } from "../../types.ts";
@@ -28,8 +28,10 @@ export function send(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
   const parsed = parseToolArgs("send", NAMES, SendArgs, raw);
   if (!parsed.ok) return parsed.outcome;
   const [target, payload] = parsed.args;
-  if (!ctx.spec.agents[target.type]) return deny(`no agent type "${target.type}" in this fleet`);
-  if (ctx.env.isRetired?.(target.id)) return deny(`agent ${target.id} is retired`);
+  const type = ctx.spec.agents[target.type];
+  if (!type) return deny(`no agent type "${target.type}" in this fleet`);
+  const admission = ctx.env.admit?.(target.id, type.max_queue) ?? { ok: true };
+  if (!admission.ok) return deny(`send to ${target.id} refused: ${admission.message}`);
   ctx.sends.push({ to: target, payload: encodePayload(payload) });
   return { ok: true, result: { queued: true, to: target.id } };
 }

@@ -7,6 +7,7 @@ import type { z } from "zod";
 import type { AgentRef } from "../../../agents/protocol.ts";
 import { describeZodError } from "../../parse.ts";
 import type { AgentTypeSpec, FleetSpec, TOOL_NAMES } from "../../spec/index.ts";
+import type { Admission, AgentId } from "../../types.ts";
 
 /** A built-in tool's name. */
 export type ToolName = (typeof TOOL_NAMES)[number];
@@ -21,7 +22,7 @@ export interface PendingPublish {
 
 /** An inbox message waiting for the episode to commit. */
 export interface PendingSend {
-  readonly to: { type: string; key: string; id: string };
+  readonly to: { type: string; key: string; id: AgentId };
   readonly payload: string;
 }
 
@@ -35,8 +36,12 @@ export interface ToolEnv {
   /** Secret values by env name (the gateway's environment). */
   readonly secrets: Readonly<Record<string, string | undefined>>;
   readonly fetch: typeof fetch;
-  /** Agents whose stimuli are refused (retired); a send to one is denied. */
-  readonly isRetired?: (agent: string) => boolean;
+  /**
+   * The queue book's admission for a send (retired? queue full?); an admitted send holds a
+   * reserved place until the episode commits or not (the executor settles it). A refusal is
+   * a denied call, recorded in the episode's log.
+   */
+  readonly admit?: (agent: AgentId, maxQueue: number) => Admission;
 }
 
 /** What one tool call sees of its episode: who calls, under which spec, and what it has queued or spent. */

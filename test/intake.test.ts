@@ -1,0 +1,264 @@
+/**
+ * Intake and the queue book, in-process on a real libSQL file: one admission for every
+ * source (retired, max_queue, reservations in flight), dedup, counts that follow the
+ * store's queue, agent-to-agent sends, quarantine retries, and lifecycle refusal codes.
+ */
+import { afterAll, beforeEach, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import { ToolGate } from "../gateway/episode/index.ts";
+import { FleetEvents } from "../gateway/events.ts";
+import { QueueBook, Roster, Scheduler } from "../gateway/fleet/index.ts";
+import { Intake, createRouter, type Target } from "../gateway/intake/index.ts";
+import { resolveQuarantined } from "../gateway/ops/index.ts";
+import { compileSpec, type FleetSpec } from "../gateway/spec/index.ts";
+import { Store } from "../gateway/store/index.ts";
+import { type AgentId, agentId, type StimulusId } from "../gateway/types.ts";
+
+const log = pino({ level: "silent" });
+const root = mkdtempSync(join(tmpdir(), "fleet-intake-test-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+const spec: FleetSpec = (
+  await compileSpec(
+    `
+[agents.mon]
+module = "mon.ts"
+subscribe = ["s/+/t"]
+key = "{1}"
+dedup = "id"
+max_queue = 3
+tools = ["send"]
+
+[agents.sink]
+module = "sink.ts"
+max_queue = 2
+`,
+    "/srv/fleet.toml",
+  )
+).spec;
+
+const enc = (v: unknown) => new TextEncoder().encode(JSON.stringify(v));
+const target = (type: string, key: string): Target => ({ agent: agentId(type, key)!, type: spec.agents[type]!, key });
+
+let n = 0;
+async function setup() {
+  const store = await Store.open(join(root, `t${n++}.db`), { synchronous: "normal" });
+  const notified: AgentId[] = [];
+  const book = new QueueBook({ onQueued: (a) => notified.push(a) });
+  await book.load(store);
+  const events = new FleetEvents(log);
+  const intakeEvents: { source: string; accepted: number; duplicates: number }[] = [];
+  events.on("intake", (e) => intakeEvents.push(e));
+  const route = createRouter(spec);
+  const intake = new Intake(
+    store,
+    {
+      route,
+      admit: (a, max) => book.admit(a, max),
+      recorded: (a, k) => book.recorded(a, k),
+      released: (a, k) => book.released(a, k),
+    },
+    events,
+    log,
+    () => 1_000,
+  );
+  const queuedInStore = async (a: string) => (await store.queuedSummary()).find((q) => q.agent === a)?.n ?? 0;
+  return { store, book, intake, events, notified, intakeEvents, queuedInStore };
+}
+
+let ctx: Awaited<ReturnType<typeof setup>>;
+beforeEach(async () => {
+  ctx = await setup();
+});
+
+describe("intake admission", () => {
+  test("an accepted stimulus is durably queued, counted by the book and announced to the scheduler", async () => {
+    const r = await ctx.intake.mqtt({ topic: "s/b1/t", payload: enc({ id: "m1", v: 1 }), qos: 1, retain: false });
+    expect(r).toEqual({ ok: true });
+    expect(await ctx.queuedInStore("mon/b1")).toBe(1);
+    expect(ctx.book.queued("mon/b1" as AgentId)).toBe(1);
+    expect(ctx.notified).toEqual(["mon/b1" as AgentId]);
+    expect(ctx.intakeEvents).toEqual([{ source: "mqtt", accepted: 1, duplicates: 0 }]);
+  });
+
+  test("a duplicate is not queued again and gives its reserved place back", async () => {
+    const msg = { topic: "s/b1/t", payload: enc({ id: "same" }), qos: 1 as const, retain: false };
+    await ctx.intake.mqtt(msg);
+    const r = await ctx.intake.record([target("mon", "b1")], "mqtt", "s/b1/t", msg.payload, null);
+    expect(r.accepted).toEqual([]);
+    expect(r.duplicates.map((d) => d.sid)).toEqual(["id:same"]);
+    expect(ctx.book.queued("mon/b1" as AgentId)).toBe(1);
+    // The duplicate's reservation was released: two more fit under max_queue 3.
+    for (const id of ["x", "y"])
+      expect((await ctx.intake.record([target("mon", "b1")], "manual", null, enc({ id }), null)).accepted).toHaveLength(
+        1,
+      );
+    expect(await ctx.queuedInStore("mon/b1")).toBe(3);
+  });
+
+  test("past max_queue a stimulus is refused with code queue_full and nothing is written", async () => {
+    for (let i = 0; i < 3; i++) await ctx.intake.record([target("mon", "b1")], "manual", null, enc({ id: i }), null);
+    const r = await ctx.intake.record([target("mon", "b1")], "webhook", "hooks/h", enc({ id: 9 }), null);
+    expect(r.refused).toEqual([{ agent: "mon/b1" as AgentId, code: "queue_full", reason: "queue full (max_queue 3)" }]);
+    expect(await ctx.queuedInStore("mon/b1")).toBe(3);
+    // An MQTT publish past it is refused too: no PUBACK, the device keeps it.
+    const v = await ctx.intake.mqtt({ topic: "s/b1/t", payload: enc({ id: 10 }), qos: 1, retain: false });
+    expect(v.ok).toBe(false);
+  });
+
+  test("concurrent intakes cannot overfill a queue: places in flight count against max_queue", async () => {
+    const all = await Promise.all(
+      Array.from({ length: 10 }, (_, i) =>
+        ctx.intake.record([target("mon", "b2")], "manual", null, enc({ id: `c${i}` }), null),
+      ),
+    );
+    expect(all.flatMap((r) => r.accepted)).toHaveLength(3);
+    expect(all.flatMap((r) => r.refused).every((r) => r.code === "queue_full")).toBe(true);
+    expect(await ctx.queuedInStore("mon/b2")).toBe(3);
+    expect(ctx.book.queued("mon/b2" as AgentId)).toBe(3);
+  });
+
+  test("a retired agent's stimuli are refused with code retired, from every source", async () => {
+    ctx.book.retire("mon/b1" as AgentId);
+    for (const kind of ["mqtt", "timer", "webhook", "manual", "inbox"] as const) {
+      const r = await ctx.intake.record(
+        [target("mon", "b1")],
+        kind,
+        null,
+        enc({ id: kind }),
+        `x:${kind}` as StimulusId,
+      );
+      expect(r.refused.map((x) => x.code)).toEqual(["retired"]);
+    }
+    expect(await ctx.queuedInStore("mon/b1")).toBe(0);
+  });
+
+  test("the book loads queued counts and retirements from the store at start", async () => {
+    for (let i = 0; i < 2; i++) await ctx.intake.record([target("mon", "b1")], "manual", null, enc({ id: i }), null);
+    await ctx.store.setAgentStatus("mon/b1", "retired", "by test");
+    const fresh = new QueueBook();
+    await fresh.load(ctx.store);
+    expect(fresh.queued("mon/b1" as AgentId)).toBe(2);
+    expect(fresh.total()).toBe(2);
+    expect(fresh.isRetired("mon/b1" as AgentId)).toBe(true);
+  });
+});
+
+describe("agent-to-agent sends go through the same admission", () => {
+  const gateFor = (book: QueueBook) =>
+    new ToolGate(
+      { type: "mon", key: "k1", id: "mon/k1" },
+      spec.agents.mon!,
+      spec,
+      {
+        secrets: {},
+        fetch,
+        admit: (a, max) => book.admit(a, max),
+      },
+      1000,
+    );
+
+  test("a send to a full queue is denied with the refusal recorded as the call's result", async () => {
+    ctx.book.recorded("sink/a" as AgentId, 2); // sink's max_queue is 2
+    const out = await gateFor(ctx.book).handle(1, "send", ["sink/a", { hi: 1 }]);
+    expect(out).toEqual({
+      ok: false,
+      result: { error: "denied", reason: "send to sink/a refused: queue full (max_queue 2)" },
+    });
+  });
+
+  test("sends of one episode reserve places: the third send to a queue of two is refused", async () => {
+    const g = gateFor(ctx.book);
+    expect((await g.handle(1, "send", ["sink/b", 1])).ok).toBe(true);
+    expect((await g.handle(2, "send", ["sink/b", 2])).ok).toBe(true);
+    expect((await g.handle(3, "send", ["sink/b", 3])).ok).toBe(false);
+    expect(g.sends).toHaveLength(2);
+    // Another episode's intake sees the reservations too.
+    const r = await ctx.intake.record([target("sink", "b")], "manual", null, enc({ id: 1 }), null);
+    expect(r.refused.map((x) => x.code)).toEqual(["queue_full"]);
+  });
+
+  test("a send to a retired agent is denied", async () => {
+    ctx.book.retire("sink/c" as AgentId);
+    const out = await gateFor(ctx.book).handle(1, "send", ["sink/c", 1]);
+    expect(out.result).toEqual({ error: "denied", reason: "send to sink/c refused: agent is retired" });
+  });
+
+  test("places given back by an episode that did not commit are free again", async () => {
+    const g = gateFor(ctx.book);
+    await g.handle(1, "send", ["sink/d", 1]);
+    await g.handle(2, "send", ["sink/d", 2]);
+    for (const s of g.sends) ctx.book.released(s.to.id);
+    expect((await gateFor(ctx.book).handle(1, "send", ["sink/d", 3])).ok).toBe(true);
+  });
+});
+
+describe("quarantine retry goes through the same admission", () => {
+  async function quarantined(agent: AgentId, sid: string): Promise<number> {
+    const [o] = await ctx.store.intake([
+      {
+        agent,
+        type: agent.split("/")[0]!,
+        key: agent.split("/")[1]!,
+        sid: sid as StimulusId,
+        kind: "manual",
+        topic: null,
+        payload: enc(1),
+        receivedAt: 1,
+      },
+    ]);
+    await ctx.store.writer.write([{ sql: "UPDATE stimuli SET state = 'quarantined' WHERE seq = ?", args: [o!.seq!] }]);
+    return o!.seq!;
+  }
+  const port = (max: number) => ({
+    admit: (a: AgentId) => ctx.book.admit(a, max),
+    recorded: (a: AgentId) => ctx.book.recorded(a),
+    released: (a: AgentId) => ctx.book.released(a),
+  });
+
+  test("a retried stimulus is counted back into its agent's queue", async () => {
+    const seq = await quarantined("sink/q" as AgentId, "q1");
+    const r = await resolveQuarantined(ctx.store, seq, "retry", port(2));
+    expect(r).toMatchObject({ ok: true, state: "queued" });
+    expect(ctx.book.queued("sink/q" as AgentId)).toBe(1);
+    expect(await ctx.queuedInStore("sink/q")).toBe(1);
+  });
+
+  test("a retry into a full queue is refused with code queue_full and the stimulus stays quarantined", async () => {
+    const seq = await quarantined("sink/f" as AgentId, "f1");
+    ctx.book.recorded("sink/f" as AgentId, 2);
+    const r = await resolveQuarantined(ctx.store, seq, "retry", port(2));
+    expect(r).toMatchObject({ ok: false, code: "queue_full" });
+    expect((await ctx.store.getStimulus(seq))?.state).toBe("quarantined");
+  });
+
+  test("a retry for a retired agent is refused with code retired", async () => {
+    const seq = await quarantined("sink/r" as AgentId, "r1");
+    ctx.book.retire("sink/r" as AgentId);
+    expect(await resolveQuarantined(ctx.store, seq, "retry", port(2))).toMatchObject({ ok: false, code: "retired" });
+  });
+});
+
+describe("lifecycle results carry a code", () => {
+  test("an unknown agent is not_found; pausing or resuming a retired one is retired; retiring tells the book", async () => {
+    const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: async () => ({ kind: "empty" }), queued: () => 0 });
+    const roster = new Roster(ctx.store, ctx.events, scheduler, ctx.book);
+    expect(await roster.setLifecycle("mon/ghost" as AgentId, "pause")).toMatchObject({
+      ok: false,
+      code: "not_found",
+    });
+    await ctx.store.ensureAgents([{ id: "mon/z" as AgentId, type: "mon", key: "z" }]);
+    expect(await roster.setLifecycle("mon/z" as AgentId, "retire")).toEqual({ ok: true });
+    expect(ctx.book.isRetired("mon/z" as AgentId)).toBe(true);
+    for (const action of ["pause", "resume"] as const)
+      expect(await roster.setLifecycle("mon/z" as AgentId, action)).toEqual({
+        ok: false,
+        code: "retired",
+        message: "mon/z is retired",
+      });
+    scheduler.stop();
+  });
+});
