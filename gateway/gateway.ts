@@ -21,8 +21,8 @@ import { FleetEvents } from "./events.ts";
 import {
   defaultSpawnOptions,
   describeSandbox,
-  killAllEpisodes,
-  liveEpisodeGroups,
+  ProcessTable,
+  runEpisode,
   SparePool,
   type SpawnOptions,
 } from "./episode/index.ts";
@@ -101,6 +101,8 @@ export class Gateway {
   private rechecks: Promise<void> = Promise.resolve();
   /** The broker auth in force. */
   private auth: BrokerAuth | null = null;
+  /** This gateway's episode and spare process groups (killed at the drain timeout). */
+  private readonly procs = new ProcessTable();
   private readonly now: () => number;
 
   constructor(readonly opts: GatewayOptions) {
@@ -227,10 +229,10 @@ export class Gateway {
     ]);
     if (!drained) {
       this.log.warn(
-        { running: liveEpisodeGroups.size },
+        { running: this.procs.running },
         "drain timeout: aborting in-flight episodes (their stimuli stay queued)",
       );
-      killAllEpisodes();
+      this.procs.killAll();
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
     await this.spares?.close();
@@ -270,7 +272,7 @@ export class Gateway {
 
   /** Episode subprocess groups alive now. */
   subprocesses(): number {
-    return liveEpisodeGroups.size;
+    return this.procs.running;
   }
 
   /**
@@ -341,13 +343,14 @@ export class Gateway {
           "bubblewrap): they run with its uid and could read its /proc environ",
       );
     }
-    this.spares = new SparePool(spec.fleet.warm_spares, this.spawnOptions);
+    const spawnOptions = this.spawnOptions;
+    const spares = new SparePool(spec.fleet.warm_spares, spawnOptions, this.procs);
+    this.spares = spares;
     this.book = new QueueBook({ onQueued: (a) => this.scheduler.notify(a) });
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
-      spawn: this.spawnOptions,
-      pool: this.spares,
+      run: (start, limits, onTool) => runEpisode(start, limits, onTool, spawnOptions, spares, this.procs),
       toolEnv: { secrets: this.secrets, fetch, admit: (a, max) => this.book.admit(a, max) },
       events: this.events,
       log: this.log,

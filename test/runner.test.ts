@@ -9,7 +9,7 @@ import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
 import {
   CHILD_ENV,
   defaultSpawnOptions,
-  liveEpisodeGroups,
+  ProcessTable,
   runEpisode,
   SparePool,
   type FailureKind,
@@ -104,6 +104,9 @@ function descendantsOf(pid: number): number[] {
   return out;
 }
 
+/** The process table the runs below register their subprocesses in. */
+const PROCS = new ProcessTable();
+
 /** Poll until `cond` holds; fails after `ms` (a bound, not a timing assertion). */
 async function waitUntil(cond: () => boolean, what: string, ms = 5000): Promise<void> {
   const deadline = Date.now() + ms;
@@ -120,9 +123,9 @@ async function run(
   onTool: ToolHandler = noTools,
   spawn: SpawnOptions = SPAWN,
 ): Promise<RunResult & { pid: number }> {
-  const before = new Set(liveEpisodeGroups);
-  const pending = runEpisode(s, { ...LIMITS, ...limits }, onTool, spawn);
-  const pids = [...liveEpisodeGroups].filter((p) => !before.has(p));
+  const before = new Set(PROCS.episodePids());
+  const pending = runEpisode(s, { ...LIMITS, ...limits }, onTool, spawn, undefined, PROCS);
+  const pids = PROCS.episodePids().filter((p) => !before.has(p));
   expect(pids).toHaveLength(1);
   const result = await pending;
   return { ...result, pid: pids[0]! };
@@ -132,7 +135,7 @@ async function run(
 function expectFailure(r: RunResult & { pid: number }, kind: FailureKind): Extract<RunResult, { ok: false }> {
   if (r.ok) throw new Error(`expected a ${kind} failure, got success with state ${JSON.stringify(r.state)}`);
   expect({ kind: r.kind, message: r.message }).toEqual({ kind, message: expect.any(String) });
-  expect(liveEpisodeGroups.has(r.pid)).toBe(false);
+  expect(PROCS.episodePids()).not.toContain(r.pid);
   expect(() => process.kill(r.pid, 0)).toThrow();
   return r;
 }
@@ -159,7 +162,7 @@ describe("runEpisode: success", () => {
     expect(random.v).toBeLessThan(1);
     // The log line carries the recorded now/random values, so the order is the call order.
     expect(log).toEqual({ k: "log", level: "info", msg: `note ${JSON.stringify({ t: now.v, r: random.v })}` });
-    expect(liveEpisodeGroups.has(r.pid)).toBe(false);
+    expect(PROCS.episodePids()).not.toContain(r.pid);
     expect(() => process.kill(r.pid, 0)).toThrow();
   });
 
@@ -312,13 +315,13 @@ describe.each(SANDBOXES)(
     test("a process the agent started is killed with the episode", async () => {
       let descendants: number[] = [];
       let episodePid = 0;
-      const before = new Set(liveEpisodeGroups);
+      const before = new Set(PROCS.episodePids());
       const r = await run(
         start("spawner"),
         {},
         async () => {
           // The agent has started its grandchild before this call: note the whole process tree now.
-          episodePid = [...liveEpisodeGroups].find((p) => !before.has(p)) ?? 0;
+          episodePid = PROCS.episodePids().find((p) => !before.has(p)) ?? 0;
           descendants = descendantsOf(episodePid);
           return { ok: true, result: { queued: true } };
         },
@@ -708,7 +711,7 @@ describe("runEpisode with the tool gate", () => {
 
 describe("warm spares", () => {
   test("each episode still gets a fresh process: a spare serves exactly one episode and is then killed", async () => {
-    const pool = new SparePool(2, SPAWN);
+    const pool = new SparePool(2, SPAWN, PROCS);
     try {
       const pids: number[] = [];
       const hostPids: number[] = [];
@@ -744,7 +747,7 @@ describe("warm spares", () => {
   });
 
   test("a spare is started with the same sandbox and limits as a cold episode process", async () => {
-    const pool = new SparePool(1, SPAWN);
+    const pool = new SparePool(1, SPAWN, PROCS);
     try {
       pool.take(LIMITS); // primes a spare for these limits
       await Bun.sleep(50);

@@ -1,28 +1,58 @@
 /**
- * One scheduler turn for one agent: pick the head of its queue, check status and budgets,
- * load and verify its checkpoint, run the episode in a subprocess with the tool gate, then
- * commit everything at once (or record the failure and schedule a retry / quarantine).
+ * One scheduler turn for one agent, in three steps: read the turn's inputs (one store
+ * call), decide (pure: ./decide.ts), act. Acting is a status change (pause, retire,
+ * refuse a retired agent's queue, fail on a bad checkpoint) or running the head of the
+ * queue through the injected runner and committing everything at once (or recording the
+ * failure for a retry or quarantine). The runner, the clock and the queue book come in
+ * through `EpisodeDeps`, so a turn runs in tests without a subprocess.
  */
 import type { Logger } from "pino";
-import type { Stimulus, EpisodeRecord } from "../../agents/protocol.ts";
-import { IntegrityError, hashEvents, sealCheckpoint, verifyCheckpointRow } from "../store/index.ts";
-import { runEpisode, type RunLimits, type RunResult, type SparePool, type SpawnOptions } from "./runner.ts";
-import type { BudgetSpec, SpecVersion } from "../spec/index.ts";
-import type { Store, AgentRow, StimulusRow } from "../store/index.ts";
-import type { TurnResult } from "../types.ts";
-import { ToolGate, type ToolEnv } from "./tools/index.ts";
-import { decodePayload, newEpisodeId, type AgentId, type NewStimulus, type StimulusId } from "../types.ts";
+import type { ParentMessage } from "../../agents/protocol.ts";
 import type { FleetEvents } from "../events.ts";
+import type { SpecVersion } from "../spec/index.ts";
+import { hashEvents, IntegrityError, sealCheckpoint, verifyCheckpointRow } from "../store/index.ts";
+import type { Store } from "../store/index.ts";
+import { type AgentId, newEpisodeId, type TurnResult } from "../types.ts";
 import { topics } from "../protocol.ts";
+import { budgetWindows, decideTurn, retryAt, type TurnDecision } from "./decide.ts";
+import { buildEvents, buildInbox, buildOutbox, CHILD_LIMITS, runLimitsFor, toStimulus } from "./records.ts";
+import type { RunLimits, RunResult, ToolHandler } from "./runner.ts";
+import { type ToolEnv, ToolGate } from "./tools/index.ts";
+
+/** Runs one episode to completion or failure and never throws (runner.ts `runEpisode` with its spawner bound). */
+export type EpisodeRunner = (
+  start: Extract<ParentMessage, { t: "start" }>,
+  limits: RunLimits,
+  onTool: ToolHandler,
+) => Promise<RunResult>;
+
+/** What a turn tells the queue book (gateway/fleet/queue-book.ts) after each write that changes a queue. */
+export interface EpisodeQueue {
+  /** The head of the agent's queue left it (committed or quarantined). */
+  left(agent: AgentId): void;
+  /** The agent's queue is empty (refused because retired, or found empty). */
+  cleared(agent: AgentId): void;
+  /** Admitted sends were written to their target's queue. */
+  recorded(agent: AgentId, n?: number): void;
+  /** Admitted sends were not written (the episode failed or did not commit). */
+  released(agent: AgentId, n?: number): void;
+  /** The agent was retired (its type left the spec). */
+  retire(agent: AgentId): void;
+}
+
+/** The store as a turn uses it (a `Store` satisfies it). */
+export type TurnStore = Pick<
+  Store,
+  "gatewayId" | "turnInputs" | "setAgentStatus" | "rejectQueued" | "getAgent" | "commitEpisode" | "recordFailure"
+>;
 
 /** What the episode executor needs from the gateway. */
 export interface EpisodeDeps {
-  readonly store: Store;
+  readonly store: TurnStore;
   /** The spec version episodes start on now. */
   readonly spec: () => SpecVersion;
-  readonly spawn: SpawnOptions;
-  /** Warm spare host processes (optional). */
-  readonly pool?: SparePool;
+  /** Runs the episode (a sandboxed subprocess in the gateway; scripted in tests). */
+  readonly run: EpisodeRunner;
   readonly toolEnv: ToolEnv;
   readonly events: FleetEvents;
   readonly log: Logger;
@@ -40,62 +70,7 @@ export interface EpisodeDeps {
   ) => void;
 }
 
-/** What a turn tells the queue book (gateway/fleet/queue-book.ts) after each write that changes a queue. */
-export interface EpisodeQueue {
-  /** The head of the agent's queue left it (committed or quarantined). */
-  left(agent: AgentId): void;
-  /** The agent's queue is empty (refused because retired, or found empty). */
-  cleared(agent: AgentId): void;
-  /** Admitted sends were written to their target's queue. */
-  recorded(agent: AgentId, n?: number): void;
-  /** Admitted sends were not written (the episode failed or did not commit). */
-  released(agent: AgentId, n?: number): void;
-  /** The agent was retired (its type left the spec). */
-  retire(agent: AgentId): void;
-}
-
-/** Record limits the subprocess enforces on itself (the gateway checks them too). */
-export const CHILD_LIMITS = { max_records: 10_000, max_record_bytes: 8 * 1024 * 1024 } as const;
-
-/** The sandbox limits of an episode of a type with this budget. */
-export function runLimitsFor(budget: BudgetSpec, minTimeoutMs = 0): RunLimits {
-  return {
-    timeoutMs: Math.max(budget.episode_timeout_ms, minTimeoutMs),
-    memoryMb: budget.memory_mb,
-    maxRecords: CHILD_LIMITS.max_records,
-    maxRecordBytes: CHILD_LIMITS.max_record_bytes,
-    maxOpenFiles: 256,
-    maxProcesses: 4096,
-  };
-}
-
-/** Budget windows an episode's usage is booked in. */
-export function budgetWindows(at: number): {
-  hourWindow: string;
-  dayWindow: string;
-  hourEnds: number;
-  dayEnds: number;
-} {
-  const hour = Math.floor(at / 3_600_000);
-  const day = Math.floor(at / 86_400_000);
-  return {
-    hourWindow: `h:${hour}`,
-    dayWindow: `d:${day}`,
-    hourEnds: (hour + 1) * 3_600_000,
-    dayEnds: (day + 1) * 86_400_000,
-  };
-}
-
-/** Turn a stored stimulus row into what the agent sees. */
-export function toStimulus(row: StimulusRow): Stimulus {
-  return {
-    id: row.sid,
-    kind: row.kind,
-    ...(row.topic !== null ? { topic: row.topic } : {}),
-    payload: decodePayload(row.payload),
-    received_at: row.receivedAt,
-  };
-}
+type RunDecision = Extract<TurnDecision, { kind: "run" }>;
 
 /** Runs turns; one instance per gateway. */
 export class EpisodeExecutor {
@@ -112,100 +87,80 @@ export class EpisodeExecutor {
   }
 
   private async turnInner(agentId: AgentId): Promise<TurnResult> {
-    const { store } = this.d;
+    const { store, events } = this.d;
     const now = this.d.now();
-    let agent = await store.getAgent(agentId);
-    if (!agent) return { kind: "empty" };
-    if (agent.status === "paused") {
-      if (agent.pausedUntil === null || agent.pausedUntil > now)
-        return { kind: "wait", until: agent.pausedUntil ?? now + 3_600_000 };
-      await store.setAgentStatus(agentId, "active", null);
-      this.d.events.emit("status", { agent: agentId, status: "idle", reason: "budget window reset" });
-      agent = { ...agent, status: "active", reason: null, pausedUntil: null };
-    }
-    if (agent.status === "retired") {
-      // Whatever still waits for a retired agent (queued before the retirement, or sent by an
-      // episode that committed just after it) is refused with a recorded reason, not left forever.
-      const reason = `agent is retired${agent.reason ? ` (${agent.reason})` : ""}`;
-      const count = await store.rejectQueued(agentId, reason, now);
-      this.d.queue.cleared(agentId);
-      if (count > 0) {
-        this.d.log.warn({ agent: agentId, count }, `stimuli refused: ${reason}`);
-        this.d.events.emit("rejected", { agent: agentId, count, reason });
-      }
-      return { kind: "parked" };
-    }
-    if (agent.status !== "active") return { kind: "parked" };
-    const head = await store.headOfQueue(agentId);
-    if (!head) {
-      this.d.queue.cleared(agentId);
-      return { kind: "empty" };
-    }
-    if (head.notBefore > now) return { kind: "wait", until: head.notBefore };
-
     const sv = this.d.spec();
-    const type = sv.spec.agents[agent.type];
-    if (!type) {
-      await store.setAgentStatus(agentId, "retired", `type ${agent.type} is not in the fleet spec`);
-      this.d.queue.retire(agentId);
-      this.d.events.emit("status", {
-        agent: agentId,
-        status: "retired",
-        reason: `type ${agent.type} is not in the fleet spec`,
-      });
-      return { kind: "parked" };
-    }
-
     const win = budgetWindows(now);
-    const usage = await store.usage(agentId, [win.hourWindow, win.dayWindow]);
-    let over = this.overBudget(agent, win, usage);
-    // An operator's `fleet resume` of a budget pause lets the agent run until that window ends.
-    if (over && Number((await store.getMeta(`budget_override:${agentId}`)) ?? 0) > now) over = null;
-    if (over) {
-      await store.setAgentStatus(agentId, "paused", over.reason, over.until);
-      this.d.events.emit("status", { agent: agentId, status: "paused", reason: over.reason });
-      this.d.log.warn({ agent: agentId, budget: over.budget }, `agent paused: ${over.reason}`);
-      return { kind: "wait", until: over.until };
-    }
-
-    let state: unknown = null;
-    if (agent.headHash) {
-      const row = await store.getCheckpoint(agent.headHash);
-      try {
-        if (!row) throw new IntegrityError(agentId, agent.headSeq, agent.headHash, "checkpoint record is missing");
-        state = await verifyCheckpointRow(row);
-      } catch (err) {
-        const reason = err instanceof IntegrityError ? err.message : `checkpoint unreadable: ${String(err)}`;
-        await store.setAgentStatus(agentId, "failed", reason);
-        this.d.events.emit("status", { agent: agentId, status: "failed", reason });
-        this.d.log.error({ agent: agentId }, `agent failed: ${reason}`);
-        return { kind: "parked" };
+    let inputs = await store.turnInputs(agentId, [win.hourWindow, win.dayWindow]);
+    for (;;) {
+      const d = decideTurn(inputs, sv.spec, now);
+      switch (d.kind) {
+        case "reactivate":
+          await store.setAgentStatus(agentId, "active", null);
+          events.emit("status", { agent: agentId, status: "idle", reason: "budget window reset" });
+          inputs = {
+            ...inputs,
+            agent: inputs.agent && { ...inputs.agent, status: "active", reason: null, pausedUntil: null },
+          };
+          continue;
+        case "empty":
+          this.d.queue.cleared(agentId); // the store says nothing waits: so does the book
+          return { kind: "empty" };
+        case "refuse_retired": {
+          const count = await store.rejectQueued(agentId, d.reason, now);
+          this.d.queue.cleared(agentId);
+          if (count > 0) {
+            this.d.log.warn({ agent: agentId, count }, `stimuli refused: ${d.reason}`);
+            events.emit("rejected", { agent: agentId, count, reason: d.reason });
+          }
+          return { kind: "parked" };
+        }
+        case "parked":
+          return { kind: "parked" };
+        case "wait":
+          return { kind: "wait", until: d.until };
+        case "retire":
+          await store.setAgentStatus(agentId, "retired", d.reason);
+          this.d.queue.retire(agentId);
+          events.emit("status", { agent: agentId, status: "retired", reason: d.reason });
+          return { kind: "parked" };
+        case "pause":
+          await store.setAgentStatus(agentId, "paused", d.reason, d.until);
+          events.emit("status", { agent: agentId, status: "paused", reason: d.reason });
+          this.d.log.warn({ agent: agentId, budget: d.budget }, `agent paused: ${d.reason}`);
+          return { kind: "wait", until: d.until };
+        case "run":
+          return this.runAndCommit(agentId, d, sv, now);
+        default: {
+          const never: never = d;
+          return never;
+        }
       }
     }
+  }
+
+  /** Verify and load the checkpoint, run the episode, commit it or record its failure. */
+  private async runAndCommit(agentId: AgentId, d: RunDecision, sv: SpecVersion, now: number): Promise<TurnResult> {
+    const { agent, head, type } = d;
+    const state = await this.loadState(agentId, d);
+    if (state.failed) return { kind: "parked" };
 
     const episode = newEpisodeId();
     const stimulus = toStimulus(head);
-    const attempt = head.attempts + 1;
-    const tokensLeft = type.budget.tokens_per_day - (usage.find((u) => u.window === win.dayWindow)?.tokens ?? 0);
     const stamp = this.d.lifecycleStamp?.(agentId);
-    const gate = new ToolGate(
-      { type: agent.type, key: agent.key, id: agentId },
-      type,
-      sv.spec,
-      this.d.toolEnv,
-      tokensLeft,
-    );
+    const ref = { type: agent.type, key: agent.key, id: agentId };
+    const gate = new ToolGate(ref, type, sv.spec, this.d.toolEnv, d.tokensLeft);
     this.d.events.emit("status", { agent: agentId, status: "running" });
     const log = this.d.log.child({ agent: agentId, episode, stimulus: head.sid });
 
-    const result = await runEpisode(
+    const result = await this.d.run(
       {
         t: "start",
         episode,
-        agent: { type: agent.type, key: agent.key, id: agentId },
+        agent: ref,
         module: type.module_path,
         config: type.config,
-        state,
+        state: state.value,
         fresh: agent.headHash === null,
         stimulus,
         replay: null,
@@ -213,8 +168,6 @@ export class EpisodeExecutor {
       },
       runLimitsFor(type.budget),
       (call, tool, args) => gate.handle(call, tool, args),
-      this.d.spawn,
-      this.d.pool,
     );
     const endedAt = this.d.now();
     // ctx.log lines go to the gateway log too, with the episode's bound context (the first
@@ -222,59 +175,54 @@ export class EpisodeExecutor {
     let logged = 0;
     for (const r of result.records) if (r.k === "log" && logged++ < 100) log[r.level](r.msg);
     const events = buildEvents(episode, stimulus, result);
-    const eventsHash = await hashEvents(events);
-    const bookUsage = { ...win, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
     const base = {
       id: episode,
-      gateway: store.gatewayId,
+      gateway: this.d.store.gatewayId,
       agent: agentId,
       stimulusSeq: head.seq,
       stimulusId: head.sid,
       specVersion: sv.hash,
-      attempt,
+      attempt: d.attempt,
       startedAt: now,
       endedAt,
       parent: agent.headHash,
-      eventsHash,
+      eventsHash: await hashEvents(events),
       eventCount: events.length,
     };
+    const usage = { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
+    const summary = { episode, agent: agentId, stimulus: head.sid, ms: result.ms, type: agent.type };
 
-    if (!result.ok) this.settleSends(gate, false);
-    if (!result.ok && this.d.stopping()) {
-      log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
-      return { kind: "parked" };
-    }
     if (!result.ok) {
-      const quarantine = attempt >= type.retry.max_attempts;
-      const retryAt = quarantine ? null : endedAt + type.retry.backoff_ms * 2 ** (attempt - 1);
-      await store.recordFailure({
+      this.settleSends(gate, false);
+      if (this.d.stopping()) {
+        log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
+        return { kind: "parked" };
+      }
+      const retry = retryAt(type, d.attempt, endedAt);
+      await this.d.store.recordFailure({
         episode: { ...base, status: "failed", errorKind: result.kind, error: result.message.slice(0, 4000) },
         events,
-        retryAt,
-        usage: bookUsage,
+        retryAt: retry,
+        usage,
       });
-      if (quarantine) this.d.queue.left(agentId);
+      if (retry === null) this.d.queue.left(agentId);
       log.warn(
-        { kind: result.kind, attempt, quarantined: quarantine },
+        { kind: result.kind, attempt: d.attempt, quarantined: retry === null },
         `episode failed (${result.kind}): ${result.message.split("\n")[0]}`,
       );
       this.d.events.emit("episode", {
-        episode,
-        agent: agentId,
-        stimulus: head.sid,
+        ...summary,
         status: "failed",
         kind: result.kind,
         checkpoint: agent.headHash,
-        ms: result.ms,
-        type: agent.type,
-        quarantined: quarantine,
+        quarantined: retry === null,
       });
       await this.emitSettled(agentId, stamp, agent.headHash, `last episode failed: ${result.kind}`);
-      return retryAt === null ? { kind: "ran" } : { kind: "wait", until: retryAt };
+      return retry === null ? { kind: "ran" } : { kind: "wait", until: retry };
     }
 
     const seq = agent.headSeq + 1;
-    const { hash, stateText } = await sealCheckpoint({
+    const sealed = await sealCheckpoint({
       agent: agentId,
       seq,
       parent: agent.headHash,
@@ -282,7 +230,7 @@ export class EpisodeExecutor {
       spec_version: sv.hash,
       state: result.state,
     });
-    const outbox = buildOutbox(episode, agentId, agent, result.records, gate, endedAt);
+    const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
     // The fleet/episodes summary rides the outbox too, so it is delivered at least once.
     outbox.push({
       episode,
@@ -293,41 +241,33 @@ export class EpisodeExecutor {
         agent: agentId,
         stimulus: head.sid,
         status: "committed",
-        checkpoint: hash,
+        checkpoint: sealed.hash,
         ms: Math.round(result.ms),
       }),
       qos: 0,
       retain: false,
       createdAt: endedAt,
     });
-    const inbox: NewStimulus[] = gate.sends.map((s, i) => ({
-      agent: s.to.id,
-      type: s.to.type,
-      key: s.to.key,
-      sid: `inbox:${episode}:${i}` as StimulusId,
-      kind: "inbox",
-      topic: topics.inbox(s.to.type, s.to.key),
-      payload: new TextEncoder().encode(s.payload),
-      receivedAt: endedAt,
-    }));
+    // Sends are written with the sender's commit (exactly once), into places admission reserved.
+    const inbox = buildInbox(episode, gate.sends, endedAt);
     try {
-      await store.commitEpisode({
-        episode: { ...base, status: "committed", checkpoint: hash },
+      await this.d.store.commitEpisode({
+        episode: { ...base, status: "committed", checkpoint: sealed.hash },
         events,
         checkpoint: {
-          hash,
-          gateway: store.gatewayId,
+          hash: sealed.hash,
+          gateway: this.d.store.gatewayId,
           agent: agentId,
           seq,
           parent: agent.headHash,
           episode,
           specVersion: sv.hash,
-          state: stateText,
+          state: sealed.stateText,
           createdAt: endedAt,
         },
         outbox,
         inbox,
-        usage: bookUsage,
+        usage,
       });
     } catch (err) {
       this.settleSends(gate, false);
@@ -335,21 +275,28 @@ export class EpisodeExecutor {
     }
     this.d.queue.left(agentId);
     this.settleSends(gate, true);
-    log.debug({ ms: Math.round(result.ms), checkpoint: hash }, "episode committed");
+    log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
     this.d.publishCommitted?.(episode, outbox);
-    this.d.events.emit("episode", {
-      episode,
-      agent: agentId,
-      stimulus: head.sid,
-      status: "committed",
-      checkpoint: hash,
-      ms: result.ms,
-      type: agent.type,
-      quarantined: false,
-    });
-    await this.emitSettled(agentId, stamp, hash);
+    this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
+    await this.emitSettled(agentId, stamp, sealed.hash);
     if (inbox.length > 0) this.d.events.emit("intake", { source: "inbox", accepted: inbox.length, duplicates: 0 });
     return { kind: "ran" };
+  }
+
+  /** The agent's state from its verified head checkpoint; a bad one marks the agent failed. */
+  private async loadState(agentId: AgentId, d: RunDecision): Promise<{ failed: boolean; value: unknown }> {
+    if (d.checkpoint === null) return { failed: false, value: null };
+    try {
+      if (!d.checkpoint)
+        throw new IntegrityError(agentId, d.agent.headSeq, d.agent.headHash ?? "", "checkpoint record is missing");
+      return { failed: false, value: await verifyCheckpointRow(d.checkpoint) };
+    } catch (err) {
+      const reason = err instanceof IntegrityError ? err.message : `checkpoint unreadable: ${String(err)}`;
+      await this.d.store.setAgentStatus(agentId, "failed", reason);
+      this.d.events.emit("status", { agent: agentId, status: "failed", reason });
+      this.d.log.error({ agent: agentId }, `agent failed: ${reason}`);
+      return { failed: true, value: null };
+    }
   }
 
   /** The places the episode's sends reserved: written with its commit, or given back. */
@@ -384,91 +331,4 @@ export class EpisodeExecutor {
     }
     this.d.events.emit("status", { agent: agentId, status: "idle", checkpoint, ...(reason ? { reason } : {}) });
   }
-
-  private overBudget(
-    agent: AgentRow,
-    win: ReturnType<typeof budgetWindows>,
-    rows: readonly { window: string; episodes: number; tokens: number; cost: number }[],
-  ): { budget: string; reason: string; until: number } | null {
-    const type = this.d.spec().spec.agents[agent.type];
-    if (!type) return null;
-    const hour = rows.find((r) => r.window === win.hourWindow);
-    const day = rows.find((r) => r.window === win.dayWindow);
-    const b = type.budget;
-    if (hour && hour.episodes >= b.episodes_per_hour)
-      return {
-        budget: "episodes_per_hour",
-        reason: `budget episodes_per_hour (${b.episodes_per_hour}) reached`,
-        until: win.hourEnds,
-      };
-    if (day && day.tokens >= b.tokens_per_day)
-      return {
-        budget: "tokens_per_day",
-        reason: `budget tokens_per_day (${b.tokens_per_day}) reached`,
-        until: win.dayEnds,
-      };
-    if (day && b.cost_per_day > 0 && day.cost >= b.cost_per_day)
-      return { budget: "cost_per_day", reason: `budget cost_per_day (${b.cost_per_day}) reached`, until: win.dayEnds };
-    return null;
-  }
-}
-
-/** The event log: the stimulus, every record in order, and how it ended. */
-export function buildEvents(
-  episode: string,
-  stimulus: Stimulus,
-  result: RunResult,
-): { episode: string; seq: number; kind: string; data: string }[] {
-  const out: { episode: string; seq: number; kind: string; data: string }[] = [];
-  const push = (kind: string, data: unknown) =>
-    out.push({ episode, seq: out.length, kind, data: JSON.stringify(data) });
-  push("stimulus", stimulus);
-  for (const r of result.records) push(r.k, r);
-  if (result.ok) push("end", { ok: true, ms: Math.round(result.ms) });
-  else push("failure", { kind: result.kind, message: result.message.slice(0, 4000), ms: Math.round(result.ms) });
-  return out;
-}
-
-function buildOutbox(
-  episode: string,
-  agentId: string,
-  agent: AgentRow,
-  records: readonly EpisodeRecord[],
-  gate: ToolGate,
-  at: number,
-) {
-  const rows: {
-    episode: string;
-    seq: number;
-    topic: string;
-    payload: string;
-    qos: number;
-    retain: boolean;
-    createdAt: number;
-  }[] = [];
-  const out = topics.out(agent.type, agent.key);
-  for (const r of records) {
-    if (r.k !== "emit") continue;
-    const seq = rows.length;
-    rows.push({
-      episode,
-      seq,
-      topic: out,
-      payload: JSON.stringify({ episode, seq, agent: agentId, data: r.data }),
-      qos: 1,
-      retain: false,
-      createdAt: at,
-    });
-  }
-  for (const p of gate.publishes)
-    rows.push({
-      episode,
-      seq: rows.length,
-      topic: p.topic,
-      payload: p.payload,
-      qos: p.qos,
-      retain: p.retain,
-      createdAt: at,
-    });
-  return rows;
 }

@@ -1,7 +1,8 @@
 /**
  * The agents/host/main.ts subprocesses themselves: spawning one in its own process group with
- * the sandbox's command line and env, the warm-spare pool, the registry of live process
- * groups the gateway kills on shutdown, and the RSS scan of a process tree.
+ * the sandbox's command line and env, the warm-spare pool, the table of live process
+ * groups (one per gateway, injected) the gateway kills on shutdown, and the RSS scan of a
+ * process tree.
  */
 import { readdir, readFile } from "node:fs/promises";
 import type { ParentMessage } from "../../agents/protocol.ts";
@@ -39,15 +40,44 @@ export async function rssMb(pid: number): Promise<number | null> {
   return seen > 0 ? total : null;
 }
 
-/** Process groups of episodes running now; the gateway kills them all on shutdown. */
-export const liveEpisodeGroups = new Set<number>();
+/**
+ * The host process groups of one owner (a gateway, a replay, a test): which serve an
+ * episode now, and every one started (spares included), so shutdown can kill them all.
+ */
+export class ProcessTable {
+  private readonly episodes = new Set<number>();
+  private readonly all = new Set<number>();
 
-/** Every host process group, spares included. */
-const allHostGroups = new Set<number>();
+  /** A host process group was started. */
+  started(pid: number): void {
+    this.all.add(pid);
+  }
 
-/** Kill every running episode's (and spare's) process group (shutdown, drain timeout). */
-export function killAllEpisodes(): void {
-  for (const pid of allHostGroups) killGroup(pid);
+  /** It serves an episode now. */
+  attached(pid: number): void {
+    this.episodes.add(pid);
+  }
+
+  /** It was killed and has exited. */
+  ended(pid: number): void {
+    this.episodes.delete(pid);
+    this.all.delete(pid);
+  }
+
+  /** Episode process groups alive now. */
+  get running(): number {
+    return this.episodes.size;
+  }
+
+  /** Process group ids of the episodes alive now. */
+  episodePids(): number[] {
+    return [...this.episodes];
+  }
+
+  /** Kill every episode's (and spare's) process group (shutdown, drain timeout). */
+  killAll(): void {
+    for (const pid of this.all) killGroup(pid);
+  }
 }
 
 /** SIGKILL a process group, or the lone process if it has no group of its own. */
@@ -80,6 +110,7 @@ export class HostProcess {
     readonly key: string,
     cmd: string[],
     spawnOpts: SpawnOptions,
+    private readonly procs: ProcessTable,
   ) {
     this.proc = Bun.spawn(cmd, {
       env: { ...CHILD_ENV },
@@ -97,7 +128,7 @@ export class HostProcess {
       },
     });
     this.pid = this.proc.pid;
-    allHostGroups.add(this.pid);
+    procs.started(this.pid);
     // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
     const stderr = this.proc.stderr as ReadableStream<Uint8Array>;
     this.stderrDone = (async () => {
@@ -112,13 +143,13 @@ export class HostProcess {
   }
 
   /** A host process started cold (no spare), keyed by nothing. */
-  static start(limits: ProcessLimits, spawnOpts: SpawnOptions): HostProcess {
-    return new HostProcess("", hostCommand(limits, spawnOpts), spawnOpts);
+  static start(limits: ProcessLimits, spawnOpts: SpawnOptions, procs: ProcessTable): HostProcess {
+    return new HostProcess("", hostCommand(limits, spawnOpts), spawnOpts, procs);
   }
 
   /** Route messages to `fn`, replaying what arrived before. */
   attach(fn: (raw: unknown) => void): void {
-    liveEpisodeGroups.add(this.pid);
+    this.procs.attached(this.pid);
     this.listener = fn;
     for (const m of this.early.splice(0)) fn(m);
   }
@@ -137,8 +168,7 @@ export class HostProcess {
   async kill(): Promise<void> {
     killGroup(this.pid);
     await this.proc.exited;
-    liveEpisodeGroups.delete(this.pid);
-    allHostGroups.delete(this.pid);
+    this.procs.ended(this.pid);
   }
 }
 
@@ -156,6 +186,8 @@ export class SparePool {
     /** How many idle spares to keep (0 = off). */
     readonly size: number,
     private readonly spawnOpts: SpawnOptions,
+    /** The owner's process table; spares are registered in it when they start. */
+    readonly procs: ProcessTable,
   ) {}
 
   /** A ready spare for these limits, or null; a replacement starts in the background. */
@@ -176,7 +208,7 @@ export class SparePool {
     this.spares = this.spares.filter((x) => x.key === key);
     while (this.spares.length < this.size) {
       try {
-        this.spares.push(new HostProcess(key, hostCommand(limits, this.spawnOpts), this.spawnOpts));
+        this.spares.push(new HostProcess(key, hostCommand(limits, this.spawnOpts), this.spawnOpts, this.procs));
       } catch {
         return;
       }

@@ -1,4 +1,6 @@
+export * from "./decide.ts";
 export * from "./effects.ts";
 export * from "./executor.ts";
+export * from "./records.ts";
 export * from "./runner.ts";
 export * from "./tools/index.ts";

@@ -7,7 +7,7 @@
  * The isolation itself is ./sandbox.ts; spawning, spares and kills are ./host-process.ts.
  */
 import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
-import { HostProcess, rssMb, type SparePool } from "./host-process.ts";
+import { HostProcess, ProcessTable, rssMb, type SparePool } from "./host-process.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
 
 // Callers (episode executor, replay, gateway, tests, benches) import the whole runner surface from here.
@@ -22,7 +22,7 @@ export {
   type SandboxMode,
   type SpawnOptions,
 } from "./sandbox.ts";
-export { killAllEpisodes, liveEpisodeGroups, SparePool } from "./host-process.ts";
+export { ProcessTable, SparePool } from "./host-process.ts";
 
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
 export type FailureKind =
@@ -59,13 +59,17 @@ export interface RunLimits extends ProcessLimits {
   readonly maxRecordBytes: number;
 }
 
-/** Run one episode to completion or failure. Never throws. */
+/**
+ * Run one episode to completion or failure. Never throws. Its process group is registered
+ * in `procs` (default: the pool's table, else a table of its own) while it lives.
+ */
 export async function runEpisode(
   start: Extract<ParentMessage, { t: "start" }>,
   limits: RunLimits,
   onTool: ToolHandler,
   spawnOpts: SpawnOptions,
   pool?: SparePool,
+  procs: ProcessTable = pool?.procs ?? new ProcessTable(),
 ): Promise<RunResult> {
   const began = performance.now();
   const records: EpisodeRecord[] = [];
@@ -82,7 +86,7 @@ export async function runEpisode(
 
   let host: HostProcess;
   try {
-    host = pool?.take(limits) ?? HostProcess.start(limits, spawnOpts);
+    host = pool?.take(limits) ?? HostProcess.start(limits, spawnOpts, procs);
   } catch (err) {
     return {
       ok: false,

@@ -10,7 +10,7 @@ import type { Client } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement } from "./db.ts";
 import * as t from "./schema.ts";
 import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
-import { chunks, codecs, selectAll, selectOne } from "./sql.ts";
+import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
@@ -28,6 +28,22 @@ export type {
   RejectedMessageRow,
 } from "./schema.ts";
 export type { EpisodeCommit, EpisodeFailure, EpisodeUsage } from "./episodes.ts";
+
+/** One agent's use of a budget window. */
+export type UsageRow = typeof t.budgetUsage.$inferSelect;
+
+/** Everything one scheduler turn reads about an agent, read at once. */
+export interface TurnInputs {
+  readonly agent: t.AgentRow | undefined;
+  /** The oldest queued stimulus (the FIFO head). */
+  readonly head: t.StimulusRow | undefined;
+  /** Usage in the windows asked for. */
+  readonly usage: readonly UsageRow[];
+  /** Until when an operator's resume overrides a budget pause (0: no override). */
+  readonly budgetOverrideUntil: number;
+  /** The agent's head checkpoint, undefined when it has none or its row is missing. */
+  readonly checkpoint: t.CheckpointRow | undefined;
+}
 
 /** Result of recording one stimulus: `seq` null means it was a duplicate. */
 export interface IntakeOutcome {
@@ -311,6 +327,41 @@ export class Store {
       "FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1",
       [agent],
     );
+  }
+
+  /**
+   * What a turn needs about `agent` (its row, queue head, usage in `windows`, budget
+   * override, head checkpoint) in one read transaction: one consistent snapshot, one call.
+   */
+  async turnInputs(agent: AgentId, windows: readonly string[]): Promise<TurnInputs> {
+    const [a, head, usage, override, checkpoint] = await this.client.batch(
+      [
+        { sql: `SELECT ${codecs.agents.columns} FROM agents WHERE id = ?`, args: [agent] },
+        {
+          sql: `SELECT ${codecs.stimuli.columns} FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1`,
+          args: [agent],
+        },
+        {
+          sql: `SELECT ${codecs.budgetUsage.columns} FROM budget_usage WHERE agent = ? AND "window" IN (${windows.map(() => "?").join(",") || "NULL"})`,
+          args: [agent, ...windows],
+        },
+        { sql: "SELECT value FROM meta WHERE key = ?", args: [`budget_override:${agent}`] },
+        {
+          sql: `SELECT ${codecs.checkpoints.columns} FROM checkpoints WHERE hash = (SELECT head_hash FROM agents WHERE id = ?)`,
+          args: [agent],
+        },
+      ],
+      "read",
+    );
+    const first = <S, I>(codec: Parameters<typeof decodeRow<S, I>>[0], rows: typeof a): S | undefined =>
+      rows?.rows[0] ? decodeRow(codec, rows.rows[0]) : undefined;
+    return {
+      agent: first(codecs.agents, a),
+      head: first(codecs.stimuli, head),
+      usage: usage?.rows.map((r) => decodeRow(codecs.budgetUsage, r)) ?? [],
+      budgetOverrideUntil: Number(override?.rows[0]?.value ?? 0) || 0,
+      checkpoint: first(codecs.checkpoints, checkpoint),
+    };
   }
 
   /** Look a stimulus up by agent and dedup id. */

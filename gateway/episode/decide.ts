@@ -1,0 +1,138 @@
+/**
+ * The pure decision step of a turn: from what the store holds for one agent (its row, the
+ * head of its queue, its budget use, an operator's budget override, its head checkpoint)
+ * and the clock, what the turn does. No I/O: the executor reads the inputs once, asks
+ * here, then acts on the answer (gateway/episode/executor.ts).
+ */
+import type { AgentTypeSpec, FleetSpec } from "../spec/index.ts";
+import type { AgentRow, CheckpointRow, StimulusRow, TurnInputs, UsageRow } from "../store/index.ts";
+
+export type { TurnInputs };
+
+/** Budget windows an episode's usage is booked in. */
+export interface BudgetWindows {
+  readonly hourWindow: string;
+  readonly dayWindow: string;
+  readonly hourEnds: number;
+  readonly dayEnds: number;
+}
+
+/** The hour and day windows that contain `at`. */
+export function budgetWindows(at: number): BudgetWindows {
+  const hour = Math.floor(at / 3_600_000);
+  const day = Math.floor(at / 86_400_000);
+  return {
+    hourWindow: `h:${hour}`,
+    dayWindow: `d:${day}`,
+    hourEnds: (hour + 1) * 3_600_000,
+    dayEnds: (day + 1) * 86_400_000,
+  };
+}
+
+/** How long an operator pause (no end of its own) waits before the turn looks again, ms. */
+export const OPERATOR_PAUSE_RECHECK_MS = 3_600_000;
+
+/** What one turn does. */
+export type TurnDecision =
+  /** Nothing is queued (or the agent does not exist). */
+  | { readonly kind: "empty" }
+  /** A budget pause whose window is over: the agent is active again; decide again. */
+  | { readonly kind: "reactivate" }
+  /** The agent is retired: refuse everything still queued for it, with this reason. */
+  | { readonly kind: "refuse_retired"; readonly reason: string }
+  /** The agent cannot run (failed); an operator action wakes it. */
+  | { readonly kind: "parked" }
+  /** Not before `until`: an operator or budget pause, or the head's retry backoff. */
+  | { readonly kind: "wait"; readonly until: number }
+  /** Its type is gone from the spec: retire it with this reason. */
+  | { readonly kind: "retire"; readonly reason: string }
+  /** Over a budget: pause it until the window ends. */
+  | { readonly kind: "pause"; readonly budget: string; readonly reason: string; readonly until: number }
+  /** Run the head of the queue. */
+  | {
+      readonly kind: "run";
+      readonly agent: AgentRow;
+      readonly head: StimulusRow;
+      readonly type: AgentTypeSpec;
+      /** The head checkpoint to verify and load (null for a fresh agent; undefined when its row is missing). */
+      readonly checkpoint: CheckpointRow | null | undefined;
+      readonly attempt: number;
+      /** Tokens left today before this episode. */
+      readonly tokensLeft: number;
+      readonly windows: BudgetWindows;
+    };
+
+/** Decide one turn. Pure: same inputs, same answer. */
+export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): TurnDecision {
+  const { agent, head } = inputs;
+  if (!agent) return { kind: "empty" };
+  switch (agent.status) {
+    case "paused":
+      if (agent.pausedUntil === null || agent.pausedUntil > now)
+        return { kind: "wait", until: agent.pausedUntil ?? now + OPERATOR_PAUSE_RECHECK_MS };
+      return { kind: "reactivate" };
+    case "retired":
+      // Whatever still waits for a retired agent (queued before the retirement, or sent by an
+      // episode that committed just after it) is refused with a recorded reason, not left forever.
+      return { kind: "refuse_retired", reason: `agent is retired${agent.reason ? ` (${agent.reason})` : ""}` };
+    case "failed":
+      return { kind: "parked" };
+    case "active":
+      break;
+    default: {
+      const never: never = agent.status;
+      return never;
+    }
+  }
+  if (!head) return { kind: "empty" };
+  if (head.notBefore > now) return { kind: "wait", until: head.notBefore };
+  const type = spec.agents[agent.type];
+  if (!type) return { kind: "retire", reason: `type ${agent.type} is not in the fleet spec` };
+  const windows = budgetWindows(now);
+  const over = overBudget(type, windows, inputs.usage);
+  // An operator's `fleet resume` of a budget pause lets the agent run until that window ends.
+  if (over && !(inputs.budgetOverrideUntil > now)) return { kind: "pause", ...over };
+  const day = inputs.usage.find((u) => u.window === windows.dayWindow);
+  return {
+    kind: "run",
+    agent,
+    head,
+    type,
+    checkpoint: agent.headHash === null ? null : inputs.checkpoint,
+    attempt: head.attempts + 1,
+    tokensLeft: type.budget.tokens_per_day - (day?.tokens ?? 0),
+    windows,
+  };
+}
+
+/** The first budget the agent's usage has reached, with when its window ends; null when none. */
+export function overBudget(
+  type: AgentTypeSpec,
+  win: BudgetWindows,
+  rows: readonly Pick<UsageRow, "window" | "episodes" | "tokens" | "cost">[],
+): { budget: string; reason: string; until: number } | null {
+  const hour = rows.find((r) => r.window === win.hourWindow);
+  const day = rows.find((r) => r.window === win.dayWindow);
+  const b = type.budget;
+  if (hour && hour.episodes >= b.episodes_per_hour)
+    return {
+      budget: "episodes_per_hour",
+      reason: `budget episodes_per_hour (${b.episodes_per_hour}) reached`,
+      until: win.hourEnds,
+    };
+  if (day && day.tokens >= b.tokens_per_day)
+    return {
+      budget: "tokens_per_day",
+      reason: `budget tokens_per_day (${b.tokens_per_day}) reached`,
+      until: win.dayEnds,
+    };
+  if (day && b.cost_per_day > 0 && day.cost >= b.cost_per_day)
+    return { budget: "cost_per_day", reason: `budget cost_per_day (${b.cost_per_day}) reached`, until: win.dayEnds };
+  return null;
+}
+
+/** Exponential retry backoff: when attempt `attempt` (1-based) may be retried, or null to quarantine. */
+export function retryAt(type: AgentTypeSpec, attempt: number, endedAt: number): number | null {
+  if (attempt >= type.retry.max_attempts) return null;
+  return endedAt + type.retry.backoff_ms * 2 ** (attempt - 1);
+}

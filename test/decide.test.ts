@@ -1,0 +1,192 @@
+/**
+ * The pure decision step of a turn (gateway/episode/decide.ts): budgets, retirement,
+ * pause windows, retry backoff. Plain values in, a decision out; no store, no clock.
+ */
+import { describe, expect, test } from "bun:test";
+import {
+  budgetWindows,
+  decideTurn,
+  OPERATOR_PAUSE_RECHECK_MS,
+  retryAt,
+  type TurnInputs,
+} from "../gateway/episode/index.ts";
+import { compileSpec } from "../gateway/spec/index.ts";
+import type { AgentRow, CheckpointRow, StimulusRow } from "../gateway/store/index.ts";
+
+const spec = (
+  await compileSpec(
+    `
+[agents.mon]
+module = "mon.ts"
+
+[agents.mon.budget]
+episodes_per_hour = 2
+tokens_per_day = 100
+cost_per_day = 1.5
+
+[agents.mon.retry]
+max_attempts = 3
+backoff_ms = 100
+`,
+    "/srv/fleet.toml",
+  )
+).spec;
+const type = spec.agents.mon!;
+
+const NOW = 1_700_000_123_456;
+const win = budgetWindows(NOW);
+
+function agent(over: Partial<AgentRow> = {}): AgentRow {
+  return {
+    id: "mon/a",
+    type: "mon",
+    key: "a",
+    gateway: "g",
+    status: "active",
+    reason: null,
+    pausedUntil: null,
+    anchorSeq: 0,
+    anchorHash: null,
+    headSeq: 0,
+    headHash: null,
+    episodes: 0,
+    failures: 0,
+    lastEpisodeAt: null,
+    createdAt: 0,
+    updatedAt: 0,
+    ...over,
+  };
+}
+
+function head(over: Partial<StimulusRow> = {}): StimulusRow {
+  return {
+    seq: 7,
+    gateway: "g",
+    agent: "mon/a",
+    sid: "id:1",
+    kind: "manual",
+    topic: null,
+    payload: null,
+    receivedAt: 0,
+    state: "queued",
+    attempts: 0,
+    notBefore: 0,
+    lastError: null,
+    episode: null,
+    doneAt: null,
+    ...over,
+  };
+}
+
+function inputs(over: Partial<TurnInputs> = {}): TurnInputs {
+  return { agent: agent(), head: head(), usage: [], budgetOverrideUntil: 0, checkpoint: undefined, ...over };
+}
+
+const usage = (window: string, u: { episodes?: number; tokens?: number; cost?: number }) => ({
+  agent: "mon/a",
+  window,
+  episodes: u.episodes ?? 0,
+  toolCalls: 0,
+  tokens: u.tokens ?? 0,
+  cost: u.cost ?? 0,
+});
+
+describe("decideTurn", () => {
+  test("an unknown agent or an empty queue is empty", () => {
+    expect(decideTurn(inputs({ agent: undefined }), spec, NOW)).toEqual({ kind: "empty" });
+    expect(decideTurn(inputs({ head: undefined }), spec, NOW)).toEqual({ kind: "empty" });
+  });
+
+  test("an active agent with a due head runs it, attempt counted from the stored attempts", () => {
+    const d = decideTurn(inputs({ head: head({ attempts: 1 }) }), spec, NOW);
+    expect(d).toMatchObject({ kind: "run", attempt: 2, tokensLeft: 100, checkpoint: null, windows: win });
+  });
+
+  test("a non-fresh agent runs with its head checkpoint; a missing checkpoint row is passed on as undefined", () => {
+    const cp = { hash: "h1" } as CheckpointRow;
+    const withCp = decideTurn(inputs({ agent: agent({ headHash: "h1", headSeq: 1 }), checkpoint: cp }), spec, NOW);
+    expect(withCp).toMatchObject({ kind: "run", checkpoint: cp });
+    const missing = decideTurn(inputs({ agent: agent({ headHash: "h1", headSeq: 1 }) }), spec, NOW);
+    expect(missing.kind === "run" && missing.checkpoint).toBeUndefined();
+  });
+
+  test("the head's retry backoff makes the turn wait until it is over", () => {
+    expect(decideTurn(inputs({ head: head({ notBefore: NOW + 500 }) }), spec, NOW)).toEqual({
+      kind: "wait",
+      until: NOW + 500,
+    });
+    expect(decideTurn(inputs({ head: head({ notBefore: NOW }) }), spec, NOW).kind).toBe("run");
+  });
+
+  test("an operator pause waits (and looks again in an hour); a budget pause waits for its window", () => {
+    expect(decideTurn(inputs({ agent: agent({ status: "paused" }) }), spec, NOW)).toEqual({
+      kind: "wait",
+      until: NOW + OPERATOR_PAUSE_RECHECK_MS,
+    });
+    expect(decideTurn(inputs({ agent: agent({ status: "paused", pausedUntil: NOW + 10 }) }), spec, NOW)).toEqual({
+      kind: "wait",
+      until: NOW + 10,
+    });
+  });
+
+  test("a budget pause whose window is over reactivates the agent", () => {
+    expect(decideTurn(inputs({ agent: agent({ status: "paused", pausedUntil: NOW }) }), spec, NOW)).toEqual({
+      kind: "reactivate",
+    });
+  });
+
+  test("a retired agent's queue is refused with its retirement reason; a failed agent is parked", () => {
+    expect(
+      decideTurn(inputs({ agent: agent({ status: "retired", reason: "retired by operator" }) }), spec, NOW),
+    ).toEqual({ kind: "refuse_retired", reason: "agent is retired (retired by operator)" });
+    expect(decideTurn(inputs({ agent: agent({ status: "retired" }), head: undefined }), spec, NOW).kind).toBe(
+      "refuse_retired",
+    );
+    expect(decideTurn(inputs({ agent: agent({ status: "failed" }) }), spec, NOW)).toEqual({ kind: "parked" });
+  });
+
+  test("an agent whose type left the spec is retired", () => {
+    expect(decideTurn(inputs({ agent: agent({ type: "gone", id: "gone/a" }) }), spec, NOW)).toEqual({
+      kind: "retire",
+      reason: "type gone is not in the fleet spec",
+    });
+  });
+
+  test("each budget pauses the agent until its window ends", () => {
+    const cases = [
+      [usage(win.hourWindow, { episodes: 2 }), "episodes_per_hour", win.hourEnds],
+      [usage(win.dayWindow, { tokens: 100 }), "tokens_per_day", win.dayEnds],
+      [usage(win.dayWindow, { cost: 1.5 }), "cost_per_day", win.dayEnds],
+    ] as const;
+    for (const [row, budget, until] of cases)
+      expect(decideTurn(inputs({ usage: [row] }), spec, NOW)).toMatchObject({ kind: "pause", budget, until });
+  });
+
+  test("usage under every budget runs, with the tokens left today", () => {
+    const d = decideTurn(
+      inputs({ usage: [usage(win.hourWindow, { episodes: 1 }), usage(win.dayWindow, { tokens: 30, cost: 1 })] }),
+      spec,
+      NOW,
+    );
+    expect(d).toMatchObject({ kind: "run", tokensLeft: 70 });
+  });
+
+  test("an operator's resume of a budget pause lets the agent run until the override ends", () => {
+    const over = [usage(win.hourWindow, { episodes: 5 })];
+    expect(decideTurn(inputs({ usage: over, budgetOverrideUntil: NOW + 1 }), spec, NOW).kind).toBe("run");
+    expect(decideTurn(inputs({ usage: over, budgetOverrideUntil: NOW }), spec, NOW).kind).toBe("pause");
+  });
+
+  test("the same inputs give the same decision", () => {
+    const i = inputs({ usage: [usage(win.dayWindow, { tokens: 10 })] });
+    expect(decideTurn(i, spec, NOW)).toEqual(decideTurn(i, spec, NOW));
+  });
+});
+
+describe("retryAt", () => {
+  test("backs off exponentially from backoff_ms, then quarantines at max_attempts", () => {
+    expect(retryAt(type, 1, 1000)).toBe(1100);
+    expect(retryAt(type, 2, 1000)).toBe(1200);
+    expect(retryAt(type, 3, 1000)).toBeNull();
+  });
+});

@@ -1,0 +1,268 @@
+/**
+ * The episode executor in-process: a real libSQL file, a fake runner returning scripted
+ * RunResults (no subprocess), a fake clock. Commit, failure + retry + quarantine, budget
+ * pause, retired agent, corrupt checkpoint, sends, shutdown.
+ */
+import { afterAll, beforeEach, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import type { ParentMessage } from "../agents/protocol.ts";
+import { budgetWindows, EpisodeExecutor, type RunResult, type ToolHandler } from "../gateway/episode/index.ts";
+import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
+import { QueueBook } from "../gateway/fleet/index.ts";
+import { compileSpec } from "../gateway/spec/index.ts";
+import { Store } from "../gateway/store/index.ts";
+import type { AgentId, StimulusId } from "../gateway/types.ts";
+
+const log = pino({ level: "silent" });
+const root = mkdtempSync(join(tmpdir(), "fleet-executor-test-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+const sv = await compileSpec(
+  `
+[agents.mon]
+module = "mon.ts"
+tools = ["send"]
+
+[agents.mon.budget]
+episodes_per_hour = 3
+
+[agents.mon.retry]
+max_attempts = 2
+backoff_ms = 100
+`,
+  "/srv/fleet.toml",
+);
+
+const A = "mon/a" as AgentId;
+const B = "mon/b" as AgentId;
+const HOUR = 3_600_000;
+
+type Start = Extract<ParentMessage, { t: "start" }>;
+type Script = (start: Start, onTool: ToolHandler) => Promise<RunResult> | RunResult;
+
+const ok = (state: unknown, records: RunResult["records"] = []): RunResult => ({ ok: true, state, records, ms: 3 });
+const threw = (message: string): RunResult => ({ ok: false, kind: "threw", message, records: [], ms: 3 });
+
+let n = 0;
+async function setup() {
+  const store = await Store.open(join(root, `e${n++}.db`), { synchronous: "normal" });
+  let clock = 10 * HOUR + 1000; // early in an hour window
+  const book = new QueueBook();
+  const events = new FleetEvents(log);
+  const seen: { kind: keyof FleetEventMap; e: unknown }[] = [];
+  for (const kind of ["episode", "status", "rejected", "intake"] as const)
+    events.on(kind, (e) => seen.push({ kind, e }));
+  const script: Script[] = [];
+  const starts: Start[] = [];
+  const published: { episode: string; topics: string[] }[] = [];
+  let stopping = false;
+  const executor = new EpisodeExecutor({
+    store,
+    spec: () => sv,
+    run: async (start, _limits, onTool) => {
+      starts.push(start);
+      const step = script.shift();
+      return step ? step(start, onTool) : ok(start.state);
+    },
+    toolEnv: { secrets: {}, fetch, admit: (a, max) => book.admit(a, max) },
+    events,
+    log,
+    now: () => clock,
+    stopping: () => stopping,
+    queue: book,
+    publishCommitted: (episode, rows) => published.push({ episode, topics: rows.map((r) => r.topic) }),
+  });
+  let sid = 0;
+  /** Queue one stimulus for `agent` as intake would. */
+  const queue = async (agent: AgentId = A) => {
+    const [type, key] = agent.split("/") as [string, string];
+    await store.intake([
+      {
+        agent,
+        type,
+        key,
+        sid: `id:${sid++}` as StimulusId,
+        kind: "manual",
+        topic: null,
+        payload: new TextEncoder().encode(JSON.stringify({ v: sid })),
+        receivedAt: clock,
+      },
+    ]);
+    book.recorded(agent);
+  };
+  const rows = async (sql: string, args: (string | number)[] = []) => (await store.client.execute({ sql, args })).rows;
+  return {
+    store,
+    book,
+    executor,
+    script,
+    starts,
+    published,
+    seen,
+    queue,
+    rows,
+    tick: (ms: number) => {
+      clock += ms;
+    },
+    now: () => clock,
+    setStopping: (v: boolean) => {
+      stopping = v;
+    },
+  };
+}
+
+let t: Awaited<ReturnType<typeof setup>>;
+beforeEach(async () => {
+  t = await setup();
+});
+
+describe("executor: commit", () => {
+  test("a successful episode commits its checkpoint, log and outbox, and its stimulus leaves the queue", async () => {
+    await t.queue();
+    t.script.push(() => ok({ n: 1 }, [{ k: "emit", data: { hello: 1 } }]));
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    expect(t.starts[0]).toMatchObject({ fresh: true, state: null, agent: { id: A } });
+    const [agent] = await t.rows("SELECT head_seq, head_hash, episodes FROM agents WHERE id = ?", [A]);
+    expect(agent).toMatchObject({ head_seq: 1, episodes: 1 });
+    expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "done" } as never]);
+    expect(await t.rows("SELECT status FROM episodes")).toEqual([{ status: "committed" } as never]);
+    expect(t.published[0]!.topics).toEqual(["fleet/agents/mon/a/out", "fleet/episodes"]);
+    expect(t.book.queued(A)).toBe(0);
+    expect(t.seen.filter((s) => s.kind === "episode").map((s) => (s.e as { status: string }).status)).toEqual([
+      "committed",
+    ]);
+  });
+
+  test("the next episode starts from the committed state", async () => {
+    await t.queue();
+    await t.queue();
+    t.script.push(() => ok({ n: 1 }));
+    await t.executor.turn(A);
+    await t.executor.turn(A);
+    expect(t.starts[1]).toMatchObject({ fresh: false, state: { n: 1 } });
+    expect(t.book.queued(A)).toBe(0);
+  });
+
+  test("an empty queue is an empty turn and runs nothing", async () => {
+    expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
+    expect(t.starts).toHaveLength(0);
+  });
+});
+
+describe("executor: failure, retry, quarantine", () => {
+  test("a failed episode keeps the checkpoint, waits for its backoff, then is quarantined at max_attempts", async () => {
+    await t.queue();
+    t.script.push(
+      () => threw("boom 1"),
+      () => threw("boom 2"),
+    );
+    expect(await t.executor.turn(A)).toEqual({ kind: "wait", until: t.now() + 100 });
+    let [s] = await t.rows("SELECT state, attempts, last_error FROM stimuli");
+    expect(s).toMatchObject({ state: "queued", attempts: 1, last_error: "boom 1" });
+    expect(t.book.queued(A)).toBe(1);
+    // Before the backoff is over the turn only waits.
+    expect((await t.executor.turn(A)).kind).toBe("wait");
+    expect(t.starts).toHaveLength(1);
+    t.tick(100);
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    [s] = await t.rows("SELECT state, attempts FROM stimuli");
+    expect(s).toMatchObject({ state: "quarantined", attempts: 2 });
+    expect(t.book.queued(A)).toBe(0);
+    const [agent] = await t.rows("SELECT head_seq, failures FROM agents");
+    expect(agent).toMatchObject({ head_seq: 0, failures: 2 });
+    const quarantined = t.seen
+      .filter((x) => x.kind === "episode")
+      .map((x) => (x.e as { quarantined: boolean }).quarantined);
+    expect(quarantined).toEqual([false, true]);
+  });
+
+  test("an episode aborted by shutdown records nothing and leaves its stimulus queued", async () => {
+    await t.queue();
+    t.setStopping(true);
+    t.script.push(() => ({ ok: false, kind: "crashed", message: "killed", records: [], ms: 1 }));
+    expect(await t.executor.turn(A)).toEqual({ kind: "parked" });
+    expect(await t.rows("SELECT COUNT(*) AS n FROM episodes")).toEqual([{ n: 0 } as never]);
+    expect(await t.rows("SELECT state, attempts FROM stimuli")).toEqual([{ state: "queued", attempts: 0 } as never]);
+    expect(t.book.queued(A)).toBe(1);
+  });
+});
+
+describe("executor: budgets, retirement, integrity", () => {
+  test("an agent at episodes_per_hour is paused until the hour ends without running; then it runs again", async () => {
+    for (let i = 0; i < 4; i++) await t.queue();
+    for (let i = 0; i < 3; i++) expect((await t.executor.turn(A)).kind).toBe("ran");
+    const hourEnds = budgetWindows(t.now()).hourEnds;
+    expect(await t.executor.turn(A)).toEqual({ kind: "wait", until: hourEnds });
+    expect(t.starts).toHaveLength(3);
+    const [a] = await t.rows("SELECT status, reason, paused_until FROM agents");
+    expect(a).toMatchObject({
+      status: "paused",
+      reason: "budget episodes_per_hour (3) reached",
+      paused_until: hourEnds,
+    });
+    t.tick(hourEnds - t.now());
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    expect((await t.rows("SELECT status FROM agents"))[0]).toMatchObject({ status: "active" });
+  });
+
+  test("a retired agent runs nothing: what waits for it is refused with the reason recorded", async () => {
+    await t.queue();
+    await t.queue();
+    await t.store.setAgentStatus(A, "retired", "retired by operator");
+    expect(await t.executor.turn(A)).toEqual({ kind: "parked" });
+    expect(t.starts).toHaveLength(0);
+    const rows = await t.rows("SELECT state, last_error FROM stimuli");
+    expect(rows.map((r) => r.state)).toEqual(["rejected", "rejected"]);
+    expect(rows[0]!.last_error).toBe("agent is retired (retired by operator)");
+    expect(t.book.queued(A)).toBe(0);
+    expect(t.seen.find((s) => s.kind === "rejected")?.e).toMatchObject({ agent: A, count: 2 });
+  });
+
+  test("a checkpoint that does not match its hash fails the agent with a clear reason and runs nothing", async () => {
+    await t.queue();
+    await t.queue();
+    t.script.push(() => ok({ n: 1 }));
+    await t.executor.turn(A);
+    await t.store.client.execute({ sql: `UPDATE checkpoints SET state = '{"n":999}' WHERE agent = ?`, args: [A] });
+    expect(await t.executor.turn(A)).toEqual({ kind: "parked" });
+    expect(t.starts).toHaveLength(1);
+    const [a] = await t.rows("SELECT status, reason FROM agents");
+    expect(a!.status).toBe("failed");
+    expect(String(a!.reason)).toContain("mon/a");
+    // The stimulus still waits; nothing was lost.
+    expect((await t.rows("SELECT state FROM stimuli ORDER BY seq")).map((r) => r.state)).toEqual(["done", "queued"]);
+  });
+});
+
+describe("executor: sends", () => {
+  test("a send is written with the sender's commit and counted in the target's queue", async () => {
+    await t.queue();
+    t.script.push(async (_s, onTool) => {
+      expect((await onTool(1, "send", [B, { hi: 1 }])).ok).toBe(true);
+      return ok({ n: 1 });
+    });
+    await t.executor.turn(A);
+    const rows = await t.rows("SELECT agent, kind, sid FROM stimuli WHERE agent = ?", [B]);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ kind: "inbox" });
+    expect(String(rows[0]!.sid)).toStartWith("inbox:");
+    expect(t.book.queued(B)).toBe(1);
+    expect(t.seen.find((s) => s.kind === "intake")?.e).toEqual({ source: "inbox", accepted: 1, duplicates: 0 });
+  });
+
+  test("a failed episode's sends are not written and their reserved places are given back", async () => {
+    await t.queue();
+    t.script.push(async (_s, onTool) => {
+      await onTool(1, "send", [B, 1]);
+      return threw("after send");
+    });
+    await t.executor.turn(A);
+    expect(await t.rows("SELECT COUNT(*) AS n FROM stimuli WHERE agent = ?", [B])).toEqual([{ n: 0 } as never]);
+    expect(t.book.queued(B)).toBe(0);
+    // The place is free again: a queue of one still admits one.
+    expect(t.book.admit(B, 1).ok).toBe(true);
+  });
+});
