@@ -22,7 +22,15 @@ export interface TimerDeps {
   saveLastFire(type: string, at: number): Promise<void>;
   readonly log: Logger;
   readonly now?: () => number;
+  /** Arm and clear the one timeout (default: the global timers); tests drive a fake clock. */
+  readonly setTimer?: (fn: () => void, ms: number) => unknown;
+  readonly clearTimer?: (handle: unknown) => void;
 }
+
+/** Longest sleep between looks at the clock, so a suspended machine or clock jump is noticed. */
+export const MAX_TIMER_SLEEP_MS = 60_000;
+/** After a fire that could not be recorded, wait this long before trying it again. */
+export const FAILED_FIRE_RETRY_MS = 1000;
 
 /** Next scheduled time strictly after `after`. */
 export function nextFire(timer: TimerSpec, after: number): number | null {
@@ -57,15 +65,19 @@ interface Entry {
 /** The fleet's single timer scheduler. */
 export class Timers {
   private entries = new Map<string, Entry>();
-  private handle: ReturnType<typeof setTimeout> | null = null;
+  private handle: unknown = null;
   private stopped = false;
   private firing: Promise<void> = Promise.resolve();
   /** Fires recorded since start (bench / metrics). */
   fired = 0;
   private readonly now: () => number;
+  private readonly setTimer: (fn: () => void, ms: number) => unknown;
+  private readonly clearTimer: (handle: unknown) => void;
 
   constructor(private readonly d: TimerDeps) {
     this.now = d.now ?? Date.now;
+    this.setTimer = d.setTimer ?? ((fn, ms) => setTimeout(fn, ms));
+    this.clearTimer = d.clearTimer ?? ((h) => clearTimeout(h as ReturnType<typeof setTimeout>));
   }
 
   /** (Re)schedule from a spec: new types start, removed ones stop, changed ones re-plan. Catches up missed fires. */
@@ -91,7 +103,7 @@ export class Timers {
   /** Stop firing; resolves after an in-progress fire is recorded. */
   async stop(): Promise<void> {
     this.stopped = true;
-    if (this.handle) clearTimeout(this.handle);
+    if (this.handle !== null) this.clearTimer(this.handle);
     await this.firing;
   }
 
@@ -104,15 +116,16 @@ export class Timers {
     for (const at of missed) await this.fireOne(type, at);
   }
 
-  private arm(): void {
+  private arm(minDelay = 0): void {
     if (this.stopped) return;
-    if (this.handle) clearTimeout(this.handle);
+    if (this.handle !== null) this.clearTimer(this.handle);
+    this.handle = null;
     let earliest = Infinity;
     for (const e of this.entries.values()) earliest = Math.min(earliest, e.next);
     if (!Number.isFinite(earliest)) return;
     // Cap the sleep so a suspended machine or clock jump is noticed within a minute.
-    const delay = Math.min(Math.max(0, earliest - this.now()), 60_000);
-    this.handle = setTimeout(() => void this.tick(), delay);
+    const delay = Math.min(Math.max(minDelay, earliest - this.now()), MAX_TIMER_SLEEP_MS);
+    this.handle = this.setTimer(() => void this.tick(), delay);
   }
 
   private async tick(): Promise<void> {
@@ -124,9 +137,14 @@ export class Timers {
         e.next = nextFire(e.timer, Math.max(e.next, now)) ?? Infinity;
       }
     };
-    this.firing = run().catch((err) => this.d.log.error({ err }, "timer fire failed"));
+    let failed = false;
+    this.firing = run().catch((err) => {
+      failed = true;
+      this.d.log.error({ err, retry_ms: FAILED_FIRE_RETRY_MS }, "timer fire failed; retrying it");
+    });
     await this.firing;
-    this.arm();
+    // A fire that could not be recorded stays due: try it again, but not in a tight loop.
+    this.arm(failed ? FAILED_FIRE_RETRY_MS : 0);
   }
 
   private async fireOne(type: AgentTypeSpec, at: number): Promise<void> {

@@ -1,0 +1,195 @@
+/**
+ * The fleet's timer scheduler (gateway/intake/timers.ts) on a fake clock with manual
+ * timeouts: fires at aligned scheduled times, catch-up after downtime, redeploys, the
+ * one-minute sleep cap, a failed fire retried, and stop().
+ */
+import { describe, expect, test } from "bun:test";
+import pino from "pino";
+import {
+  CATCH_UP_ALL_MAX,
+  FAILED_FIRE_RETRY_MS,
+  firesBetween,
+  MAX_TIMER_SLEEP_MS,
+  nextFire,
+  Timers,
+} from "../gateway/intake/index.ts";
+import { compileSpec, type FleetSpec } from "../gateway/spec/index.ts";
+
+const log = pino({ level: "silent" });
+const S = 1000;
+
+async function specWith(types: Record<string, string>): Promise<FleetSpec> {
+  const text = Object.entries(types)
+    .map(([name, timer]) => `[agents.${name}]\nmodule = "m.ts"\n${timer}\n`)
+    .join("\n");
+  return (await compileSpec(text, "/srv/fleet.toml")).spec;
+}
+
+const settle = async () => {
+  for (let i = 0; i < 10; i++) await new Promise<void>((r) => setImmediate(r));
+};
+
+/** A clock that moves only when told, and the timeouts armed on it. */
+class FakeClock {
+  t: number;
+  private armed: { fn: () => void; at: number; id: number }[] = [];
+  private ids = 0;
+  constructor(start: number) {
+    this.t = start;
+  }
+  readonly now = () => this.t;
+  readonly setTimer = (fn: () => void, ms: number) => {
+    const id = ++this.ids;
+    this.armed.push({ fn, at: this.t + ms, id });
+    return id;
+  };
+  readonly clearTimer = (id: unknown) => {
+    this.armed = this.armed.filter((a) => a.id !== id);
+  };
+  /** Delays of the timeouts armed now. */
+  get delays(): number[] {
+    return this.armed.map((a) => a.at - this.t);
+  }
+  /** Move forward `ms`, running each timeout when its time comes (and the work it starts). */
+  async advance(ms: number): Promise<void> {
+    const end = this.t + ms;
+    for (;;) {
+      const next = this.armed.filter((a) => a.at <= end).sort((a, b) => a.at - b.at)[0];
+      if (!next) break;
+      this.armed = this.armed.filter((a) => a !== next);
+      this.t = Math.max(this.t, next.at);
+      next.fn();
+      await settle();
+    }
+    this.t = end;
+  }
+}
+
+function setup(start: number, opts: { last?: Record<string, number>; fail?: (at: number) => boolean } = {}) {
+  const clock = new FakeClock(start);
+  const fires: { type: string; at: number; now: number }[] = [];
+  const saved = new Map<string, number>(Object.entries(opts.last ?? {}));
+  const timers = new Timers({
+    fire: async (type, at, now) => {
+      if (opts.fail?.(at)) throw new Error("store down");
+      fires.push({ type: type.name, at, now });
+    },
+    lastFire: async (type) => saved.get(type) ?? null,
+    saveLastFire: async (type, at) => {
+      saved.set(type, at);
+    },
+    log,
+    now: clock.now,
+    setTimer: clock.setTimer,
+    clearTimer: clock.clearTimer,
+  });
+  return { clock, fires, saved, timers };
+}
+
+describe("timers", () => {
+  test("an interval fires at each aligned scheduled time and remembers the last one", async () => {
+    const spec = await specWith({ tick: 'every = "10s"' });
+    const { clock, fires, saved, timers } = setup(1_000_000_003);
+    await timers.update(spec);
+    expect(fires).toEqual([]); // a first start has nothing to catch up
+    await clock.advance(30 * S);
+    expect(fires.map((f) => f.at)).toEqual([1_000_010_000, 1_000_020_000, 1_000_030_000]);
+    expect(fires.every((f) => f.now === f.at)).toBe(true);
+    expect(saved.get("tick")).toBe(1_000_030_000);
+    expect(timers.fired).toBe(3);
+  });
+
+  test.each([
+    ["none", []],
+    ["one", [1_000_050_000]],
+    ["all", [1_000_010_000, 1_000_020_000, 1_000_030_000, 1_000_040_000, 1_000_050_000]],
+  ] as const)("catch_up = %s after downtime", async (policy, expected) => {
+    const spec = await specWith({ tick: `every = "10s"\ncatch_up = "${policy}"` });
+    const { fires, timers } = setup(1_000_055_000, { last: { tick: 1_000_000_000 } });
+    await timers.update(spec);
+    expect(fires.map((f) => f.at)).toEqual([...expected]);
+  });
+
+  test("catch_up = all replays at most CATCH_UP_ALL_MAX fires, the newest", async () => {
+    const spec = await specWith({ tick: 'every = "1s"\ncatch_up = "all"' });
+    const { fires, timers } = setup(10_000_000, { last: { tick: 10_000_000 - 1000 * S } });
+    await timers.update(spec);
+    expect(fires).toHaveLength(CATCH_UP_ALL_MAX);
+    expect(fires.at(-1)!.at).toBe(10_000_000);
+  });
+
+  test("a redeploy keeps an unchanged timer's plan and stops a removed type's", async () => {
+    const both = await specWith({ a: 'every = "10s"', b: 'every = "10s"' });
+    const onlyA = await specWith({ a: 'every = "10s"' });
+    const { clock, fires, timers } = setup(2_000_000_000);
+    await timers.update(both);
+    await clock.advance(10 * S);
+    await timers.update(onlyA);
+    await clock.advance(20 * S);
+    expect(fires.filter((f) => f.type === "a")).toHaveLength(3);
+    expect(fires.filter((f) => f.type === "b")).toHaveLength(1);
+  });
+
+  test("the scheduler never sleeps longer than a minute, so a clock jump is noticed", async () => {
+    const spec = await specWith({ hourly: 'every = "1h"' });
+    const { clock, timers } = setup(3_600_000 * 100 + 1);
+    await timers.update(spec);
+    expect(clock.delays).toEqual([MAX_TIMER_SLEEP_MS]);
+  });
+
+  test("a fire that cannot be recorded is retried after a pause, with the same scheduled time", async () => {
+    const spec = await specWith({ tick: 'every = "10s"' });
+    let failures = 1;
+    const { clock, fires, saved, timers } = setup(1_000_000_000, { fail: () => failures-- > 0 });
+    await timers.update(spec);
+    await clock.advance(10 * S);
+    expect(fires).toEqual([]);
+    expect(clock.delays).toEqual([FAILED_FIRE_RETRY_MS]);
+    await clock.advance(FAILED_FIRE_RETRY_MS);
+    expect(fires.map((f) => f.at)).toEqual([1_000_010_000]);
+    expect(saved.get("tick")).toBe(1_000_010_000);
+  });
+
+  test("stop() waits for the fire in progress, and nothing fires after it", async () => {
+    const spec = await specWith({ tick: 'every = "10s"' });
+    const clock = new FakeClock(1_000_000_000);
+    let release!: () => void;
+    const fired: number[] = [];
+    const timers = new Timers({
+      fire: async (_type, at) => {
+        await new Promise<void>((r) => (release = r));
+        fired.push(at);
+      },
+      lastFire: async () => null,
+      saveLastFire: async () => {},
+      log,
+      now: clock.now,
+      setTimer: clock.setTimer,
+      clearTimer: clock.clearTimer,
+    });
+    await timers.update(spec);
+    void clock.advance(10 * S);
+    await settle();
+    let stopped = false;
+    const stopping = timers.stop().then(() => (stopped = true));
+    await settle();
+    expect(stopped).toBe(false);
+    release();
+    await stopping;
+    expect(fired).toEqual([1_000_010_000]);
+    await clock.advance(60 * S);
+    expect(fired).toEqual([1_000_010_000]);
+  });
+});
+
+describe("timer arithmetic", () => {
+  test("nextFire is strictly after and aligned to the epoch; firesBetween keeps the newest", async () => {
+    const timer = (await specWith({ t: 'every = "10s"' })).agents.t!.timer!;
+    expect(nextFire(timer, 20_000)).toBe(30_000);
+    expect(nextFire(timer, 20_001)).toBe(30_000);
+    expect(firesBetween(timer, 0, 50_000, 2)).toEqual([40_000, 50_000]);
+    const cron = (await specWith({ c: 'cron = "*/5 * * * *"' })).agents.c!.timer!;
+    expect(nextFire(cron, 0)).toBe(300_000);
+    expect(firesBetween(cron, 0, 900_000, 10)).toEqual([300_000, 600_000, 900_000]);
+  });
+});
