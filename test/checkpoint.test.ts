@@ -6,6 +6,7 @@ import { describe, expect, test } from "bun:test";
 import { IntegrityError, sealCheckpoint, verifyCheckpointRow, type CheckpointRecord } from "../gateway/store/index.ts";
 import { canonicalJson } from "../gateway/hash.ts";
 import type { CheckpointRow } from "../gateway/store/index.ts";
+import type { AgentId } from "../gateway/types.ts";
 
 const PARENT = "a".repeat(64);
 const SPEC = "b".repeat(64);
@@ -25,7 +26,7 @@ async function sealedRow(rec: CheckpointRecord = record): Promise<CheckpointRow>
   return {
     hash,
     gateway: "gw-1",
-    agent: rec.agent,
+    agent: rec.agent as AgentId,
     seq: rec.seq,
     parent: rec.parent,
     episode: rec.episode,
@@ -138,7 +139,7 @@ describe("verifyCheckpointRow", () => {
     ["parent (dropped)", { parent: null }],
     ["spec_version", { specVersion: "c".repeat(64) }],
     ["episode", { episode: "0190f000-0000-7000-8000-000000000009" }],
-    ["agent", { agent: "temp-monitor/boiler-9" }],
+    ["agent", { agent: "temp-monitor/boiler-9" as AgentId }],
     ["hash", { hash: "e".repeat(64) }],
   ])("refuses a row whose %s was changed", async (_field, change) => {
     const row = await sealedRow();

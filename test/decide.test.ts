@@ -12,6 +12,7 @@ import {
 } from "../gateway/episode/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
 import type { AgentRow, CheckpointRow, StimulusRow } from "../gateway/store/index.ts";
+import type { AgentId } from "../gateway/types.ts";
 
 const spec = (
   await compileSpec(
@@ -38,7 +39,7 @@ const win = budgetWindows(NOW);
 
 function agent(over: Partial<AgentRow> = {}): AgentRow {
   return {
-    id: "mon/a",
+    id: "mon/a" as AgentId,
     type: "mon",
     key: "a",
     gateway: "g",
@@ -62,7 +63,7 @@ function head(over: Partial<StimulusRow> = {}): StimulusRow {
   return {
     seq: 7,
     gateway: "g",
-    agent: "mon/a",
+    agent: "mon/a" as AgentId,
     sid: "id:1",
     kind: "manual",
     topic: null,
@@ -83,7 +84,7 @@ function inputs(over: Partial<TurnInputs> = {}): TurnInputs {
 }
 
 const usage = (window: string, u: { episodes?: number; tokens?: number; cost?: number }) => ({
-  agent: "mon/a",
+  agent: "mon/a" as AgentId,
   window,
   episodes: u.episodes ?? 0,
   toolCalls: 0,
@@ -146,7 +147,7 @@ describe("decideTurn", () => {
   });
 
   test("an agent whose type left the spec is retired", () => {
-    expect(decideTurn(inputs({ agent: agent({ type: "gone", id: "gone/a" }) }), spec, NOW)).toEqual({
+    expect(decideTurn(inputs({ agent: agent({ type: "gone", id: "gone/a" as AgentId }) }), spec, NOW)).toEqual({
       kind: "retire",
       reason: "type gone is not in the fleet spec",
     });

@@ -138,7 +138,7 @@ describe("intake admission", () => {
 
   test("the book loads queued counts and retirements from the store at start", async () => {
     for (let i = 0; i < 2; i++) await ctx.intake.record([target("mon", "b1")], "manual", null, enc({ id: i }), null);
-    await ctx.store.setAgentStatus("mon/b1", "retired", "by test");
+    await ctx.store.setAgentStatus("mon/b1" as AgentId, "retired", "by test");
     const fresh = new QueueBook();
     await fresh.load(ctx.store);
     expect(fresh.queued("mon/b1" as AgentId)).toBe(2);

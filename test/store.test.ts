@@ -14,6 +14,9 @@ import { MIGRATIONS } from "../gateway/store/index.ts";
 import { Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 
+/** A test agent id (valid by construction). */
+const aid = (s: string) => s as AgentId;
+
 const root = mkdtempSync(join(tmpdir(), "fleet-store-test-"));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
@@ -89,7 +92,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   [
     tables.agents,
     {
-      id: "temp/boiler-1",
+      id: aid("temp/boiler-1"),
       type: "temp",
       key: "boiler-1",
       gateway: "gw",
@@ -112,7 +115,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     {
       seq: 77,
       gateway: "gw",
-      agent: "temp/boiler-1",
+      agent: aid("temp/boiler-1"),
       sid: "id:m-1",
       kind: "webhook",
       topic: "hooks/x",
@@ -131,7 +134,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     {
       id: "ep-1",
       gateway: "gw",
-      agent: "temp/boiler-1",
+      agent: aid("temp/boiler-1"),
       stimulusSeq: 77,
       stimulusId: "id:m-1",
       specVersion: HASH("1"),
@@ -153,7 +156,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     {
       hash: HASH("3"),
       gateway: "gw",
-      agent: "temp/boiler-1",
+      agent: aid("temp/boiler-1"),
       seq: 5,
       parent: HASH("2"),
       episode: "ep-1",
@@ -168,7 +171,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   ],
   [
     tables.budgetUsage,
-    { agent: "temp/boiler-1", window: "d:19675", episodes: 3, toolCalls: 7, tokens: 1234, cost: 1.5 },
+    { agent: aid("temp/boiler-1"), window: "d:19675", episodes: 3, toolCalls: 7, tokens: 1234, cost: 1.5 },
   ],
 ];
 
@@ -293,16 +296,16 @@ describe("intake", () => {
     const store = await open(freshPath());
     try {
       const [first] = await store.intake([stim("id:1")]);
-      expect(first).toEqual({ agent: "temp/boiler-1" as AgentId, sid: "id:1", seq: expect.any(Number) });
+      expect(first).toEqual({ agent: aid("temp/boiler-1") as AgentId, sid: "id:1", seq: expect.any(Number) });
       const [again] = await store.intake([stim("id:1", "boiler-1", { t: 99 })]);
       expect(again!.seq).toBeNull();
       // The same sid for another agent is a different stimulus.
       const [other] = await store.intake([stim("id:1", "boiler-2")]);
       expect(other!.seq).not.toBeNull();
-      const row = await store.findStimulus("temp/boiler-1", "id:1");
+      const row = await store.findStimulus(aid("temp/boiler-1"), "id:1");
       expect(JSON.parse(Buffer.from(row!.payload!).toString())).toEqual({ t: 80 }); // the first one wins
       expect(row!.state).toBe("queued");
-      expect((await store.getAgent("temp/boiler-1"))?.status).toBe("active");
+      expect((await store.getAgent(aid("temp/boiler-1")))?.status).toBe("active");
     } finally {
       await store.close();
     }
@@ -328,7 +331,7 @@ describe("intake", () => {
       const [again] = await after.intake([stim("id:restart")]);
       expect(first!.seq).not.toBeNull();
       expect(again!.seq).toBeNull();
-      expect((await after.queuedSummary()).find((q) => q.agent === "temp/boiler-1")?.n).toBe(1);
+      expect((await after.queuedSummary()).find((q) => q.agent === aid("temp/boiler-1"))?.n).toBe(1);
     } finally {
       await after.close();
     }
@@ -338,9 +341,9 @@ describe("intake", () => {
     const store = await open(freshPath());
     try {
       await store.intake([stim("id:a"), stim("id:b"), stim("id:c", "boiler-2")]);
-      expect((await store.headOfQueue("temp/boiler-1"))?.sid).toBe("id:a");
-      expect((await store.headOfQueue("temp/boiler-2"))?.sid).toBe("id:c");
-      expect(await store.headOfQueue("temp/nobody")).toBeUndefined();
+      expect((await store.headOfQueue(aid("temp/boiler-1")))?.sid).toBe("id:a");
+      expect((await store.headOfQueue(aid("temp/boiler-2")))?.sid).toBe("id:c");
+      expect(await store.headOfQueue(aid("temp/nobody"))).toBeUndefined();
     } finally {
       await store.close();
     }
@@ -435,7 +438,7 @@ describe("group committer", () => {
     expect((await pending)[0]!.seq).not.toBeNull();
     const again = await open(path);
     try {
-      expect(await again.findStimulus("temp/boiler-1", "id:late")).toBeDefined();
+      expect(await again.findStimulus(aid("temp/boiler-1"), "id:late")).toBeDefined();
     } finally {
       await again.close();
     }
@@ -459,7 +462,7 @@ function episodeCommit(
     episode: {
       id: episode,
       gateway: "gw",
-      agent: "temp/boiler-1",
+      agent: aid("temp/boiler-1"),
       stimulusSeq: seq,
       stimulusId: sid,
       specVersion: HASH("5"),
@@ -479,7 +482,7 @@ function episodeCommit(
     checkpoint: {
       hash: cpHash,
       gateway: "gw",
-      agent: "temp/boiler-1",
+      agent: aid("temp/boiler-1"),
       seq: cpSeq,
       parent,
       episode,
@@ -492,7 +495,7 @@ function episodeCommit(
     ],
     inbox: [
       {
-        agent: "other/x" as AgentId,
+        agent: aid("other/x") as AgentId,
         type: "other",
         key: "x",
         sid: `inbox:${episode}:0` as StimulusId,
@@ -514,7 +517,7 @@ async function footprint(store: Store, episode: string) {
     checkpoints: (await store.db.select().from(tables.checkpoints).where(eq(tables.checkpoints.episode, episode)).all())
       .length,
     outbox: (await store.db.select().from(tables.outbox).where(eq(tables.outbox.episode, episode)).all()).length,
-    inbox: (await store.findStimulus("other/x", `inbox:${episode}:0`)) ? 1 : 0,
+    inbox: (await store.findStimulus(aid("other/x"), `inbox:${episode}:0`)) ? 1 : 0,
   };
 }
 
@@ -525,11 +528,11 @@ describe("commitEpisode", () => {
       const seq = await intakeOne(store, stim("id:1"));
       await store.commitEpisode(episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null));
       expect(await footprint(store, "ep-1")).toEqual({ episodes: 1, events: 2, checkpoints: 1, outbox: 1, inbox: 1 });
-      const agent = await store.getAgent("temp/boiler-1");
+      const agent = await store.getAgent(aid("temp/boiler-1"));
       expect(agent).toMatchObject({ headSeq: 1, headHash: HASH("a"), episodes: 1 });
       expect(await store.getStimulus(seq)).toMatchObject({ state: "done", episode: "ep-1", attempts: 1 });
-      expect(await store.getAgent("other/x")).toMatchObject({ type: "other", key: "x", status: "active" });
-      const usage = await store.usage("temp/boiler-1", ["h:1", "d:1"]);
+      expect(await store.getAgent(aid("other/x"))).toMatchObject({ type: "other", key: "x", status: "active" });
+      const usage = await store.usage(aid("temp/boiler-1"), ["h:1", "d:1"]);
       expect(usage.map((u) => [u.window, u.episodes, u.toolCalls, u.tokens, u.cost]).sort()).toEqual([
         ["d:1", 1, 2, 30, 0.5],
         ["h:1", 1, 2, 30, 0.5],
@@ -550,9 +553,13 @@ describe("commitEpisode", () => {
       );
       expect(describeError(err)).toMatch(/UNIQUE constraint failed: episodes\.stimulus_seq/);
       expect(await footprint(store, "ep-2")).toEqual({ episodes: 0, events: 0, checkpoints: 0, outbox: 0, inbox: 0 });
-      expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), episodes: 1 });
+      expect(await store.getAgent(aid("temp/boiler-1"))).toMatchObject({
+        headSeq: 1,
+        headHash: HASH("a"),
+        episodes: 1,
+      });
       expect(await store.getStimulus(seq)).toMatchObject({ state: "done", episode: "ep-1" });
-      const usage = await store.usage("temp/boiler-1", ["h:1"]);
+      const usage = await store.usage(aid("temp/boiler-1"), ["h:1"]);
       expect(usage[0]).toMatchObject({ episodes: 1, toolCalls: 2, tokens: 30 });
     } finally {
       await store.close();
@@ -580,7 +587,10 @@ describe("commitEpisode", () => {
       const seq = await intakeOne(store, stim("id:1"));
       await store.recordFailure(episodeFailure("ep-f", seq, "id:1", 1, T0 + 1000));
       await store.commitEpisode(episodeCommit("ep-ok", seq, "id:1", 1, HASH("a"), null));
-      expect((await store.listEpisodes("temp/boiler-1")).map((e) => e.status).sort()).toEqual(["committed", "failed"]);
+      expect((await store.listEpisodes(aid("temp/boiler-1"))).map((e) => e.status).sort()).toEqual([
+        "committed",
+        "failed",
+      ]);
     } finally {
       await store.close();
     }
@@ -599,7 +609,7 @@ function episodeFailure(
     episode: {
       id: episode,
       gateway: "gw",
-      agent: "temp/boiler-1",
+      agent: aid("temp/boiler-1"),
       stimulusSeq: seq,
       stimulusId: sid,
       specVersion: HASH("5"),
@@ -630,7 +640,7 @@ describe("recordFailure", () => {
     const s1 = await intakeOne(store, stim("id:1"));
     await store.commitEpisode(episodeCommit("ep-1", s1, "id:1", 1, HASH("a"), null));
     const s2 = await intakeOne(store, stim("id:2"));
-    const checkpoints = await store.listCheckpoints("temp/boiler-1");
+    const checkpoints = await store.listCheckpoints(aid("temp/boiler-1"));
     return { store, s2, checkpoints };
   }
 
@@ -638,8 +648,8 @@ describe("recordFailure", () => {
     const { store, s2, checkpoints } = await withHistory();
     try {
       await store.recordFailure(episodeFailure("ep-f1", s2, "id:2", 1, T0 + 5000));
-      expect(await store.listCheckpoints("temp/boiler-1")).toEqual(checkpoints);
-      expect(await store.getAgent("temp/boiler-1")).toMatchObject({
+      expect(await store.listCheckpoints(aid("temp/boiler-1"))).toEqual(checkpoints);
+      expect(await store.getAgent(aid("temp/boiler-1"))).toMatchObject({
         headSeq: 1,
         headHash: HASH("a"),
         episodes: 1,
@@ -653,11 +663,11 @@ describe("recordFailure", () => {
         episode: null,
         doneAt: null,
       });
-      expect((await store.headOfQueue("temp/boiler-1"))?.seq).toBe(s2);
+      expect((await store.headOfQueue(aid("temp/boiler-1")))?.seq).toBe(s2);
       expect(await store.getEpisode("ep-f1")).toMatchObject({ status: "failed", errorKind: "threw", checkpoint: null });
       expect((await store.listEvents("ep-f1")).map((e) => e.kind)).toEqual(["stimulus", "failure"]);
       // Failed attempts count against the budget too.
-      expect((await store.usage("temp/boiler-1", ["h:1"]))[0]).toMatchObject({ episodes: 2, toolCalls: 3 });
+      expect((await store.usage(aid("temp/boiler-1"), ["h:1"]))[0]).toMatchObject({ episodes: 2, toolCalls: 3 });
     } finally {
       await store.close();
     }
@@ -669,8 +679,12 @@ describe("recordFailure", () => {
       await store.recordFailure(episodeFailure("ep-f1", s2, "id:2", 1, T0 + 5000));
       await store.recordFailure(episodeFailure("ep-f2", s2, "id:2", 2, T0 + 9000));
       await store.recordFailure(episodeFailure("ep-f3", s2, "id:2", 3, null));
-      expect(await store.listCheckpoints("temp/boiler-1")).toEqual(checkpoints);
-      expect(await store.getAgent("temp/boiler-1")).toMatchObject({ headSeq: 1, headHash: HASH("a"), failures: 3 });
+      expect(await store.listCheckpoints(aid("temp/boiler-1"))).toEqual(checkpoints);
+      expect(await store.getAgent(aid("temp/boiler-1"))).toMatchObject({
+        headSeq: 1,
+        headHash: HASH("a"),
+        failures: 3,
+      });
       expect(await store.getStimulus(s2)).toMatchObject({
         state: "quarantined",
         attempts: 3,
@@ -678,7 +692,7 @@ describe("recordFailure", () => {
         episode: "ep-f3",
         doneAt: T0 + 307,
       });
-      expect(await store.headOfQueue("temp/boiler-1")).toBeUndefined();
+      expect(await store.headOfQueue(aid("temp/boiler-1"))).toBeUndefined();
       expect((await store.listStimuli("quarantined")).map((s) => s.seq)).toEqual([s2]);
       // A duplicate of a quarantined stimulus is still a duplicate.
       expect((await store.intake([stim("id:2")]))[0]!.seq).toBeNull();
@@ -693,7 +707,7 @@ describe("recordFailure", () => {
       await store.recordFailure(episodeFailure("ep-f3", s2, "id:2", 3, null));
       await store.setStimulusState(s2, "queued");
       expect(await store.getStimulus(s2)).toMatchObject({ state: "queued", attempts: 0, notBefore: 0 });
-      expect((await store.headOfQueue("temp/boiler-1"))?.seq).toBe(s2);
+      expect((await store.headOfQueue(aid("temp/boiler-1")))?.seq).toBe(s2);
     } finally {
       await store.close();
     }
@@ -705,12 +719,12 @@ describe("agent search", () => {
     const store = await open(freshPath());
     try {
       await store.ensureAgents([
-        { id: "temp/a_b" as never, type: "temp", key: "a_b" },
-        { id: "temp/axb" as never, type: "temp", key: "axb" },
+        { id: aid("temp/a_b") as never, type: "temp", key: "a_b" },
+        { id: aid("temp/axb") as never, type: "temp", key: "axb" },
         { id: "temp/100%" as never, type: "temp", key: "100%" },
       ]);
-      expect((await store.listAgents({ q: "a_b" })).rows.map((r) => r.id)).toEqual(["temp/a_b"]);
-      expect((await store.listAgents({ q: "0%" })).rows.map((r) => r.id)).toEqual(["temp/100%"]);
+      expect((await store.listAgents({ q: "a_b" })).rows.map((r) => r.id)).toEqual([aid("temp/a_b")]);
+      expect((await store.listAgents({ q: "0%" })).rows.map((r) => r.id)).toEqual([aid("temp/100%")]);
       expect((await store.listAgents({ q: "temp/" })).total).toBe(3);
     } finally {
       await store.close();

@@ -13,6 +13,7 @@ import {
   traceEpisode,
 } from "../ops/index.ts";
 import { type Cli, UsageError } from "./context.ts";
+import { parseAgentId } from "../types.ts";
 
 function seqArg(raw: string, what: string): number {
   if (!/^[1-9][0-9]{0,15}$/.test(raw))
@@ -21,7 +22,8 @@ function seqArg(raw: string, what: string): number {
 }
 
 /** `fleet state <type/key> [--at SEQ] [--diff A..B]`. */
-export async function cmdState(cli: Cli, agent: string | undefined): Promise<number> {
+export async function cmdState(cli: Cli, name: string | undefined): Promise<number> {
+  const agent = name ? parseAgentId(name)?.id : undefined;
   if (!agent) throw new UsageError("state needs an agent (<type>/<key>)");
   const store = await cli.openReadonly();
   try {

@@ -9,7 +9,7 @@ import { intArg, table, UsageError, when, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { defaultSpawnOptions } from "../episode/index.ts";
-import { parseAgentId } from "../types.ts";
+import { type AgentId, parseAgentId } from "../types.ts";
 import { findEpisode, verifyStore } from "../ops/index.ts";
 import { agentView, episodeView } from "../observe/index.ts";
 
@@ -69,9 +69,10 @@ export async function cmdAgents(cli: Cli): Promise<number> {
 
 /** `fleet episodes <type/key> [--limit N]` */
 export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<number> {
-  if (!agent || !parseAgentId(agent)) throw new UsageError("episodes needs an agent <type>/<key>");
+  const id = agent ? parseAgentId(agent)?.id : undefined;
+  if (!id) throw new UsageError("episodes needs an agent <type>/<key>");
   const store = await cli.openReadonly();
-  const rows = (await store.listEpisodes(agent, intArg("--limit", cli.flags.limit, 50, { min: 1, max: 100_000 }))).map(
+  const rows = (await store.listEpisodes(id, intArg("--limit", cli.flags.limit, 50, { min: 1, max: 100_000 }))).map(
     episodeView,
   );
   cli.print({ agent, episodes: rows }, () =>
@@ -120,8 +121,9 @@ export async function cmdShow(cli: Cli, id: string | undefined): Promise<number>
 
 /** `fleet verify [--agent type/key]`: recompute every hash chain; 1 on a mismatch. */
 export async function cmdVerify(cli: Cli): Promise<number> {
+  const only = agentFlag(cli.flags.agent);
   const store = await cli.openReadonly();
-  const report = await verifyStore(store, cli.flags.agent ? [cli.flags.agent] : undefined);
+  const report = await verifyStore(store, only ? [only] : undefined);
   cli.print(report, () => {
     const { agents, checkpoints, episodes } = report;
     const head = `verified ${agents} agent(s), ${checkpoints} checkpoint(s), ${episodes} episode(s)`;
@@ -132,6 +134,14 @@ export async function cmdVerify(cli: Cli): Promise<number> {
     );
   });
   return report.problems.length === 0 ? 0 : 1;
+}
+
+/** `--agent <type>/<key>` parsed at the edge: undefined when absent, a usage error when malformed. */
+function agentFlag(flag: string | undefined): AgentId | undefined {
+  if (flag === undefined) return undefined;
+  const parsed = parseAgentId(flag);
+  if (!parsed) throw new UsageError(`--agent needs an agent <type>/<key>, got "${flag}"`);
+  return parsed.id;
 }
 
 function describeReplay(r: ReplayResult): string {
@@ -151,8 +161,9 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   const module = flags.module ? resolve(flags.module) : undefined;
   if (module !== undefined && !existsSync(module)) throw new UsageError(`--module ${flags.module}: no such file`);
   const spawn = defaultSpawnOptions();
-  if (flags.agent) {
-    const results = await replayAgent(store, flags.agent, spawn, module);
+  const agent = agentFlag(flags.agent);
+  if (agent) {
+    const results = await replayAgent(store, agent, spawn, module);
     const diverged = results.filter((r) => r.verdict === "DIVERGED").length;
     const summary = {
       agent: flags.agent,

@@ -4,14 +4,14 @@
  * `GET /api/episodes/<id|prefix>/trace`, `GET /api/trace?topic=T[&at=MS]`.
  */
 import { episodeForTopic, stateAt, stateDiff, traceEpisode } from "../ops/index.ts";
-import { agentId } from "../types.ts";
+import { type AgentId, agentId } from "../types.ts";
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
 
 type Req = Request & { params: Record<string, string> };
 const MAX_SEQ = Number.MAX_SAFE_INTEGER;
 
-function agentOf(req: Req): string | Response {
+function agentOf(req: Req): AgentId | Response {
   const id = agentId(req.params.type ?? "", req.params.key ?? "");
   return id ?? httpError(400, "bad_agent", "invalid agent id");
 }

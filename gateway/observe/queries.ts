@@ -5,6 +5,7 @@
  */
 import { and, desc, eq, inArray, lt, sql, count, min, max, sum } from "drizzle-orm";
 import { tables as t, type Store } from "../store/index.ts";
+import type { AgentId } from "../types.ts";
 
 /** Agents per type and stored status; `budget` marks pauses that end by themselves. */
 export function agentStatusByType(store: Store) {
@@ -55,7 +56,7 @@ export function usageByType(store: Store, windows: readonly string[]) {
 }
 
 /** An agent's checkpoint chain, newest first, without the (possibly large) state text. */
-export function recentCheckpoints(store: Store, agent: string, limit: number, beforeSeq?: number) {
+export function recentCheckpoints(store: Store, agent: AgentId, limit: number, beforeSeq?: number) {
   const c = t.checkpoints;
   const where = beforeSeq === undefined ? eq(c.agent, agent) : and(eq(c.agent, agent), lt(c.seq, beforeSeq));
   return store.db
@@ -78,7 +79,7 @@ export function recentCheckpoints(store: Store, agent: string, limit: number, be
 /** An agent's episodes, newest first, optionally only one status, paged by start time. */
 export function episodesPage(
   store: Store,
-  agent: string,
+  agent: AgentId,
   f: { limit: number; before?: number; status?: "committed" | "failed" },
 ) {
   const e = t.episodes;

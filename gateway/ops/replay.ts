@@ -10,6 +10,7 @@ import { runEpisode, type SpawnOptions } from "../episode/index.ts";
 import { CHILD_LIMITS, runLimitsFor } from "../episode/index.ts";
 import { compileSpec } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
+import type { AgentId } from "../types.ts";
 
 /** The first difference between a recording and a replay. */
 export interface Divergence {
@@ -177,7 +178,7 @@ export async function replayEpisode(
 /** Replay an agent's whole recorded history (committed episodes, oldest first). */
 export async function replayAgent(
   store: Store,
-  agent: string,
+  agent: AgentId,
   spawn: SpawnOptions,
   moduleOverride?: string,
 ): Promise<ReplayResult[]> {

@@ -3,6 +3,7 @@
  * checkpoint, and what changed between two of them as an RFC 6902 JSON Patch.
  */
 import type { CheckpointRow, Store } from "../store/index.ts";
+import type { AgentId } from "../types.ts";
 
 /** One change between two states (RFC 6902 subset: the ops a diff needs). */
 export type PatchOp =
@@ -68,7 +69,7 @@ function stateOf(agent: string, row: CheckpointRow): StateAt {
 }
 
 /** The state at checkpoint `seq` (default: the head). */
-export async function stateAt(store: Store, agent: string, seq?: number): Promise<StateAt | StateMiss> {
+export async function stateAt(store: Store, agent: AgentId, seq?: number): Promise<StateAt | StateMiss> {
   const a = await store.getAgent(agent);
   if (!a) return { code: "no_agent", message: `no agent ${agent}` };
   const want = seq ?? a.headSeq;
@@ -84,7 +85,7 @@ export async function stateAt(store: Store, agent: string, seq?: number): Promis
 /** The patch from checkpoint `from` to checkpoint `to`. */
 export async function stateDiff(
   store: Store,
-  agent: string,
+  agent: AgentId,
   from: number,
   to: number,
 ): Promise<{ from: StateAt; to: StateAt; patch: PatchOp[] } | StateMiss> {

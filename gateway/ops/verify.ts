@@ -6,6 +6,7 @@
 import { hashEvents, verifyCheckpointRow, IntegrityError } from "../store/index.ts";
 import { asc, inArray } from "drizzle-orm";
 import { tables, type EventRow, type Store } from "../store/index.ts";
+import type { AgentId } from "../types.ts";
 
 /** One broken record. */
 export interface VerifyProblem {
@@ -26,7 +27,7 @@ export interface VerifyReport {
 const short = (hash: unknown): string => String(hash).slice(0, 16);
 
 /** Verify every agent (or those listed). */
-export async function verifyStore(store: Store, only?: readonly string[]): Promise<VerifyReport> {
+export async function verifyStore(store: Store, only?: readonly AgentId[]): Promise<VerifyReport> {
   const agents = only?.length ? [...only] : await store.agentsWithCheckpoints();
   const problems: VerifyProblem[] = [];
   let checkpoints = 0;

@@ -4,7 +4,7 @@
  * schema codecs (./sql.ts): one multi-row INSERT per table and one upsert for both budget
  * windows, so a commit is 7 statements (9 with inbox sends) and nothing is built by drizzle.
  */
-import type { NewStimulus } from "../types.ts";
+import type { AgentId, NewStimulus } from "../types.ts";
 import type { RawStatement } from "./db.ts";
 import type * as t from "./schema.ts";
 import { chunks, codecs, insertRows } from "./sql.ts";
@@ -39,7 +39,7 @@ export interface EpisodeFailure {
 }
 
 /** Book one episode in both budget windows; `excluded` lets one statement carry both rows. */
-function usageStatement(agent: string, u: EpisodeUsage): RawStatement {
+function usageStatement(agent: AgentId, u: EpisodeUsage): RawStatement {
   const row = (window: string) => ({
     agent,
     window,

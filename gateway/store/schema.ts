@@ -7,6 +7,7 @@
  */
 import { sql } from "drizzle-orm";
 import { sqliteTable, text, integer, real, blob, primaryKey, uniqueIndex, index } from "drizzle-orm/sqlite-core";
+import type { AgentId } from "../types.ts";
 
 /** Key/value facts about this data dir (gateway id, schema version). */
 export const meta = sqliteTable("meta", {
@@ -31,7 +32,7 @@ export type StoredAgentStatus = "active" | "paused" | "retired" | "failed";
 export const agents = sqliteTable(
   "agents",
   {
-    id: text("id").primaryKey(),
+    id: text("id").$type<AgentId>().primaryKey(),
     type: text("type").notNull(),
     key: text("key").notNull(),
     gateway: text("gateway").notNull(),
@@ -65,7 +66,7 @@ export const stimuli = sqliteTable(
   {
     seq: integer("seq").primaryKey({ autoIncrement: true }),
     gateway: text("gateway").notNull(),
-    agent: text("agent").notNull(),
+    agent: text("agent").$type<AgentId>().notNull(),
     sid: text("sid").notNull(),
     kind: text("kind").$type<"mqtt" | "timer" | "webhook" | "inbox" | "manual">().notNull(),
     topic: text("topic"),
@@ -114,7 +115,7 @@ export const episodes = sqliteTable(
   {
     id: text("id").primaryKey(),
     gateway: text("gateway").notNull(),
-    agent: text("agent").notNull(),
+    agent: text("agent").$type<AgentId>().notNull(),
     stimulusSeq: integer("stimulus_seq").notNull(),
     stimulusId: text("stimulus_id").notNull(),
     specVersion: text("spec_version").notNull(),
@@ -157,7 +158,7 @@ export const checkpoints = sqliteTable(
   {
     hash: text("hash").primaryKey(),
     gateway: text("gateway").notNull(),
-    agent: text("agent").notNull(),
+    agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
     parent: text("parent"),
     episode: text("episode").notNull(),
@@ -184,7 +185,7 @@ export const outbox = sqliteTable("outbox", {
 export const budgetUsage = sqliteTable(
   "budget_usage",
   {
-    agent: text("agent").notNull(),
+    agent: text("agent").$type<AgentId>().notNull(),
     window: text("window").notNull(),
     episodes: integer("episodes").notNull().default(0),
     toolCalls: integer("tool_calls").notNull().default(0),

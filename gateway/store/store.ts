@@ -154,7 +154,7 @@ export class Store {
   }
 
   /** One agent's row, or undefined. */
-  getAgent(id: string): Promise<t.AgentRow | undefined> {
+  getAgent(id: AgentId): Promise<t.AgentRow | undefined> {
     return selectOne(this.client, codecs.agents, "FROM agents WHERE id = ?", [id]);
   }
 
@@ -198,7 +198,7 @@ export class Store {
 
   /** Set an agent's durable status. */
   async setAgentStatus(
-    id: string,
+    id: AgentId,
     status: t.StoredAgentStatus,
     reason: string | null,
     pausedUntil: number | null = null,
@@ -320,7 +320,7 @@ export class Store {
   }
 
   /** The oldest queued stimulus of an agent (its FIFO head). */
-  headOfQueue(agent: string): Promise<t.StimulusRow | undefined> {
+  headOfQueue(agent: AgentId): Promise<t.StimulusRow | undefined> {
     return selectOne(
       this.client,
       codecs.stimuli,
@@ -365,7 +365,7 @@ export class Store {
   }
 
   /** Look a stimulus up by agent and dedup id. */
-  findStimulus(agent: string, sid: string) {
+  findStimulus(agent: AgentId, sid: string) {
     return this.db
       .select()
       .from(t.stimuli)
@@ -389,7 +389,7 @@ export class Store {
   }
 
   /** Refuse everything still queued for an agent (it was retired); returns how many. */
-  async rejectQueued(agent: string, reason: string, at: number): Promise<number> {
+  async rejectQueued(agent: AgentId, reason: string, at: number): Promise<number> {
     const [rs] = await this.writer.write([
       {
         sql: "UPDATE stimuli SET state = 'rejected', last_error = ?, done_at = ? WHERE agent = ? AND state = 'queued'",
@@ -423,7 +423,7 @@ export class Store {
   }
 
   /** An agent's episodes, newest first. */
-  listEpisodes(agent: string, limit = 50, beforeStartedAt?: number) {
+  listEpisodes(agent: AgentId, limit = 50, beforeStartedAt?: number) {
     const where =
       beforeStartedAt === undefined
         ? eq(t.episodes.agent, agent)
@@ -438,7 +438,7 @@ export class Store {
   }
 
   /** An agent's episodes in id (time) order after `afterId`: for full scans. */
-  scanEpisodes(agent: string, afterId: string, limit = 500) {
+  scanEpisodes(agent: AgentId, afterId: string, limit = 500) {
     return this.db
       .select()
       .from(t.episodes)
@@ -454,7 +454,7 @@ export class Store {
   }
 
   /** Usage of an agent in the given windows. */
-  async usage(agent: string, windows: readonly string[]): Promise<(typeof t.budgetUsage.$inferSelect)[]> {
+  async usage(agent: AgentId, windows: readonly string[]): Promise<(typeof t.budgetUsage.$inferSelect)[]> {
     if (windows.length === 0) return [];
     return selectAll(
       this.client,
@@ -472,12 +472,12 @@ export class Store {
   }
 
   /** An agent's checkpoint number `seq`, or undefined (never written, or deleted by retention). */
-  checkpointAt(agent: string, seq: number): Promise<t.CheckpointRow | undefined> {
+  checkpointAt(agent: AgentId, seq: number): Promise<t.CheckpointRow | undefined> {
     return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE agent = ? AND seq = ?", [agent, seq]);
   }
 
   /** An agent's checkpoint chain, oldest first. */
-  listCheckpoints(agent: string, limit = 1_000_000) {
+  listCheckpoints(agent: AgentId, limit = 1_000_000) {
     return this.db
       .select()
       .from(t.checkpoints)
@@ -488,7 +488,7 @@ export class Store {
   }
 
   /** Every agent that has at least one checkpoint. */
-  async agentsWithCheckpoints(): Promise<string[]> {
+  async agentsWithCheckpoints(): Promise<AgentId[]> {
     const rows = await this.db.selectDistinct({ agent: t.checkpoints.agent }).from(t.checkpoints).all();
     return rows.map((r) => r.agent);
   }
