@@ -150,6 +150,18 @@ describe("executor: commit", () => {
     expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
     expect(t.starts).toHaveLength(0);
   });
+
+  test("a stimulus recorded while a turn reads an empty queue stays counted", async () => {
+    // The turn's read sees no head; intake records one before the turn reports back.
+    const read = t.store.turnInputs.bind(t.store);
+    t.store.turnInputs = async (agent, windows) => {
+      const inputs = await read(agent, windows);
+      await t.queue(agent);
+      return inputs;
+    };
+    expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
+    expect(t.book.queued(A)).toBe(1);
+  });
 });
 
 describe("executor: failure, retry, quarantine", () => {

@@ -30,8 +30,8 @@ export type EpisodeRunner = (
 export interface EpisodeQueue {
   /** The head of the agent's queue left it (committed or quarantined). */
   left(agent: AgentId): void;
-  /** The agent's queue is empty (refused because retired, or found empty). */
-  cleared(agent: AgentId): void;
+  /** `n` queued stimuli of a retired agent were refused (they left its queue). */
+  rejected(agent: AgentId, n: number): void;
   /** Admitted sends were written to their target's queue. */
   recorded(agent: AgentId, n?: number): void;
   /** Admitted sends were not written (the episode failed or did not commit). */
@@ -104,11 +104,11 @@ export class EpisodeExecutor {
           };
           continue;
         case "empty":
-          this.d.queue.cleared(agentId); // the store says nothing waits: so does the book
+          // Not a reason to zero the book: a stimulus recorded after this turn's read is counted there.
           return { kind: "empty" };
         case "refuse_retired": {
           const count = await store.rejectQueued(agentId, d.reason, now);
-          this.d.queue.cleared(agentId);
+          this.d.queue.rejected(agentId, count);
           if (count > 0) {
             this.d.log.warn({ agent: agentId, count }, `stimuli refused: ${d.reason}`);
             events.emit("rejected", { agent: agentId, count, reason: d.reason });

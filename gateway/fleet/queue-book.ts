@@ -7,7 +7,7 @@
  *
  *   admit() reserves a place -> recorded() (the row was written) or released() (duplicate,
  *   failed write, the sending episode did not commit); left() when an episode commits or
- *   quarantines the head; cleared() when a retired agent's queue is refused.
+ *   quarantines the head; rejected() when a retired agent's queue is refused.
  *
  * Nothing here listens to the event bus: the bus is for observers.
  */
@@ -70,10 +70,13 @@ export class QueueBook {
     if (n > 0) this.totalQueued--;
   }
 
-  /** Everything queued for the agent left at once (refused because it is retired), or it was found empty. */
-  cleared(agent: AgentId): void {
-    this.totalQueued -= this.queued(agent);
-    this.counts.delete(agent);
+  /** `n` queued stimuli of the agent left at once (a retired agent's queue was refused). */
+  rejected(agent: AgentId, n: number): void {
+    const have = this.queued(agent);
+    const left = Math.max(0, have - n);
+    this.totalQueued -= have - left;
+    if (left === 0) this.counts.delete(agent);
+    else this.counts.set(agent, left);
   }
 
   /** Stimuli waiting for an agent. */
