@@ -62,7 +62,7 @@ export interface GatewayOptions {
   readonly gcIntervalMs?: number;
 }
 
-import type { AgentId, GatewayState } from "./types.ts";
+import { type AgentId, type GatewayState, parseAgentId } from "./types.ts";
 
 export type { GatewayState };
 
@@ -281,7 +281,9 @@ export class Gateway {
    */
   resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction> {
     return resolveQuarantined(this.store, seq, action, {
-      admit: (agent) => this.book.admit(agent, this.current.spec.agents[agent.split("/")[0]!]?.max_queue ?? Infinity),
+      // An agent whose type left the spec is retired: the book refuses it before max_queue matters.
+      admit: (agent) =>
+        this.book.admit(agent, this.current.spec.agents[parseAgentId(agent)?.type ?? ""]?.max_queue ?? Infinity),
       recorded: (agent) => {
         this.book.recorded(agent);
         this.scheduler.wake(agent);

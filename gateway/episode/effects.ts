@@ -109,11 +109,6 @@ export class Effects {
     }
   }
 
-  /** Delete the rows of what was published (part of stop). */
-  async flush(): Promise<void> {
-    await this.flushDeletes();
-  }
-
   /**
    * Shutdown: no more retries; wait for publishes in flight, forget what they sent, then
    * drain what is left once. Rows already published are not published again.
