@@ -277,4 +277,19 @@ describe("executor: sends", () => {
     // The place is free again: a queue of one still admits one.
     expect(t.book.admit(B, 1).ok).toBe(true);
   });
+
+  test("a commit that throws gives the sends' places back and the stimulus stays queued", async () => {
+    await t.queue();
+    t.script.push(async (_s, onTool) => {
+      await onTool(1, "send", [B, 1]);
+      return ok({ n: 1 });
+    });
+    t.store.commitEpisode = async () => {
+      throw new Error("disk full");
+    };
+    expect((await t.executor.turn(A)).kind).toBe("wait");
+    expect(t.book.admit(B, 1).ok).toBe(true);
+    expect(t.book.queued(A)).toBe(1);
+    expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "queued" } as never]);
+  });
 });

@@ -153,6 +153,7 @@ export class EpisodeExecutor {
     this.d.events.emit("status", { agent: agentId, status: "running" });
     const log = this.d.log.child({ agent: agentId, episode, stimulus: head.sid });
 
+    let ended = false;
     const result = await this.d.run(
       {
         t: "start",
@@ -167,90 +168,94 @@ export class EpisodeExecutor {
         limits: CHILD_LIMITS,
       },
       runLimitsFor(type.budget),
-      (call, tool, args) => gate.handle(call, tool, args),
+      // A call that arrives after the run ended must not reserve a place nobody settles.
+      (call, tool, args) =>
+        ended
+          ? Promise.resolve({ ok: false, result: { error: "denied", reason: "episode ended" } })
+          : gate.handle(call, tool, args),
     );
-    const endedAt = this.d.now();
-    // ctx.log lines go to the gateway log too, with the episode's bound context (the first
-    // 100: all of them stay in the episode's event log; a chatty agent must not flood ours).
-    let logged = 0;
-    for (const r of result.records) if (r.k === "log" && logged++ < 100) log[r.level](r.msg);
-    const events = buildEvents(episode, stimulus, result);
-    const base = {
-      id: episode,
-      gateway: this.d.store.gatewayId,
-      agent: agentId,
-      stimulusSeq: head.seq,
-      stimulusId: head.sid,
-      specVersion: sv.hash,
-      attempt: d.attempt,
-      startedAt: now,
-      endedAt,
-      parent: agent.headHash,
-      eventsHash: await hashEvents(events),
-      eventCount: events.length,
-    };
-    const usage = { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
-    const summary = { episode, agent: agentId, stimulus: head.sid, ms: result.ms, type: agent.type };
-
-    if (!result.ok) {
-      this.settleSends(gate, false);
-      if (this.d.stopping()) {
-        log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
-        return { kind: "parked" };
-      }
-      const retry = retryAt(type, d.attempt, endedAt);
-      await this.d.store.recordFailure({
-        episode: { ...base, status: "failed", errorKind: result.kind, error: result.message.slice(0, 4000) },
-        events,
-        retryAt: retry,
-        usage,
-      });
-      if (retry === null) this.d.queue.left(agentId);
-      log.warn(
-        { kind: result.kind, attempt: d.attempt, quarantined: retry === null },
-        `episode failed (${result.kind}): ${result.message.split("\n")[0]}`,
-      );
-      this.d.events.emit("episode", {
-        ...summary,
-        status: "failed",
-        kind: result.kind,
-        checkpoint: agent.headHash,
-        quarantined: retry === null,
-      });
-      await this.emitSettled(agentId, stamp, agent.headHash, `last episode failed: ${result.kind}`);
-      return retry === null ? { kind: "ran" } : { kind: "wait", until: retry };
-    }
-
-    const seq = agent.headSeq + 1;
-    const sealed = await sealCheckpoint({
-      agent: agentId,
-      seq,
-      parent: agent.headHash,
-      episode,
-      spec_version: sv.hash,
-      state: result.state,
-    });
-    const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
-    // The fleet/episodes summary rides the outbox too, so it is delivered at least once.
-    outbox.push({
-      episode,
-      seq: outbox.length,
-      topic: topics.episodes,
-      payload: JSON.stringify({
-        episode,
-        agent: agentId,
-        stimulus: head.sid,
-        status: "committed",
-        checkpoint: sealed.hash,
-        ms: Math.round(result.ms),
-      }),
-      qos: 0,
-      retain: false,
-      createdAt: endedAt,
-    });
-    // Sends are written with the sender's commit (exactly once), into places admission reserved.
-    const inbox = buildInbox(episode, gate.sends, endedAt);
+    ended = true;
     try {
+      const endedAt = this.d.now();
+      // ctx.log lines go to the gateway log too, with the episode's bound context (the first
+      // 100: all of them stay in the episode's event log; a chatty agent must not flood ours).
+      let logged = 0;
+      for (const r of result.records) if (r.k === "log" && logged++ < 100) log[r.level](r.msg);
+      const events = buildEvents(episode, stimulus, result);
+      const base = {
+        id: episode,
+        gateway: this.d.store.gatewayId,
+        agent: agentId,
+        stimulusSeq: head.seq,
+        stimulusId: head.sid,
+        specVersion: sv.hash,
+        attempt: d.attempt,
+        startedAt: now,
+        endedAt,
+        parent: agent.headHash,
+        eventsHash: await hashEvents(events),
+        eventCount: events.length,
+      };
+      const usage = { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
+      const summary = { episode, agent: agentId, stimulus: head.sid, ms: result.ms, type: agent.type };
+
+      if (!result.ok) {
+        if (this.d.stopping()) {
+          log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
+          return { kind: "parked" };
+        }
+        const retry = retryAt(type, d.attempt, endedAt);
+        await this.d.store.recordFailure({
+          episode: { ...base, status: "failed", errorKind: result.kind, error: result.message.slice(0, 4000) },
+          events,
+          retryAt: retry,
+          usage,
+        });
+        if (retry === null) this.d.queue.left(agentId);
+        log.warn(
+          { kind: result.kind, attempt: d.attempt, quarantined: retry === null },
+          `episode failed (${result.kind}): ${result.message.split("\n")[0]}`,
+        );
+        this.d.events.emit("episode", {
+          ...summary,
+          status: "failed",
+          kind: result.kind,
+          checkpoint: agent.headHash,
+          quarantined: retry === null,
+        });
+        await this.emitSettled(agentId, stamp, agent.headHash, `last episode failed: ${result.kind}`);
+        return retry === null ? { kind: "ran" } : { kind: "wait", until: retry };
+      }
+
+      const seq = agent.headSeq + 1;
+      const sealed = await sealCheckpoint({
+        agent: agentId,
+        seq,
+        parent: agent.headHash,
+        episode,
+        spec_version: sv.hash,
+        state: result.state,
+      });
+      const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
+      // The fleet/episodes summary rides the outbox too, so it is delivered at least once.
+      outbox.push({
+        episode,
+        seq: outbox.length,
+        topic: topics.episodes,
+        payload: JSON.stringify({
+          episode,
+          agent: agentId,
+          stimulus: head.sid,
+          status: "committed",
+          checkpoint: sealed.hash,
+          ms: Math.round(result.ms),
+        }),
+        qos: 0,
+        retain: false,
+        createdAt: endedAt,
+      });
+      // Sends are written with the sender's commit (exactly once), into places admission reserved.
+      const inbox = buildInbox(episode, gate.sends, endedAt);
       await this.d.store.commitEpisode({
         episode: { ...base, status: "committed", checkpoint: sealed.hash },
         events,
@@ -269,18 +274,19 @@ export class EpisodeExecutor {
         inbox,
         usage,
       });
-    } catch (err) {
+      this.d.queue.left(agentId);
+      this.settleSends(gate, true);
+      log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
+      this.d.publishCommitted?.(episode, outbox);
+      this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
+      await this.emitSettled(agentId, stamp, sealed.hash);
+      if (inbox.length > 0) this.d.events.emit("intake", { source: "inbox", accepted: inbox.length, duplicates: 0 });
+      return { kind: "ran" };
+    } finally {
+      // Whatever way the turn ends (failure, shutdown, a throw before the commit), the places
+      // its sends reserved are given back unless the commit wrote them.
       this.settleSends(gate, false);
-      throw err;
     }
-    this.d.queue.left(agentId);
-    this.settleSends(gate, true);
-    log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
-    this.d.publishCommitted?.(episode, outbox);
-    this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
-    await this.emitSettled(agentId, stamp, sealed.hash);
-    if (inbox.length > 0) this.d.events.emit("intake", { source: "inbox", accepted: inbox.length, duplicates: 0 });
-    return { kind: "ran" };
   }
 
   /** The agent's state from its verified head checkpoint; a bad one marks the agent failed. */
@@ -299,9 +305,9 @@ export class EpisodeExecutor {
     }
   }
 
-  /** The places the episode's sends reserved: written with its commit, or given back. */
+  /** The places the episode's sends reserved: written with its commit, or given back. Once per gate. */
   private settleSends(gate: ToolGate, committed: boolean): void {
-    for (const s of gate.sends) {
+    for (const s of gate.sends.splice(0)) {
       if (committed) this.d.queue.recorded(s.to.id);
       else this.d.queue.released(s.to.id);
     }
