@@ -165,7 +165,7 @@ describe("executor: commit", () => {
 });
 
 describe("executor: failure, retry, quarantine", () => {
-  test("a failed episode keeps the checkpoint, waits for its backoff, then is quarantined at max_attempts", async () => {
+  test("a failed episode keeps its checkpoint, waits out its backoff, then is quarantined", async () => {
     await t.queue();
     t.script.push(
       () => threw("boom 1"),

@@ -243,7 +243,7 @@ describe("quarantine retry goes through the same admission", () => {
 });
 
 describe("lifecycle results carry a code", () => {
-  test("an unknown agent is not_found; pausing or resuming a retired one is retired; retiring tells the book", async () => {
+  test("unknown agent: not_found; pausing or resuming a retired one: retired; retiring tells the book", async () => {
     const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: async () => ({ kind: "empty" }), queued: () => 0 });
     const roster = new Roster(ctx.store, ctx.events, scheduler, ctx.book);
     expect(await roster.setLifecycle("mon/ghost" as AgentId, "pause")).toMatchObject({

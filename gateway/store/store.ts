@@ -334,20 +334,23 @@ export class Store {
    * override, head checkpoint) in one read transaction: one consistent snapshot, one call.
    */
   async turnInputs(agent: AgentId, windows: readonly string[]): Promise<TurnInputs> {
+    const inWindows = windows.map(() => "?").join(",") || "NULL";
     const [a, head, usage, override, checkpoint] = await this.client.batch(
       [
         { sql: `SELECT ${codecs.agents.columns} FROM agents WHERE id = ?`, args: [agent] },
         {
-          sql: `SELECT ${codecs.stimuli.columns} FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1`,
+          sql: `SELECT ${codecs.stimuli.columns} FROM stimuli
+            WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1`,
           args: [agent],
         },
         {
-          sql: `SELECT ${codecs.budgetUsage.columns} FROM budget_usage WHERE agent = ? AND "window" IN (${windows.map(() => "?").join(",") || "NULL"})`,
+          sql: `SELECT ${codecs.budgetUsage.columns} FROM budget_usage WHERE agent = ? AND "window" IN (${inWindows})`,
           args: [agent, ...windows],
         },
         { sql: "SELECT value FROM meta WHERE key = ?", args: [`budget_override:${agent}`] },
         {
-          sql: `SELECT ${codecs.checkpoints.columns} FROM checkpoints WHERE hash = (SELECT head_hash FROM agents WHERE id = ?)`,
+          sql: `SELECT ${codecs.checkpoints.columns} FROM checkpoints
+            WHERE hash = (SELECT head_hash FROM agents WHERE id = ?)`,
           args: [agent],
         },
       ],
