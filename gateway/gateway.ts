@@ -171,7 +171,8 @@ export class Gateway {
     await this.timers.update(spec);
     this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"));
     this.watcher.start(this.current.text);
-    // Retained topics live in aedes' memory: re-publish them, then re-send unsent effects.
+    // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
+    // them (retained, in broker.db or in aedes' memory), then re-send unsent effects.
     await republishStatuses(this.store, this.events);
     void this.effects.kick();
     this.housekeeping = new Housekeeping(this, {
@@ -388,6 +389,15 @@ export class Gateway {
           ? this.intake.mqtt(msg, client)
           : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` }),
       logger: this.log.child({ mod: "broker" }),
+      persistence:
+        spec.broker.persistence === "libsql"
+          ? {
+              kind: "libsql",
+              path: join(this.dataDir, "broker.db"),
+              synchronous: spec.fleet.synchronous,
+              maxOfflineMessages: spec.broker.max_offline_messages,
+            }
+          : { kind: "memory" },
     });
   }
 

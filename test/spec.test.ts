@@ -105,6 +105,8 @@ describe("compileSpec", () => {
       tls_port: null,
       wss_port: null,
       tls: null,
+      persistence: "libsql",
+      max_offline_messages: 1000,
     });
     expect(spec.http).toEqual({ host: "0.0.0.0", port: 0, tls: null });
     expect(spec.llm).toEqual({

@@ -125,6 +125,14 @@ export interface FleetSpec {
      * certificate it signed.
      */
     readonly tls: TlsFiles | null;
+    /**
+     * Where the broker keeps clean = false sessions, offline queues, retained messages, wills
+     * and QoS 2 packets: "libsql" (`<data-dir>/broker.db`, survives restarts and kill -9) or
+     * "memory" (aedes' default, lost on any restart).
+     */
+    readonly persistence: "libsql" | "memory";
+    /** Most messages kept per client session (queued + in flight); past it new ones are dropped, counted, logged. */
+    readonly max_offline_messages: number;
   };
   readonly http: {
     readonly host: string;
