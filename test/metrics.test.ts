@@ -35,6 +35,7 @@ const REQUIRED: Record<string, string> = {
   fleet_broker_clients: "gauge",
   fleet_broker_messages_in_total: "counter",
   fleet_broker_messages_out_total: "counter",
+  fleet_broker_offline_dropped_total: "counter",
   fleet_db_commit_seconds: "histogram",
   fleet_subprocesses_alive: "gauge",
   process_cpu_seconds_total: "counter",

@@ -329,6 +329,12 @@ export class FleetMetrics {
       "Device publishes the broker refused (rules, ACL, intake refusal).",
       () => host.broker?.stats().refused,
     );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_offline_dropped_total",
+      "Messages not queued for a clean = false client because its queue held max_offline_messages.",
+      () => host.broker?.stats().offlineDropped,
+    );
     new Gauge({
       name: "fleet_broker_connections",
       help: "Open MQTT connections (TCP, TLS, WebSocket; before and after CONNECT).",
