@@ -4,8 +4,11 @@
  * offline queues), retained messages, wills and QoS 2 packets survive `kill -9` and
  * restarts. Every write goes through one `SerialWriter` (group commit, WAL); aedes' callback
  * for a publish runs after the queue rows and retained row it wrote are committed.
- * Subscriptions are also held in memory (a trie read on every QoS > 0 publish); retained
- * messages and queues live only on disk.
+ * Subscriptions are also held in memory (a trie read on every QoS > 0 publish), and so is
+ * each queue's index (broker id, counter, messageId per row, no payloads), so a messageId
+ * update answers at once and its write, like a PUBACK's delete, is lazy: losing either in a
+ * crash only redelivers the message (at least once). Retained messages and queued packets
+ * live only on disk.
  */
 import { createClient, type Client, type InStatement, type Row } from "@libsql/client";
 import { chmodSync, closeSync, mkdirSync, openSync } from "node:fs";
@@ -57,6 +60,13 @@ export interface PersistenceStats {
 }
 
 const PAGE = 500;
+
+/** A queued row as the in-memory index knows it (same order as `outgoing.seq`). */
+interface QueueEntry {
+  brokerId: string | null;
+  brokerCounter: number | null;
+  messageId: number | null;
+}
 const DROP_LOG_INTERVAL_MS = 10_000;
 
 /** Refused: the broker file was written by newer code. */
@@ -82,7 +92,7 @@ export class LibsqlPersistence {
   /** clientId -> filter -> subscription, every persistent subscription (qos 0 too). */
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
   /** clientId -> rows in its queue. */
-  private readonly queueSizes = new Map<string, number>();
+  private readonly queues = new Map<string, QueueEntry[]>();
   private dropped = 0;
   private droppedSinceLog = 0;
   private lastDropLog = Number.NEGATIVE_INFINITY;
@@ -105,7 +115,7 @@ export class LibsqlPersistence {
   /** Counters since open. */
   stats(): PersistenceStats {
     let queued = 0;
-    for (const n of this.queueSizes.values()) queued += n;
+    for (const q of this.queues.values()) queued += q.length;
     return { offlineDropped: this.dropped, queued };
   }
 
@@ -134,9 +144,15 @@ export class LibsqlPersistence {
           qos: Number(row.qos),
         });
       }
-      for (const row of (await client.execute("SELECT client_id, count(*) AS n FROM outgoing GROUP BY client_id"))
-        .rows) {
-        this.queueSizes.set(String(row.client_id), Number(row.n));
+      const rows = await client.execute(
+        "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
+      );
+      for (const row of rows.rows) {
+        this.queueOf(String(row.client_id)).push({
+          brokerId: row.broker_id === null ? null : String(row.broker_id),
+          brokerCounter: num(row.broker_counter),
+          messageId: num(row.message_id),
+        });
       }
     } catch (err) {
       client.close();
@@ -146,9 +162,18 @@ export class LibsqlPersistence {
     this.writer = new SerialWriter(client);
   }
 
-  private run(statements: InStatement[]) {
+  private run(statements: InStatement[], lazy = false) {
     if (!this.writer) return Promise.reject(new Error("broker persistence is not set up"));
-    return this.writer.run(statements);
+    return this.writer.run(statements, { lazy });
+  }
+
+  private queueOf(clientId: string): QueueEntry[] {
+    let q = this.queues.get(clientId);
+    if (!q) {
+      q = [];
+      this.queues.set(clientId, q);
+    }
+    return q;
   }
 
   // ---- retained ------------------------------------------------------------------------
@@ -310,17 +335,19 @@ export class LibsqlPersistence {
     if (subs.length === 0) return;
     const copy = queuedCopy(packet);
     const text = encodePacket(copy);
+    const brokerId = (copy.brokerId as string | undefined) ?? null;
+    const brokerCounter = num(copy.brokerCounter);
     const statements: InStatement[] = [];
     for (const { clientId } of subs) {
-      const size = this.queueSizes.get(clientId) ?? 0;
-      if (size >= this.max) {
+      const queue = this.queueOf(clientId);
+      if (queue.length >= this.max) {
         this.drop(clientId, String(packet.topic));
         continue;
       }
-      this.queueSizes.set(clientId, size + 1);
+      queue.push({ brokerId, brokerCounter, messageId: null });
       statements.push({
         sql: "INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet) VALUES (?, ?, ?, NULL, ?)",
-        args: [clientId, (copy.brokerId as string | undefined) ?? null, num(copy.brokerCounter), text],
+        args: [clientId, brokerId, brokerCounter, text],
       });
     }
     await this.run(statements);
@@ -348,37 +375,52 @@ export class LibsqlPersistence {
     const bid = (packet.brokerId as string | undefined) ?? null;
     const bc = num(packet.brokerCounter);
     const mid = num(packet.messageId);
-    const [r] = await this.run([
-      {
-        sql: `UPDATE outgoing SET
-                packet = CASE WHEN broker_id IS ?2 AND broker_counter IS ?3 THEN packet ELSE ?5 END,
-                message_id = ?4, broker_id = ?2, broker_counter = ?3
-              WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ?1
-                             AND ((broker_id IS ?2 AND broker_counter IS ?3) OR (broker_id IS NOT ?2 AND message_id = ?4))
-                           ORDER BY seq LIMIT 1)`,
-        args: [client.id, bid, bc, mid, encodePacket(packet)],
-      },
-    ]);
-    if (r!.rowsAffected === 0) throw new Error("no such packet");
+    // The index finds the same first row the statement below does.
+    const entry = this.queues
+      .get(client.id)
+      ?.find((e) => (e.brokerId === bid ? e.brokerCounter === bc : mid !== null && e.messageId === mid));
+    if (!entry) throw new Error("no such packet");
+    entry.brokerId = bid;
+    entry.brokerCounter = bc;
+    entry.messageId = mid;
+    // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
+    this.run(
+      [
+        {
+          sql: `UPDATE outgoing SET
+                  packet = CASE WHEN broker_id IS ?2 AND broker_counter IS ?3 THEN packet ELSE ?5 END,
+                  message_id = ?4, broker_id = ?2, broker_counter = ?3
+                WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ?1
+                               AND ((broker_id IS ?2 AND broker_counter IS ?3) OR (broker_id IS NOT ?2 AND message_id = ?4))
+                             ORDER BY seq LIMIT 1)`,
+          args: [client.id, bid, bc, mid, encodePacket(packet)],
+        },
+      ],
+      true,
+    ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "queued messageId not recorded"));
   }
 
   /** Remove the queued packet with `packet.messageId` (a PUBACK or PUBCOMP); resolves with it. */
   async outgoingClearMessageId(client: ClientRef, packet: { messageId?: number }): Promise<StoredPacket | undefined> {
     const mid = num(packet?.messageId);
-    if (mid === null) return undefined;
-    const [r] = await this.run([
-      {
-        sql: `DELETE FROM outgoing WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ? AND message_id = ? ORDER BY seq LIMIT 1)
-              RETURNING packet, message_id`,
-        args: [client.id, mid],
-      },
-    ]);
+    const queue = this.queues.get(client.id);
+    const at = mid === null || !queue ? -1 : queue.findIndex((e) => e.messageId === mid);
+    if (at < 0) return undefined;
+    queue!.splice(at, 1);
+    if (queue!.length === 0) this.queues.delete(client.id);
+    // Lazy: a PUBACK lost in a crash only means the message is delivered again.
+    const [r] = await this.run(
+      [
+        {
+          sql: `DELETE FROM outgoing WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ? AND message_id = ? ORDER BY seq LIMIT 1)
+                RETURNING packet, message_id`,
+          args: [client.id, mid],
+        },
+      ],
+      true,
+    );
     const row = r!.rows[0];
-    if (!row) return undefined;
-    const left = (this.queueSizes.get(client.id) ?? 1) - 1;
-    if (left > 0) this.queueSizes.set(client.id, left);
-    else this.queueSizes.delete(client.id);
-    return decodePacket(String(row.packet), num(row.message_id));
+    return row ? decodePacket(String(row.packet), num(row.message_id)) : undefined;
   }
 
   /** A client's queue, oldest first, read in pages. */

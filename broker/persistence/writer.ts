@@ -2,6 +2,9 @@
  * The one writer of a broker persistence file: jobs queued in one turn of the event loop
  * run in a single transaction (one fsync), in the order they were queued, so a read queued
  * after a write sees it. A job's promise settles after its transaction commits.
+ * A `lazy` job (one whose loss in a crash only means a redelivery) does not start a
+ * transaction of its own at once: it rides along with the next one, or commits after
+ * `lazyMs`, so a burst of PUBACKs costs one fsync instead of one per turn.
  */
 import type { Client, InStatement, ResultSet } from "@libsql/client";
 
@@ -21,22 +24,36 @@ export interface WriterStats {
 export class SerialWriter {
   private queue: Job[] = [];
   private scheduled = false;
+  private lazyTimer: ReturnType<typeof setTimeout> | null = null;
   private flushing: Promise<void> | null = null;
   readonly stats: WriterStats = { commits: 0, jobs: 0 };
 
-  constructor(private readonly client: Client) {}
+  constructor(
+    private readonly client: Client,
+    private readonly lazyMs = 5,
+  ) {}
 
   /** Run `statements` as one unit in the next group transaction; resolves with their results once committed. */
-  run(statements: InStatement[]): Promise<ResultSet[]> {
+  run(statements: InStatement[], opts: { lazy?: boolean } = {}): Promise<ResultSet[]> {
     if (statements.length === 0) return Promise.resolve([]);
     return new Promise((resolve, reject) => {
       this.queue.push({ statements, resolve, reject });
-      if (!this.scheduled && !this.flushing) {
-        this.scheduled = true;
-        // setImmediate lets everything aedes does in this turn join the same transaction.
-        setImmediate(() => void this.flush());
+      if (opts.lazy) {
+        this.lazyTimer ??= setTimeout(() => {
+          this.lazyTimer = null;
+          this.schedule();
+        }, this.lazyMs);
+      } else {
+        this.schedule();
       }
     });
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.flushing) return;
+    this.scheduled = true;
+    // setImmediate lets everything aedes does in this turn join the same transaction.
+    setImmediate(() => void this.flush());
   }
 
   /** Resolves when every job queued so far has committed (or failed). */
@@ -59,10 +76,7 @@ export class SerialWriter {
     } finally {
       this.flushing = null;
     }
-    if (this.queue.length > 0 && !this.scheduled) {
-      this.scheduled = true;
-      setImmediate(() => void this.flush());
-    }
+    if (this.queue.length > 0) this.schedule();
   }
 
   private async commit(jobs: Job[]): Promise<void> {
