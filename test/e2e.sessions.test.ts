@@ -15,8 +15,8 @@ const OUT = "fleet/agents/counter/+/out";
 
 afterAll(() => cleanupAll(), 60_000);
 
-const toml = (name: string, persistence?: string): string =>
-  fleetHeader(name, { broker: persistence ? `persistence = "${persistence}"` : undefined }) +
+const toml = (name: string, persistence: "libsql" | "memory" = "libsql"): string =>
+  fleetHeader(name, { broker: `persistence = "${persistence}"` }) +
   agentType("counter", COUNTER, ["c/+/in"], { dedup: "id" });
 
 /** An mqtt.js client that connects on `.connect()`; resolves `sessionPresent` from its CONNACK. */

@@ -105,7 +105,7 @@ describe("compileSpec", () => {
       tls_port: null,
       wss_port: null,
       tls: null,
-      persistence: "libsql",
+      persistence: "memory",
       max_offline_messages: 1000,
     });
     expect(spec.http).toEqual({ host: "0.0.0.0", port: 0, tls: null });

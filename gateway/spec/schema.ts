@@ -146,7 +146,7 @@ export const fleetSchema = z.strictObject({
     tls_cert: str().optional(),
     tls_key: str().optional(),
     tls_ca: str().optional(),
-    persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("libsql"),
+    persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("memory"),
     max_offline_messages: posInt(1000),
   }),
   http: table({

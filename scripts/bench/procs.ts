@@ -18,7 +18,7 @@ export function benchFleet(o: { maxConcurrent: number; instances?: readonly stri
       : "";
   return `[fleet]
 name = "bench"
-max_concurrent_episodes = ${o.maxConcurrent}
+max_concurrent_episodes = ${o.maxConcurrent}${process.env.BENCH_SYNC ? `\nsynchronous = "${process.env.BENCH_SYNC}"` : ""}
 
 [broker]
 host = "127.0.0.1"
@@ -99,9 +99,12 @@ export async function startGateway(tag: string, fleetToml: string): Promise<Gate
           throw new Error(
             `gateway exited with ${proc.exitCode}: ${readTail(join(dir, "gateway.err"))}${readTail(logFile)}`,
           );
-        return existsSync(infoFile)
-          ? (JSON.parse(readFileSync(infoFile, "utf8")) as { mqtt_port: number; http_port: number })
-          : null;
+        if (!existsSync(infoFile)) return null;
+        try {
+          return JSON.parse(readFileSync(infoFile, "utf8")) as { mqtt_port: number; http_port: number };
+        } catch {
+          return null; // caught mid-write: read it again
+        }
       },
       30_000,
     );

@@ -8,12 +8,12 @@
  */
 import { connectAsync, type MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { defer, deltaRow, quantile, rateRow, until } from "./harness.ts";
+import { cpuMs, defer, deltaRow, quantile, rateRow, until } from "./harness.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway, type GatewayProc } from "./procs.ts";
 
 const CONCURRENCY = 4;
-const ROUNDS = 3;
+const ROUNDS = 5;
 type Persistence = "libsql" | "memory";
 type Summary = { agent: string; status: string };
 
@@ -82,11 +82,15 @@ export async function benchSessions(o: BenchOptions): Promise<Row[]> {
     gws[p] = { gw, client, summaries };
   }
   const rates: Record<Persistence, number[]> = { libsql: [], memory: [] };
+  // The gateway's own CPU per episode: steadier than wall-clock rates on a shared machine.
+  const cpu: Record<Persistence, number> = { libsql: 0, memory: 0 };
   for (let round = 0; round < ROUNDS; round++) {
     const order: Persistence[] = round % 2 === 0 ? ["libsql", "memory"] : ["memory", "libsql"];
     for (const p of order) {
-      const { client, summaries } = gws[p];
+      const { gw, client, summaries } = gws[p];
+      const before = cpuMs(gw.pid).self;
       rates[p].push(await batch(client, summaries, `r${round}s`, perRound, o.window));
+      cpu[p] += cpuMs(gw.pid).self - before;
     }
     o.log(
       `  round ${round + 1}: libsql ${rates.libsql.at(-1)!.toFixed(1)}/s, memory ${rates.memory.at(-1)!.toFixed(1)}/s`,
@@ -121,6 +125,15 @@ export async function benchSessions(o: BenchOptions): Promise<Row[]> {
       quantile(rates.memory, 0.5),
       0.9,
       "one online clean = false subscriber to every out and status topic on each gateway; median of rounds",
+    ),
+    deltaRow(
+      "sessions",
+      "gateway CPU per episode, libsql vs memory",
+      "ms",
+      cpu.libsql / (perRound * ROUNDS),
+      cpu.memory / (perRound * ROUNDS),
+      null,
+      "utime+stime of each gateway process over the measured rounds",
     ),
     deltaRow(
       "sessions",
