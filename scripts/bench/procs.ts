@@ -18,7 +18,7 @@ export function benchFleet(o: { maxConcurrent: number; instances?: readonly stri
       : "";
   return `[fleet]
 name = "bench"
-max_concurrent_episodes = ${o.maxConcurrent}${process.env.BENCH_SYNC ? `\nsynchronous = "${process.env.BENCH_SYNC}"` : ""}
+max_concurrent_episodes = ${o.maxConcurrent}
 
 [broker]
 host = "127.0.0.1"
