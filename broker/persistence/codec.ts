@@ -26,13 +26,24 @@ function reviver(_key: string, value: unknown): unknown {
 
 /** Encode a packet without its `messageId` (kept in a column of its own so it can be updated in place). */
 export function encodePacket(packet: object): string {
-  const { messageId: _omit, ...rest } = packet as StoredPacket;
-  return JSON.stringify(rest, replacer);
+  const { messageId: _omit, payload, ...rest } = packet as StoredPacket;
+  // MQTT 5 properties may hold bytes anywhere: walk them (slower); else only the payload can.
+  if (rest.properties !== undefined) return JSON.stringify({ ...rest, payload }, replacer);
+  if (payload instanceof Uint8Array) {
+    const b = Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).toString("base64");
+    return JSON.stringify({ ...rest, payload: { [BYTES]: b } });
+  }
+  return JSON.stringify(payload === undefined ? rest : { ...rest, payload });
 }
 
 /** Decode a stored packet; `messageId` comes from its column when it has one. */
 export function decodePacket(text: string, messageId: number | null = null): StoredPacket {
-  const packet = JSON.parse(text, reviver) as StoredPacket;
+  let packet = JSON.parse(text) as StoredPacket;
+  if (packet.properties !== undefined) packet = JSON.parse(text, reviver) as StoredPacket;
+  else {
+    const b = (packet.payload as Record<string, unknown> | undefined)?.[BYTES];
+    if (typeof b === "string") packet.payload = Buffer.from(b, "base64");
+  }
   if (messageId !== null) packet.messageId = messageId;
   return packet;
 }

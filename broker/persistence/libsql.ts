@@ -10,14 +10,15 @@
  * crash only redelivers the message (at least once). Retained messages and queued packets
  * live only on disk.
  */
-import { createClient, type Client, type InStatement, type Row } from "@libsql/client";
+import type { InStatement } from "@libsql/client";
 import { chmodSync, closeSync, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { matchTopic } from "../topics.ts";
 import { decodePacket, encodePacket, queuedCopy, type StoredPacket } from "./codec.ts";
-import { BROKER_DDL, BROKER_SCHEMA_VERSION } from "./schema.ts";
+import { BROKER_SCHEMA_VERSION } from "./schema.ts";
+import { DbThread, TooNewOnThread } from "./thread.ts";
 import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
 import { SerialWriter } from "./writer.ts";
 
@@ -66,6 +67,8 @@ interface QueueEntry {
   brokerId: string | null;
   brokerCounter: number | null;
   messageId: number | null;
+  /** The packet being delivered (set by `outgoingUpdate`), so its PUBACK needs no read-back. */
+  inFlight?: StoredPacket;
 }
 const DROP_LOG_INTERVAL_MS = 10_000;
 
@@ -84,7 +87,7 @@ const num = (v: unknown): number | null => (v === null || v === undefined ? null
 
 /** aedes persistence on libSQL. */
 export class LibsqlPersistence {
-  private client: Client | null = null;
+  private db: DbThread | null = null;
   private writer: SerialWriter | null = null;
   private brokerRef: BrokerRef | null = null;
   private destroyed = false;
@@ -122,32 +125,32 @@ export class LibsqlPersistence {
   /** Open the file, create the tables, load subscriptions and queue sizes. Called by aedes' `listen`. */
   async setup(broker: BrokerRef): Promise<void> {
     this.brokerRef = broker;
-    if (this.client) return;
+    if (this.db) return;
     const { path } = this.opts;
     if (path !== ":memory:") {
       mkdirSync(dirname(path), { recursive: true });
       closeSync(openSync(path, "a", 0o600));
       chmodSync(path, 0o600);
     }
-    const client = createClient({ url: path === ":memory:" ? ":memory:" : `file:${path}` });
+    let db: DbThread;
     try {
-      await client.execute("PRAGMA busy_timeout = 5000");
-      await client.execute("PRAGMA journal_mode = WAL");
-      await client.execute(`PRAGMA synchronous = ${(this.opts.synchronous ?? "full").toUpperCase()}`);
-      const version = Number((await client.execute("PRAGMA user_version")).rows[0]?.[0] ?? 0);
-      if (version > BROKER_SCHEMA_VERSION) throw new BrokerStoreTooNew(path, version);
-      await client.batch([...BROKER_DDL, `PRAGMA user_version = ${BROKER_SCHEMA_VERSION}`], "write");
-      for (const row of (await client.execute("SELECT client_id, topic, qos, options FROM subscriptions")).rows) {
+      db = await DbThread.open(path, this.opts.synchronous ?? "full");
+    } catch (err) {
+      throw err instanceof TooNewOnThread ? new BrokerStoreTooNew(path, err.version) : err;
+    }
+    try {
+      const [subs, queued] = await db.batch([
+        "SELECT client_id, topic, qos, options FROM subscriptions",
+        "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
+      ]);
+      for (const row of subs!.rows) {
         this.remember(String(row.client_id), {
           ...(JSON.parse(String(row.options)) as object),
           topic: String(row.topic),
           qos: Number(row.qos),
         });
       }
-      const rows = await client.execute(
-        "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
-      );
-      for (const row of rows.rows) {
+      for (const row of queued!.rows) {
         this.queueOf(String(row.client_id)).push({
           brokerId: row.broker_id === null ? null : String(row.broker_id),
           brokerCounter: num(row.broker_counter),
@@ -155,11 +158,11 @@ export class LibsqlPersistence {
         });
       }
     } catch (err) {
-      client.close();
+      await db.close().catch(() => undefined);
       throw err;
     }
-    this.client = client;
-    this.writer = new SerialWriter(client);
+    this.db = db;
+    this.writer = new SerialWriter(db);
   }
 
   private run(statements: InStatement[], lazy = false) {
@@ -383,6 +386,7 @@ export class LibsqlPersistence {
     entry.brokerId = bid;
     entry.brokerCounter = bc;
     entry.messageId = mid;
+    entry.inFlight = packet;
     // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
     this.run(
       [
@@ -406,17 +410,18 @@ export class LibsqlPersistence {
     const queue = this.queues.get(client.id);
     const at = mid === null || !queue ? -1 : queue.findIndex((e) => e.messageId === mid);
     if (at < 0) return undefined;
-    queue!.splice(at, 1);
+    const [entry] = queue!.splice(at, 1);
     if (queue!.length === 0) this.queues.delete(client.id);
+    const where = "WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ? AND message_id = ? ORDER BY seq LIMIT 1)";
     // Lazy: a PUBACK lost in a crash only means the message is delivered again.
+    if (entry!.inFlight) {
+      void this.run([{ sql: `DELETE FROM outgoing ${where}`, args: [client.id, mid] }], true).catch((err: unknown) =>
+        this.opts.logger?.warn({ err, client: client.id }, "acknowledged message not removed"),
+      );
+      return entry!.inFlight;
+    }
     const [r] = await this.run(
-      [
-        {
-          sql: `DELETE FROM outgoing WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ? AND message_id = ? ORDER BY seq LIMIT 1)
-                RETURNING packet, message_id`,
-          args: [client.id, mid],
-        },
-      ],
+      [{ sql: `DELETE FROM outgoing ${where} RETURNING packet, message_id`, args: [client.id, mid] }],
       true,
     );
     const row = r!.rows[0];
@@ -436,7 +441,7 @@ export class LibsqlPersistence {
               args: [client.id, after],
             },
           ]);
-          const rows: Row[] = r!.rows;
+          const rows = r!.rows;
           for (const row of rows) yield decodePacket(String(row.packet), num(row.message_id));
           if (rows.length < PAGE) return;
           after = Number(rows[rows.length - 1]!.seq);
@@ -533,8 +538,8 @@ export class LibsqlPersistence {
     if (this.destroyed) throw new Error("destroyed called twice!");
     this.destroyed = true;
     await this.writer?.drain();
-    this.client?.close();
-    this.client = null;
+    await this.db?.close();
+    this.db = null;
     this.writer = null;
   }
 }

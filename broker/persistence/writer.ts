@@ -6,11 +6,17 @@
  * transaction of its own at once: it rides along with the next one, or commits after
  * `lazyMs`, so a burst of PUBACKs costs one fsync instead of one per turn.
  */
-import type { Client, InStatement, ResultSet } from "@libsql/client";
+import type { InStatement } from "@libsql/client";
+import type { PlainResult } from "./thread.ts";
+
+/** Where batches run: one write transaction each, in order (a `DbThread`). */
+export interface BatchRunner {
+  batch(statements: InStatement[]): Promise<PlainResult[]>;
+}
 
 interface Job {
   readonly statements: InStatement[];
-  readonly resolve: (results: ResultSet[]) => void;
+  readonly resolve: (results: PlainResult[]) => void;
   readonly reject: (err: unknown) => void;
 }
 
@@ -29,12 +35,12 @@ export class SerialWriter {
   readonly stats: WriterStats = { commits: 0, jobs: 0 };
 
   constructor(
-    private readonly client: Client,
+    private readonly db: BatchRunner,
     private readonly lazyMs = 5,
   ) {}
 
   /** Run `statements` as one unit in the next group transaction; resolves with their results once committed. */
-  run(statements: InStatement[], opts: { lazy?: boolean } = {}): Promise<ResultSet[]> {
+  run(statements: InStatement[], opts: { lazy?: boolean } = {}): Promise<PlainResult[]> {
     if (statements.length === 0) return Promise.resolve([]);
     return new Promise((resolve, reject) => {
       this.queue.push({ statements, resolve, reject });
@@ -83,10 +89,7 @@ export class SerialWriter {
     this.stats.commits++;
     this.stats.jobs += jobs.length;
     try {
-      const results = await this.client.batch(
-        jobs.flatMap((j) => j.statements),
-        "write",
-      );
+      const results = await this.db.batch(jobs.flatMap((j) => j.statements));
       let i = 0;
       for (const job of jobs) {
         job.resolve(results.slice(i, i + job.statements.length));
@@ -97,7 +100,7 @@ export class SerialWriter {
       // One bad job must not sink the others: run each alone, in order.
       for (const job of jobs) {
         try {
-          job.resolve(await this.client.batch(job.statements, "write"));
+          job.resolve(await this.db.batch(job.statements));
         } catch (e) {
           job.reject(e);
         }
