@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
 import pino from "pino";
-import { createEmbeddedBroker, type Broker } from "../broker/index.ts";
+import { BrokerStoreTooNew, createEmbeddedBroker, LibsqlPersistence, type Broker } from "../broker/index.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "broker-sessions-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -133,6 +133,34 @@ describe("the libSQL broker persistence", () => {
     // The oldest are kept (Mosquitto's max_queued_messages drops the newest the same way).
     expect(await got).toEqual(["m0", "m1", "m2", "m3", "m4"]);
     await waitForRows(path, 0);
+  });
+});
+
+describe("broker.db from other code", () => {
+  test("a broker.db written by newer code is refused with its version, and left untouched", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const db = createClient({ url: `file:${path}` });
+    await db.execute("CREATE TABLE future (x)");
+    await db.execute("PRAGMA user_version = 99");
+    db.close();
+    const p = new LibsqlPersistence({ path });
+    const err = await p.setup({ id: "b" }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(BrokerStoreTooNew);
+    expect((err as BrokerStoreTooNew).version).toBe(99);
+    const after = createClient({ url: `file:${path}` });
+    try {
+      expect((await after.execute("PRAGMA user_version")).rows[0]![0]).toBe(99);
+      expect((await after.execute("PRAGMA journal_mode")).rows[0]![0]).toBe("delete");
+      const tables = (await after.execute("SELECT name FROM sqlite_master WHERE type = 'table'")).rows.map(
+        (r) => r.name,
+      );
+      expect(tables).toEqual(["future"]);
+    } finally {
+      after.close();
+    }
   });
 });
 

@@ -274,6 +274,18 @@ describe("schema errors name the key path", () => {
       /must be a positive integer/,
     ],
     ["bad enum", '[fleet]\nsynchronous = "off"\n', "fleet.synchronous", /must be "full" or "normal"/],
+    [
+      "unknown broker persistence",
+      '[broker]\npersistence = "disk"\n',
+      "broker.persistence",
+      /must be "libsql" or "memory"/,
+    ],
+    [
+      "no offline queue",
+      "[broker]\nmax_offline_messages = 0\n",
+      "broker.max_offline_messages",
+      /must be a positive integer/,
+    ],
     ["small memory", agent("[agents.x.budget]\nmemory_mb = 8"), "agents.x.budget.memory_mb", /at least 16/],
     ["bad secret name", agent('secrets = ["slack-token"]'), "agents.x.secrets[0]", /environment variable name/],
   ];

@@ -26,10 +26,11 @@ async function open(path: string, synchronous: "full" | "normal"): Promise<void>
   const c = createClient({ url: path === ":memory:" ? ":memory:" : `file:${path}` });
   try {
     await c.execute("PRAGMA busy_timeout = 5000");
-    await c.execute("PRAGMA journal_mode = WAL");
-    await c.execute(`PRAGMA synchronous = ${synchronous.toUpperCase()}`);
+    // Checked before anything is written (journal mode included): a newer file stays as it was.
     const version = Number((await c.execute("PRAGMA user_version")).rows[0]?.[0] ?? 0);
     if (version > BROKER_SCHEMA_VERSION) throw Object.assign(new Error("too new"), { version });
+    await c.execute("PRAGMA journal_mode = WAL");
+    await c.execute(`PRAGMA synchronous = ${synchronous.toUpperCase()}`);
     await c.batch([...BROKER_DDL, `PRAGMA user_version = ${BROKER_SCHEMA_VERSION}`], "write");
   } catch (err) {
     c.close();
