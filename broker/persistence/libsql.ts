@@ -236,7 +236,8 @@ export class LibsqlPersistence {
     for (;;) {
       const [r] = await this.run([
         {
-          sql: `SELECT topic, packet FROM retained WHERE topic ${first ? ">=" : ">"} ? AND topic < ? ORDER BY topic LIMIT ${PAGE}`,
+          sql: `SELECT topic, packet FROM retained WHERE topic ${first ? ">=" : ">"} ? AND topic < ?
+                ORDER BY topic LIMIT ${PAGE}`,
           args: [after, upper],
         },
       ]);
@@ -349,7 +350,8 @@ export class LibsqlPersistence {
       }
       queue.push({ brokerId, brokerCounter, messageId: null });
       statements.push({
-        sql: "INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet) VALUES (?, ?, ?, NULL, ?)",
+        sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
+              VALUES (?, ?, ?, NULL, ?)`,
         args: [clientId, brokerId, brokerCounter, text],
       });
     }
@@ -395,7 +397,8 @@ export class LibsqlPersistence {
                   packet = CASE WHEN broker_id IS ?2 AND broker_counter IS ?3 THEN packet ELSE ?5 END,
                   message_id = ?4, broker_id = ?2, broker_counter = ?3
                 WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ?1
-                               AND ((broker_id IS ?2 AND broker_counter IS ?3) OR (broker_id IS NOT ?2 AND message_id = ?4))
+                               AND ((broker_id IS ?2 AND broker_counter IS ?3)
+                                    OR (broker_id IS NOT ?2 AND message_id = ?4))
                              ORDER BY seq LIMIT 1)`,
           args: [client.id, bid, bc, mid, encodePacket(packet)],
         },
@@ -437,7 +440,8 @@ export class LibsqlPersistence {
         for (;;) {
           const [r] = await self.run([
             {
-              sql: `SELECT seq, packet, message_id FROM outgoing WHERE client_id = ? AND seq > ? ORDER BY seq LIMIT ${PAGE}`,
+              sql: `SELECT seq, packet, message_id FROM outgoing WHERE client_id = ? AND seq > ?
+                    ORDER BY seq LIMIT ${PAGE}`,
               args: [client.id, after],
             },
           ]);
