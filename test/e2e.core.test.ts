@@ -371,7 +371,7 @@ describe("the core loop (one shared gateway)", () => {
 // ---------------------------------------------------------------------------------------
 describe("sandbox without namespaces", () => {
   // As root, `sandbox = "uid"` runs episodes as nobody with no pid namespace: the agent can
-  // see its parent, the gateway, but must not be able to read its environment (NOTES).
+  // see its parent, the gateway, but must not be able to read its /proc/<pid>/environ.
   test.if(IS_ROOT)(
     'with sandbox = "uid" the agent is the gateway\'s child and cannot read its /proc/<ppid>/environ',
     async () => {

@@ -20,7 +20,7 @@ const TOML =
   counterType("counter", "m/+/in", { extra: "\n[agents.counter.budget]\nepisodes_per_hour = 100\n" }) +
   throwerType("t/+/in");
 
-/** Metric families the issue asks for, by name. */
+/** Metric families /metrics must carry, by name. */
 const REQUIRED: Record<string, string> = {
   fleet_episodes_total: "counter",
   fleet_episode_duration_seconds: "histogram",

@@ -90,7 +90,10 @@ export class Effects {
           sent.push(r.id);
         }
       } catch (err) {
-        this.log.error({ err }, "publishing outbox failed; will retry");
+        this.log.error(
+          { err },
+          "publishing outbox failed; the rest stays in the outbox for the next drain (next commit or start)",
+        );
         await this.store.deleteOutbox(sent);
         this.published += sent.length;
         return;

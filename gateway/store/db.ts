@@ -1,6 +1,7 @@
 /**
  * Opening the libSQL file and the group committer. The gateway is the only writer
- * (NOTES: a failed SQLITE_BUSY statement can keep holding the write lock); everything it
+ * (a statement that failed with SQLITE_BUSY can keep holding the write lock,
+ * libsql-client-ts#352); everything it
  * writes goes through `GroupCommitter`, which folds the jobs queued in one turn of the
  * event loop into a single transaction, so one fsync covers many stimuli.
  */
@@ -91,7 +92,7 @@ export interface CommitHealth {
 export async function openDb(path: string, opts: OpenDbOptions): Promise<{ client: Client; db: Db }> {
   if (!opts.readonly) mkdirSync(dirname(path), { recursive: true });
   const client = createClient({ url: `file:${path}` });
-  // NOTES: libSQL defaults to journal_mode=delete, synchronous=FULL, busy_timeout=0.
+  // libSQL's defaults are journal_mode=delete, synchronous=FULL, busy_timeout=0: set them all.
   await client.execute(`PRAGMA busy_timeout = ${opts.busyTimeoutMs ?? 5000}`);
   if (!opts.readonly) {
     await client.execute("PRAGMA journal_mode = WAL");
