@@ -5,13 +5,13 @@
  * live next door: roster.ts (agents in memory, operator lifecycle), redeploy.ts (hot
  * reload of fleet.toml), background.ts (timers, retention, health) and status-topics.ts.
  */
-import { mkdirSync, readFileSync, writeFileSync, rmSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
 import { createEmbeddedBroker, type AuthChange, type Broker, type BrokerAuth } from "../broker/index.ts";
 import { loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
-import { commitFaultFromEnv, Store } from "./store/index.ts";
+import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { Scheduler } from "./fleet/index.ts";
 import { EpisodeExecutor } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
@@ -123,7 +123,8 @@ export class Gateway {
     this.adopt(await loadSpec(resolve(this.opts.configPath)));
     const spec = this.current.spec;
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
-    mkdirSync(this.dataDir, { recursive: true });
+    // Private to the gateway's user (0700, files 0600), older data dirs included: agents run as another uid.
+    secureDataDir(this.dataDir);
     this.store = await Store.open(join(this.dataDir, "fleet.db"), {
       synchronous: spec.fleet.synchronous,
       commitFault: commitFaultFromEnv(process.env) ?? undefined,
@@ -181,7 +182,7 @@ export class Gateway {
       gcIntervalMs: this.opts.gcIntervalMs ?? 60_000,
     });
     this.housekeeping.start();
-    writeFileSync(
+    writePrivateFile(
       join(this.dataDir, "gateway.json"),
       `${JSON.stringify({
         mqtt_port: this.broker.port,

@@ -3,7 +3,9 @@
  * and the tool gate against local HTTP and OpenAI-style servers.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { readdirSync, readFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
 import {
@@ -21,6 +23,7 @@ import {
 import { compileSpec } from "../gateway/spec/index.ts";
 import type { FleetSpec } from "../gateway/spec/index.ts";
 import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
+import { secureDataDir, writePrivateFile } from "../gateway/store/index.ts";
 
 // Subprocess tests on a busy 2-core machine: generous bounds, no timing assertions.
 setDefaultTimeout(30_000);
@@ -772,5 +775,98 @@ describe("the IPC edge", () => {
     expect(r.message).toContain("malformed");
     // The forged tool record never reached the log.
     expect(r.records.some((x) => x.k === "tool")).toBe(false);
+  });
+});
+
+// ---- what the sandbox shows of the host's files -------------------------------------------
+
+const SNOOP = fileURLToPath(new URL("./fixtures/policy/snoop.ts", import.meta.url));
+const REPO = fileURLToPath(new URL("../", import.meta.url)).replace(/\/$/, "");
+type Snooped = { ok: true; sample: string } | { ok: false; code: string };
+
+/** Run the snoop fixture on `ask` (optionally from a warm spare) and return what it saw. */
+async function snoop(spawn: SpawnOptions, ask: Record<string, string[]>, pool?: SparePool) {
+  const r = await runEpisode(start("records", ask, { module: SNOOP }), LIMITS, noTools, spawn, pool);
+  if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+  return (r.state as { seen: Record<string, Snooped> }).seen;
+}
+
+const BWRAP = SANDBOXES.find(([mode]) => mode === "bwrap")?.[1];
+
+describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only what an episode needs", () => {
+  const hostTmp = mkdtempSync(join(tmpdir(), "fleet-snoop-"));
+  const hostFile = join(hostTmp, "private.txt");
+  writeFileSync(hostFile, "host tmp");
+  chmodSync(hostTmp, 0o755);
+  chmodSync(hostFile, 0o644);
+  afterAll(() => rmSync(hostTmp, { recursive: true, force: true }));
+
+  const ask = {
+    read: [
+      SNOOP,
+      join(REPO, "test/fixtures/policy/snoop-lib.ts"),
+      join(REPO, "agents/sdk/index.ts"),
+      join(REPO, "test/fixtures/policy/steady.ts"),
+      join(REPO, "test/fixtures/unit/records.ts"),
+      join(REPO, "package.json"),
+      join(REPO, "fleet.toml"),
+      hostFile,
+      "/etc/passwd",
+      "/root/.bashrc",
+    ],
+    list: ["/", REPO, join(REPO, "test/fixtures/policy")],
+    write: ["/tmp/agent-scratch.txt", SNOOP],
+  };
+
+  test.each([
+    ["started cold (its files mounted)", false],
+    ["taken from the warm spares (its files staged into the spare's root)", true],
+  ])(
+    "%s: its module, local imports and the SDK are readable; other agents, the project, host /tmp and /etc are not",
+    async (_how, warm) => {
+      const pool = warm ? new SparePool(1, BWRAP!) : undefined;
+      try {
+        if (pool) {
+          pool.take(LIMITS); // primes a spare for these limits
+          await waitUntil(() => pool.pids().length > 0, "a spare is up");
+        }
+        const before = pool ? new Set(pool.pids()) : null;
+        const seen = await snoop(BWRAP!, ask, pool);
+        if (before) expect(pool!.pids().some((p) => before.has(p))).toBe(false); // the episode used the spare
+        const ok = (k: string) => seen[k]?.ok === true;
+        expect(ok(`read ${SNOOP}`)).toBe(true);
+        expect(ok(`read ${join(REPO, "test/fixtures/policy/snoop-lib.ts")}`)).toBe(true);
+        expect(ok(`read ${join(REPO, "agents/sdk/index.ts")}`)).toBe(true);
+        for (const hidden of ask.read.slice(3))
+          expect({ hidden, seen: seen[`read ${hidden}`] }).toEqual({ hidden, seen: { ok: false, code: "ENOENT" } });
+        // The folder of the agent holds only its own two files; the project root only the runtime's folders.
+        const listed = (p: string) => (seen[`list ${p}`] as { sample: string }).sample.split(",").sort();
+        expect(listed(join(REPO, "test/fixtures/policy"))).toEqual(["snoop-lib.ts", "snoop.ts"]);
+        expect(listed(REPO)).not.toContain("package.json");
+        expect(listed("/")).not.toContain("etc");
+        expect(listed("/")).not.toContain("root");
+        // A private /tmp it can write; the module itself it cannot.
+        expect(seen["write /tmp/agent-scratch.txt"]).toEqual({ ok: true, sample: "written" });
+        expect(existsSync("/tmp/agent-scratch.txt")).toBe(false);
+        expect(seen[`write ${SNOOP}`]).toMatchObject({ ok: false });
+      } finally {
+        await pool?.close();
+      }
+    },
+  );
+});
+
+describe.if(process.getuid?.() === 0)("without namespaces (sandbox uid)", () => {
+  test("a 0600 file in a 0700 directory (the data dir) is out of reach of the episode's uid", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-datadir-"));
+    try {
+      secureDataDir(dir);
+      writePrivateFile(join(dir, "gateway.json"), '{"secret":true}');
+      const seen = await snoop(defaultSpawnOptions("uid"), { read: [join(dir, "gateway.json")], list: [dir] });
+      expect(seen[`read ${join(dir, "gateway.json")}`]).toEqual({ ok: false, code: "EACCES" });
+      expect(seen[`list ${dir}`]).toEqual({ ok: false, code: "EACCES" });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -5,7 +5,8 @@
  */
 import { readdir, readFile } from "node:fs/promises";
 import type { ParentMessage } from "../../agents/protocol.ts";
-import { CHILD_ENV, hostCommand, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+import { CHILD_ENV, hostCommand, hostRuntime, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+import { agentBinds, type AgentFiles, StagingRoot, stageable } from "./sandbox-view.ts";
 
 async function childrenOf(pid: number): Promise<number[]> {
   try {
@@ -80,6 +81,8 @@ export class HostProcess {
     readonly key: string,
     cmd: string[],
     spawnOpts: SpawnOptions,
+    /** A warm spare's staging root (bubblewrap): the agent's files are linked in by `prepare`. */
+    private readonly root: StagingRoot | null = null,
   ) {
     this.proc = Bun.spawn(cmd, {
       env: { ...CHILD_ENV },
@@ -111,9 +114,25 @@ export class HostProcess {
     })();
   }
 
-  /** A host process started cold (no spare), keyed by nothing. */
-  static start(limits: ProcessLimits, spawnOpts: SpawnOptions): HostProcess {
-    return new HostProcess("", hostCommand(limits, spawnOpts), spawnOpts);
+  /** A host process started cold (no spare) for an agent whose files are mounted directly. */
+  static start(limits: ProcessLimits, spawnOpts: SpawnOptions, files: AgentFiles | null): HostProcess {
+    return new HostProcess("", hostCommand(limits, spawnOpts, { binds: files ? agentBinds(files) : [] }), spawnOpts);
+  }
+
+  /** A warm spare: under bubblewrap its root is an empty staging directory until `prepare`. */
+  static spare(key: string, limits: ProcessLimits, spawnOpts: SpawnOptions): HostProcess {
+    const root = spawnOpts.bwrap ? new StagingRoot(hostRuntime(spawnOpts)) : null;
+    try {
+      return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}), spawnOpts, root);
+    } catch (err) {
+      root?.remove();
+      throw err;
+    }
+  }
+
+  /** Show the agent's files inside a spare's sandbox (a cold process already mounts them). */
+  prepare(files: AgentFiles | null): void {
+    if (this.root && files) this.root.stage(files);
   }
 
   /** Route messages to `fn`, replaying what arrived before. */
@@ -137,6 +156,7 @@ export class HostProcess {
   async kill(): Promise<void> {
     killGroup(this.pid);
     await this.proc.exited;
+    this.root?.remove();
     liveEpisodeGroups.delete(this.pid);
     allHostGroups.delete(this.pid);
   }
@@ -158,13 +178,17 @@ export class SparePool {
     private readonly spawnOpts: SpawnOptions,
   ) {}
 
-  /** A ready spare for these limits, or null; a replacement starts in the background. */
-  take(limits: ProcessLimits): HostProcess | null {
+  /**
+   * A ready spare for these limits, or null; a replacement starts in the background. An agent
+   * whose files a staging root cannot show (under /tmp, hidden by the private tmpfs) starts cold.
+   */
+  take(limits: ProcessLimits, files: AgentFiles | null = null): HostProcess | null {
     const key = hostCommand(limits, this.spawnOpts).join(" ");
     for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
     this.spares = this.spares.filter((h) => h.alive);
     const i = this.spares.findIndex((h) => h.key === key);
-    const found = i >= 0 ? this.spares.splice(i, 1)[0]! : null;
+    const usable = i >= 0 && (files === null || !this.spawnOpts.bwrap || stageable(files));
+    const found = usable ? this.spares.splice(i, 1)[0]! : null;
     this.refill(limits, key);
     return found;
   }
@@ -176,7 +200,7 @@ export class SparePool {
     this.spares = this.spares.filter((x) => x.key === key);
     while (this.spares.length < this.size) {
       try {
-        this.spares.push(new HostProcess(key, hostCommand(limits, this.spawnOpts), this.spawnOpts));
+        this.spares.push(HostProcess.spare(key, limits, this.spawnOpts));
       } catch {
         return;
       }

@@ -8,7 +8,9 @@
  */
 import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
 import { HostProcess, rssMb, type SparePool } from "./host-process.ts";
+import { HOST_PATHS } from "../../agents/host/index.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
+import { agentFiles } from "./sandbox-view.ts";
 
 // Callers (episode executor, replay, gateway, tests, benches) import the whole runner surface from here.
 export {
@@ -80,10 +82,14 @@ export async function runEpisode(
     settle();
   };
 
-  let host: HostProcess;
+  let taken: HostProcess | null = null;
   try {
-    host = pool?.take(limits) ?? HostProcess.start(limits, spawnOpts);
+    // Under bubblewrap the sandbox shows the agent's own files and nothing else of the project.
+    const files = spawnOpts.bwrap ? agentFiles(start.module, HOST_PATHS) : null;
+    taken = pool?.take(limits, files) ?? HostProcess.start(limits, spawnOpts, files);
+    taken.prepare(files);
   } catch (err) {
+    await taken?.kill();
     return {
       ok: false,
       kind: "crashed",
@@ -92,6 +98,7 @@ export async function runEpisode(
       ms: performance.now() - began,
     };
   }
+  const host = taken;
   let sent = false;
   host.attach((raw) => {
     const msg = parseChildMessage(raw, { replay: start.replay !== null });

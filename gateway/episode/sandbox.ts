@@ -4,7 +4,8 @@
  * Pure of process state except the one-time bubblewrap probe; spawning lives in
  * ./host-process.ts.
  */
-import { HOST_ENTRY as HOST } from "../../agents/host/index.ts";
+import { HOST_ENTRY as HOST, HOST_PATHS } from "../../agents/host/index.ts";
+import { bindArgs, runtimeBinds, type Bind, type StagingRoot } from "./sandbox-view.ts";
 
 /** How subprocesses are started; injected so tests and benches can vary it. */
 export interface SpawnOptions {
@@ -32,21 +33,22 @@ export interface ProcessLimits {
   readonly maxProcesses: number;
 }
 
-/** Bubblewrap flags: own pid/net/ipc/uts namespaces, read-only root, dies with the gateway. */
+/**
+ * Bubblewrap flags besides the file system: own pid/net/ipc/uts namespaces, and the sandbox
+ * dies with the gateway (no idle bwrap left behind when the gateway is killed with -9).
+ */
 export const BWRAP_ARGS: readonly string[] = Object.freeze([
-  "--ro-bind",
-  "/",
-  "/",
-  "--dev",
-  "/dev",
-  "--proc",
-  "/proc",
   "--unshare-pid",
   "--unshare-net",
   "--unshare-ipc",
   "--unshare-uts",
   "--die-with-parent",
+  "--chdir",
+  "/",
 ]);
+
+/** The file system every sandbox gets besides its binds: a fresh /dev, its own /proc, a private tmpfs /tmp. */
+const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
 
 /**
  * MB of RLIMIT_DATA granted above `memory_mb`. Bun itself maps a few hundred MB of private
@@ -64,7 +66,8 @@ let bwrapWorks: boolean | null = null;
 /** Whether bubblewrap can create the namespaces we ask for here (probed once). */
 function probeBwrap(bwrap: string): boolean {
   if (bwrapWorks === null) {
-    const r = Bun.spawnSync([bwrap, ...BWRAP_ARGS, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
+    const args = [...bindArgs(runtimeBinds(process.execPath, HOST_PATHS)), ...BWRAP_FS, ...BWRAP_ARGS];
+    const r = Bun.spawnSync([bwrap, ...args, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
     bwrapWorks = r.exitCode === 0;
   }
   return bwrapWorks;
@@ -97,7 +100,9 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto"): SpawnOptions {
 export function describeSandbox(o: SpawnOptions): string {
   const parts = [
     o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway",
-    o.bwrap ? "bubblewrap (pid/net/ipc namespaces, read-only root)" : "no namespaces",
+    o.bwrap
+      ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"
+      : "no namespaces",
     o.prlimit ? "rlimits" : "no rlimits",
   ];
   return parts.join(", ");
@@ -115,14 +120,51 @@ export const CHILD_ENV: Readonly<Record<string, string>> = Object.freeze({
   PWD: "/",
 });
 
+/**
+ * What one sandbox shows besides the runtime: a staging root (a warm spare, whose agent's
+ * files are linked in later) and/or binds (a cold start's agent files).
+ */
+export interface SandboxView {
+  readonly root?: StagingRoot;
+  readonly binds?: readonly Bind[];
+}
+
+const runtimeCache = new Map<string, Bind[]>();
+/** The runtime binds for `bun <script>` (cached: they depend on the paths only). */
+export function runtimeFor(bun: string, script: string): Bind[] {
+  const key = `${bun}\0${script}`;
+  let binds = runtimeCache.get(key);
+  if (!binds) {
+    const inHost = HOST_PATHS.some((p) => script === p || script.startsWith(`${p}/`));
+    binds = runtimeBinds(bun, inHost ? HOST_PATHS : [...HOST_PATHS, script]);
+    runtimeCache.set(key, binds);
+  }
+  return binds;
+}
+
 /** The prlimit/bwrap command line that runs `bun <script>` with these limits. */
-export function sandboxCommand(script: string, limits: ProcessLimits, spawnOpts: SpawnOptions): string[] {
+export function sandboxCommand(
+  script: string,
+  limits: ProcessLimits,
+  spawnOpts: SpawnOptions,
+  view: SandboxView = {},
+): string[] {
   const cmd = [spawnOpts.bun, script];
-  if (spawnOpts.bwrap) cmd.unshift(spawnOpts.bwrap, ...BWRAP_ARGS, "--");
+  if (spawnOpts.bwrap)
+    cmd.unshift(
+      spawnOpts.bwrap,
+      ...(view.root?.args() ?? []),
+      // A staging root already holds the runtime's symlinks (it is read-only inside).
+      ...bindArgs(runtimeFor(spawnOpts.bun, script).filter((b) => !view.root || b.kind !== "symlink")),
+      ...BWRAP_FS,
+      ...bindArgs(view.binds ?? []),
+      ...BWRAP_ARGS,
+      "--",
+    );
   if (spawnOpts.prlimit) {
     const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
-    // RLIMIT_CPU backstop: an agent spinning after its gateway died (kill -9, no bwrap
-    // --die-with-parent) would run forever; CPU time can exceed wall time only by its threads.
+    // RLIMIT_CPU backstop: an agent spinning after its gateway died would run until
+    // --die-with-parent or the disconnect handler stops it; CPU time can exceed wall time only by its threads.
     const cpuSeconds = 2 * Math.ceil(limits.timeoutMs / 1000) + 2;
     cmd.unshift(
       spawnOpts.prlimit,
@@ -136,6 +178,11 @@ export function sandboxCommand(script: string, limits: ProcessLimits, spawnOpts:
 }
 
 /** The prlimit/bwrap command line for an agents/host/main.ts process with these limits. */
-export function hostCommand(limits: ProcessLimits, spawnOpts: SpawnOptions): string[] {
-  return sandboxCommand(HOST, limits, spawnOpts);
+export function hostCommand(limits: ProcessLimits, spawnOpts: SpawnOptions, view: SandboxView = {}): string[] {
+  return sandboxCommand(HOST, limits, spawnOpts, view);
+}
+
+/** The runtime binds of the host process (a staging root needs their mount points). */
+export function hostRuntime(spawnOpts: SpawnOptions): Bind[] {
+  return runtimeFor(spawnOpts.bun, HOST);
 }
