@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, mkdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { TestFleet, cleanupAll, publishQos1, subscribe, type Subscription } from "./helpers/gateway.ts";
+import { ROOT, TestFleet, cleanupAll, publishQos1, subscribe, waitFor, type Subscription } from "./helpers/gateway.ts";
 import { agentBlock, fleetHeader, policyAgent } from "./helpers/policy.ts";
 
 const IS_ROOT = process.getuid?.() === 0;
@@ -95,4 +95,68 @@ describe("an agent cannot read the database, the gateway's files or other agents
     },
     60_000,
   );
+});
+
+describe("what an episode sends is parsed and bounded in the gateway", () => {
+  let fleet: TestFleet;
+  let client: MqttClient;
+  const RAW = join(ROOT, "test/fixtures/unit/raw-ipc.ts");
+  const retry = "retry = { max_attempts = 2, backoff_ms = 0 }\n";
+
+  beforeAll(async () => {
+    fleet = new TestFleet(
+      fleetHeader("e2e-sandbox-ipc") +
+        agentBlock("raw", RAW, { extra: retry }) +
+        agentBlock("steady", policyAgent("steady")),
+    );
+    await fleet.start();
+    client = await fleet.mqtt();
+  }, 60_000);
+
+  afterAll(async () => {
+    await fleet?.dispose();
+  }, 60_000);
+
+  /** Wait until `agent`'s only stimulus is quarantined; returns its failed episodes. */
+  async function quarantined(agent: string) {
+    const stim = await waitFor(
+      async () =>
+        (
+          await fleet.query<{ state: string; attempts: number }>(
+            "SELECT state, attempts FROM stimuli WHERE agent = ?",
+            [agent],
+          )
+        ).find((s) => s.state === "quarantined"),
+      30_000,
+      `quarantine of ${agent}'s stimulus`,
+    );
+    expect(stim.attempts).toBe(2);
+    return fleet.episodes(agent);
+  }
+
+  test("a log record with an invalid level is a recorded protocol failure, retried, then quarantined", async () => {
+    await publishQos1(client, "raw/badlog/in", { id: "l1", records: [{ k: "log", level: "shout", msg: "boom" }] });
+    const eps = await quarantined("raw/badlog");
+    expect(eps.map((e) => [e.status, e.error_kind])).toEqual([
+      ["failed", "protocol"],
+      ["failed", "protocol"],
+    ]);
+    const shown = await fleet.cli("show", eps[0]!.id);
+    expect(shown.json.events.at(-1)).toMatchObject({ kind: "failure", data: { kind: "protocol" } });
+    expect(shown.json.events.at(-1).data.message).toContain(`"level":"shout"`);
+  }, 60_000);
+
+  test("a 64 MB message is refused as too_large and nothing of it reaches the database or the log", async () => {
+    await publishQos1(client, "raw/huge/in", { id: "h1", huge_mb: 64 });
+    const eps = await quarantined("raw/huge");
+    expect(eps.map((e) => e.error_kind)).toEqual(["too_large", "too_large"]);
+    const [{ n }] = (await fleet.query<{ n: number }>(
+      "SELECT coalesce(max(length(data)), 0) AS n FROM events WHERE episode IN (SELECT id FROM episodes WHERE agent = 'raw/huge')",
+    )) as [{ n: number }];
+    expect(n).toBeLessThan(4096);
+    // The fleet goes on.
+    const outs = await subscribe(client, "fleet/agents/steady/+/out");
+    await publishQos1(client, "steady/a/in", { id: "after" });
+    await outs.next((m) => m.json?.data?.id === "after", 20_000, "steady's out after the hostile episodes");
+  }, 60_000);
 });

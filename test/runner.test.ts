@@ -776,6 +776,50 @@ describe("the IPC edge", () => {
     // The forged tool record never reached the log.
     expect(r.records.some((x) => x.k === "tool")).toBe(false);
   });
+
+  test("a 64 MB message fails the episode as too_large once the cap is read, without the gateway buffering it", async () => {
+    const rssBefore = process.memoryUsage().rss;
+    const r = await run(start("raw-ipc", { huge_mb: 64 }));
+    const f = expectFailure(r, "too_large");
+    expect(f.message).toContain(`exceeded ${LIMITS.maxRecordBytes + 64 * 1024} bytes`);
+    // Refused after at most the cap plus one pipe read, not after 64 MB.
+    const refusedAfter = Number(/refused after (\d+) bytes/.exec(f.message)?.[1]);
+    expect(refusedAfter).toBeGreaterThan(LIMITS.maxRecordBytes);
+    expect(refusedAfter).toBeLessThan(LIMITS.maxRecordBytes + 2 * 1024 * 1024);
+    expect(f.records).toEqual([]);
+    // Growth well below the message's size (Bun's ipc channel held it whole, ~1 GB for the gateway).
+    expect(process.memoryUsage().rss - rssBefore).toBeLessThan(48 * 1024 * 1024);
+  });
+
+  test("records that pass the per-message cap but not the episode's total fail as too_large", async () => {
+    const r = await run(start("raw-ipc", { chunks: 12, chunk_mb: 1 }));
+    const f = expectFailure(r, "too_large");
+    expect(f.message).toContain(`records exceed ${LIMITS.maxRecordBytes} bytes`);
+    expect(f.records.length).toBeLessThanOrEqual(8);
+  });
+
+  test.each([
+    ["a log record with an unknown level", { k: "log", level: "shout", msg: "x" }],
+    ["a log line longer than MAX_LOG_CHARS", { k: "log", level: "info", msg: "z".repeat(5000) }],
+    ["a now record that is not a number", { k: "now", v: "soon" }],
+    ["a random record outside [0, 1)", { k: "random", v: 7 }],
+    ["a decide record without a name", { k: "decide", data: 1 }],
+    ["an unknown record kind", { k: "exfiltrate", data: 1 }],
+  ])("%s fails the episode as protocol, naming what was sent", async (_what, record) => {
+    const r = expectFailure(await run(start("raw-ipc", { records: [record] })), "protocol");
+    expect(r.message).toContain("malformed");
+    expect(r.message).toContain(JSON.stringify(record).slice(0, 40));
+    expect(r.records).toEqual([]);
+  });
+});
+
+describe("the IPC channel", () => {
+  test("an agent's console.log on stdout cannot speak the protocol", async () => {
+    const r = await run(start("stdout-forger"));
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    expect(r.state).toEqual({ honest: true });
+    expect(r.records).toEqual([{ k: "emit", data: "from ctx" }]);
+  });
 });
 
 // ---- what the sandbox shows of the host's files -------------------------------------------

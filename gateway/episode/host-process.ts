@@ -4,7 +4,8 @@
  * groups the gateway kills on shutdown, and the RSS scan of a process tree.
  */
 import { readdir, readFile } from "node:fs/promises";
-import type { ParentMessage } from "../../agents/protocol.ts";
+import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
+import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
 import { CHILD_ENV, hostCommand, hostRuntime, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
 import { agentBinds, type AgentFiles, StagingRoot, stageable } from "./sandbox-view.ts";
 
@@ -40,6 +41,13 @@ export async function rssMb(pid: number): Promise<number | null> {
   return seen > 0 ? total : null;
 }
 
+/** What a listener gets: a parsed line (or MALFORMED, or an oversize marker) and its size in bytes. */
+export type Listener = (raw: unknown, bytes: number) => void;
+
+/** Key of the marker object delivered in place of a message that exceeded the cap. */
+export const OVERSIZE: unique symbol = Symbol("oversize");
+export { MALFORMED };
+
 /** Process groups of episodes running now; the gateway kills them all on shutdown. */
 export const liveEpisodeGroups = new Set<number>();
 
@@ -73,9 +81,13 @@ export class HostProcess {
   readonly pid: number;
   stderrTail = "";
   readonly stderrDone: Promise<void>;
-  private listener: ((raw: unknown) => void) | null = null;
-  private early: unknown[] = [];
+  private listener: Listener | null = null;
+  private early: [unknown, number][] = [];
+  /** Largest message accepted from the child, in bytes (set per episode by `attach`; a spare only says "ready"). */
+  private maxMessageBytes = 64 * 1024;
   readyAt: number | null = null;
+  /** Our end of the child's channel. */
+  private readonly channel: Pump;
 
   constructor(
     readonly key: string,
@@ -88,18 +100,22 @@ export class HostProcess {
       env: { ...CHILD_ENV },
       cwd: "/",
       detached: true,
-      stdin: "ignore",
-      stdout: "ignore",
-      stderr: "pipe",
-      serialization: "json",
+      // stdin: gateway -> child; fd 3: child -> gateway (CHILD_CHANNEL_FD), both one JSON message per line.
+      // stdout is not read: an agent's console.log must not be able to speak the protocol.
+      stdio: ["pipe", "ignore", "pipe", "pipe"],
       ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
-      ipc: (raw) => {
-        if ((raw as { t?: unknown })?.t === "ready" && this.readyAt === null) this.readyAt = performance.now();
-        if (this.listener) this.listener(raw);
-        else this.early.push(raw);
-      },
     });
     this.pid = this.proc.pid;
+    const deliver = (raw: unknown, bytes: number): void => {
+      if ((raw as { t?: unknown })?.t === "ready" && this.readyAt === null) this.readyAt = performance.now();
+      if (this.listener) this.listener(raw, bytes);
+      else this.early.push([raw, bytes]);
+    };
+    const reader = new LineReader(() => this.maxMessageBytes, {
+      message: deliver,
+      oversize: (bytes, cap) => deliver({ [OVERSIZE]: true, bytes, cap }, bytes),
+    });
+    this.channel = pump(this.proc.stdio[3] as unknown as number, reader);
     allHostGroups.add(this.pid);
     // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
     const stderr = this.proc.stderr as ReadableStream<Uint8Array>;
@@ -135,16 +151,26 @@ export class HostProcess {
     if (this.root && files) this.root.stage(files);
   }
 
-  /** Route messages to `fn`, replaying what arrived before. */
-  attach(fn: (raw: unknown) => void): void {
+  /**
+   * Route messages to `fn`, replaying what arrived before. `fn` gets each message's size; a
+   * message past `maxMessageBytes` is never buffered whole: `fn` gets an `oversize` marker instead.
+   */
+  attach(fn: Listener, maxMessageBytes: number): void {
     liveEpisodeGroups.add(this.pid);
+    this.maxMessageBytes = maxMessageBytes;
     this.listener = fn;
-    for (const m of this.early.splice(0)) fn(m);
+    for (const [m, bytes] of this.early.splice(0)) fn(m, bytes);
   }
 
-  /** Send one IPC message to the child. */
+  /** Send one message to the child (a child that is gone is reported by its exit, not here). */
   send(msg: ParentMessage): void {
-    this.proc.send(msg);
+    const stdin = this.proc.stdin as import("bun").FileSink;
+    try {
+      stdin.write(encodeMessage(msg));
+      void Promise.resolve(stdin.flush()).catch(() => undefined);
+    } catch {
+      // EPIPE: the child died; its exit ends the episode
+    }
   }
 
   /** Neither exited nor killed by a signal yet. */
@@ -156,6 +182,9 @@ export class HostProcess {
   async kill(): Promise<void> {
     killGroup(this.pid);
     await this.proc.exited;
+    this.channel.stop();
+    await this.channel.done;
+    void Promise.resolve((this.proc.stdin as import("bun").FileSink).end()).catch(() => undefined);
     this.root?.remove();
     liveEpisodeGroups.delete(this.pid);
     allHostGroups.delete(this.pid);

@@ -7,7 +7,7 @@
  * The isolation itself is ./sandbox.ts; spawning, spares and kills are ./host-process.ts.
  */
 import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
-import { HostProcess, rssMb, type SparePool } from "./host-process.ts";
+import { HostProcess, MALFORMED, OVERSIZE, rssMb, type SparePool } from "./host-process.ts";
 import { HOST_PATHS } from "../../agents/host/index.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
 import { agentFiles } from "./sandbox-view.ts";
@@ -35,7 +35,9 @@ export type FailureKind =
   | "invalid_module"
   | "invalid_state"
   | "flood"
-  | "protocol";
+  | "protocol"
+  /** The subprocess sent more bytes than the gateway accepts (one message, or the episode's records in all). */
+  | "too_large";
 
 /** What a run produced. `records` holds what arrived before the end, even on failure. */
 export type RunResult =
@@ -58,8 +60,12 @@ export type ToolHandler = (
 /** Sandbox and limits for one run: the subprocess's OS limits plus what the runner enforces on its output. */
 export interface RunLimits extends ProcessLimits {
   readonly maxRecords: number;
+  /** Bytes of all records of one episode (events, outputs, logs, tool calls); also the cap of its state. */
   readonly maxRecordBytes: number;
 }
+
+/** Room for the envelope around records (the child counts the records alone). */
+const ENVELOPE_BYTES = 64 * 1024;
 
 /** Run one episode to completion or failure. Never throws. */
 export async function runEpisode(
@@ -100,9 +106,31 @@ export async function runEpisode(
   }
   const host = taken;
   let sent = false;
-  host.attach((raw) => {
+  // Enforced here, in the gateway, while the bytes arrive: the child's own limits are the agent's to break.
+  const maxBytes = limits.maxRecordBytes + ENVELOPE_BYTES;
+  let recordBytes = 0;
+  const countRecords = (bytes: number): boolean => {
+    recordBytes += bytes;
+    if (recordBytes <= maxBytes) return true;
+    finish({ ok: false, kind: "too_large", message: `the episode's records exceed ${limits.maxRecordBytes} bytes` });
+    return false;
+  };
+  host.attach((raw, bytes) => {
+    if (raw === MALFORMED)
+      return finish({ ok: false, kind: "protocol", message: "subprocess sent a line that is not JSON" });
+    if (typeof raw === "object" && raw !== null && OVERSIZE in raw)
+      return finish({
+        ok: false,
+        kind: "too_large",
+        message: `a message from the subprocess exceeded ${maxBytes} bytes (refused after ${bytes} bytes; nothing of it kept)`,
+      });
     const msg = parseChildMessage(raw, { replay: start.replay !== null });
-    if (!msg) return finish({ ok: false, kind: "protocol", message: "subprocess sent a malformed message" });
+    if (!msg)
+      return finish({
+        ok: false,
+        kind: "protocol",
+        message: `subprocess sent a malformed message: ${String(JSON.stringify(raw)).slice(0, 300)}`,
+      });
     switch (msg.t) {
       case "ready":
         if (!sent) {
@@ -111,11 +139,13 @@ export async function runEpisode(
         }
         return;
       case "records":
+        if (!countRecords(bytes)) return;
         records.push(...msg.records);
         if (records.length > limits.maxRecords)
           finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
         return;
       case "tool":
+        if (!countRecords(bytes)) return;
         // The gateway, not the child, writes the tool record: the child cannot forge a result.
         void onTool(msg.call, msg.tool, msg.args)
           .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
@@ -137,7 +167,7 @@ export async function runEpisode(
         return never;
       }
     }
-  });
+  }, maxBytes);
 
   const pid = host.pid;
   const timer = setTimeout(
