@@ -23,7 +23,9 @@ import {
   describeSandbox,
   killAllEpisodes,
   liveEpisodeGroups,
+  SandboxLedger,
   SparePool,
+  weakSandboxWarning,
   type SpawnOptions,
 } from "./episode/index.ts";
 import { startHttp, type HttpServer } from "./http/index.ts";
@@ -326,13 +328,21 @@ export class Gateway {
 
   /** Spawning, the episode executor, the scheduler, the roster and intake, wired to each other. */
   private buildPipeline(spec: FleetSpec): void {
-    this.spawnOptions = this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox);
-    if (this.spawnOptions.uid === null && !this.spawnOptions.bwrap) {
+    // Sandboxes a kill -9 of the previous run of this data dir left behind are reaped first.
+    const ledger = new SandboxLedger(join(this.dataDir, "sandboxes"));
+    const swept = ledger.sweep();
+    if (swept.ownerAlive) throw new Error(`another gateway is running on the data dir ${this.dataDir}`);
+    if (swept.killed.length > 0 || swept.roots > 0)
       this.log.warn(
-        "agent subprocesses are NOT isolated from the gateway (not root, no " +
-          "bubblewrap): they run with its uid and could read its /proc environ",
+        { groups: swept.killed, roots: swept.roots },
+        `reaped ${swept.killed.length} sandbox process group(s) and ${swept.roots} staging folder(s) ` +
+          "left by a previous run",
       );
-    }
+    const base =
+      this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox, { allowWeak: spec.fleet.allow_weak_sandbox });
+    this.spawnOptions = { ...base, ledger };
+    const weak = weakSandboxWarning(this.spawnOptions);
+    if (weak) this.log.warn(weak);
     this.spares = new SparePool(spec.fleet.warm_spares, this.spawnOptions);
     const executor = new EpisodeExecutor({
       store: this.store,

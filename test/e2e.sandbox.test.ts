@@ -4,11 +4,24 @@
  * real sandboxed episode subprocesses (bubblewrap + uid 65534 when run as root), real libSQL file.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, mkdirSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { ROOT, TestFleet, cleanupAll, publishQos1, subscribe, waitFor, type Subscription } from "./helpers/gateway.ts";
+import {
+  ROOT,
+  TestFleet,
+  alive,
+  cleanupAll,
+  cpuTicks,
+  fixture,
+  publishQos1,
+  reap,
+  subscribe,
+  waitFor,
+  type Subscription,
+} from "./helpers/gateway.ts";
 import { agentBlock, fleetHeader, policyAgent } from "./helpers/policy.ts";
+import { fleetHeader as loopbackHeader } from "./helpers/toml.ts";
 
 const IS_ROOT = process.getuid?.() === 0;
 const MARKER = "gateway-env-marker-7f3a";
@@ -106,7 +119,7 @@ describe("what an episode sends is parsed and bounded in the gateway", () => {
   beforeAll(async () => {
     fleet = new TestFleet(
       fleetHeader("e2e-sandbox-ipc") +
-        agentBlock("raw", RAW, { extra: retry }) +
+        agentBlock("raw", RAW, { extra: retry, budget: { episode_timeout_ms: 30_000 } }) +
         agentBlock("steady", policyAgent("steady")),
     );
     await fleet.start();
@@ -149,7 +162,10 @@ describe("what an episode sends is parsed and bounded in the gateway", () => {
   test("a 64 MB message is refused as too_large and nothing of it reaches the database or the log", async () => {
     await publishQos1(client, "raw/huge/in", { id: "h1", huge_mb: 64 });
     const eps = await quarantined("raw/huge");
-    expect(eps.map((e) => e.error_kind)).toEqual(["too_large", "too_large"]);
+    expect(eps.map((e) => [e.error_kind, e.error?.slice(0, 60)])).toEqual([
+      ["too_large", expect.stringContaining("exceeded")],
+      ["too_large", expect.stringContaining("exceeded")],
+    ]);
     const [{ n }] = (await fleet.query<{ n: number }>(
       "SELECT coalesce(max(length(data)), 0) AS n FROM events WHERE episode IN (SELECT id FROM episodes WHERE agent = 'raw/huge')",
     )) as [{ n: number }];
@@ -159,4 +175,113 @@ describe("what an episode sends is parsed and bounded in the gateway", () => {
     await publishQos1(client, "steady/a/in", { id: "after" });
     await outs.next((m) => m.json?.data?.id === "after", 20_000, "steady's out after the hostile episodes");
   }, 60_000);
+});
+
+describe("leftover sandboxes and the weak fallback", () => {
+  test.if(bwrapHere)(
+    'sandbox = "uid" is refused at start where bubblewrap works, naming what it does not isolate and how to accept it',
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-weak", { drainTimeoutMs: 5000, fleet: 'sandbox = "uid"' }),
+      );
+      try {
+        const err = await fleet.start().then(
+          () => null,
+          (e: Error) => e,
+        );
+        expect(err?.message).toContain('sandbox = "uid" is refused');
+        expect(err?.message).toContain("network");
+        expect(err?.message).toContain("allow_weak_sandbox = true");
+      } finally {
+        await fleet.dispose();
+      }
+    },
+    60_000,
+  );
+
+  test.if(IS_ROOT)(
+    "with allow_weak_sandbox = true the weak sandbox starts, and the log warns what it does not isolate",
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-weak-ok", {
+          drainTimeoutMs: 5000,
+          fleet: 'sandbox = "uid"\nallow_weak_sandbox = true',
+        }),
+      );
+      try {
+        await fleet.start();
+        const warning = readFileSync(fleet.logPath, "utf8")
+          .split("\n")
+          .find((l) => l.includes("WITHOUT namespaces"));
+        expect(warning).toBeDefined();
+        expect(warning).toContain("network");
+        expect(warning).toContain("detached children");
+      } finally {
+        await fleet.dispose();
+      }
+    },
+    60_000,
+  );
+
+  test.if(IS_ROOT)(
+    "a sandbox a kill -9 left behind (a spinning episode without namespaces) is reaped when the same data dir starts again",
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-leftover", {
+          drainTimeoutMs: 5000,
+          fleet: 'sandbox = "uid"\nallow_weak_sandbox = true',
+        }) + agentBlock("loops", fixture("loops"), { budget: { episode_timeout_ms: 60_000 } }),
+      );
+      let left: number[] = [];
+      try {
+        await fleet.start();
+        const c = await fleet.mqtt();
+        await publishQos1(c, "loops/k/in", { id: "spin" });
+        await waitFor(() => fleet.descendants().some((p) => cpuTicks(p) >= 10), 30_000, "a spinning episode");
+        left = await fleet.kill({ reap: false });
+        // Without a pid namespace nothing ties the spinning agent to its dead gateway (RLIMIT_CPU is 122 s away).
+        const spinning = left.filter((p) => alive(p) && cpuTicks(p) >= 10);
+        expect(spinning.length).toBeGreaterThan(0);
+        await fleet.start();
+        await waitFor(() => spinning.every((p) => !alive(p)), 5_000, `leftover ${spinning.join(", ")} reaped`, 50);
+        expect(readFileSync(fleet.logPath, "utf8")).toContain("left by a previous run");
+      } finally {
+        reap(left);
+        await fleet.dispose();
+      }
+    },
+    90_000,
+  );
+
+  test.if(bwrapHere)(
+    "after a kill -9 while warm spares start, nothing of the old run's sandboxes is left once the data dir starts again",
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-spares", { drainTimeoutMs: 5000, fleet: "warm_spares = 4" }) +
+          agentBlock("steady", policyAgent("steady")),
+      );
+      let left: number[] = [];
+      try {
+        await fleet.start();
+        const c = await fleet.mqtt();
+        const outs = await subscribe(c, "fleet/agents/+/+/out");
+        // Each episode takes a spare and starts its replacement: kill while replacements are being set up.
+        for (let i = 0; i < 3; i++) await publishQos1(c, "steady/a/in", { id: `w${i}` });
+        await outs.next((m) => m.json?.data?.id === "w0", 20_000, "the first episode");
+        left = await fleet.kill({ reap: false });
+        expect(left.length).toBeGreaterThan(0);
+        await fleet.start();
+        await waitFor(() => left.every((p) => !alive(p)), 10_000, `old sandboxes ${left.join(", ")} gone`, 50);
+        const roots = readFileSync(join(fleet.dataDir, "sandboxes"), "utf8")
+          .split("\n")
+          .filter((l) => l.startsWith("root "))
+          .map((l) => l.slice(5));
+        for (const r of roots) expect(readdirSync(r).length).toBeLessThanOrEqual(4 + 1);
+      } finally {
+        reap(left);
+        await fleet.dispose();
+      }
+    },
+    90_000,
+  );
 });

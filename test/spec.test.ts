@@ -92,6 +92,7 @@ describe("compileSpec", () => {
       synchronous: "full",
       sandbox: "auto",
       warm_spares: 2,
+      allow_weak_sandbox: false,
       drain_timeout_ms: 10_000,
     });
     expect(spec.broker).toEqual({

@@ -4,9 +4,11 @@
  * groups the gateway kills on shutdown, and the RSS scan of a process tree.
  */
 import { readdir, readFile } from "node:fs/promises";
+import { dirname } from "node:path";
 import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
 import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
 import { CHILD_ENV, hostCommand, hostRuntime, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+import type { SandboxLedger } from "./leftovers.ts";
 import { agentBinds, type AgentFiles, StagingRoot, stageable } from "./sandbox-view.ts";
 
 async function childrenOf(pid: number): Promise<number[]> {
@@ -86,6 +88,7 @@ export class HostProcess {
   /** Largest message accepted from the child, in bytes (set per episode by `attach`; a spare only says "ready"). */
   private maxMessageBytes = 64 * 1024;
   readyAt: number | null = null;
+  private readonly ledger: SandboxLedger | null;
   /** Our end of the child's channel. */
   private readonly channel: Pump;
 
@@ -106,6 +109,8 @@ export class HostProcess {
       ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
     });
     this.pid = this.proc.pid;
+    this.ledger = spawnOpts.ledger ?? null;
+    this.ledger?.add(this.pid);
     const deliver = (raw: unknown, bytes: number): void => {
       if ((raw as { t?: unknown })?.t === "ready" && this.readyAt === null) this.readyAt = performance.now();
       if (this.listener) this.listener(raw, bytes);
@@ -138,6 +143,7 @@ export class HostProcess {
   /** A warm spare: under bubblewrap its root is an empty staging directory until `prepare`. */
   static spare(key: string, limits: ProcessLimits, spawnOpts: SpawnOptions): HostProcess {
     const root = spawnOpts.bwrap ? new StagingRoot(hostRuntime(spawnOpts)) : null;
+    if (root) spawnOpts.ledger?.addRoot(dirname(root.dir));
     try {
       return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}), spawnOpts, root);
     } catch (err) {
@@ -186,6 +192,7 @@ export class HostProcess {
     await this.channel.done;
     void Promise.resolve((this.proc.stdin as import("bun").FileSink).end()).catch(() => undefined);
     this.root?.remove();
+    this.ledger?.remove(this.pid);
     liveEpisodeGroups.delete(this.pid);
     allHostGroups.delete(this.pid);
   }

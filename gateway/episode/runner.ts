@@ -19,12 +19,15 @@ export {
   defaultSpawnOptions,
   describeSandbox,
   hostCommand,
+  SandboxError,
   sandboxCommand,
+  weakSandboxWarning,
   type ProcessLimits,
   type SandboxMode,
   type SpawnOptions,
 } from "./sandbox.ts";
 export { killAllEpisodes, liveEpisodeGroups, SparePool } from "./host-process.ts";
+export { SandboxLedger, type Swept } from "./leftovers.ts";
 
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
 export type FailureKind =

@@ -5,6 +5,7 @@
  * ./host-process.ts.
  */
 import { HOST_ENTRY as HOST, HOST_PATHS } from "../../agents/host/index.ts";
+import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind, type StagingRoot } from "./sandbox-view.ts";
 
 /** How subprocesses are started; injected so tests and benches can vary it. */
@@ -20,6 +21,8 @@ export interface SpawnOptions {
   readonly bwrap: string | null;
   /** How often the RSS watch samples, ms. */
   readonly rssPollMs: number;
+  /** Where started host process groups and staging roots are noted, so the next start reaps leftovers. */
+  readonly ledger?: SandboxLedger;
 }
 
 /** Isolation modes of `[fleet] sandbox`. */
@@ -66,7 +69,7 @@ let bwrapWorks: boolean | null = null;
 /** Whether bubblewrap can create the namespaces we ask for here (probed once). */
 function probeBwrap(bwrap: string): boolean {
   if (bwrapWorks === null) {
-    const args = [...bindArgs(runtimeBinds(process.execPath, HOST_PATHS)), ...BWRAP_FS, ...BWRAP_ARGS];
+    const args = [...BWRAP_FS, ...bindArgs(runtimeBinds(process.execPath, HOST_PATHS)), ...BWRAP_ARGS];
     const r = Bun.spawnSync([bwrap, ...args, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
     bwrapWorks = r.exitCode === 0;
   }
@@ -78,13 +81,19 @@ function probeBwrap(bwrap: string): boolean {
  * child cannot read the gateway's /proc/<pid>/environ; bubblewrap adds its own pid, net and
  * ipc namespaces (no network: tools go through the gateway) and a read-only root.
  */
-export function defaultSpawnOptions(mode: SandboxMode = "auto"): SpawnOptions {
+export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWeak?: boolean } = {}): SpawnOptions {
   const root = process.getuid?.() === 0;
   const prlimit = which(["/usr/bin/prlimit", "/bin/prlimit"]);
-  const bwrapPath = mode === "auto" || mode === "bwrap" ? which(["/usr/bin/bwrap", "/bin/bwrap"]) : null;
-  const bwrap = bwrapPath && probeBwrap(bwrapPath) ? bwrapPath : null;
+  const bwrapPath = which(["/usr/bin/bwrap", "/bin/bwrap"]);
+  const available = bwrapPath !== null && probeBwrap(bwrapPath);
+  const bwrap = available && (mode === "auto" || mode === "bwrap") ? bwrapPath : null;
   if (mode === "bwrap" && !bwrap)
-    throw new Error('sandbox = "bwrap" but bubblewrap is not installed or cannot create namespaces here');
+    throw new SandboxError('sandbox = "bwrap" but bubblewrap is not installed or cannot create namespaces here');
+  if ((mode === "uid" || mode === "none") && available && !opts.allowWeak)
+    throw new SandboxError(
+      `sandbox = "${mode}" is refused: bubblewrap works here, and without it an agent ${WEAK_GAPS}. ` +
+        'Use sandbox = "auto", or set [fleet] allow_weak_sandbox = true to accept the weaker sandbox.',
+    );
   const dropUid = root && mode !== "none";
   return {
     bun: process.execPath,
@@ -94,6 +103,21 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto"): SpawnOptions {
     bwrap,
     rssPollMs: 50,
   };
+}
+
+/** What a sandbox without namespaces does not isolate (README "What an agent subprocess can see"). */
+export const WEAK_GAPS =
+  "can reach the network and the gateway's HTTP API and MQTT broker, keep detached children running after its episode, read the host's file system (all but the private data dir when it runs as another uid) and write host /tmp";
+
+/** A sandbox mode that cannot be used here, or is refused. */
+export class SandboxError extends Error {
+  override readonly name = "SandboxError";
+}
+
+/** The start-up warning for a sandbox without namespaces, or null when bubblewrap isolates episodes. */
+export function weakSandboxWarning(o: SpawnOptions): string | null {
+  if (o.bwrap) return null;
+  return `agent subprocesses run WITHOUT namespaces (${o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway"}): an agent ${WEAK_GAPS}${o.uid === null ? ", and read the gateway's /proc/<pid>/environ" : ""}. Install bubblewrap and use sandbox = "auto".`;
 }
 
 /** One line for the start-up log: what an episode is isolated by. */
@@ -154,9 +178,10 @@ export function sandboxCommand(
     cmd.unshift(
       spawnOpts.bwrap,
       ...(view.root?.args() ?? []),
+      // The private /tmp first, so a project (or an agent) that lives under /tmp is bound on top of it.
+      ...BWRAP_FS,
       // A staging root already holds the runtime's symlinks (it is read-only inside).
       ...bindArgs(runtimeFor(spawnOpts.bun, script).filter((b) => !view.root || b.kind !== "symlink")),
-      ...BWRAP_FS,
       ...bindArgs(view.binds ?? []),
       ...BWRAP_ARGS,
       "--",

@@ -132,6 +132,7 @@ export const fleetSchema = z.strictObject({
     drain_timeout_ms: nonNegInt(10_000),
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
     warm_spares: nonNegInt(2),
+    allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),
   }),
   broker: table({
     host: str().default("0.0.0.0"),

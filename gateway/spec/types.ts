@@ -101,6 +101,12 @@ export interface FleetSpec {
      */
     readonly sandbox: "auto" | "bwrap" | "uid" | "none";
     /**
+     * "uid" and "none" leave an agent the network, the HTTP API, the file system and detached
+     * children (README "What an agent subprocess can see"): where bubblewrap works they are
+     * refused unless this is true.
+     */
+    readonly allow_weak_sandbox: boolean;
+    /**
      * Host processes kept started ahead of need (sandboxed, no agent code or state loaded),
      * so an episode skips process start-up. Each still serves one episode. 0 = off.
      */
