@@ -21,6 +21,8 @@ import { FleetEvents } from "./events.ts";
 import {
   defaultSpawnOptions,
   describeSandbox,
+  type Degraded,
+  InfraHealth,
   killAllEpisodes,
   liveEpisodeGroups,
   SandboxLedger,
@@ -101,6 +103,8 @@ export class Gateway {
   private rechecks: Promise<void> = Promise.resolve();
   /** The broker auth in force. */
   private auth: BrokerAuth | null = null;
+  /** Whether episode subprocesses can be started (an infra failure makes the gateway degraded). */
+  private readonly infra = new InfraHealth();
   private readonly now: () => number;
 
   constructor(readonly opts: GatewayOptions) {
@@ -253,7 +257,11 @@ export class Gateway {
 
   /** `/readyz`: running, and commits are not failing for a storage reason. */
   readiness(): Readiness {
-    return readiness(this.state, this.store);
+    const r = readiness(this.state, this.store);
+    const degraded = this.infra.degraded;
+    // Episodes that cannot start (the machine's failure) make the gateway not ready too.
+    if (!r.ready || !degraded) return r;
+    return { ready: false, state: r.state, reason: `episodes cannot start: ${degraded.reason}` };
   }
 
   /** Hot redeploy (redeploy.ts): load fleet.toml again; a no-op unless the gateway runs. */
@@ -269,6 +277,11 @@ export class Gateway {
   /** Where secrets come from (tools, webhooks): the options, else the gateway's environment. */
   get secrets(): Readonly<Record<string, string | undefined>> {
     return this.opts.secrets ?? process.env;
+  }
+
+  /** Why episodes cannot start now, or null (/readyz, health). */
+  degraded(): Degraded | null {
+    return this.infra.degraded;
   }
 
   /** Episode subprocess groups alive now. */
@@ -317,6 +330,8 @@ export class Gateway {
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
       running_episodes: this.scheduler.active,
+      /** Null while episodes start; else why they cannot (the machine's failure, not the agents'). */
+      degraded: this.infra.degraded,
       /** Idle warm spare processes (no agent code or state), by process group. */
       spares: this.spares?.pids() ?? [],
       queued_stimuli: queued,
@@ -357,6 +372,7 @@ export class Gateway {
       lifecycleStamp: (a) => this.roster.lifecycleStamp(a),
       hasQueued: (a) => this.roster.queued(a) > 0,
       publishCommitted: (episode, rows) => this.effects.publishCommitted(episode, rows),
+      infra: this.infra,
     });
     this.scheduler = new Scheduler({
       maxConcurrent: spec.fleet.max_concurrent_episodes,

@@ -777,7 +777,7 @@ describe("the IPC edge", () => {
     expect(r.records.some((x) => x.k === "tool")).toBe(false);
   });
 
-  test("a 64 MB message fails the episode as too_large once the cap is read, without the gateway buffering it", async () => {
+  test("a 64 MB message fails the episode as too_large once the cap is read; the gateway buffers none", async () => {
     const rssBefore = process.memoryUsage().rss;
     const r = await run(start("raw-ipc", { huge_mb: 64 }));
     const f = expectFailure(r, "too_large");

@@ -11,6 +11,7 @@ import type { BudgetSpec, SpecVersion } from "../spec/index.ts";
 import type { Store, AgentRow, StimulusRow } from "../store/index.ts";
 import type { TurnResult } from "../types.ts";
 import { ToolGate, type ToolEnv } from "./tools/index.ts";
+import type { InfraHealth } from "./infra.ts";
 import { decodePayload, newEpisodeId, type AgentId, type NewStimulus, type StimulusId } from "../types.ts";
 import type { FleetEvents } from "../events.ts";
 import { topics } from "../protocol.ts";
@@ -33,6 +34,8 @@ export interface EpisodeDeps {
   readonly lifecycleStamp?: (agent: string) => number;
   /** Whether stimuli still wait for the agent (the gateway's in-memory count). */
   readonly hasQueued?: (agent: string) => boolean;
+  /** Infrastructure health of episode starts (an infra failure does not consume the agent's retries). */
+  readonly infra?: InfraHealth;
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (
     episode: string,
@@ -224,6 +227,8 @@ export class EpisodeExecutor {
       log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
       return { kind: "parked" };
     }
+    if (!result.ok && result.kind === "infra") return this.couldNotStart(agentId, agent, stamp, result.message, log);
+    if (this.d.infra?.started()) this.d.events.emit("infra", { state: "recovered", reason: "episodes start again" });
     if (!result.ok) {
       const quarantine = attempt >= type.retry.max_attempts;
       const retryAt = quarantine ? null : endedAt + type.retry.backoff_ms * 2 ** (attempt - 1);
@@ -322,6 +327,29 @@ export class EpisodeExecutor {
     await this.emitSettled(agentId, stamp, hash);
     for (const s of inbox) this.d.events.emit("queued", { agent: s.agent });
     return { kind: "ran", more: this.d.hasQueued?.(agentId) };
+  }
+
+  /**
+   * The episode subprocess could not start (the machine's failure, not the agent's): nothing is
+   * recorded against the agent, its stimulus stays at the head of its queue with its attempts
+   * untouched and is tried again after a backoff; the gateway reports itself degraded meanwhile.
+   */
+  private async couldNotStart(
+    agentId: string,
+    agent: AgentRow,
+    stamp: number | undefined,
+    reason: string,
+    log: Logger,
+  ): Promise<TurnResult> {
+    const now = this.d.now();
+    const waitMs = this.d.infra?.failed(reason, now) ?? 1000;
+    log.error(
+      { kind: "infra", retry_in_ms: waitMs },
+      `episode could not start (not counted against the agent): ${reason}`,
+    );
+    this.d.events.emit("infra", { state: "degraded", reason, agent: agentId, type: agent.type });
+    await this.emitSettled(agentId, stamp, agent.headHash, "waiting: the episode could not start (infrastructure)");
+    return { kind: "wait", until: now + waitMs };
   }
 
   /**

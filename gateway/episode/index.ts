@@ -2,3 +2,4 @@ export * from "./effects.ts";
 export * from "./executor.ts";
 export * from "./runner.ts";
 export * from "./tools/index.ts";
+export * from "./infra.ts";

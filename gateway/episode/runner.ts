@@ -40,7 +40,15 @@ export type FailureKind =
   | "flood"
   | "protocol"
   /** The subprocess sent more bytes than the gateway accepts (one message, or the episode's records in all). */
-  | "too_large";
+  | "too_large"
+  /**
+   * Not the agent's doing: the subprocess could not be started (out of processes, fds or memory,
+   * the sandbox failed to set up), so no agent code ran. Retries are not consumed for it.
+   */
+  | "infra";
+
+/** How long a host process may take to say "ready" before its start counts as an infrastructure failure. */
+export const STARTUP_TIMEOUT_MS = 30_000;
 
 /** What a run produced. `records` holds what arrived before the end, even on failure. */
 export type RunResult =
@@ -101,8 +109,8 @@ export async function runEpisode(
     await taken?.kill();
     return {
       ok: false,
-      kind: "crashed",
-      message: `could not start subprocess: ${String(err)}`,
+      kind: "infra",
+      message: `could not start the episode subprocess: ${String(err)}`,
       records,
       ms: performance.now() - began,
     };
@@ -118,6 +126,7 @@ export async function runEpisode(
     finish({ ok: false, kind: "too_large", message: `the episode's records exceed ${limits.maxRecordBytes} bytes` });
     return false;
   };
+  let timer: ReturnType<typeof setTimeout> | undefined;
   host.attach((raw, bytes) => {
     if (raw === MALFORMED)
       return finish({ ok: false, kind: "protocol", message: "subprocess sent a line that is not JSON" });
@@ -125,7 +134,9 @@ export async function runEpisode(
       return finish({
         ok: false,
         kind: "too_large",
-        message: `a message from the subprocess exceeded ${maxBytes} bytes (refused after ${bytes} bytes; nothing of it kept)`,
+        message:
+          `a message from the subprocess exceeded ${maxBytes} bytes ` +
+          `(refused after ${bytes} bytes; nothing of it kept)`,
       });
     const msg = parseChildMessage(raw, { replay: start.replay !== null });
     if (!msg)
@@ -138,6 +149,12 @@ export async function runEpisode(
       case "ready":
         if (!sent) {
           sent = true;
+          // The episode's own clock starts with its code: start-up time (a loaded machine) is not the agent's.
+          clearTimeout(timer);
+          timer = setTimeout(
+            () => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }),
+            limits.timeoutMs,
+          );
           host.send(start);
         }
         return;
@@ -173,10 +190,17 @@ export async function runEpisode(
   }, maxBytes);
 
   const pid = host.pid;
-  const timer = setTimeout(
-    () => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }),
-    limits.timeoutMs,
-  );
+  // A spare said "ready" long ago (attach replayed it); a cold process gets a bound on its start-up.
+  if (!sent)
+    timer = setTimeout(
+      () =>
+        finish({
+          ok: false,
+          kind: "infra",
+          message: `the episode subprocess did not start within ${STARTUP_TIMEOUT_MS} ms`,
+        }),
+      STARTUP_TIMEOUT_MS,
+    );
   // One scan at a time, and a scan that took long (a big process tree: a fork bomb) waits
   // 4x its own duration before the next, so the watch never costs the gateway more than
   // ~20% of a core however many processes the agent starts (RLIMIT_DATA is the backstop).
@@ -201,7 +225,9 @@ export async function runEpisode(
     const detail = host.stderrTail.trim().split("\n").slice(-6).join("\n");
     finish({
       ok: false,
-      kind: oom ? "oom" : "crashed",
+      // Before "ready" no agent code has run: the wrapper or the runtime could not start
+      // (EAGAIN, EMFILE, ENOMEM, bwrap set-up).
+      kind: !sent ? "infra" : oom ? "oom" : "crashed",
       message:
         `subprocess exited (code ${code}${host.proc.signalCode ? `, signal ${host.proc.signalCode}` : ""}) ` +
         `before finishing${detail ? `: ${detail}` : ""}`,

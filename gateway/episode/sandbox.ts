@@ -4,6 +4,7 @@
  * Pure of process state except the one-time bubblewrap probe; spawning lives in
  * ./host-process.ts.
  */
+import { realpathSync } from "node:fs";
 import { HOST_ENTRY as HOST, HOST_PATHS } from "../../agents/host/index.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind, type StagingRoot } from "./sandbox-view.ts";
@@ -107,7 +108,9 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWea
 
 /** What a sandbox without namespaces does not isolate (README "What an agent subprocess can see"). */
 export const WEAK_GAPS =
-  "can reach the network and the gateway's HTTP API and MQTT broker, keep detached children running after its episode, read the host's file system (all but the private data dir when it runs as another uid) and write host /tmp";
+  "can reach the network and the gateway's HTTP API and MQTT broker, keep detached children running " +
+  "after its episode, read the host's file system (all but the private data dir when it runs as another uid) " +
+  "and write host /tmp";
 
 /** A sandbox mode that cannot be used here, or is refused. */
 export class SandboxError extends Error {
@@ -117,7 +120,12 @@ export class SandboxError extends Error {
 /** The start-up warning for a sandbox without namespaces, or null when bubblewrap isolates episodes. */
 export function weakSandboxWarning(o: SpawnOptions): string | null {
   if (o.bwrap) return null;
-  return `agent subprocesses run WITHOUT namespaces (${o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway"}): an agent ${WEAK_GAPS}${o.uid === null ? ", and read the gateway's /proc/<pid>/environ" : ""}. Install bubblewrap and use sandbox = "auto".`;
+  const who = o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway";
+  const environ = o.uid === null ? ", and read the gateway's /proc/<pid>/environ" : "";
+  return (
+    `agent subprocesses run WITHOUT namespaces (${who}): an agent ${WEAK_GAPS}${environ}. ` +
+    'Install bubblewrap and use sandbox = "auto".'
+  );
 }
 
 /** One line for the start-up log: what an episode is isolated by. */
@@ -173,7 +181,8 @@ export function sandboxCommand(
   spawnOpts: SpawnOptions,
   view: SandboxView = {},
 ): string[] {
-  const cmd = [spawnOpts.bun, script];
+  // Inside bubblewrap only the real file of the Bun binary is bound, not a link to it.
+  const cmd = [spawnOpts.bwrap ? realpathSync(spawnOpts.bun) : spawnOpts.bun, script];
   if (spawnOpts.bwrap)
     cmd.unshift(
       spawnOpts.bwrap,

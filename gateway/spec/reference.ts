@@ -21,7 +21,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.sandbox":
     'How episode subprocesses are isolated: "auto" picks the strongest available (see [sandbox.md](sandbox.md)).',
   "fleet.allow_weak_sandbox":
-    'Accept sandbox = "uid" or "none" where bubblewrap works (they leave an agent the network, the file system and detached children).',
+    'Accept sandbox = "uid" or "none" where bubblewrap works ' +
+    "(they leave an agent the network, the file system and detached children).",
   "fleet.warm_spares": "Sandboxed subprocesses started ahead of need; each still serves exactly one episode.",
   broker: "The embedded MQTT broker.",
   "broker.host": "Address the MQTT listener binds.",
