@@ -2,7 +2,25 @@
  * The IPC protocol between the gateway and an episode subprocess (agents/host/main.ts).
  * Every message is parsed at the edge with `parseChildMessage` / `parseParentMessage`;
  * past that, code trusts these types.
+ *
+ * Framing: one JSON message per line (`encodeMessage`). The gateway writes to the child's
+ * stdin; the child writes to fd `CHILD_CHANNEL_FD`. The gateway reads that fd in chunks and
+ * refuses a line past its cap before buffering it (Bun's `ipc` channel buffers whole messages).
  */
+
+/** The child's end of its channel to the gateway (stdout stays the agent's, and is discarded). */
+export const CHILD_CHANNEL_FD = 3;
+
+/** Longest `ctx.log` line, in characters (the host truncates; the gateway refuses longer ones). */
+export const MAX_LOG_CHARS = 4096;
+
+/** Log levels of a `log` record. */
+export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
+
+/** One message on the wire: its JSON and a newline (JSON text never holds a raw newline). */
+export function encodeMessage(msg: ChildMessage | ParentMessage): string {
+  return `${JSON.stringify(msg)}\n`;
+}
 
 /** An agent's identity as the subprocess sees it. */
 export interface AgentRef {
@@ -81,8 +99,6 @@ export type ChildMessage =
       readonly stack?: string;
     };
 
-const RECORD_KINDS = new Set(["decide", "emit", "send", "now", "random", "log", "tool"]);
-
 function isObj(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }
@@ -99,10 +115,13 @@ export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { re
       return { t: "ready" };
     case "records": {
       if (!Array.isArray(raw.records)) return null;
-      for (const r of raw.records)
-        if (!isObj(r) || typeof r.k !== "string" || !RECORD_KINDS.has(r.k) || (r.k === "tool" && !opts.replay))
-          return null;
-      return raw as unknown as ChildMessage;
+      const records: EpisodeRecord[] = [];
+      for (const r of raw.records) {
+        const rec = parseRecord(r, opts);
+        if (!rec) return null;
+        records.push(rec);
+      }
+      return { t: "records", records };
     }
     case "tool":
       if (typeof raw.call !== "number" || typeof raw.tool !== "string" || !Array.isArray(raw.args)) return null;
@@ -115,6 +134,44 @@ export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { re
       if (!kind || typeof raw.message !== "string") return null;
       return { t: "error", kind, message: raw.message, stack: typeof raw.stack === "string" ? raw.stack : undefined };
     }
+    default:
+      return null;
+  }
+}
+
+/**
+ * One record as the child sent it, rebuilt from its known fields; null when any field is
+ * not what the kind requires (a `log` with an unknown level, a `now` that is not a number, …).
+ */
+export function parseRecord(r: unknown, opts: { replay: boolean }): EpisodeRecord | null {
+  if (!isObj(r)) return null;
+  switch (r.k) {
+    case "decide":
+      return typeof r.name === "string" ? { k: "decide", name: r.name, data: r.data ?? null } : null;
+    case "emit":
+      return { k: "emit", data: r.data ?? null };
+    case "send":
+      return typeof r.to === "string" ? { k: "send", to: r.to, data: r.data ?? null } : null;
+    case "now":
+      return typeof r.v === "number" && Number.isFinite(r.v) ? { k: "now", v: r.v } : null;
+    case "random":
+      return typeof r.v === "number" && r.v >= 0 && r.v < 1 ? { k: "random", v: r.v } : null;
+    case "log": {
+      const level = LOG_LEVELS.find((l) => l === r.level);
+      if (!level || typeof r.msg !== "string" || r.msg.length > MAX_LOG_CHARS) return null;
+      return { k: "log", level, msg: r.msg };
+    }
+    case "tool":
+      // Live, the gateway writes tool records itself: a child cannot forge a result.
+      if (!opts.replay) return null;
+      if (
+        typeof r.call !== "number" ||
+        typeof r.tool !== "string" ||
+        !Array.isArray(r.args) ||
+        typeof r.ok !== "boolean"
+      )
+        return null;
+      return { k: "tool", call: r.call, tool: r.tool, args: r.args, ok: r.ok, result: r.result ?? null };
     default:
       return null;
   }

@@ -1,5 +1,5 @@
 /**
- * The embedded broker: aedes (MQTT 3.1/3.1.1, in-memory persistence) behind the `Broker`
+ * The embedded broker: aedes (MQTT 3.1/3.1.1; persistence in libSQL or in memory) behind the `Broker`
  * interface, listening on guarded TCP and optionally WebSocket connections.
  */
 import { Aedes, type Client } from "aedes";
@@ -7,6 +7,7 @@ import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import type { GuardViolation } from "./connection.ts";
 import { createHooks, type HookState } from "./hooks.ts";
+import { persistenceFor, type LibsqlPersistence } from "./persistence/index.ts";
 import { TcpListener, type ListenerHooks } from "./tcp.ts";
 import type { AuthChange, Broker, BrokerAuth, BrokerOptions, BrokerStats, ClientInfo } from "./types.ts";
 import { WsListener } from "./ws.ts";
@@ -31,6 +32,7 @@ class EmbeddedBroker implements Broker {
   private connectionsRefused = 0;
   private lastRefusalLog = 0;
   private readonly aedes: Aedes;
+  private readonly persistence: LibsqlPersistence | null;
   private readonly tcp: TcpListener;
   private readonly ws: WsListener | null;
   private readonly mqtts: TcpListener | null;
@@ -57,7 +59,11 @@ class EmbeddedBroker implements Broker {
       refuseAtConnect: new WeakMap(),
       usernames: new WeakMap(),
     };
-    this.aedes = new Aedes(createHooks(opts, this.state, this.log));
+    this.persistence = persistenceFor(opts.persistence, this.log);
+    this.aedes = new Aedes({
+      ...createHooks(opts, this.state, this.log),
+      ...(this.persistence ? { persistence: this.persistence } : {}),
+    });
     this.aedes.on("clientError", (client: Client, err: Error) =>
       this.log.debug({ client: client.id, err: err.message }, "client dropped"),
     );
@@ -150,6 +156,7 @@ class EmbeddedBroker implements Broker {
       invalid: this.invalid,
       connections: this.open,
       connectionsRefused: this.connectionsRefused,
+      offlineDropped: this.persistence?.stats().offlineDropped ?? 0,
     };
   }
 
@@ -251,6 +258,10 @@ class EmbeddedBroker implements Broker {
     this.lifecycle = "closed";
     await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
     await Promise.all([this.tcp.closeAll(), this.ws?.closeAll(), this.mqtts?.closeAll(), this.wss?.closeAll()]);
+    // Every write aedes queued has committed once this resolves (a start that failed never opened it).
+    await this.persistence
+      ?.destroy()
+      .catch((err: unknown) => this.log.warn({ err }, "broker persistence close failed"));
     this.log.info("broker closed");
   }
 

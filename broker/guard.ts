@@ -1,6 +1,6 @@
 /**
- * Packet guard (NOTES: aedes has no maximum packet size). Reads the MQTT fixed header of
- * each packet as bytes stream past, so a connection can be closed the moment a packet
+ * Packet guard (aedes has no maximum packet size: it buffers whatever a packet announces).
+ * Reads the MQTT fixed header of each packet as bytes stream past, so a connection can be closed the moment a packet
  * announces more than the limit, before any of its body is buffered. It also holds back the
  * few body bytes the input rules of packet-rules.ts need (all of CONNECT/SUBSCRIBE/
  * UNSUBSCRIBE, the topic of a PUBLISH) and closes the connection on a broken rule.

@@ -173,7 +173,7 @@ export function createHooks(
         .then((v) => {
           if (!v.ok) return refuse(v.reason);
           state.messagesIn++;
-          callback(null); // only now may aedes write the PUBACK (NOTES: it acks before `published`)
+          callback(null); // only now may aedes write the PUBACK (it acks before `published` runs)
         })
         .catch((err: unknown) => log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed"));
       if (client) lastTurn.set(client, turn);

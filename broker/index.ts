@@ -22,3 +22,10 @@ export {
   type TopicCheck,
 } from "./topics.ts";
 export { PacketSizeGuard, type GuardVerdict } from "./guard.ts";
+export {
+  BrokerStoreTooNew,
+  LibsqlPersistence,
+  type LibsqlPersistenceOptions,
+  type PersistenceChoice,
+  type PersistenceStats,
+} from "./persistence/index.ts";

@@ -77,7 +77,7 @@ export function checkDevicePublishTopic(topic: string): TopicCheck {
   if (topic.includes("+") || topic.includes("#")) return { ok: false, reason: "wildcard in publish topic" };
   // MQTT-4.7.3-2: no U+0000 in topic names.
   if (topic.includes("\u0000")) return { ok: false, reason: "null character in topic" };
-  // Overriding aedes' authorizePublish drops its own $SYS guard (NOTES), so check here.
+  // Overriding aedes' authorizePublish drops its own $SYS guard, so check here.
   if (topic.startsWith("$")) return { ok: false, reason: "topics starting with '$' are reserved" };
   const levels = topic.split("/");
   if (levels[0] === "fleet" && !isInboxTopic(levels)) {

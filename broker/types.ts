@@ -3,6 +3,7 @@
  * broker cluster later). Plain values only; nothing here names aedes.
  */
 import type { Logger } from "pino";
+import type { PersistenceChoice } from "./persistence/index.ts";
 
 /** One PUBLISH as a device sent it. */
 export interface PublishedMessage {
@@ -76,6 +77,8 @@ export interface BrokerOptions extends BrokerAuth {
    */
   intake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict>;
   readonly logger: Logger;
+  /** Where sessions, offline queues and retained messages live; default in memory (lost on restart). */
+  readonly persistence?: PersistenceChoice;
 }
 
 /** Counters since `start()`. */
@@ -99,6 +102,8 @@ export interface BrokerStats {
   readonly connections: number;
   /** Connections refused because `maxConnections` were open. */
   readonly connectionsRefused: number;
+  /** Messages not queued for a clean = false client because its queue was full (`max_offline_messages`). */
+  readonly offlineDropped: number;
 }
 
 /** What `Broker.setAuth` did to the sessions already connected. */

@@ -1,6 +1,6 @@
 /**
- * MQTT over WebSocket on Bun.serve's native WebSocket server (the `ws` package path was
- * reported broken under Bun, NOTES). Each socket is a GuardedConnection like TCP; the
+ * MQTT over WebSocket on Bun.serve's native WebSocket server (aedes over the `ws` package
+ * has been reported broken under Bun). Each socket is a GuardedConnection like TCP; the
  * MQTT byte stream is the concatenation of binary messages, so packets may span frames.
  */
 import type { Server, ServerWebSocket } from "bun";

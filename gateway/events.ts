@@ -26,6 +26,8 @@ export interface FleetEventMap {
   /** Messages that matched a subscription but named no valid agent were recorded as rejected. */
   rejectedMessage: { count: number };
   intake: { source: "mqtt" | "timer" | "webhook" | "inbox" | "manual"; accepted: number; duplicates: number };
+  /** Episodes could not start for reasons of the machine (degraded), or started again (recovered). */
+  infra: { state: "degraded" | "recovered"; reason: string; agent?: string; type?: string };
 }
 
 type Listener<K extends keyof FleetEventMap> = (e: FleetEventMap[K]) => void;

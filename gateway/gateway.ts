@@ -5,13 +5,13 @@
  * live next door: roster.ts (agents in memory, operator lifecycle), redeploy.ts (hot
  * reload of fleet.toml), background.ts (timers, retention, health) and status-topics.ts.
  */
-import { mkdirSync, readFileSync, writeFileSync, rmSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
 import { createEmbeddedBroker, type AuthChange, type Broker, type BrokerAuth } from "../broker/index.ts";
 import { loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
-import { commitFaultFromEnv, Store } from "./store/index.ts";
+import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { Scheduler } from "./fleet/index.ts";
 import { EpisodeExecutor } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
@@ -23,7 +23,11 @@ import {
   describeSandbox,
   ProcessTable,
   runEpisode,
+  type Degraded,
+  InfraHealth,
+  SandboxLedger,
   SparePool,
+  weakSandboxWarning,
   type SpawnOptions,
 } from "./episode/index.ts";
 import { startHttp, type HttpServer } from "./http/index.ts";
@@ -103,6 +107,8 @@ export class Gateway {
   private auth: BrokerAuth | null = null;
   /** This gateway's episode and spare process groups (killed at the drain timeout). */
   private readonly procs = new ProcessTable();
+  /** Whether episode subprocesses can be started (an infra failure makes the gateway degraded). */
+  private readonly infra = new InfraHealth();
   private readonly now: () => number;
 
   constructor(readonly opts: GatewayOptions) {
@@ -128,7 +134,8 @@ export class Gateway {
     this.adopt(await loadSpec(resolve(this.opts.configPath)));
     const spec = this.current.spec;
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
-    mkdirSync(this.dataDir, { recursive: true });
+    // Private to the gateway's user (0700, files 0600), older data dirs included: agents run as another uid.
+    secureDataDir(this.dataDir);
     this.store = await Store.open(join(this.dataDir, "fleet.db"), {
       synchronous: spec.fleet.synchronous,
       commitFault: commitFaultFromEnv(process.env) ?? undefined,
@@ -175,7 +182,8 @@ export class Gateway {
     await this.timers.update(spec);
     this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"));
     this.watcher.start(this.current.text);
-    // Retained topics live in aedes' memory: re-publish them, then re-send unsent effects.
+    // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
+    // them (retained, in broker.db or in aedes' memory), then re-send unsent effects.
     await republishStatuses(this.store, this.events);
     void this.effects.kick();
     this.housekeeping = new Housekeeping(this, {
@@ -184,7 +192,7 @@ export class Gateway {
       gcIntervalMs: this.opts.gcIntervalMs ?? 60_000,
     });
     this.housekeeping.start();
-    writeFileSync(
+    writePrivateFile(
       join(this.dataDir, "gateway.json"),
       `${JSON.stringify({
         mqtt_port: this.broker.port,
@@ -252,7 +260,11 @@ export class Gateway {
 
   /** `/readyz`: running, and commits are not failing for a storage reason. */
   readiness(): Readiness {
-    return readiness(this.state, this.store);
+    const r = readiness(this.state, this.store);
+    const degraded = this.infra.degraded;
+    // Episodes that cannot start (the machine's failure) make the gateway not ready too.
+    if (!r.ready || !degraded) return r;
+    return { ready: false, state: r.state, reason: `episodes cannot start: ${degraded.reason}` };
   }
 
   /** Hot redeploy (redeploy.ts): load fleet.toml again; a no-op unless the gateway runs. */
@@ -268,6 +280,11 @@ export class Gateway {
   /** Where secrets come from (tools, webhooks): the options, else the gateway's environment. */
   get secrets(): Readonly<Record<string, string | undefined>> {
     return this.opts.secrets ?? process.env;
+  }
+
+  /** Why episodes cannot start now, or null (/readyz, health). */
+  degraded(): Degraded | null {
+    return this.infra.degraded;
   }
 
   /** Episode subprocess groups alive now. */
@@ -327,6 +344,8 @@ export class Gateway {
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
       running_episodes: this.scheduler.active,
+      /** Null while episodes start; else why they cannot (the machine's failure, not the agents'). */
+      degraded: this.infra.degraded,
       /** Idle warm spare processes (no agent code or state), by process group. */
       spares: this.spares?.pids() ?? [],
       queued_stimuli: queued,
@@ -338,13 +357,21 @@ export class Gateway {
 
   /** Spawning, the episode executor, the scheduler, the roster and intake, wired to each other. */
   private buildPipeline(spec: FleetSpec): void {
-    this.spawnOptions = this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox);
-    if (this.spawnOptions.uid === null && !this.spawnOptions.bwrap) {
+    // Sandboxes a kill -9 of the previous run of this data dir left behind are reaped first.
+    const ledger = new SandboxLedger(join(this.dataDir, "sandboxes"));
+    const swept = ledger.sweep();
+    if (swept.ownerAlive) throw new Error(`another gateway is running on the data dir ${this.dataDir}`);
+    if (swept.killed.length > 0 || swept.roots > 0)
       this.log.warn(
-        "agent subprocesses are NOT isolated from the gateway (not root, no " +
-          "bubblewrap): they run with its uid and could read its /proc environ",
+        { groups: swept.killed, roots: swept.roots },
+        `reaped ${swept.killed.length} sandbox process group(s) and ${swept.roots} staging folder(s) ` +
+          "left by a previous run",
       );
-    }
+    const base =
+      this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox, { allowWeak: spec.fleet.allow_weak_sandbox });
+    this.spawnOptions = { ...base, ledger };
+    const weak = weakSandboxWarning(this.spawnOptions);
+    if (weak) this.log.warn(weak);
     const spawnOptions = this.spawnOptions;
     const spares = new SparePool(spec.fleet.warm_spares, spawnOptions, this.procs);
     this.spares = spares;
@@ -361,6 +388,7 @@ export class Gateway {
       lifecycleStamp: (a) => this.roster.lifecycleStamp(a),
       queue: this.book,
       publishCommitted: (episode, rows) => this.effects.publishCommitted(episode, rows),
+      infra: this.infra,
     });
     this.scheduler = new Scheduler({
       maxConcurrent: spec.fleet.max_concurrent_episodes,
@@ -405,6 +433,15 @@ export class Gateway {
           ? this.intake.mqtt(msg, client)
           : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` }),
       logger: this.log.child({ mod: "broker" }),
+      persistence:
+        spec.broker.persistence === "libsql"
+          ? {
+              kind: "libsql",
+              path: join(this.dataDir, "broker.db"),
+              synchronous: spec.fleet.synchronous,
+              maxOfflineMessages: spec.broker.max_offline_messages,
+            }
+          : { kind: "memory" },
     });
   }
 

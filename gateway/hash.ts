@@ -30,7 +30,7 @@ export function canonicalJson(value: unknown): string {
   throw new TypeError(`cannot encode ${typeof value}`);
 }
 
-// One hasher, reused (NOTES: much cheaper than the one-shot blake3(), which sets up WASM
+// One hasher, reused (much cheaper than the one-shot blake3(), which sets up WASM
 // state per call). init/update/digest run synchronously, so calls cannot interleave.
 let hasher: IHasher | null = null;
 let pending: Promise<IHasher> | null = null;

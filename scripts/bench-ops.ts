@@ -1,5 +1,5 @@
 /**
- * Operating a big fleet (issue 5): what an operator's tools cost once the fleet is large.
+ * Operating a big fleet: what an operator's tools cost once the fleet is large.
  *
  *   bun scripts/bench-ops.ts [--quick] [--json FILE]
  *

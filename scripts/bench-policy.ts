@@ -1,6 +1,6 @@
 #!/usr/bin/env bun
 /**
- * The cost of policy (issue 4): `bun scripts/bench-policy.ts [--quick]`.
+ * The cost of policy (tools, budgets): `bun scripts/bench-policy.ts [--quick]`.
  *
  * 1. Episodes/s with tools and budgets on (every episode makes 3 gated `publish` tool calls;
  *    every budget set, cost metered) vs off (no tool calls, default budgets): one gateway,

@@ -1,5 +1,5 @@
 /**
- * Timer scale check (issue 3): 1,000 agents of one type with `every = "1s"` on the real
+ * Timer scale check: 1,000 agents of one type with `every = "1s"` on the real
  * gateway process. One scheduler must record 1,000 timer stimuli a second without waking
  * the gateway 1,000 times a second.
  *

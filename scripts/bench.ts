@@ -11,6 +11,8 @@
  *   latency   stimulus -> out p50/p99 vs the bare spawn round trip     (target p50 <= +5 ms)
  *   agents    gateway RSS with 10,000 agents (fleet.toml instances; 1,000 of them run an
  *             episode, --all-episodes: all) vs idle; no subprocess left behind
+ *   sessions  episodes/s with durable broker sessions (libsql) vs in-memory persistence,
+ *             one clean = false subscriber online (target >= 0.9x); RSS with 10,000 agents
  *   timers    1,000 agents with every = "1s": timer stimuli/s vs expected, gateway CPU
  *   policy    episodes/s with tools + budgets vs without; a quiet agent's latency under a flood
  *   ops       /metrics and /api/agents?page= with 10,000 agents vs /healthz; GC records/s
@@ -31,11 +33,12 @@ import { benchAgents } from "./bench/agents.ts";
 import { benchEpisodes, benchLatency } from "./bench/episodes.ts";
 import { beginShutdown, cleanupAll, rowCells, table, type BenchOptions, type Row } from "./bench/harness.ts";
 import { benchIntake } from "./bench/intake.ts";
+import { benchSessions } from "./bench/sessions.ts";
 import { benchTimers } from "./bench-timers.ts";
 import { benchPolicy } from "./bench-policy.ts";
 import { benchOps } from "./bench-ops.ts";
 
-const SECTIONS = ["intake", "episodes", "latency", "agents", "timers", "policy", "ops"] as const;
+const SECTIONS = ["intake", "episodes", "latency", "agents", "sessions", "timers", "policy", "ops"] as const;
 type Section = (typeof SECTIONS)[number];
 
 const { values: flags, positionals } = parseArgs({
@@ -76,6 +79,7 @@ const run: Record<Section, () => Promise<Row[]>> = {
   episodes: () => benchEpisodes(opts),
   latency: () => benchLatency(opts),
   agents: () => benchAgents(opts),
+  sessions: () => benchSessions(opts),
   timers: () => benchTimers(opts),
   policy: async () =>
     (await benchPolicy(opts)).map((r) => ({

@@ -371,12 +371,13 @@ describe("the core loop (one shared gateway)", () => {
 // ---------------------------------------------------------------------------------------
 describe("sandbox without namespaces", () => {
   // As root, `sandbox = "uid"` runs episodes as nobody with no pid namespace: the agent can
-  // see its parent, the gateway, but must not be able to read its environment (NOTES).
+  // see its parent, the gateway, but must not be able to read its /proc/<pid>/environ.
   test.if(IS_ROOT)(
     'with sandbox = "uid" the agent is the gateway\'s child and cannot read its /proc/<ppid>/environ',
     async () => {
       const fleet = new TestFleet(
-        header("e2e-uid", 'sandbox = "uid"') + agentType("env", fixture("env"), ["env/+/in"]),
+        header("e2e-uid", 'sandbox = "uid"\nallow_weak_sandbox = true') +
+          agentType("env", fixture("env"), ["env/+/in"]),
         { env: { FLEET_TEST_SECRET: "hunter2" } },
       );
       await fleet.start();
@@ -682,7 +683,7 @@ describe("failure domains after a gateway crash", () => {
       `a spinning episode subprocess does not outlive a kill -9 of its gateway (sandbox = "${sandbox}")`,
       async () => {
         const fleet = new TestFleet(
-          header(`e2e-orphan-${sandbox}`, `sandbox = "${sandbox}"`) +
+          header(`e2e-orphan-${sandbox}`, `sandbox = "${sandbox}"\nallow_weak_sandbox = true`) +
             agentType("loops", fixture("loops"), ["l/+/in"], {
               extra: "[agents.loops.budget]\nepisode_timeout_ms = 1000\n",
             }),
@@ -730,7 +731,7 @@ describe("failure domains after a gateway crash", () => {
           },
         });
         const fleet = new TestFleet(
-          header(`e2e-stuck-${sandbox}`, `sandbox = "${sandbox}"`) +
+          header(`e2e-stuck-${sandbox}`, `sandbox = "${sandbox}"\nallow_weak_sandbox = true`) +
             agentType("sleeps", fixture("sleeps"), ["s/+/in"], {
               extra:
                 'tools = ["http"]\nhttp_hosts = ["127.0.0.1"]\n[agents.sleeps.budget]\nepisode_timeout_ms = 60000\n',

@@ -1,5 +1,5 @@
 /**
- * Devices and quarantine end to end (issue 4 items 6 and 7): the real gateway process with
+ * Devices and quarantine end to end: the real gateway process with
  * `allow_anonymous = false` and a devices file, real MQTT clients (mqtt.js, mosquitto_pub),
  * real episode subprocesses and the `fleet device` / `fleet quarantine` CLI, while the
  * gateway runs and while it is stopped.

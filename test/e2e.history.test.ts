@@ -4,20 +4,11 @@
  * agent knew at any checkpoint and what changed between two.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { join } from "node:path";
 import { diffJson } from "../gateway/ops/index.ts";
-import { cleanupAll, publishQos1, ROOT, runCli, TestFleet } from "./helpers/gateway.ts";
-import { agentType, fleetHeader, q } from "./helpers/toml.ts";
+import { cleanupAll, publishQos1, runCli, TestFleet } from "./helpers/gateway.ts";
+import { fleetHeader, relayChainTypes } from "./helpers/toml.ts";
 
-const TOML =
-  fleetHeader("history") +
-  agentType("relay", join(ROOT, "test/fixtures/sources/relay.ts"), ["door/+/event"], {
-    extra: `tools = ["send"]\nconfig = { to = ${q("alerter/d1")} }\n`,
-  }) +
-  agentType("alerter", join(ROOT, "test/fixtures/ops/alerter.ts"), ["alerter/+/never"], {
-    instances: ["d1"],
-    extra: 'tools = ["publish"]\npublish = ["alerts/#"]\n',
-  });
+const TOML = fleetHeader("history") + relayChainTypes();
 
 let fleet: TestFleet;
 beforeAll(async () => {

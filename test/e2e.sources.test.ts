@@ -1,7 +1,7 @@
 /**
  * End to end, on the real gateway process: every stimulus source (timers, webhooks, inbox
  * from devices and from agents, manual), hot redeploy of fleet.toml, and the operator
- * lifecycle (SPEC §3, §5, §7; issue 3). Fixture agents live in test/fixtures/sources.
+ * lifecycle (SPEC §3, §5, §7). Fixture agents live in test/fixtures/sources.
  * Waits are bounded and generous (a busy 2-core machine); the only timing assertion is the
  * SPEC's "a redeploy takes effect within 2 s", checked with slack and reported as measured.
  */

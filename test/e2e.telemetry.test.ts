@@ -5,9 +5,8 @@
  * collector costs nothing but the spans.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { join } from "node:path";
-import { cleanupAll, publishQos1, ROOT, TestFleet, waitFor } from "./helpers/gateway.ts";
-import { agentType, fleetHeader, q } from "./helpers/toml.ts";
+import { cleanupAll, publishQos1, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { fleetHeader, q, relayChainTypes } from "./helpers/toml.ts";
 
 interface OtlpSpan {
   traceId: string;
@@ -41,13 +40,7 @@ const receiver = Bun.serve({
 
 const chain = (endpoint: string) =>
   fleetHeader("otel", { extra: `\n[telemetry]\notlp_endpoint = ${q(endpoint)}\nservice_name = "otel-test"\n` }) +
-  agentType("relay", join(ROOT, "test/fixtures/sources/relay.ts"), ["door/+/event"], {
-    extra: `tools = ["send"]\nconfig = { to = ${q("alerter/d1")} }\n`,
-  }) +
-  agentType("alerter", join(ROOT, "test/fixtures/ops/alerter.ts"), ["alerter/+/never"], {
-    instances: ["d1"],
-    extra: 'tools = ["publish"]\npublish = ["alerts/#"]\n',
-  });
+  relayChainTypes();
 
 const attr = (s: OtlpSpan, key: string) => {
   const v = s.attributes.find((a) => a.key === key)?.value;

@@ -1,5 +1,5 @@
 /**
- * Retention / GC (issue 5 item 6, SPEC §3 `checkpoint.keep`, `[retention]`): run a large
+ * Retention / GC (SPEC §3 `checkpoint.keep`, `[retention]`): run a large
  * number of episodes on a few agents with `keep = 10` and 1-day retention, advance the
  * clock, collect, and check that row counts and the DB file stay bounded and that
  * `fleet verify` still passes.
@@ -11,7 +11,7 @@
  * episodes over several days. That path costs ~0.5–1 ms of CPU per episode (drizzle SQL
  * building and libSQL statement preparation), so CI runs two cycles of FLEET_GC_EPISODES
  * episodes each (default 8,000); `FLEET_GC_EPISODES=100000 bun test test/gc.test.ts` runs
- * the issue's full scale (and `bun scripts/bench-ops.ts` measures GC throughput on it).
+ * a 100,000-episode scale (and `bun scripts/bench-ops.ts` measures GC throughput on it).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, statSync } from "node:fs";

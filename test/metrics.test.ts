@@ -20,7 +20,7 @@ const TOML =
   counterType("counter", "m/+/in", { extra: "\n[agents.counter.budget]\nepisodes_per_hour = 100\n" }) +
   throwerType("t/+/in");
 
-/** Metric families the issue asks for, by name. */
+/** Metric families /metrics must carry, by name. */
 const REQUIRED: Record<string, string> = {
   fleet_episodes_total: "counter",
   fleet_episode_duration_seconds: "histogram",
@@ -35,6 +35,7 @@ const REQUIRED: Record<string, string> = {
   fleet_broker_clients: "gauge",
   fleet_broker_messages_in_total: "counter",
   fleet_broker_messages_out_total: "counter",
+  fleet_broker_offline_dropped_total: "counter",
   fleet_db_commit_seconds: "histogram",
   fleet_subprocesses_alive: "gauge",
   process_cpu_seconds_total: "counter",

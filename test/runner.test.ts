@@ -3,7 +3,9 @@
  * and the tool gate against local HTTP and OpenAI-style servers.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { readdirSync, readFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
 import {
@@ -20,8 +22,9 @@ import {
 } from "../gateway/episode/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
 import type { FleetSpec } from "../gateway/spec/index.ts";
-import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
 import type { AgentId } from "../gateway/types.ts";
+import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
+import { secureDataDir, writePrivateFile } from "../gateway/store/index.ts";
 
 // Subprocess tests on a busy 2-core machine: generous bounds, no timing assertions.
 setDefaultTimeout(30_000);
@@ -246,7 +249,7 @@ describe("runEpisode: tool calls", () => {
 /** The sandbox modes this machine supports: bubblewrap when it works here, and the plain uid drop. */
 const SANDBOXES = (["bwrap", "uid"] as const).flatMap((mode) => {
   try {
-    return [[mode, defaultSpawnOptions(mode)] as const];
+    return [[mode, defaultSpawnOptions(mode, { allowWeak: true })] as const];
   } catch {
     return [];
   }
@@ -778,5 +781,145 @@ describe("the IPC edge", () => {
     expect(r.message).toContain("malformed");
     // The forged tool record never reached the log.
     expect(r.records.some((x) => x.k === "tool")).toBe(false);
+  });
+
+  test("a 64 MB message fails the episode as too_large once the cap is read; the gateway buffers none", async () => {
+    const rssBefore = process.memoryUsage().rss;
+    const r = await run(start("raw-ipc", { huge_mb: 64 }));
+    const f = expectFailure(r, "too_large");
+    expect(f.message).toContain(`exceeded ${LIMITS.maxRecordBytes + 64 * 1024} bytes`);
+    // Refused after at most the cap plus one pipe read, not after 64 MB.
+    const refusedAfter = Number(/refused after (\d+) bytes/.exec(f.message)?.[1]);
+    expect(refusedAfter).toBeGreaterThan(LIMITS.maxRecordBytes);
+    expect(refusedAfter).toBeLessThan(LIMITS.maxRecordBytes + 2 * 1024 * 1024);
+    expect(f.records).toEqual([]);
+    // Growth well below the message's size (Bun's ipc channel held it whole, ~1 GB for the gateway).
+    expect(process.memoryUsage().rss - rssBefore).toBeLessThan(48 * 1024 * 1024);
+  });
+
+  test("records that pass the per-message cap but not the episode's total fail as too_large", async () => {
+    const r = await run(start("raw-ipc", { chunks: 12, chunk_mb: 1 }));
+    const f = expectFailure(r, "too_large");
+    expect(f.message).toContain(`records exceed ${LIMITS.maxRecordBytes} bytes`);
+    expect(f.records.length).toBeLessThanOrEqual(8);
+  });
+
+  test.each([
+    ["a log record with an unknown level", { k: "log", level: "shout", msg: "x" }],
+    ["a log line longer than MAX_LOG_CHARS", { k: "log", level: "info", msg: "z".repeat(5000) }],
+    ["a now record that is not a number", { k: "now", v: "soon" }],
+    ["a random record outside [0, 1)", { k: "random", v: 7 }],
+    ["a decide record without a name", { k: "decide", data: 1 }],
+    ["an unknown record kind", { k: "exfiltrate", data: 1 }],
+  ])("%s fails the episode as protocol, naming what was sent", async (_what, record) => {
+    const r = expectFailure(await run(start("raw-ipc", { records: [record] })), "protocol");
+    expect(r.message).toContain("malformed");
+    expect(r.message).toContain(JSON.stringify(record).slice(0, 40));
+    expect(r.records).toEqual([]);
+  });
+});
+
+describe("the IPC channel", () => {
+  test("an agent's console.log on stdout cannot speak the protocol", async () => {
+    const r = await run(start("stdout-forger"));
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    expect(r.state).toEqual({ honest: true });
+    expect(r.records).toEqual([{ k: "emit", data: "from ctx" }]);
+  });
+});
+
+// ---- what the sandbox shows of the host's files -------------------------------------------
+
+const SNOOP = fileURLToPath(new URL("./fixtures/policy/snoop.ts", import.meta.url));
+const REPO = fileURLToPath(new URL("../", import.meta.url)).replace(/\/$/, "");
+type Snooped = { ok: true; sample: string } | { ok: false; code: string };
+
+/** Run the snoop fixture on `ask` (optionally from a warm spare) and return what it saw. */
+async function snoop(spawn: SpawnOptions, ask: Record<string, string[]>, pool?: SparePool) {
+  const r = await runEpisode(start("records", ask, { module: SNOOP }), LIMITS, noTools, spawn, pool);
+  if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+  return (r.state as { seen: Record<string, Snooped> }).seen;
+}
+
+const BWRAP = SANDBOXES.find(([mode]) => mode === "bwrap")?.[1];
+
+describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only what an episode needs", () => {
+  const hostTmp = mkdtempSync(join(tmpdir(), "fleet-snoop-"));
+  const hostFile = join(hostTmp, "private.txt");
+  writeFileSync(hostFile, "host tmp");
+  chmodSync(hostTmp, 0o755);
+  chmodSync(hostFile, 0o644);
+  afterAll(() => rmSync(hostTmp, { recursive: true, force: true }));
+
+  const ask = {
+    read: [
+      SNOOP,
+      join(REPO, "test/fixtures/policy/snoop-lib.ts"),
+      join(REPO, "agents/sdk/index.ts"),
+      join(REPO, "test/fixtures/policy/steady.ts"),
+      join(REPO, "test/fixtures/unit/records.ts"),
+      join(REPO, "package.json"),
+      join(REPO, "fleet.toml"),
+      hostFile,
+      "/etc/passwd",
+      "/root/.bashrc",
+    ],
+    list: ["/", REPO, join(REPO, "test/fixtures/policy")],
+    write: ["/tmp/agent-scratch.txt", SNOOP],
+  };
+
+  test.each([
+    ["started cold (its files mounted)", false],
+    ["taken from the warm spares (its files staged into the spare's root)", true],
+  ])(
+    "%s: its module, local imports and the SDK are readable; other agents, the project, host /tmp and /etc are not",
+    async (_how, warm) => {
+      const pool = warm ? new SparePool(1, BWRAP!, PROCS) : undefined;
+      try {
+        if (pool) {
+          pool.take(LIMITS); // primes a spare for these limits
+          await waitUntil(() => pool.pids().length > 0, "a spare is up");
+        }
+        const before = pool ? new Set(pool.pids()) : null;
+        const seen = await snoop(BWRAP!, ask, pool);
+        if (before) expect(pool!.pids().some((p) => before.has(p))).toBe(false); // the episode used the spare
+        const ok = (k: string) => seen[k]?.ok === true;
+        expect(ok(`read ${SNOOP}`)).toBe(true);
+        expect(ok(`read ${join(REPO, "test/fixtures/policy/snoop-lib.ts")}`)).toBe(true);
+        expect(ok(`read ${join(REPO, "agents/sdk/index.ts")}`)).toBe(true);
+        for (const hidden of ask.read.slice(3))
+          expect({ hidden, seen: seen[`read ${hidden}`] }).toEqual({ hidden, seen: { ok: false, code: "ENOENT" } });
+        // The folder of the agent holds only its own two files; the project root only the runtime's folders.
+        const listed = (p: string) => (seen[`list ${p}`] as { sample: string }).sample.split(",").sort();
+        expect(listed(join(REPO, "test/fixtures/policy"))).toEqual(["snoop-lib.ts", "snoop.ts"]);
+        expect(listed(REPO)).not.toContain("package.json");
+        expect(listed("/")).not.toContain("etc");
+        expect(listed("/")).not.toContain("root");
+        // A private /tmp it can write; the module itself it cannot.
+        expect(seen["write /tmp/agent-scratch.txt"]).toEqual({ ok: true, sample: "written" });
+        expect(existsSync("/tmp/agent-scratch.txt")).toBe(false);
+        expect(seen[`write ${SNOOP}`]).toMatchObject({ ok: false });
+      } finally {
+        await pool?.close();
+      }
+    },
+  );
+});
+
+describe.if(process.getuid?.() === 0)("without namespaces (sandbox uid)", () => {
+  test("a 0600 file in a 0700 directory (the data dir) is out of reach of the episode's uid", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-datadir-"));
+    try {
+      secureDataDir(dir);
+      writePrivateFile(join(dir, "gateway.json"), '{"secret":true}');
+      const seen = await snoop(defaultSpawnOptions("uid", { allowWeak: true }), {
+        read: [join(dir, "gateway.json")],
+        list: [dir],
+      });
+      expect(seen[`read ${join(dir, "gateway.json")}`]).toEqual({ ok: false, code: "EACCES" });
+      expect(seen[`list ${dir}`]).toEqual({ ok: false, code: "EACCES" });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -92,6 +92,7 @@ describe("compileSpec", () => {
       synchronous: "full",
       sandbox: "auto",
       warm_spares: 2,
+      allow_weak_sandbox: false,
       drain_timeout_ms: 10_000,
     });
     expect(spec.broker).toEqual({
@@ -105,6 +106,8 @@ describe("compileSpec", () => {
       tls_port: null,
       wss_port: null,
       tls: null,
+      persistence: "memory",
+      max_offline_messages: 1000,
     });
     expect(spec.http).toEqual({ host: "0.0.0.0", port: 0, tls: null });
     expect(spec.llm).toEqual({
@@ -272,6 +275,18 @@ describe("schema errors name the key path", () => {
       /must be a positive integer/,
     ],
     ["bad enum", '[fleet]\nsynchronous = "off"\n', "fleet.synchronous", /must be "full" or "normal"/],
+    [
+      "unknown broker persistence",
+      '[broker]\npersistence = "disk"\n',
+      "broker.persistence",
+      /must be "libsql" or "memory"/,
+    ],
+    [
+      "no offline queue",
+      "[broker]\nmax_offline_messages = 0\n",
+      "broker.max_offline_messages",
+      /must be a positive integer/,
+    ],
     ["small memory", agent("[agents.x.budget]\nmemory_mb = 8"), "agents.x.budget.memory_mb", /at least 16/],
     ["bad secret name", agent('secrets = ["slack-token"]'), "agents.x.secrets[0]", /environment variable name/],
   ];

@@ -7,3 +7,13 @@ import { fileURLToPath } from "node:url";
 
 /** Absolute path of the episode subprocess entry point. */
 export const HOST_ENTRY: string = fileURLToPath(new URL("./main.ts", import.meta.url));
+
+/**
+ * Everything the host runtime loads besides the agent's own files: this folder, the SDK and
+ * the IPC protocol. The sandbox makes exactly these (read-only) visible of the project.
+ */
+export const HOST_PATHS: readonly string[] = Object.freeze([
+  fileURLToPath(new URL(".", import.meta.url)).replace(/\/$/, ""),
+  fileURLToPath(new URL("../sdk", import.meta.url)),
+  fileURLToPath(new URL("../protocol.ts", import.meta.url)),
+]);

@@ -4,14 +4,25 @@
  * agent module, runs `init` (brand-new agent) and `onStimulus`, streams the episode's
  * records, asks the gateway for every tool call, and reports the final state.
  */
+import { writeSync } from "node:fs";
 import { pathToFileURL } from "node:url";
-import { parseParentMessage, type ChildMessage, type EpisodeRecord, type ParentMessage } from "../protocol.ts";
+import {
+  CHILD_CHANNEL_FD,
+  encodeMessage,
+  MAX_LOG_CHARS,
+  parseParentMessage,
+  type ChildMessage,
+  type EpisodeRecord,
+  type ParentMessage,
+} from "../protocol.ts";
 import { ToolDenied, ToolFailed, type AgentContext, type AgentDefinition } from "../sdk/index.ts";
 
 type Start = Extract<ParentMessage, { t: "start" }>;
 
+/** One message to the gateway on the channel fd (a blocking pipe: the gateway reads as it arrives). */
 function send(msg: ChildMessage): void {
-  process.send!(msg);
+  const bytes = Buffer.from(encodeMessage(msg));
+  for (let at = 0; at < bytes.length; ) at += writeSync(CHILD_CHANNEL_FD, bytes, at);
 }
 
 class Flood extends Error {}
@@ -28,8 +39,9 @@ class Recorder {
   push(record: EpisodeRecord): void {
     if (this.flood !== null) throw new Flood(this.flood);
     this.count += 1;
-    // Encoding here is what the gateway will store; measure it once, refuse floods early.
-    this.bytes += JSON.stringify(record)?.length ?? 4;
+    // Encoding here is what the gateway will receive and store; measure it once (UTF-8 bytes, as
+    // the gateway counts them), refuse floods early.
+    this.bytes += Buffer.byteLength(JSON.stringify(record) ?? "null");
     if (this.count > this.limits.max_records) this.flood = `episode wrote more than ${this.limits.max_records} records`;
     else if (this.bytes > this.limits.max_record_bytes)
       this.flood = `episode records exceed ${this.limits.max_record_bytes} bytes`;
@@ -139,7 +151,7 @@ async function run(start: Start): Promise<void> {
       const msg = args
         .map((a) => (typeof a === "string" ? a : safeStringify(a)))
         .join(" ")
-        .slice(0, 4096);
+        .slice(0, MAX_LOG_CHARS);
       rec.push({ k: "log", level: "info", msg });
     },
   };
@@ -173,7 +185,7 @@ function fail(err: unknown): void {
   send({ t: "error", kind, message: e.message, stack: e.stack?.slice(0, 4000) });
 }
 
-process.on("message", (raw: unknown) => {
+function onMessage(raw: unknown): void {
   const msg = parseParentMessage(raw);
   if (!msg) return;
   if (msg.t === "tool_result") {
@@ -187,6 +199,22 @@ process.on("message", (raw: unknown) => {
   // The gateway kills this process group as soon as `done` or `error` arrives, so an
   // agent's stray timers or sockets cannot keep the episode alive.
   run(msg).catch(fail);
+}
+
+// Messages from the gateway: one JSON per line on stdin.
+let pending = "";
+process.stdin.setEncoding("utf8");
+process.stdin.on("data", (chunk: string) => {
+  pending += chunk;
+  for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
+    const line = pending.slice(0, nl);
+    pending = pending.slice(nl + 1);
+    try {
+      onMessage(JSON.parse(line));
+    } catch {
+      // not JSON: ignored, as a malformed message is
+    }
+  }
 });
 
 process.on("unhandledRejection", (err) => {
@@ -196,6 +224,6 @@ process.on("unhandledRejection", (err) => {
 
 // The gateway died (kill -9) and cannot kill our group: nobody will ever read our result,
 // so do not linger on the agent's timers or a tool call that will never be answered.
-process.on("disconnect", () => process.exit(70));
+process.stdin.on("end", () => process.exit(70));
 
 send({ t: "ready" });

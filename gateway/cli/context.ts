@@ -133,19 +133,8 @@ export function createCli(flags: CliFlags): Cli {
   };
 }
 
-/** A plain text table with upper-case headers; null cells print as "-". */
-export function table(rows: Record<string, unknown>[], cols: string[]): string {
-  if (rows.length === 0) return "(none)";
-  const cell = (v: unknown) => (v === null || v === undefined ? "-" : String(v));
-  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
-  const line = (vals: string[]) =>
-    vals
-      .map((v, i) => v.padEnd(widths[i]!))
-      .join("  ")
-      .trimEnd();
-  return [line(cols.map((c) => c.toUpperCase())), ...rows.map((r) => line(cols.map((c) => cell(r[c]))))].join("\n");
-}
-
 /** A timestamp as `YYYY-MM-DD HH:MM:SS` (UTC), or "-". */
 export const when = (ms: number | null): string =>
   ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "-";
+
+export { table } from "./table.ts";

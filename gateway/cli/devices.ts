@@ -13,6 +13,7 @@ import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import { liveFetch, type LiveEndpoint } from "./live.ts";
+import { table } from "./table.ts";
 
 /** What the command needs from cli.ts. */
 export interface CliContext {
@@ -44,19 +45,6 @@ function usage(message: string): number {
 
 function out(ctx: CliContext, data: unknown, human: () => string): void {
   console.log(ctx.json ? JSON.stringify(data, null, 2) : human());
-}
-
-/** A plain text table. */
-export function table(rows: readonly Record<string, unknown>[], cols: readonly string[]): string {
-  if (rows.length === 0) return "(none)";
-  const cell = (v: unknown) => (v === null || v === undefined || v === "" ? "-" : String(v));
-  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
-  const line = (vals: string[]) =>
-    vals
-      .map((v, i) => v.padEnd(widths[i]!))
-      .join("  ")
-      .trimEnd();
-  return [line(cols.map((c) => c.toUpperCase())), ...rows.map((r) => line(cols.map((c) => cell(r[c]))))].join("\n");
 }
 
 async function devicesFile(ctx: CliContext): Promise<string> {

@@ -1,5 +1,5 @@
 /**
- * Device credentials and topic ACLs (issue 4 item 6): the devices file named by
+ * Device credentials and topic ACLs (docs/devices.md): the devices file named by
  * `[broker] devices = "devices.toml"`, compiled once into a frozen `DevicesConfig`, and a
  * `DeviceRegistry` that answers the broker's authenticate / ACL hooks and picks up edits
  * of the file (mtime check) without a restart. Format: docs/devices.md.

@@ -11,12 +11,13 @@ import type { ParentMessage } from "../../agents/protocol.ts";
 import type { FleetEvents } from "../events.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import { hashEvents, IntegrityError, sealCheckpoint, verifyCheckpointRow } from "../store/index.ts";
-import type { Store } from "../store/index.ts";
+import type { AgentRow, Store } from "../store/index.ts";
 import { type AgentId, newEpisodeId, type TurnResult } from "../types.ts";
 import { topics } from "../protocol.ts";
 import { budgetWindows, decideTurn, retryAt, type TurnDecision } from "./decide.ts";
 import { buildEvents, buildInbox, buildOutbox, CHILD_LIMITS, runLimitsFor, toStimulus } from "./records.ts";
 import type { RunLimits, RunResult, ToolHandler } from "./runner.ts";
+import type { InfraHealth } from "./infra.ts";
 import { type ToolEnv, ToolGate } from "./tools/index.ts";
 
 /** Runs one episode to completion or failure and never throws (runner.ts `runEpisode` with its spawner bound). */
@@ -63,6 +64,8 @@ export interface EpisodeDeps {
   readonly lifecycleStamp?: (agent: AgentId) => number;
   /** The queue book: told right after the store's queue rows change. */
   readonly queue: EpisodeQueue;
+  /** Infrastructure health of episode starts (an infra failure does not consume the agent's retries). */
+  readonly infra?: InfraHealth;
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (
     episode: string,
@@ -199,11 +202,13 @@ export class EpisodeExecutor {
       const usage = { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
       const summary = { episode, agent: agentId, stimulus: head.sid, ms: result.ms, type: agent.type };
 
+      if (!result.ok && this.d.stopping()) {
+        log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
+        return { kind: "parked" };
+      }
+      if (!result.ok && result.kind === "infra") return this.couldNotStart(agentId, agent, stamp, result.message, log);
+      if (this.d.infra?.started()) this.d.events.emit("infra", { state: "recovered", reason: "episodes start again" });
       if (!result.ok) {
-        if (this.d.stopping()) {
-          log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
-          return { kind: "parked" };
-        }
         const retry = retryAt(type, d.attempt, endedAt);
         await this.d.store.recordFailure({
           episode: { ...base, status: "failed", errorKind: result.kind, error: result.message.slice(0, 4000) },
@@ -287,6 +292,29 @@ export class EpisodeExecutor {
       // its sends reserved are given back unless the commit wrote them.
       this.settleSends(gate, false);
     }
+  }
+
+  /**
+   * The episode subprocess could not start (the machine's failure, not the agent's): nothing is
+   * recorded against the agent, its stimulus stays at the head of its queue with its attempts
+   * untouched and is tried again after a backoff; the gateway reports itself degraded meanwhile.
+   */
+  private async couldNotStart(
+    agentId: AgentId,
+    agent: AgentRow,
+    stamp: number | undefined,
+    reason: string,
+    log: Logger,
+  ): Promise<TurnResult> {
+    const now = this.d.now();
+    const waitMs = this.d.infra?.failed(reason, now) ?? 1000;
+    log.error(
+      { kind: "infra", retry_in_ms: waitMs },
+      `episode could not start (not counted against the agent): ${reason}`,
+    );
+    this.d.events.emit("infra", { state: "degraded", reason, agent: agentId, type: agent.type });
+    await this.emitSettled(agentId, stamp, agent.headHash, "waiting: the episode could not start (infrastructure)");
+    return { kind: "wait", until: now + waitMs };
   }
 
   /** The agent's state from its verified head checkpoint; a bad one marks the agent failed. */

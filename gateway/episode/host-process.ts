@@ -1,12 +1,15 @@
 /**
  * The agents/host/main.ts subprocesses themselves: spawning one in its own process group with
- * the sandbox's command line and env, the warm-spare pool, the table of live process
- * groups (one per gateway, injected) the gateway kills on shutdown, and the RSS scan of a
- * process tree.
+ * the sandbox's command line and env, the warm-spare pool, the registry of live process
+ * groups the gateway kills on shutdown, and the RSS scan of a process tree.
  */
 import { readdir, readFile } from "node:fs/promises";
-import type { ParentMessage } from "../../agents/protocol.ts";
-import { CHILD_ENV, hostCommand, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+import { dirname } from "node:path";
+import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
+import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
+import { CHILD_ENV, hostCommand, hostRuntime, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+import type { SandboxLedger } from "./leftovers.ts";
+import { agentBinds, type AgentFiles, StagingRoot, stageable } from "./sandbox-view.ts";
 
 async function childrenOf(pid: number): Promise<number[]> {
   try {
@@ -39,6 +42,13 @@ export async function rssMb(pid: number): Promise<number | null> {
   }
   return seen > 0 ? total : null;
 }
+
+/** What a listener gets: a parsed line (or MALFORMED, or an oversize marker) and its size in bytes. */
+export type Listener = (raw: unknown, bytes: number) => void;
+
+/** Key of the marker object delivered in place of a message that exceeded the cap. */
+export const OVERSIZE: unique symbol = Symbol("oversize");
+export { MALFORMED };
 
 /**
  * The host process groups of one owner (a gateway, a replay, a test): which serve an
@@ -102,32 +112,46 @@ export class HostProcess {
   readonly pid: number;
   stderrTail = "";
   readonly stderrDone: Promise<void>;
-  private listener: ((raw: unknown) => void) | null = null;
-  private early: unknown[] = [];
+  private listener: Listener | null = null;
+  private early: [unknown, number][] = [];
+  /** Largest message accepted from the child, in bytes (set per episode by `attach`; a spare only says "ready"). */
+  private maxMessageBytes = 64 * 1024;
   readyAt: number | null = null;
+  private readonly ledger: SandboxLedger | null;
+  /** Our end of the child's channel. */
+  private readonly channel: Pump;
 
   constructor(
     readonly key: string,
     cmd: string[],
     spawnOpts: SpawnOptions,
+    /** The owner's table of live process groups. */
     private readonly procs: ProcessTable,
+    /** A warm spare's staging root (bubblewrap): the agent's files are linked in by `prepare`. */
+    private readonly root: StagingRoot | null = null,
   ) {
     this.proc = Bun.spawn(cmd, {
       env: { ...CHILD_ENV },
       cwd: "/",
       detached: true,
-      stdin: "ignore",
-      stdout: "ignore",
-      stderr: "pipe",
-      serialization: "json",
+      // stdin: gateway -> child; fd 3: child -> gateway (CHILD_CHANNEL_FD), both one JSON message per line.
+      // stdout is not read: an agent's console.log must not be able to speak the protocol.
+      stdio: ["pipe", "ignore", "pipe", "pipe"],
       ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
-      ipc: (raw) => {
-        if ((raw as { t?: unknown })?.t === "ready" && this.readyAt === null) this.readyAt = performance.now();
-        if (this.listener) this.listener(raw);
-        else this.early.push(raw);
-      },
     });
     this.pid = this.proc.pid;
+    this.ledger = spawnOpts.ledger ?? null;
+    this.ledger?.add(this.pid);
+    const deliver = (raw: unknown, bytes: number): void => {
+      if ((raw as { t?: unknown })?.t === "ready" && this.readyAt === null) this.readyAt = performance.now();
+      if (this.listener) this.listener(raw, bytes);
+      else this.early.push([raw, bytes]);
+    };
+    const reader = new LineReader(() => this.maxMessageBytes, {
+      message: deliver,
+      oversize: (bytes, cap) => deliver({ [OVERSIZE]: true, bytes, cap }, bytes),
+    });
+    this.channel = pump(this.proc.stdio[3] as unknown as number, reader);
     procs.started(this.pid);
     // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
     const stderr = this.proc.stderr as ReadableStream<Uint8Array>;
@@ -142,21 +166,54 @@ export class HostProcess {
     })();
   }
 
-  /** A host process started cold (no spare), keyed by nothing. */
-  static start(limits: ProcessLimits, spawnOpts: SpawnOptions, procs: ProcessTable): HostProcess {
-    return new HostProcess("", hostCommand(limits, spawnOpts), spawnOpts, procs);
+  /** A host process started cold (no spare) for an agent whose files are mounted directly. */
+  static start(
+    limits: ProcessLimits,
+    spawnOpts: SpawnOptions,
+    files: AgentFiles | null,
+    procs: ProcessTable,
+  ): HostProcess {
+    const cmd = hostCommand(limits, spawnOpts, { binds: files ? agentBinds(files) : [] });
+    return new HostProcess("", cmd, spawnOpts, procs);
   }
 
-  /** Route messages to `fn`, replaying what arrived before. */
-  attach(fn: (raw: unknown) => void): void {
+  /** A warm spare: under bubblewrap its root is an empty staging directory until `prepare`. */
+  static spare(key: string, limits: ProcessLimits, spawnOpts: SpawnOptions, procs: ProcessTable): HostProcess {
+    const root = spawnOpts.bwrap ? new StagingRoot(hostRuntime(spawnOpts)) : null;
+    if (root) spawnOpts.ledger?.addRoot(dirname(root.dir));
+    try {
+      return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}), spawnOpts, procs, root);
+    } catch (err) {
+      root?.remove();
+      throw err;
+    }
+  }
+
+  /** Show the agent's files inside a spare's sandbox (a cold process already mounts them). */
+  prepare(files: AgentFiles | null): void {
+    if (this.root && files) this.root.stage(files);
+  }
+
+  /**
+   * Route messages to `fn`, replaying what arrived before. `fn` gets each message's size; a
+   * message past `maxMessageBytes` is never buffered whole: `fn` gets an `oversize` marker instead.
+   */
+  attach(fn: Listener, maxMessageBytes: number): void {
     this.procs.attached(this.pid);
+    this.maxMessageBytes = maxMessageBytes;
     this.listener = fn;
-    for (const m of this.early.splice(0)) fn(m);
+    for (const [m, bytes] of this.early.splice(0)) fn(m, bytes);
   }
 
-  /** Send one IPC message to the child. */
+  /** Send one message to the child (a child that is gone is reported by its exit, not here). */
   send(msg: ParentMessage): void {
-    this.proc.send(msg);
+    const stdin = this.proc.stdin as import("bun").FileSink;
+    try {
+      stdin.write(encodeMessage(msg));
+      void Promise.resolve(stdin.flush()).catch(() => undefined);
+    } catch {
+      // EPIPE: the child died; its exit ends the episode
+    }
   }
 
   /** Neither exited nor killed by a signal yet. */
@@ -168,6 +225,11 @@ export class HostProcess {
   async kill(): Promise<void> {
     killGroup(this.pid);
     await this.proc.exited;
+    this.channel.stop();
+    await this.channel.done;
+    void Promise.resolve((this.proc.stdin as import("bun").FileSink).end()).catch(() => undefined);
+    this.root?.remove();
+    this.ledger?.remove(this.pid);
     this.procs.ended(this.pid);
   }
 }
@@ -190,13 +252,17 @@ export class SparePool {
     readonly procs: ProcessTable,
   ) {}
 
-  /** A ready spare for these limits, or null; a replacement starts in the background. */
-  take(limits: ProcessLimits): HostProcess | null {
+  /**
+   * A ready spare for these limits, or null; a replacement starts in the background. An agent
+   * whose files a staging root cannot show (under /tmp, hidden by the private tmpfs) starts cold.
+   */
+  take(limits: ProcessLimits, files: AgentFiles | null = null): HostProcess | null {
     const key = hostCommand(limits, this.spawnOpts).join(" ");
     for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
     this.spares = this.spares.filter((h) => h.alive);
     const i = this.spares.findIndex((h) => h.key === key);
-    const found = i >= 0 ? this.spares.splice(i, 1)[0]! : null;
+    const usable = i >= 0 && (files === null || !this.spawnOpts.bwrap || stageable(files));
+    const found = usable ? this.spares.splice(i, 1)[0]! : null;
     this.refill(limits, key);
     return found;
   }
@@ -208,7 +274,7 @@ export class SparePool {
     this.spares = this.spares.filter((x) => x.key === key);
     while (this.spares.length < this.size) {
       try {
-        this.spares.push(new HostProcess(key, hostCommand(limits, this.spawnOpts), this.spawnOpts, this.procs));
+        this.spares.push(HostProcess.spare(key, limits, this.spawnOpts, this.procs));
       } catch {
         return;
       }

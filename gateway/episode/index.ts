@@ -4,3 +4,4 @@ export * from "./executor.ts";
 export * from "./records.ts";
 export * from "./runner.ts";
 export * from "./tools/index.ts";
+export * from "./infra.ts";

@@ -7,8 +7,10 @@
  * The isolation itself is ./sandbox.ts; spawning, spares and kills are ./host-process.ts.
  */
 import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
-import { HostProcess, ProcessTable, rssMb, type SparePool } from "./host-process.ts";
+import { HostProcess, MALFORMED, OVERSIZE, ProcessTable, rssMb, type SparePool } from "./host-process.ts";
+import { HOST_PATHS } from "../../agents/host/index.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
+import { agentFiles } from "./sandbox-view.ts";
 
 // Callers (episode executor, replay, gateway, tests, benches) import the whole runner surface from here.
 export {
@@ -17,12 +19,15 @@ export {
   defaultSpawnOptions,
   describeSandbox,
   hostCommand,
+  SandboxError,
   sandboxCommand,
+  weakSandboxWarning,
   type ProcessLimits,
   type SandboxMode,
   type SpawnOptions,
 } from "./sandbox.ts";
 export { ProcessTable, SparePool } from "./host-process.ts";
+export { SandboxLedger, type Swept } from "./leftovers.ts";
 
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
 export type FailureKind =
@@ -33,7 +38,17 @@ export type FailureKind =
   | "invalid_module"
   | "invalid_state"
   | "flood"
-  | "protocol";
+  | "protocol"
+  /** The subprocess sent more bytes than the gateway accepts (one message, or the episode's records in all). */
+  | "too_large"
+  /**
+   * Not the agent's doing: the subprocess could not be started (out of processes, fds or memory,
+   * the sandbox failed to set up), so no agent code ran. Retries are not consumed for it.
+   */
+  | "infra";
+
+/** How long a host process may take to say "ready" before its start counts as an infrastructure failure. */
+export const STARTUP_TIMEOUT_MS = 30_000;
 
 /** What a run produced. `records` holds what arrived before the end, even on failure. */
 export type RunResult =
@@ -56,8 +71,12 @@ export type ToolHandler = (
 /** Sandbox and limits for one run: the subprocess's OS limits plus what the runner enforces on its output. */
 export interface RunLimits extends ProcessLimits {
   readonly maxRecords: number;
+  /** Bytes of all records of one episode (events, outputs, logs, tool calls); also the cap of its state. */
   readonly maxRecordBytes: number;
 }
+
+/** Room for the envelope around records (the child counts the records alone). */
+const ENVELOPE_BYTES = 64 * 1024;
 
 /**
  * Run one episode to completion or failure. Never throws. Its process group is registered
@@ -84,35 +103,73 @@ export async function runEpisode(
     settle();
   };
 
-  let host: HostProcess;
+  let taken: HostProcess | null = null;
   try {
-    host = pool?.take(limits) ?? HostProcess.start(limits, spawnOpts, procs);
+    // Under bubblewrap the sandbox shows the agent's own files and nothing else of the project.
+    const files = spawnOpts.bwrap ? agentFiles(start.module, HOST_PATHS) : null;
+    taken = pool?.take(limits, files) ?? HostProcess.start(limits, spawnOpts, files, procs);
+    taken.prepare(files);
   } catch (err) {
+    await taken?.kill();
     return {
       ok: false,
-      kind: "crashed",
-      message: `could not start subprocess: ${String(err)}`,
+      kind: "infra",
+      message: `could not start the episode subprocess: ${String(err)}`,
       records,
       ms: performance.now() - began,
     };
   }
+  const host = taken;
   let sent = false;
-  host.attach((raw) => {
+  // Enforced here, in the gateway, while the bytes arrive: the child's own limits are the agent's to break.
+  const maxBytes = limits.maxRecordBytes + ENVELOPE_BYTES;
+  let recordBytes = 0;
+  const countRecords = (bytes: number): boolean => {
+    recordBytes += bytes;
+    if (recordBytes <= maxBytes) return true;
+    finish({ ok: false, kind: "too_large", message: `the episode's records exceed ${limits.maxRecordBytes} bytes` });
+    return false;
+  };
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  host.attach((raw, bytes) => {
+    if (raw === MALFORMED)
+      return finish({ ok: false, kind: "protocol", message: "subprocess sent a line that is not JSON" });
+    if (typeof raw === "object" && raw !== null && OVERSIZE in raw)
+      return finish({
+        ok: false,
+        kind: "too_large",
+        message:
+          `a message from the subprocess exceeded ${maxBytes} bytes ` +
+          `(refused after ${bytes} bytes; nothing of it kept)`,
+      });
     const msg = parseChildMessage(raw, { replay: start.replay !== null });
-    if (!msg) return finish({ ok: false, kind: "protocol", message: "subprocess sent a malformed message" });
+    if (!msg)
+      return finish({
+        ok: false,
+        kind: "protocol",
+        message: `subprocess sent a malformed message: ${String(JSON.stringify(raw)).slice(0, 300)}`,
+      });
     switch (msg.t) {
       case "ready":
         if (!sent) {
           sent = true;
+          // The episode's own clock starts with its code: start-up time (a loaded machine) is not the agent's.
+          clearTimeout(timer);
+          timer = setTimeout(
+            () => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }),
+            limits.timeoutMs,
+          );
           host.send(start);
         }
         return;
       case "records":
+        if (!countRecords(bytes)) return;
         records.push(...msg.records);
         if (records.length > limits.maxRecords)
           finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
         return;
       case "tool":
+        if (!countRecords(bytes)) return;
         // The gateway, not the child, writes the tool record: the child cannot forge a result.
         void onTool(msg.call, msg.tool, msg.args)
           .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
@@ -134,13 +191,20 @@ export async function runEpisode(
         return never;
       }
     }
-  });
+  }, maxBytes);
 
   const pid = host.pid;
-  const timer = setTimeout(
-    () => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }),
-    limits.timeoutMs,
-  );
+  // A spare said "ready" long ago (attach replayed it); a cold process gets a bound on its start-up.
+  if (!sent)
+    timer = setTimeout(
+      () =>
+        finish({
+          ok: false,
+          kind: "infra",
+          message: `the episode subprocess did not start within ${STARTUP_TIMEOUT_MS} ms`,
+        }),
+      STARTUP_TIMEOUT_MS,
+    );
   // One scan at a time, and a scan that took long (a big process tree: a fork bomb) waits
   // 4x its own duration before the next, so the watch never costs the gateway more than
   // ~20% of a core however many processes the agent starts (RLIMIT_DATA is the backstop).
@@ -165,7 +229,9 @@ export async function runEpisode(
     const detail = host.stderrTail.trim().split("\n").slice(-6).join("\n");
     finish({
       ok: false,
-      kind: oom ? "oom" : "crashed",
+      // Before "ready" no agent code has run: the wrapper or the runtime could not start
+      // (EAGAIN, EMFILE, ENOMEM, bwrap set-up).
+      kind: !sent ? "infra" : oom ? "oom" : "crashed",
       message:
         `subprocess exited (code ${code}${host.proc.signalCode ? `, signal ${host.proc.signalCode}` : ""}) ` +
         `before finishing${detail ? `: ${detail}` : ""}`,

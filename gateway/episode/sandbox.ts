@@ -4,7 +4,10 @@
  * Pure of process state except the one-time bubblewrap probe; spawning lives in
  * ./host-process.ts.
  */
-import { HOST_ENTRY as HOST } from "../../agents/host/index.ts";
+import { realpathSync } from "node:fs";
+import { HOST_ENTRY as HOST, HOST_PATHS } from "../../agents/host/index.ts";
+import type { SandboxLedger } from "./leftovers.ts";
+import { bindArgs, runtimeBinds, type Bind, type StagingRoot } from "./sandbox-view.ts";
 
 /** How subprocesses are started; injected so tests and benches can vary it. */
 export interface SpawnOptions {
@@ -19,6 +22,8 @@ export interface SpawnOptions {
   readonly bwrap: string | null;
   /** How often the RSS watch samples, ms. */
   readonly rssPollMs: number;
+  /** Where started host process groups and staging roots are noted, so the next start reaps leftovers. */
+  readonly ledger?: SandboxLedger;
 }
 
 /** Isolation modes of `[fleet] sandbox`. */
@@ -32,21 +37,22 @@ export interface ProcessLimits {
   readonly maxProcesses: number;
 }
 
-/** Bubblewrap flags: own pid/net/ipc/uts namespaces, read-only root, dies with the gateway. */
+/**
+ * Bubblewrap flags besides the file system: own pid/net/ipc/uts namespaces, and the sandbox
+ * dies with the gateway (no idle bwrap left behind when the gateway is killed with -9).
+ */
 export const BWRAP_ARGS: readonly string[] = Object.freeze([
-  "--ro-bind",
-  "/",
-  "/",
-  "--dev",
-  "/dev",
-  "--proc",
-  "/proc",
   "--unshare-pid",
   "--unshare-net",
   "--unshare-ipc",
   "--unshare-uts",
   "--die-with-parent",
+  "--chdir",
+  "/",
 ]);
+
+/** The file system every sandbox gets besides its binds: a fresh /dev, its own /proc, a private tmpfs /tmp. */
+const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
 
 /**
  * MB of RLIMIT_DATA granted above `memory_mb`. Bun itself maps a few hundred MB of private
@@ -64,7 +70,8 @@ let bwrapWorks: boolean | null = null;
 /** Whether bubblewrap can create the namespaces we ask for here (probed once). */
 function probeBwrap(bwrap: string): boolean {
   if (bwrapWorks === null) {
-    const r = Bun.spawnSync([bwrap, ...BWRAP_ARGS, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
+    const args = [...BWRAP_FS, ...bindArgs(runtimeBinds(process.execPath, HOST_PATHS)), ...BWRAP_ARGS];
+    const r = Bun.spawnSync([bwrap, ...args, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
     bwrapWorks = r.exitCode === 0;
   }
   return bwrapWorks;
@@ -75,13 +82,19 @@ function probeBwrap(bwrap: string): boolean {
  * child cannot read the gateway's /proc/<pid>/environ; bubblewrap adds its own pid, net and
  * ipc namespaces (no network: tools go through the gateway) and a read-only root.
  */
-export function defaultSpawnOptions(mode: SandboxMode = "auto"): SpawnOptions {
+export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWeak?: boolean } = {}): SpawnOptions {
   const root = process.getuid?.() === 0;
   const prlimit = which(["/usr/bin/prlimit", "/bin/prlimit"]);
-  const bwrapPath = mode === "auto" || mode === "bwrap" ? which(["/usr/bin/bwrap", "/bin/bwrap"]) : null;
-  const bwrap = bwrapPath && probeBwrap(bwrapPath) ? bwrapPath : null;
+  const bwrapPath = which(["/usr/bin/bwrap", "/bin/bwrap"]);
+  const available = bwrapPath !== null && probeBwrap(bwrapPath);
+  const bwrap = available && (mode === "auto" || mode === "bwrap") ? bwrapPath : null;
   if (mode === "bwrap" && !bwrap)
-    throw new Error('sandbox = "bwrap" but bubblewrap is not installed or cannot create namespaces here');
+    throw new SandboxError('sandbox = "bwrap" but bubblewrap is not installed or cannot create namespaces here');
+  if ((mode === "uid" || mode === "none") && available && !opts.allowWeak)
+    throw new SandboxError(
+      `sandbox = "${mode}" is refused: bubblewrap works here, and without it an agent ${WEAK_GAPS}. ` +
+        'Use sandbox = "auto", or set [fleet] allow_weak_sandbox = true to accept the weaker sandbox.',
+    );
   const dropUid = root && mode !== "none";
   return {
     bun: process.execPath,
@@ -93,11 +106,35 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto"): SpawnOptions {
   };
 }
 
+/** What a sandbox without namespaces does not isolate (README "What an agent subprocess can see"). */
+export const WEAK_GAPS =
+  "can reach the network and the gateway's HTTP API and MQTT broker, keep detached children running " +
+  "after its episode, read the host's file system (all but the private data dir when it runs as another uid) " +
+  "and write host /tmp";
+
+/** A sandbox mode that cannot be used here, or is refused. */
+export class SandboxError extends Error {
+  override readonly name = "SandboxError";
+}
+
+/** The start-up warning for a sandbox without namespaces, or null when bubblewrap isolates episodes. */
+export function weakSandboxWarning(o: SpawnOptions): string | null {
+  if (o.bwrap) return null;
+  const who = o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway";
+  const environ = o.uid === null ? ", and read the gateway's /proc/<pid>/environ" : "";
+  return (
+    `agent subprocesses run WITHOUT namespaces (${who}): an agent ${WEAK_GAPS}${environ}. ` +
+    'Install bubblewrap and use sandbox = "auto".'
+  );
+}
+
 /** One line for the start-up log: what an episode is isolated by. */
 export function describeSandbox(o: SpawnOptions): string {
   const parts = [
     o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway",
-    o.bwrap ? "bubblewrap (pid/net/ipc namespaces, read-only root)" : "no namespaces",
+    o.bwrap
+      ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"
+      : "no namespaces",
     o.prlimit ? "rlimits" : "no rlimits",
   ];
   return parts.join(", ");
@@ -115,14 +152,53 @@ export const CHILD_ENV: Readonly<Record<string, string>> = Object.freeze({
   PWD: "/",
 });
 
+/**
+ * What one sandbox shows besides the runtime: a staging root (a warm spare, whose agent's
+ * files are linked in later) and/or binds (a cold start's agent files).
+ */
+export interface SandboxView {
+  readonly root?: StagingRoot;
+  readonly binds?: readonly Bind[];
+}
+
+const runtimeCache = new Map<string, Bind[]>();
+/** The runtime binds for `bun <script>` (cached: they depend on the paths only). */
+export function runtimeFor(bun: string, script: string): Bind[] {
+  const key = `${bun}\0${script}`;
+  let binds = runtimeCache.get(key);
+  if (!binds) {
+    const inHost = HOST_PATHS.some((p) => script === p || script.startsWith(`${p}/`));
+    binds = runtimeBinds(bun, inHost ? HOST_PATHS : [...HOST_PATHS, script]);
+    runtimeCache.set(key, binds);
+  }
+  return binds;
+}
+
 /** The prlimit/bwrap command line that runs `bun <script>` with these limits. */
-export function sandboxCommand(script: string, limits: ProcessLimits, spawnOpts: SpawnOptions): string[] {
-  const cmd = [spawnOpts.bun, script];
-  if (spawnOpts.bwrap) cmd.unshift(spawnOpts.bwrap, ...BWRAP_ARGS, "--");
+export function sandboxCommand(
+  script: string,
+  limits: ProcessLimits,
+  spawnOpts: SpawnOptions,
+  view: SandboxView = {},
+): string[] {
+  // Inside bubblewrap only the real file of the Bun binary is bound, not a link to it.
+  const cmd = [spawnOpts.bwrap ? realpathSync(spawnOpts.bun) : spawnOpts.bun, script];
+  if (spawnOpts.bwrap)
+    cmd.unshift(
+      spawnOpts.bwrap,
+      ...(view.root?.args() ?? []),
+      // The private /tmp first, so a project (or an agent) that lives under /tmp is bound on top of it.
+      ...BWRAP_FS,
+      // A staging root already holds the runtime's symlinks (it is read-only inside).
+      ...bindArgs(runtimeFor(spawnOpts.bun, script).filter((b) => !view.root || b.kind !== "symlink")),
+      ...bindArgs(view.binds ?? []),
+      ...BWRAP_ARGS,
+      "--",
+    );
   if (spawnOpts.prlimit) {
     const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
-    // RLIMIT_CPU backstop: an agent spinning after its gateway died (kill -9, no bwrap
-    // --die-with-parent) would run forever; CPU time can exceed wall time only by its threads.
+    // RLIMIT_CPU backstop: an agent spinning after its gateway died would run until
+    // --die-with-parent or the disconnect handler stops it; CPU time can exceed wall time only by its threads.
     const cpuSeconds = 2 * Math.ceil(limits.timeoutMs / 1000) + 2;
     cmd.unshift(
       spawnOpts.prlimit,
@@ -136,6 +212,11 @@ export function sandboxCommand(script: string, limits: ProcessLimits, spawnOpts:
 }
 
 /** The prlimit/bwrap command line for an agents/host/main.ts process with these limits. */
-export function hostCommand(limits: ProcessLimits, spawnOpts: SpawnOptions): string[] {
-  return sandboxCommand(HOST, limits, spawnOpts);
+export function hostCommand(limits: ProcessLimits, spawnOpts: SpawnOptions, view: SandboxView = {}): string[] {
+  return sandboxCommand(HOST, limits, spawnOpts, view);
+}
+
+/** The runtime binds of the host process (a staging root needs their mount points). */
+export function hostRuntime(spawnOpts: SpawnOptions): Bind[] {
+  return runtimeFor(spawnOpts.bun, HOST);
 }

@@ -1,7 +1,7 @@
 /**
  * Intake: turns a message from any source into durable, deduplicated stimuli, one per
  * target agent. For MQTT it runs inside the broker's authorizePublish, so a QoS 1 PUBACK
- * goes out only after the stimuli are committed (NOTES: aedes acks before `published`).
+ * goes out only after the stimuli are committed (aedes acks before its `published` hook runs).
  */
 import type { Logger } from "pino";
 import type { ClientInfo, IntakeVerdict, PublishedMessage } from "../../broker/index.ts";

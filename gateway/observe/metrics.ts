@@ -152,6 +152,20 @@ export class FleetMetrics {
       labelNames: ["status"],
       registers,
     });
+    const infraFailures = new Counter({
+      name: "fleet_infra_failures_total",
+      help: "Episodes that could not start for reasons of the machine (not counted against the agent), by agent type.",
+      labelNames: ["type"],
+      registers,
+    });
+    const degraded = new Gauge({
+      name: "fleet_degraded",
+      help:
+        "1 while episode subprocesses cannot be started (out of processes, fds, memory; " +
+        "sandbox set-up failing), else 0.",
+      registers,
+    });
+    degraded.set(0);
     this.commitSeconds = new Histogram({
       name: "fleet_db_commit_seconds",
       help: "Duration of each group commit (one transaction, one fsync).",
@@ -178,6 +192,10 @@ export class FleetMetrics {
       }),
       host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
       host.events.on("rejectedMessage", (e) => rejectedMessages.inc(e.count)),
+      host.events.on("infra", (e) => {
+        degraded.set(e.state === "degraded" ? 1 : 0);
+        if (e.state === "degraded") infraFailures.inc({ type: e.type ?? "unknown" });
+      }),
     );
     // Pre-create the outcome series so a fresh gateway exposes zeros rather than nothing.
     for (const type of Object.keys(host.spec.spec.agents)) {
@@ -328,6 +346,12 @@ export class FleetMetrics {
       "fleet_broker_refused_total",
       "Device publishes the broker refused (rules, ACL, intake refusal).",
       () => host.broker?.stats().refused,
+    );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_offline_dropped_total",
+      "Messages not queued for a clean = false client because its queue held max_offline_messages.",
+      () => host.broker?.stats().offlineDropped,
     );
     new Gauge({
       name: "fleet_broker_connections",

@@ -43,15 +43,7 @@ async function scalar(store: Store, query: ReturnType<typeof sql>): Promise<numb
 export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Promise<GcReport> {
   const started = performance.now();
   const batch = opts.batch ?? 5000;
-  const report: GcReport = {
-    tombstoned: 0,
-    checkpointsDeleted: 0,
-    episodesDeleted: 0,
-    eventsDeleted: 0,
-    stimuliForgotten: 0,
-    usageRowsDeleted: 0,
-    ms: 0,
-  };
+  const report = emptyReport();
   const episodeCutoff = opts.now - spec.retention.episodes_days * DAY;
   const dedupCutoff = opts.now - spec.retention.dedup_days * DAY;
 
@@ -150,9 +142,9 @@ export function gcTotal(r: GcReport): number {
   );
 }
 
-/** Run passes until nothing is left (CLI `fleet gc`), summing the reports. */
-export async function gcAll(store: Store, spec: FleetSpec, opts: GcOptions): Promise<GcReport> {
-  const sum: GcReport = {
+/** A report of nothing done yet. */
+function emptyReport(): GcReport {
+  return {
     tombstoned: 0,
     checkpointsDeleted: 0,
     episodesDeleted: 0,
@@ -161,6 +153,11 @@ export async function gcAll(store: Store, spec: FleetSpec, opts: GcOptions): Pro
     usageRowsDeleted: 0,
     ms: 0,
   };
+}
+
+/** Run passes until nothing is left (CLI `fleet gc`), summing the reports. */
+export async function gcAll(store: Store, spec: FleetSpec, opts: GcOptions): Promise<GcReport> {
+  const sum = emptyReport();
   for (let i = 0; i < 10_000; i++) {
     const r = await gcPass(store, spec, opts);
     for (const k of Object.keys(sum) as (keyof GcReport)[]) sum[k] += r[k];

@@ -1,5 +1,5 @@
 /**
- * Quarantine (issue 4 item 7): poison stimuli — those that failed `retry.max_attempts`
+ * Quarantine: poison stimuli — those that failed `retry.max_attempts`
  * times — listed with their failures, put back in their agent's queue, or dropped.
  * Works on a Store, so the running gateway (HTTP) and the CLI on a stopped data dir share it.
  */

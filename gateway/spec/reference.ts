@@ -18,7 +18,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
   "fleet.drain_timeout_ms":
     "On SIGTERM, how long in-flight episodes may finish before they are killed (their stimuli stay queued).",
-  "fleet.sandbox": 'How episode subprocesses are isolated: "auto" picks the strongest available (see the README).',
+  "fleet.sandbox":
+    'How episode subprocesses are isolated: "auto" picks the strongest available (see [sandbox.md](sandbox.md)).',
+  "fleet.allow_weak_sandbox":
+    'Accept sandbox = "uid" or "none" where bubblewrap works ' +
+    "(they leave an agent the network, the file system and detached children).",
   "fleet.warm_spares": "Sandboxed subprocesses started ahead of need; each still serves exactly one episode.",
   broker: "The embedded MQTT broker.",
   "broker.host": "Address the MQTT listener binds.",

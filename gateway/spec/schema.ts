@@ -132,6 +132,7 @@ export const fleetSchema = z.strictObject({
     drain_timeout_ms: nonNegInt(10_000),
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
     warm_spares: nonNegInt(2),
+    allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),
   }),
   broker: table({
     host: str().default("0.0.0.0"),
@@ -146,6 +147,8 @@ export const fleetSchema = z.strictObject({
     tls_cert: str().optional(),
     tls_key: str().optional(),
     tls_ca: str().optional(),
+    persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("memory"),
+    max_offline_messages: posInt(1000),
   }),
   http: table({
     host: str().default("0.0.0.0"),

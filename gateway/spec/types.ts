@@ -101,6 +101,12 @@ export interface FleetSpec {
      */
     readonly sandbox: "auto" | "bwrap" | "uid" | "none";
     /**
+     * "uid" and "none" leave an agent the network, the HTTP API, the file system and detached
+     * children (README "What an agent subprocess can see"): where bubblewrap works they are
+     * refused unless this is true.
+     */
+    readonly allow_weak_sandbox: boolean;
+    /**
      * Host processes kept started ahead of need (sandboxed, no agent code or state loaded),
      * so an episode skips process start-up. Each still serves one episode. 0 = off.
      */
@@ -125,6 +131,14 @@ export interface FleetSpec {
      * certificate it signed.
      */
     readonly tls: TlsFiles | null;
+    /**
+     * Where the broker keeps clean = false sessions, offline queues, retained messages, wills
+     * and QoS 2 packets: "libsql" (`<data-dir>/broker.db`, survives restarts and kill -9) or
+     * "memory" (aedes' default, lost on any restart).
+     */
+    readonly persistence: "libsql" | "memory";
+    /** Most messages kept per client session (queued + in flight); past it new ones are dropped, counted, logged. */
+    readonly max_offline_messages: number;
   };
   readonly http: {
     readonly host: string;

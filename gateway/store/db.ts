@@ -1,16 +1,18 @@
 /**
  * Opening the libSQL file and the group committer. The gateway is the only writer
- * (NOTES: a failed SQLITE_BUSY statement can keep holding the write lock); everything it
+ * (a statement that failed with SQLITE_BUSY can keep holding the write lock,
+ * libsql-client-ts#352); everything it
  * writes goes through `GroupCommitter`, which folds the jobs queued in one turn of the
  * event loop into a single transaction, so one fsync covers many stimuli.
  */
 import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client";
 import { drizzle, type LibSQLDatabase } from "drizzle-orm/libsql";
 import type { BatchItem } from "drizzle-orm/batch";
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
+import { ensurePrivateFile, secureDataDir } from "./files.ts";
 
 /** The drizzle handle over the fleet schema. */
 export type Db = LibSQLDatabase<typeof schema>;
@@ -89,9 +91,14 @@ export interface CommitHealth {
 
 /** Open (and migrate) the fleet database at `path`. */
 export async function openDb(path: string, opts: OpenDbOptions): Promise<{ client: Client; db: Db }> {
-  if (!opts.readonly) mkdirSync(dirname(path), { recursive: true });
+  if (!opts.readonly) {
+    // A private dir, and a 0600 database file before SQLite creates it (its -wal and -shm copy its mode).
+    if (!existsSync(dirname(path))) secureDataDir(dirname(path));
+    ensurePrivateFile(path);
+    for (const side of ["-wal", "-shm"]) if (existsSync(path + side)) ensurePrivateFile(path + side);
+  }
   const client = createClient({ url: `file:${path}` });
-  // NOTES: libSQL defaults to journal_mode=delete, synchronous=FULL, busy_timeout=0.
+  // libSQL's defaults are journal_mode=delete, synchronous=FULL, busy_timeout=0: set them all.
   await client.execute(`PRAGMA busy_timeout = ${opts.busyTimeoutMs ?? 5000}`);
   if (!opts.readonly) {
     await client.execute("PRAGMA journal_mode = WAL");

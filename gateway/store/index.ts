@@ -1,3 +1,4 @@
 export * from "./store.ts";
 export * from "./checkpoint.ts";
 export * from "./migrate.ts";
+export * from "./files.ts";

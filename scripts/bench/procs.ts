@@ -99,9 +99,12 @@ export async function startGateway(tag: string, fleetToml: string): Promise<Gate
           throw new Error(
             `gateway exited with ${proc.exitCode}: ${readTail(join(dir, "gateway.err"))}${readTail(logFile)}`,
           );
-        return existsSync(infoFile)
-          ? (JSON.parse(readFileSync(infoFile, "utf8")) as { mqtt_port: number; http_port: number })
-          : null;
+        if (!existsSync(infoFile)) return null;
+        try {
+          return JSON.parse(readFileSync(infoFile, "utf8")) as { mqtt_port: number; http_port: number };
+        } catch {
+          return null; // caught mid-write: read it again
+        }
       },
       30_000,
     );

@@ -15,7 +15,9 @@ import { fleetHeader as loopbackHeader, q } from "./toml.ts";
 const SHARED = { hog: "agents/hog", spin: "agents/loops" } as const;
 
 /** Absolute path of a policy fixture agent (world-readable: episodes run as nobody). */
-export const policyAgent = (name: "steady" | "scripted" | "probe" | "hog" | "spin" | "forkbomb" | "fdleak"): string =>
+export const policyAgent = (
+  name: "steady" | "scripted" | "probe" | "hog" | "spin" | "forkbomb" | "fdleak" | "snoop",
+): string =>
   join(ROOT, "test/fixtures", `${name in SHARED ? SHARED[name as keyof typeof SHARED] : `policy/${name}`}.ts`);
 
 /** `[fleet]`, `[broker]` and `[http]` on loopback with a 5 s drain; ports come from the harness flags. */

@@ -2,7 +2,8 @@
  * fleet.toml building blocks the suites share: the loopback header, one agent type table,
  * and the agent types several suites deploy (the throws fixture, the shipped temp-monitor).
  */
-import { fixture, shippedAgent } from "./gateway.ts";
+import { join } from "node:path";
+import { fixture, ROOT, shippedAgent } from "./gateway.ts";
 
 /** A TOML basic string (JSON string syntax is valid TOML for these values). */
 export const q = (s: string): string => JSON.stringify(s);
@@ -97,4 +98,20 @@ export function tempMonitorType(name: string, o: { instances?: readonly string[]
     instances: o.instances,
     extra: tools + (o.extra ?? ""),
   });
+}
+
+/**
+ * A two-agent chain: `relay/<key>` (from `door/<key>/event`) sends every stimulus to
+ * `alerter/d1`, which decides `alert` and publishes to `alerts/d1`.
+ */
+export function relayChainTypes(): string {
+  return (
+    agentType("relay", join(ROOT, "test/fixtures/sources/relay.ts"), ["door/+/event"], {
+      extra: `tools = ["send"]\nconfig = { to = ${q("alerter/d1")} }\n`,
+    }) +
+    agentType("alerter", join(ROOT, "test/fixtures/ops/alerter.ts"), ["alerter/+/never"], {
+      instances: ["d1"],
+      extra: 'tools = ["publish"]\npublish = ["alerts/#"]\n',
+    })
+  );
 }

@@ -1,0 +1,70 @@
+/**
+ * Packets as stored rows: JSON text where byte fields (payloads, MQTT 5 correlation data)
+ * become `{"$b": base64}`, so a packet read back is deep-equal to the one stored.
+ */
+
+/** A packet as aedes hands it over: plain fields, byte payloads as Buffers. */
+export type StoredPacket = Record<string, unknown> & { messageId?: number | null };
+
+const BYTES = "$b";
+
+function replacer(this: Record<string, unknown>, key: string, value: unknown): unknown {
+  // JSON.stringify has already called Buffer#toJSON on `value`; read the original instead.
+  const raw = this[key];
+  if (raw instanceof Uint8Array)
+    return { [BYTES]: Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength).toString("base64") };
+  return value;
+}
+
+function reviver(_key: string, value: unknown): unknown {
+  if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+    const b = (value as Record<string, unknown>)[BYTES];
+    if (typeof b === "string" && Object.keys(value).length === 1) return Buffer.from(b, "base64");
+  }
+  return value;
+}
+
+/** Encode a packet without its `messageId` (kept in a column of its own so it can be updated in place). */
+export function encodePacket(packet: object): string {
+  const { messageId: _omit, payload, ...rest } = packet as StoredPacket;
+  // MQTT 5 properties may hold bytes anywhere: walk them (slower); else only the payload can.
+  if (rest.properties !== undefined) return JSON.stringify({ ...rest, payload }, replacer);
+  if (payload instanceof Uint8Array) {
+    const b = Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).toString("base64");
+    return JSON.stringify({ ...rest, payload: { [BYTES]: b } });
+  }
+  return JSON.stringify(payload === undefined ? rest : { ...rest, payload });
+}
+
+/** Decode a stored packet; `messageId` comes from its column when it has one. */
+export function decodePacket(text: string, messageId: number | null = null): StoredPacket {
+  let packet = JSON.parse(text) as StoredPacket;
+  if (packet.properties !== undefined) packet = JSON.parse(text, reviver) as StoredPacket;
+  else {
+    const b = (packet.payload as Record<string, unknown> | undefined)?.[BYTES];
+    if (typeof b === "string") packet.payload = Buffer.from(b, "base64");
+  }
+  if (messageId !== null) packet.messageId = messageId;
+  return packet;
+}
+
+/**
+ * The fields aedes-packet's `Packet` keeps (aedes-packet 4: a queued copy gets a fresh,
+ * unassigned messageId), so a queued packet is stored the way the in-memory persistence
+ * would keep it.
+ */
+export function queuedCopy(original: StoredPacket): StoredPacket {
+  const p: StoredPacket = {};
+  for (const k of ["clientId", "nl", "properties", "messageExpiry"] as const) {
+    if (Object.hasOwn(original, k)) p[k] = original[k];
+  }
+  p.cmd = original.cmd || "publish";
+  p.brokerId = original.brokerId;
+  p.brokerCounter = original.brokerCounter || 0;
+  p.topic = original.topic;
+  p.payload = original.payload || Buffer.alloc(0);
+  p.qos = original.qos || 0;
+  p.retain = original.retain || false;
+  p.dup = original.dup || false;
+  return p;
+}

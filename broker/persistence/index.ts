@@ -1,0 +1,14 @@
+/**
+ * The broker's persistence (issue 12): aedes sessions, offline queues, retained messages,
+ * wills and QoS 2 packets on a libSQL file of its own, or aedes' in-memory default.
+ */
+export {
+  BrokerStoreTooNew,
+  LibsqlPersistence,
+  type ClientRef,
+  type LibsqlPersistenceOptions,
+  type PersistenceStats,
+  type StoredSubscription,
+} from "./libsql.ts";
+export { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
+export { persistenceFor, type PersistenceChoice } from "./choice.ts";

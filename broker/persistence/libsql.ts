@@ -1,0 +1,549 @@
+/**
+ * aedes' persistence interface (aedes-persistence 11, async form, as aedes 1.2.0 calls it)
+ * on a libSQL file of the broker's own: clean = false sessions (subscriptions and their
+ * offline queues), retained messages, wills and QoS 2 packets survive `kill -9` and
+ * restarts. Every write goes through one `SerialWriter` (group commit, WAL); aedes' callback
+ * for a publish runs after the queue rows and retained row it wrote are committed.
+ * Subscriptions are also held in memory (a trie read on every QoS > 0 publish), and so is
+ * each queue's index (broker id, counter, messageId per row, no payloads), so a messageId
+ * update answers at once and its write, like a PUBACK's delete, is lazy: losing either in a
+ * crash only redelivers the message (at least once). Retained messages and queued packets
+ * live only on disk.
+ */
+import type { InStatement } from "@libsql/client";
+import { chmodSync, closeSync, mkdirSync, openSync } from "node:fs";
+import { dirname } from "node:path";
+import { Readable } from "node:stream";
+import type { Logger } from "pino";
+import { matchTopic } from "../topics.ts";
+import { decodePacket, encodePacket, queuedCopy, type StoredPacket } from "./codec.ts";
+import { BROKER_SCHEMA_VERSION } from "./schema.ts";
+import { DbThread, TooNewOnThread } from "./thread.ts";
+import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
+import { SerialWriter } from "./writer.ts";
+
+/** How to open the broker's persistence. */
+export interface LibsqlPersistenceOptions {
+  /** The database file (created 0600 when missing); `:memory:` for a throwaway one. */
+  readonly path: string;
+  /** "full" survives power loss; "normal" survives process crashes (WAL). Default "full". */
+  readonly synchronous?: "full" | "normal";
+  /** Most messages kept per client (queued + in flight); past it new ones are dropped. Default 1000. */
+  readonly maxOfflineMessages?: number;
+  readonly logger?: Logger;
+  /** Clock for the drop log's rate limit. */
+  readonly now?: () => number;
+}
+
+/** What aedes passes as a client: only the id is read here. */
+export interface ClientRef {
+  readonly id: string;
+}
+
+/** A subscription as aedes stores it (SUBSCRIBE packet entry; MQTT 5 options kept as given). */
+export interface StoredSubscription {
+  readonly topic: string;
+  readonly qos: number;
+  readonly [option: string]: unknown;
+}
+
+/** The broker's identity as the persistence needs it. */
+interface BrokerRef {
+  readonly id: string;
+}
+
+/** Drop counters. */
+export interface PersistenceStats {
+  /** Messages not queued because the client's queue was full (`max_offline_messages`). */
+  readonly offlineDropped: number;
+  /** Messages held in all queues now. */
+  readonly queued: number;
+}
+
+const PAGE = 500;
+
+/** A queued row as the in-memory index knows it (same order as `outgoing.seq`). */
+interface QueueEntry {
+  brokerId: string | null;
+  brokerCounter: number | null;
+  messageId: number | null;
+  /** The packet being delivered (set by `outgoingUpdate`), so its PUBACK needs no read-back. */
+  inFlight?: StoredPacket;
+}
+const DROP_LOG_INTERVAL_MS = 10_000;
+
+/** Refused: the broker file was written by newer code. */
+export class BrokerStoreTooNew extends Error {
+  constructor(
+    readonly path: string,
+    readonly version: number,
+  ) {
+    super(`${path} has broker schema version ${version}; this gateway knows up to ${BROKER_SCHEMA_VERSION}`);
+    this.name = "BrokerStoreTooNew";
+  }
+}
+
+const num = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
+
+/** aedes persistence on libSQL. */
+export class LibsqlPersistence {
+  private db: DbThread | null = null;
+  private writer: SerialWriter | null = null;
+  private brokerRef: BrokerRef | null = null;
+  private destroyed = false;
+  private readonly trie = new SubscriptionTrie();
+  /** clientId -> filter -> subscription, every persistent subscription (qos 0 too). */
+  private readonly subs = new Map<string, Map<string, StoredSubscription>>();
+  /** clientId -> rows in its queue. */
+  private readonly queues = new Map<string, QueueEntry[]>();
+  private dropped = 0;
+  private droppedSinceLog = 0;
+  private lastDropLog = Number.NEGATIVE_INFINITY;
+  private readonly max: number;
+  private readonly now: () => number;
+
+  constructor(private readonly opts: LibsqlPersistenceOptions) {
+    this.max = opts.maxOfflineMessages ?? 1000;
+    if (!Number.isInteger(this.max) || this.max < 1) {
+      throw new RangeError(`maxOfflineMessages must be a positive integer, got ${opts.maxOfflineMessages}`);
+    }
+    this.now = opts.now ?? Date.now;
+  }
+
+  /** The broker this persistence serves (set by `setup`). */
+  get broker(): BrokerRef {
+    return this.brokerRef!;
+  }
+
+  /** Counters since open. */
+  stats(): PersistenceStats {
+    let queued = 0;
+    for (const q of this.queues.values()) queued += q.length;
+    return { offlineDropped: this.dropped, queued };
+  }
+
+  /** Open the file, create the tables, load subscriptions and queue sizes. Called by aedes' `listen`. */
+  async setup(broker: BrokerRef): Promise<void> {
+    this.brokerRef = broker;
+    if (this.db) return;
+    const { path } = this.opts;
+    if (path !== ":memory:") {
+      mkdirSync(dirname(path), { recursive: true });
+      closeSync(openSync(path, "a", 0o600));
+      chmodSync(path, 0o600);
+    }
+    let db: DbThread;
+    try {
+      db = await DbThread.open(path, this.opts.synchronous ?? "full");
+    } catch (err) {
+      throw err instanceof TooNewOnThread ? new BrokerStoreTooNew(path, err.version) : err;
+    }
+    try {
+      const [subs, queued] = await db.batch([
+        "SELECT client_id, topic, qos, options FROM subscriptions",
+        "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
+      ]);
+      for (const row of subs!.rows) {
+        this.remember(String(row.client_id), {
+          ...(JSON.parse(String(row.options)) as object),
+          topic: String(row.topic),
+          qos: Number(row.qos),
+        });
+      }
+      for (const row of queued!.rows) {
+        this.queueOf(String(row.client_id)).push({
+          brokerId: row.broker_id === null ? null : String(row.broker_id),
+          brokerCounter: num(row.broker_counter),
+          messageId: num(row.message_id),
+        });
+      }
+    } catch (err) {
+      await db.close().catch(() => undefined);
+      throw err;
+    }
+    this.db = db;
+    this.writer = new SerialWriter(db);
+  }
+
+  private run(statements: InStatement[], lazy = false) {
+    if (!this.writer) return Promise.reject(new Error("broker persistence is not set up"));
+    return this.writer.run(statements, { lazy });
+  }
+
+  private queueOf(clientId: string): QueueEntry[] {
+    let q = this.queues.get(clientId);
+    if (!q) {
+      q = [];
+      this.queues.set(clientId, q);
+    }
+    return q;
+  }
+
+  // ---- retained ------------------------------------------------------------------------
+
+  /** Store (or, with an empty payload, delete) the retained message of `packet.topic`. */
+  async storeRetained(packet: StoredPacket): Promise<void> {
+    const topic = String(packet.topic);
+    const payload = packet.payload as { length: number } | undefined;
+    if (!payload || payload.length === 0) {
+      await this.run([{ sql: "DELETE FROM retained WHERE topic = ?", args: [topic] }]);
+      return;
+    }
+    await this.run([
+      {
+        sql: "INSERT OR REPLACE INTO retained (topic, packet) VALUES (?, ?)",
+        args: [topic, encodePacket({ ...packet })],
+      },
+    ]);
+  }
+
+  /** Retained messages matching any of `patterns` (a pattern's matches in topic order). */
+  createRetainedStreamCombi(patterns: readonly string[]): Readable {
+    const self = this;
+    return Readable.from(
+      (async function* () {
+        for (const p of patterns) yield* self.retainedMatching(p);
+      })(),
+    );
+  }
+
+  /** Retained messages matching `pattern`. Deprecated by aedes-persistence; kept for the interface. */
+  createRetainedStream(pattern: string): Readable {
+    return this.createRetainedStreamCombi([pattern]);
+  }
+
+  private async *retainedMatching(pattern: string): AsyncGenerator<StoredPacket> {
+    // Scan only the topics sharing the pattern's literal prefix, in pages.
+    const levels = pattern.split("/");
+    const wild = levels.findIndex((l) => l === "+" || l === "#");
+    const exact = wild < 0;
+    const prefix = exact ? pattern : levels.slice(0, wild).join("/") + (wild > 0 ? "/" : "");
+    if (exact) {
+      const [r] = await this.run([{ sql: "SELECT packet FROM retained WHERE topic = ?", args: [pattern] }]);
+      for (const row of r!.rows) yield decodePacket(String(row.packet));
+      return;
+    }
+    // '#' also matches the parent level: "a/#" matches "a" itself, which sorts before "a/".
+    if (levels[wild] === "#" && wild > 0) {
+      const parent = levels.slice(0, wild).join("/");
+      const [r] = await this.run([{ sql: "SELECT packet FROM retained WHERE topic = ?", args: [parent] }]);
+      for (const row of r!.rows) yield decodePacket(String(row.packet));
+    }
+    // U+10FFFF sorts after every character a topic can hold (BINARY collation compares UTF-8 bytes).
+    const upper = `${prefix}\u{10FFFF}`;
+    let after = prefix;
+    let first = true;
+    for (;;) {
+      const [r] = await this.run([
+        {
+          sql: `SELECT topic, packet FROM retained WHERE topic ${first ? ">=" : ">"} ? AND topic < ?
+                ORDER BY topic LIMIT ${PAGE}`,
+          args: [after, upper],
+        },
+      ]);
+      first = false;
+      const rows = r!.rows;
+      for (const row of rows) {
+        const topic = String(row.topic);
+        if (matchTopic(pattern, topic)) yield decodePacket(String(row.packet));
+      }
+      if (rows.length < PAGE) return;
+      after = String(rows[rows.length - 1]!.topic);
+    }
+  }
+
+  // ---- subscriptions -------------------------------------------------------------------
+
+  private remember(clientId: string, sub: StoredSubscription): void {
+    let stored = this.subs.get(clientId);
+    if (!stored) {
+      stored = new Map();
+      this.subs.set(clientId, stored);
+    }
+    const before = stored.get(sub.topic);
+    if (before && before.qos > 0) this.trie.remove(clientId, sub.topic);
+    stored.set(sub.topic, sub);
+    if (sub.qos > 0) {
+      this.trie.add({ clientId, topic: sub.topic, qos: sub.qos, rh: sub.rh, rap: sub.rap, nl: sub.nl });
+    }
+  }
+
+  private forget(clientId: string, topic: string): void {
+    const stored = this.subs.get(clientId);
+    const sub = stored?.get(topic);
+    if (!stored || !sub) return;
+    if (sub.qos > 0) this.trie.remove(clientId, topic);
+    stored.delete(topic);
+    if (stored.size === 0) this.subs.delete(clientId);
+  }
+
+  /** Add (or replace) a clean = false client's subscriptions. */
+  async addSubscriptions(client: ClientRef, subs: readonly StoredSubscription[]): Promise<void> {
+    const statements: InStatement[] = [];
+    for (const sub of subs) {
+      const { topic, qos, ...options } = sub;
+      statements.push({
+        sql: "INSERT OR REPLACE INTO subscriptions (client_id, topic, qos, options) VALUES (?, ?, ?, ?)",
+        args: [client.id, topic, qos, JSON.stringify(options)],
+      });
+    }
+    await this.run(statements);
+    for (const sub of subs) this.remember(client.id, { ...sub });
+  }
+
+  /** Remove subscriptions by filter. */
+  async removeSubscriptions(client: ClientRef, topics: readonly string[]): Promise<void> {
+    await this.run(
+      topics.map((t) => ({ sql: "DELETE FROM subscriptions WHERE client_id = ? AND topic = ?", args: [client.id, t] })),
+    );
+    for (const t of topics) this.forget(client.id, t);
+  }
+
+  /** A client's stored subscriptions (restored on a clean = false CONNECT). */
+  async subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]> {
+    return [...(this.subs.get(client.id)?.values() ?? [])].map((s) => ({ ...s }));
+  }
+
+  /** Number of QoS > 0 subscriptions and of clients with any subscription. */
+  async countOffline(): Promise<{ subsCount: number; clientsCount: number }> {
+    return { subsCount: this.trie.size, clientsCount: this.subs.size };
+  }
+
+  /** The QoS > 0 subscriptions matching a topic. */
+  async subscriptionsByTopic(topic: string): Promise<TopicSubscription[]> {
+    return this.trie.match(topic);
+  }
+
+  /** Drop a client's subscriptions (clean session). */
+  async cleanSubscriptions(client: ClientRef): Promise<void> {
+    await this.run([{ sql: "DELETE FROM subscriptions WHERE client_id = ?", args: [client.id] }]);
+    for (const topic of [...(this.subs.get(client.id)?.keys() ?? [])]) this.forget(client.id, topic);
+  }
+
+  /** Client ids subscribed to exactly `topic`. */
+  getClientList(topic: string): Readable {
+    const ids: string[] = [];
+    for (const [id, stored] of this.subs) if (stored.has(topic)) ids.push(id);
+    return Readable.from(ids);
+  }
+
+  // ---- outgoing queues -----------------------------------------------------------------
+
+  /** Queue `packet` for one subscription's client. */
+  outgoingEnqueue(sub: { readonly clientId: string }, packet: StoredPacket): Promise<void> {
+    return this.outgoingEnqueueCombi([sub], packet);
+  }
+
+  /** Queue `packet` for each subscription's client; a full queue drops it for that client (counted, logged). */
+  async outgoingEnqueueCombi(subs: readonly { readonly clientId: string }[], packet: StoredPacket): Promise<void> {
+    if (subs.length === 0) return;
+    const copy = queuedCopy(packet);
+    const text = encodePacket(copy);
+    const brokerId = (copy.brokerId as string | undefined) ?? null;
+    const brokerCounter = num(copy.brokerCounter);
+    const statements: InStatement[] = [];
+    for (const { clientId } of subs) {
+      const queue = this.queueOf(clientId);
+      if (queue.length >= this.max) {
+        this.drop(clientId, String(packet.topic));
+        continue;
+      }
+      queue.push({ brokerId, brokerCounter, messageId: null });
+      statements.push({
+        sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
+              VALUES (?, ?, ?, NULL, ?)`,
+        args: [clientId, brokerId, brokerCounter, text],
+      });
+    }
+    await this.run(statements);
+  }
+
+  private drop(clientId: string, topic: string): void {
+    this.dropped++;
+    this.droppedSinceLog++;
+    const t = this.now();
+    if (t - this.lastDropLog < DROP_LOG_INTERVAL_MS) return;
+    this.opts.logger?.warn(
+      { client: clientId, topic, dropped: this.droppedSinceLog, total: this.dropped, max: this.max },
+      "offline queue full (max_offline_messages); message dropped for this client",
+    );
+    this.lastDropLog = t;
+    this.droppedSinceLog = 0;
+  }
+
+  /**
+   * Record the messageId given to a queued packet (same broker id and counter), or replace
+   * the queued packet holding that messageId (a PUBREL after PUBREC). Same matching as the
+   * in-memory persistence: the first row in queue order.
+   */
+  async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
+    const bid = (packet.brokerId as string | undefined) ?? null;
+    const bc = num(packet.brokerCounter);
+    const mid = num(packet.messageId);
+    // The index finds the same first row the statement below does.
+    const entry = this.queues
+      .get(client.id)
+      ?.find((e) => (e.brokerId === bid ? e.brokerCounter === bc : mid !== null && e.messageId === mid));
+    if (!entry) throw new Error("no such packet");
+    entry.brokerId = bid;
+    entry.brokerCounter = bc;
+    entry.messageId = mid;
+    entry.inFlight = packet;
+    // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
+    this.run(
+      [
+        {
+          sql: `UPDATE outgoing SET
+                  packet = CASE WHEN broker_id IS ?2 AND broker_counter IS ?3 THEN packet ELSE ?5 END,
+                  message_id = ?4, broker_id = ?2, broker_counter = ?3
+                WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ?1
+                               AND ((broker_id IS ?2 AND broker_counter IS ?3)
+                                    OR (broker_id IS NOT ?2 AND message_id = ?4))
+                             ORDER BY seq LIMIT 1)`,
+          args: [client.id, bid, bc, mid, encodePacket(packet)],
+        },
+      ],
+      true,
+    ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "queued messageId not recorded"));
+  }
+
+  /** Remove the queued packet with `packet.messageId` (a PUBACK or PUBCOMP); resolves with it. */
+  async outgoingClearMessageId(client: ClientRef, packet: { messageId?: number }): Promise<StoredPacket | undefined> {
+    const mid = num(packet?.messageId);
+    const queue = this.queues.get(client.id);
+    const at = mid === null || !queue ? -1 : queue.findIndex((e) => e.messageId === mid);
+    if (at < 0) return undefined;
+    const [entry] = queue!.splice(at, 1);
+    if (queue!.length === 0) this.queues.delete(client.id);
+    const where = "WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ? AND message_id = ? ORDER BY seq LIMIT 1)";
+    // Lazy: a PUBACK lost in a crash only means the message is delivered again.
+    if (entry!.inFlight) {
+      void this.run([{ sql: `DELETE FROM outgoing ${where}`, args: [client.id, mid] }], true).catch((err: unknown) =>
+        this.opts.logger?.warn({ err, client: client.id }, "acknowledged message not removed"),
+      );
+      return entry!.inFlight;
+    }
+    const [r] = await this.run(
+      [{ sql: `DELETE FROM outgoing ${where} RETURNING packet, message_id`, args: [client.id, mid] }],
+      true,
+    );
+    const row = r!.rows[0];
+    return row ? decodePacket(String(row.packet), num(row.message_id)) : undefined;
+  }
+
+  /** A client's queue, oldest first, read in pages. */
+  outgoingStream(client: ClientRef): Readable {
+    const self = this;
+    return Readable.from(
+      (async function* () {
+        let after = 0;
+        for (;;) {
+          const [r] = await self.run([
+            {
+              sql: `SELECT seq, packet, message_id FROM outgoing WHERE client_id = ? AND seq > ?
+                    ORDER BY seq LIMIT ${PAGE}`,
+              args: [client.id, after],
+            },
+          ]);
+          const rows = r!.rows;
+          for (const row of rows) yield decodePacket(String(row.packet), num(row.message_id));
+          if (rows.length < PAGE) return;
+          after = Number(rows[rows.length - 1]!.seq);
+        }
+      })(),
+    );
+  }
+
+  // ---- incoming QoS 2 ------------------------------------------------------------------
+
+  /** Keep a QoS 2 PUBLISH until its PUBREL. */
+  async incomingStorePacket(client: ClientRef, packet: StoredPacket): Promise<void> {
+    const copy = { ...queuedCopy(packet), messageId: packet.messageId };
+    await this.run([
+      {
+        sql: "INSERT OR REPLACE INTO incoming (client_id, message_id, packet) VALUES (?, ?, ?)",
+        args: [client.id, num(packet.messageId), encodePacket(copy)],
+      },
+    ]);
+  }
+
+  /** The stored QoS 2 PUBLISH with `packet.messageId`; throws when there is none. */
+  async incomingGetPacket(client: ClientRef, packet: { messageId?: number }): Promise<StoredPacket> {
+    const [r] = await this.run([
+      {
+        sql: "SELECT packet, message_id FROM incoming WHERE client_id = ? AND message_id = ?",
+        args: [client.id, num(packet.messageId)],
+      },
+    ]);
+    const row = r!.rows[0];
+    if (!row) throw new Error("no such packet");
+    return decodePacket(String(row.packet), num(row.message_id));
+  }
+
+  /** Forget a released QoS 2 PUBLISH; throws when there is none. */
+  async incomingDelPacket(client: ClientRef, packet: { messageId?: number }): Promise<void> {
+    const [r] = await this.run([
+      { sql: "DELETE FROM incoming WHERE client_id = ? AND message_id = ?", args: [client.id, num(packet.messageId)] },
+    ]);
+    if (r!.rowsAffected === 0) throw new Error("no such packet");
+  }
+
+  /** Forget all of a client's QoS 2 packets (MQTT-3.1.2-6: a clean session ends with it). */
+  async cleanIncoming(client: ClientRef): Promise<void> {
+    await this.run([{ sql: "DELETE FROM incoming WHERE client_id = ?", args: [client.id] }]);
+  }
+
+  // ---- wills ---------------------------------------------------------------------------
+
+  /** Store a client's will, stamped with this broker's id and the client id. */
+  async putWill(client: ClientRef, packet: StoredPacket): Promise<void> {
+    packet.brokerId = this.broker.id;
+    packet.clientId = client.id;
+    await this.run([
+      {
+        sql: "INSERT OR REPLACE INTO wills (client_id, broker_id, packet) VALUES (?, ?, ?)",
+        args: [client.id, this.broker.id, encodePacket(packet)],
+      },
+    ]);
+  }
+
+  /** A client's will, if stored. */
+  async getWill(client: ClientRef): Promise<StoredPacket | undefined> {
+    const [r] = await this.run([{ sql: "SELECT packet FROM wills WHERE client_id = ?", args: [client.id] }]);
+    const row = r!.rows[0];
+    return row ? decodePacket(String(row.packet)) : undefined;
+  }
+
+  /** Remove and return a client's will. */
+  async delWill(client: ClientRef): Promise<StoredPacket | undefined> {
+    const [r] = await this.run([{ sql: "DELETE FROM wills WHERE client_id = ? RETURNING packet", args: [client.id] }]);
+    const row = r!.rows[0];
+    return row ? decodePacket(String(row.packet)) : undefined;
+  }
+
+  /** Wills of brokers not in `brokers` (dead ones, e.g. this process before a crash). */
+  streamWill(brokers: Readonly<Record<string, unknown>> = {}): Readable {
+    const self = this;
+    return Readable.from(
+      (async function* () {
+        const [r] = await self.run([{ sql: "SELECT broker_id, packet FROM wills ORDER BY client_id", args: [] }]);
+        for (const row of r!.rows) {
+          const id = row.broker_id === null ? "" : String(row.broker_id);
+          if (!Object.hasOwn(brokers, id)) yield decodePacket(String(row.packet));
+        }
+      })(),
+    );
+  }
+
+  // ---- lifecycle -----------------------------------------------------------------------
+
+  /** Wait for every queued write, then close the file. Throws when called twice. */
+  async destroy(): Promise<void> {
+    if (this.destroyed) throw new Error("destroyed called twice!");
+    this.destroyed = true;
+    await this.writer?.drain();
+    await this.db?.close();
+    this.db = null;
+    this.writer = null;
+  }
+}

@@ -1,0 +1,43 @@
+/** Tables of the broker's own libSQL file (`<data-dir>/broker.db`). */
+
+/** Bumped when the tables change; a file from newer code is refused. */
+export const BROKER_SCHEMA_VERSION = 1;
+
+/** DDL, idempotent. */
+export const BROKER_DDL: readonly string[] = [
+  // One row per (client, filter) of a clean = false session; qos 0 ones are restored, not matched.
+  `CREATE TABLE IF NOT EXISTS subscriptions (
+     client_id TEXT NOT NULL,
+     topic TEXT NOT NULL,
+     qos INTEGER NOT NULL,
+     options TEXT NOT NULL,
+     PRIMARY KEY (client_id, topic)
+   ) WITHOUT ROWID`,
+  // Offline queues and in-flight QoS > 0 deliveries, per client in enqueue order.
+  `CREATE TABLE IF NOT EXISTS outgoing (
+     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+     client_id TEXT NOT NULL,
+     broker_id TEXT,
+     broker_counter INTEGER,
+     message_id INTEGER,
+     packet TEXT NOT NULL
+   )`,
+  "CREATE INDEX IF NOT EXISTS outgoing_client ON outgoing (client_id, seq)",
+  "CREATE INDEX IF NOT EXISTS outgoing_message ON outgoing (client_id, message_id)",
+  `CREATE TABLE IF NOT EXISTS retained (
+     topic TEXT PRIMARY KEY,
+     packet TEXT NOT NULL
+   ) WITHOUT ROWID`,
+  // QoS 2 packets received and not yet released (PUBREL), per client and message id.
+  `CREATE TABLE IF NOT EXISTS incoming (
+     client_id TEXT NOT NULL,
+     message_id INTEGER NOT NULL,
+     packet TEXT NOT NULL,
+     PRIMARY KEY (client_id, message_id)
+   ) WITHOUT ROWID`,
+  `CREATE TABLE IF NOT EXISTS wills (
+     client_id TEXT PRIMARY KEY,
+     broker_id TEXT,
+     packet TEXT NOT NULL
+   ) WITHOUT ROWID`,
+];

@@ -1,0 +1,111 @@
+/**
+ * The gateway's end of the episode channel: the subprocess writes one JSON message per line
+ * to fd 3 (agents/protocol.ts `CHILD_CHANNEL_FD`), the gateway reads it in chunks and never
+ * holds more than the cap of one message. Bun's own `ipc` channel hands over whole messages
+ * only after buffering them (a 64 MB message cost the gateway ~1 GB), so the size has to be
+ * checked here, while the bytes arrive.
+ */
+import { closeSync } from "node:fs";
+
+/** A line that is not JSON. */
+export const MALFORMED: unique symbol = Symbol("malformed");
+
+/** Where the reader delivers. */
+export interface ChannelSink {
+  /** One complete message (or MALFORMED), with its size on the wire in bytes. */
+  message(raw: unknown, bytes: number): void;
+  /** A message grew past `cap()` bytes: reading stopped, nothing of it was kept. */
+  oversize(bytes: number, cap: number): void;
+}
+
+/** Splits chunks into newline-delimited JSON messages, refusing a line past `cap()` bytes before buffering it. */
+export class LineReader {
+  private parts: Uint8Array[] = [];
+  private size = 0;
+  private stopped = false;
+  private readonly decoder = new TextDecoder();
+
+  constructor(
+    private readonly cap: () => number,
+    private readonly sink: ChannelSink,
+  ) {}
+
+  /** Whether reading should go on. */
+  get open(): boolean {
+    return !this.stopped;
+  }
+
+  /** Feed one chunk; returns false once the reader stopped (oversize). */
+  push(chunk: Uint8Array): boolean {
+    let start = 0;
+    while (!this.stopped) {
+      const nl = chunk.indexOf(10, start);
+      const piece = chunk.subarray(start, nl < 0 ? chunk.length : nl);
+      const total = this.size + piece.length;
+      if (total > this.cap()) {
+        this.stopped = true;
+        this.parts = [];
+        this.sink.oversize(total, this.cap());
+        return false;
+      }
+      if (nl < 0) {
+        if (piece.length > 0) this.parts.push(piece.slice());
+        this.size = total;
+        return true;
+      }
+      const line = this.parts.length === 0 ? piece : concat([...this.parts, piece], total);
+      this.parts = [];
+      this.size = 0;
+      start = nl + 1;
+      if (total === 0) continue;
+      let raw: unknown = MALFORMED;
+      try {
+        raw = JSON.parse(this.decoder.decode(line));
+      } catch {
+        // stays MALFORMED
+      }
+      this.sink.message(raw, total);
+    }
+    return false;
+  }
+}
+
+function concat(parts: readonly Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/** Our end of the channel being read; `stop` cancels the read (the child may have left a writer behind). */
+export interface Pump {
+  readonly done: Promise<void>;
+  stop(): void;
+}
+
+/** Read our end of the channel (`fd`) into `reader` until EOF, the reader stops or `stop`; then close the fd. */
+export function pump(fd: number, reader: LineReader): Pump {
+  const stream = Bun.file(fd).stream().getReader();
+  const done = (async () => {
+    try {
+      for (;;) {
+        const { value, done } = await stream.read();
+        if (done || !reader.push(value)) break;
+      }
+    } catch {
+      // the pipe broke or the read was cancelled: the exit handler reports the end
+    } finally {
+      await stream.cancel().catch(() => undefined);
+      // Bun does not close an extra stdio pipe of a subprocess by itself.
+      try {
+        closeSync(fd);
+      } catch {
+        // already closed
+      }
+    }
+  })();
+  return { done, stop: () => void stream.cancel().catch(() => undefined) };
+}

@@ -1,0 +1,124 @@
+/**
+ * What a gateway killed with -9 can leave behind: sandboxes started while it died (a warm
+ * spare's bwrap still setting up is not yet tied to its parent's death) and staging roots.
+ * Every host process group and staging folder is noted in `<data dir>/sandboxes` as it is
+ * started; the next start of the same data dir kills the groups still alive (same pid AND
+ * same start time: a reused pid is left alone) and removes the folders.
+ */
+import { appendFileSync, existsSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { basename } from "node:path";
+import { PRIVATE_FILE_MODE } from "../store/index.ts";
+
+/** Start time of a process in clock ticks since boot, or null when it is gone. */
+export function startTicks(pid: number): string | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the parenthesised command: state ppid pgrp ... starttime is the 20th of them.
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/** What `sweep` found of a previous run. */
+export interface Swept {
+  /** Process groups killed. */
+  readonly killed: number[];
+  /** Staging folders removed. */
+  readonly roots: number;
+  /** The previous gateway of this data dir still runs: nothing was touched. */
+  readonly ownerAlive: boolean;
+}
+
+/** The on-disk ledger of one gateway's sandboxes (append-only, compacted now and then). */
+export class SandboxLedger {
+  private readonly live = new Map<number, string>();
+  private readonly roots = new Set<string>();
+  private lines = 0;
+
+  constructor(readonly file: string) {}
+
+  /** Reap what a previous run of this data dir left behind, then start this run's ledger. */
+  sweep(): Swept {
+    const text = existsSync(this.file) ? readFileSync(this.file, "utf8") : "";
+    let owner: [number, string] | null = null;
+    const groups = new Map<number, string>();
+    const roots = new Set<string>();
+    for (const line of text.split("\n")) {
+      const [op, a, b] = line.split(" ");
+      if (op === "gateway" && a && b) owner = [Number(a), b];
+      else if (op === "+" && a && b) groups.set(Number(a), b);
+      else if (op === "-" && a) groups.delete(Number(a));
+      else if (op === "root" && a) roots.add(a);
+    }
+    if (owner && owner[0] !== process.pid && startTicks(owner[0]) === owner[1])
+      return { killed: [], roots: 0, ownerAlive: true };
+    const killed: number[] = [];
+    for (const [pid, ticks] of groups) {
+      if (startTicks(pid) !== ticks) continue;
+      killed.push(pid);
+      for (const target of [-pid, pid])
+        try {
+          process.kill(target, "SIGKILL");
+        } catch {
+          // gone meanwhile, or not a group leader
+        }
+    }
+    let removed = 0;
+    for (const dir of roots)
+      if (/^fleet-roots-/.test(basename(dir)) && existsSync(dir) && statSync(dir).isDirectory()) {
+        rmSync(dir, { recursive: true, force: true });
+        removed++;
+      }
+    this.rewrite();
+    return { killed, roots: removed, ownerAlive: false };
+  }
+
+  /** A host process group was started. */
+  add(pid: number): void {
+    const ticks = startTicks(pid);
+    if (ticks === null) return;
+    this.live.set(pid, ticks);
+    this.append(`+ ${pid} ${ticks}`);
+  }
+
+  /** A host process group ended (killed and reaped). */
+  remove(pid: number): void {
+    if (!this.live.delete(pid)) return;
+    this.append(`- ${pid}`);
+    if (this.lines > 4 * this.live.size + 1000) this.rewrite();
+  }
+
+  /** A folder of staging roots this run uses. */
+  addRoot(dir: string): void {
+    if (this.roots.has(dir)) return;
+    this.roots.add(dir);
+    this.append(`root ${dir}`);
+  }
+
+  private append(line: string): void {
+    try {
+      appendFileSync(this.file, `${line}\n`, { mode: PRIVATE_FILE_MODE });
+      this.lines++;
+    } catch {
+      // a full disk must not stop episodes; the sweep then misses this entry
+    }
+  }
+
+  private rewrite(): void {
+    const lines = [
+      `gateway ${process.pid} ${startTicks(process.pid) ?? "?"}`,
+      ...[...this.roots].map((r) => `root ${r}`),
+      ...[...this.live].map(([pid, t]) => `+ ${pid} ${t}`),
+    ];
+    // Whole or not at all: a crash while compacting must not lose the entries.
+    const tmp = `${this.file}.tmp`;
+    try {
+      writeFileSync(tmp, `${lines.join("\n")}\n`, { mode: PRIVATE_FILE_MODE });
+      renameSync(tmp, this.file);
+      this.lines = lines.length;
+    } catch {
+      // keep appending to the old file
+    }
+  }
+}

@@ -1,0 +1,252 @@
+/**
+ * What an episode's sandbox can see of the host's files (bubblewrap mode): the system
+ * libraries and binaries, the Bun executable, the host runtime (agents/host, agents/sdk,
+ * agents/protocol.ts), and the agent module with the files it imports. Nothing else: not the
+ * data dir, not fleet.toml, not the other agents' modules.
+ *
+ * A cold host process gets its agent's files as bind mounts. A warm spare starts before
+ * anyone knows which agent it will serve, so its root is a staging directory of its own
+ * (`StagingRoot`, read-only inside); the agent's files are linked into it when an episode
+ * takes the spare, and appear inside at their real paths.
+ */
+import {
+  chmodSync,
+  copyFileSync,
+  cpSync,
+  existsSync,
+  linkSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  readlinkSync,
+  realpathSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, sep } from "node:path";
+
+/** One read-only thing the sandbox shows at the same path as on the host. */
+export type Bind =
+  | { readonly kind: "dir" | "file"; readonly path: string }
+  | { readonly kind: "symlink"; readonly path: string; readonly target: string };
+
+/** The files of one agent module: its own import closure, and the node_modules packages it uses (whole folders). */
+export interface AgentFiles {
+  readonly files: readonly string[];
+  readonly packages: readonly string[];
+}
+
+/** The system parts a Bun process needs: its shared libraries (and /usr/bin for what an agent may spawn). */
+const SYSTEM_PATHS = ["/usr/lib", "/usr/lib64", "/usr/bin", "/lib", "/lib64", "/bin"] as const;
+
+/** The binds every sandboxed host process gets, whatever agent it serves. */
+export function runtimeBinds(bun: string, hostPaths: readonly string[]): Bind[] {
+  const out: Bind[] = [];
+  for (const p of SYSTEM_PATHS) {
+    let st: ReturnType<typeof lstatSync>;
+    try {
+      st = lstatSync(p);
+    } catch {
+      continue;
+    }
+    if (st.isSymbolicLink()) out.push({ kind: "symlink", path: p, target: readlinkSync(p) });
+    else if (st.isDirectory()) out.push({ kind: "dir", path: p });
+  }
+  out.push({ kind: "file", path: realpathSync(bun) });
+  for (const p of hostPaths) out.push({ kind: statSync(p).isDirectory() ? "dir" : "file", path: realpathSync(p) });
+  return out;
+}
+
+/** bubblewrap arguments for these binds (after the root is set up). */
+export function bindArgs(binds: readonly Bind[]): string[] {
+  return binds.flatMap((b) => (b.kind === "symlink" ? ["--symlink", b.target, b.path] : ["--ro-bind", b.path, b.path]));
+}
+
+const transpiler = new Bun.Transpiler({ loader: "tsx" });
+const cache = new Map<string, { stamp: string; files: AgentFiles }>();
+
+/** The folder of the npm package a resolved file belongs to (…/node_modules/<name> or …/node_modules/@s/<name>). */
+function packageRoot(file: string): string | null {
+  const at = file.lastIndexOf(`${sep}node_modules${sep}`);
+  if (at < 0) return null;
+  const rest = file.slice(at + "/node_modules/".length).split(sep);
+  const name = rest[0]?.startsWith("@") ? rest.slice(0, 2) : rest.slice(0, 1);
+  return file.slice(0, at + "/node_modules/".length) + name.join(sep);
+}
+
+/** The package folder `name` resolves to from `from` (node's lookup through parent node_modules). */
+function findPackage(name: string, from: string): string | null {
+  for (let dir = from; ; dir = dirname(dir)) {
+    const candidate = join(dir, "node_modules", name);
+    if (existsSync(join(candidate, "package.json"))) return realpathSync(candidate);
+    if (dirname(dir) === dir) return null;
+  }
+}
+
+function addPackage(root: string, packages: Set<string>): void {
+  if (packages.has(root)) return;
+  packages.add(root);
+  let deps: string[] = [];
+  try {
+    const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as Record<string, unknown>;
+    for (const field of ["dependencies", "peerDependencies", "optionalDependencies"])
+      deps = deps.concat(Object.keys((pkg[field] as Record<string, string> | undefined) ?? {}));
+  } catch {
+    return;
+  }
+  for (const d of deps) {
+    const found = findPackage(d, root);
+    if (found) addPackage(found, packages);
+  }
+}
+
+/**
+ * The files `modulePath` loads: itself, every file it imports statically (transitively,
+ * resolved as Bun resolves them), and whole npm packages for bare imports (with their
+ * dependencies). Missing or unparsable files are left out: the episode then fails with
+ * Bun's own error. Cached until one of the files changes.
+ */
+export function agentFiles(modulePath: string, skip: readonly string[] = []): AgentFiles {
+  const hit = cache.get(modulePath);
+  if (hit && hit.stamp === stampOf(hit.files.files)) return hit.files;
+  const files = new Set<string>();
+  const packages = new Set<string>();
+  const inSkip = (f: string) => skip.some((s) => f === s || f.startsWith(s + sep));
+  const visit = (file: string): void => {
+    let real: string;
+    try {
+      real = realpathSync(file);
+    } catch {
+      return;
+    }
+    if (files.has(real) || inSkip(real)) return;
+    const pkg = packageRoot(real);
+    if (pkg) {
+      addPackage(pkg, packages);
+      return;
+    }
+    files.add(real);
+    if (!/\.[cm]?[jt]sx?$/.test(real)) return;
+    let imports: { path: string }[] = [];
+    try {
+      imports = transpiler.scanImports(readFileSync(real, "utf8"));
+    } catch {
+      return;
+    }
+    for (const imp of imports) {
+      let resolved: string;
+      try {
+        resolved = Bun.resolveSync(imp.path, dirname(real));
+      } catch {
+        continue;
+      }
+      if (resolved.startsWith("/")) visit(resolved);
+    }
+  };
+  visit(modulePath);
+  const out: AgentFiles = { files: [...files], packages: [...packages] };
+  cache.set(modulePath, { stamp: stampOf(out.files), files: out });
+  return out;
+}
+
+function stampOf(files: readonly string[]): string {
+  return files
+    .map((f) => {
+      try {
+        return String(statSync(f).mtimeMs);
+      } catch {
+        return "-";
+      }
+    })
+    .join(",");
+}
+
+/** Agent files as binds (a cold start mounts them directly). */
+export function agentBinds(a: AgentFiles): Bind[] {
+  return [
+    ...a.files.map((path) => ({ kind: "file" as const, path })),
+    ...a.packages.map((path) => ({ kind: "dir" as const, path })),
+  ];
+}
+
+/** Under the sandbox's private /tmp, a staged file would be hidden: such an agent starts cold. */
+export function stageable(a: AgentFiles): boolean {
+  return [...a.files, ...a.packages].every((p) => p !== "/tmp" && !p.startsWith("/tmp/"));
+}
+
+let rootsDir: string | null = null;
+
+/** Where staging roots live: a directory only its owner can list (0711), made once per gateway process. */
+function stagingBase(): string {
+  if (rootsDir === null || !existsSync(rootsDir)) {
+    rootsDir = mkdtempSync(join(tmpdir(), "fleet-roots-"));
+    chmodSync(rootsDir, 0o711);
+  }
+  return rootsDir;
+}
+
+/**
+ * The root file system of one warm spare: a directory with the mount points of the runtime
+ * binds, shown read-only as `/` inside. `stage` links an agent's files into it later.
+ */
+export class StagingRoot {
+  readonly dir: string;
+
+  constructor(runtime: readonly Bind[]) {
+    this.dir = join(stagingBase(), crypto.randomUUID());
+    mkdirSync(this.dir, { mode: 0o755 });
+    chmodSync(this.dir, 0o755);
+    for (const d of ["proc", "dev", "tmp"]) mkdirSync(join(this.dir, d), { mode: 0o755 });
+    for (const b of runtime) {
+      const at = join(this.dir, b.path);
+      if (b.kind === "symlink") {
+        mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+        symlinkQuiet(b.target, at);
+      } else if (b.kind === "dir") mkdirSync(at, { recursive: true, mode: 0o755 });
+      else {
+        mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+        writeFileSync(at, "", { mode: 0o644 });
+      }
+    }
+  }
+
+  /** bubblewrap arguments that make this directory the read-only root. */
+  args(): string[] {
+    return ["--ro-bind", this.dir, "/"];
+  }
+
+  /** Make an agent's files appear inside at their real paths (hard links, else copies). */
+  stage(a: AgentFiles): void {
+    for (const f of a.files) {
+      const at = join(this.dir, f);
+      mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+      try {
+        linkSync(f, at);
+      } catch {
+        copyFileSync(f, at);
+      }
+    }
+    for (const p of a.packages) {
+      const at = join(this.dir, p);
+      mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+      cpSync(p, at, { recursive: true, dereference: true });
+    }
+  }
+
+  /** Remove the directory (the host process has exited). */
+  remove(): void {
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+function symlinkQuiet(target: string, at: string): void {
+  try {
+    symlinkSync(target, at);
+  } catch {
+    // already there
+  }
+}

@@ -1,0 +1,42 @@
+/**
+ * The data dir is private to the gateway's user: the directory is 0700 and every file in it
+ * (fleet.db and its -wal/-shm, gateway.json, device and token files) 0600, so neither an
+ * episode running as another uid nor another local user reads agent state, payloads or ports.
+ * SQLite creates -wal and -shm with the mode of the database file, so a 0600 fleet.db keeps them private.
+ */
+import { chmodSync, closeSync, mkdirSync, openSync, readdirSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+
+/** Mode of the data dir and of every folder inside it. */
+export const PRIVATE_DIR_MODE = 0o700;
+/** Mode of every file in the data dir. */
+export const PRIVATE_FILE_MODE = 0o600;
+
+/**
+ * Create `dir` if missing and make it and everything under it private (existing data dirs
+ * made by older versions with 0755/0644 are fixed at start). Symlinks are left alone.
+ */
+export function secureDataDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: PRIVATE_DIR_MODE });
+  const walk = (d: string): void => {
+    chmodSync(d, PRIVATE_DIR_MODE);
+    for (const entry of readdirSync(d, { withFileTypes: true })) {
+      const p = join(d, entry.name);
+      if (entry.isDirectory()) walk(p);
+      else if (entry.isFile() && (statSync(p).mode & 0o777) !== PRIVATE_FILE_MODE) chmodSync(p, PRIVATE_FILE_MODE);
+    }
+  };
+  walk(dir);
+}
+
+/** Create `file` empty and 0600 unless it exists; an existing one is made 0600. */
+export function ensurePrivateFile(file: string): void {
+  closeSync(openSync(file, "a", PRIVATE_FILE_MODE));
+  chmodSync(file, PRIVATE_FILE_MODE);
+}
+
+/** Write `file` as 0600 (also when it already existed with a wider mode). */
+export function writePrivateFile(file: string, text: string): void {
+  writeFileSync(file, text, { mode: PRIVATE_FILE_MODE });
+  chmodSync(file, PRIVATE_FILE_MODE);
+}

@@ -1,0 +1,175 @@
+/**
+ * Durable broker sessions in process (issue 12): the embedded broker on its libSQL
+ * persistence keeps clean = false sessions, offline queues and retained messages on disk,
+ * resolves a gateway publish only once its queue rows are committed, and bounds each
+ * client's queue with `max_offline_messages`.
+ */
+import { afterAll, afterEach, describe, expect, test } from "bun:test";
+import { createClient } from "@libsql/client";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
+import pino from "pino";
+import { BrokerStoreTooNew, createEmbeddedBroker, LibsqlPersistence, type Broker } from "../broker/index.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "broker-sessions-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const fn of cleanups.splice(0).reverse()) await fn();
+});
+
+let n = 0;
+const logger = pino({ level: "silent" });
+
+async function startBroker(path: string, maxOfflineMessages = 1000): Promise<Broker> {
+  const broker = createEmbeddedBroker({
+    host: "127.0.0.1",
+    port: 0,
+    maxPacketBytes: 65536,
+    allowAnonymous: true,
+    logger,
+    intake: async () => ({ ok: true }),
+    persistence: { kind: "libsql", path, synchronous: "full", maxOfflineMessages },
+  });
+  cleanups.push(() => broker.close());
+  await broker.start();
+  return broker;
+}
+
+async function client(broker: Broker, opts: IClientOptions): Promise<MqttClient> {
+  const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...opts });
+  cleanups.push(() => c.endAsync(true));
+  return c;
+}
+
+/** A client that connects only on `.connect()`, so listeners can be attached first. */
+function later(broker: Broker, opts: IClientOptions): MqttClient {
+  const c = connect(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, manualConnect: true, ...opts });
+  cleanups.push(() => c.endAsync(true));
+  return c;
+}
+
+/** Rows of a table as another process would see them: a fresh connection to the file. */
+async function rowsOnDisk(path: string, table: string): Promise<number> {
+  const db = createClient({ url: `file:${path}` });
+  try {
+    return Number((await db.execute(`SELECT count(*) AS n FROM ${table}`)).rows[0]!.n);
+  } finally {
+    db.close();
+  }
+}
+
+/** Collect `count` messages (or fail after `ms`). */
+function collect(c: MqttClient, count: number, ms = 10_000): Promise<string[]> {
+  const got: string[] = [];
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`got ${got.length} of ${count} messages: ${got}`)), ms);
+    c.on("message", (_t, payload) => {
+      got.push(payload.toString());
+      if (got.length === count) {
+        clearTimeout(timer);
+        resolve(got);
+      }
+    });
+  });
+}
+
+describe("the libSQL broker persistence", () => {
+  test("a gateway publish resolves only once the offline queue row is committed to broker.db", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const broker = await startBroker(path);
+    const sub = await client(broker, { clientId: "dev-1", clean: false });
+    await sub.subscribeAsync("out/#", { qos: 1 });
+    await sub.endAsync();
+    for (let i = 0; i < 3; i++) {
+      await broker.publish("out/a", `m${i}`, { qos: 1 });
+      // The promise the outbox waits on has resolved: the row is already in the file.
+      expect(await rowsOnDisk(path, "outgoing")).toBe(i + 1);
+    }
+    await broker.publish("status/a", "idle", { qos: 1, retain: true });
+    expect(await rowsOnDisk(path, "retained")).toBe(1);
+    expect(statSync(path).mode & 0o777).toBe(0o600);
+  });
+
+  test("a clean = false session keeps its subscriptions and queued messages across a broker restart", async () => {
+    const path = join(dir, `b${n++}.db`);
+    let broker = await startBroker(path);
+    const sub = await client(broker, { clientId: "dev-2", clean: false });
+    await sub.subscribeAsync("out/#", { qos: 1 });
+    await sub.endAsync();
+    for (let i = 0; i < 20; i++) await broker.publish("out/a", `m${i}`, { qos: 1 });
+    await broker.publish("status/a", "idle", { qos: 0, retain: true });
+    await broker.close();
+
+    broker = await startBroker(path);
+    const back = later(broker, { clientId: "dev-2", clean: false });
+    const got = collect(back, 21);
+    const connack = new Promise<boolean>((resolve) => back.once("connect", (p) => resolve(p.sessionPresent)));
+    back.connect();
+    expect(await connack).toBe(true); // MQTT-3.2.2-2: the session was found
+    // The subscription came back with the session: a new publish reaches it too.
+    await broker.publish("out/b", "after", { qos: 1 });
+    expect((await got).sort()).toEqual([...Array.from({ length: 20 }, (_, i) => `m${i}`), "after"].sort());
+    const watcher = await client(broker, { clientId: "watcher", clean: true });
+    const retained = collect(watcher, 1);
+    await watcher.subscribeAsync("status/#", { qos: 0 });
+    expect(await retained).toEqual(["idle"]);
+  });
+
+  test("an offline client's queue holds at most max_offline_messages; later ones are dropped and counted", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const broker = await startBroker(path, 5);
+    const sub = await client(broker, { clientId: "dev-3", clean: false });
+    await sub.subscribeAsync("out/#", { qos: 1 });
+    await sub.endAsync();
+    for (let i = 0; i < 8; i++) await broker.publish("out/a", `m${i}`, { qos: 1 });
+    expect(await rowsOnDisk(path, "outgoing")).toBe(5);
+    expect(broker.stats().offlineDropped).toBe(3);
+    const back = later(broker, { clientId: "dev-3", clean: false });
+    const got = collect(back, 5);
+    back.connect();
+    // The oldest are kept (Mosquitto's max_queued_messages drops the newest the same way).
+    expect(await got).toEqual(["m0", "m1", "m2", "m3", "m4"]);
+    await waitForRows(path, 0);
+  });
+});
+
+describe("broker.db from other code", () => {
+  test("a broker.db written by newer code is refused with its version, and left untouched", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const db = createClient({ url: `file:${path}` });
+    await db.execute("CREATE TABLE future (x)");
+    await db.execute("PRAGMA user_version = 99");
+    db.close();
+    const p = new LibsqlPersistence({ path });
+    const err = await p.setup({ id: "b" }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(BrokerStoreTooNew);
+    expect((err as BrokerStoreTooNew).version).toBe(99);
+    const after = createClient({ url: `file:${path}` });
+    try {
+      expect((await after.execute("PRAGMA user_version")).rows[0]![0]).toBe(99);
+      expect((await after.execute("PRAGMA journal_mode")).rows[0]![0]).toBe("delete");
+      const tables = (await after.execute("SELECT name FROM sqlite_master WHERE type = 'table'")).rows.map(
+        (r) => r.name,
+      );
+      expect(tables).toEqual(["future"]);
+    } finally {
+      after.close();
+    }
+  });
+});
+
+async function waitForRows(path: string, want: number): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const got = await rowsOnDisk(path, "outgoing");
+    if (got === want) return;
+    if (Date.now() > deadline) throw new Error(`outgoing has ${got} rows, want ${want}`);
+    await Bun.sleep(50);
+  }
+}

@@ -1,0 +1,292 @@
+/**
+ * The episode sandbox end to end (issue 9): what an agent can reach of the gateway's files and
+ * processes, and what a gateway killed with -9 leaves behind. Real gateway process, real MQTT,
+ * real sandboxed episode subprocesses (bubblewrap + uid 65534 when run as root), real libSQL file.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { chmodSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import type { MqttClient } from "mqtt";
+import {
+  ROOT,
+  TestFleet,
+  alive,
+  cleanupAll,
+  cpuTicks,
+  fixture,
+  publishQos1,
+  reap,
+  subscribe,
+  waitFor,
+  type Subscription,
+} from "./helpers/gateway.ts";
+import { agentBlock, fleetHeader, policyAgent } from "./helpers/policy.ts";
+import { fleetHeader as loopbackHeader } from "./helpers/toml.ts";
+
+const IS_ROOT = process.getuid?.() === 0;
+const MARKER = "gateway-env-marker-7f3a";
+const bwrapHere = Bun.spawnSync(["sh", "-c", "command -v bwrap"]).exitCode === 0;
+
+afterAll(() => cleanupAll(), 60_000);
+
+const modeOf = (p: string) => statSync(p).mode & 0o777;
+
+describe("an agent cannot read the database, the gateway's files or other agents", () => {
+  let fleet: TestFleet;
+  let client: MqttClient;
+  let outs: Subscription;
+
+  beforeAll(async () => {
+    fleet = new TestFleet(
+      fleetHeader("e2e-sandbox-files") +
+        agentBlock("snoop", policyAgent("snoop")) +
+        agentBlock("steady", policyAgent("steady")),
+      { env: { FLEET_TEST_MARKER: MARKER } },
+    );
+    // A data dir left by an older version: world-readable dir and file. Start makes them private.
+    mkdirSync(fleet.dataDir, { recursive: true });
+    chmodSync(fleet.dataDir, 0o755);
+    writeFileSync(join(fleet.dataDir, "notes.txt"), "old");
+    chmodSync(join(fleet.dataDir, "notes.txt"), 0o644);
+    await fleet.start();
+    client = await fleet.mqtt();
+    outs = await subscribe(client, "fleet/agents/+/+/out");
+    // Something in the db and its WAL worth stealing.
+    await publishQos1(client, "steady/a/in", { id: "s1" });
+    await outs.next((m) => m.json?.agent === "steady/a", 20_000, "steady's out");
+  }, 60_000);
+
+  afterAll(async () => {
+    await fleet?.dispose();
+  }, 60_000);
+
+  test("the data dir is 0700 and its files 0600 (fleet.db, -wal, -shm, gateway.json), an older one included", () => {
+    expect(modeOf(fleet.dataDir).toString(8)).toBe("700");
+    for (const name of ["fleet.db", "fleet.db-wal", "fleet.db-shm", "gateway.json", "notes.txt"])
+      expect({ name, mode: modeOf(join(fleet.dataDir, name)).toString(8) }).toEqual({ name, mode: "600" });
+  });
+
+  test.if(IS_ROOT || bwrapHere)(
+    "every attempt to read the db, its WAL, gateway.json, fleet.toml, another agent or the gateway's /proc fails",
+    async () => {
+      const db = join(fleet.dataDir, "fleet.db");
+      const gw = fleet.pid;
+      const ask = {
+        id: "snoop-1",
+        read: [
+          db,
+          `${db}-wal`,
+          `${db}-shm`,
+          join(fleet.dataDir, "gateway.json"),
+          fleet.configPath,
+          policyAgent("steady"),
+          `/proc/${gw}/environ`,
+          `/proc/${gw}/cmdline`,
+        ],
+        readlink: [`/proc/${gw}/cwd`, `/proc/${gw}/exe`],
+        list: [fleet.dataDir, fleet.dir],
+      };
+      await publishQos1(client, "snoop/a/in", ask);
+      const out = await outs.next((m) => m.json?.data?.id === "snoop-1", 20_000, "snoop's out");
+      const seen = out.json.data.seen as Record<string, { ok: boolean; code?: string; sample?: string }>;
+      const attempts = [
+        ...ask.read.map((p) => `read ${p}`),
+        ...ask.readlink.map((p) => `readlink ${p}`),
+        ...ask.list.map((p) => `list ${p}`),
+      ];
+      expect(Object.keys(seen).sort()).toEqual(attempts.sort());
+      const succeeded = Object.entries(seen).filter(([, s]) => s.ok);
+      expect(succeeded).toEqual([]);
+      for (const [, s] of Object.entries(seen)) expect(["ENOENT", "EACCES", "EPERM"]).toContain(s.code!);
+      // What it saw is in its checkpoint too (the state is what the test reads back, not a log line).
+      const [row] = await fleet.query<{ state: string }>(
+        "SELECT c.state FROM checkpoints c JOIN agents a ON a.head_hash = c.hash WHERE a.id = 'snoop/a'",
+      );
+      expect(JSON.parse(row!.state).seen).toEqual(seen);
+      expect(JSON.stringify(seen)).not.toContain(MARKER);
+      if (IS_ROOT) expect(out.json.data.uid).toBe(65534);
+    },
+    60_000,
+  );
+});
+
+describe("what an episode sends is parsed and bounded in the gateway", () => {
+  let fleet: TestFleet;
+  let client: MqttClient;
+  const RAW = join(ROOT, "test/fixtures/unit/raw-ipc.ts");
+  const retry = "retry = { max_attempts = 2, backoff_ms = 0 }\n";
+
+  beforeAll(async () => {
+    fleet = new TestFleet(
+      fleetHeader("e2e-sandbox-ipc") +
+        agentBlock("raw", RAW, { extra: retry, budget: { episode_timeout_ms: 30_000 } }) +
+        agentBlock("steady", policyAgent("steady")),
+    );
+    await fleet.start();
+    client = await fleet.mqtt();
+  }, 60_000);
+
+  afterAll(async () => {
+    await fleet?.dispose();
+  }, 60_000);
+
+  /** Wait until `agent`'s only stimulus is quarantined; returns its failed episodes. */
+  async function quarantined(agent: string) {
+    const stim = await waitFor(
+      async () =>
+        (
+          await fleet.query<{ state: string; attempts: number }>(
+            "SELECT state, attempts FROM stimuli WHERE agent = ?",
+            [agent],
+          )
+        ).find((s) => s.state === "quarantined"),
+      30_000,
+      `quarantine of ${agent}'s stimulus`,
+    );
+    expect(stim.attempts).toBe(2);
+    return fleet.episodes(agent);
+  }
+
+  test("a log record with an invalid level is a recorded protocol failure, retried, then quarantined", async () => {
+    await publishQos1(client, "raw/badlog/in", { id: "l1", records: [{ k: "log", level: "shout", msg: "boom" }] });
+    const eps = await quarantined("raw/badlog");
+    expect(eps.map((e) => [e.status, e.error_kind])).toEqual([
+      ["failed", "protocol"],
+      ["failed", "protocol"],
+    ]);
+    const shown = await fleet.cli("show", eps[0]!.id);
+    expect(shown.json.events.at(-1)).toMatchObject({ kind: "failure", data: { kind: "protocol" } });
+    expect(shown.json.events.at(-1).data.message).toContain(`"level":"shout"`);
+  }, 60_000);
+
+  test("a 64 MB message is refused as too_large and nothing of it reaches the database or the log", async () => {
+    await publishQos1(client, "raw/huge/in", { id: "h1", huge_mb: 64 });
+    const eps = await quarantined("raw/huge");
+    expect(eps.map((e) => [e.error_kind, e.error?.slice(0, 60)])).toEqual([
+      ["too_large", expect.stringContaining("exceeded")],
+      ["too_large", expect.stringContaining("exceeded")],
+    ]);
+    const [{ n }] = (await fleet.query<{ n: number }>(
+      "SELECT coalesce(max(length(data)), 0) AS n FROM events " +
+        "WHERE episode IN (SELECT id FROM episodes WHERE agent = 'raw/huge')",
+    )) as [{ n: number }];
+    expect(n).toBeLessThan(4096);
+    // The fleet goes on.
+    const outs = await subscribe(client, "fleet/agents/steady/+/out");
+    await publishQos1(client, "steady/a/in", { id: "after" });
+    await outs.next((m) => m.json?.data?.id === "after", 20_000, "steady's out after the hostile episodes");
+  }, 60_000);
+});
+
+describe("leftover sandboxes and the weak fallback", () => {
+  test.if(bwrapHere)(
+    'sandbox = "uid" is refused at start where bubblewrap works, naming what it does not isolate and how to accept it',
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-weak", { drainTimeoutMs: 5000, fleet: 'sandbox = "uid"' }),
+      );
+      try {
+        const err = await fleet.start().then(
+          () => null,
+          (e: Error) => e,
+        );
+        expect(err?.message).toContain('sandbox = "uid" is refused');
+        expect(err?.message).toContain("network");
+        expect(err?.message).toContain("allow_weak_sandbox = true");
+      } finally {
+        await fleet.dispose();
+      }
+    },
+    60_000,
+  );
+
+  test.if(IS_ROOT)(
+    "with allow_weak_sandbox = true the weak sandbox starts, and the log warns what it does not isolate",
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-weak-ok", {
+          drainTimeoutMs: 5000,
+          fleet: 'sandbox = "uid"\nallow_weak_sandbox = true',
+        }),
+      );
+      try {
+        await fleet.start();
+        const warning = readFileSync(fleet.logPath, "utf8")
+          .split("\n")
+          .find((l) => l.includes("WITHOUT namespaces"));
+        expect(warning).toBeDefined();
+        expect(warning).toContain("network");
+        expect(warning).toContain("detached children");
+      } finally {
+        await fleet.dispose();
+      }
+    },
+    60_000,
+  );
+
+  test.if(IS_ROOT)(
+    "a sandbox a kill -9 left behind (a spinning episode, no namespaces) is reaped when the data dir starts again",
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-leftover", {
+          drainTimeoutMs: 5000,
+          fleet: 'sandbox = "uid"\nallow_weak_sandbox = true',
+        }) + agentBlock("loops", fixture("loops"), { budget: { episode_timeout_ms: 60_000 } }),
+      );
+      let left: number[] = [];
+      try {
+        await fleet.start();
+        const c = await fleet.mqtt();
+        await publishQos1(c, "loops/k/in", { id: "spin" });
+        await waitFor(
+          () => fleet.descendants().some((p) => cpuTicks(p) >= 100),
+          60_000,
+          "an episode spinning for a CPU second",
+        );
+        left = await fleet.kill({ reap: false });
+        // Without a pid namespace nothing ties the spinning agent to its dead gateway (RLIMIT_CPU is 122 s away).
+        const spinning = left.filter((p) => alive(p) && cpuTicks(p) >= 100);
+        expect(spinning.length).toBeGreaterThan(0);
+        await fleet.start();
+        await waitFor(() => spinning.every((p) => !alive(p)), 5_000, `leftover ${spinning.join(", ")} reaped`, 50);
+        expect(readFileSync(fleet.logPath, "utf8")).toContain("left by a previous run");
+      } finally {
+        reap(left);
+        await fleet.dispose();
+      }
+    },
+    90_000,
+  );
+
+  test.if(bwrapHere)(
+    "after a kill -9 while warm spares start, nothing of the old run's sandboxes is left once it starts again",
+    async () => {
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-spares", { drainTimeoutMs: 5000, fleet: "warm_spares = 4" }) +
+          agentBlock("steady", policyAgent("steady")),
+      );
+      let left: number[] = [];
+      try {
+        await fleet.start();
+        const c = await fleet.mqtt();
+        const outs = await subscribe(c, "fleet/agents/+/+/out");
+        // Each episode takes a spare and starts its replacement: kill while replacements are being set up.
+        for (let i = 0; i < 3; i++) await publishQos1(c, "steady/a/in", { id: `w${i}` });
+        await outs.next((m) => m.json?.data?.id === "w0", 20_000, "the first episode");
+        left = await fleet.kill({ reap: false });
+        expect(left.length).toBeGreaterThan(0);
+        await fleet.start();
+        await waitFor(() => left.every((p) => !alive(p)), 10_000, `old sandboxes ${left.join(", ")} gone`, 50);
+        const roots = readFileSync(join(fleet.dataDir, "sandboxes"), "utf8")
+          .split("\n")
+          .filter((l) => l.startsWith("root "))
+          .map((l) => l.slice(5));
+        for (const r of roots) expect(readdirSync(r).length).toBeLessThanOrEqual(4 + 1);
+      } finally {
+        reap(left);
+        await fleet.dispose();
+      }
+    },
+    90_000,
+  );
+});
