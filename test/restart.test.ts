@@ -12,6 +12,15 @@ describe("restartNeeded", () => {
     expect(restartNeeded(before, after)).toEqual(['telemetry.otlp_endpoint (null -> "http://127.0.0.1:4318")']);
   });
 
+  test("the broker's persistence and its queue bound are read at start: changing them needs a restart", async () => {
+    const before = await spec("");
+    const after = await spec('[broker]\npersistence = "libsql"\nmax_offline_messages = 10\n');
+    expect(restartNeeded(before, after)).toEqual([
+      'broker.persistence ("memory" -> "libsql")',
+      "broker.max_offline_messages (1000 -> 10)",
+    ]);
+  });
+
   test("an unchanged file needs nothing", async () => {
     expect(restartNeeded(await spec(""), await spec(""))).toEqual([]);
   });

@@ -4,6 +4,9 @@
  * re-sends them on the next start; consumers dedup by `episode` + `seq`. A failed publish
  * is retried with backoff while the gateway runs; what is still unsent at stop stays in the
  * outbox for the next start. Nothing already published is published again by this process.
+ * "Published" is aedes' publish callback, which runs after the message's retained row and
+ * offline-queue rows are committed to the broker's persistence (broker.db with
+ * `persistence = "libsql"`).
  */
 import type { Logger } from "pino";
 import type { Broker } from "../../broker/index.ts";

@@ -12,7 +12,18 @@ import type { FleetSpec } from "./types.ts";
 /** Keys read once at start, by table. */
 const RESTART_KEYS = {
   fleet: ["data_dir", "synchronous", "sandbox", "warm_spares"],
-  broker: ["host", "mqtt_port", "ws_port", "tls_port", "wss_port", "tls", "max_packet_bytes"],
+  // The persistence (and its queue bound) is built with the broker at start.
+  broker: [
+    "host",
+    "mqtt_port",
+    "ws_port",
+    "tls_port",
+    "wss_port",
+    "tls",
+    "max_packet_bytes",
+    "persistence",
+    "max_offline_messages",
+  ],
   http: ["host", "port", "tls"],
   // The span exporter is built once at start.
   telemetry: ["otlp_endpoint", "service_name"],
