@@ -96,6 +96,8 @@ export class LibsqlPersistence {
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
   /** clientId -> rows in its queue. */
   private readonly queues = new Map<string, QueueEntry[]>();
+  /** Retained writes of QoS > 0 packets, awaited by the same packet's `outgoingEnqueueCombi`. */
+  private readonly retainedWrites = new WeakMap<object, Promise<unknown>>();
   private dropped = 0;
   private droppedSinceLog = 0;
   private lastDropLog = Number.NEGATIVE_INFINITY;
@@ -185,16 +187,23 @@ export class LibsqlPersistence {
   async storeRetained(packet: StoredPacket): Promise<void> {
     const topic = String(packet.topic);
     const payload = packet.payload as { length: number } | undefined;
-    if (!payload || payload.length === 0) {
-      await this.run([{ sql: "DELETE FROM retained WHERE topic = ?", args: [topic] }]);
+    const statement =
+      !payload || payload.length === 0
+        ? { sql: "DELETE FROM retained WHERE topic = ?", args: [topic] }
+        : {
+            sql: "INSERT OR REPLACE INTO retained (topic, packet) VALUES (?, ?)",
+            args: [topic, encodePacket({ ...packet })],
+          };
+    if (Number(packet.qos) > 0) {
+      // aedes' next step for this packet is outgoingEnqueueCombi, which waits for this write
+      // too: the retained row and the queue rows share one commit, and aedes' callback still
+      // comes only after both.
+      const write = this.run([statement], true);
+      write.catch(() => undefined); // the error reaches aedes through outgoingEnqueueCombi
+      this.retainedWrites.set(packet, write);
       return;
     }
-    await this.run([
-      {
-        sql: "INSERT OR REPLACE INTO retained (topic, packet) VALUES (?, ?)",
-        args: [topic, encodePacket({ ...packet })],
-      },
-    ]);
+    await this.run([statement]);
   }
 
   /** Retained messages matching any of `patterns` (a pattern's matches in topic order). */
@@ -336,6 +345,16 @@ export class LibsqlPersistence {
 
   /** Queue `packet` for each subscription's client; a full queue drops it for that client (counted, logged). */
   async outgoingEnqueueCombi(subs: readonly { readonly clientId: string }[], packet: StoredPacket): Promise<void> {
+    const retained = this.retainedWrites.get(packet);
+    if (retained) {
+      this.retainedWrites.delete(packet);
+      await Promise.all([this.enqueue(subs, packet), retained]);
+    } else {
+      await this.enqueue(subs, packet);
+    }
+  }
+
+  private async enqueue(subs: readonly { readonly clientId: string }[], packet: StoredPacket): Promise<void> {
     if (subs.length === 0) return;
     const copy = queuedCopy(packet);
     const text = encodePacket(copy);
