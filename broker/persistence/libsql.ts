@@ -96,6 +96,12 @@ export class LibsqlPersistence {
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
   /** clientId -> rows in its queue. */
   private readonly queues = new Map<string, QueueEntry[]>();
+  /**
+   * Clients that may have a will or QoS 2 packets stored: a CONNECT of any other client (the
+   * common case) asks the file nothing, so it never waits behind a large commit.
+   */
+  private readonly willClients = new Set<string>();
+  private readonly incomingClients = new Set<string>();
   /** Retained writes of QoS > 0 packets, awaited by the same packet's `outgoingEnqueueCombi`. */
   private readonly retainedWrites = new WeakMap<object, Promise<unknown>>();
   private dropped = 0;
@@ -141,10 +147,14 @@ export class LibsqlPersistence {
       throw err instanceof TooNewOnThread ? new BrokerStoreTooNew(path, err.version) : err;
     }
     try {
-      const [subs, queued] = await db.batch([
+      const [subs, queued, wills, incoming] = await db.batch([
         "SELECT client_id, topic, qos, options FROM subscriptions",
         "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
+        "SELECT client_id FROM wills",
+        "SELECT DISTINCT client_id FROM incoming",
       ]);
+      for (const row of wills!.rows) this.willClients.add(String(row.client_id));
+      for (const row of incoming!.rows) this.incomingClients.add(String(row.client_id));
       for (const row of subs!.rows) {
         this.remember(String(row.client_id), {
           ...(JSON.parse(String(row.options)) as object),
@@ -325,6 +335,7 @@ export class LibsqlPersistence {
 
   /** Drop a client's subscriptions (clean session). */
   async cleanSubscriptions(client: ClientRef): Promise<void> {
+    if (!this.subs.has(client.id)) return; // the in-memory copy mirrors the table
     await this.run([{ sql: "DELETE FROM subscriptions WHERE client_id = ?", args: [client.id] }]);
     for (const topic of [...(this.subs.get(client.id)?.keys() ?? [])]) this.forget(client.id, topic);
   }
@@ -477,6 +488,7 @@ export class LibsqlPersistence {
 
   /** Keep a QoS 2 PUBLISH until its PUBREL. */
   async incomingStorePacket(client: ClientRef, packet: StoredPacket): Promise<void> {
+    this.incomingClients.add(client.id);
     const copy = { ...queuedCopy(packet), messageId: packet.messageId };
     await this.run([
       {
@@ -509,7 +521,9 @@ export class LibsqlPersistence {
 
   /** Forget all of a client's QoS 2 packets (MQTT-3.1.2-6: a clean session ends with it). */
   async cleanIncoming(client: ClientRef): Promise<void> {
+    if (!this.incomingClients.has(client.id)) return;
     await this.run([{ sql: "DELETE FROM incoming WHERE client_id = ?", args: [client.id] }]);
+    this.incomingClients.delete(client.id);
   }
 
   // ---- wills ---------------------------------------------------------------------------
@@ -518,6 +532,7 @@ export class LibsqlPersistence {
   async putWill(client: ClientRef, packet: StoredPacket): Promise<void> {
     packet.brokerId = this.broker.id;
     packet.clientId = client.id;
+    this.willClients.add(client.id);
     await this.run([
       {
         sql: "INSERT OR REPLACE INTO wills (client_id, broker_id, packet) VALUES (?, ?, ?)",
@@ -528,6 +543,7 @@ export class LibsqlPersistence {
 
   /** A client's will, if stored. */
   async getWill(client: ClientRef): Promise<StoredPacket | undefined> {
+    if (!this.willClients.has(client.id)) return undefined;
     const [r] = await this.run([{ sql: "SELECT packet FROM wills WHERE client_id = ?", args: [client.id] }]);
     const row = r!.rows[0];
     return row ? decodePacket(String(row.packet)) : undefined;
@@ -535,6 +551,8 @@ export class LibsqlPersistence {
 
   /** Remove and return a client's will. */
   async delWill(client: ClientRef): Promise<StoredPacket | undefined> {
+    if (!this.willClients.has(client.id)) return undefined;
+    this.willClients.delete(client.id);
     const [r] = await this.run([{ sql: "DELETE FROM wills WHERE client_id = ? RETURNING packet", args: [client.id] }]);
     const row = r!.rows[0];
     return row ? decodePacket(String(row.packet)) : undefined;

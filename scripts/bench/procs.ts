@@ -106,7 +106,7 @@ export async function startGateway(tag: string, fleetToml: string): Promise<Gate
           return null; // caught mid-write: read it again
         }
       },
-      30_000,
+      120_000, // 10,000 instances on a loaded machine take a while to deploy
     );
     const base = `http://127.0.0.1:${info.http_port}`;
     return {
