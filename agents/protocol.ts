@@ -94,7 +94,8 @@ export type ChildMessage =
   | { readonly t: "done"; readonly state: unknown }
   | {
       readonly t: "error";
-      readonly kind: "threw" | "invalid_module" | "invalid_state" | "flood";
+      /** `terminal`: the agent threw `TerminalError` (no retry will help). */
+      readonly kind: "threw" | "terminal" | "invalid_module" | "invalid_state" | "flood";
       readonly message: string;
       readonly stack?: string;
     };
@@ -129,7 +130,7 @@ export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { re
     case "done":
       return { t: "done", state: raw.state };
     case "error": {
-      const kinds = ["threw", "invalid_module", "invalid_state", "flood"] as const;
+      const kinds = ["threw", "terminal", "invalid_module", "invalid_state", "flood"] as const;
       const kind = kinds.find((k) => k === raw.kind);
       if (!kind || typeof raw.message !== "string") return null;
       return { t: "error", kind, message: raw.message, stack: typeof raw.stack === "string" ? raw.stack : undefined };

@@ -65,19 +65,23 @@ class Harness<S, C> {
         llm: async () => {
           throw new ToolDenied("llm", "not allowed");
         },
-        send: async (to) => ({ queued: true, to }),
       },
       now: () => (this.clock += 1000),
       random: rand,
-      log: (...args) => void episode.logs.push(args),
+      log: Object.assign((...args: unknown[]) => void episode.logs.push(args), {
+        debug: (...args: unknown[]) => void episode.logs.push(args),
+        info: (...args: unknown[]) => void episode.logs.push(args),
+        warn: (...args: unknown[]) => void episode.logs.push(args),
+        error: (...args: unknown[]) => void episode.logs.push(args),
+      }),
     };
-    const stim: Stimulus = {
+    const stim = {
       id: `s-${this.seq++}`,
       kind,
       topic: kind === "mqtt" ? `sensors/${this.agent.key}/temperature` : undefined,
       payload,
       received_at: this.clock,
-    };
+    } as Stimulus;
     await this.def.onStimulus(stim, ctx);
     // Commit like the host: the checkpoint is whatever JSON the state serialises to.
     this.state = JSON.parse(JSON.stringify(ctx.state)) as S;
@@ -267,7 +271,7 @@ test("state survives a JSON round trip", async () => {
       log: () => {},
     } as unknown as AgentContext<TempMonitorState, TempMonitorConfig>;
     await tempMonitor.onStimulus(
-      { id: "s", kind: "mqtt", payload: typeof v === "number" ? { value: v } : v, received_at: 0 },
+      { id: "s", kind: "mqtt", topic: "t", payload: typeof v === "number" ? { value: v } : v, received_at: 0 },
       ctx,
     );
     live = ctx.state;

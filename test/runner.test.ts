@@ -169,6 +169,17 @@ describe("runEpisode: success", () => {
     expect(() => process.kill(r.pid, 0)).toThrow();
   });
 
+  test("ctx.log records each line at its level: ctx.log() is info, ctx.log.debug|warn|error their own", async () => {
+    const r = await run(start("terminal", "ok"));
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    expect(r.records.filter((x) => x.k === "log")).toEqual([
+      { k: "log", level: "debug", msg: "checking id:1" },
+      { k: "log", level: "info", msg: "plain info" },
+      { k: "log", level: "warn", msg: '{"odd":true}' },
+      { k: "log", level: "error", msg: "refusing" },
+    ]);
+  });
+
   test("continues from the given state when the agent is not fresh", async () => {
     const r = await run(start("records", "x", { fresh: false, state: { count: 41, last: null } }));
     expect(r.ok && r.state).toEqual({ count: 42, last: "x" });
@@ -261,6 +272,11 @@ describe.each(SANDBOXES)(
     test("a throw fails with kind threw and the agent's message", async () => {
       const r = expectFailure(await run(start("throws"), {}, noTools, spawn), "threw");
       expect(r.message).toContain("throws fixture refuses stimulus");
+    });
+
+    test("a TerminalError fails with kind terminal", async () => {
+      const r = expectFailure(await run(start("terminal", "bad"), {}, noTools, spawn), "terminal");
+      expect(r.message).toContain("reading is malformed");
     });
 
     test("an infinite loop fails with kind timeout", async () => {

@@ -15,7 +15,14 @@ import {
   type EpisodeRecord,
   type ParentMessage,
 } from "../protocol.ts";
-import { ToolDenied, ToolFailed, type AgentContext, type AgentDefinition } from "../sdk/index.ts";
+import {
+  type AgentContext,
+  type AgentDefinition,
+  type Stimulus,
+  TerminalError,
+  ToolDenied,
+  ToolFailed,
+} from "../sdk/index.ts";
 
 type Start = Extract<ParentMessage, { t: "start" }>;
 
@@ -125,8 +132,24 @@ async function run(start: Start): Promise<void> {
       callTool("publish", options === undefined ? [topic, payload] : [topic, payload, options]),
     http: (url: string, init?: unknown) => callTool("http", init === undefined ? [url] : [url, init]),
     llm: (request: unknown) => callTool("llm", [request]),
-    send: (agentId: string, payload: unknown) => callTool("send", [agentId, payload]),
   } as AgentContext<unknown>["tools"];
+  const sendTo = (agentId: string, payload: unknown) =>
+    callTool("send", [agentId, payload]) as ReturnType<AgentContext<unknown>["send"]>;
+  const logAt =
+    (level: "debug" | "info" | "warn" | "error") =>
+    (...args: unknown[]) => {
+      const msg = args
+        .map((a) => (typeof a === "string" ? a : safeStringify(a)))
+        .join(" ")
+        .slice(0, MAX_LOG_CHARS);
+      rec.push({ k: "log", level, msg });
+    };
+  const log = Object.assign(logAt("info"), {
+    debug: logAt("debug"),
+    info: logAt("info"),
+    warn: logAt("warn"),
+    error: logAt("error"),
+  });
 
   const ctx: AgentContext<unknown> = {
     agent: start.agent,
@@ -135,7 +158,7 @@ async function run(start: Start): Promise<void> {
     episode: start.episode,
     decide: (name, data) => rec.push({ k: "decide", name: String(name), data: asJson(data, "decision data") }),
     emit: (payload) => rec.push({ k: "emit", data: asJson(payload, "emitted payload") }),
-    send: (agentId, payload) => tools.send(agentId, payload),
+    send: sendTo,
     tools,
     now: () => {
       const v = replay ? (replay.now[nowIdx++] ?? Date.now()) : Date.now();
@@ -147,17 +170,12 @@ async function run(start: Start): Promise<void> {
       rec.push({ k: "random", v });
       return v;
     },
-    log: (...args) => {
-      const msg = args
-        .map((a) => (typeof a === "string" ? a : safeStringify(a)))
-        .join(" ")
-        .slice(0, MAX_LOG_CHARS);
-      rec.push({ k: "log", level: "info", msg });
-    },
+    log,
   };
 
   if (start.fresh) ctx.state = await def.init({ agent: start.agent, config: start.config });
-  await def.onStimulus(start.stimulus, ctx);
+  // The gateway builds each kind's stimulus in the shape the SDK documents (agents/sdk).
+  await def.onStimulus(start.stimulus as unknown as Stimulus, ctx);
   if (rec.flood !== null) throw new Flood(rec.flood);
   let state: unknown;
   try {
@@ -180,7 +198,9 @@ function safeStringify(v: unknown): string {
 }
 
 function fail(err: unknown): void {
-  const kind = err instanceof Flood ? "flood" : "threw";
+  // By name too: an agent bundled with its own copy of the SDK throws another class object.
+  const terminal = err instanceof TerminalError || (err instanceof Error && err.name === "TerminalError");
+  const kind = err instanceof Flood ? "flood" : terminal ? "terminal" : "threw";
   const e = err instanceof Error ? err : new Error(String(err));
   send({ t: "error", kind, message: e.message, stack: e.stack?.slice(0, 4000) });
 }

@@ -3,9 +3,46 @@
  * `defineAgent({ init, onStimulus })`; it runs in its own subprocess (agents/host/main.ts)
  * and reaches the outside world only through `ctx`.
  */
-import type { AgentRef, Stimulus } from "../protocol.ts";
+import type { AgentRef } from "../protocol.ts";
 
-export type { AgentRef, Stimulus } from "../protocol.ts";
+export type { AgentRef } from "../protocol.ts";
+
+/** What every stimulus carries. */
+interface StimulusBase {
+  /** The dedup id: the same id for the same agent starts at most one episode. */
+  readonly id: string;
+  /** Epoch milliseconds when the gateway recorded it. */
+  readonly received_at: number;
+}
+
+/**
+ * What woke the agent, discriminated by `kind`. `payload` is the parsed JSON when the
+ * message was JSON, else the raw string.
+ */
+export type Stimulus =
+  /** A device's MQTT publish on a topic the type subscribes to. */
+  | (StimulusBase & { readonly kind: "mqtt"; readonly topic: string; readonly payload: unknown })
+  /** A timer fire (`every` or `cron`); the id is `timer:<scheduled ms>`. */
+  | (StimulusBase & {
+      readonly kind: "timer";
+      readonly topic?: undefined;
+      readonly payload: { readonly scheduled_at: number; readonly fired_at: number; readonly timer: unknown };
+    })
+  /** `POST /hooks/<name>`: the request body. */
+  | (StimulusBase & { readonly kind: "webhook"; readonly topic?: string; readonly payload: unknown })
+  /** Another agent's `ctx.send`, or a device publishing to `fleet/agents/<type>/<key>/inbox`. */
+  | (StimulusBase & { readonly kind: "inbox"; readonly topic?: string; readonly payload: unknown })
+  /** `fleet send`, `POST /api/send` or `POST /api/agents/<t>/<k>/stimuli`. */
+  | (StimulusBase & { readonly kind: "manual"; readonly topic?: string; readonly payload: unknown });
+
+/** `ctx.log(...)` logs at info; `ctx.log.debug|info|warn|error(...)` at that level. */
+export interface AgentLog {
+  (...args: unknown[]): void;
+  debug(...args: unknown[]): void;
+  info(...args: unknown[]): void;
+  warn(...args: unknown[]): void;
+  error(...args: unknown[]): void;
+}
 
 /** Options of the `publish` tool. */
 export interface PublishOptions {
@@ -56,7 +93,6 @@ export interface Tools {
     readonly prompt?: string;
     readonly max_tokens?: number;
   }): Promise<LlmResult>;
-  send(agentId: string, payload: unknown): Promise<{ readonly queued: true; readonly to: string }>;
 }
 
 /** Everything an episode may touch. */
@@ -77,8 +113,8 @@ export interface AgentContext<S, C = Record<string, unknown>> {
   now(): number;
   /** Uniform [0, 1); recorded so replays see the same value. */
   random(): number;
-  /** Log a line into the episode log (and the gateway log). */
-  log(...args: unknown[]): void;
+  /** Log a line into the episode log (and the gateway log): `ctx.log(...)` or `ctx.log.warn(...)`. */
+  readonly log: AgentLog;
 }
 
 /** An agent definition, as `defineAgent` returns it. */
@@ -109,6 +145,15 @@ export class ToolDenied extends Error {
   ) {
     super(`tool ${tool} denied: ${reason}`);
   }
+}
+
+/**
+ * Throw this when retrying cannot help (a malformed reading, a config the agent cannot
+ * use): the episode fails, the checkpoint stays as it was, and the stimulus is quarantined
+ * at once instead of being retried.
+ */
+export class TerminalError extends Error {
+  override readonly name = "TerminalError";
 }
 
 /** Thrown inside the agent when an allowed tool call failed (HTTP error, endpoint down). */

@@ -17,14 +17,25 @@
  * leaves the state as it was (the checkpoint is not written), and `now()`/`random()` come
  * from an injectable clock and generator so a test is deterministic.
  */
-import type { AgentRef, Stimulus } from "../protocol.ts";
-import { type AgentContext, type AgentDefinition, ToolDenied, type Tools } from "./index.ts";
+import type { AgentRef } from "../protocol.ts";
+import {
+  type AgentContext,
+  type AgentDefinition,
+  type AgentLog,
+  type Stimulus,
+  ToolDenied,
+  type Tools,
+} from "./index.ts";
 
-/** The names of the built-in tools. */
-export type ToolName = keyof Tools;
+/** The names of the built-in tools (`send` is `ctx.send`, gated like a tool). */
+export type ToolName = keyof Tools | "send";
+
+type SendFn = AgentContext<unknown>["send"];
 
 /** Fakes for tool calls; each receives the call's arguments as the agent passed them. */
-export type ToolFakes = { readonly [K in ToolName]?: (...args: Parameters<Tools[K]>) => unknown };
+export type ToolFakes = {
+  readonly [K in ToolName]?: (...args: Parameters<K extends keyof Tools ? Tools[K] : SendFn>) => unknown;
+};
 
 /** How to set up the fake agent. */
 export interface TestAgentOptions<C> {
@@ -160,8 +171,20 @@ export function testAgent<S, C = Record<string, unknown>>(
         >,
       http: (url, init) => call("http", init === undefined ? [url] : [url, init]) as ReturnType<Tools["http"]>,
       llm: (request) => call("llm", [request]) as ReturnType<Tools["llm"]>,
-      send: (to, payload) => call("send", [to, payload]) as ReturnType<Tools["send"]>,
     };
+    const send: SendFn = (to, payload) => call("send", [to, payload]) as ReturnType<SendFn>;
+    const logAt =
+      (level: string) =>
+      (...args: unknown[]) =>
+        logs.push(
+          `${level === "info" ? "" : `[${level}] `}${args.map((a) => (typeof a === "string" ? a : JSON.stringify(a))).join(" ")}`,
+        );
+    const log: AgentLog = Object.assign(logAt("info"), {
+      debug: logAt("debug"),
+      info: logAt("info"),
+      warn: logAt("warn"),
+      error: logAt("error"),
+    });
 
     let error: Error | null = null;
     try {
@@ -173,11 +196,11 @@ export function testAgent<S, C = Record<string, unknown>>(
         episode: `test-episode-${episodes}`,
         decide: (name, data) => decisions.push({ name: String(name), data: jsonCopy(data, "decision data") }),
         emit: (payload) => emits.push(jsonCopy(payload, "emitted payload")),
-        send: (to, payload) => tools.send(to, payload),
+        send,
         tools,
         now,
         random,
-        log: (...args) => logs.push(args.map((a) => (typeof a === "string" ? a : JSON.stringify(a))).join(" ")),
+        log,
       };
       await def.onStimulus(stimulus, ctx);
       // Like the gateway: the new checkpoint is the state as JSON, written only on success.

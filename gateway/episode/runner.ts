@@ -32,6 +32,8 @@ export { SandboxLedger, type Swept } from "./leftovers.ts";
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
 export type FailureKind =
   | "threw"
+  /** The agent threw `TerminalError`: quarantined at once, without retries. */
+  | "terminal"
   | "timeout"
   | "oom"
   | "crashed"
