@@ -175,10 +175,10 @@ export function testAgent<S, C = Record<string, unknown>>(
     const send: SendFn = (to, payload) => call("send", [to, payload]) as ReturnType<SendFn>;
     const logAt =
       (level: string) =>
-      (...args: unknown[]) =>
-        logs.push(
-          `${level === "info" ? "" : `[${level}] `}${args.map((a) => (typeof a === "string" ? a : JSON.stringify(a))).join(" ")}`,
-        );
+      (...args: unknown[]) => {
+        const line = args.map((a) => (typeof a === "string" ? a : JSON.stringify(a))).join(" ");
+        logs.push(level === "info" ? line : `[${level}] ${line}`);
+      };
     const log: AgentLog = Object.assign(logAt("info"), {
       debug: logAt("debug"),
       info: logAt("info"),
