@@ -190,4 +190,9 @@ describe("retryAt", () => {
     expect(retryAt(type, 2, 1000)).toBe(1200);
     expect(retryAt(type, 3, 1000)).toBeNull();
   });
+
+  test("a terminal failure (TerminalError) is quarantined at the first attempt", () => {
+    expect(retryAt(type, 1, 1000, "terminal")).toBeNull();
+    expect(retryAt(type, 1, 1000, "threw")).toBe(1100);
+  });
 });

@@ -191,6 +191,15 @@ describe("executor: failure, retry, quarantine", () => {
     expect(quarantined).toEqual([false, true]);
   });
 
+  test("a TerminalError is quarantined at once, without retries", async () => {
+    await t.queue();
+    t.script.push(() => ({ ok: false, kind: "terminal", message: "malformed", records: [], ms: 3 }));
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    const [s] = await t.rows("SELECT state, attempts FROM stimuli");
+    expect(s).toMatchObject({ state: "quarantined", attempts: 1 });
+    expect(t.book.queued(A)).toBe(0);
+  });
+
   test("an episode aborted by shutdown records nothing and leaves its stimulus queued", async () => {
     await t.queue();
     t.setStopping(true);

@@ -131,8 +131,11 @@ export function overBudget(
   return null;
 }
 
-/** Exponential retry backoff: when attempt `attempt` (1-based) may be retried, or null to quarantine. */
-export function retryAt(type: AgentTypeSpec, attempt: number, endedAt: number): number | null {
-  if (attempt >= type.retry.max_attempts) return null;
+/**
+ * Exponential retry backoff: when attempt `attempt` (1-based) may be retried, or null to
+ * quarantine. A `terminal` failure (the agent threw TerminalError) is never retried.
+ */
+export function retryAt(type: AgentTypeSpec, attempt: number, endedAt: number, kind?: string): number | null {
+  if (kind === "terminal" || attempt >= type.retry.max_attempts) return null;
   return endedAt + type.retry.backoff_ms * 2 ** (attempt - 1);
 }

@@ -209,7 +209,7 @@ export class EpisodeExecutor {
       if (!result.ok && result.kind === "infra") return this.couldNotStart(agentId, agent, stamp, result.message, log);
       if (this.d.infra?.started()) this.d.events.emit("infra", { state: "recovered", reason: "episodes start again" });
       if (!result.ok) {
-        const retry = retryAt(type, d.attempt, endedAt);
+        const retry = retryAt(type, d.attempt, endedAt, result.kind);
         await this.d.store.recordFailure({
           episode: { ...base, status: "failed", errorKind: result.kind, error: result.message.slice(0, 4000) },
           events,
