@@ -13,20 +13,18 @@ export const PRIVATE_DIR_MODE = 0o700;
 export const PRIVATE_FILE_MODE = 0o600;
 
 /**
- * Create `dir` if missing and make it and everything under it private (existing data dirs
- * made by older versions with 0755/0644 are fixed at start). Symlinks are left alone.
+ * Create `dir` if missing and make it private: the directory 0700 and the files directly in it
+ * 0600 (a data dir made by an older version with 0755/0644 is fixed at start). Not recursive:
+ * what lies below a 0700 directory is out of other users' reach already, and a data dir set to
+ * a folder with other content must not have that content's modes rewritten. Symlinks are left alone.
  */
 export function secureDataDir(dir: string): void {
   mkdirSync(dir, { recursive: true, mode: PRIVATE_DIR_MODE });
-  const walk = (d: string): void => {
-    chmodSync(d, PRIVATE_DIR_MODE);
-    for (const entry of readdirSync(d, { withFileTypes: true })) {
-      const p = join(d, entry.name);
-      if (entry.isDirectory()) walk(p);
-      else if (entry.isFile() && (statSync(p).mode & 0o777) !== PRIVATE_FILE_MODE) chmodSync(p, PRIVATE_FILE_MODE);
-    }
-  };
-  walk(dir);
+  chmodSync(dir, PRIVATE_DIR_MODE);
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, entry.name);
+    if (entry.isFile() && (statSync(p).mode & 0o777) !== PRIVATE_FILE_MODE) chmodSync(p, PRIVATE_FILE_MODE);
+  }
 }
 
 /** Create `file` empty and 0600 unless it exists; an existing one is made 0600. */
