@@ -183,8 +183,11 @@ let rootsDir: string | null = null;
 /** Where staging roots live: a directory only its owner can list (0711), made once per gateway process. */
 function stagingBase(): string {
   if (rootsDir === null || !existsSync(rootsDir)) {
-    rootsDir = mkdtempSync(join(tmpdir(), "fleet-roots-"));
-    chmodSync(rootsDir, 0o711);
+    const made = mkdtempSync(join(tmpdir(), "fleet-roots-"));
+    chmodSync(made, 0o711);
+    rootsDir = made;
+    // Gone with this process (a kill -9 leaves it to the next start's sweep of the data dir's ledger).
+    process.once("exit", () => rmSync(made, { recursive: true, force: true }));
   }
   return rootsDir;
 }
