@@ -30,7 +30,16 @@ import {
   weakSandboxWarning,
   type SpawnOptions,
 } from "./episode/index.ts";
-import { startHttp, type HttpServer } from "./http/index.ts";
+import { startHttp, type AuditEntry, type HttpServer } from "./http/index.ts";
+import {
+  LOCAL_TOKEN_NAME,
+  removeLocalToken,
+  TOKENS_FILE,
+  TokenAuth,
+  type TokenChange,
+  writeLocalToken,
+} from "./auth/index.ts";
+import { appendAudit } from "./store/index.ts";
 import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
@@ -88,6 +97,8 @@ export class Gateway {
   metrics!: FleetMetrics;
   /** How episodes are spawned and isolated. */
   spawnOptions!: SpawnOptions;
+  /** Who may call the HTTP API: the tokens file plus this run's local CLI token. */
+  tokens!: TokenAuth;
   private current!: SpecVersion;
   private route!: (topic: string) => Route;
   private roster!: Roster;
@@ -110,6 +121,7 @@ export class Gateway {
   /** Whether episode subprocesses can be started (an infra failure makes the gateway degraded). */
   private readonly infra = new InfraHealth();
   private readonly now: () => number;
+  private tokenWatch: ReturnType<typeof setInterval> | null = null;
 
   constructor(readonly opts: GatewayOptions) {
     this.log = opts.logger ?? pino({ base: { svc: "fleet" } });
@@ -171,8 +183,18 @@ export class Gateway {
     this.broker = this.createBroker(spec);
     this.effects = new Effects(this.store, this.broker, this.log);
     await this.broker.start();
+    this.tokens = new TokenAuth(join(this.dataDir, TOKENS_FILE), {
+      log: this.log.child({ mod: "auth" }),
+      onChange: (c) => void this.auditTokenChange(c),
+    });
+    this.tokens.allow(writeLocalToken(this.dataDir), LOCAL_TOKEN_NAME, "admin");
+    // Requests re-read a changed file at once; this also records edits while no request comes.
+    this.tokenWatch = setInterval(() => this.tokens.refresh(), 1000);
+    this.tokenWatch.unref();
+    if (spec.http.allow_unauthenticated)
+      this.log.warn({ host: spec.http.host }, "HTTP API and dashboard need no token ([http] allow_unauthenticated)");
     this.http = startHttp(this, {
-      host: spec.http.host,
+      http: spec.http,
       port: this.opts.httpPort ?? spec.http.port,
       tls: spec.http.tls ? readTls(spec.http.tls) : null,
     });
@@ -249,6 +271,8 @@ export class Gateway {
     await this.broker?.close();
     await this.telemetry?.close().catch((err: unknown) => this.log.warn({ err }, "telemetry: final export failed"));
     await this.store?.close();
+    if (this.tokenWatch) clearInterval(this.tokenWatch);
+    if (this.dataDir) removeLocalToken(this.dataDir);
     try {
       rmSync(join(this.dataDir, "gateway.json"));
     } catch {
@@ -275,6 +299,20 @@ export class Gateway {
   /** Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run, on the gateway's clock. */
   gc(opts: { dryRun: boolean }): Promise<GcReport> {
     return gcAll(this.store, this.current.spec, { now: this.now(), dryRun: opts.dryRun });
+  }
+
+  /** Append an operator action to the audit log (durable when it resolves). */
+  audit(entry: AuditEntry): Promise<void> {
+    return appendAudit(this.store, { ...entry, at: this.now() });
+  }
+
+  /** Tokens added to or removed from the tokens file while running (`fleet token add|revoke`). */
+  private async auditTokenChange(c: TokenChange): Promise<void> {
+    const entries = [
+      ...c.added.map((t) => ({ action: "token.add", target: t.name, detail: `scope ${t.scope}` })),
+      ...c.removed.map((t) => ({ action: "token.revoke", target: t.name, detail: `scope ${t.scope}` })),
+    ];
+    for (const e of entries) await this.audit({ actor: "tokens-file", status: 200, ...e }).catch(() => undefined);
   }
 
   /** Where secrets come from (tools, webhooks): the options, else the gateway's environment. */

@@ -49,9 +49,14 @@ ${type("valve")}`;
 }
 
 /** Time `n` sequential GETs of `path(i)` after a short warm-up; milliseconds per request. */
-async function timeGets(base: string, n: number, path: (i: number) => string): Promise<number[]> {
+async function timeGets(
+  base: string,
+  headers: Record<string, string>,
+  n: number,
+  path: (i: number) => string,
+): Promise<number[]> {
   const get = async (p: string) => {
-    const res = await fetch(base + p);
+    const res = await fetch(base + p, { headers });
     if (!res.ok) throw new Error(`GET ${p}: HTTP ${res.status}`);
     await res.arrayBuffer();
   };
@@ -84,7 +89,9 @@ async function benchHttp(o: OpsOptions): Promise<Row[]> {
     // a stride prime to the page count: every part of the range
     const spread = (i: number) => 1 + Math.floor((i * 7919) % pages);
 
-    const check = (await (await fetch(`${base}/api/agents?status=paused&limit=${limit}`)).json()) as { total: number };
+    const check = (await (
+      await fetch(`${base}/api/agents?status=paused&limit=${limit}`, { headers: gw.headers })
+    ).json()) as { total: number };
     if (check.total !== paused) throw new Error(`http: expected ${paused} paused agents, got ${check.total}`);
 
     const cases: [string, (i: number) => string][] = [
@@ -106,7 +113,7 @@ async function benchHttp(o: OpsOptions): Promise<Row[]> {
     ];
     const results: { name: string; p50: number; p99: number }[] = [];
     for (const [name, path] of cases) {
-      const ms = await timeGets(base, n, path);
+      const ms = await timeGets(base, gw.headers, n, path);
       results.push({ name, p50: quantile(ms, 0.5), p99: quantile(ms, 0.99) });
       o.log(`  ${name}: p50 ${fmt(quantile(ms, 0.5))} ms, p99 ${fmt(quantile(ms, 0.99))} ms`);
     }

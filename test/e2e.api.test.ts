@@ -24,11 +24,11 @@ let client: MqttClient;
 let base: string;
 
 const get = async (path: string) => {
-  const res = await fetch(`${base}${path}`);
+  const res = await fleet.fetch(path);
   return { status: res.status, type: res.headers.get("content-type") ?? "", body: (await res.json()) as any };
 };
 const post = async (path: string) => {
-  const res = await fetch(`${base}${path}`, { method: "POST" });
+  const res = await fleet.fetch(path, { method: "POST" });
   return { status: res.status, body: (await res.json()) as any };
 };
 
@@ -179,11 +179,7 @@ describe("one error shape", () => {
   ];
   for (const [path, body, status, code] of bodies) {
     test(`POST ${path} with ${body} -> ${status} ${code}`, async () => {
-      const res = await fetch(`${base}${path}`, {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body,
-      });
+      const res = await fleet.fetch(path, { method: "POST", body });
       expect(res.status).toBe(status);
       const json = (await res.json()) as { error: { code: string; message: string } };
       expect(json.error.code).toBe(code);
@@ -193,7 +189,7 @@ describe("one error shape", () => {
 
   test("a bad /api/send body is refused naming the field, and records nothing", async () => {
     const before = (await fleet.episodes("counter/dev-002")).length;
-    const res = await fetch(`${base}/api/send`, {
+    const res = await fleet.fetch("/api/send", {
       method: "POST",
       body: JSON.stringify({ topic: "api/dev-002/in", payload: { n: 1 }, id: 42 }),
     });
@@ -206,7 +202,7 @@ describe("one error shape", () => {
 
   for (const [method, path, status, code] of cases) {
     test(`${method} ${path} -> ${status} ${code}`, async () => {
-      const res = await fetch(`${base}${path}`, { method });
+      const res = await fleet.fetch(path, { method });
       expect(res.status).toBe(status);
       expect(res.headers.get("content-type")).toContain("application/json");
       const body = (await res.json()) as any;
@@ -304,7 +300,7 @@ describe("episodes, event logs, decisions, checkpoints", () => {
 describe("live and health endpoints", () => {
   test("/api/events streams a new episode as it commits, and a closed stream frees its slot", async () => {
     const ac = new AbortController();
-    const res = await fetch(`${base}/api/events`, { signal: ac.signal });
+    const res = await fleet.fetch("/api/events", { signal: ac.signal });
     expect(res.headers.get("content-type")).toStartWith("text/event-stream");
     const reader = res.body!.getReader();
     const dec = new TextDecoder();

@@ -1,9 +1,13 @@
 /**
- * Who may call the HTTP API, and what it can never do: the gateway's own clock decides
- * retention (no client-supplied `now`), against a real gateway process.
+ * Who may call the HTTP API (tokens with scopes, the dashboard's session, the CLI's local
+ * token), what a browser page can never make it do (foreign Origin, rebinding Host, form
+ * posts), the audit log of operator actions, and what no client can do at all: the gateway's
+ * own clock decides retention (no client-supplied `now`). Against a real gateway process.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { TestFleet, cleanupAll } from "./helpers/gateway.ts";
+import { readFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { TestFleet, cleanupAll, waitFor } from "./helpers/gateway.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
 
 const TOML = fleetHeader("e2e-auth") + counterType("counter", "auth/+/in");
@@ -14,7 +18,7 @@ let fleet: TestFleet;
 async function call(path: string, init: RequestInit = {}): Promise<{ status: number; body: any }> {
   const headers = new Headers(init.headers);
   if (!headers.has("content-type")) headers.set("content-type", "application/json");
-  const res = await fetch(fleet.httpUrl + path, { ...init, headers });
+  const res = await fleet.fetch(path, { ...init, headers });
   const text = await res.text();
   try {
     return { status: res.status, body: JSON.parse(text) };
@@ -66,5 +70,268 @@ describe("retention runs on the gateway's clock", () => {
     expect(preview.code).toBe(0);
     expect(preview.json.stimuliForgotten).toBeGreaterThanOrEqual(1);
     expect((await send("auth/gc/in", "once")).body.duplicates.length).toBe(1);
+  }, 60_000);
+});
+
+/** A request with exactly these headers (no local token added). */
+async function raw(path: string, init: RequestInit = {}): Promise<{ status: number; body: any }> {
+  const res = await fetch(fleet.httpUrl + path, init);
+  const text = await res.text();
+  try {
+    return { status: res.status, body: JSON.parse(text) };
+  } catch {
+    return { status: res.status, body: text };
+  }
+}
+
+const bearer = (token: string, extra: Record<string, string> = {}) => ({
+  authorization: `Bearer ${token}`,
+  "content-type": "application/json",
+  ...extra,
+});
+
+/** `fleet token add NAME --scope S` against the fleet's data dir; the new token. */
+async function addToken(name: string, scope: string): Promise<string> {
+  const r = await fleet.cli("token", "add", name, "--scope", scope);
+  expect(r.code).toBe(0);
+  expect(r.json).toMatchObject({ name, scope });
+  return r.json.token as string;
+}
+
+/** The agent's stored status. */
+async function statusOf(agent: string): Promise<string> {
+  return (await call(`/api/agents/${agent}`)).body.status;
+}
+
+describe("tokens", () => {
+  let reader: string;
+  let operator: string;
+  let admin: string;
+  beforeAll(async () => {
+    reader = await addToken("reader", "read");
+    operator = await addToken("operator", "operate");
+    admin = await addToken("admin", "admin");
+    expect((await send("auth/tok/in", "t1")).status).toBe(202);
+    await fleet.waitCommitted("counter/tok", 1);
+  }, 60_000);
+
+  test("an API call without a token, or with a bad one, is 401 and names what to send", async () => {
+    const none = await raw("/api/agents");
+    expect(none.status).toBe(401);
+    expect(none.body.error.code).toBe("unauthorized");
+    expect(none.body.error.message).toContain("Authorization: Bearer");
+    expect((await raw("/api/agents", { headers: bearer("fleet_wrong") })).status).toBe(401);
+    expect((await raw("/api/agents", { headers: { authorization: "Basic eDp5" } })).status).toBe(401);
+    const post = await raw("/api/agents/counter/tok/pause", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+    });
+    expect(post.status).toBe(401);
+    expect(await statusOf("counter/tok")).toBe("idle");
+  });
+
+  test("scopes nest: read reads, operate changes agents, only admin collects and reads the audit log", async () => {
+    expect((await raw("/api/agents", { headers: bearer(reader) })).status).toBe(200);
+    const denied = await raw("/api/agents/counter/tok/pause", { method: "POST", headers: bearer(reader) });
+    expect(denied.status).toBe(403);
+    expect(denied.body.error.message).toContain("needs operate");
+    expect(await statusOf("counter/tok")).toBe("idle");
+
+    expect((await raw("/api/agents/counter/tok/pause", { method: "POST", headers: bearer(operator) })).status).toBe(
+      200,
+    );
+    expect(await statusOf("counter/tok")).toBe("paused");
+    expect((await raw("/api/agents/counter/tok/resume", { method: "POST", headers: bearer(admin) })).status).toBe(200);
+
+    expect((await raw("/api/gc?dry_run=1", { method: "POST", headers: bearer(operator) })).status).toBe(403);
+    expect((await raw("/api/gc?dry_run=1", { method: "POST", headers: bearer(admin) })).status).toBe(200);
+    expect((await raw("/api/audit", { headers: bearer(operator) })).status).toBe(403);
+    expect((await raw("/api/audit", { headers: bearer(admin) })).status).toBe(200);
+  });
+
+  test("the tokens file keeps only SHA-256 digests, readable by the gateway's user alone", async () => {
+    const file = join(fleet.dataDir, "tokens.json");
+    expect(statSync(file).mode & 0o777).toBe(0o600);
+    const text = readFileSync(file, "utf8");
+    for (const t of [reader, operator, admin]) expect(text).not.toContain(t);
+    const digest = new Bun.CryptoHasher("sha256").update(reader).digest("hex");
+    expect(JSON.parse(text).tokens.find((t: any) => t.name === "reader")).toMatchObject({
+      scope: "read",
+      sha256: digest,
+    });
+    expect(reader).toMatch(/^fleet_[A-Za-z0-9_-]{43}$/);
+    const list = await fleet.cli("token", "list");
+    expect(list.json.tokens.map((t: any) => t.name)).toEqual(["reader", "operator", "admin"]);
+    expect(JSON.stringify(list.json)).not.toContain("sha256");
+  });
+
+  test("a token added while the gateway runs works at once; a revoked one is refused on the next request", async () => {
+    const late = await addToken("late", "read");
+    expect((await raw("/api/fleet", { headers: bearer(late) })).status).toBe(200);
+    const r = await fleet.cli("token", "revoke", "late");
+    expect(r.code).toBe(0);
+    expect((await raw("/api/fleet", { headers: bearer(late) })).status).toBe(401);
+    expect((await fleet.cli("token", "revoke", "late")).code).toBe(1);
+  });
+
+  test("`fleet token add` refuses a missing scope, a bad name and a taken name", async () => {
+    expect((await fleet.cli("token", "add", "noscope")).code).toBe(2);
+    expect((await fleet.cli("token", "add", "x", "--scope", "root")).code).toBe(2);
+    const bad = await fleet.cli("token", "add", "has space", "--scope", "read");
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toContain("must be 1-64 of");
+    const taken = await fleet.cli("token", "add", "reader", "--scope", "admin");
+    expect(taken.code).toBe(1);
+    expect(taken.stderr).toContain('a token named "reader" exists');
+    expect((await raw("/api/agents", { headers: bearer(reader) })).status).toBe(200);
+  });
+
+  test("probes answer a loopback peer without a token", async () => {
+    expect((await raw("/healthz")).status).toBe(200);
+    expect((await raw("/readyz")).status).toBe(200);
+    const m = await raw("/metrics");
+    expect(m.status).toBe(200);
+    expect(m.body).toContain("fleet_episodes_total");
+  });
+
+  test("the CLI operates the running gateway with its per-run local token", async () => {
+    expect(statSync(join(fleet.dataDir, "local-admin.token")).mode & 0o777).toBe(0o600);
+    const p = await fleet.cli("pause", "counter/tok");
+    expect(p.code).toBe(0);
+    expect(await statusOf("counter/tok")).toBe("paused");
+    expect((await fleet.cli("resume", "counter/tok")).code).toBe(0);
+    expect(await statusOf("counter/tok")).toBe("idle");
+  });
+});
+
+describe("a web page cannot make the gateway act", () => {
+  let operator: string;
+  beforeAll(async () => {
+    operator = await addToken("web-operator", "operate");
+  });
+
+  const cases: [string, Record<string, string>, number, string][] = [
+    ["a foreign Origin", { origin: "http://evil.example" }, 403, "bad_origin"],
+    ["an opaque Origin", { origin: "null" }, 403, "bad_origin"],
+    ["a DNS-rebinding Host", { host: "evil.example:8080" }, 403, "bad_host"],
+    ["a form content type", { "content-type": "application/x-www-form-urlencoded" }, 415, "unsupported_media_type"],
+    ["a text/plain body", { "content-type": "text/plain" }, 415, "unsupported_media_type"],
+  ];
+  for (const [what, headers, status, code] of cases) {
+    test(`a state change with ${what} is refused (${status}) and changes nothing`, async () => {
+      const r = await raw("/api/agents/counter/tok/pause", { method: "POST", headers: bearer(operator, headers) });
+      expect(r.status).toBe(status);
+      expect(r.body.error.code).toBe(code);
+      expect(await statusOf("counter/tok")).toBe("idle");
+    });
+  }
+
+  test("a same-origin POST with JSON is accepted", async () => {
+    const origin = fleet.httpUrl;
+    const r = await raw("/api/agents/counter/tok/pause", { method: "POST", headers: bearer(operator, { origin }) });
+    expect(r.status).toBe(200);
+    expect((await raw("/api/agents/counter/tok/resume", { method: "POST", headers: bearer(operator) })).status).toBe(
+      200,
+    );
+  });
+
+  test("a read through a rebinding Host name is refused too", async () => {
+    expect((await raw("/metrics", { headers: { host: "evil.example" } })).status).toBe(403);
+    expect((await raw("/api/fleet", { headers: bearer(operator, { host: "evil.example" }) })).status).toBe(403);
+  });
+});
+
+describe("the dashboard session", () => {
+  test("signing in sets an HttpOnly SameSite=Strict cookie that reads the API; signing out ends it", async () => {
+    const token = await addToken("browser", "read");
+    expect(
+      (
+        await raw("/api/session", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ token: "fleet_bad" }),
+        })
+      ).status,
+    ).toBe(401);
+    const res = await fetch(`${fleet.httpUrl}/api/session`, {
+      method: "POST",
+      headers: { "content-type": "application/json", origin: fleet.httpUrl },
+      body: JSON.stringify({ token }),
+    });
+    expect(res.status).toBe(200);
+    const set = res.headers.get("set-cookie") ?? "";
+    expect(set).toMatch(/^fleet_session=[A-Za-z0-9_-]{43}; HttpOnly; SameSite=Strict; Path=\//);
+    expect(set).not.toContain(token);
+    const cookie = set.split(";")[0]!;
+    expect((await raw("/api/session", { headers: { cookie } })).body).toEqual({ name: "browser", scope: "read" });
+    expect((await raw("/api/agents", { headers: { cookie } })).status).toBe(200);
+    expect((await raw("/", { headers: { cookie } })).body).toContain('data-testid="fleet-name"');
+    // Without a session, / is the sign-in page and the dashboard's code is not served.
+    expect((await raw("/")).body).toContain('id="signin"');
+    expect((await raw("/ui/app.js")).status).toBe(401);
+    // Revoking the token ends its sessions.
+    expect((await fleet.cli("token", "revoke", "browser")).code).toBe(0);
+    expect((await raw("/api/agents", { headers: { cookie } })).status).toBe(401);
+  });
+});
+
+describe("the audit log", () => {
+  test("every operator action is recorded with who, what, target, when and result, newest first", async () => {
+    const since = Date.now();
+    const op = await addToken("auditor-op", "operate");
+    const rd = await addToken("auditor-rd", "read");
+    await raw("/api/agents/counter/aud/pause", { method: "POST", headers: bearer(op) });
+    await raw("/api/agents/counter/tok/pause", { method: "POST", headers: bearer(rd) });
+    await raw("/api/send", {
+      method: "POST",
+      headers: bearer(op),
+      body: JSON.stringify({ topic: "auth/aud/in", payload: { id: "a1" }, id: "a1" }),
+    });
+    expect((await fleet.cli("retire", "counter/aud")).code).toBe(0);
+
+    const records = await waitFor(
+      async () => {
+        const r = await call("/api/audit?limit=100");
+        const mine = r.body.records.filter((x: any) => x.at >= since);
+        return (
+          mine.some((x: any) => x.action === "agent.retire") && mine.some((x: any) => x.action === "token.add") && mine
+        );
+      },
+      10_000,
+      "the audit records",
+    );
+    const pick = (action: string, actor: string) => records.find((x: any) => x.action === action && x.actor === actor);
+    expect(pick("agent.pause", "auditor-op")).toMatchObject({ target: "counter/aud", status: 404, result: "refused" });
+    expect(pick("agent.pause", "auditor-rd")).toMatchObject({ target: "counter/tok", status: 403, result: "refused" });
+    expect(pick("send", "auditor-op")).toMatchObject({ target: "auth/aud/in", status: 202, result: "ok" });
+    expect(pick("agent.retire", "cli@local")).toMatchObject({ target: "counter/aud", status: 200, result: "ok" });
+    expect(records.find((x: any) => x.action === "token.add" && x.target === "auditor-op")).toMatchObject({
+      actor: "tokens-file",
+      detail: "scope operate",
+      result: "ok",
+    });
+    for (const r of records) expect(r.at).toBeGreaterThanOrEqual(since);
+    const seqs = records.map((x: any) => x.seq);
+    expect(seqs).toEqual([...seqs].sort((a: number, b: number) => b - a));
+
+    const page1 = await call("/api/audit?limit=2");
+    expect(page1.body.records.length).toBe(2);
+    const page2 = await call(`/api/audit?limit=2&before=${page1.body.next_before}`);
+    expect(page2.body.records[0].seq).toBeLessThan(page1.body.records[1].seq);
+
+    const cli = await fleet.cli("audit", "--limit", "100");
+    expect(cli.code).toBe(0);
+    const api = (await call("/api/audit?limit=100")).body.records;
+    expect(cli.json.records).toEqual(api);
+    expect(cli.json.records.some((x: any) => x.action === "agent.retire" && x.actor === "cli@local")).toBe(true);
+  }, 60_000);
+});
+
+describe("at stop", () => {
+  test("the per-run local token is removed with the run", async () => {
+    const file = join(fleet.dataDir, "local-admin.token");
+    expect(statSync(file).isFile()).toBe(true);
+    expect(await fleet.stop()).toBe(0);
+    expect(() => statSync(file)).toThrow();
   }, 60_000);
 });

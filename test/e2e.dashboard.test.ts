@@ -34,8 +34,9 @@ let client: MqttClient;
 let browser: Browser;
 let page: Page;
 let base: string;
+let signInToken: string;
 
-const api = async (path: string, init?: RequestInit) => (await fetch(`${base}${path}`, init)).json() as Promise<any>;
+const api = async (path: string, init?: RequestInit) => (await fleet.fetch(path, init)).json() as Promise<any>;
 const byTestId = (id: string) => page.getByTestId(id);
 
 beforeAll(async () => {
@@ -49,6 +50,10 @@ beforeAll(async () => {
   fleet = new TestFleet(TOML, { env: { FLEET_TEST_COMMIT_FAULT_FILE: DISK_FULL } });
   await fleet.start();
   base = fleet.httpUrl;
+  // Minted before the episodes below: the overview's one-minute rates must still cover them.
+  const added = await fleet.cli("token", "add", "dashboard-e2e", "--scope", "admin");
+  expect(added.code).toBe(0);
+  signInToken = added.json.token;
   client = await fleet.mqtt({ clientId: "e2e-dashboard" });
   // Real episodes: an alert and a clear on boiler-1, readings on a few pumps, one failure.
   await publishQos1(client, "sensors/boiler-1/temperature", { id: "t1", value: 91.5 });
@@ -78,6 +83,17 @@ beforeAll(async () => {
     ],
   });
   page = await browser.newPage({ viewport: { width: 1440, height: 1000 } });
+  // Signed in through the API here; the sign-in form itself is tested on a page of its own.
+  const session = await fetch(`${base}/api/session`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ token: signInToken }),
+  });
+  const id = /fleet_session=([^;]+)/.exec(session.headers.get("set-cookie") ?? "")?.[1];
+  if (!id) throw new Error(`sign-in failed: HTTP ${session.status}`);
+  await page
+    .context()
+    .addCookies([{ name: "fleet_session", value: id, url: base, httpOnly: true, sameSite: "Strict" }]);
   page.on("pageerror", (err) => console.error("page error:", err));
 }, 120_000);
 
@@ -289,11 +305,11 @@ describe("the dashboard", () => {
     await row.waitFor();
     await byTestId("live").and(page.locator('[data-state="open"]')).waitFor({ timeout: 15_000 });
     await page.evaluate(() => ((window as unknown as { __noReload: number }).__noReload = 7));
-    await fetch(`${base}/api/agents/counter/pump-07/pause`, { method: "POST" });
+    await fleet.fetch("/api/agents/counter/pump-07/pause", { method: "POST" });
     await page.waitForFunction(
       () => document.querySelector('tr[data-agent="counter/pump-07"] td.status')?.textContent === "paused",
     );
-    await fetch(`${base}/api/agents/counter/pump-07/resume`, { method: "POST" });
+    await fleet.fetch("/api/agents/counter/pump-07/resume", { method: "POST" });
     await page.waitForFunction(
       () => document.querySelector('tr[data-agent="counter/pump-07"] td.status')?.textContent === "idle",
     );
@@ -329,5 +345,47 @@ describe("the dashboard", () => {
     await waitFor(async () => (await fetch(`${base}/readyz`)).status === 200, 15_000, "/readyz 200 again");
     await page.reload();
     await byTestId("storage-error").waitFor({ state: "hidden", timeout: 15_000 });
+  }, 60_000);
+
+  test("without a session it asks for a token; a bad one is refused, a good one opens the dashboard", async () => {
+    expect((await fetch(`${base}/ui/app.js`)).status).toBe(401);
+    const page = await browser.newPage({ viewport: { width: 1440, height: 1000 } });
+    await page.goto(`${base}/`);
+    await page.locator("#token").fill("fleet_not-a-token");
+    await page.locator('button[type="submit"]').click();
+    await page.waitForFunction(() => document.getElementById("error")?.textContent?.includes("bad or revoked token"));
+    await page.locator("#token").fill(signInToken);
+    await page.locator('button[type="submit"]').click();
+    await page.waitForFunction(() => document.querySelector('[data-testid="fleet-name"]')?.textContent === "plant-7");
+    const cookie = (await page.context().cookies()).find((c) => c.name === "fleet_session");
+    expect(cookie).toMatchObject({ httpOnly: true, sameSite: "Strict", path: "/" });
+    await page.waitForFunction(
+      () => document.querySelector('[data-testid="whoami"]')?.textContent === "dashboard-e2e (admin)",
+    );
+  }, 60_000);
+
+  test("the audit panel lists the operator actions taken from the page, by the signed-in token's name", async () => {
+    await page.goto(`${base}/#/`);
+    const rows = byTestId("audit-table").locator("tbody tr[data-seq]");
+    await rows.first().waitFor();
+    const texts = await rows.allTextContents();
+    expect(
+      texts.some(
+        (t) => t.includes("dashboard-e2e") && t.includes("agent.pause") && t.includes("temp-monitor/boiler-1"),
+      ),
+    ).toBe(true);
+    expect(texts.some((t) => t.includes("dashboard-e2e") && t.includes("agent.resume") && t.includes("ok (200)"))).toBe(
+      true,
+    );
+    expect(texts.some((t) => t.includes("session.signin"))).toBe(true);
+  }, 60_000);
+
+  test("signing out ends the session: the page asks for a token again and the old cookie reads nothing", async () => {
+    const before = (await page.context().cookies()).find((c) => c.name === "fleet_session")!;
+    await byTestId("sign-out").click();
+    await page.locator("#token").waitFor();
+    expect((await fetch(`${base}/api/agents`, { headers: { cookie: `fleet_session=${before.value}` } })).status).toBe(
+      401,
+    );
   }, 60_000);
 });

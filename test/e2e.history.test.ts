@@ -139,7 +139,7 @@ async function runShowHuman(id: string): Promise<string> {
 
 describe("the same over HTTP", () => {
   const get = async (path: string) => {
-    const res = await fetch(`${fleet.httpUrl}${path}`);
+    const res = await fleet.fetch(path);
     return { status: res.status, body: (await res.json()) as any };
   };
 

@@ -9,7 +9,7 @@ import { rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connectAsync } from "mqtt";
-import { TestFleet, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
+import { TestFleet, authed, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
 
@@ -17,8 +17,9 @@ afterAll(async () => {
   await cleanupAll();
 }, 60_000);
 
-const getJson = async (url: string) => {
-  const res = await fetch(url);
+/** GET a URL of `f`'s gateway as the local operator. */
+const getJson = async (url: string, f: TestFleet) => {
+  const res = await fetch(url, authed(f.token));
   return { status: res.status, body: (await res.json()) as any };
 };
 
@@ -31,7 +32,7 @@ describe("a message that matches a subscription but names no valid agent", () =>
     await publishQos1(client, `dev/${"k".repeat(129)}/c`, { id: "r2" });
     await publishQos1(client, "dev/good/c", { id: "g1" });
     // Acked means recorded: the rows are there the moment the PUBACK arrived.
-    const { status, body } = await getJson(`${fleet.httpUrl}/api/rejected`);
+    const { status, body } = await getJson(`${fleet.httpUrl}/api/rejected`, fleet);
     expect(status).toBe(200);
     expect(body.total).toBe(2);
     const [long, bad] = body.rejected;
@@ -43,14 +44,10 @@ describe("a message that matches a subscription but names no valid agent", () =>
     });
     expect(bad.reason).toContain("gives no valid key for counter");
     expect(long.reason).toContain("is longer than 128 bytes (129)");
-    expect((await getJson(`${fleet.httpUrl}/api/fleet`)).body.rejected_messages).toBe(2);
+    expect((await getJson(`${fleet.httpUrl}/api/fleet`, fleet)).body.rejected_messages).toBe(2);
     expect(sampleValue(await scrape(fleet.httpUrl), "fleet_intake_rejected_messages_total")).toBe(2);
     // The same cap for a manual stimulus, with the same reason.
-    const manual = await fetch(`${fleet.httpUrl}/api/agents/counter/${"k".repeat(129)}/stimuli`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: "{}",
-    });
+    const manual = await fleet.fetch(`/api/agents/counter/${"k".repeat(129)}/stimuli`, { method: "POST", body: "{}" });
     expect(manual.status).toBe(400);
     expect(((await manual.json()) as { error: { message: string } }).error.message).toContain(
       "is longer than 128 bytes (129)",
@@ -68,7 +65,7 @@ describe("failing commits", () => {
     });
     await withFault.start();
     const base = withFault.httpUrl;
-    expect((await getJson(`${base}/readyz`)).status).toBe(200);
+    expect((await getJson(`${base}/readyz`, withFault)).status).toBe(200);
     await publishQos1(await withFault.mqtt({ clientId: "before" }), "disk/a/c", { id: "before" });
 
     writeFileSync(faultFile, "");
@@ -79,12 +76,12 @@ describe("failing commits", () => {
     await within(closed, 15_000, "the broker to drop the publish it could not record");
     expect(acked).toBe(false);
 
-    const down = await getJson(`${base}/readyz`);
+    const down = await getJson(`${base}/readyz`, withFault);
     expect(down.status).toBe(503);
     expect(down.body.ready).toBe(false);
     expect(down.body.reason).toContain("commits failing (disk_full)");
-    expect(await getJson(`${base}/healthz`)).toMatchObject({ status: 200 });
-    const health = (await getJson(`${base}/api/fleet`)).body;
+    expect(await getJson(`${base}/healthz`, withFault)).toMatchObject({ status: 200 });
+    const health = (await getJson(`${base}/api/fleet`, withFault)).body;
     expect(health.readiness.ready).toBe(false);
     expect(health.db.ok).toBe(false);
     expect(health.db.failure_kind).toBe("disk_full");
@@ -121,7 +118,7 @@ describe("[broker] max_connections", () => {
       (e: { code?: number }) => e,
     );
     expect(err?.code).toBe(3);
-    expect((await getJson(`${fleet.httpUrl}/healthz`)).status).toBe(200);
+    expect((await getJson(`${fleet.httpUrl}/healthz`, fleet)).status).toBe(200);
     const metrics = await scrape(fleet.httpUrl);
     expect(sampleValue(metrics, "fleet_broker_connections_refused_total")).toBe(1);
     expect(sampleValue(metrics, "fleet_broker_connections")).toBe(2);

@@ -286,7 +286,7 @@ describe("tools run in the gateway, allowlisted and budgeted; secrets stay in th
       ...episodes.map((e) => `/api/episodes/${e}`),
     ];
     for (const p of paths) {
-      const res = await fetch(fleet.httpUrl + p);
+      const res = await fleet.fetch(p);
       expect(res.status).toBe(200);
       expect(await res.text()).not.toContain(SECRET);
     }
@@ -637,7 +637,7 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     // Nothing the episodes started survives them, and the gateway reaped every child.
     // Idle warm spares (started ahead of need, no agent code loaded) are the only children allowed to outlive it.
     const spares = async () =>
-      new Set(((await (await fetch(`${fleet.httpUrl}/api/fleet`)).json()) as { spares: number[] }).spares);
+      new Set(((await (await fleet.fetch("/api/fleet")).json()) as { spares: number[] }).spares);
     await waitFor(
       async () => watch.survivors(await spares()).length === 0,
       10_000,

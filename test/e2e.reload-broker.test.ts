@@ -12,7 +12,7 @@ import { counterType, fleetHeader } from "./helpers/toml.ts";
 afterAll(() => cleanupAll(), 60_000);
 
 const fleetInfo = async (f: TestFleet) =>
-  (await (await fetch(`${f.httpUrl}/api/fleet`)).json()) as { spec_version: string; spec_error: string | null };
+  (await (await f.fetch("/api/fleet")).json()) as { spec_version: string; spec_error: string | null };
 
 describe("reloading [broker] and [http]", () => {
   test("allow_anonymous = false applies at once: anonymous sessions are closed and refused, devices stay", async () => {

@@ -10,7 +10,7 @@ let fleet: TestFleet;
 
 /** The agent as the running gateway's API shows it (with its live queue length). */
 async function apiAgent(id: string): Promise<{ status: string; queued: number }> {
-  return (await (await fetch(`${fleet.httpUrl}/api/agents/${id}`)).json()) as { status: string; queued: number };
+  return (await (await fleet.fetch(`/api/agents/${id}`)).json()) as { status: string; queued: number };
 }
 
 beforeAll(async () => {

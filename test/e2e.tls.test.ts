@@ -6,7 +6,7 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { readFileSync, rmSync } from "node:fs";
 import { connectAsync } from "mqtt";
-import { TestFleet, cleanupAll, publishQos1, within } from "./helpers/gateway.ts";
+import { TestFleet, authed, cleanupAll, publishQos1, within } from "./helpers/gateway.ts";
 import { makeCerts } from "./helpers/tls.ts";
 import { counterType, fleetHeader, q } from "./helpers/toml.ts";
 
@@ -59,7 +59,10 @@ describe("TLS listeners", () => {
     );
     expect(unverified).toBeInstanceOf(Error);
 
-    const res = await fetch(`https://127.0.0.1:${info.http_port}/api/fleet`, { tls: { ca: certs.caPem } });
+    const res = await fetch(`https://127.0.0.1:${info.http_port}/api/fleet`, {
+      ...authed(fleet.token),
+      tls: { ca: certs.caPem },
+    });
     expect(res.status).toBe(200);
     expect(((await res.json()) as { fleet: string }).fleet).toBe("e2e-tls");
     const plain = await fetch(`http://127.0.0.1:${info.http_port}/healthz`).then(

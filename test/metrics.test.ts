@@ -11,7 +11,8 @@ import pino from "pino";
 import { Gateway } from "../gateway/gateway.ts";
 import { agentId, type AgentId } from "../gateway/types.ts";
 import { RollingCounts } from "../gateway/observe/index.ts";
-import { connectMqtt, publishQos1, subscribe, waitFor } from "./helpers/gateway.ts";
+import { authed, connectMqtt, publishQos1, subscribe, waitFor } from "./helpers/gateway.ts";
+import { readLocalToken } from "../gateway/auth/index.ts";
 import { parseExposition, sampleValue, samplesOf, scrape, type Exposition } from "./helpers/prom.ts";
 import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
 
@@ -45,6 +46,7 @@ const REQUIRED: Record<string, string> = {
 let dir: string;
 let gw: Gateway;
 let base: string;
+let token: string;
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), "fleet-metrics-"));
@@ -65,6 +67,7 @@ beforeAll(async () => {
   });
   await gw.start();
   base = `http://127.0.0.1:${gw.http.port}`;
+  token = readLocalToken(join(dir, "data"))!;
 });
 
 afterAll(async () => {
@@ -73,7 +76,7 @@ afterAll(async () => {
 });
 
 async function send(topic: string, payload: unknown): Promise<Response> {
-  return fetch(`${base}/api/send`, { method: "POST", body: JSON.stringify({ topic, payload }) });
+  return fetch(`${base}/api/send`, authed(token, { method: "POST", body: JSON.stringify({ topic, payload }) }));
 }
 
 /** Scrape until `probe` holds (the DB-backed gauges are cached for a second). */
@@ -159,7 +162,7 @@ describe("/metrics", () => {
   }, 60_000);
 
   test("a paused agent's waiting stimuli show as queue depth and lag, by type", async () => {
-    expect((await fetch(`${base}/api/agents/counter/b/pause`, { method: "POST" })).status).toBe(200);
+    expect((await fetch(`${base}/api/agents/counter/b/pause`, authed(token, { method: "POST" }))).status).toBe(200);
     expect((await send("m/b/in", { id: "while-paused" })).status).toBe(202);
     const x = await scrapeUntil(
       (x) => sampleValue(x, "fleet_type_queue_depth", { type: "counter" }) === 1,
@@ -170,7 +173,7 @@ describe("/metrics", () => {
     expect(sampleValue(x, "fleet_agents", { type: "counter", status: "paused" })).toBe(1);
     await scrapeUntil((x) => (sampleValue(x, "fleet_queue_oldest_age_seconds") ?? 0) > 0, "a growing lag");
 
-    expect((await fetch(`${base}/api/agents/counter/b/resume`, { method: "POST" })).status).toBe(200);
+    expect((await fetch(`${base}/api/agents/counter/b/resume`, authed(token, { method: "POST" }))).status).toBe(200);
     await scrapeUntil(
       (x) =>
         sampleValue(x, "fleet_queue_depth") === 0 &&

@@ -102,6 +102,7 @@ describe("compileSpec", () => {
       max_packet_bytes: 262_144,
       max_connections: 5000,
       allow_anonymous: false,
+      allow_anonymous_network: false,
       devices_file: "/srv/plant/devices.toml",
       tls_port: null,
       wss_port: null,
@@ -109,7 +110,16 @@ describe("compileSpec", () => {
       persistence: "memory",
       max_offline_messages: 1000,
     });
-    expect(spec.http).toEqual({ host: "0.0.0.0", port: 0, tls: null });
+    expect(spec.http).toEqual({
+      host: "127.0.0.1",
+      port: 0,
+      tls: null,
+      allowed_hosts: [],
+      open_metrics: false,
+      allow_unauthenticated: false,
+      max_concurrent_requests: 256,
+      max_body_bytes_in_flight: 16 * 1_048_576,
+    });
     expect(spec.llm).toEqual({
       url: "http://127.0.0.1:11434/v1",
       model: "llama3.2",
@@ -267,6 +277,12 @@ describe("schema errors name the key path", () => {
       "broker.devices",
       /is required when allow_anonymous = false/,
     ],
+    [
+      "anonymous broker on the network",
+      '[broker]\nhost = "0.0.0.0"\n',
+      "broker.host",
+      /anyone on the network could publish to the fleet.*allow_anonymous_network = true/,
+    ],
     ["port out of range", "[http]\nport = 70000\n", "http.port", /must be a port number/],
     [
       "wrong type",
@@ -371,5 +387,23 @@ describe("restartNeeded", () => {
 
   test("a key a command-line flag overrides is ignored", async () => {
     expect(restartNeeded(await spec(""), await spec("mqtt_port = 1999"), ["broker.mqtt_port"])).toEqual([]);
+  });
+});
+
+describe("listen addresses", () => {
+  test("HTTP, and MQTT without device logins, listen on loopback by default", async () => {
+    const { spec } = await compileSpec("", FILE);
+    expect(spec.http.host).toBe("127.0.0.1");
+    expect(spec.broker.host).toBe("127.0.0.1");
+  });
+
+  test("MQTT with device logins required listens on every interface by default", async () => {
+    const { spec } = await compileSpec('[broker]\nallow_anonymous = false\ndevices = "d.toml"\n', FILE);
+    expect(spec.broker.host).toBe("0.0.0.0");
+  });
+
+  test("an anonymous broker on the network is accepted only with allow_anonymous_network = true", async () => {
+    const { spec } = await compileSpec('[broker]\nhost = "0.0.0.0"\nallow_anonymous_network = true\n', FILE);
+    expect(spec.broker).toMatchObject({ host: "0.0.0.0", allow_anonymous: true, allow_anonymous_network: true });
   });
 });

@@ -173,6 +173,19 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     tables.budgetUsage,
     { agent: aid("temp/boiler-1"), window: "d:19675", episodes: 3, toolCalls: 7, tokens: 1234, cost: 1.5 },
   ],
+  [
+    tables.audit,
+    {
+      seq: 4,
+      gateway: "gw-1",
+      at: T0,
+      actor: "ops-alice",
+      action: "agent.pause",
+      target: "temp/boiler-1",
+      status: 200,
+      detail: null,
+    },
+  ],
 ];
 
 /** How a drizzle default appears in `PRAGMA table_info(...).dflt_value`. */

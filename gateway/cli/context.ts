@@ -10,6 +10,7 @@ import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
+import { readLocalToken } from "../auth/index.ts";
 
 /** A bad command line: cli.ts prints the message with the usage and exits 2. */
 export class UsageError extends Error {}
@@ -55,6 +56,8 @@ export interface CliFlags {
   readonly module?: string;
   readonly "dry-run": boolean;
   readonly now?: string;
+  readonly scope?: string;
+  readonly before?: string;
   readonly publish?: string[];
   readonly subscribe?: string[];
   readonly "client-id"?: string;
@@ -98,7 +101,8 @@ export function createCli(flags: CliFlags): Cli {
   }
 
   async function running(): Promise<LiveGateway | null> {
-    const file = join(await dataDir(), "gateway.json");
+    const dir = await dataDir();
+    const file = join(dir, "gateway.json");
     if (!existsSync(file)) return null;
     try {
       const g = JSON.parse(readFileSync(file, "utf8")) as {
@@ -108,7 +112,11 @@ export function createCli(flags: CliFlags): Cli {
         https?: boolean;
       };
       process.kill(g.pid, 0); // throws when the pid is gone: a stale gateway.json
-      return { http: `${g.https ? "https" : "http"}://127.0.0.1:${g.http_port}`, mqtt_port: g.mqtt_port, token: null };
+      return {
+        http: `${g.https ? "https" : "http"}://127.0.0.1:${g.http_port}`,
+        mqtt_port: g.mqtt_port,
+        token: readLocalToken(dir),
+      };
     } catch {
       return null;
     }

@@ -9,6 +9,7 @@ import { parseArgs } from "node:util";
 import { createCli, intArg, UsageError } from "./context.ts";
 import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
 import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
+import { cmdAudit, cmdToken, TOKEN_USAGE } from "./token.ts";
 import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify } from "./read.ts";
 import { DevicesError } from "../devices/index.ts";
 import { BackupError } from "../ops/index.ts";
@@ -40,6 +41,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/fleet] [--dry-run]
                               write a hardened systemd unit (--dry-run prints it); docs/deploy.md
 ${DEVICE_USAGE}
+${TOKEN_USAGE}
 
   Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR)`;
 
@@ -73,6 +75,8 @@ const ARGS = {
     module: { type: "string" },
     "dry-run": { type: "boolean", default: false },
     now: { type: "string" },
+    scope: { type: "string" },
+    before: { type: "string" },
     publish: { type: "string", multiple: true },
     subscribe: { type: "string", multiple: true },
     "client-id": { type: "string" },
@@ -138,6 +142,10 @@ async function main(): Promise<number> {
         { publish: flags.publish, subscribe: flags.subscribe, clientId: flags["client-id"] },
         cli,
       );
+    case "token":
+      return cmdToken(cli, a1, a2);
+    case "audit":
+      return cmdAudit(cli);
     case "quarantine":
       return quarantineCommand(positionals.slice(1), intArg("--limit", flags.limit, 100, { min: 1, max: 10_000 }), cli);
     default:

@@ -10,7 +10,7 @@ import type { Intake, IntakeReport } from "../intake/index.ts";
 import { agentId, keyProblem, type StimulusId } from "../types.ts";
 import { stimulusId } from "../intake/index.ts";
 import { httpError, json } from "./responses.ts";
-import { readBodyCapped } from "../body.ts";
+import { readRequestBody } from "./limits.ts";
 import type { FleetSpec } from "../spec/index.ts";
 
 /** What a hook needs from the gateway. */
@@ -66,8 +66,9 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   const spec = d.spec();
   const hook = spec.hooks[name];
   if (!hook) return httpError(404, "unknown_hook", `no hook "${name}" in fleet.toml`);
-  const body = await readBodyCapped(req, hook.max_body_bytes);
-  if (body === null) return httpError(413, "too_large", `body larger than ${hook.max_body_bytes} bytes`);
+  const read = await readRequestBody(req, hook.max_body_bytes);
+  if (!read.ok) return read.res;
+  const body = read.bytes;
   if (hook.secret_env) {
     const secret = d.secrets[hook.secret_env];
     if (!secret) return httpError(503, "hook_unconfigured", `secret ${hook.secret_env} is not set on the gateway`);

@@ -4,6 +4,8 @@
  * HTTP folder, not the other way round.
  */
 import type { Logger } from "pino";
+import type { TokenAuth } from "../auth/index.ts";
+import type { AuditEntry } from "./access.ts";
 import type { FleetEvents } from "../events.ts";
 import type { LifecycleAction, LifecycleResult } from "../fleet/index.ts";
 import type { Intake, Route } from "../intake/index.ts";
@@ -28,6 +30,10 @@ export interface HttpHost {
   readonly events: FleetEvents;
   readonly log: Logger;
   readonly metrics: MetricsView;
+  /** Who may call the API (the tokens file and the local CLI token). */
+  readonly tokens: TokenAuth;
+  /** Append an operator action to the audit log (durable when it resolves). */
+  audit(entry: AuditEntry): Promise<void>;
   /** Where webhook secrets come from. */
   readonly secrets: Readonly<Record<string, string | undefined>>;
   /** `/readyz`: running and commits not failing (else the reason). */

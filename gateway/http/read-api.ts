@@ -160,7 +160,12 @@ export async function episodeDetail(gw: ReadHost, id: string): Promise<Response>
 }
 
 /** The observing routes, to spread into Bun.serve's `routes`, and their cleanup. */
-export function observeRoutes(gw: ReadHost): { routes: Record<string, Route | Record<string, Route>>; close(): void } {
+export function observeRoutes(gw: ReadHost): {
+  routes: Record<string, Route | Record<string, Route>>;
+  /** Event streams open now. */
+  streams(): number;
+  close(): void;
+} {
   const stream = new EventStream({
     events: gw.events,
     health: () => gw.health(),
@@ -209,5 +214,5 @@ export function observeRoutes(gw: ReadHost): { routes: Record<string, Route | Re
       });
     },
   };
-  return { routes, close: () => stream.close() };
+  return { routes, streams: () => stream.size, close: () => stream.close() };
 }

@@ -3,8 +3,8 @@
  * `{ "error": { "code", "message" } }` with a fitting status.
  */
 import type { z } from "zod";
-import { readBodyCapped } from "../body.ts";
 import { describeZodError, parseOptionalInt } from "../parse.ts";
+import { readRequestBody } from "./limits.ts";
 
 /** JSON response helper. */
 export function json(data: unknown, status = 200, headers: Record<string, string> = {}): Response {
@@ -24,8 +24,9 @@ export async function readJson(
   req: Request,
   cap = MAX_API_BODY,
 ): Promise<{ ok: true; value: unknown; raw: Uint8Array } | { ok: false; res: Response }> {
-  const raw = await readBodyCapped(req, cap);
-  if (raw === null) return { ok: false, res: httpError(413, "too_large", `body larger than ${cap} bytes`) };
+  const body = await readRequestBody(req, cap);
+  if (!body.ok) return body;
+  const raw = body.bytes;
   try {
     return { ok: true, value: raw.byteLength ? JSON.parse(new TextDecoder().decode(raw)) : null, raw };
   } catch (err) {

@@ -2,34 +2,63 @@
  * The HTTP surface (SPEC §7) on Bun.serve: health, the JSON API, operator actions and
  * manual stimuli. Errors are `{ "error": { "code", "message" } }` with a fitting status.
  */
+import type { BunRequest } from "bun";
 import type { HttpHost } from "./host.ts";
 import { httpError, json, parseBody, readJson } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
 import { agentId, keyProblem } from "../types.ts";
+import { Sessions } from "../auth/index.ts";
+import type { FleetSpec } from "../spec/index.ts";
+import { createGuard, noteAudit } from "./access.ts";
+import { BodyBudget } from "./limits.ts";
+import { Gauge, type Registry } from "prom-client";
+import { auditRoutes } from "./audit.ts";
+import { sessionRoutes, signInPage } from "./session.ts";
 import type { StimulusId } from "../types.ts";
 import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { historyRoutes } from "./history.ts";
 import { agentDetail, agentEpisodes, episodeDetail, listAgents, listRejected, observeRoutes } from "./read-api.ts";
 
+type Req<P extends string> = BunRequest<P>;
+
 /** A started HTTP server. */
 export interface HttpServer {
   readonly port: number;
+  /** Requests being handled now. */
+  inFlight(): number;
   stop(): void;
 }
 
-/** Start the HTTP server of a gateway. */
+/** Start the HTTP server of a gateway: every route behind the access guard (access.ts). */
 export function startHttp(
   gw: HttpHost,
-  opts: { host: string; port: number; tls?: { cert: string; key: string } | null },
+  opts: { http: FleetSpec["http"]; port: number; tls?: { cert: string; key: string } | null },
 ): HttpServer {
   const observe = observeRoutes(gw);
+  const sessions = new Sessions(gw.tokens);
+  const audit = gw.audit.bind(gw);
+  const bodies = new BodyBudget(opts.http.max_body_bytes_in_flight);
+  const guard = createGuard({
+    http: opts.http,
+    auth: gw.tokens,
+    sessions,
+    audit,
+    signInPage,
+    streams: observe.streams,
+    bodies,
+  });
+  httpGauges(
+    gw.metrics.registry,
+    () => guard.inFlight() + observe.streams(),
+    () => bodies.held,
+  );
   const server = Bun.serve({
-    hostname: opts.host,
+    hostname: opts.http.host,
     port: opts.port,
     // HTTPS when `[http] tls_cert`/`tls_key` are set.
     ...(opts.tls ? { tls: { cert: opts.tls.cert, key: opts.tls.key } } : {}),
-    routes: {
+    routes: guard.protect({
       "/healthz": () => json({ ok: true }),
       "/readyz": () => {
         const r = gw.readiness();
@@ -37,11 +66,13 @@ export function startHttp(
       },
       "/api/fleet": async () => json(await gw.health()),
       // Paging, filters and strict query parsing live in observe.ts.
-      "/api/agents": (req) => listAgents(gw, req),
-      "/api/agents/:type/:key": (req) => agentDetail(gw, req.params.type, req.params.key),
-      "/api/agents/:type/:key/episodes": (req) => agentEpisodes(gw, req.params.type, req.params.key, req),
+      "/api/agents": (req: Request) => listAgents(gw, req),
+      "/api/agents/:type/:key": (req: Req<"/api/agents/:type/:key">) =>
+        agentDetail(gw, req.params.type, req.params.key),
+      "/api/agents/:type/:key/episodes": (req: Req<"/api/agents/:type/:key/episodes">) =>
+        agentEpisodes(gw, req.params.type, req.params.key, req),
       "/api/agents/:type/:key/:action": {
-        POST: async (req) => {
+        POST: async (req: Req<"/api/agents/:type/:key/:action">) => {
           const action = req.params.action;
           if (action === "stimuli") return manualStimulus(gw, req.params.type, req.params.key, req);
           if (action !== "pause" && action !== "resume" && action !== "retire")
@@ -55,16 +86,16 @@ export function startHttp(
             : httpError(409, "conflict", r.message);
         },
       },
-      "/api/episodes/:id": (req) => episodeDetail(gw, req.params.id),
-      "/api/rejected": (req) => listRejected(gw, req),
+      "/api/episodes/:id": (req: Req<"/api/episodes/:id">) => episodeDetail(gw, req.params.id),
+      "/api/rejected": (req: Request) => listRejected(gw, req),
       "/hooks/:name": {
-        POST: (req) =>
+        POST: (req: Req<"/hooks/:name">) =>
           handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.secrets }, req.params.name, req),
       },
       "/api/gc": {
         // Retention runs on the gateway's own clock: a client-supplied time could forget dedup
         // ids early and let an already-processed stimulus run a second episode.
-        POST: async (req) => {
+        POST: async (req: Request) => {
           const url = new URL(req.url);
           if (url.searchParams.has("now"))
             return httpError(400, "bad_query", "now is not accepted: retention runs on the gateway's clock");
@@ -73,15 +104,18 @@ export function startHttp(
       },
       ...quarantineRoutes(gw),
       ...historyRoutes(gw),
+      ...auditRoutes(gw),
+      ...sessionRoutes({ sessions, audit }),
       ...observe.routes,
       "/api/send": {
         // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.
-        POST: async (req) => {
+        POST: async (req: Request) => {
           const body = await readJson(req);
           if (!body.ok) return body.res;
           const parsed = parseBody(SendBody, body.value);
           if (!parsed.ok) return parsed.res;
           const v = parsed.value;
+          noteAudit(req, { target: v.topic });
           const route = gw.routeTopic(v.topic);
           if (route.targets.length === 0)
             return httpError(404, "no_target", route.problems[0] ?? `no agent subscribes to ${v.topic}`);
@@ -109,17 +143,36 @@ export function startHttp(
           return json(report, report.accepted.length > 0 ? 202 : 200);
         },
       },
-    },
+    }),
     fetch: () => httpError(404, "not_found", "no such endpoint"),
     error: (err) => httpError(500, "internal", err.message),
   });
   return {
     port: server.port ?? opts.port,
+    inFlight: guard.inFlight,
     stop: () => {
       observe.close();
       void server.stop(true);
     },
   };
+}
+
+/** The HTTP limits as gauges: requests in flight (event streams included) and body bytes held. */
+function httpGauges(registry: Registry, requests: () => number, bodyBytes: () => number): void {
+  for (const [name, help, read] of [
+    ["fleet_http_requests_in_flight", "HTTP requests being handled, event streams included.", requests],
+    ["fleet_http_body_bytes_in_flight", "Request body bytes held across requests.", bodyBytes],
+  ] as const) {
+    registry.removeSingleMetric(name); // a restarted HTTP server registers them again
+    new Gauge({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.set(read());
+      },
+    });
+  }
 }
 
 /** `POST /api/agents/<type>/<key>/stimuli`: a manual stimulus (body = payload JSON; `Idempotency-Key` dedups). */

@@ -105,8 +105,14 @@ export async function loadSpec(path: string): Promise<SpecVersion> {
   return compileSpec(text, path);
 }
 
+/** Whether a listen address reaches only this machine. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.replace(/^\[|\]$/g, "").toLowerCase();
+  return h === "localhost" || h === "::1" || /^127\.\d+\.\d+\.\d+$/.test(h) || /^::ffff:127\./.test(h);
+}
+
 function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
-  const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, ...broker } = raw.broker;
+  const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, host: hostRaw, ...broker } = raw.broker;
   if (!broker.allow_anonymous && devices === undefined) {
     const message = "is required when allow_anonymous = false (a devices file with credentials and ACL)";
     problems.push({ path: ["broker", "devices"], message });
@@ -126,6 +132,17 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
     });
   const { tls_cert: httpCert, tls_key: httpKey, ...http } = raw.http;
   const httpTls = tlsFiles("http", { cert: httpCert, key: httpKey, ca: undefined }, dir, problems);
+  // Like Mosquitto 2: without device logins the broker listens on loopback only.
+  const host = hostRaw ?? (broker.allow_anonymous ? "127.0.0.1" : "0.0.0.0");
+  if (broker.allow_anonymous && !broker.allow_anonymous_network && !isLoopbackHost(host)) {
+    problems.push({
+      path: ["broker", "host"],
+      message:
+        `is "${host}" while allow_anonymous = true: anyone on the network could publish to the fleet. ` +
+        'Bind "127.0.0.1", require device logins (allow_anonymous = false with a devices file), ' +
+        "or set allow_anonymous_network = true",
+    });
+  }
   const agents: Record<string, AgentTypeSpec> = {};
   for (const [name, a] of Object.entries(raw.agents)) agents[name] = buildAgent(name, a, dir, problems);
   const hooks: Record<string, HookSpec> = {};
@@ -134,6 +151,7 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
     fleet: raw.fleet,
     broker: {
       ...broker,
+      host,
       ws_port: ws_port ?? null,
       devices_file: devices === undefined ? null : resolve(dir, devices),
       tls_port: tls_port ?? null,

@@ -25,7 +25,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "(they leave an agent the network, the file system and detached children).",
   "fleet.warm_spares": "Sandboxed subprocesses started ahead of need; each still serves exactly one episode.",
   broker: "The embedded MQTT broker.",
-  "broker.host": "Address the MQTT listener binds.",
+  "broker.host":
+    "Address the MQTT listeners bind; default 127.0.0.1, or 0.0.0.0 when devices must log in " +
+    "(allow_anonymous = false). An anonymous broker on another address is refused (see allow_anonymous_network).",
   "broker.mqtt_port": "MQTT (TCP) port; 0 picks a free one (written to <data_dir>/gateway.json).",
   "broker.ws_port": "MQTT over WebSocket port; absent: no WebSocket listener.",
   "broker.max_packet_bytes": "Largest MQTT packet accepted; a larger one closes the connection before it is buffered.",
@@ -34,6 +36,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "gets CONNACK 3 (counted in /metrics). 0 = no limit. Applies live.",
   "broker.allow_anonymous":
     "false: devices need credentials from the devices file. Applies live (anonymous sessions are closed).",
+  "broker.allow_anonymous_network":
+    "true: allow_anonymous with a non-loopback host is accepted (anyone who reaches it can publish). Default: refused.",
   "broker.devices":
     "Devices file (credentials and ACLs, see docs/devices.md); reloaded when it changes. A new path applies live.",
   "broker.tls_port": "MQTT over TLS (mqtts) port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",
@@ -42,10 +46,18 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.tls_key": "PEM private key of tls_cert; relative to fleet.toml. Read at start.",
   "broker.tls_ca": "PEM CA bundle: when set, TLS clients must present a certificate it signed.",
   http: "The HTTP API, dashboard, /metrics and webhooks.",
-  "http.host": "Address the HTTP server binds.",
+  "http.host": "Address the HTTP server binds. Every /api call and the dashboard need a token (docs/access.md).",
   "http.port": "HTTP port; 0 picks a free one (written to <data_dir>/gateway.json).",
   "http.tls_cert": "PEM certificate (chain): the API, dashboard and webhooks are served over HTTPS. Read at start.",
   "http.tls_key": "PEM private key of http.tls_cert.",
+  "http.allowed_hosts":
+    "Host names the API answers to besides IP addresses, localhost and http.host (DNS-rebinding guard).",
+  "http.open_metrics": "true: /healthz, /readyz and /metrics answer any peer without a token (default: loopback only).",
+  "http.allow_unauthenticated":
+    "true: the API and dashboard need no token (only behind a proxy that authenticates). Logged at start.",
+  "http.max_concurrent_requests":
+    "Requests handled at once, event streams included; past it 503 with Retry-After. /healthz always answers.",
+  "http.max_body_bytes_in_flight": "Request body bytes held at once across all requests; past it 503 with Retry-After.",
   llm: "The OpenAI-compatible endpoint behind the `llm` tool.",
   "llm.url": "Base URL of the endpoint (`/chat/completions` is appended).",
   "llm.model": "Model name sent with every request.",

@@ -41,6 +41,7 @@ const MEM = says("must be an integer of at least 16");
 const NONNEG_NUM = says("must be a non-negative number");
 const nonNegNum = () => z.number(NONNEG_NUM).min(0, NONNEG_NUM);
 const PORT = says("must be a port number (0-65535)");
+const bool = (d: boolean) => z.boolean(says("must be true or false")).default(d);
 const port = () => z.int(PORT).min(0, PORT).max(65535, PORT);
 const str = () => z.string(says("must be a string")).min(1, "must not be empty");
 const envName = () => str().regex(ENV_NAME_RE, "must be an environment variable name (A-Z, 0-9, _)");
@@ -135,12 +136,14 @@ export const fleetSchema = z.strictObject({
     allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),
   }),
   broker: table({
-    host: str().default("0.0.0.0"),
+    /** Default: 127.0.0.1, or 0.0.0.0 when devices must log in (allow_anonymous = false); see load.ts. */
+    host: str().optional(),
     mqtt_port: port().default(1883),
     ws_port: port().optional(),
     max_packet_bytes: posInt(262_144),
     max_connections: nonNegInt(5000),
     allow_anonymous: z.boolean(says("must be true or false")).default(true),
+    allow_anonymous_network: bool(false),
     devices: str().optional(),
     tls_port: port().optional(),
     wss_port: port().optional(),
@@ -151,10 +154,15 @@ export const fleetSchema = z.strictObject({
     max_offline_messages: posInt(1000),
   }),
   http: table({
-    host: str().default("0.0.0.0"),
+    host: str().default("127.0.0.1"),
     port: port().default(8080),
     tls_cert: str().optional(),
     tls_key: str().optional(),
+    allowed_hosts: list(str().regex(/^[^\s/:]+$/, "must be a host name, without scheme, port or path")),
+    open_metrics: bool(false),
+    allow_unauthenticated: bool(false),
+    max_concurrent_requests: posInt(256),
+    max_body_bytes_in_flight: posInt(16 * 1_048_576),
   }),
   llm: table({
     url: str()

@@ -120,6 +120,8 @@ export interface FleetSpec {
     /** Most open MQTT connections (TCP, TLS, WebSocket); past it CONNACK 3. 0 = no limit. */
     readonly max_connections: number;
     readonly allow_anonymous: boolean;
+    /** Anonymous clients may connect on a non-loopback host (otherwise such a spec is refused). */
+    readonly allow_anonymous_network: boolean;
     /** Devices file (credentials + ACL), resolved against the fleet.toml directory; null when none. */
     readonly devices_file: string | null;
     /** MQTT over TLS (`mqtts`) port, or null when not configured. */
@@ -145,6 +147,16 @@ export interface FleetSpec {
     readonly port: number;
     /** HTTPS instead of HTTP when set. */
     readonly tls: TlsFiles | null;
+    /** Host names (besides IP literals and localhost) the API answers to: DNS-rebinding guard. */
+    readonly allowed_hosts: readonly string[];
+    /** `/healthz`, `/readyz`, `/metrics` answer any peer without a token (default: loopback only). */
+    readonly open_metrics: boolean;
+    /** No token needed for the API and dashboard (for a proxy that authenticates). */
+    readonly allow_unauthenticated: boolean;
+    /** Requests handled at once (an HTTP/1.1 connection carries one at a time); past it 503. */
+    readonly max_concurrent_requests: number;
+    /** Request body bytes held at once across all requests; past it 503. */
+    readonly max_body_bytes_in_flight: number;
   };
   readonly llm: {
     readonly url: string;

@@ -2,3 +2,4 @@ export * from "./store.ts";
 export * from "./checkpoint.ts";
 export * from "./migrate.ts";
 export * from "./files.ts";
+export * from "./audit.ts";

@@ -75,10 +75,18 @@ const REJECTED_MESSAGES: readonly string[] = [
   `CREATE INDEX IF NOT EXISTS rejected_messages_time ON rejected_messages (received_at)`,
 ];
 
+/** The audit log of operator actions (append-only; docs/access.md). */
+const AUDIT: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, gateway TEXT NOT NULL, at INTEGER NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, target TEXT, status INTEGER NOT NULL, detail TEXT)`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
   { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
+  { version: 3, name: "audit log", statements: AUDIT },
 ];
 
 /** The schema version this code writes. */

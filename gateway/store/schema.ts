@@ -195,6 +195,21 @@ export const budgetUsage = sqliteTable(
   (t) => [primaryKey({ columns: [t.agent, t.window] })],
 );
 
+/**
+ * Operator actions (who, what, target, when, result): append-only, never updated or collected
+ * by retention. `actor` is the token's name; `status` the HTTP status the action got.
+ */
+export const audit = sqliteTable("audit", {
+  seq: integer("seq").primaryKey({ autoIncrement: true }),
+  gateway: text("gateway").notNull(),
+  at: integer("at").notNull(),
+  actor: text("actor").notNull(),
+  action: text("action").notNull(),
+  target: text("target"),
+  status: integer("status").notNull(),
+  detail: text("detail"),
+});
+
 export type AgentRow = typeof agents.$inferSelect;
 export type StimulusRow = typeof stimuli.$inferSelect;
 export type EpisodeRow = typeof episodes.$inferSelect;
@@ -203,3 +218,4 @@ export type CheckpointRow = typeof checkpoints.$inferSelect;
 export type OutboxRow = typeof outbox.$inferSelect;
 export type SpecVersionRow = typeof specVersions.$inferSelect;
 export type RejectedMessageRow = typeof rejectedMessages.$inferSelect;
+export type AuditRow = typeof audit.$inferSelect;

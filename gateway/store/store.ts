@@ -24,6 +24,7 @@ export type {
   CheckpointRow,
   OutboxRow,
   SpecVersionRow,
+  AuditRow,
   StoredAgentStatus,
   RejectedMessageRow,
 } from "./schema.ts";

@@ -46,6 +46,8 @@ export interface GatewayProc {
   readonly httpPort: number;
   readonly dataDir: string;
   readonly logFile: string;
+  /** Headers of an API call as the local operator (bearer token, JSON). */
+  readonly headers: Readonly<Record<string, string>>;
   /** GET/POST the gateway's HTTP API, JSON in and out. */
   api<T = unknown>(path: string, method?: "GET" | "POST"): Promise<T>;
   /** Resident set size now, kB. */
@@ -109,14 +111,18 @@ export async function startGateway(tag: string, fleetToml: string): Promise<Gate
       120_000, // 10,000 instances on a loaded machine take a while to deploy
     );
     const base = `http://127.0.0.1:${info.http_port}`;
+    // The gateway's per-run local admin token: what `fleet` on this machine uses too.
+    const token = readFileSync(join(dataDir, "local-admin.token"), "utf8").trim();
+    const headers = { authorization: `Bearer ${token}`, "content-type": "application/json" };
     return {
       pid: proc.pid,
       mqttPort: info.mqtt_port,
       httpPort: info.http_port,
       dataDir,
       logFile,
+      headers,
       async api<T>(path: string, method: "GET" | "POST" = "GET") {
-        const res = await fetch(base + path, { method });
+        const res = await fetch(base + path, { method, headers });
         if (!res.ok) throw new Error(`${method} ${path}: HTTP ${res.status} ${await res.text()}`);
         return (await res.json()) as T;
       },

@@ -108,6 +108,14 @@ export async function runCli(
   return { code, stdout, stderr, json };
 }
 
+/** `init` with `Authorization: Bearer <token>` and, unless set, `content-type: application/json`. */
+export function authed(token: string, init: RequestInit = {}): RequestInit {
+  const headers = new Headers(init.headers);
+  headers.set("authorization", `Bearer ${token}`);
+  if (!headers.has("content-type")) headers.set("content-type", "application/json");
+  return { ...init, headers };
+}
+
 // ---- the gateway process ----------------------------------------------------------------
 
 /** Ports and pid the gateway wrote to `<data-dir>/gateway.json`. */
@@ -178,6 +186,16 @@ export class TestFleet {
   get httpUrl(): string {
     if (!this.info) throw new Error("gateway not started");
     return `${this.info.https ? "https" : "http"}://127.0.0.1:${this.info.http_port}`;
+  }
+
+  /** The running gateway's per-run local admin token (the one `fleet` itself uses). */
+  get token(): string {
+    return readFileSync(join(this.dataDir, "local-admin.token"), "utf8").trim();
+  }
+
+  /** `fetch` a path of the running gateway's HTTP API as the local operator. */
+  fetch(path: string, init: RequestInit = {}): Promise<Response> {
+    return fetch(this.httpUrl + path, authed(this.token, init));
   }
 
   /** The last lines of the gateway log, for failure messages. */

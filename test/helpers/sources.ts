@@ -149,7 +149,7 @@ export interface ApiResponse {
 
 /** Call the running gateway's HTTP API; the body is parsed when it is JSON. */
 export async function api(f: TestFleet, path: string, init: RequestInit = {}): Promise<ApiResponse> {
-  const res = await fetch(f.httpUrl + path, init);
+  const res = await f.fetch(path, init);
   const text = await res.text();
   let body: unknown = text;
   try {

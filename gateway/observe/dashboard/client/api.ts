@@ -1,8 +1,20 @@
 /**
- * Every call the dashboard makes to the gateway, in one place (a sign-in would add its
- * credentials here and nowhere else).
+ * Every call the dashboard makes to the gateway, in one place. The session cookie set at
+ * sign-in goes with every call by itself (same origin); a 401 means the session ended, so the
+ * page reloads into the sign-in form.
  */
-import type { AgentDetail, AgentPage, Episode, EpisodeDetail, Health, PatchOp, StateAt, Trace } from "./types.ts";
+import type {
+  AgentDetail,
+  AgentPage,
+  AuditRecord,
+  Episode,
+  EpisodeDetail,
+  Health,
+  PatchOp,
+  Session,
+  StateAt,
+  Trace,
+} from "./types.ts";
 
 /** A non-2xx answer: its status and the API's `error.message`. */
 export class ApiError extends Error {
@@ -14,8 +26,11 @@ export class ApiError extends Error {
   }
 }
 
-async function request<T>(method: "GET" | "POST", path: string): Promise<T> {
-  const res = await fetch(path, { method, headers: { accept: "application/json" } });
+async function request<T>(method: "GET" | "POST" | "DELETE", path: string): Promise<T> {
+  // The API refuses state changes without a JSON content type (no cross-site form posts).
+  const headers = { accept: "application/json", "content-type": "application/json" };
+  const res = await fetch(path, { method, headers });
+  if (res.status === 401) location.reload(); // signed out or revoked: back to the sign-in form
   const body = (await res.json().catch(() => null)) as { error?: { message?: string } } | null;
   if (!res.ok) throw new ApiError(res.status, body?.error?.message ?? `${res.status} ${res.statusText}`);
   return body as T;
@@ -38,6 +53,11 @@ export const api = {
   stateDiff: (type: string, key: string, from: number, to: number) =>
     request<{ patch: PatchOp[] }>("GET", `${agentPath(type, key)}/state/diff?from=${from}&to=${to}`),
   trace: (id: string) => request<Trace>("GET", `/api/episodes/${encodeURIComponent(id)}/trace`),
+  /** Who is signed in. */
+  session: () => request<Session>("GET", "/api/session"),
+  signOut: () => request<unknown>("DELETE", "/api/session"),
+  /** Operator actions, newest first (admin tokens only: 403 otherwise). */
+  audit: (limit: number) => request<{ records: AuditRecord[] }>("GET", `/api/audit?limit=${limit}`),
   /** The live event stream (server-sent events). */
   events: () => new EventSource("/api/events"),
 };

@@ -63,5 +63,14 @@ setInterval(() => {
 }, 5000);
 
 api.health().then(setHealth, (err: unknown) => toast(`Gateway unreachable: ${messageOf(err)}`, true));
+api.session().then(
+  (s) => {
+    tid("whoami").textContent = `${s.name} (${s.scope})`;
+    const out = tid<HTMLButtonElement>("sign-out");
+    out.hidden = false;
+    out.addEventListener("click", () => void api.signOut().finally(() => location.reload()));
+  },
+  () => undefined,
+);
 connectEvents();
 render();

@@ -2,6 +2,7 @@
 import { api } from "./api.ts";
 import { type Child, debounce, h, messageOf, throttle } from "./dom.ts";
 import { fmtInt, fmtMs, fmtPct, fmtRate, pill, short, when } from "./format.ts";
+import { auditPanel } from "./audit.ts";
 import { currentHealth, onHealth, type View } from "./health.ts";
 import { type Agent, type Fact, type Health, STATUSES } from "./types.ts";
 
@@ -232,6 +233,7 @@ export function overviewView(params: URLSearchParams): View {
     }
   }
 
+  const audit = auditPanel();
   const el = h(
     "div",
     {},
@@ -289,6 +291,7 @@ export function overviewView(params: URLSearchParams): View {
       ),
       h("div", { class: "pager" }, countEl, h("div", { class: "buttons" }, pageEl, prev, next)),
     ),
+    audit.el,
   );
 
   return {
@@ -300,6 +303,7 @@ export function overviewView(params: URLSearchParams): View {
       const hl = currentHealth();
       if (hl) showHealth(hl);
       void loadAgents();
+      void audit.load();
     },
     unmount() {
       unsubscribe?.();
@@ -317,6 +321,7 @@ export function overviewView(params: URLSearchParams): View {
       void row.offsetWidth; // restart the animation
       row.classList.add("flash");
       refreshAgents();
+      if (kind === "status") audit.refresh();
     },
   };
 }

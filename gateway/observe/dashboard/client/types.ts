@@ -3,6 +3,24 @@
  * the `/api/fleet` health summary, the `/api/events` facts). Only the fields it shows.
  */
 
+/** `GET /api/session`: the signed-in token's name and scope. */
+export interface Session {
+  readonly name: string;
+  readonly scope: "read" | "operate" | "admin";
+}
+
+/** One record of `GET /api/audit`. */
+export interface AuditRecord {
+  readonly seq: number;
+  readonly at: number;
+  readonly actor: string;
+  readonly action: string;
+  readonly target: string | null;
+  readonly status: number;
+  readonly result: "ok" | "refused";
+  readonly detail: string | null;
+}
+
 /** Agent statuses as operators see them. */
 export const STATUSES = ["idle", "paused", "failed", "retired"] as const;
 export type ShownStatus = (typeof STATUSES)[number];

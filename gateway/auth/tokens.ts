@@ -1,0 +1,123 @@
+/**
+ * API tokens at rest: `<data-dir>/tokens.json` (0600), managed by `fleet token add|list|revoke`.
+ * A token is 32 random bytes (base64url, prefixed `fleet_`), shown once; the file keeps only
+ * its SHA-256. A fast hash is enough here (unlike a device's human-sized secret): a 256-bit
+ * random token cannot be guessed or brute-forced from its digest, and the gateway checks it
+ * on every request. Writes are atomic (temp file + rename), so a running gateway never reads
+ * half a file.
+ */
+import { createHash } from "node:crypto";
+import { chmodSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
+import { parseScope, type Scope } from "./scopes.ts";
+
+/** The tokens file of a data dir. */
+export const TOKENS_FILE = "tokens.json";
+/** Token names: what `fleet token` and the audit log call a token. */
+export const TOKEN_NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+/** Every token starts with this, so it is recognisable in a leak scan. */
+export const TOKEN_PREFIX = "fleet_";
+
+/** A tokens file that cannot be read or is invalid; the message says which file and what is wrong. */
+export class TokenFileError extends Error {
+  override readonly name = "TokenFileError";
+  constructor(
+    readonly file: string,
+    problem: string,
+  ) {
+    super(`${file}: ${problem}`);
+  }
+}
+
+/** One stored token: never the token itself. */
+export interface StoredToken {
+  readonly name: string;
+  readonly scope: Scope;
+  /** Hex SHA-256 of the token. */
+  readonly sha256: string;
+  readonly created: string;
+}
+
+/** A fresh token: 32 random bytes, base64url. */
+export function newToken(): string {
+  return TOKEN_PREFIX + Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+}
+
+/** SHA-256 of a presented token. */
+export function tokenDigest(token: string): Buffer {
+  return createHash("sha256").update(token).digest();
+}
+
+/** The tokens in `file` ([] when it does not exist); a TokenFileError when it is invalid. */
+export function readTokens(file: string): StoredToken[] {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    if ((err as { code?: string }).code === "ENOENT") return [];
+    throw new TokenFileError(file, `cannot read: ${(err as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch (err) {
+    throw new TokenFileError(file, `not JSON: ${(err as Error).message}`);
+  }
+  const list = (doc as { tokens?: unknown } | null)?.tokens;
+  if (!Array.isArray(list)) throw new TokenFileError(file, 'must be {"tokens": [...]}');
+  const seen = new Set<string>();
+  return list.map((t: Record<string, unknown>, i) => {
+    const where = `tokens[${i}]`;
+    if (typeof t?.name !== "string" || !TOKEN_NAME_RE.test(t.name))
+      throw new TokenFileError(file, `${where}.name must be 1-64 of A-Z a-z 0-9 _ . -`);
+    if (seen.has(t.name)) throw new TokenFileError(file, `${where}.name "${t.name}" appears twice`);
+    seen.add(t.name);
+    const scope = typeof t.scope === "string" ? parseScope(t.scope) : null;
+    if (!scope) throw new TokenFileError(file, `${where}.scope must be read, operate or admin`);
+    if (typeof t.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(t.sha256))
+      throw new TokenFileError(file, `${where}.sha256 must be 64 hex digits (use \`fleet token add\`)`);
+    return { name: t.name, scope, sha256: t.sha256, created: typeof t.created === "string" ? t.created : "" };
+  });
+}
+
+/** Write the list atomically, 0600 (it holds digests of credentials). */
+function writeTokens(file: string, tokens: readonly StoredToken[]): void {
+  const tmp = join(dirname(file), `.${basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  writeFileSync(tmp, `${JSON.stringify({ tokens }, null, 2)}\n`, { mode: 0o600 });
+  chmodSync(tmp, 0o600);
+  renameSync(tmp, file);
+}
+
+/** Add a token named `name`; returns the token (the only time it exists outside the caller). */
+export function addToken(file: string, name: string, scope: Scope, now = new Date()): string {
+  if (!TOKEN_NAME_RE.test(name))
+    throw new TokenFileError(file, `token name "${name}" must be 1-64 of A-Z a-z 0-9 _ . -`);
+  const tokens = readTokens(file);
+  if (tokens.some((t) => t.name === name))
+    throw new TokenFileError(file, `a token named "${name}" exists (revoke it first, or pick another name)`);
+  const token = newToken();
+  writeTokens(file, [
+    ...tokens,
+    { name, scope, sha256: tokenDigest(token).toString("hex"), created: now.toISOString() },
+  ]);
+  return token;
+}
+
+/** Remove the token named `name`; false when there is none. */
+export function revokeToken(file: string, name: string): boolean {
+  const tokens = readTokens(file);
+  const rest = tokens.filter((t) => t.name !== name);
+  if (rest.length === tokens.length) return false;
+  writeTokens(file, rest);
+  return true;
+}
+
+/** What identifies one version of a file on disk (changes on every atomic rewrite). */
+export function fileStamp(file: string): string {
+  try {
+    const s = statSync(file);
+    return `${s.ino}:${s.size}:${s.mtimeMs}`;
+  } catch {
+    return "missing";
+  }
+}

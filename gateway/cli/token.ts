@@ -1,0 +1,114 @@
+/**
+ * `fleet token add|list|revoke` (SPEC §9) and `fleet audit`. Tokens live in
+ * `<data-dir>/tokens.json` (0600, digests only); the running gateway re-reads the file on the
+ * next request and records each added or revoked token in its audit log. With the gateway
+ * stopped, the command appends that record to the data dir's audit log itself.
+ */
+import { existsSync, mkdirSync } from "node:fs";
+import { userInfo } from "node:os";
+import { join } from "node:path";
+import { addToken, parseScope, readTokens, revokeToken, SCOPES, TOKENS_FILE, TokenFileError } from "../auth/index.ts";
+import { appendAudit, listAudit, Store } from "../store/index.ts";
+import { auditView } from "../http/index.ts";
+import { table, UsageError, when, type Cli } from "./context.ts";
+
+/** Usage lines of these commands, for the CLI help. */
+export const TOKEN_USAGE = `  token add <name> --scope read|operate|admin
+                              create an API token; prints it once (only its SHA-256 is kept)
+  token list | token revoke <name>
+  audit [--limit N] [--before SEQ]  operator actions, newest first`;
+
+async function tokensFile(cli: Cli): Promise<string> {
+  const dir = await cli.dataDir();
+  mkdirSync(dir, { recursive: true });
+  return join(dir, TOKENS_FILE);
+}
+
+/** With the gateway stopped, record the change in the data dir's audit log (we are its only writer). */
+async function auditOffline(cli: Cli, action: string, target: string, detail: string): Promise<void> {
+  if (await cli.running()) return; // the gateway records it when it re-reads the file
+  const db = join(await cli.dataDir(), "fleet.db");
+  if (!existsSync(db)) return;
+  const store = await Store.open(db, { synchronous: "full" });
+  try {
+    await appendAudit(store, {
+      at: Date.now(),
+      actor: `local:${userInfo().username}`,
+      action,
+      target,
+      status: 200,
+      detail,
+    });
+  } finally {
+    await store.close();
+  }
+}
+
+/** `fleet token <add|list|revoke> ...` */
+export async function cmdToken(cli: Cli, sub: string | undefined, name: string | undefined): Promise<number> {
+  const file = await tokensFile(cli);
+  try {
+    switch (sub) {
+      case "add": {
+        if (!name) throw new UsageError("token add needs a name");
+        const scope = cli.flags.scope === undefined ? null : parseScope(cli.flags.scope);
+        if (scope === null) throw new UsageError(`token add needs --scope ${SCOPES.join("|")}`);
+        const token = addToken(file, name, scope);
+        await auditOffline(cli, "token.add", name, `scope ${scope}`);
+        cli.print({ name, scope, token }, () =>
+          [
+            `token ${name} (scope ${scope}): ${token}`,
+            "This token is shown only now; the tokens file keeps its SHA-256.",
+            "Send it as `Authorization: Bearer <token>`, or paste it into the dashboard's sign-in form.",
+          ].join("\n"),
+        );
+        return 0;
+      }
+      case "list": {
+        const tokens = readTokens(file).map((t) => ({ name: t.name, scope: t.scope, created: t.created }));
+        cli.print(
+          { file, tokens },
+          () => `${table(tokens, ["name", "scope", "created"])}\n${tokens.length} token(s) in ${file}`,
+        );
+        return 0;
+      }
+      case "revoke": {
+        if (!name) throw new UsageError("token revoke needs a name");
+        const scope = readTokens(file).find((t) => t.name === name)?.scope;
+        if (!revokeToken(file, name)) {
+          console.error(`fleet: no token named ${name} in ${file}`);
+          return 1;
+        }
+        await auditOffline(cli, "token.revoke", name, `scope ${scope}`);
+        cli.print({ ok: true, revoked: name }, () => `revoked token ${name} (refused from the next request on)`);
+        return 0;
+      }
+      default:
+        throw new UsageError(sub ? `unknown token command "${sub}"` : "token needs add, list or revoke");
+    }
+  } catch (err) {
+    if (!(err instanceof TokenFileError)) throw err;
+    console.error(`fleet: ${err.message}`);
+    return 1;
+  }
+}
+
+/** `fleet audit [--limit N] [--before SEQ]`: read from the data dir, gateway running or not. */
+export async function cmdAudit(cli: Cli): Promise<number> {
+  const limit = Number(cli.flags.limit ?? 50);
+  const before = cli.flags.before === undefined ? undefined : Number(cli.flags.before);
+  if (!Number.isSafeInteger(limit) || limit < 1) throw new UsageError("--limit must be a positive integer");
+  if (before !== undefined && !Number.isSafeInteger(before)) throw new UsageError("--before must be an audit seq");
+  const store = await cli.openReadonly();
+  const rows = await listAudit(store, { limit, before });
+  await store.close();
+  const records = rows.map(auditView);
+  const last = rows.at(-1);
+  cli.print({ records, next_before: rows.length === limit && last ? last.seq : null }, () =>
+    table(
+      records.map((r) => ({ ...r, when: when(r.at) })),
+      ["seq", "when", "actor", "action", "target", "status", "detail"],
+    ),
+  );
+  return 0;
+}

@@ -1,0 +1,262 @@
+/**
+ * Who may call what (issue 9): every route is wrapped once, here, so no handler can forget.
+ *  - `/api/*` and the dashboard need a token (`Authorization: Bearer`, or the dashboard's
+ *    session cookie): GET needs `read`, state changes `operate`, retention and the audit log
+ *    `admin`. A missing or bad token is 401, a token without the scope 403.
+ *  - `/healthz`, `/readyz`, `/metrics` answer loopback peers without a token (any peer with
+ *    `[http] open_metrics = true`); others need `read`.
+ *  - `/hooks/<name>` keep their own per-hook secret.
+ *  - Every request's Host must be an IP literal, localhost or an `[http] allowed_hosts` name
+ *    (DNS rebinding); every state change must come with `content-type: application/json` and
+ *    no foreign `Origin` (cross-site form or text/plain posts).
+ *  - At most `max_concurrent_requests` are handled at once (health probes always answer).
+ *  - Every state change by a known token is appended to the audit log, with its result.
+ */
+import type { Principal, Scope, Sessions, TokenAuth } from "../auth/index.ts";
+import { SESSION_COOKIE, scopeCovers } from "../auth/index.ts";
+import type { FleetSpec } from "../spec/index.ts";
+import { type BodyBudget, underBudget } from "./limits.ts";
+import { httpError } from "./responses.ts";
+
+/** What a route needs before its handler runs. */
+export type Need = Scope | "probe" | "hook" | "signin" | "dashboard";
+
+/** One audit record as the guard reports it. */
+export interface AuditEntry {
+  readonly actor: string;
+  readonly action: string;
+  readonly target: string | null;
+  readonly status: number;
+  readonly detail: string | null;
+}
+
+/** What the guard needs from the gateway. */
+export interface AccessDeps {
+  readonly http: FleetSpec["http"];
+  readonly auth: TokenAuth;
+  readonly sessions: Sessions;
+  /** Append one audit record (awaited before the response goes out). */
+  readonly audit: (entry: AuditEntry) => Promise<void>;
+  /** The sign-in page, for the dashboard without a session. */
+  readonly signInPage: () => Response;
+  /** Long-lived responses open now (event streams), counted against max_concurrent_requests. */
+  readonly streams: () => number;
+  /** The shared budget of request body bytes. */
+  readonly bodies: BodyBudget;
+}
+
+type Server = { requestIP(req: Request): { address: string } | null; timeout(req: Request, seconds: number): void };
+type Handler = (req: Request & { params: Record<string, string> }, server: Server) => Response | Promise<Response>;
+
+/** Audit details a handler adds about its request (e.g. the topic of a send). */
+const notes = new WeakMap<Request, { target?: string; detail?: string }>();
+
+/** Tell the audit log more about this request than its route says. */
+export function noteAudit(req: Request, note: { target?: string; detail?: string }): void {
+  notes.set(req, { ...notes.get(req), ...note });
+}
+
+/** The principal of a request that passed the guard (for handlers that need to know who). */
+const principals = new WeakMap<Request, Principal>();
+
+/** Who made this request, once the guard let it through. */
+export function principalOf(req: Request): Principal | null {
+  return principals.get(req) ?? null;
+}
+
+const READ_METHODS = new Set(["GET", "HEAD", "OPTIONS"]);
+
+/** What `pattern` needs for `method`. */
+export function needOf(pattern: string, method: string): Need {
+  if (pattern === "/healthz" || pattern === "/readyz" || pattern === "/metrics") return "probe";
+  if (pattern.startsWith("/hooks/")) return "hook";
+  if (pattern === "/api/session") return method === "GET" ? "read" : "signin";
+  if (!pattern.startsWith("/api/")) return "dashboard";
+  if (pattern === "/api/gc" || pattern === "/api/audit") return "admin";
+  return READ_METHODS.has(method) ? "read" : "operate";
+}
+
+/** The audit action and target of a state change on `pattern`. */
+function actionOf(pattern: string, req: Request & { params: Record<string, string> }): [string, string | null] {
+  const p = req.params ?? {};
+  if (pattern === "/api/agents/:type/:key/:action") return [`agent.${p.action}`, `${p.type}/${p.key}`];
+  if (pattern === "/api/quarantine/:seq/:action") return [`quarantine.${p.action}`, `stimulus ${p.seq}`];
+  if (pattern === "/api/gc") return [new URL(req.url).searchParams.get("dry_run") === "1" ? "gc.dry_run" : "gc", null];
+  if (pattern === "/api/send") return ["send", null];
+  return [`${req.method} ${pattern}`, null];
+}
+
+/** Whether a peer address is this machine. */
+export function isLoopbackPeer(address: string | undefined): boolean {
+  if (!address) return false;
+  return address === "::1" || address.startsWith("127.") || address.startsWith("::ffff:127.");
+}
+
+const IPV4 = /^\d{1,3}(\.\d{1,3}){3}$/;
+
+/** The host name of a Host header (no port, no brackets), lower case. */
+function hostName(host: string): string {
+  const h = host.trim().toLowerCase();
+  if (h.startsWith("[")) return h.slice(1, h.indexOf("]"));
+  const colon = h.lastIndexOf(":");
+  return colon > 0 && h.indexOf(":") === colon ? h.slice(0, colon) : h;
+}
+
+/** The value of one cookie, or null. */
+export function cookie(req: Request, name: string): string | null {
+  const header = req.headers.get("cookie");
+  if (!header) return null;
+  for (const part of header.split(";")) {
+    const eq = part.indexOf("=");
+    if (eq > 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
+  }
+  return null;
+}
+
+/** The guard over a route table: wraps every handler; `inFlight()` says how many run now. */
+export function createGuard(d: AccessDeps) {
+  let inFlight = 0;
+  const allowedHosts = new Set([
+    "localhost",
+    d.http.host.toLowerCase(),
+    ...d.http.allowed_hosts.map((h) => h.toLowerCase()),
+  ]);
+
+  const hostOk = (req: Request): boolean => {
+    const host = req.headers.get("host");
+    if (host === null) return false;
+    const name = hostName(host);
+    return IPV4.test(name) || name.includes(":") || allowedHosts.has(name);
+  };
+
+  /** Same-origin or no Origin at all (non-browser clients); a foreign or opaque origin is refused. */
+  const originOk = (req: Request): boolean => {
+    const origin = req.headers.get("origin");
+    if (origin === null) return true;
+    const host = req.headers.get("host");
+    return host !== null && (origin === `http://${host}` || origin === `https://${host}`);
+  };
+
+  /** Bearer token first (a bad one is a 401 even with a good cookie), then the session cookie. */
+  const principal = (req: Request): Principal | null | "bad" => {
+    const authz = req.headers.get("authorization");
+    if (authz !== null) {
+      const m = /^Bearer\s+(\S+)\s*$/i.exec(authz);
+      return (m && d.auth.authenticate(m[1]!)) || "bad";
+    }
+    const sid = cookie(req, SESSION_COOKIE);
+    if (sid !== null) return d.sessions.principal(sid) ?? "bad";
+    return d.http.allow_unauthenticated ? { name: "anonymous", scope: "admin" } : null;
+  };
+
+  const unauthorized = (why: string) => {
+    const res = httpError(
+      401,
+      "unauthorized",
+      `${why}: send Authorization: Bearer <token> ` +
+        "(create one with `fleet token add NAME --scope read|operate|admin`)",
+    );
+    res.headers.set("www-authenticate", 'Bearer realm="fleet"');
+    return res;
+  };
+
+  /** Run `handler` for `pattern` if the request may; otherwise the refusal. */
+  async function guarded(
+    pattern: string,
+    handler: Handler,
+    req: Request & { params: Record<string, string> },
+    server: Server,
+  ) {
+    const need = needOf(pattern, req.method);
+    if (inFlight + d.streams() >= d.http.max_concurrent_requests && pattern !== "/healthz" && pattern !== "/readyz")
+      return busy(`${inFlight + d.streams()} requests in flight (max_concurrent_requests)`);
+    if (need === "hook") return run(handler, req, server); // own secret; the body budget applies
+    if (!hostOk(req))
+      return httpError(403, "bad_host", "Host is not this gateway's (add the name to [http] allowed_hosts)");
+    const changes = !READ_METHODS.has(req.method);
+    if (changes) {
+      if (!originOk(req)) return httpError(403, "bad_origin", "cross-origin requests may not change the fleet");
+      const type = req.headers.get("content-type")?.split(";")[0]?.trim().toLowerCase();
+      if (type !== "application/json")
+        return httpError(415, "unsupported_media_type", "state-changing calls need content-type: application/json");
+    }
+    let who: Principal | null = null;
+    if (need !== "signin") {
+      const p = principal(req);
+      if (need === "probe") {
+        const peer = server.requestIP(req)?.address;
+        if (!(d.http.open_metrics || isLoopbackPeer(peer))) {
+          if (p === null || p === "bad")
+            return unauthorized(p === null ? "a token is needed from a remote peer" : "bad token");
+        }
+      } else {
+        if (p === null || p === "bad") {
+          if (need === "dashboard" && pattern === "/" && req.method === "GET") return d.signInPage();
+          return unauthorized(p === null ? "missing token" : "bad or revoked token");
+        }
+        const scope: Scope = need === "dashboard" ? "read" : need;
+        if (!scopeCovers(p.scope, scope)) {
+          const res = httpError(403, "forbidden", `token "${p.name}" has scope ${p.scope}; this call needs ${scope}`);
+          if (changes) await record(p, pattern, req, res.status);
+          return res;
+        }
+        who = p;
+        principals.set(req, p);
+      }
+    }
+    const res = await run(handler, req, server);
+    if (changes && who !== null) await record(who, pattern, req, res.status);
+    return res;
+  }
+
+  /** Run a handler counted in flight, its body read under the shared budget. */
+  async function run(handler: Handler, req: Request & { params: Record<string, string> }, server: Server) {
+    inFlight++;
+    underBudget(req, d.bodies);
+    try {
+      return await handler(req, server);
+    } finally {
+      inFlight--;
+      d.bodies.release(req);
+    }
+  }
+
+  async function record(
+    who: Principal,
+    pattern: string,
+    req: Request & { params: Record<string, string> },
+    status: number,
+  ) {
+    const [action, target] = actionOf(pattern, req);
+    const note = notes.get(req);
+    await d.audit({ actor: who.name, action, target: note?.target ?? target, status, detail: note?.detail ?? null });
+  }
+
+  /** Wrap every handler of a Bun.serve route table. */
+  function protect<R extends Record<string, unknown>>(routes: R): R {
+    const out: Record<string, unknown> = {};
+    for (const [pattern, value] of Object.entries(routes)) {
+      if (typeof value === "function") {
+        out[pattern] = (req: Request & { params: Record<string, string> }, server: Server) =>
+          guarded(pattern, value as Handler, req, server);
+      } else if (value && typeof value === "object" && !(value instanceof Response)) {
+        const methods: Record<string, unknown> = {};
+        for (const [m, h] of Object.entries(value)) {
+          methods[m] = (req: Request & { params: Record<string, string> }, server: Server) =>
+            guarded(pattern, h as Handler, req, server);
+        }
+        out[pattern] = methods;
+      } else out[pattern] = value;
+    }
+    return out as R;
+  }
+
+  return { protect, inFlight: () => inFlight };
+}
+
+/** 503 with a short Retry-After: the gateway is at a cap, try again in a moment. */
+export function busy(why: string): Response {
+  const res = httpError(503, "busy", `too busy: ${why}; retry shortly`);
+  res.headers.set("retry-after", "1");
+  return res;
+}

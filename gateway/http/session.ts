@@ -1,0 +1,96 @@
+/**
+ * Dashboard sign-in: `POST /api/session` with `{"token": "..."}` sets an `HttpOnly;
+ * SameSite=Strict; Path=/` cookie holding an opaque session id; `GET /api/session` says who
+ * is signed in; `DELETE /api/session` signs out. `GET /` without a session shows the
+ * sign-in page (a small form that posts the token as JSON: the API refuses form posts).
+ */
+import type { Sessions } from "../auth/index.ts";
+import { SESSION_COOKIE } from "../auth/index.ts";
+import { type AuditEntry, cookie, principalOf } from "./access.ts";
+import { httpError, json, readJson } from "./responses.ts";
+
+/** What the session routes need. */
+export interface SessionDeps {
+  readonly sessions: Sessions;
+  readonly audit: (entry: AuditEntry) => Promise<void>;
+}
+
+const clearCookie = `${SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0`;
+
+/** The `/api/session` route. */
+export function sessionRoutes(d: SessionDeps) {
+  return {
+    "/api/session": {
+      GET: (req: Request) => {
+        const p = principalOf(req);
+        return p ? json({ name: p.name, scope: p.scope }) : httpError(401, "unauthorized", "not signed in");
+      },
+      POST: async (req: Request) => {
+        const body = await readJson(req, 4096);
+        if (!body.ok) return body.res;
+        const token = (body.value as { token?: unknown } | null)?.token;
+        if (typeof token !== "string" || token.length === 0 || token.length > 256)
+          return httpError(400, "bad_request", 'body must be {"token": "<token>"}');
+        const s = d.sessions.open(token.trim());
+        if (s === null) return httpError(401, "unauthorized", "bad or revoked token");
+        await d.audit({ actor: s.principal.name, action: "session.signin", target: null, status: 200, detail: null });
+        return json({ name: s.principal.name, scope: s.principal.scope }, 200, {
+          "set-cookie":
+            `${SESSION_COOKIE}=${s.id}; HttpOnly; SameSite=Strict; Path=/; ` + `Max-Age=${d.sessions.maxAgeSeconds}`,
+        });
+      },
+      DELETE: async (req: Request) => {
+        const sid = cookie(req, SESSION_COOKIE);
+        const p = sid === null ? null : d.sessions.principal(sid);
+        if (sid !== null) d.sessions.close(sid);
+        if (p) await d.audit({ actor: p.name, action: "session.signout", target: null, status: 200, detail: null });
+        return json({ ok: true }, 200, { "set-cookie": clearCookie });
+      },
+    },
+  };
+}
+
+/** The sign-in page: self-contained (no assets need a session), posts the token as JSON. */
+export function signInPage(): Response {
+  return new Response(SIGN_IN_HTML, {
+    headers: {
+      "content-type": "text/html; charset=utf-8",
+      "cache-control": "no-store",
+      "x-content-type-options": "nosniff",
+      "x-frame-options": "DENY",
+    },
+  });
+}
+
+const SIGN_IN_HTML = `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sign in · Agent Fleets</title>
+<style>
+body{font:15px/1.4 system-ui,sans-serif;background:#f5f6f8;color:#222;display:grid;place-items:center;
+min-height:100vh;margin:0}
+form{background:#fff;padding:24px 28px;border-radius:8px;box-shadow:0 1px 4px #0002;width:min(420px,90vw)}
+h1{font-size:18px;margin:0 0 12px}input{width:100%;box-sizing:border-box;padding:8px;font:inherit;margin:6px 0 12px}
+button{padding:8px 16px;font:inherit}p{color:#555;font-size:13px}#error{color:#b00020;min-height:1em}
+</style></head>
+<body><form id="signin">
+<h1>Agent Fleets</h1>
+<label for="token">API token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit">Sign in</button>
+<p id="error" role="alert"></p>
+<p>Create a token on the gateway's machine: <code>fleet token add NAME --scope read</code></p>
+</form>
+<script>
+document.getElementById("signin").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const token = document.getElementById("token").value.trim();
+  const res = await fetch("/api/session", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ token }),
+  });
+  if (res.ok) location.reload();
+  else document.getElementById("error").textContent = (await res.json()).error?.message ?? "sign-in failed";
+});
+</script></body></html>
+`;

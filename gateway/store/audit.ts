@@ -1,0 +1,31 @@
+/**
+ * The audit log of operator actions: appended through the group committer (durable before
+ * the HTTP response goes out), read newest first in pages.
+ */
+import { desc, lt } from "drizzle-orm";
+import * as t from "./schema.ts";
+import type { Store } from "./store.ts";
+
+/** One operator action to record. */
+export interface NewAuditRecord {
+  readonly at: number;
+  readonly actor: string;
+  readonly action: string;
+  readonly target: string | null;
+  readonly status: number;
+  readonly detail: string | null;
+}
+
+/** Append one record; resolves once it is committed. */
+export async function appendAudit(store: Store, r: NewAuditRecord): Promise<void> {
+  await store.writer.write([store.db.insert(t.audit).values({ ...r, gateway: store.gatewayId })]);
+}
+
+/** Records newest first: `limit` of them with `seq` below `before` (when given). */
+export function listAudit(store: Store, opts: { limit: number; before?: number }): Promise<t.AuditRow[]> {
+  const q = store.db.select().from(t.audit);
+  return (opts.before === undefined ? q : q.where(lt(t.audit.seq, opts.before)))
+    .orderBy(desc(t.audit.seq))
+    .limit(opts.limit)
+    .all();
+}

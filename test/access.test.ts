@@ -1,0 +1,127 @@
+/**
+ * The access guard in-process (gateway/http/access.ts): what each route needs, probes from a
+ * peer that is not this machine, and the Host names the API answers to. The real gateway
+ * process is driven in e2e.auth.test.ts.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { addToken, Sessions, TokenAuth } from "../gateway/auth/index.ts";
+import { type AuditEntry, BodyBudget, createGuard, needOf, signInPage } from "../gateway/http/index.ts";
+import type { FleetSpec } from "../gateway/spec/index.ts";
+
+let dir: string;
+let auth: TokenAuth;
+let readToken: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), "fleet-access-"));
+  const file = join(dir, "tokens.json");
+  readToken = addToken(file, "reader", "read");
+  auth = new TokenAuth(file);
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const HTTP: FleetSpec["http"] = {
+  host: "0.0.0.0",
+  port: 0,
+  tls: null,
+  allowed_hosts: ["fleet.plant-7.lan"],
+  open_metrics: false,
+  allow_unauthenticated: false,
+  max_concurrent_requests: 10,
+  max_body_bytes_in_flight: 1_000_000,
+};
+
+/** One guarded route answering 200 "ok", called as if from `peer`. */
+function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}) {
+  const audits: AuditEntry[] = [];
+  const guard = createGuard({
+    http: { ...HTTP, ...http },
+    auth,
+    sessions: new Sessions(auth),
+    audit: async (e) => void audits.push(e),
+    signInPage,
+    streams: () => 0,
+    bodies: new BodyBudget(1_000_000),
+  });
+  const routes = guard.protect({ [pattern]: () => new Response("ok") }) as unknown as Record<
+    string,
+    (...a: unknown[]) => Promise<Response>
+  >;
+  const call = (peer: string, headers: Record<string, string> = {}, method = "GET") => {
+    const req = Object.assign(
+      new Request(`http://x${pattern}`, { method, headers: { host: "192.0.2.2:8080", ...headers } }),
+      {
+        params: {},
+      },
+    );
+    return routes[pattern]!(req, { requestIP: () => ({ address: peer }), timeout: () => undefined });
+  };
+  return { call, audits };
+}
+
+describe("what a route needs", () => {
+  test.each([
+    ["/healthz", "GET", "probe"],
+    ["/metrics", "GET", "probe"],
+    ["/hooks/:name", "POST", "hook"],
+    ["/api/session", "POST", "signin"],
+    ["/api/session", "GET", "read"],
+    ["/api/agents", "GET", "read"],
+    ["/api/agents/:type/:key/:action", "POST", "operate"],
+    ["/api/quarantine/:seq/:action", "POST", "operate"],
+    ["/api/gc", "POST", "admin"],
+    ["/api/audit", "GET", "admin"],
+    ["/", "GET", "dashboard"],
+    ["/ui/app.js", "GET", "dashboard"],
+  ] as const)("%s %s needs %s", (pattern, method, need) => {
+    expect(needOf(pattern, method)).toBe(need);
+  });
+});
+
+describe("probes", () => {
+  test("answer a loopback peer without a token", async () => {
+    expect((await guarded("/metrics").call("127.0.0.1", { host: "127.0.0.1:8080" })).status).toBe(200);
+    expect((await guarded("/healthz").call("::1", { host: "[::1]:8080" })).status).toBe(200);
+    expect((await guarded("/metrics").call("::ffff:127.0.0.1")).status).toBe(200);
+  });
+
+  test("need a read token from any other peer", async () => {
+    const g = guarded("/metrics");
+    expect((await g.call("192.0.2.9")).status).toBe(401);
+    expect((await g.call("192.0.2.9", { authorization: "Bearer fleet_nope" })).status).toBe(401);
+    expect((await g.call("192.0.2.9", { authorization: `Bearer ${readToken}` })).status).toBe(200);
+  });
+
+  test("answer any peer with open_metrics = true", async () => {
+    expect((await guarded("/metrics", { open_metrics: true }).call("192.0.2.9")).status).toBe(200);
+  });
+});
+
+describe("Host names", () => {
+  test.each([
+    ["192.0.2.2:8080", 200],
+    ["[fd00::2]:8080", 200],
+    ["localhost:8080", 200],
+    ["fleet.plant-7.lan", 200],
+    ["FLEET.plant-7.lan:8080", 200],
+    ["evil.example:8080", 403],
+    ["127.0.0.1.evil.example", 403],
+  ] as const)("Host %s -> %d", async (host, status) => {
+    const res = await guarded("/api/agents").call("127.0.0.1", { host, authorization: `Bearer ${readToken}` });
+    expect(res.status).toBe(status);
+  });
+});
+
+describe("allow_unauthenticated", () => {
+  test("lets a call without a token through as `anonymous`, and audits it under that name", async () => {
+    const g = guarded("/api/agents/:type/:key/:action", { allow_unauthenticated: true });
+    const res = await g.call("127.0.0.1", { "content-type": "application/json" }, "POST");
+    expect(res.status).toBe(200);
+    expect(g.audits.map((a) => a.actor)).toEqual(["anonymous"]);
+    // A bad token is still refused: only its absence is allowed.
+    expect((await g.call("127.0.0.1", { authorization: "Bearer fleet_bad" })).status).toBe(401);
+  });
+});

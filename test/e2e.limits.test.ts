@@ -1,0 +1,125 @@
+/**
+ * HTTP limits against a real gateway process: a ceiling on requests handled at once (slow or
+ * stuck clients cannot take every slot; `/healthz` still answers) and a ceiling on request
+ * body bytes held at once across requests (many large bodies cannot exhaust memory).
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { connect, type Socket } from "node:net";
+import { TestFleet, cleanupAll, waitFor } from "./helpers/gateway.ts";
+import { sampleValue, scrape } from "./helpers/prom.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
+
+const MAX_REQUESTS = 4;
+const MAX_BODY_BYTES = 100_000;
+const TOML =
+  fleetHeader("e2e-limits", {
+    extra: `max_concurrent_requests = ${MAX_REQUESTS}\nmax_body_bytes_in_flight = ${MAX_BODY_BYTES}\n`,
+  }) + counterType("counter", "lim/+/in");
+
+let fleet: TestFleet;
+
+beforeAll(async () => {
+  fleet = new TestFleet(TOML);
+  await fleet.start();
+}, 60_000);
+
+afterAll(async () => {
+  if (fleet?.running) expect(await fleet.stop()).toBe(0);
+  await cleanupAll();
+}, 60_000);
+
+/** A JSON `/api/send` body of exactly `size` bytes. */
+function sendBody(id: string, size: number): string {
+  const shell = JSON.stringify({ topic: `lim/${id}/in`, payload: { pad: "" }, id });
+  return JSON.stringify({ topic: `lim/${id}/in`, payload: { pad: "x".repeat(size - shell.length) }, id });
+}
+
+/** A POST whose body arrives only when `finish` is called: the gateway holds it in flight. */
+function slowPost(path: string, body: string, sendFirst: number) {
+  const socket: Socket = connect(fleet.info!.http_port, "127.0.0.1");
+  let received = "";
+  /** Resolves with the raw response once it is complete (or the connection closes). */
+  const answered = new Promise<string>((resolve) => {
+    socket.on("data", (d) => {
+      received += d.toString();
+      const head = received.indexOf("\r\n\r\n");
+      const length = /content-length: *(\d+)/i.exec(received)?.[1];
+      if (head >= 0 && length !== undefined && received.length - head - 4 >= Number(length)) resolve(received);
+    });
+    socket.on("close", () => resolve(received));
+    socket.on("error", () => undefined);
+  });
+  socket.write(
+    `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1:${fleet.info!.http_port}\r\nAuthorization: Bearer ${fleet.token}\r\n` +
+      `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n` +
+      body.slice(0, sendFirst),
+  );
+  return {
+    /** Send the rest of the body; resolves with the raw response. */
+    finish: async () => {
+      socket.write(body.slice(sendFirst));
+      const res = await answered;
+      socket.destroy();
+      return res;
+    },
+    abort: () => socket.destroy(),
+  };
+}
+
+describe("requests in flight", () => {
+  test("past max_concurrent_requests the API answers 503, /healthz still answers, slots come back", async () => {
+    const stuck = Array.from({ length: MAX_REQUESTS }, (_, i) => slowPost("/api/send", sendBody(`s${i}`, 200), 10));
+    const busy = await waitFor(
+      async () => {
+        const res = await fleet.fetch("/api/fleet");
+        return res.status === 503 ? res : null;
+      },
+      10_000,
+      "the API to answer 503 with every slot taken",
+    );
+    expect(busy.headers.get("retry-after")).toBe("1");
+    expect(((await busy.json()) as any).error.code).toBe("busy");
+    expect((await fetch(`${fleet.httpUrl}/healthz`)).status).toBe(200);
+    expect((await fetch(`${fleet.httpUrl}/readyz`)).status).toBe(200);
+
+    for (const s of stuck) s.abort();
+    await waitFor(async () => (await fleet.fetch("/api/fleet")).status === 200, 10_000, "a free slot");
+  }, 60_000);
+});
+
+describe("request body bytes in flight", () => {
+  test("a body past max_body_bytes_in_flight is refused with 503; it fits once the first is done", async () => {
+    const big = slowPost("/api/send", sendBody("big", 80_000), 1000);
+    await waitFor(
+      async () => sampleValue(await scrape(fleet.httpUrl), "fleet_http_body_bytes_in_flight") === 80_000,
+      10_000,
+      "the first body to hold 80000 bytes",
+    );
+    const second = sendBody("second", 30_000);
+    const refused = await fleet.fetch("/api/send", { method: "POST", body: second });
+    expect(refused.status).toBe(503);
+    expect(refused.headers.get("retry-after")).toBe("1");
+    expect(((await refused.json()) as any).error.message).toContain("max_body_bytes_in_flight");
+    expect((await fetch(`${fleet.httpUrl}/healthz`)).status).toBe(200);
+
+    const first = await big.finish();
+    expect(first).toStartWith("HTTP/1.1 202");
+    const again = await fleet.fetch("/api/send", { method: "POST", body: second });
+    expect(again.status).toBe(202);
+    expect(sampleValue(await scrape(fleet.httpUrl), "fleet_http_body_bytes_in_flight")).toBe(0);
+    await fleet.waitCommitted("counter/second", 1);
+  }, 60_000);
+
+  test("a chunked body without Content-Length is counted as it arrives", async () => {
+    const body = new TextEncoder().encode(sendBody("chunky", 120_000));
+    const stream = new ReadableStream<Uint8Array>({
+      start(ctrl) {
+        for (let i = 0; i < body.length; i += 16_384) ctrl.enqueue(body.slice(i, i + 16_384));
+        ctrl.close();
+      },
+    });
+    const res = await fleet.fetch("/api/send", { method: "POST", body: stream });
+    expect(res.status).toBe(503);
+    expect(sampleValue(await scrape(fleet.httpUrl), "fleet_http_body_bytes_in_flight")).toBe(0);
+  }, 60_000);
+});
