@@ -165,6 +165,7 @@ export function createHooks(
         payload: bytes(packet.payload),
         qos: packet.qos,
         retain: packet.retain,
+        ...(packet.qos > 0 && typeof packet.messageId === "number" ? { messageId: packet.messageId } : {}),
       };
       const verdict = safeIntake(msg, info);
       const previous = (client && lastTurn.get(client)) || Promise.resolve();

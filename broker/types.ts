@@ -11,6 +11,8 @@ export interface PublishedMessage {
   readonly payload: Uint8Array;
   readonly qos: 0 | 1 | 2;
   readonly retain: boolean;
+  /** The MQTT packet id of a QoS 1/2 publish (what a retransmission repeats); absent for QoS 0. */
+  readonly messageId?: number;
 }
 
 /** Who sent a packet. `id` is the MQTT client id; `username` is null for anonymous clients. */

@@ -25,7 +25,13 @@ export interface FleetEventMap {
   rejected: { agent: string; count: number; reason: string };
   /** Messages that matched a subscription but named no valid agent were recorded as rejected. */
   rejectedMessage: { count: number };
-  intake: { source: "mqtt" | "timer" | "webhook" | "inbox" | "manual"; accepted: number; duplicates: number };
+  intake: {
+    source: "mqtt" | "timer" | "webhook" | "inbox" | "manual";
+    accepted: number;
+    duplicates: number;
+    /** The agent type of each duplicate (dedup hits are counted by type). */
+    duplicateTypes?: readonly string[];
+  };
   /** Episodes could not start for reasons of the machine (degraded), or started again (recovered). */
   infra: { state: "degraded" | "recovered"; reason: string; agent?: string; type?: string };
 }

@@ -317,7 +317,7 @@ key_field = "device"
     api(fleet, `/hooks/${name}`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body });
 
   test(
-    "the same Idempotency-Key twice answers 202 then 200 with the same stimulus id and makes one episode",
+    "the same Idempotency-Key and body twice answer 202 then 200 and make one episode; another body is 422",
     async () => {
       await fleet.start();
       const first = await hook("plain", JSON.stringify({ n: 1 }), { "idempotency-key": "order-17" });
@@ -329,9 +329,13 @@ key_field = "device"
           (r) => r.kind,
         ),
       ).toEqual(["webhook"]);
-      const again = await hook("plain", JSON.stringify({ n: 2 }), { "idempotency-key": "order-17" });
+      const again = await hook("plain", JSON.stringify({ n: 1 }), { "idempotency-key": "order-17" });
       expect(again.status).toBe(200);
       expect(again.body).toMatchObject({ stimulus: first.body.stimulus, duplicate: true });
+      // The same key with a different body is not a retry: refused, not silently dropped.
+      const reused = await hook("plain", JSON.stringify({ n: 2 }), { "idempotency-key": "order-17" });
+      expect(reused.status).toBe(422);
+      expect(reused.body.error.code).toBe("idempotency_key_reused");
       const eps = await waitCommitted(fleet, "rec/h1", 1);
       expect(await committedBeforeSentinel(fleet, "rec/h1")).toHaveLength(1);
       expect(eps[0]!.kind).toBe("webhook");

@@ -50,7 +50,8 @@ async function setup() {
   const book = new QueueBook({ onQueued: (a) => notified.push(a) });
   await book.load(store);
   const events = new FleetEvents(log);
-  const intakeEvents: { source: string; accepted: number; duplicates: number }[] = [];
+  const intakeEvents: { source: string; accepted: number; duplicates: number; duplicateTypes?: readonly string[] }[] =
+    [];
   events.on("intake", (e) => intakeEvents.push(e));
   const route = createRouter(spec);
   const intake = new Intake(
@@ -81,7 +82,7 @@ describe("intake admission", () => {
     expect(await ctx.queuedInStore("mon/b1")).toBe(1);
     expect(ctx.book.queued("mon/b1" as AgentId)).toBe(1);
     expect(ctx.notified).toEqual(["mon/b1" as AgentId]);
-    expect(ctx.intakeEvents).toEqual([{ source: "mqtt", accepted: 1, duplicates: 0 }]);
+    expect(ctx.intakeEvents).toEqual([{ source: "mqtt", accepted: 1, duplicates: 0, duplicateTypes: [] }]);
   });
 
   test("a duplicate is not queued again and gives its reserved place back", async () => {

@@ -135,7 +135,7 @@ describe("/metrics", () => {
       expect(sampleValue(x, "fleet_stimuli_quarantined_total", { type: "thrower" })).toBe(1);
       expect(sampleValue(x, "fleet_stimuli_total", { source: "manual" })).toBe(4);
       expect(sampleValue(x, "fleet_stimuli_total", { source: "mqtt" })).toBe(1);
-      expect(sampleValue(x, "fleet_dedup_hits_total", { source: "manual" })).toBe(1);
+      expect(sampleValue(x, "fleet_dedup_hits_total", { source: "manual", type: "counter" })).toBe(1);
       expect(sampleValue(x, "fleet_db_commit_seconds_count")).toBeGreaterThan(commitsBefore);
       expect(sampleValue(x, "fleet_broker_messages_in_total")).toBeGreaterThanOrEqual(1);
       expect(sampleValue(x, "fleet_broker_clients")).toBe(1);

@@ -2,7 +2,7 @@
  * Routing (topic -> agents) and stimulus ids (the dedup key intake records per agent).
  */
 import { describe, expect, test } from "bun:test";
-import { stimulusId } from "../gateway/intake/index.ts";
+import { redeliveryId, stimulusId } from "../gateway/intake/index.ts";
 import { createRouter, renderKey, type Route } from "../gateway/intake/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
 
@@ -148,53 +148,43 @@ describe("renderKey", () => {
 
 describe("stimulusId", () => {
   const enc = (v: unknown) => new TextEncoder().encode(JSON.stringify(v));
-  const idOf = async (dedup: string | null, topic: string, value: unknown): Promise<string> =>
-    stimulusId(dedup, topic, enc(value), value);
+  const idOf = (dedup: string | null, value: unknown): string => stimulusId(dedup, value, null);
 
-  test("uses the dedup field when it is a string", async () => {
-    expect(await idOf("id", "sensors/a/temperature", { id: "m-17", t: 80 })).toBe("id:m-17");
+  test("uses the dedup field when it is a string or a number", () => {
+    expect(idOf("id", { id: "m-17", t: 80 })).toBe("id:m-17");
+    expect(idOf("id", { id: 17, t: 80 })).toBe("id:17");
   });
 
-  test("uses the dedup field when it is a number", async () => {
-    expect(await idOf("id", "sensors/a/temperature", { id: 17, t: 80 })).toBe("id:17");
+  test("a dotted path reaches into the payload", () => {
+    expect(idOf("device.seq", { device: { seq: 9 } })).toBe("id:9");
   });
 
-  test("the dedup field alone decides: other topic or payload, same id", async () => {
-    const a = await idOf("id", "sensors/a/temperature", { id: "m-1", t: 80 });
-    const b = await idOf("id", "sensors/b/temperature", { id: "m-1", t: 99 });
-    expect(a).toBe(b);
+  test("a template joins several fields, and needs every one of them", () => {
+    expect(idOf("{device}:{seq}", { device: "door-1", seq: 41 })).toBe("id:door-1:41");
+    expect(idOf("{device}:{seq}", { device: "door-1" })).toMatch(/^u:/);
   });
 
-  test("falls back to a content hash when the field is absent, empty or not a string/number", async () => {
+  test("a repeated value without a dedup key is a new stimulus each time, never a duplicate", () => {
+    const a = idOf(null, { open: true });
+    const b = idOf(null, { open: true });
+    expect(a).toMatch(/^u:/);
+    expect(a).not.toBe(b);
+  });
+
+  test("the field absent, empty or not a string/number falls back to the given id", () => {
+    const fallback = "r:dev:7:abc" as never;
     for (const value of [{ t: 80 }, { id: "", t: 80 }, { id: true }, { id: { nested: 1 } }, [1, 2], 81.5]) {
-      expect(await idOf("id", "sensors/a/temperature", value)).toMatch(/^h:[0-9a-f]{64}$/);
+      expect(stimulusId("id", value, fallback)).toBe(fallback);
     }
   });
 
-  test("falls back to a content hash when the type has no dedup field", async () => {
-    expect(await idOf(null, "sensors/a/temperature", { id: "m-1" })).toMatch(/^h:[0-9a-f]{64}$/);
-  });
-
-  test("a non-JSON payload is hashed", async () => {
-    const bytes = new TextEncoder().encode("not json");
-    expect(await stimulusId("id", "t", bytes, undefined)).toMatch(/^h:[0-9a-f]{64}$/);
-  });
-
-  test("the content hash is stable for the same topic and payload", async () => {
-    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).toBe(
-      await idOf(null, "sensors/a/temperature", { t: 80 }),
-    );
-  });
-
-  test("the content hash differs with the topic", async () => {
-    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).not.toBe(
-      await idOf(null, "sensors/b/temperature", { t: 80 }),
-    );
-  });
-
-  test("the content hash differs with the payload", async () => {
-    expect(await idOf(null, "sensors/a/temperature", { t: 80 })).not.toBe(
-      await idOf(null, "sensors/a/temperature", { t: 81 }),
-    );
+  test("a redelivery id is the same only for the same client, packet id, topic and payload", async () => {
+    const base = await redeliveryId("dev", 7, "doors/d1", enc({ open: true }));
+    expect(base).toMatch(/^r:dev:7:[0-9a-f]{32}$/);
+    expect(await redeliveryId("dev", 7, "doors/d1", enc({ open: true }))).toBe(base);
+    expect(await redeliveryId("dev", 8, "doors/d1", enc({ open: true }))).not.toBe(base);
+    expect(await redeliveryId("other", 7, "doors/d1", enc({ open: true }))).not.toBe(base);
+    expect(await redeliveryId("dev", 7, "doors/d2", enc({ open: true }))).not.toBe(base);
+    expect(await redeliveryId("dev", 7, "doors/d1", enc({ open: false }))).not.toBe(base);
   });
 });

@@ -126,7 +126,7 @@ describe("compileSpec", () => {
       api_key_env: "OPENAI_API_KEY",
       timeout_ms: 30_000,
     });
-    expect(spec.retention).toEqual({ episodes_days: 30, dedup_days: 7 });
+    expect(spec.retention).toEqual({ episodes_days: 30, dedup_days: 7, redelivery_minutes: 60 });
 
     const tm = spec.agents["temp-monitor"]!;
     expect(tm.key).toBe("{1}");

@@ -7,7 +7,7 @@ import { createHmac, timingSafeEqual } from "node:crypto";
 import type { HookSpec } from "../spec/index.ts";
 import type { Target } from "../intake/index.ts";
 import type { Intake, IntakeReport } from "../intake/index.ts";
-import { agentId, keyProblem, type StimulusId } from "../types.ts";
+import { type AgentId, agentId, keyProblem, type StimulusId } from "../types.ts";
 import { stimulusId } from "../intake/index.ts";
 import { httpError, json } from "./responses.ts";
 import { readRequestBody } from "./limits.ts";
@@ -18,6 +18,8 @@ export interface HookDeps {
   readonly spec: () => FleetSpec;
   readonly intake: Intake;
   readonly secrets: Readonly<Record<string, string | undefined>>;
+  /** The body an earlier stimulus was recorded with, to tell a retry from a reused key. */
+  readonly storedPayload?: (agent: AgentId, sid: string) => Promise<Uint8Array | null>;
 }
 
 function safeEqual(a: string, b: string): boolean {
@@ -86,8 +88,15 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   const idem = req.headers.get("idempotency-key");
   if (idem !== null && (idem.length === 0 || idem.length > 256))
     return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
-  const sid = idem ? (`idem:${idem}` as StimulusId) : await stimulusId(hook.dedup, `hooks/${name}`, body, payload);
+  const sid = idem ? (`idem:${idem}` as StimulusId) : stimulusId(hook.dedup, payload, null);
   const report = await d.intake.record([target], "webhook", `hooks/${name}`, body, sid);
+  if (idem && report.duplicates.length > 0 && d.storedPayload) {
+    // A retry repeats the body; the same key with another body is a client bug, not a duplicate.
+    const before = await d.storedPayload(target.agent, sid);
+    if (before !== null && !Buffer.from(before).equals(Buffer.from(body))) {
+      return httpError(422, "idempotency_key_reused", "Idempotency-Key was already used with a different body");
+    }
+  }
   return intakeResponse(report, target.agent);
 }
 

@@ -90,7 +90,16 @@ export function startHttp(
       "/api/rejected": (req: Request) => listRejected(gw, req),
       "/hooks/:name": {
         POST: (req: Req<"/hooks/:name">) =>
-          handleHook({ spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.secrets }, req.params.name, req),
+          handleHook(
+            {
+              spec: () => gw.spec.spec,
+              intake: gw.intake,
+              secrets: gw.secrets,
+              storedPayload: async (agent, sid) => (await gw.store.findStimulus(agent, sid))?.payload ?? null,
+            },
+            req.params.name,
+            req,
+          ),
       },
       "/api/gc": {
         // Retention runs on the gateway's own clock: a client-supplied time could forget dedup

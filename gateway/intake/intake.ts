@@ -63,23 +63,70 @@ function tryJson(bytes: Uint8Array): unknown {
   }
 }
 
-/** The stimulus id: the type's `dedup` payload field when present, else a content hash. */
-export async function stimulusId(
-  dedupField: string | null,
+/** A payload value at a dotted path (`device.id`), or undefined. */
+function at(parsed: unknown, path: string): unknown {
+  let v = parsed;
+  for (const part of path.split(".")) {
+    if (typeof v !== "object" || v === null || Array.isArray(v)) return undefined;
+    v = (v as Record<string, unknown>)[part];
+  }
+  return v;
+}
+
+const usable = (v: unknown): v is string | number =>
+  (typeof v === "string" && v.length > 0 && v.length <= 256) || (typeof v === "number" && Number.isFinite(v));
+
+/**
+ * The id a type's `dedup` setting gives a payload, or null when the payload does not carry
+ * it: a field path (`"id"`, `"device.id"`) or a template over fields (`"{device}:{seq}"`,
+ * every field present).
+ */
+export function dedupKey(dedup: string, parsed: unknown): string | null {
+  if (typeof parsed !== "object" || parsed === null) return null;
+  if (!dedup.includes("{")) {
+    const v = at(parsed, dedup);
+    return usable(v) ? String(v) : null;
+  }
+  let missing = false;
+  const key = dedup.replace(/\{([^{}]+)\}/g, (_, path: string) => {
+    const v = at(parsed, path.trim());
+    if (!usable(v)) missing = true;
+    return usable(v) ? String(v) : "";
+  });
+  return missing || key.length > 512 ? null : key;
+}
+
+/**
+ * What a message repeats when MQTT redelivers it: the client id, the packet id and the
+ * content. Only a QoS 1/2 retransmission has the same three; a new message that repeats a
+ * value gets a new packet id, and QoS 0 is never redelivered (each one is new).
+ */
+export async function redeliveryId(
+  client: string,
+  messageId: number,
   topic: string,
   payload: Uint8Array,
-  parsed: unknown,
 ): Promise<StimulusId> {
-  if (dedupField && typeof parsed === "object" && parsed !== null) {
-    const v = (parsed as Record<string, unknown>)[dedupField];
-    if ((typeof v === "string" && v.length > 0 && v.length <= 256) || typeof v === "number")
-      return `id:${v}` as StimulusId;
-  }
   const head = new TextEncoder().encode(`${topic}\n`);
   const buf = new Uint8Array(head.length + payload.length);
   buf.set(head, 0);
   buf.set(payload, head.length);
-  return `h:${await blake3Hex(buf)}` as StimulusId;
+  return `r:${client}:${messageId}:${(await blake3Hex(buf)).slice(0, 32)}` as StimulusId;
+}
+
+/** A stimulus id no other message shares: nothing can be a duplicate of it. */
+export function uniqueId(): StimulusId {
+  return `u:${Bun.randomUUIDv7()}` as StimulusId;
+}
+
+/**
+ * The stimulus id: the type's `dedup` key when the payload carries it, else `fallback`
+ * (a redelivery id for QoS 1/2 MQTT, else a fresh unique id: a message that merely repeats
+ * a value is a new stimulus, never a silent duplicate).
+ */
+export function stimulusId(dedup: string | null, parsed: unknown, fallback: StimulusId | null): StimulusId {
+  const key = dedup ? dedupKey(dedup, parsed) : null;
+  return key !== null ? (`id:${key}` as StimulusId) : (fallback ?? uniqueId());
 }
 
 /** Intake for all sources. */
@@ -111,7 +158,12 @@ export class Intake {
       return { ok: true };
     }
     const [report] = await Promise.all([
-      this.record(route.targets, route.inbox ? "inbox" : "mqtt", msg.topic, msg.payload, null),
+      this.record(route.targets, route.inbox ? "inbox" : "mqtt", msg.topic, msg.payload, null, {
+        redelivery:
+          msg.qos > 0 && msg.messageId !== undefined && client
+            ? await redeliveryId(client.id, msg.messageId, msg.topic, msg.payload)
+            : null,
+      }),
       rejected,
     ]);
     if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) {
@@ -147,13 +199,14 @@ export class Intake {
     topic: string | null,
     payload: Uint8Array,
     explicitId: StimulusId | null,
+    opts: { readonly redelivery?: StimulusId | null } = {},
   ): Promise<IntakeReport> {
     const refused: Refusal[] = [];
     const items: NewStimulus[] = [];
     const parsed = explicitId ? undefined : tryJson(payload);
     const at = this.now();
     for (const t of targets) {
-      const sid = explicitId ?? (await stimulusId(t.type.dedup, topic ?? "", payload, parsed));
+      const sid = explicitId ?? stimulusId(t.type.dedup, parsed, opts.redelivery ?? null);
       // A full queue is backpressure: no PUBACK, the device keeps the message and retries later.
       const admission = this.view.admit(t.agent, t.type.max_queue);
       if (!admission.ok) {
@@ -181,7 +234,14 @@ export class Intake {
         this.view.recorded(o.agent);
       }
     }
-    this.events.emit("intake", { source: kind, accepted: accepted.length, duplicates: duplicates.length });
+    for (const d of duplicates)
+      this.log.debug({ agent: d.agent, sid: d.sid, source: kind }, "dedup hit: duplicate stimulus");
+    this.events.emit("intake", {
+      source: kind,
+      accepted: accepted.length,
+      duplicates: duplicates.length,
+      duplicateTypes: duplicates.map((d) => d.agent.slice(0, d.agent.indexOf("/"))),
+    });
     return { accepted, duplicates, refused };
   }
 }

@@ -135,8 +135,8 @@ export class FleetMetrics {
     });
     const dedup = new Counter({
       name: "fleet_dedup_hits_total",
-      help: "Stimuli dropped as duplicates of one already recorded, by source.",
-      labelNames: ["source"],
+      help: "Stimuli dropped as duplicates of one already recorded, by source and agent type.",
+      labelNames: ["source", "type"],
       registers,
     });
     const rejectedMessages = new Counter({
@@ -186,7 +186,7 @@ export class FleetMetrics {
       }),
       host.events.on("intake", (e) => {
         if (e.accepted > 0) stimuli.inc({ source: e.source }, e.accepted);
-        if (e.duplicates > 0) dedup.inc({ source: e.source }, e.duplicates);
+        for (const type of e.duplicateTypes ?? []) dedup.inc({ source: e.source, type });
         this.rates.add("stimuli", e.accepted);
         this.rates.add("duplicates", e.duplicates);
       }),

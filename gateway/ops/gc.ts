@@ -107,9 +107,13 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     report.episodesDeleted = (eps as { rowsAffected: number }).rowsAffected;
   }
 
-  // 4. Dedup memory: finished stimuli past dedup_days. Queued ones are never touched.
+  // 4. Dedup memory: finished stimuli past dedup_days. Queued ones are never touched. An
+  // MQTT redelivery id (r:) only has to outlive a retransmission, and a unique id (u:) can
+  // never be repeated: both are forgotten after redelivery_minutes.
+  const redeliveryCutoff = opts.now - spec.retention.redelivery_minutes * 60_000;
   const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected')
-    AND done_at < ${dedupCutoff} LIMIT ${batch}`;
+    AND (done_at < ${dedupCutoff} OR ((sid LIKE 'r:%' OR sid LIKE 'u:%') AND done_at < ${redeliveryCutoff}))
+    LIMIT ${batch}`;
   // 5. Budget windows no budget looks at any more (older than two days).
   const oldUsage = sql`SELECT rowid FROM budget_usage WHERE (window LIKE 'h:%' AND
     CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})

@@ -38,6 +38,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "false: devices need credentials from the devices file. Applies live (anonymous sessions are closed).",
   "broker.allow_anonymous_network":
     "true: allow_anonymous with a non-loopback host is accepted (anyone who reaches it can publish). Default: refused.",
+  "broker.persistence":
+    'Where MQTT sessions live: "libsql" keeps subscriptions, offline queues, retained messages and wills ' +
+    'in <data_dir>/broker.db across restarts; "memory" loses them on any restart.',
+  "broker.max_offline_messages":
+    "Messages queued per offline persistent client; past it the oldest are dropped, counted and logged.",
   "broker.devices":
     "Devices file (credentials and ACLs, see docs/devices.md); reloaded when it changes. A new path applies live.",
   "broker.tls_port": "MQTT over TLS (mqtts) port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",
@@ -72,7 +77,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.cron": "Timer as a cron expression (5 or 6 fields), instead of `every`.",
   "agents.*.catch_up":
     'Timer fires missed while the gateway was down: "none", "one" (the newest) or "all" (capped at 100).',
-  "agents.*.dedup": "Payload field whose value is the stimulus id, so a repeated id runs no second episode.",
+  "agents.*.dedup":
+    'The stimulus id from the payload: a field path ("id", "device.seq") or a template ("{device}:{seq}"). ' +
+    "Absent: only MQTT retransmissions are deduplicated.",
   "agents.*.tools": "Tools this type may call (publish, http, llm, send); any other call is denied and recorded.",
   "agents.*.publish": "Topic filters the publish tool may write (the agent's own fleet/agents/... topics always).",
   "agents.*.http_hosts": "Host names the http tool may reach.",
@@ -108,7 +115,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "telemetry.service_name": "The spans' service.name (default: [fleet] name).",
   retention: "How long history is kept.",
   "retention.episodes_days": "Episode logs older than this are collected (the hash chain stays verifiable).",
-  "retention.dedup_days": "A stimulus id is remembered at least this long.",
+  "retention.dedup_days":
+    "A stimulus id from a `dedup` key, an Idempotency-Key or a timer is remembered at least this long.",
+  "retention.redelivery_minutes":
+    "Without a `dedup` key, a QoS 1/2 message is deduplicated only against MQTT retransmissions " +
+    "(same client, packet id and content) for this long.",
 };
 
 type Json = {

@@ -11,7 +11,7 @@ import type { FleetSpec } from "./types.ts";
 
 /** Keys read once at start, by table. */
 const RESTART_KEYS = {
-  fleet: ["data_dir", "synchronous", "sandbox", "warm_spares"],
+  fleet: ["data_dir", "synchronous", "sandbox", "warm_spares", "allow_weak_sandbox"],
   // The persistence (and its queue bound) is built with the broker at start.
   broker: [
     "host",

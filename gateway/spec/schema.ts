@@ -180,7 +180,11 @@ export const fleetSchema = z.strictObject({
       .optional(),
     service_name: str().optional(),
   }),
-  retention: table({ episodes_days: positive().default(30), dedup_days: positive().default(7) }),
+  retention: table({
+    episodes_days: positive().default(30),
+    dedup_days: positive().default(7),
+    redelivery_minutes: positive().default(60),
+  }),
 });
 
 /** fleet.toml as the schema outputs it: defaults filled, not yet cross-checked. */

@@ -175,6 +175,8 @@ export interface FleetSpec {
   readonly retention: {
     readonly episodes_days: number;
     readonly dedup_days: number;
+    /** How long an MQTT redelivery id (no `dedup` key) is remembered, in minutes. */
+    readonly redelivery_minutes: number;
   };
 }
 

@@ -696,6 +696,19 @@ export class RawMqtt {
     if (!this.closed) this.socket.write(bytes);
   }
 
+  /** How many PUBACKs for packet id `id` arrived since CONNACK. */
+  pubacks(id: number): number {
+    const ack = Buffer.from([0x40, 0x02, id >> 8, id & 0xff]);
+    let n = 0;
+    for (let i = this.received.indexOf(ack); i >= 0; i = this.received.indexOf(ack, i + 1)) n++;
+    return n;
+  }
+
+  /** Close the socket. */
+  close(): void {
+    this.socket.end();
+  }
+
   /** Whether a PUBACK arrived since CONNACK. */
   get pubacked(): boolean {
     return this.received.includes(Buffer.from([0x40, 0x02]));
