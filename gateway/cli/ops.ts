@@ -73,7 +73,8 @@ export async function cmdGc(cli: Cli): Promise<number> {
   let report: GcReport;
   if (now !== undefined && dryRun) {
     const store = await cli.openReadonly();
-    report = await gcAll(store, (await loadSpec(cli.configPath)).spec, { now, dryRun: true });
+    const spec = (await loadSpec(cli.configPath)).spec;
+    report = await gcAll(store, spec, { now, dryRun: true, keepUnconfirmed: spec.replication?.required ?? false });
     await store.close();
   } else if (live) {
     if (now !== undefined)
@@ -95,7 +96,13 @@ export async function cmdGc(cli: Cli): Promise<number> {
           `dedup_days are forgotten, so a stimulus already processed may run a second episode if it is sent again.`,
       );
     const store = await Store.open(join(await cli.dataDir(), "fleet.db"), { synchronous: "full" });
-    report = await gcAll(store, (await loadSpec(cli.configPath)).spec, { now: now ?? Date.now(), dryRun });
+    const spec = (await loadSpec(cli.configPath)).spec;
+    // A stopped gateway cannot tell how big its backlog is against max_backlog_mb: keep what `required` keeps.
+    report = await gcAll(store, spec, {
+      now: now ?? Date.now(),
+      dryRun,
+      keepUnconfirmed: spec.replication?.required ?? false,
+    });
     await store.close();
   }
   cli.print(

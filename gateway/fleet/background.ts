@@ -23,6 +23,8 @@ export interface BackgroundHost {
   readonly log: Logger;
   /** The body of `fleet/health`. */
   health(): Promise<unknown>;
+  /** Retention must spare rows the central server has not confirmed. */
+  keepUnconfirmed(): boolean;
 }
 
 /** The fleet's timer service, wired to the store (last fires) and intake (the stimuli). */
@@ -99,7 +101,11 @@ export class Housekeeping {
     if (this.gcRunning || this.host.state !== "running") return;
     this.gcRunning = true;
     try {
-      const r = await gcPass(this.host.store, this.host.spec.spec, { now: this.opts.now(), batch: 2000 });
+      const r = await gcPass(this.host.store, this.host.spec.spec, {
+        now: this.opts.now(),
+        batch: 2000,
+        keepUnconfirmed: this.host.keepUnconfirmed(),
+      });
       if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms) }, "retention pass");
     } catch (err) {
       this.host.log.error({ err }, "retention pass failed");

@@ -15,6 +15,8 @@ import { RollingCounts } from "./rates.ts";
 import { AGENT_STATUSES, BUDGETS, SnapshotCache, readSnapshot, type FleetSnapshot } from "./snapshot.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
+import type { ReplicationStatus } from "../replication/index.ts";
+import { replicationMetrics } from "./replication-metrics.ts";
 
 /** What the metrics read from the gateway (the `Gateway` class satisfies it). */
 export interface MetricsHost {
@@ -26,6 +28,8 @@ export interface MetricsHost {
   readonly broker: { stats(): BrokerStats } | undefined;
   /** Episode subprocess groups alive now. */
   subprocesses(): number;
+  /** Replication status, null when `[replication]` is not configured. */
+  replication?(): ReplicationStatus | null;
 }
 
 /** Options; tests inject the clock. */
@@ -305,6 +309,7 @@ export class FleetMetrics {
             this.set({ type, budget }, Number.isFinite(t.limits[budget]) ? t.limits[budget] : 0);
       },
     });
+    replicationMetrics(this.registry, () => host.replication?.() ?? null);
     new Gauge({
       name: "fleet_episodes_running",
       help: "Episodes running now.",

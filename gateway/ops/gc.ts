@@ -6,6 +6,8 @@
  *    newest deleted checkpoint of each agent becomes its chain anchor;
  *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory);
  *  - SQLite reuses the freed pages, so the file stops growing at its working-set size.
+ *  - with `keepUnconfirmed` (`[replication] required`), nothing still in the replication
+ *    queue is touched: the central server has not confirmed it yet.
  * Each pass does bounded work through the group committer; it never blocks episodes for long.
  */
 import { sql } from "drizzle-orm";
@@ -31,6 +33,21 @@ export interface GcOptions {
   /** Most rows touched per category per pass. */
   readonly batch?: number;
   readonly dryRun?: boolean;
+  /** Keep every row still waiting in the replication queue (`[replication] required`). */
+  readonly keepUnconfirmed?: boolean;
+}
+
+/** `AND` clauses that spare rows the central server has not confirmed (see replication/). */
+function unconfirmedGuards(on: boolean) {
+  const pending = (tbl: string, key: ReturnType<typeof sql>) =>
+    on ? sql`AND NOT EXISTS (SELECT 1 FROM repl_pending p WHERE p.tbl = ${tbl} AND p.key = ${key})` : sql``;
+  return {
+    checkpoint: pending("episode", sql`c.episode`),
+    tombstone: pending("episode", sql`checkpoints.episode`),
+    episode: pending("episode", sql`episodes.id`),
+    stimulus: pending("stimulus", sql`CAST(stimuli.seq AS TEXT)`),
+    usage: pending("usage", sql`budget_usage.agent || char(10) || budget_usage."window"`),
+  };
 }
 
 async function scalar(store: Store, query: ReturnType<typeof sql>): Promise<number> {
@@ -46,6 +63,7 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   const report = emptyReport();
   const episodeCutoff = opts.now - spec.retention.episodes_days * DAY;
   const dedupCutoff = opts.now - spec.retention.dedup_days * DAY;
+  const unconfirmed = unconfirmedGuards(opts.keepUnconfirmed ?? false);
 
   // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass.
   for (const type of Object.values(spec.agents)) {
@@ -53,7 +71,7 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     const budget = batch - report.tombstoned;
     if (keep === 0 || budget <= 0) continue;
     const pick = sql`SELECT c.rowid FROM checkpoints c JOIN agents a ON a.id = c.agent
-      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep} LIMIT ${budget}`;
+      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep} ${unconfirmed.checkpoint} LIMIT ${budget}`;
     if (opts.dryRun) report.tombstoned += await scalar(store, sql`SELECT count(*) FROM (${pick})`);
     else {
       const [r] = await store.writer.write([
@@ -67,16 +85,19 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   //    tombstones at the very start of a chain goes (step 1 may have tombstoned rows out of
   //    order), so whatever remains still links to the anchor; `batch` rows in all per pass.
   const candidates = (await store.db.all(sql`SELECT DISTINCT agent FROM checkpoints
-    WHERE state IS NULL AND created_at < ${episodeCutoff} LIMIT ${batch}`)) as { agent: string }[];
+    WHERE state IS NULL AND created_at < ${episodeCutoff} ${unconfirmed.tombstone} LIMIT ${batch}`)) as {
+    agent: string;
+  }[];
   for (const { agent } of candidates) {
     const budget = batch - report.checkpointsDeleted;
     if (budget <= 0) break;
-    const chain = (await store.db.all(sql`SELECT seq, hash, state IS NULL AND created_at < ${episodeCutoff} AS old
+    const chain =
+      (await store.db.all(sql`SELECT seq, hash, state IS NULL AND created_at < ${episodeCutoff} ${unconfirmed.tombstone} AS old
       FROM checkpoints WHERE agent = ${agent} ORDER BY seq LIMIT ${budget}`)) as {
-      seq: number;
-      hash: string;
-      old: number;
-    }[];
+        seq: number;
+        hash: string;
+        old: number;
+      }[];
     let n = 0;
     while (n < chain.length && Number(chain[n]!.old) === 1) n++;
     const anchor = chain[n - 1];
@@ -94,7 +115,7 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   }
 
   // 3. Episode logs older than the retention window.
-  const oldEpisodes = sql`SELECT id FROM episodes WHERE ended_at < ${episodeCutoff} LIMIT ${batch}`;
+  const oldEpisodes = sql`SELECT id FROM episodes WHERE ended_at < ${episodeCutoff} ${unconfirmed.episode} LIMIT ${batch}`;
   if (opts.dryRun) {
     report.episodesDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldEpisodes})`);
     report.eventsDeleted = await scalar(store, sql`SELECT count(*) FROM events WHERE episode IN (${oldEpisodes})`);
@@ -113,11 +134,10 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   const redeliveryCutoff = opts.now - spec.retention.redelivery_minutes * 60_000;
   const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected')
     AND (done_at < ${dedupCutoff} OR ((sid LIKE 'r:%' OR sid LIKE 'u:%') AND done_at < ${redeliveryCutoff}))
-    LIMIT ${batch}`;
+    ${unconfirmed.stimulus} LIMIT ${batch}`;
   // 5. Budget windows no budget looks at any more (older than two days).
-  const oldUsage = sql`SELECT rowid FROM budget_usage WHERE (window LIKE 'h:%' AND
-    CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
-    OR (window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / DAY) - 2}) LIMIT ${batch}`;
+  const oldUsage = sql`SELECT rowid FROM budget_usage WHERE ((window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
+    OR (window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / DAY) - 2})) ${unconfirmed.usage} LIMIT ${batch}`;
   if (opts.dryRun) {
     report.stimuliForgotten = await scalar(store, sql`SELECT count(*) FROM (${oldStimuli})`);
     report.usageRowsDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldUsage})`);

@@ -5,7 +5,14 @@
  */
 import { hashEvents, verifyCheckpointRow, IntegrityError } from "../store/index.ts";
 import { asc, inArray } from "drizzle-orm";
-import { tables, type EventRow, type Store } from "../store/index.ts";
+import {
+  tables,
+  type AgentRow,
+  type CheckpointRow,
+  type EpisodeRow,
+  type EventRow,
+  type Store,
+} from "../store/index.ts";
 import type { AgentId } from "../types.ts";
 
 /** One broken record. */
@@ -26,18 +33,59 @@ export interface VerifyReport {
 /** A hash as problems quote it: its first 16 characters. */
 const short = (hash: unknown): string => String(hash).slice(0, 16);
 
+/**
+ * Where verify reads chains from: the local store, or one gateway's rows in the central
+ * database (gateway/replication/). Rows come in the local row shapes.
+ */
+export interface ChainSource {
+  /** Every agent that has at least one checkpoint. */
+  agents(): Promise<string[]>;
+  /** An agent's checkpoints, oldest first. */
+  checkpoints(agent: string): Promise<CheckpointRow[]>;
+  /** The agent row's chain anchor and head. */
+  agent(agent: string): Promise<Pick<AgentRow, "anchorSeq" | "anchorHash" | "headHash"> | undefined>;
+  /** An agent's episodes in id order after `afterId`. */
+  episodes(agent: string, afterId: string, limit: number): Promise<EpisodeRow[]>;
+  /** The events of these episodes, ordered by episode and seq. */
+  events(episodes: readonly string[]): Promise<EventRow[]>;
+}
+
+/** The local store as a chain source. */
+export function storeChains(store: Store): ChainSource {
+  return {
+    agents: () => store.agentsWithCheckpoints(),
+    checkpoints: (agent) => store.listCheckpoints(agent as AgentId),
+    agent: (agent) => store.getAgent(agent as AgentId),
+    episodes: (agent, after, limit) => store.scanEpisodes(agent as AgentId, after, limit),
+    events: (ids) =>
+      store.db
+        .select()
+        .from(tables.events)
+        .where(inArray(tables.events.episode, [...ids]))
+        .orderBy(asc(tables.events.episode), asc(tables.events.seq))
+        .all(),
+  };
+}
+
 /** Verify every agent (or those listed). */
-export async function verifyStore(store: Store, only?: readonly AgentId[]): Promise<VerifyReport> {
-  const agents = only?.length ? [...only] : await store.agentsWithCheckpoints();
+export function verifyStore(store: Store, only?: readonly AgentId[]): Promise<VerifyReport> {
+  return verifyChains(storeChains(store), only);
+}
+
+/** Verify every chain of a source (or the agents listed). */
+export async function verifyChains(src: ChainSource, only?: readonly string[]): Promise<VerifyReport> {
+  const agents = only?.length ? [...only] : await src.agents();
   const problems: VerifyProblem[] = [];
   let checkpoints = 0;
   let episodes = 0;
   for (const agent of agents) {
-    const chain = await store.listCheckpoints(agent);
-    const a = await store.getAgent(agent);
-    // Retention deletes a prefix of the chain and keeps its newest hash as the anchor.
-    let prev: string | null = a?.anchorHash ?? null;
-    let prevSeq = a?.anchorSeq ?? 0;
+    const chain = await src.checkpoints(agent);
+    const a = await src.agent(agent);
+    // Retention deletes a prefix of the chain and keeps its newest hash as the anchor. A copy
+    // that still has the whole chain (the central database) verifies it from the start.
+    const whole = chain[0]?.seq === 1;
+    let prev: string | null = whole ? null : (a?.anchorHash ?? null);
+    let prevSeq = whole ? 0 : (a?.anchorSeq ?? 0);
     for (const row of chain) {
       checkpoints++;
       const rec = `checkpoint ${agent}#${row.seq} ${row.hash.slice(0, 16)}`;
@@ -65,22 +113,11 @@ export async function verifyStore(store: Store, only?: readonly AgentId[]): Prom
         problem: `head ${short(a.headHash)} is not the newest checkpoint ${short(prev)}`,
       });
     for (let after = ""; ; ) {
-      const page = await store.scanEpisodes(agent, after, 500);
+      const page = await src.episodes(agent, after, 500);
       // One query per page, not per episode: `fleet verify` reads 100,000s of episodes.
       const logs = new Map<string, EventRow[]>();
       if (page.length > 0) {
-        const rows = await store.db
-          .select()
-          .from(tables.events)
-          .where(
-            inArray(
-              tables.events.episode,
-              page.map((e) => e.id),
-            ),
-          )
-          .orderBy(asc(tables.events.episode), asc(tables.events.seq))
-          .all();
-        for (const r of rows) {
+        for (const r of await src.events(page.map((e) => e.id))) {
           const log = logs.get(r.episode);
           if (log) log.push(r);
           else logs.set(r.episode, [r]);

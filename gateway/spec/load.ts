@@ -167,6 +167,16 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
     agents,
     hooks,
     retention: raw.retention,
+    replication: raw.replication
+      ? {
+          url: raw.replication.url,
+          auth_token_env: raw.replication.auth_token_env ?? null,
+          interval_ms: parseDuration(raw.replication.interval) ?? 2000,
+          batch_rows: raw.replication.batch_rows,
+          required: raw.replication.required,
+          max_backlog_mb: raw.replication.max_backlog_mb,
+        }
+      : null,
   };
 }
 

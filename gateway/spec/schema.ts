@@ -185,6 +185,24 @@ export const fleetSchema = z.strictObject({
     dedup_days: positive().default(7),
     redelivery_minutes: positive().default(60),
   }),
+  replication: z
+    .strictObject(
+      {
+        url: str().refine(
+          (u) => URL.canParse(u) && /^(https?|libsql|wss?):$/.test(new URL(u).protocol),
+          "must be an http://, https://, libsql://, ws:// or wss:// URL of a libSQL server (sqld)",
+        ),
+        auth_token_env: envName().optional(),
+        interval: str()
+          .refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "2s" or "1m"')
+          .default("2s"),
+        batch_rows: z.int(POS).positive(POS).max(10_000, "must be at most 10000").default(500),
+        required: z.boolean(says("must be true or false")).default(true),
+        max_backlog_mb: posInt(1024),
+      },
+      says("must be a table"),
+    )
+    .optional(),
 });
 
 /** fleet.toml as the schema outputs it: defaults filled, not yet cross-checked. */

@@ -178,6 +178,24 @@ export interface FleetSpec {
     /** How long an MQTT redelivery id (no `dedup` key) is remembered, in minutes. */
     readonly redelivery_minutes: number;
   };
+  /** `[replication]`: push every record to a central libSQL server; null when the table is absent. */
+  readonly replication: ReplicationSpec | null;
+}
+
+/** `[replication]` (SPEC §8, docs/replication.md). */
+export interface ReplicationSpec {
+  /** The central libSQL server (sqld), e.g. `http://central:8080`. */
+  readonly url: string;
+  /** Env name holding the server's auth token (a JWT); null: no token. */
+  readonly auth_token_env: string | null;
+  /** How often an idle replicator looks for new rows, ms. */
+  readonly interval_ms: number;
+  /** Most queued rows per pushed batch. */
+  readonly batch_rows: number;
+  /** Retention keeps every row the center has not confirmed (until the backlog passes max_backlog_mb). */
+  readonly required: boolean;
+  /** Past this backlog, retention stops waiting for the center (rows it then deletes are counted as lost). */
+  readonly max_backlog_mb: number;
 }
 
 /** A spec as accepted: the compiled value plus its identity. */

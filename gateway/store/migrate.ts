@@ -82,11 +82,49 @@ const AUDIT: readonly string[] = [
     action TEXT NOT NULL, target TEXT, status INTEGER NOT NULL, detail TEXT)`,
 ];
 
+/** `WHEN` of the replication triggers: they record nothing unless replication is on. */
+const REPL_ON = "(SELECT value FROM meta WHERE key = 'replication') = 'on'";
+
+/** Upsert a pending row; a row changed again while pending bumps `ver` and keeps its place. */
+const pend = (tbl: string, key: string, at: string) =>
+  `INSERT INTO repl_pending (tbl, key, at) VALUES ('${tbl}', ${key}, ${at}) ON CONFLICT (tbl, key) DO UPDATE SET ver = ver + 1;`;
+
+/**
+ * Release 0.2: the replication queue (gateway/replication/). Triggers record each row
+ * written to a replicated table in `repl_pending`, in the same transaction as the write,
+ * so nothing committed can be missed; a row leaves the queue only once the central server
+ * confirmed it. An episode's entry carries its events and checkpoint along.
+ */
+const REPLICATION_QUEUE: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS repl_pending (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, key TEXT NOT NULL,
+    ver INTEGER NOT NULL DEFAULT 1, at INTEGER)`,
+  `CREATE UNIQUE INDEX IF NOT EXISTS repl_pending_row ON repl_pending (tbl, key)`,
+  `CREATE TRIGGER IF NOT EXISTS repl_spec AFTER INSERT ON spec_versions WHEN ${REPL_ON} BEGIN
+    ${pend("spec", "NEW.hash", "NEW.created_at")} END`,
+  `CREATE TRIGGER IF NOT EXISTS repl_agent_new AFTER INSERT ON agents WHEN ${REPL_ON} BEGIN
+    ${pend("agent", "NEW.id", "NEW.updated_at")} END`,
+  `CREATE TRIGGER IF NOT EXISTS repl_agent_set AFTER UPDATE ON agents WHEN ${REPL_ON} BEGIN
+    ${pend("agent", "NEW.id", "NEW.updated_at")} END`,
+  `CREATE TRIGGER IF NOT EXISTS repl_episode AFTER INSERT ON episodes WHEN ${REPL_ON} BEGIN
+    ${pend("episode", "NEW.id", "NEW.ended_at")} END`,
+  `CREATE TRIGGER IF NOT EXISTS repl_usage_new AFTER INSERT ON budget_usage WHEN ${REPL_ON} BEGIN
+    ${pend("usage", `NEW.agent || char(10) || NEW."window"`, "NULL")} END`,
+  `CREATE TRIGGER IF NOT EXISTS repl_usage_set AFTER UPDATE ON budget_usage WHEN ${REPL_ON} BEGIN
+    ${pend("usage", `NEW.agent || char(10) || NEW."window"`, "NULL")} END`,
+  // Stimuli that had trouble: quarantined, dropped, put back, or done after a failed attempt.
+  `CREATE TRIGGER IF NOT EXISTS repl_quarantine AFTER UPDATE OF state ON stimuli
+    WHEN NEW.state != OLD.state AND (NEW.state IN ('quarantined', 'dropped') OR OLD.state = 'quarantined'
+      OR NEW.last_error IS NOT NULL) AND ${REPL_ON} BEGIN
+    ${pend("stimulus", "CAST(NEW.seq AS TEXT)", "NEW.done_at")} END`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
   { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
   { version: 3, name: "audit log", statements: AUDIT },
+  { version: 4, name: "replication queue", statements: REPLICATION_QUEUE },
 ];
 
 /** The schema version this code writes. */

@@ -210,6 +210,24 @@ export const audit = sqliteTable("audit", {
   detail: text("detail"),
 });
 
+/**
+ * The replication queue (gateway/replication/): one row per local row the central server
+ * has not confirmed yet, filled by triggers in the writing transaction (./migrate.ts).
+ * `tbl` names what to send (`spec`, `agent`, `episode` with its events and checkpoint,
+ * `usage`, `stimulus`), `ver` counts changes while pending, `at` is when it became pending.
+ */
+export const replPending = sqliteTable(
+  "repl_pending",
+  {
+    seq: integer("seq").primaryKey({ autoIncrement: true }),
+    tbl: text("tbl").notNull(),
+    key: text("key").notNull(),
+    ver: integer("ver").notNull().default(1),
+    at: integer("at"),
+  },
+  (t) => [uniqueIndex("repl_pending_row").on(t.tbl, t.key)],
+);
+
 export type AgentRow = typeof agents.$inferSelect;
 export type StimulusRow = typeof stimuli.$inferSelect;
 export type EpisodeRow = typeof episodes.$inferSelect;

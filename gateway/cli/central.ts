@@ -1,0 +1,165 @@
+/**
+ * `--central URL` on `agents`, `episodes`, `show`, `verify`: the same commands over the
+ * central database, every fleet side by side (`--fleet NAME|GATEWAY` narrows to one).
+ * The token, when the server wants one, comes from env FLEET_CENTRAL_TOKEN.
+ */
+import { agentView, episodeView } from "../observe/index.ts";
+import { verifyChains, type VerifyProblem } from "../ops/index.ts";
+import { CentralReader, startCentralServer } from "../replication/index.ts";
+import { parseAgentId } from "../types.ts";
+import { type Cli, table, UsageError, when } from "./context.ts";
+
+/** Open the central database named by --central (token from FLEET_CENTRAL_TOKEN). */
+export function openCentral(url: string): Promise<CentralReader> {
+  return CentralReader.open(url, process.env.FLEET_CENTRAL_TOKEN || undefined);
+}
+
+async function withCentral<T>(cli: Cli, run: (c: CentralReader) => Promise<T>): Promise<T> {
+  const c = await openCentral(cli.flags.central!);
+  try {
+    return await run(c);
+  } finally {
+    c.close();
+  }
+}
+
+/** `fleet agents --central URL [--fleet F] [--type T] [--status S] [--limit N] [--page N]` */
+export function cmdCentralAgents(cli: Cli): Promise<number> {
+  const { flags } = cli;
+  const limit = Number(flags.limit ?? 100);
+  const page = Number(flags.page ?? 1);
+  const status = flags.status === "idle" ? "active" : flags.status;
+  return withCentral(cli, async (c) => {
+    const { rows, total } = await c.agents({
+      fleet: flags.fleet,
+      type: flags.type,
+      status,
+      limit,
+      offset: (page - 1) * limit,
+    });
+    const views = rows.map((a) => ({ fleet: a.fleet, gateway: a.gateway, ...agentView(a, 0) }));
+    cli.print(
+      { agents: views, total, page, limit },
+      () =>
+        `${table(
+          views.map((v) => ({
+            ...v,
+            checkpoint: v.checkpoint?.slice(0, 12) ?? null,
+            last_episode: when(v.last_episode_at),
+          })),
+          ["fleet", "id", "status", "episodes", "failures", "seq", "checkpoint", "last_episode", "reason"],
+        )}\n${total} agent(s)`,
+    );
+    return 0;
+  });
+}
+
+/** `fleet episodes <type/key> --central URL [--fleet F] [--limit N]` */
+export function cmdCentralEpisodes(cli: Cli, agent: string | undefined): Promise<number> {
+  if (!agent || !parseAgentId(agent)) throw new UsageError("episodes needs an agent <type>/<key>");
+  return withCentral(cli, async (c) => {
+    const rows = (await c.episodes(agent, { fleet: cli.flags.fleet, limit: Number(cli.flags.limit ?? 50) })).map(
+      (e) => ({ fleet: e.fleet, gateway: e.gateway, ...episodeView(e) }),
+    );
+    cli.print({ agent, episodes: rows }, () =>
+      table(
+        rows.map((e) => ({ ...e, started: when(e.started_at), checkpoint: e.checkpoint?.slice(0, 12) ?? null })),
+        ["fleet", "id", "status", "started", "ms", "attempt", "stimulus", "checkpoint", "error_kind"],
+      ),
+    );
+    return 0;
+  });
+}
+
+/** `fleet show <episode> --central URL` */
+export function cmdCentralShow(cli: Cli, id: string | undefined): Promise<number> {
+  if (!id) throw new UsageError("show needs an episode id");
+  return withCentral(cli, async (c) => {
+    const found = await c.episode(id);
+    if (!found) {
+      console.error(`no episode ${id} in the central database`);
+      return 1;
+    }
+    const { episode: ep } = found;
+    const events = found.events.map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) }));
+    cli.print({ fleet: ep.fleet, gateway: ep.gateway, ...episodeView(ep), events }, () =>
+      [
+        `episode    ${ep.id}`,
+        `fleet      ${ep.fleet} (gateway ${ep.gateway})`,
+        `agent      ${ep.agent}`,
+        `status     ${ep.status}${ep.errorKind ? ` (${ep.errorKind}: ${ep.error?.split("\n")[0]})` : ""}`,
+        `stimulus   ${ep.stimulusId}`,
+        `started    ${when(ep.startedAt)} (${ep.endedAt - ep.startedAt} ms, attempt ${ep.attempt})`,
+        `checkpoint ${ep.checkpoint ?? "-"} (parent ${ep.parent ?? "-"})`,
+        "events:",
+        ...events.map(
+          (e) => `  ${String(e.seq).padStart(3)} ${e.kind.padEnd(9)} ${JSON.stringify(e.data).slice(0, 160)}`,
+        ),
+      ].join("\n"),
+    );
+    return 0;
+  });
+}
+
+/** `fleet verify --central URL [--fleet F] [--agent type/key]`: every replicated chain; 1 on a mismatch. */
+export function cmdCentralVerify(cli: Cli): Promise<number> {
+  return withCentral(cli, async (c) => {
+    const gateways = await c.gateways(cli.flags.fleet);
+    if (cli.flags.fleet && gateways.length === 0) {
+      console.error(`no fleet or gateway "${cli.flags.fleet}" in the central database`);
+      return 1;
+    }
+    const problems: (VerifyProblem & { fleet: string; gateway: string })[] = [];
+    const fleets = [];
+    let agents = 0;
+    let checkpoints = 0;
+    let episodes = 0;
+    for (const g of gateways) {
+      const r = await verifyChains(c.chains(g.gateway), cli.flags.agent ? [cli.flags.agent] : undefined);
+      agents += r.agents;
+      checkpoints += r.checkpoints;
+      episodes += r.episodes;
+      for (const p of r.problems) problems.push({ fleet: g.fleet, gateway: g.gateway, ...p });
+      fleets.push({
+        fleet: g.fleet,
+        gateway: g.gateway,
+        agents: r.agents,
+        checkpoints: r.checkpoints,
+        episodes: r.episodes,
+        problems: r.problems.length,
+      });
+    }
+    cli.print({ central: c.url, fleets, agents, checkpoints, episodes, problems }, () => {
+      const head = `verified ${gateways.length} gateway(s) at the center: ${agents} agent(s), ${checkpoints} checkpoint(s), ${episodes} episode(s)`;
+      if (problems.length === 0) return `${head}: OK`;
+      return `${head}: ${problems.length} problem(s)\n${problems
+        .map((p) => `  BROKEN ${p.fleet} (${p.gateway}) ${p.record}: ${p.problem}`)
+        .join("\n")}`;
+    });
+    return problems.length === 0 ? 0 : 1;
+  });
+}
+
+/** `fleet central --url URL [--host H] [--port N]`: the read-only central dashboard and JSON API; runs until stopped. */
+export async function cmdCentralServe(cli: Cli): Promise<void> {
+  const { flags } = cli;
+  if (!flags.url) throw new UsageError("central needs --url URL of the central libSQL server");
+  const port = Number(flags.port ?? 8090);
+  if (!Number.isSafeInteger(port) || port < 0 || port > 65535)
+    throw new UsageError(`--port must be 0-65535, got "${flags.port}"`);
+  const reader = await openCentral(flags.url);
+  const server = startCentralServer({
+    reader,
+    host: flags.host ?? "127.0.0.1",
+    port,
+    token: process.env.FLEET_CENTRAL_API_TOKEN || null,
+  });
+  console.log(`central view of ${reader.url} on ${server.url} (read-only)`);
+  const stop = () => {
+    server.stop();
+    reader.close();
+    process.exit(0);
+  };
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+}

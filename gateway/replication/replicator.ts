@@ -1,0 +1,474 @@
+/**
+ * The replicator (SPEC §8): runs beside episodes, never on their commit path. Triggers put
+ * every replicated row in the local `repl_pending` queue in the transaction that wrote it;
+ * the replicator reads the oldest entries in bounded batches, writes them to the central
+ * libSQL server in one transaction (idempotent: `ON CONFLICT DO NOTHING` for immutable rows,
+ * whole-row upserts for mutable ones) and deletes the entries only after the center
+ * confirmed the commit. The queue is the durable cursor: a crash on either side re-sends a
+ * batch, which changes nothing. A dead or slow center only grows the queue; failures back
+ * off exponentially with jitter.
+ */
+import { createClient, type Client } from "@libsql/client";
+import type { Logger } from "pino";
+import type { ReplicationSpec } from "../spec/index.ts";
+import { checkNotNewer, migrate, SCHEMA_VERSION, SchemaVersionError, schemaVersion } from "../store/index.ts";
+import type { Store } from "../store/index.ts";
+import { centralStatements, readBatch, type Batch } from "./batch.ts";
+import { CENTRAL_MIGRATIONS, CENTRAL_SCHEMA_VERSION } from "./tables.ts";
+
+/** Lifecycle: `connecting` until the central schema is checked, `retrying` after a failure. */
+export type ReplicatorState = "created" | "connecting" | "streaming" | "retrying" | "stopped";
+
+/** Why a push failed; retry decisions and metrics read this, not the message. */
+export type ReplicationErrorKind = "unreachable" | "auth" | "schema" | "rejected";
+
+/** A failure talking to the central server. */
+export class ReplicationError extends Error {
+  override readonly name = "ReplicationError";
+  constructor(
+    readonly kind: ReplicationErrorKind,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/** What `fleet status`, `/api/fleet`, `fleet/health` and the dashboard show. */
+export interface ReplicationStatus {
+  readonly url: string;
+  readonly state: ReplicatorState;
+  readonly required: boolean;
+  /** Rows the center has not confirmed: queue entries, their approximate bytes, the oldest one's age. */
+  readonly backlog: { readonly rows: number; readonly bytes: number; readonly lag_s: number };
+  readonly max_backlog_mb: number;
+  /** The backlog passed max_backlog_mb: retention no longer waits for the center. */
+  readonly over_backlog: boolean;
+  readonly pushed_rows: number;
+  readonly pushed_batches: number;
+  readonly last_push_at: number | null;
+  /** Rows collected locally before they were pushed (only when retention did not wait). */
+  readonly lost_rows: number;
+  readonly consecutive_failures: number;
+  readonly errors: Readonly<Record<ReplicationErrorKind, number>>;
+  readonly last_error: { readonly kind: ReplicationErrorKind; readonly message: string; readonly at: number } | null;
+}
+
+/** How a replicator is built; tests inject the clock, the random source and the backoff cap. */
+export interface ReplicatorOptions {
+  readonly store: Store;
+  readonly spec: ReplicationSpec;
+  /** `[fleet] name`. */
+  readonly fleet: string;
+  /** Where `auth_token_env` is read (default: the gateway's environment). */
+  readonly env?: Readonly<Record<string, string | undefined>>;
+  readonly log: Logger;
+  readonly now?: () => number;
+  readonly random?: () => number;
+  /** First retry delay, ms (default 250); doubles per failure up to `maxBackoffMs` (default 30 s). */
+  readonly minBackoffMs?: number;
+  readonly maxBackoffMs?: number;
+}
+
+const MB = 1024 * 1024;
+
+/** Credentials never reach logs or status. */
+export function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.username || u.password) {
+      u.username = "***";
+      u.password = "";
+    }
+    return u.toString().replace(/\/$/, "");
+  } catch {
+    return "(invalid URL)";
+  }
+}
+
+/** Sort a failure into a kind, with a sentence that says what to check. */
+export function classifyError(err: unknown, url: string): ReplicationError {
+  if (err instanceof ReplicationError) return err;
+  if (err instanceof SchemaVersionError) return new ReplicationError("schema", err.message, { cause: err });
+  const e = err as { message?: string; code?: string; cause?: { code?: string; message?: string } };
+  const text = `${e.code ?? ""} ${e.message ?? String(err)} ${e.cause?.code ?? ""} ${e.cause?.message ?? ""}`;
+  const where = redactUrl(url);
+  if (/\b401\b|\b403\b|unauthori[sz]ed|forbidden|auth/i.test(text))
+    return new ReplicationError("auth", `central server ${where} refused the credentials: ${e.message}`, {
+      cause: err,
+    });
+  if (
+    /ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ECONNRESET|ETIMEDOUT|EHOSTUNREACH|Unable to connect|fetch failed|socket|closed/i.test(
+      text,
+    )
+  )
+    return new ReplicationError("unreachable", `central server ${where} is unreachable: ${e.message}`, { cause: err });
+  if (/\b404\b|\b405\b|not found|unexpected|json|protocol/i.test(text))
+    return new ReplicationError("unreachable", `${where} does not answer like a libSQL server (sqld): ${e.message}`, {
+      cause: err,
+    });
+  return new ReplicationError("rejected", `central server ${where} rejected a batch: ${e.message}`, { cause: err });
+}
+
+/** Bring the central schema up to date (or refuse a newer one) on an open client. */
+export async function prepareCentral(client: Client, url: string): Promise<void> {
+  const where = `central database ${redactUrl(url)}`;
+  const found = await schemaVersion(client);
+  checkNotNewer(found, where, CENTRAL_SCHEMA_VERSION);
+  if (found < CENTRAL_SCHEMA_VERSION) await migrate(client, where, CENTRAL_MIGRATIONS);
+}
+
+/** Pushes the local replication queue to the central server, beside the episodes. */
+export class Replicator {
+  state: ReplicatorState = "created";
+  private client: Client | null = null;
+  private prepared = false;
+  private loop: Promise<void> | null = null;
+  private wake: (() => void) | null = null;
+  private timer: ReturnType<typeof setTimeout> | null = null;
+  private readonly now: () => number;
+  private readonly random: () => number;
+  private readonly log: Logger;
+  private backlogRows = 0;
+  private oldestAt: number | null = null;
+  /** Mean bytes per queue entry, from the batches read so far (null until one was). */
+  private bytesPerEntry: number | null = null;
+  private pushedRows = 0;
+  private pushedBatches = 0;
+  private lastPushAt: number | null = null;
+  private lostRows = 0;
+  private failures = 0;
+  private overBacklog = false;
+  private readonly errors: Record<ReplicationErrorKind, number> = { unreachable: 0, auth: 0, schema: 0, rejected: 0 };
+  private lastError: ReplicationStatus["last_error"] = null;
+
+  constructor(private readonly opts: ReplicatorOptions) {
+    this.now = opts.now ?? Date.now;
+    this.random = opts.random ?? Math.random;
+    this.log = opts.log.child({ mod: "replication" });
+  }
+
+  get spec(): ReplicationSpec {
+    return this.opts.spec;
+  }
+
+  /**
+   * Turn replication on in the local database (the triggers start recording; rows written
+   * before, or while it was off or pointed elsewhere, are queued once), then push in the
+   * background. Resolves once the queue is set up, not when the center answers.
+   */
+  async start(): Promise<void> {
+    if (this.state !== "created") return;
+    this.state = "connecting";
+    const { store, spec } = this.opts;
+    const queued = await enableReplication(store, spec.url);
+    this.lostRows = Number((await store.getMeta("replication.lost_rows")) ?? 0);
+    await this.refresh();
+    this.log.info(
+      { url: redactUrl(spec.url), backlog_rows: this.backlogRows, ...(queued > 0 ? { queued_history: queued } : {}) },
+      "replicating to the central server",
+    );
+    this.loop = this.run();
+  }
+
+  /** Stop after the batch in flight (it either commits at the center or is re-sent later). */
+  async stop(): Promise<void> {
+    if (this.state === "stopped" || this.state === "created") {
+      this.state = "stopped";
+      return;
+    }
+    this.state = "stopped";
+    this.wake?.();
+    await this.loop;
+    this.client?.close();
+    this.client = null;
+  }
+
+  /** Retention may collect unconfirmed rows only when not required or past max_backlog_mb. */
+  keepUnconfirmed(): boolean {
+    return this.opts.spec.required && !this.overBacklog;
+  }
+
+  /** The current status (backlog as of the last push attempt or `refresh`). */
+  status(): ReplicationStatus {
+    const { spec } = this.opts;
+    return {
+      url: redactUrl(spec.url),
+      state: this.state,
+      required: spec.required,
+      backlog: {
+        rows: this.backlogRows,
+        bytes: Math.round(this.backlogRows * (this.bytesPerEntry ?? 0)),
+        lag_s: this.oldestAt === null ? 0 : Math.max(0, (this.now() - this.oldestAt) / 1000),
+      },
+      max_backlog_mb: spec.max_backlog_mb,
+      over_backlog: this.overBacklog,
+      pushed_rows: this.pushedRows,
+      pushed_batches: this.pushedBatches,
+      last_push_at: this.lastPushAt,
+      lost_rows: this.lostRows,
+      consecutive_failures: this.failures,
+      errors: { ...this.errors },
+      last_error: this.lastError,
+    };
+  }
+
+  /** Re-read the backlog size (a count over the queue) and apply the max_backlog_mb rule. */
+  async refresh(): Promise<void> {
+    const rs = await this.opts.store.client.execute("SELECT count(*) AS n, min(at) AS oldest FROM repl_pending");
+    this.backlogRows = Number(rs.rows[0]?.n ?? 0);
+    const oldest = rs.rows[0]?.oldest;
+    this.oldestAt = this.backlogRows === 0 || oldest === null || oldest === undefined ? null : Number(oldest);
+    if (this.bytesPerEntry === null && this.backlogRows > 0) {
+      const sample = await readBatch(this.opts.store, Math.min(200, this.opts.spec.batch_rows));
+      this.noteSize(sample);
+    }
+    const bytes = this.backlogRows * (this.bytesPerEntry ?? 0);
+    const over = bytes > this.opts.spec.max_backlog_mb * MB;
+    if (over !== this.overBacklog) {
+      this.overBacklog = over;
+      if (over) {
+        this.log.warn(
+          { backlog_bytes: Math.round(bytes), max_backlog_mb: this.opts.spec.max_backlog_mb },
+          "replication backlog passed max_backlog_mb: retention no longer waits for the central server; rows it collects before they are pushed are counted as lost",
+        );
+        await this.opts.store.setMeta("replication.over_backlog_at", String(this.now()));
+      } else {
+        this.log.info("replication backlog back under max_backlog_mb: retention waits for the central server again");
+      }
+    }
+  }
+
+  /** Push one batch now; resolves with the queue entries confirmed (0 when the queue is empty). */
+  async pushOnce(): Promise<number> {
+    const client = await this.central();
+    const { store, spec, fleet } = this.opts;
+    const batch = await readBatch(store, spec.batch_rows);
+    if (batch.entries.length === 0) return 0;
+    this.noteSize(batch);
+    const at = this.now();
+    const lost = this.lostRows + batch.lost.length;
+    const backlogAfter = Math.max(0, this.backlogRows - batch.entries.length);
+    const stmts = centralStatements(fleet, store.gatewayId, batch.rows);
+    stmts.push({
+      sql: `INSERT INTO gateways (gateway, fleet, first_push_at, last_push_at, pushed_rows, backlog_rows, backlog_bytes, lag_s, lost_rows, schema_version)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET fleet = excluded.fleet,
+        last_push_at = excluded.last_push_at, pushed_rows = gateways.pushed_rows + excluded.pushed_rows,
+        backlog_rows = excluded.backlog_rows, backlog_bytes = excluded.backlog_bytes, lag_s = excluded.lag_s,
+        lost_rows = excluded.lost_rows, schema_version = excluded.schema_version`,
+      args: [
+        store.gatewayId,
+        fleet,
+        at,
+        at,
+        batch.rowCount,
+        backlogAfter,
+        Math.round(backlogAfter * (this.bytesPerEntry ?? 0)),
+        this.oldestAt === null ? 0 : Math.max(0, (at - this.oldestAt) / 1000),
+        lost,
+        SCHEMA_VERSION,
+      ],
+    });
+    try {
+      await client.batch(stmts, "write");
+    } catch (err) {
+      this.reconnect();
+      throw classifyError(err, spec.url);
+    }
+    // Confirmed: only now do the entries leave the queue. An entry changed since it was read
+    // (ver moved on) stays and goes again with its newer row.
+    const confirmed = JSON.stringify(batch.entries.map((e) => [e.seq, e.ver]));
+    const local = [
+      {
+        sql: `DELETE FROM repl_pending WHERE (seq, ver) IN
+          (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))`,
+        args: [confirmed],
+      },
+    ];
+    if (batch.lost.length > 0) {
+      local.push({
+        sql: "INSERT INTO meta (key, value) VALUES ('replication.lost_rows', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        args: [String(lost)],
+      });
+    }
+    await store.writer.write(local);
+    if (batch.lost.length > 0) {
+      this.log.warn(
+        { lost: batch.lost.length, lost_total: lost },
+        "rows were collected locally before the central server confirmed them (counted as lost)",
+      );
+    }
+    this.lostRows = lost;
+    this.pushedRows += batch.rowCount;
+    this.pushedBatches += 1;
+    this.lastPushAt = at;
+    return batch.entries.length;
+  }
+
+  /** Push until the queue is empty (bench, tests, and a stopping gateway's last chance). */
+  async drain(): Promise<number> {
+    let n = 0;
+    for (let k = await this.pushOnce(); k > 0; k = await this.pushOnce()) n += k;
+    await this.refresh();
+    return n;
+  }
+
+  private async central(): Promise<Client> {
+    const { spec } = this.opts;
+    if (!this.client) {
+      let authToken: string | undefined;
+      if (spec.auth_token_env) {
+        authToken = (this.opts.env ?? process.env)[spec.auth_token_env];
+        if (!authToken)
+          throw new ReplicationError(
+            "auth",
+            `[replication] auth_token_env names ${spec.auth_token_env}, which is not set in the gateway's environment`,
+          );
+      }
+      try {
+        this.client = createClient({ url: spec.url, ...(authToken ? { authToken } : {}) });
+      } catch (err) {
+        throw classifyError(err, spec.url);
+      }
+    }
+    if (!this.prepared) {
+      try {
+        await prepareCentral(this.client, spec.url);
+      } catch (err) {
+        this.reconnect();
+        throw classifyError(err, spec.url);
+      }
+      this.prepared = true;
+    }
+    return this.client;
+  }
+
+  /** After a failure the client and the schema check start over: the server may have been replaced. */
+  private reconnect(): void {
+    this.prepared = false;
+    this.client?.close();
+    this.client = null;
+  }
+
+  private noteSize(batch: Batch): void {
+    if (batch.entries.length === 0) return;
+    const per = batch.bytes / batch.entries.length;
+    this.bytesPerEntry = this.bytesPerEntry === null ? per : this.bytesPerEntry * 0.8 + per * 0.2;
+  }
+
+  /** A method, not a field read, so TypeScript does not narrow it across awaits. */
+  private stopping(): boolean {
+    return this.state === "stopped";
+  }
+
+  private async run(): Promise<void> {
+    while (!this.stopping()) {
+      let delay = this.opts.spec.interval_ms;
+      try {
+        const n = await this.pushOnce();
+        if (this.failures > 0) this.log.info({ after_failures: this.failures }, "central server reachable again");
+        this.failures = 0;
+        this.lastError = null;
+        if (!this.stopping()) this.state = "streaming";
+        if (n >= this.opts.spec.batch_rows) delay = 0; // more is waiting: go on at once
+      } catch (err) {
+        delay = this.failed(err);
+      }
+      try {
+        await this.refresh();
+      } catch (err) {
+        this.log.error({ err }, "reading the replication backlog failed");
+      }
+      if (delay > 0) await this.sleep(delay);
+      else await new Promise((r) => setImmediate(r)); // let episodes' work in between batches
+    }
+  }
+
+  /** Record a failure; returns the backoff delay (exponential, capped, with jitter). */
+  private failed(err: unknown): number {
+    const e = classifyError(err, this.opts.spec.url);
+    this.failures += 1;
+    this.errors[e.kind] += 1;
+    if (this.state !== "stopped") this.state = "retrying";
+    const repeated = this.lastError?.kind === e.kind && this.lastError.message === e.message;
+    this.lastError = { kind: e.kind, message: e.message, at: this.now() };
+    const ctx = { kind: e.kind, failures: this.failures, backlog_rows: this.backlogRows };
+    // The first failure of a kind is an error in the log; repeats are quieter (one per 10).
+    if (!repeated) this.log.error(ctx, `replication: ${e.message}`);
+    else if (this.failures % 10 === 0) this.log.warn(ctx, `replication still failing: ${e.message}`);
+    const min = this.opts.minBackoffMs ?? 250;
+    const max = this.opts.maxBackoffMs ?? 30_000;
+    const base = Math.min(max, min * 2 ** Math.min(20, this.failures - 1));
+    return Math.round(base * (0.5 + this.random() / 2));
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      this.wake = () => {
+        if (this.timer) clearTimeout(this.timer);
+        this.timer = null;
+        this.wake = null;
+        resolve();
+      };
+      this.timer = setTimeout(() => this.wake?.(), ms);
+      this.timer.unref?.();
+    });
+  }
+}
+
+/**
+ * Switch the local triggers on for `url`. When replication was off, or pointed at another
+ * server, every replicated row already in the database is queued once (oldest first), in
+ * the same transaction that turns the triggers on, so nothing falls between. Returns how
+ * many entries that queued (0 when it was already on for `url`).
+ */
+export async function enableReplication(store: Store, url: string): Promise<number> {
+  const on = await store.getMeta("replication");
+  const was = await store.getMeta("replication.url");
+  if (on === "on" && was === url) return 0;
+  const upsert = "ON CONFLICT (tbl, key) DO UPDATE SET ver = ver + 1";
+  const results = await store.writer.write([
+    {
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'spec', hash, created_at FROM spec_versions ORDER BY created_at, hash ${upsert}`,
+      args: [],
+    },
+    {
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'agent', id, updated_at FROM agents ORDER BY created_at, id ${upsert}`,
+      args: [],
+    },
+    {
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'episode', id, ended_at FROM episodes ORDER BY ended_at, id ${upsert}`,
+      args: [],
+    },
+    {
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'usage', agent || char(10) || "window", NULL FROM budget_usage WHERE true ${upsert}`,
+      args: [],
+    },
+    {
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'stimulus', CAST(seq AS TEXT), done_at FROM stimuli WHERE state IN ('quarantined', 'dropped') OR (state != 'queued' AND last_error IS NOT NULL) ORDER BY seq ${upsert}`,
+      args: [],
+    },
+    {
+      sql: "INSERT INTO meta (key, value) VALUES ('replication', 'on') ON CONFLICT (key) DO UPDATE SET value = 'on'",
+      args: [],
+    },
+    {
+      sql: "INSERT INTO meta (key, value) VALUES ('replication.url', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+      args: [url],
+    },
+  ]);
+  return results.slice(0, 5).reduce((n, r) => n + r.rowsAffected, 0);
+}
+
+/**
+ * Switch the local triggers off (replication removed from fleet.toml): the queue is
+ * emptied, and retention no longer waits for a center. Turning it on again queues everything.
+ */
+export async function disableReplication(store: Store): Promise<boolean> {
+  if ((await store.getMeta("replication")) !== "on") return false;
+  await store.writer.write([
+    { sql: "UPDATE meta SET value = 'off' WHERE key = 'replication'", args: [] },
+    { sql: "DELETE FROM repl_pending", args: [] },
+  ]);
+  return true;
+}

@@ -1,0 +1,89 @@
+/**
+ * What replicates, and the central database's schema (SPEC §8). The central tables mirror
+ * the local ones column for column, each row prefixed with `fleet` (the `[fleet] name`) and
+ * `gateway` (the site-unique gateway id, a UUIDv7 minted with the data dir), which is part
+ * of every primary key: two gateways never collide, whatever their fleet names.
+ *
+ * Immutable records (spec versions, episodes, events, checkpoints) are `INSERT OR IGNORE`d:
+ * re-sending a batch changes nothing. Mutable rows (agents, the budget ledger, quarantined
+ * stimuli) are upserts of the whole current row, so the newest push wins.
+ */
+import type { Migration } from "../store/index.ts";
+
+/** One replicated table: its local columns (in order), primary key and write rule. */
+export interface ReplicatedTable {
+  readonly name: string;
+  /** Local columns copied as they are (the local `gateway` column is replaced by the pusher's id). */
+  readonly columns: readonly string[];
+  /** Primary key columns after `gateway`. */
+  readonly key: readonly string[];
+  readonly mutable: boolean;
+  /** Blob columns: sent hex-encoded (batches travel as JSON), decoded at the center. */
+  readonly blobs: readonly string[];
+}
+
+const table = (name: string, columns: string, key: string, mutable = false, blobs: string[] = []): ReplicatedTable => ({
+  name,
+  columns: columns.split(/,\s*/),
+  key: key.split(/,\s*/),
+  mutable,
+  blobs,
+});
+
+/** Every replicated table, in the order a batch writes them. */
+export const REPLICATED = {
+  spec_versions: table("spec_versions", "hash, path, text, summary, created_at", "hash"),
+  agents: table(
+    "agents",
+    "id, type, key, status, reason, paused_until, anchor_seq, anchor_hash, head_seq, head_hash, episodes, failures, last_episode_at, created_at, updated_at",
+    "id",
+    true,
+  ),
+  episodes: table(
+    "episodes",
+    "id, agent, stimulus_seq, stimulus_id, spec_version, status, error_kind, error, attempt, started_at, ended_at, checkpoint, parent, events_hash, event_count",
+    "id",
+  ),
+  events: table("events", "episode, seq, kind, data", "episode, seq"),
+  checkpoints: table("checkpoints", "hash, agent, seq, parent, episode, spec_version, state, created_at", "hash"),
+  budget_usage: table("budget_usage", `agent, "window", episodes, tool_calls, tokens, cost`, `agent, "window"`, true),
+  stimuli: table(
+    "stimuli",
+    "seq, agent, sid, kind, topic, payload, received_at, state, attempts, not_before, last_error, episode, done_at",
+    "seq",
+    true,
+    ["payload"],
+  ),
+} as const satisfies Record<string, ReplicatedTable>;
+
+/** A replicated table's name. */
+export type ReplicatedName = keyof typeof REPLICATED;
+
+function createTable(t: ReplicatedTable): string {
+  // Columns are left untyped (no affinity): a value arrives at the center exactly as it left.
+  return `CREATE TABLE IF NOT EXISTS ${t.name} (fleet TEXT NOT NULL, gateway TEXT NOT NULL, ${t.columns.join(", ")},
+    PRIMARY KEY (gateway, ${t.key.join(", ")}))`;
+}
+
+/** Central schema v1. */
+const CENTRAL_V1: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
+  // One row per gateway: who it is and how far behind it said it was at its last push.
+  `CREATE TABLE IF NOT EXISTS gateways (
+    gateway TEXT PRIMARY KEY, fleet TEXT NOT NULL, first_push_at INTEGER NOT NULL, last_push_at INTEGER NOT NULL,
+    pushed_rows INTEGER NOT NULL DEFAULT 0, backlog_rows INTEGER NOT NULL DEFAULT 0,
+    backlog_bytes INTEGER NOT NULL DEFAULT 0, lag_s REAL NOT NULL DEFAULT 0, lost_rows INTEGER NOT NULL DEFAULT 0,
+    schema_version INTEGER NOT NULL)`,
+  ...Object.values(REPLICATED).map(createTable),
+  `CREATE INDEX IF NOT EXISTS agents_fleet ON agents (fleet, id)`,
+  `CREATE INDEX IF NOT EXISTS episodes_agent ON episodes (gateway, agent, started_at)`,
+  `CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_chain ON checkpoints (gateway, agent, seq)`,
+];
+
+/** The central database's migrations, oldest first (applied by the first gateway that connects). */
+export const CENTRAL_MIGRATIONS: readonly Migration[] = [
+  { version: 1, name: "central schema", statements: CENTRAL_V1 },
+];
+
+/** The central schema version this code writes and reads. */
+export const CENTRAL_SCHEMA_VERSION: number = CENTRAL_MIGRATIONS.at(-1)?.version ?? 0;

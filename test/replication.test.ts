@@ -1,0 +1,307 @@
+/**
+ * Replication faults in-process against a real sqld (issue 11): the center killed with
+ * kill -9 in the middle of a batch, a long outage on an injected clock with a large backlog
+ * and retention running meanwhile, and the max_backlog_mb decision. The store is filled
+ * through the gateway's own commit path (test/helpers/ops.ts), like test/gc.test.ts;
+ * FLEET_REPL_EPISODES=100000 runs the issue's full scale (CI default 4,000).
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import type { Client } from "@libsql/client";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import { gcAll, verifyChains, verifyStore } from "../gateway/ops/index.ts";
+import {
+  CentralReader,
+  enableReplication,
+  REPLICATED,
+  Replicator,
+  type ReplicationStatus,
+} from "../gateway/replication/index.ts";
+import type { ReplicationSpec } from "../gateway/spec/index.ts";
+import { DAY, SyntheticFleet } from "./helpers/ops.ts";
+import { freePort, Sqld } from "./helpers/sqld.ts";
+
+const EPISODES = Number(process.env.FLEET_REPL_EPISODES ?? 4_000);
+const T0 = Date.UTC(2025, 0, 6);
+const SLOW = 900_000;
+const quiet = pino({ level: "silent" });
+
+const dirs: string[] = [];
+const servers: Sqld[] = [];
+afterAll(async () => {
+  for (const s of servers) await s.dispose();
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+async function synthetic(keep = 10): Promise<SyntheticFleet> {
+  const dir = mkdtempSync(join(tmpdir(), "fleet-repl-"));
+  dirs.push(dir);
+  return SyntheticFleet.create(dir, {
+    types: [{ name: "t", keys: ["a", "b", "c", "d"] }],
+    keep,
+    episodesDays: 1,
+    dedupDays: 1,
+  });
+}
+
+function spec(url: string, o: Partial<ReplicationSpec> = {}): ReplicationSpec {
+  return { url, auth_token_env: null, interval_ms: 50, batch_rows: 500, required: true, max_backlog_mb: 1024, ...o };
+}
+
+/** A replicator on a fake clock that never runs its own loop (tests drive pushOnce / drain). */
+function replicator(f: SyntheticFleet, s: ReplicationSpec, now: () => number): Replicator {
+  return new Replicator({
+    store: f.store,
+    spec: s,
+    fleet: "synthetic",
+    log: quiet,
+    now,
+    minBackoffMs: 10,
+    maxBackoffMs: 50,
+  });
+}
+
+/** Central rows of `table` for this store's gateway. */
+async function centralCount(db: Client, table: string, gateway: string): Promise<number> {
+  const rs = await db.execute({ sql: `SELECT count(*) AS n FROM ${table} WHERE gateway = ?`, args: [gateway] });
+  return Number(rs.rows[0]!.n);
+}
+
+/** Every replicated table: the center holds exactly the local rows (same values, each once). */
+async function expectCenterEqualsLocal(f: SyntheticFleet, db: Client): Promise<void> {
+  for (const t of Object.values(REPLICATED)) {
+    const cols = t.columns.join(", ");
+    const order = t.key.join(", ");
+    const where =
+      t.name === "stimuli"
+        ? "(state IN ('quarantined', 'dropped') OR (state != 'queued' AND last_error IS NOT NULL))"
+        : "true";
+    const local = (
+      await f.store.client.execute(`SELECT ${cols} FROM ${t.name} WHERE ${where} ORDER BY ${order}`)
+    ).rows.map((r) => Array.from({ length: t.columns.length }, (_, i) => r[i]));
+    const center = (
+      await db.execute({
+        sql: `SELECT ${cols} FROM ${t.name} WHERE gateway = ? AND ${where} ORDER BY ${order}`,
+        args: [f.store.gatewayId],
+      })
+    ).rows.map((r) => Array.from({ length: t.columns.length }, (_, i) => r[i]));
+    expect({ table: t.name, n: center.length }).toEqual({ table: t.name, n: local.length });
+    expect(center).toEqual(local);
+  }
+}
+
+async function verifyAtCenter(url: string, gateway: string) {
+  const reader = await CentralReader.open(url);
+  try {
+    return await verifyChains(reader.chains(gateway));
+  } finally {
+    reader.close();
+  }
+}
+
+describe("replication faults", () => {
+  let sqld: Sqld;
+  let db: Client;
+  beforeAll(async () => {
+    sqld = await Sqld.start();
+    servers.push(sqld);
+    db = sqld.client();
+  });
+  afterAll(() => db.close());
+
+  test(
+    "sqld killed with kill -9 in the middle of a batch and restarted: the center ends equal to the local store, nothing twice, chains verify",
+    async () => {
+      const f = await synthetic();
+      let now = T0;
+      const r = replicator(f, spec(sqld.url, { batch_rows: 500 }), () => now);
+      await enableReplication(f.store, sqld.url); // the queue is on; this test drives the pushes itself
+      await f.commit(1500, T0, 1000);
+      now = T0 + 1500 * 1000;
+      await r.pushOnce(); // the center has some of it
+      const push = r.pushOnce();
+      await Bun.sleep(30);
+      await sqld.kill(); // mid-batch: the transaction never commits at the center
+      await expect(push).rejects.toMatchObject({ kind: "unreachable" });
+      const before = await f.store.client.execute("SELECT count(*) AS n FROM repl_pending");
+      expect(Number(before.rows[0]!.n)).toBeGreaterThan(0); // nothing unconfirmed left the queue
+      await sqld.restart();
+      await r.drain();
+      expect(r.status().backlog.rows).toBe(0);
+      await expectCenterEqualsLocal(f, db);
+      expect(await centralCount(db, "episodes", f.store.gatewayId)).toBe(1500);
+      expect((await verifyAtCenter(sqld.url, f.store.gatewayId)).problems).toEqual([]);
+      // Re-sending everything (a new center URL queues the whole history again) changes nothing.
+      await f.store.setMeta("replication.url", "http://elsewhere");
+      expect(await enableReplication(f.store, sqld.url)).toBeGreaterThan(1500);
+      const again = replicator(f, spec(sqld.url, { batch_rows: 500 }), () => now);
+      await again.drain();
+      await expectCenterEqualsLocal(f, db);
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test(
+    `a ${EPISODES}-episode backlog built over days with the center down: retention keeps every unconfirmed row, then the backlog drains oldest first and the center verifies`,
+    async () => {
+      const f = await synthetic();
+      const dead = `http://127.0.0.1:${await freePort()}`;
+      let now = T0;
+      const offline = replicator(f, spec(dead), () => now);
+      await enableReplication(f.store, dead);
+      await f.commit(EPISODES, T0, (3 * DAY) / EPISODES);
+      now = T0 + 3 * DAY;
+      await expect(offline.pushOnce()).rejects.toMatchObject({ kind: "unreachable" });
+      await offline.refresh();
+      const s: ReplicationStatus = offline.status();
+      expect(s.backlog.rows).toBeGreaterThanOrEqual(EPISODES);
+      expect(s.backlog.lag_s).toBeGreaterThan(2.9 * 86_400); // the oldest entry is three days old
+      expect(s.backlog.bytes).toBeGreaterThan(0);
+      // Days later, retention runs: with `required` it keeps every row the center has not confirmed.
+      const counts = await f.counts();
+      now = T0 + 10 * DAY;
+      const kept = await gcAll(f.store, f.spec.spec, { now, keepUnconfirmed: offline.keepUnconfirmed() });
+      expect(offline.keepUnconfirmed()).toBe(true);
+      expect(kept.episodesDeleted + kept.eventsDeleted + kept.tombstoned + kept.checkpointsDeleted).toBe(0);
+      expect((await f.counts()).episodes).toBe(counts.episodes);
+      // The center comes back on another address: point at it and drain, oldest first.
+      const r = replicator(f, spec(sqld.url), () => now);
+      const first = await f.store.client.execute(
+        "SELECT key FROM repl_pending WHERE tbl = 'episode' ORDER BY seq LIMIT 1",
+      );
+      const oldest = await f.store.client.execute("SELECT id FROM episodes ORDER BY ended_at, id LIMIT 1");
+      expect(first.rows[0]!.key).toBe(oldest.rows[0]!.id);
+      const started = performance.now();
+      await r.drain();
+      const ms = performance.now() - started;
+      console.log(`drained ${EPISODES} episodes (${r.status().pushed_rows} rows) in ${Math.round(ms)} ms`);
+      await expectCenterEqualsLocal(f, db);
+      expect((await verifyAtCenter(sqld.url, f.store.gatewayId)).problems).toEqual([]);
+      // Confirmed: now retention collects, and both sides still verify.
+      const collected = await gcAll(f.store, f.spec.spec, { now, keepUnconfirmed: r.keepUnconfirmed() });
+      expect(collected.episodesDeleted).toBe(EPISODES);
+      expect((await verifyStore(f.store)).problems).toEqual([]);
+      expect(await centralCount(db, "episodes", f.store.gatewayId)).toBe(EPISODES);
+      expect((await verifyAtCenter(sqld.url, f.store.gatewayId)).problems).toEqual([]);
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test(
+    "past max_backlog_mb retention stops waiting: rows it collects before the push are counted as lost, recorded, and the center still verifies what it has",
+    async () => {
+      const f = await synthetic(2);
+      const dead = `http://127.0.0.1:${await freePort()}`;
+      let now = T0;
+      const offline = replicator(f, spec(dead, { max_backlog_mb: 1 }), () => now);
+      await enableReplication(f.store, dead);
+      await f.commit(2000, T0, 90_000); // ~2 days
+      now = T0 + 10 * DAY;
+      await offline.refresh();
+      expect(offline.status().backlog.bytes).toBeGreaterThan(1024 * 1024);
+      expect(offline.status().over_backlog).toBe(true);
+      expect(offline.keepUnconfirmed()).toBe(false);
+      expect(await f.store.getMeta("replication.over_backlog_at")).toBe(String(now));
+      const gc = await gcAll(f.store, f.spec.spec, { now, keepUnconfirmed: offline.keepUnconfirmed() });
+      expect(gc.episodesDeleted).toBe(2000);
+      const r = replicator(f, spec(sqld.url, { max_backlog_mb: 1 }), () => now);
+      await r.drain();
+      const s = r.status();
+      // Each collected row counted once: the episodes (with their logs) and the old budget windows.
+      const lost = gc.episodesDeleted + gc.usageRowsDeleted;
+      expect(s.lost_rows).toBe(lost);
+      expect(await f.store.getMeta("replication.lost_rows")).toBe(String(lost));
+      const gw = await db.execute({
+        sql: "SELECT lost_rows FROM gateways WHERE gateway = ?",
+        args: [f.store.gatewayId],
+      });
+      expect(Number(gw.rows[0]!.lost_rows)).toBe(lost);
+      expect(s.over_backlog).toBe(false); // drained: retention waits for the center again
+      await expectCenterEqualsLocal(f, db);
+      expect((await verifyAtCenter(sqld.url, f.store.gatewayId)).problems).toEqual([]);
+      await f.close();
+    },
+    SLOW,
+  );
+});
+
+describe("fleet central", () => {
+  test(
+    "serves every fleet side by side with drill-down to an agent's episodes and an episode's log, read-only",
+    async () => {
+      const sqld = await Sqld.start();
+      servers.push(sqld);
+      for (const name of ["north", "south"]) {
+        const f = await synthetic();
+        const r = new Replicator({ store: f.store, spec: spec(sqld.url), fleet: name, log: quiet });
+        await enableReplication(f.store, sqld.url);
+        await f.commit(20, Date.now() - 60_000, 1000);
+        await r.drain();
+        await f.close();
+      }
+      const proc = Bun.spawn(
+        [
+          process.execPath,
+          join(import.meta.dir, "../gateway/cli/main.ts"),
+          "central",
+          "--url",
+          sqld.url,
+          "--port",
+          "0",
+        ],
+        { stdout: "pipe", stderr: "pipe", env: { PATH: process.env.PATH ?? "" } },
+      );
+      try {
+        const reader = proc.stdout.getReader();
+        const { value } = await reader.read();
+        const line = new TextDecoder().decode(value);
+        const base = line.match(/on (http:\/\/127\.0\.0\.1:\d+)/)?.[1];
+        expect(base).toBeString();
+        const fleets = (await (await fetch(`${base}/api/fleets`)).json()) as {
+          fleets: { fleet: string; gateway: string; agents: Record<string, number>; episodesLastHour: number }[];
+        };
+        expect(fleets.fleets.map((f) => [f.fleet, f.agents.active, f.episodesLastHour])).toEqual([
+          ["north", 4, 20],
+          ["south", 4, 20],
+        ]);
+        const gw = fleets.fleets[0]!.gateway;
+        const agents = (await (await fetch(`${base}/api/fleets/${gw}/agents`)).json()) as { total: number };
+        expect(agents.total).toBe(4);
+        const eps = (await (await fetch(`${base}/api/fleets/${gw}/agents/t/a/episodes`)).json()) as {
+          episodes: { id: string; fleet: string }[];
+        };
+        expect(eps.episodes).toHaveLength(5);
+        expect(eps.episodes.every((e) => e.fleet === "north")).toBe(true);
+        const one = (await (await fetch(`${base}/api/episodes/${eps.episodes[0]!.id}`)).json()) as {
+          events: unknown[];
+        };
+        expect(one.events).toHaveLength(5);
+        const page = await fetch(`${base}/`);
+        expect(await page.text()).toContain("central view");
+        expect((await fetch(`${base}/api/fleets`, { method: "POST" })).status).toBe(405);
+      } finally {
+        proc.kill();
+        await proc.exited;
+      }
+      const open = Bun.spawnSync(
+        [
+          process.execPath,
+          join(import.meta.dir, "../gateway/cli/main.ts"),
+          "central",
+          "--url",
+          sqld.url,
+          "--host",
+          "0.0.0.0",
+        ],
+        { env: { PATH: process.env.PATH ?? "" } },
+      );
+      expect(open.exitCode).toBe(1);
+      expect(open.stderr.toString()).toContain("FLEET_CENTRAL_API_TOKEN");
+    },
+    SLOW,
+  );
+});
