@@ -105,7 +105,7 @@ describe("replication to a central libSQL server", () => {
     await f.dispose();
   }, 300_000);
 
-  test("two gateways with the same agents and different fleet names replicate into one center without collisions", async () => {
+  test("two fleets with the same agents replicate into one center without collisions", async () => {
     const { sqld, db } = await central();
     const a = new TestFleet(fleetToml("site-a", sqld.url));
     const b = new TestFleet(fleetToml("site-b", sqld.url));
@@ -126,7 +126,7 @@ describe("replication to a central libSQL server", () => {
     await Promise.all([a.dispose(), b.dispose()]);
   }, 300_000);
 
-  test("the gateway killed with kill -9 mid-push: after a restart the center equals the local store, nothing twice, verify --central passes", async () => {
+  test("gateway kill -9 mid-push: after a restart center equals local, nothing twice, verify passes", async () => {
     const { sqld, db } = await central();
     const f = new TestFleet("");
     // A history of 1,000 episodes written through the gateway's commit path, then a gateway
@@ -159,7 +159,7 @@ describe("replication to a central libSQL server", () => {
     await f.dispose();
   }, 300_000);
 
-  test("bad central URL, wrong token, newer central schema: each a clear error in the log, status and metrics, and episodes go on", async () => {
+  test("bad URL, wrong token, newer central schema: clear errors in log, status, metrics; episodes go on", async () => {
     const { sqld: secured } = await central({ auth: true });
     const { sqld: newer, db: newerDb } = await central();
     await newerDb.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)");

@@ -112,7 +112,7 @@ describe("replication faults", () => {
   afterAll(() => db.close());
 
   test(
-    "sqld killed with kill -9 in the middle of a batch and restarted: the center ends equal to the local store, nothing twice, chains verify",
+    "sqld kill -9 mid-batch, then restarted: the center ends equal to local, nothing twice, chains verify",
     async () => {
       const f = await synthetic();
       let now = T0;
@@ -145,7 +145,7 @@ describe("replication faults", () => {
   );
 
   test(
-    `a ${EPISODES}-episode backlog built over days with the center down: retention keeps every unconfirmed row, then the backlog drains oldest first and the center verifies`,
+    `a ${EPISODES}-episode backlog over days offline: retention keeps unconfirmed rows; it drains oldest first`,
     async () => {
       const f = await synthetic();
       const dead = `http://127.0.0.1:${await freePort()}`;
@@ -192,7 +192,7 @@ describe("replication faults", () => {
   );
 
   test(
-    "past max_backlog_mb retention stops waiting: rows it collects before the push are counted as lost, recorded, and the center still verifies what it has",
+    "past max_backlog_mb retention stops waiting: rows collected unpushed are counted as lost; the center verifies",
     async () => {
       const f = await synthetic(2);
       const dead = `http://127.0.0.1:${await freePort()}`;

@@ -130,7 +130,9 @@ export function cmdCentralVerify(cli: Cli): Promise<number> {
       });
     }
     cli.print({ central: c.url, fleets, agents, checkpoints, episodes, problems }, () => {
-      const head = `verified ${gateways.length} gateway(s) at the center: ${agents} agent(s), ${checkpoints} checkpoint(s), ${episodes} episode(s)`;
+      const head =
+        `verified ${gateways.length} gateway(s) at the center: ${agents} agent(s), ` +
+        `${checkpoints} checkpoint(s), ${episodes} episode(s)`;
       if (problems.length === 0) return `${head}: OK`;
       return `${head}: ${problems.length} problem(s)\n${problems
         .map((p) => `  BROKEN ${p.fleet} (${p.gateway}) ${p.record}: ${p.problem}`)
@@ -140,7 +142,7 @@ export function cmdCentralVerify(cli: Cli): Promise<number> {
   });
 }
 
-/** `fleet central --url URL [--host H] [--port N]`: the read-only central dashboard and JSON API; runs until stopped. */
+/** `fleet central --url URL [--host H] [--port N]`: the read-only central dashboard and JSON API, until stopped. */
 export async function cmdCentralServe(cli: Cli): Promise<void> {
   const { flags } = cli;
   if (!flags.url) throw new UsageError("central needs --url URL of the central libSQL server");

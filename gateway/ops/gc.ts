@@ -71,7 +71,8 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     const budget = batch - report.tombstoned;
     if (keep === 0 || budget <= 0) continue;
     const pick = sql`SELECT c.rowid FROM checkpoints c JOIN agents a ON a.id = c.agent
-      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep} ${unconfirmed.checkpoint} LIMIT ${budget}`;
+      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep}
+      ${unconfirmed.checkpoint} LIMIT ${budget}`;
     if (opts.dryRun) report.tombstoned += await scalar(store, sql`SELECT count(*) FROM (${pick})`);
     else {
       const [r] = await store.writer.write([
@@ -91,13 +92,13 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   for (const { agent } of candidates) {
     const budget = batch - report.checkpointsDeleted;
     if (budget <= 0) break;
-    const chain =
-      (await store.db.all(sql`SELECT seq, hash, state IS NULL AND created_at < ${episodeCutoff} ${unconfirmed.tombstone} AS old
+    const chain = (await store.db.all(sql`SELECT seq, hash, state IS NULL
+        AND created_at < ${episodeCutoff} ${unconfirmed.tombstone} AS old
       FROM checkpoints WHERE agent = ${agent} ORDER BY seq LIMIT ${budget}`)) as {
-        seq: number;
-        hash: string;
-        old: number;
-      }[];
+      seq: number;
+      hash: string;
+      old: number;
+    }[];
     let n = 0;
     while (n < chain.length && Number(chain[n]!.old) === 1) n++;
     const anchor = chain[n - 1];
@@ -115,7 +116,8 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   }
 
   // 3. Episode logs older than the retention window.
-  const oldEpisodes = sql`SELECT id FROM episodes WHERE ended_at < ${episodeCutoff} ${unconfirmed.episode} LIMIT ${batch}`;
+  const oldEpisodes = sql`SELECT id FROM episodes
+    WHERE ended_at < ${episodeCutoff} ${unconfirmed.episode} LIMIT ${batch}`;
   if (opts.dryRun) {
     report.episodesDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldEpisodes})`);
     report.eventsDeleted = await scalar(store, sql`SELECT count(*) FROM events WHERE episode IN (${oldEpisodes})`);
@@ -136,8 +138,10 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     AND (done_at < ${dedupCutoff} OR ((sid LIKE 'r:%' OR sid LIKE 'u:%') AND done_at < ${redeliveryCutoff}))
     ${unconfirmed.stimulus} LIMIT ${batch}`;
   // 5. Budget windows no budget looks at any more (older than two days).
-  const oldUsage = sql`SELECT rowid FROM budget_usage WHERE ((window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
-    OR (window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / DAY) - 2})) ${unconfirmed.usage} LIMIT ${batch}`;
+  const oldUsage = sql`SELECT rowid FROM budget_usage
+    WHERE ((window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
+    OR (window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / DAY) - 2}))
+    ${unconfirmed.usage} LIMIT ${batch}`;
   if (opts.dryRun) {
     report.stimuliForgotten = await scalar(store, sql`SELECT count(*) FROM (${oldStimuli})`);
     report.usageRowsDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldUsage})`);

@@ -117,7 +117,8 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     ]);
     missing("stimulus", new Set(rows.stimuli.map((r) => String(r[0]))));
   }
-  for (const e of entries) if (!["spec", "agent", "episode", "usage", "stimulus"].includes(e.tbl)) lost.push(e); // written by newer code
+  // An entry kind this code does not know was written by newer code: it cannot be sent.
+  for (const e of entries) if (!["spec", "agent", "episode", "usage", "stimulus"].includes(e.tbl)) lost.push(e);
   let rowCount = 0;
   let bytes = 0;
   for (const list of Object.values(rows)) {

@@ -94,7 +94,8 @@ export class CentralReader {
   /** Gateways, by fleet name then id; `fleet` matches a fleet name or a gateway id. */
   async gateways(fleet?: string): Promise<CentralGateway[]> {
     const rows = await this.all(
-      `SELECT ${GATEWAY_COLS.join(", ")} FROM gateways ${fleet ? "WHERE fleet = ? OR gateway = ?" : ""} ORDER BY fleet, gateway`,
+      `SELECT ${GATEWAY_COLS.join(", ")} FROM gateways ${fleet ? "WHERE fleet = ? OR gateway = ?" : ""}
+        ORDER BY fleet, gateway`,
       fleet ? [fleet, fleet] : [],
     );
     return rows.map((r) => shape<CentralGateway>(r, GATEWAY_COLS));
@@ -125,7 +126,8 @@ export class CentralReader {
   /** One agent's episodes (in every fleet that has that agent id, or one), newest first. */
   async episodes(agent: string, f: { fleet?: string; limit?: number } = {}): Promise<(EpisodeRow & Origin)[]> {
     const rows = await this.all(
-      `SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE agent = ? ${f.fleet ? "AND (fleet = ? OR gateway = ?)" : ""}
+      `SELECT ${EPISODE_COLS.join(", ")} FROM episodes
+        WHERE agent = ? ${f.fleet ? "AND (fleet = ? OR gateway = ?)" : ""}
        ORDER BY started_at DESC, id DESC LIMIT ?`,
       f.fleet ? [agent, f.fleet, f.fleet, f.limit ?? 50] : [agent, f.limit ?? 50],
     );
@@ -157,7 +159,8 @@ export class CentralReader {
     const gws = await this.gateways();
     const agents = await this.all("SELECT gateway, status, count(*) AS n FROM agents GROUP BY gateway, status");
     const eps = await this.all(
-      `SELECT gateway, count(*) AS n, sum(status = 'failed') AS failed FROM episodes WHERE started_at >= ? GROUP BY gateway`,
+      `SELECT gateway, count(*) AS n, sum(status = 'failed') AS failed FROM episodes
+        WHERE started_at >= ? GROUP BY gateway`,
       [now - 3_600_000],
     );
     const usage = await this.all(
@@ -202,14 +205,16 @@ export class CentralReader {
       episodes: async (agent, after, limit) =>
         (
           await this.all(
-            `SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE gateway = ? AND agent = ? AND id > ? ORDER BY id LIMIT ?`,
+            `SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE gateway = ? AND agent = ? AND id > ?
+              ORDER BY id LIMIT ?`,
             [gateway, agent, after, limit],
           )
         ).map((r) => shape<EpisodeRow>(r, EPISODE_COLS)),
       events: async (ids) =>
         (
           await this.all(
-            `SELECT ${EVENT_COLS.join(", ")} FROM events WHERE gateway = ? AND episode IN (SELECT value FROM json_each(?)) ORDER BY episode, seq`,
+            `SELECT ${EVENT_COLS.join(", ")} FROM events
+              WHERE gateway = ? AND episode IN (SELECT value FROM json_each(?)) ORDER BY episode, seq`,
             [gateway, JSON.stringify(ids)],
           )
         ).map((r) => shape<EventRow>(r, EVENT_COLS)),

@@ -8,14 +8,17 @@ export const DASHBOARD_HTML = `<!doctype html>
 <style>
 body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}h1{font-size:1.2rem}
 table{border-collapse:collapse;margin:.5rem 0}td,th{padding:.25rem .6rem;border-bottom:1px solid #ddd;text-align:left}
-th{background:#f4f4f4}a{color:#0550ae;cursor:pointer}.bad{color:#b00}.muted{color:#777}pre{background:#f6f6f6;padding:.5rem}
+th{background:#f4f4f4}a{color:#0550ae;cursor:pointer}.bad{color:#b00}.muted{color:#777}
+pre{background:#f6f6f6;padding:.5rem}
 </style></head><body>
 <h1>Agent Fleets — central view <span class="muted" id="at"></span></h1>
 <nav id="crumbs"></nav><main id="main">loading…</main>
 <script>
 const $ = (s) => document.querySelector(s);
-const esc = (v) => String(v ?? "-").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
-const get = async (p) => { const r = await fetch(p); if (!r.ok) throw new Error(p + ": " + r.status); return r.json(); };
+const ENTITY = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" };
+const esc = (v) => String(v ?? "-").replace(/[&<>"]/g, (c) => ENTITY[c]);
+const get = async (p) => { const r = await fetch(p); if (!r.ok) throw new Error(p + ": " + r.status);
+    return r.json(); };
 const time = (ms) => (ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "-");
 function table(rows, cols) {
   return "<table><tr>" + cols.map((c) => "<th>" + esc(c[0]) + "</th>").join("") + "</tr>" +
@@ -25,10 +28,12 @@ async function fleets() {
   const d = await get("/api/fleets");
   $("#at").textContent = time(d.at); $("#crumbs").innerHTML = "";
   $("#main").innerHTML = d.fleets.length === 0 ? "no gateway has replicated yet" : table(d.fleets, [
-    ["fleet", (f) => '<a data-go="#/fleet/' + esc(f.gateway) + '">' + esc(f.fleet) + "</a> <span class=muted>" + esc(f.gateway.slice(0, 8)) + "</span>"],
+    ["fleet", (f) => '<a data-go="#/fleet/' + esc(f.gateway) + '">' + esc(f.fleet) + "</a> <span class=muted>"
+        + esc(f.gateway.slice(0, 8)) + "</span>"],
     ["agents", (f) => esc(Object.entries(f.agents).map(([k, v]) => k + " " + v).join(", "))],
     ["episodes/h", (f) => esc(f.episodesLastHour)],
-    ["failures/h", (f) => '<span class="' + (f.failuresLastHour ? "bad" : "") + '">' + esc(f.failuresLastHour) + "</span>"],
+    ["failures/h", (f) => '<span class="' + (f.failuresLastHour ? "bad" : "") + '">' + esc(f.failuresLastHour)
+        + "</span>"],
     ["tokens today", (f) => esc(f.tokensToday)], ["cost today", (f) => esc(f.costToday)],
     ["backlog rows", (f) => esc(f.backlogRows)], ["lag s", (f) => esc(Math.round(f.lagS))],
     ["lost rows", (f) => '<span class="' + (f.lostRows ? "bad" : "") + '">' + esc(f.lostRows) + "</span>"],
@@ -47,20 +52,25 @@ async function fleet(gw) {
 }
 async function agent(gw, id) {
   const d = await get("/api/fleets/" + encodeURIComponent(gw) + "/agents/" + id + "/episodes?limit=200");
-  $("#crumbs").innerHTML = '<a data-go="#/">all fleets</a> / <a data-go="#/fleet/' + esc(gw) + '">' + esc(gw) + "</a> / " + esc(id);
+  $("#crumbs").innerHTML = '<a data-go="#/">all fleets</a> / <a data-go="#/fleet/' + esc(gw) + '">' + esc(gw)
+      + "</a> / " + esc(id);
   $("#main").innerHTML = table(d.episodes, [
     ["episode", (e) => '<a data-go="#/episode/' + esc(e.id) + '">' + esc(e.id) + "</a>"],
     ["status", (e) => esc(e.status)], ["started", (e) => esc(time(e.startedAt))],
-    ["ms", (e) => esc(e.endedAt - e.startedAt)], ["error", (e) => esc(e.errorKind)], ["checkpoint", (e) => esc((e.checkpoint || "").slice(0, 12))],
+    ["ms", (e) => esc(e.endedAt - e.startedAt)], ["error", (e) => esc(e.errorKind)],
+        ["checkpoint", (e) => esc((e.checkpoint || "").slice(0, 12))],
   ]);
 }
 async function episode(id) {
   const d = await get("/api/episodes/" + encodeURIComponent(id));
   const e = d.episode;
-  $("#crumbs").innerHTML = '<a data-go="#/">all fleets</a> / <a data-go="#/fleet/' + esc(e.gateway) + '">' + esc(e.fleet) +
+  $("#crumbs").innerHTML = '<a data-go="#/">all fleets</a> / <a data-go="#/fleet/' + esc(e.gateway) + '">'
+      + esc(e.fleet) +
     '</a> / <a data-go="#/agent/' + esc(e.gateway) + "/" + esc(e.agent) + '">' + esc(e.agent) + "</a> / " + esc(id);
-  $("#main").innerHTML = "<p>" + esc(e.status) + " " + esc(time(e.startedAt)) + " checkpoint " + esc(e.checkpoint) + "</p>" +
-    table(d.events, [["seq", (v) => esc(v.seq)], ["kind", (v) => esc(v.kind)], ["data", (v) => "<code>" + esc(v.data) + "</code>"]]);
+  $("#main").innerHTML = "<p>" + esc(e.status) + " " + esc(time(e.startedAt)) + " checkpoint "
+      + esc(e.checkpoint) + "</p>" +
+    table(d.events, [["seq", (v) => esc(v.seq)], ["kind", (v) => esc(v.kind)], ["data", (v) => "<code>"
+        + esc(v.data) + "</code>"]]);
 }
 async function show() {
   const h = location.hash.slice(2).split("/");
@@ -71,7 +81,8 @@ async function show() {
     else await fleets();
   } catch (err) { $("#main").innerHTML = '<p class="bad">' + esc(err.message) + "</p>"; }
 }
-document.addEventListener("click", (ev) => { const go = ev.target.closest("[data-go]"); if (go) location.hash = go.dataset.go; });
+document.addEventListener("click", (ev) => { const go = ev.target.closest("[data-go]");
+    if (go) location.hash = go.dataset.go; });
 addEventListener("hashchange", show);
 show();
 setInterval(() => { if (!location.hash || location.hash === "#/") show(); }, 5000);

@@ -72,6 +72,10 @@ export interface ReplicatorOptions {
 
 const MB = 1024 * 1024;
 
+/** Network failures: the server is down, unknown, or dropped the connection. */
+const UNREACHABLE =
+  /ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ECONNRESET|ETIMEDOUT|EHOSTUNREACH|Unable to connect|fetch failed|socket|closed/i;
+
 /** Credentials never reach logs or status. */
 export function redactUrl(url: string): string {
   try {
@@ -97,11 +101,7 @@ export function classifyError(err: unknown, url: string): ReplicationError {
     return new ReplicationError("auth", `central server ${where} refused the credentials: ${e.message}`, {
       cause: err,
     });
-  if (
-    /ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ECONNRESET|ETIMEDOUT|EHOSTUNREACH|Unable to connect|fetch failed|socket|closed/i.test(
-      text,
-    )
-  )
+  if (UNREACHABLE.test(text))
     return new ReplicationError("unreachable", `central server ${where} is unreachable: ${e.message}`, { cause: err });
   if (/\b404\b|\b405\b|not found|unexpected|json|protocol/i.test(text))
     return new ReplicationError("unreachable", `${where} does not answer like a libSQL server (sqld): ${e.message}`, {
@@ -230,7 +230,8 @@ export class Replicator {
       if (over) {
         this.log.warn(
           { backlog_bytes: Math.round(bytes), max_backlog_mb: this.opts.spec.max_backlog_mb },
-          "replication backlog passed max_backlog_mb: retention no longer waits for the central server; rows it collects before they are pushed are counted as lost",
+          "replication backlog passed max_backlog_mb: retention no longer waits for the central server; " +
+            "rows it collects before they are pushed are counted as lost",
         );
         await this.opts.store.setMeta("replication.over_backlog_at", String(this.now()));
       } else {
@@ -251,7 +252,8 @@ export class Replicator {
     const backlogAfter = Math.max(0, this.backlogRows - batch.entries.length);
     const stmts = centralStatements(fleet, store.gatewayId, batch.rows);
     stmts.push({
-      sql: `INSERT INTO gateways (gateway, fleet, first_push_at, last_push_at, pushed_rows, backlog_rows, backlog_bytes, lag_s, lost_rows, schema_version)
+      sql: `INSERT INTO gateways (gateway, fleet, first_push_at, last_push_at, pushed_rows, backlog_rows,
+        backlog_bytes, lag_s, lost_rows, schema_version)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET fleet = excluded.fleet,
         last_push_at = excluded.last_push_at, pushed_rows = gateways.pushed_rows + excluded.pushed_rows,
         backlog_rows = excluded.backlog_rows, backlog_bytes = excluded.backlog_bytes, lag_s = excluded.lag_s,
@@ -287,7 +289,8 @@ export class Replicator {
     ];
     if (batch.lost.length > 0) {
       local.push({
-        sql: "INSERT INTO meta (key, value) VALUES ('replication.lost_rows', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        sql: `INSERT INTO meta (key, value) VALUES ('replication.lost_rows', ?)
+          ON CONFLICT (key) DO UPDATE SET value = excluded.value`,
         args: [String(lost)],
       });
     }
@@ -429,23 +432,29 @@ export async function enableReplication(store: Store, url: string): Promise<numb
   const upsert = "ON CONFLICT (tbl, key) DO UPDATE SET ver = ver + 1";
   const results = await store.writer.write([
     {
-      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'spec', hash, created_at FROM spec_versions ORDER BY created_at, hash ${upsert}`,
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'spec', hash, created_at FROM spec_versions
+        ORDER BY created_at, hash ${upsert}`,
       args: [],
     },
     {
-      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'agent', id, updated_at FROM agents ORDER BY created_at, id ${upsert}`,
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'agent', id, updated_at FROM agents
+        ORDER BY created_at, id ${upsert}`,
       args: [],
     },
     {
-      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'episode', id, ended_at FROM episodes ORDER BY ended_at, id ${upsert}`,
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'episode', id, ended_at FROM episodes
+        ORDER BY ended_at, id ${upsert}`,
       args: [],
     },
     {
-      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'usage', agent || char(10) || "window", NULL FROM budget_usage WHERE true ${upsert}`,
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'usage', agent || char(10) || "window", NULL
+        FROM budget_usage WHERE true ${upsert}`,
       args: [],
     },
     {
-      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'stimulus', CAST(seq AS TEXT), done_at FROM stimuli WHERE state IN ('quarantined', 'dropped') OR (state != 'queued' AND last_error IS NOT NULL) ORDER BY seq ${upsert}`,
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'stimulus', CAST(seq AS TEXT), done_at FROM stimuli
+        WHERE state IN ('quarantined', 'dropped') OR (state != 'queued' AND last_error IS NOT NULL)
+        ORDER BY seq ${upsert}`,
       args: [],
     },
     {
@@ -453,7 +462,8 @@ export async function enableReplication(store: Store, url: string): Promise<numb
       args: [],
     },
     {
-      sql: "INSERT INTO meta (key, value) VALUES ('replication.url', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+      sql: `INSERT INTO meta (key, value) VALUES ('replication.url', ?)
+        ON CONFLICT (key) DO UPDATE SET value = excluded.value`,
       args: [url],
     },
   ]);

@@ -36,7 +36,8 @@ export function startCentralServer(opts: CentralServerOptions): CentralServer {
   const token = opts.token ?? null;
   if (!LOOPBACK.has(host) && !token)
     throw new CentralError(
-      `fleet central binds ${host}, off loopback: set FLEET_CENTRAL_API_TOKEN (clients send Authorization: Bearer <token>)`,
+      `fleet central binds ${host}, off loopback: set FLEET_CENTRAL_API_TOKEN ` +
+        "(clients send Authorization: Bearer <token>)",
     );
   const { reader } = opts;
   const now = opts.now ?? Date.now;

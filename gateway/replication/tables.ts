@@ -35,13 +35,15 @@ export const REPLICATED = {
   spec_versions: table("spec_versions", "hash, path, text, summary, created_at", "hash"),
   agents: table(
     "agents",
-    "id, type, key, status, reason, paused_until, anchor_seq, anchor_hash, head_seq, head_hash, episodes, failures, last_episode_at, created_at, updated_at",
+    "id, type, key, status, reason, paused_until, anchor_seq, anchor_hash, head_seq, head_hash, " +
+      "episodes, failures, last_episode_at, created_at, updated_at",
     "id",
     true,
   ),
   episodes: table(
     "episodes",
-    "id, agent, stimulus_seq, stimulus_id, spec_version, status, error_kind, error, attempt, started_at, ended_at, checkpoint, parent, events_hash, event_count",
+    "id, agent, stimulus_seq, stimulus_id, spec_version, status, error_kind, error, attempt, " +
+      "started_at, ended_at, checkpoint, parent, events_hash, event_count",
     "id",
   ),
   events: table("events", "episode, seq, kind, data", "episode, seq"),

@@ -87,7 +87,8 @@ const REPL_ON = "(SELECT value FROM meta WHERE key = 'replication') = 'on'";
 
 /** Upsert a pending row; a row changed again while pending bumps `ver` and keeps its place. */
 const pend = (tbl: string, key: string, at: string) =>
-  `INSERT INTO repl_pending (tbl, key, at) VALUES ('${tbl}', ${key}, ${at}) ON CONFLICT (tbl, key) DO UPDATE SET ver = ver + 1;`;
+  `INSERT INTO repl_pending (tbl, key, at) VALUES ('${tbl}', ${key}, ${at})
+    ON CONFLICT (tbl, key) DO UPDATE SET ver = ver + 1;`;
 
 /**
  * Release 0.2: the replication queue (gateway/replication/). Triggers record each row
