@@ -16,6 +16,8 @@
  *   timers    1,000 agents with every = "1s": timer stimuli/s vs expected, gateway CPU
  *   policy    episodes/s with tools + budgets vs without; a quiet agent's latency under a flood
  *   ops       /metrics and /api/agents?page= with 10,000 agents vs /healthz; GC records/s
+ *   replication  backlog drain rows/s into a real sqld vs raw batched INSERTs (target >= 0.5x);
+ *             commit-path episodes/s with replication on vs off (target >= 0.9x)
  *
  * Every gateway runs as its own process (`bun gateway/cli/main.ts start`), as do the baseline
  * brokers; bare spawn baselines run in this process like the gateway's runner does. Gateway
@@ -37,8 +39,19 @@ import { benchSessions } from "./bench/sessions.ts";
 import { benchTimers } from "./bench-timers.ts";
 import { benchPolicy } from "./bench-policy.ts";
 import { benchOps } from "./bench-ops.ts";
+import { benchReplication } from "./bench-replication.ts";
 
-const SECTIONS = ["intake", "episodes", "latency", "agents", "sessions", "timers", "policy", "ops"] as const;
+const SECTIONS = [
+  "intake",
+  "episodes",
+  "latency",
+  "agents",
+  "sessions",
+  "timers",
+  "policy",
+  "ops",
+  "replication",
+] as const;
 type Section = (typeof SECTIONS)[number];
 
 const { values: flags, positionals } = parseArgs({
@@ -94,6 +107,7 @@ const run: Record<Section, () => Promise<Row[]>> = {
       ok: null,
     })),
   ops: () => benchOps(opts),
+  replication: () => benchReplication(opts),
 };
 
 let interrupted = false;
