@@ -120,6 +120,14 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "retention.redelivery_minutes":
     "Without a `dedup` key, a QoS 1/2 message is deduplicated only against MQTT retransmissions " +
     "(same client, packet id and content) for this long.",
+  replication: "Push every record to a central libSQL server (sqld); see docs/replication.md. Read at start.",
+  "replication.url": "The central server: http(s)://, libsql:// or ws(s):// of sqld.",
+  "replication.auth_token_env": "Environment variable holding the server's JWT (sent as a bearer token).",
+  "replication.interval": "How often an idle replicator looks for new rows.",
+  "replication.batch_rows": "Queue entries per pushed batch (an episode brings its events and checkpoint).",
+  "replication.required": "Retention keeps every row the center has not confirmed (until max_backlog_mb).",
+  "replication.max_backlog_mb":
+    "Past this backlog retention stops waiting for the center; rows it then collects are counted as lost.",
 };
 
 type Json = {
