@@ -184,7 +184,18 @@ describe("replication to a central libSQL server", () => {
         const mqtt = await f.mqtt();
         for (let i = 0; i < 3; i++)
           await publishQos1(mqtt, "sensors/k/count", JSON.stringify({ id: `m${i}`, value: i }));
-        await f.waitCommitted("counter/k", 3, 120_000); // episodes go on
+        // Episodes go on (read from the data dir: a CLI process per poll is slow on a loaded machine).
+        await waitFor(
+          async () => {
+            const rows = await f.query<{ n: number }>(
+              "SELECT count(*) AS n FROM episodes WHERE agent = 'counter/k' AND status = 'committed'",
+            );
+            return Number(rows[0]!.n) >= 3;
+          },
+          120_000,
+          `3 committed episodes with ${f.configPath}`,
+          200,
+        );
       }),
     );
     for (const [i, c] of cases.entries()) {
