@@ -42,7 +42,7 @@ export interface ReplicationJson {
 
 /** The running gateway's replication status (`replication` of /api/fleet, what `fleet status` prints). */
 export async function replicationOf(f: TestFleet): Promise<ReplicationJson> {
-  const res = await fetch(`${f.httpUrl}/api/fleet`);
+  const res = await f.fetch("/api/fleet");
   if (!res.ok) throw new Error(`/api/fleet answered ${res.status}`);
   return ((await res.json()) as { replication: ReplicationJson }).replication;
 }
