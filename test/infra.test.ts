@@ -5,13 +5,13 @@
  * real libSQL file, real subprocesses once the "machine" is fixed.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { defaultSpawnOptions, runEpisode } from "../gateway/episode/index.ts";
 import { Gateway } from "../gateway/gateway.ts";
-import { openDbFile, waitFor } from "./helpers/gateway.ts";
+import { authed, openDbFile, waitFor } from "./helpers/gateway.ts";
 import { agentBlock, policyAgent } from "./helpers/policy.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
 import { fleetHeader } from "./helpers/toml.ts";
@@ -19,6 +19,7 @@ import { fleetHeader } from "./helpers/toml.ts";
 let dir: string;
 let gw: Gateway;
 let base: string;
+let token: string;
 /** The Bun executable the gateway spawns: missing at first (the machine cannot start episodes). */
 let bun: string;
 
@@ -51,6 +52,7 @@ beforeAll(async () => {
   });
   await gw.start();
   base = `http://127.0.0.1:${gw.http.port}`;
+  token = readFileSync(join(dir, "data", "local-admin.token"), "utf8").trim();
 });
 
 afterAll(async () => {
@@ -89,10 +91,10 @@ describe("an episode that cannot start is the machine's failure, not the agent's
   });
 
   test("the stimulus waits, attempts untouched; health, /readyz and /metrics say degraded; then it runs", async () => {
-    const sent = await fetch(`${base}/api/send`, {
-      method: "POST",
-      body: JSON.stringify({ topic: "steady/a/in", payload: { id: "i1" } }),
-    });
+    const sent = await fetch(
+      `${base}/api/send`,
+      authed(token, { method: "POST", body: JSON.stringify({ topic: "steady/a/in", payload: { id: "i1" } }) }),
+    );
     expect(sent.status).toBeLessThan(300);
 
     const degraded = await waitFor(
@@ -101,7 +103,7 @@ describe("an episode that cannot start is the machine's failure, not the agent's
       "two infra failures",
     );
     expect(degraded!.reason.length).toBeGreaterThan(0);
-    const health = (await (await fetch(`${base}/api/fleet`)).json()) as { degraded: unknown };
+    const health = (await (await fetch(`${base}/api/fleet`, authed(token))).json()) as { degraded: unknown };
     expect(health.degraded).toMatchObject({ failures: expect.any(Number), reason: expect.any(String) });
     const ready = await fetch(`${base}/readyz`);
     expect(ready.status).toBe(503);
