@@ -30,7 +30,7 @@ export interface AgentRef {
   readonly id: string;
 }
 
-/** What woke the agent (SPEC §4). */
+/** What woke the agent (agents/README.md). */
 export interface Stimulus {
   readonly id: string;
   readonly kind: "mqtt" | "timer" | "webhook" | "inbox" | "manual";

@@ -1,5 +1,5 @@
 /**
- * The aedes hooks that enforce the device rules (SPEC §5): authentication, the publish
+ * The aedes hooks that enforce the device rules (docs/mqtt.md): authentication, the publish
  * topic rules + ACL + durable intake before any ack, the subscribe ACL, and counting.
  */
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";

@@ -1,5 +1,5 @@
 /**
- * The broker boundary (SPEC §5, §8): an MQTT broker behind the `Broker` interface, so an
+ * The broker boundary (docs/mqtt.md, §8): an MQTT broker behind the `Broker` interface, so an
  * external broker can replace the embedded one later, plus the pure topic rules.
  */
 export type {

@@ -1,5 +1,5 @@
 /**
- * Topic rules for device traffic (SPEC §5) and MQTT topic-filter matching.
+ * Topic rules for device traffic (docs/mqtt.md) and MQTT topic-filter matching.
  * Pure functions on strings; the broker adapter calls them, and so can the router.
  */
 
@@ -67,7 +67,7 @@ function isInboxTopic(levels: readonly string[]): boolean {
 }
 
 /**
- * Whether a device may publish to `topic` (SPEC §5): no wildcards, no empty topic, nothing
+ * Whether a device may publish to `topic` (docs/mqtt.md): no wildcards, no empty topic, nothing
  * starting with '$' (covers `$SYS`), and nothing in the `fleet` namespace except
  * `fleet/agents/<type>/<key>/inbox`.
  */

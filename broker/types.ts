@@ -1,5 +1,5 @@
 /**
- * The broker boundary as the rest of the fleet sees it (SPEC §8: embedded now, an external
+ * The broker boundary as the rest of the fleet sees it (docs/replication.md: embedded now, an external
  * broker cluster later). Plain values only; nothing here names aedes.
  */
 import type { Logger } from "pino";

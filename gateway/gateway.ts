@@ -60,7 +60,7 @@ function readTls(files: TlsFiles): { cert: string; key: string; ca: string | nul
   };
 }
 
-/** How to start a gateway. Flags override fleet.toml (SPEC §2). */
+/** How to start a gateway. Flags override fleet.toml (docs/cli.md). */
 export interface GatewayOptions {
   readonly configPath: string;
   readonly dataDir?: string;

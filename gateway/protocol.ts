@@ -1,4 +1,4 @@
-/** Wire constants of the gateway's MQTT namespace (SPEC §5), in one place. */
+/** Wire constants of the gateway's MQTT namespace (docs/mqtt.md), in one place. */
 export const topics = {
   out: (type: string, key: string) => `fleet/agents/${type}/${key}/out`,
   status: (type: string, key: string) => `fleet/agents/${type}/${key}/status`,

@@ -77,7 +77,7 @@ export interface NewStimulus {
   readonly receivedAt: number;
 }
 
-/** Decode a stored payload: parsed JSON when it is JSON, else the UTF-8 string (SPEC §4). */
+/** Decode a stored payload: parsed JSON when it is JSON, else the UTF-8 string (agents/README.md). */
 export function decodePayload(bytes: Uint8Array | null): unknown {
   if (!bytes || bytes.length === 0) return null;
   const text = new TextDecoder("utf-8", { fatal: false }).decode(bytes);

@@ -240,7 +240,7 @@ function parseCli(argv: string[]): CliOptions {
       excursionsPerHour: num("excursions-per-hour", values["excursions-per-hour"], (n) => n >= 0, "a number >= 0"),
     },
     seed: values.seed === undefined ? Date.now() | 0 : num("seed", values.seed, Number.isInteger, "an integer"),
-    // The gateway remembers stimulus ids for days (SPEC §3 retention.dedup_days): starting a rerun's
+    // The gateway remembers stimulus ids for days (docs/fleet-toml.md retention.dedup_days): starting a rerun's
     // sequence at the clock keeps its ids from colliding with an earlier run's and being dropped.
     seqStart:
       values["seq-start"] === undefined

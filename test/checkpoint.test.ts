@@ -1,5 +1,5 @@
 /**
- * Sealed checkpoints (SPEC §6): canonical encoding, deterministic BLAKE3 seals, and the
+ * Sealed checkpoints (docs/guarantees.md): canonical encoding, deterministic BLAKE3 seals, and the
  * integrity check that refuses a tampered or collected checkpoint.
  */
 import { describe, expect, test } from "bun:test";

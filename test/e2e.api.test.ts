@@ -1,5 +1,5 @@
 /**
- * The HTTP API (SPEC §7) and the `fleet` read commands against a real gateway process that
+ * The HTTP API (docs/http-api.md) and the `fleet` read commands against a real gateway process that
  * has run real episodes: paging and filters that hold for many agents, one error shape for
  * every failure, episode event logs with their decisions, checkpoint chains, the live
  * event stream and `/metrics`. CLI `--json` output is parsed and compared with the API.

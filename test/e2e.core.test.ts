@@ -1,5 +1,5 @@
 /**
- * The core loop end to end (SPEC §2–§7), driven from the outside exactly as a user does:
+ * The core loop end to end (docs/cli.md–§7), driven from the outside exactly as a user does:
  * the real gateway process (`bun gateway/cli/main.ts start`), real MQTT clients (mqtt.js,
  * mosquitto_pub, mosquitto_sub, raw sockets), real episode subprocesses, the real libSQL
  * file and the `fleet` CLI. No timing assertions; every wait is bounded.

@@ -1,5 +1,5 @@
 /**
- * Policy end to end (SPEC §3, §4, §6): tools run in the gateway behind an
+ * Policy end to end (docs/fleet-toml.md, §4, §6): tools run in the gateway behind an
  * allowlist and budgets, secrets reach only the tools of the types that list them, budgets
  * pause agents durably and resume them, a misbehaving agent is contained while others keep
  * their pace, and a flood on one agent does not delay another beyond one episode.

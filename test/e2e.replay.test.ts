@@ -1,5 +1,5 @@
 /**
- * Replay and verify (SPEC §6 sealed checkpoints, §7 `fleet replay`,
+ * Replay and verify (docs/guarantees.md sealed checkpoints, §7 `fleet replay`,
  * `fleet verify`) against a real gateway process that ran real episodes: MQTT readings
  * into both example agents (temp-monitor, anomaly) and a fixture agent that uses
  * `ctx.random()`, `ctx.now()` and a tool; then the `fleet` CLI, human and `--json`, on the

@@ -1,5 +1,5 @@
 /**
- * Edge replication (issue 11, SPEC §8) against a real central libSQL server: a real sqld on
+ * Edge replication (issue 11, docs/replication.md) against a real central libSQL server: a real sqld on
  * a free port, real gateway processes with devices publishing over MQTT, and the central
  * database compared with each gateway's own, row for row.
  */

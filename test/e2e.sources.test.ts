@@ -1,9 +1,9 @@
 /**
  * End to end, on the real gateway process: every stimulus source (timers, webhooks, inbox
  * from devices and from agents, manual), hot redeploy of fleet.toml, and the operator
- * lifecycle (SPEC §3, §5, §7). Fixture agents live in test/fixtures/sources.
+ * lifecycle (docs/fleet-toml.md, §5, §7). Fixture agents live in test/fixtures/sources.
  * Waits are bounded and generous (a busy 2-core machine); the only timing assertion is the
- * SPEC's "a redeploy takes effect within 2 s", checked with slack and reported as measured.
+ * the contract's "a redeploy takes effect within 2 s", checked with slack and reported as measured.
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { createHmac } from "node:crypto";
@@ -719,7 +719,7 @@ every = "1s"
       measured["redeploy takes effect (ms after the edit)"] = Object.entries(took)
         .map(([k, v]) => `${k} ${v}`)
         .join(", ");
-      // SPEC: within 2 s; asserted with slack for a busy machine, the measured values are reported.
+      // The contract: within 2 s; asserted with slack for a busy machine, the measured values are reported.
       for (const [what, ms] of Object.entries(took)) expect({ what, late: ms >= 4000 }).toEqual({ what, late: false });
 
       // The in-flight episode finished on v1 with the old module; the next one runs the new module on v2.

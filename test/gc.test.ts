@@ -1,5 +1,5 @@
 /**
- * Retention / GC (SPEC §3 `checkpoint.keep`, `[retention]`): run a large
+ * Retention / GC (docs/fleet-toml.md `checkpoint.keep`, `[retention]`): run a large
  * number of episodes on a few agents with `keep = 10` and 1-day retention, advance the
  * clock, collect, and check that row counts and the DB file stay bounded and that
  * `fleet verify` still passes.

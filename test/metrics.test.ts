@@ -1,5 +1,5 @@
 /**
- * `/metrics` (SPEC §7) and the matching `fleet/health` summary, against an in-process
+ * `/metrics` (docs/http-api.md) and the matching `fleet/health` summary, against an in-process
  * gateway running real episode subprocesses: the exposition parses strictly, counters move
  * with real episodes, and series are per agent *type*: 10,000 agents add none.
  */

@@ -1,6 +1,6 @@
 #!/usr/bin/env bun
 /**
- * `fleet <command>` (SPEC §2, §7): parses the command line and dispatches. Read commands
+ * `fleet <command>` (docs/cli.md, §7): parses the command line and dispatches. Read commands
  * (cli-read.ts) open the data dir read-only and work whether the gateway runs or not;
  * commands that change the fleet (cli-ops.ts, cli-devices.ts) go through the running
  * gateway's HTTP API (it is the only writer), or to the file when it is stopped.

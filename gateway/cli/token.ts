@@ -1,5 +1,5 @@
 /**
- * `fleet token add|list|revoke` (SPEC §9) and `fleet audit`. Tokens live in
+ * `fleet token add|list|revoke` (docs/README.md) and `fleet audit`. Tokens live in
  * `<data-dir>/tokens.json` (0600, digests only); the running gateway re-reads the file on the
  * next request and records each added or revoked token in its audit log. With the gateway
  * stopped, the command appends that record to the data dir's audit log itself.

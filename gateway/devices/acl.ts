@@ -1,5 +1,5 @@
 /**
- * Device topic ACLs (SPEC §5, docs/devices.md): Mosquitto-style `pattern` lines where `%c`
+ * Device topic ACLs (docs/mqtt.md, docs/devices.md): Mosquitto-style `pattern` lines where `%c`
  * is the client id and `%u` the username. Pure functions on strings.
  *
  * A substituted value is a literal: a client id or username that contains `/`, `+` or `#`

@@ -1,5 +1,5 @@
 /**
- * The observing side of the HTTP surface (SPEC §7): `/metrics`, the live event stream,
+ * The observing side of the HTTP surface (docs/http-api.md): `/metrics`, the live event stream,
  * the dashboard, and the paged, filtered read API the dashboard and `fleet` use.
  * Query parameters are parsed strictly: a bad value is a 400 naming the parameter, in the
  * same `{ "error": { "code", "message" } }` shape as every other error.

@@ -1,5 +1,5 @@
 /**
- * The HTTP surface (SPEC §7) on Bun.serve: health, the JSON API, operator actions and
+ * The HTTP surface (docs/http-api.md) on Bun.serve: health, the JSON API, operator actions and
  * manual stimuli. Errors are `{ "error": { "code", "message" } }` with a fitting status.
  */
 import type { BunRequest } from "bun";

@@ -1,5 +1,5 @@
 /**
- * Prometheus metrics of one gateway (`GET /metrics`, SPEC §7) and the summary that
+ * Prometheus metrics of one gateway (`GET /metrics`, docs/http-api.md) and the summary that
  * `fleet/health` carries. A registry per gateway, never prom-client's global one.
  *
  * Labels are agent *types* (and small fixed sets: outcome, source, status, budget), never

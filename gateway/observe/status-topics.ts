@@ -1,5 +1,5 @@
 /**
- * The gateway's facts on MQTT (SPEC §5): a failed episode on `fleet/episodes`, each agent's
+ * The gateway's facts on MQTT (docs/mqtt.md): a failed episode on `fleet/episodes`, each agent's
  * status retained on `fleet/agents/<type>/<key>/status`, the fleet summary retained on
  * `fleet/health`. A committed episode reaches `fleet/episodes` through its outbox rows
  * (episode.ts), with what it publishes.

@@ -1,5 +1,5 @@
 /**
- * Retention (SPEC §3): keeps what accumulates bounded without breaking verifiability.
+ * Retention (docs/fleet-toml.md): keeps what accumulates bounded without breaking verifiability.
  *  - checkpoints past a type's `checkpoint.keep` lose their state (tombstone: hash, parent
  *    and seq stay, so the chain still verifies);
  *  - tombstones and episode logs older than `retention.episodes_days` are deleted; the

@@ -1,5 +1,5 @@
 /**
- * Replay (SPEC §7): re-run a recorded episode in a fresh subprocess on its recorded inputs
+ * Replay (docs/http-api.md): re-run a recorded episode in a fresh subprocess on its recorded inputs
  * — the parent checkpoint's state, the stimulus, tool results, `now()` and `random()` —
  * and compare what it produces (decisions, emits, sends, tool calls, final state) with what
  * was recorded. Like Temporal's replayer, `--module` runs history against new code.

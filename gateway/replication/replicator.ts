@@ -1,5 +1,5 @@
 /**
- * The replicator (SPEC §8): runs beside episodes, never on their commit path. Triggers put
+ * The replicator (docs/replication.md): runs beside episodes, never on their commit path. Triggers put
  * every replicated row in the local `repl_pending` queue in the transaction that wrote it;
  * the replicator reads the oldest entries in bounded batches, writes them to the central
  * libSQL server in one transaction (idempotent: `ON CONFLICT DO NOTHING` for immutable rows,

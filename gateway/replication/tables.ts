@@ -1,5 +1,5 @@
 /**
- * What replicates, and the central database's schema (SPEC §8). The central tables mirror
+ * What replicates, and the central database's schema (docs/replication.md). The central tables mirror
  * the local ones column for column, each row prefixed with `fleet` (the `[fleet] name`) and
  * `gateway` (the site-unique gateway id, a UUIDv7 minted with the data dir), which is part
  * of every primary key: two gateways never collide, whatever their fleet names.

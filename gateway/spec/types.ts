@@ -7,7 +7,7 @@ import type { Blake3Hex } from "../types.ts";
 
 export type { Blake3Hex };
 
-/** Budget limits of one agent type (SPEC §3 `[agents.<type>.budget]`). */
+/** Budget limits of one agent type (docs/fleet-toml.md `[agents.<type>.budget]`). */
 export interface BudgetSpec {
   readonly episodes_per_hour: number;
   readonly tool_calls_per_episode: number;
@@ -34,7 +34,7 @@ export type TimerSpec =
   | { readonly kind: "every"; readonly ms: number; readonly catch_up: CatchUp }
   | { readonly kind: "cron"; readonly expr: string; readonly catch_up: CatchUp };
 
-/** One agent type (SPEC §3 `[agents.<type>]`). */
+/** One agent type (docs/fleet-toml.md `[agents.<type>]`). */
 export interface AgentTypeSpec {
   readonly name: string;
   /** Module path as written in fleet.toml. */
@@ -182,7 +182,7 @@ export interface FleetSpec {
   readonly replication: ReplicationSpec | null;
 }
 
-/** `[replication]` (SPEC §8, docs/replication.md). */
+/** `[replication]` (docs/replication.md, docs/replication.md). */
 export interface ReplicationSpec {
   /** The central libSQL server (sqld), e.g. `http://central:8080`. */
   readonly url: string;

@@ -1,5 +1,5 @@
 /**
- * Sealed checkpoints (SPEC §6): `{agent, seq, parent, episode, spec_version, state}`
+ * Sealed checkpoints (docs/guarantees.md): `{agent, seq, parent, episode, spec_version, state}`
  * hashed with BLAKE3 over its canonical encoding; `parent` is the previous hash, so an
  * agent's history is a hash chain. A checkpoint whose hash does not match is refused.
  */

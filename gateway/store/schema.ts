@@ -1,6 +1,6 @@
 /**
  * The drizzle schema: the one source of truth for tables (DDL in ./migrate.ts mirrors it,
- * and test/store.test.ts checks the two agree). Designed for replication (SPEC §8):
+ * and test/store.test.ts checks the two agree). Designed for replication (docs/replication.md):
  * every record names its gateway; immutable records are keyed by content hash or by
  * (gateway, seq)/UUIDv7; the mutable rows are `agents`, `stimuli.state`, `outbox` and
  * `budget_usage`.
@@ -40,7 +40,7 @@ export const agents = sqliteTable(
     reason: text("reason"),
     /** Epoch ms when a budget pause ends by itself; null for operator pauses. */
     pausedUntil: integer("paused_until"),
-    /** Newest checkpoint deleted by retention: the chain verifies from here (SPEC §8: a tombstone of a prefix). */
+    /** Newest checkpoint deleted by retention: the chain verifies from here (a tombstone of a prefix). */
     anchorSeq: integer("anchor_seq").notNull().default(0),
     anchorHash: text("anchor_hash"),
     headSeq: integer("head_seq").notNull().default(0),

@@ -1,7 +1,7 @@
 /**
  * The store: every durable fact of the fleet, in one libSQL file. Writes go through the
  * group committer; each method here is one atomic unit (an intake, an episode commit, a
- * failure), which is what the guarantees of SPEC §6 rest on. The per-episode paths (intake,
+ * failure), which is what the guarantees of docs/guarantees.md rest on. The per-episode paths (intake,
  * commit, failure, the per-turn reads) are raw SQL derived from the schema (./sql.ts,
  * ./episodes.ts); the rest goes through drizzle.
  */
@@ -69,7 +69,7 @@ export class Store {
     readonly client: Client,
     readonly db: Db,
     readonly writer: GroupCommitter,
-    /** This gateway's id; stamped on every record for replication (SPEC §8). */
+    /** This gateway's id; stamped on every record for replication (docs/replication.md). */
     readonly gatewayId: string,
     readonly path: string,
   ) {}
