@@ -191,10 +191,20 @@ export class CentralReader {
         (await this.all("SELECT DISTINCT agent FROM checkpoints WHERE gateway = ? ORDER BY agent", [gateway])).map(
           (r) => String(r.agent),
         ),
-      checkpoints: async (agent) =>
-        (await this.all(`${cps} AND agent = ? ORDER BY seq`, [gateway, agent])).map((r) =>
-          shape<CheckpointRow>(r, CHECKPOINT_COLS),
-        ),
+      // In pages: sqld refuses an HTTP response past its size limit (RESPONSE_TOO_LARGE).
+      checkpoints: async (agent) => {
+        const out: CheckpointRow[] = [];
+        for (let after = -1; ; ) {
+          const page = await this.all(`${cps} AND agent = ? AND seq > ? ORDER BY seq LIMIT 2000`, [
+            gateway,
+            agent,
+            after,
+          ]);
+          for (const r of page) out.push(shape<CheckpointRow>(r, CHECKPOINT_COLS));
+          if (page.length < 2000) return out;
+          after = Number(page.at(-1)!.seq);
+        }
+      },
       agent: async (agent) => {
         const [r] = await this.all(`SELECT ${AGENT_COLS.join(", ")} FROM agents WHERE gateway = ? AND id = ?`, [
           gateway,
