@@ -21,6 +21,12 @@ describe("restartNeeded", () => {
     ]);
   });
 
+  test("the [replication] table is read at start: adding or changing it needs a restart", async () => {
+    const before = await spec("");
+    const after = await spec('[replication]\nurl = "http://127.0.0.1:8080"\n');
+    expect(restartNeeded(before, after)).toEqual(["replication (the [replication] table changed)"]);
+  });
+
   test("an unchanged file needs nothing", async () => {
     expect(restartNeeded(await spec(""), await spec(""))).toEqual([]);
   });

@@ -51,5 +51,9 @@ export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: reado
         out.push(`${path === "broker.tls" || path === "http.tls" ? `${table}.tls_*` : path} (${was} -> ${now})`);
     }
   }
+  // The replicator is built once at start from the whole table.
+  const was = canonicalJson(before.replication ?? null);
+  const now = canonicalJson(after.replication ?? null);
+  if (was !== now && !ignore.includes("replication")) out.push("replication (the [replication] table changed)");
   return out;
 }
