@@ -36,13 +36,13 @@ describe("TLS listeners", () => {
       10_000,
       "mqtts connect",
     );
-    await publishQos1(mqtts, "tls/a/c", { id: "m1" });
+    await publishQos1(mqtts, "tls/a/c", { id: "m1" }, 60_000); // a busy CI machine can take long over the first TLS session
     const wss = await within(
       connectAsync(`wss://127.0.0.1:${info.wss_port}`, { ...verified, clientId: "over-wss" }),
       10_000,
       "wss connect",
     );
-    await publishQos1(wss, "tls/a/c", { id: "w1" });
+    await publishQos1(wss, "tls/a/c", { id: "w1" }, 60_000);
     await fleet.waitCommitted("counter/a", 2);
 
     // Without the CA the server's certificate is refused: it is verified, not just encrypted.
