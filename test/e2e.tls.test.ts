@@ -36,7 +36,8 @@ describe("TLS listeners", () => {
       10_000,
       "mqtts connect",
     );
-    await publishQos1(mqtts, "tls/a/c", { id: "m1" }, 60_000); // a busy CI machine can take long over the first TLS session
+    // A busy CI machine can take long over the first TLS session.
+    await publishQos1(mqtts, "tls/a/c", { id: "m1" }, 60_000);
     const wss = await within(
       connectAsync(`wss://127.0.0.1:${info.wss_port}`, { ...verified, clientId: "over-wss" }),
       10_000,
