@@ -17,6 +17,7 @@ import {
   replicationToml,
 } from "./helpers/replication.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
+import { CENTRAL_SCHEMA_VERSION } from "../gateway/replication/index.ts";
 import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
 
 const servers: Sqld[] = [];
@@ -62,8 +63,13 @@ describe("replication to a central libSQL server", () => {
     await publishReadings(f, ["a", "b", "c"], 5, "r1");
     await f.waitCommitted("counter/a", 5, 120_000);
     await f.waitCommitted("counter/c", 5, 120_000);
+    // Operator actions replicate too: one that worked and one the gateway refused.
+    expect((await f.fetch("/api/agents/counter/c/pause", { method: "POST" })).status).toBe(200);
+    expect((await f.fetch("/api/agents/counter/c/resume", { method: "POST" })).status).toBe(200);
+    expect((await f.fetch("/api/agents/counter/zz/pause", { method: "POST" })).status).toBe(404);
     await caughtUp(f);
     const counts = await expectCentralEqualsLocal(f, db, "plant-1");
+    expect(counts.audit).toBe(3);
     expect(counts.spec_versions).toBe(1);
     expect(counts.episodes).toBeGreaterThanOrEqual(16);
     expect(counts.events).toBeGreaterThan(counts.episodes!);
@@ -88,6 +94,17 @@ describe("replication to a central libSQL server", () => {
     const shown = await runCli(["show", eps.json.episodes[0].id, ...atCenter]);
     expect(shown.json).toMatchObject({ fleet: "plant-1", agent: "counter/b", status: "committed" });
     expect(shown.json.events.length).toBeGreaterThan(0);
+    const actions = await runCli(["audit", ...atCenter, "--fleet", "plant-1"]);
+    expect(actions.code).toBe(0);
+    expect(
+      actions.json.records.map((r: { fleet: string; action: string; target: string; result: string }) =>
+        [r.fleet, r.action, r.target, r.result].join(" "),
+      ),
+    ).toEqual([
+      "plant-1 agent.pause counter/zz refused",
+      "plant-1 agent.resume counter/c ok",
+      "plant-1 agent.pause counter/c ok",
+    ]);
     const ok = await runCli(["verify", ...atCenter, "--fleet", "plant-1"]);
     expect(ok.code).toBe(0);
     expect(ok.json).toMatchObject({ agents: 3, checkpoints: 15, episodes: 15, problems: [] }); // agents with a chain
@@ -167,7 +184,12 @@ describe("replication to a central libSQL server", () => {
     const cases = [
       { kind: "unreachable", url: `http://127.0.0.1:${await freePort()}`, says: "is unreachable", env: {} },
       { kind: "auth", url: secured.url, says: "refused the credentials", env: { CENTRAL_TOKEN: "not-a-valid-jwt" } },
-      { kind: "schema", url: newer.url, says: "has schema version 99, newer than this code's 1", env: {} },
+      {
+        kind: "schema",
+        url: newer.url,
+        says: `has schema version 99, newer than this code's ${CENTRAL_SCHEMA_VERSION}`,
+        env: {},
+      },
     ] as const;
     const fleets = cases.map(
       (c) =>

@@ -13,6 +13,7 @@ import { join } from "node:path";
 import pino from "pino";
 import { gcAll, verifyChains, verifyStore } from "../gateway/ops/index.ts";
 import {
+  CENTRAL_MIGRATIONS,
   CentralReader,
   enableReplication,
   REPLICATED,
@@ -20,6 +21,7 @@ import {
   type ReplicationStatus,
 } from "../gateway/replication/index.ts";
 import type { ReplicationSpec } from "../gateway/spec/index.ts";
+import { appendAudit, migrate } from "../gateway/store/index.ts";
 import { DAY, SyntheticFleet } from "./helpers/ops.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
 
@@ -241,6 +243,57 @@ describe("replication faults", () => {
   );
 });
 
+describe("operator actions", () => {
+  test(
+    "replicate row for row and once, those recorded before replication too; a v1 center is upgraded for them",
+    async () => {
+      const sqld = await Sqld.start();
+      servers.push(sqld);
+      const db = sqld.client();
+      // A center written before operator actions replicated (central schema v1).
+      await migrate(db, "central", CENTRAL_MIGRATIONS.slice(0, 1));
+      const old = await CentralReader.open(sqld.url);
+      expect(old.version).toBe(1);
+      expect(await old.audit()).toEqual([]);
+      old.close();
+      const f = await synthetic();
+      const act = (at: number, action: string, target: string | null, status: number, detail: string | null) =>
+        appendAudit(f.store, { at, actor: "ops-alice", action, target, status, detail });
+      await act(T0, "agent.pause", "t/a", 200, null); // before replication was on: queued by enableReplication
+      await enableReplication(f.store, sqld.url);
+      await act(T0 + 1, "agent.resume", "t/a", 200, null);
+      await act(T0 + 2, "agent.retire", "t/zz", 404, "no agent t/zz");
+      await act(T0 + 3, "gc", null, 200, '{"episodes":0}');
+      await f.commit(10, T0, 1000);
+      const r = replicator(f, spec(sqld.url), () => T0 + 60_000);
+      await r.drain();
+      expect(await centralCount(db, "audit", f.store.gatewayId)).toBe(4);
+      await expectCenterEqualsLocal(f, db);
+      // Re-sending the whole history changes nothing.
+      await f.store.setMeta("replication.url", "http://elsewhere");
+      await enableReplication(f.store, sqld.url);
+      await replicator(f, spec(sqld.url), () => T0 + 60_000).drain();
+      expect(await centralCount(db, "audit", f.store.gatewayId)).toBe(4);
+      await expectCenterEqualsLocal(f, db);
+      const reader = await CentralReader.open(sqld.url);
+      expect(reader.version).toBe(2);
+      const rows = await reader.audit({ fleet: "synthetic" });
+      expect(rows.map((a) => [a.fleet, a.gateway, a.seq, a.action, a.target, a.status])).toEqual([
+        ["synthetic", f.store.gatewayId, 4, "gc", null, 200],
+        ["synthetic", f.store.gatewayId, 3, "agent.retire", "t/zz", 404],
+        ["synthetic", f.store.gatewayId, 2, "agent.resume", "t/a", 200],
+        ["synthetic", f.store.gatewayId, 1, "agent.pause", "t/a", 200],
+      ]);
+      expect((await reader.audit({ fleet: f.store.gatewayId, before: 3, limit: 1 })).map((a) => a.seq)).toEqual([2]);
+      expect(await reader.audit({ fleet: "no-such-fleet" })).toEqual([]);
+      reader.close();
+      db.close();
+      await f.close();
+    },
+    SLOW,
+  );
+});
+
 describe("fleet central", () => {
   test(
     "serves every fleet side by side with drill-down to an agent's episodes and an episode's log, read-only",
@@ -252,6 +305,14 @@ describe("fleet central", () => {
         const r = new Replicator({ store: f.store, spec: spec(sqld.url), fleet: name, log: quiet });
         await enableReplication(f.store, sqld.url);
         await f.commit(20, Date.now() - 60_000, 1000);
+        await appendAudit(f.store, {
+          at: Date.now(),
+          actor: "ops",
+          action: "agent.pause",
+          target: "t/a",
+          status: 200,
+          detail: name,
+        });
         await r.drain();
         await f.close();
       }
@@ -292,6 +353,16 @@ describe("fleet central", () => {
           events: unknown[];
         };
         expect(one.events).toHaveLength(5);
+        const acts = (await (await fetch(`${base}/api/fleets/${gw}/audit`)).json()) as {
+          records: { fleet: string; action: string; detail: string; result: string }[];
+        };
+        expect(acts.records.map((a) => [a.fleet, a.action, a.detail, a.result])).toEqual([
+          ["north", "agent.pause", "north", "ok"],
+        ]);
+        const all = (await (await fetch(`${base}/api/audit`)).json()) as { records: { fleet: string }[] };
+        expect(all.records.map((a) => a.fleet).sort()).toEqual(["north", "south"]);
+        expect((await fetch(`${base}/api/fleets/${gw}/audit?before=x`)).status).toBe(400);
+        expect((await fetch(`${base}/api/audit?before=5`)).status).toBe(400);
         const page = await fetch(`${base}/`);
         expect(await page.text()).toContain("central view");
         expect((await fetch(`${base}/api/fleets`, { method: "POST" })).status).toBe(405);

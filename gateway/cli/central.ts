@@ -101,6 +101,39 @@ export function cmdCentralShow(cli: Cli, id: string | undefined): Promise<number
   });
 }
 
+/** `fleet audit --central URL [--fleet F] [--limit N] [--before SEQ]`: every fleet's operator actions, newest first. */
+export function cmdCentralAudit(cli: Cli): Promise<number> {
+  const { flags } = cli;
+  const limit = Number(flags.limit ?? 50);
+  const before = flags.before === undefined ? undefined : Number(flags.before);
+  if (!Number.isSafeInteger(limit) || limit < 1) throw new UsageError("--limit must be a positive integer");
+  if (before !== undefined && !Number.isSafeInteger(before)) throw new UsageError("--before must be an audit seq");
+  if (before !== undefined && !flags.fleet) throw new UsageError("--before pages within one fleet: add --fleet");
+  return withCentral(cli, async (c) => {
+    const rows = await c.audit({ fleet: flags.fleet, limit, before });
+    const records = rows.map((r) => ({
+      fleet: r.fleet,
+      gateway: r.gateway,
+      seq: r.seq,
+      at: r.at,
+      actor: r.actor,
+      action: r.action,
+      target: r.target,
+      status: r.status,
+      result: r.status < 400 ? "ok" : "refused",
+      detail: r.detail,
+    }));
+    const last = rows.at(-1);
+    cli.print({ records, next_before: flags.fleet && rows.length === limit && last ? last.seq : null }, () =>
+      table(
+        records.map((r) => ({ ...r, when: when(r.at) })),
+        ["fleet", "seq", "when", "actor", "action", "target", "status", "detail"],
+      ),
+    );
+    return 0;
+  });
+}
+
 /** `fleet verify --central URL [--fleet F] [--agent type/key]`: every replicated chain; 1 on a mismatch. */
 export function cmdCentralVerify(cli: Cli): Promise<number> {
   return withCentral(cli, async (c) => {

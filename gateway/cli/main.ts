@@ -15,7 +15,14 @@ import { DevicesError } from "../devices/index.ts";
 import { BackupError } from "../ops/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
 import { cmdBackup, cmdRestore } from "./backup.ts";
-import { cmdCentralAgents, cmdCentralEpisodes, cmdCentralServe, cmdCentralShow, cmdCentralVerify } from "./central.ts";
+import {
+  cmdCentralAgents,
+  cmdCentralAudit,
+  cmdCentralEpisodes,
+  cmdCentralServe,
+  cmdCentralShow,
+  cmdCentralVerify,
+} from "./central.ts";
 import { CentralError } from "../replication/index.ts";
 import { cmdState, cmdTrace } from "./history.ts";
 import { cmdInstallService } from "./service.ts";
@@ -43,7 +50,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/fleet] [--dry-run]
                               write a hardened systemd unit (--dry-run prints it); docs/deploy.md
 
-  agents|episodes|show|verify --central URL [--fleet NAME|GATEWAY]
+  agents|episodes|show|verify|audit --central URL [--fleet NAME|GATEWAY]
                               the same over the central libSQL server every gateway replicates to
                               (token from env FLEET_CENTRAL_TOKEN); verify names a tampered row
   central --url URL [--host H] [--port N]   read-only dashboard + JSON API over the central database
@@ -161,7 +168,7 @@ async function main(): Promise<number> {
     case "token":
       return cmdToken(cli, a1, a2);
     case "audit":
-      return cmdAudit(cli);
+      return flags.central ? cmdCentralAudit(cli) : cmdAudit(cli);
     case "quarantine":
       return quarantineCommand(positionals.slice(1), intArg("--limit", flags.limit, 100, { min: 1, max: 10_000 }), cli);
     default:

@@ -30,6 +30,9 @@ export interface Batch {
   readonly bytes: number;
 }
 
+/** The queue's entry kinds (`repl_pending.tbl`, written by the triggers in store/migrate.ts). */
+const KINDS: readonly string[] = ["spec", "agent", "episode", "usage", "stimulus", "audit"];
+
 const IN_JSON = "IN (SELECT value FROM json_each(?))";
 
 async function select(store: Store, t: ReplicatedTable, where: string, args: InArgs): Promise<InValue[][]> {
@@ -73,7 +76,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   const missing = (kind: string, found: Set<string>) => {
     for (const e of byKind.get(kind) ?? []) if (!found.has(e.key)) lost.push(e);
   };
-  const { spec_versions, agents, episodes, events, checkpoints, budget_usage, stimuli } = REPLICATED;
+  const { spec_versions, agents, episodes, events, checkpoints, budget_usage, stimuli, audit } = REPLICATED;
 
   if (byKind.has("spec")) {
     rows.spec_versions = await select(store, spec_versions, `hash ${IN_JSON}`, [keys("spec")]);
@@ -117,8 +120,14 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     ]);
     missing("stimulus", new Set(rows.stimuli.map((r) => String(r[0]))));
   }
+  if (byKind.has("audit")) {
+    rows.audit = await select(store, audit, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [
+      keys("audit"),
+    ]);
+    missing("audit", new Set(rows.audit.map((r) => String(r[0]))));
+  }
   // An entry kind this code does not know was written by newer code: it cannot be sent.
-  for (const e of entries) if (!["spec", "agent", "episode", "usage", "stimulus"].includes(e.tbl)) lost.push(e);
+  for (const e of entries) if (!KINDS.includes(e.tbl)) lost.push(e);
   let rowCount = 0;
   let bytes = 0;
   for (const list of Object.values(rows)) {

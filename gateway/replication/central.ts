@@ -5,7 +5,7 @@
  */
 import { createClient, type Client, type InArgs, type Row } from "@libsql/client";
 import type { ChainSource } from "../ops/index.ts";
-import type { AgentRow, CheckpointRow, EpisodeRow, EventRow } from "../store/index.ts";
+import type { AgentRow, AuditRow, CheckpointRow, EpisodeRow, EventRow } from "../store/index.ts";
 import { checkNotNewer, schemaVersion } from "../store/index.ts";
 import { classifyError, redactUrl } from "./replicator.ts";
 import { CENTRAL_SCHEMA_VERSION, REPLICATED } from "./tables.ts";
@@ -45,6 +45,7 @@ const AGENT_COLS = ["fleet", "gateway", ...REPLICATED.agents.columns];
 const EPISODE_COLS = ["fleet", "gateway", ...REPLICATED.episodes.columns];
 const CHECKPOINT_COLS = ["gateway", ...REPLICATED.checkpoints.columns];
 const EVENT_COLS = REPLICATED.events.columns;
+const AUDIT_COLS = ["fleet", "gateway", ...REPLICATED.audit.columns];
 const GATEWAY_COLS = [
   "gateway",
   "fleet",
@@ -63,6 +64,8 @@ export class CentralReader {
   private constructor(
     private readonly client: Client,
     readonly url: string,
+    /** The center's schema version (a v1 center has no operator actions yet). */
+    readonly version: number,
   ) {}
 
   /** Connect and check the central schema (present, not newer than this code). */
@@ -70,8 +73,9 @@ export class CentralReader {
     if (!URL.canParse(url) || !/^(https?|libsql|wss?):$/.test(new URL(url).protocol))
       throw new CentralError(`--central ${url} is not an http(s)://, libsql:// or ws(s):// URL`);
     const client = createClient({ url, ...(authToken ? { authToken } : {}) });
+    let found: number;
     try {
-      const found = await schemaVersion(client);
+      found = await schemaVersion(client);
       if (found === 0)
         throw new CentralError(`${redactUrl(url)} has no fleet data yet (no gateway has replicated to it)`);
       checkNotNewer(found, `central database ${redactUrl(url)}`, CENTRAL_SCHEMA_VERSION);
@@ -80,7 +84,7 @@ export class CentralReader {
       if (err instanceof CentralError) throw err;
       throw new CentralError(classifyError(err, url).message);
     }
-    return new CentralReader(client, url);
+    return new CentralReader(client, url, found);
   }
 
   close(): void {
@@ -144,6 +148,30 @@ export class CentralReader {
       [episode.gateway, id],
     );
     return { episode, events: events.map((r) => shape<EventRow>(r, EVENT_COLS)) };
+  }
+
+  /**
+   * Operator actions (the gateways' audit logs), newest first: of one fleet or gateway, or of
+   * all. `before` (an audit seq) pages on within one gateway, so it needs `fleet` to name one.
+   */
+  async audit(f: { fleet?: string; limit?: number; before?: number } = {}): Promise<(AuditRow & Origin)[]> {
+    if (this.version < 2) return []; // written before operator actions replicated
+    const conds: string[] = [];
+    const args: (string | number)[] = [];
+    if (f.fleet) {
+      conds.push("(fleet = ? OR gateway = ?)");
+      args.push(f.fleet, f.fleet);
+    }
+    if (f.before !== undefined) {
+      conds.push("seq < ?");
+      args.push(f.before);
+    }
+    const rows = await this.all(
+      `SELECT ${AUDIT_COLS.join(", ")} FROM audit ${conds.length ? `WHERE ${conds.join(" AND ")}` : ""}
+        ORDER BY at DESC, gateway, seq DESC LIMIT ?`,
+      [...args, f.limit ?? 50],
+    );
+    return rows.map((r) => shape<AuditRow & Origin>(r, AUDIT_COLS));
   }
 
   /** Per gateway: agents by status, episodes and failures in the last hour, today's budget burn. */

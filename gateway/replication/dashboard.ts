@@ -1,12 +1,13 @@
 /**
  * The central dashboard: one static page that reads the JSON API of server.ts. Every fleet
  * side by side (agents by status, episodes and failures in the last hour, today's budget
- * burn, replication lag and lost rows); a fleet's agents; an agent's episodes; an episode's log.
+ * burn, replication lag and lost rows); a fleet's agents and operator actions; an agent's episodes;
+ * an episode's log.
  */
 export const DASHBOARD_HTML = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Agent Fleets: central view</title>
 <style>
-body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}h1{font-size:1.2rem}
+body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}h1{font-size:1.2rem}h2{font-size:1rem}
 table{border-collapse:collapse;margin:.5rem 0}td,th{padding:.25rem .6rem;border-bottom:1px solid #ddd;text-align:left}
 th{background:#f4f4f4}a{color:#0550ae;cursor:pointer}.bad{color:#b00}.muted{color:#777}
 pre{background:#f6f6f6;padding:.5rem}
@@ -49,6 +50,14 @@ async function fleet(gw) {
     ["episodes", (a) => esc(a.episodes)], ["failures", (a) => esc(a.failures)], ["seq", (a) => esc(a.headSeq)],
     ["last episode", (a) => esc(time(a.lastEpisodeAt))],
   ]);
+  const acts = await get("/api/fleets/" + encodeURIComponent(gw) + "/audit?limit=50");
+  $("#main").innerHTML += "<h2>operator actions</h2>" + (acts.records.length === 0 ? "none replicated" :
+    table(acts.records, [
+      ["when", (r) => esc(time(r.at))], ["actor", (r) => esc(r.actor)], ["action", (r) => esc(r.action)],
+      ["target", (r) => esc(r.target)],
+      ["result", (r) => '<span class="' + (r.result === "ok" ? "" : "bad") + '">' + esc(r.status) + "</span>"],
+      ["detail", (r) => esc(r.detail)],
+    ]));
 }
 async function agent(gw, id) {
   const d = await get("/api/fleets/" + encodeURIComponent(gw) + "/agents/" + id + "/episodes?limit=200");

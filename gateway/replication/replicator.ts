@@ -458,6 +458,11 @@ export async function enableReplication(store: Store, url: string): Promise<numb
       args: [],
     },
     {
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'audit', CAST(seq AS TEXT), at FROM audit
+        ORDER BY seq ${upsert}`,
+      args: [],
+    },
+    {
       sql: "INSERT INTO meta (key, value) VALUES ('replication', 'on') ON CONFLICT (key) DO UPDATE SET value = 'on'",
       args: [],
     },
@@ -467,7 +472,7 @@ export async function enableReplication(store: Store, url: string): Promise<numb
       args: [url],
     },
   ]);
-  return results.slice(0, 5).reduce((n, r) => n + r.rowsAffected, 0);
+  return results.slice(0, 6).reduce((n, r) => n + r.rowsAffected, 0);
 }
 
 /**

@@ -6,6 +6,24 @@
  */
 import { type CentralReader, CentralError } from "./central.ts";
 import { DASHBOARD_HTML } from "./dashboard.ts";
+import type { AuditRow } from "../store/index.ts";
+import type { Origin } from "./central.ts";
+
+/** An operator action as the central API shows it (the gateway's /api/audit shape plus its origin). */
+function centralAuditView(r: AuditRow & Origin) {
+  return {
+    fleet: r.fleet,
+    gateway: r.gateway,
+    seq: r.seq,
+    at: r.at,
+    actor: r.actor,
+    action: r.action,
+    target: r.target,
+    status: r.status,
+    result: r.status < 400 ? "ok" : "refused",
+    detail: r.detail,
+  };
+}
 
 /** How to serve. */
 export interface CentralServerOptions {
@@ -86,6 +104,21 @@ async function route(reader: CentralReader, url: URL, now: number): Promise<Resp
   if (parts.length === 7 && parts[1] === "fleets" && parts[3] === "agents" && parts[6] === "episodes") {
     const agent = `${parts[4]}/${parts[5]}`;
     return json({ agent, episodes: await reader.episodes(agent, { fleet: parts[2], limit: int("limit", 50) }) });
+  }
+  // /api/audit and /api/fleets/<gateway>/audit: operator actions, newest first
+  if (
+    (parts.length === 2 && parts[1] === "audit") ||
+    (parts.length === 4 && parts[1] === "fleets" && parts[3] === "audit")
+  ) {
+    const before = q.has("before") ? Number(q.get("before")) : undefined;
+    if (before !== undefined && (!Number.isSafeInteger(before) || before < 1))
+      return problem(400, "before must be an audit seq (a positive integer)");
+    if (before !== undefined && parts.length === 2)
+      return problem(400, "before pages within one fleet: use /api/fleets/<gateway>/audit");
+    const records = (await reader.audit({ fleet: parts[2], limit: int("limit", 50), before })).map(centralAuditView);
+    const last = records.at(-1);
+    const limit = int("limit", 50);
+    return json({ records, next_before: parts.length === 4 && records.length === limit && last ? last.seq : null });
   }
   // /api/episodes/<id>
   if (parts.length === 3 && parts[1] === "episodes") {

@@ -56,6 +56,8 @@ export const REPLICATED = {
     true,
     ["payload"],
   ),
+  // Operator actions (pause, resume, retire, replay, tokens, gc): append-only at both ends.
+  audit: table("audit", "seq, at, actor, action, target, status, detail", "seq"),
 } as const satisfies Record<string, ReplicatedTable>;
 
 /** A replicated table's name. */
@@ -76,15 +78,25 @@ const CENTRAL_V1: readonly string[] = [
     pushed_rows INTEGER NOT NULL DEFAULT 0, backlog_rows INTEGER NOT NULL DEFAULT 0,
     backlog_bytes INTEGER NOT NULL DEFAULT 0, lag_s REAL NOT NULL DEFAULT 0, lost_rows INTEGER NOT NULL DEFAULT 0,
     schema_version INTEGER NOT NULL)`,
-  ...Object.values(REPLICATED).map(createTable),
+  // The tables v1 shipped with; later ones come in their own migrations.
+  ...(["spec_versions", "agents", "episodes", "events", "checkpoints", "budget_usage", "stimuli"] as const).map((n) =>
+    createTable(REPLICATED[n]),
+  ),
   `CREATE INDEX IF NOT EXISTS agents_fleet ON agents (fleet, id)`,
   `CREATE INDEX IF NOT EXISTS episodes_agent ON episodes (gateway, agent, started_at)`,
   `CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_chain ON checkpoints (gateway, agent, seq)`,
 ];
 
+/** Central schema v2: operator actions (the gateways' audit logs), newest first per fleet. */
+const CENTRAL_V2: readonly string[] = [
+  createTable(REPLICATED.audit),
+  `CREATE INDEX IF NOT EXISTS audit_time ON audit (gateway, at)`,
+];
+
 /** The central database's migrations, oldest first (applied by the first gateway that connects). */
 export const CENTRAL_MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "central schema", statements: CENTRAL_V1 },
+  { version: 2, name: "operator actions", statements: CENTRAL_V2 },
 ];
 
 /** The central schema version this code writes and reads. */

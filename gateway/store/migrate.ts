@@ -120,12 +120,23 @@ const REPLICATION_QUEUE: readonly string[] = [
     ${pend("stimulus", "CAST(NEW.seq AS TEXT)", "NEW.done_at")} END`,
 ];
 
+/**
+ * Release 0.3: operator actions replicate too (docs/replication.md). The audit log is
+ * append-only, so one insert trigger is enough; rows already there when replication turns on
+ * are queued by `enableReplication`.
+ */
+const REPLICATE_AUDIT: readonly string[] = [
+  `CREATE TRIGGER IF NOT EXISTS repl_audit AFTER INSERT ON audit WHEN ${REPL_ON} BEGIN
+    ${pend("audit", "CAST(NEW.seq AS TEXT)", "NEW.at")} END`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
   { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
   { version: 3, name: "audit log", statements: AUDIT },
   { version: 4, name: "replication queue", statements: REPLICATION_QUEUE },
+  { version: 5, name: "replicate operator actions", statements: REPLICATE_AUDIT },
 ];
 
 /** The schema version this code writes. */

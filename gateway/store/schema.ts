@@ -214,7 +214,7 @@ export const audit = sqliteTable("audit", {
  * The replication queue (gateway/replication/): one row per local row the central server
  * has not confirmed yet, filled by triggers in the writing transaction (./migrate.ts).
  * `tbl` names what to send (`spec`, `agent`, `episode` with its events and checkpoint,
- * `usage`, `stimulus`), `ver` counts changes while pending, `at` is when it became pending.
+ * `usage`, `stimulus`, `audit`), `ver` counts changes while pending, `at` is when it became pending.
  */
 export const replPending = sqliteTable(
   "repl_pending",

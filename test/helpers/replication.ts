@@ -47,16 +47,19 @@ export async function replicationOf(f: TestFleet): Promise<ReplicationJson> {
   return ((await res.json()) as { replication: ReplicationJson }).replication;
 }
 
-/** Wait until the gateway's backlog is empty after a successful push. */
+/**
+ * Wait until the gateway's backlog is empty after a successful push, and the local queue too:
+ * the status's backlog is as of the replicator's last look, which may predate a write just made.
+ */
 export async function caughtUp(f: TestFleet, timeoutMs = 60_000): Promise<ReplicationJson> {
   let last: ReplicationJson | undefined;
   try {
     return await waitFor(
       async () => {
         last = await replicationOf(f);
-        return last.backlog.rows === 0 && last.state === "streaming" && last.consecutive_failures === 0
-          ? last
-          : undefined;
+        if (last.backlog.rows !== 0 || last.state !== "streaming" || last.consecutive_failures !== 0) return undefined;
+        const [queue] = await f.query<{ n: number }>("SELECT count(*) AS n FROM repl_pending");
+        return Number(queue?.n) === 0 ? last : undefined;
       },
       timeoutMs,
       "replication backlog 0",
