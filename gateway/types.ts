@@ -31,6 +31,23 @@ export type StimulusId = string & { readonly __brand: "StimulusId" };
 export type { Stimulus };
 export type StimulusKind = Stimulus["kind"];
 
+/**
+ * Every stimulus kind an episode can have, as filters accept them (`?kind=`, `--kind`). `wake`
+ * (durable wake-ups) is listed ahead of its source. Timers and cron fires are `timer`;
+ * `ctx.send` messages are `inbox`.
+ */
+export const STIMULUS_KINDS = ["mqtt", "timer", "webhook", "inbox", "manual", "wake"] as const;
+// A new kind in the protocol must be added above (this fails to compile until it is).
+const everyKindListed: readonly (typeof STIMULUS_KINDS)[number][] = [] as StimulusKind[];
+void everyKindListed;
+
+/** A stimulus kind as a filter names it, or null (with the reason worded for the caller). */
+export function parseStimulusKind(raw: string): { ok: true; kind: string } | { ok: false; message: string } {
+  if ((STIMULUS_KINDS as readonly string[]).includes(raw)) return { ok: true, kind: raw };
+  const hint = raw === "cron" ? " (cron fires are kind timer)" : raw === "send" ? " (ctx.send messages are inbox)" : "";
+  return { ok: false, message: `kind must be one of ${STIMULUS_KINDS.join(", ")}; got "${raw.slice(0, 40)}"${hint}` };
+}
+
 const NAME = /^[A-Za-z0-9_.:@-]+$/;
 
 /** Longest agent key (keys are ASCII, so characters = bytes): ids stay short in topics, rows and logs. */

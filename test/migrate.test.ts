@@ -122,6 +122,28 @@ describe("schema migrations", () => {
     expect(readFileSync(path).equals(bytes)).toBe(true);
   });
 
+  test("older episodes learn their stimulus kind, from the event log where the stimulus was forgotten", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    // Retention forgot half of the dedup memory before the upgrade.
+    await c.execute("DELETE FROM stimuli WHERE seq IN (SELECT stimulus_seq FROM episodes ORDER BY id LIMIT 6)");
+    c.close();
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const kinds = await store.client.execute(
+        "SELECT stimulus_kind AS kind, count(*) AS n FROM episodes GROUP BY stimulus_kind",
+      );
+      expect(kinds.rows.map((r) => ({ kind: r.kind, n: Number(r.n) }))).toEqual([{ kind: "manual", n: 12 }]);
+      const plan = await store.client.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM episodes WHERE agent = 'a/b' AND stimulus_kind = 'mqtt' " +
+          "ORDER BY started_at DESC LIMIT 50",
+      );
+      expect(plan.rows.map((r) => String(r.detail)).join("\n")).toContain("USING INDEX episodes_agent_kind");
+    } finally {
+      await store.close();
+    }
+  });
+
   test("migration versions run 1, 2, 3 ... without gaps", () => {
     expect(MIGRATIONS.map((m) => m.version)).toEqual(MIGRATIONS.map((_, i) => i + 1));
   });

@@ -138,6 +138,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       agent: aid("temp/boiler-1"),
       stimulusSeq: 77,
       stimulusId: "id:m-1",
+      stimulusKind: "mqtt",
       specVersion: HASH("1"),
       status: "failed",
       errorKind: "timeout",

@@ -50,6 +50,7 @@ export interface CliFlags {
   readonly agent?: string;
   readonly type?: string;
   readonly status?: string;
+  readonly kind?: string;
   readonly limit?: string;
   readonly page?: string;
   readonly id?: string;

@@ -33,7 +33,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
   start [--config FILE] [--data-dir DIR] [--mqtt-port N] [--http-port N]
   status                      fleet health, spec version, reload errors
   agents [--type T] [--status S] [--limit N] [--page N]
-  episodes <type/key> [--limit N]
+  episodes <type/key> [--kind K] [--status committed|failed] [--limit N] [--before MS]
+                              its episodes, newest first; K: mqtt, timer, webhook, inbox, manual, wake
   show <episode>              one episode with its event log
   verify [--agent type/key]   recompute every hash chain; exit 1 on mismatch
   replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
@@ -84,6 +85,7 @@ const ARGS = {
     agent: { type: "string" },
     type: { type: "string" },
     status: { type: "string" },
+    kind: { type: "string" },
     limit: { type: "string" },
     page: { type: "string" },
     id: { type: "string" },
@@ -129,6 +131,8 @@ async function main(): Promise<number> {
     case "agents":
       return flags.central ? cmdCentralAgents(cli) : cmdAgents(cli);
     case "episodes":
+      if (flags.central && (flags.kind !== undefined || flags.status !== undefined))
+        throw new UsageError("--kind and --status filter local episodes only (not with --central)");
       return flags.central ? cmdCentralEpisodes(cli, a1) : cmdEpisodes(cli, a1);
     case "show":
       return flags.central ? cmdCentralShow(cli, a1) : cmdShow(cli, a1);

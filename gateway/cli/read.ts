@@ -9,9 +9,9 @@ import { intArg, table, UsageError, when, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { defaultSpawnOptions } from "../episode/index.ts";
-import { type AgentId, parseAgentId } from "../types.ts";
+import { type AgentId, parseAgentId, parseStimulusKind } from "../types.ts";
 import { findEpisode, verifyStore } from "../ops/index.ts";
-import { agentView, episodeView } from "../observe/index.ts";
+import { agentView, episodeView, episodesPage } from "../observe/index.ts";
 
 /** `fleet status`: live health from a running gateway, else what the data dir says. */
 export async function cmdStatus(cli: Cli): Promise<number> {
@@ -67,24 +67,35 @@ export async function cmdAgents(cli: Cli): Promise<number> {
   return 0;
 }
 
-/** `fleet episodes <type/key> [--limit N]` */
+/** `fleet episodes <type/key> [--kind K] [--status committed|failed] [--limit N] [--before MS]` */
 export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<number> {
   const id = agent ? parseAgentId(agent)?.id : undefined;
   if (!id) throw new UsageError("episodes needs an agent <type>/<key>");
+  const { flags } = cli;
+  const limit = intArg("--limit", flags.limit, 50, { min: 1, max: 100_000 });
+  const before = intArg("--before", flags.before, undefined, { min: 0 });
+  const status = flags.status;
+  if (status !== undefined && status !== "committed" && status !== "failed")
+    throw new UsageError(`--status must be committed or failed, got "${status}"`);
+  const kind = flags.kind === undefined ? undefined : parseStimulusKind(flags.kind);
+  if (kind && !kind.ok) throw new UsageError(`--${kind.message}`);
   const store = await cli.openReadonly();
-  const rows = (await store.listEpisodes(id, intArg("--limit", cli.flags.limit, 50, { min: 1, max: 100_000 }))).map(
-    episodeView,
-  );
-  cli.print({ agent, episodes: rows }, () =>
-    table(
-      rows.map((e) => ({
-        ...e,
-        started: when(e.started_at),
-        checkpoint: e.checkpoint?.slice(0, 12) ?? null,
-        error: e.error_kind,
-      })),
-      ["id", "status", "started", "ms", "attempt", "stimulus", "checkpoint", "error"],
-    ),
+  const rows = (await episodesPage(store, id, { limit, before, status, kind: kind?.kind })).map(episodeView);
+  const last = rows.at(-1);
+  const nextBefore = rows.length === limit && last ? last.started_at : null;
+  cli.print({ agent, episodes: rows, next_before: nextBefore }, () =>
+    [
+      table(
+        rows.map((e) => ({
+          ...e,
+          started: when(e.started_at),
+          checkpoint: e.checkpoint?.slice(0, 12) ?? null,
+          error: e.error_kind,
+        })),
+        ["id", "kind", "status", "started", "ms", "attempt", "stimulus", "checkpoint", "error"],
+      ),
+      ...(nextBefore === null ? [] : [`more: --before ${nextBefore}`]),
+    ].join("\n"),
   );
   return 0;
 }

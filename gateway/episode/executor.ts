@@ -191,6 +191,7 @@ export class EpisodeExecutor {
         agent: agentId,
         stimulusSeq: head.seq,
         stimulusId: head.sid,
+        stimulusKind: head.kind,
         specVersion: sv.hash,
         attempt: d.attempt,
         startedAt: now,

@@ -6,7 +6,7 @@
  */
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
-import { agentId, decodePayload } from "../types.ts";
+import { agentId, decodePayload, parseStimulusKind } from "../types.ts";
 import { agentView, episodeView } from "../observe/index.ts";
 import { episodesPage, recentCheckpoints } from "../observe/index.ts";
 import { EventStream } from "../observe/index.ts";
@@ -115,7 +115,7 @@ export async function agentDetail(gw: ReadHost, type: string, key: string): Prom
   return json({ ...agentView(a, gw.queued(a.id)), checkpoints: checkpoints.map(checkpointView) });
 }
 
-/** `GET /api/agents/<type>/<key>/episodes?limit=&before=&status=`: newest first; `next_before` pages on. */
+/** `GET /api/agents/<type>/<key>/episodes?limit=&before=&status=&kind=`: newest first; `next_before` pages on. */
 export async function agentEpisodes(gw: ReadHost, type: string, key: string, req: Request): Promise<Response> {
   const a = await agentOrError(gw, type, key);
   if (a instanceof Response) return a;
@@ -126,8 +126,11 @@ export async function agentEpisodes(gw: ReadHost, type: string, key: string, req
   if (before instanceof Response) return before;
   const status = url.searchParams.get("status") || undefined;
   if (status !== undefined && status !== "committed" && status !== "failed")
-    return httpError(400, "bad_query", `status must be committed or failed, got "${status}"`);
-  const rows = await episodesPage(gw.store, a.id, { limit, before, status });
+    return httpError(400, "bad_query", `status must be committed or failed, got "${status.slice(0, 40)}"`);
+  const kindRaw = url.searchParams.get("kind") || undefined;
+  const kind = kindRaw === undefined ? undefined : parseStimulusKind(kindRaw);
+  if (kind && !kind.ok) return httpError(400, "bad_query", kind.message);
+  const rows = await episodesPage(gw.store, a.id, { limit, before, status, kind: kind?.kind });
   const last = rows.at(-1);
   return json({
     agent: a.id,

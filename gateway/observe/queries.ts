@@ -76,14 +76,19 @@ export function recentCheckpoints(store: Store, agent: AgentId, limit: number, b
     .all();
 }
 
-/** An agent's episodes, newest first, optionally only one status, paged by start time. */
+/**
+ * An agent's episodes, newest first, optionally only one status and one stimulus kind, paged by
+ * start time. A kind filter reads the `episodes_agent_kind` index, so a few device episodes among
+ * thousands of timer fires cost a few rows.
+ */
 export function episodesPage(
   store: Store,
   agent: AgentId,
-  f: { limit: number; before?: number; status?: "committed" | "failed" },
+  f: { limit: number; before?: number; status?: "committed" | "failed"; kind?: string },
 ) {
   const e = t.episodes;
   const conds = [eq(e.agent, agent)];
+  if (f.kind !== undefined) conds.push(eq(e.stimulusKind, f.kind));
   if (f.before !== undefined) conds.push(lt(e.startedAt, f.before));
   if (f.status) conds.push(eq(e.status, f.status));
   return store.db

@@ -21,11 +21,12 @@ export function agentView(a: AgentRow, queued: number) {
 }
 
 /** An episode as `/api/episodes/<id>` and `fleet episodes --json` show it. */
-export function episodeView(e: EpisodeRow) {
+export function episodeView(e: Omit<EpisodeRow, "stimulusKind"> & { readonly stimulusKind?: string | null }) {
   return {
     id: e.id,
     agent: e.agent,
     stimulus: e.stimulusId,
+    kind: e.stimulusKind ?? null,
     status: e.status,
     error_kind: e.errorKind,
     error: e.error,

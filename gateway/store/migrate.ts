@@ -130,6 +130,20 @@ const REPLICATE_AUDIT: readonly string[] = [
     ${pend("audit", "CAST(NEW.seq AS TEXT)", "NEW.at")} END`,
 ];
 
+/**
+ * Episodes remember their stimulus kind, so an agent's episodes filter by it (`?kind=`) through an
+ * index instead of a scan. Older episodes take it from their stimulus, else from the stimulus
+ * event their sealed log begins with (the stimulus row may be collected already).
+ */
+const EPISODE_KIND = [
+  `ALTER TABLE episodes ADD COLUMN stimulus_kind TEXT`,
+  `UPDATE episodes SET stimulus_kind = COALESCE(
+    (SELECT kind FROM stimuli WHERE stimuli.seq = episodes.stimulus_seq),
+    (SELECT json_extract(data, '$.kind') FROM events WHERE events.episode = episodes.id AND events.seq = 0
+      AND events.kind = 'stimulus'))`,
+  `CREATE INDEX IF NOT EXISTS episodes_agent_kind ON episodes (agent, stimulus_kind, started_at)`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -137,6 +151,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 3, name: "audit log", statements: AUDIT },
   { version: 4, name: "replication queue", statements: REPLICATION_QUEUE },
   { version: 5, name: "replicate operator actions", statements: REPLICATE_AUDIT },
+  { version: 6, name: "episode stimulus kind", statements: EPISODE_KIND },
 ];
 
 /** The schema version this code writes. */

@@ -131,9 +131,12 @@ export const episodes = sqliteTable(
     parent: text("parent"),
     eventsHash: text("events_hash").notNull(),
     eventCount: integer("event_count").notNull(),
+    /** The kind of its stimulus (mqtt, timer, ...), for filters; null only where it could not be recovered. */
+    stimulusKind: text("stimulus_kind"),
   },
   (t) => [
     index("episodes_agent").on(t.agent, t.startedAt),
+    index("episodes_agent_kind").on(t.agent, t.stimulusKind, t.startedAt),
     index("episodes_time").on(t.startedAt),
     // Exactly-once commit: a second committed episode for the same stimulus aborts its whole batch.
     uniqueIndex("episodes_once").on(t.stimulusSeq).where(sql`status = 'committed'`),

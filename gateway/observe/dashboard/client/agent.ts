@@ -5,7 +5,8 @@ import { ago, clock, fmtInt, fmtMs, pill, short, when } from "./format.ts";
 import { refreshHealth, type View } from "./health.ts";
 import { showState, showTrace } from "./history.ts";
 import { kpi } from "./overview.ts";
-import type { AgentDetail, Checkpoint, Episode, EpisodeDetail, EpisodeEvent } from "./types.ts";
+import { type AgentDetail, type Checkpoint, EPISODE_KINDS, type Episode } from "./types.ts";
+import type { EpisodeDetail, EpisodeEvent } from "./types.ts";
 
 /** One event log entry as a line of text. */
 function eventText(e: EpisodeEvent): string {
@@ -132,6 +133,7 @@ function episodeRow(e: Episode, cls: string, onPick: () => void): HTMLTableRowEl
     { class: cls, dataset: { episode: e.id }, onclick: onPick },
     h("td", {}, clock(e.started_at), " ", h("span", { class: "muted" }, when(e.started_at))),
     h("td", {}, pill(e.status), e.error_kind ? h("span", { class: "muted" }, ` ${e.error_kind}`) : null),
+    h("td", { class: "kind" }, e.kind ?? "—"),
     h("td", { class: "num" }, fmtMs(e.ms)),
     h("td", { class: "num" }, String(e.event_count)),
     h("td", { class: "mono", title: e.stimulus }, e.stimulus.length > 22 ? `${e.stimulus.slice(0, 22)}…` : e.stimulus),
@@ -252,13 +254,40 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     );
   }
 
+  const kindSel = h(
+    "select",
+    { "data-testid": "filter-kind", "aria-label": "Stimulus kind", onchange: () => refilter() },
+    h("option", { value: "" }, "All kinds"),
+    ...EPISODE_KINDS.map((k) => h("option", { value: k }, k)),
+  );
+  const statusSel = h(
+    "select",
+    { "data-testid": "filter-episode-status", "aria-label": "Episode status", onchange: () => refilter() },
+    h("option", { value: "" }, "All statuses"),
+    h("option", { value: "committed" }, "committed"),
+    h("option", { value: "failed" }, "failed"),
+  );
+  const filter = (): Record<string, string> => ({
+    ...(kindSel.value ? { kind: kindSel.value } : {}),
+    ...(statusSel.value ? { status: statusSel.value } : {}),
+  });
+  const emptyText = () => (kindSel.value || statusSel.value ? "No episodes match these filters." : "No episodes yet.");
+  let loadSeq = 0; // drop answers to superseded filters
+  function refilter(): void {
+    known = new Set();
+    void loadEpisodes();
+  }
+
   async function loadEpisodes(): Promise<void> {
+    const my = ++loadSeq;
     let episodes: readonly Episode[];
     try {
-      episodes = (await api.episodes(type, key, 25)).episodes;
-    } catch {
+      episodes = (await api.episodes(type, key, 25, filter())).episodes;
+    } catch (err) {
+      if (my === loadSeq) toast(`Could not load episodes: ${messageOf(err)}`, true);
       return;
     }
+    if (my !== loadSeq) return;
     const fresh = known.size > 0;
     const rows = episodes.map((e) =>
       episodeRow(
@@ -269,7 +298,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     );
     known = new Set(episodes.map((e) => e.id));
     epBody.replaceChildren(
-      ...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 5, class: "empty" }, "No episodes yet."))]),
+      ...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 6, class: "empty" }, emptyText()))]),
     );
     const newest = episodes[0]?.id ?? null;
     if (follow && newest && newest !== selected) void select(newest, false);
@@ -309,6 +338,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
         {},
         h("th", {}, "Started"),
         h("th", {}, "Status"),
+        h("th", {}, "Kind"),
         h("th", { class: "num" }, "Duration"),
         h("th", { class: "num" }, "Events"),
         h("th", {}, "Stimulus"),
@@ -341,7 +371,11 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
       h(
         "div",
         {},
-        panel("Recent episodes", episodesTable, "newest first"),
+        panel(
+          h("div", { class: "toolbar" }, h("h2", {}, "Recent episodes"), kindSel, statusSel),
+          episodesTable,
+          "newest first",
+        ),
         panel("State", stateBody, "click a checkpoint for its state and diff"),
         panel("Checkpoint chain", h("div", { class: "panel-body" }, chain), "newest first"),
       ),

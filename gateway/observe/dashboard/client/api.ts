@@ -43,8 +43,12 @@ export const api = {
   health: () => request<Health>("GET", "/api/fleet"),
   agents: (query: URLSearchParams) => request<AgentPage>("GET", `/api/agents?${query}`),
   agent: (type: string, key: string) => request<AgentDetail>("GET", agentPath(type, key)),
-  episodes: (type: string, key: string, limit: number) =>
-    request<{ episodes: Episode[] }>("GET", `${agentPath(type, key)}/episodes?limit=${limit}`),
+  /** Newest first; `filter` may hold `kind` (stimulus kind) and `status`. */
+  episodes: (type: string, key: string, limit: number, filter: Record<string, string> = {}) =>
+    request<{ episodes: Episode[] }>(
+      "GET",
+      `${agentPath(type, key)}/episodes?${new URLSearchParams({ limit: String(limit), ...filter })}`,
+    ),
   episode: (id: string) => request<EpisodeDetail>("GET", `/api/episodes/${encodeURIComponent(id)}`),
   lifecycle: (type: string, key: string, action: "pause" | "resume") =>
     request<unknown>("POST", `${agentPath(type, key)}/${action}`),

@@ -21,6 +21,9 @@ export interface AuditRecord {
   readonly detail: string | null;
 }
 
+/** Stimulus kinds an episode list filters by (the API's `?kind=`). */
+export const EPISODE_KINDS = ["mqtt", "timer", "webhook", "inbox", "manual", "wake"] as const;
+
 /** Agent statuses as operators see them. */
 export const STATUSES = ["idle", "paused", "failed", "retired"] as const;
 export type ShownStatus = (typeof STATUSES)[number];
@@ -102,6 +105,8 @@ export interface AgentDetail extends Agent {
 export interface Episode {
   readonly id: string;
   readonly stimulus: string;
+  /** The stimulus kind (mqtt, timer, webhook, inbox, manual, wake); null for a few pre-upgrade episodes. */
+  readonly kind: string | null;
   readonly status: string;
   readonly error_kind: string | null;
   readonly error: string | null;
