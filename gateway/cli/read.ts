@@ -23,7 +23,14 @@ export async function cmdStatus(cli: Cli): Promise<number> {
       [
         ...(ready && !ready.ready ? [`NOT READY: ${ready.reason}`] : []),
         ...Object.entries(health as Record<string, unknown>).map(
-          ([k, v]) => `${k.padEnd(18)} ${typeof v === "object" ? JSON.stringify(v) : String(v)}`,
+          ([k, v]) =>
+            `${k.padEnd(18)} ${
+              k === "replication" && v
+                ? replicationLine(v as ReplicationLine)
+                : typeof v === "object"
+                  ? JSON.stringify(v)
+                  : String(v)
+            }`,
         ),
       ].join("\n"),
     );
@@ -32,12 +39,49 @@ export async function cmdStatus(cli: Cli): Promise<number> {
   const store = await cli.openReadonly();
   const counts = await store.agentCounts();
   const specs = await store.listSpecVersions(1);
-  const data = { state: "stopped", spec_version: specs[0]?.hash ?? null, agents: counts };
+  // The queue is in the data dir: what the center has not confirmed shows with the gateway stopped too.
+  let replication: { backlog_rows: number; confirmed_seq: number } | null = null;
+  if ((await store.getMeta("replication")) === "on") {
+    const rs = await store.client.execute("SELECT count(*) AS n FROM repl_pending");
+    const confirmed = Number((await store.getMeta("replication.confirmed_seq")) ?? 0);
+    replication = { backlog_rows: Number(rs.rows[0]?.n ?? 0), confirmed_seq: confirmed };
+  }
+  const data = { state: "stopped", spec_version: specs[0]?.hash ?? null, agents: counts, replication };
   cli.print(
     data,
-    () => `gateway stopped\nspec_version ${data.spec_version}\n${table(counts, ["type", "status", "n"])}`,
+    () =>
+      `gateway stopped\nspec_version ${data.spec_version}\n` +
+      (replication
+        ? `replication        ${replication.backlog_rows} row(s) not confirmed by the central server ` +
+          `(confirmed cursor #${replication.confirmed_seq})\n`
+        : "") +
+      table(counts, ["type", "status", "n"]),
   );
   return 0;
+}
+
+/** The fields of `/api/fleet`'s `replication` that `fleet status` prints. */
+interface ReplicationLine {
+  state: string;
+  url: string;
+  backlog: { rows: number; bytes: number; lag_s: number };
+  cursor?: { confirmed_seq: number; queued_seq: number };
+  lost_rows: number;
+  last_push_at: number | null;
+  last_error: { kind: string; message: string } | null;
+}
+
+/** One readable line: how far behind the center is, and why when it is failing. */
+function replicationLine(r: ReplicationLine): string {
+  const parts = [
+    `${r.state} to ${r.url}: ${r.backlog.rows} row(s) behind (~${Math.round(r.backlog.bytes / 1024)} KiB, ` +
+      `lag ${Math.round(r.backlog.lag_s)} s)`,
+    ...(r.cursor ? [`confirmed #${r.cursor.confirmed_seq} of #${r.cursor.queued_seq}`] : []),
+    `last push ${r.last_push_at ? when(r.last_push_at) : "never"}`,
+    ...(r.lost_rows > 0 ? [`${r.lost_rows} row(s) lost`] : []),
+    ...(r.last_error ? [`last error ${r.last_error.kind}: ${r.last_error.message}`] : []),
+  ];
+  return parts.join("; ");
 }
 
 /** `fleet agents [--type T] [--status S] [--limit N] [--page N]` */

@@ -1,7 +1,7 @@
 /**
  * Replication series of `/metrics` (docs/replication.md): the backlog the central server has
- * not confirmed (rows, bytes, seconds), what was pushed, failures by kind, rows lost to
- * retention. Present only when `[replication]` is configured.
+ * not confirmed (rows, bytes, seconds), the confirmed cursor, what was pushed, failures by
+ * kind and when the last one was, rows lost to retention. Present only when `[replication]` is configured.
  */
 import { Counter, Gauge, type Registry } from "prom-client";
 import type { ReplicationStatus } from "../replication/index.ts";
@@ -59,6 +59,17 @@ export function replicationMetrics(registry: Registry, read: () => ReplicationSt
   );
   gauge("fleet_replication_last_push_timestamp_seconds", "When the last batch was confirmed.", (s) =>
     s.last_push_at === null ? 0 : s.last_push_at / 1000,
+  );
+  gauge(
+    "fleet_replication_confirmed_seq",
+    "The durable cursor: the newest replication queue entry the central server confirmed.",
+    (s) => s.cursor.confirmed_seq,
+  );
+  gauge("fleet_replication_queued_seq", "The newest replication queue entry written.", (s) => s.cursor.queued_seq);
+  gauge(
+    "fleet_replication_last_error_timestamp_seconds",
+    "When the current run of failures last failed; 0 while pushes succeed.",
+    (s) => (s.last_error === null ? 0 : s.last_error.at / 1000),
   );
   follow(registry, "fleet_replication_pushed_rows_total", "Rows confirmed by the central server.", [], () => {
     const s = read();

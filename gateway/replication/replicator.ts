@@ -41,6 +41,12 @@ export interface ReplicationStatus {
   readonly required: boolean;
   /** Rows the center has not confirmed: queue entries, their approximate bytes, the oldest one's age. */
   readonly backlog: { readonly rows: number; readonly bytes: number; readonly lag_s: number };
+  /**
+   * The durable cursor: the newest queue entry the center has confirmed (`meta`
+   * `replication.confirmed_seq`, kept across restarts) and the newest entry queued. An entry
+   * changed again while in flight stays queued below the confirmed seq and goes again.
+   */
+  readonly cursor: { readonly confirmed_seq: number; readonly queued_seq: number };
   readonly max_backlog_mb: number;
   /** The backlog passed max_backlog_mb: retention no longer waits for the center. */
   readonly over_backlog: boolean;
@@ -137,6 +143,8 @@ export class Replicator {
   private pushedBatches = 0;
   private lastPushAt: number | null = null;
   private lostRows = 0;
+  private confirmedSeq = 0;
+  private queuedSeq = 0;
   private failures = 0;
   private overBacklog = false;
   private readonly errors: Record<ReplicationErrorKind, number> = { unreachable: 0, auth: 0, schema: 0, rejected: 0 };
@@ -163,6 +171,7 @@ export class Replicator {
     const { store, spec } = this.opts;
     const queued = await enableReplication(store, spec.url);
     this.lostRows = Number((await store.getMeta("replication.lost_rows")) ?? 0);
+    this.confirmedSeq = Number((await store.getMeta("replication.confirmed_seq")) ?? 0);
     await this.refresh();
     this.log.info(
       { url: redactUrl(spec.url), backlog_rows: this.backlogRows, ...(queued > 0 ? { queued_history: queued } : {}) },
@@ -201,6 +210,7 @@ export class Replicator {
         bytes: Math.round(this.backlogRows * (this.bytesPerEntry ?? 0)),
         lag_s: this.oldestAt === null ? 0 : Math.max(0, (this.now() - this.oldestAt) / 1000),
       },
+      cursor: { confirmed_seq: this.confirmedSeq, queued_seq: Math.max(this.queuedSeq, this.confirmedSeq) },
       max_backlog_mb: spec.max_backlog_mb,
       over_backlog: this.overBacklog,
       pushed_rows: this.pushedRows,
@@ -219,6 +229,9 @@ export class Replicator {
     this.backlogRows = Number(rs.rows[0]?.n ?? 0);
     const oldest = rs.rows[0]?.oldest;
     this.oldestAt = this.backlogRows === 0 || oldest === null || oldest === undefined ? null : Number(oldest);
+    // Not sqlite_sequence: an upsert that bumps a pending entry's `ver` burns a seq there.
+    const head = await this.opts.store.client.execute("SELECT max(seq) AS seq FROM repl_pending");
+    this.queuedSeq = Number(head.rows[0]?.seq ?? 0);
     if (this.bytesPerEntry === null && this.backlogRows > 0) {
       const sample = await readBatch(this.opts.store, Math.min(200, this.opts.spec.batch_rows));
       this.noteSize(sample);
@@ -280,11 +293,17 @@ export class Replicator {
     // Confirmed: only now do the entries leave the queue. An entry changed since it was read
     // (ver moved on) stays and goes again with its newer row.
     const confirmed = JSON.stringify(batch.entries.map((e) => [e.seq, e.ver]));
+    const cursor = batch.entries.reduce((m, e) => Math.max(m, e.seq), this.confirmedSeq);
     const local = [
       {
         sql: `DELETE FROM repl_pending WHERE (seq, ver) IN
           (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))`,
         args: [confirmed],
+      },
+      {
+        sql: `INSERT INTO meta (key, value) VALUES ('replication.confirmed_seq', ?)
+          ON CONFLICT (key) DO UPDATE SET value = excluded.value`,
+        args: [String(cursor)],
       },
     ];
     if (batch.lost.length > 0) {
@@ -302,6 +321,7 @@ export class Replicator {
       );
     }
     this.lostRows = lost;
+    this.confirmedSeq = cursor;
     this.pushedRows += batch.rowCount;
     this.pushedBatches += 1;
     this.lastPushAt = at;

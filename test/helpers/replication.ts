@@ -31,6 +31,7 @@ export function replicationToml(
 export interface ReplicationJson {
   state: string;
   backlog: { rows: number; bytes: number; lag_s: number };
+  cursor?: { confirmed_seq: number; queued_seq: number };
   pushed_rows: number;
   lost_rows: number;
   over_backlog: boolean;

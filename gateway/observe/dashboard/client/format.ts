@@ -7,6 +7,17 @@ export const fmtRate = (n: number): string => (n >= 100 ? fmtInt(n) : (Math.roun
 export const fmtPct = (r: number): string => `${r >= 0.1 || r === 0 ? Math.round(r * 100) : (r * 100).toFixed(1)}%`;
 export const short = (hash: string | null | undefined, n = 10): string => (hash ? hash.slice(0, n) : "—");
 
+/** A size: "512 B", "3.4 KB", "12 MB". */
+export function fmtBytes(n: number | null | undefined): string {
+  const b = Math.max(0, n ?? 0);
+  if (b < 1024) return `${Math.round(b)} B`;
+  const units = ["KB", "MB", "GB", "TB"];
+  let v = b / 1024;
+  let i = 0;
+  for (; v >= 1024 && i < units.length - 1; i++) v /= 1024;
+  return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
+}
+
 /** A duration: "850 ms", "4.2 s", "3 min 5 s", "2 h 10 min". */
 export function fmtMs(ms: number | null | undefined): string {
   if (ms === null || ms === undefined) return "—";

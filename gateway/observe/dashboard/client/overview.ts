@@ -1,10 +1,10 @@
 /** The overview page: fleet KPIs, agent types, and the server-paged, searchable agent table. */
 import { api } from "./api.ts";
 import { type Child, debounce, h, messageOf, throttle } from "./dom.ts";
-import { fmtInt, fmtMs, fmtPct, fmtRate, pill, short, when } from "./format.ts";
+import { fmtBytes, fmtInt, fmtMs, fmtPct, fmtRate, pill, short, when } from "./format.ts";
 import { auditPanel } from "./audit.ts";
 import { currentHealth, onHealth, type View } from "./health.ts";
-import { type Agent, type Fact, type Health, STATUSES } from "./types.ts";
+import { type Agent, type Fact, type Health, type Replication, STATUSES } from "./types.ts";
 
 /** One KPI tile. */
 export function kpi(id: string, label: string, value: string, sub: Child, level = ""): HTMLDivElement {
@@ -19,6 +19,42 @@ export function kpi(id: string, label: string, value: string, sub: Child, level 
 }
 
 const level = (r: number, warn: number, bad: number) => (r >= bad ? "bad" : r > warn ? "warn" : "");
+
+/**
+ * Replication to the central server: rows the center has not confirmed, their size and age,
+ * the confirmed cursor, the last push and the last error (docs/replication.md).
+ */
+function replicationKpi(r: Replication): HTMLDivElement {
+  const lagMs = r.backlog.lag_s * 1000;
+  const failing = r.last_error !== null;
+  const sub: Child[] = [
+    h("span", { "data-testid": "repl-backlog" }, `${fmtBytes(r.backlog.bytes)} · lag ${fmtMs(lagMs)}`),
+    h(
+      "span",
+      { "data-testid": "repl-cursor" },
+      r.cursor ? `confirmed #${fmtInt(r.cursor.confirmed_seq)} of #${fmtInt(r.cursor.queued_seq)}` : "",
+    ),
+    h("span", { "data-testid": "repl-last-push" }, "last push ", when(r.last_push_at)),
+  ];
+  if (r.lost_rows > 0) sub.push(h("span", { class: "bad-text" }, `${fmtInt(r.lost_rows)} rows lost`));
+  if (r.last_error)
+    sub.push(
+      h(
+        "span",
+        { class: "bad-text", "data-testid": "repl-error", title: r.last_error.message },
+        `${r.last_error.kind}: ${r.last_error.message}`,
+      ),
+    );
+  const tile = kpi(
+    "replication",
+    `Replication · ${r.state}`,
+    fmtInt(r.backlog.rows),
+    sub,
+    failing || r.over_backlog ? "bad" : lagMs > 60_000 ? "warn" : "",
+  );
+  tile.title = `rows not yet confirmed by ${r.url}`;
+  return tile;
+}
 
 function renderKpis(root: HTMLElement, hl: Health): void {
   const agents = hl.agents ?? {};
@@ -61,6 +97,7 @@ function renderKpis(root: HTMLElement, hl: Health): void {
       fmtInt(broker.clients ?? 0),
       `${fmtInt(broker.messagesIn ?? 0)} in · ${fmtInt(broker.messagesOut ?? 0)} out`,
     ),
+    ...(hl.replication ? [replicationKpi(hl.replication)] : []),
   );
 }
 

@@ -37,6 +37,20 @@ export interface TypeHealth {
   readonly episodes_hour?: number;
 }
 
+/** `replication` of the health summary (docs/replication.md); null when `[replication]` is off. */
+export interface Replication {
+  readonly url: string;
+  readonly state: string;
+  readonly backlog: { readonly rows: number; readonly bytes: number; readonly lag_s: number };
+  readonly cursor?: { readonly confirmed_seq: number; readonly queued_seq: number };
+  readonly over_backlog: boolean;
+  readonly pushed_rows: number;
+  readonly last_push_at: number | null;
+  readonly lost_rows: number;
+  readonly consecutive_failures: number;
+  readonly last_error: { readonly kind: string; readonly message: string; readonly at: number } | null;
+}
+
 /** `GET /api/fleet` and the `health` event. */
 export interface Health {
   readonly fleet?: string;
@@ -60,6 +74,7 @@ export interface Health {
     readonly window_s?: number;
   };
   readonly types?: Readonly<Record<string, TypeHealth>>;
+  readonly replication?: Replication | null;
 }
 
 /** An agent in `/api/agents`. */
