@@ -14,6 +14,7 @@ import pino from "pino";
 import { gcAll, verifyChains, verifyStore } from "../gateway/ops/index.ts";
 import {
   CENTRAL_MIGRATIONS,
+  CENTRAL_SCHEMA_VERSION,
   CentralReader,
   enableReplication,
   REPLICATED,
@@ -276,7 +277,7 @@ describe("operator actions", () => {
       expect(await centralCount(db, "audit", f.store.gatewayId)).toBe(4);
       await expectCenterEqualsLocal(f, db);
       const reader = await CentralReader.open(sqld.url);
-      expect(reader.version).toBe(2);
+      expect(reader.version).toBe(CENTRAL_SCHEMA_VERSION);
       const rows = await reader.audit({ fleet: "synthetic" });
       expect(rows.map((a) => [a.fleet, a.gateway, a.seq, a.action, a.target, a.status])).toEqual([
         ["synthetic", f.store.gatewayId, 4, "gc", null, 200],

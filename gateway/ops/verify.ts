@@ -40,8 +40,8 @@ const short = (hash: unknown): string => String(hash).slice(0, 16);
 export interface ChainSource {
   /** Every agent that has at least one checkpoint. */
   agents(): Promise<string[]>;
-  /** An agent's checkpoints, oldest first. */
-  checkpoints(agent: string): Promise<CheckpointRow[]>;
+  /** An agent's checkpoints, oldest first (a source may stream them: verify holds one at a time). */
+  checkpoints(agent: string): AsyncIterable<CheckpointRow> | Promise<Iterable<CheckpointRow>>;
   /** The agent row's chain anchor and head. */
   agent(agent: string): Promise<Pick<AgentRow, "anchorSeq" | "anchorHash" | "headHash"> | undefined>;
   /** An agent's episodes in id order after `afterId`. */
@@ -79,14 +79,18 @@ export async function verifyChains(src: ChainSource, only?: readonly string[]): 
   let checkpoints = 0;
   let episodes = 0;
   for (const agent of agents) {
-    const chain = await src.checkpoints(agent);
     const a = await src.agent(agent);
-    // Retention deletes a prefix of the chain and keeps its newest hash as the anchor. A copy
-    // that still has the whole chain (the central database) verifies it from the start.
-    const whole = chain[0]?.seq === 1;
-    let prev: string | null = whole ? null : (a?.anchorHash ?? null);
-    let prevSeq = whole ? 0 : (a?.anchorSeq ?? 0);
-    for (const row of chain) {
+    const chain = src.checkpoints(agent);
+    let prev: string | null = null;
+    let prevSeq = 0;
+    let seen = 0;
+    for await (const row of Symbol.asyncIterator in chain ? chain : await chain) {
+      if (seen++ === 0 && row.seq !== 1) {
+        // Retention deletes a prefix of the chain and keeps its newest hash as the anchor. A copy
+        // that still has the whole chain (the central database) verifies it from the start.
+        prev = a?.anchorHash ?? null;
+        prevSeq = a?.anchorSeq ?? 0;
+      }
       checkpoints++;
       const rec = `checkpoint ${agent}#${row.seq} ${row.hash.slice(0, 16)}`;
       if (row.seq !== prevSeq + 1) problems.push({ agent, record: rec, problem: `sequence gap after #${prevSeq}` });
@@ -106,7 +110,7 @@ export async function verifyChains(src: ChainSource, only?: readonly string[]): 
       prev = row.hash;
       prevSeq = row.seq;
     }
-    if (a && chain.length > 0 && a.headHash !== prev)
+    if (a && seen > 0 && a.headHash !== prev)
       problems.push({
         agent,
         record: `agent ${agent}`,

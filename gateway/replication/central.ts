@@ -3,7 +3,7 @@
  * and one gateway's hash chains for `fleet verify --central`. Rows come back in the local
  * row shapes (camelCase, as drizzle returns them) plus `fleet` and `gateway`.
  */
-import { createClient, type Client, type InArgs, type Row } from "@libsql/client";
+import { createClient, type Client, type InArgs, type InValue, type Row } from "@libsql/client";
 import type { ChainSource } from "../ops/index.ts";
 import type { AgentRow, AuditRow, CheckpointRow, EpisodeRow, EventRow } from "../store/index.ts";
 import { checkNotNewer, schemaVersion } from "../store/index.ts";
@@ -59,6 +59,16 @@ const GATEWAY_COLS = [
   "schema_version",
 ];
 
+/** Most rows one page asks for; a page sqld refuses as too large is asked again with half as many. */
+export const PAGE_ROWS = 1000;
+
+/** sqld refuses a response past its size limit (`--max-response-size`, 10 MB by default). */
+const tooLarge = (err: unknown): boolean =>
+  /RESPONSE_TOO_LARGE/.test(`${(err as { code?: string }).code ?? ""} ${(err as Error)?.message ?? ""}`);
+
+/** One page of a keyset walk: the rows after `after` (null: from the start), at most `limit`. */
+type PageQuery<C> = (after: C | null, limit: number) => { sql: string; args: InValue[] };
+
 /** Read access to a central libSQL server. */
 export class CentralReader {
   private constructor(
@@ -95,6 +105,41 @@ export class CentralReader {
     return (await this.client.execute({ sql, args })).rows;
   }
 
+  /**
+   * Every row of a query, read in bounded pages (a 100,000-episode fleet does not fit in one
+   * sqld response): `page` builds the statement for the rows after a cursor, `cursor` takes a
+   * row's. A page refused as RESPONSE_TOO_LARGE is asked again with half as many rows (down
+   * to one), so rows of any size come through. Stops after `max` rows.
+   */
+  async *walk<C>(page: PageQuery<C>, cursor: (r: Row) => C, max = Number.POSITIVE_INFINITY): AsyncGenerator<Row> {
+    let after: C | null = null;
+    let limit = PAGE_ROWS;
+    for (let left = max; left > 0; ) {
+      const want = Math.min(limit, left);
+      let rows: Row[];
+      try {
+        rows = (await this.client.execute(page(after, want))).rows;
+      } catch (err) {
+        if (tooLarge(err) && want > 1) {
+          limit = Math.max(1, Math.floor(want / 2));
+          continue;
+        }
+        throw err;
+      }
+      yield* rows;
+      left -= rows.length;
+      if (rows.length < want) return;
+      after = cursor(rows.at(-1)!);
+    }
+  }
+
+  /** `walk`, collected. */
+  private async collect<C>(page: PageQuery<C>, cursor: (r: Row) => C, max?: number): Promise<Row[]> {
+    const out: Row[] = [];
+    for await (const r of this.walk(page, cursor, max)) out.push(r);
+    return out;
+  }
+
   /** Gateways, by fleet name then id; `fleet` matches a fleet name or a gateway id. */
   async gateways(fleet?: string): Promise<CentralGateway[]> {
     const rows = await this.all(
@@ -119,21 +164,33 @@ export class CentralReader {
     if (f.type) where_("type = ?", f.type);
     if (f.status) where_("status = ?", f.status);
     const where = conds.length ? `WHERE ${conds.join(" AND ")}` : "";
-    const rows = await this.all(
-      `SELECT ${AGENT_COLS.join(", ")} FROM agents ${where} ORDER BY fleet, id, gateway LIMIT ? OFFSET ?`,
-      [...args, f.limit ?? 100, f.offset ?? 0],
+    // The first page is found by OFFSET; the rest follow the (fleet, id, gateway) key.
+    const rows = await this.collect<InValue[]>(
+      (after, limit) => ({
+        sql: `SELECT ${AGENT_COLS.join(", ")} FROM agents ${where}
+          ${after ? `${where ? "AND" : "WHERE"} (fleet, id, gateway) > (?, ?, ?)` : ""}
+          ORDER BY fleet, id, gateway LIMIT ? OFFSET ?`,
+        args: [...args, ...(after ?? []), limit, after ? 0 : (f.offset ?? 0)],
+      }),
+      (r) => [r.fleet, r.id, r.gateway] as InValue[],
+      f.limit ?? 100,
     );
     const total = Number((await this.all(`SELECT count(*) AS n FROM agents ${where}`, args))[0]?.n ?? 0);
     return { rows: rows.map((r) => shape<AgentRow & Origin>(r, AGENT_COLS)), total };
   }
 
-  /** One agent's episodes (in every fleet that has that agent id, or one), newest first. */
+  /** One agent's episodes (in every fleet that has that agent id, or one), newest first, in pages. */
   async episodes(agent: string, f: { fleet?: string; limit?: number } = {}): Promise<(EpisodeRow & Origin)[]> {
-    const rows = await this.all(
-      `SELECT ${EPISODE_COLS.join(", ")} FROM episodes
-        WHERE agent = ? ${f.fleet ? "AND (fleet = ? OR gateway = ?)" : ""}
-       ORDER BY started_at DESC, id DESC LIMIT ?`,
-      f.fleet ? [agent, f.fleet, f.fleet, f.limit ?? 50] : [agent, f.limit ?? 50],
+    const rows = await this.collect<InValue[]>(
+      (after, limit) => ({
+        sql: `SELECT ${EPISODE_COLS.join(", ")} FROM episodes
+          WHERE agent = ? ${f.fleet ? "AND (fleet = ? OR gateway = ?)" : ""}
+            ${after ? "AND (started_at, id, gateway) < (?, ?, ?)" : ""}
+          ORDER BY started_at DESC, id DESC, gateway DESC LIMIT ?`,
+        args: [agent, ...(f.fleet ? [f.fleet, f.fleet] : []), ...(after ?? []), limit],
+      }),
+      (r) => [r.started_at, r.id, r.gateway] as InValue[],
+      f.limit ?? 50,
     );
     return rows.map((r) => shape<EpisodeRow & Origin>(r, EPISODE_COLS));
   }
@@ -143,9 +200,13 @@ export class CentralReader {
     const [row] = await this.all(`SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE id = ? LIMIT 1`, [id]);
     if (!row) return undefined;
     const episode = shape<EpisodeRow & Origin>(row, EPISODE_COLS);
-    const events = await this.all(
-      `SELECT ${EVENT_COLS.join(", ")} FROM events WHERE gateway = ? AND episode = ? ORDER BY seq`,
-      [episode.gateway, id],
+    const events = await this.collect<number>(
+      (after, limit) => ({
+        sql: `SELECT ${EVENT_COLS.join(", ")} FROM events WHERE gateway = ? AND episode = ? AND seq > ?
+          ORDER BY seq LIMIT ?`,
+        args: [episode.gateway, id, after ?? -1, limit],
+      }),
+      (r) => Number(r.seq),
     );
     return { episode, events: events.map((r) => shape<EventRow>(r, EVENT_COLS)) };
   }
@@ -166,10 +227,18 @@ export class CentralReader {
       conds.push("seq < ?");
       args.push(f.before);
     }
-    const rows = await this.all(
-      `SELECT ${AUDIT_COLS.join(", ")} FROM audit ${conds.length ? `WHERE ${conds.join(" AND ")}` : ""}
-        ORDER BY at DESC, gateway, seq DESC LIMIT ?`,
-      [...args, f.limit ?? 50],
+    const rows = await this.collect<InValue[]>(
+      (after, limit) => {
+        const all = after ? [...conds, "(at < ? OR (at = ? AND (gateway > ? OR (gateway = ? AND seq < ?))))"] : conds;
+        const [at, gateway, seq] = after ?? [];
+        return {
+          sql: `SELECT ${AUDIT_COLS.join(", ")} FROM audit ${all.length ? `WHERE ${all.join(" AND ")}` : ""}
+            ORDER BY at DESC, gateway, seq DESC LIMIT ?`,
+          args: [...args, ...(after ? [at!, at!, gateway!, gateway!, seq!] : []), limit],
+        };
+      },
+      (r) => [r.at, r.gateway, r.seq] as InValue[],
+      f.limit ?? 50,
     );
     return rows.map((r) => shape<AuditRow & Origin>(r, AUDIT_COLS));
   }
@@ -211,28 +280,36 @@ export class CentralReader {
     });
   }
 
-  /** One gateway's hash chains, for `verifyChains`. */
+  /** One agent's checkpoints at one gateway, oldest first, streamed page by page. */
+  async *checkpointsOf(gateway: string, agent: string): AsyncGenerator<CheckpointRow> {
+    const rows = this.walk<number>(
+      (after, limit) => ({
+        sql: `SELECT ${CHECKPOINT_COLS.join(", ")} FROM checkpoints WHERE gateway = ? AND agent = ? AND seq > ?
+          ORDER BY seq LIMIT ?`,
+        args: [gateway, agent, after ?? -1, limit],
+      }),
+      (r) => Number(r.seq),
+    );
+    for await (const r of rows) yield shape<CheckpointRow>(r, CHECKPOINT_COLS);
+  }
+
+  /**
+   * One gateway's hash chains, for `verifyChains`. Every read is paged (`walk`): checkpoints
+   * stream oldest first, so verify holds one page of a 100,000-link chain at a time.
+   */
   chains(gateway: string): ChainSource {
-    const cps = `SELECT ${CHECKPOINT_COLS.join(", ")} FROM checkpoints WHERE gateway = ?`;
     return {
       agents: async () =>
-        (await this.all("SELECT DISTINCT agent FROM checkpoints WHERE gateway = ? ORDER BY agent", [gateway])).map(
-          (r) => String(r.agent),
-        ),
-      // In pages: sqld refuses an HTTP response past its size limit (RESPONSE_TOO_LARGE).
-      checkpoints: async (agent) => {
-        const out: CheckpointRow[] = [];
-        for (let after = -1; ; ) {
-          const page = await this.all(`${cps} AND agent = ? AND seq > ? ORDER BY seq LIMIT 2000`, [
-            gateway,
-            agent,
-            after,
-          ]);
-          for (const r of page) out.push(shape<CheckpointRow>(r, CHECKPOINT_COLS));
-          if (page.length < 2000) return out;
-          after = Number(page.at(-1)!.seq);
-        }
-      },
+        (
+          await this.collect<string>(
+            (after, limit) => ({
+              sql: `SELECT DISTINCT agent FROM checkpoints WHERE gateway = ? AND agent > ? ORDER BY agent LIMIT ?`,
+              args: [gateway, after ?? "", limit],
+            }),
+            (r) => String(r.agent),
+          )
+        ).map((r) => String(r.agent)),
+      checkpoints: (agent) => this.checkpointsOf(gateway, agent),
       agent: async (agent) => {
         const [r] = await this.all(`SELECT ${AGENT_COLS.join(", ")} FROM agents WHERE gateway = ? AND id = ?`, [
           gateway,
@@ -240,20 +317,29 @@ export class CentralReader {
         ]);
         return r ? shape<AgentRow>(r, AGENT_COLS) : undefined;
       },
-      episodes: async (agent, after, limit) =>
+      episodes: async (agent, afterId, max) =>
         (
-          await this.all(
-            `SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE gateway = ? AND agent = ? AND id > ?
-              ORDER BY id LIMIT ?`,
-            [gateway, agent, after, limit],
+          await this.collect<string>(
+            (after, limit) => ({
+              sql: `SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE gateway = ? AND agent = ? AND id > ?
+                ORDER BY id LIMIT ?`,
+              args: [gateway, agent, after ?? afterId, limit],
+            }),
+            (r) => String(r.id),
+            max,
           )
         ).map((r) => shape<EpisodeRow>(r, EPISODE_COLS)),
       events: async (ids) =>
         (
-          await this.all(
-            `SELECT ${EVENT_COLS.join(", ")} FROM events
-              WHERE gateway = ? AND episode IN (SELECT value FROM json_each(?)) ORDER BY episode, seq`,
-            [gateway, JSON.stringify(ids)],
+          await this.collect<InValue[]>(
+            (after, limit) => ({
+              sql: `SELECT ${EVENT_COLS.join(", ")} FROM events
+                WHERE gateway = ? AND episode IN (SELECT value FROM json_each(?))
+                  ${after ? "AND (episode, seq) > (?, ?)" : ""}
+                ORDER BY episode, seq LIMIT ?`,
+              args: [gateway, JSON.stringify(ids), ...(after ?? []), limit],
+            }),
+            (r) => [r.episode, r.seq] as InValue[],
           )
         ).map((r) => shape<EventRow>(r, EVENT_COLS)),
     };

@@ -93,10 +93,20 @@ const CENTRAL_V2: readonly string[] = [
   `CREATE INDEX IF NOT EXISTS audit_time ON audit (gateway, at)`,
 ];
 
+/**
+ * Central schema v3: indexes for the paged reads of a large center (`fleet episodes --central`
+ * looks an agent up across fleets; `verify --central` walks one gateway's agent by episode id).
+ */
+const CENTRAL_V3: readonly string[] = [
+  `CREATE INDEX IF NOT EXISTS episodes_by_agent ON episodes (agent, started_at, id)`,
+  `CREATE INDEX IF NOT EXISTS episodes_chain ON episodes (gateway, agent, id)`,
+];
+
 /** The central database's migrations, oldest first (applied by the first gateway that connects). */
 export const CENTRAL_MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "central schema", statements: CENTRAL_V1 },
   { version: 2, name: "operator actions", statements: CENTRAL_V2 },
+  { version: 3, name: "indexes for paged reads", statements: CENTRAL_V3 },
 ];
 
 /** The central schema version this code writes and reads. */

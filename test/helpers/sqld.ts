@@ -42,6 +42,8 @@ export class Sqld {
   private constructor(
     readonly port: number,
     readonly auth: boolean,
+    /** sqld's --max-response-size (default 10MB): larger responses fail with RESPONSE_TOO_LARGE. */
+    readonly maxResponseSize?: string,
   ) {
     this.dir = mkdtempSync(join(tmpdir(), "fleet-sqld-"));
     if (auth) {
@@ -52,8 +54,8 @@ export class Sqld {
   }
 
   /** Start a fresh server (with JWT auth when `auth`). */
-  static async start(opts: { auth?: boolean } = {}): Promise<Sqld> {
-    const s = new Sqld(await freePort(), opts.auth ?? false);
+  static async start(opts: { auth?: boolean; maxResponseSize?: string } = {}): Promise<Sqld> {
+    const s = new Sqld(await freePort(), opts.auth ?? false, opts.maxResponseSize);
     await s.restart();
     return s;
   }
@@ -81,6 +83,7 @@ export class Sqld {
     const log = openSync(join(this.dir, "sqld.log"), "a");
     const args = [sqldBinary(), "--db-path", join(this.dir, "db"), "--http-listen-addr", `127.0.0.1:${this.port}`];
     if (this.auth) args.push("--auth-jwt-key-file", join(this.dir, "jwt.pem"));
+    if (this.maxResponseSize) args.push("--max-response-size", this.maxResponseSize);
     this.proc = Bun.spawn(args, {
       cwd: this.dir,
       env: { PATH: process.env.PATH ?? "" },
