@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Client } from "@libsql/client";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
@@ -17,6 +17,7 @@ import {
   CENTRAL_SCHEMA_VERSION,
   CentralReader,
   enableReplication,
+  prepareCentral,
   REPLICATED,
   Replicator,
   type ReplicationStatus,
@@ -25,6 +26,8 @@ import type { ReplicationSpec } from "../gateway/spec/index.ts";
 import { appendAudit, migrate } from "../gateway/store/index.ts";
 import { DAY, SyntheticFleet } from "./helpers/ops.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
+import { replicationToml } from "./helpers/replication.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
 
 const EPISODES = Number(process.env.FLEET_REPL_EPISODES ?? 4_000);
 const T0 = Date.UTC(2025, 0, 6);
@@ -385,6 +388,92 @@ describe("fleet central", () => {
       );
       expect(open.exitCode).toBe(1);
       expect(open.stderr.toString()).toContain("FLEET_CENTRAL_API_TOKEN");
+    },
+    SLOW,
+  );
+});
+
+describe("the central token for fleet --central and fleet central", () => {
+  test(
+    "comes from --token-env or [replication] auth_token_env; a missing or wrong one is one clear error",
+    async () => {
+      const sqld = await Sqld.start({ auth: true });
+      servers.push(sqld);
+      const admin = sqld.client();
+      await prepareCentral(admin, sqld.url);
+      admin.close();
+      const dir = mkdtempSync(join(tmpdir(), "fleet-central-token-"));
+      dirs.push(dir);
+      const config = join(dir, "fleet.toml");
+      writeFileSync(
+        config,
+        fleetHeader("tok") + counterType("counter", "s/+/c") + replicationToml(sqld.url, { tokenEnv: "CENTRAL_TOKEN" }),
+      );
+      const none = join(dir, "absent.toml");
+      const cli = (args: string[], env: Record<string, string> = {}) => {
+        const r = Bun.spawnSync([process.execPath, join(import.meta.dir, "../gateway/cli/main.ts"), ...args], {
+          env: { PATH: process.env.PATH ?? "", ...env },
+          cwd: dir,
+        });
+        return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
+      };
+      const agents = (config_: string, extra: string[] = []) => [
+        "agents",
+        "--central",
+        sqld.url,
+        "--config",
+        config_,
+        ...extra,
+      ];
+      // The gateway's own env var, named in fleet.toml.
+      expect(cli(agents(config), { CENTRAL_TOKEN: sqld.token() })).toMatchObject({ code: 0 });
+      const unset = cli(agents(config));
+      expect(unset.code).toBe(1);
+      expect(unset.err).toContain(`[replication] auth_token_env in ${config} names CENTRAL_TOKEN, which is not set`);
+      const wrong = cli(agents(config), { CENTRAL_TOKEN: "not-a-jwt" });
+      expect(wrong.code).toBe(1);
+      expect(wrong.err).toContain("refused the credentials");
+      expect(wrong.err).toContain("the token in CENTRAL_TOKEN was refused");
+      // --token-env names another variable, and wins over fleet.toml.
+      expect(
+        cli(agents(config, ["--token-env", "OTHER"]), { OTHER: sqld.token(), CENTRAL_TOKEN: "not-a-jwt" }),
+      ).toMatchObject({ code: 0 });
+      const missing = cli(agents(none, ["--token-env", "OTHER"]));
+      expect(missing.code).toBe(1);
+      expect(missing.err).toContain("--token-env OTHER: OTHER is not set");
+      expect(cli(agents(none, ["--token-env", "1-bad"])).code).toBe(2);
+      const anonymous = cli(agents(none));
+      expect(anonymous.code).toBe(1);
+      expect(anonymous.err).toContain("no token was sent");
+      // fleet central takes it the same way.
+      const proc = Bun.spawn(
+        [
+          process.execPath,
+          join(import.meta.dir, "../gateway/cli/main.ts"),
+          "central",
+          "--url",
+          sqld.url,
+          "--port",
+          "0",
+          "--config",
+          config,
+        ],
+        { stdout: "pipe", stderr: "pipe", env: { PATH: process.env.PATH ?? "", CENTRAL_TOKEN: sqld.token() } },
+      );
+      try {
+        const { value } = await proc.stdout.getReader().read();
+        const base = new TextDecoder().decode(value).match(/on (http:\/\/127\.0\.0\.1:\d+)/)?.[1];
+        expect(base).toBeString();
+        expect((await fetch(`${base}/api/fleets`)).status).toBe(200);
+      } finally {
+        proc.kill();
+        await proc.exited;
+      }
+      const refused = cli(["central", "--url", sqld.url, "--port", "0", "--config", config], {
+        CENTRAL_TOKEN: "not-a-jwt",
+      });
+      expect(refused.code).toBe(1);
+      expect(refused.err).toContain("the token in CENTRAL_TOKEN was refused");
     },
     SLOW,
   );

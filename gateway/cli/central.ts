@@ -1,21 +1,72 @@
 /**
  * `--central URL` on `agents`, `episodes`, `show`, `verify`: the same commands over the
  * central database, every fleet side by side (`--fleet NAME|GATEWAY` narrows to one).
- * The token, when the server wants one, comes from env FLEET_CENTRAL_TOKEN.
+ * The token, when the server wants one, comes from `centralToken`.
  */
 import { agentView, episodeView } from "../observe/index.ts";
 import { verifyChains, type VerifyProblem } from "../ops/index.ts";
-import { CentralReader, startCentralServer } from "../replication/index.ts";
+import { existsSync } from "node:fs";
+import { CentralError, CentralReader, startCentralServer } from "../replication/index.ts";
+import { loadSpec } from "../spec/index.ts";
 import { parseAgentId } from "../types.ts";
 import { type Cli, table, UsageError, when } from "./context.ts";
 
-/** Open the central database named by --central (token from FLEET_CENTRAL_TOKEN). */
-export function openCentral(url: string): Promise<CentralReader> {
-  return CentralReader.open(url, process.env.FLEET_CENTRAL_TOKEN || undefined);
+/**
+ * The central server's token and the env var it came from: `--token-env NAME`, else the var
+ * `[replication] auth_token_env` names in fleet.toml (the one the gateway reads), else
+ * FLEET_CENTRAL_TOKEN; none is fine for a server without auth. A var named but not set is an error.
+ */
+export async function centralToken(
+  cli: Pick<Cli, "flags" | "configPath">,
+  env: Readonly<Record<string, string | undefined>> = process.env,
+): Promise<{ token?: string; from: string | null }> {
+  const named = cli.flags["token-env"];
+  if (named !== undefined) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(named))
+      throw new UsageError(`--token-env takes the name of an environment variable, got "${named}"`);
+    const token = env[named];
+    if (!token)
+      throw new CentralError(
+        `--token-env ${named}: ${named} is not set (export the central server's JWT in it)`,
+        "auth",
+      );
+    return { token, from: named };
+  }
+  let specEnv: string | null = null;
+  if (existsSync(cli.configPath)) {
+    try {
+      specEnv = (await loadSpec(cli.configPath)).spec.replication?.auth_token_env ?? null;
+    } catch {
+      // An unreadable fleet.toml names no token; reading the center does not need one.
+    }
+  }
+  if (specEnv && env[specEnv]) return { token: env[specEnv], from: specEnv };
+  if (env.FLEET_CENTRAL_TOKEN) return { token: env.FLEET_CENTRAL_TOKEN, from: "FLEET_CENTRAL_TOKEN" };
+  if (specEnv)
+    throw new CentralError(
+      `[replication] auth_token_env in ${cli.configPath} names ${specEnv}, which is not set here: ` +
+        `export it (the gateway's token for the central server), or pass --token-env NAME`,
+      "auth",
+    );
+  return { from: null };
+}
+
+/** Open the central database at `url` with the token `centralToken` finds; says which token was refused. */
+export async function openCentral(cli: Pick<Cli, "flags" | "configPath">, url: string): Promise<CentralReader> {
+  const { token, from } = await centralToken(cli);
+  try {
+    return await CentralReader.open(url, token);
+  } catch (err) {
+    if (!(err instanceof CentralError) || err.kind !== "auth") throw err;
+    const hint = from
+      ? `the token in ${from} was refused (wrong, expired, or signed for another server)`
+      : "no token was sent: set the env var [replication] auth_token_env names, or pass --token-env NAME";
+    throw new CentralError(`${err.message}\n${hint}`, "auth");
+  }
 }
 
 async function withCentral<T>(cli: Cli, run: (c: CentralReader) => Promise<T>): Promise<T> {
-  const c = await openCentral(cli.flags.central!);
+  const c = await openCentral(cli, cli.flags.central!);
   try {
     return await run(c);
   } finally {
@@ -182,7 +233,7 @@ export async function cmdCentralServe(cli: Cli): Promise<void> {
   const port = Number(flags.port ?? 8090);
   if (!Number.isSafeInteger(port) || port < 0 || port > 65535)
     throw new UsageError(`--port must be 0-65535, got "${flags.port}"`);
-  const reader = await openCentral(flags.url);
+  const reader = await openCentral(cli, flags.url);
   const server = startCentralServer({
     reader,
     host: flags.host ?? "127.0.0.1",

@@ -66,6 +66,8 @@ export interface CliFlags {
   readonly central?: string;
   /** With --central: one fleet (name) or gateway (id). */
   readonly fleet?: string;
+  /** With --central and `fleet central`: the env var holding the central server's token. */
+  readonly "token-env"?: string;
   /** `fleet central`: the central server's URL, where to listen. */
   readonly url?: string;
   readonly port?: string;

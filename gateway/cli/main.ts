@@ -53,8 +53,10 @@ const USAGE = `usage: fleet <command> [args] [--json]
 
   agents|episodes|show|verify|audit --central URL [--fleet NAME|GATEWAY]
                               the same over the central libSQL server every gateway replicates to
-                              (token from env FLEET_CENTRAL_TOKEN); verify names a tampered row
-  central --url URL [--host H] [--port N]   read-only dashboard + JSON API over the central database
+                              verify names a tampered row. Token: env --token-env NAME, else the one
+                              [replication] auth_token_env names in fleet.toml, else FLEET_CENTRAL_TOKEN
+  central --url URL [--host H] [--port N] [--token-env NAME]
+                              read-only dashboard + JSON API over the central database
                               (binds 127.0.0.1:8090; off loopback needs env FLEET_CENTRAL_API_TOKEN)
 ${DEVICE_USAGE}
 ${TOKEN_USAGE}
@@ -99,6 +101,7 @@ const ARGS = {
     "client-id": { type: "string" },
     central: { type: "string" },
     url: { type: "string" },
+    "token-env": { type: "string" },
     port: { type: "string" },
     host: { type: "string" },
     fleet: { type: "string" },

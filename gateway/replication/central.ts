@@ -31,6 +31,13 @@ export interface CentralGateway extends Origin {
 /** The central database cannot be read (unreachable, refused, empty, or newer). */
 export class CentralError extends Error {
   override readonly name = "CentralError";
+  constructor(
+    message: string,
+    /** `auth` when the server refused the credentials (or wanted some); retry decisions read this. */
+    readonly kind: "auth" | "other" = "other",
+  ) {
+    super(message);
+  }
 }
 
 const camel = (k: string) => k.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
@@ -92,7 +99,8 @@ export class CentralReader {
     } catch (err) {
       client.close();
       if (err instanceof CentralError) throw err;
-      throw new CentralError(classifyError(err, url).message);
+      const e = classifyError(err, url);
+      throw new CentralError(e.message, e.kind === "auth" ? "auth" : "other");
     }
     return new CentralReader(client, url, found);
   }
