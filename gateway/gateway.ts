@@ -43,6 +43,7 @@ import { appendAudit } from "./store/index.ts";
 import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
+import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
@@ -123,7 +124,8 @@ export class Gateway {
   private readonly infra = new InfraHealth();
   /** Pushes records to the central server (`[replication]`); null when not configured. */
   private replicator: Replicator | null = null;
-  private readonly now: () => number;
+  /** The gateway's clock (epoch ms); tests shift it. */
+  readonly now: () => number;
   private tokenWatch: ReturnType<typeof setInterval> | null = null;
 
   constructor(readonly opts: GatewayOptions) {
@@ -364,6 +366,16 @@ export class Gateway {
       },
       released: (agent) => this.book.released(agent),
     });
+  }
+
+  /**
+   * Replay a recorded episode (id or unique prefix) in a fresh sandboxed subprocess, as
+   * `fleet replay` does: on its recorded inputs, never touching the fleet's state.
+   */
+  async replay(idOrPrefix: string): Promise<ReplayResult | TraceMiss> {
+    const found = await findEpisode(this.store, idOrPrefix);
+    if ("code" in found) return found;
+    return replayEpisode(this.store, found.id, this.spawnOptions);
   }
 
   /** Stimuli waiting for an agent. */

@@ -1,15 +1,19 @@
 /**
  * Provenance over HTTP, the same answers as `fleet state` and `fleet trace`:
  * `GET /api/agents/<t>/<k>/state[?at=SEQ]`, `GET /api/agents/<t>/<k>/state/diff?from=A&to=B`,
- * `GET /api/episodes/<id|prefix>/trace`, `GET /api/trace?topic=T[&at=MS]`.
+ * `GET /api/episodes/<id|prefix>/trace`, `GET /api/trace?topic=T[&at=MS]`, and
+ * `POST /api/episodes/<id|prefix>/replay` (the verdict of `fleet replay`).
  */
 import { episodeForTopic, stateAt, stateDiff, traceEpisode } from "../ops/index.ts";
 import { type AgentId, agentId } from "../types.ts";
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
+import { busy, noteAudit } from "./access.ts";
 
 type Req = Request & { params: Record<string, string> };
 const MAX_SEQ = Number.MAX_SAFE_INTEGER;
+/** Replays one gateway runs at once (each is a subprocess); more wait for a 503's Retry-After. */
+const MAX_REPLAYS = 2;
 
 function agentOf(req: Req): AgentId | Response {
   const id = agentId(req.params.type ?? "", req.params.key ?? "");
@@ -17,8 +21,25 @@ function agentOf(req: Req): AgentId | Response {
 }
 
 /** Routes to spread into `Bun.serve({ routes })`. */
-export function historyRoutes(gw: Pick<HttpHost, "store">) {
+export function historyRoutes(gw: Pick<HttpHost, "store" | "replay">) {
+  let replaying = 0;
   return {
+    "/api/episodes/:id/replay": {
+      // The dashboard's replay button (`fleet replay` on the data dir does the same): one subprocess
+      // per call, so a few at a time; the verdict is the answer, never a change to the fleet.
+      POST: async (req: Req) => {
+        if (replaying >= MAX_REPLAYS) return busy(`${replaying} replays running`);
+        replaying++;
+        try {
+          const r = await gw.replay(req.params.id ?? "");
+          if ("code" in r) return httpError(r.code === "ambiguous" ? 409 : 404, r.code, r.message);
+          noteAudit(req, { target: r.episode, detail: r.verdict });
+          return json(r);
+        } finally {
+          replaying--;
+        }
+      },
+    },
     "/api/agents/:type/:key/state": async (req: Req) => {
       const agent = agentOf(req);
       if (agent instanceof Response) return agent;

@@ -9,7 +9,7 @@ import type { AuditEntry } from "./access.ts";
 import type { FleetEvents } from "../events.ts";
 import type { LifecycleAction, LifecycleResult } from "../fleet/index.ts";
 import type { Intake, Route } from "../intake/index.ts";
-import type { GcReport, QuarantineAction } from "../ops/index.ts";
+import type { GcReport, QuarantineAction, ReplayResult, TraceMiss } from "../ops/index.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { AgentId, GatewayState } from "../types.ts";
@@ -42,9 +42,13 @@ export interface HttpHost {
   health(): Promise<unknown>;
   /** Stimuli waiting for an agent. */
   queued(agent: string): number;
+  /** The gateway's clock (epoch ms): what retention, budgets and the activity buckets run on. */
+  readonly now: () => number;
   /** Retry (admitted like a new stimulus) or drop a quarantined stimulus. */
   resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction>;
   setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult>;
+  /** Re-run a recorded episode (id or unique prefix) on its recorded inputs: MATCH, DIVERGED or UNREPLAYABLE. */
+  replay(idOrPrefix: string): Promise<ReplayResult | TraceMiss>;
   /** Retention now, on the gateway's clock (never a client's). */
   gc(opts: { dryRun: boolean }): Promise<GcReport>;
   routeTopic(topic: string): Route;

@@ -18,6 +18,7 @@ import type { StimulusId } from "../types.ts";
 import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { historyRoutes } from "./history.ts";
+import { activityRoutes } from "./activity.ts";
 import { agentDetail, agentEpisodes, episodeDetail, listAgents, listRejected, observeRoutes } from "./read-api.ts";
 
 type Req<P extends string> = BunRequest<P>;
@@ -113,6 +114,7 @@ export function startHttp(
       },
       ...quarantineRoutes(gw),
       ...historyRoutes(gw),
+      ...activityRoutes(gw),
       ...auditRoutes(gw),
       ...sessionRoutes({ sessions, audit }),
       ...observe.routes,

@@ -8,3 +8,4 @@ export * from "./status-topics.ts";
 export * from "./views.ts";
 export * from "./storage.ts";
 export * from "./telemetry.ts";
+export * from "./activity.ts";

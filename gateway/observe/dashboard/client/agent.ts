@@ -6,7 +6,7 @@ import { refreshHealth, type View } from "./health.ts";
 import { showState, showTrace } from "./history.ts";
 import { kpi } from "./overview.ts";
 import { type AgentDetail, type Checkpoint, EPISODE_KINDS, type Episode } from "./types.ts";
-import type { EpisodeDetail, EpisodeEvent } from "./types.ts";
+import type { EpisodeDetail, EpisodeEvent, ReplayResult } from "./types.ts";
 
 /** One event log entry as a line of text. */
 function eventText(e: EpisodeEvent): string {
@@ -127,6 +127,57 @@ function episodeDetail(ep: EpisodeDetail): HTMLElement[] {
   ];
 }
 
+/** The verdict of a replay, as `fleet replay` words it: MATCH, or DIFF with the first difference. */
+function verdictView(r: ReplayResult): HTMLElement {
+  if (r.verdict === "MATCH")
+    return h(
+      "span",
+      {},
+      h("span", { class: "pill committed", "data-testid": "replay-verdict" }, "MATCH"),
+      " ",
+      h("span", { class: "muted" }, "same decisions, outputs, tool calls and state"),
+    );
+  if (r.verdict === "UNREPLAYABLE")
+    return h(
+      "span",
+      {},
+      h("span", { class: "pill retired", "data-testid": "replay-verdict" }, "UNREPLAYABLE"),
+      ` ${r.reason}`,
+    );
+  const d = r.divergence;
+  return h(
+    "span",
+    {},
+    h("span", { class: "pill failed", "data-testid": "replay-verdict" }, "DIFF"),
+    ` at ${d.at}: expected `,
+    h("code", {}, JSON.stringify(d.expected)),
+    ", got ",
+    h("code", {}, JSON.stringify(d.actual)),
+  );
+}
+
+/** A Replay button for episode `id` and where its verdict appears. */
+function replayBar(id: string): HTMLElement {
+  const out = h("span", { class: "replay-out", "data-testid": "replay-result" });
+  const btn = h(
+    "button",
+    { "data-testid": "btn-replay", title: "Re-run on its recorded inputs (fleet replay)" },
+    "Replay",
+  );
+  btn.addEventListener("click", async () => {
+    btn.disabled = true;
+    out.replaceChildren(h("span", { class: "muted" }, "Replaying…"));
+    try {
+      out.replaceChildren(verdictView(await api.replay(id)));
+    } catch (err) {
+      out.replaceChildren(h("span", { class: "muted" }, `Could not replay: ${messageOf(err)}`));
+    } finally {
+      btn.disabled = false;
+    }
+  });
+  return h("div", { class: "replay-bar" }, btn, out);
+}
+
 function episodeRow(e: Episode, cls: string, onPick: () => void): HTMLTableRowElement {
   return h(
     "tr",
@@ -170,6 +221,11 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     { class: "primary", "data-testid": "btn-resume", onclick: () => act("resume") },
     "Resume",
   );
+  const retireBtn = h(
+    "button",
+    { class: "danger", "data-testid": "btn-retire", onclick: () => void retire() },
+    "Retire",
+  );
   const kpis = h("section", { class: "kpis" });
   const epBody = h("tbody");
   const detail = h(
@@ -187,6 +243,22 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     reasonEl.textContent = reason ?? "";
     pauseBtn.disabled = status === "paused" || status === "retired";
     resumeBtn.disabled = status !== "paused" && status !== "failed";
+    retireBtn.disabled = status === "retired";
+  }
+
+  async function retire(): Promise<void> {
+    const ok = confirm(`Retire ${id}? It never runs again and stimuli for it are refused. This cannot be undone.`);
+    if (!ok) return;
+    retireBtn.disabled = true;
+    try {
+      await api.lifecycle(type, key, "retire");
+      toast(`Retired ${id}`);
+      await loadAgent();
+      refreshHealth();
+    } catch (err) {
+      toast(`Could not retire ${id}: ${messageOf(err)}`, true);
+      if (agent) showStatus(agent.status, agent.reason);
+    }
   }
 
   async function act(action: "pause" | "resume"): Promise<void> {
@@ -320,7 +392,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     if (selected !== episode) return;
     detailTitle.textContent = `Episode ${short(ep.id, 13)}…`;
     const lineage = h("div", { "data-testid": "lineage" });
-    detail.replaceChildren(...episodeDetail(ep), lineage);
+    detail.replaceChildren(replayBar(ep.id), ...episodeDetail(ep), lineage);
     void showTrace(lineage, episode);
   }
 
@@ -362,7 +434,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
       "div",
       { class: "agent-head" },
       h("div", {}, h("div", { class: "title" }, h("h1", { "data-testid": "agent-title" }, id), statusEl), reasonEl),
-      h("div", { class: "actions" }, pauseBtn, resumeBtn),
+      h("div", { class: "actions" }, pauseBtn, resumeBtn, retireBtn),
     ),
     kpis,
     h(

@@ -4,13 +4,17 @@
  * page reloads into the sign-in form.
  */
 import type {
+  Activity,
   AgentDetail,
   AgentPage,
   AuditRecord,
   Episode,
   EpisodeDetail,
   Health,
+  OutputItem,
   PatchOp,
+  Quarantined,
+  ReplayResult,
   Session,
   StateAt,
   Trace,
@@ -50,7 +54,7 @@ export const api = {
       `${agentPath(type, key)}/episodes?${new URLSearchParams({ limit: String(limit), ...filter })}`,
     ),
   episode: (id: string) => request<EpisodeDetail>("GET", `/api/episodes/${encodeURIComponent(id)}`),
-  lifecycle: (type: string, key: string, action: "pause" | "resume") =>
+  lifecycle: (type: string, key: string, action: "pause" | "resume" | "retire") =>
     request<unknown>("POST", `${agentPath(type, key)}/${action}`),
   state: (type: string, key: string, seq?: number) =>
     request<StateAt>("GET", `${agentPath(type, key)}/state${seq === undefined ? "" : `?at=${seq}`}`),
@@ -62,6 +66,16 @@ export const api = {
   signOut: () => request<unknown>("DELETE", "/api/session"),
   /** Operator actions, newest first (admin tokens only: 403 otherwise). */
   audit: (limit: number) => request<{ records: AuditRecord[] }>("GET", `/api/audit?limit=${limit}`),
+  /** Outputs of committed episodes (emits and publishes), newest first. */
+  outputs: (limit: number) => request<{ outputs: OutputItem[] }>("GET", `/api/outputs?limit=${limit}`),
+  /** Per-minute episodes, failures and lag of the last `minutes`. */
+  activity: (minutes: number) => request<Activity>("GET", `/api/activity?minutes=${minutes}`),
+  quarantine: (limit: number) => request<{ stimuli: Quarantined[] }>("GET", `/api/quarantine?limit=${limit}`),
+  /** Put a quarantined stimulus back in its agent's queue, or drop it (the dashboard's "discard"). */
+  resolveQuarantined: (seq: number, action: "retry" | "drop") =>
+    request<{ state: string }>("POST", `/api/quarantine/${seq}/${action}`),
+  /** Re-run an episode on its recorded inputs. */
+  replay: (id: string) => request<ReplayResult>("POST", `/api/episodes/${encodeURIComponent(id)}/replay`),
   /** The live event stream (server-sent events). */
   events: () => new EventSource("/api/events"),
 };

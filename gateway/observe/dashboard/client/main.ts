@@ -10,6 +10,7 @@ import { messageOf, tid, toast } from "./dom.ts";
 import { ago } from "./format.ts";
 import { refreshHealth, setHealth, type View } from "./health.ts";
 import { overviewView } from "./overview.ts";
+import { traceView } from "./trace.ts";
 import type { Fact, Health } from "./types.ts";
 
 let current: View | null = null; // the mounted view
@@ -38,12 +39,13 @@ function connectEvents(): void {
   });
 }
 
-/** The view for the hash route: `#/?q=…` (overview) or `#/agents/<type>/<key>[/<episode>]`. */
+/** The view for the hash route: `#/?q=…` (overview), `#/agents/<type>/<key>[/<episode>]`, `#/trace/<episode>`. */
 function route(): View {
   const [path = "/", query = ""] = (location.hash.replace(/^#/, "") || "/").split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   const [first, type, key, episode] = parts;
   if (first === "agents" && type !== undefined && key !== undefined) return agentView(type, key, episode ?? null);
+  if (first === "trace" && type !== undefined) return traceView(type);
   return overviewView(new URLSearchParams(query));
 }
 

@@ -3,6 +3,9 @@ import { api } from "./api.ts";
 import { type Child, debounce, h, messageOf, throttle } from "./dom.ts";
 import { fmtBytes, fmtInt, fmtMs, fmtPct, fmtRate, pill, short, when } from "./format.ts";
 import { auditPanel } from "./audit.ts";
+import { activityCharts } from "./charts.ts";
+import { outputFeed } from "./feed.ts";
+import { quarantinePanel } from "./quarantine.ts";
 import { currentHealth, onHealth, type View } from "./health.ts";
 import { type Agent, type Fact, type Health, type Replication, STATUSES } from "./types.ts";
 
@@ -271,10 +274,15 @@ export function overviewView(params: URLSearchParams): View {
   }
 
   const audit = auditPanel();
+  const charts = activityCharts();
+  const feed = outputFeed();
+  const quarantine = quarantinePanel();
   const el = h(
     "div",
     {},
     kpis,
+    charts.el,
+    h("div", { class: "grid2" }, feed.el, quarantine.el),
     h(
       "section",
       { class: "panel" },
@@ -341,12 +349,26 @@ export function overviewView(params: URLSearchParams): View {
       if (hl) showHealth(hl);
       void loadAgents();
       void audit.load();
+      void charts.load();
+      void feed.load();
+      void quarantine.load();
     },
     unmount() {
       unsubscribe?.();
+      charts.stop();
     },
-    reload: () => void loadAgents(),
+    reload: () => {
+      void loadAgents();
+      void charts.load();
+      void feed.load();
+      void quarantine.load();
+    },
     onFact(kind, e: Fact) {
+      if (kind === "episode") {
+        charts.onEpisode();
+        if (e.status === "committed") feed.onCommitted();
+        if (e.quarantined) quarantine.refresh();
+      }
       const row = tbody.querySelector<HTMLElement>(`tr[data-agent="${CSS.escape(e.agent)}"]`);
       if (!row) return;
       if (kind === "status") {

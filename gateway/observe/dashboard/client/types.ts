@@ -119,6 +119,7 @@ export interface AgentDetail extends Agent {
 /** An episode in `/api/agents/<t>/<k>/episodes`. */
 export interface Episode {
   readonly id: string;
+  readonly agent: string;
   readonly stimulus: string;
   /** The stimulus kind (mqtt, timer, webhook, inbox, manual, wake); null for a few pre-upgrade episodes. */
   readonly kind: string | null;
@@ -151,7 +152,11 @@ export interface EpisodeDetail extends Episode {
 /** A fact from `/api/events` (`episode` or `status`). */
 export interface Fact {
   readonly agent: string;
+  /** The episode's outcome (`committed`, `failed`) or the agent's new status. */
   readonly status?: string;
+  /** An episode fact: its failure put the stimulus in quarantine. */
+  readonly quarantined?: boolean;
+  readonly episode?: string;
   readonly reason?: string | null;
 }
 
@@ -203,3 +208,55 @@ export interface Trace {
   readonly upstream: readonly TraceNode[];
   readonly episode: TraceNode;
 }
+
+/** One output of `GET /api/outputs`: an emit on the agent's out topic or a publish-tool message. */
+export interface OutputItem {
+  readonly episode: string;
+  readonly agent: string;
+  readonly kind: "emit" | "publish";
+  readonly topic: string;
+  readonly data: unknown;
+  readonly started_at: number;
+  readonly at: number;
+}
+
+/** One minute of `GET /api/activity`. */
+export interface MinuteBucket {
+  readonly t: number;
+  readonly episodes: number;
+  readonly failures: number;
+  readonly lag_ms_max: number | null;
+  readonly lag_ms_avg: number | null;
+}
+
+/** `GET /api/activity`. */
+export interface Activity {
+  readonly now: number;
+  readonly bucket_ms: number;
+  readonly buckets: readonly MinuteBucket[];
+}
+
+/** One stimulus of `GET /api/quarantine`. */
+export interface Quarantined {
+  readonly seq: number;
+  readonly agent: string;
+  readonly sid: string;
+  readonly kind: string;
+  readonly topic: string | null;
+  readonly attempts: number;
+  readonly last_error: string | null;
+  readonly received_at: number;
+  readonly quarantined_at: number | null;
+  readonly episodes: readonly string[];
+}
+
+/** `POST /api/episodes/<id>/replay`. */
+export type ReplayResult =
+  | { readonly episode: string; readonly agent: string; readonly verdict: "MATCH" }
+  | {
+      readonly episode: string;
+      readonly agent: string;
+      readonly verdict: "DIVERGED";
+      readonly divergence: { readonly at: string; readonly expected: unknown; readonly actual: unknown };
+    }
+  | { readonly episode: string; readonly agent: string; readonly verdict: "UNREPLAYABLE"; readonly reason: string };

@@ -1,0 +1,40 @@
+/**
+ * Recent activity for the dashboard (docs/http-api.md): `GET /api/outputs?limit=&before=&agent=`,
+ * the output feed, and `GET /api/activity?minutes=&type=`, per-minute buckets of episodes,
+ * failures and lag for the small charts. Both on the gateway's clock.
+ */
+import { minuteBuckets, recentOutputs } from "../observe/index.ts";
+import { agentId, parseAgentId } from "../types.ts";
+import type { HttpHost } from "./host.ts";
+import { httpError, intQuery, json } from "./responses.ts";
+
+/** Routes to spread into `Bun.serve({ routes })`. */
+export function activityRoutes(gw: Pick<HttpHost, "store" | "now">) {
+  return {
+    "/api/outputs": async (req: Request) => {
+      const url = new URL(req.url);
+      const limit = intQuery(url, "limit", 50, 1, 500);
+      if (limit instanceof Response) return limit;
+      const before = intQuery(url, "before", Number.MAX_SAFE_INTEGER, 0, Number.MAX_SAFE_INTEGER);
+      if (before instanceof Response) return before;
+      const agentRaw = url.searchParams.get("agent") || undefined;
+      const agent = agentRaw === undefined ? undefined : parseAgentId(agentRaw)?.id;
+      if (agentRaw !== undefined && !agent)
+        return httpError(400, "bad_query", `agent must be <type>/<key>, got "${agentRaw.slice(0, 80)}"`);
+      const outputs = await recentOutputs(gw.store, { limit, before, agent });
+      const last = outputs.at(-1);
+      return json({ outputs, next_before: outputs.length === limit && last ? last.started_at : null });
+    },
+    "/api/activity": async (req: Request) => {
+      const url = new URL(req.url);
+      const minutes = intQuery(url, "minutes", 60, 1, 1440);
+      if (minutes instanceof Response) return minutes;
+      const type = url.searchParams.get("type") || undefined;
+      if (type !== undefined && !agentId(type, "x"))
+        return httpError(400, "bad_query", `type "${type.slice(0, 80)}" is not a valid type name`);
+      const now = gw.now();
+      const buckets = await minuteBuckets(gw.store, { now, minutes, type });
+      return json({ now, bucket_ms: 60_000, minutes, type: type ?? null, buckets });
+    },
+  };
+}

@@ -1,0 +1,120 @@
+/**
+ * Read models of recent activity for the dashboard: the output feed (what committed episodes
+ * emitted or published, newest first) and per-minute buckets of episodes, failures and lag.
+ * Both read the sealed records (episodes and their event logs), so they need no extra writes
+ * on the commit path; both are bounded (a page of outputs, at most a day of minutes).
+ */
+import type { InValue } from "@libsql/client";
+import { topics } from "../protocol.ts";
+import type { Store } from "../store/index.ts";
+import { parseAgentId } from "../types.ts";
+
+/** One output of a committed episode: an `emit` on the agent's out topic, or a publish-tool message. */
+export interface OutputItem {
+  readonly episode: string;
+  readonly agent: string;
+  readonly kind: "emit" | "publish";
+  readonly topic: string;
+  readonly data: unknown;
+  /** The episode's start (the paging key) and end (when its outputs were committed). */
+  readonly started_at: number;
+  readonly at: number;
+}
+
+/** Emits and successful publish-tool calls, the events that leave the fleet as messages. */
+const OUTPUT_EVENT = `(ev.kind = 'emit' OR (ev.kind = 'tool' AND json_extract(ev.data, '$.tool') = 'publish'
+  AND json_extract(ev.data, '$.ok') = 1))`;
+
+/** The newest outputs of committed episodes (all agents, or one), newest first, before `before` (start ms). */
+export async function recentOutputs(
+  store: Store,
+  f: { limit: number; before?: number; agent?: string },
+): Promise<OutputItem[]> {
+  const args: InValue[] = [f.before ?? Number.MAX_SAFE_INTEGER];
+  if (f.agent !== undefined) args.push(f.agent);
+  args.push(f.limit);
+  // Walks episodes newest first (episodes_time, or episodes_agent for one agent) and reads each
+  // one's log by primary key, so a page costs the episodes it spans, not the whole table.
+  const rs = await store.client.execute({
+    sql: `SELECT ep.id AS episode, ep.agent AS agent, ep.started_at AS started_at, ep.ended_at AS ended_at,
+            ev.kind AS kind, ev.data AS data
+          FROM episodes ep JOIN events ev ON ev.episode = ep.id
+          WHERE ep.status = 'committed' AND ep.started_at < ? ${f.agent !== undefined ? "AND ep.agent = ?" : ""}
+            AND ${OUTPUT_EVENT}
+          ORDER BY ep.started_at DESC, ep.id DESC, ev.seq DESC LIMIT ?`,
+    args,
+  });
+  return rs.rows.map((r) => {
+    const d = JSON.parse(String(r.data)) as { data?: unknown; args?: unknown[] };
+    const agent = String(r.agent);
+    const base = { episode: String(r.episode), agent, started_at: Number(r.started_at), at: Number(r.ended_at) };
+    if (r.kind === "emit") {
+      const ref = parseAgentId(agent);
+      const topic = ref ? topics.out(ref.type, ref.key) : `fleet/agents/${agent}/out`;
+      return { ...base, kind: "emit", topic, data: d.data ?? null };
+    }
+    const a = Array.isArray(d.args) ? d.args : [];
+    return { ...base, kind: "publish", topic: String(a[0]), data: a[1] ?? null };
+  });
+}
+
+/** One minute of activity. */
+export interface MinuteBucket {
+  /** The minute's start (epoch ms, a multiple of 60,000). */
+  readonly t: number;
+  /** Episode attempts that started in the minute, failed ones included. */
+  readonly episodes: number;
+  readonly failures: number;
+  /** Longest and mean wait from a stimulus's receipt to the start of its episode; null without episodes. */
+  readonly lag_ms_max: number | null;
+  readonly lag_ms_avg: number | null;
+}
+
+const MINUTE = 60_000;
+
+/**
+ * The last `minutes` whole minutes up to and including the current one, oldest first, zero-filled;
+ * optionally only one agent type. Lag comes from the stimulus row, else (dedup memory already
+ * forgotten) from the `received_at` of the stimulus event the episode's log begins with.
+ */
+export async function minuteBuckets(
+  store: Store,
+  f: { now: number; minutes: number; type?: string },
+): Promise<MinuteBucket[]> {
+  const from = Math.floor(f.now / MINUTE) * MINUTE - (f.minutes - 1) * MINUTE;
+  const args: InValue[] = [from, from, from + f.minutes * MINUTE];
+  if (f.type !== undefined) args.push(`${f.type}/`, `${f.type}/\uffff`);
+  const lag = `ep.started_at - COALESCE(s.received_at,
+    (SELECT json_extract(data, '$.received_at') FROM events WHERE episode = ep.id AND seq = 0))`;
+  const rs = await store.client.execute({
+    // Bound numbers may arrive as REAL: the bucket index is cast so the division is an integer one.
+    sql: `SELECT CAST((ep.started_at - CAST(? AS INTEGER)) / ${MINUTE} AS INTEGER) AS i, count(*) AS episodes,
+            sum(ep.status = 'failed') AS failures, max(${lag}) AS lag_max, avg(${lag}) AS lag_avg
+          FROM episodes ep LEFT JOIN stimuli s ON s.seq = ep.stimulus_seq
+          WHERE ep.started_at >= ? AND ep.started_at < ?
+            ${f.type !== undefined ? "AND ep.agent >= ? AND ep.agent < ?" : ""}
+          GROUP BY i`,
+    args,
+  });
+  const out: MinuteBucket[] = Array.from({ length: f.minutes }, (_, i) => ({
+    t: from + i * MINUTE,
+    episodes: 0,
+    failures: 0,
+    lag_ms_max: null,
+    lag_ms_avg: null,
+  }));
+  for (const r of rs.rows) {
+    const i = Number(r.i);
+    const b = out[i];
+    if (!b) continue;
+    const num = (v: unknown) => (v === null || v === undefined ? null : Math.max(0, Math.round(Number(v))));
+    out[i] = {
+      ...b,
+      episodes: Number(r.episodes),
+      failures: Number(r.failures),
+      lag_ms_max: num(r.lag_max),
+      lag_ms_avg: num(r.lag_avg),
+    };
+  }
+  return out;
+}
