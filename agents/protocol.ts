@@ -14,6 +14,33 @@ export const CHILD_CHANNEL_FD = 3;
 /** Longest `ctx.log` line, in characters (the host truncates; the gateway refuses longer ones). */
 export const MAX_LOG_CHARS = 4096;
 
+/** Most bytes of one wake-up's payload (as JSON): it waits on disk until it fires. */
+export const MAX_WAKE_PAYLOAD_BYTES = 64 * 1024;
+
+/** Latest epoch ms a wake-up may be set for (the largest valid Date). */
+export const MAX_WAKE_AT = 8.64e15;
+
+/** The id of the `n`th wake-up (1-based) an episode sets: unique per episode, the same in a replay. */
+export function wakeIdOf(episode: string, n: number): string {
+  return `${episode}.w${n}`;
+}
+
+/** A delay for `ctx.wakeIn`: milliseconds, or a number with a unit ("500ms", "10s", "5m", "2h", "1d"). */
+export type WakeDelay = number | `${number}${"ms" | "s" | "m" | "h" | "d"}`;
+
+const UNIT_MS = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
+
+/** Milliseconds of a `WakeDelay`; throws a TypeError naming the bad value. */
+export function wakeDelayMs(delay: WakeDelay): number {
+  if (typeof delay === "number") {
+    if (Number.isFinite(delay) && delay >= 0) return delay;
+  } else if (typeof delay === "string") {
+    const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)$/.exec(delay.trim());
+    if (m) return Number(m[1]) * UNIT_MS[m[2] as keyof typeof UNIT_MS];
+  }
+  throw new TypeError(`wake delay must be milliseconds >= 0 or like "10s", "5m", "2h"; got ${JSON.stringify(delay)}`);
+}
+
 /** Log levels of a `log` record. */
 export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
 
@@ -33,12 +60,23 @@ export interface AgentRef {
 /** What woke the agent (agents/README.md). */
 export interface Stimulus {
   readonly id: string;
-  readonly kind: "mqtt" | "timer" | "webhook" | "inbox" | "manual";
+  readonly kind: "mqtt" | "timer" | "webhook" | "inbox" | "manual" | "wake";
   readonly topic?: string;
   /** Parsed JSON when the payload was JSON, else the payload as a string. */
   readonly payload: unknown;
   /** Epoch milliseconds. */
   readonly received_at: number;
+  /** Kind `wake` only: which wake-up fired, when it was due, and the episode that set it. */
+  readonly wake?: WakeInfo;
+}
+
+/** What a `wake` stimulus says about its wake-up. */
+export interface WakeInfo {
+  readonly id: string;
+  /** Epoch ms it was set for. */
+  readonly due_at: number;
+  /** The episode that set it. */
+  readonly set_by: string;
 }
 
 /** One entry of an episode's event log, in the order it happened. */
@@ -49,6 +87,12 @@ export type EpisodeRecord =
   | { readonly k: "now"; readonly v: number }
   | { readonly k: "random"; readonly v: number }
   | { readonly k: "log"; readonly level: "debug" | "info" | "warn" | "error"; readonly msg: string }
+  /** `ctx.wakeIn` / `ctx.wakeAt`: scheduled with the episode's commit. */
+  | { readonly k: "wake"; readonly id: string; readonly at: number; readonly data: unknown }
+  /** `ctx.cancelWake`: cancelled with the episode's commit (no-op for an id that is not pending). */
+  | { readonly k: "cancel_wake"; readonly id: string }
+  /** The agent's pending wake-ups as the episode first looked at them (replay answers from it). */
+  | { readonly k: "pending_wakes"; readonly ids: readonly string[] }
   | {
       readonly k: "tool";
       readonly call: number;
@@ -64,6 +108,8 @@ export interface ReplayInputs {
   readonly random: readonly number[];
   /** Tool results in call order. */
   readonly tools: readonly { readonly tool: string; readonly ok: boolean; readonly result: unknown }[];
+  /** The pending wake-ups the recorded episode saw, when it used wake-ups. */
+  readonly pending_wakes?: readonly string[];
 }
 
 /** Gateway -> subprocess. */
@@ -83,6 +129,8 @@ export type ParentMessage =
       readonly replay: ReplayInputs | null;
       /** Limits the subprocess enforces on itself before the gateway has to. */
       readonly limits: { readonly max_records: number; readonly max_record_bytes: number };
+      /** The agent's pending wake-ups (ids) and how many it may have pending at once. */
+      readonly wakes: { readonly pending: readonly string[]; readonly max: number };
     }
   | { readonly t: "tool_result"; readonly call: number; readonly ok: boolean; readonly result: unknown };
 
@@ -162,6 +210,24 @@ export function parseRecord(r: unknown, opts: { replay: boolean }): EpisodeRecor
       if (!level || typeof r.msg !== "string" || r.msg.length > MAX_LOG_CHARS) return null;
       return { k: "log", level, msg: r.msg };
     }
+    case "wake": {
+      if (
+        typeof r.id !== "string" ||
+        r.id.length > 200 ||
+        typeof r.at !== "number" ||
+        !(r.at >= 0 && r.at <= MAX_WAKE_AT)
+      )
+        return null;
+      const data = r.data ?? null;
+      if (Buffer.byteLength(JSON.stringify(data)) > MAX_WAKE_PAYLOAD_BYTES) return null;
+      return { k: "wake", id: r.id, at: r.at, data };
+    }
+    case "cancel_wake":
+      return typeof r.id === "string" && r.id.length <= 200 ? { k: "cancel_wake", id: r.id } : null;
+    case "pending_wakes":
+      return Array.isArray(r.ids) && r.ids.every((id) => typeof id === "string")
+        ? { k: "pending_wakes", ids: r.ids as string[] }
+        : null;
     case "tool":
       // Live, the gateway writes tool records itself: a child cannot forge a result.
       if (!opts.replay) return null;

@@ -26,7 +26,7 @@ export interface FleetEventMap {
   /** Messages that matched a subscription but named no valid agent were recorded as rejected. */
   rejectedMessage: { count: number };
   intake: {
-    source: "mqtt" | "timer" | "webhook" | "inbox" | "manual";
+    source: "mqtt" | "timer" | "webhook" | "inbox" | "manual" | "wake";
     accepted: number;
     duplicates: number;
     /** The agent type of each duplicate (dedup hits are counted by type). */

@@ -41,14 +41,14 @@ import {
 } from "./auth/index.ts";
 import { appendAudit } from "./store/index.ts";
 import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
-import type { Timers } from "./intake/index.ts";
+import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
 import { deployInstances, Redeploy } from "./fleet/index.ts";
-import { fleetTimers, Housekeeping } from "./fleet/index.ts";
+import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
 
@@ -95,6 +95,7 @@ export class Gateway {
   http!: HttpServer;
   dataDir!: string;
   timers!: Timers;
+  wakeups!: WakeClock;
   /** Prometheus registry and rolling rates of this gateway (/metrics, fleet/health). */
   metrics!: FleetMetrics;
   /** How episodes are spawned and isolated. */
@@ -208,6 +209,8 @@ export class Gateway {
     this.redeploy = this.createRedeploy();
     this.state = "running";
     await this.timers.update(spec);
+    this.wakeups = fleetWakeups(this, this.now);
+    await this.wakeups.start();
     this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"));
     this.watcher.start(this.current.text);
     // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
@@ -256,6 +259,7 @@ export class Gateway {
     this.stopDeviceWatch?.();
     this.watcher?.stop();
     await this.timers?.stop();
+    await this.wakeups?.stop();
     await this.broker?.stopIntake();
     this.scheduler?.stop();
     const drainMs = this.current?.spec.fleet.drain_timeout_ms ?? 10_000;
@@ -480,6 +484,7 @@ export class Gateway {
       lifecycleStamp: (a) => this.roster.lifecycleStamp(a),
       queue: this.book,
       publishCommitted: (episode, rows) => this.effects.publishCommitted(episode, rows),
+      wakesScheduled: (dueAt) => this.wakeups?.scheduled(dueAt),
       infra: this.infra,
     });
     this.scheduler = new Scheduler({

@@ -74,6 +74,13 @@ class Harness<S, C> {
         warn: (...args: unknown[]) => void episode.logs.push(args),
         error: (...args: unknown[]) => void episode.logs.push(args),
       }),
+      wakeIn: () => {
+        throw new ToolDenied("wake", "not in this harness");
+      },
+      wakeAt: () => {
+        throw new ToolDenied("wake", "not in this harness");
+      },
+      cancelWake: () => false,
     };
     const stim = {
       id: `s-${this.seq++}`,

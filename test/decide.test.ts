@@ -80,7 +80,15 @@ function head(over: Partial<StimulusRow> = {}): StimulusRow {
 }
 
 function inputs(over: Partial<TurnInputs> = {}): TurnInputs {
-  return { agent: agent(), head: head(), usage: [], budgetOverrideUntil: 0, checkpoint: undefined, ...over };
+  return {
+    agent: agent(),
+    head: head(),
+    usage: [],
+    budgetOverrideUntil: 0,
+    checkpoint: undefined,
+    pendingWakes: [],
+    ...over,
+  };
 }
 
 const usage = (window: string, u: { episodes?: number; tokens?: number; cost?: number }) => ({

@@ -302,3 +302,84 @@ describe("executor: sends", () => {
     expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "queued" } as never]);
   });
 });
+
+describe("executor: wake-ups", () => {
+  const wake = (start: Start, n: number, at: number, data: unknown = null) =>
+    ({ k: "wake", id: `${start.episode}.w${n}`, at, data }) as const;
+
+  test("wake-ups are written with the episode's commit, and the next episode is told they are pending", async () => {
+    await t.queue();
+    await t.queue();
+    t.script.push((s) => ok({}, [wake(s, 1, t.now() + 5000, { door: "d1" }), wake(s, 2, t.now() + 9000)]));
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    const first = t.starts[0]!.episode;
+    const rows = await t.rows("SELECT id, agent, due_at, payload, set_by, state FROM wakeups ORDER BY due_at");
+    expect(rows).toEqual([
+      {
+        id: `${first}.w1`,
+        agent: A,
+        due_at: t.now() + 5000,
+        payload: '{"door":"d1"}',
+        set_by: first,
+        state: "pending",
+      },
+      { id: `${first}.w2`, agent: A, due_at: t.now() + 9000, payload: "null", set_by: first, state: "pending" },
+    ] as never);
+    await t.executor.turn(A);
+    expect(t.starts[1]!.wakes).toEqual({ pending: [`${first}.w1`, `${first}.w2`], max: 100 });
+  });
+
+  test("a cancelled wake-up is marked cancelled by the episode that cancelled it", async () => {
+    await t.queue();
+    await t.queue();
+    t.script.push((s) => ok({}, [wake(s, 1, t.now() + 5000)]));
+    await t.executor.turn(A);
+    const id = `${t.starts[0]!.episode}.w1`;
+    t.script.push(() => ok({}, [{ k: "cancel_wake", id }]));
+    await t.executor.turn(A);
+    const [row] = await t.rows("SELECT state, done_by FROM wakeups WHERE id = ?", [id]);
+    expect(row).toEqual({ state: "cancelled", done_by: t.starts[1]!.episode } as never);
+  });
+
+  test("an episode cannot cancel another agent's wake-up", async () => {
+    await t.queue(A);
+    await t.queue(B);
+    t.script.push((s) => ok({}, [wake(s, 1, t.now() + 5000)]));
+    await t.executor.turn(A);
+    const id = `${t.starts[0]!.episode}.w1`;
+    t.script.push(() => ok({}, [{ k: "cancel_wake", id }]));
+    expect(await t.executor.turn(B)).toEqual({ kind: "ran" });
+    expect(await t.rows("SELECT state FROM wakeups WHERE id = ?", [id])).toEqual([{ state: "pending" }] as never);
+  });
+
+  test("a failed episode schedules nothing", async () => {
+    await t.queue();
+    t.script.push((s) => ({ ok: false, kind: "threw", message: "boom", records: [wake(s, 1, t.now())], ms: 3 }));
+    expect((await t.executor.turn(A)).kind).toBe("wait");
+    expect(await t.rows("SELECT id FROM wakeups")).toEqual([]);
+  });
+
+  test("a wake-up id the episode did not issue fails the episode as a protocol violation", async () => {
+    await t.queue();
+    t.script.push(() => ok({}, [{ k: "wake", id: "someone-else.w1", at: t.now(), data: null }]));
+    await t.executor.turn(A);
+    expect(await t.rows("SELECT id FROM wakeups")).toEqual([]);
+    const [ep] = await t.rows("SELECT status, error_kind, error FROM episodes");
+    expect(ep).toMatchObject({ status: "failed", error_kind: "protocol" });
+    expect(String(ep!.error)).toContain("was not issued by this episode");
+  });
+
+  test("a subprocess that sets more than max_wakeups fails the episode and schedules none", async () => {
+    await t.queue();
+    t.script.push((s) =>
+      ok(
+        {},
+        Array.from({ length: 101 }, (_, i) => wake(s, i + 1, t.now() + i)),
+      ),
+    );
+    await t.executor.turn(A);
+    expect(await t.rows("SELECT id FROM wakeups")).toEqual([]);
+    const [ep] = await t.rows("SELECT error_kind, error FROM episodes");
+    expect(ep).toMatchObject({ error_kind: "protocol", error: "more than max_wakeups (100) wake-ups pending" });
+  });
+});

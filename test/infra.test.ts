@@ -74,6 +74,7 @@ describe("an episode that cannot start is the machine's failure, not the agent's
         stimulus: { id: "id:x", kind: "manual", payload: {}, received_at: 0 },
         replay: null,
         limits: { max_records: 10, max_record_bytes: 1024 },
+        wakes: { pending: [], max: 100 },
       },
       {
         timeoutMs: 5000,

@@ -59,6 +59,7 @@ function start(module: string, payload: unknown = { v: 1 }, over: Partial<Start>
     stimulus: { id: "id:1", kind: "manual", payload, received_at: 1_700_000_000_000 },
     replay: null,
     limits: { max_records: 10_000, max_record_bytes: 8 * 1024 * 1024 },
+    wakes: { pending: [], max: 100 },
     ...over,
   };
 }

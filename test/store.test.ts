@@ -188,6 +188,21 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       detail: null,
     },
   ],
+  [
+    tables.wakeups,
+    {
+      id: "ep-1.w1",
+      gateway: "gw-1",
+      agent: aid("temp/boiler-1"),
+      dueAt: T0 + 5000,
+      payload: '{"door":"d1"}',
+      setBy: "ep-1",
+      createdAt: T0,
+      state: "cancelled",
+      doneAt: T0 + 100,
+      doneBy: "ep-2",
+    },
+  ],
 ];
 
 /** How a drizzle default appears in `PRAGMA table_info(...).dflt_value`. */

@@ -10,7 +10,12 @@ import {
   CHILD_CHANNEL_FD,
   encodeMessage,
   MAX_LOG_CHARS,
+  MAX_WAKE_AT,
+  MAX_WAKE_PAYLOAD_BYTES,
   parseParentMessage,
+  type WakeDelay,
+  wakeDelayMs,
+  wakeIdOf,
   type ChildMessage,
   type EpisodeRecord,
   type ParentMessage,
@@ -151,6 +156,35 @@ async function run(start: Start): Promise<void> {
     error: logAt("error"),
   });
 
+  // Wake-ups: the pending set is read (and recorded, for replay) the first time it matters.
+  let pending: Set<string> | null = null;
+  let wakesSet = 0;
+  const pendingWakes = (): Set<string> => {
+    if (pending === null) {
+      const ids = replay?.pending_wakes ?? start.wakes.pending;
+      pending = new Set(ids);
+      rec.push({ k: "pending_wakes", ids: [...ids] });
+    }
+    return pending;
+  };
+  const wakeAt = (at: number, payload: unknown): string => {
+    if (typeof at !== "number" || !(at >= 0 && at <= MAX_WAKE_AT))
+      throw new TypeError(`wake time must be epoch milliseconds; got ${JSON.stringify(at)}`);
+    const data = asJson(payload, "wake-up payload");
+    if (Buffer.byteLength(JSON.stringify(data)) > MAX_WAKE_PAYLOAD_BYTES)
+      throw new TypeError(`wake-up payload exceeds ${MAX_WAKE_PAYLOAD_BYTES} bytes`);
+    const ids = pendingWakes();
+    if (ids.size >= start.wakes.max)
+      throw new ToolDenied(
+        "wake",
+        `the agent already has ${ids.size} wake-ups pending (max_wakeups ${start.wakes.max})`,
+      );
+    const id = wakeIdOf(start.episode, ++wakesSet);
+    ids.add(id);
+    rec.push({ k: "wake", id, at: Math.round(at), data });
+    return id;
+  };
+
   const ctx: AgentContext<unknown> = {
     agent: start.agent,
     state: start.state,
@@ -171,6 +205,16 @@ async function run(start: Start): Promise<void> {
       return v;
     },
     log,
+    wakeIn: (delay: WakeDelay, payload?: unknown) => {
+      const ms = wakeDelayMs(delay);
+      return wakeAt(ctx.now() + ms, payload);
+    },
+    wakeAt: (at: number, payload?: unknown) => wakeAt(at, payload),
+    cancelWake: (id: string) => {
+      const was = pendingWakes().delete(String(id));
+      if (was) rec.push({ k: "cancel_wake", id: String(id) });
+      return was;
+    },
   };
 
   if (start.fresh) ctx.state = await def.init({ agent: start.agent, config: start.config });

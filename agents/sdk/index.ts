@@ -3,9 +3,9 @@
  * `defineAgent({ init, onStimulus })`; it runs in its own subprocess (agents/host/main.ts)
  * and reaches the outside world only through `ctx`.
  */
-import type { AgentRef } from "../protocol.ts";
+import type { AgentRef, WakeDelay } from "../protocol.ts";
 
-export type { AgentRef } from "../protocol.ts";
+export type { AgentRef, WakeDelay, WakeInfo } from "../protocol.ts";
 
 /** What every stimulus carries. */
 interface StimulusBase {
@@ -33,7 +33,18 @@ export type Stimulus =
   /** Another agent's `ctx.send`, or a device publishing to `fleet/agents/<type>/<key>/inbox`. */
   | (StimulusBase & { readonly kind: "inbox"; readonly topic?: string; readonly payload: unknown })
   /** `fleet send`, `POST /api/send` or `POST /api/agents/<t>/<k>/stimuli`. */
-  | (StimulusBase & { readonly kind: "manual"; readonly topic?: string; readonly payload: unknown });
+  | (StimulusBase & { readonly kind: "manual"; readonly topic?: string; readonly payload: unknown })
+  /**
+   * A wake-up this agent set with `ctx.wakeIn` / `ctx.wakeAt`: `payload` is what it passed
+   * (null when nothing), `wake` says which one, when it was due and which episode set it.
+   * The id is `wake:<wake id>`.
+   */
+  | (StimulusBase & {
+      readonly kind: "wake";
+      readonly topic?: undefined;
+      readonly payload: unknown;
+      readonly wake: { readonly id: string; readonly due_at: number; readonly set_by: string };
+    });
 
 /** `ctx.log(...)` logs at info; `ctx.log.debug|info|warn|error(...)` at that level. */
 export interface AgentLog {
@@ -115,6 +126,17 @@ export interface AgentContext<S, C = Record<string, unknown>> {
   random(): number;
   /** Log a line into the episode log (and the gateway log): `ctx.log(...)` or `ctx.log.warn(...)`. */
   readonly log: AgentLog;
+  /**
+   * Wake this agent after `delay` (ms, or "10s", "5m", "2h", "1d") with a stimulus of kind
+   * `wake` carrying `payload`. Durable: scheduled when the episode commits (a failed episode
+   * schedules nothing), kept across restarts, fired once. Returns the wake-up's id. Throws
+   * `ToolDenied` when the agent already has its type's `max_wakeups` pending.
+   */
+  wakeIn(delay: WakeDelay, payload?: unknown): string;
+  /** Like `wakeIn`, at an absolute time (epoch ms; a past time fires at once). */
+  wakeAt(epochMs: number, payload?: unknown): string;
+  /** Cancel a pending wake-up (with the episode's commit). True when it was pending. */
+  cancelWake(id: string): boolean;
 }
 
 /** An agent definition, as `defineAgent` returns it. */

@@ -17,7 +17,7 @@
  * leaves the state as it was (the checkpoint is not written), and `now()`/`random()` come
  * from an injectable clock and generator so a test is deterministic.
  */
-import type { AgentRef } from "../protocol.ts";
+import { type AgentRef, MAX_WAKE_PAYLOAD_BYTES, wakeDelayMs, wakeIdOf } from "../protocol.ts";
 import {
   type AgentContext,
   type AgentDefinition,
@@ -54,6 +54,17 @@ export interface TestAgentOptions<C> {
   readonly now?: () => number;
   /** Generator for `ctx.random()` (default: a fixed sequence, so runs repeat). */
   readonly random?: () => number;
+  /** The type's `max_wakeups` (default 100). */
+  readonly maxWakeups?: number;
+}
+
+/** A wake-up the agent set and has not cancelled or had fired. */
+export interface PendingWake {
+  readonly id: string;
+  readonly due_at: number;
+  readonly payload: unknown;
+  /** The (fake) episode that set it. */
+  readonly set_by: string;
 }
 
 /** One recorded tool call. */
@@ -82,6 +93,10 @@ export interface EpisodeRun<S> {
   readonly published: readonly { readonly topic: string; readonly payload: unknown }[];
   /** Target and payload of each allowed `send`. */
   readonly sent: readonly { readonly to: string; readonly payload: unknown }[];
+  /** Wake-ups this episode set (scheduled only when it committed). */
+  readonly wakes: readonly PendingWake[];
+  /** Ids of wake-ups this episode cancelled. */
+  readonly cancelled: readonly string[];
   readonly logs: readonly string[];
 }
 
@@ -94,6 +109,13 @@ export interface AgentUnderTest<S> {
   run(stimulus: Stimulus): Promise<EpisodeRun<S>>;
   /** Every episode run so far, oldest first. */
   readonly history: readonly EpisodeRun<S>[];
+  /** Wake-ups pending now, soonest first. */
+  readonly wakeups: readonly PendingWake[];
+  /**
+   * Fire a pending wake-up as the gateway would (a stimulus of kind `wake`): the one with
+   * this id, or else the soonest. Throws when none is pending.
+   */
+  fireWake(id?: string): Promise<EpisodeRun<S>>;
 }
 
 const ALL_TOOLS: readonly ToolName[] = ["publish", "http", "llm", "send"];
@@ -134,6 +156,8 @@ export function testAgent<S, C = Record<string, unknown>>(
   let state: S | undefined = opts.state === undefined ? undefined : jsonCopy(opts.state as S, "initial state");
   let episodes = 0;
   const history: EpisodeRun<S>[] = [];
+  const maxWakeups = opts.maxWakeups ?? 100;
+  let wakeups: PendingWake[] = [];
 
   async function run(stimulus: Stimulus): Promise<EpisodeRun<S>> {
     episodes += 1;
@@ -143,7 +167,25 @@ export function testAgent<S, C = Record<string, unknown>>(
     const published: { topic: string; payload: unknown }[] = [];
     const sent: { to: string; payload: unknown }[] = [];
     const logs: string[] = [];
+    const wakes: PendingWake[] = [];
+    const cancelled: string[] = [];
     const before = state;
+    const episode = `test-episode-${episodes}`;
+    const isPending = (id: string) =>
+      (wakeups.some((w) => w.id === id) && !cancelled.includes(id)) || wakes.some((w) => w.id === id);
+    const wakeAt = (at: number, payload: unknown): string => {
+      if (typeof at !== "number" || !Number.isFinite(at) || at < 0)
+        throw new TypeError(`wake time must be epoch milliseconds; got ${JSON.stringify(at)}`);
+      const data = jsonCopy(payload, "wake-up payload");
+      if (new TextEncoder().encode(JSON.stringify(data)).length > MAX_WAKE_PAYLOAD_BYTES)
+        throw new TypeError(`wake-up payload exceeds ${MAX_WAKE_PAYLOAD_BYTES} bytes`);
+      const count = wakeups.length - cancelled.length + wakes.length;
+      if (count >= maxWakeups)
+        throw new ToolDenied("wake", `the agent already has ${count} wake-ups pending (max_wakeups ${maxWakeups})`);
+      const id = wakeIdOf(episode, wakes.length + 1);
+      wakes.push({ id, due_at: Math.round(at), payload: data, set_by: episode });
+      return id;
+    };
 
     const call = async (tool: ToolName, args: unknown[]): Promise<unknown> => {
       const jsonArgs = jsonCopy(args, `arguments of ${tool}`);
@@ -193,7 +235,7 @@ export function testAgent<S, C = Record<string, unknown>>(
         agent,
         state: jsonCopy(current, "state"),
         config,
-        episode: `test-episode-${episodes}`,
+        episode,
         decide: (name, data) => decisions.push({ name: String(name), data: jsonCopy(data, "decision data") }),
         emit: (payload) => emits.push(jsonCopy(payload, "emitted payload")),
         send,
@@ -201,10 +243,24 @@ export function testAgent<S, C = Record<string, unknown>>(
         now,
         random,
         log,
+        wakeIn: (delay, payload) => {
+          const ms = wakeDelayMs(delay);
+          return wakeAt(now() + ms, payload);
+        },
+        wakeAt: (at, payload) => wakeAt(at, payload),
+        cancelWake: (id) => {
+          if (!isPending(id)) return false;
+          const own = wakes.findIndex((w) => w.id === id);
+          if (own >= 0) wakes.splice(own, 1);
+          else cancelled.push(id);
+          return true;
+        },
       };
       await def.onStimulus(stimulus, ctx);
       // Like the gateway: the new checkpoint is the state as JSON, written only on success.
       state = jsonCopy(ctx.state, "agent state");
+      // Like the gateway: wake-ups are scheduled and cancelled with the commit, not before.
+      wakeups = [...wakeups.filter((w) => !cancelled.includes(w.id)), ...wakes].sort((a, b) => a.due_at - b.due_at);
     } catch (err) {
       error = err instanceof Error ? err : new Error(String(err));
       state = before;
@@ -219,6 +275,8 @@ export function testAgent<S, C = Record<string, unknown>>(
       toolCalls,
       published,
       sent,
+      wakes: error === null ? wakes : [],
+      cancelled: error === null ? cancelled : [],
       logs,
     };
     history.push(result);
@@ -232,6 +290,15 @@ export function testAgent<S, C = Record<string, unknown>>(
     },
     run,
     history,
+    get wakeups() {
+      return wakeups;
+    },
+    fireWake(id?: string) {
+      const w = id === undefined ? wakeups[0] : wakeups.find((x) => x.id === id);
+      if (!w) throw new Error(id === undefined ? "no wake-up is pending" : `wake-up ${id} is not pending`);
+      wakeups = wakeups.filter((x) => x !== w);
+      return run(stimuli.wake(w));
+    },
   };
 }
 
@@ -286,6 +353,14 @@ export const stimuli = {
     id: stimulusId("manual"),
     kind: "manual",
     payload,
+    received_at: at,
+  }),
+  /** A due wake-up, as `fireWake` delivers it. */
+  wake: (w: PendingWake, at = w.due_at): Stimulus => ({
+    id: `wake:${w.id}`,
+    kind: "wake",
+    payload: w.payload,
+    wake: { id: w.id, due_at: w.due_at, set_by: w.set_by },
     received_at: at,
   }),
 };

@@ -51,6 +51,7 @@ export interface CliFlags {
   readonly type?: string;
   readonly status?: string;
   readonly kind?: string;
+  readonly state?: string;
   readonly limit?: string;
   readonly page?: string;
   readonly id?: string;

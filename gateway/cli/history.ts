@@ -125,6 +125,13 @@ function effectLines(e: TraceEffect, indent: string): string[] {
         `${indent}send -> ${e.to}${e.ok ? "" : " (denied)"}`,
         ...e.episodes.flatMap((c) => nodeLines(c, `${indent}    `)),
       ];
+    case "wake":
+      return [
+        `${indent}wake ${e.id} due ${new Date(e.due_at).toISOString()} (${e.state})`,
+        ...e.episodes.flatMap((c) => nodeLines(c, `${indent}    `)),
+      ];
+    case "cancel_wake":
+      return [`${indent}cancel wake ${e.id}`];
     default: {
       const never: never = e;
       return [String(never)];

@@ -10,7 +10,7 @@ import { createCli, intArg, UsageError } from "./context.ts";
 import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
 import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
 import { cmdAudit, cmdToken, TOKEN_USAGE } from "./token.ts";
-import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify } from "./read.ts";
+import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify, cmdWakeups } from "./read.ts";
 import { DevicesError } from "../devices/index.ts";
 import { BackupError } from "../ops/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
@@ -36,6 +36,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   episodes <type/key> [--kind K] [--status committed|failed] [--limit N] [--before MS]
                               its episodes, newest first; K: mqtt, timer, webhook, inbox, manual, wake
   show <episode>              one episode with its event log
+  wakeups <type/key> [--state pending|fired|cancelled|dropped]   the agent's durable wake-ups
   verify [--agent type/key]   recompute every hash chain; exit 1 on mismatch
   replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
   replay --agent <type/key> [--module FILE] replay an agent's whole history (regression test for new code)
@@ -88,6 +89,7 @@ const ARGS = {
     type: { type: "string" },
     status: { type: "string" },
     kind: { type: "string" },
+    state: { type: "string" },
     limit: { type: "string" },
     page: { type: "string" },
     id: { type: "string" },
@@ -137,6 +139,8 @@ async function main(): Promise<number> {
       if (flags.central && (flags.kind !== undefined || flags.status !== undefined))
         throw new UsageError("--kind and --status filter local episodes only (not with --central)");
       return flags.central ? cmdCentralEpisodes(cli, a1) : cmdEpisodes(cli, a1);
+    case "wakeups":
+      return cmdWakeups(cli, a1);
     case "show":
       return flags.central ? cmdCentralShow(cli, a1) : cmdShow(cli, a1);
     case "verify":

@@ -144,6 +144,39 @@ export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<
   return 0;
 }
 
+const WAKE_STATES = ["pending", "fired", "cancelled", "dropped"] as const;
+
+/** `fleet wakeups <type/key> [--state S] [--limit N]`: the agent's wake-ups, latest due first. */
+export async function cmdWakeups(cli: Cli, agent: string | undefined): Promise<number> {
+  const id = agent ? parseAgentId(agent)?.id : undefined;
+  if (!id) throw new UsageError("wakeups needs an agent <type>/<key>");
+  const raw = cli.flags.state;
+  const state = WAKE_STATES.find((s) => s === raw);
+  if (raw !== undefined && !state)
+    throw new UsageError(`--state must be one of ${WAKE_STATES.join(", ")}; got "${raw}"`);
+  const store = await cli.openReadonly();
+  const rows = await store.listWakes(id, {
+    state,
+    limit: intArg("--limit", cli.flags.limit, 50, { min: 1, max: 100_000 }),
+  });
+  const wakeups = rows.map((w) => ({
+    id: w.id,
+    due_at: w.dueAt,
+    state: w.state,
+    set_by: w.setBy,
+    done_at: w.doneAt,
+    done_by: w.doneBy,
+    payload: JSON.parse(w.payload) as unknown,
+  }));
+  cli.print({ agent: id, wakeups }, () =>
+    table(
+      wakeups.map((w) => ({ ...w, due: when(w.due_at), payload: JSON.stringify(w.payload).slice(0, 60) })),
+      ["id", "state", "due", "set_by", "done_by", "payload"],
+    ),
+  );
+  return 0;
+}
+
 /** `fleet show <episode|prefix>`: one episode with its whole event log. */
 export async function cmdShow(cli: Cli, id: string | undefined): Promise<number> {
   if (!id) throw new UsageError("show needs an episode id (or a unique prefix of one)");

@@ -60,6 +60,8 @@ export type TurnDecision =
       /** Tokens left today before this episode. */
       readonly tokensLeft: number;
       readonly windows: BudgetWindows;
+      /** Ids of the agent's pending wake-ups. */
+      readonly pendingWakes: readonly string[];
     };
 
 /** Decide one turn. Pure: same inputs, same answer. */
@@ -102,6 +104,7 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
     attempt: head.attempts + 1,
     tokensLeft: type.budget.tokens_per_day - (day?.tokens ?? 0),
     windows,
+    pendingWakes: inputs.pendingWakes,
   };
 }
 

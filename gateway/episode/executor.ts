@@ -15,7 +15,16 @@ import type { AgentRow, Store } from "../store/index.ts";
 import { type AgentId, newEpisodeId, type TurnResult } from "../types.ts";
 import { topics } from "../protocol.ts";
 import { budgetWindows, decideTurn, retryAt, type TurnDecision } from "./decide.ts";
-import { buildEvents, buildInbox, buildOutbox, CHILD_LIMITS, runLimitsFor, toStimulus } from "./records.ts";
+import {
+  buildEvents,
+  buildInbox,
+  buildOutbox,
+  buildWakes,
+  CHILD_LIMITS,
+  runLimitsFor,
+  toStimulus,
+  type WakeEffects,
+} from "./records.ts";
 import type { RunLimits, RunResult, ToolHandler } from "./runner.ts";
 import type { InfraHealth } from "./infra.ts";
 import { type ToolEnv, ToolGate } from "./tools/index.ts";
@@ -66,6 +75,8 @@ export interface EpisodeDeps {
   readonly queue: EpisodeQueue;
   /** Infrastructure health of episode starts (an infra failure does not consume the agent's retries). */
   readonly infra?: InfraHealth;
+  /** A committed episode set wake-ups; the soonest is due at `dueAt` (the wake-up clock re-arms). */
+  readonly wakesScheduled?: (dueAt: number) => void;
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (
     episode: string,
@@ -157,7 +168,7 @@ export class EpisodeExecutor {
     const log = this.d.log.child({ agent: agentId, episode, stimulus: head.sid });
 
     let ended = false;
-    const result = await this.d.run(
+    let result = await this.d.run(
       {
         t: "start",
         episode,
@@ -169,6 +180,7 @@ export class EpisodeExecutor {
         stimulus,
         replay: null,
         limits: CHILD_LIMITS,
+        wakes: { pending: d.pendingWakes, max: type.max_wakeups },
       },
       runLimitsFor(type.budget),
       // A call that arrives after the run ended must not reserve a place nobody settles.
@@ -180,6 +192,20 @@ export class EpisodeExecutor {
     ended = true;
     try {
       const endedAt = this.d.now();
+      let wakes: Extract<WakeEffects, { ok: true }> | null = null;
+      if (result.ok) {
+        const w = buildWakes(
+          episode,
+          this.d.store.gatewayId,
+          agentId,
+          result.records,
+          d.pendingWakes,
+          type.max_wakeups,
+          endedAt,
+        );
+        if (w.ok) wakes = w;
+        else result = { ok: false, kind: "protocol", message: w.message, records: result.records, ms: result.ms };
+      }
       // ctx.log lines go to the gateway log too, with the episode's bound context (the first
       // 100: all of them stay in the episode's event log; a chatty agent must not flood ours).
       let logged = 0;
@@ -279,11 +305,14 @@ export class EpisodeExecutor {
         outbox,
         inbox,
         usage,
+        wakes: wakes?.wakes,
+        cancels: wakes?.cancels,
       });
       this.d.queue.left(agentId);
       this.settleSends(gate, true);
       log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
       this.d.publishCommitted?.(episode, outbox);
+      if (wakes && wakes.wakes.length > 0) this.d.wakesScheduled?.(Math.min(...wakes.wakes.map((w) => w.dueAt)));
       this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
       await this.emitSettled(agentId, stamp, sealed.hash);
       if (inbox.length > 0) this.d.events.emit("intake", { source: "inbox", accepted: inbox.length, duplicates: 0 });

@@ -3,7 +3,7 @@
  * log, the outbox rows (outputs, publish tool calls, the fleet/episodes summary) and the
  * inbox stimuli of its sends. Plain functions over plain values.
  */
-import type { EpisodeRecord, Stimulus } from "../../agents/protocol.ts";
+import { type EpisodeRecord, type Stimulus, wakeIdOf } from "../../agents/protocol.ts";
 import { topics } from "../protocol.ts";
 import type { BudgetSpec } from "../spec/index.ts";
 import type { StimulusRow } from "../store/index.ts";
@@ -28,6 +28,7 @@ export function runLimitsFor(budget: BudgetSpec, minTimeoutMs = 0): RunLimits {
 
 /** Turn a stored stimulus row into what the agent sees. */
 export function toStimulus(row: StimulusRow): Stimulus {
+  if (row.kind === "wake") return wakeStimulus(row);
   return {
     id: row.sid,
     kind: row.kind,
@@ -35,6 +36,88 @@ export function toStimulus(row: StimulusRow): Stimulus {
     payload: decodePayload(row.payload),
     received_at: row.receivedAt,
   };
+}
+
+/** A stored `wake` stimulus's payload: the agent's payload and what the gateway knows of the wake-up. */
+interface WakeEnvelope {
+  readonly data: unknown;
+  readonly due_at: number;
+  readonly set_by: string;
+}
+
+/** The payload bytes of the stimulus a due wake-up becomes. */
+export function wakeStimulusPayload(w: { payload: string; dueAt: number; setBy: string }): Uint8Array {
+  return new TextEncoder().encode(`{"data":${w.payload},"due_at":${w.dueAt},"set_by":${JSON.stringify(w.setBy)}}`);
+}
+
+/** The wake-up a `wake` stimulus row came from, unwrapped for the agent. */
+function wakeStimulus(row: StimulusRow): Stimulus {
+  const env = decodePayload(row.payload) as WakeEnvelope;
+  return {
+    id: row.sid,
+    kind: "wake",
+    payload: env.data ?? null,
+    wake: { id: row.sid.slice("wake:".length), due_at: env.due_at, set_by: env.set_by },
+    received_at: row.receivedAt,
+  };
+}
+
+/** What an episode's wake-up records commit: new rows, and cancellations of pending ones. */
+export type WakeEffects =
+  | {
+      readonly ok: true;
+      readonly wakes: {
+        id: string;
+        gateway: string;
+        agent: AgentId;
+        dueAt: number;
+        payload: string;
+        setBy: string;
+        createdAt: number;
+      }[];
+      readonly cancels: string[];
+    }
+  | { readonly ok: false; readonly message: string };
+
+/**
+ * The wake-ups an episode set and cancelled, checked again here (the subprocess is not
+ * trusted): ids are `<episode>.w<n>` in order, and no more than `max` end up pending.
+ */
+export function buildWakes(
+  episode: string,
+  gateway: string,
+  agent: AgentId,
+  records: readonly EpisodeRecord[],
+  pending: readonly string[],
+  max: number,
+  at: number,
+): WakeEffects {
+  const wakes: Extract<WakeEffects, { ok: true }>["wakes"] = [];
+  const live = new Set(pending);
+  const cancels: string[] = [];
+  let issued = 0;
+  for (const r of records) {
+    if (r.k === "wake") {
+      if (r.id !== wakeIdOf(episode, ++issued))
+        return { ok: false, message: `wake-up id "${r.id.slice(0, 80)}" was not issued by this episode` };
+      wakes.push({
+        id: r.id,
+        gateway,
+        agent,
+        dueAt: r.at,
+        payload: JSON.stringify(r.data),
+        setBy: episode,
+        createdAt: at,
+      });
+      live.add(r.id);
+    } else if (r.k === "cancel_wake" && live.delete(r.id)) {
+      const own = wakes.findIndex((w) => w.id === r.id);
+      if (own >= 0) wakes.splice(own, 1);
+      else cancels.push(r.id);
+    }
+    if (live.size > max) return { ok: false, message: `more than max_wakeups (${max}) wake-ups pending` };
+  }
+  return { ok: true, wakes, cancels };
 }
 
 /** One row of an episode's event log. */

@@ -10,8 +10,9 @@ import type { Intake } from "../intake/index.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import { publishHealth } from "../observe/index.ts";
 import type { Store } from "../store/index.ts";
-import { Timers } from "../intake/index.ts";
-import { agentId, type StimulusId } from "../types.ts";
+import { Timers, WakeClock } from "../intake/index.ts";
+import { wakeStimulusPayload } from "../episode/index.ts";
+import { agentId, parseAgentId, type StimulusId } from "../types.ts";
 
 /** What background work reads from the gateway (the `Gateway` class satisfies it). */
 export interface BackgroundHost {
@@ -37,6 +38,22 @@ export function fleetTimers(host: BackgroundHost, now: () => number): Timers {
     },
     saveLastFire: (type, at) => host.store.setMeta(`timer:${type}`, String(at)),
     log: host.log.child({ mod: "timers" }),
+    now,
+  });
+}
+
+/** The fleet's wake-up clock, wired to the store (the `wakeups` rows) and intake (the stimuli). */
+export function fleetWakeups(host: BackgroundHost, now: () => number): WakeClock {
+  return new WakeClock({
+    store: host.store,
+    target: (agent) => {
+      const ref = parseAgentId(agent);
+      const type = ref ? host.spec.spec.agents[ref.type] : undefined;
+      return ref && type ? { agent, type, key: ref.key } : null;
+    },
+    record: (target, payload, sid) => host.intake.record([target], "wake", null, payload, sid),
+    payload: (w) => wakeStimulusPayload(w),
+    log: host.log.child({ mod: "wakeups" }),
     now,
   });
 }

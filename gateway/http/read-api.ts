@@ -12,7 +12,7 @@ import { episodesPage, recentCheckpoints } from "../observe/index.ts";
 import { EventStream } from "../observe/index.ts";
 import { dashboardRoutes } from "../observe/index.ts";
 import { Gauge } from "prom-client";
-import type { StoredAgentStatus } from "../store/index.ts";
+import type { StoredAgentStatus, WakeRow } from "../store/index.ts";
 
 type Route = (
   req: Request & { params: Record<string, string> },
@@ -137,6 +137,43 @@ export async function agentEpisodes(gw: ReadHost, type: string, key: string, req
     episodes: rows.map(episodeView),
     next_before: rows.length === limit && last ? last.startedAt : null,
   });
+}
+
+const WAKE_STATES = ["pending", "fired", "cancelled", "dropped"] as const;
+
+/** A wake-up as the API shows it. */
+export function wakeView(w: WakeRow) {
+  let payload: unknown = null;
+  try {
+    payload = JSON.parse(w.payload);
+  } catch {
+    payload = w.payload;
+  }
+  return {
+    id: w.id,
+    due_at: w.dueAt,
+    state: w.state,
+    set_by: w.setBy,
+    created_at: w.createdAt,
+    done_at: w.doneAt,
+    done_by: w.doneBy,
+    payload,
+  };
+}
+
+/** `GET /api/agents/<type>/<key>/wakeups?state=&limit=`: the agent's wake-ups, latest due first. */
+export async function agentWakeups(gw: ReadHost, type: string, key: string, req: Request): Promise<Response> {
+  const a = await agentOrError(gw, type, key);
+  if (a instanceof Response) return a;
+  const url = new URL(req.url);
+  const limit = intQuery(url, "limit", 100, 1, 1000);
+  if (limit instanceof Response) return limit;
+  const raw = url.searchParams.get("state") || undefined;
+  const state = WAKE_STATES.find((s) => s === raw);
+  if (raw !== undefined && !state)
+    return httpError(400, "bad_query", `state must be one of ${WAKE_STATES.join(", ")}; got "${raw}"`);
+  const rows = await gw.store.listWakes(a.id, { state, limit });
+  return json({ agent: a.id, wakeups: rows.map(wakeView) });
 }
 
 /** An event log row as the API shows it. */

@@ -19,7 +19,15 @@ import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { historyRoutes } from "./history.ts";
 import { activityRoutes } from "./activity.ts";
-import { agentDetail, agentEpisodes, episodeDetail, listAgents, listRejected, observeRoutes } from "./read-api.ts";
+import {
+  agentDetail,
+  agentEpisodes,
+  agentWakeups,
+  episodeDetail,
+  listAgents,
+  listRejected,
+  observeRoutes,
+} from "./read-api.ts";
 
 type Req<P extends string> = BunRequest<P>;
 
@@ -72,6 +80,8 @@ export function startHttp(
         agentDetail(gw, req.params.type, req.params.key),
       "/api/agents/:type/:key/episodes": (req: Req<"/api/agents/:type/:key/episodes">) =>
         agentEpisodes(gw, req.params.type, req.params.key, req),
+      "/api/agents/:type/:key/wakeups": (req: Req<"/api/agents/:type/:key/wakeups">) =>
+        agentWakeups(gw, req.params.type, req.params.key, req),
       "/api/agents/:type/:key/:action": {
         POST: async (req: Req<"/api/agents/:type/:key/:action">) => {
           const action = req.params.action;

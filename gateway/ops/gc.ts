@@ -4,7 +4,8 @@
  *    and seq stay, so the chain still verifies);
  *  - tombstones and episode logs older than `retention.episodes_days` are deleted; the
  *    newest deleted checkpoint of each agent becomes its chain anchor;
- *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory);
+ *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory), and
+ *    so are settled wake-ups (pending ones are kept however old);
  *  - SQLite reuses the freed pages, so the file stops growing at its working-set size.
  *  - with `keepUnconfirmed` (`[replication] required`), nothing still in the replication
  *    queue is touched: the central server has not confirmed it yet.
@@ -153,6 +154,11 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
       store.db.run(
         sql`DELETE FROM rejected_messages WHERE seq IN (SELECT seq FROM
           rejected_messages WHERE received_at < ${dedupCutoff} LIMIT ${batch})`,
+      ),
+      // Wake-ups that fired, were cancelled or dropped: kept as long as the dedup memory.
+      store.db.run(
+        sql`DELETE FROM wakeups WHERE id IN (SELECT id FROM wakeups
+          WHERE state != 'pending' AND done_at < ${dedupCutoff} LIMIT ${batch})`,
       ),
     ];
     const [st, us] = await store.writer.write(items);

@@ -113,6 +113,7 @@ export async function replayEpisode(
       .flatMap((r) => (r.k === "tool" ? [r] : []))
       .sort((x, y) => x.call - y.call)
       .map((r) => ({ tool: r.tool, ok: r.ok, result: r.result })),
+    pending_wakes: records.find((r) => r.k === "pending_wakes")?.ids,
   };
   const result = await runEpisode(
     {
@@ -126,6 +127,7 @@ export async function replayEpisode(
       stimulus,
       replay: inputs,
       limits: CHILD_LIMITS,
+      wakes: { pending: inputs.pending_wakes ?? [], max: type.max_wakeups },
     },
     // A replay is not on the clock of a live fleet: allow at least 10 s.
     runLimitsFor(type.budget, 10_000),

@@ -3,7 +3,9 @@
  * to its stimulus (source, topic, payload hash, received at) and, for an inbox message
  * from another agent, to the episode that sent it, up to the root cause. Downstream it
  * lists every output, tool call, publish and send of the episode, and the episodes those
- * sends caused, across agents. Everything comes from the sealed event logs and the
+ * sends caused, across agents. Wake-ups are followed the same way: a `wake` episode's
+ * cause is the episode that set it, and an episode's wake-ups list the episodes they woke.
+ * Everything comes from the sealed event logs and the
  * episodes table, so a trace is as old as retention allows.
  */
 import type { EpisodeRow, EventRow, Store } from "../store/index.ts";
@@ -20,6 +22,8 @@ export interface TraceStimulus {
   readonly received_at: number;
   /** The episode whose `ctx.send` delivered this inbox message, when one did. */
   readonly sent_by: string | null;
+  /** The episode that set this wake-up, for a `wake` stimulus. */
+  readonly set_by: string | null;
 }
 
 /** One thing an episode did that left the episode. */
@@ -28,7 +32,16 @@ export type TraceEffect =
   | { readonly kind: "emit"; readonly topic: string; readonly seq: number; readonly data: unknown }
   | { readonly kind: "publish"; readonly topic: string; readonly seq: number | null; readonly ok: boolean }
   | { readonly kind: "send"; readonly to: string; readonly ok: boolean; readonly episodes: readonly TraceNode[] }
-  | { readonly kind: "tool"; readonly tool: string; readonly ok: boolean };
+  | { readonly kind: "tool"; readonly tool: string; readonly ok: boolean }
+  | {
+      readonly kind: "wake";
+      readonly id: string;
+      readonly due_at: number;
+      /** pending, fired, cancelled, dropped; `not_scheduled` when the episode did not commit. */
+      readonly state: string;
+      readonly episodes: readonly TraceNode[];
+    }
+  | { readonly kind: "cancel_wake"; readonly id: string };
 
 /** One episode in a trace, with what it caused below it. */
 export interface TraceNode {
@@ -53,6 +66,7 @@ export type TraceMiss = { readonly code: "not_found" | "ambiguous"; readonly mes
 
 const MAX_DEPTH = 32;
 const SENT = /^inbox:([0-9a-f-]{36}):\d+$/;
+const WOKEN = /^wake:([0-9a-f-]{36})\.w\d+$/;
 
 /** An episode by full id or unique prefix (at least 4 characters). */
 export async function findEpisode(store: Store, idOrPrefix: string): Promise<EpisodeRow | TraceMiss> {
@@ -90,6 +104,7 @@ async function stimulusOf(events: readonly EventRow[]): Promise<TraceStimulus | 
     payload_hash: await blake3Hex(JSON.stringify(s.payload ?? null)),
     received_at: Number(s.received_at ?? 0),
     sent_by: SENT.exec(id)?.[1] ?? null,
+    set_by: WOKEN.exec(id)?.[1] ?? null,
   };
 }
 
@@ -108,6 +123,21 @@ async function caused(store: Store, episode: string): Promise<Map<number, Episod
   return bySend;
 }
 
+/** Episodes that ran the wake-ups `episode` set, by wake-up id. */
+async function woken(store: Store, episode: string): Promise<Map<string, EpisodeRow[]>> {
+  const rows = await store.client.execute({
+    sql: "SELECT id, stimulus_id FROM episodes WHERE stimulus_id >= ? AND stimulus_id < ? ORDER BY started_at",
+    args: [`wake:${episode}.w`, `wake:${episode}.w\uffff`],
+  });
+  const byWake = new Map<string, EpisodeRow[]>();
+  for (const r of rows.rows) {
+    const id = String(r.stimulus_id).slice("wake:".length);
+    const ep = await store.getEpisode(String(r.id));
+    if (ep) byWake.set(id, [...(byWake.get(id) ?? []), ep]);
+  }
+  return byWake;
+}
+
 async function node(store: Store, ep: EpisodeRow, depth: number, seen: Set<string>): Promise<TraceNode> {
   seen.add(ep.id);
   const events = await store.listEvents(ep.id);
@@ -121,6 +151,8 @@ async function node(store: Store, ep: EpisodeRow, depth: number, seen: Set<strin
   let publishSeq = emits;
   let sendIndex = 0;
   const children = depth < MAX_DEPTH ? await caused(store, ep.id) : new Map<number, EpisodeRow[]>();
+  const wokenBy = depth < MAX_DEPTH ? await woken(store, ep.id) : new Map<string, EpisodeRow[]>();
+  const wakeRows = new Map((await store.wakesSetBy(ep.id)).map((w) => [w.id, w]));
   for (const e of events) {
     const d = parse(e);
     if (e.kind === "decide") effects.push({ kind: "decide", name: String(d.name), data: d.data ?? null });
@@ -138,7 +170,20 @@ async function node(store: Store, ep: EpisodeRow, depth: number, seen: Set<strin
         for (const child of mine) if (!seen.has(child.id)) below.push(await node(store, child, depth + 1, seen));
         effects.push({ kind: "send", to: String(args[0]), ok, episodes: below });
       } else effects.push({ kind: "tool", tool, ok });
-    }
+    } else if (e.kind === "wake") {
+      const id = String(d.id);
+      const below: TraceNode[] = [];
+      for (const child of wokenBy.get(id) ?? [])
+        if (!seen.has(child.id)) below.push(await node(store, child, depth + 1, seen));
+      const row = wakeRows.get(id);
+      effects.push({
+        kind: "wake",
+        id,
+        due_at: Number(d.at),
+        state: row?.state ?? (committed ? "collected" : "not_scheduled"),
+        episodes: below,
+      });
+    } else if (e.kind === "cancel_wake") effects.push({ kind: "cancel_wake", id: String(d.id) });
   }
   return {
     episode: ep.id,
@@ -158,7 +203,8 @@ export async function traceEpisode(store: Store, idOrPrefix: string): Promise<Tr
   if ("code" in found) return found;
   const episode = await node(store, found, 0, new Set());
   const upstream: TraceNode[] = [];
-  let parent = episode.stimulus?.sent_by ?? null;
+  const causeOf = (n: TraceNode) => n.stimulus?.sent_by ?? n.stimulus?.set_by ?? null;
+  let parent = causeOf(episode);
   const seen = new Set([episode.episode]);
   while (parent && upstream.length < MAX_DEPTH && !seen.has(parent)) {
     seen.add(parent);
@@ -166,7 +212,7 @@ export async function traceEpisode(store: Store, idOrPrefix: string): Promise<Tr
     if (!ep) break; // collected by retention: the trace starts here
     const n = await node(store, ep, MAX_DEPTH, new Set(seen)); // no children: they are below
     upstream.unshift(n);
-    parent = n.stimulus?.sent_by ?? null;
+    parent = causeOf(n);
   }
   return { upstream, episode };
 }

@@ -284,6 +284,7 @@ function buildAgent(name: string, a: RawAgent, dir: string, problems: Problem[])
     checkpoint: a.checkpoint,
     retry: a.retry,
     max_queue: a.max_queue,
+    max_wakeups: a.max_wakeups,
   };
 }
 

@@ -87,6 +87,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Environment variable names this type's tools may inject as {{secret:NAME}}; never visible to the agent.",
   "agents.*.config": "Free-form table handed to the agent as ctx.config.",
   "agents.*.max_queue": "Stimuli that may wait per agent; past it intake refuses (no PUBACK, the device retries).",
+  "agents.*.max_wakeups":
+    "Wake-ups (`ctx.wakeIn` / `ctx.wakeAt`) an agent may have pending at once; one more throws `ToolDenied`.",
   "agents.*.budget":
     "Limits per agent; exceeding one pauses the agent until its window resets or an operator resumes it.",
   "agents.*.budget.episodes_per_hour": "Episodes per hour window.",

@@ -58,6 +58,8 @@ export interface AgentTypeSpec {
   readonly retry: RetrySpec;
   /** Most stimuli that may wait for one agent; past it intake refuses (MQTT: connection closed, no PUBACK). */
   readonly max_queue: number;
+  /** Wake-ups an agent may have pending at once (`ctx.wakeIn` / `ctx.wakeAt`). */
+  readonly max_wakeups: number;
 }
 
 /** A webhook (`[hooks.<name>]`): routes `POST /hooks/<name>` to one agent or to a type by a payload field. */

@@ -27,6 +27,10 @@ export interface EpisodeCommit {
   /** Inbox stimuli for other agents (ctx.send), deduplicated by episode + seq. */
   readonly inbox: readonly NewStimulus[];
   readonly usage: EpisodeUsage;
+  /** Wake-ups the episode set (`ctx.wakeIn` / `ctx.wakeAt`). */
+  readonly wakes?: readonly (typeof t.wakeups.$inferInsert)[];
+  /** Ids of the agent's pending wake-ups the episode cancelled. */
+  readonly cancels?: readonly string[];
 }
 
 /** A failed episode attempt and what happens to its stimulus. */
@@ -100,6 +104,13 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
     }));
     out.push(insertRows(codecs.stimuli, stimuli, "ON CONFLICT DO NOTHING"));
   }
+  for (const rows of chunks(c.wakes ?? [])) out.push(insertRows(codecs.wakeups, rows, "ON CONFLICT DO NOTHING"));
+  for (const ids of chunks(c.cancels ?? []))
+    out.push({
+      sql: `UPDATE wakeups SET state = 'cancelled', done_at = ?, done_by = ?
+        WHERE agent = ? AND state = 'pending' AND id IN (${ids.map(() => "?").join(",")})`,
+      args: [now, ep.id, ep.agent, ...ids],
+    });
   out.push(
     {
       sql: "UPDATE stimuli SET state = 'done', episode = ?, done_at = ?, attempts = ? WHERE seq = ?",

@@ -144,6 +144,16 @@ const EPISODE_KIND = [
   `CREATE INDEX IF NOT EXISTS episodes_agent_kind ON episodes (agent, stimulus_kind, started_at)`,
 ];
 
+/** Release 0.3: durable wake-ups (`ctx.wakeIn` / `ctx.wakeAt`). */
+const WAKEUPS: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS wakeups (
+    id TEXT PRIMARY KEY, gateway TEXT NOT NULL, agent TEXT NOT NULL, due_at INTEGER NOT NULL,
+    payload TEXT NOT NULL, set_by TEXT NOT NULL, created_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', done_at INTEGER, done_by TEXT)`,
+  `CREATE INDEX IF NOT EXISTS wakeups_due ON wakeups (state, due_at)`,
+  `CREATE INDEX IF NOT EXISTS wakeups_agent ON wakeups (agent, state, due_at)`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -152,6 +162,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 4, name: "replication queue", statements: REPLICATION_QUEUE },
   { version: 5, name: "replicate operator actions", statements: REPLICATE_AUDIT },
   { version: 6, name: "episode stimulus kind", statements: EPISODE_KIND },
+  { version: 7, name: "wake-ups", statements: WAKEUPS },
 ];
 
 /** The schema version this code writes. */

@@ -54,6 +54,9 @@ export const agents = sqliteTable(
   (t) => [index("agents_type").on(t.type, t.key), index("agents_status").on(t.status)],
 );
 
+/** Where a stimulus came from (agents/protocol.ts `Stimulus.kind`). */
+export type StoredStimulusKind = "mqtt" | "timer" | "webhook" | "inbox" | "manual" | "wake";
+
 /** Lifecycle of a stimulus for one agent. */
 export type StimulusState = "queued" | "done" | "quarantined" | "dropped" | "rejected";
 
@@ -68,7 +71,7 @@ export const stimuli = sqliteTable(
     gateway: text("gateway").notNull(),
     agent: text("agent").$type<AgentId>().notNull(),
     sid: text("sid").notNull(),
-    kind: text("kind").$type<"mqtt" | "timer" | "webhook" | "inbox" | "manual">().notNull(),
+    kind: text("kind").$type<StoredStimulusKind>().notNull(),
     topic: text("topic"),
     /** Raw payload bytes; null once collected (the dedup mark stays). */
     payload: blob("payload", { mode: "buffer" }),
@@ -98,7 +101,7 @@ export const rejectedMessages = sqliteTable(
   {
     seq: integer("seq").primaryKey({ autoIncrement: true }),
     gateway: text("gateway").notNull(),
-    kind: text("kind").$type<"mqtt" | "timer" | "webhook" | "inbox" | "manual">().notNull(),
+    kind: text("kind").$type<StoredStimulusKind>().notNull(),
     topic: text("topic"),
     payload: blob("payload", { mode: "buffer" }),
     /** MQTT client id of the sender, when known. */
@@ -240,3 +243,32 @@ export type OutboxRow = typeof outbox.$inferSelect;
 export type SpecVersionRow = typeof specVersions.$inferSelect;
 export type RejectedMessageRow = typeof rejectedMessages.$inferSelect;
 export type AuditRow = typeof audit.$inferSelect;
+
+/** Lifecycle of a wake-up: pending until it fires (a `wake` stimulus), is cancelled, or is dropped. */
+export type WakeState = "pending" | "fired" | "cancelled" | "dropped";
+
+/**
+ * Durable wake-ups (`ctx.wakeIn` / `ctx.wakeAt`), written with the commit of the episode that
+ * set them. Mutable only in `state`, `done_at` and `done_by`; collected after `dedup_days`
+ * once no longer pending.
+ */
+export const wakeups = sqliteTable(
+  "wakeups",
+  {
+    /** `<episode>.w<n>`: unique, and the same when the episode is replayed. */
+    id: text("id").primaryKey(),
+    gateway: text("gateway").notNull(),
+    agent: text("agent").$type<AgentId>().notNull(),
+    dueAt: integer("due_at").notNull(),
+    /** The payload as JSON. */
+    payload: text("payload").notNull(),
+    /** The episode that set it. */
+    setBy: text("set_by").notNull(),
+    createdAt: integer("created_at").notNull(),
+    state: text("state").$type<WakeState>().notNull().default("pending"),
+    doneAt: integer("done_at"),
+    /** The episode that cancelled it, or why it was dropped. */
+    doneBy: text("done_by"),
+  },
+  (t) => [index("wakeups_due").on(t.state, t.dueAt), index("wakeups_agent").on(t.agent, t.state, t.dueAt)],
+);

@@ -52,6 +52,7 @@ export const codecs = {
   checkpoints: codecOf(t.checkpoints),
   outbox: codecOf(t.outbox),
   budgetUsage: codecOf(t.budgetUsage),
+  wakeups: codecOf(t.wakeups),
 };
 
 /** A selected row as drizzle returns it: camelCase keys, decoded values (e.g. Buffer, boolean). */

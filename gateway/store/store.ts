@@ -44,7 +44,12 @@ export interface TurnInputs {
   readonly budgetOverrideUntil: number;
   /** The agent's head checkpoint, undefined when it has none or its row is missing. */
   readonly checkpoint: t.CheckpointRow | undefined;
+  /** Ids of the agent's pending wake-ups, soonest first. */
+  readonly pendingWakes: readonly string[];
 }
+
+/** A wake-up as stored. */
+export type WakeRow = typeof t.wakeups.$inferSelect;
 
 /** Result of recording one stimulus: `seq` null means it was a duplicate. */
 export interface IntakeOutcome {
@@ -336,7 +341,7 @@ export class Store {
    */
   async turnInputs(agent: AgentId, windows: readonly string[]): Promise<TurnInputs> {
     const inWindows = windows.map(() => "?").join(",") || "NULL";
-    const [a, head, usage, override, checkpoint] = await this.client.batch(
+    const [a, head, usage, override, checkpoint, wakes] = await this.client.batch(
       [
         { sql: `SELECT ${codecs.agents.columns} FROM agents WHERE id = ?`, args: [agent] },
         {
@@ -354,6 +359,10 @@ export class Store {
             WHERE hash = (SELECT head_hash FROM agents WHERE id = ?)`,
           args: [agent],
         },
+        {
+          sql: "SELECT id FROM wakeups WHERE agent = ? AND state = 'pending' ORDER BY due_at LIMIT 100000",
+          args: [agent],
+        },
       ],
       "read",
     );
@@ -365,7 +374,67 @@ export class Store {
       usage: usage?.rows.map((r) => decodeRow(codecs.budgetUsage, r)) ?? [],
       budgetOverrideUntil: Number(override?.rows[0]?.value ?? 0) || 0,
       checkpoint: first(codecs.checkpoints, checkpoint),
+      pendingWakes: wakes?.rows.map((r) => String(r.id)) ?? [],
     };
+  }
+
+  // ---- wake-ups ------------------------------------------------------------------
+
+  /** Pending wake-ups due at or before `now`, soonest first. */
+  async dueWakes(now: number, limit: number): Promise<WakeRow[]> {
+    const rs = await this.client.execute({
+      sql: `SELECT ${codecs.wakeups.columns} FROM wakeups WHERE state = 'pending' AND due_at <= ?
+        ORDER BY due_at, id LIMIT ?`,
+      args: [now, limit],
+    });
+    return rs.rows.map((r) => decodeRow(codecs.wakeups, r));
+  }
+
+  /** When the soonest pending wake-up is due, or null when none is pending. */
+  async nextWakeDue(): Promise<number | null> {
+    const rs = await this.client.execute("SELECT MIN(due_at) AS due FROM wakeups WHERE state = 'pending'");
+    const v = rs.rows[0]?.due;
+    return v === null || v === undefined ? null : Number(v);
+  }
+
+  /** Settle pending wake-ups: fired (their stimulus is recorded) or dropped (with why). */
+  async settleWakes(ids: readonly string[], state: "fired" | "dropped", at: number, why: string | null = null) {
+    if (ids.length === 0) return;
+    await this.writer.write(
+      chunks(ids).map((part) => ({
+        sql: `UPDATE wakeups SET state = ?, done_at = ?, done_by = ?
+          WHERE state = 'pending' AND id IN (${part.map(() => "?").join(",")})`,
+        args: [state, at, why, ...part],
+      })),
+    );
+  }
+
+  /** An agent's wake-ups, soonest first (`state`: only those). */
+  async listWakes(agent: AgentId, f: { state?: t.WakeState; limit?: number } = {}): Promise<WakeRow[]> {
+    const rs = await this.client.execute({
+      sql: `SELECT ${codecs.wakeups.columns} FROM wakeups WHERE agent = ?${f.state ? " AND state = ?" : ""}
+        ORDER BY due_at DESC, id LIMIT ?`,
+      args: [agent, ...(f.state ? [f.state] : []), f.limit ?? 100],
+    });
+    return rs.rows.map((r) => decodeRow(codecs.wakeups, r));
+  }
+
+  /** One wake-up by id. */
+  async getWake(id: string): Promise<WakeRow | undefined> {
+    const rs = await this.client.execute({
+      sql: `SELECT ${codecs.wakeups.columns} FROM wakeups WHERE id = ?`,
+      args: [id],
+    });
+    return rs.rows[0] ? decodeRow(codecs.wakeups, rs.rows[0]) : undefined;
+  }
+
+  /** Wake-ups an episode set. */
+  async wakesSetBy(episode: string): Promise<WakeRow[]> {
+    const rs = await this.client.execute({
+      sql: `SELECT ${codecs.wakeups.columns} FROM wakeups WHERE set_by = ? ORDER BY id`,
+      args: [episode],
+    });
+    return rs.rows.map((r) => decodeRow(codecs.wakeups, r));
   }
 
   /** Look a stimulus up by agent and dedup id. */

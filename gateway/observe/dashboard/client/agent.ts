@@ -30,6 +30,10 @@ function eventText(e: EpisodeEvent): string {
       return String(d.v);
     case "send":
       return `→ ${d.to} ${JSON.stringify(d.data)}`;
+    case "wake":
+      return `${d.id} due ${new Date(d.at).toISOString()} ${JSON.stringify(d.data)}`;
+    case "cancel_wake":
+      return `cancel ${d.id}`;
     case "failure":
       return `${d.kind}: ${d.message}`;
     case "end":

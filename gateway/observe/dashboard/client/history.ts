@@ -97,6 +97,17 @@ function effectItem(e: TraceEffect): HTMLLIElement {
         e.ok ? "" : " (denied)",
         ...e.episodes.map((c) => traceNode(c)),
       );
+    case "wake":
+      return h(
+        "li",
+        {},
+        h("b", {}, "wake-up "),
+        h("span", { class: "mono" }, e.id),
+        ` due ${new Date(e.due_at).toISOString()} (${e.state})`,
+        ...e.episodes.map((c) => traceNode(c)),
+      );
+    case "cancel_wake":
+      return h("li", {}, h("b", {}, "cancel wake-up "), h("span", { class: "mono" }, e.id));
     default: {
       const never: never = e;
       return h("li", {}, json(never));

@@ -185,7 +185,15 @@ export type TraceEffect =
   | { readonly kind: "emit"; readonly topic: string; readonly seq: number; readonly data: unknown }
   | { readonly kind: "publish"; readonly topic: string; readonly seq: number | null; readonly ok: boolean }
   | { readonly kind: "send"; readonly to: string; readonly ok: boolean; readonly episodes: readonly TraceNode[] }
-  | { readonly kind: "tool"; readonly tool: string; readonly ok: boolean };
+  | { readonly kind: "tool"; readonly tool: string; readonly ok: boolean }
+  | {
+      readonly kind: "wake";
+      readonly id: string;
+      readonly due_at: number;
+      readonly state: string;
+      readonly episodes: readonly TraceNode[];
+    }
+  | { readonly kind: "cancel_wake"; readonly id: string };
 
 /** One episode of a trace. */
 export interface TraceNode {
@@ -199,6 +207,7 @@ export interface TraceNode {
     readonly topic: string | null;
     readonly payload_hash: string;
     readonly sent_by: string | null;
+    readonly set_by: string | null;
   } | null;
   readonly effects: readonly TraceEffect[];
 }
