@@ -240,7 +240,7 @@ describe("the wake-up clock", () => {
     expect(timers.map((t) => t.ms)).toEqual([1000]);
   });
 
-  test("fired once: a wake-up whose stimulus was recorded before a crash is marked fired, not recorded again", async () => {
+  test("fired once: a wake-up recorded just before a crash is marked fired, not recorded again", async () => {
     await setWake("ep1.w1", A, clock - 1);
     // The crash: the stimulus is in, the row still says pending.
     await store.intake([
