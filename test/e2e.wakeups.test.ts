@@ -6,7 +6,7 @@
  * episodes both ways, the API and CLI list them, and replay stays MATCH.
  * Fixture agent: test/fixtures/wake/waker.ts.
  */
-import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { fileURLToPath } from "node:url";
 import { cleanupAll, publishQos1, runCli, TestFleet, waitFor, type EpisodeJson } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
@@ -60,7 +60,11 @@ async function command(fleet: TestFleet, key: string, cmd: object): Promise<void
 }
 
 describe("durable wake-ups on the real gateway", () => {
-  const fleet = new TestFleet(TOML);
+  // Made in beforeAll, not at collection: another file's cleanupAll must not remove it.
+  let fleet: TestFleet;
+  beforeAll(() => {
+    fleet = new TestFleet(TOML);
+  });
 
   test("a wake-up fires once as a `wake` stimulus with its payload and names the episode that set it", async () => {
     await fleet.start();
