@@ -146,6 +146,9 @@ class EmbeddedBroker implements Broker {
     });
   }
 
+  /** aedes hands every publish to the hooks; nothing to subscribe. */
+  async setIntakeFilters(): Promise<void> {}
+
   stats(): BrokerStats {
     return {
       clients: this.aedes.connectedClients ?? 0,

@@ -1,6 +1,6 @@
 /**
  * The broker boundary (docs/mqtt.md, §8): an MQTT broker behind the `Broker` interface, so an
- * external broker can replace the embedded one later, plus the pure topic rules.
+ * external broker can replace the embedded one, plus the pure topic rules.
  */
 export type {
   AuthChange,
@@ -11,8 +11,10 @@ export type {
   ClientInfo,
   IntakeVerdict,
   PublishedMessage,
+  PublishMeta,
 } from "./types.ts";
 export { createEmbeddedBroker } from "./embedded.ts";
+export { createExternalBroker, type ExternalBrokerOptions } from "./external.ts";
 export {
   checkDevicePublishTopic,
   checkDeviceSubscribeFilter,

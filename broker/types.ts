@@ -13,6 +13,18 @@ export interface PublishedMessage {
   readonly retain: boolean;
   /** The MQTT packet id of a QoS 1/2 publish (what a retransmission repeats); absent for QoS 0. */
   readonly messageId?: number;
+  /**
+   * The DUP flag, when the sender is known to set it on every redelivery (an external broker
+   * delivering to the gateway's session, MQTT-3.3.1-1); absent from the embedded broker.
+   */
+  readonly dup?: boolean;
+}
+
+/** What identifies a gateway output (carried as MQTT 5 user properties where MQTT 5 is spoken). */
+export interface PublishMeta {
+  readonly episode: string;
+  readonly seq: number;
+  readonly agent: string;
 }
 
 /** Who sent a packet. `id` is the MQTT client id; `username` is null for anonymous clients. */
@@ -25,7 +37,18 @@ export interface ClientInfo {
  * Intake result: ok -> the publish is accepted (PUBACK sent for QoS1 only after intake resolved); refused -> publish is
  * refused with reason.
  */
-export type IntakeVerdict = { readonly ok: true } | { readonly ok: false; readonly reason: string };
+export type IntakeVerdict =
+  | { readonly ok: true }
+  | {
+      readonly ok: false;
+      readonly reason: string;
+      /**
+       * True when no retry can succeed (unknown inbox, retired agent): the message is
+       * acknowledged and dropped. Absent/false: transient (queue full, intake stopped, commits
+       * failing), no PUBACK, the sender retries.
+       */
+      readonly permanent?: boolean;
+    };
 
 /** Who may connect and what they may publish and subscribe; `Broker.setAuth` swaps it live. */
 export interface BrokerAuth {
@@ -106,6 +129,16 @@ export interface BrokerStats {
   readonly connectionsRefused: number;
   /** Messages not queued for a clean = false client because its queue was full (`max_offline_messages`). */
   readonly offlineDropped: number;
+  /** External-broker mode only: the gateway's own connection to the broker. */
+  readonly external?: {
+    readonly url: string;
+    readonly connected: boolean;
+    readonly reconnects: number;
+    /** Deliveries whose PUBACK was withheld (transient refusal); the broker redelivers them. */
+    readonly withheld: number;
+    /** Retained copies delivered at subscribe time, acknowledged and not taken as stimuli. */
+    readonly staleRetained: number;
+  };
 }
 
 /** What `Broker.setAuth` did to the sessions already connected. */
@@ -126,8 +159,20 @@ export interface Broker {
   readonly wssPort: number | null;
   /** Listen; resolves when listening; idempotent. */
   start(): Promise<void>;
-  /** Publish from the gateway itself (bypasses intake and device rules). */
-  publish(topic: string, payload: Uint8Array | string, opts?: { qos?: 0 | 1; retain?: boolean }): Promise<void>;
+  /**
+   * Publish from the gateway itself (bypasses intake and device rules). `meta` travels as MQTT 5
+   * user properties where MQTT 5 is spoken (external mode), else it is only in the payload.
+   */
+  publish(
+    topic: string,
+    payload: Uint8Array | string,
+    opts?: { qos?: 0 | 1; retain?: boolean; meta?: PublishMeta },
+  ): Promise<void>;
+  /**
+   * The topic filters the agents listen on. The embedded broker sees every publish and ignores
+   * this; an external broker client subscribes to them (new ones now, removed ones dropped).
+   */
+  setIntakeFilters(filters: readonly string[]): Promise<void>;
   /** Current counters. */
   stats(): BrokerStats;
   /**

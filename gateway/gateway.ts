@@ -8,7 +8,16 @@
 import { readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
-import { createEmbeddedBroker, type AuthChange, type Broker, type BrokerAuth } from "../broker/index.ts";
+import {
+  createEmbeddedBroker,
+  createExternalBroker,
+  type AuthChange,
+  type Broker,
+  type BrokerAuth,
+  type IntakeVerdict,
+  type PublishedMessage,
+  type ClientInfo,
+} from "../broker/index.ts";
 import { loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
@@ -18,6 +27,7 @@ import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
 import { FleetEvents } from "./events.ts";
+import { topics } from "./protocol.ts";
 import {
   defaultSpawnOptions,
   describeSandbox,
@@ -127,12 +137,18 @@ export class Gateway {
   private replicator: Replicator | null = null;
   /** The gateway's clock (epoch ms); tests shift it. */
   readonly now: () => number;
+  /** Resolves when start() reaches "running" or fails (then the state says which). */
+  private readonly started: Promise<void>;
+  private markStarted: () => void = () => {};
   private tokenWatch: ReturnType<typeof setInterval> | null = null;
 
   constructor(readonly opts: GatewayOptions) {
     this.log = opts.logger ?? pino({ base: { svc: "fleet" } });
     this.events = new FleetEvents(this.log);
     this.now = opts.now ?? Date.now;
+    this.started = new Promise((resolve) => {
+      this.markStarted = resolve;
+    });
   }
 
   /** The spec version new episodes start on. */
@@ -149,6 +165,14 @@ export class Gateway {
   async start(): Promise<void> {
     if (this.state !== "created") return;
     this.state = "starting";
+    try {
+      await this.startParts();
+    } finally {
+      this.markStarted();
+    }
+  }
+
+  private async startParts(): Promise<void> {
     this.adopt(await loadSpec(resolve(this.opts.configPath)));
     const spec = this.current.spec;
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
@@ -228,6 +252,7 @@ export class Gateway {
       `${JSON.stringify({
         mqtt_port: this.broker.port,
         http_port: this.http.port,
+        ...(spec.broker.external ? { broker_url: spec.broker.external.url } : {}),
         ...(this.broker.tlsPort === null ? {} : { mqtts_port: this.broker.tlsPort }),
         ...(this.broker.wssPort === null ? {} : { wss_port: this.broker.wssPort }),
         ...(spec.http.tls ? { https: true } : {}),
@@ -239,6 +264,7 @@ export class Gateway {
       {
         mqtt_port: this.broker.port,
         http_port: this.http.port,
+        ...(spec.broker.external ? { broker_url: spec.broker.external.url } : {}),
         mqtts_port: this.broker.tlsPort,
         wss_port: this.broker.wssPort,
         https: spec.http.tls !== null,
@@ -508,8 +534,36 @@ export class Gateway {
     );
   }
 
-  /** The embedded broker; its intake hook refuses publishes unless the gateway runs. */
+  /**
+   * Intake for the broker: refused (transient: the device or the broker retries) unless the gateway
+   * runs. An external broker may deliver its queue before start finishes: that waits for running.
+   */
+  private async brokerIntake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict> {
+    if (this.state === "starting") await this.started;
+    if (this.state !== "running") return { ok: false, reason: `gateway is ${this.state}` };
+    return this.intake.mqtt(msg, client);
+  }
+
+  /** The embedded broker, or a client of the external one (`[broker] url`). */
   private createBroker(spec: FleetSpec): Broker {
+    const ext = spec.broker.external;
+    if (ext) {
+      const password = ext.password_env === null ? null : (this.secrets[ext.password_env] ?? null);
+      if (ext.password_env !== null && password === null)
+        throw new Error(`[broker] password_env names ${ext.password_env}, which is not set in the environment`);
+      if (this.opts.mqttPort !== undefined) this.log.info("--mqtt-port is ignored: [broker] url names the broker");
+      return createExternalBroker({
+        url: ext.url,
+        username: ext.username,
+        password,
+        clientId: ext.client_id,
+        ca: ext.ca_file === null ? null : readFileSync(ext.ca_file, "utf8"),
+        protocolVersion: ext.protocol_version,
+        filters: intakeFilters(spec),
+        intake: (msg, client) => this.brokerIntake(msg, client),
+        logger: this.log.child({ mod: "broker" }),
+      });
+    }
     return createEmbeddedBroker({
       host: spec.broker.host,
       port: this.opts.mqttPort ?? spec.broker.mqtt_port,
@@ -525,10 +579,7 @@ export class Gateway {
       maxConnections: spec.broker.max_connections,
       // Anonymous policy + device credentials and topic ACLs from the devices file (re-read when it changes).
       ...this.initialAuth(spec),
-      intake: (msg, client) =>
-        this.state === "running"
-          ? this.intake.mqtt(msg, client)
-          : Promise.resolve({ ok: false, reason: `gateway is ${this.state}` }),
+      intake: (msg, client) => this.brokerIntake(msg, client),
       logger: this.log.child({ mod: "broker" }),
       persistence:
         spec.broker.persistence === "libsql"
@@ -544,7 +595,8 @@ export class Gateway {
 
   /** Broker auth for a spec: anonymous policy plus the devices file's hooks (throws DevicesError on a bad file). */
   private brokerAuth(spec: FleetSpec): BrokerAuth {
-    const file = spec.broker.devices_file;
+    // An external broker authenticates devices itself (`fleet device export --mosquitto`).
+    const file = spec.broker.external ? null : spec.broker.devices_file;
     // Same file: keep the registry, so the sessions it verified can stay.
     if (file !== this.devices?.file) {
       const registry =
@@ -641,5 +693,15 @@ export class Gateway {
   private adopt(sv: SpecVersion): void {
     this.current = sv;
     this.route = createRouter(sv.spec);
+    this.broker
+      ?.setIntakeFilters(intakeFilters(sv.spec))
+      .catch((err: unknown) => this.log.warn({ err }, "updating the broker subscriptions failed"));
   }
+}
+
+/** Every topic a stimulus can come from: the types' `subscribe` filters and the agents' inboxes. */
+function intakeFilters(spec: FleetSpec): string[] {
+  const filters = new Set<string>([topics.inbox("+", "+")]);
+  for (const t of Object.values(spec.agents)) for (const f of t.subscribe) filters.add(f);
+  return [...filters];
 }

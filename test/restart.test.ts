@@ -27,6 +27,15 @@ describe("restartNeeded", () => {
     expect(restartNeeded(before, after)).toEqual(["replication (the [replication] table changed)"]);
   });
 
+  test("the external broker's url and keys are read at start: switching modes or brokers needs a restart", async () => {
+    const embedded = await spec("");
+    const a = await spec('[broker]\nurl = "mqtt://127.0.0.1:1883"\n');
+    const b = await spec('[broker]\nurl = "mqtt://127.0.0.1:1883"\nclient_id = "gw-2"\n');
+    expect(restartNeeded(embedded, a)).toHaveLength(1);
+    expect(restartNeeded(embedded, a)[0]).toStartWith("broker.url (with username, password_env, client_id");
+    expect(restartNeeded(a, b)[0]).toContain('"client_id":"gw-2"');
+  });
+
   test("an unchanged file needs nothing", async () => {
     expect(restartNeeded(await spec(""), await spec(""))).toEqual([]);
   });

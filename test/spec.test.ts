@@ -109,6 +109,7 @@ describe("compileSpec", () => {
       tls: null,
       persistence: "memory",
       max_offline_messages: 1000,
+      external: null,
     });
     expect(spec.http).toEqual({
       host: "127.0.0.1",
@@ -303,6 +304,38 @@ describe("schema errors name the key path", () => {
       "broker.max_offline_messages",
       /must be a positive integer/,
     ],
+    ["external broker URL of another scheme", '[broker]\nurl = "http://b:1883"\n', "broker.url", /"mqtt:\/\/"/],
+    [
+      "external broker URL with credentials",
+      '[broker]\nurl = "mqtt://u:p@b:1883"\n',
+      "broker.url",
+      /must not carry credentials/,
+    ],
+    [
+      "password_env without username",
+      '[broker]\nurl = "mqtt://b"\npassword_env = "PW"\n',
+      "broker.password_env",
+      /needs username/,
+    ],
+    [
+      "ca_file with a plain mqtt url",
+      `[broker]\nurl = "mqtt://b"\nca_file = ${JSON.stringify(FILE)}\n`,
+      "broker.ca_file",
+      /needs an "mqtts:\/\/" url/,
+    ],
+    [
+      "a listener key with an external broker",
+      '[broker]\nurl = "mqtt://b"\nws_port = 9001\n',
+      "broker.ws_port",
+      /with url the gateway runs none/,
+    ],
+    ["username without url", '[broker]\nusername = "gw"\n', "broker.username", /needs url/],
+    [
+      "MQTT 5 on the embedded broker",
+      '[broker]\nmqtt_version = "5"\n',
+      "broker.mqtt_version",
+      /embedded broker speaks MQTT 3.1.1 only/,
+    ],
     ["small memory", agent("[agents.x.budget]\nmemory_mb = 8"), "agents.x.budget.memory_mb", /at least 16/],
     ["bad secret name", agent('secrets = ["slack-token"]'), "agents.x.secrets[0]", /environment variable name/],
   ];
@@ -400,6 +433,23 @@ describe("listen addresses", () => {
   test("MQTT with device logins required listens on every interface by default", async () => {
     const { spec } = await compileSpec('[broker]\nallow_anonymous = false\ndevices = "d.toml"\n', FILE);
     expect(spec.broker.host).toBe("0.0.0.0");
+  });
+
+  test("[broker] url compiles to an external broker with a default client id; MQTT 3.1.1 unless told", async () => {
+    const { spec } = await compileSpec(
+      '[fleet]\nname = "plant 7"\n[broker]\nurl = "mqtts://broker.local"\nusername = "gw"\npassword_env = "PW"\n',
+      FILE,
+    );
+    expect(spec.broker.external).toEqual({
+      url: "mqtts://broker.local",
+      username: "gw",
+      password_env: "PW",
+      client_id: "fleet-plant_7",
+      ca_file: null,
+      protocol_version: 4,
+    });
+    const v5 = await compileSpec('[broker]\nurl = "mqtt://b"\nmqtt_version = "5"\nclient_id = "gw-1"\n', FILE);
+    expect(v5.spec.broker.external).toMatchObject({ client_id: "gw-1", protocol_version: 5 });
   });
 
   test("an anonymous broker on the network is accepted only with allow_anonymous_network = true", async () => {

@@ -149,7 +149,7 @@ export class Intake {
     const route = this.view.route(msg.topic);
     if (route.inbox && route.targets.length === 0) {
       this.log.warn({ topic: msg.topic }, `intake: ${route.problems[0] ?? "unknown inbox"}`);
-      return { ok: false, reason: route.problems[0] ?? "unknown inbox" };
+      return { ok: false, reason: route.problems[0] ?? "unknown inbox", permanent: true };
     }
     const rejected =
       route.problems.length === 0 ? Promise.resolve() : this.reject(msg, client?.id ?? null, route.problems);
@@ -157,17 +157,30 @@ export class Intake {
       await rejected;
       return { ok: true };
     }
+    const kind = route.inbox ? "inbox" : "mqtt";
+    const redelivery =
+      msg.qos > 0 && msg.messageId !== undefined && client
+        ? await redeliveryId(client.id, msg.messageId, msg.topic, msg.payload)
+        : null;
     const [report] = await Promise.all([
-      this.record(route.targets, route.inbox ? "inbox" : "mqtt", msg.topic, msg.payload, null, {
-        redelivery:
-          msg.qos > 0 && msg.messageId !== undefined && client
-            ? await redeliveryId(client.id, msg.messageId, msg.topic, msg.payload)
-            : null,
-      }),
+      this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery }),
       rejected,
     ]);
+    // A sender that sets DUP on every redelivery (an external broker) says this is a first
+    // delivery: a redelivery-id hit is an older message that reused the packet id, not this one.
+    const reused = msg.dup === false ? report.duplicates.filter((d) => d.sid === redelivery) : [];
+    if (reused.length > 0) {
+      const agents = new Set(reused.map((d) => d.agent));
+      const again = route.targets.filter((t) => agents.has(t.agent));
+      await this.record(again, kind, msg.topic, msg.payload, uniqueId());
+    }
     if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) {
-      return { ok: false, reason: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ") };
+      return {
+        ok: false,
+        reason: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; "),
+        // Retired agents never take it; a full queue drains (the sender retries).
+        permanent: report.refused.every((r) => r.code === "retired"),
+      };
     }
     return { ok: true };
   }

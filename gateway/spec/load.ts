@@ -11,7 +11,15 @@ import { parseDuration } from "./duration.ts";
 import { fleetSchema, type RawAgent, type RawFleet, type RawHook } from "./schema.ts";
 import { wildcardCount } from "./topic-filter.ts";
 import { SpecError } from "./types.ts";
-import type { AgentTypeSpec, FleetSpec, HookSpec, SpecVersion, TimerSpec, TlsFiles } from "./types.ts";
+import type {
+  AgentTypeSpec,
+  ExternalBrokerSpec,
+  FleetSpec,
+  HookSpec,
+  SpecVersion,
+  TimerSpec,
+  TlsFiles,
+} from "./types.ts";
 
 export { AGENT_KEY_RE, DEFAULT_BUDGET, TOOL_NAMES, TYPE_NAME_RE } from "./schema.ts";
 export { topicFilterProblem, wildcardCount } from "./topic-filter.ts";
@@ -112,7 +120,10 @@ export function isLoopbackHost(host: string): boolean {
 }
 
 function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
-  const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, host: hostRaw, ...broker } = raw.broker;
+  const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, host: hostRaw, ...rest } = raw.broker;
+  // The external broker's keys are compiled apart (externalBroker).
+  const { url: _u, username: _n, password_env: _p, client_id: _c, ca_file: _f, mqtt_version: _v, ...broker } = rest;
+  const external = externalBroker(raw, dir, problems);
   if (!broker.allow_anonymous && devices === undefined) {
     const message = "is required when allow_anonymous = false (a devices file with credentials and ACL)";
     problems.push({ path: ["broker", "devices"], message });
@@ -134,7 +145,7 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
   const httpTls = tlsFiles("http", { cert: httpCert, key: httpKey, ca: undefined }, dir, problems);
   // Like Mosquitto 2: without device logins the broker listens on loopback only.
   const host = hostRaw ?? (broker.allow_anonymous ? "127.0.0.1" : "0.0.0.0");
-  if (broker.allow_anonymous && !broker.allow_anonymous_network && !isLoopbackHost(host)) {
+  if (external === null && broker.allow_anonymous && !broker.allow_anonymous_network && !isLoopbackHost(host)) {
     problems.push({
       path: ["broker", "host"],
       message:
@@ -157,6 +168,7 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
       tls_port: tls_port ?? null,
       wss_port: wss_port ?? null,
       tls: brokerTls,
+      external,
     },
     http: { ...http, tls: httpTls },
     llm: { ...raw.llm, api_key_env: raw.llm.api_key_env ?? null },
@@ -177,6 +189,53 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
           max_backlog_mb: raw.replication.max_backlog_mb,
         }
       : null,
+  };
+}
+
+/** Keys that configure the embedded broker's listeners: meaningless with `[broker] url`. */
+const LISTENER_KEYS = ["ws_port", "tls_port", "wss_port", "tls_cert", "tls_key", "tls_ca"] as const;
+
+/** `[broker] url` and its keys, cross-checked; null when the embedded broker runs. */
+function externalBroker(raw: RawFleet, dir: string, problems: Problem[]): ExternalBrokerSpec | null {
+  const b = raw.broker;
+  const at = (k: string) => ["broker", k];
+  if (b.url === undefined) {
+    for (const k of ["username", "password_env", "client_id", "ca_file"] as const)
+      if (b[k] !== undefined) problems.push({ path: at(k), message: "needs url (an external broker)" });
+    if (b.mqtt_version !== "3.1.1")
+      problems.push({
+        path: at("mqtt_version"),
+        message: "needs url: the embedded broker speaks MQTT 3.1.1 only (MQTT 5 devices need an external broker)",
+      });
+    return null;
+  }
+  for (const k of LISTENER_KEYS)
+    if (b[k] !== undefined)
+      problems.push({ path: at(k), message: "is a listener of the embedded broker; with url the gateway runs none" });
+  if (b.password_env !== undefined && b.username === undefined)
+    problems.push({ path: at("password_env"), message: "needs username (MQTT sends a password only with one)" });
+  const parsed = new URL(b.url);
+  if (parsed.username !== "" || parsed.password !== "")
+    problems.push({ path: at("url"), message: "must not carry credentials: use username and password_env" });
+  const tls = parsed.protocol === "mqtts:";
+  let ca: string | null = null;
+  if (b.ca_file !== undefined) {
+    ca = resolve(dir, b.ca_file);
+    if (!tls) problems.push({ path: at("ca_file"), message: 'needs an "mqtts://" url' });
+    try {
+      accessSync(ca, constants.R_OK);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      problems.push({ path: at("ca_file"), message: `cannot read ${ca} (${code ?? String(err)})` });
+    }
+  }
+  return {
+    url: b.url,
+    username: b.username ?? null,
+    password_env: b.password_env ?? null,
+    client_id: b.client_id ?? `fleet-${raw.fleet.name}`.replace(/[^A-Za-z0-9_.:@-]/g, "_").slice(0, 64),
+    ca_file: ca,
+    protocol_version: b.mqtt_version === "5" ? 5 : 4,
   };
 }
 

@@ -24,7 +24,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     'Accept sandbox = "uid" or "none" where bubblewrap works ' +
     "(they leave an agent the network, the file system and detached children).",
   "fleet.warm_spares": "Sandboxed subprocesses started ahead of need; each still serves exactly one episode.",
-  broker: "The embedded MQTT broker.",
+  broker: "The embedded MQTT broker, or (with url) the existing broker the gateway is a client of.",
   "broker.host":
     "Address the MQTT listeners bind; default 127.0.0.1, or 0.0.0.0 when devices must log in " +
     "(allow_anonymous = false). An anonymous broker on another address is refused (see allow_anonymous_network).",
@@ -50,6 +50,19 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.tls_cert": "PEM certificate (chain) of the TLS listeners; relative to fleet.toml. Read at start.",
   "broker.tls_key": "PEM private key of tls_cert; relative to fleet.toml. Read at start.",
   "broker.tls_ca": "PEM CA bundle: when set, TLS clients must present a certificate it signed.",
+  "broker.url":
+    '"mqtt://host:port" or "mqtts://host:port": embed no broker; the gateway is a client of this one with a ' +
+    "persistent session (see [broker.md](broker.md#external-broker)). Read at start.",
+  "broker.username": "User name the gateway logs in with (external broker). Read at start.",
+  "broker.password_env": "Environment variable holding the gateway's password (external broker). Read at start.",
+  "broker.client_id":
+    'The gateway\'s client id on the external broker, i.e. its persistent session; default "fleet-<fleet name>". ' +
+    "Changing it abandons the queued session.",
+  "broker.ca_file":
+    'PEM CA bundle that signs the external broker\'s certificate (with "mqtts://"); default: system CAs.',
+  "broker.mqtt_version":
+    '"5" or "3.1.1", spoken to the external broker. MQTT 5 adds user properties on outputs, message expiry ' +
+    "and no-local subscriptions. The embedded broker speaks 3.1.1 only.",
   http: "The HTTP API, dashboard, /metrics and webhooks.",
   "http.host": "Address the HTTP server binds. Every /api call and the dashboard need a token (docs/access.md).",
   "http.port": "HTTP port; 0 picks a free one (written to <data_dir>/gateway.json).",

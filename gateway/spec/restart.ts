@@ -23,11 +23,20 @@ const RESTART_KEYS = {
     "max_packet_bytes",
     "persistence",
     "max_offline_messages",
+    // Embedded or external, and the external broker's url, login, client id and CA.
+    "external",
   ],
   http: ["host", "port", "tls"],
   // The span exporter is built once at start.
   telemetry: ["otlp_endpoint", "service_name"],
 } as const satisfies { [T in keyof FleetSpec]?: readonly (keyof FleetSpec[T])[] };
+
+/** Compiled keys that stand for several keys of the file. */
+const RENDERED: Record<string, string> = {
+  "broker.tls": "broker.tls_*",
+  "http.tls": "http.tls_*",
+  "broker.external": "broker.url (with username, password_env, client_id, ca_file, mqtt_version)",
+};
 
 /** Keys a reload applies to the running broker without a restart. */
 export const LIVE_BROKER_KEYS = ["allow_anonymous", "devices_file", "max_connections"] as const;
@@ -47,8 +56,7 @@ export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: reado
       if (ignore.includes(path)) continue;
       const was = canonicalJson(a[key] ?? null);
       const now = canonicalJson(b[key] ?? null);
-      if (was !== now)
-        out.push(`${path === "broker.tls" || path === "http.tls" ? `${table}.tls_*` : path} (${was} -> ${now})`);
+      if (was !== now) out.push(`${RENDERED[path] ?? path} (${was} -> ${now})`);
     }
   }
   // The replicator is built once at start from the whole table.

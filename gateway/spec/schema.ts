@@ -153,6 +153,17 @@ export const fleetSchema = z.strictObject({
     tls_ca: str().optional(),
     persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("memory"),
     max_offline_messages: posInt(1000),
+    // External mode (docs/broker.md): the gateway is a client of an existing broker.
+    url: str()
+      .refine((u) => URL.canParse(u) && /^mqtts?:$/.test(new URL(u).protocol), 'must be an "mqtt://" or "mqtts://" URL')
+      .optional(),
+    username: str().optional(),
+    password_env: envName().optional(),
+    client_id: str()
+      .regex(/^[A-Za-z0-9_.:@-]{1,64}$/, "must be 1-64 of A-Z a-z 0-9 _ . : @ -")
+      .optional(),
+    ca_file: str().optional(),
+    mqtt_version: z.enum(["3.1.1", "5"], says('must be "3.1.1" or "5"')).default("3.1.1"),
   }),
   http: table({
     host: str().default("127.0.0.1"),

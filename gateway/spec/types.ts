@@ -115,6 +115,7 @@ export interface FleetSpec {
     readonly warm_spares: number;
   };
   readonly broker: {
+    /** Listen address of the embedded broker. */
     readonly host: string;
     readonly mqtt_port: number;
     readonly ws_port: number | null;
@@ -143,6 +144,8 @@ export interface FleetSpec {
     readonly persistence: "libsql" | "memory";
     /** Most messages kept per client session (queued + in flight); past it new ones are dropped, counted, logged. */
     readonly max_offline_messages: number;
+    /** An existing broker the gateway is a client of (`[broker] url`); null: the embedded broker. */
+    readonly external: ExternalBrokerSpec | null;
   };
   readonly http: {
     readonly host: string;
@@ -229,4 +232,19 @@ export class ConfigFileError extends Error {
 /** Where in fleet.toml an error is: line/column for syntax, key path for schema. */
 export class SpecError extends ConfigFileError {
   override readonly name = "SpecError";
+}
+
+/** `[broker] url` and its keys: the gateway embeds no broker and connects to this one. */
+export interface ExternalBrokerSpec {
+  /** `mqtt://host:port` or `mqtts://host:port`. */
+  readonly url: string;
+  readonly username: string | null;
+  /** Environment variable holding the password (read at start). */
+  readonly password_env: string | null;
+  /** The gateway's client id: its persistent session on the broker. */
+  readonly client_id: string;
+  /** PEM CA bundle (resolved against the fleet.toml directory) that signs the broker's certificate. */
+  readonly ca_file: string | null;
+  /** Protocol spoken to the broker: 4 (MQTT 3.1.1) or 5. */
+  readonly protocol_version: 4 | 5;
 }

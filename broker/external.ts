@@ -1,0 +1,358 @@
+/**
+ * External-broker mode (docs/broker.md#external-broker): the gateway embeds no broker and is an
+ * mqtt.js client of an existing one (Mosquitto, EMQX, HiveMQ, NATS' MQTT listener). It keeps a
+ * persistent session (clean = false; under MQTT 5 a session that never expires) with QoS 1
+ * subscriptions to the agents' topics, so the broker queues while the gateway is down, and
+ * sends each PUBACK only after intake recorded the stimulus (mqtt.js `handleMessage`).
+ */
+import { connect, type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+import type { Logger } from "pino";
+import type {
+  AuthChange,
+  Broker,
+  BrokerStats,
+  ClientInfo,
+  IntakeVerdict,
+  PublishMeta,
+  PublishedMessage,
+} from "./types.ts";
+
+/** How to reach the external broker and what to do with what it delivers. */
+export interface ExternalBrokerOptions {
+  /** `mqtt://host:port` or `mqtts://host:port`. */
+  readonly url: string;
+  readonly username: string | null;
+  readonly password: string | null;
+  /** The gateway's client id: the name of its persistent session. */
+  readonly clientId: string;
+  /** PEM CA bundle for `mqtts://` (null: the system's CAs). */
+  readonly ca: string | null;
+  /** 4 = MQTT 3.1.1, 5 = MQTT 5. */
+  readonly protocolVersion: 4 | 5;
+  /** Topic filters the agents listen on (subscribed with QoS 1). */
+  readonly filters: readonly string[];
+  /** Record a delivered message; the PUBACK waits for it (see `onQos1`). */
+  intake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict>;
+  readonly logger: Logger;
+  /** How long a gateway publish may wait for its PUBACK before it is reported failed (default 10 s). */
+  readonly publishTimeoutMs?: number;
+  /** First wait before a withheld PUBACK makes the gateway reconnect (default 1 s, doubling to 30 s). */
+  readonly retryMs?: number;
+  /** How long `start()` waits for the first CONNACK (default 10 s); past it the client keeps trying. */
+  readonly connectTimeoutMs?: number;
+}
+
+/** MQTT 5 user property naming the gateway (its client id) on everything it publishes. */
+const ORIGIN = "fleet-gateway";
+/** MQTT 5 session expiry that never ends (MQTT-3.1.2-11: 0xFFFFFFFF = does not expire). */
+const NEVER = 0xffff_ffff;
+
+type Lifecycle = "new" | "starting" | "running" | "draining" | "closed";
+
+/** Build an external-broker client; nothing connects until `start()`. */
+export function createExternalBroker(opts: ExternalBrokerOptions): Broker {
+  return new ExternalBroker(opts);
+}
+
+class ExternalBroker implements Broker {
+  readonly wsPort = null;
+  readonly tlsPort = null;
+  readonly wssPort = null;
+  private lifecycle: Lifecycle = "new";
+  /** The session connection: subscriptions and deliveries. */
+  private client: MqttClient | null = null;
+  /** The outputs connection (`<client_id>-out`, clean session): the gateway's publishes. */
+  private out: MqttClient | null = null;
+  private readonly log: Logger;
+  private filters: string[];
+  private messagesIn = 0;
+  private messagesOut = 0;
+  private refused = 0;
+  private withheld = 0;
+  private reconnects = 0;
+  private staleRetained = 0;
+  private lastRefusalLog = 0;
+  private refusedSinceLog = 0;
+  private retryDelay: number;
+  private retryTimer: ReturnType<typeof setTimeout> | null = null;
+  private starting: Promise<void> | null = null;
+  private closing: Promise<void> | null = null;
+
+  constructor(private readonly opts: ExternalBrokerOptions) {
+    this.log = opts.logger.child({ component: "broker", url: redact(opts.url) });
+    this.filters = [...new Set(opts.filters)];
+    this.retryDelay = opts.retryMs ?? 1000;
+  }
+
+  /** The external broker's port (what devices connect to). */
+  get port(): number {
+    const u = new URL(this.opts.url);
+    return u.port === "" ? (u.protocol === "mqtts:" ? 8883 : 1883) : Number(u.port);
+  }
+
+  start(): Promise<void> {
+    this.starting ??= this.doStart();
+    return this.starting;
+  }
+
+  private async doStart(): Promise<void> {
+    if (this.lifecycle !== "new") throw new Error(`cannot start a broker client that is ${this.lifecycle}`);
+    this.lifecycle = "starting";
+    const v5 = this.opts.protocolVersion === 5;
+    const common: IClientOptions = {
+      protocolVersion: this.opts.protocolVersion,
+      reconnectPeriod: 1000,
+      connectTimeout: this.opts.connectTimeoutMs ?? 10_000,
+      ...(this.opts.username === null ? {} : { username: this.opts.username }),
+      ...(this.opts.password === null ? {} : { password: this.opts.password }),
+      ...(this.opts.ca === null ? {} : { ca: this.opts.ca }),
+    };
+    const client = connect(this.opts.url, {
+      ...common,
+      clientId: this.opts.clientId,
+      clean: false,
+      // Subscriptions are (re)made on every CONNACK below, with the filters in force then.
+      resubscribe: false,
+      ...(v5 ? { properties: { sessionExpiryInterval: NEVER } } : {}),
+    });
+    this.client = client;
+    // Outputs go out on a connection of their own: mqtt.js reads one packet at a time, so on the
+    // session connection their PUBACKs would wait behind every delivery still being recorded.
+    const out = connect(this.opts.url, { ...common, clientId: `${this.opts.clientId}-out`, clean: true });
+    this.out = out;
+    out.on("error", (err) => this.log.warn({ err: err.message }, "broker client (outputs) error"));
+    // mqtt.js calls this for every delivery before it writes the PUBACK (QoS 1) and holds the next
+    // packet until `callback` runs (its documented backpressure hook; `customHandleAcks` is MQTT 5 only).
+    client.handleMessage = (packet, callback) => {
+      if (packet.cmd !== "publish") return callback();
+      void this.deliver(packet).then((ack) => {
+        if (ack) callback();
+        else this.withhold();
+      });
+    };
+    client.on("connect", (connack) => {
+      this.retryDelay = this.opts.retryMs ?? 1000;
+      this.log.info({ sessionPresent: connack.sessionPresent, clientId: this.opts.clientId }, "connected to broker");
+      void this.subscribe(this.filters);
+    });
+    client.on("reconnect", () => this.reconnects++);
+    client.on("offline", () => this.log.warn("broker connection lost; reconnecting"));
+    client.on("error", (err) => this.log.warn({ err: err.message }, "broker client error"));
+    const first = await Promise.race([
+      new Promise<"connected">((resolve) => client.once("connect", () => resolve("connected"))),
+      new Promise<Error>((resolve) => client.once("error", resolve)),
+      Bun.sleep(this.opts.connectTimeoutMs ?? 10_000).then(() => "timeout" as const),
+    ]);
+    if (first instanceof Error && isRefusal(first)) {
+      client.end(true);
+      out.end(true);
+      this.lifecycle = "closed";
+      throw new Error(`broker ${redact(this.opts.url)} refused the gateway's CONNECT: ${first.message}`);
+    }
+    if (first !== "connected")
+      this.log.warn(
+        { why: first instanceof Error ? first.message : first },
+        "broker not reachable at start; the gateway keeps trying (its session queues meanwhile)",
+      );
+    this.lifecycle = "running";
+  }
+
+  /** Subscribe (QoS 1; under MQTT 5 without retained copies: Retain Handling 2). */
+  private async subscribe(filters: readonly string[]): Promise<void> {
+    const client = this.client;
+    if (!client || filters.length === 0) return;
+    const v5 = this.opts.protocolVersion === 5;
+    const map = Object.fromEntries(
+      filters.map((f) => [f, v5 ? { qos: 1 as const, rh: 2 as const } : { qos: 1 as const }]),
+    );
+    try {
+      const granted = await client.subscribeAsync(map);
+      const denied = granted.filter((g) => g.qos === 128 || (typeof g.qos === "number" && g.qos > 2));
+      for (const g of denied)
+        this.log.error({ filter: g.topic }, "broker refused the gateway's subscription (check its ACL)");
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, "subscribe failed; retried on the next connection");
+    }
+  }
+
+  /** Follow the spec's filters: subscribe to new ones, drop removed ones (applies on hot reload). */
+  async setIntakeFilters(filters: readonly string[]): Promise<void> {
+    const next = [...new Set(filters)];
+    const added = next.filter((f) => !this.filters.includes(f));
+    const removed = this.filters.filter((f) => !next.includes(f));
+    this.filters = next;
+    if (!this.client?.connected) return;
+    await this.subscribe(added);
+    if (removed.length > 0) await this.client.unsubscribeAsync(removed).catch(() => undefined);
+  }
+
+  /**
+   * Intake for one delivery: true to acknowledge it (recorded, or refused for good), false to
+   * withhold the PUBACK. QoS 0 is best effort: always true.
+   */
+  private async deliver(packet: IPublishPacket): Promise<boolean> {
+    const { topic } = packet;
+    const payload = typeof packet.payload === "string" ? Buffer.from(packet.payload) : packet.payload;
+    // Deliveries may come before `start()` resolves (a queued session): intake waits for the gateway.
+    if (this.lifecycle === "draining" || this.lifecycle === "closed") return packet.qos === 0;
+    // MQTT-3.3.1-9: retain = 1 on delivery marks a stored copy sent because we subscribed; it was a
+    // stimulus when it was published live (while our session existed), not again now.
+    if (packet.retain) {
+      this.staleRetained++;
+      return true;
+    }
+    // MQTT 5: our own outputs (they come from the `-out` connection, so No Local cannot skip them).
+    if (packet.properties?.userProperties?.[ORIGIN] === this.opts.clientId) return true;
+    const msg: PublishedMessage = {
+      topic,
+      payload: new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength),
+      qos: packet.qos,
+      retain: false,
+      dup: packet.dup,
+      ...(packet.qos > 0 && typeof packet.messageId === "number" ? { messageId: packet.messageId } : {}),
+    };
+    let verdict: IntakeVerdict;
+    try {
+      verdict = await this.opts.intake(msg, { id: `broker:${this.opts.clientId}`, username: null });
+    } catch (err) {
+      this.log.error({ err, topic }, "intake failed; PUBACK withheld");
+      verdict = { ok: false, reason: "intake failed" };
+    }
+    if (verdict.ok) {
+      this.messagesIn++;
+      return true;
+    }
+    this.refused++;
+    if (verdict.permanent || packet.qos === 0) {
+      this.logRefusal(topic, verdict.reason);
+      return true;
+    }
+    this.log.warn({ topic, reason: verdict.reason }, "publish not recorded now; PUBACK withheld, redelivered later");
+    return false;
+  }
+
+  /** Permanent refusals are acked and dropped; one log line per 10 s at most, with the count. */
+  private logRefusal(topic: string, reason: string): void {
+    this.refusedSinceLog++;
+    const now = Date.now();
+    if (now - this.lastRefusalLog < 10_000) return;
+    this.log.warn({ topic, reason, refused: this.refusedSinceLog }, "publish refused for good: acknowledged, dropped");
+    this.lastRefusalLog = now;
+    this.refusedSinceLog = 0;
+  }
+
+  /**
+   * A PUBACK held back: the broker resends an unacked message only on a new connection
+   * (MQTT-4.4.0-1), so after a backoff the gateway drops the connection and reconnects.
+   */
+  private withhold(): void {
+    this.withheld++;
+    if (this.retryTimer || this.lifecycle !== "running") return;
+    const delay = this.retryDelay;
+    this.retryDelay = Math.min(this.retryDelay * 2, 30_000);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      if (this.lifecycle !== "running") return;
+      this.log.info({ after_ms: delay }, "reconnecting so the broker redelivers unacknowledged messages");
+      this.client?.stream?.destroy();
+    }, delay);
+  }
+
+  publish(
+    topic: string,
+    payload: Uint8Array | string,
+    opts: { qos?: 0 | 1; retain?: boolean; meta?: PublishMeta } = {},
+  ): Promise<void> {
+    const client = this.out;
+    if (this.lifecycle === "closed" || !client) return Promise.reject(new Error("broker client is closed"));
+    // The outbox keeps what could not go out; mqtt.js' own queue would hold it only in memory.
+    if (!client.connected) return Promise.reject(new Error(`not connected to ${redact(this.opts.url)}`));
+    const meta = opts.meta;
+    const properties =
+      this.opts.protocolVersion === 5
+        ? {
+            userProperties: {
+              [ORIGIN]: this.opts.clientId,
+              ...(meta ? { episode: meta.episode, seq: String(meta.seq), agent: meta.agent } : {}),
+            },
+          }
+        : undefined;
+    const body = typeof payload === "string" ? Buffer.from(payload, "utf8") : Buffer.from(payload);
+    const ms = this.opts.publishTimeoutMs ?? 10_000;
+    return new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no PUBACK within ${ms} ms`)), ms);
+      client.publish(
+        topic,
+        body,
+        { qos: opts.qos ?? 0, retain: opts.retain ?? false, ...(properties ? { properties } : {}) },
+        (err) => {
+          clearTimeout(timer);
+          if (err) return reject(err);
+          this.messagesOut++;
+          resolve();
+        },
+      );
+    });
+  }
+
+  stats(): BrokerStats {
+    return {
+      clients: (this.client?.connected ? 1 : 0) + (this.out?.connected ? 1 : 0),
+      messagesIn: this.messagesIn,
+      messagesOut: this.messagesOut,
+      refused: this.refused,
+      oversized: 0,
+      invalid: 0,
+      connections: (this.client?.connected ? 1 : 0) + (this.out?.connected ? 1 : 0),
+      connectionsRefused: 0,
+      offlineDropped: 0,
+      external: {
+        url: redact(this.opts.url),
+        connected: (this.client?.connected ?? false) && (this.out?.connected ?? false),
+        reconnects: this.reconnects,
+        withheld: this.withheld,
+        staleRetained: this.staleRetained,
+      },
+    };
+  }
+
+  /** Device auth and ACLs are the external broker's job (`fleet device export --mosquitto`). */
+  async setAuth(): Promise<AuthChange> {
+    return { disconnected: 0 };
+  }
+
+  setMaxConnections(): void {}
+
+  /** From now on nothing is acknowledged: what arrives stays queued in the broker for the next run. */
+  async stopIntake(): Promise<void> {
+    if (this.lifecycle === "running" || this.lifecycle === "starting") this.lifecycle = "draining";
+  }
+
+  close(): Promise<void> {
+    this.closing ??= this.doClose();
+    return this.closing;
+  }
+
+  private async doClose(): Promise<void> {
+    await this.starting?.catch(() => {});
+    this.lifecycle = "closed";
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    for (const c of [this.client, this.out])
+      if (c) await new Promise<void>((resolve) => c.end(true, {}, () => resolve()));
+    this.log.info("broker client closed");
+  }
+}
+
+/** A CONNACK refusal (bad credentials, not authorized, ...): a configuration error, not a network one. */
+function isRefusal(err: Error): boolean {
+  const code = (err as { code?: unknown }).code;
+  return typeof code === "number" && code > 0;
+}
+
+/** The URL without a password, for logs. */
+function redact(url: string): string {
+  const u = new URL(url);
+  u.password = "";
+  u.username = "";
+  return u.toString();
+}

@@ -1,0 +1,138 @@
+/**
+ * External-broker mode end to end (issue 12): the real gateway process is an mqtt.js client of
+ * a real Mosquitto started here (persistence on, in a temp dir). Devices publish to Mosquitto;
+ * the gateway's persistent session queues while it is down and each PUBACK waits for intake.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { connectAsync, type MqttClient } from "mqtt";
+import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
+import { Mosquitto } from "./helpers/mosquitto.ts";
+import { agentType, fleetHeader, q } from "./helpers/toml.ts";
+
+const E2E_TIMEOUT = 240_000;
+const COUNTER = fixture("counter");
+const brokers: Mosquitto[] = [];
+const clients: MqttClient[] = [];
+
+afterAll(async () => {
+  for (const c of clients) c.end(true);
+  await cleanupAll();
+  for (const b of brokers) await b.dispose();
+}, 60_000);
+
+async function mosquitto(): Promise<Mosquitto> {
+  const m = await Mosquitto.start();
+  brokers.push(m);
+  return m;
+}
+
+async function client(url: string, clientId: string, clean = true): Promise<MqttClient> {
+  const c = await connectAsync(url, { clientId, clean, reconnectPeriod: 500 });
+  clients.push(c);
+  return c;
+}
+
+const toml = (name: string, url: string, broker = ""): string =>
+  fleetHeader(name, { broker: `url = ${q(url)}\nclient_id = ${q(`gw-${name}`)}\n${broker}` }) +
+  agentType("counter", COUNTER, ["c/+/in"]);
+
+/** `n` of every committed episode's stimulus, and of every recorded stimulus. */
+async function recorded(fleet: TestFleet): Promise<{ episodes: number[]; stimuli: number[] }> {
+  const n = (rows: { payload: Uint8Array | null }[]) =>
+    rows.map((r) => (JSON.parse(new TextDecoder().decode(r.payload ?? new Uint8Array())) as { n: number }).n);
+  const episodes = await fleet.query<{ payload: Uint8Array | null }>(
+    "SELECT s.payload FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq WHERE e.status = 'committed'",
+  );
+  const stimuli = await fleet.query<{ payload: Uint8Array | null }>("SELECT payload FROM stimuli WHERE kind = 'mqtt'");
+  return { episodes: n(episodes), stimuli: n(stimuli) };
+}
+
+/** Each number once, nothing else. */
+function exactlyOnce(seen: readonly number[], total: number): void {
+  const counts = new Map<number, number>();
+  for (const n of seen) counts.set(n, (counts.get(n) ?? 0) + 1);
+  const twice = [...counts].filter(([, c]) => c > 1).map(([n]) => n);
+  const missing = Array.from({ length: total }, (_, i) => i).filter((i) => !counts.has(i));
+  expect({ twice, missing, extra: seen.length - total + missing.length }).toEqual({ twice: [], missing: [], extra: 0 });
+}
+
+describe("external broker (Mosquitto)", () => {
+  test(
+    "kill -9 of the gateway while devices publish to Mosquitto: after restart every acked stimulus has " +
+      "exactly one episode, and an output subscriber on Mosquitto gets them all",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-kill", mq.url));
+      const outputs = new Set<number>();
+      const sub = await client(mq.url, "out-sub", false);
+      sub.on("message", (_t, p) => {
+        const body = JSON.parse(p.toString()) as { data: { payload: { n: number } } };
+        outputs.add(body.data.payload.n);
+      });
+      await sub.subscribeAsync("fleet/agents/counter/+/out", { qos: 1 });
+      await fleet.start();
+      const device = await client(mq.url, "device-1");
+      const total = 400;
+      let acked = 0;
+      const publishing = (async () => {
+        for (let i = 0; i < total; i++) {
+          // Mosquitto's PUBACK: the device's message is the broker's now.
+          await device.publishAsync(`c/d${i % 4}/in`, JSON.stringify({ n: i }), { qos: 1 });
+          acked++;
+        }
+      })();
+      const committed = async () =>
+        Number(
+          (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE status = 'committed'"))[0]?.n,
+        );
+      for (const at of [60, 180]) {
+        await waitFor(async () => (await committed()) >= at, 60_000, `${at} committed episodes`, 20);
+        await fleet.kill();
+        const before = acked;
+        // Devices go on publishing to Mosquitto while the gateway is down; its session queues them.
+        await waitFor(() => acked >= Math.min(total, before + 40), 30_000, "publishes while the gateway is down", 10);
+        await fleet.start();
+      }
+      await publishing;
+      await waitFor(async () => (await committed()) >= total, 120_000, `${total} committed episodes`, 100);
+      const seen = await recorded(fleet);
+      exactlyOnce(seen.episodes, total);
+      exactlyOnce(seen.stimuli, total);
+      await waitFor(() => outputs.size === total, 60_000, "every output on Mosquitto", 50);
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "a publish refused for good (an inbox of an unknown type) is acknowledged and dropped; later ones still run",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-refuse", mq.url));
+      await fleet.start();
+      const device = await client(mq.url, "device-2");
+      await device.publishAsync("fleet/agents/nope/x/inbox", "{}", { qos: 1 });
+      await device.publishAsync("c/a/in", JSON.stringify({ n: 0 }), { qos: 1 });
+      await fleet.waitCommitted("counter/a", 1);
+      const health = (await (await fleet.fetch("/api/fleet")).json()) as {
+        broker: { refused: number; external: { connected: boolean } };
+      };
+      expect(health.broker.refused).toBe(1);
+      expect(health.broker.external.connected).toBe(true);
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "the gateway does not start when password_env names an unset variable",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-nopw", mq.url, 'username = "gw"\npassword_env = "FLEET_TEST_UNSET_PW"'));
+      const r = await runCli(["start", "--config", fleet.configPath, "--data-dir", fleet.dataDir]);
+      expect(r.code).toBe(1);
+      expect(r.stdout + r.stderr).toContain("FLEET_TEST_UNSET_PW, which is not set");
+    },
+    E2E_TIMEOUT,
+  );
+});
