@@ -130,6 +130,7 @@ describe("the dashboard's charts", () => {
     expect(typed.buckets.reduce((n: number, b: any) => n + b.failures, 0)).toBe(2);
     for (const [q, msg] of [
       ["minutes=0", "minutes must be"],
+      ["minutes=abc", "minutes must be"],
       ["minutes=1441", "minutes must be"],
       ["type=a%20b", 'type "a b" is not a valid type name'],
     ]) {
@@ -171,7 +172,8 @@ describe("the output feed", () => {
     expect(one.outputs).toHaveLength(1);
     expect(one.outputs[0]).toMatchObject({ kind: "emit", agent: "counter/pump-2", data: { count: 1 } });
     expect((await fleet.fetch("/api/outputs?agent=nokey")).status).toBe(400);
-    expect((await fleet.fetch("/api/outputs?limit=501")).status).toBe(400);
+    for (const q of ["limit=501", "limit=0", "before=abc", "before=-1", "agent=a/b/c%20d"])
+      expect((await fleet.fetch(`/api/outputs?${q}`)).status).toBe(400);
 
     await page.goto(`${base}/#/`);
     const feed = byTestId("output-feed");
@@ -262,6 +264,10 @@ describe("the agent page's buttons", () => {
     expect(await direct.json()).toEqual({ episode: alert.id, agent: "temp-monitor/boiler-1", verdict: "MATCH" });
     const missing = await fleet.fetch("/api/episodes/0000ffff/replay", { method: "POST" });
     expect(missing.status).toBe(404);
+    // Episode ids are time-ordered: every episode of this run shares its first four characters.
+    const ambiguous = await fleet.fetch(`/api/episodes/${alert.id.slice(0, 4)}/replay`, { method: "POST" });
+    expect(ambiguous.status).toBe(409);
+    expect(((await ambiguous.json()) as any).error.code).toBe("ambiguous");
     const form = await fleet.fetch(`/api/episodes/${alert.id}/replay`, {
       method: "POST",
       headers: { "content-type": "text/plain" },
