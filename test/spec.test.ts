@@ -136,6 +136,7 @@ describe("compileSpec", () => {
     expect(tm.config).toEqual({ threshold: 80, labels: ["a", "b"] });
     expect(tm.checkpoint).toEqual({ keep: 50 });
     expect(tm.retry).toEqual({ max_attempts: 3, backoff_ms: 1000 });
+    expect(tm.rollout).toEqual({ require_check: false });
     expect(tm.max_queue).toBe(10_000);
     expect(tm.http_hosts).toEqual([]);
 
@@ -338,6 +339,13 @@ describe("schema errors name the key path", () => {
     ],
     ["small memory", agent("[agents.x.budget]\nmemory_mb = 8"), "agents.x.budget.memory_mb", /at least 16/],
     ["bad secret name", agent('secrets = ["slack-token"]'), "agents.x.secrets[0]", /environment variable name/],
+    [
+      "require_check not a boolean",
+      agent('[agents.x.rollout]\nrequire_check = "yes"'),
+      "agents.x.rollout.require_check",
+      /must be true or false/,
+    ],
+    ["unknown rollout key", agent("[agents.x.rollout]\nsurge = 2"), "agents.x.rollout.surge", /is not a known key/],
   ];
   for (const [what, text, keyPath, message] of cases) {
     test(`${what} is reported at ${keyPath}`, async () => {

@@ -342,6 +342,7 @@ function buildAgent(name: string, a: RawAgent, dir: string, problems: Problem[])
     budget: { ...a.budget, tool_costs },
     checkpoint: a.checkpoint,
     retry: a.retry,
+    rollout: a.rollout,
     max_queue: a.max_queue,
     max_wakeups: a.max_wakeups,
   };

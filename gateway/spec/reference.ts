@@ -117,6 +117,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.retry": "What happens when an episode fails.",
   "agents.*.retry.max_attempts": "Attempts per stimulus before it is quarantined.",
   "agents.*.retry.backoff_ms": "Wait before the second attempt; doubles with each further one.",
+  "agents.*.rollout": "How a change to this type is deployed (docs/upgrading.md).",
+  "agents.*.rollout.require_check":
+    "A hot reload that changes this type's module or config is applied only when the replay gate " +
+    "(`fleet deploy --check`) finds no DIVERGED or FAILED episode; otherwise it is refused as a reload error.",
   hooks: "Webhooks, one table each: `POST /hooks/<name>`.",
   "hooks.*.agent": "The agent (<type>/<key>) every call goes to, or use `type` + `key_field`.",
   "hooks.*.type": "The agent type; the key comes from the body's `key_field`.",

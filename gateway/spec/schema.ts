@@ -96,6 +96,7 @@ const agentSchema = z.strictObject(
     }),
     checkpoint: table({ keep: nonNegInt(50) }),
     retry: table({ max_attempts: posInt(3), backoff_ms: nonNegInt(1000) }),
+    rollout: table({ require_check: bool(false) }),
   },
   says("must be a table"),
 );

@@ -34,6 +34,12 @@ export type TimerSpec =
   | { readonly kind: "every"; readonly ms: number; readonly catch_up: CatchUp }
   | { readonly kind: "cron"; readonly expr: string; readonly catch_up: CatchUp };
 
+/** `[agents.<type>.rollout]`: how a change to the type is deployed. */
+export interface RolloutSpec {
+  /** A hot reload that changes the type's module or config applies only when `fleet deploy --check` passes. */
+  readonly require_check: boolean;
+}
+
 /** One agent type (docs/fleet-toml.md `[agents.<type>]`). */
 export interface AgentTypeSpec {
   readonly name: string;
@@ -56,6 +62,8 @@ export interface AgentTypeSpec {
   readonly budget: BudgetSpec;
   readonly checkpoint: { readonly keep: number };
   readonly retry: RetrySpec;
+  /** How changes to this type are deployed (docs/upgrading.md). */
+  readonly rollout: RolloutSpec;
   /** Most stimuli that may wait for one agent; past it intake refuses (MQTT: connection closed, no PUBACK). */
   readonly max_queue: number;
   /** Wake-ups an agent may have pending at once (`ctx.wakeIn` / `ctx.wakeAt`). */
