@@ -258,6 +258,12 @@ describe("the agent page's buttons", () => {
       timeout: 30_000,
     });
     expect(await byTestId("replay-verdict").textContent()).toBe("MATCH");
+    // The page lists this agent's outputs (its alerts among them), and only this agent's.
+    await byTestId("output-feed").locator('li[data-topic="alerts/boiler-1"]').first().waitFor();
+    const agents = await byTestId("output-feed")
+      .locator("li[data-episode]")
+      .evaluateAll((li) => li.map((l) => l.getAttribute("data-agent")));
+    expect(new Set(agents)).toEqual(new Set(["temp-monitor/boiler-1"]));
     await page.screenshot({ path: join(OUT, "dashboard-agent-ops.png"), fullPage: true });
 
     const direct = await fleet.fetch(`/api/episodes/${alert.id.slice(0, 18)}/replay`, { method: "POST" });

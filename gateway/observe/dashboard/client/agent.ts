@@ -3,6 +3,7 @@ import { ApiError, api } from "./api.ts";
 import { h, messageOf, throttle, toast } from "./dom.ts";
 import { ago, clock, fmtInt, fmtMs, pill, short, when } from "./format.ts";
 import { refreshHealth, type View } from "./health.ts";
+import { outputFeed } from "./feed.ts";
 import { showState, showTrace } from "./history.ts";
 import { kpi } from "./overview.ts";
 import { type AgentDetail, type Checkpoint, EPISODE_KINDS, type Episode } from "./types.ts";
@@ -400,6 +401,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     void showTrace(lineage, episode);
   }
 
+  const outputs = outputFeed(id);
   const refreshAgent = throttle(() => void loadAgent(), 700);
   const refreshEpisodes = throttle(() => void loadEpisodes(), 700);
 
@@ -455,7 +457,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
         panel("State", stateBody, "click a checkpoint for its state and diff"),
         panel("Checkpoint chain", h("div", { class: "panel-body" }, chain), "newest first"),
       ),
-      panel(detailTitle, detail),
+      h("div", {}, panel(detailTitle, detail), outputs.el),
     ),
   );
 
@@ -465,16 +467,19 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
       await loadAgent();
       await loadEpisodes();
       if (selected) void select(selected, false);
+      void outputs.load();
     },
     reload() {
       void loadAgent();
       void loadEpisodes();
+      void outputs.load();
     },
     onFact(kind, e) {
       if (e.agent !== id) return;
       if (kind === "status") showStatus(e.status ?? "", e.reason);
       refreshAgent();
       if (kind === "episode") refreshEpisodes();
+      if (kind === "episode" && e.status === "committed") outputs.onCommitted();
     },
   };
 }

@@ -67,7 +67,11 @@ export const api = {
   /** Operator actions, newest first (admin tokens only: 403 otherwise). */
   audit: (limit: number) => request<{ records: AuditRecord[] }>("GET", `/api/audit?limit=${limit}`),
   /** Outputs of committed episodes (emits and publishes), newest first. */
-  outputs: (limit: number) => request<{ outputs: OutputItem[] }>("GET", `/api/outputs?limit=${limit}`),
+  outputs: (limit: number, agent?: string) =>
+    request<{ outputs: OutputItem[] }>(
+      "GET",
+      `/api/outputs?${new URLSearchParams({ limit: String(limit), ...(agent ? { agent } : {}) })}`,
+    ),
   /** Per-minute episodes, failures and lag of the last `minutes`. */
   activity: (minutes: number) => request<Activity>("GET", `/api/activity?minutes=${minutes}`),
   quarantine: (limit: number) => request<{ stimuli: Quarantined[] }>("GET", `/api/quarantine?limit=${limit}`),

@@ -19,7 +19,10 @@ function item(o: OutputItem, key: string, fresh: boolean): HTMLLIElement {
   const alert = o.topic.startsWith("alerts/");
   return h(
     "li",
-    { class: `${alert ? "alert" : ""}${fresh ? " flash" : ""}`, dataset: { key, episode: o.episode, topic: o.topic } },
+    {
+      class: `${alert ? "alert" : ""}${fresh ? " flash" : ""}`,
+      dataset: { key, episode: o.episode, topic: o.topic, agent: o.agent },
+    },
     h("div", { class: "when" }, clock(o.at), h("span", { class: "muted" }, " ", when(o.at))),
     h(
       "div",
@@ -42,15 +45,18 @@ function item(o: OutputItem, key: string, fresh: boolean): HTMLLIElement {
   );
 }
 
-/** The feed panel: `load()` once mounted, `onCommitted()` for each committed episode seen live. */
-export function outputFeed(): { el: HTMLElement; load(): Promise<void>; onCommitted(): void } {
+/**
+ * The feed panel (of the whole fleet, or of one `agent`): `load()` once mounted, `onCommitted()`
+ * for each committed episode seen live.
+ */
+export function outputFeed(agent?: string): { el: HTMLElement; load(): Promise<void>; onCommitted(): void } {
   const list = h("ol", { class: "feed", "data-testid": "output-feed" });
   let seen: Set<string> | null = null;
 
   async function load(): Promise<void> {
     let outputs: readonly OutputItem[];
     try {
-      outputs = (await api.outputs(SHOWN)).outputs;
+      outputs = (await api.outputs(agent ? 10 : SHOWN, agent)).outputs;
     } catch (err) {
       list.replaceChildren(h("li", { class: "empty" }, `Could not load outputs: ${messageOf(err)}`));
       return;
@@ -74,7 +80,12 @@ export function outputFeed(): { el: HTMLElement; load(): Promise<void>; onCommit
   const el = h(
     "section",
     { class: "panel" },
-    h("div", { class: "panel-head" }, h("h2", {}, "Outputs and alerts"), h("span", { class: "muted" }, "newest first")),
+    h(
+      "div",
+      { class: "panel-head" },
+      h("h2", {}, agent ? "Outputs" : "Outputs and alerts"),
+      h("span", { class: "muted" }, "newest first"),
+    ),
     list,
   );
   return { el, load, onCommitted: throttle(() => void load(), 800) };
