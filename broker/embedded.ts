@@ -31,6 +31,9 @@ class EmbeddedBroker implements Broker {
   private maxConnections: number;
   private connectionsRefused = 0;
   private lastRefusalLog = 0;
+  /** CONNECTs of another protocol level (MQTT 5) refused, and when that was last logged. */
+  private protocolRefused = 0;
+  private lastProtocolLog = 0;
   private readonly aedes: Aedes;
   private readonly persistence: LibsqlPersistence | null;
   private readonly tcp: TcpListener;
@@ -67,9 +70,19 @@ class EmbeddedBroker implements Broker {
     this.aedes.on("clientError", (client: Client, err: Error) =>
       this.log.debug({ client: client.id, err: err.message }, "client dropped"),
     );
-    this.aedes.on("connectionError", (_client: Client, err: Error) =>
-      this.log.debug({ err: err.message }, "connection dropped before CONNECT completed"),
-    );
+    this.aedes.on("connectionError", (_client: Client, err: Error) => {
+      if (err.message !== "unacceptable protocol version")
+        return this.log.debug({ err: err.message }, "connection dropped before CONNECT completed");
+      // aedes 1.2.0 answers CONNACK 0x01 (MQTT-3.1.2-2) and closes; say why, once per 10 s at most.
+      this.protocolRefused++;
+      const now = Date.now();
+      if (now - this.lastProtocolLog < 10_000) return;
+      this.lastProtocolLog = now;
+      this.log.info(
+        { refused: this.protocolRefused },
+        "MQTT 5 CONNECT refused: the embedded broker speaks MQTT 3.1.1; serve MQTT 5 devices with [broker] url",
+      );
+    });
     const hooks: ListenerHooks = {
       maxPacketBytes: opts.maxPacketBytes,
       accept: (conn: Duplex, remote: string) => this.accept(conn, remote),

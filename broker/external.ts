@@ -209,6 +209,9 @@ class ExternalBroker implements Broker {
       qos: packet.qos,
       retain: false,
       dup: packet.dup,
+      ...(typeof packet.properties?.messageExpiryInterval === "number"
+        ? { expirySeconds: packet.properties.messageExpiryInterval }
+        : {}),
       ...(packet.qos > 0 && typeof packet.messageId === "number" ? { messageId: packet.messageId } : {}),
     };
     let verdict: IntakeVerdict;

@@ -18,6 +18,8 @@ export interface PublishedMessage {
    * delivering to the gateway's session, MQTT-3.3.1-1); absent from the embedded broker.
    */
   readonly dup?: boolean;
+  /** MQTT 5 Message Expiry Interval as delivered (seconds left); absent when the message has none. */
+  readonly expirySeconds?: number;
 }
 
 /** What identifies a gateway output (carried as MQTT 5 user properties where MQTT 5 is spoken). */

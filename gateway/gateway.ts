@@ -509,7 +509,7 @@ export class Gateway {
       stopping: () => this.state === "draining" || this.state === "stopped",
       lifecycleStamp: (a) => this.roster.lifecycleStamp(a),
       queue: this.book,
-      publishCommitted: (episode, rows) => this.effects.publishCommitted(episode, rows),
+      publishCommitted: (episode, rows, agent) => this.effects.publishCommitted(episode, rows, agent),
       wakesScheduled: (dueAt) => this.wakeups?.scheduled(dueAt),
       infra: this.infra,
     });

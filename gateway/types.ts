@@ -92,6 +92,8 @@ export interface NewStimulus {
   readonly topic: string | null;
   readonly payload: Uint8Array;
   readonly receivedAt: number;
+  /** Epoch ms after which the stimulus is skipped instead of run (MQTT 5 message expiry); absent: never. */
+  readonly expiresAt?: number | null;
 }
 
 /** Decode a stored payload: parsed JSON when it is JSON, else the UTF-8 string (agents/README.md). */

@@ -619,6 +619,27 @@ describe("MQTT input rules", () => {
     expect((await clean.packet(CONNACK, "CONNACK")).body[1]).toBe(0);
   });
 
+  test("an MQTT 5 CONNECT gets the 3.1.1 refusal CONNACK 0x01 and is closed; the broker goes on", async () => {
+    const h = await startBroker();
+    const raw = await RawClient.open(h.broker.port);
+    // Protocol level 5, clean start, keepalive 60, no properties, client id "v5".
+    raw.socket.write(frame(0x10, [...str("MQTT"), 5, 0x02, 0, 60, 0, ...str("v5")]));
+    const connack = await raw.packet(CONNACK, "CONNACK");
+    // MQTT-3.1.2-2: "unacceptable protocol level", in the 3.1.1 form MQTT 5 clients recognise.
+    expect([...connack.body]).toEqual([0, 0x01]);
+    await raw.closedWithin(2000, "the server to close the connection");
+    // mqtt.js speaking MQTT 5 sees the refusal as a CONNACK error with code 1.
+    const err = await connectAsync(`mqtt://${HOST}:${h.broker.port}`, { protocolVersion: 5, reconnectPeriod: 0 }).then(
+      () => null,
+      (e: Error & { code?: number }) => e,
+    );
+    expect(err?.code).toBe(1);
+    expect(h.logs.some((l) => l.includes("MQTT 5 CONNECT refused"))).toBe(true);
+    const v311 = await device(h);
+    await v311.publishAsync("sensors/a", "1", { qos: 1 });
+    expect(h.intakes.length).toBe(1);
+  });
+
   test("a will with QoS 3 closes the connection without a CONNACK (MQTT-3.1.2-14)", async () => {
     const h = await startBroker();
     const raw = await RawClient.open(h.broker.port);

@@ -75,6 +75,7 @@ function head(over: Partial<StimulusRow> = {}): StimulusRow {
     lastError: null,
     episode: null,
     doneAt: null,
+    expiresAt: null,
     ...over,
   };
 }
@@ -125,6 +126,16 @@ describe("decideTurn", () => {
       until: NOW + 500,
     });
     expect(decideTurn(inputs({ head: head({ notBefore: NOW }) }), spec, NOW).kind).toBe("run");
+  });
+
+  test("a head whose message expired is skipped with the reason, not run; one still valid runs", () => {
+    const d = decideTurn(inputs({ head: head({ expiresAt: NOW - 250 }) }), spec, NOW);
+    expect(d).toMatchObject({ kind: "expire", seq: 7 });
+    expect(d.kind === "expire" && d.reason).toContain("expired 250 ms before its episode could start");
+    expect(decideTurn(inputs({ head: head({ expiresAt: NOW + 1 }) }), spec, NOW).kind).toBe("run");
+    // A paused agent's expired head waits like any other: it is skipped when the agent runs again.
+    const paused = inputs({ agent: agent({ status: "paused", pausedUntil: NOW + 10 }), head: head({ expiresAt: 0 }) });
+    expect(decideTurn(paused, spec, NOW).kind).toBe("wait");
   });
 
   test("an operator pause waits (and looks again in an hour); a budget pause waits for its window", () => {

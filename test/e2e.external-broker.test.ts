@@ -4,6 +4,7 @@
  * the gateway's persistent session queues while it is down and each PUBACK waits for intake.
  */
 import { afterAll, describe, expect, test } from "bun:test";
+import { writeFileSync } from "node:fs";
 import { connectAsync, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
@@ -119,6 +120,93 @@ describe("external broker (Mosquitto)", () => {
       };
       expect(health.broker.refused).toBe(1);
       expect(health.broker.external.connected).toBe(true);
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "MQTT 5: outputs carry episode, seq and agent as user properties; an expired stimulus is skipped, not run",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-v5", mq.url, 'mqtt_version = "5"'));
+      const sub = await connectAsync(mq.url, { protocolVersion: 5, clientId: "v5-sub", reconnectPeriod: 0 });
+      clients.push(sub);
+      const props: Record<string, string | string[]>[] = [];
+      sub.on("message", (_t, _p, packet) => props.push(packet.properties?.userProperties ?? {}));
+      await sub.subscribeAsync("fleet/agents/counter/+/out", { qos: 1 });
+      await fleet.start();
+      const device = await connectAsync(mq.url, { protocolVersion: 5, clientId: "v5-dev", reconnectPeriod: 0 });
+      clients.push(device);
+      await device.publishAsync("c/a/in", JSON.stringify({ n: 0 }), { qos: 1 });
+      const [first] = await fleet.waitCommitted("counter/a", 1);
+      await waitFor(() => props.length >= 1, 15_000, "the output on Mosquitto", 20);
+      expect(props[0]).toEqual({ episode: first!.id, seq: "0", agent: "counter/a", "fleet-gateway": "gw-ext-v5" });
+
+      // Paused, the agent cannot run the next stimulus before its 1 s expiry passes.
+      expect((await fleet.cli("pause", "counter/a")).code).toBe(0);
+      await device.publishAsync("c/a/in", JSON.stringify({ n: 1 }), {
+        qos: 1,
+        properties: { messageExpiryInterval: 1 },
+      });
+      const expiring = await waitFor(
+        async () =>
+          (
+            await fleet.query<{ expires_at: number | null }>(
+              "SELECT expires_at FROM stimuli WHERE expires_at IS NOT NULL",
+            )
+          )[0],
+        15_000,
+        "the expiring stimulus recorded",
+        20,
+      );
+      // The expiry is time itself: wait for the clock to pass it.
+      await waitFor(() => Date.now() > Number(expiring.expires_at), 5_000, "the expiry to pass", 20);
+      expect((await fleet.cli("resume", "counter/a")).code).toBe(0);
+      const skipped = await waitFor(
+        async () =>
+          (
+            await fleet.query<{ state: string; last_error: string }>(
+              "SELECT state, last_error FROM stimuli WHERE expires_at IS NOT NULL AND state != 'queued'",
+            )
+          )[0],
+        15_000,
+        "the expired stimulus settled",
+        20,
+      );
+      expect(skipped.state).toBe("expired");
+      expect(skipped.last_error).toContain("MQTT 5 message expiry");
+      await device.publishAsync("c/a/in", JSON.stringify({ n: 2 }), {
+        qos: 1,
+        properties: { messageExpiryInterval: 600 },
+      });
+      const episodes = await fleet.waitCommitted("counter/a", 2);
+      expect(episodes).toHaveLength(2);
+      expect((await recorded(fleet)).episodes.sort()).toEqual([0, 2]);
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "subscriptions follow a hot reload: a type added to fleet.toml gets its stimuli from the broker",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-reload", mq.url));
+      await fleet.start();
+      writeFileSync(fleet.configPath, toml("ext-reload", mq.url) + agentType("second", COUNTER, ["d/+/in"]));
+      const device = await client(mq.url, "device-3");
+      // The reload is applied within about 2 s; until then d/... has no subscriber and is not queued.
+      await waitFor(
+        async () => {
+          await device.publishAsync("d/x/in", JSON.stringify({ n: 0 }), { qos: 1 });
+          return (await fleet.query("SELECT 1 FROM stimuli WHERE agent = 'second/x'")).length > 0;
+        },
+        30_000,
+        "a stimulus for the new type",
+        250,
+      );
+      await fleet.waitCommitted("second/x", 1);
       await fleet.stop();
     },
     E2E_TIMEOUT,

@@ -7,15 +7,18 @@ import { describe, expect, test } from "bun:test";
 import pino from "pino";
 import { Effects, type OutboxStore } from "../gateway/episode/index.ts";
 import type { OutboxRow } from "../gateway/store/index.ts";
+import type { PublishMeta } from "../broker/index.ts";
 
 const log = pino({ level: "silent" });
 
 /** An in-memory outbox with the Store's semantics. */
 class FakeOutbox implements OutboxStore {
   rows: OutboxRow[] = [];
+  /** The agent of each episode, as the store's join with episodes gives it. */
+  readonly agents = new Map<string, string>();
   private nextId = 1;
 
-  add(episode: string, n: number): { topic: string; payload: string; qos: number; retain: boolean }[] {
+  add(episode: string, n: number): { seq: number; topic: string; payload: string; qos: number; retain: boolean }[] {
     const out = [];
     for (let seq = 0; seq < n; seq++) {
       const row = {
@@ -35,7 +38,10 @@ class FakeOutbox implements OutboxStore {
   }
 
   async pendingOutbox(limit = 500, afterId = 0) {
-    return this.rows.filter((r) => r.id > afterId).slice(0, limit);
+    return this.rows
+      .filter((r) => r.id > afterId)
+      .slice(0, limit)
+      .map((r) => ({ ...r, agent: this.agents.get(r.episode) ?? null }));
   }
 
   async deleteOutbox(ids: readonly number[]) {
@@ -50,13 +56,16 @@ class FakeOutbox implements OutboxStore {
 /** A broker that records payloads and fails while `failing` > 0. */
 class FakeBroker {
   readonly sent: string[] = [];
+  /** The `meta` of each publish, in order (undefined when none was given). */
+  readonly metas: (PublishMeta | undefined)[] = [];
   failing = 0;
-  async publish(_topic: string, payload: string | Uint8Array): Promise<void> {
+  async publish(_topic: string, payload: string | Uint8Array, opts: { meta?: PublishMeta } = {}): Promise<void> {
     if (this.failing > 0) {
       this.failing--;
       throw new Error("broker down");
     }
     this.sent.push(String(payload));
+    this.metas.push(opts.meta);
   }
 }
 
@@ -99,6 +108,22 @@ describe("effects", () => {
     await timers.runAll();
     expect(outbox.rows.length).toBe(0);
     expect(effects.published).toBe(3);
+  });
+
+  test("each output names its episode, seq and agent to the broker (from memory and from the drain)", async () => {
+    const { outbox, broker, effects } = setup();
+    outbox.agents.set("old", "t/k1");
+    outbox.add("old", 1);
+    outbox.add("gone", 1); // its episode row was collected: no agent known, no meta
+    await effects.kick();
+    effects.publishCommitted("e1", outbox.add("e1", 2), "t/k2");
+    await settle();
+    expect(broker.metas).toEqual([
+      { episode: "old", seq: 0, agent: "t/k1" },
+      undefined,
+      { episode: "e1", seq: 0, agent: "t/k2" },
+      { episode: "e1", seq: 1, agent: "t/k2" },
+    ]);
   });
 
   test("stop() right after a publish does not re-send what was already published", async () => {

@@ -128,6 +128,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       lastError: "threw",
       episode: "ep-1",
       doneAt: T0 + 2000,
+      expiresAt: T0 + 60_000,
     },
   ],
   [

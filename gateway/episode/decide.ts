@@ -42,6 +42,8 @@ export type TurnDecision =
   | { readonly kind: "refuse_retired"; readonly reason: string }
   /** The agent cannot run (failed); an operator action wakes it. */
   | { readonly kind: "parked" }
+  /** The head's message expired (MQTT 5 message expiry) before its episode ran: skip it, decide again. */
+  | { readonly kind: "expire"; readonly seq: number; readonly reason: string }
   /** Not before `until`: an operator or budget pause, or the head's retry backoff. */
   | { readonly kind: "wait"; readonly until: number }
   /** Its type is gone from the spec: retire it with this reason. */
@@ -87,6 +89,12 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
     }
   }
   if (!head) return { kind: "empty" };
+  if (head.expiresAt !== null && head.expiresAt <= now)
+    return {
+      kind: "expire",
+      seq: head.seq,
+      reason: `message expired ${now - head.expiresAt} ms before its episode could start (MQTT 5 message expiry)`,
+    };
   if (head.notBefore > now) return { kind: "wait", until: head.notBefore };
   const type = spec.agents[agent.type];
   if (!type) return { kind: "retire", reason: `type ${agent.type} is not in the fleet spec` };

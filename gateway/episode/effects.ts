@@ -9,14 +9,21 @@
  * `persistence = "libsql"`).
  */
 import type { Logger } from "pino";
-import type { Broker } from "../../broker/index.ts";
+import type { Broker, PublishMeta } from "../../broker/index.ts";
 import type { OutboxRow, Store } from "../store/index.ts";
 
+/** An outbox row as the drain reads it: with its episode's agent when the store knows it. */
+export type PendingEffect = OutboxRow & { readonly agent?: string | null };
+
 /** The outbox as effects use it (a `Store` satisfies it). */
-export type OutboxStore = Pick<Store, "pendingOutbox" | "deleteOutbox" | "deleteOutboxOf">;
+export interface OutboxStore extends Pick<Store, "deleteOutbox" | "deleteOutboxOf"> {
+  pendingOutbox(limit?: number, afterId?: number): Promise<PendingEffect[]>;
+}
 
 /** An outbox row as a just-committed episode hands it over. */
 export interface CommittedEffect {
+  /** Position in the episode's outbox: with `episode`, what identifies the output for consumers. */
+  readonly seq: number;
   readonly topic: string;
   readonly payload: string;
   readonly qos: number;
@@ -75,11 +82,15 @@ export class Effects {
    * Publish a just-committed episode's effects from memory (no read-back), then forget its
    * outbox rows in a later grouped delete. A crash in between re-sends them at start.
    */
-  publishCommitted(episode: string, rows: readonly CommittedEffect[]): void {
+  publishCommitted(episode: string, rows: readonly CommittedEffect[], agent: string | null = null): void {
     const run = (async () => {
       try {
         for (const r of rows)
-          await this.broker.publish(r.topic, r.payload, { qos: r.qos === 0 ? 0 : 1, retain: r.retain });
+          await this.broker.publish(r.topic, r.payload, {
+            qos: r.qos === 0 ? 0 : 1,
+            retain: r.retain,
+            ...metaOf(episode, r.seq, agent),
+          });
         this.published += rows.length;
       } catch (err) {
         // Some rows may have gone out: the drain re-sends the episode whole (at least once).
@@ -151,7 +162,7 @@ export class Effects {
   }
 
   /** Rows a drain may publish: not being published or already published from memory. */
-  private unsent(rows: readonly OutboxRow[]): OutboxRow[] {
+  private unsent(rows: readonly PendingEffect[]): PendingEffect[] {
     return rows.filter((r) => !this.sentEpisodes.has(r.episode) && !this.inFlight.has(r.episode));
   }
 
@@ -169,7 +180,11 @@ export class Effects {
       let failed: unknown = null;
       for (const r of rows) {
         try {
-          await this.broker.publish(r.topic, r.payload, { qos: r.qos === 0 ? 0 : 1, retain: r.retain });
+          await this.broker.publish(r.topic, r.payload, {
+            qos: r.qos === 0 ? 0 : 1,
+            retain: r.retain,
+            ...metaOf(r.episode, r.seq, r.agent ?? null),
+          });
         } catch (err) {
           failed = err;
           break;
@@ -190,4 +205,9 @@ export class Effects {
       }
     }
   }
+}
+
+/** Who produced an output (MQTT 5 user properties in external mode); nothing when the agent is unknown. */
+function metaOf(episode: string, seq: number, agent: string | null): { meta?: PublishMeta } {
+  return agent === null ? {} : { meta: { episode, seq, agent } };
 }

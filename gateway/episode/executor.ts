@@ -53,7 +53,14 @@ export interface EpisodeQueue {
 /** The store as a turn uses it (a `Store` satisfies it). */
 export type TurnStore = Pick<
   Store,
-  "gatewayId" | "turnInputs" | "setAgentStatus" | "rejectQueued" | "getAgent" | "commitEpisode" | "recordFailure"
+  | "gatewayId"
+  | "turnInputs"
+  | "setAgentStatus"
+  | "rejectQueued"
+  | "expireStimulus"
+  | "getAgent"
+  | "commitEpisode"
+  | "recordFailure"
 >;
 
 /** What the episode executor needs from the gateway. */
@@ -80,7 +87,8 @@ export interface EpisodeDeps {
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (
     episode: string,
-    rows: readonly { topic: string; payload: string; qos: number; retain: boolean }[],
+    rows: readonly { seq: number; topic: string; payload: string; qos: number; retain: boolean }[],
+    agent: AgentId,
   ) => void;
 }
 
@@ -129,6 +137,14 @@ export class EpisodeExecutor {
           }
           return { kind: "parked" };
         }
+        case "expire":
+          if (await store.expireStimulus(d.seq, d.reason, now)) {
+            this.d.queue.rejected(agentId, 1);
+            this.d.log.info({ agent: agentId, stimulus: d.seq }, `stimulus skipped: ${d.reason}`);
+            events.emit("rejected", { agent: agentId, count: 1, reason: d.reason });
+          }
+          inputs = await store.turnInputs(agentId, [win.hourWindow, win.dayWindow]);
+          continue;
         case "parked":
           return { kind: "parked" };
         case "wait":
@@ -311,7 +327,7 @@ export class EpisodeExecutor {
       this.d.queue.left(agentId);
       this.settleSends(gate, true);
       log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
-      this.d.publishCommitted?.(episode, outbox);
+      this.d.publishCommitted?.(episode, outbox, agentId);
       if (wakes && wakes.wakes.length > 0) this.d.wakesScheduled?.(Math.min(...wakes.wakes.map((w) => w.dueAt)));
       this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
       await this.emitSettled(agentId, stamp, sealed.hash);

@@ -162,8 +162,10 @@ export class Intake {
       msg.qos > 0 && msg.messageId !== undefined && client
         ? await redeliveryId(client.id, msg.messageId, msg.topic, msg.payload)
         : null;
+    // MQTT 5: the interval left when it reached us; its episode must start before then.
+    const expiresAt = msg.expirySeconds === undefined ? null : this.now() + msg.expirySeconds * 1000;
     const [report] = await Promise.all([
-      this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery }),
+      this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery, expiresAt }),
       rejected,
     ]);
     // A sender that sets DUP on every redelivery (an external broker) says this is a first
@@ -172,7 +174,7 @@ export class Intake {
     if (reused.length > 0) {
       const agents = new Set(reused.map((d) => d.agent));
       const again = route.targets.filter((t) => agents.has(t.agent));
-      await this.record(again, kind, msg.topic, msg.payload, uniqueId());
+      await this.record(again, kind, msg.topic, msg.payload, uniqueId(), { expiresAt });
     }
     if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) {
       return {
@@ -212,7 +214,7 @@ export class Intake {
     topic: string | null,
     payload: Uint8Array,
     explicitId: StimulusId | null,
-    opts: { readonly redelivery?: StimulusId | null } = {},
+    opts: { readonly redelivery?: StimulusId | null; readonly expiresAt?: number | null } = {},
   ): Promise<IntakeReport> {
     const refused: Refusal[] = [];
     const items: NewStimulus[] = [];
@@ -226,7 +228,17 @@ export class Intake {
         refused.push({ agent: t.agent, code: admission.code, reason: admission.message });
         continue;
       }
-      items.push({ agent: t.agent, type: t.type.name, key: t.key, sid, kind, topic, payload, receivedAt: at });
+      items.push({
+        agent: t.agent,
+        type: t.type.name,
+        key: t.key,
+        sid,
+        kind,
+        topic,
+        payload,
+        receivedAt: at,
+        expiresAt: opts.expiresAt ?? null,
+      });
     }
     for (const r of refused) this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);
     let outcomes: Awaited<ReturnType<Store["intake"]>>;

@@ -135,7 +135,7 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   // MQTT redelivery id (r:) only has to outlive a retransmission, and a unique id (u:) can
   // never be repeated: both are forgotten after redelivery_minutes.
   const redeliveryCutoff = opts.now - spec.retention.redelivery_minutes * 60_000;
-  const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected')
+  const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected','expired')
     AND (done_at < ${dedupCutoff} OR ((sid LIKE 'r:%' OR sid LIKE 'u:%') AND done_at < ${redeliveryCutoff}))
     ${unconfirmed.stimulus} LIMIT ${batch}`;
   // 5. Budget windows no budget looks at any more (older than two days).

@@ -154,6 +154,9 @@ const WAKEUPS: readonly string[] = [
   `CREATE INDEX IF NOT EXISTS wakeups_agent ON wakeups (agent, state, due_at)`,
 ];
 
+/** MQTT 5 message expiry: a stimulus past it is skipped (state 'expired'), not run. */
+const STIMULUS_EXPIRY: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN expires_at INTEGER`];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -163,6 +166,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 5, name: "replicate operator actions", statements: REPLICATE_AUDIT },
   { version: 6, name: "episode stimulus kind", statements: EPISODE_KIND },
   { version: 7, name: "wake-ups", statements: WAKEUPS },
+  { version: 8, name: "stimulus expiry", statements: STIMULUS_EXPIRY },
 ];
 
 /** The schema version this code writes. */

@@ -58,7 +58,7 @@ export const agents = sqliteTable(
 export type StoredStimulusKind = "mqtt" | "timer" | "webhook" | "inbox" | "manual" | "wake";
 
 /** Lifecycle of a stimulus for one agent. */
-export type StimulusState = "queued" | "done" | "quarantined" | "dropped" | "rejected";
+export type StimulusState = "queued" | "done" | "quarantined" | "dropped" | "rejected" | "expired";
 
 /**
  * Stimuli: the dedup memory and each agent's durable FIFO queue in one table.
@@ -83,6 +83,8 @@ export const stimuli = sqliteTable(
     lastError: text("last_error"),
     episode: text("episode"),
     doneAt: integer("done_at"),
+    /** Epoch ms after which it is skipped (state `expired`) instead of run: MQTT 5 message expiry. */
+    expiresAt: integer("expires_at"),
   },
   (t) => [
     uniqueIndex("stimuli_dedup").on(t.agent, t.sid),

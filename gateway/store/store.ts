@@ -5,7 +5,7 @@
  * commit, failure, the per-turn reads) are raw SQL derived from the schema (./sql.ts,
  * ./episodes.ts); the rest goes through drizzle.
  */
-import { and, asc, desc, eq, gt, inArray, lt, count, min, sql } from "drizzle-orm";
+import { and, asc, desc, eq, getTableColumns, gt, inArray, lt, count, min, sql } from "drizzle-orm";
 import type { Client } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement } from "./db.ts";
 import * as t from "./schema.ts";
@@ -258,9 +258,18 @@ export class Store {
       stmts.push({
         sql:
           `INSERT INTO stimuli (gateway, agent, sid, kind, topic, payload, ` +
-          `received_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?)").join(",")}
+          `received_at, expires_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?,?)").join(",")}
           ON CONFLICT DO NOTHING RETURNING seq, agent, sid`,
-        args: part.flatMap((s) => [this.gatewayId, s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt]),
+        args: part.flatMap((s) => [
+          this.gatewayId,
+          s.agent,
+          s.sid,
+          s.kind,
+          s.topic,
+          s.payload,
+          s.receivedAt,
+          s.expiresAt ?? null,
+        ]),
       });
     }
     try {
@@ -472,6 +481,17 @@ export class Store {
     return rs?.rowsAffected ?? 0;
   }
 
+  /** Skip a queued stimulus whose message expired before its episode ran (state `expired`, with why). */
+  async expireStimulus(seq: number, reason: string, at: number): Promise<boolean> {
+    const [rs] = await this.writer.write([
+      {
+        sql: "UPDATE stimuli SET state = 'expired', last_error = ?, done_at = ? WHERE seq = ? AND state = 'queued'",
+        args: [reason, at, seq],
+      },
+    ]);
+    return (rs?.rowsAffected ?? 0) > 0;
+  }
+
   /** Put a quarantined stimulus back in its queue, or drop it. */
   async setStimulusState(seq: number, state: t.StimulusState): Promise<void> {
     await this.writer.write([
@@ -568,9 +588,16 @@ export class Store {
 
   // ---- outbox --------------------------------------------------------------------
 
-  /** Unsent effects after row `afterId`, oldest first. */
+  /** Unsent effects after row `afterId`, oldest first, with their episode's agent (null once it is collected). */
   pendingOutbox(limit = 500, afterId = 0) {
-    return this.db.select().from(t.outbox).where(gt(t.outbox.id, afterId)).orderBy(asc(t.outbox.id)).limit(limit).all();
+    return this.db
+      .select({ ...getTableColumns(t.outbox), agent: t.episodes.agent })
+      .from(t.outbox)
+      .leftJoin(t.episodes, eq(t.episodes.id, t.outbox.episode))
+      .where(gt(t.outbox.id, afterId))
+      .orderBy(asc(t.outbox.id))
+      .limit(limit)
+      .all();
   }
 
   /** Forget the effects of episodes whose outbox was published. */
