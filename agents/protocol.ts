@@ -131,8 +131,20 @@ export type ParentMessage =
       readonly limits: { readonly max_records: number; readonly max_record_bytes: number };
       /** The agent's pending wake-ups (ids) and how many it may have pending at once. */
       readonly wakes: { readonly pending: readonly string[]; readonly max: number };
+      /**
+       * `check`: only load the module and check `config` against its schema; `done`'s state
+       * is then a `ConfigCheck`. No agent code beyond the module's top level and schema runs.
+       */
+      readonly mode?: "check";
     }
   | { readonly t: "tool_result"; readonly call: number; readonly ok: boolean; readonly result: unknown };
+
+/** The state a `check` run reports: the config schema's complaints, if any. */
+export interface ConfigCheck {
+  /** False when the module declares no config schema. */
+  readonly schema: boolean;
+  readonly issues: readonly { readonly path: readonly string[]; readonly message: string }[];
+}
 
 /** Subprocess -> gateway. `records` batches are flushed before every tool call and at the end. */
 export type ChildMessage =

@@ -18,11 +18,11 @@ import {
   type PublishedMessage,
   type ClientInfo,
 } from "../broker/index.ts";
-import { loadSpec, restartNeeded } from "./spec/index.ts";
+import { loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { Scheduler } from "./fleet/index.ts";
-import { EpisodeExecutor } from "./episode/index.ts";
+import { checkConfigs, describeConfigProblems, EpisodeExecutor, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
@@ -206,6 +206,9 @@ export class Gateway {
     await this.startReplication(spec);
 
     this.buildPipeline(spec);
+    const problems = await checkConfigs(typesToCheck(spec, null), this.spawnOptions);
+    if (problems.length > 0)
+      throw new SpecError(this.current.path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);
     publishFacts(this.events, () => this.broker);
 
     for (const row of await this.store.agentCounts()) void row; // warm the connection
@@ -685,6 +688,10 @@ export class Gateway {
           ...(this.opts.mqttPort === undefined ? [] : ["broker.mqtt_port"]),
           ...(this.opts.httpPort === undefined ? [] : ["http.port"]),
         ]),
+      check: async (current, next) => {
+        const problems = await checkConfigs(typesToCheck(next, current), this.spawnOptions);
+        return problems.length > 0 ? describeConfigProblems(problems) : null;
+      },
       applyLive: (current, next) => this.applyBroker(current, next),
     });
   }

@@ -17,12 +17,14 @@ import {
   wakeDelayMs,
   wakeIdOf,
   type ChildMessage,
+  type ConfigCheck,
   type EpisodeRecord,
   type ParentMessage,
 } from "../protocol.ts";
 import {
   type AgentContext,
   type AgentDefinition,
+  type ConfigSchema,
   type Stimulus,
   TerminalError,
   ToolDenied,
@@ -101,6 +103,23 @@ async function run(start: Start): Promise<void> {
     });
     return;
   }
+
+  // The type's config, checked against the module's schema (if it has one) before any agent code.
+  const checked = await checkConfig(def, start.config);
+  if (start.mode === "check") {
+    send({ t: "done", state: { schema: def.config !== undefined, issues: checked.issues } satisfies ConfigCheck });
+    return;
+  }
+  if (checked.issues.length > 0) {
+    const first = checked.issues[0]!;
+    send({
+      t: "error",
+      kind: "terminal",
+      message: `config ${[first.path.join("."), first.message].filter(Boolean).join(" ")} (the agent's config schema)`,
+    });
+    return;
+  }
+  const config = checked.value;
 
   const callTool = async (tool: string, args: unknown[]): Promise<unknown> => {
     call += 1;
@@ -188,7 +207,7 @@ async function run(start: Start): Promise<void> {
   const ctx: AgentContext<unknown> = {
     agent: start.agent,
     state: start.state,
-    config: start.config,
+    config,
     episode: start.episode,
     decide: (name, data) => rec.push({ k: "decide", name: String(name), data: asJson(data, "decision data") }),
     emit: (payload) => rec.push({ k: "emit", data: asJson(payload, "emitted payload") }),
@@ -217,7 +236,7 @@ async function run(start: Start): Promise<void> {
     },
   };
 
-  if (start.fresh) ctx.state = await def.init({ agent: start.agent, config: start.config });
+  if (start.fresh) ctx.state = await def.init({ agent: start.agent, config });
   // The gateway builds each kind's stimulus in the shape the SDK documents (agents/sdk).
   await def.onStimulus(start.stimulus as unknown as Stimulus, ctx);
   if (rec.flood !== null) throw new Flood(rec.flood);
@@ -231,6 +250,31 @@ async function run(start: Start): Promise<void> {
   }
   rec.flush();
   send({ t: "done", state });
+}
+
+/** `config` checked against the module's schema: the parsed value, or the schema's issues with their key paths. */
+async function checkConfig(
+  def: AgentDefinition<unknown>,
+  config: Readonly<Record<string, unknown>>,
+): Promise<{ value: Readonly<Record<string, unknown>>; issues: ConfigCheck["issues"] }> {
+  const schema = def.config as ConfigSchema | undefined;
+  if (!schema) return { value: config, issues: [] };
+  const std = schema["~standard"];
+  if (typeof std?.validate !== "function")
+    return {
+      value: config,
+      issues: [{ path: [], message: "is checked by a config schema without ~standard.validate" }],
+    };
+  const r = await std.validate(config);
+  if (r.issues)
+    return {
+      value: config,
+      issues: r.issues.slice(0, 20).map((i) => ({
+        path: (i.path ?? []).map((p) => String(typeof p === "object" && p !== null ? p.key : p)),
+        message: String(i.message).slice(0, 500),
+      })),
+    };
+  return { value: (r.value ?? {}) as Readonly<Record<string, unknown>>, issues: [] };
 }
 
 function safeStringify(v: unknown): string {

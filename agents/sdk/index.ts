@@ -139,20 +139,61 @@ export interface AgentContext<S, C = Record<string, unknown>> {
   cancelWake(id: string): boolean;
 }
 
+/**
+ * A config schema: any Standard Schema (https://standardschema.dev) — a zod 4 schema,
+ * valibot, arktype. Only the `~standard.validate` entry point is used.
+ */
+export interface ConfigSchema<Output = unknown> {
+  readonly "~standard": {
+    readonly version: 1;
+    readonly vendor: string;
+    readonly validate: (value: unknown) => ConfigSchemaResult<Output> | Promise<ConfigSchemaResult<Output>>;
+    readonly types?: { readonly input: unknown; readonly output: Output } | undefined;
+  };
+}
+
+/** What a config schema's `validate` returns. */
+export type ConfigSchemaResult<Output> =
+  | { readonly value: Output; readonly issues?: undefined }
+  | {
+      readonly issues: readonly {
+        readonly message: string;
+        readonly path?: readonly (PropertyKey | { readonly key: PropertyKey })[] | undefined;
+      }[];
+    };
+
+/** The config type a schema produces. */
+export type ConfigOf<T> = T extends ConfigSchema<infer O> ? O : never;
+
 /** An agent definition, as `defineAgent` returns it. */
 export interface AgentDefinition<S, C = Record<string, unknown>> {
   /** State of a brand-new agent. */
   init(ctx: { readonly agent: AgentRef; readonly config: C }): S | Promise<S>;
   onStimulus(stimulus: Stimulus, ctx: AgentContext<S, C>): void | Promise<void>;
+  /**
+   * The type's `config` table is checked against this at `fleet validate` and at every
+   * deploy (a mismatch refuses the deploy, naming the key path), and `ctx.config` is what
+   * it returns (defaults filled in).
+   */
+  readonly config?: ConfigSchema<C>;
   readonly __fleetAgent: true;
 }
 
-/** Declare an agent. The state type `S` must be JSON-serialisable. */
+/**
+ * Declare an agent. The state type `S` must be JSON-serialisable. With `config` (a zod
+ * schema, or any Standard Schema), `ctx.config` is typed and checked before deploy.
+ */
 export function defineAgent<S, C = Record<string, unknown>>(def: {
+  config?: ConfigSchema<C>;
   init: (ctx: { readonly agent: AgentRef; readonly config: C }) => S | Promise<S>;
   onStimulus: (stimulus: Stimulus, ctx: AgentContext<S, C>) => void | Promise<void>;
 }): AgentDefinition<S, C> {
-  return { init: def.init, onStimulus: def.onStimulus, __fleetAgent: true };
+  return {
+    init: def.init,
+    onStimulus: def.onStimulus,
+    ...(def.config ? { config: def.config } : {}),
+    __fleetAgent: true,
+  };
 }
 
 /**

@@ -149,7 +149,22 @@ export function testAgent<S, C = Record<string, unknown>>(
   const type = opts.type ?? "test";
   const key = opts.key ?? "k1";
   const agent: AgentRef = { type, key, id: `${type}/${key}` };
-  const config = jsonCopy((opts.config ?? {}) as C, "config");
+  let config = jsonCopy((opts.config ?? {}) as C, "config");
+  let configChecked = def.config === undefined;
+  /** Like the gateway: the config goes through the agent's schema first (a bad one is the test's error). */
+  const checkConfig = async () => {
+    if (configChecked || !def.config) return;
+    const r = await def.config["~standard"].validate(config);
+    if (r.issues) {
+      const first = r.issues[0];
+      const path = (first?.path ?? []).map((p) => String(typeof p === "object" && p !== null ? p.key : p));
+      throw new TypeError(
+        `config ${path.length > 0 ? `${path.join(".")} ` : ""}${first?.message} (the agent's config schema)`,
+      );
+    }
+    config = r.value;
+    configChecked = true;
+  };
   const allowed = new Set(opts.tools ?? ALL_TOOLS);
   const now = opts.now ?? defaultClock();
   const random = opts.random ?? defaultRandom();
@@ -160,6 +175,7 @@ export function testAgent<S, C = Record<string, unknown>>(
   let wakeups: PendingWake[] = [];
 
   async function run(stimulus: Stimulus): Promise<EpisodeRun<S>> {
+    await checkConfig();
     episodes += 1;
     const decisions: { name: string; data: unknown }[] = [];
     const emits: unknown[] = [];

@@ -9,6 +9,7 @@ import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
 import { gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
+import { checkConfigs, defaultSpawnOptions, describeConfigProblems, typesToCheck } from "../episode/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
@@ -194,6 +195,11 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
   try {
     const sv = await loadSpec(path);
     const types = Object.keys(sv.spec.agents);
+    // The agents' own config schemas, in the sandbox episodes run in.
+    const spawn = defaultSpawnOptions(sv.spec.fleet.sandbox, { allowWeak: sv.spec.fleet.allow_weak_sandbox });
+    const problems = await checkConfigs(typesToCheck(sv.spec, null), spawn);
+    if (problems.length > 0)
+      throw new SpecError(path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);
     cli.print(
       { ok: true, file: path, hash: sv.hash, agent_types: types },
       () => `${path}: OK (${types.length} agent type(s): ${types.join(", ")}; spec ${sv.hash.slice(0, 12)})`,

@@ -5,3 +5,4 @@ export * from "./records.ts";
 export * from "./runner.ts";
 export * from "./tools/index.ts";
 export * from "./infra.ts";
+export * from "./config-check.ts";

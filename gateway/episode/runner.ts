@@ -10,7 +10,7 @@ import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../..
 import { HostProcess, MALFORMED, OVERSIZE, ProcessTable, rssMb, type SparePool } from "./host-process.ts";
 import { HOST_PATHS } from "../../agents/host/index.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
-import { agentFiles } from "./sandbox-view.ts";
+import { agentFiles, spareCanLoad } from "./sandbox-view.ts";
 
 // Callers (episode executor, replay, gateway, tests, benches) import the whole runner surface from here.
 export {
@@ -109,7 +109,8 @@ export async function runEpisode(
   try {
     // Under bubblewrap the sandbox shows the agent's own files and nothing else of the project.
     const files = spawnOpts.bwrap ? agentFiles(start.module, HOST_PATHS) : null;
-    taken = pool?.take(limits, files) ?? HostProcess.start(limits, spawnOpts, files, procs);
+    const spare = files === null || spareCanLoad(files, HOST_PATHS) ? pool?.take(limits, files) : null;
+    taken = spare ?? HostProcess.start(limits, spawnOpts, files, procs);
     taken.prepare(files);
   } catch (err) {
     await taken?.kill();

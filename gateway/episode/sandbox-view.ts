@@ -165,6 +165,23 @@ function stampOf(files: readonly string[]): string {
     .join(",");
 }
 
+/**
+ * Whether a warm spare can load these files. A spare's Bun started before the agent's files
+ * were staged, and its resolver remembers the `node_modules` folders it looked for (and did
+ * not find) on the way up from the host runtime. A package staged later under one of those
+ * folders is then "not found": such agents start cold (e.g. one beside the fleet's own install
+ * importing zod from its node_modules). Agents in their own app folder are not affected.
+ */
+export function spareCanLoad(a: AgentFiles, hostPaths: readonly string[]): boolean {
+  const looked = new Set<string>();
+  for (const p of hostPaths)
+    for (let dir = dirname(p); ; dir = dirname(dir)) {
+      looked.add(join(dir, "node_modules") + sep);
+      if (dirname(dir) === dir) break;
+    }
+  return a.packages.every((pkg) => ![...looked].some((nm) => pkg.startsWith(nm)));
+}
+
 /** Agent files as binds (a cold start mounts them directly). */
 export function agentBinds(a: AgentFiles): Bind[] {
   return [

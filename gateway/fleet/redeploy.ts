@@ -43,6 +43,8 @@ export interface RedeployDeps {
   adopt(next: SpecVersion): void;
   /** Changed keys that only a restart applies; any -> the reload is refused ("needs restart: …"). */
   needsRestart?(current: FleetSpec, next: FleetSpec): string[];
+  /** Checks a new version must pass before anything is applied (agents' config schemas); why not, or null. */
+  check?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
   /** Apply what changes live outside the fleet (broker auth); what it did, for the log. Throws to refuse the reload. */
   applyLive?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
 }
@@ -80,6 +82,12 @@ export class Redeploy {
     if (restart.length > 0) {
       this.error = `needs restart: ${restart.join(", ")}; still running spec ${current.hash.slice(0, 12)}`;
       this.d.log.error({ reason }, `fleet.toml not applied: ${this.error}`);
+      return;
+    }
+    const refused = (await this.d.check?.(current.spec, next.spec)) ?? null;
+    if (refused !== null) {
+      this.error = `not applied: ${refused}`;
+      this.d.log.error({ reason }, `fleet.toml ${this.error}; keeping spec ${current.hash.slice(0, 12)}`);
       return;
     }
     let live: string | null;

@@ -98,7 +98,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.http_hosts": "Host names the http tool may reach.",
   "agents.*.secrets":
     "Environment variable names this type's tools may inject as {{secret:NAME}}; never visible to the agent.",
-  "agents.*.config": "Free-form table handed to the agent as ctx.config.",
+  "agents.*.config":
+    "Table handed to the agent as ctx.config; checked at validate and deploy against its module's config schema.",
   "agents.*.max_queue": "Stimuli that may wait per agent; past it intake refuses (no PUBACK, the device retries).",
   "agents.*.max_wakeups":
     "Wake-ups (`ctx.wakeIn` / `ctx.wakeAt`) an agent may have pending at once; one more throws `ToolDenied`.",

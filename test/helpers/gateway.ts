@@ -238,19 +238,27 @@ export class TestFleet {
     this.proc = proc;
     this.info = null;
     const file = join(this.dataDir, "gateway.json");
+    // A gateway that exits (a refused spec) ends the wait at once, not at the timeout.
+    const exited = proc.exited.then(() => {
+      throw new Error(`gateway exited (code ${proc.exitCode}, signal ${proc.signalCode})`);
+    });
+    exited.catch(() => undefined);
     try {
-      const info = await waitFor(
-        () => {
-          if (proc.exitCode !== null || proc.signalCode !== null)
-            throw new Error(`gateway exited (code ${proc.exitCode}, signal ${proc.signalCode})`);
-          if (!existsSync(file)) return undefined;
-          const g = JSON.parse(readFileSync(file, "utf8")) as GatewayInfo;
-          // A kill -9 leaves the previous run's file behind: only ours counts.
-          return g.pid === proc.pid ? g : undefined;
-        },
-        timeoutMs,
-        "gateway.json",
-      );
+      const info = await Promise.race([
+        exited,
+        waitFor(
+          () => {
+            if (proc.exitCode !== null || proc.signalCode !== null)
+              throw new Error(`gateway exited (code ${proc.exitCode}, signal ${proc.signalCode})`);
+            if (!existsSync(file)) return undefined;
+            const g = JSON.parse(readFileSync(file, "utf8")) as GatewayInfo;
+            // A kill -9 leaves the previous run's file behind: only ours counts.
+            return g.pid === proc.pid ? g : undefined;
+          },
+          timeoutMs,
+          "gateway.json",
+        ),
+      ]);
       const scheme = info.https ? "https" : "http";
       await waitFor(
         // The harness only probes readiness here; TLS tests check the certificate themselves.

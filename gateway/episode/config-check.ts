@@ -1,0 +1,88 @@
+/**
+ * Config schemas: an agent module may declare `defineAgent({ config: z.object(...) })`. Its
+ * type's `config` table is checked against that schema before a spec version is deployed
+ * (`fleet validate`, gateway start, hot redeploy), in the same sandboxed subprocess an
+ * episode runs in: the schema is the agent's code, and agent code is not run in the gateway.
+ */
+import type { ConfigCheck } from "../../agents/protocol.ts";
+import type { AgentTypeSpec, FleetSpec } from "../spec/index.ts";
+import { CHILD_LIMITS } from "./records.ts";
+import { runEpisode, type RunLimits } from "./runner.ts";
+import type { SpawnOptions } from "./sandbox.ts";
+
+/** One complaint about a type's config (or its module, when it cannot be checked at all). */
+export interface ConfigProblem {
+  readonly type: string;
+  /** Dotted key path in fleet.toml, e.g. `agents.door.config.open_after`. */
+  readonly keyPath: string;
+  readonly message: string;
+}
+
+/** Most checks run at once (each is one subprocess). */
+const PARALLEL = 2;
+
+/** Check each type's config against its module's schema; types without a schema pass. */
+export async function checkConfigs(types: readonly AgentTypeSpec[], spawn: SpawnOptions): Promise<ConfigProblem[]> {
+  const problems: ConfigProblem[] = [];
+  const queue = [...types];
+  const worker = async () => {
+    for (let type = queue.shift(); type; type = queue.shift()) problems.push(...(await checkType(type, spawn)));
+  };
+  await Promise.all(Array.from({ length: Math.min(PARALLEL, queue.length) }, worker));
+  return problems.sort((a, b) => a.keyPath.localeCompare(b.keyPath));
+}
+
+/** The types of `next` whose module or config differ from `current` (all of them when there is none). */
+export function typesToCheck(next: FleetSpec, current: FleetSpec | null): AgentTypeSpec[] {
+  return Object.values(next.agents).filter((t) => {
+    const before = current?.agents[t.name];
+    return (
+      !before || before.module_path !== t.module_path || JSON.stringify(before.config) !== JSON.stringify(t.config)
+    );
+  });
+}
+
+/** Problems as one line each, for a reload error or the CLI. */
+export function describeConfigProblems(problems: readonly ConfigProblem[]): string {
+  return problems.map((p) => `${p.keyPath} ${p.message}`).join("\n");
+}
+
+async function checkType(type: AgentTypeSpec, spawn: SpawnOptions): Promise<ConfigProblem[]> {
+  const limits: RunLimits = {
+    timeoutMs: Math.max(type.budget.episode_timeout_ms, 10_000),
+    memoryMb: type.budget.memory_mb,
+    maxRecords: 100,
+    maxRecordBytes: 256 * 1024,
+    maxOpenFiles: 256,
+    maxProcesses: 4096,
+  };
+  const r = await runEpisode(
+    {
+      t: "start",
+      episode: "00000000-0000-7000-8000-000000000000",
+      agent: { type: type.name, key: "config-check", id: `${type.name}/config-check` },
+      module: type.module_path,
+      config: type.config,
+      state: null,
+      fresh: true,
+      stimulus: { id: "config-check", kind: "manual", payload: null, received_at: 0 },
+      replay: null,
+      limits: CHILD_LIMITS,
+      wakes: { pending: [], max: type.max_wakeups },
+      mode: "check",
+    },
+    limits,
+    async () => ({ ok: false, result: { error: "denied", reason: "a config check calls no tools" } }),
+    spawn,
+  );
+  const base = `agents.${type.name}`;
+  // A module that cannot load is reported by its episodes as before; only the schema's verdict refuses a deploy.
+  if (!r.ok) return [];
+  const check = r.state as ConfigCheck | null;
+  if (!check || !Array.isArray(check.issues)) return [];
+  return check.issues.map((i) => ({
+    type: type.name,
+    keyPath: [`${base}.config`, ...i.path].join("."),
+    message: `${i.message} (the agent's config schema)`,
+  }));
+}

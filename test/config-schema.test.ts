@@ -1,0 +1,140 @@
+/**
+ * Agent config schemas (agents/README.md "Config schema"): `defineAgent({ config: z.object(...) })`
+ * is checked in the episode sandbox at `fleet validate`, gateway start and every hot redeploy
+ * (a mismatch refuses the deploy with the key path), and `ctx.config` is the schema's output.
+ * Fixture: test/fixtures/config/typed.ts.
+ */
+import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { writeFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { stimuli, testAgent } from "agent-fleets/testing";
+import typed from "./fixtures/config/typed.ts";
+import { checkConfigs, defaultSpawnOptions, runEpisode } from "../gateway/episode/index.ts";
+import { compileSpec } from "../gateway/spec/index.ts";
+import { cleanupAll, fixture, publishQos1, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { fleetHeader, q } from "./helpers/toml.ts";
+
+setDefaultTimeout(120_000);
+afterAll(cleanupAll);
+
+const TYPED = fileURLToPath(new URL("./fixtures/config/typed.ts", import.meta.url));
+const SPAWN = defaultSpawnOptions();
+
+const typeToml = (config: string, module = TYPED) =>
+  `[agents.t]\nmodule = ${q(module)}\nsubscribe = ["t/+/in"]\nkey = "{1}"\nconfig = ${config}\n`;
+
+async function problemsOf(config: string, module = TYPED) {
+  const sv = await compileSpec(typeToml(config, module), "/srv/fleet.toml");
+  return checkConfigs(Object.values(sv.spec.agents), SPAWN);
+}
+
+describe("config checked against the module's schema, in the sandbox", () => {
+  test("a config the schema accepts has no problems", async () => {
+    expect(await problemsOf("{ threshold = 80 }")).toEqual([]);
+  });
+
+  test("each mismatch is named by its fleet.toml key path and the schema's message", async () => {
+    expect(await problemsOf('{ threshold = "high", limits = { max = -1 } }')).toEqual([
+      {
+        type: "t",
+        keyPath: "agents.t.config.limits.max",
+        message: "Too small: expected number to be >0 (the agent's config schema)",
+      },
+      {
+        type: "t",
+        keyPath: "agents.t.config.threshold",
+        message: "Invalid input: expected number, received string (the agent's config schema)",
+      },
+    ]);
+  });
+
+  test("a module without a schema takes any config", async () => {
+    expect(await problemsOf('{ anything = "goes" }', fixture("counter"))).toEqual([]);
+  });
+
+  test("an episode sees the schema's output: defaults filled in", async () => {
+    const r = await runEpisode(
+      {
+        t: "start",
+        episode: "0190f000-0000-7000-8000-0000000000c1",
+        agent: { type: "t", key: "k", id: "t/k" },
+        module: TYPED,
+        config: { threshold: 80 },
+        state: null,
+        fresh: true,
+        stimulus: { id: "m:1", kind: "manual", payload: null, received_at: 0 },
+        replay: null,
+        limits: { max_records: 100, max_record_bytes: 100_000 },
+        wakes: { pending: [], max: 10 },
+      },
+      {
+        timeoutMs: 20_000,
+        memoryMb: 256,
+        maxRecords: 100,
+        maxRecordBytes: 100_000,
+        maxOpenFiles: 256,
+        maxProcesses: 4096,
+      },
+      async () => ({ ok: false, result: null }),
+      SPAWN,
+    );
+    expect(r.ok).toBe(true);
+    expect(r.records.filter((x) => x.k === "emit")).toEqual([
+      { k: "emit", data: { threshold: 80, unit: "C", max: 3 } },
+    ]);
+  });
+
+  test("agent-fleets/testing applies the schema too: defaults in, a bad config rejected by name", async () => {
+    const ok = testAgent(typed, { config: { threshold: 5 } as never });
+    expect((await ok.run(stimuli.manual(null))).emits).toEqual([{ threshold: 5, unit: "C", max: 3 }]);
+    const bad = testAgent(typed, { config: { threshold: "x" } as never });
+    await expect(bad.run(stimuli.manual(null))).rejects.toThrow(
+      "config threshold Invalid input: expected number, received string (the agent's config schema)",
+    );
+  });
+});
+
+describe("a bad config refuses the deploy", () => {
+  test("`fleet validate` exits 1 naming the key path", async () => {
+    const fleet = new TestFleet(`${fleetHeader("cfg-validate")}\n${typeToml('{ threshold = "high" }')}`);
+    const r = await runCli(["validate", fleet.configPath, "--json"]);
+    expect(r.code).toBe(1);
+    expect(r.json).toMatchObject({ ok: false, key_path: "agents.t.config.threshold" });
+    expect(r.json.error).toContain("expected number, received string");
+  });
+
+  test("the gateway does not start on it, and says why", async () => {
+    const fleet = new TestFleet(`${fleetHeader("cfg-start")}\n${typeToml("{ unit = 5 }")}`);
+    const err = await fleet.start(60_000).then(
+      () => null,
+      (e: Error) => e,
+    );
+    expect(err?.message).toContain("gateway did not start");
+    expect(fleet.logTail(200)).toContain("agents.t.config.threshold");
+  });
+
+  test("a hot redeploy with it is not applied; the running version keeps its config", async () => {
+    const fleet = new TestFleet(`${fleetHeader("cfg-reload")}\n${typeToml("{ threshold = 80 }")}`);
+    await fleet.start();
+    const client = await fleet.mqtt();
+    await publishQos1(client, "t/k1/in", "{}");
+    await fleet.waitCommitted("t/k1", 1);
+    writeFileSync(fleet.configPath, `${fleetHeader("cfg-reload")}\n${typeToml('{ threshold = 90, unit = "K" }')}`);
+    const info = await waitFor(
+      async () => {
+        const body = (await (await fleet.fetch("/api/fleet")).json()) as { spec_error: string | null };
+        return body.spec_error ? body : undefined;
+      },
+      30_000,
+      "the reload error",
+    );
+    expect(info.spec_error).toContain("not applied: agents.t.config.unit");
+    await publishQos1(client, "t/k1/in", "{}");
+    await fleet.waitCommitted("t/k1", 2);
+    const emits = await fleet.query<{ data: string }>(
+      "SELECT data FROM events WHERE kind = 'emit' ORDER BY episode DESC LIMIT 1",
+    );
+    expect(JSON.parse(emits[0]!.data).data).toEqual({ threshold: 80, unit: "C", max: 3 });
+    await fleet.stop();
+  });
+});
