@@ -3,13 +3,14 @@
  * the output feed, and `GET /api/activity?minutes=&type=`, per-minute buckets of episodes,
  * failures and lag for the small charts. Both on the gateway's clock.
  */
-import { minuteBuckets, recentOutputs } from "../observe/index.ts";
+import { ActivityHistory, MAX_MINUTES, recentOutputs } from "../observe/index.ts";
 import { agentId, parseAgentId } from "../types.ts";
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
 
 /** Routes to spread into `Bun.serve({ routes })`. */
 export function activityRoutes(gw: Pick<HttpHost, "store" | "now">) {
+  const history = new ActivityHistory(gw.store);
   return {
     "/api/outputs": async (req: Request) => {
       const url = new URL(req.url);
@@ -27,13 +28,13 @@ export function activityRoutes(gw: Pick<HttpHost, "store" | "now">) {
     },
     "/api/activity": async (req: Request) => {
       const url = new URL(req.url);
-      const minutes = intQuery(url, "minutes", 60, 1, 1440);
+      const minutes = intQuery(url, "minutes", 60, 1, MAX_MINUTES);
       if (minutes instanceof Response) return minutes;
       const type = url.searchParams.get("type") || undefined;
       if (type !== undefined && !agentId(type, "x"))
         return httpError(400, "bad_query", `type "${type.slice(0, 80)}" is not a valid type name`);
       const now = gw.now();
-      const buckets = await minuteBuckets(gw.store, { now, minutes, type });
+      const buckets = await history.buckets({ now, minutes, type });
       return json({ now, bucket_ms: 60_000, minutes, type: type ?? null, buckets });
     },
   };

@@ -72,49 +72,83 @@ export interface MinuteBucket {
 
 const MINUTE = 60_000;
 
+/** Yield to the event loop: a local libSQL query runs on it, so long reads go in slices. */
+const yieldLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
 /**
- * The last `minutes` whole minutes up to and including the current one, oldest first, zero-filled;
- * optionally only one agent type. Lag comes from the stimulus row, else (dedup memory already
- * forgotten) from the `received_at` of the stimulus event the episode's log begins with.
+ * One minute of activity, `[t, t + 1 min)` by episode start, optionally one agent type. Lag comes
+ * from the stimulus row, else (dedup memory already forgotten) from the `received_at` of the
+ * stimulus event the episode's log begins with.
  */
-export async function minuteBuckets(
-  store: Store,
-  f: { now: number; minutes: number; type?: string },
-): Promise<MinuteBucket[]> {
-  const from = Math.floor(f.now / MINUTE) * MINUTE - (f.minutes - 1) * MINUTE;
-  const args: InValue[] = [from, from, from + f.minutes * MINUTE];
-  if (f.type !== undefined) args.push(`${f.type}/`, `${f.type}/\uffff`);
+async function oneMinute(store: Store, t: number, type: string | undefined): Promise<MinuteBucket> {
+  const args: InValue[] = [t, t + MINUTE];
+  if (type !== undefined) args.push(`${type}/`, `${type}/\uffff`);
   const lag = `ep.started_at - COALESCE(s.received_at,
     (SELECT json_extract(data, '$.received_at') FROM events WHERE episode = ep.id AND seq = 0))`;
   const rs = await store.client.execute({
-    // Bound numbers may arrive as REAL: the bucket index is cast so the division is an integer one.
-    sql: `SELECT CAST((ep.started_at - CAST(? AS INTEGER)) / ${MINUTE} AS INTEGER) AS i, count(*) AS episodes,
-            sum(ep.status = 'failed') AS failures, max(${lag}) AS lag_max, avg(${lag}) AS lag_avg
+    sql: `SELECT count(*) AS episodes, sum(ep.status = 'failed') AS failures, max(${lag}) AS lag_max,
+            avg(${lag}) AS lag_avg
           FROM episodes ep LEFT JOIN stimuli s ON s.seq = ep.stimulus_seq
           WHERE ep.started_at >= ? AND ep.started_at < ?
-            ${f.type !== undefined ? "AND ep.agent >= ? AND ep.agent < ?" : ""}
-          GROUP BY i`,
+            ${type !== undefined ? "AND ep.agent >= ? AND ep.agent < ?" : ""}`,
     args,
   });
-  const out: MinuteBucket[] = Array.from({ length: f.minutes }, (_, i) => ({
-    t: from + i * MINUTE,
-    episodes: 0,
-    failures: 0,
-    lag_ms_max: null,
-    lag_ms_avg: null,
-  }));
-  for (const r of rs.rows) {
-    const i = Number(r.i);
-    const b = out[i];
-    if (!b) continue;
-    const num = (v: unknown) => (v === null || v === undefined ? null : Math.max(0, Math.round(Number(v))));
-    out[i] = {
-      ...b,
-      episodes: Number(r.episodes),
-      failures: Number(r.failures),
-      lag_ms_max: num(r.lag_max),
-      lag_ms_avg: num(r.lag_avg),
-    };
-  }
-  return out;
+  const r = rs.rows[0];
+  const num = (v: unknown) => (v === null || v === undefined ? null : Math.max(0, Math.round(Number(v))));
+  return {
+    t,
+    episodes: Number(r?.episodes ?? 0),
+    failures: Number(r?.failures ?? 0),
+    lag_ms_max: num(r?.lag_max),
+    lag_ms_avg: num(r?.lag_avg),
+  };
 }
+
+/**
+ * Per-minute activity for the charts (`GET /api/activity`). An episode counts in the minute it
+ * started. Each minute is its own small query with the event loop free in between (a local
+ * libSQL read blocks it: one query over a busy hour took ~0.3 s), and minutes older than
+ * `settleMs` (by then every episode started in them has ended) are remembered, so a refresh
+ * reads only the last few minutes.
+ */
+export class ActivityHistory {
+  /** Settled minutes by type ("" = the whole fleet), for at most `MAX_KEYS` types. */
+  private readonly settled = new Map<string, Map<number, MinuteBucket>>();
+
+  constructor(
+    private readonly store: Store,
+    private readonly settleMs = 10 * MINUTE,
+  ) {}
+
+  /** The last `minutes` whole minutes up to and including the current one, oldest first, zero-filled. */
+  async buckets(f: { now: number; minutes: number; type?: string }): Promise<MinuteBucket[]> {
+    const from = Math.floor(f.now / MINUTE) * MINUTE - (f.minutes - 1) * MINUTE;
+    const key = f.type ?? "";
+    let known = this.settled.get(key);
+    if (!known) {
+      known = new Map();
+      this.settled.set(key, known);
+      // Bounded: a caller may name any type; the oldest key goes first.
+      if (this.settled.size > MAX_KEYS) this.settled.delete(this.settled.keys().next().value ?? "");
+    }
+    const out: MinuteBucket[] = [];
+    for (let i = 0; i < f.minutes; i++) {
+      const t = from + i * MINUTE;
+      const cached = known.get(t);
+      if (cached) {
+        out.push(cached);
+        continue;
+      }
+      const b = await oneMinute(this.store, t, f.type);
+      if (t + MINUTE <= f.now - this.settleMs) known.set(t, b);
+      out.push(b);
+      await yieldLoop();
+    }
+    for (const t of known.keys()) if (t < f.now - MAX_MINUTES * MINUTE - this.settleMs) known.delete(t);
+    return out;
+  }
+}
+
+/** Types with settled minutes kept, and how far back minutes are asked for (a day). */
+const MAX_KEYS = 32;
+export const MAX_MINUTES = 1440;

@@ -179,6 +179,7 @@ export class SyntheticFleet {
         agent: head.id,
         stimulusSeq,
         stimulusId: sid,
+        stimulusKind: "mqtt",
         specVersion: this.spec.hash,
         status: "committed" as const,
         attempt: 1,
