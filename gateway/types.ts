@@ -94,6 +94,23 @@ export interface NewStimulus {
   readonly receivedAt: number;
   /** Epoch ms after which the stimulus is skipped instead of run (MQTT 5 message expiry); absent: never. */
   readonly expiresAt?: number | null;
+  /** A valid W3C `traceparent` the stimulus arrived with. */
+  readonly traceparent?: string | null;
+}
+
+const TRACEPARENT_RE = /^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$/;
+
+/** A request's `traceparent` header, normalised, when it is valid; null otherwise (the trace starts here). */
+export function traceparentOf(req: Request): string | null {
+  const v = req.headers.get("traceparent");
+  return parseTraceparent(v) ? v!.trim().toLowerCase() : null;
+}
+
+/** A W3C `traceparent` header's trace and parent span ids; null when absent, malformed or all zeros. */
+export function parseTraceparent(v: string | null | undefined): { traceId: string; spanId: string } | null {
+  const m = TRACEPARENT_RE.exec(v?.trim().toLowerCase() ?? "");
+  if (!m || /^0+$/.test(m[1]!) || /^0+$/.test(m[2]!)) return null;
+  return { traceId: m[1]!, spanId: m[2]! };
 }
 
 /** Decode a stored payload: parsed JSON when it is JSON, else the UTF-8 string (agents/README.md). */

@@ -76,6 +76,7 @@ function head(over: Partial<StimulusRow> = {}): StimulusRow {
     episode: null,
     doneAt: null,
     expiresAt: null,
+    traceparent: null,
     ...over,
   };
 }

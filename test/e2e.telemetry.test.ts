@@ -1,7 +1,8 @@
 /**
  * OpenTelemetry: with `[telemetry] otlp_endpoint`, every episode is a span exported over
  * OTLP/HTTP to a receiver this test runs; an episode caused by another agent's `ctx.send`
- * is a child of the sender's span in the same trace; tool calls are child spans. A dead
+ * is a child of the sender's span in the same trace; tool calls are child spans; a webhook
+ * carrying a W3C `traceparent` puts its episode in the caller's trace. A dead
  * collector costs nothing but the spans.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
@@ -40,7 +41,8 @@ const receiver = Bun.serve({
 
 const chain = (endpoint: string) =>
   fleetHeader("otel", { extra: `\n[telemetry]\notlp_endpoint = ${q(endpoint)}\nservice_name = "otel-test"\n` }) +
-  relayChainTypes();
+  relayChainTypes() +
+  '\n[hooks.door]\nagent = "relay/d2"\n';
 
 const attr = (s: OtlpSpan, key: string) => {
   const v = s.attributes.find((a) => a.key === key)?.value;
@@ -74,6 +76,29 @@ describe("spans over OTLP/HTTP", () => {
     expect(alerter.traceId).toBe(relay.traceId);
     expect(alerter.parentSpanId).toBe(relay.spanId);
     expect(attr(alerter, "fleet.stimulus.kind")).toBe("inbox");
+  });
+
+  test("a webhook's traceparent makes its episode a child of the caller's span, in the caller's trace", async () => {
+    const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const parent = "00f067aa0ba902b7";
+    const post = (body: object, traceparent: string) =>
+      fetch(`${fleet.httpUrl}/hooks/door`, {
+        method: "POST",
+        headers: { "content-type": "application/json", traceparent },
+        body: JSON.stringify(body),
+      });
+    expect((await post({ open: true, n: 1 }, `00-${traceId}-${parent}-01`)).status).toBe(202);
+    // A malformed header is ignored: that episode starts a trace of its own.
+    expect((await post({ open: true, n: 2 }, "00-not-a-trace-01")).status).toBe(202);
+    const eps = await fleet.waitCommitted("relay/d2", 2);
+    const [second, first] = eps;
+    await waitFor(() => received.some((s) => attr(s, "fleet.episode") === second!.id), 30_000, "webhook spans");
+    await waitFor(() => received.some((s) => attr(s, "fleet.episode") === first!.id), 30_000, "webhook spans");
+    const traced = received.find((s) => attr(s, "fleet.episode") === first!.id)!;
+    expect([traced.traceId, traced.parentSpanId]).toEqual([traceId, parent]);
+    const untraced = received.find((s) => attr(s, "fleet.episode") === second!.id)!;
+    expect(untraced.parentSpanId).toBe("");
+    expect(untraced.traceId).not.toBe(traceId);
   });
 
   test("tool calls are child spans of their episode", async () => {

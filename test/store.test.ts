@@ -129,6 +129,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       episode: "ep-1",
       doneAt: T0 + 2000,
       expiresAt: T0 + 60_000,
+      traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     },
   ],
   [

@@ -7,7 +7,7 @@ import { createHmac, timingSafeEqual } from "node:crypto";
 import type { HookSpec } from "../spec/index.ts";
 import type { Target } from "../intake/index.ts";
 import type { Intake, IntakeReport } from "../intake/index.ts";
-import { type AgentId, agentId, keyProblem, type StimulusId } from "../types.ts";
+import { type AgentId, agentId, keyProblem, type StimulusId, traceparentOf } from "../types.ts";
 import { stimulusId } from "../intake/index.ts";
 import { httpError, json } from "./responses.ts";
 import { readRequestBody } from "./limits.ts";
@@ -89,7 +89,10 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   if (idem !== null && (idem.length === 0 || idem.length > 256))
     return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
   const sid = idem ? (`idem:${idem}` as StimulusId) : stimulusId(hook.dedup, payload, null);
-  const report = await d.intake.record([target], "webhook", `hooks/${name}`, body, sid);
+  // W3C trace context: a malformed header is ignored (the trace starts here), as the spec asks.
+  const report = await d.intake.record([target], "webhook", `hooks/${name}`, body, sid, {
+    traceparent: traceparentOf(req),
+  });
   if (idem && report.duplicates.length > 0 && d.storedPayload) {
     // A retry repeats the body; the same key with another body is a client bug, not a duplicate.
     const before = await d.storedPayload(target.agent, sid);

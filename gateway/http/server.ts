@@ -6,7 +6,7 @@ import type { BunRequest } from "bun";
 import type { HttpHost } from "./host.ts";
 import { httpError, json, parseBody, readJson } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
-import { agentId, keyProblem } from "../types.ts";
+import { agentId, keyProblem, traceparentOf } from "../types.ts";
 import { Sessions } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
 import { createGuard, noteAudit } from "./access.ts";
@@ -150,6 +150,7 @@ export function startHttp(
             v.topic,
             payload,
             explicit,
+            { traceparent: traceparentOf(req) },
           );
           // Every target refused (retired, queue full): not a success, so `fleet send` exits non-zero.
           if (report.accepted.length + report.duplicates.length === 0) {
@@ -219,6 +220,7 @@ async function manualStimulus(
     null,
     body.raw,
     idem ? (`idem:${idem}` as StimulusId) : null,
+    { traceparent: traceparentOf(req) },
   );
   return intakeResponse(report, id);
 }

@@ -214,7 +214,12 @@ export class Intake {
     topic: string | null,
     payload: Uint8Array,
     explicitId: StimulusId | null,
-    opts: { readonly redelivery?: StimulusId | null; readonly expiresAt?: number | null } = {},
+    opts: {
+      readonly redelivery?: StimulusId | null;
+      readonly expiresAt?: number | null;
+      /** A valid W3C traceparent to record with each stimulus. */
+      readonly traceparent?: string | null;
+    } = {},
   ): Promise<IntakeReport> {
     const refused: Refusal[] = [];
     const items: NewStimulus[] = [];
@@ -238,6 +243,7 @@ export class Intake {
         payload,
         receivedAt: at,
         expiresAt: opts.expiresAt ?? null,
+        traceparent: opts.traceparent ?? null,
       });
     }
     for (const r of refused) this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);

@@ -6,8 +6,11 @@
  *
  * Ids are derived, not stored: an episode's span id is BLAKE3("span:" + episode id), so
  * an episode that an agent's `ctx.send` caused names its sender's span as parent and
- * inherits its trace id: one trace crosses every agent a stimulus reaches. A root episode's
- * trace id is BLAKE3("trace:" + agent + stimulus id), the same on every retry. Tool calls
+ * inherits its trace id: one trace crosses every agent a stimulus reaches (a wake-up's
+ * episode is likewise the child of the episode that set it). A stimulus that came in with a
+ * W3C `traceparent` (a webhook, `POST /api/send`) makes its episode the child of that remote
+ * span, in that trace. Any other root episode's trace id is BLAKE3("trace:" + agent +
+ * stimulus id), the same on every retry. Tool calls
  * are child spans, decisions and outputs are span events.
  */
 import { context, type SpanContext, SpanKind, SpanStatusCode, TraceFlags, trace } from "@opentelemetry/api";
@@ -18,8 +21,15 @@ import type { Logger } from "pino";
 import type { FleetEvents } from "../events.ts";
 import { blake3Hex } from "../hash.ts";
 import type { EpisodeRow, EventRow, Store } from "../store/index.ts";
+import { parseTraceparent } from "../types.ts";
 
 const SENT = /^inbox:([0-9a-f-]{36}):\d+$/;
+const WOKEN = /^wake:([0-9a-f-]{36})\.w\d+$/;
+
+/** The episode whose send or wake-up is this stimulus, if one is. */
+function causeOf(stimulusId: string): string | undefined {
+  return SENT.exec(stimulusId)?.[1] ?? WOKEN.exec(stimulusId)?.[1];
+}
 
 /** The span id every episode gets (16 hex). */
 export async function episodeSpanId(episode: string): Promise<string> {
@@ -113,13 +123,21 @@ export class EpisodeTelemetry {
     await this.provider.shutdown();
   }
 
-  /** The trace id of an episode: inherited from the episode that sent its stimulus, else derived. */
+  /** The remote parent a root episode's stimulus arrived with (`traceparent`), if any. */
+  private async remoteParent(ep: EpisodeRow): Promise<{ traceId: string; spanId: string } | null> {
+    const s = await this.store.getStimulus(ep.stimulusSeq);
+    return parseTraceparent(s?.traceparent);
+  }
+
+  /** The trace id of an episode: inherited from the episode that caused its stimulus, else derived. */
   private async traceIdOf(ep: EpisodeRow, depth = 0): Promise<string> {
     const known = this.traceIds.get(ep.id);
     if (known) return known;
-    const sender = SENT.exec(ep.stimulusId)?.[1];
+    const sender = causeOf(ep.stimulusId);
     const parent = sender && depth < 32 ? await this.store.getEpisode(sender) : undefined;
-    const id = parent ? await this.traceIdOf(parent, depth + 1) : await rootTraceId(ep.agent, ep.stimulusId);
+    const id = parent
+      ? await this.traceIdOf(parent, depth + 1)
+      : ((await this.remoteParent(ep))?.traceId ?? (await rootTraceId(ep.agent, ep.stimulusId)));
     if (this.traceIds.size > 10_000) this.traceIds.clear();
     this.traceIds.set(ep.id, id);
     return id;
@@ -130,11 +148,12 @@ export class EpisodeTelemetry {
     if (!ep) return;
     const events = await this.store.listEvents(id);
     const traceId = await this.traceIdOf(ep);
-    const sender = SENT.exec(ep.stimulusId)?.[1];
-    const parentCtx = sender
+    const sender = causeOf(ep.stimulusId);
+    const parentSpan = sender ? await episodeSpanId(sender) : ((await this.remoteParent(ep))?.spanId ?? null);
+    const parentCtx = parentSpan
       ? trace.setSpanContext(context.active(), {
           traceId,
-          spanId: await episodeSpanId(sender),
+          spanId: parentSpan,
           traceFlags: TraceFlags.SAMPLED,
           isRemote: true,
         } satisfies SpanContext)

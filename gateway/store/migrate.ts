@@ -157,6 +157,9 @@ const WAKEUPS: readonly string[] = [
 /** MQTT 5 message expiry: a stimulus past it is skipped (state 'expired'), not run. */
 const STIMULUS_EXPIRY: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN expires_at INTEGER`];
 
+/** The W3C trace context a stimulus came in with (a webhook's `traceparent`), so its episode joins that trace. */
+const STIMULUS_TRACE: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN traceparent TEXT`];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -167,6 +170,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 6, name: "episode stimulus kind", statements: EPISODE_KIND },
   { version: 7, name: "wake-ups", statements: WAKEUPS },
   { version: 8, name: "stimulus expiry", statements: STIMULUS_EXPIRY },
+  { version: 9, name: "stimulus trace context", statements: STIMULUS_TRACE },
 ];
 
 /** The schema version this code writes. */

@@ -85,6 +85,8 @@ export const stimuli = sqliteTable(
     doneAt: integer("done_at"),
     /** Epoch ms after which it is skipped (state `expired`) instead of run: MQTT 5 message expiry. */
     expiresAt: integer("expires_at"),
+    /** W3C `traceparent` the stimulus arrived with (webhooks); its episode's span is that span's child. */
+    traceparent: text("traceparent"),
   },
   (t) => [
     uniqueIndex("stimuli_dedup").on(t.agent, t.sid),

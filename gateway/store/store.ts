@@ -258,7 +258,7 @@ export class Store {
       stmts.push({
         sql:
           `INSERT INTO stimuli (gateway, agent, sid, kind, topic, payload, ` +
-          `received_at, expires_at) VALUES ${part.map(() => "(?,?,?,?,?,?,?,?)").join(",")}
+          `received_at, expires_at, traceparent) VALUES ${part.map(() => "(?,?,?,?,?,?,?,?,?)").join(",")}
           ON CONFLICT DO NOTHING RETURNING seq, agent, sid`,
         args: part.flatMap((s) => [
           this.gatewayId,
@@ -269,6 +269,7 @@ export class Store {
           s.payload,
           s.receivedAt,
           s.expiresAt ?? null,
+          s.traceparent ?? null,
         ]),
       });
     }
