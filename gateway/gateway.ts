@@ -18,7 +18,7 @@ import {
   type PublishedMessage,
   type ClientInfo,
 } from "../broker/index.ts";
-import { loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
+import { compileSpec, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { Scheduler } from "./fleet/index.ts";
@@ -54,6 +54,7 @@ import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
+import { deployCheck, reloadGate, type DeployCheckOptions, type DeployCheckReport } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
@@ -411,6 +412,16 @@ export class Gateway {
     return replayEpisode(this.store, found.id, this.spawnOptions);
   }
 
+  /**
+   * The replay gate (`POST /api/deploy/check`): `toml` (else the fleet.toml file as it is now,
+   * relative paths against its folder) checked against the running spec. Throws SpecError.
+   */
+  async deployCheck(toml: string | null, opts: DeployCheckOptions): Promise<DeployCheckReport> {
+    const path = this.current.path;
+    const candidate = toml === null ? await loadSpec(path) : await compileSpec(toml, path);
+    return deployCheck(this.store, this.current, candidate, this.spawnOptions, opts);
+  }
+
   /** Stimuli waiting for an agent. */
   queued(agent: string): number {
     return this.book?.queued(agent as AgentId) ?? 0;
@@ -692,6 +703,10 @@ export class Gateway {
         const problems = await checkConfigs(typesToCheck(next, current), this.spawnOptions);
         return problems.length > 0 ? describeConfigProblems(problems) : null;
       },
+      gate: (current, next) =>
+        reloadGate(this.store, current, next, this.spawnOptions).catch(
+          (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
+        ),
       applyLive: (current, next) => this.applyBroker(current, next),
     });
   }

@@ -79,6 +79,11 @@ export interface CliFlags {
   readonly diff?: string;
   /** `trace --topic T`. */
   readonly topic?: string;
+  /** `deploy --check`: replay history against the candidate instead of applying anything. */
+  readonly check?: boolean;
+  /** `deploy --check`: committed episodes per sampled agent, agents per changed type. */
+  readonly episodes?: string;
+  readonly agents?: string;
   readonly help: boolean;
 }
 

@@ -26,6 +26,7 @@ import {
 import { CentralError } from "../replication/index.ts";
 import { cmdState, cmdTrace } from "./history.ts";
 import { cmdInstallService } from "./service.ts";
+import { cmdDeploy } from "./deploy.ts";
 import { SpecError } from "../spec/index.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
@@ -45,6 +46,10 @@ const USAGE = `usage: fleet <command> [args] [--json]
                               --now: a --dry-run preview, or on a stopped gateway only (warns)
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
+  deploy --check [FILE] [--episodes N] [--agents M] [--type T,...]
+                              replay the last N committed episodes of M agents of every type whose module
+                              or config FILE changes (default: the fleet's fleet.toml) on the new code;
+                              per type MATCH / DIVERGED / FAILED / UNREPLAYABLE; exit 1 on any DIVERGED or FAILED
   state <type/key> [--at SEQ] [--diff A..B]   the agent's state at a checkpoint, or a JSON Patch between two
   trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream
   backup FILE                 consistent, verified copy of the database (works while running)
@@ -112,6 +117,9 @@ const ARGS = {
     topic: { type: "string" },
     user: { type: "string" },
     dir: { type: "string" },
+    check: { type: "boolean", default: false },
+    episodes: { type: "string" },
+    agents: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 } as const;
@@ -157,6 +165,8 @@ async function main(): Promise<number> {
       return cmdSend(cli, a1, a2);
     case "validate":
       return cmdValidate(cli, a1);
+    case "deploy":
+      return cmdDeploy(cli, a1);
     case "state":
       return cmdState(cli, a1);
     case "trace":

@@ -45,6 +45,8 @@ export interface RedeployDeps {
   needsRestart?(current: FleetSpec, next: FleetSpec): string[];
   /** Checks a new version must pass before anything is applied (agents' config schemas); why not, or null. */
   check?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
+  /** The replay gate (`require_check`): why `next` must not be applied, or null. Runs before anything changes. */
+  gate?(current: SpecVersion, next: SpecVersion): Promise<string | null>;
   /** Apply what changes live outside the fleet (broker auth); what it did, for the log. Throws to refuse the reload. */
   applyLive?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
 }
@@ -88,6 +90,12 @@ export class Redeploy {
     if (refused !== null) {
       this.error = `not applied: ${refused}`;
       this.d.log.error({ reason }, `fleet.toml ${this.error}; keeping spec ${current.hash.slice(0, 12)}`);
+      return;
+    }
+    const gated = (await this.d.gate?.(current, next)) ?? null;
+    if (gated !== null) {
+      this.error = `not applied: ${gated}; still running spec ${current.hash.slice(0, 12)}`;
+      this.d.log.error({ reason }, `fleet.toml ${this.error}`);
       return;
     }
     let live: string | null;

@@ -84,6 +84,7 @@ function actionOf(pattern: string, req: Request & { params: Record<string, strin
   if (pattern === "/api/gc") return [new URL(req.url).searchParams.get("dry_run") === "1" ? "gc.dry_run" : "gc", null];
   if (pattern === "/api/send") return ["send", null];
   if (pattern === "/api/episodes/:id/replay") return ["episode.replay", `episode ${p.id}`];
+  if (pattern === "/api/deploy/check") return ["deploy.check", null];
   return [`${req.method} ${pattern}`, null];
 }
 

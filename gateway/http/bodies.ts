@@ -16,3 +16,19 @@ export const SendBody = z.strictObject(
   },
   { error: 'must be {"topic": string, "payload": any, "id"?: string}' },
 );
+
+const SAMPLE = { error: "must be an integer from 1 to 10000" };
+
+/** `POST /api/deploy/check`: the candidate fleet.toml text (absent: the file as it is now) and the sample size. */
+export const DeployCheckBody = z
+  .strictObject(
+    {
+      toml: z.string({ error: "must be a string (fleet.toml text)" }).optional(),
+      episodes: z.int(SAMPLE).min(1, SAMPLE).max(10_000, SAMPLE).optional(),
+      agents: z.int(SAMPLE).min(1, SAMPLE).max(10_000, SAMPLE).optional(),
+      /** Types to check even when their module and config look unchanged. */
+      types: z.array(z.string({ error: "must be a string" }), { error: "must be an array of type names" }).optional(),
+    },
+    { error: 'must be {"toml"?: string, "episodes"?: int, "agents"?: int, "types"?: string[]}' },
+  )
+  .nullable();

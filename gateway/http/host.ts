@@ -10,6 +10,7 @@ import type { FleetEvents } from "../events.ts";
 import type { LifecycleAction, LifecycleResult } from "../fleet/index.ts";
 import type { Intake, Route } from "../intake/index.ts";
 import type { GcReport, QuarantineAction, ReplayResult, TraceMiss } from "../ops/index.ts";
+import type { DeployCheckOptions, DeployCheckReport } from "../ops/index.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { AgentId, GatewayState } from "../types.ts";
@@ -49,6 +50,8 @@ export interface HttpHost {
   setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult>;
   /** Re-run a recorded episode (id or unique prefix) on its recorded inputs: MATCH, DIVERGED or UNREPLAYABLE. */
   replay(idOrPrefix: string): Promise<ReplayResult | TraceMiss>;
+  /** The replay gate on `toml` (null: the fleet.toml file as it is now) against the running spec; throws SpecError. */
+  deployCheck(toml: string | null, opts: DeployCheckOptions): Promise<DeployCheckReport>;
   /** Retention now, on the gateway's clock (never a client's). */
   gc(opts: { dryRun: boolean }): Promise<GcReport>;
   routeTopic(topic: string): Route;

@@ -19,6 +19,7 @@ import { handleHook, intakeResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { historyRoutes } from "./history.ts";
 import { activityRoutes } from "./activity.ts";
+import { deployRoutes } from "./deploy.ts";
 import {
   agentDetail,
   agentEpisodes,
@@ -125,6 +126,7 @@ export function startHttp(
       ...quarantineRoutes(gw),
       ...historyRoutes(gw),
       ...activityRoutes(gw),
+      ...deployRoutes(gw),
       ...auditRoutes(gw),
       ...sessionRoutes({ sessions, audit }),
       ...observe.routes,

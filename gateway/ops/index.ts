@@ -5,3 +5,4 @@ export * from "./verify.ts";
 export * from "./backup.ts";
 export * from "./state.ts";
 export * from "./trace.ts";
+export * from "./deploy-check.ts";

@@ -70,12 +70,16 @@ export function firstDivergence(expected: readonly Rec[], actual: readonly Rec[]
   return null;
 }
 
-/** Replay one episode; `moduleOverride` runs the recording against other code. */
+/**
+ * Replay one episode; `moduleOverride` runs the recording against other code, `configOverride`
+ * with another `config` (the deploy check's candidate, ./deploy-check.ts).
+ */
 export async function replayEpisode(
   store: Store,
   episodeId: string,
   spawn: SpawnOptions,
   moduleOverride?: string,
+  configOverride?: Readonly<Record<string, unknown>>,
 ): Promise<ReplayResult> {
   const ep = await store.getEpisode(episodeId);
   if (!ep) return { episode: episodeId, agent: "?", verdict: "UNREPLAYABLE", reason: "no such episode" };
@@ -121,7 +125,7 @@ export async function replayEpisode(
       episode: ep.id,
       agent: { type: typeName, key, id: ep.agent },
       module: moduleOverride ?? type.module_path,
-      config: type.config,
+      config: configOverride ?? type.config,
       state,
       fresh: ep.parent === null,
       stimulus,
@@ -136,6 +140,12 @@ export async function replayEpisode(
   );
 
   const recordedOk = ending.kind === "end";
+  if (recordedOk && !result.ok) {
+    // Other code that did something else first (a decision, or a tool call the recording cannot
+    // answer, which then fails it) diverged there; only one that failed on the same path failed.
+    const early = firstDivergence(records, result.records);
+    if (early && early.actual !== "(nothing)") return { ...base, verdict: "DIVERGED", divergence: early };
+  }
   if (result.ok !== recordedOk) {
     return {
       ...base,

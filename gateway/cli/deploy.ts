@@ -1,0 +1,48 @@
+/**
+ * `fleet deploy --check [FILE]` (docs/cli.md, docs/upgrading.md): the replay gate before a
+ * fleet.toml is applied. It compiles the candidate (the fleet's own fleet.toml by default),
+ * compares it with the spec version the fleet runs (the running gateway's, else the newest
+ * stored) and replays recorded history against every type whose module or config changes.
+ * It reads the data dir only, so it works with the gateway running or stopped.
+ */
+import { resolve } from "node:path";
+import { intArg, UsageError, type Cli } from "./context.ts";
+import { liveFetch } from "./live.ts";
+import { defaultSpawnOptions } from "../episode/index.ts";
+import { deployCheck, describeDeployCheck, storedSpec } from "../ops/index.ts";
+import { loadSpec } from "../spec/index.ts";
+
+/** Most episodes or agents a check may be asked to replay per agent or type. */
+const MAX_SAMPLE = 10_000;
+
+/** `fleet deploy --check [FILE] [--episodes N] [--agents M] [--type T,…]`: 0 when nothing DIVERGED or FAILED. */
+export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<number> {
+  const { flags } = cli;
+  if (!flags.check)
+    throw new UsageError(
+      "deploy needs --check: the running gateway applies fleet.toml itself when the file changes " +
+        "(hot reload); `fleet deploy --check [FILE]` replays history against it first",
+    );
+  const episodes = intArg("--episodes", flags.episodes, 20, { min: 1, max: MAX_SAMPLE });
+  const agents = intArg("--agents", flags.agents, 5, { min: 1, max: MAX_SAMPLE });
+  const force = flags.type
+    ?.split(",")
+    .map((s) => s.trim())
+    .filter(Boolean);
+  const candidate = await loadSpec(resolve(file ?? cli.configPath));
+  for (const t of force ?? [])
+    if (!candidate.spec.agents[t]) throw new UsageError(`--type ${t}: no such agent type in ${candidate.path}`);
+  const store = await cli.openReadonly();
+  try {
+    const live = await cli.running();
+    const hash = live
+      ? ((await (await liveFetch(live, "/api/fleet")).json()) as { spec_version?: string }).spec_version
+      : undefined;
+    const running = await storedSpec(store, hash);
+    const report = await deployCheck(store, running, candidate, defaultSpawnOptions(), { episodes, agents, force });
+    cli.print(report, () => describeDeployCheck(report));
+    return report.ok ? 0 : 1;
+  } finally {
+    await store.close();
+  }
+}

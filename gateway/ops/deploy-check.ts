@@ -1,0 +1,262 @@
+/**
+ * The replay gate (docs/upgrading.md, `fleet deploy --check`, `POST /api/deploy/check`): before a
+ * fleet.toml is applied, replay recorded history against what it would change. For each agent
+ * type whose module or config differs from the running spec, the last N committed episodes of a
+ * stable sample of its agents are replayed (./replay.ts) on the candidate module and config, and
+ * counted MATCH / DIVERGED / FAILED / UNREPLAYABLE. Nothing is written: the check reads the store
+ * and runs each episode in a fresh sandboxed subprocess, like `fleet replay --module`.
+ */
+import { and, desc, eq } from "drizzle-orm";
+import { blake3Hex, canonicalJson } from "../hash.ts";
+import type { SpawnOptions } from "../episode/index.ts";
+import type { AgentTypeSpec, FleetSpec, SpecVersion } from "../spec/index.ts";
+import { compileSpec } from "../spec/index.ts";
+import { tables as t, type Store } from "../store/index.ts";
+import type { AgentId } from "../types.ts";
+import { type Divergence, replayEpisode, type ReplayResult } from "./replay.ts";
+
+/** The verdict of one replayed episode in a deploy check. */
+export type CheckVerdict = "MATCH" | "DIVERGED" | "FAILED" | "UNREPLAYABLE";
+
+/** The first episode of a type that the candidate changes (DIVERGED or FAILED). */
+export interface CheckFinding {
+  readonly episode: string;
+  readonly agent: string;
+  readonly verdict: "DIVERGED" | "FAILED";
+  readonly divergence: Divergence;
+}
+
+/** What the check found for one changed type. */
+export interface TypeCheck {
+  readonly type: string;
+  /** What changed: "module a.ts -> b.ts", "config", or "forced" (named with `--type`). */
+  readonly changed: readonly string[];
+  /** The sampled agents, in the stable order they were chosen. */
+  readonly agents: readonly string[];
+  readonly episodes: number;
+  readonly counts: Readonly<Record<CheckVerdict, number>>;
+  readonly first: CheckFinding | null;
+}
+
+/** The whole answer. `ok` is false when any episode DIVERGED or FAILED. */
+export interface DeployCheckReport {
+  readonly ok: boolean;
+  readonly candidate: { readonly path: string; readonly hash: string };
+  /** The spec version the candidate is compared with (null: none stored yet). */
+  readonly running: string | null;
+  readonly types: readonly TypeCheck[];
+  /** Types the candidate adds (no history to replay). */
+  readonly added: readonly string[];
+  /** Types present in both whose module and config are the same. */
+  readonly unchanged: readonly string[];
+}
+
+/** How much history a check replays. */
+export interface DeployCheckOptions {
+  /** Committed episodes per sampled agent, newest first (default 20). */
+  readonly episodes?: number;
+  /** Agents sampled per type (default 5). */
+  readonly agents?: number;
+  /** Types to check even when unchanged (an edited module file the spec cannot see). */
+  readonly force?: readonly string[];
+  /** Only these types (the reload gate checks the types that require it). */
+  readonly only?: readonly string[];
+  /** Replays run at once (each is a subprocess; default 2). */
+  readonly concurrency?: number;
+}
+
+/** What changed in a type between the running spec and the candidate; empty when nothing replayable did. */
+export function typeChanges(before: AgentTypeSpec, after: AgentTypeSpec): string[] {
+  const out: string[] = [];
+  if (before.module_path !== after.module_path) out.push(`module ${before.module} -> ${after.module}`);
+  if (canonicalJson(before.config) !== canonicalJson(after.config)) out.push("config");
+  return out;
+}
+
+/** The spec version a check compares with: `hash` when given and stored, else the newest stored. */
+export async function storedSpec(store: Store, hash?: string): Promise<SpecVersion | null> {
+  const row = hash
+    ? await store.db.query.specVersions.findFirst({ where: (v, { eq }) => eq(v.hash, hash) })
+    : (await store.listSpecVersions(1))[0];
+  return row ? compileSpec(row.text, row.path) : null;
+}
+
+/**
+ * Up to `n` agents of a type that have committed episodes, in a stable order (by the BLAKE3 of
+ * the agent id): the same fleet gives the same sample on every run.
+ */
+async function sampleAgents(store: Store, type: string, n: number): Promise<AgentId[]> {
+  const { rows } = await store.listAgents({ type, limit: 1_000_000 });
+  const ranked = await Promise.all(rows.map(async (a) => ({ id: a.id as AgentId, rank: await blake3Hex(a.id) })));
+  ranked.sort((x, y) => (x.rank < y.rank ? -1 : x.rank > y.rank ? 1 : 0));
+  const out: AgentId[] = [];
+  for (const a of ranked) {
+    if (out.length >= n) break;
+    if ((await lastCommitted(store, a.id, 1)).length > 0) out.push(a.id);
+  }
+  return out;
+}
+
+/** An agent's newest `n` committed episode ids, replayed oldest first. */
+async function lastCommitted(store: Store, agent: AgentId, n: number): Promise<string[]> {
+  const e = t.episodes;
+  const rows = await store.db
+    .select({ id: e.id })
+    .from(e)
+    .where(and(eq(e.agent, agent), eq(e.status, "committed")))
+    .orderBy(desc(e.startedAt), desc(e.id))
+    .limit(n)
+    .all();
+  return rows.map((r) => r.id).reverse();
+}
+
+/** A replay's verdict as the gate counts it: a committed episode the candidate fails on is FAILED. */
+function verdictOf(r: ReplayResult): CheckVerdict {
+  if (r.verdict !== "DIVERGED") return r.verdict;
+  return r.divergence.at === "outcome" && r.divergence.expected === "committed" ? "FAILED" : "DIVERGED";
+}
+
+/** Run `fn` over `items`, `limit` at a time, results in input order. */
+async function pool<T, R>(items: readonly T[], limit: number, fn: (x: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    for (let i = next++; i < items.length; i = next++) out[i] = await fn(items[i]!);
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(limit, items.length)) }, worker));
+  return out;
+}
+
+/** Replay one changed type's sampled history on the candidate. */
+async function checkType(
+  store: Store,
+  type: AgentTypeSpec,
+  changed: readonly string[],
+  spawn: SpawnOptions,
+  o: Required<Pick<DeployCheckOptions, "episodes" | "agents" | "concurrency">>,
+): Promise<TypeCheck> {
+  const agents = await sampleAgents(store, type.name, o.agents);
+  const episodes = (await Promise.all(agents.map((a) => lastCommitted(store, a, o.episodes)))).flat();
+  const results = await pool(episodes, o.concurrency, async (id): Promise<ReplayResult> => {
+    try {
+      return await replayEpisode(store, id, spawn, type.module_path, type.config);
+    } catch (err) {
+      // A replay that cannot even run the candidate is the candidate's failure.
+      const message = err instanceof Error ? err.message : String(err);
+      return {
+        episode: id,
+        agent: "?",
+        verdict: "DIVERGED",
+        divergence: { at: "outcome", expected: "committed", actual: message },
+      };
+    }
+  });
+  const counts: Record<CheckVerdict, number> = { MATCH: 0, DIVERGED: 0, FAILED: 0, UNREPLAYABLE: 0 };
+  let first: CheckFinding | null = null;
+  for (const r of results) {
+    const v = verdictOf(r);
+    counts[v]++;
+    if (!first && r.verdict === "DIVERGED" && (v === "DIVERGED" || v === "FAILED"))
+      first = { episode: r.episode, agent: r.agent, verdict: v, divergence: r.divergence };
+  }
+  return { type: type.name, changed, agents, episodes: episodes.length, counts, first };
+}
+
+/**
+ * Check `candidate` against `running` (the spec version the fleet runs; null when none is stored):
+ * replay the history of every type whose module or config the candidate changes.
+ */
+export async function deployCheck(
+  store: Store,
+  running: SpecVersion | null,
+  candidate: SpecVersion,
+  spawn: SpawnOptions,
+  opts: DeployCheckOptions = {},
+): Promise<DeployCheckReport> {
+  const o = { episodes: opts.episodes ?? 20, agents: opts.agents ?? 5, concurrency: opts.concurrency ?? 2 };
+  const before: FleetSpec["agents"] = running?.spec.agents ?? {};
+  const added: string[] = [];
+  const unchanged: string[] = [];
+  const types: TypeCheck[] = [];
+  for (const [name, type] of Object.entries(candidate.spec.agents)) {
+    if (opts.only && !opts.only.includes(name)) continue;
+    const old = before[name];
+    if (!old) {
+      added.push(name);
+      continue;
+    }
+    const changed = typeChanges(old, type);
+    if (changed.length === 0 && opts.force?.includes(name)) changed.push("forced");
+    if (changed.length === 0) unchanged.push(name);
+    else types.push(await checkType(store, type, changed, spawn, o));
+  }
+  return {
+    ok: types.every((c) => c.counts.DIVERGED + c.counts.FAILED === 0),
+    candidate: { path: candidate.path, hash: candidate.hash },
+    running: running?.hash ?? null,
+    types,
+    added,
+    unchanged,
+  };
+}
+
+/** The report as the CLI prints it. */
+export function describeDeployCheck(r: DeployCheckReport): string {
+  const lines = [
+    `deploy check of ${r.candidate.path} (spec ${r.candidate.hash.slice(0, 12)}) against ` +
+      (r.running ? `the running spec ${r.running.slice(0, 12)}` : "no stored spec"),
+  ];
+  for (const c of r.types) {
+    const n = c.counts;
+    lines.push(
+      `  ${c.type} (${c.changed.join(", ")}): ${c.agents.length} agent(s), ${c.episodes} episode(s): ` +
+        `${n.MATCH} MATCH, ${n.DIVERGED} DIVERGED, ${n.FAILED} FAILED, ${n.UNREPLAYABLE} UNREPLAYABLE`,
+    );
+    if (c.first) {
+      const d = c.first.divergence;
+      lines.push(
+        `    first ${c.first.verdict}: ${c.first.agent} episode ${c.first.episode} at ${d.at}`,
+        `      expected ${JSON.stringify(d.expected)}`,
+        `      actual   ${JSON.stringify(d.actual)}`,
+      );
+    }
+  }
+  if (r.types.length === 0) lines.push("  no type's module or config changed: nothing to replay");
+  if (r.added.length > 0) lines.push(`  new (no history): ${r.added.join(", ")}`);
+  if (r.unchanged.length > 0) lines.push(`  unchanged: ${r.unchanged.join(", ")}`);
+  const bad = r.types.reduce((s, c) => s + c.counts.DIVERGED + c.counts.FAILED, 0);
+  lines.push(r.ok ? "OK" : `NOT OK: ${bad} episode(s) DIVERGED or FAILED`);
+  return lines.join("\n");
+}
+
+/**
+ * The hot-reload gate: the types whose module or config `next` changes and that require the check
+ * (`[agents.<t>.rollout] require_check` in the running spec or in `next`, so one edit cannot both
+ * turn the gate off and slip a change through). Why `next` must not be applied, or null.
+ */
+export async function reloadGate(
+  store: Store,
+  current: SpecVersion,
+  next: SpecVersion,
+  spawn: SpawnOptions,
+): Promise<string | null> {
+  const gated = Object.entries(next.spec.agents).flatMap(([name, type]) => {
+    const old = current.spec.agents[name];
+    if (!old || !(old.rollout.require_check || type.rollout.require_check)) return [];
+    return typeChanges(old, type).length > 0 ? [name] : [];
+  });
+  if (gated.length === 0) return null;
+  const r = await deployCheck(store, current, next, spawn, { only: gated });
+  if (r.ok) return null;
+  const failed = r.types.filter((c) => c.counts.DIVERGED + c.counts.FAILED > 0);
+  return failed
+    .map((c) => {
+      const f = c.first;
+      const first = f ? ` (first ${f.verdict}: ${f.agent} episode ${f.episode} at ${f.divergence.at})` : "";
+      return (
+        `deploy check failed for ${c.type}: ${c.counts.DIVERGED} DIVERGED, ${c.counts.FAILED} FAILED ` +
+        `of ${c.episodes} replayed episode(s)${first}`
+      );
+    })
+    .join("; ");
+}
