@@ -63,6 +63,8 @@ export interface CliFlags {
   readonly publish?: string[];
   readonly subscribe?: string[];
   readonly "client-id"?: string;
+  /** `device export --mosquitto DIR`. */
+  readonly mosquitto?: string;
   /** Read the central database at this URL instead of the data dir. */
   readonly central?: string;
   /** With --central: one fleet (name) or gateway (id). */

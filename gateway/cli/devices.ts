@@ -1,12 +1,12 @@
 /**
- * `fleet device add|list|remove` and `fleet quarantine [retry|drop <seq>]`, called by
+ * `fleet device add|list|remove|rekey|export` and `fleet quarantine [retry|drop <seq>]`, called by
  * cli.ts. Devices edit the file named by `[broker] devices` (a running gateway re-reads it
  * at the next CONNECT); quarantine goes through the running gateway's HTTP API, or writes
  * the data dir directly when the gateway is stopped (it is then the only writer).
  */
-import { existsSync } from "node:fs";
-import { join } from "node:path";
-import { addDevice, listDevices, removeDevice } from "../devices/index.ts";
+import { chmodSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { addDevice, listDevices, mosquittoExport, mosquittoHash, rekeyDevice, removeDevice } from "../devices/index.ts";
 import { DevicesError, loadDevices } from "../devices/index.ts";
 import { listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
 import { parseStrictInt } from "../parse.ts";
@@ -29,12 +29,17 @@ export interface DeviceFlags {
   readonly publish?: readonly string[];
   readonly subscribe?: readonly string[];
   readonly clientId?: string;
+  /** `device export --mosquitto DIR`: where the password and ACL files go. */
+  readonly mosquitto?: string;
 }
 
 /** Usage lines of these commands, for the CLI help. */
 export const DEVICE_USAGE = `  device add <id> [--publish PATTERN]... [--subscribe PATTERN]... [--client-id ID]
                               register a device; prints its secret once
   device list | device remove <id>
+  device rekey <id>           issue a device a new secret (printed once); its patterns stay
+  device export --mosquitto DIR
+                              write DIR/passwd and DIR/acl for Mosquitto (external broker mode)
   quarantine [--limit N]      poison stimuli with their failures
   quarantine retry|drop <seq> requeue (attempts reset) or drop one`;
 
@@ -74,7 +79,7 @@ export async function deviceCommand(args: readonly string[], flags: DeviceFlags,
           [
             `added device ${id} to ${file}`,
             `secret: ${r.secret}`,
-            `This secret is shown only now; the file keeps an argon2id hash of it.`,
+            `This secret is shown only now; the file keeps only hashes of it (argon2id, and $7$ for Mosquitto).`,
             `MQTT login: username "${id}", password = the secret, client id "${clientId}".`,
             ...(noAcl
               ? [
@@ -125,14 +130,67 @@ export async function deviceCommand(args: readonly string[], flags: DeviceFlags,
         );
         return 0;
       }
+      case "rekey": {
+        if (!id) return usage("device rekey needs a device id");
+        const r = await rekeyDevice(await devicesFile(ctx), id);
+        out(ctx, { id: r.id, secret: r.secret }, () =>
+          [
+            `new secret for device ${id} in ${r.file}`,
+            `secret: ${r.secret}`,
+            "This secret is shown only now. The old one no longer logs in (re-export for Mosquitto).",
+          ].join("\n"),
+        );
+        return 0;
+      }
+      case "export":
+        return exportMosquitto(ctx, flags.mosquitto);
       default:
-        return usage(sub ? `unknown device command "${sub}"` : "device needs add, list or remove");
+        return usage(sub ? `unknown device command "${sub}"` : "device needs add, list, remove, rekey or export");
     }
   } catch (err) {
     if (!(err instanceof DevicesError)) throw err;
     console.error(`fleet: ${err.message}`);
     return 1;
   }
+}
+
+/** `fleet device export --mosquitto DIR`: nothing is written unless every device can be expressed. */
+async function exportMosquitto(ctx: CliContext, dir: string | undefined): Promise<number> {
+  if (!dir) return usage("device export needs --mosquitto DIR");
+  const spec = (await loadSpec(ctx.configPath)).spec;
+  const file = spec.broker.devices_file;
+  if (file === null)
+    throw new DevicesError(ctx.configPath, 'names no devices file: add `devices = "devices.toml"` under [broker]');
+  const ext = spec.broker.external;
+  const password = ext?.password_env ? process.env[ext.password_env] : undefined;
+  const gateway = ext?.username
+    ? { username: ext.username, passwordHash: password ? mosquittoHash(password) : null }
+    : null;
+  const r = mosquittoExport(loadDevices(file), gateway, new Date());
+  if (!r.ok) {
+    if (ctx.json) out(ctx, { ok: false, problems: r.problems }, () => "");
+    for (const p of r.problems) console.error(`fleet: ${file}: ${p}`);
+    console.error("fleet: nothing written");
+    return 1;
+  }
+  mkdirSync(dir, { recursive: true });
+  const passwd = join(resolve(dir), "passwd");
+  const acl = join(resolve(dir), "acl");
+  writeFileSync(passwd, r.passwd, { mode: 0o600 });
+  chmodSync(passwd, 0o600);
+  writeFileSync(acl, r.acl, { mode: 0o644 });
+  const devices = loadDevices(file).devices.size;
+  out(ctx, { ok: true, passwd, acl, devices, notes: r.notes }, () =>
+    [
+      `wrote ${passwd} and ${acl} (${devices} device(s))`,
+      ...r.notes.map((n) => `note: ${n}`),
+      "In mosquitto.conf (files readable by the mosquitto user; reload with SIGHUP after a re-export):",
+      "  allow_anonymous false",
+      `  password_file ${passwd}`,
+      `  acl_file ${acl}`,
+    ].join("\n"),
+  );
+  return 0;
 }
 
 function quarantineTable(items: readonly QuarantineItem[]): string {

@@ -106,6 +106,7 @@ const ARGS = {
     publish: { type: "string", multiple: true },
     subscribe: { type: "string", multiple: true },
     "client-id": { type: "string" },
+    mosquitto: { type: "string" },
     central: { type: "string" },
     url: { type: "string" },
     "token-env": { type: "string" },
@@ -183,7 +184,12 @@ async function main(): Promise<number> {
     case "device":
       return deviceCommand(
         positionals.slice(1),
-        { publish: flags.publish, subscribe: flags.subscribe, clientId: flags["client-id"] },
+        {
+          publish: flags.publish,
+          subscribe: flags.subscribe,
+          clientId: flags["client-id"],
+          mosquitto: flags.mosquitto,
+        },
         cli,
       );
     case "token":

@@ -6,7 +6,7 @@
 import { chmodSync, existsSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { aclPatternProblem } from "./acl.ts";
-import { hashSecret, newSecret } from "./secret.ts";
+import { hashSecret, mosquittoHash, newSecret } from "./secret.ts";
 import { compileDevices, DEVICE_ID_RE, DevicesError, loadDevices } from "./registry.ts";
 
 /** What `addDevice` may set besides the secret. */
@@ -82,6 +82,7 @@ export async function addDevice(
     "",
     `[devices.${tomlKey(id)}]`,
     `secret = ${JSON.stringify(await hashSecret(secret))}`,
+    `mosquitto_secret = ${JSON.stringify(mosquittoHash(secret))}`,
     ...(opts.clientId !== undefined && opts.clientId !== id ? [`client_id = ${JSON.stringify(opts.clientId)}`] : []),
     `publish = ${tomlStrings(opts.publish ?? [])}`,
     `subscribe = ${tomlStrings(opts.subscribe ?? [])}`,
@@ -95,23 +96,55 @@ export async function addDevice(
   return { id, secret, file };
 }
 
-/** Remove a device; false when there is none with that id. */
-export function removeDevice(file: string, id: string): boolean {
-  const text = readText(file);
-  if (text === null || !compileDevices(text, file).devices.has(id)) return false;
-  const lines = text.split("\n");
+/** The lines `[start, end)` of a device's `[devices.<id>]` table (comments above the next table excluded). */
+function deviceTable(file: string, lines: readonly string[], id: string, what: string): [number, number] {
   const esc = id.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
   const header = new RegExp(`^\\s*\\[\\s*devices\\s*\\.\\s*(?:${esc}|"${esc}"|'${esc}')\\s*\\]\\s*(?:#.*)?$`);
   const start = lines.findIndex((l) => header.test(l));
   if (start < 0)
     throw new DevicesError(
       file,
-      `device "${id}" is not written as a [devices.${tomlKey(id)}] table; remove it by hand`,
+      `device "${id}" is not written as a [devices.${tomlKey(id)}] table; ${what} it by hand`,
     );
   let end = start + 1;
   while (end < lines.length && !/^\s*\[/.test(lines[end]!)) end++;
   // Comment lines right above the next table belong to it.
   while (end > start + 1 && /^\s*#/.test(lines[end - 1]!) && end < lines.length) end--;
+  return [start, end];
+}
+
+/**
+ * Issue a device a new secret (returned, shown once): both stored hashes are replaced, its
+ * patterns and client id stay. Its sessions must log in again with the new secret.
+ */
+export async function rekeyDevice(file: string, id: string): Promise<{ id: string; secret: string; file: string }> {
+  const text = readText(file);
+  if (text === null || !compileDevices(text, file).devices.has(id))
+    throw new DevicesError(file, `no device "${id}" (add it with \`fleet device add ${id}\`)`);
+  const lines = text.split("\n");
+  const [start, end] = deviceTable(file, lines, id, "rekey");
+  const secret = newSecret();
+  const body = lines.slice(start + 1, end).filter((l) => !/^\s*(?:secret|mosquitto_secret)\s*=/.test(l));
+  const next = [
+    ...lines.slice(0, start + 1),
+    `secret = ${JSON.stringify(await hashSecret(secret))}`,
+    `mosquitto_secret = ${JSON.stringify(mosquittoHash(secret))}`,
+    ...body,
+    ...lines.slice(end),
+  ].join("\n");
+  const after = compileDevices(next, file).devices.get(id);
+  if (!after || after.mosquittoHash === null)
+    throw new DevicesError(file, `could not rekey device "${id}"; edit it by hand`);
+  writeAtomic(file, next);
+  return { id, secret, file };
+}
+
+/** Remove a device; false when there is none with that id. */
+export function removeDevice(file: string, id: string): boolean {
+  const text = readText(file);
+  if (text === null || !compileDevices(text, file).devices.has(id)) return false;
+  const lines = text.split("\n");
+  const [start, end] = deviceTable(file, lines, id, "remove");
   const next = [...lines.slice(0, start), ...lines.slice(end)].join("\n").replace(/\n{3,}/g, "\n\n");
   if (compileDevices(next, file).devices.has(id))
     throw new DevicesError(file, `could not remove device "${id}"; remove it by hand`);

@@ -10,7 +10,15 @@ import { parse, TomlError } from "smol-toml";
 import { z } from "zod";
 import type { BrokerOptions, ClientInfo } from "../../broker/index.ts";
 import { aclAllowsPublish, aclAllowsSubscribe, aclPatternProblem } from "./acl.ts";
-import { digestsEqual, hashSecret, parseArgon2, secretDigest, verifySecret, type Argon2Hash } from "./secret.ts";
+import {
+  digestsEqual,
+  hashSecret,
+  mosquittoHashProblem,
+  parseArgon2,
+  secretDigest,
+  verifySecret,
+  type Argon2Hash,
+} from "./secret.ts";
 import { formatKeyPath } from "../spec/index.ts";
 import { ConfigFileError } from "../spec/index.ts";
 
@@ -30,6 +38,8 @@ export interface Device {
   /** The stored `$argon2id$...` string. */
   readonly secretHash: string;
   readonly secret: Argon2Hash;
+  /** The same secret as a Mosquitto `$7$` hash, for `fleet device export --mosquitto`; null in older files. */
+  readonly mosquittoHash: string | null;
   /** The device's own patterns, as written. */
   readonly publish: readonly string[];
   readonly subscribe: readonly string[];
@@ -64,6 +74,13 @@ const deviceSchema = z.strictObject(
       const r = parseArgon2(s);
       if (!r.ok) ctx.addIssue({ code: "custom", message: r.problem });
     }),
+    mosquitto_secret: z
+      .string(says("must be a string"))
+      .superRefine((s, ctx) => {
+        const problem = mosquittoHashProblem(s);
+        if (problem !== null) ctx.addIssue({ code: "custom", message: problem });
+      })
+      .optional(),
     client_id: idString("client id").optional(),
     publish: patterns(),
     subscribe: patterns(),
@@ -132,6 +149,7 @@ export function compileDevices(text: string, file: string): DevicesConfig {
         clientId,
         secretHash: d.secret,
         secret: secret.value,
+        mosquittoHash: d.mosquitto_secret ?? null,
         publish: d.publish,
         subscribe: d.subscribe,
         acl: { publish: [...defaults.publish, ...d.publish], subscribe: [...defaults.subscribe, ...d.subscribe] },

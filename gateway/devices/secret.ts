@@ -2,7 +2,7 @@
  * Device secrets: random, shown once, stored only as an argon2id hash in PHC form
  * (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`, base64 without padding).
  */
-import { createHash, timingSafeEqual } from "node:crypto";
+import { createHash, pbkdf2Sync, randomBytes, timingSafeEqual } from "node:crypto";
 import { argon2id } from "hash-wasm";
 
 /** argon2id cost (OWASP 2023 minimum: 19 MiB, 2 passes, 1 lane). */
@@ -84,4 +84,26 @@ export function secretDigest(secret: Uint8Array): Uint8Array {
 /** Constant-time equality of two digests. */
 export function digestsEqual(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && timingSafeEqual(a, b);
+}
+
+/**
+ * PBKDF2-SHA512 iterations of Mosquitto's `$7$` hashes: mosquitto_passwd's own default (2.0). Cheap
+ * on purpose (Mosquitto pays it on every CONNECT); device secrets are 256 random bits, so a
+ * guess costs nothing less than the 2^256 space.
+ */
+export const MOSQUITTO_ITERATIONS = 101;
+
+/** A secret hashed the way Mosquitto's password file wants it: `$7$<iterations>$<salt>$<hash>` (base64). */
+export function mosquittoHash(secret: string, iterations = MOSQUITTO_ITERATIONS): string {
+  const salt = randomBytes(12);
+  const hash = pbkdf2Sync(secret, salt, iterations, 64, "sha512");
+  return `$7$${iterations}$${salt.toString("base64")}$${hash.toString("base64")}`;
+}
+
+/** Why a `$7$` string is not a Mosquitto PBKDF2-SHA512 hash, or null when it is one. */
+export function mosquittoHashProblem(encoded: string): string | null {
+  const m = /^\$7\$(\d{1,7})\$([A-Za-z0-9+/]+={0,2})\$([A-Za-z0-9+/]+={0,2})$/.exec(encoded);
+  if (!m) return 'must be a Mosquitto hash "$7$<iterations>$<salt>$<hash>" (written by `fleet device add`)';
+  if (Buffer.from(m[3] ?? "", "base64").length !== 64) return "must hold a 64-byte PBKDF2-SHA512 hash";
+  return null;
 }
