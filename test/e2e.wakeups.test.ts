@@ -9,6 +9,7 @@
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { fileURLToPath } from "node:url";
 import { cleanupAll, publishQos1, runCli, TestFleet, waitFor, type EpisodeJson } from "./helpers/gateway.ts";
+import { signedInPage } from "./helpers/browser.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
 setDefaultTimeout(120_000);
@@ -146,6 +147,22 @@ describe("durable wake-ups on the real gateway", () => {
     expect(all.length).toBeGreaterThanOrEqual(2);
     const episodes: EpisodeJson[] = await fleet.episodes("waker/d");
     expect(episodes.filter((e) => e.stimulus === `wake:${set!.set![0]}`)).toHaveLength(1);
+  });
+
+  test("the dashboard's agent page lists the wake-ups with their state and the episode that set each", async () => {
+    const { browser, page } = await signedInPage(fleet);
+    try {
+      await page.goto(`${fleet.httpUrl}/#/agents/waker/b`);
+      const rows = page.getByTestId("wakeups").locator("tr[data-wake]");
+      await waitFor(async () => (await rows.count()) === 2, 30_000, "two wake-up rows");
+      const states = await rows.evaluateAll((rs) => rs.map((r) => r.getAttribute("data-state")));
+      expect(states.sort()).toEqual(["cancelled", "fired"]);
+      const cancelled = page.getByTestId("wakeups").locator('tr[data-state="cancelled"]');
+      expect(await cancelled.textContent()).toContain('"cancelled"');
+      expect(await cancelled.locator("a").count()).toBe(2); // set by, cancelled by
+    } finally {
+      await browser.close();
+    }
   });
 
   test("replay: every committed episode that set, cancelled or received a wake-up is MATCH", async () => {

@@ -4,6 +4,7 @@ import { h, messageOf, throttle, toast } from "./dom.ts";
 import { ago, clock, fmtInt, fmtMs, pill, short, when } from "./format.ts";
 import { refreshHealth, type View } from "./health.ts";
 import { outputFeed } from "./feed.ts";
+import { wakeupsPanel } from "./wakeups.ts";
 import { showState, showTrace } from "./history.ts";
 import { kpi } from "./overview.ts";
 import { type AgentDetail, type Checkpoint, EPISODE_KINDS, type Episode } from "./types.ts";
@@ -402,6 +403,8 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
   }
 
   const outputs = outputFeed(id);
+  const wakes = wakeupsPanel(type, key);
+  const refreshWakes = throttle(() => void wakes.load(), 700);
   const refreshAgent = throttle(() => void loadAgent(), 700);
   const refreshEpisodes = throttle(() => void loadEpisodes(), 700);
 
@@ -456,6 +459,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
         ),
         panel("State", stateBody, "click a checkpoint for its state and diff"),
         panel("Checkpoint chain", h("div", { class: "panel-body" }, chain), "newest first"),
+        panel("Wake-ups", wakes.el, "ctx.wakeIn / ctx.wakeAt, latest due first"),
       ),
       h("div", {}, panel(detailTitle, detail), outputs.el),
     ),
@@ -468,17 +472,22 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
       await loadEpisodes();
       if (selected) void select(selected, false);
       void outputs.load();
+      void wakes.load();
     },
     reload() {
       void loadAgent();
       void loadEpisodes();
       void outputs.load();
+      void wakes.load();
     },
     onFact(kind, e) {
       if (e.agent !== id) return;
       if (kind === "status") showStatus(e.status ?? "", e.reason);
       refreshAgent();
-      if (kind === "episode") refreshEpisodes();
+      if (kind === "episode") {
+        refreshEpisodes();
+        refreshWakes();
+      }
       if (kind === "episode" && e.status === "committed") outputs.onCommitted();
     },
   };

@@ -18,6 +18,7 @@ import type {
   Session,
   StateAt,
   Trace,
+  Wakeup,
 } from "./types.ts";
 
 /** A non-2xx answer: its status and the API's `error.message`. */
@@ -54,6 +55,9 @@ export const api = {
       `${agentPath(type, key)}/episodes?${new URLSearchParams({ limit: String(limit), ...filter })}`,
     ),
   episode: (id: string) => request<EpisodeDetail>("GET", `/api/episodes/${encodeURIComponent(id)}`),
+  /** The agent's durable wake-ups, latest due first. */
+  wakeups: (type: string, key: string, limit: number) =>
+    request<{ wakeups: Wakeup[] }>("GET", `${agentPath(type, key)}/wakeups?limit=${limit}`),
   lifecycle: (type: string, key: string, action: "pause" | "resume" | "retire") =>
     request<unknown>("POST", `${agentPath(type, key)}/${action}`),
   state: (type: string, key: string, seq?: number) =>

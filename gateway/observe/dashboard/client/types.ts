@@ -269,3 +269,15 @@ export type ReplayResult =
       readonly divergence: { readonly at: string; readonly expected: unknown; readonly actual: unknown };
     }
   | { readonly episode: string; readonly agent: string; readonly verdict: "UNREPLAYABLE"; readonly reason: string };
+
+/** A durable wake-up (`GET /api/agents/<type>/<key>/wakeups`). */
+export interface Wakeup {
+  readonly id: string;
+  readonly due_at: number;
+  readonly state: "pending" | "fired" | "cancelled" | "dropped";
+  readonly set_by: string;
+  readonly created_at: number;
+  readonly done_at: number | null;
+  readonly done_by: string | null;
+  readonly payload: unknown;
+}
