@@ -47,7 +47,7 @@ const ok = (state: unknown, records: RunResult["records"] = []): RunResult => ({
 const threw = (message: string): RunResult => ({ ok: false, kind: "threw", message, records: [], ms: 3 });
 
 let n = 0;
-async function setup() {
+async function setup(spec = sv) {
   const store = await Store.open(join(root, `e${n++}.db`), { synchronous: "normal" });
   let clock = 10 * HOUR + 1000; // early in an hour window
   const book = new QueueBook();
@@ -61,7 +61,7 @@ async function setup() {
   let stopping = false;
   const executor = new EpisodeExecutor({
     store,
-    spec: () => sv,
+    spec: () => spec,
     run: async (start, _limits, onTool) => {
       starts.push(start);
       const step = script.shift();
@@ -77,7 +77,7 @@ async function setup() {
   });
   let sid = 0;
   /** Queue one stimulus for `agent` as intake would. */
-  const queue = async (agent: AgentId = A) => {
+  const queue = async (agent: AgentId = A, kind: "manual" | "timer" = "manual") => {
     const [type, key] = agent.split("/") as [string, string];
     await store.intake([
       {
@@ -85,7 +85,7 @@ async function setup() {
         type,
         key,
         sid: `id:${sid++}` as StimulusId,
-        kind: "manual",
+        kind,
         topic: null,
         payload: new TextEncoder().encode(JSON.stringify({ v: sid })),
         receivedAt: clock,
@@ -381,5 +381,38 @@ describe("executor: wake-ups", () => {
     expect(await t.rows("SELECT id FROM wakeups")).toEqual([]);
     const [ep] = await t.rows("SELECT error_kind, error FROM episodes");
     expect(ep).toMatchObject({ error_kind: "protocol", error: "more than max_wakeups (100) wake-ups pending" });
+  });
+});
+
+describe("executor: timer fires that piled up coalesce by catch_up", () => {
+  const timerSpec = (catchUp: string) =>
+    compileSpec(`[agents.mon]\nmodule = "mon.ts"\nevery = "1m"\ncatch_up = "${catchUp}"\n`, "/srv/fleet.toml");
+
+  for (const policy of ["one", "none"]) {
+    test(`catch_up = "${policy}": queued fires run once, on the newest; the rest are dropped with why`, async () => {
+      const u = await setup(await timerSpec(policy));
+      for (let i = 0; i < 3; i++) await u.queue(A, "timer");
+      await u.queue(A); // a device message behind them still runs
+      expect(await u.executor.turn(A)).toEqual({ kind: "ran" });
+      expect(await u.executor.turn(A)).toEqual({ kind: "ran" });
+      expect(await u.executor.turn(A)).toEqual({ kind: "empty" });
+      expect(u.starts.map((s) => s.stimulus.id)).toEqual(["id:2", "id:3"]);
+      const rows = await u.rows("SELECT sid, state, last_error FROM stimuli ORDER BY seq");
+      expect(rows.map((r) => [r.sid, r.state])).toEqual([
+        ["id:0", "dropped"],
+        ["id:1", "dropped"],
+        ["id:2", "done"],
+        ["id:3", "done"],
+      ]);
+      expect(rows[0]!.last_error).toBe(`superseded by a newer timer fire (catch_up = "${policy}")`);
+      expect(u.book.queued(A)).toBe(0);
+    });
+  }
+
+  test('catch_up = "all": every queued fire runs, oldest first', async () => {
+    const u = await setup(await timerSpec("all"));
+    for (let i = 0; i < 3; i++) await u.queue(A, "timer");
+    for (let i = 0; i < 3; i++) expect(await u.executor.turn(A)).toEqual({ kind: "ran" });
+    expect(u.starts.map((s) => s.stimulus.id)).toEqual(["id:0", "id:1", "id:2"]);
   });
 });

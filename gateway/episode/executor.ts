@@ -58,6 +58,7 @@ export type TurnStore = Pick<
   | "setAgentStatus"
   | "rejectQueued"
   | "expireStimulus"
+  | "supersedeTimers"
   | "getAgent"
   | "commitEpisode"
   | "recordFailure"
@@ -159,8 +160,24 @@ export class EpisodeExecutor {
           events.emit("status", { agent: agentId, status: "paused", reason: d.reason });
           this.d.log.warn({ agent: agentId, budget: d.budget }, `agent paused: ${d.reason}`);
           return { kind: "wait", until: d.until };
-        case "run":
+        case "run": {
+          // Timer fires that piled up (the agent was paused, or busy) coalesce by catch_up: run the newest only.
+          const policy = d.type.timer?.catch_up;
+          if (d.head.kind === "timer" && policy !== undefined && policy !== "all") {
+            const n = await store.supersedeTimers(
+              agentId,
+              `superseded by a newer timer fire (catch_up = "${policy}")`,
+              now,
+            );
+            if (n > 0) {
+              this.d.queue.rejected(agentId, n);
+              this.d.log.info({ agent: agentId, skipped: n, policy }, "stale timer fires coalesced");
+              inputs = await store.turnInputs(agentId, [win.hourWindow, win.dayWindow]);
+              continue;
+            }
+          }
           return this.runAndCommit(agentId, d, sv, now);
+        }
         default: {
           const never: never = d;
           return never;

@@ -89,7 +89,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.every": 'Timer interval ("30s", "5m", "1h30m"); each fire is a stimulus of kind "timer".',
   "agents.*.cron": "Timer as a cron expression (5 or 6 fields), instead of `every`.",
   "agents.*.catch_up":
-    'Timer fires missed while the gateway was down: "none", "one" (the newest) or "all" (capped at 100).',
+    "Timer fires missed while the gateway was down, and fires that queued up while the agent was paused or busy: " +
+    '"none", "one" (run only the newest) or "all" (capped at 100 after downtime).',
   "agents.*.dedup":
     'The stimulus id from the payload: a field path ("id", "device.seq") or a template ("{device}:{seq}"). ' +
     "Absent: only MQTT retransmissions are deduplicated.",

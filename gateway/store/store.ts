@@ -493,6 +493,22 @@ export class Store {
     return (rs?.rowsAffected ?? 0) > 0;
   }
 
+  /**
+   * Drop an agent's queued timer fires that a newer queued fire supersedes (catch_up "one" /
+   * "none"); returns how many. Only the agent's own turn calls this, so none of them is running.
+   */
+  async supersedeTimers(agent: AgentId, reason: string, at: number): Promise<number> {
+    const [rs] = await this.writer.write([
+      {
+        sql: `UPDATE stimuli SET state = 'dropped', last_error = ?, done_at = ?
+          WHERE agent = ? AND state = 'queued' AND kind = 'timer'
+          AND seq < (SELECT MAX(seq) FROM stimuli WHERE agent = ? AND state = 'queued' AND kind = 'timer')`,
+        args: [reason, at, agent, agent],
+      },
+    ]);
+    return rs?.rowsAffected ?? 0;
+  }
+
   /** Put a quarantined stimulus back in its queue, or drop it. */
   async setStimulusState(seq: number, state: t.StimulusState): Promise<void> {
     await this.writer.write([
