@@ -101,6 +101,14 @@ describe("spans over OTLP/HTTP", () => {
     expect(untraced.traceId).not.toBe(traceId);
   });
 
+  test("replay of exported episodes stays MATCH: telemetry changes nothing an episode records", async () => {
+    for (const agent of ["relay/d1", "alerter/d1", "relay/d2"]) {
+      const r = await fleet.cli("replay", "--agent", agent);
+      expect([agent, r.code, r.json.diverged]).toEqual([agent, 0, 0]);
+      expect(r.json.matched).toBe(r.json.episodes);
+    }
+  });
+
   test("tool calls are child spans of their episode", async () => {
     const alerterEp = (await fleet.episodes("alerter/d1"))[0]!;
     const alerter = received.find((s) => attr(s, "fleet.episode") === alerterEp.id)!;
