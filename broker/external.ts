@@ -68,6 +68,7 @@ class ExternalBroker implements Broker {
   private messagesIn = 0;
   private messagesOut = 0;
   private refused = 0;
+  private dropped = 0;
   private withheld = 0;
   private reconnects = 0;
   private staleRetained = 0;
@@ -227,6 +228,7 @@ class ExternalBroker implements Broker {
     }
     this.refused++;
     if (verdict.permanent || packet.qos === 0) {
+      this.dropped++;
       this.logRefusal(topic, verdict.reason);
       return true;
     }
@@ -304,6 +306,7 @@ class ExternalBroker implements Broker {
       messagesIn: this.messagesIn,
       messagesOut: this.messagesOut,
       refused: this.refused,
+      dropped: this.dropped,
       oversized: 0,
       invalid: 0,
       connections: (this.client?.connected ? 1 : 0) + (this.out?.connected ? 1 : 0),

@@ -13,6 +13,10 @@ export interface HookState {
   messagesIn: number;
   messagesOut: number;
   refused: number;
+  /** Permanent refusals: acknowledged and dropped (a subset of `refused`). */
+  dropped: number;
+  /** When a permanent refusal was last logged, and how many since (one line per 10 s at most). */
+  droppedLog: { at: number; since: number };
   /** Who may connect and what they may do; replaced whole when auth changes live. */
   auth: BrokerAuth;
   /** Connections to refuse at CONNECT with this CONNACK code (set before aedes authenticates). */
@@ -31,6 +35,13 @@ export class PublishRefused extends Error {
     this.name = "PublishRefused";
   }
 }
+
+/**
+ * Where a permanently refused publish is sent instead: aedes then acknowledges it (PUBACK/PUBREC)
+ * and publishes it to a topic no client can subscribe to (`$` filters are refused, and `#` does
+ * not match `$` topics, MQTT-4.7.2-1), so it reaches no one and is stored nowhere.
+ */
+export const DROPPED_TOPIC = "$fleet/dropped";
 
 /** aedes' CONNACK return codes we use (MQTT 3.1.1 §3.2.2.3). */
 const SERVER_UNAVAILABLE = 3;
@@ -140,24 +151,47 @@ export function createHooks(
     },
 
     // Also called for a client's will when it drops. Publishes by the gateway itself
-    // (aedes.publish) never come here. Refusal semantics, aedes 1.2.0
-    // (lib/handlers/publish.js, lib/client.js): callback(err) ends the packet's handling
-    // before enqueuePublish, so no PUBACK/PUBREC is written and nothing is delivered; the
-    // error becomes `clientError` and the socket is destroyed. MQTT 3.1.1 has no negative
-    // PUBACK, so a dropped connection is the only refusal a QoS 1 sender can observe.
+    // (aedes.publish) never come here. Refusals (docs/mqtt.md "Refusals"), aedes 1.2.0
+    // (lib/handlers/publish.js, lib/client.js):
+    // - permanent (topic rules, ACL, an intake verdict that no retry can change): like Mosquitto,
+    //   acknowledged and dropped. The packet is redirected to DROPPED_TOPIC and callback(null)
+    //   lets aedes write the PUBACK; the connection stays, the device does not resend.
+    // - transient (intake stopped, queue full, commits failing): callback(err) ends the packet's
+    //   handling before enqueuePublish, so no PUBACK is written; the error becomes `clientError`
+    //   and the socket is destroyed. MQTT 3.1.1 has no negative PUBACK and resends only on a new
+    //   connection (MQTT-4.4.0-1), so closing it is what makes the device retry.
     authorizePublish(client, packet, callback) {
       const info = infoOf(client, packet);
       const refuse = (reason: string): void => {
         state.refused++;
-        log.info({ client: info.id, topic: packet.topic, reason }, "publish refused");
+        log.info({ client: info.id, topic: packet.topic, reason }, "publish refused for now: no PUBACK, closed");
         callback(new PublishRefused(packet.topic, reason));
       };
+      const drop = (reason: string): void => {
+        state.refused++;
+        state.dropped++;
+        const l = state.droppedLog;
+        l.since++;
+        const now = Date.now();
+        if (now - l.at >= 10_000) {
+          log.warn(
+            { client: info.id, topic: packet.topic, reason, dropped: l.since },
+            "publish refused: acked, dropped",
+          );
+          l.at = now;
+          l.since = 0;
+        }
+        packet.topic = DROPPED_TOPIC;
+        packet.retain = false;
+        packet.payload = Buffer.alloc(0);
+        callback(null);
+      };
       const rule = checkDevicePublishTopic(packet.topic);
-      if (!rule.ok) return refuse(rule.reason);
+      if (!rule.ok) return drop(rule.reason);
       const auth = state.auth;
       const acl = auth.authorizePublishTopic;
       if (!aclAllows(acl ? () => acl.call(auth, info, packet.topic) : null, packet.topic, info)) {
-        return refuse("not authorized");
+        return drop("not authorized");
       }
       if (!state.intakeOpen) return refuse("intake stopped");
       const msg: PublishedMessage = {
@@ -172,7 +206,7 @@ export function createHooks(
       const turn = previous
         .then(() => verdict)
         .then((v) => {
-          if (!v.ok) return refuse(v.reason);
+          if (!v.ok) return v.permanent ? drop(v.reason) : refuse(v.reason);
           state.messagesIn++;
           callback(null); // only now may aedes write the PUBACK (it acks before `published` runs)
         })

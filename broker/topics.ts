@@ -88,6 +88,7 @@ export function checkDevicePublishTopic(topic: string): TopicCheck {
 
 /** Whether a device may subscribe to `filter`: anything but `$SYS` (broker internals, other clients' ids). */
 export function checkDeviceSubscribeFilter(filter: string): TopicCheck {
-  if (filter === "$SYS" || filter.startsWith("$SYS/")) return { ok: false, reason: "$SYS is reserved" };
+  // $SYS, and $fleet/dropped where permanently refused publishes go (hooks.ts): no `$` topic is for devices.
+  if (filter.startsWith("$")) return { ok: false, reason: "topics starting with '$' are reserved" };
   return OK;
 }

@@ -121,6 +121,11 @@ export interface BrokerStats {
    * Wildcard and empty topics are refused by aedes before our hook and are not counted.
    */
   readonly refused: number;
+  /**
+   * Of those, refused for good (topic rules, ACL, unknown inbox, retired agent): acknowledged and
+   * dropped, the connection kept. The rest were transient: no PUBACK, the device retries.
+   */
+  readonly dropped: number;
   /** Connections closed by the packet size guard (oversized or malformed length). */
   readonly oversized: number;
   /** Connections closed for breaking an MQTT input rule (invalid UTF-8, will QoS 3, ...). */

@@ -258,11 +258,35 @@ describe("intake and acknowledgement", () => {
     expect(second?.msg.qos).toBe(0);
   });
 
+  test("an intake refusal marked permanent (unknown inbox) is acked and dropped; the device goes on", async () => {
+    const h = await startBroker({
+      intake: async (msg) =>
+        msg.topic.endsWith("/inbox") ? { ok: false, reason: "unknown agent type", permanent: true } : { ok: true },
+    });
+    const c = await device(h);
+    await c.publishAsync("fleet/agents/nope/x/inbox", "{}", { qos: 1 });
+    await c.publishAsync("sensors/a/temperature", "1", { qos: 1 });
+    expect(c.connected).toBe(true);
+    expect(h.broker.stats()).toMatchObject({ messagesIn: 1, refused: 1, dropped: 1 });
+  });
+
+  test("a transient refusal (queue full) is resent by mqtt.js on its next connection, then recorded", async () => {
+    let refusals = 1;
+    const h = await startBroker({
+      intake: async () => (refusals-- > 0 ? { ok: false, reason: "queue full (max_queue 1)" } : { ok: true }),
+    });
+    const c = await device(h, { clientId: "retrier", clean: false, reconnectPeriod: 50 });
+    // Resolves on the PUBACK, which only the resend after the reconnect gets.
+    await within(c.publishAsync("sensors/a/temperature", "1", { qos: 1 }), 10_000, "the PUBACK of the resend");
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["sensors/a/temperature", "sensors/a/temperature"]);
+    expect(h.broker.stats()).toMatchObject({ messagesIn: 1, refused: 1, dropped: 0 });
+  });
+
   for (const [name, intake] of [
     ["a refused intake", async () => ({ ok: false, reason: "duplicate store down" }) as const],
     ["an intake that throws", async (): Promise<never> => Promise.reject(new Error("disk full"))],
   ] as const) {
-    test(`${name} disconnects the device and never acks`, async () => {
+    test(`${name} (transient) disconnects the device and never acks, so it resends`, async () => {
       const h = await startBroker({ intake });
       const c = await device(h);
       let pubacks = 0;
@@ -272,7 +296,7 @@ describe("intake and acknowledgement", () => {
       await within(closed, 3000, "the broker to drop the connection");
       expect(pubacks).toBe(0);
       expect(h.intakes).toHaveLength(1);
-      expect(h.broker.stats()).toMatchObject({ messagesIn: 0, refused: 1 });
+      expect(h.broker.stats()).toMatchObject({ messagesIn: 0, refused: 1, dropped: 0 });
     });
   }
 
@@ -396,36 +420,51 @@ describe("packet size guard", () => {
 });
 
 describe("device topic rules", () => {
-  test("publishes to wildcards, $SYS and fleet/ topics other than an inbox are refused", async () => {
+  test("publishes to $SYS and fleet/ topics other than an inbox are acked and dropped; the session stays", async () => {
     const h = await startBroker();
     const watcher = await device(h);
     await watcher.subscribeAsync("#", { qos: 1 });
     const received: string[] = [];
     watcher.on("message", (topic) => received.push(topic));
 
-    for (const topic of ["a/+/b", "a/#", "$SYS/x", "fleet/agents/t/k/out", "fleet/health", "fleet/agents/t//inbox"]) {
+    const dropped = ["$SYS/x", "fleet/agents/t/k/out", "fleet/health", "fleet/agents/t//inbox"];
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("refused");
+    for (const [i, topic] of dropped.entries()) raw.socket.write(publishPacket(topic, "{}", 1, i + 1));
+    await raw.watch.until(
+      () => (raw.reader.packets.filter((p) => p.type === PUBACK).length === dropped.length ? true : undefined),
+      "a PUBACK for every dropped publish",
+    );
+    expect(raw.closed).toBe(false);
+    expect(h.intakes).toHaveLength(0);
+    expect(h.broker.stats()).toMatchObject({ refused: 4, dropped: 4 });
+
+    // Same connection, in order: once the inbox arrives, nothing dropped reached the subscriber.
+    const delivered = nextMessage(watcher);
+    raw.socket.write(publishPacket("fleet/agents/t/k/inbox", '{"hi":1}', 1, 9));
+    expect((await delivered).topic).toBe("fleet/agents/t/k/inbox");
+    expect(received).toEqual(["fleet/agents/t/k/inbox"]);
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["fleet/agents/t/k/inbox"]);
+    // One log line for the burst (at most one per 10 s), with the count.
+    expect(h.logs.filter((l) => l.includes("publish refused: acked, dropped"))).toHaveLength(1);
+  });
+
+  test("a wildcard in a publish topic is a protocol error: aedes closes the connection, no PUBACK", async () => {
+    const h = await startBroker();
+    for (const topic of ["a/+/b", "a/#"]) {
       const raw = await RawClient.open(h.broker.port);
-      await raw.handshake("refused");
+      await raw.handshake("wild");
       raw.socket.write(publishPacket(topic, "{}", 1));
       await raw.closedWithin(3000, `the broker to drop the publisher of ${topic}`);
       expect(raw.reader.packets.filter((p) => p.type === PUBACK)).toHaveLength(0);
     }
     expect(h.intakes).toHaveLength(0);
-
-    const ok = await RawClient.open(h.broker.port);
-    await ok.handshake("inbox");
-    const delivered = nextMessage(watcher);
-    ok.socket.write(publishPacket("fleet/agents/t/k/inbox", '{"hi":1}', 1));
-    await ok.packet(PUBACK, "PUBACK for the inbox");
-    expect((await delivered).topic).toBe("fleet/agents/t/k/inbox");
-    expect(received).toEqual(["fleet/agents/t/k/inbox"]);
-    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["fleet/agents/t/k/inbox"]);
   });
 
-  test("subscribing to $SYS/# is granted 128 and the connection stays open", async () => {
+  test("subscribing to $SYS/# or any $ filter is granted 128 and the connection stays open", async () => {
     const h = await startBroker();
     const c = await device(h);
-    expect(await grantedQos(c, ["$SYS/#", "fleet/#"])).toEqual([128, 1]);
+    expect(await grantedQos(c, ["$SYS/#", "$fleet/#", "fleet/#"])).toEqual([128, 128, 1]);
     const msg = nextMessage(c);
     await h.broker.publish("fleet/health", "{}");
     expect((await msg).topic).toBe("fleet/health");
@@ -439,10 +478,12 @@ describe("device topic rules", () => {
     const c = await device(h, { clientId: "boiler-1" });
     expect(await grantedQos(c, ["secret/#"])).toEqual([128]);
     await c.publishAsync("sensors/boiler-1/t", "1", { qos: 1 });
-    const closed = closeOf(c);
-    c.publish("sensors/boiler-2/t", "1", { qos: 1 }, () => {});
-    await within(closed, 3000, "the broker to drop the connection");
-    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["sensors/boiler-1/t"]);
+    // Refused for good: acknowledged and dropped, the session goes on.
+    await c.publishAsync("sensors/boiler-2/t", "1", { qos: 1 });
+    await c.publishAsync("sensors/boiler-1/t", "2", { qos: 1 });
+    expect(c.connected).toBe(true);
+    expect(h.intakes.map((i) => i.msg.topic)).toEqual(["sensors/boiler-1/t", "sensors/boiler-1/t"]);
+    expect(h.broker.stats()).toMatchObject({ refused: 1, dropped: 1 });
   });
 });
 

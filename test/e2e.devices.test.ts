@@ -143,7 +143,7 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
       "inbox episode",
     );
 
-    // Publish under B's topics: no PUBACK, connection closed, nothing recorded.
+    // Publish under B's topics, or the fleet's own: refused for good, so acked and dropped; nothing recorded.
     for (const topic of [
       "sensors/dev-b/temp",
       "fleet/agents/picky/dev-b/inbox",
@@ -151,7 +151,7 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
       "fleet/agents/picky/dev-a/out",
     ]) {
       const c = await fleet.mqtt(login("dev-a"));
-      expect([topic, await publishOutcome(c, topic, '{"id":"stolen","ok":true}')]).toEqual([topic, "closed"]);
+      expect([topic, await publishOutcome(c, topic, '{"id":"stolen","ok":true}')]).toEqual([topic, "acked"]);
     }
     expect(await stimuliOf("picky/dev-b")).toBe(0);
 

@@ -349,8 +349,14 @@ export class FleetMetrics {
     mirrorCounter(
       this.registry,
       "fleet_broker_refused_total",
-      "Device publishes the broker refused (rules, ACL, intake refusal).",
+      "Device publishes the broker refused (rules, ACL, intake refusal), permanent or transient.",
       () => host.broker?.stats().refused,
+    );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_dropped_total",
+      "Device publishes refused for good (rules, ACL, unknown inbox, retired agent): acknowledged and dropped.",
+      () => host.broker?.stats().dropped,
     );
     mirrorCounter(
       this.registry,

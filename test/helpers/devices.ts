@@ -35,8 +35,8 @@ export function closed(client: MqttClient): Promise<void> {
 }
 
 /**
- * Publish QoS 1 and report what happened: "acked", or "closed" when the broker dropped the
- * connection instead of acknowledging (how MQTT 3.1.1 refuses a publish).
+ * Publish QoS 1 and report what happened: "acked" (recorded, or refused for good and dropped), or
+ * "closed" when the broker dropped the connection instead (a transient refusal, or a session closed).
  */
 export async function publishOutcome(client: MqttClient, topic: string, payload: string): Promise<"acked" | "closed"> {
   const close = closed(client).then(() => "closed" as const);
