@@ -29,6 +29,7 @@ import { createRouter, type Route } from "./intake/index.ts";
 import { FleetEvents } from "./events.ts";
 import { topics } from "./protocol.ts";
 import {
+  agentFiles,
   defaultSpawnOptions,
   describeSandbox,
   ProcessTable,
@@ -62,6 +63,8 @@ import { deployInstances, Redeploy } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
+import { BundleFiles, bundleDir, pinCode, type Pinned } from "./code/index.ts";
+import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
 
 /** Read a listener's PEM files (paths were checked readable when the spec loaded). */
 function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null } {
@@ -111,6 +114,8 @@ export class Gateway {
   metrics!: FleetMetrics;
   /** How episodes are spawned and isolated. */
   spawnOptions!: SpawnOptions;
+  /** Stored code bundles as files for the sandbox (gateway/code). */
+  bundles!: BundleFiles;
   /** Who may call the HTTP API: the tokens file plus this run's local CLI token. */
   tokens!: TokenAuth;
   private current!: SpecVersion;
@@ -196,12 +201,20 @@ export class Gateway {
       });
       this.telemetry.attach(this.events);
     }
+    this.bundles = new BundleFiles(
+      () => bundleDir(this.dataDir, this.spawnOptions),
+      (hash) => this.store.bundleCode(hash),
+    );
+    const pinned = await this.pin(this.current, null);
+    if (!pinned.ok) throw new Error(pinned.problems.join("\n"));
+    this.adopt(pinned.sv);
     await this.store.saveSpecVersion({
       hash: this.current.hash,
       path: this.current.path,
       text: this.current.text,
       summary: "loaded at start",
       at: this.now(),
+      bundles: this.current.bundles,
     });
     await deployInstances(this.store, this.current, this.now());
     await this.startReplication(spec);
@@ -239,7 +252,12 @@ export class Gateway {
     await this.timers.update(spec);
     this.wakeups = fleetWakeups(this, this.now);
     await this.wakeups.start();
-    this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"));
+    this.watcher = new SpecWatcher(
+      this.current.path,
+      () => void this.reload("file changed"),
+      1000,
+      () => Object.values(this.current.spec.agents).flatMap((t) => agentFiles(t.module_path, HOST_PATHS).files),
+    );
     this.watcher.start(this.current.text);
     // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
     // them (retained, in broker.db or in aedes' memory), then re-send unsent effects.
@@ -343,7 +361,13 @@ export class Gateway {
       now: this.now(),
       dryRun: opts.dryRun,
       keepUnconfirmed: this.keepUnconfirmed(),
+      keepBundles: this.bundlesInUse(),
     });
+  }
+
+  /** Code bundles episodes may run now: retention keeps them. */
+  bundlesInUse(): string[] {
+    return Object.values(this.current.bundles);
   }
 
   /** Retention spares rows the central server has not confirmed (`[replication] required`, under max_backlog_mb). */
@@ -409,7 +433,7 @@ export class Gateway {
   async replay(idOrPrefix: string): Promise<ReplayResult | TraceMiss> {
     const found = await findEpisode(this.store, idOrPrefix);
     if ("code" in found) return found;
-    return replayEpisode(this.store, found.id, this.spawnOptions);
+    return replayEpisode(this.store, found.id, this.spawnOptions, undefined, undefined, (h) => this.bundles.file(h));
   }
 
   /**
@@ -526,6 +550,7 @@ export class Gateway {
       publishCommitted: (episode, rows, agent) => this.effects.publishCommitted(episode, rows, agent),
       wakesScheduled: (dueAt) => this.wakeups?.scheduled(dueAt),
       infra: this.infra,
+      bundleFile: (hash) => this.bundles.file(hash),
     });
     this.scheduler = new Scheduler({
       maxConcurrent: spec.fleet.max_concurrent_episodes,
@@ -708,6 +733,19 @@ export class Gateway {
           (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
         ),
       applyLive: (current, next) => this.applyBroker(current, next),
+      pin: (next, current) => this.pin(next, current),
+    });
+  }
+
+  /** Bundle and store a version's code (gateway/code). */
+  private pin(next: SpecVersion, current: SpecVersion | null): Promise<Pinned> {
+    return pinCode(next, current, {
+      sink: this.store,
+      files: this.bundles,
+      hostPaths: HOST_PATHS,
+      sdkEntry: SDK_ENTRY,
+      now: this.now,
+      log: this.log.child({ mod: "code" }),
     });
   }
 

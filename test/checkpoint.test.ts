@@ -33,6 +33,8 @@ async function sealedRow(rec: CheckpointRecord = record): Promise<CheckpointRow>
     specVersion: rec.spec_version,
     state: stateText,
     createdAt: 1_700_000_000_000,
+    stateVersion: rec.state_version ?? null,
+    migratedFrom: rec.migrated_from ?? null,
   };
 }
 

@@ -88,7 +88,26 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   ],
   [
     tables.specVersions,
-    { hash: HASH("1"), gateway: "gw", path: "/srv/fleet.toml", text: "[fleet]\n", summary: "+temp", createdAt: T0 },
+    {
+      hash: HASH("1"),
+      gateway: "gw",
+      path: "/srv/fleet.toml",
+      text: "[fleet]\n",
+      summary: "+temp",
+      createdAt: T0,
+      bundles: `{"temp":"${HASH("5")}"}`,
+    },
+  ],
+  [
+    tables.bundles,
+    {
+      hash: HASH("5"),
+      gateway: "gw",
+      module: "/srv/agents/temp.ts",
+      code: "export default 1;",
+      bytes: 17,
+      createdAt: T0,
+    },
   ],
   [
     tables.agents,
@@ -152,6 +171,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       parent: HASH("2"),
       eventsHash: HASH("4"),
       eventCount: 3,
+      bundle: HASH("5"),
     },
   ],
   [tables.events, { episode: "ep-1", seq: 2, kind: "decide", data: '{"k":"decide"}' }],
@@ -167,6 +187,8 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       specVersion: HASH("1"),
       state: '{"n":1}',
       createdAt: T0,
+      stateVersion: 2,
+      migratedFrom: 1,
     },
   ],
   [

@@ -17,3 +17,6 @@ export const HOST_PATHS: readonly string[] = Object.freeze([
   fileURLToPath(new URL("../sdk", import.meta.url)),
   fileURLToPath(new URL("../protocol.ts", import.meta.url)),
 ]);
+
+/** The SDK's entry point (package `agent-fleets`): bundles import it from here (gateway/code). */
+export const SDK_ENTRY: string = fileURLToPath(new URL("../sdk/index.ts", import.meta.url));

@@ -8,6 +8,7 @@ import { resolve } from "node:path";
 import { intArg, table, UsageError, when, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
+import { BundleFiles, bundleDir } from "../code/index.ts";
 import { defaultSpawnOptions } from "../episode/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind } from "../types.ts";
 import { findEpisode, verifyStore } from "../ops/index.ts";
@@ -196,6 +197,7 @@ export async function cmdShow(cli: Cli, id: string | undefined): Promise<number>
       `stimulus   ${ep.stimulusId}`,
       `started    ${when(ep.startedAt)} (${ep.endedAt - ep.startedAt} ms, attempt ${ep.attempt})`,
       `spec       ${ep.specVersion}`,
+      `code       ${ep.bundle ? `bundle ${ep.bundle}` : "module file (no bundle)"}`,
       `checkpoint ${ep.checkpoint ?? "-"} (parent ${ep.parent ?? "-"})`,
       "events:",
       ...events.map(
@@ -249,9 +251,11 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   const module = flags.module ? resolve(flags.module) : undefined;
   if (module !== undefined && !existsSync(module)) throw new UsageError(`--module ${flags.module}: no such file`);
   const spawn = defaultSpawnOptions();
+  const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
+  const bundleFile = (h: string) => files.file(h);
   const agent = agentFlag(flags.agent);
   if (agent) {
-    const results = await replayAgent(store, agent, spawn, module);
+    const results = await replayAgent(store, agent, spawn, module, bundleFile);
     const diverged = results.filter((r) => r.verdict === "DIVERGED").length;
     const summary = {
       agent: flags.agent,
@@ -271,7 +275,7 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   if (!episode) throw new UsageError("replay needs an episode id or --agent <type/key>");
   // A unique prefix names the episode; anything else is replayed as given (and reported UNREPLAYABLE).
   const found = await findEpisode(store, episode);
-  const r = await replayEpisode(store, "code" in found ? episode : found.id, spawn, module);
+  const r = await replayEpisode(store, "code" in found ? episode : found.id, spawn, module, undefined, bundleFile);
   cli.print(r, () => describeReplay(r));
   return r.verdict === "MATCH" ? 0 : 1;
 }

@@ -85,6 +85,13 @@ export interface EpisodeDeps {
   readonly infra?: InfraHealth;
   /** A committed episode set wake-ups; the soonest is due at `dueAt` (the wake-up clock re-arms). */
   readonly wakesScheduled?: (dueAt: number) => void;
+  /**
+   * The code bundle an agent's episode runs (gateway/code); default: the spec version's bundle for
+   * its type. Null: the module file.
+   */
+  readonly bundleFor?: (agent: AgentId, type: string, sv: SpecVersion) => string | null;
+  /** The file of a stored bundle, materialised for the sandbox; throws when it cannot be. */
+  readonly bundleFile?: (hash: string) => Promise<string>;
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (
     episode: string,
@@ -201,27 +208,33 @@ export class EpisodeExecutor {
     const log = this.d.log.child({ agent: agentId, episode, stimulus: head.sid });
 
     let ended = false;
-    let result = await this.d.run(
-      {
-        t: "start",
-        episode,
-        agent: ref,
-        module: type.module_path,
-        config: type.config,
-        state: state.value,
-        fresh: agent.headHash === null,
-        stimulus,
-        replay: null,
-        limits: CHILD_LIMITS,
-        wakes: { pending: d.pendingWakes, max: type.max_wakeups },
-      },
-      runLimitsFor(type.budget),
-      // A call that arrives after the run ended must not reserve a place nobody settles.
-      (call, tool, args) =>
-        ended
-          ? Promise.resolve({ ok: false, result: { error: "denied", reason: "episode ended" } })
-          : gate.handle(call, tool, args),
-    );
+    const bundle = this.d.bundleFor ? this.d.bundleFor(agentId, agent.type, sv) : (sv.bundles[agent.type] ?? null);
+    const code = await this.codeOf(bundle, type.module_path);
+    // A bundle that cannot be materialised is the machine's failure, not the agent's: nothing runs.
+    let result: RunResult =
+      code.error !== null
+        ? { ok: false, kind: "infra", message: code.error, records: [], ms: 0 }
+        : await this.d.run(
+            {
+              t: "start",
+              episode,
+              agent: ref,
+              module: code.module,
+              config: type.config,
+              state: state.value,
+              fresh: agent.headHash === null,
+              stimulus,
+              replay: null,
+              limits: CHILD_LIMITS,
+              wakes: { pending: d.pendingWakes, max: type.max_wakeups },
+            },
+            runLimitsFor(type.budget),
+            // A call that arrives after the run ended must not reserve a place nobody settles.
+            (call, tool, args) =>
+              ended
+                ? Promise.resolve({ ok: false, result: { error: "denied", reason: "episode ended" } })
+                : gate.handle(call, tool, args),
+          );
     ended = true;
     try {
       const endedAt = this.d.now();
@@ -258,6 +271,7 @@ export class EpisodeExecutor {
         parent: agent.headHash,
         eventsHash: await hashEvents(events),
         eventCount: events.length,
+        bundle,
       };
       const usage = { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
       const summary = { episode, agent: agentId, stimulus: head.sid, ms: result.ms, type: agent.type };
@@ -354,6 +368,16 @@ export class EpisodeExecutor {
       // Whatever way the turn ends (failure, shutdown, a throw before the commit), the places
       // its sends reserved are given back unless the commit wrote them.
       this.settleSends(gate, false);
+    }
+  }
+
+  /** The module an episode loads: its bundle's file, or the module file when it has none. */
+  private async codeOf(bundle: string | null, modulePath: string): Promise<{ module: string; error: string | null }> {
+    if (bundle === null || !this.d.bundleFile) return { module: modulePath, error: null };
+    try {
+      return { module: await this.d.bundleFile(bundle), error: null };
+    } catch (err) {
+      return { module: modulePath, error: `the code bundle could not be loaded: ${String(err)}` };
     }
   }
 

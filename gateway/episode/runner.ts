@@ -28,6 +28,7 @@ export {
 } from "./sandbox.ts";
 export { ProcessTable, SparePool } from "./host-process.ts";
 export { SandboxLedger, type Swept } from "./leftovers.ts";
+export { agentFiles } from "./sandbox-view.ts";
 
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
 export type FailureKind =

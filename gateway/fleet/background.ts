@@ -26,6 +26,8 @@ export interface BackgroundHost {
   health(): Promise<unknown>;
   /** Retention must spare rows the central server has not confirmed. */
   keepUnconfirmed(): boolean;
+  /** Code bundles episodes may run now (retention keeps them). */
+  bundlesInUse(): string[];
 }
 
 /** The fleet's timer service, wired to the store (last fires) and intake (the stimuli). */
@@ -122,6 +124,7 @@ export class Housekeeping {
         now: this.opts.now(),
         batch: 2000,
         keepUnconfirmed: this.host.keepUnconfirmed(),
+        keepBundles: this.host.bundlesInUse(),
       });
       if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms) }, "retention pass");
     } catch (err) {

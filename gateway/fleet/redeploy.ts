@@ -13,6 +13,7 @@ import { loadSpec } from "../spec/index.ts";
 import { SpecError, type FleetSpec, type SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { Timers } from "../intake/index.ts";
+import { codeChanges, type Pinned } from "../code/index.ts";
 import { agentId } from "../types.ts";
 
 /** Make sure every instance a spec lists exists as an agent row. */
@@ -47,6 +48,8 @@ export interface RedeployDeps {
   check?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
   /** The replay gate (`require_check`): why `next` must not be applied, or null. Runs before anything changes. */
   gate?(current: SpecVersion, next: SpecVersion): Promise<string | null>;
+  /** Bundle and store the new version's code (gateway/code); problems refuse the reload. */
+  pin?(next: SpecVersion, current: SpecVersion): Promise<Pinned>;
   /** Apply what changes live outside the fleet (broker auth); what it did, for the log. Throws to refuse the reload. */
   applyLive?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
 }
@@ -78,6 +81,15 @@ export class Redeploy {
       this.d.log.error({ reason }, `fleet.toml rejected, keeping spec ${current.hash.slice(0, 12)}: ${this.error}`);
       return;
     }
+    if (this.d.pin) {
+      const pinned = await this.d.pin(next, current);
+      if (!pinned.ok) {
+        this.error = `not applied: ${pinned.problems.join("; ")}; still running spec ${current.hash.slice(0, 12)}`;
+        this.d.log.error({ reason }, `fleet.toml ${this.error}`);
+        return;
+      }
+      next = pinned.sv;
+    }
     this.error = null;
     if (next.hash === current.hash) return;
     const restart = this.d.needsRestart?.(current.spec, next.spec) ?? [];
@@ -107,12 +119,18 @@ export class Redeploy {
       return;
     }
     const diff = diffSpecs(current.spec, next.spec);
+    const code = codeChanges(current, next).map((c) => `${c.type} ${short(c.from)} -> ${short(c.to)}`);
+    const summary =
+      code.length === 0
+        ? diff.summary
+        : `${diff.summary === "no effective change" ? "" : `${diff.summary}; `}new code ${code.join(", ")}`;
     await this.d.store.saveSpecVersion({
       hash: next.hash,
       path: next.path,
       text: next.text,
-      summary: diff.summary,
+      summary,
       at: this.d.now(),
+      bundles: next.bundles,
     });
     this.d.adopt(next);
     this.d.scheduler.setMaxConcurrent(next.spec.fleet.max_concurrent_episodes);
@@ -122,7 +140,11 @@ export class Redeploy {
     await this.d.timers.update(next.spec);
     this.d.log.info(
       { reason, from: current.hash.slice(0, 12), to: next.hash.slice(0, 12) },
-      `redeployed: ${diff.summary}${live ? ` (${live})` : ""}`,
+      `redeployed: ${summary}${live ? ` (${live})` : ""}`,
     );
   }
+}
+
+function short(hash: string | null): string {
+  return hash === null ? "(module file)" : hash.slice(0, 12);
 }

@@ -2,7 +2,7 @@
  * Hot redeploy support: watching fleet.toml and describing what changed between two
  * spec versions. redeploy.ts applies the change.
  */
-import { watch, type FSWatcher } from "node:fs";
+import { statSync, watch, type FSWatcher } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { basename, dirname } from "node:path";
 import { canonicalJson } from "../hash.ts";
@@ -38,10 +38,12 @@ export function diffSpecs(before: FleetSpec, after: FleetSpec): SpecDiff {
 
 /**
  * Calls `onChange` when the file's text changes: fs.watch on its directory (editors
- * replace files by rename) plus a poll as a safety net, debounced.
+ * replace files by rename) plus a poll as a safety net, debounced. The poll also looks at
+ * `codeFiles` (the agent modules and what they import): an edit there is new code to deploy.
  */
 export class SpecWatcher {
   private last: string | null = null;
+  private codeStamp: string | null = null;
   private watcher: FSWatcher | null = null;
   private poll: ReturnType<typeof setInterval> | null = null;
   private debounce: ReturnType<typeof setTimeout> | null = null;
@@ -50,6 +52,7 @@ export class SpecWatcher {
     private readonly path: string,
     private readonly onChange: () => void,
     private readonly pollMs = 1000,
+    private readonly codeFiles: () => readonly string[] = () => [],
   ) {}
 
   /** Start watching; `initialText` is the text already loaded. */
@@ -63,7 +66,15 @@ export class SpecWatcher {
     } catch {
       // no inotify: the poll still works
     }
-    this.poll = setInterval(() => this.check(), this.pollMs);
+    this.codeStamp = this.stampCode();
+    this.poll = setInterval(() => {
+      const stamp = this.stampCode();
+      if (stamp !== this.codeStamp) {
+        this.codeStamp = stamp;
+        this.onChange();
+      }
+      this.check();
+    }, this.pollMs);
     this.poll.unref?.();
   }
 
@@ -71,6 +82,26 @@ export class SpecWatcher {
     this.watcher?.close();
     if (this.poll) clearInterval(this.poll);
     if (this.debounce) clearTimeout(this.debounce);
+  }
+
+  /** Size and mtime of every code file: changes when any is edited, replaced or removed. */
+  private stampCode(): string {
+    let files: readonly string[];
+    try {
+      files = this.codeFiles();
+    } catch {
+      return this.codeStamp ?? "";
+    }
+    return files
+      .map((f) => {
+        try {
+          const st = statSync(f);
+          return `${f}:${st.size}:${st.mtimeMs}`;
+        } catch {
+          return `${f}:-`;
+        }
+      })
+      .join("\n");
   }
 
   private check(): void {

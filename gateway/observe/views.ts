@@ -21,7 +21,12 @@ export function agentView(a: AgentRow, queued: number) {
 }
 
 /** An episode as `/api/episodes/<id>` and `fleet episodes --json` show it. */
-export function episodeView(e: Omit<EpisodeRow, "stimulusKind"> & { readonly stimulusKind?: string | null }) {
+export function episodeView(
+  e: Omit<EpisodeRow, "stimulusKind" | "bundle"> & {
+    readonly stimulusKind?: string | null;
+    readonly bundle?: string | null;
+  },
+) {
   return {
     id: e.id,
     agent: e.agent,
@@ -32,6 +37,8 @@ export function episodeView(e: Omit<EpisodeRow, "stimulusKind"> & { readonly sti
     error: e.error,
     attempt: e.attempt,
     spec_version: e.specVersion,
+    /** The code bundle it ran (docs/upgrading.md); null: its module file. */
+    bundle: e.bundle ?? null,
     checkpoint: e.checkpoint,
     parent: e.parent,
     started_at: e.startedAt,

@@ -6,6 +6,7 @@
  *    newest deleted checkpoint of each agent becomes its chain anchor;
  *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory), and
  *    so are settled wake-ups (pending ones are kept however old);
+ *  - code bundles no episode names any more (and no running or recent spec version) are deleted;
  *  - SQLite reuses the freed pages, so the file stops growing at its working-set size.
  *  - with `keepUnconfirmed` (`[replication] required`), nothing still in the replication
  *    queue is touched: the central server has not confirmed it yet.
@@ -25,6 +26,7 @@ export interface GcReport {
   eventsDeleted: number;
   stimuliForgotten: number;
   usageRowsDeleted: number;
+  bundlesDeleted: number;
   ms: number;
 }
 
@@ -36,6 +38,8 @@ export interface GcOptions {
   readonly dryRun?: boolean;
   /** Keep every row still waiting in the replication queue (`[replication] required`). */
   readonly keepUnconfirmed?: boolean;
+  /** Code bundles in use now (the running spec version's, a rollout's): never deleted. */
+  readonly keepBundles?: readonly string[];
 }
 
 /** `AND` clauses that spare rows the central server has not confirmed (see replication/). */
@@ -165,6 +169,27 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     report.stimuliForgotten = (st as { rowsAffected: number }).rowsAffected;
     report.usageRowsDeleted = (us as { rowsAffected: number }).rowsAffected;
   }
+  // 6. Code bundles: kept while any episode names one, while the running gateway uses it, and while a
+  //    spec version from within the retention window names it.
+  const keep = opts.keepBundles ?? [];
+  const oldBundles = sql`SELECT hash FROM bundles b WHERE created_at < ${episodeCutoff}
+    AND NOT EXISTS (SELECT 1 FROM episodes e WHERE e.bundle = b.hash)
+    AND NOT EXISTS (SELECT 1 FROM spec_versions s, json_each(s.bundles) j
+      WHERE s.bundles IS NOT NULL AND s.created_at >= ${episodeCutoff} AND j.value = b.hash)
+    ${
+      keep.length > 0
+        ? sql`AND hash NOT IN (${sql.join(
+            keep.map((h) => sql`${h}`),
+            sql`, `,
+          )})`
+        : sql``
+    }
+    LIMIT ${batch}`;
+  if (opts.dryRun) report.bundlesDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldBundles})`);
+  else {
+    const [b] = await store.writer.write([store.db.run(sql`DELETE FROM bundles WHERE hash IN (${oldBundles})`)]);
+    report.bundlesDeleted = (b as { rowsAffected: number }).rowsAffected;
+  }
   report.ms = performance.now() - started;
   return report;
 }
@@ -172,7 +197,13 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
 /** Total rows a report touched. */
 export function gcTotal(r: GcReport): number {
   return (
-    r.tombstoned + r.checkpointsDeleted + r.episodesDeleted + r.eventsDeleted + r.stimuliForgotten + r.usageRowsDeleted
+    r.tombstoned +
+    r.checkpointsDeleted +
+    r.episodesDeleted +
+    r.eventsDeleted +
+    r.stimuliForgotten +
+    r.usageRowsDeleted +
+    r.bundlesDeleted
   );
 }
 
@@ -185,6 +216,7 @@ function emptyReport(): GcReport {
     eventsDeleted: 0,
     stimuliForgotten: 0,
     usageRowsDeleted: 0,
+    bundlesDeleted: 0,
     ms: 0,
   };
 }

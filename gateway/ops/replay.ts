@@ -70,9 +70,13 @@ export function firstDivergence(expected: readonly Rec[], actual: readonly Rec[]
   return null;
 }
 
+/** The file of a stored code bundle (gateway/code `BundleFiles.file`). */
+export type BundleFileOf = (hash: string) => Promise<string>;
+
 /**
- * Replay one episode; `moduleOverride` runs the recording against other code, `configOverride`
- * with another `config` (the deploy check's candidate, ./deploy-check.ts).
+ * Replay one episode on the code it ran: the bundle it names (else, for an episode from before
+ * code was pinned, its type's module file). `moduleOverride` runs the recording against other code,
+ * `configOverride` with another `config` (the deploy check's candidate, ./deploy-check.ts).
  */
 export async function replayEpisode(
   store: Store,
@@ -80,6 +84,7 @@ export async function replayEpisode(
   spawn: SpawnOptions,
   moduleOverride?: string,
   configOverride?: Readonly<Record<string, unknown>>,
+  bundleFile?: BundleFileOf,
 ): Promise<ReplayResult> {
   const ep = await store.getEpisode(episodeId);
   if (!ep) return { episode: episodeId, agent: "?", verdict: "UNREPLAYABLE", reason: "no such episode" };
@@ -110,6 +115,16 @@ export async function replayEpisode(
   const type = spec.agents[typeName];
   if (!type) return { ...base, verdict: "UNREPLAYABLE", reason: `type ${typeName} is not in its spec version` };
 
+  let module = moduleOverride ?? type.module_path;
+  if (moduleOverride === undefined && ep.bundle) {
+    if (!bundleFile)
+      return { ...base, verdict: "UNREPLAYABLE", reason: "it ran a code bundle and no bundle store was given" };
+    try {
+      module = await bundleFile(ep.bundle);
+    } catch (err) {
+      return { ...base, verdict: "UNREPLAYABLE", reason: `its code bundle cannot be loaded: ${String(err)}` };
+    }
+  }
   const inputs: ReplayInputs = {
     now: records.flatMap((r) => (r.k === "now" ? [r.v] : [])),
     random: records.flatMap((r) => (r.k === "random" ? [r.v] : [])),
@@ -124,7 +139,7 @@ export async function replayEpisode(
       t: "start",
       episode: ep.id,
       agent: { type: typeName, key, id: ep.agent },
-      module: moduleOverride ?? type.module_path,
+      module,
       config: configOverride ?? type.config,
       state,
       fresh: ep.parent === null,
@@ -193,12 +208,14 @@ export async function replayAgent(
   agent: AgentId,
   spawn: SpawnOptions,
   moduleOverride?: string,
+  bundleFile?: BundleFileOf,
 ): Promise<ReplayResult[]> {
   const out: ReplayResult[] = [];
   for (let after = ""; ; ) {
     const page = await store.scanEpisodes(agent, after, 200);
     for (const ep of page)
-      if (ep.status === "committed") out.push(await replayEpisode(store, ep.id, spawn, moduleOverride));
+      if (ep.status === "committed")
+        out.push(await replayEpisode(store, ep.id, spawn, moduleOverride, undefined, bundleFile));
     if (page.length < 200) return out;
     after = page[page.length - 1]!.id;
   }

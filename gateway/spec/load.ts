@@ -95,7 +95,8 @@ export async function compileSpec(text: string, file: string): Promise<SpecVersi
   const problems: Problem[] = [];
   const spec = build(parsed.data, dirname(file), problems);
   if (problems.length > 0) throw specErrorOf(file, problems);
-  return deepFreeze({ hash: await blake3Hex(text), path: file, text, spec });
+  const hash = await blake3Hex(text);
+  return deepFreeze({ hash, textHash: hash, bundles: {}, path: file, text, spec });
 }
 
 /** Reads and compiles a fleet.toml file; a missing or unreadable file is a SpecError naming it. */

@@ -213,8 +213,15 @@ export interface ReplicationSpec {
 
 /** A spec as accepted: the compiled value plus its identity. */
 export interface SpecVersion {
-  /** BLAKE3 of the fleet.toml text. */
+  /**
+   * Its identity: BLAKE3 of the fleet.toml text alone while no code is pinned, else over that and
+   * `bundles` (gateway/code/pin.ts), so new code under the same fleet.toml is a new version.
+   */
   readonly hash: Blake3Hex;
+  /** BLAKE3 of the fleet.toml text. */
+  readonly textHash: Blake3Hex;
+  /** Agent type -> hash of the code bundle its episodes run (docs/upgrading.md); empty until pinned. */
+  readonly bundles: Readonly<Record<string, Blake3Hex>>;
   readonly path: string;
   readonly text: string;
   readonly spec: FleetSpec;

@@ -15,6 +15,13 @@ export interface CheckpointRecord {
   readonly episode: string;
   readonly spec_version: string;
   readonly state: unknown;
+  /**
+   * `defineAgent({ version })` of the code that wrote `state` (docs/upgrading.md). Sealed only when
+   * set, so checkpoints written before state versions existed keep their hashes.
+   */
+  readonly state_version?: number;
+  /** The version the episode migrated the state from, when it ran `migrate`; sealed only when set. */
+  readonly migrated_from?: number;
 }
 
 /** A stored checkpoint failed its integrity check. */
@@ -44,6 +51,8 @@ function hashSealed(rec: Omit<CheckpointRecord, "state">, stateText: string): Pr
     parent: rec.parent,
     episode: rec.episode,
     spec_version: rec.spec_version,
+    state_version: rec.state_version,
+    migrated_from: rec.migrated_from,
   };
   return blake3Hex(`${canonicalJson(header)}\n${stateText}`);
 }
@@ -53,7 +62,15 @@ export async function verifyCheckpointRow(row: CheckpointRow): Promise<unknown> 
   if (row.state === null)
     throw new IntegrityError(row.agent, row.seq, row.hash, "state was collected (tombstone); cannot be loaded");
   const hash = await hashSealed(
-    { agent: row.agent, seq: row.seq, parent: row.parent, episode: row.episode, spec_version: row.specVersion },
+    {
+      agent: row.agent,
+      seq: row.seq,
+      parent: row.parent,
+      episode: row.episode,
+      spec_version: row.specVersion,
+      state_version: row.stateVersion ?? undefined,
+      migrated_from: row.migratedFrom ?? undefined,
+    },
     row.state,
   );
   if (hash !== row.hash)

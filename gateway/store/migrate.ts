@@ -160,6 +160,22 @@ const STIMULUS_EXPIRY: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN expi
 /** The W3C trace context a stimulus came in with (a webhook's `traceparent`), so its episode joins that trace. */
 const STIMULUS_TRACE: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN traceparent TEXT`];
 
+/**
+ * Release 0.4: upgrades (docs/upgrading.md). Agent code is stored content-addressed and each
+ * episode names the bundle it ran; spec versions name their bundles; checkpoints record the
+ * state version of the code that wrote them.
+ */
+const BUNDLES: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS bundles (
+    hash TEXT PRIMARY KEY, gateway TEXT NOT NULL, module TEXT NOT NULL, code TEXT NOT NULL,
+    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL)`,
+  `ALTER TABLE episodes ADD COLUMN bundle TEXT`,
+  `CREATE INDEX IF NOT EXISTS episodes_bundle ON episodes (bundle)`,
+  `ALTER TABLE spec_versions ADD COLUMN bundles TEXT`,
+  `ALTER TABLE checkpoints ADD COLUMN state_version INTEGER`,
+  `ALTER TABLE checkpoints ADD COLUMN migrated_from INTEGER`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -171,6 +187,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 7, name: "wake-ups", statements: WAKEUPS },
   { version: 8, name: "stimulus expiry", statements: STIMULUS_EXPIRY },
   { version: 9, name: "stimulus trace context", statements: STIMULUS_TRACE },
+  { version: 10, name: "code bundles and state versions", statements: BUNDLES },
 ];
 
 /** The schema version this code writes. */

@@ -23,6 +23,20 @@ export const specVersions = sqliteTable("spec_versions", {
   text: text("text").notNull(),
   summary: text("summary").notNull().default(""),
   createdAt: integer("created_at").notNull(),
+  /** The code it deployed: agent type -> bundle hash (JSON object); null before code was pinned. */
+  bundles: text("bundles"),
+});
+
+/** Agent code pinned by content (docs/upgrading.md): a type's module bundled with its imports. Immutable. */
+export const bundles = sqliteTable("bundles", {
+  /** BLAKE3 of `code`. */
+  hash: text("hash").primaryKey(),
+  gateway: text("gateway").notNull(),
+  /** The module path it was built from, for people. */
+  module: text("module").notNull(),
+  code: text("code").notNull(),
+  bytes: integer("bytes").notNull(),
+  createdAt: integer("created_at").notNull(),
 });
 
 /** Durable agent status. `running`/`idle` are live states and are not stored. */
@@ -140,8 +154,11 @@ export const episodes = sqliteTable(
     eventCount: integer("event_count").notNull(),
     /** The kind of its stimulus (mqtt, timer, ...), for filters; null only where it could not be recovered. */
     stimulusKind: text("stimulus_kind"),
+    /** The code bundle it ran (`bundles.hash`); null when it ran from the module file. */
+    bundle: text("bundle"),
   },
   (t) => [
+    index("episodes_bundle").on(t.bundle),
     index("episodes_agent").on(t.agent, t.startedAt),
     index("episodes_agent_kind").on(t.agent, t.stimulusKind, t.startedAt),
     index("episodes_time").on(t.startedAt),
@@ -175,6 +192,10 @@ export const checkpoints = sqliteTable(
     specVersion: text("spec_version").notNull(),
     state: text("state"),
     createdAt: integer("created_at").notNull(),
+    /** `defineAgent({ version })` of the code that wrote the state; null for code without a version (1). */
+    stateVersion: integer("state_version"),
+    /** The state version this checkpoint's episode migrated from (`migrate(state, from)`); null when none ran. */
+    migratedFrom: integer("migrated_from"),
   },
   (t) => [uniqueIndex("checkpoints_chain").on(t.agent, t.seq)],
 );
@@ -245,6 +266,7 @@ export type EventRow = typeof events.$inferSelect;
 export type CheckpointRow = typeof checkpoints.$inferSelect;
 export type OutboxRow = typeof outbox.$inferSelect;
 export type SpecVersionRow = typeof specVersions.$inferSelect;
+export type BundleRow = typeof bundles.$inferSelect;
 export type RejectedMessageRow = typeof rejectedMessages.$inferSelect;
 export type AuditRow = typeof audit.$inferSelect;
 

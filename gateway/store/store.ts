@@ -114,7 +114,15 @@ export class Store {
   // ---- spec versions -------------------------------------------------------------
 
   /** Record an accepted spec version (idempotent by hash). */
-  async saveSpecVersion(v: { hash: string; path: string; text: string; summary: string; at: number }): Promise<void> {
+  async saveSpecVersion(v: {
+    hash: string;
+    path: string;
+    text: string;
+    summary: string;
+    at: number;
+    /** Agent type -> bundle hash (gateway/code). */
+    bundles?: Readonly<Record<string, string>>;
+  }): Promise<void> {
     await this.writer.write([
       this.db
         .insert(t.specVersions)
@@ -125,9 +133,49 @@ export class Store {
           text: v.text,
           summary: v.summary,
           createdAt: v.at,
+          bundles: v.bundles && Object.keys(v.bundles).length > 0 ? JSON.stringify(v.bundles) : null,
         })
         .onConflictDoNothing(),
     ]);
+  }
+
+  // ---- code bundles ----------------------------------------------------------------
+
+  /** Store a bundle by its hash (idempotent). */
+  async saveBundle(b: { hash: string; module: string; code: string; at: number }): Promise<void> {
+    await this.writer.write([
+      this.db
+        .insert(t.bundles)
+        .values({
+          hash: b.hash,
+          gateway: this.gatewayId,
+          module: b.module,
+          code: b.code,
+          bytes: Buffer.byteLength(b.code),
+          createdAt: b.at,
+        })
+        .onConflictDoNothing(),
+    ]);
+  }
+
+  /** A stored bundle's code, or null. */
+  async bundleCode(hash: string): Promise<string | null> {
+    const row = await this.db.select({ code: t.bundles.code }).from(t.bundles).where(eq(t.bundles.hash, hash)).get();
+    return row?.code ?? null;
+  }
+
+  /** A stored bundle's description (no code), or undefined. */
+  bundleInfo(hash: string) {
+    return this.db
+      .select({
+        hash: t.bundles.hash,
+        module: t.bundles.module,
+        bytes: t.bundles.bytes,
+        createdAt: t.bundles.createdAt,
+      })
+      .from(t.bundles)
+      .where(eq(t.bundles.hash, hash))
+      .get();
   }
 
   /** Spec versions, newest first. */

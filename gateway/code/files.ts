@@ -1,0 +1,106 @@
+/**
+ * Stored bundles as files the episode sandbox can bind: `<dir>/<hash>.js`, written once
+ * (atomically, read-only) from the store's copy after its hash was checked, never from the
+ * editable source. When agents run as another uid (the gateway is root; bubblewrap, too, reads
+ * the files it binds as that uid) the data dir (0700) is out of their reach, so the files live
+ * beside it instead, world-readable like the agent modules themselves.
+ */
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { blake3Hex } from "../hash.ts";
+import type { Blake3Hex } from "../types.ts";
+
+/**
+ * Where a data dir's bundle files live for a sandbox: inside it, or beside it when agents run as
+ * another uid. When they could not reach beside it either (a parent folder others cannot enter),
+ * a folder of this process in the temp dir serves instead (0755: Bun lists a folder it imports from).
+ */
+export function bundleDir(dataDir: string, sandbox: { readonly uid: number | null }): string {
+  if (sandbox.uid === null) return join(dataDir, "bundles");
+  const beside = `${dataDir}.bundles`;
+  return enterableByOthers(dirname(beside)) ? beside : privateTmpDir();
+}
+
+/** Every existing folder from `dir` up to / lets others pass through (o+x). */
+function enterableByOthers(dir: string): boolean {
+  for (let d = dir; ; d = dirname(d)) {
+    try {
+      if ((statSync(d).mode & 0o001) === 0) return false;
+    } catch {
+      // not there yet: it will be made 0755
+    }
+    if (dirname(d) === d) return true;
+  }
+}
+
+let tmpBundles: string | null = null;
+
+function privateTmpDir(): string {
+  if (tmpBundles === null || !existsSync(tmpBundles)) {
+    const made = mkdtempSync(join(tmpdir(), "fleet-bundles-"));
+    chmodSync(made, 0o755);
+    tmpBundles = made;
+    process.once("exit", () => rmSync(made, { recursive: true, force: true }));
+  }
+  return tmpBundles;
+}
+
+/** A bundle the store does not have (or whose stored code does not hash to its name). */
+export class BundleMissing extends Error {
+  override readonly name = "BundleMissing";
+  constructor(
+    readonly hash: string,
+    detail: string,
+  ) {
+    super(`bundle ${hash.slice(0, 12)}: ${detail}`);
+  }
+}
+
+/** The stored code of a bundle, or null when there is none. */
+export type BundleSource = (hash: string) => Promise<string | null>;
+
+/** Materialises stored bundles on demand, once per hash and process. */
+export class BundleFiles {
+  private readonly ready = new Map<string, Promise<string>>();
+  private readonly known = new Map<string, string>();
+
+  constructor(
+    /** Folder of the `<hash>.js` files (see `bundleDir`). */
+    readonly dir: string | (() => string),
+    private readonly source: BundleSource,
+  ) {}
+
+  /** Code already in hand (just built), so `file` need not read the store. */
+  remember(hash: Blake3Hex, code: string): void {
+    this.known.set(hash, code);
+  }
+
+  /** Path of the bundle's file, written from the store's copy if it is not there yet. */
+  file(hash: string): Promise<string> {
+    let p = this.ready.get(hash);
+    if (!p) {
+      p = this.materialise(hash);
+      this.ready.set(hash, p);
+      p.catch(() => this.ready.delete(hash));
+    }
+    return p;
+  }
+
+  private async materialise(hash: string): Promise<string> {
+    if (!/^[0-9a-f]{64}$/.test(hash)) throw new BundleMissing(hash, "not a bundle hash");
+    const dir = typeof this.dir === "string" ? this.dir : this.dir();
+    const path = join(dir, `${hash}.js`);
+    if (existsSync(path)) return path;
+    const code = this.known.get(hash) ?? (await this.source(hash));
+    if (code === null) throw new BundleMissing(hash, "not in the store");
+    if ((await blake3Hex(code)) !== hash) throw new BundleMissing(hash, "stored code does not match its hash");
+    if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: dir.endsWith(".bundles") ? 0o755 : 0o700 });
+    const tmp = `${path}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
+    writeFileSync(tmp, code, { mode: 0o444 });
+    chmodSync(tmp, 0o444);
+    renameSync(tmp, path);
+    this.known.delete(hash);
+    return path;
+  }
+}

@@ -1,0 +1,3 @@
+export * from "./bundle.ts";
+export * from "./files.ts";
+export * from "./pin.ts";

@@ -1,0 +1,81 @@
+/**
+ * Pinning a spec version's code (docs/upgrading.md): at start and at every redeploy each
+ * agent type's module is bundled, stored by its BLAKE3, and named in the spec version, whose
+ * hash then covers the fleet.toml text and the bundles together (a code change alone is a new
+ * version). Episodes run from the stored bundle, not from the file that may be edited meanwhile.
+ */
+import type { Logger } from "pino";
+import { hashValue } from "../hash.ts";
+import type { SpecVersion } from "../spec/index.ts";
+import type { Blake3Hex } from "../types.ts";
+import { buildBundle } from "./bundle.ts";
+import type { BundleFiles } from "./files.ts";
+
+/** Where built bundles are kept (a `Store` satisfies it). */
+export interface BundleSink {
+  saveBundle(b: { hash: string; module: string; code: string; at: number }): Promise<void>;
+}
+
+/** What pinning needs. */
+export interface PinDeps {
+  readonly sink: BundleSink;
+  readonly files: BundleFiles;
+  readonly hostPaths: readonly string[];
+  readonly sdkEntry: string;
+  readonly now: () => number;
+  readonly log: Logger;
+}
+
+/** The pinned version, or the problems that refuse it (one line each, naming the key path). */
+export type Pinned =
+  | { readonly ok: true; readonly sv: SpecVersion }
+  | { readonly ok: false; readonly problems: string[] };
+
+/**
+ * Bundle every type of `sv`. A type whose module cannot be bundled refuses the version when
+ * `previous` ran that type from a bundle (a broken edit must not replace working code); otherwise
+ * (at start, or a type never bundled) it runs from its file and fails there as it always did.
+ */
+export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: PinDeps): Promise<Pinned> {
+  const bundles: Record<string, Blake3Hex> = {};
+  const problems: string[] = [];
+  const built = await Promise.all(
+    Object.values(sv.spec.agents).map(async (t) => ({
+      t,
+      r: await buildBundle(t.module_path, d.hostPaths, d.sdkEntry),
+    })),
+  );
+  for (const { t, r } of built) {
+    if (r.ok) {
+      await d.sink.saveBundle({ hash: r.hash, module: t.module_path, code: r.code, at: d.now() });
+      d.files.remember(r.hash, r.code);
+      bundles[t.name] = r.hash;
+      continue;
+    }
+    const first = r.error.split("\n")[0] ?? r.error;
+    if (previous?.bundles[t.name]) problems.push(`agents.${t.name}.module cannot be bundled: ${first}`);
+    else d.log.warn({ type: t.name, module: t.module_path }, `module cannot be bundled, runs from its file: ${first}`);
+  }
+  if (problems.length > 0) return { ok: false, problems };
+  return { ok: true, sv: await withBundles(sv, bundles) };
+}
+
+/** `sv` naming `bundles`; its hash covers the text's hash and the bundles. */
+export async function withBundles(sv: SpecVersion, bundles: Readonly<Record<string, Blake3Hex>>): Promise<SpecVersion> {
+  const hash = Object.keys(bundles).length === 0 ? sv.textHash : await hashValue({ spec: sv.textHash, bundles });
+  return Object.freeze({ ...sv, hash, bundles: Object.freeze({ ...bundles }) });
+}
+
+/** Types whose bundle differs between two versions, e.g. `door-watcher 1a2b3c4d5e6f -> 7a8b9c0d1e2f`. */
+export function codeChanges(
+  before: SpecVersion,
+  after: SpecVersion,
+): { type: string; from: string | null; to: string | null }[] {
+  const out = [];
+  for (const type of Object.keys(after.bundles)) {
+    const from = before.bundles[type] ?? null;
+    const to = after.bundles[type] ?? null;
+    if (from !== to && before.spec.agents[type]) out.push({ type, from, to });
+  }
+  return out;
+}

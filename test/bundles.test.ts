@@ -1,0 +1,198 @@
+/**
+ * Code bundles (docs/upgrading.md) in-process: what `buildBundle` puts in a bundle and leaves
+ * out, how `BundleFiles` materialises stored code (read-only, checked against its hash), how a
+ * failed build refuses a redeploy only where working code would be replaced, and how retention
+ * keeps a bundle while anything names it.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
+import { BundleFiles, BundleMissing, buildBundle, pinCode } from "../gateway/code/index.ts";
+import { blake3Hex } from "../gateway/hash.ts";
+import { gcPass } from "../gateway/ops/index.ts";
+import { compileSpec } from "../gateway/spec/index.ts";
+import { Store, tables } from "../gateway/store/index.ts";
+import type { AgentId } from "../gateway/types.ts";
+
+const dirs: string[] = [];
+function tempDir(): string {
+  const d = mkdtempSync(join(tmpdir(), "fleet-bundles-"));
+  dirs.push(d);
+  return d;
+}
+afterAll(() => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+const silent = pino({ level: "silent" });
+const DAY = 86_400_000;
+
+/** An agent module importing a local helper and the SDK (by package name and by path). */
+function writeAgent(dir: string, word: string): string {
+  writeFileSync(join(dir, "word.ts"), `export const word = ${JSON.stringify(word)};\n`);
+  const file = join(dir, "agent.ts");
+  writeFileSync(
+    file,
+    `import { defineAgent } from "agent-fleets";
+import { ToolDenied } from ${JSON.stringify(SDK_ENTRY)};
+import { word } from "./word.ts";
+export default defineAgent({ init: () => ({}), onStimulus(_s, ctx) { ctx.emit({ word, denied: ToolDenied.name }); } });
+`,
+  );
+  return file;
+}
+
+describe("buildBundle", () => {
+  test("bundles local imports in and leaves the SDK to the host runtime, by its absolute path", async () => {
+    const dir = tempDir();
+    const r = await buildBundle(writeAgent(dir, "alpha"), HOST_PATHS, SDK_ENTRY);
+    if (!r.ok) throw new Error(r.error);
+    expect(r.code).toContain('"alpha"');
+    expect(r.code).not.toContain("./word.ts");
+    expect(r.code).toContain(`from "${SDK_ENTRY}"`);
+    expect(r.code).not.toContain("class ToolDenied");
+    expect(r.hash).toBe(await blake3Hex(r.code));
+    // The same code bundles to the same hash; different code to another.
+    const again = await buildBundle(join(dir, "agent.ts"), HOST_PATHS, SDK_ENTRY);
+    expect(again.ok && again.hash).toBe(r.hash);
+    writeAgent(dir, "beta");
+    const other = await buildBundle(join(dir, "agent.ts"), HOST_PATHS, SDK_ENTRY);
+    expect(other.ok && other.hash).not.toBe(r.hash);
+  });
+
+  test("a module that does not parse, imports a missing file or does not exist is an error naming why", async () => {
+    const dir = tempDir();
+    writeFileSync(join(dir, "bad.ts"), "export default {\n");
+    writeFileSync(join(dir, "missing.ts"), 'import x from "./nope.ts";\nexport default x;\n');
+    const bad = await buildBundle(join(dir, "bad.ts"), HOST_PATHS, SDK_ENTRY);
+    const missing = await buildBundle(join(dir, "missing.ts"), HOST_PATHS, SDK_ENTRY);
+    const none = await buildBundle(join(dir, "none.ts"), HOST_PATHS, SDK_ENTRY);
+    expect(bad.ok).toBe(false);
+    expect(!missing.ok && missing.error).toContain("nope.ts");
+    expect(!none.ok && none.error).toContain("none.ts");
+  });
+});
+
+describe("BundleFiles", () => {
+  test("materialises stored code once, read-only, at <dir>/<hash>.js", async () => {
+    const dir = join(tempDir(), "bundles");
+    const code = "export default 42;\n";
+    const hash = await blake3Hex(code);
+    let reads = 0;
+    const files = new BundleFiles(dir, async (h) => {
+      reads++;
+      return h === hash ? code : null;
+    });
+    const path = await files.file(hash);
+    expect(path).toBe(join(dir, `${hash}.js`));
+    expect(statSync(path).mode & 0o777).toBe(0o444);
+    expect(await Bun.file(path).text()).toBe(code);
+    expect(await files.file(hash)).toBe(path);
+    expect(reads).toBe(1);
+  });
+
+  test("refuses a bundle the store lacks, stored code not matching its hash, a name that is no hash", async () => {
+    const files = new BundleFiles(join(tempDir(), "b"), async () => "export default 'tampered';\n");
+    const none = new BundleFiles(join(tempDir(), "b"), async () => null);
+    await expect(files.file("a".repeat(64))).rejects.toThrow("does not match its hash");
+    await expect(none.file("b".repeat(64))).rejects.toThrow("not in the store");
+    await expect(none.file("../../etc/passwd")).rejects.toBeInstanceOf(BundleMissing);
+  });
+});
+
+describe("pinCode", () => {
+  const toml = (module: string) => `[fleet]\nname = "pin"\n\n[agents.t]\nmodule = ${JSON.stringify(module)}\n`;
+
+  test("names each type's bundle in the spec version, whose hash then covers the code", async () => {
+    const dir = tempDir();
+    const module = writeAgent(dir, "one");
+    const saved: string[] = [];
+    const deps = {
+      sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash) },
+      files: new BundleFiles(join(dir, "b"), async () => null),
+      hostPaths: HOST_PATHS,
+      sdkEntry: SDK_ENTRY,
+      now: () => 1,
+      log: silent,
+    };
+    const sv = await compileSpec(toml(module), join(dir, "fleet.toml"));
+    const one = await pinCode(sv, null, deps);
+    if (!one.ok) throw new Error(one.problems.join());
+    expect(Object.keys(one.sv.bundles)).toEqual(["t"]);
+    expect(saved).toEqual([one.sv.bundles.t!]);
+    expect(one.sv.textHash).toBe(sv.hash);
+    expect(one.sv.hash).not.toBe(sv.hash);
+    // The stored bundle is materialised from the code in hand.
+    expect(await Bun.file(await deps.files.file(one.sv.bundles.t!)).text()).toContain('"one"');
+
+    writeAgent(dir, "two");
+    const two = await pinCode(sv, one.sv, deps);
+    expect(two.ok && two.sv.hash).not.toBe(one.sv.hash);
+
+    // A broken edit refuses the version that would replace working code...
+    writeFileSync(join(dir, "word.ts"), "export const word = (;\n");
+    const broken = await pinCode(sv, one.sv, deps);
+    expect(!broken.ok && broken.problems[0]).toContain("agents.t.module cannot be bundled");
+    // ...but at start (nothing to replace) the type runs from its file and fails there as before.
+    const atStart = await pinCode(sv, null, deps);
+    expect(atStart.ok && atStart.sv.bundles).toEqual({});
+    expect(atStart.ok && atStart.sv.hash).toBe(sv.hash);
+  });
+});
+
+describe("retention of bundles", () => {
+  test("keeps a bundle while an episode, the running spec or a recent spec version names it", async () => {
+    const dir = tempDir();
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    try {
+      const now = Date.UTC(2026, 0, 10);
+      const old = now - 60 * DAY;
+      const h = (c: string) => c.repeat(64);
+      for (const c of ["1", "2", "3", "4", "5"])
+        await store.saveBundle({ hash: h(c), module: `/m/${c}.ts`, code: `// ${c}`, at: old });
+      await store.db.insert(tables.episodes).values({
+        id: "ep-1",
+        gateway: store.gatewayId,
+        agent: "t/a" as AgentId,
+        stimulusSeq: 1,
+        stimulusId: "id:1",
+        specVersion: h("a"),
+        status: "committed",
+        attempt: 1,
+        startedAt: now - DAY,
+        endedAt: now - DAY,
+        eventsHash: h("e"),
+        eventCount: 0,
+        bundle: h("1"),
+      });
+      await store.saveSpecVersion({
+        hash: h("b"),
+        path: "/f",
+        text: "",
+        summary: "",
+        at: now - DAY,
+        bundles: { t: h("2") },
+      });
+      await store.saveSpecVersion({
+        hash: h("c"),
+        path: "/f",
+        text: "x",
+        summary: "",
+        at: old,
+        bundles: { t: h("4") },
+      });
+      const spec = (await compileSpec('[fleet]\nname = "gc"\n', "/f")).spec;
+      const dry = await gcPass(store, spec, { now, dryRun: true, keepBundles: [h("3")] });
+      expect(dry.bundlesDeleted).toBe(2);
+      const r = await gcPass(store, spec, { now, keepBundles: [h("3")] });
+      expect(r.bundlesDeleted).toBe(2);
+      const left = (await store.client.execute("SELECT hash FROM bundles ORDER BY hash")).rows.map((x) => x.hash);
+      expect(left).toEqual([h("1"), h("2"), h("3")]);
+    } finally {
+      await store.close();
+    }
+  });
+});

@@ -1,0 +1,171 @@
+/**
+ * Code pinned by content (docs/upgrading.md) against a real gateway: each type's module is
+ * bundled with its local imports at start and at every redeploy, stored by BLAKE3, named by the
+ * spec version and by every episode, and episodes run from the stored bundle. Editing a file the
+ * module imports deploys new code; `fleet replay` of an older episode still runs the code that
+ * ran it (MATCH), `--module` runs the edited file. A broken edit is refused and the fleet keeps
+ * running the last good bundle.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { chmodSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { agentType, fleetHeader } from "./helpers/toml.ts";
+
+const SDK = join(ROOT, "agents/sdk/index.ts");
+const IS_ROOT = process.getuid?.() === 0;
+/** Where the gateway materialises bundles: beside the private data dir when agents run as uid 65534 (root). */
+const bundleFile = (fleet: TestFleet, hash: string) =>
+  IS_ROOT ? `${fleet.dataDir}.bundles/${hash}.js` : join(fleet.dataDir, "bundles", `${hash}.js`);
+
+/** The agent: counts, and labels what it emits with what its local helper module says. */
+const AGENT = `import { defineAgent } from ${JSON.stringify(SDK)};
+import { label } from "./label.ts";
+export default defineAgent<{ count: number }>({
+  init: () => ({ count: 0 }),
+  onStimulus(stimulus, ctx) {
+    ctx.state.count += 1;
+    ctx.decide("label", { label: label(), n: ctx.state.count });
+    ctx.emit({ label: label(), count: ctx.state.count, id: stimulus.id });
+  },
+});
+`;
+const label = (text: string) => `export const label = (): string => ${JSON.stringify(text)};\n`;
+
+interface Row {
+  [k: string]: unknown;
+}
+
+afterAll(cleanupAll);
+
+/** A fleet whose `tagger` type runs `<fleet dir>/agent.ts` (which imports `./label.ts`). */
+function taggerFleet(name: string, fleetLines = ""): { fleet: TestFleet; agent: string; labelFile: string } {
+  const fleet = new TestFleet("");
+  const agent = join(fleet.dir, "agent.ts");
+  const labelFile = join(fleet.dir, "label.ts");
+  // As root, agents run as uid 65534: the bundles beside the data dir must be reachable (mkdtemp made it 0700).
+  if (IS_ROOT) chmodSync(fleet.dir, 0o755);
+  writeFileSync(agent, AGENT);
+  writeFileSync(labelFile, label("v1"));
+  writeFileSync(
+    fleet.configPath,
+    fleetHeader(name, { fleet: fleetLines }) + agentType("tagger", agent, ["tags/+/in"], { dedup: "id" }),
+  );
+  return { fleet, agent, labelFile };
+}
+
+async function episodeRows(fleet: TestFleet, agent: string): Promise<Row[]> {
+  return fleet.query<Row>(
+    "SELECT id, bundle, spec_version, status FROM episodes WHERE agent = ? ORDER BY started_at, id",
+    [agent],
+  );
+}
+
+describe("code pinned by content", () => {
+  test("episodes run a stored bundle; an edited import is new code; old episodes replay on their code", async () => {
+    const { fleet, agent, labelFile } = taggerFleet("e2e-bundles");
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      await publishQos1(c, "tags/a/in", { id: "r1" });
+      await publishQos1(c, "tags/a/in", { id: "r2" });
+      await fleet.waitCommitted("tagger/a", 2);
+      const first = await episodeRows(fleet, "tagger/a");
+      const v1 = first[0]!.bundle as string;
+      expect(v1).toMatch(/^[0-9a-f]{64}$/);
+      expect(first.map((e) => e.bundle)).toEqual([v1, v1]);
+
+      // Stored by content, named by the spec version, materialised read-only for the sandbox.
+      const [stored] = await fleet.query<Row>("SELECT hash, module, code, bytes FROM bundles WHERE hash = ?", [v1]);
+      expect(stored?.module).toBe(agent);
+      expect(String(stored?.code)).toContain('"v1"');
+      expect(String(stored?.code)).not.toContain("import { label }");
+      const [spec] = await fleet.query<Row>("SELECT bundles FROM spec_versions WHERE hash = ?", [
+        first[0]!.spec_version as string,
+      ]);
+      expect(JSON.parse(String(spec?.bundles))).toEqual({ tagger: v1 });
+      expect(statSync(bundleFile(fleet, v1)).mode & 0o777).toBe(0o444);
+
+      // `fleet show` names the bundle.
+      const shown = await fleet.cli("show", first[0]!.id as string);
+      expect(shown.json.bundle).toBe(v1);
+      const human = await runCli(["show", first[0]!.id as string, "--data-dir", fleet.dataDir]);
+      expect(human.stdout).toContain(`code       bundle ${v1}`);
+
+      // Editing a file the module imports is new code: a new spec version, the next episode runs it.
+      writeFileSync(labelFile, label("v2"));
+      await waitFor(
+        async () => (await fleet.query("SELECT hash FROM spec_versions")).length === 2,
+        20_000,
+        "a spec version for the new code",
+      );
+      await publishQos1(c, "tags/a/in", { id: "r3" });
+      await fleet.waitCommitted("tagger/a", 3);
+      const after = await episodeRows(fleet, "tagger/a");
+      const v2 = after[2]!.bundle as string;
+      expect(v2).toMatch(/^[0-9a-f]{64}$/);
+      expect(v2).not.toBe(v1);
+      expect(after[2]!.spec_version).not.toBe(first[0]!.spec_version);
+      const [out] = await fleet.query<Row>("SELECT data FROM events WHERE episode = ? AND kind = 'decide'", [
+        after[2]!.id as string,
+      ]);
+      expect(JSON.parse(String(out?.data)).data.label).toBe("v2");
+
+      // Replay of the first episode runs the v1 bundle it names, though the file now says v2.
+      const replay = await fleet.cli("replay", first[0]!.id as string);
+      expect(replay.json.verdict).toBe("MATCH");
+      expect(replay.code).toBe(0);
+      // --module runs the file as it is now: new code against old history.
+      const tried = await fleet.cli("replay", first[0]!.id as string, "--module", agent);
+      expect(tried.json.verdict).toBe("DIVERGED");
+      expect(JSON.stringify(tried.json.divergence)).toContain("v2");
+
+      // A broken edit is refused with the key path and the bundler's reason; the last good code keeps running.
+      writeFileSync(labelFile, "export const label = (: string => ;\n");
+      const error = await waitFor(
+        async () => {
+          const body = (await (await fleet.fetch("/api/fleet")).json()) as { spec_error?: string | null };
+          return body.spec_error ?? undefined;
+        },
+        20_000,
+        "a reload error for the broken module",
+      );
+      expect(error).toContain("agents.tagger.module cannot be bundled");
+      await publishQos1(c, "tags/a/in", { id: "r4" });
+      await fleet.waitCommitted("tagger/a", 4);
+      expect((await episodeRows(fleet, "tagger/a"))[3]!.bundle).toBe(v2);
+
+      // Restarting on the same code reuses the same bundle and spec version.
+      writeFileSync(labelFile, label("v2"));
+      await fleet.stop();
+      await fleet.start();
+      await publishQos1(await fleet.mqtt(), "tags/a/in", { id: "r5" });
+      await fleet.waitCommitted("tagger/a", 5);
+      const last = (await episodeRows(fleet, "tagger/a"))[4]!;
+      expect(last.bundle).toBe(v2);
+      expect(last.spec_version).toBe(after[2]!.spec_version);
+      expect((await fleet.cli("verify")).code).toBe(0);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 180_000);
+
+  test.if(IS_ROOT)(
+    'a bundle runs under sandbox = "uid" (agents as uid 65534, files beside the private data dir)',
+    async () => {
+      const { fleet } = taggerFleet("e2e-bundles-uid", 'sandbox = "uid"\nallow_weak_sandbox = true');
+      try {
+        await fleet.start();
+        await publishQos1(await fleet.mqtt(), "tags/u/in", { id: "u1" });
+        await fleet.waitCommitted("tagger/u", 1);
+        const [ep] = await episodeRows(fleet, "tagger/u");
+        expect(ep?.bundle).toMatch(/^[0-9a-f]{64}$/);
+        expect(readFileSync(bundleFile(fleet, ep!.bundle as string), "utf8")).toContain('"v1"');
+        expect(statSync(fleet.dataDir).mode & 0o777).toBe(0o700);
+      } finally {
+        await fleet.dispose();
+      }
+    },
+    90_000,
+  );
+});
