@@ -220,7 +220,7 @@ export class Gateway {
     await this.startReplication(spec);
 
     this.buildPipeline(spec);
-    const problems = await checkConfigs(typesToCheck(spec, null), this.spawnOptions);
+    const problems = await checkConfigs(typesToCheck(spec, null), this.spawnOptions, this.spares ?? undefined);
     if (problems.length > 0)
       throw new SpecError(this.current.path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);
     publishFacts(this.events, () => this.broker);
@@ -725,7 +725,7 @@ export class Gateway {
           ...(this.opts.httpPort === undefined ? [] : ["http.port"]),
         ]),
       check: async (current, next) => {
-        const problems = await checkConfigs(typesToCheck(next, current), this.spawnOptions);
+        const problems = await checkConfigs(typesToCheck(next, current), this.spawnOptions, this.spares ?? undefined);
         return problems.length > 0 ? describeConfigProblems(problems) : null;
       },
       gate: (current, next) =>

@@ -5,13 +5,14 @@
  * Fixture: test/fixtures/config/typed.ts.
  */
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { stimuli, testAgent } from "agent-fleets/testing";
 import typed from "./fixtures/config/typed.ts";
 import { checkConfigs, defaultSpawnOptions, runEpisode } from "../gateway/episode/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
-import { cleanupAll, fixture, publishQos1, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { cleanupAll, fixture, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { fleetHeader, q } from "./helpers/toml.ts";
 
 setDefaultTimeout(120_000);
@@ -50,6 +51,29 @@ describe("config checked against the module's schema, in the sandbox", () => {
 
   test("a module without a schema takes any config", async () => {
     expect(await problemsOf('{ anything = "goes" }', fixture("counter"))).toEqual([]);
+  });
+
+  test("a module remembered as schema-less is checked again once its file changes", async () => {
+    const dir = mkdtempSync(join(ROOT, "test/fixtures/config/.tmp-"));
+    chmodSync(dir, 0o755); // the sandbox's uid must read it
+    try {
+      const mod = join(dir, "agent.ts");
+      const sdk = JSON.stringify(join(ROOT, "agents/sdk/index.ts"));
+      const agent = (schema: string) => `defineAgent({ ${schema}init: () => ({}), onStimulus() {} })`;
+      writeFileSync(mod, `import { defineAgent } from ${sdk};\nexport default ${agent("")};\n`);
+      expect(await problemsOf("{ threshold = 1 }", mod)).toEqual([]);
+      expect(await problemsOf("{ threshold = 1 }", mod)).toEqual([]); // remembered: no subprocess
+      await Bun.sleep(20); // a new mtime
+      writeFileSync(
+        mod,
+        `import { z } from "zod";\nimport { defineAgent } from ${sdk};\n` +
+          `export default ${agent("config: z.object({ threshold: z.string() }), ")};\n`,
+      );
+      const problems = await problemsOf("{ threshold = 1 }", mod);
+      expect(problems.map((p) => p.keyPath)).toEqual(["agents.t.config.threshold"]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("an episode sees the schema's output: defaults filled in", async () => {

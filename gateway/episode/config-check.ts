@@ -8,7 +8,9 @@ import type { ConfigCheck } from "../../agents/protocol.ts";
 import type { AgentTypeSpec, FleetSpec } from "../spec/index.ts";
 import { CHILD_LIMITS } from "./records.ts";
 import { runEpisode, type RunLimits } from "./runner.ts";
+import type { SparePool } from "./host-process.ts";
 import type { SpawnOptions } from "./sandbox.ts";
+import { moduleStamp } from "./sandbox-view.ts";
 
 /** One complaint about a type's config (or its module, when it cannot be checked at all). */
 export interface ConfigProblem {
@@ -21,12 +23,23 @@ export interface ConfigProblem {
 /** Most checks run at once (each is one subprocess). */
 const PARALLEL = 2;
 
-/** Check each type's config against its module's schema; types without a schema pass. */
-export async function checkConfigs(types: readonly AgentTypeSpec[], spawn: SpawnOptions): Promise<ConfigProblem[]> {
+/** Modules (by closure stamp) known to declare no config schema: nothing to check until their code changes. */
+const noSchema = new Set<string>();
+
+/**
+ * Check each type's config against its module's schema; types without a schema pass. A
+ * module seen without a schema is not loaded again until its files change, so a redeploy
+ * of such types costs no subprocess. `pool`: warm spares to run the checks in.
+ */
+export async function checkConfigs(
+  types: readonly AgentTypeSpec[],
+  spawn: SpawnOptions,
+  pool?: SparePool,
+): Promise<ConfigProblem[]> {
   const problems: ConfigProblem[] = [];
-  const queue = [...types];
+  const queue = types.filter((t) => !noSchema.has(stampOrPath(t.module_path)));
   const worker = async () => {
-    for (let type = queue.shift(); type; type = queue.shift()) problems.push(...(await checkType(type, spawn)));
+    for (let type = queue.shift(); type; type = queue.shift()) problems.push(...(await checkType(type, spawn, pool)));
   };
   await Promise.all(Array.from({ length: Math.min(PARALLEL, queue.length) }, worker));
   return problems.sort((a, b) => a.keyPath.localeCompare(b.keyPath));
@@ -47,7 +60,16 @@ export function describeConfigProblems(problems: readonly ConfigProblem[]): stri
   return problems.map((p) => `${p.keyPath} ${p.message}`).join("\n");
 }
 
-async function checkType(type: AgentTypeSpec, spawn: SpawnOptions): Promise<ConfigProblem[]> {
+function stampOrPath(module: string): string {
+  try {
+    return moduleStamp(module);
+  } catch {
+    return module;
+  }
+}
+
+async function checkType(type: AgentTypeSpec, spawn: SpawnOptions, pool?: SparePool): Promise<ConfigProblem[]> {
+  const stamp = stampOrPath(type.module_path);
   const limits: RunLimits = {
     timeoutMs: Math.max(type.budget.episode_timeout_ms, 10_000),
     memoryMb: type.budget.memory_mb,
@@ -74,12 +96,14 @@ async function checkType(type: AgentTypeSpec, spawn: SpawnOptions): Promise<Conf
     limits,
     async () => ({ ok: false, result: { error: "denied", reason: "a config check calls no tools" } }),
     spawn,
+    pool,
   );
   const base = `agents.${type.name}`;
   // A module that cannot load is reported by its episodes as before; only the schema's verdict refuses a deploy.
   if (!r.ok) return [];
   const check = r.state as ConfigCheck | null;
   if (!check || !Array.isArray(check.issues)) return [];
+  if (check.schema === false) noSchema.add(stamp);
   return check.issues.map((i) => ({
     type: type.name,
     keyPath: [`${base}.config`, ...i.path].join("."),

@@ -153,6 +153,11 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
   return out;
 }
 
+/** A stamp of a module's import closure (its files' mtimes): equal stamps, same code. */
+export function moduleStamp(modulePath: string): string {
+  return `${modulePath}\n${stampOf(agentFiles(modulePath).files)}`;
+}
+
 function stampOf(files: readonly string[]): string {
   return files
     .map((f) => {
