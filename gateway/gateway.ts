@@ -55,7 +55,8 @@ import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
-import { deployCheck, reloadGate, type DeployCheckOptions, type DeployCheckReport } from "./ops/index.ts";
+import { deployCheck, reloadGate, storedVersion } from "./ops/index.ts";
+import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
@@ -124,6 +125,8 @@ export class Gateway {
   /** The one owner of queued counts and admission (gateway/fleet/queue-book.ts). */
   private book!: QueueBook;
   private redeploy: Redeploy | null = null;
+  /** Per removed type, the spec version its draining agents run on (./fleet/roster.ts). */
+  private readonly drainSpecs = new Map<string, SpecVersion>();
   private housekeeping: Housekeeping | null = null;
   private watcher: SpecWatcher | null = null;
   private spares: SparePool | null = null;
@@ -227,6 +230,8 @@ export class Gateway {
 
     for (const row of await this.store.agentCounts()) void row; // warm the connection
     await this.book.load(this.store);
+    // Agents that were draining when the gateway stopped: those with nothing left retire now.
+    await this.roster.finishDrains();
 
     this.broker = this.createBroker(spec);
     this.effects = new Effects(this.store, this.broker, this.log);
@@ -456,9 +461,25 @@ export class Gateway {
     return this.route(topic);
   }
 
-  /** Operator lifecycle: pause, resume or retire an agent. */
-  setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult> {
-    return this.roster.setLifecycle(id, action);
+  /** Operator lifecycle: pause, resume or retire an agent (`drain`: after its queued stimuli ran). */
+  setLifecycle(id: AgentId, action: LifecycleAction, opts: { drain?: boolean } = {}): Promise<LifecycleResult> {
+    return this.roster.setLifecycle(id, action, opts);
+  }
+
+  /**
+   * The newest stored spec version that has `type`: what a removed type's agents drain on.
+   * Spec versions never change, so the answer is kept.
+   */
+  private async drainSpec(type: string): Promise<SpecVersion | null> {
+    const known = this.drainSpecs.get(type);
+    if (known) return known;
+    for (const row of await this.store.listSpecVersions(1000)) {
+      const sv = await storedVersion(row).catch(() => null);
+      if (!sv?.spec.agents[type]) continue;
+      this.drainSpecs.set(type, sv);
+      return sv;
+    }
+    return null;
   }
 
   /** Fleet-level summary: the body of `fleet/health` and part of /api/fleet. */
@@ -535,7 +556,10 @@ export class Gateway {
     const spawnOptions = this.spawnOptions;
     const spares = new SparePool(spec.fleet.warm_spares, spawnOptions, this.procs);
     this.spares = spares;
-    this.book = new QueueBook({ onQueued: (a) => this.scheduler.notify(a) });
+    this.book = new QueueBook({
+      onQueued: (a) => this.scheduler.notify(a),
+      onDrained: (a) => void this.roster.finishDrain(a).catch((err: unknown) => this.log.error({ err }, "drain")),
+    });
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
@@ -547,6 +571,8 @@ export class Gateway {
       stopping: () => this.state === "draining" || this.state === "stopped",
       lifecycleStamp: (a) => this.roster.lifecycleStamp(a),
       queue: this.book,
+      drained: (a) => this.roster.finishDrain(a),
+      drainSpec: (type) => this.drainSpec(type),
       publishCommitted: (episode, rows, agent) => this.effects.publishCommitted(episode, rows, agent),
       wakesScheduled: (dueAt) => this.wakeups?.scheduled(dueAt),
       infra: this.infra,
@@ -752,6 +778,7 @@ export class Gateway {
   /** Switch routing and new episodes to `sv`. */
   private adopt(sv: SpecVersion): void {
     this.current = sv;
+    this.drainSpecs.clear(); // a type removed again may have changed meanwhile
     this.route = createRouter(sv.spec);
     this.broker
       ?.setIntakeFilters(intakeFilters(sv.spec))

@@ -125,10 +125,10 @@ export function decodePayload(bytes: Uint8Array | null): unknown {
 }
 
 /** Live agent status as published on `fleet/agents/<type>/<key>/status`. */
-export type AgentStatus = "idle" | "running" | "paused" | "retired" | "failed";
+export type AgentStatus = "idle" | "running" | "paused" | "draining" | "retired" | "failed";
 
 /** Why a stimulus was not admitted to an agent's queue; callers branch on the code. */
-export type AdmissionCode = "retired" | "queue_full";
+export type AdmissionCode = "retired" | "draining" | "queue_full";
 
 /** The answer of the one admission every source goes through (intake, timers, sends, retries). */
 export type Admission =

@@ -183,6 +183,17 @@ describe("decideTurn", () => {
       expect(decideTurn(inputs({ usage: [row] }), spec, NOW)).toMatchObject({ kind: "pause", budget, until });
   });
 
+  test("a draining agent runs its queue; over a budget it waits for the window and stays draining", () => {
+    const draining = agent({ status: "draining", reason: "draining: retired by operator" });
+    expect(decideTurn(inputs({ agent: draining }), spec, NOW)).toMatchObject({ kind: "run", attempt: 1 });
+    const over = [usage(win.hourWindow, { episodes: 2 })];
+    expect(decideTurn(inputs({ agent: draining, usage: over }), spec, NOW)).toEqual({
+      kind: "wait",
+      until: win.hourEnds,
+    });
+    expect(decideTurn(inputs({ agent: draining, head: undefined }), spec, NOW)).toEqual({ kind: "empty" });
+  });
+
   test("usage under every budget runs, with the tokens left today", () => {
     const d = decideTurn(
       inputs({ usage: [usage(win.hourWindow, { episodes: 1 }), usage(win.dayWindow, { tokens: 30, cost: 1 })] }),

@@ -252,7 +252,7 @@ describe("lifecycle results carry a code", () => {
       code: "not_found",
     });
     await ctx.store.ensureAgents([{ id: "mon/z" as AgentId, type: "mon", key: "z" }]);
-    expect(await roster.setLifecycle("mon/z" as AgentId, "retire")).toEqual({ ok: true });
+    expect(await roster.setLifecycle("mon/z" as AgentId, "retire")).toEqual({ ok: true, status: "retired" });
     expect(ctx.book.isRetired("mon/z" as AgentId)).toBe(true);
     for (const action of ["pause", "resume"] as const)
       expect(await roster.setLifecycle("mon/z" as AgentId, action)).toEqual({
@@ -260,6 +260,50 @@ describe("lifecycle results carry a code", () => {
         code: "retired",
         message: "mon/z is retired",
       });
+    scheduler.stop();
+  });
+});
+
+describe("a draining agent", () => {
+  test("refuses new admissions with code draining while an admission already in flight is kept", async () => {
+    const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: async () => ({ kind: "empty" }), queued: () => 0 });
+    const drained: AgentId[] = [];
+    const book = new QueueBook({ onDrained: (a) => drained.push(a) });
+    const roster = new Roster(ctx.store, ctx.events, scheduler, book);
+    const id = "mon/d" as AgentId;
+    await ctx.store.ensureAgents([{ id, type: "mon", key: "d" }]);
+    // Admitted before the drain, written after: it is kept and holds the drain open.
+    expect(book.admit(id, 3)).toEqual({ ok: true });
+    expect(await roster.setLifecycle(id, "retire", { drain: true })).toEqual({ ok: true, status: "draining" });
+    expect(book.admit(id, 3)).toMatchObject({ ok: false, code: "draining" });
+    expect(book.pending(id)).toBe(1);
+    expect(await roster.finishDrain(id)).toBe(false);
+    // The place is given back unused (a duplicate): nothing is left, the book says so.
+    book.released(id);
+    expect(drained).toEqual([id]);
+    expect(await roster.finishDrain(id)).toBe(true);
+    expect((await ctx.store.getAgent(id))?.status).toBe("retired");
+    expect(book.isRetired(id)).toBe(true);
+    for (const action of ["pause", "resume"] as const)
+      expect(await roster.setLifecycle(id, action)).toMatchObject({ ok: false, code: "retired" });
+    scheduler.stop();
+  });
+
+  test("cannot be paused or resumed; a plain retire ends it at once; the book reloads it after a restart", async () => {
+    const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: async () => ({ kind: "empty" }), queued: () => 0 });
+    const roster = new Roster(ctx.store, ctx.events, scheduler, ctx.book);
+    const id = "mon/e" as AgentId;
+    await ctx.intake.record([target("mon", "e")], "manual", null, enc({ id: "x" }), "id:x" as StimulusId);
+    expect(await roster.setLifecycle(id, "retire", { drain: true })).toEqual({ ok: true, status: "draining" });
+    const again = new QueueBook();
+    await again.load(ctx.store);
+    expect(again.isDraining(id)).toBe(true);
+    expect(again.admit(id, 3)).toMatchObject({ ok: false, code: "draining" });
+    for (const action of ["pause", "resume"] as const)
+      expect(await roster.setLifecycle(id, action)).toMatchObject({ ok: false, code: "draining" });
+    expect(await roster.setLifecycle(id, "retire")).toEqual({ ok: true, status: "retired" });
+    expect(ctx.book.isDraining(id)).toBe(false);
+    expect(ctx.book.isRetired(id)).toBe(true);
     scheduler.stop();
   });
 });

@@ -208,7 +208,7 @@ describe("/metrics", () => {
       expect(h.types.counter.episodes_hour).toBe(
         sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }),
       );
-      expect(h.types.counter.agents).toEqual({ idle: 3, paused: 0, failed: 0, retired: 0 });
+      expect(h.types.counter.agents).toEqual({ idle: 3, paused: 0, draining: 0, failed: 0, retired: 0 });
       expect(h.budget_burn).toBeCloseTo(0.02, 3); // agents a and b: 2 of their 100 episodes this hour
       expect(h.lag_ms).toBe(0);
       expect(h.queued_stimuli).toBe(0);

@@ -81,6 +81,8 @@ export interface CliFlags {
   readonly diff?: string;
   /** `trace --topic T`. */
   readonly topic?: string;
+  /** `retire --drain`: finish the queued stimuli first. */
+  readonly drain?: boolean;
   /** `deploy --check`: replay history against the candidate instead of applying anything. */
   readonly check?: boolean;
   /** `deploy --check`: committed episodes per sampled agent, agents per changed type. */

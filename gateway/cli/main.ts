@@ -42,6 +42,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
   replay --agent <type/key> [--module FILE] replay an agent's whole history (regression test for new code)
   pause|resume|retire <type/key>
+  retire <type/key> --drain   take no new stimuli, run those already queued, then retire
   gc [--dry-run] [--now MS]   apply retention now (checkpoint.keep, episodes_days, dedup_days);
                               --now: a --dry-run preview, or on a stopped gateway only (warns)
   send <topic> <json> [--id ID]
@@ -119,6 +120,7 @@ const ARGS = {
     user: { type: "string" },
     dir: { type: "string" },
     check: { type: "boolean", default: false },
+    drain: { type: "boolean", default: false },
     episodes: { type: "string" },
     agents: { type: "string" },
     help: { type: "boolean", short: "h", default: false },

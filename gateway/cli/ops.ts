@@ -15,6 +15,7 @@ import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { parseAgentId } from "../types.ts";
+import { OPERATOR_DRAIN } from "../fleet/index.ts";
 
 /** A port flag: 0 picks a free port. */
 const PORT = { min: 0, max: 65_535 } as const;
@@ -118,7 +119,7 @@ export async function cmdGc(cli: Cli): Promise<number> {
   return 0;
 }
 
-/** `fleet pause|resume|retire <type/key>` */
+/** `fleet pause|resume|retire <type/key>`; `retire --drain` retires after the queued stimuli ran. */
 export async function cmdLifecycle(
   cli: Cli,
   action: "pause" | "resume" | "retire",
@@ -126,12 +127,20 @@ export async function cmdLifecycle(
 ): Promise<number> {
   const a = agent ? parseAgentId(agent) : null;
   if (!a) throw new UsageError(`${action} needs an agent <type>/<key>`);
+  const drain = cli.flags.drain === true;
+  if (drain && action !== "retire") throw new UsageError(`--drain goes with retire, not ${action}`);
   const live = await cli.running();
   if (live) {
-    const res = await liveFetch(live, `/api/agents/${a.type}/${a.key}/${action}`, { method: "POST" });
-    const body = await res.json();
+    const res = await liveFetch(live, `/api/agents/${a.type}/${a.key}/${action}${drain ? "?drain=1" : ""}`, {
+      method: "POST",
+    });
+    const body = (await res.json()) as { status?: string; error?: { message: string } };
     cli.print(body, () =>
-      res.ok ? `${action}d ${a.id}` : `error: ${(body as { error: { message: string } }).error.message}`,
+      !res.ok
+        ? `error: ${body.error?.message}`
+        : body.status === "draining"
+          ? `draining ${a.id}: it takes no new stimuli, runs those already queued, then is retired`
+          : `${action}d ${a.id}`,
     );
     return res.ok ? 0 : 1;
   }
@@ -148,12 +157,25 @@ export async function cmdLifecycle(
     console.error(`${a.id} is retired`);
     return 1;
   }
-  const status = action === "pause" ? "paused" : action === "resume" ? "active" : "retired";
-  await store.setAgentStatus(a.id, status, action === "resume" ? null : `${action}d by operator`);
+  if (row.status === "draining" && action !== "retire") {
+    await store.close();
+    console.error(`${a.id} is draining: it retires once its queue is empty (retire without --drain retires it now)`);
+    return 1;
+  }
+  // Draining with nothing queued (or a failed agent, which cannot run its queue) is retiring.
+  const drains = drain && row.status !== "retired" && row.status !== "failed" && !!(await store.headOfQueue(a.id));
+  const status = action === "pause" ? "paused" : action === "resume" ? "active" : drains ? "draining" : "retired";
+  if (row.status !== "retired" || !drain)
+    await store.setAgentStatus(
+      a.id,
+      status,
+      action === "resume" ? null : drains ? OPERATOR_DRAIN : `${action}d by operator`,
+    );
   await store.close();
-  cli.print(
-    { ok: true, agent: a.id, action },
-    () => `${action}d ${a.id} (gateway stopped; takes effect at next start)`,
+  cli.print({ ok: true, agent: a.id, action, ...(drain ? { drain } : {}), status }, () =>
+    drains
+      ? `draining ${a.id} (gateway stopped): at the next start it runs the stimuli already queued, then is retired`
+      : `${action}d ${a.id} (gateway stopped; takes effect at next start)`,
   );
   return 0;
 }

@@ -82,6 +82,8 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
     case "failed":
       return { kind: "parked" };
     case "active":
+    // Draining (`fleet retire --drain`): takes no new stimuli but runs those already queued.
+    case "draining":
       break;
     default: {
       const never: never = agent.status;
@@ -101,7 +103,9 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
   const windows = budgetWindows(now);
   const over = overBudget(type, windows, inputs.usage);
   // An operator's `fleet resume` of a budget pause lets the agent run until that window ends.
-  if (over && !(inputs.budgetOverrideUntil > now)) return { kind: "pause", ...over };
+  if (over && !(inputs.budgetOverrideUntil > now))
+    // A draining agent keeps its status (it retires when its queue is empty): it only waits.
+    return agent.status === "draining" ? { kind: "wait", until: over.until } : { kind: "pause", ...over };
   const day = inputs.usage.find((u) => u.window === windows.dayWindow);
   return {
     kind: "run",

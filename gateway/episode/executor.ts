@@ -81,6 +81,10 @@ export interface EpisodeDeps {
   readonly lifecycleStamp?: (agent: AgentId) => number;
   /** The queue book: told right after the store's queue rows change. */
   readonly queue: EpisodeQueue;
+  /** A draining agent's turn ended (its head left, or its queue was empty): retire it when nothing is left. */
+  readonly drained?: (agent: AgentId) => Promise<unknown>;
+  /** The spec a draining agent of a type no longer in fleet.toml runs on (the newest that has it), or null. */
+  readonly drainSpec?: (type: string) => Promise<SpecVersion | null>;
   /** Infrastructure health of episode starts (an infra failure does not consume the agent's retries). */
   readonly infra?: InfraHealth;
   /** A committed episode set wake-ups; the soonest is due at `dueAt` (the wake-up clock re-arms). */
@@ -119,9 +123,13 @@ export class EpisodeExecutor {
   private async turnInner(agentId: AgentId): Promise<TurnResult> {
     const { store, events } = this.d;
     const now = this.d.now();
-    const sv = this.d.spec();
+    let sv = this.d.spec();
     const win = budgetWindows(now);
     let inputs = await store.turnInputs(agentId, [win.hourWindow, win.dayWindow]);
+    // A removed type's agents drain on the last spec version that had the type (recorded with
+    // each episode, so replay finds its module and config).
+    const a = inputs.agent;
+    if (a?.status === "draining" && !sv.spec.agents[a.type]) sv = (await this.d.drainSpec?.(a.type)) ?? sv;
     for (;;) {
       const d = decideTurn(inputs, sv.spec, now);
       switch (d.kind) {
@@ -135,6 +143,7 @@ export class EpisodeExecutor {
           continue;
         case "empty":
           // Not a reason to zero the book: a stimulus recorded after this turn's read is counted there.
+          if (inputs.agent?.status === "draining") await this.d.drained?.(agentId);
           return { kind: "empty" };
         case "refuse_retired": {
           const count = await store.rejectQueued(agentId, d.reason, now);
@@ -290,7 +299,10 @@ export class EpisodeExecutor {
           retryAt: retry,
           usage,
         });
-        if (retry === null) this.d.queue.left(agentId);
+        if (retry === null) {
+          this.d.queue.left(agentId);
+          if (agent.status === "draining") await this.d.drained?.(agentId);
+        }
         log.warn(
           { kind: result.kind, attempt: d.attempt, quarantined: retry === null },
           `episode failed (${result.kind}): ${result.message.split("\n")[0]}`,
@@ -302,7 +314,13 @@ export class EpisodeExecutor {
           checkpoint: agent.headHash,
           quarantined: retry === null,
         });
-        await this.emitSettled(agentId, stamp, agent.headHash, `last episode failed: ${result.kind}`);
+        await this.emitSettled(
+          agentId,
+          stamp,
+          agent.headHash,
+          `last episode failed: ${result.kind}`,
+          agent.status === "draining",
+        );
         return retry === null ? { kind: "ran" } : { kind: "wait", until: retry };
       }
 
@@ -357,11 +375,12 @@ export class EpisodeExecutor {
       });
       this.d.queue.left(agentId);
       this.settleSends(gate, true);
+      if (agent.status === "draining") await this.d.drained?.(agentId);
       log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
       this.d.publishCommitted?.(episode, outbox, agentId);
       if (wakes && wakes.wakes.length > 0) this.d.wakesScheduled?.(Math.min(...wakes.wakes.map((w) => w.dueAt)));
       this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
-      await this.emitSettled(agentId, stamp, sealed.hash);
+      await this.emitSettled(agentId, stamp, sealed.hash, undefined, agent.status === "draining");
       if (inbox.length > 0) this.d.events.emit("intake", { source: "inbox", accepted: inbox.length, duplicates: 0 });
       return { kind: "ran" };
     } finally {
@@ -400,7 +419,13 @@ export class EpisodeExecutor {
       `episode could not start (not counted against the agent): ${reason}`,
     );
     this.d.events.emit("infra", { state: "degraded", reason, agent: agentId, type: agent.type });
-    await this.emitSettled(agentId, stamp, agent.headHash, "waiting: the episode could not start (infrastructure)");
+    await this.emitSettled(
+      agentId,
+      stamp,
+      agent.headHash,
+      "waiting: the episode could not start (infrastructure)",
+      agent.status === "draining",
+    );
     return { kind: "wait", until: now + waitMs };
   }
 
@@ -437,9 +462,10 @@ export class EpisodeExecutor {
     stamp: number | undefined,
     checkpoint: string | null,
     reason?: string,
+    draining = false,
   ): Promise<void> {
-    // Only an operator action during the episode can have changed the stored status.
-    const changed = stamp === undefined || this.d.lifecycleStamp?.(agentId) !== stamp;
+    // Only an operator action during the episode (or the end of a drain) can have changed the stored status.
+    const changed = stamp === undefined || this.d.lifecycleStamp?.(agentId) !== stamp || draining;
     const now = changed ? await this.d.store.getAgent(agentId) : null;
     if (now && now.status !== "active") {
       this.d.events.emit("status", {

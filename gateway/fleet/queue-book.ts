@@ -9,6 +9,9 @@
  *   failed write, the sending episode did not commit); left() when an episode commits or
  *   quarantines the head; rejected() when a retired agent's queue is refused.
  *
+ * A draining agent (`fleet retire --drain`) is refused like a retired one, but what was queued
+ * or admitted before still runs; `pending()` says when nothing is left.
+ *
  * Nothing here listens to the event bus: the bus is for observers.
  */
 import type { Store } from "../store/index.ts";
@@ -18,6 +21,8 @@ import type { Admission, AgentId } from "../types.ts";
 export interface QueueBookOptions {
   /** An agent gained queued work. */
   readonly onQueued?: (agent: AgentId) => void;
+  /** A draining agent's last admitted place was given back unused: nothing is left for it. */
+  readonly onDrained?: (agent: AgentId) => void;
 }
 
 /** Per-agent queued counts, reservations and retirements of a running gateway. */
@@ -26,6 +31,7 @@ export class QueueBook {
   /** Places admitted but not yet written (intake in flight, sends of a running episode). */
   private readonly reserved = new Map<AgentId, number>();
   private readonly retired = new Set<AgentId>();
+  private readonly draining = new Set<AgentId>();
   private totalQueued = 0;
 
   constructor(private readonly opts: QueueBookOptions = {}) {}
@@ -34,6 +40,8 @@ export class QueueBook {
   async load(store: Pick<Store, "queuedSummary" | "listAgents">): Promise<void> {
     const { rows } = await store.listAgents({ status: "retired", limit: 1_000_000 });
     for (const a of rows) this.retired.add(a.id as AgentId);
+    const drains = await store.listAgents({ status: "draining", limit: 1_000_000 });
+    for (const a of drains.rows) this.draining.add(a.id as AgentId);
     for (const q of await store.queuedSummary()) this.add(q.agent as AgentId, q.n);
   }
 
@@ -44,6 +52,8 @@ export class QueueBook {
    */
   admit(agent: AgentId, maxQueue: number): Admission {
     if (this.retired.has(agent)) return { ok: false, code: "retired", message: "agent is retired" };
+    if (this.draining.has(agent))
+      return { ok: false, code: "draining", message: "agent is draining: it runs what is queued, then retires" };
     const reserved = this.reserved.get(agent) ?? 0;
     if (this.queued(agent) + reserved >= maxQueue)
       return { ok: false, code: "queue_full", message: `queue full (max_queue ${maxQueue})` };
@@ -60,6 +70,7 @@ export class QueueBook {
   /** `n` admitted places were not used (duplicates, a failed write, a send whose episode did not commit). */
   released(agent: AgentId, n = 1): void {
     this.unreserve(agent, n);
+    if (this.draining.has(agent) && this.pending(agent) === 0) this.opts.onDrained?.(agent);
   }
 
   /** The head of the agent's queue left it (committed or quarantined). */
@@ -89,6 +100,21 @@ export class QueueBook {
     return this.totalQueued;
   }
 
+  /** Stimuli queued or admitted (places reserved by admissions in flight) for an agent. */
+  pending(agent: AgentId): number {
+    return this.queued(agent) + (this.reserved.get(agent) ?? 0);
+  }
+
+  /** Whether an agent is draining (admissions refused; what is queued still runs). */
+  isDraining(agent: AgentId): boolean {
+    return this.draining.has(agent);
+  }
+
+  /** The agent drains: refuse what comes for it from now on, keep what is queued or admitted. */
+  drain(agent: AgentId): void {
+    this.draining.add(agent);
+  }
+
   /** Whether an agent is retired (its admissions are refused). */
   isRetired(agent: AgentId): boolean {
     return this.retired.has(agent);
@@ -96,12 +122,14 @@ export class QueueBook {
 
   /** The agent was retired: refuse what comes for it from now on. */
   retire(agent: AgentId): void {
+    this.draining.delete(agent);
     this.retired.add(agent);
   }
 
-  /** The agent is active again. */
+  /** The agent is active again (no longer retired or draining). */
   unretire(agent: AgentId): void {
     this.retired.delete(agent);
+    this.draining.delete(agent);
   }
 
   private add(agent: AgentId, n: number): void {

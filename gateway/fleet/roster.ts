@@ -6,19 +6,30 @@
 import type { FleetEvents } from "../events.ts";
 import type { QueueBook } from "./queue-book.ts";
 import type { Scheduler } from "./scheduler.ts";
-import type { Store } from "../store/index.ts";
+import type { Store, StoredAgentStatus } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
 
 /** An operator lifecycle action (`fleet pause|resume|retire`, POST /api/agents/.../<action>). */
 export type LifecycleAction = "pause" | "resume" | "retire";
 
 /** Why a lifecycle action was refused; callers branch on this, never on the message. */
-export type LifecycleRefusal = "not_found" | "retired";
+export type LifecycleRefusal = "not_found" | "retired" | "draining";
 
 /** What a lifecycle action returns: an unknown or retired agent is an expected outcome. */
 export type LifecycleResult =
-  | { readonly ok: true }
+  | { readonly ok: true; readonly status: StoredAgentStatus }
   | { readonly ok: false; readonly code: LifecycleRefusal; readonly message: string };
+
+/** The reason a draining agent carries for its retirement by an operator. */
+export const OPERATOR_DRAIN = "draining: retired by operator once its queued stimuli have run";
+/** The suffix of a removed type's agents' reason while they drain. */
+const DRAINING_SUFFIX = "; draining its queued stimuli";
+
+/** The reason a drained agent is retired with (the removal reason a returning type looks for stays). */
+function drainedReason(reason: string | null): string {
+  if (reason?.endsWith(DRAINING_SUFFIX)) return reason.slice(0, -DRAINING_SUFFIX.length);
+  return "retired by operator after draining its queue";
+}
 
 /** Lifecycle actions of a running gateway. */
 export class Roster {
@@ -37,56 +48,122 @@ export class Roster {
     return this.lifecycleStamps.get(agent) ?? 0;
   }
 
-  /** Operator lifecycle: pause, resume or retire an agent. */
-  async setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult> {
+  private bump(id: AgentId): void {
     this.lifecycleStamps.set(id, (this.lifecycleStamps.get(id) ?? 0) + 1);
+  }
+
+  /**
+   * Operator lifecycle: pause, resume or retire an agent. `drain` (retire only): the agent takes
+   * no new stimuli, runs those already queued, then is retired. A draining agent cannot be paused
+   * or resumed; a plain retire retires it at once (what is still queued is refused).
+   */
+  async setLifecycle(id: AgentId, action: LifecycleAction, opts: { drain?: boolean } = {}): Promise<LifecycleResult> {
+    this.bump(id);
     const agent = await this.store.getAgent(id);
     if (!agent) return { ok: false, code: "not_found", message: `no agent ${id}` };
+    // Pausing must not bring a retired agent back (resume would then reactivate it).
+    if (agent.status === "retired" && action !== "retire")
+      return { ok: false, code: "retired", message: `${id} is retired` };
+    if (agent.status === "draining" && action !== "retire")
+      return {
+        ok: false,
+        code: "draining",
+        message: `${id} is draining: it retires once its queue is empty (\`retire\` without drain retires it now)`,
+      };
     if (action === "pause") {
-      // Pausing must not bring a retired agent back (resume would then reactivate it).
-      if (agent.status === "retired") return { ok: false, code: "retired", message: `${id} is retired` };
       await this.store.setAgentStatus(id, "paused", "paused by operator");
       this.events.emit("status", { agent: id, status: "paused", reason: "paused by operator" });
-    } else if (action === "resume") {
-      if (agent.status === "retired") return { ok: false, code: "retired", message: `${id} is retired` };
+      return { ok: true, status: "paused" };
+    }
+    if (action === "resume") {
       if (agent.status === "paused" && agent.pausedUntil !== null && agent.reason?.startsWith("budget")) {
         await this.store.setMeta(`budget_override:${id}`, String(agent.pausedUntil));
       }
       await this.store.setAgentStatus(id, "active", null);
       this.events.emit("status", { agent: id, status: "idle", checkpoint: agent.headHash });
       this.scheduler.wake(id);
-    } else {
-      await this.store.setAgentStatus(id, "retired", "retired by operator");
-      this.book.retire(id);
-      this.events.emit("status", { agent: id, status: "retired", reason: "retired by operator" });
-      // Its next turn refuses what still waits for it (recorded as rejected).
-      if (this.book.queued(id) > 0) this.scheduler.wake(id);
+      return { ok: true, status: "active" };
     }
-    return { ok: true };
+    // A failed agent cannot run what waits for it: draining it is retiring it.
+    if (opts.drain && agent.status === "retired") return { ok: true, status: "retired" };
+    if (opts.drain && agent.status !== "failed") {
+      if (agent.status !== "draining") await this.startDrain(id, OPERATOR_DRAIN);
+      return { ok: true, status: (await this.finishDrain(id)) ? "retired" : "draining" };
+    }
+    await this.retireNow(id, "retired by operator");
+    return { ok: true, status: "retired" };
   }
 
-  /** Retire every agent of a type removed from fleet.toml (spec `hash`). */
+  /** Retire at once: what still waits is refused by its next turn (recorded as rejected). */
+  private async retireNow(id: AgentId, reason: string): Promise<void> {
+    await this.store.setAgentStatus(id, "retired", reason);
+    this.book.retire(id);
+    this.events.emit("status", { agent: id, status: "retired", reason });
+    if (this.book.queued(id) > 0) this.scheduler.wake(id);
+  }
+
+  /** Stop admitting stimuli for the agent; what is queued or admitted still runs. */
+  private async startDrain(id: AgentId, reason: string): Promise<void> {
+    // The book first: nothing admitted after this point, while the status is written.
+    this.book.drain(id);
+    await this.store.setAgentStatus(id, "draining", reason);
+    this.events.emit("status", { agent: id, status: "draining", reason });
+    // A paused agent's queue runs now: draining takes it to retirement.
+    this.scheduler.wake(id);
+  }
+
+  /**
+   * A draining agent with nothing queued or admitted is retired (true). Called after each of its
+   * turns, when an admitted place is given back, and at start; idempotent.
+   */
+  async finishDrain(id: AgentId): Promise<boolean> {
+    if (!this.book.isDraining(id) || this.book.pending(id) > 0) return false;
+    const agent = await this.store.getAgent(id);
+    if (agent?.status !== "draining" || this.book.pending(id) > 0) return false;
+    this.bump(id);
+    const reason = drainedReason(agent.reason);
+    await this.store.setAgentStatus(id, "retired", reason);
+    this.book.retire(id);
+    this.events.emit("status", { agent: id, status: "retired", reason, checkpoint: agent.headHash });
+    return true;
+  }
+
+  /** At start: retire the draining agents whose queue emptied before the last stop. */
+  async finishDrains(): Promise<void> {
+    for (const a of (await this.store.listAgents({ status: "draining", limit: 1_000_000 })).rows)
+      await this.finishDrain(a.id as AgentId);
+  }
+
+  /**
+   * Retire every agent of a type removed from fleet.toml (spec `hash`) the graceful way: each
+   * drains first (its queued stimuli run on the last spec version that had the type).
+   */
   async retireType(type: string, hash: string): Promise<void> {
     const reason = `type ${type} removed from fleet.toml (spec ${hash.slice(0, 12)})`;
     for (const a of await this.store.listAgents({ type, limit: 1_000_000 }).then((r) => r.rows)) {
-      if (a.status === "retired") continue;
+      if (a.status === "retired" || a.status === "draining") continue;
       const id = a.id as AgentId;
-      await this.store.setAgentStatus(id, "retired", reason);
-      this.book.retire(id);
-      this.events.emit("status", { agent: id, status: "retired", reason });
-      if (this.book.queued(id) > 0) this.scheduler.wake(id);
+      this.bump(id);
+      if (a.status === "failed") await this.retireNow(id, reason);
+      else {
+        await this.startDrain(id, reason + DRAINING_SUFFIX);
+        await this.finishDrain(id);
+      }
     }
   }
 
-  /** A type that comes back brings back the agents its removal retired (not operator retirements). */
+  /** A type that comes back brings back the agents its removal retired or drains (not operator retirements). */
   async unretireType(type: string): Promise<void> {
-    for (const a of await this.store.listAgents({ type, status: "retired", limit: 1_000_000 }).then((r) => r.rows)) {
-      if (!a.reason?.startsWith(`type ${type} removed`)) continue;
-      const id = a.id as AgentId;
-      await this.store.setAgentStatus(id, "active", null);
-      this.book.unretire(id);
-      this.events.emit("status", { agent: id, status: "idle", checkpoint: a.headHash });
-      this.scheduler.wake(id);
+    for (const status of ["retired", "draining"] as const) {
+      for (const a of await this.store.listAgents({ type, status, limit: 1_000_000 }).then((r) => r.rows)) {
+        if (!a.reason?.startsWith(`type ${type} removed`)) continue;
+        const id = a.id as AgentId;
+        this.bump(id);
+        await this.store.setAgentStatus(id, "active", null);
+        this.book.unretire(id);
+        this.events.emit("status", { agent: id, status: "idle", checkpoint: a.headHash });
+        this.scheduler.wake(id);
+      }
     }
   }
 }

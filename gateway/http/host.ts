@@ -47,7 +47,8 @@ export interface HttpHost {
   readonly now: () => number;
   /** Retry (admitted like a new stimulus) or drop a quarantined stimulus. */
   resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction>;
-  setLifecycle(id: AgentId, action: LifecycleAction): Promise<LifecycleResult>;
+  /** Pause, resume or retire; `drain` (retire): after the stimuli already queued have run. */
+  setLifecycle(id: AgentId, action: LifecycleAction, opts?: { drain?: boolean }): Promise<LifecycleResult>;
   /** Re-run a recorded episode (id or unique prefix) on its recorded inputs: MATCH, DIVERGED or UNREPLAYABLE. */
   replay(idOrPrefix: string): Promise<ReplayResult | TraceMiss>;
   /** The replay gate on `toml` (null: the fleet.toml file as it is now) against the running spec; throws SpecError. */

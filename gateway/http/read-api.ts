@@ -27,6 +27,7 @@ const STATUS_FILTER: Readonly<Record<string, StoredAgentStatus>> = {
   idle: "active",
   active: "active",
   paused: "paused",
+  draining: "draining",
   failed: "failed",
   retired: "retired",
 };

@@ -91,11 +91,14 @@ export function startHttp(
             return httpError(404, "not_found", `no action ${action}`);
           const id = agentId(req.params.type, req.params.key);
           if (!id) return httpError(400, "bad_agent", "invalid agent id");
-          const r = await gw.setLifecycle(id, action);
-          if (r.ok) return json({ ok: true, agent: id, action });
+          const drain = drainQuery(new URL(req.url), action);
+          if (drain instanceof Response) return drain;
+          if (drain) noteAudit(req, { detail: "drain" });
+          const r = await gw.setLifecycle(id, action, { drain });
+          if (r.ok) return json({ ok: true, agent: id, action, ...(drain ? { drain } : {}), status: r.status });
           return r.code === "not_found"
             ? httpError(404, "not_found", r.message)
-            : httpError(409, "conflict", r.message);
+            : httpError(409, r.code === "draining" ? "draining" : "conflict", r.message);
         },
       },
       "/api/episodes/:id": (req: Req<"/api/episodes/:id">) => episodeDetail(gw, req.params.id),
@@ -225,4 +228,13 @@ async function manualStimulus(
     { traceparent: traceparentOf(req) },
   );
   return intakeResponse(report, id);
+}
+
+/** `?drain=1` on a retire (finish the queued stimuli first); absent or 0 is false; anything else a 400. */
+function drainQuery(url: URL, action: string): boolean | Response {
+  const v = url.searchParams.get("drain");
+  if (v === null || v === "0" || v === "false") return false;
+  if (v !== "1" && v !== "true") return httpError(400, "bad_query", `drain must be 1 or 0, not ${JSON.stringify(v)}`);
+  if (action !== "retire") return httpError(400, "bad_query", `drain applies to retire, not ${action}`);
+  return true;
 }

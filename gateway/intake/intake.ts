@@ -180,8 +180,8 @@ export class Intake {
       return {
         ok: false,
         reason: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; "),
-        // Retired agents never take it; a full queue drains (the sender retries).
-        permanent: report.refused.every((r) => r.code === "retired"),
+        // Retired and draining agents never take it; a full queue drains (the sender retries).
+        permanent: report.refused.every((r) => r.code === "retired" || r.code === "draining"),
       };
     }
     return { ok: true };

@@ -141,6 +141,7 @@ export class WakeClock {
           const refused = report.refused[0];
           if (!refused) fired.push(w.id);
           else if (refused.code === "retired") drop(w.id, "the agent is retired");
+          else if (refused.code === "draining") drop(w.id, "the agent is draining (retiring)");
           else retry = WAKE_RETRY_MS;
         }),
       );

@@ -9,7 +9,7 @@ import { budgetWindows } from "../episode/index.ts";
 import { agentStatusByType, queueByType, usageByType } from "./queries.ts";
 
 /** Statuses as operators see them (the stored `active` is shown as `idle`). */
-export const AGENT_STATUSES = ["idle", "paused", "failed", "retired"] as const;
+export const AGENT_STATUSES = ["idle", "paused", "draining", "failed", "retired"] as const;
 export type ShownStatus = (typeof AGENT_STATUSES)[number];
 
 /** Budgets whose use is tracked per window. */
@@ -39,7 +39,7 @@ export interface FleetSnapshot {
 
 function emptyType(spec: AgentTypeSpec | undefined): TypeSnapshot {
   return {
-    agents: { idle: 0, paused: 0, failed: 0, retired: 0 },
+    agents: { idle: 0, paused: 0, draining: 0, failed: 0, retired: 0 },
     budgetPaused: 0,
     queued: 0,
     oldestQueuedAt: null,

@@ -12,7 +12,7 @@ import type { SpawnOptions } from "../episode/index.ts";
 import type { AgentTypeSpec, FleetSpec, SpecVersion } from "../spec/index.ts";
 import { compileSpec } from "../spec/index.ts";
 import { tables as t, type Store } from "../store/index.ts";
-import type { AgentId } from "../types.ts";
+import type { AgentId, Blake3Hex } from "../types.ts";
 import { type Divergence, replayEpisode, type ReplayResult } from "./replay.ts";
 
 /** The verdict of one replayed episode in a deploy check. */
@@ -73,12 +73,24 @@ export function typeChanges(before: AgentTypeSpec, after: AgentTypeSpec): string
   return out;
 }
 
+/** A stored spec version as it ran: compiled from its text, with the hash and code bundles stored with it. */
+export async function storedVersion(row: {
+  readonly hash: string;
+  readonly path: string;
+  readonly text: string;
+  readonly bundles: string | null;
+}): Promise<SpecVersion> {
+  const sv = await compileSpec(row.text, row.path);
+  const bundles = row.bundles ? (JSON.parse(row.bundles) as Record<string, Blake3Hex>) : {};
+  return Object.freeze({ ...sv, hash: row.hash as Blake3Hex, bundles: Object.freeze(bundles) });
+}
+
 /** The spec version a check compares with: `hash` when given and stored, else the newest stored. */
 export async function storedSpec(store: Store, hash?: string): Promise<SpecVersion | null> {
   const row = hash
     ? await store.db.query.specVersions.findFirst({ where: (v, { eq }) => eq(v.hash, hash) })
     : (await store.listSpecVersions(1))[0];
-  return row ? compileSpec(row.text, row.path) : null;
+  return row ? storedVersion(row) : null;
 }
 
 /**

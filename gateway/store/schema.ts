@@ -40,7 +40,8 @@ export const bundles = sqliteTable("bundles", {
 });
 
 /** Durable agent status. `running`/`idle` are live states and are not stored. */
-export type StoredAgentStatus = "active" | "paused" | "retired" | "failed";
+/** `draining`: takes no new stimuli, runs those queued, then becomes `retired` (`fleet retire --drain`). */
+export type StoredAgentStatus = "active" | "paused" | "draining" | "retired" | "failed";
 
 /** One row per agent instance. Mutable. */
 export const agents = sqliteTable(
