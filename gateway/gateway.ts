@@ -66,6 +66,7 @@ import { publishFacts, readiness, republishStatuses, StorageWatch, type Readines
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
 import { BundleFiles, bundleDir, pinCode, type Pinned } from "./code/index.ts";
 import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
+import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
 
 /** Read a listener's PEM files (paths were checked readable when the spec loaded). */
 function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null } {
@@ -285,6 +286,7 @@ export class Gateway {
         ...(spec.http.tls ? { https: true } : {}),
         pid: process.pid,
         gateway: this.store.gatewayId,
+        ...(spec.fleet.shard ? { shard: shardLabel(spec.fleet.shard) } : {}),
       })}\n`,
     );
     this.log.info(
@@ -296,6 +298,7 @@ export class Gateway {
         wss_port: this.broker.wssPort,
         https: spec.http.tls !== null,
         data_dir: this.dataDir,
+        ...(spec.fleet.shard ? { shard: shardLabel(spec.fleet.shard) } : {}),
         spec: this.current.hash.slice(0, 12),
         sandbox: describeSandbox(this.spawnOptions),
       },
@@ -493,6 +496,8 @@ export class Gateway {
     return {
       fleet: this.current.spec.fleet.name,
       gateway: this.store.gatewayId,
+      /** `"i/N"` when this gateway is one shard of the fleet, else null. */
+      shard: this.current.spec.fleet.shard ? shardLabel(this.current.spec.fleet.shard) : null,
       state: this.state,
       spec_version: this.current.hash,
       spec_error: this.specError,
@@ -528,7 +533,8 @@ export class Gateway {
     this.replicator = new Replicator({
       store: this.store,
       spec: spec.replication,
-      fleet: spec.fleet.name,
+      // Each shard replicates as a fleet of its own; the central view joins them (docs/shards.md).
+      fleet: shardFleetName(spec.fleet.name, spec.fleet.shard),
       env: this.secrets,
       log: this.log,
       now: this.now,
@@ -621,7 +627,8 @@ export class Gateway {
         url: ext.url,
         username: ext.username,
         password,
-        clientId: ext.client_id,
+        // Each shard has its own persistent session: `<client_id>-shard-<i>`.
+        clientId: shardClientId(ext.client_id, spec.fleet.shard),
         ca: ext.ca_file === null ? null : readFileSync(ext.ca_file, "utf8"),
         protocolVersion: ext.protocol_version,
         filters: intakeFilters(spec),
@@ -786,9 +793,13 @@ export class Gateway {
   }
 }
 
-/** Every topic a stimulus can come from: the types' `subscribe` filters and the agents' inboxes. */
+/**
+ * Every topic a stimulus can come from: the types' `subscribe` filters and the agents' inboxes
+ * (and, sharded, the sends other shards forward).
+ */
 function intakeFilters(spec: FleetSpec): string[] {
   const filters = new Set<string>([topics.inbox("+", "+")]);
+  if (spec.fleet.shard) filters.add(topics.sends);
   for (const t of Object.values(spec.agents)) for (const f of t.subscribe) filters.add(f);
   return [...filters];
 }

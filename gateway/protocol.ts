@@ -3,6 +3,9 @@ export const topics = {
   out: (type: string, key: string) => `fleet/agents/${type}/${key}/out`,
   status: (type: string, key: string) => `fleet/agents/${type}/${key}/status`,
   inbox: (type: string, key: string) => `fleet/agents/${type}/${key}/inbox`,
+  /** A `ctx.send` forwarded to the shard that owns its target (docs/shards.md). */
+  send: (type: string, key: string, episode: string, n: number) => `fleet/sends/${type}/${key}/${episode}/${n}`,
+  sends: "fleet/sends/#",
   episodes: "fleet/episodes",
   health: "fleet/health",
 } as const;

@@ -36,6 +36,14 @@ describe("restartNeeded", () => {
     expect(restartNeeded(a, b)[0]).toContain('"client_id":"gw-2"');
   });
 
+  test("the shard is read at start: changing it needs a restart", async () => {
+    const sharded = async (shard: string) =>
+      (await compileSpec(`[fleet]\nshard = "${shard}"\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n`, "/tmp/fleet.toml"))
+        .spec;
+    const [a, b] = [await sharded("1/2"), await sharded("1/3")];
+    expect(restartNeeded(a, b)).toEqual(['fleet.shard ({"count":2,"index":1} -> {"count":3,"index":1})']);
+  });
+
   test("an unchanged file needs nothing", async () => {
     expect(restartNeeded(await spec(""), await spec(""))).toEqual([]);
   });

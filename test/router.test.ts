@@ -79,8 +79,8 @@ describe("router: subscribe patterns and key templates", () => {
   });
 
   test("a topic nobody subscribes to has no targets and no problems", () => {
-    expect(route("kitchen/toaster")).toEqual({ targets: [], inbox: false, problems: [] });
-    expect(route("sensors/boiler-1")).toEqual({ targets: [], inbox: false, problems: [] });
+    expect(route("kitchen/toaster")).toEqual({ targets: [], inbox: false, problems: [], elsewhere: [] });
+    expect(route("sensors/boiler-1")).toEqual({ targets: [], inbox: false, problems: [], elsewhere: [] });
   });
 
   test("a capture that is not a valid key is a problem, not a target", () => {
@@ -119,7 +119,7 @@ describe("router: inbox topics", () => {
 
   test("an inbox of an unknown type is a problem with no target", () => {
     const r = route("fleet/agents/nope/k/inbox");
-    expect(r).toEqual({ targets: [], inbox: true, problems: ['no agent type "nope" in this fleet'] });
+    expect(r).toEqual({ targets: [], inbox: true, problems: ['no agent type "nope" in this fleet'], elsewhere: [] });
   });
 
   test("an inbox whose key is not a valid agent key is a problem with no target", () => {
@@ -128,12 +128,13 @@ describe("router: inbox topics", () => {
       targets: [],
       inbox: true,
       problems: ['"bad key" is not a valid agent key: it may only hold A-Z a-z 0-9 _ . : @ -'],
+      elsewhere: [],
     });
   });
 
   test("other fleet/ topics are not inboxes and route nowhere", () => {
-    expect(route("fleet/agents/temp/boiler-1/out")).toEqual({ targets: [], inbox: false, problems: [] });
-    expect(route("fleet/agents/temp/a/b/inbox")).toEqual({ targets: [], inbox: false, problems: [] });
+    expect(route("fleet/agents/temp/boiler-1/out")).toEqual({ targets: [], inbox: false, problems: [], elsewhere: [] });
+    expect(route("fleet/agents/temp/a/b/inbox")).toEqual({ targets: [], inbox: false, problems: [], elsewhere: [] });
   });
 });
 

@@ -93,6 +93,7 @@ describe("compileSpec", () => {
       sandbox: "auto",
       warm_spares: 2,
       allow_weak_sandbox: false,
+      shard: null,
       drain_timeout_ms: 10_000,
     });
     expect(spec.broker).toEqual({
@@ -339,6 +340,12 @@ describe("schema errors name the key path", () => {
     ],
     ["small memory", agent("[agents.x.budget]\nmemory_mb = 8"), "agents.x.budget.memory_mb", /at least 16/],
     ["bad secret name", agent('secrets = ["slack-token"]'), "agents.x.secrets[0]", /environment variable name/],
+    ["a shard on the embedded broker", '[fleet]\nshard = "1/2"\n', "fleet.shard", /needs an external broker/],
+    ["a shard that is not i/N", '[fleet]\nshard = "two"\n[broker]\nurl = "mqtt://b"\n', "fleet.shard", /"i\/N"/],
+    ["a shard index past N", '[fleet]\nshard = "3/2"\n[broker]\nurl = "mqtt://b"\n', "fleet.shard", /from 1 to N/],
+    ["shard index 0", '[fleet]\nshard = "0/2"\n[broker]\nurl = "mqtt://b"\n', "fleet.shard", /from 1 to N/],
+    ["too many shards", '[fleet]\nshard = "1/65"\n[broker]\nurl = "mqtt://b"\n', "fleet.shard", /from 1 to 64/],
+    ["a shard that is a number", "[fleet]\nshard = 2\n", "fleet.shard", /must be a string/],
     [
       "require_check not a boolean",
       agent('[agents.x.rollout]\nrequire_check = "yes"'),

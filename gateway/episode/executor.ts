@@ -18,6 +18,7 @@ import { budgetWindows, decideTurn, retryAt, type TurnDecision } from "./decide.
 import {
   buildEvents,
   buildInbox,
+  buildForwards,
   buildOutbox,
   buildWakes,
   CHILD_LIMITS,
@@ -334,6 +335,8 @@ export class EpisodeExecutor {
         state: result.state,
       });
       const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
+      // Sends to another shard's agents leave through the broker, at least once, after the commit.
+      outbox.push(...buildForwards(episode, gate.sends, endedAt, outbox.length));
       // The fleet/episodes summary rides the outbox too, so it is delivered at least once.
       outbox.push({
         episode,
@@ -448,6 +451,7 @@ export class EpisodeExecutor {
   /** The places the episode's sends reserved: written with its commit, or given back. Once per gate. */
   private settleSends(gate: ToolGate, committed: boolean): void {
     for (const s of gate.sends.splice(0)) {
+      if (s.forward) continue; // nothing reserved here: the owning shard admits it
       if (committed) this.d.queue.recorded(s.to.id);
       else this.d.queue.released(s.to.id);
     }

@@ -187,9 +187,40 @@ export function buildOutbox(
   return rows;
 }
 
+/**
+ * The outbox rows of sends to agents another shard owns: QoS 1 publishes of
+ * `fleet/sends/<type>/<key>/<episode>/<n>`, which the owner records as the stimulus
+ * `inbox:<episode>:<n>` (the id `buildInbox` gives a local send), so a re-sent row is a duplicate.
+ */
+export function buildForwards(
+  episode: string,
+  sends: readonly PendingSend[],
+  at: number,
+  firstSeq: number,
+): OutboxRowInput[] {
+  const rows: OutboxRowInput[] = [];
+  sends.forEach((s, n) => {
+    if (!s.forward) return;
+    rows.push({
+      episode,
+      seq: firstSeq + rows.length,
+      topic: topics.send(s.to.type, s.to.key, episode, n),
+      payload: s.payload,
+      qos: 1,
+      retain: false,
+      createdAt: at,
+    });
+  });
+  return rows;
+}
+
 /** The inbox stimuli of an episode's sends, deduplicated by episode + position. */
 export function buildInbox(episode: string, sends: readonly PendingSend[], at: number): NewStimulus[] {
-  return sends.map((s, i) => ({
+  return sends.flatMap((s, i) => (s.forward ? [] : [inboxStimulus(episode, s, i, at)]));
+}
+
+function inboxStimulus(episode: string, s: PendingSend, i: number, at: number): NewStimulus {
+  return {
     agent: s.to.id,
     type: s.to.type,
     key: s.to.key,
@@ -198,5 +229,5 @@ export function buildInbox(episode: string, sends: readonly PendingSend[], at: n
     topic: topics.inbox(s.to.type, s.to.key),
     payload: new TextEncoder().encode(s.payload),
     receivedAt: at,
-  }));
+  };
 }

@@ -14,15 +14,16 @@ import { SpecError, type FleetSpec, type SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { Timers } from "../intake/index.ts";
 import { codeChanges, type Pinned } from "../code/index.ts";
+import { ownsAgent } from "../shard.ts";
 import { agentId } from "../types.ts";
 
-/** Make sure every instance a spec lists exists as an agent row. */
+/** Make sure every instance a spec lists exists as an agent row (of this shard's agents, when sharded). */
 export async function deployInstances(store: Store, sv: SpecVersion, at: number): Promise<void> {
   const list = [];
   for (const type of Object.values(sv.spec.agents)) {
     for (const key of type.instances) {
       const id = agentId(type.name, key);
-      if (id) list.push({ id, type: type.name, key });
+      if (id && ownsAgent(sv.spec.fleet.shard, id)) list.push({ id, type: type.name, key });
     }
   }
   await store.ensureAgents(list, at);

@@ -12,6 +12,7 @@ import { stimulusId } from "../intake/index.ts";
 import { httpError, json } from "./responses.ts";
 import { readRequestBody } from "./limits.ts";
 import type { FleetSpec } from "../spec/index.ts";
+import { ownerShard, ownsAgent, shardLabel, type ShardSpec } from "../shard.ts";
 
 /** What a hook needs from the gateway. */
 export interface HookDeps {
@@ -85,6 +86,8 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   }
   const target = resolveTarget(hook, spec, payload);
   if (typeof target === "string") return httpError(400, "bad_target", target);
+  const shard = spec.fleet.shard;
+  if (!ownsAgent(shard, target.agent)) return otherShard([target.agent], shard);
   const idem = req.headers.get("idempotency-key");
   if (idem !== null && (idem.length === 0 || idem.length > 256))
     return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
@@ -101,6 +104,20 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
     }
   }
   return intakeResponse(report, target.agent);
+}
+
+/**
+ * 421 Misdirected Request: the agents are owned by other shards of the fleet (docs/shards.md);
+ * the caller sends the request to the gateway of the shard named.
+ */
+export function otherShard(agents: readonly AgentId[], shard: ShardSpec | null): Response {
+  const count = shard?.count ?? 1;
+  const owners = agents.map((a) => `${a} is owned by shard ${ownerShard(a, count)}/${count}`);
+  return httpError(
+    421,
+    "other_shard",
+    `${owners.join("; ")}; this gateway is shard ${shard ? shardLabel(shard) : "1/1"}: send it to that shard's gateway`,
+  );
 }
 
 /**

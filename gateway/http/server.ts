@@ -15,7 +15,8 @@ import { Gauge, type Registry } from "prom-client";
 import { auditRoutes } from "./audit.ts";
 import { sessionRoutes, signInPage } from "./session.ts";
 import type { StimulusId } from "../types.ts";
-import { handleHook, intakeResponse } from "./hooks.ts";
+import { ownsAgent } from "../shard.ts";
+import { handleHook, intakeResponse, otherShard } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { historyRoutes } from "./history.ts";
 import { activityRoutes } from "./activity.ts";
@@ -143,6 +144,12 @@ export function startHttp(
           const v = parsed.value;
           noteAudit(req, { target: v.topic });
           const route = gw.routeTopic(v.topic);
+          // Sharded: only this shard's agents are recorded here; the others' shards are named.
+          if (route.targets.length === 0 && route.elsewhere.length > 0)
+            return otherShard(
+              route.elsewhere.map((e) => e.agent),
+              gw.spec.spec.fleet.shard,
+            );
           if (route.targets.length === 0)
             return httpError(404, "no_target", route.problems[0] ?? `no agent subscribes to ${v.topic}`);
           const payload = new TextEncoder().encode(
@@ -167,7 +174,8 @@ export function startHttp(
               409,
             );
           }
-          return json(report, report.accepted.length > 0 ? 202 : 200);
+          const elsewhere = route.elsewhere.map((e) => ({ agent: e.agent, shard: e.shard }));
+          return json(elsewhere.length > 0 ? { ...report, elsewhere } : report, report.accepted.length > 0 ? 202 : 200);
         },
       },
     }),
@@ -216,6 +224,7 @@ async function manualStimulus(
     const why = keyProblem(key) ?? "is invalid";
     return httpError(400, "bad_agent", `"${key.slice(0, 160)}" is not a valid agent key: it ${why}`);
   }
+  if (!ownsAgent(gw.spec.spec.fleet.shard, id)) return otherShard([id], gw.spec.spec.fleet.shard);
   const body = await readJson(req);
   if (!body.ok) return body.res;
   const idem = req.headers.get("idempotency-key");

@@ -129,6 +129,16 @@ export function stimulusId(dedup: string | null, parsed: unknown, fallback: Stim
   return key !== null ? (`id:${key}` as StimulusId) : (fallback ?? uniqueId());
 }
 
+/** The verdict when every target refused a message. */
+function refusal(report: IntakeReport): IntakeVerdict {
+  return {
+    ok: false,
+    reason: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; "),
+    // Retired and draining agents never take it; a full queue drains (the sender retries).
+    permanent: report.refused.every((r) => r.code === "retired" || r.code === "draining"),
+  };
+}
+
 /** Intake for all sources. */
 export class Intake {
   constructor(
@@ -147,17 +157,26 @@ export class Intake {
    */
   async mqtt(msg: PublishedMessage, client: ClientInfo | null = null): Promise<IntakeVerdict> {
     const route = this.view.route(msg.topic);
-    if (route.inbox && route.targets.length === 0) {
+    if (route.inbox && route.targets.length === 0 && route.elsewhere.length === 0) {
       this.log.warn({ topic: msg.topic }, `intake: ${route.problems[0] ?? "unknown inbox"}`);
       return { ok: false, reason: route.problems[0] ?? "unknown inbox", permanent: true };
     }
     const rejected =
       route.problems.length === 0 ? Promise.resolve() : this.reject(msg, client?.id ?? null, route.problems);
     if (route.targets.length === 0) {
+      // Every agent it is for belongs to another shard (or none could be named): nothing to record here.
       await rejected;
       return { ok: true };
     }
     const kind = route.inbox ? "inbox" : "mqtt";
+    if (route.forwarded) {
+      // A send from another shard: the id and topic a send within one gateway has.
+      const { sid, topic } = route.forwarded;
+      const report = await this.record(route.targets, kind, topic, msg.payload, sid);
+      return report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0
+        ? refusal(report)
+        : { ok: true };
+    }
     const redelivery =
       msg.qos > 0 && msg.messageId !== undefined && client
         ? await redeliveryId(client.id, msg.messageId, msg.topic, msg.payload)
@@ -176,14 +195,7 @@ export class Intake {
       const again = route.targets.filter((t) => agents.has(t.agent));
       await this.record(again, kind, msg.topic, msg.payload, uniqueId(), { expiresAt });
     }
-    if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) {
-      return {
-        ok: false,
-        reason: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; "),
-        // Retired and draining agents never take it; a full queue drains (the sender retries).
-        permanent: report.refused.every((r) => r.code === "retired" || r.code === "draining"),
-      };
-    }
+    if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) return refusal(report);
     return { ok: true };
   }
 

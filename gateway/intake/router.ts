@@ -6,7 +6,9 @@
  */
 import { compileFilter } from "../../broker/index.ts";
 import type { AgentTypeSpec, FleetSpec } from "../spec/index.ts";
-import { agentId, keyProblem, type AgentId } from "../types.ts";
+import { topics } from "../protocol.ts";
+import { ownerShard } from "../shard.ts";
+import { agentId, keyProblem, type AgentId, type StimulusId } from "../types.ts";
 
 /** An agent a message is for. */
 export interface Target {
@@ -17,9 +19,17 @@ export interface Target {
 
 /** Routing result: targets, plus reasons for matches that could not become an agent. */
 export interface Route {
+  /** The agents this gateway owns (all of them unless `[fleet] shard` is set). */
   readonly targets: readonly Target[];
   readonly inbox: boolean;
   readonly problems: readonly string[];
+  /** Agents the message is for that other shards own (not recorded here), with their shard index. */
+  readonly elsewhere: readonly { readonly agent: AgentId; readonly shard: number }[];
+  /**
+   * A `ctx.send` another shard forwarded through the broker (`fleet/sends/...`): recorded with
+   * this id and the agent's inbox topic, exactly as the sender's own shard would have.
+   */
+  readonly forwarded?: { readonly sid: StimulusId; readonly topic: string };
 }
 
 const INBOX = /^fleet\/agents\/([^/]+)\/([^/]+)\/inbox$/;
@@ -50,25 +60,47 @@ function compileKey(template: string): (captures: readonly string[]) => string |
   return (c) => renderKey(template, c);
 }
 
-/** Compile the routing table of a spec: filters and key templates are parsed once, not per message. */
+/**
+ * Compile the routing table of a spec: filters and key templates are parsed once, not per
+ * message. With `[fleet] shard` the targets other shards own move to `elsewhere`.
+ */
 export function createRouter(spec: FleetSpec): (topic: string) => Route {
+  const route = createFleetRouter(spec);
+  const shard = spec.fleet.shard;
+  if (shard === null || shard.count === 1) return route;
+  return (topic) => {
+    const r = route(topic);
+    if (r.targets.length === 0) return r.inbox || shard.index === 1 ? r : { ...r, problems: [] };
+    const targets: Target[] = [];
+    const elsewhere: { agent: AgentId; shard: number }[] = [];
+    for (const t of r.targets) {
+      const owner = ownerShard(t.agent, shard.count);
+      if (owner === shard.index) targets.push(t);
+      else elsewhere.push({ agent: t.agent, shard: owner });
+    }
+    // A message no agent can take is recorded as rejected once for the fleet: by shard 1.
+    return { ...r, targets, elsewhere, problems: r.inbox || shard.index === 1 ? r.problems : [] };
+  };
+}
+
+/** Every agent a topic addresses, whichever shard owns it. */
+function createFleetRouter(spec: FleetSpec): (topic: string) => Route {
   const types = Object.values(spec.agents).map((type) => ({
     type,
     filters: type.subscribe.map(compileFilter),
     key: compileKey(type.key),
   }));
+  const sharded = spec.fleet.shard !== null;
   return (topic) => {
+    if (sharded && topic.startsWith(SENDS)) return forwardedSend(spec, topic);
     const inbox = INBOX.exec(topic);
     if (inbox) {
       const [, typeName, key] = inbox as unknown as [string, string, string];
       const type = spec.agents[typeName];
       const id = agentId(typeName, key);
-      if (!type) return { targets: [], inbox: true, problems: [`no agent type "${typeName}" in this fleet`] };
-      if (!id) {
-        const why = keyProblem(key) ?? "";
-        return { targets: [], inbox: true, problems: [`"${clip(key)}" is not a valid agent key: it ${why}`] };
-      }
-      return { targets: [{ agent: id, type, key }], inbox: true, problems: [] };
+      if (!type) return refusedInbox(`no agent type "${typeName}" in this fleet`);
+      if (!id) return refusedInbox(`"${clip(key)}" is not a valid agent key: it ${keyProblem(key) ?? ""}`);
+      return { targets: [{ agent: id, type, key }], inbox: true, problems: [], elsewhere: [] };
     }
     const targets: Target[] = [];
     const problems: string[] = [];
@@ -92,6 +124,34 @@ export function createRouter(spec: FleetSpec): (topic: string) => Route {
         break;
       }
     }
-    return { targets, inbox: false, problems };
+    return { targets, inbox: false, problems, elsewhere: [] };
+  };
+}
+
+/** An inbox topic that names no agent of this fleet. */
+function refusedInbox(problem: string): Route {
+  return { targets: [], inbox: true, problems: [problem], elsewhere: [] };
+}
+
+/** Where shards forward `ctx.send` messages for agents another shard owns. */
+const SENDS = "fleet/sends/";
+const SEND = /^fleet\/sends\/([^/]+)\/([^/]+)\/([0-9A-Za-z-]{1,64})\/(\d{1,6})$/;
+
+/**
+ * `fleet/sends/<type>/<key>/<episode>/<n>`: the n-th send of a committed episode on another
+ * shard (docs/shards.md). Its stimulus id is the one a send within one gateway gets, so a
+ * re-published forward (outputs are at least once) is a duplicate, and nothing else.
+ */
+function forwardedSend(spec: FleetSpec, topic: string): Route {
+  const m = SEND.exec(topic);
+  const type = m ? spec.agents[m[1]!] : undefined;
+  const id = m ? agentId(m[1]!, m[2]!) : null;
+  if (!m || !type || !id) return refusedInbox(`"${clip(topic)}" is not a forwarded send to an agent of this fleet`);
+  return {
+    targets: [{ agent: id, type, key: m[2]! }],
+    inbox: true,
+    problems: [],
+    elsewhere: [],
+    forwarded: { sid: `inbox:${m[3]}:${m[4]}` as StimulusId, topic: topics.inbox(m[1]!, m[2]!) },
   };
 }

@@ -7,6 +7,7 @@ import { dirname, resolve } from "node:path";
 import { parse, TomlError } from "smol-toml";
 import type { z } from "zod";
 import { blake3Hex } from "../hash.ts";
+import { parseShard, type ShardSpec } from "../shard.ts";
 import { parseDuration } from "./duration.ts";
 import { fleetSchema, type RawAgent, type RawFleet, type RawHook } from "./schema.ts";
 import { wildcardCount } from "./topic-filter.ts";
@@ -160,7 +161,7 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
   const hooks: Record<string, HookSpec> = {};
   for (const [name, h] of Object.entries(raw.hooks)) hooks[name] = buildHook(name, h, raw.agents, problems);
   return {
-    fleet: raw.fleet,
+    fleet: { ...raw.fleet, shard: fleetShard(raw, external, problems) },
     broker: {
       ...broker,
       host,
@@ -191,6 +192,24 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
         }
       : null,
   };
+}
+
+/** `[fleet] shard`, compiled; only with an external broker (every shard must see every message). */
+function fleetShard(raw: RawFleet, external: ExternalBrokerSpec | null, problems: Problem[]): ShardSpec | null {
+  if (raw.fleet.shard === undefined) return null;
+  const shard = parseShard(raw.fleet.shard);
+  if (typeof shard === "string") {
+    problems.push({ path: ["fleet", "shard"], message: shard });
+    return null;
+  }
+  if (external === null)
+    problems.push({
+      path: ["fleet", "shard"],
+      message:
+        "needs an external broker ([broker] url): shards share one broker, each reading every message " +
+        "and recording its own agents' (the embedded broker is one gateway's)",
+    });
+  return shard;
 }
 
 /** Keys that configure the embedded broker's listeners: meaningless with `[broker] url`. */

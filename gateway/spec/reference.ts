@@ -23,6 +23,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.allow_weak_sandbox":
     'Accept sandbox = "uid" or "none" where bubblewrap works ' +
     "(they leave an agent the network, the file system and detached children).",
+  "fleet.shard":
+    '"i/N": this gateway is shard i of N sharing the fleet on an external broker ([broker] url); it records ' +
+    "and runs only the agents rendezvous hashing gives it (see [shards.md](shards.md)). Read at start.",
   "fleet.warm_spares": "Sandboxed subprocesses started ahead of need; each still serves exactly one episode.",
   broker: "The embedded MQTT broker, or (with url) the existing broker the gateway is a client of.",
   "broker.host":

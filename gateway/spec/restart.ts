@@ -11,7 +11,8 @@ import type { FleetSpec } from "./types.ts";
 
 /** Keys read once at start, by table. */
 const RESTART_KEYS = {
-  fleet: ["data_dir", "synchronous", "sandbox", "warm_spares", "allow_weak_sandbox"],
+  // The shard decides which agents live in this data dir and the broker session's name.
+  fleet: ["data_dir", "synchronous", "sandbox", "warm_spares", "allow_weak_sandbox", "shard"],
   // The persistence (and its queue bound) is built with the broker at start.
   broker: [
     "host",

@@ -136,6 +136,8 @@ export const fleetSchema = z.strictObject({
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
     warm_spares: nonNegInt(2),
     allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),
+    /** "i/N" (checked and compiled in load.ts): this gateway is shard i of N on an external broker. */
+    shard: str().optional(),
   }),
   broker: table({
     /** Default: 127.0.0.1, or 0.0.0.0 when devices must log in (allow_anonymous = false); see load.ts. */

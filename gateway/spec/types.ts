@@ -7,6 +7,8 @@ import type { Blake3Hex } from "../types.ts";
 
 export type { Blake3Hex };
 
+import type { ShardSpec } from "../shard.ts";
+
 /** Budget limits of one agent type (docs/fleet-toml.md `[agents.<type>.budget]`). */
 export interface BudgetSpec {
   readonly episodes_per_hour: number;
@@ -121,6 +123,11 @@ export interface FleetSpec {
      * so an episode skips process start-up. Each still serves one episode. 0 = off.
      */
     readonly warm_spares: number;
+    /**
+     * `shard = "i/N"`: this gateway owns only the agents rendezvous hashing gives index i of N
+     * (docs/shards.md); null when it owns the whole fleet. Needs an external broker.
+     */
+    readonly shard: ShardSpec | null;
   };
   readonly broker: {
     /** Listen address of the embedded broker. */

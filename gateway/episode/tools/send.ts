@@ -2,8 +2,10 @@
  * `send(agentId, payload)` (also `ctx.send`): queues an inbox message for another agent,
  * delivered after the episode commits. The target's type must be in the fleet, and the
  * target admitted by the queue book like any other stimulus (not retired, queue not full).
+ * A target another shard owns is forwarded through the broker after the commit instead.
  */
 import { z } from "zod";
+import { ownsAgent } from "../../shard.ts";
 import { parseAgentId } from "../../types.ts";
 import { arity, deny, encodePayload, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
 
@@ -30,6 +32,11 @@ export function send(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
   const [target, payload] = parsed.args;
   const type = ctx.spec.agents[target.type];
   if (!type) return deny(`no agent type "${target.type}" in this fleet`);
+  // Another shard's agent: its own gateway admits it when the forward arrives (docs/shards.md).
+  if (!ownsAgent(ctx.spec.fleet.shard, target.id)) {
+    ctx.sends.push({ to: target, payload: encodePayload(payload), forward: true });
+    return { ok: true, result: { queued: true, to: target.id } };
+  }
   const admission = ctx.env.admit?.(target.id, type.max_queue) ?? { ok: true };
   if (!admission.ok) return deny(`send to ${target.id} refused: ${admission.message}`);
   ctx.sends.push({ to: target, payload: encodePayload(payload) });

@@ -24,6 +24,11 @@ export interface PendingPublish {
 export interface PendingSend {
   readonly to: { type: string; key: string; id: AgentId };
   readonly payload: string;
+  /**
+   * Another shard owns the target (`[fleet] shard`): the send is published to the broker after
+   * the commit (`fleet/sends/...`) instead of written to a local queue; nothing was reserved.
+   */
+  readonly forward?: boolean;
 }
 
 /** What a tool call returns to the subprocess. */

@@ -1,0 +1,228 @@
+/**
+ * Agent shards end to end (issue 12 part 4): two real gateway processes, `[fleet] shard = "1/2"`
+ * and `"2/2"`, share one fleet on a real Mosquitto started here. Each reads every message and
+ * records only its own agents'; `ctx.send` to the other shard's agent goes through the broker.
+ *
+ * FLEET_SHARD_STIMULI sets how many stimuli the first test publishes (default 1,000 for the suite;
+ * the issue's 5,000 was run by hand with FLEET_SHARD_STIMULI=5000).
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { connectAsync, type MqttClient } from "mqtt";
+import { ownerShard } from "../gateway/shard.ts";
+import { TestFleet, cleanupAll, fixture, waitFor } from "./helpers/gateway.ts";
+import { Mosquitto } from "./helpers/mosquitto.ts";
+import { agentType, fleetHeader, q } from "./helpers/toml.ts";
+
+const E2E_TIMEOUT = 900_000;
+const AGENTS = 200;
+const STIMULI = Number(process.env.FLEET_SHARD_STIMULI ?? 1000);
+const COUNTER = fixture("counter");
+const RELAY = fixture("relay");
+const brokers: Mosquitto[] = [];
+const clients: MqttClient[] = [];
+
+afterAll(async () => {
+  for (const c of clients) c.end(true);
+  await cleanupAll();
+  for (const b of brokers) await b.dispose();
+}, 60_000);
+
+async function client(url: string, clientId: string): Promise<MqttClient> {
+  const c = await connectAsync(url, { clientId, clean: true, reconnectPeriod: 500 });
+  clients.push(c);
+  return c;
+}
+
+/** fleet.toml of shard `i` of 2: the same fleet and client id, the shard line differs. */
+const shardToml = (name: string, url: string, i: number, extra = ""): string =>
+  fleetHeader(name, {
+    fleet: `shard = ${q(`${i}/2`)}`,
+    broker: `url = ${q(url)}\nclient_id = ${q(`gw-${name}`)}`,
+    extra,
+  }) +
+  agentType("counter", COUNTER, ["c/+/in"]) +
+  agentType("relay", RELAY, ["r/+/in"], { extra: 'tools = ["send"]\n' });
+
+/** Two shard gateways of one fleet on `mq`. */
+function shards(name: string, mq: Mosquitto, extra = ""): [TestFleet, TestFleet] {
+  return [new TestFleet(shardToml(name, mq.url, 1, extra)), new TestFleet(shardToml(name, mq.url, 2, extra))];
+}
+
+const decode = (p: Uint8Array | null): { n: number } => JSON.parse(new TextDecoder().decode(p ?? new Uint8Array()));
+
+/** What a shard recorded: its agents, and `n` with the agent of each committed episode and mqtt stimulus. */
+async function recorded(fleet: TestFleet) {
+  const episodes = await fleet.query<{ agent: string; payload: Uint8Array | null }>(
+    `SELECT e.agent, s.payload FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq
+      WHERE e.status = 'committed' AND s.kind = 'mqtt'`,
+  );
+  const stimuli = await fleet.query<{ agent: string; payload: Uint8Array | null }>(
+    "SELECT agent, payload FROM stimuli WHERE kind = 'mqtt'",
+  );
+  const agents = await fleet.query<{ id: string }>("SELECT id FROM agents");
+  return {
+    agents: agents.map((a) => a.id),
+    episodes: episodes.map((e) => ({ agent: e.agent, n: decode(e.payload).n })),
+    stimuli: stimuli.map((s) => ({ agent: s.agent, n: decode(s.payload).n })),
+  };
+}
+
+/** Each number 0..total-1 once, nothing else. */
+function exactlyOnce(seen: readonly number[], total: number): void {
+  const counts = new Map<number, number>();
+  for (const n of seen) counts.set(n, (counts.get(n) ?? 0) + 1);
+  const twice = [...counts].filter(([, c]) => c > 1).map(([n]) => n);
+  const missing = Array.from({ length: total }, (_, i) => i).filter((i) => !counts.has(i));
+  expect({ twice, missing, extra: seen.length - total + missing.length }).toEqual({ twice: [], missing: [], extra: 0 });
+}
+
+const committed = async (fleet: TestFleet): Promise<number> =>
+  Number((await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE status = 'committed'"))[0]?.n);
+
+/** A key of the counter type that shard `i` of 2 owns. */
+function keyOwnedBy(i: number, prefix = "k"): string {
+  for (let n = 0; ; n++) if (ownerShard(`counter/${prefix}${n}`, 2) === i) return `${prefix}${n}`;
+}
+
+describe("two shards on one Mosquitto", () => {
+  test(
+    `${STIMULI} stimuli for ${AGENTS} agents: each runs exactly once, on the shard that owns its agent, ` +
+      "and a kill -9 of one shard loses nothing",
+    async () => {
+      const mq = await Mosquitto.start();
+      brokers.push(mq);
+      const [one, two] = shards("shards-run", mq);
+      await Promise.all([one.start(), two.start()]);
+      const device = await client(mq.url, "device-1");
+      let acked = 0;
+      const publishing = (async () => {
+        for (let i = 0; i < STIMULI; i++) {
+          // Mosquitto's PUBACK: the device's message is the broker's now.
+          await device.publishAsync(`c/d${i % AGENTS}/in`, JSON.stringify({ n: i }), { qos: 1 });
+          acked++;
+        }
+      })();
+      // kill -9 shard 1 while devices publish and shard 2 goes on; Mosquitto queues for shard 1's session.
+      await waitFor(async () => (await committed(one)) >= Math.min(50, STIMULI / 10), 120_000, "shard 1 running", 50);
+      await one.kill();
+      const before = acked;
+      await waitFor(() => acked >= Math.min(STIMULI, before + STIMULI / 10), 120_000, "publishes meanwhile", 20);
+      await one.start();
+      await publishing;
+      const total = async () => (await committed(one)) + (await committed(two));
+      await waitFor(async () => (await total()) >= STIMULI, E2E_TIMEOUT - 120_000, `${STIMULI} episodes`, 500);
+      const [r1, r2] = [await recorded(one), await recorded(two)];
+      // Each on its owner: every agent row, recorded stimulus and episode of shard i is an agent i owns.
+      for (const [r, i] of [
+        [r1, 1],
+        [r2, 2],
+      ] as const) {
+        expect(r.agents.filter((a) => ownerShard(a, 2) !== i)).toEqual([]);
+        expect(r.stimuli.filter((s) => ownerShard(s.agent, 2) !== i)).toEqual([]);
+        expect(r.episodes.filter((e) => ownerShard(e.agent, 2) !== i)).toEqual([]);
+      }
+      // Every agent on exactly one shard; each stimulus recorded once and run once, fleet-wide.
+      expect([...r1.agents, ...r2.agents].sort()).toEqual(
+        Array.from({ length: AGENTS }, (_, i) => `counter/d${i}`).sort(),
+      );
+      exactlyOnce(
+        [...r1.stimuli, ...r2.stimuli].map((s) => s.n),
+        STIMULI,
+      );
+      exactlyOnce(
+        [...r1.episodes, ...r2.episodes].map((e) => e.n),
+        STIMULI,
+      );
+      // Shard 1 read its session's queue after the restart: its agents' messages published meanwhile ran.
+      expect(r1.episodes.length).toBeGreaterThan(0);
+      expect(r2.episodes.length).toBeGreaterThan(0);
+      await Promise.all([one.stop(), two.stop()]);
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "ctx.send to an agent the other shard owns arrives there once, as the inbox stimulus a local send makes",
+    async () => {
+      const mq = await Mosquitto.start();
+      brokers.push(mq);
+      const [one, two] = shards("shards-send", mq);
+      await Promise.all([one.start(), two.start()]);
+      const device = await client(mq.url, "device-2");
+      const local = keyOwnedBy(1);
+      const remote = keyOwnedBy(2);
+      const relay = (() => {
+        for (let n = 0; ; n++) if (ownerShard(`relay/r${n}`, 2) === 1) return `r${n}`;
+      })();
+      await device.publishAsync(`r/${relay}/in`, JSON.stringify({ to: `counter/${remote}`, n: 1 }), { qos: 1 });
+      await device.publishAsync(`r/${relay}/in`, JSON.stringify({ to: `counter/${local}`, n: 2 }), { qos: 1 });
+      const [sent1, sent2] = await one.waitCommitted(`relay/${relay}`, 2);
+      const [got] = await two.waitCommitted(`counter/${remote}`, 1, 60_000);
+      await one.waitCommitted(`counter/${local}`, 1);
+      const inbox = async (fleet: TestFleet, agent: string) =>
+        fleet.query<{ sid: string; kind: string; topic: string; payload: Uint8Array }>(
+          "SELECT sid, kind, topic, payload FROM stimuli WHERE agent = ?",
+          [agent],
+        );
+      const [remoteRow] = await inbox(two, `counter/${remote}`);
+      const [localRow] = await inbox(one, `counter/${local}`);
+      expect(remoteRow).toMatchObject({ kind: "inbox", topic: `fleet/agents/counter/${remote}/inbox` });
+      expect(localRow).toMatchObject({ kind: "inbox", topic: `fleet/agents/counter/${local}/inbox` });
+      // The same id as a send within one gateway: inbox:<sending episode>:<n-th send>.
+      const sendIds = [sent1!.id, sent2!.id].map((e) => `inbox:${e}:0`);
+      expect(sendIds).toContain(remoteRow!.sid);
+      expect(sendIds).toContain(localRow!.sid);
+      expect(JSON.parse(new TextDecoder().decode(remoteRow!.payload))).toEqual({ n: 1, from: `relay/${relay}` });
+      expect(got).toBeDefined();
+      // Nothing of it was written on the sending shard, nor any agent shard 2 owns.
+      expect(await one.query("SELECT 1 FROM agents WHERE id = ?", [`counter/${remote}`])).toEqual([]);
+      // Outputs go out at least once: the forward published again (a crash before its outbox row was
+      // deleted) is the same stimulus, and runs no second episode.
+      const [, episode, n] = /^inbox:(.+):(\d+)$/.exec(remoteRow!.sid)!;
+      await device.publishAsync(`fleet/sends/counter/${remote}/${episode}/${n}`, JSON.stringify({ n: 1 }), { qos: 1 });
+      await device.publishAsync(`c/${remote}/in`, JSON.stringify({ n: 3 }), { qos: 1 });
+      const after = await two.waitCommitted(`counter/${remote}`, 2, 60_000);
+      expect(after).toHaveLength(2);
+      expect((await inbox(two, `counter/${remote}`)).map((r) => r.kind).sort()).toEqual(["inbox", "mqtt"]);
+      await Promise.all([one.stop(), two.stop()]);
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "HTTP stimuli for another shard's agent are refused with 421 naming the owner; the owner takes them",
+    async () => {
+      const mq = await Mosquitto.start();
+      brokers.push(mq);
+      const hook = '\n[hooks.h]\ntype = "counter"\nkey_field = "device"\n';
+      const [one, two] = shards("shards-http", mq, hook);
+      await Promise.all([one.start(), two.start()]);
+      const remote = keyOwnedBy(2);
+      const post = (fleet: TestFleet, path: string, body: unknown) =>
+        fleet.fetch(path, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify(body),
+        });
+      const refusals = [
+        await post(one, "/api/send", { topic: `c/${remote}/in`, payload: { n: 0 } }),
+        await post(one, `/api/agents/counter/${remote}/stimuli`, { n: 0 }),
+        await post(one, "/hooks/h", { device: remote }),
+      ];
+      for (const res of refusals) {
+        expect(res.status).toBe(421);
+        const body = (await res.json()) as { error: { code: string; message: string } };
+        expect(body.error.code).toBe("other_shard");
+        expect(body.error.message).toContain(`counter/${remote} is owned by shard 2/2`);
+      }
+      expect(await one.query("SELECT 1 FROM agents")).toEqual([]);
+      expect((await post(two, "/api/send", { topic: `c/${remote}/in`, payload: { n: 0 } })).status).toBe(202);
+      expect((await post(two, "/hooks/h", { device: remote })).status).toBe(202);
+      await two.waitCommitted(`counter/${remote}`, 2);
+      const health = (await (await one.fetch("/api/fleet")).json()) as { shard: string };
+      expect(health.shard).toBe("1/2");
+      await Promise.all([one.stop(), two.stop()]);
+    },
+    E2E_TIMEOUT,
+  );
+});
