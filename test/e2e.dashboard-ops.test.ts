@@ -8,14 +8,14 @@
  * Screenshots go to test-output/ (the README's come from here: docs/dashboard-*.png).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { type Browser, chromium, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
+import { addToken, launchChromium, signIn } from "./helpers/browser.ts";
 import { cleanupAll, publishQos1, ROOT, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, counterType, fleetHeader, tempMonitorType } from "./helpers/toml.ts";
 
-const CHROMIUM = "/usr/bin/chromium";
 const OUT = join(ROOT, "test-output");
 const PICKY = join(ROOT, "test/fixtures/ops/picky.ts");
 /** The lag the test causes: a reading waits this long in a paused agent's queue. */
@@ -43,14 +43,11 @@ const noReload = (mark: number) =>
 const stillNoReload = () => page.evaluate(() => (window as unknown as { __noReload?: number }).__noReload);
 
 beforeAll(async () => {
-  if (!existsSync(CHROMIUM))
-    throw new Error(`the dashboard browser test needs Debian's chromium at ${CHROMIUM}; it does not skip`);
   mkdirSync(OUT, { recursive: true });
   fleet = new TestFleet(toml(false));
   await fleet.start();
   base = fleet.httpUrl;
-  const added = await fleet.cli("token", "add", "dashboard-ops", "--scope", "operate");
-  expect(added.code).toBe(0);
+  const token = await addToken(fleet, "dashboard-ops", "operate");
   client = await fleet.mqtt({ clientId: "e2e-dashboard-ops" });
 
   // What the charts must show: 8 episode attempts, 2 of them failed, one reading held HELD_MS.
@@ -73,29 +70,8 @@ beforeAll(async () => {
   await fleet.waitCommitted("counter/pump-2", 1);
   await waitFor(async () => (await api("/api/quarantine")).stimuli.length === 2, 30_000, "two quarantined jobs");
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
-  });
-  page = await browser.newPage({ viewport: { width: 1440, height: 1000 } });
-  // The gateway reads the tokens file on each request; wait until it knows the new token.
-  await waitFor(
-    async () =>
-      (await fetch(`${base}/api/session`, { headers: { authorization: `Bearer ${added.json.token}` } })).status === 200,
-    15_000,
-    "the new token to be accepted",
-  );
-  const session = await fetch(`${base}/api/session`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ token: added.json.token }),
-  });
-  const id = /fleet_session=([^;]+)/.exec(session.headers.get("set-cookie") ?? "")?.[1];
-  if (!id) throw new Error(`sign-in failed: HTTP ${session.status}`);
-  await page
-    .context()
-    .addCookies([{ name: "fleet_session", value: id, url: base, httpOnly: true, sameSite: "Strict" }]);
-  page.on("pageerror", (err) => console.error("page error:", err));
+  browser = await launchChromium();
+  page = await signIn(fleet, browser, token);
 }, 120_000);
 
 afterAll(async () => {

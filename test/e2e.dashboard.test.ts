@@ -6,15 +6,15 @@
  * Screenshots go to test-output/ (git-ignored).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { chromium, type Browser, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
+import { addToken, launchChromium, signIn } from "./helpers/browser.ts";
 import { ROOT, TestFleet, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
 import { counterType, fleetHeader, tempMonitorType, throwerType } from "./helpers/toml.ts";
 
-const CHROMIUM = "/usr/bin/chromium";
 const OUT = join(ROOT, "test-output");
 const DEVICES = Array.from({ length: 60 }, (_, i) => `pump-${String(i).padStart(2, "0")}`);
 /** While this file exists the gateway's commits fail like a full disk (FLEET_TEST_COMMIT_FAULT_FILE). */
@@ -40,20 +40,12 @@ const api = async (path: string, init?: RequestInit) => (await fleet.fetch(path,
 const byTestId = (id: string) => page.getByTestId(id);
 
 beforeAll(async () => {
-  if (!existsSync(CHROMIUM)) {
-    throw new Error(
-      `the dashboard browser test needs Debian's chromium at ` +
-        `${CHROMIUM} (apt-get install -y chromium); it does not skip`,
-    );
-  }
   mkdirSync(OUT, { recursive: true });
   fleet = new TestFleet(TOML, { env: { FLEET_TEST_COMMIT_FAULT_FILE: DISK_FULL } });
   await fleet.start();
   base = fleet.httpUrl;
   // Minted before the episodes below: the overview's one-minute rates must still cover them.
-  const added = await fleet.cli("token", "add", "dashboard-e2e", "--scope", "admin");
-  expect(added.code).toBe(0);
-  signInToken = added.json.token;
+  signInToken = await addToken(fleet, "dashboard-e2e", "admin");
   client = await fleet.mqtt({ clientId: "e2e-dashboard" });
   // Real episodes: an alert and a clear on boiler-1, readings on a few pumps, one failure.
   await publishQos1(client, "sensors/boiler-1/temperature", { id: "t1", value: 91.5 });
@@ -69,32 +61,9 @@ beforeAll(async () => {
     "the failed thrower episode",
   );
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
-  });
-  page = await browser.newPage({ viewport: { width: 1440, height: 1000 } });
+  browser = await launchChromium();
   // Signed in through the API here; the sign-in form itself is tested on a page of its own.
-  const session = await fetch(`${base}/api/session`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ token: signInToken }),
-  });
-  const id = /fleet_session=([^;]+)/.exec(session.headers.get("set-cookie") ?? "")?.[1];
-  if (!id) throw new Error(`sign-in failed: HTTP ${session.status}`);
-  await page
-    .context()
-    .addCookies([{ name: "fleet_session", value: id, url: base, httpOnly: true, sameSite: "Strict" }]);
-  page.on("pageerror", (err) => console.error("page error:", err));
+  page = await signIn(fleet, browser, signInToken);
 }, 120_000);
 
 afterAll(async () => {
