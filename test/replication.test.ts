@@ -28,6 +28,7 @@ import { DAY, SyntheticFleet } from "./helpers/ops.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
 import { replicationToml } from "./helpers/replication.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
+import type { AgentId } from "../gateway/types.ts";
 
 const EPISODES = Number(process.env.FLEET_REPL_EPISODES ?? 4_000);
 const T0 = Date.UTC(2025, 0, 6);
@@ -76,9 +77,13 @@ async function centralCount(db: Client, table: string, gateway: string): Promise
 }
 
 /** Every replicated table: the center holds exactly the local rows (same values, each once), compared in pages. */
-async function expectCenterEqualsLocal(f: SyntheticFleet, db: Client): Promise<void> {
+async function expectCenterEqualsLocal(
+  f: SyntheticFleet,
+  db: Client,
+  tables: readonly (keyof typeof REPLICATED)[] = Object.keys(REPLICATED) as (keyof typeof REPLICATED)[],
+): Promise<void> {
   const PAGE = 20_000;
-  for (const t of Object.values(REPLICATED)) {
+  for (const t of tables.map((name) => REPLICATED[name])) {
     const cols = t.columns.join(", ");
     const order = t.key.join(", ");
     const where =
@@ -163,6 +168,44 @@ describe("replication faults", () => {
   );
 
   test(
+    "an episode's commit queues one entry; its agent's row and budget windows reach the center with it",
+    async () => {
+      const f = await synthetic();
+      let now = T0;
+      const r = replicator(f, spec(sqld.url), () => now);
+      await enableReplication(f.store, sqld.url);
+      const byKind = async () =>
+        Object.fromEntries(
+          (await f.store.client.execute("SELECT tbl, count(*) FROM repl_pending GROUP BY tbl")).rows.map((row) => [
+            String(row[0]),
+            Number(row[1]),
+          ]),
+        );
+      await f.commit(40, T0, 60_000);
+      // Four agents created on first sight, the spec version, and one entry per episode: no head or usage entries.
+      expect(await byKind()).toEqual({ spec: 1, agent: 4, episode: 40 });
+      await r.drain();
+      await expectCenterEqualsLocal(f, db);
+      // An operator pause is no episode: it queues the agent itself; the next episodes queue only themselves.
+      await f.store.setAgentStatus("t/a" as AgentId, "paused", "by test");
+      await f.commit(8, T0 + 3_600_000, 60_000);
+      expect(await byKind()).toEqual({ agent: 1, episode: 8 });
+      // Retention days later keeps the budget windows of agents whose episodes the center has not confirmed.
+      now = T0 + 10 * DAY;
+      const kept = await gcAll(f.store, f.spec.spec, { now, keepUnconfirmed: true });
+      expect(kept.usageRowsDeleted).toBe(0);
+      await r.drain();
+      // The first 40 episodes were confirmed, so retention collected them here; the center keeps them.
+      await expectCenterEqualsLocal(f, db, ["agents", "budget_usage"]);
+      expect(await centralCount(db, "episodes", f.store.gatewayId)).toBe(48);
+      expect((await verifyAtCenter(sqld.url, f.store.gatewayId)).problems).toEqual([]);
+      expect((await gcAll(f.store, f.spec.spec, { now, keepUnconfirmed: true })).usageRowsDeleted).toBeGreaterThan(0);
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test(
     `a ${EPISODES}-episode backlog over days offline: retention keeps unconfirmed rows; it drains oldest first`,
     async () => {
       const f = await synthetic();
@@ -229,8 +272,10 @@ describe("replication faults", () => {
       const r = replicator(f, spec(sqld.url, { max_backlog_mb: 1 }), () => now);
       await r.drain();
       const s = r.status();
-      // Each collected row counted once: the episodes (with their logs) and the old budget windows.
-      const lost = gc.episodesDeleted + gc.usageRowsDeleted;
+      // Each collected queue entry counted once: the episodes (an episode's entry stands for its log,
+      // checkpoint, agent row and budget windows, so the windows collected with it are not counted again).
+      expect(gc.usageRowsDeleted).toBeGreaterThan(0);
+      const lost = gc.episodesDeleted;
       expect(s.lost_rows).toBe(lost);
       expect(await f.store.getMeta("replication.lost_rows")).toBe(String(lost));
       const gw = await db.execute({

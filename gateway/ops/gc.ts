@@ -51,7 +51,13 @@ function unconfirmedGuards(on: boolean) {
     tombstone: pending("episode", sql`checkpoints.episode`),
     episode: pending("episode", sql`episodes.id`),
     stimulus: pending("stimulus", sql`CAST(stimuli.seq AS TEXT)`),
-    usage: pending("usage", sql`budget_usage.agent || char(10) || budget_usage."window"`),
+    // An episode's queue entry carries its agent's usage rows (store/migrate.ts, migration 11): an
+    // agent with an episode still queued keeps them all. One pass over the queue, not one per row.
+    usage: on
+      ? sql`${pending("usage", sql`budget_usage.agent || char(10) || budget_usage."window"`)}
+        AND budget_usage.agent NOT IN (SELECT e.agent FROM repl_pending p JOIN episodes e ON e.id = p.key
+          WHERE p.tbl = 'episode')`
+      : sql``,
   };
 }
 

@@ -15,14 +15,24 @@ export interface PendingEntry {
   readonly ver: number;
 }
 
+/**
+ * Rows already encoded by SQLite as the JSON arrays the central statements take (one text per
+ * statement), so the bulk of a batch (episodes, events, checkpoints) never becomes JS objects.
+ */
+export interface EncodedRows {
+  readonly count: number;
+  /** JSON arrays of rows (each row an array in the table's column order), at most ROWS_PER_STATEMENT each. */
+  readonly chunks: readonly string[];
+}
+
 /** Rows read for a batch, by central table, each row in its table's column order. */
-export type BatchRows = Partial<Record<ReplicatedName, InValue[][]>>;
+export type BatchRows = Partial<Record<ReplicatedName, InValue[][] | EncodedRows>>;
 
 /** A batch ready to push. */
 export interface Batch {
   readonly entries: readonly PendingEntry[];
   readonly rows: BatchRows;
-  /** Rows across tables (an episode with 5 events and a checkpoint counts 7). */
+  /** Rows across tables (an episode with 5 events and a checkpoint counts 7, more with its agent and usage). */
   readonly rowCount: number;
   /** Entries whose local row is gone (collected before it was pushed): counted as lost. */
   readonly lost: readonly PendingEntry[];
@@ -40,7 +50,35 @@ async function select(store: Store, t: ReplicatedTable, where: string, args: InA
   return rs.rows.map((r) => t.columns.map((_, i) => r[i] as InValue));
 }
 
-function sizeOf(rows: readonly InValue[][]): number {
+/**
+ * Rows of `t` as JSON built by SQLite (json_group_array of json_array), ROWS_PER_STATEMENT to a
+ * chunk: a third of the push's CPU went into turning rows into JS objects and back into JSON.
+ * Only for tables without REAL columns (SQLite prints a REAL in JSON with 15 digits, which would
+ * not round-trip) and without blobs (JSON cannot hold them).
+ */
+async function selectEncoded(store: Store, t: ReplicatedTable, where: string, args: InArgs): Promise<EncodedRows> {
+  const cols = t.columns.join(", ");
+  const rs = await store.client.execute({
+    sql: `SELECT json_group_array(json_array(${cols})) AS j, count(*) AS n FROM (SELECT ${cols},
+      (row_number() OVER () - 1) / ${ROWS_PER_STATEMENT} AS chunk FROM ${t.name} WHERE ${where}) GROUP BY chunk
+      ORDER BY chunk`,
+    args,
+  });
+  let count = 0;
+  const chunks: string[] = [];
+  for (const r of rs.rows) {
+    count += Number(r[1]);
+    chunks.push(String(r[0]));
+  }
+  return { count, chunks };
+}
+
+function isEncoded(rows: readonly InValue[][] | EncodedRows): rows is EncodedRows {
+  return !Array.isArray(rows);
+}
+
+function sizeOf(rows: readonly InValue[][] | EncodedRows): number {
+  if (isEncoded(rows)) return rows.chunks.reduce((n, c) => n + c.length, 0);
   let n = 0;
   for (const row of rows)
     for (const v of row) {
@@ -49,6 +87,20 @@ function sizeOf(rows: readonly InValue[][]): number {
       else n += 8;
     }
   return n;
+}
+
+/**
+ * The budget windows an episode that started at `startedAt` booked (`h:<hour>`, `d:<day>`, as
+ * gateway/episode budgetWindows does at the turn that started it); those of its end too, in
+ * case a window closed while it ran.
+ */
+export function usageWindows(startedAt: number, endedAt: number): string[] {
+  const out = new Set<string>();
+  for (const at of [startedAt, endedAt]) {
+    out.add(`h:${Math.floor(at / 3_600_000)}`);
+    out.add(`d:${Math.floor(at / 86_400_000)}`);
+  }
+  return [...out];
 }
 
 /** Read the oldest `limit` pending entries and the rows they name. */
@@ -70,7 +122,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     else byKind.set(e.tbl, [e]);
   }
   const keys = (kind: string) => JSON.stringify((byKind.get(kind) ?? []).map((e) => e.key));
-  const rows: BatchRows = {};
+  const got: BatchRows = {};
   const lost: PendingEntry[] = [];
   /** Entries of `kind` whose key is not among `found` are lost. */
   const missing = (kind: string, found: Set<string>) => {
@@ -79,59 +131,85 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   const { spec_versions, agents, episodes, events, checkpoints, budget_usage, stimuli, audit } = REPLICATED;
 
   if (byKind.has("spec")) {
-    rows.spec_versions = await select(store, spec_versions, `hash ${IN_JSON}`, [keys("spec")]);
-    missing("spec", new Set(rows.spec_versions.map((r) => String(r[0]))));
+    got.spec_versions = await select(store, spec_versions, `hash ${IN_JSON}`, [keys("spec")]);
+    missing("spec", new Set(got.spec_versions.map((r) => String(r[0]))));
   }
-  if (byKind.has("agent")) {
-    rows.agents = await select(store, agents, `id ${IN_JSON}`, [keys("agent")]);
-    missing("agent", new Set(rows.agents.map((r) => String(r[0]))));
-  }
+  // An episode entry stands for its agent's row and the budget windows it booked (store/migrate.ts,
+  // migration 11): those are sent with it, as they are now.
+  const agentIds = new Set((byKind.get("agent") ?? []).map((e) => e.key));
+  const usagePairs = new Map<string, [string, string]>();
+  for (const e of byKind.get("usage") ?? []) usagePairs.set(e.key, e.key.split("\n") as [string, string]);
   if (byKind.has("episode")) {
-    const eps = await select(store, episodes, `id ${IN_JSON}`, [keys("episode")]);
-    rows.episodes = eps;
-    missing("episode", new Set(eps.map((r) => String(r[0]))));
-    const ids = JSON.stringify(eps.map((r) => r[0]));
-    rows.events = await select(store, events, `episode ${IN_JSON} ORDER BY episode, seq`, [ids]);
-    const at = episodes.columns.indexOf("checkpoint");
-    const sealed = eps.flatMap((r) => (r[at] ? [r[at]] : []));
+    // What the rest of the batch needs from each episode, then the episodes themselves as JSON.
+    const eps = (
+      await store.client.execute({
+        sql: `SELECT id, agent, started_at, ended_at, checkpoint FROM episodes WHERE id ${IN_JSON}`,
+        args: [keys("episode")],
+      })
+    ).rows;
+    const found = new Set(eps.map((r) => String(r[0])));
+    missing("episode", found);
+    const ids = JSON.stringify([...found]);
+    got.episodes = await selectEncoded(store, episodes, `id ${IN_JSON}`, [ids]);
+    got.events = await selectEncoded(store, events, `episode ${IN_JSON}`, [ids]);
+    const sealed = eps.flatMap((r) => (r[4] ? [r[4]] : []));
     if (sealed.length > 0)
-      rows.checkpoints = await select(store, checkpoints, `hash ${IN_JSON}`, [JSON.stringify(sealed)]);
+      got.checkpoints = await selectEncoded(store, checkpoints, `hash ${IN_JSON}`, [JSON.stringify(sealed)]);
     // An episode collected before its push may leave its checkpoint behind (checkpoint.keep):
     // the chain still goes. A scan, but only on this rare path (retention stopped waiting).
-    const gone = (byKind.get("episode") ?? []).filter((e) => !eps.some((r) => r[0] === e.key)).map((e) => e.key);
+    const gone = (byKind.get("episode") ?? []).filter((e) => !found.has(e.key)).map((e) => e.key);
     if (gone.length > 0) {
-      const orphans = await select(store, checkpoints, `episode ${IN_JSON}`, [JSON.stringify(gone)]);
-      rows.checkpoints = [...(rows.checkpoints ?? []), ...orphans];
+      const orphans = await selectEncoded(store, checkpoints, `episode ${IN_JSON}`, [JSON.stringify(gone)]);
+      const kept = got.checkpoints as EncodedRows | undefined;
+      got.checkpoints = {
+        count: (kept?.count ?? 0) + orphans.count,
+        chunks: [...(kept?.chunks ?? []), ...orphans.chunks],
+      };
+    }
+    for (const r of eps) {
+      const agent = String(r[1]);
+      agentIds.add(agent);
+      for (const w of usageWindows(Number(r[2]), Number(r[3]))) usagePairs.set(`${agent}\n${w}`, [agent, w]);
     }
   }
-  if (byKind.has("usage")) {
-    const pairs = JSON.stringify((byKind.get("usage") ?? []).map((e) => e.key.split("\n")));
-    rows.budget_usage = await select(
+  if (agentIds.size > 0) {
+    got.agents = await selectEncoded(store, agents, `id ${IN_JSON}`, [JSON.stringify([...agentIds])]);
+    if (byKind.has("agent")) {
+      const ids = await store.client.execute({
+        sql: `SELECT id FROM agents WHERE id ${IN_JSON}`,
+        args: [keys("agent")],
+      });
+      missing("agent", new Set(ids.rows.map((r) => String(r[0]))));
+    }
+  }
+  if (usagePairs.size > 0) {
+    got.budget_usage = await select(
       store,
       budget_usage,
       `(agent, "window") IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))`,
-      [pairs],
+      [JSON.stringify([...usagePairs.values()])],
     );
-    missing("usage", new Set(rows.budget_usage.map((r) => `${r[0]}\n${r[1]}`)));
+    missing("usage", new Set(got.budget_usage.map((r) => `${r[0]}\n${r[1]}`)));
   }
   if (byKind.has("stimulus")) {
-    rows.stimuli = await select(store, stimuli, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [
+    got.stimuli = await select(store, stimuli, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [
       keys("stimulus"),
     ]);
-    missing("stimulus", new Set(rows.stimuli.map((r) => String(r[0]))));
+    missing("stimulus", new Set(got.stimuli.map((r) => String(r[0]))));
   }
   if (byKind.has("audit")) {
-    rows.audit = await select(store, audit, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [
-      keys("audit"),
-    ]);
-    missing("audit", new Set(rows.audit.map((r) => String(r[0]))));
+    got.audit = await select(store, audit, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [keys("audit")]);
+    missing("audit", new Set(got.audit.map((r) => String(r[0]))));
   }
+  // The center writes them in REPLICATED's order (agents before their episodes).
+  const rows: BatchRows = {};
+  for (const name of Object.keys(REPLICATED) as ReplicatedName[]) if (got[name]) rows[name] = got[name];
   // An entry kind this code does not know was written by newer code: it cannot be sent.
   for (const e of entries) if (!KINDS.includes(e.tbl)) lost.push(e);
   let rowCount = 0;
   let bytes = 0;
   for (const list of Object.values(rows)) {
-    rowCount += list.length;
+    rowCount += isEncoded(list) ? list.count : list.length;
     bytes += sizeOf(list);
   }
   return { entries, rows, rowCount, lost, bytes };
@@ -147,6 +225,19 @@ const hex = (v: InValue): InValue =>
       ? Buffer.from(v.buffer, v.byteOffset, v.byteLength).toString("hex")
       : v;
 
+/** The central INSERT of `t` that takes its rows (fleet, gateway, then one JSON text of rows). */
+function insertSql(t: ReplicatedTable): string {
+  const select = t.columns.map((c, i) => (t.blobs.includes(c) ? `unhex(value ->> ${i})` : `value ->> ${i}`)).join(", ");
+  const conflict = t.mutable
+    ? `ON CONFLICT (gateway, ${t.key.join(", ")}) DO UPDATE SET fleet = excluded.fleet, ${t.columns
+        .filter((c) => !t.key.includes(c))
+        .map((c) => `${c} = excluded.${c}`)
+        .join(", ")}`
+    : "ON CONFLICT DO NOTHING";
+  return `INSERT INTO ${t.name} (fleet, gateway, ${t.columns.join(", ")})
+      SELECT ?, ?, ${select} FROM json_each(?) WHERE true ${conflict}`;
+}
+
 /**
  * The central statements that write a batch's rows for gateway `gateway` of fleet `fleet`.
  * Each statement takes its rows as ONE JSON array bound as text and unpacks it with
@@ -156,21 +247,15 @@ const hex = (v: InValue): InValue =>
  */
 export function centralStatements(fleet: string, gateway: string, rows: BatchRows): InStatement[] {
   const out: InStatement[] = [];
-  for (const [name, list] of Object.entries(rows) as [ReplicatedName, InValue[][]][]) {
+  for (const [name, list] of Object.entries(rows) as [ReplicatedName, InValue[][] | EncodedRows][]) {
     const t: ReplicatedTable = REPLICATED[name];
+    if (isEncoded(list)) {
+      for (const chunk of list.chunks) out.push({ sql: insertSql(t), args: [fleet, gateway, chunk] });
+      continue;
+    }
     if (list.length === 0) continue;
     const blobAt = t.blobs.map((b) => t.columns.indexOf(b));
-    const select = t.columns
-      .map((c, i) => (t.blobs.includes(c) ? `unhex(value ->> ${i})` : `value ->> ${i}`))
-      .join(", ");
-    const conflict = t.mutable
-      ? `ON CONFLICT (gateway, ${t.key.join(", ")}) DO UPDATE SET fleet = excluded.fleet, ${t.columns
-          .filter((c) => !t.key.includes(c))
-          .map((c) => `${c} = excluded.${c}`)
-          .join(", ")}`
-      : "ON CONFLICT DO NOTHING";
-    const sql = `INSERT INTO ${t.name} (fleet, gateway, ${t.columns.join(", ")})
-      SELECT ?, ?, ${select} FROM json_each(?) WHERE true ${conflict}`;
+    const sql = insertSql(t);
     for (let i = 0; i < list.length; i += ROWS_PER_STATEMENT) {
       let part = list.slice(i, i + ROWS_PER_STATEMENT);
       if (blobAt.length > 0) part = part.map((r) => r.map((v, k) => (blobAt.includes(k) ? hex(v) : v)));

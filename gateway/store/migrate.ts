@@ -159,6 +159,24 @@ const STIMULUS_EXPIRY: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN expi
 
 /** The W3C trace context a stimulus came in with (a webhook's `traceparent`), so its episode joins that trace. */
 const STIMULUS_TRACE: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN traceparent TEXT`];
+/**
+ * One queue entry per episode commit (issue 13): a commit used to queue four entries (the
+ * episode, its agent's head update, both budget windows), each an insert or upsert into
+ * `repl_pending` and its index inside the commit. Now the episode's entry stands for all of
+ * them: the pusher sends the agent's current row and its usage rows of the episode's windows
+ * along with it (gateway/replication/batch.ts). The agent trigger fires only for changes an
+ * episode does not make (created, status, pause, retire, retention's anchor); budget usage is
+ * only ever written by an episode's commit or failure, which both insert an episode row.
+ */
+const ONE_ENTRY_PER_EPISODE: readonly string[] = [
+  `DROP TRIGGER IF EXISTS repl_agent_set`,
+  `DROP TRIGGER IF EXISTS repl_usage_new`,
+  `DROP TRIGGER IF EXISTS repl_usage_set`,
+  `CREATE TRIGGER IF NOT EXISTS repl_agent_status
+    AFTER UPDATE OF type, key, gateway, status, reason, paused_until, anchor_seq, anchor_hash ON agents
+    WHEN ${REPL_ON} BEGIN
+    ${pend("agent", "NEW.id", "NEW.updated_at")} END`,
+];
 
 /**
  * Release 0.4: upgrades (docs/upgrading.md). Agent code is stored content-addressed and each
@@ -188,6 +206,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 8, name: "stimulus expiry", statements: STIMULUS_EXPIRY },
   { version: 9, name: "stimulus trace context", statements: STIMULUS_TRACE },
   { version: 10, name: "code bundles and state versions", statements: BUNDLES },
+  { version: 11, name: "one replication entry per episode", statements: ONE_ENTRY_PER_EPISODE },
 ];
 
 /** The schema version this code writes. */

@@ -171,7 +171,7 @@ export class SyntheticFleet {
     });
     head.seq = seq;
     head.hash = hash;
-    const win = budgetWindows(at);
+    const win = budgetWindows(at - 2); // the turn that starts an episode books its windows
     return {
       episode: {
         id: episode,
