@@ -19,6 +19,8 @@ command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 command -v stdbuf >/dev/null 2>&1 || missing+=(coreutils)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The Paho interoperability suites (test/e2e.paho.test.ts) are Python 3.
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "prereqs: installing ${missing[*]} with apt-get" >&2
