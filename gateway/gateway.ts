@@ -64,7 +64,7 @@ import { deployInstances, Redeploy } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
-import { BundleFiles, bundleDir, pinCode, type Pinned } from "./code/index.ts";
+import { BundleFiles, buildBundle, bundleDir, pinCode, type Pinned } from "./code/index.ts";
 import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
 import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
 
@@ -451,7 +451,13 @@ export class Gateway {
   async deployCheck(toml: string | null, opts: DeployCheckOptions): Promise<DeployCheckReport> {
     const path = this.current.path;
     const candidate = toml === null ? await loadSpec(path) : await compileSpec(toml, path);
-    return deployCheck(this.store, this.current, candidate, this.spawnOptions, opts);
+    const build = async (modulePath: string) => {
+      const r = await buildBundle(modulePath, HOST_PATHS, SDK_ENTRY);
+      if (!r.ok) return null;
+      this.bundles.remember(r.hash, r.code);
+      return { hash: r.hash, file: () => this.bundles.file(r.hash) };
+    };
+    return deployCheck(this.store, this.current, candidate, this.spawnOptions, { ...opts, build });
   }
 
   /** Stimuli waiting for an agent. */
@@ -762,7 +768,7 @@ export class Gateway {
         return problems.length > 0 ? describeConfigProblems(problems) : null;
       },
       gate: (current, next) =>
-        reloadGate(this.store, current, next, this.spawnOptions).catch(
+        reloadGate(this.store, current, next, this.spawnOptions, (h) => this.bundles.file(h)).catch(
           (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
         ),
       applyLive: (current, next) => this.applyBroker(current, next),

@@ -278,16 +278,16 @@ describe("POST /api/deploy/check", () => {
 describe("[agents.<t>.rollout] require_check", () => {
   const health = async () =>
     (await (await fleet.fetch("/api/fleet")).json()) as { spec_version: string; spec_error: string | null };
+  const gated = (module: string) =>
+    withModule(module)(TOML).replace(
+      "[agents.counter]",
+      "[agents.temp-monitor.rollout]\nrequire_check = true\n\n[agents.counter]",
+    );
 
   test(
     "a hot reload whose check fails is refused as a reload error; one that passes is applied",
     async () => {
       const before = (await health()).spec_version;
-      const gated = (module: string) =>
-        withModule(module)(TOML).replace(
-          "[agents.counter]",
-          "[agents.temp-monitor.rollout]\nrequire_check = true\n\n[agents.counter]",
-        );
       writeFileSync(fleet.configPath, gated(ops("temp-monitor-renamed")));
       const refused = await waitFor(
         async () => {
@@ -315,6 +315,48 @@ describe("[agents.<t>.rollout] require_check", () => {
     },
     SLOW,
   );
+
+  test(
+    "a module file edited in place is new code: deploy --check sees it, and the gate refuses it",
+    async () => {
+      const tm = join(fleet.dir, "tm.ts");
+      const reexport = (module: string) => writeFileSync(tm, `export { default } from ${q(module)};\n`);
+      reexport(shippedAgent("temp-monitor"));
+      const before = (await health()).spec_version;
+      writeFileSync(fleet.configPath, gated(tm));
+      const applied = await waitFor(
+        async () => {
+          const h = await health();
+          return h.spec_version !== before && h.spec_error === null ? h : undefined;
+        },
+        90_000,
+        "the new module applied",
+      );
+      expect((await check()).report.types).toEqual([]);
+
+      reexport(ops("temp-monitor-renamed"));
+      const refused = await waitFor(
+        async () => {
+          const h = await health();
+          return h.spec_error ? h : undefined;
+        },
+        90_000,
+        "the edit refused",
+      );
+      expect(refused.spec_error).toContain("deploy check failed for temp-monitor: 3 DIVERGED");
+      expect(refused.spec_version).toBe(applied.spec_version);
+      const { code, report } = await check();
+      expect(code).toBe(1);
+      expect(report.types[0]?.changed[0]).toMatch(/^code [0-9a-f]{12} -> [0-9a-f]{12}$/);
+      expect(report.types[0]?.counts.DIVERGED).toBe(KEYS.length);
+
+      // Put back: the same code as the running bundle, so nothing to apply and no error left.
+      reexport(shippedAgent("temp-monitor"));
+      await waitFor(async () => (await health()).spec_error === null || undefined, 90_000, "the error cleared");
+      expect((await health()).spec_version).toBe(applied.spec_version);
+    },
+    SLOW,
+  );
 });
 
 describe("fleet deploy --check with the gateway stopped", () => {
@@ -322,7 +364,7 @@ describe("fleet deploy --check with the gateway stopped", () => {
     "reads the data dir: the spec it last ran, its history",
     async () => {
       expect(await fleet.stop()).toBe(0);
-      // The fleet last ran temp-monitor-same (the reload above): the shipped module is a module change.
+      // The fleet last ran tm.ts (the reloads above): the shipped module is a module change.
       const diverged = await check(candidate("renamed", withModule(ops("temp-monitor-renamed"))));
       expect(diverged.code).toBe(1);
       expect(diverged.report.types[0]?.counts.DIVERGED).toBe(KEYS.length);

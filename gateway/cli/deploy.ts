@@ -11,6 +11,8 @@ import { liveFetch } from "./live.ts";
 import { defaultSpawnOptions } from "../episode/index.ts";
 import { deployCheck, describeDeployCheck, storedSpec } from "../ops/index.ts";
 import { loadSpec } from "../spec/index.ts";
+import { BundleFiles, buildBundle, bundleDir } from "../code/index.ts";
+import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
 
 /** Most episodes or agents a check may be asked to replay per agent or type. */
 const MAX_SAMPLE = 10_000;
@@ -39,7 +41,22 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
       ? ((await (await liveFetch(live, "/api/fleet")).json()) as { spec_version?: string }).spec_version
       : undefined;
     const running = await storedSpec(store, hash);
-    const report = await deployCheck(store, running, candidate, defaultSpawnOptions(), { episodes, agents, force });
+    // Each module is bundled as the gateway would pin it (an edited file is a code change) and the
+    // replays run that bundle, written where the sandbox can read it.
+    const spawn = defaultSpawnOptions();
+    const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
+    const build = async (path: string) => {
+      const r = await buildBundle(path, HOST_PATHS, SDK_ENTRY);
+      if (!r.ok) return null;
+      files.remember(r.hash, r.code);
+      return { hash: r.hash, file: () => files.file(r.hash) };
+    };
+    const report = await deployCheck(store, running, candidate, spawn, {
+      episodes,
+      agents,
+      force,
+      build,
+    });
     cli.print(report, () => describeDeployCheck(report));
     return report.ok ? 0 : 1;
   } finally {

@@ -48,8 +48,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
   send <topic> <json> [--id ID]
   validate [FILE]             check a fleet.toml without touching the fleet
   deploy --check [FILE] [--episodes N] [--agents M] [--type T,...]
-                              replay the last N committed episodes of M agents of every type whose module
-                              or config FILE changes (default: the fleet's fleet.toml) on the new code;
+                              replay the last N committed episodes of M agents of every type whose module,
+                              code or config FILE changes (default: the fleet's fleet.toml) on the new code;
                               per type MATCH / DIVERGED / FAILED / UNREPLAYABLE; exit 1 on any DIVERGED or FAILED
   state <type/key> [--at SEQ] [--diff A..B]   the agent's state at a checkpoint, or a JSON Patch between two
   trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream

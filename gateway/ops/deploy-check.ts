@@ -1,10 +1,11 @@
 /**
  * The replay gate (docs/upgrading.md, `fleet deploy --check`, `POST /api/deploy/check`): before a
  * fleet.toml is applied, replay recorded history against what it would change. For each agent
- * type whose module or config differs from the running spec, the last N committed episodes of a
- * stable sample of its agents are replayed (./replay.ts) on the candidate module and config, and
- * counted MATCH / DIVERGED / FAILED / UNREPLAYABLE. Nothing is written: the check reads the store
- * and runs each episode in a fresh sandboxed subprocess, like `fleet replay --module`.
+ * type whose module, code or config differs from the running spec, the last N committed episodes of a
+ * stable sample of its agents are replayed (./replay.ts) on the candidate's code (its bundle) and
+ * config, and counted MATCH / DIVERGED / FAILED / UNREPLAYABLE. Nothing is applied: the check reads
+ * the store (the candidate's bundle files aside) and runs each episode in a fresh sandboxed
+ * subprocess, like `fleet replay --module`.
  */
 import { and, desc, eq } from "drizzle-orm";
 import { blake3Hex, canonicalJson } from "../hash.ts";
@@ -63,12 +64,32 @@ export interface DeployCheckOptions {
   readonly only?: readonly string[];
   /** Replays run at once (each is a subprocess; default 2). */
   readonly concurrency?: number;
+  /**
+   * For a candidate whose code is not pinned yet (a file, not a reload): bundle a type's module as
+   * the gateway would pin it (gateway/code; nothing stored) and give its hash and the file the
+   * sandbox runs, or null when it does not bundle. An edited module file is then a code change even
+   * when fleet.toml names the same path, and the replay runs what the gateway would run.
+   */
+  readonly build?: (modulePath: string) => Promise<{ hash: string; file: () => Promise<string> } | null>;
+  /** The file of a stored bundle: a pinned candidate (a reload) is replayed on its own bundle. */
+  readonly bundleFile?: (hash: string) => Promise<string>;
 }
 
-/** What changed in a type between the running spec and the candidate; empty when nothing replayable did. */
-export function typeChanges(before: AgentTypeSpec, after: AgentTypeSpec): string[] {
+/**
+ * What changed in a type between the running spec and the candidate; empty when nothing replayable
+ * did. `from` and `to` are the code bundles (gateway/code) when known: `to` undefined means unknown,
+ * null that the candidate's module does not bundle.
+ */
+export function typeChanges(
+  before: AgentTypeSpec,
+  after: AgentTypeSpec,
+  from?: string | null,
+  to?: string | null,
+): string[] {
   const out: string[] = [];
   if (before.module_path !== after.module_path) out.push(`module ${before.module} -> ${after.module}`);
+  else if (from && to === null) out.push("code: the module does not bundle");
+  else if (from && to && from !== to) out.push(`code ${from.slice(0, 12)} -> ${to.slice(0, 12)}`);
   if (canonicalJson(before.config) !== canonicalJson(after.config)) out.push("config");
   return out;
 }
@@ -145,13 +166,13 @@ async function checkType(
   type: AgentTypeSpec,
   changed: readonly string[],
   spawn: SpawnOptions,
-  o: Required<Pick<DeployCheckOptions, "episodes" | "agents" | "concurrency">>,
+  o: Required<Pick<DeployCheckOptions, "episodes" | "agents" | "concurrency">> & { module: () => Promise<string> },
 ): Promise<TypeCheck> {
   const agents = await sampleAgents(store, type.name, o.agents);
   const episodes = (await Promise.all(agents.map((a) => lastCommitted(store, a, o.episodes)))).flat();
   const results = await pool(episodes, o.concurrency, async (id): Promise<ReplayResult> => {
     try {
-      return await replayEpisode(store, id, spawn, type.module_path, type.config);
+      return await replayEpisode(store, id, spawn, await o.module(), type.config);
     } catch (err) {
       // A replay that cannot even run the candidate is the candidate's failure.
       const message = err instanceof Error ? err.message : String(err);
@@ -176,7 +197,7 @@ async function checkType(
 
 /**
  * Check `candidate` against `running` (the spec version the fleet runs; null when none is stored):
- * replay the history of every type whose module or config the candidate changes.
+ * replay the history of every type whose module, code or config the candidate changes.
  */
 export async function deployCheck(
   store: Store,
@@ -197,10 +218,18 @@ export async function deployCheck(
       added.push(name);
       continue;
     }
-    const changed = typeChanges(old, type);
+    const from = running?.bundles[name] ?? null;
+    const pinned = candidate.bundles[name];
+    const built = pinned === undefined && opts.build ? await opts.build(type.module_path) : undefined;
+    const to = pinned ?? (built === undefined ? undefined : (built?.hash ?? null));
+    const changed = typeChanges(old, type, from, to);
     if (changed.length === 0 && opts.force?.includes(name)) changed.push("forced");
+    // The candidate's bundle (what the gateway would run), else its module file.
+    const bundleFile = opts.bundleFile;
+    const module = () =>
+      pinned && bundleFile ? bundleFile(pinned) : built ? built.file() : Promise.resolve(type.module_path);
     if (changed.length === 0) unchanged.push(name);
-    else types.push(await checkType(store, type, changed, spawn, o));
+    else types.push(await checkType(store, type, changed, spawn, { ...o, module }));
   }
   return {
     ok: types.every((c) => c.counts.DIVERGED + c.counts.FAILED === 0),
@@ -233,7 +262,7 @@ export function describeDeployCheck(r: DeployCheckReport): string {
       );
     }
   }
-  if (r.types.length === 0) lines.push("  no type's module or config changed: nothing to replay");
+  if (r.types.length === 0) lines.push("  no type's module, code or config changed: nothing to replay");
   if (r.added.length > 0) lines.push(`  new (no history): ${r.added.join(", ")}`);
   if (r.unchanged.length > 0) lines.push(`  unchanged: ${r.unchanged.join(", ")}`);
   const bad = r.types.reduce((s, c) => s + c.counts.DIVERGED + c.counts.FAILED, 0);
@@ -242,7 +271,7 @@ export function describeDeployCheck(r: DeployCheckReport): string {
 }
 
 /**
- * The hot-reload gate: the types whose module or config `next` changes and that require the check
+ * The hot-reload gate: the types whose module, code or config `next` changes and that require the check
  * (`[agents.<t>.rollout] require_check` in the running spec or in `next`, so one edit cannot both
  * turn the gate off and slip a change through). Why `next` must not be applied, or null.
  */
@@ -251,14 +280,15 @@ export async function reloadGate(
   current: SpecVersion,
   next: SpecVersion,
   spawn: SpawnOptions,
+  bundleFile?: (hash: string) => Promise<string>,
 ): Promise<string | null> {
   const gated = Object.entries(next.spec.agents).flatMap(([name, type]) => {
     const old = current.spec.agents[name];
     if (!old || !(old.rollout.require_check || type.rollout.require_check)) return [];
-    return typeChanges(old, type).length > 0 ? [name] : [];
+    return typeChanges(old, type, current.bundles[name] ?? null, next.bundles[name]).length > 0 ? [name] : [];
   });
   if (gated.length === 0) return null;
-  const r = await deployCheck(store, current, next, spawn, { only: gated });
+  const r = await deployCheck(store, current, next, spawn, { only: gated, bundleFile });
   if (r.ok) return null;
   const failed = r.types.filter((c) => c.counts.DIVERGED + c.counts.FAILED > 0);
   return failed

@@ -124,7 +124,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.retry.backoff_ms": "Wait before the second attempt; doubles with each further one.",
   "agents.*.rollout": "How a change to this type is deployed (docs/upgrading.md).",
   "agents.*.rollout.require_check":
-    "A hot reload that changes this type's module or config is applied only when the replay gate " +
+    "A hot reload that changes this type's module, code or config is applied only when the replay gate " +
     "(`fleet deploy --check`) finds no DIVERGED or FAILED episode; otherwise it is refused as a reload error.",
   hooks: "Webhooks, one table each: `POST /hooks/<name>`.",
   "hooks.*.agent": "The agent (<type>/<key>) every call goes to, or use `type` + `key_field`.",
