@@ -91,6 +91,8 @@ export type EpisodeRecord =
   | { readonly k: "wake"; readonly id: string; readonly at: number; readonly data: unknown }
   /** `ctx.cancelWake`: cancelled with the episode's commit (no-op for an id that is not pending). */
   | { readonly k: "cancel_wake"; readonly id: string }
+  /** The episode migrated the agent's state from an older `version` of the code (docs/upgrading.md). */
+  | { readonly k: "migrate"; readonly from: number; readonly to: number }
   /** The agent's pending wake-ups as the episode first looked at them (replay answers from it). */
   | { readonly k: "pending_wakes"; readonly ids: readonly string[] }
   | {
@@ -123,6 +125,8 @@ export type ParentMessage =
       readonly config: Readonly<Record<string, unknown>>;
       /** The last checkpoint's state, or null for a brand-new agent (run `init`). */
       readonly state: unknown;
+      /** The code version that wrote `state` (its checkpoint's `state_version`; 1 when it records none). */
+      readonly state_version?: number;
       readonly fresh: boolean;
       readonly stimulus: Stimulus;
       /** Present when replaying: tools are answered from here, `now`/`random` return these. */
@@ -143,6 +147,8 @@ export type ParentMessage =
 export interface ConfigCheck {
   /** False when the module declares no config schema. */
   readonly schema: boolean;
+  /** The module's `defineAgent({ version })` (1 when it sets none). */
+  readonly version?: number;
   readonly issues: readonly { readonly path: readonly string[]; readonly message: string }[];
 }
 
@@ -151,7 +157,8 @@ export type ChildMessage =
   | { readonly t: "ready" }
   | { readonly t: "records"; readonly records: readonly EpisodeRecord[] }
   | { readonly t: "tool"; readonly call: number; readonly tool: string; readonly args: readonly unknown[] }
-  | { readonly t: "done"; readonly state: unknown }
+  /** `version`: the code's `defineAgent({ version })`, which the new checkpoint records. */
+  | { readonly t: "done"; readonly state: unknown; readonly version?: number; readonly migrated_from?: number }
   | {
       readonly t: "error";
       /** `terminal`: the agent threw `TerminalError` (no retry will help). */
@@ -187,8 +194,20 @@ export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { re
     case "tool":
       if (typeof raw.call !== "number" || typeof raw.tool !== "string" || !Array.isArray(raw.args)) return null;
       return { t: "tool", call: raw.call, tool: raw.tool, args: raw.args };
-    case "done":
-      return { t: "done", state: raw.state };
+    case "done": {
+      const int = (v: unknown) => typeof v === "number" && Number.isSafeInteger(v) && v >= 1;
+      if (
+        (raw.version !== undefined && !int(raw.version)) ||
+        (raw.migrated_from !== undefined && !int(raw.migrated_from))
+      )
+        return null;
+      return {
+        t: "done",
+        state: raw.state,
+        ...(raw.version === undefined ? {} : { version: raw.version as number }),
+        ...(raw.migrated_from === undefined ? {} : { migrated_from: raw.migrated_from as number }),
+      };
+    }
     case "error": {
       const kinds = ["threw", "terminal", "invalid_module", "invalid_state", "flood"] as const;
       const kind = kinds.find((k) => k === raw.kind);
@@ -236,6 +255,10 @@ export function parseRecord(r: unknown, opts: { replay: boolean }): EpisodeRecor
     }
     case "cancel_wake":
       return typeof r.id === "string" && r.id.length <= 200 ? { k: "cancel_wake", id: r.id } : null;
+    case "migrate": {
+      const int = (v: unknown) => typeof v === "number" && Number.isSafeInteger(v) && v >= 1;
+      return int(r.from) && int(r.to) ? { k: "migrate", from: r.from as number, to: r.to as number } : null;
+    }
     case "pending_wakes":
       return Array.isArray(r.ids) && r.ids.every((id) => typeof id === "string")
         ? { k: "pending_wakes", ids: r.ids as string[] }

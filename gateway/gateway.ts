@@ -22,7 +22,7 @@ import { compileSpec, loadSpec, restartNeeded, SpecError } from "./spec/index.ts
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { Scheduler } from "./fleet/index.ts";
-import { checkConfigs, describeConfigProblems, EpisodeExecutor, typesToCheck } from "./episode/index.ts";
+import { checkConfigs, describeConfigProblems, EpisodeExecutor, moduleVersion, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
@@ -64,7 +64,7 @@ import { deployInstances, Redeploy } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
-import { BundleFiles, buildBundle, bundleDir, pinCode, type Pinned } from "./code/index.ts";
+import { BundleFiles, buildBundle, bundleDir, codeChanges, pinCode, type Pinned } from "./code/index.ts";
 import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
 import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
 
@@ -776,8 +776,29 @@ export class Gateway {
     });
   }
 
-  /** Bundle and store a version's code (gateway/code). */
-  private pin(next: SpecVersion, current: SpecVersion | null): Promise<Pinned> {
+  /**
+   * Bundle and store a version's code (gateway/code). On a redeploy, new code whose state version
+   * is lower than the version that wrote its agents' state is refused (docs/upgrading.md).
+   */
+  private async pin(next: SpecVersion, current: SpecVersion | null): Promise<Pinned> {
+    const pinned = await this.pinOnly(next, current);
+    if (!pinned.ok || current === null) return pinned;
+    const problems: string[] = [];
+    for (const c of codeChanges(current, pinned.sv)) {
+      const type = pinned.sv.spec.agents[c.type];
+      if (!type || c.to === null) continue;
+      const version = await moduleVersion(type, await this.bundles.file(c.to), this.spawnOptions);
+      const stored = await this.store.maxStateVersion(c.type);
+      if (version !== null && version < stored)
+        problems.push(
+          `agents.${c.type}.module is version ${version} (defineAgent({ version })), lower than version ${stored} ` +
+            "that wrote its agents' state: a deploy may not lower version",
+        );
+    }
+    return problems.length > 0 ? { ok: false, problems } : pinned;
+  }
+
+  private pinOnly(next: SpecVersion, current: SpecVersion | null): Promise<Pinned> {
     return pinCode(next, current, {
       sink: this.store,
       files: this.bundles,

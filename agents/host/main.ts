@@ -107,7 +107,8 @@ async function run(start: Start): Promise<void> {
   // The type's config, checked against the module's schema (if it has one) before any agent code.
   const checked = await checkConfig(def, start.config);
   if (start.mode === "check") {
-    send({ t: "done", state: { schema: def.config !== undefined, issues: checked.issues } satisfies ConfigCheck });
+    const check: ConfigCheck = { schema: def.config !== undefined, version: def.version ?? 1, issues: checked.issues };
+    send({ t: "done", state: check });
     return;
   }
   if (checked.issues.length > 0) {
@@ -236,7 +237,34 @@ async function run(start: Start): Promise<void> {
     },
   };
 
+  // State written by an older version of the code is migrated first, inside this episode (docs/upgrading.md).
+  const version = def.version ?? 1;
+  let migratedFrom: number | undefined;
   if (start.fresh) ctx.state = await def.init({ agent: start.agent, config });
+  else {
+    const from = start.state_version ?? 1;
+    if (from > version) {
+      send({
+        t: "error",
+        kind: "invalid_state",
+        message: `the agent's state was written by version ${from} of its code; this code is version ${version}`,
+      });
+      return;
+    }
+    if (from < version) {
+      if (typeof def.migrate !== "function") {
+        send({
+          t: "error",
+          kind: "invalid_state",
+          message: `the agent's state was written by version ${from}; version ${version} of its code has no migrate()`,
+        });
+        return;
+      }
+      rec.push({ k: "migrate", from, to: version });
+      ctx.state = await def.migrate(ctx.state, from);
+      migratedFrom = from;
+    }
+  }
   // The gateway builds each kind's stimulus in the shape the SDK documents (agents/sdk).
   await def.onStimulus(start.stimulus as unknown as Stimulus, ctx);
   if (rec.flood !== null) throw new Flood(rec.flood);
@@ -249,7 +277,7 @@ async function run(start: Start): Promise<void> {
     return;
   }
   rec.flush();
-  send({ t: "done", state });
+  send({ t: "done", state, version, ...(migratedFrom === undefined ? {} : { migrated_from: migratedFrom }) });
 }
 
 /** `config` checked against the module's schema: the parsed value, or the schema's issues with their key paths. */

@@ -176,6 +176,17 @@ export interface AgentDefinition<S, C = Record<string, unknown>> {
    * it returns (defaults filled in).
    */
   readonly config?: ConfigSchema<C>;
+  /**
+   * Version of the state shape this code reads and writes (default 1; docs/upgrading.md). Each
+   * checkpoint records the version that wrote it; raising it makes `migrate` run once per agent.
+   */
+  readonly version: number;
+  /**
+   * Turn state written by version `fromVersion` (< `version`) into this version's shape. Runs in
+   * the agent's first episode on the new code, inside that episode: a throw fails the episode and
+   * leaves the old checkpoint as it was (retried, then quarantined, like any failure).
+   */
+  readonly migrate?: (state: unknown, fromVersion: number) => S | Promise<S>;
   readonly __fleetAgent: true;
 }
 
@@ -185,13 +196,22 @@ export interface AgentDefinition<S, C = Record<string, unknown>> {
  */
 export function defineAgent<S, C = Record<string, unknown>>(def: {
   config?: ConfigSchema<C>;
+  /** State version (a positive integer, default 1); raise it together with `migrate`. */
+  version?: number;
+  /** Migrate state written by an older `version` (see `AgentDefinition.migrate`). */
+  migrate?: (state: unknown, fromVersion: number) => S | Promise<S>;
   init: (ctx: { readonly agent: AgentRef; readonly config: C }) => S | Promise<S>;
   onStimulus: (stimulus: Stimulus, ctx: AgentContext<S, C>) => void | Promise<void>;
 }): AgentDefinition<S, C> {
+  const version = def.version ?? 1;
+  if (!Number.isSafeInteger(version) || version < 1)
+    throw new TypeError(`defineAgent: version must be a positive integer; got ${JSON.stringify(def.version)}`);
   return {
     init: def.init,
     onStimulus: def.onStimulus,
     ...(def.config ? { config: def.config } : {}),
+    version,
+    ...(def.migrate ? { migrate: def.migrate } : {}),
     __fleetAgent: true,
   };
 }

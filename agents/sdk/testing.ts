@@ -46,6 +46,11 @@ export interface TestAgentOptions<C> {
   readonly config?: C;
   /** Start from this state instead of running `init`. */
   readonly state?: unknown;
+  /**
+   * The code version that wrote `state` (default 1): when it is below the agent's `version`, the
+   * first run migrates it with `migrate` as the gateway does (docs/upgrading.md).
+   */
+  readonly stateVersion?: number;
   /** The type's `tools` allowlist (default: every built-in tool). `ctx.emit` is always allowed. */
   readonly tools?: readonly ToolName[];
   /** Results of tool calls (default: publish and send succeed; http and llm fail with ToolFailed). */
@@ -85,6 +90,8 @@ export interface EpisodeRun<S> {
   readonly error: Error | null;
   /** The state after the episode (unchanged from before when it failed). */
   readonly state: S;
+  /** The version this episode migrated the state from (`migrate` ran), else null. */
+  readonly migratedFrom: number | null;
   readonly decisions: readonly { readonly name: string; readonly data: unknown }[];
   /** Payloads passed to `ctx.emit` (they go to `fleet/agents/<type>/<key>/out` after commit). */
   readonly emits: readonly unknown[];
@@ -105,6 +112,8 @@ export interface AgentUnderTest<S> {
   readonly agent: AgentRef;
   /** The current state (after `init` on the first run unless a state was given). */
   readonly state: S | undefined;
+  /** The code version that wrote the current state (the agent's `version` once an episode committed). */
+  readonly stateVersion: number;
   /** Run one episode for a stimulus. Never throws for an agent error: see `status`. */
   run(stimulus: Stimulus): Promise<EpisodeRun<S>>;
   /** Every episode run so far, oldest first. */
@@ -169,6 +178,7 @@ export function testAgent<S, C = Record<string, unknown>>(
   const now = opts.now ?? defaultClock();
   const random = opts.random ?? defaultRandom();
   let state: S | undefined = opts.state === undefined ? undefined : jsonCopy(opts.state as S, "initial state");
+  let stateVersion = opts.stateVersion ?? 1;
   let episodes = 0;
   const history: EpisodeRun<S>[] = [];
   const maxWakeups = opts.maxWakeups ?? 100;
@@ -245,8 +255,23 @@ export function testAgent<S, C = Record<string, unknown>>(
     });
 
     let error: Error | null = null;
+    let migratedFrom: number | null = null;
+    const version = def.version ?? 1;
     try {
-      const current = state === undefined ? jsonCopy(await def.init({ agent, config }), "initial state") : state;
+      let current = state === undefined ? jsonCopy(await def.init({ agent, config }), "initial state") : state;
+      // Like the gateway: state an older version wrote is migrated inside the episode (a throw changes nothing).
+      if (state !== undefined && stateVersion > version)
+        throw new Error(
+          `the agent's state was written by version ${stateVersion} of its code; this code is version ${version}`,
+        );
+      if (state !== undefined && stateVersion < version) {
+        if (typeof def.migrate !== "function")
+          throw new Error(
+            `the agent's state was written by version ${stateVersion}; version ${version} of its code has no migrate()`,
+          );
+        current = jsonCopy(await def.migrate(jsonCopy(current, "state"), stateVersion), "migrated state");
+        migratedFrom = stateVersion;
+      }
       const ctx: AgentContext<S, C> = {
         agent,
         state: jsonCopy(current, "state"),
@@ -275,17 +300,20 @@ export function testAgent<S, C = Record<string, unknown>>(
       await def.onStimulus(stimulus, ctx);
       // Like the gateway: the new checkpoint is the state as JSON, written only on success.
       state = jsonCopy(ctx.state, "agent state");
+      stateVersion = version;
       // Like the gateway: wake-ups are scheduled and cancelled with the commit, not before.
       wakeups = [...wakeups.filter((w) => !cancelled.includes(w.id)), ...wakes].sort((a, b) => a.due_at - b.due_at);
     } catch (err) {
       error = err instanceof Error ? err : new Error(String(err));
       state = before;
+      migratedFrom = null;
     }
     const result: EpisodeRun<S> = {
       stimulus,
       status: error === null ? "committed" : "failed",
       error,
       state: state as S,
+      migratedFrom,
       decisions,
       emits,
       toolCalls,
@@ -301,6 +329,9 @@ export function testAgent<S, C = Record<string, unknown>>(
 
   return {
     agent,
+    get stateVersion() {
+      return stateVersion;
+    },
     get state() {
       return state;
     },

@@ -70,6 +70,33 @@ function stampOrPath(module: string): string {
 
 async function checkType(type: AgentTypeSpec, spawn: SpawnOptions, pool?: SparePool): Promise<ConfigProblem[]> {
   const stamp = stampOrPath(type.module_path);
+  const check = await checkModule(type, type.module_path, spawn, pool);
+  const base = `agents.${type.name}`;
+  if (!check || !Array.isArray(check.issues)) return [];
+  if (check.schema === false) noSchema.add(stamp);
+  return check.issues.map((i) => ({
+    type: type.name,
+    keyPath: [`${base}.config`, ...i.path].join("."),
+    message: `${i.message} (the agent's config schema)`,
+  }));
+}
+
+/**
+ * The state version (`defineAgent({ version })`) of the code at `module` (a type's bundle, say),
+ * read in the sandbox like a config check; null when the module cannot load.
+ */
+export async function moduleVersion(type: AgentTypeSpec, module: string, spawn: SpawnOptions): Promise<number | null> {
+  const check = await checkModule(type, module, spawn);
+  return check ? (check.version ?? 1) : null;
+}
+
+/** Load `module` in a sandboxed subprocess in `check` mode: what it says, or null when it cannot load. */
+async function checkModule(
+  type: AgentTypeSpec,
+  module: string,
+  spawn: SpawnOptions,
+  pool?: SparePool,
+): Promise<ConfigCheck | null> {
   const limits: RunLimits = {
     timeoutMs: Math.max(type.budget.episode_timeout_ms, 10_000),
     memoryMb: type.budget.memory_mb,
@@ -83,7 +110,7 @@ async function checkType(type: AgentTypeSpec, spawn: SpawnOptions, pool?: SpareP
       t: "start",
       episode: "00000000-0000-7000-8000-000000000000",
       agent: { type: type.name, key: "config-check", id: `${type.name}/config-check` },
-      module: type.module_path,
+      module,
       config: type.config,
       state: null,
       fresh: true,
@@ -98,15 +125,7 @@ async function checkType(type: AgentTypeSpec, spawn: SpawnOptions, pool?: SpareP
     spawn,
     pool,
   );
-  const base = `agents.${type.name}`;
   // A module that cannot load is reported by its episodes as before; only the schema's verdict refuses a deploy.
-  if (!r.ok) return [];
-  const check = r.state as ConfigCheck | null;
-  if (!check || !Array.isArray(check.issues)) return [];
-  if (check.schema === false) noSchema.add(stamp);
-  return check.issues.map((i) => ({
-    type: type.name,
-    keyPath: [`${base}.config`, ...i.path].join("."),
-    message: `${i.message} (the agent's config schema)`,
-  }));
+  if (!r.ok) return null;
+  return r.state as ConfigCheck | null;
 }

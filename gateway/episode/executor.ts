@@ -232,6 +232,7 @@ export class EpisodeExecutor {
               module: code.module,
               config: type.config,
               state: state.value,
+              state_version: d.checkpoint?.stateVersion ?? 1,
               fresh: agent.headHash === null,
               stimulus,
               replay: null,
@@ -326,6 +327,9 @@ export class EpisodeExecutor {
       }
 
       const seq = agent.headSeq + 1;
+      // Version 1 without a migration seals nothing new: such checkpoints hash as they always did.
+      const stateVersion =
+        (result.version ?? 1) > 1 || result.migratedFrom !== undefined ? (result.version ?? 1) : undefined;
       const sealed = await sealCheckpoint({
         agent: agentId,
         seq,
@@ -333,6 +337,8 @@ export class EpisodeExecutor {
         episode,
         spec_version: sv.hash,
         state: result.state,
+        state_version: stateVersion,
+        migrated_from: result.migratedFrom,
       });
       const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
       // Sends to another shard's agents leave through the broker, at least once, after the commit.
@@ -369,6 +375,8 @@ export class EpisodeExecutor {
           specVersion: sv.hash,
           state: sealed.stateText,
           createdAt: endedAt,
+          stateVersion: stateVersion ?? null,
+          migratedFrom: result.migratedFrom ?? null,
         },
         outbox,
         inbox,

@@ -55,7 +55,16 @@ export const STARTUP_TIMEOUT_MS = 30_000;
 
 /** What a run produced. `records` holds what arrived before the end, even on failure. */
 export type RunResult =
-  | { readonly ok: true; readonly state: unknown; readonly records: EpisodeRecord[]; readonly ms: number }
+  | {
+      readonly ok: true;
+      readonly state: unknown;
+      readonly records: EpisodeRecord[];
+      readonly ms: number;
+      /** The code's state version (`defineAgent({ version })`), when the host reported it. */
+      readonly version?: number;
+      /** The state version the episode migrated from, when it ran `migrate`. */
+      readonly migratedFrom?: number;
+    }
   | {
       readonly ok: false;
       readonly kind: FailureKind;
@@ -99,7 +108,9 @@ export async function runEpisode(
   let settle!: () => void;
   const settled = new Promise<void>((r) => (settle = r));
 
-  type Outcome = { ok: true; state: unknown } | { ok: false; kind: FailureKind; message: string };
+  type Outcome =
+    | { ok: true; state: unknown; version?: number; migratedFrom?: number }
+    | { ok: false; kind: FailureKind; message: string };
   const finish = (r: Outcome): void => {
     if (outcome) return;
     outcome = { ...r, records, ms: performance.now() - began } as RunResult;
@@ -184,7 +195,12 @@ export async function runEpisode(
           });
         return;
       case "done":
-        return finish({ ok: true, state: msg.state });
+        return finish({
+          ok: true,
+          state: msg.state,
+          ...(msg.version === undefined ? {} : { version: msg.version }),
+          ...(msg.migrated_from === undefined ? {} : { migratedFrom: msg.migrated_from }),
+        });
       case "error": {
         // RangeError "Out of memory": the RLIMIT_DATA backstop stopped an allocation before the RSS watch looked.
         const kind = msg.kind === "threw" && /^Out of memory\b/i.test(msg.message) ? "oom" : msg.kind;

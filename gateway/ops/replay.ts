@@ -100,11 +100,13 @@ export async function replayEpisode(
   const ending = events[events.length - 1]!;
 
   let state: unknown = null;
+  let stateVersion = 1;
   if (ep.parent) {
     const parent = await store.getCheckpoint(ep.parent);
     if (!parent || parent.state === null)
       return { ...base, verdict: "UNREPLAYABLE", reason: "its parent checkpoint was collected" };
     state = JSON.parse(parent.state);
+    stateVersion = parent.stateVersion ?? 1;
   }
   const sv =
     (await store.db.query.specVersions.findFirst({ where: (t, { eq }) => eq(t.hash, ep.specVersion) })) ?? null;
@@ -142,6 +144,7 @@ export async function replayEpisode(
       module,
       config: configOverride ?? type.config,
       state,
+      state_version: stateVersion,
       fresh: ep.parent === null,
       stimulus,
       replay: inputs,

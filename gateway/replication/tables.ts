@@ -47,7 +47,12 @@ export const REPLICATED = {
     "id",
   ),
   events: table("events", "episode, seq, kind, data", "episode, seq"),
-  checkpoints: table("checkpoints", "hash, agent, seq, parent, episode, spec_version, state, created_at", "hash"),
+  // state_version and migrated_from are sealed when set (docs/upgrading.md): verify --central needs them.
+  checkpoints: table(
+    "checkpoints",
+    "hash, agent, seq, parent, episode, spec_version, state, created_at, state_version, migrated_from",
+    "hash",
+  ),
   budget_usage: table("budget_usage", `agent, "window", episodes, tool_calls, tokens, cost`, `agent, "window"`, true),
   stimuli: table(
     "stimuli",
@@ -78,10 +83,11 @@ const CENTRAL_V1: readonly string[] = [
     pushed_rows INTEGER NOT NULL DEFAULT 0, backlog_rows INTEGER NOT NULL DEFAULT 0,
     backlog_bytes INTEGER NOT NULL DEFAULT 0, lag_s REAL NOT NULL DEFAULT 0, lost_rows INTEGER NOT NULL DEFAULT 0,
     schema_version INTEGER NOT NULL)`,
-  // The tables v1 shipped with; later ones come in their own migrations.
-  ...(["spec_versions", "agents", "episodes", "events", "checkpoints", "budget_usage", "stimuli"] as const).map((n) =>
+  // The tables v1 shipped with, with the columns they had then; later ones come in their own migrations.
+  ...(["spec_versions", "agents", "episodes", "events", "budget_usage", "stimuli"] as const).map((n) =>
     createTable(REPLICATED[n]),
   ),
+  createTable({ ...REPLICATED.checkpoints, columns: REPLICATED.checkpoints.columns.slice(0, 8) }),
   `CREATE INDEX IF NOT EXISTS agents_fleet ON agents (fleet, id)`,
   `CREATE INDEX IF NOT EXISTS episodes_agent ON episodes (gateway, agent, started_at)`,
   `CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_chain ON checkpoints (gateway, agent, seq)`,
@@ -102,11 +108,18 @@ const CENTRAL_V3: readonly string[] = [
   `CREATE INDEX IF NOT EXISTS episodes_chain ON episodes (gateway, agent, id)`,
 ];
 
+/** Central schema v4: the state version a checkpoint seals (docs/upgrading.md). */
+const CENTRAL_V4: readonly string[] = [
+  `ALTER TABLE checkpoints ADD COLUMN state_version`,
+  `ALTER TABLE checkpoints ADD COLUMN migrated_from`,
+];
+
 /** The central database's migrations, oldest first (applied by the first gateway that connects). */
 export const CENTRAL_MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "central schema", statements: CENTRAL_V1 },
   { version: 2, name: "operator actions", statements: CENTRAL_V2 },
   { version: 3, name: "indexes for paged reads", statements: CENTRAL_V3 },
+  { version: 4, name: "checkpoint state versions", statements: CENTRAL_V4 },
 ];
 
 /** The central schema version this code writes and reads. */

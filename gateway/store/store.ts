@@ -158,6 +158,16 @@ export class Store {
     ]);
   }
 
+  /** The highest state version (`defineAgent({ version })`) of a head checkpoint of a `type` agent (1 at least). */
+  async maxStateVersion(type: string): Promise<number> {
+    const rs = await this.client.execute({
+      sql: `SELECT max(c.state_version) AS v FROM agents a JOIN checkpoints c ON c.hash = a.head_hash
+        WHERE a.type = ?`,
+      args: [type],
+    });
+    return Number(rs.rows[0]?.v ?? 1) || 1;
+  }
+
   /** A stored bundle's code, or null. */
   async bundleCode(hash: string): Promise<string | null> {
     const row = await this.db.select({ code: t.bundles.code }).from(t.bundles).where(eq(t.bundles.hash, hash)).get();

@@ -1,0 +1,146 @@
+/**
+ * State migrations (docs/upgrading.md) on a real gateway: the door watcher runs version 1, its
+ * module is replaced by version 2 (`defineAgent({ version: 2, migrate })`) while the fleet runs,
+ * and each agent's first episode on the new code migrates its state inside that episode's commit
+ * (the sealed checkpoint records version 2, migrated from 1); `fleet verify` passes and the
+ * migrating episode replays MATCH. A migration that throws leaves the v1 checkpoint and
+ * quarantines the stimulus; a deploy that lowers `version` is refused as a reload error.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { chmodSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { cleanupAll, publishQos1, ROOT, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { agentType, fleetHeader } from "./helpers/toml.ts";
+
+const SDK = join(ROOT, "agents/sdk/index.ts");
+/** A shipped example with its SDK import pointed at this checkout (so the copy runs from the test's dir). */
+const example = (name: string) =>
+  readFileSync(join(ROOT, "agents/examples", `${name}.ts`), "utf8").replace('"../sdk/index.ts"', JSON.stringify(SDK));
+/** Version 2 whose migration throws: it must change nothing. */
+const BROKEN_V2 = example("door-watcher-v2").replace(
+  "if (fromVersion !== 1) throw",
+  'throw new Error("migration bug");\n    if (fromVersion !== 1) throw',
+);
+
+interface Row {
+  [k: string]: unknown;
+}
+
+afterAll(cleanupAll);
+
+describe("state migrations", () => {
+  test("v1 -> v2 on live agents: migrated in their next episode, sealed with the version, verify passes; " +
+    "a throwing migration quarantines and keeps v1; lowering version is refused", async () => {
+    const fleet = new TestFleet("");
+    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
+    const door = join(fleet.dir, "door.ts");
+    const bad = join(fleet.dir, "door-bad.ts");
+    writeFileSync(door, example("door-watcher"));
+    writeFileSync(bad, example("door-watcher"));
+    writeFileSync(
+      fleet.configPath,
+      fleetHeader("e2e-migrations") +
+        agentType("door", door, ["doors/+/state"], {
+          extra: 'tools = ["publish"]\npublish = ["alerts/doors/#"]\nconfig = { open_after = "1h" }\n',
+        }) +
+        agentType("door-bad", bad, ["bad/+/state"], {
+          extra: 'config = { open_after = "1h" }\n\n[agents.door-bad.retry]\nmax_attempts = 1\nbackoff_ms = 10\n',
+        }),
+    );
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      await publishQos1(c, "doors/d1/state", "open");
+      await publishQos1(c, "doors/d2/state", "open");
+      await publishQos1(c, "bad/b1/state", "open");
+      await fleet.waitCommitted("door/d1", 1);
+      await fleet.waitCommitted("door/d2", 1);
+      await fleet.waitCommitted("door-bad/b1", 1);
+      const before = await fleet.agent("door-bad/b1");
+      const head = (agent: string) =>
+        fleet.query<Row>(
+          "SELECT c.state, c.state_version, c.migrated_from, c.hash FROM agents a " +
+            "JOIN checkpoints c ON c.hash = a.head_hash WHERE a.id = ?",
+          [agent],
+        );
+      expect((await head("door/d1"))[0]?.state_version).toBeNull();
+
+      // Version 2 replaces version 1 while the fleet runs.
+      writeFileSync(door, example("door-watcher-v2"));
+      writeFileSync(bad, BROKEN_V2);
+      await waitFor(
+        async () => (await fleet.query("SELECT hash FROM spec_versions")).length >= 2,
+        20_000,
+        "the new code deployed",
+      );
+      await publishQos1(c, "doors/d1/state", "closed");
+      await publishQos1(c, "doors/d2/state", "open");
+      await publishQos1(c, "bad/b1/state", "closed");
+      await fleet.waitCommitted("door/d1", 2);
+      await fleet.waitCommitted("door/d2", 2);
+
+      const d1 = (await head("door/d1"))[0]!;
+      expect(d1.state_version).toBe(2);
+      expect(d1.migrated_from).toBe(1);
+      expect(JSON.parse(String(d1.state))).toEqual({ door: "closed", alerts: 0, openings: 0 });
+      const d2 = (await head("door/d2"))[0]!;
+      const s2 = JSON.parse(String(d2.state));
+      expect(s2.door).toBe("open");
+      expect(typeof s2.opened_at).toBe("number");
+      expect(s2.alarm).toMatch(/\.w1$/);
+      // The migrating episode's log says so, and it replays MATCH on the bundle it ran.
+      const [migrating] = (await fleet.episodes("door/d1")).filter((e) => e.status === "committed");
+      const shown = await fleet.cli("show", migrating!.id);
+      expect(shown.json.events.some((e: Row) => e.kind === "migrate")).toBe(true);
+      expect((await fleet.cli("replay", migrating!.id)).json.verdict).toBe("MATCH");
+      // The next episode runs on version 2 without migrating again.
+      await publishQos1(c, "doors/d1/state", "open");
+      await fleet.waitCommitted("door/d1", 3);
+      const d1b = (await head("door/d1"))[0]!;
+      expect(d1b.state_version).toBe(2);
+      expect(d1b.migrated_from).toBeNull();
+      expect(JSON.parse(String(d1b.state)).openings).toBe(1);
+
+      // The throwing migration: the episode failed, the stimulus is quarantined, the v1 checkpoint stands.
+      const failed = await waitFor(
+        async () => (await fleet.episodes("door-bad/b1")).find((e) => e.status === "failed"),
+        30_000,
+        "the failed migration",
+      );
+      expect(failed.error_kind).toBe("threw");
+      expect(failed.error).toContain("migration bug");
+      const quarantined = await waitFor(
+        async () =>
+          (await fleet.query("SELECT state FROM stimuli WHERE agent = 'door-bad/b1' AND state = 'quarantined'"))[0],
+        30_000,
+        "the stimulus quarantined",
+      );
+      expect(quarantined).toBeDefined();
+      const b1 = (await head("door-bad/b1"))[0]!;
+      expect(b1.hash).toBe(before?.checkpoint);
+      expect(b1.state_version).toBeNull();
+      expect(JSON.parse(String(b1.state)).open).toBe(true);
+
+      const verify = await fleet.cli("verify");
+      expect(verify.code).toBe(0);
+
+      // A deploy that lowers version is refused; the fleet keeps running version 2.
+      writeFileSync(door, example("door-watcher"));
+      const error = await waitFor(
+        async () => {
+          const body = (await (await fleet.fetch("/api/fleet")).json()) as { spec_error?: string | null };
+          return body.spec_error ?? undefined;
+        },
+        30_000,
+        "a reload error for the lowered version",
+      );
+      expect(error).toContain("agents.door.module is version 1");
+      expect(error).toContain("lower than version 2");
+      await publishQos1(c, "doors/d1/state", "closed");
+      await fleet.waitCommitted("door/d1", 4);
+      expect((await head("door/d1"))[0]!.state_version).toBe(2);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 240_000);
+});
