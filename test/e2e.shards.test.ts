@@ -7,9 +7,11 @@
  * the issue's 5,000 was run by hand with FLEET_SHARD_STIMULI=5000).
  */
 import { afterAll, describe, expect, test } from "bun:test";
+import { renameSync } from "node:fs";
+import { join } from "node:path";
 import { connectAsync, type MqttClient } from "mqtt";
 import { ownerShard } from "../gateway/shard.ts";
-import { TestFleet, cleanupAll, fixture, waitFor } from "./helpers/gateway.ts";
+import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
 import { agentType, fleetHeader, q } from "./helpers/toml.ts";
 
@@ -33,14 +35,14 @@ async function client(url: string, clientId: string): Promise<MqttClient> {
   return c;
 }
 
-/** fleet.toml of shard `i` of 2: the same fleet and client id, the shard line differs. */
-const shardToml = (name: string, url: string, i: number, extra = ""): string =>
+/** fleet.toml of shard `i` of `n`: the same fleet and client id, the shard line differs. */
+const shardToml = (name: string, url: string, i: number, extra = "", n = 2): string =>
   fleetHeader(name, {
-    fleet: `shard = ${q(`${i}/2`)}`,
+    fleet: `shard = ${q(`${i}/${n}`)}`,
     broker: `url = ${q(url)}\nclient_id = ${q(`gw-${name}`)}`,
     extra,
   }) +
-  agentType("counter", COUNTER, ["c/+/in"]) +
+  agentType("counter", COUNTER, ["c/+/in"], { dedup: "id" }) +
   agentType("relay", RELAY, ["r/+/in"], { extra: 'tools = ["send"]\n' });
 
 /** Two shard gateways of one fleet on `mq`. */
@@ -222,6 +224,78 @@ describe("two shards on one Mosquitto", () => {
       const health = (await (await one.fetch("/api/fleet")).json()) as { shard: string };
       expect(health.shard).toBe("1/2");
       await Promise.all([one.stop(), two.stop()]);
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "fleet reshard 2 -> 3: refused while a shard runs; after, every chain verifies, each agent is on exactly " +
+      "one shard, and the three shards go on from each chain's head with the dedup memory moved along",
+    async () => {
+      const mq = await Mosquitto.start();
+      brokers.push(mq);
+      const [one, two] = shards("shards-re", mq);
+      await Promise.all([one.start(), two.start()]);
+      const device = await client(mq.url, "device-4");
+      const agents = 40;
+      const first = 200;
+      for (let i = 0; i < first; i++)
+        await device.publishAsync(`c/d${i % agents}/in`, JSON.stringify({ id: `m${i}`, n: i }), { qos: 1 });
+      const total = async (fleets: readonly TestFleet[]) => {
+        let n = 0;
+        for (const f of fleets) n += await committed(f);
+        return n;
+      };
+      await waitFor(async () => (await total([one, two])) >= first, 300_000, `${first} episodes`, 200);
+      const out = join(one.dir, "resharded-");
+      const args = ["reshard", "--from", `${one.dataDir},${two.dataDir}`, "--to", "3", "--out", out, "--json"];
+      const refused = await runCli(args);
+      expect(refused.code).toBe(1);
+      expect(refused.stderr).toContain("is running on");
+      const heads = new Map<string, string>();
+      for (const f of [one, two])
+        for (const r of await f.query<{ id: string; head_hash: string }>("SELECT id, head_hash FROM agents"))
+          heads.set(r.id, r.head_hash);
+      await Promise.all([one.stop(), two.stop()]);
+
+      const r = await runCli(args);
+      expect(r.code).toBe(0);
+      const report = JSON.parse(r.stdout) as { verified: boolean; agents: number; targets: { agents: number }[] };
+      expect(report.verified).toBe(true);
+      expect(report.agents).toBe(agents);
+      const three = [1, 2, 3].map((i) => new TestFleet(shardToml("shards-re", mq.url, i, "", 3)));
+      for (const [i, f] of three.entries()) renameSync(`${out}${i + 1}`, f.dataDir);
+      for (const f of three) expect((await runCli(["verify", "--data-dir", f.dataDir])).code).toBe(0);
+      const placed = new Map<string, number>();
+      for (const [i, f] of three.entries())
+        for (const { id } of await f.query<{ id: string }>("SELECT id FROM agents")) {
+          expect({ id, twice: placed.has(id), owner: ownerShard(id, 3) }).toEqual({ id, twice: false, owner: i + 1 });
+          placed.set(id, i + 1);
+        }
+      expect(placed.size).toBe(agents);
+      expect(await total(three)).toBe(first);
+
+      await Promise.all(three.map((f) => f.start()));
+      // An old message id again (its agent may have moved): a duplicate; then one new stimulus per agent.
+      await device.publishAsync("c/d5/in", JSON.stringify({ id: "m5", n: 5 }), { qos: 1 });
+      for (let k = 0; k < agents; k++)
+        await device.publishAsync(`c/d${k}/in`, JSON.stringify({ id: `z${k}`, n: first + k }), { qos: 1 });
+      await waitFor(async () => (await total(three)) >= first + agents, 300_000, "one new episode per agent", 200);
+      for (const [i, f] of three.entries()) {
+        // Each chain goes on from the head it had before the reshard, on its new owner.
+        const rows = await f.query<{ agent: string; seq: number; parent: string }>(
+          `SELECT c.agent, c.seq, c.parent FROM checkpoints c JOIN episodes e ON e.id = c.episode
+            JOIN stimuli s ON s.seq = e.stimulus_seq WHERE s.sid LIKE 'id:z%'`,
+        );
+        for (const row of rows) {
+          expect(ownerShard(row.agent, 3)).toBe(i + 1);
+          expect(row.parent).toBe(heads.get(row.agent)!);
+          expect(row.seq).toBe(first / agents + 1);
+        }
+      }
+      expect(await total(three)).toBe(first + agents);
+      await Promise.all(three.map((f) => f.stop()));
+      for (const f of three) expect((await runCli(["verify", "--data-dir", f.dataDir])).code).toBe(0);
     },
     E2E_TIMEOUT,
   );

@@ -88,6 +88,10 @@ export interface CliFlags {
   /** `deploy --check`: committed episodes per sampled agent, agents per changed type. */
   readonly episodes?: string;
   readonly agents?: string;
+  /** `reshard --from DIR1,DIR2 --to N --out PREFIX`. */
+  readonly from?: string;
+  readonly to?: string;
+  readonly out?: string;
   readonly help: boolean;
 }
 

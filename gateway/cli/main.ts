@@ -12,9 +12,10 @@ import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
 import { cmdAudit, cmdToken, TOKEN_USAGE } from "./token.ts";
 import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify, cmdWakeups } from "./read.ts";
 import { DevicesError } from "../devices/index.ts";
-import { BackupError } from "../ops/index.ts";
+import { BackupError, ReshardError } from "../ops/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
 import { cmdBackup, cmdRestore } from "./backup.ts";
+import { cmdReshard } from "./reshard.ts";
 import {
   cmdCentralAgents,
   cmdCentralAudit,
@@ -55,6 +56,9 @@ const USAGE = `usage: fleet <command> [args] [--json]
   trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream
   backup FILE                 consistent, verified copy of the database (works while running)
   restore FILE                put a backup in place in an empty data dir (gateway stopped)
+  reshard --from DIR1,DIR2 --to N --out PREFIX
+                              offline (gateways stopped): move each agent's chain into the data dir of its
+                              shard under N shards (PREFIX1..PREFIXN) and verify every chain
   install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/fleet] [--dry-run]
                               write a hardened systemd unit (--dry-run prints it); docs/deploy.md
 
@@ -123,6 +127,9 @@ const ARGS = {
     drain: { type: "boolean", default: false },
     episodes: { type: "string" },
     agents: { type: "string" },
+    from: { type: "string" },
+    to: { type: "string" },
+    out: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 } as const;
@@ -181,6 +188,8 @@ async function main(): Promise<number> {
       return cmdBackup(cli, a1);
     case "restore":
       return cmdRestore(cli, a1);
+    case "reshard":
+      return cmdReshard(cli);
     case "install-service":
       return cmdInstallService(cli, { user: flags.user, dir: flags.dir });
     case "device":
@@ -218,7 +227,12 @@ main().then(
       console.error(`fleet: invalid fleet spec: ${err.message}`);
       process.exit(1);
     }
-    if (err instanceof BackupError || err instanceof SchemaVersionError || err instanceof CentralError) {
+    if (
+      err instanceof BackupError ||
+      err instanceof ReshardError ||
+      err instanceof SchemaVersionError ||
+      err instanceof CentralError
+    ) {
       console.error(`fleet: ${err.message}`);
       process.exit(1);
     }

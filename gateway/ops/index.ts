@@ -6,3 +6,4 @@ export * from "./backup.ts";
 export * from "./state.ts";
 export * from "./trace.ts";
 export * from "./deploy-check.ts";
+export * from "./reshard.ts";

@@ -1,0 +1,278 @@
+/**
+ * `fleet reshard` (docs/shards.md#changing-the-number-of-shards): offline, with every gateway
+ * of the fleet stopped, move each agent's whole chain from the data dirs it is in now into
+ * the data dir of the shard that owns it under the new count, then verify every chain there.
+ *
+ * What moves with an agent: its row (status, chain head and anchor, counters), its stimuli
+ * (queued work and the dedup memory), its episodes with their event logs, its checkpoints, its
+ * unsent outputs, its wake-ups and its budget usage. Every new data dir gets all spec versions and
+ * code bundles (episodes name them) and each timer's last fire; audit records and rejected
+ * messages go to shard 1. The source dirs are only read (after being migrated to this release's
+ * schema, as a start would); the new dirs are fresh, with gateway ids of their own.
+ */
+import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { join, resolve } from "node:path";
+import type { Client } from "@libsql/client";
+import { ownerShard, MAX_SHARDS } from "../shard.ts";
+import { secureDataDir, Store } from "../store/index.ts";
+import { verifyStore, type VerifyProblem } from "./verify.ts";
+
+/** The command cannot run (a gateway is running, an output exists, an agent is in two dirs, …). */
+export class ReshardError extends Error {
+  override readonly name = "ReshardError";
+}
+
+/** One new shard's data dir after the move. */
+export interface ReshardTarget {
+  readonly shard: string;
+  readonly dir: string;
+  readonly gateway: string;
+  readonly agents: number;
+  readonly checkpoints: number;
+  readonly episodes: number;
+  readonly stimuli: number;
+  readonly problems: readonly VerifyProblem[];
+}
+
+/** What `fleet reshard` did. */
+export interface ReshardReport {
+  readonly from: readonly string[];
+  readonly to: number;
+  readonly targets: readonly ReshardTarget[];
+  /** Agents moved, fleet-wide (each is in exactly one target). */
+  readonly agents: number;
+  /** True when every chain verified in its new data dir. */
+  readonly verified: boolean;
+}
+
+/** The data dir of new shard `i`: the prefix with the index appended. */
+export function reshardDir(prefix: string, i: number): string {
+  return resolve(`${prefix}${i}`);
+}
+
+/** Tables whose rows belong to one agent, with the column naming it. */
+const AGENT_TABLES = [
+  ["agents", "id"],
+  ["stimuli", "agent"],
+  ["episodes", "agent"],
+  ["checkpoints", "agent"],
+  ["wakeups", "agent"],
+  ["budget_usage", "agent"],
+] as const;
+
+/** Refuse a data dir a live gateway runs on (its gateway.json names a live pid). */
+function assertStopped(dir: string): void {
+  const file = join(dir, "gateway.json");
+  if (!existsSync(file)) return;
+  let pid: number;
+  try {
+    pid = Number((JSON.parse(readFileSync(file, "utf8")) as { pid?: unknown }).pid);
+  } catch {
+    return; // unreadable: not a running gateway's
+  }
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return; // a kill -9 left it behind
+  }
+  throw new ReshardError(`a gateway (pid ${pid}) is running on ${dir}: stop every gateway of the fleet first`);
+}
+
+async function columns(client: Client, table: string): Promise<string[]> {
+  return (await client.execute(`PRAGMA main.table_info(${table})`)).rows.map((r) => String(r.name));
+}
+
+/** Every agent a data dir holds anything of. */
+async function agentsOf(client: Client): Promise<string[]> {
+  const union = AGENT_TABLES.map(([t, c]) => `SELECT ${c} AS a FROM src.${t}`).join(" UNION ");
+  return (await client.execute(`SELECT a FROM (${union}) ORDER BY a`)).rows.map((r) => String(r.a));
+}
+
+/**
+ * Move the fleet's agents from `from` (data dirs, gateways stopped) into `count` new data dirs
+ * `<outPrefix>1` … `<outPrefix><count>`, then verify every chain. Throws ReshardError before
+ * writing anything when it cannot run; a verification failure is reported, not thrown.
+ */
+export async function reshard(from: readonly string[], count: number, outPrefix: string): Promise<ReshardReport> {
+  if (!Number.isInteger(count) || count < 1 || count > MAX_SHARDS)
+    throw new ReshardError(`--to must be a shard count from 1 to ${MAX_SHARDS}`);
+  const sources = [...new Set(from.map((d) => resolve(d)))];
+  if (sources.length === 0) throw new ReshardError("--from needs at least one data dir");
+  const outs = Array.from({ length: count }, (_, i) => reshardDir(outPrefix, i + 1));
+  for (const dir of sources) {
+    if (!existsSync(join(dir, "fleet.db"))) throw new ReshardError(`no fleet data in ${dir} (no fleet.db)`);
+    assertStopped(dir);
+    if (outs.includes(dir)) throw new ReshardError(`${dir} is both a source and an output: pick another --out`);
+  }
+  for (const dir of outs)
+    if (existsSync(dir) && readdirSync(dir).length > 0)
+      throw new ReshardError(`${dir} exists and is not empty: --out must name new data dirs`);
+
+  // Bring each source to this release's schema (as a start would), then read it through ATTACH.
+  for (const dir of sources) await (await Store.open(join(dir, "fleet.db"), { synchronous: "full" })).close();
+  const targets: Store[] = [];
+  try {
+    for (const dir of outs) {
+      secureDataDir(dir);
+      targets.push(await Store.open(join(dir, "fleet.db"), { synchronous: "full" }));
+    }
+    const owners = await planOwners(targets[0]!.client, sources, count);
+    // Stimulus seqs of different sources must not collide in a target: each source's are shifted past the last's.
+    let shift = 0;
+    for (const [k, src] of sources.entries()) {
+      const max = await copySource(targets, src, k, owners, shift);
+      shift += max;
+    }
+    const report: ReshardTarget[] = [];
+    for (const [i, store] of targets.entries()) report.push(await check(store, outs[i]!, i + 1, count));
+    const moved = report.reduce((n, t) => n + t.agents, 0);
+    return {
+      from: sources,
+      to: count,
+      targets: report,
+      agents: moved,
+      verified: report.every((t) => t.problems.length === 0),
+    };
+  } catch (err) {
+    for (const t of targets) await t.close().catch(() => undefined);
+    targets.length = 0;
+    for (const dir of outs) rmSync(dir, { recursive: true, force: true });
+    throw err;
+  } finally {
+    for (const t of targets) await t.close().catch(() => undefined);
+  }
+}
+
+/** Each agent's new shard; an agent found in two source dirs is refused (which copy is right?). */
+async function planOwners(client: Client, sources: readonly string[], count: number): Promise<Map<string, number>> {
+  const seenIn = new Map<string, string>();
+  const owners = new Map<string, number>();
+  for (const src of sources) {
+    await attach(client, src);
+    try {
+      for (const a of await agentsOf(client)) {
+        const other = seenIn.get(a);
+        if (other !== undefined)
+          throw new ReshardError(`agent ${a} is in both ${other} and ${src}: each agent must be in one data dir`);
+        seenIn.set(a, src);
+        owners.set(a, ownerShard(a, count));
+      }
+    } finally {
+      await client.execute("DETACH DATABASE src");
+    }
+  }
+  return owners;
+}
+
+function attach(client: Client, dir: string): Promise<unknown> {
+  return client.execute({ sql: "ATTACH DATABASE ? AS src", args: [join(dir, "fleet.db")] });
+}
+
+/**
+ * Copy one source's rows into the targets; returns the highest stimulus seq it used (its
+ * stimuli and the episodes naming them are shifted by `shift`).
+ */
+async function copySource(
+  targets: readonly Store[],
+  src: string,
+  k: number,
+  owners: ReadonlyMap<string, number>,
+  shift: number,
+): Promise<number> {
+  let max = 0;
+  for (const [i, store] of targets.entries()) {
+    const client = store.client;
+    await attach(client, src);
+    try {
+      const [{ maxSeq }] = (
+        await client.execute(
+          `SELECT max(coalesce((SELECT max(seq) FROM src.stimuli), 0),
+            coalesce((SELECT max(stimulus_seq) FROM src.episodes), 0)) AS maxSeq`,
+        )
+      ).rows as unknown as [{ maxSeq: number }];
+      max = Number(maxSeq);
+      const mine = JSON.stringify([...owners].filter(([, o]) => o === i + 1).map(([a]) => a));
+      const ids = "(SELECT value FROM json_each(?))";
+      const stmts: { sql: string; args: (string | number)[] }[] = [];
+      for (const [table, col] of AGENT_TABLES) {
+        const cols = await columns(client, table);
+        const select = cols.map((c) =>
+          (table === "stimuli" && c === "seq") || (table === "episodes" && c === "stimulus_seq") ? `${c} + ?` : c,
+        );
+        const shifts = table === "stimuli" || table === "episodes" ? [shift] : [];
+        stmts.push({
+          sql: `INSERT INTO main.${table} (${cols.join(", ")}) SELECT ${select.join(", ")} FROM src.${table}
+            WHERE ${col} IN ${ids} ${table === "stimuli" ? "ORDER BY seq" : ""}`,
+          args: [...shifts, mine],
+        });
+      }
+      const episodes = `(SELECT id FROM src.episodes WHERE agent IN ${ids})`;
+      const ev = await columns(client, "events");
+      stmts.push({
+        sql: `INSERT INTO main.events (${ev.join(", ")}) SELECT ${ev.join(", ")} FROM src.events
+          WHERE episode IN ${episodes}`,
+        args: [mine],
+      });
+      // Unsent outputs of the moved episodes (ids are renumbered: nothing else names them).
+      const out = (await columns(client, "outbox")).filter((c) => c !== "id");
+      stmts.push({
+        sql: `INSERT INTO main.outbox (${out.join(", ")}) SELECT ${out.join(", ")} FROM src.outbox
+          WHERE episode IN ${episodes} ORDER BY id`,
+        args: [mine],
+      });
+      // Every new dir can replay any episode: all spec versions and bundles, by content hash.
+      for (const table of ["spec_versions", "bundles"]) {
+        const cols = await columns(client, table);
+        stmts.push({
+          sql: `INSERT OR IGNORE INTO main.${table} (${cols.join(", ")}) SELECT ${cols.join(", ")} FROM src.${table}`,
+          args: [],
+        });
+      }
+      // A timer's last fire: the newest any source handled, so no shard fires it again.
+      stmts.push({
+        sql: `INSERT INTO main.meta (key, value) SELECT key, value FROM src.meta WHERE key LIKE 'timer:%' AND true
+          ON CONFLICT (key) DO UPDATE SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))
+          AS TEXT)`,
+        args: [],
+      });
+      if (i === 0) {
+        // Fleet-wide records: the operator actions and the rejected messages, renumbered, on shard 1.
+        for (const table of ["audit", "rejected_messages"]) {
+          const cols = (await columns(client, table)).filter((c) => c !== "seq");
+          stmts.push({
+            sql: `INSERT INTO main.${table} (${cols.join(", ")}) SELECT ${cols.join(", ")} FROM src.${table}
+              ORDER BY seq`,
+            args: [],
+          });
+        }
+      }
+      await client.batch(stmts, "write");
+    } catch (err) {
+      throw new ReshardError(`copying from ${src} (source ${k + 1}) into ${store.path} failed: ${String(err)}`);
+    } finally {
+      await client.execute("DETACH DATABASE src");
+    }
+  }
+  return max;
+}
+
+/** Count what a new data dir holds and verify its chains (`fleet verify`). */
+async function check(store: Store, dir: string, i: number, count: number): Promise<ReshardTarget> {
+  const n = async (sql: string) => Number((await store.client.execute(sql)).rows[0]?.n ?? 0);
+  const verify = await verifyStore(store);
+  // Each agent is where its owner says (a second guard against a wrong plan).
+  const wrong = (await store.client.execute("SELECT id FROM agents")).rows
+    .map((r) => String(r.id))
+    .filter((a) => ownerShard(a, count) !== i)
+    .map((a) => ({ agent: a, record: `agent ${a}`, problem: `owned by shard ${ownerShard(a, count)}/${count}` }));
+  return {
+    shard: `${i}/${count}`,
+    dir,
+    gateway: store.gatewayId,
+    agents: await n("SELECT count(*) AS n FROM agents"),
+    checkpoints: verify.checkpoints,
+    episodes: verify.episodes,
+    stimuli: await n("SELECT count(*) AS n FROM stimuli"),
+    problems: [...verify.problems, ...wrong],
+  };
+}

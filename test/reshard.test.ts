@@ -1,0 +1,210 @@
+/**
+ * `fleet reshard` (docs/shards.md): offline, each agent's chain moves whole into the data dir of
+ * its owner under the new shard count, and every chain verifies there. Sources are data dirs
+ * filled through the gateway's own commit path (test/helpers/ops.ts), one with a collected prefix.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { gcAll, reshard, ReshardError } from "../gateway/ops/index.ts";
+import { ownerShard } from "../gateway/shard.ts";
+import { Store } from "../gateway/store/index.ts";
+import { runCli } from "./helpers/gateway.ts";
+import { HOUR, SyntheticFleet } from "./helpers/ops.ts";
+
+const dirs: string[] = [];
+afterAll(() => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+function tempDir(): string {
+  const d = mkdtempSync(join(tmpdir(), "fleet-reshard-"));
+  dirs.push(d);
+  return d;
+}
+
+const T0 = Date.UTC(2026, 10, 1);
+
+/** Two data dirs holding disjoint agents, as two shards (or two old gateways) would. */
+async function sources(): Promise<{ a: SyntheticFleet; b: SyntheticFleet; root: string }> {
+  const root = tempDir();
+  const keys = (p: string) => Array.from({ length: 40 }, (_, i) => `${p}${i}`);
+  const a = await SyntheticFleet.create(join(root, "a"), {
+    types: [{ name: "temp", keys: keys("a") }],
+    keep: 3,
+    episodesDays: 30,
+    dedupDays: 30,
+  });
+  const b = await SyntheticFleet.create(join(root, "b"), {
+    types: [
+      { name: "temp", keys: keys("b") },
+      { name: "door", keys: keys("d").slice(0, 10) },
+    ],
+    keep: 0,
+    episodesDays: 30,
+    dedupDays: 30,
+  });
+  await a.commit(400, T0, 1000);
+  await b.commit(500, T0, 1000);
+  // Retention collected a's oldest checkpoints: those chains verify from their anchors.
+  await gcAll(a.store, a.spec.spec, { now: T0 + HOUR });
+  // Queued work, a wake-up and an unsent output must move too.
+  const enc = new TextEncoder();
+  await a.store.intake([
+    {
+      agent: "temp/a1" as never,
+      type: "temp",
+      key: "a1",
+      sid: "q:1" as never,
+      kind: "mqtt",
+      topic: "t",
+      payload: enc.encode("{}"),
+      receivedAt: T0 + HOUR,
+    },
+  ]);
+  const [ep] = (await b.store.client.execute("SELECT id, gateway FROM episodes WHERE agent = 'door/d3' LIMIT 1")).rows;
+  await b.store.client.execute({
+    sql: `INSERT INTO wakeups (id, gateway, agent, due_at, payload, set_by, created_at)
+      VALUES (?, ?, 'door/d3', ?, '{}', ?, ?)`,
+    args: [`${ep!.id}.w0`, String(ep!.gateway), T0 + 2 * HOUR, String(ep!.id), T0],
+  });
+  await b.store.client.execute({
+    sql: "INSERT INTO outbox (episode, seq, topic, payload, qos, retain, created_at) VALUES (?, 0, 'x', '{}', 1, 0, ?)",
+    args: [String(ep!.id), T0],
+  });
+  await a.close();
+  await b.close();
+  return { a, b, root };
+}
+
+/** Per agent: what each table holds of it, as comparable values. */
+async function snapshot(dbPaths: readonly string[]): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  for (const path of dbPaths) {
+    const s = await Store.open(path, { synchronous: "normal", readonly: true });
+    const q = async (sql: string) => (await s.client.execute(sql)).rows;
+    const agents = await q("SELECT id, status, head_seq, head_hash, anchor_seq, anchor_hash, episodes FROM agents");
+    for (const r of agents) {
+      const id = String(r.id);
+      const rows = async (sql: string) => JSON.stringify((await s.client.execute({ sql, args: [id] })).rows);
+      out.set(
+        id,
+        JSON.stringify({
+          agent: [r.status, r.head_seq, r.head_hash, r.anchor_seq, r.anchor_hash, r.episodes],
+          checkpoints: await rows("SELECT hash, seq, parent, state FROM checkpoints WHERE agent = ? ORDER BY seq"),
+          // The stimulus an episode ran is found by its sid (seqs are renumbered between dirs).
+          episodes: await rows(
+            `SELECT e.id, e.events_hash, s.sid, (SELECT count(*) FROM events v WHERE v.episode = e.id) AS n
+              FROM episodes e LEFT JOIN stimuli s ON s.seq = e.stimulus_seq WHERE e.agent = ? ORDER BY e.id`,
+          ),
+          stimuli: await rows("SELECT sid, state, payload FROM stimuli WHERE agent = ? ORDER BY seq"),
+          usage: await rows("SELECT window, episodes FROM budget_usage WHERE agent = ? ORDER BY window"),
+          wakeups: await rows("SELECT id, due_at, state FROM wakeups WHERE agent = ?"),
+          outbox: await rows(
+            "SELECT o.topic FROM outbox o JOIN episodes e ON e.id = o.episode WHERE e.agent = ? ORDER BY o.id",
+          ),
+        }),
+      );
+    }
+    await s.close();
+  }
+  return out;
+}
+
+describe("fleet reshard", () => {
+  test("2 -> 3: every agent's chain moves whole to exactly one shard, its owner; every chain verifies", async () => {
+    const { a, b, root } = await sources();
+    const before = await snapshot([a.dbPath, b.dbPath]);
+    const report = await reshard([join(a.dir, "data"), join(b.dir, "data")], 3, join(root, "s"));
+    expect(report.verified).toBe(true);
+    expect(report.targets.map((t) => t.problems)).toEqual([[], [], []]);
+    expect(report.agents).toBe(90);
+    const outs = [1, 2, 3].map((i) => join(root, `s${i}`, "fleet.db"));
+    const after = await snapshot(outs);
+    expect([...after.keys()].sort()).toEqual([...before.keys()].sort());
+    for (const [agent, rows] of before) expect({ agent, rows: after.get(agent) }).toEqual({ agent, rows });
+    for (const [i, path] of outs.entries()) {
+      const s = await Store.open(path, { synchronous: "normal", readonly: true });
+      const ids = (await s.client.execute("SELECT id FROM agents")).rows.map((r) => String(r.id));
+      expect(ids.filter((id) => ownerShard(id, 3) !== i + 1)).toEqual([]);
+      // Every new dir can replay any episode: the spec versions came along; the gateway ids are new.
+      expect((await s.client.execute("SELECT count(*) AS n FROM spec_versions")).rows[0]!.n).toBe(2);
+      expect([a.store.gatewayId, b.store.gatewayId]).not.toContain(s.gatewayId);
+      await s.close();
+    }
+    const verify = await runCli(["verify", "--data-dir", join(root, "s2")]);
+    expect(verify.code).toBe(0);
+  });
+
+  test("the command line reports each new shard and exits 0 when every chain verifies", async () => {
+    const { a, b, root } = await sources();
+    const r = await runCli([
+      "reshard",
+      "--from",
+      `${join(a.dir, "data")},${join(b.dir, "data")}`,
+      "--to",
+      "2",
+      "--out",
+      join(root, "two-"),
+      "--json",
+    ]);
+    expect(r.code).toBe(0);
+    const report = JSON.parse(r.stdout) as { verified: boolean; targets: { shard: string; agents: number }[] };
+    expect(report.verified).toBe(true);
+    expect(report.targets.map((t) => t.shard)).toEqual(["1/2", "2/2"]);
+    expect(report.targets.reduce((n, t) => n + t.agents, 0)).toBe(90);
+    const human = await runCli(["reshard", "--from", join(a.dir, "data"), "--to", "1", "--out", join(root, "one-")]);
+    expect(human.code).toBe(0);
+    expect(human.stdout).toContain("resharded 40 agent(s) from 1 data dir(s) into 1 shard(s)");
+    expect(human.stdout).toContain("every chain verifies");
+  });
+
+  test("refuses a data dir a gateway is running on, and writes nothing", async () => {
+    const { a, b, root } = await sources();
+    writeFileSync(join(a.dir, "data", "gateway.json"), JSON.stringify({ pid: process.pid }));
+    const err = await reshard([join(a.dir, "data"), join(b.dir, "data")], 3, join(root, "s")).catch((e) => e);
+    expect(err).toBeInstanceOf(ReshardError);
+    expect(err.message).toContain(`a gateway (pid ${process.pid}) is running on ${join(a.dir, "data")}`);
+    expect(existsSync(join(root, "s1"))).toBe(false);
+    const cli = await runCli(["reshard", "--from", join(a.dir, "data"), "--to", "2", "--out", join(root, "c")]);
+    expect(cli.code).toBe(1);
+    expect(cli.stderr).toContain("is running on");
+  });
+
+  test("refuses an agent found in two data dirs, a non-empty output and a dir without fleet data", async () => {
+    const { a, root } = await sources();
+    const copy = join(root, "copy");
+    mkdirSync(copy);
+    const s = await Store.open(a.dbPath, { synchronous: "normal" });
+    await s.client.execute({ sql: "VACUUM INTO ?", args: [join(copy, "fleet.db")] });
+    await s.close();
+    const twice = await reshard([join(a.dir, "data"), copy], 2, join(root, "t")).catch((e) => e);
+    expect(twice.message).toMatch(/agent temp\/a\d+ is in both/);
+    expect(readdirSync(root).filter((f) => f.startsWith("t"))).toEqual([]);
+
+    mkdirSync(join(root, "u1"));
+    writeFileSync(join(root, "u1", "x"), "");
+    const taken = await reshard([join(a.dir, "data")], 2, join(root, "u")).catch((e) => e);
+    expect(taken.message).toContain("exists and is not empty");
+
+    const empty = await reshard([join(root, "nothing")], 2, join(root, "v")).catch((e) => e);
+    expect(empty.message).toContain("no fleet data in");
+    const self = await reshard([join(root, "w1")], 2, join(root, "w")).catch((e) => e);
+    expect(self).toBeInstanceOf(ReshardError);
+  });
+
+  test("bad command lines are usage errors (exit 2)", async () => {
+    for (const args of [
+      ["reshard"],
+      ["reshard", "--from", "a", "--to", "2"],
+      ["reshard", "--from", "a", "--out", "p"],
+      ["reshard", "--from", "a", "--to", "0", "--out", "p"],
+      ["reshard", "--from", "a", "--to", "65", "--out", "p"],
+      ["reshard", "--from", "a", "--to", "two", "--out", "p"],
+    ]) {
+      const r = await runCli(args);
+      expect({ args, code: r.code }).toEqual({ args, code: 2 });
+    }
+  });
+});
