@@ -77,6 +77,10 @@ class ExternalBroker implements Broker {
   private retryDelay: number;
   private retryTimer: ReturnType<typeof setTimeout> | null = null;
   private starting: Promise<void> | null = null;
+  /** Counts CONNACKs: a held PUBACK belongs to the connection it was read on. */
+  private generation = 0;
+  /** Held PUBACKs, in the order their deliveries arrived. */
+  private acks: Promise<void> = Promise.resolve();
   private closing: Promise<void> | null = null;
 
   constructor(private readonly opts: ExternalBrokerOptions) {
@@ -122,16 +126,9 @@ class ExternalBroker implements Broker {
     const out = connect(this.opts.url, { ...common, clientId: `${this.opts.clientId}-out`, clean: true });
     this.out = out;
     out.on("error", (err) => this.log.warn({ err: err.message }, "broker client (outputs) error"));
-    // mqtt.js calls this for every delivery before it writes the PUBACK (QoS 1) and holds the next
-    // packet until `callback` runs (its documented backpressure hook; `customHandleAcks` is MQTT 5 only).
-    client.handleMessage = (packet, callback) => {
-      if (packet.cmd !== "publish") return callback();
-      void this.deliver(packet).then((ack) => {
-        if (ack) callback();
-        else this.withhold();
-      });
-    };
+    this.holdAcks(client);
     client.on("connect", (connack) => {
+      this.generation++;
       this.retryDelay = this.opts.retryMs ?? 1000;
       this.log.info({ sessionPresent: connack.sessionPresent, clientId: this.opts.clientId }, "connected to broker");
       void this.subscribe(this.filters);
@@ -156,6 +153,47 @@ class ExternalBroker implements Broker {
         "broker not reachable at start; the gateway keeps trying (its session queues meanwhile)",
       );
     this.lifecycle = "running";
+  }
+
+  /**
+   * PUBACKs only after intake, without reading one delivery at a time. mqtt.js calls
+   * `handleMessage` for every delivery, then writes the PUBACK through `_sendPacket`, and reads
+   * nothing more until that write's callback (`customHandleAcks` would let us hold the PUBACK,
+   * but it is MQTT 5 only, and serial: one commit per message, ~67 msg/s measured). So
+   * `handleMessage` starts intake and returns at once; the PUBACK write is held back, in arrival
+   * order (MQTT-4.6.0-2), until that delivery's intake settled: sent when it was recorded (or
+   * refused for good), never when it was not. The broker bounds how many wait (Mosquitto:
+   * `max_inflight_messages`, 20). `_sendPacket` is mqtt.js 5's (pinned in bun.lock) internal.
+   */
+  private holdAcks(client: MqttClient): void {
+    const inner = client as unknown as {
+      _sendPacket(packet: { cmd: string; messageId?: number }, cb?: (err?: Error) => void, ...rest: unknown[]): void;
+    };
+    const send = inner._sendPacket.bind(client);
+    const verdicts = new Map<number, Promise<boolean>>();
+    client.handleMessage = (packet, callback) => {
+      if (packet.cmd !== "publish") return callback();
+      const verdict = this.deliver(packet);
+      if (packet.qos === 1 && typeof packet.messageId === "number") verdicts.set(packet.messageId, verdict);
+      // QoS 0 is best effort; QoS 2 never comes (subscriptions are QoS 1) but would wait, like QoS 1.
+      if (packet.qos === 2) void verdict.then((ok) => (ok ? callback() : this.withhold()));
+      else callback();
+    };
+    inner._sendPacket = (packet, cb, ...rest) => {
+      const verdict =
+        packet.cmd === "puback" && packet.messageId !== undefined ? verdicts.get(packet.messageId) : undefined;
+      if (!verdict) return send(packet, cb, ...rest);
+      verdicts.delete(packet.messageId!);
+      cb?.(); // mqtt.js reads on; the PUBACK follows the record
+      const generation = this.generation;
+      this.acks = this.acks
+        .then(() => verdict.catch(() => false))
+        .then((ok) => {
+          if (!ok) return this.withhold();
+          // A PUBACK for a previous connection is not sent: the broker redelivers (DUP) and dedup answers.
+          if (generation === this.generation && client.connected) send(packet, () => {});
+        });
+    };
   }
 
   /** Subscribe (QoS 1; under MQTT 5 without retained copies: Retain Handling 2). */

@@ -213,6 +213,36 @@ describe("external broker (Mosquitto)", () => {
   );
 
   test(
+    "a transient refusal (queue full) withholds the PUBACK; after the gateway reconnects the broker " +
+      "redelivers, and each stimulus runs once",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(
+        fleetHeader("ext-full", { broker: `url = ${q(mq.url)}\nclient_id = "gw-ext-full"` }) +
+          agentType("counter", COUNTER, ["c/+/in"], { extra: "max_queue = 1" }),
+      );
+      await fleet.start();
+      const device = await client(mq.url, "device-4");
+      await device.publishAsync("c/q/in", JSON.stringify({ n: 0 }), { qos: 1 });
+      await fleet.waitCommitted("counter/q", 1);
+      expect((await fleet.cli("pause", "counter/q")).code).toBe(0);
+      for (const n of [1, 2, 3]) await device.publishAsync("c/q/in", JSON.stringify({ n }), { qos: 1 });
+      const withheld = async () =>
+        ((await (await fleet.fetch("/api/fleet")).json()) as { broker: { external: { withheld: number } } }).broker
+          .external.withheld;
+      // One fits the queue; the others are withheld (and withheld again after each reconnect while paused).
+      await waitFor(async () => (await withheld()) >= 3, 30_000, "PUBACKs withheld", 100);
+      expect((await fleet.cli("resume", "counter/q")).code).toBe(0);
+      await fleet.waitCommitted("counter/q", 4, 60_000);
+      const seen = await recorded(fleet);
+      exactlyOnce(seen.episodes, 4);
+      exactlyOnce(seen.stimuli, 4);
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
     "the gateway does not start when password_env names an unset variable",
     async () => {
       const mq = await mosquitto();
