@@ -247,7 +247,7 @@ describe("POST /api/deploy/check", () => {
     SLOW,
   );
 
-  test("bad bodies, an invalid candidate, a read token and a non-JSON post are refused", async () => {
+  test("bad bodies, an invalid candidate, a read token, a non-JSON or cross-origin post are refused", async () => {
     expect((await post({ episodes: 0 })).status).toBe(400);
     expect((await post({ colour: "red" })).status).toBe(400);
     const bad = await post({ toml: "[agents.x]\nsubscribe = 3\n" });
@@ -259,6 +259,8 @@ describe("POST /api/deploy/check", () => {
       headers: { "content-type": "text/plain" },
     });
     expect(form.status).toBe(415);
+    const foreign = await post({}, { headers: { origin: "http://evil.example" } });
+    expect(foreign.status).toBe(403);
     const added = await fleet.cli("token", "add", "deploy-reader", "--scope", "read");
     const token = (added.json as { token: string }).token;
     await waitFor(

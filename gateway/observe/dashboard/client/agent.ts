@@ -247,7 +247,8 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
   function showStatus(status: string, reason: string | null | undefined): void {
     statusEl.replaceChildren(pill(status, status, "agent-status"));
     reasonEl.textContent = reason ?? "";
-    pauseBtn.disabled = status === "paused" || status === "retired";
+    // A draining agent retires by itself once its queue is empty (`fleet retire --drain`).
+    pauseBtn.disabled = status === "paused" || status === "retired" || status === "draining";
     resumeBtn.disabled = status !== "paused" && status !== "failed";
     retireBtn.disabled = status === "retired";
   }

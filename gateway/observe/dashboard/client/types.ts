@@ -25,7 +25,7 @@ export interface AuditRecord {
 export const EPISODE_KINDS = ["mqtt", "timer", "webhook", "inbox", "manual", "wake"] as const;
 
 /** Agent statuses as operators see them. */
-export const STATUSES = ["idle", "paused", "failed", "retired"] as const;
+export const STATUSES = ["idle", "paused", "draining", "failed", "retired"] as const;
 export type ShownStatus = (typeof STATUSES)[number];
 
 /** One agent type's row of the health summary. */
