@@ -6,6 +6,7 @@
  * sends each PUBACK only after intake recorded the stimulus (mqtt.js `handleMessage`).
  */
 import { connect, type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+import { readFileSync, writeFileSync } from "node:fs";
 import type { Logger } from "pino";
 import type {
   AuthChange,
@@ -38,6 +39,11 @@ export interface ExternalBrokerOptions {
   readonly publishTimeoutMs?: number;
   /** First wait before a withheld PUBACK makes the gateway reconnect (default 1 s, doubling to 30 s). */
   readonly retryMs?: number;
+  /**
+   * Where the filters subscribed last are kept (in the data dir), so filters of types removed
+   * while the gateway was down are unsubscribed at the next connection; null: not kept.
+   */
+  readonly subscriptionsFile?: string | null;
   /** How long `start()` waits for the first CONNACK (default 10 s); past it the client keeps trying. */
   readonly connectTimeoutMs?: number;
 }
@@ -131,7 +137,7 @@ class ExternalBroker implements Broker {
       this.generation++;
       this.retryDelay = this.opts.retryMs ?? 1000;
       this.log.info({ sessionPresent: connack.sessionPresent, clientId: this.opts.clientId }, "connected to broker");
-      void this.subscribe(this.filters);
+      void this.subscribe(this.filters).then(() => this.dropStale());
     });
     client.on("reconnect", () => this.reconnects++);
     client.on("offline", () => this.log.warn("broker connection lost; reconnecting"));
@@ -214,6 +220,39 @@ class ExternalBroker implements Broker {
     }
   }
 
+  /** Unsubscribe what the session still holds from before (`subscriptionsFile`), then record the filters. */
+  private async dropStale(): Promise<void> {
+    const file = this.opts.subscriptionsFile;
+    if (!file) return;
+    let before: string[] = [];
+    try {
+      const parsed: unknown = JSON.parse(readFileSync(file, "utf8"));
+      if (Array.isArray(parsed)) before = parsed.filter((f): f is string => typeof f === "string");
+    } catch {
+      // first start, or an unreadable file: nothing known to drop
+    }
+    const stale = before.filter((f) => !this.filters.includes(f));
+    if (stale.length > 0 && this.client?.connected) {
+      try {
+        await this.client.unsubscribeAsync(stale);
+        this.log.info({ filters: stale }, "unsubscribed filters no agent type listens on any more");
+      } catch {
+        return; // tried again at the next connection
+      }
+    }
+    this.remember();
+  }
+
+  private remember(): void {
+    const file = this.opts.subscriptionsFile;
+    if (!file) return;
+    try {
+      writeFileSync(file, `${JSON.stringify(this.filters)}\n`, { mode: 0o600 });
+    } catch (err) {
+      this.log.warn({ err, file }, "could not record the broker subscriptions");
+    }
+  }
+
   /** Follow the spec's filters: subscribe to new ones, drop removed ones (applies on hot reload). */
   async setIntakeFilters(filters: readonly string[]): Promise<void> {
     const next = [...new Set(filters)];
@@ -223,6 +262,7 @@ class ExternalBroker implements Broker {
     if (!this.client?.connected) return;
     await this.subscribe(added);
     if (removed.length > 0) await this.client.unsubscribeAsync(removed).catch(() => undefined);
+    this.remember();
   }
 
   /**

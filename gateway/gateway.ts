@@ -638,6 +638,7 @@ export class Gateway {
         ca: ext.ca_file === null ? null : readFileSync(ext.ca_file, "utf8"),
         protocolVersion: ext.protocol_version,
         filters: intakeFilters(spec),
+        subscriptionsFile: join(this.dataDir, "broker-subscriptions.json"),
         intake: (msg, client) => this.brokerIntake(msg, client),
         logger: this.log.child({ mod: "broker" }),
       });

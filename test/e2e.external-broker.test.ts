@@ -4,7 +4,7 @@
  * the gateway's persistent session queues while it is down and each PUBACK waits for intake.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { connectAsync, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
@@ -237,6 +237,37 @@ describe("external broker (Mosquitto)", () => {
       const seen = await recorded(fleet);
       exactlyOnce(seen.episodes, 4);
       exactlyOnce(seen.stimuli, 4);
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "a type removed while the gateway was down: its filter is unsubscribed at the next start",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-stale", mq.url) + agentType("second", COUNTER, ["d/+/in"]));
+      await fleet.start();
+      await fleet.stop();
+      writeFileSync(fleet.configPath, toml("ext-stale", mq.url));
+      await fleet.start();
+      await waitFor(
+        () => readFileSync(fleet.logPath, "utf8").includes("unsubscribed filters no agent type listens on any more"),
+        15_000,
+        "the stale filter dropped",
+        50,
+      );
+      const device = await client(mq.url, "device-5");
+      await device.publishAsync("d/x/in", JSON.stringify({ n: 0 }), { qos: 1 });
+      await device.publishAsync("c/s/in", JSON.stringify({ n: 1 }), { qos: 1 });
+      await fleet.waitCommitted("counter/s", 1);
+      // Same publisher, in order: the d/ message would have reached the gateway first.
+      expect(readFileSync(mq.logPath, "utf8")).not.toMatch(
+        /Sending PUBLISH to gw-ext-stale \(d\d, q1, r0, m\d+, 'd\/x\/in'/,
+      );
+      expect(readFileSync(mq.logPath, "utf8")).toMatch(
+        /Sending PUBLISH to gw-ext-stale \(d0, q1, r0, m\d+, 'c\/s\/in'/,
+      );
       await fleet.stop();
     },
     E2E_TIMEOUT,
