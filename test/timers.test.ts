@@ -110,6 +110,21 @@ describe("timers", () => {
     expect(fires.map((f) => f.at)).toEqual([...expected]);
   });
 
+  test.each([
+    ["none", [1_000_030_000]],
+    ["one", [1_000_030_000]],
+    ["all", [1_000_010_000, 1_000_020_000, 1_000_030_000]],
+  ] as const)("a tick that comes late past several scheduled times follows catch_up = %s", async (policy, expected) => {
+    const spec = await specWith({ tick: `every = "10s"\ncatch_up = "${policy}"` });
+    const { clock, fires, timers } = setup(1_000_000_003);
+    await timers.update(spec);
+    clock.t += 35 * S; // the event loop was blocked: the 10 s timeout runs at 35 s
+    await clock.advance(0);
+    expect(fires.map((f) => f.at)).toEqual([...expected]);
+    await clock.advance(5 * S);
+    expect(fires.at(-1)!.at).toBe(1_000_040_000); // and back on schedule
+  });
+
   test("catch_up = all replays at most CATCH_UP_ALL_MAX fires, the newest", async () => {
     const spec = await specWith({ tick: 'every = "1s"\ncatch_up = "all"' });
     const { fires, timers } = setup(10_000_000, { last: { tick: 10_000_000 - 1000 * S } });

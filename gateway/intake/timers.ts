@@ -133,7 +133,11 @@ export class Timers {
     const due = [...this.entries.values()].filter((e) => e.next <= now);
     const run = async () => {
       for (const e of due) {
-        await this.fireOne(e.type, e.next);
+        // A late tick (a busy event loop, a suspended machine) passed several scheduled times:
+        // they follow the type's catch_up rule like fires missed while the gateway was down.
+        const policy = e.timer.catch_up;
+        const late = firesBetween(e.timer, e.next - 1, now, policy === "all" ? CATCH_UP_ALL_MAX : 1);
+        for (const at of late.length > 0 ? late : [e.next]) await this.fireOne(e.type, at);
         e.next = nextFire(e.timer, Math.max(e.next, now)) ?? Infinity;
       }
     };
