@@ -60,7 +60,7 @@ import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
-import { deployInstances, Redeploy } from "./fleet/index.ts";
+import { deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
@@ -118,6 +118,8 @@ export class Gateway {
   spawnOptions!: SpawnOptions;
   /** Stored code bundles as files for the sandbox (gateway/code). */
   bundles!: BundleFiles;
+  /** Canary rollouts of new code (docs/upgrading.md). */
+  rollouts: Rollouts | null = null;
   /** Who may call the HTTP API: the tokens file plus this run's local CLI token. */
   tokens!: TokenAuth;
   private current!: SpecVersion;
@@ -221,6 +223,20 @@ export class Gateway {
       bundles: this.current.bundles,
     });
     await deployInstances(this.store, this.current, this.now());
+    this.rollouts = new Rollouts({
+      store: this.store,
+      log: this.log.child({ mod: "rollout" }),
+      now: this.now,
+      agentsOf: async (type) =>
+        (
+          await this.store.client.execute({ sql: "SELECT id FROM agents WHERE type = ? ORDER BY id", args: [type] })
+        ).rows.map((r) => String(r.id)),
+      retry: async (seq) => void (await this.resolveQuarantined(seq, "retry")),
+      wake: (agents) => {
+        for (const a of agents) this.scheduler?.notify(a as AgentId);
+      },
+    });
+    await this.rollouts.start(this.current);
     await this.startReplication(spec);
 
     this.buildPipeline(spec);
@@ -311,6 +327,7 @@ export class Gateway {
     if (this.state === "stopped" || this.state === "draining") return;
     this.state = "draining";
     this.housekeeping?.stop();
+    this.rollouts?.stop();
     this.storageWatch?.stop();
     this.stopDeviceWatch?.();
     this.watcher?.stop();
@@ -375,7 +392,7 @@ export class Gateway {
 
   /** Code bundles episodes may run now: retention keeps them. */
   bundlesInUse(): string[] {
-    return Object.values(this.current.bundles);
+    return [...Object.values(this.current.bundles), ...(this.rollouts?.inUse() ?? [])];
   }
 
   /** Retention spares rows the central server has not confirmed (`[replication] required`, under max_backlog_mb). */
@@ -421,6 +438,12 @@ export class Gateway {
    * Retry or drop a quarantined stimulus. A retry is admitted like a new stimulus; back in
    * the queue it runs now (it is older than the head that may be waiting for its backoff).
    */
+  /** Promote or abort a type's canary rollout by hand (`fleet rollout`). */
+  async decideRollout(type: string, action: "promote" | "abort"): Promise<{ ok: boolean; message: string }> {
+    if (!this.rollouts) return { ok: false, message: "the gateway is not running" };
+    return this.rollouts.decide(type, action, "an operator");
+  }
+
   resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction> {
     return resolveQuarantined(this.store, seq, action, {
       // An agent whose type left the spec is retired: the book refuses it before max_queue matters.
@@ -507,6 +530,8 @@ export class Gateway {
       state: this.state,
       spec_version: this.current.hash,
       spec_error: this.specError,
+      /** Each type's newest canary rollout of new code (docs/upgrading.md). */
+      rollouts: (await this.rollouts?.view()) ?? [],
       /** Same as /readyz: false while commits fail (full disk, I/O error), with the reason. */
       readiness: this.readiness(),
       rejected_messages: await this.store.countRejected(),
@@ -589,6 +614,8 @@ export class Gateway {
       wakesScheduled: (dueAt) => this.wakeups?.scheduled(dueAt),
       infra: this.infra,
       bundleFile: (hash) => this.bundles.file(hash),
+      bundleFor: (agent, type, sv) =>
+        this.rollouts ? this.rollouts.bundleFor(agent, type, sv) : (sv.bundles[type] ?? null),
     });
     this.scheduler = new Scheduler({
       maxConcurrent: spec.fleet.max_concurrent_episodes,
@@ -758,7 +785,10 @@ export class Gateway {
       now: this.now,
       running: () => this.state === "running",
       current: () => this.current,
-      adopt: (next) => this.adopt(next),
+      adopt: async (next) => {
+        await this.rollouts?.deployed(this.current, next);
+        this.adopt(next);
+      },
       needsRestart: (current, next) =>
         restartNeeded(current, next, [
           ...(this.opts.mqttPort === undefined ? [] : ["broker.mqtt_port"]),

@@ -137,7 +137,13 @@ describe("compileSpec", () => {
     expect(tm.config).toEqual({ threshold: 80, labels: ["a", "b"] });
     expect(tm.checkpoint).toEqual({ keep: 50 });
     expect(tm.retry).toEqual({ max_attempts: 3, backoff_ms: 1000 });
-    expect(tm.rollout).toEqual({ require_check: false });
+    expect(tm.rollout).toEqual({
+      require_check: false,
+      canary: 0,
+      min_episodes: 50,
+      max_failure_rate: 0.05,
+      bake_ms: 600_000,
+    });
     expect(tm.max_queue).toBe(10_000);
     expect(tm.http_hosts).toEqual([]);
 

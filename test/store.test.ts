@@ -99,6 +99,25 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     },
   ],
   [
+    tables.rollouts,
+    {
+      id: 3,
+      gateway: "gw",
+      type: "temp",
+      fromBundle: HASH("5"),
+      toBundle: HASH("6"),
+      canary: 0.1,
+      minEpisodes: 50,
+      maxFailureRate: 0.05,
+      bakeMs: 600_000,
+      state: "rolled_back",
+      reason: "failure rate 0.5 > 0.05",
+      startedAt: T0,
+      decidedAt: T0 + 1,
+    },
+  ],
+  [tables.rolloutSteps, { seq: 4, rollout: 3, at: T0, step: "rolled_back", detail: '{"failures":5}' }],
+  [
     tables.bundles,
     {
       hash: HASH("5"),

@@ -8,6 +8,7 @@
 import { parseArgs } from "node:util";
 import { createCli, intArg, UsageError } from "./context.ts";
 import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
+import { cmdRollout, ROLLOUT_USAGE } from "./rollout.ts";
 import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
 import { cmdAudit, cmdToken, TOKEN_USAGE } from "./token.ts";
 import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify, cmdWakeups } from "./read.ts";
@@ -69,6 +70,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   central --url URL [--host H] [--port N] [--token-env NAME]
                               read-only dashboard + JSON API over the central database
                               (binds 127.0.0.1:8090; off loopback needs env FLEET_CENTRAL_API_TOKEN)
+${ROLLOUT_USAGE}
 ${DEVICE_USAGE}
 ${TOKEN_USAGE}
 
@@ -207,6 +209,8 @@ async function main(): Promise<number> {
       return cmdToken(cli, a1, a2);
     case "audit":
       return flags.central ? cmdCentralAudit(cli) : cmdAudit(cli);
+    case "rollout":
+      return cmdRollout(cli, a1, a2);
     case "quarantine":
       return quarantineCommand(positionals.slice(1), intArg("--limit", flags.limit, 100, { min: 1, max: 10_000 }), cli);
     default:

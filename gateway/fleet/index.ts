@@ -4,3 +4,4 @@ export * from "./reload.ts";
 export * from "./roster.ts";
 export * from "./scheduler.ts";
 export * from "./queue-book.ts";
+export * from "./rollouts.ts";

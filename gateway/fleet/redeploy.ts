@@ -41,8 +41,8 @@ export interface RedeployDeps {
   running(): boolean;
   /** The version new episodes start on. */
   current(): SpecVersion;
-  /** Route and start new episodes on `next` from now on. */
-  adopt(next: SpecVersion): void;
+  /** Route and start new episodes on `next` from now on (after what must be durable first, e.g. a rollout). */
+  adopt(next: SpecVersion): void | Promise<void>;
   /** Changed keys that only a restart applies; any -> the reload is refused ("needs restart: …"). */
   needsRestart?(current: FleetSpec, next: FleetSpec): string[];
   /** Checks a new version must pass before anything is applied (agents' config schemas); why not, or null. */
@@ -133,7 +133,7 @@ export class Redeploy {
       at: this.d.now(),
       bundles: next.bundles,
     });
-    this.d.adopt(next);
+    await this.d.adopt(next);
     this.d.scheduler.setMaxConcurrent(next.spec.fleet.max_concurrent_episodes);
     await deployInstances(this.d.store, next, this.d.now());
     for (const type of diff.removed) await this.d.roster.retireType(type, next.hash);

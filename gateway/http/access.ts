@@ -85,6 +85,7 @@ function actionOf(pattern: string, req: Request & { params: Record<string, strin
   if (pattern === "/api/send") return ["send", null];
   if (pattern === "/api/episodes/:id/replay") return ["episode.replay", `episode ${p.id}`];
   if (pattern === "/api/deploy/check") return ["deploy.check", null];
+  if (pattern === "/api/rollouts/:type/:action") return [`rollout.${p.action}`, `type ${p.type}`];
   return [`${req.method} ${pattern}`, null];
 }
 

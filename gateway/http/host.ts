@@ -45,6 +45,8 @@ export interface HttpHost {
   queued(agent: string): number;
   /** The gateway's clock (epoch ms): what retention, budgets and the activity buckets run on. */
   readonly now: () => number;
+  /** Promote or abort a type's canary rollout by hand (docs/upgrading.md). */
+  decideRollout(type: string, action: "promote" | "abort"): Promise<{ ok: boolean; message: string }>;
   /** Retry (admitted like a new stimulus) or drop a quarantined stimulus. */
   resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction>;
   /** Pause, resume or retire; `drain` (retire): after the stimuli already queued have run. */

@@ -18,6 +18,7 @@ import type { StimulusId } from "../types.ts";
 import { ownsAgent } from "../shard.ts";
 import { handleHook, intakeResponse, otherShard } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
+import { rolloutRoutes } from "./rollouts.ts";
 import { historyRoutes } from "./history.ts";
 import { activityRoutes } from "./activity.ts";
 import { deployRoutes } from "./deploy.ts";
@@ -128,6 +129,7 @@ export function startHttp(
         },
       },
       ...quarantineRoutes(gw),
+      ...rolloutRoutes(gw),
       ...historyRoutes(gw),
       ...activityRoutes(gw),
       ...deployRoutes(gw),

@@ -362,7 +362,13 @@ function buildAgent(name: string, a: RawAgent, dir: string, problems: Problem[])
     budget: { ...a.budget, tool_costs },
     checkpoint: a.checkpoint,
     retry: a.retry,
-    rollout: a.rollout,
+    rollout: {
+      require_check: a.rollout.require_check,
+      canary: a.rollout.canary,
+      min_episodes: a.rollout.min_episodes,
+      max_failure_rate: a.rollout.max_failure_rate,
+      bake_ms: parseDuration(a.rollout.bake) ?? 0,
+    },
     max_queue: a.max_queue,
     max_wakeups: a.max_wakeups,
   };

@@ -126,6 +126,15 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.rollout.require_check":
     "A hot reload that changes this type's module, code or config is applied only when the replay gate " +
     "(`fleet deploy --check`) finds no DIVERGED or FAILED episode; otherwise it is refused as a reload error.",
+  "agents.*.rollout.canary":
+    "Share of this type's agents (0 to 1, a stable choice by the hash of the agent id) that run new code " +
+    "first; the others stay on the previous bundle until it is promoted. 0: new code reaches every agent at once.",
+  "agents.*.rollout.min_episodes": "Episodes the canaries must run on new code before it can be promoted.",
+  "agents.*.rollout.max_failure_rate":
+    "Failed share of the canaries' episodes on new code past which it is rolled back by itself " +
+    "(the canaries return to the previous bundle and their failed stimuli are retried there).",
+  "agents.*.rollout.bake":
+    'How long new code runs on the canaries, at least, before it is promoted (a duration like "10m").',
   hooks: "Webhooks, one table each: `POST /hooks/<name>`.",
   "hooks.*.agent": "The agent (<type>/<key>) every call goes to, or use `type` + `key_field`.",
   "hooks.*.type": "The agent type; the key comes from the body's `key_field`.",

@@ -96,7 +96,23 @@ const agentSchema = z.strictObject(
     }),
     checkpoint: table({ keep: nonNegInt(50) }),
     retry: table({ max_attempts: posInt(3), backoff_ms: nonNegInt(1000) }),
-    rollout: table({ require_check: bool(false) }),
+    rollout: table({
+      require_check: bool(false),
+      canary: z
+        .number(says("must be a number from 0 to 1"))
+        .min(0, "must be a number from 0 to 1")
+        .max(1, "must be a number from 0 to 1")
+        .default(0),
+      min_episodes: posInt(50),
+      max_failure_rate: z
+        .number(says("must be a number from 0 to 1"))
+        .min(0, "must be a number from 0 to 1")
+        .max(1, "must be a number from 0 to 1")
+        .default(0.05),
+      bake: str()
+        .refine((s) => (parseDuration(s) ?? -1) >= 0, 'must be a duration like "0s", "10m" or "1h"')
+        .default("10m"),
+    }),
   },
   says("must be a table"),
 );

@@ -40,6 +40,14 @@ export type TimerSpec =
 export interface RolloutSpec {
   /** A hot reload that changes the type's module or config applies only when `fleet deploy --check` passes. */
   readonly require_check: boolean;
+  /** Share of the type's agents (0-1, chosen by agent id hash) that run new code first; 0 = all at once. */
+  readonly canary: number;
+  /** Canary episodes needed before new code is promoted. */
+  readonly min_episodes: number;
+  /** Failed share of canary episodes past which new code is rolled back. */
+  readonly max_failure_rate: number;
+  /** How long new code runs on the canaries (at least) before it is promoted, ms. */
+  readonly bake_ms: number;
 }
 
 /** One agent type (docs/fleet-toml.md `[agents.<type>]`). */

@@ -194,6 +194,22 @@ const BUNDLES: readonly string[] = [
   `ALTER TABLE checkpoints ADD COLUMN migrated_from INTEGER`,
 ];
 
+/**
+ * Release 0.4: canary rollouts (docs/upgrading.md). One row per rollout of new code to a type
+ * (its state survives restarts and kill -9); every step it takes is a row of `rollout_steps`.
+ */
+const ROLLOUTS: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, gateway TEXT NOT NULL, type TEXT NOT NULL, from_bundle TEXT,
+    to_bundle TEXT NOT NULL, canary REAL NOT NULL, min_episodes INTEGER NOT NULL, max_failure_rate REAL NOT NULL,
+    bake_ms INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'canary', reason TEXT, started_at INTEGER NOT NULL,
+    decided_at INTEGER)`,
+  `CREATE INDEX IF NOT EXISTS rollouts_type ON rollouts (type, id)`,
+  `CREATE TABLE IF NOT EXISTS rollout_steps (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, rollout INTEGER NOT NULL, at INTEGER NOT NULL, step TEXT NOT NULL,
+    detail TEXT)`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -207,6 +223,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 9, name: "stimulus trace context", statements: STIMULUS_TRACE },
   { version: 10, name: "code bundles and state versions", statements: BUNDLES },
   { version: 11, name: "one replication entry per episode", statements: ONE_ENTRY_PER_EPISODE },
+  { version: 12, name: "canary rollouts", statements: ROLLOUTS },
 ];
 
 /** The schema version this code writes. */

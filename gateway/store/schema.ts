@@ -260,6 +260,41 @@ export const replPending = sqliteTable(
   (t) => [uniqueIndex("repl_pending_row").on(t.tbl, t.key)],
 );
 
+/** Where a rollout is: new code on the canaries, or decided (docs/upgrading.md). */
+export type RolloutState = "canary" | "promoted" | "rolled_back" | "aborted" | "superseded";
+
+/** Canary rollouts of new code to an agent type. Mutable in `state`, `reason`, `decided_at`. */
+export const rollouts = sqliteTable(
+  "rollouts",
+  {
+    id: integer("id").primaryKey({ autoIncrement: true }),
+    gateway: text("gateway").notNull(),
+    type: text("type").notNull(),
+    /** The bundle the other agents keep running (null: their module file). */
+    fromBundle: text("from_bundle"),
+    toBundle: text("to_bundle").notNull(),
+    canary: real("canary").notNull(),
+    minEpisodes: integer("min_episodes").notNull(),
+    maxFailureRate: real("max_failure_rate").notNull(),
+    bakeMs: integer("bake_ms").notNull(),
+    state: text("state").$type<RolloutState>().notNull().default("canary"),
+    reason: text("reason"),
+    startedAt: integer("started_at").notNull(),
+    decidedAt: integer("decided_at"),
+  },
+  (t) => [index("rollouts_type").on(t.type, t.id)],
+);
+
+/** Every step a rollout took (started, promoted, rolled back, retried, ...). Append-only. */
+export const rolloutSteps = sqliteTable("rollout_steps", {
+  seq: integer("seq").primaryKey({ autoIncrement: true }),
+  rollout: integer("rollout").notNull(),
+  at: integer("at").notNull(),
+  step: text("step").notNull(),
+  detail: text("detail"),
+});
+
+export type RolloutRow = typeof rollouts.$inferSelect;
 export type AgentRow = typeof agents.$inferSelect;
 export type StimulusRow = typeof stimuli.$inferSelect;
 export type EpisodeRow = typeof episodes.$inferSelect;

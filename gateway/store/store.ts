@@ -27,6 +27,8 @@ export type {
   AuditRow,
   StoredAgentStatus,
   RejectedMessageRow,
+  RolloutRow,
+  RolloutState,
 } from "./schema.ts";
 export type { EpisodeCommit, EpisodeFailure, EpisodeUsage } from "./episodes.ts";
 

@@ -1,0 +1,306 @@
+/**
+ * Canary rollouts (docs/upgrading.md `[agents.<t>.rollout]`): new code for a type with
+ * `canary > 0` first runs on that share of its agents (a stable choice by the hash of the agent
+ * id) while the others stay on the previous bundle. It is promoted once the canaries ran
+ * `min_episodes` on it within `max_failure_rate` for at least `bake`, and rolled back by itself
+ * as soon as it fails more (the canaries return to the previous bundle; their stimuli that the
+ * new code quarantined are retried there). An operator may promote or abort by hand.
+ *
+ * Rollouts are rows of the store, written before anything runs on them, so a kill -9 keeps them;
+ * every step is a row of `rollout_steps`. Episode counts are read from the episodes themselves
+ * (those of the type on the new bundle since the rollout began), so they need no counter of their own.
+ */
+import type { Logger } from "pino";
+import type { SpecVersion } from "../spec/index.ts";
+import type { RolloutRow, RolloutState, Store } from "../store/index.ts";
+
+/** What a rollout looks like in status, `/api/fleet` and `fleet/health`. */
+export interface RolloutView {
+  readonly id: number;
+  readonly type: string;
+  readonly state: RolloutState;
+  readonly from_bundle: string | null;
+  readonly to_bundle: string;
+  readonly canary: number;
+  /** The type's agents on the new bundle now (all of them once promoted, none once rolled back). */
+  readonly canary_agents: readonly string[];
+  readonly episodes: number;
+  readonly failures: number;
+  readonly min_episodes: number;
+  readonly max_failure_rate: number;
+  readonly bake_ms: number;
+  readonly started_at: number;
+  readonly decided_at: number | null;
+  readonly reason: string | null;
+}
+
+/** What rollouts need from the gateway. */
+export interface RolloutDeps {
+  readonly store: Store;
+  readonly log: Logger;
+  readonly now: () => number;
+  /** The type's agent ids (to name the canaries). */
+  agentsOf(type: string): Promise<readonly string[]>;
+  /** Put a quarantined stimulus back in its queue (a rolled-back canary's failures are retried). */
+  retry(seq: number): Promise<void>;
+  /** The agents' queues may run again (their bundle changed). */
+  wake(agents: readonly string[]): void;
+}
+
+/** Whether `agent` is in the canary share (stable: the same agents for every rollout of the same share). */
+export function isCanary(agent: string, share: number): boolean {
+  if (share <= 0) return false;
+  if (share >= 1) return true;
+  return Number(Bun.hash.wyhash(agent, 0n) % 10_000n) / 10_000 < share;
+}
+
+/** The rollouts of one gateway: the newest per type, in memory, backed by the store. */
+export class Rollouts {
+  private readonly latest = new Map<string, RolloutRow>();
+  private timer: ReturnType<typeof setInterval> | null = null;
+  private deciding = false;
+
+  constructor(private readonly d: RolloutDeps) {}
+
+  /**
+   * Load the newest rollout of each type and square it with the code the gateway starts on: a
+   * rollout of that code goes on where it was; new code since then starts a rollout of its own.
+   */
+  async start(sv: SpecVersion): Promise<void> {
+    const rows = (
+      await this.d.store.client.execute(
+        "SELECT * FROM rollouts WHERE id IN (SELECT max(id) FROM rollouts GROUP BY type) ORDER BY id",
+      )
+    ).rows;
+    for (const r of rows) this.latest.set(String(r.type), rowOf(r as unknown as Record<string, unknown>));
+    for (const [type, r] of this.latest) {
+      const now = sv.bundles[type] ?? null;
+      if (r.toBundle === now || (r.state !== "canary" && r.state !== "rolled_back")) continue;
+      await this.settle(r, "superseded", "the code changed while the gateway was down");
+      const t = sv.spec.agents[type];
+      if (t && now !== null && t.rollout.canary > 0 && r.fromBundle !== now)
+        await this.begin(type, r.fromBundle, now, sv);
+    }
+    this.timer = setInterval(() => void this.evaluate(), 500);
+    this.timer.unref?.();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  /**
+   * A new version is about to be adopted: each type whose bundle changes and that has a canary
+   * share gets a rollout (durable before any episode can run on it); others take the code at once.
+   */
+  async deployed(current: SpecVersion, next: SpecVersion): Promise<void> {
+    for (const [type, to] of Object.entries(next.bundles)) {
+      const t = next.spec.agents[type];
+      const stable = this.stableBundle(type, current);
+      if (!t || (stable === to && !this.active(type))) continue;
+      const r = this.active(type);
+      if (r && r.toBundle === to) continue;
+      if (r) await this.settle(r, "superseded", `new code ${to.slice(0, 12)} deployed`);
+      if (t.rollout.canary > 0 && stable !== to && current.spec.agents[type]) await this.begin(type, stable, to, next);
+    }
+  }
+
+  /** The bundle `agent` runs now: the canary's new code, the previous bundle for the others, else the spec's. */
+  bundleFor(agent: string, type: string, sv: SpecVersion): string | null {
+    const r = this.latest.get(type);
+    const spec = sv.bundles[type] ?? null;
+    if (!r || r.toBundle !== spec) return spec;
+    if (r.state === "canary") return isCanary(agent, r.canary) ? r.toBundle : r.fromBundle;
+    if (r.state === "rolled_back" || r.state === "aborted") return r.fromBundle;
+    return spec;
+  }
+
+  /** Bundles episodes may run now (retention keeps them). */
+  inUse(): string[] {
+    const out: string[] = [];
+    for (const r of this.latest.values()) {
+      if (r.fromBundle) out.push(r.fromBundle);
+      out.push(r.toBundle);
+    }
+    return out;
+  }
+
+  /** Every type's newest rollout, for status and `fleet/health`. */
+  async view(): Promise<RolloutView[]> {
+    const out: RolloutView[] = [];
+    for (const r of this.latest.values()) {
+      const { episodes, failures } = await this.counts(r);
+      const agents = await this.d.agentsOf(r.type);
+      const on =
+        r.state === "canary" ? agents.filter((a) => isCanary(a, r.canary)) : r.state === "promoted" ? [...agents] : [];
+      out.push({
+        id: r.id,
+        type: r.type,
+        state: r.state,
+        from_bundle: r.fromBundle,
+        to_bundle: r.toBundle,
+        canary: r.canary,
+        canary_agents: on,
+        episodes,
+        failures,
+        min_episodes: r.minEpisodes,
+        max_failure_rate: r.maxFailureRate,
+        bake_ms: r.bakeMs,
+        started_at: r.startedAt,
+        decided_at: r.decidedAt,
+        reason: r.reason,
+      });
+    }
+    return out;
+  }
+
+  /** `fleet rollout promote|abort <type>`: decide an active rollout by hand. */
+  async decide(type: string, action: "promote" | "abort", by: string): Promise<{ ok: boolean; message: string }> {
+    const r = this.active(type);
+    if (!r) return { ok: false, message: `agent type ${type} has no rollout in progress` };
+    if (action === "promote") await this.settle(r, "promoted", `promoted by ${by}`);
+    else await this.rollBack(r, "aborted", `aborted by ${by}`);
+    return {
+      ok: true,
+      message: `rollout of ${type} to ${r.toBundle.slice(0, 12)} ${action === "promote" ? "promoted" : "aborted"}`,
+    };
+  }
+
+  /** Decide what the counts say, for every rollout still on its canaries. */
+  async evaluate(): Promise<void> {
+    if (this.deciding) return;
+    this.deciding = true;
+    try {
+      for (const r of [...this.latest.values()]) {
+        if (r.state !== "canary") continue;
+        const { episodes, failures } = await this.counts(r);
+        const bound = r.maxFailureRate;
+        // Past this many failures the rate stays above the bound even if every episode up to min_episodes succeeds.
+        if (failures > bound * Math.max(episodes, r.minEpisodes)) {
+          const why = `${failures} of ${episodes} canary episode(s) failed (max_failure_rate ${bound})`;
+          await this.rollBack(r, "rolled_back", why);
+        } else if (episodes >= r.minEpisodes && this.d.now() - r.startedAt >= r.bakeMs) {
+          const why = `${episodes} canary episode(s), ${failures} failed, baked ${Math.round(r.bakeMs / 1000)} s`;
+          await this.settle(r, "promoted", why);
+        }
+      }
+    } catch (err) {
+      this.d.log.error({ err }, "rollout evaluation failed");
+    } finally {
+      this.deciding = false;
+    }
+  }
+
+  private active(type: string): RolloutRow | null {
+    const r = this.latest.get(type);
+    return r && r.state === "canary" ? r : null;
+  }
+
+  /** What the type's agents that do not run a rollout's new code run: its previous bundle. */
+  private stableBundle(type: string, current: SpecVersion): string | null {
+    const r = this.latest.get(type);
+    const spec = current.bundles[type] ?? null;
+    if (r && r.toBundle === spec && (r.state === "canary" || r.state === "rolled_back" || r.state === "aborted"))
+      return r.fromBundle;
+    return spec;
+  }
+
+  private async begin(type: string, from: string | null, to: string, sv: SpecVersion): Promise<void> {
+    const t = sv.spec.agents[type]!;
+    const at = this.d.now();
+    const [rs] = await this.d.store.writer.write([
+      {
+        sql: `INSERT INTO rollouts (gateway, type, from_bundle, to_bundle, canary, min_episodes, max_failure_rate,
+        bake_ms, state, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'canary', ?) RETURNING *`,
+        args: [
+          this.d.store.gatewayId,
+          type,
+          from,
+          to,
+          t.rollout.canary,
+          t.rollout.min_episodes,
+          t.rollout.max_failure_rate,
+          t.rollout.bake_ms,
+          at,
+        ],
+      },
+    ]);
+    const row = rowOf(rs!.rows[0] as unknown as Record<string, unknown>);
+    this.latest.set(type, row);
+    const canaries = (await this.d.agentsOf(type)).filter((a) => isCanary(a, row.canary));
+    await this.step(row, "started", { from, to, canary: row.canary, canary_agents: canaries });
+    this.d.log.info(
+      { type, from: from?.slice(0, 12) ?? null, to: to.slice(0, 12), canaries: canaries.length },
+      `rollout started: new code on ${canaries.length} canary agent(s) of ${type}`,
+    );
+  }
+
+  /** Roll back (or abort): canaries return to the previous bundle; what the new code quarantined is retried there. */
+  private async rollBack(r: RolloutRow, state: "rolled_back" | "aborted", reason: string): Promise<void> {
+    await this.settle(r, state, reason);
+    const rows = (
+      await this.d.store.client.execute({
+        sql: `SELECT DISTINCT s.seq, s.agent FROM stimuli s JOIN episodes e ON e.stimulus_seq = s.seq
+          WHERE s.state = 'quarantined' AND e.bundle = ? AND e.started_at >= ? AND s.agent LIKE ? || '/%'`,
+        args: [r.toBundle, r.startedAt, r.type],
+      })
+    ).rows;
+    for (const s of rows) await this.d.retry(Number(s.seq));
+    if (rows.length > 0) await this.step(r, "retried", { stimuli: rows.map((s) => Number(s.seq)) });
+    this.d.wake((await this.d.agentsOf(r.type)).filter((a) => isCanary(a, r.canary)));
+  }
+
+  private async settle(r: RolloutRow, state: RolloutState, reason: string): Promise<void> {
+    const at = this.d.now();
+    await this.d.store.writer.write([
+      {
+        sql: "UPDATE rollouts SET state = ?, reason = ?, decided_at = ? WHERE id = ?",
+        args: [state, reason, at, r.id],
+      },
+    ]);
+    const next = { ...r, state, reason, decidedAt: at };
+    if (this.latest.get(r.type)?.id === r.id) this.latest.set(r.type, next);
+    await this.step(next, state, { reason, ...(await this.counts(r)) });
+    const msg = `rollout of ${r.type} to ${r.toBundle.slice(0, 12)} ${state.replace("_", " ")}: ${reason}`;
+    if (state === "rolled_back") this.d.log.warn({ type: r.type }, msg);
+    else this.d.log.info({ type: r.type }, msg);
+    if (state === "promoted") this.d.wake(await this.d.agentsOf(r.type));
+  }
+
+  private async step(r: RolloutRow, step: string, detail: unknown): Promise<void> {
+    await this.d.store.writer.write([
+      {
+        sql: "INSERT INTO rollout_steps (rollout, at, step, detail) VALUES (?, ?, ?, ?)",
+        args: [r.id, this.d.now(), step, JSON.stringify(detail)],
+      },
+    ]);
+  }
+
+  private async counts(r: RolloutRow): Promise<{ episodes: number; failures: number }> {
+    const rs = await this.d.store.client.execute({
+      sql: `SELECT count(*) AS n, coalesce(sum(status = 'failed'), 0) AS f FROM episodes
+        WHERE bundle = ? AND started_at >= ? AND agent LIKE ? || '/%'
+          AND (error_kind IS NULL OR error_kind != 'infra')`,
+      args: [r.toBundle, r.startedAt, r.type],
+    });
+    return { episodes: Number(rs.rows[0]?.n ?? 0), failures: Number(rs.rows[0]?.f ?? 0) };
+  }
+}
+
+function rowOf(r: Record<string, unknown>): RolloutRow {
+  return {
+    id: Number(r.id),
+    gateway: String(r.gateway),
+    type: String(r.type),
+    fromBundle: r.from_bundle === null ? null : String(r.from_bundle),
+    toBundle: String(r.to_bundle),
+    canary: Number(r.canary),
+    minEpisodes: Number(r.min_episodes),
+    maxFailureRate: Number(r.max_failure_rate),
+    bakeMs: Number(r.bake_ms),
+    state: String(r.state) as RolloutState,
+    reason: r.reason === null ? null : String(r.reason),
+    startedAt: Number(r.started_at),
+    decidedAt: r.decided_at === null ? null : Number(r.decided_at),
+  };
+}
