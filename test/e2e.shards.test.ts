@@ -13,6 +13,9 @@ import { connectAsync, type MqttClient } from "mqtt";
 import { ownerShard } from "../gateway/shard.ts";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
+import { caughtUp, replicationToml } from "./helpers/replication.ts";
+import { Sqld } from "./helpers/sqld.ts";
+import { CentralReader } from "../gateway/replication/index.ts";
 import { agentType, fleetHeader, q } from "./helpers/toml.ts";
 
 const E2E_TIMEOUT = 900_000;
@@ -22,8 +25,10 @@ const COUNTER = fixture("counter");
 const RELAY = fixture("relay");
 const brokers: Mosquitto[] = [];
 const clients: MqttClient[] = [];
+const centrals: Sqld[] = [];
 
 afterAll(async () => {
+  for (const s of centrals) await s.dispose();
   for (const c of clients) c.end(true);
   await cleanupAll();
   for (const b of brokers) await b.dispose();
@@ -80,6 +85,45 @@ function exactlyOnce(seen: readonly number[], total: number): void {
 
 const committed = async (fleet: TestFleet): Promise<number> =>
   Number((await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE status = 'committed'"))[0]?.n);
+
+/**
+ * The central view of the resharded fleet "shards-re": its name covers the three current shards;
+ * the two old ones are superseded; every agent and episode is read once.
+ */
+async function centralView(url: string, agents: number, episodes: number): Promise<void> {
+  const reader = await CentralReader.open(url);
+  try {
+    const gws = await reader.gateways();
+    expect(gws.map((g) => [g.fleet, g.shard, g.superseded]).sort()).toEqual(
+      [
+        ["shards-re-shard-1-of-2", "1/2", true],
+        ["shards-re-shard-2-of-2", "2/2", true],
+        ["shards-re-shard-1-of-3", "1/3", false],
+        ["shards-re-shard-2-of-3", "2/3", false],
+        ["shards-re-shard-3-of-3", "3/3", false],
+      ].sort(),
+    );
+    expect(new Set(gws.map((g) => g.base))).toEqual(new Set(["shards-re"]));
+    expect((await reader.gateways("shards-re")).map((g) => g.shard).sort()).toEqual(["1/3", "2/3", "3/3"]);
+    const all = await reader.agents({ fleet: "shards-re", limit: 1000 });
+    expect(all.total).toBe(agents);
+    expect(new Set(all.rows.map((a) => a.id)).size).toBe(agents);
+    // Without --fleet too: the superseded layout is left out.
+    expect((await reader.agents({ limit: 1000 })).total).toBe(agents);
+    // Named, an old shard still shows what it had.
+    expect((await reader.agents({ fleet: "shards-re-shard-1-of-2", limit: 1000 })).total).toBeGreaterThan(0);
+    const perAgent = await reader.episodes("counter/d5", { limit: 100 });
+    expect(perAgent).toHaveLength(episodes / agents);
+    expect(new Set(perAgent.map((e) => e.id)).size).toBe(episodes / agents);
+  } finally {
+    reader.close();
+  }
+  const verify = await runCli(["verify", "--central", url, "--fleet", "shards-re", "--json"]);
+  expect(verify.code).toBe(0);
+  const report = JSON.parse(verify.stdout) as { fleets: { fleet: string }[]; agents: number };
+  expect(report.fleets.map((f) => f.fleet).sort()).toEqual([1, 2, 3].map((i) => `shards-re-shard-${i}-of-3`));
+  expect(report.agents).toBe(agents);
+}
 
 /** A key of the counter type that shard `i` of 2 owns. */
 function keyOwnedBy(i: number, prefix = "k"): string {
@@ -230,11 +274,18 @@ describe("two shards on one Mosquitto", () => {
 
   test(
     "fleet reshard 2 -> 3: refused while a shard runs; after, every chain verifies, each agent is on exactly " +
-      "one shard, and the three shards go on from each chain's head with the dedup memory moved along",
+      "one shard, the three shards go on from each chain's head with the dedup memory moved along, and the " +
+      "central view shows the fleet whole",
     async () => {
       const mq = await Mosquitto.start();
       brokers.push(mq);
-      const [one, two] = shards("shards-re", mq);
+      const sqld = await Sqld.start();
+      centrals.push(sqld);
+      const repl = replicationToml(sqld.url);
+      const [one, two] = [1, 2].map((i) => new TestFleet(shardToml("shards-re", mq.url, i, repl))) as [
+        TestFleet,
+        TestFleet,
+      ];
       await Promise.all([one.start(), two.start()]);
       const device = await client(mq.url, "device-4");
       const agents = 40;
@@ -247,6 +298,8 @@ describe("two shards on one Mosquitto", () => {
         return n;
       };
       await waitFor(async () => (await total([one, two])) >= first, 300_000, `${first} episodes`, 200);
+      // The center has the old layout's rows too: after the reshard they are superseded, not doubled.
+      await Promise.all([caughtUp(one), caughtUp(two)]);
       const out = join(one.dir, "resharded-");
       const args = ["reshard", "--from", `${one.dataDir},${two.dataDir}`, "--to", "3", "--out", out, "--json"];
       const refused = await runCli(args);
@@ -263,7 +316,7 @@ describe("two shards on one Mosquitto", () => {
       const report = JSON.parse(r.stdout) as { verified: boolean; agents: number; targets: { agents: number }[] };
       expect(report.verified).toBe(true);
       expect(report.agents).toBe(agents);
-      const three = [1, 2, 3].map((i) => new TestFleet(shardToml("shards-re", mq.url, i, "", 3)));
+      const three = [1, 2, 3].map((i) => new TestFleet(shardToml("shards-re", mq.url, i, repl, 3)));
       for (const [i, f] of three.entries()) renameSync(`${out}${i + 1}`, f.dataDir);
       for (const f of three) expect((await runCli(["verify", "--data-dir", f.dataDir])).code).toBe(0);
       const placed = new Map<string, number>();
@@ -294,6 +347,8 @@ describe("two shards on one Mosquitto", () => {
         }
       }
       expect(await total(three)).toBe(first + agents);
+      await Promise.all(three.map(async (f) => caughtUp(f, 120_000)));
+      await centralView(sqld.url, agents, first + agents);
       await Promise.all(three.map((f) => f.stop()));
       for (const f of three) expect((await runCli(["verify", "--data-dir", f.dataDir])).code).toBe(0);
     },

@@ -4,6 +4,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { createRouter } from "../gateway/intake/index.ts";
+import { fleetLayout, gatewaysFor } from "../gateway/replication/index.ts";
 import {
   ownerShard,
   ownsAgent,
@@ -142,5 +143,51 @@ describe("routing on a shard", () => {
     expect(route("fleet/sends/temp/a/e")).toMatchObject({
       problems: [expect.stringContaining("not a forwarded send")],
     });
+  });
+});
+
+describe("the central view of a sharded fleet", () => {
+  const gw = (gateway: string, fleet: string, firstPushAt: number) => ({
+    gateway,
+    fleet,
+    firstPushAt,
+    lastPushAt: firstPushAt,
+    pushedRows: 0,
+    backlogRows: 0,
+    backlogBytes: 0,
+    lagS: 0,
+    lostRows: 0,
+    schemaVersion: 3,
+  });
+  const all = fleetLayout([
+    gw("g0", "plant", 1),
+    gw("g1", "plant-shard-1-of-2", 10),
+    gw("g2", "plant-shard-2-of-2", 11),
+    gw("g3", "plant-shard-1-of-3", 20),
+    gw("g4", "plant-shard-2-of-3", 21),
+    gw("g5", "plant-shard-3-of-3", 22),
+    gw("o1", "other", 5),
+  ]);
+  const ids = (gs: readonly { gateway: string }[]) => gs.map((g) => g.gateway).sort();
+
+  test("the layout that first pushed last is the fleet; older ones (unsharded, fewer shards) are superseded", () => {
+    expect(all.map((g) => [g.gateway, g.base, g.shard, g.superseded])).toEqual([
+      ["g0", "plant", null, true],
+      ["g1", "plant", "1/2", true],
+      ["g2", "plant", "2/2", true],
+      ["g3", "plant", "1/3", false],
+      ["g4", "plant", "2/3", false],
+      ["g5", "plant", "3/3", false],
+      ["o1", "other", null, false],
+    ]);
+  });
+
+  test("a fleet's name reads its current shards; a fleet id or gateway id reads what it names", () => {
+    expect(ids(gatewaysFor(all, "plant"))).toEqual(["g3", "g4", "g5"]);
+    expect(ids(gatewaysFor(all))).toEqual(["g3", "g4", "g5", "o1"]);
+    expect(ids(gatewaysFor(all, "plant-shard-2-of-2"))).toEqual(["g2"]);
+    expect(ids(gatewaysFor(all, "g0"))).toEqual(["g0"]);
+    expect(ids(gatewaysFor(all, "other"))).toEqual(["o1"]);
+    expect(gatewaysFor(all, "nope")).toEqual([]);
   });
 });

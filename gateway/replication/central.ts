@@ -9,6 +9,7 @@ import type { AgentRow, AuditRow, CheckpointRow, EpisodeRow, EventRow } from "..
 import { checkNotNewer, schemaVersion } from "../store/index.ts";
 import { classifyError, redactUrl } from "./replicator.ts";
 import { CENTRAL_SCHEMA_VERSION, REPLICATED } from "./tables.ts";
+import { parseShardFleetName, shardLabel } from "../shard.ts";
 
 /** Where a central row came from. */
 export interface Origin {
@@ -26,6 +27,62 @@ export interface CentralGateway extends Origin {
   readonly lagS: number;
   readonly lostRows: number;
   readonly schemaVersion: number;
+  /** The fleet's name: `fleet` without a shard's `-shard-<i>-of-<N>` (docs/shards.md). */
+  readonly base: string;
+  /** `"i/N"` for a shard of a sharded fleet, else null. */
+  readonly shard: string | null;
+  /**
+   * True for a gateway of an older layout of its fleet (before a `fleet reshard`): its agents
+   * now live, with their whole chains, on the gateways of the newest layout. Reads leave it
+   * out unless it is named.
+   */
+  readonly superseded: boolean;
+}
+
+/** A `gateways` row as the center stores it. */
+type GatewayRow = Omit<CentralGateway, "base" | "shard" | "superseded">;
+
+/**
+ * Which gateways make up each fleet now. A fleet is its unsharded gateways (`fleet` = its name)
+ * or a set of shards (`<name>-shard-<i>-of-<N>`); after a reshard the layout whose gateways
+ * first pushed last is the fleet, the others are superseded.
+ */
+export function fleetLayout(rows: readonly GatewayRow[]): CentralGateway[] {
+  const layoutOf = (g: GatewayRow) => {
+    const s = parseShardFleetName(g.fleet);
+    return s ? { base: s.fleet, shard: shardLabel(s.shard), layout: `${s.shard.count}` } : null;
+  };
+  const newest = new Map<string, { layout: string; at: number }>();
+  for (const g of rows) {
+    const l = layoutOf(g);
+    const base = l?.base ?? g.fleet;
+    const layout = l?.layout ?? "unsharded";
+    const seen = newest.get(base);
+    const at = Number(g.firstPushAt);
+    if (!seen || at > seen.at) newest.set(base, { layout, at });
+  }
+  return rows.map((g) => {
+    const l = layoutOf(g);
+    const base = l?.base ?? g.fleet;
+    return {
+      ...g,
+      base,
+      shard: l?.shard ?? null,
+      superseded: newest.get(base)!.layout !== (l?.layout ?? "unsharded"),
+    };
+  });
+}
+
+/**
+ * The gateways a read covers: with `fleet`, those it names (a fleet id or gateway id), or every
+ * current gateway of the fleet of that name (all its shards); without, every current gateway.
+ */
+export function gatewaysFor(all: readonly CentralGateway[], fleet?: string): CentralGateway[] {
+  if (!fleet) return all.filter((g) => !g.superseded);
+  const byId = all.filter((g) => g.gateway === fleet);
+  if (byId.length > 0) return byId;
+  const whole = all.filter((g) => g.base === fleet && !g.superseded);
+  return whole.length > 0 ? whole : all.filter((g) => g.fleet === fleet);
 }
 
 /** The central database cannot be read (unreachable, refused, empty, or newer). */
@@ -148,14 +205,25 @@ export class CentralReader {
     return out;
   }
 
-  /** Gateways, by fleet name then id; `fleet` matches a fleet name or a gateway id. */
+  /**
+   * Gateways, by fleet name then id: every one (superseded ones marked), or with `fleet` those it
+   * names: a fleet id, a gateway id, or a fleet's name (all its current shards).
+   */
   async gateways(fleet?: string): Promise<CentralGateway[]> {
-    const rows = await this.all(
-      `SELECT ${GATEWAY_COLS.join(", ")} FROM gateways ${fleet ? "WHERE fleet = ? OR gateway = ?" : ""}
-        ORDER BY fleet, gateway`,
-      fleet ? [fleet, fleet] : [],
-    );
-    return rows.map((r) => shape<CentralGateway>(r, GATEWAY_COLS));
+    const rows = await this.all(`SELECT ${GATEWAY_COLS.join(", ")} FROM gateways ORDER BY fleet, gateway`);
+    const all = fleetLayout(rows.map((r) => shape<GatewayRow>(r, GATEWAY_COLS)));
+    return fleet ? gatewaysFor(all, fleet) : all;
+  }
+
+  /**
+   * The condition a read of `fleet` (or of everything) puts on `gateway`: the gateway ids it
+   * covers as a JSON list, or null when it covers every gateway the center has.
+   */
+  private async scope(fleet?: string): Promise<{ cond: string; arg: string } | null> {
+    const all = await this.gateways();
+    const ids = gatewaysFor(all, fleet).map((g) => g.gateway);
+    if (!fleet && ids.length === all.length) return null;
+    return { cond: "gateway IN (SELECT value FROM json_each(?))", arg: JSON.stringify(ids) };
   }
 
   /** Agents of every fleet (or one), paged. */
@@ -168,7 +236,8 @@ export class CentralReader {
       conds.push(cond);
       args.push(...values);
     };
-    if (f.fleet) where_("(fleet = ? OR gateway = ?)", f.fleet, f.fleet);
+    const scope = await this.scope(f.fleet);
+    if (scope) where_(scope.cond, scope.arg);
     if (f.type) where_("type = ?", f.type);
     if (f.status) where_("status = ?", f.status);
     const where = conds.length ? `WHERE ${conds.join(" AND ")}` : "";
@@ -189,13 +258,15 @@ export class CentralReader {
 
   /** One agent's episodes (in every fleet that has that agent id, or one), newest first, in pages. */
   async episodes(agent: string, f: { fleet?: string; limit?: number } = {}): Promise<(EpisodeRow & Origin)[]> {
+    // A resharded agent's episodes are at its old and its new gateway: only the current ones are read.
+    const scope = await this.scope(f.fleet);
     const rows = await this.collect<InValue[]>(
       (after, limit) => ({
         sql: `SELECT ${EPISODE_COLS.join(", ")} FROM episodes
-          WHERE agent = ? ${f.fleet ? "AND (fleet = ? OR gateway = ?)" : ""}
+          WHERE agent = ? ${scope ? `AND ${scope.cond}` : ""}
             ${after ? "AND (started_at, id, gateway) < (?, ?, ?)" : ""}
           ORDER BY started_at DESC, id DESC, gateway DESC LIMIT ?`,
-        args: [agent, ...(f.fleet ? [f.fleet, f.fleet] : []), ...(after ?? []), limit],
+        args: [agent, ...(scope ? [scope.arg] : []), ...(after ?? []), limit],
       }),
       (r) => [r.started_at, r.id, r.gateway] as InValue[],
       f.limit ?? 50,
@@ -227,9 +298,10 @@ export class CentralReader {
     if (this.version < 2) return []; // written before operator actions replicated
     const conds: string[] = [];
     const args: (string | number)[] = [];
-    if (f.fleet) {
-      conds.push("(fleet = ? OR gateway = ?)");
-      args.push(f.fleet, f.fleet);
+    const scope = await this.scope(f.fleet);
+    if (scope) {
+      conds.push(scope.cond);
+      args.push(scope.arg);
     }
     if (f.before !== undefined) {
       conds.push("seq < ?");

@@ -30,7 +30,8 @@ async function fleets() {
   $("#at").textContent = time(d.at); $("#crumbs").innerHTML = "";
   $("#main").innerHTML = d.fleets.length === 0 ? "no gateway has replicated yet" : table(d.fleets, [
     ["fleet", (f) => '<a data-go="#/fleet/' + esc(f.gateway) + '">' + esc(f.fleet) + "</a> <span class=muted>"
-        + esc(f.gateway.slice(0, 8)) + "</span>"],
+        + esc(f.gateway.slice(0, 8)) + "</span>" + (f.superseded ? " <span class=muted>(superseded)</span>"
+        : f.shard ? ' <a data-go="#/fleet/' + esc(f.base) + '">' + esc(f.base) + " whole</a>" : "")],
     ["agents", (f) => esc(Object.entries(f.agents).map(([k, v]) => k + " " + v).join(", "))],
     ["episodes/h", (f) => esc(f.episodesLastHour)],
     ["failures/h", (f) => '<span class="' + (f.failuresLastHour ? "bad" : "") + '">' + esc(f.failuresLastHour)
