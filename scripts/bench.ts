@@ -8,6 +8,7 @@
  *   intake    QoS 1 stimuli/s accepted durably vs bare aedes           (target >= 0.5x)
  *             gateway agents are paused so episodes do not compete with intake
  *   busy      QoS 1 intake while episodes run flat out vs the same gateway with agents paused (target >= 0.6x)
+ *   external  QoS 1 intake through an external Mosquitto into a gateway vs Mosquitto alone (same publisher)
  *   episodes  episodes/s, fresh subprocess each, vs bare Bun.spawn+IPC  (target >= 0.7x)
  *   latency   stimulus -> out p50/p99 vs the bare spawn round trip     (target p50 <= +5 ms)
  *   agents    gateway RSS with 10,000 agents (fleet.toml instances; 1,000 of them run an
@@ -37,6 +38,7 @@ import { benchEpisodes, benchLatency } from "./bench/episodes.ts";
 import { beginShutdown, cleanupAll, rowCells, table, type BenchOptions, type Row } from "./bench/harness.ts";
 import { benchIntake } from "./bench/intake.ts";
 import { benchIntakeBusy } from "./bench/intake-busy.ts";
+import { benchExternal } from "./bench/external.ts";
 import { benchSessions } from "./bench/sessions.ts";
 import { benchTimers } from "./bench-timers.ts";
 import { benchPolicy } from "./bench-policy.ts";
@@ -46,6 +48,7 @@ import { benchReplication } from "./bench-replication.ts";
 const SECTIONS = [
   "intake",
   "busy",
+  "external",
   "episodes",
   "latency",
   "agents",
@@ -93,6 +96,7 @@ const opts: BenchOptions & { allEpisodes: boolean } = {
 const run: Record<Section, () => Promise<Row[]>> = {
   intake: () => benchIntake(opts),
   busy: () => benchIntakeBusy(opts),
+  external: () => benchExternal(opts),
   episodes: () => benchEpisodes(opts),
   latency: () => benchLatency(opts),
   agents: () => benchAgents(opts),
