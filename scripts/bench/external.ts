@@ -69,9 +69,8 @@ export async function benchExternal(o: BenchOptions): Promise<Row[]> {
     for (let round = 0; round < ROUNDS; round++) {
       rates.bare.push(await bare(pubBare, sub, n, o.window, `bare-${round}`));
       rates.gateway.push(await viaGateway(pubGw, gw, n, o.window, `gw-${round}`));
-      o.log(
-        `  round ${round + 1}: mosquitto alone ${rates.bare.at(-1)!.toFixed(0)}, via gateway ${rates.gateway.at(-1)!.toFixed(0)} msg/s`,
-      );
+      const [alone, via] = [rates.bare.at(-1)!, rates.gateway.at(-1)!].map((r) => r.toFixed(0));
+      o.log(`  round ${round + 1}: mosquitto alone ${alone}, via gateway ${via} msg/s`);
     }
     return [
       rateRow(
