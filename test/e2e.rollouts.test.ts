@@ -10,6 +10,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { isCanary } from "../gateway/fleet/index.ts";
+import { signedInPage } from "./helpers/browser.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { fleetHeader, q } from "./helpers/toml.ts";
 

@@ -28,9 +28,11 @@ export async function cmdStatus(cli: Cli): Promise<number> {
             `${k.padEnd(18)} ${
               k === "replication" && v
                 ? replicationLine(v as ReplicationLine)
-                : typeof v === "object"
-                  ? JSON.stringify(v)
-                  : String(v)
+                : k === "rollouts" && Array.isArray(v)
+                  ? rolloutLines(v as RolloutLine[])
+                  : typeof v === "object"
+                    ? JSON.stringify(v)
+                    : String(v)
             }`,
         ),
       ].join("\n"),
@@ -59,6 +61,32 @@ export async function cmdStatus(cli: Cli): Promise<number> {
       table(counts, ["type", "status", "n"]),
   );
   return 0;
+}
+
+/** The fields of `/api/fleet`'s `rollouts` that `fleet status` prints. */
+interface RolloutLine {
+  type: string;
+  state: string;
+  from_bundle: string | null;
+  to_bundle: string;
+  canary_agents: string[];
+  episodes: number;
+  failures: number;
+  min_episodes: number;
+  reason: string | null;
+}
+
+/** One line per type's newest rollout (docs/upgrading.md). */
+function rolloutLines(rs: readonly RolloutLine[]): string {
+  if (rs.length === 0) return "none";
+  return rs
+    .map(
+      (r) =>
+        `${r.type}: ${r.state.replace("_", " ")} ${r.from_bundle?.slice(0, 12) ?? "(module file)"} -> ` +
+        `${r.to_bundle.slice(0, 12)}, ${r.canary_agents.length} agent(s) on the new code, ` +
+        `${r.episodes}/${r.min_episodes} episode(s), ${r.failures} failed${r.reason ? ` (${r.reason})` : ""}`,
+    )
+    .join("\n" + " ".repeat(19));
 }
 
 /** The fields of `/api/fleet`'s `replication` that `fleet status` prints. */

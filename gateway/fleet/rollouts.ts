@@ -172,6 +172,9 @@ export class Rollouts {
     this.deciding = true;
     try {
       for (const r of [...this.latest.values()]) {
+        // An episode on the new code still in flight when it was rolled back fails afterwards: retry that too.
+        if ((r.state === "rolled_back" || r.state === "aborted") && this.d.now() - (r.decidedAt ?? 0) < 300_000)
+          await this.retryQuarantined(r);
         if (r.state !== "canary") continue;
         const { episodes, failures } = await this.counts(r);
         const bound = r.maxFailureRate;
@@ -238,16 +241,23 @@ export class Rollouts {
   /** Roll back (or abort): canaries return to the previous bundle; what the new code quarantined is retried there. */
   private async rollBack(r: RolloutRow, state: "rolled_back" | "aborted", reason: string): Promise<void> {
     await this.settle(r, state, reason);
+    await this.retryQuarantined(r);
+    this.d.wake((await this.d.agentsOf(r.type)).filter((a) => isCanary(a, r.canary)));
+  }
+
+  /** Put back what the new code quarantined (its last attempt ran the new code), to run on the previous bundle. */
+  private async retryQuarantined(r: RolloutRow): Promise<void> {
     const rows = (
       await this.d.store.client.execute({
         sql: `SELECT DISTINCT s.seq, s.agent FROM stimuli s JOIN episodes e ON e.stimulus_seq = s.seq
-          WHERE s.state = 'quarantined' AND e.bundle = ? AND e.started_at >= ? AND s.agent LIKE ? || '/%'`,
+          WHERE s.state = 'quarantined' AND e.bundle = ? AND e.started_at >= ? AND s.agent LIKE ? || '/%'
+            AND e.id = (SELECT x.id FROM episodes x WHERE x.stimulus_seq = s.seq ORDER BY x.started_at DESC, x.id DESC
+              LIMIT 1)`,
         args: [r.toBundle, r.startedAt, r.type],
       })
     ).rows;
     for (const s of rows) await this.d.retry(Number(s.seq));
     if (rows.length > 0) await this.step(r, "retried", { stimuli: rows.map((s) => Number(s.seq)) });
-    this.d.wake((await this.d.agentsOf(r.type)).filter((a) => isCanary(a, r.canary)));
   }
 
   private async settle(r: RolloutRow, state: RolloutState, reason: string): Promise<void> {

@@ -47,6 +47,23 @@ export function setHealth(next: Health): void {
   const notReady = next.state === "running" && next.readiness !== undefined && !next.readiness.ready;
   storage.hidden = !notReady;
   storage.textContent = notReady ? `Not ready — ${next.readiness?.reason ?? "unknown reason"}` : "";
+  // Rollouts in progress, and the last one that rolled back (docs/upgrading.md).
+  const shown = (next.rollouts ?? []).filter((r) => r.state === "canary" || r.state === "rolled_back");
+  const ro = tid("rollouts");
+  ro.hidden = shown.length === 0;
+  ro.classList.toggle(
+    "error",
+    shown.some((r) => r.state === "rolled_back"),
+  );
+  ro.textContent = shown
+    .map((r) =>
+      r.state === "canary"
+        ? `Rollout of ${r.type}: new code ${short(r.to_bundle, 12)} on ${r.canary_agents.length} canary agent(s), ` +
+          `${r.episodes}/${r.min_episodes} episode(s), ${r.failures} failed`
+        : `Rollout of ${r.type} rolled back to ${r.from_bundle ? short(r.from_bundle, 12) : "the module file"}: ` +
+          `${r.reason ?? ""}`,
+    )
+    .join("\n");
   document.title = `${next.fleet ?? "fleet"} · Agent Fleets`;
   for (const fn of listeners) fn(next);
 }

@@ -51,8 +51,23 @@ export interface Replication {
   readonly last_error: { readonly kind: string; readonly message: string; readonly at: number } | null;
 }
 
+/** A type's newest canary rollout (docs/upgrading.md), as `GET /api/fleet` lists it. */
+export interface RolloutSummary {
+  readonly type: string;
+  readonly state: "canary" | "promoted" | "rolled_back" | "aborted" | "superseded";
+  readonly from_bundle: string | null;
+  readonly to_bundle: string;
+  readonly canary_agents: readonly string[];
+  readonly episodes: number;
+  readonly failures: number;
+  readonly min_episodes: number;
+  readonly reason: string | null;
+}
+
 /** `GET /api/fleet` and the `health` event. */
 export interface Health {
+  /** Each type's newest canary rollout. */
+  readonly rollouts?: readonly RolloutSummary[];
   readonly fleet?: string;
   readonly state: string;
   readonly spec_version?: string;
