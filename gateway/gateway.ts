@@ -131,6 +131,8 @@ export class Gateway {
   /** Per removed type, the spec version its draining agents run on (./fleet/roster.ts). */
   private readonly drainSpecs = new Map<string, SpecVersion>();
   private housekeeping: Housekeeping | null = null;
+  /** The start's background re-publish of every agent's status; resolves with how many it published. */
+  republished: Promise<number> = Promise.resolve(0);
   private watcher: SpecWatcher | null = null;
   private spares: SparePool | null = null;
   private storageWatch: StorageWatch | null = null;
@@ -282,8 +284,14 @@ export class Gateway {
     );
     this.watcher.start(this.current.text);
     // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
-    // them (retained, in broker.db or in aedes' memory), then re-send unsent effects.
-    await republishStatuses(this.store, this.events);
+    // them (retained, in broker.db or in aedes' memory), in the background: with 100,000 agents
+    // that is 100,000 publishes, which need not hold up the start. Then re-send unsent effects.
+    this.republished = republishStatuses(this.store, this.events, () => this.state !== "running").catch(
+      (err: unknown) => {
+        this.log.error({ err }, "re-publishing agent statuses failed");
+        return 0;
+      },
+    );
     void this.effects.kick();
     this.housekeeping = new Housekeeping(this, {
       now: this.now,
@@ -349,6 +357,7 @@ export class Gateway {
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
     await this.spares?.close();
+    await this.republished;
     await this.effects?.stop();
     await this.replicator?.stop();
     this.http?.stop();

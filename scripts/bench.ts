@@ -20,6 +20,8 @@
  *   ops       /metrics and /api/agents?page= with 10,000 agents vs /healthz; GC records/s
  *   replication  backlog drain rows/s into a real sqld vs raw batched INSERTs (target >= 0.5x);
  *             commit-path episodes/s with replication on vs off (target >= 0.9x)
+ *   scale     100,000 agents deployed: gateway RSS (<= 400 MB), /api/agents pages and /metrics p99
+ *             (<= 20 ms), restart to ready with 1,000,000 episodes of history (<= 3 s)
  *
  * Every gateway runs as its own process (`bun gateway/cli/main.ts start`), as do the baseline
  * brokers; bare spawn baselines run in this process like the gateway's runner does. Gateway
@@ -44,6 +46,7 @@ import { benchTimers } from "./bench-timers.ts";
 import { benchPolicy } from "./bench-policy.ts";
 import { benchOps } from "./bench-ops.ts";
 import { benchReplication } from "./bench-replication.ts";
+import { benchScale } from "./bench/scale.ts";
 
 const SECTIONS = [
   "intake",
@@ -57,6 +60,7 @@ const SECTIONS = [
   "policy",
   "ops",
   "replication",
+  "scale",
 ] as const;
 type Section = (typeof SECTIONS)[number];
 
@@ -116,6 +120,7 @@ const run: Record<Section, () => Promise<Row[]>> = {
     })),
   ops: () => benchOps(opts),
   replication: () => benchReplication(opts),
+  scale: () => benchScale(opts),
 };
 
 let interrupted = false;

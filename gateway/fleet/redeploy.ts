@@ -17,8 +17,14 @@ import { codeChanges, type Pinned } from "../code/index.ts";
 import { ownsAgent } from "../shard.ts";
 import { agentId } from "../types.ts";
 
-/** Make sure every instance a spec lists exists as an agent row (of this shard's agents, when sharded). */
+/**
+ * Make sure every instance a spec lists exists as an agent row (of this shard's agents, when
+ * sharded). Agent rows are never deleted (retired at most), so a spec version whose instances
+ * were all written once needs nothing more: a restart on the same fleet.toml skips re-checking
+ * 100,000 instances.
+ */
 export async function deployInstances(store: Store, sv: SpecVersion, at: number): Promise<void> {
+  if ((await store.getMeta("instances_deployed")) === sv.hash) return;
   const list = [];
   for (const type of Object.values(sv.spec.agents)) {
     for (const key of type.instances) {
@@ -27,6 +33,7 @@ export async function deployInstances(store: Store, sv: SpecVersion, at: number)
     }
   }
   await store.ensureAgents(list, at);
+  await store.setMeta("instances_deployed", sv.hash);
 }
 
 /** What a redeploy changes on the running gateway. */

@@ -39,16 +39,32 @@ export function publishFacts(events: FleetEvents, broker: () => Broker | undefin
   });
 }
 
-/** Emit every agent's current status again: retained topics live in aedes' memory, lost on restart. */
-export async function republishStatuses(store: Store, events: FleetEvents): Promise<void> {
-  for (let offset = 0; ; offset += 1000) {
-    const { rows } = await store.listAgents({ limit: 1000, offset });
+const PAGE = 250;
+
+/**
+ * Emit every agent's current status again: retained topics live in aedes' memory, lost on
+ * restart. Keyset pages of 250, each followed by a turn of the event loop, so with 100,000
+ * agents the gateway serves MQTT and HTTP meanwhile (it runs after the gateway is up).
+ * `stopped` ends it early (the gateway is stopping).
+ */
+export async function republishStatuses(
+  store: Pick<Store, "agentStatusPage">,
+  events: FleetEvents,
+  stopped: () => boolean = () => false,
+): Promise<number> {
+  let n = 0;
+  for (let after = ""; !stopped(); ) {
+    const rows = await store.agentStatusPage(after, PAGE);
     for (const a of rows) {
       const status = a.status === "active" ? "idle" : a.status;
       events.emit("status", { agent: a.id, status, ...(a.reason ? { reason: a.reason } : {}), checkpoint: a.headHash });
     }
-    if (rows.length < 1000) return;
+    n += rows.length;
+    if (rows.length < PAGE) return n;
+    after = rows.at(-1)!.id;
+    await new Promise((r) => setImmediate(r));
   }
+  return n;
 }
 
 /** Publish the fleet summary, retained; a failure is logged (the next tick tries again). */

@@ -385,8 +385,19 @@ function plainJson(v: unknown, path: PropertyKey[], problems: Problem[]): unknow
   return v;
 }
 
+/** Arrays longer than this are left unfrozen (still `readonly` in the types): see deepFreeze. */
+const FREEZE_MAX_ARRAY = 1000;
+
+/**
+ * Freeze the compiled spec. A long array (100,000 `instances`) is not frozen: in Bun (JSC)
+ * freezing one costs ~6 µs per element and makes every later walk over it ~60x slower
+ * (measured: 0.6 s to freeze 100,000 keys, 43 ms instead of 0.7 ms per loop over them).
+ */
 function deepFreeze<T>(v: T): T {
-  if (typeof v === "object" && v !== null) {
+  if (Array.isArray(v)) {
+    if (v.length <= FREEZE_MAX_ARRAY) Object.freeze(v);
+    for (const x of v) if (typeof x === "object" && x !== null) deepFreeze(x);
+  } else if (typeof v === "object" && v !== null) {
     Object.freeze(v);
     for (const x of Object.values(v)) deepFreeze(x);
   }

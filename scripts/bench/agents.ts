@@ -133,7 +133,7 @@ export async function benchAgents(o: BenchOptions & { allEpisodes: boolean }): P
 }
 
 /** A process's group (field 5 of /proc/<pid>/stat); -1 when it is gone. */
-function pgidOf(pid: number): number {
+export function pgidOf(pid: number): number {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
     return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);

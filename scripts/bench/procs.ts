@@ -57,8 +57,9 @@ export interface GatewayProc {
 }
 
 /** Start `bun gateway/cli/main.ts start` on a fresh data dir; resolves once it wrote gateway.json. */
-export async function startGateway(tag: string, fleetToml: string): Promise<GatewayProc> {
-  const dir = tempDir(tag);
+export async function startGateway(tag: string, fleetToml: string, opts: { dir?: string } = {}): Promise<GatewayProc> {
+  // `dir`: start again on a data dir an earlier gateway of this run left (a restart).
+  const dir = opts.dir ?? tempDir(tag);
   const config = join(dir, "fleet.toml");
   const dataDir = join(dir, "data");
   const logFile = join(dir, "gateway.log");
