@@ -7,17 +7,21 @@ import { and, desc, eq, inArray, lt, sql, count, min, max, sum } from "drizzle-o
 import { tables as t, type Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
 
-/** Agents per type and stored status; `budget` marks pauses that end by themselves. */
+/**
+ * Agents per type and stored status; `budget` counts the pauses that end by themselves (a
+ * paused_until). Grouped in the order of the agents_counts index, so it is read from the index
+ * alone, without sorting (100,000 agents).
+ */
 export function agentStatusByType(store: Store) {
   return store.db
     .select({
       type: t.agents.type,
       status: t.agents.status,
-      budget: sql<number>`(${t.agents.pausedUntil} IS NOT NULL)`.mapWith(Number),
+      budget: count(t.agents.pausedUntil),
       n: count(),
     })
     .from(t.agents)
-    .groupBy(t.agents.type, t.agents.status, sql`(${t.agents.pausedUntil} IS NOT NULL)`)
+    .groupBy(t.agents.type, t.agents.status)
     .all();
 }
 

@@ -75,7 +75,7 @@ export async function readSnapshot(store: Store, spec: FleetSpec, now: number): 
     const s = slice(r.type);
     const shown: ShownStatus = r.status === "active" ? "idle" : r.status;
     s.agents[shown] += r.n;
-    if (r.status === "paused" && r.budget) s.budgetPaused += r.n;
+    if (r.status === "paused") s.budgetPaused += r.budget;
   }
   for (const q of queues) {
     const s = slice(q.type);

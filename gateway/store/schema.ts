@@ -66,7 +66,11 @@ export const agents = sqliteTable(
     createdAt: integer("created_at").notNull(),
     updatedAt: integer("updated_at").notNull(),
   },
-  (t) => [index("agents_type").on(t.type, t.key), index("agents_status").on(t.status)],
+  (t) => [
+    index("agents_type").on(t.type, t.key),
+    index("agents_status").on(t.status),
+    index("agents_counts").on(t.type, t.status, t.pausedUntil),
+  ],
 );
 
 /** Where a stimulus came from (agents/protocol.ts `Stimulus.kind`). */
