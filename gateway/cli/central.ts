@@ -6,7 +6,7 @@
 import { agentView, episodeView } from "../observe/index.ts";
 import { verifyChains, type VerifyProblem } from "../ops/index.ts";
 import { existsSync } from "node:fs";
-import { CentralError, CentralReader, startCentralServer } from "../replication/index.ts";
+import { CentralError, CentralReader, centralAuditView, startCentralServer } from "../replication/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { parseAgentId } from "../types.ts";
 import { type Cli, table, UsageError, when } from "./context.ts";
@@ -162,18 +162,7 @@ export function cmdCentralAudit(cli: Cli): Promise<number> {
   if (before !== undefined && !flags.fleet) throw new UsageError("--before pages within one fleet: add --fleet");
   return withCentral(cli, async (c) => {
     const rows = await c.audit({ fleet: flags.fleet, limit, before });
-    const records = rows.map((r) => ({
-      fleet: r.fleet,
-      gateway: r.gateway,
-      seq: r.seq,
-      at: r.at,
-      actor: r.actor,
-      action: r.action,
-      target: r.target,
-      status: r.status,
-      result: r.status < 400 ? "ok" : "refused",
-      detail: r.detail,
-    }));
+    const records = rows.map(centralAuditView);
     const last = rows.at(-1);
     cli.print({ records, next_before: flags.fleet && rows.length === limit && last ? last.seq : null }, () =>
       table(

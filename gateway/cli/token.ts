@@ -9,7 +9,7 @@ import { userInfo } from "node:os";
 import { join } from "node:path";
 import { addToken, parseScope, readTokens, revokeToken, SCOPES, TOKENS_FILE, TokenFileError } from "../auth/index.ts";
 import { appendAudit, listAudit, Store } from "../store/index.ts";
-import { auditView } from "../http/index.ts";
+import { auditView } from "../store/index.ts";
 import { table, UsageError, when, type Cli } from "./context.ts";
 
 /** Usage lines of these commands, for the CLI help. */

@@ -1,21 +1,7 @@
 /** `GET /api/audit?limit=&before=`: operator actions newest first; `next_before` pages on (admin scope). */
-import { listAudit, type AuditRow } from "../store/index.ts";
+import { auditView, listAudit } from "../store/index.ts";
 import type { HttpHost } from "./host.ts";
 import { intQuery, json } from "./responses.ts";
-
-/** An audit record as the API shows it. */
-export function auditView(r: AuditRow) {
-  return {
-    seq: r.seq,
-    at: r.at,
-    actor: r.actor,
-    action: r.action,
-    target: r.target,
-    status: r.status,
-    result: r.status < 400 ? "ok" : "refused",
-    detail: r.detail,
-  };
-}
 
 /** The audit route. */
 export function auditRoutes(gw: Pick<HttpHost, "store">) {

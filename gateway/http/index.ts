@@ -1,6 +1,5 @@
 export * from "./server.ts";
 export { intakeResponse } from "./hooks.ts";
 export { type AccessDeps, type AuditEntry, createGuard, needOf } from "./access.ts";
-export { auditView } from "./audit.ts";
 export { BodyBudget } from "./limits.ts";
 export { signInPage } from "./session.ts";

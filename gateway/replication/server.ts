@@ -6,23 +6,12 @@
  */
 import { type CentralReader, CentralError } from "./central.ts";
 import { DASHBOARD_HTML } from "./dashboard.ts";
-import type { AuditRow } from "../store/index.ts";
+import { type AuditRow, auditView } from "../store/index.ts";
 import type { Origin } from "./central.ts";
 
-/** An operator action as the central API shows it (the gateway's /api/audit shape plus its origin). */
-function centralAuditView(r: AuditRow & Origin) {
-  return {
-    fleet: r.fleet,
-    gateway: r.gateway,
-    seq: r.seq,
-    at: r.at,
-    actor: r.actor,
-    action: r.action,
-    target: r.target,
-    status: r.status,
-    result: r.status < 400 ? "ok" : "refused",
-    detail: r.detail,
-  };
+/** An operator action as the central API and `fleet audit --central` show it (the gateway's shape plus its origin). */
+export function centralAuditView(r: AuditRow & Origin) {
+  return { fleet: r.fleet, gateway: r.gateway, ...auditView(r) };
 }
 
 /** How to serve. */

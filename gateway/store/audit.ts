@@ -29,3 +29,17 @@ export function listAudit(store: Store, opts: { limit: number; before?: number }
     .limit(opts.limit)
     .all();
 }
+
+/** An audit record as the API and `fleet audit` show it. */
+export function auditView(r: t.AuditRow) {
+  return {
+    seq: r.seq,
+    at: r.at,
+    actor: r.actor,
+    action: r.action,
+    target: r.target,
+    status: r.status,
+    result: r.status < 400 ? "ok" : "refused",
+    detail: r.detail,
+  };
+}
