@@ -62,6 +62,11 @@ async function rawInsert(sqld: Sqld, f: SyntheticFleet): Promise<{ rows: number;
     /^CREATE TABLE IF NOT EXISTS (episodes|events|checkpoints) /.test(s),
   );
   for (const s of ddl) await c.execute(s.replace(/EXISTS (\w+)/, "EXISTS raw_$1"));
+  // Columns later central migrations added to these tables (e.g. checkpoints.state_version).
+  for (const m of CENTRAL_MIGRATIONS.slice(1))
+    for (const s of m.statements)
+      if (/^ALTER TABLE (episodes|events|checkpoints) /.test(s))
+        await c.execute(s.replace(/^ALTER TABLE (\w+)/, "ALTER TABLE raw_$1"));
   const tables = [REPLICATED.episodes, REPLICATED.events, REPLICATED.checkpoints];
   const all: { t: (typeof tables)[number]; rows: unknown[][] }[] = [];
   for (const t of tables) {
