@@ -18,5 +18,8 @@ export const HOST_PATHS: readonly string[] = Object.freeze([
   fileURLToPath(new URL("../protocol.ts", import.meta.url)),
 ]);
 
+/** The IPC protocol module (agents may import CHILD_CHANNEL_FD and friends from it). */
+export const PROTOCOL_ENTRY: string = fileURLToPath(new URL("../protocol.ts", import.meta.url));
+
 /** The SDK's entry point (package `agent-fleets`): bundles import it from here (gateway/code). */
 export const SDK_ENTRY: string = fileURLToPath(new URL("../sdk/index.ts", import.meta.url));

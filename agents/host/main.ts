@@ -4,8 +4,6 @@
  * agent module, runs `init` (brand-new agent) and `onStimulus`, streams the episode's
  * records, asks the gateway for every tool call, and reports the final state.
  */
-import { writeSync } from "node:fs";
-import { pathToFileURL } from "node:url";
 import {
   CHILD_CHANNEL_FD,
   encodeMessage,
@@ -21,6 +19,8 @@ import {
   type EpisodeRecord,
   type ParentMessage,
 } from "../protocol.ts";
+import * as protocol from "../protocol.ts";
+import * as sdk from "../sdk/index.ts";
 import {
   type AgentContext,
   type AgentDefinition,
@@ -33,10 +33,40 @@ import {
 
 type Start = Extract<ParentMessage, { t: "start" }>;
 
-/** One message to the gateway on the channel fd (a blocking pipe: the gateway reads as it arrives). */
+/**
+ * Defined when the gateway built this file into one script (gateway/episode/host-runtime.ts):
+ * the paths agent bundles import the SDK and the protocol by. They get this script's own copies,
+ * so `instanceof ToolDenied` in an agent meets the class thrown here, and nothing is loaded twice.
+ */
+declare const FLEET_HOST_MODULES: { sdk: string; protocol: string } | undefined;
+if (typeof FLEET_HOST_MODULES !== "undefined") {
+  const own = FLEET_HOST_MODULES;
+  Bun.plugin({
+    name: "fleet-host-runtime",
+    setup(build) {
+      build.module(own.sdk, () => ({ exports: sdk, loader: "object" }));
+      build.module(own.protocol, () => ({ exports: protocol, loader: "object" }));
+    },
+  });
+}
+
+/*
+ * Bun's own I/O, not node:fs / process.stdin: those two modules cost ~25 ms of start-up per
+ * episode (measured: 57 vs 33 ms for an empty script that reads stdin and writes fd 3).
+ */
+const channel = Bun.file(CHILD_CHANNEL_FD).writer();
+
+/** One message to the gateway on the channel fd, in order (a full pipe is written as it drains). */
 function send(msg: ChildMessage): void {
-  const bytes = Buffer.from(encodeMessage(msg));
-  for (let at = 0; at < bytes.length; ) at += writeSync(CHILD_CHANNEL_FD, bytes, at);
+  channel.write(encodeMessage(msg));
+  const written = channel.flush();
+  // Rejects only when the pipe broke: the gateway is gone and nobody will read the rest.
+  if (typeof written !== "number") written.catch(() => process.exit(70));
+}
+
+/** Resolves once everything sent is in the pipe. */
+async function drained(): Promise<void> {
+  await channel.flush();
 }
 
 class Flood extends Error {}
@@ -93,7 +123,7 @@ async function run(start: Start): Promise<void> {
   let randIdx = 0;
   let call = 0;
 
-  const mod = (await import(pathToFileURL(start.module).href)) as { default?: AgentDefinition<unknown> };
+  const mod = (await import(Bun.pathToFileURL(start.module).href)) as { default?: AgentDefinition<unknown> };
   const def = mod.default;
   if (def?.__fleetAgent !== true || typeof def.onStimulus !== "function") {
     send({
@@ -337,29 +367,33 @@ function onMessage(raw: unknown): void {
   run(msg).catch(fail);
 }
 
-// Messages from the gateway: one JSON per line on stdin.
-let pending = "";
-process.stdin.setEncoding("utf8");
-process.stdin.on("data", (chunk: string) => {
-  pending += chunk;
-  for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
-    const line = pending.slice(0, nl);
-    pending = pending.slice(nl + 1);
-    try {
-      onMessage(JSON.parse(line));
-    } catch {
-      // not JSON: ignored, as a malformed message is
+/** Messages from the gateway: one JSON per line on stdin. */
+async function readStdin(): Promise<void> {
+  const decoder = new TextDecoder();
+  let pending = "";
+  for await (const chunk of Bun.stdin.stream()) {
+    pending += decoder.decode(chunk, { stream: true });
+    for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
+      const line = pending.slice(0, nl);
+      pending = pending.slice(nl + 1);
+      let msg: unknown;
+      try {
+        msg = JSON.parse(line);
+      } catch {
+        continue; // not JSON: ignored, as a malformed message is
+      }
+      onMessage(msg);
     }
   }
-});
+}
 
 process.on("unhandledRejection", (err) => {
   fail(err);
-  process.exit(1);
+  void drained().finally(() => process.exit(1));
 });
 
-// The gateway died (kill -9) and cannot kill our group: nobody will ever read our result,
-// so do not linger on the agent's timers or a tool call that will never be answered.
-process.stdin.on("end", () => process.exit(70));
+// stdin ends: the gateway died (kill -9) and cannot kill our group. Nobody will ever read our
+// result, so do not linger on the agent's timers or a tool call that will never be answered.
+void readStdin().finally(() => process.exit(70));
 
 send({ t: "ready" });

@@ -5,7 +5,8 @@
  * ./host-process.ts.
  */
 import { realpathSync } from "node:fs";
-import { HOST_ENTRY as HOST, HOST_PATHS } from "../../agents/host/index.ts";
+import { HOST_PATHS } from "../../agents/host/index.ts";
+import { hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind, type StagingRoot } from "./sandbox-view.ts";
 
@@ -213,10 +214,10 @@ export function sandboxCommand(
 
 /** The prlimit/bwrap command line for an agents/host/main.ts process with these limits. */
 export function hostCommand(limits: ProcessLimits, spawnOpts: SpawnOptions, view: SandboxView = {}): string[] {
-  return sandboxCommand(HOST, limits, spawnOpts, view);
+  return sandboxCommand(hostScript(spawnOpts.bun), limits, spawnOpts, view);
 }
 
 /** The runtime binds of the host process (a staging root needs their mount points). */
 export function hostRuntime(spawnOpts: SpawnOptions): Bind[] {
-  return runtimeFor(spawnOpts.bun, HOST);
+  return runtimeFor(spawnOpts.bun, hostScript(spawnOpts.bun));
 }
