@@ -32,6 +32,7 @@ import {
   agentFiles,
   defaultSpawnOptions,
   describeSandbox,
+  hostBuildProblem,
   ProcessTable,
   runEpisode,
   type Degraded,
@@ -599,6 +600,10 @@ export class Gateway {
     this.spawnOptions = { ...base, ledger };
     const weak = weakSandboxWarning(this.spawnOptions);
     if (weak) this.log.warn(weak);
+    // Builds the host runtime now (once per process), not on the first episode's path.
+    describeSandbox(this.spawnOptions);
+    const slow = hostBuildProblem();
+    if (slow) this.log.warn(`episodes run the host runtime from its sources (slower start-up): ${slow}`);
     const spawnOptions = this.spawnOptions;
     const spares = new SparePool(spec.fleet.warm_spares, spawnOptions, this.procs);
     this.spares = spares;

@@ -23,7 +23,7 @@ let why: string | null = null;
 export function hostScript(bun: string): string {
   if (built === undefined) {
     try {
-      built = buildHost(bun);
+      built = buildHostRuntime(bun, runtimeDir(tmpdir()));
     } catch (err) {
       built = null;
       why = err instanceof Error ? err.message : String(err);
@@ -37,10 +37,10 @@ export function hostBuildProblem(): string | null {
   return why;
 }
 
-/** This uid's directory for built runtimes, refused unless it is a real directory only we can write. */
-function runtimeDir(): string {
+/** This uid's directory for built runtimes under `base`, refused unless it is a real directory only we can write. */
+export function runtimeDir(base: string): string {
   const uid = process.getuid?.() ?? 0;
-  const dir = join(tmpdir(), `fleet-host-${uid}`);
+  const dir = join(base, `fleet-host-${uid}`);
   mkdirSync(dir, { recursive: true, mode: 0o755 });
   const st = lstatSync(dir);
   if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o022) !== 0)
@@ -48,8 +48,8 @@ function runtimeDir(): string {
   return dir;
 }
 
-function buildHost(bun: string): string {
-  const dir = runtimeDir();
+/** Build the host runtime into `dir`; returns the script's path. */
+export function buildHostRuntime(bun: string, dir: string): string {
   const tmp = join(dir, `.build-${process.pid}-${crypto.randomUUID()}.js`);
   // The SDK and the protocol are inlined; agent bundles import them by these paths, and the
   // built host answers those imports with its own copy (one ToolDenied class for both).

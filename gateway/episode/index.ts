@@ -6,3 +6,4 @@ export * from "./runner.ts";
 export * from "./tools/index.ts";
 export * from "./infra.ts";
 export * from "./config-check.ts";
+export { buildHostRuntime, hostBuildProblem, hostScript, runtimeDir } from "./host-runtime.ts";

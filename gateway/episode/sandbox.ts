@@ -5,7 +5,7 @@
  * ./host-process.ts.
  */
 import { realpathSync } from "node:fs";
-import { HOST_PATHS } from "../../agents/host/index.ts";
+import { HOST_ENTRY, HOST_PATHS } from "../../agents/host/index.ts";
 import { hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind, type StagingRoot } from "./sandbox-view.ts";
@@ -132,6 +132,7 @@ export function weakSandboxWarning(o: SpawnOptions): string | null {
 /** One line for the start-up log: what an episode is isolated by. */
 export function describeSandbox(o: SpawnOptions): string {
   const parts = [
+    hostScript(o.bun) === HOST_ENTRY ? "host runtime from its sources" : "built host runtime",
     o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway",
     o.bwrap
       ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"

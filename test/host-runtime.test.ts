@@ -1,0 +1,45 @@
+/**
+ * The episode host runtime built into one script (gateway/episode/host-runtime.ts): where it is
+ * written, who may write there, and that a built host runs an agent that imports the SDK.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { buildHostRuntime, hostBuildProblem, hostScript, runtimeDir } from "../gateway/episode/index.ts";
+import { HOST_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
+
+const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
+afterAll(() => rmSync(base, { recursive: true, force: true }));
+
+describe("the built host runtime", () => {
+  test("is written once by content into the uid's own directory, readable by all and writable by none but us", () => {
+    const dir = runtimeDir(base);
+    expect(statSync(dir).mode & 0o022).toBe(0);
+    const first = buildHostRuntime(process.execPath, dir);
+    const again = buildHostRuntime(process.execPath, dir);
+    expect(again).toBe(first);
+    expect(first.startsWith(`${dir}/host-`)).toBe(true);
+    expect(statSync(first).mode & 0o777).toBe(0o644);
+    // The SDK is inlined and its path is answered by the script itself, so agents meet the host's classes.
+    const code = readFileSync(first, "utf8");
+    expect(code).toContain(JSON.stringify(SDK_ENTRY));
+    expect(code).toContain("class ToolDenied");
+  });
+
+  test("a directory others can write (planted in a shared temp dir) is refused, not used", () => {
+    const planted = join(base, "planted");
+    mkdirSync(planted);
+    const uid = process.getuid?.() ?? 0;
+    mkdirSync(join(planted, `fleet-host-${uid}`));
+    chmodSync(join(planted, `fleet-host-${uid}`), 0o777);
+    expect(() => runtimeDir(planted)).toThrow(/only it can write/);
+  });
+
+  test("episodes here run the built script (so runner.test.ts's ToolDenied test crosses it), not the sources", () => {
+    const script = hostScript(process.execPath);
+    expect(script).not.toBe(HOST_ENTRY);
+    expect(script.startsWith(runtimeDir(tmpdir()))).toBe(true);
+    expect(hostBuildProblem()).toBeNull();
+  });
+});
