@@ -144,6 +144,36 @@ describe("schema migrations", () => {
     }
   });
 
+  test("older event logs move into the keyed table whole: the same rows, no second copy in an index", async () => {
+    const path = fixtureCopy();
+    const rows = async (c: ReturnType<typeof createClient>) =>
+      (await c.execute("SELECT episode, seq, kind, data FROM events ORDER BY episode, seq")).rows.map((r) =>
+        [r.episode, r.seq, r.kind, r.data].map(String),
+      );
+    const c = createClient({ url: `file:${path}` });
+    const before = await rows(c);
+    c.close();
+    expect(before.length).toBeGreaterThan(12);
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      expect(await rows(store.client)).toEqual(before);
+      const objects = await store.client.execute("SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'events'");
+      expect(objects.rows.map((r) => [r.type, r.name])).toEqual([["table", "events"]]);
+      expect(String(objects.rows[0]!.sql)).toContain("WITHOUT ROWID");
+      // A second event with the same key is still refused, and the log replays in seq order.
+      const [first] = before;
+      await expect(
+        store.client.execute({
+          sql: "INSERT INTO events (episode, seq, kind, data) VALUES (?, ?, 'now', '{}')",
+          args: [first![0]!, Number(first![1])],
+        }),
+      ).rejects.toThrow(/UNIQUE|PRIMARY KEY/);
+      expect((await verifyStore(store)).problems).toEqual([]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("migration versions run 1, 2, 3 ... without gaps", () => {
     expect(MIGRATIONS.map((m) => m.version)).toEqual(MIGRATIONS.map((_, i) => i + 1));
   });

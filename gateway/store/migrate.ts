@@ -219,6 +219,23 @@ const AGENT_COUNTS: readonly string[] = [
   `CREATE INDEX IF NOT EXISTS agents_counts ON agents (type, status, paused_until)`,
 ];
 
+/**
+ * The event log keyed by (episode, seq) alone (issue 13: store bytes per episode): a rowid table
+ * with a PRIMARY KEY stored every event twice, once in the table and once in its key's index
+ * (~260 of ~2,260 bytes of a temp-monitor episode). WITHOUT ROWID keeps the rows in the key's
+ * b-tree itself; every read is by episode (and seq), and nothing names an event's rowid.
+ * Existing rows are copied over in key order within the migration's transaction.
+ */
+const EVENTS_BY_KEY: readonly string[] = [
+  `CREATE TABLE events_by_key (
+    episode TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (episode, seq)) WITHOUT ROWID`,
+  `INSERT INTO events_by_key (episode, seq, kind, data) SELECT episode, seq, kind, data FROM events
+    ORDER BY episode, seq`,
+  `DROP TABLE events`,
+  `ALTER TABLE events_by_key RENAME TO events`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -234,6 +251,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 11, name: "one replication entry per episode", statements: ONE_ENTRY_PER_EPISODE },
   { version: 12, name: "canary rollouts", statements: ROLLOUTS },
   { version: 13, name: "agent counts index", statements: AGENT_COUNTS },
+  { version: 14, name: "event log without rowid", statements: EVENTS_BY_KEY },
 ];
 
 /** The schema version this code writes. */

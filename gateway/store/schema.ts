@@ -172,7 +172,7 @@ export const episodes = sqliteTable(
   ],
 );
 
-/** The append-only event log of each episode. */
+/** The append-only event log of each episode. A WITHOUT ROWID table (./migrate.ts, migration 14). */
 export const events = sqliteTable(
   "events",
   {
