@@ -55,6 +55,14 @@ export class GuardedConnection extends Duplex {
     this.transport.write(chunk, done);
   }
 
+  /**
+   * The pieces of a corked write as one send: mqtt-packet writes a PUBLISH as five chunks
+   * (header, length, topic length, topic, payload) inside cork/uncork, one syscall each otherwise.
+   */
+  override _writev(chunks: { chunk: Buffer }[], done: (err?: Error | null) => void): void {
+    this.transport.write(chunks.length === 1 ? chunks[0]!.chunk : Buffer.concat(chunks.map((c) => c.chunk)), done);
+  }
+
   override _final(done: (err?: Error | null) => void): void {
     this.transport.end();
     done();

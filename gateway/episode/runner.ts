@@ -229,9 +229,9 @@ export async function runEpisode(
   // 4x its own duration before the next, so the watch never costs the gateway more than
   // ~20% of a core however many processes the agent starts (RLIMIT_DATA is the backstop).
   let rssTimer: ReturnType<typeof setTimeout> | undefined;
-  const watchRss = async (): Promise<void> => {
+  const watchRss = (): void => {
     const scanBegan = performance.now();
-    const mb = await rssMb(pid);
+    const mb = rssMb(pid);
     if (outcome) return;
     if (mb !== null && mb > limits.memoryMb)
       return finish({
@@ -239,9 +239,9 @@ export async function runEpisode(
         kind: "oom",
         message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}`,
       });
-    rssTimer = setTimeout(() => void watchRss(), Math.max(spawnOpts.rssPollMs, 4 * (performance.now() - scanBegan)));
+    rssTimer = setTimeout(watchRss, Math.max(spawnOpts.rssPollMs, 4 * (performance.now() - scanBegan)));
   };
-  rssTimer = setTimeout(() => void watchRss(), spawnOpts.rssPollMs);
+  rssTimer = setTimeout(watchRss, spawnOpts.rssPollMs);
 
   void host.proc.exited.then(async (code) => {
     await Promise.race([host.stderrDone, Bun.sleep(100)]);

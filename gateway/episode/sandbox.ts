@@ -176,6 +176,17 @@ export function runtimeFor(bun: string, script: string): Bind[] {
   return binds;
 }
 
+const realBuns = new Map<string, string>();
+/** The real file of the Bun binary (resolved once: it does not move while we run). */
+function realBun(bun: string): string {
+  let real = realBuns.get(bun);
+  if (real === undefined) {
+    real = realpathSync(bun);
+    realBuns.set(bun, real);
+  }
+  return real;
+}
+
 /** The prlimit/bwrap command line that runs `bun <script>` with these limits. */
 export function sandboxCommand(
   script: string,
@@ -184,7 +195,7 @@ export function sandboxCommand(
   view: SandboxView = {},
 ): string[] {
   // Inside bubblewrap only the real file of the Bun binary is bound, not a link to it.
-  const cmd = [spawnOpts.bwrap ? realpathSync(spawnOpts.bun) : spawnOpts.bun, script];
+  const cmd = [spawnOpts.bwrap ? realBun(spawnOpts.bun) : spawnOpts.bun, script];
   if (spawnOpts.bwrap)
     cmd.unshift(
       spawnOpts.bwrap,
