@@ -233,12 +233,10 @@ export async function runEpisode(
     const scanBegan = performance.now();
     const mb = rssMb(pid);
     if (outcome) return;
-    if (mb !== null && mb > limits.memoryMb)
-      return finish({
-        ok: false,
-        kind: "oom",
-        message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}`,
-      });
+    if (mb !== null && mb > limits.memoryMb) {
+      finish({ ok: false, kind: "oom", message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}` });
+      return;
+    }
     rssTimer = setTimeout(watchRss, Math.max(spawnOpts.rssPollMs, 4 * (performance.now() - scanBegan)));
   };
   rssTimer = setTimeout(watchRss, spawnOpts.rssPollMs);
