@@ -11,6 +11,7 @@ import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
 import {
   CHILD_ENV,
   defaultSpawnOptions,
+  EPISODE_NICE,
   ProcessTable,
   runEpisode,
   SparePool,
@@ -288,6 +289,12 @@ describe.each(SANDBOXES)(
     test("unbounded allocation fails with kind oom", async () => {
       const r = expectFailure(await run(start("hog"), { memoryMb: 64 }, noTools, spawn), "oom");
       expect(r.message.toLowerCase()).toMatch(/memory/);
+    });
+
+    test.if(spawn.nice != null)("an episode runs below the gateway's priority (nice 10: devices first)", async () => {
+      const r = await run(start("priority"), {}, noTools, spawn);
+      if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+      expect(r.state).toEqual({ nice: EPISODE_NICE });
     });
 
     test.if(spawn.prlimit !== null)(

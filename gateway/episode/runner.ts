@@ -18,6 +18,7 @@ export {
   CHILD_ENV,
   defaultSpawnOptions,
   describeSandbox,
+  EPISODE_NICE,
   hostCommand,
   SandboxError,
   sandboxCommand,

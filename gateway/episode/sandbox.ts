@@ -21,6 +21,8 @@ export interface SpawnOptions {
   readonly prlimit: string | null;
   /** Run inside bubblewrap (own pid/net/ipc namespaces, read-only root) when set. */
   readonly bwrap: string | null;
+  /** Start the episode's process tree at this nice value through the `nice` binary (null: as the gateway). */
+  readonly nice?: { readonly bin: string; readonly value: number } | null;
   /** How often the RSS watch samples, ms. */
   readonly rssPollMs: number;
   /** Where started host process groups and staging roots are noted, so the next start reaps leftovers. */
@@ -63,6 +65,13 @@ const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/
  */
 export const RUNTIME_DATA_MB = 384;
 
+/**
+ * Devices first: episode processes run at nice 10, so when episodes saturate the cores the
+ * gateway still gets its share to acknowledge stimuli (durable and cheap) while episode work
+ * lags. On an idle machine it changes nothing.
+ */
+export const EPISODE_NICE = 10;
+
 function which(names: readonly string[]): string | null {
   return names.find((p) => Bun.file(p).size > 0) ?? null;
 }
@@ -86,6 +95,7 @@ function probeBwrap(bwrap: string): boolean {
 export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWeak?: boolean } = {}): SpawnOptions {
   const root = process.getuid?.() === 0;
   const prlimit = which(["/usr/bin/prlimit", "/bin/prlimit"]);
+  const niceBin = which(["/usr/bin/nice", "/bin/nice"]);
   const bwrapPath = which(["/usr/bin/bwrap", "/bin/bwrap"]);
   const available = bwrapPath !== null && probeBwrap(bwrapPath);
   const bwrap = available && (mode === "auto" || mode === "bwrap") ? bwrapPath : null;
@@ -103,6 +113,7 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWea
     gid: dropUid ? 65534 : null,
     prlimit,
     bwrap,
+    nice: niceBin ? { bin: niceBin, value: EPISODE_NICE } : null,
     rssPollMs: 50,
   };
 }
@@ -138,6 +149,7 @@ export function describeSandbox(o: SpawnOptions): string {
       ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"
       : "no namespaces",
     o.prlimit ? "rlimits" : "no rlimits",
+    o.nice ? `nice ${o.nice.value}` : "same priority as the gateway",
   ];
   return parts.join(", ");
 }
@@ -221,6 +233,7 @@ export function sandboxCommand(
       ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []),
     );
   }
+  if (spawnOpts.nice) cmd.unshift(spawnOpts.nice.bin, "-n", String(spawnOpts.nice.value));
   return cmd;
 }
 
