@@ -11,6 +11,9 @@ import type { MqttClient } from "mqtt";
 import { ROOT, subscribe, within, type Subscription } from "./gateway.ts";
 import { fleetHeader as loopbackHeader, q } from "./toml.ts";
 
+/** argv of an episode host process: the built runtime (gateway/episode/host-runtime.ts) or its sources. */
+const HOST_SCRIPT = /(?:agents\/host\/main\.ts|\/fleet-host-\d+\/host-[0-9a-f]+\.js)$/;
+
 /** Offenders every suite shares live once, in test/fixtures/agents. */
 const SHARED = { hog: "agents/hog", spin: "agents/loops" } as const;
 
@@ -131,7 +134,7 @@ const key = (p: Proc) => `${p.pid}:${p.start}`;
  */
 export class ProcessWatch {
   readonly seen = new Map<string, Proc>();
-  /** `/proc/<pid>/limits` of the first episode host process seen (agents/host/main.ts). */
+  /** `/proc/<pid>/limits` of the first episode host process seen (the built host runtime, or its sources). */
   hostLimits: string | null = null;
   private timer: ReturnType<typeof setInterval> | null = null;
 
@@ -146,7 +149,7 @@ export class ProcessWatch {
   sample(): void {
     for (const p of descendantsOf(this.gatewayPid)) {
       if (!this.seen.has(key(p))) this.seen.set(key(p), p);
-      if (this.hostLimits === null && p.argv.some((a) => a.endsWith("agents/host/main.ts")) && p.uid !== 0) {
+      if (this.hostLimits === null && p.argv.some((a) => HOST_SCRIPT.test(a)) && p.uid !== 0) {
         try {
           this.hostLimits = readFileSync(`/proc/${p.pid}/limits`, "utf8");
         } catch {
