@@ -64,9 +64,9 @@ export async function startGateway(tag: string, fleetToml: string, opts: { dir?:
   const dataDir = join(dir, "data");
   const logFile = join(dir, "gateway.log");
   writeFileSync(config, fleetToml);
-  // BENCH_PROFILE_DIR=DIR: the gateway writes a markdown CPU profile DIR/<tag>.md when it stops.
+  // BENCH_PROFILE_DIR=DIR: the gateway writes DIR/<tag>.cpuprofile when it stops (scripts/profile-summary.ts reads it).
   const profDir = process.env.BENCH_PROFILE_DIR;
-  const prof = profDir ? ["--cpu-prof-md", `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${tag}.md`] : [];
+  const prof = profDir ? ["--cpu-prof", `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${tag}.cpuprofile`] : [];
   const proc = Bun.spawn(
     [
       process.execPath,
