@@ -210,6 +210,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       migratedFrom: 1,
     },
   ],
+  [tables.agentCounts, { type: "temp", status: "paused", timed: 1, n: 3 }],
   [
     tables.outbox,
     { id: 12, episode: "ep-1", seq: 0, topic: "alerts/x", payload: '{"t":90}', qos: 0, retain: true, createdAt: T0 },

@@ -57,13 +57,21 @@ export async function listRejected(gw: Pick<HttpHost, "store">, req: Request): P
   });
 }
 
-/** `GET /api/agents?page=&limit=&q=&status=&type=`: server-side paging for 10,000+ agents. */
+/**
+ * `GET /api/agents?page=&limit=&q=&status=&type=` or `?after=<id>&...`: server-side paging for
+ * 100,000 agents, in id order. `after` (the `next_after` of the previous page) is a keyset page
+ * that costs the same however deep; `page` skips `(page - 1) * limit` agents. Not both.
+ */
 export async function listAgents(gw: ReadHost, req: Request): Promise<Response> {
   const url = new URL(req.url);
   const limit = intQuery(url, "limit", 50, 1, 1000);
   if (limit instanceof Response) return limit;
   const page = intQuery(url, "page", 1, 1, 1_000_000);
   if (page instanceof Response) return page;
+  const after = url.searchParams.get("after") ?? undefined;
+  if (after !== undefined && url.searchParams.has("page"))
+    return httpError(400, "bad_query", "give page or after, not both");
+  if (after !== undefined && after.length > 300) return httpError(400, "bad_query", "after must be an agent id");
   const statusRaw = url.searchParams.get("status") || null;
   const status = statusRaw === null ? undefined : STATUS_FILTER[statusRaw];
   if (statusRaw !== null && !status) {
@@ -79,13 +87,16 @@ export async function listAgents(gw: ReadHost, req: Request): Promise<Response> 
     return httpError(400, "bad_query", `type "${type}" is not a valid type name`);
   const q = url.searchParams.get("q")?.trim() || undefined;
   if (q !== undefined && q.length > 200) return httpError(400, "bad_query", "q must be at most 200 characters");
-  const { rows, total } = await gw.store.listAgents({ type, status, q, limit, offset: (page - 1) * limit });
+  const { rows, total } = await gw.store.listAgents({ type, status, q, limit, offset: (page - 1) * limit, after });
+  const last = rows.at(-1);
   return json({
     agents: rows.map((a) => agentView(a, gw.queued(a.id))),
     total,
-    page,
+    // A keyset page has no number: where it starts depends on the agents before `after`.
+    page: after === undefined ? page : null,
     limit,
     pages: Math.max(1, Math.ceil(total / limit)),
+    next_after: rows.length === limit && last ? last.id : null,
   });
 }
 

@@ -73,6 +73,22 @@ export const agents = sqliteTable(
   ],
 );
 
+/**
+ * Agents counted by type, stored status and `timed` (1: a pause that ends by itself, i.e.
+ * `paused_until` set). Kept by triggers on `agents` (store/migrate.ts, migration 15); never
+ * written by code. Rows whose `n` fell to 0 stay.
+ */
+export const agentCounts = sqliteTable(
+  "agent_counts",
+  {
+    type: text("type").notNull(),
+    status: text("status").$type<StoredAgentStatus>().notNull(),
+    timed: integer("timed").notNull(),
+    n: integer("n").notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.type, t.status, t.timed] })],
+);
+
 /** Where a stimulus came from (agents/protocol.ts `Stimulus.kind`). */
 export type StoredStimulusKind = "mqtt" | "timer" | "webhook" | "inbox" | "manual" | "wake";
 
@@ -228,7 +244,7 @@ export const budgetUsage = sqliteTable(
     tokens: integer("tokens").notNull().default(0),
     cost: real("cost").notNull().default(0),
   },
-  (t) => [primaryKey({ columns: [t.agent, t.window] })],
+  (t) => [primaryKey({ columns: [t.agent, t.window] }), index("budget_usage_window").on(t.window, t.agent)],
 );
 
 /**

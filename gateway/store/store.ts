@@ -234,8 +234,13 @@ export class Store {
     return selectOne(this.client, codecs.agents, "FROM agents WHERE id = ?", [id]);
   }
 
-  /** Agents, filtered and paged (server-side, for 10,000+ agents). */
-  async listAgents(f: { type?: string; status?: string; q?: string; limit?: number; offset?: number } = {}) {
+  /**
+   * Agents, filtered and paged (server-side, for 10,000+ agents), in id order: `after` (the
+   * last id of the previous page) reads from there on, else `offset` entries are skipped.
+   */
+  async listAgents(
+    f: { type?: string; status?: string; q?: string; limit?: number; offset?: number; after?: string } = {},
+  ) {
     const conds = [];
     if (f.type) conds.push(eq(t.agents.type, f.type));
     if (f.status) conds.push(eq(t.agents.status, f.status as t.StoredAgentStatus));
@@ -244,21 +249,39 @@ export class Store {
     const where = conds.length ? and(...conds) : undefined;
     // The page's ids first, skipping `offset` entries of an index (the primary key's, or the
     // filter's) rather than of whole rows: page 500 of 100,000 agents then costs ~1 ms, not ~10.
+    // A keyset page (`after`) starts inside the primary key's index and skips nothing.
     const page = this.db
       .select({ id: t.agents.id })
       .from(t.agents)
-      .where(where)
+      .where(f.after === undefined ? where : and(where, gt(t.agents.id, f.after as AgentId)))
       .orderBy(asc(t.agents.id))
       .limit(f.limit ?? 100)
-      .offset(f.offset ?? 0);
+      .offset(f.after === undefined ? (f.offset ?? 0) : 0);
     const rows = await this.db
       .select()
       .from(t.agents)
       .where(inArray(t.agents.id, page))
       .orderBy(asc(t.agents.id))
       .all();
-    const total = (await this.db.select({ n: count() }).from(t.agents).where(where).get())?.n ?? 0;
+    // Without a search the total is a sum over agent_counts (a few rows), not a count of agents.
+    const total = f.q
+      ? ((await this.db.select({ n: count() }).from(t.agents).where(where).get())?.n ?? 0)
+      : await this.countAgents(f.type, f.status as t.StoredAgentStatus | undefined);
     return { rows, total };
+  }
+
+  /** How many agents there are (of `type`, in `status`), from `agent_counts`. */
+  async countAgents(type?: string, status?: t.StoredAgentStatus): Promise<number> {
+    const c = t.agentCounts;
+    const conds = [];
+    if (type) conds.push(eq(c.type, type));
+    if (status) conds.push(eq(c.status, status));
+    const row = await this.db
+      .select({ n: sql<number>`coalesce(sum(${c.n}), 0)`.mapWith(Number) })
+      .from(c)
+      .where(conds.length ? and(...conds) : undefined)
+      .get();
+    return row?.n ?? 0;
   }
 
   /** Deployed (not retired or failed) agents of a type: the targets of its timer. */
@@ -270,12 +293,14 @@ export class Store {
       .all();
   }
 
-  /** Agent counts by type and stored status. */
+  /** Agent counts by type and stored status (from `agent_counts`: a few rows per type, not one per agent). */
   agentCounts() {
+    const c = t.agentCounts;
     return this.db
-      .select({ type: t.agents.type, status: t.agents.status, n: count() })
-      .from(t.agents)
-      .groupBy(t.agents.type, t.agents.status)
+      .select({ type: c.type, status: c.status, n: sql<number>`sum(${c.n})`.mapWith(Number) })
+      .from(c)
+      .where(gt(c.n, 0))
+      .groupBy(c.type, c.status)
       .all();
   }
 
