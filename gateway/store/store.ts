@@ -241,47 +241,51 @@ export class Store {
   async listAgents(
     f: { type?: string; status?: string; q?: string; limit?: number; offset?: number; after?: string } = {},
   ) {
-    const conds = [];
-    if (f.type) conds.push(eq(t.agents.type, f.type));
-    if (f.status) conds.push(eq(t.agents.status, f.status as t.StoredAgentStatus));
+    // Raw SQL through the agents codec: drizzle's query building and row mapping cost more than
+    // the query itself (~2 ms vs ~0.4 ms for a page of 50 of 100,000 agents).
+    const conds: string[] = [];
+    const args: (string | number)[] = [];
+    const cond = (sql: string, arg: string) => {
+      conds.push(sql);
+      args.push(arg);
+    };
+    if (f.type) cond("type = ?", f.type);
+    if (f.status) cond("status = ?", f.status);
     // Search is a substring match: escape LIKE's own wildcards so "_" and "%" mean themselves.
-    if (f.q) conds.push(sql`${t.agents.id} LIKE ${`%${f.q.replace(/[\\%_]/g, (c) => `\\${c}`)}%`} ESCAPE '\\'`);
-    const where = conds.length ? and(...conds) : undefined;
+    if (f.q) cond("id LIKE ? ESCAPE '\\'", `%${f.q.replace(/[\\%_]/g, (c) => `\\${c}`)}%`);
+    const where = conds.length ? `WHERE ${conds.join(" AND ")}` : "";
     // The page's ids first, skipping `offset` entries of an index (the primary key's, or the
     // filter's) rather than of whole rows: page 500 of 100,000 agents then costs ~1 ms, not ~10.
     // A keyset page (`after`) starts inside the primary key's index and skips nothing.
-    const page = this.db
-      .select({ id: t.agents.id })
-      .from(t.agents)
-      .where(f.after === undefined ? where : and(where, gt(t.agents.id, f.after as AgentId)))
-      .orderBy(asc(t.agents.id))
-      .limit(f.limit ?? 100)
-      .offset(f.after === undefined ? (f.offset ?? 0) : 0);
-    const rows = await this.db
-      .select()
-      .from(t.agents)
-      .where(inArray(t.agents.id, page))
-      .orderBy(asc(t.agents.id))
-      .all();
+    const keyset = f.after === undefined ? "" : `${where ? " AND" : "WHERE"} id > ?`;
+    const page = `SELECT id FROM agents ${where}${keyset} ORDER BY id LIMIT ? OFFSET ?`;
+    const pageArgs = [...args, ...(f.after === undefined ? [] : [f.after])];
+    pageArgs.push(f.limit ?? 100, f.after === undefined ? (f.offset ?? 0) : 0);
+    const rows = await selectAll(this.client, codecs.agents, `FROM agents WHERE id IN (${page}) ORDER BY id`, pageArgs);
     // Without a search the total is a sum over agent_counts (a few rows), not a count of agents.
     const total = f.q
-      ? ((await this.db.select({ n: count() }).from(t.agents).where(where).get())?.n ?? 0)
+      ? Number((await this.client.execute({ sql: `SELECT count(*) FROM agents ${where}`, args })).rows[0]?.[0] ?? 0)
       : await this.countAgents(f.type, f.status as t.StoredAgentStatus | undefined);
     return { rows, total };
   }
 
   /** How many agents there are (of `type`, in `status`), from `agent_counts`. */
   async countAgents(type?: string, status?: t.StoredAgentStatus): Promise<number> {
-    const c = t.agentCounts;
-    const conds = [];
-    if (type) conds.push(eq(c.type, type));
-    if (status) conds.push(eq(c.status, status));
-    const row = await this.db
-      .select({ n: sql<number>`coalesce(sum(${c.n}), 0)`.mapWith(Number) })
-      .from(c)
-      .where(conds.length ? and(...conds) : undefined)
-      .get();
-    return row?.n ?? 0;
+    const conds = ["n > 0"];
+    const args: string[] = [];
+    if (type) {
+      conds.push("type = ?");
+      args.push(type);
+    }
+    if (status) {
+      conds.push("status = ?");
+      args.push(status);
+    }
+    const rs = await this.client.execute({
+      sql: `SELECT coalesce(sum(n), 0) FROM agent_counts WHERE ${conds.join(" AND ")}`,
+      args,
+    });
+    return Number(rs.rows[0]?.[0] ?? 0);
   }
 
   /** Deployed (not retired or failed) agents of a type: the targets of its timer. */
