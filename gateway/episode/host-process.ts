@@ -23,13 +23,15 @@ function readProc(path: string): string {
   }
 }
 
-function childrenOf(pid: number): number[] {
-  let tasks: string[];
-  try {
-    tasks = readdirSync(`/proc/${pid}/task`);
-  } catch {
-    return [];
-  }
+/** Children of a process: a single-threaded one (bwrap) has one list, others one per thread. */
+function childrenOf(pid: number, threads: number): number[] {
+  let tasks: string[] = [String(pid)];
+  if (threads !== 1)
+    try {
+      tasks = readdirSync(`/proc/${pid}/task`);
+    } catch {
+      return [];
+    }
   return tasks.flatMap((t) => readProc(`/proc/${pid}/task/${t}/children`).split(" ").filter(Boolean).map(Number));
 }
 
@@ -43,9 +45,10 @@ export function rssMb(pid: number): number | null {
     seen++;
     const status = readProc(`/proc/${p}/status`);
     if (status === "") continue;
-    const m = /VmRSS:\s+(\d+) kB/.exec(status);
-    if (m) total += Number(m[1]) / 1024;
-    queue.push(...childrenOf(p));
+    const rss = /VmRSS:\s+(\d+) kB/.exec(status);
+    if (rss) total += Number(rss[1]) / 1024;
+    const threads = /Threads:\s+(\d+)/.exec(status);
+    queue.push(...childrenOf(p, threads ? Number(threads[1]) : 0));
   }
   return seen > 0 ? total : null;
 }

@@ -229,7 +229,11 @@ export async function runEpisode(
   // One scan at a time, and a scan that took long (a big process tree: a fork bomb) waits
   // 4x its own duration before the next, so the watch never costs the gateway more than
   // ~20% of a core however many processes the agent starts (RLIMIT_DATA is the backstop).
+  // The interval doubles from rssPollMs up to 8x: short episodes are watched closely, and one
+  // waiting seconds on a tool call is not scanned 20 times a second (RLIMIT_DATA still stops a
+  // fast allocation in between, reported as oom too).
   let rssTimer: ReturnType<typeof setTimeout> | undefined;
+  let rssEvery = spawnOpts.rssPollMs;
   const watchRss = (): void => {
     const scanBegan = performance.now();
     const mb = rssMb(pid);
@@ -238,7 +242,8 @@ export async function runEpisode(
       finish({ ok: false, kind: "oom", message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}` });
       return;
     }
-    rssTimer = setTimeout(watchRss, Math.max(spawnOpts.rssPollMs, 4 * (performance.now() - scanBegan)));
+    rssEvery = Math.min(rssEvery * 2, 8 * spawnOpts.rssPollMs);
+    rssTimer = setTimeout(watchRss, Math.max(rssEvery, 4 * (performance.now() - scanBegan)));
   };
   rssTimer = setTimeout(watchRss, spawnOpts.rssPollMs);
 
