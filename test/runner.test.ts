@@ -782,6 +782,33 @@ describe("warm spares", () => {
     },
   );
 
+  test("types with different limits taking turns each find their spares (none killed to make room)", async () => {
+    const pool = new SparePool(1, SPAWN, PROCS);
+    const other = { ...LIMITS, memoryMb: LIMITS.memoryMb * 2 };
+    try {
+      expect(pool.take(LIMITS)).toBeNull(); // primes one spare for each
+      expect(pool.take(other)).toBeNull();
+      const primed = pool.pids();
+      expect(primed).toHaveLength(2);
+      const a = pool.take(LIMITS);
+      const b = pool.take(other);
+      expect(a).not.toBeNull();
+      expect(b).not.toBeNull();
+      expect([a!.pid, b!.pid].sort()).toEqual([...primed].sort());
+      await Promise.all([a!.kill(), b!.kill()]);
+      // A third set of limits: the pool holds at most twice its size, the least recently taken go.
+      const third = { ...LIMITS, maxOpenFiles: 128 };
+      pool.take(third);
+      expect(pool.pids()).toHaveLength(2);
+      expect(pool.take(LIMITS)).toBeNull(); // its spare went for the third's
+      const kept = pool.take(third); // the most recently taken keep theirs
+      expect(kept).not.toBeNull();
+      await kept!.kill();
+    } finally {
+      await pool.close();
+    }
+  });
+
   test("a spare is started with the same sandbox and limits as a cold episode process", async () => {
     const pool = new SparePool(1, SPAWN, PROCS);
     try {

@@ -253,6 +253,9 @@ export class HostProcess {
 export class SparePool {
   private spares: HostProcess[] = [];
   private stopped = false;
+  /** When each key (limits) was last taken, oldest first. */
+  private readonly taken = new Map<string, number>();
+  private takes = 0;
 
   constructor(
     /** How many idle spares to keep (0 = off). */
@@ -279,15 +282,26 @@ export class SparePool {
 
   private refill(limits: ProcessLimits, key: string): void {
     if (this.stopped || this.size === 0) return;
-    // Spares for other limits are dropped: keep the pool for what runs now.
-    for (const h of this.spares.filter((x) => x.key !== key)) void h.kill();
-    this.spares = this.spares.filter((x) => x.key === key);
-    while (this.spares.length < this.size) {
+    this.taken.delete(key);
+    this.taken.set(key, ++this.takes);
+    while (this.spares.filter((x) => x.key === key).length < this.size) {
       try {
         this.spares.push(HostProcess.spare(key, limits, this.spawnOpts, this.procs));
       } catch {
-        return;
+        break;
       }
+    }
+    // Spares for other limits (other types' budgets) stay while the pool holds at most twice its
+    // size: types taking turns each find theirs. Beyond that the least recently taken go first.
+    // (Killing every other key's spares on each take made two alternating types spawn 3 processes
+    // per episode.)
+    const byAge = [...this.taken.keys()];
+    while (this.spares.length > 2 * this.size && byAge.length > 1) {
+      const oldest = byAge.shift()!;
+      if (oldest === key) continue;
+      for (const h of this.spares.filter((x) => x.key === oldest)) void h.kill();
+      this.spares = this.spares.filter((x) => x.key !== oldest);
+      this.taken.delete(oldest);
     }
   }
 

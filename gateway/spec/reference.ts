@@ -26,7 +26,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.shard":
     '"i/N": this gateway is shard i of N sharing the fleet on an external broker ([broker] url); it records ' +
     "and runs only the agents rendezvous hashing gives it (see [shards.md](shards.md)). Read at start.",
-  "fleet.warm_spares": "Sandboxed subprocesses started ahead of need; each still serves exactly one episode.",
+  "fleet.warm_spares":
+    "Sandboxed subprocesses started ahead of need, per set of episode limits (types with other budgets keep theirs, " +
+    "up to twice this many in all); each still serves exactly one episode.",
   broker: "The embedded MQTT broker, or (with url) the existing broker the gateway is a client of.",
   "broker.host":
     "Address the MQTT listeners bind; default 127.0.0.1, or 0.0.0.0 when devices must log in " +
