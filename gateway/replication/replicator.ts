@@ -133,6 +133,8 @@ export class Replicator {
   private client: Client | null = null;
   private prepared = false;
   private loop: Promise<void> | null = null;
+  /** The push in flight (resolved when none): pushes run one at a time. */
+  private pushing: Promise<void> = Promise.resolve();
   private wake: (() => void) | null = null;
   private timer: ReturnType<typeof setTimeout> | null = null;
   private readonly now: () => number;
@@ -256,8 +258,21 @@ export class Replicator {
     }
   }
 
-  /** Push one batch now; resolves with the queue entries confirmed (0 when the queue is empty). */
-  async pushOnce(): Promise<number> {
+  /**
+   * Push one batch now; resolves with the queue entries confirmed (0 when the queue is empty).
+   * Pushes never overlap: a `drain()` beside the background loop waits for the batch in flight
+   * (two at once would read and send the same entries, and count their lost rows twice).
+   */
+  pushOnce(): Promise<number> {
+    const next = this.pushing.then(() => this.pushNow());
+    this.pushing = next.then(
+      () => undefined,
+      () => undefined,
+    );
+    return next;
+  }
+
+  private async pushNow(): Promise<number> {
     const client = await this.central();
     const { store, spec, fleet } = this.opts;
     const batch = await readBatch(store, spec.batch_rows);
