@@ -6,7 +6,7 @@
  * FLEET_REPL_EPISODES=100000 runs the issue's full scale (CI default 4,000).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type { Client } from "@libsql/client";
+import type { Client, InStatement } from "@libsql/client";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -166,6 +166,57 @@ describe("replication faults", () => {
     },
     SLOW,
   );
+
+  test(
+    "a row changed again while its batch is in flight stays queued and goes again with its newest value",
+    async () => {
+      const f = await synthetic();
+      const r = replicator(f, spec(sqld.url), () => T0);
+      await enableReplication(f.store, sqld.url);
+      await f.commit(4, T0, 1000);
+      await r.drain();
+      await f.store.setAgentStatus("t/a" as AgentId, "paused", "first"); // queues the agent's entry
+      // The batch reads its entries, then the agent changes again before the center confirms.
+      const client = f.store.client;
+      const execute = client.execute.bind(client);
+      let changed = false;
+      client.execute = (async (stmt: InStatement) => {
+        const rs = await execute(stmt);
+        const sql = typeof stmt === "string" ? stmt : stmt.sql;
+        if (!changed && sql.startsWith("SELECT seq, tbl, key, ver FROM repl_pending")) {
+          changed = true;
+          await f.store.setAgentStatus("t/a" as AgentId, "active", null);
+        }
+        return rs;
+      }) as typeof execute;
+      try {
+        expect(await r.pushOnce()).toBe(1);
+      } finally {
+        client.execute = execute;
+      }
+      expect(changed).toBe(true);
+      const left = await client.execute("SELECT tbl, key, ver FROM repl_pending");
+      expect(left.rows.map((row) => [row[0], row[1], row[2]])).toEqual([["agent", "t/a", 2]]);
+      await r.drain();
+      expect(r.status().backlog.rows).toBe(0);
+      await expectCenterEqualsLocal(f, db, ["agents"]);
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test("pushes never overlap: three at once send three different batches, each once", async () => {
+    const f = await synthetic();
+    const r = replicator(f, spec(sqld.url, { batch_rows: 20 }), () => T0);
+    await enableReplication(f.store, sqld.url);
+    await f.commit(60, T0, 1000); // 65 entries: the spec version, 4 agents, 60 episodes
+    expect(await Promise.all([r.pushOnce(), r.pushOnce(), r.pushOnce()])).toEqual([20, 20, 20]);
+    expect(Number((await f.store.client.execute("SELECT count(*) FROM repl_pending")).rows[0]![0])).toBe(5);
+    expect(r.status().pushed_batches).toBe(3);
+    await r.drain();
+    await expectCenterEqualsLocal(f, db);
+    await f.close();
+  });
 
   test(
     "an episode's commit queues one entry; its agent's row and budget windows reach the center with it",

@@ -56,11 +56,20 @@ async function select(store: Store, t: ReplicatedTable, where: string, args: InA
  * Only for tables without REAL columns (SQLite prints a REAL in JSON with 15 digits, which would
  * not round-trip) and without blobs (JSON cannot hold them).
  */
-async function selectEncoded(store: Store, t: ReplicatedTable, where: string, args: InArgs): Promise<EncodedRows> {
+async function selectEncoded(
+  store: Store,
+  t: ReplicatedTable,
+  where: string,
+  args: InArgs,
+  qualify?: (column: string) => string,
+): Promise<EncodedRows> {
   const cols = t.columns.join(", ");
+  // With `qualify`, `where` is a whole join ("a JOIN b ... WHERE ...") and the columns are named through it.
+  const from = qualify ? where : `${t.name} WHERE ${where}`;
+  const inner = qualify ? t.columns.map((c) => `${qualify(c)} AS ${c}`).join(", ") : cols;
   const rs = await store.client.execute({
-    sql: `SELECT json_group_array(json_array(${cols})) AS j, count(*) AS n FROM (SELECT ${cols},
-      (row_number() OVER () - 1) / ${ROWS_PER_STATEMENT} AS chunk FROM ${t.name} WHERE ${where}) GROUP BY chunk
+    sql: `SELECT json_group_array(json_array(${cols})) AS j, count(*) AS n FROM (SELECT ${inner},
+      (row_number() OVER () - 1) / ${ROWS_PER_STATEMENT} AS chunk FROM ${from}) GROUP BY chunk
       ORDER BY chunk`,
     args,
   });
@@ -103,17 +112,28 @@ export function usageWindows(startedAt: number, endedAt: number): string[] {
   return [...out];
 }
 
-/** Read the oldest `limit` pending entries and the rows they name. */
+/**
+ * The batch's episode entries as a join source: a range of the queue by its rowid (`NOT INDEXED`:
+ * by `tbl`'s index SQLite would walk every pending episode, the whole backlog). Binds ?1, ?2.
+ */
+const EPISODE_ENTRIES = `repl_pending AS p NOT INDEXED JOIN episodes AS e ON e.id = p.key
+  WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'episode'`;
+
+/**
+ * Read the oldest `limit` pending entries and the rows they name. The entries are one range of
+ * the queue (`seq` is its rowid; new entries always get a higher one), so the rows an episode
+ * entry stands for are read by joining that range, not by sending its keys back as a list.
+ */
 export async function readBatch(store: Store, limit: number): Promise<Batch> {
   const rs = await store.client.execute({
     sql: "SELECT seq, tbl, key, ver FROM repl_pending ORDER BY seq LIMIT ?",
     args: [limit],
   });
   const entries: PendingEntry[] = rs.rows.map((r) => ({
-    seq: Number(r.seq),
-    tbl: String(r.tbl),
-    key: String(r.key),
-    ver: Number(r.ver),
+    seq: Number(r[0]),
+    tbl: String(r[1]),
+    key: String(r[2]),
+    ver: Number(r[3]),
   }));
   const byKind = new Map<string, PendingEntry[]>();
   for (const e of entries) {
@@ -121,6 +141,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     if (list) list.push(e);
     else byKind.set(e.tbl, [e]);
   }
+  const range = [entries[0]?.seq ?? 0, entries.at(-1)?.seq ?? -1];
   const keys = (kind: string) => JSON.stringify((byKind.get(kind) ?? []).map((e) => e.key));
   const got: BatchRows = {};
   const lost: PendingEntry[] = [];
@@ -136,61 +157,84 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   }
   // An episode entry stands for its agent's row and the budget windows it booked (store/migrate.ts,
   // migration 11): those are sent with it, as they are now.
-  const agentIds = new Set((byKind.get("agent") ?? []).map((e) => e.key));
-  const usagePairs = new Map<string, [string, string]>();
-  for (const e of byKind.get("usage") ?? []) usagePairs.set(e.key, e.key.split("\n") as [string, string]);
+  const usage: InValue[][] = [];
+  let agentsOfEpisodes = "";
   if (byKind.has("episode")) {
-    // What the rest of the batch needs from each episode, then the episodes themselves as JSON.
-    const eps = (
-      await store.client.execute({
-        sql: `SELECT id, agent, started_at, ended_at, checkpoint FROM episodes WHERE id ${IN_JSON}`,
-        args: [keys("episode")],
-      })
-    ).rows;
-    const found = new Set(eps.map((r) => String(r[0])));
-    missing("episode", found);
-    const ids = JSON.stringify([...found]);
-    got.episodes = await selectEncoded(store, episodes, `id ${IN_JSON}`, [ids]);
-    got.events = await selectEncoded(store, events, `episode ${IN_JSON}`, [ids]);
-    const sealed = eps.flatMap((r) => (r[4] ? [r[4]] : []));
-    if (sealed.length > 0)
-      got.checkpoints = await selectEncoded(store, checkpoints, `hash ${IN_JSON}`, [JSON.stringify(sealed)]);
-    // An episode collected before its push may leave its checkpoint behind (checkpoint.keep):
-    // the chain still goes. A scan, but only on this rare path (retention stopped waiting).
-    const gone = (byKind.get("episode") ?? []).filter((e) => !found.has(e.key)).map((e) => e.key);
-    if (gone.length > 0) {
+    const wanted = byKind.get("episode")!;
+    const col = (c: string) => `e.${c}`;
+    got.episodes = await selectEncoded(store, episodes, EPISODE_ENTRIES, range, col);
+    got.events = await selectEncoded(
+      store,
+      events,
+      `repl_pending AS p NOT INDEXED JOIN events AS v ON v.episode = p.key
+        WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'episode'`,
+      range,
+      (c) => `v.${c}`,
+    );
+    got.checkpoints = await selectEncoded(
+      store,
+      checkpoints,
+      `${EPISODE_ENTRIES.replace("WHERE", "JOIN checkpoints AS c ON c.hash = e.checkpoint WHERE")}`,
+      range,
+      (c) => `c.${c}`,
+    );
+    if (got.episodes.count < wanted.length) {
+      // Some were collected before their push (retention stopped waiting): the rare path.
+      const found = await store.client.execute({ sql: `SELECT e.id FROM ${EPISODE_ENTRIES}`, args: range });
+      const have = new Set(found.rows.map((r) => String(r[0])));
+      missing("episode", have);
+      // An episode collected before its push may leave its checkpoint behind (checkpoint.keep):
+      // the chain still goes. A scan, but only on this rare path.
+      const gone = wanted.filter((e) => !have.has(e.key)).map((e) => e.key);
       const orphans = await selectEncoded(store, checkpoints, `episode ${IN_JSON}`, [JSON.stringify(gone)]);
-      const kept = got.checkpoints as EncodedRows | undefined;
-      got.checkpoints = {
-        count: (kept?.count ?? 0) + orphans.count,
-        chunks: [...(kept?.chunks ?? []), ...orphans.chunks],
-      };
+      const kept = got.checkpoints;
+      got.checkpoints = { count: kept.count + orphans.count, chunks: [...kept.chunks, ...orphans.chunks] };
     }
-    for (const r of eps) {
-      const agent = String(r[1]);
-      agentIds.add(agent);
-      for (const w of usageWindows(Number(r[2]), Number(r[3]))) usagePairs.set(`${agent}\n${w}`, [agent, w]);
-    }
+    // The budget windows each episode booked (usageWindows, in SQL).
+    const at = (t: string) => `CAST(e.${t} AS INTEGER)`;
+    const windows = [
+      `'h:' || (${at("started_at")} / 3600000)`,
+      `'d:' || (${at("started_at")} / 86400000)`,
+      `'h:' || (${at("ended_at")} / 3600000)`,
+      `'d:' || (${at("ended_at")} / 86400000)`,
+    ];
+    // Windows first, then each one's row by the primary key (an IN over them would scan budget_usage).
+    const perWindow = EPISODE_ENTRIES.replace("WHERE", `JOIN json_each(json_array(${windows.join(", ")})) AS w WHERE`);
+    const ur = await store.client.execute({
+      sql: `SELECT ${budget_usage.columns.map((c) => `u.${c}`).join(", ")} FROM (SELECT DISTINCT e.agent AS a,
+        w.value AS win FROM ${perWindow}) AS x CROSS JOIN budget_usage AS u ON u.agent = x.a AND u."window" = x.win`,
+      args: range,
+    });
+    for (const r of ur.rows) usage.push(budget_usage.columns.map((_, i) => r[i] as InValue));
+    agentsOfEpisodes = `SELECT e.agent FROM ${EPISODE_ENTRIES}`;
   }
-  if (agentIds.size > 0) {
-    got.agents = await selectEncoded(store, agents, `id ${IN_JSON}`, [JSON.stringify([...agentIds])]);
+  const agentEntries = `SELECT p.key FROM repl_pending AS p NOT INDEXED
+    WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'agent'`;
+  if (byKind.has("episode") || byKind.has("agent")) {
+    const from = [agentsOfEpisodes, byKind.has("agent") ? agentEntries : ""].filter(Boolean).join(" UNION ");
+    got.agents = await selectEncoded(store, agents, `id IN (${from})`, range);
     if (byKind.has("agent")) {
       const ids = await store.client.execute({
-        sql: `SELECT id FROM agents WHERE id ${IN_JSON}`,
-        args: [keys("agent")],
+        sql: `SELECT id FROM agents WHERE id IN (${agentEntries})`,
+        args: range,
       });
       missing("agent", new Set(ids.rows.map((r) => String(r[0]))));
     }
   }
-  if (usagePairs.size > 0) {
-    got.budget_usage = await select(
+  // Usage entries of their own (queued when replication was turned on, or by older code).
+  if (byKind.has("usage")) {
+    const pairs = (byKind.get("usage") ?? []).map((e) => e.key.split("\n"));
+    const own = await select(
       store,
       budget_usage,
       `(agent, "window") IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))`,
-      [JSON.stringify([...usagePairs.values()])],
+      [JSON.stringify(pairs)],
     );
-    missing("usage", new Set(got.budget_usage.map((r) => `${r[0]}\n${r[1]}`)));
+    missing("usage", new Set(own.map((r) => `${r[0]}\n${r[1]}`)));
+    const seen = new Set(usage.map((r) => `${r[0]}\n${r[1]}`));
+    for (const r of own) if (!seen.has(`${r[0]}\n${r[1]}`)) usage.push(r);
   }
+  if (usage.length > 0) got.budget_usage = usage;
   if (byKind.has("stimulus")) {
     got.stimuli = await select(store, stimuli, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [
       keys("stimulus"),

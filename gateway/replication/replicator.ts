@@ -310,13 +310,16 @@ export class Replicator {
     }
     // Confirmed: only now do the entries leave the queue. An entry changed since it was read
     // (ver moved on) stays and goes again with its newer row.
-    const confirmed = JSON.stringify(batch.entries.map((e) => [e.seq, e.ver]));
+    // The batch is one range of the queue, nearly all of it read at ver 1: one range delete that
+    // names only the entries read at a later ver.
+    const first = batch.entries[0]!.seq;
     const cursor = batch.entries.reduce((m, e) => Math.max(m, e.seq), this.confirmedSeq);
+    const bumped = JSON.stringify(batch.entries.filter((e) => e.ver !== 1).map((e) => [e.seq, e.ver]));
     const local = [
       {
-        sql: `DELETE FROM repl_pending WHERE (seq, ver) IN
-          (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))`,
-        args: [confirmed],
+        sql: `DELETE FROM repl_pending WHERE seq BETWEEN ? AND ? AND ver =
+          coalesce((SELECT value ->> 1 FROM json_each(?) WHERE value ->> 0 = repl_pending.seq), 1)`,
+        args: [first, batch.entries.at(-1)!.seq, bumped],
       },
       {
         sql: `INSERT INTO meta (key, value) VALUES ('replication.confirmed_seq', ?)
