@@ -17,6 +17,7 @@ import {
   CENTRAL_SCHEMA_VERSION,
   CentralReader,
   enableReplication,
+  HOT_BACKLOG_BATCHES,
   prepareCentral,
   REPLICATED,
   Replicator,
@@ -570,6 +571,121 @@ describe("the central token for fleet --central and fleet central", () => {
       });
       expect(refused.code).toBe(1);
       expect(refused.err).toContain("the token in CENTRAL_TOKEN was refused");
+    },
+    SLOW,
+  );
+});
+
+describe("pushing beside episodes", () => {
+  let sqld: Sqld;
+  let db: Client;
+  beforeAll(async () => {
+    sqld = await Sqld.start();
+    servers.push(sqld);
+    db = sqld.client();
+  });
+  afterAll(() => db.close());
+
+  test(
+    "while episodes commit the push waits for full batches, one round per interval; idle, it drains everything",
+    async () => {
+      const f = await synthetic();
+      const batch = 20;
+      const interval = 1000;
+      let now = T0;
+      // The loop's waits park here until the test steps it: commits land while it waits, then the
+      // clock moves on and it takes its next step (a push or not), until it waits again.
+      let parked: (() => void) | null = null;
+      let onPark: (() => void) | null = null;
+      const sleep = () =>
+        new Promise<void>((release) => {
+          parked = release;
+          onPark?.();
+        });
+      const nextPark = () =>
+        new Promise<void>((r) => {
+          onPark = () => {
+            onPark = null;
+            r();
+          };
+        });
+      const step = async (ms: number) => {
+        now += ms;
+        const release = parked!;
+        parked = null;
+        const next = nextPark();
+        release();
+        await next;
+      };
+      const pending = async () =>
+        Number((await f.store.client.execute("SELECT count(*) FROM repl_pending")).rows[0]![0]);
+      const r = new Replicator({
+        store: f.store,
+        spec: spec(sqld.url, { interval_ms: interval, batch_rows: batch }),
+        fleet: "synthetic",
+        log: quiet,
+        now: () => now,
+        sleep,
+      });
+      await f.commit(4, T0 - 10_000, 1000); // history from before replication: queued at start
+      const first = nextPark();
+      await r.start();
+      await first; // idle at start: it pushed everything at once, then waits for new rows
+      expect(await pending()).toBe(0);
+
+      // Commits flow: 5 episodes per 100 ms (50 per interval), each commit queueing one entry.
+      let at = T0;
+      const commit = async (n: number) => {
+        await f.commit(n, at, 10);
+        at += n * 10;
+      };
+      const steps: { t: number; pushed: number; pending: number }[] = [];
+      for (let i = 0; i < 40; i++) {
+        const before = await pending();
+        await commit(5);
+        await step(100);
+        const left = await pending();
+        steps.push({ t: now, pushed: before + 5 - left, pending: left });
+      }
+      // It waited with rows queued (no batch chasing each commit) ...
+      expect(steps.filter((s) => s.pushed === 0 && s.pending > 0).length).toBeGreaterThan(20);
+      // ... and what it pushed went in full batches, in rounds at least an interval apart.
+      expect(steps.every((s) => s.pushed === 0 || s.pushed === batch)).toBe(true);
+      const rounds = steps.filter((s, i) => s.pushed > 0 && (i === 0 || steps[i - 1]!.pushed === 0)).map((s) => s.t);
+      expect(rounds.length).toBeGreaterThanOrEqual(3);
+      for (let i = 1; i < rounds.length; i++) expect(rounds[i]! - rounds[i - 1]!).toBeGreaterThanOrEqual(interval);
+      // The lag stays bounded: about one interval's commits plus a batch are ever waiting.
+      expect(Math.max(...steps.map((s) => s.pending))).toBeLessThanOrEqual(50 + batch);
+      expect(r.status().backlog.rows).toBe(await pending()); // visible as it is
+
+      // Slow commits (fewer than a batch per interval) still go within about an interval, in a partial batch.
+      for (let i = 0; i < 30 && (await pending()) >= batch; i++) {
+        await commit(1);
+        await step(100);
+      }
+      const slow: number[] = [];
+      for (let i = 0; i < 25; i++) {
+        const before = await pending();
+        await commit(1);
+        await step(100);
+        if (before + 1 - (await pending()) > 0) slow.push(now);
+      }
+      expect(slow.length).toBeGreaterThanOrEqual(1);
+      for (let i = 1; i < slow.length; i++) expect(slow[i]! - slow[i - 1]!).toBeGreaterThanOrEqual(interval);
+
+      // A burst past HOT_BACKLOG_BATCHES full batches is pushed without waiting for the next round.
+      await commit(HOT_BACKLOG_BATCHES * batch);
+      const burst = await pending();
+      await step(1);
+      expect(await pending()).toBe(burst - batch);
+
+      // The gateway goes idle: one step drains everything, batch after batch, without waiting.
+      await step(1);
+      expect(await pending()).toBe(0);
+      await r.stop();
+      await expectCenterEqualsLocal(f, db);
+      expect((await verifyAtCenter(sqld.url, f.store.gatewayId)).problems).toEqual([]);
+      await f.close();
     },
     SLOW,
   );

@@ -74,12 +74,21 @@ export interface ReplicatorOptions {
   /** First retry delay, ms (default 250); doubles per failure up to `maxBackoffMs` (default 30 s). */
   readonly minBackoffMs?: number;
   readonly maxBackoffMs?: number;
+  /**
+   * The wait between two steps of the push loop (default: a timer). Tests inject one that waits
+   * for them, with `now`, to step the loop on a fake clock; `stop()` does not wait for it.
+   */
+  readonly sleep?: (ms: number) => Promise<void>;
 }
 
 const MB = 1024 * 1024;
 
-/** While episodes commit, a replicator with a backlog waits this many times its last push's time between pushes. */
-const BUSY_YIELD = 4;
+/**
+ * While episodes commit, a backlog of this many full batches is pushed without waiting for the
+ * next round (docs/replication.md, "Pushing beside episodes"): it bounds the lag of a gateway
+ * that commits faster than one round per `interval` clears.
+ */
+export const HOT_BACKLOG_BATCHES = 10;
 
 /** Network failures: the server is down, unknown, or dropped the connection. */
 const UNREACHABLE =
@@ -152,6 +161,15 @@ export class Replicator {
   private queuedSeq = 0;
   private failures = 0;
   private overBacklog = false;
+  /** Writer jobs seen at the last step, and this replicator's own (its confirms) since. */
+  private jobsSeen = 0;
+  private ownJobs = 0;
+  /** While episodes commit: when the current push round began (clock), and whether it is still open. */
+  private roundAt: number | null = null;
+  private roundOpen = false;
+  private roundPushes = 0;
+  private stopped: (() => void) | null = null;
+  private readonly stoppedP = new Promise<void>((r) => (this.stopped = r));
   private readonly errors: Record<ReplicationErrorKind, number> = { unreachable: 0, auth: 0, schema: 0, rejected: 0 };
   private lastError: ReplicationStatus["last_error"] = null;
 
@@ -178,6 +196,7 @@ export class Replicator {
     this.lostRows = Number((await store.getMeta("replication.lost_rows")) ?? 0);
     this.confirmedSeq = Number((await store.getMeta("replication.confirmed_seq")) ?? 0);
     await this.refresh();
+    this.jobsSeen = store.writer.stats.jobs;
     this.log.info(
       { url: redactUrl(spec.url), backlog_rows: this.backlogRows, ...(queued > 0 ? { queued_history: queued } : {}) },
       "replicating to the central server",
@@ -192,6 +211,7 @@ export class Replicator {
       return;
     }
     this.state = "stopped";
+    this.stopped?.();
     this.wake?.();
     await this.loop;
     this.client?.close();
@@ -335,6 +355,8 @@ export class Replicator {
       });
     }
     await store.writer.write(local);
+    this.ownJobs += 1;
+    this.backlogRows = Math.max(0, this.backlogRows - batch.entries.length);
     if (batch.lost.length > 0) {
       this.log.warn(
         { lost: batch.lost.length, lost_total: lost },
@@ -406,35 +428,80 @@ export class Replicator {
   }
 
   private async run(): Promise<void> {
-    let jobsSeen = this.opts.store.writer.stats.jobs;
     while (!this.stopping()) {
-      let delay = this.opts.spec.interval_ms;
+      let delay: number;
       try {
-        const started = performance.now();
-        const n = await this.pushOnce();
-        if (this.failures > 0) this.log.info({ after_failures: this.failures }, "central server reachable again");
-        this.failures = 0;
-        this.lastError = null;
-        if (!this.stopping()) this.state = "streaming";
-        // Other writes committed since the last push (this push's own confirming write is one job).
-        const jobs = this.opts.store.writer.stats.jobs;
-        const busy = jobs - jobsSeen > 1;
-        jobsSeen = jobs;
-        // More is waiting: an idle gateway goes on at once; a busy one gives episodes the CPU
-        // first (replication then takes at most 1 / (1 + BUSY_YIELD) of the time).
-        if (n >= this.opts.spec.batch_rows)
-          delay = busy ? Math.min(this.opts.spec.interval_ms, (performance.now() - started) * BUSY_YIELD) : 0;
+        delay = await this.step();
       } catch (err) {
         delay = this.failed(err);
       }
-      try {
-        await this.refresh();
-      } catch (err) {
-        this.log.error({ err }, "reading the replication backlog failed");
-      }
+      if (this.stopping()) break;
       if (delay > 0) await this.sleep(delay);
       else await new Promise((r) => setImmediate(r)); // let episodes' work in between batches
     }
+  }
+
+  /**
+   * One step of the push loop: push a batch or not, and how long to wait before the next step
+   * (docs/replication.md, "Pushing beside episodes"). An idle gateway pushes at once, batch
+   * after batch. While episodes commit (writes other than this replicator's own since the last
+   * step), it pushes in rounds at most one `interval` apart: a round sends the full batches
+   * waiting and leaves a partial rest for the next round (it sends a partial batch only when no
+   * full one waits, so lag stays within about one interval); between a round's batches episodes
+   * get as long as the last push took. A backlog of HOT_BACKLOG_BATCHES full batches is pushed
+   * without waiting for a round, so it never grows without bound while the center keeps up.
+   */
+  private async step(): Promise<number> {
+    const { interval_ms: interval, batch_rows: batchRows } = this.opts.spec;
+    const jobs = this.opts.store.writer.stats.jobs;
+    const hot = jobs - this.jobsSeen > this.ownJobs;
+    this.jobsSeen = jobs;
+    this.ownJobs = 0;
+    try {
+      await this.refresh();
+    } catch (err) {
+      this.log.error({ err }, "reading the replication backlog failed");
+    }
+    const pending = this.backlogRows;
+    if (pending === 0) {
+      // Nothing to send; connect anyway, so a wrong URL or token shows before the first row does.
+      this.roundOpen = false;
+      await this.central();
+      this.pushed();
+      return interval;
+    }
+    const now = this.now();
+    if (hot) {
+      if (this.roundAt === null || now - this.roundAt >= interval) {
+        this.roundAt = now;
+        this.roundOpen = true;
+        this.roundPushes = 0;
+      }
+      const urgent = pending >= HOT_BACKLOG_BATCHES * batchRows;
+      const inRound = this.roundOpen && (pending >= batchRows || this.roundPushes === 0);
+      if (!urgent && !inRound) {
+        this.roundOpen = false;
+        // Episodes first; look again before the round is due, in case the gateway went idle.
+        return Math.max(1, Math.min(this.roundAt + interval - now, Math.ceil(interval / 4)));
+      }
+    } else {
+      // Idle: push now. Rounds while episodes commit are counted from this push on.
+      this.roundOpen = false;
+      this.roundAt = now;
+    }
+    const started = performance.now();
+    await this.pushOnce();
+    this.pushed();
+    if (hot) this.roundPushes += 1;
+    return hot ? Math.max(1, Math.round(performance.now() - started)) : 0;
+  }
+
+  /** A push succeeded: the center is reachable (again). */
+  private pushed(): void {
+    if (this.failures > 0) this.log.info({ after_failures: this.failures }, "central server reachable again");
+    this.failures = 0;
+    this.lastError = null;
+    if (!this.stopping()) this.state = "streaming";
   }
 
   /** Record a failure; returns the backoff delay (exponential, capped, with jitter). */
@@ -456,6 +523,7 @@ export class Replicator {
   }
 
   private sleep(ms: number): Promise<void> {
+    if (this.opts.sleep) return Promise.race([this.opts.sleep(ms), this.stoppedP]);
     return new Promise((resolve) => {
       this.wake = () => {
         if (this.timer) clearTimeout(this.timer);

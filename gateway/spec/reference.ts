@@ -158,7 +158,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   replication: "Push every record to a central libSQL server (sqld); see docs/replication.md. Read at start.",
   "replication.url": "The central server: http(s)://, libsql:// or ws(s):// of sqld.",
   "replication.auth_token_env": "Environment variable holding the server's JWT (sent as a bearer token).",
-  "replication.interval": "How often an idle replicator looks for new rows.",
+  "replication.interval":
+    "How often an idle replicator looks for new rows; while episodes commit, it pushes at most one round of " +
+    "batches per interval (docs/replication.md).",
   "replication.batch_rows": "Queue entries per pushed batch (an episode brings its events and checkpoint).",
   "replication.required": "Retention keeps every row the center has not confirmed (until max_backlog_mb).",
   "replication.max_backlog_mb":

@@ -216,7 +216,7 @@ export interface ReplicationSpec {
   readonly url: string;
   /** Env name holding the server's auth token (a JWT); null: no token. */
   readonly auth_token_env: string | null;
-  /** How often an idle replicator looks for new rows, ms. */
+  /** How often an idle replicator looks for new rows (and the least time between push rounds while busy), ms. */
   readonly interval_ms: number;
   /** Most queued rows per pushed batch. */
   readonly batch_rows: number;
