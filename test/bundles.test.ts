@@ -155,7 +155,6 @@ describe("retention of bundles", () => {
         await store.saveBundle({ hash: h(c), module: `/m/${c}.ts`, code: `// ${c}`, at: old });
       await store.db.insert(tables.episodes).values({
         id: "ep-1",
-        gateway: store.gatewayId,
         agent: "t/a" as AgentId,
         stimulusSeq: 1,
         stimulusId: "id:1",

@@ -25,7 +25,6 @@ async function sealedRow(rec: CheckpointRecord = record): Promise<CheckpointRow>
   const { hash, stateText } = await sealCheckpoint(rec);
   return {
     hash,
-    gateway: "gw-1",
     agent: rec.agent as AgentId,
     seq: rec.seq,
     parent: rec.parent,

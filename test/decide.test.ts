@@ -62,7 +62,6 @@ function agent(over: Partial<AgentRow> = {}): AgentRow {
 function head(over: Partial<StimulusRow> = {}): StimulusRow {
   return {
     seq: 7,
-    gateway: "g",
     agent: "mon/a" as AgentId,
     sid: "id:1",
     kind: "manual",

@@ -174,6 +174,33 @@ describe("schema migrations", () => {
     }
   });
 
+  test("stimuli, episodes and checkpoints of an older data dir stop repeating its gateway id, rows kept", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    const count = async (client: ReturnType<typeof createClient>, table: string) =>
+      Number((await client.execute(`SELECT count(*) AS n FROM ${table}`)).rows[0]!.n);
+    const tables = ["stimuli", "episodes", "checkpoints"];
+    const before = await Promise.all(tables.map((tb) => count(c, tb)));
+    const ids = await c.execute(
+      "SELECT DISTINCT gateway FROM episodes UNION SELECT value FROM meta WHERE key = 'gateway_id'",
+    );
+    c.close();
+    // One gateway wrote everything: the id the rows repeated is the data dir's own.
+    expect(ids.rows).toHaveLength(1);
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      expect(store.gatewayId).toBe(String(ids.rows[0]![0]));
+      expect(await Promise.all(tables.map((tb) => count(store.client, tb)))).toEqual(before);
+      for (const tb of tables) {
+        const cols = (await store.client.execute(`PRAGMA table_info(${tb})`)).rows.map((r) => String(r.name));
+        expect(cols).not.toContain("gateway");
+      }
+      expect((await verifyStore(store)).problems).toEqual([]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("migration versions run 1, 2, 3 ... without gaps", () => {
     expect(MIGRATIONS.map((m) => m.version)).toEqual(MIGRATIONS.map((_, i) => i + 1));
   });

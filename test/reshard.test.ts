@@ -63,11 +63,11 @@ async function sources(): Promise<{ a: SyntheticFleet; b: SyntheticFleet; root: 
       receivedAt: T0 + HOUR,
     },
   ]);
-  const [ep] = (await b.store.client.execute("SELECT id, gateway FROM episodes WHERE agent = 'door/d3' LIMIT 1")).rows;
+  const [ep] = (await b.store.client.execute("SELECT id FROM episodes WHERE agent = 'door/d3' LIMIT 1")).rows;
   await b.store.client.execute({
     sql: `INSERT INTO wakeups (id, gateway, agent, due_at, payload, set_by, created_at)
       VALUES (?, ?, 'door/d3', ?, '{}', ?, ?)`,
-    args: [`${ep!.id}.w0`, String(ep!.gateway), T0 + 2 * HOUR, String(ep!.id), T0],
+    args: [`${ep!.id}.w0`, b.store.gatewayId, T0 + 2 * HOUR, String(ep!.id), T0],
   });
   await b.store.client.execute({
     sql: "INSERT INTO outbox (episode, seq, topic, payload, qos, retain, created_at) VALUES (?, 0, 'x', '{}', 1, 0, ?)",

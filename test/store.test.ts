@@ -153,7 +153,6 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     tables.stimuli,
     {
       seq: 77,
-      gateway: "gw",
       agent: aid("temp/boiler-1"),
       sid: "id:m-1",
       kind: "webhook",
@@ -174,7 +173,6 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     tables.episodes,
     {
       id: "ep-1",
-      gateway: "gw",
       agent: aid("temp/boiler-1"),
       stimulusSeq: 77,
       stimulusId: "id:m-1",
@@ -198,7 +196,6 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
     tables.checkpoints,
     {
       hash: HASH("3"),
-      gateway: "gw",
       agent: aid("temp/boiler-1"),
       seq: 5,
       parent: HASH("2"),

@@ -18,11 +18,17 @@ export interface EpisodeUsage {
   readonly cost: number;
 }
 
+/**
+ * A row as the episode executor builds it. A `gateway` on it is not stored: every row of a data
+ * dir is its own gateway's (`meta.gateway_id`, migration 16 of ./migrate.ts).
+ */
+export type WithGateway<T> = T & { readonly gateway?: string };
+
 /** Everything one committed episode writes, atomically. */
 export interface EpisodeCommit {
-  readonly episode: typeof t.episodes.$inferInsert;
+  readonly episode: WithGateway<typeof t.episodes.$inferInsert>;
   readonly events: readonly (typeof t.events.$inferInsert)[];
-  readonly checkpoint: typeof t.checkpoints.$inferInsert;
+  readonly checkpoint: WithGateway<typeof t.checkpoints.$inferInsert>;
   readonly outbox: readonly (typeof t.outbox.$inferInsert)[];
   /** Inbox stimuli for other agents (ctx.send), deduplicated by episode + seq. */
   readonly inbox: readonly NewStimulus[];
@@ -35,7 +41,7 @@ export interface EpisodeCommit {
 
 /** A failed episode attempt and what happens to its stimulus. */
 export interface EpisodeFailure {
-  readonly episode: typeof t.episodes.$inferInsert;
+  readonly episode: WithGateway<typeof t.episodes.$inferInsert>;
   readonly events: readonly (typeof t.events.$inferInsert)[];
   /** Retry not before this time, or quarantine when null. */
   readonly retryAt: number | null;
@@ -94,7 +100,6 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
   }
   for (const rows of chunks(c.inbox)) {
     const stimuli = rows.map((s) => ({
-      gateway: gatewayId,
       agent: s.agent,
       sid: s.sid,
       kind: s.kind,

@@ -268,6 +268,18 @@ const FLEET_COUNTS: readonly string[] = [
   `CREATE INDEX budget_usage_window ON budget_usage ("window", agent)`,
 ];
 
+/**
+ * The per-episode tables stop repeating the gateway id (issue 13: ~140 of ~2,050 bytes of a
+ * temp-monitor episode, 37 bytes on each stimulus, episode and checkpoint row). Every row of a
+ * data dir is its gateway's: `meta.gateway_id` says which, replication already sends that id
+ * instead of the column (gateway/replication/tables.ts), and no hash seals it.
+ */
+const IMPLIED_GATEWAY: readonly string[] = [
+  `ALTER TABLE stimuli DROP COLUMN gateway`,
+  `ALTER TABLE episodes DROP COLUMN gateway`,
+  `ALTER TABLE checkpoints DROP COLUMN gateway`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -285,6 +297,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 13, name: "agent counts index", statements: AGENT_COUNTS },
   { version: 14, name: "event log without rowid", statements: EVENTS_BY_KEY },
   { version: 15, name: "fleet counts", statements: FLEET_COUNTS },
+  { version: 16, name: "gateway id implied on per-episode rows", statements: IMPLIED_GATEWAY },
 ];
 
 /** The schema version this code writes. */

@@ -1,9 +1,10 @@
 /**
  * The drizzle schema: the one source of truth for tables (DDL in ./migrate.ts mirrors it,
  * and test/store.test.ts checks the two agree). Designed for replication (docs/replication.md):
- * every record names its gateway; immutable records are keyed by content hash or by
- * (gateway, seq)/UUIDv7; the mutable rows are `agents`, `stimuli.state`, `outbox` and
- * `budget_usage`.
+ * the records of a data dir are its gateway's (`meta.gateway_id`; the pusher puts it on every
+ * central row, and the per-episode tables `stimuli`, `episodes` and `checkpoints` do not repeat
+ * it, migration 16); immutable records are keyed by content hash or by (gateway, seq)/UUIDv7;
+ * the mutable rows are `agents`, `stimuli.state`, `outbox` and `budget_usage`.
  */
 import { sql } from "drizzle-orm";
 import { sqliteTable, text, integer, real, blob, primaryKey, uniqueIndex, index } from "drizzle-orm/sqlite-core";
@@ -103,7 +104,6 @@ export const stimuli = sqliteTable(
   "stimuli",
   {
     seq: integer("seq").primaryKey({ autoIncrement: true }),
-    gateway: text("gateway").notNull(),
     agent: text("agent").$type<AgentId>().notNull(),
     sid: text("sid").notNull(),
     kind: text("kind").$type<StoredStimulusKind>().notNull(),
@@ -156,7 +156,6 @@ export const episodes = sqliteTable(
   "episodes",
   {
     id: text("id").primaryKey(),
-    gateway: text("gateway").notNull(),
     agent: text("agent").$type<AgentId>().notNull(),
     stimulusSeq: integer("stimulus_seq").notNull(),
     stimulusId: text("stimulus_id").notNull(),
@@ -205,7 +204,6 @@ export const checkpoints = sqliteTable(
   "checkpoints",
   {
     hash: text("hash").primaryKey(),
-    gateway: text("gateway").notNull(),
     agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
     parent: text("parent"),

@@ -363,11 +363,10 @@ export class Store {
     for (const part of chunks(all)) {
       stmts.push({
         sql:
-          `INSERT INTO stimuli (gateway, agent, sid, kind, topic, payload, ` +
-          `received_at, expires_at, traceparent) VALUES ${part.map(() => "(?,?,?,?,?,?,?,?,?)").join(",")}
+          `INSERT INTO stimuli (agent, sid, kind, topic, payload, ` +
+          `received_at, expires_at, traceparent) VALUES ${part.map(() => "(?,?,?,?,?,?,?,?)").join(",")}
           ON CONFLICT DO NOTHING RETURNING seq, agent, sid`,
         args: part.flatMap((s) => [
-          this.gatewayId,
           s.agent,
           s.sid,
           s.kind,

@@ -56,7 +56,6 @@ export async function seedHistory(dbPath: string, agents: number, episodes: numb
   try {
     await c.execute("PRAGMA journal_mode = WAL");
     await c.execute("PRAGMA synchronous = NORMAL");
-    const gw = String((await c.execute("SELECT value FROM meta WHERE key = 'gateway_id'")).rows[0]?.[0] ?? "bench");
     const spec = String((await c.execute("SELECT hash FROM spec_versions LIMIT 1")).rows[0]?.[0] ?? "spec");
     const step = 50_000;
     for (let from = 0; from < episodes; from += step) {
@@ -67,15 +66,15 @@ export async function seedHistory(dbPath: string, agents: number, episodes: numb
       const at = `${t0} + i * 100`;
       await c.batch(
         [
-          `${n} INSERT INTO stimuli (gateway, agent, sid, kind, topic, payload, received_at, state, attempts, episode,
-            done_at) SELECT '${gw}', ${agent}, 's:' || i, 'mqtt', 'bench/a' || (i % ${agents}) || '/t',
+          `${n} INSERT INTO stimuli (agent, sid, kind, topic, payload, received_at, state, attempts, episode,
+            done_at) SELECT ${agent}, 's:' || i, 'mqtt', 'bench/a' || (i % ${agents}) || '/t',
             CAST('{"n":1}' AS BLOB), ${at} - 5, 'done', 1, ${id}, ${at} FROM n`,
-          `${n} INSERT INTO checkpoints (hash, gateway, agent, seq, parent, episode, spec_version, state, created_at)
-            SELECT lower(hex(randomblob(32))), '${gw}', ${agent}, i / ${agents} + 1, NULL, ${id}, '${spec}',
+          `${n} INSERT INTO checkpoints (hash, agent, seq, parent, episode, spec_version, state, created_at)
+            SELECT lower(hex(randomblob(32))), ${agent}, i / ${agents} + 1, NULL, ${id}, '${spec}',
             '{"count":1}', ${at} FROM n`,
-          `${n} INSERT INTO episodes (id, gateway, agent, stimulus_seq, stimulus_id, spec_version, status, attempt,
+          `${n} INSERT INTO episodes (id, agent, stimulus_seq, stimulus_id, spec_version, status, attempt,
             started_at, ended_at, checkpoint, parent, events_hash, event_count, stimulus_kind)
-            SELECT ${id}, '${gw}', ${agent}, i + 1, 's:' || i, '${spec}', 'committed', 1, ${at} - 2, ${at},
+            SELECT ${id}, ${agent}, i + 1, 's:' || i, '${spec}', 'committed', 1, ${at} - 2, ${at},
             lower(hex(randomblob(32))), NULL, lower(hex(randomblob(32))), 2, 'mqtt' FROM n`,
           `${n} INSERT INTO events (episode, seq, kind, data) SELECT ${id}, 0, 'stimulus', '{"kind":"mqtt"}' FROM n
             UNION ALL SELECT ${id}, 1, 'end', '{"k":"end"}' FROM n`,
