@@ -21,6 +21,8 @@ export interface FleetEventMap {
     quarantined: boolean;
   };
   status: { agent: string; status: AgentStatus; reason?: string; checkpoint?: string | null };
+  /** An episode's process started: from the warm spares, or spawned for it. */
+  spawn: { type: string; start: "warm" | "cold" };
   /** Stimuli left in a retired agent's queue were refused (recorded as `rejected`). */
   rejected: { agent: string; count: number; reason: string };
   /** Messages that matched a subscription but named no valid agent were recorded as rejected. */

@@ -614,7 +614,14 @@ export class Gateway {
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
-      run: (start, limits, onTool) => runEpisode(start, limits, onTool, spawnOptions, spares, this.procs),
+      // Fairness at spawning: an agent with more stimuli queued behind this one (a flood) leaves
+      // the last warm spare to agents that wait for one stimulus, and starts cold.
+      run: async (start, limits, onTool) => {
+        const flooded = this.book.queued(start.agent.id as AgentId) > 1 && spares.available(limits) <= 1;
+        const r = await runEpisode(start, limits, onTool, spawnOptions, flooded ? undefined : spares, this.procs);
+        this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
+        return r;
+      },
       toolEnv: { secrets: this.secrets, fetch, admit: (a, max) => this.book.admit(a, max) },
       events: this.events,
       log: this.log,

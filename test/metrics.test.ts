@@ -25,6 +25,7 @@ const TOML =
 const REQUIRED: Record<string, string> = {
   fleet_episodes_total: "counter",
   fleet_episode_duration_seconds: "histogram",
+  fleet_episode_starts_total: "counter",
   fleet_stimuli_total: "counter",
   fleet_dedup_hits_total: "counter",
   fleet_queue_depth: "gauge",
@@ -131,6 +132,9 @@ describe("/metrics", () => {
       expect(sampleValue(x, "fleet_episode_duration_seconds_count", { type: "counter" })).toBe(4);
       expect(sampleValue(x, "fleet_episode_duration_seconds_sum", { type: "counter" })).toBeGreaterThan(0);
       expect(sampleValue(x, "fleet_episode_duration_seconds_bucket", { type: "counter", le: "+Inf" })).toBe(4);
+      // Every episode's process started one way or the other: a warm spare or spawned for it.
+      const started = (start: string) => sampleValue(x, "fleet_episode_starts_total", { type: "counter", start }) ?? 0;
+      expect(started("warm") + started("cold")).toBe(4);
       expect(sampleValue(x, "fleet_episode_failures_total", { type: "thrower", kind: "threw" })).toBe(1);
       expect(sampleValue(x, "fleet_stimuli_quarantined_total", { type: "thrower" })).toBe(1);
       expect(sampleValue(x, "fleet_stimuli_total", { source: "manual" })).toBe(4);
@@ -255,6 +259,7 @@ describe("/metrics", () => {
       "major",
       "minor",
       "patch",
+      "start",
     ]);
     for (const s of after.samples)
       for (const l of Object.keys(s.labels))

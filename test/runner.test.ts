@@ -767,6 +767,7 @@ describe("warm spares", () => {
           pids.push(emit.data.pid);
           // From the second episode on, the host came from the pool of spares started earlier.
           if (i > 0) expect(before.size).toBeGreaterThan(0);
+          if (i > 0) expect(r.start).toBe("warm");
           for (const p of before) if (!pool.pids().includes(p)) hostPids.push(p);
         }
         // The state carried over (via the checkpoint handed in), the process never did.

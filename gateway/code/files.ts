@@ -36,14 +36,29 @@ function enterableByOthers(dir: string): boolean {
 
 let tmpBundles: string | null = null;
 
+/**
+ * /var/tmp before the temp dir: the episode sandbox mounts a private tmpfs on /tmp, which would
+ * hide a bundle staged under /tmp in a warm spare's root, so every episode would start cold.
+ */
 function privateTmpDir(): string {
   if (tmpBundles === null || !existsSync(tmpBundles)) {
-    const made = mkdtempSync(join(tmpdir(), "fleet-bundles-"));
+    const made = makeTempDir("fleet-bundles-");
     chmodSync(made, 0o755);
     tmpBundles = made;
     process.once("exit", () => rmSync(made, { recursive: true, force: true }));
   }
   return tmpBundles;
+}
+
+function makeTempDir(prefix: string): string {
+  for (const base of ["/var/tmp", tmpdir()]) {
+    try {
+      return mkdtempSync(join(base, prefix));
+    } catch {
+      // not there, or not ours to write: the next
+    }
+  }
+  return mkdtempSync(join(tmpdir(), prefix));
 }
 
 /** A bundle the store does not have (or whose stored code does not hash to its name). */

@@ -65,6 +65,7 @@ export type RunResult =
       readonly version?: number;
       /** The state version the episode migrated from, when it ran `migrate`. */
       readonly migratedFrom?: number;
+      readonly start?: StartKind;
     }
   | {
       readonly ok: false;
@@ -72,7 +73,11 @@ export type RunResult =
       readonly message: string;
       readonly records: EpisodeRecord[];
       readonly ms: number;
+      readonly start?: StartKind;
     };
+
+/** How an episode's process started: taken from the warm spares, or spawned for it (cold). */
+export type StartKind = "warm" | "cold";
 
 /** Answers a tool call from the subprocess; records it as it sees fit. */
 export type ToolHandler = (
@@ -114,15 +119,17 @@ export async function runEpisode(
     | { ok: false; kind: FailureKind; message: string };
   const finish = (r: Outcome): void => {
     if (outcome) return;
-    outcome = { ...r, records, ms: performance.now() - began } as RunResult;
+    outcome = { ...r, records, ms: performance.now() - began, start: startKind } as RunResult;
     settle();
   };
 
   let taken: HostProcess | null = null;
+  let startKind: StartKind = "cold";
   try {
     // Under bubblewrap the sandbox shows the agent's own files and nothing else of the project.
     const files = spawnOpts.bwrap ? agentFiles(start.module, HOST_PATHS) : null;
     const spare = files === null || spareCanLoad(files, HOST_PATHS) ? pool?.take(limits, files) : null;
+    if (spare) startKind = "warm";
     taken = spare ?? HostProcess.start(limits, spawnOpts, files, procs);
     taken.prepare(files);
   } catch (err) {

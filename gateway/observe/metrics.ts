@@ -131,6 +131,14 @@ export class FleetMetrics {
       buckets: EPISODE_BUCKETS,
       registers,
     });
+    const starts = new Counter({
+      name: "fleet_episode_starts_total",
+      help:
+        "Episode processes started, by agent type and start (warm: a spare started ahead of need; cold: " +
+        "spawned for it, e.g. no spare left, or an agent with a backlog leaving the last spare to others).",
+      labelNames: ["type", "start"],
+      registers,
+    });
     const stimuli = new Counter({
       name: "fleet_stimuli_total",
       help: "Stimuli accepted (durably queued) by source (mqtt|timer|webhook|inbox|manual).",
@@ -195,6 +203,7 @@ export class FleetMetrics {
         this.rates.add("duplicates", e.duplicates);
       }),
       host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
+      host.events.on("spawn", (e) => starts.inc({ type: e.type, start: e.start })),
       host.events.on("rejectedMessage", (e) => rejectedMessages.inc(e.count)),
       host.events.on("infra", (e) => {
         degraded.set(e.state === "degraded" ? 1 : 0);
@@ -204,6 +213,7 @@ export class FleetMetrics {
     // Pre-create the outcome series so a fresh gateway exposes zeros rather than nothing.
     for (const type of Object.keys(host.spec.spec.agents)) {
       for (const outcome of ["committed", "failed"]) episodes.inc({ type, outcome }, 0);
+      for (const start of ["warm", "cold"]) starts.inc({ type, start }, 0);
     }
     this.observeCommits(host.store);
 

@@ -1,0 +1,83 @@
+/**
+ * Fairness at spawning: an agent with a backlog does not take the last warm spare, so an agent
+ * waiting on one stimulus still gets a warm start (docs/sandbox.md "Warm spares and fairness").
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import { Gateway } from "../gateway/gateway.ts";
+import { readLocalToken } from "../gateway/auth/index.ts";
+import { authed, waitFor } from "./helpers/gateway.ts";
+import { sampleValue, scrape } from "./helpers/prom.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
+
+let dir: string;
+let gw: Gateway;
+let base: string;
+let token: string;
+
+beforeAll(async () => {
+  dir = mkdtempSync(join(tmpdir(), "fleet-fairness-"));
+  writeFileSync(
+    join(dir, "fleet.toml"),
+    fleetHeader("fairness-test", { maxConcurrent: 1, fleet: "warm_spares = 1" }) +
+      counterType("counter", "f/+/in", { instances: ["a", "b"] }),
+  );
+  gw = new Gateway({
+    configPath: join(dir, "fleet.toml"),
+    dataDir: join(dir, "data"),
+    mqttPort: 0,
+    httpPort: 0,
+    logger: pino({ level: "silent" }),
+  });
+  await gw.start();
+  base = `http://127.0.0.1:${gw.http.port}`;
+  token = readLocalToken(join(dir, "data"))!;
+});
+
+afterAll(async () => {
+  await gw?.stop();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const post = (path: string, body?: unknown) =>
+  fetch(
+    `${base}${path}`,
+    authed(token, { method: "POST", body: body === undefined ? undefined : JSON.stringify(body) }),
+  );
+
+async function starts(): Promise<{ warm: number; cold: number; committed: number }> {
+  const x = await scrape(base);
+  return {
+    warm: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "warm" }) ?? 0,
+    cold: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "cold" }) ?? 0,
+    committed: sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) ?? 0,
+  };
+}
+
+describe("warm spares under a flood", () => {
+  test("an agent with a backlog leaves the last spare to others and starts cold; its last one is warm", async () => {
+    // One stimulus for b: the pool is empty, so it starts cold and a spare is started behind it.
+    expect((await post("/api/send", { topic: "f/b/in", payload: { id: "b1" } })).status).toBe(202);
+    await waitFor(async () => ((await starts()).committed === 1 ? true : undefined), 20_000, "b's episode", 50);
+    // Three for a, queued while it is paused, then let go.
+    expect((await post("/api/agents/counter/a/pause")).status).toBe(200);
+    for (const id of ["a1", "a2", "a3"])
+      expect((await post("/api/send", { topic: "f/a/in", payload: { id } })).status).toBe(202);
+    expect((await post("/api/agents/counter/a/resume")).status).toBe(200);
+    const done = await waitFor(
+      async () => {
+        const s = await starts();
+        return s.committed === 4 ? s : undefined;
+      },
+      30_000,
+      "a's three episodes",
+      50,
+    );
+    // b cold (no spare yet); a1 and a2 cold (more queued behind them, one spare left);
+    // a3 warm (nothing queued behind it).
+    expect(done).toEqual({ warm: 1, cold: 3, committed: 4 });
+  }, 60_000);
+});
