@@ -104,7 +104,8 @@ describe("agent_counts in the store", () => {
     expect(Object.values(after).reduce((n, v) => n + v.n, 0)).toBe(6);
   });
 
-  test("the migration counts the agents a data dir already has", async () => {
+  /** A data dir as the release before the counts table left it, with 50 agents in every status. */
+  async function olderDataDir(): Promise<string> {
     const path = join(tempDir(), "fleet.db");
     const c = createClient({ url: `file:${path}` });
     const before = MIGRATIONS.filter((m) => m.name !== "fleet counts");
@@ -119,7 +120,21 @@ describe("agent_counts in the store", () => {
       });
     }
     c.close();
-    store = await Store.open(path, { synchronous: "normal" });
+    return path;
+  }
+
+  test("a read-only handle of an older data dir (no counts table) counts the agents table", async () => {
+    store = await Store.open(await olderDataDir(), { synchronous: "normal", readonly: true });
+    const byKey: Record<string, number> = {};
+    for (const c of await store.agentCounts()) byKey[`${c.type}/${c.status}`] = c.n;
+    expect(byKey).toMatchObject({ "t0/active": 5, "t1/paused": 5, "t0/retired": 5 });
+    expect(Object.values(byKey).reduce((a, b) => a + b, 0)).toBe(50);
+    expect((await store.listAgents({ limit: 1 })).total).toBe(50);
+    expect((await store.listAgents({ type: "t1", status: "paused", limit: 1 })).total).toBe(5);
+  });
+
+  test("the migration counts the agents a data dir already has", async () => {
+    store = await Store.open(await olderDataDir(), { synchronous: "normal" });
     const want = await expectTruth(store);
     expect(want["t1/paused"]).toEqual({ n: 5, budget: 5 });
     expect(Object.values(want).reduce((n, v) => n + v.n, 0)).toBe(50);

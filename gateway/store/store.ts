@@ -79,6 +79,11 @@ export class Store {
     /** This gateway's id; stamped on every record for replication (docs/replication.md). */
     readonly gatewayId: string,
     readonly path: string,
+    /**
+     * False only on a read-only handle of a data dir an older release wrote (before migration 15):
+     * counts are then read from the agents table itself.
+     */
+    private readonly hasCounts: boolean,
   ) {}
 
   /** Open the database file, migrating it, and load (or mint) the gateway id. */
@@ -90,7 +95,9 @@ export class Store {
       await db.insert(t.meta).values({ key: "gateway_id", value: gatewayId }).onConflictDoNothing();
       gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())!.value;
     }
-    return new Store(client, db, new GroupCommitter(client, opts.commitFault ?? null), gatewayId ?? "unknown", path);
+    const counts = await client.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agent_counts'");
+    const committer = new GroupCommitter(client, opts.commitFault ?? null);
+    return new Store(client, db, committer, gatewayId ?? "unknown", path, counts.rows.length > 0);
   }
 
   /** Flush pending writes and close the file. */
@@ -271,7 +278,7 @@ export class Store {
 
   /** How many agents there are (of `type`, in `status`), from `agent_counts`. */
   async countAgents(type?: string, status?: t.StoredAgentStatus): Promise<number> {
-    const conds = ["n > 0"];
+    const conds = [this.hasCounts ? "n > 0" : "true"];
     const args: string[] = [];
     if (type) {
       conds.push("type = ?");
@@ -282,7 +289,9 @@ export class Store {
       args.push(status);
     }
     const rs = await this.client.execute({
-      sql: `SELECT coalesce(sum(n), 0) FROM agent_counts WHERE ${conds.join(" AND ")}`,
+      sql: this.hasCounts
+        ? `SELECT coalesce(sum(n), 0) FROM agent_counts WHERE ${conds.join(" AND ")}`
+        : `SELECT count(*) FROM agents WHERE ${conds.join(" AND ")}`,
       args,
     });
     return Number(rs.rows[0]?.[0] ?? 0);
@@ -299,6 +308,12 @@ export class Store {
 
   /** Agent counts by type and stored status (from `agent_counts`: a few rows per type, not one per agent). */
   agentCounts() {
+    if (!this.hasCounts)
+      return this.db
+        .select({ type: t.agents.type, status: t.agents.status, n: count() })
+        .from(t.agents)
+        .groupBy(t.agents.type, t.agents.status)
+        .all();
     const c = t.agentCounts;
     return this.db
       .select({ type: c.type, status: c.status, n: sql<number>`sum(${c.n})`.mapWith(Number) })
