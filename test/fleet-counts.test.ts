@@ -108,7 +108,8 @@ describe("agent_counts in the store", () => {
   async function olderDataDir(): Promise<string> {
     const path = join(tempDir(), "fleet.db");
     const c = createClient({ url: `file:${path}` });
-    const before = MIGRATIONS.filter((m) => m.name !== "fleet counts");
+    const counts = MIGRATIONS.find((m) => m.name === "fleet counts")!.version;
+    const before = MIGRATIONS.filter((m) => m.version < counts);
     await migrate(c, path, before);
     const now = Date.now();
     for (let i = 0; i < 50; i++) {
