@@ -14,7 +14,7 @@ import pino from "pino";
 import { Gateway } from "../gateway/gateway.ts";
 import { MIGRATIONS, Store, migrate } from "../gateway/store/index.ts";
 import { agentId, type AgentId, type StimulusId } from "../gateway/types.ts";
-import { agentStatusByType } from "../gateway/observe/index.ts";
+import { agentStatusByType, usageByType } from "../gateway/observe/index.ts";
 import { readLocalToken } from "../gateway/auth/index.ts";
 import { authed } from "./helpers/gateway.ts";
 import { samplesOf, scrape } from "./helpers/prom.ts";
@@ -167,6 +167,82 @@ describe("agent_counts in the store", () => {
       after = rows.at(-1)!.id;
     }
     expect(seen).toEqual(keys);
+  });
+});
+
+describe("usage_totals in the store", () => {
+  let store: Store;
+  afterEach(() => store?.close());
+
+  /** Book `episodes` episodes for `agent` in `window` the way a commit does (upsert, incremented in place). */
+  const book = (agent: string, window: string, tokens: number, cost: number) =>
+    store.client.execute({
+      sql: `INSERT INTO budget_usage (agent, "window", episodes, tool_calls, tokens, cost) VALUES (?, ?, 1, 2, ?, ?)
+        ON CONFLICT (agent, "window") DO UPDATE SET episodes = episodes + excluded.episodes,
+        tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost`,
+      args: [agent, window, tokens, cost],
+    });
+
+  /** Per window and type, from the ledger's rows themselves and from the totals the snapshot reads. */
+  async function both(windows: readonly string[]) {
+    const rs = await store.client.execute(
+      `SELECT "window", substr(agent, 1, instr(agent, '/') - 1) AS type, count(*) AS agents, sum(episodes) AS episodes,
+        max(episodes) AS maxEpisodes, sum(tool_calls) AS toolCalls, sum(tokens) AS tokens, max(tokens) AS maxTokens,
+        round(sum(cost), 6) AS cost, max(cost) AS maxCost FROM budget_usage GROUP BY 1, 2 ORDER BY 1, 2`,
+    );
+    const want = rs.rows
+      .filter((r) => windows.includes(String(r.window)))
+      .map((r) => Object.fromEntries(Object.entries(r).map(([k, v]) => [k, typeof v === "string" ? v : Number(v)])));
+    const got = (await usageByType(store, windows))
+      .map((u) => ({ ...u, cost: Math.round(u.cost * 1e6) / 1e6 }))
+      .sort((a, b) => `${a.window}${a.type}`.localeCompare(`${b.window}${b.type}`));
+    return { want, got };
+  }
+
+  test("per-type budget totals and top agent equal the ledger after bookings, retention and a restart", async () => {
+    const path = join(tempDir(), "fleet.db");
+    store = await Store.open(path, { synchronous: "normal" });
+    const windows = ["h:10", "d:1", "h:9"];
+    for (let i = 0; i < 40; i++) {
+      const agent = `${["temp", "door"][i % 2]}/k${i % 7}`;
+      await book(agent, windows[i % 3]!, 10 * i, 0.1 * i);
+    }
+    let r = await both(windows);
+    expect(r.got).toEqual(r.want as never);
+    expect(r.got.length).toBe(6);
+
+    // Retention deletes an old window's rows: its totals go with the last one.
+    await store.client.execute(`DELETE FROM budget_usage WHERE "window" = 'h:9' AND agent LIKE 'temp/%'`);
+    r = await both(windows);
+    expect(r.got).toEqual(r.want as never);
+    expect(r.got.some((u) => u.window === "h:9" && u.type === "temp")).toBe(false);
+
+    await store.close();
+    store = await Store.open(path, { synchronous: "normal" });
+    await book("door/k1", "h:10", 5, 0.5);
+    r = await both(windows);
+    expect(r.got).toEqual(r.want as never);
+  });
+
+  test("the migration totals the ledger a data dir already has", async () => {
+    const path = join(tempDir(), "fleet.db");
+    const c = createClient({ url: `file:${path}` });
+    const totals = MIGRATIONS.find((m) => m.name === "budget use per type")!.version;
+    await migrate(
+      c,
+      path,
+      MIGRATIONS.filter((m) => m.version < totals),
+    );
+    for (let i = 0; i < 30; i++)
+      await c.execute({
+        sql: `INSERT INTO budget_usage (agent, "window", episodes, tool_calls, tokens, cost) VALUES (?, ?, ?, 0, ?, ?)`,
+        args: [`t${i % 3}/k${i}`, i % 2 ? "h:5" : "d:0", i + 1, 7 * i, 0.25 * i],
+      });
+    c.close();
+    store = await Store.open(path, { synchronous: "normal" });
+    const r = await both(["h:5", "d:0"]);
+    expect(r.got).toEqual(r.want as never);
+    expect(r.got.length).toBe(6);
   });
 });
 

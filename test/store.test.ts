@@ -209,6 +209,21 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   ],
   [tables.agentCounts, { type: "temp", status: "paused", timed: 1, n: 3 }],
   [
+    tables.usageTotals,
+    {
+      window: "h:472200",
+      type: "temp",
+      agents: 2,
+      episodes: 9,
+      toolCalls: 4,
+      tokens: 900,
+      cost: 1.25,
+      maxEpisodes: 5,
+      maxTokens: 600,
+      maxCost: 1,
+    },
+  ],
+  [
     tables.outbox,
     { id: 12, episode: "ep-1", seq: 0, topic: "alerts/x", payload: '{"t":90}', qos: 0, retain: true, createdAt: T0 },
   ],

@@ -3,7 +3,7 @@
  * Every query here is aggregated by agent *type* or bounded by a limit, so its cost does
  * not grow into one row per agent on the wire.
  */
-import { and, desc, eq, gt, inArray, lt, sql, count, min, max, sum } from "drizzle-orm";
+import { and, desc, eq, gt, inArray, lt, sql, count, min } from "drizzle-orm";
 import { tables as t, type Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
 
@@ -38,26 +38,28 @@ export function queueByType(store: Store) {
     .all();
 }
 
-/** Budget ledger of the given windows per type: totals and the highest single agent. */
+/**
+ * Budget ledger of the given windows per type: totals and the highest single agent. Read from
+ * `usage_totals`, which triggers keep in step with `budget_usage` (store/migrate.ts, migration 17):
+ * one row per window and type, not one per agent.
+ */
 export function usageByType(store: Store, windows: readonly string[]) {
-  const u = t.budgetUsage;
+  const u = t.usageTotals;
   return store.db
     .select({
-      type: t.agents.type,
+      type: u.type,
       window: u.window,
-      agents: count(),
-      episodes: sum(u.episodes).mapWith(Number),
-      maxEpisodes: max(u.episodes),
-      toolCalls: sum(u.toolCalls).mapWith(Number),
-      tokens: sum(u.tokens).mapWith(Number),
-      maxTokens: max(u.tokens),
-      cost: sum(u.cost).mapWith(Number),
-      maxCost: max(u.cost),
+      agents: u.agents,
+      episodes: u.episodes,
+      maxEpisodes: u.maxEpisodes,
+      toolCalls: u.toolCalls,
+      tokens: u.tokens,
+      maxTokens: u.maxTokens,
+      cost: u.cost,
+      maxCost: u.maxCost,
     })
     .from(u)
-    .innerJoin(t.agents, eq(t.agents.id, u.agent))
     .where(inArray(u.window, [...windows]))
-    .groupBy(t.agents.type, u.window)
     .all();
 }
 

@@ -280,6 +280,50 @@ const IMPLIED_GATEWAY: readonly string[] = [
   `ALTER TABLE checkpoints DROP COLUMN gateway`,
 ];
 
+/** The agent type of a `budget_usage` row: the part of its agent id before the first `/` (types have none). */
+const usageType = (row: "NEW" | "OLD") => `substr(${row}.agent, 1, instr(${row}.agent, '/') - 1)`;
+
+/**
+ * Budget use per window and agent type kept by the database (issue 13: `/metrics` and
+ * `fleet/health` with 100,000 agents). The per-type totals and per-type highest single agent
+ * were a join of every `budget_usage` row of the current hour and day windows with `agents`:
+ * with 100,000 agents active, 400-800 ms for each snapshot (once a second while scraped, and on
+ * every health tick). Triggers keep `usage_totals` in the same transaction as each booking.
+ * A `budget_usage` row is only ever inserted, incremented in place (its key never changes) or
+ * deleted by retention, so sums follow exactly and `max_*` (a row's use only grows within its
+ * window) is exact until retention deletes rows of the window, which no budget reads any more;
+ * a window's totals row goes with its last usage row. `budget_usage_window` (migration 15) served
+ * the join and is dropped.
+ */
+const USAGE_TOTALS: readonly string[] = [
+  `CREATE TABLE usage_totals (
+    "window" TEXT NOT NULL, type TEXT NOT NULL, agents INTEGER NOT NULL, episodes INTEGER NOT NULL,
+    tool_calls INTEGER NOT NULL, tokens INTEGER NOT NULL, cost REAL NOT NULL, max_episodes INTEGER NOT NULL,
+    max_tokens INTEGER NOT NULL, max_cost REAL NOT NULL, PRIMARY KEY ("window", type)) WITHOUT ROWID`,
+  `INSERT INTO usage_totals
+    SELECT "window", substr(agent, 1, instr(agent, '/') - 1), count(*), sum(episodes), sum(tool_calls), sum(tokens),
+      sum(cost), max(episodes), max(tokens), max(cost) FROM budget_usage GROUP BY 1, 2`,
+  `CREATE TRIGGER usage_totals_new AFTER INSERT ON budget_usage BEGIN
+    INSERT INTO usage_totals VALUES (NEW."window", ${usageType("NEW")}, 1, NEW.episodes, NEW.tool_calls, NEW.tokens,
+      NEW.cost, NEW.episodes, NEW.tokens, NEW.cost)
+    ON CONFLICT ("window", type) DO UPDATE SET agents = agents + 1, episodes = episodes + excluded.episodes,
+      tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost,
+      max_episodes = max(max_episodes, excluded.max_episodes), max_tokens = max(max_tokens, excluded.max_tokens),
+      max_cost = max(max_cost, excluded.max_cost); END`,
+  `CREATE TRIGGER usage_totals_set AFTER UPDATE ON budget_usage BEGIN
+    UPDATE usage_totals SET episodes = episodes + NEW.episodes - OLD.episodes,
+      tool_calls = tool_calls + NEW.tool_calls - OLD.tool_calls, tokens = tokens + NEW.tokens - OLD.tokens,
+      cost = cost + NEW.cost - OLD.cost, max_episodes = max(max_episodes, NEW.episodes),
+      max_tokens = max(max_tokens, NEW.tokens), max_cost = max(max_cost, NEW.cost)
+    WHERE "window" = NEW."window" AND type = ${usageType("NEW")}; END`,
+  `CREATE TRIGGER usage_totals_gone AFTER DELETE ON budget_usage BEGIN
+    UPDATE usage_totals SET agents = agents - 1, episodes = episodes - OLD.episodes,
+      tool_calls = tool_calls - OLD.tool_calls, tokens = tokens - OLD.tokens, cost = cost - OLD.cost
+    WHERE "window" = OLD."window" AND type = ${usageType("OLD")};
+    DELETE FROM usage_totals WHERE "window" = OLD."window" AND type = ${usageType("OLD")} AND agents <= 0; END`,
+  `DROP INDEX budget_usage_window`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -298,6 +342,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 14, name: "event log without rowid", statements: EVENTS_BY_KEY },
   { version: 15, name: "fleet counts", statements: FLEET_COUNTS },
   { version: 16, name: "gateway id implied on per-episode rows", statements: IMPLIED_GATEWAY },
+  { version: 17, name: "budget use per type", statements: USAGE_TOTALS },
 ];
 
 /** The schema version this code writes. */

@@ -242,7 +242,30 @@ export const budgetUsage = sqliteTable(
     tokens: integer("tokens").notNull().default(0),
     cost: real("cost").notNull().default(0),
   },
-  (t) => [primaryKey({ columns: [t.agent, t.window] }), index("budget_usage_window").on(t.window, t.agent)],
+  (t) => [primaryKey({ columns: [t.agent, t.window] })],
+);
+
+/**
+ * Budget use per window and agent type: the sums over the type's `budget_usage` rows and the
+ * highest single agent. Kept by triggers on `budget_usage` (store/migrate.ts, migration 17);
+ * never written by code.
+ */
+export const usageTotals = sqliteTable(
+  "usage_totals",
+  {
+    window: text("window").notNull(),
+    type: text("type").notNull(),
+    /** Agents with a row in the window. */
+    agents: integer("agents").notNull(),
+    episodes: integer("episodes").notNull(),
+    toolCalls: integer("tool_calls").notNull(),
+    tokens: integer("tokens").notNull(),
+    cost: real("cost").notNull(),
+    maxEpisodes: integer("max_episodes").notNull(),
+    maxTokens: integer("max_tokens").notNull(),
+    maxCost: real("max_cost").notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.window, t.type] })],
 );
 
 /**
