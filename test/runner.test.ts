@@ -969,6 +969,29 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
   );
 });
 
+describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares' roots are reused", () => {
+  test("a root emptied after its episode shows the next agent nothing of the one before", async () => {
+    const pool = new SparePool(1, BWRAP!, PROCS);
+    const before = fixture("records");
+    try {
+      pool.take(LIMITS); // primes a spare
+      await waitUntil(() => pool.pids().length > 0, "a spare is up");
+      const first = await runEpisode(start("records"), LIMITS, noTools, BWRAP!, pool);
+      expect(first.ok).toBe(true);
+      // Two more from the pool: the second starts in the first one's root, emptied when it ended.
+      let seen: Record<string, Snooped> = {};
+      for (let i = 0; i < 2; i++) {
+        await waitUntil(() => pool.pids().length > 0, "a spare is up");
+        seen = await snoop(BWRAP!, { read: [before, SNOOP] }, pool);
+      }
+      expect(seen[`read ${before}`]).toEqual({ ok: false, code: "ENOENT" });
+      expect(seen[`read ${SNOOP}`]?.ok).toBe(true);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
 describe.if(process.getuid?.() === 0)("without namespaces (sandbox uid)", () => {
   test("a 0600 file in a 0700 directory (the data dir) is out of reach of the episode's uid", async () => {
     const dir = mkdtempSync(join(tmpdir(), "fleet-datadir-"));

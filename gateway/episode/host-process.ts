@@ -189,7 +189,7 @@ export class HostProcess {
 
   /** A warm spare: under bubblewrap its root is an empty staging directory until `prepare`. */
   static spare(key: string, limits: ProcessLimits, spawnOpts: SpawnOptions, procs: ProcessTable): HostProcess {
-    const root = spawnOpts.bwrap ? new StagingRoot(hostRuntime(spawnOpts)) : null;
+    const root = spawnOpts.bwrap ? StagingRoot.for(hostRuntime(spawnOpts)) : null;
     if (root) spawnOpts.ledger?.addRoot(dirname(root.dir));
     try {
       return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}), spawnOpts, procs, root);
@@ -238,7 +238,7 @@ export class HostProcess {
     this.channel.stop();
     await this.channel.done;
     void Promise.resolve((this.proc.stdin as import("bun").FileSink).end()).catch(() => undefined);
-    this.root?.remove();
+    this.root?.recycle();
     this.ledger?.remove(this.pid);
     this.procs.ended(this.pid);
   }

@@ -214,14 +214,33 @@ function stagingBase(): string {
   return rootsDir;
 }
 
+/** Staging roots whose spare is gone, emptied of its agent's files, by the runtime they were made for. */
+const freeRoots = new Map<string, StagingRoot[]>();
+/** Free roots kept for reuse per runtime (a pool of spares needs a handful). */
+const MAX_FREE_ROOTS = 8;
+
 /**
  * The root file system of one warm spare: a directory with the mount points of the runtime
  * binds, shown read-only as `/` inside. `stage` links an agent's files into it later.
+ * Once its spare is gone the root is emptied of what `stage` added and serves the next spare
+ * (`StagingRoot.for`): the skeleton costs ~60 file system calls to make and remove, per episode.
  */
 export class StagingRoot {
   readonly dir: string;
+  /** What `stage` added, outermost first: new directories (removed whole) and linked files. */
+  private staged: string[] = [];
 
-  constructor(runtime: readonly Bind[]) {
+  /** A free root made for the same runtime, or a new one. */
+  static for(runtime: readonly Bind[]): StagingRoot {
+    const free = freeRoots.get(runtimeKey(runtime));
+    while (free && free.length > 0) {
+      const root = free.pop()!;
+      if (existsSync(root.dir)) return root;
+    }
+    return new StagingRoot(runtime);
+  }
+
+  constructor(private readonly runtime: readonly Bind[]) {
     this.dir = join(stagingBase(), crypto.randomUUID());
     mkdirSync(this.dir, { mode: 0o755 });
     chmodSync(this.dir, 0o755);
@@ -248,24 +267,55 @@ export class StagingRoot {
   stage(a: AgentFiles): void {
     for (const f of a.files) {
       const at = join(this.dir, f);
-      mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+      this.makeParent(at);
       try {
         linkSync(f, at);
       } catch {
         copyFileSync(f, at);
       }
+      this.staged.push(at);
     }
     for (const p of a.packages) {
       const at = join(this.dir, p);
-      mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+      this.makeParent(at);
       cpSync(p, at, { recursive: true, dereference: true });
+      this.staged.push(at);
     }
+  }
+
+  private makeParent(at: string): void {
+    // The first directory it had to make (undefined: all there): removing it removes what is below.
+    const made = mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+    if (made) this.staged.push(made);
+  }
+
+  /** The spare is gone: take out what `stage` added and keep the skeleton for the next spare. */
+  recycle(): void {
+    try {
+      for (const p of this.staged.reverse()) rmSync(p, { recursive: true, force: true });
+    } catch {
+      this.remove();
+      return;
+    }
+    this.staged = [];
+    const key = runtimeKey(this.runtime);
+    const free = freeRoots.get(key) ?? [];
+    if (free.length >= MAX_FREE_ROOTS) {
+      this.remove();
+      return;
+    }
+    free.push(this);
+    freeRoots.set(key, free);
   }
 
   /** Remove the directory (the host process has exited). */
   remove(): void {
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+function runtimeKey(runtime: readonly Bind[]): string {
+  return JSON.stringify(runtime);
 }
 
 function symlinkQuiet(target: string, at: string): void {
