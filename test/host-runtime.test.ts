@@ -27,6 +27,14 @@ describe("the built host runtime", () => {
     expect(code).toContain("class ToolDenied");
   });
 
+  test("a built script that went away is built again, not left for every episode to fail on", () => {
+    const script = hostScript(process.execPath);
+    rmSync(script);
+    const again = hostScript(process.execPath);
+    expect(again).toBe(script);
+    expect(statSync(again).isFile()).toBe(true);
+  });
+
   test("a directory others can write (planted in a shared temp dir) is refused, not used", () => {
     const planted = join(base, "planted");
     mkdirSync(planted);
@@ -38,8 +46,8 @@ describe("the built host runtime", () => {
 
   test("episodes here run the built script (so runner.test.ts's ToolDenied test crosses it), not the sources", () => {
     const script = hostScript(process.execPath);
-    expect(script).not.toBe(HOST_ENTRY);
-    expect(script.startsWith(runtimeDir(tmpdir()))).toBe(true);
-    expect(hostBuildProblem()).toBeNull();
+    // Were it the sources, the build's problem is what this reports.
+    expect(script === HOST_ENTRY ? `runs the sources: ${hostBuildProblem()}` : null).toBeNull();
+    expect(script.startsWith(runtimeDir("/var/tmp")) || script.startsWith(runtimeDir("/tmp"))).toBe(true);
   });
 });

@@ -5,11 +5,10 @@
  * into plain JavaScript, a child starts ~15 ms sooner (measured: 45 vs 30 ms to "ready").
  *
  * The file is named by the SHA-256 of its bytes and lives in a directory of this uid's own under
- * the system temp dir (checked: a real directory, ours, writable by nobody else), readable by
+ * /var/tmp (else /tmp) (checked: a real directory, ours, writable by nobody else), readable by
  * the episodes' uid. Gateways of one install share it; nothing needs cleaning up.
  */
-import { chmodSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { HOST_ENTRY, PROTOCOL_ENTRY, SDK_ENTRY } from "../../agents/host/index.ts";
 
@@ -21,16 +20,27 @@ let why: string | null = null;
  * building failed (`hostBuildProblem()` says why). Built on first use, once per process.
  */
 export function hostScript(bun: string): string {
-  if (built === undefined) {
-    try {
-      built = buildHostRuntime(bun, runtimeDir(tmpdir()));
-    } catch (err) {
-      built = null;
-      why = err instanceof Error ? err.message : String(err);
+  // Built once; built again if the file went away (a temp dir cleaner), never left dangling.
+  if (built === undefined || (built !== null && !existsSync(built))) {
+    why = null;
+    built = null;
+    for (const base of BASES) {
+      try {
+        built = buildHostRuntime(bun, runtimeDir(base));
+        break;
+      } catch (err) {
+        why = err instanceof Error ? err.message : String(err);
+      }
     }
   }
   return built ?? HOST_ENTRY;
 }
+
+/**
+ * Where built runtimes go: world-enterable system temp dirs, not $TMPDIR (which may be a private
+ * 0700 folder the episodes' uid cannot pass through, or one a test suite removes).
+ */
+const BASES = ["/var/tmp", "/tmp"];
 
 /** Why the host runtime runs from its sources (slower), or null. */
 export function hostBuildProblem(): string | null {
