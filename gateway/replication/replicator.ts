@@ -167,7 +167,8 @@ export class Replicator {
   /** While episodes commit: when the current push round began (clock), and whether it is still open. */
   private roundAt: number | null = null;
   private roundOpen = false;
-  private roundPushes = 0;
+  /** Batches the open round may still push: the full ones waiting when it opened (at least one). */
+  private roundLeft = 0;
   private stopped: (() => void) | null = null;
   private readonly stoppedP = new Promise<void>((r) => (this.stopped = r));
   private readonly errors: Record<ReplicationErrorKind, number> = { unreachable: 0, auth: 0, schema: 0, rejected: 0 };
@@ -446,10 +447,11 @@ export class Replicator {
    * (docs/replication.md, "Pushing beside episodes"). An idle gateway pushes at once, batch
    * after batch. While episodes commit (writes other than this replicator's own since the last
    * step), it pushes in rounds at most one `interval` apart: a round sends the full batches
-   * waiting and leaves a partial rest for the next round (it sends a partial batch only when no
-   * full one waits, so lag stays within about one interval); between a round's batches episodes
-   * get as long as the last push took. A backlog of HOT_BACKLOG_BATCHES full batches is pushed
-   * without waiting for a round, so it never grows without bound while the center keeps up.
+   * waiting when it opened, and rows queued meanwhile wait for the next round (it sends a
+   * partial batch only when no full one waits, so lag stays within about one interval); between
+   * a round's batches episodes get as long as the last push took. A backlog of
+   * HOT_BACKLOG_BATCHES full batches is pushed without waiting for a round, so it never grows
+   * without bound while the center keeps up.
    */
   private async step(): Promise<number> {
     const { interval_ms: interval, batch_rows: batchRows } = this.opts.spec;
@@ -475,10 +477,10 @@ export class Replicator {
       if (this.roundAt === null || now - this.roundAt >= interval) {
         this.roundAt = now;
         this.roundOpen = true;
-        this.roundPushes = 0;
+        this.roundLeft = Math.max(1, Math.floor(pending / batchRows));
       }
       const urgent = pending >= HOT_BACKLOG_BATCHES * batchRows;
-      const inRound = this.roundOpen && (pending >= batchRows || this.roundPushes === 0);
+      const inRound = this.roundOpen && this.roundLeft > 0;
       if (!urgent && !inRound) {
         this.roundOpen = false;
         // Episodes first; look again before the round is due, in case the gateway went idle.
@@ -492,7 +494,7 @@ export class Replicator {
     const started = performance.now();
     await this.pushOnce();
     this.pushed();
-    if (hot) this.roundPushes += 1;
+    if (hot) this.roundLeft -= 1;
     return hot ? Math.max(1, Math.round(performance.now() - started)) : 0;
   }
 
