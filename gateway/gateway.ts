@@ -530,8 +530,7 @@ export class Gateway {
     const byStatus: Record<string, number> = {};
     for (const c of counts) byStatus[c.status] = (byStatus[c.status] ?? 0) + c.n;
     const queued = this.book.total();
-    const summary = await this.store.queuedSummary();
-    const oldest = summary.reduce((m, q) => Math.min(m, q.oldest ?? Infinity), Infinity);
+    const oldest = (await this.store.oldestQueuedAt()) ?? Infinity;
     return {
       fleet: this.current.spec.fleet.name,
       gateway: this.store.gatewayId,

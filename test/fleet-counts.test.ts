@@ -14,7 +14,7 @@ import pino from "pino";
 import { Gateway } from "../gateway/gateway.ts";
 import { MIGRATIONS, Store, migrate } from "../gateway/store/index.ts";
 import { agentId, type AgentId, type StimulusId } from "../gateway/types.ts";
-import { agentStatusByType, usageByType } from "../gateway/observe/index.ts";
+import { agentStatusByType, queueByType, usageByType } from "../gateway/observe/index.ts";
 import { readLocalToken } from "../gateway/auth/index.ts";
 import { authed } from "./helpers/gateway.ts";
 import { samplesOf, scrape } from "./helpers/prom.ts";
@@ -243,6 +243,47 @@ describe("usage_totals in the store", () => {
     const r = await both(["h:5", "d:0"]);
     expect(r.got).toEqual(r.want as never);
     expect(r.got.length).toBe(6);
+  });
+});
+
+describe("queued stimuli by type", () => {
+  test("count and oldest receive time per type, and the fleet's oldest, equal the queued rows", async () => {
+    const store = await Store.open(join(tempDir(), "fleet.db"), { synchronous: "normal" });
+    try {
+      expect(await store.oldestQueuedAt()).toBeNull();
+      expect(await queueByType(store)).toEqual([]);
+      const items = [];
+      for (let i = 0; i < 30; i++) {
+        const type = ["temp", "door", "relay"][i % 3]!;
+        const key = `k${i % 4}`;
+        const sid = `s${i}` as StimulusId;
+        items.push({
+          agent: agentId(type, key)!,
+          type,
+          key,
+          sid,
+          kind: "mqtt" as const,
+          topic: "t",
+          payload: new Uint8Array(),
+          receivedAt: 5_000 - i * 10,
+        });
+      }
+      await store.intake(items);
+      // Some leave their queues: done, quarantined.
+      await store.client.execute("UPDATE stimuli SET state = 'done' WHERE agent LIKE 'relay/%'");
+      await store.client.execute("UPDATE stimuli SET state = 'quarantined' WHERE sid IN ('s28', 's27')");
+      const rs = await store.client.execute(
+        `SELECT a.type AS type, count(*) AS n, min(s.received_at) AS oldest FROM stimuli s
+          JOIN agents a ON a.id = s.agent WHERE s.state = 'queued' GROUP BY a.type ORDER BY a.type`,
+      );
+      const want = rs.rows.map((r) => ({ type: String(r.type), n: Number(r.n), oldest: Number(r.oldest) }));
+      const got = (await queueByType(store)).sort((a, b) => a.type.localeCompare(b.type));
+      expect(got).toEqual(want);
+      expect(want.map((w) => w.type)).toEqual(["door", "temp"]);
+      expect(await store.oldestQueuedAt()).toBe(Math.min(...want.map((w) => w.oldest)));
+    } finally {
+      await store.close();
+    }
   });
 });
 
