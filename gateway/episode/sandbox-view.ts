@@ -21,6 +21,7 @@ import {
   readFileSync,
   readlinkSync,
   realpathSync,
+  rmdirSync,
   rmSync,
   statSync,
   symlinkSync,
@@ -227,8 +228,9 @@ const MAX_FREE_ROOTS = 8;
  */
 export class StagingRoot {
   readonly dir: string;
-  /** What `stage` added, outermost first: new directories (removed whole) and linked files. */
+  /** What `stage` linked or copied in, and the directories it made for them (outermost first). */
   private staged: string[] = [];
+  private dirs: string[] = [];
 
   /** A free root made for the same runtime, or a new one. */
   static for(runtime: readonly Bind[]): StagingRoot {
@@ -284,19 +286,29 @@ export class StagingRoot {
   }
 
   private makeParent(at: string): void {
-    // The first directory it had to make (undefined: all there): removing it removes what is below.
-    const made = mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
-    if (made) this.staged.push(made);
+    // The first directory it had to make (undefined: all there), then each one below it.
+    const parent = dirname(at);
+    const made = mkdirSync(parent, { recursive: true, mode: 0o755 });
+    if (!made) return;
+    for (let d = made; ; d = join(d, parent.slice(d.length + 1).split(sep)[0]!)) {
+      this.dirs.push(d);
+      if (d === parent) break;
+    }
   }
 
-  /** The spare is gone: take out what `stage` added and keep the skeleton for the next spare. */
+  /**
+   * The spare is gone: take out what `stage` added (files unlinked, then the directories it made,
+   * deepest first: no directory walks) and keep the skeleton for the next spare.
+   */
   recycle(): void {
     try {
-      for (const p of this.staged.reverse()) rmSync(p, { recursive: true, force: true });
+      for (const p of this.staged) rmSync(p, { recursive: true, force: true });
+      for (const d of this.dirs.reverse()) rmdirSync(d);
     } catch {
       this.remove();
       return;
     }
+    this.dirs = [];
     this.staged = [];
     const key = runtimeKey(this.runtime);
     const free = freeRoots.get(key) ?? [];
