@@ -96,6 +96,9 @@ export interface GatewayOptions {
 
 import { type AgentId, type GatewayState, parseAgentId } from "./types.ts";
 
+/** Stimuli queued for one agent from which it counts as flooded when warm spares run short. */
+const FLOOD_BACKLOG = 8;
+
 export type { GatewayState };
 
 /** A running fleet. */
@@ -613,10 +616,11 @@ export class Gateway {
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
-      // Fairness at spawning: an agent with more stimuli queued behind this one (a flood) leaves
-      // the last warm spare to agents that wait for one stimulus, and starts cold.
+      // Fairness at spawning: an agent with a backlog (a flood) leaves the last warm spare to
+      // agents that wait for a stimulus or two, and starts cold. A backlog is FLOOD_BACKLOG or more
+      // queued: an agent a little behind (pinged about as fast as its episodes run) is not one.
       run: async (start, limits, onTool) => {
-        const flooded = this.book.queued(start.agent.id as AgentId) > 1 && spares.available(limits) <= 1;
+        const flooded = this.book.queued(start.agent.id as AgentId) >= FLOOD_BACKLOG && spares.available(limits) <= 1;
         const r = await runEpisode(start, limits, onTool, spawnOptions, flooded ? undefined : spares, this.procs);
         this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
         return r;

@@ -62,22 +62,22 @@ describe("warm spares under a flood", () => {
     // One stimulus for b: the pool is empty, so it starts cold and a spare is started behind it.
     expect((await post("/api/send", { topic: "f/b/in", payload: { id: "b1" } })).status).toBe(202);
     await waitFor(async () => ((await starts()).committed === 1 ? true : undefined), 20_000, "b's episode", 50);
-    // Three for a, queued while it is paused, then let go.
+    // Ten for a, queued while it is paused, then let go (a flood is 8 or more queued).
     expect((await post("/api/agents/counter/a/pause")).status).toBe(200);
-    for (const id of ["a1", "a2", "a3"])
+    for (const id of Array.from({ length: 10 }, (_, i) => `a${i + 1}`))
       expect((await post("/api/send", { topic: "f/a/in", payload: { id } })).status).toBe(202);
     expect((await post("/api/agents/counter/a/resume")).status).toBe(200);
     const done = await waitFor(
       async () => {
         const s = await starts();
-        return s.committed === 4 ? s : undefined;
+        return s.committed === 11 ? s : undefined;
       },
       30_000,
-      "a's three episodes",
+      "a's ten episodes",
       50,
     );
-    // b cold (no spare yet); a1 and a2 cold (more queued behind them, one spare left);
-    // a3 warm (nothing queued behind it).
-    expect(done).toEqual({ warm: 1, cold: 3, committed: 4 });
+    // b cold (no spare yet); a1-a3 cold (10, 9, 8 queued: flooded, one spare left);
+    // a4-a10 warm (fewer than 8 queued).
+    expect(done).toEqual({ warm: 7, cold: 4, committed: 11 });
   }, 60_000);
 });
