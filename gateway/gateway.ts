@@ -96,8 +96,10 @@ export interface GatewayOptions {
 
 import { type AgentId, type GatewayState, parseAgentId } from "./types.ts";
 
-/** Stimuli queued for one agent from which it counts as flooded when warm spares run short. */
+/** Stimuli queued for one agent from which it counts as flooded (docs/sandbox.md). */
 const FLOOD_BACKLOG = 8;
+/** The nice value of a flooded agent's episode processes (others run at EPISODE_NICE). */
+const FLOOD_NICE = 19;
 
 export type { GatewayState };
 
@@ -607,6 +609,9 @@ export class Gateway {
     const slow = hostBuildProblem();
     if (slow) this.log.warn(`episodes run the host runtime from its sources (slower start-up): ${slow}`);
     const spawnOptions = this.spawnOptions;
+    const floodSpawn: SpawnOptions = spawnOptions.nice
+      ? { ...spawnOptions, nice: { ...spawnOptions.nice, value: FLOOD_NICE } }
+      : spawnOptions;
     const spares = new SparePool(spec.fleet.warm_spares, spawnOptions, this.procs);
     this.spares = spares;
     this.book = new QueueBook({
@@ -616,12 +621,15 @@ export class Gateway {
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
-      // Fairness at spawning: an agent with a backlog (a flood) leaves the last warm spare to
-      // agents that wait for a stimulus or two, and starts cold. A backlog is FLOOD_BACKLOG or more
-      // queued: an agent a little behind (pinged about as fast as its episodes run) is not one.
+      // Fairness: an agent with a backlog (a flood: FLOOD_BACKLOG or more queued) starts cold at
+      // nice FLOOD_NICE. It leaves the warm spares to agents waiting on a stimulus or two, and its
+      // processes yield the CPU to theirs. An agent a little behind (pinged about as fast as its
+      // episodes run) is not a flood.
       run: async (start, limits, onTool) => {
-        const flooded = this.book.queued(start.agent.id as AgentId) >= FLOOD_BACKLOG && spares.available(limits) <= 1;
-        const r = await runEpisode(start, limits, onTool, spawnOptions, flooded ? undefined : spares, this.procs);
+        const flooded = this.book.queued(start.agent.id as AgentId) >= FLOOD_BACKLOG;
+        const r = flooded
+          ? await runEpisode(start, limits, onTool, floodSpawn, undefined, this.procs)
+          : await runEpisode(start, limits, onTool, spawnOptions, spares, this.procs);
         this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
         return r;
       },

@@ -9,9 +9,10 @@ import { join } from "node:path";
 import pino from "pino";
 import { Gateway } from "../gateway/gateway.ts";
 import { readLocalToken } from "../gateway/auth/index.ts";
-import { authed, waitFor } from "./helpers/gateway.ts";
+import { authed, fixture, waitFor } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
-import { counterType, fleetHeader } from "./helpers/toml.ts";
+import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
+import { defaultSpawnOptions } from "../gateway/episode/index.ts";
 
 let dir: string;
 let gw: Gateway;
@@ -23,7 +24,8 @@ beforeAll(async () => {
   writeFileSync(
     join(dir, "fleet.toml"),
     fleetHeader("fairness-test", { maxConcurrent: 1, fleet: "warm_spares = 1" }) +
-      counterType("counter", "f/+/in", { instances: ["a", "b"] }),
+      counterType("counter", "f/+/in", { instances: ["a", "b"] }) +
+      agentType("nicelog", fixture("nice-log"), ["n/+/in"], { dedup: "id", instances: ["x"] }),
   );
   gw = new Gateway({
     configPath: join(dir, "fleet.toml"),
@@ -80,4 +82,27 @@ describe("warm spares under a flood", () => {
     // a4-a10 warm (fewer than 8 queued).
     expect(done).toEqual({ warm: 7, cold: 4, committed: 11 });
   }, 60_000);
+
+  test.if(defaultSpawnOptions().nice != null)(
+    "a flooded agent's episodes run at nice 19, below everyone else's 10, until its backlog is short",
+    async () => {
+      expect((await post("/api/agents/nicelog/x/pause")).status).toBe(200);
+      for (let i = 1; i <= 10; i++)
+        expect((await post("/api/send", { topic: "n/x/in", payload: { id: `n${i}` } })).status).toBe(202);
+      expect((await post("/api/agents/nicelog/x/resume")).status).toBe(200);
+      const state = await waitFor(
+        async () => {
+          const r = await fetch(`${base}/api/agents/nicelog/x/state`, authed(token));
+          const body = (await r.json()) as { state?: { nice?: number[] } };
+          return body.state?.nice?.length === 10 ? body.state.nice : undefined;
+        },
+        30_000,
+        "ten episodes of nicelog/x",
+        100,
+      );
+      // 10, 9 and 8 queued: flooded; then fewer than 8.
+      expect(state).toEqual([19, 19, 19, 10, 10, 10, 10, 10, 10, 10]);
+    },
+    60_000,
+  );
 });
