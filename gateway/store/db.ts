@@ -13,6 +13,7 @@ import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
 import { ensurePrivateFile, secureDataDir } from "./files.ts";
+import "./statements.ts";
 
 /** The drizzle handle over the fleet schema. */
 export type Db = LibSQLDatabase<typeof schema>;
