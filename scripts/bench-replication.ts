@@ -15,6 +15,8 @@
  *             cost of replication is measured against the cheapest episode there is, so a real
  *             episode (a subprocess, ~10 ms) pays relatively less.
  *   queue     replication queue rows written per committed episode                  (target <= 1)
+ *   real      episodes/s of real gateways (subprocess per episode, MQTT stimuli) with
+ *             `[replication]` pointed at the sqld vs without, interleaved rounds     (target >= 0.9x)
  */
 import type { InStatement } from "@libsql/client";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -31,6 +33,10 @@ import {
 import { Sqld } from "../test/helpers/sqld.ts";
 import { SyntheticFleet } from "../test/helpers/ops.ts";
 import type { BenchOptions, Row } from "./bench/harness.ts";
+import { quantile, rateRow } from "./bench/harness.ts";
+import { gatewayBatch, type Summary } from "./bench/episodes.ts";
+import { collect, connect, json } from "./bench/mqttkit.ts";
+import { benchFleet, startGateway } from "./bench/procs.ts";
 
 const quiet = pino({ level: "silent" });
 
@@ -289,5 +295,70 @@ export async function benchReplication(o: BenchOptions): Promise<Row[]> {
   } finally {
     await sqld.dispose();
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Real episodes (a subprocess each, stimuli over MQTT), one gateway replicating to a sqld and
+ * one not, in interleaved rounds (order alternating): what replication costs an episode as
+ * operators run them, where the commit-path row above measures the cheapest episode there is.
+ */
+export async function benchReplicationReal(o: BenchOptions): Promise<Row[]> {
+  const rounds = o.quick ? 4 : 6;
+  const perRound = o.quick ? 20 : 60;
+  o.log(`replication (real episodes): ${rounds} interleaved rounds of ${perRound} episodes, on vs off`);
+  const sqld = await Sqld.start();
+  const base = benchFleet({ maxConcurrent: 4 });
+  const on = await startGateway("repl-real-on", `${base}\n[replication]\nurl = ${JSON.stringify(sqld.url)}\n`);
+  const off = await startGateway("repl-real-off", base);
+  try {
+    const gws = { on, off };
+    const ends = await Promise.all(
+      (["on", "off"] as const).map(async (k) => {
+        const client = await connect(gws[k].mqttPort, `bench-repl-${k}`);
+        const summaries = await collect(client, "fleet/episodes", (_t, p) => json<Summary>(p));
+        await gatewayBatch(client, summaries, "w", 8, o.window);
+        return [k, { client, summaries }] as const;
+      }),
+    );
+    const ends2 = Object.fromEntries(ends) as Record<"on" | "off", (typeof ends)[number][1]>;
+    const rates = { on: [] as number[], off: [] as number[] };
+    const ratios: number[] = [];
+    for (let r = 0; r < rounds; r++) {
+      const order = r % 2 === 0 ? (["on", "off"] as const) : (["off", "on"] as const);
+      for (const k of order) {
+        const { client, summaries } = ends2[k];
+        rates[k].push((await gatewayBatch(client, summaries, `r${r}`, perRound, o.window)).rate);
+      }
+      ratios.push(rates.on.at(-1)! / rates.off.at(-1)!);
+      o.log(`  round ${r + 1}: on ${rates.on.at(-1)!.toFixed(1)}/s, off ${rates.off.at(-1)!.toFixed(1)}/s`);
+    }
+    for (const { client, summaries } of Object.values(ends2)) {
+      summaries.close();
+      client.end(true);
+    }
+    // The replicating gateway really pushed: its last push succeeded and the center holds its episodes.
+    const metrics = await (await fetch(`http://127.0.0.1:${on.httpPort}/metrics`, { headers: on.headers })).text();
+    if (!/^fleet_replication_up(\{[^}]*\})? 1$/m.test(metrics))
+      throw new Error("the replicating gateway's last push did not succeed (fleet_replication_up is not 1)");
+    const central = sqld.client();
+    const held = Number((await central.execute("SELECT count(*) AS n FROM episodes")).rows[0]?.n ?? 0);
+    central.close();
+    if (held === 0) throw new Error("the central server holds no episode of the replicating gateway");
+    o.log(`  the center holds ${held} episodes of the replicating gateway`);
+    const row = rateRow(
+      "replication",
+      "episodes/s of real episodes (subprocess each), replication on vs off",
+      "/s",
+      quantile(rates.on, 0.5),
+      quantile(rates.off, 0.5),
+      0.9,
+      `two gateways, one replicating to the sqld; ${rounds} interleaved rounds of ${perRound}; ` +
+        `median of the rounds' ratios ${quantile(ratios, 0.5).toFixed(2)}x`,
+    );
+    return [row];
+  } finally {
+    await Promise.all([on.stop(), off.stop()]);
+    await sqld.dispose();
   }
 }

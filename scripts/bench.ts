@@ -19,7 +19,8 @@
  *   policy    episodes/s with tools + budgets vs without; a quiet agent's latency under a flood
  *   ops       /metrics and /api/agents?page= with 10,000 agents vs /healthz; GC records/s
  *   replication  backlog drain rows/s into a real sqld vs raw batched INSERTs (target >= 0.5x);
- *             commit-path episodes/s with replication on vs off (target >= 0.9x)
+ *             commit-path episodes/s with replication on vs off (target >= 0.9x); real episodes
+ *             (subprocesses) of two gateways, one replicating, in interleaved rounds (target >= 0.9x)
  *   scale     100,000 agents deployed: gateway RSS (<= 400 MB), /api/agents pages and /metrics p99
  *             (<= 20 ms), restart to ready with 1,000,000 episodes of history (<= 3 s)
  *
@@ -46,7 +47,7 @@ import { benchSessions } from "./bench/sessions.ts";
 import { benchTimers } from "./bench-timers.ts";
 import { benchPolicy } from "./bench-policy.ts";
 import { benchOps } from "./bench-ops.ts";
-import { benchReplication } from "./bench-replication.ts";
+import { benchReplication, benchReplicationReal } from "./bench-replication.ts";
 import { benchScale } from "./bench/scale.ts";
 
 const SECTIONS = [
@@ -120,7 +121,7 @@ const run: Record<Section, () => Promise<Row[]>> = {
       ok: null,
     })),
   ops: () => benchOps(opts),
-  replication: () => benchReplication(opts),
+  replication: async () => [...(await benchReplication(opts)), ...(await benchReplicationReal(opts))],
   scale: () => benchScale(opts),
 };
 

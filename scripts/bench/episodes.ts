@@ -19,13 +19,13 @@ import { benchFleet, startGateway } from "./procs.ts";
 const CONCURRENCY = 4;
 const ROUNDS = 3;
 
-type Summary = { episode: string; agent: string; status: string; ms: number };
+export type Summary = { episode: string; agent: string; status: string; ms: number };
 
 /**
  * Publish one stimulus each to `bench/<prefix><i>/t`; resolves once every one of those
  * agents has a committed episode (summaries are at least once: count agents, not messages).
  */
-async function gatewayBatch(
+export async function gatewayBatch(
   client: MqttClient,
   summaries: Collector<Summary>,
   prefix: string,
