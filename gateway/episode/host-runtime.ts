@@ -6,7 +6,7 @@
  *
  * The file is named by the SHA-256 of its bytes and lives in a directory of this uid's own under
  * /var/tmp (else /tmp) (checked: a real directory, ours, writable by nobody else), readable by
- * the episodes' uid. Gateways of one install share it; nothing needs cleaning up.
+ * the episodes' uid. Gateways of one install share it (one small file per version of the code).
  */
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
@@ -27,6 +27,7 @@ export function hostScript(bun: string): string {
     for (const base of BASES) {
       try {
         built = buildHostRuntime(bun, runtimeDir(base));
+        why = null;
         break;
       } catch (err) {
         why = err instanceof Error ? err.message : String(err);
