@@ -290,10 +290,10 @@ export class StagingRoot {
     const parent = dirname(at);
     const made = mkdirSync(parent, { recursive: true, mode: 0o755 });
     if (!made) return;
-    for (let d = made; ; d = join(d, parent.slice(d.length + 1).split(sep)[0]!)) {
-      this.dirs.push(d);
-      if (d === parent) break;
-    }
+    this.dirs.push(made);
+    if (!parent.startsWith(`${made}${sep}`)) return;
+    let d = made;
+    for (const part of parent.slice(made.length + 1).split(sep)) this.dirs.push((d = join(d, part)));
   }
 
   /**
