@@ -33,6 +33,7 @@ import {
   defaultSpawnOptions,
   describeSandbox,
   hostBuildProblem,
+  hostScript,
   ProcessTable,
   runEpisode,
   type Degraded,
@@ -605,7 +606,7 @@ export class Gateway {
     const weak = weakSandboxWarning(this.spawnOptions);
     if (weak) this.log.warn(weak);
     // Builds the host runtime now (once per process), not on the first episode's path.
-    describeSandbox(this.spawnOptions);
+    hostScript(this.spawnOptions.bun);
     const slow = hostBuildProblem();
     if (slow) this.log.warn(`episodes run the host runtime from its sources (slower start-up): ${slow}`);
     const spawnOptions = this.spawnOptions;

@@ -305,12 +305,6 @@ export class SparePool {
     }
   }
 
-  /** Idle spares ready for these limits. */
-  available(limits: ProcessLimits): number {
-    const key = hostCommand(limits, this.spawnOpts).join(" ");
-    return this.spares.filter((h) => h.key === key && h.alive).length;
-  }
-
   /** Process groups of the idle spares (each spare's pid leads its group). */
   pids(): number[] {
     return this.spares.filter((h) => h.alive).map((h) => h.pid);

@@ -228,6 +228,8 @@ const MAX_FREE_ROOTS = 8;
  */
 export class StagingRoot {
   readonly dir: string;
+  /** The runtime it was made for (the free list's key). */
+  private readonly key: string;
   /** What `stage` linked or copied in, and the directories it made for them (outermost first). */
   private staged: string[] = [];
   private dirs: string[] = [];
@@ -242,7 +244,8 @@ export class StagingRoot {
     return new StagingRoot(runtime);
   }
 
-  constructor(private readonly runtime: readonly Bind[]) {
+  constructor(runtime: readonly Bind[]) {
+    this.key = runtimeKey(runtime);
     this.dir = join(stagingBase(), crypto.randomUUID());
     mkdirSync(this.dir, { mode: 0o755 });
     chmodSync(this.dir, 0o755);
@@ -310,14 +313,13 @@ export class StagingRoot {
     }
     this.dirs = [];
     this.staged = [];
-    const key = runtimeKey(this.runtime);
-    const free = freeRoots.get(key) ?? [];
+    const free = freeRoots.get(this.key) ?? [];
     if (free.length >= MAX_FREE_ROOTS) {
       this.remove();
       return;
     }
     free.push(this);
-    freeRoots.set(key, free);
+    freeRoots.set(this.key, free);
   }
 
   /** Remove the directory (the host process has exited). */
