@@ -448,7 +448,7 @@ describe("group committer", () => {
       const commits = store.writer.stats.commits - before.commits;
       expect(commits).toBeGreaterThanOrEqual(1);
       expect(commits).toBeLessThan(200);
-      // Intakes of one event-loop turn share one multi-row insert (one job).
+      // Intakes of one event-loop turn share one job.
       expect(store.writer.stats.jobs - before.jobs).toBeLessThan(200);
       const seqs = outcomes.map((o) => o.seq);
       expect(seqs.every((s) => typeof s === "number")).toBe(true);
@@ -511,6 +511,45 @@ describe("group committer", () => {
       );
       expect(describeError(err)).toMatch(/UNIQUE/);
       expect(await store.db.select().from(tables.meta).where(eq(tables.meta.key, "first")).get()).toBeUndefined();
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a job's results read like libSQL's: rows by column name and index, blobs as bytes, rows affected", async () => {
+    const store = await open(freshPath());
+    try {
+      const [insert, returning, update] = await store.writer.write([
+        { sql: "INSERT INTO meta (key, value) VALUES (?, ?), (?, ?)", args: ["a", "1", "b", "2"] },
+        { sql: "SELECT ? AS n, ? AS bytes, ? AS yes", args: [7, new Uint8Array([1, 2, 3]), true] },
+        { sql: "UPDATE meta SET value = 'x' WHERE key IN ('a', 'b', 'none')", args: [] },
+      ]);
+      expect(insert!.rowsAffected).toBe(2);
+      expect(returning!.columns).toEqual(["n", "bytes", "yes"]);
+      const row = returning!.rows[0]!;
+      expect([row.n, row[0], row.yes, row.length]).toEqual([7, 7, 1, 3]);
+      expect(new Uint8Array(row.bytes as ArrayBuffer)).toEqual(new Uint8Array([1, 2, 3]));
+      expect(update!.rowsAffected).toBe(2);
+      expect(await store.getMeta("b")).toBe("x");
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a statement libSQL cannot bind fails its job with a clear error and commits nothing of it", async () => {
+    const store = await open(freshPath());
+    try {
+      const err = await rejection(() =>
+        store.writer.write([
+          { sql: "INSERT INTO meta (key, value) VALUES (?, ?)", args: ["half", "1"] },
+          { sql: "INSERT INTO meta (key, value) VALUES (?, ?)", args: ["nan", Number.NaN] },
+        ]),
+      );
+      expect(describeError(err)).toMatch(/finite/);
+      expect(await store.getMeta("half")).toBeNull();
+      // The connection is usable afterwards (the transaction was rolled back, not left open).
+      await store.writer.write([{ sql: "INSERT INTO meta (key, value) VALUES ('after', '1')", args: [] }]);
+      expect(await store.getMeta("after")).toBe("1");
     } finally {
       await store.close();
     }

@@ -13,7 +13,7 @@ import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
 import { ensurePrivateFile, secureDataDir } from "./files.ts";
-import "./statements.ts";
+import { nativeConnection, type NativeConnection, type NativeStatement } from "./statements.ts";
 
 /** The drizzle handle over the fleet schema. */
 export type Db = LibSQLDatabase<typeof schema>;
@@ -91,7 +91,10 @@ export interface CommitHealth {
 }
 
 /** Open (and migrate) the fleet database at `path`. */
-export async function openDb(path: string, opts: OpenDbOptions): Promise<{ client: Client; db: Db }> {
+export async function openDb(
+  path: string,
+  opts: OpenDbOptions,
+): Promise<{ client: Client; db: Db; native: NativeConnection }> {
   if (!opts.readonly) {
     // A private dir, and a 0600 database file before SQLite creates it (its -wal and -shm copy its mode).
     if (!existsSync(dirname(path))) secureDataDir(dirname(path));
@@ -110,7 +113,7 @@ export async function openDb(path: string, opts: OpenDbOptions): Promise<{ clien
     checkNotNewer(await schemaVersion(client), path);
   }
   const db = drizzle(client, { schema });
-  return { client, db };
+  return { client, db, native: await nativeConnection(client) };
 }
 
 interface Job {
@@ -146,7 +149,7 @@ export class GroupCommitter {
   private healthNow: CommitHealth = { failing: false, since: null, kind: null, error: null };
 
   constructor(
-    private readonly client: Client,
+    private readonly conn: NativeConnection,
     private readonly fault: (() => Error | null) | null = null,
     private readonly now: () => number = Date.now,
   ) {}
@@ -202,7 +205,11 @@ export class GroupCommitter {
   private batch(items: RawStatement[]): Promise<ResultSet[]> {
     const injected = this.fault?.();
     if (injected) return Promise.reject(injected);
-    return this.client.batch(items, "write");
+    try {
+      return Promise.resolve(runBatch(this.conn, items));
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   private succeeded(): void {
@@ -258,4 +265,95 @@ export class GroupCommitter {
     this.stats.totalCommitMs += ms;
     this.onCommit?.(ms, jobs.length);
   }
+}
+
+const BEGIN = "BEGIN IMMEDIATE";
+
+/**
+ * Run `items` as one write transaction on the native connection, synchronously (nothing else
+ * on the thread can slip into it). The results are shaped as `@libsql/client`'s: rows by
+ * column name and by index, `rowsAffected` for statements that return no rows.
+ */
+function runBatch(conn: NativeConnection, items: readonly RawStatement[]): ResultSet[] {
+  conn.prepare(BEGIN).run([]);
+  try {
+    const results = items.map((item) => runStatement(conn.prepare(item.sql), item));
+    conn.prepare("COMMIT").run([]);
+    return results;
+  } catch (err) {
+    if (conn.inTransaction) conn.prepare("ROLLBACK").run([]);
+    throw err;
+  }
+}
+
+/** Column names per prepared statement (asking the driver costs a native call each time). */
+const columnNames = new WeakMap<NativeStatement, readonly string[]>();
+
+function runStatement(stmt: NativeStatement, item: RawStatement): ResultSet {
+  const args = toArgs(item);
+  stmt.safeIntegers(false);
+  if (!stmt.reader) {
+    const info = stmt.run(args);
+    return resultSet([], [], info.changes, BigInt(info.lastInsertRowid));
+  }
+  let columns = columnNames.get(stmt);
+  if (!columns) {
+    columns = stmt.columns().map((c) => c.name);
+    columnNames.set(stmt, columns);
+  }
+  const rows = stmt
+    .raw(true)
+    .all(args)
+    .map((values) => toRow(values, columns));
+  return resultSet(columns, rows, 0, undefined);
+}
+
+function resultSet(
+  columns: readonly string[],
+  rows: ResultSet["rows"],
+  rowsAffected: number,
+  lastInsertRowid: bigint | undefined,
+): ResultSet {
+  return {
+    columns: [...columns],
+    columnTypes: columns.map(() => ""),
+    rows,
+    rowsAffected,
+    lastInsertRowid,
+    toJSON: () => ({ columns, rows, rowsAffected, lastInsertRowid: lastInsertRowid?.toString() ?? null }),
+  };
+}
+
+/** A row readable by column name and by index, as `@libsql/client` gives it (blobs as ArrayBuffers). */
+function toRow(values: readonly unknown[], columns: readonly string[]): ResultSet["rows"][number] {
+  const row: Record<string | number, unknown> = {};
+  Object.defineProperty(row, "length", { value: values.length });
+  for (let i = 0; i < values.length; i++) {
+    let v = values[i];
+    if (v instanceof Uint8Array) v = v.buffer.slice(v.byteOffset, v.byteOffset + v.byteLength);
+    row[i] = v;
+    const name = columns[i]!;
+    if (!(name in row)) row[name] = v;
+  }
+  return row as unknown as ResultSet["rows"][number];
+}
+
+/** Arguments as the driver takes them, checked as `@libsql/client` checks them. */
+function toArgs(item: RawStatement): unknown[] {
+  if (!Array.isArray(item.args)) throw new TypeError(`store: named arguments are not supported here: ${item.sql}`);
+  return item.args.map((v: unknown) => {
+    switch (typeof v) {
+      case "number":
+        if (!Number.isFinite(v)) throw new RangeError("Only finite numbers (not Infinity or NaN) can be stored");
+        return v;
+      case "boolean":
+        return v ? 1 : 0;
+      case "undefined":
+        throw new TypeError("undefined cannot be passed as argument to the database");
+      default:
+        if (v instanceof ArrayBuffer) return Buffer.from(v);
+        if (v instanceof Date) return v.valueOf();
+        return v;
+    }
+  });
 }

@@ -10,6 +10,7 @@
  * `all` over `iterate`), sets `raw`/`safeIntegers` before every use, and SQLite re-prepares a
  * statement itself after a schema change. Installed once, on import.
  */
+import type { Client } from "@libsql/client";
 import { ConnectionPool } from "@libsql/client/sqlite3";
 
 /** Statements kept per connection (multi-row inserts of different sizes are different SQL). */
@@ -39,8 +40,51 @@ function withStatementCache(db: Connection): Connection {
   return db;
 }
 
+/** Connections handed out while `nativeConnection` watches, in order. */
+let watching: Connection[] | null = null;
+
 const pool = ConnectionPool.prototype as unknown as { acquireSync(forTransaction?: boolean): Connection };
 const acquireSync = pool.acquireSync;
 pool.acquireSync = function (this: unknown, forTransaction?: boolean): Connection {
-  return withStatementCache(acquireSync.call(this, forTransaction));
+  const db = withStatementCache(acquireSync.call(this, forTransaction));
+  watching?.push(db);
+  return db;
 };
+
+/** A prepared statement of the `libsql` package (the driver under `@libsql/client`). */
+export interface NativeStatement {
+  readonly reader: boolean;
+  raw(on?: boolean): NativeStatement;
+  safeIntegers(on?: boolean): NativeStatement;
+  columns(): { name: string }[];
+  run(args: readonly unknown[]): { changes: number; lastInsertRowid: number | bigint };
+  all(args: readonly unknown[]): unknown[][];
+}
+
+/** A connection of the `libsql` package, with this module's statement cache. */
+export interface NativeConnection {
+  readonly inTransaction: boolean;
+  prepare(sql: string): NativeStatement;
+}
+
+/**
+ * The connection `client` runs its statements on. The client borrows from its pool
+ * synchronously and, with no transaction held open across an await, always gets the same
+ * idle connection back, so statements run here see and are seen by the client's own.
+ * The committer runs its batches on it directly: `@libsql/client` spends more of the
+ * gateway's thread per statement (columns read twice, every row rebuilt property by
+ * property, arguments copied) than SQLite does on a small insert.
+ */
+export async function nativeConnection(client: Client): Promise<NativeConnection> {
+  const seen: Connection[] = [];
+  watching = seen;
+  let probe: Promise<unknown>;
+  try {
+    probe = client.execute("SELECT 1");
+  } finally {
+    watching = null;
+  }
+  await probe;
+  if (seen.length !== 1) throw new Error(`store: expected the client to borrow one connection, saw ${seen.length}`);
+  return seen[0] as unknown as NativeConnection;
+}

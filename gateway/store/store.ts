@@ -53,6 +53,10 @@ export interface TurnInputs {
 /** A wake-up as stored. */
 export type WakeRow = typeof t.wakeups.$inferSelect;
 
+const INSERT_STIMULUS =
+  "INSERT INTO stimuli (agent, sid, kind, topic, payload, received_at, expires_at, traceparent) " +
+  "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING";
+
 /** Result of recording one stimulus: `seq` null means it was a duplicate. */
 export interface IntakeOutcome {
   readonly agent: AgentId;
@@ -88,7 +92,7 @@ export class Store {
 
   /** Open the database file, migrating it, and load (or mint) the gateway id. */
   static async open(path: string, opts: OpenDbOptions): Promise<Store> {
-    const { client, db } = await openDb(path, opts);
+    const { client, db, native } = await openDb(path, opts);
     let gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())?.value;
     if (!gatewayId && !opts.readonly) {
       gatewayId = Bun.randomUUIDv7();
@@ -96,7 +100,7 @@ export class Store {
       gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())!.value;
     }
     const counts = await client.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agent_counts'");
-    const committer = new GroupCommitter(client, opts.commitFault ?? null);
+    const committer = new GroupCommitter(native, opts.commitFault ?? null);
     return new Store(client, db, committer, gatewayId ?? "unknown", path, counts.rows.length > 0);
   }
 
@@ -339,8 +343,8 @@ export class Store {
 
   /**
    * Record stimuli durably (creating their agents on first sight). Calls made in the same
-   * turn of the event loop share one multi-row INSERT and one transaction: the hot path
-   * skips drizzle's query building and prepares one statement per 400 rows, not per row.
+   * turn of the event loop share one transaction (one job of the committer): the hot path
+   * skips drizzle's query building and runs one cached single-row INSERT per stimulus.
    * Resolves after commit; a duplicate `(agent, sid)` comes back with `seq: null`.
    */
   intake(items: readonly NewStimulus[]): Promise<IntakeOutcome[]> {
@@ -375,37 +379,23 @@ export class Store {
       });
     }
     const firstInsert = stmts.length;
-    for (const part of chunks(all)) {
+    // One cached single-row statement per stimulus: the rowid of a row it inserted is its seq,
+    // and a duplicate (agent, sid) inserts nothing.
+    for (const s of all) {
       stmts.push({
-        sql:
-          `INSERT INTO stimuli (agent, sid, kind, topic, payload, ` +
-          `received_at, expires_at, traceparent) VALUES ${part.map(() => "(?,?,?,?,?,?,?,?)").join(",")}
-          ON CONFLICT DO NOTHING RETURNING seq, agent, sid`,
-        args: part.flatMap((s) => [
-          s.agent,
-          s.sid,
-          s.kind,
-          s.topic,
-          s.payload,
-          s.receivedAt,
-          s.expiresAt ?? null,
-          s.traceparent ?? null,
-        ]),
+        sql: INSERT_STIMULUS,
+        args: [s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt, s.expiresAt ?? null, s.traceparent ?? null],
       });
     }
     try {
       const results = await this.writer.write(stmts);
       for (const a of fresh.keys()) this.knownAgents.add(a);
-      // RETURNING gives one row per inserted stimulus; the first caller to name (agent, sid) owns it.
-      const inserted = new Map<string, number>();
-      for (const rs of results.slice(firstInsert))
-        for (const row of rs.rows) inserted.set(`${row.agent}\n${row.sid}`, Number(row.seq));
+      let i = firstInsert;
       for (const c of calls) {
         c.resolve(
           c.items.map((s) => {
-            const k = `${s.agent}\n${s.sid}`;
-            const seq = inserted.get(k) ?? null;
-            inserted.delete(k);
+            const rs = results[i++]!;
+            const seq = rs.rowsAffected === 1 ? Number(rs.lastInsertRowid) : null;
             return { agent: s.agent, sid: s.sid, seq };
           }),
         );
