@@ -13,7 +13,8 @@ import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
 import { ensurePrivateFile, secureDataDir } from "./files.ts";
-import { nativeConnection, type NativeConnection, type NativeStatement } from "./statements.ts";
+import { nativeClient, runBatch } from "./native.ts";
+import { nativeConnection, type NativeConnection } from "./statements.ts";
 
 /** The drizzle handle over the fleet schema. */
 export type Db = LibSQLDatabase<typeof schema>;
@@ -112,8 +113,9 @@ export async function openDb(
   } else {
     checkNotNewer(await schemaVersion(client), path);
   }
-  const db = drizzle(client, { schema });
-  return { client, db, native: await nativeConnection(client) };
+  const native = await nativeConnection(client);
+  const fast = nativeClient(client, native);
+  return { client: fast, db: drizzle(fast, { schema }), native };
 }
 
 interface Job {
@@ -206,7 +208,7 @@ export class GroupCommitter {
     const injected = this.fault?.();
     if (injected) return Promise.reject(injected);
     try {
-      return Promise.resolve(runBatch(this.conn, items));
+      return Promise.resolve(runBatch(this.conn, items, "write"));
     } catch (err) {
       return Promise.reject(err);
     }
@@ -265,95 +267,4 @@ export class GroupCommitter {
     this.stats.totalCommitMs += ms;
     this.onCommit?.(ms, jobs.length);
   }
-}
-
-const BEGIN = "BEGIN IMMEDIATE";
-
-/**
- * Run `items` as one write transaction on the native connection, synchronously (nothing else
- * on the thread can slip into it). The results are shaped as `@libsql/client`'s: rows by
- * column name and by index, `rowsAffected` for statements that return no rows.
- */
-function runBatch(conn: NativeConnection, items: readonly RawStatement[]): ResultSet[] {
-  conn.prepare(BEGIN).run([]);
-  try {
-    const results = items.map((item) => runStatement(conn.prepare(item.sql), item));
-    conn.prepare("COMMIT").run([]);
-    return results;
-  } catch (err) {
-    if (conn.inTransaction) conn.prepare("ROLLBACK").run([]);
-    throw err;
-  }
-}
-
-/** Column names per prepared statement (asking the driver costs a native call each time). */
-const columnNames = new WeakMap<NativeStatement, readonly string[]>();
-
-function runStatement(stmt: NativeStatement, item: RawStatement): ResultSet {
-  const args = toArgs(item);
-  stmt.safeIntegers(false);
-  if (!stmt.reader) {
-    const info = stmt.run(args);
-    return resultSet([], [], info.changes, BigInt(info.lastInsertRowid));
-  }
-  let columns = columnNames.get(stmt);
-  if (!columns) {
-    columns = stmt.columns().map((c) => c.name);
-    columnNames.set(stmt, columns);
-  }
-  const rows = stmt
-    .raw(true)
-    .all(args)
-    .map((values) => toRow(values, columns));
-  return resultSet(columns, rows, 0, undefined);
-}
-
-function resultSet(
-  columns: readonly string[],
-  rows: ResultSet["rows"],
-  rowsAffected: number,
-  lastInsertRowid: bigint | undefined,
-): ResultSet {
-  return {
-    columns: [...columns],
-    columnTypes: columns.map(() => ""),
-    rows,
-    rowsAffected,
-    lastInsertRowid,
-    toJSON: () => ({ columns, rows, rowsAffected, lastInsertRowid: lastInsertRowid?.toString() ?? null }),
-  };
-}
-
-/** A row readable by column name and by index, as `@libsql/client` gives it (blobs as ArrayBuffers). */
-function toRow(values: readonly unknown[], columns: readonly string[]): ResultSet["rows"][number] {
-  const row: Record<string | number, unknown> = {};
-  Object.defineProperty(row, "length", { value: values.length });
-  for (let i = 0; i < values.length; i++) {
-    let v = values[i];
-    if (v instanceof Uint8Array) v = v.buffer.slice(v.byteOffset, v.byteOffset + v.byteLength);
-    row[i] = v;
-    const name = columns[i]!;
-    if (!(name in row)) row[name] = v;
-  }
-  return row as unknown as ResultSet["rows"][number];
-}
-
-/** Arguments as the driver takes them, checked as `@libsql/client` checks them. */
-function toArgs(item: RawStatement): unknown[] {
-  if (!Array.isArray(item.args)) throw new TypeError(`store: named arguments are not supported here: ${item.sql}`);
-  return item.args.map((v: unknown) => {
-    switch (typeof v) {
-      case "number":
-        if (!Number.isFinite(v)) throw new RangeError("Only finite numbers (not Infinity or NaN) can be stored");
-        return v;
-      case "boolean":
-        return v ? 1 : 0;
-      case "undefined":
-        throw new TypeError("undefined cannot be passed as argument to the database");
-      default:
-        if (v instanceof ArrayBuffer) return Buffer.from(v);
-        if (v instanceof Date) return v.valueOf();
-        return v;
-    }
-  });
 }
