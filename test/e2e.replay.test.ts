@@ -480,10 +480,13 @@ describe("fleet verify", () => {
         "SELECT seq, data FROM events WHERE episode = ? AND kind = 'decide'",
         [alert.id],
       );
-      await db.execute({
-        sql: "UPDATE events SET data = ? WHERE episode = ? AND seq = ?",
-        args: [ev.data.replace('"value":85', '"value":58'), alert.id, ev.seq],
-      });
+      // The log is the episode row's `log` (JSONB `[[kind, data], ...]`): edit one event's data in it.
+      const setData = (data: string) =>
+        db.execute({
+          sql: "UPDATE episodes SET log = jsonb_set(log, ?, jsonb(?)) WHERE id = ?",
+          args: [`$[${ev.seq}][1]`, data, alert.id],
+        });
+      await setData(ev.data.replace('"value":85', '"value":58'));
       try {
         const j = await verify();
         expect(j.code).toBe(1);
@@ -494,10 +497,7 @@ describe("fleet verify", () => {
         const other = await verify("--agent", "anomaly/boiler-1");
         expect([other.code, other.json.problems]).toEqual([0, []]);
       } finally {
-        await db.execute({
-          sql: "UPDATE events SET data = ? WHERE episode = ? AND seq = ?",
-          args: [ev.data, alert.id, ev.seq],
-        });
+        await setData(ev.data);
       }
       expect((await verify()).code).toBe(0);
     },
@@ -508,14 +508,12 @@ describe("fleet verify", () => {
     "an episode whose whole event log was deleted fails verify too (retention never does that)",
     async () => {
       const ep = episodeOf("dice/d1", "d2");
-      const saved = (
-        await db.execute({
-          sql: "SELECT episode, seq, kind, data FROM events WHERE episode = ? ORDER BY seq",
-          args: [ep.id],
-        })
-      ).rows.map((r) => ({ ...r }));
-      expect(saved.length).toBe(7);
-      await db.execute({ sql: "DELETE FROM events WHERE episode = ?", args: [ep.id] });
+      const saved = await row<{ log: ArrayBuffer; n: number }>(
+        "SELECT log, json_array_length(log) AS n FROM episodes WHERE id = ?",
+        [ep.id],
+      );
+      expect(saved.n).toBe(7);
+      await db.execute({ sql: "UPDATE episodes SET log = NULL WHERE id = ?", args: [ep.id] });
       try {
         const j = await verify();
         expect(j.code).toBe(1);
@@ -523,11 +521,7 @@ describe("fleet verify", () => {
           { agent: "dice/d1", record: `episode ${ep.id}`, problem: "event log missing (7 event(s) recorded)" },
         ]);
       } finally {
-        for (const r of saved)
-          await db.execute({
-            sql: "INSERT INTO events (episode, seq, kind, data) VALUES (?, ?, ?, ?)",
-            args: [r.episode as string, r.seq as number, r.kind as string, r.data as string],
-          });
+        await db.execute({ sql: "UPDATE episodes SET log = ? WHERE id = ?", args: [saved.log, ep.id] });
       }
       expect((await verify()).code).toBe(0);
     },

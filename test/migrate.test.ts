@@ -144,7 +144,7 @@ describe("schema migrations", () => {
     }
   });
 
-  test("older event logs move into the keyed table whole: the same rows, no second copy in an index", async () => {
+  test("older event logs move into their episode rows whole: the same rows read back, and verify says OK", async () => {
     const path = fixtureCopy();
     const rows = async (c: ReturnType<typeof createClient>) =>
       (await c.execute("SELECT episode, seq, kind, data FROM events ORDER BY episode, seq")).rows.map((r) =>
@@ -157,18 +157,43 @@ describe("schema migrations", () => {
     const store = await Store.open(path, { synchronous: "full" });
     try {
       expect(await rows(store.client)).toEqual(before);
-      const objects = await store.client.execute("SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'events'");
-      expect(objects.rows.map((r) => [r.type, r.name])).toEqual([["table", "events"]]);
-      expect(String(objects.rows[0]!.sql)).toContain("WITHOUT ROWID");
-      // A second event with the same key is still refused, and the log replays in seq order.
-      const [first] = before;
-      await expect(
-        store.client.execute({
-          sql: "INSERT INTO events (episode, seq, kind, data) VALUES (?, ?, 'now', '{}')",
-          args: [first![0]!, Number(first![1])],
-        }),
-      ).rejects.toThrow(/UNIQUE|PRIMARY KEY/);
+      // No table of events is left: each log is its episode row's `log`, read through the view.
+      const objects = await store.client.execute("SELECT type, name FROM sqlite_master WHERE tbl_name = 'events'");
+      expect(objects.rows.map((r) => [r.type, r.name])).toEqual([["view", "events"]]);
+      const logs = await store.client.execute("SELECT count(*) AS n FROM episodes WHERE json_array_length(log) > 0");
+      expect(Number(logs.rows[0]!.n)).toBe(new Set(before.map((r) => r[0])).size);
       expect((await verifyStore(store)).problems).toEqual([]);
+      // The hash still covers the log: one changed byte of one event is found.
+      const [first] = before;
+      await store.client.execute({
+        sql: `UPDATE episodes SET log = jsonb_set(log, '$[0][1]', json_object('tampered', 1)) WHERE id = ?`,
+        args: [first![0]!],
+      });
+      const problems = (await verifyStore(store)).problems;
+      expect(problems.map((p) => [p.record, p.problem.split(" (")[0]])).toEqual([
+        [`episode ${first![0]}`, "event log hash mismatch"],
+      ]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("an older event whose data is not JSON does not stop the upgrade; verify reports its episode", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    const [ep] = (await c.execute("SELECT episode FROM events ORDER BY episode LIMIT 1")).rows.map((r) => r.episode);
+    await c.execute({ sql: "UPDATE events SET data = '{broken' WHERE episode = ? AND seq = 0", args: [ep!] });
+    c.close();
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      expect(await versionOf(path)).toBe(SCHEMA_VERSION);
+      const kept = await store.client.execute({
+        sql: "SELECT data FROM events WHERE episode = ? AND seq = 0",
+        args: [ep!],
+      });
+      expect(kept.rows[0]!.data).toBe('"{broken"');
+      const problems = (await verifyStore(store)).problems;
+      expect(problems.map((p) => p.record)).toEqual([`episode ${String(ep)}`]);
     } finally {
       await store.close();
     }

@@ -2,7 +2,7 @@
  * Retention (docs/fleet-toml.md): keeps what accumulates bounded without breaking verifiability.
  *  - checkpoints past a type's `checkpoint.keep` lose their state (tombstone: hash, parent
  *    and seq stay, so the chain still verifies);
- *  - tombstones and episode logs older than `retention.episodes_days` are deleted; the
+ *  - tombstones and episodes (with their event logs) older than `retention.episodes_days` are deleted; the
  *    newest deleted checkpoint of each agent becomes its chain anchor;
  *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory), and
  *    so are settled wake-ups (pending ones are kept however old);
@@ -126,18 +126,17 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     ]);
   }
 
-  // 3. Episode logs older than the retention window.
+  // 3. Episodes older than the retention window, and with each its event log (the row's `log`).
   const oldEpisodes = sql`SELECT id FROM episodes
     WHERE ended_at < ${episodeCutoff} ${unconfirmed.episode} LIMIT ${batch}`;
+  const eventsOf = sql`SELECT coalesce(sum(json_array_length(log)), 0) FROM episodes WHERE id IN (${oldEpisodes})`;
   if (opts.dryRun) {
     report.episodesDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldEpisodes})`);
-    report.eventsDeleted = await scalar(store, sql`SELECT count(*) FROM events WHERE episode IN (${oldEpisodes})`);
+    report.eventsDeleted = await scalar(store, eventsOf);
   } else {
-    const [ev, eps] = await store.writer.write([
-      store.db.run(sql`DELETE FROM events WHERE episode IN (${oldEpisodes})`),
-      store.db.run(sql`DELETE FROM episodes WHERE id IN (${oldEpisodes})`),
-    ]);
-    report.eventsDeleted = (ev as { rowsAffected: number }).rowsAffected;
+    // Counted just before: the next statement deletes the same rows (the same query, nothing newer is old).
+    report.eventsDeleted = await scalar(store, eventsOf);
+    const [eps] = await store.writer.write([store.db.run(sql`DELETE FROM episodes WHERE id IN (${oldEpisodes})`)]);
     report.episodesDeleted = (eps as { rowsAffected: number }).rowsAffected;
   }
 

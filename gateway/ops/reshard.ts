@@ -207,12 +207,7 @@ async function copySource(
         });
       }
       const episodes = `(SELECT id FROM src.episodes WHERE agent IN ${ids})`;
-      const ev = await columns(client, "events");
-      stmts.push({
-        sql: `INSERT INTO main.events (${ev.join(", ")}) SELECT ${ev.join(", ")} FROM src.events
-          WHERE episode IN ${episodes}`,
-        args: [mine],
-      });
+      // An episode's event log is its row's `log` column: it moved with the row above.
       // Unsent outputs of the moved episodes (ids are renumbered: nothing else names them).
       const out = (await columns(client, "outbox")).filter((c) => c !== "id");
       stmts.push({

@@ -4,6 +4,7 @@
  * schema codecs (./sql.ts): one multi-row INSERT per table and one upsert for both budget
  * windows, so a commit is 7 statements (9 with inbox sends) and nothing is built by drizzle.
  */
+import type { InValue } from "@libsql/client";
 import type { AgentId, NewStimulus } from "../types.ts";
 import type { RawStatement } from "./db.ts";
 import type * as t from "./schema.ts";
@@ -27,7 +28,7 @@ export type WithGateway<T> = T & { readonly gateway?: string };
 /** Everything one committed episode writes, atomically. */
 export interface EpisodeCommit {
   readonly episode: WithGateway<typeof t.episodes.$inferInsert>;
-  readonly events: readonly (typeof t.events.$inferInsert)[];
+  readonly events: readonly t.EventRow[];
   readonly checkpoint: WithGateway<typeof t.checkpoints.$inferInsert>;
   readonly outbox: readonly (typeof t.outbox.$inferInsert)[];
   /** Inbox stimuli for other agents (ctx.send), deduplicated by episode + seq. */
@@ -42,7 +43,7 @@ export interface EpisodeCommit {
 /** A failed episode attempt and what happens to its stimulus. */
 export interface EpisodeFailure {
   readonly episode: WithGateway<typeof t.episodes.$inferInsert>;
-  readonly events: readonly (typeof t.events.$inferInsert)[];
+  readonly events: readonly t.EventRow[];
   /** Retry not before this time, or quarantine when null. */
   readonly retryAt: number | null;
   readonly usage: EpisodeUsage;
@@ -66,12 +67,30 @@ function usageStatement(agent: AgentId, u: EpisodeUsage): RawStatement {
   );
 }
 
-/** The log rows of an attempt: its episode row, then its events 400 to a statement. */
-function logStatements(
-  episode: typeof t.episodes.$inferInsert,
-  events: readonly (typeof t.events.$inferInsert)[],
-): RawStatement[] {
-  return [insertRows(codecs.episodes, [episode]), ...chunks(events).map((rows) => insertRows(codecs.events, rows))];
+/**
+ * An event log as the JSON text of the episode row's `log` column (./migrate.ts, migration 18):
+ * `[[kind, data], ...]` with each event's data (JSON text) embedded as is, in seq order. Seqs must
+ * be 0, 1, 2, ...: an event's position is its seq.
+ */
+export function logText(events: readonly t.EventRow[]): string {
+  let out = "[";
+  for (const [i, e] of events.entries()) {
+    if (e.seq !== i) throw new Error(`event log of ${e.episode}: seq ${e.seq} at position ${i}`);
+    out += `${i === 0 ? "" : ","}[${JSON.stringify(e.kind)},${e.data}]`;
+  }
+  return `${out}]`;
+}
+
+/** The episode row of an attempt with its event log, stored as JSONB by SQLite (invalid JSON aborts the commit). */
+function logStatements(episode: typeof t.episodes.$inferInsert, events: readonly t.EventRow[]): RawStatement[] {
+  const row = insertRows(codecs.episodes, [episode]);
+  const values = codecs.episodes.tuple.slice(1, -1);
+  return [
+    {
+      sql: `INSERT INTO episodes (${codecs.episodes.columns}, "log") VALUES (${values}, jsonb(?))`,
+      args: [...(row.args as InValue[]), logText(events)],
+    },
+  ];
 }
 
 /** The statements that commit an episode whole; `gatewayId` stamps the inbox rows. */

@@ -10,6 +10,13 @@
  */
 import type { Client } from "@libsql/client";
 
+/**
+ * The event log as rows (migration 18): each episode's `log` (JSONB `[[kind, data], ...]`) read out
+ * as (episode, seq, kind, data), seq being the event's position. Read-only.
+ */
+export const EVENTS_VIEW = `CREATE VIEW events AS SELECT ep.id AS episode, j.key AS seq, j.value ->> 0 AS kind,
+    j.value -> 1 AS data FROM episodes AS ep, json_each(ep.log) AS j`;
+
 /** One step of the schema's history. */
 export interface Migration {
   /** 1, 2, 3, ... in order, without gaps. */
@@ -324,6 +331,27 @@ const USAGE_TOTALS: readonly string[] = [
   `DROP INDEX budget_usage_window`,
 ];
 
+/**
+ * One row per episode for its event log (issue 13: store bytes per episode). The log was a row per
+ * event keyed (episode, seq): a temp-monitor episode's five events repeated its 36-byte id five
+ * times and cost ~600 of ~1,900 bytes. It is now the `log` column of the episode's own row, JSONB
+ * of `[[kind, data], ...]` with each event's data embedded as JSON and its seq its position (every
+ * log was written numbered 0, 1, 2, ...). The view `events` gives the same (episode, seq, kind,
+ * data) rows as before: `data` comes back as the exact text that was stored (SQLite keeps a JSON
+ * value's number and string text as written), so `events_hash` verifies as it did. Deleting an
+ * episode deletes its log. Existing logs move over in seq order within the migration's transaction.
+ */
+const EVENT_LOG_IN_EPISODE: readonly string[] = [
+  `ALTER TABLE episodes ADD COLUMN log BLOB`,
+  // Data that is not JSON (never written by this code) is kept as a JSON string: its episode then
+  // fails `fleet verify` instead of the upgrade failing.
+  `UPDATE episodes SET log = (SELECT jsonb_group_array(jsonb_array(kind,
+      CASE WHEN json_valid(data) THEN jsonb(data) ELSE data END) ORDER BY seq)
+    FROM events WHERE events.episode = episodes.id)`,
+  `DROP TABLE events`,
+  EVENTS_VIEW,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -343,6 +371,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 15, name: "fleet counts", statements: FLEET_COUNTS },
   { version: 16, name: "gateway id implied on per-episode rows", statements: IMPLIED_GATEWAY },
   { version: 17, name: "budget use per type", statements: USAGE_TOTALS },
+  { version: 18, name: "event log in the episode row", statements: EVENT_LOG_IN_EPISODE },
 ];
 
 /** The schema version this code writes. */

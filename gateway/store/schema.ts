@@ -7,7 +7,17 @@
  * the mutable rows are `agents`, `stimuli.state`, `outbox` and `budget_usage`.
  */
 import { sql } from "drizzle-orm";
-import { sqliteTable, text, integer, real, blob, primaryKey, uniqueIndex, index } from "drizzle-orm/sqlite-core";
+import {
+  sqliteTable,
+  sqliteView,
+  text,
+  integer,
+  real,
+  blob,
+  primaryKey,
+  uniqueIndex,
+  index,
+} from "drizzle-orm/sqlite-core";
 import type { AgentId } from "../types.ts";
 
 /** Key/value facts about this data dir (gateway id, schema version). */
@@ -151,7 +161,10 @@ export const rejectedMessages = sqliteTable(
   (t) => [index("rejected_messages_time").on(t.receivedAt)],
 );
 
-/** One row per episode attempt (committed or failed). Immutable once written. */
+/**
+ * One row per episode attempt (committed or failed). Immutable once written. The row also holds
+ * the episode's event log, column `log`, which only raw SQL names (see `events` below).
+ */
 export const episodes = sqliteTable(
   "episodes",
   {
@@ -187,17 +200,18 @@ export const episodes = sqliteTable(
   ],
 );
 
-/** The append-only event log of each episode. A WITHOUT ROWID table (./migrate.ts, migration 14). */
-export const events = sqliteTable(
-  "events",
-  {
-    episode: text("episode").notNull(),
-    seq: integer("seq").notNull(),
-    kind: text("kind").notNull(),
-    data: text("data").notNull(),
-  },
-  (t) => [primaryKey({ columns: [t.episode, t.seq] })],
-);
+/**
+ * The event log of each episode as rows: a read-only view (./migrate.ts, migration 18) of the
+ * `log` column of `episodes`, which is JSONB `[[kind, data], ...]` written with the episode row
+ * (./episodes.ts) and kept out of the drizzle table above so that episode rows do not carry it.
+ * `seq` is an event's position in its log; `data` is the exact JSON text the event was written with.
+ */
+export const events = sqliteView("events", {
+  episode: text("episode").notNull(),
+  seq: integer("seq").notNull(),
+  kind: text("kind").notNull(),
+  data: text("data").notNull(),
+}).existing();
 
 /** Sealed checkpoints: a hash chain per agent. `state` is null once collected (tombstone). */
 export const checkpoints = sqliteTable(

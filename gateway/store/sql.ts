@@ -48,7 +48,6 @@ export const codecs = {
   agents: codecOf(t.agents),
   stimuli: codecOf(t.stimuli),
   episodes: codecOf(t.episodes),
-  events: codecOf(t.events),
   checkpoints: codecOf(t.checkpoints),
   outbox: codecOf(t.outbox),
   budgetUsage: codecOf(t.budgetUsage),

@@ -107,11 +107,10 @@ export async function seedHistory(dbPath: string, agents: number, episodes: numb
             SELECT lower(hex(randomblob(32))), ${agent}, i / ${agents} + 1, NULL, ${id}, '${spec}',
             '{"count":1}', ${at} FROM n`,
           `${n} INSERT INTO episodes (id, agent, stimulus_seq, stimulus_id, spec_version, status, attempt,
-            started_at, ended_at, checkpoint, parent, events_hash, event_count, stimulus_kind)
+            started_at, ended_at, checkpoint, parent, events_hash, event_count, stimulus_kind, log)
             SELECT ${id}, ${agent}, i + 1, 's:' || i, '${spec}', 'committed', 1, ${at} - 2, ${at},
-            lower(hex(randomblob(32))), NULL, lower(hex(randomblob(32))), 2, 'mqtt' FROM n`,
-          `${n} INSERT INTO events (episode, seq, kind, data) SELECT ${id}, 0, 'stimulus', '{"kind":"mqtt"}' FROM n
-            UNION ALL SELECT ${id}, 1, 'end', '{"k":"end"}' FROM n`,
+            lower(hex(randomblob(32))), NULL, lower(hex(randomblob(32))), 2, 'mqtt',
+            jsonb('[["stimulus",{"kind":"mqtt"}],["end",{"k":"end"}]]') FROM n`,
         ],
         "write",
       );
