@@ -437,6 +437,23 @@ describe("intake", () => {
       await store.close();
     }
   });
+
+  test("a finished stimulus leaves the queue index but stays dedup memory; the head moves on", async () => {
+    const store = await open(freshPath());
+    try {
+      const [a] = await store.intake([stim("id:a"), stim("id:b")]);
+      await store.commitEpisode(episodeCommit("ep-1", a!.seq!, "id:a", 1, HASH("a"), null));
+      expect((await store.headOfQueue(aid("temp/boiler-1")))?.sid).toBe("id:b");
+      // The queue is read through its index, which holds queued stimuli only (partial, migration 19).
+      const plan = await store.client.execute(
+        "EXPLAIN QUERY PLAN SELECT seq FROM stimuli WHERE agent = 'temp/boiler-1' AND state = 'queued' ORDER BY seq",
+      );
+      expect(plan.rows.map((r) => String(r.detail)).join("\n")).toContain("stimuli_queue");
+      expect((await store.intake([stim("id:a")]))[0]!.seq).toBeNull();
+    } finally {
+      await store.close();
+    }
+  });
 });
 
 // ---- group committer -----------------------------------------------------------------

@@ -352,6 +352,20 @@ const EVENT_LOG_IN_EPISODE: readonly string[] = [
   EVENTS_VIEW,
 ];
 
+/**
+ * Indexes that only cover the rows their queries look for (issue 13: store bytes per episode). A
+ * finished stimulus stays as dedup memory for `dedup_days`, yet every one kept an entry in the
+ * queue index (agent, state, seq) that only queued ones are looked up by (~39 bytes an episode);
+ * the queue index now holds queued stimuli only, keyed (agent, seq). Most episodes run no pinned
+ * bundle, so `episodes_bundle` keeps the rows that name one (every query on it asks `bundle = ?`).
+ */
+const PARTIAL_INDEXES: readonly string[] = [
+  `DROP INDEX stimuli_queue`,
+  `CREATE INDEX stimuli_queue ON stimuli (agent, seq) WHERE state = 'queued'`,
+  `DROP INDEX episodes_bundle`,
+  `CREATE INDEX episodes_bundle ON episodes (bundle) WHERE bundle IS NOT NULL`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -372,6 +386,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 16, name: "gateway id implied on per-episode rows", statements: IMPLIED_GATEWAY },
   { version: 17, name: "budget use per type", statements: USAGE_TOTALS },
   { version: 18, name: "event log in the episode row", statements: EVENT_LOG_IN_EPISODE },
+  { version: 19, name: "partial queue and bundle indexes", statements: PARTIAL_INDEXES },
 ];
 
 /** The schema version this code writes. */

@@ -135,7 +135,8 @@ export const stimuli = sqliteTable(
   },
   (t) => [
     uniqueIndex("stimuli_dedup").on(t.agent, t.sid),
-    index("stimuli_queue").on(t.agent, t.state, t.seq),
+    // Queued stimuli only: a finished one is dedup memory, never looked up by its queue (migration 19).
+    index("stimuli_queue").on(t.agent, t.seq).where(sql`state = 'queued'`),
     index("stimuli_state").on(t.state, t.doneAt),
   ],
 );
@@ -191,7 +192,7 @@ export const episodes = sqliteTable(
     bundle: text("bundle"),
   },
   (t) => [
-    index("episodes_bundle").on(t.bundle),
+    index("episodes_bundle").on(t.bundle).where(sql`bundle IS NOT NULL`),
     index("episodes_agent").on(t.agent, t.startedAt),
     index("episodes_agent_kind").on(t.agent, t.stimulusKind, t.startedAt),
     index("episodes_time").on(t.startedAt),
