@@ -126,11 +126,17 @@ bake = "2s"
         );
         expect(eps.at(-1)!.bundle).toBe(v1);
       }
-      const steps = await fleet.query<{ step: string }>(
-        "SELECT step FROM rollout_steps WHERE rollout = ? ORDER BY seq",
+      const steps = await fleet.query<{ step: string; detail: string }>(
+        "SELECT step, detail FROM rollout_steps WHERE rollout = ? ORDER BY seq",
         [started.id],
       );
-      expect(steps.map((s) => s.step)).toEqual(["started", "rolled_back", "retried"]);
+      // A canary episode still in flight at the rollback fails afterwards and is retried in a step of its own.
+      expect(steps.slice(0, 3).map((s) => s.step)).toEqual(["started", "rolled_back", "retried"]);
+      expect(steps.slice(3).every((s) => s.step === "retried")).toBe(true);
+      const retried = steps
+        .filter((s) => s.step === "retried")
+        .flatMap((s) => JSON.parse(s.detail).stimuli as number[]);
+      expect(new Set(retried).size).toBe(retried.length);
 
       // 2. Good code: a new rollout from v1; a kill -9 in the middle keeps it; it is promoted.
       writeFileSync(module, V3);

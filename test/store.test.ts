@@ -556,6 +556,24 @@ describe("group committer", () => {
     }
   });
 
+  test("reads through the store's client take named arguments and give drizzle rows it can map", async () => {
+    const store = await open(freshPath());
+    try {
+      const rs = await store.client.execute({
+        sql: "SELECT :a AS a, @b AS b, $c AS c",
+        args: { a: 1, "@b": "two", c: null },
+      });
+      expect(Object.keys(rs.rows[0]!)).toEqual(["a", "b", "c"]);
+      expect(Array.prototype.slice.call(rs.rows[0])).toEqual([1, "two", null]);
+      await store.setMeta("k", "v");
+      expect(await store.db.select().from(tables.meta).where(eq(tables.meta.key, "k")).all()).toEqual([
+        { key: "k", value: "v" },
+      ]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("a statement libSQL cannot bind fails its job with a clear error and commits nothing of it", async () => {
     const store = await open(freshPath());
     try {

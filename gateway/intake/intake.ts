@@ -177,14 +177,18 @@ export class Intake {
         ? refusal(report)
         : { ok: true };
     }
+    const parsed = tryJson(msg.payload);
+    // The redelivery id is a hash of the whole message: only worth it when some target's
+    // `dedup` rule finds no id in the payload.
+    const needsRedelivery = route.targets.some((t) => !t.type.dedup || dedupKey(t.type.dedup, parsed) === null);
     const redelivery =
-      msg.qos > 0 && msg.messageId !== undefined && client
+      needsRedelivery && msg.qos > 0 && msg.messageId !== undefined && client
         ? await redeliveryId(client.id, msg.messageId, msg.topic, msg.payload)
         : null;
     // MQTT 5: the interval left when it reached us; its episode must start before then.
     const expiresAt = msg.expirySeconds === undefined ? null : this.now() + msg.expirySeconds * 1000;
     const [report] = await Promise.all([
-      this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery, expiresAt }),
+      this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery, expiresAt, parsed }),
       rejected,
     ]);
     // A sender that sets DUP on every redelivery (an external broker) says this is a first
@@ -231,11 +235,13 @@ export class Intake {
       readonly expiresAt?: number | null;
       /** A valid W3C traceparent to record with each stimulus. */
       readonly traceparent?: string | null;
+      /** The payload as JSON, when the caller parsed it already (undefined: not JSON). */
+      readonly parsed?: unknown;
     } = {},
   ): Promise<IntakeReport> {
     const refused: Refusal[] = [];
     const items: NewStimulus[] = [];
-    const parsed = explicitId ? undefined : tryJson(payload);
+    const parsed = explicitId ? undefined : "parsed" in opts ? opts.parsed : tryJson(payload);
     const at = this.now();
     for (const t of targets) {
       const sid = explicitId ?? stimulusId(t.type.dedup, parsed, opts.redelivery ?? null);

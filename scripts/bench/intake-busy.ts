@@ -6,7 +6,8 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { quantile, rateRow } from "./harness.ts";
+import { cpuMs, quantile, rateRow } from "./harness.ts";
+import { readFileSync } from "node:fs";
 import { connect, publishWindowed } from "./mqttkit.ts";
 import { benchFleet, type GatewayProc, startGateway } from "./procs.ts";
 
@@ -37,17 +38,28 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
   const busy: number[] = [];
   let episodes = 0;
   let busyMs = 0;
+  // Per phase: the gateway's CPU, and how long its main thread waited for a CPU while runnable.
+  const spent = { quiet: { cpu: 0, wait: 0, msgs: 0 }, busy: { cpu: 0, wait: 0, msgs: 0 } };
+  const measured = async (phase: keyof typeof spent, run: () => Promise<number>): Promise<number> => {
+    const cpu0 = cpuMs(gw.pid).self;
+    const wait0 = runQueueWaitMs(gw.pid);
+    const r = await run();
+    spent[phase].cpu += cpuMs(gw.pid).self - cpu0;
+    spent[phase].wait += runQueueWaitMs(gw.pid) - wait0;
+    spent[phase].msgs += perRound;
+    return r;
+  };
   try {
     await setAll(gw, keys, "pause");
     await rate(client, 500, o.window, "warm");
     for (let round = 0; round < ROUNDS; round++) {
       await setAll(gw, keys, "pause");
-      quiet.push(await rate(client, perRound, o.window, `quiet-${round}`));
+      quiet.push(await measured("quiet", () => rate(client, perRound, o.window, `quiet-${round}`)));
       await setAll(gw, keys, "resume");
       // The backlog just queued keeps every episode slot busy while this round publishes.
       const before = await committedEpisodes(gw);
       const began = performance.now();
-      busy.push(await rate(client, perRound, o.window, `busy-${round}`));
+      busy.push(await measured("busy", () => rate(client, perRound, o.window, `busy-${round}`)));
       busyMs += performance.now() - began;
       const ran = (await committedEpisodes(gw)) - before;
       if (ran === 0) o.log("  warning: no episode committed during the busy round");
@@ -68,7 +80,34 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
       0.6,
       `same gateway; ${(episodes / (busyMs / 1000)).toFixed(0)} episodes/s ran meanwhile`,
     ),
+    rateRow(
+      "intake-busy",
+      "gateway CPU per message, episodes running vs paused",
+      "us",
+      (spent.busy.cpu * 1000) / spent.busy.msgs,
+      (spent.quiet.cpu * 1000) / spent.quiet.msgs,
+      null,
+      "all the gateway's own work (episodes' too) over the messages of the phase",
+    ),
+    rateRow(
+      "intake-busy",
+      "gateway main thread run-queue wait per message, running vs paused",
+      "us",
+      (spent.busy.wait * 1000) / spent.busy.msgs,
+      (spent.quiet.wait * 1000) / spent.quiet.msgs,
+      null,
+      "runnable but waiting for a CPU (/proc/<pid>/schedstat)",
+    ),
   ];
+}
+
+/** How long the process's main thread has waited on a run queue, in ms (0 where schedstat is missing). */
+function runQueueWaitMs(pid: number): number {
+  try {
+    return Number(readFileSync(`/proc/${pid}/schedstat`, "utf8").split(" ")[1]) / 1e6;
+  } catch {
+    return 0;
+  }
 }
 
 /** Committed episodes so far, from `fleet_episodes_total` in /metrics. */
