@@ -5,7 +5,10 @@
  * file, and prints every table's and index's pages and bytes per episode from SQLite's
  * `dbstat`, largest first, with the sizes of one row of the big tables.
  *
- *   bun scripts/store-bytes.ts [--episodes 5000] [--agents 100] [--keep 10]
+ * `--bundle` makes every episode name a code bundle, as episodes of a gateway running pinned code
+ * do (docs/upgrading.md): 64 more bytes on the row and an entry in `episodes_bundle`.
+ *
+ *   bun scripts/store-bytes.ts [--episodes 5000] [--agents 100] [--keep 10] [--bundle]
  */
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -18,6 +21,7 @@ const { values: flags } = parseArgs({
     episodes: { type: "string", default: "5000" },
     agents: { type: "string", default: "100" },
     keep: { type: "string", default: "10" },
+    bundle: { type: "boolean", default: false },
   },
 });
 const episodes = Number(flags.episodes);
@@ -33,6 +37,7 @@ try {
     keep,
     episodesDays: 30,
     dedupDays: 30,
+    ...(flags.bundle ? { bundle: "b".repeat(64) } : {}),
   });
   await f.commit(episodes, Date.UTC(2026, 0, 5), 200, 200);
   await f.checkpointWal();
@@ -41,7 +46,10 @@ try {
       "GROUP BY name ORDER BY bytes DESC",
   );
   const per = (n: unknown) => (Number(n) / episodes).toFixed(0).padStart(6);
-  console.log(`${episodes} temp-monitor episodes over ${agents} agents (keep ${keep}), no retention:\n`);
+  console.log(
+    `${episodes} temp-monitor episodes over ${agents} agents (keep ${keep}${flags.bundle ? ", with a bundle" : ""}), ` +
+      "no retention:\n",
+  );
   console.log(
     `${"table or index".padEnd(32)} ${"pages".padStart(7)} ${"B/episode".padStart(9)} ${"payload".padStart(8)}`,
   );

@@ -226,6 +226,35 @@ describe("schema migrations", () => {
     }
   });
 
+  test("older episodes' hashes become their 32 bytes, read back as the same hex, and verify says OK", async () => {
+    const path = fixtureCopy();
+    const cols = "id, checkpoint, parent, events_hash";
+    const c = createClient({ url: `file:${path}` });
+    const before = (await c.execute(`SELECT ${cols} FROM episodes ORDER BY id`)).rows.map((r) => ({
+      id: r.id,
+      checkpoint: r.checkpoint,
+      parent: r.parent,
+      events_hash: r.events_hash,
+    }));
+    c.close();
+    expect(before.length).toBeGreaterThan(0);
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const raw = await store.client.execute(
+        "SELECT count(*) AS n FROM episodes WHERE typeof(events_hash) = 'blob' AND length(events_hash) = 32",
+      );
+      expect(Number(raw.rows[0]!.n)).toBe(before.length);
+      const after = (await store.client.execute("SELECT id FROM episodes ORDER BY id")).rows.map(async (r) => {
+        const ep = (await store.getEpisode(String(r.id)))!;
+        return { id: ep.id, checkpoint: ep.checkpoint, parent: ep.parent, events_hash: ep.eventsHash };
+      });
+      expect<unknown[]>(await Promise.all(after)).toEqual(before);
+      expect((await verifyStore(store)).problems).toEqual([]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("migration versions run 1, 2, 3 ... without gaps", () => {
     expect(MIGRATIONS.map((m) => m.version)).toEqual(MIGRATIONS.map((_, i) => i + 1));
   });

@@ -735,6 +735,43 @@ describe("commitEpisode", () => {
     }
   });
 
+  test("an episode's hashes are stored as their 32 bytes and read back as the hex they were", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      await store.commitEpisode(episodeCommit("ep-1", seq, "id:1", 2, HASH("a"), HASH("b")));
+      const raw = await store.client.execute(
+        "SELECT typeof(checkpoint) AS t, length(checkpoint) AS n, length(parent) AS p, length(events_hash) AS e " +
+          "FROM episodes WHERE id = 'ep-1'",
+      );
+      expect({ ...raw.rows[0] }).toMatchObject({ t: "blob", n: 32, p: 32, e: 32 });
+      expect(await store.getEpisode("ep-1")).toMatchObject({
+        checkpoint: HASH("a"),
+        parent: HASH("b"),
+        eventsHash: HASH("6"),
+      });
+      expect((await store.scanEpisodes(aid("temp/boiler-1"), ""))[0]).toMatchObject({ checkpoint: HASH("a") });
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a hash that is not 64 lowercase hex characters is kept as the text it is", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      const odd = ["A".repeat(64), "abc", "g".repeat(64)];
+      const c = episodeCommit("ep-1", seq, "id:1", 1, odd[0]!, odd[1]!);
+      await store.commitEpisode({ ...c, episode: { ...c.episode, eventsHash: odd[2]! } });
+      const ep = await store.getEpisode("ep-1");
+      expect([ep?.checkpoint, ep?.parent, ep?.eventsHash]).toEqual(odd);
+      const raw = await store.client.execute("SELECT typeof(checkpoint) AS t FROM episodes WHERE id = 'ep-1'");
+      expect(raw.rows[0]!.t).toBe("text");
+    } finally {
+      await store.close();
+    }
+  });
+
   test("an event log that does not number its events 0, 1, 2, ... is refused before anything is written", async () => {
     const store = await open(freshPath());
     try {

@@ -4,7 +4,7 @@
  * An `episode` entry carries the episode, its event log and the checkpoint it sealed.
  */
 import type { InArgs, InStatement, InValue } from "@libsql/client";
-import type { Store } from "../store/index.ts";
+import { EPISODE_HASH_COLUMNS, hexOfSql, type Store } from "../store/index.ts";
 import { REPLICATED, type ReplicatedName, type ReplicatedTable } from "./tables.ts";
 
 /** One row of `repl_pending`. */
@@ -161,7 +161,8 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   let agentsOfEpisodes = "";
   if (byKind.has("episode")) {
     const wanted = byKind.get("episode")!;
-    const col = (c: string) => `e.${c}`;
+    // Hashes stored as bytes go out as the hex text they are everywhere else (store/hashes.ts).
+    const col = (c: string) => (EPISODE_HASH_COLUMNS.includes(c) ? hexOfSql(`e.${c}`) : `e.${c}`);
     got.episodes = await selectEncoded(store, episodes, EPISODE_ENTRIES, range, col);
     got.events = await selectEncoded(
       store,
@@ -174,7 +175,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     got.checkpoints = await selectEncoded(
       store,
       checkpoints,
-      `${EPISODE_ENTRIES.replace("WHERE", "JOIN checkpoints AS c ON c.hash = e.checkpoint WHERE")}`,
+      EPISODE_ENTRIES.replace("WHERE", `JOIN checkpoints AS c ON c.hash = ${hexOfSql("e.checkpoint")} WHERE`),
       range,
       (c) => `c.${c}`,
     );

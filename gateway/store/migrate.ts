@@ -366,6 +366,22 @@ const PARTIAL_INDEXES: readonly string[] = [
   `CREATE INDEX episodes_bundle ON episodes (bundle) WHERE bundle IS NOT NULL`,
 ];
 
+/** SQL of migration 20: the stored form of a text hash column (gateway/store/hashes.ts `hashToDriver`). */
+const hashBytes = (c: string) =>
+  `${c} = CASE WHEN typeof(${c}) = 'text' AND length(${c}) = 64 AND ${c} NOT GLOB '*[^0-9a-f]*' THEN unhex(${c})
+    ELSE ${c} END`;
+
+/**
+ * An episode's three hashes as their 32 bytes (issue 13: store bytes per episode): the checkpoint
+ * it sealed, the one it started from and its event log's hash were 64 hex characters each, ~100 of
+ * a temp-monitor episode's ~1,550 bytes (and its row then fits 7 to a page instead of 6). The code
+ * reads and writes them as hex through their column type (./hashes.ts); a value that is not 64
+ * lowercase hex characters stays text, so every value reads back as it was.
+ */
+const EPISODE_HASH_BYTES: readonly string[] = [
+  `UPDATE episodes SET ${hashBytes("checkpoint")}, ${hashBytes("parent")}, ${hashBytes("events_hash")}`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -387,6 +403,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 17, name: "budget use per type", statements: USAGE_TOTALS },
   { version: 18, name: "event log in the episode row", statements: EVENT_LOG_IN_EPISODE },
   { version: 19, name: "partial queue and bundle indexes", statements: PARTIAL_INDEXES },
+  { version: 20, name: "episode hashes as bytes", statements: EPISODE_HASH_BYTES },
 ];
 
 /** The schema version this code writes. */

@@ -19,6 +19,7 @@ import {
   index,
 } from "drizzle-orm/sqlite-core";
 import type { AgentId } from "../types.ts";
+import { hashColumn } from "./hashes.ts";
 
 /** Key/value facts about this data dir (gateway id, schema version). */
 export const meta = sqliteTable("meta", {
@@ -180,11 +181,12 @@ export const episodes = sqliteTable(
     attempt: integer("attempt").notNull(),
     startedAt: integer("started_at").notNull(),
     endedAt: integer("ended_at").notNull(),
-    /** Hash of the checkpoint this episode sealed (committed only). */
-    checkpoint: text("checkpoint"),
+    /** Hash of the checkpoint this episode sealed (committed only). This and the next two hashes are stored as
+     *  their 32 bytes (./hashes.ts) and read as hex. */
+    checkpoint: hashColumn("checkpoint"),
     /** Hash of the checkpoint it started from. */
-    parent: text("parent"),
-    eventsHash: text("events_hash").notNull(),
+    parent: hashColumn("parent"),
+    eventsHash: hashColumn("events_hash").notNull(),
     eventCount: integer("event_count").notNull(),
     /** The kind of its stimulus (mqtt, timer, ...), for filters; null only where it could not be recovered. */
     stimulusKind: text("stimulus_kind"),

@@ -29,6 +29,11 @@ export interface SyntheticFleetOptions {
   readonly keep: number;
   readonly episodesDays: number;
   readonly dedupDays: number;
+  /**
+   * The code bundle hash every episode records, as a gateway running pinned code does
+   * (docs/upgrading.md); none by default (the bundles row itself is not written).
+   */
+  readonly bundle?: string;
 }
 
 /** The chain head of one agent, as the synthetic committer tracks it. */
@@ -52,6 +57,7 @@ export class SyntheticFleet {
     readonly dbPath: string,
     readonly store: Store,
     readonly spec: SpecVersion,
+    private readonly bundle: string | null = null,
   ) {
     this.heads = spec.spec.agents
       ? Object.values(spec.spec.agents).flatMap((t) =>
@@ -87,7 +93,7 @@ export class SyntheticFleet {
     const dbPath = join(dir, "data", "fleet.db");
     const store = await Store.open(dbPath, { synchronous: "normal" });
     await store.saveSpecVersion({ hash: spec.hash, path: configPath, text: toml, summary: "synthetic", at: 0 });
-    return new SyntheticFleet(dir, configPath, dbPath, store, spec);
+    return new SyntheticFleet(dir, configPath, dbPath, store, spec, opts.bundle ?? null);
   }
 
   /** Every agent id of the fleet. */
@@ -189,6 +195,7 @@ export class SyntheticFleet {
         parent,
         eventsHash,
         eventCount: events.length,
+        bundle: this.bundle,
       },
       events,
       checkpoint: {
