@@ -27,7 +27,8 @@
  * Every gateway runs as its own process (`bun gateway/cli/main.ts start`), as do the baseline
  * brokers; bare spawn baselines run in this process like the gateway's runner does. Gateway
  * and baseline are measured in interleaved rounds (medians), so load from elsewhere on the
- * machine hits both. BENCH_PROFILE_DIR=DIR makes each gateway write DIR/<section>.cpuprofile;
+ * machine hits both. BENCH_PROFILE_DIR=DIR makes each gateway write DIR/<section>.cpuprofile
+ * (BENCH_PROFILE_INTERVAL_US=N samples every N µs instead of every 1000: more samples per run);
  * `bun scripts/profile-summary.ts DIR/<section>.cpuprofile` summarises it by sample counts.
  *
  * Progress goes to stderr; stdout gets one table per section, the summary, and (unless

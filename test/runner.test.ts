@@ -297,6 +297,11 @@ describe.each(SANDBOXES)(
       expect(r.message.toLowerCase()).toMatch(/memory/);
     });
 
+    test("memory held by the agent's child processes counts against memory_mb (oom)", async () => {
+      const r = expectFailure(await run(start("child-hog"), { memoryMb: 128 }, noTools, spawn), "oom");
+      expect(r.message).toMatch(/^RSS \d+ MB exceeded memory_mb 128/);
+    });
+
     test.if(spawn.nice != null)("an episode runs below the gateway's priority (nice 10: devices first)", async () => {
       const r = await run(start("priority"), {}, noTools, spawn);
       if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);

@@ -9,7 +9,8 @@ import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
 import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
 import { CHILD_ENV, hostCommand, hostRuntime, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
 import type { SandboxLedger } from "./leftovers.ts";
-import { agentBinds, type AgentFiles, StagingRoot, stageable } from "./sandbox-view.ts";
+import { agentBinds, type AgentFiles, stageable } from "./sandbox-view.ts";
+import { StagingRoot } from "./staging.ts";
 
 /*
  * Synchronous /proc reads: each is a few microseconds of kernel work, where the promise
@@ -35,22 +36,44 @@ function childrenOf(pid: number, threads: number): number[] {
   return tasks.flatMap((t) => readProc(`/proc/${pid}/task/${t}/children`).split(" ").filter(Boolean).map(Number));
 }
 
-/** RSS of a process and all its descendants (bwrap and prlimit put the agent below the spawned pid). */
+/** The fields of /proc/<pid>/stat after the command name (state is [0]), or null when it is gone. */
+function statFields(pid: number | "self"): string[] | null {
+  const stat = readProc(`/proc/${pid}/stat`);
+  return stat === "" ? null : stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+}
+
+let pageKb: number | null = null;
+/**
+ * The kernel's page size in kB (4 on x86-64, 16 or 64 on some arm64 kernels): this process's
+ * VmRSS over its resident pages, read once.
+ */
+function pageSizeKb(): number {
+  if (pageKb === null) {
+    const kb = Number(/VmRSS:\s+(\d+) kB/.exec(readProc("/proc/self/status"))?.[1]);
+    const ratio = kb / Number(statFields("self")?.[21]);
+    pageKb = Number.isFinite(ratio) && ratio > 0 ? ([4, 16, 64].find((p) => ratio < p * 2) ?? 64) : 4;
+  }
+  return pageKb;
+}
+
+/**
+ * RSS of a process and all its descendants (bwrap and prlimit put the agent below the spawned pid).
+ * One /proc/<pid>/stat read per process gives both its resident pages and its thread count
+ * (`status` takes the kernel longer to render and us to parse).
+ */
 export function rssMb(pid: number): number | null {
-  let total = 0;
+  let pages = 0;
   let seen = 0;
   const queue = [pid];
   while (queue.length > 0 && seen < 256) {
     const p = queue.shift()!;
     seen++;
-    const status = readProc(`/proc/${p}/status`);
-    if (status === "") continue;
-    const rss = /VmRSS:\s+(\d+) kB/.exec(status);
-    if (rss) total += Number(rss[1]) / 1024;
-    const threads = /Threads:\s+(\d+)/.exec(status);
-    queue.push(...childrenOf(p, threads ? Number(threads[1]) : 0));
+    const f = statFields(p);
+    if (f === null) continue;
+    pages += Number(f[21]) || 0;
+    queue.push(...childrenOf(p, Number(f[17]) || 0));
   }
-  return seen > 0 ? total : null;
+  return seen > 0 ? (pages * pageSizeKb()) / 1024 : null;
 }
 
 /** What a listener gets: a parsed line (or MALFORMED, or an oversize marker) and its size in bytes. */
@@ -137,7 +160,7 @@ export class HostProcess {
     spawnOpts: SpawnOptions,
     /** The owner's table of live process groups. */
     private readonly procs: ProcessTable,
-    /** A warm spare's staging root (bubblewrap): the agent's files are linked in by `prepare`. */
+    /** A warm spare's staging root (bubblewrap): the agent's files are moved in by `prepare`. */
     private readonly root: StagingRoot | null = null,
   ) {
     this.proc = Bun.spawn(cmd, {
@@ -256,6 +279,7 @@ export class SparePool {
   /** When each key (limits) was last taken, oldest first. */
   private readonly taken = new Map<string, number>();
   private takes = 0;
+  private readonly keys = new Map<string, string>();
 
   constructor(
     /** How many idle spares to keep (0 = off). */
@@ -270,7 +294,7 @@ export class SparePool {
    * whose files a staging root cannot show (under /tmp, hidden by the private tmpfs) starts cold.
    */
   take(limits: ProcessLimits, files: AgentFiles | null = null): HostProcess | null {
-    const key = hostCommand(limits, this.spawnOpts).join(" ");
+    const key = this.keyOf(limits);
     for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
     this.spares = this.spares.filter((h) => h.alive);
     const i = this.spares.findIndex((h) => h.key === key);
@@ -278,6 +302,14 @@ export class SparePool {
     const found = usable ? this.spares.splice(i, 1)[0]! : null;
     this.refill(limits, key);
     return found;
+  }
+
+  /** Spares are keyed by their command line, computed once per set of limits. */
+  private keyOf(limits: ProcessLimits): string {
+    const id = `${limits.timeoutMs}/${limits.memoryMb}/${limits.maxOpenFiles}/${limits.maxProcesses}`;
+    let key = this.keys.get(id);
+    if (key === undefined) this.keys.set(id, (key = hostCommand(limits, this.spawnOpts).join(" ")));
+    return key;
   }
 
   private refill(limits: ProcessLimits, key: string): void {

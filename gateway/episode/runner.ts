@@ -255,6 +255,8 @@ export async function runEpisode(
   rssTimer = setTimeout(watchRss, spawnOpts.rssPollMs);
 
   void host.proc.exited.then(async (code) => {
+    // Killed after its end (the usual way): no stderr to wait for and nothing to report.
+    if (outcome) return;
     await Promise.race([host.stderrDone, Bun.sleep(100)]);
     const oom = /out of memory/i.test(host.stderrTail);
     const detail = host.stderrTail.trim().split("\n").slice(-6).join("\n");

@@ -8,7 +8,8 @@ import { realpathSync } from "node:fs";
 import { HOST_ENTRY, HOST_PATHS } from "../../agents/host/index.ts";
 import { hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
-import { bindArgs, runtimeBinds, type Bind, type StagingRoot } from "./sandbox-view.ts";
+import { bindArgs, runtimeBinds, type Bind } from "./sandbox-view.ts";
+import type { StagingRoot } from "./staging.ts";
 
 /** How subprocesses are started; injected so tests and benches can vary it. */
 export interface SpawnOptions {

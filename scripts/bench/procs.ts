@@ -66,7 +66,16 @@ export async function startGateway(tag: string, fleetToml: string, opts: { dir?:
   writeFileSync(config, fleetToml);
   // BENCH_PROFILE_DIR=DIR: the gateway writes DIR/<tag>.cpuprofile when it stops (scripts/profile-summary.ts reads it).
   const profDir = process.env.BENCH_PROFILE_DIR;
-  const prof = profDir ? ["--cpu-prof", `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${tag}.cpuprofile`] : [];
+  const prof = profDir
+    ? [
+        "--cpu-prof",
+        `--cpu-prof-dir=${profDir}`,
+        `--cpu-prof-name=${tag}.cpuprofile`,
+        ...(process.env.BENCH_PROFILE_INTERVAL_US
+          ? [`--cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL_US}`]
+          : []),
+      ]
+    : [];
   const proc = Bun.spawn(
     [
       process.execPath,

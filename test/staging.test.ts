@@ -1,0 +1,114 @@
+/**
+ * Staging roots of warm spares (gateway/episode/staging.ts) on the host side: what a root holds
+ * while an episode runs in it and after, without a sandbox (tests/runner.test.ts checks what an
+ * agent inside bubblewrap can see).
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, relative } from "node:path";
+import { type AgentFiles, type Bind, StagingRoot } from "../gateway/episode/index.ts";
+
+const host = mkdtempSync(join(tmpdir(), "fleet-staging-test-"));
+afterAll(() => rmSync(host, { recursive: true, force: true }));
+
+/** A runtime whose mount points sit under `host` (nothing is mounted: only the skeleton matters here). */
+const RUNTIME: readonly Bind[] = [
+  { kind: "dir", path: join(host, "runtime/lib") },
+  { kind: "file", path: join(host, "runtime/bun") },
+];
+
+/** An agent's files on the host: a module, a local import and an npm package. */
+function agent(name: string): AgentFiles {
+  const app = join(host, "apps", name);
+  mkdirSync(join(app, "lib"), { recursive: true });
+  mkdirSync(join(app, "node_modules/pkg"), { recursive: true });
+  writeFileSync(join(app, "agent.ts"), `export default "${name}";`);
+  writeFileSync(join(app, "lib/util.ts"), `export const who = "${name}";`);
+  writeFileSync(join(app, "node_modules/pkg/index.js"), `module.exports = "${name}";`);
+  return {
+    files: [join(app, "agent.ts"), join(app, "lib/util.ts")],
+    packages: [join(app, "node_modules/pkg")],
+  };
+}
+
+/** Every path in a root, relative to it, with a trailing slash for folders. */
+function tree(dir: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string): void => {
+    for (const e of readdirSync(d, { withFileTypes: true })) {
+      const p = join(d, e.name);
+      out.push(relative(dir, p) + (e.isDirectory() ? "/" : ""));
+      if (e.isDirectory()) walk(p);
+    }
+  };
+  walk(dir);
+  return out.sort();
+}
+
+describe("a warm spare's staging root", () => {
+  test("staging shows the agent's files at their real paths; recycling leaves only the runtime's skeleton", () => {
+    const root = StagingRoot.for(RUNTIME);
+    const skeleton = tree(root.dir);
+    const a = agent("alpha");
+    root.stage(a);
+    for (const f of a.files) expect(readFileSync(join(root.dir, f), "utf8")).toBe(readFileSync(f, "utf8"));
+    expect(readFileSync(join(root.dir, a.packages[0]!, "index.js"), "utf8")).toBe('module.exports = "alpha";');
+    root.recycle();
+    expect(tree(root.dir)).toEqual(skeleton);
+  });
+
+  test("a recycled root staged for another agent shows none of the first agent's files", () => {
+    const first = StagingRoot.for(RUNTIME);
+    const a = agent("bravo");
+    first.stage(a);
+    first.recycle();
+    const again = StagingRoot.for(RUNTIME);
+    expect(again.dir).toBe(first.dir); // the emptied root is reused
+    const b = agent("charlie");
+    again.stage(b);
+    const shown = tree(again.dir);
+    expect(shown.some((p) => p.includes("bravo"))).toBe(false);
+    expect(shown.some((p) => p.includes("charlie"))).toBe(true);
+    again.recycle();
+  });
+
+  test("the same agent staged again after a recycle sees its files as they are on the host", () => {
+    const a = agent("delta");
+    for (let i = 0; i < 3; i++) {
+      writeFileSync(a.files[0]!, `export default "delta ${i}";`); // edited in place: the same file
+      const root = StagingRoot.for(RUNTIME);
+      root.stage(a);
+      expect(readFileSync(join(root.dir, a.files[0]!), "utf8")).toBe(`export default "delta ${i}";`);
+      root.recycle();
+    }
+  });
+
+  test("two roots staged at once for the same agent each show its files", () => {
+    const a = agent("echo");
+    const r1 = new StagingRoot(RUNTIME);
+    const r2 = new StagingRoot(RUNTIME);
+    r1.stage(a);
+    r2.stage(a);
+    for (const r of [r1, r2]) expect(readFileSync(join(r.dir, a.files[1]!), "utf8")).toBe('export const who = "echo";');
+    r1.recycle();
+    expect(readFileSync(join(r2.dir, a.files[1]!), "utf8")).toBe('export const who = "echo";');
+    r2.remove();
+  });
+
+  test("a file the runtime already mounts is not staged over its mount point", () => {
+    const root = new StagingRoot(RUNTIME);
+    const bun = join(host, "runtime/bun");
+    root.stage({ files: [bun], packages: [] });
+    expect(statSync(join(root.dir, bun)).size).toBe(0); // still the empty mount point of the skeleton
+    root.remove();
+  });
+
+  test("a root staged twice without a recycle in between is refused", () => {
+    const root = new StagingRoot(RUNTIME);
+    const a = agent("foxtrot");
+    root.stage(a);
+    expect(() => root.stage(a)).toThrow("one episode at a time");
+    root.remove();
+  });
+});
