@@ -5,12 +5,12 @@
  * and a failure leaves the checkpoint chain alone.
  */
 import { afterAll, afterEach, beforeEach, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
-import { MIGRATIONS } from "../gateway/store/index.ts";
+import { GroupCommitter, MIGRATIONS, openDb } from "../gateway/store/index.ts";
 import { hashEvents, Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 
@@ -983,6 +983,91 @@ describe("agent search", () => {
       expect((await store.listAgents({ q: "a_b" })).rows.map((r) => r.id)).toEqual([aid("temp/a_b")]);
       expect((await store.listAgents({ q: "0%" })).rows.map((r) => r.id)).toEqual([aid("temp/100%")]);
       expect((await store.listAgents({ q: "temp/" })).total).toBe(3);
+    } finally {
+      await store.close();
+    }
+  });
+});
+
+describe("group committer with synchronous = full", () => {
+  /** A committer over a real file whose WAL syncs the test releases by hand. */
+  async function manualSync() {
+    const path = freshPath();
+    const { client, native } = await openDb(path, { synchronous: "full" });
+    const syncs: { path: string; release: (err?: Error) => void }[] = [];
+    const writer = new GroupCommitter(native, null, Date.now, {
+      path: `${path}-wal`,
+      sync: (p) =>
+        new Promise<void>((resolve, reject) =>
+          syncs.push({ path: p, release: (err) => (err ? reject(err) : resolve()) }),
+        ),
+    });
+    const put = (key: string) =>
+      writer.write([{ sql: "INSERT INTO meta (key, value) VALUES (?, ?)", args: [key, "1"] }]);
+    const flushed = () => new Promise((r) => setImmediate(r));
+    return { path, client, writer, syncs, put, flushed };
+  }
+
+  test("a job resolves only after a sync of the WAL that started after its commit", async () => {
+    const { path, client, writer, syncs, put, flushed } = await manualSync();
+    try {
+      let first = false;
+      const a = put("a").then(() => (first = true));
+      await flushed();
+      // Committed (visible), not yet acknowledged.
+      expect((await client.execute("SELECT count(*) AS n FROM meta WHERE key = 'a'")).rows[0]!.n).toBe(1);
+      expect(syncs.map((s) => s.path)).toEqual([`${path}-wal`]);
+      expect(first).toBe(false);
+      // Two commits while the first sync runs: neither may ride on it; they share the next one.
+      let later = 0;
+      const b = put("b").then(() => later++);
+      await flushed();
+      const c = put("c").then(() => later++);
+      await flushed();
+      expect(syncs).toHaveLength(1);
+      syncs[0]!.release();
+      await a;
+      expect(first).toBe(true);
+      await flushed();
+      expect(later).toBe(0);
+      expect(syncs).toHaveLength(2);
+      syncs[1]!.release();
+      await Promise.all([b, c]);
+      expect(later).toBe(2);
+      await writer.drain();
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a failed WAL sync fails the jobs it covered as an I/O error, and the next commit recovers", async () => {
+    const { client, writer, syncs, put, flushed } = await manualSync();
+    try {
+      const a = put("a");
+      await flushed();
+      syncs[0]!.release(Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" }));
+      expect(describeError(await rejection(() => a))).toMatch(/SQLITE_IOERR: syncing the WAL failed/);
+      expect(writer.health).toMatchObject({ failing: true, kind: "io" });
+      const b = put("b");
+      await flushed();
+      syncs[1]!.release();
+      await b;
+      expect(writer.health.failing).toBe(false);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a store opened with synchronous = full syncs its real WAL and commits", async () => {
+    const path = freshPath();
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const [done] = await store.intake([stim("id:durable")]);
+      expect(done!.seq).not.toBeNull();
+      expect(existsSync(`${path}-wal`)).toBe(true);
+      const pragma = await store.client.execute("PRAGMA synchronous");
+      // The connection is back at FULL between the committer's transactions (2 = FULL).
+      expect(pragma.rows[0]![0]).toBe(2);
     } finally {
       await store.close();
     }

@@ -8,7 +8,7 @@
 import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client";
 import { drizzle, type LibSQLDatabase } from "drizzle-orm/libsql";
 import type { BatchItem } from "drizzle-orm/batch";
-import { existsSync } from "node:fs";
+import { closeSync, existsSync, fdatasync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
@@ -136,15 +136,24 @@ export interface CommitStats {
 
 /**
  * Folds concurrent write jobs into one transaction. A job is a list of statements that
- * must commit together; its promise resolves with their results after the commit.
+ * must commit together; its promise resolves with their results after the commit is durable.
  * If a combined batch fails, each job is retried alone so one bad job cannot sink others.
+ *
+ * With `walSync` (synchronous = "full"), a commit runs at synchronous = NORMAL and its jobs
+ * wait for an fdatasync of the WAL that started after it, on a thread of the pool: in WAL
+ * mode that one sync is all FULL adds to NORMAL, and the gateway's thread keeps parsing
+ * packets and running the next commit while the disk flushes. Syncs are grouped: commits
+ * made while one runs share the next.
  */
 export class GroupCommitter {
   private queue: Job[] = [];
   private scheduled = false;
-  private flushing: Promise<void> | null = null;
+  /** Commits run but not yet settled (waiting for their WAL sync). */
+  private inFlight = new Set<Promise<void>>();
+  private syncRunning: Promise<void> | null = null;
+  private syncNext: Promise<void> | null = null;
   readonly stats: CommitStats = { commits: 0, jobs: 0, lastCommitMs: 0, totalCommitMs: 0, failures: {} };
-  /** Optional observer of each commit's duration (metrics histogram). */
+  /** Optional observer of each commit's duration, until durable (metrics histogram). */
   onCommit: ((ms: number, jobs: number) => void) | null = null;
   /** Optional observer of each failed job (metrics, logs). */
   onFailure: ((kind: CommitFailureKind, err: unknown) => void) | null = null;
@@ -154,6 +163,11 @@ export class GroupCommitter {
     private readonly conn: NativeConnection,
     private readonly fault: (() => Error | null) | null = null,
     private readonly now: () => number = Date.now,
+    /**
+     * The WAL file to sync after each commit (and how: tests observe it); null: the
+     * connection's own synchronous level holds.
+     */
+    private readonly walSync: { readonly path: string; readonly sync?: (path: string) => Promise<void> } | null = null,
   ) {}
 
   /** Whether commits are failing for a storage reason now (readiness, status). */
@@ -169,48 +183,38 @@ export class GroupCommitter {
       if (!this.scheduled) {
         this.scheduled = true;
         // setImmediate lets every packet already read from sockets join this transaction.
-        setImmediate(() => void this.flush());
+        setImmediate(() => this.flush());
       }
     });
   }
 
-  /** Resolves when everything queued so far is committed. */
+  /** Resolves when everything queued so far is committed and durable. */
   async drain(): Promise<void> {
-    while (this.queue.length > 0 || this.flushing) {
-      if (this.flushing) await this.flushing;
-      else await this.flush();
+    while (this.queue.length > 0 || this.inFlight.size > 0) {
+      if (this.queue.length > 0) this.flush();
+      await Promise.all(this.inFlight);
     }
   }
 
-  private async flush(): Promise<void> {
-    if (this.flushing) {
-      await this.flushing;
-      if (this.queue.length > 0) return this.flush();
-      return;
-    }
+  private flush(): void {
     this.scheduled = false;
     const jobs = this.queue;
     this.queue = [];
     if (jobs.length === 0) return;
-    this.flushing = this.commit(jobs);
-    try {
-      await this.flushing;
-    } finally {
-      this.flushing = null;
-    }
-    if (this.queue.length > 0 && !this.scheduled) {
-      this.scheduled = true;
-      setImmediate(() => void this.flush());
-    }
+    const settled = this.commit(jobs).finally(() => this.inFlight.delete(settled));
+    this.inFlight.add(settled);
   }
 
-  private batch(items: RawStatement[]): Promise<ResultSet[]> {
+  /** Run `items` as one transaction now; throws what libSQL (or the fault hook) throws. */
+  private run(items: RawStatement[]): ResultSet[] {
     const injected = this.fault?.();
-    if (injected) return Promise.reject(injected);
+    if (injected) throw injected;
+    if (!this.walSync) return runBatch(this.conn, items, "write");
+    this.conn.prepare("PRAGMA synchronous = NORMAL").run([]);
     try {
-      return Promise.resolve(runBatch(this.conn, items, "write"));
-    } catch (err) {
-      return Promise.reject(err);
+      return runBatch(this.conn, items, "write");
+    } finally {
+      this.conn.prepare("PRAGMA synchronous = FULL").run([]);
     }
   }
 
@@ -236,28 +240,37 @@ export class GroupCommitter {
 
   private async commit(jobs: Job[]): Promise<void> {
     const started = performance.now();
-    const all = jobs.flatMap((j) => j.items);
+    // The transactions run synchronously, here; only the WAL sync is waited for.
+    const done: { job: Job; results: ResultSet[] }[] = [];
     try {
-      const results = await this.batch(all);
-      this.succeeded();
+      const results = this.run(jobs.flatMap((j) => j.items));
       let i = 0;
       for (const job of jobs) {
-        job.resolve(results.slice(i, i + job.items.length));
+        done.push({ job, results: results.slice(i, i + job.items.length) });
         i += job.items.length;
       }
     } catch (err) {
-      if (jobs.length === 1) {
-        this.failed(jobs[0]!, err);
-      } else {
+      if (jobs.length === 1) this.failed(jobs[0]!, err);
+      else
         for (const job of jobs) {
           try {
-            const results = await this.batch(job.items);
-            this.succeeded();
-            job.resolve(results);
+            done.push({ job, results: this.run(job.items) });
           } catch (e) {
             this.failed(job, e);
           }
         }
+    }
+    if (done.length > 0) {
+      try {
+        if (this.walSync) await this.syncWal();
+        this.succeeded();
+        for (const d of done) d.job.resolve(d.results);
+      } catch (err) {
+        // Committed but perhaps not on the disk: no job may report success on it.
+        const io = Object.assign(new Error(`SQLITE_IOERR: syncing the WAL failed: ${String(err)}`), {
+          code: "SQLITE_IOERR",
+        });
+        for (const d of done) this.failed(d.job, io);
       }
     }
     const ms = performance.now() - started;
@@ -266,5 +279,35 @@ export class GroupCommitter {
     this.stats.lastCommitMs = ms;
     this.stats.totalCommitMs += ms;
     this.onCommit?.(ms, jobs.length);
+  }
+
+  /** Resolves after an fdatasync of the WAL that started after this call. */
+  private syncWal(): Promise<void> {
+    if (!this.syncRunning) {
+      const { path, sync = fdatasyncFile } = this.walSync!;
+      const run = sync(path).finally(() => {
+        if (this.syncRunning === run) this.syncRunning = null;
+      });
+      this.syncRunning = run;
+      return run;
+    }
+    if (!this.syncNext) {
+      const again = () => {
+        this.syncNext = null;
+        return this.syncWal();
+      };
+      this.syncNext = this.syncRunning.then(again, again);
+    }
+    return this.syncNext;
+  }
+}
+
+/** fdatasync a file by path on the thread pool (the path, not a kept descriptor: SQLite may recreate it). */
+async function fdatasyncFile(path: string): Promise<void> {
+  const fd = openSync(path, "r");
+  try {
+    await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+  } finally {
+    closeSync(fd);
   }
 }

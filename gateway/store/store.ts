@@ -15,7 +15,7 @@ import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
 export type { Db, RawStatement, WriteItem, CommitFailureKind, CommitHealth } from "./db.ts";
-export { commitFaultFromEnv } from "./db.ts";
+export { commitFaultFromEnv, GroupCommitter, openDb } from "./db.ts";
 export type {
   AgentRow,
   StimulusRow,
@@ -100,7 +100,12 @@ export class Store {
       gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())!.value;
     }
     const counts = await client.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agent_counts'");
-    const committer = new GroupCommitter(native, opts.commitFault ?? null);
+    const committer = new GroupCommitter(
+      native,
+      opts.commitFault ?? null,
+      Date.now,
+      opts.synchronous === "full" && !opts.readonly ? { path: `${path}-wal` } : null,
+    );
     return new Store(client, db, committer, gatewayId ?? "unknown", path, counts.rows.length > 0);
   }
 
