@@ -1058,6 +1058,27 @@ describe("group committer with synchronous = full", () => {
     }
   });
 
+  test("durable() waits for a sync covering every commit so far, and is immediate once one has", async () => {
+    const { client, writer, syncs, put, flushed } = await manualSync();
+    try {
+      await writer.durable(); // nothing committed yet
+      expect(syncs).toHaveLength(0);
+      const a = put("a");
+      await flushed();
+      let durable = false;
+      const d = writer.durable().then(() => (durable = true));
+      await flushed();
+      expect(durable).toBe(false);
+      syncs[0]!.release();
+      await Promise.all([a, d]);
+      expect(durable).toBe(true);
+      await writer.durable();
+      expect(syncs).toHaveLength(1);
+    } finally {
+      client.close();
+    }
+  });
+
   test("a store opened with synchronous = full syncs its real WAL and commits", async () => {
     const path = freshPath();
     const store = await Store.open(path, { synchronous: "full" });

@@ -125,6 +125,8 @@ const EPISODE_ENTRIES = `repl_pending AS p NOT INDEXED JOIN episodes AS e ON e.i
  * entry stands for are read by joining that range, not by sending its keys back as a list.
  */
 export async function readBatch(store: Store, limit: number): Promise<Batch> {
+  // Only rows already on the disk go to the center (a commit is visible before its WAL sync ends).
+  await store.writer.durable();
   const rs = await store.client.execute({
     sql: "SELECT seq, tbl, key, ver FROM repl_pending ORDER BY seq LIMIT ?",
     args: [limit],

@@ -150,7 +150,12 @@ export class GroupCommitter {
   private scheduled = false;
   /** Commits run but not yet settled (waiting for their WAL sync). */
   private inFlight = new Set<Promise<void>>();
+  /** Transactions committed, and how many of them a finished WAL sync covers. */
+  private committed = 0;
+  private syncedThrough = 0;
   private syncRunning: Promise<void> | null = null;
+  /** The commits the running sync covers (those made before it started). */
+  private runningCovers = 0;
   private syncNext: Promise<void> | null = null;
   readonly stats: CommitStats = { commits: 0, jobs: 0, lastCommitMs: 0, totalCommitMs: 0, failures: {} };
   /** Optional observer of each commit's duration, until durable (metrics histogram). */
@@ -188,6 +193,18 @@ export class GroupCommitter {
     });
   }
 
+  /**
+   * Resolves once every transaction committed so far is on the disk. Readers whose rows
+   * leave the process (outbox publishes, replication) wait for it: a committed row is
+   * visible before its jobs are acknowledged.
+   */
+  durable(): Promise<void> {
+    if (!this.walSync || this.syncedThrough >= this.committed) return Promise.resolve();
+    // A sync that started after the last commit covers it.
+    if (this.syncRunning && this.runningCovers >= this.committed) return this.syncRunning;
+    return this.syncWal();
+  }
+
   /** Resolves when everything queued so far is committed and durable. */
   async drain(): Promise<void> {
     while (this.queue.length > 0 || this.inFlight.size > 0) {
@@ -212,7 +229,9 @@ export class GroupCommitter {
     if (!this.walSync) return runBatch(this.conn, items, "write");
     this.conn.prepare("PRAGMA synchronous = NORMAL").run([]);
     try {
-      return runBatch(this.conn, items, "write");
+      const results = runBatch(this.conn, items, "write");
+      this.committed++;
+      return results;
     } finally {
       this.conn.prepare("PRAGMA synchronous = FULL").run([]);
     }
@@ -285,9 +304,15 @@ export class GroupCommitter {
   private syncWal(): Promise<void> {
     if (!this.syncRunning) {
       const { path, sync = fdatasyncFile } = this.walSync!;
-      const run = sync(path).finally(() => {
-        if (this.syncRunning === run) this.syncRunning = null;
-      });
+      const covers = this.committed;
+      this.runningCovers = covers;
+      const run: Promise<void> = sync(path)
+        .then(() => {
+          this.syncedThrough = Math.max(this.syncedThrough, covers);
+        })
+        .finally(() => {
+          if (this.syncRunning === run) this.syncRunning = null;
+        });
       this.syncRunning = run;
       return run;
     }

@@ -730,8 +730,12 @@ export class Store {
 
   // ---- outbox --------------------------------------------------------------------
 
-  /** Unsent effects after row `afterId`, oldest first, with their episode's agent (null once it is collected). */
-  pendingOutbox(limit = 500, afterId = 0) {
+  /**
+   * Unsent effects after row `afterId`, oldest first, with their episode's agent (null once it
+   * is collected). Only rows on the disk: a commit is visible before its WAL sync ends.
+   */
+  async pendingOutbox(limit = 500, afterId = 0) {
+    await this.writer.durable();
     return this.db
       .select({ ...getTableColumns(t.outbox), agent: t.episodes.agent })
       .from(t.outbox)
