@@ -364,6 +364,7 @@ export class Gateway {
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
     await this.spares?.close();
+    this.spawnOptions?.ledger?.close();
     await this.republished;
     await this.effects?.stop();
     await this.replicator?.stop();

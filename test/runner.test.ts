@@ -822,6 +822,37 @@ describe("warm spares", () => {
     }
   });
 
+  test.skipIf(CHECKOUT_UNDER_TMP)(
+    "an episode taken from the spares is attached (and sent its start) before the replacement spare is started",
+    async () => {
+      const seen: string[] = [];
+      class Recording extends ProcessTable {
+        override started(pid: number): void {
+          seen.push(`started ${pid}`);
+          super.started(pid);
+        }
+        override attached(pid: number): void {
+          seen.push(`attached ${pid}`);
+          super.attached(pid);
+        }
+      }
+      const pool = new SparePool(1, SPAWN, new Recording());
+      try {
+        pool.take(LIMITS); // primes a spare
+        await waitUntil(() => pool.pids().length > 0, "a spare is up");
+        const [spare] = pool.pids();
+        const r = await runEpisode(start("records"), LIMITS, noTools, SPAWN, pool);
+        expect(r.start).toBe("warm");
+        const replacement = pool.pids()[0];
+        expect(replacement).toBeDefined();
+        expect(seen.indexOf(`attached ${spare}`)).toBeGreaterThanOrEqual(0);
+        expect(seen.indexOf(`attached ${spare}`)).toBeLessThan(seen.indexOf(`started ${replacement}`));
+      } finally {
+        await pool.close();
+      }
+    },
+  );
+
   test("a spare is started with the same sandbox and limits as a cold episode process", async () => {
     const pool = new SparePool(1, SPAWN, PROCS);
     try {

@@ -56,9 +56,14 @@ if (typeof FLEET_HOST_MODULES !== "undefined") {
  */
 const channel = Bun.file(CHILD_CHANNEL_FD).writer();
 
-/** One message to the gateway on the channel fd, in order (a full pipe is written as it drains). */
-function send(msg: ChildMessage): void {
+/**
+ * One message to the gateway on the channel fd, in order (a full pipe is written as it drains).
+ * `flush` false leaves it buffered for the next message's flush: one write (and one wake-up of
+ * the gateway) for both.
+ */
+function send(msg: ChildMessage, flush = true): void {
   channel.write(encodeMessage(msg));
+  if (!flush) return;
   const written = channel.flush();
   // Rejects only when the pipe broke: the gateway is gone and nobody will read the rest.
   if (typeof written !== "number") written.catch(() => process.exit(70));
@@ -93,9 +98,10 @@ class Recorder {
     this.buffer.push(record);
   }
 
-  flush(): void {
+  /** Send what is buffered (`now` false: with the next message sent). */
+  flush(now = true): void {
     if (this.buffer.length === 0) return;
-    send({ t: "records", records: this.buffer });
+    send({ t: "records", records: this.buffer }, now);
     this.buffer = [];
   }
 }
@@ -306,7 +312,7 @@ async function run(start: Start): Promise<void> {
     send({ t: "error", kind: "invalid_state", message: `agent state cannot be checkpointed as JSON: ${why}` });
     return;
   }
-  rec.flush();
+  rec.flush(false);
   send({ t: "done", state, version, ...(migratedFrom === undefined ? {} : { migrated_from: migratedFrom }) });
 }
 

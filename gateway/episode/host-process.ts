@@ -294,14 +294,29 @@ export class SparePool {
    * whose files a staging root cannot show (under /tmp, hidden by the private tmpfs) starts cold.
    */
   take(limits: ProcessLimits, files: AgentFiles | null = null): HostProcess | null {
+    const { spare, refill } = this.claim(limits, files);
+    refill();
+    return spare;
+  }
+
+  /**
+   * `take` in two steps: the spare (or null) now, its replacement when the caller calls `refill`
+   * (the runner does once the episode's start is sent: a replacement's spawn is not on its path).
+   */
+  claim(limits: ProcessLimits, files: AgentFiles | null = null): { spare: HostProcess | null; refill: () => void } {
     const key = this.keyOf(limits);
     for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
     this.spares = this.spares.filter((h) => h.alive);
     const i = this.spares.findIndex((h) => h.key === key);
     const usable = i >= 0 && (files === null || !this.spawnOpts.bwrap || stageable(files));
-    const found = usable ? this.spares.splice(i, 1)[0]! : null;
-    this.refill(limits, key);
-    return found;
+    const spare = usable ? this.spares.splice(i, 1)[0]! : null;
+    let done = false;
+    const refill = () => {
+      if (done) return;
+      done = true;
+      this.refill(limits, key);
+    };
+    return { spare, refill };
   }
 
   /** Spares are keyed by their command line, computed once per set of limits. */

@@ -3,9 +3,21 @@
  * spare's bwrap still setting up is not yet tied to its parent's death) and staging roots.
  * Every host process group and staging folder is noted in `<data dir>/sandboxes` as it is
  * started; the next start of the same data dir kills the groups still alive (same pid AND
- * same start time: a reused pid is left alone) and removes the folders.
+ * same start time: a reused pid is left alone) and removes the folders. A group that ended is
+ * not noted (its pid no longer has that start time): the ledger is compacted from memory now
+ * and then instead, so an episode costs one write to it.
  */
-import { appendFileSync, existsSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { basename } from "node:path";
 import { PRIVATE_FILE_MODE } from "../store/index.ts";
 
@@ -35,6 +47,8 @@ export class SandboxLedger {
   private readonly live = new Map<number, string>();
   private readonly roots = new Set<string>();
   private lines = 0;
+  /** The ledger file, open for appending (kept open: one write per entry). */
+  private fd: number | null = null;
 
   constructor(readonly file: string) {}
 
@@ -82,10 +96,9 @@ export class SandboxLedger {
     this.append(`+ ${pid} ${ticks}`);
   }
 
-  /** A host process group ended (killed and reaped). */
+  /** A host process group ended (killed and reaped): forgotten at the next compaction. */
   remove(pid: number): void {
     if (!this.live.delete(pid)) return;
-    this.append(`- ${pid}`);
     if (this.lines > 4 * this.live.size + 1000) this.rewrite();
   }
 
@@ -96,9 +109,21 @@ export class SandboxLedger {
     this.append(`root ${dir}`);
   }
 
+  /** Close the ledger's file (the gateway stopped); a later entry opens it again. */
+  close(): void {
+    if (this.fd === null) return;
+    try {
+      closeSync(this.fd);
+    } catch {
+      // already closed
+    }
+    this.fd = null;
+  }
+
   private append(line: string): void {
     try {
-      appendFileSync(this.file, `${line}\n`, { mode: PRIVATE_FILE_MODE });
+      this.fd ??= openSync(this.file, "a", PRIVATE_FILE_MODE);
+      writeSync(this.fd, `${line}\n`);
       this.lines++;
     } catch {
       // a full disk must not stop episodes; the sweep then misses this entry
@@ -116,6 +141,7 @@ export class SandboxLedger {
     try {
       writeFileSync(tmp, `${lines.join("\n")}\n`, { mode: PRIVATE_FILE_MODE });
       renameSync(tmp, this.file);
+      this.close(); // appends go to the new file
       this.lines = lines.length;
     } catch {
       // keep appending to the old file

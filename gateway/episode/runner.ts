@@ -125,14 +125,20 @@ export async function runEpisode(
 
   let taken: HostProcess | null = null;
   let startKind: StartKind = "cold";
+  // The pool's replacement for a spare taken (or for the limits of a cold start) is spawned once
+  // this episode's start is on its way: its spawn is not on the episode's path.
+  let refill = (): void => undefined;
   try {
     // Under bubblewrap the sandbox shows the agent's own files and nothing else of the project.
     const files = spawnOpts.bwrap ? agentFiles(start.module, HOST_PATHS) : null;
-    const spare = files === null || spareCanLoad(files, HOST_PATHS) ? pool?.take(limits, files) : null;
+    const claimed = files === null || spareCanLoad(files, HOST_PATHS) ? pool?.claim(limits, files) : undefined;
+    if (claimed) refill = claimed.refill;
+    const spare = claimed?.spare ?? null;
     if (spare) startKind = "warm";
     taken = spare ?? HostProcess.start(limits, spawnOpts, files, procs);
     taken.prepare(files);
   } catch (err) {
+    refill();
     await taken?.kill();
     return {
       ok: false,
@@ -220,6 +226,7 @@ export async function runEpisode(
       }
     }
   }, maxBytes);
+  refill();
 
   const pid = host.pid;
   // A spare said "ready" long ago (attach replayed it); a cold process gets a bound on its start-up.

@@ -67,6 +67,8 @@ export class StagingRoot {
   readonly key: string;
   /** The agent tree moved in by `stage`, if any. */
   private tree: AgentTree | null = null;
+  /** How many of the tree's grafts are in the root now. */
+  private moved = 0;
 
   /** A free root made for the same runtime, or a new one. */
   static for(runtime: readonly Bind[]): StagingRoot {
@@ -108,7 +110,10 @@ export class StagingRoot {
     const tree = AgentTree.take(this, a);
     this.tree = tree;
     try {
-      for (const g of tree.grafts) renameSync(join(tree.dir, g), join(this.dir, g));
+      for (const g of tree.grafts) {
+        renameSync(join(tree.dir, g), join(this.dir, g));
+        this.moved++;
+      }
     } catch (err) {
       this.unstage();
       throw err;
@@ -120,8 +125,10 @@ export class StagingRoot {
     const tree = this.tree;
     if (!tree) return true;
     this.tree = null;
+    const moved = tree.grafts.slice(0, this.moved);
+    this.moved = 0;
     try {
-      for (const g of tree.grafts) if (existsSync(join(this.dir, g))) renameSync(join(this.dir, g), join(tree.dir, g));
+      for (const g of moved) renameSync(join(this.dir, g), join(tree.dir, g));
     } catch {
       tree.remove();
       return false;

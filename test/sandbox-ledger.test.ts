@@ -1,0 +1,71 @@
+/**
+ * The sandbox ledger (gateway/episode/leftovers.ts): what the next start of a data dir reaps of
+ * a run killed with -9, with real process groups.
+ */
+import { afterAll, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { SandboxLedger } from "../gateway/episode/index.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "fleet-ledger-test-"));
+const started: number[] = [];
+afterAll(() => {
+  for (const pid of started)
+    try {
+      process.kill(-pid, "SIGKILL");
+    } catch {
+      // gone
+    }
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** A process in a group of its own, like a host process. */
+function group(cmd: string[]): ReturnType<typeof Bun.spawn> {
+  const p = Bun.spawn(cmd, { detached: true, stdio: ["ignore", "ignore", "ignore"] });
+  started.push(p.pid);
+  return p;
+}
+
+const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+test("the next start kills a group still alive and leaves alone one that ended (not marked in the file)", async () => {
+  const file = join(dir, "sandboxes-reap");
+  const run = new SandboxLedger(file);
+  run.sweep();
+  const stuck = group(["sleep", "60"]);
+  const done = group(["sleep", "0"]);
+  run.add(stuck.pid);
+  run.add(done.pid);
+  await done.exited;
+  run.remove(done.pid);
+  run.close();
+  expect(readFileSync(file, "utf8")).not.toContain(`- ${done.pid}`); // ended groups cost no write
+  const next = new SandboxLedger(file).sweep();
+  expect(next).toEqual({ killed: [stuck.pid], roots: 0, ownerAlive: false });
+  await stuck.exited;
+  expect(alive(stuck.pid)).toBe(false);
+});
+
+test("a long run's ledger stays small: it is compacted to the groups alive", async () => {
+  const file = join(dir, "sandboxes-compact");
+  const run = new SandboxLedger(file);
+  run.sweep();
+  const p = group(["sleep", "60"]);
+  for (let i = 0; i < 3000; i++) {
+    run.add(p.pid);
+    run.remove(p.pid);
+  }
+  run.add(p.pid);
+  run.close();
+  const lines = readFileSync(file, "utf8").split("\n").filter(Boolean);
+  expect(lines.length).toBeLessThan(1100);
+  expect(new SandboxLedger(file).sweep().killed).toEqual([p.pid]);
+});
