@@ -187,8 +187,12 @@ export class GroupCommitter {
       this.queue.push({ items: items.map(toStatement), resolve, reject });
       if (!this.scheduled) {
         this.scheduled = true;
-        // setImmediate lets every packet already read from sockets join this transaction.
-        setImmediate(() => this.flush());
+        // While the WAL syncs, jobs gather for the next transaction (its jobs could not be
+        // acknowledged before that sync ends anyway, and one bigger commit writes fewer pages);
+        // otherwise setImmediate lets every packet already read from sockets join this one.
+        const flush = () => setImmediate(() => this.flush());
+        if (this.syncRunning) this.syncRunning.then(flush, flush);
+        else flush();
       }
     });
   }
