@@ -79,6 +79,7 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
     client.end(true);
     await gw.stop();
   }
+  const episodeUs = (spent.busy.children * 1000) / spent.busy.msgs;
   return [
     rateRow(
       "intake-busy",
@@ -105,7 +106,7 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
       (spent.busy.other * 1000) / spent.busy.msgs,
       (spent.quiet.other * 1000) / spent.quiet.msgs,
       null,
-      `publisher, kernel workers, other load (/proc/stat); episodes took ${((spent.busy.children * 1000) / spent.busy.msgs).toFixed(0)} us/msg`,
+      `publisher, kernel workers, other load (/proc/stat); episodes took ${episodeUs.toFixed(0)} us/msg`,
     ),
     rateRow(
       "intake-busy",
