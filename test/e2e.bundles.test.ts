@@ -9,6 +9,7 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { hexOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -56,7 +57,8 @@ function taggerFleet(name: string, fleetLines = ""): { fleet: TestFleet; agent: 
 
 async function episodeRows(fleet: TestFleet, agent: string): Promise<Row[]> {
   return fleet.query<Row>(
-    "SELECT id, bundle, spec_version, status FROM episodes WHERE agent = ? ORDER BY started_at, id",
+    `SELECT id, bundle, ${hexOfSql("spec_version")} AS spec_version, status FROM episodes WHERE agent = ?
+      ORDER BY started_at, id`,
     [agent],
   );
 }

@@ -7,6 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { hexOfSql } from "../gateway/store/index.ts";
 import { TestFleet, cleanupAll, publishQos1, runCli, subscribe, waitFor } from "./helpers/gateway.ts";
 import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
 
@@ -196,7 +197,8 @@ describe("removing a type from fleet.toml", () => {
       expect(done.reason).toMatch(/^type doomed removed from fleet\.toml \(spec [0-9a-f]{12}\)$/);
       expect((await stimuli("doomed/busy")).map((s) => s.state)).toEqual(["done", "done", "done"]);
       const eps = await fleet.query<{ spec_version: string; bundle: string | null }>(
-        "SELECT spec_version, bundle FROM episodes WHERE agent = ? AND status = 'committed'",
+        `SELECT ${hexOfSql("spec_version")} AS spec_version, bundle FROM episodes
+          WHERE agent = ? AND status = 'committed'`,
         ["doomed/busy"],
       );
       // They ran on the last version that had the type (its pinned code), so a replay finds it.

@@ -7,6 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
+import { hexOfSql } from "../gateway/store/index.ts";
 import {
   TestFleet,
   cleanupAll,
@@ -448,8 +449,9 @@ describe("fleet verify", () => {
   test(
     "a checkpoint whose parent link points elsewhere fails verify naming it",
     async () => {
-      const cp = await row<{ hash: string; parent: string }>(
-        "SELECT hash, parent FROM checkpoints WHERE agent = ? AND seq = 3",
+      // `parent` is stored as its bytes (store/hashes.ts): kept raw to put back, read as hex to compare.
+      const cp = await row<{ hash: string; parent: ArrayBuffer; parentHex: string }>(
+        `SELECT hash, parent, ${hexOfSql("parent")} AS parentHex FROM checkpoints WHERE agent = ? AND seq = 3`,
         [AGENT],
       );
       const first = await row<{ hash: string }>("SELECT hash FROM checkpoints WHERE agent = ? AND seq = 1", [AGENT]);
@@ -460,7 +462,7 @@ describe("fleet verify", () => {
         const record = `checkpoint ${AGENT}#3 ${cp.hash.slice(0, 16)}`;
         expect(j.json.problems.map((p: { record: string }) => p.record)).toEqual([record, record]);
         expect(j.json.problems[0].problem).toBe(
-          `parent ${first.hash.slice(0, 16)} does not link to #2 ${cp.parent.slice(0, 16)}`,
+          `parent ${first.hash.slice(0, 16)} does not link to #2 ${cp.parentHex.slice(0, 16)}`,
         );
         // The parent is part of the sealed record, so the hash no longer matches either.
         expect(j.json.problems[1].problem).toContain("hash mismatch");

@@ -11,6 +11,7 @@ import { renameSync } from "node:fs";
 import { join } from "node:path";
 import { connectAsync, type MqttClient } from "mqtt";
 import { ownerShard } from "../gateway/shard.ts";
+import { hexOfSql } from "../gateway/store/index.ts";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
 import { caughtUp, replicationToml } from "./helpers/replication.ts";
@@ -338,7 +339,8 @@ describe("two shards on one Mosquitto", () => {
       for (const [i, f] of three.entries()) {
         // Each chain goes on from the head it had before the reshard, on its new owner.
         const rows = await f.query<{ agent: string; seq: number; parent: string }>(
-          `SELECT c.agent, c.seq, c.parent FROM checkpoints c JOIN episodes e ON e.id = c.episode
+          `SELECT c.agent, c.seq, ${hexOfSql("c.parent")} AS parent
+            FROM checkpoints c JOIN episodes e ON e.id = c.episode
             JOIN stimuli s ON s.seq = e.stimulus_seq WHERE s.sid LIKE 'id:z%'`,
         );
         for (const row of rows) {

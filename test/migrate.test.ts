@@ -227,14 +227,16 @@ describe("schema migrations", () => {
   });
 
   test("older episodes' hashes become their 32 bytes, read back as the same hex, and verify says OK", async () => {
+    // Checkpoints' parents and spec versions too (migration 21): verify recomputes every sealed hash from them.
     const path = fixtureCopy();
-    const cols = "id, checkpoint, parent, events_hash";
+    const cols = "id, checkpoint, parent, events_hash, spec_version";
     const c = createClient({ url: `file:${path}` });
     const before = (await c.execute(`SELECT ${cols} FROM episodes ORDER BY id`)).rows.map((r) => ({
       id: r.id,
       checkpoint: r.checkpoint,
       parent: r.parent,
       events_hash: r.events_hash,
+      spec_version: r.spec_version,
     }));
     c.close();
     expect(before.length).toBeGreaterThan(0);
@@ -246,7 +248,8 @@ describe("schema migrations", () => {
       expect(Number(raw.rows[0]!.n)).toBe(before.length);
       const after = (await store.client.execute("SELECT id FROM episodes ORDER BY id")).rows.map(async (r) => {
         const ep = (await store.getEpisode(String(r.id)))!;
-        return { id: ep.id, checkpoint: ep.checkpoint, parent: ep.parent, events_hash: ep.eventsHash };
+        const { id, checkpoint, parent, eventsHash, specVersion } = ep;
+        return { id, checkpoint, parent, events_hash: eventsHash, spec_version: specVersion };
       });
       expect<unknown[]>(await Promise.all(after)).toEqual(before);
       expect((await verifyStore(store)).problems).toEqual([]);

@@ -24,7 +24,7 @@ import {
   type ReplicationStatus,
 } from "../gateway/replication/index.ts";
 import type { ReplicationSpec } from "../gateway/spec/index.ts";
-import { appendAudit, EPISODE_HASH_COLUMNS, hexOfSql, migrate } from "../gateway/store/index.ts";
+import { appendAudit, hexOfSql, isHashColumn, migrate } from "../gateway/store/index.ts";
 import { DAY, SyntheticFleet } from "./helpers/ops.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
 import { replicationToml } from "./helpers/replication.ts";
@@ -104,10 +104,8 @@ async function expectCenterEqualsLocal(
     expect({ table: t.name, n: center }).toEqual({ table: t.name, n: local });
     for (let offset = 0; offset < local; offset += PAGE) {
       const page = `ORDER BY ${order} LIMIT ${PAGE} OFFSET ${offset}`;
-      // Locally an episode's hashes are stored as bytes (store/hashes.ts); the center holds their hex text.
-      const select = t.columns.map((c) =>
-        t.name === "episodes" && EPISODE_HASH_COLUMNS.includes(c) ? hexOfSql(c) : c,
-      );
+      // Locally some hashes are stored as bytes (store/hashes.ts); the center holds their hex text.
+      const select = t.columns.map((c) => (isHashColumn(t.name, c) ? hexOfSql(c) : c));
       const mine = (await f.store.client.execute(`SELECT ${select.join(", ")} FROM ${t.name} WHERE ${where} ${page}`))
         .rows;
       const theirs = (

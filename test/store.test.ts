@@ -741,16 +741,23 @@ describe("commitEpisode", () => {
       const seq = await intakeOne(store, stim("id:1"));
       await store.commitEpisode(episodeCommit("ep-1", seq, "id:1", 2, HASH("a"), HASH("b")));
       const raw = await store.client.execute(
-        "SELECT typeof(checkpoint) AS t, length(checkpoint) AS n, length(parent) AS p, length(events_hash) AS e " +
-          "FROM episodes WHERE id = 'ep-1'",
+        "SELECT typeof(checkpoint) AS t, length(checkpoint) AS n, length(parent) AS p, length(events_hash) AS e, " +
+          "length(spec_version) AS s FROM episodes WHERE id = 'ep-1'",
       );
-      expect({ ...raw.rows[0] }).toMatchObject({ t: "blob", n: 32, p: 32, e: 32 });
+      expect({ ...raw.rows[0] }).toMatchObject({ t: "blob", n: 32, p: 32, e: 32, s: 32 });
+      const cp = await store.client.execute(
+        "SELECT length(parent) AS p, length(spec_version) AS s, length(hash) AS h FROM checkpoints",
+      );
+      expect({ ...cp.rows[0] }).toMatchObject({ p: 32, s: 32, h: 64 });
       expect(await store.getEpisode("ep-1")).toMatchObject({
         checkpoint: HASH("a"),
         parent: HASH("b"),
         eventsHash: HASH("6"),
+        specVersion: HASH("5"),
       });
       expect((await store.scanEpisodes(aid("temp/boiler-1"), ""))[0]).toMatchObject({ checkpoint: HASH("a") });
+      expect(await store.getCheckpoint(HASH("a"))).toMatchObject({ parent: HASH("b"), specVersion: HASH("5") });
+      expect(await store.listCheckpoints(aid("temp/boiler-1"))).toMatchObject([{ hash: HASH("a"), parent: HASH("b") }]);
     } finally {
       await store.close();
     }

@@ -4,7 +4,7 @@
  * An `episode` entry carries the episode, its event log and the checkpoint it sealed.
  */
 import type { InArgs, InStatement, InValue } from "@libsql/client";
-import { EPISODE_HASH_COLUMNS, hexOfSql, type Store } from "../store/index.ts";
+import { hexOfSql, isHashColumn, type Store } from "../store/index.ts";
 import { REPLICATED, type ReplicatedName, type ReplicatedTable } from "./tables.ts";
 
 /** One row of `repl_pending`. */
@@ -66,7 +66,9 @@ async function selectEncoded(
   const cols = t.columns.join(", ");
   // With `qualify`, `where` is a whole join ("a JOIN b ... WHERE ...") and the columns are named through it.
   const from = qualify ? where : `${t.name} WHERE ${where}`;
-  const inner = qualify ? t.columns.map((c) => `${qualify(c)} AS ${c}`).join(", ") : cols;
+  const q = qualify ?? ((c: string) => c);
+  // Hashes stored as bytes go out as the hex text they are everywhere else (store/hashes.ts).
+  const inner = t.columns.map((c) => `${isHashColumn(t.name, c) ? hexOfSql(q(c)) : q(c)} AS ${c}`).join(", ");
   const rs = await store.client.execute({
     sql: `SELECT json_group_array(json_array(${cols})) AS j, count(*) AS n FROM (SELECT ${inner},
       (row_number() OVER () - 1) / ${ROWS_PER_STATEMENT} AS chunk FROM ${from}) GROUP BY chunk
@@ -163,8 +165,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   let agentsOfEpisodes = "";
   if (byKind.has("episode")) {
     const wanted = byKind.get("episode")!;
-    // Hashes stored as bytes go out as the hex text they are everywhere else (store/hashes.ts).
-    const col = (c: string) => (EPISODE_HASH_COLUMNS.includes(c) ? hexOfSql(`e.${c}`) : `e.${c}`);
+    const col = (c: string) => `e.${c}`;
     got.episodes = await selectEncoded(store, episodes, EPISODE_ENTRIES, range, col);
     got.events = await selectEncoded(
       store,

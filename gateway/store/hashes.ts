@@ -34,5 +34,11 @@ export const hashColumn = customType<{ data: string; driverData: string | Buffer
 export const hexOfSql = (expr: string): string =>
   `(CASE WHEN typeof(${expr}) = 'blob' THEN lower(hex(${expr})) ELSE ${expr} END)`;
 
-/** The `episodes` columns stored this way. */
-export const EPISODE_HASH_COLUMNS: readonly string[] = ["checkpoint", "parent", "events_hash"];
+/** The columns stored this way, by table (migrations 20 and 21). */
+export const HASH_COLUMNS: Readonly<Record<string, readonly string[]>> = {
+  episodes: ["checkpoint", "parent", "events_hash", "spec_version"],
+  checkpoints: ["parent", "spec_version"],
+};
+
+/** Whether `table.column` holds hashes as bytes. */
+export const isHashColumn = (table: string, column: string): boolean => HASH_COLUMNS[table]?.includes(column) ?? false;

@@ -3,4 +3,4 @@ export * from "./checkpoint.ts";
 export * from "./migrate.ts";
 export * from "./files.ts";
 export * from "./audit.ts";
-export { hexOfSql, EPISODE_HASH_COLUMNS } from "./hashes.ts";
+export { hexOfSql, HASH_COLUMNS, isHashColumn } from "./hashes.ts";

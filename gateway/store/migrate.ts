@@ -382,6 +382,17 @@ const EPISODE_HASH_BYTES: readonly string[] = [
   `UPDATE episodes SET ${hashBytes("checkpoint")}, ${hashBytes("parent")}, ${hashBytes("events_hash")}`,
 ];
 
+/**
+ * The spec version of every episode and checkpoint, and each checkpoint's parent, as their 32 bytes
+ * (issue 13: store bytes per episode; as migration 20 did for the episode's own hashes): two
+ * 64-character copies of the same few spec hashes and one of the previous checkpoint's hash, ~100
+ * bytes of a temp-monitor episode.
+ */
+const SPEC_AND_PARENT_BYTES: readonly string[] = [
+  `UPDATE episodes SET ${hashBytes("spec_version")}`,
+  `UPDATE checkpoints SET ${hashBytes("parent")}, ${hashBytes("spec_version")}`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -404,6 +415,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 18, name: "event log in the episode row", statements: EVENT_LOG_IN_EPISODE },
   { version: 19, name: "partial queue and bundle indexes", statements: PARTIAL_INDEXES },
   { version: 20, name: "episode hashes as bytes", statements: EPISODE_HASH_BYTES },
+  { version: 21, name: "spec versions and checkpoint parents as bytes", statements: SPEC_AND_PARENT_BYTES },
 ];
 
 /** The schema version this code writes. */

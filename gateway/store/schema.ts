@@ -174,15 +174,15 @@ export const episodes = sqliteTable(
     agent: text("agent").$type<AgentId>().notNull(),
     stimulusSeq: integer("stimulus_seq").notNull(),
     stimulusId: text("stimulus_id").notNull(),
-    specVersion: text("spec_version").notNull(),
+    specVersion: hashColumn("spec_version").notNull(),
     status: text("status").$type<"committed" | "failed">().notNull(),
     errorKind: text("error_kind"),
     error: text("error"),
     attempt: integer("attempt").notNull(),
     startedAt: integer("started_at").notNull(),
     endedAt: integer("ended_at").notNull(),
-    /** Hash of the checkpoint this episode sealed (committed only). This and the next two hashes are stored as
-     *  their 32 bytes (./hashes.ts) and read as hex. */
+    /** Hash of the checkpoint this episode sealed (committed only). This, `parent`, `events_hash` and
+     *  `spec_version` are stored as their 32 bytes (./hashes.ts) and read as hex. */
     checkpoint: hashColumn("checkpoint"),
     /** Hash of the checkpoint it started from. */
     parent: hashColumn("parent"),
@@ -223,9 +223,10 @@ export const checkpoints = sqliteTable(
     hash: text("hash").primaryKey(),
     agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
-    parent: text("parent"),
+    /** This and `spec_version` are stored as their 32 bytes (./hashes.ts) and read as hex. */
+    parent: hashColumn("parent"),
     episode: text("episode").notNull(),
-    specVersion: text("spec_version").notNull(),
+    specVersion: hashColumn("spec_version").notNull(),
     state: text("state"),
     createdAt: integer("created_at").notNull(),
     /** `defineAgent({ version })` of the code that wrote the state; null for code without a version (1). */
