@@ -482,11 +482,13 @@ describe("fleet verify", () => {
         "SELECT seq, data FROM events WHERE episode = ? AND kind = 'decide'",
         [alert.id],
       );
-      // The log is the episode row's `log` (JSONB `[[kind, data], ...]`): edit one event's data in it.
+      // The log is the episode row's `log` (store/migrate.ts, migrations 18 and 22): a record event is
+      // its data alone there, another event [kind, data]. Edit one event's data in it.
       const setData = (data: string) =>
         db.execute({
-          sql: "UPDATE episodes SET log = jsonb_set(log, ?, jsonb(?)) WHERE id = ?",
-          args: [`$[${ev.seq}][1]`, data, alert.id],
+          sql: `UPDATE episodes SET log = CASE json_type(log, ?1) WHEN 'object' THEN jsonb_set(log, ?1, jsonb(?2))
+            ELSE jsonb_set(log, ?1 || '[1]', jsonb(?2)) END WHERE id = ?3`,
+          args: [`$[${ev.seq}]`, data, alert.id],
         });
       await setData(ev.data.replace('"value":85', '"value":58'));
       try {

@@ -779,6 +779,43 @@ describe("commitEpisode", () => {
     }
   });
 
+  test("a record's kind is read from its data; look-alikes keep their own kind and data", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      const pairs: [string, string][] = [
+        ["stimulus", '{"id":"id:1"}'],
+        ["now", '{"k":"now","v":1}'],
+        ["decide", '{"k":"decide"}'],
+        ["emit", '{"k":"emitx","data":1}'], // a longer kind in the data
+        ["emit", '{"k":"decide","data":2}'], // another kind in the data
+        ['we"ird\\', JSON.stringify({ k: 'we"ird\\', v: "é" })], // escapes in the kind
+        ["tool", '{"x":1,"k":"tool"}'], // k not first
+        ["end", '"text"'],
+      ];
+      const events = pairs.map(([kind, data], i) => ({ episode: "ep-1", seq: i, kind, data }));
+      const c = episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null);
+      await store.commitEpisode({ ...c, events, episode: { ...c.episode, eventCount: events.length } });
+      expect(await store.listEvents("ep-1")).toEqual(events);
+      const emits = await store.client.execute("SELECT seq FROM events WHERE episode = 'ep-1' AND kind = 'emit'");
+      expect(emits.rows.map((r) => Number(r.seq))).toEqual([3, 4]);
+      // Only the three records whose data begins with their own kind are stored without it.
+      const forms = await store.client.execute("SELECT j.type AS t FROM episodes, json_each(log) j ORDER BY j.key");
+      expect(forms.rows.map((r) => r.t)).toEqual([
+        "array",
+        "object",
+        "object",
+        "array",
+        "array",
+        "object",
+        "array",
+        "array",
+      ]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("an event log that does not number its events 0, 1, 2, ... is refused before anything is written", async () => {
     const store = await open(freshPath());
     try {

@@ -68,15 +68,19 @@ function usageStatement(agent: AgentId, u: EpisodeUsage): RawStatement {
 }
 
 /**
- * An event log as the JSON text of the episode row's `log` column (./migrate.ts, migration 18):
- * `[[kind, data], ...]` with each event's data (JSON text) embedded as is, in seq order. Seqs must
- * be 0, 1, 2, ...: an event's position is its seq.
+ * An event log as the JSON text of the episode row's `log` column (./migrate.ts, migrations 18
+ * and 22): one element per event in seq order, `[kind, data]` with the data (JSON text) embedded
+ * as is, or the data alone when it is an object whose first key is `k` with the kind as value (a
+ * record: the view reads the kind from there). Seqs must be 0, 1, 2, ...: an event's position is
+ * its seq.
  */
 export function logText(events: readonly t.EventRow[]): string {
   let out = "[";
   for (const [i, e] of events.entries()) {
     if (e.seq !== i) throw new Error(`event log of ${e.episode}: seq ${e.seq} at position ${i}`);
-    out += `${i === 0 ? "" : ","}[${JSON.stringify(e.kind)},${e.data}]`;
+    const head = `{"k":${JSON.stringify(e.kind)}`;
+    const implied = e.data.startsWith(head) && (e.data[head.length] === "," || e.data[head.length] === "}");
+    out += `${i === 0 ? "" : ","}${implied ? e.data : `[${JSON.stringify(e.kind)},${e.data}]`}`;
   }
   return `${out}]`;
 }

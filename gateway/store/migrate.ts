@@ -12,9 +12,9 @@ import type { Client } from "@libsql/client";
 
 /**
  * The event log as rows (migration 18): each episode's `log` (JSONB `[[kind, data], ...]`) read out
- * as (episode, seq, kind, data), seq being the event's position. Read-only.
+ * as (episode, seq, kind, data), seq being the event's position. Read-only. Replaced by migration 22.
  */
-export const EVENTS_VIEW = `CREATE VIEW events AS SELECT ep.id AS episode, j.key AS seq, j.value ->> 0 AS kind,
+const EVENTS_VIEW_18 = `CREATE VIEW events AS SELECT ep.id AS episode, j.key AS seq, j.value ->> 0 AS kind,
     j.value -> 1 AS data FROM episodes AS ep, json_each(ep.log) AS j`;
 
 /** One step of the schema's history. */
@@ -349,7 +349,7 @@ const EVENT_LOG_IN_EPISODE: readonly string[] = [
       CASE WHEN json_valid(data) THEN jsonb(data) ELSE data END) ORDER BY seq)
     FROM events WHERE events.episode = episodes.id)`,
   `DROP TABLE events`,
-  EVENTS_VIEW,
+  EVENTS_VIEW_18,
 ];
 
 /**
@@ -393,6 +393,22 @@ const SPEC_AND_PARENT_BYTES: readonly string[] = [
   `UPDATE checkpoints SET ${hashBytes("parent")}, ${hashBytes("spec_version")}`,
 ];
 
+/**
+ * A record's kind is not written twice (issue 13: store bytes per episode). Every record event's
+ * data is the record itself, which begins `{"k":"<kind>"`, and its log element repeated the kind
+ * before it: such an event is now stored as its data alone, and the view takes its kind from `k`.
+ * Other events (the stimulus, the end or failure) stay `[kind, data]`; logs written before stay as
+ * they are and read the same. Only the writer (store/episodes.ts `logText`) decides, by the exact
+ * text prefix, so `data` still reads back byte for byte.
+ */
+const RECORD_KIND_IMPLIED: readonly string[] = [
+  `DROP VIEW events`,
+  `CREATE VIEW events AS SELECT ep.id AS episode, j.key AS seq,
+    CASE j.type WHEN 'object' THEN j.value ->> 'k' ELSE j.value ->> 0 END AS kind,
+    CASE j.type WHEN 'object' THEN j.value ELSE j.value -> 1 END AS data
+    FROM episodes AS ep, json_each(ep.log) AS j`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -416,6 +432,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 19, name: "partial queue and bundle indexes", statements: PARTIAL_INDEXES },
   { version: 20, name: "episode hashes as bytes", statements: EPISODE_HASH_BYTES },
   { version: 21, name: "spec versions and checkpoint parents as bytes", statements: SPEC_AND_PARENT_BYTES },
+  { version: 22, name: "record kinds implied in the event log", statements: RECORD_KIND_IMPLIED },
 ];
 
 /** The schema version this code writes. */

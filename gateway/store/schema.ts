@@ -204,9 +204,10 @@ export const episodes = sqliteTable(
 );
 
 /**
- * The event log of each episode as rows: a read-only view (./migrate.ts, migration 18) of the
- * `log` column of `episodes`, which is JSONB `[[kind, data], ...]` written with the episode row
- * (./episodes.ts) and kept out of the drizzle table above so that episode rows do not carry it.
+ * The event log of each episode as rows: a read-only view (./migrate.ts, migrations 18 and 22) of
+ * the `log` column of `episodes`, JSONB with one element per event (`[kind, data]`, or a record's
+ * data alone) written with the episode row (./episodes.ts `logText`) and kept out of the drizzle
+ * table above so that episode rows do not carry it.
  * `seq` is an event's position in its log; `data` is the exact JSON text the event was written with.
  */
 export const events = sqliteView("events", {
