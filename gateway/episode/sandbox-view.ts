@@ -161,6 +161,17 @@ function stampOf(files: readonly string[]): string {
  * importing zod from its node_modules). Agents in their own app folder are not affected.
  */
 export function spareCanLoad(a: AgentFiles, hostPaths: readonly string[]): boolean {
+  // Asked for every episode: the answer is kept with the files (a new value when they change).
+  const hit = canLoad.get(a);
+  if (hit?.hostPaths === hostPaths) return hit.ok;
+  const ok = computeCanLoad(a, hostPaths);
+  canLoad.set(a, { hostPaths, ok });
+  return ok;
+}
+
+const canLoad = new WeakMap<AgentFiles, { hostPaths: readonly string[]; ok: boolean }>();
+
+function computeCanLoad(a: AgentFiles, hostPaths: readonly string[]): boolean {
   const looked = new Set<string>();
   for (const p of hostPaths)
     for (let dir = dirname(p); ; dir = dirname(dir)) {
