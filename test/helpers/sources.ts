@@ -98,6 +98,18 @@ export async function timerFires(f: TestFleet, agent: string): Promise<number[]>
   return rows.map((r) => Number(r.sid.slice("timer:".length))).sort((a, b) => a - b);
 }
 
+/** Scheduled times (ms) of the timer fires recorded for each of `agents`, read in one query (one snapshot). */
+export async function timerFiresOf(f: TestFleet, agents: readonly string[]): Promise<Map<string, number[]>> {
+  const rows = await f.query<{ agent: string; sid: string }>(
+    `SELECT agent, sid FROM stimuli WHERE kind = 'timer' AND agent IN (${agents.map(() => "?").join(",")})`,
+    [...agents],
+  );
+  const out = new Map(agents.map((a) => [a, [] as number[]]));
+  for (const r of rows) out.get(r.agent)!.push(Number(r.sid.slice("timer:".length)));
+  for (const fires of out.values()) fires.sort((a, b) => a - b);
+  return out;
+}
+
 /** Payloads of an agent's timer stimuli by scheduled time. */
 export async function timerPayloads(
   f: TestFleet,
