@@ -3,7 +3,17 @@
  * and the tool gate against local HTTP and OpenAI-style servers.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -1031,6 +1041,49 @@ describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares' roots are 
       expect(seen[`read ${SNOOP}`]?.ok).toBe(true);
     } finally {
       await pool.close();
+    }
+  });
+});
+
+describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares and npm packages", () => {
+  test("an agent importing a package from its own app folder's node_modules runs from a warm spare", async () => {
+    // An app folder of its own beside the fleet (written here: node_modules folders are not committed).
+    const app = join(REPO, "test", `.pkg-app-${process.pid}`);
+    const pkg = join(app, "node_modules", "tiny-pkg");
+    mkdirSync(join(pkg, "lib"), { recursive: true });
+    writeFileSync(join(pkg, "package.json"), JSON.stringify({ name: "tiny-pkg", main: "index.js" }));
+    writeFileSync(join(pkg, "lib", "answer.js"), "module.exports = 42;");
+    symlinkSync(join(pkg, "lib", "answer.js"), join(pkg, "answer.js"));
+    writeFileSync(join(pkg, "index.js"), 'module.exports = { answer: require("./answer.js") };');
+    writeFileSync(
+      join(app, "agent.ts"),
+      `import { defineAgent } from ${JSON.stringify(join(REPO, "agents/sdk/index.ts"))};
+import tiny from "tiny-pkg";
+export default defineAgent<{ answer: number }>({
+  init: () => ({ answer: 0 }),
+  onStimulus(_s, ctx) { ctx.state.answer = tiny.answer; },
+});
+`,
+    );
+    const pool = new SparePool(1, BWRAP!, PROCS);
+    try {
+      pool.take(LIMITS); // primes a spare
+      await waitUntil(() => pool.pids().length > 0, "a spare is up");
+      for (let i = 0; i < 2; i++) {
+        await waitUntil(() => pool.pids().length > 0, "a spare is up");
+        const r = await runEpisode(
+          start("records", {}, { module: join(app, "agent.ts") }),
+          LIMITS,
+          noTools,
+          BWRAP!,
+          pool,
+        );
+        if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+        expect({ start: r.start, state: r.state }).toEqual({ start: "warm", state: { answer: 42 } });
+      }
+    } finally {
+      await pool.close();
+      rmSync(app, { recursive: true, force: true });
     }
   });
 });

@@ -4,7 +4,17 @@
  * agent inside bubblewrap can see).
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { type AgentFiles, type Bind, StagingRoot } from "../gateway/episode/index.ts";
@@ -101,6 +111,23 @@ describe("a warm spare's staging root", () => {
     const bun = join(host, "runtime/bun");
     root.stage({ files: [bun], packages: [] });
     expect(statSync(join(root.dir, bun)).size).toBe(0); // still the empty mount point of the skeleton
+    root.remove();
+  });
+
+  test("an npm package is shown whole without copying its bytes (its files linked, symlinks resolved)", () => {
+    const a = agent("golf");
+    const pkg = a.packages[0]!;
+    mkdirSync(join(pkg, "lib"), { recursive: true });
+    writeFileSync(join(pkg, "lib/real.js"), "module.exports = 1;");
+    symlinkSync(join(pkg, "lib/real.js"), join(pkg, "alias.js"));
+    symlinkSync(join(pkg, "lib"), join(pkg, "lib-link"));
+    const root = new StagingRoot(RUNTIME);
+    root.stage(a);
+    const shown = (p: string) => join(root.dir, pkg, p);
+    expect(statSync(shown("index.js")).ino).toBe(statSync(join(pkg, "index.js")).ino);
+    expect(lstatSync(shown("alias.js")).isSymbolicLink()).toBe(false);
+    expect(readFileSync(shown("alias.js"), "utf8")).toBe("module.exports = 1;");
+    expect(readFileSync(shown("lib-link/real.js"), "utf8")).toBe("module.exports = 1;");
     root.remove();
   });
 

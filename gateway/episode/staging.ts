@@ -13,13 +13,15 @@
 import {
   chmodSync,
   copyFileSync,
-  cpSync,
   existsSync,
   linkSync,
   mkdirSync,
   mkdtempSync,
+  readdirSync,
+  realpathSync,
   renameSync,
   rmSync,
+  statSync,
   symlinkSync,
   writeFileSync,
 } from "node:fs";
@@ -49,7 +51,7 @@ const MAX_FREE_ROOTS = 8;
 /** Agent trees not in any root, by root runtime and agent files; the key used last comes last. */
 const freeTrees = new Map<string, AgentTree[]>();
 /** Free trees kept across all agents (each agent needs about as many as its episodes running at once). */
-const MAX_FREE_TREES = 16;
+const MAX_FREE_TREES = 8;
 let freeTreeCount = 0;
 /** One id per `AgentFiles` value: `agentFiles` hands out a new one when a file changed. */
 const filesIds = new WeakMap<AgentFiles, number>();
@@ -162,7 +164,7 @@ export class StagingRoot {
 
 /**
  * One agent's files at their real paths under a folder of its own (hard links, else copies;
- * npm packages copied whole), made for the skeleton of one runtime: `grafts` are the folders
+ * npm packages whole, file by file), made for the skeleton of one runtime: `grafts` are the folders
  * (or files) a root lacks, each moved into the root whole. A path the skeleton already has is
  * one of the runtime's own mount points: the sandbox shows it through its bind.
  */
@@ -197,13 +199,8 @@ class AgentTree {
         grafts.add(graft);
         const at = join(this.dir, path);
         mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
-        if (pkg) cpSync(path, at, { recursive: true, dereference: true });
-        else
-          try {
-            linkSync(path, at);
-          } catch {
-            copyFileSync(path, at);
-          }
+        if (pkg) linkTree(path, at, 0);
+        else linkOrCopy(path, at);
       }
     } catch (err) {
       this.remove();
@@ -247,6 +244,39 @@ class AgentTree {
 
   remove(): void {
     rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** A hard link (no bytes copied: a tree costs its folders only), else a copy (another file system). */
+function linkOrCopy(from: string, to: string): void {
+  try {
+    linkSync(from, to);
+  } catch {
+    copyFileSync(from, to);
+  }
+}
+
+/** Deepest folder nesting followed in a package (a symlink loop ends there). */
+const MAX_PACKAGE_DEPTH = 64;
+
+/** A package folder laid out at `to`: its folders made, its files linked; symlinks followed (shown resolved). */
+function linkTree(from: string, to: string, depth: number): void {
+  mkdirSync(to, { recursive: true, mode: 0o755 });
+  if (depth >= MAX_PACKAGE_DEPTH) return;
+  for (const e of readdirSync(from, { withFileTypes: true })) {
+    const src = join(from, e.name);
+    const dst = join(to, e.name);
+    let dir = e.isDirectory();
+    if (e.isSymbolicLink())
+      try {
+        dir = statSync(src).isDirectory();
+      } catch {
+        continue; // dangling
+      }
+    if (dir) linkTree(src, dst, depth + 1);
+    // A hard link to a symlink would be the link, not its file: link the file it resolves to.
+    else if (e.isFile()) linkOrCopy(src, dst);
+    else if (e.isSymbolicLink()) linkOrCopy(realpathSync(src), dst);
   }
 }
 
