@@ -7,6 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
+import { hexOfSql } from "../gateway/store/index.ts";
 import {
   RawMqtt,
   Signal,
@@ -530,7 +531,9 @@ describe("sealed checkpoints", () => {
       const db = openDbFile(join(fleet.dataDir, "fleet.db"));
       const head = (
         await db.execute({
-          sql: "SELECT c.hash, c.seq, c.state FROM checkpoints c JOIN agents a ON a.head_hash = c.hash WHERE a.id = ?",
+          // The hash is stored as its bytes (store/hashes.ts): kept raw to find the row, read as hex to compare.
+          sql: `SELECT c.hash, ${hexOfSql("c.hash")} AS hex, c.seq, c.state FROM checkpoints c
+            JOIN agents a ON a.head_hash = c.hash WHERE a.id = ?`,
           args: ["counter/a"],
         })
       ).rows[0]!;
@@ -538,7 +541,7 @@ describe("sealed checkpoints", () => {
       expect(state).toContain('"count":2');
       const tampered = state.replace('"count":2', '"count":7');
       expect(tampered.length).toBe(state.length);
-      await db.execute({ sql: "UPDATE checkpoints SET state = ? WHERE hash = ?", args: [tampered, String(head.hash)] });
+      await db.execute({ sql: "UPDATE checkpoints SET state = ? WHERE hash = ?", args: [tampered, head.hash!] });
       db.close();
 
       const broken = await fleet.cli("verify");
@@ -546,7 +549,7 @@ describe("sealed checkpoints", () => {
       const record = `counter/a#${Number(head.seq)}`;
       expect(broken.json.problems.length).toBe(1);
       expect(broken.json.problems[0].record).toContain(record);
-      expect(broken.json.problems[0].record).toContain(String(head.hash).slice(0, 16));
+      expect(broken.json.problems[0].record).toContain(String(head.hex).slice(0, 16));
       expect(broken.json.problems[0].problem).toContain("hash mismatch");
       const human = await runCli(["verify", "--data-dir", fleet.dataDir]);
       expect(human.code).toBe(1);

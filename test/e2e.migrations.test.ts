@@ -9,6 +9,7 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { hexOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -59,7 +60,7 @@ describe("state migrations", () => {
       const before = await fleet.agent("door-bad/b1");
       const head = (agent: string) =>
         fleet.query<Row>(
-          "SELECT c.state, c.state_version, c.migrated_from, c.hash FROM agents a " +
+          `SELECT c.state, c.state_version, c.migrated_from, ${hexOfSql("c.hash")} AS hash FROM agents a ` +
             "JOIN checkpoints c ON c.hash = a.head_hash WHERE a.id = ?",
           [agent],
         );

@@ -416,8 +416,9 @@ describe("fleet verify", () => {
   test(
     "a changed byte in a checkpoint's state fails verify naming that checkpoint",
     async () => {
-      const cp = await row<{ hash: string; state: string }>(
-        "SELECT hash, state FROM checkpoints WHERE agent = ? AND seq = 2",
+      // `hash` is stored as its bytes (store/hashes.ts): kept raw to find the row, read as hex to compare.
+      const cp = await row<{ hash: ArrayBuffer; hex: string; state: string }>(
+        `SELECT hash, ${hexOfSql("hash")} AS hex, state FROM checkpoints WHERE agent = ? AND seq = 2`,
         [AGENT],
       );
       expect(cp.state).toContain('"count":2');
@@ -431,13 +432,13 @@ describe("fleet verify", () => {
         expect(j.json.problems).toEqual([
           {
             agent: AGENT,
-            record: `checkpoint ${AGENT}#2 ${cp.hash.slice(0, 16)}`,
+            record: `checkpoint ${AGENT}#2 ${cp.hex.slice(0, 16)}`,
             problem: expect.stringContaining("hash mismatch"),
           },
         ]);
         const h = await human("verify");
         expect(h.code).toBe(1);
-        expect(h.stdout).toContain(`BROKEN checkpoint ${AGENT}#2 ${cp.hash.slice(0, 16)}: `);
+        expect(h.stdout).toContain(`BROKEN checkpoint ${AGENT}#2 ${cp.hex.slice(0, 16)}: `);
       } finally {
         await db.execute({ sql: "UPDATE checkpoints SET state = ? WHERE hash = ?", args: [cp.state, cp.hash] });
       }
@@ -449,20 +450,24 @@ describe("fleet verify", () => {
   test(
     "a checkpoint whose parent link points elsewhere fails verify naming it",
     async () => {
-      // `parent` is stored as its bytes (store/hashes.ts): kept raw to put back, read as hex to compare.
-      const cp = await row<{ hash: string; parent: ArrayBuffer; parentHex: string }>(
-        `SELECT hash, parent, ${hexOfSql("parent")} AS parentHex FROM checkpoints WHERE agent = ? AND seq = 3`,
+      // Hashes are stored as their bytes (store/hashes.ts): kept raw to write back, read as hex to compare.
+      const cp = await row<{ hash: ArrayBuffer; hex: string; parent: ArrayBuffer; parentHex: string }>(
+        `SELECT hash, ${hexOfSql("hash")} AS hex, parent, ${hexOfSql("parent")} AS parentHex FROM checkpoints
+          WHERE agent = ? AND seq = 3`,
         [AGENT],
       );
-      const first = await row<{ hash: string }>("SELECT hash FROM checkpoints WHERE agent = ? AND seq = 1", [AGENT]);
+      const first = await row<{ hash: ArrayBuffer; hex: string }>(
+        `SELECT hash, ${hexOfSql("hash")} AS hex FROM checkpoints WHERE agent = ? AND seq = 1`,
+        [AGENT],
+      );
       await db.execute({ sql: "UPDATE checkpoints SET parent = ? WHERE hash = ?", args: [first.hash, cp.hash] });
       try {
         const j = await verify("--agent", AGENT);
         expect(j.code).toBe(1);
-        const record = `checkpoint ${AGENT}#3 ${cp.hash.slice(0, 16)}`;
+        const record = `checkpoint ${AGENT}#3 ${cp.hex.slice(0, 16)}`;
         expect(j.json.problems.map((p: { record: string }) => p.record)).toEqual([record, record]);
         expect(j.json.problems[0].problem).toBe(
-          `parent ${first.hash.slice(0, 16)} does not link to #2 ${cp.parentHex.slice(0, 16)}`,
+          `parent ${first.hex.slice(0, 16)} does not link to #2 ${cp.parentHex.slice(0, 16)}`,
         );
         // The parent is part of the sealed record, so the hash no longer matches either.
         expect(j.json.problems[1].problem).toContain("hash mismatch");

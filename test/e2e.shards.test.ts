@@ -309,7 +309,9 @@ describe("two shards on one Mosquitto", () => {
       expect(refused.stderr).toContain("is running on");
       const heads = new Map<string, string>();
       for (const f of [one, two])
-        for (const r of await f.query<{ id: string; head_hash: string }>("SELECT id, head_hash FROM agents"))
+        for (const r of await f.query<{ id: string; head_hash: string }>(
+          `SELECT id, ${hexOfSql("head_hash")} AS head_hash FROM agents`,
+        ))
           heads.set(r.id, r.head_hash);
       await Promise.all([one.stop(), two.stop()]);
 

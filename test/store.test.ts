@@ -748,7 +748,11 @@ describe("commitEpisode", () => {
       const cp = await store.client.execute(
         "SELECT length(parent) AS p, length(spec_version) AS s, length(hash) AS h FROM checkpoints",
       );
-      expect({ ...cp.rows[0] }).toMatchObject({ p: 32, s: 32, h: 64 });
+      expect({ ...cp.rows[0] }).toMatchObject({ p: 32, s: 32, h: 32 });
+      const agent = await store.client.execute("SELECT length(head_hash) AS n FROM agents WHERE id = 'temp/boiler-1'");
+      expect(Number(agent.rows[0]!.n)).toBe(32);
+      expect(await store.getAgent(aid("temp/boiler-1"))).toMatchObject({ headHash: HASH("a") });
+      expect((await store.turnInputs(aid("temp/boiler-1"), [])).checkpoint).toMatchObject({ hash: HASH("a") });
       expect(await store.getEpisode("ep-1")).toMatchObject({
         checkpoint: HASH("a"),
         parent: HASH("b"),

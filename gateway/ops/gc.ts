@@ -110,6 +110,7 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
       hash: string;
       old: number;
     }[];
+    // `hash` is read and written back as stored (its bytes, store/hashes.ts): anchor_hash is stored the same way.
     let n = 0;
     while (n < chain.length && Number(chain[n]!.old) === 1) n++;
     const anchor = chain[n - 1];

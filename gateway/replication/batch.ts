@@ -178,7 +178,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     got.checkpoints = await selectEncoded(
       store,
       checkpoints,
-      EPISODE_ENTRIES.replace("WHERE", `JOIN checkpoints AS c ON c.hash = ${hexOfSql("e.checkpoint")} WHERE`),
+      EPISODE_ENTRIES.replace("WHERE", "JOIN checkpoints AS c ON c.hash = e.checkpoint WHERE"),
       range,
       (c) => `c.${c}`,
     );

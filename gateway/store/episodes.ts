@@ -8,6 +8,7 @@ import type { InValue } from "@libsql/client";
 import type { AgentId, NewStimulus } from "../types.ts";
 import type { RawStatement } from "./db.ts";
 import type * as t from "./schema.ts";
+import { hashToDriver } from "./hashes.ts";
 import { chunks, codecs, insertRows } from "./sql.ts";
 
 /** Budget use booked with an episode, in its hour and day windows. */
@@ -148,7 +149,7 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
       sql:
         "UPDATE agents SET head_seq = ?, head_hash = ?, episodes = " +
         "episodes + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
-      args: [c.checkpoint.seq, c.checkpoint.hash, now, now, ep.agent],
+      args: [c.checkpoint.seq, hashToDriver(c.checkpoint.hash), now, now, ep.agent],
     },
     usageStatement(ep.agent, c.usage),
   );

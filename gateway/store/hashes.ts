@@ -34,10 +34,11 @@ export const hashColumn = customType<{ data: string; driverData: string | Buffer
 export const hexOfSql = (expr: string): string =>
   `(CASE WHEN typeof(${expr}) = 'blob' THEN lower(hex(${expr})) ELSE ${expr} END)`;
 
-/** The columns stored this way, by table (migrations 20 and 21). */
+/** The columns stored this way, by table (migrations 20, 21 and 23). */
 export const HASH_COLUMNS: Readonly<Record<string, readonly string[]>> = {
   episodes: ["checkpoint", "parent", "events_hash", "spec_version"],
-  checkpoints: ["parent", "spec_version"],
+  checkpoints: ["hash", "parent", "spec_version"],
+  agents: ["anchor_hash", "head_hash"],
 };
 
 /** Whether `table.column` holds hashes as bytes. */

@@ -409,6 +409,17 @@ const RECORD_KIND_IMPLIED: readonly string[] = [
     FROM episodes AS ep, json_each(ep.log) AS j`,
 ];
 
+/**
+ * Checkpoint hashes as their 32 bytes (issue 13: store bytes per episode, as migrations 20 and 21):
+ * the key of every checkpoint and its index entry, ~70 bytes a temp-monitor episode. The agents'
+ * head and anchor name a checkpoint by that hash and are compared with it in SQL, so they are stored
+ * the same way. (Changing `anchor_hash` queues each agent for replication once, when it is on.)
+ */
+const CHECKPOINT_HASH_BYTES: readonly string[] = [
+  `UPDATE checkpoints SET ${hashBytes("hash")}`,
+  `UPDATE agents SET ${hashBytes("head_hash")}, ${hashBytes("anchor_hash")}`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -433,6 +444,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 20, name: "episode hashes as bytes", statements: EPISODE_HASH_BYTES },
   { version: 21, name: "spec versions and checkpoint parents as bytes", statements: SPEC_AND_PARENT_BYTES },
   { version: 22, name: "record kinds implied in the event log", statements: RECORD_KIND_IMPLIED },
+  { version: 23, name: "checkpoint hashes as bytes", statements: CHECKPOINT_HASH_BYTES },
 ];
 
 /** The schema version this code writes. */

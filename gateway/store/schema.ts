@@ -69,9 +69,10 @@ export const agents = sqliteTable(
     pausedUntil: integer("paused_until"),
     /** Newest checkpoint deleted by retention: the chain verifies from here (a tombstone of a prefix). */
     anchorSeq: integer("anchor_seq").notNull().default(0),
-    anchorHash: text("anchor_hash"),
+    /** This and `head_hash` are stored as their 32 bytes (./hashes.ts), as `checkpoints.hash` they name. */
+    anchorHash: hashColumn("anchor_hash"),
     headSeq: integer("head_seq").notNull().default(0),
-    headHash: text("head_hash"),
+    headHash: hashColumn("head_hash"),
     episodes: integer("episodes").notNull().default(0),
     failures: integer("failures").notNull().default(0),
     lastEpisodeAt: integer("last_episode_at"),
@@ -221,10 +222,10 @@ export const events = sqliteView("events", {
 export const checkpoints = sqliteTable(
   "checkpoints",
   {
-    hash: text("hash").primaryKey(),
+    /** This, `parent` and `spec_version` are stored as their 32 bytes (./hashes.ts) and read as hex. */
+    hash: hashColumn("hash").primaryKey(),
     agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
-    /** This and `spec_version` are stored as their 32 bytes (./hashes.ts) and read as hex. */
     parent: hashColumn("parent"),
     episode: text("episode").notNull(),
     specVersion: hashColumn("spec_version").notNull(),

@@ -11,6 +11,7 @@ import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement 
 import * as t from "./schema.ts";
 import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
+import { hashFromDriver, hashToDriver } from "./hashes.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
@@ -241,7 +242,7 @@ export class Store {
       id: String(r[0]) as AgentId,
       status: String(r[1]) as t.StoredAgentStatus,
       reason: r[2] === null ? null : String(r[2]),
-      headHash: r[3] === null ? null : String(r[3]),
+      headHash: r[3] === null ? null : hashFromDriver(r[3]),
     }));
   }
 
@@ -703,7 +704,7 @@ export class Store {
 
   /** A checkpoint by hash, or undefined. */
   getCheckpoint(hash: string): Promise<t.CheckpointRow | undefined> {
-    return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE hash = ?", [hash]);
+    return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE hash = ?", [hashToDriver(hash)]);
   }
 
   /** An agent's checkpoint number `seq`, or undefined (never written, or deleted by retention). */
