@@ -18,7 +18,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
+import { HOST_PATHS } from "../agents/host/index.ts";
 import {
+  agentFiles,
   CHILD_ENV,
   defaultSpawnOptions,
   EPISODE_NICE,
@@ -1039,6 +1041,28 @@ describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares' roots are 
       }
       expect(seen[`read ${before}`]).toEqual({ ok: false, code: "ENOENT" });
       expect(seen[`read ${SNOOP}`]?.ok).toBe(true);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
+describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares expect the agent that took the last one", () => {
+  test("a replacement spare holds the files of the agent whose episode took the last one", async () => {
+    const pool = new SparePool(1, BWRAP!, PROCS);
+    const files = agentFiles(fixture("records"), HOST_PATHS);
+    try {
+      pool.take(LIMITS); // primes a spare for no agent in particular
+      await waitUntil(() => pool.pids().length > 0, "a spare is up");
+      expect((await runEpisode(start("records"), LIMITS, noTools, BWRAP!, pool)).start).toBe("warm");
+      const { spare, refill } = pool.claim(LIMITS, files);
+      refill();
+      expect(spare?.holds(files)).toBe(true);
+      await spare?.kill();
+      // It serves that agent as any spare does.
+      await waitUntil(() => pool.pids().length > 0, "a spare is up");
+      const r = await runEpisode(start("records"), LIMITS, noTools, BWRAP!, pool);
+      expect({ ok: r.ok, start: r.start }).toEqual({ ok: true, start: "warm" });
     } finally {
       await pool.close();
     }

@@ -210,10 +210,25 @@ export class HostProcess {
     return new HostProcess("", cmd, spawnOpts, procs);
   }
 
-  /** A warm spare: under bubblewrap its root is an empty staging directory until `prepare`. */
-  static spare(key: string, limits: ProcessLimits, spawnOpts: SpawnOptions, procs: ProcessTable): HostProcess {
-    const root = spawnOpts.bwrap ? StagingRoot.for(hostRuntime(spawnOpts)) : null;
+  /**
+   * A warm spare: under bubblewrap its root is a staging directory, holding the files of
+   * `expect` (the agent the pool expects it to serve) or nothing until `prepare`.
+   */
+  static spare(
+    key: string,
+    limits: ProcessLimits,
+    spawnOpts: SpawnOptions,
+    procs: ProcessTable,
+    expect: AgentFiles | null = null,
+  ): HostProcess {
+    const files = spawnOpts.bwrap && expect !== null && stageable(expect) ? expect : null;
+    const root = spawnOpts.bwrap ? StagingRoot.for(hostRuntime(spawnOpts), files) : null;
     if (root) spawnOpts.ledger?.addRoot(dirname(root.dir));
+    try {
+      if (root && files) root.stage(files);
+    } catch {
+      // shown at `prepare` then, or the episode fails there as infra
+    }
     try {
       return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}), spawnOpts, procs, root);
     } catch (err) {
@@ -225,6 +240,11 @@ export class HostProcess {
   /** Show the agent's files inside a spare's sandbox (a cold process already mounts them). */
   prepare(files: AgentFiles | null): void {
     if (this.root && files) this.root.stage(files);
+  }
+
+  /** Whether a spare's root holds these files already. */
+  holds(files: AgentFiles | null): boolean {
+    return files !== null && (this.root?.holds(files) ?? false);
   }
 
   /**
@@ -307,14 +327,16 @@ export class SparePool {
     const key = this.keyOf(limits);
     for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
     this.spares = this.spares.filter((h) => h.alive);
-    const i = this.spares.findIndex((h) => h.key === key);
+    // One already holding the agent's files first (nothing to move), else any for these limits.
+    const ready = this.spares.findIndex((h) => h.key === key && h.holds(files));
+    const i = ready >= 0 ? ready : this.spares.findIndex((h) => h.key === key);
     const usable = i >= 0 && (files === null || !this.spawnOpts.bwrap || stageable(files));
     const spare = usable ? this.spares.splice(i, 1)[0]! : null;
     let done = false;
     const refill = () => {
       if (done) return;
       done = true;
-      this.refill(limits, key);
+      this.refill(limits, key, files);
     };
     return { spare, refill };
   }
@@ -327,13 +349,14 @@ export class SparePool {
     return key;
   }
 
-  private refill(limits: ProcessLimits, key: string): void {
+  /** Start spares for these limits up to the pool's size, expecting the agent whose `files` took one. */
+  private refill(limits: ProcessLimits, key: string, files: AgentFiles | null): void {
     if (this.stopped || this.size === 0) return;
     this.taken.delete(key);
     this.taken.set(key, ++this.takes);
     while (this.spares.filter((x) => x.key === key).length < this.size) {
       try {
-        this.spares.push(HostProcess.spare(key, limits, this.spawnOpts, this.procs));
+        this.spares.push(HostProcess.spare(key, limits, this.spawnOpts, this.procs, files));
       } catch {
         break;
       }

@@ -1,14 +1,16 @@
 /**
  * Staging roots (bubblewrap mode): a warm spare starts before anyone knows which agent it will
  * serve, so its root file system is a directory of its own (`StagingRoot`, read-only inside)
- * holding only the mount points of the runtime. When an episode takes the spare, the agent's
- * files are moved in (`stage`) and appear inside at their real paths; once the spare is gone
- * they are moved out again and the emptied root serves the next spare.
+ * holding the mount points of the runtime. An agent's files are moved in (`stage`) and appear
+ * inside at their real paths: when an episode takes the spare, or before the spare starts when
+ * the pool expects that agent (the one whose episode took the last spare). A spare that serves
+ * another agent gets its root emptied first, before the episode's start is sent.
  *
  * The agent's files are laid out once per agent in an `AgentTree` outside every root, and moved
  * in and out by one rename per graft point (the shallowest folder of their paths the root does
- * not have): no folders made or removed and no links per episode (measured on ext4: mkdir +
- * rmdir of the agent's folders blocked the event loop ~2 ms per episode; two renames ~0.08 ms).
+ * not have); a root kept for the same agent's next spare keeps them in. No folders made or
+ * removed and no links per episode (measured on ext4: mkdir + rmdir of the agent's folders
+ * blocked the event loop ~2 ms per episode; two renames ~0.08 ms).
  */
 import {
   chmodSync,
@@ -59,9 +61,10 @@ let nextFilesId = 0;
 
 /**
  * The root file system of one warm spare: a directory with the mount points of the runtime
- * binds, shown read-only as `/` inside. `stage` moves an agent's files into it later.
- * Once its spare is gone the root is emptied of them and serves the next spare
- * (`StagingRoot.for`): the skeleton costs ~60 file system calls to make and remove, per episode.
+ * binds, shown read-only as `/` inside. `stage` moves an agent's files into it. Once its spare
+ * is gone the root serves the next spare (`StagingRoot.for`): the skeleton costs ~60 file
+ * system calls to make and remove. It keeps its agent's files for a next spare of the same
+ * agent (no moves at all); a spare of another agent, or of none yet, gets it emptied first.
  */
 export class StagingRoot {
   readonly dir: string;
@@ -72,12 +75,22 @@ export class StagingRoot {
   /** How many of the tree's grafts are in the root now. */
   private moved = 0;
 
-  /** A free root made for the same runtime, or a new one. */
-  static for(runtime: readonly Bind[]): StagingRoot {
-    const free = freeRoots.get(runtimeKey(runtime));
-    while (free && free.length > 0) {
-      const root = free.pop()!;
+  /**
+   * A free root made for the same runtime (one holding `files` first, else an emptied one), or a
+   * new one.
+   */
+  static for(runtime: readonly Bind[], files: AgentFiles | null = null): StagingRoot {
+    const free = freeRoots.get(runtimeKey(runtime)) ?? [];
+    const holding = files === null ? -1 : free.findLastIndex((r) => r.holds(files));
+    if (holding >= 0) {
+      const root = free.splice(holding, 1)[0]!;
       if (existsSync(root.dir)) return root;
+    }
+    while (free.length > 0) {
+      const root = free.pop()!;
+      if (!existsSync(root.dir)) continue;
+      if (root.unstage()) return root;
+      root.remove();
     }
     return new StagingRoot(runtime);
   }
@@ -106,9 +119,18 @@ export class StagingRoot {
     return ["--ro-bind", this.dir, "/"];
   }
 
-  /** Make an agent's files appear inside at their real paths (its tree moved in). */
+  /** Whether `a`'s files are in this root now. */
+  holds(a: AgentFiles): boolean {
+    return this.tree !== null && this.tree.key === treeKey(this, a);
+  }
+
+  /**
+   * Make an agent's files appear inside at their real paths (its tree moved in); another
+   * agent's files in it are moved out first.
+   */
   stage(a: AgentFiles): void {
-    if (this.tree) throw new Error("a staging root serves one episode at a time");
+    if (this.holds(a)) return;
+    if (!this.unstage()) throw new Error("a staging root could not be emptied of the files of its last agent");
     const tree = AgentTree.take(this, a);
     this.tree = tree;
     try {
@@ -123,7 +145,7 @@ export class StagingRoot {
   }
 
   /** Move the staged tree back out (false: something of it could not be moved; it is gone). */
-  private unstage(): boolean {
+  unstage(): boolean {
     const tree = this.tree;
     if (!tree) return true;
     this.tree = null;
@@ -139,12 +161,8 @@ export class StagingRoot {
     return true;
   }
 
-  /** The spare is gone: move its agent's files out and keep the skeleton for the next spare. */
+  /** The spare is gone: keep the root (with its agent's files) for a next spare. */
   recycle(): void {
-    if (!this.unstage()) {
-      this.remove();
-      return;
-    }
     const free = freeRoots.get(this.key) ?? [];
     if (free.length >= MAX_FREE_ROOTS) {
       this.remove();
@@ -175,7 +193,8 @@ class AgentTree {
   private constructor(
     root: StagingRoot,
     a: AgentFiles,
-    private readonly key: string,
+    /** Which files for which runtime (`treeKey`). */
+    readonly key: string,
   ) {
     const trees = join(stagingBase(), "trees");
     mkdirSync(trees, { recursive: true, mode: 0o700 });
@@ -212,9 +231,7 @@ class AgentTree {
 
   /** A free tree of these files for this root's runtime, or a new one. */
   static take(root: StagingRoot, a: AgentFiles): AgentTree {
-    let id = filesIds.get(a);
-    if (id === undefined) filesIds.set(a, (id = nextFilesId++));
-    const key = `${root.key}\n${id}`;
+    const key = treeKey(root, a);
     const free = freeTrees.get(key);
     const found = free?.pop();
     if (found) {
@@ -245,6 +262,13 @@ class AgentTree {
   remove(): void {
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/** The key of an agent's tree for a root's runtime: equal keys, same files laid out the same way. */
+function treeKey(root: StagingRoot, a: AgentFiles): string {
+  let id = filesIds.get(a);
+  if (id === undefined) filesIds.set(a, (id = nextFilesId++));
+  return `${root.key}\n${id}`;
 }
 
 /** A hard link (no bytes copied: a tree costs its folders only), else a copy (another file system). */
