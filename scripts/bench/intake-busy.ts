@@ -79,6 +79,17 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
     client.end(true);
     await gw.stop();
   }
+  // Microseconds per message of one of the phase counters, episodes running vs paused.
+  const perMessage = (metric: string, of: "cpu" | "other" | "wait", note: string) =>
+    rateRow(
+      "intake-busy",
+      `${metric} per message, running vs paused`,
+      "us",
+      (spent.busy[of] * 1000) / spent.busy.msgs,
+      (spent.quiet[of] * 1000) / spent.quiet.msgs,
+      null,
+      note,
+    );
   const episodeUs = (spent.busy.children * 1000) / spent.busy.msgs;
   return [
     rateRow(
@@ -90,33 +101,13 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
       0.6,
       `same gateway; ${(episodes / (busyMs / 1000)).toFixed(0)} episodes/s ran meanwhile`,
     ),
-    rateRow(
-      "intake-busy",
-      "gateway CPU per message, episodes running vs paused",
-      "us",
-      (spent.busy.cpu * 1000) / spent.busy.msgs,
-      (spent.quiet.cpu * 1000) / spent.quiet.msgs,
-      null,
-      "all the gateway's own work (episodes' too) over the messages of the phase",
-    ),
-    rateRow(
-      "intake-busy",
-      "CPU outside the gateway and its episodes per message, running vs paused",
-      "us",
-      (spent.busy.other * 1000) / spent.busy.msgs,
-      (spent.quiet.other * 1000) / spent.quiet.msgs,
-      null,
+    perMessage("gateway CPU", "cpu", "all the gateway's own work (episodes' too) over the messages of the phase"),
+    perMessage(
+      "CPU outside the gateway and its episodes",
+      "other",
       `publisher, kernel workers, other load (/proc/stat); episodes took ${episodeUs.toFixed(0)} us/msg`,
     ),
-    rateRow(
-      "intake-busy",
-      "gateway main thread run-queue wait per message, running vs paused",
-      "us",
-      (spent.busy.wait * 1000) / spent.busy.msgs,
-      (spent.quiet.wait * 1000) / spent.quiet.msgs,
-      null,
-      "runnable but waiting for a CPU (/proc/<pid>/schedstat)",
-    ),
+    perMessage("gateway main thread run-queue wait", "wait", "runnable but waiting for a CPU (/proc/<pid>/schedstat)"),
   ];
 }
 
