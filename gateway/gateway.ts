@@ -34,6 +34,7 @@ import {
   describeSandbox,
   hostBuildProblem,
   hostScript,
+  idleSpawnOptions,
   ProcessTable,
   runEpisode,
   type Degraded,
@@ -99,8 +100,6 @@ import { type AgentId, type GatewayState, parseAgentId } from "./types.ts";
 
 /** Stimuli queued for one agent from which it counts as flooded (docs/sandbox.md). */
 const FLOOD_BACKLOG = 8;
-/** The nice value of a flooded agent's episode processes (others run at EPISODE_NICE). */
-const FLOOD_NICE = 19;
 
 export type { GatewayState };
 
@@ -611,9 +610,7 @@ export class Gateway {
     const slow = hostBuildProblem();
     if (slow) this.log.warn(`episodes run the host runtime from its sources (slower start-up): ${slow}`);
     const spawnOptions = this.spawnOptions;
-    const floodSpawn: SpawnOptions = spawnOptions.nice
-      ? { ...spawnOptions, nice: { ...spawnOptions.nice, value: FLOOD_NICE } }
-      : spawnOptions;
+    const floodSpawn = spawnOptions.nice ? idleSpawnOptions(spawnOptions) : spawnOptions;
     const spares = new SparePool(spec.fleet.warm_spares, spawnOptions, this.procs);
     this.spares = spares;
     this.book = new QueueBook({
@@ -624,7 +621,7 @@ export class Gateway {
       store: this.store,
       spec: () => this.current,
       // Fairness: an agent with a backlog (a flood: FLOOD_BACKLOG or more queued) starts cold at
-      // nice FLOOD_NICE. It leaves the warm spares to agents waiting on a stimulus or two, and its
+      // SCHED_IDLE. It leaves the warm spares to agents waiting on a stimulus or two, and its
       // processes yield the CPU to theirs. An agent a little behind (pinged about as fast as its
       // episodes run) is not a flood.
       run: async (start, limits, onTool) => {

@@ -12,7 +12,7 @@ import { readLocalToken } from "../gateway/auth/index.ts";
 import { authed, fixture, waitFor } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
 import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
-import { defaultSpawnOptions } from "../gateway/episode/index.ts";
+import { defaultSpawnOptions, EPISODE_NICE, idleSpawnOptions } from "../gateway/episode/index.ts";
 
 let dir: string;
 let gw: Gateway;
@@ -84,7 +84,7 @@ describe("warm spares under a flood", () => {
   }, 60_000);
 
   test.if(defaultSpawnOptions().nice != null)(
-    "a flooded agent's episodes run at nice 19, below everyone else's 10, until its backlog is short",
+    "a flooded agent's episodes run under SCHED_IDLE, below everyone else's nice 19, until its backlog is short",
     async () => {
       expect((await post("/api/agents/nicelog/x/pause")).status).toBe(200);
       for (let i = 1; i <= 10; i++)
@@ -93,7 +93,7 @@ describe("warm spares under a flood", () => {
       const state = await waitFor(
         async () => {
           const r = await fetch(`${base}/api/agents/nicelog/x/state`, authed(token));
-          const body = (await r.json()) as { state?: { nice?: number[] } };
+          const body = (await r.json()) as { state?: { nice?: (number | "idle")[] } };
           return body.state?.nice?.length === 10 ? body.state.nice : undefined;
         },
         30_000,
@@ -104,7 +104,8 @@ describe("warm spares under a flood", () => {
       // Relative to this process (the gateway runs in it), capped at 19.
       const stat = readFileSync("/proc/self/stat", "utf8");
       const own = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
-      const [flood, normal] = [Math.min(19, own + 19), Math.min(19, own + 10)];
+      const normal = Math.min(19, own + EPISODE_NICE);
+      const flood = idleSpawnOptions(defaultSpawnOptions()).idle ? "idle" : normal;
       expect(state).toEqual([flood, flood, flood, normal, normal, normal, normal, normal, normal, normal]);
     },
     60_000,

@@ -24,6 +24,7 @@ import {
   CHILD_ENV,
   defaultSpawnOptions,
   EPISODE_NICE,
+  idleSpawnOptions,
   ProcessTable,
   runEpisode,
   SparePool,
@@ -314,12 +315,21 @@ describe.each(SANDBOXES)(
       expect(r.message).toMatch(/^RSS \d+ MB exceeded memory_mb 128/);
     });
 
-    test.if(spawn.nice != null)("an episode runs below the gateway's priority (nice 10: devices first)", async () => {
+    test.if(spawn.nice != null)("an episode runs below the gateway's priority (nice 19: devices first)", async () => {
       const r = await run(start("priority"), {}, noTools, spawn);
       if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
-      // `nice -n 10` is relative: 10 below whatever this test process runs at (a CI runner may be niced).
-      expect(r.state).toEqual({ nice: Math.min(19, ownNice() + EPISODE_NICE) });
+      // `nice -n` is relative to whatever this test process runs at (a CI runner may be niced), capped at 19.
+      expect(r.state).toEqual({ nice: Math.min(19, ownNice() + EPISODE_NICE), policy: 0 });
     });
+
+    test.if(idleSpawnOptions(spawn).idle != null)(
+      "a flooded agent's episode runs under SCHED_IDLE, below every nice value",
+      async () => {
+        const r = await run(start("priority"), {}, noTools, idleSpawnOptions(spawn));
+        if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+        expect((r.state as { policy: number }).policy).toBe(5); // SCHED_IDLE
+      },
+    );
 
     test.if(spawn.prlimit !== null)(
       "allocation stopped by the RLIMIT_DATA backstop (before the RSS watch looks) is still oom",

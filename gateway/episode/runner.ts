@@ -20,6 +20,7 @@ export {
   describeSandbox,
   EPISODE_NICE,
   hostCommand,
+  idleSpawnOptions,
   SandboxError,
   sandboxCommand,
   weakSandboxWarning,

@@ -24,6 +24,11 @@ export interface SpawnOptions {
   readonly bwrap: string | null;
   /** Start the episode's process tree at this nice value through the `nice` binary (null: as the gateway). */
   readonly nice?: { readonly bin: string; readonly value: number } | null;
+  /**
+   * Start it under SCHED_IDLE through `chrt` instead (below every nice value: it runs only on
+   * CPU time nothing else wants); set for a flooded agent's episodes (`idleSpawnOptions`).
+   */
+  readonly idle?: { readonly bin: string } | null;
   /** How often the RSS watch samples, ms. */
   readonly rssPollMs: number;
   /** Where started host process groups and staging roots are noted, so the next start reaps leftovers. */
@@ -67,11 +72,12 @@ const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/
 export const RUNTIME_DATA_MB = 384;
 
 /**
- * Devices first: episode processes run at nice 10, so when episodes saturate the cores the
- * gateway still gets its share to acknowledge stimuli (durable and cheap) while episode work
- * lags. On an idle machine it changes nothing.
+ * Devices first: episode processes run at nice 19, so when episodes saturate the cores the
+ * gateway gets the CPU the moment a packet arrives, to acknowledge stimuli (durable and cheap)
+ * while episode work lags. On an idle machine it changes nothing. (At nice 10 the gateway's
+ * thread waited on the run queue 2–3× longer per message while episodes ran: `bench busy`.)
  */
-export const EPISODE_NICE = 10;
+export const EPISODE_NICE = 19;
 
 function which(names: readonly string[]): string | null {
   return names.find((p) => Bun.file(p).size > 0) ?? null;
@@ -86,6 +92,26 @@ function probeBwrap(bwrap: string): boolean {
     bwrapWorks = r.exitCode === 0;
   }
   return bwrapWorks;
+}
+
+let chrtWorks: boolean | null = null;
+/** Whether this process may start a child under SCHED_IDLE (probed once: a refusal would fail every episode). */
+function probeIdle(chrt: string): boolean {
+  if (chrtWorks === null) {
+    const r = Bun.spawnSync([chrt, "--idle", "0", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
+    chrtWorks = r.exitCode === 0;
+  }
+  return chrtWorks;
+}
+
+/**
+ * `o` for a flooded agent's episodes: under SCHED_IDLE, below the nice 19 of everyone
+ * else's, so an agent with a backlog yields the CPU to agents waiting on a stimulus or two.
+ * Without a working `chrt` they run as everyone else's.
+ */
+export function idleSpawnOptions(o: SpawnOptions): SpawnOptions {
+  const chrt = which(["/usr/bin/chrt", "/bin/chrt"]);
+  return chrt && probeIdle(chrt) ? { ...o, idle: { bin: chrt } } : o;
 }
 
 /**
@@ -150,7 +176,7 @@ export function describeSandbox(o: SpawnOptions): string {
       ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"
       : "no namespaces",
     o.prlimit ? "rlimits" : "no rlimits",
-    o.nice ? `nice ${o.nice.value}` : "same priority as the gateway",
+    o.idle ? "SCHED_IDLE" : o.nice ? `nice ${o.nice.value}` : "same priority as the gateway",
   ];
   return parts.join(", ");
 }
@@ -234,7 +260,8 @@ export function sandboxCommand(
       ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []),
     );
   }
-  if (spawnOpts.nice) cmd.unshift(spawnOpts.nice.bin, "-n", String(spawnOpts.nice.value));
+  if (spawnOpts.idle) cmd.unshift(spawnOpts.idle.bin, "--idle", "0");
+  else if (spawnOpts.nice) cmd.unshift(spawnOpts.nice.bin, "-n", String(spawnOpts.nice.value));
   return cmd;
 }
 
