@@ -536,6 +536,43 @@ describe("group committer", () => {
     }
   });
 
+  test("a flood in one turn does not hold back another agent: past the flush limit it waits", async () => {
+    const store = await open(freshPath());
+    try {
+      const limit = Store.INTAKE_ROWS_PER_FLUSH;
+      const before = store.writer.stats.commits;
+      const flood = Array.from({ length: limit + 500 }, (_, i) => store.intake([stim(`id:f${i}`, "flood")]));
+      const quiet = store.intake([stim("id:q", "quiet")]);
+      const floodSeqs = (await Promise.all(flood)).map((o) => o[0]!.seq!);
+      const [q] = await quiet;
+      // The quiet agent's stimulus went in with the first `limit` of the flood, ahead of the rest.
+      expect(q!.seq!).toBeLessThan(floodSeqs[limit]!);
+      expect(q!.seq!).toBeGreaterThan(floodSeqs[limit - 1]!);
+      // The flood's own order is kept, and nothing was lost or doubled.
+      expect(floodSeqs).toEqual([...floodSeqs].sort((a, b) => a - b));
+      expect(new Set(floodSeqs).size).toBe(limit + 500);
+      expect(store.writer.stats.commits - before).toBeGreaterThanOrEqual(2);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("close() records stimuli still waiting for a later flush", async () => {
+    const path = freshPath();
+    const store = await open(path);
+    const pending = Array.from({ length: Store.INTAKE_ROWS_PER_FLUSH + 10 }, (_, i) =>
+      store.intake([stim(`id:c${i}`, "late")]),
+    );
+    await store.close();
+    expect((await Promise.all(pending)).every(([o]) => o!.seq !== null)).toBe(true);
+    const again = await open(path);
+    try {
+      expect(await again.findStimulus(aid("temp/late"), `id:c${Store.INTAKE_ROWS_PER_FLUSH + 9}`)).toBeDefined();
+    } finally {
+      await again.close();
+    }
+  });
+
   test("a job's results read like libSQL's: rows by column name and index, blobs as bytes, rows affected", async () => {
     const store = await open(freshPath());
     try {

@@ -112,7 +112,7 @@ export class Store {
 
   /** Flush pending writes and close the file. */
   async close(): Promise<void> {
-    if (this.pendingIntake.length > 0) await this.flushIntake();
+    while (this.pendingIntake.length > 0) await this.flushIntake();
     await this.writer.drain();
     this.client.close();
   }
@@ -369,9 +369,35 @@ export class Store {
   /** Agents known to have a row: their INSERT OR IGNORE can be skipped. */
   private readonly knownAgents = new Set<string>();
 
+  /**
+   * Past this many stimuli in one flush, the stimuli of agents already in it wait for the next
+   * transaction, and agents not yet in it still go: a flood (thousands of QoS 1 messages in flight
+   * for one agent) does not hold back another agent's acknowledgement behind a transaction of all
+   * of them. Each agent's stimuli keep their order.
+   */
+  static readonly INTAKE_ROWS_PER_FLUSH = 1000;
+
   private async flushIntake(): Promise<void> {
-    const calls = this.pendingIntake;
-    this.pendingIntake = [];
+    const calls: typeof this.pendingIntake = [];
+    const deferred: typeof this.pendingIntake = [];
+    const taken = new Set<string>();
+    const waiting = new Set<string>();
+    let rows = 0;
+    for (const c of this.pendingIntake) {
+      const full = rows + c.items.length > Store.INTAKE_ROWS_PER_FLUSH && calls.length > 0;
+      if (c.items.some((s) => waiting.has(s.agent) || (full && taken.has(s.agent)))) {
+        deferred.push(c);
+        for (const s of c.items) waiting.add(s.agent);
+      } else {
+        calls.push(c);
+        rows += c.items.length;
+        for (const s of c.items) taken.add(s.agent);
+      }
+    }
+    this.pendingIntake = deferred;
+    if (calls.length === 0) return;
+    // What waits goes in the next transaction, after this one (in the same one it would wait all the same).
+    if (deferred.length > 0) this.afterIntake = () => setImmediate(() => void this.flushIntake());
     const all = calls.flatMap((c) => c.items);
     const fresh = new Map<string, NewStimulus>();
     for (const s of all) if (!this.knownAgents.has(s.agent) && !fresh.has(s.agent)) fresh.set(s.agent, s);
@@ -408,8 +434,15 @@ export class Store {
       }
     } catch (err) {
       for (const c of calls) c.reject(err);
+    } finally {
+      const next = this.afterIntake;
+      this.afterIntake = null;
+      next?.();
     }
   }
+
+  /** The flush of stimuli that waited for the transaction in flight, run once it ends. */
+  private afterIntake: (() => void) | null = null;
 
   /** Record messages that could not become stimuli (one transaction; resolves after commit). */
   async recordRejected(rows: readonly NewRejected[]): Promise<void> {
