@@ -8,7 +8,8 @@
 import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client";
 import { drizzle, type LibSQLDatabase } from "drizzle-orm/libsql";
 import type { BatchItem } from "drizzle-orm/batch";
-import { closeSync, existsSync, fdatasync, openSync } from "node:fs";
+import { existsSync } from "node:fs";
+import { open } from "node:fs/promises";
 import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
@@ -333,10 +334,10 @@ export class GroupCommitter {
 
 /** fdatasync a file by path on the thread pool (the path, not a kept descriptor: SQLite may recreate it). */
 async function fdatasyncFile(path: string): Promise<void> {
-  const fd = openSync(path, "r");
+  const file = await open(path, "r");
   try {
-    await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+    await file.datasync();
   } finally {
-    closeSync(fd);
+    await file.close();
   }
 }

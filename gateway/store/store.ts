@@ -396,8 +396,6 @@ export class Store {
     }
     this.pendingIntake = deferred;
     if (calls.length === 0) return;
-    // What waits goes in the next transaction, after this one (in the same one it would wait all the same).
-    if (deferred.length > 0) this.afterIntake = () => setImmediate(() => void this.flushIntake());
     const all = calls.flatMap((c) => c.items);
     const fresh = new Map<string, NewStimulus>();
     for (const s of all) if (!this.knownAgents.has(s.agent) && !fresh.has(s.agent)) fresh.set(s.agent, s);
@@ -435,14 +433,10 @@ export class Store {
     } catch (err) {
       for (const c of calls) c.reject(err);
     } finally {
-      const next = this.afterIntake;
-      this.afterIntake = null;
-      next?.();
+      // What waited goes in the next transaction, after this one (in the same one it would wait all the same).
+      if (deferred.length > 0) setImmediate(() => void this.flushIntake());
     }
   }
-
-  /** The flush of stimuli that waited for the transaction in flight, run once it ends. */
-  private afterIntake: (() => void) | null = null;
 
   /** Record messages that could not become stimuli (one transaction; resolves after commit). */
   async recordRejected(rows: readonly NewRejected[]): Promise<void> {
