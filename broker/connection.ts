@@ -47,6 +47,19 @@ export class GuardedConnection extends Duplex {
     if (!this.destroyed) this.push(null);
   }
 
+  /**
+   * Everything buffered when no size is given, as Node does. Bun 1.4.5's `read()` returns only
+   * the first buffered chunk; aedes reads once per `readable` and after each packet, so a
+   * packet whose bytes arrived in several chunks while aedes was busy (a CONNECT still being
+   * authenticated, a websocket client sending one frame per field) sat in the buffer until
+   * the client sent something more: a PUBLISH with no PUBACK.
+   */
+  override read(size?: number): Buffer | null {
+    return size === undefined || size === null || Number.isNaN(size)
+      ? super.read(this.readableLength > 0 ? this.readableLength : undefined)
+      : super.read(size);
+  }
+
   override _read(): void {
     this.transport.resume();
   }

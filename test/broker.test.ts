@@ -879,6 +879,57 @@ describe("MQTT over WebSocket", () => {
     await within(closed, 3000, "the server to close the websocket");
     expect(h.broker.stats().oversized).toBe(1);
   });
+  test("a PUBLISH whose frames arrive while its CONNECT is still being authenticated is acked", async () => {
+    // aedes reads nothing while it authenticates; the PUBLISH waits in the connection's buffer
+    // as six chunks, and must be read whole once the CONNECT is done (Bun's read() returned one
+    // chunk per call, and aedes stopped asking after two).
+    const authenticating = deferred();
+    const gate = deferred();
+    const h = await startBroker({
+      wsPort: 0,
+      allowAnonymous: false,
+      authenticate: async () => {
+        authenticating.resolve();
+        await gate.promise;
+        return true;
+      },
+    });
+    const ws = new WebSocket(`ws://${HOST}:${h.broker.wsPort}/`, ["mqtt"]);
+    ws.binaryType = "arraybuffer";
+    const reader = new PacketReader();
+    const watch = new Watch();
+    ws.onmessage = (e) => {
+      reader.push(new Uint8Array(e.data as ArrayBuffer));
+      watch.notify();
+    };
+    cleanups.push(() => ws.close());
+    await within(once(ws as unknown as EventTarget, "open"), 3000, "ws open");
+    ws.send(frame(0x10, [...str("MQTT"), 4, 0xc2, 0, 60, ...str("split"), ...str("dev"), ...str("pw")]));
+    await within(authenticating.promise, 3000, "the authenticate hook");
+    const publish = publishPacket("sensors/split/t", "21.5", 1, 7);
+    // One frame per field, as mqtt.js sends them: header, length, topic length, topic, id, payload.
+    for (const [from, to] of [
+      [0, 1],
+      [1, 2],
+      [2, 4],
+      [4, 19],
+      [19, 21],
+      [21, publish.length],
+    ] as const) {
+      ws.send(publish.slice(from, to));
+    }
+    // No sentinel exists for "the server has buffered every frame"; without the wait the test
+    // could only pass for the wrong reason, never fail for one.
+    await Bun.sleep(100);
+    gate.resolve();
+    await watch.until(() => reader.packets.find((p) => p.type === CONNACK), "CONNACK");
+    const puback = await watch.until(() => reader.packets.find((p) => p.type === PUBACK), "PUBACK");
+    expect(Array.from(puback.body)).toEqual([0, 7]);
+    expect(h.intakes.map((i) => [i.msg.topic, new TextDecoder().decode(i.msg.payload)])).toEqual([
+      ["sensors/split/t", "21.5"],
+    ]);
+  });
+
   test("a websocket frame larger than the limit closes the socket and counts as oversized", async () => {
     const h = await startBroker({ wsPort: 0, maxPacketBytes: 1024 });
     const ws = new WebSocket(`ws://${HOST}:${h.broker.wsPort}/`, ["mqtt"]);
