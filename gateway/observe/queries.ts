@@ -90,8 +90,8 @@ export function recentCheckpoints(store: Store, agent: AgentId, limit: number, b
 
 /**
  * An agent's episodes, newest first, optionally only one status and one stimulus kind, paged by
- * start time. A kind filter reads the `episodes_agent_kind` index, so a few device episodes among
- * thousands of timer fires cost a few rows.
+ * start time. A kind filter is checked on the `episodes_agent` index entry (agent, started_at, kind)
+ * before the row is read, so a few device episodes among thousands of timer fires cost index entries.
  */
 export function episodesPage(
   store: Store,

@@ -420,6 +420,19 @@ const CHECKPOINT_HASH_BYTES: readonly string[] = [
   `UPDATE agents SET ${hashBytes("head_hash")}, ${hashBytes("anchor_hash")}`,
 ];
 
+/**
+ * One index for an agent's history instead of two (issue 13: store bytes per episode). Every episode
+ * had an entry in (agent, started_at) and in (agent, stimulus_kind, started_at), ~80 bytes of a
+ * temp-monitor episode. One index (agent, started_at, stimulus_kind) serves both: history pages walk
+ * it by time as before, and a kind filter is checked on the index entry before its row is read, so a
+ * few device episodes among thousands of timer fires cost index entries, not rows (~40 bytes saved).
+ */
+const ONE_AGENT_INDEX: readonly string[] = [
+  `DROP INDEX episodes_agent_kind`,
+  `DROP INDEX episodes_agent`,
+  `CREATE INDEX episodes_agent ON episodes (agent, started_at, stimulus_kind)`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -445,6 +458,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 21, name: "spec versions and checkpoint parents as bytes", statements: SPEC_AND_PARENT_BYTES },
   { version: 22, name: "record kinds implied in the event log", statements: RECORD_KIND_IMPLIED },
   { version: 23, name: "checkpoint hashes as bytes", statements: CHECKPOINT_HASH_BYTES },
+  { version: 24, name: "one agent history index", statements: ONE_AGENT_INDEX },
 ];
 
 /** The schema version this code writes. */

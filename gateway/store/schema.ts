@@ -196,8 +196,8 @@ export const episodes = sqliteTable(
   },
   (t) => [
     index("episodes_bundle").on(t.bundle).where(sql`bundle IS NOT NULL`),
-    index("episodes_agent").on(t.agent, t.startedAt),
-    index("episodes_agent_kind").on(t.agent, t.stimulusKind, t.startedAt),
+    // History by time; a kind filter is checked on the entry, before the row is read (migration 24).
+    index("episodes_agent").on(t.agent, t.startedAt, t.stimulusKind),
     index("episodes_time").on(t.startedAt),
     // Exactly-once commit: a second committed episode for the same stimulus aborts its whole batch.
     uniqueIndex("episodes_once").on(t.stimulusSeq).where(sql`status = 'committed'`),
