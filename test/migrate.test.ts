@@ -17,6 +17,7 @@ import {
   Store,
   schemaVersion,
 } from "../gateway/store/index.ts";
+import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 
 const FIXTURE = join(import.meta.dir, "fixtures/datadir-v1/fleet.db");
 const dirs: string[] = [];
@@ -257,6 +258,37 @@ describe("schema migrations", () => {
       });
       expect<unknown[]>(await Promise.all(after)).toEqual(before);
       expect((await verifyStore(store)).problems).toEqual([]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("an older data dir's stimuli stay deduplicated once their index is keyed by id first", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    const rows = (await c.execute("SELECT agent, sid, kind, topic FROM stimuli ORDER BY seq")).rows;
+    c.close();
+    expect(rows.length).toBeGreaterThan(0);
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const cols = await store.client.execute("SELECT name FROM pragma_index_info('stimuli_dedup') ORDER BY seqno");
+      expect(cols.rows.map((r) => String(r.name))).toEqual(["sid", "agent"]);
+      const again = (r: (typeof rows)[number], agent = String(r.agent)) => ({
+        agent: agent as AgentId,
+        type: agent.split("/")[0]!,
+        key: agent.split("/")[1]!,
+        sid: String(r.sid) as StimulusId,
+        kind: String(r.kind) as NewStimulus["kind"],
+        topic: r.topic === null ? null : String(r.topic),
+        payload: new Uint8Array(),
+        receivedAt: Date.now(),
+      });
+      // Every stimulus the old release recorded is still known: sent again, it is a duplicate.
+      const outcomes = await store.intake(rows.map((r) => again(r)));
+      expect(outcomes.map((o) => o.seq)).toEqual(rows.map(() => null));
+      // The same id for an agent that never had it is a new stimulus.
+      const [other] = await store.intake([again(rows[0]!, "other/agent")]);
+      expect(other!.seq).not.toBeNull();
     } finally {
       await store.close();
     }

@@ -136,7 +136,7 @@ export const stimuli = sqliteTable(
     traceparent: text("traceparent"),
   },
   (t) => [
-    uniqueIndex("stimuli_dedup").on(t.agent, t.sid),
+    uniqueIndex("stimuli_dedup").on(t.sid, t.agent),
     // Queued stimuli only: a finished one is dedup memory, never looked up by its queue (migration 19).
     index("stimuli_queue").on(t.agent, t.seq).where(sql`state = 'queued'`),
     index("stimuli_state").on(t.state, t.doneAt),
