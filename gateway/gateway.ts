@@ -21,7 +21,7 @@ import {
 import { compileSpec, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
-import { Scheduler } from "./fleet/index.ts";
+import { IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
 import { checkConfigs, describeConfigProblems, EpisodeExecutor, moduleVersion, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
@@ -133,6 +133,8 @@ export class Gateway {
   private roster!: Roster;
   /** The one owner of queued counts and admission (gateway/fleet/queue-book.ts). */
   private book!: QueueBook;
+  /** Devices first: intake bursts lower the episode slots (gateway/fleet/devices-first.ts). */
+  private pressure!: IntakePressure;
   private redeploy: Redeploy | null = null;
   /** Per removed type, the spec version its draining agents run on (./fleet/roster.ts). */
   private readonly drainSpecs = new Map<string, SpecVersion>();
@@ -348,6 +350,7 @@ export class Gateway {
     await this.timers?.stop();
     await this.wakeups?.stop();
     await this.broker?.stopIntake();
+    this.pressure?.stop();
     this.scheduler?.stop();
     const drainMs = this.current?.spec.fleet.drain_timeout_ms ?? 10_000;
     const drained = await Promise.race([
@@ -654,13 +657,31 @@ export class Gateway {
       queued: (a) => this.book.queued(a),
       now: this.now,
     });
+    // Bursts can come and go several times a second: the log says so at most once a minute.
+    let noted = -Infinity;
+    let bursts = 0;
+    this.pressure = new IntakePressure((burst) => {
+      this.scheduler.setCap(burst ? burstSlots(this.scheduler.maxConcurrent) : null);
+      if (!burst) return;
+      bursts++;
+      if (this.now() - noted < 60_000) return;
+      noted = this.now();
+      this.log.info(
+        { slots: this.scheduler.capacity, bursts },
+        "devices first: intake bursts, fewer episodes at once while they last",
+      );
+      bursts = 0;
+    }, this.now);
     this.roster = new Roster(this.store, this.events, this.scheduler, this.book);
     this.intake = new Intake(
       this.store,
       {
         route: (t) => this.route(t),
         admit: (a, max) => this.book.admit(a, max),
-        recorded: (a, n) => this.book.recorded(a, n),
+        recorded: (a, n) => {
+          this.book.recorded(a, n);
+          this.pressure.recorded(n ?? 1);
+        },
         released: (a, n) => this.book.released(a, n),
       },
       this.events,

@@ -40,6 +40,7 @@ const REQUIRED: Record<string, string> = {
   fleet_broker_offline_dropped_total: "counter",
   fleet_db_commit_seconds: "histogram",
   fleet_subprocesses_alive: "gauge",
+  fleet_episode_slots: "gauge",
   process_cpu_seconds_total: "counter",
   process_resident_memory_bytes: "gauge",
 };
@@ -160,6 +161,8 @@ describe("/metrics", () => {
       expect(sampleValue(g, "fleet_queue_depth")).toBe(0);
       expect(sampleValue(g, "fleet_queue_oldest_age_seconds")).toBe(0);
       expect(sampleValue(g, "fleet_subprocesses_alive")).toBe(0);
+      // No intake burst: every slot of max_concurrent_episodes (default 4).
+      expect(sampleValue(g, "fleet_episode_slots")).toBe(4);
     } finally {
       await mqtt.endAsync();
     }

@@ -353,4 +353,33 @@ describe("scheduler", () => {
     }
     await scheduler.idle();
   });
+  test("a cap lowers the bound without stopping running turns; lifting it starts what now fits", async () => {
+    const release: (() => void)[] = [];
+    const scheduler = new Scheduler({
+      maxConcurrent: 4,
+      queued: () => 1,
+      runTurn: async () => {
+        await new Promise<void>((r) => release.push(r));
+        return { kind: "empty" };
+      },
+    });
+    for (const a of ["a", "b"]) scheduler.notify(id(a));
+    expect(scheduler.active).toBe(2);
+    scheduler.setCap(1);
+    expect(scheduler.capacity).toBe(1);
+    // Both running turns go on; new work waits while the cap holds.
+    for (const a of ["c", "d", "e"]) scheduler.notify(id(a));
+    expect(scheduler.active).toBe(2);
+    for (const r of release.splice(0)) r();
+    await holds(() => release.length === 1, "one turn started under the cap");
+    expect(scheduler.active).toBe(1);
+    scheduler.setCap(null);
+    expect(scheduler.capacity).toBe(4);
+    expect(scheduler.active).toBe(3);
+    while (scheduler.active > 0 || release.length > 0) {
+      for (const r of release.splice(0)) r();
+      await tick();
+    }
+    await scheduler.idle();
+  });
 });

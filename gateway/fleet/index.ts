@@ -5,3 +5,4 @@ export * from "./roster.ts";
 export * from "./scheduler.ts";
 export * from "./queue-book.ts";
 export * from "./rollouts.ts";
+export * from "./devices-first.ts";

@@ -44,6 +44,8 @@ export class Scheduler {
   private readonly now: () => number;
   /** Fleet-wide limit; a redeploy may change it. */
   maxConcurrent: number;
+  /** A lower limit for now (devices first, during an intake burst), or null. */
+  private cap: number | null = null;
 
   constructor(private readonly opts: SchedulerOptions) {
     this.now = opts.now ?? Date.now;
@@ -54,6 +56,20 @@ export class Scheduler {
   setMaxConcurrent(n: number): void {
     this.maxConcurrent = n;
     this.pump();
+  }
+
+  /**
+   * Run at most `n` episodes at once until called with null (running ones go on; none are
+   * stopped). Devices first: the gateway lowers it while devices publish a burst.
+   */
+  setCap(n: number | null): void {
+    this.cap = n;
+    this.pump();
+  }
+
+  /** Episodes allowed to run at once now. */
+  get capacity(): number {
+    return this.cap === null ? this.maxConcurrent : Math.min(this.cap, this.maxConcurrent);
   }
 
   /** Episodes running now. */
@@ -124,7 +140,8 @@ export class Scheduler {
     const now = this.now();
     let scanned = 0;
     const pending = this.ready.length - this.readyHead;
-    while (this.running < this.maxConcurrent && this.readyHead < this.ready.length && scanned < pending) {
+    const capacity = this.capacity;
+    while (this.running < capacity && this.readyHead < this.ready.length && scanned < pending) {
       const agent = this.ready[this.readyHead++]!;
       scanned++;
       const slot = this.slots.get(agent);

@@ -24,7 +24,7 @@ export interface MetricsHost {
   readonly store: Store;
   readonly spec: SpecVersion;
   readonly specError: string | null;
-  readonly scheduler: { readonly active: number } | undefined;
+  readonly scheduler: { readonly active: number; readonly capacity: number } | undefined;
   readonly broker: { stats(): BrokerStats } | undefined;
   /** Episode subprocess groups alive now. */
   subprocesses(): number;
@@ -334,6 +334,14 @@ export class FleetMetrics {
       registers,
       collect() {
         this.set(host.subprocesses());
+      },
+    });
+    new Gauge({
+      name: "fleet_episode_slots",
+      help: "Episodes allowed to run at once now: max_concurrent_episodes, a quarter of it during an intake burst.",
+      registers,
+      collect() {
+        this.set(host.scheduler?.capacity ?? 0);
       },
     });
     new Gauge({

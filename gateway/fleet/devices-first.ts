@@ -1,0 +1,98 @@
+/**
+ * Devices first: while devices publish a burst, episodes make room. Acknowledging a durable
+ * stimulus is cheap and keeps devices from backing up; episode work can lag. With every episode
+ * slot busy on a two-core box, intake fell to a third of its rate with agents paused (bench
+ * `busy`), because the gateway's thread shared the cores with episode processes and with its own
+ * work for them. While stimuli are recorded faster than `rate` per second, the scheduler runs at
+ * most a quarter of `max_concurrent_episodes` (at least one) at once; a window below the rate
+ * restores every slot. Running episodes are never stopped, and the cap never reaches zero, so a
+ * steady stream above the rate slows episodes but does not stop them.
+ */
+
+/** Stimuli per second above which intake counts as a burst. */
+export const BURST_RATE = 500;
+/** How often a burst is re-examined, ms. */
+export const BURST_WINDOW_MS = 250;
+
+/** Episode slots while a burst lasts: a quarter of the configured ones, at least one. */
+export function burstSlots(maxConcurrent: number): number {
+  return Math.max(1, Math.ceil(maxConcurrent / 4));
+}
+
+/** Watches the rate of recorded stimuli; tells `onChange` when a burst starts and ends. */
+export class IntakePressure {
+  private windowStart = -Infinity;
+  private count = 0;
+  private timer: ReturnType<typeof setTimeout> | null = null;
+  private busy = false;
+
+  constructor(
+    private readonly onChange: (burst: boolean) => void,
+    private readonly now: () => number = Date.now,
+    readonly rate = BURST_RATE,
+    readonly windowMs = BURST_WINDOW_MS,
+  ) {}
+
+  /** Whether a burst is on now. */
+  get burst(): boolean {
+    return this.busy;
+  }
+
+  /** `n` stimuli were recorded. */
+  recorded(n: number): void {
+    const t = this.now();
+    if (!this.busy && t - this.windowStart >= this.windowMs) {
+      this.windowStart = t;
+      this.count = 0;
+    }
+    this.count += n;
+    if (!this.busy && this.count >= this.threshold()) {
+      this.busy = true;
+      this.count = 0;
+      this.onChange(true);
+      this.arm();
+    }
+  }
+
+  /** Stop watching (gateway stop); a burst in progress ends. */
+  stop(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    if (this.busy) {
+      this.busy = false;
+      this.onChange(false);
+    }
+  }
+
+  private threshold(): number {
+    return (this.rate * this.windowMs) / 1000;
+  }
+
+  /** While a burst lasts, each window's count decides whether it goes on. */
+  private arm(): void {
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.closeWindow();
+    }, this.windowMs);
+    this.timer.unref?.();
+  }
+
+  /**
+   * End the current window of a burst (the timer does, every `windowMs`): the burst goes on
+   * when the window reached the rate, and ends otherwise. Public for tests.
+   */
+  closeWindow(): void {
+    if (!this.busy) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    if (this.count >= this.threshold()) {
+      this.count = 0;
+      this.arm();
+      return;
+    }
+    this.busy = false;
+    this.windowStart = this.now();
+    this.count = 0;
+    this.onChange(false);
+  }
+}

@@ -1,0 +1,77 @@
+/**
+ * Devices first: an intake burst (stimuli recorded faster than the burst rate) lowers the
+ * episode slots to a quarter of max_concurrent_episodes, and a window below the rate restores
+ * them. The clock is injected; a burst's windows close on a real timer, or by hand.
+ */
+import { describe, expect, test } from "bun:test";
+import { IntakePressure, burstSlots } from "../gateway/fleet/index.ts";
+import { waitFor } from "./helpers/gateway.ts";
+
+/** A pressure watch on a hand-moved clock, recording every change. */
+function watch(rate = 1000, windowMs = 20) {
+  let t = 1_000_000;
+  const changes: boolean[] = [];
+  const p = new IntakePressure(
+    (burst) => changes.push(burst),
+    () => t,
+    rate,
+    windowMs,
+  );
+  return { p, changes, advance: (ms: number) => (t += ms) };
+}
+
+describe("devices first", () => {
+  test("a burst's slots are a quarter of max_concurrent_episodes, never fewer than one", () => {
+    expect([1, 2, 4, 8, 10, 64].map(burstSlots)).toEqual([1, 1, 1, 2, 3, 16]);
+  });
+
+  test("stimuli below the rate are not a burst, however long they go on", () => {
+    const { p, changes, advance } = watch(1000, 20);
+    // 19 per 20 ms window = 950/s.
+    for (let w = 0; w < 50; w++) {
+      p.recorded(19);
+      advance(20);
+    }
+    expect(changes).toEqual([]);
+    expect(p.burst).toBe(false);
+    p.stop();
+  });
+
+  test("a window at the rate starts a burst at once; a quiet window ends it", async () => {
+    const { p, changes } = watch(1000, 20);
+    p.recorded(10);
+    expect(p.burst).toBe(false);
+    p.recorded(10); // 20 in one 20 ms window: 1000/s
+    expect(p.burst).toBe(true);
+    expect(changes).toEqual([true]);
+    // Nothing more arrives: the next window check ends the burst.
+    await waitFor(() => !p.burst, 3000, "the burst to end", 2);
+    expect(changes).toEqual([true, false]);
+    p.stop();
+  });
+
+  test("a burst lasts while every window reaches the rate", () => {
+    // Windows closed by hand (the timer's window is a minute here).
+    const { p, changes } = watch(1000, 60_000);
+    p.recorded(60_000);
+    expect(changes).toEqual([true]);
+    for (let w = 0; w < 5; w++) {
+      p.recorded(60_000);
+      p.closeWindow();
+    }
+    expect(changes).toEqual([true]);
+    expect(p.burst).toBe(true);
+    p.recorded(59_999);
+    p.closeWindow();
+    expect(changes).toEqual([true, false]);
+    p.stop();
+  });
+
+  test("stop() ends a burst in progress and says so", () => {
+    const { p, changes } = watch(1000, 20);
+    p.recorded(50);
+    p.stop();
+    expect(p.burst).toBe(false);
+    expect(changes).toEqual([true, false]);
+  });
+});
