@@ -139,7 +139,8 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       const quiet = await Pinger.create(client, sub, "quiet/a", "q");
       quiet.ping();
       await quiet.settle();
-      const seconds = o.quick ? 4 : 10;
+      // A p99 needs samples: 40 pings per phase in a quick run, 150 in a full one.
+      const seconds = o.quick ? 8 : 30;
       let from = performance.now();
       quiet.start(200);
       await Bun.sleep(seconds * 1000);
