@@ -655,6 +655,7 @@ export class Gateway {
       maxConcurrent: spec.fleet.max_concurrent_episodes,
       runTurn: (a) => executor.turn(a),
       queued: (a) => this.book.queued(a),
+      flooded: (a) => this.book.queued(a) >= FLOOD_BACKLOG,
       now: this.now,
     });
     // Bursts can come and go several times a second: the log says so at most once a minute.

@@ -382,4 +382,36 @@ describe("scheduler", () => {
     }
     await scheduler.idle();
   });
+  test("under a cap only flooded agents wait for a slot below it; an agent with little queued takes any", async () => {
+    const release: (() => void)[] = [];
+    const started: string[] = [];
+    const backlog = new Map<string, number>([
+      ["f1", 100],
+      ["f2", 100],
+      ["f3", 100],
+      ["quiet", 1],
+    ]);
+    const scheduler = new Scheduler({
+      maxConcurrent: 4,
+      queued: (a) => backlog.get(a) ?? 0,
+      flooded: (a) => (backlog.get(a) ?? 0) >= 8,
+      runTurn: async (a) => {
+        started.push(a);
+        await new Promise<void>((r) => release.push(r));
+        return { kind: "empty" };
+      },
+    });
+    scheduler.setCap(1);
+    for (const a of ["f1", "f2", "f3", "quiet"]) scheduler.notify(id(a));
+    // One flooded agent under the cap; the quiet one beside it; the other floods wait.
+    expect(started).toEqual(["f1", "quiet"]);
+    scheduler.setCap(null);
+    // Lifting the cap starts the held floods, in the order they arrived.
+    expect(started).toEqual(["f1", "quiet", "f2", "f3"]);
+    while (scheduler.active > 0 || release.length > 0) {
+      for (const r of release.splice(0)) r();
+      await tick();
+    }
+    await scheduler.idle();
+  });
 });

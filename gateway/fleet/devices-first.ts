@@ -3,10 +3,11 @@
  * stimulus is cheap and keeps devices from backing up; episode work can lag. With every episode
  * slot busy on a two-core box, intake fell to a third of its rate with agents paused (bench
  * `busy`), because the gateway's thread shared the cores with episode processes and with its own
- * work for them. While stimuli are recorded faster than `rate` per second, the scheduler runs at
- * most a quarter of `max_concurrent_episodes` (at least one) at once; a window below the rate
- * restores every slot. Running episodes are never stopped, and the cap never reaches zero, so a
- * steady stream above the rate slows episodes but does not stop them.
+ * work for them. While stimuli are recorded faster than `rate` per second, agents with a backlog
+ * run at most a quarter of `max_concurrent_episodes` (at least one) at once (an agent with a
+ * stimulus or two still takes any free slot); a window below the rate restores every slot.
+ * Running episodes are never stopped, and the cap never reaches zero, so a steady stream above
+ * the rate slows episodes but does not stop them.
  */
 
 /** Stimuli per second above which intake counts as a burst. */

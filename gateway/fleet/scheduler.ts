@@ -17,6 +17,11 @@ export interface SchedulerOptions {
   readonly runTurn: (agent: AgentId) => Promise<TurnResult>;
   /** Stimuli waiting for an agent (the queue book). */
   readonly queued: (agent: AgentId) => number;
+  /**
+   * Whether an agent has a backlog (a flood). Under a cap (setCap) only these wait for a slot
+   * below the cap; an agent with a stimulus or two still gets any slot up to maxConcurrent.
+   */
+  readonly flooded?: (agent: AgentId) => boolean;
   readonly now?: () => number;
 }
 
@@ -36,6 +41,9 @@ export class Scheduler {
   private readonly slots = new Map<AgentId, Slot>();
   private readonly ready: AgentId[] = [];
   private readyHead = 0;
+  /** Flooded agents waiting for a slot below the cap, in arrival order (devices first). */
+  private readonly held: AgentId[] = [];
+  private heldHead = 0;
   private running = 0;
   private stopped = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
@@ -59,15 +67,16 @@ export class Scheduler {
   }
 
   /**
-   * Run at most `n` episodes at once until called with null (running ones go on; none are
-   * stopped). Devices first: the gateway lowers it while devices publish a burst.
+   * Run at most `n` episodes of flooded agents at once until called with null (running ones go
+   * on; none are stopped). Without a `flooded` option the cap holds for every agent. Devices
+   * first: the gateway lowers it while devices publish a burst.
    */
   setCap(n: number | null): void {
     this.cap = n;
     this.pump();
   }
 
-  /** Episodes allowed to run at once now. */
+  /** Episodes of flooded agents allowed to run at once now. */
   get capacity(): number {
     return this.cap === null ? this.maxConcurrent : Math.min(this.cap, this.maxConcurrent);
   }
@@ -141,11 +150,31 @@ export class Scheduler {
     let scanned = 0;
     const pending = this.ready.length - this.readyHead;
     const capacity = this.capacity;
-    while (this.running < capacity && this.readyHead < this.ready.length && scanned < pending) {
+    // Flooded agents the cap held back go first once it allows (they keep inReady).
+    while (this.running < capacity && this.heldHead < this.held.length) {
+      const agent = this.held[this.heldHead++]!;
+      const slot = this.slots.get(agent);
+      if (!slot) continue;
+      slot.inReady = false;
+      if (slot.waitUntil > now) this.armTimer(slot.waitUntil);
+      else this.start(agent, slot);
+    }
+    if (this.heldHead === this.held.length) this.held.length = this.heldHead = 0;
+    else if (this.heldHead > 1024 && this.heldHead * 2 > this.held.length) {
+      this.held.splice(0, this.heldHead);
+      this.heldHead = 0;
+    }
+    const flooded = this.opts.flooded;
+    while (this.running < this.maxConcurrent && this.readyHead < this.ready.length && scanned < pending) {
       const agent = this.ready[this.readyHead++]!;
       scanned++;
       const slot = this.slots.get(agent);
       if (!slot) continue;
+      // Under a cap, a flooded agent waits for a slot below it; others take any free slot.
+      if (this.running >= capacity && (!flooded || flooded(agent))) {
+        this.held.push(agent);
+        continue;
+      }
       slot.inReady = false;
       if (slot.waitUntil > now) {
         this.armTimer(slot.waitUntil);

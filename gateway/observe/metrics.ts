@@ -338,7 +338,9 @@ export class FleetMetrics {
     });
     new Gauge({
       name: "fleet_episode_slots",
-      help: "Episodes allowed to run at once now: max_concurrent_episodes, a quarter of it during an intake burst.",
+      help:
+        "Episodes agents with a backlog may run at once now: max_concurrent_episodes, " +
+        "a quarter of it during an intake burst.",
       registers,
       collect() {
         this.set(host.scheduler?.capacity ?? 0);
