@@ -836,6 +836,22 @@ describe("live auth changes", () => {
   });
 });
 
+/** A WebSocket client speaking raw MQTT bytes (subprotocol `mqtt`), its packets parsed as they arrive. */
+async function rawWebSocket(h: Harness) {
+  const ws = new WebSocket(`ws://${HOST}:${h.broker.wsPort}/`, ["mqtt"]);
+  ws.binaryType = "arraybuffer";
+  const reader = new PacketReader();
+  const watch = new Watch();
+  ws.onmessage = (e) => {
+    reader.push(new Uint8Array(e.data as ArrayBuffer));
+    watch.notify();
+  };
+  const closed = new Promise<void>((resolve) => ws.addEventListener("close", () => resolve()));
+  cleanups.push(() => ws.close());
+  await within(once(ws as unknown as EventTarget, "open"), 3000, "ws open");
+  return { ws, reader, watch, closed };
+}
+
 describe("MQTT over WebSocket", () => {
   test("mqtt.js over ws publishes through intake and receives gateway publishes", async () => {
     const h = await startBroker({ wsPort: 0 });
@@ -856,17 +872,7 @@ describe("MQTT over WebSocket", () => {
 
   test("packets may span websocket frames, and an oversized one closes the socket", async () => {
     const h = await startBroker({ wsPort: 0, maxPacketBytes: 1024 });
-    const ws = new WebSocket(`ws://${HOST}:${h.broker.wsPort}/`, ["mqtt"]);
-    ws.binaryType = "arraybuffer";
-    const reader = new PacketReader();
-    const watch = new Watch();
-    ws.onmessage = (e) => {
-      reader.push(new Uint8Array(e.data as ArrayBuffer));
-      watch.notify();
-    };
-    const closed = new Promise<void>((resolve) => ws.addEventListener("close", () => resolve()));
-    cleanups.push(() => ws.close());
-    await within(once(ws as unknown as EventTarget, "open"), 3000, "ws open");
+    const { ws, reader, watch, closed } = await rawWebSocket(h);
     expect(ws.protocol).toBe("mqtt");
     const connect = connectPacket("ws-raw");
     ws.send(connect.slice(0, 3));
@@ -894,16 +900,7 @@ describe("MQTT over WebSocket", () => {
         return true;
       },
     });
-    const ws = new WebSocket(`ws://${HOST}:${h.broker.wsPort}/`, ["mqtt"]);
-    ws.binaryType = "arraybuffer";
-    const reader = new PacketReader();
-    const watch = new Watch();
-    ws.onmessage = (e) => {
-      reader.push(new Uint8Array(e.data as ArrayBuffer));
-      watch.notify();
-    };
-    cleanups.push(() => ws.close());
-    await within(once(ws as unknown as EventTarget, "open"), 3000, "ws open");
+    const { ws, reader, watch } = await rawWebSocket(h);
     ws.send(frame(0x10, [...str("MQTT"), 4, 0xc2, 0, 60, ...str("split"), ...str("dev"), ...str("pw")]));
     await within(authenticating.promise, 3000, "the authenticate hook");
     const publish = publishPacket("sensors/split/t", "21.5", 1, 7);

@@ -80,6 +80,32 @@ function setup(maxConcurrent: number) {
   return { fleet, scheduler, enqueue, drained };
 }
 
+/**
+ * A scheduler whose turns each wait to be released by hand: `started` lists the agents whose
+ * turns began, `finish()` releases everything until the scheduler is idle.
+ */
+function gated(opts: { maxConcurrent: number; queued?: (a: AgentId) => number; flooded?: (a: AgentId) => boolean }) {
+  const release: (() => void)[] = [];
+  const started: string[] = [];
+  const scheduler = new Scheduler({
+    queued: () => 1,
+    ...opts,
+    runTurn: async (a) => {
+      started.push(a);
+      await new Promise<void>((r) => release.push(r));
+      return { kind: "empty" };
+    },
+  });
+  const finish = async () => {
+    while (scheduler.active > 0 || release.length > 0) {
+      for (const r of release.splice(0)) r();
+      await tick();
+    }
+    await scheduler.idle();
+  };
+  return { scheduler, release, started, finish };
+}
+
 describe("scheduler", () => {
   test("runs one episode at a time per agent", async () => {
     const { fleet, enqueue, drained } = setup(4);
@@ -334,35 +360,16 @@ describe("scheduler", () => {
   });
 
   test("setMaxConcurrent raises the bound and starts what now fits", async () => {
-    const release: (() => void)[] = [];
-    const scheduler = new Scheduler({
-      maxConcurrent: 1,
-      queued: () => 1,
-      runTurn: async () => {
-        await new Promise<void>((r) => release.push(r));
-        return { kind: "empty" };
-      },
-    });
+    const { scheduler, finish } = gated({ maxConcurrent: 1 });
     for (const a of ["a", "b", "c"]) scheduler.notify(id(a));
     expect(scheduler.active).toBe(1);
     scheduler.setMaxConcurrent(3);
     expect(scheduler.active).toBe(3);
-    while (scheduler.active > 0 || release.length > 0) {
-      for (const r of release.splice(0)) r();
-      await tick();
-    }
-    await scheduler.idle();
+    await finish();
   });
+
   test("a cap lowers the bound without stopping running turns; lifting it starts what now fits", async () => {
-    const release: (() => void)[] = [];
-    const scheduler = new Scheduler({
-      maxConcurrent: 4,
-      queued: () => 1,
-      runTurn: async () => {
-        await new Promise<void>((r) => release.push(r));
-        return { kind: "empty" };
-      },
-    });
+    const { scheduler, release, finish } = gated({ maxConcurrent: 4 });
     for (const a of ["a", "b"]) scheduler.notify(id(a));
     expect(scheduler.active).toBe(2);
     scheduler.setCap(1);
@@ -376,30 +383,20 @@ describe("scheduler", () => {
     scheduler.setCap(null);
     expect(scheduler.capacity).toBe(4);
     expect(scheduler.active).toBe(3);
-    while (scheduler.active > 0 || release.length > 0) {
-      for (const r of release.splice(0)) r();
-      await tick();
-    }
-    await scheduler.idle();
+    await finish();
   });
+
   test("under a cap only flooded agents wait for a slot below it; an agent with little queued takes any", async () => {
-    const release: (() => void)[] = [];
-    const started: string[] = [];
     const backlog = new Map<string, number>([
       ["f1", 100],
       ["f2", 100],
       ["f3", 100],
       ["quiet", 1],
     ]);
-    const scheduler = new Scheduler({
+    const { scheduler, started, finish } = gated({
       maxConcurrent: 4,
       queued: (a) => backlog.get(a) ?? 0,
       flooded: (a) => (backlog.get(a) ?? 0) >= 8,
-      runTurn: async (a) => {
-        started.push(a);
-        await new Promise<void>((r) => release.push(r));
-        return { kind: "empty" };
-      },
     });
     scheduler.setCap(1);
     for (const a of ["f1", "f2", "f3", "quiet"]) scheduler.notify(id(a));
@@ -408,10 +405,6 @@ describe("scheduler", () => {
     scheduler.setCap(null);
     // Lifting the cap starts the held floods, in the order they arrived.
     expect(started).toEqual(["f1", "quiet", "f2", "f3"]);
-    while (scheduler.active > 0 || release.length > 0) {
-      for (const r of release.splice(0)) r();
-      await tick();
-    }
-    await scheduler.idle();
+    await finish();
   });
 });
