@@ -13,7 +13,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   fleet: "The fleet as a whole.",
   "fleet.name": "Name of this fleet (shown in status, health and metrics; make it unique per site).",
   "fleet.data_dir": "Where the libSQL database and runtime files live (created 0700).",
-  "fleet.max_concurrent_episodes": "Episodes running at once across the fleet; one at a time per agent always.",
+  "fleet.max_concurrent_episodes":
+    "Episodes running at once across the fleet; one at a time per agent always. During an intake burst, agents " +
+    "with a backlog share a quarter of it (docs/sandbox.md, devices first).",
   "fleet.synchronous":
     '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
   "fleet.drain_timeout_ms":
