@@ -9,7 +9,7 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { hexOfSql } from "../gateway/store/index.ts";
+import { hexOfSql, idBytesSql, idOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -57,7 +57,8 @@ function taggerFleet(name: string, fleetLines = ""): { fleet: TestFleet; agent: 
 
 async function episodeRows(fleet: TestFleet, agent: string): Promise<Row[]> {
   return fleet.query<Row>(
-    `SELECT id, bundle, ${hexOfSql("spec_version")} AS spec_version, status FROM episodes WHERE agent = ?
+    `SELECT ${idOfSql("id")} AS id, bundle, ${hexOfSql("spec_version")} AS spec_version, status FROM episodes
+      WHERE agent = ?
       ORDER BY started_at, id`,
     [agent],
   );
@@ -108,9 +109,10 @@ describe("code pinned by content", () => {
       expect(v2).toMatch(/^[0-9a-f]{64}$/);
       expect(v2).not.toBe(v1);
       expect(after[2]!.spec_version).not.toBe(first[0]!.spec_version);
-      const [out] = await fleet.query<Row>("SELECT data FROM events WHERE episode = ? AND kind = 'decide'", [
-        after[2]!.id as string,
-      ]);
+      const [out] = await fleet.query<Row>(
+        `SELECT data FROM events WHERE episode = ${idBytesSql("?1")} AND kind = 'decide'`,
+        [after[2]!.id as string],
+      );
       expect(JSON.parse(String(out?.data)).data.label).toBe("v2");
 
       // Replay of the first episode runs the v1 bundle it names, though the file now says v2.

@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
-import { hexOfSql } from "../gateway/store/index.ts";
+import { hexOfSql, idToDriver } from "../gateway/store/index.ts";
 import {
   TestFleet,
   cleanupAll,
@@ -383,7 +383,7 @@ describe("fleet verify", () => {
   const AGENT = "temp-monitor/boiler-1";
   let db: ReturnType<typeof openDbFile>;
 
-  async function row<T>(sql: string, args: (string | number)[]): Promise<T> {
+  async function row<T>(sql: string, args: (string | number | Buffer)[]): Promise<T> {
     const rs = await db.execute({ sql, args });
     return { ...rs.rows[0] } as T;
   }
@@ -485,7 +485,7 @@ describe("fleet verify", () => {
       const alert = episodeOf(AGENT, "r4");
       const ev = await row<{ seq: number; data: string }>(
         "SELECT seq, data FROM events WHERE episode = ? AND kind = 'decide'",
-        [alert.id],
+        [idToDriver(alert.id)],
       );
       // The log is the episode row's `log` (store/migrate.ts, migrations 18 and 22): a record event is
       // its data alone there, another event [kind, data]. Edit one event's data in it.
@@ -493,7 +493,7 @@ describe("fleet verify", () => {
         db.execute({
           sql: `UPDATE episodes SET log = CASE json_type(log, ?1) WHEN 'object' THEN jsonb_set(log, ?1, jsonb(?2))
             ELSE jsonb_set(log, ?1 || '[1]', jsonb(?2)) END WHERE id = ?3`,
-          args: [`$[${ev.seq}]`, data, alert.id],
+          args: [`$[${ev.seq}]`, data, idToDriver(alert.id)],
         });
       await setData(ev.data.replace('"value":85', '"value":58'));
       try {
@@ -519,10 +519,10 @@ describe("fleet verify", () => {
       const ep = episodeOf("dice/d1", "d2");
       const saved = await row<{ log: ArrayBuffer; n: number }>(
         "SELECT log, json_array_length(log) AS n FROM episodes WHERE id = ?",
-        [ep.id],
+        [idToDriver(ep.id)],
       );
       expect(saved.n).toBe(7);
-      await db.execute({ sql: "UPDATE episodes SET log = NULL WHERE id = ?", args: [ep.id] });
+      await db.execute({ sql: "UPDATE episodes SET log = NULL WHERE id = ?", args: [idToDriver(ep.id)] });
       try {
         const j = await verify();
         expect(j.code).toBe(1);
@@ -530,7 +530,7 @@ describe("fleet verify", () => {
           { agent: "dice/d1", record: `episode ${ep.id}`, problem: "event log missing (7 event(s) recorded)" },
         ]);
       } finally {
-        await db.execute({ sql: "UPDATE episodes SET log = ? WHERE id = ?", args: [saved.log, ep.id] });
+        await db.execute({ sql: "UPDATE episodes SET log = ? WHERE id = ?", args: [saved.log, idToDriver(ep.id)] });
       }
       expect((await verify()).code).toBe(0);
     },

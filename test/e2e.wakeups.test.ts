@@ -9,6 +9,7 @@
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { fileURLToPath } from "node:url";
 import { cleanupAll, publishQos1, runCli, TestFleet, waitFor, type EpisodeJson } from "./helpers/gateway.ts";
+import { idOfSql } from "../gateway/store/index.ts";
 import { signedInPage } from "./helpers/browser.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -34,7 +35,7 @@ interface Emitted {
 /** Every `emit` of an agent's committed episodes, oldest first, with the episode that made it. */
 async function emits(fleet: TestFleet, agent: string): Promise<(Emitted & { episode: string })[]> {
   const rows = await fleet.query<{ episode: string; data: string }>(
-    `SELECT e.episode, e.data FROM events e JOIN episodes ep ON ep.id = e.episode
+    `SELECT ${idOfSql("e.episode")} AS episode, e.data FROM events e JOIN episodes ep ON ep.id = e.episode
      WHERE ep.agent = ? AND ep.status = 'committed' AND e.kind = 'emit' ORDER BY ep.started_at, e.seq`,
     [agent],
   );

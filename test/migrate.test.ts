@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { verifyStore } from "../gateway/ops/index.ts";
 import {
+  idOfSql,
   MIGRATIONS,
   type Migration,
   migrate,
@@ -152,8 +153,9 @@ describe("schema migrations", () => {
   test("older event logs move into their episode rows whole: the same rows read back, and verify says OK", async () => {
     const path = fixtureCopy();
     const rows = async (c: ReturnType<typeof createClient>) =>
-      (await c.execute("SELECT episode, seq, kind, data FROM events ORDER BY episode, seq")).rows.map((r) =>
-        [r.episode, r.seq, r.kind, r.data].map(String),
+      // Episode ids are stored as their 16 bytes since migration 25: read as their text.
+      (await c.execute(`SELECT ${idOfSql("episode")}, seq, kind, data FROM events ORDER BY episode, seq`)).rows.map(
+        (r) => [r[0], r.seq, r.kind, r.data].map(String),
       );
     const c = createClient({ url: `file:${path}` });
     const before = await rows(c);
@@ -171,7 +173,8 @@ describe("schema migrations", () => {
       // The hash still covers the log: one changed byte of one event is found.
       const [first] = before;
       await store.client.execute({
-        sql: `UPDATE episodes SET log = jsonb_set(log, '$[0][1]', json_object('tampered', 1)) WHERE id = ?`,
+        sql: `UPDATE episodes SET log = jsonb_set(log, '$[0][1]', json_object('tampered', 1))
+          WHERE ${idOfSql("id")} = ?`,
         args: [first![0]!],
       });
       const problems = (await verifyStore(store)).problems;
@@ -193,7 +196,7 @@ describe("schema migrations", () => {
     try {
       expect(await versionOf(path)).toBe(SCHEMA_VERSION);
       const kept = await store.client.execute({
-        sql: "SELECT data FROM events WHERE episode = ? AND seq = 0",
+        sql: `SELECT data FROM events WHERE ${idOfSql("episode")} = ? AND seq = 0`,
         args: [ep!],
       });
       expect(kept.rows[0]!.data).toBe('"{broken"');
@@ -251,7 +254,8 @@ describe("schema migrations", () => {
         "SELECT count(*) AS n FROM episodes WHERE typeof(events_hash) = 'blob' AND length(events_hash) = 32",
       );
       expect(Number(raw.rows[0]!.n)).toBe(before.length);
-      const after = (await store.client.execute("SELECT id FROM episodes ORDER BY id")).rows.map(async (r) => {
+      const ids = await store.client.execute(`SELECT ${idOfSql("id")} AS id FROM episodes ORDER BY id`);
+      const after = ids.rows.map(async (r) => {
         const ep = (await store.getEpisode(String(r.id)))!;
         const { id, checkpoint, parent, eventsHash, specVersion } = ep;
         return { id, checkpoint, parent, events_hash: eventsHash, spec_version: specVersion };
@@ -289,6 +293,52 @@ describe("schema migrations", () => {
       // The same id for an agent that never had it is a new stimulus.
       const [other] = await store.intake([again(rows[0]!, "other/agent")]);
       expect(other!.seq).not.toBeNull();
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("older episode ids become their 16 bytes wherever they are stored and read back as the same text", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    const text = async (sql: string) => (await c.execute(sql)).rows.map((r) => String(r[0]));
+    const episodes = await text("SELECT id FROM episodes ORDER BY id");
+    const checkpoints = await text("SELECT episode FROM checkpoints ORDER BY hash");
+    const stimuli = await text("SELECT episode FROM stimuli WHERE episode IS NOT NULL ORDER BY seq");
+    c.close();
+    expect(episodes.length).toBe(12);
+    expect(stimuli.length).toBeGreaterThan(0);
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const raw = await store.client.execute(
+        `SELECT (SELECT count(*) FROM episodes WHERE typeof(id) = 'blob' AND length(id) = 16) AS e,
+          (SELECT count(*) FROM checkpoints WHERE typeof(episode) = 'blob' AND length(episode) = 16) AS c,
+          (SELECT count(*) FROM stimuli WHERE typeof(episode) = 'blob' AND length(episode) = 16) AS s`,
+      );
+      expect({ ...raw.rows[0] }).toMatchObject({ e: 12, c: checkpoints.length, s: stimuli.length });
+      // Read back as the same text, in the same order, through every reader.
+      const read = await store.client.execute(`SELECT ${idOfSql("id")} FROM episodes ORDER BY id`);
+      expect(read.rows.map((r) => String(r[0]))).toEqual(episodes);
+      for (const id of episodes) {
+        expect((await store.getEpisode(id))?.id).toBe(id);
+        expect((await store.listEvents(id))[0]?.episode).toBe(id);
+      }
+      const agents = await store.agentsWithCheckpoints();
+      const chain = (await Promise.all(agents.map((a) => store.listCheckpoints(a)))).flat();
+      expect(chain.map((r) => r.episode).sort()).toEqual([...checkpoints].sort());
+      expect((await verifyStore(store)).problems).toEqual([]);
+      // A new episode's replication entry names it by its text, as before.
+      await store.client.execute("INSERT INTO meta (key, value) VALUES ('replication', 'on')");
+      const [first] = episodes;
+      const copy = `SELECT x'0199aaaabbbb7ccc8ddd000000000001', agent, stimulus_seq + 1000, stimulus_id, spec_version,
+        'failed', NULL, NULL, attempt, started_at, ended_at, NULL, parent, events_hash, event_count, stimulus_kind,
+        bundle, log FROM episodes WHERE id = ?`;
+      await store.client.execute({
+        sql: `INSERT INTO episodes ${copy}`,
+        args: [Buffer.from(first!.replaceAll("-", ""), "hex")],
+      });
+      const pending = await store.client.execute("SELECT key FROM repl_pending WHERE tbl = 'episode'");
+      expect(pending.rows.map((r) => r[0])).toEqual(["0199aaaa-bbbb-7ccc-8ddd-000000000001"]);
     } finally {
       await store.close();
     }

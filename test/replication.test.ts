@@ -24,7 +24,7 @@ import {
   type ReplicationStatus,
 } from "../gateway/replication/index.ts";
 import type { ReplicationSpec } from "../gateway/spec/index.ts";
-import { appendAudit, hexOfSql, isHashColumn, migrate } from "../gateway/store/index.ts";
+import { appendAudit, idOfSql, migrate, wireSql } from "../gateway/store/index.ts";
 import { DAY, SyntheticFleet } from "./helpers/ops.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
 import { replicationToml } from "./helpers/replication.ts";
@@ -104,8 +104,8 @@ async function expectCenterEqualsLocal(
     expect({ table: t.name, n: center }).toEqual({ table: t.name, n: local });
     for (let offset = 0; offset < local; offset += PAGE) {
       const page = `ORDER BY ${order} LIMIT ${PAGE} OFFSET ${offset}`;
-      // Locally some hashes are stored as bytes (store/hashes.ts); the center holds their hex text.
-      const select = t.columns.map((c) => (isHashColumn(t.name, c) ? hexOfSql(c) : c));
+      // Locally hashes and episode ids are stored as bytes (store/hashes.ts); the center holds their text.
+      const select = t.columns.map((c) => wireSql(t.name, c));
       const mine = (await f.store.client.execute(`SELECT ${select.join(", ")} FROM ${t.name} WHERE ${where} ${page}`))
         .rows;
       const theirs = (
@@ -288,7 +288,9 @@ describe("replication faults", () => {
       const first = await f.store.client.execute(
         "SELECT key FROM repl_pending WHERE tbl = 'episode' ORDER BY seq LIMIT 1",
       );
-      const oldest = await f.store.client.execute("SELECT id FROM episodes ORDER BY ended_at, id LIMIT 1");
+      const oldest = await f.store.client.execute(
+        `SELECT ${idOfSql("id")} AS id FROM episodes ORDER BY ended_at, id LIMIT 1`,
+      );
       expect(first.rows[0]!.key).toBe(oldest.rows[0]!.id);
       const started = performance.now();
       await r.drain();

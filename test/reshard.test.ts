@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gcAll, reshard, ReshardError } from "../gateway/ops/index.ts";
 import { ownerShard } from "../gateway/shard.ts";
-import { Store } from "../gateway/store/index.ts";
+import { idBytesSql, idOfSql, Store } from "../gateway/store/index.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { HOUR, SyntheticFleet } from "./helpers/ops.ts";
 
@@ -63,7 +63,9 @@ async function sources(): Promise<{ a: SyntheticFleet; b: SyntheticFleet; root: 
       receivedAt: T0 + HOUR,
     },
   ]);
-  const [ep] = (await b.store.client.execute("SELECT id FROM episodes WHERE agent = 'door/d3' LIMIT 1")).rows;
+  const [ep] = (
+    await b.store.client.execute(`SELECT ${idOfSql("id")} AS id FROM episodes WHERE agent = 'door/d3' LIMIT 1`)
+  ).rows;
   await b.store.client.execute({
     sql: `INSERT INTO wakeups (id, gateway, agent, due_at, payload, set_by, created_at)
       VALUES (?, ?, 'door/d3', ?, '{}', ?, ?)`,
@@ -102,7 +104,9 @@ async function snapshot(dbPaths: readonly string[]): Promise<Map<string, string>
           usage: await rows("SELECT window, episodes FROM budget_usage WHERE agent = ? ORDER BY window"),
           wakeups: await rows("SELECT id, due_at, state FROM wakeups WHERE agent = ?"),
           outbox: await rows(
-            "SELECT o.topic FROM outbox o JOIN episodes e ON e.id = o.episode WHERE e.agent = ? ORDER BY o.id",
+            // The outbox names an episode by its id's text; the episode row stores its 16 bytes.
+            `SELECT o.topic FROM outbox o JOIN episodes e ON e.id = ${idBytesSql("o.episode")} WHERE e.agent = ?
+              ORDER BY o.id`,
           ),
         }),
       );

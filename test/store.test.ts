@@ -13,6 +13,7 @@ import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
 import { GroupCommitter, MIGRATIONS, openDb } from "../gateway/store/index.ts";
 import { hashEvents, Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
+import { findEpisode } from "../gateway/ops/index.ts";
 
 /** A test agent id (valid by construction). */
 const aid = (s: string) => s as AgentId;
@@ -799,6 +800,33 @@ describe("commitEpisode", () => {
       expect((await store.scanEpisodes(aid("temp/boiler-1"), ""))[0]).toMatchObject({ checkpoint: HASH("a") });
       expect(await store.getCheckpoint(HASH("a"))).toMatchObject({ parent: HASH("b"), specVersion: HASH("5") });
       expect(await store.listCheckpoints(aid("temp/boiler-1"))).toMatchObject([{ hash: HASH("a"), parent: HASH("b") }]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("an episode id is stored as its 16 bytes and read back as its text everywhere", async () => {
+    const store = await open(freshPath());
+    try {
+      const id = "0199aaaa-bbbb-7ccc-8ddd-0123456789ab";
+      const seq = await intakeOne(store, stim("id:1"));
+      await store.commitEpisode(episodeCommit(id, seq, "id:1", 1, HASH("a"), null));
+      const raw = await store.client.execute(
+        `SELECT (SELECT length(id) FROM episodes) AS e, (SELECT length(episode) FROM checkpoints) AS c,
+          (SELECT length(episode) FROM stimuli WHERE seq = ${seq}) AS s, (SELECT typeof(id) FROM episodes) AS t`,
+      );
+      expect({ ...raw.rows[0] }).toMatchObject({ e: 16, c: 16, s: 16, t: "blob" });
+      expect((await store.getEpisode(id))?.id).toBe(id);
+      expect((await store.listEpisodes(aid("temp/boiler-1")))[0]?.id).toBe(id);
+      expect((await store.scanEpisodes(aid("temp/boiler-1"), ""))[0]?.id).toBe(id);
+      expect((await store.listEvents(id)).map((e) => e.episode)).toEqual([id, id]);
+      expect(await store.getCheckpoint(HASH("a"))).toMatchObject({ episode: id });
+      expect((await store.getStimulus(seq))?.episode).toBe(id);
+      // By a prefix of its text, as `fleet trace` and the API take it; a prefix that is no UUID's finds none.
+      for (const prefix of ["0199", "0199aaaa-b", "0199aaaa-bbbb-7ccc-8ddd-0123"]) {
+        expect(await findEpisode(store, prefix)).toMatchObject({ id });
+      }
+      expect(await findEpisode(store, "0199aaab")).toMatchObject({ code: "not_found" });
     } finally {
       await store.close();
     }

@@ -6,7 +6,7 @@
  */
 import type { InValue } from "@libsql/client";
 import { topics } from "../protocol.ts";
-import type { Store } from "../store/index.ts";
+import { idOfSql, type Store } from "../store/index.ts";
 import { parseAgentId } from "../types.ts";
 
 /** One output of a committed episode: an `emit` on the agent's out topic, or a publish-tool message. */
@@ -36,8 +36,8 @@ export async function recentOutputs(
   // Walks episodes newest first (episodes_time, or episodes_agent for one agent) and reads each
   // one's log by primary key, so a page costs the episodes it spans, not the whole table.
   const rs = await store.client.execute({
-    sql: `SELECT ep.id AS episode, ep.agent AS agent, ep.started_at AS started_at, ep.ended_at AS ended_at,
-            ev.kind AS kind, ev.data AS data
+    sql: `SELECT ${idOfSql("ep.id")} AS episode, ep.agent AS agent, ep.started_at AS started_at,
+            ep.ended_at AS ended_at, ev.kind AS kind, ev.data AS data
           FROM episodes ep JOIN events ev ON ev.episode = ep.id
           WHERE ep.status = 'committed' AND ep.started_at < ? ${f.agent !== undefined ? "AND ep.agent = ?" : ""}
             AND ${OUTPUT_EVENT}

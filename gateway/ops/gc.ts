@@ -14,7 +14,7 @@
  */
 import { sql } from "drizzle-orm";
 import type { FleetSpec } from "../spec/index.ts";
-import type { Store, WriteItem } from "../store/index.ts";
+import { idBytesSql, idOfSql, type Store, type WriteItem } from "../store/index.ts";
 
 const DAY = 86_400_000;
 
@@ -47,16 +47,17 @@ function unconfirmedGuards(on: boolean) {
   const pending = (tbl: string, key: ReturnType<typeof sql>) =>
     on ? sql`AND NOT EXISTS (SELECT 1 FROM repl_pending p WHERE p.tbl = ${tbl} AND p.key = ${key})` : sql``;
   return {
-    checkpoint: pending("episode", sql`c.episode`),
-    tombstone: pending("episode", sql`checkpoints.episode`),
-    episode: pending("episode", sql`episodes.id`),
+    // The queue names an episode by its id's text; the tables store its bytes (store/hashes.ts).
+    checkpoint: pending("episode", sql.raw(idOfSql("c.episode"))),
+    tombstone: pending("episode", sql.raw(idOfSql("checkpoints.episode"))),
+    episode: pending("episode", sql.raw(idOfSql("episodes.id"))),
     stimulus: pending("stimulus", sql`CAST(stimuli.seq AS TEXT)`),
     // An episode's queue entry carries its agent's usage rows (store/migrate.ts, migration 11): an
     // agent with an episode still queued keeps them all. One pass over the queue, not one per row.
     usage: on
       ? sql`${pending("usage", sql`budget_usage.agent || char(10) || budget_usage."window"`)}
-        AND budget_usage.agent NOT IN (SELECT e.agent FROM repl_pending p JOIN episodes e ON e.id = p.key
-          WHERE p.tbl = 'episode')`
+        AND budget_usage.agent NOT IN (SELECT e.agent FROM repl_pending p JOIN episodes e
+          ON e.id = ${sql.raw(idBytesSql("p.key"))} WHERE p.tbl = 'episode')`
       : sql``,
   };
 }

@@ -14,7 +14,7 @@ import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Client } from "@libsql/client";
 import { ownerShard, MAX_SHARDS } from "../shard.ts";
-import { secureDataDir, Store } from "../store/index.ts";
+import { idOfSql, secureDataDir, Store } from "../store/index.ts";
 import { verifyStore, type VerifyProblem } from "./verify.ts";
 
 /** The command cannot run (a gateway is running, an output exists, an agent is in two dirs, …). */
@@ -206,7 +206,8 @@ async function copySource(
           args: [...shifts, mine],
         });
       }
-      const episodes = `(SELECT id FROM src.episodes WHERE agent IN ${ids})`;
+      // The outbox names an episode by its id's text; the episode row stores its bytes (store/hashes.ts).
+      const episodes = `(SELECT ${idOfSql("id")} FROM src.episodes WHERE agent IN ${ids})`;
       // An episode's event log is its row's `log` column: it moved with the row above.
       // Unsent outputs of the moved episodes (ids are renumbered: nothing else names them).
       const out = (await columns(client, "outbox")).filter((c) => c !== "id");

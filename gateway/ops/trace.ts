@@ -8,7 +8,7 @@
  * Everything comes from the sealed event logs and the
  * episodes table, so a trace is as old as retention allows.
  */
-import type { EpisodeRow, EventRow, Store } from "../store/index.ts";
+import { idOfSql, type EpisodeRow, type EventRow, type Store } from "../store/index.ts";
 import { blake3Hex } from "../hash.ts";
 import { topics } from "../protocol.ts";
 import { parseAgentId } from "../types.ts";
@@ -67,6 +67,8 @@ export type TraceMiss = { readonly code: "not_found" | "ambiguous"; readonly mes
 const MAX_DEPTH = 32;
 const SENT = /^inbox:([0-9a-f-]{36}):\d+$/;
 const WOKEN = /^wake:([0-9a-f-]{36})\.w\d+$/;
+/** The beginning of a UUID's text: hex digits, with a dash exactly where the UUID has one. */
+const UUID_PREFIX = /^(?=.{1,36}$)[0-9a-f]{1,8}(-[0-9a-f]{0,4}(-[0-9a-f]{0,4}(-[0-9a-f]{0,4}(-[0-9a-f]{0,12})?)?)?)?$/;
 
 /** An episode by full id or unique prefix (at least 4 characters). */
 export async function findEpisode(store: Store, idOrPrefix: string): Promise<EpisodeRow | TraceMiss> {
@@ -75,9 +77,17 @@ export async function findEpisode(store: Store, idOrPrefix: string): Promise<Epi
   if (idOrPrefix.length < 4 || !/^[0-9a-f-]+$/.test(idOrPrefix)) {
     return { code: "not_found", message: `no episode ${idOrPrefix}` };
   }
+  // UUIDs are stored as their 16 bytes (store/hashes.ts): a prefix of one is a range of bytes; other ids are text.
+  const hex = UUID_PREFIX.test(idOrPrefix) ? idOrPrefix.replaceAll("-", "") : null;
   const rows = await store.client.execute({
-    sql: "SELECT id FROM episodes WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
-    args: [idOrPrefix, `${idOrPrefix}\uffff`],
+    sql: `SELECT ${idOfSql("id")} AS id FROM episodes WHERE (id >= ? AND id < ?) OR (id >= ? AND id <= ?)
+      ORDER BY id LIMIT 2`,
+    args: [
+      idOrPrefix,
+      `${idOrPrefix}\uffff`,
+      hex === null ? null : Buffer.from(hex.padEnd(32, "0"), "hex"),
+      hex === null ? null : Buffer.from(hex.padEnd(32, "f"), "hex"),
+    ],
   });
   if (rows.rows.length === 0) return { code: "not_found", message: `no episode starts with ${idOrPrefix}` };
   if (rows.rows.length > 1) return { code: "ambiguous", message: `more than one episode starts with ${idOrPrefix}` };
@@ -111,7 +121,8 @@ async function stimulusOf(events: readonly EventRow[]): Promise<TraceStimulus | 
 /** Committed (or last failed) episodes that ran the inbox messages `episode` sent. */
 async function caused(store: Store, episode: string): Promise<Map<number, EpisodeRow[]>> {
   const rows = await store.client.execute({
-    sql: "SELECT id, stimulus_id FROM episodes WHERE stimulus_id >= ? AND stimulus_id < ? ORDER BY started_at",
+    sql: `SELECT ${idOfSql("id")} AS id, stimulus_id FROM episodes WHERE stimulus_id >= ? AND stimulus_id < ?
+      ORDER BY started_at`,
     args: [`inbox:${episode}:`, `inbox:${episode}:\uffff`],
   });
   const bySend = new Map<number, EpisodeRow[]>();
@@ -126,7 +137,8 @@ async function caused(store: Store, episode: string): Promise<Map<number, Episod
 /** Episodes that ran the wake-ups `episode` set, by wake-up id. */
 async function woken(store: Store, episode: string): Promise<Map<string, EpisodeRow[]>> {
   const rows = await store.client.execute({
-    sql: "SELECT id, stimulus_id FROM episodes WHERE stimulus_id >= ? AND stimulus_id < ? ORDER BY started_at",
+    sql: `SELECT ${idOfSql("id")} AS id, stimulus_id FROM episodes WHERE stimulus_id >= ? AND stimulus_id < ?
+      ORDER BY started_at`,
     args: [`wake:${episode}.w`, `wake:${episode}.w\uffff`],
   });
   const byWake = new Map<string, EpisodeRow[]>();
@@ -226,13 +238,14 @@ export async function episodeForTopic(store: Store, topic: string, at?: number):
   const out = /^fleet\/agents\/([^/]+)\/([^/]+)\/out$/.exec(topic);
   const rows = out
     ? await store.client.execute({
-        sql: `SELECT ep.id FROM episodes ep WHERE ep.agent = ? AND ep.status = 'committed' AND ep.started_at <= ?
+        sql: `SELECT ${idOfSql("ep.id")} AS id FROM episodes ep
+              WHERE ep.agent = ? AND ep.status = 'committed' AND ep.started_at <= ?
               AND EXISTS (SELECT 1 FROM events e WHERE e.episode = ep.id AND e.kind = 'emit')
               ORDER BY ep.started_at DESC LIMIT 1`,
         args: [`${out[1]}/${out[2]}`, before],
       })
     : await store.client.execute({
-        sql: `SELECT ep.id FROM events e JOIN episodes ep ON ep.id = e.episode
+        sql: `SELECT ${idOfSql("ep.id")} AS id FROM events e JOIN episodes ep ON ep.id = e.episode
               WHERE e.kind = 'tool' AND json_extract(e.data, '$.tool') = 'publish'
               AND json_extract(e.data, '$.ok') = 1 AND json_extract(e.data, '$.args[0]') = ?
               AND ep.status = 'committed' AND ep.started_at <= ?

@@ -4,7 +4,7 @@
  * An `episode` entry carries the episode, its event log and the checkpoint it sealed.
  */
 import type { InArgs, InStatement, InValue } from "@libsql/client";
-import { hexOfSql, isHashColumn, type Store } from "../store/index.ts";
+import { idBytesSql, idOfSql, type Store, wireSql } from "../store/index.ts";
 import { REPLICATED, type ReplicatedName, type ReplicatedTable } from "./tables.ts";
 
 /** One row of `repl_pending`. */
@@ -46,7 +46,9 @@ const KINDS: readonly string[] = ["spec", "agent", "episode", "usage", "stimulus
 const IN_JSON = "IN (SELECT value FROM json_each(?))";
 
 async function select(store: Store, t: ReplicatedTable, where: string, args: InArgs): Promise<InValue[][]> {
-  const rs = await store.client.execute({ sql: `SELECT ${t.columns.join(", ")} FROM ${t.name} WHERE ${where}`, args });
+  // Hashes and episode ids stored as bytes go out as the text they are everywhere else (store/hashes.ts).
+  const cols = t.columns.map((c) => wireSql(t.name, c)).join(", ");
+  const rs = await store.client.execute({ sql: `SELECT ${cols} FROM ${t.name} WHERE ${where}`, args });
   return rs.rows.map((r) => t.columns.map((_, i) => r[i] as InValue));
 }
 
@@ -67,8 +69,8 @@ async function selectEncoded(
   // With `qualify`, `where` is a whole join ("a JOIN b ... WHERE ...") and the columns are named through it.
   const from = qualify ? where : `${t.name} WHERE ${where}`;
   const q = qualify ?? ((c: string) => c);
-  // Hashes stored as bytes go out as the hex text they are everywhere else (store/hashes.ts).
-  const inner = t.columns.map((c) => `${isHashColumn(t.name, c) ? hexOfSql(q(c)) : q(c)} AS ${c}`).join(", ");
+  // Hashes and episode ids stored as bytes go out as the text they are everywhere else (store/hashes.ts).
+  const inner = t.columns.map((c) => `${wireSql(t.name, c, q(c))} AS ${c}`).join(", ");
   const rs = await store.client.execute({
     sql: `SELECT json_group_array(json_array(${cols})) AS j, count(*) AS n FROM (SELECT ${inner},
       (row_number() OVER () - 1) / ${ROWS_PER_STATEMENT} AS chunk FROM ${from}) GROUP BY chunk
@@ -118,7 +120,7 @@ export function usageWindows(startedAt: number, endedAt: number): string[] {
  * The batch's episode entries as a join source: a range of the queue by its rowid (`NOT INDEXED`:
  * by `tbl`'s index SQLite would walk every pending episode, the whole backlog). Binds ?1, ?2.
  */
-const EPISODE_ENTRIES = `repl_pending AS p NOT INDEXED JOIN episodes AS e ON e.id = p.key
+const EPISODE_ENTRIES = `repl_pending AS p NOT INDEXED JOIN episodes AS e ON e.id = ${idBytesSql("p.key")}
   WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'episode'`;
 
 /**
@@ -170,7 +172,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     got.events = await selectEncoded(
       store,
       events,
-      `repl_pending AS p NOT INDEXED JOIN events AS v ON v.episode = p.key
+      `repl_pending AS p NOT INDEXED JOIN events AS v ON v.episode = ${idBytesSql("p.key")}
         WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'episode'`,
       range,
       (c) => `v.${c}`,
@@ -184,13 +186,21 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     );
     if (got.episodes.count < wanted.length) {
       // Some were collected before their push (retention stopped waiting): the rare path.
-      const found = await store.client.execute({ sql: `SELECT e.id FROM ${EPISODE_ENTRIES}`, args: range });
+      const found = await store.client.execute({
+        sql: `SELECT ${idOfSql("e.id")} FROM ${EPISODE_ENTRIES}`,
+        args: range,
+      });
       const have = new Set(found.rows.map((r) => String(r[0])));
       missing("episode", have);
       // An episode collected before its push may leave its checkpoint behind (checkpoint.keep):
       // the chain still goes. A scan, but only on this rare path.
       const gone = wanted.filter((e) => !have.has(e.key)).map((e) => e.key);
-      const orphans = await selectEncoded(store, checkpoints, `episode ${IN_JSON}`, [JSON.stringify(gone)]);
+      const orphans = await selectEncoded(
+        store,
+        checkpoints,
+        `episode IN (SELECT ${idBytesSql("value")} FROM json_each(?))`,
+        [JSON.stringify(gone)],
+      );
       const kept = got.checkpoints;
       got.checkpoints = { count: kept.count + orphans.count, chunks: [...kept.chunks, ...orphans.chunks] };
     }

@@ -11,7 +11,7 @@
 import { createClient, type Client } from "@libsql/client";
 import type { Logger } from "pino";
 import type { ReplicationSpec } from "../spec/index.ts";
-import { checkNotNewer, migrate, SCHEMA_VERSION, SchemaVersionError, schemaVersion } from "../store/index.ts";
+import { checkNotNewer, idOfSql, migrate, SCHEMA_VERSION, SchemaVersionError, schemaVersion } from "../store/index.ts";
 import type { Store } from "../store/index.ts";
 import { centralStatements, readBatch, type Batch } from "./batch.ts";
 import { CENTRAL_MIGRATIONS, CENTRAL_SCHEMA_VERSION } from "./tables.ts";
@@ -562,7 +562,7 @@ export async function enableReplication(store: Store, url: string): Promise<numb
       args: [],
     },
     {
-      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'episode', id, ended_at FROM episodes
+      sql: `INSERT INTO repl_pending (tbl, key, at) SELECT 'episode', ${idOfSql("id")}, ended_at FROM episodes
         ORDER BY ended_at, id ${upsert}`,
       args: [],
     },

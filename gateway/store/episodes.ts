@@ -8,7 +8,7 @@ import type { InValue } from "@libsql/client";
 import type { AgentId, NewStimulus } from "../types.ts";
 import type { RawStatement } from "./db.ts";
 import type * as t from "./schema.ts";
-import { hashToDriver } from "./hashes.ts";
+import { hashToDriver, idToDriver } from "./hashes.ts";
 import { chunks, codecs, insertRows } from "./sql.ts";
 
 /** Budget use booked with an episode, in its hour and day windows. */
@@ -143,7 +143,7 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
   out.push(
     {
       sql: "UPDATE stimuli SET state = 'done', episode = ?, done_at = ?, attempts = ? WHERE seq = ?",
-      args: [ep.id, now, ep.attempt, ep.stimulusSeq],
+      args: [idToDriver(ep.id), now, ep.attempt, ep.stimulusSeq],
     },
     {
       sql:
@@ -168,7 +168,7 @@ export function failureStatements(f: EpisodeFailure): RawStatement[] {
           sql:
             `UPDATE stimuli SET state = 'quarantined', attempts = ` +
             `?, episode = ?, done_at = ?${setError} WHERE seq = ?`,
-          args: [ep.attempt, ep.id, ep.endedAt, ...error, ep.stimulusSeq],
+          args: [ep.attempt, idToDriver(ep.id), ep.endedAt, ...error, ep.stimulusSeq],
         }
       : {
           sql: `UPDATE stimuli SET attempts = ?, not_before = ?${setError} WHERE seq = ?`,

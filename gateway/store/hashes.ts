@@ -4,7 +4,8 @@
  * only hold such hashes store the 32 bytes instead (migration 20 of ./migrate.ts) and read back
  * as hex through the drizzle column type below. A value that is not a lowercase 64-character hex
  * string (none is written by this code) is stored as the text it is, so every value reads back
- * exactly as written; SQL that needs the text form uses `hexOfSql`.
+ * exactly as written; SQL that needs the text form uses `hexOfSql`. Episode ids are kept the same
+ * way, as 16 bytes (`idColumn` below).
  */
 import { customType } from "drizzle-orm/sqlite-core";
 
@@ -33,6 +34,66 @@ export const hashColumn = customType<{ data: string; driverData: string | Buffer
 /** SQL for the hex text of a stored hash expression (replication sends text; joins with text columns). */
 export const hexOfSql = (expr: string): string =>
   `(CASE WHEN typeof(${expr}) = 'blob' THEN lower(hex(${expr})) ELSE ${expr} END)`;
+
+/**
+ * Episode ids stored as their 16 bytes (migration 25), as hashes are above: an id is a UUIDv7 in
+ * its 36-character text form in every API, CLI line, hash input and replicated row; `episodes.id`
+ * and the columns naming an episode (`checkpoints.episode`, `stimuli.episode`, the `events` view's
+ * `episode`) store the 16 bytes and read back as that text. Any other value (none is written by the
+ * gateway; tests use short names) is stored as the text it is. Raw SQL compares stored forms with
+ * stored forms; `idOfSql` and `idBytesSql` convert where SQL meets the text (the replication queue).
+ */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** The stored form of an episode id: its 16 bytes when it is a lowercase UUID, else the text. */
+export function idToDriver(id: string): string | Buffer {
+  return UUID.test(id) ? Buffer.from(id.replaceAll("-", ""), "hex") : id;
+}
+
+/** The text of a stored episode id (bytes or text). */
+export function idFromDriver(v: unknown): string {
+  if (typeof v === "string") return v;
+  const hex = hashFromDriver(v);
+  if (hex.length !== 32) return hex;
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/** An episode id column: UUID text to the code, 16 bytes in the file. Declared TEXT, as hash columns. */
+export const idColumn = customType<{ data: string; driverData: string | Buffer }>({
+  dataType: () => "text",
+  toDriver: idToDriver,
+  fromDriver: idFromDriver,
+});
+
+/** SQL for the text of a stored episode id expression (what replication sends and the queue keys hold). */
+export const idOfSql = (expr: string): string =>
+  `(CASE WHEN typeof(${expr}) = 'blob' AND length(${expr}) = 16 THEN lower(substr(hex(${expr}), 1, 8) || '-' ||
+    substr(hex(${expr}), 9, 4) || '-' || substr(hex(${expr}), 13, 4) || '-' || substr(hex(${expr}), 17, 4) || '-' ||
+    substr(hex(${expr}), 21)) ELSE ${expr} END)`;
+
+const h = (n: number) => "[0-9a-f]".repeat(n);
+/** GLOB of a lowercase UUID, as `UUID` above. */
+const UUID_GLOB = `${h(8)}-${h(4)}-${h(4)}-${h(4)}-${h(12)}`;
+
+/** SQL for the stored form of an episode id given as text (`idToDriver` in SQL). */
+export const idBytesSql = (expr: string): string =>
+  `(CASE WHEN typeof(${expr}) = 'text' AND ${expr} GLOB '${UUID_GLOB}' THEN unhex(replace(${expr}, '-', ''))
+    ELSE ${expr} END)`;
+
+/** The episode id columns stored this way, by table (migration 25). */
+export const ID_COLUMNS: Readonly<Record<string, readonly string[]>> = {
+  episodes: ["id"],
+  checkpoints: ["episode"],
+  stimuli: ["episode"],
+  events: ["episode"],
+};
+
+/** SQL for the value of `table.column` as the API and the central server see it (hex hashes, UUID text). */
+export function wireSql(table: string, column: string, expr = column): string {
+  if (isHashColumn(table, column)) return hexOfSql(expr);
+  if (ID_COLUMNS[table]?.includes(column)) return idOfSql(expr);
+  return expr;
+}
 
 /** The columns stored this way, by table (migrations 20, 21 and 23). */
 export const HASH_COLUMNS: Readonly<Record<string, readonly string[]>> = {

@@ -3,4 +3,13 @@ export * from "./checkpoint.ts";
 export * from "./migrate.ts";
 export * from "./files.ts";
 export * from "./audit.ts";
-export { hexOfSql, HASH_COLUMNS, isHashColumn } from "./hashes.ts";
+export {
+  hexOfSql,
+  HASH_COLUMNS,
+  isHashColumn,
+  idBytesSql,
+  idOfSql,
+  idToDriver,
+  ID_COLUMNS,
+  wireSql,
+} from "./hashes.ts";

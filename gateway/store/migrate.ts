@@ -9,6 +9,7 @@
  * Migrations are append-only: never edit one that has shipped, add the next.
  */
 import type { Client } from "@libsql/client";
+import { idBytesSql, idOfSql } from "./hashes.ts";
 
 /**
  * The event log as rows (migration 18): each episode's `log` (JSONB `[[kind, data], ...]`) read out
@@ -445,6 +446,22 @@ const DEDUP_SID_FIRST: readonly string[] = [
   `CREATE UNIQUE INDEX stimuli_dedup ON stimuli (sid, agent)`,
 ];
 
+/**
+ * Episode ids as their 16 bytes (issue 13: store bytes per episode). A UUIDv7 was 36 characters in
+ * the episode row, its primary-key index, its checkpoint and its stimulus, ~80 bytes of a
+ * temp-monitor episode. The code reads and writes them as text through their column type
+ * (./hashes.ts `idColumn`); anything that is not a lowercase UUID stays text. The replication queue
+ * keeps the text (its key is sent and compared as such), so its episode trigger converts.
+ */
+const EPISODE_ID_BYTES: readonly string[] = [
+  `UPDATE episodes SET id = ${idBytesSql("id")}`,
+  `UPDATE checkpoints SET episode = ${idBytesSql("episode")}`,
+  `UPDATE stimuli SET episode = ${idBytesSql("episode")} WHERE episode IS NOT NULL`,
+  `DROP TRIGGER IF EXISTS repl_episode`,
+  `CREATE TRIGGER repl_episode AFTER INSERT ON episodes WHEN ${REPL_ON} BEGIN
+    ${pend("episode", idOfSql("NEW.id"), "NEW.ended_at")} END`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -472,6 +489,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 23, name: "checkpoint hashes as bytes", statements: CHECKPOINT_HASH_BYTES },
   { version: 24, name: "one agent history index", statements: ONE_AGENT_INDEX },
   { version: 25, name: "stimulus dedup keyed by id first", statements: DEDUP_SID_FIRST },
+  { version: 26, name: "episode ids as bytes", statements: EPISODE_ID_BYTES },
 ];
 
 /** The schema version this code writes. */

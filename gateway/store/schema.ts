@@ -19,7 +19,7 @@ import {
   index,
 } from "drizzle-orm/sqlite-core";
 import type { AgentId } from "../types.ts";
-import { hashColumn } from "./hashes.ts";
+import { hashColumn, idColumn } from "./hashes.ts";
 
 /** Key/value facts about this data dir (gateway id, schema version). */
 export const meta = sqliteTable("meta", {
@@ -128,7 +128,8 @@ export const stimuli = sqliteTable(
     /** Epoch ms before which a retry must not start. */
     notBefore: integer("not_before").notNull().default(0),
     lastError: text("last_error"),
-    episode: text("episode"),
+    /** The episode that ran it: 16 bytes stored, UUID text read (./hashes.ts `idColumn`, migration 25). */
+    episode: idColumn("episode"),
     doneAt: integer("done_at"),
     /** Epoch ms after which it is skipped (state `expired`) instead of run: MQTT 5 message expiry. */
     expiresAt: integer("expires_at"),
@@ -171,7 +172,8 @@ export const rejectedMessages = sqliteTable(
 export const episodes = sqliteTable(
   "episodes",
   {
-    id: text("id").primaryKey(),
+    /** A UUIDv7: its 16 bytes stored, its text read (./hashes.ts `idColumn`, migration 25). */
+    id: idColumn("id").primaryKey(),
     agent: text("agent").$type<AgentId>().notNull(),
     stimulusSeq: integer("stimulus_seq").notNull(),
     stimulusId: text("stimulus_id").notNull(),
@@ -212,7 +214,8 @@ export const episodes = sqliteTable(
  * `seq` is an event's position in its log; `data` is the exact JSON text the event was written with.
  */
 export const events = sqliteView("events", {
-  episode: text("episode").notNull(),
+  /** The episode's id as stored (16 bytes; raw SQL joins it with `episodes.id`), read as text. */
+  episode: idColumn("episode").notNull(),
   seq: integer("seq").notNull(),
   kind: text("kind").notNull(),
   data: text("data").notNull(),
@@ -227,7 +230,8 @@ export const checkpoints = sqliteTable(
     agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
     parent: hashColumn("parent"),
-    episode: text("episode").notNull(),
+    /** 16 bytes stored, UUID text read (./hashes.ts `idColumn`, migration 25). */
+    episode: idColumn("episode").notNull(),
     specVersion: hashColumn("spec_version").notNull(),
     state: text("state"),
     createdAt: integer("created_at").notNull(),

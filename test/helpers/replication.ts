@@ -5,6 +5,7 @@
 import type { Client, InValue } from "@libsql/client";
 import { expect } from "bun:test";
 import { REPLICATED, type ReplicatedTable } from "../../gateway/replication/index.ts";
+import { wireSql } from "../../gateway/store/index.ts";
 import { type TestFleet, waitFor } from "./gateway.ts";
 
 /** A `[replication]` table pointing at `url`. */
@@ -92,9 +93,9 @@ function rowsOf(rs: { rows: ArrayLike<unknown>[] }, width: number): unknown[][] 
 
 /** Rows of one replicated table, local side. */
 async function localRows(f: TestFleet, t: ReplicatedTable, where = "true"): Promise<unknown[][]> {
-  const rows = await f.query(
-    `SELECT ${t.columns.join(", ")} FROM ${t.name} WHERE ${where} ORDER BY ${t.key.join(", ")}`,
-  );
+  // Episode ids stored as bytes are read as the text the center holds (hashes: `norm` makes them hex).
+  const cols = t.columns.map((c) => `${wireSql(t.name, c)} AS ${c}`);
+  const rows = await f.query(`SELECT ${cols.join(", ")} FROM ${t.name} WHERE ${where} ORDER BY ${t.key.join(", ")}`);
   return rows.map((r) => t.columns.map((c) => norm(r[c.replaceAll('"', "")])));
 }
 
