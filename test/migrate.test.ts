@@ -254,6 +254,13 @@ describe("schema migrations", () => {
         "SELECT count(*) AS n FROM episodes WHERE typeof(events_hash) = 'blob' AND length(events_hash) = 32",
       );
       expect(Number(raw.rows[0]!.n)).toBe(before.length);
+      // Spec versions are named by their first 6 bytes since migration 27, episodes and checkpoints alike.
+      const refs = await store.client.execute(
+        "SELECT (SELECT count(*) FROM episodes WHERE length(spec_version) = 6) AS e, " +
+          "(SELECT count(*) FROM checkpoints WHERE length(spec_version) = 6) AS c, " +
+          "(SELECT count(*) FROM checkpoints) AS n",
+      );
+      expect({ ...refs.rows[0] }).toMatchObject({ e: before.length, c: Number(refs.rows[0]!.n) });
       const ids = await store.client.execute(`SELECT ${idOfSql("id")} AS id FROM episodes ORDER BY id`);
       const after = ids.rows.map(async (r) => {
         const ep = (await store.getEpisode(String(r.id)))!;

@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
-import { GroupCommitter, MIGRATIONS, openDb } from "../gateway/store/index.ts";
+import { GroupCommitter, MIGRATIONS, openDb, specOfSql } from "../gateway/store/index.ts";
 import { hashEvents, Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { findEpisode } from "../gateway/ops/index.ts";
@@ -829,6 +829,62 @@ describe("commitEpisode", () => {
       expect(await findEpisode(store, "0199aaab")).toMatchObject({ code: "not_found" });
     } finally {
       await store.close();
+    }
+  });
+
+  test("a recorded spec version is named by its hash's first 6 bytes and read back whole", async () => {
+    const path = freshPath();
+    const store = await open(path);
+    const spec = (c: string) => `5e${c}${"0".repeat(60)}`;
+    const [a, b] = [spec("c0"), spec("c1")];
+    // Another spec with the same 6-byte prefix as `a` (recorded after it) is stored whole.
+    const twin = `${a.slice(0, 12)}${"f".repeat(52)}`;
+    try {
+      for (const [i, hash] of [a, twin].entries())
+        await store.saveSpecVersion({ hash, path: "fleet.toml", text: "", summary: "", at: T0 + i });
+      const runs = [a, twin, b, HASH("5")]; // b and HASH("5") were never recorded
+      for (const [i, specVersion] of runs.entries()) {
+        const seq = await intakeOne(store, stim(`id:${i}`));
+        const c = episodeCommit(
+          `ep-${i}`,
+          seq,
+          `id:${i}`,
+          i + 1,
+          HASH(String(i)),
+          i === 0 ? null : HASH(String(i - 1)),
+        );
+        await store.commitEpisode({
+          ...c,
+          episode: { ...c.episode, specVersion },
+          checkpoint: { ...c.checkpoint, specVersion },
+        });
+      }
+      const raw = await store.client.execute(
+        "SELECT e.id, length(e.spec_version) AS e, length(c.spec_version) AS c FROM episodes e " +
+          "JOIN checkpoints c ON c.episode = e.id ORDER BY e.id",
+      );
+      expect(raw.rows.map((r) => [r.id, r.e, r.c])).toEqual([
+        ["ep-0", 6, 6],
+        ["ep-1", 32, 32],
+        ["ep-2", 32, 32],
+        ["ep-3", 32, 32],
+      ]);
+      for (const [i, specVersion] of runs.entries()) {
+        expect((await store.getEpisode(`ep-${i}`))?.specVersion).toBe(specVersion);
+        expect((await store.getCheckpoint(HASH(String(i))))?.specVersion).toBe(specVersion);
+      }
+      // SQL reads the same (replication sends it so).
+      const sql = await store.client.execute(`SELECT ${specOfSql("spec_version")} AS s FROM episodes ORDER BY id`);
+      expect(sql.rows.map((r) => r.s)).toEqual(runs);
+    } finally {
+      await store.close();
+    }
+    // Opened again (read-only), the data dir reads the same.
+    const again = await Store.open(path, { synchronous: "normal", readonly: true });
+    try {
+      expect((await again.getEpisode("ep-0"))?.specVersion).toBe(a);
+    } finally {
+      await again.close();
     }
   });
 

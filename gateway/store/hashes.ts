@@ -91,15 +91,78 @@ export const ID_COLUMNS: Readonly<Record<string, readonly string[]>> = {
 /** SQL for the value of `table.column` as the API and the central server see it (hex hashes, UUID text). */
 export function wireSql(table: string, column: string, expr = column): string {
   if (isHashColumn(table, column)) return hexOfSql(expr);
+  if (SPEC_COLUMNS[table]?.includes(column)) return specOfSql(expr);
   if (ID_COLUMNS[table]?.includes(column)) return idOfSql(expr);
   return expr;
 }
 
-/** The columns stored this way, by table (migrations 20, 21 and 23). */
+/** The columns stored this way, by table (migrations 20, 21 and 23; spec versions moved to `specColumn`, 26). */
 export const HASH_COLUMNS: Readonly<Record<string, readonly string[]>> = {
-  episodes: ["checkpoint", "parent", "events_hash", "spec_version"],
-  checkpoints: ["hash", "parent", "spec_version"],
+  episodes: ["checkpoint", "parent", "events_hash"],
+  checkpoints: ["hash", "parent"],
   agents: ["anchor_hash", "head_hash"],
+};
+
+/**
+ * Spec versions named by the first 6 bytes of their hash (migration 26). Every episode and checkpoint
+ * names the spec version it ran on, one of a few hashes a data dir has in `spec_versions`: 32 bytes
+ * each, twice per episode. A column of this type stores the hash's first 6 bytes when those name it
+ * (the hash is known to this process and no other known hash begins with them), else all 32 bytes,
+ * and reads back the whole hex hash. A reference made of the hash itself, not a row number, reads the
+ * same in every copy of the data (a backup's `VACUUM INTO` renumbers rowids; `fleet reshard` copies
+ * rows between files). The process learns the hashes of each data dir it opens and of every spec
+ * version it records (`knowSpecVersion`), before a row can name one. SQL reads them with `specOfSql`:
+ * 6 bytes name the oldest spec version of the data dir with that prefix, as the first known does here.
+ */
+const SPEC_REF_BYTES = 6;
+const specByPrefix = new Map<string, string>();
+
+/** Learn a spec version's hash (idempotent): rows can name it by its prefix from now on. */
+export function knowSpecVersion(hash: string): void {
+  if (!HEX64.test(hash)) return;
+  const prefix = hash.slice(0, SPEC_REF_BYTES * 2);
+  if (!specByPrefix.has(prefix)) specByPrefix.set(prefix, hash);
+}
+
+/** The stored form of a spec version hash: its prefix when that names it, else as `hashToDriver`. */
+export function specToDriver(hex: string): string | Buffer {
+  const prefix = hex.slice(0, SPEC_REF_BYTES * 2);
+  return specByPrefix.get(prefix) === hex ? Buffer.from(prefix, "hex") : hashToDriver(hex);
+}
+
+/** The hex hash of a stored spec version (a prefix, 32 bytes or text); an unknown prefix reads as its hex. */
+export function specFromDriver(v: unknown): string {
+  const hex = hashFromDriver(v);
+  return hex.length === SPEC_REF_BYTES * 2 && typeof v !== "string" ? (specByPrefix.get(hex) ?? hex) : hex;
+}
+
+/** A spec version column: hex hash to the code, its 6-byte prefix (or 32 bytes) in the file. Declared TEXT. */
+export const specColumn = customType<{ data: string; driverData: string | Buffer }>({
+  dataType: () => "text",
+  toDriver: specToDriver,
+  fromDriver: specFromDriver,
+});
+
+/** SQL for the first stored spec version whose hash (hex text) begins with the hex `prefixExpr`. */
+const specWithPrefix = (prefixExpr: string) =>
+  `(SELECT sv.hash FROM spec_versions AS sv WHERE sv.hash >= ${prefixExpr} AND sv.hash < ${prefixExpr} || 'g'
+    ORDER BY sv.created_at, sv.rowid LIMIT 1)`;
+
+/** SQL for the hex hash of a stored spec version expression (replication; tests reading raw rows). */
+export const specOfSql = (expr: string): string =>
+  `(CASE WHEN typeof(${expr}) = 'blob' AND length(${expr}) = ${SPEC_REF_BYTES}
+    THEN ${specWithPrefix(`lower(hex(${expr}))`)} ELSE ${hexOfSql(expr)} END)`;
+
+/** SQL of migration 26: a stored spec version hash (32 bytes) as its prefix, where that names it in this data dir. */
+export const specRefSql = (c: string): string =>
+  `${c} = CASE WHEN typeof(${c}) = 'blob' AND length(${c}) = 32
+      AND ${specWithPrefix(`lower(hex(substr(${c}, 1, ${SPEC_REF_BYTES})))`)} = lower(hex(${c}))
+    THEN substr(${c}, 1, ${SPEC_REF_BYTES}) ELSE ${c} END`;
+
+/** The spec version columns, by table (migration 26). */
+export const SPEC_COLUMNS: Readonly<Record<string, readonly string[]>> = {
+  episodes: ["spec_version"],
+  checkpoints: ["spec_version"],
 };
 
 /** Whether `table.column` holds hashes as bytes. */

@@ -11,5 +11,7 @@ export {
   idOfSql,
   idToDriver,
   ID_COLUMNS,
+  knowSpecVersion,
+  specOfSql,
   wireSql,
 } from "./hashes.ts";

@@ -9,7 +9,7 @@
  * Migrations are append-only: never edit one that has shipped, add the next.
  */
 import type { Client } from "@libsql/client";
-import { idBytesSql, idOfSql } from "./hashes.ts";
+import { idBytesSql, idOfSql, specRefSql } from "./hashes.ts";
 
 /**
  * The event log as rows (migration 18): each episode's `log` (JSONB `[[kind, data], ...]`) read out
@@ -462,6 +462,17 @@ const EPISODE_ID_BYTES: readonly string[] = [
     ${pend("episode", idOfSql("NEW.id"), "NEW.ended_at")} END`,
 ];
 
+/**
+ * Spec versions named by the first 6 bytes of their hash (issue 13: store bytes per episode). Every
+ * episode and checkpoint repeated one of the data dir's few spec hashes, 32 bytes each; they keep the
+ * prefix when it names the hash (./hashes.ts `specColumn`: the oldest spec version with that prefix),
+ * else all 32 bytes. The code reads the whole hash back, so verify, replay and the API are unchanged.
+ */
+const SPEC_REFS: readonly string[] = [
+  `UPDATE episodes SET ${specRefSql("spec_version")} WHERE typeof(spec_version) = 'blob'`,
+  `UPDATE checkpoints SET ${specRefSql("spec_version")} WHERE typeof(spec_version) = 'blob'`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -490,6 +501,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 24, name: "one agent history index", statements: ONE_AGENT_INDEX },
   { version: 25, name: "stimulus dedup keyed by id first", statements: DEDUP_SID_FIRST },
   { version: 26, name: "episode ids as bytes", statements: EPISODE_ID_BYTES },
+  { version: 27, name: "spec versions by hash prefix", statements: SPEC_REFS },
 ];
 
 /** The schema version this code writes. */

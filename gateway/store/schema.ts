@@ -19,7 +19,7 @@ import {
   index,
 } from "drizzle-orm/sqlite-core";
 import type { AgentId } from "../types.ts";
-import { hashColumn, idColumn } from "./hashes.ts";
+import { hashColumn, idColumn, specColumn } from "./hashes.ts";
 
 /** Key/value facts about this data dir (gateway id, schema version). */
 export const meta = sqliteTable("meta", {
@@ -177,15 +177,16 @@ export const episodes = sqliteTable(
     agent: text("agent").$type<AgentId>().notNull(),
     stimulusSeq: integer("stimulus_seq").notNull(),
     stimulusId: text("stimulus_id").notNull(),
-    specVersion: hashColumn("spec_version").notNull(),
+    /** Stored as the first 6 bytes of its hash when those name it (./hashes.ts `specColumn`, migration 27). */
+    specVersion: specColumn("spec_version").notNull(),
     status: text("status").$type<"committed" | "failed">().notNull(),
     errorKind: text("error_kind"),
     error: text("error"),
     attempt: integer("attempt").notNull(),
     startedAt: integer("started_at").notNull(),
     endedAt: integer("ended_at").notNull(),
-    /** Hash of the checkpoint this episode sealed (committed only). This, `parent`, `events_hash` and
-     *  `spec_version` are stored as their 32 bytes (./hashes.ts) and read as hex. */
+    /** Hash of the checkpoint this episode sealed (committed only). This, `parent` and `events_hash`
+     *  are stored as their 32 bytes (./hashes.ts) and read as hex. */
     checkpoint: hashColumn("checkpoint"),
     /** Hash of the checkpoint it started from. */
     parent: hashColumn("parent"),
@@ -225,14 +226,15 @@ export const events = sqliteView("events", {
 export const checkpoints = sqliteTable(
   "checkpoints",
   {
-    /** This, `parent` and `spec_version` are stored as their 32 bytes (./hashes.ts) and read as hex. */
+    /** This and `parent` are stored as their 32 bytes (./hashes.ts) and read as hex. */
     hash: hashColumn("hash").primaryKey(),
     agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
     parent: hashColumn("parent"),
     /** 16 bytes stored, UUID text read (./hashes.ts `idColumn`, migration 25). */
     episode: idColumn("episode").notNull(),
-    specVersion: hashColumn("spec_version").notNull(),
+    /** Stored as the first 6 bytes of its hash when those name it (./hashes.ts `specColumn`, migration 27). */
+    specVersion: specColumn("spec_version").notNull(),
     state: text("state"),
     createdAt: integer("created_at").notNull(),
     /** `defineAgent({ version })` of the code that wrote the state; null for code without a version (1). */

@@ -11,7 +11,7 @@ import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement 
 import * as t from "./schema.ts";
 import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
-import { hashFromDriver, hashToDriver } from "./hashes.ts";
+import { hashFromDriver, hashToDriver, knowSpecVersion } from "./hashes.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
@@ -101,6 +101,9 @@ export class Store {
       gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())!.value;
     }
     const counts = await client.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agent_counts'");
+    // Rows name a spec version by its hash's prefix (./hashes.ts `specColumn`): learn this dir's, oldest first.
+    const specs = await client.execute("SELECT hash FROM spec_versions ORDER BY created_at, rowid");
+    for (const r of specs.rows) knowSpecVersion(String(r[0]));
     const committer = new GroupCommitter(
       native,
       opts.commitFault ?? null,
@@ -142,6 +145,7 @@ export class Store {
     /** Agent type -> bundle hash (gateway/code). */
     bundles?: Readonly<Record<string, string>>;
   }): Promise<void> {
+    knowSpecVersion(v.hash);
     await this.writer.write([
       this.db
         .insert(t.specVersions)

@@ -6,7 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { hexOfSql, idOfSql } from "../../gateway/store/index.ts";
+import { idOfSql, specOfSql } from "../../gateway/store/index.ts";
 import { ROOT, waitFor, type TestFleet } from "./gateway.ts";
 
 /** Absolute path of a fixture agent of these tests (world-readable: episodes run as nobody). */
@@ -49,7 +49,7 @@ export async function committed(f: TestFleet, agent?: string): Promise<Committed
     emit: string | null;
   }>(
     `SELECT ${idOfSql("e.id")} AS id, e.agent, e.stimulus_id AS sid, s.kind,
-            ${hexOfSql("e.spec_version")} AS spec_version,
+            ${specOfSql("e.spec_version")} AS spec_version,
             e.started_at, e.ended_at,
             (SELECT v.data FROM events v WHERE v.episode = e.id AND v.kind = 'emit' ORDER BY v.seq LIMIT 1) AS emit
        FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq
