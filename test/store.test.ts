@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
-import { GroupCommitter, MIGRATIONS, openDb, specOfSql } from "../gateway/store/index.ts";
+import { checkpointHashIs, GroupCommitter, MIGRATIONS, openDb, specOfSql } from "../gateway/store/index.ts";
 import { hashEvents, Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { findEpisode } from "../gateway/ops/index.ts";
@@ -343,14 +343,15 @@ describe("schema.ts and migrate.ts agree", () => {
           name: i.config.name,
           unique: i.config.unique === true,
           partial: i.config.where !== undefined,
-          columns: i.config.columns.map((c) => (c as { name: string }).name),
+          // An expression (checkpoints_hash) has no column name on either side.
+          columns: i.config.columns.map((c) => (c as { name?: string }).name ?? null),
         }))
         .sort((a, b) => a.name.localeCompare(b.name));
       const list = (await store.client.execute(`PRAGMA index_list(${name})`)).rows.filter((r) => r.origin === "c");
       const fromDdl = [];
       for (const r of list) {
         const cols = (await store.client.execute(`PRAGMA index_info(${String(r.name)})`)).rows.map((c) =>
-          String(c.name),
+          c.name === null ? null : String(c.name),
         );
         fromDdl.push({
           name: String(r.name),
@@ -885,6 +886,32 @@ describe("commitEpisode", () => {
       expect((await again.getEpisode("ep-0"))?.specVersion).toBe(a);
     } finally {
       await again.close();
+    }
+  });
+
+  test("a checkpoint is found by its hash through an index of its first 8 bytes, compared whole", async () => {
+    const store = await open(freshPath());
+    try {
+      // Two checkpoints whose hashes share their first 8 bytes.
+      const [h1, h2] = [`${"ab".repeat(8)}${"1".repeat(48)}`, `${"ab".repeat(8)}${"2".repeat(48)}`];
+      for (const [i, hash] of [h1, h2].entries()) {
+        const seq = await intakeOne(store, stim(`id:${i}`));
+        await store.commitEpisode(episodeCommit(`ep-${i}`, seq, `id:${i}`, i + 1, hash, i === 0 ? null : h1));
+      }
+      expect(await store.getCheckpoint(h1)).toMatchObject({ hash: h1, seq: 1 });
+      expect(await store.getCheckpoint(h2)).toMatchObject({ hash: h2, seq: 2, parent: h1 });
+      expect(await store.getCheckpoint(`${"ab".repeat(8)}${"3".repeat(48)}`)).toBeUndefined();
+      expect((await store.turnInputs(aid("temp/boiler-1"), [])).checkpoint).toMatchObject({ hash: h2 });
+      const plan = await store.client.execute({
+        sql: `EXPLAIN QUERY PLAN SELECT * FROM checkpoints WHERE ${checkpointHashIs("hash", "?1")}`,
+        args: [h1],
+      });
+      expect(plan.rows.map((r) => String(r.detail)).join("\n")).toContain("USING INDEX checkpoints_hash");
+      // A chain position is still taken once.
+      const again = episodeCommit("ep-x", 99, "id:x", 2, HASH("c"), h1);
+      await expect(store.commitEpisode(again)).rejects.toThrow(/UNIQUE/);
+    } finally {
+      await store.close();
     }
   });
 

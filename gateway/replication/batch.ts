@@ -4,7 +4,7 @@
  * An `episode` entry carries the episode, its event log and the checkpoint it sealed.
  */
 import type { InArgs, InStatement, InValue } from "@libsql/client";
-import { idBytesSql, idOfSql, type Store, wireSql } from "../store/index.ts";
+import { checkpointHashIs, idBytesSql, idOfSql, type Store, wireSql } from "../store/index.ts";
 import { REPLICATED, type ReplicatedName, type ReplicatedTable } from "./tables.ts";
 
 /** One row of `repl_pending`. */
@@ -180,7 +180,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     got.checkpoints = await selectEncoded(
       store,
       checkpoints,
-      EPISODE_ENTRIES.replace("WHERE", "JOIN checkpoints AS c ON c.hash = e.checkpoint WHERE"),
+      EPISODE_ENTRIES.replace("WHERE", `JOIN checkpoints AS c ON ${checkpointHashIs("c.hash", "e.checkpoint")} WHERE`),
       range,
       (c) => `c.${c}`,
     );

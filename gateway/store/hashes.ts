@@ -96,7 +96,14 @@ export function wireSql(table: string, column: string, expr = column): string {
   return expr;
 }
 
-/** The columns stored this way, by table (migrations 20, 21 and 23; spec versions moved to `specColumn`, 26). */
+/**
+ * Checkpoints are found by hash through an index of the hash's first 8 bytes (migration 28): SQL that
+ * looks one up names that prefix too, `checkpointHashIs("c.hash", "?")`, so the index is used.
+ */
+export const checkpointHashIs = (column: string, expr: string): string =>
+  `substr(${column}, 1, 8) = substr(${expr}, 1, 8) AND ${column} = ${expr}`;
+
+/** The columns stored this way, by table (migrations 20, 21 and 23; spec versions moved to `specColumn`, 27). */
 export const HASH_COLUMNS: Readonly<Record<string, readonly string[]>> = {
   episodes: ["checkpoint", "parent", "events_hash"],
   checkpoints: ["hash", "parent"],

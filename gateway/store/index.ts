@@ -11,6 +11,7 @@ export {
   idOfSql,
   idToDriver,
   ID_COLUMNS,
+  checkpointHashIs,
   knowSpecVersion,
   specOfSql,
   wireSql,

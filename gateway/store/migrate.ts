@@ -473,6 +473,25 @@ const SPEC_REFS: readonly string[] = [
   `UPDATE checkpoints SET ${specRefSql("spec_version")} WHERE typeof(spec_version) = 'blob'`,
 ];
 
+/**
+ * Checkpoints found by hash through an index of its first 8 bytes (issue 13: store bytes per
+ * episode). The hash was the primary key, so every checkpoint had an index entry of all 32 bytes
+ * (~45 bytes an episode); its first 8 bytes find it as well (a hash is compared whole after), and a
+ * chain position stays unique by (agent, seq). The table is rebuilt without the key, rows in order.
+ */
+const CHECKPOINT_HASH_PREFIX: readonly string[] = [
+  `CREATE TABLE checkpoints_new (
+    hash TEXT NOT NULL, agent TEXT NOT NULL, seq INTEGER NOT NULL, parent TEXT, episode TEXT NOT NULL,
+    spec_version TEXT NOT NULL, state TEXT, created_at INTEGER NOT NULL, state_version INTEGER, migrated_from INTEGER)`,
+  `INSERT INTO checkpoints_new (hash, agent, seq, parent, episode, spec_version, state, created_at, state_version,
+    migrated_from) SELECT hash, agent, seq, parent, episode, spec_version, state, created_at, state_version,
+    migrated_from FROM checkpoints ORDER BY rowid`,
+  `DROP TABLE checkpoints`,
+  `ALTER TABLE checkpoints_new RENAME TO checkpoints`,
+  `CREATE UNIQUE INDEX checkpoints_chain ON checkpoints (agent, seq)`,
+  `CREATE INDEX checkpoints_hash ON checkpoints (substr(hash, 1, 8))`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -502,6 +521,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 25, name: "stimulus dedup keyed by id first", statements: DEDUP_SID_FIRST },
   { version: 26, name: "episode ids as bytes", statements: EPISODE_ID_BYTES },
   { version: 27, name: "spec versions by hash prefix", statements: SPEC_REFS },
+  { version: 28, name: "checkpoints found by hash prefix", statements: CHECKPOINT_HASH_PREFIX },
 ];
 
 /** The schema version this code writes. */

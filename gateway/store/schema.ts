@@ -227,7 +227,7 @@ export const checkpoints = sqliteTable(
   "checkpoints",
   {
     /** This and `parent` are stored as their 32 bytes (./hashes.ts) and read as hex. */
-    hash: hashColumn("hash").primaryKey(),
+    hash: hashColumn("hash").notNull(),
     agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
     parent: hashColumn("parent"),
@@ -242,7 +242,11 @@ export const checkpoints = sqliteTable(
     /** The state version this checkpoint's episode migrated from (`migrate(state, from)`); null when none ran. */
     migratedFrom: integer("migrated_from"),
   },
-  (t) => [uniqueIndex("checkpoints_chain").on(t.agent, t.seq)],
+  (t) => [
+    uniqueIndex("checkpoints_chain").on(t.agent, t.seq),
+    // Found by hash through its first 8 bytes (migration 28): queries name `substr(hash, 1, 8)` (hashes.ts).
+    index("checkpoints_hash").on(sql`substr(${t.hash}, 1, 8)`),
+  ],
 );
 
 /** Effects waiting to be published after commit (at least once). Rows are deleted once sent. */

@@ -11,7 +11,7 @@ import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement 
 import * as t from "./schema.ts";
 import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
-import { hashFromDriver, hashToDriver, knowSpecVersion } from "./hashes.ts";
+import { checkpointHashIs, hashFromDriver, hashToDriver, knowSpecVersion } from "./hashes.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
@@ -184,7 +184,8 @@ export class Store {
   /** The highest state version (`defineAgent({ version })`) of a head checkpoint of a `type` agent (1 at least). */
   async maxStateVersion(type: string): Promise<number> {
     const rs = await this.client.execute({
-      sql: `SELECT max(c.state_version) AS v FROM agents a JOIN checkpoints c ON c.hash = a.head_hash
+      sql: `SELECT max(c.state_version) AS v FROM agents a
+        JOIN checkpoints c ON ${checkpointHashIs("c.hash", "a.head_hash")}
         WHERE a.type = ?`,
       args: [type],
     });
@@ -523,7 +524,7 @@ export class Store {
         { sql: "SELECT value FROM meta WHERE key = ?", args: [`budget_override:${agent}`] },
         {
           sql: `SELECT ${codecs.checkpoints.columns} FROM checkpoints
-            WHERE hash = (SELECT head_hash FROM agents WHERE id = ?)`,
+            WHERE ${checkpointHashIs("hash", "(SELECT head_hash FROM agents WHERE id = ?1)")}`,
           args: [agent],
         },
         {
@@ -735,7 +736,9 @@ export class Store {
 
   /** A checkpoint by hash, or undefined. */
   getCheckpoint(hash: string): Promise<t.CheckpointRow | undefined> {
-    return selectOne(this.client, codecs.checkpoints, "FROM checkpoints WHERE hash = ?", [hashToDriver(hash)]);
+    return selectOne(this.client, codecs.checkpoints, `FROM checkpoints WHERE ${checkpointHashIs("hash", "?1")}`, [
+      hashToDriver(hash),
+    ]);
   }
 
   /** An agent's checkpoint number `seq`, or undefined (never written, or deleted by retention). */
