@@ -31,9 +31,18 @@ const { values: flags } = parseArgs({
     agents: { type: "string", default: "100" },
     "retention-hours": { type: "string", default: "6" },
     keep: { type: "string", default: "10" },
+    help: { type: "boolean", short: "h", default: false },
   },
 });
-const num = (name: keyof typeof flags) => {
+if (flags.help) {
+  console.log(
+    "bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10]\n" +
+      "  a simulated day (or --hours) of temp-monitor episodes at --rate per second through the commit path,\n" +
+      "  with retention; prints disk, RSS and CPU per simulated hour and checks disk levels off",
+  );
+  process.exit(0);
+}
+const num = (name: Exclude<keyof typeof flags, "help">) => {
   const v = Number(flags[name]);
   if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} must be a positive number`);
   return v;
