@@ -154,10 +154,7 @@ export class Scheduler {
     while (this.running < capacity && this.heldHead < this.held.length) {
       const agent = this.held[this.heldHead++]!;
       const slot = this.slots.get(agent);
-      if (!slot) continue;
-      slot.inReady = false;
-      if (slot.waitUntil > now) this.armTimer(slot.waitUntil);
-      else this.start(agent, slot);
+      if (slot) this.leaveReady(agent, slot, now);
     }
     if (this.heldHead === this.held.length) this.held.length = this.heldHead = 0;
     else if (this.heldHead > 1024 && this.heldHead * 2 > this.held.length) {
@@ -175,18 +172,20 @@ export class Scheduler {
         this.held.push(agent);
         continue;
       }
-      slot.inReady = false;
-      if (slot.waitUntil > now) {
-        this.armTimer(slot.waitUntil);
-        continue;
-      }
-      this.start(agent, slot);
+      this.leaveReady(agent, slot, now);
     }
     // Compact the ring once its consumed prefix dominates.
     if (this.readyHead > 1024 && this.readyHead * 2 > this.ready.length) {
       this.ready.splice(0, this.readyHead);
       this.readyHead = 0;
     }
+  }
+
+  /** An agent taken from the ready ring (or held): it starts, or waits for its time. */
+  private leaveReady(agent: AgentId, slot: Slot, now: number): void {
+    slot.inReady = false;
+    if (slot.waitUntil > now) this.armTimer(slot.waitUntil);
+    else this.start(agent, slot);
   }
 
   private armTimer(at: number): void {

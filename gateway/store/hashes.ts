@@ -36,7 +36,7 @@ export const hexOfSql = (expr: string): string =>
   `(CASE WHEN typeof(${expr}) = 'blob' THEN lower(hex(${expr})) ELSE ${expr} END)`;
 
 /**
- * Episode ids stored as their 16 bytes (migration 25), as hashes are above: an id is a UUIDv7 in
+ * Episode ids stored as their 16 bytes (migration 26), as hashes are above: an id is a UUIDv7 in
  * its 36-character text form in every API, CLI line, hash input and replicated row; `episodes.id`
  * and the columns naming an episode (`checkpoints.episode`, `stimuli.episode`, the `events` view's
  * `episode`) store the 16 bytes and read back as that text. Any other value (none is written by the
@@ -80,7 +80,7 @@ export const idBytesSql = (expr: string): string =>
   `(CASE WHEN typeof(${expr}) = 'text' AND ${expr} GLOB '${UUID_GLOB}' THEN unhex(replace(${expr}, '-', ''))
     ELSE ${expr} END)`;
 
-/** The episode id columns stored this way, by table (migration 25). */
+/** The episode id columns stored this way, by table (migration 26). */
 export const ID_COLUMNS: Readonly<Record<string, readonly string[]>> = {
   episodes: ["id"],
   checkpoints: ["episode"],
@@ -111,7 +111,7 @@ export const HASH_COLUMNS: Readonly<Record<string, readonly string[]>> = {
 };
 
 /**
- * Spec versions named by the first 6 bytes of their hash (migration 26). Every episode and checkpoint
+ * Spec versions named by the first 6 bytes of their hash (migration 27). Every episode and checkpoint
  * names the spec version it ran on, one of a few hashes a data dir has in `spec_versions`: 32 bytes
  * each, twice per episode. A column of this type stores the hash's first 6 bytes when those name it
  * (the hash is known to this process and no other known hash begins with them), else all 32 bytes,
@@ -160,13 +160,13 @@ export const specOfSql = (expr: string): string =>
   `(CASE WHEN typeof(${expr}) = 'blob' AND length(${expr}) = ${SPEC_REF_BYTES}
     THEN ${specWithPrefix(`lower(hex(${expr}))`)} ELSE ${hexOfSql(expr)} END)`;
 
-/** SQL of migration 26: a stored spec version hash (32 bytes) as its prefix, where that names it in this data dir. */
+/** SQL of migration 27: a stored spec version hash (32 bytes) as its prefix, where that names it in this data dir. */
 export const specRefSql = (c: string): string =>
   `${c} = CASE WHEN typeof(${c}) = 'blob' AND length(${c}) = 32
       AND ${specWithPrefix(`lower(hex(substr(${c}, 1, ${SPEC_REF_BYTES})))`)} = lower(hex(${c}))
     THEN substr(${c}, 1, ${SPEC_REF_BYTES}) ELSE ${c} END`;
 
-/** The spec version columns, by table (migration 26). */
+/** The spec version columns, by table (migration 27). */
 export const SPEC_COLUMNS: Readonly<Record<string, readonly string[]>> = {
   episodes: ["spec_version"],
   checkpoints: ["spec_version"],

@@ -128,7 +128,7 @@ export const stimuli = sqliteTable(
     /** Epoch ms before which a retry must not start. */
     notBefore: integer("not_before").notNull().default(0),
     lastError: text("last_error"),
-    /** The episode that ran it: 16 bytes stored, UUID text read (./hashes.ts `idColumn`, migration 25). */
+    /** The episode that ran it: 16 bytes stored, UUID text read (./hashes.ts `idColumn`, migration 26). */
     episode: idColumn("episode"),
     doneAt: integer("done_at"),
     /** Epoch ms after which it is skipped (state `expired`) instead of run: MQTT 5 message expiry. */
@@ -172,7 +172,7 @@ export const rejectedMessages = sqliteTable(
 export const episodes = sqliteTable(
   "episodes",
   {
-    /** A UUIDv7: its 16 bytes stored, its text read (./hashes.ts `idColumn`, migration 25). */
+    /** A UUIDv7: its 16 bytes stored, its text read (./hashes.ts `idColumn`, migration 26). */
     id: idColumn("id").primaryKey(),
     agent: text("agent").$type<AgentId>().notNull(),
     stimulusSeq: integer("stimulus_seq").notNull(),
@@ -231,7 +231,7 @@ export const checkpoints = sqliteTable(
     agent: text("agent").$type<AgentId>().notNull(),
     seq: integer("seq").notNull(),
     parent: hashColumn("parent"),
-    /** 16 bytes stored, UUID text read (./hashes.ts `idColumn`, migration 25). */
+    /** 16 bytes stored, UUID text read (./hashes.ts `idColumn`, migration 26). */
     episode: idColumn("episode").notNull(),
     /** Stored as the first 6 bytes of its hash when those name it (./hashes.ts `specColumn`, migration 27). */
     specVersion: specColumn("spec_version").notNull(),
