@@ -85,6 +85,44 @@ describe("intake admission", () => {
     expect(ctx.intakeEvents).toEqual([{ source: "mqtt", accepted: 1, duplicates: 0, duplicateTypes: [] }]);
   });
 
+  test("the scheduler hears of a stimulus at its commit; the device is acknowledged after the WAL sync", async () => {
+    const syncs: (() => void)[] = [];
+    const store = await Store.open(join(root, `t${n++}.db`), {
+      synchronous: "full",
+      walSync: () => new Promise<void>((resolve) => syncs.push(resolve)),
+    });
+    try {
+      const notified: AgentId[] = [];
+      const book = new QueueBook({ onQueued: (a) => notified.push(a) });
+      await book.load(store);
+      const intake = new Intake(
+        store,
+        {
+          route: createRouter(spec),
+          admit: (a, max) => book.admit(a, max),
+          recorded: (a, k) => book.recorded(a, k),
+          released: (a, k) => book.released(a, k),
+        },
+        new FleetEvents(log),
+        log,
+        () => 1_000,
+      );
+      let acked: unknown = null;
+      const verdict = intake
+        .mqtt({ topic: "s/b1/t", payload: enc({ id: "m1" }), qos: 1, retain: false })
+        .then((v) => (acked = v));
+      while (syncs.length === 0) await new Promise((r) => setImmediate(r));
+      expect(notified).toEqual(["mon/b1" as AgentId]);
+      expect(book.queued("mon/b1" as AgentId)).toBe(1);
+      expect(acked).toBeNull();
+      for (const release of syncs.splice(0)) release();
+      expect(await verdict).toEqual({ ok: true });
+    } finally {
+      for (const release of syncs.splice(0)) release();
+      await store.close();
+    }
+  });
+
   test("a duplicate is not queued again and gives its reserved place back", async () => {
     const msg = { topic: "s/b1/t", payload: enc({ id: "same" }), qos: 1 as const, retain: false };
     await ctx.intake.mqtt(msg);

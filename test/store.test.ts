@@ -1236,6 +1236,45 @@ describe("group committer with synchronous = full", () => {
     }
   });
 
+  test("a job hears of its commit before the WAL sync; its promise still waits for the sync", async () => {
+    const { client, writer, syncs, flushed } = await manualSync();
+    try {
+      const heard: number[] = [];
+      let resolved = false;
+      const job = writer
+        .write([{ sql: "INSERT INTO meta (key, value) VALUES (?, ?)", args: ["a", "1"] }], (results) =>
+          heard.push(results[0]!.rowsAffected),
+        )
+        .then(() => (resolved = true));
+      await flushed();
+      expect(heard).toEqual([1]);
+      expect(syncs).toHaveLength(1);
+      expect(resolved).toBe(false);
+      syncs[0]!.release();
+      await job;
+      expect(heard).toEqual([1]); // told once
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a job whose transaction fails is never told it committed; the others in its batch are", async () => {
+    const { client, writer, syncs, flushed } = await manualSync();
+    try {
+      const heard: string[] = [];
+      const insert = (key: string) => ({ sql: "INSERT INTO meta (key, value) VALUES (?, ?)", args: [key, "1"] });
+      const good = writer.write([insert("g")], () => heard.push("g"));
+      const bad = writer.write([insert("b"), insert("b")], () => heard.push("b")); // a primary key conflict
+      await flushed();
+      expect(heard).toEqual(["g"]);
+      expect(describeError(await rejection(() => bad))).toMatch(/constraint/i);
+      syncs[0]!.release();
+      await good;
+    } finally {
+      client.close();
+    }
+  });
+
   test("a failed WAL sync fails the jobs it covered as an I/O error, and the next commit recovers", async () => {
     const { client, writer, syncs, put, flushed } = await manualSync();
     try {

@@ -7,7 +7,7 @@ import type { Logger } from "pino";
 import type { ClientInfo, IntakeVerdict, PublishedMessage } from "../../broker/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Route, Target } from "./router.ts";
-import type { Store } from "../store/index.ts";
+import type { IntakeOutcome, Store } from "../store/index.ts";
 import type { FleetEvents } from "../events.ts";
 import type { Admission, AdmissionCode, AgentId, NewStimulus, StimulusId, StimulusKind } from "../types.ts";
 
@@ -265,23 +265,32 @@ export class Intake {
       });
     }
     for (const r of refused) this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);
-    let outcomes: Awaited<ReturnType<Store["intake"]>>;
-    try {
-      outcomes = await this.store.intake(items);
-    } catch (err) {
-      for (const s of items) this.view.released(s.agent);
-      throw err;
-    }
     const accepted: IntakeReport["accepted"] = [];
     const duplicates: IntakeReport["duplicates"] = [];
-    for (const o of outcomes) {
-      if (o.seq === null) {
-        duplicates.push({ agent: o.agent, sid: o.sid });
-        this.view.released(o.agent);
-      } else {
-        accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
-        this.view.recorded(o.agent);
+    // The queue book (and so the scheduler) hears of the stimuli as soon as their transaction
+    // commits, while the WAL syncs: the episode's own commit comes later in the WAL, so no
+    // sync covers it without covering them, and nothing it does leaves before its own commit
+    // is durable. The device is acknowledged only once they are durable (the await).
+    let seen = false;
+    const committed = (outcomes: IntakeOutcome[]): void => {
+      seen = true;
+      for (const o of outcomes) {
+        if (o.seq === null) {
+          duplicates.push({ agent: o.agent, sid: o.sid });
+          this.view.released(o.agent);
+        } else {
+          accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
+          this.view.recorded(o.agent);
+        }
       }
+    };
+    try {
+      await this.store.intake(items, committed);
+    } catch (err) {
+      // Not committed: the admissions go back. Committed but not synced: the rows are in the
+      // queue all the same (the device, unacknowledged, sends again and is told it is a duplicate).
+      if (!seen) for (const s of items) this.view.released(s.agent);
+      throw err;
     }
     for (const d of duplicates)
       this.log.debug({ agent: d.agent, sid: d.sid, source: kind }, "dedup hit: duplicate stimulus");

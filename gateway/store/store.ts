@@ -6,7 +6,7 @@
  * ./episodes.ts); the rest goes through drizzle.
  */
 import { and, asc, desc, eq, getTableColumns, gt, inArray, lt, count, min, sql } from "drizzle-orm";
-import type { Client } from "@libsql/client";
+import type { Client, ResultSet } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement } from "./db.ts";
 import * as t from "./schema.ts";
 import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
@@ -108,7 +108,7 @@ export class Store {
       native,
       opts.commitFault ?? null,
       Date.now,
-      opts.synchronous === "full" && !opts.readonly ? { path: `${path}-wal` } : null,
+      opts.synchronous === "full" && !opts.readonly ? { path: `${path}-wal`, sync: opts.walSync } : null,
     );
     return new Store(client, db, committer, gatewayId ?? "unknown", path, counts.rows.length > 0);
   }
@@ -356,12 +356,17 @@ export class Store {
    * Record stimuli durably (creating their agents on first sight). Calls made in the same
    * turn of the event loop share one transaction (one job of the committer): the hot path
    * skips drizzle's query building and runs one cached single-row INSERT per stimulus.
-   * Resolves after commit; a duplicate `(agent, sid)` comes back with `seq: null`.
+   * Resolves once the commit is durable; `committed` hears the same outcomes as soon as the
+   * transaction commits, before the WAL sync (the rows are readable from then on). A duplicate
+   * `(agent, sid)` comes back with `seq: null`.
    */
-  intake(items: readonly NewStimulus[]): Promise<IntakeOutcome[]> {
-    if (items.length === 0) return Promise.resolve([]);
+  intake(items: readonly NewStimulus[], committed?: (outcomes: IntakeOutcome[]) => void): Promise<IntakeOutcome[]> {
+    if (items.length === 0) {
+      committed?.([]);
+      return Promise.resolve([]);
+    }
     return new Promise((resolve, reject) => {
-      this.pendingIntake.push({ items, resolve, reject });
+      this.pendingIntake.push({ items, resolve, reject, committed });
       if (this.pendingIntake.length === 1) setImmediate(() => void this.flushIntake());
     });
   }
@@ -370,6 +375,7 @@ export class Store {
     items: readonly NewStimulus[];
     resolve: (o: IntakeOutcome[]) => void;
     reject: (e: unknown) => void;
+    committed: ((o: IntakeOutcome[]) => void) | undefined;
   }[] = [];
   /** Agents known to have a row: their INSERT OR IGNORE can be skipped. */
   private readonly knownAgents = new Set<string>();
@@ -422,19 +428,25 @@ export class Store {
         args: [s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt, s.expiresAt ?? null, s.traceparent ?? null],
       });
     }
-    try {
-      const results = await this.writer.write(stmts);
-      for (const a of fresh.keys()) this.knownAgents.add(a);
+    // Each call's outcomes, from the results of the transaction they shared.
+    let outcomes: IntakeOutcome[][] | null = null;
+    const outcomesOf = (results: ResultSet[]): IntakeOutcome[][] => {
+      if (outcomes) return outcomes;
       let i = firstInsert;
-      for (const c of calls) {
-        c.resolve(
-          c.items.map((s) => {
-            const rs = results[i++]!;
-            const seq = rs.rowsAffected === 1 ? Number(rs.lastInsertRowid) : null;
-            return { agent: s.agent, sid: s.sid, seq };
-          }),
-        );
-      }
+      outcomes = calls.map((c) =>
+        c.items.map((s) => {
+          const rs = results[i++]!;
+          return { agent: s.agent, sid: s.sid, seq: rs.rowsAffected === 1 ? Number(rs.lastInsertRowid) : null };
+        }),
+      );
+      for (const a of fresh.keys()) this.knownAgents.add(a);
+      return outcomes;
+    };
+    try {
+      const results = await this.writer.write(stmts, (results) => {
+        for (const [i, o] of outcomesOf(results).entries()) calls[i]!.committed?.(o);
+      });
+      for (const [i, o] of outcomesOf(results).entries()) calls[i]!.resolve(o);
     } catch (err) {
       for (const c of calls) c.reject(err);
     } finally {
