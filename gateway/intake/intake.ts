@@ -272,16 +272,21 @@ export class Intake {
     // sync covers it without covering them, and nothing it does leaves before its own commit
     // is durable. The device is acknowledged only once they are durable (the await).
     let seen = false;
+    let failed: { err: unknown } | null = null;
     const committed = (outcomes: IntakeOutcome[]): void => {
       seen = true;
-      for (const o of outcomes) {
-        if (o.seq === null) {
-          duplicates.push({ agent: o.agent, sid: o.sid });
-          this.view.released(o.agent);
-        } else {
-          accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
-          this.view.recorded(o.agent);
+      try {
+        for (const o of outcomes) {
+          if (o.seq === null) {
+            duplicates.push({ agent: o.agent, sid: o.sid });
+            this.view.released(o.agent);
+          } else {
+            accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
+            this.view.recorded(o.agent);
+          }
         }
+      } catch (err) {
+        failed = { err }; // the caller's to see, after the sync, as before (the committer must not throw)
       }
     };
     try {
@@ -292,6 +297,7 @@ export class Intake {
       if (!seen) for (const s of items) this.view.released(s.agent);
       throw err;
     }
+    if (failed) throw (failed as { err: unknown }).err;
     for (const d of duplicates)
       this.log.debug({ agent: d.agent, sid: d.sid, source: kind }, "dedup hit: duplicate stimulus");
     this.events.emit("intake", {
