@@ -272,7 +272,8 @@ export class Intake {
     // sync covers it without covering them, and nothing it does leaves before its own commit
     // is durable. The device is acknowledged only once they are durable (the await).
     let seen = false;
-    let failed: { err: unknown } | null = null;
+    // Declared wide: TypeScript does not see the listener's assignment and would narrow it to null.
+    let failed = null as { err: unknown } | null;
     const committed = (outcomes: IntakeOutcome[]): void => {
       seen = true;
       try {
@@ -297,7 +298,7 @@ export class Intake {
       if (!seen) for (const s of items) this.view.released(s.agent);
       throw err;
     }
-    if (failed) throw (failed as { err: unknown }).err;
+    if (failed) throw failed.err;
     for (const d of duplicates)
       this.log.debug({ agent: d.agent, sid: d.sid, source: kind }, "dedup hit: duplicate stimulus");
     this.events.emit("intake", {
