@@ -13,6 +13,7 @@
  * episodes each (default 8,000); `FLEET_GC_EPISODES=100000 bun test test/gc.test.ts` runs
  * a 100,000-episode scale (and `bun scripts/bench-ops.ts` measures GC throughput on it).
  */
+import { createClient } from "@libsql/client";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -129,6 +130,48 @@ describe(`retention over ${EPISODES} episodes x 2 on 4 agents (keep = ${KEEP}, 1
       expect(r.stimuliForgotten).toBeGreaterThan(0);
       expect(await fleet.counts()).toEqual(before);
       expect(await scalar("SELECT sum(anchor_seq) FROM agents")).toBe(anchors);
+    },
+    SLOW,
+  );
+
+  test(
+    "a pass reaches its rows through indexes: none of its queries reads a whole table of the history",
+    async () => {
+      // Retention runs every minute on the gateway's thread: its cost must follow what it collects, not
+      // what the store holds. Record every statement of a (dry) pass and ask SQLite how it would run each.
+      const db = fleet.store.db as unknown as Record<"all" | "get" | "run", (q: unknown) => unknown>;
+      const queries: { sql: string; params: unknown[] }[] = [];
+      const originals = { all: db.all, get: db.get, run: db.run };
+      for (const name of ["all", "get", "run"] as const) {
+        const original = originals[name].bind(fleet.store.db);
+        db[name] = (q: unknown) => {
+          const raw = original(q) as { getQuery(): { sql: string; params: unknown[] } };
+          queries.push(raw.getQuery());
+          return raw;
+        };
+      }
+      try {
+        await gcPass(fleet.store, fleet.spec.spec, { now: last + 1, dryRun: true, batch: BATCH });
+      } finally {
+        Object.assign(db, originals);
+      }
+      expect(queries.length).toBeGreaterThanOrEqual(5);
+      const scans: string[] = [];
+      const planner = createClient({ url: `file:${fleet.dbPath}` });
+      for (const q of queries) {
+        const plan = await planner.execute({
+          sql: `EXPLAIN QUERY PLAN ${q.sql}`,
+          args: q.params as (string | number)[],
+        });
+        for (const row of plan.rows) {
+          const detail = String(row[3]);
+          // SEARCH reads a range of an index; SCAN reads all of it (or of the table). Agents may be scanned.
+          if (/^SCAN (checkpoints|episodes|stimuli|events|budget_usage|wakeups)\b/.test(detail))
+            scans.push(`${detail} in: ${q.sql.replace(/\s+/g, " ").slice(0, 120)}`);
+        }
+      }
+      planner.close();
+      expect(scans).toEqual([]);
     },
     SLOW,
   );

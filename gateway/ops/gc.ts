@@ -77,13 +77,18 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   const dedupCutoff = opts.now - spec.retention.dedup_days * DAY;
   const unconfirmed = unconfirmedGuards(opts.keepUnconfirmed ?? false);
 
-  // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass.
+  // Every query below starts from an index and reads only what it may collect, plus one seek per
+  // agent: a pass costs what it does, not what the store holds (issue 13's soak, docs/operations.md).
+
+  // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass. checkpoints_live
+  //    holds only the checkpoints that still have a state (migration 29).
   for (const type of Object.values(spec.agents)) {
     const keep = type.checkpoint.keep;
     const budget = batch - report.tombstoned;
     if (keep === 0 || budget <= 0) continue;
-    const pick = sql`SELECT c.rowid FROM checkpoints c JOIN agents a ON a.id = c.agent
-      WHERE a.type = ${type.name} AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep}
+    const pick = sql`SELECT c.rowid FROM agents a JOIN checkpoints c ON c.agent = a.id
+      WHERE a.type = ${type.name} AND a.head_seq - a.anchor_seq > ${keep}
+        AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep}
       ${unconfirmed.checkpoint} LIMIT ${budget}`;
     if (opts.dryRun) report.tombstoned += await scalar(store, sql`SELECT count(*) FROM (${pick})`);
     else {
@@ -97,41 +102,55 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   // 2. Delete old tombstones and move each agent's anchor forward. Only the run of old
   //    tombstones at the very start of a chain goes (step 1 may have tombstoned rows out of
   //    order), so whatever remains still links to the anchor; `batch` rows in all per pass.
-  const candidates = (await store.db.all(sql`SELECT DISTINCT agent FROM checkpoints
-    WHERE state IS NULL AND created_at < ${episodeCutoff} ${unconfirmed.tombstone} LIMIT ${batch}`)) as {
-    agent: string;
-  }[];
+  //    An agent is a candidate when the first checkpoint of its chain is an old tombstone; only a
+  //    chain longer than its type's `keep` has tombstones (the head never is one), which spares the
+  //    seek for agents that have run little (most of a big, quiet fleet).
+  const old = (c: string) =>
+    sql`${sql.raw(c)}.state IS NULL AND ${sql.raw(c)}.created_at < ${episodeCutoff} ${unconfirmed.tombstone}`;
+  const types = Object.values(spec.agents);
+  const longer = sql`a.head_seq - a.anchor_seq > ${
+    types.length === 0
+      ? sql`1`
+      : sql`CASE a.type ${sql.join(
+          types.map((t) => sql`WHEN ${t.name} THEN ${Math.max(t.checkpoint.keep, 1)}`),
+          sql` `,
+        )} ELSE 1 END`
+  }`;
+  const candidates = (await store.db.all(sql`SELECT a.id AS agent FROM agents a
+    WHERE ${longer} AND EXISTS (SELECT 1 FROM checkpoints WHERE checkpoints.agent = a.id
+      AND checkpoints.seq = (SELECT min(seq) FROM checkpoints f WHERE f.agent = a.id) AND ${old("checkpoints")})
+    LIMIT ${batch}`)) as { agent: string }[];
+  const moves: WriteItem[] = [];
   for (const { agent } of candidates) {
     const budget = batch - report.checkpointsDeleted;
     if (budget <= 0) break;
-    const chain = (await store.db.all(sql`SELECT seq, hash, state IS NULL
-        AND created_at < ${episodeCutoff} ${unconfirmed.tombstone} AS old
-      FROM checkpoints WHERE agent = ${agent} ORDER BY seq LIMIT ${budget}`)) as {
-      seq: number;
-      hash: string;
-      old: number;
-    }[];
+    // The run: every checkpoint before the chain's first one that is not an old tombstone.
+    const run = (await store.db.all(sql`SELECT seq, hash FROM checkpoints WHERE agent = ${agent}
+      AND seq < coalesce((SELECT seq FROM checkpoints WHERE agent = ${agent} AND NOT (${old("checkpoints")})
+        ORDER BY seq LIMIT 1), 9223372036854775807)
+      ORDER BY seq LIMIT ${budget}`)) as { seq: number; hash: string }[];
     // `hash` is read and written back as stored (its bytes, store/hashes.ts): anchor_hash is stored the same way.
-    let n = 0;
-    while (n < chain.length && Number(chain[n]!.old) === 1) n++;
-    const anchor = chain[n - 1];
+    const anchor = run.at(-1);
     if (!anchor) continue;
-    report.checkpointsDeleted += n;
+    report.checkpointsDeleted += run.length;
     if (opts.dryRun) continue;
-    await store.writer.write([
+    moves.push(
       // Never move an anchor backwards (a concurrent `fleet gc` may have gone further).
       store.db.run(
         sql`UPDATE agents SET anchor_seq = ${anchor.seq}, anchor_hash =
           ${anchor.hash} WHERE id = ${agent} AND anchor_seq < ${anchor.seq}`,
       ),
       store.db.run(sql`DELETE FROM checkpoints WHERE agent = ${agent} AND seq <= ${anchor.seq} AND state IS NULL`),
-    ]);
+    );
   }
+  if (moves.length > 0) await store.writer.write(moves);
 
-  // 3. Episodes older than the retention window, and with each its event log (the row's `log`).
+  // 3. Episodes older than the retention window, and with each its event log (the row's `log`). Found
+  //    by start (episodes_time); an episode ends seconds after it starts, and one that ended later
+  //    waits for a later pass.
   const oldEpisodes = sql`SELECT id FROM episodes
-    WHERE ended_at < ${episodeCutoff} ${unconfirmed.episode} LIMIT ${batch}`;
-  const eventsOf = sql`SELECT coalesce(sum(json_array_length(log)), 0) FROM episodes WHERE id IN (${oldEpisodes})`;
+    WHERE started_at < ${episodeCutoff} AND ended_at < ${episodeCutoff} ${unconfirmed.episode} LIMIT ${batch}`;
+  const eventsOf = sql`SELECT coalesce(sum(event_count), 0) FROM episodes WHERE id IN (${oldEpisodes})`;
   if (opts.dryRun) {
     report.episodesDeleted = await scalar(store, sql`SELECT count(*) FROM (${oldEpisodes})`);
     report.eventsDeleted = await scalar(store, eventsOf);
@@ -149,10 +168,17 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected','expired')
     AND (done_at < ${dedupCutoff} OR ((sid LIKE 'r:%' OR sid LIKE 'u:%') AND done_at < ${redeliveryCutoff}))
     ${unconfirmed.stimulus} LIMIT ${batch}`;
-  // 5. Budget windows no budget looks at any more (older than two days).
-  const oldUsage = sql`SELECT rowid FROM budget_usage
-    WHERE ((window LIKE 'h:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / 3_600_000) - 48})
-    OR (window LIKE 'd:%' AND CAST(substr(window, 3) AS INTEGER) < ${Math.floor(opts.now / DAY) - 2}))
+  // 5. Budget windows no budget looks at any more (older than two days). A window is "h:<hour>" or
+  //    "d:<day>" since the epoch. usage_totals has a row per window and type while any usage row of
+  //    that window is left (migration 17), so the old windows come from it, and each agent's row of
+  //    one through the usage table's key (agent, window).
+  const hourLimit = Math.floor(opts.now / 3_600_000) - 48;
+  const dayLimit = Math.floor(opts.now / DAY) - 2;
+  //    (CROSS JOIN keeps that order: without statistics SQLite would rather read every usage row.)
+  const oldUsage = sql`SELECT budget_usage.rowid FROM usage_totals u CROSS JOIN agents a ON a.type = u.type
+    CROSS JOIN budget_usage ON budget_usage.agent = a.id AND budget_usage."window" = u."window"
+    WHERE ((u."window" LIKE 'h:%' AND CAST(substr(u."window", 3) AS INTEGER) < ${hourLimit})
+    OR (u."window" LIKE 'd:%' AND CAST(substr(u."window", 3) AS INTEGER) < ${dayLimit}))
     ${unconfirmed.usage} LIMIT ${batch}`;
   if (opts.dryRun) {
     report.stimuliForgotten = await scalar(store, sql`SELECT count(*) FROM (${oldStimuli})`);

@@ -492,6 +492,14 @@ const CHECKPOINT_HASH_PREFIX: readonly string[] = [
   `CREATE INDEX checkpoints_hash ON checkpoints (substr(hash, 1, 8))`,
 ];
 
+/**
+ * Retention tombstones the live checkpoints beyond `keep`: this index holds only those (a few per
+ * agent), so a pass finds them without reading every tombstone of every chain (gateway/ops/gc.ts).
+ */
+const LIVE_CHECKPOINTS: readonly string[] = [
+  `CREATE INDEX checkpoints_live ON checkpoints (agent, seq) WHERE state IS NOT NULL`,
+];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -522,6 +530,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 26, name: "episode ids as bytes", statements: EPISODE_ID_BYTES },
   { version: 27, name: "spec versions by hash prefix", statements: SPEC_REFS },
   { version: 28, name: "checkpoints found by hash prefix", statements: CHECKPOINT_HASH_PREFIX },
+  { version: 29, name: "live checkpoints index", statements: LIVE_CHECKPOINTS },
 ];
 
 /** The schema version this code writes. */

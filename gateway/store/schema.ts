@@ -246,6 +246,8 @@ export const checkpoints = sqliteTable(
     uniqueIndex("checkpoints_chain").on(t.agent, t.seq),
     // Found by hash through its first 8 bytes (migration 28): queries name `substr(hash, 1, 8)` (hashes.ts).
     index("checkpoints_hash").on(sql`substr(${t.hash}, 1, 8)`),
+    // The live ones only (migration 29): retention tombstones those beyond `keep` (ops/gc.ts).
+    index("checkpoints_live").on(t.agent, t.seq).where(sql`state IS NOT NULL`),
   ],
 );
 
