@@ -18,7 +18,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { gcAll, gcPass, type GcReport } from "../gateway/ops/index.ts";
+import { gcAll, gcPass, gcTick, gcTotal, type GcReport } from "../gateway/ops/index.ts";
 import { verifyStore } from "../gateway/ops/index.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { DAY, HOUR, SyntheticFleet } from "./helpers/ops.ts";
@@ -189,12 +189,37 @@ describe(`retention over ${EPISODES} episodes x 2 on 4 agents (keep = ${KEEP}, 1
   );
 
   test(
+    "a background round goes on past one batch while more is due, and stops at its pass limit",
+    async () => {
+      // More than one pass collects is due (the run's first three days): a fleet ending more episodes a
+      // minute than one batch still has its history held at the retention window.
+      const before = await fleet.counts();
+      const { report, passes } = await gcTick(fleet.store, fleet.spec.spec, {
+        now: last + 1,
+        batch: 100,
+        maxPasses: 3,
+      });
+      expect(passes).toBe(3);
+      expect(report.episodesDeleted).toBe(300);
+      expect(report.tombstoned).toBe(300);
+      expect((await fleet.counts()).episodes).toBe(before.episodes - 300);
+      await verifiesClean();
+    },
+    SLOW,
+  );
+
+  test(
     "collecting at the end of the run keeps the newest `keep` states and only the last day of logs",
     async () => {
       const now = last + 1;
       const cutoff = now - DAY;
       const r = await gcAll(fleet.store, fleet.spec.spec, { now, batch: 5000 });
-      expect(r.tombstoned + BATCH).toBe(EPISODES - KEEP * fleet.agents.length);
+      // The single pass and the round before took BATCH and 300.
+      expect(r.tombstoned + BATCH + 300).toBe(EPISODES - KEEP * fleet.agents.length);
+      // Nothing is left to collect now: a background round stops after its first pass.
+      const idle = await gcTick(fleet.store, fleet.spec.spec, { now, batch: 100, maxPasses: 5 });
+      expect(idle.passes).toBe(1);
+      expect(gcTotal(idle.report)).toBe(0);
 
       const inWindow = Array.from({ length: EPISODES }, (_, i) => T0 + i * SPACING).filter((t) => t >= cutoff).length;
       const c = await fleet.counts();

@@ -5,7 +5,7 @@
 import type { Logger } from "pino";
 import type { Broker } from "../../broker/index.ts";
 import type { GatewayState } from "../types.ts";
-import { gcPass, gcTotal } from "../ops/index.ts";
+import { BACKGROUND_GC, gcTick, gcTotal } from "../ops/index.ts";
 import type { Intake } from "../intake/index.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import { publishHealth } from "../observe/index.ts";
@@ -115,18 +115,18 @@ export class Housekeeping {
     await publishHealth(this.host.broker, () => this.host.health(), this.host.log);
   }
 
-  /** One bounded retention pass; skipped if the previous one still runs. */
+  /** One round of bounded retention passes (ops/gc.ts `gcTick`); skipped if the previous one still runs. */
   private async backgroundGc(): Promise<void> {
     if (this.gcRunning || this.host.state !== "running") return;
     this.gcRunning = true;
     try {
-      const r = await gcPass(this.host.store, this.host.spec.spec, {
+      const { report: r, passes } = await gcTick(this.host.store, this.host.spec.spec, {
+        ...BACKGROUND_GC,
         now: this.opts.now(),
-        batch: 2000,
         keepUnconfirmed: this.host.keepUnconfirmed(),
         keepBundles: this.host.bundlesInUse(),
       });
-      if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms) }, "retention pass");
+      if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms), passes }, "retention pass");
     } catch (err) {
       this.host.log.error({ err }, "retention pass failed");
     } finally {

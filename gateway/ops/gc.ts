@@ -104,7 +104,8 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   //    order), so whatever remains still links to the anchor; `batch` rows in all per pass.
   //    An agent is a candidate when the first checkpoint of its chain is an old tombstone; only a
   //    chain longer than its type's `keep` has tombstones (the head never is one), which spares the
-  //    seek for agents that have run little (most of a big, quiet fleet).
+  //    seek for agents that have run little (most of a big, quiet fleet). After `keep` is raised, a
+  //    shorter chain's tombstones from before wait until the chain is longer than the new keep.
   const old = (c: string) =>
     sql`${sql.raw(c)}.state IS NULL AND ${sql.raw(c)}.created_at < ${episodeCutoff} ${unconfirmed.tombstone}`;
   const types = Object.values(spec.agents);
@@ -252,6 +253,36 @@ function emptyReport(): GcReport {
     bundlesDeleted: 0,
     ms: 0,
   };
+}
+
+/** How the gateway collects in the background (gateway/fleet/background.ts), once a minute. */
+export const BACKGROUND_GC = {
+  /** Rows per category per pass: one pass holds the gateway's thread for tens of milliseconds. */
+  batch: 500,
+  /** Passes per minute at most: 20,000 episodes a minute (333/s) kept up with. */
+  maxPasses: 40,
+} as const;
+
+/**
+ * One background round: passes of `batch` until one collects nothing or `maxPasses` ran, with a
+ * turn of the event loop between passes so intake and episodes go on. A fleet that ends more
+ * episodes a minute than one pass collects still has its history held at the retention window.
+ */
+export async function gcTick(
+  store: Store,
+  spec: FleetSpec,
+  opts: GcOptions & { readonly maxPasses: number },
+): Promise<{ report: GcReport; passes: number }> {
+  const report = emptyReport();
+  let passes = 0;
+  while (passes < opts.maxPasses) {
+    const r = await gcPass(store, spec, opts);
+    passes++;
+    for (const k of Object.keys(report) as (keyof GcReport)[]) report[k] += r[k];
+    if (gcTotal(r) === 0) break;
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  return { report, passes };
 }
 
 /** Run passes until nothing is left (CLI `fleet gc`), summing the reports. */
