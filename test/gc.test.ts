@@ -250,6 +250,8 @@ describe(`retention over ${EPISODES} episodes x 2 on 4 agents (keep = ${KEEP}, 1
         ),
       ).toBe(0);
       expect(c.usage).toBeLessThanOrEqual(4 * (49 + 3));
+      // Each agent's tombstone frontier is `keep` before its head: the next pass starts there.
+      expect(await scalar("SELECT count(*) FROM agents WHERE tombstoned_seq != head_seq - ?", [KEEP])).toBe(0);
       // Each chain now starts at an anchor: the newest deleted checkpoint.
       for (const agent of fleet.agents) {
         const a = (await fleet.store.getAgent(agent))!;

@@ -261,8 +261,9 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   ],
 ];
 
-/** Columns only raw SQL names, kept out of the drizzle tables on purpose (see schema.ts). */
-const RAW_COLUMNS = ["episodes.log"];
+/** Columns only raw SQL names, kept out of the drizzle tables on purpose (see schema.ts): the event
+ * log, and retention's tombstone frontier. */
+const RAW_COLUMNS = ["episodes.log", "agents.tombstoned_seq"];
 
 /** How a drizzle default appears in `PRAGMA table_info(...).dflt_value`. */
 function sqlDefault(value: unknown): string | null {

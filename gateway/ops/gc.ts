@@ -80,20 +80,30 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   // Every query below starts from an index and reads only what it may collect, plus one seek per
   // agent: a pass costs what it does, not what the store holds (issue 13's soak, docs/operations.md).
 
-  // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass. checkpoints_live
-  //    holds only the checkpoints that still have a state (migration 29).
+  // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass. Each agent's
+  //    `tombstoned_seq` says how far its chain is tombstoned already (migration 29): only the range
+  //    from there to `keep` before the head is read.
   for (const type of Object.values(spec.agents)) {
     const keep = type.checkpoint.keep;
     const budget = batch - report.tombstoned;
     if (keep === 0 || budget <= 0) continue;
+    const from = sql.raw("max(a.anchor_seq, a.tombstoned_seq)");
     const pick = sql`SELECT c.rowid FROM agents a JOIN checkpoints c ON c.agent = a.id
-      WHERE a.type = ${type.name} AND a.head_seq - a.anchor_seq > ${keep}
-        AND c.state IS NOT NULL AND c.seq <= a.head_seq - ${keep}
+        AND c.seq > ${from} AND c.seq <= a.head_seq - ${keep}
+      WHERE a.type = ${type.name} AND a.head_seq - ${from} > ${keep} AND c.state IS NOT NULL
       ${unconfirmed.checkpoint} LIMIT ${budget}`;
     if (opts.dryRun) report.tombstoned += await scalar(store, sql`SELECT count(*) FROM (${pick})`);
     else {
       const [r] = await store.writer.write([
         store.db.run(sql`UPDATE checkpoints SET state = NULL WHERE rowid IN (${pick})`),
+        // The frontier moves to just before the first checkpoint in range still holding a state (one
+        // the batch did not reach, or the center has not confirmed), never backwards.
+        store.db.run(sql`UPDATE agents SET tombstoned_seq = max(tombstoned_seq, coalesce(
+            (SELECT min(c.seq) - 1 FROM checkpoints c WHERE c.agent = agents.id
+              AND c.seq > max(agents.anchor_seq, agents.tombstoned_seq) AND c.seq <= agents.head_seq - ${keep}
+              AND c.state IS NOT NULL),
+            agents.head_seq - ${keep}))
+          WHERE type = ${type.name} AND head_seq - max(anchor_seq, tombstoned_seq) > ${keep}`),
       ]);
       report.tombstoned += (r as { rowsAffected: number }).rowsAffected;
     }

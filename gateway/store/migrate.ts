@@ -493,11 +493,12 @@ const CHECKPOINT_HASH_PREFIX: readonly string[] = [
 ];
 
 /**
- * Retention tombstones the live checkpoints beyond `keep`: this index holds only those (a few per
- * agent), so a pass finds them without reading every tombstone of every chain (gateway/ops/gc.ts).
+ * Retention tombstones the checkpoints beyond `keep` (gateway/ops/gc.ts): each agent remembers how
+ * far its chain is tombstoned, so a pass reads only the checkpoints it tombstones, not every
+ * tombstone of every chain (nor keeps an index entry per live checkpoint).
  */
-const LIVE_CHECKPOINTS: readonly string[] = [
-  `CREATE INDEX checkpoints_live ON checkpoints (agent, seq) WHERE state IS NOT NULL`,
+const TOMBSTONE_FRONTIER: readonly string[] = [
+  `ALTER TABLE agents ADD COLUMN tombstoned_seq INTEGER NOT NULL DEFAULT 0`,
 ];
 
 /** Every migration, oldest first. */
@@ -530,7 +531,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 26, name: "episode ids as bytes", statements: EPISODE_ID_BYTES },
   { version: 27, name: "spec versions by hash prefix", statements: SPEC_REFS },
   { version: 28, name: "checkpoints found by hash prefix", statements: CHECKPOINT_HASH_PREFIX },
-  { version: 29, name: "live checkpoints index", statements: LIVE_CHECKPOINTS },
+  { version: 29, name: "tombstone frontier", statements: TOMBSTONE_FRONTIER },
 ];
 
 /** The schema version this code writes. */

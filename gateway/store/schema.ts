@@ -72,6 +72,8 @@ export const agents = sqliteTable(
     /** This and `head_hash` are stored as their 32 bytes (./hashes.ts), as `checkpoints.hash` they name. */
     anchorHash: hashColumn("anchor_hash"),
     headSeq: integer("head_seq").notNull().default(0),
+    // tombstoned_seq (migration 29) is only retention's (ops/gc.ts, raw SQL): a read-only handle of an
+    // older data dir selects agents through this table.
     headHash: hashColumn("head_hash"),
     episodes: integer("episodes").notNull().default(0),
     failures: integer("failures").notNull().default(0),
@@ -246,8 +248,6 @@ export const checkpoints = sqliteTable(
     uniqueIndex("checkpoints_chain").on(t.agent, t.seq),
     // Found by hash through its first 8 bytes (migration 28): queries name `substr(hash, 1, 8)` (hashes.ts).
     index("checkpoints_hash").on(sql`substr(${t.hash}, 1, 8)`),
-    // The live ones only (migration 29): retention tombstones those beyond `keep` (ops/gc.ts).
-    index("checkpoints_live").on(t.agent, t.seq).where(sql`state IS NOT NULL`),
   ],
 );
 
