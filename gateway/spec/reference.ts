@@ -151,8 +151,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "OTLP/HTTP collector URL (spans are POSTed as JSON to <url>/v1/traces); absent: nothing is exported.",
   "telemetry.service_name": "The spans' service.name (default: [fleet] name).",
   retention:
-    "How long history is kept. The gateway collects in a bounded pass every minute; each pass reaches old rows " +
-    "through indexes, so its cost follows what it collects, not how much history the store holds.",
+    "How long history is kept. Every minute the gateway collects in passes of 500 rows until nothing is due; " +
+    "each pass reaches old rows through indexes, so its cost follows what it collects, not how much history " +
+    "the store holds.",
   "retention.episodes_days": "Episode logs older than this are collected (the hash chain stays verifiable).",
   "retention.dedup_days":
     "A stimulus id from a `dedup` key, an Idempotency-Key or a timer is remembered at least this long.",
