@@ -34,6 +34,23 @@ export interface FleetEventMap {
     /** The agent type of each duplicate (dedup hits are counted by type). */
     duplicateTypes?: readonly string[];
   };
+  /**
+   * A background retention round ended (ops/gc.ts `gcTick`): rows collected by kind, its passes and
+   * time, and whether it stopped at its pass limit with rows still due (`behind`).
+   */
+  retention: {
+    collected: {
+      readonly tombstoned: number;
+      readonly checkpoints: number;
+      readonly episodes: number;
+      readonly stimuli: number;
+      readonly usage_rows: number;
+      readonly bundles: number;
+    };
+    passes: number;
+    ms: number;
+    behind: boolean;
+  };
   /** Episodes could not start for reasons of the machine (degraded), or started again (recovered). */
   infra: { state: "degraded" | "recovered"; reason: string; agent?: string; type?: string };
 }

@@ -194,12 +194,14 @@ describe(`retention over ${EPISODES} episodes x 2 on 4 agents (keep = ${KEEP}, 1
       // More than one pass collects is due (the run's first three days): a fleet ending more episodes a
       // minute than one batch still has its history held at the retention window.
       const before = await fleet.counts();
-      const { report, passes } = await gcTick(fleet.store, fleet.spec.spec, {
+      const { report, passes, behind } = await gcTick(fleet.store, fleet.spec.spec, {
         now: last + 1,
         batch: 100,
         maxPasses: 3,
       });
       expect(passes).toBe(3);
+      // Its last pass still collected: the round says it is behind (fleet_retention_behind).
+      expect(behind).toBe(true);
       expect(report.episodesDeleted).toBe(300);
       expect(report.tombstoned).toBe(300);
       expect((await fleet.counts()).episodes).toBe(before.episodes - 300);
@@ -219,6 +221,7 @@ describe(`retention over ${EPISODES} episodes x 2 on 4 agents (keep = ${KEEP}, 1
       // Nothing is left to collect now: a background round stops after its first pass.
       const idle = await gcTick(fleet.store, fleet.spec.spec, { now, batch: 100, maxPasses: 5 });
       expect(idle.passes).toBe(1);
+      expect(idle.behind).toBe(false);
       expect(gcTotal(idle.report)).toBe(0);
 
       const inWindow = Array.from({ length: EPISODES }, (_, i) => T0 + i * SPACING).filter((t) => t >= cutoff).length;

@@ -39,6 +39,9 @@ const REQUIRED: Record<string, string> = {
   fleet_broker_messages_out_total: "counter",
   fleet_broker_offline_dropped_total: "counter",
   fleet_db_commit_seconds: "histogram",
+  fleet_retention_collected_total: "counter",
+  fleet_retention_round_seconds: "histogram",
+  fleet_retention_behind: "gauge",
   fleet_subprocesses_alive: "gauge",
   fleet_episode_slots: "gauge",
   process_cpu_seconds_total: "counter",
@@ -276,6 +279,62 @@ describe("/metrics", () => {
     expect(sampleValue(after, "fleet_agents", { type: "counter", status: "paused" })).toBe(5);
     // The whole exposition (process metrics included) stays the size of a handful of types.
     expect(after.seriesCount).toBeLessThan(before.seriesCount + 20);
+  }, 60_000);
+});
+
+describe("retention metrics", () => {
+  test("background retention rounds count what they collect, their time, and whether they kept up", async () => {
+    // Two seconds of history, and a round every 200 ms: the episodes age out during the test.
+    const rdir = mkdtempSync(join(tmpdir(), "fleet-metrics-retention-"));
+    writeFileSync(
+      join(rdir, "fleet.toml"),
+      fleetHeader("metrics-retention") +
+        counterType("counter", "m/+/in") +
+        "\n[retention]\nepisodes_days = 0.00002\ndedup_days = 0.00002\nredelivery_minutes = 0.01\n",
+    );
+    const rgw = new Gateway({
+      configPath: join(rdir, "fleet.toml"),
+      dataDir: join(rdir, "data"),
+      mqttPort: 0,
+      httpPort: 0,
+      logger: pino({ level: "silent" }),
+      gcIntervalMs: 200,
+    });
+    try {
+      await rgw.start();
+      const rbase = `http://127.0.0.1:${rgw.http.port}`;
+      const rtoken = readLocalToken(join(rdir, "data"))!;
+      const fresh = await scrape(rbase);
+      for (const kind of ["episodes", "checkpoints", "tombstoned", "stimuli", "usage_rows", "bundles"])
+        expect(sampleValue(fresh, "fleet_retention_collected_total", { kind })).toBe(0);
+      expect(sampleValue(fresh, "fleet_retention_behind")).toBe(0);
+
+      for (const key of ["a", "b", "c"]) {
+        const res = await fetch(
+          `${rbase}/api/send`,
+          authed(rtoken, { method: "POST", body: JSON.stringify({ topic: `m/${key}/in`, payload: { id: key } }) }),
+        );
+        expect(res.status).toBe(202);
+      }
+      const x = await waitFor(
+        async () => {
+          const x = await scrape(rbase);
+          const n = (kind: string) => sampleValue(x, "fleet_retention_collected_total", { kind }) ?? 0;
+          return n("episodes") === 3 && n("stimuli") === 3 ? x : undefined;
+        },
+        30_000,
+        "three episodes and their stimuli collected by background retention",
+        100,
+      );
+      expect(sampleValue(x, "fleet_retention_round_seconds_count")).toBeGreaterThanOrEqual(1);
+      expect(sampleValue(x, "fleet_retention_round_seconds_sum")).toBeGreaterThan(0);
+      expect(sampleValue(x, "fleet_retention_behind")).toBe(0);
+      const left = await rgw.store.client.execute("SELECT count(*) FROM episodes");
+      expect(Number(left.rows[0]![0])).toBe(0);
+    } finally {
+      await rgw.stop();
+      rmSync(rdir, { recursive: true, force: true });
+    }
   }, 60_000);
 });
 

@@ -5,6 +5,7 @@
 import type { Logger } from "pino";
 import type { Broker } from "../../broker/index.ts";
 import type { GatewayState } from "../types.ts";
+import type { FleetEvents } from "../events.ts";
 import { BACKGROUND_GC, gcTick, gcTotal } from "../ops/index.ts";
 import type { Intake } from "../intake/index.ts";
 import type { SpecVersion } from "../spec/index.ts";
@@ -22,6 +23,7 @@ export interface BackgroundHost {
   readonly intake: Intake;
   readonly broker: Broker;
   readonly log: Logger;
+  readonly events: FleetEvents;
   /** The body of `fleet/health`. */
   health(): Promise<unknown>;
   /** Retention must spare rows the central server has not confirmed. */
@@ -120,13 +122,35 @@ export class Housekeeping {
     if (this.gcRunning || this.host.state !== "running") return;
     this.gcRunning = true;
     try {
-      const { report: r, passes } = await gcTick(this.host.store, this.host.spec.spec, {
+      const {
+        report: r,
+        passes,
+        behind,
+      } = await gcTick(this.host.store, this.host.spec.spec, {
         ...BACKGROUND_GC,
         now: this.opts.now(),
         keepUnconfirmed: this.host.keepUnconfirmed(),
         keepBundles: this.host.bundlesInUse(),
       });
-      if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms), passes }, "retention pass");
+      this.host.events.emit("retention", {
+        collected: {
+          tombstoned: r.tombstoned,
+          checkpoints: r.checkpointsDeleted,
+          episodes: r.episodesDeleted,
+          stimuli: r.stimuliForgotten,
+          usage_rows: r.usageRowsDeleted,
+          bundles: r.bundlesDeleted,
+        },
+        passes,
+        ms: r.ms,
+        behind,
+      });
+      if (behind)
+        this.host.log.warn(
+          { ...r, ms: Math.round(r.ms), passes },
+          "retention round stopped at its pass limit with rows still due: history grows past the retention window",
+        );
+      else if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms), passes }, "retention pass");
     } catch (err) {
       this.host.log.error({ err }, "retention pass failed");
     } finally {

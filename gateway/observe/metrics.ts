@@ -185,6 +185,31 @@ export class FleetMetrics {
       registers,
     });
 
+    const retained = new Counter({
+      name: "fleet_retention_collected_total",
+      help:
+        "Rows background retention collected, by kind (episodes|checkpoints|tombstoned|stimuli|usage_rows|bundles; " +
+        "tombstoned: checkpoints past keep that lost their state).",
+      labelNames: ["kind"],
+      registers,
+    });
+    for (const kind of ["episodes", "checkpoints", "tombstoned", "stimuli", "usage_rows", "bundles"])
+      retained.inc({ kind }, 0);
+    const retentionSeconds = new Histogram({
+      name: "fleet_retention_round_seconds",
+      help: "Time the gateway's thread spent in each background retention round (once a minute).",
+      buckets: COMMIT_BUCKETS,
+      registers,
+    });
+    const retentionBehind = new Gauge({
+      name: "fleet_retention_behind",
+      help:
+        "1 when the last retention round stopped at its pass limit with rows still due " +
+        "(history grows past the retention window), else 0.",
+      registers,
+    });
+    retentionBehind.set(0);
+
     this.unsubscribe.push(
       host.events.on("episode", (e) => {
         episodes.inc({ type: e.type, outcome: e.status });
@@ -205,6 +230,11 @@ export class FleetMetrics {
       host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
       host.events.on("spawn", (e) => starts.inc({ type: e.type, start: e.start })),
       host.events.on("rejectedMessage", (e) => rejectedMessages.inc(e.count)),
+      host.events.on("retention", (e) => {
+        for (const [kind, n] of Object.entries(e.collected)) if (n > 0) retained.inc({ kind }, n);
+        retentionSeconds.observe(e.ms / 1000);
+        retentionBehind.set(e.behind ? 1 : 0);
+      }),
       host.events.on("infra", (e) => {
         degraded.set(e.state === "degraded" ? 1 : 0);
         if (e.state === "degraded") infraFailures.inc({ type: e.type ?? "unknown" });

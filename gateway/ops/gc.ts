@@ -282,17 +282,20 @@ export async function gcTick(
   store: Store,
   spec: FleetSpec,
   opts: GcOptions & { readonly maxPasses: number },
-): Promise<{ report: GcReport; passes: number }> {
+): Promise<{ report: GcReport; passes: number; behind: boolean }> {
   const report = emptyReport();
   let passes = 0;
+  let behind = false;
   while (passes < opts.maxPasses) {
     const r = await gcPass(store, spec, opts);
     passes++;
     for (const k of Object.keys(report) as (keyof GcReport)[]) report[k] += r[k];
     if (gcTotal(r) === 0) break;
+    // The last pass allowed still collected: more may be due than a round collects.
+    behind = passes === opts.maxPasses;
     await new Promise((resolve) => setImmediate(resolve));
   }
-  return { report, passes };
+  return { report, passes, behind };
 }
 
 /** Run passes until nothing is left (CLI `fleet gc`), summing the reports. */
