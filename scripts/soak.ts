@@ -10,7 +10,9 @@
  * the first generation of pages turns over). The last line checks the file grew by at most 3%
  * from hour 2 * retention + 1 on, and that `fleet verify` still passes.
  *
- *   bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10]
+ *   bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10] [--tables]
+ *
+ * `--tables` adds a line per hour: the free list and the eight biggest tables and indexes.
  *
  * The defaults are issue 13's soak: a day at 50 episodes/s (4.3 million episodes). That is about
  * 25 minutes of CPU (committing ~0.3 ms an episode, retention ~0.1 ms an episode once it deletes):
@@ -34,18 +36,19 @@ const { values: flags } = parseArgs({
     agents: { type: "string", default: "100" },
     "retention-hours": { type: "string", default: "6" },
     keep: { type: "string", default: "10" },
+    tables: { type: "boolean", default: false },
     help: { type: "boolean", short: "h", default: false },
   },
 });
 if (flags.help) {
   console.log(
-    "bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10]\n" +
+    "bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10] [--tables]\n" +
       "  a simulated day (or --hours) of temp-monitor episodes at --rate per second through the commit path,\n" +
       "  with retention; prints disk, RSS and CPU per simulated hour and checks disk levels off",
   );
   process.exit(0);
 }
-const num = (name: Exclude<keyof typeof flags, "help">) => {
+const num = (name: Exclude<keyof typeof flags, "help" | "tables">) => {
   const v = Number(flags[name]);
   if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} must be a positive number`);
   return v;
@@ -77,6 +80,18 @@ const perHour = Math.round(rate * 3600);
 const slices = 6; // commit in 10-minute slices, then the minute-by-minute retention passes of that slice
 const spacing = HOUR / perHour;
 const rows: string[] = [];
+/** `--tables`: the free list and the biggest tables and indexes, in MB, from SQLite's dbstat. */
+async function tableSizes(): Promise<string> {
+  const c = fleet.store.client;
+  const free = Number((await c.execute("PRAGMA freelist_count")).rows[0]![0]) * 4096;
+  const top = await c.execute(
+    "SELECT name, sum(pgsize) AS bytes, sum(unused) AS unused FROM dbstat GROUP BY name ORDER BY bytes DESC LIMIT 8",
+  );
+  const parts = top.rows.map(
+    (r) => `${r[0]} ${mb(Number(r[1]))} (${Math.round((100 * Number(r[2])) / Number(r[1]))}% unused)`,
+  );
+  return `free ${mb(free)}; ${parts.join(", ")}`;
+}
 const dbBytes = () => bytes(fleet.dbPath) + bytes(`${fleet.dbPath}-wal`);
 let total = 0;
 let cpuBefore = process.cpuUsage();
@@ -113,6 +128,7 @@ for (let h = 0; h < hours; h++) {
     `${((cpu.user + cpu.system) / 1e6).toFixed(1)} |`;
   rows.push(row);
   console.log(row);
+  if (flags.tables) console.log(`  ${await tableSizes()}`);
 }
 const report = await verifyStore(fleet.store);
 const settle = 2 * Math.ceil(num("retention-hours")) + 1;
