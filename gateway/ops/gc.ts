@@ -78,7 +78,8 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   const unconfirmed = unconfirmedGuards(opts.keepUnconfirmed ?? false);
 
   // Every query below starts from an index and reads only what it may collect, plus one seek per
-  // agent: a pass costs what it does, not what the store holds (issue 13's soak, docs/operations.md).
+  // agent: a pass costs what it does, not what the store holds (scripts/soak.ts; test/gc.test.ts reads
+  // every statement's query plan).
 
   // 1. Tombstone checkpoints beyond `keep`, per type; `batch` rows in all per pass. Each agent's
   //    `tombstoned_seq` says how far its chain is tombstoned already (migration 29): only the range
@@ -182,10 +183,10 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   // 5. Budget windows no budget looks at any more (older than two days). A window is "h:<hour>" or
   //    "d:<day>" since the epoch. usage_totals has a row per window and type while any usage row of
   //    that window is left (migration 17), so the old windows come from it, and each agent's row of
-  //    one through the usage table's key (agent, window).
+  //    one through the usage table's key (agent, window). CROSS JOIN keeps that order: without
+  //    statistics SQLite would rather read every usage row.
   const hourLimit = Math.floor(opts.now / 3_600_000) - 48;
   const dayLimit = Math.floor(opts.now / DAY) - 2;
-  //    (CROSS JOIN keeps that order: without statistics SQLite would rather read every usage row.)
   const oldUsage = sql`SELECT budget_usage.rowid FROM usage_totals u CROSS JOIN agents a ON a.type = u.type
     CROSS JOIN budget_usage ON budget_usage.agent = a.id AND budget_usage."window" = u."window"
     WHERE ((u."window" LIKE 'h:%' AND CAST(substr(u."window", 3) AS INTEGER) < ${hourLimit})
