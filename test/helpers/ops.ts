@@ -34,6 +34,13 @@ export interface SyntheticFleetOptions {
    * (docs/upgrading.md); none by default (the bundles row itself is not written).
    */
   readonly bundle?: string;
+  /**
+   * Stimulus ids as `s:` and the stimulus number zero-padded to this many digits, so every
+   * episode's rows are the same size however long the run (scripts/soak.ts); unpadded by default.
+   * Unpadded, rows grow by a byte or so each time the number gains a digit, and a store holding a
+   * retention window grows with them until the window has turned over.
+   */
+  readonly sidDigits?: number;
 }
 
 /** The chain head of one agent, as the synthetic committer tracks it. */
@@ -58,6 +65,7 @@ export class SyntheticFleet {
     readonly store: Store,
     readonly spec: SpecVersion,
     private readonly bundle: string | null = null,
+    private readonly sidDigits = 0,
   ) {
     this.heads = spec.spec.agents
       ? Object.values(spec.spec.agents).flatMap((t) =>
@@ -93,7 +101,7 @@ export class SyntheticFleet {
     const dbPath = join(dir, "data", "fleet.db");
     const store = await Store.open(dbPath, { synchronous: "normal" });
     await store.saveSpecVersion({ hash: spec.hash, path: configPath, text: toml, summary: "synthetic", at: 0 });
-    return new SyntheticFleet(dir, configPath, dbPath, store, spec, opts.bundle ?? null);
+    return new SyntheticFleet(dir, configPath, dbPath, store, spec, opts.bundle ?? null, opts.sidDigits ?? 0);
   }
 
   /** Every agent id of the fleet. */
@@ -120,7 +128,8 @@ export class SyntheticFleet {
         const at = start + (base + i) * spacingMs;
         const head = this.heads[(this.stimulusNo + i) % this.heads.length]!;
         const value = (this.stimulusNo + i) % 100;
-        return { at, head, value, sid: `s:${this.stimulusNo + i}` as StimulusId };
+        const no = String(this.stimulusNo + i).padStart(this.sidDigits, "0");
+        return { at, head, value, sid: `s:${no}` as StimulusId };
       });
       this.stimulusNo += n;
       const intake: NewStimulus[] = plan.map((p) => ({
