@@ -9,8 +9,8 @@
  *         the same server as the baseline. Sequential requests from this process.
  *   gc    retention throughput (records collected per second) on a store filled with
  *         100,000 committed episodes through the gateway's commit path (test/helpers/ops.ts,
- *         the same fill test/gc.test.ts uses): first bounded background passes (batch 2000,
- *         as the gateway runs every 60 s) at the end of the run, then `fleet gc`'s gcAll once
+ *         the same fill test/gc.test.ts uses): first bounded background passes (the batch of
+ *         the gateway's background rounds, BACKGROUND_GC) at the end of the run, then `fleet gc`'s gcAll once
  *         the clock is past every retention window.
  *
  * `--quick`: 2,000 agents, 50 requests per endpoint, 20,000 episodes. Exports `benchOps`
@@ -19,7 +19,7 @@
 import { statSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { cpus } from "node:os";
-import { gcAll, gcPass, gcTotal, type GcReport } from "../gateway/ops/index.ts";
+import { BACKGROUND_GC, gcAll, gcPass, gcTotal, type GcReport } from "../gateway/ops/index.ts";
 import { verifyStore } from "../gateway/ops/index.ts";
 import { DAY, SyntheticFleet } from "../test/helpers/ops.ts";
 import { cleanupAll, deltaRow, fmt, quantile, table, tempDir, type BenchOptions, type Row } from "./bench/harness.ts";
@@ -160,7 +160,7 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
     let background = 0;
     let started = performance.now();
     for (;;) {
-      const r = await gcPass(fleet.store, fleet.spec.spec, { now: last + 1, batch: 2000 });
+      const r = await gcPass(fleet.store, fleet.spec.spec, { now: last + 1, batch: BACKGROUND_GC.batch });
       if (gcTotal(r) === 0) break;
       passMs.push(r.ms);
       background += gcTotal(r);
@@ -199,7 +199,7 @@ async function benchGc(o: OpsOptions): Promise<Row[]> {
       info(`store fill through Store.commitEpisode, ${fmt(episodes)} episodes`, "commits/s", episodes / fillSecs),
       info("DB file after the fill", "MB", filledMb),
       info(
-        "GC background passes (batch 2000), records collected",
+        `GC background passes (batch ${BACKGROUND_GC.batch}), records collected`,
         "records/s",
         background / backgroundSecs,
         `${fmt(background)} records in ${passMs.length} passes`,
