@@ -278,6 +278,7 @@ export const BACKGROUND_GC = {
  * One background round: passes of `batch` until one collects nothing or `maxPasses` ran, with a
  * turn of the event loop between passes so intake and episodes go on. A fleet that ends more
  * episodes a minute than one pass collects still has its history held at the retention window.
+ * A dry run is one pass: passes that change nothing would only repeat it.
  */
 export async function gcTick(
   store: Store,
@@ -291,7 +292,7 @@ export async function gcTick(
     const r = await gcPass(store, spec, opts);
     passes++;
     for (const k of Object.keys(report) as (keyof GcReport)[]) report[k] += r[k];
-    if (gcTotal(r) === 0) break;
+    if (opts.dryRun || gcTotal(r) === 0) break;
     // The last pass allowed still collected: more may be due than a round collects.
     behind = passes === opts.maxPasses;
     await new Promise((resolve) => setImmediate(resolve));
@@ -299,13 +300,7 @@ export async function gcTick(
   return { report, passes, behind };
 }
 
-/** Run passes until nothing is left (CLI `fleet gc`), summing the reports. */
+/** Run passes until nothing is left (CLI `fleet gc`, POST /api/gc), summing the reports. */
 export async function gcAll(store: Store, spec: FleetSpec, opts: GcOptions): Promise<GcReport> {
-  const sum = emptyReport();
-  for (let i = 0; i < 10_000; i++) {
-    const r = await gcPass(store, spec, opts);
-    for (const k of Object.keys(sum) as (keyof GcReport)[]) sum[k] += r[k];
-    if (opts.dryRun || gcTotal(r) === 0) break;
-  }
-  return sum;
+  return (await gcTick(store, spec, { ...opts, maxPasses: 10_000 })).report;
 }
