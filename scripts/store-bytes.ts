@@ -6,7 +6,8 @@
  * `dbstat`, largest first, with the sizes of one row of the big tables.
  *
  * `--bundle` makes every episode name a code bundle, as episodes of a gateway running pinned code
- * do (docs/upgrading.md): 64 more bytes on the row and an entry in `episodes_bundle`.
+ * (the default, docs/upgrading.md) do: the hash's first 8 bytes on the row and an entry in
+ * `episodes_bundle` (gateway/store/hashes.ts `bundleColumn`).
  *
  *   bun scripts/store-bytes.ts [--episodes 5000] [--agents 100] [--keep 10] [--bundle]
  */

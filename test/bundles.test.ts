@@ -183,6 +183,10 @@ describe("retention of bundles", () => {
         at: old,
         bundles: { t: h("4") },
       });
+      // The episode names its bundle by the hash's first 8 bytes (store/hashes.ts `bundleColumn`).
+      const raw = await store.client.execute("SELECT hex(bundle) AS b FROM episodes");
+      expect(raw.rows.map((x) => x.b)).toEqual(["1".repeat(16)]);
+      expect((await store.getEpisode("ep-1"))?.bundle).toBe(h("1"));
       const spec = (await compileSpec('[fleet]\nname = "gc"\n', "/f")).spec;
       const dry = await gcPass(store, spec, { now, dryRun: true, keepBundles: [h("3")] });
       expect(dry.bundlesDeleted).toBe(2);

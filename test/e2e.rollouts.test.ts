@@ -10,7 +10,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { isCanary } from "../gateway/fleet/index.ts";
-import { signedInPage } from "./helpers/browser.ts";
+import { bundleOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { fleetHeader, q } from "./helpers/toml.ts";
 
@@ -87,7 +87,8 @@ bake = "2s"
       );
     const bundles = (keys: readonly string[]) =>
       fleet.query<{ agent: string; bundle: string; status: string }>(
-        `SELECT agent, bundle, status FROM episodes WHERE agent IN (${keys.map(() => "?").join(",")})
+        `SELECT agent, ${bundleOfSql("bundle")} AS bundle, status FROM episodes
+            WHERE agent IN (${keys.map(() => "?").join(",")})
             ORDER BY started_at, id`,
         keys.map((k) => `relay/${k}`),
       );

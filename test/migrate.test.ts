@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { verifyStore } from "../gateway/ops/index.ts";
 import {
+  bundleOfSql,
   idOfSql,
   MIGRATIONS,
   type Migration,
@@ -350,6 +351,65 @@ describe("schema migrations", () => {
       });
       const pending = await store.client.execute("SELECT key FROM repl_pending WHERE tbl = 'episode'");
       expect(pending.rows.map((r) => r[0])).toEqual(["0199aaaa-bbbb-7ccc-8ddd-000000000001"]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("older episodes' bundles become their 8-byte prefix (or 32 bytes), read back as the same hex", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    const bundle = (c: string) => `b0${c}${"0".repeat(60)}`;
+    // `twin` shares `a`'s first 8 bytes and is newer: only `a` is named by the prefix.
+    const [a, b] = [bundle("a1"), bundle("b2")];
+    const twin = `${a.slice(0, 16)}${"f".repeat(48)}`;
+    const odd = "not-a-hash";
+    let ids: string[];
+    try {
+      await migrate(
+        c,
+        path,
+        MIGRATIONS.filter((m) => m.version < 30),
+      );
+      for (const [i, h] of [a, twin, b].entries())
+        await c.execute({
+          sql: "INSERT INTO bundles (hash, gateway, module, code, bytes, created_at) VALUES (?, 'g', 'm.ts', '', 0, ?)",
+          args: [h, 1_000 + i],
+        });
+      ids = (await c.execute(`SELECT ${idOfSql("id")} FROM episodes ORDER BY id LIMIT 5`)).rows.map((r) =>
+        String(r[0]),
+      );
+      const named = [a, twin, b, odd, null];
+      for (const [i, id] of ids.entries())
+        await c.execute({
+          sql: `UPDATE episodes SET bundle = ? WHERE ${idOfSql("id")} = ?`,
+          args: [named[i] ?? null, id],
+        });
+    } finally {
+      c.close();
+    }
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const raw = await store.client.execute(
+        `SELECT typeof(bundle) AS t, length(bundle) AS n FROM episodes WHERE ${idOfSql("id")} IN (?, ?, ?, ?, ?)
+          ORDER BY id`,
+        ids,
+      );
+      expect(raw.rows.map((r) => [r.t, r.n])).toEqual([
+        ["blob", 8],
+        ["blob", 32],
+        ["blob", 8],
+        ["text", odd.length],
+        ["null", null],
+      ]);
+      const read = await Promise.all(ids.map(async (id) => (await store.getEpisode(id))?.bundle ?? null));
+      expect(read).toEqual([a, twin, b, odd, null]);
+      const sql = await store.client.execute(
+        `SELECT ${bundleOfSql("bundle")} AS b FROM episodes WHERE ${idOfSql("id")} IN (?, ?, ?, ?, ?) ORDER BY id`,
+        ids,
+      );
+      expect(sql.rows.map((r) => r.b)).toEqual([a, twin, b, odd, null]);
+      expect((await verifyStore(store)).problems).toEqual([]);
     } finally {
       await store.close();
     }

@@ -12,7 +12,7 @@
  */
 import type { Logger } from "pino";
 import type { SpecVersion } from "../spec/index.ts";
-import type { RolloutRow, RolloutState, Store } from "../store/index.ts";
+import { bundleToDriver, type RolloutRow, type RolloutState, type Store } from "../store/index.ts";
 
 /** What a rollout looks like in status, `/api/fleet` and `fleet/health`. */
 export interface RolloutView {
@@ -253,7 +253,7 @@ export class Rollouts {
           WHERE s.state = 'quarantined' AND e.bundle = ? AND e.started_at >= ? AND s.agent LIKE ? || '/%'
             AND e.id = (SELECT x.id FROM episodes x WHERE x.stimulus_seq = s.seq ORDER BY x.started_at DESC, x.id DESC
               LIMIT 1)`,
-        args: [r.toBundle, r.startedAt, r.type],
+        args: [bundleToDriver(r.toBundle), r.startedAt, r.type],
       })
     ).rows;
     for (const s of rows) await this.d.retry(Number(s.seq));
@@ -291,7 +291,7 @@ export class Rollouts {
       sql: `SELECT count(*) AS n, coalesce(sum(status = 'failed'), 0) AS f FROM episodes
         WHERE bundle = ? AND started_at >= ? AND agent LIKE ? || '/%'
           AND (error_kind IS NULL OR error_kind != 'infra')`,
-      args: [r.toBundle, r.startedAt, r.type],
+      args: [bundleToDriver(r.toBundle), r.startedAt, r.type],
     });
     return { episodes: Number(rs.rows[0]?.n ?? 0), failures: Number(rs.rows[0]?.f ?? 0) };
   }

@@ -14,7 +14,7 @@
  */
 import { sql } from "drizzle-orm";
 import type { FleetSpec } from "../spec/index.ts";
-import { idBytesSql, idOfSql, type Store, type WriteItem } from "../store/index.ts";
+import { bundleStoredSql, idBytesSql, idOfSql, type Store, type WriteItem } from "../store/index.ts";
 
 const DAY = 86_400_000;
 
@@ -218,7 +218,7 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
   //    spec version from within the retention window names it.
   const keep = opts.keepBundles ?? [];
   const oldBundles = sql`SELECT hash FROM bundles b WHERE created_at < ${episodeCutoff}
-    AND NOT EXISTS (SELECT 1 FROM episodes e WHERE e.bundle = b.hash)
+    AND NOT EXISTS (SELECT 1 FROM episodes e WHERE e.bundle = ${sql.raw(bundleStoredSql("b.hash"))})
     AND NOT EXISTS (SELECT 1 FROM spec_versions s, json_each(s.bundles) j
       WHERE s.bundles IS NOT NULL AND s.created_at >= ${episodeCutoff} AND j.value = b.hash)
     ${

@@ -10,6 +10,8 @@
 import { customType } from "drizzle-orm/sqlite-core";
 
 const HEX64 = /^[0-9a-f]{64}$/;
+/** GLOB of the same. */
+const HEX64_GLOB = "[0-9a-f]".repeat(64);
 
 /** The stored form of a hash: its bytes when it is 64 lowercase hex characters, else the text. */
 export function hashToDriver(hex: string): string | Buffer {
@@ -111,37 +113,99 @@ export const HASH_COLUMNS: Readonly<Record<string, readonly string[]>> = {
 };
 
 /**
- * Spec versions named by the first 6 bytes of their hash (migration 27). Every episode and checkpoint
- * names the spec version it ran on, one of a few hashes a data dir has in `spec_versions`: 32 bytes
- * each, twice per episode. A column of this type stores the hash's first 6 bytes when those name it
- * (the hash is known to this process and no other known hash begins with them), else all 32 bytes,
- * and reads back the whole hex hash. A reference made of the hash itself, not a row number, reads the
- * same in every copy of the data (a backup's `VACUUM INTO` renumbers rowids; `fleet reshard` copies
- * rows between files). The process learns the hashes of each data dir it opens and of every spec
- * version it records (`knowSpecVersion`), before a row can name one. SQL reads them with `specOfSql`:
- * 6 bytes name the oldest spec version of the data dir with that prefix, as the first known does here.
+ * Hashes named by a prefix of their bytes (migrations 27 and 30). Every episode names the spec version
+ * it ran on and the code bundle it ran, and every checkpoint its spec version: each one of the few
+ * hashes a data dir has in `spec_versions` or `bundles`, 32 bytes each time. A column of this kind
+ * stores the hash's first bytes when those name it (the hash is known to this process and no other
+ * known hash of its table begins with them), else all 32 bytes, and reads back the whole hex hash. A
+ * reference made of the hash itself, not a row number, reads the same in every copy of the data (a
+ * backup's `VACUUM INTO` renumbers rowids; `fleet reshard` copies rows between files). The process
+ * learns the hashes of each data dir it opens and of every one it records (`know`), before a row can
+ * name one. SQL reads them with `ofSql`: a prefix names the oldest hash of the data dir's table with
+ * it, as the first known does here.
  */
-const SPEC_REF_BYTES = 6;
-const specByPrefix = new Map<string, string>();
+class HashRefs {
+  private readonly byPrefix = new Map<string, string>();
+
+  constructor(
+    /** The table holding the hashes (column `hash`, hex text), oldest first by `created_at, rowid`. */
+    readonly table: string,
+    /** Bytes of a reference. */
+    readonly bytes: number,
+  ) {}
+
+  /** Learn a hash (idempotent): rows can name it by its prefix from now on. */
+  know(hash: string): void {
+    if (!HEX64.test(hash)) return;
+    const prefix = hash.slice(0, this.bytes * 2);
+    if (!this.byPrefix.has(prefix)) this.byPrefix.set(prefix, hash);
+  }
+
+  /** The stored form of a hash: its prefix when that names it, else as `hashToDriver`. */
+  toDriver(hex: string): string | Buffer {
+    const prefix = hex.slice(0, this.bytes * 2);
+    return this.byPrefix.get(prefix) === hex ? Buffer.from(prefix, "hex") : hashToDriver(hex);
+  }
+
+  /** The hex hash of a stored value (a prefix, 32 bytes or text); an unknown prefix reads as its hex. */
+  fromDriver(v: unknown): string {
+    const hex = hashFromDriver(v);
+    return hex.length === this.bytes * 2 && typeof v !== "string" ? (this.byPrefix.get(hex) ?? hex) : hex;
+  }
+
+  /** SQL for the first stored hash (hex text) that begins with the hex `prefixExpr`. */
+  private withPrefix(prefixExpr: string): string {
+    return `(SELECT r.hash FROM ${this.table} AS r WHERE r.hash >= ${prefixExpr} AND r.hash < ${prefixExpr} || 'g'
+    ORDER BY r.created_at, r.rowid LIMIT 1)`;
+  }
+
+  /** SQL for the hex hash of a stored expression (replication; tests reading raw rows). */
+  ofSql(expr: string): string {
+    return `(CASE WHEN typeof(${expr}) = 'blob' AND length(${expr}) = ${this.bytes}
+    THEN ${this.withPrefix(`lower(hex(${expr}))`)} ELSE ${hexOfSql(expr)} END)`;
+  }
+
+  /** SQL for the stored form of a hex hash expression (`toDriver` in SQL): what a column holding it equals. */
+  storedSql(hexExpr: string): string {
+    return `(CASE WHEN ${this.withPrefix(`substr(${hexExpr}, 1, ${this.bytes * 2})`)} = ${hexExpr}
+    THEN unhex(substr(${hexExpr}, 1, ${this.bytes * 2})) ELSE unhex(${hexExpr}) END)`;
+  }
+
+  /**
+   * SQL that rewrites column `c` in its stored form where it holds a hash as 32 bytes (or, with
+   * `fromText`, as 64 lowercase hex characters): its prefix where that names it, else its 32 bytes.
+   */
+  refSql(c: string, fromText = false): string {
+    const hex = fromText ? c : `lower(hex(${c}))`;
+    const full = fromText ? `unhex(${c})` : c;
+    const whole = fromText
+      ? `typeof(${c}) = 'text' AND ${c} GLOB '${HEX64_GLOB}'`
+      : `typeof(${c}) = 'blob' AND length(${c}) = 32`;
+    return `${c} = CASE WHEN ${whole} AND ${this.withPrefix(`substr(${hex}, 1, ${this.bytes * 2})`)} = ${hex}
+      THEN substr(${full}, 1, ${this.bytes}) WHEN ${whole} THEN ${full} ELSE ${c} END`;
+  }
+}
+
+/** Spec versions: 6 bytes (migration 27). */
+const specRefs = new HashRefs("spec_versions", 6);
+/**
+ * Code bundles: 8 bytes (migration 30). Their hashes come from agent code, so a prefix another bundle
+ * could be made to share costs 2^64 hashes to find, not 2^48.
+ */
+const bundleRefs = new HashRefs("bundles", 8);
 
 /** Learn a spec version's hash (idempotent): rows can name it by its prefix from now on. */
-export function knowSpecVersion(hash: string): void {
-  if (!HEX64.test(hash)) return;
-  const prefix = hash.slice(0, SPEC_REF_BYTES * 2);
-  if (!specByPrefix.has(prefix)) specByPrefix.set(prefix, hash);
-}
+export const knowSpecVersion = (hash: string): void => specRefs.know(hash);
+/** Learn a code bundle's hash (idempotent): episodes can name it by its prefix from now on. */
+export const knowBundle = (hash: string): void => bundleRefs.know(hash);
 
 /** The stored form of a spec version hash: its prefix when that names it, else as `hashToDriver`. */
-export function specToDriver(hex: string): string | Buffer {
-  const prefix = hex.slice(0, SPEC_REF_BYTES * 2);
-  return specByPrefix.get(prefix) === hex ? Buffer.from(prefix, "hex") : hashToDriver(hex);
-}
+export const specToDriver = (hex: string): string | Buffer => specRefs.toDriver(hex);
+/** The stored form of a bundle hash (`episodes.bundle`): its prefix when that names it, else its bytes. */
+export const bundleToDriver = (hex: string): string | Buffer => bundleRefs.toDriver(hex);
 
 /** The hex hash of a stored spec version (a prefix, 32 bytes or text); an unknown prefix reads as its hex. */
-export function specFromDriver(v: unknown): string {
-  const hex = hashFromDriver(v);
-  return hex.length === SPEC_REF_BYTES * 2 && typeof v !== "string" ? (specByPrefix.get(hex) ?? hex) : hex;
-}
+export const specFromDriver = (v: unknown): string => specRefs.fromDriver(v);
 
 /** A spec version column: hex hash to the code, its 6-byte prefix (or 32 bytes) in the file. Declared TEXT. */
 export const specColumn = customType<{ data: string; driverData: string | Buffer }>({
@@ -150,21 +214,24 @@ export const specColumn = customType<{ data: string; driverData: string | Buffer
   fromDriver: specFromDriver,
 });
 
-/** SQL for the first stored spec version whose hash (hex text) begins with the hex `prefixExpr`. */
-const specWithPrefix = (prefixExpr: string) =>
-  `(SELECT sv.hash FROM spec_versions AS sv WHERE sv.hash >= ${prefixExpr} AND sv.hash < ${prefixExpr} || 'g'
-    ORDER BY sv.created_at, sv.rowid LIMIT 1)`;
+/** A code bundle column: hex hash to the code, its 8-byte prefix (or 32 bytes) in the file. Declared TEXT. */
+export const bundleColumn = customType<{ data: string; driverData: string | Buffer }>({
+  dataType: () => "text",
+  toDriver: bundleToDriver,
+  fromDriver: (v) => bundleRefs.fromDriver(v),
+});
 
 /** SQL for the hex hash of a stored spec version expression (replication; tests reading raw rows). */
-export const specOfSql = (expr: string): string =>
-  `(CASE WHEN typeof(${expr}) = 'blob' AND length(${expr}) = ${SPEC_REF_BYTES}
-    THEN ${specWithPrefix(`lower(hex(${expr}))`)} ELSE ${hexOfSql(expr)} END)`;
+export const specOfSql = (expr: string): string => specRefs.ofSql(expr);
+/** SQL for the hex hash of a stored bundle expression (tests reading raw rows). */
+export const bundleOfSql = (expr: string): string => bundleRefs.ofSql(expr);
+/** SQL for the stored form of a bundle hash given as hex text (`bundleToDriver` in SQL). */
+export const bundleStoredSql = (hexExpr: string): string => bundleRefs.storedSql(hexExpr);
 
 /** SQL of migration 27: a stored spec version hash (32 bytes) as its prefix, where that names it in this data dir. */
-export const specRefSql = (c: string): string =>
-  `${c} = CASE WHEN typeof(${c}) = 'blob' AND length(${c}) = 32
-      AND ${specWithPrefix(`lower(hex(substr(${c}, 1, ${SPEC_REF_BYTES})))`)} = lower(hex(${c}))
-    THEN substr(${c}, 1, ${SPEC_REF_BYTES}) ELSE ${c} END`;
+export const specRefSql = (c: string): string => specRefs.refSql(c);
+/** SQL of migration 30: a bundle hash stored as hex text as its prefix where that names it, else its 32 bytes. */
+export const bundleRefSql = (c: string): string => bundleRefs.refSql(c, true);
 
 /** The spec version columns, by table (migration 27). */
 export const SPEC_COLUMNS: Readonly<Record<string, readonly string[]>> = {

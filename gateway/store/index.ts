@@ -13,6 +13,10 @@ export {
   ID_COLUMNS,
   checkpointHashIs,
   knowSpecVersion,
+  knowBundle,
+  bundleOfSql,
+  bundleStoredSql,
+  bundleToDriver,
   specOfSql,
   wireSql,
 } from "./hashes.ts";

@@ -9,7 +9,7 @@
  * Migrations are append-only: never edit one that has shipped, add the next.
  */
 import type { Client } from "@libsql/client";
-import { idBytesSql, idOfSql, specRefSql } from "./hashes.ts";
+import { bundleRefSql, idBytesSql, idOfSql, specRefSql } from "./hashes.ts";
 
 /**
  * The event log as rows (migration 18): each episode's `log` (JSONB `[[kind, data], ...]`) read out
@@ -501,6 +501,14 @@ const TOMBSTONE_FRONTIER: readonly string[] = [
   `ALTER TABLE agents ADD COLUMN tombstoned_seq INTEGER NOT NULL DEFAULT 0`,
 ];
 
+/**
+ * Bundles named by the first 8 bytes of their hash (issue 13: store bytes per episode). With code pinned
+ * by content, every episode named its bundle as 64 hex characters, in its row and in `episodes_bundle`
+ * (~140 bytes an episode). They keep the prefix when it names the hash (./hashes.ts `bundleColumn`: the
+ * oldest bundle with that prefix), else its 32 bytes; the index is rebuilt by the update.
+ */
+const BUNDLE_REFS: readonly string[] = [`UPDATE episodes SET ${bundleRefSql("bundle")} WHERE typeof(bundle) = 'text'`];
+
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
@@ -532,6 +540,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 27, name: "spec versions by hash prefix", statements: SPEC_REFS },
   { version: 28, name: "checkpoints found by hash prefix", statements: CHECKPOINT_HASH_PREFIX },
   { version: 29, name: "tombstone frontier", statements: TOMBSTONE_FRONTIER },
+  { version: 30, name: "bundles by hash prefix", statements: BUNDLE_REFS },
 ];
 
 /** The schema version this code writes. */

@@ -19,7 +19,7 @@ import {
   index,
 } from "drizzle-orm/sqlite-core";
 import type { AgentId } from "../types.ts";
-import { hashColumn, idColumn, specColumn } from "./hashes.ts";
+import { bundleColumn, hashColumn, idColumn, specColumn } from "./hashes.ts";
 
 /** Key/value facts about this data dir (gateway id, schema version). */
 export const meta = sqliteTable("meta", {
@@ -196,8 +196,11 @@ export const episodes = sqliteTable(
     eventCount: integer("event_count").notNull(),
     /** The kind of its stimulus (mqtt, timer, ...), for filters; null only where it could not be recovered. */
     stimulusKind: text("stimulus_kind"),
-    /** The code bundle it ran (`bundles.hash`); null when it ran from the module file. */
-    bundle: text("bundle"),
+    /**
+     * The code bundle it ran (`bundles.hash`); null when it ran from the module file. Stored as the
+     * first 8 bytes of the hash when those name it (./hashes.ts `bundleColumn`, migration 30).
+     */
+    bundle: bundleColumn("bundle"),
   },
   (t) => [
     index("episodes_bundle").on(t.bundle).where(sql`bundle IS NOT NULL`),

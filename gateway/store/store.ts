@@ -11,7 +11,7 @@ import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement 
 import * as t from "./schema.ts";
 import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
-import { checkpointHashIs, hashFromDriver, hashToDriver, knowSpecVersion } from "./hashes.ts";
+import { checkpointHashIs, hashFromDriver, hashToDriver, knowBundle, knowSpecVersion } from "./hashes.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
@@ -104,6 +104,9 @@ export class Store {
     // Rows name a spec version by its hash's prefix (./hashes.ts `specColumn`): learn this dir's, oldest first.
     const specs = await client.execute("SELECT hash FROM spec_versions ORDER BY created_at, rowid");
     for (const r of specs.rows) knowSpecVersion(String(r[0]));
+    // Episodes name their code bundle the same way (`bundleColumn`).
+    const bundles = await client.execute("SELECT hash FROM bundles ORDER BY created_at, rowid");
+    for (const r of bundles.rows) knowBundle(String(r[0]));
     const committer = new GroupCommitter(
       native,
       opts.commitFault ?? null,
@@ -166,6 +169,7 @@ export class Store {
 
   /** Store a bundle by its hash (idempotent). */
   async saveBundle(b: { hash: string; module: string; code: string; at: number }): Promise<void> {
+    knowBundle(b.hash);
     await this.writer.write([
       this.db
         .insert(t.bundles)

@@ -6,7 +6,7 @@
  * below, so a store built here is what the gateway would have left behind, just faster.
  * Used by test/gc.test.ts and scripts/bench-ops.ts.
  */
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { EpisodeRecord, Stimulus } from "../../agents/protocol.ts";
 import { hashEvents, sealCheckpoint } from "../../gateway/store/index.ts";
@@ -31,7 +31,8 @@ export interface SyntheticFleetOptions {
   readonly dedupDays: number;
   /**
    * The code bundle hash every episode records, as a gateway running pinned code does
-   * (docs/upgrading.md); none by default (the bundles row itself is not written).
+   * (docs/upgrading.md), stored as the gateway stores it (a `bundles` row with the module's code);
+   * none by default.
    */
   readonly bundle?: string;
   /**
@@ -101,6 +102,7 @@ export class SyntheticFleet {
     const dbPath = join(dir, "data", "fleet.db");
     const store = await Store.open(dbPath, { synchronous: "normal" });
     await store.saveSpecVersion({ hash: spec.hash, path: configPath, text: toml, summary: "synthetic", at: 0 });
+    if (opts.bundle) await store.saveBundle({ hash: opts.bundle, module, code: readFileSync(module, "utf8"), at: 0 });
     return new SyntheticFleet(dir, configPath, dbPath, store, spec, opts.bundle ?? null, opts.sidDigits ?? 0);
   }
 
