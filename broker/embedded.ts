@@ -5,7 +5,7 @@
 import { Aedes, type Client } from "aedes";
 import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
-import type { GuardViolation } from "./connection.ts";
+import { type GuardViolation, parseInSlices, type SliceableClient } from "./connection.ts";
 import { createHooks, type HookState } from "./hooks.ts";
 import { persistenceFor, type LibsqlPersistence } from "./persistence/index.ts";
 import { TcpListener, type ListenerHooks } from "./tcp.ts";
@@ -247,6 +247,7 @@ class EmbeddedBroker implements Broker {
     this.open++;
     conn.once("close", () => this.open--);
     const client = this.aedes.handle(conn) as Client;
+    parseInSlices(client as unknown as SliceableClient, () => conn.destroyed);
     if (max > 0 && this.open > max) {
       this.state.refuseAtConnect.set(client, { code: 3, reason: `server busy: max_connections (${max}) reached` });
     }

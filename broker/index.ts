@@ -24,6 +24,7 @@ export {
   type TopicCheck,
 } from "./topics.ts";
 export { PacketSizeGuard, type GuardVerdict } from "./guard.ts";
+export { PARSE_SLICE_BYTES, parseInSlices, type SliceableClient } from "./connection.ts";
 export {
   BrokerStoreTooNew,
   LibsqlPersistence,

@@ -12,6 +12,8 @@ import {
   createEmbeddedBroker,
   matchTopic,
   PacketSizeGuard,
+  PARSE_SLICE_BYTES,
+  parseInSlices,
   type Broker,
   type BrokerOptions,
   type ClientInfo,
@@ -416,6 +418,80 @@ describe("packet size guard", () => {
     const malformed = new PacketSizeGuard(1 << 30);
     expect(malformed.feed(Uint8Array.from([0x30, 0x80, 0x80, 0x80]))).toEqual({ ok: true });
     expect(malformed.feed(Uint8Array.from([0x80]))).toEqual({ ok: false, kind: "malformed" });
+  });
+});
+
+describe("parsing in slices", () => {
+  /**
+   * A stand-in for aedes' MQTT parser with the same contract: it keeps a message cut at the end
+   * of one `parse` until the next completes it. Messages are lines here. (The real parser is
+   * under test in the broker-level test below.)
+   */
+  class LineParser {
+    readonly got: string[] = [];
+    private rest = "";
+    parse(buf: Buffer): number {
+      const lines = (this.rest + buf.toString()).split("\n");
+      this.rest = lines.pop()!;
+      this.got.push(...lines);
+      return this.rest.length;
+    }
+  }
+
+  /** Settle every slice still scheduled (each takes one turn of the event loop). */
+  const turns = async (n: number) => {
+    for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r));
+  };
+
+  test("input is parsed a slice per turn, in order, with a message cut at a slice's end kept whole", async () => {
+    const parser = new LineParser();
+    const got = parser.got;
+    const sent = Array.from({ length: 300 }, (_, i) => `message ${i}`);
+    const bytes = Buffer.from(sent.map((m) => `${m}\n`).join(""));
+    // 1,000-byte slices of ~3.5 KB of messages: most slices end inside a message.
+    parseInSlices({ _parser: parser }, () => false, 1000);
+    parser.parse(bytes);
+    const first = got.length;
+    expect(first).toBeGreaterThan(0);
+    expect(first).toBeLessThan(sent.length);
+    // Bytes that arrive meanwhile wait behind the rest, not before it.
+    parser.parse(Buffer.from("late\n"));
+    expect(got).toHaveLength(first);
+    await turns(20);
+    expect(got).toEqual([...sent, "late"]);
+    // Small reads with nothing queued are parsed at once, as before.
+    parser.parse(Buffer.from("now\n"));
+    expect(got.at(-1)).toBe("now");
+  });
+
+  test("nothing more is parsed once the connection is closed", async () => {
+    const parser = new LineParser();
+    let closed = false;
+    parseInSlices({ _parser: parser }, () => closed, 100);
+    parser.parse(Buffer.from("x\n".repeat(200)));
+    const before = parser.got.length;
+    expect(before).toBeLessThan(200);
+    closed = true;
+    await turns(50);
+    expect(parser.got).toHaveLength(before);
+  });
+
+  test("a burst of QoS 1 publishes in one write, many slices long, is taken and acked whole, in order", async () => {
+    const h = await startBroker();
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("burst");
+    const n = 2000;
+    const burst = Buffer.concat(Array.from({ length: n }, (_, i) => publishPacket(`s/${i}`, String(i), 1, i + 1)));
+    expect(burst.length).toBeGreaterThan(3 * PARSE_SLICE_BYTES);
+    raw.socket.write(burst);
+    await h.untilIntakes(n);
+    expect(h.intakes.map((x) => x.msg.topic)).toEqual(Array.from({ length: n }, (_, i) => `s/${i}`));
+    await raw.watch.until(
+      () => (raw.reader.packets.filter((p) => p.type === PUBACK).length === n ? true : undefined),
+      `${n} PUBACKs`,
+    );
+    const ids = raw.reader.packets.filter((p) => p.type === PUBACK).map((p) => (p.body[0]! << 8) | p.body[1]!);
+    expect(ids).toEqual(Array.from({ length: n }, (_, i) => i + 1));
   });
 });
 
