@@ -151,22 +151,25 @@ describe("retention of bundles", () => {
       const now = Date.UTC(2026, 0, 10);
       const old = now - 60 * DAY;
       const h = (c: string) => c.repeat(64);
-      for (const c of ["1", "2", "3", "4", "5"])
-        await store.saveBundle({ hash: h(c), module: `/m/${c}.ts`, code: `// ${c}`, at: old });
-      await store.db.insert(tables.episodes).values({
-        id: "ep-1",
-        agent: "t/a" as AgentId,
-        stimulusSeq: 1,
-        stimulusId: "id:1",
-        specVersion: h("a"),
-        status: "committed",
-        attempt: 1,
-        startedAt: now - DAY,
-        endedAt: now - DAY,
-        eventsHash: h("e"),
-        eventCount: 0,
-        bundle: h("1"),
-      });
+      // `twin` shares the first 8 bytes of h("1"), saved after it: episodes name it by all 32 bytes.
+      const twin = `${"1".repeat(16)}${"f".repeat(48)}`;
+      for (const [c, hash] of [...["1", "2", "3", "4", "5"].map((c) => [c, h(c)]), ["twin", twin]])
+        await store.saveBundle({ hash: hash!, module: `/m/${c}.ts`, code: `// ${c}`, at: old });
+      for (const [i, bundle] of [h("1"), twin].entries())
+        await store.db.insert(tables.episodes).values({
+          id: `ep-${i + 1}`,
+          agent: "t/a" as AgentId,
+          stimulusSeq: i + 1,
+          stimulusId: `id:${i + 1}`,
+          specVersion: h("a"),
+          status: "committed",
+          attempt: 1,
+          startedAt: now - DAY,
+          endedAt: now - DAY,
+          eventsHash: h("e"),
+          eventCount: 0,
+          bundle,
+        });
       await store.saveSpecVersion({
         hash: h("b"),
         path: "/f",
@@ -184,16 +187,17 @@ describe("retention of bundles", () => {
         bundles: { t: h("4") },
       });
       // The episode names its bundle by the hash's first 8 bytes (store/hashes.ts `bundleColumn`).
-      const raw = await store.client.execute("SELECT hex(bundle) AS b FROM episodes");
-      expect(raw.rows.map((x) => x.b)).toEqual(["1".repeat(16)]);
+      const raw = await store.client.execute("SELECT lower(hex(bundle)) AS b FROM episodes ORDER BY id");
+      expect(raw.rows.map((x) => x.b)).toEqual(["1".repeat(16), twin]);
       expect((await store.getEpisode("ep-1"))?.bundle).toBe(h("1"));
+      expect((await store.getEpisode("ep-2"))?.bundle).toBe(twin);
       const spec = (await compileSpec('[fleet]\nname = "gc"\n', "/f")).spec;
       const dry = await gcPass(store, spec, { now, dryRun: true, keepBundles: [h("3")] });
       expect(dry.bundlesDeleted).toBe(2);
       const r = await gcPass(store, spec, { now, keepBundles: [h("3")] });
       expect(r.bundlesDeleted).toBe(2);
       const left = (await store.client.execute("SELECT hash FROM bundles ORDER BY hash")).rows.map((x) => x.hash);
-      expect(left).toEqual([h("1"), h("2"), h("3")]);
+      expect(left).toEqual([h("1"), twin, h("2"), h("3")]);
     } finally {
       await store.close();
     }

@@ -167,8 +167,9 @@ class HashRefs {
 
   /** SQL for the stored form of a hex hash expression (`toDriver` in SQL): what a column holding it equals. */
   storedSql(hexExpr: string): string {
-    return `(CASE WHEN ${this.withPrefix(`substr(${hexExpr}, 1, ${this.bytes * 2})`)} = ${hexExpr}
-    THEN unhex(substr(${hexExpr}, 1, ${this.bytes * 2})) ELSE unhex(${hexExpr}) END)`;
+    const whole = `${hexExpr} GLOB '${HEX64_GLOB}'`;
+    return `(CASE WHEN ${whole} AND ${this.withPrefix(`substr(${hexExpr}, 1, ${this.bytes * 2})`)} = ${hexExpr}
+    THEN unhex(substr(${hexExpr}, 1, ${this.bytes * 2})) WHEN ${whole} THEN unhex(${hexExpr}) ELSE ${hexExpr} END)`;
   }
 
   /**
