@@ -62,6 +62,39 @@ async function throughput(
   return n / ((performance.now() - began) / 1000);
 }
 
+/**
+ * Where the slowest pings of the flood phase spent their time, from the gateway's own rows (its
+ * clock is this machine's): PUBLISH -> stimulus recorded (intake), -> episode started (queue),
+ * -> episode ended (run: spawn or spare, the agent, the child's messages), -> output received
+ * here (commit, WAL sync, publish, and this process's own backlog of flood PUBACKs).
+ */
+async function slowest(fleet: TestFleet, pinger: Pinger, from: number, n: number): Promise<string[]> {
+  const offset = Date.now() - performance.now();
+  const pings = [...pinger.sent]
+    .filter(([, at]) => at >= from)
+    .map(([id, at]) => ({ id, at, ms: (pinger.arrived.get(id) ?? Number.POSITIVE_INFINITY) - at }))
+    .sort((a, b) => b.ms - a.ms)
+    .slice(0, n);
+  const out: string[] = [];
+  for (const p of pings) {
+    const [row] = await fleet.query<{ received: number; started: number; ended: number }>(
+      `SELECT s.received_at AS received, e.started_at AS started, e.ended_at AS ended FROM stimuli s
+        JOIN episodes e ON e.stimulus_seq = s.seq AND e.status = 'committed' WHERE s.agent = ? AND s.sid = ?`,
+      [pinger.agent, `id:${p.id}`],
+    );
+    const sent = p.at + offset;
+    const arrived = p.at + p.ms + offset;
+    out.push(
+      row
+        ? `slow ping ${p.id}, ${(p.at - from).toFixed(0)} ms into the flood: ${p.ms.toFixed(0)} ms = intake ` +
+            `${(row.received - sent).toFixed(0)} + queue ${row.started - row.received} + run ` +
+            `${row.ended - row.started} + out ${(arrived - row.ended).toFixed(0)}`
+        : `slow ping ${p.id}: ${p.ms.toFixed(0)} ms (no committed episode found)`,
+    );
+  }
+  return out;
+}
+
 /** Run both measurements; returns the rows (also logged as they come when `log` is given). */
 export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
   const log = o.log ?? (() => {});
@@ -167,6 +200,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       await quiet.stop(60_000);
       const flooded = quiet.latencies(from);
       await acked;
+      for (const line of await slowest(fleet, quiet, from, 3)) log(`  ${line}`);
       const [{ n: backlog }] = (await fleet.query<{ n: number }>(
         "SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'",
       )) as [{ n: number }];

@@ -290,7 +290,7 @@ export class Pinger {
 
   private constructor(
     private readonly pub: MqttClient,
-    private readonly agent: string,
+    readonly agent: string,
     private readonly prefix: string,
   ) {}
 
