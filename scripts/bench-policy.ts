@@ -6,12 +6,14 @@
  *    every budget set, cost metered) vs off (no tool calls, default budgets): one gateway,
  *    the same agent module and config otherwise, stimuli spread over 16 agents.
  * 2. Stimulus -> `out` latency (p50/p99) of a quiet agent pinged every 200 ms, alone vs
- *    while another agent is flooded with thousands of QoS 1 stimuli.
+ *    while another agent is flooded with thousands of QoS 1 stimuli at once by a device in its own
+ *    process (./bench/flooder.ts).
  *
  * Real gateway process, real MQTT (mqtt.js), real episode subprocesses. `benchPolicy()` is
  * exported so a bench runner can include it; run directly it prints a table.
  */
 import { loadavg } from "node:os";
+import { fileURLToPath } from "node:url";
 import type { MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, subscribe, waitFor } from "../test/helpers/gateway.ts";
 import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
@@ -35,6 +37,7 @@ export interface PolicyBenchOptions {
 }
 
 const KEYS = 16;
+const FLOODER = fileURLToPath(new URL("./bench/flooder.ts", import.meta.url));
 const STEPS = [0, 1, 2].map((i) => ({ tool: "publish", args: [`bench/policy/${i}`, { i }] }));
 
 /** Send `n` stimuli over KEYS agents of `type` and time until all their outputs arrived; episodes/s. */
@@ -180,13 +183,19 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       await quiet.stop();
       const solo = quiet.latencies(from);
 
-      const flooder = await fleet.mqtt();
+      // The flooding device runs in its own process, as a device does: its PUBACKs are not handled
+      // on this thread, which times the quiet agent's outputs (before, they queued in front of them).
       const floodN = o.quick ? 1000 : 5000;
-      const acked = Promise.all(
-        Array.from({ length: floodN }, (_, i) =>
-          flooder.publishAsync("flood/f1/in", JSON.stringify({ id: `f${i}` }), { qos: 1 }),
-        ),
-      );
+      const flooder = Bun.spawn([process.execPath, FLOODER, String(fleet.mqttPort), "flood/f1/in", String(floodN)], {
+        stdout: "pipe",
+        stderr: "inherit",
+      });
+      const acked = (async () => {
+        const out = await new Response(flooder.stdout).text();
+        if ((await flooder.exited) !== 0) throw new Error(`the flooder failed: ${out.trim()}`);
+        return out.trim();
+      })();
+      acked.catch(() => {}); // awaited below; an error before then must not go unhandled
       await waitFor(
         async () =>
           (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1'"))[0]!.n >=
@@ -199,7 +208,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       await Bun.sleep(seconds * 1000);
       await quiet.stop(60_000);
       const flooded = quiet.latencies(from);
-      await acked;
+      log(`  flooder: ${await acked} ms for ${floodN} QoS 1 messages`);
       for (const line of await slowest(fleet, quiet, from, 3)) log(`  ${line}`);
       const [{ n: backlog }] = (await fleet.query<{ n: number }>(
         "SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'",
