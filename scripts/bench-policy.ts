@@ -69,7 +69,7 @@ async function throughput(
  * Where the slowest pings of the flood phase spent their time, from the gateway's own rows (its
  * clock is this machine's): PUBLISH -> stimulus recorded (intake), -> episode started (queue),
  * -> episode ended (run: spawn or spare, the agent, the child's messages), -> output received
- * here (commit, WAL sync, publish, and this process's own backlog of flood PUBACKs).
+ * here (commit, WAL sync, publish, and this process's own turn to read it).
  */
 async function slowest(fleet: TestFleet, pinger: Pinger, from: number, n: number): Promise<string[]> {
   const offset = Date.now() - performance.now();

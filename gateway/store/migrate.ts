@@ -505,7 +505,7 @@ const TOMBSTONE_FRONTIER: readonly string[] = [
  * Bundles named by the first 8 bytes of their hash (issue 13: store bytes per episode). With code pinned
  * by content, every episode named its bundle as 64 hex characters, in its row and in `episodes_bundle`
  * (~140 bytes an episode). They keep the prefix when it names the hash (./hashes.ts `bundleColumn`: the
- * oldest bundle with that prefix), else its 32 bytes; the index is rebuilt by the update.
+ * oldest bundle with that prefix), else its 32 bytes; `episodes_bundle` follows the rows.
  */
 const BUNDLE_REFS: readonly string[] = [`UPDATE episodes SET ${bundleRefSql("bundle")} WHERE typeof(bundle) = 'text'`];
 
