@@ -37,8 +37,12 @@ async function rate(client: MqttClient, count: number, window: number, run: stri
 
 /** Run section (a). */
 export async function benchIntake(o: BenchOptions): Promise<Row[]> {
-  const count = o.quick ? 6_000 : 21_000;
-  const warmup = o.quick ? 500 : 2_000;
+  // Rounds long enough for every target to reach its steady state: with 7,000-message rounds after
+  // 2,000 warm-up messages, bare aedes was still speeding up (42k -> 98k msg/s across the rounds of
+  // one run on a 2-core box) and the ratio moved 0.28x-0.51x between runs; with these it is within a
+  // few hundredths (0.29x-0.33x in three runs).
+  const count = o.quick ? 6_000 : 90_000;
+  const warmup = o.quick ? 500 : 10_000;
   const perRound = Math.round(count / ROUNDS);
   o.log(
     `intake: ${ROUNDS} interleaved rounds of ${perRound} QoS 1 messages over ` +
