@@ -88,10 +88,11 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     const keep = type.checkpoint.keep;
     const budget = batch - report.tombstoned;
     if (keep === 0 || budget <= 0) continue;
-    const from = sql.raw("max(a.anchor_seq, a.tombstoned_seq)");
+    // Where an agent's chain still has states to tombstone from (`t`: the agents table's name in the query).
+    const from = (t: string) => sql.raw(`max(${t}.anchor_seq, ${t}.tombstoned_seq)`);
     const pick = sql`SELECT c.rowid FROM agents a JOIN checkpoints c ON c.agent = a.id
-        AND c.seq > ${from} AND c.seq <= a.head_seq - ${keep}
-      WHERE a.type = ${type.name} AND a.head_seq - ${from} > ${keep} AND c.state IS NOT NULL
+        AND c.seq > ${from("a")} AND c.seq <= a.head_seq - ${keep}
+      WHERE a.type = ${type.name} AND a.head_seq - ${from("a")} > ${keep} AND c.state IS NOT NULL
       ${unconfirmed.checkpoint} LIMIT ${budget}`;
     if (opts.dryRun) report.tombstoned += await scalar(store, sql`SELECT count(*) FROM (${pick})`);
     else {
@@ -101,10 +102,9 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
         // the batch did not reach, or the center has not confirmed), never backwards.
         store.db.run(sql`UPDATE agents SET tombstoned_seq = max(tombstoned_seq, coalesce(
             (SELECT min(c.seq) - 1 FROM checkpoints c WHERE c.agent = agents.id
-              AND c.seq > max(agents.anchor_seq, agents.tombstoned_seq) AND c.seq <= agents.head_seq - ${keep}
-              AND c.state IS NOT NULL),
+              AND c.seq > ${from("agents")} AND c.seq <= agents.head_seq - ${keep} AND c.state IS NOT NULL),
             agents.head_seq - ${keep}))
-          WHERE type = ${type.name} AND head_seq - max(anchor_seq, tombstoned_seq) > ${keep}`),
+          WHERE type = ${type.name} AND head_seq - ${from("agents")} > ${keep}`),
       ]);
       report.tombstoned += (r as { rowsAffected: number }).rowsAffected;
     }
