@@ -413,6 +413,46 @@ describe("intake", () => {
     }
   });
 
+  test("a large intake gets seqs in its order across multi-row inserts; duplicates anywhere are null", async () => {
+    const store = await open(freshPath());
+    try {
+      const [old] = await store.intake([stim("id:old", "boiler-2")]);
+      // 90 rows go in as runs of 64, 16, 4, 4 and 1 and 1: the duplicates sit in different runs.
+      const batch = Array.from({ length: 90 }, (_, i) => stim(`id:${i}`, `boiler-${i % 3}`));
+      batch[70] = stim("id:5", "boiler-2"); // id:5 of boiler-2, earlier in this very call
+      batch[88] = stim("id:old", "boiler-2"); // recorded before
+      batch[89] = stim("id:old", "boiler-1"); // another agent's: not a duplicate
+      const out = await store.intake(batch);
+      expect(out.map((o, i) => (o.seq === null ? i : -1)).filter((i) => i >= 0)).toEqual([70, 88]);
+      const seqs = out.filter((o) => o.seq !== null).map((o) => o.seq!);
+      expect(seqs).toEqual([...seqs].sort((a, b) => a - b));
+      expect(seqs[0]).toBeGreaterThan(old!.seq!);
+      expect(out.map((o) => [o.agent, o.sid])).toEqual(batch.map((s) => [s.agent, s.sid]));
+      const rows = await store.client.execute({
+        sql: "SELECT seq, agent, sid FROM stimuli WHERE seq = ?",
+        args: [out[89]!.seq],
+      });
+      expect([rows.rows[0]!.agent, rows.rows[0]!.sid]).toEqual(["temp/boiler-1", "id:old"]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("integers read on the store's path stay numbers after the client's own path ran the same SQL", async () => {
+    const store = await open(freshPath());
+    try {
+      await store.setMeta("k", "v");
+      const sql = "SELECT count(*) AS n FROM meta WHERE key = 'k'";
+      // The client's transactions prepare with safeIntegers(true) (integers as BigInt).
+      const tx = await store.client.transaction("read");
+      expect((await tx.execute(sql)).rows[0]!.n).toBe(1);
+      tx.close();
+      expect((await store.client.execute(sql)).rows[0]!.n).toBe(1);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("a duplicate stimulus after a restart is not recorded again", async () => {
     const path = freshPath();
     const before = await open(path);

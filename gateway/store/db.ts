@@ -15,7 +15,7 @@ import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
 import { ensurePrivateFile, secureDataDir } from "./files.ts";
 import { nativeClient, runBatch } from "./native.ts";
-import { nativeConnection, type NativeConnection } from "./statements.ts";
+import { nativeConnection, ownStatement, type NativeConnection } from "./statements.ts";
 
 /** The drizzle handle over the fleet schema. */
 export type Db = LibSQLDatabase<typeof schema>;
@@ -247,13 +247,13 @@ export class GroupCommitter {
     const injected = this.fault?.();
     if (injected) throw injected;
     if (!this.walSync) return runBatch(this.conn, items, "write");
-    this.conn.prepare("PRAGMA synchronous = NORMAL").run([]);
+    ownStatement(this.conn, "PRAGMA synchronous = NORMAL").stmt.run([]);
     try {
       const results = runBatch(this.conn, items, "write");
       this.committed++;
       return results;
     } finally {
-      this.conn.prepare("PRAGMA synchronous = FULL").run([]);
+      ownStatement(this.conn, "PRAGMA synchronous = FULL").stmt.run([]);
     }
   }
 

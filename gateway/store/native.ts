@@ -7,7 +7,7 @@
  * here; everything else (migrations, interactive transactions, close) stays the client's.
  */
 import type { Client, InArgs, InStatement, InValue, ResultSet, Row, TransactionMode } from "@libsql/client";
-import type { NativeConnection, NativeStatement } from "./statements.ts";
+import { ownStatement, type NativeConnection, type OwnStatement } from "./statements.ts";
 
 const BEGIN: Record<TransactionMode, string> = {
   write: "BEGIN IMMEDIATE",
@@ -35,16 +35,16 @@ export function runBatch(
 ): ResultSet[] {
   const begin = BEGIN[mode];
   if (!begin) throw new RangeError(`unknown transaction mode: ${String(mode)}`);
-  conn.prepare(begin).run([]);
+  ownStatement(conn, begin).stmt.run([]);
   try {
     const results = items.map((item) => {
       const { sql, args } = normalize(item);
-      return runStatement(conn.prepare(sql), args);
+      return runStatement(ownStatement(conn, sql), args);
     });
-    conn.prepare("COMMIT").run([]);
+    ownStatement(conn, "COMMIT").stmt.run([]);
     return results;
   } catch (err) {
-    if (conn.inTransaction) conn.prepare("ROLLBACK").run([]);
+    if (conn.inTransaction) ownStatement(conn, "ROLLBACK").stmt.run([]);
     throw err;
   }
 }
@@ -62,7 +62,7 @@ export function nativeClient(client: Client, conn: NativeConnection): Client {
     execute: ((stmt: InStatement | string, args?: InArgs) =>
       settle(() => {
         const s = normalize(stmt, args);
-        return runStatement(conn.prepare(s.sql), s.args);
+        return runStatement(ownStatement(conn, s.sql), s.args);
       })) as Client["execute"],
     batch: (stmts, mode) => settle(() => runBatch(conn, stmts, mode ?? "deferred")),
     migrate: (stmts) => client.migrate(stmts),
@@ -80,28 +80,14 @@ export function nativeClient(client: Client, conn: NativeConnection): Client {
   };
 }
 
-/** Column names per prepared statement (asking the driver is a native call). */
-const columnNames = new WeakMap<NativeStatement, readonly string[]>();
-
 /** Run one statement; rows come back readable by column name and by index. */
-export function runStatement(stmt: NativeStatement, args: InArgs): ResultSet {
-  const bound = toArgs(args);
-  stmt.safeIntegers(false);
-  if (!stmt.reader) {
-    const info = stmt.run(bound as unknown[]);
+export function runStatement(own: OwnStatement, args: InArgs): ResultSet {
+  const bound = toArgs(args) as unknown[];
+  if (!own.reader) {
+    const info = own.stmt.run(bound);
     return resultSet([], [], info.changes, BigInt(info.lastInsertRowid));
   }
-  let columns = columnNames.get(stmt);
-  if (!columns) {
-    columns = stmt.columns().map((c) => c.name);
-    columnNames.set(stmt, columns);
-  }
-  const proto = rowPrototype(columns);
-  const rows = stmt
-    .raw(true)
-    .all(bound as unknown[])
-    .map((values) => toRow(values, columns, proto));
-  return resultSet(columns, rows, 0, undefined);
+  return resultSet(own.columns, toRows(own.columns, own.stmt.all(bound)), 0, undefined);
 }
 
 function resultSet(
@@ -140,6 +126,12 @@ function rowPrototype(columns: readonly string[]): object {
     });
   rowPrototypes.set(columns, proto);
   return proto;
+}
+
+/** A reader's raw rows (arrays of values) as the client's rows, readable by column name and by index. */
+function toRows(columns: readonly string[], raw: unknown[][]): Row[] {
+  const proto = rowPrototype(columns);
+  return raw.map((values) => toRow(values, columns, proto));
 }
 
 function toRow(values: unknown[], columns: readonly string[], proto: object): Row {

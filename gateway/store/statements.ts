@@ -20,10 +20,14 @@ type Connection = { prepare(sql: string): unknown };
 
 const cachedConnections = new WeakSet<object>();
 
+/** Each cached connection's own, uncached `prepare`. */
+const uncached = new WeakMap<object, (sql: string) => unknown>();
+
 function withStatementCache(db: Connection): Connection {
   if (cachedConnections.has(db)) return db;
   cachedConnections.add(db);
   const prepare = db.prepare.bind(db);
+  uncached.set(db, prepare);
   const statements = new Map<string, unknown>();
   db.prepare = (sql: string) => {
     let stmt = statements.get(sql);
@@ -87,4 +91,39 @@ export async function nativeConnection(client: Client): Promise<NativeConnection
   await probe;
   if (seen.length !== 1) throw new Error(`store: expected the client to borrow one connection, saw ${seen.length}`);
   return seen[0] as unknown as NativeConnection;
+}
+
+/**
+ * A statement of the store's own path (./native.ts), prepared apart from the client's: the client
+ * sets `safeIntegers(true)` on the statements it runs, so a statement shared with it would need
+ * both settings made again before every use, each a call into the driver. These are set once.
+ */
+export interface OwnStatement {
+  readonly stmt: NativeStatement;
+  /** It returns rows (a SELECT, or a write with RETURNING); set to `raw` mode, rows as arrays. */
+  readonly reader: boolean;
+  /** Its column names, when it returns rows. */
+  readonly columns: readonly string[];
+}
+
+const ownStatements = new WeakMap<object, Map<string, OwnStatement>>();
+
+/** `sql` prepared on `conn` for the store's own path, kept per connection by SQL text. */
+export function ownStatement(conn: NativeConnection, sql: string): OwnStatement {
+  let cache = ownStatements.get(conn);
+  if (!cache) {
+    cache = new Map();
+    ownStatements.set(conn, cache);
+  }
+  let own = cache.get(sql);
+  if (own) return own;
+  const stmt = (uncached.get(conn) ?? conn.prepare.bind(conn))(sql) as NativeStatement;
+  stmt.safeIntegers(false);
+  const reader = stmt.reader;
+  if (reader) stmt.raw(true);
+  own = { stmt, reader, columns: reader ? stmt.columns().map((c) => c.name) : [] };
+  // Oldest first out: the hot statements are few and come back at once.
+  if (cache.size >= MAX_STATEMENTS) cache.delete(cache.keys().next().value!);
+  cache.set(sql, own);
+  return own;
 }

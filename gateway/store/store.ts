@@ -6,7 +6,7 @@
  * ./episodes.ts); the rest goes through drizzle.
  */
 import { and, asc, desc, eq, getTableColumns, gt, inArray, lt, count, min, sql } from "drizzle-orm";
-import type { Client, ResultSet } from "@libsql/client";
+import type { Client, InValue, ResultSet } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement } from "./db.ts";
 import * as t from "./schema.ts";
 import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
@@ -54,9 +54,30 @@ export interface TurnInputs {
 /** A wake-up as stored. */
 export type WakeRow = typeof t.wakeups.$inferSelect;
 
-const INSERT_STIMULUS =
-  "INSERT INTO stimuli (agent, sid, kind, topic, payload, received_at, expires_at, traceparent) " +
-  "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING";
+/**
+ * Stimuli go in as multi-row INSERTs of these sizes, largest first (65 rows: 64 + 1): per row,
+ * one statement of 64 costs SQLite less than 64 of one (AUTOINCREMENT reads and writes
+ * `sqlite_sequence` once per statement) and the gateway's thread fewer calls into the driver,
+ * and a few sizes keep the statement cache small. A row a duplicate `(agent, sid)` leaves out is
+ * absent from RETURNING.
+ */
+const STIMULUS_ROWS = [64, 16, 4, 1] as const;
+const insertStimuli = new Map(
+  STIMULUS_ROWS.map((n) => [
+    n,
+    "INSERT INTO stimuli (agent, sid, kind, topic, payload, received_at, expires_at, traceparent) VALUES " +
+      Array.from({ length: n }, () => "(?,?,?,?,?,?,?,?)").join(",") +
+      " ON CONFLICT DO NOTHING RETURNING seq, agent, sid",
+  ]),
+);
+
+/** `rows` in runs of the sizes of `STIMULUS_ROWS`, largest first. */
+function stimulusRuns<T>(rows: readonly T[]): T[][] {
+  const out: T[][] = [];
+  let i = 0;
+  for (const n of STIMULUS_ROWS) for (; rows.length - i >= n; i += n) out.push(rows.slice(i, i + n));
+  return out;
+}
 
 /** Result of recording one stimulus: `seq` null means it was a duplicate. */
 export interface IntakeOutcome {
@@ -424,23 +445,27 @@ export class Store {
       });
     }
     const firstInsert = stmts.length;
-    // One cached single-row statement per stimulus: the rowid of a row it inserted is its seq,
-    // and a duplicate (agent, sid) inserts nothing.
-    for (const s of all) {
-      stmts.push({
-        sql: INSERT_STIMULUS,
-        args: [s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt, s.expiresAt ?? null, s.traceparent ?? null],
-      });
+    for (const run of stimulusRuns(all)) {
+      const args: InValue[] = [];
+      for (const s of run)
+        args.push(s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt, s.expiresAt ?? null, s.traceparent ?? null);
+      stmts.push({ sql: insertStimuli.get(run.length as (typeof STIMULUS_ROWS)[number])!, args });
     }
-    // Each call's outcomes, from the results of the transaction they shared.
+    // Each call's outcomes, from the results of the transaction they shared: a stimulus has the
+    // seq its row was given; one whose (agent, sid) was there before, or earlier in the same
+    // transaction, is a duplicate.
     let outcomes: IntakeOutcome[][] | null = null;
     const outcomesOf = (results: ResultSet[]): IntakeOutcome[][] => {
       if (outcomes) return outcomes;
-      let i = firstInsert;
+      const inserted = new Map<string, number>();
+      for (const rs of results.slice(firstInsert))
+        for (const r of rs.rows) inserted.set(`${r[1]}\n${r[2]}`, Number(r[0]));
       outcomes = calls.map((c) =>
         c.items.map((s) => {
-          const rs = results[i++]!;
-          return { agent: s.agent, sid: s.sid, seq: rs.rowsAffected === 1 ? Number(rs.lastInsertRowid) : null };
+          const key = `${s.agent}\n${s.sid}`;
+          const seq = inserted.get(key) ?? null;
+          inserted.delete(key); // the first of two equal stimuli got the row
+          return { agent: s.agent, sid: s.sid, seq };
         }),
       );
       for (const a of fresh.keys()) this.knownAgents.add(a);
