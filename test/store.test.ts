@@ -417,22 +417,28 @@ describe("intake", () => {
     const store = await open(freshPath());
     try {
       const [old] = await store.intake([stim("id:old", "boiler-2")]);
-      // 90 rows go in as runs of 64, 16, 4, 4 and 1 and 1: the duplicates sit in different runs.
+      // 90 rows go in as runs of 64, 16, 4, 4, 1 and 1: the duplicates sit in different runs, one
+      // last in its run, and one run is nothing but duplicates.
       const batch = Array.from({ length: 90 }, (_, i) => stim(`id:${i}`, `boiler-${i % 3}`));
+      batch[63] = stim("id:0", "boiler-0"); // the first item again, last of the first run
       batch[70] = stim("id:5", "boiler-2"); // id:5 of boiler-2, earlier in this very call
+      for (let i = 84; i < 88; i++) batch[i] = batch[i - 74]!; // a run of four repeats
       batch[88] = stim("id:old", "boiler-2"); // recorded before
       batch[89] = stim("id:old", "boiler-1"); // another agent's: not a duplicate
       const out = await store.intake(batch);
-      expect(out.map((o, i) => (o.seq === null ? i : -1)).filter((i) => i >= 0)).toEqual([70, 88]);
+      expect(out.map((o, i) => (o.seq === null ? i : -1)).filter((i) => i >= 0)).toEqual([63, 70, 84, 85, 86, 87, 88]);
       const seqs = out.filter((o) => o.seq !== null).map((o) => o.seq!);
       expect(seqs).toEqual([...seqs].sort((a, b) => a - b));
       expect(seqs[0]).toBeGreaterThan(old!.seq!);
       expect(out.map((o) => [o.agent, o.sid])).toEqual(batch.map((s) => [s.agent, s.sid]));
+      // Every seq names the row of its own stimulus.
       const rows = await store.client.execute({
-        sql: "SELECT seq, agent, sid FROM stimuli WHERE seq = ?",
-        args: [out[89]!.seq],
+        sql: "SELECT seq, agent, sid FROM stimuli WHERE seq > ?",
+        args: [old!.seq],
       });
-      expect([rows.rows[0]!.agent, rows.rows[0]!.sid]).toEqual(["temp/boiler-1", "id:old"]);
+      const bySeq = new Map(rows.rows.map((r) => [Number(r.seq), `${r.agent} ${r.sid}`]));
+      expect(bySeq.size).toBe(83);
+      for (const o of out) if (o.seq !== null) expect(bySeq.get(o.seq)).toBe(`${o.agent} ${o.sid}`);
     } finally {
       await store.close();
     }

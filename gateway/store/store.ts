@@ -58,8 +58,7 @@ export type WakeRow = typeof t.wakeups.$inferSelect;
  * Stimuli go in as multi-row INSERTs of these sizes, largest first (65 rows: 64 + 1): per row,
  * one statement of 64 costs SQLite less than 64 of one (AUTOINCREMENT reads and writes
  * `sqlite_sequence` once per statement) and the gateway's thread fewer calls into the driver,
- * and a few sizes keep the statement cache small. A row a duplicate `(agent, sid)` leaves out is
- * absent from RETURNING.
+ * and a few sizes keep the statement cache small.
  */
 const STIMULUS_ROWS = [64, 16, 4, 1] as const;
 const insertStimuli = new Map(
@@ -67,9 +66,56 @@ const insertStimuli = new Map(
     n,
     "INSERT INTO stimuli (agent, sid, kind, topic, payload, received_at, expires_at, traceparent) VALUES " +
       Array.from({ length: n }, () => "(?,?,?,?,?,?,?,?)").join(",") +
-      " ON CONFLICT DO NOTHING RETURNING seq, agent, sid",
+      " ON CONFLICT DO NOTHING",
   ]),
 );
+/**
+ * Run right after each insert, when a duplicate `(agent, sid)` left rows out (`changes()` below the
+ * run's length): rows that may be its, a range that holds every row it inserted. The statement
+ * numbered at most one seq per row of the run, and its last inserted row is `last_insert_rowid()`.
+ * A run with no duplicate needs no read: its rows are the run, in order, numbered one after
+ * another up to `last_insert_rowid()` (nothing else writes in between).
+ */
+const INSERTED_STIMULI =
+  "SELECT seq, agent, sid FROM stimuli WHERE changes() < ?1 " +
+  "AND seq > last_insert_rowid() - ?1 AND seq <= last_insert_rowid()";
+
+/**
+ * The seq of each stimulus of `runs`, in order, or null for a duplicate, from the results of the
+ * statements built for them: the highest seq before, then per run its insert and its read.
+ */
+function insertedSeqs(runs: readonly (readonly NewStimulus[])[], results: readonly ResultSet[]): (number | null)[] {
+  const inserts = runs.map((_, r) => results[1 + 2 * r]!);
+  if (runs.every((run, r) => inserts[r]!.rowsAffected === run.length)) {
+    const seqs: number[] = [];
+    for (const [r, run] of runs.entries()) {
+      const last = Number(inserts[r]!.lastInsertRowid);
+      for (let i = run.length - 1; i >= 0; i--) seqs.push(last - i);
+    }
+    return seqs;
+  }
+  // Rows this transaction inserted, by (agent, sid): the full runs' own, and what the reads after the
+  // others found above the seq before (a read may also see a row of an earlier run: the same fact).
+  const floor = Number(results[0]!.rows[0]![0]);
+  const key = (agent: unknown, sid: unknown) => `${String(agent)}\n${String(sid)}`;
+  const inserted = new Map<string, number>();
+  for (const [r, run] of runs.entries()) {
+    const insert = inserts[r]!;
+    if (insert.rowsAffected === run.length) {
+      const last = Number(insert.lastInsertRowid);
+      for (const [i, s] of run.entries()) inserted.set(key(s.agent, s.sid), last - (run.length - 1 - i));
+    } else {
+      for (const row of results[2 + 2 * r]!.rows)
+        if (Number(row[0]) > floor) inserted.set(key(row[1], row[2]), Number(row[0]));
+    }
+  }
+  return runs.flat().map((s) => {
+    const k = key(s.agent, s.sid);
+    const seq = inserted.get(k) ?? null;
+    inserted.delete(k); // the first of two equal stimuli got the row
+    return seq;
+  });
+}
 
 /** `rows` in runs of the sizes of `STIMULUS_ROWS`, largest first. */
 function stimulusRuns<T>(rows: readonly T[]): T[][] {
@@ -444,30 +490,28 @@ export class Store {
         args: part.flatMap((s) => [s.agent, s.type, s.key, this.gatewayId, s.receivedAt, s.receivedAt]),
       });
     }
-    const firstInsert = stmts.length;
-    for (const run of stimulusRuns(all)) {
+    // The highest seq before this transaction: a row above it is one this transaction inserted.
+    const before = stmts.length;
+    stmts.push({ sql: "SELECT coalesce(max(seq), 0) FROM stimuli", args: [] });
+    const runs = stimulusRuns(all);
+    for (const run of runs) {
       const args: InValue[] = [];
       for (const s of run)
         args.push(s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt, s.expiresAt ?? null, s.traceparent ?? null);
-      stmts.push({ sql: insertStimuli.get(run.length as (typeof STIMULUS_ROWS)[number])!, args });
+      stmts.push(
+        { sql: insertStimuli.get(run.length as (typeof STIMULUS_ROWS)[number])!, args },
+        { sql: INSERTED_STIMULI, args: [run.length] },
+      );
     }
     // Each call's outcomes, from the results of the transaction they shared: a stimulus has the
     // seq its row was given; one whose (agent, sid) was there before, or earlier in the same
-    // transaction, is a duplicate.
+    // transaction, is a duplicate (the first of two equal stimuli got the row).
     let outcomes: IntakeOutcome[][] | null = null;
     const outcomesOf = (results: ResultSet[]): IntakeOutcome[][] => {
       if (outcomes) return outcomes;
-      const inserted = new Map<string, number>();
-      for (const rs of results.slice(firstInsert))
-        for (const r of rs.rows) inserted.set(`${r[1]}\n${r[2]}`, Number(r[0]));
-      outcomes = calls.map((c) =>
-        c.items.map((s) => {
-          const key = `${s.agent}\n${s.sid}`;
-          const seq = inserted.get(key) ?? null;
-          inserted.delete(key); // the first of two equal stimuli got the row
-          return { agent: s.agent, sid: s.sid, seq };
-        }),
-      );
+      const seqs = insertedSeqs(runs, results.slice(before));
+      let i = 0;
+      outcomes = calls.map((c) => c.items.map((s) => ({ agent: s.agent, sid: s.sid, seq: seqs[i++]! })));
       for (const a of fresh.keys()) this.knownAgents.add(a);
       return outcomes;
     };
