@@ -70,11 +70,12 @@ const insertStimuli = new Map(
   ]),
 );
 /**
- * Run right after each insert, when a duplicate `(agent, sid)` left rows out (`changes()` below the
- * run's length): rows that may be its, a range that holds every row it inserted. The statement
- * numbered at most one seq per row of the run, and its last inserted row is `last_insert_rowid()`.
- * A run with no duplicate needs no read: its rows are the run, in order, numbered one after
- * another up to `last_insert_rowid()` (nothing else writes in between).
+ * Run right after each insert; it reads only when a duplicate `(agent, sid)` left rows out
+ * (`changes()` below the run's length). It then returns the seqs the insert can have used: at most
+ * one per row of the run, ending at its last inserted row, `last_insert_rowid()`. The range is the
+ * run's length, not `changes()`, because a duplicate can use up a seq (AUTOINCREMENT numbers a row
+ * before its conflict is found). A run with no duplicate needs no read: its rows are the run, in
+ * order, numbered one after another up to `last_insert_rowid()` (nothing else writes in between).
  */
 const INSERTED_STIMULI =
   "SELECT seq, agent, sid FROM stimuli WHERE changes() < ?1 " +
