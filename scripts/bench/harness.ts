@@ -105,6 +105,20 @@ export function cpuMs(pid: number | "self"): { self: number; children: number } 
   }
 }
 
+/** CPU ms of a process's main thread alone (its thread id is its pid), from /proc/<pid>/task/<pid>/stat. */
+export function mainThreadMs(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/task/${pid}/stat`, "utf8");
+    const f = stat
+      .slice(stat.lastIndexOf(")") + 2)
+      .split(" ")
+      .map(Number);
+    return (f[11]! + f[12]!) * 10; // utime + stime, in 10 ms ticks
+  } catch {
+    return NaN;
+  }
+}
+
 /** Pids whose parent is `pid`, read from /proc/<n>/stat. */
 export function childPids(pid: number): number[] {
   const out: number[] = [];
