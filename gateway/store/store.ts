@@ -87,28 +87,20 @@ const INSERTED_STIMULI =
  */
 function insertedSeqs(runs: readonly (readonly NewStimulus[])[], results: readonly ResultSet[]): (number | null)[] {
   const inserts = runs.map((_, r) => results[1 + 2 * r]!);
-  if (runs.every((run, r) => inserts[r]!.rowsAffected === run.length)) {
-    const seqs: number[] = [];
-    for (const [r, run] of runs.entries()) {
-      const last = Number(inserts[r]!.lastInsertRowid);
-      for (let i = run.length - 1; i >= 0; i--) seqs.push(last - i);
-    }
-    return seqs;
-  }
+  const full = (r: number) => inserts[r]!.rowsAffected === runs[r]!.length;
+  // The seq of the i-th row of full run r: numbered one after another up to its last.
+  const seqInFull = (r: number, i: number) => Number(inserts[r]!.lastInsertRowid) - (runs[r]!.length - 1 - i);
+  if (runs.every((_, r) => full(r))) return runs.flatMap((run, r) => run.map((_, i) => seqInFull(r, i)));
   // Rows this transaction inserted, by (agent, sid): the full runs' own, and what the reads after the
   // others found above the seq before (a read may also see a row of an earlier run: the same fact).
   const floor = Number(results[0]!.rows[0]![0]);
   const key = (agent: unknown, sid: unknown) => `${String(agent)}\n${String(sid)}`;
   const inserted = new Map<string, number>();
   for (const [r, run] of runs.entries()) {
-    const insert = inserts[r]!;
-    if (insert.rowsAffected === run.length) {
-      const last = Number(insert.lastInsertRowid);
-      for (const [i, s] of run.entries()) inserted.set(key(s.agent, s.sid), last - (run.length - 1 - i));
-    } else {
+    if (full(r)) for (const [i, s] of run.entries()) inserted.set(key(s.agent, s.sid), seqInFull(r, i));
+    else
       for (const row of results[2 + 2 * r]!.rows)
         if (Number(row[0]) > floor) inserted.set(key(row[1], row[2]), Number(row[0]));
-    }
   }
   return runs.flat().map((s) => {
     const k = key(s.agent, s.sid);

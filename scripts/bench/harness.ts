@@ -87,12 +87,12 @@ export function procStatusKb(pid: number, field: "VmRSS" | "VmHWM"): number | nu
 }
 
 /**
- * CPU time of a process (`self`: utime+stime) and of its reaped descendants (`children`: cutime+cstime), ms, 10 ms
- * resolution.
+ * utime, stime, cutime and cstime of a /proc `stat` file (a process's or one thread's), ms, 10 ms
+ * resolution; NaN when it is gone.
  */
-export function cpuMs(pid: number | "self"): { self: number; children: number } {
+function statCpuMs(file: string): { self: number; children: number } {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const stat = readFileSync(file, "utf8");
     // Fields after the command name: state(3) ... utime(14) stime(15) cutime(16) cstime(17).
     const f = stat
       .slice(stat.lastIndexOf(")") + 2)
@@ -105,18 +105,17 @@ export function cpuMs(pid: number | "self"): { self: number; children: number } 
   }
 }
 
-/** CPU ms of a process's main thread alone (its thread id is its pid), from /proc/<pid>/task/<pid>/stat. */
+/**
+ * CPU time of a process (`self`: utime+stime) and of its reaped descendants (`children`: cutime+cstime), ms, 10 ms
+ * resolution.
+ */
+export function cpuMs(pid: number | "self"): { self: number; children: number } {
+  return statCpuMs(`/proc/${pid}/stat`);
+}
+
+/** CPU ms of a process's main thread alone (its thread id is its pid). */
 export function mainThreadMs(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/task/${pid}/stat`, "utf8");
-    const f = stat
-      .slice(stat.lastIndexOf(")") + 2)
-      .split(" ")
-      .map(Number);
-    return (f[11]! + f[12]!) * 10; // utime + stime, in 10 ms ticks
-  } catch {
-    return NaN;
-  }
+  return statCpuMs(`/proc/${pid}/task/${pid}/stat`).self;
 }
 
 /** Pids whose parent is `pid`, read from /proc/<n>/stat. */
