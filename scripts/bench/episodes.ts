@@ -11,7 +11,7 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { cpuMs, deltaRow, quantile, rateRow, until } from "./harness.ts";
+import { cpuMs, deltaRow, quantile, rateRow } from "./harness.ts";
 import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway } from "./procs.ts";
@@ -34,22 +34,25 @@ export async function gatewayBatch(
   k: number,
   window: number,
 ): Promise<{ rate: number; failed: number }> {
-  const agents = (status: "committed" | "failed") =>
-    new Set(
-      summaries.matched.filter((s) => s.status === status && s.agent.startsWith(`bench/${prefix}`)).map((s) => s.agent),
-    ).size;
+  // Tallied as summaries arrive: the bench shares the cores with the gateway, so it must not
+  // rescan every summary so far on a timer while the gateway works.
+  const agents = { committed: new Set<string>(), failed: new Set<string>() };
+  let seen = summaries.matched.length;
+  const tally = () => {
+    for (; seen < summaries.matched.length; seen++) {
+      const s = summaries.matched[seen]!;
+      if (s.agent.startsWith(`bench/${prefix}`) && (s.status === "committed" || s.status === "failed"))
+        agents[s.status].add(s.agent);
+    }
+    return agents.committed.size >= k;
+  };
   const began = performance.now();
   await publishWindowed(client, k, window, (i) => ({
     topic: `bench/${prefix}${i}/t`,
     payload: JSON.stringify({ id: `${prefix}${i}`, n: i }),
   }));
-  await until(
-    `${k} committed episodes for bench/${prefix}*`,
-    () => (agents("committed") >= k ? true : null),
-    120_000,
-    2,
-  );
-  return { rate: k / ((performance.now() - began) / 1000), failed: agents("failed") };
+  await summaries.when(`${k} committed episodes for bench/${prefix}*`, tally, 120_000);
+  return { rate: k / ((performance.now() - began) / 1000), failed: agents.failed.size };
 }
 
 /** Run section (b). */

@@ -5,7 +5,7 @@
  */
 import { connectAsync, type MqttClient } from "mqtt";
 import { matchTopic } from "../../broker/index.ts";
-import { defer, until } from "./harness.ts";
+import { defer } from "./harness.ts";
 
 /** Connect an mqtt.js client (MQTT 3.1.1, no reconnects); closed at exit. */
 export async function connect(port: number, id: string): Promise<MqttClient> {
@@ -71,11 +71,16 @@ export function publishWindowed(
   });
 }
 
-/** A subscription that collects messages; `waitFor` resolves once `n` matched. */
+/**
+ * A subscription that collects messages; `waitFor` resolves once `n` matched. Waits are woken by
+ * arrivals, not by polling: the bench's own process shares the cores with what it measures.
+ */
 export interface Collector<T> {
   readonly matched: T[];
   /** Resolves with performance.now() at the moment the n-th match arrived. */
   waitFor(n: number, timeoutMs: number): Promise<number>;
+  /** Resolves once `check` holds; checked now and after each match. */
+  when(what: string, check: () => boolean, timeoutMs: number): Promise<void>;
   /** Stop collecting. */
   close(): void;
 }
@@ -100,13 +105,36 @@ export async function collect<T>(
     if (v === null || v === undefined) return;
     matched.push(v);
     arrivals.push(performance.now());
+    for (const wake of waiting) wake();
   };
+  const waiting = new Set<() => void>();
+  const when = (what: string, check: () => boolean, timeoutMs: number) =>
+    new Promise<void>((resolve, reject) => {
+      if (check()) return resolve();
+      const settle = () => {
+        clearTimeout(timer);
+        waiting.delete(wake);
+      };
+      const wake = () => {
+        if (!check()) return;
+        settle();
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        settle();
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what} (have ${matched.length} messages)`));
+      }, timeoutMs);
+      waiting.add(wake);
+    });
   client.on("message", onMessage);
   await client.subscribeAsync(filter, { qos: 1 });
   return {
     matched,
-    waitFor: (n, timeoutMs) =>
-      until(`${n} messages on ${filter} (have ${matched.length})`, () => arrivals[n - 1], timeoutMs, 5),
+    when,
+    waitFor: async (n, timeoutMs) => {
+      await when(`${n} messages on ${filter}`, () => arrivals.length >= n, timeoutMs);
+      return arrivals[n - 1]!;
+    },
     close: () => {
       client.off("message", onMessage);
       void client.unsubscribeAsync(filter).catch(() => undefined);

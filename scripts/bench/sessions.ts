@@ -9,13 +9,13 @@
 import { connectAsync, type MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
 import { cpuMs, defer, deltaRow, quantile, rateRow, until } from "./harness.ts";
-import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
+import { gatewayBatch, type Summary } from "./episodes.ts";
+import { collect, connect, json, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway, type GatewayProc } from "./procs.ts";
 
 const CONCURRENCY = 4;
 const ROUNDS = 5;
 type Persistence = "libsql" | "memory";
-type Summary = { agent: string; status: string };
 
 const fleetWith = (p: Persistence, o: { instances?: readonly string[] } = {}): string =>
   benchFleet({ maxConcurrent: CONCURRENCY, ...o }).replace(
@@ -38,28 +38,6 @@ async function durableSubscriber(port: number, id: string): Promise<{ client: Mq
   return { client, received: () => n };
 }
 
-async function batch(
-  client: MqttClient,
-  summaries: Collector<Summary>,
-  prefix: string,
-  k: number,
-  window: number,
-): Promise<number> {
-  const done = () =>
-    new Set(
-      summaries.matched
-        .filter((s) => s.status === "committed" && s.agent.startsWith(`bench/${prefix}`))
-        .map((s) => s.agent),
-    ).size;
-  const began = performance.now();
-  await publishWindowed(client, k, window, (i) => ({
-    topic: `bench/${prefix}${i}/t`,
-    payload: JSON.stringify({ id: `${prefix}${i}`, n: i }),
-  }));
-  await until(`${k} committed episodes for bench/${prefix}*`, () => (done() >= k ? true : null), 120_000, 2);
-  return k / ((performance.now() - began) / 1000);
-}
-
 async function settledRssMb(gw: GatewayProc): Promise<number> {
   await Bun.sleep(2000);
   const kb = gw.rssKb();
@@ -78,7 +56,7 @@ export async function benchSessions(o: BenchOptions): Promise<Row[]> {
     const client = await connect(gw.mqttPort, `bench-sessions-${p}`);
     const summaries = await collect(client, "fleet/episodes", (_t, pl) => json<Summary>(pl));
     await durableSubscriber(gw.mqttPort, `bench-durable-${p}`);
-    await batch(client, summaries, "w", 8, o.window);
+    await gatewayBatch(client, summaries, "w", 8, o.window);
     gws[p] = { gw, client, summaries };
   }
   const rates: Record<Persistence, number[]> = { libsql: [], memory: [] };
@@ -89,7 +67,7 @@ export async function benchSessions(o: BenchOptions): Promise<Row[]> {
     for (const p of order) {
       const { gw, client, summaries } = gws[p];
       const before = cpuMs(gw.pid).self;
-      rates[p].push(await batch(client, summaries, `r${round}s`, perRound, o.window));
+      rates[p].push((await gatewayBatch(client, summaries, `r${round}s`, perRound, o.window)).rate);
       cpu[p] += cpuMs(gw.pid).self - before;
     }
     o.log(
