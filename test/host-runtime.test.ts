@@ -6,7 +6,14 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { buildHostRuntime, hostBuildProblem, hostScript, runtimeDir } from "../gateway/episode/index.ts";
+import {
+  buildHostRuntime,
+  bytecodeOf,
+  hostBuildProblem,
+  hostScript,
+  runtimeDir,
+  runtimeFor,
+} from "../gateway/episode/index.ts";
 import { HOST_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
 
 const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
@@ -25,6 +32,26 @@ describe("the built host runtime", () => {
     const code = readFileSync(first, "utf8");
     expect(code).toContain(JSON.stringify(SDK_ENTRY));
     expect(code).toContain("class ToolDenied");
+  });
+
+  test("carries its bytecode beside it, readable by all, and a sandbox shows the episode both files", () => {
+    const script = buildHostRuntime(process.execPath, runtimeDir(base));
+    // The pragma makes Bun load `<script>.jsc` instead of parsing and compiling the script.
+    expect(readFileSync(script, "utf8").split("\n", 1)[0]).toContain("@bytecode");
+    expect(statSync(bytecodeOf(script)).mode & 0o777).toBe(0o644);
+    expect(statSync(bytecodeOf(script)).size).toBeGreaterThan(0);
+    const files = runtimeFor(process.execPath, script)
+      .filter((b) => b.kind === "file")
+      .map((b) => b.path);
+    expect(files).toContain(script);
+    expect(files).toContain(bytecodeOf(script));
+  });
+
+  test("a script whose bytecode went away is built again: the sandbox's bind of it would fail every episode", () => {
+    const script = hostScript(process.execPath);
+    rmSync(bytecodeOf(script));
+    expect(hostScript(process.execPath)).toBe(script);
+    expect(statSync(bytecodeOf(script)).isFile()).toBe(true);
   });
 
   test("a built script that went away is built again, not left for every episode to fail on", () => {

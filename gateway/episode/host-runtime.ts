@@ -4,29 +4,45 @@
  * transpiler cache is off in the sandbox: it would be state shared between agents); built once
  * into plain JavaScript, a child starts ~15 ms sooner (measured: 45 vs 30 ms to "ready").
  *
- * The file is named by the SHA-256 of its bytes and lives in a directory of this uid's own under
+ * It is built with its JavaScriptCore bytecode beside it (`<script>.jsc`, `bun build --bytecode`):
+ * a child then skips parsing and compiling the script, ~1.3 ms of CPU per episode (measured: 12.7
+ * vs 14.1 ms for a wrapped child running one episode; without the .jsc, Bun parses the script as
+ * before). Where Bun cannot build bytecode, the script is built alone.
+ *
+ * The files are named by the SHA-256 of their bytes (the bytecode depends on the Bun that built
+ * it, so another Bun gets files of its own) and live in a directory of this uid's own under
  * /var/tmp (else /tmp) (checked: a real directory, ours, writable by nobody else), readable by
- * the episodes' uid. Gateways of one install share it (one small file per version of the code).
+ * the episodes' uid. Gateways of one install share it (one small pair of files per version of the code).
  */
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { HOST_ENTRY, PROTOCOL_ENTRY, SDK_ENTRY } from "../../agents/host/index.ts";
 
 let built: string | null | undefined;
+/** Whether `built` has its bytecode beside it. */
+let withBytecode = false;
 let why: string | null = null;
+
+/** Where a built script's bytecode is: Bun looks for it there when the script says `@bytecode`. */
+export const bytecodeOf = (script: string): string => `${script}.jsc`;
 
 /**
  * The script episode subprocesses run: the built host runtime, or its TypeScript entry when
  * building failed (`hostBuildProblem()` says why). Built on first use, once per process.
  */
 export function hostScript(bun: string): string {
-  // Built once; built again if the file went away (a temp dir cleaner), never left dangling.
-  if (built === undefined || (built !== null && !existsSync(built))) {
+  // Built once; built again if a file went away (a temp dir cleaner), never left dangling: the
+  // sandbox binds the bytecode too, and a bind of a missing file fails the episode.
+  if (
+    built === undefined ||
+    (built !== null && !(existsSync(built) && (!withBytecode || existsSync(bytecodeOf(built)))))
+  ) {
     why = null;
     built = null;
     for (const base of BASES) {
       try {
         built = buildHostRuntime(bun, runtimeDir(base));
+        withBytecode = existsSync(bytecodeOf(built));
         why = null;
         break;
       } catch (err) {
@@ -59,25 +75,61 @@ export function runtimeDir(base: string): string {
   return dir;
 }
 
-/** Build the host runtime into `dir`; returns the script's path. */
+/** Build the host runtime into `dir` (with its bytecode where Bun can); returns the script's path. */
 export function buildHostRuntime(bun: string, dir: string): string {
-  const tmp = join(dir, `.build-${process.pid}-${crypto.randomUUID()}.js`);
+  const tmp = join(dir, `.build-${process.pid}-${crypto.randomUUID()}`);
+  mkdirSync(tmp, { mode: 0o755 });
+  try {
+    const withCode = runBuild(bun, tmp, true);
+    if (!withCode.ok) {
+      rmSync(tmp, { recursive: true, force: true });
+      mkdirSync(tmp, { mode: 0o755 });
+      const plain = runBuild(bun, tmp, false);
+      if (!plain.ok) throw new Error(`bun build of the host runtime failed: ${plain.error}`);
+    }
+    const js = join(tmp, "main.js");
+    const jsc = bytecodeOf(js);
+    const code = readFileSync(js);
+    const hash = new Bun.CryptoHasher("sha256").update(code);
+    const hasBytecode = existsSync(jsc);
+    if (hasBytecode) hash.update(readFileSync(jsc));
+    const out = join(dir, `host-${hash.digest("hex").slice(0, 32)}.js`);
+    // Same bytes, same name: another gateway's rename of identical files changes nothing. The
+    // bytecode goes first, so a script that is there has its bytecode there too.
+    for (const [from, to] of hasBytecode
+      ? [[jsc, bytecodeOf(out)] as const, [js, out] as const]
+      : [[js, out] as const]) {
+      chmodSync(from, 0o644);
+      renameSync(from, to);
+      if ((statSync(to).mode & 0o022) !== 0) throw new Error(`${to} is writable by others`);
+    }
+    return out;
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+/** `bun build` of the host entry into `outdir` (main.js, and main.js.jsc with `bytecode`). */
+function runBuild(bun: string, outdir: string, bytecode: boolean): { ok: true } | { ok: false; error: string } {
   // The SDK and the protocol are inlined; agent bundles import them by these paths, and the
   // built host answers those imports with its own copy (one ToolDenied class for both).
   const modules = JSON.stringify({ sdk: SDK_ENTRY, protocol: PROTOCOL_ENTRY });
   const r = Bun.spawnSync(
-    [bun, "build", HOST_ENTRY, "--target=bun", `--outfile=${tmp}`, "--define", `FLEET_HOST_MODULES=${modules}`],
+    [
+      bun,
+      "build",
+      HOST_ENTRY,
+      "--target=bun",
+      // Bun writes bytecode for CommonJS output only; the script has no top-level await or import.meta.
+      ...(bytecode ? ["--bytecode", "--format=cjs"] : []),
+      `--outdir=${outdir}`,
+      "--entry-naming=main.[ext]",
+      "--define",
+      `FLEET_HOST_MODULES=${modules}`,
+    ],
     { stdout: "ignore", stderr: "pipe", env: { PATH: process.env.PATH ?? "/usr/bin:/bin", NO_COLOR: "1" } },
   );
-  if (r.exitCode !== 0) {
-    rmSync(tmp, { force: true });
-    throw new Error(`bun build of the host runtime failed: ${r.stderr.toString().trim().slice(0, 500)}`);
-  }
-  const code = readFileSync(tmp);
-  const out = join(dir, `host-${new Bun.CryptoHasher("sha256").update(code).digest("hex").slice(0, 32)}.js`);
-  chmodSync(tmp, 0o644);
-  // Same bytes, same name: another gateway's rename of an identical file changes nothing.
-  renameSync(tmp, out);
-  if ((statSync(out).mode & 0o022) !== 0) throw new Error(`${out} is writable by others`);
-  return out;
+  if (r.exitCode !== 0) return { ok: false, error: r.stderr.toString().trim().slice(0, 500) };
+  if (!existsSync(join(outdir, "main.js"))) return { ok: false, error: "bun build wrote no main.js" };
+  return { ok: true };
 }

@@ -21,6 +21,7 @@ export {
   EPISODE_NICE,
   hostCommand,
   idleSpawnOptions,
+  runtimeFor,
   SandboxError,
   sandboxCommand,
   weakSandboxWarning,

@@ -4,9 +4,9 @@
  * Pure of process state except the one-time bubblewrap probe; spawning lives in
  * ./host-process.ts.
  */
-import { realpathSync } from "node:fs";
+import { existsSync, realpathSync } from "node:fs";
 import { HOST_ENTRY, HOST_PATHS } from "../../agents/host/index.ts";
-import { hostScript } from "./host-runtime.ts";
+import { bytecodeOf, hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind } from "./sandbox-view.ts";
 import type { StagingRoot } from "./staging.ts";
@@ -203,13 +203,17 @@ export interface SandboxView {
 }
 
 const runtimeCache = new Map<string, Bind[]>();
-/** The runtime binds for `bun <script>` (cached: they depend on the paths only). */
+/**
+ * The runtime binds for `bun <script>`, with the script's bytecode when it has one (cached: they
+ * depend on the paths only; a built script's files are named by their content).
+ */
 export function runtimeFor(bun: string, script: string): Bind[] {
   const key = `${bun}\0${script}`;
   let binds = runtimeCache.get(key);
   if (!binds) {
     const inHost = HOST_PATHS.some((p) => script === p || script.startsWith(`${p}/`));
-    binds = runtimeBinds(bun, inHost ? HOST_PATHS : [...HOST_PATHS, script]);
+    const own = existsSync(bytecodeOf(script)) ? [script, bytecodeOf(script)] : [script];
+    binds = runtimeBinds(bun, inHost ? HOST_PATHS : [...HOST_PATHS, ...own]);
     runtimeCache.set(key, binds);
   }
   return binds;
