@@ -5,13 +5,13 @@
  * and a failure leaves the checkpoint chain alone.
  */
 import { afterAll, afterEach, beforeEach, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readlinkSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
 import { checkpointHashIs, GroupCommitter, MIGRATIONS, openDb, specOfSql } from "../gateway/store/index.ts";
-import { hashEvents, Store, tables, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
+import { hashEvents, Store, tables, WalFile, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { findEpisode } from "../gateway/ops/index.ts";
 
@@ -1374,5 +1374,50 @@ describe("group committer with synchronous = full", () => {
     } finally {
       await store.close();
     }
+  });
+
+  test("the WAL is synced through one descriptor, opened again only when the path names another file", async () => {
+    const dir = mkdtempSync(join(root, "wal-"));
+    const wal = new WalFile(join(dir, "fleet.db-wal"));
+    try {
+      writeFileSync(wal.path, "frames");
+      await wal.sync();
+      await wal.sync();
+      await wal.sync();
+      expect(wal.opens).toBe(1);
+      // A new file at the path (SQLite made a new WAL): the next sync goes to it, not the old one.
+      writeFileSync(join(dir, "new"), "other frames");
+      renameSync(join(dir, "new"), wal.path);
+      await wal.sync();
+      expect(wal.opens).toBe(2);
+      await wal.sync();
+      expect(wal.opens).toBe(2);
+      // No file at all: the sync fails (the committer reports an I/O error), it never pretends.
+      rmSync(wal.path);
+      expect(String(await rejection(() => wal.sync()))).toMatch(/ENOENT/);
+    } finally {
+      await wal.close();
+    }
+  });
+
+  test("closing the store lets go of the WAL's descriptor", async () => {
+    const path = freshPath();
+    const openWal = () =>
+      readdirSync("/proc/self/fd").filter((fd) => {
+        try {
+          return readlinkSync(`/proc/self/fd/${fd}`) === `${path}-wal`;
+        } catch {
+          return false; // the directory's own descriptor, gone by now
+        }
+      }).length;
+    const store = await Store.open(path, { synchronous: "full" });
+    const sqlites = openWal();
+    await store.intake([stim("id:a")]);
+    await store.intake([stim("id:b")]);
+    await store.intake([stim("id:c")]);
+    // SQLite's own descriptors and one of the committer's, however many commits synced.
+    expect(openWal()).toBe(sqlites + 1);
+    await store.close();
+    expect(openWal()).toBe(sqlites);
   });
 });

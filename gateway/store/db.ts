@@ -8,8 +8,8 @@
 import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client";
 import { drizzle, type LibSQLDatabase } from "drizzle-orm/libsql";
 import type { BatchItem } from "drizzle-orm/batch";
-import { existsSync } from "node:fs";
-import { open } from "node:fs/promises";
+import { existsSync, fstatSync, statSync } from "node:fs";
+import { open, type FileHandle } from "node:fs/promises";
 import { dirname } from "node:path";
 import * as schema from "./schema.ts";
 import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
@@ -167,6 +167,8 @@ export class GroupCommitter {
   /** The commits the running sync covers (those made before it started). */
   private runningCovers = 0;
   private syncNext: Promise<void> | null = null;
+  /** The WAL, kept open for its syncs (unless the `walSync` hook syncs instead). */
+  private wal: WalFile | null = null;
   readonly stats: CommitStats = { commits: 0, jobs: 0, lastCommitMs: 0, totalCommitMs: 0, failures: {} };
   /** Optional observer of each commit's duration, until durable (metrics histogram). */
   onCommit: ((ms: number, jobs: number) => void) | null = null;
@@ -231,6 +233,14 @@ export class GroupCommitter {
       if (this.queue.length > 0) this.flush();
       await Promise.all(this.inFlight);
     }
+  }
+
+  /** Drain, then let go of the WAL's descriptor (the store is closing). */
+  async close(): Promise<void> {
+    await this.drain();
+    await this.syncRunning?.catch(() => undefined);
+    await this.wal?.close();
+    this.wal = null;
   }
 
   private flush(): void {
@@ -332,10 +342,11 @@ export class GroupCommitter {
   /** Resolves after an fdatasync of the WAL that started after this call. */
   private syncWal(): Promise<void> {
     if (!this.syncRunning) {
-      const { path, sync = fdatasyncFile } = this.walSync!;
+      const { path, sync } = this.walSync!;
       const covers = this.committed;
       this.runningCovers = covers;
-      const run: Promise<void> = sync(path)
+      this.wal ??= sync ? null : new WalFile(path);
+      const run: Promise<void> = (sync ? sync(path) : this.wal!.sync())
         .then(() => {
           this.syncedThrough = Math.max(this.syncedThrough, covers);
         })
@@ -356,12 +367,40 @@ export class GroupCommitter {
   }
 }
 
-/** fdatasync a file by path on the thread pool (the path, not a kept descriptor: SQLite may recreate it). */
-async function fdatasyncFile(path: string): Promise<void> {
-  const file = await open(path, "r");
-  try {
-    await file.datasync();
-  } finally {
-    await file.close();
+/**
+ * The WAL file, kept open for fdatasync on the thread pool: one job on the pool per sync, not
+ * three (open, sync, close), each of which also wakes the gateway's thread when it ends. The
+ * path is checked before each sync and the file opened again if it names another file than the
+ * one open: SQLite makes a new WAL only when its last connection closes, which cannot happen
+ * under a running committer, and the check keeps even that case from syncing a file SQLite no
+ * longer writes.
+ */
+export class WalFile {
+  private handle: FileHandle | null = null;
+  /** Device and inode of the open file. */
+  private id = "";
+  /** How many times the file was opened (tests). */
+  opens = 0;
+
+  constructor(readonly path: string) {}
+
+  /** fdatasync the file the path names now; throws as `open` would (e.g. ENOENT). */
+  async sync(): Promise<void> {
+    const st = statSync(this.path);
+    if (this.handle === null || this.id !== `${st.dev}:${st.ino}`) {
+      await this.close();
+      const handle = await open(this.path, "r");
+      const opened = fstatSync(handle.fd);
+      this.handle = handle;
+      this.id = `${opened.dev}:${opened.ino}`;
+      this.opens++;
+    }
+    await this.handle.datasync();
+  }
+
+  async close(): Promise<void> {
+    const handle = this.handle;
+    this.handle = null;
+    await handle?.close().catch(() => undefined);
   }
 }

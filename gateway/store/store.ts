@@ -16,7 +16,7 @@ import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
 export type { Db, RawStatement, WriteItem, CommitFailureKind, CommitHealth } from "./db.ts";
-export { commitFaultFromEnv, GroupCommitter, openDb } from "./db.ts";
+export { commitFaultFromEnv, GroupCommitter, openDb, WalFile } from "./db.ts";
 export type {
   AgentRow,
   StimulusRow,
@@ -179,7 +179,7 @@ export class Store {
   /** Flush pending writes and close the file. */
   async close(): Promise<void> {
     while (this.pendingIntake.length > 0) await this.flushIntake();
-    await this.writer.drain();
+    await this.writer.close();
     this.client.close();
   }
 
