@@ -9,6 +9,8 @@ import { join } from "node:path";
 import {
   buildHostRuntime,
   bytecodeOf,
+  defaultSpawnOptions,
+  describeSandbox,
   hostBuildProblem,
   hostScript,
   runtimeDir,
@@ -76,5 +78,7 @@ describe("the built host runtime", () => {
     // Were it the sources, the build's problem is what this reports.
     expect(script === HOST_ENTRY ? `runs the sources: ${hostBuildProblem()}` : null).toBeNull();
     expect(script.startsWith(runtimeDir("/var/tmp")) || script.startsWith(runtimeDir("/tmp"))).toBe(true);
+    // The start-up log says whether episodes get the bytecode (a Bun that cannot build it still runs them).
+    expect(describeSandbox(defaultSpawnOptions())).toContain("built host runtime with its bytecode");
   });
 });

@@ -80,8 +80,7 @@ export function buildHostRuntime(bun: string, dir: string): string {
   const tmp = join(dir, `.build-${process.pid}-${crypto.randomUUID()}`);
   mkdirSync(tmp, { mode: 0o755 });
   try {
-    const withCode = runBuild(bun, tmp, true);
-    if (!withCode.ok) {
+    if (!runBuild(bun, tmp, true).ok) {
       rmSync(tmp, { recursive: true, force: true });
       mkdirSync(tmp, { mode: 0o755 });
       const plain = runBuild(bun, tmp, false);

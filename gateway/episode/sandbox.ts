@@ -169,8 +169,13 @@ export function weakSandboxWarning(o: SpawnOptions): string | null {
 
 /** One line for the start-up log: what an episode is isolated by. */
 export function describeSandbox(o: SpawnOptions): string {
+  const script = hostScript(o.bun);
   const parts = [
-    hostScript(o.bun) === HOST_ENTRY ? "host runtime from its sources" : "built host runtime",
+    script === HOST_ENTRY
+      ? "host runtime from its sources"
+      : existsSync(bytecodeOf(script))
+        ? "built host runtime with its bytecode"
+        : "built host runtime (Bun built no bytecode: each episode parses it)",
     o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway",
     o.bwrap
       ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"

@@ -93,6 +93,8 @@ export async function collect<T>(
 ): Promise<Collector<T>> {
   const matched: T[] = [];
   const arrivals: number[] = [];
+  /** Waits to wake when a message arrives (`when`). */
+  const waiting = new Set<() => void>();
   const onMessage = (topic: string, payload: Buffer) => {
     // mqtt.js hands every subscription's messages to every listener: keep ours only.
     if (!matchTopic(filter, topic)) return;
@@ -107,7 +109,6 @@ export async function collect<T>(
     arrivals.push(performance.now());
     for (const wake of waiting) wake();
   };
-  const waiting = new Set<() => void>();
   const when = (what: string, check: () => boolean, timeoutMs: number) =>
     new Promise<void>((resolve, reject) => {
       if (check()) return resolve();
