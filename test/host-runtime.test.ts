@@ -3,7 +3,16 @@
  * written, who may write there, and that a built host runs an agent that imports the SDK.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import {
+  chmodSync,
+  copyFileSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
@@ -54,6 +63,40 @@ describe("the built host runtime", () => {
     rmSync(bytecodeOf(script));
     expect(hostScript(process.execPath)).toBe(script);
     expect(statSync(bytecodeOf(script)).isFile()).toBe(true);
+  });
+
+  test("bytecode not the script's own (random, damaged, another script's) is ignored: the child parses", async () => {
+    const script = buildHostRuntime(process.execPath, runtimeDir(base));
+    const dir = mkdtempSync(join(base, "stale-"));
+    const copy = join(dir, "host.js");
+    copyFileSync(script, copy);
+    const ready = async () => {
+      // stdin at EOF: the host says "ready" on fd 3, then exits as it does when its gateway is gone.
+      const child = Bun.spawn([process.execPath, copy], { stdio: ["ignore", "ignore", "pipe", "pipe"] });
+      const said = await new Response(Bun.file(child.stdio[3] as unknown as number).stream()).text();
+      await child.exited;
+      return said;
+    };
+    writeFileSync(bytecodeOf(copy), crypto.getRandomValues(new Uint8Array(4096)));
+    expect(await ready()).toContain('"t":"ready"');
+    const damaged = readFileSync(bytecodeOf(script));
+    damaged[0]! ^= 0xff;
+    writeFileSync(bytecodeOf(copy), damaged);
+    expect(await ready()).toContain('"t":"ready"');
+    // Sound bytecode of another script: were it run, the child would print "other", never "ready".
+    writeFileSync(join(dir, "other.js"), 'console.log("other");\n');
+    const built = Bun.spawnSync([
+      process.execPath,
+      "build",
+      join(dir, "other.js"),
+      "--bytecode",
+      "--format=cjs",
+      "--target=bun",
+      `--outdir=${join(dir, "out")}`,
+    ]);
+    expect(built.exitCode).toBe(0);
+    copyFileSync(join(dir, "out", "other.js.jsc"), bytecodeOf(copy));
+    expect(await ready()).toContain('"t":"ready"');
   });
 
   test("a built script that went away is built again, not left for every episode to fail on", () => {

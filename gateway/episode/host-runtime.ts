@@ -7,7 +7,8 @@
  * It is built with its JavaScriptCore bytecode beside it (`<script>.jsc`, `bun build --bytecode`):
  * a child then skips parsing and compiling the script, ~1.3 ms of CPU per episode (measured: 12.7
  * vs 14.1 ms for a wrapped child running one episode; without the .jsc, Bun parses the script as
- * before). Where Bun cannot build bytecode, the script is built alone.
+ * before, and it does the same with a .jsc that is not the script's: damaged, or another script's,
+ * as test/host-runtime.test.ts checks). Where Bun cannot build bytecode, the script is built alone.
  *
  * The files are named by the SHA-256 of their bytes (the bytecode depends on the Bun that built
  * it, so another Bun gets files of its own) and live in a directory of this uid's own under
