@@ -11,7 +11,7 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { cpuMs, deltaRow, quantile, rateRow } from "./harness.ts";
+import { cpuMs, deltaRow, machineBusyMs, quantile, rateRow } from "./harness.ts";
 import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway } from "./procs.ts";
@@ -84,10 +84,14 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   // CPU the spawning process itself spends per episode, ms. (Children's CPU is not comparable:
   // bwrap's inner processes are reaped outside the gateway, so cutime misses them.)
   const cpu = { plain: 0, wrapped: 0, gateway: 0 };
+  // And what the whole machine spent per episode: episode children, bwrap, the kernel, the bench.
+  const machine = { plain: 0, wrapped: 0, gateway: 0 };
   const measured = async <T>(t: keyof typeof cpu, pid: number | "self", run: () => Promise<T>): Promise<T> => {
     const before = cpuMs(pid).self;
+    const busy = machineBusyMs();
     const r = await run();
     cpu[t] += cpuMs(pid).self - before;
+    machine[t] += machineBusyMs() - busy;
     return r;
   };
   let failed = 0;
@@ -119,6 +123,7 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
 
   const med = (t: keyof typeof rates) => quantile(rates[t], 0.5);
   const per = (t: keyof typeof cpu) => cpu[t] / (perRound * ROUNDS);
+  const perMachine = (t: keyof typeof machine) => machine[t] / (perRound * ROUNDS);
   o.log(
     `  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn ` +
       `loop ${per("wrapped").toFixed(1)} (wrapped), ${per("plain").toFixed(1)} (plain)`,
@@ -143,6 +148,16 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       null,
       `utime+stime of the gateway vs of the bench's spawn loop, after ${warm} warm-up episodes ` +
         `(during them: ${warmPer.toFixed(1)} ms)`,
+    ),
+    deltaRow(
+      "episodes",
+      "CPU/episode, whole machine: gateway vs bare loop (wrapped)",
+      "ms",
+      perMachine("gateway"),
+      perMachine("wrapped"),
+      null,
+      "busy time of every CPU (/proc/stat) over the rounds: beyond the spawning process's own, the episode " +
+        "children, bwrap and the kernel; episodes/s is this ratio on a box whose cores are all busy",
     ),
   ];
 }

@@ -113,6 +113,14 @@ export function cpuMs(pid: number | "self"): { self: number; children: number } 
   return statCpuMs(`/proc/${pid}/stat`);
 }
 
+/** CPU time the whole machine has spent busy (all CPUs, every state but idle and iowait), in ms. */
+export function machineBusyMs(): number {
+  const f = readFileSync("/proc/stat", "utf8").split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal
+  const busy = f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!;
+  return busy * 10; // USER_HZ = 100
+}
+
 /** CPU ms of a process's main thread alone (its thread id is its pid). */
 export function mainThreadMs(pid: number): number {
   return statCpuMs(`/proc/${pid}/task/${pid}/stat`).self;

@@ -6,7 +6,7 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { cpuMs, quantile, rateRow } from "./harness.ts";
+import { cpuMs, machineBusyMs, quantile, rateRow } from "./harness.ts";
 import { readFileSync } from "node:fs";
 import { connect, publishWindowed } from "./mqttkit.ts";
 import { benchFleet, type GatewayProc, startGateway } from "./procs.ts";
@@ -109,14 +109,6 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
     ),
     perMessage("gateway main thread run-queue wait", "wait", "runnable but waiting for a CPU (/proc/<pid>/schedstat)"),
   ];
-}
-
-/** CPU time the whole machine has spent busy (all CPUs, every state but idle and iowait), in ms. */
-function machineBusyMs(): number {
-  const f = readFileSync("/proc/stat", "utf8").split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
-  // user nice system idle iowait irq softirq steal
-  const busy = f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!;
-  return busy * 10; // USER_HZ = 100
 }
 
 /** How long the process's main thread has waited on a run queue, in ms (0 where schedstat is missing). */
