@@ -168,7 +168,7 @@ export class GroupCommitter {
   private runningCovers = 0;
   private syncNext: Promise<void> | null = null;
   /** The WAL, kept open for its syncs (unless the `walSync` hook syncs instead). */
-  private wal: WalFile | null = null;
+  private readonly wal: WalFile | null;
   readonly stats: CommitStats = { commits: 0, jobs: 0, lastCommitMs: 0, totalCommitMs: 0, failures: {} };
   /** Optional observer of each commit's duration, until durable (metrics histogram). */
   onCommit: ((ms: number, jobs: number) => void) | null = null;
@@ -185,7 +185,9 @@ export class GroupCommitter {
      * connection's own synchronous level holds.
      */
     private readonly walSync: { readonly path: string; readonly sync?: (path: string) => Promise<void> } | null = null,
-  ) {}
+  ) {
+    this.wal = walSync && !walSync.sync ? new WalFile(walSync.path) : null;
+  }
 
   /** Whether commits are failing for a storage reason now (readiness, status). */
   get health(): CommitHealth {
@@ -240,7 +242,6 @@ export class GroupCommitter {
     await this.drain();
     await this.syncRunning?.catch(() => undefined);
     await this.wal?.close();
-    this.wal = null;
   }
 
   private flush(): void {
@@ -342,11 +343,9 @@ export class GroupCommitter {
   /** Resolves after an fdatasync of the WAL that started after this call. */
   private syncWal(): Promise<void> {
     if (!this.syncRunning) {
-      const { path, sync } = this.walSync!;
       const covers = this.committed;
       this.runningCovers = covers;
-      this.wal ??= sync ? null : new WalFile(path);
-      const run: Promise<void> = (sync ? sync(path) : this.wal!.sync())
+      const run: Promise<void> = (this.wal ? this.wal.sync() : this.walSync!.sync!(this.walSync!.path))
         .then(() => {
           this.syncedThrough = Math.max(this.syncedThrough, covers);
         })
