@@ -6,8 +6,8 @@
  * `dbstat`, largest first, with the sizes of one row of the big tables.
  *
  * `--bundle` makes every episode name a code bundle, as episodes of a gateway running pinned code
- * (the default, docs/upgrading.md) do: the hash's first 8 bytes on the row and an entry in
- * `episodes_bundle` (gateway/store/hashes.ts `bundleColumn`).
+ * (the default, docs/upgrading.md) do: the hash's first 8 bytes on the row (gateway/store/hashes.ts
+ * `bundleColumn`) and one more in the bundle's count (`bundle_uses`, migration 32).
  *
  *   bun scripts/store-bytes.ts [--episodes 5000] [--agents 100] [--keep 10] [--bundle]
  */

@@ -12,7 +12,7 @@ import pino from "pino";
 import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
 import { BundleFiles, BundleMissing, buildBundle, pinCode } from "../gateway/code/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
-import { gcPass } from "../gateway/ops/index.ts";
+import { gcPass, verifyStore } from "../gateway/ops/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
 import { Store, tables } from "../gateway/store/index.ts";
 import type { AgentId } from "../gateway/types.ts";
@@ -144,6 +144,52 @@ describe("pinCode", () => {
 });
 
 describe("retention of bundles", () => {
+  test("bundle_uses counts the episodes naming each bundle through inserts, changes and deletes", async () => {
+    const dir = tempDir();
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    try {
+      const h = (c: string) => c.repeat(64);
+      for (const c of ["1", "2"]) await store.saveBundle({ hash: h(c), module: `/m/${c}.ts`, code: `// ${c}`, at: 1 });
+      const episode = (i: number, bundle: string | null) =>
+        store.db.insert(tables.episodes).values({
+          id: `ep-${i}`,
+          agent: "t/a" as AgentId,
+          stimulusSeq: i,
+          stimulusId: `id:${i}`,
+          specVersion: h("a"),
+          status: "committed",
+          attempt: 1,
+          startedAt: i,
+          endedAt: i,
+          eventsHash: h("e"),
+          eventCount: 0,
+          bundle,
+        });
+      const uses = async () =>
+        Object.fromEntries((await store.db.select().from(tables.bundleUses).all()).map((u) => [u.bundle, u.episodes]));
+      for (const [i, b] of [h("1"), h("1"), h("2"), null].entries()) await episode(i + 1, b);
+      expect(await uses()).toEqual({ [h("1")]: 2, [h("2")]: 1 });
+      await store.client.execute("UPDATE episodes SET bundle = NULL WHERE id = 'ep-3'");
+      await store.client.execute(
+        "UPDATE episodes SET bundle = (SELECT bundle FROM episodes WHERE id = 'ep-1') " + "WHERE id = 'ep-4'",
+      );
+      expect(await uses()).toEqual({ [h("1")]: 3 });
+      await store.client.execute("DELETE FROM episodes WHERE id IN ('ep-1', 'ep-2')");
+      expect(await uses()).toEqual({ [h("1")]: 1 });
+      expect((await verifyStore(store)).problems).toEqual([]);
+      // A count that went wrong is a verify problem: retention would trust it.
+      await store.client.execute("UPDATE bundle_uses SET episodes = 5");
+      expect((await verifyStore(store)).problems).toEqual([
+        { agent: "", record: `bundle ${"1".repeat(16)}`, problem: "named by 1 episode(s), counted 5 in bundle_uses" },
+      ]);
+      await store.client.execute("UPDATE bundle_uses SET episodes = 1");
+      await store.client.execute("DELETE FROM episodes");
+      expect(await uses()).toEqual({});
+    } finally {
+      await store.close();
+    }
+  });
+
   test("keeps a bundle while an episode, the running spec or a recent spec version names it", async () => {
     const dir = tempDir();
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });

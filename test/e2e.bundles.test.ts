@@ -9,7 +9,7 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { bundleOfSql, idBytesSql, idOfSql, specOfSql } from "../gateway/store/index.ts";
+import { bundleOfSql, episodeStatus, idBytesSql, idOfSql, specOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -58,7 +58,7 @@ function taggerFleet(name: string, fleetLines = ""): { fleet: TestFleet; agent: 
 async function episodeRows(fleet: TestFleet, agent: string): Promise<Row[]> {
   return fleet.query<Row>(
     `SELECT ${idOfSql("id")} AS id, ${bundleOfSql("bundle")} AS bundle, ${specOfSql("spec_version")} AS spec_version,
-      status FROM episodes WHERE agent = ?
+      ${episodeStatus.ofSql("status")} AS status FROM episodes WHERE agent = ?
       ORDER BY started_at, id`,
     [agent],
   );

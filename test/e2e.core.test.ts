@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { hexOfSql } from "../gateway/store/index.ts";
+import { hexOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
 import {
   RawMqtt,
   Signal,
@@ -876,7 +876,7 @@ describe("crash safety", () => {
         );
 
         const committed = await fleet.query<{ agent: string; stimulus_id: string }>(
-          "SELECT agent, stimulus_id FROM episodes WHERE status = 'committed'",
+          `SELECT agent, stimulus_id FROM episodes WHERE status = ${STATUS_COMMITTED}`,
         );
         const perStimulus = new Map<string, number>();
         for (const e of committed)

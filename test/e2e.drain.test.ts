@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { bundleOfSql, specOfSql } from "../gateway/store/index.ts";
+import { bundleOfSql, specOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
 import { TestFleet, cleanupAll, publishQos1, runCli, subscribe, waitFor } from "./helpers/gateway.ts";
 import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
 
@@ -198,7 +198,7 @@ describe("removing a type from fleet.toml", () => {
       expect((await stimuli("doomed/busy")).map((s) => s.state)).toEqual(["done", "done", "done"]);
       const eps = await fleet.query<{ spec_version: string; bundle: string | null }>(
         `SELECT ${specOfSql("spec_version")} AS spec_version, ${bundleOfSql("bundle")} AS bundle FROM episodes
-          WHERE agent = ? AND status = 'committed'`,
+          WHERE agent = ? AND status = ${STATUS_COMMITTED}`,
         ["doomed/busy"],
       );
       // They ran on the last version that had the type (its pinned code), so a replay finds it.

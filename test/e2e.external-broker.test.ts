@@ -9,6 +9,7 @@ import { connectAsync, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
 import { agentType, fleetHeader, q } from "./helpers/toml.ts";
+import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 
 const E2E_TIMEOUT = 240_000;
 const COUNTER = fixture("counter");
@@ -42,7 +43,7 @@ async function recorded(fleet: TestFleet): Promise<{ episodes: number[]; stimuli
   const n = (rows: { payload: Uint8Array | null }[]) =>
     rows.map((r) => (JSON.parse(new TextDecoder().decode(r.payload ?? new Uint8Array())) as { n: number }).n);
   const episodes = await fleet.query<{ payload: Uint8Array | null }>(
-    "SELECT s.payload FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq WHERE e.status = 'committed'",
+    `SELECT s.payload FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq WHERE e.status = ${STATUS_COMMITTED}`,
   );
   const stimuli = await fleet.query<{ payload: Uint8Array | null }>("SELECT payload FROM stimuli WHERE kind = 'mqtt'");
   return { episodes: n(episodes), stimuli: n(stimuli) };
@@ -84,7 +85,8 @@ describe("external broker (Mosquitto)", () => {
       })();
       const committed = async () =>
         Number(
-          (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE status = 'committed'"))[0]?.n,
+          (await fleet.query<{ n: number }>(`SELECT count(*) AS n FROM episodes WHERE status = ${STATUS_COMMITTED}`))[0]
+            ?.n,
         );
       for (const at of [60, 180]) {
         await waitFor(async () => (await committed()) >= at, 60_000, `${at} committed episodes`, 20);

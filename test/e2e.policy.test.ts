@@ -36,6 +36,7 @@ import {
   startLlmServer,
   zombiesOf,
 } from "./helpers/policy.ts";
+import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 
 const IS_ROOT = process.getuid?.() === 0;
 const SECRET = "s3cr3t-value";
@@ -757,8 +758,8 @@ describe("fairness and bounded queues", () => {
     expect((await fleet.cli("resume", "bounded/q1")).code).toBe(0);
     await fleet.waitCommitted("bounded/q1", 50, 30_000);
     const ran = await fleet.query<{ sid: string }>(
-      "SELECT e.stimulus_id AS sid FROM episodes e WHERE e.agent = " +
-        "'bounded/q1' AND e.status = 'committed' ORDER BY e.started_at",
+      `SELECT e.stimulus_id AS sid FROM episodes e WHERE e.agent = 'bounded/q1' AND e.status = ${STATUS_COMMITTED}
+        ORDER BY e.started_at`,
     );
     expect(ran.map((r) => r.sid)).toEqual(Array.from({ length: 50 }, (_, i) => `id:b${i + 1}`));
     const seen = new Set(outs.messages.filter((m) => m.json?.agent === "bounded/q1").map((m) => m.json.data.id));

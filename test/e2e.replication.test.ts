@@ -19,6 +19,7 @@ import {
 import { freePort, Sqld } from "./helpers/sqld.ts";
 import { CENTRAL_SCHEMA_VERSION } from "../gateway/replication/index.ts";
 import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
+import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 
 const servers: Sqld[] = [];
 const clients: Client[] = [];
@@ -210,7 +211,7 @@ describe("replication to a central libSQL server", () => {
         await waitFor(
           async () => {
             const rows = await f.query<{ n: number }>(
-              "SELECT count(*) AS n FROM episodes WHERE agent = 'counter/k' AND status = 'committed'",
+              `SELECT count(*) AS n FROM episodes WHERE agent = 'counter/k' AND status = ${STATUS_COMMITTED}`,
             );
             return Number(rows[0]!.n) >= 3;
           },

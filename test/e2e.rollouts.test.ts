@@ -10,7 +10,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { isCanary } from "../gateway/fleet/index.ts";
-import { bundleOfSql } from "../gateway/store/index.ts";
+import { bundleOfSql, episodeStatus } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { fleetHeader, q } from "./helpers/toml.ts";
 
@@ -87,7 +87,7 @@ bake = "2s"
       );
     const bundles = (keys: readonly string[]) =>
       fleet.query<{ agent: string; bundle: string; status: string }>(
-        `SELECT agent, ${bundleOfSql("bundle")} AS bundle, status FROM episodes
+        `SELECT agent, ${bundleOfSql("bundle")} AS bundle, ${episodeStatus.ofSql("status")} AS status FROM episodes
             WHERE agent IN (${keys.map(() => "?").join(",")})
             ORDER BY started_at, id`,
         keys.map((k) => `relay/${k}`),

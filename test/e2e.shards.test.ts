@@ -11,7 +11,7 @@ import { renameSync } from "node:fs";
 import { join } from "node:path";
 import { connectAsync, type MqttClient } from "mqtt";
 import { ownerShard } from "../gateway/shard.ts";
-import { hexOfSql } from "../gateway/store/index.ts";
+import { hexOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
 import { caughtUp, replicationToml } from "./helpers/replication.ts";
@@ -63,7 +63,7 @@ const decode = (p: Uint8Array | null): { n: number } => JSON.parse(new TextDecod
 async function recorded(fleet: TestFleet) {
   const episodes = await fleet.query<{ agent: string; payload: Uint8Array | null }>(
     `SELECT e.agent, s.payload FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq
-      WHERE e.status = 'committed' AND s.kind = 'mqtt'`,
+      WHERE e.status = ${STATUS_COMMITTED} AND s.kind = 'mqtt'`,
   );
   const stimuli = await fleet.query<{ agent: string; payload: Uint8Array | null }>(
     "SELECT agent, payload FROM stimuli WHERE kind = 'mqtt'",
@@ -86,7 +86,9 @@ function exactlyOnce(seen: readonly number[], total: number): void {
 }
 
 const committed = async (fleet: TestFleet): Promise<number> =>
-  Number((await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE status = 'committed'"))[0]?.n);
+  Number(
+    (await fleet.query<{ n: number }>(`SELECT count(*) AS n FROM episodes WHERE status = ${STATUS_COMMITTED}`))[0]?.n,
+  );
 
 /**
  * The central view of the resharded fleet "shards-re": its name covers the three current shards;

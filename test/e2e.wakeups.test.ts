@@ -9,7 +9,7 @@
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { fileURLToPath } from "node:url";
 import { cleanupAll, publishQos1, runCli, TestFleet, waitFor, type EpisodeJson } from "./helpers/gateway.ts";
-import { idOfSql } from "../gateway/store/index.ts";
+import { idOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
 import { signedInPage } from "./helpers/browser.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -36,7 +36,7 @@ interface Emitted {
 async function emits(fleet: TestFleet, agent: string): Promise<(Emitted & { episode: string })[]> {
   const rows = await fleet.query<{ episode: string; data: string }>(
     `SELECT ${idOfSql("e.episode")} AS episode, e.data FROM events e JOIN episodes ep ON ep.id = e.episode
-     WHERE ep.agent = ? AND ep.status = 'committed' AND e.kind = 'emit' ORDER BY ep.started_at, e.seq`,
+     WHERE ep.agent = ? AND ep.status = ${STATUS_COMMITTED} AND e.kind = 'emit' ORDER BY ep.started_at, e.seq`,
     [agent],
   );
   return rows.map((r) => ({ episode: r.episode, ...(JSON.parse(r.data) as { data: Emitted }).data }));

@@ -13,7 +13,7 @@ import { budgetWindows, EpisodeExecutor, type RunResult, type ToolHandler } from
 import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
 import { QueueBook } from "../gateway/fleet/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
-import { Store } from "../gateway/store/index.ts";
+import { episodeStatus, Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
 
 const log = pino({ level: "silent" });
@@ -128,7 +128,9 @@ describe("executor: commit", () => {
     const [agent] = await t.rows("SELECT head_seq, head_hash, episodes FROM agents WHERE id = ?", [A]);
     expect(agent).toMatchObject({ head_seq: 1, episodes: 1 });
     expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "done" } as never]);
-    expect(await t.rows("SELECT status FROM episodes")).toEqual([{ status: "committed" } as never]);
+    expect(await t.rows(`SELECT ${episodeStatus.ofSql("status")} AS status FROM episodes`)).toEqual([
+      { status: "committed" } as never,
+    ]);
     expect(t.published[0]!.topics).toEqual(["fleet/agents/mon/a/out", "fleet/episodes"]);
     expect(t.book.queued(A)).toBe(0);
     expect(t.seen.filter((s) => s.kind === "episode").map((s) => (s.e as { status: string }).status)).toEqual([
@@ -364,7 +366,7 @@ describe("executor: wake-ups", () => {
     t.script.push(() => ok({}, [{ k: "wake", id: "someone-else.w1", at: t.now(), data: null }]));
     await t.executor.turn(A);
     expect(await t.rows("SELECT id FROM wakeups")).toEqual([]);
-    const [ep] = await t.rows("SELECT status, error_kind, error FROM episodes");
+    const [ep] = await t.rows(`SELECT ${episodeStatus.ofSql("status")} AS status, error_kind, error FROM episodes`);
     expect(ep).toMatchObject({ status: "failed", error_kind: "protocol" });
     expect(String(ep!.error)).toContain("was not issued by this episode");
   });

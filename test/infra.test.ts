@@ -11,6 +11,7 @@ import { join } from "node:path";
 import pino from "pino";
 import { defaultSpawnOptions, runEpisode } from "../gateway/episode/index.ts";
 import { Gateway } from "../gateway/gateway.ts";
+import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 import { authed, openDbFile, waitFor } from "./helpers/gateway.ts";
 import { agentBlock, policyAgent } from "./helpers/policy.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
@@ -120,7 +121,8 @@ describe("an episode that cannot start is the machine's failure, not the agent's
     // The machine recovers: the stimulus runs (its first and only attempt) and the gateway is ready again.
     symlinkSync(process.execPath, bun);
     await waitFor(
-      async () => (await query<{ status: string }>("SELECT status FROM episodes"))[0]?.status === "committed",
+      async () =>
+        (await query<{ status: number }>("SELECT status FROM episodes"))[0]?.status === Number(STATUS_COMMITTED),
       40_000,
       "the waiting stimulus to commit",
     );

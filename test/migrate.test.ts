@@ -18,6 +18,9 @@ import {
   SchemaVersionError,
   Store,
   schemaVersion,
+  STATUS_COMMITTED,
+  STATUS_FAILED,
+  stimulusKind,
 } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 
@@ -134,11 +137,11 @@ describe("schema migrations", () => {
     const store = await Store.open(path, { synchronous: "full" });
     try {
       const kinds = await store.client.execute(
-        "SELECT stimulus_kind AS kind, count(*) AS n FROM episodes GROUP BY stimulus_kind",
+        `SELECT ${stimulusKind.ofSql("stimulus_kind")} AS kind, count(*) AS n FROM episodes GROUP BY stimulus_kind`,
       );
       expect(kinds.rows.map((r) => ({ kind: r.kind, n: Number(r.n) }))).toEqual([{ kind: "manual", n: 12 }]);
       // One index serves an agent's history with and without a kind filter, in time order (no sort).
-      for (const kind of ["", "AND stimulus_kind = 'mqtt' "]) {
+      for (const kind of ["", `AND stimulus_kind = ${stimulusKind.sql("mqtt")} `]) {
         const plan = await store.client.execute(
           `EXPLAIN QUERY PLAN SELECT * FROM episodes WHERE agent = 'a/b' ${kind}ORDER BY started_at DESC LIMIT 50`,
         );
@@ -343,8 +346,8 @@ describe("schema migrations", () => {
       await store.client.execute("INSERT INTO meta (key, value) VALUES ('replication', 'on')");
       const [first] = episodes;
       const copy = `SELECT x'0199aaaabbbb7ccc8ddd000000000001', agent, stimulus_seq + 1000, stimulus_id, spec_version,
-        'failed', NULL, NULL, attempt, started_at, ended_at, NULL, parent, events_hash, event_count, stimulus_kind,
-        bundle, log FROM episodes WHERE id = ?`;
+        ${STATUS_FAILED}, NULL, NULL, attempt, started_at, ended_at, NULL, parent, events_hash, event_count,
+        stimulus_kind, bundle, log FROM episodes WHERE id = ?`;
       await store.client.execute({
         sql: `INSERT INTO episodes ${copy}`,
         args: [Buffer.from(first!.replaceAll("-", ""), "hex")],
@@ -409,6 +412,79 @@ describe("schema migrations", () => {
         ids,
       );
       expect(sql.rows.map((r) => r.b)).toEqual([a, twin, b, odd, null]);
+      expect((await verifyStore(store)).problems).toEqual([]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("older episodes' outcomes and stimulus kinds become codes, read back as the same names", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    const kinds = ["mqtt", "timer", "webhook", "inbox", "manual", "wake", "odd-kind", null];
+    let ids: string[];
+    try {
+      await migrate(
+        c,
+        path,
+        MIGRATIONS.filter((m) => m.version < 31),
+      );
+      ids = (await c.execute(`SELECT ${idOfSql("id")} FROM episodes ORDER BY rowid`)).rows.map((r) => String(r[0]));
+      expect(ids.length).toBeGreaterThanOrEqual(kinds.length);
+      for (const [i, id] of ids.entries())
+        await c.execute({
+          sql: `UPDATE episodes SET status = ?, stimulus_kind = ? WHERE ${idOfSql("id")} = ?`,
+          args: [i % 3 === 0 ? "failed" : "committed", kinds[i % kinds.length] ?? null, id],
+        });
+    } finally {
+      c.close();
+    }
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const raw = await store.client.execute(
+        `SELECT ${idOfSql("id")} AS id, status, typeof(stimulus_kind) AS t, stimulus_kind FROM episodes ORDER BY rowid`,
+      );
+      // Rows keep their order and rowids; the names are gone from the file.
+      expect(raw.rows.map((r) => String(r.id))).toEqual(ids);
+      expect(raw.rows.map((r) => r.status)).toEqual(ids.map((_, i) => (i % 3 === 0 ? 0 : 1)));
+      expect(raw.rows.slice(0, kinds.length).map((r) => [r.t, r.stimulus_kind])).toEqual([
+        ["integer", 1],
+        ["integer", 0],
+        ["integer", 2],
+        ["integer", 3],
+        ["integer", 4],
+        ["integer", 5],
+        ["text", "odd-kind"],
+        ["null", null],
+      ]);
+      const read = await Promise.all(ids.map((id) => store.getEpisode(id)));
+      expect(read.map((e) => e?.status)).toEqual(ids.map((_, i) => (i % 3 === 0 ? "failed" : "committed")));
+      expect(read.map((e) => e?.stimulusKind ?? null)).toEqual(ids.map((_, i) => kinds[i % kinds.length] ?? null));
+      // The rebuilt table has its indexes, its replication trigger and the events view over it.
+      const schema = await store.client.execute(
+        "SELECT type, name FROM sqlite_master WHERE tbl_name = 'episodes' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+      );
+      expect(schema.rows.map((r) => `${r.type} ${r.name}`)).toEqual([
+        "trigger bundle_changed",
+        "trigger bundle_unused",
+        "trigger bundle_used",
+        "table episodes",
+        "index episodes_agent",
+        "index episodes_once",
+        "index episodes_time",
+        "trigger repl_episode",
+      ]);
+      expect((await store.listEvents(ids[1]!)).length).toBeGreaterThan(0);
+      // Exactly once still holds: a second committed episode of a committed stimulus is refused.
+      const copy = (status: string) => ({
+        sql: `INSERT INTO episodes (id, agent, stimulus_seq, stimulus_id, spec_version, status, attempt, started_at,
+          ended_at, events_hash, event_count, log) SELECT 'copy-' || ${status}, agent, stimulus_seq,
+          stimulus_id, spec_version, ${status}, attempt, started_at, ended_at, events_hash, event_count, log
+          FROM episodes WHERE ${idOfSql("id")} = ?`,
+        args: [ids[1]!],
+      });
+      await store.client.execute(copy(STATUS_FAILED));
+      await expect(store.client.execute(copy(STATUS_COMMITTED))).rejects.toThrow(/UNIQUE constraint failed/);
       expect((await verifyStore(store)).problems).toEqual([]);
     } finally {
       await store.close();

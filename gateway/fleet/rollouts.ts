@@ -12,7 +12,7 @@
  */
 import type { Logger } from "pino";
 import type { SpecVersion } from "../spec/index.ts";
-import { bundleToDriver, type RolloutRow, type RolloutState, type Store } from "../store/index.ts";
+import { bundleToDriver, STATUS_FAILED, type RolloutRow, type RolloutState, type Store } from "../store/index.ts";
 
 /** What a rollout looks like in status, `/api/fleet` and `fleet/health`. */
 export interface RolloutView {
@@ -57,6 +57,8 @@ export function isCanary(agent: string, share: number): boolean {
 /** The rollouts of one gateway: the newest per type, in memory, backed by the store. */
 export class Rollouts {
   private readonly latest = new Map<string, RolloutRow>();
+  /** Canary counts by rollout id, and the last episode row they have read (see `counts`). */
+  private readonly tallies = new Map<number, { upTo: number; episodes: number; failures: number }>();
   private timer: ReturnType<typeof setInterval> | null = null;
   private deciding = false;
 
@@ -229,6 +231,8 @@ export class Rollouts {
       },
     ]);
     const row = rowOf(rs!.rows[0] as unknown as Record<string, unknown>);
+    const before = this.latest.get(type);
+    if (before) this.tallies.delete(before.id);
     this.latest.set(type, row);
     const canaries = (await this.d.agentsOf(type)).filter((a) => isCanary(a, row.canary));
     await this.step(row, "started", { from, to, canary: row.canary, canary_agents: canaries });
@@ -247,13 +251,13 @@ export class Rollouts {
 
   /** Put back what the new code quarantined (its last attempt ran the new code), to run on the previous bundle. */
   private async retryQuarantined(r: RolloutRow): Promise<void> {
+    // A quarantined stimulus names the attempt that quarantined it, its last (store/episodes.ts).
     const rows = (
       await this.d.store.client.execute({
-        sql: `SELECT DISTINCT s.seq, s.agent FROM stimuli s JOIN episodes e ON e.stimulus_seq = s.seq
-          WHERE s.state = 'quarantined' AND e.bundle = ? AND e.started_at >= ? AND s.agent LIKE ? || '/%'
-            AND e.id = (SELECT x.id FROM episodes x WHERE x.stimulus_seq = s.seq ORDER BY x.started_at DESC, x.id DESC
-              LIMIT 1)`,
-        args: [bundleToDriver(r.toBundle), r.startedAt, r.type],
+        sql: `SELECT s.seq, s.agent FROM stimuli s JOIN episodes e ON e.id = s.episode
+          WHERE s.state = 'quarantined' AND s.done_at >= ? AND s.agent LIKE ? || '/%'
+            AND e.bundle = ? AND e.started_at >= ?`,
+        args: [r.startedAt, r.type, bundleToDriver(r.toBundle), r.startedAt],
       })
     ).rows;
     for (const s of rows) await this.d.retry(Number(s.seq));
@@ -286,14 +290,30 @@ export class Rollouts {
     ]);
   }
 
+  /**
+   * The episodes of the rollout's new code since it started, and how many failed (infra failures are
+   * the machine's, not the code's). Episodes are not indexed by bundle (store/migrate.ts, migration 32):
+   * the first count reads the episodes started since the rollout did, by time; each later one reads on
+   * by rowid from the newest row the last one saw, so an evaluation every 500 ms costs the new rows.
+   */
   private async counts(r: RolloutRow): Promise<{ episodes: number; failures: number }> {
+    const seen = this.tallies.get(r.id);
+    // `+started_at` keeps a later count on the rowid range rather than the time index.
     const rs = await this.d.store.client.execute({
-      sql: `SELECT count(*) AS n, coalesce(sum(status = 'failed'), 0) AS f FROM episodes
-        WHERE bundle = ? AND started_at >= ? AND agent LIKE ? || '/%'
+      sql: `SELECT (SELECT max(rowid) FROM episodes) AS top, count(*) AS n,
+          coalesce(sum(status = ${STATUS_FAILED}), 0) AS f FROM episodes
+        WHERE ${seen ? "rowid > ? AND +started_at >= ?" : "started_at >= ?"} AND bundle = ? AND agent LIKE ? || '/%'
           AND (error_kind IS NULL OR error_kind != 'infra')`,
-      args: [bundleToDriver(r.toBundle), r.startedAt, r.type],
+      args: [...(seen ? [seen.upTo] : []), r.startedAt, bundleToDriver(r.toBundle), r.type],
     });
-    return { episodes: Number(rs.rows[0]?.n ?? 0), failures: Number(rs.rows[0]?.f ?? 0) };
+    const row = rs.rows[0];
+    const tally = {
+      upTo: Number(row?.top ?? seen?.upTo ?? 0),
+      episodes: (seen?.episodes ?? 0) + Number(row?.n ?? 0),
+      failures: (seen?.failures ?? 0) + Number(row?.f ?? 0),
+    };
+    this.tallies.set(r.id, tally);
+    return { episodes: tally.episodes, failures: tally.failures };
   }
 }
 

@@ -6,7 +6,7 @@
  */
 import type { InValue } from "@libsql/client";
 import { topics } from "../protocol.ts";
-import { idOfSql, type Store } from "../store/index.ts";
+import { idOfSql, STATUS_COMMITTED, STATUS_FAILED, type Store } from "../store/index.ts";
 import { parseAgentId } from "../types.ts";
 
 /** One output of a committed episode: an `emit` on the agent's out topic, or a publish-tool message. */
@@ -39,7 +39,7 @@ export async function recentOutputs(
     sql: `SELECT ${idOfSql("ep.id")} AS episode, ep.agent AS agent, ep.started_at AS started_at,
             ep.ended_at AS ended_at, ev.kind AS kind, ev.data AS data
           FROM episodes ep JOIN events ev ON ev.episode = ep.id
-          WHERE ep.status = 'committed' AND ep.started_at < ? ${f.agent !== undefined ? "AND ep.agent = ?" : ""}
+          WHERE ep.status = ${STATUS_COMMITTED} AND ep.started_at < ? ${f.agent !== undefined ? "AND ep.agent = ?" : ""}
             AND ${OUTPUT_EVENT}
           ORDER BY ep.started_at DESC, ep.id DESC, ev.seq DESC LIMIT ?`,
     args,
@@ -86,7 +86,7 @@ async function oneMinute(store: Store, t: number, type: string | undefined): Pro
   const lag = `ep.started_at - COALESCE(s.received_at,
     (SELECT json_extract(data, '$.received_at') FROM events WHERE episode = ep.id AND seq = 0))`;
   const rs = await store.client.execute({
-    sql: `SELECT count(*) AS episodes, sum(ep.status = 'failed') AS failures, max(${lag}) AS lag_max,
+    sql: `SELECT count(*) AS episodes, sum(ep.status = ${STATUS_FAILED}) AS failures, max(${lag}) AS lag_max,
             avg(${lag}) AS lag_avg
           FROM episodes ep LEFT JOIN stimuli s ON s.seq = ep.stimulus_seq
           WHERE ep.started_at >= ? AND ep.started_at < ?

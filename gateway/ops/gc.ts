@@ -214,11 +214,11 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     report.stimuliForgotten = (st as { rowsAffected: number }).rowsAffected;
     report.usageRowsDeleted = (us as { rowsAffected: number }).rowsAffected;
   }
-  // 6. Code bundles: kept while any episode names one, while the running gateway uses it, and while a
-  //    spec version from within the retention window names it.
+  // 6. Code bundles: kept while any episode names one (`bundle_uses`, counted by triggers), while the
+  //    running gateway uses it, and while a spec version from within the retention window names it.
   const keep = opts.keepBundles ?? [];
   const oldBundles = sql`SELECT hash FROM bundles b WHERE created_at < ${episodeCutoff}
-    AND NOT EXISTS (SELECT 1 FROM episodes e WHERE e.bundle = ${sql.raw(bundleStoredSql("b.hash"))})
+    AND NOT EXISTS (SELECT 1 FROM bundle_uses u WHERE u.bundle = ${sql.raw(bundleStoredSql("b.hash"))})
     AND NOT EXISTS (SELECT 1 FROM spec_versions s, json_each(s.bundles) j
       WHERE s.bundles IS NOT NULL AND s.created_at >= ${episodeCutoff} AND j.value = b.hash)
     ${

@@ -8,7 +8,7 @@
  * Everything comes from the sealed event logs and the
  * episodes table, so a trace is as old as retention allows.
  */
-import { idOfSql, type EpisodeRow, type EventRow, type Store } from "../store/index.ts";
+import { idOfSql, STATUS_COMMITTED, type EpisodeRow, type EventRow, type Store } from "../store/index.ts";
 import { blake3Hex } from "../hash.ts";
 import { topics } from "../protocol.ts";
 import { parseAgentId } from "../types.ts";
@@ -239,7 +239,7 @@ export async function episodeForTopic(store: Store, topic: string, at?: number):
   const rows = out
     ? await store.client.execute({
         sql: `SELECT ${idOfSql("ep.id")} AS id FROM episodes ep
-              WHERE ep.agent = ? AND ep.status = 'committed' AND ep.started_at <= ?
+              WHERE ep.agent = ? AND ep.status = ${STATUS_COMMITTED} AND ep.started_at <= ?
               AND EXISTS (SELECT 1 FROM events e WHERE e.episode = ep.id AND e.kind = 'emit')
               ORDER BY ep.started_at DESC LIMIT 1`,
         args: [`${out[1]}/${out[2]}`, before],
@@ -248,7 +248,7 @@ export async function episodeForTopic(store: Store, topic: string, at?: number):
         sql: `SELECT ${idOfSql("ep.id")} AS id FROM events e JOIN episodes ep ON ep.id = e.episode
               WHERE e.kind = 'tool' AND json_extract(e.data, '$.tool') = 'publish'
               AND json_extract(e.data, '$.ok') = 1 AND json_extract(e.data, '$.args[0]') = ?
-              AND ep.status = 'committed' AND ep.started_at <= ?
+              AND ep.status = ${STATUS_COMMITTED} AND ep.started_at <= ?
               ORDER BY ep.started_at DESC LIMIT 1`,
         args: [topic, before],
       });

@@ -3,7 +3,7 @@
  * event-log hash. Collected checkpoints (tombstones) keep their hash and links, so the
  * chain still verifies after GC.
  */
-import { hashEvents, verifyCheckpointRow, IntegrityError } from "../store/index.ts";
+import { bundleOfSql, hashEvents, verifyCheckpointRow, IntegrityError } from "../store/index.ts";
 import { asc, inArray } from "drizzle-orm";
 import {
   tables,
@@ -67,9 +67,28 @@ export function storeChains(store: Store): ChainSource {
   };
 }
 
-/** Verify every agent (or those listed). */
-export function verifyStore(store: Store, only?: readonly AgentId[]): Promise<VerifyReport> {
-  return verifyChains(storeChains(store), only);
+/** Verify every agent (or those listed); with every agent, also the count of episodes naming each bundle. */
+export async function verifyStore(store: Store, only?: readonly AgentId[]): Promise<VerifyReport> {
+  const report = await verifyChains(storeChains(store), only);
+  if (!only?.length) report.problems.push(...(await bundleUseProblems(store)));
+  return report;
+}
+
+/**
+ * Whether `bundle_uses` (kept by triggers, read by code retention) counts the episodes that name each
+ * bundle: a count too low would let retention delete code an episode still names.
+ */
+async function bundleUseProblems(store: Store): Promise<VerifyProblem[]> {
+  const rs = await store.client.execute(
+    `SELECT ${bundleOfSql("bundle")} AS bundle, sum(n) AS named, sum(c) AS counted FROM (
+      SELECT bundle, count(*) AS n, 0 AS c FROM episodes WHERE bundle IS NOT NULL GROUP BY bundle
+      UNION ALL SELECT bundle, 0, episodes FROM bundle_uses) GROUP BY bundle HAVING sum(n) != sum(c)`,
+  );
+  return rs.rows.map((r) => ({
+    agent: "",
+    record: `bundle ${short(r.bundle)}`,
+    problem: `named by ${Number(r.named)} episode(s), counted ${Number(r.counted)} in bundle_uses`,
+  }));
 }
 
 /** Verify every chain of a source (or the agents listed). */

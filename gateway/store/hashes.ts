@@ -8,6 +8,7 @@
  * way, as 16 bytes (`idColumn` below).
  */
 import { customType } from "drizzle-orm/sqlite-core";
+import { CODE_COLUMNS } from "./codes.ts";
 
 const HEX64 = /^[0-9a-f]{64}$/;
 /** GLOB of the same. */
@@ -90,11 +91,13 @@ export const ID_COLUMNS: Readonly<Record<string, readonly string[]>> = {
   events: ["episode"],
 };
 
-/** SQL for the value of `table.column` as the API and the central server see it (hex hashes, UUID text). */
+/** SQL for the value of `table.column` as the API and the central server see it (hex hashes, UUID text, names). */
 export function wireSql(table: string, column: string, expr = column): string {
   if (isHashColumn(table, column)) return hexOfSql(expr);
   if (SPEC_COLUMNS[table]?.includes(column)) return specOfSql(expr);
   if (ID_COLUMNS[table]?.includes(column)) return idOfSql(expr);
+  const codes = CODE_COLUMNS[table]?.[column];
+  if (codes) return codes.ofSql(expr);
   return expr;
 }
 

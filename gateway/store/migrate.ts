@@ -9,6 +9,7 @@
  * Migrations are append-only: never edit one that has shipped, add the next.
  */
 import type { Client } from "@libsql/client";
+import { episodeStatus, stimulusKind } from "./codes.ts";
 import { bundleRefSql, idBytesSql, idOfSql, specRefSql } from "./hashes.ts";
 
 /**
@@ -402,13 +403,11 @@ const SPEC_AND_PARENT_BYTES: readonly string[] = [
  * they are and read the same. Only the writer (store/episodes.ts `logText`) decides, by the exact
  * text prefix, so `data` still reads back byte for byte.
  */
-const RECORD_KIND_IMPLIED: readonly string[] = [
-  `DROP VIEW events`,
-  `CREATE VIEW events AS SELECT ep.id AS episode, j.key AS seq,
+const EVENTS_VIEW_22 = `CREATE VIEW events AS SELECT ep.id AS episode, j.key AS seq,
     CASE j.type WHEN 'object' THEN j.value ->> 'k' ELSE j.value ->> 0 END AS kind,
     CASE j.type WHEN 'object' THEN j.value ELSE j.value -> 1 END AS data
-    FROM episodes AS ep, json_each(ep.log) AS j`,
-];
+    FROM episodes AS ep, json_each(ep.log) AS j`;
+const RECORD_KIND_IMPLIED: readonly string[] = [`DROP VIEW events`, EVENTS_VIEW_22];
 
 /**
  * Checkpoint hashes as their 32 bytes (issue 13: store bytes per episode, as migrations 20 and 21):
@@ -453,13 +452,14 @@ const DEDUP_SID_FIRST: readonly string[] = [
  * (./hashes.ts `idColumn`); anything that is not a lowercase UUID stays text. The replication queue
  * keeps the text (its key is sent and compared as such), so its episode trigger converts.
  */
+const REPL_EPISODE_26 = `CREATE TRIGGER repl_episode AFTER INSERT ON episodes WHEN ${REPL_ON} BEGIN
+    ${pend("episode", idOfSql("NEW.id"), "NEW.ended_at")} END`;
 const EPISODE_ID_BYTES: readonly string[] = [
   `UPDATE episodes SET id = ${idBytesSql("id")}`,
   `UPDATE checkpoints SET episode = ${idBytesSql("episode")}`,
   `UPDATE stimuli SET episode = ${idBytesSql("episode")} WHERE episode IS NOT NULL`,
   `DROP TRIGGER IF EXISTS repl_episode`,
-  `CREATE TRIGGER repl_episode AFTER INSERT ON episodes WHEN ${REPL_ON} BEGIN
-    ${pend("episode", idOfSql("NEW.id"), "NEW.ended_at")} END`,
+  REPL_EPISODE_26,
 ];
 
 /**
@@ -507,7 +507,65 @@ const TOMBSTONE_FRONTIER: readonly string[] = [
  * (~140 bytes an episode). They keep the prefix when it names the hash (./hashes.ts `bundleColumn`: the
  * oldest bundle with that prefix), else its 32 bytes; `episodes_bundle` follows the rows.
  */
+/** Trigger statements counting one more or one fewer episode naming the stored bundle `expr` (null: none). */
+const useBundle = (
+  expr: string,
+) => `INSERT INTO bundle_uses (bundle, episodes) SELECT ${expr}, 1 WHERE ${expr} IS NOT NULL
+    ON CONFLICT (bundle) DO UPDATE SET episodes = episodes + 1;`;
+const unuseBundle = (expr: string) => `UPDATE bundle_uses SET episodes = episodes - 1 WHERE bundle = ${expr};
+    DELETE FROM bundle_uses WHERE bundle = ${expr} AND episodes <= 0;`;
+
 const BUNDLE_REFS: readonly string[] = [`UPDATE episodes SET ${bundleRefSql("bundle")} WHERE typeof(bundle) = 'text'`];
+
+/**
+ * Episode outcomes and stimulus kinds as small integers (issue 13: store bytes per episode; ./codes.ts):
+ * ~17 bytes of a temp-monitor episode, in its row and in `episodes_agent`. A column's declared type
+ * cannot change in place (an integer into a TEXT column is stored as text), so the table is rebuilt,
+ * rows and rowids in order, with its indexes, its replication trigger and the `events` view over it.
+ */
+const EPISODE_CODES: readonly string[] = [
+  `DROP VIEW events`,
+  `CREATE TABLE episodes_new (
+    id TEXT PRIMARY KEY, agent TEXT NOT NULL, stimulus_seq INTEGER NOT NULL,
+    stimulus_id TEXT NOT NULL, spec_version TEXT NOT NULL, status INTEGER NOT NULL, error_kind TEXT, error TEXT,
+    attempt INTEGER NOT NULL, started_at INTEGER NOT NULL, ended_at INTEGER NOT NULL,
+    checkpoint TEXT, parent TEXT, events_hash TEXT NOT NULL, event_count INTEGER NOT NULL, stimulus_kind INTEGER,
+    bundle TEXT, log BLOB)`,
+  `INSERT INTO episodes_new (rowid, id, agent, stimulus_seq, stimulus_id, spec_version, status, error_kind, error,
+    attempt, started_at, ended_at, checkpoint, parent, events_hash, event_count, stimulus_kind, bundle, log)
+    SELECT rowid, id, agent, stimulus_seq, stimulus_id, spec_version, ${episodeStatus.storedSql("status")}, error_kind,
+    error, attempt, started_at, ended_at, checkpoint, parent, events_hash, event_count,
+    ${stimulusKind.storedSql("stimulus_kind")}, bundle, log FROM episodes ORDER BY rowid`,
+  `DROP TABLE episodes`,
+  `ALTER TABLE episodes_new RENAME TO episodes`,
+  `CREATE INDEX episodes_time ON episodes (started_at)`,
+  `CREATE UNIQUE INDEX episodes_once ON episodes (stimulus_seq) WHERE status = ${episodeStatus.sql("committed")}`,
+  `CREATE INDEX episodes_bundle ON episodes (bundle) WHERE bundle IS NOT NULL`,
+  `CREATE INDEX episodes_agent ON episodes (agent, started_at, stimulus_kind)`,
+  REPL_EPISODE_26,
+  EVENTS_VIEW_22,
+];
+
+/**
+ * Bundles kept by a count of the episodes naming each, not by an index of them (issue 13: store bytes
+ * per episode). With code pinned, every episode had an entry in `episodes_bundle` (~19 bytes) that only
+ * code retention read, asking whether any episode still names a bundle. Triggers on `episodes` now keep
+ * `bundle_uses` (stored bundle form -> episodes naming it; no row at 0), so that question is one lookup
+ * and an episode costs a counter bump. The triggers see every insert, delete and change of `bundle`; a
+ * migration that rebuilds `episodes` (as 31 does) must count again, as this one does.
+ */
+const BUNDLE_USES: readonly string[] = [
+  `CREATE TABLE bundle_uses (bundle TEXT PRIMARY KEY, episodes INTEGER NOT NULL) WITHOUT ROWID`,
+  `INSERT INTO bundle_uses (bundle, episodes) SELECT bundle, count(*) FROM episodes WHERE bundle IS NOT NULL
+    GROUP BY bundle`,
+  `DROP INDEX episodes_bundle`,
+  `CREATE TRIGGER bundle_used AFTER INSERT ON episodes WHEN NEW.bundle IS NOT NULL BEGIN
+    ${useBundle("NEW.bundle")} END`,
+  `CREATE TRIGGER bundle_unused AFTER DELETE ON episodes WHEN OLD.bundle IS NOT NULL BEGIN
+    ${unuseBundle("OLD.bundle")} END`,
+  `CREATE TRIGGER bundle_changed AFTER UPDATE OF bundle ON episodes WHEN OLD.bundle IS NOT NEW.bundle BEGIN
+    ${unuseBundle("OLD.bundle")} ${useBundle("NEW.bundle")} END`,
+];
 
 /** Every migration, oldest first. */
 export const MIGRATIONS: readonly Migration[] = [
@@ -541,6 +599,8 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 28, name: "checkpoints found by hash prefix", statements: CHECKPOINT_HASH_PREFIX },
   { version: 29, name: "tombstone frontier", statements: TOMBSTONE_FRONTIER },
   { version: 30, name: "bundles by hash prefix", statements: BUNDLE_REFS },
+  { version: 31, name: "episode outcomes and stimulus kinds as codes", statements: EPISODE_CODES },
+  { version: 32, name: "bundles kept by a count of their episodes", statements: BUNDLE_USES },
 ];
 
 /** The schema version this code writes. */

@@ -19,6 +19,7 @@ import {
   index,
 } from "drizzle-orm/sqlite-core";
 import type { AgentId } from "../types.ts";
+import { episodeStatus, stimulusKind } from "./codes.ts";
 import { bundleColumn, hashColumn, idColumn, specColumn } from "./hashes.ts";
 
 /** Key/value facts about this data dir (gateway id, schema version). */
@@ -106,6 +107,9 @@ export const agentCounts = sqliteTable(
 
 /** Where a stimulus came from (agents/protocol.ts `Stimulus.kind`). */
 export type StoredStimulusKind = "mqtt" | "timer" | "webhook" | "inbox" | "manual" | "wake";
+// Every kind has a code (./codes.ts): this fails to compile until a new kind gets one.
+const everyKindCoded: readonly (typeof stimulusKind.names)[number][] = [] as StoredStimulusKind[];
+void everyKindCoded;
 
 /** Lifecycle of a stimulus for one agent. */
 export type StimulusState = "queued" | "done" | "quarantined" | "dropped" | "rejected" | "expired";
@@ -181,7 +185,8 @@ export const episodes = sqliteTable(
     stimulusId: text("stimulus_id").notNull(),
     /** Stored as the first 6 bytes of its hash when those name it (./hashes.ts `specColumn`, migration 27). */
     specVersion: specColumn("spec_version").notNull(),
-    status: text("status").$type<"committed" | "failed">().notNull(),
+    /** Stored as 1 or 0 (./codes.ts, migration 31). */
+    status: episodeStatus.column("status").notNull(),
     errorKind: text("error_kind"),
     error: text("error"),
     attempt: integer("attempt").notNull(),
@@ -194,8 +199,11 @@ export const episodes = sqliteTable(
     parent: hashColumn("parent"),
     eventsHash: hashColumn("events_hash").notNull(),
     eventCount: integer("event_count").notNull(),
-    /** The kind of its stimulus (mqtt, timer, ...), for filters; null only where it could not be recovered. */
-    stimulusKind: text("stimulus_kind"),
+    /**
+     * The kind of its stimulus (mqtt, timer, ...), for filters; null only where it could not be recovered.
+     * Stored as a small integer (./codes.ts, migration 31).
+     */
+    stimulusKind: stimulusKind.column<string>("stimulus_kind"),
     /**
      * The code bundle it ran (`bundles.hash`); null when it ran from the module file. Stored as the
      * first 8 bytes of the hash when those name it (./hashes.ts `bundleColumn`, migration 30).
@@ -203,12 +211,13 @@ export const episodes = sqliteTable(
     bundle: bundleColumn("bundle"),
   },
   (t) => [
-    index("episodes_bundle").on(t.bundle).where(sql`bundle IS NOT NULL`),
     // History by time; a kind filter is checked on the entry, before the row is read (migration 24).
     index("episodes_agent").on(t.agent, t.startedAt, t.stimulusKind),
     index("episodes_time").on(t.startedAt),
     // Exactly-once commit: a second committed episode for the same stimulus aborts its whole batch.
-    uniqueIndex("episodes_once").on(t.stimulusSeq).where(sql`status = 'committed'`),
+    uniqueIndex("episodes_once")
+      .on(t.stimulusSeq)
+      .where(sql.raw(`status = ${episodeStatus.sql("committed")}`)),
   ],
 );
 
@@ -279,6 +288,16 @@ export const budgetUsage = sqliteTable(
   },
   (t) => [primaryKey({ columns: [t.agent, t.window] })],
 );
+
+/**
+ * How many episodes name each code bundle, by the bundle's stored form (`episodes.bundle`); no row at
+ * none. Kept by triggers on `episodes` (store/migrate.ts, migration 32); never written by code. Code
+ * retention keeps a bundle while it has a row.
+ */
+export const bundleUses = sqliteTable("bundle_uses", {
+  bundle: bundleColumn("bundle").primaryKey(),
+  episodes: integer("episodes").notNull(),
+});
 
 /**
  * Budget use per window and agent type: the sums over the type's `budget_usage` rows and the

@@ -27,6 +27,7 @@ import {
 } from "./harness.ts";
 import { pgidOf } from "./agents.ts";
 import { benchFleet, startGateway, type GatewayProc } from "./procs.ts";
+import { STATUS_COMMITTED, stimulusKind } from "../../gateway/store/index.ts";
 
 const SETTLE_MS = 2000;
 
@@ -108,8 +109,8 @@ export async function seedHistory(dbPath: string, agents: number, episodes: numb
             '{"count":1}', ${at} FROM n`,
           `${n} INSERT INTO episodes (id, agent, stimulus_seq, stimulus_id, spec_version, status, attempt,
             started_at, ended_at, checkpoint, parent, events_hash, event_count, stimulus_kind, log)
-            SELECT ${id}, ${agent}, i + 1, 's:' || i, '${spec}', 'committed', 1, ${at} - 2, ${at},
-            lower(hex(randomblob(32))), NULL, lower(hex(randomblob(32))), 2, 'mqtt',
+            SELECT ${id}, ${agent}, i + 1, 's:' || i, '${spec}', ${STATUS_COMMITTED}, 1, ${at} - 2, ${at},
+            lower(hex(randomblob(32))), NULL, lower(hex(randomblob(32))), 2, ${stimulusKind.sql("mqtt")},
             jsonb('[["stimulus",{"kind":"mqtt"}],["end",{"k":"end"}]]') FROM n`,
         ],
         "write",

@@ -6,7 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { idOfSql, specOfSql } from "../../gateway/store/index.ts";
+import { idOfSql, specOfSql, STATUS_COMMITTED } from "../../gateway/store/index.ts";
 import { ROOT, waitFor, type TestFleet } from "./gateway.ts";
 
 /** Absolute path of a fixture agent of these tests (world-readable: episodes run as nobody). */
@@ -53,7 +53,7 @@ export async function committed(f: TestFleet, agent?: string): Promise<Committed
             e.started_at, e.ended_at,
             (SELECT v.data FROM events v WHERE v.episode = e.id AND v.kind = 'emit' ORDER BY v.seq LIMIT 1) AS emit
        FROM episodes e JOIN stimuli s ON s.seq = e.stimulus_seq
-      WHERE e.status = 'committed' ${agent ? "AND e.agent = ?" : ""}
+      WHERE e.status = ${STATUS_COMMITTED} ${agent ? "AND e.agent = ?" : ""}
       ORDER BY e.started_at, e.id`,
     agent ? [agent] : [],
   );
