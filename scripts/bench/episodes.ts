@@ -138,7 +138,15 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       0.7,
       `median of rounds; wrapping: ${wrappingNote()}`,
     ),
-    rateRow("episodes", "episodes/s vs bare spawn (plain)", "/s", med("gateway"), med("plain"), 0.7),
+    rateRow(
+      "episodes",
+      "episodes/s vs bare spawn (plain)",
+      "/s",
+      med("gateway"),
+      med("plain"),
+      null,
+      "what the sandbox costs: the loop spawns bun with no bwrap or prlimit (the target is the wrapped row's)",
+    ),
     deltaRow(
       "episodes",
       "CPU/episode, spawning process: gateway vs bare loop (wrapped)",
