@@ -3,10 +3,10 @@
  * a run killed with -9, with real process groups.
  */
 import { afterAll, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { SandboxLedger } from "../gateway/episode/index.ts";
+import { SandboxLedger, startTicks, ticksNow } from "../gateway/episode/index.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-ledger-test-"));
 const started: number[] = [];
@@ -68,4 +68,31 @@ test("a long run's ledger stays small: it is compacted to the groups alive", asy
   const lines = readFileSync(file, "utf8").split("\n").filter(Boolean);
   expect(lines.length).toBeLessThan(1100);
   expect(new SandboxLedger(file).sweep().killed).toEqual([p.pid]);
+});
+
+test("a group is reaped by the start window its entry names; a pid started outside it is left alone", async () => {
+  const file = join(dir, "sandboxes-window");
+  const run = new SandboxLedger(file);
+  run.sweep();
+  const p = group(["sleep", "60"]);
+  run.add(p.pid);
+  run.close();
+  const started = Number(startTicks(p.pid));
+  const [from, to] = readFileSync(file, "utf8")
+    .split("\n")
+    .find((l) => l.startsWith(`+ ${p.pid} `))!
+    .split(" ")
+    .slice(2);
+  expect(Number(from)).toBeLessThanOrEqual(started);
+  expect(Number(to)).toBeGreaterThanOrEqual(started);
+  expect(Number(to)).toBeLessThanOrEqual(Number(ticksNow()) + 1);
+  // The same pid, as if reused by a process that started well after the entry's window: left alone.
+  writeFileSync(file, `+ ${p.pid} ${started - 900} ${started - 400}\n`);
+  expect(new SandboxLedger(file).sweep().killed).toEqual([]);
+  expect(alive(p.pid)).toBe(true);
+  // A ledger an older release wrote names the start time itself, and is still honoured.
+  writeFileSync(file, `+ ${p.pid} ${started}\n`);
+  expect(new SandboxLedger(file).sweep().killed).toEqual([p.pid]);
+  await p.exited;
+  expect(alive(p.pid)).toBe(false);
 });

@@ -30,7 +30,7 @@ export {
   type SpawnOptions,
 } from "./sandbox.ts";
 export { ProcessTable, SparePool } from "./host-process.ts";
-export { SandboxLedger, type Swept } from "./leftovers.ts";
+export { SandboxLedger, startTicks, type Swept, ticksNow } from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
 
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
