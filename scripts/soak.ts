@@ -12,8 +12,11 @@
  * episode's rows grow a byte or two, and the file grows with them until the window has turned over.
  *
  *   bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10] [--tables]
+ *                       [--bundle]
  *
- * `--tables` adds a line per hour: the free list and the eight biggest tables and indexes.
+ * `--tables` adds a line per hour: the free list and the eight biggest tables and indexes. `--bundle`
+ * makes every episode name a code bundle, as a gateway running pinned code (the default) does: each
+ * commit and each deletion by retention then also counts in `bundle_uses`.
  *
  * The defaults are issue 13's soak: a day at 50 episodes/s (4.3 million episodes). That is about
  * 25 minutes of CPU (committing ~0.3 ms an episode, retention ~0.1 ms an episode once it deletes):
@@ -38,18 +41,20 @@ const { values: flags } = parseArgs({
     "retention-hours": { type: "string", default: "6" },
     keep: { type: "string", default: "10" },
     tables: { type: "boolean", default: false },
+    bundle: { type: "boolean", default: false },
     help: { type: "boolean", short: "h", default: false },
   },
 });
 if (flags.help) {
   console.log(
-    "bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10] [--tables]\n" +
+    "bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10] [--tables]" +
+      " [--bundle]\n" +
       "  a simulated day (or --hours) of temp-monitor episodes at --rate per second through the commit path,\n" +
       "  with retention; prints disk, RSS and CPU per simulated hour and checks disk levels off",
   );
   process.exit(0);
 }
-const num = (name: Exclude<keyof typeof flags, "help" | "tables">) => {
+const num = (name: Exclude<keyof typeof flags, "help" | "tables" | "bundle">) => {
   const v = Number(flags[name]);
   if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} must be a positive number`);
   return v;
@@ -77,6 +82,7 @@ const fleet = await SyntheticFleet.create(dir, {
   dedupDays: retentionDays,
   // Fixed-width stimulus ids: every episode the same size all day (test/helpers/ops.ts).
   sidDigits: 10,
+  ...(flags.bundle ? { bundle: "b".repeat(64) } : {}),
 });
 const T0 = Date.UTC(2026, 0, 5);
 const perHour = Math.round(rate * 3600);

@@ -3,10 +3,9 @@
  * spare's bwrap still setting up is not yet tied to its parent's death) and staging roots.
  * Every host process group and staging folder is noted in `<data dir>/sandboxes` as it is
  * started; the next start of the same data dir kills the groups still alive (same pid AND a
- * start time within the seconds around the entry: a reused pid is left alone) and removes the
- * folders. A group that ended is
- * not noted (its pid no longer has that start time): the ledger is compacted from memory now
- * and then instead, so an episode costs one write to it.
+ * start time within the seconds its entry names: a reused pid is left alone) and removes the
+ * folders. A group that ended is not noted (its pid no longer has such a start time): the ledger
+ * is compacted from memory now and then instead, so an episode costs one write to it.
  */
 import {
   closeSync,

@@ -5,7 +5,7 @@
  * integers 0 and 1 in no bytes at all (the record header's type code is the value), so the common
  * values (committed; mqtt and timer) cost nothing. The code reads and writes the names through the
  * column types below, as hashes go through ./hashes.ts. A name without a code (none is written by
- * this code) is stored as the text it is, and reads back as written.
+ * this code; no name is a number) is stored as the text it is, and reads back as written.
  */
 import { customType } from "drizzle-orm/sqlite-core";
 
