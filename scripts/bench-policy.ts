@@ -17,6 +17,7 @@ import { fileURLToPath } from "node:url";
 import type { MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, subscribe, waitFor } from "../test/helpers/gateway.ts";
 import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
+import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 
 /** One measured line: the same metric without and with the thing under test. */
 export interface PolicyRow {
@@ -82,7 +83,7 @@ async function slowest(fleet: TestFleet, pinger: Pinger, from: number, n: number
   for (const p of pings) {
     const [row] = await fleet.query<{ received: number; started: number; ended: number }>(
       `SELECT s.received_at AS received, e.started_at AS started, e.ended_at AS ended FROM stimuli s
-        JOIN episodes e ON e.stimulus_seq = s.seq AND e.status = 'committed' WHERE s.agent = ? AND s.sid = ?`,
+        JOIN episodes e ON e.stimulus_seq = s.seq AND e.status = ${STATUS_COMMITTED} WHERE s.agent = ? AND s.sid = ?`,
       [pinger.agent, `id:${p.id}`],
     );
     const sent = p.at + offset;

@@ -23,6 +23,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { cleanupAll, fmt, table, type BenchOptions, type Row } from "./bench/harness.ts";
 import { NOOP_AGENT, startGateway, type GatewayProc } from "./bench/procs.ts";
+import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 
 const CLK_TCK = 100; // getconf CLK_TCK on Linux
 /** CPU in the first FIRE_WINDOW_MS of each second counts as fire work, in the last IDLE_WINDOW_MS as idle. */
@@ -159,7 +160,7 @@ function recorded(
     const episodes =
       db
         .query<{ n: number }, [number, number]>(
-          "SELECT count(*) AS n FROM episodes WHERE status = 'committed' AND ended_at >= ? AND ended_at < ?",
+          `SELECT count(*) AS n FROM episodes WHERE status = ${STATUS_COMMITTED} AND ended_at >= ? AND ended_at < ?`,
         )
         .get(from, to)?.n ?? 0;
     return {
