@@ -1,10 +1,17 @@
 /**
  * `[agents.<t>.rollout]` canary keys (docs/upgrading.md) at the edge: defaults, the errors a bad
- * value gets (with its key path), and the canary choice (stable, by agent id hash, bounded by the share).
+ * value gets (with its key path), the canary choice (stable, by agent id hash, bounded by the share),
+ * and the canary's counts on a real store.
  */
 import { describe, expect, test } from "bun:test";
-import { isCanary } from "../gateway/fleet/index.ts";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import { isCanary, Rollouts } from "../gateway/fleet/index.ts";
 import { compileSpec, SpecError } from "../gateway/spec/index.ts";
+import { Store, tables } from "../gateway/store/index.ts";
+import type { AgentId } from "../gateway/types.ts";
 
 const toml = (rollout: string) =>
   `[fleet]\nname = "r"\n\n[agents.t]\nmodule = "t.ts"\n\n[agents.t.rollout]\n${rollout}\n`;
@@ -55,5 +62,66 @@ describe("the canary choice", () => {
     expect(ids.filter((a) => isCanary(a, 0.1))).toEqual(tenth);
     // A larger share keeps the smaller share's canaries.
     expect(tenth.every((a) => isCanary(a, 0.3))).toBe(true);
+  });
+});
+
+describe("canary counts", () => {
+  test("are the new code's episodes since the rollout began, each counted once as evaluations read on", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    const h = (c: string) => c.repeat(64);
+    let now = 1_000_000;
+    const rollouts = new Rollouts({
+      store,
+      log: pino({ level: "silent" }),
+      now: () => now,
+      agentsOf: async () => ["t/a", "t/b"],
+      retry: async () => {},
+      wake: () => {},
+    });
+    try {
+      for (const c of ["1", "2"]) await store.saveBundle({ hash: h(c), module: "/m/t.ts", code: `// ${c}`, at: 1 });
+      let n = 0;
+      const episode = (bundle: string, o: { failed?: string; agent?: string; at?: number } = {}) =>
+        store.db.insert(tables.episodes).values({
+          id: `ep-${++n}`,
+          agent: (o.agent ?? "t/a") as AgentId,
+          stimulusSeq: n,
+          stimulusId: `id:${n}`,
+          specVersion: h("a"),
+          status: o.failed ? "failed" : "committed",
+          errorKind: o.failed ?? null,
+          attempt: 1,
+          startedAt: o.at ?? now,
+          endedAt: o.at ?? now,
+          eventsHash: h("e"),
+          eventCount: 0,
+          bundle,
+        });
+      const sv = await compileSpec(toml('canary = 0.5\nmin_episodes = 1000\nbake = "1h"'), "/f/fleet.toml");
+      const current = { ...sv, bundles: { t: h("1") } };
+      await rollouts.start(current);
+      await episode(h("2"), { at: now - 10 }); // before the rollout
+      await rollouts.deployed(current, { ...sv, bundles: { t: h("2") } });
+      const counts = async () => {
+        const r = (await rollouts.view()).find((v) => v.type === "t");
+        return r && { state: r.state, episodes: r.episodes, failures: r.failures };
+      };
+      expect(await counts()).toEqual({ state: "canary", episodes: 0, failures: 0 });
+      now += 1;
+      await episode(h("2"));
+      await episode(h("2"), { failed: "exception" });
+      await episode(h("1")); // the previous code
+      await episode(h("2"), { agent: "u/a" }); // another type
+      expect(await counts()).toEqual({ state: "canary", episodes: 2, failures: 1 });
+      await episode(h("2"), { failed: "infra" }); // the machine's failure, not the code's
+      await episode(h("2"), { agent: "t/b" });
+      expect(await counts()).toEqual({ state: "canary", episodes: 3, failures: 1 });
+      expect(await counts()).toEqual({ state: "canary", episodes: 3, failures: 1 });
+    } finally {
+      rollouts.stop();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
