@@ -11,7 +11,7 @@ import pino from "pino";
 import { isCanary, Rollouts } from "../gateway/fleet/index.ts";
 import { compileSpec, SpecError } from "../gateway/spec/index.ts";
 import { Store, tables } from "../gateway/store/index.ts";
-import type { AgentId } from "../gateway/types.ts";
+import type { AgentId, Blake3Hex } from "../gateway/types.ts";
 
 const toml = (rollout: string) =>
   `[fleet]\nname = "r"\n\n[agents.t]\nmodule = "t.ts"\n\n[agents.t.rollout]\n${rollout}\n`;
@@ -69,7 +69,7 @@ describe("canary counts", () => {
   test("are the new code's episodes since the rollout began, each counted once as evaluations read on", async () => {
     const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
-    const h = (c: string) => c.repeat(64);
+    const h = (c: string) => c.repeat(64) as Blake3Hex;
     let now = 1_000_000;
     const rollouts = new Rollouts({
       store,

@@ -507,14 +507,6 @@ const TOMBSTONE_FRONTIER: readonly string[] = [
  * (~140 bytes an episode). They keep the prefix when it names the hash (./hashes.ts `bundleColumn`: the
  * oldest bundle with that prefix), else its 32 bytes; `episodes_bundle` follows the rows.
  */
-/** Trigger statements counting one more or one fewer episode naming the stored bundle `expr` (null: none). */
-const useBundle = (
-  expr: string,
-) => `INSERT INTO bundle_uses (bundle, episodes) SELECT ${expr}, 1 WHERE ${expr} IS NOT NULL
-    ON CONFLICT (bundle) DO UPDATE SET episodes = episodes + 1;`;
-const unuseBundle = (expr: string) => `UPDATE bundle_uses SET episodes = episodes - 1 WHERE bundle = ${expr};
-    DELETE FROM bundle_uses WHERE bundle = ${expr} AND episodes <= 0;`;
-
 const BUNDLE_REFS: readonly string[] = [`UPDATE episodes SET ${bundleRefSql("bundle")} WHERE typeof(bundle) = 'text'`];
 
 /**
@@ -546,13 +538,25 @@ const EPISODE_CODES: readonly string[] = [
   EVENTS_VIEW_22,
 ];
 
+/** Trigger statements counting one more episode naming the stored bundle `expr` (null: none). */
+function useBundle(expr: string): string {
+  return `INSERT INTO bundle_uses (bundle, episodes) SELECT ${expr}, 1 WHERE ${expr} IS NOT NULL
+    ON CONFLICT (bundle) DO UPDATE SET episodes = episodes + 1;`;
+}
+
+/** Trigger statements counting one fewer episode naming the stored bundle `expr`; its row goes at none. */
+function unuseBundle(expr: string): string {
+  return `UPDATE bundle_uses SET episodes = episodes - 1 WHERE bundle = ${expr};
+    DELETE FROM bundle_uses WHERE bundle = ${expr} AND episodes <= 0;`;
+}
+
 /**
  * Bundles kept by a count of the episodes naming each, not by an index of them (issue 13: store bytes
  * per episode). With code pinned, every episode had an entry in `episodes_bundle` (~19 bytes) that only
  * code retention read, asking whether any episode still names a bundle. Triggers on `episodes` now keep
  * `bundle_uses` (stored bundle form -> episodes naming it; no row at 0), so that question is one lookup
  * and an episode costs a counter bump. The triggers see every insert, delete and change of `bundle`; a
- * migration that rebuilds `episodes` (as 31 does) must count again, as this one does.
+ * later migration that rebuilds `episodes` (as 31 did) must create them again and count afresh.
  */
 const BUNDLE_USES: readonly string[] = [
   `CREATE TABLE bundle_uses (bundle TEXT PRIMARY KEY, episodes INTEGER NOT NULL) WITHOUT ROWID`,
