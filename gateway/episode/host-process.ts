@@ -11,6 +11,7 @@ import { CHILD_ENV, hostCommand, hostRuntime, type ProcessLimits, type SpawnOpti
 import type { SandboxLedger } from "./leftovers.ts";
 import { agentBinds, type AgentFiles, stageable } from "./sandbox-view.ts";
 import { StagingRoot } from "./staging.ts";
+import { hostScript } from "./host-runtime.ts";
 
 /*
  * Synchronous /proc reads: each is a few microseconds of kernel work, where the promise
@@ -222,7 +223,9 @@ export class HostProcess {
     expect: AgentFiles | null = null,
   ): HostProcess {
     const files = spawnOpts.bwrap && expect !== null && stageable(expect) ? expect : null;
-    const root = spawnOpts.bwrap ? StagingRoot.for(hostRuntime(spawnOpts), files) : null;
+    // Looked up once per spare: it checks that the built runtime's files are still there.
+    const script = hostScript(spawnOpts.bun);
+    const root = spawnOpts.bwrap ? StagingRoot.for(hostRuntime(spawnOpts, script), files) : null;
     if (root) spawnOpts.ledger?.addRoot(dirname(root.dir));
     try {
       if (root && files) root.stage(files);
@@ -230,7 +233,7 @@ export class HostProcess {
       // shown at `prepare` then, or the episode fails there as infra
     }
     try {
-      return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}), spawnOpts, procs, root);
+      return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}, script), spawnOpts, procs, root);
     } catch (err) {
       root?.remove();
       throw err;

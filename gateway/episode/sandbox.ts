@@ -274,12 +274,20 @@ export function sandboxCommand(
   return cmd;
 }
 
-/** The prlimit/bwrap command line for an agents/host/main.ts process with these limits. */
-export function hostCommand(limits: ProcessLimits, spawnOpts: SpawnOptions, view: SandboxView = {}): string[] {
-  return sandboxCommand(hostScript(spawnOpts.bun), limits, spawnOpts, view);
+/**
+ * The prlimit/bwrap command line for an agents/host/main.ts process with these limits. `script`:
+ * the host script, when the caller has looked it up already (`hostScript` checks its files).
+ */
+export function hostCommand(
+  limits: ProcessLimits,
+  spawnOpts: SpawnOptions,
+  view: SandboxView = {},
+  script = hostScript(spawnOpts.bun),
+): string[] {
+  return sandboxCommand(script, limits, spawnOpts, view);
 }
 
 /** The runtime binds of the host process (a staging root needs their mount points). */
-export function hostRuntime(spawnOpts: SpawnOptions): Bind[] {
-  return runtimeFor(spawnOpts.bun, hostScript(spawnOpts.bun));
+export function hostRuntime(spawnOpts: SpawnOptions, script = hostScript(spawnOpts.bun)): Bind[] {
+  return runtimeFor(spawnOpts.bun, script);
 }
