@@ -468,8 +468,8 @@ export class Gateway {
       // An agent whose type left the spec is retired: the book refuses it before max_queue matters.
       admit: (agent) =>
         this.book.admit(agent, this.current.spec.agents[parseAgentId(agent)?.type ?? ""]?.max_queue ?? Infinity),
-      recorded: (agent) => {
-        this.book.recorded(agent);
+      recorded: (agent, seq) => {
+        this.book.recorded(agent, seq);
         this.scheduler.wake(agent);
       },
       released: (agent) => this.book.released(agent),
@@ -679,9 +679,9 @@ export class Gateway {
       {
         route: (t) => this.route(t),
         admit: (a, max) => this.book.admit(a, max),
-        recorded: (a, n) => {
-          this.book.recorded(a, n);
-          this.pressure.recorded(n ?? 1);
+        recorded: (a, seq) => {
+          this.book.recorded(a, seq);
+          this.pressure.recorded(1);
         },
         released: (a, n) => this.book.released(a, n),
       },

@@ -79,7 +79,7 @@ async function setup(spec = sv) {
   /** Queue one stimulus for `agent` as intake would. */
   const queue = async (agent: AgentId = A, kind: "manual" | "timer" = "manual") => {
     const [type, key] = agent.split("/") as [string, string];
-    await store.intake([
+    const [o] = await store.intake([
       {
         agent,
         type,
@@ -91,7 +91,7 @@ async function setup(spec = sv) {
         receivedAt: clock,
       },
     ]);
-    book.recorded(agent);
+    book.recorded(agent, o!.seq!);
   };
   const rows = async (sql: string, args: (string | number)[] = []) => (await store.client.execute({ sql, args })).rows;
   return {
@@ -156,13 +156,31 @@ describe("executor: commit", () => {
   test("a stimulus recorded while a turn reads an empty queue stays counted", async () => {
     // The turn's read sees no head; intake records one before the turn reports back.
     const read = t.store.turnInputs.bind(t.store);
-    t.store.turnInputs = async (agent, windows) => {
-      const inputs = await read(agent, windows);
+    t.store.turnInputs = async (agent, windows, head) => {
+      const inputs = await read(agent, windows, head);
       await t.queue(agent);
       return inputs;
     };
     expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
     expect(t.book.queued(A)).toBe(1);
+  });
+});
+
+describe("executor: the queue book and the rows", () => {
+  test("a head the book has that is no longer queued is read again from the rows, and the real head runs", async () => {
+    await t.queue();
+    await t.queue();
+    const [first, second] = t.book.seqs(A);
+    // Something the book was not told of finished the first.
+    await t.store.writer.write([{ sql: "UPDATE stimuli SET state = 'dropped' WHERE seq = ?", args: [first!] }]);
+    t.script.push(() => ok({ n: 1 }));
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    expect(await t.rows("SELECT seq, state FROM stimuli WHERE agent = ? ORDER BY seq", [A])).toEqual([
+      { seq: first!, state: "dropped" } as never,
+      { seq: second!, state: "done" } as never,
+    ]);
+    expect(t.book.queued(A)).toBe(0);
+    expect(t.book.total()).toBe(0);
   });
 });
 
@@ -261,19 +279,21 @@ describe("executor: budgets, retirement, integrity", () => {
 });
 
 describe("executor: sends", () => {
-  test("a send is written with the sender's commit and counted in the target's queue", async () => {
+  test("a send is written with the sender's commit and queued for its target under the seq written", async () => {
     await t.queue();
     t.script.push(async (_s, onTool) => {
       expect((await onTool(1, "send", [B, { hi: 1 }])).ok).toBe(true);
+      expect((await onTool(2, "send", [B, { hi: 2 }])).ok).toBe(true);
       return ok({ n: 1 });
     });
     await t.executor.turn(A);
-    const rows = await t.rows("SELECT agent, kind, sid FROM stimuli WHERE agent = ?", [B]);
-    expect(rows).toHaveLength(1);
+    const rows = await t.rows("SELECT seq, agent, kind, sid FROM stimuli WHERE agent = ? ORDER BY seq", [B]);
+    expect(rows).toHaveLength(2);
     expect(rows[0]).toMatchObject({ kind: "inbox" });
     expect(String(rows[0]!.sid)).toStartWith("inbox:");
-    expect(t.book.queued(B)).toBe(1);
-    expect(t.seen.find((s) => s.kind === "intake")?.e).toEqual({ source: "inbox", accepted: 1, duplicates: 0 });
+    expect(t.book.seqs(B)).toEqual(rows.map((r) => Number(r.seq)));
+    expect(t.book.head(B)).toBe(Number(rows[0]!.seq));
+    expect(t.seen.find((s) => s.kind === "intake")?.e).toEqual({ source: "inbox", accepted: 2, duplicates: 0 });
   });
 
   test("a failed episode's sends are not written and their reserved places are given back", async () => {

@@ -201,7 +201,8 @@ describe("agent-to-agent sends go through the same admission", () => {
     );
 
   test("a send to a full queue is denied with the refusal recorded as the call's result", async () => {
-    ctx.book.recorded("sink/a" as AgentId, 2); // sink's max_queue is 2
+    // sink's max_queue is 2
+    for (const seq of [1001, 1002]) ctx.book.recorded("sink/a" as AgentId, seq);
     const out = await gateFor(ctx.book).handle(1, "send", ["sink/a", { hi: 1 }]);
     expect(out).toEqual({
       ok: false,
@@ -254,7 +255,7 @@ describe("quarantine retry goes through the same admission", () => {
   }
   const port = (max: number) => ({
     admit: (a: AgentId) => ctx.book.admit(a, max),
-    recorded: (a: AgentId) => ctx.book.recorded(a),
+    recorded: (a: AgentId, seq: number) => ctx.book.recorded(a, seq),
     released: (a: AgentId) => ctx.book.released(a),
   });
 
@@ -268,7 +269,7 @@ describe("quarantine retry goes through the same admission", () => {
 
   test("a retry into a full queue is refused with code queue_full and the stimulus stays quarantined", async () => {
     const seq = await quarantined("sink/f" as AgentId, "f1");
-    ctx.book.recorded("sink/f" as AgentId, 2);
+    for (const s of [1001, 1002]) ctx.book.recorded("sink/f" as AgentId, s);
     const r = await resolveQuarantined(ctx.store, seq, "retry", port(2));
     expect(r).toMatchObject({ ok: false, code: "queue_full" });
     expect((await ctx.store.getStimulus(seq))?.state).toBe("quarantined");

@@ -488,18 +488,57 @@ describe("intake", () => {
     }
   });
 
-  test("a finished stimulus leaves the queue index but stays dedup memory; the head moves on", async () => {
+  test("a finished stimulus stays dedup memory and leaves the queue; the head moves on", async () => {
     const store = await open(freshPath());
     try {
       const [a] = await store.intake([stim("id:a"), stim("id:b")]);
       await store.commitEpisode(episodeCommit("ep-1", a!.seq!, "id:a", 1, HASH("a"), null));
       expect((await store.headOfQueue(aid("temp/boiler-1")))?.sid).toBe("id:b");
-      // The queue is read through its index, which holds queued stimuli only (partial, migration 19).
-      const plan = await store.client.execute(
-        "EXPLAIN QUERY PLAN SELECT seq FROM stimuli WHERE agent = 'temp/boiler-1' AND state = 'queued' ORDER BY seq",
-      );
-      expect(plan.rows.map((r) => String(r.detail)).join("\n")).toContain("stimuli_queue");
       expect((await store.intake([stim("id:a")]))[0]!.seq).toBeNull();
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a turn reads its head by the seq it is given, and only while it is queued for that agent", async () => {
+    const store = await open(freshPath());
+    try {
+      const [a, b] = await store.intake([stim("id:a"), stim("id:b")]);
+      const [c] = await store.intake([stim("id:c", "boiler-2")]);
+      const boiler = aid("temp/boiler-1");
+      expect((await store.turnInputs(boiler, [], a!.seq)).head?.sid).toBe("id:a");
+      expect((await store.turnInputs(boiler, [], null)).head).toBeUndefined();
+      // Another agent's stimulus is not this agent's head.
+      expect((await store.turnInputs(boiler, [], c!.seq)).head).toBeUndefined();
+      await store.commitEpisode(episodeCommit("ep-1", a!.seq!, "id:a", 1, HASH("a"), null));
+      // Done: a stale seq reads nothing; left out, the head is looked for.
+      expect((await store.turnInputs(boiler, [], a!.seq)).head).toBeUndefined();
+      expect((await store.turnInputs(boiler, [])).head?.sid).toBe("id:b");
+      expect(await store.queuedOf(boiler)).toEqual([b!.seq!]);
+      // (The episode's commit also queued a send for other/x.)
+      expect((await store.queuedSeqs()).filter((q) => q.agent.startsWith("temp/"))).toEqual([
+        { agent: boiler, seq: b!.seq! },
+        { agent: aid("temp/boiler-2"), seq: c!.seq! },
+      ]);
+      // By rowid, not by an index of the agent's queue.
+      const plan = await store.client.execute(
+        "EXPLAIN QUERY PLAN SELECT seq FROM stimuli WHERE seq = 2 AND state = 'queued' AND agent = 'temp/boiler-1'",
+      );
+      expect(plan.rows.map((r) => String(r.detail)).join("\n")).toContain("INTEGER PRIMARY KEY");
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("no index of stimuli starts with the agent: intake would write a scattered leaf per agent", async () => {
+    const store = await open(freshPath());
+    try {
+      const indexes = (await store.client.execute("PRAGMA index_list(stimuli)")).rows.map((r) => String(r.name));
+      expect(indexes).toContain("stimuli_dedup");
+      for (const name of indexes) {
+        const first = (await store.client.execute(`PRAGMA index_info(${name})`)).rows[0];
+        expect(String(first?.name)).not.toBe("agent");
+      }
     } finally {
       await store.close();
     }

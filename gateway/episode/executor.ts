@@ -11,7 +11,7 @@ import type { ParentMessage } from "../../agents/protocol.ts";
 import type { FleetEvents } from "../events.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import { hashEvents, IntegrityError, sealCheckpoint, verifyCheckpointRow } from "../store/index.ts";
-import type { AgentRow, Store } from "../store/index.ts";
+import type { AgentRow, SentStimulus, Store, TurnInputs } from "../store/index.ts";
 import { type AgentId, newEpisodeId, type TurnResult } from "../types.ts";
 import { topics } from "../protocol.ts";
 import { budgetWindows, decideTurn, retryAt, type TurnDecision } from "./decide.ts";
@@ -39,13 +39,19 @@ export type EpisodeRunner = (
 
 /** What a turn tells the queue book (gateway/fleet/queue-book.ts) after each write that changes a queue. */
 export interface EpisodeQueue {
+  /** The oldest stimulus queued for the agent, or null. */
+  head(agent: AgentId): number | null;
+  /** Every stimulus queued for the agent, oldest first. */
+  seqs(agent: AgentId): readonly number[];
+  /** The rows say this is what waits for the agent (the book's head was not queued). */
+  resync(agent: AgentId, seqs: readonly number[]): void;
   /** The head of the agent's queue left it (committed or quarantined). */
-  left(agent: AgentId): void;
-  /** `n` queued stimuli of a retired agent were refused (they left its queue). */
-  rejected(agent: AgentId, n: number): void;
-  /** Admitted sends were written to their target's queue. */
-  recorded(agent: AgentId, n?: number): void;
-  /** Admitted sends were not written (the episode failed or did not commit). */
+  left(agent: AgentId, seq: number): void;
+  /** Queued stimuli left the agent's queue: refused (retired), expired or superseded. */
+  rejected(agent: AgentId, seqs: readonly number[]): void;
+  /** An admitted send was written to its target's queue as `seq`. */
+  recorded(agent: AgentId, seq: number): void;
+  /** An admitted send was not written (the episode failed or did not commit, or a duplicate). */
   released(agent: AgentId, n?: number): void;
   /** The agent was retired (its type left the spec). */
   retire(agent: AgentId): void;
@@ -56,6 +62,7 @@ export type TurnStore = Pick<
   Store,
   | "gatewayId"
   | "turnInputs"
+  | "queuedOf"
   | "setAgentStatus"
   | "rejectQueued"
   | "expireStimulus"
@@ -121,12 +128,27 @@ export class EpisodeExecutor {
     }
   }
 
+  /**
+   * The turn's inputs, its head read by the seq the queue book has. A head that is not queued
+   * for the agent means the book disagrees with the rows: it reads the agent's queue again.
+   */
+  private async inputs(agentId: AgentId, windows: readonly string[]): Promise<TurnInputs> {
+    const { store, queue } = this.d;
+    const head = queue.head(agentId);
+    const inputs = await store.turnInputs(agentId, windows, head);
+    if (head === null || inputs.head) return inputs;
+    const seqs = await store.queuedOf(agentId);
+    this.d.log.warn({ agent: agentId, head, queued: seqs.length }, "queue book: its head was not queued; read again");
+    queue.resync(agentId, seqs);
+    return store.turnInputs(agentId, windows, queue.head(agentId));
+  }
+
   private async turnInner(agentId: AgentId): Promise<TurnResult> {
     const { store, events } = this.d;
     const now = this.d.now();
     let sv = this.d.spec();
     const win = budgetWindows(now);
-    let inputs = await store.turnInputs(agentId, [win.hourWindow, win.dayWindow]);
+    let inputs = await this.inputs(agentId, [win.hourWindow, win.dayWindow]);
     // A removed type's agents drain on the last spec version that had the type (recorded with
     // each episode, so replay finds its module and config).
     const a = inputs.agent;
@@ -147,8 +169,9 @@ export class EpisodeExecutor {
           if (inputs.agent?.status === "draining") await this.d.drained?.(agentId);
           return { kind: "empty" };
         case "refuse_retired": {
-          const count = await store.rejectQueued(agentId, d.reason, now);
-          this.d.queue.rejected(agentId, count);
+          const refused = await store.rejectQueued(agentId, d.reason, now);
+          this.d.queue.rejected(agentId, refused);
+          const count = refused.length;
           if (count > 0) {
             this.d.log.warn({ agent: agentId, count }, `stimuli refused: ${d.reason}`);
             events.emit("rejected", { agent: agentId, count, reason: d.reason });
@@ -157,11 +180,11 @@ export class EpisodeExecutor {
         }
         case "expire":
           if (await store.expireStimulus(d.seq, d.reason, now)) {
-            this.d.queue.rejected(agentId, 1);
+            this.d.queue.rejected(agentId, [d.seq]);
             this.d.log.info({ agent: agentId, stimulus: d.seq }, `stimulus skipped: ${d.reason}`);
             events.emit("rejected", { agent: agentId, count: 1, reason: d.reason });
           }
-          inputs = await store.turnInputs(agentId, [win.hourWindow, win.dayWindow]);
+          inputs = await this.inputs(agentId, [win.hourWindow, win.dayWindow]);
           continue;
         case "parked":
           return { kind: "parked" };
@@ -181,15 +204,16 @@ export class EpisodeExecutor {
           // Timer fires that piled up (the agent was paused, or busy) coalesce by catch_up: run the newest only.
           const policy = d.type.timer?.catch_up;
           if (d.head.kind === "timer" && policy !== undefined && policy !== "all") {
-            const n = await store.supersedeTimers(
+            const dropped = await store.supersedeTimers(
               agentId,
+              this.d.queue.seqs(agentId),
               `superseded by a newer timer fire (catch_up = "${policy}")`,
               now,
             );
-            if (n > 0) {
-              this.d.queue.rejected(agentId, n);
-              this.d.log.info({ agent: agentId, skipped: n, policy }, "stale timer fires coalesced");
-              inputs = await store.turnInputs(agentId, [win.hourWindow, win.dayWindow]);
+            if (dropped.length > 0) {
+              this.d.queue.rejected(agentId, dropped);
+              this.d.log.info({ agent: agentId, skipped: dropped.length, policy }, "stale timer fires coalesced");
+              inputs = await this.inputs(agentId, [win.hourWindow, win.dayWindow]);
               continue;
             }
           }
@@ -302,7 +326,7 @@ export class EpisodeExecutor {
           usage,
         });
         if (retry === null) {
-          this.d.queue.left(agentId);
+          this.d.queue.left(agentId, head.seq);
           if (agent.status === "draining") await this.d.drained?.(agentId);
         }
         log.warn(
@@ -362,7 +386,7 @@ export class EpisodeExecutor {
       });
       // Sends are written with the sender's commit (exactly once), into places admission reserved.
       const inbox = buildInbox(episode, gate.sends, endedAt);
-      await this.d.store.commitEpisode({
+      const sent = await this.d.store.commitEpisode({
         episode: { ...base, status: "committed", checkpoint: sealed.hash },
         events,
         checkpoint: {
@@ -384,20 +408,25 @@ export class EpisodeExecutor {
         wakes: wakes?.wakes,
         cancels: wakes?.cancels,
       });
-      this.d.queue.left(agentId);
-      this.settleSends(gate, true);
+      this.d.queue.left(agentId, head.seq);
+      this.settleSends(gate, sent);
       if (agent.status === "draining") await this.d.drained?.(agentId);
       log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
       this.d.publishCommitted?.(episode, outbox, agentId);
       if (wakes && wakes.wakes.length > 0) this.d.wakesScheduled?.(Math.min(...wakes.wakes.map((w) => w.dueAt)));
       this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
       await this.emitSettled(agentId, stamp, sealed.hash, undefined, agent.status === "draining");
-      if (inbox.length > 0) this.d.events.emit("intake", { source: "inbox", accepted: inbox.length, duplicates: 0 });
+      if (inbox.length > 0)
+        this.d.events.emit("intake", {
+          source: "inbox",
+          accepted: sent.length,
+          duplicates: inbox.length - sent.length,
+        });
       return { kind: "ran" };
     } finally {
       // Whatever way the turn ends (failure, shutdown, a throw before the commit), the places
       // its sends reserved are given back unless the commit wrote them.
-      this.settleSends(gate, false);
+      this.settleSends(gate, null);
     }
   }
 
@@ -456,12 +485,19 @@ export class EpisodeExecutor {
     }
   }
 
-  /** The places the episode's sends reserved: written with its commit, or given back. Once per gate. */
-  private settleSends(gate: ToolGate, committed: boolean): void {
+  /** The places the episode's sends reserved: written with its commit (`sent`), or given back. Once per gate. */
+  private settleSends(gate: ToolGate, sent: readonly SentStimulus[] | null): void {
+    const written = new Map<AgentId, number[]>();
+    for (const s of sent ?? []) {
+      const seqs = written.get(s.agent);
+      if (seqs) seqs.push(s.seq);
+      else written.set(s.agent, [s.seq]);
+    }
     for (const s of gate.sends.splice(0)) {
       if (s.forward) continue; // nothing reserved here: the owning shard admits it
-      if (committed) this.d.queue.recorded(s.to.id);
-      else this.d.queue.released(s.to.id);
+      const seq = written.get(s.to.id)?.shift();
+      if (seq === undefined) this.d.queue.released(s.to.id);
+      else this.d.queue.recorded(s.to.id, seq);
     }
   }
 

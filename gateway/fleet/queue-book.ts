@@ -1,13 +1,19 @@
 /**
- * The queue book: the one owner of how many stimuli wait for each agent in a running
- * gateway, and the one admission every source goes through (MQTT and inbox intake,
- * webhooks, manual and API stimuli, timers, quarantine retries, and agent-to-agent sends).
- * The store's `stimuli` rows are the durable queue; the book is loaded from them at start
- * and then changed only by the code that changes those rows, right after it did:
+ * The queue book: the one owner of which stimuli wait for each agent in a running gateway,
+ * and the one admission every source goes through (MQTT and inbox intake, webhooks, manual
+ * and API stimuli, timers, quarantine retries, and agent-to-agent sends). The store's
+ * `stimuli` rows are the durable queue; the book is loaded from them at start and then
+ * changed only by the code that changes those rows, right after it did:
  *
  *   admit() reserves a place -> recorded() (the row was written) or released() (duplicate,
  *   failed write, the sending episode did not commit); left() when an episode commits or
- *   quarantines the head; rejected() when a retired agent's queue is refused.
+ *   quarantines the head; rejected() when queued stimuli are refused, expire or are superseded.
+ *
+ * The book keeps each agent's queued seqs in order, so a turn reads its head by seq (a
+ * rowid lookup). The store has no index by agent over queued stimuli: that index put one
+ * scattered leaf write per agent into every intake commit (issue 13). The turn checks the
+ * row it reads is still queued for that agent; if the book ever disagrees with the rows,
+ * the agent's list is read again from the store (`resync`).
  *
  * A draining agent (`fleet retire --drain`) is refused like a retired one, but what was queued
  * or admitted before still runs; `pending()` says when nothing is left.
@@ -25,9 +31,10 @@ export interface QueueBookOptions {
   readonly onDrained?: (agent: AgentId) => void;
 }
 
-/** Per-agent queued counts, reservations and retirements of a running gateway. */
+/** Per-agent queued stimuli, reservations and retirements of a running gateway. */
 export class QueueBook {
-  private readonly counts = new Map<AgentId, number>();
+  /** Each agent's queued seqs, oldest first; no entry when none is queued. */
+  private readonly queues = new Map<AgentId, number[]>();
   /** Places admitted but not yet written (intake in flight, sends of a running episode). */
   private readonly reserved = new Map<AgentId, number>();
   private readonly retired = new Set<AgentId>();
@@ -36,13 +43,13 @@ export class QueueBook {
 
   constructor(private readonly opts: QueueBookOptions = {}) {}
 
-  /** Read queued counts and retirements from the store (gateway start). */
-  async load(store: Pick<Store, "queuedSummary" | "listAgents">): Promise<void> {
+  /** Read queued stimuli and retirements from the store (gateway start). */
+  async load(store: Pick<Store, "queuedSeqs" | "listAgents">): Promise<void> {
     const { rows } = await store.listAgents({ status: "retired", limit: 1_000_000 });
     for (const a of rows) this.retired.add(a.id as AgentId);
     const drains = await store.listAgents({ status: "draining", limit: 1_000_000 });
     for (const a of drains.rows) this.draining.add(a.id as AgentId);
-    for (const q of await store.queuedSummary()) this.add(q.agent as AgentId, q.n);
+    for (const q of await store.queuedSeqs()) this.add(q.agent, q.seq);
   }
 
   /**
@@ -61,10 +68,10 @@ export class QueueBook {
     return { ok: true };
   }
 
-  /** `n` admitted stimuli were written to the agent's queue. */
-  recorded(agent: AgentId, n = 1): void {
-    this.unreserve(agent, n);
-    this.add(agent, n);
+  /** An admitted stimulus was written to the agent's queue as `seq`. */
+  recorded(agent: AgentId, seq: number): void {
+    this.unreserve(agent, 1);
+    this.add(agent, seq);
   }
 
   /** `n` admitted places were not used (duplicates, a failed write, a send whose episode did not commit). */
@@ -73,26 +80,38 @@ export class QueueBook {
     if (this.draining.has(agent) && this.pending(agent) === 0) this.opts.onDrained?.(agent);
   }
 
-  /** The head of the agent's queue left it (committed or quarantined). */
-  left(agent: AgentId): void {
-    const n = this.queued(agent);
-    if (n <= 1) this.counts.delete(agent);
-    else this.counts.set(agent, n - 1);
-    if (n > 0) this.totalQueued--;
+  /** Stimulus `seq` (the head) left the agent's queue: its episode committed or quarantined it. */
+  left(agent: AgentId, seq: number): void {
+    this.remove(agent, [seq]);
   }
 
-  /** `n` queued stimuli of the agent left at once (a retired agent's queue was refused). */
-  rejected(agent: AgentId, n: number): void {
-    const have = this.queued(agent);
-    const left = Math.max(0, have - n);
-    this.totalQueued -= have - left;
-    if (left === 0) this.counts.delete(agent);
-    else this.counts.set(agent, left);
+  /** Queued stimuli of the agent left at once: refused (retired), expired or superseded. */
+  rejected(agent: AgentId, seqs: readonly number[]): void {
+    this.remove(agent, seqs);
+  }
+
+  /** The oldest stimulus waiting for an agent (its queue's head), or null. */
+  head(agent: AgentId): number | null {
+    return this.queues.get(agent)?.[0] ?? null;
+  }
+
+  /** Every stimulus waiting for an agent, oldest first. */
+  seqs(agent: AgentId): readonly number[] {
+    return this.queues.get(agent) ?? [];
+  }
+
+  /**
+   * What waits for the agent, as the store's rows say (a turn found its head was not queued):
+   * the book takes the rows' word for it.
+   */
+  resync(agent: AgentId, seqs: readonly number[]): void {
+    this.remove(agent, this.queues.get(agent)?.slice() ?? []);
+    for (const seq of seqs) this.add(agent, seq);
   }
 
   /** Stimuli waiting for an agent. */
   queued(agent: AgentId): number {
-    return this.counts.get(agent) ?? 0;
+    return this.queues.get(agent)?.length ?? 0;
   }
 
   /** Stimuli waiting across the fleet. */
@@ -132,11 +151,31 @@ export class QueueBook {
     this.draining.delete(agent);
   }
 
-  private add(agent: AgentId, n: number): void {
-    if (n <= 0) return;
-    this.counts.set(agent, this.queued(agent) + n);
-    this.totalQueued += n;
+  private add(agent: AgentId, seq: number): void {
+    const q = this.queues.get(agent);
+    if (!q) this.queues.set(agent, [seq]);
+    else if (seq > q[q.length - 1]!) q.push(seq);
+    else {
+      // Older than the tail: a quarantined stimulus put back. Once only.
+      const at = lowerBound(q, seq);
+      if (q[at] === seq) return;
+      q.splice(at, 0, seq);
+    }
+    this.totalQueued++;
     this.opts.onQueued?.(agent);
+  }
+
+  private remove(agent: AgentId, seqs: readonly number[]): void {
+    const q = this.queues.get(agent);
+    if (!q) return;
+    for (const seq of seqs) {
+      // The head, nearly always: an episode commits its queue's oldest stimulus.
+      const at = q[0] === seq ? 0 : lowerBound(q, seq);
+      if (q[at] !== seq) continue;
+      q.splice(at, 1);
+      this.totalQueued--;
+    }
+    if (q.length === 0) this.queues.delete(agent);
   }
 
   private unreserve(agent: AgentId, n: number): void {
@@ -144,4 +183,16 @@ export class QueueBook {
     if (left > 0) this.reserved.set(agent, left);
     else this.reserved.delete(agent);
   }
+}
+
+/** The first index of sorted `q` whose value is not below `seq`. */
+function lowerBound(q: readonly number[], seq: number): number {
+  let lo = 0;
+  let hi = q.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (q[mid]! < seq) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }

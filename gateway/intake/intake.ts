@@ -17,8 +17,8 @@ export interface IntakeView {
   route(topic: string): Route;
   /** Admit one stimulus (retired? queue full?) and reserve its place. */
   admit(agent: AgentId, maxQueue: number): Admission;
-  /** Admitted stimuli were written to the agent's queue. */
-  recorded(agent: AgentId, n?: number): void;
+  /** An admitted stimulus was written to the agent's queue as `seq`. */
+  recorded(agent: AgentId, seq: number): void;
   /** Admitted places were not used (duplicates, a failed write). */
   released(agent: AgentId, n?: number): void;
 }
@@ -283,7 +283,7 @@ export class Intake {
             this.view.released(o.agent);
           } else {
             accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
-            this.view.recorded(o.agent);
+            this.view.recorded(o.agent, o.seq);
           }
         }
       } catch (err) {

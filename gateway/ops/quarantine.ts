@@ -30,8 +30,8 @@ export type QuarantineAction =
 /** A running gateway's queue book: a retry goes through the same admission as any new stimulus. */
 export interface RetryAdmission {
   admit(agent: AgentId): Admission;
-  /** The stimulus is back in the agent's queue. */
-  recorded(agent: AgentId): void;
+  /** The stimulus `seq` is back in the agent's queue. */
+  recorded(agent: AgentId, seq: number): void;
   released(agent: AgentId): void;
 }
 
@@ -102,6 +102,6 @@ export async function resolveQuarantined(
     if (admitted) queue.released(agent);
     throw err;
   }
-  if (admitted) queue.recorded(agent);
+  if (admitted) queue.recorded(agent, seq);
   return { ok: true, seq, agent: row.agent, state };
 }

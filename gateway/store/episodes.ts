@@ -4,7 +4,7 @@
  * schema codecs (./sql.ts): one multi-row INSERT per table and one upsert for both budget
  * windows, so a commit is 7 statements (9 with inbox sends) and nothing is built by drizzle.
  */
-import type { InValue } from "@libsql/client";
+import type { InValue, ResultSet } from "@libsql/client";
 import type { AgentId, NewStimulus } from "../types.ts";
 import type { RawStatement } from "./db.ts";
 import type * as t from "./schema.ts";
@@ -98,6 +98,24 @@ function logStatements(episode: typeof t.episodes.$inferInsert, events: readonly
   ];
 }
 
+/** How an inbox send's insert ends: a duplicate is skipped, and each stimulus written says its seq. */
+const SENT = "ON CONFLICT DO NOTHING RETURNING agent, seq";
+
+/** The inbox sends an episode's commit wrote (its duplicates are not among them), in order. */
+export function sentStimuli(stmts: readonly RawStatement[], results: readonly ResultSet[]): SentStimulus[] {
+  const sent: SentStimulus[] = [];
+  for (const [i, st] of stmts.entries())
+    if (st.sql.endsWith(SENT))
+      for (const r of results[i]?.rows ?? []) sent.push({ agent: r[0] as AgentId, seq: Number(r[1]) });
+  return sent;
+}
+
+/** An inbox stimulus an episode's commit wrote. */
+export interface SentStimulus {
+  readonly agent: AgentId;
+  readonly seq: number;
+}
+
 /** The statements that commit an episode whole; `gatewayId` stamps the inbox rows. */
 export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatement[] {
   const ep = c.episode;
@@ -131,7 +149,7 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
       payload: Buffer.from(s.payload),
       receivedAt: s.receivedAt,
     }));
-    out.push(insertRows(codecs.stimuli, stimuli, "ON CONFLICT DO NOTHING"));
+    out.push(insertRows(codecs.stimuli, stimuli, SENT));
   }
   for (const rows of chunks(c.wakes ?? [])) out.push(insertRows(codecs.wakeups, rows, "ON CONFLICT DO NOTHING"));
   for (const ids of chunks(c.cancels ?? []))

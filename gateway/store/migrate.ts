@@ -572,6 +572,16 @@ const BUNDLE_USES: readonly string[] = [
 ];
 
 /** Every migration, oldest first. */
+/**
+ * No index of queued stimuli by agent (issue 13: intake throughput). `stimuli_queue` (agent, seq)
+ * put each stimulus in its agent's part of the index: a commit of intake for 200 agents wrote
+ * ~200 scattered leaves to the WAL, ~4 KB per stimulus, and was the largest part of intake's
+ * SQLite time. The running gateway's queue book holds each agent's queued seqs (loaded at start
+ * through `stimuli_state`), so a turn reads its head by rowid; the few reads by agent that are
+ * left (retire, the CLI's drain check) walk the queued stimuli through `stimuli_state`.
+ */
+const NO_QUEUE_INDEX: readonly string[] = [`DROP INDEX stimuli_queue`];
+
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
   { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
@@ -605,6 +615,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 30, name: "bundles by hash prefix", statements: BUNDLE_REFS },
   { version: 31, name: "episode outcomes and stimulus kinds as codes", statements: EPISODE_CODES },
   { version: 32, name: "bundles kept by a count of their episodes", statements: BUNDLE_USES },
+  { version: 33, name: "queued stimuli found through the queue book", statements: NO_QUEUE_INDEX },
 ];
 
 /** The schema version this code writes. */

@@ -144,8 +144,7 @@ export const stimuli = sqliteTable(
   },
   (t) => [
     uniqueIndex("stimuli_dedup").on(t.sid, t.agent),
-    // Queued stimuli only: a finished one is dedup memory, never looked up by its queue (migration 19).
-    index("stimuli_queue").on(t.agent, t.seq).where(sql`state = 'queued'`),
+    // No index by agent over queued stimuli: the queue book holds their seqs (migration 33).
     index("stimuli_state").on(t.state, t.doneAt),
   ],
 );

@@ -9,7 +9,14 @@ import { and, asc, desc, eq, getTableColumns, gt, inArray, lt, count, min, sql }
 import type { Client, InValue, ResultSet } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement } from "./db.ts";
 import * as t from "./schema.ts";
-import { commitStatements, failureStatements, type EpisodeCommit, type EpisodeFailure } from "./episodes.ts";
+import {
+  commitStatements,
+  failureStatements,
+  sentStimuli,
+  type EpisodeCommit,
+  type EpisodeFailure,
+  type SentStimulus,
+} from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
 import { checkpointHashIs, hashFromDriver, hashToDriver, knowBundle, knowSpecVersion } from "./hashes.ts";
 import type { AgentId, NewStimulus } from "../types.ts";
@@ -571,12 +578,30 @@ export class Store {
     return v === null || v === undefined ? null : Number(v);
   }
 
-  /** The oldest queued stimulus of an agent (its FIFO head). */
+  /** Every queued stimulus, oldest first, with its agent (the queue book's load at start). */
+  async queuedSeqs(): Promise<{ agent: AgentId; seq: number }[]> {
+    const rs = await this.client.execute("SELECT agent, seq FROM stimuli WHERE state = 'queued' ORDER BY seq");
+    return rs.rows.map((r) => ({ agent: r[0] as AgentId, seq: Number(r[1]) }));
+  }
+
+  /**
+   * An agent's queued stimuli, oldest first. No index serves this (the queue book knows each
+   * agent's seqs): it reads every queued stimulus, for a check or a book that disagreed.
+   */
+  async queuedOf(agent: AgentId): Promise<number[]> {
+    const rs = await this.client.execute({
+      sql: "SELECT seq FROM stimuli WHERE state = 'queued' AND agent = ? ORDER BY seq",
+      args: [agent],
+    });
+    return rs.rows.map((r) => Number(r[0]));
+  }
+
+  /** The oldest queued stimulus of an agent (its FIFO head; read as `queuedOf` is). */
   headOfQueue(agent: AgentId): Promise<t.StimulusRow | undefined> {
     return selectOne(
       this.client,
       codecs.stimuli,
-      "FROM stimuli WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1",
+      "FROM stimuli WHERE state = 'queued' AND agent = ? ORDER BY seq LIMIT 1",
       [agent],
     );
   }
@@ -584,17 +609,25 @@ export class Store {
   /**
    * What a turn needs about `agent` (its row, queue head, usage in `windows`, budget
    * override, head checkpoint) in one read transaction: one consistent snapshot, one call.
+   * `headSeq` is the seq the queue book has at the head (null: nothing queued); the row comes
+   * back only if it is still queued for the agent. Left out, the head is looked for as
+   * `headOfQueue` does.
    */
-  async turnInputs(agent: AgentId, windows: readonly string[]): Promise<TurnInputs> {
+  async turnInputs(agent: AgentId, windows: readonly string[], headSeq?: number | null): Promise<TurnInputs> {
     const inWindows = windows.map(() => "?").join(",") || "NULL";
+    const columns = codecs.stimuli.columns;
     const [a, head, usage, override, checkpoint, wakes] = await this.client.batch(
       [
         { sql: `SELECT ${codecs.agents.columns} FROM agents WHERE id = ?`, args: [agent] },
-        {
-          sql: `SELECT ${codecs.stimuli.columns} FROM stimuli
-            WHERE agent = ? AND state = 'queued' ORDER BY seq LIMIT 1`,
-          args: [agent],
-        },
+        headSeq === undefined
+          ? {
+              sql: `SELECT ${columns} FROM stimuli WHERE state = 'queued' AND agent = ? ORDER BY seq LIMIT 1`,
+              args: [agent],
+            }
+          : {
+              sql: `SELECT ${columns} FROM stimuli WHERE seq = ? AND state = 'queued' AND agent = ?`,
+              args: [headSeq, agent],
+            },
         {
           sql: `SELECT ${codecs.budgetUsage.columns} FROM budget_usage WHERE agent = ? AND "window" IN (${inWindows})`,
           args: [agent, ...windows],
@@ -707,15 +740,17 @@ export class Store {
       .all();
   }
 
-  /** Refuse everything still queued for an agent (it was retired); returns how many. */
-  async rejectQueued(agent: AgentId, reason: string, at: number): Promise<number> {
+  /** Refuse everything still queued for an agent (it was retired); returns their seqs. */
+  async rejectQueued(agent: AgentId, reason: string, at: number): Promise<number[]> {
     const [rs] = await this.writer.write([
       {
-        sql: "UPDATE stimuli SET state = 'rejected', last_error = ?, done_at = ? WHERE agent = ? AND state = 'queued'",
+        sql:
+          "UPDATE stimuli SET state = 'rejected', last_error = ?, done_at = ? " +
+          "WHERE state = 'queued' AND agent = ? RETURNING seq",
         args: [reason, at, agent],
       },
     ]);
-    return rs?.rowsAffected ?? 0;
+    return seqsOf(rs);
   }
 
   /** Skip a queued stimulus whose message expired before its episode ran (state `expired`, with why). */
@@ -731,18 +766,22 @@ export class Store {
 
   /**
    * Drop an agent's queued timer fires that a newer queued fire supersedes (catch_up "one" /
-   * "none"); returns how many. Only the agent's own turn calls this, so none of them is running.
+   * "none"), among its `queued` stimuli (the queue book's); returns the seqs dropped. Only the
+   * agent's own turn calls this, so none of them is running.
    */
-  async supersedeTimers(agent: AgentId, reason: string, at: number): Promise<number> {
+  async supersedeTimers(agent: AgentId, queued: readonly number[], reason: string, at: number): Promise<number[]> {
+    if (queued.length < 2) return [];
+    const timers = `SELECT seq FROM stimuli WHERE seq IN (SELECT value FROM json_each(?))
+      AND state = 'queued' AND agent = ? AND kind = 'timer'`;
+    const list = JSON.stringify(queued);
     const [rs] = await this.writer.write([
       {
         sql: `UPDATE stimuli SET state = 'dropped', last_error = ?, done_at = ?
-          WHERE agent = ? AND state = 'queued' AND kind = 'timer'
-          AND seq < (SELECT MAX(seq) FROM stimuli WHERE agent = ? AND state = 'queued' AND kind = 'timer')`,
-        args: [reason, at, agent, agent],
+          WHERE seq IN (${timers}) AND seq < (SELECT max(seq) FROM (${timers})) RETURNING seq`,
+        args: [reason, at, list, agent, list, agent],
       },
     ]);
-    return rs?.rowsAffected ?? 0;
+    return seqsOf(rs);
   }
 
   /** Put a quarantined stimulus back in its queue, or drop it. */
@@ -754,9 +793,13 @@ export class Store {
 
   // ---- episodes ------------------------------------------------------------------
 
-  /** Commit an episode whole: log, decisions, checkpoint, outbox, inbox sends, budget use, dedup mark. */
-  async commitEpisode(c: EpisodeCommit): Promise<void> {
-    await this.writer.write(commitStatements(this.gatewayId, c));
+  /**
+   * Commit an episode whole: log, decisions, checkpoint, outbox, inbox sends, budget use, dedup
+   * mark. Resolves with the inbox stimuli written (a duplicate send writes none).
+   */
+  async commitEpisode(c: EpisodeCommit): Promise<SentStimulus[]> {
+    const stmts = commitStatements(this.gatewayId, c);
+    return sentStimuli(stmts, await this.writer.write(stmts));
   }
 
   /** Record a failed attempt; the stimulus is retried later or quarantined. State is untouched. */
@@ -875,4 +918,9 @@ export class Store {
     if (ids.length > 0)
       await this.writer.write(chunks(ids).map((part) => this.db.delete(t.outbox).where(inArray(t.outbox.id, part))));
   }
+}
+
+/** The `seq` column of a statement's RETURNING rows. */
+function seqsOf(rs: ResultSet | undefined): number[] {
+  return rs?.rows.map((r) => Number(r[0])) ?? [];
 }
