@@ -449,6 +449,11 @@ export class Gateway {
   }
 
   /** Episode subprocess groups alive now. */
+  /** Stimuli waiting per type and their lag, from the queue book (metrics, the dashboard). */
+  queues() {
+    return this.book.byType();
+  }
+
   subprocesses(): number {
     return this.procs.running;
   }
@@ -468,8 +473,8 @@ export class Gateway {
       // An agent whose type left the spec is retired: the book refuses it before max_queue matters.
       admit: (agent) =>
         this.book.admit(agent, this.current.spec.agents[parseAgentId(agent)?.type ?? ""]?.max_queue ?? Infinity),
-      recorded: (agent, seq) => {
-        this.book.recorded(agent, seq);
+      recorded: (agent, seq, receivedAt) => {
+        this.book.recorded(agent, seq, receivedAt);
         this.scheduler.wake(agent);
       },
       released: (agent) => this.book.released(agent),
@@ -539,7 +544,7 @@ export class Gateway {
     const byStatus: Record<string, number> = {};
     for (const c of counts) byStatus[c.status] = (byStatus[c.status] ?? 0) + c.n;
     const queued = this.book.total();
-    const oldest = (await this.store.oldestQueuedAt()) ?? Infinity;
+    const oldest = this.book.oldestReceivedAt() ?? Infinity;
     return {
       fleet: this.current.spec.fleet.name,
       gateway: this.store.gatewayId,
@@ -679,8 +684,8 @@ export class Gateway {
       {
         route: (t) => this.route(t),
         admit: (a, max) => this.book.admit(a, max),
-        recorded: (a, seq) => {
-          this.book.recorded(a, seq);
+        recorded: (a, seq, receivedAt) => {
+          this.book.recorded(a, seq, receivedAt);
           this.pressure.recorded(1);
         },
         released: (a, n) => this.book.released(a, n),

@@ -91,7 +91,7 @@ async function setup(spec = sv) {
         receivedAt: clock,
       },
     ]);
-    book.recorded(agent, o!.seq!);
+    book.recorded(agent, o!.seq!, o!.receivedAt);
   };
   const rows = async (sql: string, args: (string | number)[] = []) => (await store.client.execute({ sql, args })).rows;
   return {

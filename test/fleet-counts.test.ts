@@ -17,7 +17,7 @@ import { agentId, type AgentId, type StimulusId } from "../gateway/types.ts";
 import { agentStatusByType, queueByType, usageByType } from "../gateway/observe/index.ts";
 import { readLocalToken } from "../gateway/auth/index.ts";
 import { authed } from "./helpers/gateway.ts";
-import { samplesOf, scrape } from "./helpers/prom.ts";
+import { sampleValue, samplesOf, scrape } from "./helpers/prom.ts";
 import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
 
 const dirs: string[] = [];
@@ -377,6 +377,39 @@ describe("fleet counts on a running gateway", () => {
     await gw.stop();
     await start();
     expect(await expectGatewayTruth()).toEqual(redeployed);
+  }, 60_000);
+
+  test("a backlog's depth and lag, by type and in all, equal the queued rows, before and after restart", async () => {
+    const d = agentId("counter", "d")!;
+    expect(await gw.setLifecycle(d, "pause")).toMatchObject({ status: "paused" });
+    for (let i = 0; i < 5; i++) {
+      const res = await fetch(`${base}/api/agents/counter/d/stimuli`, {
+        ...authed(token),
+        method: "POST",
+        body: JSON.stringify({ i }),
+      });
+      expect(res.status).toBe(202);
+    }
+    const expectBacklog = async () => {
+      const rs = await gw.store.client.execute(
+        "SELECT count(*) AS n, min(received_at) AS oldest FROM stimuli WHERE state = 'queued'",
+      );
+      const { n, oldest } = { n: Number(rs.rows[0]!.n), oldest: Number(rs.rows[0]!.oldest) };
+      expect(n).toBe(5);
+      skew += 5_000; // past the snapshot's second
+      const x = await scrape(base);
+      expect(sampleValue(x, "fleet_queue_depth")).toBe(n);
+      expect(sampleValue(x, "fleet_type_queue_depth", { type: "counter" })).toBe(n);
+      const age = sampleValue(x, "fleet_queue_oldest_age_seconds")!;
+      expect(Math.abs(age - (now() - oldest) / 1000)).toBeLessThan(2);
+      const fleet = await get<{ queued_stimuli: number; lag_ms: number }>("/api/fleet");
+      expect(fleet.queued_stimuli).toBe(n);
+      expect(Math.abs(fleet.lag_ms - (now() - oldest))).toBeLessThan(2_000);
+    };
+    await expectBacklog();
+    await gw.stop();
+    await start();
+    await expectBacklog();
   }, 60_000);
 
   test("after= pages the agents by id; with page= it is a 400", async () => {

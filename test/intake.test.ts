@@ -59,7 +59,7 @@ async function setup() {
     {
       route,
       admit: (a, max) => book.admit(a, max),
-      recorded: (a, k) => book.recorded(a, k),
+      recorded: (a, seq, at) => book.recorded(a, seq, at),
       released: (a, k) => book.released(a, k),
     },
     events,
@@ -100,7 +100,7 @@ describe("intake admission", () => {
         {
           route: createRouter(spec),
           admit: (a, max) => book.admit(a, max),
-          recorded: (a, k) => book.recorded(a, k),
+          recorded: (a, seq, at) => book.recorded(a, seq, at),
           released: (a, k) => book.released(a, k),
         },
         new FleetEvents(log),
@@ -202,7 +202,7 @@ describe("agent-to-agent sends go through the same admission", () => {
 
   test("a send to a full queue is denied with the refusal recorded as the call's result", async () => {
     // sink's max_queue is 2
-    for (const seq of [1001, 1002]) ctx.book.recorded("sink/a" as AgentId, seq);
+    for (const seq of [1001, 1002]) ctx.book.recorded("sink/a" as AgentId, seq, 1);
     const out = await gateFor(ctx.book).handle(1, "send", ["sink/a", { hi: 1 }]);
     expect(out).toEqual({
       ok: false,
@@ -255,7 +255,7 @@ describe("quarantine retry goes through the same admission", () => {
   }
   const port = (max: number) => ({
     admit: (a: AgentId) => ctx.book.admit(a, max),
-    recorded: (a: AgentId, seq: number) => ctx.book.recorded(a, seq),
+    recorded: (a: AgentId, seq: number, at: number) => ctx.book.recorded(a, seq, at),
     released: (a: AgentId) => ctx.book.released(a),
   });
 
@@ -269,7 +269,7 @@ describe("quarantine retry goes through the same admission", () => {
 
   test("a retry into a full queue is refused with code queue_full and the stimulus stays quarantined", async () => {
     const seq = await quarantined("sink/f" as AgentId, "f1");
-    for (const s of [1001, 1002]) ctx.book.recorded("sink/f" as AgentId, s);
+    for (const s of [1001, 1002]) ctx.book.recorded("sink/f" as AgentId, s, 1);
     const r = await resolveQuarantined(ctx.store, seq, "retry", port(2));
     expect(r).toMatchObject({ ok: false, code: "queue_full" });
     expect((await ctx.store.getStimulus(seq))?.state).toBe("quarantined");

@@ -1,7 +1,7 @@
 /**
- * The queue book's own bookkeeping: each agent's queued seqs in order, the fleet total, and
- * what a load, a put-back and a resync do to them. Intake and executor tests cover the book
- * together with the store.
+ * The queue book's own bookkeeping: each agent's queued seqs in order with their receive
+ * times, the fleet total, the per-type counts and lag, and what a load, a put-back and a
+ * resync do to them. Intake and executor tests cover the book together with the store.
  */
 import { describe, expect, test } from "bun:test";
 import { QueueBook } from "../gateway/fleet/index.ts";
@@ -9,6 +9,7 @@ import type { AgentId } from "../gateway/types.ts";
 
 const A = "mon/a" as AgentId;
 const B = "mon/b" as AgentId;
+const C = "door/c" as AgentId;
 
 describe("queue book", () => {
   test("keeps each agent's queued seqs oldest first; a put-back older stimulus becomes the head, once", () => {
@@ -16,22 +17,23 @@ describe("queue book", () => {
     const book = new QueueBook({ onQueued: (a) => woken.push(a) });
     for (const seq of [5, 9]) {
       expect(book.admit(A, 10).ok).toBe(true);
-      book.recorded(A, seq);
+      book.recorded(A, seq, 100 + seq);
     }
-    book.recorded(A, 3); // a quarantined stimulus retried
-    book.recorded(A, 3);
+    book.recorded(A, 3, 50); // a quarantined stimulus retried
+    book.recorded(A, 3, 50);
     expect(book.seqs(A)).toEqual([3, 5, 9]);
     expect(book.head(A)).toBe(3);
     expect(book.queued(A)).toBe(3);
     expect(book.total()).toBe(3);
     expect(book.pending(A)).toBe(3); // both admissions were recorded
     expect(woken).toEqual([A, A, A]);
+    expect(book.oldestReceivedAt()).toBe(50);
   });
 
   test("left and rejected take out exactly the seqs named, and an empty queue has no head", () => {
     const book = new QueueBook();
-    for (const seq of [3, 5, 9]) book.recorded(A, seq);
-    book.recorded(B, 4);
+    for (const seq of [3, 5, 9]) book.recorded(A, seq, seq);
+    book.recorded(B, 4, 4);
     book.left(A, 3);
     expect(book.head(A)).toBe(5);
     book.rejected(A, [9, 42]);
@@ -45,13 +47,37 @@ describe("queue book", () => {
     expect(book.seqs(B)).toEqual([4]);
   });
 
+  test("counts and lag per type take the oldest receive time, not the oldest seq", () => {
+    const book = new QueueBook();
+    expect(book.byType()).toEqual([]);
+    expect(book.oldestReceivedAt()).toBeNull();
+    // A timer fire or a send can carry a receive time older than stimuli recorded before it.
+    book.recorded(A, 1, 500);
+    book.recorded(A, 2, 200);
+    book.recorded(B, 3, 400);
+    book.recorded(C, 4, 300);
+    const byType = book.byType().sort((x, y) => x.type.localeCompare(y.type));
+    expect(byType).toEqual([
+      { type: "door", n: 1, oldest: 300 },
+      { type: "mon", n: 3, oldest: 200 },
+    ]);
+    expect(book.oldestReceivedAt()).toBe(200);
+    book.left(A, 1);
+    book.rejected(A, [2]);
+    expect(book.byType().find((t) => t.type === "mon")).toEqual({ type: "mon", n: 1, oldest: 400 });
+  });
+
   test("a resync takes the rows' word for an agent's queue and keeps the fleet total right", () => {
     const book = new QueueBook();
-    for (const seq of [3, 5]) book.recorded(A, seq);
-    book.recorded(B, 4);
-    book.resync(A, [5, 7, 8]);
+    for (const seq of [3, 5]) book.recorded(A, seq, seq);
+    book.recorded(B, 4, 4);
+    book.resync(
+      A,
+      [5, 7, 8].map((seq) => ({ seq, receivedAt: seq * 10 })),
+    );
     expect(book.seqs(A)).toEqual([5, 7, 8]);
     expect(book.total()).toBe(4);
+    expect(book.byType()).toEqual([{ type: "mon", n: 4, oldest: 4 }]);
     book.resync(A, []);
     expect(book.head(A)).toBeNull();
     expect(book.total()).toBe(1);
@@ -61,9 +87,9 @@ describe("queue book", () => {
     const book = new QueueBook();
     await book.load({
       queuedSeqs: async () => [
-        { agent: A, seq: 2 },
-        { agent: B, seq: 3 },
-        { agent: A, seq: 6 },
+        { agent: A, seq: 2, receivedAt: 20 },
+        { agent: B, seq: 3, receivedAt: 10 },
+        { agent: A, seq: 6, receivedAt: 60 },
       ],
       listAgents: (async (f: { status?: string }) => ({
         rows: f.status === "retired" ? [{ id: B }] : [],
@@ -73,6 +99,7 @@ describe("queue book", () => {
     expect(book.seqs(A)).toEqual([2, 6]);
     expect(book.head(B)).toBe(3);
     expect(book.total()).toBe(3);
+    expect(book.oldestReceivedAt()).toBe(10);
     expect(book.isRetired(B)).toBe(true);
     expect(book.admit(B, 10)).toMatchObject({ ok: false, code: "retired" });
   });

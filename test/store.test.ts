@@ -389,7 +389,12 @@ describe("intake", () => {
     const store = await open(freshPath());
     try {
       const [first] = await store.intake([stim("id:1")]);
-      expect(first).toEqual({ agent: aid("temp/boiler-1") as AgentId, sid: "id:1", seq: expect.any(Number) });
+      expect(first).toEqual({
+        agent: aid("temp/boiler-1") as AgentId,
+        sid: "id:1",
+        seq: expect.any(Number),
+        receivedAt: expect.any(Number),
+      });
       const [again] = await store.intake([stim("id:1", "boiler-1", { t: 99 })]);
       expect(again!.seq).toBeNull();
       // The same sid for another agent is a different stimulus.
@@ -514,11 +519,11 @@ describe("intake", () => {
       // Done: a stale seq reads nothing; left out, the head is looked for.
       expect((await store.turnInputs(boiler, [], a!.seq)).head).toBeUndefined();
       expect((await store.turnInputs(boiler, [])).head?.sid).toBe("id:b");
-      expect(await store.queuedOf(boiler)).toEqual([b!.seq!]);
+      expect(await store.queuedOf(boiler)).toEqual([{ seq: b!.seq!, receivedAt: b!.receivedAt }]);
       // (The episode's commit also queued a send for other/x.)
       expect((await store.queuedSeqs()).filter((q) => q.agent.startsWith("temp/"))).toEqual([
-        { agent: boiler, seq: b!.seq! },
-        { agent: aid("temp/boiler-2"), seq: c!.seq! },
+        { agent: boiler, seq: b!.seq!, receivedAt: b!.receivedAt },
+        { agent: aid("temp/boiler-2"), seq: c!.seq!, receivedAt: c!.receivedAt },
       ]);
       // By rowid, not by an index of the agent's queue.
       const plan = await store.client.execute(

@@ -44,13 +44,13 @@ export interface EpisodeQueue {
   /** Every stimulus queued for the agent, oldest first. */
   seqs(agent: AgentId): readonly number[];
   /** The rows say this is what waits for the agent (the book's head was not queued). */
-  resync(agent: AgentId, seqs: readonly number[]): void;
+  resync(agent: AgentId, rows: readonly { seq: number; receivedAt: number }[]): void;
   /** The head of the agent's queue left it (committed or quarantined). */
   left(agent: AgentId, seq: number): void;
   /** Queued stimuli left the agent's queue: refused (retired), expired or superseded. */
   rejected(agent: AgentId, seqs: readonly number[]): void;
   /** An admitted send was written to its target's queue as `seq`. */
-  recorded(agent: AgentId, seq: number): void;
+  recorded(agent: AgentId, seq: number, receivedAt: number): void;
   /** An admitted send was not written (the episode failed or did not commit, or a duplicate). */
   released(agent: AgentId, n?: number): void;
   /** The agent was retired (its type left the spec). */
@@ -137,9 +137,9 @@ export class EpisodeExecutor {
     const head = queue.head(agentId);
     const inputs = await store.turnInputs(agentId, windows, head);
     if (head === null || inputs.head) return inputs;
-    const seqs = await store.queuedOf(agentId);
-    this.d.log.warn({ agent: agentId, head, queued: seqs.length }, "queue book: its head was not queued; read again");
-    queue.resync(agentId, seqs);
+    const rows = await store.queuedOf(agentId);
+    this.d.log.warn({ agent: agentId, head, queued: rows.length }, "queue book: its head was not queued; read again");
+    queue.resync(agentId, rows);
     return store.turnInputs(agentId, windows, queue.head(agentId));
   }
 
@@ -487,17 +487,17 @@ export class EpisodeExecutor {
 
   /** The places the episode's sends reserved: written with its commit (`sent`), or given back. Once per gate. */
   private settleSends(gate: ToolGate, sent: readonly SentStimulus[] | null): void {
-    const written = new Map<AgentId, number[]>();
+    const written = new Map<AgentId, SentStimulus[]>();
     for (const s of sent ?? []) {
-      const seqs = written.get(s.agent);
-      if (seqs) seqs.push(s.seq);
-      else written.set(s.agent, [s.seq]);
+      const rows = written.get(s.agent);
+      if (rows) rows.push(s);
+      else written.set(s.agent, [s]);
     }
     for (const s of gate.sends.splice(0)) {
       if (s.forward) continue; // nothing reserved here: the owning shard admits it
-      const seq = written.get(s.to.id)?.shift();
-      if (seq === undefined) this.d.queue.released(s.to.id);
-      else this.d.queue.recorded(s.to.id, seq);
+      const row = written.get(s.to.id)?.shift();
+      if (row === undefined) this.d.queue.released(s.to.id);
+      else this.d.queue.recorded(s.to.id, row.seq, row.receivedAt);
     }
   }
 

@@ -9,11 +9,12 @@
  *   failed write, the sending episode did not commit); left() when an episode commits or
  *   quarantines the head; rejected() when queued stimuli are refused, expire or are superseded.
  *
- * The book keeps each agent's queued seqs in order, so a turn reads its head by seq (a
- * rowid lookup). The store has no index by agent over queued stimuli: that index put one
- * scattered leaf write per agent into every intake commit (issue 13). The turn checks the
- * row it reads is still queued for that agent; if the book ever disagrees with the rows,
- * the agent's list is read again from the store (`resync`).
+ * The book keeps each agent's queued seqs in order, with their receive times, so a turn
+ * reads its head by seq (a rowid lookup) and health and metrics count queues and their lag
+ * without reading every queued row. The store has no index by agent over queued stimuli:
+ * that index put one scattered leaf write per agent into every intake commit (issue 13).
+ * The turn checks the row it reads is still queued for that agent; if the book ever
+ * disagrees with the rows, the agent's queue is read again from the store (`resync`).
  *
  * A draining agent (`fleet retire --drain`) is refused like a retired one, but what was queued
  * or admitted before still runs; `pending()` says when nothing is left.
@@ -31,10 +32,29 @@ export interface QueueBookOptions {
   readonly onDrained?: (agent: AgentId) => void;
 }
 
+/** A stimulus waiting in a queue: its seq and when it was received. */
+export interface QueuedStimulus {
+  readonly seq: number;
+  readonly receivedAt: number;
+}
+
+/** Stimuli queued for the agents of one type, and the oldest receive time among them. */
+export interface TypeQueue {
+  readonly type: string;
+  readonly n: number;
+  readonly oldest: number;
+}
+
+/** One agent's queue: seqs ascending, and each one's receive time at the same index. */
+interface AgentQueue {
+  readonly seqs: number[];
+  readonly at: number[];
+}
+
 /** Per-agent queued stimuli, reservations and retirements of a running gateway. */
 export class QueueBook {
-  /** Each agent's queued seqs, oldest first; no entry when none is queued. */
-  private readonly queues = new Map<AgentId, number[]>();
+  /** Each agent's queue; no entry when none is queued. */
+  private readonly queues = new Map<AgentId, AgentQueue>();
   /** Places admitted but not yet written (intake in flight, sends of a running episode). */
   private readonly reserved = new Map<AgentId, number>();
   private readonly retired = new Set<AgentId>();
@@ -49,7 +69,7 @@ export class QueueBook {
     for (const a of rows) this.retired.add(a.id as AgentId);
     const drains = await store.listAgents({ status: "draining", limit: 1_000_000 });
     for (const a of drains.rows) this.draining.add(a.id as AgentId);
-    for (const q of await store.queuedSeqs()) this.add(q.agent, q.seq);
+    for (const q of await store.queuedSeqs()) this.add(q.agent, q.seq, q.receivedAt);
   }
 
   /**
@@ -69,9 +89,9 @@ export class QueueBook {
   }
 
   /** An admitted stimulus was written to the agent's queue as `seq`. */
-  recorded(agent: AgentId, seq: number): void {
+  recorded(agent: AgentId, seq: number, receivedAt: number): void {
     this.unreserve(agent, 1);
-    this.add(agent, seq);
+    this.add(agent, seq, receivedAt);
   }
 
   /** `n` admitted places were not used (duplicates, a failed write, a send whose episode did not commit). */
@@ -92,26 +112,52 @@ export class QueueBook {
 
   /** The oldest stimulus waiting for an agent (its queue's head), or null. */
   head(agent: AgentId): number | null {
-    return this.queues.get(agent)?.[0] ?? null;
+    return this.queues.get(agent)?.seqs[0] ?? null;
   }
 
   /** Every stimulus waiting for an agent, oldest first. */
   seqs(agent: AgentId): readonly number[] {
-    return this.queues.get(agent) ?? [];
+    return this.queues.get(agent)?.seqs ?? [];
   }
 
   /**
    * What waits for the agent, as the store's rows say (a turn found its head was not queued):
    * the book takes the rows' word for it.
    */
-  resync(agent: AgentId, seqs: readonly number[]): void {
-    this.remove(agent, this.queues.get(agent)?.slice() ?? []);
-    for (const seq of seqs) this.add(agent, seq);
+  resync(agent: AgentId, rows: readonly QueuedStimulus[]): void {
+    this.remove(agent, this.seqs(agent).slice());
+    for (const r of rows) this.add(agent, r.seq, r.receivedAt);
   }
 
   /** Stimuli waiting for an agent. */
   queued(agent: AgentId): number {
-    return this.queues.get(agent)?.length ?? 0;
+    return this.queues.get(agent)?.seqs.length ?? 0;
+  }
+
+  /**
+   * Stimuli waiting per agent type (the part of the id before `/`), with the oldest receive
+   * time among them: the lag. One pass over the agents that have any.
+   */
+  byType(): TypeQueue[] {
+    const types = new Map<string, { n: number; oldest: number }>();
+    for (const [agent, q] of this.queues) {
+      const type = agent.slice(0, agent.indexOf("/"));
+      let oldest = q.at[0]!;
+      for (const at of q.at) if (at < oldest) oldest = at;
+      const t = types.get(type);
+      if (!t) types.set(type, { n: q.seqs.length, oldest });
+      else {
+        t.n += q.seqs.length;
+        t.oldest = Math.min(t.oldest, oldest);
+      }
+    }
+    return [...types].map(([type, t]) => ({ type, ...t }));
+  }
+
+  /** The oldest receive time of any stimulus waiting, or null when none waits. */
+  oldestReceivedAt(): number | null {
+    const types = this.byType();
+    return types.length === 0 ? null : Math.min(...types.map((t) => t.oldest));
   }
 
   /** Stimuli waiting across the fleet. */
@@ -151,15 +197,18 @@ export class QueueBook {
     this.draining.delete(agent);
   }
 
-  private add(agent: AgentId, seq: number): void {
+  private add(agent: AgentId, seq: number, receivedAt: number): void {
     const q = this.queues.get(agent);
-    if (!q) this.queues.set(agent, [seq]);
-    else if (seq > q[q.length - 1]!) q.push(seq);
-    else {
+    if (!q) this.queues.set(agent, { seqs: [seq], at: [receivedAt] });
+    else if (seq > q.seqs[q.seqs.length - 1]!) {
+      q.seqs.push(seq);
+      q.at.push(receivedAt);
+    } else {
       // Older than the tail: a quarantined stimulus put back. Once only.
-      const at = lowerBound(q, seq);
-      if (q[at] === seq) return;
-      q.splice(at, 0, seq);
+      const i = lowerBound(q.seqs, seq);
+      if (q.seqs[i] === seq) return;
+      q.seqs.splice(i, 0, seq);
+      q.at.splice(i, 0, receivedAt);
     }
     this.totalQueued++;
     this.opts.onQueued?.(agent);
@@ -170,12 +219,13 @@ export class QueueBook {
     if (!q) return;
     for (const seq of seqs) {
       // The head, nearly always: an episode commits its queue's oldest stimulus.
-      const at = q[0] === seq ? 0 : lowerBound(q, seq);
-      if (q[at] !== seq) continue;
-      q.splice(at, 1);
+      const i = q.seqs[0] === seq ? 0 : lowerBound(q.seqs, seq);
+      if (q.seqs[i] !== seq) continue;
+      q.seqs.splice(i, 1);
+      q.at.splice(i, 1);
       this.totalQueued--;
     }
-    if (q.length === 0) this.queues.delete(agent);
+    if (q.seqs.length === 0) this.queues.delete(agent);
   }
 
   private unreserve(agent: AgentId, n: number): void {

@@ -18,7 +18,7 @@ export interface IntakeView {
   /** Admit one stimulus (retired? queue full?) and reserve its place. */
   admit(agent: AgentId, maxQueue: number): Admission;
   /** An admitted stimulus was written to the agent's queue as `seq`. */
-  recorded(agent: AgentId, seq: number): void;
+  recorded(agent: AgentId, seq: number, receivedAt: number): void;
   /** Admitted places were not used (duplicates, a failed write). */
   released(agent: AgentId, n?: number): void;
 }
@@ -283,7 +283,7 @@ export class Intake {
             this.view.released(o.agent);
           } else {
             accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
-            this.view.recorded(o.agent, o.seq);
+            this.view.recorded(o.agent, o.seq, o.receivedAt);
           }
         }
       } catch (err) {

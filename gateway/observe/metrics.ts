@@ -12,7 +12,14 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom
 import type { BrokerStats } from "../../broker/index.ts";
 import type { FleetEvents } from "../events.ts";
 import { RollingCounts } from "./rates.ts";
-import { AGENT_STATUSES, BUDGETS, SnapshotCache, readSnapshot, type FleetSnapshot } from "./snapshot.ts";
+import {
+  AGENT_STATUSES,
+  BUDGETS,
+  SnapshotCache,
+  readSnapshot,
+  type FleetSnapshot,
+  type TypeQueueCount,
+} from "./snapshot.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { ReplicationStatus } from "../replication/index.ts";
@@ -28,6 +35,8 @@ export interface MetricsHost {
   readonly broker: { stats(): BrokerStats } | undefined;
   /** Episode subprocess groups alive now. */
   subprocesses(): number;
+  /** Stimuli waiting per type, from memory (the queue book); left out, the store is counted. */
+  queues?(): readonly TypeQueueCount[];
   /** Replication status, null when `[replication]` is not configured. */
   replication?(): ReplicationStatus | null;
 }
@@ -89,7 +98,7 @@ export class FleetMetrics {
   ) {
     const now = (this.now = opts.now ?? Date.now);
     this.snapshots = new SnapshotCache(
-      () => readSnapshot(host.store, host.spec.spec, now()),
+      () => readSnapshot(host.store, host.spec.spec, now(), host.queues && (() => host.queues!())),
       now,
       opts.snapshotTtlMs ?? 1000,
     );

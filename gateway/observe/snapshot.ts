@@ -55,12 +55,27 @@ function emptyType(spec: AgentTypeSpec | undefined): TypeSnapshot {
 
 const ratio = (used: number | null, limit: number) => (used && limit > 0 && Number.isFinite(limit) ? used / limit : 0);
 
-/** Read the snapshot now (3 aggregate queries). */
-export async function readSnapshot(store: Store, spec: FleetSpec, now: number): Promise<FleetSnapshot> {
+/** Stimuli queued for one type's agents and the oldest receive time among them. */
+export interface TypeQueueCount {
+  readonly type: string;
+  readonly n: number;
+  readonly oldest: number | null;
+}
+
+/**
+ * Read the snapshot now (3 aggregate queries). `queues`, when given, counts what waits without
+ * the store: a running gateway's queue book, where the query would read every queued row.
+ */
+export async function readSnapshot(
+  store: Store,
+  spec: FleetSpec,
+  now: number,
+  queues?: () => readonly TypeQueueCount[],
+): Promise<FleetSnapshot> {
   const win = budgetWindows(now);
-  const [statuses, queues, usage] = await Promise.all([
+  const [statuses, queued, usage] = await Promise.all([
     agentStatusByType(store),
-    queueByType(store),
+    queues ? queues() : queueByType(store),
     usageByType(store, [win.hourWindow, win.dayWindow]),
   ]);
   const types = new Map<string, TypeSnapshot>();
@@ -77,7 +92,7 @@ export async function readSnapshot(store: Store, spec: FleetSpec, now: number): 
     s.agents[shown] += r.n;
     if (r.status === "paused") s.budgetPaused += r.budget;
   }
-  for (const q of queues) {
+  for (const q of queued) {
     const s = slice(q.type);
     s.queued = q.n;
     s.oldestQueuedAt = q.oldest ?? null;

@@ -31,7 +31,7 @@ export type QuarantineAction =
 export interface RetryAdmission {
   admit(agent: AgentId): Admission;
   /** The stimulus `seq` is back in the agent's queue. */
-  recorded(agent: AgentId, seq: number): void;
+  recorded(agent: AgentId, seq: number, receivedAt: number): void;
   released(agent: AgentId): void;
 }
 
@@ -102,6 +102,6 @@ export async function resolveQuarantined(
     if (admitted) queue.released(agent);
     throw err;
   }
-  if (admitted) queue.recorded(agent, seq);
+  if (admitted) queue.recorded(agent, seq, row.receivedAt);
   return { ok: true, seq, agent: row.agent, state };
 }

@@ -99,14 +99,15 @@ function logStatements(episode: typeof t.episodes.$inferInsert, events: readonly
 }
 
 /** How an inbox send's insert ends: a duplicate is skipped, and each stimulus written says its seq. */
-const SENT = "ON CONFLICT DO NOTHING RETURNING agent, seq";
+const SENT = "ON CONFLICT DO NOTHING RETURNING agent, seq, received_at";
 
 /** The inbox sends an episode's commit wrote (its duplicates are not among them), in order. */
 export function sentStimuli(stmts: readonly RawStatement[], results: readonly ResultSet[]): SentStimulus[] {
   const sent: SentStimulus[] = [];
   for (const [i, st] of stmts.entries())
     if (st.sql.endsWith(SENT))
-      for (const r of results[i]?.rows ?? []) sent.push({ agent: r[0] as AgentId, seq: Number(r[1]) });
+      for (const r of results[i]?.rows ?? [])
+        sent.push({ agent: r[0] as AgentId, seq: Number(r[1]), receivedAt: Number(r[2]) });
   return sent;
 }
 
@@ -114,6 +115,7 @@ export function sentStimuli(stmts: readonly RawStatement[], results: readonly Re
 export interface SentStimulus {
   readonly agent: AgentId;
   readonly seq: number;
+  readonly receivedAt: number;
 }
 
 /** The statements that commit an episode whole; `gatewayId` stamps the inbox rows. */

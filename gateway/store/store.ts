@@ -130,6 +130,7 @@ export interface IntakeOutcome {
   readonly agent: AgentId;
   readonly sid: string;
   readonly seq: number | null;
+  readonly receivedAt: number;
 }
 
 /** A message that could not become a stimulus, to be recorded with its reason. */
@@ -511,7 +512,9 @@ export class Store {
       if (outcomes) return outcomes;
       const seqs = insertedSeqs(runs, results.slice(before));
       let i = 0;
-      outcomes = calls.map((c) => c.items.map((s) => ({ agent: s.agent, sid: s.sid, seq: seqs[i++]! })));
+      outcomes = calls.map((c) =>
+        c.items.map((s) => ({ agent: s.agent, sid: s.sid, seq: seqs[i++]!, receivedAt: s.receivedAt })),
+      );
       for (const a of fresh.keys()) this.knownAgents.add(a);
       return outcomes;
     };
@@ -579,21 +582,23 @@ export class Store {
   }
 
   /** Every queued stimulus, oldest first, with its agent (the queue book's load at start). */
-  async queuedSeqs(): Promise<{ agent: AgentId; seq: number }[]> {
-    const rs = await this.client.execute("SELECT agent, seq FROM stimuli WHERE state = 'queued' ORDER BY seq");
-    return rs.rows.map((r) => ({ agent: r[0] as AgentId, seq: Number(r[1]) }));
+  async queuedSeqs(): Promise<{ agent: AgentId; seq: number; receivedAt: number }[]> {
+    const rs = await this.client.execute(
+      "SELECT agent, seq, received_at FROM stimuli WHERE state = 'queued' ORDER BY seq",
+    );
+    return rs.rows.map((r) => ({ agent: r[0] as AgentId, seq: Number(r[1]), receivedAt: Number(r[2]) }));
   }
 
   /**
    * An agent's queued stimuli, oldest first. No index serves this (the queue book knows each
    * agent's seqs): it reads every queued stimulus, for a check or a book that disagreed.
    */
-  async queuedOf(agent: AgentId): Promise<number[]> {
+  async queuedOf(agent: AgentId): Promise<{ seq: number; receivedAt: number }[]> {
     const rs = await this.client.execute({
-      sql: "SELECT seq FROM stimuli WHERE state = 'queued' AND agent = ? ORDER BY seq",
+      sql: "SELECT seq, received_at FROM stimuli WHERE state = 'queued' AND agent = ? ORDER BY seq",
       args: [agent],
     });
-    return rs.rows.map((r) => Number(r[0]));
+    return rs.rows.map((r) => ({ seq: Number(r[0]), receivedAt: Number(r[1]) }));
   }
 
   /** The oldest queued stimulus of an agent (its FIFO head; read as `queuedOf` is). */
