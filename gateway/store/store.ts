@@ -571,16 +571,6 @@ export class Store {
       .all();
   }
 
-  /**
-   * Receive time of the oldest stimulus waiting in any queue, or null: one aggregate, not a row
-   * per agent (100,000 queued stimuli: ~20 ms instead of ~500 ms for `queuedSummary`).
-   */
-  async oldestQueuedAt(): Promise<number | null> {
-    const rs = await this.client.execute("SELECT min(received_at) FROM stimuli WHERE state = 'queued'");
-    const v = rs.rows[0]?.[0];
-    return v === null || v === undefined ? null : Number(v);
-  }
-
   /** Every queued stimulus, oldest first, with its agent (the queue book's load at start). */
   async queuedSeqs(): Promise<{ agent: AgentId; seq: number; receivedAt: number }[]> {
     const rs = await this.client.execute(
