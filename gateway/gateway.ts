@@ -131,7 +131,7 @@ export class Gateway {
   private current!: SpecVersion;
   private route!: (topic: string) => Route;
   private roster!: Roster;
-  /** The one owner of queued counts and admission (gateway/fleet/queue-book.ts). */
+  /** The one owner of what is queued for each agent, and of admission (gateway/fleet/queue-book.ts). */
   private book!: QueueBook;
   /** Devices first: intake bursts lower the episode slots (gateway/fleet/devices-first.ts). */
   private pressure!: IntakePressure;
