@@ -68,13 +68,16 @@ describe("queue book", () => {
   });
 
   test("a resync takes the rows' word for an agent's queue and keeps the fleet total right", () => {
-    const book = new QueueBook();
+    const woken: AgentId[] = [];
+    const book = new QueueBook({ onQueued: (a) => woken.push(a) });
     for (const seq of [3, 5]) book.recorded(A, seq, seq);
     book.recorded(B, 4, 4);
+    woken.length = 0;
     book.resync(
       A,
       [5, 7, 8].map((seq) => ({ seq, receivedAt: seq * 10 })),
     );
+    expect(woken).toEqual([A]);
     expect(book.seqs(A)).toEqual([5, 7, 8]);
     expect(book.total()).toBe(4);
     expect(book.byType()).toEqual([{ type: "mon", n: 4, oldest: 4 }]);
@@ -83,8 +86,9 @@ describe("queue book", () => {
     expect(book.total()).toBe(1);
   });
 
-  test("a load reads every queued stimulus of the store, and retirements", async () => {
-    const book = new QueueBook();
+  test("a load reads every queued stimulus of the store and retirements; each agent is announced once", async () => {
+    const woken: AgentId[] = [];
+    const book = new QueueBook({ onQueued: (a) => woken.push(a) });
     await book.load({
       queuedSeqs: async () => [
         { agent: A, seq: 2, receivedAt: 20 },
@@ -97,6 +101,7 @@ describe("queue book", () => {
       })) as never,
     });
     expect(book.seqs(A)).toEqual([2, 6]);
+    expect(woken.sort()).toEqual([A, B]);
     expect(book.head(B)).toBe(3);
     expect(book.total()).toBe(3);
     expect(book.oldestReceivedAt()).toBe(10);

@@ -69,7 +69,11 @@ export class QueueBook {
     for (const a of rows) this.retired.add(a.id as AgentId);
     const drains = await store.listAgents({ status: "draining", limit: 1_000_000 });
     for (const a of drains.rows) this.draining.add(a.id as AgentId);
-    for (const q of await store.queuedSeqs()) this.add(q.agent, q.seq, q.receivedAt);
+    const loaded = new Set<AgentId>();
+    for (const q of await store.queuedSeqs()) {
+      if (this.insert(q.agent, q.seq, q.receivedAt)) loaded.add(q.agent);
+    }
+    for (const agent of loaded) this.opts.onQueued?.(agent);
   }
 
   /**
@@ -125,8 +129,11 @@ export class QueueBook {
    * the book takes the rows' word for it.
    */
   resync(agent: AgentId, rows: readonly QueuedStimulus[]): void {
-    this.remove(agent, this.seqs(agent).slice());
-    for (const r of rows) this.add(agent, r.seq, r.receivedAt);
+    this.totalQueued -= this.queued(agent);
+    this.queues.delete(agent);
+    let added = false;
+    for (const r of rows) added = this.insert(agent, r.seq, r.receivedAt) || added;
+    if (added) this.opts.onQueued?.(agent);
   }
 
   /** Stimuli waiting for an agent. */
@@ -198,6 +205,11 @@ export class QueueBook {
   }
 
   private add(agent: AgentId, seq: number, receivedAt: number): void {
+    if (this.insert(agent, seq, receivedAt)) this.opts.onQueued?.(agent);
+  }
+
+  /** Put `seq` in the agent's queue, in order; false when it is there already. */
+  private insert(agent: AgentId, seq: number, receivedAt: number): boolean {
     const q = this.queues.get(agent);
     if (!q) this.queues.set(agent, { seqs: [seq], at: [receivedAt] });
     else if (seq > q.seqs[q.seqs.length - 1]!) {
@@ -206,12 +218,12 @@ export class QueueBook {
     } else {
       // Older than the tail: a quarantined stimulus put back. Once only.
       const i = lowerBound(q.seqs, seq);
-      if (q.seqs[i] === seq) return;
+      if (q.seqs[i] === seq) return false;
       q.seqs.splice(i, 0, seq);
       q.at.splice(i, 0, receivedAt);
     }
     this.totalQueued++;
-    this.opts.onQueued?.(agent);
+    return true;
   }
 
   private remove(agent: AgentId, seqs: readonly number[]): void {
