@@ -448,12 +448,12 @@ export class Gateway {
     return this.infra.degraded;
   }
 
-  /** Episode subprocess groups alive now. */
   /** Stimuli waiting per type and their lag, from the queue book (metrics, the dashboard). */
   queues() {
     return this.book.byType();
   }
 
+  /** Episode subprocess groups alive now. */
   subprocesses(): number {
     return this.procs.running;
   }

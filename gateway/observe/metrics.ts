@@ -98,7 +98,7 @@ export class FleetMetrics {
   ) {
     const now = (this.now = opts.now ?? Date.now);
     this.snapshots = new SnapshotCache(
-      () => readSnapshot(host.store, host.spec.spec, now(), host.queues && (() => host.queues!())),
+      () => readSnapshot(host.store, host.spec.spec, now(), host.queues?.bind(host)),
       now,
       opts.snapshotTtlMs ?? 1000,
     );
