@@ -287,6 +287,12 @@ describe("intake and acknowledgement", () => {
   for (const [name, intake] of [
     ["a refused intake", async () => ({ ok: false, reason: "duplicate store down" }) as const],
     ["an intake that throws", async (): Promise<never> => Promise.reject(new Error("disk full"))],
+    [
+      "an intake that throws before it answers",
+      (): Promise<never> => {
+        throw new Error("a bug");
+      },
+    ],
   ] as const) {
     test(`${name} (transient) disconnects the device and never acks, so it resends`, async () => {
       const h = await startBroker({ intake });
