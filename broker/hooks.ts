@@ -68,26 +68,25 @@ export function createHooks(
   Pick<AedesOptions, "preConnect" | "authenticate" | "authorizePublish" | "authorizeSubscribe" | "authorizeForward">
 > {
   const usernames = state.usernames;
-  // Each client's publishes waiting for their verdicts, in PUBLISH order: acks go out in that
-  // order (MQTT-4.6.0-2) even when intake resolves out of order, because aedes runs a read
-  // chunk's packets concurrently. A queue, not a chain of promises: one `then` per packet.
-  const turns = new WeakMap<Client, AckQueue>();
+  // The verdict of each client's latest publish: acks go out in PUBLISH order (MQTT-4.6.0-2)
+  // even when intake resolves out of order, because aedes runs a read chunk's packets concurrently.
+  const lastTurn = new WeakMap<Client, Promise<unknown>>();
 
   const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo =>
     client
       ? { id: client.id, username: usernames.get(client) ?? null }
       : { id: (packet as { clientId?: string } | undefined)?.clientId ?? "", username: null };
 
-  /** Hand `msg` to intake; `settle` hears its verdict, a failure as a refusal (never ack what was not recorded). */
-  const safeIntake = (msg: PublishedMessage, info: ClientInfo, settle: (v: IntakeVerdict) => void): void => {
-    const failed = (err: unknown, what: string): void => {
-      log.error({ err, client: info.id, topic: msg.topic }, `intake ${what}; publish refused`);
-      settle({ ok: false, reason: "intake failed" });
-    };
+  const safeIntake = (msg: PublishedMessage, info: ClientInfo): Promise<IntakeVerdict> => {
     try {
-      opts.intake(msg, info).then(settle, (err: unknown) => failed(err, "failed"));
+      return opts.intake(msg, info).catch((err: unknown) => {
+        // Never ack what was not recorded.
+        log.error({ err, client: info.id, topic: msg.topic }, "intake failed; publish refused");
+        return { ok: false, reason: "intake failed" };
+      });
     } catch (err) {
-      queueMicrotask(() => failed(err, "threw"));
+      log.error({ err, client: info.id, topic: msg.topic }, "intake threw; publish refused");
+      return Promise.resolve({ ok: false, reason: "intake failed" });
     }
   };
 
@@ -202,23 +201,17 @@ export function createHooks(
         retain: packet.retain,
         ...(packet.qos > 0 && typeof packet.messageId === "number" ? { messageId: packet.messageId } : {}),
       };
-      const finish = (v: IntakeVerdict): void => {
-        try {
-          if (!v.ok) {
-            if (v.permanent) drop(v.reason);
-            else refuse(v.reason);
-            return;
-          }
+      const verdict = safeIntake(msg, info);
+      const previous = (client && lastTurn.get(client)) || Promise.resolve();
+      const turn = previous
+        .then(() => verdict)
+        .then((v) => {
+          if (!v.ok) return v.permanent ? drop(v.reason) : refuse(v.reason);
           state.messagesIn++;
           callback(null); // only now may aedes write the PUBACK (it acks before `published` runs)
-        } catch (err) {
-          log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed");
-        }
-      };
-      let queue = client ? turns.get(client) : undefined;
-      if (client && !queue) turns.set(client, (queue = new AckQueue()));
-      // Settled in a later microtask at the earliest (intake answers with a promise): as before.
-      safeIntake(msg, info, queue ? queue.add(finish) : (v) => queueMicrotask(() => finish(v)));
+        })
+        .catch((err: unknown) => log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed"));
+      if (client) lastTurn.set(client, turn);
     },
 
     authorizeSubscribe(client, sub, done) {
@@ -239,45 +232,4 @@ export function createHooks(
       return packet;
     },
   };
-}
-
-/** A publish waiting for its turn to be acked or refused. */
-interface AckEntry {
-  readonly finish: (v: IntakeVerdict) => void;
-  verdict: IntakeVerdict | null;
-}
-
-/**
- * One client's publishes in PUBLISH order, each finished (acked or refused) once it and every
- * publish before it has its verdict.
- */
-class AckQueue {
-  private readonly entries: AckEntry[] = [];
-  private head = 0;
-
-  /** Queue a publish; returns where its verdict goes. */
-  add(finish: (v: IntakeVerdict) => void): (v: IntakeVerdict) => void {
-    const entry: AckEntry = { finish, verdict: null };
-    this.entries.push(entry);
-    return (v) => {
-      if (entry.verdict !== null) return;
-      entry.verdict = v;
-      this.release();
-    };
-  }
-
-  private release(): void {
-    const entries = this.entries;
-    while (this.head < entries.length) {
-      const e = entries[this.head]!;
-      if (e.verdict === null) break;
-      this.head++;
-      e.finish(e.verdict);
-    }
-    if (this.head === entries.length) entries.length = this.head = 0;
-    else if (this.head > 1024 && this.head * 2 > entries.length) {
-      entries.splice(0, this.head);
-      this.head = 0;
-    }
-  }
 }

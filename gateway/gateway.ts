@@ -700,13 +700,7 @@ export class Gateway {
    * Intake for the broker: refused (transient: the device or the broker retries) unless the gateway
    * runs. An external broker may deliver its queue before start finishes: that waits for running.
    */
-  private brokerIntake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict> {
-    // Not an async function: a message while running costs no promise of its own.
-    if (this.state === "running") return this.intake.mqtt(msg, client);
-    return this.brokerIntakeNotRunning(msg, client);
-  }
-
-  private async brokerIntakeNotRunning(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict> {
+  private async brokerIntake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict> {
     if (this.state === "starting") await this.started;
     if (this.state !== "running") return { ok: false, reason: `gateway is ${this.state}` };
     return this.intake.mqtt(msg, client);

@@ -161,7 +161,8 @@ export class Intake {
       this.log.warn({ topic: msg.topic }, `intake: ${route.problems[0] ?? "unknown inbox"}`);
       return { ok: false, reason: route.problems[0] ?? "unknown inbox", permanent: true };
     }
-    const rejected = route.problems.length === 0 ? null : this.reject(msg, client?.id ?? null, route.problems);
+    const rejected =
+      route.problems.length === 0 ? Promise.resolve() : this.reject(msg, client?.id ?? null, route.problems);
     if (route.targets.length === 0) {
       // Every agent it is for belongs to another shard (or none could be named): nothing to record here.
       await rejected;
@@ -186,8 +187,10 @@ export class Intake {
         : null;
     // MQTT 5: the interval left when it reached us; its episode must start before then.
     const expiresAt = msg.expirySeconds === undefined ? null : this.now() + msg.expirySeconds * 1000;
-    const recorded = this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery, expiresAt, parsed });
-    const report = rejected === null ? await recorded : (await Promise.all([recorded, rejected]))[0];
+    const [report] = await Promise.all([
+      this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery, expiresAt, parsed }),
+      rejected,
+    ]);
     // A sender that sets DUP on every redelivery (an external broker) says this is a first
     // delivery: a redelivery-id hit is an older message that reused the packet id, not this one.
     const reused = msg.dup === false ? report.duplicates.filter((d) => d.sid === redelivery) : [];
