@@ -143,7 +143,8 @@ export class QueueBook {
 
   /**
    * Stimuli waiting per agent type (the part of the id before `/`), with the oldest receive
-   * time among them: the lag. One pass over the agents that have any.
+   * time among them: the lag. One pass over every waiting stimulus, in memory: receive times
+   * are not in seq order (a put-back or a send can carry an older one), so no head stands in.
    */
   byType(): TypeQueue[] {
     const types = new Map<string, { n: number; oldest: number }>();
