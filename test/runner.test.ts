@@ -319,8 +319,24 @@ describe.each(SANDBOXES)(
       const r = await run(start("priority"), {}, noTools, spawn);
       if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
       // `nice -n` is relative to whatever this test process runs at (a CI runner may be niced), capped at 19.
-      expect(r.state).toEqual({ nice: Math.min(19, ownNice() + EPISODE_NICE), policy: 0 });
+      expect(r.state).toMatchObject({ nice: Math.min(19, ownNice() + EPISODE_NICE), policy: 0 });
     });
+
+    // Its own session (the process-group kill) is a scheduling group of its own where the kernel has
+    // autogroups; a group's weight, not its processes' nice, decides its share against the gateway.
+    test.if(spawn.autogroup != null)(
+      "where sessions are scheduling groups (autogroup), an episode's group runs at nice 19 too, flooded or not",
+      async () => {
+        const ours = readFileSync("/proc/self/autogroup", "utf8");
+        for (const opts of [spawn, idleSpawnOptions(spawn)]) {
+          const r = await run(start("priority"), {}, noTools, opts);
+          if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+          expect((r.state as { group: number | null }).group).toBe(EPISODE_NICE);
+        }
+        // The gateway's own group (this process's) is left as it was.
+        expect(readFileSync("/proc/self/autogroup", "utf8")).toBe(ours);
+      },
+    );
 
     test.if(idleSpawnOptions(spawn).idle != null)(
       "a flooded agent's episode runs under SCHED_IDLE, below every nice value",

@@ -3,7 +3,7 @@
  * the sandbox's command line and env, the warm-spare pool, the registry of live process
  * groups the gateway kills on shutdown, and the RSS scan of a process tree.
  */
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
 import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
@@ -124,6 +124,15 @@ export class ProcessTable {
   }
 }
 
+/** Set the nice of a process's scheduling autogroup (its session's); a process already gone is left. */
+function setAutogroup(pid: number, nice: number): void {
+  try {
+    writeFileSync(`/proc/${pid}/autogroup`, String(nice));
+  } catch {
+    // exited already, or /proc is read-only here: it runs at its group's default
+  }
+}
+
 /** SIGKILL a process group, or the lone process if it has no group of its own. */
 function killGroup(pid: number): void {
   try {
@@ -174,6 +183,7 @@ export class HostProcess {
       ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
     });
     this.pid = this.proc.pid;
+    if (spawnOpts.autogroup != null) setAutogroup(this.pid, spawnOpts.autogroup);
     this.ledger = spawnOpts.ledger ?? null;
     this.ledger?.add(this.pid);
     const deliver = (raw: unknown, bytes: number): void => {

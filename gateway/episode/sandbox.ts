@@ -4,7 +4,7 @@
  * Pure of process state except the one-time bubblewrap probe; spawning lives in
  * ./host-process.ts.
  */
-import { existsSync, realpathSync } from "node:fs";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { HOST_ENTRY, HOST_PATHS } from "../../agents/host/index.ts";
 import { bytecodeOf, hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
@@ -29,6 +29,11 @@ export interface SpawnOptions {
    * CPU time nothing else wants); set for a flooded agent's episodes (`idleSpawnOptions`).
    */
   readonly idle?: { readonly bin: string } | null;
+  /**
+   * The nice value of the episode's scheduling autogroup, written to /proc/<pid>/autogroup once it
+   * is spawned; null where the kernel makes none (see `autogroupNice`).
+   */
+  readonly autogroup?: number | null;
   /** How often the RSS watch samples, ms. */
   readonly rssPollMs: number;
   /** Where started host process groups and staging roots are noted, so the next start reaps leftovers. */
@@ -72,10 +77,10 @@ const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/
 export const RUNTIME_DATA_MB = 384;
 
 /**
- * Devices first: episode processes run at nice 19, so when episodes saturate the cores the
- * gateway gets the CPU the moment a packet arrives, to acknowledge stimuli (durable and cheap)
- * while episode work lags. On an idle machine it changes nothing. (At nice 10 the gateway's
- * thread waited on the run queue 2–3× longer per message while episodes ran: `bench busy`.)
+ * Devices first: episode processes run at nice 19 (and, where the kernel has autogroups, in a
+ * group at nice 19: `autogroupNice`), so when episodes saturate the cores the gateway gets the
+ * CPU the moment a packet arrives, to acknowledge stimuli (durable and cheap) while episode work
+ * lags. On an idle machine it changes nothing.
  */
 export const EPISODE_NICE = 19;
 
@@ -93,6 +98,32 @@ function probeBwrap(bwrap: string): boolean {
   }
   return bwrapWorks;
 }
+
+/**
+ * Where the kernel schedules by session (autogroups: `/proc/sys/kernel/sched_autogroup_enabled`
+ * = 1, for processes in the root cpu cgroup), an episode's own session (its `setsid`, for the
+ * process-group kill) is a scheduling group of its own, and CFS shares the CPU between groups
+ * by the group's nice, not its tasks': a nice 19 or SCHED_IDLE process alone in its group
+ * weighs as much as the whole gateway (measured: two such spinners took a third of a nice-0
+ * process's core; at group nice 19, 7%). So the group's nice is set to `value` once the
+ * episode is spawned. Null where the kernel has no autogroups; in a cpu cgroup the write is
+ * harmless and nice works as it is.
+ */
+export function autogroupNice(value: number): number | null {
+  if (autogroupsOn === null) {
+    let on = false;
+    try {
+      on =
+        readFileSync("/proc/sys/kernel/sched_autogroup_enabled", "utf8").trim() === "1" &&
+        existsSync("/proc/self/autogroup");
+    } catch {
+      // no such file: a kernel without autogroups
+    }
+    autogroupsOn = on;
+  }
+  return autogroupsOn ? value : null;
+}
+let autogroupsOn: boolean | null = null;
 
 let chrtWorks: boolean | null = null;
 /** Whether this process may start a child under SCHED_IDLE (probed once: a refusal would fail every episode). */
@@ -141,6 +172,7 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWea
     prlimit,
     bwrap,
     nice: niceBin ? { bin: niceBin, value: EPISODE_NICE } : null,
+    autogroup: autogroupNice(EPISODE_NICE),
     rssPollMs: 50,
   };
 }
@@ -182,6 +214,7 @@ export function describeSandbox(o: SpawnOptions): string {
       : "no namespaces",
     o.prlimit ? "rlimits" : "no rlimits",
     o.idle ? "SCHED_IDLE" : o.nice ? `nice ${o.nice.value}` : "same priority as the gateway",
+    ...(o.autogroup != null ? [`its session's scheduling group at nice ${o.autogroup}`] : []),
   ];
   return parts.join(", ");
 }
