@@ -125,7 +125,7 @@ export class ProcessTable {
 }
 
 /** Set the nice of a process's scheduling autogroup (its session's); a process already gone is left. */
-function setAutogroup(pid: number, nice: number): void {
+export function setAutogroup(pid: number, nice: number): void {
   try {
     writeFileSync(`/proc/${pid}/autogroup`, String(nice));
   } catch {

@@ -29,7 +29,7 @@ export {
   type SandboxMode,
   type SpawnOptions,
 } from "./sandbox.ts";
-export { ProcessTable, SparePool } from "./host-process.ts";
+export { ProcessTable, setAutogroup, SparePool } from "./host-process.ts";
 export { SandboxLedger, startTicks, type Swept, ticksNow } from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
 

@@ -5,11 +5,18 @@
  *  - wrapped: what the gateway's runner does to every episode (gateway/sandbox.ts, with its
  *             `defaultSpawnOptions()` and `sandboxCommand`): bubblewrap when it works here,
  *             prlimit (RLIMIT_DATA/NOFILE/CPU/NPROC), uid/gid 65534 when root, its own process group,
- *             cwd "/", the runner's child env, stderr piped and drained.
+ *             cwd "/", the runner's child env, stderr piped and drained, its session's
+ *             scheduling group at the runner's nice (where the kernel has autogroups).
  * Both are ended the way the runner ends an episode: SIGKILL on the reply, then await exit.
  */
 import { join } from "node:path";
-import { CHILD_ENV, defaultSpawnOptions, sandboxCommand, type ProcessLimits } from "../../gateway/episode/index.ts";
+import {
+  CHILD_ENV,
+  defaultSpawnOptions,
+  sandboxCommand,
+  setAutogroup,
+  type ProcessLimits,
+} from "../../gateway/episode/index.ts";
 import { ROOT, defer, killPid } from "./harness.ts";
 
 const CHILD = join(ROOT, "scripts/bench/bare-child.ts");
@@ -27,6 +34,7 @@ export function wrappingNote(): string {
     s.prlimit ? "prlimit" : "no prlimit",
     s.uid !== null ? `uid ${s.uid}` : "same uid",
     "own pgid",
+    ...(s.autogroup != null ? [`autogroup nice ${s.autogroup}`] : []),
     "stderr pipe",
   ];
   return parts.join(", ");
@@ -61,6 +69,7 @@ export async function bareOnce(variant: BareVariant): Promise<number> {
     },
   });
   live.add(proc.pid);
+  if (wrapped && s.autogroup != null) setAutogroup(proc.pid, s.autogroup);
   if (wrapped) void new Response(proc.stderr as ReadableStream<Uint8Array>).text().catch(() => "");
   const timeout = setTimeout(() => killPid(proc.pid), 10_000);
   await Promise.race([reply, proc.exited]);
