@@ -25,6 +25,9 @@ import type { Store } from "../store/index.ts";
 import type { ReplicationStatus } from "../replication/index.ts";
 import { replicationMetrics } from "./replication-metrics.ts";
 
+/** prom-client's event loop lag sampler cannot be left out; its metrics are dropped, so it samples once an hour. */
+const LAG_SAMPLER_IDLE_MS = 3_600_000;
+
 /** What the metrics read from the gateway (the `Gateway` class satisfies it). */
 export interface MetricsHost {
   readonly events: FleetEvents;
@@ -105,7 +108,9 @@ export class FleetMetrics {
     this.rates = new RollingCounts(["episodes", "failures", "stimuli", "duplicates"], now, 60);
     const registers = [this.registry];
     if (opts.processMetrics ?? true) {
-      collectDefaultMetrics({ register: this.registry });
+      // The event loop lag's sampler runs whether or not it is exported: at prom-client's 10 ms
+      // it woke the gateway 100 times a second (~8 ms of CPU a second on an idle gateway).
+      collectDefaultMetrics({ register: this.registry, eventLoopMonitoringPrecision: LAG_SAMPLER_IDLE_MS });
       // Under Bun these cost ~100 ms a scrape (a JSC heap walk) or report nonsense (event
       // loop lag min 2^63 ns, mean NaN): drop them, keep the process_* and heap totals.
       for (const name of this.registry.getMetricsAsArray().map((m) => (m as unknown as { name: string }).name)) {
