@@ -1,8 +1,8 @@
 /**
  * How an agent subprocess is isolated: the sandbox mode probed on this machine, the only
  * environment the child gets, and the prlimit/bubblewrap command line that wraps it.
- * Pure of process state except the one-time bubblewrap probe; spawning lives in
- * ./host-process.ts.
+ * Pure of process state except the one-time probes (bubblewrap, chrt, autogroups); spawning
+ * lives in ./host-process.ts.
  */
 import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { HOST_ENTRY, HOST_PATHS } from "../../agents/host/index.ts";
