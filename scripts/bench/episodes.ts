@@ -8,6 +8,10 @@
  * `fleet/episodes`; median over rounds. (c) sends one stimulus at a time to one agent and
  * times the PUBLISH -> its `fleet/agents/bench/lat/out` message; each gateway sample sits
  * between a plain and a wrapped bare sample.
+ *
+ * (b) also runs the runner alone (./runner-alone.ts: `runEpisode` and its spares driven from the
+ * bench, no gateway) in the same rounds, and measures one episode child's own CPU: rows that
+ * split the gateway's cost per episode into its own work, the runner's and the child's.
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
@@ -15,6 +19,7 @@ import { cpuMs, deltaRow, machineBusyMs, quantile, rateRow } from "./harness.ts"
 import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway } from "./procs.ts";
+import { childCpu, runnerRate } from "./runner-alone.ts";
 
 const CONCURRENCY = 4;
 /** Interleaved rounds per target; the rows take the median. Five, not three: one round that meets a busy spell
@@ -79,13 +84,15 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   o.log(`  warm-up: ${warm} episodes, gateway CPU ${warmPer.toFixed(1)} ms per episode`);
   await bareRate("plain", 8, CONCURRENCY);
   await bareRate("wrapped", 8, CONCURRENCY);
+  // The runner alone warms up in this process as the gateway did in its own.
+  await runnerRate(o.quick ? 8 : 100, CONCURRENCY);
 
-  const rates = { plain: [] as number[], wrapped: [] as number[], gateway: [] as number[] };
+  const rates = { plain: [] as number[], wrapped: [] as number[], gateway: [] as number[], runner: [] as number[] };
   // CPU the spawning process itself spends per episode, ms. (Children's CPU is not comparable:
   // bwrap's inner processes are reaped outside the gateway, so cutime misses them.)
-  const cpu = { plain: 0, wrapped: 0, gateway: 0 };
+  const cpu = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   // And what the whole machine spent per episode: episode children, bwrap, the kernel, the bench.
-  const machine = { plain: 0, wrapped: 0, gateway: 0 };
+  const machine = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   const measured = async <T>(t: keyof typeof cpu, pid: number | "self", run: () => Promise<T>): Promise<T> => {
     const before = cpuMs(pid).self;
     const busy = machineBusyMs();
@@ -98,6 +105,7 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   const runs: Record<keyof typeof rates, (round: number) => Promise<number>> = {
     plain: () => measured("plain", "self", () => bareRate("plain", perRound, CONCURRENCY)),
     wrapped: () => measured("wrapped", "self", () => bareRate("wrapped", perRound, CONCURRENCY)),
+    runner: () => measured("runner", "self", () => runnerRate(perRound, CONCURRENCY)),
     gateway: async (round) => {
       const r = await measured("gateway", gw.pid, () =>
         gatewayBatch(client, summaries, `r${round}e`, perRound, o.window),
@@ -106,7 +114,7 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       return r.rate;
     },
   };
-  const order = ["gateway", "wrapped", "plain"] as const;
+  const order = ["gateway", "wrapped", "runner", "plain"] as const;
   for (let round = 0; round < ROUNDS; round++) {
     for (let j = 0; j < order.length; j++) {
       const t = order[(round + j) % order.length]!;
@@ -114,11 +122,13 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
     }
     o.log(
       `  round ${round + 1}: gateway ${rates.gateway.at(-1)!.toFixed(1)}/s, bare wrapped ` +
-        `${rates.wrapped.at(-1)!.toFixed(1)}/s, bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`,
+        `${rates.wrapped.at(-1)!.toFixed(1)}/s, runner alone ${rates.runner.at(-1)!.toFixed(1)}/s, ` +
+        `bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`,
     );
   }
   summaries.close();
   await gw.stop();
+  const child = await childCpu(o.quick ? 5 : 30);
   if (failed > 0) o.log(`  warning: ${failed} episode attempts failed (retried until committed); see the gateway log`);
 
   const med = (t: keyof typeof rates) => quantile(rates[t], 0.5);
@@ -166,6 +176,43 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       null,
       "busy time of every CPU (/proc/stat) over the rounds: beyond the spawning process's own, the episode " +
         "children, bwrap and the kernel; episodes/s is this ratio on a box whose cores are all busy",
+    ),
+    rateRow(
+      "episodes",
+      "episodes/s: runner alone (no gateway) vs bare spawn (wrapped)",
+      "/s",
+      med("runner"),
+      med("wrapped"),
+      null,
+      "runEpisode with 2 warm spares, driven from the bench in the same rounds: no intake, SQL or scheduling",
+    ),
+    deltaRow(
+      "episodes",
+      "CPU/episode, spawning process: runner alone vs bare loop (wrapped)",
+      "ms",
+      per("runner"),
+      per("wrapped"),
+      null,
+      "the runner's share of the gateway's row above; the rest of the gateway's is its own work",
+    ),
+    deltaRow(
+      "episodes",
+      "CPU/episode, whole machine: runner alone vs bare loop (wrapped)",
+      "ms",
+      perMachine("runner"),
+      perMachine("wrapped"),
+      null,
+      "as the gateway's whole-machine row, for the runner alone",
+    ),
+    deltaRow(
+      "episodes",
+      "CPU of one episode child: host runtime, one turn vs bare child",
+      "ms",
+      child.host,
+      child.bare,
+      null,
+      "medians, user+system from wait4, unwrapped (no bwrap or prlimit): the host reads its start, imports the " +
+        "agent module, runs the turn and sends its records; the bare child answers one message",
     ),
   ];
 }

@@ -1,0 +1,144 @@
+/**
+ * Where an episode's CPU goes, without the gateway: the runner (gateway/episode/runner.ts
+ * `runEpisode`, warm spares and all) driven straight from the bench process, and one episode
+ * child's own CPU. Set beside the gateway and the bare loops, they split the episodes rows:
+ *  - gateway vs runner alone: the gateway's own work (intake, SQL, scheduling, publishes);
+ *  - runner alone vs bare loop (wrapped): the runner's process handling and the host runtime's
+ *    work in the child (reading its start, importing the agent module, the turn, the records).
+ */
+import { join } from "node:path";
+import type { ParentMessage } from "../../agents/protocol.ts";
+import {
+  CHILD_ENV,
+  CHILD_LIMITS,
+  defaultSpawnOptions,
+  hostScript,
+  ProcessTable,
+  type RunLimits,
+  runEpisode,
+  SparePool,
+} from "../../gateway/episode/index.ts";
+import { ROOT, defer } from "./harness.ts";
+import { NOOP_AGENT } from "./procs.ts";
+
+/** The runner's limits for a bench fleet episode (procs.ts benchFleet, records.ts runLimitsFor). */
+const LIMITS: RunLimits = {
+  timeoutMs: 10_000,
+  memoryMb: 128,
+  maxOpenFiles: 256,
+  maxProcesses: 4096,
+  maxRecords: CHILD_LIMITS.max_records,
+  maxRecordBytes: CHILD_LIMITS.max_record_bytes,
+};
+/** Spares the pool keeps: the default `[fleet] warm_spares`. */
+const SPARES = 2;
+
+let pool: SparePool | null = null;
+defer(async () => {
+  await pool?.close();
+});
+
+function startOf(n: number, key: string): Extract<ParentMessage, { t: "start" }> {
+  return {
+    t: "start",
+    episode: `0190f000-0000-7000-8000-${String(n).padStart(12, "0")}`,
+    agent: { type: "bench", key, id: `bench/${key}` },
+    module: NOOP_AGENT,
+    config: {},
+    state: null,
+    fresh: true,
+    stimulus: { id: `id:${n}`, kind: "mqtt", payload: { n }, received_at: Date.now() },
+    replay: null,
+    limits: CHILD_LIMITS,
+    wakes: { pending: [], max: 100 },
+  };
+}
+
+let episodes = 0;
+
+/** `total` episodes of the bench agent through `runEpisode`, `concurrency` at a time; resolves with episodes/s. */
+export async function runnerRate(total: number, concurrency: number): Promise<number> {
+  pool ??= new SparePool(SPARES, defaultSpawnOptions(), new ProcessTable());
+  const spares = pool;
+  let left = total;
+  const began = performance.now();
+  const worker = async () => {
+    while (left-- > 0) {
+      const n = episodes++;
+      const r = await runEpisode(startOf(n, `k${n % 64}`), LIMITS, noTools, defaultSpawnOptions(), spares);
+      if (!r.ok) throw new Error(`runner alone: episode ${n} failed (${r.kind}): ${r.message}`);
+    }
+  };
+  await Promise.all(Array.from({ length: concurrency }, worker));
+  return total / ((performance.now() - began) / 1000);
+}
+
+const noTools = async () => ({ ok: false, result: { error: "denied", reason: "no tools in the bench" } });
+
+/** Medians of one child's own CPU (user + system, from wait4), ms, unwrapped so no bwrap or prlimit is in it. */
+export async function childCpu(samples: number): Promise<{ host: number; bare: number }> {
+  const script = hostScript(process.execPath);
+  const host: number[] = [];
+  const bare: number[] = [];
+  for (let i = 0; i < samples; i++) {
+    host.push(await hostChild(script, i));
+    bare.push(await bareChild());
+  }
+  const median = (v: number[]) => v.sort((a, b) => a - b)[v.length >> 1]!;
+  return { host: median(host), bare: median(bare) };
+}
+
+const cpuOf = (p: ReturnType<typeof Bun.spawn>): number => {
+  const u = p.resourceUsage();
+  return u ? (Number(u.cpuTime.user) + Number(u.cpuTime.system)) / 1000 : Number.NaN;
+};
+
+/** The host runtime: "ready", then one episode of the bench agent to "done", then SIGKILL (as the runner ends it). */
+async function hostChild(script: string, n: number): Promise<number> {
+  const p = Bun.spawn([process.execPath, script], {
+    env: { ...CHILD_ENV },
+    cwd: "/",
+    stdio: ["pipe", "ignore", "ignore", "pipe"],
+  });
+  const out = Bun.file(p.stdio[3] as unknown as number)
+    .stream()
+    .getReader();
+  const decoder = new TextDecoder();
+  let seen = "";
+  const until = async (t: string) => {
+    while (!seen.includes(`"t":"${t}"`)) {
+      const { value, done } = await out.read();
+      if (done) throw new Error(`host child ended before "${t}": ${seen.slice(0, 300)}`);
+      seen += decoder.decode(value);
+    }
+  };
+  await until("ready");
+  const stdin = p.stdin as import("bun").FileSink;
+  stdin.write(`${JSON.stringify(startOf(n, "child"))}\n`);
+  await stdin.flush();
+  await until("done");
+  p.kill("SIGKILL");
+  await p.exited;
+  await out.cancel().catch(() => undefined);
+  return cpuOf(p);
+}
+
+/** The bare loop's child (./bare-child.ts): "ready", one message answered, then SIGKILL. */
+async function bareChild(): Promise<number> {
+  let replied!: () => void;
+  const reply = new Promise<void>((r) => (replied = r));
+  const p = Bun.spawn([process.execPath, join(ROOT, "scripts/bench/bare-child.ts")], {
+    env: { ...CHILD_ENV },
+    cwd: "/",
+    stdio: ["ignore", "ignore", "ignore"],
+    serialization: "json",
+    ipc(msg: { t?: string }, child) {
+      if (msg?.t === "ready") child.send({ t: "start", pad: "x".repeat(512) });
+      else if (msg?.t === "done") replied();
+    },
+  });
+  await Promise.race([reply, p.exited]);
+  p.kill("SIGKILL");
+  await p.exited;
+  return cpuOf(p);
+}
