@@ -193,7 +193,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       per("runner"),
       per("wrapped"),
       null,
-      "the runner's share of the gateway's row above; the rest of the gateway's is its own work",
+      "the runner measured apart; the gateway's row less this is its own work (intake, SQL, scheduling, " +
+        "publishes) and what running both in one process adds",
     ),
     deltaRow(
       "episodes",
