@@ -16,6 +16,7 @@ import {
   sandboxCommand,
   setAutogroup,
   type ProcessLimits,
+  type SpawnOptions,
 } from "../../gateway/episode/index.ts";
 import { ROOT, defer, killPid } from "./harness.ts";
 
@@ -26,9 +27,16 @@ const LIMITS: ProcessLimits = { timeoutMs: 10_000, memoryMb: 128, maxOpenFiles: 
 /** Which baseline. */
 export type BareVariant = "plain" | "wrapped";
 
+let options: SpawnOptions | null = null;
+/** The runner's spawn options on this machine, probed once (as the gateway does at start). */
+export function spawnOptions(): SpawnOptions {
+  options ??= defaultSpawnOptions();
+  return options;
+}
+
 /** What `wrapped` adds on this machine, for the report. */
 export function wrappingNote(): string {
-  const s = defaultSpawnOptions();
+  const s = spawnOptions();
   const parts = [
     s.bwrap ? "bwrap" : "no bwrap",
     s.prlimit ? "prlimit" : "no prlimit",
@@ -47,8 +55,16 @@ defer(() => {
 
 /** One spawn + ready + request/reply + kill + exit; resolves with its duration in ms. */
 export async function bareOnce(variant: BareVariant): Promise<number> {
+  return (await bareRoundTrip(variant)).ms;
+}
+
+/**
+ * `bareOnce`, also with the CPU the spawned process used (user + system from wait4, ms): the child's
+ * own for `plain`; for `wrapped`, only the outermost wrapper's (bwrap reaps the child).
+ */
+export async function bareRoundTrip(variant: BareVariant): Promise<{ ms: number; cpuMs: number }> {
   const began = performance.now();
-  const s = defaultSpawnOptions();
+  const s = spawnOptions();
   const wrapped = variant === "wrapped";
   // The wrapped command line is the runner's own builder, so the baseline cannot drift from it.
   const cmd = wrapped ? sandboxCommand(CHILD, LIMITS, s) : [s.bun, CHILD];
@@ -77,7 +93,13 @@ export async function bareOnce(variant: BareVariant): Promise<number> {
   killPid(wrapped ? -proc.pid : proc.pid);
   await proc.exited;
   live.delete(proc.pid);
-  return performance.now() - began;
+  return { ms: performance.now() - began, cpuMs: spawnedCpuMs(proc) };
+}
+
+/** User + system CPU of a spawned process that has exited (from wait4), ms. */
+export function spawnedCpuMs(proc: ReturnType<typeof Bun.spawn>): number {
+  const usage = proc.resourceUsage();
+  return usage ? (Number(usage.cpuTime.user) + Number(usage.cpuTime.system)) / 1000 : Number.NaN;
 }
 
 /** `total` round trips, `concurrency` at a time; resolves with round trips per second. */

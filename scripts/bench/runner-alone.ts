@@ -8,19 +8,18 @@
  * The runner here loads the bench agent's module file where the gateway loads its stored bundle;
  * a child's CPU was the same for both (13.07 vs 12.98 ms, medians of 30, unwrapped).
  */
-import { join } from "node:path";
 import type { ParentMessage } from "../../agents/protocol.ts";
 import {
   CHILD_ENV,
   CHILD_LIMITS,
-  defaultSpawnOptions,
   hostScript,
   ProcessTable,
   type RunLimits,
   runEpisode,
   SparePool,
 } from "../../gateway/episode/index.ts";
-import { ROOT, defer } from "./harness.ts";
+import { bareRoundTrip, spawnedCpuMs, spawnOptions } from "./bare.ts";
+import { defer } from "./harness.ts";
 import { NOOP_AGENT } from "./procs.ts";
 
 /** The runner's limits for a bench fleet episode (procs.ts benchFleet, records.ts runLimitsFor). */
@@ -60,14 +59,14 @@ let episodes = 0;
 
 /** `total` episodes of the bench agent through `runEpisode`, `concurrency` at a time; resolves with episodes/s. */
 export async function runnerRate(total: number, concurrency: number): Promise<number> {
-  pool ??= new SparePool(SPARES, defaultSpawnOptions(), new ProcessTable());
+  pool ??= new SparePool(SPARES, spawnOptions(), new ProcessTable());
   const spares = pool;
   let left = total;
   const began = performance.now();
   const worker = async () => {
     while (left-- > 0) {
       const n = episodes++;
-      const r = await runEpisode(startOf(n, `k${n % 64}`), LIMITS, noTools, defaultSpawnOptions(), spares);
+      const r = await runEpisode(startOf(n, `k${n % 64}`), LIMITS, noTools, spawnOptions(), spares);
       if (!r.ok) throw new Error(`runner alone: episode ${n} failed (${r.kind}): ${r.message}`);
     }
   };
@@ -84,16 +83,11 @@ export async function childCpu(samples: number): Promise<{ host: number; bare: n
   const bare: number[] = [];
   for (let i = 0; i < samples; i++) {
     host.push(await hostChild(script, i));
-    bare.push(await bareChild());
+    bare.push((await bareRoundTrip("plain")).cpuMs);
   }
   const median = (v: number[]) => v.sort((a, b) => a - b)[v.length >> 1]!;
   return { host: median(host), bare: median(bare) };
 }
-
-const cpuOf = (p: ReturnType<typeof Bun.spawn>): number => {
-  const u = p.resourceUsage();
-  return u ? (Number(u.cpuTime.user) + Number(u.cpuTime.system)) / 1000 : Number.NaN;
-};
 
 /** The host runtime: "ready", then one episode of the bench agent to "done", then SIGKILL (as the runner ends it). */
 async function hostChild(script: string, n: number): Promise<number> {
@@ -122,25 +116,5 @@ async function hostChild(script: string, n: number): Promise<number> {
   p.kill("SIGKILL");
   await p.exited;
   await out.cancel().catch(() => undefined);
-  return cpuOf(p);
-}
-
-/** The bare loop's child (./bare-child.ts): "ready", one message answered, then SIGKILL. */
-async function bareChild(): Promise<number> {
-  let replied!: () => void;
-  const reply = new Promise<void>((r) => (replied = r));
-  const p = Bun.spawn([process.execPath, join(ROOT, "scripts/bench/bare-child.ts")], {
-    env: { ...CHILD_ENV },
-    cwd: "/",
-    stdio: ["ignore", "ignore", "ignore"],
-    serialization: "json",
-    ipc(msg: { t?: string }, child) {
-      if (msg?.t === "ready") child.send({ t: "start", pad: "x".repeat(512) });
-      else if (msg?.t === "done") replied();
-    },
-  });
-  await Promise.race([reply, p.exited]);
-  p.kill("SIGKILL");
-  await p.exited;
-  return cpuOf(p);
+  return spawnedCpuMs(p);
 }
