@@ -23,6 +23,7 @@ import {
   agentFiles,
   CHILD_ENV,
   defaultSpawnOptions,
+  EPISODE_GROUP_NICE,
   EPISODE_NICE,
   idleSpawnOptions,
   ProcessTable,
@@ -325,13 +326,13 @@ describe.each(SANDBOXES)(
     // Its own session (the process-group kill) is a scheduling group of its own where the kernel has
     // autogroups; a group's weight, not its processes' nice, decides its share against the gateway.
     test.if(spawn.autogroup != null)(
-      "where sessions are scheduling groups (autogroup), an episode's group runs at nice 19 too, flooded or not",
+      "where sessions are scheduling groups (autogroup), an episode's group runs below the gateway's, flooded or not",
       async () => {
         const ours = readFileSync("/proc/self/autogroup", "utf8");
         for (const opts of [spawn, idleSpawnOptions(spawn)]) {
           const r = await run(start("priority"), {}, noTools, opts);
           if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
-          expect((r.state as { group: number | null }).group).toBe(EPISODE_NICE);
+          expect((r.state as { group: number | null }).group).toBe(EPISODE_GROUP_NICE);
         }
         // The gateway's own group (this process's) is left as it was.
         expect(readFileSync("/proc/self/autogroup", "utf8")).toBe(ours);

@@ -18,6 +18,7 @@ export {
   CHILD_ENV,
   defaultSpawnOptions,
   describeSandbox,
+  EPISODE_GROUP_NICE,
   EPISODE_NICE,
   hostCommand,
   idleSpawnOptions,

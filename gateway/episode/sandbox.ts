@@ -78,11 +78,20 @@ export const RUNTIME_DATA_MB = 384;
 
 /**
  * Devices first: episode processes run at nice 19 (and, where the kernel has autogroups, in a
- * group at nice 19: `autogroupNice`), so when episodes saturate the cores the gateway gets the
- * CPU the moment a packet arrives, to acknowledge stimuli (durable and cheap) while episode work
- * lags. On an idle machine it changes nothing.
+ * group at EPISODE_GROUP_NICE: `autogroupNice`), so when episodes saturate the cores the gateway
+ * gets the CPU the moment a packet arrives, to acknowledge stimuli (durable and cheap) while
+ * episode work lags. On an idle machine it changes nothing.
  */
 export const EPISODE_NICE = 19;
+
+/**
+ * The nice of an episode's own scheduling group, where sessions are groups. Not 19: a group at 19
+ * weighs 15 against a nice-0 group's 1024, so a little nice-0 work elsewhere on the box starved a
+ * healthy agent's episode into its timeout while another agent's fork bomb ran (test/e2e.policy's
+ * isolation tests failed 4 runs of 5 at 19, none of 7 at 10). At 10 (weight 110) an episode still
+ * yields nine to one to the gateway.
+ */
+export const EPISODE_GROUP_NICE = 10;
 
 function which(names: readonly string[]): string | null {
   return names.find((p) => Bun.file(p).size > 0) ?? null;
@@ -172,7 +181,7 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWea
     prlimit,
     bwrap,
     nice: niceBin ? { bin: niceBin, value: EPISODE_NICE } : null,
-    autogroup: autogroupNice(EPISODE_NICE),
+    autogroup: autogroupNice(EPISODE_GROUP_NICE),
     rssPollMs: 50,
   };
 }
