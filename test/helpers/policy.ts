@@ -113,7 +113,11 @@ export function processTable(): Proc[] {
 /** Every descendant of `pid` in `table`. */
 export function descendantsOf(pid: number, table: readonly Proc[] = processTable()): Proc[] {
   const byParent = new Map<number, Proc[]>();
-  for (const p of table) byParent.set(p.ppid, [...(byParent.get(p.ppid) ?? []), p]);
+  for (const p of table) {
+    const siblings = byParent.get(p.ppid);
+    if (siblings) siblings.push(p);
+    else byParent.set(p.ppid, [p]);
+  }
   const out: Proc[] = [];
   const queue = [pid];
   while (queue.length > 0) {
@@ -136,13 +140,22 @@ export class ProcessWatch {
   readonly seen = new Map<string, Proc>();
   /** `/proc/<pid>/limits` of the first episode host process seen (the built host runtime, or its sources). */
   hostLimits: string | null = null;
-  private timer: ReturnType<typeof setInterval> | null = null;
+  private timer: ReturnType<typeof setTimeout> | null = null;
 
   constructor(private readonly gatewayPid: number) {}
 
+  /**
+   * Sample every `everyMs`, or 4x as long as the last scan took: under a fork bomb a scan reads
+   * thousands of /proc entries, and a watch scanning back to back would take a core from the
+   * episodes it watches (they run at nice 19, below this process).
+   */
   start(everyMs = 25): this {
-    this.sample();
-    this.timer = setInterval(() => this.sample(), everyMs);
+    const tick = () => {
+      const began = performance.now();
+      this.sample();
+      this.timer = setTimeout(tick, Math.max(everyMs, 4 * (performance.now() - began)));
+    };
+    tick();
     return this;
   }
 
@@ -160,7 +173,7 @@ export class ProcessWatch {
   }
 
   stop(): void {
-    if (this.timer) clearInterval(this.timer);
+    if (this.timer) clearTimeout(this.timer);
     this.timer = null;
   }
 
