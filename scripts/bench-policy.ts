@@ -17,6 +17,7 @@ import { fileURLToPath } from "node:url";
 import type { MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, subscribe, waitFor } from "../test/helpers/gateway.ts";
 import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
+import { parseExposition, samplesOf } from "../test/helpers/prom.ts";
 import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 
 /** One measured line: the same metric without and with the thing under test. */
@@ -66,16 +67,48 @@ async function throughput(
   return n / ((performance.now() - began) / 1000);
 }
 
+/** The gateway's group commits so far, by how long each took until durable: `le` seconds -> count (cumulative). */
+async function commitBuckets(fleet: TestFleet): Promise<Map<number, number>> {
+  const x = parseExposition(await (await fleet.fetch("/metrics")).text());
+  return new Map(
+    samplesOf(x, "fleet_db_commit_seconds_bucket").map((s) => [
+      s.labels.le === "+Inf" ? Number.POSITIVE_INFINITY : Number(s.labels.le),
+      s.value,
+    ]),
+  );
+}
+
 /**
- * Where the slowest pings of the flood phase spent their time, from the gateway's own rows (its
+ * A phase's commits and how many of them waited long for the disk (fleet_db_commit_seconds: one
+ * transaction until its WAL sync ends). A ping's output is published only after such a sync, so
+ * the disk's slow syncs set a floor under the phase's p99 that no scheduling can lower.
+ */
+function commitTail(name: string, before: Map<number, number>, after: Map<number, number>): string {
+  const delta = (le: number) => (after.get(le) ?? 0) - (before.get(le) ?? 0);
+  const all = delta(Number.POSITIVE_INFINITY);
+  const over = (s: number) => all - delta(s);
+  return (
+    `${name} phase: ${all} commits; until durable, ${over(0.01)} took over 10 ms, ${over(0.025)} over 25 ms, ` +
+    `${over(0.05)} over 50 ms`
+  );
+}
+
+/**
+ * Where the slowest pings of a phase spent their time, from the gateway's own rows (its
  * clock is this machine's): PUBLISH -> stimulus recorded (intake), -> episode started (queue),
  * -> episode ended (run: spawn or spare, the agent, the child's messages), -> output received
  * here (commit, WAL sync, publish, and this process's own turn to read it).
  */
-async function slowest(fleet: TestFleet, pinger: Pinger, from: number, n: number): Promise<string[]> {
+async function slowest(
+  fleet: TestFleet,
+  pinger: Pinger,
+  phase: { readonly name: string; readonly from: number; readonly to: number },
+  n: number,
+): Promise<string[]> {
   const offset = Date.now() - performance.now();
+  const { from } = phase;
   const pings = [...pinger.sent]
-    .filter(([, at]) => at >= from)
+    .filter(([, at]) => at >= from && at < phase.to)
     .map(([id, at]) => ({ id, at, ms: (pinger.arrived.get(id) ?? Number.POSITIVE_INFINITY) - at }))
     .sort((a, b) => b.ms - a.ms)
     .slice(0, n);
@@ -90,9 +123,10 @@ async function slowest(fleet: TestFleet, pinger: Pinger, from: number, n: number
     const arrived = p.at + p.ms + offset;
     out.push(
       row
-        ? `slow ping ${p.id}, ${(p.at - from).toFixed(0)} ms into the flood: ${p.ms.toFixed(0)} ms = intake ` +
-            `${(row.received - sent).toFixed(0)} + queue ${row.started - row.received} + run ` +
-            `${row.ended - row.started} + out ${(arrived - row.ended).toFixed(0)}`
+        ? `slow ping ${p.id}, ${(p.at - from).toFixed(0)} ms into the ${phase.name} phase: ` +
+            `${p.ms.toFixed(0)} ms = intake ${(row.received - sent).toFixed(0)} + ` +
+            `queue ${row.started - row.received} + run ${row.ended - row.started} + ` +
+            `out ${(arrived - row.ended).toFixed(0)}`
         : `slow ping ${p.id}: ${p.ms.toFixed(0)} ms (no committed episode found)`,
     );
   }
@@ -178,11 +212,15 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       await quiet.settle();
       // A p99 needs samples: 40 pings per phase in a quick run, 150 in a full one.
       const seconds = o.quick ? 8 : 30;
+      let commits = await commitBuckets(fleet);
       let from = performance.now();
       quiet.start(200);
       await Bun.sleep(seconds * 1000);
       await quiet.stop();
       const solo = quiet.latencies(from);
+      for (const line of await slowest(fleet, quiet, { name: "no-flood", from, to: performance.now() }, 3))
+        log(`  ${line}`);
+      log(`  ${commitTail("no-flood", commits, (commits = await commitBuckets(fleet)))}`);
 
       // The flooding device runs in its own process, as a device does: its PUBACKs are not handled
       // on this thread, which times the quiet agent's outputs (before, they queued in front of them).
@@ -204,13 +242,16 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
         60_000,
         "the flood to arrive",
       );
+      commits = await commitBuckets(fleet);
       from = performance.now();
       quiet.start(200);
       await Bun.sleep(seconds * 1000);
       await quiet.stop(60_000);
       const flooded = quiet.latencies(from);
+      log(`  ${commitTail("flood", commits, await commitBuckets(fleet))}`);
       log(`  flooder: ${await acked} ms for ${floodN} QoS 1 messages`);
-      for (const line of await slowest(fleet, quiet, from, 3)) log(`  ${line}`);
+      for (const line of await slowest(fleet, quiet, { name: "flood", from, to: performance.now() }, 3))
+        log(`  ${line}`);
       const [{ n: backlog }] = (await fleet.query<{ n: number }>(
         "SELECT count(*) AS n FROM stimuli WHERE agent = 'flood/f1' AND state = 'queued'",
       )) as [{ n: number }];
