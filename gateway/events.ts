@@ -18,6 +18,11 @@ export interface FleetEventMap {
     kind?: string;
     checkpoint: string | null;
     ms: number;
+    /**
+     * How long its stimulus waited, ms: from being recorded to this episode's start (queued behind
+     * other work, a paused agent, a budget window, earlier attempts). Never negative.
+     */
+    waitMs: number;
     quarantined: boolean;
   };
   status: { agent: string; status: AgentStatus; reason?: string; checkpoint?: string | null };

@@ -26,6 +26,7 @@ const REQUIRED: Record<string, string> = {
   fleet_episodes_total: "counter",
   fleet_episode_duration_seconds: "histogram",
   fleet_episode_starts_total: "counter",
+  fleet_stimulus_wait_seconds: "histogram",
   fleet_stimuli_total: "counter",
   fleet_dedup_hits_total: "counter",
   fleet_queue_depth: "gauge",
@@ -136,6 +137,9 @@ describe("/metrics", () => {
       expect(sampleValue(x, "fleet_episode_duration_seconds_count", { type: "counter" })).toBe(4);
       expect(sampleValue(x, "fleet_episode_duration_seconds_sum", { type: "counter" })).toBeGreaterThan(0);
       expect(sampleValue(x, "fleet_episode_duration_seconds_bucket", { type: "counter", le: "+Inf" })).toBe(4);
+      // Every episode, committed or failed, records how long its stimulus waited to start.
+      expect(sampleValue(x, "fleet_stimulus_wait_seconds_count", { type: "counter" })).toBe(4);
+      expect(sampleValue(x, "fleet_stimulus_wait_seconds_count", { type: "thrower" })).toBe(1);
       // Every episode's process started one way or the other: a warm spare or spawned for it.
       const started = (start: string) => sampleValue(x, "fleet_episode_starts_total", { type: "counter", start }) ?? 0;
       expect(started("warm") + started("cold")).toBe(4);
@@ -171,9 +175,13 @@ describe("/metrics", () => {
     }
   }, 60_000);
 
-  test("a paused agent's waiting stimuli show as queue depth and lag, by type", async () => {
+  test("a paused agent's waiting stimuli show as queue depth and lag, and their wait once they run", async () => {
+    const waits = (x: Exposition, le: string) =>
+      sampleValue(x, "fleet_stimulus_wait_seconds_bucket", { type: "counter", le }) ?? 0;
+    const before = await scrape(base);
     expect((await fetch(`${base}/api/agents/counter/b/pause`, authed(token, { method: "POST" }))).status).toBe(200);
     expect((await send("m/b/in", { id: "while-paused" })).status).toBe(202);
+    const recordedBy = Date.now();
     const x = await scrapeUntil(
       (x) => sampleValue(x, "fleet_type_queue_depth", { type: "counter" }) === 1,
       "1 queued counter stimulus",
@@ -182,14 +190,21 @@ describe("/metrics", () => {
     expect(sampleValue(x, "fleet_type_queue_depth", { type: "thrower" })).toBe(0);
     expect(sampleValue(x, "fleet_agents", { type: "counter", status: "paused" })).toBe(1);
     await scrapeUntil((x) => (sampleValue(x, "fleet_queue_oldest_age_seconds") ?? 0) > 0, "a growing lag");
+    await Bun.sleep(Math.max(0, recordedBy + 1100 - Date.now()));
 
+    const heldMs = Date.now() - recordedBy;
     expect((await fetch(`${base}/api/agents/counter/b/resume`, authed(token, { method: "POST" }))).status).toBe(200);
-    await scrapeUntil(
+    const after = await scrapeUntil(
       (x) =>
         sampleValue(x, "fleet_queue_depth") === 0 &&
         sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) === 5,
       "the queue drained after resume",
     );
+    // Its one episode observed a wait of at least the time the pause held it: over a second.
+    expect(waits(after, "+Inf") - waits(before, "+Inf")).toBe(1);
+    expect(waits(after, "1") - waits(before, "1")).toBe(0);
+    const sum = (x: Exposition) => sampleValue(x, "fleet_stimulus_wait_seconds_sum", { type: "counter" }) ?? 0;
+    expect(sum(after) - sum(before)).toBeGreaterThanOrEqual(heldMs / 1000 - 0.001);
   }, 60_000);
 
   test("fleet/health carries the same counts, rates, lag and budget burn as /metrics", async () => {

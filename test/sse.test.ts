@@ -55,6 +55,7 @@ const episode = (i: number, agent = "t/a") => ({
   status: "committed" as const,
   checkpoint: null,
   ms: 1,
+  waitMs: 2,
   quarantined: false,
 });
 

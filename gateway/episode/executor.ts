@@ -309,7 +309,15 @@ export class EpisodeExecutor {
         bundle,
       };
       const usage = { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
-      const summary = { episode, agent: agentId, stimulus: head.sid, ms: result.ms, type: agent.type };
+      const summary = {
+        episode,
+        agent: agentId,
+        stimulus: head.sid,
+        ms: result.ms,
+        // A clock stepped back (NTP) must not make a wait negative.
+        waitMs: Math.max(0, now - head.receivedAt),
+        type: agent.type,
+      };
 
       if (!result.ok && this.d.stopping()) {
         log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");

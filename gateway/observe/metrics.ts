@@ -54,6 +54,8 @@ export interface MetricsOptions {
 }
 
 const EPISODE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+/** From a few ms (a free slot) to an hour (a paused agent, a budget window). */
+const WAIT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600];
 const COMMIT_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
 
 /** Rolling fleet-level rates over the last minute. */
@@ -209,6 +211,15 @@ export class FleetMetrics {
     });
     for (const kind of ["episodes", "checkpoints", "tombstoned", "stimuli", "usage_rows", "bundles"])
       retained.inc({ kind }, 0);
+    const wait = new Histogram({
+      name: "fleet_stimulus_wait_seconds",
+      help:
+        "How long each stimulus waited from being recorded to the start of its episode, by agent type " +
+        "(schedule-to-start: queueing behind other stimuli, paused agents, budget windows, retries).",
+      labelNames: ["type"],
+      buckets: WAIT_BUCKETS,
+      registers,
+    });
     const retentionSeconds = new Histogram({
       name: "fleet_retention_round_seconds",
       help: "Time the gateway's thread spent in each background retention round (once a minute).",
@@ -228,6 +239,7 @@ export class FleetMetrics {
       host.events.on("episode", (e) => {
         episodes.inc({ type: e.type, outcome: e.status });
         duration.observe({ type: e.type }, e.ms / 1000);
+        wait.observe({ type: e.type }, e.waitMs / 1000);
         this.rates.add("episodes");
         if (e.status === "failed") {
           failures.inc({ type: e.type, kind: e.kind ?? "unknown" });
