@@ -67,29 +67,45 @@ async function throughput(
   return n / ((performance.now() - began) / 1000);
 }
 
-/** The gateway's group commits so far, by how long each took until durable: `le` seconds -> count (cumulative). */
-async function commitBuckets(fleet: TestFleet): Promise<Map<number, number>> {
+/** Two of the gateway's histograms, as cumulative bucket counts (`le` seconds -> count). */
+interface Tails {
+  /** fleet_db_commit_seconds: each transaction until its WAL sync ended. */
+  readonly commits: Map<number, number>;
+  /** fleet_stimulus_wait_seconds{type="quiet"}: each quiet ping from recorded to its episode's start. */
+  readonly waits: Map<number, number>;
+}
+
+async function tails(fleet: TestFleet): Promise<Tails> {
   const x = parseExposition(await (await fleet.fetch("/metrics")).text());
-  return new Map(
-    samplesOf(x, "fleet_db_commit_seconds_bucket").map((s) => [
-      s.labels.le === "+Inf" ? Number.POSITIVE_INFINITY : Number(s.labels.le),
-      s.value,
-    ]),
-  );
+  const buckets = (name: string, type?: string) =>
+    new Map(
+      samplesOf(x, name)
+        .filter((s) => type === undefined || s.labels.type === type)
+        .map((s) => [s.labels.le === "+Inf" ? Number.POSITIVE_INFINITY : Number(s.labels.le), s.value]),
+    );
+  return {
+    commits: buckets("fleet_db_commit_seconds_bucket"),
+    waits: buckets("fleet_stimulus_wait_seconds_bucket", "quiet"),
+  };
 }
 
 /**
- * A phase's commits and how many of them waited long for the disk (fleet_db_commit_seconds: one
- * transaction until its WAL sync ends). A ping's output is published only after such a sync, so
- * the disk's slow syncs set a floor under the phase's p99 that no scheduling can lower.
+ * A phase's long waits, from the gateway's histograms: commits that waited long for the disk, and
+ * quiet pings that waited long to start. A ping's output is published only after a WAL sync, so the
+ * disk's slow syncs set a floor under the phase's p99 that no scheduling can lower; a long wait to
+ * start is the scheduler's (or a commit's it queued behind).
  */
-function commitTail(name: string, before: Map<number, number>, after: Map<number, number>): string {
-  const delta = (le: number) => (after.get(le) ?? 0) - (before.get(le) ?? 0);
-  const all = delta(Number.POSITIVE_INFINITY);
-  const over = (s: number) => all - delta(s);
+function phaseTails(name: string, before: Tails, after: Tails): string {
+  const over = (key: keyof Tails, s: number) => {
+    const delta = (le: number) => (after[key].get(le) ?? 0) - (before[key].get(le) ?? 0);
+    return delta(Number.POSITIVE_INFINITY) - delta(s);
+  };
+  const count = (key: keyof Tails) =>
+    (after[key].get(Number.POSITIVE_INFINITY) ?? 0) - (before[key].get(Number.POSITIVE_INFINITY) ?? 0);
   return (
-    `${name} phase: ${all} commits; until durable, ${over(0.01)} took over 10 ms, ${over(0.025)} over 25 ms, ` +
-    `${over(0.05)} over 50 ms`
+    `${name} phase: ${count("commits")} commits; until durable, ${over("commits", 0.01)} took over 10 ms, ` +
+    `${over("commits", 0.025)} over 25 ms, ${over("commits", 0.05)} over 50 ms; of ${count("waits")} quiet ` +
+    `pings, ${over("waits", 0.025)} waited over 25 ms to start, ${over("waits", 0.05)} over 50 ms`
   );
 }
 
@@ -212,7 +228,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       await quiet.settle();
       // A p99 needs samples: 40 pings per phase in a quick run, 150 in a full one.
       const seconds = o.quick ? 8 : 30;
-      let commits = await commitBuckets(fleet);
+      let marks = await tails(fleet);
       let from = performance.now();
       quiet.start(200);
       await Bun.sleep(seconds * 1000);
@@ -220,7 +236,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       const solo = quiet.latencies(from);
       for (const line of await slowest(fleet, quiet, { name: "no-flood", from, to: performance.now() }, 3))
         log(`  ${line}`);
-      log(`  ${commitTail("no-flood", commits, (commits = await commitBuckets(fleet)))}`);
+      log(`  ${phaseTails("no-flood", marks, (marks = await tails(fleet)))}`);
 
       // The flooding device runs in its own process, as a device does: its PUBACKs are not handled
       // on this thread, which times the quiet agent's outputs (before, they queued in front of them).
@@ -242,13 +258,13 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
         60_000,
         "the flood to arrive",
       );
-      commits = await commitBuckets(fleet);
+      marks = await tails(fleet);
       from = performance.now();
       quiet.start(200);
       await Bun.sleep(seconds * 1000);
       await quiet.stop(60_000);
       const flooded = quiet.latencies(from);
-      log(`  ${commitTail("flood", commits, await commitBuckets(fleet))}`);
+      log(`  ${phaseTails("flood", marks, await tails(fleet))}`);
       log(`  flooder: ${await acked} ms for ${floodN} QoS 1 messages`);
       for (const line of await slowest(fleet, quiet, { name: "flood", from, to: performance.now() }, 3))
         log(`  ${line}`);
