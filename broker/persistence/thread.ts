@@ -1,8 +1,8 @@
 /**
  * The broker persistence's database runs on a thread of its own: a libSQL commit with
- * `synchronous = FULL` waits for fsync, and @libsql/client's local file calls block the
- * thread they run on. On a worker, the gateway's event loop keeps serving MQTT, episodes and
- * HTTP while broker.db syncs, and the writer gathers the next group commit meanwhile.
+ * `synchronous = FULL` waits for fsync, and the driver's calls block the thread they run on.
+ * On a worker, the gateway's event loop keeps serving MQTT, episodes and HTTP while broker.db
+ * syncs, and the writer gathers the next group commit meanwhile.
  */
 import type { InStatement } from "@libsql/client";
 
