@@ -30,7 +30,12 @@ function statement(sql: string): Statement {
   return s;
 }
 
-/** One argument as the driver takes it, checked as `@libsql/client` checks it. */
+/**
+ * One argument as the driver takes it, checked as `@libsql/client` checks it (the same rules as
+ * gateway/store/native.ts `toValue`; the broker does not import the gateway). Not optional: the
+ * driver binds undefined as NULL without a word, and a boolean aborts the whole process (libsql
+ * 0.5.29 panics: "not yet implemented: bool").
+ */
 function value(v: InValue | undefined): unknown {
   if (v === undefined) throw new TypeError("undefined cannot be passed as argument to the database");
   if (typeof v === "boolean") return v ? 1 : 0;

@@ -2,7 +2,8 @@
  * Where an episode's CPU goes, without the gateway: the runner (gateway/episode/runner.ts
  * `runEpisode`, warm spares and all) driven straight from the bench process, and one episode
  * child's own CPU. Set beside the gateway and the bare loops, they split the episodes rows:
- *  - gateway vs runner alone: the gateway's own work (intake, SQL, scheduling, publishes);
+ *  - gateway vs runner alone: the gateway's own work (intake, SQL, scheduling, publishes) and what
+ *    running both in one process adds;
  *  - runner alone vs bare loop (wrapped): the runner's process handling and the host runtime's
  *    work in the child (reading its start, importing the agent module, the turn, the records).
  * The runner here loads the bench agent's module file where the gateway loads its stored bundle;
