@@ -68,26 +68,31 @@ export function createHooks(
   Pick<AedesOptions, "preConnect" | "authenticate" | "authorizePublish" | "authorizeSubscribe" | "authorizeForward">
 > {
   const usernames = state.usernames;
-  // The verdict of each client's latest publish: acks go out in PUBLISH order (MQTT-4.6.0-2)
-  // even when intake resolves out of order, because aedes runs a read chunk's packets concurrently.
-  const lastTurn = new WeakMap<Client, Promise<unknown>>();
+  // Each client's publishes whose verdicts are not all acted on yet, oldest first: acks go out in
+  // PUBLISH order (MQTT-4.6.0-2) even when intake resolves out of order, because aedes runs a read
+  // chunk's packets concurrently. A verdict that comes early waits in its turn for those before it.
+  const turns = new WeakMap<Client, TurnQueue>();
 
   const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo =>
     client
       ? { id: client.id, username: usernames.get(client) ?? null }
       : { id: (packet as { clientId?: string } | undefined)?.clientId ?? "", username: null };
 
-  const safeIntake = (msg: PublishedMessage, info: ClientInfo): Promise<IntakeVerdict> => {
+  // Never ack what was not recorded: an intake that throws or rejects refuses the publish.
+  const intakeFailed = (err: unknown, info: ClientInfo, msg: PublishedMessage, what: string): IntakeVerdict => {
+    log.error({ err, client: info.id, topic: msg.topic }, `intake ${what}; publish refused`);
+    return { ok: false, reason: "intake failed" };
+  };
+  /** Run intake; `act` gets its verdict, or a refusal if it failed (one promise reaction either way). */
+  const runIntake = (msg: PublishedMessage, info: ClientInfo, act: (v: IntakeVerdict) => void): void => {
+    let verdict: Promise<IntakeVerdict>;
     try {
-      return opts.intake(msg, info).catch((err: unknown) => {
-        // Never ack what was not recorded.
-        log.error({ err, client: info.id, topic: msg.topic }, "intake failed; publish refused");
-        return { ok: false, reason: "intake failed" };
-      });
+      verdict = opts.intake(msg, info);
     } catch (err) {
-      log.error({ err, client: info.id, topic: msg.topic }, "intake threw; publish refused");
-      return Promise.resolve({ ok: false, reason: "intake failed" });
+      act(intakeFailed(err, info, msg, "threw"));
+      return;
     }
+    verdict.then(act, (err: unknown) => act(intakeFailed(err, info, msg, "failed")));
   };
 
   const aclAllows = (check: (() => boolean) | null, what: string, info: ClientInfo): boolean => {
@@ -194,24 +199,37 @@ export function createHooks(
         return drop("not authorized");
       }
       if (!state.intakeOpen) return refuse("intake stopped");
-      const msg: PublishedMessage = {
+      const msg: { -readonly [K in keyof PublishedMessage]: PublishedMessage[K] } = {
         topic: packet.topic,
         payload: bytes(packet.payload),
         qos: packet.qos,
         retain: packet.retain,
-        ...(packet.qos > 0 && typeof packet.messageId === "number" ? { messageId: packet.messageId } : {}),
       };
-      const verdict = safeIntake(msg, info);
-      const previous = (client && lastTurn.get(client)) || Promise.resolve();
-      const turn = previous
-        .then(() => verdict)
-        .then((v) => {
-          if (!v.ok) return v.permanent ? drop(v.reason) : refuse(v.reason);
+      if (packet.qos > 0 && typeof packet.messageId === "number") msg.messageId = packet.messageId;
+      const act = (v: IntakeVerdict): void => {
+        try {
+          if (!v.ok) {
+            if (v.permanent) drop(v.reason);
+            else refuse(v.reason);
+            return;
+          }
           state.messagesIn++;
           callback(null); // only now may aedes write the PUBACK (it acks before `published` runs)
-        })
-        .catch((err: unknown) => log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed"));
-      if (client) lastTurn.set(client, turn);
+        } catch (err) {
+          log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed");
+        }
+      };
+      if (!client) {
+        runIntake(msg, info, act);
+        return;
+      }
+      let queue = turns.get(client);
+      if (!queue) {
+        queue = new TurnQueue();
+        turns.set(client, queue);
+      }
+      const turn = queue.push(act);
+      runIntake(msg, info, (v) => queue.settle(turn, v));
     },
 
     authorizeSubscribe(client, sub, done) {
@@ -232,4 +250,40 @@ export function createHooks(
       return packet;
     },
   };
+}
+
+/** One publish waiting for its verdict, or for the verdicts of those before it. */
+interface Turn {
+  readonly act: (v: IntakeVerdict) => void;
+  verdict: IntakeVerdict | null;
+  next: Turn | null;
+}
+
+/**
+ * One client's publishes in PUBLISH order, each acted on once its verdict and every earlier one's
+ * are in. A plain list, not a chain of promises: on the path every device message takes, each
+ * publish costs one promise reaction (its verdict's) instead of a chain of four or more.
+ */
+class TurnQueue {
+  private head: Turn | null = null;
+  private tail: Turn | null = null;
+
+  push(act: (v: IntakeVerdict) => void): Turn {
+    const turn: Turn = { act, verdict: null, next: null };
+    if (this.tail) this.tail.next = turn;
+    else this.head = turn;
+    this.tail = turn;
+    return turn;
+  }
+
+  /** `turn` has its verdict: act on it, and on every turn after it that was only waiting for it. */
+  settle(turn: Turn, verdict: IntakeVerdict): void {
+    turn.verdict = verdict;
+    while (this.head?.verdict) {
+      const t = this.head;
+      this.head = t.next;
+      if (!this.head) this.tail = null;
+      t.act(t.verdict!);
+    }
+  }
 }

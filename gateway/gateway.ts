@@ -700,7 +700,12 @@ export class Gateway {
    * Intake for the broker: refused (transient: the device or the broker retries) unless the gateway
    * runs. An external broker may deliver its queue before start finishes: that waits for running.
    */
-  private async brokerIntake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict> {
+  private brokerIntake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict> {
+    // The path of every device message adds no promise of its own while the gateway runs.
+    return this.state === "running" ? this.intake.mqtt(msg, client) : this.brokerIntakeNotRunning(msg, client);
+  }
+
+  private async brokerIntakeNotRunning(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict> {
     if (this.state === "starting") await this.started;
     if (this.state !== "running") return { ok: false, reason: `gateway is ${this.state}` };
     return this.intake.mqtt(msg, client);

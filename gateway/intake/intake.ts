@@ -40,6 +40,8 @@ export interface IntakeReport {
   readonly refused: Refusal[];
 }
 
+const utf8 = new TextDecoder();
+
 /** Parse a payload as JSON when it is JSON. */
 function tryJson(bytes: Uint8Array): unknown {
   if (bytes.length === 0) return undefined;
@@ -57,7 +59,7 @@ function tryJson(bytes: Uint8Array): unknown {
   )
     return undefined;
   try {
-    return JSON.parse(new TextDecoder().decode(bytes));
+    return JSON.parse(utf8.decode(bytes));
   } catch {
     return undefined;
   }
@@ -65,6 +67,12 @@ function tryJson(bytes: Uint8Array): unknown {
 
 /** A payload value at a dotted path (`device.id`), or undefined. */
 function at(parsed: unknown, path: string): unknown {
+  if (!path.includes(".")) {
+    // The common case (`dedup = "id"`), without splitting the path for every message.
+    return typeof parsed === "object" && parsed !== null && !Array.isArray(parsed)
+      ? (parsed as Record<string, unknown>)[path]
+      : undefined;
+  }
   let v = parsed;
   for (const part of path.split(".")) {
     if (typeof v !== "object" || v === null || Array.isArray(v)) return undefined;
@@ -139,6 +147,8 @@ function refusal(report: IntakeReport): IntakeVerdict {
   };
 }
 
+const NO_TYPES: readonly string[] = [];
+
 /** Intake for all sources. */
 export class Intake {
   constructor(
@@ -161,8 +171,7 @@ export class Intake {
       this.log.warn({ topic: msg.topic }, `intake: ${route.problems[0] ?? "unknown inbox"}`);
       return { ok: false, reason: route.problems[0] ?? "unknown inbox", permanent: true };
     }
-    const rejected =
-      route.problems.length === 0 ? Promise.resolve() : this.reject(msg, client?.id ?? null, route.problems);
+    const rejected = route.problems.length === 0 ? null : this.reject(msg, client?.id ?? null, route.problems);
     if (route.targets.length === 0) {
       // Every agent it is for belongs to another shard (or none could be named): nothing to record here.
       await rejected;
@@ -187,10 +196,8 @@ export class Intake {
         : null;
     // MQTT 5: the interval left when it reached us; its episode must start before then.
     const expiresAt = msg.expirySeconds === undefined ? null : this.now() + msg.expirySeconds * 1000;
-    const [report] = await Promise.all([
-      this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery, expiresAt, parsed }),
-      rejected,
-    ]);
+    const recording = this.record(route.targets, kind, msg.topic, msg.payload, null, { redelivery, expiresAt, parsed });
+    const report = rejected === null ? await recording : (await Promise.all([recording, rejected]))[0];
     // A sender that sets DUP on every redelivery (an external broker) says this is a first
     // delivery: a redelivery-id hit is an older message that reused the packet id, not this one.
     const reused = msg.dup === false ? report.duplicates.filter((d) => d.sid === redelivery) : [];
@@ -305,7 +312,8 @@ export class Intake {
       source: kind,
       accepted: accepted.length,
       duplicates: duplicates.length,
-      duplicateTypes: duplicates.map((d) => d.agent.slice(0, d.agent.indexOf("/"))),
+      duplicateTypes:
+        duplicates.length === 0 ? NO_TYPES : duplicates.map((d) => d.agent.slice(0, d.agent.indexOf("/"))),
     });
     return { accepted, duplicates, refused };
   }
