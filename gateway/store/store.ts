@@ -520,9 +520,11 @@ export class Store {
     };
     try {
       const results = await this.writer.write(stmts, (results) => {
-        for (const [i, o] of outcomesOf(results).entries()) calls[i]!.committed?.(o);
+        const outcomes = outcomesOf(results);
+        for (let i = 0; i < calls.length; i++) calls[i]!.committed?.(outcomes[i]!);
       });
-      for (const [i, o] of outcomesOf(results).entries()) calls[i]!.resolve(o);
+      const outcomes = outcomesOf(results);
+      for (let i = 0; i < calls.length; i++) calls[i]!.resolve(outcomes[i]!);
     } catch (err) {
       for (const c of calls) c.reject(err);
     } finally {

@@ -126,6 +126,27 @@ export function mainThreadMs(pid: number): number {
   return statCpuMs(`/proc/${pid}/task/${pid}/stat`).self;
 }
 
+/** CPU ms of a process's threads whose name starts with `prefix` (e.g. "JITWorker": JavaScriptCore's compilers). */
+export function threadsMs(pid: number, prefix: string): number {
+  let ms = 0;
+  let tasks: string[] = [];
+  try {
+    tasks = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return NaN;
+  }
+  for (const task of tasks) {
+    try {
+      if (!readFileSync(`/proc/${pid}/task/${task}/comm`, "utf8").startsWith(prefix)) continue;
+    } catch {
+      continue; // exited while we looked
+    }
+    const self = statCpuMs(`/proc/${pid}/task/${task}/stat`).self;
+    if (Number.isFinite(self)) ms += self;
+  }
+  return ms;
+}
+
 /** Pids whose parent is `pid`, read from /proc/<n>/stat. */
 export function childPids(pid: number): number[] {
   const out: number[] = [];

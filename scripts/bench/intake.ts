@@ -13,7 +13,7 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { cpuMs, mainThreadMs, quantile, rateRow } from "./harness.ts";
+import { cpuMs, mainThreadMs, quantile, rateRow, threadsMs } from "./harness.ts";
 import { connect, publishWindowed } from "./mqttkit.ts";
 import { benchFleet, startBareBroker, startGateway } from "./procs.ts";
 
@@ -41,8 +41,11 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   // 2,000 warm-up messages, bare aedes was still speeding up (42k -> 98k msg/s across the rounds of
   // one run on a 2-core box) and the ratio moved 0.28x-0.51x between runs; with these it is within a
   // few hundredths (0.29x-0.33x in three runs).
+  // The warm-up is the same for every target and long enough for the gateway's JIT to be done: after
+  // 10,000 messages its compiler threads still took 6 and then 3 us a message (on the publisher's
+  // core) through the next 60,000, and about 1 us from then on. The JIT row below shows what is left.
   const count = o.quick ? 6_000 : 90_000;
-  const warmup = o.quick ? 500 : 10_000;
+  const warmup = o.quick ? 500 : 70_000;
   const perRound = Math.round(count / ROUNDS);
   o.log(
     `intake: ${ROUNDS} interleaved rounds of ${perRound} QoS 1 messages over ` +
@@ -61,6 +64,7 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
   const cpu: Record<Target, number> = { aedes: 0, embedded: 0, gateway: 0 };
   const mainCpu: Record<Target, number> = { aedes: 0, embedded: 0, gateway: 0 };
   const publisherCpu: Record<Target, number> = { aedes: 0, embedded: 0, gateway: 0 };
+  const jitCpu: Record<Target, number> = { aedes: 0, embedded: 0, gateway: 0 };
 
   const clients = {} as Record<Target, MqttClient>;
   const rates: Record<Target, number[]> = { aedes: [], embedded: [], gateway: [] };
@@ -72,10 +76,16 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
     // Rotate the order so no target always runs first (or right after the gateway's fsyncs).
     for (let j = 0; j < TARGETS.length; j++) {
       const t = TARGETS[(round + j) % TARGETS.length]!;
-      const before = { self: cpuMs(pids[t]).self, main: mainThreadMs(pids[t]), publisher: process.cpuUsage() };
+      const before = {
+        self: cpuMs(pids[t]).self,
+        main: mainThreadMs(pids[t]),
+        jit: threadsMs(pids[t], "JITWorker"),
+        publisher: process.cpuUsage(),
+      };
       rates[t].push(await rate(clients[t], perRound, o.window, `${t}-r${round}`));
       cpu[t] += cpuMs(pids[t]).self - before.self;
       mainCpu[t] += mainThreadMs(pids[t]) - before.main;
+      jitCpu[t] += threadsMs(pids[t], "JITWorker") - before.jit;
       const pub = process.cpuUsage(before.publisher);
       publisherCpu[t] += (pub.user + pub.system) / 1000;
     }
@@ -148,6 +158,15 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
       perMsg(mainCpu.aedes),
       null,
       "/proc/<pid>/task/<pid>/stat; the rest of the process is JIT, GC and pool threads",
+    ),
+    rateRow(
+      "intake",
+      "broker JIT threads CPU per message: gateway vs plain aedes",
+      "us",
+      perMsg(jitCpu.gateway),
+      perMsg(jitCpu.aedes),
+      null,
+      "JavaScriptCore's compiler threads during the rounds: near 0 once warm (the warm-up's purpose)",
     ),
     rateRow(
       "intake",
