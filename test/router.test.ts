@@ -3,7 +3,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { redeliveryId, stimulusId } from "../gateway/intake/index.ts";
-import { createRouter, renderKey, type Route } from "../gateway/intake/index.ts";
+import { createRouter, rememberRoutes, renderKey, type Route } from "../gateway/intake/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
 
 const FLEET = `
@@ -135,6 +135,46 @@ describe("router: inbox topics", () => {
   test("other fleet/ topics are not inboxes and route nowhere", () => {
     expect(route("fleet/agents/temp/boiler-1/out")).toEqual({ targets: [], inbox: false, problems: [], elsewhere: [] });
     expect(route("fleet/agents/temp/a/b/inbox")).toEqual({ targets: [], inbox: false, problems: [], elsewhere: [] });
+  });
+});
+
+describe("router: remembered routes", () => {
+  const counting = () => {
+    const asked: string[] = [];
+    const inner = (topic: string): Route => {
+      asked.push(topic);
+      type Sid = NonNullable<Route["forwarded"]>["sid"];
+      const forwarded = topic.startsWith("fleet/sends/") ? { sid: `inbox:${topic}` as Sid, topic } : undefined;
+      return { ...route(topic), ...(forwarded ? { forwarded } : {}) };
+    };
+    return { asked, inner };
+  };
+
+  test("a topic routed again gets the route it got the first time, without routing it again", () => {
+    const { asked, inner } = counting();
+    const remembered = rememberRoutes(inner);
+    const first = remembered("sensors/boiler-1/temperature");
+    expect(remembered("sensors/boiler-1/temperature")).toBe(first);
+    expect(agents(first)).toEqual(["any-sensor/boiler-1.temperature", "temp/boiler-1"]);
+    expect(asked).toEqual(["sensors/boiler-1/temperature"]);
+  });
+
+  test("it keeps at most its limit of topics, forgetting the oldest first", () => {
+    const { asked, inner } = counting();
+    const remembered = rememberRoutes(inner, { topics: 2, topicChars: 256 });
+    for (const t of ["plant/alarm", "logs/a", "logs/b", "logs/b", "plant/alarm"]) remembered(t);
+    // "plant/alarm" was forgotten when "logs/b" came (the third topic), so it is routed again.
+    expect(asked).toEqual(["plant/alarm", "logs/a", "logs/b", "plant/alarm"]);
+  });
+
+  test("long topics and forwarded sends are routed every time, never kept", () => {
+    const { asked, inner } = counting();
+    const remembered = rememberRoutes(inner, { topics: 10, topicChars: 20 });
+    const long = `logs/${"x".repeat(40)}`;
+    const send = "fleet/sends/temp/k1/0190f000-0000-7000-8000-000000000001/1";
+    for (let i = 0; i < 2; i++) remembered(long);
+    for (let i = 0; i < 2; i++) remembered(send);
+    expect(asked).toEqual([long, long, send, send]);
   });
 });
 

@@ -62,9 +62,39 @@ function compileKey(template: string): (captures: readonly string[]) => string |
 
 /**
  * Compile the routing table of a spec: filters and key templates are parsed once, not per
- * message. With `[fleet] shard` the targets other shards own move to `elsewhere`.
+ * message, and the routes of recent topics are remembered (devices publish to the same topics
+ * over and over). With `[fleet] shard` the targets other shards own move to `elsewhere`.
  */
 export function createRouter(spec: FleetSpec): (topic: string) => Route {
+  return rememberRoutes(shardRouter(spec));
+}
+
+/** How many topics a router remembers the route of, and the longest topic it keeps. */
+export const ROUTE_MEMORY = { topics: 4096, topicChars: 256 } as const;
+
+/**
+ * `route` with the routes of the last `limits.topics` distinct topics kept (the oldest goes first).
+ * A route depends on nothing but the spec and the topic, and a new spec gets a new router. Long
+ * topics and forwarded sends (a topic each) are routed every time, so what a device publishes can
+ * neither grow the memory past its bound nor fill it with topics that never come again.
+ */
+export function rememberRoutes(
+  route: (topic: string) => Route,
+  limits: { readonly topics: number; readonly topicChars: number } = ROUTE_MEMORY,
+): (topic: string) => Route {
+  const known = new Map<string, Route>();
+  return (topic) => {
+    const hit = known.get(topic);
+    if (hit) return hit;
+    const r = route(topic);
+    if (r.forwarded || topic.length > limits.topicChars) return r;
+    if (known.size >= limits.topics) known.delete(known.keys().next().value!);
+    known.set(topic, r);
+    return r;
+  };
+}
+
+function shardRouter(spec: FleetSpec): (topic: string) => Route {
   const route = createFleetRouter(spec);
   const shard = spec.fleet.shard;
   if (shard === null || shard.count === 1) return route;
