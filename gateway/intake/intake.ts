@@ -65,19 +65,16 @@ function tryJson(bytes: Uint8Array): unknown {
   }
 }
 
+/** A field of a JSON object, or undefined for anything else (arrays included). */
+const field = (v: unknown, key: string): unknown =>
+  typeof v === "object" && v !== null && !Array.isArray(v) ? (v as Record<string, unknown>)[key] : undefined;
+
 /** A payload value at a dotted path (`device.id`), or undefined. */
 function at(parsed: unknown, path: string): unknown {
-  if (!path.includes(".")) {
-    // The common case (`dedup = "id"`), without splitting the path for every message.
-    return typeof parsed === "object" && parsed !== null && !Array.isArray(parsed)
-      ? (parsed as Record<string, unknown>)[path]
-      : undefined;
-  }
+  // The common case (`dedup = "id"`) without splitting the path for every message.
+  if (!path.includes(".")) return field(parsed, path);
   let v = parsed;
-  for (const part of path.split(".")) {
-    if (typeof v !== "object" || v === null || Array.isArray(v)) return undefined;
-    v = (v as Record<string, unknown>)[part];
-  }
+  for (const part of path.split(".")) v = field(v, part);
   return v;
 }
 
