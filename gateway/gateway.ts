@@ -41,6 +41,7 @@ import {
   InfraHealth,
   SandboxLedger,
   SparePool,
+  sharedUidWarning,
   weakSandboxWarning,
   type SpawnOptions,
 } from "./episode/index.ts";
@@ -609,10 +610,18 @@ export class Gateway {
           "left by a previous run",
       );
     const base =
-      this.opts.spawn ?? defaultSpawnOptions(spec.fleet.sandbox, { allowWeak: spec.fleet.allow_weak_sandbox });
+      this.opts.spawn ??
+      defaultSpawnOptions(spec.fleet.sandbox, {
+        allowWeak: spec.fleet.allow_weak_sandbox,
+        uids: spec.fleet.sandbox_uids,
+      });
     this.spawnOptions = { ...base, ledger };
     const weak = weakSandboxWarning(this.spawnOptions);
     if (weak) this.log.warn(weak);
+    // Episodes, and up to twice the warm spares (SparePool).
+    const alive = spec.fleet.max_concurrent_episodes + 2 * spec.fleet.warm_spares;
+    const shared = sharedUidWarning(this.spawnOptions, alive);
+    if (shared) this.log.warn(shared);
     // Builds the host runtime now (once per process), not on the first episode's path.
     hostScript(this.spawnOptions.bun);
     const slow = hostBuildProblem();

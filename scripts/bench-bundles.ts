@@ -41,7 +41,7 @@ const concurrency = Number(values.concurrency);
 const module = resolve(values.module);
 
 const dir = mkdtempSync("/var/tmp/fleet-bench-bundles-");
-// Agents run as uid 65534 when this runs as root: they must be able to enter the folder.
+// Agents run as other uids when this runs as root: they must be able to enter the folder.
 chmodSync(dir, 0o755);
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 const built = await buildBundle(module, HOST_PATHS, SDK_ENTRY);

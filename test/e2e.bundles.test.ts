@@ -15,7 +15,7 @@ import { agentType, fleetHeader } from "./helpers/toml.ts";
 
 const SDK = join(ROOT, "agents/sdk/index.ts");
 const IS_ROOT = process.getuid?.() === 0;
-/** Where the gateway materialises bundles: beside the private data dir when agents run as uid 65534 (root). */
+/** Where the gateway materialises bundles: beside the private data dir when agents run as other uids (root). */
 const bundleFile = (fleet: TestFleet, hash: string) =>
   IS_ROOT ? `${fleet.dataDir}.bundles/${hash}.js` : join(fleet.dataDir, "bundles", `${hash}.js`);
 
@@ -44,7 +44,7 @@ function taggerFleet(name: string, fleetLines = ""): { fleet: TestFleet; agent: 
   const fleet = new TestFleet("");
   const agent = join(fleet.dir, "agent.ts");
   const labelFile = join(fleet.dir, "label.ts");
-  // As root, agents run as uid 65534: the bundles beside the data dir must be reachable (mkdtemp made it 0700).
+  // As root, agents run as other uids: the bundles beside the data dir must be reachable (mkdtemp made it 0700).
   if (IS_ROOT) chmodSync(fleet.dir, 0o755);
   writeFileSync(agent, AGENT);
   writeFileSync(labelFile, label("v1"));
@@ -155,7 +155,7 @@ describe("code pinned by content", () => {
   }, 180_000);
 
   test.if(IS_ROOT)(
-    'a bundle runs under sandbox = "uid" (agents as uid 65534, files beside the private data dir)',
+    'a bundle runs under sandbox = "uid" (agents as uids of their own, files beside the private data dir)',
     async () => {
       const { fleet } = taggerFleet("e2e-bundles-uid", 'sandbox = "uid"\nallow_weak_sandbox = true');
       try {

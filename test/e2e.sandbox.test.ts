@@ -1,7 +1,7 @@
 /**
  * The episode sandbox end to end (issue 9): what an agent can reach of the gateway's files and
  * processes, and what a gateway killed with -9 leaves behind. Real gateway process, real MQTT,
- * real sandboxed episode subprocesses (bubblewrap + uid 65534 when run as root), real libSQL file.
+ * real sandboxed episode subprocesses (bubblewrap + a uid of their own when run as root), real libSQL file.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
@@ -20,7 +20,7 @@ import {
   waitFor,
   type Subscription,
 } from "./helpers/gateway.ts";
-import { agentBlock, fleetHeader, policyAgent } from "./helpers/policy.ts";
+import { agentBlock, fleetHeader, isSandboxUid, policyAgent } from "./helpers/policy.ts";
 import { fleetHeader as loopbackHeader } from "./helpers/toml.ts";
 
 const IS_ROOT = process.getuid?.() === 0;
@@ -104,7 +104,7 @@ describe("an agent cannot read the database, the gateway's files or other agents
       );
       expect(JSON.parse(row!.state).seen).toEqual(seen);
       expect(JSON.stringify(seen)).not.toContain(MARKER);
-      if (IS_ROOT) expect(out.json.data.uid).toBe(65534);
+      if (IS_ROOT) expect(isSandboxUid(out.json.data.uid)).toBe(true);
     },
     60_000,
   );
@@ -217,6 +217,35 @@ describe("leftover sandboxes and the weak fallback", () => {
         expect(warning).toBeDefined();
         expect(warning).toContain("network");
         expect(warning).toContain("detached children");
+      } finally {
+        await fleet.dispose();
+      }
+    },
+    60_000,
+  );
+
+  test.if(IS_ROOT)(
+    "[fleet] sandbox_uids picks the uids episodes run as, and a range too small to give each its own is warned of",
+    async () => {
+      const first = 1_879_100_000;
+      const fleet = new TestFleet(
+        loopbackHeader("e2e-sandbox-uids", { drainTimeoutMs: 5000, fleet: `sandbox_uids = "${first}:2"` }) +
+          agentBlock("probe", policyAgent("probe")),
+      );
+      try {
+        await fleet.start();
+        const c = await fleet.mqtt();
+        const outs = await subscribe(c, "fleet/agents/probe/+/out");
+        for (const id of ["u1", "u2", "u3"]) await publishQos1(c, `probe/${id}/in`, { id });
+        const uids = new Set<number>();
+        for (let i = 0; i < 3; i++) uids.add((await outs.next(() => true, 20_000, "a probe's out")).json.data.uid);
+        for (const uid of uids) expect(uid === first || uid === first + 1).toBe(true);
+        const warning = readFileSync(fleet.logPath, "utf8")
+          .split("\n")
+          .find((l) => l.includes("sandbox_uids holds 2 uid(s)"));
+        // 4 episodes at once and twice the 2 warm spares: 8 processes.
+        expect(warning).toContain("for up to 8 sandboxed processes");
+        expect(warning).toContain("share a uid");
       } finally {
         await fleet.dispose();
       }

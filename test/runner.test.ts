@@ -29,17 +29,19 @@ import {
   ProcessTable,
   runEpisode,
   SparePool,
+  UidPool,
   type FailureKind,
   type RunLimits,
   type RunResult,
   type SpawnOptions,
   type ToolHandler,
 } from "../gateway/episode/index.ts";
-import { compileSpec } from "../gateway/spec/index.ts";
+import { compileSpec, DEFAULT_SANDBOX_UIDS } from "../gateway/spec/index.ts";
 import type { FleetSpec } from "../gateway/spec/index.ts";
 import type { AgentId } from "../gateway/types.ts";
 import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
 import { secureDataDir, writePrivateFile } from "../gateway/store/index.ts";
+import { isSandboxUid } from "./helpers/policy.ts";
 
 // Subprocess tests on a busy 2-core machine: generous bounds, no timing assertions.
 setDefaultTimeout(30_000);
@@ -428,14 +430,31 @@ describe.each(SANDBOXES)("runEpisode in sandbox %s: environment", (_mode, spawn)
   });
 
   test.if(process.getuid?.() === 0)(
-    "as root, the agent runs as nobody and cannot read the gateway's /proc/<pid>/environ",
+    "as root, the agent runs as a sandbox uid and cannot read the gateway's /proc/<pid>/environ",
     async () => {
       const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
       if (!r.ok) throw new Error(r.message);
       const seen = decisions(r.records)[0]!.data as { gatewayEnv: string; uid: number };
-      expect(seen.uid).toBe(65534);
+      expect(isSandboxUid(seen.uid)).toBe(true);
       // EACCES when only the uid differs; ENOENT when a pid namespace hides the gateway altogether.
       expect(["EACCES", "ENOENT"]).toContain(seen.gatewayEnv);
+    },
+  );
+
+  test.if(process.getuid?.() === 0)(
+    "as root, episodes running at once each run as a uid of their own, given back to the pool when they end",
+    async () => {
+      const uids = new UidPool({ first: DEFAULT_SANDBOX_UIDS.first + 4000, count: 3 });
+      const own = { ...spawn, uids };
+      const runs = await Promise.all(
+        [1, 2, 3].map(() => run(start("env", { gateway_pid: process.pid }), {}, noTools, own)),
+      );
+      const seen = runs.map((r) => {
+        if (!r.ok) throw new Error(r.message);
+        return (decisions(r.records)[0]!.data as { uid: number }).uid;
+      });
+      expect(seen.sort()).toEqual([uids.range.first, uids.range.first + 1, uids.range.first + 2]);
+      expect(uids.inUse).toBe(0);
     },
   );
 });

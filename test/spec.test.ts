@@ -94,6 +94,7 @@ describe("compileSpec", () => {
       warm_spares: 2,
       allow_weak_sandbox: false,
       shard: null,
+      sandbox_uids: { first: 1_879_048_192, count: 65_536 },
       drain_timeout_ms: 10_000,
     });
     expect(spec.broker).toEqual({
@@ -352,6 +353,20 @@ describe("schema errors name the key path", () => {
     ["shard index 0", '[fleet]\nshard = "0/2"\n[broker]\nurl = "mqtt://b"\n', "fleet.shard", /from 1 to N/],
     ["too many shards", '[fleet]\nshard = "1/65"\n[broker]\nurl = "mqtt://b"\n', "fleet.shard", /from 1 to 64/],
     ["a shard that is a number", "[fleet]\nshard = 2\n", "fleet.shard", /must be a string/],
+    [
+      "sandbox uids that are not first:count",
+      '[fleet]\nsandbox_uids = "100000"\n',
+      "fleet.sandbox_uids",
+      /first:count/,
+    ],
+    ["sandbox uids from root", '[fleet]\nsandbox_uids = "0:1000"\n', "fleet.sandbox_uids", /uid 0/],
+    ["no sandbox uids", '[fleet]\nsandbox_uids = "100000:0"\n', "fleet.sandbox_uids", /at least one uid/],
+    [
+      "sandbox uids past the last valid uid",
+      '[fleet]\nsandbox_uids = "4294967000:1000"\n',
+      "fleet.sandbox_uids",
+      /at or below uid 4294967294/,
+    ],
     [
       "require_check not a boolean",
       agent('[agents.x.rollout]\nrequire_check = "yes"'),

@@ -219,7 +219,10 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
     const sv = await loadSpec(path);
     const types = Object.keys(sv.spec.agents);
     // The agents' own config schemas, in the sandbox episodes run in.
-    const spawn = defaultSpawnOptions(sv.spec.fleet.sandbox, { allowWeak: sv.spec.fleet.allow_weak_sandbox });
+    const spawn = defaultSpawnOptions(sv.spec.fleet.sandbox, {
+      allowWeak: sv.spec.fleet.allow_weak_sandbox,
+      uids: sv.spec.fleet.sandbox_uids,
+    });
     const problems = await checkConfigs(typesToCheck(sv.spec, null), spawn);
     if (problems.length > 0)
       throw new SpecError(path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);

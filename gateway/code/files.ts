@@ -16,8 +16,8 @@ import type { Blake3Hex } from "../types.ts";
  * another uid. When they could not reach beside it either (a parent folder others cannot enter),
  * a folder of this process in the temp dir serves instead (0755: Bun lists a folder it imports from).
  */
-export function bundleDir(dataDir: string, sandbox: { readonly uid: number | null }): string {
-  if (sandbox.uid === null) return join(dataDir, "bundles");
+export function bundleDir(dataDir: string, sandbox: { readonly uids: object | null }): string {
+  if (sandbox.uids === null) return join(dataDir, "bundles");
   const beside = `${dataDir}.bundles`;
   return enterableByOthers(dirname(beside)) ? beside : privateTmpDir();
 }

@@ -12,6 +12,7 @@ import type { SandboxLedger } from "./leftovers.ts";
 import { agentBinds, type AgentFiles, stageable } from "./sandbox-view.ts";
 import { StagingRoot } from "./staging.ts";
 import { hostScript } from "./host-runtime.ts";
+import type { UidPool } from "./uids.ts";
 
 /*
  * Synchronous /proc reads: each is a few microseconds of kernel work, where the promise
@@ -161,6 +162,10 @@ export class HostProcess {
   private maxMessageBytes = 64 * 1024;
   readyAt: number | null = null;
   private readonly ledger: SandboxLedger | null;
+  /** The uid it runs as, from the pool it goes back to once the process has exited (null: the gateway's). */
+  readonly uid: number | null;
+  private readonly uids: UidPool | null;
+  private uidGiven = false;
   /** Our end of the child's channel. */
   private readonly channel: Pump;
 
@@ -173,15 +178,22 @@ export class HostProcess {
     /** A warm spare's staging root (bubblewrap): the agent's files are moved in by `prepare`. */
     private readonly root: StagingRoot | null = null,
   ) {
-    this.proc = Bun.spawn(cmd, {
-      env: { ...CHILD_ENV },
-      cwd: "/",
-      detached: true,
-      // stdin: gateway -> child; fd 3: child -> gateway (CHILD_CHANNEL_FD), both one JSON message per line.
-      // stdout is not read: an agent's console.log must not be able to speak the protocol.
-      stdio: ["pipe", "ignore", "pipe", "pipe"],
-      ...(spawnOpts.uid !== null ? { uid: spawnOpts.uid, gid: spawnOpts.gid ?? spawnOpts.uid } : {}),
-    });
+    this.uids = spawnOpts.uids;
+    this.uid = this.uids?.take() ?? null;
+    try {
+      this.proc = Bun.spawn(cmd, {
+        env: { ...CHILD_ENV },
+        cwd: "/",
+        detached: true,
+        // stdin: gateway -> child; fd 3: child -> gateway (CHILD_CHANNEL_FD), both one JSON message per line.
+        // stdout is not read: an agent's console.log must not be able to speak the protocol.
+        stdio: ["pipe", "ignore", "pipe", "pipe"],
+        ...(this.uid !== null ? { uid: this.uid, gid: this.uid } : {}),
+      });
+    } catch (err) {
+      this.giveUid();
+      throw err;
+    }
     this.pid = this.proc.pid;
     if (spawnOpts.autogroup != null) setAutogroup(this.pid, spawnOpts.autogroup);
     this.ledger = spawnOpts.ledger ?? null;
@@ -297,6 +309,13 @@ export class HostProcess {
     this.root?.recycle();
     this.ledger?.remove(this.pid);
     this.procs.ended(this.pid);
+    this.giveUid();
+  }
+
+  /** Once, when the process is gone (`kill` may be called again). */
+  private giveUid(): void {
+    if (this.uid !== null && !this.uidGiven) this.uids?.give(this.uid);
+    this.uidGiven = true;
   }
 }
 

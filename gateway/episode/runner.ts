@@ -25,6 +25,7 @@ export {
   runtimeFor,
   SandboxError,
   sandboxCommand,
+  sharedUidWarning,
   weakSandboxWarning,
   type ProcessLimits,
   type SandboxMode,
@@ -33,6 +34,7 @@ export {
 export { ProcessTable, setAutogroup, SparePool } from "./host-process.ts";
 export { SandboxLedger, startTicks, type Swept, ticksNow } from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
+export { UidPool } from "./uids.ts";
 
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
 export type FailureKind =

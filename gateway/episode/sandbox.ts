@@ -10,14 +10,18 @@ import { bytecodeOf, hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind } from "./sandbox-view.ts";
 import type { StagingRoot } from "./staging.ts";
+import { DEFAULT_SANDBOX_UIDS, type UidRange } from "../spec/index.ts";
+import { UidPool } from "./uids.ts";
 
 /** How subprocesses are started; injected so tests and benches can vary it. */
 export interface SpawnOptions {
   /** Path of the bun executable (defaults to the running one). */
   readonly bun: string;
-  /** Run the child as this uid/gid (root only); null keeps the gateway's. */
-  readonly uid: number | null;
-  readonly gid: number | null;
+  /**
+   * Run each child as a uid (and gid) of its own from this pool (root only); null keeps the
+   * gateway's. One pool per gateway: copies of these options share it.
+   */
+  readonly uids: UidPool | null;
   /** Wrap with prlimit for RLIMIT_DATA/NOFILE/NPROC when available. */
   readonly prlimit: string | null;
   /** Run inside bubblewrap (own pid/net/ipc namespaces, read-only root) when set. */
@@ -155,11 +159,15 @@ export function idleSpawnOptions(o: SpawnOptions): SpawnOptions {
 }
 
 /**
- * Spawn options for a sandbox mode on this machine. Root drops to nobody (65534), so the
- * child cannot read the gateway's /proc/<pid>/environ; bubblewrap adds its own pid, net and
- * ipc namespaces (no network: tools go through the gateway) and a read-only root.
+ * Spawn options for a sandbox mode on this machine. Root runs each child as a uid of its own from
+ * `uids` (./uids.ts), so it cannot read the gateway's /proc/<pid>/environ, nor signal another
+ * episode, and its process limit is its own; bubblewrap adds its own pid, net and ipc namespaces
+ * (no network: tools go through the gateway) and a read-only root.
  */
-export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWeak?: boolean } = {}): SpawnOptions {
+export function defaultSpawnOptions(
+  mode: SandboxMode = "auto",
+  opts: { allowWeak?: boolean; uids?: UidRange } = {},
+): SpawnOptions {
   const root = process.getuid?.() === 0;
   const prlimit = which(["/usr/bin/prlimit", "/bin/prlimit"]);
   const niceBin = which(["/usr/bin/nice", "/bin/nice"]);
@@ -176,8 +184,7 @@ export function defaultSpawnOptions(mode: SandboxMode = "auto", opts: { allowWea
   const dropUid = root && mode !== "none";
   return {
     bun: process.execPath,
-    uid: dropUid ? 65534 : null,
-    gid: dropUid ? 65534 : null,
+    uids: dropUid ? new UidPool(opts.uids ?? DEFAULT_SANDBOX_UIDS) : null,
     prlimit,
     bwrap,
     nice: niceBin ? { bin: niceBin, value: EPISODE_NICE } : null,
@@ -200,11 +207,24 @@ export class SandboxError extends Error {
 /** The start-up warning for a sandbox without namespaces, or null when bubblewrap isolates episodes. */
 export function weakSandboxWarning(o: SpawnOptions): string | null {
   if (o.bwrap) return null;
-  const who = o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway";
-  const environ = o.uid === null ? ", and read the gateway's /proc/<pid>/environ" : "";
+  const who = o.uids !== null ? `a uid each from ${o.uids}` : "same uid as the gateway";
+  const environ = o.uids === null ? ", and read the gateway's /proc/<pid>/environ" : "";
   return (
     `agent subprocesses run WITHOUT namespaces (${who}): an agent ${WEAK_GAPS}${environ}. ` +
     'Install bubblewrap and use sandbox = "auto".'
+  );
+}
+
+/**
+ * The start-up warning for a uid range smaller than the sandboxed processes that may be alive at
+ * once (`processes`: episodes and warm spares), or null.
+ */
+export function sharedUidWarning(o: SpawnOptions, processes: number): string | null {
+  if (o.uids === null || o.uids.range.count >= processes) return null;
+  return (
+    `[fleet] sandbox_uids holds ${o.uids.range.count} uid(s) for up to ${processes} sandboxed processes at once: ` +
+    "some will share a uid, and with it their process limit (processes and threads), and can signal " +
+    "each other where bubblewrap does not separate them"
   );
 }
 
@@ -217,7 +237,7 @@ export function describeSandbox(o: SpawnOptions): string {
       : existsSync(bytecodeOf(script))
         ? "built host runtime with its bytecode"
         : "built host runtime (Bun built no bytecode: each episode parses it)",
-    o.uid !== null ? `uid ${o.uid}` : "same uid as the gateway",
+    o.uids !== null ? `a uid of its own (${o.uids})` : "same uid as the gateway",
     o.bwrap
       ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"
       : "no namespaces",
@@ -308,7 +328,8 @@ export function sandboxCommand(
       `--data=${dataBytes}`,
       `--nofile=${limits.maxOpenFiles}`,
       `--cpu=${cpuSeconds}`,
-      ...(spawnOpts.uid !== null ? [`--nproc=${limits.maxProcesses}`] : []),
+      // Per uid: with a uid of its own, the episode's own limit.
+      ...(spawnOpts.uids !== null ? [`--nproc=${limits.maxProcesses}`] : []),
     );
   }
   if (spawnOpts.idle) cmd.unshift(spawnOpts.idle.bin, "--idle", "0");

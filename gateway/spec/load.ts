@@ -11,7 +11,7 @@ import { parseShard, type ShardSpec } from "../shard.ts";
 import { parseDuration } from "./duration.ts";
 import { fleetSchema, type RawAgent, type RawFleet, type RawHook } from "./schema.ts";
 import { wildcardCount } from "./topic-filter.ts";
-import { SpecError } from "./types.ts";
+import { DEFAULT_SANDBOX_UIDS, parseUidRange, SpecError } from "./types.ts";
 import type {
   AgentTypeSpec,
   ExternalBrokerSpec,
@@ -20,6 +20,7 @@ import type {
   SpecVersion,
   TimerSpec,
   TlsFiles,
+  UidRange,
 } from "./types.ts";
 
 export { AGENT_KEY_RE, DEFAULT_BUDGET, TOOL_NAMES, TYPE_NAME_RE } from "./schema.ts";
@@ -161,7 +162,7 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
   const hooks: Record<string, HookSpec> = {};
   for (const [name, h] of Object.entries(raw.hooks)) hooks[name] = buildHook(name, h, raw.agents, problems);
   return {
-    fleet: { ...raw.fleet, shard: fleetShard(raw, external, problems) },
+    fleet: { ...raw.fleet, shard: fleetShard(raw, external, problems), sandbox_uids: sandboxUids(raw, problems) },
     broker: {
       ...broker,
       host,
@@ -192,6 +193,14 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
         }
       : null,
   };
+}
+
+/** `[fleet] sandbox_uids`, compiled. */
+function sandboxUids(raw: RawFleet, problems: Problem[]): UidRange {
+  const range = parseUidRange(raw.fleet.sandbox_uids);
+  if (typeof range !== "string") return range;
+  problems.push({ path: ["fleet", "sandbox_uids"], message: range });
+  return DEFAULT_SANDBOX_UIDS;
 }
 
 /** `[fleet] shard`, compiled; only with an external broker (every shard must see every message). */

@@ -25,6 +25,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.allow_weak_sandbox":
     'Accept sandbox = "uid" or "none" where bubblewrap works ' +
     "(they leave an agent the network, the file system and detached children).",
+  "fleet.sandbox_uids":
+    '"first:count" (as in /etc/subuid): when the gateway runs as root, each episode process runs as a uid of ' +
+    "its own from this range, so its process limit is its own and it cannot signal another's. Use uids no " +
+    "account or other service has. Read at start.",
   "fleet.shard":
     '"i/N": this gateway is shard i of N sharing the fleet on an external broker ([broker] url); it records ' +
     "and runs only the agents rendezvous hashing gives it (see [shards.md](shards.md)). Read at start.",

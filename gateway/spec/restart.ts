@@ -12,7 +12,7 @@ import type { FleetSpec } from "./types.ts";
 /** Keys read once at start, by table. */
 const RESTART_KEYS = {
   // The shard decides which agents live in this data dir and the broker session's name.
-  fleet: ["data_dir", "synchronous", "sandbox", "warm_spares", "allow_weak_sandbox", "shard"],
+  fleet: ["data_dir", "synchronous", "sandbox", "warm_spares", "allow_weak_sandbox", "sandbox_uids", "shard"],
   // The persistence (and its queue bound) is built with the broker at start.
   broker: [
     "host",

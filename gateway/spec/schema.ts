@@ -152,6 +152,8 @@ export const fleetSchema = z.strictObject({
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
     warm_spares: nonNegInt(2),
     allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),
+    /** "first:count" (checked and compiled in load.ts): the uids episode processes run as, one each (root). */
+    sandbox_uids: str().default("1879048192:65536"),
     /** "i/N" (checked and compiled in load.ts): this gateway is shard i of N on an external broker. */
     shard: str().optional(),
   }),

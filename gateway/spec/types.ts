@@ -136,6 +136,8 @@ export interface FleetSpec {
      * (docs/shards.md); null when it owns the whole fleet. Needs an external broker.
      */
     readonly shard: ShardSpec | null;
+    /** The uids episode processes run as, one each, when the gateway is root (`DEFAULT_SANDBOX_UIDS`). */
+    readonly sandbox_uids: UidRange;
   };
   readonly broker: {
     /** Listen address of the embedded broker. */
@@ -277,4 +279,30 @@ export interface ExternalBrokerSpec {
   readonly ca_file: string | null;
   /** Protocol spoken to the broker: 4 (MQTT 3.1.1) or 5. */
   readonly protocol_version: 4 | 5;
+}
+
+/** `[fleet] sandbox_uids = "first:count"`: `count` uids from `first`, none of them anyone else's. */
+export interface UidRange {
+  readonly first: number;
+  readonly count: number;
+}
+
+/**
+ * The uids sandboxed processes run as by default: 65,536 from 0x70000000 (1879048192), above the
+ * ranges systemd gives users, dynamic service users and nspawn containers and below its foreign
+ * range (systemd.io/UIDS-GIDS).
+ */
+export const DEFAULT_SANDBOX_UIDS: UidRange = Object.freeze({ first: 0x7000_0000, count: 65_536 });
+
+/** Parse `"first:count"` (the form of /etc/subuid); a string says what is wrong with it. */
+export function parseUidRange(raw: string): UidRange | string {
+  const m = /^(\d{1,10}):(\d{1,10})$/.exec(raw.trim());
+  if (!m) return 'must be "first:count" (the first uid and how many, e.g. "1879048192:65536")';
+  const first = Number(m[1]);
+  const count = Number(m[2]);
+  if (first < 1) return "must not include uid 0 (root)";
+  if (count < 1) return "must hold at least one uid";
+  // 4294967295 is (uid_t)-1, which setuid reads as "no change".
+  if (first + count - 1 > 4_294_967_294) return "must end at or below uid 4294967294";
+  return { first, count };
 }

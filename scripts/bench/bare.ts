@@ -4,7 +4,7 @@
  *  - plain:   `bun bare-child.ts`, minimal env, pipes ignored;
  *  - wrapped: what the gateway's runner does to every episode (gateway/sandbox.ts, with its
  *             `defaultSpawnOptions()` and `sandboxCommand`): bubblewrap when it works here,
- *             prlimit (RLIMIT_DATA/NOFILE/CPU/NPROC), uid/gid 65534 when root, its own process group,
+ *             prlimit (RLIMIT_DATA/NOFILE/CPU/NPROC), a uid/gid of its own when root, its own process group,
  *             cwd "/", the runner's child env, stderr piped and drained, its session's
  *             scheduling group at the runner's nice (where the kernel has autogroups).
  * Both are ended the way the runner ends an episode: SIGKILL on the reply, then await exit.
@@ -40,7 +40,7 @@ export function wrappingNote(): string {
   const parts = [
     s.bwrap ? "bwrap" : "no bwrap",
     s.prlimit ? "prlimit" : "no prlimit",
-    s.uid !== null ? `uid ${s.uid}` : "same uid",
+    s.uids !== null ? `a uid each from ${s.uids}` : "same uid",
     "own pgid",
     ...(s.autogroup != null ? [`autogroup nice ${s.autogroup}`] : []),
     "stderr pipe",
@@ -70,6 +70,7 @@ export async function bareRoundTrip(variant: BareVariant): Promise<{ ms: number;
   const cmd = wrapped ? sandboxCommand(CHILD, LIMITS, s) : [s.bun, CHILD];
   let replied!: () => void;
   const reply = new Promise<void>((r) => (replied = r));
+  const uid = wrapped ? (s.uids?.take() ?? null) : null;
   const proc = Bun.spawn(cmd, {
     env: wrapped ? { ...CHILD_ENV } : { PATH: CHILD_ENV.PATH! },
     cwd: wrapped ? "/" : ROOT,
@@ -78,7 +79,7 @@ export async function bareRoundTrip(variant: BareVariant): Promise<{ ms: number;
     stdout: "ignore",
     stderr: wrapped ? "pipe" : "ignore",
     serialization: "json",
-    ...(wrapped && s.uid !== null ? { uid: s.uid, gid: s.gid ?? s.uid } : {}),
+    ...(uid !== null ? { uid, gid: uid } : {}),
     ipc(msg: { t?: string }, child) {
       if (msg?.t === "ready") child.send({ t: "start", pad: "x".repeat(512) });
       else if (msg?.t === "done") replied();
@@ -92,6 +93,7 @@ export async function bareRoundTrip(variant: BareVariant): Promise<{ ms: number;
   clearTimeout(timeout);
   killPid(wrapped ? -proc.pid : proc.pid);
   await proc.exited;
+  if (uid !== null) s.uids?.give(uid);
   live.delete(proc.pid);
   return { ms: performance.now() - began, cpuMs: spawnedCpuMs(proc) };
 }

@@ -8,6 +8,7 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
+import { DEFAULT_SANDBOX_UIDS } from "../../gateway/spec/index.ts";
 import { ROOT, subscribe, within, type Subscription } from "./gateway.ts";
 import { fleetHeader as loopbackHeader, q } from "./toml.ts";
 
@@ -24,6 +25,12 @@ export const policyAgent = (
   join(ROOT, "test/fixtures", `${name in SHARED ? SHARED[name as keyof typeof SHARED] : `policy/${name}`}.ts`);
 
 /** `[fleet]`, `[broker]` and `[http]` on loopback with a 5 s drain; ports come from the harness flags. */
+/** Whether `uid` is one the sandbox runs episodes as (root, the default `[fleet] sandbox_uids`). */
+export function isSandboxUid(uid: number | null | undefined): boolean {
+  const { first, count } = DEFAULT_SANDBOX_UIDS;
+  return typeof uid === "number" && uid >= first && uid < first + count;
+}
+
 export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: string } = {}): string {
   return loopbackHeader(name, { drainTimeoutMs: 5000, ...o });
 }
