@@ -35,7 +35,7 @@ const query = async <T>(sql: string): Promise<T[]> => {
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), "fleet-infra-"));
-  chmodSync(dir, 0o755); // episodes run as nobody when root
+  chmodSync(dir, 0o755); // episodes run as other uids when root
   bun = join(dir, "bun");
   writeFileSync(
     join(dir, "fleet.toml"),

@@ -115,7 +115,7 @@ export interface FleetSpec {
     readonly synchronous: "full" | "normal";
     readonly drain_timeout_ms: number;
     /**
-     * How episode subprocesses are isolated: "uid" (root only: run as nobody), "bwrap"
+     * How episode subprocesses are isolated: "uid" (root only: a uid of its own per process, `sandbox_uids`), "bwrap"
      * (bubblewrap namespaces: own pid/net/ipc, read-only root; plus "uid" when root),
      * "none", or "auto" (bwrap when it works, else uid when root, else none).
      */

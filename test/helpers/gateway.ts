@@ -22,7 +22,7 @@ import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
 
 /** The repository root (where gateway/cli/main.ts lives). */
 export const ROOT = resolve(import.meta.dir, "../..");
-/** Absolute path of a test fixture agent module (world-readable: episodes run as nobody). */
+/** Absolute path of a test fixture agent module (world-readable: episodes run as other uids). */
 export const fixture = (name: string): string => join(ROOT, "test/fixtures/agents", `${name}.ts`);
 /** Absolute path of a shipped agent module. */
 export const shippedAgent = (name: string): string => join(ROOT, "agents/examples", `${name}.ts`);

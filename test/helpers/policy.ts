@@ -18,7 +18,7 @@ const HOST_SCRIPT = /(?:agents\/host\/main\.ts|\/fleet-host-\d+\/host-[0-9a-f]+\
 /** Offenders every suite shares live once, in test/fixtures/agents. */
 const SHARED = { hog: "agents/hog", spin: "agents/loops" } as const;
 
-/** Absolute path of a policy fixture agent (world-readable: episodes run as nobody). */
+/** Absolute path of a policy fixture agent (world-readable: episodes run as other uids). */
 export const policyAgent = (
   name: "steady" | "scripted" | "probe" | "hog" | "spin" | "forkbomb" | "fdleak" | "snoop",
 ): string =>

@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { idOfSql, specOfSql, STATUS_COMMITTED } from "../../gateway/store/index.ts";
 import { ROOT, waitFor, type TestFleet } from "./gateway.ts";
 
-/** Absolute path of a fixture agent of these tests (world-readable: episodes run as nobody). */
+/** Absolute path of a fixture agent of these tests (world-readable: episodes run as other uids). */
 export const sourceAgent = (name: "recorder" | "recorder-v2" | "relay"): string =>
   join(ROOT, "test/fixtures/sources", `${name}.ts`);
 
