@@ -46,11 +46,6 @@ export class UidPool {
     return this.users.size;
   }
 
-  /** Whether `uid` is one of the range's (a process table can tell the sandbox's processes by it). */
-  has(uid: number): boolean {
-    return uid >= this.range.first && uid < this.range.first + this.range.count;
-  }
-
   /** `first-last`, for logs. */
   toString(): string {
     return `${this.range.first}-${this.range.first + this.range.count - 1}`;
