@@ -1174,4 +1174,20 @@ describe.if(process.getuid?.() === 0)("without namespaces (sandbox uid)", () => 
       rmSync(dir, { recursive: true, force: true });
     }
   });
+  test("an episode cannot signal another episode's process: each runs as a uid of its own", async () => {
+    const spawn = defaultSpawnOptions("uid", { allowWeak: true });
+    const procs = new ProcessTable();
+    const before = new Set(procs.episodePids());
+    const holding = runEpisode(start("signal", { hold_ms: 3000 }), LIMITS, noTools, spawn, undefined, procs);
+    const [held] = procs.episodePids().filter((p) => !before.has(p));
+    // It runs as its uid from the spawn on (set before the first exec), and holds for 3 s.
+    const trying = await runEpisode(start("signal", { pids: [held] }), LIMITS, noTools, spawn, undefined, procs);
+    const first = await holding;
+    if (!trying.ok || !first.ok) throw new Error("an episode failed");
+    const tried = decisions(trying.records)[0]!.data as { uid: number; tried: Record<string, string> };
+    const holder = decisions(first.records)[0]!.data as { pid: number; uid: number };
+    expect(holder.pid).toBe(held!);
+    expect(tried.uid).not.toBe(holder.uid);
+    expect(tried.tried).toEqual({ [String(held)]: "EPERM" });
+  });
 });
