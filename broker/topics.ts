@@ -79,8 +79,8 @@ export function checkDevicePublishTopic(topic: string): TopicCheck {
   if (topic.includes("\u0000")) return { ok: false, reason: "null character in topic" };
   // Overriding aedes' authorizePublish drops its own $SYS guard, so check here.
   if (topic.startsWith("$")) return { ok: false, reason: "topics starting with '$' are reserved" };
-  const levels = topic.split("/");
-  if (levels[0] === "fleet" && !isInboxTopic(levels)) {
+  // Split only under fleet/: this runs for every device message.
+  if ((topic === "fleet" || topic.startsWith("fleet/")) && !isInboxTopic(topic.split("/"))) {
     return { ok: false, reason: "devices may only publish to fleet/agents/<type>/<key>/inbox under fleet/" };
   }
   return OK;
