@@ -1027,7 +1027,7 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
       "/root/.bashrc",
     ],
     list: ["/", REPO, join(REPO, "test/fixtures/policy")],
-    write: ["/tmp/agent-scratch.txt", SNOOP],
+    write: ["/tmp/agent-scratch.txt", SNOOP, "/agent.txt", "/usr/agent.txt", "/dev/agent.txt", "/dev/shm/agent.txt"],
   };
 
   test.each([
@@ -1063,11 +1063,23 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
         expect(seen["write /tmp/agent-scratch.txt"]).toEqual({ ok: true, sample: "written" });
         expect(existsSync("/tmp/agent-scratch.txt")).toBe(false);
         expect(seen[`write ${SNOOP}`]).toMatchObject({ ok: false });
+        // Nothing else: bubblewrap's root and /dev are tmpfs (memory no limit counts), read-only inside.
+        for (const path of ["/agent.txt", "/usr/agent.txt", "/dev/agent.txt", "/dev/shm/agent.txt"])
+          expect({ path, seen: seen[`write ${path}`] }).toEqual({ path, seen: { ok: false, code: "EROFS" } });
       } finally {
         await pool?.close();
       }
     },
   );
+
+  test("its private /tmp holds at most memory_mb: past it a write fails with ENOSPC", async () => {
+    const r = await run(start("tmpfill", { max_mb: 1024 }), { memoryMb: 128 }, noTools, BWRAP!);
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    const filled = decisions(r.records)[0]!.data as { written_mb: number; error: string | null };
+    expect(filled.error).toBe("ENOSPC");
+    expect(filled.written_mb).toBeGreaterThan(100);
+    expect(filled.written_mb).toBeLessThanOrEqual(128);
+  });
 });
 
 describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares' roots are reused", () => {

@@ -73,6 +73,27 @@ export const BWRAP_ARGS: readonly string[] = Object.freeze([
 const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
 
 /**
+ * After every mount, bubblewrap's own root and /dev are made read-only: both are tmpfs, whose
+ * files are memory that neither `memory_mb`'s RSS watch nor any rlimit counts (an episode wrote
+ * 300 MB to each of /, /usr, /dev and /dev/shm with memory_mb = 128). /tmp stays writable, sized.
+ */
+const BWRAP_READ_ONLY: readonly string[] = Object.freeze(["--remount-ro", "/dev", "--remount-ro", "/"]);
+
+/**
+ * The sandbox's file system mounts: as BWRAP_FS, with /tmp holding at most `mb` MiB where this
+ * bubblewrap can size a tmpfs (`--size`: bubblewrap 0.7 and later, not in setuid mode).
+ */
+function fsArgs(bwrap: string, uid: number | null, mb: number): string[] {
+  if (!probeTmpfsSize(bwrap, uid)) return [...BWRAP_FS];
+  return ["--dev", "/dev", "--proc", "/proc", "--size", String(mb * 1024 * 1024), "--tmpfs", "/tmp"];
+}
+
+/** How big the sandbox's /tmp may grow, for the start-up log. */
+function tmpSize(bwrap: string, uid: number | null): string {
+  return probeTmpfsSize(bwrap, uid) ? "of memory_mb" : "NOT size-limited (this bubblewrap cannot size a tmpfs)";
+}
+
+/**
  * MB of RLIMIT_DATA granted above `memory_mb`. Bun itself maps a few hundred MB of private
  * memory at start; RLIMIT_DATA below that aborts the runtime (measured: 268 MB aborts,
  * 300 MB starts), so the hard backstop sits above the budget and the RSS watch enforces
@@ -137,6 +158,26 @@ export function autogroupNice(value: number): number | null {
   return autogroupsOn ? value : null;
 }
 let autogroupsOn: boolean | null = null;
+
+let tmpfsSizeWorks: boolean | null = null;
+/**
+ * Whether this bubblewrap takes `--size` for a tmpfs (probed once, as the uid episodes run as: a
+ * setuid bubblewrap refuses it to other users only).
+ */
+function probeTmpfsSize(bwrap: string, uid: number | null): boolean {
+  if (tmpfsSizeWorks === null) {
+    const args = [...bindArgs(runtimeBinds(process.execPath, HOST_PATHS)), "--size", "1048576", "--tmpfs", "/tmp"];
+    const r = Bun.spawnSync([bwrap, ...args, ...BWRAP_ARGS, "--", "/bin/true"], {
+      env: {},
+      cwd: "/",
+      stdout: "ignore",
+      stderr: "ignore",
+      ...(uid !== null ? { uid, gid: uid } : {}),
+    });
+    tmpfsSizeWorks = r.exitCode === 0;
+  }
+  return tmpfsSizeWorks;
+}
 
 let chrtWorks: boolean | null = null;
 /** Whether this process may start a child under SCHED_IDLE (probed once: a refusal would fail every episode). */
@@ -239,7 +280,8 @@ export function describeSandbox(o: SpawnOptions): string {
         : "built host runtime (Bun built no bytecode: each episode parses it)",
     o.uids !== null ? `a uid of its own (${o.uids})` : "same uid as the gateway",
     o.bwrap
-      ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's files)"
+      ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's " +
+        `files; writes only its private /tmp, ${tmpSize(o.bwrap, o.uids?.range.first ?? null)})`
       : "no namespaces",
     o.prlimit ? "rlimits" : "no rlimits",
     o.idle ? "SCHED_IDLE" : o.nice ? `nice ${o.nice.value}` : "same priority as the gateway",
@@ -311,10 +353,11 @@ export function sandboxCommand(
       spawnOpts.bwrap,
       ...(view.root?.args() ?? []),
       // The private /tmp first, so a project (or an agent) that lives under /tmp is bound on top of it.
-      ...BWRAP_FS,
+      ...fsArgs(spawnOpts.bwrap, spawnOpts.uids?.range.first ?? null, limits.memoryMb),
       // A staging root already holds the runtime's symlinks (it is read-only inside).
       ...bindArgs(runtimeFor(spawnOpts.bun, script).filter((b) => !view.root || b.kind !== "symlink")),
       ...bindArgs(view.binds ?? []),
+      ...BWRAP_READ_ONLY,
       ...BWRAP_ARGS,
       "--",
     );
