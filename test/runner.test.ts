@@ -1073,12 +1073,26 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
   );
 
   test("its private /tmp holds at most memory_mb: past it a write fails with ENOSPC", async () => {
-    const r = await run(start("tmpfill", { max_mb: 1024 }), { memoryMb: 128 }, noTools, BWRAP!);
+    // The size alone, faster than the memory watch (which counts /tmp too: the next tests) would see it.
+    const unwatched = { ...BWRAP!, rssPollMs: 60_000 };
+    const r = await run(start("tmpfill", { max_mb: 1024 }), { memoryMb: 128 }, noTools, unwatched);
     if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
     const filled = decisions(r.records)[0]!.data as { written_mb: number; error: string | null };
     expect(filled.error).toBe("ENOSPC");
     expect(filled.written_mb).toBeGreaterThan(100);
     expect(filled.written_mb).toBeLessThanOrEqual(128);
+  });
+
+  test("what it keeps in /tmp counts toward memory_mb: RSS plus /tmp past it is oom", async () => {
+    const r = await run(start("tmpfill", { max_mb: 120, pause_ms: 20 }), { memoryMb: 128 }, noTools, BWRAP!);
+    const failure = expectFailure(r, "oom");
+    expect(failure.message).toMatch(/^RSS \d+ MB \+ \/tmp \d+ MB exceeded memory_mb 128/);
+  });
+
+  test("so do empty files by the hundred thousand: kernel memory (inodes) its size does not bound", async () => {
+    const r = await run(start("tmpfill", { files: 1_000_000 }), { memoryMb: 128 }, noTools, BWRAP!);
+    const failure = expectFailure(r, "oom");
+    expect(failure.message).toMatch(/\+ \/tmp \d+ MB exceeded memory_mb 128/);
   });
 });
 

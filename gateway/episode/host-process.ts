@@ -3,7 +3,7 @@
  * the sandbox's command line and env, the warm-spare pool, the registry of live process
  * groups the gateway kills on shutdown, and the RSS scan of a process tree.
  */
-import { readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, statfsSync, statSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
 import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
@@ -76,6 +76,34 @@ export function rssMb(pid: number): number | null {
     queue.push(...childrenOf(p, Number(f[17]) || 0));
   }
   return seen > 0 ? (pages * pageSizeKb()) / 1024 : null;
+}
+
+/**
+ * Kernel memory a tmpfs file costs besides its data (its inode and dentry, ~1 KiB): what an
+ * episode that creates files by the million holds though they are empty (its /tmp's size does not
+ * bound their number: measured 281,000 files in 2 s).
+ */
+const TMPFS_INODE_BYTES = 1024;
+
+let hostTmpDev: number | null = null;
+
+/**
+ * MB a bubblewrap sandbox holds in its private /tmp (a tmpfs: memory its RSS does not show), data
+ * and files, read through the mount namespace of `pid`'s first child (the sandbox's init); 0 while
+ * that child still sees the host's /tmp (bubblewrap is setting up) or is gone.
+ */
+export function sandboxTmpMb(pid: number): number {
+  const inner = childrenOf(pid, 1)[0];
+  if (inner === undefined) return 0;
+  const tmp = `/proc/${inner}/root/tmp`;
+  try {
+    hostTmpDev ??= statSync("/tmp").dev;
+    if (statSync(tmp).dev === hostTmpDev) return 0;
+    const fs = statfsSync(tmp);
+    return ((fs.blocks - fs.bfree) * fs.bsize + (fs.files - fs.ffree) * TMPFS_INODE_BYTES) / (1024 * 1024);
+  } catch {
+    return 0;
+  }
 }
 
 /** What a listener gets: a parsed line (or MALFORMED, or an oversize marker) and its size in bytes. */

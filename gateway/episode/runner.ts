@@ -7,7 +7,7 @@
  * The isolation itself is ./sandbox.ts; spawning, spares and kills are ./host-process.ts.
  */
 import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
-import { HostProcess, MALFORMED, OVERSIZE, ProcessTable, rssMb, type SparePool } from "./host-process.ts";
+import { HostProcess, MALFORMED, OVERSIZE, ProcessTable, rssMb, sandboxTmpMb, type SparePool } from "./host-process.ts";
 import { HOST_PATHS } from "../../agents/host/index.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
 import { agentFiles, spareCanLoad } from "./sandbox-view.ts";
@@ -256,9 +256,12 @@ export async function runEpisode(
   const watchRss = (): void => {
     const scanBegan = performance.now();
     const mb = rssMb(pid);
+    // Under bubblewrap its /tmp is memory too (its size, memory_mb, is only the backstop).
+    const tmp = spawnOpts.bwrap ? sandboxTmpMb(pid) : 0;
     if (outcome) return;
-    if (mb !== null && mb > limits.memoryMb) {
-      finish({ ok: false, kind: "oom", message: `RSS ${mb.toFixed(0)} MB exceeded memory_mb ${limits.memoryMb}` });
+    if (mb !== null && mb + tmp > limits.memoryMb) {
+      const what = tmp >= 1 ? `RSS ${mb.toFixed(0)} MB + /tmp ${tmp.toFixed(0)} MB` : `RSS ${mb.toFixed(0)} MB`;
+      finish({ ok: false, kind: "oom", message: `${what} exceeded memory_mb ${limits.memoryMb}` });
       return;
     }
     rssEvery = Math.min(rssEvery * 2, 8 * spawnOpts.rssPollMs);

@@ -121,7 +121,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.budget.tool_calls_per_episode": "Tool calls one episode may make.",
   "agents.*.budget.tokens_per_day": "llm tokens per day window.",
   "agents.*.budget.episode_timeout_ms": "Wall-clock limit of one episode; past it the subprocess is killed (timeout).",
-  "agents.*.budget.memory_mb": "Memory ceiling of the episode's process tree; past it the subprocess is killed (oom).",
+  "agents.*.budget.memory_mb":
+    "Memory ceiling of the episode's process tree, with what it keeps in its private /tmp (bubblewrap); past it " +
+    "the subprocess is killed (oom).",
   "agents.*.budget.tool_costs": "Cost charged per call of each tool, against cost_per_day.",
   "agents.*.budget.cost_per_day": "Cost per day window (0 = no cost budget).",
   "agents.*.checkpoint": "Checkpoint retention.",
