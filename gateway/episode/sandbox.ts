@@ -126,7 +126,8 @@ let bwrapWorks: boolean | null = null;
 /** Whether bubblewrap can create the namespaces we ask for here (probed once). */
 function probeBwrap(bwrap: string): boolean {
   if (bwrapWorks === null) {
-    const args = [...BWRAP_FS, ...bindArgs(runtimeBinds(process.execPath, HOST_PATHS)), ...BWRAP_ARGS];
+    const binds = bindArgs(runtimeBinds(process.execPath, HOST_PATHS));
+    const args = [...BWRAP_FS, ...binds, ...BWRAP_READ_ONLY, ...BWRAP_ARGS];
     const r = Bun.spawnSync([bwrap, ...args, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
     bwrapWorks = r.exitCode === 0;
   }
