@@ -69,8 +69,14 @@ export const BWRAP_ARGS: readonly string[] = Object.freeze([
   "/",
 ]);
 
-/** The file system every sandbox gets besides its binds: a fresh /dev, its own /proc, a private tmpfs /tmp. */
-const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
+/**
+ * The file system every sandbox gets besides its binds: a fresh /dev, its own /proc, a private
+ * tmpfs /tmp, of `tmpBytes` when given (`--size`: bubblewrap 0.7 and later, not in setuid mode).
+ */
+function fsArgs(tmpBytes: number | null = null): string[] {
+  const size = tmpBytes === null ? [] : ["--size", String(tmpBytes)];
+  return ["--dev", "/dev", "--proc", "/proc", ...size, "--tmpfs", "/tmp"];
+}
 
 /**
  * After every mount, bubblewrap's own root and /dev are made read-only: both are tmpfs, whose
@@ -78,15 +84,6 @@ const BWRAP_FS: readonly string[] = Object.freeze(["--dev", "/dev", "--proc", "/
  * 300 MB to each of /, /usr, /dev and /dev/shm with memory_mb = 128). /tmp stays writable, sized.
  */
 const BWRAP_READ_ONLY: readonly string[] = Object.freeze(["--remount-ro", "/dev", "--remount-ro", "/"]);
-
-/**
- * The sandbox's file system mounts: as BWRAP_FS, with /tmp holding at most `mb` MiB where this
- * bubblewrap can size a tmpfs (`--size`: bubblewrap 0.7 and later, not in setuid mode).
- */
-function fsArgs(bwrap: string, uid: number | null, mb: number): string[] {
-  if (!probeTmpfsSize(bwrap, uid)) return [...BWRAP_FS];
-  return ["--dev", "/dev", "--proc", "/proc", "--size", String(mb * 1024 * 1024), "--tmpfs", "/tmp"];
-}
 
 /** How big the sandbox's /tmp may grow, for the start-up log. */
 function tmpSize(bwrap: string, uid: number | null): string {
@@ -122,15 +119,23 @@ function which(names: readonly string[]): string | null {
   return names.find((p) => Bun.file(p).size > 0) ?? null;
 }
 
+/** Whether bubblewrap runs `/bin/true` with these file-system arguments, the runtime's binds and BWRAP_ARGS. */
+function bwrapRuns(bwrap: string, fs: readonly string[], uid: number | null = null): boolean {
+  const binds = bindArgs(runtimeBinds(process.execPath, HOST_PATHS));
+  const r = Bun.spawnSync([bwrap, ...fs, ...binds, ...BWRAP_READ_ONLY, ...BWRAP_ARGS, "--", "/bin/true"], {
+    env: {},
+    cwd: "/",
+    stdout: "ignore",
+    stderr: "ignore",
+    ...(uid !== null ? { uid, gid: uid } : {}),
+  });
+  return r.exitCode === 0;
+}
+
 let bwrapWorks: boolean | null = null;
 /** Whether bubblewrap can create the namespaces we ask for here (probed once). */
 function probeBwrap(bwrap: string): boolean {
-  if (bwrapWorks === null) {
-    const binds = bindArgs(runtimeBinds(process.execPath, HOST_PATHS));
-    const args = [...BWRAP_FS, ...binds, ...BWRAP_READ_ONLY, ...BWRAP_ARGS];
-    const r = Bun.spawnSync([bwrap, ...args, "--", "/bin/true"], { env: {}, stdout: "ignore", stderr: "ignore" });
-    bwrapWorks = r.exitCode === 0;
-  }
+  bwrapWorks ??= bwrapRuns(bwrap, fsArgs());
   return bwrapWorks;
 }
 
@@ -166,17 +171,7 @@ let tmpfsSizeWorks: boolean | null = null;
  * setuid bubblewrap refuses it to other users only).
  */
 function probeTmpfsSize(bwrap: string, uid: number | null): boolean {
-  if (tmpfsSizeWorks === null) {
-    const args = [...bindArgs(runtimeBinds(process.execPath, HOST_PATHS)), "--size", "1048576", "--tmpfs", "/tmp"];
-    const r = Bun.spawnSync([bwrap, ...args, ...BWRAP_ARGS, "--", "/bin/true"], {
-      env: {},
-      cwd: "/",
-      stdout: "ignore",
-      stderr: "ignore",
-      ...(uid !== null ? { uid, gid: uid } : {}),
-    });
-    tmpfsSizeWorks = r.exitCode === 0;
-  }
+  tmpfsSizeWorks ??= bwrapRuns(bwrap, fsArgs(1024 * 1024), uid);
   return tmpfsSizeWorks;
 }
 
@@ -354,7 +349,9 @@ export function sandboxCommand(
       spawnOpts.bwrap,
       ...(view.root?.args() ?? []),
       // The private /tmp first, so a project (or an agent) that lives under /tmp is bound on top of it.
-      ...fsArgs(spawnOpts.bwrap, spawnOpts.uids?.range.first ?? null, limits.memoryMb),
+      ...fsArgs(
+        probeTmpfsSize(spawnOpts.bwrap, spawnOpts.uids?.range.first ?? null) ? limits.memoryMb * 1024 * 1024 : null,
+      ),
       // A staging root already holds the runtime's symlinks (it is read-only inside).
       ...bindArgs(runtimeFor(spawnOpts.bun, script).filter((b) => !view.root || b.kind !== "symlink")),
       ...bindArgs(view.binds ?? []),
