@@ -58,8 +58,14 @@ const PAHO_NOT_RUN: Record<string, string> = { test_flow_control2: "hangs on Mos
 
 type Outcome = "pass" | "fail" | "error";
 
-/** Run one suite (or some of its tests) against host:port; the outcome of each test. */
-async function runSuite(file: string, port: number, tests: readonly string[] = []): Promise<Record<string, Outcome>> {
+/** One run of a suite: each test's outcome, and what unittest printed (its tracebacks). */
+interface SuiteRun {
+  readonly outcomes: Record<string, Outcome>;
+  readonly output: string;
+}
+
+/** Run one suite (or some of its tests) against host:port. */
+async function runSuite(file: string, port: number, tests: readonly string[] = []): Promise<SuiteRun> {
   const proc = Bun.spawn(["python3", RUNNER, SUITES, file, "127.0.0.1", String(port), ...tests], {
     stdin: "ignore",
     stdout: "pipe",
@@ -71,16 +77,7 @@ async function runSuite(file: string, port: number, tests: readonly string[] = [
   if (process.env.PAHO_LOG) await Bun.write(`${process.env.PAHO_LOG}.${file}.log`, `${out}\n${err}`);
   const line = out.split("\n").find((l) => l.startsWith("PAHO_RESULT "));
   if (!line) throw new Error(`${file} printed no result (exit ${proc.exitCode}):\n${err.slice(-3000)}`);
-  return JSON.parse(line.slice("PAHO_RESULT ".length)) as Record<string, Outcome>;
-}
-
-/**
- * The suite, run again once when its setUpClass failed: Paho's clients give a CONNACK 0.5 s, which a
- * loaded build machine sometimes misses before any test ran (that says nothing about the broker).
- */
-async function runSuiteSettled(file: string, port: number, tests: readonly string[] = []) {
-  const first = await runSuite(file, port, tests);
-  return first.setUpClass === undefined ? first : runSuite(file, port, tests);
+  return { outcomes: JSON.parse(line.slice("PAHO_RESULT ".length)) as Record<string, Outcome>, output: err };
 }
 
 /** Every test of a suite file, by name. */
@@ -104,15 +101,41 @@ function unexpected(
   return out;
 }
 
+/**
+ * Run a suite and hold it to its pinned outcomes: the unexpected ones (empty when all is as pinned).
+ * The suites time the broker with fixed sleeps and short waits (a CONNACK within 0.5 s, a message
+ * within 1–3 s, a session gone after 6 s), which a loaded build machine sometimes overruns. So a
+ * test that comes out unexpected is run once more, on its own, and only an outcome it repeats
+ * counts; the tracebacks of both runs go to stderr, so a real failure shows what the suite saw.
+ */
+async function pinnedSuite(
+  file: string,
+  port: number,
+  names: readonly string[],
+  failures: Record<string, string>,
+): Promise<{ unexpected: Record<string, Outcome | "not run">; outcomes: Record<string, Outcome> }> {
+  const first = await runSuite(file, port, names);
+  const odd = Object.keys(unexpected(names, first.outcomes, failures));
+  if (odd.length === 0) return { unexpected: {}, outcomes: first.outcomes };
+  const again = await runSuite(file, port, odd);
+  const outcomes = { ...first.outcomes, ...again.outcomes };
+  const still = unexpected(names, outcomes, failures);
+  if (Object.keys(still).length > 0) {
+    console.error(`${file}: unexpected twice: ${JSON.stringify(still)}\n--- first run ---\n${first.output}`);
+    console.error(`--- run again on their own ---\n${again.output}`);
+  }
+  return { unexpected: still, outcomes };
+}
+
 describe.skipIf(!existsSync(SUITES))("Paho interoperability suites", () => {
   test("MQTT 3.1.1 (client_test.py) against the embedded broker of a running gateway: the unlisted pass", async () => {
     const fleet = new TestFleet(fleetHeader("paho-311") + agentType("counter", COUNTER, ["c/+/in"]));
     await fleet.start();
-    const result = await runSuiteSettled("client_test.py", fleet.mqttPort);
     const names = await testNames("client_test.py");
-    expect(unexpected(names, result, PAHO_EXPECTED_FAILURES.v311)).toEqual({});
+    const run = await pinnedSuite("client_test.py", fleet.mqttPort, names, PAHO_EXPECTED_FAILURES.v311);
+    expect(run.unexpected).toEqual({});
     // The gateway's topic rules make this one fail deterministically.
-    expect(result.test_subscribe_failure).toBe("fail");
+    expect(run.outcomes.test_subscribe_failure).toBe("fail");
     expect((await fleet.fetch("/readyz")).status).toBe(200);
     await fleet.stop();
   }, 240_000);
@@ -136,8 +159,8 @@ describe.skipIf(!existsSync(SUITES))("Paho interoperability suites", () => {
     });
     await fleet.start();
     const names = (await testNames("client_test5.py")).filter((n) => !(n in PAHO_NOT_RUN));
-    const result = await runSuiteSettled("client_test5.py", mq.port, names);
-    expect(unexpected(names, result, PAHO_EXPECTED_FAILURES.v5)).toEqual({});
+    const run = await pinnedSuite("client_test5.py", mq.port, names, PAHO_EXPECTED_FAILURES.v5);
+    expect(run.unexpected).toEqual({});
     // The gateway kept its session through the suite (whose cleanup wipes retained messages).
     const health = (await (await fleet.fetch("/api/fleet")).json()) as { broker: { external: { connected: boolean } } };
     expect(health.broker.external.connected).toBe(true);
