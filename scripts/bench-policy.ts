@@ -5,7 +5,7 @@
  * 1. Episodes/s with tools and budgets on (every episode makes 3 gated `publish` tool calls;
  *    every budget set, cost metered) vs off (no tool calls, default budgets): one gateway,
  *    the same agent module and config otherwise, stimuli spread over 16 agents.
- * 2. Stimulus -> `out` latency (p50/p99) of a quiet agent pinged every 200 ms, alone vs
+ * 2. Stimulus -> `out` latency (p50/p99) of a quiet agent pinged every 100 ms, alone vs
  *    while another agent is flooded with thousands of QoS 1 stimuli at once by a device in its own
  *    process (./bench/flooder.ts).
  *
@@ -216,6 +216,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
 
   // ---- 2. quiet agent latency, alone vs while another is flooded ------------------------
   {
+    const PING_MS = 100;
     const fleet = new TestFleet(
       fleetHeader("bench-policy-flood", { maxConcurrent: 4 }) +
         agentBlock("quiet", policyAgent("steady")) +
@@ -228,11 +229,12 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       const quiet = await Pinger.create(client, sub, "quiet/a", "q");
       quiet.ping();
       await quiet.settle();
-      // A p99 needs samples: 40 pings per phase in a quick run, 150 in a full one.
+      // A p99 needs samples: 80 pings per phase in a quick run, 300 in a full one (with 150, the p99
+      // was the second slowest ping of the phase: one stall at the flood's onset decided it).
       const seconds = o.quick ? 8 : 30;
       let marks = await tails(fleet);
       let from = performance.now();
-      quiet.start(200);
+      quiet.start(PING_MS);
       await Bun.sleep(seconds * 1000);
       await quiet.stop();
       const solo = quiet.latencies(from);
@@ -262,7 +264,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       );
       marks = await tails(fleet);
       from = performance.now();
-      quiet.start(200);
+      quiet.start(PING_MS);
       await Bun.sleep(seconds * 1000);
       await quiet.stop(60_000);
       const flooded = quiet.latencies(from);
