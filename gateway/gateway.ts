@@ -30,6 +30,7 @@ import { FleetEvents } from "./events.ts";
 import { topics } from "./protocol.ts";
 import {
   agentFiles,
+  claimUids,
   defaultSpawnOptions,
   describeSandbox,
   hostBuildProblem,
@@ -37,11 +38,15 @@ import {
   idleSpawnOptions,
   ProcessTable,
   runEpisode,
+  runsAsUids,
   type Degraded,
+  type HeldUids,
   InfraHealth,
   SandboxLedger,
   SparePool,
   sharedUidWarning,
+  UidRangeTaken,
+  uidSpan,
   weakSandboxWarning,
   type SpawnOptions,
 } from "./episode/index.ts";
@@ -144,6 +149,8 @@ export class Gateway {
   republished: Promise<number> = Promise.resolve(0);
   private watcher: SpecWatcher | null = null;
   private spares: SparePool | null = null;
+  /** This gateway's sandbox uids among the gateways on this machine (root), let go at stop. */
+  private heldUids: HeldUids | null = null;
   private storageWatch: StorageWatch | null = null;
   /** The devices registry behind broker auth, or null without a devices file. */
   private devices: DeviceRegistry | null = null;
@@ -368,6 +375,7 @@ export class Gateway {
     }
     await this.spares?.close();
     this.spawnOptions?.ledger?.close();
+    this.heldUids?.release();
     await this.republished;
     await this.effects?.stop();
     await this.replicator?.stop();
@@ -597,6 +605,35 @@ export class Gateway {
     await this.replicator.start();
   }
 
+  /**
+   * Claim `[fleet] sandbox_uids` among the gateways on this machine, where episodes run as uids
+   * (./episode/uid-claims.ts): the default range moves past one another gateway holds, a range set
+   * in fleet.toml that overlaps one is refused (UidRangeTaken). Null where no uids are handed out,
+   * or where the claims folder cannot be used (said in the log).
+   */
+  private claimSandboxUids(spec: FleetSpec): HeldUids | null {
+    if (!runsAsUids(spec.fleet.sandbox)) return null;
+    let held: HeldUids;
+    try {
+      held = claimUids(spec.fleet.sandbox_uids, `the gateway of ${this.dataDir}`);
+    } catch (err) {
+      if (err instanceof UidRangeTaken) throw err;
+      this.log.warn(
+        `could not check which sandbox uids other gateways on this machine hand out (${String(err)}): ` +
+          `episodes run as ${uidSpan(spec.fleet.sandbox_uids)}, which no other gateway may use`,
+      );
+      return null;
+    }
+    const past = held.movedPast;
+    if (past)
+      this.log.warn(
+        { pid: past.pid, holder: past.owner },
+        `the default sandbox_uids ${uidSpan(past)} are held by pid ${past.pid} (${past.owner}): ` +
+          `episodes here run as ${uidSpan(held.range)}`,
+      );
+    return held;
+  }
+
   /** Spawning, the episode executor, the scheduler, the roster and intake, wired to each other. */
   private buildPipeline(spec: FleetSpec): void {
     // Sandboxes a kill -9 of the previous run of this data dir left behind are reaped first.
@@ -609,11 +646,12 @@ export class Gateway {
         `reaped ${swept.killed.length} sandbox process group(s) and ${swept.roots} staging folder(s) ` +
           "left by a previous run",
       );
+    this.heldUids = this.opts.spawn ? null : this.claimSandboxUids(spec);
     const base =
       this.opts.spawn ??
       defaultSpawnOptions(spec.fleet.sandbox, {
         allowWeak: spec.fleet.allow_weak_sandbox,
-        uids: spec.fleet.sandbox_uids,
+        uids: this.heldUids?.range ?? spec.fleet.sandbox_uids,
       });
     this.spawnOptions = { ...base, ledger };
     const weak = weakSandboxWarning(this.spawnOptions);

@@ -5,12 +5,13 @@
  * keeps a bundle while anything names it.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
 import { BundleFiles, BundleMissing, buildBundle, pinCode } from "../gateway/code/index.ts";
+import { startTicks, sweepProcessDirs } from "../gateway/episode/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
 import { gcPass, verifyStore } from "../gateway/ops/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
@@ -73,6 +74,31 @@ describe("buildBundle", () => {
     expect(bad.ok).toBe(false);
     expect(!missing.ok && missing.error).toContain("nope.ts");
     expect(!none.ok && none.error).toContain("none.ts");
+  });
+});
+
+describe("bundle folders in the temp dir", () => {
+  test("one whose gateway is gone (killed with -9) is removed when another is made; a live one's is kept", () => {
+    const base = mkdtempSync(join(tmpdir(), "fleet-sweep-"));
+    const sleeper = Bun.spawn(["sleep", "60"], { stdin: "ignore", stdout: "ignore", stderr: "ignore" });
+    try {
+      const dead = Bun.spawnSync(["true"]).pid;
+      const names = {
+        live: `fleet-bundles-${sleeper.pid}.${startTicks(sleeper.pid)}-aaaaaa`,
+        dead: `fleet-bundles-${dead}.12345-bbbbbb`,
+        reused: `fleet-bundles-${sleeper.pid}.1-cccccc`,
+        unnamed: "fleet-bundles-dddddd",
+      };
+      for (const name of Object.values(names)) {
+        mkdirSync(join(base, name));
+        writeFileSync(join(base, name, "x.js"), "");
+      }
+      sweepProcessDirs(base, "fleet-bundles-");
+      expect(readdirSync(base).sort()).toEqual([names.live, names.unnamed].sort());
+    } finally {
+      sleeper.kill("SIGKILL");
+      rmSync(base, { recursive: true, force: true });
+    }
   });
 });
 

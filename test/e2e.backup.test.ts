@@ -5,10 +5,9 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
-import { existsSync, mkdtempSync, statSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { cleanupAll, publishQos1, TestFleet } from "./helpers/gateway.ts";
+import { cleanupAll, publishQos1, scratchDir, TestFleet } from "./helpers/gateway.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
 
 afterAll(cleanupAll);
@@ -25,7 +24,7 @@ describe("backup and restore", () => {
     await fleet.waitCommitted("counter/a", 3);
     await fleet.waitCommitted("counter/b", 1);
 
-    const dir = mkdtempSync(join(tmpdir(), "fleet-backup-"));
+    const dir = scratchDir("fleet-backup-");
     const file = join(dir, "nightly.db");
     const backup = await fleet.cli("backup", file);
     expect(backup.code).toBe(0);
@@ -62,7 +61,7 @@ describe("backup and restore", () => {
     const client = await fleet.mqtt();
     await publishQos1(client, "c/a/in", { id: "x-1" });
     await fleet.waitCommitted("counter/a", 1);
-    const dir = mkdtempSync(join(tmpdir(), "fleet-backup-"));
+    const dir = scratchDir("fleet-backup-");
     const file = join(dir, "b.db");
     expect((await fleet.cli("backup", file)).code).toBe(0);
 

@@ -7,7 +7,8 @@
  * running the last good bundle.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { chmodSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { bundleOfSql, episodeStatus, idBytesSql, idOfSql, specOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
@@ -15,9 +16,20 @@ import { agentType, fleetHeader } from "./helpers/toml.ts";
 
 const SDK = join(ROOT, "agents/sdk/index.ts");
 const IS_ROOT = process.getuid?.() === 0;
-/** Where the gateway materialises bundles: beside the private data dir when agents run as other uids (root). */
-const bundleFile = (fleet: TestFleet, hash: string) =>
-  IS_ROOT ? `${fleet.dataDir}.bundles/${hash}.js` : join(fleet.dataDir, "bundles", `${hash}.js`);
+/**
+ * Where the gateway materialised a bundle (gateway/code/files.ts `bundleDir`): in the data dir, beside
+ * it when agents run as other uids (root), or in a folder of the gateway's in /var/tmp (else the temp
+ * dir) when the data dir is under /tmp or others cannot reach beside it.
+ */
+function bundleFile(fleet: TestFleet, hash: string): string {
+  const dirs = [join(fleet.dataDir, "bundles"), `${fleet.dataDir}.bundles`];
+  for (const base of ["/var/tmp", tmpdir()])
+    for (const d of existsSync(base) ? readdirSync(base) : [])
+      if (d.startsWith("fleet-bundles-")) dirs.push(join(base, d));
+  const found = dirs.map((d) => join(d, `${hash}.js`)).find((f) => existsSync(f));
+  if (!found) throw new Error(`bundle ${hash} is in none of ${dirs.join(", ")}`);
+  return found;
+}
 
 /** The agent: counts, and labels what it emits with what its local helper module says. */
 const AGENT = `import { defineAgent } from ${JSON.stringify(SDK)};
@@ -164,7 +176,9 @@ describe("code pinned by content", () => {
         await fleet.waitCommitted("tagger/u", 1);
         const [ep] = await episodeRows(fleet, "tagger/u");
         expect(ep?.bundle).toMatch(/^[0-9a-f]{64}$/);
-        expect(readFileSync(bundleFile(fleet, ep!.bundle as string), "utf8")).toContain('"v1"');
+        const file = bundleFile(fleet, ep!.bundle as string);
+        expect(file.startsWith(`${fleet.dataDir}.bundles/`)).toBe(true);
+        expect(readFileSync(file, "utf8")).toContain('"v1"');
         expect(statSync(fleet.dataDir).mode & 0o777).toBe(0o700);
       } finally {
         await fleet.dispose();

@@ -22,10 +22,23 @@ import {
 } from "./helpers/gateway.ts";
 import { agentBlock, fleetHeader, isSandboxUid, policyAgent } from "./helpers/policy.ts";
 import { fleetHeader as loopbackHeader } from "./helpers/toml.ts";
+import { claimUids, defaultSpawnOptions, MemoryCgroups } from "../gateway/episode/index.ts";
+import { DEFAULT_SANDBOX_UIDS } from "../gateway/spec/index.ts";
 
 const IS_ROOT = process.getuid?.() === 0;
 const MARKER = "gateway-env-marker-7f3a";
-const bwrapHere = Bun.spawnSync(["sh", "-c", "command -v bwrap"]).exitCode === 0;
+/** Bubblewrap works here (installed is not enough: root without CAP_SYS_ADMIN cannot make its mounts). */
+const bwrapHere = defaultSpawnOptions("auto", { allowWeak: true }).bwrap !== null;
+/** Whether gateways here can claim sandbox uids (root, and a usable /run/fleet/uid-claims). */
+function uidClaimsWork(): boolean {
+  if (!IS_ROOT) return false;
+  try {
+    claimUids({ first: 4_000_000_000, count: 1 }, "e2e.sandbox's probe").release();
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 afterAll(() => cleanupAll(), 60_000);
 
@@ -66,7 +79,9 @@ describe("an agent cannot read the database, the gateway's files or other agents
       expect({ name, mode: modeOf(join(fleet.dataDir, name)).toString(8) }).toEqual({ name, mode: "600" });
   });
 
-  test.if(IS_ROOT || bwrapHere)(
+  // Bubblewrap's view: without it (root's "uid" sandbox) other agents' modules and /proc are readable; the data dir
+  // is not (runner.test.ts, "without namespaces").
+  test.if(bwrapHere)(
     "every attempt to read the db, its WAL, gateway.json, fleet.toml, another agent or the gateway's /proc fails",
     async () => {
       const db = join(fleet.dataDir, "fleet.db");
@@ -216,7 +231,8 @@ describe("leftover sandboxes and the weak fallback", () => {
           .find((l) => l.includes("WITHOUT namespaces"));
         expect(warning).toBeDefined();
         expect(warning).toContain("network");
-        expect(warning).toContain("detached children");
+        // Where episodes get memory cgroups (root, cgroup v1), whatever an episode leaves running is killed with it.
+        expect(warning!.includes("detached children")).toBe(MemoryCgroups.open() === null);
       } finally {
         await fleet.dispose();
       }
@@ -227,7 +243,8 @@ describe("leftover sandboxes and the weak fallback", () => {
   test.if(IS_ROOT)(
     "[fleet] sandbox_uids picks the uids episodes run as, and a range too small to give each its own is warned of",
     async () => {
-      const first = 1_879_100_000;
+      // Outside the default's blocks: a range set in fleet.toml that another gateway holds is refused.
+      const first = 1_900_000_000;
       const fleet = new TestFleet(
         loopbackHeader("e2e-sandbox-uids", { drainTimeoutMs: 5000, fleet: `sandbox_uids = "${first}:2"` }) +
           agentBlock("probe", policyAgent("probe")),
@@ -251,6 +268,54 @@ describe("leftover sandboxes and the weak fallback", () => {
       }
     },
     60_000,
+  );
+
+  test.if(uidClaimsWork())(
+    "two gateways on one machine: the second's default sandbox_uids move past the first's; a range set on them fails",
+    async () => {
+      const fleets = ["a", "b"].map(
+        (name) =>
+          new TestFleet(
+            loopbackHeader(`e2e-sandbox-two-${name}`, { drainTimeoutMs: 5000 }) +
+              agentBlock("probe", policyAgent("probe")),
+          ),
+      );
+      const [a, b] = fleets as [TestFleet, TestFleet];
+      let over: TestFleet | null = null;
+      try {
+        for (const fleet of fleets) await fleet.start();
+        const uidOf = async (fleet: TestFleet) => {
+          const c = await fleet.mqtt();
+          const outs = await subscribe(c, "fleet/agents/probe/+/out");
+          await publishQos1(c, "probe/u1/in", { id: "u1" });
+          return (await outs.next(() => true, 20_000, "a probe's out")).json.data.uid as number;
+        };
+        const [uidA, uidB] = [await uidOf(a), await uidOf(b)];
+        // Other gateways (of this test run, or of the machine) may hold blocks too: b's is above a's.
+        expect(isSandboxUid(uidA) && isSandboxUid(uidB)).toBe(true);
+        const blockStart = (uid: number) => uid - ((uid - DEFAULT_SANDBOX_UIDS.first) % DEFAULT_SANDBOX_UIDS.count);
+        expect(blockStart(uidB)).toBeGreaterThan(blockStart(uidA));
+        const moved = readFileSync(b.logPath, "utf8")
+          .split("\n")
+          .find((l) => l.includes("the default sandbox_uids"));
+        // Past the first block held (a's, or one of a gateway started before it): "held by pid N (the gateway of …)".
+        expect(moved).toMatch(/held by pid \d+ \(the gateway of \//);
+        expect(moved).toContain(`episodes here run as ${blockStart(uidB)}-`);
+        // A range set in fleet.toml is not moved: the gateway names whose uids they are and does not start.
+        over = new TestFleet(
+          loopbackHeader("e2e-sandbox-two-over", { drainTimeoutMs: 5000, fleet: `sandbox_uids = "${uidA}:100"` }),
+        );
+        const err = await over.start().then(
+          () => null,
+          (e: Error) => e,
+        );
+        expect(err?.message).toContain(`overlaps the uids ${blockStart(uidA)}-`);
+        expect(err?.message).toContain(`pid ${a.pid} (the gateway of ${a.dataDir})`);
+      } finally {
+        for (const fleet of [...fleets, ...(over ? [over] : [])]) await fleet.dispose();
+      }
+    },
+    90_000,
   );
 
   test.if(IS_ROOT)(
@@ -324,4 +389,33 @@ describe("leftover sandboxes and the weak fallback", () => {
     },
     90_000,
   );
+});
+
+// A real gateway, bundles and warm spares and all: memory no RSS shows (an unmapped memfd) ends the
+// episode as oom where the gateway makes memory cgroups (root, cgroup v1).
+describe.if(MemoryCgroups.open() !== null && Bun.which("python3") !== null)("memory the RSS watch cannot see", () => {
+  test("an episode holding 300 MB in a memfd with memory_mb = 128 fails as oom; the log names the cgroup", async () => {
+    const fleet = new TestFleet(
+      fleetHeader("e2e-sandbox-memfd") +
+        // 20 s, not the default 5: the assertion is how the episode ends, not how fast the kernel stops it (a
+        // full suite run once saw no OOM kill within 5 s: the memfd's writes stalled at the limit instead).
+        agentBlock("memfd", join(ROOT, "test/fixtures/unit/memfd.ts"), {
+          budget: { memory_mb: 128, episode_timeout_ms: 20_000 },
+        }),
+    );
+    try {
+      await fleet.start();
+      const line = readFileSync(fleet.logPath, "utf8")
+        .split("\n")
+        .find((l) => l.includes('"sandbox"'));
+      expect(line).toContain("a memory cgroup of memory_mb");
+      const client = await fleet.mqtt();
+      const episodes = await subscribe(client, "fleet/episodes");
+      await publishQos1(client, "memfd/a/in", { id: "m1", mb: 300 });
+      const failed = await episodes.next((m) => m.json?.agent === "memfd/a", 30_000, "memfd's episode");
+      expect(failed.json).toMatchObject({ status: "failed", kind: "oom" });
+    } finally {
+      await fleet.dispose();
+    }
+  }, 90_000);
 });

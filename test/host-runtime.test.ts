@@ -18,6 +18,7 @@ import { join } from "node:path";
 import {
   buildHostRuntime,
   bytecodeOf,
+  CHILD_ENV,
   defaultSpawnOptions,
   describeSandbox,
   hostBuildProblem,
@@ -26,6 +27,7 @@ import {
   runtimeFor,
 } from "../gateway/episode/index.ts";
 import { HOST_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
+import { JOIN_CGROUP_ARG } from "../agents/protocol.ts";
 
 const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
 afterAll(() => rmSync(base, { recursive: true, force: true }));
@@ -123,5 +125,20 @@ describe("the built host runtime", () => {
     expect(script.startsWith(runtimeDir("/var/tmp")) || script.startsWith(runtimeDir("/tmp"))).toBe(true);
     // The start-up log says whether episodes get the bytecode (a Bun that cannot build it still runs them).
     expect(describeSandbox(defaultSpawnOptions())).toContain("built host runtime with its bytecode");
+  });
+
+  test("told to join a memory cgroup it was not given, the host says why and exits before it is ready", async () => {
+    const child = Bun.spawn([process.execPath, hostScript(process.execPath), JOIN_CGROUP_ARG], {
+      env: { ...CHILD_ENV },
+      stdio: ["pipe", "ignore", "pipe", "pipe"],
+    });
+    const [said, err, code] = await Promise.all([
+      new Response(Bun.file(child.stdio[3] as unknown as number).stream()).text(),
+      new Response(child.stderr as ReadableStream).text(),
+      child.exited,
+    ]);
+    expect(code).toBe(70);
+    expect(err).toContain("the episode could not join its memory cgroup");
+    expect(said).not.toContain('"ready"');
   });
 });

@@ -854,7 +854,7 @@ describe("commitEpisode", () => {
       const events = values.map((v, i) => ({
         episode: "ep-1",
         seq: i,
-        kind: i === 0 ? "stimulus" : "k" + i,
+        kind: i === 0 ? "stimulus" : `k${i}`,
         data: JSON.stringify(v),
       }));
       const c = episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null);

@@ -5,7 +5,9 @@
  * records, asks the gateway for every tool call, and reports the final state.
  */
 import {
+  CGROUP_PROCS_FD,
   CHILD_CHANNEL_FD,
+  JOIN_CGROUP_ARG,
   encodeMessage,
   MAX_LOG_CHARS,
   MAX_WAKE_AT,
@@ -402,4 +404,21 @@ process.on("unhandledRejection", (err) => {
 // result, so do not linger on the agent's timers or a tool call that will never be answered.
 void readStdin().finally(() => process.exit(70));
 
-send({ t: "ready" });
+// The episode's memory cgroup first (the gateway passes its cgroup.procs): everything the agent's
+// code allocates, and every process it starts, is then counted against memory_mb. Not there, no run.
+// (No top-level await: Bun compiles no bytecode for a script that has one.)
+if (process.argv.includes(JOIN_CGROUP_ARG)) void joinCgroup().then(() => send({ t: "ready" }));
+else send({ t: "ready" });
+
+async function joinCgroup(): Promise<void> {
+  try {
+    const procs = Bun.file(CGROUP_PROCS_FD).writer();
+    procs.write("0");
+    const written = procs.flush();
+    if (typeof written !== "number") await written;
+    await procs.end();
+  } catch (err) {
+    process.stderr.write(`the episode could not join its memory cgroup: ${String(err)}\n`);
+    process.exit(70);
+  }
+}

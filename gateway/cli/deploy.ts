@@ -8,7 +8,7 @@
 import { resolve } from "node:path";
 import { intArg, UsageError, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
-import { defaultSpawnOptions } from "../episode/index.ts";
+import { commandSpawnOptions } from "../episode/index.ts";
 import { deployCheck, describeDeployCheck, storedSpec } from "../ops/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { BundleFiles, buildBundle, bundleDir } from "../code/index.ts";
@@ -43,7 +43,7 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
     const running = await storedSpec(store, hash);
     // Each module is bundled as the gateway would pin it (an edited file is a code change) and the
     // replays run that bundle, written where the sandbox can read it.
-    const spawn = defaultSpawnOptions();
+    const spawn = commandSpawnOptions("auto", {}, "fleet deploy --check");
     const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
     const build = async (path: string) => {
       const r = await buildBundle(path, HOST_PATHS, SDK_ENTRY);

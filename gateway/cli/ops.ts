@@ -9,7 +9,7 @@ import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
 import { gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
-import { checkConfigs, defaultSpawnOptions, describeConfigProblems, typesToCheck } from "../episode/index.ts";
+import { checkConfigs, commandSpawnOptions, describeConfigProblems, typesToCheck } from "../episode/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
@@ -219,10 +219,11 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
     const sv = await loadSpec(path);
     const types = Object.keys(sv.spec.agents);
     // The agents' own config schemas, in the sandbox episodes run in.
-    const spawn = defaultSpawnOptions(sv.spec.fleet.sandbox, {
-      allowWeak: sv.spec.fleet.allow_weak_sandbox,
-      uids: sv.spec.fleet.sandbox_uids,
-    });
+    const spawn = commandSpawnOptions(
+      sv.spec.fleet.sandbox,
+      { allowWeak: sv.spec.fleet.allow_weak_sandbox },
+      "fleet validate",
+    );
     const problems = await checkConfigs(typesToCheck(sv.spec, null), spawn);
     if (problems.length > 0)
       throw new SpecError(path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);

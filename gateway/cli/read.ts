@@ -9,7 +9,7 @@ import { intArg, table, UsageError, when, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { BundleFiles, bundleDir } from "../code/index.ts";
-import { defaultSpawnOptions } from "../episode/index.ts";
+import { commandSpawnOptions } from "../episode/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind } from "../types.ts";
 import { findEpisode, verifyStore } from "../ops/index.ts";
 import { agentView, episodeView, episodesPage } from "../observe/index.ts";
@@ -86,7 +86,7 @@ function rolloutLines(rs: readonly RolloutLine[]): string {
         `${r.to_bundle.slice(0, 12)}, ${r.canary_agents.length} agent(s) on the new code, ` +
         `${r.episodes}/${r.min_episodes} episode(s), ${r.failures} failed${r.reason ? ` (${r.reason})` : ""}`,
     )
-    .join("\n" + " ".repeat(19));
+    .join(`\n${" ".repeat(19)}`);
 }
 
 /** The fields of `/api/fleet`'s `replication` that `fleet status` prints. */
@@ -278,7 +278,7 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   const store = await cli.openReadonly();
   const module = flags.module ? resolve(flags.module) : undefined;
   if (module !== undefined && !existsSync(module)) throw new UsageError(`--module ${flags.module}: no such file`);
-  const spawn = defaultSpawnOptions();
+  const spawn = commandSpawnOptions("auto", {}, "fleet replay");
   const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
   const bundleFile = (h: string) => files.file(h);
   const agent = agentFlag(flags.agent);

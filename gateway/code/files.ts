@@ -5,9 +5,10 @@
  * the files it binds as that uid) the data dir (0700) is out of their reach, so the files live
  * beside it instead, world-readable like the agent modules themselves.
  */
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
+import { processTempDir } from "../episode/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Blake3Hex } from "../types.ts";
 
@@ -15,11 +16,19 @@ import type { Blake3Hex } from "../types.ts";
  * Where a data dir's bundle files live for a sandbox: inside it, or beside it when agents run as
  * another uid. When they could not reach beside it either (a parent folder others cannot enter),
  * a folder of this process in the temp dir serves instead (0755: Bun lists a folder it imports from).
+ * So does it for a data dir under /tmp, where the sandbox's private /tmp would hide the bundle
+ * from a warm spare's root (every episode would start cold) and its mount point would show the
+ * data dir's path inside.
  */
 export function bundleDir(dataDir: string, sandbox: { readonly uids: object | null }): string {
-  if (sandbox.uids === null) return join(dataDir, "bundles");
+  if (sandbox.uids === null) return underTmp(dataDir) ? privateTmpDir() : join(dataDir, "bundles");
   const beside = `${dataDir}.bundles`;
   return enterableByOthers(dirname(beside)) ? beside : privateTmpDir();
+}
+
+function underTmp(dir: string): boolean {
+  const at = resolve(dir);
+  return at === "/tmp" || at.startsWith("/tmp/");
 }
 
 /** Every existing folder from `dir` up to / lets others pass through (o+x). */
@@ -50,15 +59,16 @@ function privateTmpDir(): string {
   return tmpBundles;
 }
 
+/** Named by this process, so a later one removes it if a kill -9 left it. */
 function makeTempDir(prefix: string): string {
   for (const base of ["/var/tmp", tmpdir()]) {
     try {
-      return mkdtempSync(join(base, prefix));
+      return processTempDir(base, prefix);
     } catch {
       // not there, or not ours to write: the next
     }
   }
-  return mkdtempSync(join(tmpdir(), prefix));
+  return processTempDir(tmpdir(), prefix);
 }
 
 /** A bundle the store does not have (or whose stored code does not hash to its name). */

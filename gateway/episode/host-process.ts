@@ -3,16 +3,25 @@
  * the sandbox's command line and env, the warm-spare pool, the registry of live process
  * groups the gateway kills on shutdown, and the RSS scan of a process tree.
  */
-import { readdirSync, readFileSync, statfsSync, statSync, writeFileSync } from "node:fs";
-import { dirname } from "node:path";
+import { closeSync, openSync, readdirSync, readFileSync, statfsSync, statSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
 import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
-import { CHILD_ENV, hostCommand, hostRuntime, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+import {
+  CHILD_ENV,
+  hostCommand,
+  hostRuntime,
+  inGroupAt,
+  type ProcessLimits,
+  SPARE_GROUP_NICE,
+  type SpawnOptions,
+} from "./sandbox.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { agentBinds, type AgentFiles, stageable } from "./sandbox-view.ts";
 import { StagingRoot } from "./staging.ts";
 import { hostScript } from "./host-runtime.ts";
 import type { UidPool } from "./uids.ts";
+import type { EpisodeCgroup } from "./memcg.ts";
 
 /*
  * Synchronous /proc reads: each is a few microseconds of kernel work, where the promise
@@ -196,6 +205,8 @@ export class HostProcess {
   private uidGiven = false;
   /** Our end of the child's channel. */
   private readonly channel: Pump;
+  /** Its episode's memory cgroup (null where the gateway makes none). */
+  readonly cgroup: EpisodeCgroup | null;
 
   constructor(
     readonly key: string,
@@ -203,24 +214,36 @@ export class HostProcess {
     spawnOpts: SpawnOptions,
     /** The owner's table of live process groups. */
     private readonly procs: ProcessTable,
+    /** Its episode's memory_mb: the limit of its memory cgroup, where the gateway makes them. */
+    memoryMb: number,
     /** A warm spare's staging root (bubblewrap): the agent's files are moved in by `prepare`. */
     private readonly root: StagingRoot | null = null,
   ) {
     this.uids = spawnOpts.uids;
     this.uid = this.uids?.take() ?? null;
+    // Its memory cgroup, whose cgroup.procs it gets open on CGROUP_PROCS_FD to join (JOIN_CGROUP_ARG).
+    this.cgroup = spawnOpts.memcg?.enter(memoryMb * 1024 * 1024) ?? null;
+    let procsFd: number | null = null;
     try {
+      if (spawnOpts.memcg) {
+        if (this.cgroup === null) throw new Error("its memory cgroup could not be made");
+        procsFd = openSync(join(this.cgroup.dir, "cgroup.procs"), "w");
+      }
       this.proc = Bun.spawn(cmd, {
         env: { ...CHILD_ENV },
         cwd: "/",
         detached: true,
         // stdin: gateway -> child; fd 3: child -> gateway (CHILD_CHANNEL_FD), both one JSON message per line.
         // stdout is not read: an agent's console.log must not be able to speak the protocol.
-        stdio: ["pipe", "ignore", "pipe", "pipe"],
+        stdio: procsFd === null ? ["pipe", "ignore", "pipe", "pipe"] : ["pipe", "ignore", "pipe", "pipe", procsFd],
         ...(this.uid !== null ? { uid: this.uid, gid: this.uid } : {}),
       });
     } catch (err) {
       this.giveUid();
+      this.cgroup?.end();
       throw err;
+    } finally {
+      if (procsFd !== null) closeSync(procsFd);
     }
     this.pid = this.proc.pid;
     if (spawnOpts.autogroup != null) setAutogroup(this.pid, spawnOpts.autogroup);
@@ -258,7 +281,7 @@ export class HostProcess {
     procs: ProcessTable,
   ): HostProcess {
     const cmd = hostCommand(limits, spawnOpts, { binds: files ? agentBinds(files) : [] });
-    return new HostProcess("", cmd, spawnOpts, procs);
+    return new HostProcess("", cmd, spawnOpts, procs, limits.memoryMb);
   }
 
   /**
@@ -283,7 +306,9 @@ export class HostProcess {
       // shown at `prepare` then, or the episode fails there as infra
     }
     try {
-      return new HostProcess(key, hostCommand(limits, spawnOpts, root ? { root } : {}, script), spawnOpts, procs, root);
+      const cmd = hostCommand(limits, spawnOpts, root ? { root } : {}, script);
+      // It starts up in a group that yields to running episodes' (SPARE_GROUP_NICE); `SparePool.claim` raises it.
+      return new HostProcess(key, cmd, inGroupAt(spawnOpts, SPARE_GROUP_NICE), procs, limits.memoryMb, root);
     } catch (err) {
       root?.remove();
       throw err;
@@ -334,6 +359,7 @@ export class HostProcess {
     this.channel.stop();
     await this.channel.done;
     void Promise.resolve((this.proc.stdin as import("bun").FileSink).end()).catch(() => undefined);
+    this.cgroup?.end();
     this.root?.recycle();
     this.ledger?.remove(this.pid);
     this.procs.ended(this.pid);
@@ -392,6 +418,7 @@ export class SparePool {
     const i = ready >= 0 ? ready : this.spares.findIndex((h) => h.key === key);
     const usable = i >= 0 && (files === null || !this.spawnOpts.bwrap || stageable(files));
     const spare = usable ? this.spares.splice(i, 1)[0]! : null;
+    if (spare && this.spawnOpts.autogroup != null) setAutogroup(spare.pid, this.spawnOpts.autogroup);
     let done = false;
     const refill = () => {
       if (done) return;

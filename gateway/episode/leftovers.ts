@@ -10,7 +10,9 @@
 import {
   closeSync,
   existsSync,
+  mkdtempSync,
   openSync,
+  readdirSync,
   readFileSync,
   renameSync,
   rmSync,
@@ -18,7 +20,7 @@ import {
   writeFileSync,
   writeSync,
 } from "node:fs";
-import { basename } from "node:path";
+import { basename, join } from "node:path";
 import { PRIVATE_FILE_MODE } from "../store/index.ts";
 
 /** Start time of a process in clock ticks since boot, or null when it is gone. */
@@ -29,6 +31,36 @@ export function startTicks(pid: number): string | null {
     return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
   } catch {
     return null;
+  }
+}
+
+/**
+ * A temp folder named by this process, `<prefix><pid>.<start time>-XXXXXX`, made after removing
+ * those in `base` of processes that are gone: a process removes its own at exit, but not when it
+ * is killed with -9 (a test suite's gateways had left hundreds).
+ */
+export function processTempDir(base: string, prefix: string): string {
+  sweepProcessDirs(base, prefix);
+  return mkdtempSync(join(base, `${prefix}${process.pid}.${startTicks(process.pid) ?? 0}-`));
+}
+
+/** Remove the folders `processTempDir` made in `base` with `prefix` whose process is gone; another user's stay. */
+export function sweepProcessDirs(base: string, prefix: string): void {
+  let names: string[] = [];
+  try {
+    names = readdirSync(base);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix)) continue;
+    const owner = /^(\d+)\.(\d+)-/.exec(name.slice(prefix.length));
+    if (!owner || startTicks(Number(owner[1])) === owner[2]) continue;
+    try {
+      rmSync(join(base, name), { recursive: true, force: true });
+    } catch {
+      // another user's (a sticky temp dir)
+    }
   }
 }
 

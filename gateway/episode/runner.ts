@@ -20,11 +20,16 @@ export {
   describeSandbox,
   EPISODE_GROUP_NICE,
   EPISODE_NICE,
+  FLOODED_GROUP_NICE,
   hostCommand,
   idleSpawnOptions,
+  nprocPerNamespace,
+  runsAsUids,
   runtimeFor,
   SandboxError,
   sandboxCommand,
+  sessionGroups,
+  SPARE_GROUP_NICE,
   sharedUidWarning,
   weakSandboxWarning,
   type ProcessLimits,
@@ -32,9 +37,22 @@ export {
   type SpawnOptions,
 } from "./sandbox.ts";
 export { ProcessTable, setAutogroup, SparePool } from "./host-process.ts";
-export { SandboxLedger, startTicks, type Swept, ticksNow } from "./leftovers.ts";
+export { processTempDir, SandboxLedger, startTicks, sweepProcessDirs, type Swept, ticksNow } from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
 export { UidPool } from "./uids.ts";
+export {
+  claimUids,
+  commandSpawnOptions,
+  DEFAULT_UID_BLOCKS,
+  type HeldUids,
+  UID_CLAIMS_DIR,
+  UID_CLAIMS_FILE,
+  type UidClaim,
+  uidClaims,
+  UidRangeTaken,
+  uidSpan,
+} from "./uid-claims.ts";
+export { EpisodeCgroup, MemoryCgroups, sweepCgroups } from "./memcg.ts";
 
 /** How an episode failed (STYLE: retry decisions read this, not a message). */
 export type FailureKind =
@@ -154,6 +172,19 @@ export async function runEpisode(
     };
   }
   const host = taken;
+  /** Whether the kernel killed a process of the episode at its memory cgroup's limit (then: finished as oom). */
+  const cgroupOom = (): boolean => {
+    const kills = host.cgroup?.oomKills() ?? 0;
+    if (kills === 0) return false;
+    finish({
+      ok: false,
+      kind: "oom",
+      message:
+        `memory_mb ${limits.memoryMb} reached in the episode's memory cgroup (${kills} process(es) killed): ` +
+        "it counts what RSS does not show, such as a memfd or shared memory",
+    });
+    return true;
+  };
   let sent = false;
   // Enforced here, in the gateway, while the bytes arrive: the child's own limits are the agent's to break.
   const maxBytes = limits.maxRecordBytes + ENVELOPE_BYTES;
@@ -214,6 +245,8 @@ export async function runEpisode(
           });
         return;
       case "done":
+        // A process of the episode killed at its memory cgroup's limit fails it, as the RSS watch would.
+        if (cgroupOom()) return;
         return finish({
           ok: true,
           state: msg.state,
@@ -258,7 +291,7 @@ export async function runEpisode(
     const mb = rssMb(pid);
     // Under bubblewrap its /tmp is memory too (its size, memory_mb, is only the backstop).
     const tmp = spawnOpts.bwrap ? sandboxTmpMb(pid) : 0;
-    if (outcome) return;
+    if (outcome || cgroupOom()) return;
     if (mb !== null && mb + tmp > limits.memoryMb) {
       const what = tmp >= 1 ? `RSS ${mb.toFixed(0)} MB + /tmp ${tmp.toFixed(0)} MB` : `RSS ${mb.toFixed(0)} MB`;
       finish({ ok: false, kind: "oom", message: `${what} exceeded memory_mb ${limits.memoryMb}` });
@@ -271,7 +304,7 @@ export async function runEpisode(
 
   void host.proc.exited.then(async (code) => {
     // Killed after its end (the usual way): no stderr to wait for and nothing to report.
-    if (outcome) return;
+    if (outcome || cgroupOom()) return;
     await Promise.race([host.stderrDone, Bun.sleep(100)]);
     const oom = /out of memory/i.test(host.stderrTail);
     const detail = host.stderrTail.trim().split("\n").slice(-6).join("\n");

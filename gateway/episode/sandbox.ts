@@ -4,14 +4,17 @@
  * Pure of process state except the one-time probes (bubblewrap, chrt, autogroups); spawning
  * lives in ./host-process.ts.
  */
-import { existsSync, readFileSync, realpathSync } from "node:fs";
+import { existsSync, readFileSync, realpathSync, statSync, writeFileSync } from "node:fs";
+import { release } from "node:os";
 import { HOST_ENTRY, HOST_PATHS } from "../../agents/host/index.ts";
+import { JOIN_CGROUP_ARG } from "../../agents/protocol.ts";
 import { bytecodeOf, hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind } from "./sandbox-view.ts";
 import type { StagingRoot } from "./staging.ts";
 import { DEFAULT_SANDBOX_UIDS, type UidRange } from "../spec/index.ts";
 import { UidPool } from "./uids.ts";
+import { MemoryCgroups } from "./memcg.ts";
 
 /** How subprocesses are started; injected so tests and benches can vary it. */
 export interface SpawnOptions {
@@ -26,6 +29,12 @@ export interface SpawnOptions {
   readonly prlimit: string | null;
   /** Run inside bubblewrap (own pid/net/ipc namespaces, read-only root) when set. */
   readonly bwrap: string | null;
+  /**
+   * Set RLIMIT_NPROC inside the sandbox (prlimit after bubblewrap's `--`), where the kernel counts
+   * it in the sandbox's own user namespace: bubblewrap not run as root (`nprocPerNamespace`). Where
+   * episodes run as a uid each (`uids`), it is set outside, and counts per uid.
+   */
+  readonly nprocInside?: boolean;
   /** Start the episode's process tree at this nice value through the `nice` binary (null: as the gateway). */
   readonly nice?: { readonly bin: string; readonly value: number } | null;
   /**
@@ -40,6 +49,11 @@ export interface SpawnOptions {
   readonly autogroup?: number | null;
   /** How often the RSS watch samples, ms. */
   readonly rssPollMs: number;
+  /**
+   * A memory cgroup per episode, limited to `memory_mb` (./memcg.ts: root, cgroup v1), so memory
+   * no RSS shows (memfd, shared memory) counts too; null: the RSS watch alone.
+   */
+  readonly memcg?: MemoryCgroups | null;
   /** Where started host process groups and staging roots are noted, so the next start reaps leftovers. */
   readonly ledger?: SandboxLedger;
 }
@@ -146,11 +160,22 @@ function probeBwrap(bwrap: string): boolean {
  * by the group's nice, not its tasks': a nice 19 or SCHED_IDLE process alone in its group
  * weighs as much as the whole gateway (measured: two such spinners took a third of a nice-0
  * process's core; at group nice 19, 7%). So the group's nice is set to `value` once the
- * episode is spawned. Null where the kernel has no autogroups; in a cpu cgroup the write is
- * harmless and nice works as it is.
+ * episode is spawned. Null where the kernel has no autogroups, or where this process may not
+ * set their nice at every spawn (`sessionGroups`); in a cpu cgroup the write is harmless and
+ * nice works as it is.
  */
 export function autogroupNice(value: number): number | null {
-  if (autogroupsOn === null) {
+  return sessionGroups() === "settable" ? value : null;
+}
+
+/**
+ * Whether sessions are scheduling groups here, and whether this process can set a group's nice
+ * at every spawn. Without CAP_SYS_ADMIN the kernel takes one such write per 100 ms across the
+ * whole machine and refuses the rest (EBUSY, EAGAIN before Linux 6.x), so most episodes would
+ * keep the default: "fixed". Probed once, by writing our own group's nice back to it twice.
+ */
+export function sessionGroups(): "none" | "settable" | "fixed" {
+  if (sessionGroupsAre === null) {
     let on = false;
     try {
       on =
@@ -159,11 +184,24 @@ export function autogroupNice(value: number): number | null {
     } catch {
       // no such file: a kernel without autogroups
     }
-    autogroupsOn = on;
+    sessionGroupsAre = on ? (ownGroupNiceWritable() ? "settable" : "fixed") : "none";
   }
-  return autogroupsOn ? value : null;
+  return sessionGroupsAre;
 }
-let autogroupsOn: boolean | null = null;
+let sessionGroupsAre: "none" | "settable" | "fixed" | null = null;
+
+/** Whether two writes in a row of our own autogroup's nice (unchanged) both succeed. */
+function ownGroupNiceWritable(): boolean {
+  try {
+    const nice = / nice (-?\d+)/.exec(readFileSync("/proc/self/autogroup", "utf8"))?.[1];
+    if (nice === undefined) return false;
+    writeFileSync("/proc/self/autogroup", nice);
+    writeFileSync("/proc/self/autogroup", nice);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 let tmpfsSizeWorks: boolean | null = null;
 /**
@@ -186,13 +224,36 @@ function probeIdle(chrt: string): boolean {
 }
 
 /**
+ * The nice of a flooded agent's scheduling groups, where episodes get their own (`autogroupNice`):
+ * SCHED_IDLE ranks a process only within its group, so the group itself is what yields to other
+ * episodes' (weight 15 against their 110: a quiet agent's episode sharing a core with a flood's gets
+ * 88% of it, not half). A flooded agent may be starved by other work: its stimuli wait, durably.
+ */
+export const FLOODED_GROUP_NICE = 19;
+
+/**
+ * The nice of a warm spare's scheduling group while it starts up and waits (where episodes get
+ * groups): a spare's start-up (tens of ms of CPU for the runtime) is not on anyone's path, so it
+ * yields to running episodes' groups; `SparePool.claim` raises it to EPISODE_GROUP_NICE when an
+ * episode takes it, ready or not.
+ */
+export const SPARE_GROUP_NICE = 19;
+
+/** `o` with its episodes' scheduling groups at `nice`, where it gives them groups (`autogroup`); else `o`. */
+export function inGroupAt(o: SpawnOptions, nice: number): SpawnOptions {
+  return o.autogroup != null ? { ...o, autogroup: nice } : o;
+}
+
+/**
  * `o` for a flooded agent's episodes: under SCHED_IDLE, below the nice 19 of everyone
- * else's, so an agent with a backlog yields the CPU to agents waiting on a stimulus or two.
- * Without a working `chrt` they run as everyone else's.
+ * else's, and in a scheduling group at FLOODED_GROUP_NICE where episodes get groups, so an
+ * agent with a backlog yields the CPU to agents waiting on a stimulus or two. Without a working
+ * `chrt` they run at everyone else's nice (their group still yields).
  */
 export function idleSpawnOptions(o: SpawnOptions): SpawnOptions {
   const chrt = which(["/usr/bin/chrt", "/bin/chrt"]);
-  return chrt && probeIdle(chrt) ? { ...o, idle: { bin: chrt } } : o;
+  const grouped = inGroupAt(o, FLOODED_GROUP_NICE);
+  return chrt && probeIdle(chrt) ? { ...grouped, idle: { bin: chrt } } : grouped;
 }
 
 /**
@@ -205,7 +266,6 @@ export function defaultSpawnOptions(
   mode: SandboxMode = "auto",
   opts: { allowWeak?: boolean; uids?: UidRange } = {},
 ): SpawnOptions {
-  const root = process.getuid?.() === 0;
   const prlimit = which(["/usr/bin/prlimit", "/bin/prlimit"]);
   const niceBin = which(["/usr/bin/nice", "/bin/nice"]);
   const bwrapPath = which(["/usr/bin/bwrap", "/bin/bwrap"]);
@@ -215,26 +275,56 @@ export function defaultSpawnOptions(
     throw new SandboxError('sandbox = "bwrap" but bubblewrap is not installed or cannot create namespaces here');
   if ((mode === "uid" || mode === "none") && available && !opts.allowWeak)
     throw new SandboxError(
-      `sandbox = "${mode}" is refused: bubblewrap works here, and without it an agent ${WEAK_GAPS}. ` +
+      `sandbox = "${mode}" is refused: bubblewrap works here, and without it an agent ` +
+        `${weakGaps(MemoryCgroups.open() !== null)}. ` +
         'Use sandbox = "auto", or set [fleet] allow_weak_sandbox = true to accept the weaker sandbox.',
     );
-  const dropUid = root && mode !== "none";
+  const dropUid = runsAsUids(mode);
   return {
     bun: process.execPath,
     uids: dropUid ? new UidPool(opts.uids ?? DEFAULT_SANDBOX_UIDS) : null,
     prlimit,
     bwrap,
+    nprocInside: !dropUid && bwrap !== null && prlimit !== null && nprocPerNamespace(bwrap),
     nice: niceBin ? { bin: niceBin, value: EPISODE_NICE } : null,
     autogroup: autogroupNice(EPISODE_GROUP_NICE),
     rssPollMs: 50,
+    memcg: MemoryCgroups.open(),
   };
 }
 
-/** What a sandbox without namespaces does not isolate (README "What an agent subprocess can see"). */
-export const WEAK_GAPS =
-  "can reach the network and the gateway's HTTP API and MQTT broker, keep detached children running " +
-  "after its episode, read the host's file system (all but the private data dir when it runs as another uid) " +
-  "and write host /tmp";
+/** Whether episodes run as a uid each from `[fleet] sandbox_uids` in this mode (the gateway is root). */
+export function runsAsUids(mode: SandboxMode): boolean {
+  return process.getuid?.() === 0 && mode !== "none";
+}
+
+/**
+ * Whether RLIMIT_NPROC set inside a bubblewrap sandbox counts that sandbox's processes alone:
+ * bubblewrap run by a user other than root makes a user namespace (a setuid bubblewrap does not),
+ * and Linux 5.14 and later count the limit per user namespace (before, per uid: the gateway's
+ * own threads and every other episode's processes would count against each episode's limit).
+ */
+export function nprocPerNamespace(bwrap: string, kernel = release()): boolean {
+  const [major = 0, minor = 0] = kernel.split(".").map((n) => Number.parseInt(n, 10));
+  if (major < 5 || (major === 5 && minor < 14)) return false;
+  try {
+    return process.getuid?.() !== 0 && (statSync(bwrap).mode & 0o4000) === 0;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * What a sandbox without namespaces does not isolate (README "What an agent subprocess can see");
+ * with memory cgroups (`memcg`) an episode's detached children end with it.
+ */
+export function weakGaps(memcg: boolean): string {
+  return (
+    "can reach the network and the gateway's HTTP API and MQTT broker, " +
+    (memcg ? "" : "keep detached children running after its episode, ") +
+    "read the host's file system (all but the private data dir when it runs as another uid) and write host /tmp"
+  );
+}
 
 /** A sandbox mode that cannot be used here, or is refused. */
 export class SandboxError extends Error {
@@ -247,7 +337,7 @@ export function weakSandboxWarning(o: SpawnOptions): string | null {
   const who = o.uids !== null ? `a uid each from ${o.uids}` : "same uid as the gateway";
   const environ = o.uids === null ? ", and read the gateway's /proc/<pid>/environ" : "";
   return (
-    `agent subprocesses run WITHOUT namespaces (${who}): an agent ${WEAK_GAPS}${environ}. ` +
+    `agent subprocesses run WITHOUT namespaces (${who}): an agent ${weakGaps(!!o.memcg)}${environ}. ` +
     'Install bubblewrap and use sandbox = "auto".'
   );
 }
@@ -279,9 +369,25 @@ export function describeSandbox(o: SpawnOptions): string {
       ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's " +
         `files; writes only its private /tmp, ${tmpSize(o.bwrap, o.uids?.range.first ?? null)})`
       : "no namespaces",
-    o.prlimit ? "rlimits" : "no rlimits",
+    !o.prlimit
+      ? "no rlimits"
+      : o.uids !== null
+        ? "rlimits (its process limit counts its uid's processes)"
+        : o.nprocInside
+          ? "rlimits (its process limit counts its own user namespace's processes)"
+          : "rlimits (no process limit of its own: its processes count as the gateway's user's)",
+    o.memcg
+      ? "a memory cgroup of memory_mb (memfd and shared memory count)"
+      : "no memory cgroup (the RSS watch does not see memory in a memfd or shared memory)",
     o.idle ? "SCHED_IDLE" : o.nice ? `nice ${o.nice.value}` : "same priority as the gateway",
-    ...(o.autogroup != null ? [`its session's scheduling group at nice ${o.autogroup}`] : []),
+    ...(o.autogroup != null
+      ? [
+          `its session's scheduling group at nice ${o.autogroup} ` +
+            `(${SPARE_GROUP_NICE} for a waiting spare, ${FLOODED_GROUP_NICE} for a flooded agent's)`,
+        ]
+      : sessionGroups() === "fixed"
+        ? ["its session's scheduling group at the default nice (setting it at every spawn needs CAP_SYS_ADMIN)"]
+        : []),
   ];
   return parts.join(", ");
 }
@@ -344,6 +450,9 @@ export function sandboxCommand(
 ): string[] {
   // Inside bubblewrap only the real file of the Bun binary is bound, not a link to it.
   const cmd = [spawnOpts.bwrap ? realBun(spawnOpts.bun) : spawnOpts.bun, script];
+  // prlimit is under /usr/bin or /bin (`defaultSpawnOptions`), which every sandbox sees.
+  if (spawnOpts.bwrap && spawnOpts.prlimit && spawnOpts.nprocInside)
+    cmd.unshift(spawnOpts.prlimit, `--nproc=${limits.maxProcesses}`);
   if (spawnOpts.bwrap)
     cmd.unshift(
       spawnOpts.bwrap,
@@ -388,7 +497,10 @@ export function hostCommand(
   view: SandboxView = {},
   script = hostScript(spawnOpts.bun),
 ): string[] {
-  return sandboxCommand(script, limits, spawnOpts, view);
+  const cmd = sandboxCommand(script, limits, spawnOpts, view);
+  // It joins the memory cgroup the gateway passes it (./memcg.ts) before it runs anything of the agent's.
+  if (spawnOpts.memcg) cmd.push(JOIN_CGROUP_ARG);
+  return cmd;
 }
 
 /** The runtime binds of the host process (a staging root needs their mount points). */

@@ -30,16 +30,18 @@ import {
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import type { AgentFiles, Bind } from "./sandbox-view.ts";
+import { processTempDir } from "./leftovers.ts";
 
 let rootsDir: string | null = null;
 
 /** Where staging roots live: a directory only its owner can list (0711), made once per gateway process. */
 function stagingBase(): string {
   if (rootsDir === null || !existsSync(rootsDir)) {
-    const made = mkdtempSync(join(tmpdir(), "fleet-roots-"));
+    const made = processTempDir(tmpdir(), "fleet-roots-");
     chmodSync(made, 0o711);
     rootsDir = made;
-    // Gone with this process (a kill -9 leaves it to the next start's sweep of the data dir's ledger).
+    // Gone with this process (a kill -9 leaves it to the next start's sweep of the data dir's
+    // ledger, or to the next process's `processTempDir`).
     process.once("exit", () => rmSync(made, { recursive: true, force: true }));
   }
   return rootsDir;

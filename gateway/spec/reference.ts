@@ -28,7 +28,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.sandbox_uids":
     '"first:count" (as in /etc/subuid): when the gateway runs as root, each episode process runs as a uid of ' +
     "its own from this range, so its process limit is its own and it cannot signal another's. Use uids no " +
-    "account or other service has. Read at start.",
+    "account or other service has. Gateways on one machine claim their ranges at start: the default moves up to " +
+    "the next free block of 65,536 where another gateway holds it, a range set here that overlaps one is " +
+    "refused. Read at start.",
   "fleet.shard":
     '"i/N": this gateway is shard i of N sharing the fleet on an external broker ([broker] url); it records ' +
     "and runs only the agents rendezvous hashing gives it (see [shards.md](shards.md)). Read at start.",
@@ -122,8 +124,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.budget.tokens_per_day": "llm tokens per day window.",
   "agents.*.budget.episode_timeout_ms": "Wall-clock limit of one episode; past it the subprocess is killed (timeout).",
   "agents.*.budget.memory_mb":
-    "Memory ceiling of the episode's process tree, with what it keeps in its private /tmp (bubblewrap); past it " +
-    "the subprocess is killed (oom).",
+    "Memory ceiling of the episode's process tree, with what it keeps in its private /tmp (bubblewrap) and, in a " +
+    "memory cgroup (root, cgroup v1), memory no process's RSS shows (memfd, shared memory); past it the " +
+    "subprocess is killed (oom).",
   "agents.*.budget.tool_costs": "Cost charged per call of each tool, against cost_per_day.",
   "agents.*.budget.cost_per_day": "Cost per day window (0 = no cost budget).",
   "agents.*.checkpoint": "Checkpoint retention.",

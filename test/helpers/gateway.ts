@@ -79,19 +79,13 @@ export interface CliResult {
   readonly json: any;
 }
 
-/** Run `bun gateway/cli/main.ts <args>` from the repository root and wait (bounded) for it to exit. */
-export async function runCli(
-  args: readonly string[],
-  opts: { env?: Record<string, string>; timeoutMs?: number } = {},
-): Promise<CliResult> {
-  const proc = Bun.spawn([BUN, CLI, ...args], {
-    cwd: ROOT,
-    env: { ...process.env, FLEET_LOG_FORMAT: "json", ...opts.env },
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
-  });
-  const timeoutMs = opts.timeoutMs ?? 30_000;
+/** Run a command to its exit (killed after `timeoutMs`), with its stdout and stderr. */
+export async function runCommand(
+  cmd: readonly string[],
+  opts: { cwd?: string; env?: Record<string, string>; uid?: number; gid?: number; timeoutMs?: number } = {},
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const { timeoutMs = 30_000, ...spawn } = opts;
+  const proc = Bun.spawn([...cmd], { ...spawn, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   const timer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);
   const [stdout, stderr, code] = await Promise.all([
     new Response(proc.stdout).text(),
@@ -99,6 +93,19 @@ export async function runCli(
     proc.exited,
   ]);
   clearTimeout(timer);
+  return { code, stdout, stderr };
+}
+
+/** Run `bun gateway/cli/main.ts <args>` from the repository root and wait (bounded) for it to exit. */
+export async function runCli(
+  args: readonly string[],
+  opts: { env?: Record<string, string>; timeoutMs?: number } = {},
+): Promise<CliResult> {
+  const { code, stdout, stderr } = await runCommand([BUN, CLI, ...args], {
+    cwd: ROOT,
+    env: { ...process.env, FLEET_LOG_FORMAT: "json", ...opts.env },
+    timeoutMs: opts.timeoutMs,
+  });
   let json: unknown;
   try {
     json = JSON.parse(stdout);
@@ -138,6 +145,13 @@ export interface FleetOptions {
 
 /** Temp dirs made by this process; removed by `cleanupAll` unless FLEET_E2E_KEEP is set. */
 const madeDirs = new Set<string>();
+
+/** A temp dir removed with the fleets at `cleanupAll`. */
+export function scratchDir(prefix: string): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  madeDirs.add(dir);
+  return dir;
+}
 /** Every fleet made by this process, so `cleanupAll` can stop stragglers. */
 const fleets = new Set<TestFleet>();
 

@@ -8,6 +8,7 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
+import { DEFAULT_UID_BLOCKS } from "../../gateway/episode/index.ts";
 import { DEFAULT_SANDBOX_UIDS } from "../../gateway/spec/index.ts";
 import { ROOT, subscribe, within, type Subscription } from "./gateway.ts";
 import { fleetHeader as loopbackHeader, q } from "./toml.ts";
@@ -25,10 +26,13 @@ export const policyAgent = (
   join(ROOT, "test/fixtures", `${name in SHARED ? SHARED[name as keyof typeof SHARED] : `policy/${name}`}.ts`);
 
 /** `[fleet]`, `[broker]` and `[http]` on loopback with a 5 s drain; ports come from the harness flags. */
-/** Whether `uid` is one the sandbox runs episodes as (root, the default `[fleet] sandbox_uids`). */
+/**
+ * Whether `uid` is one the sandbox runs episodes as (root, the default `[fleet] sandbox_uids`, or a
+ * block above it where another gateway on the machine held the default: gateway/episode/uid-claims.ts).
+ */
 export function isSandboxUid(uid: number | null | undefined): boolean {
   const { first, count } = DEFAULT_SANDBOX_UIDS;
-  return typeof uid === "number" && uid >= first && uid < first + count;
+  return typeof uid === "number" && uid >= first && uid < first + DEFAULT_UID_BLOCKS * count;
 }
 
 export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: string } = {}): string {
@@ -145,7 +149,7 @@ const key = (p: Proc) => `${p.pid}:${p.start}`;
  */
 export class ProcessWatch {
   readonly seen = new Map<string, Proc>();
-  /** `/proc/<pid>/limits` of the first episode host process seen (the built host runtime, or its sources). */
+  /** `/proc/<pid>/limits` of the first episode host process seen (`bun <host script>`: built, or its sources). */
   hostLimits: string | null = null;
   private timer: ReturnType<typeof setTimeout> | null = null;
 
@@ -169,7 +173,8 @@ export class ProcessWatch {
   sample(): void {
     for (const p of descendantsOf(this.gatewayPid)) {
       if (!this.seen.has(key(p))) this.seen.set(key(p), p);
-      if (this.hostLimits === null && p.argv.some((a) => HOST_SCRIPT.test(a)) && p.uid !== 0) {
+      // The host process itself (`bun <script>`), not a wrapper naming the script (bwrap, prlimit, nice).
+      if (this.hostLimits === null && HOST_SCRIPT.test(p.argv[1] ?? "") && p.uid !== 0) {
         try {
           this.hostLimits = readFileSync(`/proc/${p.pid}/limits`, "utf8");
         } catch {
