@@ -6,7 +6,7 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { MemoryCgroups, sweepCgroups } from "../gateway/episode/index.ts";
+import { MemoryCgroups, startTicks, sweepCgroups } from "../gateway/episode/index.ts";
 
 const memcg = MemoryCgroups.open();
 
@@ -76,17 +76,20 @@ describe.if(memcg !== null)("episode memory cgroups", () => {
 
   test("the cgroups a gateway killed with -9 left are emptied and removed; a running gateway's are left", async () => {
     const base = dirname(memcg!.dir);
-    const dead = join(base, `fleet-${Bun.spawnSync(["true"]).pid}`);
+    const dead = join(base, `fleet-${Bun.spawnSync(["true"]).pid}.1`);
     mkdirSync(join(dead, "e0"), { recursive: true });
     const p = sleeper();
     writeFileSync(join(dead, "e0", "cgroup.procs"), String(p.pid));
+    // A live pid that another process has now (its start time is not the folder's): also gone.
+    const reused = join(base, `fleet-${process.pid}.1`);
+    mkdirSync(reused);
     // Ours, and any other a gateway killed earlier in this run left (crash tests).
-    expect(sweepCgroups(base)).toBeGreaterThanOrEqual(1);
+    expect(sweepCgroups(base)).toBeGreaterThanOrEqual(2);
     await p.exited;
     expect(p.signalCode).toBe("SIGKILL");
-    await until(() => !existsSync(dead), "the dead gateway's folder removed");
-    // Ours (this process is alive) is not touched.
+    await until(() => !existsSync(dead) && !existsSync(reused), "the dead gateways' folders removed");
+    // Ours (this process is alive, with the start time its folder names) is not touched.
     expect(existsSync(memcg!.dir)).toBe(true);
-    expect(readdirSync(base)).toContain(`fleet-${process.pid}`);
+    expect(readdirSync(base)).toContain(`fleet-${process.pid}.${startTicks(process.pid)}`);
   });
 });

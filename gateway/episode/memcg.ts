@@ -14,11 +14,12 @@
  * cgroup's kill count and ends the episode as `oom`. When the episode ends its remaining processes
  * are killed, and the empty cgroup serves a later episode.
  *
- * Each gateway makes its cgroups under a folder of its own, `fleet-<pid>`, in its own memory
- * cgroup; folders of gateways no longer running (a kill -9) are emptied and removed at start.
+ * Each gateway makes its cgroups under a folder of its own, `fleet-<pid>.<start time>`, in its own
+ * memory cgroup; folders of gateways no longer running (a kill -9) are emptied and removed at start.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { startTicks } from "./leftovers.ts";
 
 /** The memory controller's v1 mount. */
 const V1_ROOT = "/sys/fs/cgroup/memory";
@@ -58,7 +59,7 @@ export class MemoryCgroups {
     if (!existsSync(join(base, "cgroup.procs"))) return null;
     try {
       sweepCgroups(base);
-      const dir = join(base, `fleet-${process.pid}`);
+      const dir = join(base, `fleet-${process.pid}.${startTicks(process.pid) ?? 0}`);
       mkdirSync(dir, { recursive: true });
       const made = new MemoryCgroups(dir);
       // One made and limited: a file system that takes the folder but not the rest is no use.
@@ -265,14 +266,18 @@ function removeAll(dir: string, waitMs = 250): void {
 }
 
 /**
- * Remove the folders of episode cgroups of gateways no longer running (`fleet-<pid>` under `base`
- * whose pid is gone: a kill -9), killing what is left in them; how many there were.
+ * Remove the folders of episode cgroups of gateways no longer running (`fleet-<pid>.<start time>`
+ * under `base` whose process is gone, or whose pid another process has now: a kill -9), killing
+ * what is left in them; how many there were. A folder named by pid alone (gateways before the start
+ * time was added) goes when that pid is gone.
  */
 export function sweepCgroups(base: string): number {
   let n = 0;
   for (const e of readdirSync(base, { withFileTypes: true })) {
-    const m = /^fleet-(\d+)$/.exec(e.name);
-    if (!e.isDirectory() || !m || processAlive(Number(m[1]))) continue;
+    const m = /^fleet-(\d+)(?:\.(\d+))?$/.exec(e.name);
+    if (!e.isDirectory() || !m) continue;
+    const pid = Number(m[1]);
+    if (m[2] === undefined ? processAlive(pid) : startTicks(pid) === m[2]) continue;
     removeAll(join(base, e.name));
     n++;
   }
