@@ -124,10 +124,13 @@ export const EPISODE_NICE = 19;
  * The nice of an episode's own scheduling group, where sessions are groups. Not 19: a group at 19
  * weighs 15 against a nice-0 group's 1024, so a little nice-0 work elsewhere on the box starved a
  * healthy agent's episode into its timeout while another agent's fork bomb ran (test/e2e.policy's
- * isolation tests failed 4 runs of 5 at 19, none of 7 at 10). At 10 (weight 110) an episode still
- * yields nine to one to the gateway.
+ * isolation tests failed 4 runs of 5 at 19, none of 7 at 10). Not 10 either (weight 110): while a
+ * device's burst kept the gateway's thread busy, a quiet agent's episode got a tenth of a core and
+ * its first pings of the flood took 40-100 ms to answer instead of 10 (bench policy's p99 under a
+ * flood: 4.5x, 3.0x, 1.25x at 10; 0.99x, 1.38x at 5). At 5 (weight 335) an episode still yields three
+ * to one to the gateway, and a flooded agent's group (FLOODED_GROUP_NICE) yields 22 to one to it.
  */
-export const EPISODE_GROUP_NICE = 10;
+export const EPISODE_GROUP_NICE = 5;
 
 function which(names: readonly string[]): string | null {
   return names.find((p) => Bun.file(p).size > 0) ?? null;
@@ -226,8 +229,8 @@ function probeIdle(chrt: string): boolean {
 /**
  * The nice of a flooded agent's scheduling groups, where episodes get their own (`autogroupNice`):
  * SCHED_IDLE ranks a process only within its group, so the group itself is what yields to other
- * episodes' (weight 15 against their 110: a quiet agent's episode sharing a core with a flood's gets
- * 88% of it, not half). A flooded agent may be starved by other work: its stimuli wait, durably.
+ * episodes' (weight 15 against their 335: a quiet agent's episode sharing a core with a flood's gets
+ * 96% of it, not half). A flooded agent may be starved by other work: its stimuli wait, durably.
  */
 export const FLOODED_GROUP_NICE = 19;
 
