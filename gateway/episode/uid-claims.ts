@@ -106,9 +106,7 @@ export function claimUids(wanted: UidRange, owner: string, dir = UID_CLAIMS_DIR)
       if (released) return;
       released = true;
       try {
-        withClaims(dir, (db) =>
-          db.prepare("DELETE FROM claims WHERE pid = ? AND first = ?").run(process.pid, claim.range.first),
-        );
+        withClaims(dir, (db) => forget(db, process.pid, claim.range.first));
       } catch {
         // The folder went away (a reboot's tmpfs, a test's temp dir): nothing left to let go.
       }
@@ -172,9 +170,14 @@ function liveClaims(db: Database.Database): UidClaim[] {
   const live: UidClaim[] = [];
   for (const c of rows) {
     if (c.pid === process.pid || startTicks(c.pid) === c.start) live.push(c);
-    else db.prepare("DELETE FROM claims WHERE pid = ? AND first = ?").run(c.pid, c.first);
+    else forget(db, c.pid, c.first);
   }
   return live;
+}
+
+/** Delete one claim: a gateway's that let go, or one whose gateway is gone. */
+function forget(db: Database.Database, pid: number, first: number): void {
+  db.prepare("DELETE FROM claims WHERE pid = ? AND first = ?").run(pid, first);
 }
 
 /**
