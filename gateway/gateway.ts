@@ -197,9 +197,49 @@ export class Gateway {
     this.state = "starting";
     try {
       await this.startParts();
+    } catch (err) {
+      await this.abandonStart();
+      throw err;
     } finally {
       this.markStarted();
     }
+  }
+
+  /**
+   * After a start that failed: let go of what it took that outlives it in this process (the
+   * sandbox uids it claimed on the machine, warm spares, listeners, the database). A process
+   * that goes on (a test, a supervisor embedding the gateway) would otherwise hold them until
+   * it exits. Files of the data dir are left as they are: the failure may be that another
+   * gateway runs on it.
+   */
+  private async abandonStart(): Promise<void> {
+    const quietly = async (what: string, step: () => unknown) => {
+      try {
+        await step();
+      } catch (err) {
+        this.log.warn({ err }, `after the failed start: ${what} failed`);
+      }
+    };
+    this.state = "stopped";
+    this.housekeeping?.stop();
+    this.rollouts?.stop();
+    this.storageWatch?.stop();
+    this.stopDeviceWatch?.();
+    this.watcher?.stop();
+    this.pressure?.stop();
+    this.scheduler?.stop();
+    if (this.tokenWatch) clearInterval(this.tokenWatch);
+    await quietly("stopping the timers", () => this.timers?.stop());
+    await quietly("stopping the wake-ups", () => this.wakeups?.stop());
+    await quietly("stopping the effects", () => this.effects?.stop());
+    await quietly("stopping the replicator", () => this.replicator?.stop());
+    await quietly("closing the warm spares", () => this.spares?.close());
+    this.spawnOptions?.ledger?.close();
+    this.heldUids?.release();
+    this.heldUids = null;
+    await quietly("stopping the HTTP API", () => this.http?.stop());
+    await quietly("closing the broker", () => this.broker?.close());
+    await quietly("closing the database", () => this.store?.close());
   }
 
   private async startParts(): Promise<void> {

@@ -15,7 +15,7 @@
  */
 import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
-import { cpuMs, deltaRow, machineBusyMs, quantile, rateRow } from "./harness.ts";
+import { cpuMs, deltaRow, machineBusyMs, mainThreadMs, quantile, rateRow, threadsMs } from "./harness.ts";
 import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway } from "./procs.ts";
@@ -93,11 +93,18 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   const cpu = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   // And what the whole machine spent per episode: episode children, bwrap, the kernel, the bench.
   const machine = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
+  // The spawning process's main thread (its JS: the gateway's, or the runner's in this process) and
+  // JavaScriptCore's compiler threads: where the rest of its CPU goes is GC, the allocator and pools.
+  const main = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
+  const jit = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   const measured = async <T>(t: keyof typeof cpu, pid: number | "self", run: () => Promise<T>): Promise<T> => {
-    const before = cpuMs(pid).self;
+    const id = pid === "self" ? process.pid : pid;
+    const before = { cpu: cpuMs(pid).self, main: mainThreadMs(id), jit: threadsMs(id, "JITWorker") };
     const busy = machineBusyMs();
     const r = await run();
-    cpu[t] += cpuMs(pid).self - before;
+    cpu[t] += cpuMs(pid).self - before.cpu;
+    main[t] += mainThreadMs(id) - before.main;
+    jit[t] += threadsMs(id, "JITWorker") - before.jit;
     machine[t] += machineBusyMs() - busy;
     return r;
   };
@@ -133,6 +140,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
 
   const med = (t: keyof typeof rates) => quantile(rates[t], 0.5);
   const per = (t: keyof typeof cpu) => cpu[t] / (perRound * ROUNDS);
+  const perMain = (t: keyof typeof main) => main[t] / (perRound * ROUNDS);
+  const perJit = (t: keyof typeof jit) => jit[t] / (perRound * ROUNDS);
   const perMachine = (t: keyof typeof machine) => machine[t] / (perRound * ROUNDS);
   o.log(
     `  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn ` +
@@ -204,6 +213,17 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       perMachine("wrapped"),
       null,
       "as the gateway's whole-machine row, for the runner alone",
+    ),
+    deltaRow(
+      "episodes",
+      "CPU/episode, main thread: gateway vs runner alone",
+      "ms",
+      perMain("gateway"),
+      perMain("runner"),
+      null,
+      `the thread that runs the JS (and spawns); JIT compiler threads beside it: gateway ` +
+        `${perJit("gateway").toFixed(2)} ms, runner alone ${perJit("runner").toFixed(2)} ms; the rest of each ` +
+        "process's row is GC, the allocator and thread pools",
     ),
     deltaRow(
       "episodes",

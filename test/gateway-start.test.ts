@@ -1,0 +1,76 @@
+/**
+ * A gateway whose start fails lets go of what it took on the way: the sandbox uids it claimed
+ * among the machine's gateways (root), its database, its warm spares and its listeners. A
+ * process that embeds the gateway (a supervisor, a test) can start it again once the cause is
+ * gone, and other gateways on the machine are not kept off those uids until that process exits.
+ * In-process gateway, real ports, real libSQL file.
+ */
+import { afterEach, describe, expect, test } from "bun:test";
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import { claimUids, uidClaims } from "../gateway/episode/index.ts";
+import { Gateway } from "../gateway/gateway.ts";
+import { agentBlock, policyAgent } from "./helpers/policy.ts";
+import { fleetHeader } from "./helpers/toml.ts";
+
+const IS_ROOT = process.getuid?.() === 0;
+
+/** Whether gateways here claim sandbox uids (root, and a usable claims folder). */
+function uidClaimsWork(): boolean {
+  if (!IS_ROOT) return false;
+  try {
+    claimUids({ first: 4_000_000_001, count: 1 }, "gateway-start's probe").release();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+let dir = "";
+const stops: (() => unknown)[] = [];
+
+afterEach(async () => {
+  for (const stop of stops.splice(0).reverse()) await stop();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe("a gateway whose start fails", () => {
+  test("lets go of the uids it claimed and of its data dir: the same start works once the port is free", async () => {
+    dir = mkdtempSync(join(tmpdir(), "fleet-start-fails-"));
+    chmodSync(dir, 0o755); // episodes run as other uids when root
+    const configPath = join(dir, "fleet.toml");
+    writeFileSync(configPath, fleetHeader("start-fails") + agentBlock("steady", policyAgent("steady")));
+    const dataDir = join(dir, "data");
+    const owner = `the gateway of ${dataDir}`;
+    const claimed = () => uidClaims().some((c) => c.owner === owner);
+    // Something else listens on the MQTT port the gateway is told to use: its start fails late,
+    // after the database is open, the uids are claimed and the warm spares are spawned.
+    const squatter = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    stops.push(() => squatter.stop(true));
+    const gateway = (mqttPort: number) =>
+      new Gateway({ configPath, dataDir, mqttPort, httpPort: 0, logger: pino({ level: "silent" }) });
+
+    const failed = gateway(squatter.port);
+    const error = await failed.start().then(
+      () => null,
+      (err: unknown) => String(err),
+    );
+    stops.push(() => failed.stop());
+    expect(error).not.toBeNull();
+    expect(failed.state).toBe("stopped");
+    const claims = uidClaimsWork();
+    if (claims) expect(claimed()).toBe(false);
+
+    squatter.stop(true);
+    const second = gateway(0);
+    await second.start();
+    stops.push(() => second.stop());
+    expect(second.state).toBe("running");
+    // The claim a start takes, where this machine hands out uids: what the failed one let go of.
+    if (claims) expect(claimed()).toBe(true);
+    await second.stop();
+    if (claims) expect(claimed()).toBe(false);
+  }, 60_000);
+});
