@@ -221,11 +221,7 @@ export class Gateway {
       }
     };
     this.state = "stopped";
-    this.housekeeping?.stop();
-    this.rollouts?.stop();
-    this.storageWatch?.stop();
-    this.stopDeviceWatch?.();
-    this.watcher?.stop();
+    this.stopPeriodic();
     this.pressure?.stop();
     this.scheduler?.stop();
     if (this.tokenWatch) clearInterval(this.tokenWatch);
@@ -386,15 +382,20 @@ export class Gateway {
     );
   }
 
-  /** Stop intake, let in-flight episodes finish (or kill them at the drain timeout), flush, close. */
-  async stop(): Promise<void> {
-    if (this.state === "stopped" || this.state === "draining") return;
-    this.state = "draining";
+  /** Stop the work the gateway does on its own from time to time, and its watches of files. */
+  private stopPeriodic(): void {
     this.housekeeping?.stop();
     this.rollouts?.stop();
     this.storageWatch?.stop();
     this.stopDeviceWatch?.();
     this.watcher?.stop();
+  }
+
+  /** Stop intake, let in-flight episodes finish (or kill them at the drain timeout), flush, close. */
+  async stop(): Promise<void> {
+    if (this.state === "stopped" || this.state === "draining") return;
+    this.state = "draining";
+    this.stopPeriodic();
     await this.timers?.stop();
     await this.wakeups?.stop();
     await this.broker?.stopIntake();

@@ -20,25 +20,15 @@ import {
   waitFor,
   type Subscription,
 } from "./helpers/gateway.ts";
-import { agentBlock, fleetHeader, isSandboxUid, policyAgent } from "./helpers/policy.ts";
+import { agentBlock, fleetHeader, isSandboxUid, policyAgent, uidClaimsWork } from "./helpers/policy.ts";
 import { fleetHeader as loopbackHeader } from "./helpers/toml.ts";
-import { claimUids, defaultSpawnOptions, MemoryCgroups } from "../gateway/episode/index.ts";
+import { defaultSpawnOptions, MemoryCgroups } from "../gateway/episode/index.ts";
 import { DEFAULT_SANDBOX_UIDS } from "../gateway/spec/index.ts";
 
 const IS_ROOT = process.getuid?.() === 0;
 const MARKER = "gateway-env-marker-7f3a";
 /** Bubblewrap works here (installed is not enough: root without CAP_SYS_ADMIN cannot make its mounts). */
 const bwrapHere = defaultSpawnOptions("auto", { allowWeak: true }).bwrap !== null;
-/** Whether gateways here can claim sandbox uids (root, and a usable /run/fleet/uid-claims). */
-function uidClaimsWork(): boolean {
-  if (!IS_ROOT) return false;
-  try {
-    claimUids({ first: 4_000_000_000, count: 1 }, "e2e.sandbox's probe").release();
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 afterAll(() => cleanupAll(), 60_000);
 

@@ -10,23 +10,10 @@ import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
-import { claimUids, uidClaims } from "../gateway/episode/index.ts";
+import { uidClaims } from "../gateway/episode/index.ts";
 import { Gateway } from "../gateway/gateway.ts";
-import { agentBlock, policyAgent } from "./helpers/policy.ts";
+import { agentBlock, policyAgent, uidClaimsWork } from "./helpers/policy.ts";
 import { fleetHeader } from "./helpers/toml.ts";
-
-const IS_ROOT = process.getuid?.() === 0;
-
-/** Whether gateways here claim sandbox uids (root, and a usable claims folder). */
-function uidClaimsWork(): boolean {
-  if (!IS_ROOT) return false;
-  try {
-    claimUids({ first: 4_000_000_001, count: 1 }, "gateway-start's probe").release();
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 let dir = "";
 const stops: (() => unknown)[] = [];

@@ -8,7 +8,7 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { DEFAULT_UID_BLOCKS } from "../../gateway/episode/index.ts";
+import { claimUids, DEFAULT_UID_BLOCKS } from "../../gateway/episode/index.ts";
 import { DEFAULT_SANDBOX_UIDS } from "../../gateway/spec/index.ts";
 import { ROOT, subscribe, within, type Subscription } from "./gateway.ts";
 import { fleetHeader as loopbackHeader, q } from "./toml.ts";
@@ -33,6 +33,17 @@ export const policyAgent = (
 export function isSandboxUid(uid: number | null | undefined): boolean {
   const { first, count } = DEFAULT_SANDBOX_UIDS;
   return typeof uid === "number" && uid >= first && uid < first + DEFAULT_UID_BLOCKS * count;
+}
+
+/** Whether gateways here claim sandbox uids: root, and a usable claims folder (/run/fleet/uid-claims). */
+export function uidClaimsWork(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  try {
+    claimUids({ first: 4_000_000_000, count: 1 }, "a test's probe of the uid claims").release();
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: string } = {}): string {
