@@ -227,15 +227,27 @@ export class Gateway {
     if (this.tokenWatch) clearInterval(this.tokenWatch);
     await quietly("stopping the timers", () => this.timers?.stop());
     await quietly("stopping the wake-ups", () => this.wakeups?.stop());
-    await quietly("stopping the effects", () => this.effects?.stop());
-    await quietly("stopping the replicator", () => this.replicator?.stop());
-    await quietly("closing the warm spares", () => this.spares?.close());
+    await this.releaseParts(quietly);
+  }
+
+  /**
+   * Let go of the processes, uids, listeners and the database the gateway holds, in order: the
+   * warm spares before the uids they run as, the broker before the database. `step` runs each
+   * part (a failed start's clean-up logs a failure and goes on to the next).
+   */
+  private async releaseParts(
+    step: (what: string, part: () => unknown) => Promise<void> = async (_what, part) => void (await part()),
+  ): Promise<void> {
+    await step("closing the warm spares", () => this.spares?.close());
     this.spawnOptions?.ledger?.close();
     this.heldUids?.release();
-    this.heldUids = null;
-    await quietly("stopping the HTTP API", () => this.http?.stop());
-    await quietly("closing the broker", () => this.broker?.close());
-    await quietly("closing the database", () => this.store?.close());
+    await step("re-publishing statuses", () => this.republished);
+    await step("stopping the effects", () => this.effects?.stop());
+    await step("stopping the replicator", () => this.replicator?.stop());
+    await step("stopping the HTTP API", () => this.http?.stop());
+    await step("closing the broker", () => this.broker?.close());
+    await this.telemetry?.close().catch((err: unknown) => this.log.warn({ err }, "telemetry: final export failed"));
+    await step("closing the database", () => this.store?.close());
   }
 
   private async startParts(): Promise<void> {
@@ -414,16 +426,7 @@ export class Gateway {
       this.procs.killAll();
       await Promise.race([this.scheduler.idle(), Bun.sleep(2000)]);
     }
-    await this.spares?.close();
-    this.spawnOptions?.ledger?.close();
-    this.heldUids?.release();
-    await this.republished;
-    await this.effects?.stop();
-    await this.replicator?.stop();
-    this.http?.stop();
-    await this.broker?.close();
-    await this.telemetry?.close().catch((err: unknown) => this.log.warn({ err }, "telemetry: final export failed"));
-    await this.store?.close();
+    await this.releaseParts();
     if (this.tokenWatch) clearInterval(this.tokenWatch);
     if (this.dataDir) removeLocalToken(this.dataDir);
     try {
