@@ -27,7 +27,7 @@ import {
   runtimeFor,
 } from "../gateway/episode/index.ts";
 import { HOST_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
-import { JOIN_CGROUP_ARG } from "../agents/protocol.ts";
+import { JOIN_CGROUP_ARG, type ParentMessage } from "../agents/protocol.ts";
 
 const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
 afterAll(() => rmSync(base, { recursive: true, force: true }));
@@ -140,5 +140,162 @@ describe("the built host runtime", () => {
     expect(code).toBe(70);
     expect(err).toContain("the episode could not join its memory cgroup");
     expect(said).not.toContain('"ready"');
+  });
+});
+
+/** A host child of the built runtime, its stdin ours, and the messages it sends on fd 3 as they come. */
+function hostChild() {
+  const child = Bun.spawn([process.execPath, hostScript(process.execPath)], {
+    env: { ...CHILD_ENV },
+    cwd: "/",
+    stdio: ["pipe", "ignore", "pipe", "pipe"],
+  });
+  const said: { t: string; [k: string]: unknown }[] = [];
+  const reading = (async () => {
+    let pending = "";
+    const decoder = new TextDecoder();
+    for await (const chunk of Bun.file(child.stdio[3] as unknown as number).stream()) {
+      pending += decoder.decode(chunk, { stream: true });
+      for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
+        said.push(JSON.parse(pending.slice(0, nl)));
+        pending = pending.slice(nl + 1);
+      }
+    }
+  })();
+  const stdin = child.stdin as import("bun").FileSink;
+  return {
+    child,
+    said,
+    write: async (text: string) => {
+      stdin.write(text);
+      await stdin.flush();
+    },
+    end: () => stdin.end(),
+    /** Resolves with the first message of type `t` (throws if the child ends without one). */
+    until: async (t: string) => {
+      for (;;) {
+        const m = said.find((x) => x.t === t);
+        if (m) return m;
+        if (child.exitCode !== null || child.signalCode !== null) {
+          await reading;
+          const late = said.find((x) => x.t === t);
+          if (late) return late;
+          throw new Error(`the host ended without "${t}": ${JSON.stringify(said).slice(0, 500)}`);
+        }
+        await Bun.sleep(5);
+      }
+    },
+  };
+}
+
+function startFor(module: string): Extract<ParentMessage, { t: "start" }> {
+  return {
+    t: "start",
+    episode: "0190f000-0000-7000-8000-000000000001",
+    agent: { type: "unit", key: "k1", id: "unit/k1" },
+    module,
+    config: {},
+    state: null,
+    fresh: true,
+    stimulus: { id: "id:1", kind: "manual", payload: { v: 1 }, received_at: 1_700_000_000_000 },
+    replay: null,
+    limits: { max_records: 1000, max_record_bytes: 1024 * 1024 },
+    wakes: { pending: [], max: 100 },
+  };
+}
+
+/** An agent module in the test's folder that imports the SDK as bundles do (by the host's path). */
+function agentModule(name: string, body: string): string {
+  const dir = mkdtempSync(join(base, "agent-"));
+  const file = join(dir, name);
+  writeFileSync(file, `import { defineAgent } from ${JSON.stringify(SDK_ENTRY)};\n${body}`);
+  return file;
+}
+
+describe("the host's start and its stdin", () => {
+  const emitter = () =>
+    agentModule(
+      "emit.ts",
+      "export default defineAgent({ init: () => ({}), onStimulus(s, ctx) { ctx.emit({ got: s.payload }); } });",
+    );
+
+  test("waiting for its start, it exits (code 70) when stdin ends, having run nothing", async () => {
+    const h = hostChild();
+    await h.until("ready");
+    h.end();
+    expect(await h.child.exited).toBe(70);
+    expect(h.said.map((m) => m.t)).toEqual(["ready"]);
+  });
+
+  test("lines before the start that are not one are skipped, and a start in the same write still runs", async () => {
+    const h = hostChild();
+    await h.until("ready");
+    await h.write(`not json\n{"t":"bogus"}\n${JSON.stringify(startFor(emitter()))}\n`);
+    const done = await h.until("done");
+    h.child.kill("SIGKILL");
+    await h.child.exited;
+    expect(done.state).toEqual({});
+    expect(h.said.find((m) => m.t === "records")?.records).toEqual([{ k: "emit", data: { got: { v: 1 } } }]);
+  });
+
+  const caller = () =>
+    agentModule(
+      "call.ts",
+      `export default defineAgent({
+        init: () => ({}),
+        async onStimulus(s, ctx) { ctx.state.answer = await ctx.tools.publish("t/x", 1); },
+      });`,
+    );
+
+  test("a tool result sent after the start reaches the agent, which finishes with it", async () => {
+    const h = hostChild();
+    await h.until("ready");
+    await h.write(`${JSON.stringify(startFor(caller()))}\n`);
+    const call = await h.until("tool");
+    await h.write(`${JSON.stringify({ t: "tool_result", call: call.call, ok: true, result: { sent: 7 } })}\n`);
+    const done = await h.until("done");
+    h.child.kill("SIGKILL");
+    await h.child.exited;
+    expect(done.state).toEqual({ answer: { sent: 7 } });
+  });
+
+  test("stdin that ends while the agent waits on a tool call ends the host: its gateway is gone", async () => {
+    const h = hostChild();
+    await h.until("ready");
+    await h.write(`${JSON.stringify(startFor(caller()))}\n`);
+    await h.until("tool");
+    h.end();
+    expect(await h.child.exited).toBe(70);
+    expect(h.said.some((m) => m.t === "done")).toBe(false);
+  });
+
+  test("an agent module with a pending top-level await is loaded once and runs its turn", async () => {
+    const file = agentModule(
+      "tla.ts",
+      `const g = globalThis as { loads?: number };
+      g.loads = (g.loads ?? 0) + 1;
+      await Bun.sleep(20);
+      export default defineAgent({ init: () => ({}), onStimulus(s, ctx) { ctx.emit({ loads: g.loads }); } });`,
+    );
+    const h = hostChild();
+    await h.until("ready");
+    await h.write(`${JSON.stringify(startFor(file))}\n`);
+    await h.until("done");
+    h.child.kill("SIGKILL");
+    await h.child.exited;
+    expect(h.said.find((m) => m.t === "records")?.records).toEqual([{ k: "emit", data: { loads: 1 } }]);
+  });
+
+  test("an agent module that throws as it loads fails the episode with its error, once", async () => {
+    const file = agentModule("throws.ts", 'throw new Error("broken at load");\nexport default defineAgent;');
+    const h = hostChild();
+    await h.until("ready");
+    await h.write(`${JSON.stringify(startFor(file))}\n`);
+    const err = await h.until("error");
+    h.child.kill("SIGKILL");
+    await h.child.exited;
+    expect(err.kind).toBe("threw");
+    expect(err.message).toBe("broken at load");
+    expect(h.said.filter((m) => m.t === "error")).toHaveLength(1);
   });
 });

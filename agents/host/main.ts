@@ -131,8 +131,7 @@ async function run(start: Start): Promise<void> {
   let randIdx = 0;
   let call = 0;
 
-  const mod = (await import(Bun.pathToFileURL(start.module).href)) as { default?: AgentDefinition<unknown> };
-  const def = mod.default;
+  const def = (await loadAgent(start.module)).default;
   if (def?.__fleetAgent !== true || typeof def.onStimulus !== "function") {
     send({
       t: "error",
@@ -318,6 +317,23 @@ async function run(start: Start): Promise<void> {
   send({ t: "done", state, version, ...(migratedFrom === undefined ? {} : { migrated_from: migratedFrom }) });
 }
 
+/**
+ * The agent's module, by `require` where it can be: `import()` goes through Bun's event loop, and
+ * a child's first turn of that loop costs ~2 ms of CPU (a garbage collection, helper threads
+ * started), while a turn that never awaits anything but promises ends before the loop ever runs.
+ * Bun requires ES modules too; one with a top-level await that is really pending cannot be
+ * required, which Bun reports having started it, and `import()` then waits for that same
+ * evaluation (the module's code runs once).
+ */
+async function loadAgent(path: string): Promise<{ default?: AgentDefinition<unknown> }> {
+  try {
+    return require(path);
+  } catch (err) {
+    if (!(err instanceof TypeError && /require\(\) async module/.test(err.message))) throw err;
+    return await import(Bun.pathToFileURL(path).href);
+  }
+}
+
 /** `config` checked against the module's schema: the parsed value, or the schema's issues with their key paths. */
 async function checkConfig(
   def: AgentDefinition<unknown>,
@@ -400,15 +416,50 @@ process.on("unhandledRejection", (err) => {
   void drained().finally(() => process.exit(1));
 });
 
-// stdin ends: the gateway died (kill -9) and cannot kill our group. Nobody will ever read our
-// result, so do not linger on the agent's timers or a tool call that will never be answered.
-void readStdin().finally(() => process.exit(70));
+/**
+ * Say "ready", then wait for the start. It is read with `prompt()`, which blocks in read(2): a
+ * spare waits without waking, and an episode whose turn never awaits a timer or I/O ends without
+ * Bun's event loop ever running: its first turn costs a child ~2 ms of CPU (measured, one episode
+ * of the bench agent, medians of 25: 11.4 ms of CPU with this and `loadAgent`'s require, 14.5 ms
+ * with an async stdin reader and import()). `prompt()` reads ahead and keeps what follows the
+ * line, so nothing may follow the start before this process speaks again: the gateway sends
+ * only tool results after it, each in answer to a call.
+ */
+function awaitStart(): void {
+  channel.write(encodeMessage({ t: "ready" }));
+  const flushed = channel.flush();
+  // Blocking before "ready" is in the pipe would wait for a start that can never come.
+  if (typeof flushed === "number") awaitStartLine();
+  else flushed.then(awaitStartLine, () => process.exit(70));
+}
+
+function awaitStartLine(): void {
+  // Lines before a start that is one (not JSON, another message) are ignored, as later ones are;
+  // what prompt() read ahead of them is what it returns next.
+  while (!started) {
+    // prompt() writes its (empty) question to stdout, which the gateway does not read.
+    const line = prompt("");
+    // null: stdin ended before the start came (the gateway died or ended this spare).
+    if (line === null) process.exit(70);
+    let msg: unknown;
+    try {
+      msg = JSON.parse(line);
+    } catch {
+      continue;
+    }
+    onMessage(msg);
+  }
+  // Tool results, and the end of stdin, are read once the event loop runs: stdin ends when the
+  // gateway died (kill -9) and cannot kill our group. Nobody will ever read our result, so do
+  // not linger on the agent's timers or a tool call that will never be answered.
+  setImmediate(() => void readStdin().finally(() => process.exit(70)));
+}
 
 // The episode's memory cgroup first (the gateway passes its cgroup.procs): everything the agent's
 // code allocates, and every process it starts, is then counted against memory_mb. Not there, no run.
 // (No top-level await: Bun compiles no bytecode for a script that has one.)
-if (process.argv.includes(JOIN_CGROUP_ARG)) void joinCgroup().then(() => send({ t: "ready" }));
-else send({ t: "ready" });
+if (process.argv.includes(JOIN_CGROUP_ARG)) void joinCgroup().then(awaitStart);
+else awaitStart();
 
 async function joinCgroup(): Promise<void> {
   try {
