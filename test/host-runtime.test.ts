@@ -6,6 +6,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import {
   chmodSync,
   copyFileSync,
+  existsSync,
   mkdirSync,
   mkdtempSync,
   readFileSync,
@@ -284,6 +285,32 @@ describe("the host's start and its stdin", () => {
     h.child.kill("SIGKILL");
     await h.child.exited;
     expect(h.said.find((m) => m.t === "records")?.records).toEqual([{ k: "emit", data: { loads: 1 } }]);
+  });
+
+  test("after its last message the host runs nothing more (no stray timer of the agent) until killed", async () => {
+    const mark = join(mkdtempSync(join(base, "stray-")), "ran");
+    const file = agentModule(
+      "stray.ts",
+      `import { writeFileSync } from "node:fs";
+      export default defineAgent({
+        init: () => ({}),
+        onStimulus(s, ctx) {
+          setTimeout(() => writeFileSync(${JSON.stringify(mark)}, "ran"), 10);
+          ctx.emit(1);
+        },
+      });`,
+    );
+    const h = hostChild();
+    await h.until("ready");
+    await h.write(`${JSON.stringify(startFor(file))}\n`);
+    await h.until("done");
+    await Bun.sleep(300);
+    expect(existsSync(mark)).toBe(false);
+    expect(h.child.exitCode).toBeNull();
+    // Its gateway gone (stdin ends), it leaves by itself.
+    h.end();
+    expect(await h.child.exited).toBe(70);
+    expect(existsSync(mark)).toBe(false);
   });
 
   test("an agent module that throws as it loads fails the episode with its error, once", async () => {

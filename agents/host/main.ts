@@ -388,7 +388,24 @@ function onMessage(raw: unknown): void {
   started = true;
   // The gateway kills this process group as soon as `done` or `error` arrives, so an
   // agent's stray timers or sockets cannot keep the episode alive.
-  run(msg).catch(fail);
+  run(msg).catch(fail).then(awaitEnd);
+}
+
+/**
+ * The episode's last message is written: wait, blocked in read(2), for the gateway to kill this
+ * process group. Back in Bun's event loop, its first turn (~2 ms of CPU: a garbage collection,
+ * helper threads started) would run in the milliseconds before the kill arrives, and so would the
+ * agent's stray timers. Lines still arriving (a late tool result) are ignored; stdin's end means
+ * the gateway is gone.
+ */
+function awaitEnd(): void {
+  const flushed = channel.flush();
+  if (typeof flushed !== "number") {
+    flushed.then(awaitEnd, () => process.exit(70));
+    return;
+  }
+  while (prompt("") !== null);
+  process.exit(70);
 }
 
 /** Messages from the gateway: one JSON per line on stdin. */
