@@ -5,11 +5,14 @@
  *  - wrapped: what the gateway's runner does to every episode (gateway/sandbox.ts, with its
  *             `defaultSpawnOptions()` and `sandboxCommand`): bubblewrap when it works here,
  *             prlimit (RLIMIT_DATA/NOFILE/CPU/NPROC), a uid/gid of its own when root, its own process group,
- *             cwd "/", the runner's child env, stderr piped and drained, its session's
- *             scheduling group at the runner's nice (where the kernel has autogroups).
+ *             a memory cgroup it joins itself where the runner makes them (root, cgroup v1), cwd "/",
+ *             the runner's child env, stderr piped and drained, its session's scheduling group at the
+ *             runner's nice (where the kernel has autogroups).
  * Both are ended the way the runner ends an episode: SIGKILL on the reply, then await exit.
  */
+import { closeSync, openSync } from "node:fs";
 import { join } from "node:path";
+import { CGROUP_PROCS_FD, JOIN_CGROUP_ARG } from "../../agents/protocol.ts";
 import {
   CHILD_ENV,
   defaultSpawnOptions,
@@ -42,6 +45,7 @@ export function wrappingNote(): string {
     s.prlimit ? "prlimit" : "no prlimit",
     s.uids !== null ? `a uid each from ${s.uids}` : "same uid",
     "own pgid",
+    ...(s.memcg ? ["a memory cgroup each, joined by the child"] : []),
     ...(s.autogroup != null ? [`autogroup nice ${s.autogroup}`] : []),
     "stderr pipe",
   ];
@@ -66,25 +70,31 @@ export async function bareRoundTrip(variant: BareVariant): Promise<{ ms: number;
   const began = performance.now();
   const s = spawnOptions();
   const wrapped = variant === "wrapped";
+  // Where the runner gives each episode a memory cgroup to join, the wrapped child joins one too, the same way.
+  const cgroup = wrapped ? (s.memcg?.enter(LIMITS.memoryMb * 1024 * 1024) ?? null) : null;
   // The wrapped command line is the runner's own builder, so the baseline cannot drift from it.
-  const cmd = wrapped ? sandboxCommand(CHILD, LIMITS, s) : [s.bun, CHILD];
+  const cmd = wrapped ? [...sandboxCommand(CHILD, LIMITS, s), ...(cgroup ? [JOIN_CGROUP_ARG] : [])] : [s.bun, CHILD];
+  let answered = false;
   let replied!: () => void;
   const reply = new Promise<void>((r) => (replied = r));
   const uid = wrapped ? (s.uids?.take() ?? null) : null;
+  const procsFd = cgroup ? openSync(join(cgroup.dir, "cgroup.procs"), "w") : null;
   const proc = Bun.spawn(cmd, {
     env: wrapped ? { ...CHILD_ENV } : { PATH: CHILD_ENV.PATH! },
     cwd: wrapped ? "/" : ROOT,
     detached: wrapped,
-    stdin: "ignore",
-    stdout: "ignore",
-    stderr: wrapped ? "pipe" : "ignore",
+    stdio: childStdio(wrapped ? "pipe" : "ignore", procsFd),
     serialization: "json",
     ...(uid !== null ? { uid, gid: uid } : {}),
     ipc(msg: { t?: string }, child) {
       if (msg?.t === "ready") child.send({ t: "start", pad: "x".repeat(512) });
-      else if (msg?.t === "done") replied();
+      else if (msg?.t === "done") {
+        answered = true;
+        replied();
+      }
     },
   });
+  if (procsFd !== null) closeSync(procsFd);
   live.add(proc.pid);
   if (wrapped && s.autogroup != null) setAutogroup(proc.pid, s.autogroup);
   if (wrapped) void new Response(proc.stderr as ReadableStream<Uint8Array>).text().catch(() => "");
@@ -93,9 +103,25 @@ export async function bareRoundTrip(variant: BareVariant): Promise<{ ms: number;
   clearTimeout(timeout);
   killPid(wrapped ? -proc.pid : proc.pid);
   await proc.exited;
+  cgroup?.end();
   if (uid !== null) s.uids?.give(uid);
   live.delete(proc.pid);
+  // A child that could not start (or join its cgroup) must not count as a fast round trip.
+  if (!answered) throw new Error(`bare ${variant} child ended without answering (exit code ${proc.exitCode})`);
   return { ms: performance.now() - began, cpuMs: spawnedCpuMs(proc) };
+}
+
+/** stdin and stdout ignored; with `procsFd`, that cgroup.procs on CGROUP_PROCS_FD, as the runner passes it. */
+function childStdio(
+  stderr: "pipe" | "ignore",
+  procsFd: number | null,
+): ["ignore", "ignore", "pipe" | "ignore", ...("ignore" | number)[]] {
+  const more: ("ignore" | number)[] = [];
+  if (procsFd !== null) {
+    while (3 + more.length < CGROUP_PROCS_FD) more.push("ignore");
+    more.push(procsFd);
+  }
+  return ["ignore", "ignore", stderr, ...more];
 }
 
 /** User + system CPU of a spawned process that has exited (from wait4), ms. */
