@@ -10,7 +10,8 @@
  *   busy      QoS 1 intake while episodes run flat out vs the same gateway with agents paused (target >= 0.6x)
  *   external  QoS 1 intake through an external Mosquitto into a gateway vs Mosquitto alone (same publisher)
  *   episodes  episodes/s, fresh subprocess each, vs bare Bun.spawn+IPC  (target >= 0.7x); CPU per
- *             episode split three ways: the gateway, the runner alone (no gateway), one child's own
+ *             episode split three ways: the gateway (target <= 1.5 ms), the runner alone (no gateway),
+ *             one child's own
  *   latency   stimulus -> out p50/p99 vs the bare spawn round trip     (target p50 <= +5 ms)
  *   agents    gateway RSS with 10,000 agents (fleet.toml instances; 1,000 of them run an
  *             episode, --all-episodes: all) vs idle; no subprocess left behind
