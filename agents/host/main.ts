@@ -451,8 +451,8 @@ function awaitStart(): void {
 }
 
 function awaitStartLine(): void {
-  // Lines before a start that is one (not JSON, another message) are ignored, as later ones are;
-  // what prompt() read ahead of them is what it returns next.
+  // Lines before the start (not JSON, or not a start) are ignored, as malformed ones are later;
+  // prompt() returns what it read ahead of them next.
   while (!started) {
     // prompt() writes its (empty) question to stdout, which the gateway does not read.
     const line = prompt("");
