@@ -399,13 +399,17 @@ function onMessage(raw: unknown): void {
  * the gateway is gone.
  */
 function awaitEnd(): void {
+  whenFlushed(() => {
+    while (prompt("") !== null);
+    process.exit(70);
+  });
+}
+
+/** Run `next` once everything sent is in the pipe: at once when it is (blocking before would deadlock the pipe). */
+function whenFlushed(next: () => void): void {
   const flushed = channel.flush();
-  if (typeof flushed !== "number") {
-    flushed.then(awaitEnd, () => process.exit(70));
-    return;
-  }
-  while (prompt("") !== null);
-  process.exit(70);
+  if (typeof flushed === "number") next();
+  else flushed.then(next, () => process.exit(70));
 }
 
 /** Messages from the gateway: one JSON per line on stdin. */
@@ -444,10 +448,8 @@ process.on("unhandledRejection", (err) => {
  */
 function awaitStart(): void {
   channel.write(encodeMessage({ t: "ready" }));
-  const flushed = channel.flush();
   // Blocking before "ready" is in the pipe would wait for a start that can never come.
-  if (typeof flushed === "number") awaitStartLine();
-  else flushed.then(awaitStartLine, () => process.exit(70));
+  whenFlushed(awaitStartLine);
 }
 
 function awaitStartLine(): void {
