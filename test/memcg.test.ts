@@ -74,6 +74,32 @@ describe.if(memcg !== null)("episode memory cgroups", () => {
     cg.end();
   });
 
+  test("a kill at the limit counts for its episode only: the next one in that cgroup counts from none", async () => {
+    const cg = memcg!.enter(32 * 1024 * 1024)!;
+    expect(cg.oomKills()).toBe(0);
+    // Joins first, then touches 96 MB (charged here, unlike what it held before joining): the kernel kills it.
+    const hog = Bun.spawn(
+      [
+        process.execPath,
+        "-e",
+        "await Bun.sleep(300); const b = Buffer.alloc(96 * 1024 * 1024, 1); await Bun.sleep(9000)",
+      ],
+      { stdio: ["ignore", "ignore", "ignore"] },
+    );
+    expect(cg.add(hog.pid)).toBe(true);
+    await hog.exited;
+    expect(hog.signalCode).toBe("SIGKILL");
+    // Read again from the file kept open since the episode began: the kernel's count, not a stale copy.
+    expect(cg.oomKills()).toBe(1);
+    cg.end();
+    await until(() => readFileSync(join(cg.dir, "cgroup.procs"), "utf8") === "", "the cgroup emptied");
+    await Bun.sleep(200);
+    const next = memcg!.enter(32 * 1024 * 1024)!;
+    expect(next.dir).toBe(cg.dir);
+    expect(next.oomKills()).toBe(0);
+    next.end();
+  });
+
   test("the cgroups a gateway killed with -9 left are emptied and removed; a running gateway's are left", async () => {
     const base = dirname(memcg!.dir);
     const dead = join(base, `fleet-${Bun.spawnSync(["true"]).pid}.1`);

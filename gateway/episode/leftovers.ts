@@ -14,6 +14,7 @@ import {
   openSync,
   readdirSync,
   readFileSync,
+  readSync,
   renameSync,
   rmSync,
   statSync,
@@ -73,12 +74,18 @@ export function sweepProcessDirs(base: string, prefix: string): void {
  */
 export function ticksNow(): number | null {
   try {
-    const m = /^(\d+)\.(\d\d)/.exec(readFileSync("/proc/uptime", "latin1"));
+    // Kept open and read from offset 0, where the kernel writes the text anew: one system call a spawn, not four.
+    uptimeFd ??= openSync("/proc/uptime", "r");
+    const n = readSync(uptimeFd, uptimeText, 0, uptimeText.length, 0);
+    const m = /^(\d+)\.(\d\d)/.exec(uptimeText.toString("latin1", 0, n));
     return m ? Number(m[1]) * 100 + Number(m[2]) : null;
   } catch {
     return null;
   }
 }
+
+let uptimeFd: number | null = null;
+const uptimeText = Buffer.alloc(128);
 
 /**
  * How far before the reading after its spawn a group's start may lie, in ticks: the spawn's own time,

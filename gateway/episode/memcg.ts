@@ -17,7 +17,17 @@
  * Each gateway makes its cgroups under a folder of its own, `fleet-<pid>.<start time>`, in its own
  * memory cgroup; folders of gateways no longer running (a kill -9) are emptied and removed at start.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmdirSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { startTicks } from "./leftovers.ts";
 
@@ -86,7 +96,7 @@ export class MemoryCgroups {
       cg = new EpisodeCgroup(dir, this);
     }
     if (!cg.begin(limitBytes)) {
-      removeCgroup(cg.dir);
+      cg.remove();
       return null;
     }
     return cg;
@@ -99,7 +109,7 @@ export class MemoryCgroups {
    */
   reuse(cg: EpisodeCgroup): void {
     if (this.free.length < KEEP_FREE && chargedBytes(cg.dir) <= REUSE_BELOW_BYTES) this.free.push(cg);
-    else removeCgroup(cg.dir);
+    else cg.remove();
   }
 }
 
@@ -114,6 +124,12 @@ export class EpisodeCgroup {
   /** The cgroup's kill count when the episode entered it (a reused cgroup counts on). */
   private killsBefore = 0;
   private ended = false;
+  /**
+   * Its memory.oom_control, kept open and read from offset 0 (the kernel makes the text anew for each
+   * read there): it is read as each episode begins and ends, and opening a cgroup file costs more than
+   * reading it. (Not so cgroup.procs: v1 caches its pid list for a second after a read.)
+   */
+  private oomControl: number | null = null;
 
   constructor(
     readonly dir: string,
@@ -128,7 +144,7 @@ export class EpisodeCgroup {
    */
   begin(limitBytes: number): boolean {
     this.ended = false;
-    this.killsBefore = oomKillsIn(this.dir);
+    this.killsBefore = this.oomKillCount();
     if (limitBytes === this.limitBytes) return true;
     const files = ["memory.limit_in_bytes", ...(swapAccounted(this.dir) ? ["memory.memsw.limit_in_bytes"] : [])];
     // A fresh cgroup has no limit (-1 here): any limit lowers it.
@@ -154,7 +170,31 @@ export class EpisodeCgroup {
 
   /** How many of the episode's processes the kernel killed at the limit. */
   oomKills(): number {
-    return oomKillsIn(this.dir) - this.killsBefore;
+    return this.oomKillCount() - this.killsBefore;
+  }
+
+  /** `oom_kill` of its memory.oom_control (Linux 4.13+; 0 before, or when the cgroup is gone). */
+  private oomKillCount(): number {
+    try {
+      this.oomControl ??= openSync(join(this.dir, "memory.oom_control"), "r");
+      const n = readSync(this.oomControl, oomText, 0, oomText.length, 0);
+      return Number(/^oom_kill (\d+)$/m.exec(oomText.toString("latin1", 0, n))?.[1] ?? 0);
+    } catch {
+      return 0;
+    }
+  }
+
+  /** Remove it for good: its processes killed, its file closed, the folder removed (later, while one holds it). */
+  remove(): void {
+    if (this.oomControl !== null) {
+      try {
+        closeSync(this.oomControl);
+      } catch {
+        // closed already
+      }
+      this.oomControl = null;
+    }
+    removeCgroup(this.dir);
   }
 
   /**
@@ -174,7 +214,7 @@ export class EpisodeCgroup {
   private emptied(waitMs: number): void {
     if (killAllIn(this.dir) === 0) this.owner.reuse(this);
     else if (waitMs <= 5000) setTimeout(() => this.emptied(waitMs * 2), waitMs).unref();
-    else removeCgroup(this.dir);
+    else this.remove();
   }
 }
 
@@ -200,14 +240,8 @@ function chargedBytes(dir: string): number {
   }
 }
 
-/** `oom_kill` of a cgroup's memory.oom_control (Linux 4.13+; 0 before, or when it is gone). */
-function oomKillsIn(dir: string): number {
-  try {
-    return Number(/^oom_kill (\d+)$/m.exec(readFileSync(join(dir, "memory.oom_control"), "latin1"))?.[1] ?? 0);
-  } catch {
-    return 0;
-  }
-}
+/** What one read of memory.oom_control fills (its three lines are under 100 bytes). */
+const oomText = Buffer.alloc(256);
 
 /** This process's path in the v1 memory hierarchy (`/proc/self/cgroup`), or null. */
 function ownCgroup(): string | null {
