@@ -232,7 +232,8 @@ export class HostProcess {
     try {
       if (spawnOpts.memcg) {
         if (this.cgroup === null) throw new Error("its memory cgroup could not be made");
-        procsFd = openSync(join(this.cgroup.dir, "cgroup.procs"), "w");
+        // The cgroup's own descriptor, kept open across its episodes: the child gets a copy.
+        procsFd = this.cgroup.joinFile();
       }
       this.proc = Bun.spawn(cmd, {
         env: { ...CHILD_ENV },
@@ -247,8 +248,6 @@ export class HostProcess {
       this.giveUid();
       this.cgroup?.end();
       throw err;
-    } finally {
-      if (procsFd !== null) closeSync(procsFd);
     }
     this.pid = this.proc.pid;
     if (spawnOpts.autogroup != null) setAutogroup(this.pid, spawnOpts.autogroup);

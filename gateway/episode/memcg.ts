@@ -19,6 +19,7 @@
  */
 import {
   closeSync,
+  constants,
   existsSync,
   mkdirSync,
   openSync,
@@ -108,7 +109,7 @@ export class MemoryCgroups {
    * namespace left, must not count against the next episode).
    */
   reuse(cg: EpisodeCgroup): void {
-    if (this.free.length < KEEP_FREE && chargedBytes(cg.dir) <= REUSE_BELOW_BYTES) this.free.push(cg);
+    if (this.free.length < KEEP_FREE && cg.chargedBytes() <= REUSE_BELOW_BYTES) this.free.push(cg);
     else cg.remove();
   }
 }
@@ -125,11 +126,12 @@ export class EpisodeCgroup {
   private killsBefore = 0;
   private ended = false;
   /**
-   * Its memory.oom_control, kept open and read from offset 0 (the kernel makes the text anew for each
-   * read there): it is read as each episode begins and ends, and opening a cgroup file costs more than
-   * reading it. (Not so cgroup.procs: v1 caches its pid list for a second after a read.)
+   * Its files read or written on every episode, kept open while it lives: opening a cgroup file costs
+   * more than reading it. memory.oom_control and memory.usage_in_bytes are read from offset 0, where the
+   * kernel makes their text anew (not so cgroup.procs for reading: v1 keeps a pid list read from it for
+   * a second, so its reads open it afresh); cgroup.procs is open for writing, for the episode to join.
    */
-  private oomControl: number | null = null;
+  private readonly files = new Map<string, number>();
 
   constructor(
     readonly dir: string,
@@ -173,27 +175,51 @@ export class EpisodeCgroup {
     return this.oomKillCount() - this.killsBefore;
   }
 
+  /** Its cgroup.procs, open for writing: an episode's host process joins by writing its pid there. */
+  joinFile(): number {
+    return this.file("cgroup.procs", constants.O_WRONLY);
+  }
+
+  /** Bytes charged to it now (Infinity when it cannot be read). */
+  chargedBytes(): number {
+    try {
+      return Number(this.read("memory.usage_in_bytes"));
+    } catch {
+      return Number.POSITIVE_INFINITY;
+    }
+  }
+
   /** `oom_kill` of its memory.oom_control (Linux 4.13+; 0 before, or when the cgroup is gone). */
   private oomKillCount(): number {
     try {
-      this.oomControl ??= openSync(join(this.dir, "memory.oom_control"), "r");
-      const n = readSync(this.oomControl, oomText, 0, oomText.length, 0);
-      return Number(/^oom_kill (\d+)$/m.exec(oomText.toString("latin1", 0, n))?.[1] ?? 0);
+      return Number(/^oom_kill (\d+)$/m.exec(this.read("memory.oom_control"))?.[1] ?? 0);
     } catch {
       return 0;
     }
   }
 
-  /** Remove it for good: its processes killed, its file closed, the folder removed (later, while one holds it). */
+  /** One of its files, opened once. */
+  private file(name: string, flags: number): number {
+    let fd = this.files.get(name);
+    if (fd === undefined) this.files.set(name, (fd = openSync(join(this.dir, name), flags)));
+    return fd;
+  }
+
+  /** A file's text now, read from offset 0 of the descriptor kept open. */
+  private read(name: string): string {
+    const n = readSync(this.file(name, constants.O_RDONLY), text, 0, text.length, 0);
+    return text.toString("latin1", 0, n);
+  }
+
+  /** Remove it for good: its processes killed, its files closed, the folder removed (later, while one holds it). */
   remove(): void {
-    if (this.oomControl !== null) {
+    for (const fd of this.files.values())
       try {
-        closeSync(this.oomControl);
+        closeSync(fd);
       } catch {
         // closed already
       }
-      this.oomControl = null;
-    }
+    this.files.clear();
     removeCgroup(this.dir);
   }
 
@@ -231,17 +257,8 @@ function swapAccounted(dir: string): boolean {
   return swapFile;
 }
 
-/** Bytes charged to a cgroup now (Infinity when it cannot be read). */
-function chargedBytes(dir: string): number {
-  try {
-    return Number(readFileSync(join(dir, "memory.usage_in_bytes"), "latin1"));
-  } catch {
-    return Number.POSITIVE_INFINITY;
-  }
-}
-
-/** What one read of memory.oom_control fills (its three lines are under 100 bytes). */
-const oomText = Buffer.alloc(256);
+/** What one read of a cgroup's memory.oom_control or memory.usage_in_bytes fills (under 100 bytes). */
+const text = Buffer.alloc(256);
 
 /** This process's path in the v1 memory hierarchy (`/proc/self/cgroup`), or null. */
 function ownCgroup(): string | null {
