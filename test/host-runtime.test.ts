@@ -33,6 +33,16 @@ import { JOIN_CGROUP_ARG, type ParentMessage } from "../agents/protocol.ts";
 const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
 afterAll(() => rmSync(base, { recursive: true, force: true }));
 
+/**
+ * The built runtime these tests remove to see it built again. Where the build fails, hostScript falls
+ * back to the sources (HOST_ENTRY): that is refused here, or the test would delete agents/host/main.ts.
+ */
+function builtScript(): string {
+  const script = hostScript(process.execPath);
+  if (script === HOST_ENTRY) throw new Error(`the host runtime was not built: ${hostBuildProblem()}`);
+  return script;
+}
+
 describe("the built host runtime", () => {
   test("is written once by content into the uid's own directory, readable by all and writable by none but us", () => {
     const dir = runtimeDir(base);
@@ -62,7 +72,7 @@ describe("the built host runtime", () => {
   });
 
   test("a script whose bytecode went away is built again: the sandbox's bind of it would fail every episode", () => {
-    const script = hostScript(process.execPath);
+    const script = builtScript();
     rmSync(bytecodeOf(script));
     expect(hostScript(process.execPath)).toBe(script);
     expect(statSync(bytecodeOf(script)).isFile()).toBe(true);
@@ -103,7 +113,7 @@ describe("the built host runtime", () => {
   });
 
   test("a built script that went away is built again, not left for every episode to fail on", () => {
-    const script = hostScript(process.execPath);
+    const script = builtScript();
     rmSync(script);
     const again = hostScript(process.execPath);
     expect(again).toBe(script);
