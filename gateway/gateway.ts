@@ -742,6 +742,7 @@ export class Gateway {
       drainSpec: (type) => this.drainSpec(type),
       publishCommitted: (episode, rows, agent) => this.effects.publishCommitted(episode, rows, agent),
       wakesScheduled: (dueAt) => this.wakeups?.scheduled(dueAt),
+      running: () => this.scheduler.active,
       infra: this.infra,
       bundleFile: (hash) => this.bundles.file(hash),
       bundleFor: (agent, type, sv) =>

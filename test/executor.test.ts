@@ -9,7 +9,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import type { ParentMessage } from "../agents/protocol.ts";
-import { budgetWindows, EpisodeExecutor, type RunResult, type ToolHandler } from "../gateway/episode/index.ts";
+import { budgetWindows, COMMIT_GATHER_MS, EpisodeExecutor } from "../gateway/episode/index.ts";
+import type { RunResult, ToolHandler } from "../gateway/episode/index.ts";
 import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
 import { QueueBook } from "../gateway/fleet/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
@@ -59,6 +60,7 @@ async function setup(spec = sv) {
   const starts: Start[] = [];
   const published: { episode: string; topics: string[] }[] = [];
   let stopping = false;
+  let running = 1;
   const executor = new EpisodeExecutor({
     store,
     spec: () => spec,
@@ -74,6 +76,7 @@ async function setup(spec = sv) {
     stopping: () => stopping,
     queue: book,
     publishCommitted: (episode, rows) => published.push({ episode, topics: rows.map((r) => r.topic) }),
+    running: () => running,
   });
   let sid = 0;
   /** Queue one stimulus for `agent` as intake would. */
@@ -110,6 +113,9 @@ async function setup(spec = sv) {
     now: () => clock,
     setStopping: (v: boolean) => {
       stopping = v;
+    },
+    setRunning: (v: number) => {
+      running = v;
     },
   };
 }
@@ -322,6 +328,42 @@ describe("executor: sends", () => {
     expect(t.book.admit(B, 1).ok).toBe(true);
     expect(t.book.queued(A)).toBe(1);
     expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "queued" } as never]);
+  });
+});
+
+describe("executor: commits in a backlog", () => {
+  /** The gather window of each commit the executor asks the store for, with the commit itself done as usual. */
+  function gathers(): number[] {
+    const asked: number[] = [];
+    const commit = t.store.commitEpisode.bind(t.store);
+    t.store.commitEpisode = (c, gatherMs = 0) => {
+      asked.push(gatherMs);
+      return commit(c, gatherMs);
+    };
+    return asked;
+  }
+
+  test("an episode whose stimulus waited in a backlog while others run may wait for company to commit", async () => {
+    const asked = gathers();
+    await t.queue();
+    t.tick(200);
+    t.setRunning(4);
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    expect(asked).toEqual([COMMIT_GATHER_MS]);
+    expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "done" } as never]);
+  });
+
+  test("an agent that is not behind, or the only episode running, commits at once", async () => {
+    const asked = gathers();
+    await t.queue();
+    t.tick(5);
+    t.setRunning(4);
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    await t.queue(B);
+    t.tick(200);
+    t.setRunning(1);
+    expect(await t.executor.turn(B)).toEqual({ kind: "ran" });
+    expect(asked).toEqual([0, 0]);
   });
 });
 

@@ -630,6 +630,77 @@ describe("group committer", () => {
     }
   });
 
+  test("jobs that may gather share one transaction, committed when the first one's wait ends", async () => {
+    const store = await open(freshPath());
+    try {
+      const before = { ...store.writer.stats };
+      const put = (key: string, gatherMs: number) =>
+        store.writer.write([store.db.insert(tables.meta).values({ key, value: "1" })], undefined, gatherMs);
+      const settled: string[] = [];
+      const started = performance.now();
+      const a = put("a", 100).then(() => settled.push("a"));
+      await new Promise((r) => setTimeout(r, 20));
+      // Queued while the first one waits: its own (longer) wait does not extend the first one's.
+      const b = put("b", 10_000).then(() => settled.push("b"));
+      await new Promise((r) => setTimeout(r, 20));
+      expect(settled).toEqual([]);
+      expect(await store.getMeta("a")).toBeNull();
+      await Promise.all([a, b]);
+      expect(performance.now() - started).toBeGreaterThanOrEqual(95);
+      expect(settled.sort()).toEqual(["a", "b"]);
+      expect(store.writer.stats.commits - before.commits).toBe(1);
+      expect(store.writer.stats.jobs - before.jobs).toBe(2);
+      expect(await store.getMeta("b")).toBe("1");
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a job that does not wait commits at once and takes the waiting jobs into its transaction", async () => {
+    const store = await open(freshPath());
+    try {
+      const before = { ...store.writer.stats };
+      const waiting = store.writer.write(
+        [store.db.insert(tables.meta).values({ key: "w", value: "1" })],
+        undefined,
+        60_000,
+      );
+      await new Promise((r) => setTimeout(r, 10));
+      const started = performance.now();
+      await Promise.all([
+        waiting,
+        store.writer.write([store.db.insert(tables.meta).values({ key: "now", value: "1" })]),
+      ]);
+      // Nowhere near the minute the first job could have waited.
+      expect(performance.now() - started).toBeLessThan(30_000);
+      expect(store.writer.stats.commits - before.commits).toBe(1);
+      expect(store.writer.stats.jobs - before.jobs).toBe(2);
+      expect(await store.getMeta("w")).toBe("1");
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("closing the store commits a job that may still wait, without waiting", async () => {
+    const path = freshPath();
+    const store = await open(path);
+    const waiting = store.writer.write(
+      [store.db.insert(tables.meta).values({ key: "late", value: "1" })],
+      undefined,
+      60_000,
+    );
+    const started = performance.now();
+    await store.close();
+    await waiting;
+    expect(performance.now() - started).toBeLessThan(30_000);
+    const again = await open(path);
+    try {
+      expect(await again.getMeta("late")).toBe("1");
+    } finally {
+      await again.close();
+    }
+  });
+
   test("a flood in one turn does not hold back another agent: past the flush limit it waits", async () => {
     const store = await open(freshPath());
     try {

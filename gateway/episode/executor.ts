@@ -104,6 +104,8 @@ export interface EpisodeDeps {
   readonly bundleFor?: (agent: AgentId, type: string, sv: SpecVersion) => string | null;
   /** The file of a stored bundle, materialised for the sandbox; throws when it cannot be. */
   readonly bundleFile?: (hash: string) => Promise<string>;
+  /** Episodes running now, this one included: a commit waits for others only while some run (`commitGatherMs`). */
+  readonly running?: () => number;
   /** Publish a committed episode's outbox now (effects after commit). */
   readonly publishCommitted?: (
     episode: string,
@@ -113,6 +115,27 @@ export interface EpisodeDeps {
 }
 
 type RunDecision = Extract<TurnDecision, { kind: "run" }>;
+
+/** A stimulus that waited this long for its episode to start is in a backlog (COMMIT_GATHER_MS). */
+export const BACKLOG_WAIT_MS = 50;
+/**
+ * How long the commit of an episode in a backlog waits for other episodes' commits to share its
+ * transaction: a commit of one episode costs the gateway about as much CPU as a commit of four
+ * (the pages of the tables' and indexes' right edges, the WAL sync, a turn of the event loop), and
+ * the episode's latency is its wait in the queue (at least BACKLOG_WAIT_MS) more than this.
+ * Measured (bench episodes, 2 cores): gateway CPU per episode -15 to -20% at 10 ms, episodes/s unchanged.
+ */
+export const COMMIT_GATHER_MS = 10;
+
+/**
+ * How long a commit may wait for company: COMMIT_GATHER_MS when its stimulus waited BACKLOG_WAIT_MS
+ * or more and other episodes run (one may commit meanwhile); otherwise 0, so an agent that is not
+ * behind (a quiet agent beside a flood, an idle fleet) commits at once, and takes any commits
+ * waiting into its transaction.
+ */
+export function commitGatherMs(waitMs: number, running: number): number {
+  return waitMs >= BACKLOG_WAIT_MS && running > 1 ? COMMIT_GATHER_MS : 0;
+}
 
 /** Runs turns; one instance per gateway. */
 export class EpisodeExecutor {
@@ -394,28 +417,32 @@ export class EpisodeExecutor {
       });
       // Sends are written with the sender's commit (exactly once), into places admission reserved.
       const inbox = buildInbox(episode, gate.sends, endedAt);
-      const sent = await this.d.store.commitEpisode({
-        episode: { ...base, status: "committed", checkpoint: sealed.hash },
-        events,
-        checkpoint: {
-          hash: sealed.hash,
-          gateway: this.d.store.gatewayId,
-          agent: agentId,
-          seq,
-          parent: agent.headHash,
-          episode,
-          specVersion: sv.hash,
-          state: sealed.stateText,
-          createdAt: endedAt,
-          stateVersion: stateVersion ?? null,
-          migratedFrom: result.migratedFrom ?? null,
+      const gatherMs = commitGatherMs(summary.waitMs, this.d.running?.() ?? 1);
+      const sent = await this.d.store.commitEpisode(
+        {
+          episode: { ...base, status: "committed", checkpoint: sealed.hash },
+          events,
+          checkpoint: {
+            hash: sealed.hash,
+            gateway: this.d.store.gatewayId,
+            agent: agentId,
+            seq,
+            parent: agent.headHash,
+            episode,
+            specVersion: sv.hash,
+            state: sealed.stateText,
+            createdAt: endedAt,
+            stateVersion: stateVersion ?? null,
+            migratedFrom: result.migratedFrom ?? null,
+          },
+          outbox,
+          inbox,
+          usage,
+          wakes: wakes?.wakes,
+          cancels: wakes?.cancels,
         },
-        outbox,
-        inbox,
-        usage,
-        wakes: wakes?.wakes,
-        cancels: wakes?.cancels,
-      });
+        gatherMs,
+      );
       this.d.queue.left(agentId, head.seq);
       this.settleSends(gate, sent);
       if (agent.status === "draining") await this.d.drained?.(agentId);

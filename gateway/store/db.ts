@@ -158,6 +158,8 @@ export interface CommitStats {
 export class GroupCommitter {
   private queue: Job[] = [];
   private scheduled = false;
+  /** Jobs queued may wait for others to share their transaction until this timer fires (`write`'s `gatherMs`). */
+  private gathering: ReturnType<typeof setTimeout> | null = null;
   /** Commits run but not yet settled (waiting for their WAL sync). */
   private inFlight = new Set<Promise<void>>();
   /** Transactions committed, and how many of them a finished WAL sync covers. */
@@ -197,24 +199,45 @@ export class GroupCommitter {
   /**
    * Queue a job; resolves with one ResultSet per statement once durably committed. `committed`
    * hears of the commit first, before the WAL sync (see the class comment); it must not throw.
+   *
+   * `gatherMs` > 0: the job may wait up to that long for other jobs to share its transaction (a
+   * commit in a backlog, whose latency its wait in the queue dominates). Whichever comes first
+   * ends the wait: the timer of the first such job queued, or a job that does not wait, which
+   * takes every job queued into its transaction.
    */
-  write(items: WriteItem[], committed?: (results: ResultSet[]) => void): Promise<ResultSet[]> {
+  write(items: WriteItem[], committed?: (results: ResultSet[]) => void, gatherMs = 0): Promise<ResultSet[]> {
     if (items.length === 0) {
       committed?.([]);
       return Promise.resolve([]);
     }
     return new Promise((resolve, reject) => {
       this.queue.push({ items: items.map(toStatement), resolve, reject, committed });
-      if (!this.scheduled) {
-        this.scheduled = true;
-        // While the WAL syncs, jobs gather for the next transaction (its jobs could not be
-        // acknowledged before that sync ends anyway, and one bigger commit writes fewer pages);
-        // otherwise setImmediate lets every packet already read from sockets join this one.
-        const flush = () => setImmediate(() => this.flush());
-        if (this.syncRunning) this.syncRunning.then(flush, flush);
-        else flush();
-      }
+      if (gatherMs <= 0) this.schedule();
+      else if (!this.scheduled && !this.gathering)
+        this.gathering = setTimeout(() => {
+          this.gathering = null;
+          this.schedule();
+        }, gatherMs);
     });
+  }
+
+  /** Flush the queue soon: at the next turn of the event loop, or once the running WAL sync ends. */
+  private schedule(): void {
+    this.stopGathering();
+    if (this.scheduled) return;
+    this.scheduled = true;
+    // While the WAL syncs, jobs gather for the next transaction (its jobs could not be
+    // acknowledged before that sync ends anyway, and one bigger commit writes fewer pages);
+    // otherwise setImmediate lets every packet already read from sockets join this one.
+    const flush = () => setImmediate(() => this.flush());
+    if (this.syncRunning) this.syncRunning.then(flush, flush);
+    else flush();
+  }
+
+  private stopGathering(): void {
+    if (this.gathering === null) return;
+    clearTimeout(this.gathering);
+    this.gathering = null;
   }
 
   /**
@@ -246,6 +269,7 @@ export class GroupCommitter {
 
   private flush(): void {
     this.scheduled = false;
+    this.stopGathering();
     const jobs = this.queue;
     this.queue = [];
     if (jobs.length === 0) return;

@@ -792,11 +792,12 @@ export class Store {
 
   /**
    * Commit an episode whole: log, decisions, checkpoint, outbox, inbox sends, budget use, dedup
-   * mark. Resolves with the inbox stimuli written (a duplicate send writes none).
+   * mark. Resolves with the inbox stimuli written (a duplicate send writes none). `gatherMs`: how
+   * long the commit may wait for others to share its transaction (GroupCommitter.write).
    */
-  async commitEpisode(c: EpisodeCommit): Promise<SentStimulus[]> {
+  async commitEpisode(c: EpisodeCommit, gatherMs = 0): Promise<SentStimulus[]> {
     const stmts = commitStatements(this.gatewayId, c);
-    return sentStimuli(stmts, await this.writer.write(stmts));
+    return sentStimuli(stmts, await this.writer.write(stmts, undefined, gatherMs));
   }
 
   /** Record a failed attempt; the stimulus is retried later or quarantined. State is untouched. */
