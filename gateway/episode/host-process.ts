@@ -4,7 +4,7 @@
  * groups the gateway kills on shutdown, and the RSS scan of a process tree.
  */
 import { closeSync, constants, openSync, readdirSync, readFileSync, statfsSync, statSync, writeSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { dirname } from "node:path";
 import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
 import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
 import {
