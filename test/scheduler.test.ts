@@ -106,6 +106,70 @@ function gated(opts: { maxConcurrent: number; queued?: (a: AgentId) => number; f
   return { scheduler, release, started, finish };
 }
 
+describe("scheduler: a turn that hands its place back", () => {
+  /** Turns that release their place when told (`done`), then settle when told (`settle`). */
+  function releasing(maxConcurrent: number) {
+    const started: string[] = [];
+    const done = new Map<string, () => void>();
+    const settle = new Map<string, () => void>();
+    const queues = new Map<string, number>();
+    const scheduler = new Scheduler({
+      maxConcurrent,
+      queued: (a) => queues.get(a) ?? 0,
+      runTurn: async (a, release) => {
+        started.push(a);
+        await new Promise<void>((r) => done.set(a, r));
+        release();
+        release(); // twice: the place is handed back once
+        await new Promise<void>((r) => settle.set(a, r));
+        queues.set(a, (queues.get(a) ?? 1) - 1);
+        return { kind: "ran" };
+      },
+    });
+    const enqueue = (a: string, n = 1) => {
+      queues.set(a, (queues.get(a) ?? 0) + n);
+      scheduler.notify(id(a));
+    };
+    return { scheduler, started, done, settle, enqueue };
+  }
+
+  test("another agent starts in the place while the first turn still commits", async () => {
+    const { scheduler, started, done, settle, enqueue } = releasing(1);
+    enqueue("a");
+    enqueue("b");
+    await holds(() => started.length === 1, "a starts");
+    expect(started).toEqual(["a"]);
+    done.get("a")!();
+    await holds(() => started.length === 2, "b starts while a commits");
+    expect(started).toEqual(["a", "b"]);
+    expect(scheduler.active).toBe(1);
+    // Neither turn has settled: idle waits for both.
+    let idle = false;
+    void scheduler.idle().then(() => (idle = true));
+    done.get("b")!();
+    await tick();
+    expect(scheduler.active).toBe(0);
+    expect(idle).toBe(false);
+    settle.get("a")!();
+    settle.get("b")!();
+    await holds(() => idle, "idle once both turns settle");
+  });
+
+  test("the agent whose turn commits does not start again until that turn settles", async () => {
+    const { started, done, settle, enqueue } = releasing(4);
+    enqueue("a", 2);
+    await holds(() => started.length === 1, "a starts");
+    done.get("a")!();
+    for (let i = 0; i < 5; i++) await tick();
+    expect(started).toEqual(["a"]);
+    settle.get("a")!();
+    await holds(() => started.length === 2, "a's second turn");
+    expect(started).toEqual(["a", "a"]);
+    done.get("a")!();
+    settle.get("a")!();
+  });
+});
+
 describe("scheduler", () => {
   test("runs one episode at a time per agent", async () => {
     const { fleet, enqueue, drained } = setup(4);

@@ -13,8 +13,12 @@ export type { TurnResult };
 /** Options of the scheduler. */
 export interface SchedulerOptions {
   readonly maxConcurrent: number;
-  /** Run one turn for an agent: one episode at most. Must not throw. */
-  readonly runTurn: (agent: AgentId) => Promise<TurnResult>;
+  /**
+   * Run one turn for an agent: one episode at most. Must not throw. `release` hands the turn's
+   * place among `maxConcurrent` back early, once its episode's process is gone (its commit may
+   * still wait, GroupCommitter.write); the agent itself stays busy until the turn settles.
+   */
+  readonly runTurn: (agent: AgentId, release: () => void) => Promise<TurnResult>;
   /** Stimuli waiting for an agent (the queue book). */
   readonly queued: (agent: AgentId) => number;
   /**
@@ -44,7 +48,10 @@ export class Scheduler {
   /** Flooded agents waiting for a slot below the cap, in arrival order (devices first). */
   private readonly held: AgentId[] = [];
   private heldHead = 0;
+  /** Turns holding a place among maxConcurrent (their episode's process may run). */
   private running = 0;
+  /** Turns not settled yet, released or not (`idle`). */
+  private turns = 0;
   private stopped = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
@@ -81,7 +88,7 @@ export class Scheduler {
     return this.cap === null ? this.maxConcurrent : Math.min(this.cap, this.maxConcurrent);
   }
 
-  /** Episodes running now. */
+  /** Episodes running now (a turn that released its place, committing, is not one). */
   get active(): number {
     return this.running;
   }
@@ -116,9 +123,9 @@ export class Scheduler {
     if (this.timer) clearTimeout(this.timer);
   }
 
-  /** Resolves when no episode is running. */
+  /** Resolves when no turn is running (nor committing). */
   idle(): Promise<void> {
-    if (this.running === 0) return Promise.resolve();
+    if (this.turns === 0) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
@@ -214,12 +221,24 @@ export class Scheduler {
     slot.running = true;
     slot.waitUntil = 0; // any wait is over (the timer may not have fired yet)
     this.running++;
+    this.turns++;
+    let held = true;
+    const release = (): boolean => {
+      if (!held) return false;
+      held = false;
+      this.running--;
+      return true;
+    };
     void this.opts
-      .runTurn(agent)
+      .runTurn(agent, () => {
+        // Not from inside the turn's own call: the next turn starts on a stack of its own.
+        if (release()) queueMicrotask(() => this.pump());
+      })
       .catch((): TurnResult => ({ kind: "wait", until: this.now() + 1000 }))
       .then((r) => {
         slot.running = false;
-        this.running--;
+        release();
+        this.turns--;
         // News that arrived during the turn overrides what the turn saw before it.
         const notified = slot.notifiedWhileRunning;
         const woken = slot.wokenWhileRunning;
@@ -253,7 +272,7 @@ export class Scheduler {
         const work = this.opts.queued(agent) > 0;
         if (!work || (!again && !slot.parked && slot.waitUntil === 0)) this.slots.delete(agent);
         else if (again) this.makeReady(agent, slot);
-        if (this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
+        if (this.turns === 0) for (const w of this.idleWaiters.splice(0)) w();
         this.pump();
       });
   }
