@@ -750,7 +750,7 @@ export class Gateway {
     });
     this.scheduler = new Scheduler({
       maxConcurrent: spec.fleet.max_concurrent_episodes,
-      runTurn: (a, release) => executor.turn(a, release),
+      runTurn: (a) => executor.turn(a),
       queued: (a) => this.book.queued(a),
       flooded: (a) => this.book.queued(a) >= FLOOD_BACKLOG,
       now: this.now,

@@ -60,7 +60,7 @@ async function setup(spec = sv) {
   const starts: Start[] = [];
   const published: { episode: string; topics: string[] }[] = [];
   let stopping = false;
-  let running = 0;
+  let running = 1;
   const executor = new EpisodeExecutor({
     store,
     spec: () => spec,
@@ -347,37 +347,21 @@ describe("executor: commits in a backlog", () => {
     const asked = gathers();
     await t.queue();
     t.tick(200);
-    t.setRunning(3);
+    t.setRunning(4);
     expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
     expect(asked).toEqual([COMMIT_GATHER_MS]);
     expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "done" } as never]);
-  });
-
-  test("the turn hands back its place once the episode's process is done, before its commit", async () => {
-    const order: string[] = [];
-    const commit = t.store.commitEpisode.bind(t.store);
-    t.store.commitEpisode = (c, gatherMs) => {
-      order.push("commit");
-      return commit(c, gatherMs);
-    };
-    await t.queue();
-    t.script.push(() => {
-      order.push("run");
-      return ok({ n: 1 });
-    });
-    expect(await t.executor.turn(A, () => order.push("release"))).toEqual({ kind: "ran" });
-    expect(order).toEqual(["run", "release", "commit"]);
   });
 
   test("an agent that is not behind, or the only episode running, commits at once", async () => {
     const asked = gathers();
     await t.queue();
     t.tick(5);
-    t.setRunning(3);
+    t.setRunning(4);
     expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
     await t.queue(B);
     t.tick(200);
-    t.setRunning(0);
+    t.setRunning(1);
     expect(await t.executor.turn(B)).toEqual({ kind: "ran" });
     expect(asked).toEqual([0, 0]);
   });

@@ -13,12 +13,8 @@ export type { TurnResult };
 /** Options of the scheduler. */
 export interface SchedulerOptions {
   readonly maxConcurrent: number;
-  /**
-   * Run one turn for an agent: one episode at most. Must not throw. `release` hands the turn's
-   * place among `maxConcurrent` back early, once its episode's process is gone (its commit may
-   * still wait, GroupCommitter.write); the agent itself stays busy until the turn settles.
-   */
-  readonly runTurn: (agent: AgentId, release: () => void) => Promise<TurnResult>;
+  /** Run one turn for an agent: one episode at most. Must not throw. */
+  readonly runTurn: (agent: AgentId) => Promise<TurnResult>;
   /** Stimuli waiting for an agent (the queue book). */
   readonly queued: (agent: AgentId) => number;
   /**
@@ -48,10 +44,7 @@ export class Scheduler {
   /** Flooded agents waiting for a slot below the cap, in arrival order (devices first). */
   private readonly held: AgentId[] = [];
   private heldHead = 0;
-  /** Turns holding a place among maxConcurrent (their episode's process may run). */
   private running = 0;
-  /** Turns not settled yet, released or not (`idle`). */
-  private turns = 0;
   private stopped = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
@@ -88,7 +81,7 @@ export class Scheduler {
     return this.cap === null ? this.maxConcurrent : Math.min(this.cap, this.maxConcurrent);
   }
 
-  /** Episodes running now (a turn that released its place, committing, is not one). */
+  /** Episodes running now. */
   get active(): number {
     return this.running;
   }
@@ -123,9 +116,9 @@ export class Scheduler {
     if (this.timer) clearTimeout(this.timer);
   }
 
-  /** Resolves when no turn is running (nor committing). */
+  /** Resolves when no episode is running. */
   idle(): Promise<void> {
-    if (this.turns === 0) return Promise.resolve();
+    if (this.running === 0) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
@@ -221,24 +214,12 @@ export class Scheduler {
     slot.running = true;
     slot.waitUntil = 0; // any wait is over (the timer may not have fired yet)
     this.running++;
-    this.turns++;
-    let held = true;
-    const release = (): boolean => {
-      if (!held) return false;
-      held = false;
-      this.running--;
-      return true;
-    };
     void this.opts
-      .runTurn(agent, () => {
-        // Not from inside the turn's own call: the next turn starts on a stack of its own.
-        if (release()) queueMicrotask(() => this.pump());
-      })
+      .runTurn(agent)
       .catch((): TurnResult => ({ kind: "wait", until: this.now() + 1000 }))
       .then((r) => {
         slot.running = false;
-        release();
-        this.turns--;
+        this.running--;
         // News that arrived during the turn overrides what the turn saw before it.
         const notified = slot.notifiedWhileRunning;
         const woken = slot.wokenWhileRunning;
@@ -272,7 +253,7 @@ export class Scheduler {
         const work = this.opts.queued(agent) > 0;
         if (!work || (!again && !slot.parked && slot.waitUntil === 0)) this.slots.delete(agent);
         else if (again) this.makeReady(agent, slot);
-        if (this.turns === 0) for (const w of this.idleWaiters.splice(0)) w();
+        if (this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
         this.pump();
       });
   }

@@ -14,9 +14,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.name": "Name of this fleet (shown in status, health and metrics; make it unique per site).",
   "fleet.data_dir": "Where the libSQL database and runtime files live (created 0700).",
   "fleet.max_concurrent_episodes":
-    "Episode processes running at once across the fleet (an episode whose process has ended leaves its place " +
-    "while it commits); one at a time per agent always. During an intake burst, agents with a backlog share a " +
-    "quarter of it (docs/sandbox.md, devices first).",
+    "Episodes running at once across the fleet; one at a time per agent always. During an intake burst, agents " +
+    "with a backlog share a quarter of it (docs/sandbox.md, devices first).",
   "fleet.synchronous":
     '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
   "fleet.drain_timeout_ms":
