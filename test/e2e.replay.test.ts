@@ -286,8 +286,12 @@ describe("fleet replay --agent <type/key> --module FILE", () => {
         );
       }
       const h = await human("replay", "--agent", "temp-monitor/boiler-1", "--module", shippedAgent("temp-monitor"));
-      expect(h.code).toBe(0);
-      expect(h.stdout.trim()).toBe(`${READINGS.length}/${READINGS.length} episode(s) MATCH, 0 DIVERGED`);
+      // Whole, so a failure shows what the operator would have read.
+      expect({ code: h.code, stdout: h.stdout.trim(), stderr: h.stderr }).toEqual({
+        code: 0,
+        stdout: `${READINGS.length}/${READINGS.length} episode(s) MATCH, 0 DIVERGED`,
+        stderr: "",
+      });
     },
     SLOW,
   );

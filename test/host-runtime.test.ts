@@ -58,6 +58,21 @@ describe("the built host runtime", () => {
     expect(code).toContain("class ToolDenied");
   });
 
+  test("built again, files there with the same bytes stay: a sandbox that bound them must not see them deleted", () => {
+    const dir = runtimeDir(base);
+    const script = buildHostRuntime(process.execPath, dir);
+    const inodes = () => [script, bytecodeOf(script)].filter(existsSync).map((f) => statSync(f).ino);
+    const before = inodes();
+    expect(buildHostRuntime(process.execPath, dir)).toBe(script);
+    expect(inodes()).toEqual(before);
+    // Bytes that are not the build's (damaged in place) are replaced.
+    chmodSync(script, 0o644);
+    writeFileSync(script, "damaged");
+    expect(buildHostRuntime(process.execPath, dir)).toBe(script);
+    expect(readFileSync(script, "utf8")).not.toBe("damaged");
+    expect(statSync(script).mode & 0o777).toBe(0o644);
+  });
+
   test("carries its bytecode beside it, readable by all, and a sandbox shows the episode both files", () => {
     const script = buildHostRuntime(process.execPath, runtimeDir(base));
     // The pragma makes Bun load `<script>.jsc` instead of parsing and compiling the script.

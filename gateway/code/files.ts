@@ -5,7 +5,7 @@
  * the files it binds as that uid) the data dir (0700) is out of their reach, so the files live
  * beside it instead, world-readable like the agent modules themselves.
  */
-import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, linkSync, mkdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { processTempDir } from "../episode/index.ts";
@@ -123,8 +123,16 @@ export class BundleFiles {
     if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: dir.endsWith(".bundles") ? 0o755 : 0o700 });
     const tmp = `${path}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
     writeFileSync(tmp, code, { mode: 0o444 });
-    chmodSync(tmp, 0o444);
-    renameSync(tmp, path);
+    try {
+      chmodSync(tmp, 0o444);
+      // A link, not a rename: one made meanwhile by another process (a CLI on the same data dir) has the
+      // same bytes and may be bound in a sandbox already; a rename over it would show it there "(deleted)".
+      linkSync(tmp, path);
+    } catch (err) {
+      if ((err as { code?: string }).code !== "EEXIST") throw err;
+    } finally {
+      rmSync(tmp, { force: true });
+    }
     this.known.delete(hash);
     return path;
   }

@@ -15,7 +15,17 @@
  * /var/tmp (else /tmp) (checked: a real directory, ours, writable by nobody else), readable by
  * the episodes' uid. Gateways of one install share it (one small pair of files per version of the code).
  */
-import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  linkSync,
+  lstatSync,
+  mkdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+} from "node:fs";
 import { join } from "node:path";
 import { HOST_ENTRY, PROTOCOL_ENTRY, SDK_ENTRY } from "../../agents/host/index.ts";
 
@@ -94,19 +104,35 @@ export function buildHostRuntime(bun: string, dir: string): string {
     const hasBytecode = existsSync(jsc);
     if (hasBytecode) hash.update(readFileSync(jsc));
     const out = join(dir, `host-${hash.digest("hex").slice(0, 32)}.js`);
-    // Same bytes, same name: another gateway's rename of identical files changes nothing. The
-    // bytecode goes first, so a script that is there has its bytecode there too.
+    // Same bytes, same name: files already there (another gateway's, or a CLI's) stay as they are.
+    // The bytecode goes first, so a script that is there has its bytecode there too.
     for (const [from, to] of hasBytecode
       ? [[jsc, bytecodeOf(out)] as const, [js, out] as const]
       : [[js, out] as const]) {
-      chmodSync(from, 0o644);
-      renameSync(from, to);
+      place(from, to);
       if ((statSync(to).mode & 0o022) !== 0) throw new Error(`${to} is writable by others`);
     }
     return out;
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }
+}
+
+/**
+ * Put a built file in its place, never over the same bytes: a rename over them would unlink the
+ * file that sandboxes starting now have bound, and Bun in there would find its script "(deleted)"
+ * and fail the episode (it did whenever another gateway or `fleet replay` started). A hard link
+ * makes the name only where there is none, at once; bytes that differ (damaged) are replaced.
+ */
+function place(from: string, to: string): void {
+  chmodSync(from, 0o644);
+  try {
+    linkSync(from, to);
+    return;
+  } catch (err) {
+    if ((err as { code?: string }).code !== "EEXIST") throw err;
+  }
+  if (!readFileSync(to).equals(readFileSync(from))) renameSync(from, to);
 }
 
 /** `bun build` of the host entry into `outdir` (main.js, and main.js.jsc with `bytecode`). */
