@@ -1,0 +1,159 @@
+#!/usr/bin/env bun
+/**
+ * The whole test suite, several files at a time: `bun test` runs its files one after another,
+ * and most of the suite's time is spent waiting (on gateways, brokers, episodes, Paho's fixed
+ * sleeps), so two files at once on two cores take about half the time. Each file runs in a
+ * `bun test` process of its own, longest first (test/durations.json, seconds per file from an
+ * earlier run; a file not listed counts as long), on `--jobs` workers.
+ *
+ *   bun scripts/test.ts [--jobs N] [--update-durations] [-- bun test options, e.g. --timeout 60000]
+ *
+ * `--glob` and `--durations` pick other files (the runner's own test runs it on fixtures);
+ * `--file-timeout` (seconds, default 1200) kills a file's process that never exits.
+ *
+ * A file's output is printed whole when it ends, so the log reads as bun's own does. The last
+ * lines are the totals in bun's form (" N pass", " N fail") and the exit code is non-zero when
+ * a file failed, or its process ended without bun's summary (a crash).
+ */
+import { availableParallelism } from "node:os";
+import { join, relative } from "node:path";
+import { parseArgs } from "node:util";
+
+const ROOT = join(import.meta.dir, "..");
+/** Seconds assumed for a file test/durations.json does not list yet: new files run early. */
+const UNKNOWN_SECONDS = 60;
+
+const { values, positionals } = parseArgs({
+  args: Bun.argv.slice(2),
+  options: {
+    jobs: { type: "string" },
+    "update-durations": { type: "boolean", default: false },
+    glob: { type: "string", default: "test/**/*.test.ts" },
+    durations: { type: "string", default: "test/durations.json" },
+    "file-timeout": { type: "string", default: "1200" },
+  },
+  allowPositionals: true,
+});
+const jobs = Number(values.jobs ?? process.env.FLEET_TEST_JOBS ?? Math.min(availableParallelism(), 4));
+if (!Number.isInteger(jobs) || jobs < 1) {
+  console.error(`--jobs must be a whole number of at least 1, not ${values.jobs ?? process.env.FLEET_TEST_JOBS}`);
+  process.exit(2);
+}
+const fileLimitMs = Number(values["file-timeout"]) * 1000;
+if (!(fileLimitMs > 0)) {
+  console.error(`--file-timeout must be a number of seconds above 0, not ${values["file-timeout"]}`);
+  process.exit(2);
+}
+const DURATIONS = join(ROOT, values.durations);
+/** Options passed through to every `bun test` (positionals: what follows `--`). */
+const bunTestArgs = positionals;
+
+/** What one file's `bun test` reported. */
+interface FileRun {
+  readonly file: string;
+  readonly pass: number;
+  readonly skip: number;
+  readonly fail: number;
+  readonly seconds: number;
+  readonly code: number;
+  /** bun printed its closing summary (a process that crashed or was killed did not). */
+  readonly summarised: boolean;
+  readonly output: string;
+}
+
+/** A count from bun's closing lines (" 12 pass"; the last such line: a test may print one), 0 when absent. */
+function count(output: string, word: "pass" | "skip" | "fail"): number {
+  const m = [...output.matchAll(new RegExp(`^\\s*(\\d+) ${word}$`, "gm"))].at(-1);
+  return m ? Number(m[1]) : 0;
+}
+
+async function runFile(file: string): Promise<FileRun> {
+  const began = performance.now();
+  const proc = Bun.spawn([process.execPath, "test", ...bunTestArgs, `./${file}`], {
+    cwd: ROOT,
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  // bun test's own per-test timeout ends a hung test; this ends a file whose process never exits.
+  let overran = false;
+  const limit = setTimeout(() => {
+    overran = true;
+    proc.kill("SIGKILL");
+  }, fileLimitMs);
+  // bun test writes its report to stderr and the tests' console output to stdout: keep both, in that order.
+  const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+  const code = await proc.exited;
+  clearTimeout(limit);
+  const output = `${out}${err}${overran ? `\nkilled after ${fileLimitMs / 1000} s (--file-timeout)\n` : ""}`;
+  return {
+    file,
+    pass: count(output, "pass"),
+    skip: count(output, "skip"),
+    fail: count(output, "fail"),
+    seconds: (performance.now() - began) / 1000,
+    code,
+    summarised: /^Ran \d+ tests? across/m.test(output),
+    output,
+  };
+}
+
+/** Every test file, longest first by the durations an earlier run recorded. */
+async function testFiles(known: Record<string, number>): Promise<string[]> {
+  const files = [...new Bun.Glob(values.glob).scanSync({ cwd: ROOT })].sort();
+  const seconds = (f: string) => known[f] ?? UNKNOWN_SECONDS;
+  return files.sort((a, b) => seconds(b) - seconds(a));
+}
+
+const known: Record<string, number> = await Bun.file(DURATIONS)
+  .json()
+  .catch(() => ({}));
+const queue = await testFiles(known);
+const total = queue.length;
+if (total === 0) {
+  console.error(`no test files match ${values.glob}`);
+  process.exit(1);
+}
+const runs: FileRun[] = [];
+const began = performance.now();
+console.log(`${total} test files, ${jobs} at a time`);
+
+async function worker(): Promise<void> {
+  for (let file = queue.shift(); file !== undefined; file = queue.shift()) {
+    const run = await runFile(file);
+    runs.push(run);
+    const ok = run.code === 0 && run.summarised;
+    process.stdout.write(`\n${run.output.trimEnd()}\n`);
+    if (!ok) console.log(`!! ${file}: exit code ${run.code}${run.summarised ? "" : ", no summary from bun test"}`);
+    console.log(`-- ${runs.length}/${total} ${file}: ${run.seconds.toFixed(1)} s`);
+  }
+}
+await Promise.all(Array.from({ length: Math.min(jobs, total) }, worker));
+
+const broken = runs.filter((r) => r.code !== 0 || !r.summarised);
+const sum = (k: "pass" | "skip" | "fail") => runs.reduce((n, r) => n + r[k], 0);
+// A file whose process failed without a failing test (it crashed, or failed to load) is one failure more.
+const fail = sum("fail") + broken.filter((r) => r.fail === 0).length;
+
+if (values["update-durations"]) {
+  const rounded = Object.fromEntries(
+    runs.map((r) => [r.file, Math.round(r.seconds * 100) / 100] as const).sort(([a], [b]) => a.localeCompare(b)),
+  );
+  await Bun.write(DURATIONS, `${JSON.stringify(rounded, null, 2)}\n`);
+  console.log(`wrote ${relative(ROOT, DURATIONS)}`);
+}
+
+if (broken.length > 0) {
+  console.log("\nfailed:");
+  for (const r of broken) {
+    const failures = r.output.split("\n").filter((l) => l.startsWith("(fail)"));
+    console.log(`  ${r.file} (exit code ${r.code})${failures.length > 0 ? "" : ": no failing test reported"}`);
+    for (const l of failures) console.log(`    ${l}`);
+  }
+}
+const seconds = ((performance.now() - began) / 1000).toFixed(1);
+console.log(`\nRan ${sum("pass") + sum("skip") + sum("fail")} tests across ${runs.length} files in ${seconds} s.`);
+console.log(` ${sum("pass")} pass`);
+console.log(` ${sum("skip")} skip`);
+console.log(` ${fail} fail`);
+process.exit(broken.length > 0 || fail > 0 ? 1 : 0);

@@ -1,0 +1,100 @@
+/**
+ * scripts/test.ts, the runner `npm test` (and so CI) uses: it must count every file's tests,
+ * fail when any file fails or its process dies without bun's summary, and say which.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, relative } from "node:path";
+import { ROOT } from "./helpers/gateway.ts";
+
+const RUNNER = join(ROOT, "scripts/test.ts");
+const FIXTURES = "test/fixtures/test-runner";
+const dir = mkdtempSync(join(tmpdir(), "fleet-test-runner-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+/** Run the runner on fixture files; its exit code and what it printed. */
+async function runner(glob: string, more: string[] = []): Promise<{ code: number; out: string }> {
+  const durations = relative(ROOT, join(dir, "durations.json"));
+  const proc = Bun.spawn([process.execPath, RUNNER, "--glob", glob, "--durations", durations, ...more], {
+    cwd: ROOT,
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+  return { code: await proc.exited, out: out + err };
+}
+
+/** The totals the runner prints last, in bun's form. */
+function totals(out: string): { pass: number; skip: number; fail: number } {
+  const tail = out.slice(out.lastIndexOf("\nRan "));
+  const n = (word: string) => Number(new RegExp(`^ (\\d+) ${word}$`, "m").exec(tail)?.[1]);
+  return { pass: n("pass"), skip: n("skip"), fail: n("fail") };
+}
+
+describe("the test runner (scripts/test.ts)", () => {
+  test("adds up every file's tests and exits 0 when all pass", async () => {
+    const { code, out } = await runner(`${FIXTURES}/passes.check.ts`);
+    expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 0 });
+    expect(code).toBe(0);
+    expect(out).toContain("(pass) one");
+  }, 30_000);
+
+  test("a failing test fails the run, and the summary names its file and test", async () => {
+    const { code, out } = await runner(`${FIXTURES}/{passes,fails}.check.ts`, ["--jobs", "2"]);
+    expect(totals(out)).toEqual({ pass: 3, skip: 1, fail: 1 });
+    expect(code).toBe(1);
+    const failed = out.slice(out.indexOf("\nfailed:"));
+    expect(failed).toContain(`${FIXTURES}/fails.check.ts (exit code 1)`);
+    expect(failed).toContain("(fail) fails on purpose");
+    expect(failed).not.toContain("passes.check.ts");
+  }, 30_000);
+
+  test("a file whose process ends without bun's summary counts as a failure, said so", async () => {
+    const { code, out } = await runner(`${FIXTURES}/{passes,crashes}.check.ts`);
+    expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 1 });
+    expect(code).toBe(1);
+    expect(out).toContain(`${FIXTURES}/crashes.check.ts (exit code 3): no failing test reported`);
+  }, 30_000);
+
+  test("--update-durations records each file's seconds", async () => {
+    const { code } = await runner(`${FIXTURES}/{passes,fails}.check.ts`, ["--update-durations"]);
+    expect(code).toBe(1);
+    const recorded = JSON.parse(readFileSync(join(dir, "durations.json"), "utf8")) as Record<string, number>;
+    expect(Object.keys(recorded).sort()).toEqual([`${FIXTURES}/fails.check.ts`, `${FIXTURES}/passes.check.ts`]);
+    for (const s of Object.values(recorded)) expect(s).toBeGreaterThan(0);
+  }, 30_000);
+
+  test("files run longest first by the recorded durations, and a file not recorded counts as long", async () => {
+    const order = async (seconds: Record<string, number>) => {
+      writeFileSync(join(dir, "durations.json"), JSON.stringify(seconds));
+      const { out } = await runner(`${FIXTURES}/{passes,fails}.check.ts`, ["--jobs", "1"]);
+      return [...out.matchAll(/^-- \d+\/2 (\S+):/gm)].map((m) => m[1]);
+    };
+    const [passes, fails] = [`${FIXTURES}/passes.check.ts`, `${FIXTURES}/fails.check.ts`];
+    expect(await order({ [passes]: 100, [fails]: 1 })).toEqual([passes, fails]);
+    expect(await order({ [passes]: 1, [fails]: 100 })).toEqual([fails, passes]);
+    expect(await order({ [fails]: 1 })).toEqual([passes, fails]);
+  }, 30_000);
+
+  test("a file whose process never exits is killed at --file-timeout and counts as a failure", async () => {
+    const { code, out } = await runner(`${FIXTURES}/{passes,hangs}.check.ts`, ["--file-timeout", "2"]);
+    expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 1 });
+    expect(code).toBe(1);
+    expect(out).toContain("killed after 2 s (--file-timeout)");
+    expect(out).toContain(`${FIXTURES}/hangs.check.ts (exit code 137): no failing test reported`);
+  }, 30_000);
+
+  test("a glob that matches no file fails the run instead of passing on no tests", async () => {
+    const { code, out } = await runner(`${FIXTURES}/none-*.check.ts`);
+    expect(code).toBe(1);
+    expect(out).toContain(`no test files match ${FIXTURES}/none-*.check.ts`);
+  }, 30_000);
+
+  test("--jobs must be a whole number of at least 1", async () => {
+    const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, ["--jobs", "0"]);
+    expect(code).toBe(2);
+    expect(out).toContain("--jobs must be a whole number of at least 1, not 0");
+  }, 30_000);
+});
