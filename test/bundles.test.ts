@@ -120,6 +120,24 @@ describe("BundleFiles", () => {
     expect(reads).toBe(1);
   });
 
+  test("a file another process placed meanwhile stays as it is (a sandbox may bind it); no temp is left", async () => {
+    const dir = join(tempDir(), "b");
+    const code = "export default 7;\n";
+    const hash = await blake3Hex(code);
+    const path = join(dir, `${hash}.js`);
+    let placedIno = -1;
+    // The store's read is where another process (a CLI on the same data dir) gets to write the file first.
+    const files = new BundleFiles(dir, async () => {
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(path, code, { mode: 0o444 });
+      placedIno = statSync(path).ino;
+      return code;
+    });
+    expect(await files.file(hash)).toBe(path);
+    expect(statSync(path).ino).toBe(placedIno);
+    expect(readdirSync(dir)).toEqual([`${hash}.js`]);
+  });
+
   test("refuses a bundle the store lacks, stored code not matching its hash, a name that is no hash", async () => {
     const files = new BundleFiles(join(tempDir(), "b"), async () => "export default 'tampered';\n");
     const none = new BundleFiles(join(tempDir(), "b"), async () => null);
