@@ -6,47 +6,65 @@
  * `bun test` process of its own, longest first (test/durations.json, seconds per file from an
  * earlier run; a file not listed counts as long), on `--jobs` workers.
  *
- *   bun scripts/test.ts [--jobs N] [--update-durations] [-- bun test options, e.g. --timeout 60000]
+ *   bun scripts/test.ts [--jobs N] [--update-durations] [bun test options, e.g. --timeout 60000]
  *
- * `--glob` and `--durations` pick other files (the runner's own test runs it on fixtures);
- * `--file-timeout` (seconds, default 1200) kills a file's process that never exits.
+ * Options it does not know go to every `bun test`. `--glob` and `--durations` pick other files
+ * (the runner's own test runs it on fixtures); `--file-timeout` (seconds, default 1200) kills a
+ * file's process that never exits.
  *
  * A file's output is printed whole when it ends, so the log reads as bun's own does. The last
  * lines are the totals in bun's form (" N pass", " N fail") and the exit code is non-zero when
  * a file failed, or its process ended without bun's summary (a crash).
  */
 import { availableParallelism } from "node:os";
-import { join, relative } from "node:path";
-import { parseArgs } from "node:util";
+import { join, relative, resolve } from "node:path";
 
 const ROOT = join(import.meta.dir, "..");
 /** Seconds assumed for a file test/durations.json does not list yet: new files run early. */
 const UNKNOWN_SECONDS = 60;
 
-const { values, positionals } = parseArgs({
-  args: Bun.argv.slice(2),
-  options: {
-    jobs: { type: "string" },
-    "update-durations": { type: "boolean", default: false },
-    glob: { type: "string", default: "test/**/*.test.ts" },
-    durations: { type: "string", default: "test/durations.json" },
-    "file-timeout": { type: "string", default: "1200" },
-  },
-  allowPositionals: true,
-});
+/** The runner's own options; everything else on the command line goes to every `bun test`. */
+const OWN = {
+  jobs: "string",
+  glob: "string",
+  durations: "string",
+  "file-timeout": "string",
+  "update-durations": "flag",
+};
+const values: Record<string, string | boolean> = {
+  glob: "test/**/*.test.ts",
+  durations: "test/durations.json",
+  "file-timeout": "1200",
+  "update-durations": false,
+};
+/** Options passed through to every `bun test`, in their order (e.g. --timeout 60000). */
+const bunTestArgs: string[] = [];
+for (const args = Bun.argv.slice(2); args.length > 0; ) {
+  const arg = args.shift()!;
+  const [name, inline] = arg.startsWith("--") ? (arg.slice(2).split(/=(.*)/s) as [string, string?]) : [""];
+  const kind = OWN[name as keyof typeof OWN];
+  if (arg === "--") continue;
+  if (kind === "flag") values[name] = true;
+  else if (kind === "string") {
+    const value = inline ?? args.shift();
+    if (value === undefined) usage(`--${name} needs a value`);
+    values[name] = value;
+  } else bunTestArgs.push(arg);
+}
+
+/** A command line the runner cannot use: why, and exit code 2. */
+function usage(message: string): never {
+  console.error(message);
+  process.exit(2);
+}
+
 const jobs = Number(values.jobs ?? process.env.FLEET_TEST_JOBS ?? Math.min(availableParallelism(), 4));
-if (!Number.isInteger(jobs) || jobs < 1) {
-  console.error(`--jobs must be a whole number of at least 1, not ${values.jobs ?? process.env.FLEET_TEST_JOBS}`);
-  process.exit(2);
-}
+if (!Number.isInteger(jobs) || jobs < 1)
+  usage(`--jobs must be a whole number of at least 1, not ${values.jobs ?? process.env.FLEET_TEST_JOBS}`);
 const fileLimitMs = Number(values["file-timeout"]) * 1000;
-if (!(fileLimitMs > 0)) {
-  console.error(`--file-timeout must be a number of seconds above 0, not ${values["file-timeout"]}`);
-  process.exit(2);
-}
-const DURATIONS = join(ROOT, values.durations);
-/** Options passed through to every `bun test` (positionals: what follows `--`). */
-const bunTestArgs = positionals;
+if (!(fileLimitMs > 0)) usage(`--file-timeout must be a number of seconds above 0, not ${values["file-timeout"]}`);
+const glob = String(values.glob);
+const DURATIONS = resolve(ROOT, String(values.durations));
 
 /** What one file's `bun test` reported. */
 interface FileRun {
@@ -100,7 +118,7 @@ async function runFile(file: string): Promise<FileRun> {
 
 /** Every test file, longest first by the durations an earlier run recorded. */
 async function testFiles(known: Record<string, number>): Promise<string[]> {
-  const files = [...new Bun.Glob(values.glob).scanSync({ cwd: ROOT })].sort();
+  const files = [...new Bun.Glob(glob).scanSync({ cwd: ROOT })].sort();
   const seconds = (f: string) => known[f] ?? UNKNOWN_SECONDS;
   return files.sort((a, b) => seconds(b) - seconds(a));
 }
@@ -111,7 +129,7 @@ const known: Record<string, number> = await Bun.file(DURATIONS)
 const queue = await testFiles(known);
 const total = queue.length;
 if (total === 0) {
-  console.error(`no test files match ${values.glob}`);
+  console.error(`no test files match ${glob}`);
   process.exit(1);
 }
 const runs: FileRun[] = [];
@@ -152,7 +170,8 @@ if (broken.length > 0) {
   }
 }
 const seconds = ((performance.now() - began) / 1000).toFixed(1);
-console.log(`\nRan ${sum("pass") + sum("skip") + sum("fail")} tests across ${runs.length} files in ${seconds} s.`);
+const files = `${runs.length} file${runs.length === 1 ? "" : "s"}`;
+console.log(`\nRan ${sum("pass") + sum("skip") + sum("fail")} tests across ${files} in ${seconds} s.`);
 console.log(` ${sum("pass")} pass`);
 console.log(` ${sum("skip")} skip`);
 console.log(` ${fail} fail`);

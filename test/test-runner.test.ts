@@ -92,6 +92,19 @@ describe("the test runner (scripts/test.ts)", () => {
     expect(out).toContain(`no test files match ${FIXTURES}/none-*.check.ts`);
   }, 30_000);
 
+  test("options it does not know go to every bun test, with or without a -- before them", async () => {
+    for (const more of [
+      ["-t", "one"],
+      ["--", "-t", "one"],
+    ]) {
+      const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, more);
+      expect(totals(out)).toEqual({ pass: 1, skip: 0, fail: 0 });
+      expect(code).toBe(0);
+      expect(out).toContain("(pass) one");
+      expect(out).not.toContain("(pass) two");
+    }
+  }, 30_000);
+
   test("--jobs must be a whole number of at least 1", async () => {
     const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, ["--jobs", "0"]);
     expect(code).toBe(2);
