@@ -53,10 +53,14 @@ function connackError(returnCode: 2 | 3 | 4 | 5, message: string): AuthenticateE
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
 
+/**
+ * A payload's bytes. A Buffer is a Uint8Array already, and goes on as it is: a view of it costs
+ * the path of every device message an allocation, and libSQL binds a Buffer faster than a view.
+ */
 function bytes(data: Buffer | string | undefined): Uint8Array {
   if (data === undefined) return new Uint8Array(0);
   if (typeof data === "string") return new TextEncoder().encode(data);
-  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  return data;
 }
 
 /** Builds the aedes hooks for one broker. */

@@ -758,6 +758,27 @@ describe("group committer", () => {
     }
   });
 
+  test("a statement with `when` runs only if the result before it says so; skipped, its result is empty", async () => {
+    const store = await open(freshPath());
+    try {
+      const inserted = (previous: { rowsAffected: number }) => previous.rowsAffected > 0;
+      const results = await store.writer.write([
+        { sql: "INSERT INTO meta (key, value) VALUES ('a', '1') ON CONFLICT DO NOTHING", args: [] },
+        { sql: "INSERT INTO meta (key, value) VALUES ('ran', '1')", args: [], when: inserted },
+        { sql: "INSERT INTO meta (key, value) VALUES ('a', '2') ON CONFLICT DO NOTHING", args: [] },
+        { sql: "INSERT INTO meta (key, value) VALUES ('skipped', '1')", args: [], when: inserted },
+        { sql: "SELECT count(*) AS n FROM meta WHERE key IN ('a', 'ran', 'skipped')", args: [] },
+      ]);
+      expect(results.map((r) => r.rowsAffected)).toEqual([1, 1, 0, 0, 0]);
+      expect(results[3]!.rows).toEqual([]);
+      expect(results[4]!.rows[0]!.n).toBe(2);
+      expect(await store.getMeta("ran")).toBe("1");
+      expect(await store.getMeta("skipped")).toBeNull();
+    } finally {
+      await store.close();
+    }
+  });
+
   test("reads through the store's client take named arguments and give drizzle rows it can map", async () => {
     const store = await open(freshPath());
     try {

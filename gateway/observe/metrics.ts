@@ -155,11 +155,18 @@ export class FleetMetrics {
       labelNames: ["type", "start"],
       registers,
     });
-    const stimuli = new Counter({
+    // Counted per message on the intake path: a prom-client inc hashes its labels each time, so
+    // the counts wait here, by source, and go in when the counter is read.
+    const stimuliPending = new Map<string, number>();
+    new Counter({
       name: "fleet_stimuli_total",
       help: "Stimuli accepted (durably queued) by source (mqtt|timer|webhook|inbox|manual).",
       labelNames: ["source"],
       registers,
+      collect() {
+        for (const [source, n] of stimuliPending) this.inc({ source }, n);
+        stimuliPending.clear();
+      },
     });
     const dedup = new Counter({
       name: "fleet_dedup_hits_total",
@@ -248,10 +255,14 @@ export class FleetMetrics {
         }
       }),
       host.events.on("intake", (e) => {
-        if (e.accepted > 0) stimuli.inc({ source: e.source }, e.accepted);
-        for (const type of e.duplicateTypes ?? []) dedup.inc({ source: e.source, type });
-        this.rates.add("stimuli", e.accepted);
-        this.rates.add("duplicates", e.duplicates);
+        if (e.accepted > 0) {
+          stimuliPending.set(e.source, (stimuliPending.get(e.source) ?? 0) + e.accepted);
+          this.rates.add("stimuli", e.accepted);
+        }
+        if (e.duplicates > 0) {
+          for (const type of e.duplicateTypes ?? []) dedup.inc({ source: e.source, type });
+          this.rates.add("duplicates", e.duplicates);
+        }
       }),
       host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
       host.events.on("spawn", (e) => starts.inc({ type: e.type, start: e.start })),

@@ -24,6 +24,11 @@ export type Db = LibSQLDatabase<typeof schema>;
 export interface RawStatement {
   readonly sql: string;
   readonly args: InArgs;
+  /**
+   * Run only when this says so of the result of the statement before it in the transaction;
+   * otherwise the statement is skipped and its result is empty (no rows, nothing changed).
+   */
+  readonly when?: (previous: ResultSet) => boolean;
 }
 
 /** One statement of a write job: a drizzle query or raw SQL. Results are libSQL ResultSets. */

@@ -15,8 +15,21 @@ const BEGIN: Record<TransactionMode, string> = {
   deferred: "BEGIN DEFERRED",
 };
 
-/** A statement as the client takes it: SQL text, an object, or a `[sql, args]` pair. */
+/**
+ * A statement as the client takes it: SQL text, an object, or a `[sql, args]` pair; in `runBatch`,
+ * an object may also say `when` it runs (store/db.ts `RawStatement`).
+ */
 type AnyStatement = InStatement | [string, InArgs?];
+
+/** A statement of a batch run only if `when` holds of the result before it. */
+interface Conditional {
+  readonly sql: string;
+  readonly args: InArgs;
+  readonly when: (previous: ResultSet) => boolean;
+}
+
+const isConditional = (s: AnyStatement): s is Conditional =>
+  typeof s === "object" && !Array.isArray(s) && typeof (s as Partial<Conditional>).when === "function";
 
 function normalize(stmt: AnyStatement, args?: InArgs): { sql: string; args: InArgs } {
   if (typeof stmt === "string") return { sql: stmt, args: args ?? [] };
@@ -37,10 +50,15 @@ export function runBatch(
   if (!begin) throw new RangeError(`unknown transaction mode: ${String(mode)}`);
   ownStatement(conn, begin).stmt.run([]);
   try {
-    const results = items.map((item) => {
+    const results: ResultSet[] = [];
+    for (const item of items) {
+      if (isConditional(item) && results.length > 0 && !item.when(results.at(-1)!)) {
+        results.push(resultSet([], [], 0, undefined));
+        continue;
+      }
       const { sql, args } = normalize(item);
-      return runStatement(ownStatement(conn, sql), args);
-    });
+      results.push(runStatement(ownStatement(conn, sql), args));
+    }
     ownStatement(conn, "COMMIT").stmt.run([]);
     return results;
   } catch (err) {

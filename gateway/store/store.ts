@@ -77,16 +77,15 @@ const insertStimuli = new Map(
   ]),
 );
 /**
- * Run right after each insert; it reads only when a duplicate `(agent, sid)` left rows out
- * (`changes()` below the run's length). It then returns the seqs the insert can have used: at most
- * one per row of the run, ending at its last inserted row, `last_insert_rowid()`. The range is the
- * run's length, not `changes()`, because a duplicate can use up a seq (AUTOINCREMENT numbers a row
- * before its conflict is found). A run with no duplicate needs no read: its rows are the run, in
- * order, numbered one after another up to `last_insert_rowid()` (nothing else writes in between).
+ * Run right after an insert that left rows out (`changes()` below the run's length: a duplicate
+ * `(agent, sid)`): the seqs the insert can have used, at most one per row of the run, ending at its
+ * last inserted row, `last_insert_rowid()`. The range is the run's length, not `changes()`, because
+ * a duplicate can use up a seq (AUTOINCREMENT numbers a row before its conflict is found). A run
+ * with no duplicate needs no read, and skips it: its rows are the run, in order, numbered one after
+ * another up to `last_insert_rowid()` (nothing else writes in between).
  */
 const INSERTED_STIMULI =
-  "SELECT seq, agent, sid FROM stimuli WHERE changes() < ?1 " +
-  "AND seq > last_insert_rowid() - ?1 AND seq <= last_insert_rowid()";
+  "SELECT seq, agent, sid FROM stimuli WHERE seq > last_insert_rowid() - ?1 AND seq <= last_insert_rowid()";
 
 /**
  * The seq of each stimulus of `runs`, in order, or null for a duplicate, from the results of the
@@ -501,7 +500,7 @@ export class Store {
         args.push(s.agent, s.sid, s.kind, s.topic, s.payload, s.receivedAt, s.expiresAt ?? null, s.traceparent ?? null);
       stmts.push(
         { sql: insertStimuli.get(run.length as (typeof STIMULUS_ROWS)[number])!, args },
-        { sql: INSERTED_STIMULI, args: [run.length] },
+        { sql: INSERTED_STIMULI, args: [run.length], when: (insert) => insert.rowsAffected < run.length },
       );
     }
     // Each call's outcomes, from the results of the transaction they shared: a stimulus has the
