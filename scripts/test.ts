@@ -10,12 +10,15 @@
  *
  * Options it does not know go to every `bun test`. `--glob` and `--durations` pick other files
  * (the runner's own test runs it on fixtures); `--file-timeout` (seconds, default 1200) kills a
- * file's process that never exits.
+ * file's process that never exits. Each file's `bun test` leads a process group of its own: at the
+ * timeout the whole group is killed, and processes a file leaves running when it ends (a gateway a
+ * test did not stop) are killed then, and named in its output.
  *
  * A file's output is printed whole when it ends, so the log reads as bun's own does. The last
  * lines are the totals in bun's form (" N pass", " N fail") and the exit code is non-zero when
  * a file failed, or its process ended without bun's summary (a crash).
  */
+import { readdirSync, readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, relative, resolve } from "node:path";
 
@@ -85,25 +88,67 @@ function count(output: string, word: "pass" | "skip" | "fail"): number {
   return m ? Number(m[1]) : 0;
 }
 
+/** Process groups of the files running now: what an interrupted run must not leave behind. */
+const running = new Set<number>();
+
+/** Send `signal` to every process of group `pgid`; false when none is left. */
+function signalGroup(pgid: number, signal: NodeJS.Signals | 0): boolean {
+  try {
+    process.kill(-pgid, signal);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Pids of group `pgid` still running (zombies waiting for init to reap them are not). */
+function groupMembers(pgid: number): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      // /proc/<pid>/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces and parentheses.
+      const stat = readFileSync(`/proc/${entry}/stat`, "utf8");
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (Number(pgrp) === pgid && state !== "Z") pids.push(Number(entry));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return pids;
+}
+
 async function runFile(file: string): Promise<FileRun> {
   const began = performance.now();
+  // A process group of its own (setsid): what the file's tests start and leave running (a gateway,
+  // a broker) is found and killed with it, and cannot hold the output pipes open past its end.
   const proc = Bun.spawn([process.execPath, "test", ...bunTestArgs, `./${file}`], {
     cwd: ROOT,
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
+    detached: true,
   });
+  running.add(proc.pid);
   // bun test's own per-test timeout ends a hung test; this ends a file whose process never exits.
   let overran = false;
   const limit = setTimeout(() => {
     overran = true;
-    proc.kill("SIGKILL");
+    signalGroup(proc.pid, "SIGKILL");
   }, fileLimitMs);
   // bun test writes its report to stderr and the tests' console output to stdout: keep both, in that order.
-  const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+  const reading = Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
   const code = await proc.exited;
   clearTimeout(limit);
-  const output = `${out}${err}${overran ? `\nkilled after ${fileLimitMs / 1000} s (--file-timeout)\n` : ""}`;
+  const left = groupMembers(proc.pid);
+  if (left.length > 0) signalGroup(proc.pid, "SIGKILL");
+  running.delete(proc.pid);
+  const [out, err] = await reading;
+  const notes = [
+    overran ? `killed after ${fileLimitMs / 1000} s (--file-timeout)` : "",
+    left.length > 0 && !overran ? `left ${left.length} process(es) running (pid ${left.join(", ")}): killed` : "",
+  ].filter(Boolean);
+  const output = `${out}${err}${notes.map((n) => `\n${n}\n`).join("")}`;
   return {
     file,
     pass: count(output, "pass"),
@@ -114,6 +159,14 @@ async function runFile(file: string): Promise<FileRun> {
     summarised: /^Ran \d+ tests? across/m.test(output),
     output,
   };
+}
+
+// Files run in groups of their own, which a ^C to the runner does not reach: end them with it.
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  process.on(signal, () => {
+    for (const pgid of running) signalGroup(pgid, "SIGKILL");
+    process.exit(130);
+  });
 }
 
 /** Every test file, longest first by the durations an earlier run recorded. */

@@ -14,16 +14,31 @@ const dir = mkdtempSync(join(tmpdir(), "fleet-test-runner-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** Run the runner on fixture files; its exit code and what it printed. */
-async function runner(glob: string, more: string[] = []): Promise<{ code: number; out: string }> {
+async function runner(
+  glob: string,
+  more: string[] = [],
+  env: Record<string, string> = {},
+): Promise<{ code: number; out: string }> {
   const durations = relative(ROOT, join(dir, "durations.json"));
   const proc = Bun.spawn([process.execPath, RUNNER, "--glob", glob, "--durations", durations, ...more], {
     cwd: ROOT,
+    env: { ...process.env, ...env },
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
   });
   const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
   return { code: await proc.exited, out: out + err };
+}
+
+/** Whether `pid` is a running process (a zombie is not). */
+function alive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2)[0] !== "Z";
+  } catch {
+    return false;
+  }
 }
 
 /** The totals the runner prints last, in bun's form. */
@@ -84,6 +99,27 @@ describe("the test runner (scripts/test.ts)", () => {
     expect(code).toBe(1);
     expect(out).toContain("killed after 2 s (--file-timeout)");
     expect(out).toContain(`${FIXTURES}/hangs.check.ts (exit code 137): no failing test reported`);
+  }, 30_000);
+
+  test("a process a file leaves running is killed when the file ends, and the run says so", async () => {
+    const pidFile = join(dir, "left.pid");
+    const { code, out } = await runner(`${FIXTURES}/leaves.check.ts`, [], { FLEET_RUNNER_CHILD_PID: pidFile });
+    const pid = Number(readFileSync(pidFile, "utf8"));
+    expect(totals(out)).toEqual({ pass: 1, skip: 0, fail: 0 });
+    expect(code).toBe(0);
+    expect(out).toContain(`left 1 process(es) running (pid ${pid}): killed`);
+    expect(alive(pid)).toBe(false);
+  }, 30_000);
+
+  test("at --file-timeout, what the file started dies with it", async () => {
+    const pidFile = join(dir, "hung.pid");
+    const { code, out } = await runner(`${FIXTURES}/leaves.check.ts`, ["--file-timeout", "2"], {
+      FLEET_RUNNER_CHILD_PID: pidFile,
+      FLEET_RUNNER_HANG: "1",
+    });
+    expect(code).toBe(1);
+    expect(out).toContain("killed after 2 s (--file-timeout)");
+    expect(alive(Number(readFileSync(pidFile, "utf8")))).toBe(false);
   }, 30_000);
 
   test("a glob that matches no file fails the run instead of passing on no tests", async () => {
