@@ -12,7 +12,8 @@
  * (the runner's own test runs it on fixtures); `--file-timeout` (seconds, default 1200) kills a
  * file's process that never exits. Each file's `bun test` leads a process group of its own: at the
  * timeout the whole group is killed, and processes a file leaves running when it ends (a gateway a
- * test did not stop) are killed then, and named in its output.
+ * test did not stop) are killed then, and named in its output. Every `--progress` seconds (default
+ * 120) the runner names the files that have been running longer than that.
  *
  * A file's output is printed whole when it ends, so the log reads as bun's own does. The last
  * lines are the totals in bun's form (" N pass", " N fail") and the exit code is non-zero when
@@ -32,12 +33,14 @@ const OWN = {
   glob: "string",
   durations: "string",
   "file-timeout": "string",
+  progress: "string",
   "update-durations": "flag",
 };
 const values: Record<string, string | boolean> = {
   glob: "test/**/*.test.ts",
   durations: "test/durations.json",
   "file-timeout": "1200",
+  progress: "120",
   "update-durations": false,
 };
 /** Options passed through to every `bun test`, in their order (e.g. --timeout 60000). */
@@ -66,6 +69,8 @@ if (!Number.isInteger(jobs) || jobs < 1)
   usage(`--jobs must be a whole number of at least 1, not ${values.jobs ?? process.env.FLEET_TEST_JOBS}`);
 const fileLimitMs = Number(values["file-timeout"]) * 1000;
 if (!(fileLimitMs > 0)) usage(`--file-timeout must be a number of seconds above 0, not ${values["file-timeout"]}`);
+const progressMs = Number(values.progress) * 1000;
+if (!(progressMs > 0)) usage(`--progress must be a number of seconds above 0, not ${values.progress}`);
 const glob = String(values.glob);
 const DURATIONS = resolve(ROOT, String(values.durations));
 
@@ -88,8 +93,8 @@ function count(output: string, word: "pass" | "skip" | "fail"): number {
   return m ? Number(m[1]) : 0;
 }
 
-/** Process groups of the files running now: what an interrupted run must not leave behind. */
-const running = new Set<number>();
+/** The files running now, by process group: what an interrupted run must not leave behind. */
+const running = new Map<number, { readonly file: string; readonly began: number }>();
 
 /** Send `signal` to every process of group `pgid`; false when none is left. */
 function signalGroup(pgid: number, signal: NodeJS.Signals | 0): boolean {
@@ -129,7 +134,7 @@ async function runFile(file: string): Promise<FileRun> {
     stderr: "pipe",
     detached: true,
   });
-  running.add(proc.pid);
+  running.set(proc.pid, { file, began });
   // bun test's own per-test timeout ends a hung test; this ends a file whose process never exits.
   let overran = false;
   const limit = setTimeout(() => {
@@ -164,7 +169,7 @@ async function runFile(file: string): Promise<FileRun> {
 // Files run in groups of their own, which a ^C to the runner does not reach: end them with it.
 for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   process.on(signal, () => {
-    for (const pgid of running) signalGroup(pgid, "SIGKILL");
+    for (const pgid of running.keys()) signalGroup(pgid, "SIGKILL");
     process.exit(130);
   });
 }
@@ -199,7 +204,16 @@ async function worker(): Promise<void> {
     console.log(`-- ${runs.length}/${total} ${file}: ${run.seconds.toFixed(1)} s`);
   }
 }
+// A file's output waits for its end: say which files have been running long, so a slow or hung
+// file shows in the log before its timeout.
+const progress = setInterval(() => {
+  const now = performance.now();
+  const long = [...running.values()].filter((r) => now - r.began >= progressMs);
+  const list = long.map((r) => `${r.file} (${((now - r.began) / 1000).toFixed(0)} s)`).join(", ");
+  if (long.length > 0) console.log(`.. still running: ${list}`);
+}, progressMs);
 await Promise.all(Array.from({ length: Math.min(jobs, total) }, worker));
+clearInterval(progress);
 
 const broken = runs.filter((r) => r.code !== 0 || !r.summarised);
 const sum = (k: "pass" | "skip" | "fail") => runs.reduce((n, r) => n + r[k], 0);

@@ -111,6 +111,14 @@ describe("the test runner (scripts/test.ts)", () => {
     expect(alive(pid)).toBe(false);
   }, 30_000);
 
+  test("a file that runs long is named while it runs, every --progress seconds", async () => {
+    const { code, out } = await runner(`${FIXTURES}/hangs.check.ts`, ["--progress", "1", "--file-timeout", "3"]);
+    expect(code).toBe(1);
+    const named = out.indexOf(`.. still running: ${FIXTURES}/hangs.check.ts (`);
+    expect(named).toBeGreaterThanOrEqual(0);
+    expect(named).toBeLessThan(out.indexOf("killed after 3 s (--file-timeout)"));
+  }, 30_000);
+
   test("at --file-timeout, what the file started dies with it", async () => {
     const pidFile = join(dir, "hung.pid");
     const { code, out } = await runner(`${FIXTURES}/leaves.check.ts`, ["--file-timeout", "2"], {
@@ -145,5 +153,11 @@ describe("the test runner (scripts/test.ts)", () => {
     const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, ["--jobs", "0"]);
     expect(code).toBe(2);
     expect(out).toContain("--jobs must be a whole number of at least 1, not 0");
+  }, 30_000);
+
+  test("--progress must be a number of seconds above 0", async () => {
+    const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, ["--progress", "soon"]);
+    expect(code).toBe(2);
+    expect(out).toContain("--progress must be a number of seconds above 0, not soon");
   }, 30_000);
 });
