@@ -15,6 +15,12 @@ import { benchFleet, startGateway, type GatewayProc } from "./procs.ts";
 
 const CONCURRENCY = 4;
 const ROUNDS = 5;
+/**
+ * Episodes each gateway runs before the rounds. With 8, JSC was still compiling both gateways
+ * through the rounds (JIT threads 1-4.7 ms per episode, rates rising 16 -> 35/s round by round),
+ * and the libsql gateway, with more code to compile, paid more of it: the row measured warm-up.
+ */
+const WARM_EPISODES = 300;
 type Persistence = "libsql" | "memory";
 
 const fleetWith = (p: Persistence, o: { instances?: readonly string[] } = {}): string =>
@@ -56,7 +62,12 @@ export async function benchSessions(o: BenchOptions): Promise<Row[]> {
     const client = await connect(gw.mqttPort, `bench-sessions-${p}`);
     const summaries = await collect(client, "fleet/episodes", (_t, pl) => json<Summary>(pl));
     await durableSubscriber(gw.mqttPort, `bench-durable-${p}`);
-    await gatewayBatch(client, summaries, "w", 8, o.window);
+    const warm = o.quick ? 8 : WARM_EPISODES;
+    const before = cpuMs(gw.pid).self;
+    await gatewayBatch(client, summaries, "w", warm, o.window);
+    o.log(
+      `  ${p}: warm-up of ${warm} episodes, ${((cpuMs(gw.pid).self - before) / warm).toFixed(1)} ms CPU per episode`,
+    );
     gws[p] = { gw, client, summaries };
   }
   const rates: Record<Persistence, number[]> = { libsql: [], memory: [] };
