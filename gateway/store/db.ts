@@ -25,8 +25,9 @@ export interface RawStatement {
   readonly sql: string;
   readonly args: InArgs;
   /**
-   * Run only when this says so of the result of the statement before it in the transaction;
-   * otherwise the statement is skipped and its result is empty (no rows, nothing changed).
+   * Run only when this says so of the result of the statement before it in the transaction (a
+   * first statement always runs); otherwise it is skipped and its result is empty (no rows, nothing
+   * changed). Keep the two in one job: jobs that share a transaction run one after another.
    */
   readonly when?: (previous: ResultSet) => boolean;
 }
