@@ -20,7 +20,7 @@
  * a file failed, or its process ended without bun's summary (a crash).
  */
 import { readdirSync, readFileSync } from "node:fs";
-import { availableParallelism } from "node:os";
+import { availableParallelism, constants } from "node:os";
 import { join, relative, resolve } from "node:path";
 
 const ROOT = join(import.meta.dir, "..");
@@ -96,13 +96,12 @@ function count(output: string, word: "pass" | "skip" | "fail"): number {
 /** The files running now, by process group: what an interrupted run must not leave behind. */
 const running = new Map<number, { readonly file: string; readonly began: number }>();
 
-/** Send `signal` to every process of group `pgid`; false when none is left. */
-function signalGroup(pgid: number, signal: NodeJS.Signals | 0): boolean {
+/** Kill every process of group `pgid` (none left: nothing to do). */
+function killGroup(pgid: number): void {
   try {
-    process.kill(-pgid, signal);
-    return true;
+    process.kill(-pgid, "SIGKILL");
   } catch {
-    return false;
+    // the group is gone
   }
 }
 
@@ -139,14 +138,14 @@ async function runFile(file: string): Promise<FileRun> {
   let overran = false;
   const limit = setTimeout(() => {
     overran = true;
-    signalGroup(proc.pid, "SIGKILL");
+    killGroup(proc.pid);
   }, fileLimitMs);
   // bun test writes its report to stderr and the tests' console output to stdout: keep both, in that order.
   const reading = Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
   const code = await proc.exited;
   clearTimeout(limit);
   const left = groupMembers(proc.pid);
-  if (left.length > 0) signalGroup(proc.pid, "SIGKILL");
+  if (left.length > 0) killGroup(proc.pid);
   running.delete(proc.pid);
   const [out, err] = await reading;
   const notes = [
@@ -169,8 +168,8 @@ async function runFile(file: string): Promise<FileRun> {
 // Files run in groups of their own, which a ^C to the runner does not reach: end them with it.
 for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   process.on(signal, () => {
-    for (const pgid of running.keys()) signalGroup(pgid, "SIGKILL");
-    process.exit(130);
+    for (const pgid of running.keys()) killGroup(pgid);
+    process.exit(128 + constants.signals[signal]);
   });
 }
 

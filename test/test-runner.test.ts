@@ -3,7 +3,7 @@
  * fail when any file fails or its process dies without bun's summary, and say which.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { ROOT } from "./helpers/gateway.ts";
@@ -39,6 +39,12 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** Whether `pid` has ended within `ms` (a SIGKILL takes effect soon, not at once). */
+async function endsWithin(pid: number, ms = 5000): Promise<boolean> {
+  for (const until = performance.now() + ms; alive(pid) && performance.now() < until; ) await Bun.sleep(20);
+  return !alive(pid);
 }
 
 /** The totals the runner prints last, in bun's form. */
@@ -108,7 +114,7 @@ describe("the test runner (scripts/test.ts)", () => {
     expect(totals(out)).toEqual({ pass: 1, skip: 0, fail: 0 });
     expect(code).toBe(0);
     expect(out).toContain(`left 1 process(es) running (pid ${pid}): killed`);
-    expect(alive(pid)).toBe(false);
+    expect(await endsWithin(pid)).toBe(true);
   }, 30_000);
 
   test("a file that runs long is named while it runs, every --progress seconds", async () => {
@@ -127,7 +133,27 @@ describe("the test runner (scripts/test.ts)", () => {
     });
     expect(code).toBe(1);
     expect(out).toContain("killed after 2 s (--file-timeout)");
-    expect(alive(Number(readFileSync(pidFile, "utf8")))).toBe(false);
+    expect(await endsWithin(Number(readFileSync(pidFile, "utf8")))).toBe(true);
+  }, 30_000);
+
+  test("a ^C to the runner ends the files it runs and what they started", async () => {
+    const pidFile = join(dir, "interrupted.pid");
+    const durations = relative(ROOT, join(dir, "durations.json"));
+    const glob = `${FIXTURES}/leaves.check.ts`;
+    const proc = Bun.spawn([process.execPath, RUNNER, "--glob", glob, "--durations", durations], {
+      cwd: ROOT,
+      env: { ...process.env, FLEET_RUNNER_CHILD_PID: pidFile, FLEET_RUNNER_HANG: "1" },
+      stdin: "ignore",
+      stdout: "ignore",
+      stderr: "ignore",
+    });
+    const started = performance.now();
+    while (!existsSync(pidFile) && performance.now() - started < 20_000) await Bun.sleep(50);
+    const pid = Number(readFileSync(pidFile, "utf8"));
+    expect(alive(pid)).toBe(true);
+    proc.kill("SIGINT");
+    expect(await proc.exited).toBe(130);
+    expect(await endsWithin(pid)).toBe(true);
   }, 30_000);
 
   test("a glob that matches no file fails the run instead of passing on no tests", async () => {
