@@ -31,4 +31,6 @@ export {
   type LibsqlPersistenceOptions,
   type PersistenceChoice,
   type PersistenceStats,
+  SerialWriter,
+  type BatchRunner,
 } from "./persistence/index.ts";

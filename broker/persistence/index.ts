@@ -11,4 +11,5 @@ export {
   type StoredSubscription,
 } from "./libsql.ts";
 export { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
+export { SerialWriter, type BatchRunner } from "./writer.ts";
 export { persistenceFor, type PersistenceChoice } from "./choice.ts";

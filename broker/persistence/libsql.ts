@@ -177,7 +177,7 @@ export class LibsqlPersistence {
     this.writer = new SerialWriter(db);
   }
 
-  private run(statements: InStatement[], lazy = false) {
+  private run(statements: InStatement[], lazy: boolean | "background" = false) {
     if (!this.writer) return Promise.reject(new Error("broker persistence is not set up"));
     return this.writer.run(statements, { lazy });
   }
@@ -420,7 +420,7 @@ export class LibsqlPersistence {
     entry.messageId = mid;
     entry.inFlight = packet;
     // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
-    this.run(
+    void this.run(
       [
         {
           sql: `UPDATE outgoing SET
@@ -433,7 +433,7 @@ export class LibsqlPersistence {
           args: [client.id, bid, bc, mid, encodePacket(packet)],
         },
       ],
-      true,
+      "background",
     ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "queued messageId not recorded"));
   }
 
@@ -448,8 +448,8 @@ export class LibsqlPersistence {
     const where = "WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ? AND message_id = ? ORDER BY seq LIMIT 1)";
     // Lazy: a PUBACK lost in a crash only means the message is delivered again.
     if (entry!.inFlight) {
-      void this.run([{ sql: `DELETE FROM outgoing ${where}`, args: [client.id, mid] }], true).catch((err: unknown) =>
-        this.opts.logger?.warn({ err, client: client.id }, "acknowledged message not removed"),
+      void this.run([{ sql: `DELETE FROM outgoing ${where}`, args: [client.id, mid] }], "background").catch(
+        (err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "acknowledged message not removed"),
       );
       return entry!.inFlight;
     }

@@ -4,7 +4,9 @@
  * after a write sees it. A job's promise settles after its transaction commits.
  * A `lazy` job (one whose loss in a crash only means a redelivery) does not start a
  * transaction of its own at once: it rides along with the next one, or commits after
- * `lazyMs`, so a burst of PUBACKs costs one fsync instead of one per turn.
+ * `lazyMs`, so a burst of PUBACKs costs one fsync instead of one per turn. A job no caller
+ * waits for (`lazy: "background"`: a delivered message's id, a PUBACK's delete) waits up to
+ * `backgroundMs`: it nearly always rides along with the next queued message's commit.
  */
 import type { InStatement } from "@libsql/client";
 import type { PlainResult } from "./thread.ts";
@@ -34,25 +36,37 @@ export class SerialWriter {
   private flushing: Promise<void> | null = null;
   readonly stats: WriterStats = { commits: 0, jobs: 0 };
 
+  /** When the lazy timer fires (performance.now() ms); Infinity when none is set. */
+  private lazyDue = Number.POSITIVE_INFINITY;
+
   constructor(
     private readonly db: BatchRunner,
     private readonly lazyMs = 5,
+    private readonly backgroundMs = 100,
   ) {}
 
   /** Run `statements` as one unit in the next group transaction; resolves with their results once committed. */
-  run(statements: InStatement[], opts: { lazy?: boolean } = {}): Promise<PlainResult[]> {
+  run(statements: InStatement[], opts: { lazy?: boolean | "background" } = {}): Promise<PlainResult[]> {
     if (statements.length === 0) return Promise.resolve([]);
     return new Promise((resolve, reject) => {
       this.queue.push({ statements, resolve, reject });
-      if (opts.lazy) {
-        this.lazyTimer ??= setTimeout(() => {
-          this.lazyTimer = null;
-          this.schedule();
-        }, this.lazyMs);
-      } else {
-        this.schedule();
-      }
+      if (opts.lazy === "background") this.commitWithin(this.backgroundMs);
+      else if (opts.lazy) this.commitWithin(this.lazyMs);
+      else this.schedule();
     });
+  }
+
+  /** Commit what is queued within `ms` at the latest (sooner if another job starts a transaction). */
+  private commitWithin(ms: number): void {
+    const due = performance.now() + ms;
+    if (due >= this.lazyDue) return;
+    if (this.lazyTimer) clearTimeout(this.lazyTimer);
+    this.lazyDue = due;
+    this.lazyTimer = setTimeout(() => {
+      this.lazyTimer = null;
+      this.lazyDue = Number.POSITIVE_INFINITY;
+      this.schedule();
+    }, ms);
   }
 
   private schedule(): void {
@@ -76,6 +90,10 @@ export class SerialWriter {
     const jobs = this.queue;
     this.queue = [];
     if (jobs.length === 0) return;
+    // Every lazy job queued so far is in this transaction: its deadline is met.
+    if (this.lazyTimer) clearTimeout(this.lazyTimer);
+    this.lazyTimer = null;
+    this.lazyDue = Number.POSITIVE_INFINITY;
     this.flushing = this.commit(jobs);
     try {
       await this.flushing;
