@@ -179,12 +179,23 @@ describe("fleet deploy --check with the gateway running", () => {
   );
 
   test(
-    "the fleet's own fleet.toml, unchanged, has nothing to replay; --type forces a type",
+    "the fleet's own fleet.toml, unchanged, is the running version, with nothing to replay; --type forces a type",
     async () => {
       const plain = await check();
       expect(plain.code).toBe(0);
       expect(plain.report.types).toEqual([]);
       expect(plain.report.unchanged.toSorted()).toEqual(["counter", "temp-monitor"]);
+      // Its hash is the one the gateway stored for it (the text's hash with the bundles), not the text's alone.
+      const live = (await (await fleet.fetch("/api/fleet")).json()) as { spec_version: string };
+      expect(plain.report.running).toBe(live.spec_version);
+      expect(plain.report.candidate.hash).toBe(live.spec_version);
+      const human = await runCli(["deploy", "--check", "--config", fleet.configPath, "--data-dir", fleet.dataDir], {
+        timeoutMs: SLOW,
+      });
+      expect(human.stdout.split("\n")[0]).toEndWith("against the running spec, the same version");
+      const edited = await check(candidate("edited", (t) => `${t}\n# a comment changes the text, not the types\n`));
+      expect(edited.report.types).toEqual([]);
+      expect(edited.report.candidate.hash).not.toBe(live.spec_version);
       const forced = await check("--type", "counter", "--episodes", "1");
       expect(forced.code).toBe(0);
       expect(forced.report.types.map((t) => [t.type, t.changed, t.counts.MATCH])).toEqual([["counter", ["forced"], 1]]);

@@ -9,6 +9,7 @@
  */
 import { and, desc, eq } from "drizzle-orm";
 import { blake3Hex, canonicalJson } from "../hash.ts";
+import { withBundles } from "../code/index.ts";
 import type { SpawnOptions } from "../episode/index.ts";
 import type { AgentTypeSpec, FleetSpec, SpecVersion } from "../spec/index.ts";
 import { compileSpec } from "../spec/index.ts";
@@ -42,6 +43,10 @@ export interface TypeCheck {
 /** The whole answer. `ok` is false when any episode DIVERGED or FAILED. */
 export interface DeployCheckReport {
   readonly ok: boolean;
+  /**
+   * The candidate file, and the spec version hash the gateway would give it if it applied it now (its
+   * text with its bundles): the running spec's own hash when neither the file nor its code changed.
+   */
   readonly candidate: { readonly path: string; readonly hash: string };
   /** The spec version the candidate is compared with (null: none stored yet). */
   readonly running: string | null;
@@ -50,6 +55,12 @@ export interface DeployCheckReport {
   readonly added: readonly string[];
   /** Types present in both whose module and config are the same. */
   readonly unchanged: readonly string[];
+}
+
+/** A module bundled for a check: its hash and the file the sandbox runs. */
+export interface Built {
+  readonly hash: string;
+  readonly file: () => Promise<string>;
 }
 
 /** How much history a check replays. */
@@ -70,7 +81,7 @@ export interface DeployCheckOptions {
    * sandbox runs, or null when it does not bundle. An edited module file is then a code change even
    * when fleet.toml names the same path, and the replay runs what the gateway would run.
    */
-  readonly build?: (modulePath: string) => Promise<{ hash: string; file: () => Promise<string> } | null>;
+  readonly build?: (modulePath: string) => Promise<Built | null>;
   /** The file of a stored bundle: a pinned candidate (a reload) is replayed on its own bundle. */
   readonly bundleFile?: (hash: string) => Promise<string>;
 }
@@ -211,6 +222,14 @@ export async function deployCheck(
   const added: string[] = [];
   const unchanged: string[] = [];
   const types: TypeCheck[] = [];
+  // Each module bundled once: for its type's check, and for the spec version the candidate would be.
+  const builds = new Map<string, Promise<Built | null | undefined>>();
+  const buildOf = (type: AgentTypeSpec) => {
+    if (candidate.bundles[type.name] !== undefined || !opts.build) return Promise.resolve(undefined);
+    let b = builds.get(type.name);
+    if (!b) builds.set(type.name, (b = opts.build(type.module_path)));
+    return b;
+  };
   for (const [name, type] of Object.entries(candidate.spec.agents)) {
     if (opts.only && !opts.only.includes(name)) continue;
     const old = before[name];
@@ -220,7 +239,7 @@ export async function deployCheck(
     }
     const from = running?.bundles[name] ?? null;
     const pinned = candidate.bundles[name];
-    const built = pinned === undefined && opts.build ? await opts.build(type.module_path) : undefined;
+    const built = await buildOf(type);
     const to = pinned ?? (built === undefined ? undefined : (built?.hash ?? null));
     const changed = typeChanges(old, type, from, to);
     if (changed.length === 0 && opts.force?.includes(name)) changed.push("forced");
@@ -231,9 +250,16 @@ export async function deployCheck(
     if (changed.length === 0) unchanged.push(name);
     else types.push(await checkType(store, type, changed, spawn, { ...o, module }));
   }
+  // The candidate's hash as the gateway would store it if it applied the file now: its text's hash
+  // with its bundles (a module that cannot be bundled runs from its file, as the gateway would run it).
+  const bundles: Record<string, Blake3Hex> = { ...candidate.bundles };
+  for (const type of Object.values(candidate.spec.agents)) {
+    const built = await buildOf(type);
+    if (built) bundles[type.name] = built.hash as Blake3Hex;
+  }
   return {
     ok: types.every((c) => c.counts.DIVERGED + c.counts.FAILED === 0),
-    candidate: { path: candidate.path, hash: candidate.hash },
+    candidate: { path: candidate.path, hash: (await withBundles(candidate, bundles)).hash },
     running: running?.hash ?? null,
     types,
     added,
@@ -245,7 +271,11 @@ export async function deployCheck(
 export function describeDeployCheck(r: DeployCheckReport): string {
   const lines = [
     `deploy check of ${r.candidate.path} (spec ${r.candidate.hash.slice(0, 12)}) against ` +
-      (r.running ? `the running spec ${r.running.slice(0, 12)}` : "no stored spec"),
+      (r.running === r.candidate.hash
+        ? "the running spec, the same version"
+        : r.running
+          ? `the running spec ${r.running.slice(0, 12)}`
+          : "no stored spec"),
   ];
   for (const c of r.types) {
     const n = c.counts;
