@@ -64,6 +64,14 @@ describe("fleet trace", () => {
     const t = await fleet.cli("trace", "--topic", "alerts/nobody");
     expect(t.code).toBe(1);
     expect(t.stderr).toContain("no committed episode published to alerts/nobody");
+    // An agent's id where an episode's belongs says so, for trace and show alike.
+    for (const cmd of ["trace", "show"]) {
+      const a = await fleet.cli(cmd, "alerter/d1");
+      expect(a.code).toBe(1);
+      expect(a.stderr.trim()).toBe(
+        "fleet: no episode alerter/d1 (alerter/d1 is an agent's id: `fleet episodes alerter/d1` lists its episodes)",
+      );
+    }
   });
 });
 

@@ -75,7 +75,11 @@ export async function findEpisode(store: Store, idOrPrefix: string): Promise<Epi
   const exact = await store.getEpisode(idOrPrefix);
   if (exact) return exact;
   if (idOrPrefix.length < 4 || !/^[0-9a-f-]+$/.test(idOrPrefix)) {
-    return { code: "not_found", message: `no episode ${idOrPrefix}` };
+    // A common slip: an agent's id where an episode's is wanted.
+    const agent = parseAgentId(idOrPrefix)
+      ? ` (${idOrPrefix} is an agent's id: \`fleet episodes ${idOrPrefix}\` lists its episodes)`
+      : "";
+    return { code: "not_found", message: `no episode ${idOrPrefix}${agent}` };
   }
   // UUIDs are stored as their 16 bytes (store/hashes.ts): a prefix of one is a range of bytes; other ids are text.
   const hex = UUID_PREFIX.test(idOrPrefix) ? idOrPrefix.replaceAll("-", "") : null;
