@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
-import { BundleFiles, BundleMissing, buildBundle, pinCode } from "../gateway/code/index.ts";
+import { BundleFiles, BundleMissing, buildBundle, pinCode, versionOf } from "../gateway/code/index.ts";
 import { startTicks, sweepProcessDirs } from "../gateway/episode/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
 import { gcPass, verifyStore } from "../gateway/ops/index.ts";
@@ -184,6 +184,32 @@ describe("pinCode", () => {
     const atStart = await pinCode(sv, null, deps);
     expect(atStart.ok && atStart.sv.bundles).toEqual({});
     expect(atStart.ok && atStart.sv.hash).toBe(sv.hash);
+  });
+
+  test("versionOf gives the hash pinning would, stores nothing, and names a module that does not bundle", async () => {
+    const dir = tempDir();
+    const module = writeAgent(dir, "one");
+    const sv = await compileSpec(toml(module), join(dir, "fleet.toml"));
+    const saved: string[] = [];
+    const pinned = await pinCode(sv, null, {
+      sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash) },
+      files: new BundleFiles(join(dir, "b"), async () => null),
+      hostPaths: HOST_PATHS,
+      sdkEntry: SDK_ENTRY,
+      now: () => 1,
+      log: silent,
+    });
+    const version = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
+    expect(pinned.ok && pinned.sv.hash).toBe(version.sv.hash);
+    expect(version.sv.bundles).toEqual(pinned.ok ? pinned.sv.bundles : {});
+    expect(version.unbundled).toEqual([]);
+    expect(saved).toHaveLength(1);
+
+    writeFileSync(join(dir, "word.ts"), "export const word = (;\n");
+    const broken = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
+    expect(broken.sv.hash).toBe(sv.hash);
+    expect(broken.unbundled.map((u) => u.type)).toEqual(["t"]);
+    expect(broken.unbundled[0]!.error.length).toBeGreaterThan(0);
   });
 });
 

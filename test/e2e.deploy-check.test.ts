@@ -193,6 +193,9 @@ describe("fleet deploy --check with the gateway running", () => {
         timeoutMs: SLOW,
       });
       expect(human.stdout.split("\n")[0]).toEndWith("against the running spec, the same version");
+      // `fleet validate` names the same version.
+      const validated = await runCli(["validate", fleet.configPath, "--json"], { timeoutMs: SLOW });
+      expect(validated.json).toMatchObject({ ok: true, hash: live.spec_version, unbundled: [] });
       const edited = await check(candidate("edited", (t) => `${t}\n# a comment changes the text, not the types\n`));
       expect(edited.report.types).toEqual([]);
       expect(edited.report.candidate.hash).not.toBe(live.spec_version);

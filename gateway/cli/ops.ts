@@ -10,6 +10,8 @@ import { Gateway } from "../gateway.ts";
 import { gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
 import { checkConfigs, commandSpawnOptions, describeConfigProblems, typesToCheck } from "../episode/index.ts";
+import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
+import { versionOf } from "../code/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
@@ -227,9 +229,15 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
     const problems = await checkConfigs(typesToCheck(sv.spec, null), spawn);
     if (problems.length > 0)
       throw new SpecError(path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);
-    cli.print(
-      { ok: true, file: path, hash: sv.hash, agent_types: types },
-      () => `${path}: OK (${types.length} agent type(s): ${types.join(", ")}; spec ${sv.hash.slice(0, 12)})`,
+    // The version as the gateway would store it: the text's hash with its modules' bundles.
+    const version = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
+    cli.print({ ok: true, file: path, hash: version.sv.hash, agent_types: types, unbundled: version.unbundled }, () =>
+      [
+        `${path}: OK (${types.length} agent type(s): ${types.join(", ")}; spec ${version.sv.hash.slice(0, 12)})`,
+        ...version.unbundled.map(
+          (u) => `  agents.${u.type}.module cannot be bundled, would run from its file: ${u.error}`,
+        ),
+      ].join("\n"),
     );
     return 0;
   } catch (err) {

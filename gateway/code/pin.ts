@@ -60,6 +60,25 @@ export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: 
   return { ok: true, sv: await withBundles(sv, bundles) };
 }
 
+/**
+ * The spec version `sv` would be if the gateway pinned it now (nothing stored), and the types whose
+ * module cannot be bundled (they would run from their file), each with its first error line.
+ */
+export async function versionOf(
+  sv: SpecVersion,
+  hostPaths: readonly string[],
+  sdkEntry: string,
+): Promise<{ sv: SpecVersion; unbundled: { type: string; error: string }[] }> {
+  const bundles: Record<string, Blake3Hex> = {};
+  const unbundled: { type: string; error: string }[] = [];
+  for (const t of Object.values(sv.spec.agents)) {
+    const r = await buildBundle(t.module_path, hostPaths, sdkEntry);
+    if (r.ok) bundles[t.name] = r.hash;
+    else unbundled.push({ type: t.name, error: r.error.split("\n")[0] ?? r.error });
+  }
+  return { sv: await withBundles(sv, bundles), unbundled };
+}
+
 /** `sv` naming `bundles`; its hash covers the text's hash and the bundles. */
 export async function withBundles(sv: SpecVersion, bundles: Readonly<Record<string, Blake3Hex>>): Promise<SpecVersion> {
   const hash = Object.keys(bundles).length === 0 ? sv.textHash : await hashValue({ spec: sv.textHash, bundles });
