@@ -226,6 +226,15 @@ describe("a web page cannot make the gateway act", () => {
     });
   }
 
+  test("without a token, a state change is a 401 whatever its content type", async () => {
+    for (const type of ["application/x-www-form-urlencoded", "application/json"]) {
+      const r = await raw("/api/agents/counter/tok/pause", { method: "POST", headers: { "content-type": type } });
+      expect(r.status).toBe(401);
+      expect(r.body.error.code).toBe("unauthorized");
+    }
+    expect(await statusOf("counter/tok")).toBe("idle");
+  });
+
   test("a same-origin POST with JSON is accepted", async () => {
     const origin = fleet.httpUrl;
     const r = await raw("/api/agents/counter/tok/pause", { method: "POST", headers: bearer(operator, { origin }) });

@@ -177,12 +177,8 @@ export function createGuard(d: AccessDeps) {
     if (!hostOk(req))
       return httpError(403, "bad_host", "Host is not this gateway's (add the name to [http] allowed_hosts)");
     const changes = !READ_METHODS.has(req.method);
-    if (changes) {
-      if (!originOk(req)) return httpError(403, "bad_origin", "cross-origin requests may not change the fleet");
-      const type = req.headers.get("content-type")?.split(";")[0]?.trim().toLowerCase();
-      if (type !== "application/json")
-        return httpError(415, "unsupported_media_type", "state-changing calls need content-type: application/json");
-    }
+    if (changes && !originOk(req))
+      return httpError(403, "bad_origin", "cross-origin requests may not change the fleet");
     let who: Principal | null = null;
     if (need !== "signin") {
       const p = principal(req);
@@ -207,6 +203,9 @@ export function createGuard(d: AccessDeps) {
         principals.set(req, p);
       }
     }
+    // After the token (a missing one is a 401 whatever the body), before anything runs.
+    if (changes && req.headers.get("content-type")?.split(";")[0]?.trim().toLowerCase() !== "application/json")
+      return httpError(415, "unsupported_media_type", "state-changing calls need content-type: application/json");
     const res = await run(handler, req, server);
     if (changes && who !== null) await record(who, pattern, req, res.status);
     return res;
