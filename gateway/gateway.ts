@@ -22,7 +22,7 @@ import { compileSpec, loadSpec, restartNeeded, SpecError } from "./spec/index.ts
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
-import { checkConfigs, describeConfigProblems, EpisodeExecutor, moduleVersion, typesToCheck } from "./episode/index.ts";
+import { checkConfigs, configProblemsError, EpisodeExecutor, moduleVersion, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
@@ -307,8 +307,7 @@ export class Gateway {
 
     this.buildPipeline(spec);
     const problems = await checkConfigs(typesToCheck(spec, null), this.spawnOptions, this.spares ?? undefined);
-    if (problems.length > 0)
-      throw new SpecError(this.current.path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);
+    if (problems.length > 0) throw configProblemsError(this.current, problems);
     publishFacts(this.events, () => this.broker);
 
     for (const row of await this.store.agentCounts()) void row; // warm the connection
@@ -950,8 +949,9 @@ export class Gateway {
           ...(this.opts.httpPort === undefined ? [] : ["http.port"]),
         ]),
       check: async (current, next) => {
-        const problems = await checkConfigs(typesToCheck(next, current), this.spawnOptions, this.spares ?? undefined);
-        return problems.length > 0 ? describeConfigProblems(problems) : null;
+        const types = typesToCheck(next.spec, current);
+        const problems = await checkConfigs(types, this.spawnOptions, this.spares ?? undefined);
+        return problems.length > 0 ? configProblemsError(next, problems).message : null;
       },
       gate: (current, next) =>
         reloadGate(this.store, current, next, this.spawnOptions, (h) => this.bundles.file(h)).catch(

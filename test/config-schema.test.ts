@@ -5,7 +5,7 @@
  * Fixture: test/fixtures/config/typed.ts.
  */
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { stimuli, testAgent } from "agent-fleets/testing";
@@ -39,11 +39,13 @@ describe("config checked against the module's schema, in the sandbox", () => {
       {
         type: "t",
         keyPath: "agents.t.config.limits.max",
+        path: ["agents", "t", "config", "limits", "max"],
         message: "Too small: expected number to be >0 (the agent's config schema)",
       },
       {
         type: "t",
         keyPath: "agents.t.config.threshold",
+        path: ["agents", "t", "config", "threshold"],
         message: "Invalid input: expected number, received string (the agent's config schema)",
       },
     ]);
@@ -123,7 +125,11 @@ describe("a bad config refuses the deploy", () => {
     const fleet = new TestFleet(`${fleetHeader("cfg-validate")}\n${typeToml('{ threshold = "high" }')}`);
     const r = await runCli(["validate", fleet.configPath, "--json"]);
     expect(r.code).toBe(1);
-    expect(r.json).toMatchObject({ ok: false, key_path: "agents.t.config.threshold" });
+    const line =
+      readFileSync(fleet.configPath, "utf8")
+        .split("\n")
+        .findIndex((l) => l.includes('threshold = "high"')) + 1;
+    expect(r.json).toMatchObject({ ok: false, key_path: "agents.t.config.threshold", line });
     expect(r.json.error).toContain("expected number, received string");
   });
 
@@ -152,7 +158,12 @@ describe("a bad config refuses the deploy", () => {
       30_000,
       "the reload error",
     );
-    expect(info.spec_error).toContain("not applied: agents.t.config.unit");
+    // Named at the line and column of the key in the file.
+    const text = `${fleetHeader("cfg-reload")}\n${typeToml('{ threshold = 90, unit = "K" }')}`;
+    const lines = text.split("\n");
+    const line = lines.findIndex((l) => l.includes('unit = "K"')) + 1;
+    const column = lines[line - 1]!.indexOf("unit") + 1;
+    expect(info.spec_error).toContain(`not applied: ${fleet.configPath}:${line}:${column}: agents.t.config.unit`);
     await publishQos1(client, "t/k1/in", "{}");
     await fleet.waitCommitted("t/k1", 2);
     const emits = await fleet.query<{ data: string }>(

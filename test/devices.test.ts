@@ -146,7 +146,7 @@ describe("devices file", () => {
         err = e;
       }
       expect(err).toBeInstanceOf(DevicesError);
-      expect((err as Error).message).toStartWith("/etc/fleet/devices.toml: ");
+      expect((err as Error).message).toMatch(/^\/etc\/fleet\/devices\.toml:\d+:\d+: /);
       expect((err as Error).message).toContain(message);
     }
     try {

@@ -379,10 +379,19 @@ describe("schema errors name the key path", () => {
     test(`${what} is reported at ${keyPath}`, async () => {
       const err = await specError(text);
       expect(err.keyPath).toBe(keyPath);
-      expect(err.line).toBeNull();
       expect(err.detail.split("\n")[0]).toStartWith(`${keyPath} `);
       expect(err.detail.split("\n")[0]).toMatch(message);
-      expect(err.message).toStartWith(`${FILE}: ${keyPath} `);
+      // Placed where its key is written, or (a key that is missing) at its table's header.
+      expect(err.line).not.toBeNull();
+      expect(err.message).toStartWith(`${FILE}:${err.line}:${err.column}: ${keyPath} `);
+      const written = text.split("\n")[err.line! - 1]!.slice(err.column! - 1);
+      const key = keyPath
+        .split(".")
+        .at(-1)!
+        .replace(/\[\d+\]$/, "")
+        .replaceAll('"', "");
+      if (keyPath.endsWith("]")) expect(text.split("\n")[err.line! - 1]).toContain(`${key} = [`);
+      else if (!written.startsWith("[")) expect(written).toStartWith(key);
     });
   }
 
@@ -395,10 +404,12 @@ describe("schema errors name the key path", () => {
 
   test("every problem is listed, one per line, the first one giving keyPath", async () => {
     const err = await specError(agent('colour = "red"\ntools = ["shell"]'));
+    // The first is placed by the error's own prefix, each later one on its line (colour is on line 3).
     expect(err.detail.split("\n")).toEqual([
       "agents.x.tools[0] must be one of publish, http, llm, send",
-      "agents.x.colour is not a known key",
+      `${FILE}:3:1: agents.x.colour is not a known key`,
     ]);
+    expect([err.line, err.column]).toEqual([4, 10]);
     expect(err.keyPath).toBe("agents.x.tools[0]");
   });
 });

@@ -9,7 +9,7 @@ import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
 import { gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
-import { checkConfigs, commandSpawnOptions, describeConfigProblems, typesToCheck } from "../episode/index.ts";
+import { checkConfigs, commandSpawnOptions, configProblemsError, typesToCheck } from "../episode/index.ts";
 import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
 import { versionOf } from "../code/index.ts";
 import { loadSpec } from "../spec/index.ts";
@@ -227,8 +227,7 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
       "fleet validate",
     );
     const problems = await checkConfigs(typesToCheck(sv.spec, null), spawn);
-    if (problems.length > 0)
-      throw new SpecError(path, describeConfigProblems(problems), null, null, problems[0]!.keyPath);
+    if (problems.length > 0) throw configProblemsError(sv, problems);
     // The version as the gateway would store it: the text's hash with its modules' bundles.
     const version = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
     cli.print({ ok: true, file: path, hash: version.sv.hash, agent_types: types, unbundled: version.unbundled }, () =>

@@ -19,7 +19,7 @@ import {
   verifySecret,
   type Argon2Hash,
 } from "./secret.ts";
-import { formatKeyPath } from "../spec/index.ts";
+import { type Problem, reportProblems } from "../spec/index.ts";
 import { ConfigFileError } from "../spec/index.ts";
 
 /** Device ids (= MQTT usernames) and client ids: one plain topic level, so `%u`/`%c` never widen an ACL. */
@@ -118,7 +118,7 @@ export function compileDevices(text: string, file: string): DevicesConfig {
     throw new DevicesError(file, `invalid TOML: ${String(err)}`);
   }
   const parsed = fileSchema.safeParse(doc, { error: schemaMessage });
-  const problems: { path: readonly PropertyKey[]; message: string }[] = [];
+  const problems: Problem[] = [];
   if (!parsed.success) {
     for (const iss of parsed.error.issues) {
       if (iss.code === "unrecognized_keys")
@@ -160,15 +160,8 @@ export function compileDevices(text: string, file: string): DevicesConfig {
     }
   }
   if (problems.length > 0) {
-    const lines = problems.map((p) => (p.path.length === 0 ? p.message : `${formatKeyPath(p.path)} ${p.message}`));
-    const first = problems[0]!;
-    throw new DevicesError(
-      file,
-      lines.join("\n"),
-      null,
-      null,
-      first.path.length > 0 ? formatKeyPath(first.path) : null,
-    );
+    const r = reportProblems(file, text, problems);
+    throw new DevicesError(file, r.detail, r.line, r.column, r.keyPath);
   }
   const defaults = parsed.success ? parsed.data.defaults : { publish: [], subscribe: [] };
   return Object.freeze({ file, defaults, devices, byClientId });

@@ -5,7 +5,14 @@
  * episode runs in: the schema is the agent's code, and agent code is not run in the gateway.
  */
 import type { ConfigCheck } from "../../agents/protocol.ts";
-import type { AgentTypeSpec, FleetSpec } from "../spec/index.ts";
+import {
+  type AgentTypeSpec,
+  type FleetSpec,
+  formatKeyPath,
+  reportProblems,
+  SpecError,
+  type SpecVersion,
+} from "../spec/index.ts";
 import { CHILD_LIMITS } from "./records.ts";
 import { runEpisode, type RunLimits } from "./runner.ts";
 import type { SparePool } from "./host-process.ts";
@@ -15,8 +22,9 @@ import { moduleStamp } from "./sandbox-view.ts";
 /** One complaint about a type's config (or its module, when it cannot be checked at all). */
 export interface ConfigProblem {
   readonly type: string;
-  /** Dotted key path in fleet.toml, e.g. `agents.door.config.open_after`. */
+  /** Key path in fleet.toml, e.g. `agents.door.config.open_after` (`path` written out). */
   readonly keyPath: string;
+  readonly path: readonly PropertyKey[];
   readonly message: string;
 }
 
@@ -55,9 +63,10 @@ export function typesToCheck(next: FleetSpec, current: FleetSpec | null): AgentT
   });
 }
 
-/** Problems as one line each, for a reload error or the CLI. */
-export function describeConfigProblems(problems: readonly ConfigProblem[]): string {
-  return problems.map((p) => `${p.keyPath} ${p.message}`).join("\n");
+/** The error for `problems` of `sv`'s agent configs, each placed at its line and column in the file. */
+export function configProblemsError(sv: SpecVersion, problems: readonly ConfigProblem[]): SpecError {
+  const r = reportProblems(sv.path, sv.text, problems);
+  return new SpecError(sv.path, r.detail, r.line, r.column, r.keyPath);
 }
 
 function stampOrPath(module: string): string {
@@ -71,14 +80,12 @@ function stampOrPath(module: string): string {
 async function checkType(type: AgentTypeSpec, spawn: SpawnOptions, pool?: SparePool): Promise<ConfigProblem[]> {
   const stamp = stampOrPath(type.module_path);
   const check = await checkModule(type, type.module_path, spawn, pool);
-  const base = `agents.${type.name}`;
   if (!check || !Array.isArray(check.issues)) return [];
   if (check.schema === false) noSchema.add(stamp);
-  return check.issues.map((i) => ({
-    type: type.name,
-    keyPath: [`${base}.config`, ...i.path].join("."),
-    message: `${i.message} (the agent's config schema)`,
-  }));
+  return check.issues.map((i) => {
+    const path = ["agents", type.name, "config", ...i.path];
+    return { type: type.name, keyPath: formatKeyPath(path), path, message: `${i.message} (the agent's config schema)` };
+  });
 }
 
 /**

@@ -53,7 +53,7 @@ export interface RedeployDeps {
   /** Changed keys that only a restart applies; any -> the reload is refused ("needs restart: …"). */
   needsRestart?(current: FleetSpec, next: FleetSpec): string[];
   /** Checks a new version must pass before anything is applied (agents' config schemas); why not, or null. */
-  check?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
+  check?(current: FleetSpec, next: SpecVersion): Promise<string | null>;
   /** The replay gate (`require_check`): why `next` must not be applied, or null. Runs before anything changes. */
   gate?(current: SpecVersion, next: SpecVersion): Promise<string | null>;
   /** Bundle and store the new version's code (gateway/code); problems refuse the reload. */
@@ -106,7 +106,7 @@ export class Redeploy {
       this.d.log.error({ reason }, `fleet.toml not applied: ${this.error}`);
       return;
     }
-    const refused = (await this.d.check?.(current.spec, next.spec)) ?? null;
+    const refused = (await this.d.check?.(current.spec, next)) ?? null;
     if (refused !== null) {
       this.error = `not applied: ${refused}`;
       this.d.log.error({ reason }, `fleet.toml ${this.error}; keeping spec ${current.hash.slice(0, 12)}`);

@@ -1,5 +1,7 @@
 export * from "./duration.ts";
+export * from "./key-path.ts";
 export * from "./load.ts";
+export * from "./locate.ts";
 export * from "./types.ts";
 export * from "./reference.ts";
 export * from "./restart.ts";

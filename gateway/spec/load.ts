@@ -10,6 +10,7 @@ import { blake3Hex } from "../hash.ts";
 import { parseShard, type ShardSpec } from "../shard.ts";
 import { parseDuration } from "./duration.ts";
 import { fleetSchema, type RawAgent, type RawFleet, type RawHook } from "./schema.ts";
+import { type Problem, reportProblems } from "./locate.ts";
 import { wildcardCount } from "./topic-filter.ts";
 import { DEFAULT_SANDBOX_UIDS, parseUidRange, SpecError } from "./types.ts";
 import type {
@@ -27,22 +28,6 @@ export { AGENT_KEY_RE, DEFAULT_BUDGET, TOOL_NAMES, TYPE_NAME_RE } from "./schema
 export { topicFilterProblem, wildcardCount } from "./topic-filter.ts";
 
 // ---- errors ---------------------------------------------------------------------------
-
-/** A schema or cross-check problem: where (key path segments) and what. */
-type Problem = { path: readonly PropertyKey[]; message: string };
-
-/** Dotted TOML key path; segments that are not bare keys are quoted, array indexes bracketed. */
-export function formatKeyPath(path: readonly PropertyKey[]): string {
-  let out = "";
-  for (const seg of path) {
-    if (typeof seg === "number") out += `[${seg}]`;
-    else {
-      const s = String(seg);
-      out += (out === "" ? "" : ".") + (/^[A-Za-z0-9_-]+$/.test(s) ? s : JSON.stringify(s));
-    }
-  }
-  return out;
-}
 
 /** Message for issues the schema does not word itself. */
 function genericMessage(iss: z.core.$ZodRawIssue): string {
@@ -63,16 +48,9 @@ function problemsOf(error: z.ZodError): Problem[] {
   });
 }
 
-function specErrorOf(file: string, problems: readonly Problem[]): SpecError {
-  const lines = problems.map((p) => (p.path.length === 0 ? p.message : `${formatKeyPath(p.path)} ${p.message}`));
-  const first = problems[0];
-  return new SpecError(
-    file,
-    lines.join("\n"),
-    null,
-    null,
-    first && first.path.length > 0 ? formatKeyPath(first.path) : null,
-  );
+function specErrorOf(file: string, text: string, problems: readonly Problem[]): SpecError {
+  const r = reportProblems(file, text, problems);
+  return new SpecError(file, r.detail, r.line, r.column, r.keyPath);
 }
 
 // ---- compile ------------------------------------------------------------------------------
@@ -93,10 +71,10 @@ export async function compileSpec(text: string, file: string): Promise<SpecVersi
     throw new SpecError(file, `invalid TOML: ${err instanceof Error ? err.message : String(err)}`);
   }
   const parsed = fleetSchema.safeParse(doc, { error: genericMessage });
-  if (!parsed.success) throw specErrorOf(file, problemsOf(parsed.error));
+  if (!parsed.success) throw specErrorOf(file, text, problemsOf(parsed.error));
   const problems: Problem[] = [];
   const spec = build(parsed.data, dirname(file), problems);
-  if (problems.length > 0) throw specErrorOf(file, problems);
+  if (problems.length > 0) throw specErrorOf(file, text, problems);
   const hash = await blake3Hex(text);
   return deepFreeze({ hash, textHash: hash, bundles: {}, path: file, text, spec });
 }

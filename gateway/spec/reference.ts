@@ -259,8 +259,10 @@ export function fleetTomlReference(): string {
     "     gateway/spec/reference.ts. Do not edit by hand: test/docs.test.ts fails when it is stale. -->",
     "",
     "Every key the loader accepts. Unknown keys are errors; an invalid file never replaces the",
-    "running spec (the error names the line and column, or the key path). `*` is an agent type",
-    'or hook name. Durations are strings like `"30s"`, `"5m"`, `"1h30m"`.',
+    "running spec. The error names the file, line and column, and for a key that is wrong the key",
+    "path too (`fleet.toml:12:1: agents.t.budget.memory_mb must be ...`; a key that is missing is",
+    'placed at its table). `*` is an agent type or hook name. Durations are strings like `"30s"`,',
+    '`"5m"`, `"1h30m"`.',
     "",
   ];
   for (const [top, rows] of sections) {
