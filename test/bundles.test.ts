@@ -149,19 +149,21 @@ describe("BundleFiles", () => {
 
 describe("pinCode", () => {
   const toml = (module: string) => `[fleet]\nname = "pin"\n\n[agents.t]\nmodule = ${JSON.stringify(module)}\n`;
+  /** What pinning needs, its stored bundles' hashes going to `saved`. */
+  const pinDeps = (dir: string, saved: string[]) => ({
+    sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash) },
+    files: new BundleFiles(join(dir, "b"), async () => null),
+    hostPaths: HOST_PATHS,
+    sdkEntry: SDK_ENTRY,
+    now: () => 1,
+    log: silent,
+  });
 
   test("names each type's bundle in the spec version, whose hash then covers the code", async () => {
     const dir = tempDir();
     const module = writeAgent(dir, "one");
     const saved: string[] = [];
-    const deps = {
-      sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash) },
-      files: new BundleFiles(join(dir, "b"), async () => null),
-      hostPaths: HOST_PATHS,
-      sdkEntry: SDK_ENTRY,
-      now: () => 1,
-      log: silent,
-    };
+    const deps = pinDeps(dir, saved);
     const sv = await compileSpec(toml(module), join(dir, "fleet.toml"));
     const one = await pinCode(sv, null, deps);
     if (!one.ok) throw new Error(one.problems.join());
@@ -191,14 +193,7 @@ describe("pinCode", () => {
     const module = writeAgent(dir, "one");
     const sv = await compileSpec(toml(module), join(dir, "fleet.toml"));
     const saved: string[] = [];
-    const pinned = await pinCode(sv, null, {
-      sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash) },
-      files: new BundleFiles(join(dir, "b"), async () => null),
-      hostPaths: HOST_PATHS,
-      sdkEntry: SDK_ENTRY,
-      now: () => 1,
-      log: silent,
-    });
+    const pinned = await pinCode(sv, null, pinDeps(dir, saved));
     const version = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
     expect(pinned.ok && pinned.sv.hash).toBe(version.sv.hash);
     expect(version.sv.bundles).toEqual(pinned.ok ? pinned.sv.bundles : {});
