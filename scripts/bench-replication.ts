@@ -137,8 +137,8 @@ export async function benchReplication(o: BenchOptions): Promise<Row[]> {
     // the figure is the median round. "on" is measured from the first commit to the last, with
     // its replicator pushing beside them as a gateway's does; what it left for later (its
     // backlog) is then drained and timed too, so the catch-up row counts the whole replication.
-    const rounds = o.quick ? 5 : 9;
-    const per = o.quick ? 2000 : 6000;
+    const rounds = o.quick ? 5 : 15;
+    const per = o.quick ? 2000 : 12000;
     const on: number[] = [];
     const off: number[] = [];
     const withCatchUp: number[] = [];
