@@ -13,14 +13,18 @@ import { join } from "node:path";
 import pino from "pino";
 import { gcAll, verifyChains, verifyStore } from "../gateway/ops/index.ts";
 import {
+  BatchReader,
   CENTRAL_MIGRATIONS,
   CENTRAL_SCHEMA_VERSION,
   CentralReader,
+  durableHead,
   enableReplication,
   HOT_BACKLOG_BATCHES,
   prepareCentral,
   REPLICATED,
+  readEntries,
   Replicator,
+  type ReplicatorOptions,
   type ReplicationStatus,
 } from "../gateway/replication/index.ts";
 import type { ReplicationSpec } from "../gateway/spec/index.ts";
@@ -38,7 +42,10 @@ const quiet = pino({ level: "silent" });
 
 const dirs: string[] = [];
 const servers: Sqld[] = [];
+/** Replicators the tests made: stopped at the end, which ends their reader threads. */
+const made: Replicator[] = [];
 afterAll(async () => {
+  for (const r of made) await r.stop();
   for (const s of servers) await s.dispose();
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
@@ -59,16 +66,29 @@ function spec(url: string, o: Partial<ReplicationSpec> = {}): ReplicationSpec {
 }
 
 /** A replicator on a fake clock that never runs its own loop (tests drive pushOnce / drain). */
-function replicator(f: SyntheticFleet, s: ReplicationSpec, now: () => number): Replicator {
-  return new Replicator({
-    store: f.store,
-    spec: s,
-    fleet: "synthetic",
-    log: quiet,
-    now,
-    minBackoffMs: 10,
-    maxBackoffMs: 50,
-  });
+function replicator(
+  f: SyntheticFleet,
+  s: ReplicationSpec,
+  now: () => number,
+  o: Partial<ReplicatorOptions> = {},
+): Replicator {
+  return track(
+    new Replicator({
+      store: f.store,
+      spec: s,
+      fleet: "synthetic",
+      log: quiet,
+      now,
+      minBackoffMs: 10,
+      maxBackoffMs: 50,
+      ...o,
+    }),
+  );
+}
+
+function track(r: Replicator): Replicator {
+  made.push(r);
+  return r;
 }
 
 /** Central rows of `table` for this store's gateway. */
@@ -175,7 +195,8 @@ describe("replication faults", () => {
     "a row changed again while its batch is in flight stays queued and goes again with its newest value",
     async () => {
       const f = await synthetic();
-      const r = replicator(f, spec(sqld.url), () => T0);
+      // Its reads on the store's connection, where the test can step in between them.
+      const r = replicator(f, spec(sqld.url), () => T0, { readOnThread: false });
       await enableReplication(f.store, sqld.url);
       await f.commit(4, T0, 1000);
       await r.drain();
@@ -208,6 +229,30 @@ describe("replication faults", () => {
     },
     SLOW,
   );
+
+  test("the reader thread reads what the store's connection reads, and nothing past the durable head", async () => {
+    const f = await synthetic();
+    await enableReplication(f.store, sqld.url);
+    await f.commit(10, T0, 1000);
+    const head = await durableHead(f.store);
+    await f.commit(5, T0 + 20_000, 1000); // queued after the head was taken: not to be read
+    const reader = await BatchReader.open(f.store.path);
+    try {
+      const onThread = await reader.read(500, head);
+      const here = await readEntries(f.store.client, 500, head);
+      expect(onThread).toEqual(here);
+      expect(onThread.entries.length).toBeGreaterThan(10);
+      expect(onThread.entries.every((e) => e.seq <= head)).toBe(true);
+      expect(onThread.entries.filter((e) => e.tbl === "episode")).toHaveLength(10);
+      // The whole queue once the head moves.
+      const all = await reader.read(500, await durableHead(f.store));
+      expect(all.entries.filter((e) => e.tbl === "episode")).toHaveLength(15);
+    } finally {
+      await reader.close();
+    }
+    await expect(reader.read(500, head)).rejects.toThrow("closed");
+    await f.close();
+  });
 
   test("pushes never overlap: three at once send three different batches, each once", async () => {
     const f = await synthetic();
@@ -408,7 +453,7 @@ describe("fleet central", () => {
       servers.push(sqld);
       for (const name of ["north", "south"]) {
         const f = await synthetic();
-        const r = new Replicator({ store: f.store, spec: spec(sqld.url), fleet: name, log: quiet });
+        const r = track(new Replicator({ store: f.store, spec: spec(sqld.url), fleet: name, log: quiet }));
         await enableReplication(f.store, sqld.url);
         await f.commit(20, Date.now() - 60_000, 1000);
         await appendAudit(f.store, {
@@ -624,14 +669,16 @@ describe("pushing beside episodes", () => {
       };
       const pending = async () =>
         Number((await f.store.client.execute("SELECT count(*) FROM repl_pending")).rows[0]![0]);
-      const r = new Replicator({
-        store: f.store,
-        spec: spec(sqld.url, { interval_ms: interval, batch_rows: batch }),
-        fleet: "synthetic",
-        log: quiet,
-        now: () => now,
-        sleep,
-      });
+      const r = track(
+        new Replicator({
+          store: f.store,
+          spec: spec(sqld.url, { interval_ms: interval, batch_rows: batch }),
+          fleet: "synthetic",
+          log: quiet,
+          now: () => now,
+          sleep,
+        }),
+      );
       await f.commit(4, T0 - 10_000, 1000); // history from before replication: queued at start
       const first = nextPark();
       await r.start();

@@ -3,7 +3,7 @@
  * read from the local database, and the central statements that write them idempotently.
  * An `episode` entry carries the episode, its event log and the checkpoint it sealed.
  */
-import type { InArgs, InStatement, InValue } from "@libsql/client";
+import type { Client, InArgs, InStatement, InValue } from "@libsql/client";
 import { checkpointHashIs, idBytesSql, idOfSql, type Store, wireSql } from "../store/index.ts";
 import { REPLICATED, type ReplicatedName, type ReplicatedTable } from "./tables.ts";
 
@@ -45,10 +45,13 @@ const KINDS: readonly string[] = ["spec", "agent", "episode", "usage", "stimulus
 
 const IN_JSON = "IN (SELECT value FROM json_each(?))";
 
-async function select(store: Store, t: ReplicatedTable, where: string, args: InArgs): Promise<InValue[][]> {
+/** What a batch is read through: a connection to the local database (the store's, or a reader thread's own). */
+export type BatchSource = Pick<Client, "execute">;
+
+async function select(db: BatchSource, t: ReplicatedTable, where: string, args: InArgs): Promise<InValue[][]> {
   // Hashes and episode ids stored as bytes go out as the text they are everywhere else (store/hashes.ts).
   const cols = t.columns.map((c) => wireSql(t.name, c)).join(", ");
-  const rs = await store.client.execute({ sql: `SELECT ${cols} FROM ${t.name} WHERE ${where}`, args });
+  const rs = await db.execute({ sql: `SELECT ${cols} FROM ${t.name} WHERE ${where}`, args });
   return rs.rows.map((r) => t.columns.map((_, i) => r[i] as InValue));
 }
 
@@ -59,7 +62,7 @@ async function select(store: Store, t: ReplicatedTable, where: string, args: InA
  * not round-trip) and without blobs (JSON cannot hold them).
  */
 async function selectEncoded(
-  store: Store,
+  db: BatchSource,
   t: ReplicatedTable,
   where: string,
   args: InArgs,
@@ -71,7 +74,7 @@ async function selectEncoded(
   const q = qualify ?? ((c: string) => c);
   // Hashes and episode ids stored as bytes go out as the text they are everywhere else (store/hashes.ts).
   const inner = t.columns.map((c) => `${wireSql(t.name, c, q(c))} AS ${c}`).join(", ");
-  const rs = await store.client.execute({
+  const rs = await db.execute({
     sql: `SELECT json_group_array(json_array(${cols})) AS j, count(*) AS n FROM (SELECT ${inner},
       (row_number() OVER () - 1) / ${ROWS_PER_STATEMENT} AS chunk FROM ${from}) GROUP BY chunk
       ORDER BY chunk`,
@@ -124,16 +127,31 @@ const EPISODE_ENTRIES = `repl_pending AS p NOT INDEXED JOIN episodes AS e ON e.i
   WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'episode'`;
 
 /**
- * Read the oldest `limit` pending entries and the rows they name. The entries are one range of
- * the queue (`seq` is its rowid; new entries always get a higher one), so the rows an episode
- * entry stands for are read by joining that range, not by sending its keys back as a list.
+ * The highest queue entry on the disk now: only rows already there go to the center (a commit is
+ * visible before its WAL sync ends, and a crash before the sync ends loses it). Read on the store's
+ * own connection the moment its sync is done, before another commit can run.
  */
-export async function readBatch(store: Store, limit: number): Promise<Batch> {
-  // Only rows already on the disk go to the center (a commit is visible before its WAL sync ends).
+export async function durableHead(store: Store): Promise<number> {
   await store.writer.durable();
-  const rs = await store.client.execute({
-    sql: "SELECT seq, tbl, key, ver FROM repl_pending ORDER BY seq LIMIT ?",
-    args: [limit],
+  const rs = await store.client.execute("SELECT coalesce(max(seq), 0) FROM repl_pending");
+  return Number(rs.rows[0]?.[0] ?? 0);
+}
+
+/** The oldest `limit` pending entries on the disk, and the rows they name, read on the store's connection. */
+export async function readBatch(store: Store, limit: number): Promise<Batch> {
+  return readEntries(store.client, limit, await durableHead(store));
+}
+
+/**
+ * Read the oldest `limit` pending entries up to `upTo` (`durableHead`) and the rows they name.
+ * The entries are one range of the queue (`seq` is its rowid; new entries always get a higher
+ * one), so the rows an episode entry stands for are read by joining that range, not by sending
+ * its keys back as a list.
+ */
+export async function readEntries(db: BatchSource, limit: number, upTo: number): Promise<Batch> {
+  const rs = await db.execute({
+    sql: "SELECT seq, tbl, key, ver FROM repl_pending WHERE seq <= ? ORDER BY seq LIMIT ?",
+    args: [upTo, limit],
   });
   const entries: PendingEntry[] = rs.rows.map((r) => ({
     seq: Number(r[0]),
@@ -158,7 +176,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   const { spec_versions, agents, episodes, events, checkpoints, budget_usage, stimuli, audit } = REPLICATED;
 
   if (byKind.has("spec")) {
-    got.spec_versions = await select(store, spec_versions, `hash ${IN_JSON}`, [keys("spec")]);
+    got.spec_versions = await select(db, spec_versions, `hash ${IN_JSON}`, [keys("spec")]);
     missing("spec", new Set(got.spec_versions.map((r) => String(r[0]))));
   }
   // An episode entry stands for its agent's row and the budget windows it booked (store/migrate.ts,
@@ -168,9 +186,9 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   if (byKind.has("episode")) {
     const wanted = byKind.get("episode")!;
     const col = (c: string) => `e.${c}`;
-    got.episodes = await selectEncoded(store, episodes, EPISODE_ENTRIES, range, col);
+    got.episodes = await selectEncoded(db, episodes, EPISODE_ENTRIES, range, col);
     got.events = await selectEncoded(
-      store,
+      db,
       events,
       `repl_pending AS p NOT INDEXED JOIN events AS v ON v.episode = ${idBytesSql("p.key")}
         WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'episode'`,
@@ -178,7 +196,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
       (c) => `v.${c}`,
     );
     got.checkpoints = await selectEncoded(
-      store,
+      db,
       checkpoints,
       EPISODE_ENTRIES.replace("WHERE", `JOIN checkpoints AS c ON ${checkpointHashIs("c.hash", "e.checkpoint")} WHERE`),
       range,
@@ -186,7 +204,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     );
     if (got.episodes.count < wanted.length) {
       // Some were collected before their push (retention stopped waiting): the rare path.
-      const found = await store.client.execute({
+      const found = await db.execute({
         sql: `SELECT ${idOfSql("e.id")} FROM ${EPISODE_ENTRIES}`,
         args: range,
       });
@@ -196,7 +214,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
       // the chain still goes. A scan, but only on this rare path.
       const gone = wanted.filter((e) => !have.has(e.key)).map((e) => e.key);
       const orphans = await selectEncoded(
-        store,
+        db,
         checkpoints,
         `episode IN (SELECT ${idBytesSql("value")} FROM json_each(?))`,
         [JSON.stringify(gone)],
@@ -214,7 +232,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     ];
     // Windows first, then each one's row by the primary key (an IN over them would scan budget_usage).
     const perWindow = EPISODE_ENTRIES.replace("WHERE", `JOIN json_each(json_array(${windows.join(", ")})) AS w WHERE`);
-    const ur = await store.client.execute({
+    const ur = await db.execute({
       sql: `SELECT ${budget_usage.columns.map((c) => `u.${c}`).join(", ")} FROM (SELECT DISTINCT e.agent AS a,
         w.value AS win FROM ${perWindow}) AS x CROSS JOIN budget_usage AS u ON u.agent = x.a AND u."window" = x.win`,
       args: range,
@@ -226,9 +244,9 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
     WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'agent'`;
   if (byKind.has("episode") || byKind.has("agent")) {
     const from = [agentsOfEpisodes, byKind.has("agent") ? agentEntries : ""].filter(Boolean).join(" UNION ");
-    got.agents = await selectEncoded(store, agents, `id IN (${from})`, range);
+    got.agents = await selectEncoded(db, agents, `id IN (${from})`, range);
     if (byKind.has("agent")) {
-      const ids = await store.client.execute({
+      const ids = await db.execute({
         sql: `SELECT id FROM agents WHERE id IN (${agentEntries})`,
         args: range,
       });
@@ -239,7 +257,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   if (byKind.has("usage")) {
     const pairs = (byKind.get("usage") ?? []).map((e) => e.key.split("\n"));
     const own = await select(
-      store,
+      db,
       budget_usage,
       `(agent, "window") IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))`,
       [JSON.stringify(pairs)],
@@ -250,13 +268,13 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
   }
   if (usage.length > 0) got.budget_usage = usage;
   if (byKind.has("stimulus")) {
-    got.stimuli = await select(store, stimuli, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [
+    got.stimuli = await select(db, stimuli, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [
       keys("stimulus"),
     ]);
     missing("stimulus", new Set(got.stimuli.map((r) => String(r[0]))));
   }
   if (byKind.has("audit")) {
-    got.audit = await select(store, audit, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [keys("audit")]);
+    got.audit = await select(db, audit, `seq IN (SELECT CAST(value AS INTEGER) FROM json_each(?))`, [keys("audit")]);
     missing("audit", new Set(got.audit.map((r) => String(r[0]))));
   }
   // The center writes them in REPLICATED's order (agents before their episodes).

@@ -1,5 +1,6 @@
 export * from "./tables.ts";
 export * from "./batch.ts";
+export { BatchReader } from "./reader.ts";
 export * from "./replicator.ts";
 export * from "./central.ts";
 export * from "./server.ts";

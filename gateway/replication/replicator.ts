@@ -8,12 +8,14 @@
  * batch, which changes nothing. A dead or slow center only grows the queue; failures back
  * off exponentially with jitter.
  */
+import { existsSync } from "node:fs";
 import { createClient, type Client } from "@libsql/client";
 import type { Logger } from "pino";
 import type { ReplicationSpec } from "../spec/index.ts";
 import { checkNotNewer, idOfSql, migrate, SCHEMA_VERSION, SchemaVersionError, schemaVersion } from "../store/index.ts";
 import type { Store } from "../store/index.ts";
-import { centralStatements, readBatch, type Batch } from "./batch.ts";
+import { centralStatements, durableHead, readBatch, readEntries, type Batch } from "./batch.ts";
+import { BatchReader } from "./reader.ts";
 import { CENTRAL_MIGRATIONS, CENTRAL_SCHEMA_VERSION } from "./tables.ts";
 
 /** Lifecycle: `connecting` until the central schema is checked, `retrying` after a failure. */
@@ -79,6 +81,11 @@ export interface ReplicatorOptions {
    * for them, with `now`, to step the loop on a fake clock; `stop()` does not wait for it.
    */
   readonly sleep?: (ms: number) => Promise<void>;
+  /**
+   * Read each batch on a thread of its own (reader.ts; default), off the thread that commits
+   * episodes. False, or a store that is not a file: on the store's own connection.
+   */
+  readonly readOnThread?: boolean;
 }
 
 const MB = 1024 * 1024;
@@ -140,6 +147,8 @@ export async function prepareCentral(client: Client, url: string): Promise<void>
 export class Replicator {
   state: ReplicatorState = "created";
   private client: Client | null = null;
+  /** `batchReader()`'s thread, once asked for. */
+  private reader: Promise<BatchReader | null> | null = null;
   private prepared = false;
   private loop: Promise<void> | null = null;
   /** The push in flight (resolved when none): pushes run one at a time. */
@@ -209,6 +218,7 @@ export class Replicator {
   async stop(): Promise<void> {
     if (this.state === "stopped" || this.state === "created") {
       this.state = "stopped";
+      await this.closeReader();
       return;
     }
     this.state = "stopped";
@@ -217,6 +227,29 @@ export class Replicator {
     await this.loop;
     this.client?.close();
     this.client = null;
+    await this.closeReader();
+  }
+
+  /** The thread batches are read on, started at the first push; null: the store's own connection. */
+  private batchReader(): Promise<BatchReader | null> {
+    const { store, readOnThread } = this.opts;
+    this.reader ??=
+      readOnThread === false || !existsSync(store.path)
+        ? Promise.resolve(null)
+        : BatchReader.open(store.path).catch((err: unknown) => {
+            this.log.warn(
+              { err: err instanceof Error ? err.message : String(err) },
+              "replication reads stay on the gateway's thread: the reader thread did not start",
+            );
+            return null;
+          });
+    return this.reader;
+  }
+
+  private async closeReader(): Promise<void> {
+    const reader = await this.reader;
+    this.reader = null;
+    await reader?.close();
   }
 
   /** Retention may collect unconfirmed rows only when not required or past max_backlog_mb. */
@@ -296,7 +329,11 @@ export class Replicator {
   private async pushNow(): Promise<number> {
     const client = await this.central();
     const { store, spec, fleet } = this.opts;
-    const batch = await readBatch(store, spec.batch_rows);
+    const upTo = await durableHead(store);
+    const reader = await this.batchReader();
+    const batch = reader
+      ? await reader.read(spec.batch_rows, upTo)
+      : await readEntries(store.client, spec.batch_rows, upTo);
     if (batch.entries.length === 0) return 0;
     this.noteSize(batch);
     const at = this.now();
