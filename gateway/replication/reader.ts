@@ -22,7 +22,8 @@ export type ReaderReply =
   | { readonly id: number; readonly ok: true; readonly batch?: Batch }
   | { readonly id: number; readonly ok: false; readonly error: string };
 
-type Request = ReaderRequest extends infer R ? (R extends { id: number } ? Omit<R, "id"> : never) : never;
+/** A request before it is given its id (each member of the union on its own). */
+type Request<R = ReaderRequest> = R extends unknown ? Omit<R, "id"> : never;
 
 export class BatchReader {
   private readonly worker: Worker;
