@@ -4,6 +4,7 @@
  */
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";
 import type { Logger } from "pino";
+import { dedupeExactly } from "./deliveries.ts";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
 import type { BrokerAuth, BrokerOptions, ClientInfo, IntakeVerdict, PublishedMessage } from "./types.ts";
 
@@ -111,6 +112,7 @@ export function createHooks(
 
   return {
     preConnect(client, packet, done) {
+      dedupeExactly(client);
       // MQTT-3.1.3-8: a zero-byte client id with CleanSession 0 gets CONNACK 0x02, then close.
       // aedes would invent an id and keep a session no one can resume; refuse it in authenticate.
       if (packet.clientId === "" && packet.clean === false && !state.refuseAtConnect.has(client)) {

@@ -136,6 +136,42 @@ describe("the libSQL broker persistence", () => {
   });
 });
 
+describe("delivery to live clients beside durable sessions", () => {
+  test("a publish held by its offline queue write still reaches a client a later publish reached first", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const broker = await startBroker(path);
+    // An offline session on out/#: a QoS 1 publish there waits for its queue row's commit
+    // before it reaches live clients; a publish on status/# has no such write and passes it.
+    const offline = await client(broker, { clientId: "dev-4", clean: false });
+    await offline.subscribeAsync("out/#", { qos: 1 });
+    await offline.endAsync();
+    const watcher = await client(broker, { clientId: "watch-all", clean: true });
+    await watcher.subscribeAsync("#", { qos: 1 });
+    const got = collect(watcher, 6);
+    const sent: Promise<void>[] = [];
+    for (let i = 0; i < 3; i++) {
+      sent.push(broker.publish("out/a", `out${i}`, { qos: 1 }));
+      sent.push(broker.publish("status/a", `status${i}`, { qos: 1, retain: true }));
+    }
+    await Promise.all(sent);
+    expect((await got).sort()).toEqual(["out0", "out1", "out2", "status0", "status1", "status2"]);
+  });
+
+  test("a client whose subscriptions overlap gets each message once", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const broker = await startBroker(path);
+    const watcher = await client(broker, { clientId: "overlap", clean: true });
+    await watcher.subscribeAsync(["out/#", "out/a", "+/a"], { qos: 1 });
+    const got: string[] = [];
+    watcher.on("message", (_t, p) => got.push(p.toString()));
+    for (let i = 0; i < 3; i++) await broker.publish("out/a", `m${i}`, { qos: i === 1 ? 0 : 1 });
+    await broker.publish("out/b", "last", { qos: 1 });
+    await until(() => got.includes("last"));
+    await Bun.sleep(100);
+    expect(got).toEqual(["m0", "m1", "m2", "last"]);
+  });
+});
+
 describe("broker.db from other code", () => {
   test("a broker.db written by newer code is refused with its version, and left untouched", async () => {
     const path = join(dir, `b${n++}.db`);
@@ -163,6 +199,14 @@ describe("broker.db from other code", () => {
     }
   });
 });
+
+async function until(done: () => boolean): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error("timed out");
+    await Bun.sleep(20);
+  }
+}
 
 async function waitForRows(path: string, want: number): Promise<void> {
   const deadline = Date.now() + 10_000;
