@@ -186,6 +186,26 @@ describe("pinCode", () => {
     const atStart = await pinCode(sv, null, deps);
     expect(atStart.ok && atStart.sv.bundles).toEqual({});
     expect(atStart.ok && atStart.sv.hash).toBe(sv.hash);
+    // A reload that leaves a type running from its file (as it started) is not refused for it...
+    const still = await pinCode(sv, atStart.ok ? atStart.sv : null, deps);
+    expect(still.ok).toBe(true);
+  });
+
+  test("a redeploy that adds a type whose module is missing or does not bundle is refused", async () => {
+    const dir = tempDir();
+    const module = writeAgent(dir, "one");
+    const deps = pinDeps(dir, []);
+    const running = await pinCode(await compileSpec(toml(module), join(dir, "fleet.toml")), null, deps);
+    if (!running.ok) throw new Error(running.problems.join());
+    for (const [added, problem] of [
+      [join(dir, "missing.ts"), "agents.u.module cannot be bundled"],
+      [join(dir, "broken.ts"), "agents.u.module cannot be bundled"],
+    ] as const) {
+      writeFileSync(join(dir, "broken.ts"), "export default (;\n");
+      const text = `${toml(module)}\n[agents.u]\nmodule = ${JSON.stringify(added)}\n`;
+      const next = await pinCode(await compileSpec(text, join(dir, "fleet.toml")), running.sv, deps);
+      expect(!next.ok && next.problems).toEqual([expect.stringContaining(problem)]);
+    }
   });
 
   test("versionOf gives the hash pinning would, stores nothing, and names a module that does not bundle", async () => {

@@ -133,6 +133,24 @@ describe("a bad config refuses the deploy", () => {
     expect(r.json.error).toContain("expected number, received string");
   });
 
+  test("`fleet validate` exits 1 naming a module that is missing or does not bundle", async () => {
+    const dir = mkdtempSync(join(ROOT, ".tmp-validate-"));
+    try {
+      writeFileSync(join(dir, "broken.ts"), "export default (;\n");
+      for (const module of [join(dir, "missing.ts"), join(dir, "broken.ts")]) {
+        const fleet = new TestFleet(`${fleetHeader("cfg-module")}\n${typeToml("{ threshold = 1 }", module)}`);
+        const r = await runCli(["validate", fleet.configPath, "--json"]);
+        expect(r.code).toBe(1);
+        expect(r.json).toMatchObject({ ok: false, unbundled: [{ type: "t" }] });
+        const human = await runCli(["validate", fleet.configPath]);
+        expect(human.code).toBe(1);
+        expect(human.stdout).toContain("agents.t.module cannot be bundled");
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("the gateway does not start on it, and says why", async () => {
     const fleet = new TestFleet(`${fleetHeader("cfg-start")}\n${typeToml("{ unit = 5 }")}`);
     const err = await fleet.start(60_000).then(

@@ -230,15 +230,15 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
     if (problems.length > 0) throw configProblemsError(sv, problems);
     // The version as the gateway would store it: the text's hash with its modules' bundles.
     const version = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
-    cli.print({ ok: true, file: path, hash: version.sv.hash, agent_types: types, unbundled: version.unbundled }, () =>
-      [
-        `${path}: OK (${types.length} agent type(s): ${types.join(", ")}; spec ${version.sv.hash.slice(0, 12)})`,
-        ...version.unbundled.map(
-          (u) => `  agents.${u.type}.module cannot be bundled, would run from its file: ${u.error}`,
-        ),
-      ].join("\n"),
+    // A running gateway refuses a deploy whose module does not bundle (gateway/code/pin.ts).
+    const unbundled = version.unbundled.map((u) => `agents.${u.type}.module cannot be bundled: ${u.error}`);
+    const ok = unbundled.length === 0;
+    cli.print({ ok, file: path, hash: version.sv.hash, agent_types: types, unbundled: version.unbundled }, () =>
+      ok
+        ? `${path}: OK (${types.length} agent type(s): ${types.join(", ")}; spec ${version.sv.hash.slice(0, 12)})`
+        : unbundled.map((line) => `${path}: ${line}`).join("\n"),
     );
-    return 0;
+    return ok ? 0 : 1;
   } catch (err) {
     if (!(err instanceof SpecError)) throw err;
     cli.print(

@@ -33,8 +33,9 @@ export type Pinned =
 
 /**
  * Bundle every type of `sv`. A type whose module cannot be bundled refuses the version when
- * `previous` ran that type from a bundle (a broken edit must not replace working code); otherwise
- * (at start, or a type never bundled) it runs from its file and fails there as it always did.
+ * `previous` ran that type from a bundle (a broken edit must not replace working code) or did not
+ * have it (a type added with a missing or broken module is an invalid deploy). Otherwise (at start,
+ * or a type that already ran from its file) it runs from its file and fails there as it always did.
  */
 export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: PinDeps): Promise<Pinned> {
   const bundles: Record<string, Blake3Hex> = {};
@@ -53,7 +54,8 @@ export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: 
       continue;
     }
     const first = r.error.split("\n")[0] ?? r.error;
-    if (previous?.bundles[t.name]) problems.push(`agents.${t.name}.module cannot be bundled: ${first}`);
+    if (previous && (previous.bundles[t.name] || !previous.spec.agents[t.name]))
+      problems.push(`agents.${t.name}.module cannot be bundled: ${first}`);
     else d.log.warn({ type: t.name, module: t.module_path }, `module cannot be bundled, runs from its file: ${first}`);
   }
   if (problems.length > 0) return { ok: false, problems };
