@@ -54,6 +54,7 @@ class Harness<S, C> {
       emit: (data) => void episode.emits.push(data),
       send: async (to) => ({ queued: true, to }),
       tools: {
+        send: async (to) => ({ queued: true, to }),
         publish: async (topic, p) => {
           if (!this.allowPublish) throw new ToolDenied("publish", "not in the type's tools allowlist");
           episode.publishes.push({ topic, payload: p });

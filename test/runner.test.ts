@@ -249,6 +249,20 @@ describe("runEpisode: tool calls", () => {
     ]);
   });
 
+  test.each([
+    ["ctx.tools.send", "send"],
+    ["ctx.send", "ctx.send"],
+  ])("%s reaches the gateway as the send tool", async (_how, tool) => {
+    const seen: { tool: string; args: unknown[] }[] = [];
+    const r = await run(start("tool-caller", { tool, args: ["other/k2", { hi: 1 }] }), {}, async (_call, t, args) => {
+      seen.push({ tool: t, args: [...args] });
+      return { ok: true, result: { queued: true, to: "other/k2" } };
+    });
+    if (!r.ok) throw new Error(r.message);
+    expect(seen).toEqual([{ tool: "send", args: ["other/k2", { hi: 1 }] }]);
+    expect(decisions(r.records)).toEqual([{ k: "decide", name: "result", data: { queued: true, to: "other/k2" } }]);
+  });
+
   test("a denied tool surfaces in the agent as a catchable ToolDenied", async () => {
     const r = await run(start("tool-caller", { tool: "http", args: ["http://example.invalid/"] }), {}, async () => ({
       ok: false,

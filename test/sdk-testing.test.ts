@@ -56,6 +56,24 @@ describe("agent-fleets/testing runs an agent's episodes in-process", () => {
     expect(agent.state).toEqual({ n: 1 });
   });
 
+  test("ctx.tools.send and ctx.send are one tool: both are recorded as sent", async () => {
+    const relay = defineAgent({
+      init: () => ({}),
+      async onStimulus(_s, ctx) {
+        await ctx.tools.send("door/d1", { via: "tools" });
+        await ctx.send("door/d2", { via: "ctx" });
+      },
+    });
+    const run = await testAgent(relay).run(stimuli.manual(null));
+    expect(run.sent).toEqual([
+      { to: "door/d1", payload: { via: "tools" } },
+      { to: "door/d2", payload: { via: "ctx" } },
+    ]);
+    const denied = await testAgent(relay, { tools: ["publish"] }).run(stimuli.manual(null));
+    expect(denied.status).toBe("failed");
+    expect(denied.error).toBeInstanceOf(ToolDenied);
+  });
+
   test("a tool outside the allowlist throws ToolDenied and is recorded as denied", async () => {
     const caller = defineAgent<{ denied: string | null }>({
       init: () => ({ denied: null }),

@@ -194,9 +194,9 @@ async function run(start: Start): Promise<void> {
       callTool("publish", options === undefined ? [topic, payload] : [topic, payload, options]),
     http: (url: string, init?: unknown) => callTool("http", init === undefined ? [url] : [url, init]),
     llm: (request: unknown) => callTool("llm", [request]),
+    send: (agentId: string, payload: unknown) => callTool("send", [agentId, payload]),
   } as AgentContext<unknown>["tools"];
-  const sendTo = (agentId: string, payload: unknown) =>
-    callTool("send", [agentId, payload]) as ReturnType<AgentContext<unknown>["send"]>;
+  const sendTo = tools.send;
   const logAt =
     (level: "debug" | "info" | "warn" | "error") =>
     (...args: unknown[]) => {

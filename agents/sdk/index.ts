@@ -104,6 +104,8 @@ export interface Tools {
     readonly prompt?: string;
     readonly max_tokens?: number;
   }): Promise<LlmResult>;
+  /** The same call as `ctx.send`: deliver to another agent's inbox after the episode commits. */
+  send(agentId: string, payload: unknown): Promise<{ readonly queued: true; readonly to: string }>;
 }
 
 /** Everything an episode may touch. */

@@ -27,14 +27,14 @@ import {
   type Tools,
 } from "./index.ts";
 
-/** The names of the built-in tools (`send` is `ctx.send`, gated like a tool). */
-export type ToolName = keyof Tools | "send";
+/** The names of the built-in tools (`ctx.send` is `ctx.tools.send`). */
+export type ToolName = keyof Tools;
 
 type SendFn = AgentContext<unknown>["send"];
 
 /** Fakes for tool calls; each receives the call's arguments as the agent passed them. */
 export type ToolFakes = {
-  readonly [K in ToolName]?: (...args: Parameters<K extends keyof Tools ? Tools[K] : SendFn>) => unknown;
+  readonly [K in ToolName]?: (...args: Parameters<Tools[K]>) => unknown;
 };
 
 /** How to set up the fake agent. */
@@ -239,8 +239,9 @@ export function testAgent<S, C = Record<string, unknown>>(
         >,
       http: (url, init) => call("http", init === undefined ? [url] : [url, init]) as ReturnType<Tools["http"]>,
       llm: (request) => call("llm", [request]) as ReturnType<Tools["llm"]>,
+      send: (to, payload) => call("send", [to, payload]) as ReturnType<SendFn>,
     };
-    const send: SendFn = (to, payload) => call("send", [to, payload]) as ReturnType<SendFn>;
+    const send: SendFn = tools.send;
     const logAt =
       (level: string) =>
       (...args: unknown[]) => {
