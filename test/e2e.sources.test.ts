@@ -318,6 +318,10 @@ secret_env = "FLEET_TEST_HOOK_SECRET"
 [hooks.routed]
 type = "rec"
 key_field = "device"
+
+[hooks.deduped]
+agent = "rec/h4"
+dedup = "order.id"
 `,
     { env: { FLEET_TEST_HOOK_SECRET: SECRET } },
   );
@@ -348,6 +352,25 @@ key_field = "device"
       expect(await committedBeforeSentinel(fleet, "rec/h1")).toHaveLength(1);
       expect(eps[0]!.kind).toBe("webhook");
       expect(eps[0]!.emit).toMatchObject({ kind: "webhook", id: "idem:order-17", payload: { n: 1 } });
+    },
+    T,
+  );
+
+  test(
+    "a hook's dedup field makes the id; present but unusable it is a 400, never a silent new stimulus",
+    async () => {
+      const first = await hook("deduped", JSON.stringify({ order: { id: "o-1" }, n: 1 }));
+      expect(first.status).toBe(202);
+      expect(first.body.stimulus).toBe("id:o-1");
+      const retry = await hook("deduped", JSON.stringify({ order: { id: "o-1" }, n: 1 }));
+      expect(retry.status).toBe(200);
+      expect(retry.body).toMatchObject({ stimulus: "id:o-1", duplicate: true });
+      for (const id of ["", "x".repeat(257), true, { a: 1 }, [1]]) {
+        const bad = await hook("deduped", JSON.stringify({ order: { id }, n: 2 }));
+        expect(bad.status).toBe(400);
+        expect(bad.body.error).toMatchObject({ code: "bad_dedup_id", message: expect.stringContaining('"order.id"') });
+      }
+      expect(await fleet.query("SELECT sid FROM stimuli WHERE agent = 'rec/h4'")).toEqual([{ sid: "id:o-1" }]);
     },
     T,
   );

@@ -8,7 +8,7 @@ import type { HookSpec } from "../spec/index.ts";
 import type { Target } from "../intake/index.ts";
 import type { Intake, IntakeReport } from "../intake/index.ts";
 import { type AgentId, agentId, keyProblem, type StimulusId, traceparentOf } from "../types.ts";
-import { stimulusId } from "../intake/index.ts";
+import { dedupProblem, stimulusId } from "../intake/index.ts";
 import { httpError, json } from "./responses.ts";
 import { readRequestBody } from "./limits.ts";
 import type { FleetSpec } from "../spec/index.ts";
@@ -91,6 +91,9 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   const idem = req.headers.get("idempotency-key");
   if (idem !== null && (idem.length === 0 || idem.length > 256))
     return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
+  // A dedup id that is there but unusable would make every retry a new stimulus: refused, not ignored.
+  const badId = idem || !hook.dedup ? null : dedupProblem(hook.dedup, payload);
+  if (badId) return httpError(400, "bad_dedup_id", badId);
   const sid = idem ? (`idem:${idem}` as StimulusId) : stimulusId(hook.dedup, payload, null);
   // W3C trace context: a malformed header is ignored (the trace starts here), as the spec asks.
   const report = await d.intake.record([target], "webhook", `hooks/${name}`, body, sid, {

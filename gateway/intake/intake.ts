@@ -102,6 +102,20 @@ export function dedupKey(dedup: string, parsed: unknown): string | null {
 }
 
 /**
+ * Why a payload's `dedup` fields cannot make an id although they are there (empty, over 256
+ * characters, not a string or a finite number), or null: absent fields are not a problem here.
+ */
+export function dedupProblem(dedup: string, parsed: unknown): string | null {
+  const paths = dedup.includes("{") ? [...dedup.matchAll(/\{([^{}]+)\}/g)].map((m) => m[1]!.trim()) : [dedup];
+  for (const path of paths) {
+    const v = at(parsed, path);
+    if (v !== undefined && !usable(v))
+      return `body field "${path}" (the dedup id) must be a string of 1-256 characters or a finite number`;
+  }
+  return null;
+}
+
+/**
  * What a message repeats when MQTT redelivers it: the client id, the packet id and the
  * content. Only a QoS 1/2 retransmission has the same three; a new message that repeats a
  * value gets a new packet id, and QoS 0 is never redelivered (each one is new).

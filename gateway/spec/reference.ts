@@ -152,7 +152,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "hooks.*.agent": "The agent (<type>/<key>) every call goes to, or use `type` + `key_field`.",
   "hooks.*.type": "The agent type; the key comes from the body's `key_field`.",
   "hooks.*.key_field": "Body field naming the agent key (with `type`).",
-  "hooks.*.dedup": "Body field whose value is the stimulus id (the Idempotency-Key header wins).",
+  "hooks.*.dedup":
+    "Body field whose value is the stimulus id (the Idempotency-Key header wins); present but not a string of " +
+    "1-256 characters or a finite number: 400.",
   "hooks.*.secret_env": "Environment variable holding the shared secret (HMAC X-Fleet-Signature or Bearer).",
   "hooks.*.max_body_bytes": "Largest body accepted (413 past it).",
   telemetry: "OpenTelemetry export: one span per episode, with its tool calls, decisions and outputs.",
