@@ -321,6 +321,12 @@ describe("schema errors name the key path", () => {
       /must not carry credentials/,
     ],
     [
+      "replication URL with credentials",
+      '[replication]\nurl = "http://alice:s3cret@central:8080"\n',
+      "replication.url",
+      /must not carry credentials .*auth_token_env/,
+    ],
+    [
       "password_env without username",
       '[broker]\nurl = "mqtt://b"\npassword_env = "PW"\n',
       "broker.password_env",

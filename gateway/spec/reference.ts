@@ -172,7 +172,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Without a `dedup` key, a QoS 1/2 message is deduplicated only against MQTT retransmissions " +
     "(same client, packet id and content) for this long.",
   replication: "Push every record to a central libSQL server (sqld); see docs/replication.md. Read at start.",
-  "replication.url": "The central server: http(s)://, libsql:// or ws(s):// of sqld.",
+  "replication.url":
+    "The central server: http(s)://, libsql:// or ws(s):// of sqld, without credentials (fleet.toml is " +
+    "replicated with the spec version): the token comes from auth_token_env.",
   "replication.auth_token_env": "Environment variable holding the server's JWT (sent as a bearer token).",
   "replication.interval":
     "How often an idle replicator looks for new rows; while episodes commit, it pushes at most one round of " +

@@ -44,6 +44,11 @@ const PORT = says("must be a port number (0-65535)");
 const bool = (d: boolean) => z.boolean(says("must be true or false")).default(d);
 const port = () => z.int(PORT).min(0, PORT).max(65535, PORT);
 const str = () => z.string(says("must be a string")).min(1, "must not be empty");
+/**
+ * fleet.toml is kept whole as each spec version and replicated to the central server, where
+ * everyone who reads the history would see credentials in a URL: secrets come from the environment.
+ */
+const noCredentials = (u: string) => !URL.canParse(u) || (new URL(u).password === "" && new URL(u).username === "");
 const envName = () => str().regex(ENV_NAME_RE, "must be an environment variable name (A-Z, 0-9, _)");
 const list = <T extends z.ZodType>(item: T) => z.array(item, says("must be an array")).default([]);
 const filter = () =>
@@ -221,10 +226,16 @@ export const fleetSchema = z.strictObject({
   replication: z
     .strictObject(
       {
-        url: str().refine(
-          (u) => URL.canParse(u) && /^(https?|libsql|wss?):$/.test(new URL(u).protocol),
-          "must be an http://, https://, libsql://, ws:// or wss:// URL of a libSQL server (sqld)",
-        ),
+        url: str()
+          .refine(
+            (u) => URL.canParse(u) && /^(https?|libsql|wss?):$/.test(new URL(u).protocol),
+            "must be an http://, https://, libsql://, ws:// or wss:// URL of a libSQL server (sqld)",
+          )
+          .refine(
+            noCredentials,
+            "must not carry credentials (fleet.toml is stored and replicated as the spec version): " +
+              "give the server's token in auth_token_env",
+          ),
         auth_token_env: envName().optional(),
         interval: str()
           .refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "2s" or "1m"')
