@@ -75,6 +75,37 @@ beforeEach(async () => {
   ctx = await setup();
 });
 
+describe("refused and rejected device messages", () => {
+  test("each rejected message is recorded, and a flood of them logs one line with the count", async () => {
+    const lines: { msg: string; rejected?: number; topic?: string }[] = [];
+    const logger = pino({ level: "info" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+    let clock = 1_000;
+    const intake = new Intake(
+      ctx.store,
+      {
+        route: createRouter(spec),
+        admit: (a, max) => ctx.book.admit(a, max),
+        recorded: (a, seq, at) => ctx.book.recorded(a, seq, at),
+        released: (a, k) => ctx.book.released(a, k),
+      },
+      ctx.events,
+      logger,
+      () => clock,
+    );
+    const long = `s/${"k".repeat(300)}/t`; // a key over 128 bytes: no valid agent
+    for (let i = 0; i < 50; i++)
+      expect(await intake.mqtt({ topic: long, payload: enc({ i }), qos: 1, retain: false })).toEqual({ ok: true });
+    // An inbox naming no agent type is the broker's to log (with its other permanent refusals).
+    const inbox = await intake.mqtt({ topic: "fleet/agents/nope/k/inbox", payload: enc(1), qos: 1, retain: false });
+    expect(inbox).toMatchObject({ ok: false, permanent: true });
+    expect(await ctx.store.countRejected()).toBe(50);
+    expect(lines.map((l) => [l.msg.split(":")[0], l.rejected, l.topic?.length])).toEqual([["intake", 1, 201]]);
+    clock += 10_000;
+    await intake.mqtt({ topic: long, payload: enc({ i: 50 }), qos: 1, retain: false });
+    expect(lines.at(-1)).toMatchObject({ rejected: 50 });
+  });
+});
+
 describe("intake admission", () => {
   test("an accepted stimulus is durably queued, counted by the book and announced to the scheduler", async () => {
     const r = await ctx.intake.mqtt({ topic: "s/b1/t", payload: enc({ id: "m1", v: 1 }), qos: 1, retain: false });

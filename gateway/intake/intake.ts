@@ -159,6 +159,8 @@ function refusal(report: IntakeReport): IntakeVerdict {
 }
 
 const NO_TYPES: readonly string[] = [];
+/** Rejected messages are logged once per this long at most, with how many there were. */
+const REJECTED_LOG_EVERY_MS = 10_000;
 
 /** Intake for all sources. */
 export class Intake {
@@ -179,7 +181,7 @@ export class Intake {
   async mqtt(msg: PublishedMessage, client: ClientInfo | null = null): Promise<IntakeVerdict> {
     const route = this.view.route(msg.topic);
     if (route.inbox && route.targets.length === 0 && route.elsewhere.length === 0) {
-      this.log.warn({ topic: msg.topic }, `intake: ${route.problems[0] ?? "unknown inbox"}`);
+      // Logged by the broker with its other permanent refusals: one line per 10 s at most.
       return { ok: false, reason: route.problems[0] ?? "unknown inbox", permanent: true };
     }
     const rejected = route.problems.length === 0 ? null : this.reject(msg, client?.id ?? null, route.problems);
@@ -221,10 +223,21 @@ export class Intake {
     return { ok: true };
   }
 
+  /** When a rejected message was last logged, and how many since (one line per 10 s at most). */
+  private readonly rejectedLog = { at: Number.NEGATIVE_INFINITY, since: 0 };
+
   /** Record a message that could not become a stimulus, one row per reason (resolves after commit). */
   private async reject(msg: PublishedMessage, client: string | null, reasons: readonly string[]): Promise<void> {
     const at = this.now();
-    for (const reason of reasons) this.log.warn({ topic: msg.topic, client }, `intake: rejected message: ${reason}`);
+    const l = this.rejectedLog;
+    l.since += reasons.length;
+    if (at - l.at >= REJECTED_LOG_EVERY_MS) {
+      // Each one is in /api/rejected; the log gets a sample, its topic cut short (a device chooses it).
+      const topic = msg.topic.length > 200 ? `${msg.topic.slice(0, 200)}…` : msg.topic;
+      this.log.warn({ topic, client, rejected: l.since }, `intake: rejected message: ${reasons[0]}`);
+      l.at = at;
+      l.since = 0;
+    }
     await this.store.recordRejected(
       reasons.map((reason) => ({
         kind: "mqtt",
