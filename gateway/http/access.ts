@@ -16,7 +16,7 @@ import type { Principal, Scope, Sessions, TokenAuth } from "../auth/index.ts";
 import { SESSION_COOKIE, scopeCovers } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
 import { type BodyBudget, underBudget } from "./limits.ts";
-import { httpError } from "./responses.ts";
+import { httpError, parseFlag } from "./responses.ts";
 
 /** What a route needs before its handler runs. */
 export type Need = Scope | "probe" | "hook" | "signin" | "dashboard";
@@ -81,7 +81,11 @@ function actionOf(pattern: string, req: Request & { params: Record<string, strin
   const p = req.params ?? {};
   if (pattern === "/api/agents/:type/:key/:action") return [`agent.${p.action}`, `${p.type}/${p.key}`];
   if (pattern === "/api/quarantine/:seq/:action") return [`quarantine.${p.action}`, `stimulus ${p.seq}`];
-  if (pattern === "/api/gc") return [new URL(req.url).searchParams.get("dry_run") === "1" ? "gc.dry_run" : "gc", null];
+  // The flag as the handler reads it: a dry run is audited as one, a refused spelling as the gc it did not run.
+  if (pattern === "/api/gc") {
+    const dryRun = parseFlag(new URL(req.url), "dry_run");
+    return [dryRun.ok && dryRun.value ? "gc.dry_run" : "gc", null];
+  }
   if (pattern === "/api/send") return ["send", null];
   if (pattern === "/api/episodes/:id/replay") return ["episode.replay", `episode ${p.id}`];
   if (pattern === "/api/deploy/check") return ["deploy.check", null];

@@ -3,7 +3,7 @@
  * `{ "error": { "code", "message" } }` with a fitting status.
  */
 import type { z } from "zod";
-import { describeZodError, parseOptionalInt } from "../parse.ts";
+import { describeZodError, type Parsed, parseOptionalInt } from "../parse.ts";
 import { readRequestBody } from "./limits.ts";
 
 /** JSON response helper. */
@@ -37,6 +37,24 @@ export async function readJson(
 /** An integer query parameter in [min, max], its default when absent or empty, or a 400 naming it. */
 export function intQuery(url: URL, name: string, dflt: number, min: number, max: number): number | Response {
   const v = parseOptionalInt(url.searchParams.get(name), dflt, { name, min, max });
+  return v.ok ? v.value : httpError(400, "bad_query", v.message);
+}
+
+/** How a boolean query flag is spelled (docs/http-api.md): nothing else is taken. */
+const FLAG_SPELLINGS: Readonly<Record<string, boolean>> = { "1": true, true: true, "0": false, false: false };
+
+/** A boolean query flag: absent is false, `1`/`true` and `0`/`false` are what they say, anything else is refused. */
+export function parseFlag(url: URL, name: string): Parsed<boolean, "bad_flag"> {
+  const raw = url.searchParams.get(name);
+  if (raw === null) return { ok: true, value: false };
+  const value = FLAG_SPELLINGS[raw];
+  if (value !== undefined) return { ok: true, value };
+  return { ok: false, code: "bad_flag", message: `${name} must be 1, true, 0 or false, not ${JSON.stringify(raw)}` };
+}
+
+/** `parseFlag`, or the 400 `bad_query` naming the parameter. */
+export function flagQuery(url: URL, name: string): boolean | Response {
+  const v = parseFlag(url, name);
   return v.ok ? v.value : httpError(400, "bad_query", v.message);
 }
 

@@ -4,7 +4,7 @@
  */
 import type { BunRequest } from "bun";
 import type { HttpHost } from "./host.ts";
-import { httpError, json, parseBody, readJson } from "./responses.ts";
+import { flagQuery, httpError, json, parseBody, readJson } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
 import { agentId, keyProblem, traceparentOf } from "../types.ts";
 import { Sessions } from "../auth/index.ts";
@@ -125,7 +125,10 @@ export function startHttp(
           const url = new URL(req.url);
           if (url.searchParams.has("now"))
             return httpError(400, "bad_query", "now is not accepted: retention runs on the gateway's clock");
-          return json(await gw.gc({ dryRun: url.searchParams.get("dry_run") === "1" }));
+          // The audit names the same flag (access.ts): a bad spelling runs nothing.
+          const dryRun = flagQuery(url, "dry_run");
+          if (dryRun instanceof Response) return dryRun;
+          return json(await gw.gc({ dryRun }));
         },
       },
       ...quarantineRoutes(gw),
@@ -241,11 +244,10 @@ async function manualStimulus(
   return intakeResponse(report, id);
 }
 
-/** `?drain=1` on a retire (finish the queued stimuli first); absent or 0 is false; anything else a 400. */
+/** `?drain=1` on a retire (finish the queued stimuli first); a flag as `flagQuery` reads it, on retire only. */
 function drainQuery(url: URL, action: string): boolean | Response {
-  const v = url.searchParams.get("drain");
-  if (v === null || v === "0" || v === "false") return false;
-  if (v !== "1" && v !== "true") return httpError(400, "bad_query", `drain must be 1 or 0, not ${JSON.stringify(v)}`);
-  if (action !== "retire") return httpError(400, "bad_query", `drain applies to retire, not ${action}`);
-  return true;
+  const drain = flagQuery(url, "drain");
+  if (drain === true && action !== "retire")
+    return httpError(400, "bad_query", `drain applies to retire, not ${action}`);
+  return drain;
 }

@@ -1,0 +1,87 @@
+/**
+ * The HTTP API keeps its own rules on every route (docs/http-api.md, docs/access.md), against a
+ * real gateway process: boolean query flags are strict and the audit names what ran, a route
+ * answers only its own methods, a full queue is a 429 whichever way a stimulus comes in, statuses
+ * are shown one way, unknown names are 404 `not_found`, and an Idempotency-Key reused with another
+ * body is refused wherever it dedups.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { TestFleet, cleanupAll } from "./helpers/gateway.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
+
+const TOML =
+  fleetHeader("e2e-http-contract") +
+  counterType("counter", "hc/+/in", { instances: ["c1", "c2", "r1"] }) +
+  counterType("tight", "tight/+/in", { instances: ["q1"], extra: "max_queue = 1\n" });
+
+let fleet: TestFleet;
+/** An episode of counter/c1, for the episode routes. */
+let episode: string;
+
+type Answer = { status: number; headers: Headers; body: any };
+
+/** Call the API as the local operator (admin, `cli@local`); the body is parsed when it is JSON. */
+async function call(method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {
+  const init: RequestInit = { method, headers };
+  if (body !== undefined) init.body = typeof body === "string" ? body : JSON.stringify(body);
+  const res = await fleet.fetch(path, init);
+  const text = await res.text();
+  let parsed: unknown = text;
+  try {
+    parsed = JSON.parse(text);
+  } catch {}
+  return { status: res.status, headers: res.headers, body: parsed } as Answer;
+}
+
+/** The newest audit records, newest first. */
+async function audit(limit = 1): Promise<any[]> {
+  return (await call("GET", `/api/audit?limit=${limit}`)).body.records;
+}
+
+beforeAll(async () => {
+  fleet = new TestFleet(TOML);
+  await fleet.start();
+  expect((await call("POST", "/api/send", { topic: "hc/c1/in", payload: { id: "e1" }, id: "e1" })).status).toBe(202);
+  await fleet.waitCommitted("counter/c1", 1);
+  episode = (await call("GET", "/api/agents/counter/c1/episodes")).body.episodes[0].id;
+}, 60_000);
+
+afterAll(async () => {
+  if (fleet?.running) expect(await fleet.stop()).toBe(0);
+  await cleanupAll();
+}, 60_000);
+
+describe("boolean query flags", () => {
+  test.each([
+    ["1", "gc.dry_run"],
+    ["true", "gc.dry_run"],
+    ["0", "gc"],
+    ["false", "gc"],
+  ])("POST /api/gc?dry_run=%s runs and is audited as %s", async (flag, action) => {
+    const r = await call("POST", `/api/gc?dry_run=${flag}`);
+    expect(r.status).toBe(200);
+    expect((await audit())[0]).toMatchObject({ action, status: 200, result: "ok" });
+  });
+
+  test.each(["yes", "", "TRUE", "2"])(
+    "POST /api/gc?dry_run=%j is a 400 bad_query naming dry_run, and runs no gc",
+    async (flag) => {
+      const r = await call("POST", `/api/gc?dry_run=${flag}`);
+      expect(r.status).toBe(400);
+      expect(r.body.error.code).toBe("bad_query");
+      expect(r.body.error.message).toBe(`dry_run must be 1, true, 0 or false, not ${JSON.stringify(flag)}`);
+      // Nothing ran: the record is the refusal, not a collection.
+      expect((await audit())[0]).toMatchObject({ action: "gc", status: 400, result: "refused" });
+    },
+  );
+
+  test("drain on retire reads the same spellings, and refuses the rest naming drain", async () => {
+    const yes = await call("POST", "/api/agents/counter/c2/retire?drain=yes");
+    expect(yes.status).toBe(400);
+    expect(yes.body.error).toEqual({ code: "bad_query", message: 'drain must be 1, true, 0 or false, not "yes"' });
+    const pause = await call("POST", "/api/agents/counter/c2/pause?drain=false");
+    expect(pause.body).toMatchObject({ ok: true, action: "pause", status: "paused" });
+    expect((await call("POST", "/api/agents/counter/c2/resume?drain=true")).status).toBe(400);
+    expect((await call("POST", "/api/agents/counter/c2/resume")).status).toBe(200);
+  });
+});
