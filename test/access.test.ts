@@ -14,11 +14,13 @@ import type { FleetSpec } from "../gateway/spec/index.ts";
 let dir: string;
 let auth: TokenAuth;
 let readToken: string;
+let operateToken: string;
 
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), "fleet-access-"));
   const file = join(dir, "tokens.json");
   readToken = addToken(file, "reader", "read");
+  operateToken = addToken(file, "operator", "operate");
   auth = new TokenAuth(file);
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -34,8 +36,10 @@ const HTTP: FleetSpec["http"] = {
   max_body_bytes_in_flight: 1_000_000,
 };
 
-/** One guarded route answering 200 "ok", called as if from `peer`. */
-function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}) {
+type Call = (...a: unknown[]) => Promise<Response>;
+
+/** One guarded route answering 200 "ok" (to GET, or to `methods`), called as if from `peer`. */
+function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}, methods: readonly string[] = []) {
   const audits: AuditEntry[] = [];
   const guard = createGuard({
     http: { ...HTTP, ...http },
@@ -46,10 +50,9 @@ function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}) {
     streams: () => 0,
     bodies: new BodyBudget(1_000_000),
   });
-  const routes = guard.protect({ [pattern]: () => new Response("ok") }) as unknown as Record<
-    string,
-    (...a: unknown[]) => Promise<Response>
-  >;
+  const ok = () => new Response("ok");
+  const route = methods.length === 0 ? ok : Object.fromEntries(methods.map((m) => [m, ok]));
+  const routes = guard.protect({ [pattern]: route }) as unknown as Record<string, Record<string, Call>>;
   const call = (peer: string, headers: Record<string, string> = {}, method = "GET") => {
     const req = Object.assign(
       new Request(`http://x${pattern}`, { method, headers: { host: "192.0.2.2:8080", ...headers } }),
@@ -57,7 +60,7 @@ function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}) {
         params: {},
       },
     );
-    return routes[pattern]!(req, { requestIP: () => ({ address: peer }), timeout: () => undefined });
+    return routes[pattern]![method]!(req, { requestIP: () => ({ address: peer }), timeout: () => undefined });
   };
   return { call, audits };
 }
@@ -117,11 +120,61 @@ describe("Host names", () => {
 
 describe("allow_unauthenticated", () => {
   test("lets a call without a token through as `anonymous`, and audits it under that name", async () => {
-    const g = guarded("/api/agents/:type/:key/:action", { allow_unauthenticated: true });
+    const g = guarded("/api/agents/:type/:key/:action", { allow_unauthenticated: true }, ["POST"]);
     const res = await g.call("127.0.0.1", { "content-type": "application/json" }, "POST");
     expect(res.status).toBe(200);
     expect(g.audits.map((a) => a.actor)).toEqual(["anonymous"]);
     // A bad token is still refused: only its absence is allowed.
     expect((await g.call("127.0.0.1", { authorization: "Bearer fleet_bad" })).status).toBe(401);
+  });
+});
+
+describe("a method the route does not have", () => {
+  const json = { "content-type": "application/json" };
+
+  test.each([
+    ["/api/agents/:type/:key", [], "DELETE", "GET, HEAD"],
+    ["/api/fleet", [], "POST", "GET, HEAD"],
+    ["/api/fleet", [], "OPTIONS", "GET, HEAD"],
+    ["/api/send", ["POST"], "GET", "POST"],
+    ["/api/session", ["GET", "POST", "DELETE"], "PUT", "GET, POST, DELETE, HEAD"],
+  ] as const)(
+    "%s %j: %s is 405 naming the allowed ones, and is not audited",
+    async (pattern, methods, method, allow) => {
+      const g = guarded(pattern, {}, methods);
+      const res = await g.call("127.0.0.1", { authorization: `Bearer ${operateToken}`, ...json }, method);
+      expect(res.status).toBe(405);
+      expect(res.headers.get("allow")).toBe(allow);
+      expect(await res.json()).toEqual({
+        error: { code: "method_not_allowed", message: `${method} is not allowed here; allowed: ${allow}` },
+      });
+      expect(g.audits).toEqual([]);
+    },
+  );
+
+  test("is a 401 without a token, and a 405 (not a 403 nor an audit) with a token of too small a scope", async () => {
+    const g = guarded("/api/agents/:type/:key");
+    expect((await g.call("127.0.0.1", json, "DELETE")).status).toBe(401);
+    expect((await g.call("127.0.0.1", { authorization: `Bearer ${readToken}`, ...json }, "DELETE")).status).toBe(405);
+    expect(g.audits).toEqual([]);
+  });
+
+  test("comes after the Host and Origin checks and before the content type", async () => {
+    const g = guarded("/api/fleet");
+    const auth = { authorization: `Bearer ${operateToken}` };
+    expect((await g.call("127.0.0.1", { ...auth, host: "evil.example" }, "DELETE")).status).toBe(403);
+    expect((await g.call("127.0.0.1", { ...auth, origin: "http://evil.example" }, "DELETE")).status).toBe(403);
+    expect((await g.call("127.0.0.1", { ...auth, "content-type": "text/plain" }, "DELETE")).status).toBe(405);
+  });
+
+  test("is a 405 for a webhook's GET, which needs no token", async () => {
+    const res = await guarded("/hooks/:name", {}, ["POST"]).call("127.0.0.1", {}, "GET");
+    expect(res.status).toBe(405);
+    expect(res.headers.get("allow")).toBe("POST");
+  });
+
+  test("a route's own methods still run", async () => {
+    const g = guarded("/api/fleet");
+    expect((await g.call("127.0.0.1", { authorization: `Bearer ${readToken}` }, "GET")).status).toBe(200);
   });
 });

@@ -85,3 +85,74 @@ describe("boolean query flags", () => {
     expect((await call("POST", "/api/agents/counter/c2/resume")).status).toBe(200);
   });
 });
+
+/** A concrete path of every read route, with the methods it answers besides HEAD. */
+const READ_ROUTES = [
+  "/healthz",
+  "/readyz",
+  "/metrics",
+  "/",
+  "/ui/app.js",
+  "/ui/style.css",
+  "/api/fleet",
+  "/api/agents",
+  "/api/agents/counter/c1",
+  "/api/agents/counter/c1/episodes",
+  "/api/agents/counter/c1/wakeups",
+  "/api/agents/counter/c1/checkpoints",
+  "/api/agents/counter/c1/state",
+  "/api/agents/counter/c1/state/diff?from=1&to=1",
+  "/api/episodes/:episode",
+  "/api/episodes/:episode/events",
+  "/api/episodes/:episode/trace",
+  "/api/trace?topic=fleet/agents/counter/c1/out",
+  "/api/rejected",
+  "/api/quarantine",
+  "/api/outputs",
+  "/api/activity",
+  "/api/audit",
+  "/api/events",
+];
+
+describe("a route answers only its own methods", () => {
+  const paths = () => READ_ROUTES.map((p) => p.replace(":episode", episode));
+
+  test.each(["DELETE", "POST", "PUT", "PATCH"])(
+    "%s on every read route is a 405 with Allow, and changes nothing",
+    async (method) => {
+      const before = (await call("GET", "/api/agents/counter/c1")).body;
+      const since = (await audit())[0]?.seq ?? 0;
+      for (const path of paths()) {
+        const r = await call(method, path, {});
+        expect([path, r.status, r.headers.get("allow")]).toEqual([path, 405, "GET, HEAD"]);
+        expect(r.body.error).toEqual({
+          code: "method_not_allowed",
+          message: `${method} is not allowed here; allowed: GET, HEAD`,
+        });
+      }
+      // Not an operator action: nothing is audited, and the agent is as it was.
+      expect((await audit(50)).filter((a) => a.seq > since)).toEqual([]);
+      expect((await call("GET", "/api/agents/counter/c1")).body).toEqual(before);
+    },
+  );
+
+  test("every read route still answers GET", async () => {
+    for (const path of paths()) {
+      if (path === "/api/events") continue; // a stream that does not end
+      const r = await call("GET", path);
+      expect([path, r.status]).toEqual([path, 200]);
+    }
+  });
+
+  test("a change route names its own method; a caller without a token learns nothing but 401", async () => {
+    const get = await call("GET", "/api/send");
+    expect([get.status, get.headers.get("allow"), get.body.error.code]).toEqual([405, "POST", "method_not_allowed"]);
+    expect((await call("GET", "/api/agents/counter/c1/pause")).headers.get("allow")).toBe("POST");
+    const anonymous = await fetch(`${fleet.httpUrl}/api/agents/counter/c1`, {
+      method: "DELETE",
+      headers: { "content-type": "application/json" },
+    });
+    expect(anonymous.status).toBe(401);
+    expect(anonymous.headers.get("allow")).toBeNull();
+  });
+});

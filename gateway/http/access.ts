@@ -167,17 +167,22 @@ export function createGuard(d: AccessDeps) {
     return res;
   };
 
-  /** Run `handler` for `pattern` if the request may; otherwise the refusal. */
+  /**
+   * Run `handler` for `pattern` if the request may; otherwise the refusal. `handler` is null for
+   * a method the route does not have (`allow` are those it has): a 405 once the caller is known.
+   */
   async function guarded(
     pattern: string,
-    handler: Handler,
+    handler: Handler | null,
+    allow: readonly string[],
     req: Request & { params: Record<string, string> },
     server: Server,
   ) {
     const need = needOf(pattern, req.method);
     if (inFlight + d.streams() >= d.http.max_concurrent_requests && pattern !== "/healthz" && pattern !== "/readyz")
       return busy(`${inFlight + d.streams()} requests in flight (max_concurrent_requests)`);
-    if (need === "hook") return run(handler, req, server); // own secret; the body budget applies
+    // own secret; the body budget applies
+    if (need === "hook") return handler ? run(handler, req, server) : notAllowed(req.method, allow);
     if (!hostOk(req))
       return httpError(403, "bad_host", "Host is not this gateway's (add the name to [http] allowed_hosts)");
     const changes = !READ_METHODS.has(req.method);
@@ -197,6 +202,9 @@ export function createGuard(d: AccessDeps) {
           if (need === "dashboard" && pattern === "/" && req.method === "GET") return d.signInPage();
           return unauthorized(p === null ? "missing token" : "bad or revoked token");
         }
+        // After the token (a caller without one learns nothing more), before the scope: a wrong
+        // method changes nothing, so it needs no scope and is not audited.
+        if (handler === null) return notAllowed(req.method, allow);
         const scope: Scope = need === "dashboard" ? "read" : need;
         if (!scopeCovers(p.scope, scope)) {
           const res = httpError(403, "forbidden", `token "${p.name}" has scope ${p.scope}; this call needs ${scope}`);
@@ -207,6 +215,7 @@ export function createGuard(d: AccessDeps) {
         principals.set(req, p);
       }
     }
+    if (handler === null) return notAllowed(req.method, allow); // probes and sign-in
     // After the token (a missing one is a 401 whatever the body), before anything runs.
     if (changes && req.headers.get("content-type")?.split(";")[0]?.trim().toLowerCase() !== "application/json")
       return httpError(415, "unsupported_media_type", "state-changing calls need content-type: application/json");
@@ -238,26 +247,48 @@ export function createGuard(d: AccessDeps) {
     await d.audit({ actor: who.name, action, target: note?.target ?? target, status, detail: note?.detail ?? null });
   }
 
-  /** Wrap every handler of a Bun.serve route table. */
+  /**
+   * Wrap every handler of a Bun.serve route table. A bare function serves GET (and HEAD, which
+   * Bun answers from GET); every other method of a route gets a guarded 405 naming those it has.
+   */
   function protect<R extends Record<string, unknown>>(routes: R): R {
     const out: Record<string, unknown> = {};
     for (const [pattern, value] of Object.entries(routes)) {
-      if (typeof value === "function") {
-        out[pattern] = (req: Request & { params: Record<string, string> }, server: Server) =>
-          guarded(pattern, value as Handler, req, server);
-      } else if (value && typeof value === "object" && !(value instanceof Response)) {
-        const methods: Record<string, unknown> = {};
-        for (const [m, h] of Object.entries(value)) {
-          methods[m] = (req: Request & { params: Record<string, string> }, server: Server) =>
-            guarded(pattern, h as Handler, req, server);
-        }
-        out[pattern] = methods;
-      } else out[pattern] = value;
+      const table =
+        typeof value === "function"
+          ? { GET: value as Handler }
+          : value && typeof value === "object" && !(value instanceof Response)
+            ? (value as Record<string, Handler>)
+            : null;
+      if (table === null) {
+        out[pattern] = value;
+        continue;
+      }
+      const allow = Object.keys(table).includes("GET") ? [...Object.keys(table), "HEAD"] : Object.keys(table);
+      const methods: Record<string, unknown> = {};
+      for (const m of ROUTE_METHODS) {
+        // HEAD of a GET route is Bun's: the GET handler's headers without the body.
+        if (m === "HEAD" && allow.includes("GET")) continue;
+        const h = table[m] ?? null;
+        methods[m] = (req: Request & { params: Record<string, string> }, server: Server) =>
+          guarded(pattern, h, allow, req, server);
+      }
+      out[pattern] = methods;
     }
     return out as R;
   }
 
   return { protect, inFlight: () => inFlight };
+}
+
+/** The methods a Bun.serve route table can name; any other method falls through to its `fetch` (404). */
+const ROUTE_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] as const;
+
+/** 405 with `Allow`: the route exists, the method is not one of its own. */
+function notAllowed(method: string, allow: readonly string[]): Response {
+  const res = httpError(405, "method_not_allowed", `${method} is not allowed here; allowed: ${allow.join(", ")}`);
+  res.headers.set("allow", allow.join(", "));
+  return res;
 }
 
 /** 503 with a short Retry-After: the gateway is at a cap, try again in a moment. */
