@@ -156,3 +156,31 @@ describe("a route answers only its own methods", () => {
     expect(anonymous.headers.get("allow")).toBeNull();
   });
 });
+
+describe("a full queue is backpressure, whichever way the stimulus comes", () => {
+  test("POST /api/send to a full queue is 429 queue_full with Retry-After; to a retired agent 409", async () => {
+    expect((await call("POST", "/api/agents/tight/q1/pause")).status).toBe(200);
+    const first = await call("POST", "/api/send", { topic: "tight/q1/in", payload: { id: "f1" }, id: "f1" });
+    expect(first.status).toBe(202);
+    const full = await call("POST", "/api/send", { topic: "tight/q1/in", payload: { id: "f2" }, id: "f2" });
+    expect(full.status).toBe(429);
+    expect(full.headers.get("retry-after")).toBe("5");
+    expect(full.body.error.code).toBe("queue_full");
+    expect(full.body.refused).toMatchObject([{ agent: "tight/q1", code: "queue_full" }]);
+    // The manual stimulus to the same agent answers the same.
+    const manual = await call("POST", "/api/agents/tight/q1/stimuli", { n: 1 });
+    expect([manual.status, manual.headers.get("retry-after"), manual.body.error.code]).toEqual([
+      429,
+      "5",
+      "queue_full",
+    ]);
+
+    expect((await call("POST", "/api/agents/counter/r1/retire")).body.status).toBe("retired");
+    const retired = await call("POST", "/api/send", { topic: "hc/r1/in", payload: { id: "r" }, id: "r" });
+    expect(retired.status).toBe(409);
+    expect(retired.headers.get("retry-after")).toBeNull();
+    expect(retired.body.error.code).toBe("refused");
+    expect(retired.body.refused).toMatchObject([{ agent: "counter/r1", code: "retired" }]);
+    expect((await call("POST", "/api/agents/tight/q1/resume")).status).toBe(200);
+  });
+});

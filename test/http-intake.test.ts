@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { intakeResponse } from "../gateway/http/index.ts";
+import { intakeResponse, refusedResponse } from "../gateway/http/index.ts";
 import type { AgentId } from "../gateway/types.ts";
 
 describe("the HTTP answer to one recorded stimulus", () => {
@@ -37,5 +37,30 @@ describe("the HTTP answer to one recorded stimulus", () => {
     const dup = intakeResponse({ accepted: [], duplicates: [{ agent, sid: "s1" }], refused: [] }, agent);
     expect(dup.status).toBe(200);
     expect(await dup.json()).toEqual({ stimulus: "s1", agent, duplicate: true });
+  });
+});
+
+describe("the HTTP answer when every target refused a stimulus", () => {
+  const a = "counter/a" as AgentId;
+  const b = "counter/b" as AgentId;
+  const full = { agent: a, code: "queue_full" as const, reason: "queue full" };
+  const retired = { agent: b, code: "retired" as const, reason: "retired" };
+  const report = (...refused: (typeof full | typeof retired)[]) => ({ accepted: [], duplicates: [], refused });
+
+  test("a full queue among the reasons is 429 queue_full with Retry-After: a retry can succeed", async () => {
+    for (const r of [report(full), report(retired, full)]) {
+      const res = refusedResponse(r, "why", { ...r });
+      expect(res.status).toBe(429);
+      expect(res.headers.get("retry-after")).toBe("5");
+      expect(await res.json()).toEqual({ ...r, error: { code: "queue_full", message: "why" } });
+    }
+  });
+
+  test("only permanent refusals (retired, draining) are 409 refused without Retry-After", async () => {
+    const draining = { agent: a, code: "draining" as const, reason: "draining" };
+    const res = refusedResponse({ accepted: [], duplicates: [], refused: [retired, draining] }, "why");
+    expect(res.status).toBe(409);
+    expect(res.headers.get("retry-after")).toBeNull();
+    expect(await res.json()).toEqual({ error: { code: "refused", message: "why" } });
   });
 });

@@ -123,6 +123,9 @@ export function otherShard(agents: readonly AgentId[], shard: ShardSpec | null):
   );
 }
 
+/** Seconds a client waits before retrying a stimulus refused for a full queue. */
+const QUEUE_FULL_RETRY_AFTER = "5";
+
 /**
  * The HTTP answer to recording one stimulus for one agent (webhooks, manual stimuli): 202 with
  * the new stimulus id, 200 with the original id for a duplicate, 429 when its queue is full,
@@ -133,8 +136,17 @@ export function intakeResponse(report: IntakeReport, agent: string): Response {
   if (a) return json({ stimulus: a.sid, agent, seq: a.seq, duplicate: false }, 202);
   const dup = report.duplicates[0];
   if (dup) return json({ stimulus: dup.sid, agent, duplicate: true }, 200);
-  const refused = report.refused[0];
-  return refused?.code === "queue_full"
-    ? json({ error: { code: "queue_full", message: refused!.reason } }, 429, { "retry-after": "5" })
-    : httpError(409, "refused", refused?.reason ?? "refused");
+  return refusedResponse(report, report.refused[0]?.reason ?? "refused");
+}
+
+/**
+ * Every target refused the stimulus; `message` says why, `extra` joins the error in the body.
+ * A full queue drains, so while one is among the reasons the answer is 429 `queue_full` with
+ * Retry-After (the client retries); only when every refusal is permanent (retired, draining) is
+ * it 409 `refused`. MQTT intake tells transient from permanent the same way.
+ */
+export function refusedResponse(report: IntakeReport, message: string, extra: Record<string, unknown> = {}): Response {
+  if (report.refused.some((r) => r.code === "queue_full"))
+    return json({ ...extra, error: { code: "queue_full", message } }, 429, { "retry-after": QUEUE_FULL_RETRY_AFTER });
+  return json({ ...extra, error: { code: "refused", message } }, 409);
 }

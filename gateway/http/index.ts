@@ -1,5 +1,5 @@
 export * from "./server.ts";
-export { intakeResponse } from "./hooks.ts";
+export { intakeResponse, refusedResponse } from "./hooks.ts";
 export { type AccessDeps, type AuditEntry, createGuard, needOf } from "./access.ts";
 export { BodyBudget } from "./limits.ts";
 export { signInPage } from "./session.ts";

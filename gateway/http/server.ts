@@ -16,7 +16,7 @@ import { auditRoutes } from "./audit.ts";
 import { sessionRoutes, signInPage } from "./session.ts";
 import type { StimulusId } from "../types.ts";
 import { ownsAgent } from "../shard.ts";
-import { handleHook, intakeResponse, otherShard } from "./hooks.ts";
+import { handleHook, intakeResponse, otherShard, refusedResponse } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { rolloutRoutes } from "./rollouts.ts";
 import { historyRoutes } from "./history.ts";
@@ -169,15 +169,10 @@ export function startHttp(
             explicit,
             { traceparent: traceparentOf(req) },
           );
-          // Every target refused (retired, queue full): not a success, so `fleet send` exits non-zero.
+          // Every target refused: not a success, so `fleet send` exits non-zero; a full queue is a 429 to retry.
           if (report.accepted.length + report.duplicates.length === 0) {
-            return json(
-              {
-                ...report,
-                error: { code: "refused", message: report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ") },
-              },
-              409,
-            );
+            const why = report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ");
+            return refusedResponse(report, why, { ...report });
           }
           const elsewhere = route.elsewhere.map((e) => ({ agent: e.agent, shard: e.shard }));
           return json(elsewhere.length > 0 ? { ...report, elsewhere } : report, report.accepted.length > 0 ? 202 : 200);
