@@ -184,3 +184,23 @@ describe("a full queue is backpressure, whichever way the stimulus comes", () =>
     expect((await call("POST", "/api/agents/tight/q1/resume")).status).toBe(200);
   });
 });
+
+describe("statuses are shown one way", () => {
+  test("pause, resume and retire answer the status /api/agents shows (idle, never the stored active)", async () => {
+    expect((await call("POST", "/api/agents/counter/c2/pause")).body.status).toBe("paused");
+    const resumed = await call("POST", "/api/agents/counter/c2/resume");
+    expect(resumed.body).toEqual({ ok: true, agent: "counter/c2", action: "resume", status: "idle" });
+    expect((await call("GET", "/api/agents/counter/c2")).body.status).toBe("idle");
+  });
+});
+
+describe("with the gateway stopped", () => {
+  test("`fleet pause|resume|retire` print the status as the API shows it", async () => {
+    expect(await fleet.stop()).toBe(0);
+    const paused = await fleet.cli("pause", "counter/c2");
+    expect([paused.code, paused.json.status]).toEqual([0, "paused"]);
+    const resumed = await fleet.cli("resume", "counter/c2");
+    expect(resumed.code).toBe(0);
+    expect(resumed.json).toEqual({ ok: true, agent: "counter/c2", action: "resume", status: "idle" });
+  }, 60_000);
+});

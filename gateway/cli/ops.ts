@@ -18,6 +18,7 @@ import { Store } from "../store/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { parseAgentId } from "../types.ts";
 import { OPERATOR_DRAIN } from "../fleet/index.ts";
+import { shownStatus } from "../http/index.ts";
 
 /** A port flag: 0 picks a free port. */
 const PORT = { min: 0, max: 65_535 } as const;
@@ -174,7 +175,8 @@ export async function cmdLifecycle(
       action === "resume" ? null : drains ? OPERATOR_DRAIN : `${action}d by operator`,
     );
   await store.close();
-  cli.print({ ok: true, agent: a.id, action, ...(drain ? { drain } : {}), status }, () =>
+  // The status as the API answers it (`idle`, never the stored `active`).
+  cli.print({ ok: true, agent: a.id, action, ...(drain ? { drain } : {}), status: shownStatus(status) }, () =>
     drains
       ? `draining ${a.id} (gateway stopped): at the next start it runs the stimuli already queued, then is retired`
       : `${action}d ${a.id} (gateway stopped; takes effect at next start)`,

@@ -4,7 +4,7 @@
  */
 import type { BunRequest } from "bun";
 import type { HttpHost } from "./host.ts";
-import { flagQuery, httpError, json, parseBody, readJson } from "./responses.ts";
+import { flagQuery, httpError, json, parseBody, readJson, shownStatus } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
 import { agentId, keyProblem, traceparentOf } from "../types.ts";
 import { Sessions } from "../auth/index.ts";
@@ -97,7 +97,9 @@ export function startHttp(
           if (drain instanceof Response) return drain;
           if (drain) noteAudit(req, { detail: "drain" });
           const r = await gw.setLifecycle(id, action, { drain });
-          if (r.ok) return json({ ok: true, agent: id, action, ...(drain ? { drain } : {}), status: r.status });
+          // As /api/agents shows it: the stored `active` is `idle`.
+          if (r.ok)
+            return json({ ok: true, agent: id, action, ...(drain ? { drain } : {}), status: shownStatus(r.status) });
           return r.code === "not_found"
             ? httpError(404, "not_found", r.message)
             : httpError(409, r.code === "draining" ? "draining" : "conflict", r.message);
