@@ -194,6 +194,33 @@ describe("statuses are shown one way", () => {
   });
 });
 
+describe("filters name what they take", () => {
+  test("a bad status filter lists every status the filter takes", async () => {
+    const r = await call("GET", "/api/agents?status=bogus");
+    expect(r.status).toBe(400);
+    expect(r.body.error).toEqual({
+      code: "bad_query",
+      message: 'status must be one of idle, paused, draining, failed, retired; got "bogus"',
+    });
+    for (const s of ["idle", "paused", "draining", "failed", "retired", "active"])
+      expect((await call("GET", `/api/agents?status=${s}`)).status).toBe(200);
+  });
+
+  test("?kind= takes the kinds an event log has, and refuses any other naming kind and the kinds", async () => {
+    const stimulus = await call("GET", `/api/episodes/${episode}/events?kind=stimulus`);
+    expect(stimulus.body.events.map((e: any) => e.kind)).toEqual(["stimulus"]);
+    expect((await call("GET", `/api/episodes/${episode}/events?kind=end`)).body.events.length).toBe(1);
+    expect((await call("GET", `/api/episodes/${episode}/events?kind=wake`)).body.events).toEqual([]);
+    const bogus = await call("GET", `/api/episodes/${episode}/events?kind=bogus`);
+    expect(bogus.status).toBe(400);
+    expect(bogus.body.error.code).toBe("bad_query");
+    expect(bogus.body.error.message).toBe(
+      "kind must be one of stimulus, decide, emit, send, now, random, log, wake, cancel_wake, migrate, " +
+        'pending_wakes, tool, end, failure; got "bogus"',
+    );
+  });
+});
+
 describe("with the gateway stopped", () => {
   test("`fleet pause|resume|retire` print the status as the API shows it", async () => {
     expect(await fleet.stop()).toBe(0);

@@ -6,13 +6,14 @@
  */
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
-import { agentId, decodePayload, parseStimulusKind } from "../types.ts";
+import { type AgentStatus, agentId, decodePayload, parseStimulusKind } from "../types.ts";
 import { agentView, episodeView } from "../observe/index.ts";
 import { episodesPage, recentCheckpoints } from "../observe/index.ts";
 import { EventStream } from "../observe/index.ts";
 import { dashboardRoutes } from "../observe/index.ts";
 import { Gauge } from "prom-client";
 import type { StoredAgentStatus, WakeRow } from "../store/index.ts";
+import type { EpisodeRecord } from "../../agents/protocol.ts";
 
 type Route = (
   req: Request & { params: Record<string, string> },
@@ -22,15 +23,20 @@ type Route = (
 /** What the read API needs from the gateway. */
 type ReadHost = Pick<HttpHost, "store" | "queued" | "events" | "health" | "log" | "metrics">;
 
-/** Shown status (and the stored alias `active`) -> stored status. */
-const STATUS_FILTER: Readonly<Record<string, StoredAgentStatus>> = {
+/** Each status as shown (every one but the momentary `running`) -> the stored status it filters on. */
+const STATUS_FILTER = {
   idle: "active",
-  active: "active",
   paused: "paused",
   draining: "draining",
   failed: "failed",
   retired: "retired",
-};
+} as const satisfies Record<Exclude<AgentStatus, "running">, StoredAgentStatus>;
+
+/** The stored status a `status` filter names; the stored `active` is taken as an alias of `idle`. */
+function statusFilter(raw: string): StoredAgentStatus | undefined {
+  if (raw === "active") return "active";
+  return Object.hasOwn(STATUS_FILTER, raw) ? STATUS_FILTER[raw as keyof typeof STATUS_FILTER] : undefined;
+}
 
 /**
  * `GET /api/rejected?limit=&before=`: messages that matched a subscription but could not
@@ -73,13 +79,13 @@ export async function listAgents(gw: ReadHost, req: Request): Promise<Response> 
     return httpError(400, "bad_query", "give page or after, not both");
   if (after !== undefined && after.length > 300) return httpError(400, "bad_query", "after must be an agent id");
   const statusRaw = url.searchParams.get("status") || null;
-  const status = statusRaw === null ? undefined : STATUS_FILTER[statusRaw];
+  const status = statusRaw === null ? undefined : statusFilter(statusRaw);
   if (statusRaw !== null && !status) {
     const hint = statusRaw === "running" ? " (running is momentary; filter idle)" : "";
     return httpError(
       400,
       "bad_query",
-      `status must be one of idle, paused, failed, retired; got "${statusRaw}"${hint}`,
+      `status must be one of ${Object.keys(STATUS_FILTER).join(", ")}; got "${statusRaw.slice(0, 40)}"${hint}`,
     );
   }
   const type = url.searchParams.get("type") || undefined;
@@ -188,6 +194,24 @@ export async function agentWakeups(gw: ReadHost, type: string, key: string, req:
   return json({ agent: a.id, wakeups: rows.map(wakeView) });
 }
 
+/** The record kinds an agent's episode writes (the compiler keeps this in step with `EpisodeRecord`). */
+const RECORD_KINDS = {
+  decide: true,
+  emit: true,
+  send: true,
+  now: true,
+  random: true,
+  log: true,
+  wake: true,
+  cancel_wake: true,
+  migrate: true,
+  pending_wakes: true,
+  tool: true,
+} satisfies Record<EpisodeRecord["k"], true>;
+
+/** The kinds of an episode's event log: its stimulus, the agent's records, then `end` or `failure`. */
+export const EVENT_KINDS: readonly string[] = ["stimulus", ...Object.keys(RECORD_KINDS), "end", "failure"];
+
 /** An event log row as the API shows it. */
 function eventView(e: { seq: number; kind: string; data: string }) {
   return { seq: e.seq, kind: e.kind, data: JSON.parse(e.data) as unknown };
@@ -255,9 +279,11 @@ export function observeRoutes(gw: ReadHost): {
       });
     },
     "/api/episodes/:id/events": async (req) => {
+      const kind = new URL(req.url).searchParams.get("kind") || null;
+      if (kind !== null && !EVENT_KINDS.includes(kind))
+        return httpError(400, "bad_query", `kind must be one of ${EVENT_KINDS.join(", ")}; got "${kind.slice(0, 40)}"`);
       const ep = await gw.store.getEpisode(req.params.id!);
       if (!ep) return httpError(404, "not_found", `no episode ${req.params.id}`);
-      const kind = new URL(req.url).searchParams.get("kind");
       const events = (await gw.store.listEvents(ep.id)).map(eventView);
       return json({
         episode: ep.id,
