@@ -221,6 +221,42 @@ describe("filters name what they take", () => {
   });
 });
 
+describe("unknown names", () => {
+  test.each([
+    ["/api/agents/counter/nope", 404, "not_found"],
+    ["/api/agents/counter/nope/state", 404, "not_found"],
+    ["/api/agents/counter/nope/state?at=1", 404, "not_found"],
+    ["/api/agents/counter/nope/state/diff?from=1&to=2", 404, "not_found"],
+    ["/api/agents/nosuch/nope/state", 404, "not_found"],
+  ])("GET %s is %d %s", async (path, status, code) => {
+    const r = await call("GET", path);
+    expect([r.status, r.body.error.code]).toEqual([status, code]);
+  });
+
+  test("a known agent without that checkpoint keeps its own code", async () => {
+    const r = await call("GET", "/api/agents/counter/c1/state?at=99");
+    expect([r.status, r.body.error.code]).toEqual([404, "no_checkpoint"]);
+  });
+
+  test("a rollout of an unknown type is 404 not_found; of a known type without one 409 no_rollout", async () => {
+    const unknown = await call("POST", "/api/rollouts/nosuch/promote");
+    expect(unknown.status).toBe(404);
+    expect(unknown.body.error).toEqual({ code: "not_found", message: "no agent type nosuch" });
+    const none = await call("POST", "/api/rollouts/counter/abort");
+    expect([none.status, none.body.error.code]).toEqual([409, "no_rollout"]);
+  });
+
+  test("a deploy check forcing a type the candidate lacks is 400 bad_request naming it", async () => {
+    const r = await call("POST", "/api/deploy/check", { types: ["counter", "nosuch"] });
+    expect(r.status).toBe(400);
+    expect(r.body.error.code).toBe("bad_request");
+    expect(r.body.error.message).toBe(`body types[1] "nosuch" is not an agent type of ${fleet.configPath}`);
+    const ok = await call("POST", "/api/deploy/check", { types: ["counter"] });
+    expect(ok.status).toBe(200);
+    expect(ok.body.types.map((t: any) => [t.type, t.changed])).toEqual([["counter", ["forced"]]]);
+  }, 60_000);
+});
+
 describe("with the gateway stopped", () => {
   test("`fleet pause|resume|retire` print the status as the API shows it", async () => {
     expect(await fleet.stop()).toBe(0);

@@ -8,7 +8,7 @@ import { SpecError } from "../spec/index.ts";
 import type { HttpHost } from "./host.ts";
 import { DeployCheckBody } from "./bodies.ts";
 import { busy, noteAudit } from "./access.ts";
-import { json, parseBody, readJson } from "./responses.ts";
+import { httpError, json, parseBody, readJson } from "./responses.ts";
 
 type Server = { timeout(req: Request, seconds: number): void };
 
@@ -34,6 +34,14 @@ export function deployRoutes(gw: Pick<HttpHost, "deployCheck">) {
             agents: v.agents,
             force: v.types,
           });
+          // A forced name the candidate does not have is the caller's mistake, not an unchanged type.
+          const known = new Set([...report.types.map((t) => t.type), ...report.added, ...report.unchanged]);
+          const unknown = (v.types ?? []).findIndex((t) => !known.has(t));
+          if (unknown >= 0) {
+            const name = JSON.stringify(v.types![unknown]!.slice(0, 80));
+            const where = report.candidate.path;
+            return httpError(400, "bad_request", `body types[${unknown}] ${name} is not an agent type of ${where}`);
+          }
           const bad = report.types.reduce((s, c) => s + c.counts.DIVERGED + c.counts.FAILED, 0);
           noteAudit(req, {
             target: `spec ${report.candidate.hash.slice(0, 12)}`,

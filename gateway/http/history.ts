@@ -4,7 +4,7 @@
  * `GET /api/episodes/<id|prefix>/trace`, `GET /api/trace?topic=T[&at=MS]`, and
  * `POST /api/episodes/<id|prefix>/replay` (the verdict of `fleet replay`).
  */
-import { episodeForTopic, stateAt, stateDiff, traceEpisode } from "../ops/index.ts";
+import { episodeForTopic, type StateMiss, stateAt, stateDiff, traceEpisode } from "../ops/index.ts";
 import { type AgentId, agentId } from "../types.ts";
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
@@ -18,6 +18,11 @@ const MAX_REPLAYS = 2;
 function agentOf(req: Req): AgentId | Response {
   const id = agentId(req.params.type ?? "", req.params.key ?? "");
   return id ?? httpError(400, "bad_agent", "invalid agent id");
+}
+
+/** 404 for a state read that found nothing: `not_found` for an unknown agent, as on every route; `no_checkpoint`. */
+function stateMiss(miss: StateMiss): Response {
+  return httpError(404, miss.code === "no_agent" ? "not_found" : miss.code, miss.message);
 }
 
 /** Routes to spread into `Bun.serve({ routes })`. */
@@ -47,7 +52,7 @@ export function historyRoutes(gw: Pick<HttpHost, "store" | "replay">) {
       const at = url.searchParams.has("at") ? intQuery(url, "at", 1, 1, MAX_SEQ) : undefined;
       if (at instanceof Response) return at;
       const r = await stateAt(gw.store, agent, at);
-      if ("code" in r) return httpError(404, r.code, r.message);
+      if ("code" in r) return stateMiss(r);
       return json(r);
     },
     "/api/agents/:type/:key/state/diff": async (req: Req) => {
@@ -62,7 +67,7 @@ export function historyRoutes(gw: Pick<HttpHost, "store" | "replay">) {
       const to = intQuery(url, "to", 1, 1, MAX_SEQ);
       if (to instanceof Response) return to;
       const r = await stateDiff(gw.store, agent, from, to);
-      if ("code" in r) return httpError(404, r.code, r.message);
+      if ("code" in r) return stateMiss(r);
       return json({ agent, from: r.from.seq, to: r.to.seq, patch: r.patch });
     },
     "/api/episodes/:id/trace": async (req: Req) => {
