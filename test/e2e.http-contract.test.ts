@@ -257,6 +257,34 @@ describe("unknown names", () => {
   }, 60_000);
 });
 
+describe("an Idempotency-Key on a manual stimulus", () => {
+  const stimulus = (body: unknown, key: string) =>
+    call("POST", "/api/agents/counter/c1/stimuli", body, { "idempotency-key": key });
+
+  test("a retry with the same body is a duplicate; the key with another body is 422 and records nothing", async () => {
+    const first = await stimulus({ n: 1 }, "manual-k1");
+    expect(first.status).toBe(202);
+    const again = await stimulus({ n: 1 }, "manual-k1");
+    expect(again.status).toBe(200);
+    expect(again.body).toMatchObject({ stimulus: first.body.stimulus, duplicate: true });
+    const other = await stimulus({ n: 2 }, "manual-k1");
+    expect(other.status).toBe(422);
+    expect(other.body.error).toEqual({
+      code: "idempotency_key_reused",
+      message: "Idempotency-Key was already used with a different body",
+    });
+    const rows = await fleet.query<{ payload: Uint8Array }>(
+      "SELECT payload FROM stimuli WHERE agent = 'counter/c1' AND sid = 'idem:manual-k1'",
+    );
+    expect(rows.map((r) => Buffer.from(r.payload).toString())).toEqual(['{"n":1}']);
+  });
+
+  test("a key of more than 256 characters is a 400, as on a webhook", async () => {
+    const r = await stimulus({ n: 1 }, "k".repeat(257));
+    expect([r.status, r.body.error.code]).toEqual([400, "bad_idempotency_key"]);
+  });
+});
+
 describe("with the gateway stopped", () => {
   test("`fleet pause|resume|retire` print the status as the API shows it", async () => {
     expect(await fleet.stop()).toBe(0);

@@ -88,25 +88,48 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   if (typeof target === "string") return httpError(400, "bad_target", target);
   const shard = spec.fleet.shard;
   if (!ownsAgent(shard, target.agent)) return otherShard([target.agent], shard);
-  const idem = req.headers.get("idempotency-key");
-  if (idem !== null && (idem.length === 0 || idem.length > 256))
-    return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
+  const idem = idempotencyKey(req);
+  if (idem instanceof Response) return idem;
   // A dedup id that is there but unusable would make every retry a new stimulus: refused, not ignored.
   const badId = idem || !hook.dedup ? null : dedupProblem(hook.dedup, payload);
   if (badId) return httpError(400, "bad_dedup_id", badId);
-  const sid = idem ? (`idem:${idem}` as StimulusId) : stimulusId(hook.dedup, payload, null);
+  const sid = idem ?? stimulusId(hook.dedup, payload, null);
   // W3C trace context: a malformed header is ignored (the trace starts here), as the spec asks.
   const report = await d.intake.record([target], "webhook", `hooks/${name}`, body, sid, {
     traceparent: traceparentOf(req),
   });
-  if (idem && report.duplicates.length > 0 && d.storedPayload) {
-    // A retry repeats the body; the same key with another body is a client bug, not a duplicate.
-    const before = await d.storedPayload(target.agent, sid);
-    if (before !== null && !Buffer.from(before).equals(Buffer.from(body))) {
-      return httpError(422, "idempotency_key_reused", "Idempotency-Key was already used with a different body");
-    }
+  if (idem && d.storedPayload) {
+    const reused = await reusedKey(d.storedPayload, report, target.agent, idem, body);
+    if (reused) return reused;
   }
   return intakeResponse(report, target.agent);
+}
+
+/** The stimulus id an `Idempotency-Key` header names (null without one), or the 400 for a bad one. */
+export function idempotencyKey(req: Request): StimulusId | null | Response {
+  const idem = req.headers.get("idempotency-key");
+  if (idem === null) return null;
+  if (idem.length === 0 || idem.length > 256)
+    return httpError(400, "bad_idempotency_key", "Idempotency-Key must be 1–256 characters");
+  return `idem:${idem}` as StimulusId;
+}
+
+/**
+ * The 422 for an `Idempotency-Key` already used with another body, or null. A retry repeats the
+ * body (byte for byte) and is a duplicate; the same key with another body is a client bug, and
+ * answering it as a duplicate would drop the new body without a word.
+ */
+export async function reusedKey(
+  storedPayload: NonNullable<HookDeps["storedPayload"]>,
+  report: IntakeReport,
+  agent: AgentId,
+  sid: StimulusId,
+  body: Uint8Array,
+): Promise<Response | null> {
+  if (report.duplicates.length === 0) return null;
+  const before = await storedPayload(agent, sid);
+  if (before === null || Buffer.from(before).equals(Buffer.from(body))) return null;
+  return httpError(422, "idempotency_key_reused", "Idempotency-Key was already used with a different body");
 }
 
 /**

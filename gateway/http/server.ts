@@ -6,7 +6,7 @@ import type { BunRequest } from "bun";
 import type { HttpHost } from "./host.ts";
 import { flagQuery, httpError, json, parseBody, readJson, shownStatus } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
-import { agentId, keyProblem, traceparentOf } from "../types.ts";
+import { type AgentId, agentId, keyProblem, traceparentOf } from "../types.ts";
 import { Sessions } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
 import { createGuard, noteAudit } from "./access.ts";
@@ -16,7 +16,7 @@ import { auditRoutes } from "./audit.ts";
 import { sessionRoutes, signInPage } from "./session.ts";
 import type { StimulusId } from "../types.ts";
 import { ownsAgent } from "../shard.ts";
-import { handleHook, intakeResponse, otherShard, refusedResponse } from "./hooks.ts";
+import { handleHook, idempotencyKey, intakeResponse, otherShard, refusedResponse, reusedKey } from "./hooks.ts";
 import { quarantineRoutes } from "./quarantine.ts";
 import { rolloutRoutes } from "./rollouts.ts";
 import { historyRoutes } from "./history.ts";
@@ -48,6 +48,9 @@ export function startHttp(
   opts: { http: FleetSpec["http"]; port: number; tls?: { cert: string; key: string } | null },
 ): HttpServer {
   const observe = observeRoutes(gw);
+  /** The body an earlier stimulus was recorded with (webhooks and manual stimuli tell a retry from a reused key). */
+  const storedPayload = async (agent: AgentId, sid: string) =>
+    (await gw.store.findStimulus(agent, sid))?.payload ?? null;
   const sessions = new Sessions(gw.tokens);
   const audit = gw.audit.bind(gw);
   const bodies = new BodyBudget(opts.http.max_body_bytes_in_flight);
@@ -88,7 +91,7 @@ export function startHttp(
       "/api/agents/:type/:key/:action": {
         POST: async (req: Req<"/api/agents/:type/:key/:action">) => {
           const action = req.params.action;
-          if (action === "stimuli") return manualStimulus(gw, req.params.type, req.params.key, req);
+          if (action === "stimuli") return manualStimulus(gw, storedPayload, req.params.type, req.params.key, req);
           if (action !== "pause" && action !== "resume" && action !== "retire")
             return httpError(404, "not_found", `no action ${action}`);
           const id = agentId(req.params.type, req.params.key);
@@ -110,12 +113,7 @@ export function startHttp(
       "/hooks/:name": {
         POST: (req: Req<"/hooks/:name">) =>
           handleHook(
-            {
-              spec: () => gw.spec.spec,
-              intake: gw.intake,
-              secrets: gw.secrets,
-              storedPayload: async (agent, sid) => (await gw.store.findStimulus(agent, sid))?.payload ?? null,
-            },
+            { spec: () => gw.spec.spec, intake: gw.intake, secrets: gw.secrets, storedPayload },
             req.params.name,
             req,
           ),
@@ -215,6 +213,7 @@ function httpGauges(registry: Registry, requests: () => number, bodyBytes: () =>
 /** `POST /api/agents/<type>/<key>/stimuli`: a manual stimulus (body = payload JSON; `Idempotency-Key` dedups). */
 async function manualStimulus(
   gw: Pick<HttpHost, "spec" | "intake">,
+  storedPayload: (agent: AgentId, sid: string) => Promise<Uint8Array | null>,
   typeName: string,
   key: string,
   req: Request,
@@ -229,15 +228,16 @@ async function manualStimulus(
   if (!ownsAgent(gw.spec.spec.fleet.shard, id)) return otherShard([id], gw.spec.spec.fleet.shard);
   const body = await readJson(req);
   if (!body.ok) return body.res;
-  const idem = req.headers.get("idempotency-key");
-  const report = await gw.intake.record(
-    [{ agent: id, type, key }],
-    "manual",
-    null,
-    body.raw,
-    idem ? (`idem:${idem}` as StimulusId) : null,
-    { traceparent: traceparentOf(req) },
-  );
+  // As a webhook's: a retry with the same body is a duplicate, another body under the key a 422.
+  const idem = idempotencyKey(req);
+  if (idem instanceof Response) return idem;
+  const report = await gw.intake.record([{ agent: id, type, key }], "manual", null, body.raw, idem, {
+    traceparent: traceparentOf(req),
+  });
+  if (idem) {
+    const reused = await reusedKey(storedPayload, report, id, idem, body.raw);
+    if (reused) return reused;
+  }
   return intakeResponse(report, id);
 }
 
