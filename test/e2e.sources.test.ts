@@ -615,10 +615,12 @@ key = "{1}"
     "POST /api/agents/<type>/<key>/stimuli starts one manual episode; the same Idempotency-Key twice makes one",
     async () => {
       const first = await postStimulus(fleet, "rec/m3", { z: 1 }, "k-1");
-      const again = await postStimulus(fleet, "rec/m3", { z: 2 }, "k-1");
+      const again = await postStimulus(fleet, "rec/m3", { z: 1 }, "k-1");
       expect(first.status).toBe(202);
       expect(again.status).toBe(200);
       expect(again.body.stimulus).toBe(first.body.stimulus);
+      // The same key with another body is not a retry (e2e.http-contract covers the 422 in full).
+      expect((await postStimulus(fleet, "rec/m3", { z: 2 }, "k-1")).status).toBe(422);
       const eps = await waitCommitted(fleet, "rec/m3", 1);
       expect(eps[0]!.kind).toBe("manual");
       expect(eps[0]!.emit).toMatchObject({ kind: "manual", payload: { z: 1 } });
