@@ -18,6 +18,7 @@ import {
   type PublishedMessage,
   type ClientInfo,
 } from "../broker/index.ts";
+import { canonicalJson } from "./hash.ts";
 import { compileSpec, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
@@ -329,7 +330,8 @@ export class Gateway {
     if (spec.http.allow_unauthenticated)
       this.log.warn({ host: spec.http.host }, "HTTP API and dashboard need no token ([http] allow_unauthenticated)");
     this.http = startHttp(this, {
-      http: spec.http,
+      // Access keys apply live; host, port and TLS are restart keys (spec/restart.ts).
+      http: () => this.current.spec.http,
       port: this.opts.httpPort ?? spec.http.port,
       tls: spec.http.tls ? readTls(spec.http.tls) : null,
     });
@@ -928,6 +930,26 @@ export class Gateway {
     return done.length > 0 ? done.join("; ") : null;
   }
 
+  /**
+   * The [http] keys a reload applies live (the guard reads the running spec per request): what
+   * changed, said in the redeploy line. Host, port and TLS are restart keys.
+   */
+  private applyHttp(current: FleetSpec, next: FleetSpec): string | null {
+    const [a, b] = [current.http, next.http];
+    const keys = [
+      "allow_unauthenticated",
+      "allowed_hosts",
+      "open_metrics",
+      "max_concurrent_requests",
+      "max_body_bytes_in_flight",
+    ] as const;
+    const changed = keys.filter((k) => canonicalJson(a[k]) !== canonicalJson(b[k]));
+    if (changed.length === 0) return null;
+    if (b.allow_unauthenticated && !a.allow_unauthenticated)
+      this.log.warn({ host: b.host }, "HTTP API and dashboard need no token ([http] allow_unauthenticated)");
+    return `http ${changed.join(", ")} applied live`;
+  }
+
   /** Hot redeploy over the running parts; `adopt` is how it switches spec versions. */
   private createRedeploy(): Redeploy {
     return new Redeploy({
@@ -957,7 +979,9 @@ export class Gateway {
         reloadGate(this.store, current, next, this.spawnOptions, (h) => this.bundles.file(h)).catch(
           (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
         ),
-      applyLive: (current, next) => this.applyBroker(current, next),
+      applyLive: async (current, next) =>
+        [await this.applyBroker(current, next), this.applyHttp(current, next)].filter((x) => x !== null).join("; ") ||
+        null,
       pin: (next, current) => this.pin(next, current),
     });
   }

@@ -41,14 +41,15 @@ type Call = (...a: unknown[]) => Promise<Response>;
 /** One guarded route answering 200 "ok" (to GET, or to `methods`), called as if from `peer`. */
 function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}, methods: readonly string[] = []) {
   const audits: AuditEntry[] = [];
+  const table = { ...HTTP, ...http };
   const guard = createGuard({
-    http: { ...HTTP, ...http },
+    http: () => table,
     auth,
     sessions: new Sessions(auth),
     audit: async (e) => void audits.push(e),
     signInPage,
     streams: () => 0,
-    bodies: new BodyBudget(1_000_000),
+    bodies: new BodyBudget(() => 1_000_000),
   });
   const ok = () => new Response("ok");
   const route = methods.length === 0 ? ok : Object.fromEntries(methods.map((m) => [m, ok]));

@@ -5,7 +5,7 @@
  * own clock decides retention (no client-supplied `now`). Against a real gateway process.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync, statSync } from "node:fs";
+import { readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { TestFleet, cleanupAll, waitFor } from "./helpers/gateway.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
@@ -201,6 +201,40 @@ describe("tokens", () => {
     expect(await statusOf("counter/tok")).toBe("paused");
     expect((await fleet.cli("resume", "counter/tok")).code).toBe(0);
     expect(await statusOf("counter/tok")).toBe("idle");
+  });
+});
+
+describe("[http] access keys apply at a reload", () => {
+  test("allow_unauthenticated and allowed_hosts apply at a reload, turned off as well as on", async () => {
+    const edited = (extra: string) => fleetHeader("e2e-auth", { extra }) + counterType("counter", "auth/+/in");
+    const reload = async (text: string) => {
+      const before = (await call("/api/fleet")).body.spec_version;
+      writeFileSync(fleet.configPath, text);
+      process.kill(fleet.pid, "SIGHUP");
+      await waitFor(async () => (await call("/api/fleet")).body.spec_version !== before, 15_000, "the reload");
+    };
+    const anonymous = (path: string, init: RequestInit = {}, host?: string) =>
+      fetch(fleet.httpUrl + path, {
+        ...init,
+        headers: { "content-type": "application/json", ...(host ? { host } : {}) },
+      });
+    expect((await send("auth/anon/in", "anon-1")).status).toBe(202);
+    await fleet.waitCommitted("counter/anon", 1);
+    try {
+      await reload(edited("allow_unauthenticated = true"));
+      expect((await anonymous("/api/agents/counter/anon/pause", { method: "POST" })).status).toBe(200);
+      expect(readFileSync(fleet.logPath, "utf8")).toContain("http allow_unauthenticated applied live");
+
+      await reload(edited('allowed_hosts = ["fleet.test"]'));
+      expect((await anonymous("/api/agents/counter/anon/resume", { method: "POST" })).status).toBe(401);
+      expect((await fleet.fetch("/api/agents", { headers: { host: "fleet.test" } })).status).toBe(200);
+      expect((await fleet.fetch("/api/fleet")).status).toBe(200);
+      const [agent] = await fleet.query<{ status: string }>("SELECT status FROM agents WHERE id = 'counter/anon'");
+      expect(agent!.status).toBe("paused");
+    } finally {
+      await reload(TOML);
+    }
+    expect((await fleet.fetch("/api/agents", { headers: { host: "fleet.test" } })).status).toBe(403);
   });
 });
 

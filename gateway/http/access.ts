@@ -32,7 +32,8 @@ export interface AuditEntry {
 
 /** What the guard needs from the gateway. */
 export interface AccessDeps {
-  readonly http: FleetSpec["http"];
+  /** The running spec's `[http]` table: read per request, so a reload applies its access keys at once. */
+  readonly http: () => FleetSpec["http"];
   readonly auth: TokenAuth;
   readonly sessions: Sessions;
   /** Append one audit record (awaited before the response goes out). */
@@ -123,17 +124,23 @@ export function cookie(req: Request, name: string): string | null {
 /** The guard over a route table: wraps every handler; `inFlight()` says how many run now. */
 export function createGuard(d: AccessDeps) {
   let inFlight = 0;
-  const allowedHosts = new Set([
-    "localhost",
-    d.http.host.toLowerCase(),
-    ...d.http.allowed_hosts.map((h) => h.toLowerCase()),
-  ]);
+  // The names of the `[http]` table in force, made again when a reload replaces it.
+  let hostsOf: FleetSpec["http"] | null = null;
+  let allowedHosts = new Set<string>();
+  const hostsAllowed = (): Set<string> => {
+    const http = d.http();
+    if (http !== hostsOf) {
+      allowedHosts = new Set(["localhost", http.host.toLowerCase(), ...http.allowed_hosts.map((h) => h.toLowerCase())]);
+      hostsOf = http;
+    }
+    return allowedHosts;
+  };
 
   const hostOk = (req: Request): boolean => {
     const host = req.headers.get("host");
     if (host === null) return false;
     const name = hostName(host);
-    return IPV4.test(name) || name.includes(":") || allowedHosts.has(name);
+    return IPV4.test(name) || name.includes(":") || hostsAllowed().has(name);
   };
 
   /** Same-origin or no Origin at all (non-browser clients); a foreign or opaque origin is refused. */
@@ -153,7 +160,7 @@ export function createGuard(d: AccessDeps) {
     }
     const sid = cookie(req, SESSION_COOKIE);
     if (sid !== null) return d.sessions.principal(sid) ?? "bad";
-    return d.http.allow_unauthenticated ? { name: "anonymous", scope: "admin" } : null;
+    return d.http().allow_unauthenticated ? { name: "anonymous", scope: "admin" } : null;
   };
 
   const unauthorized = (why: string) => {
@@ -179,7 +186,7 @@ export function createGuard(d: AccessDeps) {
     server: Server,
   ) {
     const need = needOf(pattern, req.method);
-    if (inFlight + d.streams() >= d.http.max_concurrent_requests && pattern !== "/healthz" && pattern !== "/readyz")
+    if (inFlight + d.streams() >= d.http().max_concurrent_requests && pattern !== "/healthz" && pattern !== "/readyz")
       return busy(`${inFlight + d.streams()} requests in flight (max_concurrent_requests)`);
     // own secret; the body budget applies
     if (need === "hook") return handler ? run(handler, req, server) : notAllowed(req.method, allow);
@@ -193,7 +200,7 @@ export function createGuard(d: AccessDeps) {
       const p = principal(req);
       if (need === "probe") {
         const peer = server.requestIP(req)?.address;
-        if (!(d.http.open_metrics || isLoopbackPeer(peer))) {
+        if (!(d.http().open_metrics || isLoopbackPeer(peer))) {
           if (p === null || p === "bad")
             return unauthorized(p === null ? "a token is needed from a remote peer" : "bad token");
         }

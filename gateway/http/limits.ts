@@ -15,7 +15,13 @@ export class BodyBudget {
   private heldNow = 0;
   private readonly byRequest = new WeakMap<Request, number>();
 
-  constructor(readonly cap: number) {}
+  /** `cap`: the ceiling now, read at each take (a reload may change it). */
+  constructor(private readonly capNow: () => number) {}
+
+  /** The ceiling in force. */
+  get cap(): number {
+    return this.capNow();
+  }
 
   /** Bytes held now. */
   get held(): number {

@@ -45,7 +45,7 @@ export interface HttpServer {
 /** Start the HTTP server of a gateway: every route behind the access guard (access.ts). */
 export function startHttp(
   gw: HttpHost,
-  opts: { http: FleetSpec["http"]; port: number; tls?: { cert: string; key: string } | null },
+  opts: { http: () => FleetSpec["http"]; port: number; tls?: { cert: string; key: string } | null },
 ): HttpServer {
   const observe = observeRoutes(gw);
   /** The body an earlier stimulus was recorded with (webhooks and manual stimuli tell a retry from a reused key). */
@@ -53,7 +53,7 @@ export function startHttp(
     (await gw.store.findStimulus(agent, sid))?.payload ?? null;
   const sessions = new Sessions(gw.tokens);
   const audit = gw.audit.bind(gw);
-  const bodies = new BodyBudget(opts.http.max_body_bytes_in_flight);
+  const bodies = new BodyBudget(() => opts.http().max_body_bytes_in_flight);
   const guard = createGuard({
     http: opts.http,
     auth: gw.tokens,
@@ -69,7 +69,7 @@ export function startHttp(
     () => bodies.held,
   );
   const server = Bun.serve({
-    hostname: opts.http.host,
+    hostname: opts.http().host, // a restart key: read once
     port: opts.port,
     // HTTPS when `[http] tls_cert`/`tls_key` are set.
     ...(opts.tls ? { tls: { cert: opts.tls.cert, key: opts.tls.key } } : {}),

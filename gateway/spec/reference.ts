@@ -85,7 +85,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Host names the API answers to besides IP addresses, localhost and http.host (DNS-rebinding guard).",
   "http.open_metrics": "true: /healthz, /readyz and /metrics answer any peer without a token (default: loopback only).",
   "http.allow_unauthenticated":
-    "true: the API and dashboard need no token (only behind a proxy that authenticates). Logged at start.",
+    "true: the API and dashboard need no token (only behind a proxy that authenticates). Logged at start and " +
+    "when a reload turns it on; like the other access keys and limits of [http], a reload applies it at once.",
   "http.max_concurrent_requests":
     "Requests handled at once, event streams included; past it 503 with Retry-After. /healthz always answers.",
   "http.max_body_bytes_in_flight": "Request body bytes held at once across all requests; past it 503 with Retry-After.",

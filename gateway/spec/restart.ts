@@ -3,8 +3,9 @@
  * (hosts, ports, TLS files, packet limit), the span exporter, and process-wide choices made at
  * start. A hot
  * reload that changes one of them is refused with "needs restart: …" instead of claiming
- * it was applied. Auth and ACL keys (`allow_anonymous`, `devices`) and `max_connections`
- * are applied live by the gateway.
+ * it was applied. Auth and ACL keys (`allow_anonymous`, `devices`), `max_connections` and the
+ * HTTP access keys and limits (`allowed_hosts`, `allow_unauthenticated`, `open_metrics`,
+ * `max_concurrent_requests`, `max_body_bytes_in_flight`) are applied live by the gateway.
  */
 import { canonicalJson } from "../hash.ts";
 import type { FleetSpec } from "./types.ts";
