@@ -13,7 +13,7 @@ import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
 import { cmdAudit, cmdToken, TOKEN_USAGE } from "./token.ts";
 import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify, cmdWakeups } from "./read.ts";
 import { DevicesError } from "../devices/index.ts";
-import { BackupError, ReshardError } from "../ops/index.ts";
+import { BackupError, errorReason, EventLogError, ReshardError } from "../ops/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
 import { cmdBackup, cmdRestore } from "./backup.ts";
 import { cmdReshard } from "./reshard.ts";
@@ -55,7 +55,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
                               per type MATCH / DIVERGED / FAILED / UNREPLAYABLE; exit 1 on any DIVERGED or FAILED
   state <type/key> [--at SEQ] [--diff A..B]   the agent's state at a checkpoint, or a JSON Patch between two
   trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream
-  backup FILE                 consistent, verified copy of the database (works while running)
+  backup FILE                 consistent, verified copy of the database (works while running); exit 1 when it
+                              does not verify (the copy is kept)
   restore FILE                put a backup in place in an empty data dir (gateway stopped)
   reshard --from DIR1,DIR2 --to N --out PREFIX
                               offline (gateways stopped): move each agent's chain into the data dir of its
@@ -233,6 +234,7 @@ main().then(
     }
     if (
       err instanceof BackupError ||
+      err instanceof EventLogError ||
       err instanceof ReshardError ||
       err instanceof SchemaVersionError ||
       err instanceof CentralError
@@ -244,7 +246,10 @@ main().then(
       console.error(`fleet: invalid devices file: ${err.message}`);
       process.exit(1);
     }
-    console.error(`fleet: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    // Anything else: one line with what went wrong (a drizzle "Failed query" quotes its SQL and every parameter;
+    // its libSQL cause says why). FLEET_DEBUG=1 prints the whole error with its stack, for a bug report.
+    if (process.env.FLEET_DEBUG === "1") console.error(err);
+    console.error(`fleet: ${errorReason(err)}`);
     process.exit(1);
   },
 );

@@ -11,7 +11,7 @@ import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { BundleFiles, bundleDir } from "../code/index.ts";
 import { commandSpawnOptions } from "../episode/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind } from "../types.ts";
-import { findEpisode, verifyStore } from "../ops/index.ts";
+import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
 import { agentView, episodeView, episodesPage } from "../observe/index.ts";
 
 /** `fleet status`: live health from a running gateway, else what the data dir says. */
@@ -215,7 +215,12 @@ export async function cmdShow(cli: Cli, id: string | undefined): Promise<number>
     console.error(`fleet: ${ep.message}`);
     return 1;
   }
-  const events = (await store.listEvents(ep.id)).map((e) => ({ seq: e.seq, kind: e.kind, data: JSON.parse(e.data) }));
+  // A log that cannot be read is an EventLogError naming the episode (one line, exit 1: cli/main.ts).
+  const events = (await readEventLog(store, ep.id)).map((e) => ({
+    seq: e.seq,
+    kind: e.kind,
+    data: JSON.parse(e.data),
+  }));
   const view = { ...episodeView(ep), events };
   cli.print(view, () =>
     [

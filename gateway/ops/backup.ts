@@ -10,11 +10,20 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, stat
 import { dirname, join, resolve } from "node:path";
 import { checkNotNewer, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
+import { errorReason } from "./events.ts";
 
 /** Why a backup or restore was refused (the CLI prints the message, exit 1). */
 export class BackupError extends Error {
   override readonly name = "BackupError";
+  /** When a copy failed its check: what is wrong with it (the message without the file's name). */
+  readonly check?: string;
+  constructor(message: string, check?: string) {
+    super(message);
+    this.check = check;
+  }
 }
+
+const checkFailed = (file: string, why: string) => new BackupError(`${file} ${why}`, why);
 
 /** What a backup or restore produced, after checking it. */
 export interface BackupReport {
@@ -31,14 +40,13 @@ async function check(file: string): Promise<{ schema_version: number; verify: Ve
   try {
     const rows = (await client.execute("PRAGMA integrity_check")).rows;
     const verdict = rows.map((r) => String(r[0])).join("; ");
-    if (verdict !== "ok") throw new BackupError(`${file} is damaged: ${verdict}`);
+    if (verdict !== "ok") throw checkFailed(file, `is damaged: ${verdict}`);
     version = await schemaVersion(client);
-    if (version === 0) throw new BackupError(`${file} is not a fleet database (no schema version)`);
+    if (version === 0) throw checkFailed(file, "is not a fleet database (no schema version)");
     checkNotNewer(version, file);
   } catch (err) {
     if (err instanceof BackupError) throw err;
-    const why = err instanceof Error ? err.message : String(err);
-    throw new BackupError(`${file} cannot be read as a fleet database: ${why}`);
+    throw checkFailed(file, `cannot be read as a fleet database: ${errorReason(err)}`);
   } finally {
     client.close();
   }
@@ -47,8 +55,9 @@ async function check(file: string): Promise<{ schema_version: number; verify: Ve
     const verify = await verifyStore(store);
     if (verify.problems.length > 0) {
       const first = verify.problems[0]!;
-      throw new BackupError(
-        `${file} fails verification (${verify.problems.length} problem(s)); first: ${first.record}: ${first.problem}`,
+      throw checkFailed(
+        file,
+        `fails verification (${verify.problems.length} problem(s)); first: ${first.record}: ${first.problem}`,
       );
     }
     return { schema_version: version, verify };
@@ -67,6 +76,9 @@ export async function backupDatabase(dbPath: string, target: string): Promise<Ba
   try {
     await client.execute("PRAGMA busy_timeout = 5000");
     await client.execute({ sql: "VACUUM INTO ?", args: [file] });
+  } catch (err) {
+    rmSync(file, { force: true }); // whatever a failed VACUUM INTO left is no copy
+    throw new BackupError(`cannot write a backup to ${file}: ${errorReason(err)}`);
   } finally {
     client.close();
   }
@@ -74,8 +86,11 @@ export async function backupDatabase(dbPath: string, target: string): Promise<Ba
   try {
     return { file, bytes: statSync(file).size, ...(await check(file)) };
   } catch (err) {
-    rmSync(file, { force: true });
-    throw err;
+    // The copy is the database as it is, damage included (VACUUM INTO copies rows, it does not check
+    // them): it is kept, since the damaged live file may be all there is otherwise, and `restore`
+    // refuses it for the same reason this fails. The command still fails, so a timer's unit fails.
+    const why = err instanceof BackupError ? (err.check ?? err.message) : errorReason(err);
+    throw new BackupError(`copy written to ${file}, but it does not verify: it ${why}`);
   }
 }
 

@@ -2,6 +2,7 @@ export * from "./gc.ts";
 export * from "./quarantine.ts";
 export * from "./replay.ts";
 export * from "./verify.ts";
+export * from "./events.ts";
 export * from "./backup.ts";
 export * from "./state.ts";
 export * from "./trace.ts";

@@ -11,6 +11,7 @@ import { CHILD_LIMITS, runLimitsFor } from "../episode/index.ts";
 import { compileSpec } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
+import { readEventLog } from "./events.ts";
 
 /** The first difference between a recording and a replay. */
 export interface Divergence {
@@ -89,7 +90,8 @@ export async function replayEpisode(
   const ep = await store.getEpisode(episodeId);
   if (!ep) return { episode: episodeId, agent: "?", verdict: "UNREPLAYABLE", reason: "no such episode" };
   const base = { episode: ep.id, agent: ep.agent };
-  const events = await store.listEvents(ep.id);
+  // A damaged log is an EventLogError naming the episode, not a verdict: nothing can say what it recorded.
+  const events = await readEventLog(store, ep.id);
   if (events.length === 0)
     return { ...base, verdict: "UNREPLAYABLE", reason: "its event log was collected by retention" };
   const parsed = events.map((e) => JSON.parse(e.data) as unknown);

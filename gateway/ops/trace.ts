@@ -12,6 +12,7 @@ import { idOfSql, STATUS_COMMITTED, type EpisodeRow, type EventRow, type Store }
 import { blake3Hex } from "../hash.ts";
 import { topics } from "../protocol.ts";
 import { parseAgentId } from "../types.ts";
+import { readEventLog } from "./events.ts";
 
 /** What started an episode. */
 export interface TraceStimulus {
@@ -156,7 +157,7 @@ async function woken(store: Store, episode: string): Promise<Map<string, Episode
 
 async function node(store: Store, ep: EpisodeRow, depth: number, seen: Set<string>): Promise<TraceNode> {
   seen.add(ep.id);
-  const events = await store.listEvents(ep.id);
+  const events = await readEventLog(store, ep.id);
   const effects: TraceEffect[] = [];
   const ref = parseAgentId(ep.agent);
   const outTopic = ref ? topics.out(ref.type, ref.key) : `fleet/agents/${ep.agent}/out`;

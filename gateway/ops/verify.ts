@@ -4,16 +4,9 @@
  * chain still verifies after GC.
  */
 import { bundleOfSql, hashEvents, verifyCheckpointRow, IntegrityError } from "../store/index.ts";
-import { asc, inArray } from "drizzle-orm";
-import {
-  tables,
-  type AgentRow,
-  type CheckpointRow,
-  type EpisodeRow,
-  type EventRow,
-  type Store,
-} from "../store/index.ts";
+import type { AgentRow, CheckpointRow, EpisodeRow, EventRow, Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
+import { errorReason, readEvents } from "./events.ts";
 
 /** One broken record. */
 export interface VerifyProblem {
@@ -46,7 +39,7 @@ export interface ChainSource {
   agent(agent: string): Promise<Pick<AgentRow, "anchorSeq" | "anchorHash" | "headHash"> | undefined>;
   /** An agent's episodes in id order after `afterId`. */
   episodes(agent: string, afterId: string, limit: number): Promise<EpisodeRow[]>;
-  /** The events of these episodes, ordered by episode and seq. */
+  /** The events of these episodes, ordered by episode and seq; throws when a log cannot be read. */
   events(episodes: readonly string[]): Promise<EventRow[]>;
 }
 
@@ -57,13 +50,7 @@ export function storeChains(store: Store): ChainSource {
     checkpoints: (agent) => store.listCheckpoints(agent as AgentId),
     agent: (agent) => store.getAgent(agent as AgentId),
     episodes: (agent, after, limit) => store.scanEpisodes(agent as AgentId, after, limit),
-    events: (ids) =>
-      store.db
-        .select()
-        .from(tables.events)
-        .where(inArray(tables.events.episode, [...ids]))
-        .orderBy(asc(tables.events.episode), asc(tables.events.seq))
-        .all(),
+    events: (ids) => readEvents(store, ids),
   };
 }
 
@@ -89,6 +76,40 @@ async function bundleUseProblems(store: Store): Promise<VerifyProblem[]> {
     record: `bundle ${short(r.bundle)}`,
     problem: `named by ${Number(r.named)} episode(s), counted ${Number(r.counted)} in bundle_uses`,
   }));
+}
+
+/**
+ * The event logs of a page of episodes, in one query; when that fails (a damaged log makes SQLite refuse
+ * the whole query), one query per episode, so each unreadable log is named with its cause and the others
+ * are still checked.
+ */
+async function eventLogs(
+  src: ChainSource,
+  page: readonly EpisodeRow[],
+): Promise<{ logs: Map<string, EventRow[]>; unreadable: Map<string, string> }> {
+  const logs = new Map<string, EventRow[]>();
+  const unreadable = new Map<string, string>();
+  const add = (rows: readonly EventRow[]) => {
+    for (const r of rows) {
+      const log = logs.get(r.episode);
+      if (log) log.push(r);
+      else logs.set(r.episode, [r]);
+    }
+  };
+  if (page.length === 0) return { logs, unreadable };
+  try {
+    add(await src.events(page.map((e) => e.id)));
+  } catch {
+    logs.clear();
+    for (const ep of page) {
+      try {
+        add(await src.events([ep.id]));
+      } catch (err) {
+        unreadable.set(ep.id, errorReason(err));
+      }
+    }
+  }
+  return { logs, unreadable };
 }
 
 /** Verify every chain of a source (or the agents listed). */
@@ -138,16 +159,14 @@ export async function verifyChains(src: ChainSource, only?: readonly string[]): 
     for (let after = ""; ; ) {
       const page = await src.episodes(agent, after, 500);
       // One query per page, not per episode: `fleet verify` reads 100,000s of episodes.
-      const logs = new Map<string, EventRow[]>();
-      if (page.length > 0) {
-        for (const r of await src.events(page.map((e) => e.id))) {
-          const log = logs.get(r.episode);
-          if (log) log.push(r);
-          else logs.set(r.episode, [r]);
-        }
-      }
+      const { logs, unreadable } = await eventLogs(src, page);
       for (const ep of page) {
         episodes++;
+        const cause = unreadable.get(ep.id);
+        if (cause !== undefined) {
+          problems.push({ agent, record: `episode ${ep.id}`, problem: `event log unreadable: ${cause}` });
+          continue;
+        }
         const events = logs.get(ep.id) ?? [];
         // Retention deletes an episode together with its log, so a log cannot vanish alone.
         if (events.length === 0) {

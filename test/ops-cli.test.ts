@@ -1,0 +1,122 @@
+/**
+ * The data-lifecycle commands (`verify`, `show`, `replay`, `backup`, `quarantine`, `gc`, `agents`,
+ * `state`, `pause|resume|retire`, ...) on a stopped gateway's data dir, as an operator runs them:
+ * what they say about damaged or unknown records, and that every mistake is one line and the right exit
+ * code. The data dir is filled in-process through the gateway's own commit path (test/helpers/ops.ts).
+ */
+import { Database } from "bun:sqlite";
+import { afterAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { runCli } from "./helpers/gateway.ts";
+import { SyntheticFleet } from "./helpers/ops.ts";
+
+const dirs: string[] = [];
+afterAll(() => {
+  if (!process.env.FLEET_E2E_KEEP) for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+/** A stopped fleet of two agents (meter/m1, meter/m2) with `episodes` committed episodes; its CLI. */
+async function stoppedFleet(episodes = 6, opts: { dedupDays?: number } = {}) {
+  const dir = mkdtempSync(join(tmpdir(), "fleet-ops-cli-"));
+  dirs.push(dir);
+  const fleet = await SyntheticFleet.create(dir, {
+    types: [{ name: "meter", keys: ["m1", "m2"] }],
+    keep: 0,
+    episodesDays: 30,
+    dedupDays: opts.dedupDays ?? 7,
+  });
+  await fleet.commit(episodes, Date.now() - 60_000, 1000);
+  await fleet.checkpointWal();
+  await fleet.close();
+  const dataDir = join(dir, "data");
+  const cli = (...args: string[]) => runCli(["--config", fleet.configPath, "--data-dir", dataDir, ...args]);
+  const sqlite = () => new Database(join(dataDir, "fleet.db"));
+  return { dir, dataDir, cli, sqlite };
+}
+
+/** Flip one byte near the end of the newest episode's event log (`episodes.log`); that episode's id. */
+function damageNewestLog(db: Database, fromEnd: number, xor: number): string {
+  const row = db
+    .query("SELECT rowid, lower(hex(id)) AS id, log FROM episodes ORDER BY started_at DESC LIMIT 1")
+    .get() as { rowid: number; id: string; log: Uint8Array };
+  const bytes = new Uint8Array(row.log);
+  bytes[bytes.length - fromEnd]! ^= xor;
+  db.query("UPDATE episodes SET log = ? WHERE rowid = ?").run(bytes, row.rowid);
+  const h = row.id;
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+/** One line on stderr, no stack frame, no SQL. */
+function oneLine(stderr: string): string {
+  const lines = stderr.trimEnd().split("\n");
+  expect(lines).toHaveLength(1);
+  expect(stderr).not.toMatch(/\n\s+at |Failed query|params:/);
+  return lines[0]!;
+}
+
+describe("a damaged event log", () => {
+  // Malformed JSONB (SQLite refuses the query), and JSONB whose text is no longer UTF-8.
+  for (const [what, fromEnd, xor, cause] of [
+    ["malformed", 2, 16, "malformed JSON"],
+    ["not UTF-8", 20, 255, "not valid UTF-8"],
+  ] as const) {
+    test(`(${what}) is named by verify as a broken record, and the other agents are still checked`, async () => {
+      const f = await stoppedFleet();
+      const db = f.sqlite();
+      const episode = damageNewestLog(db, fromEnd, xor);
+      db.close();
+      const v = await f.cli("verify", "--json");
+      expect(v.code).toBe(1);
+      expect(v.json).toMatchObject({ agents: 2, checkpoints: 6, episodes: 6 });
+      expect(v.json.problems).toEqual([
+        { agent: expect.any(String), record: `episode ${episode}`, problem: expect.stringContaining(cause) },
+      ]);
+      expect(v.json.problems[0].problem).toStartWith("event log unreadable: ");
+      const text = await f.cli("verify");
+      expect(text.code).toBe(1);
+      expect(text.stdout).toContain(`BROKEN episode ${episode}: event log unreadable:`);
+    });
+  }
+
+  test("makes show, replay and trace fail with one line naming the episode", async () => {
+    const f = await stoppedFleet();
+    const db = f.sqlite();
+    const episode = damageNewestLog(db, 2, 16);
+    db.close();
+    for (const cmd of ["show", "replay", "trace"]) {
+      const r = await f.cli(cmd, episode);
+      expect(r.code).toBe(1);
+      expect(oneLine(r.stderr)).toBe(`fleet: episode ${episode}: event log unreadable: malformed JSON`);
+    }
+  });
+
+  test("backup writes the copy, then fails naming the broken record; restore refuses that copy", async () => {
+    const f = await stoppedFleet();
+    const db = f.sqlite();
+    const episode = damageNewestLog(db, 2, 16);
+    db.close();
+    const file = join(f.dir, "b.db");
+    const b = await f.cli("backup", file);
+    expect(b.code).toBe(1);
+    expect(oneLine(b.stderr)).toBe(
+      `fleet: copy written to ${file}, but it does not verify: it fails verification (1 problem(s)); ` +
+        `first: episode ${episode}: event log unreadable: malformed JSON`,
+    );
+    expect(existsSync(file)).toBe(true);
+    const r = await runCli(["--config", join(f.dir, "fleet.toml"), "--data-dir", join(f.dir, "new"), "restore", file]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("fails verification");
+    expect(existsSync(join(f.dir, "new", "fleet.db"))).toBe(false);
+  });
+});
+
+describe("errors are one line", () => {
+  test("a backup that cannot be written says where and why, without a stack", async () => {
+    const f = await stoppedFleet(2);
+    const r = await f.cli("backup", "/proc/fleet-backup-test.db");
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toStartWith("fleet: cannot write a backup to /proc/fleet-backup-test.db: ");
+  });
+});
