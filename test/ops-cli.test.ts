@@ -120,3 +120,40 @@ describe("errors are one line", () => {
     expect(oneLine(r.stderr)).toStartWith("fleet: cannot write a backup to /proc/fleet-backup-test.db: ");
   });
 });
+
+/** Quarantine the stimuli of `agent`'s episodes (as if each failed its retries); their seqs, oldest first. */
+function quarantine(db: Database, agent: string, doneAt = Date.now()): number[] {
+  db.query(
+    "UPDATE stimuli SET state = 'quarantined', attempts = 3, last_error = 'boom', done_at = ? WHERE agent = ?",
+  ).run(doneAt, agent);
+  return (db.query("SELECT seq FROM stimuli WHERE agent = ? ORDER BY seq").all(agent) as { seq: number }[]).map(
+    (r) => r.seq,
+  );
+}
+
+describe("quarantine on a stopped gateway", () => {
+  test("a retry for a retired agent is refused as the running gateway refuses it, and stays quarantined", async () => {
+    const f = await stoppedFleet(4);
+    const db = f.sqlite();
+    const [seq] = quarantine(db, "meter/m1");
+    db.close();
+    expect((await f.cli("retire", "meter/m1")).code).toBe(0);
+    const r = await f.cli("quarantine", "retry", String(seq));
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toBe(`fleet: stimulus ${seq} not retried: agent is retired`);
+    const list = await f.cli("quarantine", "--json");
+    expect(list.json.stimuli.map((s: { seq: number }) => s.seq)).toContain(seq);
+    // Dropping it is still the operator's to do.
+    expect((await f.cli("quarantine", "drop", String(seq))).code).toBe(0);
+  });
+
+  test("a retry for an agent that is not retired is requeued for the next start", async () => {
+    const f = await stoppedFleet(4);
+    const db = f.sqlite();
+    const [seq] = quarantine(db, "meter/m2");
+    db.close();
+    const r = await f.cli("quarantine", "retry", String(seq));
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain(`stimulus ${seq} requeued for meter/m2 (gateway stopped; runs at next start)`);
+  });
+});

@@ -74,10 +74,22 @@ export async function listQuarantine(store: Store, limit = 100): Promise<Quarant
 }
 
 /**
+ * Whether a stopped gateway's agent with this status may take a retried stimulus: refused as the running
+ * gateway's queue book refuses it (fleet/queue-book.ts `admit`, same codes and messages). The queue limit
+ * is not checked here: it bounds what arrives at a running gateway.
+ */
+function offlineAdmission(status: string | undefined): Admission {
+  if (status === "retired") return { ok: false, code: "retired", message: "agent is retired" };
+  if (status === "draining")
+    return { ok: false, code: "draining", message: "agent is draining: it runs what is queued, then retires" };
+  return { ok: true };
+}
+
+/**
  * Put a quarantined stimulus back in its agent's queue (state queued, attempts 0) or drop
  * it. With a running gateway's `queue`, a retry is admitted like a new stimulus (refused
- * for a retired agent or a full queue) and counted; without one (a stopped data dir) the
- * next start loads it.
+ * for a retired agent or a full queue) and counted; without one (a stopped data dir) it is
+ * refused for a retired or draining agent as the running gateway refuses it, and the next start loads it.
  */
 export async function resolveQuarantined(
   store: Store,
@@ -94,6 +106,10 @@ export async function resolveQuarantined(
   const admitted = state === "queued" && queue !== undefined;
   if (admitted) {
     const a = queue.admit(agent);
+    if (!a.ok) return { ok: false, code: a.code, message: `stimulus ${seq} not retried: ${a.message}` };
+  } else if (state === "queued") {
+    // A stopped data dir: the next start would refuse it (and it would be lost from the quarantine).
+    const a = offlineAdmission((await store.getAgent(agent))?.status);
     if (!a.ok) return { ok: false, code: a.code, message: `stimulus ${seq} not retried: ${a.message}` };
   }
   try {
