@@ -11,6 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
+import { Store } from "../gateway/store/index.ts";
+import type { AgentId, StimulusId } from "../gateway/types.ts";
 
 const dirs: string[] = [];
 afterAll(() => {
@@ -155,5 +157,39 @@ describe("quarantine on a stopped gateway", () => {
     const r = await f.cli("quarantine", "retry", String(seq));
     expect(r.code).toBe(0);
     expect(r.stdout).toContain(`stimulus ${seq} requeued for meter/m2 (gateway stopped; runs at next start)`);
+  });
+});
+
+describe("retention and the quarantine", () => {
+  test("gc keeps quarantined stimuli past dedup_days, and their ids stay duplicates", async () => {
+    const f = await stoppedFleet(6, { dedupDays: 1 });
+    const db = f.sqlite();
+    const old = Date.now() - 10 * 86_400_000;
+    const seqs = quarantine(db, "meter/m1", old);
+    db.query("UPDATE stimuli SET done_at = ? WHERE agent = 'meter/m2'").run(old); // finished long ago
+    db.close();
+    const gc = await f.cli("gc", "--json");
+    expect(gc.code).toBe(0);
+    expect(gc.json.stimuliForgotten).toBe(3); // meter/m2's, not the quarantined ones
+    const list = await f.cli("quarantine", "--json");
+    expect(list.json.stimuli.map((s: { seq: number }) => s.seq).sort()).toEqual(seqs);
+    const store = await Store.open(join(f.dataDir, "fleet.db"), { synchronous: "normal" });
+    try {
+      const again = await store.intake([
+        {
+          agent: "meter/m1" as AgentId,
+          type: "meter",
+          key: "m1",
+          sid: "s:0" as StimulusId, // meter/m1's first stimulus, quarantined
+          kind: "mqtt",
+          topic: "sensors/m1/temperature",
+          payload: new TextEncoder().encode("{}"),
+          receivedAt: Date.now(),
+        },
+      ]);
+      expect(again[0]!.seq).toBeNull();
+    } finally {
+      await store.close();
+    }
   });
 });

@@ -5,7 +5,8 @@
  *  - tombstones and episodes (with their event logs) older than `retention.episodes_days` are deleted; the
  *    newest deleted checkpoint of each agent becomes its chain anchor;
  *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory), and
- *    so are settled wake-ups (pending ones are kept however old);
+ *    so are settled wake-ups (pending ones are kept however old); quarantined stimuli are kept
+ *    until an operator retries or drops them;
  *  - code bundles no episode names any more (and no running or recent spec version) are deleted;
  *  - SQLite reuses the freed pages, so the file stops growing at its working-set size.
  *  - with `keepUnconfirmed` (`[replication] required`), nothing still in the replication
@@ -173,11 +174,12 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     report.episodesDeleted = (eps as { rowsAffected: number }).rowsAffected;
   }
 
-  // 4. Dedup memory: finished stimuli past dedup_days. Queued ones are never touched. An
+  // 4. Dedup memory: finished stimuli past dedup_days. Queued ones are never touched, nor quarantined
+  // ones: the quarantine is the operator's to-do list, kept until each is retried or dropped. An
   // MQTT redelivery id (r:) only has to outlive a retransmission, and a unique id (u:) can
   // never be repeated: both are forgotten after redelivery_minutes.
   const redeliveryCutoff = opts.now - spec.retention.redelivery_minutes * 60_000;
-  const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','quarantined','dropped','rejected','expired')
+  const oldStimuli = sql`SELECT seq FROM stimuli WHERE state IN ('done','dropped','rejected','expired')
     AND (done_at < ${dedupCutoff} OR ((sid LIKE 'r:%' OR sid LIKE 'u:%') AND done_at < ${redeliveryCutoff}))
     ${unconfirmed.stimulus} LIMIT ${batch}`;
   // 5. Budget windows no budget looks at any more (older than two days). A window is "h:<hour>" or

@@ -168,7 +168,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "the store holds.",
   "retention.episodes_days": "Episode logs older than this are collected (the hash chain stays verifiable).",
   "retention.dedup_days":
-    "A stimulus id from a `dedup` key, an Idempotency-Key or a timer is remembered at least this long.",
+    "A stimulus id from a `dedup` key, an Idempotency-Key or a timer is remembered at least this long " +
+    "after its stimulus is finished. A quarantined stimulus is not finished: it is kept (and its id stays " +
+    "a duplicate) until an operator retries or drops it.",
   "retention.redelivery_minutes":
     "Without a `dedup` key, a QoS 1/2 message is deduplicated only against MQTT retransmissions " +
     "(same client, packet id and content) for this long.",
