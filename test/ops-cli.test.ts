@@ -193,3 +193,21 @@ describe("retention and the quarantine", () => {
     }
   });
 });
+
+describe("an unknown agent", () => {
+  test("is `no agent <id>` and exit 1 for verify, episodes, wakeups, replay and state", async () => {
+    const f = await stoppedFleet(2);
+    for (const args of [
+      ["verify", "--agent", "nosuch/x"],
+      ["episodes", "nosuch/x"],
+      ["wakeups", "nosuch/x"],
+      ["replay", "--agent", "nosuch/x"],
+      ["state", "nosuch/x"],
+      ["episodes", "nosuch/x", "--json"],
+    ]) {
+      const r = await f.cli(...args);
+      expect({ args, code: r.code, stdout: r.stdout }).toEqual({ args, code: 1, stdout: "" });
+      expect(oneLine(r.stderr)).toBe("fleet: no agent nosuch/x");
+    }
+  });
+});

@@ -13,6 +13,7 @@ import { commandSpawnOptions } from "../episode/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind } from "../types.ts";
 import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
 import { agentView, episodeView, episodesPage } from "../observe/index.ts";
+import type { Store } from "../store/index.ts";
 
 /** `fleet status`: live health from a running gateway, else what the data dir says. */
 export async function cmdStatus(cli: Cli): Promise<number> {
@@ -153,6 +154,7 @@ export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<
   const kind = flags.kind === undefined ? undefined : parseStimulusKind(flags.kind);
   if (kind && !kind.ok) throw new UsageError(`--${kind.message}`);
   const store = await cli.openReadonly();
+  if (!(await knownAgent(store, id))) return 1;
   const rows = (await episodesPage(store, id, { limit, before, status, kind: kind?.kind })).map(episodeView);
   const last = rows.at(-1);
   const nextBefore = rows.length === limit && last ? last.started_at : null;
@@ -184,6 +186,7 @@ export async function cmdWakeups(cli: Cli, agent: string | undefined): Promise<n
   if (raw !== undefined && !state)
     throw new UsageError(`--state must be one of ${WAKE_STATES.join(", ")}; got "${raw}"`);
   const store = await cli.openReadonly();
+  if (!(await knownAgent(store, id))) return 1;
   const rows = await store.listWakes(id, {
     state,
     limit: intArg("--limit", cli.flags.limit, 50, { min: 1, max: 100_000 }),
@@ -246,6 +249,7 @@ export async function cmdShow(cli: Cli, id: string | undefined): Promise<number>
 export async function cmdVerify(cli: Cli): Promise<number> {
   const only = agentFlag(cli.flags.agent);
   const store = await cli.openReadonly();
+  if (only && !(await knownAgent(store, only))) return 1;
   const report = await verifyStore(store, only ? [only] : undefined);
   cli.print(report, () => {
     const { agents, checkpoints, episodes } = report;
@@ -257,6 +261,13 @@ export async function cmdVerify(cli: Cli): Promise<number> {
     );
   });
   return report.problems.length === 0 ? 0 : 1;
+}
+
+/** Whether the data dir has this agent; when not, says so in one line (the caller exits 1, docs/cli.md). */
+async function knownAgent(store: Store, id: AgentId): Promise<boolean> {
+  if (await store.getAgent(id)) return true;
+  console.error(`fleet: no agent ${id}`);
+  return false;
 }
 
 /** `--agent <type>/<key>` parsed at the edge: undefined when absent, a usage error when malformed. */
@@ -288,6 +299,7 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   const bundleFile = (h: string) => files.file(h);
   const agent = agentFlag(flags.agent);
   if (agent) {
+    if (!(await knownAgent(store, agent))) return 1;
     const results = await replayAgent(store, agent, spawn, module, bundleFile);
     const diverged = results.filter((r) => r.verdict === "DIVERGED").length;
     const summary = {
@@ -303,6 +315,7 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
         `${summary.matched}/${results.length} episode(s) MATCH, ${diverged} DIVERGED`,
       ].join("\n"),
     );
+    if (results.length === 0) console.error(`fleet: ${agent} has no committed episode to replay`);
     return diverged === 0 && results.length > 0 ? 0 : 1;
   }
   if (!episode) throw new UsageError("replay needs an episode id or --agent <type/key>");
