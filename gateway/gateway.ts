@@ -110,6 +110,14 @@ const FLOOD_BACKLOG = 8;
 
 export type { GatewayState };
 
+/** `start` on a data dir another live gateway runs on (its sandbox ledger names it): nothing was touched. */
+export class DataDirInUse extends Error {
+  override readonly name = "DataDirInUse";
+  constructor(readonly dataDir: string) {
+    super(`another gateway is running on the data dir ${dataDir}`);
+  }
+}
+
 /** A running fleet. */
 export class Gateway {
   state: GatewayState = "created";
@@ -684,7 +692,7 @@ export class Gateway {
     // Sandboxes a kill -9 of the previous run of this data dir left behind are reaped first.
     const ledger = new SandboxLedger(join(this.dataDir, "sandboxes"));
     const swept = ledger.sweep();
-    if (swept.ownerAlive) throw new Error(`another gateway is running on the data dir ${this.dataDir}`);
+    if (swept.ownerAlive) throw new DataDirInUse(this.dataDir);
     if (swept.killed.length > 0 || swept.roots > 0)
       this.log.warn(
         { groups: swept.killed, roots: swept.roots },

@@ -6,7 +6,7 @@
  */
 import { Database } from "bun:sqlite";
 import { afterAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
@@ -209,5 +209,22 @@ describe("an unknown agent", () => {
       expect({ args, code: r.code, stdout: r.stdout }).toEqual({ args, code: 1, stdout: "" });
       expect(oneLine(r.stderr)).toBe("fleet: no agent nosuch/x");
     }
+  });
+});
+
+describe("start on a data dir in use", () => {
+  test("is one line naming the data dir, exit 1", async () => {
+    const f = await stoppedFleet(1);
+    // The sandbox ledger names its gateway by pid and start time: here, this live test process.
+    const stat = readFileSync(`/proc/${process.pid}/stat`, "utf8");
+    const ticks = stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+    writeFileSync(join(f.dataDir, "sandboxes"), `gateway ${process.pid} ${ticks}\n`);
+    // An expected refusal, not a bug: one line even where FLEET_DEBUG=1 prints unexpected errors whole.
+    const args = ["--config", join(f.dir, "fleet.toml"), "--data-dir", f.dataDir, "start", "--http-port", "0"];
+    const r = await runCli([...args, "--mqtt-port", "0"], { env: { FLEET_DEBUG: "1" } });
+    expect(r.code).toBe(1);
+    const lines = r.stderr.trimEnd().split("\n");
+    expect(lines.at(-1)).toBe(`fleet: another gateway is running on the data dir ${f.dataDir}`);
+    expect(r.stderr).not.toMatch(/\n\s+at /);
   });
 });

@@ -30,6 +30,7 @@ import { cmdState, cmdTrace } from "./history.ts";
 import { cmdInstallService } from "./service.ts";
 import { cmdDeploy } from "./deploy.ts";
 import { SpecError } from "../spec/index.ts";
+import { DataDirInUse } from "../gateway.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
 
@@ -234,6 +235,7 @@ main().then(
     }
     if (
       err instanceof BackupError ||
+      err instanceof DataDirInUse ||
       err instanceof EventLogError ||
       err instanceof ReshardError ||
       err instanceof SchemaVersionError ||
