@@ -7,7 +7,7 @@
 import { Database } from "bun:sqlite";
 import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { tmpdir, userInfo } from "node:os";
 import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
@@ -226,5 +226,57 @@ describe("start on a data dir in use", () => {
     const lines = r.stderr.trimEnd().split("\n");
     expect(lines.at(-1)).toBe(`fleet: another gateway is running on the data dir ${f.dataDir}`);
     expect(r.stderr).not.toMatch(/\n\s+at /);
+  });
+});
+
+describe("operator actions on a stopped gateway", () => {
+  test("pause, resume, retire --drain, quarantine retry|drop and gc are in the audit log as local:<user>", async () => {
+    const f = await stoppedFleet(4);
+    const db = f.sqlite();
+    const [s1, s2] = quarantine(db, "meter/m1");
+    db.close();
+    const actor = `local:${userInfo().username}`;
+    for (const args of [
+      ["pause", "meter/m1"],
+      ["resume", "meter/m1"],
+      ["quarantine", "retry", String(s1)],
+      ["quarantine", "drop", String(s2)],
+      ["retire", "meter/m2", "--drain"],
+      ["gc"],
+      ["gc", "--now", String(Date.now())],
+    ])
+      expect((await f.cli(...args)).code).toBe(0);
+    // Refusals are recorded too, with the status the HTTP route would answer.
+    expect((await f.cli("pause", "meter/m2")).code).toBe(1); // retired: nothing was queued to drain
+    expect((await f.cli("pause", "nosuch/x")).code).toBe(1);
+    const audit = await f.cli("audit", "--json");
+    const rows = audit.json.records.map((r: Record<string, unknown>) => [
+      r.actor,
+      r.action,
+      r.target,
+      r.status,
+      r.detail,
+    ]);
+    expect(rows.reverse()).toEqual([
+      [actor, "agent.pause", "meter/m1", 200, null],
+      [actor, "agent.resume", "meter/m1", 200, null],
+      [actor, "quarantine.retry", `stimulus ${s1}`, 200, null],
+      [actor, "quarantine.drop", `stimulus ${s2}`, 200, null],
+      [actor, "agent.retire", "meter/m2", 200, "drain"],
+      [actor, "gc", null, 200, null],
+      [actor, "gc", null, 200, expect.stringMatching(/^--now \d+$/)],
+      [actor, "agent.pause", "meter/m2", 409, null],
+      [actor, "agent.pause", "nosuch/x", 404, null],
+    ]);
+  });
+
+  test("a refused pause, resume or retire is one line starting with `fleet:`", async () => {
+    const f = await stoppedFleet(2);
+    expect((await f.cli("retire", "meter/m1")).code).toBe(0);
+    const r = await f.cli("resume", "meter/m1");
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toBe("fleet: meter/m1 is retired");
+    const none = await f.cli("pause", "nosuch/x");
+    expect(oneLine(none.stderr)).toBe("fleet: no agent nosuch/x");
   });
 });

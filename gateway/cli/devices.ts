@@ -8,7 +8,7 @@ import { chmodSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { addDevice, listDevices, mosquittoExport, mosquittoHash, rekeyDevice, removeDevice } from "../devices/index.ts";
 import { DevicesError, loadDevices } from "../devices/index.ts";
-import { listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
+import { auditLocal, listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
@@ -247,6 +247,9 @@ export async function quarantineCommand(args: readonly string[], limitFlag: numb
     try {
       const r = await resolveQuarantined(store, seq, sub);
       result = r.ok ? { ok: true, agent: r.agent } : { ok: false, message: r.message };
+      // Recorded as the running gateway records POST /api/quarantine/<seq>/<action> (http/access.ts).
+      const status = r.ok ? 200 : r.code === "not_found" ? 404 : 409;
+      await auditLocal(store, { action: `quarantine.${sub}`, target: `stimulus ${seq}`, status });
     } finally {
       await store.close();
     }

@@ -7,7 +7,7 @@ import { join, resolve } from "node:path";
 import { intArg, UsageError, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
-import { gcAll, type GcReport } from "../ops/index.ts";
+import { auditLocal, gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
 import { checkConfigs, commandSpawnOptions, configProblemsError, typesToCheck } from "../episode/index.ts";
 import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
@@ -108,6 +108,13 @@ export async function cmdGc(cli: Cli): Promise<number> {
       dryRun,
       keepUnconfirmed: spec.replication?.required ?? false,
     });
+    // Recorded as the running gateway records POST /api/gc (http/access.ts).
+    await auditLocal(store, {
+      action: dryRun ? "gc.dry_run" : "gc",
+      target: null,
+      status: 200,
+      detail: now === undefined ? null : `--now ${now}`,
+    });
     await store.close();
   }
   cli.print(
@@ -138,12 +145,15 @@ export async function cmdLifecycle(
       method: "POST",
     });
     const body = (await res.json()) as { status?: string; error?: { message: string } };
+    if (!res.ok) {
+      if (cli.json) cli.print(body, () => "");
+      console.error(`fleet: ${body.error?.message ?? `HTTP ${res.status}`}`);
+      return 1;
+    }
     cli.print(body, () =>
-      !res.ok
-        ? `error: ${body.error?.message}`
-        : body.status === "draining"
-          ? `draining ${a.id}: it takes no new stimuli, runs those already queued, then is retired`
-          : `${action}d ${a.id}`,
+      body.status === "draining"
+        ? `draining ${a.id}: it takes no new stimuli, runs those already queued, then is retired`
+        : `${action}d ${a.id}`,
     );
     return res.ok ? 0 : 1;
   }
@@ -151,20 +161,23 @@ export async function cmdLifecycle(
   const dir = await cli.dataDir();
   const store = await Store.open(join(dir, "fleet.db"), { synchronous: "full" });
   const row = await store.getAgent(a.id);
-  if (!row) {
-    console.error(`no agent ${a.id}`);
-    return 1;
-  }
-  if (row.status === "retired" && action !== "retire") {
+  // Recorded as the running gateway records POST /api/agents/<type>/<key>/<action> (http/access.ts).
+  const audit = (status: number) =>
+    auditLocal(store, { action: `agent.${action}`, target: a.id, status, detail: drain ? "drain" : null });
+  const refuse = async (status: number, message: string) => {
+    await audit(status);
     await store.close();
-    console.error(`${a.id} is retired`);
+    console.error(`fleet: ${message}`);
     return 1;
-  }
-  if (row.status === "draining" && action !== "retire") {
-    await store.close();
-    console.error(`${a.id} is draining: it retires once its queue is empty (retire without --drain retires it now)`);
-    return 1;
-  }
+  };
+  if (!row) return refuse(404, `no agent ${a.id}`);
+  if (row.status === "retired" && action !== "retire") return refuse(409, `${a.id} is retired`);
+  if (row.status === "draining" && action !== "retire")
+    return refuse(
+      409,
+      `${a.id} is draining: it retires once its queue is empty (retire without --drain retires it now)`,
+    );
+  await audit(200); // before the change below: a failed write is an error the operator sees
   // Draining with nothing queued (or a failed agent, which cannot run its queue) is retiring.
   const drains = drain && row.status !== "retired" && row.status !== "failed" && !!(await store.headOfQueue(a.id));
   const status = action === "pause" ? "paused" : action === "resume" ? "active" : drains ? "draining" : "retired";

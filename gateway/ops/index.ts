@@ -3,6 +3,7 @@ export * from "./quarantine.ts";
 export * from "./replay.ts";
 export * from "./verify.ts";
 export * from "./events.ts";
+export * from "./audit.ts";
 export * from "./backup.ts";
 export * from "./state.ts";
 export * from "./trace.ts";
