@@ -280,3 +280,19 @@ describe("operator actions on a stopped gateway", () => {
     expect(oneLine(none.stderr)).toBe("fleet: no agent nosuch/x");
   });
 });
+
+describe("fleet agents", () => {
+  test("lists each agent's queue length in a QUEUED column", async () => {
+    const f = await stoppedFleet(6);
+    const db = f.sqlite();
+    db.query("UPDATE stimuli SET state = 'queued', done_at = NULL WHERE agent = 'meter/m1'").run();
+    db.close();
+    const r = await f.cli("agents");
+    expect(r.code).toBe(0);
+    const [head, ...rows] = r.stdout.trimEnd().split("\n");
+    const cols = head!.split(/\s+/);
+    expect(cols).toContain("QUEUED");
+    const queued = (id: string) => rows.find((l) => l.startsWith(id))!.split(/\s+/)[cols.indexOf("QUEUED")];
+    expect([queued("meter/m1"), queued("meter/m2")]).toEqual(["3", "0"]);
+  });
+});

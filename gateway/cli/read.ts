@@ -135,7 +135,7 @@ export async function cmdAgents(cli: Cli): Promise<number> {
           checkpoint: v.checkpoint?.slice(0, 12) ?? null,
           last_episode: when(v.last_episode_at),
         })),
-        ["id", "status", "episodes", "failures", "seq", "checkpoint", "last_episode", "reason"],
+        ["id", "status", "episodes", "failures", "queued", "seq", "checkpoint", "last_episode", "reason"],
       )}\n${total} agent(s)`,
   );
   return 0;
