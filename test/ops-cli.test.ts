@@ -296,3 +296,69 @@ describe("fleet agents", () => {
     expect([queued("meter/m1"), queued("meter/m2")]).toEqual(["3", "0"]);
   });
 });
+
+describe("command-line mistakes", () => {
+  test("a negative number reaches the flag's range check (exit 2), not the parser's 'ambiguous'", async () => {
+    const f = await stoppedFleet(2);
+    for (const [args, message] of [
+      [["state", "meter/m1", "--at", "-1"], 'fleet: --at must be a checkpoint number (1, 2, ...), got "-1"'],
+      [["quarantine", "--limit", "-5"], "fleet: --limit must be an integer from 1 to 10000, got -5"],
+      [["episodes", "meter/m1", "--limit", "-5"], "fleet: --limit must be an integer from 1 to 100000, got -5"],
+    ] as const) {
+      const r = await f.cli(...args);
+      expect({ args, code: r.code, first: r.stderr.split("\n")[0] }).toEqual({ args, code: 2, first: message });
+    }
+  });
+
+  test("agents --status takes only an agent status (exit 2 listing them); draining is one", async () => {
+    const f = await stoppedFleet(2);
+    const bad = await f.cli("agents", "--status", "bogus");
+    expect(bad.code).toBe(2);
+    expect(bad.stderr.split("\n")[0]).toBe(
+      'fleet: --status must be one of idle, paused, draining, retired, failed; got "bogus"',
+    );
+    expect((await f.cli("agents", "--status", "draining")).code).toBe(0);
+  });
+
+  test("state --at with --diff is refused (exit 2) instead of ignoring --at", async () => {
+    const f = await stoppedFleet(4);
+    const r = await f.cli("state", "meter/m1", "--at", "1", "--diff", "1..2");
+    expect(r.code).toBe(2);
+    expect(r.stderr.split("\n")[0]).toBe(
+      "fleet: --at and --diff do not go together: --diff A..B names both checkpoints",
+    );
+  });
+
+  test("state --at a collected checkpoint --json is an error saying so, not `null`", async () => {
+    const f = await stoppedFleet(4);
+    const db = f.sqlite();
+    db.query("UPDATE checkpoints SET state = NULL WHERE agent = 'meter/m1' AND seq = 1").run();
+    db.close();
+    const r = await f.cli("state", "meter/m1", "--at", "1", "--json");
+    expect({ code: r.code, stdout: r.stdout }).toEqual({ code: 1, stdout: "" });
+    expect(oneLine(r.stderr)).toBe(
+      "fleet: meter/m1 #1: its state was collected by retention (the hash stays in the chain)",
+    );
+    const text = await f.cli("state", "meter/m1", "--at", "1");
+    expect(text.stdout).toContain("(state collected by retention; the hash stays in the chain)");
+  });
+
+  test("gc --now on a running gateway is a one-line refusal, exit 1 (not the usage)", async () => {
+    const f = await stoppedFleet(1);
+    // A live gateway as the CLI sees one: gateway.json naming a live process (this one).
+    writeFileSync(join(f.dataDir, "gateway.json"), JSON.stringify({ http_port: 1, mqtt_port: 1, pid: process.pid }));
+    const r = await f.cli("gc", "--now", String(Date.now()));
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toStartWith("fleet: gc --now works only with --dry-run while the gateway runs");
+  });
+});
+
+describe("reshard", () => {
+  test('into one shard advises running it unsharded, not shard = "i/1"', async () => {
+    const f = await stoppedFleet(2);
+    const r = await f.cli("reshard", "--from", f.dataDir, "--to", "1", "--out", join(f.dir, "one-"));
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain("Start the gateway unsharded (no [fleet] shard) on that data dir.");
+    expect(r.stdout).not.toContain('"i/1"');
+  });
+});

@@ -25,6 +25,8 @@ function seqArg(raw: string, what: string): number {
 export async function cmdState(cli: Cli, name: string | undefined): Promise<number> {
   const agent = name ? parseAgentId(name)?.id : undefined;
   if (!agent) throw new UsageError("state needs an agent (<type>/<key>)");
+  if (cli.flags.diff !== undefined && cli.flags.at !== undefined)
+    throw new UsageError("--at and --diff do not go together: --diff A..B names both checkpoints");
   const store = await cli.openReadonly();
   try {
     if (cli.flags.diff !== undefined) {
@@ -41,7 +43,9 @@ export async function cmdState(cli: Cli, name: string | undefined): Promise<numb
     const at = cli.flags.at === undefined ? undefined : seqArg(cli.flags.at, "--at");
     const r = await stateAt(store, agent, at);
     if ("code" in r) return miss(r.message);
-    // --json prints the state object itself, so scripts can pipe it.
+    // --json prints the state object itself, so scripts can pipe it; a collected one has none to print.
+    if (cli.json && r.collected)
+      return miss(`${agent} #${r.seq}: its state was collected by retention (the hash stays in the chain)`);
     if (cli.json) console.log(JSON.stringify(r.state, null, 2));
     else {
       const when = new Date(r.created_at).toISOString();

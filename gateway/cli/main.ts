@@ -58,7 +58,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream
   backup FILE                 consistent, verified copy of the database (works while running); exit 1 when it
                               does not verify (the copy is kept)
-  restore FILE                put a backup in place in an empty data dir (gateway stopped)
+  restore FILE                put a backup in place in a data dir with no database (gateway stopped)
   reshard --from DIR1,DIR2 --to N --out PREFIX
                               offline (gateways stopped): move each agent's chain into the data dir of its
                               shard under N shards (PREFIX1..PREFIXN) and verify every chain
@@ -81,13 +81,32 @@ ${TOKEN_USAGE}
 /** The command line, or exit 2 with the usage when parseArgs refuses it (unknown option, missing value). */
 function parseCommandLine() {
   try {
-    return parseArgs(ARGS);
+    return parseArgs({ ...ARGS, args: negativeValues(process.argv.slice(2)) });
   } catch (err) {
     const code = (err as { code?: unknown }).code;
     if (typeof code !== "string" || !code.startsWith("ERR_PARSE_ARGS")) throw err;
     console.error(`fleet: ${(err as Error).message}\n\n${USAGE}`);
     process.exit(2);
   }
+}
+
+/**
+ * `--at -1` as `--at=-1`: parseArgs takes a value starting with a dash for an option and refuses it as
+ * ambiguous, so a negative number reaches the flag's own range check ("--at must be …") instead.
+ */
+function negativeValues(argv: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const next = argv[i + 1];
+    const name = arg.startsWith("--") && !arg.includes("=") ? arg.slice(2) : undefined;
+    const option = name === undefined ? undefined : (ARGS.options as Record<string, { type: string }>)[name];
+    if (option?.type === "string" && next !== undefined && /^-\d/.test(next)) {
+      out.push(`${arg}=${next}`);
+      i++;
+    } else out.push(arg);
+  }
+  return out;
 }
 
 const ARGS = {

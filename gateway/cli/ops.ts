@@ -82,11 +82,14 @@ export async function cmdGc(cli: Cli): Promise<number> {
     report = await gcAll(store, spec, { now, dryRun: true, keepUnconfirmed: spec.replication?.required ?? false });
     await store.close();
   } else if (live) {
-    if (now !== undefined)
-      throw new UsageError(
-        "--now works only with --dry-run or on a stopped gateway's " +
-          "data dir: the running gateway collects on its own clock",
+    if (now !== undefined) {
+      // A state mistake, not a bad command line (exit 1, as `rollout` on a stopped gateway).
+      console.error(
+        "fleet: gc --now works only with --dry-run while the gateway runs (it collects on its own clock); " +
+          "stop it to collect as of another time",
       );
+      return 1;
+    }
     const res = await liveFetch(live, `/api/gc${dryRun ? "?dry_run=1" : ""}`, { method: "POST" });
     const body = (await res.json()) as GcReport & { error?: { message: string } };
     if (!res.ok) {

@@ -114,12 +114,17 @@ function replicationLine(r: ReplicationLine): string {
   return parts.join("; ");
 }
 
+/** What `agents --status` filters by: the stored statuses, `active` shown as `idle`. */
+const AGENT_STATUSES: readonly string[] = ["idle", "paused", "draining", "retired", "failed"];
+
 /** `fleet agents [--type T] [--status S] [--limit N] [--page N]` */
 export async function cmdAgents(cli: Cli): Promise<number> {
   const { flags } = cli;
   const store = await cli.openReadonly();
   const limit = intArg("--limit", flags.limit, 100, { min: 1, max: 100_000 });
   const page = intArg("--page", flags.page, 1, { min: 1 });
+  if (flags.status !== undefined && !AGENT_STATUSES.includes(flags.status))
+    throw new UsageError(`--status must be one of ${AGENT_STATUSES.join(", ")}; got "${flags.status}"`);
   // Agents show as `idle`; the store calls that `active`.
   const status = flags.status === "idle" ? "active" : flags.status;
   const { rows, total } = await store.listAgents({ type: flags.type, status, limit, offset: (page - 1) * limit });

@@ -18,7 +18,9 @@ function describe(r: ReshardReport): string {
     ...lines,
     ...broken,
     r.verified
-      ? `every chain verifies. Start shard i with [fleet] shard = "i/${r.to}" and its data dir.`
+      ? r.to === 1
+        ? "every chain verifies. Start the gateway unsharded (no [fleet] shard) on that data dir."
+        : `every chain verifies. Start shard i with [fleet] shard = "i/${r.to}" and its data dir.`
       : "some chains do NOT verify: keep the source data dirs and do not start these.",
   ].join("\n");
 }

@@ -105,7 +105,7 @@ export async function restoreDatabase(source: string, dataDir: string, gatewayRu
   const target = join(dataDir, "fleet.db");
   for (const f of ["fleet.db", "fleet.db-wal"]) {
     if (existsSync(join(dataDir, f))) {
-      throw new BackupError(`${dataDir} already holds a fleet database (${f}); restore into an empty data dir`);
+      throw new BackupError(`${dataDir} already holds a fleet database (${f}); restore into a data dir without one`);
     }
   }
   const checked = await check(from);
