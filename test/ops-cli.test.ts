@@ -278,6 +278,23 @@ describe("operator actions on a stopped gateway", () => {
     expect(oneLine(r.stderr)).toBe("fleet: meter/m1 is retired");
     const none = await f.cli("pause", "nosuch/x");
     expect(oneLine(none.stderr)).toBe("fleet: no agent nosuch/x");
+    // The running gateway's refusal too: a stand-in for its HTTP API answering as it does.
+    const server = Bun.serve({
+      port: 0,
+      hostname: "127.0.0.1",
+      fetch: () => Response.json({ error: { code: "conflict", message: "meter/m1 is retired" } }, { status: 409 }),
+    });
+    try {
+      writeFileSync(
+        join(f.dataDir, "gateway.json"),
+        JSON.stringify({ http_port: server.port, mqtt_port: 1, pid: process.pid }),
+      );
+      const live = await f.cli("resume", "meter/m1");
+      expect({ code: live.code, stdout: live.stdout }).toEqual({ code: 1, stdout: "" });
+      expect(oneLine(live.stderr)).toBe("fleet: meter/m1 is retired");
+    } finally {
+      server.stop(true);
+    }
   });
 });
 
@@ -349,7 +366,10 @@ describe("command-line mistakes", () => {
     writeFileSync(join(f.dataDir, "gateway.json"), JSON.stringify({ http_port: 1, mqtt_port: 1, pid: process.pid }));
     const r = await f.cli("gc", "--now", String(Date.now()));
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toStartWith("fleet: gc --now works only with --dry-run while the gateway runs");
+    expect(oneLine(r.stderr)).toBe(
+      "fleet: gc --now works only with --dry-run or on a stopped gateway's data dir: " +
+        "the running gateway collects on its own clock",
+    );
   });
 });
 

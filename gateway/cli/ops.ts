@@ -85,8 +85,8 @@ export async function cmdGc(cli: Cli): Promise<number> {
     if (now !== undefined) {
       // A state mistake, not a bad command line (exit 1, as `rollout` on a stopped gateway).
       console.error(
-        "fleet: gc --now works only with --dry-run while the gateway runs (it collects on its own clock); " +
-          "stop it to collect as of another time",
+        "fleet: gc --now works only with --dry-run or on a stopped gateway's data dir: " +
+          "the running gateway collects on its own clock",
       );
       return 1;
     }
