@@ -208,7 +208,7 @@ describe("replication faults", () => {
       client.execute = (async (stmt: InStatement) => {
         const rs = await execute(stmt);
         const sql = typeof stmt === "string" ? stmt : stmt.sql;
-        if (!changed && sql.startsWith("SELECT seq, tbl, key, ver FROM repl_pending")) {
+        if (!changed && sql.startsWith("SELECT seq, tbl, key, ver, at FROM repl_pending")) {
           changed = true;
           await f.store.setAgentStatus("t/a" as AgentId, "active", null);
         }
@@ -392,6 +392,67 @@ describe("replication faults", () => {
     },
     SLOW,
   );
+});
+
+describe("what the center and fleet status are told after a push", () => {
+  test(
+    "caught up: the center's gateways row says 0 rows behind and lag 0, however old the rows pushed were",
+    async () => {
+      const sqld = await Sqld.start();
+      servers.push(sqld);
+      const db = sqld.client();
+      const f = await synthetic();
+      await enableReplication(f.store, sqld.url);
+      await f.commit(30, T0, 1000);
+      let now = T0 + 3_600_000; // the rows are an hour old when they go
+      const r = replicator(f, spec(sqld.url, { batch_rows: 20 }), () => now);
+      await r.refresh();
+      const row = async () =>
+        (
+          await db.execute({
+            sql: "SELECT backlog_rows, lag_s FROM gateways WHERE gateway = ?",
+            args: [f.store.gatewayId],
+          })
+        ).rows[0]!;
+      // A partial push: what is left is the rest of the queue, as old as its oldest entry.
+      expect(await r.pushOnce()).toBe(20);
+      const part = await row();
+      const [rest] = (await f.store.client.execute("SELECT min(at) AS at FROM repl_pending")).rows;
+      expect(Number(part.backlog_rows)).toBeGreaterThan(0);
+      expect(Number(part.lag_s)).toBeCloseTo((now - Number(rest!.at)) / 1000, 1);
+      expect(r.status().backlog.lag_s).toBeCloseTo((now - Number(rest!.at)) / 1000, 1);
+      // The last batch: nothing is left, so nothing lags (an idle gateway keeps this row until its next push).
+      now += 5000;
+      await r.drain();
+      expect([Number((await row()).backlog_rows), Number((await row()).lag_s)]).toEqual([0, 0]);
+      expect(r.status().backlog).toMatchObject({ rows: 0, lag_s: 0 });
+      db.close();
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test("the last push survives a restart, kept in meta with the confirmed cursor", async () => {
+    const sqld = await Sqld.start();
+    servers.push(sqld);
+    const f = await synthetic();
+    await enableReplication(f.store, sqld.url);
+    await f.commit(8, T0, 1000);
+    const pushedAt = T0 + 60_000;
+    const first = replicator(f, spec(sqld.url), () => pushedAt, { sleep: () => new Promise(() => undefined) });
+    await first.drain();
+    expect(first.status().last_push_at).toBe(pushedAt);
+    expect(await f.store.getMeta("replication.last_push_at")).toBe(String(pushedAt));
+    // A restart: a new replicator on the same data dir, nothing pushed yet.
+    const again = replicator(f, spec(sqld.url), () => pushedAt + 3_600_000, {
+      sleep: () => new Promise(() => undefined),
+    });
+    await again.start();
+    expect(again.status().last_push_at).toBe(pushedAt);
+    expect(again.status().cursor.confirmed_seq).toBe(first.status().cursor.confirmed_seq);
+    await again.stop();
+    await f.close();
+  });
 });
 
 describe("operator actions", () => {

@@ -13,6 +13,8 @@ export interface PendingEntry {
   readonly tbl: string;
   readonly key: string;
   readonly ver: number;
+  /** When it became pending (`repl_pending.at`; null for budget windows queued on their own). */
+  readonly at: number | null;
 }
 
 /**
@@ -38,6 +40,11 @@ export interface Batch {
   readonly lost: readonly PendingEntry[];
   /** Approximate payload size: string and blob lengths, 8 per number. */
   readonly bytes: number;
+  /**
+   * The first queue entry after the batch (the oldest left once it is confirmed, in queue order), or
+   * null when the batch takes every entry there is: what the center's `gateways.lag_s` is told.
+   */
+  readonly rest: { readonly at: number | null } | null;
 }
 
 /** The queue's entry kinds (`repl_pending.tbl`, written by the triggers in store/migrate.ts). */
@@ -150,7 +157,7 @@ export async function readBatch(store: Store, limit: number): Promise<Batch> {
  */
 export async function readEntries(db: BatchSource, limit: number, upTo: number): Promise<Batch> {
   const rs = await db.execute({
-    sql: "SELECT seq, tbl, key, ver FROM repl_pending WHERE seq <= ? ORDER BY seq LIMIT ?",
+    sql: "SELECT seq, tbl, key, ver, at FROM repl_pending WHERE seq <= ? ORDER BY seq LIMIT ?",
     args: [upTo, limit],
   });
   const entries: PendingEntry[] = rs.rows.map((r) => ({
@@ -158,7 +165,9 @@ export async function readEntries(db: BatchSource, limit: number, upTo: number):
     tbl: String(r[1]),
     key: String(r[2]),
     ver: Number(r[3]),
+    at: r[4] === null || r[4] === undefined ? null : Number(r[4]),
   }));
+  if (entries.length === 0) return { entries, rows: {}, rowCount: 0, lost: [], bytes: 0, rest: null };
   const byKind = new Map<string, PendingEntry[]>();
   for (const e of entries) {
     const list = byKind.get(e.tbl);
@@ -288,7 +297,14 @@ export async function readEntries(db: BatchSource, limit: number, upTo: number):
     rowCount += isEncoded(list) ? list.count : list.length;
     bytes += sizeOf(list);
   }
-  return { entries, rows, rowCount, lost, bytes };
+  // One seek by rowid past the batch (past `upTo` too: entries not yet on the disk are left as well).
+  const next = await db.execute({
+    sql: "SELECT at FROM repl_pending WHERE seq > ? ORDER BY seq LIMIT 1",
+    args: [entries.at(-1)!.seq],
+  });
+  const restAt = next.rows[0]?.[0];
+  const rest = next.rows.length === 0 ? null : { at: restAt === null || restAt === undefined ? null : Number(restAt) };
+  return { entries, rows, rowCount, lost, bytes, rest };
 }
 
 /** Most rows per statement: each statement carries its rows as one JSON text. */

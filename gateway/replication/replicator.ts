@@ -143,6 +143,10 @@ export async function prepareCentral(client: Client, url: string): Promise<void>
   if (found < CENTRAL_SCHEMA_VERSION) await migrate(client, where, CENTRAL_MIGRATIONS);
 }
 
+/** The later of `m` and an entry's `at` (entries without one do not count). */
+const newestAt = (m: number | null, e: { readonly at: number | null }): number | null =>
+  e.at === null ? m : m === null ? e.at : Math.max(m, e.at);
+
 /** Pushes the local replication queue to the central server, beside the episodes. */
 export class Replicator {
   state: ReplicatorState = "created";
@@ -205,6 +209,7 @@ export class Replicator {
     const queued = await enableReplication(store, spec.url);
     this.lostRows = Number((await store.getMeta("replication.lost_rows")) ?? 0);
     this.confirmedSeq = Number((await store.getMeta("replication.confirmed_seq")) ?? 0);
+    this.lastPushAt = Number((await store.getMeta("replication.last_push_at")) ?? 0) || null;
     await this.refresh();
     this.jobsSeen = store.writer.stats.jobs;
     this.log.info(
@@ -338,7 +343,18 @@ export class Replicator {
     this.noteSize(batch);
     const at = this.now();
     const lost = this.lostRows + batch.lost.length;
-    const backlogAfter = Math.max(0, this.backlogRows - batch.entries.length);
+    // What is left once the batch is confirmed: nothing when no entry follows it (lag 0, however old
+    // the batch was). Else the backlog counted at the last look less the batch (at least the entry that
+    // follows), and the age of that first entry left: the oldest in queue order, read with the batch by
+    // one rowid seek (a min(at) over the rest would scan the backlog on every push). Queue order is
+    // `at` order except for history queued when replication was turned on (kind by kind) and an entry
+    // changed again while its batch was in flight (it stays, below the batch); for those the next
+    // push tells the center the truth. A next entry without `at` (a budget window queued on its own)
+    // is bounded by the batch's newest entry's time: everything after it was queued later.
+    const backlogAfter = batch.rest === null ? 0 : Math.max(1, this.backlogRows - batch.entries.length);
+    const restAt =
+      batch.rest === null ? null : (batch.rest.at ?? batch.entries.reduce<number | null>(newestAt, null) ?? at);
+    const lagS = restAt === null ? 0 : Math.max(0, (at - restAt) / 1000);
     const stmts = centralStatements(fleet, store.gatewayId, batch.rows);
     stmts.push({
       sql: `INSERT INTO gateways (gateway, fleet, first_push_at, last_push_at, pushed_rows, backlog_rows,
@@ -355,7 +371,7 @@ export class Replicator {
         batch.rowCount,
         backlogAfter,
         Math.round(backlogAfter * (this.bytesPerEntry ?? 0)),
-        this.oldestAt === null ? 0 : Math.max(0, (at - this.oldestAt) / 1000),
+        lagS,
         lost,
         SCHEMA_VERSION,
       ],
@@ -380,9 +396,10 @@ export class Replicator {
         args: [first, batch.entries.at(-1)!.seq, bumped],
       },
       {
-        sql: `INSERT INTO meta (key, value) VALUES ('replication.confirmed_seq', ?)
+        // The cursor and the time of the push that moved it, together: `last push` survives a restart.
+        sql: `INSERT INTO meta (key, value) VALUES ('replication.confirmed_seq', ?), ('replication.last_push_at', ?)
           ON CONFLICT (key) DO UPDATE SET value = excluded.value`,
-        args: [String(cursor)],
+        args: [String(cursor), String(at)],
       },
     ];
     if (batch.lost.length > 0) {
@@ -394,7 +411,8 @@ export class Replicator {
     }
     await store.writer.write(local);
     this.ownJobs += 1;
-    this.backlogRows = Math.max(0, this.backlogRows - batch.entries.length);
+    this.backlogRows = backlogAfter;
+    this.oldestAt = restAt;
     if (batch.lost.length > 0) {
       this.log.warn(
         { lost: batch.lost.length, lost_total: lost },
