@@ -549,7 +549,7 @@ describe("fleet central", () => {
         const fleets = (await (await fetch(`${base}/api/fleets`)).json()) as {
           fleets: { fleet: string; gateway: string; agents: Record<string, number>; episodesLastHour: number }[];
         };
-        expect(fleets.fleets.map((f) => [f.fleet, f.agents.active, f.episodesLastHour])).toEqual([
+        expect(fleets.fleets.map((f) => [f.fleet, f.agents.idle, f.episodesLastHour])).toEqual([
           ["north", 4, 20],
           ["south", 4, 20],
         ]);
@@ -653,6 +653,21 @@ describe("the central token for fleet --central and fleet central", () => {
       const anonymous = cli(agents(none));
       expect(anonymous.code).toBe(1);
       expect(anonymous.err).toContain("no token was sent");
+      // No fleet.toml names a variable here: the hint says where a token does go.
+      expect(anonymous.err).toContain("FLEET_CENTRAL_TOKEN");
+      expect(anonymous.err).toContain("--token-env NAME");
+      expect(anonymous.err).not.toContain("refused the credentials");
+      expect(anonymous.err).not.toContain("auth_token_env names");
+      // A gateway without auth_token_env sends no token: its error says so, and how to configure one.
+      const f = await synthetic();
+      await enableReplication(f.store, sqld.url);
+      const gw = replicator(f, spec(sqld.url), () => T0);
+      const e = (await gw.pushOnce().catch((err: unknown) => err)) as { kind: string; message: string };
+      expect(e.kind).toBe("auth");
+      expect(e.message).toContain("wants a token and none was sent");
+      expect(e.message).toContain("set [replication] auth_token_env");
+      expect(e.message).not.toContain("refused the credentials");
+      await f.close();
       // fleet central takes it the same way.
       const proc = Bun.spawn(
         [

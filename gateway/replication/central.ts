@@ -85,6 +85,58 @@ export function gatewaysFor(all: readonly CentralGateway[], fleet?: string): Cen
   return whole.length > 0 ? whole : all.filter((g) => g.fleet === fleet);
 }
 
+/**
+ * A sharded fleet whose newest layout is not whole at the center: shards of it that have never
+ * pushed. Their agents are in none of the reads (the older layout that had them is superseded).
+ */
+export interface LayoutGap {
+  /** The fleet's name. */
+  readonly fleet: string;
+  /** The newest layout's shard count. */
+  readonly shards: number;
+  /** The shards (`"i/N"`) of that layout the center has never heard from. */
+  readonly missing: readonly string[];
+}
+
+/**
+ * The gaps in what a read of `fleet` (a fleet id, a gateway id or a fleet's name; every fleet
+ * without it) covers: for each fleet it reads as a whole, the shards of its newest layout that have
+ * not reported yet. A read of one shard or one gateway has none.
+ */
+export function layoutGaps(all: readonly CentralGateway[], fleet?: string): LayoutGap[] {
+  const read = gatewaysFor(all, fleet);
+  const whole = fleet === undefined || read.some((g) => g.base === fleet && g.fleet !== fleet);
+  if (!whole) return [];
+  const gaps: LayoutGap[] = [];
+  for (const base of [...new Set(read.map((g) => g.base))].sort()) {
+    const shards = read.filter((g) => g.base === base && g.shard !== null);
+    const count = shards[0] ? Number(shards[0].shard!.split("/")[1]) : 0;
+    if (count === 0) continue;
+    const have = new Set(shards.map((g) => g.shard));
+    const missing = Array.from({ length: count }, (_, i) => `${i + 1}/${count}`).filter((s) => !have.has(s));
+    if (missing.length > 0) gaps.push({ fleet: base, shards: count, missing });
+  }
+  return gaps;
+}
+
+/** One line per gap, as the CLI and the dashboard say it. */
+export function describeGap(g: LayoutGap): string {
+  const one = g.missing.length === 1;
+  return (
+    `fleet ${g.fleet}: layout of ${g.shards} shards: shard${one ? "" : "s"} ${g.missing.join(", ")} ` +
+    `${one ? "has" : "have"} not reported yet; ${one ? "its" : "their"} agents are missing from this view`
+  );
+}
+
+/** An agent status as operators see it: the stored `active` is shown as `idle`. */
+export const shownStatus = (status: string): string => (status === "active" ? "idle" : status);
+
+/** Why an episode could not be found by id or prefix (the local `fleet show`'s outcomes). */
+export type EpisodeMiss = { readonly code: "not_found" | "ambiguous"; readonly message: string };
+
+/** The beginning of an episode id that a prefix lookup takes: at least 4 characters, hex digits and dashes. */
+const ID_PREFIX = /^[0-9a-f-]{4,}$/;
+
 /** The central database cannot be read (unreachable, refused, empty, or newer). */
 export class CentralError extends Error {
   override readonly name = "CentralError";
@@ -156,7 +208,7 @@ export class CentralReader {
     } catch (err) {
       client.close();
       if (err instanceof CentralError) throw err;
-      const e = classifyError(err, url);
+      const e = classifyError(err, url, authToken !== undefined);
       throw new CentralError(e.message, e.kind === "auth" ? "auth" : "other");
     }
     return new CentralReader(client, url, found);
@@ -257,16 +309,21 @@ export class CentralReader {
   }
 
   /** One agent's episodes (in every fleet that has that agent id, or one), newest first, in pages. */
-  async episodes(agent: string, f: { fleet?: string; limit?: number } = {}): Promise<(EpisodeRow & Origin)[]> {
+  async episodes(
+    agent: string,
+    f: { fleet?: string; limit?: number; before?: number } = {},
+  ): Promise<(EpisodeRow & Origin)[]> {
     // A resharded agent's episodes are at its old and its new gateway: only the current ones are read.
     const scope = await this.scope(f.fleet);
+    // `before` (a start time, ms) pages on from the last page's oldest, as the local `episodes` does.
+    const before = f.before === undefined ? [] : [f.before];
     const rows = await this.collect<InValue[]>(
       (after, limit) => ({
         sql: `SELECT ${EPISODE_COLS.join(", ")} FROM episodes
-          WHERE agent = ? ${scope ? `AND ${scope.cond}` : ""}
+          WHERE agent = ? ${scope ? `AND ${scope.cond}` : ""} ${before.length ? "AND started_at < ?" : ""}
             ${after ? "AND (started_at, id, gateway) < (?, ?, ?)" : ""}
           ORDER BY started_at DESC, id DESC, gateway DESC LIMIT ?`,
-        args: [agent, ...(scope ? [scope.arg] : []), ...(after ?? []), limit],
+        args: [agent, ...(scope ? [scope.arg] : []), ...before, ...(after ?? []), limit],
       }),
       (r) => [r.started_at, r.id, r.gateway] as InValue[],
       f.limit ?? 50,
@@ -274,11 +331,47 @@ export class CentralReader {
     return rows.map((r) => shape<EpisodeRow & Origin>(r, EPISODE_COLS));
   }
 
-  /** One episode with its event log, or undefined. */
+  /**
+   * One episode with its event log, by its id or a unique prefix of it (at least 4 characters), as
+   * the local `fleet show` finds it; a miss says why (none, or more than one). A resharded episode
+   * is at its old and its new gateway: the current one's row is shown.
+   */
+  async findEpisode(idOrPrefix: string): Promise<{ episode: EpisodeRow & Origin; events: EventRow[] } | EpisodeMiss> {
+    // By the (gateway, id) key of each gateway: the center has no index on id alone.
+    const every = "gateway IN (SELECT gateway FROM gateways)";
+    let id = idOrPrefix;
+    if ((await this.all(`SELECT 1 FROM episodes WHERE ${every} AND id = ? LIMIT 1`, [id])).length === 0) {
+      if (!ID_PREFIX.test(idOrPrefix)) {
+        // A common slip: an agent's id where an episode's is wanted.
+        const agent = idOrPrefix.includes("/")
+          ? ` (${idOrPrefix} is an agent's id: \`fleet episodes ${idOrPrefix} --central URL\` lists its episodes)`
+          : "";
+        return { code: "not_found", message: `no episode ${idOrPrefix}${agent}` };
+      }
+      const ids = await this.all(
+        `SELECT DISTINCT id FROM episodes WHERE ${every} AND id >= ? AND id < ? ORDER BY id LIMIT 2`,
+        [idOrPrefix, `${idOrPrefix}\uffff`],
+      );
+      if (ids.length === 0) return { code: "not_found", message: `no episode starts with ${idOrPrefix}` };
+      if (ids.length > 1) return { code: "ambiguous", message: `more than one episode starts with ${idOrPrefix}` };
+      id = String(ids[0]!.id);
+    }
+    const current = new Set((await this.gateways()).filter((g) => !g.superseded).map((g) => g.gateway));
+    const rows = await this.all(`SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE ${every} AND id = ?`, [id]);
+    const row = rows.find((r) => current.has(String(r.gateway))) ?? rows[0]!;
+    return this.withEvents(shape<EpisodeRow & Origin>(row, EPISODE_COLS));
+  }
+
+  /** One episode with its event log, by its whole id, or undefined. */
   async episode(id: string): Promise<{ episode: EpisodeRow & Origin; events: EventRow[] } | undefined> {
-    const [row] = await this.all(`SELECT ${EPISODE_COLS.join(", ")} FROM episodes WHERE id = ? LIMIT 1`, [id]);
-    if (!row) return undefined;
-    const episode = shape<EpisodeRow & Origin>(row, EPISODE_COLS);
+    const found = await this.findEpisode(id);
+    return "code" in found || found.episode.id !== id ? undefined : found;
+  }
+
+  private async withEvents(
+    episode: EpisodeRow & Origin,
+  ): Promise<{ episode: EpisodeRow & Origin; events: EventRow[] }> {
+    const id = episode.id;
     const events = await this.collect<number>(
       (after, limit) => ({
         sql: `SELECT ${EVENT_COLS.join(", ")} FROM events WHERE gateway = ? AND episode = ? AND seq > ?
@@ -346,7 +439,8 @@ export class CentralReader {
     );
     return gws.map((g) => {
       const byStatus: Record<string, number> = {};
-      for (const r of agents) if (r.gateway === g.gateway) byStatus[String(r.status)] = Number(r.n);
+      // Counted by status as operators see it: the stored `active` is `idle` (the gateway's API and CLI say so).
+      for (const r of agents) if (r.gateway === g.gateway) byStatus[shownStatus(String(r.status))] = Number(r.n);
       const e = eps.find((r) => r.gateway === g.gateway);
       const u = usage.find((r) => r.gateway === g.gateway);
       return {

@@ -28,7 +28,8 @@ function table(rows, cols) {
 async function fleets() {
   const d = await get("/api/fleets");
   $("#at").textContent = time(d.at); $("#crumbs").innerHTML = "";
-  $("#main").innerHTML = d.fleets.length === 0 ? "no gateway has replicated yet" : table(d.fleets, [
+  $("#main").innerHTML = gaps(d.incomplete) + (d.fleets.length === 0 ? "no gateway has replicated yet"
+    : table(d.fleets, [
     ["fleet", (f) => '<a data-go="#/fleet/' + esc(f.gateway) + '">' + esc(f.fleet) + "</a> <span class=muted>"
         + esc(f.gateway.slice(0, 8)) + "</span>" + (f.superseded ? " <span class=muted>(superseded)</span>"
         : f.shard ? ' <a data-go="#/fleet/' + esc(f.base) + '">' + esc(f.base) + " whole</a>" : "")],
@@ -40,14 +41,18 @@ async function fleets() {
     ["backlog rows", (f) => esc(f.backlogRows)], ["lag s", (f) => esc(Math.round(f.lagS))],
     ["lost rows", (f) => '<span class="' + (f.lostRows ? "bad" : "") + '">' + esc(f.lostRows) + "</span>"],
     ["last push", (f) => esc(time(f.lastPushAt))],
-  ]);
+  ]));
 }
+// A sharded fleet whose newest layout has shards that never reported: their agents are not in this view.
+const gaps = (list) => (list || []).map((g) => '<p class="bad">fleet ' + esc(g.fleet) + ": layout of "
+    + esc(g.shards) + " shards: " + esc(g.missing.join(", ")) + " not reported yet; "
+    + "their agents are missing from this view</p>").join("");
 async function fleet(gw) {
   const d = await get("/api/fleets/" + encodeURIComponent(gw) + "/agents?limit=500");
   $("#crumbs").innerHTML = '<a data-go="#/">all fleets</a> / ' + esc(gw);
-  $("#main").innerHTML = d.total + " agent(s)" + table(d.agents, [
+  $("#main").innerHTML = gaps(d.incomplete) + d.total + " agent(s)" + table(d.agents, [
     ["agent", (a) => '<a data-go="#/agent/' + esc(gw) + "/" + esc(a.id) + '">' + esc(a.id) + "</a>"],
-    ["status", (a) => esc(a.status === "active" ? "idle" : a.status)], ["reason", (a) => esc(a.reason)],
+    ["status", (a) => esc(a.status)], ["reason", (a) => esc(a.reason)],
     ["episodes", (a) => esc(a.episodes)], ["failures", (a) => esc(a.failures)], ["seq", (a) => esc(a.headSeq)],
     ["last episode", (a) => esc(time(a.lastEpisodeAt))],
   ]);

@@ -115,17 +115,24 @@ export function redactUrl(url: string): string {
   }
 }
 
-/** Sort a failure into a kind, with a sentence that says what to check. */
-export function classifyError(err: unknown, url: string): ReplicationError {
+/**
+ * Sort a failure into a kind, with a sentence that says what to check. `sentToken` false: no token
+ * went with the request, so a refusal means the server wants one (not that one was wrong).
+ */
+export function classifyError(err: unknown, url: string, sentToken = true): ReplicationError {
   if (err instanceof ReplicationError) return err;
   if (err instanceof SchemaVersionError) return new ReplicationError("schema", err.message, { cause: err });
   const e = err as { message?: string; code?: string; cause?: { code?: string; message?: string } };
   const text = `${e.code ?? ""} ${e.message ?? String(err)} ${e.cause?.code ?? ""} ${e.cause?.message ?? ""}`;
   const where = redactUrl(url);
   if (/\b401\b|\b403\b|unauthori[sz]ed|forbidden|auth/i.test(text))
-    return new ReplicationError("auth", `central server ${where} refused the credentials: ${e.message}`, {
-      cause: err,
-    });
+    return new ReplicationError(
+      "auth",
+      sentToken
+        ? `central server ${where} refused the credentials: ${e.message}`
+        : `central server ${where} wants a token and none was sent (${e.message})`,
+      { cause: err },
+    );
   if (UNREACHABLE.test(text))
     return new ReplicationError("unreachable", `central server ${where} is unreachable: ${e.message}`, { cause: err });
   if (/\b404\b|\b405\b|not found|unexpected|json|protocol/i.test(text))
@@ -380,7 +387,7 @@ export class Replicator {
       await client.batch(stmts, "write");
     } catch (err) {
       this.reconnect();
-      throw classifyError(err, spec.url);
+      throw this.classify(err);
     }
     // Confirmed: only now do the entries leave the queue. An entry changed since it was read
     // (ver moved on) stays and goes again with its newer row.
@@ -450,7 +457,7 @@ export class Replicator {
       try {
         this.client = createClient({ url: spec.url, ...(authToken ? { authToken } : {}) });
       } catch (err) {
-        throw classifyError(err, spec.url);
+        throw this.classify(err);
       }
     }
     if (!this.prepared) {
@@ -458,11 +465,26 @@ export class Replicator {
         await prepareCentral(this.client, spec.url);
       } catch (err) {
         this.reconnect();
-        throw classifyError(err, spec.url);
+        throw this.classify(err);
       }
       this.prepared = true;
     }
     return this.client;
+  }
+
+  /**
+   * A failure as `classifyError` words it. Without `auth_token_env` no token is sent, so a server
+   * that wants one is told apart from one that refused it, and the message says where one goes.
+   */
+  private classify(err: unknown): ReplicationError {
+    const { spec } = this.opts;
+    const e = classifyError(err, spec.url, spec.auth_token_env !== null);
+    if (e.kind !== "auth" || spec.auth_token_env !== null) return e;
+    return new ReplicationError(
+      "auth",
+      `${e.message}: set [replication] auth_token_env to the name of an env var holding its JWT, and export it`,
+      { cause: err },
+    );
   }
 
   /** After a failure the client and the schema check start over: the server may have been replaced. */

@@ -4,7 +4,8 @@
  * Only GET; it binds 127.0.0.1 unless told otherwise, and a non-loopback host needs a
  * bearer token (env FLEET_CENTRAL_API_TOKEN) that every /api request must carry.
  */
-import { type CentralReader, CentralError } from "./central.ts";
+import { parseOptionalInt } from "../parse.ts";
+import { type CentralReader, CentralError, gatewaysFor, layoutGaps, shownStatus } from "./central.ts";
 import { DASHBOARD_HTML } from "./dashboard.ts";
 import { type AuditRow, auditView } from "../store/index.ts";
 import type { Origin } from "./central.ts";
@@ -31,17 +32,31 @@ export interface CentralServer {
   stop(): void;
 }
 
-const LOOPBACK = new Set(["127.0.0.1", "::1", "localhost"]);
+/** Whether `host` is a loopback address: 127.0.0.0/8, ::1 (also written [::1]), or localhost. */
+export function isLoopback(host: string): boolean {
+  const h = host.replace(/^\[(.*)\]$/, "$1").toLowerCase();
+  if (h === "localhost" || h === "::1" || h === "0:0:0:0:0:0:0:1") return true;
+  const v4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(h.replace(/^::ffff:/, ""));
+  if (!v4) return false;
+  return v4[1] === "127" && v4.slice(1).every((o) => Number(o) <= 255);
+}
+
+/** `http://host:port`, with an IPv6 address in brackets (RFC 3986 3.2.2). */
+export function serverUrl(host: string, port: number): string {
+  const h = host.replace(/^\[(.*)\]$/, "$1");
+  return `http://${h.includes(":") ? `[${h}]` : h}:${port}`;
+}
 
 const json = (body: unknown, status = 200) =>
   new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
-const problem = (status: number, message: string) => json({ error: { message } }, status);
+/** Errors are `{"error": {"code", "message"}}`, as the gateway's API words them (docs/http-api.md). */
+const problem = (status: number, code: string, message: string) => json({ error: { code, message } }, status);
 
 /** Start serving; throws CentralError when a non-loopback host has no token. */
 export function startCentralServer(opts: CentralServerOptions): CentralServer {
   const host = opts.host ?? "127.0.0.1";
   const token = opts.token ?? null;
-  if (!LOOPBACK.has(host) && !token)
+  if (!isLoopback(host) && !token)
     throw new CentralError(
       `fleet central binds ${host}, off loopback: set FLEET_CENTRAL_API_TOKEN ` +
         "(clients send Authorization: Bearer <token>)",
@@ -49,70 +64,109 @@ export function startCentralServer(opts: CentralServerOptions): CentralServer {
   const { reader } = opts;
   const now = opts.now ?? Date.now;
   const server = Bun.serve({
-    hostname: host,
+    hostname: host.replace(/^\[(.*)\]$/, "$1"),
     port: opts.port ?? 8090,
     async fetch(req) {
       const url = new URL(req.url);
-      if (req.method !== "GET" && req.method !== "HEAD") return problem(405, "the central view is read-only");
+      if (req.method !== "GET" && req.method !== "HEAD")
+        return problem(405, "method_not_allowed", "the central view is read-only");
       if (url.pathname === "/healthz") return new Response("ok\n");
       if (url.pathname === "/")
         return new Response(DASHBOARD_HTML, { headers: { "content-type": "text/html; charset=utf-8" } });
-      if (!url.pathname.startsWith("/api/")) return problem(404, `no route ${url.pathname}`);
-      if (token && req.headers.get("authorization") !== `Bearer ${token}`) return problem(401, "bearer token required");
+      if (!url.pathname.startsWith("/api/")) return problem(404, "not_found", `no route ${url.pathname}`);
+      if (token && req.headers.get("authorization") !== `Bearer ${token}`)
+        return problem(401, "unauthorized", "bearer token required");
       try {
         return await route(reader, url, now());
       } catch (err) {
-        return problem(502, `central database: ${err instanceof Error ? err.message : String(err)}`);
+        return problem(
+          502,
+          "central_unavailable",
+          `central database: ${err instanceof Error ? err.message : String(err)}`,
+        );
       }
     },
   });
-  return { url: `http://${host}:${server.port}`, port: server.port ?? 0, stop: () => server.stop(true) };
+  const port = server.port ?? 0;
+  return { url: serverUrl(host, port), port, stop: () => server.stop(true) };
+}
+
+/** The path's segments, decoded; null when one is not valid percent-encoding. */
+function segments(pathname: string): string[] | null {
+  try {
+    return pathname.split("/").filter(Boolean).map(decodeURIComponent);
+  } catch {
+    return null;
+  }
+}
+
+/** An integer query parameter in [min, max] (its default when absent or empty), or the 400 naming it. */
+function intParam(q: URLSearchParams, name: string, dflt: number, min: number, max: number): number | Response {
+  const v = parseOptionalInt(q.get(name), dflt, { name, min, max });
+  return v.ok ? v.value : problem(400, "bad_query", v.message);
 }
 
 async function route(reader: CentralReader, url: URL, now: number): Promise<Response> {
-  const parts = url.pathname.split("/").filter(Boolean).map(decodeURIComponent); // ["api", ...]
+  const parts = segments(url.pathname); // ["api", ...]
+  if (!parts)
+    return problem(400, "bad_request", `the path ${url.pathname.slice(0, 200)} is not valid percent-encoding`);
   const q = url.searchParams;
-  const int = (k: string, d: number) => {
-    const v = Number(q.get(k) ?? d);
-    return Number.isSafeInteger(v) && v >= 0 ? Math.min(v, 1000) : d;
-  };
+  // ?limit= of every list: 100 agents or 50 episodes or operator actions by default, at most 1,000.
+  const agentList = parts.length === 4 && parts[1] === "fleets" && parts[3] === "agents";
+  const limit = intParam(q, "limit", agentList ? 100 : 50, 1, 1000);
+  if (limit instanceof Response) return limit;
+  const all = await reader.gateways();
   // /api/fleets
-  if (parts.length === 2 && parts[1] === "fleets") return json({ at: now, fleets: await reader.summary(now) });
-  // /api/fleets/<gateway>/agents
-  if (parts.length === 4 && parts[1] === "fleets" && parts[3] === "agents") {
-    const r = await reader.agents({
-      fleet: parts[2],
-      type: q.get("type") ?? undefined,
-      status: q.get("status") ?? undefined,
-      limit: int("limit", 100),
-      offset: int("offset", 0),
-    });
-    return json({ agents: r.rows, total: r.total });
+  if (parts.length === 2 && parts[1] === "fleets") {
+    const incomplete = layoutGaps(all);
+    return json({ at: now, fleets: await reader.summary(now), incomplete });
   }
-  // /api/fleets/<gateway>/agents/<type>/<key>/episodes
+  // Routes under /api/fleets/<fleet or gateway>/ name one the center has heard of.
+  const fleet = parts[1] === "fleets" ? parts[2] : undefined;
+  if (fleet !== undefined && parts.length > 3 && gatewaysFor(all, fleet).length === 0)
+    return problem(404, "not_found", `no fleet or gateway "${fleet.slice(0, 200)}" in the central database`);
+  // /api/fleets/<gateway>/agents
+  if (agentList) {
+    const offset = intParam(q, "offset", 0, 0, Number.MAX_SAFE_INTEGER);
+    if (offset instanceof Response) return offset;
+    const status = q.get("status") || undefined;
+    const r = await reader.agents({
+      fleet,
+      type: q.get("type") || undefined,
+      status: status === "idle" ? "active" : status, // shown `idle`, stored `active`
+      limit,
+      offset,
+    });
+    const agents = r.rows.map((a) => ({ ...a, status: shownStatus(a.status) }));
+    return json({ agents, total: r.total, incomplete: layoutGaps(all, fleet) });
+  }
+  // /api/fleets/<gateway>/agents/<type>/<key>/episodes?limit=&before=MS: newest first; next_before pages on
   if (parts.length === 7 && parts[1] === "fleets" && parts[3] === "agents" && parts[6] === "episodes") {
+    const before = intParam(q, "before", Number.MAX_SAFE_INTEGER, 0, Number.MAX_SAFE_INTEGER);
+    if (before instanceof Response) return before;
     const agent = `${parts[4]}/${parts[5]}`;
-    return json({ agent, episodes: await reader.episodes(agent, { fleet: parts[2], limit: int("limit", 50) }) });
+    const episodes = await reader.episodes(agent, { fleet, limit, before });
+    const last = episodes.at(-1);
+    return json({ agent, episodes, next_before: episodes.length === limit && last ? last.startedAt : null });
   }
   // /api/audit and /api/fleets/<gateway>/audit: operator actions, newest first
   if (
     (parts.length === 2 && parts[1] === "audit") ||
     (parts.length === 4 && parts[1] === "fleets" && parts[3] === "audit")
   ) {
-    const before = q.has("before") ? Number(q.get("before")) : undefined;
-    if (before !== undefined && (!Number.isSafeInteger(before) || before < 1))
-      return problem(400, "before must be an audit seq (a positive integer)");
-    if (before !== undefined && parts.length === 2)
-      return problem(400, "before pages within one fleet: use /api/fleets/<gateway>/audit");
-    const records = (await reader.audit({ fleet: parts[2], limit: int("limit", 50), before })).map(centralAuditView);
+    if (q.has("before") && parts.length === 2)
+      return problem(400, "bad_query", "before pages within one fleet: use /api/fleets/<gateway>/audit");
+    const before = q.has("before") ? intParam(q, "before", 0, 1, Number.MAX_SAFE_INTEGER) : undefined;
+    if (before instanceof Response) return before;
+    const records = (await reader.audit({ fleet, limit, before })).map(centralAuditView);
     const last = records.at(-1);
-    const limit = int("limit", 50);
     return json({ records, next_before: parts.length === 4 && records.length === limit && last ? last.seq : null });
   }
-  // /api/episodes/<id>
+  // /api/episodes/<id or unique prefix>
   if (parts.length === 3 && parts[1] === "episodes") {
-    const found = await reader.episode(parts[2]!);
-    return found ? json(found) : problem(404, `no episode ${parts[2]}`);
+    const found = await reader.findEpisode(parts[2]!);
+    if ("code" in found) return problem(found.code === "ambiguous" ? 409 : 404, found.code, found.message);
+    return json(found);
   }
-  return problem(404, `no route ${url.pathname}`);
+  return problem(404, "not_found", `no route ${url.pathname.slice(0, 200)}`);
 }

@@ -1,0 +1,251 @@
+/**
+ * The central view against a real sqld: `fleet agents|episodes|show|verify|audit --central` and
+ * the `fleet central` API read what synthetic gateways pushed (test/helpers/ops.ts) with their
+ * own replicators. Flags parse as the local commands parse them, an unknown --fleet is an error,
+ * episodes page with --before, an episode is found by a unique prefix, API errors carry a code,
+ * and a resharded fleet whose newest layout has a shard that never reported says so.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pino from "pino";
+import {
+  CentralReader,
+  type CentralServer,
+  enableReplication,
+  isLoopback,
+  Replicator,
+  serverUrl,
+  startCentralServer,
+} from "../gateway/replication/index.ts";
+import { SyntheticFleet } from "./helpers/ops.ts";
+import { runCli } from "./helpers/gateway.ts";
+import { Sqld } from "./helpers/sqld.ts";
+
+const quiet = pino({ level: "silent" });
+const NOW = Date.now();
+const dirs: string[] = [];
+let sqld: Sqld;
+let reader: CentralReader;
+let server: CentralServer;
+/** Gateway ids by the fleet id they pushed under. */
+const gateways = new Map<string, string>();
+/** Episode ids of t/a in fleet north, newest first. */
+let northA: string[] = [];
+
+/** A synthetic gateway with `keys` agents of type t and 5 episodes each, pushed as `fleet` at `at`. */
+async function pushed(fleet: string, keys: string[], at: number): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), "fleet-central-view-"));
+  dirs.push(dir);
+  const f = await SyntheticFleet.create(dir, { types: [{ name: "t", keys }], keep: 0, episodesDays: 30, dedupDays: 7 });
+  await enableReplication(f.store, sqld.url);
+  await f.commit(keys.length * 5, NOW - 600_000, 1000);
+  const spec = { url: sqld.url, auth_token_env: null, interval_ms: 50, batch_rows: 500, required: true };
+  const r = new Replicator({
+    store: f.store,
+    spec: { ...spec, max_backlog_mb: 1024 },
+    fleet,
+    log: quiet,
+    now: () => at,
+  });
+  await r.drain();
+  await r.stop();
+  gateways.set(fleet, f.store.gatewayId);
+  await f.close();
+}
+
+beforeAll(async () => {
+  sqld = await Sqld.start();
+  await pushed("north", ["a", "b"], NOW - 5000);
+  // plant: one gateway, then resharded into 3, of which shards 1 and 2 have pushed (3 has not started).
+  await pushed("plant", ["p1", "p2", "p3", "p4"], NOW - 4000);
+  await pushed("plant-shard-1-of-3", ["p1", "p2"], NOW - 3000);
+  await pushed("plant-shard-2-of-3", ["p3"], NOW - 2000);
+  reader = await CentralReader.open(sqld.url);
+  server = startCentralServer({ reader, port: 0 });
+  northA = (await reader.episodes("t/a", { fleet: "north", limit: 100 })).map((e) => e.id);
+}, 120_000);
+
+afterAll(async () => {
+  server?.stop();
+  reader?.close();
+  await sqld?.dispose();
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+/** The CLI against the center, with no fleet.toml to name a token. */
+const central = (...args: string[]) =>
+  runCli([...args, "--central", sqld.url, "--config", join(tmpdir(), "no-such-fleet.toml")]);
+const api = async (path: string) => {
+  const res = await fetch(`${server.url}${path}`);
+  return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+};
+
+describe("fleet <read command> --central: the command line", () => {
+  test("numbers parse as the local commands parse them: anything but a plain integer in range is exit 2", async () => {
+    const cases: [string[], string][] = [
+      [["agents", "--limit", "1e2"], "--limit must be an integer from 1 to 100000"],
+      [["agents", "--limit", "0"], "--limit must be an integer from 1 to 100000"],
+      [["agents", "--page", "0"], "--page must be an integer from 1"],
+      [["episodes", "t/a", "--limit", "abc"], "--limit must be an integer from 1 to 100000"],
+      [["episodes", "t/a", "--before", "soon"], "--before must be an integer from 0"],
+      [["audit", "--limit", "1e2"], "--limit must be an integer from 1 to 100000"],
+    ];
+    for (const [args, message] of cases) {
+      const r = await central(...args);
+      expect({ args, code: r.code, err: r.stderr.includes(message) }).toEqual({ args, code: 2, err: true });
+    }
+  });
+
+  test("a --fleet the center has never heard of is exit 1 with verify's message, for every command", async () => {
+    for (const args of [["agents"], ["episodes", "t/a"], ["audit"], ["verify"]]) {
+      const r = await central(...args, "--fleet", "nosuch");
+      expect({ args, code: r.code }).toEqual({ args, code: 1 });
+      expect(r.stderr).toContain('no fleet or gateway "nosuch" in the central database');
+    }
+  });
+
+  test("episodes page with --before: a full page ends with `more: --before MS`; the next goes on", async () => {
+    expect(northA).toHaveLength(5);
+    const seen: string[] = [];
+    let before: string[] = [];
+    for (let page = 0; page < 4; page++) {
+      const r = await central("episodes", "t/a", "--fleet", "north", "--limit", "2", "--json", ...before);
+      expect(r.code).toBe(0);
+      const out = r.json as { episodes: { id: string }[]; next_before: number | null };
+      seen.push(...out.episodes.map((e) => e.id));
+      if (out.next_before === null) break;
+      before = ["--before", String(out.next_before)];
+    }
+    expect(seen).toEqual(northA);
+    const human = await central("episodes", "t/a", "--fleet", "north", "--limit", "2");
+    expect(human.stdout).toMatch(/more: --before \d+/);
+  });
+
+  test("show takes a unique id prefix of at least 4 characters, as locally; an ambiguous one is refused", async () => {
+    const id = northA[0]!;
+    const r = await central("show", id.slice(0, 30));
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain(`episode    ${id}`);
+    // UUIDv7 ids minted together share their first characters.
+    const ambiguous = await central("show", id.slice(0, 4));
+    expect(ambiguous.code).toBe(1);
+    expect(ambiguous.stderr).toContain(`more than one episode starts with ${id.slice(0, 4)}`);
+    const none = await central("show", "ffffffff");
+    expect(none.code).toBe(1);
+    expect(none.stderr).toContain("no episode starts with ffffffff");
+  });
+
+  test("new shard 3/3 never reported: agents and verify say its agents are missing; no bare OK", async () => {
+    const line =
+      "fleet plant: layout of 3 shards: shard 3/3 has not reported yet; its agents are missing from this view";
+    const agents = await central("agents", "--fleet", "plant");
+    expect(agents.code).toBe(0);
+    expect(agents.stdout).toContain("3 agent(s)");
+    expect(agents.stdout).toContain(line);
+    const verify = await central("verify", "--fleet", "plant");
+    expect(verify.code).toBe(0);
+    expect(verify.stdout).not.toContain(": OK");
+    expect(verify.stdout).toContain("INCOMPLETE");
+    expect(verify.stdout).toContain(line);
+    const json = await central("verify", "--json");
+    expect((json.json as { incomplete: unknown }).incomplete).toEqual([
+      { fleet: "plant", shards: 3, missing: ["3/3"] },
+    ]);
+    // One shard read on its own, and a whole fleet, are complete.
+    expect((await central("verify", "--fleet", "plant-shard-1-of-3")).stdout).toContain(": OK");
+    const north = await central("verify", "--fleet", "north");
+    expect([north.code, north.stdout.includes(": OK"), north.stdout.includes("warning")]).toEqual([0, true, false]);
+  });
+});
+
+describe("fleet central: the JSON API", () => {
+  test("bad query values and bad paths are 400 naming what is wrong; errors carry a code", async () => {
+    const gw = gateways.get("north")!;
+    for (const q of ["limit=abc", "limit=1e2", "limit=0", "offset=-1"]) {
+      const r = await api(`/api/fleets/${gw}/agents?${q}`);
+      expect({ q, status: r.status, code: (r.body.error as { code: string }).code }).toEqual({
+        q,
+        status: 400,
+        code: "bad_query",
+      });
+      expect((r.body.error as { message: string }).message).toContain(q.split("=")[0]!);
+    }
+    expect((await api(`/api/fleets/${gw}/agents/t/a/episodes?before=yesterday`)).status).toBe(400);
+    for (const path of ["/api/fleets/%E0%A4%A/agents", "/api/episodes/%"]) {
+      const r = await api(path);
+      expect({ path, status: r.status, code: (r.body.error as { code: string }).code }).toEqual({
+        path,
+        status: 400,
+        code: "bad_request",
+      });
+    }
+    const nosuch = await api("/api/fleets/nosuch/agents");
+    expect(nosuch.status).toBe(404);
+    expect(nosuch.body.error).toEqual({
+      code: "not_found",
+      message: 'no fleet or gateway "nosuch" in the central database',
+    });
+    expect((await api("/api/fleets/nosuch/audit")).status).toBe(404);
+    expect(((await api("/api/nothing")).body.error as { code: string }).code).toBe("not_found");
+  });
+
+  test("agents show as idle, as the gateway's API shows them, in the counts and the list", async () => {
+    const fleets = (await api("/api/fleets")).body.fleets as { fleet: string; agents: Record<string, number> }[];
+    expect(fleets.find((f) => f.fleet === "north")!.agents).toEqual({ idle: 2 });
+    const list = (await api(`/api/fleets/north/agents?status=idle`)).body as {
+      agents: { status: string }[];
+      total: number;
+    };
+    expect([list.total, ...list.agents.map((a) => a.status)]).toEqual([2, "idle", "idle"]);
+  });
+
+  test("episodes page with next_before; an episode is found by a unique prefix, an ambiguous one is 409", async () => {
+    const seen: string[] = [];
+    let next: number | null = null;
+    for (let page = 0; page < 4; page++) {
+      const q: string = next === null ? "" : `&before=${next}`;
+      const r = await api(`/api/fleets/north/agents/t/a/episodes?limit=2${q}`);
+      expect(r.status).toBe(200);
+      seen.push(...(r.body.episodes as { id: string }[]).map((e) => e.id));
+      next = (r.body.next_before as number | null | undefined) ?? null;
+      if (next === null) break;
+    }
+    expect(seen).toEqual(northA);
+    const one = await api(`/api/episodes/${northA[1]!.slice(0, 30)}`);
+    expect([one.status, (one.body.episode as { id: string }).id]).toEqual([200, northA[1]!]);
+    const ambiguous = await api(`/api/episodes/${northA[1]!.slice(0, 4)}`);
+    expect([ambiguous.status, (ambiguous.body.error as { code: string }).code]).toEqual([409, "ambiguous"]);
+  });
+
+  test("a fleet whose newest layout misses a shard says which, in /api/fleets and in its agents", async () => {
+    const gap = [{ fleet: "plant", shards: 3, missing: ["3/3"] }];
+    expect((await api("/api/fleets")).body.incomplete).toEqual(gap);
+    const plant = await api("/api/fleets/plant/agents");
+    expect([plant.body.total, plant.body.incomplete]).toEqual([3, gap]);
+    expect((await api(`/api/fleets/${gateways.get("north")!}/agents`)).body.incomplete).toEqual([]);
+  });
+});
+
+describe("fleet central: where it listens", () => {
+  test("127.0.0.0/8 and ::1 are loopback; an IPv6 address is printed in brackets", () => {
+    for (const h of ["127.0.0.1", "127.0.0.2", "127.255.0.9", "::1", "[::1]", "localhost"])
+      expect(isLoopback(h)).toBe(true);
+    for (const h of ["0.0.0.0", "10.0.0.1", "128.0.0.1", "::", "127.0.0.256", "example.com"])
+      expect(isLoopback(h)).toBe(false);
+    expect(serverUrl("::1", 58101)).toBe("http://[::1]:58101");
+    expect(serverUrl("127.0.0.1", 8090)).toBe("http://127.0.0.1:8090");
+  });
+
+  test("--host 127.0.0.2 serves without a token; off loopback it needs one", async () => {
+    const s = startCentralServer({ reader, host: "127.0.0.2", port: 0 });
+    try {
+      expect(s.url).toMatch(/^http:\/\/127\.0\.0\.2:\d+$/);
+      expect((await fetch(`${s.url}/api/fleets`)).status).toBe(200);
+    } finally {
+      s.stop();
+    }
+    expect(() => startCentralServer({ reader, host: "0.0.0.0", port: 0 })).toThrow("FLEET_CENTRAL_API_TOKEN");
+  });
+});
