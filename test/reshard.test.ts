@@ -4,7 +4,7 @@
  * filled through the gateway's own commit path (test/helpers/ops.ts), one with a collected prefix.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gcAll, reshard, ReshardError } from "../gateway/ops/index.ts";
@@ -196,6 +196,53 @@ describe("fleet reshard", () => {
     expect(empty.message).toContain("no fleet data in");
     const self = await reshard([join(root, "w1")], 2, join(root, "w")).catch((e) => e);
     expect(self).toBeInstanceOf(ReshardError);
+  });
+
+  test("a data dir named twice in --from is refused (exit 2), by its real path too; nothing is written", async () => {
+    const { a, root } = await sources();
+    const dir = join(a.dir, "data");
+    symlinkSync(dir, join(root, "alias"));
+    for (const from of [`${dir},${dir}`, `${dir},${join(root, "alias")}`]) {
+      const r = await runCli(["reshard", "--from", from, "--to", "3", "--out", join(root, "n-")]);
+      expect({ from, code: r.code }).toEqual({ from, code: 2 });
+      expect(r.stderr).toContain("twice");
+    }
+    expect(await reshard([dir, `${dir}/`], 2, join(root, "m")).catch((e) => e)).toBeInstanceOf(ReshardError);
+    expect(readdirSync(root).filter((f) => f.startsWith("n-") || f.startsWith("m"))).toEqual([]);
+  });
+
+  test("a shard whose sibling is not among the sources is refused unless --partial, naming it", async () => {
+    const { a, b, root } = await sources();
+    // Two shards as reshard writes them (each knows it is i/2 until its gateway starts on it).
+    await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "s"));
+    const [s1, s2] = [join(root, "s1"), join(root, "s2")];
+    const refused = await reshard([s1], 3, join(root, "n")).catch((e) => e);
+    expect(refused).toBeInstanceOf(ReshardError);
+    expect(refused.message).toContain("2/2 is not among the sources");
+    expect(refused.message).toContain(`${s1} is shard 1/2`);
+    expect(refused.message).toContain("--partial");
+    expect(existsSync(join(root, "n1"))).toBe(false);
+    const cli = await runCli(["reshard", "--from", s1, "--to", "3", "--out", join(root, "c")]);
+    expect([cli.code, cli.stderr.includes("2/2 is not among the sources")]).toEqual([1, true]);
+    // Asked for: only shard 1's agents move, and the report says what was left out.
+    const partial = await runCli(["reshard", "--from", s1, "--to", "3", "--out", join(root, "p"), "--partial"]);
+    expect(partial.code).toBe(0);
+    expect(partial.stdout).toContain("partial: 2/2 of the old layout were not among --from");
+    // Both shards: the layout is whole.
+    expect((await reshard([s1, s2], 3, join(root, "w"))).left_out).toEqual([]);
+    // A dir whose gateway last ran as shard 1/2 of another layout (its spec says so) knows it too.
+    const ran = await SyntheticFleet.create(join(root, "ran"), {
+      types: [{ name: "temp", keys: ["r1"] }],
+      keep: 0,
+      episodesDays: 30,
+      dedupDays: 30,
+    });
+    const text = `[fleet]\nname = "plant"\nshard = "1/2"\n`;
+    await ran.store.saveSpecVersion({ hash: "e".repeat(64), path: "fleet.toml", text, summary: "", at: 1 });
+    await ran.store.setMeta("instances_deployed", "e".repeat(64));
+    await ran.close();
+    const sharded = await reshard([join(ran.dir, "data")], 2, join(root, "r")).catch((e) => e);
+    expect(sharded.message).toContain("2/2 is not among the sources");
   });
 
   test("bad command lines are usage errors (exit 2)", async () => {

@@ -92,6 +92,8 @@ export interface CliFlags {
   readonly from?: string;
   readonly to?: string;
   readonly out?: string;
+  /** `reshard --partial`: the sources may be only some shards of their layout. */
+  readonly partial?: boolean;
   readonly help: boolean;
 }
 

@@ -59,7 +59,7 @@ const USAGE = `usage: fleet <command> [args] [--json]
   backup FILE                 consistent, verified copy of the database (works while running); exit 1 when it
                               does not verify (the copy is kept)
   restore FILE                put a backup in place in a data dir with no database (gateway stopped)
-  reshard --from DIR1,DIR2 --to N --out PREFIX
+  reshard --from DIR1,DIR2 --to N --out PREFIX [--partial]
                               offline (gateways stopped): move each agent's chain into the data dir of its
                               shard under N shards (PREFIX1..PREFIXN) and verify every chain
   install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/fleet] [--dry-run]
@@ -153,6 +153,7 @@ const ARGS = {
     from: { type: "string" },
     to: { type: "string" },
     out: { type: "string" },
+    partial: { type: "boolean", default: false },
     help: { type: "boolean", short: "h", default: false },
   },
 } as const;

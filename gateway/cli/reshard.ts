@@ -3,7 +3,7 @@
  * of the fleet stopped. Moves each agent's chain into the data dir of its owner under N shards
  * (`PREFIX1` … `PREFIXN`) and verifies every chain there; exit 1 when one does not verify.
  */
-import { type ReshardReport, reshard } from "../ops/index.ts";
+import { repeatedDir, type ReshardReport, reshard } from "../ops/index.ts";
 import { type Cli, intArg, UsageError } from "./context.ts";
 
 function describe(r: ReshardReport): string {
@@ -17,6 +17,9 @@ function describe(r: ReshardReport): string {
     `resharded ${r.agents} agent(s) from ${r.from.length} data dir(s) into ${r.to} shard(s):`,
     ...lines,
     ...broken,
+    ...(r.left_out.length > 0
+      ? [`partial: ${r.left_out.join(", ")} of the old layout were not among --from; their agents are not here.`]
+      : []),
     r.verified
       ? r.to === 1
         ? "every chain verifies. Start the gateway unsharded (no [fleet] shard) on that data dir."
@@ -25,7 +28,7 @@ function describe(r: ReshardReport): string {
   ].join("\n");
 }
 
-/** `fleet reshard`. */
+/** `fleet reshard --from DIR1,DIR2,… --to N --out PREFIX [--partial]`. */
 export async function cmdReshard(cli: Cli): Promise<number> {
   const { from, to, out } = cli.flags;
   if (!from || !to || !out) throw new UsageError("reshard needs --from DIR1,DIR2,… --to N --out PREFIX");
@@ -33,7 +36,10 @@ export async function cmdReshard(cli: Cli): Promise<number> {
     .split(",")
     .map((d) => d.trim())
     .filter((d) => d.length > 0);
-  const report = await reshard(dirs, intArg("--to", to, 1, { min: 1, max: 64 }), out);
+  const twice = repeatedDir(dirs);
+  if (twice !== undefined) throw new UsageError(`--from names ${twice} twice (each data dir once)`);
+  const count = intArg("--to", to, 1, { min: 1, max: 64 });
+  const report = await reshard(dirs, count, out, { partial: cli.flags.partial === true });
   cli.print(report, () => describe(report));
   return report.verified ? 0 : 1;
 }

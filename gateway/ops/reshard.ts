@@ -10,10 +10,11 @@
  * messages go to shard 1. The source dirs are only read (after being migrated to this release's
  * schema, as a start would); the new dirs are fresh, with gateway ids of their own.
  */
-import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, realpathSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Client } from "@libsql/client";
-import { ownerShard, MAX_SHARDS } from "../shard.ts";
+import { parse as parseToml } from "smol-toml";
+import { ownerShard, MAX_SHARDS, parseShard, type ShardSpec, shardLabel } from "../shard.ts";
 import { idOfSql, secureDataDir, Store } from "../store/index.ts";
 import { verifyStore, type VerifyProblem } from "./verify.ts";
 
@@ -43,6 +44,31 @@ export interface ReshardReport {
   readonly agents: number;
   /** True when every chain verified in its new data dir. */
   readonly verified: boolean;
+  /**
+   * Shards (`"i/N"`) of a layout some source belongs to that were not among the sources (only with
+   * `partial`): their agents are not in the new layout.
+   */
+  readonly left_out: readonly string[];
+}
+
+/** How `reshard` runs. */
+export interface ReshardOptions {
+  /** Go on when the sources hold only some shards of their layout (their siblings' agents stay out). */
+  readonly partial?: boolean;
+}
+
+/** Meta key: the shard a data dir `fleet reshard` wrote is, until its gateway first starts on it. */
+const RESHARD_SHARD = "reshard.shard";
+
+/** The same data dir named twice (by its real path), or undefined: `--from s1,s1` is a typo, not one source. */
+export function repeatedDir(dirs: readonly string[]): string | undefined {
+  const seen = new Set<string>();
+  for (const d of dirs) {
+    const real = existsSync(d) ? realpathSync(d) : resolve(d);
+    if (seen.has(real)) return d;
+    seen.add(real);
+  }
+  return undefined;
 }
 
 /** The data dir of new shard `i`: the prefix with the index appended. */
@@ -93,10 +119,17 @@ async function agentsOf(client: Client): Promise<string[]> {
  * `<outPrefix>1` … `<outPrefix><count>`, then verify every chain. Throws ReshardError before
  * writing anything when it cannot run; a verification failure is reported, not thrown.
  */
-export async function reshard(from: readonly string[], count: number, outPrefix: string): Promise<ReshardReport> {
+export async function reshard(
+  from: readonly string[],
+  count: number,
+  outPrefix: string,
+  opts: ReshardOptions = {},
+): Promise<ReshardReport> {
   if (!Number.isInteger(count) || count < 1 || count > MAX_SHARDS)
     throw new ReshardError(`--to must be a shard count from 1 to ${MAX_SHARDS}`);
-  const sources = [...new Set(from.map((d) => resolve(d)))];
+  const twice = repeatedDir(from);
+  if (twice !== undefined) throw new ReshardError(`${twice} is named twice in --from: each data dir once`);
+  const sources = from.map((d) => resolve(d));
   if (sources.length === 0) throw new ReshardError("--from needs at least one data dir");
   const outs = Array.from({ length: count }, (_, i) => reshardDir(outPrefix, i + 1));
   for (const dir of sources) {
@@ -109,7 +142,24 @@ export async function reshard(from: readonly string[], count: number, outPrefix:
       throw new ReshardError(`${dir} exists and is not empty: --out must name new data dirs`);
 
   // Bring each source to this release's schema (as a start would), then read it through ATTACH.
-  for (const dir of sources) await (await Store.open(join(dir, "fleet.db"), { synchronous: "full" })).close();
+  const layouts = new Map<string, ShardSpec>();
+  for (const dir of sources) {
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "full" });
+    try {
+      const shard = await shardOf(store);
+      if (shard) layouts.set(dir, shard);
+    } finally {
+      await store.close();
+    }
+  }
+  const leftOut = missingShards([...layouts.values()]);
+  if (leftOut.length > 0 && !opts.partial)
+    throw new ReshardError(
+      `--from holds only part of a sharded layout: ${leftOut.join(", ")} ${leftOut.length === 1 ? "is" : "are"} ` +
+        `not among the sources (${[...layouts].map(([d, s]) => `${d} is shard ${shardLabel(s)}`).join(", ")}), ` +
+        "so those agents would be missing from the new layout. Add the missing shards' data dirs to --from, " +
+        "or pass --partial to reshard only these",
+    );
   const targets: Store[] = [];
   try {
     for (const dir of outs) {
@@ -124,7 +174,11 @@ export async function reshard(from: readonly string[], count: number, outPrefix:
       shift += max;
     }
     const report: ReshardTarget[] = [];
-    for (const [i, store] of targets.entries()) report.push(await check(store, outs[i]!, i + 1, count));
+    for (const [i, store] of targets.entries()) {
+      // Until its gateway first starts on it, the new dir says which shard it is (a later reshard reads it).
+      await store.setMeta(RESHARD_SHARD, `${i + 1}/${count}`);
+      report.push(await check(store, outs[i]!, i + 1, count));
+    }
     const moved = report.reduce((n, t) => n + t.agents, 0);
     return {
       from: sources,
@@ -132,6 +186,7 @@ export async function reshard(from: readonly string[], count: number, outPrefix:
       targets: report,
       agents: moved,
       verified: report.every((t) => t.problems.length === 0),
+      left_out: leftOut,
     };
   } catch (err) {
     for (const t of targets) await t.close().catch(() => undefined);
@@ -141,6 +196,41 @@ export async function reshard(from: readonly string[], count: number, outPrefix:
   } finally {
     for (const t of targets) await t.close().catch(() => undefined);
   }
+}
+
+/**
+ * The shard a data dir is, as far as it knows: the `[fleet] shard` of the spec its gateway last ran
+ * (the version whose instances it deployed at start), else the one `fleet reshard` wrote into it;
+ * null for an unsharded one or one that cannot tell.
+ */
+async function shardOf(store: Store): Promise<ShardSpec | null> {
+  const ran = await store.getMeta("instances_deployed");
+  if (ran) {
+    const rs = await store.client.execute({ sql: "SELECT text FROM spec_versions WHERE hash = ?", args: [ran] });
+    const text = rs.rows[0]?.text;
+    if (typeof text === "string") {
+      try {
+        const fleet = (parseToml(text) as { fleet?: { shard?: unknown } }).fleet;
+        const s = typeof fleet?.shard === "string" ? parseShard(fleet.shard) : null;
+        return typeof s === "string" ? null : s;
+      } catch {
+        // A stored spec always parsed once; if it does not now, the dir cannot tell.
+      }
+    }
+  }
+  const written = await store.getMeta(RESHARD_SHARD);
+  const s = written ? parseShard(written) : null;
+  return s === null || typeof s === "string" ? null : s;
+}
+
+/** The shards (`"i/N"`) of each layout among `shards` that are not there themselves. */
+function missingShards(shards: readonly ShardSpec[]): string[] {
+  const out: string[] = [];
+  for (const n of [...new Set(shards.map((s) => s.count))].sort((x, y) => x - y)) {
+    const have = new Set(shards.filter((s) => s.count === n).map((s) => s.index));
+    for (let i = 1; i <= n; i++) if (!have.has(i)) out.push(`${i}/${n}`);
+  }
+  return out;
 }
 
 /** Each agent's new shard; an agent found in two source dirs is refused (which copy is right?). */
