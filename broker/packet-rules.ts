@@ -34,6 +34,30 @@ function stringProblem(bytes: Uint8Array, what: string): string | null {
   return null;
 }
 
+/** Why a topic name may not be published to (MQTT-4.7.3-1, MQTT-3.3.2-2), or null; its bytes are valid UTF-8. */
+function topicNameProblem(bytes: Uint8Array): string | null {
+  if (bytes.length === 0) return "topic name is empty (MQTT-4.7.3-1)";
+  for (const b of bytes)
+    if (b === 0x2b || b === 0x23) return "topic name contains a wildcard character + or # (MQTT-3.3.2-2)";
+  return null;
+}
+
+/** Why a topic filter is malformed (MQTT-4.7.3-1, MQTT-4.7.1-2, -3), or null; its bytes are valid UTF-8. */
+function filterShapeProblem(bytes: Uint8Array): string | null {
+  if (bytes.length === 0) return "topic filter is empty (MQTT-4.7.3-1)";
+  let levelStart = 0;
+  for (let i = 0; i <= bytes.length; i++) {
+    if (i < bytes.length && bytes[i] !== 0x2f) continue;
+    const level = bytes.subarray(levelStart, i);
+    const wild = level.findIndex((b) => b === 0x2b || b === 0x23);
+    if (wild !== -1 && level.length !== 1)
+      return "a wildcard + or # must be a whole level of the topic filter (MQTT-4.7.1-2, -3)";
+    if (level[0] === 0x23 && i !== bytes.length) return "# must be the last level of the topic filter (MQTT-4.7.1-2)";
+    levelStart = i + 1;
+  }
+  return null;
+}
+
 /** A cursor over a packet body; `null` from a read means the body ended early (mqtt-packet reports that). */
 class Reader {
   pos = 0;
@@ -77,7 +101,8 @@ function connectProblem(body: Uint8Array): string | null {
   if (will) {
     const topic = r.field();
     if (topic === null) return null;
-    const t = stringProblem(topic, "will topic");
+    const t =
+      stringProblem(topic, "will topic") ?? topicNameProblem(topic)?.replace("topic name", "will topic") ?? null;
     if (t) return t;
     if (r.field() === null) return null; // will message: binary
   }
@@ -95,7 +120,7 @@ function filtersProblem(body: Uint8Array, withQos: boolean): string | null {
   while (r.pos < body.length) {
     const filter = r.field();
     if (filter === null) return null;
-    const p = stringProblem(filter, "topic filter");
+    const p = stringProblem(filter, "topic filter") ?? filterShapeProblem(filter);
     if (p) return p;
     if (withQos && r.byte() === null) return null;
   }
@@ -127,7 +152,7 @@ export function packetProblem(type: number, body: Uint8Array): string | null {
       return connectProblem(body);
     case PUBLISH: {
       const topic = new Reader(body).field();
-      return topic === null ? null : stringProblem(topic, "topic name");
+      return topic === null ? null : (stringProblem(topic, "topic name") ?? topicNameProblem(topic));
     }
     case SUBSCRIBE:
       return filtersProblem(body, true);

@@ -420,7 +420,8 @@ describe("packet size guard", () => {
     expect(guard.feed(Uint8Array.from([0xc0]))).toEqual({ ok: false, kind: "oversized", packetBytes: 16386 });
 
     const exact = new PacketSizeGuard(100);
-    expect(exact.feed(Uint8Array.from([0x30, 98, ...new Uint8Array(98), 0xc0, 0]))).toEqual({ ok: true });
+    // A PUBLISH to topic "a" (a topic may not be empty) of 98 body bytes, then a PINGREQ.
+    expect(exact.feed(Uint8Array.from([0x30, 98, 0, 1, 0x61, ...new Uint8Array(95), 0xc0, 0]))).toEqual({ ok: true });
     const malformed = new PacketSizeGuard(1 << 30);
     expect(malformed.feed(Uint8Array.from([0x30, 0x80, 0x80, 0x80]))).toEqual({ ok: true });
     expect(malformed.feed(Uint8Array.from([0x80]))).toEqual({ ok: false, kind: "malformed" });
@@ -810,6 +811,41 @@ describe("MQTT input rules", () => {
     await will.closedWithin(2000, "CONNECT with a bad will topic to close the connection");
     expect(will.reader.packets.find((p) => p.type === CONNACK)).toBeUndefined();
     expect(h.broker.stats().invalid).toBe(3);
+  });
+
+  test.each([
+    ["an empty topic", "", "topic name is empty (MQTT-4.7.3-1)"],
+    ["a + in the topic", "dev/+/c", "topic name contains a wildcard character + or # (MQTT-3.3.2-2)"],
+    ["a # in the topic", "dev/#", "topic name contains a wildcard character + or # (MQTT-3.3.2-2)"],
+  ])("a PUBLISH with %s closes the connection, counted and logged with the rule", async (_what, topic, reason) => {
+    const h = await startBroker();
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("bad-topic");
+    raw.socket.write(frame(0x32, [...str(topic), 0, 1, ...utf8.encode('{"v":1}')]));
+    await raw.closedWithin(2000, "the server to close the connection");
+    expect(raw.reader.packets.find((p) => p.type === PUBACK)).toBeUndefined();
+    expect(h.intakes).toHaveLength(0);
+    expect(h.broker.stats().invalid).toBe(1);
+    expect(h.logs.some((l) => l.includes(reason))).toBe(true);
+  });
+
+  test.each([
+    ["a+/b", "a wildcard + or # must be a whole level of the topic filter (MQTT-4.7.1-2, -3)"],
+    ["a/#/b", "# must be the last level of the topic filter (MQTT-4.7.1-2)"],
+    ["a/b#", "a wildcard + or # must be a whole level of the topic filter (MQTT-4.7.1-2, -3)"],
+    ["", "topic filter is empty (MQTT-4.7.3-1)"],
+  ])("a SUBSCRIBE to %p closes the connection with the rule it breaks", async (filter, reason) => {
+    const h = await startBroker();
+    const sub = await RawClient.open(h.broker.port);
+    await sub.handshake("bad-filter");
+    sub.socket.write(frame(0x82, [0, 1, ...str(filter), 1]));
+    await sub.closedWithin(2000, "SUBSCRIBE to close the connection");
+    expect(sub.reader.packets.find((p) => p.type === SUBACK)).toBeUndefined();
+    expect(h.broker.stats().invalid).toBe(1);
+    expect(h.logs.some((l) => l.includes(reason))).toBe(true);
+    // Well-formed wildcards are fine.
+    const ok = await device(h, { clientId: "good-filter" });
+    await within(ok.subscribeAsync(["+/b", "a/+/c", "#", "a/#"]), 3000, "SUBACK for well-formed filters");
   });
 
   test("the guard never throws on random packets cut at random, and a verdict against a connection is final", () => {
