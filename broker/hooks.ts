@@ -212,6 +212,8 @@ export function createHooks(
         retain: packet.retain,
       };
       if (packet.qos > 0 && typeof packet.messageId === "number") msg.messageId = packet.messageId;
+      // Only when devices are known to set DUP on a resend: mqtt.js, for one, resends without it.
+      if (opts.trustDup) msg.dup = packet.dup === true;
       const act = (v: IntakeVerdict): void => {
         try {
           if (!v.ok) {

@@ -98,6 +98,8 @@ export interface BrokerOptions extends BrokerAuth {
    * (server unavailable) and is closed. 0 or absent = no limit.
    */
   readonly maxConnections?: number;
+  /** Hand intake each publish's DUP flag: devices set it on every retransmission (`[broker] trust_dup`). */
+  readonly trustDup?: boolean;
   /**
    * Called for each device publish that passed the topic rules and ACL, BEFORE the broker acks it. Must resolve once
    * the message is durably recorded.
@@ -118,7 +120,7 @@ export interface BrokerStats {
   readonly messagesOut: number;
   /**
    * Device publishes refused by our rules, ACL, intake refusal or failure, or stopped intake.
-   * Wildcard and empty topics are refused by aedes before our hook and are not counted.
+   * Wildcard and empty topics close the connection before our hook: they count as `invalid`.
    */
   readonly refused: number;
   /**

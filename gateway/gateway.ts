@@ -19,7 +19,7 @@ import {
   type ClientInfo,
 } from "../broker/index.ts";
 import { canonicalJson } from "./hash.ts";
-import { compileSpec, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
+import { compileSpec, loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
@@ -847,6 +847,7 @@ export class Gateway {
         : null,
       maxPacketBytes: spec.broker.max_packet_bytes,
       maxConnections: spec.broker.max_connections,
+      trustDup: spec.broker.trust_dup,
       // Anonymous policy + device credentials and topic ACLs from the devices file (re-read when it changes).
       ...this.initialAuth(spec),
       intake: (msg, client) => this.brokerIntake(msg, client),

@@ -848,6 +848,20 @@ describe("MQTT input rules", () => {
     await within(ok.subscribeAsync(["+/b", "a/+/c", "#", "a/#"]), 3000, "SUBACK for well-formed filters");
   });
 
+  test.each([
+    [false, [undefined, undefined]],
+    [true, [false, true]],
+  ])("with trustDup %p intake sees each publish's DUP flag as %p", async (trustDup, seen) => {
+    const h = await startBroker({ trustDup });
+    const raw = await RawClient.open(h.broker.port);
+    await raw.handshake("dup-flag");
+    const body = [...str("dev/d1/c"), 0x12, 0x34, ...utf8.encode("open")];
+    raw.socket.write(frame(0x32, body)); // QoS 1, DUP = 0
+    raw.socket.write(frame(0x3a, body)); // QoS 1, DUP = 1: the same packet again
+    await h.untilIntakes(2);
+    expect(h.intakes.map((i) => i.msg.dup)).toEqual(seen);
+  });
+
   test("the guard never throws on random packets cut at random, and a verdict against a connection is final", () => {
     const rnd = seeded(20261130);
     const int = (n: number) => Math.floor(rnd() * n);

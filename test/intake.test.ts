@@ -106,6 +106,32 @@ describe("refused and rejected device messages", () => {
   });
 });
 
+describe("MQTT redeliveries", () => {
+  const client = { id: "door-1", username: null };
+  const msg = (dup?: boolean) => ({
+    topic: "s/b2/t",
+    payload: enc({ open: true }), // no `id`: only a redelivery id can dedup it
+    qos: 1 as const,
+    retain: false,
+    messageId: 1,
+    ...(dup === undefined ? {} : { dup }),
+  });
+
+  test("without the DUP flag, the same client, packet id and payload again is a retransmission", async () => {
+    await ctx.intake.mqtt(msg(), client);
+    await ctx.intake.mqtt(msg(), client);
+    expect(await ctx.queuedInStore("mon/b2")).toBe(1);
+  });
+
+  test("with DUP trusted, DUP = 0 is a new message that reused the packet id; DUP = 1 is a resend", async () => {
+    await ctx.intake.mqtt(msg(false), client);
+    await ctx.intake.mqtt(msg(false), client); // a new connection numbering from 1 again, the same reading
+    expect(await ctx.queuedInStore("mon/b2")).toBe(2);
+    await ctx.intake.mqtt(msg(true), client);
+    expect(await ctx.queuedInStore("mon/b2")).toBe(2);
+  });
+});
+
 describe("intake admission", () => {
   test("an accepted stimulus is durably queued, counted by the book and announced to the scheduler", async () => {
     const r = await ctx.intake.mqtt({ topic: "s/b1/t", payload: enc({ id: "m1", v: 1 }), qos: 1, retain: false });

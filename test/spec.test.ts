@@ -111,6 +111,7 @@ describe("compileSpec", () => {
       tls: null,
       persistence: "memory",
       max_offline_messages: 1000,
+      trust_dup: false,
       external: null,
     });
     expect(spec.http).toEqual({

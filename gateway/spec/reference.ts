@@ -54,6 +54,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.persistence":
     'Where MQTT sessions live: "libsql" keeps subscriptions, offline queues, retained messages and wills ' +
     'in <data_dir>/broker.db across restarts; "memory" loses them on any restart.',
+  "broker.trust_dup":
+    "true: devices set DUP on every retransmission (MQTT-3.3.1-1), so a QoS 1/2 message with DUP = 0 is always a " +
+    "new message, even one that repeats its client id, packet id and payload within redelivery_minutes (a " +
+    "device that numbers its packets from 1 at each connection and repeats a reading). false (the default): " +
+    "such a message is taken for a retransmission, because mqtt.js resends an unacknowledged message after a " +
+    "reconnect with DUP = 0. Read at start.",
   "broker.max_offline_messages":
     "Messages queued per offline persistent client; past it the oldest are dropped, counted and logged.",
   "broker.devices":

@@ -179,6 +179,7 @@ export const fleetSchema = z.strictObject({
     tls_ca: str().optional(),
     persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("memory"),
     max_offline_messages: posInt(1000),
+    trust_dup: bool(false),
     // External mode (docs/broker.md): the gateway is a client of an existing broker.
     url: str()
       .refine((u) => URL.canParse(u) && /^mqtts?:$/.test(new URL(u).protocol), 'must be an "mqtt://" or "mqtts://" URL')

@@ -169,6 +169,11 @@ export interface FleetSpec {
     readonly persistence: "libsql" | "memory";
     /** Most messages kept per client session (queued + in flight); past it new ones are dropped, counted, logged. */
     readonly max_offline_messages: number;
+    /**
+     * Devices set DUP on every retransmission (MQTT-3.3.1-1): a QoS 1/2 message with DUP = 0 is
+     * always new. False: one repeating a client id, packet id and payload is taken for a resend.
+     */
+    readonly trust_dup: boolean;
     /** An existing broker the gateway is a client of (`[broker] url`); null: the embedded broker. */
     readonly external: ExternalBrokerSpec | null;
   };
