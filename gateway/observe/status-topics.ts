@@ -67,8 +67,13 @@ export async function republishStatuses(
   return n;
 }
 
-/** Publish the fleet summary, retained; a failure is logged (the next tick tries again). */
+/**
+ * Publish the fleet summary, retained; a failure is logged (the next tick tries again). While the
+ * gateway's connection to an external broker is down (at start it is not up yet) there is nothing
+ * to say: the broker client logs its own state, and the next tick publishes.
+ */
 export async function publishHealth(broker: Broker, health: () => Promise<unknown>, log: Logger): Promise<void> {
+  if (broker.stats().external?.connected === false) return;
   try {
     await broker.publish(topics.health, JSON.stringify(await health()), { qos: 0, retain: true });
   } catch (err) {
