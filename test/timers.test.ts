@@ -65,7 +65,10 @@ class FakeClock {
   }
 }
 
-function setup(start: number, opts: { last?: Record<string, number>; fail?: (at: number) => boolean } = {}) {
+function setup(
+  start: number,
+  opts: { last?: Record<string, number>; fail?: (at: number) => boolean; log?: typeof log } = {},
+) {
   const clock = new FakeClock(start);
   const fires: { type: string; at: number; now: number }[] = [];
   const saved = new Map<string, number>(Object.entries(opts.last ?? {}));
@@ -78,7 +81,7 @@ function setup(start: number, opts: { last?: Record<string, number>; fail?: (at:
     saveLastFire: async (type, at) => {
       saved.set(type, at);
     },
-    log,
+    log: opts.log ?? log,
     now: clock.now,
     setTimer: clock.setTimer,
     clearTimer: clock.clearTimer,
@@ -105,9 +108,14 @@ describe("timers", () => {
     ["all", [1_000_010_000, 1_000_020_000, 1_000_030_000, 1_000_040_000, 1_000_050_000]],
   ] as const)("catch_up = %s after downtime", async (policy, expected) => {
     const spec = await specWith({ tick: `every = "10s"\ncatch_up = "${policy}"` });
-    const { fires, timers } = setup(1_000_055_000, { last: { tick: 1_000_000_000 } });
+    const lines: { replayed?: number; msg: string }[] = [];
+    const logger = pino({ level: "info" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+    const { fires, timers } = setup(1_000_055_000, { last: { tick: 1_000_000_000 }, log: logger });
     await timers.update(spec);
     expect(fires.map((f) => f.at)).toEqual([...expected]);
+    // The log counts what was replayed (five fires were missed; "one" replays the newest).
+    const said = lines.filter((l) => l.msg.startsWith("timer catch-up")).map((l) => l.replayed);
+    expect(said).toEqual(expected.length === 0 ? [] : [expected.length]);
   });
 
   test.each([

@@ -110,10 +110,14 @@ export class Timers {
   private async catchUp(type: AgentTypeSpec, timer: TimerSpec, last: number, now: number): Promise<void> {
     const policy = timer.catch_up;
     if (policy === "none") return;
-    const missed = firesBetween(timer, last, now, policy === "all" ? CATCH_UP_ALL_MAX : 1);
-    if (missed.length === 0) return;
-    this.d.log.info({ type: type.name, missed: missed.length, policy }, "timer catch-up after downtime");
-    for (const at of missed) await this.fireOne(type, at);
+    const replayed = firesBetween(timer, last, now, policy === "all" ? CATCH_UP_ALL_MAX : 1);
+    if (replayed.length === 0) return;
+    // How many were missed is not counted (an every-second timer down for a day missed 86,400).
+    this.d.log.info(
+      { type: type.name, replayed: replayed.length, policy, last_fire: last },
+      `timer catch-up after downtime: ${replayed.length} missed fire(s) replayed (catch_up = "${policy}")`,
+    );
+    for (const at of replayed) await this.fireOne(type, at);
   }
 
   private arm(minDelay = 0): void {
