@@ -204,7 +204,10 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
     // Not allowed by its ACL (no subscribe patterns, no [defaults]).
     expect(await grantedQos(c, ["fleet/agents/picky/dev-c/out"])).toEqual([128]);
 
-    expect((await deviceCli(fleet, "remove", "dev-c")).code).toBe(0);
+    const removed = await deviceCli(fleet, "remove", "dev-c");
+    expect(removed.code).toBe(0);
+    // What it says is what happens below: the live session is closed.
+    expect(removed.stdout).toContain("closes its live session within about a second");
     expect((await deviceCli(fleet, "remove", "dev-c")).code).toBe(1);
     expect(await connackCode(fleet.mqttPort, { clientId: "dev-c", username: "dev-c", password: secret })).toBe(4);
     // The live session lost its rights too.

@@ -125,8 +125,8 @@ export async function deviceCommand(args: readonly string[], flags: DeviceFlags,
           ctx,
           { ok: true, removed: id },
           () =>
-            `removed device ${id} (it can no longer connect; a live ` +
-            `session loses publish/subscribe rights within a second)`,
+            `removed device ${id} (it can no longer connect; a running gateway ` +
+            `closes its live session within about a second)`,
         );
         return 0;
       }
