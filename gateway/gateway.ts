@@ -1030,6 +1030,13 @@ export class Gateway {
 
   /** Switch routing and new episodes to `sv`. */
   private adopt(sv: SpecVersion): void {
+    const before = this.current as SpecVersion | undefined;
+    for (const [name, hook] of Object.entries(sv.spec.hooks)) {
+      const env = hook.secret_env;
+      if (!env || this.secrets[env] || before?.spec.hooks[name]?.secret_env === env) continue;
+      // Fails closed (503 to every call) until the variable is set and the gateway restarted.
+      this.log.warn({ hook: name, secret_env: env }, `hook ${name}: ${env} is not set; its calls are refused`);
+    }
     this.current = sv;
     this.drainSpecs.clear(); // a type removed again may have changed meanwhile
     this.route = createRouter(sv.spec);

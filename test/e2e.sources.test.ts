@@ -322,6 +322,10 @@ key_field = "device"
 [hooks.deduped]
 agent = "rec/h4"
 dedup = "order.id"
+
+[hooks.unset]
+agent = "rec/h5"
+secret_env = "FLEET_TEST_HOOK_NEVER_SET"
 `,
     { env: { FLEET_TEST_HOOK_SECRET: SECRET } },
   );
@@ -371,6 +375,24 @@ dedup = "order.id"
         expect(bad.body.error).toMatchObject({ code: "bad_dedup_id", message: expect.stringContaining('"order.id"') });
       }
       expect(await fleet.query("SELECT sid FROM stimuli WHERE agent = 'rec/h4'")).toEqual([{ sid: "id:o-1" }]);
+    },
+    T,
+  );
+
+  test(
+    "a hook whose secret variable is not set refuses every call with a 503 that does not name the variable",
+    async () => {
+      const r = await hook("unset", JSON.stringify({ n: 1 }), { authorization: "Bearer anything" });
+      expect(r.status).toBe(503);
+      expect(r.body.error.code).toBe("hook_unconfigured");
+      expect(JSON.stringify(r.body)).not.toContain("FLEET_TEST_HOOK_NEVER_SET");
+      // The operator reads the name in the log, once, from the start.
+      const warned = readFileSync(fleet.logPath, "utf8")
+        .split("\n")
+        .filter((l) => l.includes("hook unset:"));
+      expect(warned).toHaveLength(1);
+      expect(warned[0]).toContain("FLEET_TEST_HOOK_NEVER_SET is not set");
+      expect(await fleet.query("SELECT sid FROM stimuli WHERE agent = 'rec/h5'")).toEqual([]);
     },
     T,
   );

@@ -74,7 +74,8 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   const body = read.bytes;
   if (hook.secret_env) {
     const secret = d.secrets[hook.secret_env];
-    if (!secret) return httpError(503, "hook_unconfigured", `secret ${hook.secret_env} is not set on the gateway`);
+    // The variable's name is the operator's to read (in the gateway's log), not the caller's.
+    if (!secret) return httpError(503, "hook_unconfigured", "this hook's secret is not configured on the gateway");
     if (!checkSignature(secret, body, req.headers))
       return httpError(401, "bad_signature", "signature or bearer token does not match");
   }
