@@ -127,6 +127,11 @@ export function decodePayload(bytes: Uint8Array | null): unknown {
 /** Live agent status as published on `fleet/agents/<type>/<key>/status`. */
 export type AgentStatus = "idle" | "running" | "paused" | "draining" | "retired" | "failed";
 
+/** An agent's status as every view shows it (API, CLI, dashboard, topics, the center): stored `active` is `idle`. */
+export function shownStatus<S extends string>(status: S): Exclude<S, "active"> | "idle" {
+  return (status === "active" ? "idle" : status) as Exclude<S, "active"> | "idle";
+}
+
 /** Why a stimulus was not admitted to an agent's queue; callers branch on the code. */
 export type AdmissionCode = "retired" | "draining" | "queue_full";
 

@@ -156,5 +156,9 @@ describe("replication lag on the dashboard, /metrics, fleet status and fleet/hea
     expect(json.json.replication).toEqual({ backlog_rows: 0, confirmed_seq: confirmed });
     const text = await runCli(["status", "--data-dir", fleet.dataDir]);
     expect(text.stdout).toContain(`0 row(s) not confirmed by the central server (confirmed cursor #${confirmed})`);
+    // Statuses as everywhere else: the store's `active` is shown as `idle`.
+    const statuses = (json.json.agents as { status: string }[]).map((a) => a.status);
+    expect(statuses).toContain("idle");
+    expect(statuses).not.toContain("active");
   }, 120_000);
 });

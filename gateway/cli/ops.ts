@@ -16,9 +16,8 @@ import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import { parseStrictInt } from "../parse.ts";
-import { parseAgentId } from "../types.ts";
+import { parseAgentId, shownStatus } from "../types.ts";
 import { OPERATOR_DRAIN } from "../fleet/index.ts";
-import { shownStatus } from "../http/index.ts";
 
 /** A port flag: 0 picks a free port. */
 const PORT = { min: 0, max: 65_535 } as const;

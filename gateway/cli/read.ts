@@ -10,7 +10,7 @@ import { liveFetch } from "./live.ts";
 import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
 import { BundleFiles, bundleDir } from "../code/index.ts";
 import { commandSpawnOptions } from "../episode/index.ts";
-import { type AgentId, parseAgentId, parseStimulusKind } from "../types.ts";
+import { type AgentId, parseAgentId, parseStimulusKind, shownStatus } from "../types.ts";
 import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
 import { agentView, episodeView, episodesPage } from "../observe/index.ts";
 import type { Store } from "../store/index.ts";
@@ -41,7 +41,7 @@ export async function cmdStatus(cli: Cli): Promise<number> {
     return 0;
   }
   const store = await cli.openReadonly();
-  const counts = await store.agentCounts();
+  const counts = (await store.agentCounts()).map((c) => ({ ...c, status: shownStatus(c.status) }));
   const specs = await store.listSpecVersions(1);
   // The queue is in the data dir: what the center has not confirmed shows with the gateway stopped too.
   let replication: { backlog_rows: number; confirmed_seq: number } | null = null;

@@ -1,6 +1,5 @@
 export * from "./server.ts";
 export { intakeResponse, refusedResponse } from "./hooks.ts";
-export { shownStatus } from "./responses.ts";
 export { type AccessDeps, type AuditEntry, createGuard, needOf } from "./access.ts";
 export { BodyBudget } from "./limits.ts";
 export { signInPage } from "./session.ts";

@@ -5,17 +5,10 @@
 import type { z } from "zod";
 import { describeZodError, type Parsed, parseOptionalInt } from "../parse.ts";
 import { readRequestBody } from "./limits.ts";
-import type { StoredAgentStatus } from "../store/index.ts";
-import type { AgentStatus } from "../types.ts";
 
 /** JSON response helper. */
 export function json(data: unknown, status = 200, headers: Record<string, string> = {}): Response {
   return new Response(JSON.stringify(data), { status, headers: { "content-type": "application/json", ...headers } });
-}
-
-/** An agent's status as the API and `fleet` show it everywhere (`/api/agents`, metrics): stored `active` is `idle`. */
-export function shownStatus(status: StoredAgentStatus): Exclude<AgentStatus, "running"> {
-  return status === "active" ? "idle" : status;
 }
 
 /** Consistent error body. */

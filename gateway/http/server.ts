@@ -4,9 +4,9 @@
  */
 import type { BunRequest } from "bun";
 import type { HttpHost } from "./host.ts";
-import { flagQuery, httpError, json, parseBody, readJson, shownStatus } from "./responses.ts";
+import { flagQuery, httpError, json, parseBody, readJson } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
-import { type AgentId, agentId, keyProblem, traceparentOf } from "../types.ts";
+import { type AgentId, agentId, keyProblem, shownStatus, traceparentOf } from "../types.ts";
 import { Sessions } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
 import { createGuard, noteAudit } from "./access.ts";

@@ -6,6 +6,7 @@
 import type { AgentTypeSpec, FleetSpec } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import { budgetWindows } from "../episode/index.ts";
+import { shownStatus } from "../types.ts";
 import { agentStatusByType, queueByType, usageByType } from "./queries.ts";
 
 /** Statuses as operators see them (the stored `active` is shown as `idle`). */
@@ -88,7 +89,7 @@ export async function readSnapshot(
   };
   for (const r of statuses) {
     const s = slice(r.type);
-    const shown: ShownStatus = r.status === "active" ? "idle" : r.status;
+    const shown: ShownStatus = shownStatus(r.status);
     s.agents[shown] += r.n;
     if (r.status === "paused") s.budgetPaused += r.budget;
   }

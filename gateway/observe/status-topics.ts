@@ -9,7 +9,7 @@ import type { Broker } from "../../broker/index.ts";
 import type { FleetEvents } from "../events.ts";
 import { topics } from "../protocol.ts";
 import type { Store } from "../store/index.ts";
-import { parseAgentId } from "../types.ts";
+import { parseAgentId, shownStatus } from "../types.ts";
 
 /** Publish episode failures and status changes; `broker` is read per fact (it starts after the bus). */
 export function publishFacts(events: FleetEvents, broker: () => Broker | undefined): void {
@@ -56,7 +56,7 @@ export async function republishStatuses(
   for (let after = ""; !stopped(); ) {
     const rows = await store.agentStatusPage(after, PAGE);
     for (const a of rows) {
-      const status = a.status === "active" ? "idle" : a.status;
+      const status = shownStatus(a.status);
       events.emit("status", { agent: a.id, status, ...(a.reason ? { reason: a.reason } : {}), checkpoint: a.headHash });
     }
     n += rows.length;

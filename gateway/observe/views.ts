@@ -1,5 +1,6 @@
 /** JSON shapes of stored rows as the API and CLI show them (snake_case, stable). */
 import type { AgentRow, EpisodeRow } from "../store/index.ts";
+import { shownStatus } from "../types.ts";
 
 /** An agent as `/api/agents` and `fleet agents --json` show it. */
 export function agentView(a: AgentRow, queued: number) {
@@ -7,7 +8,7 @@ export function agentView(a: AgentRow, queued: number) {
     id: a.id,
     type: a.type,
     key: a.key,
-    status: a.status === "active" ? "idle" : a.status,
+    status: shownStatus(a.status),
     reason: a.reason,
     paused_until: a.pausedUntil,
     checkpoint: a.headHash,

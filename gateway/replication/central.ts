@@ -10,6 +10,7 @@ import { checkNotNewer, schemaVersion } from "../store/index.ts";
 import { classifyError, redactUrl } from "./replicator.ts";
 import { CENTRAL_SCHEMA_VERSION, REPLICATED } from "./tables.ts";
 import { parseShardFleetName, shardLabel } from "../shard.ts";
+import { shownStatus } from "../types.ts";
 
 /** Where a central row came from. */
 export interface Origin {
@@ -127,9 +128,6 @@ export function describeGap(g: LayoutGap): string {
     `${one ? "has" : "have"} not reported yet; ${one ? "its" : "their"} agents are missing from this view`
   );
 }
-
-/** An agent status as operators see it: the stored `active` is shown as `idle`. */
-export const shownStatus = (status: string): string => (status === "active" ? "idle" : status);
 
 /** Why an episode could not be found by id or prefix (the local `fleet show`'s outcomes). */
 export type EpisodeMiss = { readonly code: "not_found" | "ambiguous"; readonly message: string };

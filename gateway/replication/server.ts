@@ -5,7 +5,8 @@
  * bearer token (env FLEET_CENTRAL_API_TOKEN) that every /api request must carry.
  */
 import { parseOptionalInt } from "../parse.ts";
-import { type CentralReader, CentralError, gatewaysFor, layoutGaps, shownStatus } from "./central.ts";
+import { shownStatus } from "../types.ts";
+import { type CentralReader, CentralError, gatewaysFor, layoutGaps } from "./central.ts";
 import { DASHBOARD_HTML } from "./dashboard.ts";
 import { type AuditRow, auditView } from "../store/index.ts";
 import type { Origin } from "./central.ts";
