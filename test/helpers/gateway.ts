@@ -358,6 +358,8 @@ export class TestFleet {
   /** Episodes of an agent via `fleet episodes <agent> --json`, newest first. */
   async episodes(agent: string, limit = 10_000): Promise<EpisodeJson[]> {
     const r = await this.cli("episodes", agent, "--limit", String(limit));
+    // An agent not created yet has no episodes (the command says `no agent X`, exit 1).
+    if (r.code === 1 && r.stderr.includes(`no agent ${agent}`)) return [];
     if (r.code !== 0) throw new Error(`fleet episodes ${agent} exited ${r.code}: ${r.stderr}`);
     return (r.json as { episodes: EpisodeJson[] }).episodes;
   }
