@@ -5,13 +5,22 @@
  * keeps a bundle while anything names it.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  realpathSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
 import { BundleFiles, BundleMissing, buildBundle, pinCode, versionOf } from "../gateway/code/index.ts";
-import { startTicks, sweepProcessDirs } from "../gateway/episode/index.ts";
+import { agentFiles, startTicks, sweepProcessDirs } from "../gateway/episode/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
 import { gcPass, verifyStore } from "../gateway/ops/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
@@ -74,6 +83,48 @@ describe("buildBundle", () => {
     expect(bad.ok).toBe(false);
     expect(!missing.ok && missing.error).toContain("nope.ts");
     expect(!none.ok && none.error).toContain("none.ts");
+  });
+});
+
+describe("Bun macros in agent code", () => {
+  /** A module that imports `pwn` from a file that marks `ran` when it runs, under import attributes `attrs`. */
+  function macroAgent(dir: string, attrs: string): { module: string; ran: string } {
+    const ran = join(dir, "RAN");
+    writeFileSync(
+      join(dir, "lib.ts"),
+      `import { writeFileSync } from "node:fs";\n` +
+        `export function pwn() { writeFileSync(${JSON.stringify(ran)}, "x"); return 1; }\n`,
+    );
+    const module = join(dir, "agent.ts");
+    writeFileSync(module, `import { pwn } from "./lib.ts" ${attrs};\nexport const v = pwn();\n`);
+    return { module, ran };
+  }
+
+  test.each([
+    ['with { type: "macro" }'],
+    ["assert { type: 'macro' }"],
+    ['with { "type": "macro" }'],
+    ['with { type: "m\\u0061cro" }'],
+    ['with /* hidden */ { type: "macro" }'],
+  ])("%s: bundling and the sandbox's import scan refuse it, and it never runs in the gateway", (attrs) => {
+    const dir = tempDir();
+    const { module, ran } = macroAgent(dir, attrs);
+    return (async () => {
+      const built = await buildBundle(module, HOST_PATHS, SDK_ENTRY);
+      expect(built.ok).toBe(false);
+      expect(!built.ok && built.error).toContain("import attributes");
+      expect(agentFiles(module).files).toEqual([realpathSync(module)]);
+      expect(existsSync(ran)).toBe(false);
+    })();
+  });
+
+  test('plain data imports (with { type: "json" }) bundle as before', async () => {
+    const dir = tempDir();
+    writeFileSync(join(dir, "data.json"), '{"n": 7}');
+    const module = join(dir, "agent.ts");
+    writeFileSync(module, 'import data from "./data.json" with { type: "json" };\nexport const n = data.n;\n');
+    const built = await buildBundle(module, HOST_PATHS, SDK_ENTRY);
+    expect(built.ok && built.code).toContain("7");
   });
 });
 

@@ -5,7 +5,9 @@
  * runtime's own (the sandbox always shows them), so `instanceof ToolDenied` in the agent
  * meets the very class the host throws.
  */
+import { readFileSync } from "node:fs";
 import { dirname, sep } from "node:path";
+import { macroRisk } from "../episode/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Blake3Hex } from "../types.ts";
 
@@ -52,6 +54,15 @@ export async function buildBundle(
               }
               return resolved.startsWith("/") && inHost(resolved) ? { path: resolved, external: true } : undefined;
             });
+            // Each file is read and checked before Bun parses it: parsing would run a macro here, in the gateway.
+            // (Bun runs no macro imported from node_modules.)
+            b.onLoad({ filter: /\.[cm]?[jt]sx?$/ }, (args) => {
+              if (args.path.includes(`${sep}node_modules${sep}`)) return undefined;
+              const contents = readFileSync(args.path, "utf8");
+              const risk = macroRisk(contents);
+              if (risk) throw new Error(`${args.path}: ${risk}`);
+              return { contents, loader: loaderOf(args.path) };
+            });
           },
         },
       ],
@@ -65,6 +76,12 @@ export async function buildBundle(
     return { ok: false, error: "bundling produced more than one file (a dynamic import of a local file?)" };
   const code = stripPathComments(await out.text());
   return { ok: true, hash: await blake3Hex(code), code };
+}
+
+/** The loader for a JS/TS file by its extension. */
+function loaderOf(path: string): "ts" | "tsx" | "js" | "jsx" {
+  const ext = /\.[cm]?([jt]sx?)$/.exec(path)?.[1];
+  return ext === "tsx" || ext === "js" || ext === "jsx" ? ext : "ts";
 }
 
 /** Bun's comments naming each source file (relative to the cwd): dropped, so the hash is the code's alone. */

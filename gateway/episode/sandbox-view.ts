@@ -11,6 +11,7 @@
  */
 import { existsSync, lstatSync, readFileSync, readlinkSync, realpathSync, statSync } from "node:fs";
 import { dirname, join, sep } from "node:path";
+import { macroRisk } from "./macros.ts";
 
 /** One read-only thing the sandbox shows at the same path as on the host. */
 export type Bind =
@@ -116,7 +117,10 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
     if (!/\.[cm]?[jt]sx?$/.test(real)) return;
     let imports: { path: string }[] = [];
     try {
-      imports = transpiler.scanImports(readFileSync(real, "utf8"));
+      const source = readFileSync(real, "utf8");
+      // Scanning parses, and parsing runs macros: such a file's imports are not followed (nor shown).
+      if (macroRisk(source) !== null) return;
+      imports = transpiler.scanImports(source);
     } catch {
       return;
     }
