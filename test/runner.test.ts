@@ -1060,6 +1060,40 @@ describe("the IPC edge", () => {
     expect(r.message).toContain(JSON.stringify(record).slice(0, 40));
     expect(r.records).toEqual([]);
   });
+
+  test("a tool call and done in one write fail the episode as protocol; a call after done is not run", async () => {
+    const calls: string[] = [];
+    const onTool: ToolHandler = async (_call, tool) => {
+      calls.push(tool);
+      await Bun.sleep(20);
+      return { ok: true, result: { queued: true } };
+    };
+    const lines = [
+      { t: "tool", call: 1, tool: "publish", args: ["alerts/race", 1, { retain: true }] },
+      { t: "done", state: null },
+    ];
+    const r = expectFailure(await run(start("raw-ipc", { lines }), {}, onTool), "protocol");
+    expect(r.message).toContain("1 tool call(s) unanswered");
+    // A call after done is not run at all.
+    calls.length = 0;
+    const after = await run(start("raw-ipc", { lines: [{ t: "done", state: null }, lines[0]] }), {}, onTool);
+    expect(after.ok).toBe(true);
+    expect(calls).toEqual([]);
+  });
+
+  test("a tool call the agent does not await is answered and recorded before the episode ends", async () => {
+    const calls: string[] = [];
+    const r = await run(start("tool-unawaited"), {}, async (_call, tool) => {
+      calls.push(tool);
+      await Bun.sleep(20);
+      return { ok: true, result: { queued: true } };
+    });
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    expect(calls).toEqual(["publish"]);
+    expect(r.records).toEqual([
+      { k: "tool", call: 1, tool: "publish", args: ["alerts/k1", { t: 1 }], ok: true, result: { queued: true } },
+    ]);
+  });
 });
 
 describe("the IPC channel", () => {

@@ -109,6 +109,8 @@ class Recorder {
 }
 
 const pendingTools = new Map<number, (r: { ok: boolean; result: unknown }) => void>();
+/** Tool calls sent and not answered yet: the episode ends only once each is (the agent may not await one). */
+const unanswered = new Set<Promise<unknown>>();
 let started = false;
 
 function asJson(value: unknown, what: string): unknown {
@@ -174,10 +176,12 @@ async function run(start: Start): Promise<void> {
           ? recorded
           : { ok: false, result: { error: "failed", reason: "replay: no recorded result for this call" } };
     } else {
-      outcome = await new Promise((resolve) => {
+      const answer = new Promise<{ ok: boolean; result: unknown }>((resolve) => {
         pendingTools.set(id, resolve);
         send({ t: "tool", call: id, tool, args: jsonArgs });
       });
+      unanswered.add(answer);
+      outcome = await answer.finally(() => unanswered.delete(answer));
     }
     // In replay the tool record is produced here (and sent at once, as the gateway appends
     // it live); live, the gateway records the call it ran.
@@ -304,6 +308,9 @@ async function run(start: Start): Promise<void> {
   }
   // The gateway builds each kind's stimulus in the shape the SDK documents (agents/sdk).
   await def.onStimulus(start.stimulus as unknown as Stimulus, ctx);
+  // A call the agent did not await is answered (and recorded by the gateway) before the episode
+  // ends: the gateway fails an episode that ends with a call unanswered.
+  while (unanswered.size > 0) await Promise.allSettled([...unanswered]);
   if (rec.flood !== null) throw new Flood(rec.flood);
   let state: unknown;
   try {

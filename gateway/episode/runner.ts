@@ -134,6 +134,8 @@ export async function runEpisode(
   const began = performance.now();
   const records: EpisodeRecord[] = [];
   let outcome: RunResult | null = null;
+  /** Tool calls dispatched and not answered yet. */
+  let toolsInFlight = 0;
   let settle!: () => void;
   const settled = new Promise<void>((r) => (settle = r));
 
@@ -234,11 +236,14 @@ export async function runEpisode(
           finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
         return;
       case "tool":
-        if (!countRecords(bytes)) return;
+        // Nothing more runs for an episode that has ended (its process is being killed).
+        if (outcome || !countRecords(bytes)) return;
         // The gateway, not the child, writes the tool record: the child cannot forge a result.
+        toolsInFlight++;
         void onTool(msg.call, msg.tool, msg.args)
           .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
           .then((r) => {
+            toolsInFlight--;
             if (outcome) return;
             records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
             host.send({ t: "tool_result", call: msg.call, ok: r.ok, result: r.result });
@@ -247,6 +252,14 @@ export async function runEpisode(
       case "done":
         // A process of the episode killed at its memory cgroup's limit fails it, as the RSS watch would.
         if (cgroupOom()) return;
+        // The host answers every call before it ends (agents/host); a done before that would commit
+        // what the calls did (a publish, a send) without their records.
+        if (toolsInFlight > 0)
+          return finish({
+            ok: false,
+            kind: "protocol",
+            message: `the subprocess ended the episode with ${toolsInFlight} tool call(s) unanswered`,
+          });
         return finish({
           ok: true,
           state: msg.state,
