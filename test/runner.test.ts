@@ -1081,6 +1081,21 @@ describe("the IPC edge", () => {
     expect(calls).toEqual([]);
   });
 
+  test("tool results count against the records cap: big answers fail the episode as too_large", async () => {
+    let calls = 0;
+    const big = "x".repeat(1024 * 1024);
+    const r = expectFailure(
+      await run(start("tool-loop", { n: 20 }), { maxRecordBytes: 3 * 1024 * 1024 }, async () => {
+        calls++;
+        return { ok: true, result: { status: 200, body: big } };
+      }),
+      "too_large",
+    );
+    expect(r.message).toContain("records exceed");
+    expect(calls).toBeLessThan(5);
+    expect(r.records.filter((x) => x.k === "tool").length).toBeLessThan(4);
+  });
+
   test("a tool call the agent does not await is answered and recorded before the episode ends", async () => {
     const calls: string[] = [];
     const r = await run(start("tool-unawaited"), {}, async (_call, tool) => {

@@ -244,7 +244,8 @@ export async function runEpisode(
           .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
           .then((r) => {
             toolsInFlight--;
-            if (outcome) return;
+            // The result is kept in the episode's log: it counts against the same cap as the child's records.
+            if (outcome || !countRecords(Buffer.byteLength(JSON.stringify(r.result) ?? ""))) return;
             records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
             host.send({ t: "tool_result", call: msg.call, ok: r.ok, result: r.result });
           });
