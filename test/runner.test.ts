@@ -553,7 +553,10 @@ beforeAll(async () => {
               finish_reason: "stop",
             },
           ],
-          usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 },
+          // "no usage" plays an endpoint that reports none.
+          ...(r.messages.at(-1)?.content === "no usage"
+            ? {}
+            : { usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 } }),
         });
       }
       if (url.pathname === "/echo") {
@@ -787,6 +790,25 @@ describe("ToolGate: llm", () => {
     const out = await gate("mon", 0).handle(1, "llm", [{ prompt: "hi" }]);
     expect(out).toEqual({ ok: false, result: { error: "denied", reason: "budget tokens_per_day (1000) exhausted" } });
     expect(seen.length).toBe(before);
+  });
+
+  test("calls made at once share what is left: each holds its max_tokens until answered", async () => {
+    const g = gate("mon", 100);
+    const before = seen.length;
+    const outs = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => g.handle(i + 1, "llm", [{ prompt: `p${i}`, max_tokens: 60 }])),
+    );
+    // The first holds 60, the second gets the 40 left, the rest are denied before any answer.
+    expect(outs.map((o) => o.ok)).toEqual([true, true, false, false, false, false, false, false, false, false]);
+    expect(seen.slice(before).map((s) => JSON.parse(s.body).max_tokens)).toEqual([60, 40]);
+    expect(g.tokens).toBe(24); // settled on the usage reported: 12 each
+  });
+
+  test("an endpoint that reports no usage is charged the max_tokens it was allowed", async () => {
+    const g = gate("mon", 1000);
+    const out = await g.handle(1, "llm", [{ prompt: "no usage", max_tokens: 50 }]);
+    expect(out).toMatchObject({ ok: true, result: { usage: { completion_tokens: 50, total_tokens: 50 } } });
+    expect(g.tokens).toBe(50);
   });
 
   test("is denied once this episode has used up what was left", async () => {

@@ -128,7 +128,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Limits per agent; exceeding one pauses the agent until its window resets or an operator resumes it.",
   "agents.*.budget.episodes_per_hour": "Episodes per hour window.",
   "agents.*.budget.tool_calls_per_episode": "Tool calls one episode may make.",
-  "agents.*.budget.tokens_per_day": "llm tokens per day window.",
+  "agents.*.budget.tokens_per_day":
+    "llm tokens per day window. Each call holds its max_tokens (capped at what is left) until the endpoint " +
+    "answers, then is charged the usage it reports (the whole max_tokens when it reports none).",
   "agents.*.budget.episode_timeout_ms": "Wall-clock limit of one episode; past it the subprocess is killed (timeout).",
   "agents.*.budget.memory_mb":
     "Memory ceiling of the episode's process tree, with what it keeps in its private /tmp (bubblewrap) and, in a " +

@@ -58,6 +58,13 @@ export async function llm(ctx: ToolContext, raw: readonly unknown[]): Promise<To
   const left = ctx.tokensLeft();
   if (left <= 0) return deny(`budget tokens_per_day (${ctx.type.budget.tokens_per_day}) exhausted`);
   const maxTokens = Math.min(req.max_tokens ?? 512, left);
+  // Held now, settled on the answer: calls made at once share what is left, not each all of it.
+  ctx.spendTokens(maxTokens);
+  let held = maxTokens;
+  const settle = (used: number) => {
+    ctx.spendTokens(used - held);
+    held = used;
+  };
   const conf = ctx.spec.llm;
   const headers: Record<string, string> = { "content-type": "application/json" };
   const key = conf.api_key_env ? ctx.env.secrets[conf.api_key_env] : undefined;
@@ -70,20 +77,28 @@ export async function llm(ctx: ToolContext, raw: readonly unknown[]): Promise<To
       signal: AbortSignal.timeout(Math.min(conf.timeout_ms, ctx.type.budget.episode_timeout_ms)),
     });
     const body = await readText(res, MAX_HTTP_BODY);
-    if (!res.ok || body === null) return failed(`llm endpoint answered ${res.status}`);
+    if (!res.ok || body === null) {
+      settle(0);
+      return failed(`llm endpoint answered ${res.status}`);
+    }
     const completion = Completion.safeParse(parseJson(body));
-    if (!completion.success) return failed("llm endpoint answered something that is not a chat completion");
+    if (!completion.success) {
+      settle(0);
+      return failed("llm endpoint answered something that is not a chat completion");
+    }
     const data = completion.data;
+    // An endpoint that reports no usage is charged the whole max_tokens it was allowed.
     const prompt = data.usage?.prompt_tokens ?? 0;
-    const answered = data.usage?.completion_tokens ?? 0;
+    const answered = data.usage ? (data.usage.completion_tokens ?? 0) : maxTokens;
     const usage = {
       prompt_tokens: prompt,
       completion_tokens: answered,
       total_tokens: data.usage?.total_tokens ?? prompt + answered,
     };
-    ctx.spendTokens(usage.total_tokens);
+    settle(usage.total_tokens);
     return { ok: true, result: { text: data.choices?.[0]?.message?.content ?? "", usage } };
   } catch (err) {
+    settle(0);
     return failed(err instanceof Error ? err.message : String(err));
   }
 }
