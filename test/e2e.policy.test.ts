@@ -765,7 +765,8 @@ describe("fairness and bounded queues", () => {
     await outs.next((m) => m.json?.data?.id === "q-during-full", 10_000);
 
     expect((await fleet.cli("resume", "bounded/q1")).code).toBe(0);
-    await fleet.waitCommitted("bounded/q1", 50, 30_000);
+    // One agent runs one episode at a time: 50 in a row take ~90 s on a box loaded 10x (a CI run beside).
+    await fleet.waitCommitted("bounded/q1", 50, 180_000);
     const ran = await fleet.query<{ sid: string }>(
       `SELECT e.stimulus_id AS sid FROM episodes e WHERE e.agent = 'bounded/q1' AND e.status = ${STATUS_COMMITTED}
         ORDER BY e.started_at`,
@@ -774,7 +775,7 @@ describe("fairness and bounded queues", () => {
     const seen = new Set(outs.messages.filter((m) => m.json?.agent === "bounded/q1").map((m) => m.json.data.id));
     expect(seen.size).toBe(50);
     expect(seen.has("b51")).toBe(false);
-  }, 60_000);
+  }, 240_000);
 
   test("2,000 stimuli flooding one agent do not hold up a quiet one: it is served while the flood waits", async () => {
     const flooder = await fleet.mqtt();
