@@ -39,6 +39,7 @@ import {
   type RunResult,
   type SpawnOptions,
   type ToolHandler,
+  tmpfsUsedMb,
 } from "../gateway/episode/index.ts";
 import { compileSpec, DEFAULT_SANDBOX_UIDS } from "../gateway/spec/index.ts";
 import type { FleetSpec } from "../gateway/spec/index.ts";
@@ -606,6 +607,20 @@ const ENV: ToolEnv = { secrets: { API_TOKEN: SECRET, OTHER_SECRET: "other-secret
 function gate(type = "mon", tokensLeft = 1000): ToolGate {
   return new ToolGate({ type, key: "k1", id: `${type}/k1` }, spec.agents[type]!, spec, ENV, tokensLeft);
 }
+
+describe("the sandbox's /tmp in the memory watch", () => {
+  test("only a tmpfs counts: a disk seen mid set-up reads 0, not its GBs in use", () => {
+    expect(tmpfsUsedMb("/")).toBe(0); // the root disk: several GB in use
+    const before = tmpfsUsedMb("/dev/shm");
+    const file = `/dev/shm/fleet-tmpfs-test-${process.pid}`;
+    writeFileSync(file, Buffer.alloc(3 * 1024 * 1024, 1));
+    try {
+      expect(tmpfsUsedMb("/dev/shm") - before).toBeGreaterThanOrEqual(3);
+    } finally {
+      rmSync(file, { force: true });
+    }
+  });
+});
 
 describe("ToolGate: allowlist and budget", () => {
   test("a tool outside the type's allowlist is denied", async () => {

@@ -95,11 +95,15 @@ export function rssMb(pid: number): number | null {
 const TMPFS_INODE_BYTES = 1024;
 
 let hostTmpDev: number | null = null;
+/** statfs f_type of a tmpfs (linux/magic.h TMPFS_MAGIC). */
+const TMPFS_MAGIC = 0x01021994;
 
 /**
  * MB a bubblewrap sandbox holds in its private /tmp (a tmpfs: memory its RSS does not show), data
  * and files, read through the mount namespace of `pid`'s first child (the sandbox's init); 0 while
- * that child still sees the host's /tmp (bubblewrap is setting up) or is gone.
+ * that child still sees the host's /tmp (bubblewrap is setting up), sees any /tmp that is not a
+ * tmpfs (mid set-up or tear-down: once read as the host's 27 GB disk, an agent failed as oom), or
+ * is gone.
  */
 export function sandboxTmpMb(pid: number): number {
   const inner = childrenOf(pid, 1)[0];
@@ -108,11 +112,17 @@ export function sandboxTmpMb(pid: number): number {
   try {
     hostTmpDev ??= statSync("/tmp").dev;
     if (statSync(tmp).dev === hostTmpDev) return 0;
-    const fs = statfsSync(tmp);
-    return ((fs.blocks - fs.bfree) * fs.bsize + (fs.files - fs.ffree) * TMPFS_INODE_BYTES) / (1024 * 1024);
+    return tmpfsUsedMb(tmp);
   } catch {
     return 0;
   }
+}
+
+/** MB of data and files held in the tmpfs mounted at `path`; 0 when what is there is not a tmpfs. */
+export function tmpfsUsedMb(path: string): number {
+  const fs = statfsSync(path);
+  if (fs.type !== TMPFS_MAGIC) return 0;
+  return ((fs.blocks - fs.bfree) * fs.bsize + (fs.files - fs.ffree) * TMPFS_INODE_BYTES) / (1024 * 1024);
 }
 
 /** What a listener gets: a parsed line (or MALFORMED, or an oversize marker) and its size in bytes. */

@@ -36,7 +36,7 @@ export {
   type SandboxMode,
   type SpawnOptions,
 } from "./sandbox.ts";
-export { ProcessTable, setAutogroup, SparePool } from "./host-process.ts";
+export { ProcessTable, setAutogroup, SparePool, tmpfsUsedMb } from "./host-process.ts";
 export { processTempDir, SandboxLedger, startTicks, sweepProcessDirs, type Swept, ticksNow } from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
 export { UidPool } from "./uids.ts";
