@@ -106,6 +106,23 @@ describe("GET /api/events", () => {
     expect(more.findIndex((f) => f.event === "resync")).toBeLessThan(more.findIndex((f) => f.data.episode === "e5000"));
   });
 
+  test("past maxStreams a new stream is a 503 with Retry-After; a closed one frees its place", async () => {
+    const events = new FleetEvents();
+    hub = new EventStream({ events, health: async () => ({}), tickMs: 60_000, maxStreams: () => 2 });
+    const ac = new AbortController();
+    const first = hub.handle(new Request("http://x/api/events", { signal: ac.signal }));
+    hub.handle(new Request("http://x/api/events"));
+    expect(first.status).toBe(200);
+    const third = hub.handle(new Request("http://x/api/events"));
+    expect(third.status).toBe(503);
+    expect(third.headers.get("retry-after")).toBe("5");
+    expect(((await third.json()) as { error: { code: string } }).error.code).toBe("busy");
+    expect(hub.size).toBe(2);
+    ac.abort();
+    await waitFor(() => hub!.size === 1, 2000, "the aborted client to be dropped");
+    expect(hub.handle(new Request("http://x/api/events")).status).toBe(200);
+  });
+
   test("a disconnect unsubscribes from the bus; no listener or timer is left behind", async () => {
     const events = new FleetEvents();
     hub = new EventStream({ events, health: async () => ({}), tickMs: 20 });

@@ -21,7 +21,7 @@ type Route = (
 ) => Response | Promise<Response>;
 
 /** What the read API needs from the gateway. */
-type ReadHost = Pick<HttpHost, "store" | "queued" | "events" | "health" | "log" | "metrics">;
+type ReadHost = Pick<HttpHost, "store" | "queued" | "events" | "health" | "log" | "metrics" | "spec">;
 
 /** Each status as shown (every one but the momentary `running`) -> the stored status it filters on. */
 const STATUS_FILTER = {
@@ -246,6 +246,8 @@ export function observeRoutes(gw: ReadHost): {
     events: gw.events,
     health: () => gw.health(),
     onError: (err) => gw.log.warn({ err }, "event stream health tick failed"),
+    // Half of max_concurrent_requests: streams (one token can open many) never crowd out the API.
+    maxStreams: () => Math.max(1, Math.floor(gw.spec.spec.http.max_concurrent_requests / 2)),
   });
   gw.metrics.registry.removeSingleMetric("fleet_sse_clients"); // a restarted HTTP server re-registers it
   new Gauge({

@@ -17,6 +17,11 @@ export interface EventStreamDeps {
   readonly tickMs?: number;
   /** Events queued for one connection before new ones are dropped (default 500). */
   readonly maxBuffered?: number;
+  /**
+   * Streams open at once, read per request (default: no bound of its own). Past it a new one is a
+   * 503: streams stay open for hours, and must leave room for the API's other requests.
+   */
+  readonly maxStreams?: () => number;
   readonly onError?: (err: unknown) => void;
 }
 
@@ -52,6 +57,12 @@ export class EventStream {
   /** Answer one `GET /api/events` (pass Bun's server to lift its idle timeout for this request). */
   handle(req: Request, server?: { timeout(req: Request, seconds: number): void }): Response {
     if (this.closed) return new Response("shutting down", { status: 503 });
+    const max = this.deps.maxStreams?.() ?? Number.POSITIVE_INFINITY;
+    if (this.clients.size >= max)
+      return Response.json(
+        { error: { code: "busy", message: `${this.clients.size} event streams open (at most ${max}); retry later` } },
+        { status: 503, headers: { "retry-after": "5" } },
+      );
     server?.timeout(req, 0);
     const agent = new URL(req.url).searchParams.get("agent");
     let client!: Client;

@@ -94,7 +94,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "true: the API and dashboard need no token (only behind a proxy that authenticates). Logged at start and " +
     "when a reload turns it on; like the other access keys and limits of [http], a reload applies it at once.",
   "http.max_concurrent_requests":
-    "Requests handled at once, event streams included; past it 503 with Retry-After. /healthz always answers.",
+    "Requests handled at once, event streams included (they may take half of it at most); past it 503 with " +
+    "Retry-After. /healthz always answers.",
   "http.max_body_bytes_in_flight": "Request body bytes held at once across all requests; past it 503 with Retry-After.",
   llm: "The OpenAI-compatible endpoint behind the `llm` tool.",
   "llm.url": "Base URL of the endpoint (`/chat/completions` is appended).",
