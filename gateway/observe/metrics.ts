@@ -183,7 +183,7 @@ export class FleetMetrics {
     });
     const statusChanges = new Counter({
       name: "fleet_agent_status_changes_total",
-      help: "Agent status transitions published, by new status (idle|running|paused|retired|failed).",
+      help: "Agent status transitions published, by new status (idle|running|paused|draining|retired|failed).",
       labelNames: ["status"],
       registers,
     });
@@ -301,7 +301,7 @@ export class FleetMetrics {
 
     new Gauge({
       name: "fleet_agents",
-      help: "Agents by status (idle|paused|failed|retired; running agents count as idle) and type.",
+      help: "Agents by status (idle|paused|draining|failed|retired; running agents count as idle) and type.",
       labelNames: ["status", "type"],
       registers,
       async collect() {
