@@ -669,6 +669,9 @@ describe("ToolGate: publish", () => {
     ["a wildcard topic (#)", "alerts/#"],
     ["a wildcard topic (+)", "alerts/+/high"],
     ["a wildcard under its own topics", "fleet/agents/mon/k1/#"],
+    ["its own out topic (the gateway's: ctx.emit writes it)", "fleet/agents/mon/k1/out"],
+    ["its own status topic", "fleet/agents/mon/k1/status"],
+    ["its own inbox", "fleet/agents/mon/k1/inbox"],
     ["$SYS", "$SYS/broker/clients"],
     ["an empty topic", ""],
   ])("refuses %s", async (_what, topic) => {

@@ -116,7 +116,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     'The stimulus id from the payload: a field path ("id", "device.seq") or a template ("{device}:{seq}"). ' +
     "Absent: only MQTT retransmissions are deduplicated.",
   "agents.*.tools": "Tools this type may call (publish, http, llm, send); any other call is denied and recorded.",
-  "agents.*.publish": "Topic filters the publish tool may write (the agent's own fleet/agents/... topics always).",
+  "agents.*.publish":
+    "Topic filters the publish tool may write (the agent's own fleet/agents/... topics always, but for out, " +
+    "status and inbox: the gateway's).",
   "agents.*.http_hosts": "Host names the http tool may reach.",
   "agents.*.secrets":
     "Environment variable names this type's tools may inject as {{secret:NAME}}; never visible to the agent.",

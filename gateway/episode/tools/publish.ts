@@ -1,6 +1,7 @@
 /**
  * `publish(topic, payload, { retain?, qos? })`: queues an MQTT publish that goes out after
- * the episode commits. Own `fleet/agents/<type>/<key>/...` topics are always allowed,
+ * the episode commits. Own `fleet/agents/<type>/<key>/...` topics are always allowed, except the
+ * three the gateway speaks for (`out`, `status`, `inbox`: consumers trust what is there);
  * anything else must match the type's `publish` patterns and be a valid device topic.
  */
 import { z } from "zod";
@@ -27,6 +28,9 @@ export const PublishArgs = z.tuple(
   arity(NAMES),
 );
 
+/** Own topics only the gateway publishes to: `ctx.emit` is how an agent writes `out`. */
+const GATEWAY_OWN = ["out", "status", "inbox"];
+
 /** Queue one publish, or deny it. */
 export function publish(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
   const parsed = parseToolArgs("publish", NAMES, PublishArgs, raw);
@@ -41,6 +45,8 @@ export function publish(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome 
       ? { ok: false as const, reason: "wildcard or NUL in publish topic" }
       : { ok: true as const };
   if (!shape.ok) return deny(`topic "${topic}": ${shape.reason}`);
+  if (topic.startsWith(own) && GATEWAY_OWN.includes(topic.slice(own.length)))
+    return deny(`topic "${topic}" is the gateway's to publish (ctx.emit writes out)`);
   if (!topic.startsWith(own) && !ctx.type.publish.some((f) => matchTopic(f, topic) !== null)) {
     return deny(`topic "${topic}" is not allowed by agents.${ctx.type.name}.publish`);
   }
