@@ -65,7 +65,7 @@ import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
-import { deployCheck, reloadGate, storedVersion } from "./ops/index.ts";
+import { deployCheck, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
@@ -286,9 +286,18 @@ export class Gateway {
       () => bundleDir(this.dataDir, this.spawnOptions),
       (hash) => this.store.bundleCode(hash),
     );
-    const pinned = await this.pin(this.current, null);
-    if (!pinned.ok) throw new Error(pinned.problems.join("\n"));
-    this.adopt(pinned.sv);
+    // The checks at start (a lowered state version, the deploy gate) load agent code in the sandbox
+    // before the pipeline is built: its spawn options, without the sandbox ledger until then.
+    this.spawnOptions ??=
+      this.opts.spawn ??
+      defaultSpawnOptions(spec.fleet.sandbox, {
+        allowWeak: spec.fleet.allow_weak_sandbox,
+        uids: spec.fleet.sandbox_uids,
+      });
+    const starting = await this.startingVersion(this.current);
+    this.startRefusal = starting.refused;
+    if (starting.refused) this.log.error(`fleet.toml ${starting.refused}`);
+    this.adopt(starting.sv);
     await this.store.saveSpecVersion({
       hash: this.current.hash,
       path: this.current.path,
@@ -345,6 +354,7 @@ export class Gateway {
     });
     this.timers = fleetTimers(this, this.now);
     this.redeploy = this.createRedeploy();
+    this.redeploy.error = this.startRefusal;
     this.state = "running";
     await this.timers.update(spec);
     this.wakeups = fleetWakeups(this, this.now);
@@ -1026,6 +1036,35 @@ export class Gateway {
       now: this.now,
       log: this.log.child({ mod: "code" }),
     });
+  }
+
+  /** Why fleet.toml was not applied at start (the spec error until a reload applies a file). */
+  private startRefusal: string | null = null;
+
+  /**
+   * The version to start on: fleet.toml's, unless a hot reload from the version that ran before
+   * the gateway stopped would have refused it (a state version lowered, an edit of bundled code
+   * that does not bundle, a failed `require_check` deploy check). Then that version runs again and
+   * the refusal is the spec error, as after a refused reload: a restart never slips it through.
+   */
+  private async startingVersion(file: SpecVersion): Promise<{ sv: SpecVersion; refused: string | null }> {
+    // A stored version this code can no longer compile is as good as none (the file is checked as at a first start).
+    const previous = await storedSpec(this.store).catch(() => null);
+    const pinned = await this.pin(file, previous);
+    if (previous === null) {
+      if (!pinned.ok) throw new Error(pinned.problems.join("\n"));
+      return { sv: pinned.sv, refused: null };
+    }
+    let refused = pinned.ok ? null : pinned.problems.join("; ");
+    if (pinned.ok && pinned.sv.hash !== previous.hash)
+      refused = await reloadGate(this.store, previous, pinned.sv, this.spawnOptions, (h) => this.bundles.file(h)).catch(
+        (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
+      );
+    if (pinned.ok && refused === null) return { sv: pinned.sv, refused: null };
+    return {
+      sv: previous,
+      refused: `not applied at start: ${refused}; running spec ${previous.hash.slice(0, 12)}, the one that ran before`,
+    };
   }
 
   /** Switch routing and new episodes to `sv`. */

@@ -317,6 +317,12 @@ describe("[agents.<t>.rollout] require_check", () => {
       expect(refused.spec_version).toBe(before);
       const status = await runCli(["status", "--data-dir", fleet.dataDir]);
       expect(status.stdout).toContain("deploy check failed for temp-monitor");
+      // A restart with the refused file in place runs the version that ran before, and says why.
+      expect(await fleet.stop()).toBe(0);
+      await fleet.start(SLOW);
+      const restarted = await health();
+      expect(restarted.spec_version).toBe(before);
+      expect(restarted.spec_error).toContain("not applied at start: deploy check failed for temp-monitor");
 
       writeFileSync(fleet.configPath, gated(ops("temp-monitor-same")));
       const applied = await waitFor(

@@ -140,6 +140,21 @@ describe("state migrations", () => {
       await publishQos1(c, "doors/d1/state", "closed");
       await fleet.waitCommitted("door/d1", 4);
       expect((await head("door/d1"))[0]!.state_version).toBe(2);
+
+      // A restart with the lowered module still in place does not slip it through: the gateway
+      // starts on the version that ran before, and says why.
+      const running = ((await (await fleet.fetch("/api/fleet")).json()) as { spec_version: string }).spec_version;
+      await c.endAsync();
+      expect(await fleet.stop()).toBe(0);
+      await fleet.start();
+      const after = (await (await fleet.fetch("/api/fleet")).json()) as { spec_version: string; spec_error: string };
+      expect(after.spec_version).toBe(running);
+      expect(after.spec_error).toContain("not applied at start");
+      expect(after.spec_error).toContain("lower than version 2");
+      const c2 = await fleet.mqtt();
+      await publishQos1(c2, "doors/d1/state", "open");
+      await fleet.waitCommitted("door/d1", 5);
+      expect((await head("door/d1"))[0]!.state_version).toBe(2);
     } finally {
       await fleet.dispose();
     }
