@@ -85,7 +85,7 @@ function inputs(over: Partial<TurnInputs> = {}): TurnInputs {
     agent: agent(),
     head: head(),
     usage: [],
-    budgetOverrideUntil: 0,
+    budgetOverride: { budget: null, until: 0 },
     checkpoint: undefined,
     pendingWakes: [],
     ...over,
@@ -202,10 +202,23 @@ describe("decideTurn", () => {
     expect(d).toMatchObject({ kind: "run", tokensLeft: 70 });
   });
 
-  test("an operator's resume of a budget pause lets the agent run until the override ends", () => {
-    const over = [usage(win.hourWindow, { episodes: 5 })];
-    expect(decideTurn(inputs({ usage: over, budgetOverrideUntil: NOW + 1 }), spec, NOW).kind).toBe("run");
-    expect(decideTurn(inputs({ usage: over, budgetOverrideUntil: NOW }), spec, NOW).kind).toBe("pause");
+  test("an operator's resume of a budget pause lifts that budget, and only it, until the override ends", () => {
+    const hourly = [usage(win.hourWindow, { episodes: 5 })];
+    const lift = (budget: string | null, until: number) => ({ budgetOverride: { budget, until } });
+    expect(decideTurn(inputs({ usage: hourly, ...lift("episodes_per_hour", NOW + 1) }), spec, NOW).kind).toBe("run");
+    expect(decideTurn(inputs({ usage: hourly, ...lift("episodes_per_hour", NOW) }), spec, NOW).kind).toBe("pause");
+    // The other budgets still hold: past cost_per_day as well, it pauses for that one.
+    const both = [usage(win.hourWindow, { episodes: 5 }), usage(win.dayWindow, { cost: 2 })];
+    expect(decideTurn(inputs({ usage: both, ...lift("episodes_per_hour", NOW + 1) }), spec, NOW)).toMatchObject({
+      kind: "pause",
+      reason: "budget cost_per_day (1.5) reached",
+    });
+    // A lifted tokens_per_day lets the llm tool past it too; an unlifted one leaves what is left.
+    const tokens = [usage(win.dayWindow, { tokens: 150 })];
+    const run = decideTurn(inputs({ usage: tokens, ...lift("tokens_per_day", NOW + 1) }), spec, NOW);
+    expect(run.kind === "run" && run.tokensLeft).toBeGreaterThan(1_000_000);
+    // An override an older release stored (no budget named) lifts them all, as it did.
+    expect(decideTurn(inputs({ usage: both, ...lift(null, NOW + 1) }), spec, NOW).kind).toBe("run");
   });
 
   test("the same inputs give the same decision", () => {

@@ -523,6 +523,11 @@ describe("budgets pause the agent durably and it resumes", () => {
     const hour = `h:${Math.floor(gwNow() / 3_600_000)}`;
     expect((await ledger()).find((x) => x.agent === "eph/a" && x.window === hour)).toMatchObject({ episodes: 5 });
     expect(await queued("eph/a")).toEqual([]);
+    // The override names the budget it lifts: the day's tokens and cost still hold for eph/a.
+    const [override] = await fleet.query<{ value: string }>(
+      "SELECT value FROM meta WHERE key = 'budget_override:eph/a'",
+    );
+    expect(override!.value).toMatch(/^episodes_per_hour:\d+$/);
   }, 60_000);
 
   test("a paused agent resumes by itself when its window has passed (window moved back a day, stopped)", async () => {

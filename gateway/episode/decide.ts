@@ -101,9 +101,10 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
   const type = spec.agents[agent.type];
   if (!type) return { kind: "retire", reason: `type ${agent.type} is not in the fleet spec` };
   const windows = budgetWindows(now);
-  const over = overBudget(type, windows, inputs.usage);
-  // An operator's `fleet resume` of a budget pause lets the agent run until that window ends.
-  if (over && !(inputs.budgetOverrideUntil > now))
+  // An operator's `fleet resume` of a budget pause lifts that budget (only) until its window ends.
+  const lifted = inputs.budgetOverride.until > now ? inputs.budgetOverride.budget : undefined;
+  const over = overBudget(type, windows, inputs.usage, lifted);
+  if (over)
     // A draining agent keeps its status (it retires when its queue is empty): it only waits.
     return agent.status === "draining" ? { kind: "wait", until: over.until } : { kind: "pause", ...over };
   const day = inputs.usage.find((u) => u.window === windows.dayWindow);
@@ -114,34 +115,43 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
     type,
     checkpoint: agent.headHash === null ? null : inputs.checkpoint,
     attempt: head.attempts + 1,
-    tokensLeft: type.budget.tokens_per_day - (day?.tokens ?? 0),
+    // A lifted tokens_per_day lets the llm tool spend past it until the day ends, as the operator chose.
+    tokensLeft:
+      lifted === null || lifted === "tokens_per_day"
+        ? Number.MAX_SAFE_INTEGER
+        : type.budget.tokens_per_day - (day?.tokens ?? 0),
     windows,
     pendingWakes: inputs.pendingWakes,
   };
 }
 
-/** The first budget the agent's usage has reached, with when its window ends; null when none. */
+/**
+ * The first budget the agent's usage has reached, with when its window ends; null when none.
+ * `lifted`: a budget an operator's resume lifted (null: all of them, an older release's override).
+ */
 export function overBudget(
   type: AgentTypeSpec,
   win: BudgetWindows,
   rows: readonly Pick<UsageRow, "window" | "episodes" | "tokens" | "cost">[],
+  lifted?: string | null,
 ): { budget: string; reason: string; until: number } | null {
+  if (lifted === null) return null;
   const hour = rows.find((r) => r.window === win.hourWindow);
   const day = rows.find((r) => r.window === win.dayWindow);
   const b = type.budget;
-  if (hour && hour.episodes >= b.episodes_per_hour)
+  if (hour && hour.episodes >= b.episodes_per_hour && lifted !== "episodes_per_hour")
     return {
       budget: "episodes_per_hour",
       reason: `budget episodes_per_hour (${b.episodes_per_hour}) reached`,
       until: win.hourEnds,
     };
-  if (day && day.tokens >= b.tokens_per_day)
+  if (day && day.tokens >= b.tokens_per_day && lifted !== "tokens_per_day")
     return {
       budget: "tokens_per_day",
       reason: `budget tokens_per_day (${b.tokens_per_day}) reached`,
       until: win.dayEnds,
     };
-  if (day && b.cost_per_day > 0 && day.cost >= b.cost_per_day)
+  if (day && b.cost_per_day > 0 && day.cost >= b.cost_per_day && lifted !== "cost_per_day")
     return { budget: "cost_per_day", reason: `budget cost_per_day (${b.cost_per_day}) reached`, until: win.dayEnds };
   return null;
 }

@@ -76,9 +76,10 @@ export class Roster {
       return { ok: true, status: "paused" };
     }
     if (action === "resume") {
-      if (agent.status === "paused" && agent.pausedUntil !== null && agent.reason?.startsWith("budget")) {
-        await this.store.setMeta(`budget_override:${id}`, String(agent.pausedUntil));
-      }
+      // A budget pause's reason names its budget ("budget episodes_per_hour (20) reached"): the resume lifts that one.
+      const budget = /^budget (\w+)/.exec(agent.reason ?? "")?.[1];
+      if (agent.status === "paused" && agent.pausedUntil !== null && budget)
+        await this.store.setMeta(`budget_override:${id}`, `${budget}:${agent.pausedUntil}`);
       await this.store.setAgentStatus(id, "active", null);
       this.events.emit("status", { agent: id, status: "idle", checkpoint: agent.headHash });
       this.scheduler.wake(id);

@@ -50,8 +50,11 @@ export interface TurnInputs {
   readonly head: t.StimulusRow | undefined;
   /** Usage in the windows asked for. */
   readonly usage: readonly UsageRow[];
-  /** Until when an operator's resume overrides a budget pause (0: no override). */
-  readonly budgetOverrideUntil: number;
+  /**
+   * Until when an operator's resume overrides a budget pause (0: no override), and which budget
+   * it lifts (null: any, as an override stored by an older release did).
+   */
+  readonly budgetOverride: { readonly budget: string | null; readonly until: number };
   /** The agent's head checkpoint, undefined when it has none or its row is missing. */
   readonly checkpoint: t.CheckpointRow | undefined;
   /** Ids of the agent's pending wake-ups, soonest first. */
@@ -647,7 +650,7 @@ export class Store {
       agent: first(codecs.agents, a),
       head: first(codecs.stimuli, head),
       usage: usage?.rows.map((r) => decodeRow(codecs.budgetUsage, r)) ?? [],
-      budgetOverrideUntil: Number(override?.rows[0]?.value ?? 0) || 0,
+      budgetOverride: parseBudgetOverride(String(override?.rows[0]?.value ?? "")),
       checkpoint: first(codecs.checkpoints, checkpoint),
       pendingWakes: wakes?.rows.map((r) => String(r.id)) ?? [],
     };
@@ -920,4 +923,11 @@ export class Store {
 /** The `seq` column of a statement's RETURNING rows. */
 function seqsOf(rs: ResultSet | undefined): number[] {
   return rs?.rows.map((r) => Number(r[0])) ?? [];
+}
+
+/** A `budget_override:<agent>` meta value: `<budget>:<until ms>`, or `<until ms>` alone (older releases: any budget). */
+export function parseBudgetOverride(value: string): { budget: string | null; until: number } {
+  const colon = value.lastIndexOf(":");
+  const budget = colon < 0 ? null : value.slice(0, colon);
+  return { budget, until: Number(colon < 0 ? value : value.slice(colon + 1)) || 0 };
 }
