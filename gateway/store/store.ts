@@ -925,7 +925,7 @@ function seqsOf(rs: ResultSet | undefined): number[] {
   return rs?.rows.map((r) => Number(r[0])) ?? [];
 }
 
-/** A `budget_override:<agent>` meta value: `<budget>:<until ms>`, or `<until ms>` alone (older releases: any budget). */
+/** A `budget_override:<agent>` meta value: `<budget>:<until ms>`, or `<until ms>` (older releases: any budget). */
 export function parseBudgetOverride(value: string): { budget: string | null; until: number } {
   const colon = value.lastIndexOf(":");
   const budget = colon < 0 ? null : value.slice(0, colon);
