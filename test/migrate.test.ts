@@ -23,6 +23,7 @@ import {
   stimulusKind,
 } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
+import { runCli } from "./helpers/gateway.ts";
 
 const FIXTURE = join(import.meta.dir, "fixtures/datadir-v1/fleet.db");
 const dirs: string[] = [];
@@ -60,6 +61,20 @@ describe("schema migrations", () => {
     } finally {
       await store.close();
     }
+  });
+
+  test("read commands on a data dir not upgraded yet: what they can read, else one line: upgrade it", async () => {
+    const path = fixtureCopy();
+    const dir = join(path, "..");
+    const agents = await runCli(["agents", "--data-dir", dir, "--json"]);
+    expect(agents.code).toBe(0);
+    expect(agents.json.total).toBe(3);
+    const status = await runCli(["status", "--data-dir", dir]);
+    expect(status.code).toBe(1);
+    expect(status.stderr.trim().split("\n")).toHaveLength(1);
+    expect(status.stderr).toContain(`has schema version 1, older than this code's ${SCHEMA_VERSION}`);
+    expect(status.stderr).toContain("start the gateway on the data dir once to upgrade it");
+    expect(await versionOf(path)).toBe(1); // read-only: nothing was upgraded
   });
 
   test("pending migrations apply in order, in one transaction with the version bump", async () => {

@@ -8,7 +8,7 @@ import { join, resolve } from "node:path";
 import type { CliContext } from "./devices.ts";
 import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
-import { Store } from "../store/index.ts";
+import { SCHEMA_VERSION, Store, schemaVersion } from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
 import { readLocalToken } from "../auth/index.ts";
 
@@ -113,6 +113,19 @@ export interface Cli extends CliContext {
   print(data: unknown, human: () => string): void;
 }
 
+/** A database an older release wrote, opened read-only by this command (it is upgraded at a gateway's start). */
+let olderSchema: { readonly file: string; readonly found: number } | null = null;
+
+/** Why a read of an older data dir failed, in its words, for an error naming what is missing; else null. */
+export function olderSchemaHint(reason: string): string | null {
+  if (olderSchema === null || !/no such (table|column)/.test(reason)) return null;
+  return (
+    `${olderSchema.file} has schema version ${olderSchema.found}, older than this code's ${SCHEMA_VERSION}, ` +
+    `and this command reads what the upgrade adds (${reason}): start the gateway on the data dir once ` +
+    "to upgrade it (or upgrade a copy the same way)"
+  );
+}
+
 /** The command environment for these flags (and FLEET_CONFIG / FLEET_DATA_DIR). */
 export function createCli(flags: CliFlags): Cli {
   const configPath = resolve(flags.config ?? process.env.FLEET_CONFIG ?? "fleet.toml");
@@ -154,7 +167,10 @@ export function createCli(flags: CliFlags): Cli {
     const file = join(dir, "fleet.db");
     if (!existsSync(file))
       throw new UsageError(`no fleet data in ${dir} (start the gateway first, or pass --data-dir)`);
-    return Store.open(file, { synchronous: "normal", readonly: true });
+    const store = await Store.open(file, { synchronous: "normal", readonly: true });
+    const found = await schemaVersion(store.client);
+    if (found < SCHEMA_VERSION) olderSchema = { file, found };
+    return store;
   }
 
   return {

@@ -6,7 +6,7 @@
  * gateway's HTTP API (it is the only writer), or to the file when it is stopped.
  */
 import { parseArgs } from "node:util";
-import { createCli, intArg, UsageError } from "./context.ts";
+import { createCli, intArg, olderSchemaHint, UsageError } from "./context.ts";
 import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
 import { cmdRollout, ROLLOUT_USAGE } from "./rollout.ts";
 import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
@@ -271,7 +271,8 @@ main().then(
     // Anything else: one line with what went wrong (a drizzle "Failed query" quotes its SQL and every parameter;
     // its libSQL cause says why). FLEET_DEBUG=1 prints the whole error with its stack, for a bug report.
     if (process.env.FLEET_DEBUG === "1") console.error(err);
-    console.error(`fleet: ${errorReason(err)}`);
+    const reason = errorReason(err);
+    console.error(`fleet: ${olderSchemaHint(reason) ?? reason}`);
     process.exit(1);
   },
 );

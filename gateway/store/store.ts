@@ -174,9 +174,13 @@ export class Store {
     // Rows name a spec version by its hash's prefix (./hashes.ts `specColumn`): learn this dir's, oldest first.
     const specs = await client.execute("SELECT hash FROM spec_versions ORDER BY created_at, rowid");
     for (const r of specs.rows) knowSpecVersion(String(r[0]));
-    // Episodes name their code bundle the same way (`bundleColumn`).
-    const bundles = await client.execute("SELECT hash FROM bundles ORDER BY created_at, rowid");
-    for (const r of bundles.rows) knowBundle(String(r[0]));
+    // Episodes name their code bundle the same way (`bundleColumn`); a read-only handle of a data dir
+    // an older release wrote may have no bundles table yet (its episodes name none).
+    const hasBundles = await client.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'bundles'");
+    if (hasBundles.rows.length > 0) {
+      const bundles = await client.execute("SELECT hash FROM bundles ORDER BY created_at, rowid");
+      for (const r of bundles.rows) knowBundle(String(r[0]));
+    }
     const committer = new GroupCommitter(
       native,
       opts.commitFault ?? null,
