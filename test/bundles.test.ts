@@ -233,6 +233,8 @@ describe("pinCode", () => {
     writeFileSync(join(dir, "word.ts"), "export const word = (;\n");
     const broken = await pinCode(sv, one.sv, deps);
     expect(!broken.ok && broken.problems[0]).toContain("agents.t.module cannot be bundled");
+    // It names the file the error is in, with its line and column (word.ts, imported by the module).
+    expect(!broken.ok && broken.problems[0]).toContain(`${join(dir, "word.ts")}:1:`);
     // ...but at start (nothing to replace) the type runs from its file and fails there as before.
     const atStart = await pinCode(sv, null, deps);
     expect(atStart.ok && atStart.sv.bundles).toEqual({});

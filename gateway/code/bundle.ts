@@ -70,7 +70,7 @@ export async function buildBundle(
   } catch (err) {
     return { ok: false, error: describeBuildError(err) };
   }
-  if (!result.success) return { ok: false, error: result.logs.map(String).join("\n") || "bundling failed" };
+  if (!result.success) return { ok: false, error: result.logs.map(placed).join("\n") || "bundling failed" };
   const out = result.outputs.find((o) => o.kind === "entry-point") ?? result.outputs[0];
   if (!out || result.outputs.length !== 1)
     return { ok: false, error: "bundling produced more than one file (a dynamic import of a local file?)" };
@@ -91,6 +91,14 @@ function stripPathComments(code: string): string {
 
 function describeBuildError(err: unknown): string {
   const agg = err as { errors?: unknown[]; message?: string };
-  if (Array.isArray(agg.errors) && agg.errors.length > 0) return agg.errors.map(String).join("\n");
+  if (Array.isArray(agg.errors) && agg.errors.length > 0) return agg.errors.map(placed).join("\n");
   return err instanceof Error ? err.message : String(err);
+}
+
+/** One of Bun's build messages as `file:line:column: message` where it says where (a file the module imports, say). */
+function placed(m: unknown): string {
+  const msg = m as { message?: string; position?: { file?: string; line?: number; column?: number } | null };
+  const p = msg.position;
+  const text = msg.message ?? String(m);
+  return p?.file ? `${p.file}:${p.line ?? 0}:${p.column ?? 0}: ${text}` : String(m);
 }
