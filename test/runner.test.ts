@@ -655,6 +655,16 @@ describe("ToolGate: publish", () => {
     expect(g.publishes).toEqual([{ topic, payload: '{"t":1}', qos: 1, retain: false }]);
   });
 
+  test("refuses a payload the broker would not take from a device (max_packet_bytes, default 256 KiB)", async () => {
+    const g = gate();
+    const fits = "x".repeat(200 * 1024);
+    expect((await g.handle(1, "publish", ["alerts/big", fits])).ok).toBe(true);
+    const out = await g.handle(2, "publish", ["alerts/huge", "x".repeat(300 * 1024), { retain: true }]);
+    expect(out).toMatchObject({ ok: false, result: { error: "denied" } });
+    expect((out.result as { reason: string }).reason).toContain("exceeds [broker] max_packet_bytes (262144)");
+    expect(g.publishes.map((p) => p.topic)).toEqual(["alerts/big"]);
+  });
+
   test("keeps qos 0 and retain from the options", async () => {
     const g = gate();
     await g.handle(1, "publish", ["alerts/x", "raw text", { qos: 0, retain: true }]);

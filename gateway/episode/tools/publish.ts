@@ -50,6 +50,11 @@ export function publish(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome 
   if (!topic.startsWith(own) && !ctx.type.publish.some((f) => matchTopic(f, topic) !== null)) {
     return deny(`topic "${topic}" is not allowed by agents.${ctx.type.name}.publish`);
   }
-  ctx.publishes.push({ topic, payload: encodePayload(payload), qos: opts?.qos ?? 1, retain: opts?.retain ?? false });
+  // What a device could not send the broker, an agent may not either (retained, it would stay in memory).
+  const body = encodePayload(payload);
+  const max = ctx.spec.broker.max_packet_bytes;
+  const bytes = Buffer.byteLength(body) + Buffer.byteLength(topic) + 16; // + the PUBLISH header, at most
+  if (bytes > max) return deny(`payload of ${bytes} bytes with its topic exceeds [broker] max_packet_bytes (${max})`);
+  ctx.publishes.push({ topic, payload: body, qos: opts?.qos ?? 1, retain: opts?.retain ?? false });
   return { ok: true, result: { queued: true, topic } };
 }
