@@ -7,7 +7,8 @@ import { createClient } from "@libsql/client";
 import { copyFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { verifyStore } from "../gateway/ops/index.ts";
+import { defaultSpawnOptions } from "../gateway/episode/index.ts";
+import { replayEpisode, verifyStore } from "../gateway/ops/index.ts";
 import {
   bundleOfSql,
   idOfSql,
@@ -75,6 +76,17 @@ describe("schema migrations", () => {
     expect(status.stderr).toContain(`has schema version 1, older than this code's ${SCHEMA_VERSION}`);
     expect(status.stderr).toContain("start the gateway on the data dir once to upgrade it");
     expect(await versionOf(path)).toBe(1); // read-only: nothing was upgraded
+  });
+
+  test("an episode from before code bundles whose module is gone replays as UNREPLAYABLE, saying why", async () => {
+    const store = await Store.open(fixtureCopy(), { synchronous: "full" });
+    try {
+      const [ep] = await store.listEpisodes("temp-monitor/boiler-1" as AgentId, 1);
+      const r = await replayEpisode(store, ep!.id, defaultSpawnOptions());
+      expect(r).toMatchObject({ verdict: "UNREPLAYABLE", reason: expect.stringContaining("is no longer there") });
+    } finally {
+      await store.close();
+    }
   });
 
   test("pending migrations apply in order, in one transaction with the version bump", async () => {

@@ -4,6 +4,7 @@
  * and compare what it produces (decisions, emits, sends, tool calls, final state) with what
  * was recorded. Like Temporal's replayer, `--module` runs history against new code.
  */
+import { existsSync } from "node:fs";
 import type { EpisodeRecord, ReplayInputs, Stimulus } from "../../agents/protocol.ts";
 import { canonicalJson } from "../hash.ts";
 import { runEpisode, type SpawnOptions } from "../episode/index.ts";
@@ -128,6 +129,9 @@ export async function replayEpisode(
     } catch (err) {
       return { ...base, verdict: "UNREPLAYABLE", reason: `its code bundle cannot be loaded: ${String(err)}` };
     }
+  } else if (moduleOverride === undefined && !existsSync(module)) {
+    // An episode from before code bundles ran its module file: gone since, there is nothing to run.
+    return { ...base, verdict: "UNREPLAYABLE", reason: `it ran ${module}, which is no longer there (no code bundle)` };
   }
   const inputs: ReplayInputs = {
     now: records.flatMap((r) => (r.k === "now" ? [r.v] : [])),
