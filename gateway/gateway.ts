@@ -630,6 +630,8 @@ export class Gateway {
       /** Same as /readyz: false while commits fail (full disk, I/O error), with the reason. */
       readiness: this.readiness(),
       rejected_messages: await this.store.countRejected(),
+      /** Poison stimuli waiting for an operator (`fleet quarantine`), now. */
+      quarantined_stimuli: await this.store.countQuarantined(),
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
       running_episodes: this.scheduler.active,

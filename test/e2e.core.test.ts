@@ -692,6 +692,13 @@ describe("bad input", () => {
       expect(outs.messages.map((m) => m.json.data.count)).toEqual(Array.from({ length: n }, (_, i) => i + 1));
       const good = await fleet.agent("counter/good");
       expect(good).toMatchObject({ status: "idle", failures: 0, episodes: n, seq: n });
+      // Health and metrics say how many wait in quarantine now (one per failing agent).
+      const [row] = await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE state = 'quarantined'");
+      const inQuarantine = Number(row!.n);
+      expect(inQuarantine).toBeGreaterThan(0);
+      const health = (await (await fleet.fetch("/api/fleet")).json()) as { quarantined_stimuli: number };
+      expect(health.quarantined_stimuli).toBe(inQuarantine);
+      expect(await (await fleet.fetch("/metrics")).text()).toContain(`\nfleet_stimuli_quarantined ${inQuarantine}\n`);
       expect(await fleet.stop()).toBe(0);
       await fleet.dispose();
     },

@@ -317,6 +317,14 @@ export class FleetMetrics {
       (s, t) => s.types.get(t)!.budgetPaused,
     );
     new Gauge({
+      name: "fleet_stimuli_quarantined",
+      help: "Stimuli in quarantine now, waiting for an operator's retry or drop (fleet quarantine).",
+      registers,
+      async collect() {
+        this.set(await host.store.countQuarantined());
+      },
+    });
+    new Gauge({
       name: "fleet_queue_depth",
       help: "Stimuli waiting in all agents' queues (including ones waiting for a retry or a paused agent).",
       registers,

@@ -569,6 +569,12 @@ export class Store {
     return row?.n ?? 0;
   }
 
+  /** Stimuli in quarantine now, waiting for an operator's retry or drop (a range of the state index). */
+  async countQuarantined(): Promise<number> {
+    const rs = await this.client.execute("SELECT count(*) FROM stimuli WHERE state = 'quarantined'");
+    return Number(rs.rows[0]?.[0] ?? 0);
+  }
+
   /** Queued stimuli per agent with the oldest receive time (scheduler bootstrap, lag). */
   queuedSummary() {
     return this.db
