@@ -328,6 +328,32 @@ describe("retention of bundles", () => {
     }
   });
 
+  test("an offline gc long after the last deploy keeps the newest spec version's bundles", async () => {
+    const store = await Store.open(join(tempDir(), "fleet.db"), { synchronous: "normal" });
+    try {
+      const now = Date.UTC(2026, 0, 10);
+      const old = now - 60 * DAY;
+      for (const c of ["6", "7"]) await store.saveBundle({ hash: c.repeat(64), module: "/m.ts", code: c, at: old });
+      const version = (hash: string, at: number, bundle: string) =>
+        store.saveSpecVersion({
+          hash: hash.repeat(64),
+          path: "/f",
+          text: hash,
+          summary: "",
+          at,
+          bundles: { t: bundle },
+        });
+      await version("d", old - DAY, "6".repeat(64));
+      await version("e", old, "7".repeat(64)); // the newest, 60 days old: no gateway runs to name it
+      const spec = (await compileSpec('[fleet]\nname = "gc"\n', "/f")).spec;
+      expect((await gcPass(store, spec, { now })).bundlesDeleted).toBe(1);
+      const left = (await store.client.execute("SELECT hash FROM bundles")).rows.map((x) => x.hash);
+      expect(left).toEqual(["7".repeat(64)]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("keeps a bundle while an episode, the running spec or a recent spec version names it", async () => {
     const dir = tempDir();
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });

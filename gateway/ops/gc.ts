@@ -217,12 +217,16 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     report.usageRowsDeleted = (us as { rowsAffected: number }).rowsAffected;
   }
   // 6. Code bundles: kept while any episode names one (`bundle_uses`, counted by triggers), while the
-  //    running gateway uses it, and while a spec version from within the retention window names it.
+  //    running gateway uses it, while a spec version from within the retention window names it, and
+  //    while the newest spec version does, however old (an offline gc has no running gateway to ask,
+  //    and a gateway may start on that version again: gateway.ts `startingVersion`).
   const keep = opts.keepBundles ?? [];
   const oldBundles = sql`SELECT hash FROM bundles b WHERE created_at < ${episodeCutoff}
     AND NOT EXISTS (SELECT 1 FROM bundle_uses u WHERE u.bundle = ${sql.raw(bundleStoredSql("b.hash"))})
     AND NOT EXISTS (SELECT 1 FROM spec_versions s, json_each(s.bundles) j
       WHERE s.bundles IS NOT NULL AND s.created_at >= ${episodeCutoff} AND j.value = b.hash)
+    AND NOT EXISTS (SELECT 1 FROM json_each((SELECT bundles FROM spec_versions
+      ORDER BY created_at DESC, rowid DESC LIMIT 1)) j WHERE j.value = b.hash)
     ${
       keep.length > 0
         ? sql`AND hash NOT IN (${sql.join(
