@@ -19,7 +19,7 @@ import {
   type ClientInfo,
 } from "../broker/index.ts";
 import { canonicalJson } from "./hash.ts";
-import { compileSpec, loadSpec, restartNeeded } from "./spec/index.ts";
+import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
@@ -957,14 +957,7 @@ export class Gateway {
    */
   private applyHttp(current: FleetSpec, next: FleetSpec): string | null {
     const [a, b] = [current.http, next.http];
-    const keys = [
-      "allow_unauthenticated",
-      "allowed_hosts",
-      "open_metrics",
-      "max_concurrent_requests",
-      "max_body_bytes_in_flight",
-    ] as const;
-    const changed = keys.filter((k) => canonicalJson(a[k]) !== canonicalJson(b[k]));
+    const changed = LIVE_HTTP_KEYS.filter((k) => canonicalJson(a[k]) !== canonicalJson(b[k]));
     if (changed.length === 0) return null;
     if (b.allow_unauthenticated && !a.allow_unauthenticated)
       this.log.warn({ host: b.host }, "HTTP API and dashboard need no token ([http] allow_unauthenticated)");

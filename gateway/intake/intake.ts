@@ -81,6 +81,9 @@ function at(parsed: unknown, path: string): unknown {
 const usable = (v: unknown): v is string | number =>
   (typeof v === "string" && v.length > 0 && v.length <= 256) || (typeof v === "number" && Number.isFinite(v));
 
+/** A field of a `dedup` template (`{device}` in `"{device}:{seq}"`). */
+const TEMPLATE_FIELD = /\{([^{}]+)\}/g;
+
 /**
  * The id a type's `dedup` setting gives a payload, or null when the payload does not carry
  * it: a field path (`"id"`, `"device.id"`) or a template over fields (`"{device}:{seq}"`,
@@ -93,7 +96,7 @@ export function dedupKey(dedup: string, parsed: unknown): string | null {
     return usable(v) ? String(v) : null;
   }
   let missing = false;
-  const key = dedup.replace(/\{([^{}]+)\}/g, (_, path: string) => {
+  const key = dedup.replace(TEMPLATE_FIELD, (_, path: string) => {
     const v = at(parsed, path.trim());
     if (!usable(v)) missing = true;
     return usable(v) ? String(v) : "";
@@ -106,7 +109,7 @@ export function dedupKey(dedup: string, parsed: unknown): string | null {
  * characters, not a string or a finite number), or null: absent fields are not a problem here.
  */
 export function dedupProblem(dedup: string, parsed: unknown): string | null {
-  const paths = dedup.includes("{") ? [...dedup.matchAll(/\{([^{}]+)\}/g)].map((m) => m[1]!.trim()) : [dedup];
+  const paths = dedup.includes("{") ? [...dedup.matchAll(TEMPLATE_FIELD)].map((m) => m[1]!.trim()) : [dedup];
   for (const path of paths) {
     const v = at(parsed, path);
     if (v !== undefined && !usable(v))

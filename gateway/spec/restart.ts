@@ -44,6 +44,15 @@ const RENDERED: Record<string, string> = {
 /** Keys a reload applies to the running broker without a restart. */
 export const LIVE_BROKER_KEYS = ["allow_anonymous", "devices_file", "max_connections"] as const;
 
+/** Keys of `[http]` a reload applies to the running server (the guard reads them per request). */
+export const LIVE_HTTP_KEYS = [
+  "allow_unauthenticated",
+  "allowed_hosts",
+  "open_metrics",
+  "max_concurrent_requests",
+  "max_body_bytes_in_flight",
+] as const satisfies readonly (keyof FleetSpec["http"])[];
+
 /**
  * The changed keys that need a restart, as `table.key (old -> new)`. `ignore` names keys a
  * command-line flag overrides (e.g. `broker.mqtt_port` under `--mqtt-port`): the file's
