@@ -321,6 +321,7 @@ describe("schema errors name the key path", () => {
       "broker.url",
       /must not carry credentials/,
     ],
+    ["trust_dup not a boolean", '[broker]\ntrust_dup = "yes"\n', "broker.trust_dup", /must be true or false/],
     [
       "replication URL with credentials",
       '[replication]\nurl = "http://alice:s3cret@central:8080"\n',
