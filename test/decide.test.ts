@@ -152,7 +152,27 @@ describe("decideTurn", () => {
   test("a budget pause whose window is over reactivates the agent", () => {
     expect(decideTurn(inputs({ agent: agent({ status: "paused", pausedUntil: NOW }) }), spec, NOW)).toEqual({
       kind: "reactivate",
+      reason: "budget window reset",
     });
+  });
+
+  test("a budget pause whose budget was raised past the usage reactivates it before its window ends", () => {
+    const paused = agent({
+      status: "paused",
+      reason: "budget episodes_per_hour (1) reached",
+      pausedUntil: win.hourEnds,
+    });
+    // The spec now allows 2 per hour: one used, so the agent may run again.
+    expect(decideTurn(inputs({ agent: paused, usage: [usage(win.hourWindow, { episodes: 1 })] }), spec, NOW)).toEqual({
+      kind: "reactivate",
+      reason: "budget raised",
+    });
+    // Still at the (raised) budget: it waits for the window as before.
+    const at = [usage(win.hourWindow, { episodes: 2 })];
+    expect(decideTurn(inputs({ agent: paused, usage: at }), spec, NOW)).toEqual({ kind: "wait", until: win.hourEnds });
+    // An operator's pause is not a budget's: it waits whatever the usage.
+    const operator = agent({ status: "paused", reason: "paused by operator" });
+    expect(decideTurn(inputs({ agent: operator }), spec, NOW).kind).toBe("wait");
   });
 
   test("a retired agent's queue is refused with its retirement reason; a failed agent is parked", () => {

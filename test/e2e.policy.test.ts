@@ -7,7 +7,7 @@
  * (bubblewrap + a uid of their own when run as root) and the real libSQL file. Every wait is bounded.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
 import {
@@ -560,6 +560,19 @@ describe("budgets pause the agent durably and it resumes", () => {
     // The cost agent's window has not passed: it is still paused, its stimulus still queued.
     expect((await agentRow(fleet, "cost/a")).status).toBe("paused");
     expect(await queued("cost/a")).toEqual([{ sid: "id:c3" }]);
+  }, 60_000);
+
+  test("a reload that raises a budget releases the agent it paused at once, not at the window's end", async () => {
+    expect((await agentRow(fleet, "cost/a")).reason).toContain("cost_per_day");
+    const text = readFileSync(fleet.configPath, "utf8");
+    expect(text).toContain("cost_per_day = 4");
+    writeFileSync(fleet.configPath, text.replace("cost_per_day = 4", "cost_per_day = 40"));
+    await fleet.waitCommitted("cost/a", 3, 20_000);
+    const a = await agentRow(fleet, "cost/a");
+    expect(a.status).toBe("idle");
+    expect(a.reason).toBeNull();
+    expect(await queued("cost/a")).toEqual([]);
+    expect(fleet.logTail(400)).toContain("budget raised");
   }, 60_000);
 });
 

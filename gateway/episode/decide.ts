@@ -36,8 +36,8 @@ export const OPERATOR_PAUSE_RECHECK_MS = 3_600_000;
 export type TurnDecision =
   /** Nothing is queued (or the agent does not exist). */
   | { readonly kind: "empty" }
-  /** A budget pause whose window is over: the agent is active again; decide again. */
-  | { readonly kind: "reactivate" }
+  /** A budget pause whose window is over, or whose budget was raised past the usage: active again; decide again. */
+  | { readonly kind: "reactivate"; readonly reason: string }
   /** The agent is retired: refuse everything still queued for it, with this reason. */
   | { readonly kind: "refuse_retired"; readonly reason: string }
   /** The agent cannot run (failed); an operator action wakes it. */
@@ -72,9 +72,10 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
   if (!agent) return { kind: "empty" };
   switch (agent.status) {
     case "paused":
-      if (agent.pausedUntil === null || agent.pausedUntil > now)
-        return { kind: "wait", until: agent.pausedUntil ?? now + OPERATOR_PAUSE_RECHECK_MS };
-      return { kind: "reactivate" };
+      if (agent.pausedUntil !== null && agent.pausedUntil <= now)
+        return { kind: "reactivate", reason: "budget window reset" };
+      if (budgetRaised(inputs, spec, now)) return { kind: "reactivate", reason: "budget raised" };
+      return { kind: "wait", until: agent.pausedUntil ?? now + OPERATOR_PAUSE_RECHECK_MS };
     case "retired":
       // Whatever still waits for a retired agent (queued before the retirement, or sent by an
       // episode that committed just after it) is refused with a recorded reason, not left forever.
@@ -123,6 +124,24 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
     windows,
     pendingWakes: inputs.pendingWakes,
   };
+}
+
+/**
+ * A budget pause ("budget episodes_per_hour (20) reached") whose budget the running spec has
+ * since raised past the agent's usage: a reload that raises a budget releases the agents it paused.
+ */
+function budgetRaised(inputs: TurnInputs, spec: FleetSpec, now: number): boolean {
+  const { agent } = inputs;
+  const budget = budgetOfPause(agent?.reason ?? null);
+  const type = agent && spec.agents[agent.type];
+  if (!budget || !type || agent.pausedUntil === null) return false;
+  const lifted = inputs.budgetOverride.until > now ? inputs.budgetOverride.budget : undefined;
+  return overBudget(type, budgetWindows(now), inputs.usage, lifted)?.budget !== budget;
+}
+
+/** The budget a budget pause's reason names ("budget cost_per_day (5) reached"), else null. */
+export function budgetOfPause(reason: string | null): string | null {
+  return /^budget (\w+) \(/.exec(reason ?? "")?.[1] ?? null;
 }
 
 /**

@@ -183,7 +183,8 @@ export class EpisodeExecutor {
       switch (d.kind) {
         case "reactivate":
           await store.setAgentStatus(agentId, "active", null);
-          events.emit("status", { agent: agentId, status: "idle", reason: "budget window reset" });
+          events.emit("status", { agent: agentId, status: "idle", reason: d.reason });
+          this.d.log.info({ agent: agentId }, `agent active again: ${d.reason}`);
           inputs = {
             ...inputs,
             agent: inputs.agent && { ...inputs.agent, status: "active", reason: null, pausedUntil: null },

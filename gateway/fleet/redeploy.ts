@@ -9,6 +9,7 @@ import type { Logger } from "pino";
 import { diffSpecs } from "./reload.ts";
 import type { Roster } from "./roster.ts";
 import type { Scheduler } from "./scheduler.ts";
+import { canonicalJson } from "../hash.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError, type FleetSpec, type SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
@@ -145,6 +146,11 @@ export class Redeploy {
     await deployInstances(this.d.store, next, this.d.now());
     for (const type of diff.removed) await this.d.roster.retireType(type, next.hash);
     for (const type of diff.added) await this.d.roster.unretireType(type);
+    await this.d.roster.budgetsChanged(
+      diff.changed.filter(
+        (t) => canonicalJson(current.spec.agents[t]?.budget) !== canonicalJson(next.spec.agents[t]?.budget),
+      ),
+    );
     await this.d.timers.update(next.spec);
     this.d.log.info(
       { reason, from: current.hash.slice(0, 12), to: next.hash.slice(0, 12) },

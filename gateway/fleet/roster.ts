@@ -3,6 +3,7 @@
  * back to fleet.toml). The store keeps the status; the queue book learns retirements (its
  * admission refuses them); the scheduler is woken when an agent may run again.
  */
+import { budgetOfPause } from "../episode/index.ts";
 import type { FleetEvents } from "../events.ts";
 import type { QueueBook } from "./queue-book.ts";
 import type { Scheduler } from "./scheduler.ts";
@@ -77,7 +78,7 @@ export class Roster {
     }
     if (action === "resume") {
       // A budget pause's reason names its budget ("budget episodes_per_hour (20) reached"): the resume lifts that one.
-      const budget = /^budget (\w+)/.exec(agent.reason ?? "")?.[1];
+      const budget = budgetOfPause(agent.reason);
       if (agent.status === "paused" && agent.pausedUntil !== null && budget)
         await this.store.setMeta(`budget_override:${id}`, `${budget}:${agent.pausedUntil}`);
       await this.store.setAgentStatus(id, "active", null);
@@ -127,6 +128,16 @@ export class Roster {
     this.book.retire(id);
     this.events.emit("status", { agent: id, status: "retired", reason, checkpoint: agent.headHash });
     return true;
+  }
+
+  /**
+   * A reload changed these types' budgets: wake the agents a budget paused, so that each looks
+   * again (one whose budget now exceeds its usage runs at once rather than at the window's end).
+   */
+  async budgetsChanged(types: readonly string[]): Promise<void> {
+    for (const type of types)
+      for (const a of (await this.store.listAgents({ type, status: "paused", limit: 1_000_000 })).rows)
+        if (budgetOfPause(a.reason) !== null) this.scheduler.wake(a.id as AgentId);
   }
 
   /** At start: retire the draining agents whose queue emptied before the last stop. */

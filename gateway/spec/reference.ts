@@ -128,8 +128,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.max_wakeups":
     "Wake-ups (`ctx.wakeIn` / `ctx.wakeAt`) an agent may have pending at once; one more throws `ToolDenied`.",
   "agents.*.budget":
-    "Limits per agent; exceeding one pauses the agent until its window resets or an operator resumes it.",
-  "agents.*.budget.episodes_per_hour": "Episodes per hour window.",
+    "Limits per agent; exceeding one pauses the agent until its window resets, an operator resumes it, " +
+    "or a reload raises that budget past what the agent has used.",
+  "agents.*.budget.episodes_per_hour": "Episodes per hour window; every attempt counts, a failed one too.",
   "agents.*.budget.tool_calls_per_episode": "Tool calls one episode may make.",
   "agents.*.budget.tokens_per_day":
     "llm tokens per day window. Each call holds its max_tokens (capped at what is left) until the endpoint " +
