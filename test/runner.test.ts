@@ -488,6 +488,15 @@ describe.each(SANDBOXES)("runEpisode in sandbox %s: environment", (_mode, spawn)
     }
   });
 
+  test("the agent's process holds no file of the gateway's open (its memory cgroup's procs file included)", async () => {
+    const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
+    if (!r.ok) throw new Error(r.message);
+    const { fds } = decisions(r.records)[0]!.data as { fds: string[] };
+    expect(fds.length).toBeGreaterThanOrEqual(3);
+    const gateways = (f: string) => f.includes("cgroup") || f.includes(tmpdir()) || f.includes(process.cwd());
+    expect(fds.filter(gateways)).toEqual([]);
+  });
+
   test.if(process.getuid?.() === 0)(
     "as root, the agent runs as a sandbox uid and cannot read the gateway's /proc/<pid>/environ",
     async () => {

@@ -4,6 +4,7 @@
  * agent module, runs `init` (brand-new agent) and `onStimulus`, streams the episode's
  * records, asks the gateway for every tool call, and reports the final state.
  */
+import { closeSync } from "node:fs";
 import {
   CGROUP_PROCS_FD,
   CHILD_CHANNEL_FD,
@@ -494,6 +495,8 @@ async function joinCgroup(): Promise<void> {
     const written = procs.flush();
     if (typeof written !== "number") await written;
     await procs.end();
+    // The FileSink leaves the descriptor open: the agent's code must not hold the cgroup's file.
+    closeSync(CGROUP_PROCS_FD);
   } catch (err) {
     process.stderr.write(`the episode could not join its memory cgroup: ${String(err)}\n`);
     process.exit(70);
