@@ -488,7 +488,7 @@ describe.each(SANDBOXES)("runEpisode in sandbox %s: environment", (_mode, spawn)
     }
   });
 
-  test("the agent's process holds no file of the gateway's open (its memory cgroup's procs file included)", async () => {
+  test("the agent's process holds no file of the gateway's open (its memory cgroup's procs file too)", async () => {
     const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
     if (!r.ok) throw new Error(r.message);
     const { fds } = decisions(r.records)[0]!.data as { fds: string[] };
