@@ -45,6 +45,7 @@ interface Report {
   }[];
   added: string[];
   unchanged: string[];
+  refusals: string[];
 }
 
 async function check(...args: string[]): Promise<{ code: number; report: Report; stderr: string }> {
@@ -393,6 +394,20 @@ describe("fleet deploy --check with the gateway stopped", () => {
       const same = await check(candidate("shipped", (t) => t));
       expect(same.code).toBe(0);
       expect(same.report.types[0]?.changed[0]).toStartWith("module ");
+      expect(same.report.refusals).toEqual([]);
+    },
+    SLOW,
+  );
+
+  test(
+    "a candidate whose module does not bundle is NOT OK: a reload would refuse it",
+    async () => {
+      const broken = join(fleet.dir, "broken.ts");
+      writeFileSync(broken, 'import { gone } from "./no-such-file.ts";\nexport default gone;\n');
+      const r = await check(candidate("broken", withModule(broken)));
+      expect(r.code).toBe(1);
+      expect(r.report.ok).toBe(false);
+      expect(r.report.refusals).toEqual([`agents.temp-monitor.module ${broken} does not bundle`]);
     },
     SLOW,
   );

@@ -10,7 +10,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { hexOfSql } from "../gateway/store/index.ts";
-import { cleanupAll, publishQos1, ROOT, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
 const SDK = join(ROOT, "agents/sdk/index.ts");
@@ -137,6 +137,14 @@ describe("state migrations", () => {
       );
       expect(error).toContain("agents.door.module is version 1");
       expect(error).toContain("lower than version 2");
+      // `fleet deploy --check` foretells the refusal, besides what its replays find.
+      const check = await fleet.cli("deploy", "--check", fleet.configPath, "--json");
+      expect(check.code).toBe(1);
+      expect(check.json.ok).toBe(false);
+      expect(check.json.refusals).toEqual([expect.stringContaining("agents.door.module is version 1")]);
+      const told = await runCli(["deploy", "--check", fleet.configPath, "--data-dir", fleet.dataDir]);
+      expect(told.stdout).toContain("refused: agents.door.module is version 1");
+      expect(told.stdout).toMatch(/NOT OK: .*a reload would refuse it/);
       await publishQos1(c, "doors/d1/state", "closed");
       await fleet.waitCommitted("door/d1", 4);
       expect((await head("door/d1"))[0]!.state_version).toBe(2);

@@ -10,7 +10,7 @@
 import { and, desc, eq } from "drizzle-orm";
 import { blake3Hex, canonicalJson } from "../hash.ts";
 import { withBundles } from "../code/index.ts";
-import type { SpawnOptions } from "../episode/index.ts";
+import { moduleVersion, type SpawnOptions } from "../episode/index.ts";
 import type { AgentTypeSpec, FleetSpec, SpecVersion } from "../spec/index.ts";
 import { compileSpec } from "../spec/index.ts";
 import { tables as t, type Store } from "../store/index.ts";
@@ -40,7 +40,7 @@ export interface TypeCheck {
   readonly first: CheckFinding | null;
 }
 
-/** The whole answer. `ok` is false when any episode DIVERGED or FAILED. */
+/** The whole answer. `ok` is false when any episode DIVERGED or FAILED, or a reload would refuse the file. */
 export interface DeployCheckReport {
   readonly ok: boolean;
   /**
@@ -55,6 +55,11 @@ export interface DeployCheckReport {
   readonly added: readonly string[];
   /** Types present in both whose module and config are the same. */
   readonly unchanged: readonly string[];
+  /**
+   * Why the gateway would refuse the candidate whatever the replays say (a module that does not
+   * bundle; code whose state version is lower than the one that wrote its agents' state).
+   */
+  readonly refusals: readonly string[];
 }
 
 /** A module bundled for a check: its hash and the file the sandbox runs. */
@@ -222,6 +227,7 @@ export async function deployCheck(
   const added: string[] = [];
   const unchanged: string[] = [];
   const types: TypeCheck[] = [];
+  const refusals: string[] = [];
   // Each module bundled once: for its type's check, and for the spec version the candidate would be.
   const builds = new Map<string, Promise<Built | null | undefined>>();
   const buildOf = (type: AgentTypeSpec) => {
@@ -249,7 +255,19 @@ export async function deployCheck(
       pinned && bundleFile ? bundleFile(pinned) : built ? built.file() : Promise.resolve(type.module_path);
     if (changed.length === 0) unchanged.push(name);
     else types.push(await checkType(store, type, changed, spawn, { ...o, module }));
+    // A candidate pinned already (a reload) had these checks when it was pinned.
+    if (built && built.hash !== from) {
+      const version = await moduleVersion(type, await module(), spawn);
+      const stored = await store.maxStateVersion(name);
+      if (version !== null && version < stored)
+        refusals.push(
+          `agents.${name}.module is version ${version} (defineAgent({ version })), lower than version ${stored} ` +
+            "that wrote its agents' state: a deploy may not lower version",
+        );
+    }
   }
+  for (const type of Object.values(candidate.spec.agents))
+    if ((await buildOf(type)) === null) refusals.push(`agents.${type.name}.module ${type.module} does not bundle`);
   // The candidate's hash as the gateway would store it if it applied the file now: its text's hash
   // with its bundles (a module that cannot be bundled runs from its file, as the gateway would run it).
   const bundles: Record<string, Blake3Hex> = { ...candidate.bundles };
@@ -258,12 +276,13 @@ export async function deployCheck(
     if (built) bundles[type.name] = built.hash as Blake3Hex;
   }
   return {
-    ok: types.every((c) => c.counts.DIVERGED + c.counts.FAILED === 0),
+    ok: refusals.length === 0 && types.every((c) => c.counts.DIVERGED + c.counts.FAILED === 0),
     candidate: { path: candidate.path, hash: (await withBundles(candidate, bundles)).hash },
     running: running?.hash ?? null,
     types,
     added,
     unchanged,
+    refusals,
   };
 }
 
@@ -295,8 +314,13 @@ export function describeDeployCheck(r: DeployCheckReport): string {
   if (r.types.length === 0) lines.push("  no type's module, code or config changed: nothing to replay");
   if (r.added.length > 0) lines.push(`  new (no history): ${r.added.join(", ")}`);
   if (r.unchanged.length > 0) lines.push(`  unchanged: ${r.unchanged.join(", ")}`);
+  for (const why of r.refusals) lines.push(`  refused: ${why}`);
   const bad = r.types.reduce((s, c) => s + c.counts.DIVERGED + c.counts.FAILED, 0);
-  lines.push(r.ok ? "OK" : `NOT OK: ${bad} episode(s) DIVERGED or FAILED`);
+  const reasons = [
+    ...(bad > 0 ? [`${bad} episode(s) DIVERGED or FAILED`] : []),
+    ...(r.refusals.length > 0 ? ["a reload would refuse it"] : []),
+  ];
+  lines.push(r.ok ? "OK" : `NOT OK: ${reasons.join("; ")}`);
   return lines.join("\n");
 }
 
