@@ -29,6 +29,37 @@ export const MAX_WAKE_PAYLOAD_BYTES = 64 * 1024;
 /** Latest epoch ms a wake-up may be set for (the largest valid Date). */
 export const MAX_WAKE_AT = 8.64e15;
 
+/**
+ * How deep JSON may nest, in anything that reaches an episode's event log: a payload nested deeper
+ * is given to the agent as its text, a message from the subprocess nested deeper fails the episode
+ * (`protocol`), an http tool's response body is not parsed. The log is stored as SQLite JSONB, whose
+ * parser refuses nesting past 1000 levels: one such value would make every commit of its episode fail.
+ */
+export const MAX_JSON_DEPTH = 200;
+
+/**
+ * Whether JSON text (a string, or its UTF-8 bytes) nests arrays and objects deeper than `max`.
+ * A scan of brackets outside strings: the text is assumed to be JSON (parsed already, or about to be).
+ */
+export function jsonNestedDeeper(text: string | Uint8Array, max = MAX_JSON_DEPTH): boolean {
+  // Nesting past `max` takes more than `max` opening brackets.
+  if (text.length <= max) return false;
+  const at = typeof text === "string" ? (i: number) => text.charCodeAt(i) : (i: number) => text[i]!;
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = at(i);
+    if (inString) {
+      if (c === 0x5c) i++;
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x7b || c === 0x5b) {
+      if (++depth > max) return true;
+    } else if (c === 0x7d || c === 0x5d) depth--;
+  }
+  return false;
+}
+
 /** The id of the `n`th wake-up (1-based) an episode sets: unique per episode, the same in a replay. */
 export function wakeIdOf(episode: string, n: number): string {
   return `${episode}.w${n}`;

@@ -2,7 +2,7 @@
  * Core value types shared across the gateway. Identifiers that must not be mixed up are
  * branded; they are created only by the functions below or by parsing at the edge.
  */
-import type { Stimulus } from "../agents/protocol.ts";
+import { jsonNestedDeeper, type Stimulus } from "../agents/protocol.ts";
 
 /** Hex BLAKE3 digest (64 chars). */
 export type Blake3Hex = string & { readonly __brand: "Blake3Hex" };
@@ -113,15 +113,20 @@ export function parseTraceparent(v: string | null | undefined): { traceId: strin
   return { traceId: m[1]!, spanId: m[2]! };
 }
 
-/** Decode a stored payload: parsed JSON when it is JSON, else the UTF-8 string (agents/README.md). */
+/**
+ * Decode a stored payload: parsed JSON when it is JSON, else the UTF-8 string (agents/README.md).
+ * JSON nested deeper than `MAX_JSON_DEPTH` is given as its text: it could not be kept in an event log.
+ */
 export function decodePayload(bytes: Uint8Array | null): unknown {
   if (!bytes || bytes.length === 0) return null;
   const text = new TextDecoder("utf-8", { fatal: false }).decode(bytes);
+  let value: unknown;
   try {
-    return JSON.parse(text);
+    value = JSON.parse(text);
   } catch {
     return text;
   }
+  return typeof value === "object" && value !== null && jsonNestedDeeper(bytes) ? text : value;
 }
 
 /** Live agent status as published on `fleet/agents/<type>/<key>/status`. */

@@ -24,6 +24,7 @@ import { agentBlock, fleetHeader, isSandboxUid, policyAgent, uidClaimsWork } fro
 import { fleetHeader as loopbackHeader } from "./helpers/toml.ts";
 import { defaultSpawnOptions, MemoryCgroups } from "../gateway/episode/index.ts";
 import { DEFAULT_SANDBOX_UIDS } from "../gateway/spec/index.ts";
+import { MAX_JSON_DEPTH } from "../agents/protocol.ts";
 
 const IS_ROOT = process.getuid?.() === 0;
 const MARKER = "gateway-env-marker-7f3a";
@@ -180,6 +181,30 @@ describe("what an episode sends is parsed and bounded in the gateway", () => {
     const outs = await subscribe(client, "fleet/agents/steady/+/out");
     await publishQos1(client, "steady/a/in", { id: "after" });
     await outs.next((m) => m.json?.data?.id === "after", 20_000, "steady's out after the hostile episodes");
+  }, 60_000);
+
+  test("a message nested 1,100 deep fails as protocol (JSONB could not hold it); the gateway stays ready", async () => {
+    await publishQos1(client, "raw/deep/in", { id: "d1", deep: 1100 });
+    const eps = await quarantined("raw/deep");
+    expect(eps.map((e) => [e.error_kind, e.error])).toEqual([
+      ["protocol", `subprocess sent a message nested deeper than ${MAX_JSON_DEPTH} levels (arrays and objects)`],
+      ["protocol", `subprocess sent a message nested deeper than ${MAX_JSON_DEPTH} levels (arrays and objects)`],
+    ]);
+    expect((await fleet.fetch("/readyz")).status).toBe(200);
+  }, 60_000);
+
+  test("a payload nested 1,500 deep reaches the agent as its text, and its episode commits", async () => {
+    const outs = await subscribe(client, "fleet/agents/steady/+/out");
+    const text = `{"id":"deep-payload","d":${"[".repeat(1500)}${"]".repeat(1500)}}`;
+    await client.publishAsync("steady/b/in", text, { qos: 1 });
+    // steady echoes `payload.id`: a string payload has none.
+    const out = await outs.next((m) => m.json?.agent === "steady/b", 20_000, "steady/b's out");
+    expect(out.json.data).toEqual({ n: 1, id: null });
+    const [episode] = await fleet.episodes("steady/b");
+    expect(episode!.status).toBe("committed");
+    const shown = await fleet.cli("show", episode!.id);
+    expect(shown.json.events[0]).toMatchObject({ kind: "stimulus", data: { payload: text } });
+    expect((await fleet.fetch("/readyz")).status).toBe(200);
   }, 60_000);
 });
 

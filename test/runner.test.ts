@@ -17,7 +17,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
+import { type EpisodeRecord, MAX_JSON_DEPTH, type ParentMessage } from "../agents/protocol.ts";
 import { HOST_PATHS } from "../agents/host/index.ts";
 import {
   agentFiles,
@@ -575,6 +575,9 @@ beforeAll(async () => {
       }
       if (url.pathname === "/redirect")
         return new Response(null, { status: 302, headers: { location: "http://example.invalid/steal" } });
+      if (url.pathname === "/deep") return new Response(`${"[".repeat(1500)}${"]".repeat(1500)}`);
+      if (url.pathname === "/shallow")
+        return new Response(`${"[".repeat(MAX_JSON_DEPTH)}${"]".repeat(MAX_JSON_DEPTH)}`);
       return new Response("plain text", { status: 200 });
     },
   });
@@ -786,6 +789,14 @@ describe("ToolGate: http", () => {
       result: { error: "denied", reason: "secret OTHER_SECRET is not in agents.mon.secrets" },
     });
     expect(seen.length).toBe(before);
+  });
+
+  test("gives a body nested deeper than an event log can hold as text only (no json)", async () => {
+    const deep = await gate().handle(1, "http", [`http://127.0.0.1:${port}/deep`]);
+    expect(deep).toMatchObject({ ok: true, result: { status: 200, body: expect.stringMatching(/^\[{1500}/) } });
+    expect((deep as { result: object }).result).not.toHaveProperty("json");
+    const shallow = await gate().handle(1, "http", [`http://127.0.0.1:${port}/shallow`]);
+    expect((shallow as { result: object }).result).toHaveProperty("json");
   });
 
   test("does not follow redirects (they could lead to a host outside the allowlist)", async () => {

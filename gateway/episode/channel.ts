@@ -6,9 +6,12 @@
  * checked here, while the bytes arrive.
  */
 import { closeSync } from "node:fs";
+import { jsonNestedDeeper } from "../../agents/protocol.ts";
 
 /** A line that is not JSON. */
 export const MALFORMED: unique symbol = Symbol("malformed");
+/** A line of JSON nested deeper than `MAX_JSON_DEPTH` (an event log could not hold it). */
+export const TOO_DEEP: unique symbol = Symbol("too deep");
 
 /** Where the reader delivers. */
 export interface ChannelSink {
@@ -64,6 +67,7 @@ export class LineReader {
       } catch {
         // stays MALFORMED
       }
+      if (raw !== MALFORMED && jsonNestedDeeper(line)) raw = TOO_DEEP;
       this.sink.message(raw, total);
     }
     return false;

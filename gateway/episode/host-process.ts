@@ -6,7 +6,7 @@
 import { closeSync, constants, openSync, readdirSync, readFileSync, statfsSync, statSync, writeSync } from "node:fs";
 import { dirname } from "node:path";
 import { encodeMessage, type ParentMessage } from "../../agents/protocol.ts";
-import { LineReader, MALFORMED, type Pump, pump } from "./channel.ts";
+import { LineReader, MALFORMED, type Pump, pump, TOO_DEEP } from "./channel.ts";
 import {
   CHILD_ENV,
   hostCommand,
@@ -125,12 +125,12 @@ export function tmpfsUsedMb(path: string): number {
   return ((fs.blocks - fs.bfree) * fs.bsize + (fs.files - fs.ffree) * TMPFS_INODE_BYTES) / (1024 * 1024);
 }
 
-/** What a listener gets: a parsed line (or MALFORMED, or an oversize marker) and its size in bytes. */
+/** What a listener gets: a parsed line (or MALFORMED, TOO_DEEP, or an oversize marker) and its size in bytes. */
 export type Listener = (raw: unknown, bytes: number) => void;
 
 /** Key of the marker object delivered in place of a message that exceeded the cap. */
 export const OVERSIZE: unique symbol = Symbol("oversize");
-export { MALFORMED };
+export { MALFORMED, TOO_DEEP };
 
 /**
  * The host process groups of one owner (a gateway, a replay, a test): which serve an

@@ -6,8 +6,17 @@
  * /proc/<pid>/environ. IPC is parsed at the edge; the child never touches the database.
  * The isolation itself is ./sandbox.ts; spawning, spares and kills are ./host-process.ts.
  */
-import { parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
-import { HostProcess, MALFORMED, OVERSIZE, ProcessTable, rssMb, sandboxTmpMb, type SparePool } from "./host-process.ts";
+import { MAX_JSON_DEPTH, parseChildMessage, type EpisodeRecord, type ParentMessage } from "../../agents/protocol.ts";
+import {
+  HostProcess,
+  MALFORMED,
+  OVERSIZE,
+  ProcessTable,
+  rssMb,
+  sandboxTmpMb,
+  type SparePool,
+  TOO_DEEP,
+} from "./host-process.ts";
 import { HOST_PATHS } from "../../agents/host/index.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
 import { agentFiles, spareCanLoad } from "./sandbox-view.ts";
@@ -201,6 +210,12 @@ export async function runEpisode(
   host.attach((raw, bytes) => {
     if (raw === MALFORMED)
       return finish({ ok: false, kind: "protocol", message: "subprocess sent a line that is not JSON" });
+    if (raw === TOO_DEEP)
+      return finish({
+        ok: false,
+        kind: "protocol",
+        message: `subprocess sent a message nested deeper than ${MAX_JSON_DEPTH} levels (arrays and objects)`,
+      });
     if (typeof raw === "object" && raw !== null && OVERSIZE in raw)
       return finish({
         ok: false,

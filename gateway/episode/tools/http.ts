@@ -5,6 +5,7 @@
  * Redirects are not followed (they could lead outside the allowlist).
  */
 import { z } from "zod";
+import { jsonNestedDeeper } from "../../../agents/protocol.ts";
 import { readBodyCapped } from "../../body.ts";
 import type { AgentTypeSpec } from "../../spec/index.ts";
 import { arity, deny, failed, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
@@ -74,7 +75,8 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
     const text = redact(body);
     let json: unknown;
     try {
-      json = JSON.parse(text);
+      // Nested past what an event log can hold: the agent gets the body text only.
+      json = jsonNestedDeeper(text) ? undefined : JSON.parse(text);
     } catch {
       json = undefined;
     }
