@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import type { ParentMessage } from "../agents/protocol.ts";
-import { budgetWindows, COMMIT_GATHER_MS, EpisodeExecutor } from "../gateway/episode/index.ts";
+import { budgetWindows, COMMIT_GATHER_MS, EpisodeExecutor, TURN_ERROR_BACKOFF_MS } from "../gateway/episode/index.ts";
 import type { RunResult, ToolHandler } from "../gateway/episode/index.ts";
 import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
 import { QueueBook } from "../gateway/fleet/index.ts";
@@ -234,6 +234,33 @@ describe("executor: failure, retry, quarantine", () => {
     expect(await t.rows("SELECT COUNT(*) AS n FROM episodes")).toEqual([{ n: 0 } as never]);
     expect(await t.rows("SELECT state, attempts FROM stimuli")).toEqual([{ state: "queued", attempts: 0 } as never]);
     expect(t.book.queued(A)).toBe(1);
+  });
+});
+
+describe("executor: a turn that fails unexpectedly", () => {
+  test("is tried again after a backoff that doubles while it keeps failing, reset by a good turn", async () => {
+    await t.queue();
+    const broken = () => {
+      throw new Error("the store refused the commit");
+    };
+    const waits: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      t.script.push(broken);
+      const r = await t.executor.turn(A);
+      expect(r.kind).toBe("wait");
+      waits.push((r as { until: number }).until - t.now());
+    }
+    const first = TURN_ERROR_BACKOFF_MS.first;
+    expect(waits).toEqual([first, 2 * first, 4 * first, 8 * first]);
+    // Nothing was recorded for the stimulus: it is still queued, its attempts untouched.
+    expect(await t.rows("SELECT state, attempts FROM stimuli")).toEqual([
+      expect.objectContaining({ state: "queued", attempts: 0 }),
+    ]);
+    expect((await t.executor.turn(A)).kind).not.toBe("wait");
+    await t.queue();
+    t.script.push(broken);
+    const again = await t.executor.turn(A);
+    expect((again as { until: number }).until - t.now()).toBe(first);
   });
 });
 

@@ -139,17 +139,33 @@ export function commitGatherMs(waitMs: number, running: number): number {
   return waitMs >= BACKLOG_WAIT_MS && running > 1 ? COMMIT_GATHER_MS : 0;
 }
 
+/** The wait after a turn that failed unexpectedly (a commit the store refused, say): doubled each time in a row. */
+export const TURN_ERROR_BACKOFF_MS = { first: 1000, max: 300_000 } as const;
+
 /** Runs turns; one instance per gateway. */
 export class EpisodeExecutor {
+  /** Agents whose last turns failed unexpectedly, and how many in a row. */
+  private readonly turnErrors = new Map<AgentId, number>();
+
   constructor(private readonly d: EpisodeDeps) {}
 
-  /** One turn for `agentId` (see Scheduler). Never throws. */
+  /**
+   * One turn for `agentId` (see Scheduler). Never throws. A turn that fails unexpectedly is tried
+   * again after a backoff that doubles while it keeps failing (up to 5 minutes): an error that does
+   * not pass (one a store refuses on every commit) must not start a subprocess every second forever.
+   */
   async turn(agentId: AgentId): Promise<TurnResult> {
     try {
-      return await this.turnInner(agentId);
+      const result = await this.turnInner(agentId);
+      this.turnErrors.delete(agentId);
+      return result;
     } catch (err) {
-      this.d.log.error({ err, agent: agentId }, "episode turn failed unexpectedly");
-      return { kind: "wait", until: this.d.now() + 1000 };
+      const times = (this.turnErrors.get(agentId) ?? 0) + 1;
+      this.turnErrors.set(agentId, times);
+      const { first, max } = TURN_ERROR_BACKOFF_MS;
+      const waitMs = Math.min(first * 2 ** Math.min(times - 1, 20), max);
+      this.d.log.error({ err, agent: agentId, times, retry_in_ms: waitMs }, "episode turn failed unexpectedly");
+      return { kind: "wait", until: this.d.now() + waitMs };
     }
   }
 
