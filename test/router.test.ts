@@ -205,6 +205,20 @@ describe("stimulusId", () => {
     expect(idOf("{device}:{seq}", { device: "door-1" })).toMatch(/^u:/);
   });
 
+  test("different combinations never make the same id, whatever the values hold", () => {
+    const t = "{device}:{seq}";
+    expect(idOf(t, { device: "a:b", seq: 1 })).not.toBe(idOf(t, { device: "a", seq: "b:1" }));
+    expect(idOf(t, { device: "a\\", seq: ":1" })).not.toBe(idOf(t, { device: "a\\:", seq: "1" }));
+    expect(idOf("{device}{seq}", { device: "d1", seq: 23 })).not.toBe(idOf("{device}{seq}", { device: "d12", seq: 3 }));
+    expect(idOf("{a}-{b}--{c}", { a: "x-", b: "y", c: "z" })).not.toBe(
+      idOf("{a}-{b}--{c}", { a: "x", b: "-y", c: "z" }),
+    );
+    // The same combination is the same id; a value without the template's characters is as it was.
+    expect(idOf(t, { device: "a:b", seq: 1 })).toBe(idOf(t, { device: "a:b", seq: 1 }));
+    expect(idOf(t, { device: "door-1", seq: 41 })).toBe("id:door-1:41");
+    expect(idOf("{device}{seq}", { device: "door", seq: 7 })).toBe("id:door\u001f7");
+  });
+
   test("a repeated value without a dedup key is a new stimulus each time, never a duplicate", () => {
     const a = idOf(null, { open: true });
     const b = idOf(null, { open: true });

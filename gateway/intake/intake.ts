@@ -95,13 +95,56 @@ export function dedupKey(dedup: string, parsed: unknown): string | null {
     const v = at(parsed, dedup);
     return usable(v) ? String(v) : null;
   }
-  let missing = false;
-  const key = dedup.replace(TEMPLATE_FIELD, (_, path: string) => {
-    const v = at(parsed, path.trim());
-    if (!usable(v)) missing = true;
-    return usable(v) ? String(v) : "";
-  });
-  return missing || key.length > 512 ? null : key;
+  const t = template(dedup);
+  let key = "";
+  for (const part of t.parts) {
+    if (typeof part === "string") {
+      key += part;
+      continue;
+    }
+    const v = at(parsed, part.path);
+    if (!usable(v)) return null;
+    key += String(v).replace(t.special, "\\$&");
+  }
+  return key.length > 512 ? null : key;
+}
+
+/** A `dedup` template split into literal text and fields, with what a field's value must escape. */
+interface DedupTemplate {
+  readonly parts: readonly (string | { readonly path: string })[];
+  /** The backslash, every character of the literal text, and the separator of adjacent fields. */
+  readonly special: RegExp;
+}
+
+/** Separates two fields with no literal text between them (`"{device}{seq}"`). */
+const ADJACENT = "\u001f";
+const templates = new Map<string, DedupTemplate>();
+
+/**
+ * A template compiled once. Each field's value escapes (with a backslash) the backslash and every
+ * character of the template's literal text, and fields with nothing between them are separated:
+ * different combinations then always make different ids (`{"device":"a:b","seq":1}` and
+ * `{"device":"a","seq":"b:1"}` under `"{device}:{seq}"`; `d1`+`23` and `d12`+`3` under `"{device}{seq}"`).
+ * A value without such characters, the common case, is as it was.
+ */
+function template(dedup: string): DedupTemplate {
+  let t = templates.get(dedup);
+  if (t) return t;
+  const parts: (string | { path: string })[] = [];
+  let last = 0;
+  for (const m of dedup.matchAll(TEMPLATE_FIELD)) {
+    const literal = dedup.slice(last, m.index);
+    if (literal) parts.push(literal);
+    else if (parts.length > 0) parts.push(ADJACENT);
+    parts.push({ path: m[1]!.trim() });
+    last = m.index + m[0].length;
+  }
+  if (last < dedup.length) parts.push(dedup.slice(last));
+  const chars = new Set(["\\", ...parts.flatMap((p) => (typeof p === "string" ? [...p] : []))]);
+  const special = new RegExp(`[${[...chars].map((c) => c.replace(/[\\\]^-]/g, "\\$&")).join("")}]`, "g");
+  t = { parts, special };
+  templates.set(dedup, t);
+  return t;
 }
 
 /**
