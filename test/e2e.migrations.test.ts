@@ -167,4 +167,35 @@ describe("state migrations", () => {
       await fleet.dispose();
     }
   }, 240_000);
+  test("replaying version-1 history on version 2 migrates first and compares behaviour, not the migration", async () => {
+    const fleet = new TestFleet("");
+    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
+    const door = join(fleet.dir, "door.ts");
+    const v2 = join(fleet.dir, "door-v2.ts");
+    writeFileSync(door, example("door-watcher"));
+    writeFileSync(v2, example("door-watcher-v2"));
+    writeFileSync(
+      fleet.configPath,
+      fleetHeader("e2e-migrations-replay") +
+        agentType("door", door, ["doors/+/state"], {
+          extra: 'tools = ["publish"]\npublish = ["alerts/doors/#"]\nconfig = { open_after = "1h" }\n',
+        }),
+    );
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      for (const [i, state] of ["open", "closed", "open"].entries()) {
+        await publishQos1(c, "doors/d1/state", state);
+        await fleet.waitCommitted("door/d1", i + 1);
+      }
+      const r = await fleet.cli("replay", "--agent", "door/d1", "--module", v2);
+      // Version 2 adds `openings` to its "opened" decision: that change is what the replays show. The
+      // episode in between (closed) migrates its v1 state first and decides as v1 did: MATCH.
+      const { results } = r.json as { results: { verdict: string; divergence?: { at: string } }[] };
+      expect(results.map((x) => x.divergence?.at ?? x.verdict)).toEqual(["decision #1", "MATCH", "decision #1"]);
+      expect(r.code).toBe(1);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
 });

@@ -163,11 +163,15 @@ export async function replayEpisode(
     spawn,
   );
 
+  // Other code with a newer state version migrates the recorded state first: that is the upgrade, not
+  // a divergence. Its decisions, outputs and tool calls are compared; its final state (the new shape) is not.
+  const migrated = result.records.some((r) => r.k === "migrate") && !records.some((r) => r.k === "migrate");
+  const actual = migrated ? result.records.filter((r) => r.k !== "migrate") : result.records;
   const recordedOk = ending.kind === "end";
   if (recordedOk && !result.ok) {
     // Other code that did something else first (a decision, or a tool call the recording cannot
     // answer, which then fails it) diverged there; only one that failed on the same path failed.
-    const early = firstDivergence(records, result.records);
+    const early = firstDivergence(records, actual);
     if (early && early.actual !== "(nothing)") return { ...base, verdict: "DIVERGED", divergence: early };
   }
   if (result.ok !== recordedOk) {
@@ -196,9 +200,9 @@ export async function replayEpisode(
       };
     }
   }
-  const d = firstDivergence(records, result.records);
+  const d = firstDivergence(records, actual);
   if (d) return { ...base, verdict: "DIVERGED", divergence: d };
-  if (result.ok && ep.checkpoint) {
+  if (result.ok && ep.checkpoint && !migrated) {
     const cp = await store.getCheckpoint(ep.checkpoint);
     if (cp && cp.state !== null && cp.state !== canonicalJson(result.state)) {
       return {
