@@ -167,7 +167,7 @@ describe("state migrations", () => {
       await fleet.dispose();
     }
   }, 240_000);
-  test("replaying version-1 history on version 2 migrates first and compares behaviour, not the migration", async () => {
+  test("replaying version-1 history on version 2 migrates first, compares behaviour, not the migration", async () => {
     const fleet = new TestFleet("");
     if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
     const door = join(fleet.dir, "door.ts");
