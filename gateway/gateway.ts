@@ -103,7 +103,7 @@ export interface GatewayOptions {
   readonly gcIntervalMs?: number;
 }
 
-import { type AgentId, type GatewayState, parseAgentId } from "./types.ts";
+import { type AgentId, type GatewayState, parseAgentId, shownStatus } from "./types.ts";
 
 /** Stimuli queued for one agent from which it counts as flooded (docs/sandbox.md). */
 const FLOOD_BACKLOG = 8;
@@ -614,7 +614,8 @@ export class Gateway {
   async health() {
     const counts = await this.store.agentCounts();
     const byStatus: Record<string, number> = {};
-    for (const c of counts) byStatus[c.status] = (byStatus[c.status] ?? 0) + c.n;
+    // As every view shows a status: the stored `active` is `idle`.
+    for (const c of counts) byStatus[shownStatus(c.status)] = (byStatus[shownStatus(c.status)] ?? 0) + c.n;
     const queued = this.book.total();
     const oldest = this.book.oldestReceivedAt() ?? Infinity;
     return {
