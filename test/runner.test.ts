@@ -573,6 +573,12 @@ beforeAll(async () => {
         const auth = req.headers.get("authorization") ?? "";
         return Response.json({ auth, note: `token was ${auth}` }, { headers: { "x-echo": auth } });
       }
+      if (url.pathname === "/echo-escaped") {
+        // The header echoed in JSON with `/` escaped too, and once more with every character \u-escaped.
+        const auth = req.headers.get("authorization") ?? "";
+        const u = [...auth].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`).join("");
+        return new Response(`{"auth":${JSON.stringify(auth).replaceAll("/", "\\/")},"u":"${u}"}`);
+      }
       if (url.pathname === "/redirect")
         return new Response(null, { status: 302, headers: { location: "http://example.invalid/steal" } });
       if (url.pathname === "/deep") return new Response(`${"[".repeat(1500)}${"]".repeat(1500)}`);
@@ -596,7 +602,7 @@ subscribe = ["s/+/t"]
 tools = ["publish", "send", "http", "llm"]
 publish = ["alerts/#", "ops/+/notice"]
 http_hosts = ["127.0.0.1:${port}"]
-secrets = ["API_TOKEN"]
+secrets = ["API_TOKEN", "QUOTED_TOKEN", "UNSET_TOKEN"]
 
 [agents.mon.budget]
 tool_calls_per_episode = 3
@@ -613,7 +619,12 @@ tools = ["publish"]
 
 afterAll(() => server?.stop(true));
 
-const ENV: ToolEnv = { secrets: { API_TOKEN: SECRET, OTHER_SECRET: "other-secret-value", LLM_KEY }, fetch };
+/** A secret JSON escapes three ways: its quote, its backslash and (some servers) its slash. */
+const QUOTED = 'tok"en/with\\slash';
+const ENV: ToolEnv = {
+  secrets: { API_TOKEN: SECRET, QUOTED_TOKEN: QUOTED, OTHER_SECRET: "other-secret-value", LLM_KEY },
+  fetch,
+};
 
 /** A fresh gate for one episode of `<type>/k1`. */
 function gate(type = "mon", tokensLeft = 1000): ToolGate {
@@ -776,6 +787,33 @@ describe("ToolGate: http", () => {
     expect(JSON.stringify(result)).not.toContain(SECRET);
     expect(result.json.auth).toBe("Bearer [secret:API_TOKEN]");
     expect(result.headers["x-echo"]).toBe("Bearer [secret:API_TOKEN]");
+  });
+
+  test("redacts a secret a JSON response writes escaped, and from the parsed json however it was escaped", async () => {
+    const out = await gate().handle(1, "http", [
+      `http://127.0.0.1:${port}/echo-escaped`,
+      { headers: { authorization: "Bearer {{secret:QUOTED_TOKEN}}" } },
+    ]);
+    if (!out.ok) throw new Error(JSON.stringify(out.result));
+    const result = out.result as { body: string; json: { auth: string; u: string } };
+    expect(result.json).toEqual({ auth: "Bearer [secret:QUOTED_TOKEN]", u: "Bearer [secret:QUOTED_TOKEN]" });
+    expect(result.body).toContain('"auth":"Bearer [secret:QUOTED_TOKEN]"');
+    const escaped = JSON.stringify(QUOTED).slice(1, -1);
+    for (const form of [QUOTED, escaped, escaped.replaceAll("/", "\\/")])
+      expect(JSON.stringify(result.json)).not.toContain(form);
+  });
+
+  test("denies a secret whose variable is not set rather than sending an empty credential", async () => {
+    const before = seen.length;
+    const out = await gate().handle(1, "http", [
+      `http://127.0.0.1:${port}/echo`,
+      { headers: { authorization: "Bearer {{secret:UNSET_TOKEN}}" } },
+    ]);
+    expect(out).toEqual({
+      ok: false,
+      result: { error: "denied", reason: "secret UNSET_TOKEN is not set in the gateway's environment" },
+    });
+    expect(seen.length).toBe(before);
   });
 
   test("denies a secret the type did not declare, without calling the host", async () => {

@@ -121,7 +121,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "status and inbox: the gateway's).",
   "agents.*.http_hosts": "Host names the http tool may reach.",
   "agents.*.secrets":
-    "Environment variable names this type's tools may inject as {{secret:NAME}}; never visible to the agent.",
+    "Environment variable names the http tool may inject as {{secret:NAME}} in header values (not the URL or " +
+    "body); a call naming one that is unset is denied. The value is scrubbed from the response (as sent and " +
+    "as JSON escapes it, and from every string of the parsed json) when 4 characters or longer; a host that " +
+    "echoes it in another encoding defeats that, so list only hosts you trust.",
   "agents.*.config":
     "Table handed to the agent as ctx.config; checked at validate and deploy against its module's config schema.",
   "agents.*.max_queue": "Stimuli that may wait per agent; past it intake refuses (no PUBACK, the device retries).",

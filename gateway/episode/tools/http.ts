@@ -75,8 +75,9 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
     const text = redact(body);
     let json: unknown;
     try {
-      // Nested past what an event log can hold: the agent gets the body text only.
-      json = jsonNestedDeeper(text) ? undefined : JSON.parse(text);
+      // Nested past what an event log can hold: the agent gets the body text only. Parsed from the
+      // body as sent, then scrubbed: a secret written with other JSON escapes is a plain string here.
+      json = jsonNestedDeeper(body) ? undefined : redactValue(JSON.parse(body), redact);
     } catch {
       json = undefined;
     }
@@ -102,13 +103,19 @@ function inject(
 ): string | { denied: string } {
   let denied: string | null = null;
   const out = text.replace(/\{\{secret:([A-Z_][A-Z0-9_]*)\}\}/g, (_m, name: string) => {
-    if (!type.secrets.includes(name)) denied = `secret ${name} is not in agents.${type.name}.secrets`;
+    if (!type.secrets.includes(name)) denied ??= `secret ${name} is not in agents.${type.name}.secrets`;
+    // An unset variable would send an empty credential (a bare "Bearer "): refuse the call instead.
+    else if (!secrets[name]) denied ??= `secret ${name} is not set in the gateway's environment`;
     return secrets[name] ?? "";
   });
   return denied ? { denied } : out;
 }
 
-/** Scrub secret values from anything recorded or returned. */
+/**
+ * Scrub secret values from anything recorded or returned: as they are, and as a JSON string
+ * writes them (quotes and backslashes escaped, `/` as `\/` too). Values shorter than 4 characters
+ * are left alone (they would scrub ordinary text).
+ */
 function redactSecrets(
   type: AgentTypeSpec,
   secrets: Readonly<Record<string, string | undefined>>,
@@ -117,9 +124,20 @@ function redactSecrets(
   let out = text;
   for (const name of type.secrets) {
     const v = secrets[name];
-    if (v && v.length >= 4) out = out.split(v).join(`[secret:${name}]`);
+    if (!v || v.length < 4) continue;
+    const escaped = JSON.stringify(v).slice(1, -1);
+    for (const form of new Set([v, escaped, escaped.replaceAll("/", "\\/")]))
+      out = out.split(form).join(`[secret:${name}]`);
   }
   return out;
+}
+
+/** `value` with `redact` applied to every string in it, keys included (a parsed JSON response). */
+function redactValue(value: unknown, redact: (text: string) => string): unknown {
+  if (typeof value === "string") return redact(value);
+  if (Array.isArray(value)) return value.map((v) => redactValue(v, redact));
+  if (typeof value !== "object" || value === null) return value;
+  return Object.fromEntries(Object.entries(value).map(([k, v]) => [redact(k), redactValue(v, redact)]));
 }
 
 /** A response body as text, or null past `cap` bytes. */
