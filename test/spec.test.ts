@@ -251,6 +251,16 @@ describe("schema errors name the key path", () => {
     ["bad cron", agent('cron = "61 * * * *"'), "agents.x.cron", /is not a valid cron expression/],
     ["cron with too few fields", agent('cron = "* * *"'), "agents.x.cron", /is not a valid cron expression/],
     ["bad duration", agent('every = "often"'), "agents.x.every", /must be a positive duration/],
+    ["dedup template never closed", agent('dedup = "{device}-{seq"'), "agents.x.dedup", /opens or closes no field/],
+    ["dedup brace alone", agent('dedup = "id}"'), "agents.x.dedup", /opens or closes no field/],
+    ["dedup empty field", agent('dedup = "{device}:{}"'), "agents.x.dedup", /field \{\} that is not a field path/],
+    ["dedup empty path part", agent('dedup = "device..seq"'), "agents.x.dedup", /must be a field path/],
+    [
+      "hook dedup never closed",
+      '[hooks.h]\nagent = "x/a"\ndedup = "{id"\n',
+      "hooks.h.dedup",
+      /opens or closes no field/,
+    ],
     [
       "unknown tool",
       agent('tools = ["publish", "shell"]'),

@@ -113,8 +113,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Timer fires missed while the gateway was down, and fires that queued up while the agent was paused or busy: " +
     '"none", "one" (run only the newest) or "all" (capped at 100 after downtime).',
   "agents.*.dedup":
-    'The stimulus id from the payload: a field path ("id", "device.seq") or a template ("{device}:{seq}"). ' +
-    "Absent: only MQTT retransmissions are deduplicated.",
+    'The stimulus id from the payload: a field path ("id", "device.seq") or a template ("{device}:{seq}"); ' +
+    "a brace that opens or closes no field is an error. Absent: only MQTT retransmissions are deduplicated.",
   "agents.*.tools": "Tools this type may call (publish, http, llm, send); any other call is denied and recorded.",
   "agents.*.publish":
     "Topic filters the publish tool may write (the agent's own fleet/agents/... topics always, but for out, " +

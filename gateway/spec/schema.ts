@@ -82,7 +82,7 @@ const agentSchema = z.strictObject(
       })
       .optional(),
     catch_up: z.enum(["none", "one", "all"], says('must be "none", "one" or "all"')).default("one"),
-    dedup: str().optional(),
+    dedup: dedupRule().optional(),
     tools: list(tool),
     publish: list(filter()),
     http_hosts: list(str().regex(/^[^\s/]+$/, "must be a host name, without scheme or path")),
@@ -129,7 +129,7 @@ const hookSchema = z.strictObject(
       .optional(),
     type: str().regex(TYPE_NAME_RE, "must be an agent type name").optional(),
     key_field: str().optional(),
-    dedup: str().optional(),
+    dedup: dedupRule().optional(),
     secret_env: envName().optional(),
     max_body_bytes: posInt(1_048_576),
   },
@@ -258,6 +258,34 @@ export type RawAgent = z.output<typeof agentSchema>;
 export type RawHook = z.output<typeof hookSchema>;
 
 /** Why croner rejects a cron expression (or that it never fires), or null when it is fine. */
+/**
+ * A `dedup` rule: a field path (`"id"`, `"device.seq"`) or a template of them (`"{device}:{seq}"`).
+ * A brace out of place would otherwise be literal text of every id: one id for every message, all
+ * but the first dropped as duplicates.
+ */
+function dedupRule() {
+  return str().superRefine((rule, ctx) => {
+    const problem = dedupRuleProblem(rule);
+    if (problem !== null) ctx.addIssue({ code: "custom", message: problem });
+  });
+}
+
+const badPath = (path: string) => path.split(".").some((part) => part.trim() === "");
+
+function dedupRuleProblem(rule: string): string | null {
+  if (!/[{}]/.test(rule))
+    return badPath(rule) ? 'must be a field path ("id", "device.seq") or a template ("{device}:{seq}")' : null;
+  let fields = 0;
+  let bad: string | null = null;
+  const rest = rule.replace(/\{([^{}]*)\}/g, (whole, path: string) => {
+    fields++;
+    if (badPath(path)) bad ??= `has a field ${whole} that is not a field path ("id", "device.seq")`;
+    return "";
+  });
+  if (/[{}]/.test(rest)) return `has a brace that opens or closes no field (a template is "{device}:{seq}")`;
+  return bad ?? (fields === 0 ? "has no field" : null);
+}
+
 function cronProblem(expr: string): string | null {
   try {
     const next = new Cron(expr, { paused: true }).nextRun();
