@@ -67,7 +67,7 @@ import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from 
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { deployCheck, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
-import { SpecWatcher } from "./fleet/index.ts";
+import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
 import { deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
@@ -329,6 +329,14 @@ export class Gateway {
     publishFacts(this.events, () => this.broker);
 
     for (const row of await this.store.agentCounts()) void row; // warm the connection
+    // Types fleet.toml dropped or brought back while the gateway was stopped: as a hot reload would,
+    // written before the queues load (loading them starts turns, and a turn would retire the agent
+    // of a type it cannot find, refusing what it has queued).
+    if (starting.previous && starting.previous.hash !== this.current.hash) {
+      const diff = diffSpecs(starting.previous.spec, this.current.spec);
+      for (const type of diff.removed) await this.roster.drainTypeAtStart(type, this.current.hash);
+      for (const type of diff.added) await this.roster.unretireType(type);
+    }
     await this.book.load(this.store);
     // Agents that were draining when the gateway stopped: those with nothing left retire now.
     await this.roster.finishDrains();
@@ -1043,21 +1051,24 @@ export class Gateway {
    * that does not bundle, a failed `require_check` deploy check). Then that version runs again and
    * the refusal is the spec error, as after a refused reload: a restart never slips it through.
    */
-  private async startingVersion(file: SpecVersion): Promise<{ sv: SpecVersion; refused: string | null }> {
+  private async startingVersion(
+    file: SpecVersion,
+  ): Promise<{ sv: SpecVersion; refused: string | null; previous: SpecVersion | null }> {
     // A stored version this code can no longer compile is as good as none (the file is checked as at a first start).
     const previous = await storedSpec(this.store).catch(() => null);
     const pinned = await this.pin(file, previous);
     if (previous === null) {
       if (!pinned.ok) throw new Error(pinned.problems.join("\n"));
-      return { sv: pinned.sv, refused: null };
+      return { sv: pinned.sv, refused: null, previous };
     }
     let refused = pinned.ok ? null : pinned.problems.join("; ");
     if (pinned.ok && pinned.sv.hash !== previous.hash)
       refused = await reloadGate(this.store, previous, pinned.sv, this.spawnOptions, (h) => this.bundles.file(h)).catch(
         (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
       );
-    if (pinned.ok && refused === null) return { sv: pinned.sv, refused: null };
+    if (pinned.ok && refused === null) return { sv: pinned.sv, refused: null, previous };
     return {
+      previous,
       sv: previous,
       refused: `not applied at start: ${refused}; running spec ${previous.hash.slice(0, 12)}, the one that ran before`,
     };

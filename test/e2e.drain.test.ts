@@ -235,4 +235,36 @@ describe("removing a type from fleet.toml", () => {
     },
     SLOW,
   );
+  test(
+    "a type removed while the gateway was stopped drains at start as at a hot reload; brought back, it returns",
+    async () => {
+      writeFileSync(fleet.configPath, BASE + gatedType("gated") + gatedType("late"));
+      await waitFor(
+        async () =>
+          ((await (await fleet.fetch("/api/fleet")).json()) as { types?: Record<string, unknown> }).types?.late,
+        30_000,
+        "type late deployed",
+      );
+      setGate(false);
+      await queueBehindRunning("late/l1", ["l1", "l2", "l3"]);
+      await fleet.kill();
+      writeFileSync(fleet.configPath, BASE + gatedType("gated"));
+      setGate(true);
+      await fleet.start();
+      const a = await waitFor(
+        async () => {
+          const x = await apiAgent("late/l1");
+          return x.status === "retired" ? x : undefined;
+        },
+        60_000,
+        "late/l1 retired after draining at start",
+      );
+      expect(a.reason).toMatch(/^type late removed from fleet\.toml \(spec [0-9a-f]{12}\)$/);
+      expect((await stimuli("late/l1")).map((s) => s.state)).toEqual(["done", "done", "done"]);
+
+      writeFileSync(fleet.configPath, BASE + gatedType("gated") + gatedType("late"));
+      await waitFor(async () => (await apiAgent("late/l1")).status === "idle" || undefined, 30_000, "late/l1 back");
+    },
+    SLOW,
+  );
 });

@@ -295,6 +295,23 @@ describe("executor: budgets, retirement, integrity", () => {
     expect(t.seen.find((s) => s.kind === "rejected")?.e).toMatchObject({ agent: A, count: 2 });
   });
 
+  test("an agent whose type is gone is retired; what waits for it is refused, not left queued", async () => {
+    const other = await setup(await compileSpec('[agents.other]\nmodule = "o.ts"\n', "/srv/fleet.toml"));
+    await other.queue();
+    await other.queue();
+    expect(await other.executor.turn(A)).toEqual({ kind: "parked" });
+    expect(other.starts).toHaveLength(0);
+    expect((await other.rows("SELECT status, reason FROM agents"))[0]).toMatchObject({
+      status: "retired",
+      reason: "type mon is not in the fleet spec",
+    });
+    const rows = await other.rows("SELECT state, last_error FROM stimuli");
+    expect(rows.map((r) => [r.state, r.last_error])).toEqual([
+      ["rejected", "agent is retired (type mon is not in the fleet spec)"],
+      ["rejected", "agent is retired (type mon is not in the fleet spec)"],
+    ]);
+  });
+
   test("a checkpoint that does not match its hash fails the agent with a clear reason and runs nothing", async () => {
     await t.queue();
     await t.queue();

@@ -236,7 +236,9 @@ export class EpisodeExecutor {
           await store.setAgentStatus(agentId, "retired", d.reason);
           this.d.queue.retire(agentId);
           events.emit("status", { agent: agentId, status: "retired", reason: d.reason });
-          return { kind: "parked" };
+          // What waits for it is refused with the reason (the next decision), not left queued for ever.
+          inputs = { ...inputs, agent: inputs.agent && { ...inputs.agent, status: "retired", reason: d.reason } };
+          continue;
         case "pause":
           await store.setAgentStatus(agentId, "paused", d.reason, d.until);
           events.emit("status", { agent: agentId, status: "paused", reason: d.reason });

@@ -164,6 +164,21 @@ export class Roster {
     }
   }
 
+  /**
+   * `retireType` before the queue book has loaded (a type removed while the gateway was stopped): the
+   * statuses only. The book then loads them as draining, and `finishDrains` retires those with nothing queued.
+   */
+  async drainTypeAtStart(type: string, hash: string): Promise<void> {
+    const reason = `type ${type} removed from fleet.toml (spec ${hash.slice(0, 12)})`;
+    for (const a of await this.store.listAgents({ type, limit: 1_000_000 }).then((r) => r.rows)) {
+      if (a.status === "retired" || a.status === "draining") continue;
+      const [status, why] =
+        a.status === "failed" ? (["retired", reason] as const) : (["draining", reason + DRAINING_SUFFIX] as const);
+      await this.store.setAgentStatus(a.id as AgentId, status, why);
+      this.events.emit("status", { agent: a.id as AgentId, status, reason: why });
+    }
+  }
+
   /** A type that comes back brings back the agents its removal retired or drains (not operator retirements). */
   async unretireType(type: string): Promise<void> {
     for (const status of ["retired", "draining"] as const) {
