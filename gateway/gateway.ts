@@ -584,7 +584,7 @@ export class Gateway {
       this.bundles.remember(r.hash, r.code);
       return { hash: r.hash, file: () => this.bundles.file(r.hash) };
     };
-    return deployCheck(this.store, this.current, candidate, this.spawnOptions, { ...opts, build });
+    return deployCheck(this.store, this.current, candidate, this.spawnOptions, { ...opts, build, live: true });
   }
 
   /** Stimuli waiting for an agent. */

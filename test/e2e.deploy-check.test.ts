@@ -208,6 +208,20 @@ describe("fleet deploy --check with the gateway running", () => {
   );
 
   test(
+    "a key the running gateway reads only at start is NOT OK while it runs: its reload would be refused",
+    async () => {
+      const restart = candidate("restart", (t) =>
+        t.replace('[http]\nhost = "127.0.0.1"', '[http]\nhost = "127.0.0.2"'),
+      );
+      const r = await check(restart);
+      expect(r.code).toBe(1);
+      expect(r.report.types).toEqual([]);
+      expect(r.report.refusals).toEqual(['needs restart: http.host ("127.0.0.1" -> "127.0.0.2")']);
+    },
+    SLOW,
+  );
+
+  test(
     "bad inputs: no --check, a bad sample size, an unknown type, an invalid or missing candidate",
     async () => {
       const base = ["--config", fleet.configPath, "--data-dir", fleet.dataDir];

@@ -56,6 +56,7 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
       agents,
       force,
       build,
+      live: live !== null && live !== undefined,
     });
     cli.print(report, () => describeDeployCheck(report));
     return report.ok ? 0 : 1;

@@ -12,7 +12,7 @@ import { blake3Hex, canonicalJson } from "../hash.ts";
 import { withBundles } from "../code/index.ts";
 import { moduleVersion, type SpawnOptions } from "../episode/index.ts";
 import type { AgentTypeSpec, FleetSpec, SpecVersion } from "../spec/index.ts";
-import { compileSpec } from "../spec/index.ts";
+import { compileSpec, restartNeeded } from "../spec/index.ts";
 import { tables as t, type Store } from "../store/index.ts";
 import type { AgentId, Blake3Hex } from "../types.ts";
 import { type Divergence, replayEpisode, type ReplayResult } from "./replay.ts";
@@ -89,6 +89,8 @@ export interface DeployCheckOptions {
   readonly build?: (modulePath: string) => Promise<Built | null>;
   /** The file of a stored bundle: a pinned candidate (a reload) is replayed on its own bundle. */
   readonly bundleFile?: (hash: string) => Promise<string>;
+  /** The gateway runs `running`: the candidate would be a hot reload, which refuses keys read at start. */
+  readonly live?: boolean;
 }
 
 /**
@@ -266,6 +268,8 @@ export async function deployCheck(
         );
     }
   }
+  const restart = opts.live && running ? restartNeeded(running.spec, candidate.spec) : [];
+  if (restart.length > 0) refusals.push(`needs restart: ${restart.join(", ")}`);
   for (const type of Object.values(candidate.spec.agents))
     if ((await buildOf(type)) === null) refusals.push(`agents.${type.name}.module ${type.module} does not bundle`);
   // The candidate's hash as the gateway would store it if it applied the file now: its text's hash
