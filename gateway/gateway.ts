@@ -367,12 +367,10 @@ export class Gateway {
     await this.timers.update(spec);
     this.wakeups = fleetWakeups(this, this.now);
     await this.wakeups.start();
-    this.watcher = new SpecWatcher(
-      this.current.path,
-      () => void this.reload("file changed"),
-      1000,
-      () => Object.values(this.current.spec.agents).flatMap((t) => agentFiles(t.module_path, HOST_PATHS).files),
-    );
+    this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"), {
+      codeFiles: () =>
+        Object.values(this.current.spec.agents).flatMap((t) => agentFiles(t.module_path, HOST_PATHS).files),
+    });
     this.watcher.start(this.current.text);
     // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
     // them (retained, in broker.db or in aedes' memory), in the background: with 100,000 agents

@@ -286,6 +286,13 @@ export function fleetTomlReference(): string {
     'placed at its table). `*` is an agent type or hook name. Durations are strings like `"30s"`,',
     '`"5m"`, `"1h30m"`.',
     "",
+    "The running gateway watches fleet.toml (and its agents' modules): a change is applied once the",
+    "file has been still for about a second (two reads 1 s apart find the same text, size and",
+    "mtime). A file written in place (`cat >`, scp, `rsync --inplace`) is applied as it is then: a",
+    "writer that pauses longer mid-way gets its part applied. Replacing the file by rename (write a",
+    "copy, `mv` it over fleet.toml; most editors do this) is the atomic way. SIGHUP (`systemctl",
+    "reload fleet`) reads it at once.",
+    "",
   ];
   for (const [top, rows] of sections) {
     const table = rows[0]!;
