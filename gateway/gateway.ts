@@ -260,7 +260,8 @@ export class Gateway {
   }
 
   private async startParts(): Promise<void> {
-    this.adopt(await loadSpec(resolve(this.opts.configPath)));
+    const file = await loadSpec(resolve(this.opts.configPath));
+    this.adopt(file);
     const spec = this.current.spec;
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
     // Private to the gateway's user (0700, files 0600), older data dirs included: agents run as another uid.
@@ -371,7 +372,9 @@ export class Gateway {
       codeFiles: () =>
         Object.values(this.current.spec.agents).flatMap((t) => agentFiles(t.module_path, HOST_PATHS).files),
     });
-    this.watcher.start(this.current.text);
+    // Primed with the file as read at start, not the running spec's text (a refused file's
+    // predecessor): a reload only when the file changes, so a refusal at start stays the spec error.
+    this.watcher.start(file.text);
     // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
     // them (retained, in broker.db or in aedes' memory), in the background: with 100,000 agents
     // that is 100,000 publishes, which need not hold up the start. Then re-send unsent effects.

@@ -7,7 +7,7 @@
  * check is refused while the check fails and applied once it passes.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { TestFleet, cleanupAll, fixture, publishQos1, runCli, shippedAgent, waitFor } from "./helpers/gateway.ts";
 import { counterType, fleetHeader, q, tempMonitorType } from "./helpers/toml.ts";
@@ -338,6 +338,12 @@ describe("[agents.<t>.rollout] require_check", () => {
       const restarted = await health();
       expect(restarted.spec_version).toBe(before);
       expect(restarted.spec_error).toContain("not applied at start: deploy check failed for temp-monitor");
+      // The unchanged file is not reloaded after the start (once the watcher has settled): the error stays.
+      const reloads = () => readFileSync(fleet.logPath, "utf8").split("file changed").length;
+      const reloadsAtStart = reloads();
+      await Bun.sleep(3000);
+      expect((await health()).spec_error).toBe(restarted.spec_error);
+      expect(reloads()).toBe(reloadsAtStart);
 
       writeFileSync(fleet.configPath, gated(ops("temp-monitor-same")));
       const applied = await waitFor(
