@@ -12,7 +12,7 @@ import type { ParentMessage } from "../agents/protocol.ts";
 import { budgetWindows, COMMIT_GATHER_MS, EpisodeExecutor, TURN_ERROR_BACKOFF_MS } from "../gateway/episode/index.ts";
 import type { RunResult, ToolHandler } from "../gateway/episode/index.ts";
 import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
-import { QueueBook } from "../gateway/fleet/index.ts";
+import { QueueBook, Roster, Scheduler } from "../gateway/fleet/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
 import { episodeStatus, Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
@@ -61,6 +61,7 @@ async function setup(spec = sv) {
   const published: { episode: string; topics: string[] }[] = [];
   let stopping = false;
   let running = 1;
+  let drained: ((agent: AgentId) => Promise<unknown>) | null = null;
   const executor = new EpisodeExecutor({
     store,
     spec: () => spec,
@@ -77,6 +78,7 @@ async function setup(spec = sv) {
     queue: book,
     publishCommitted: (episode, rows) => published.push({ episode, topics: rows.map((r) => r.topic) }),
     running: () => running,
+    drained: async (a) => drained?.(a),
   });
   let sid = 0;
   /** Queue one stimulus for `agent` as intake would. */
@@ -116,6 +118,10 @@ async function setup(spec = sv) {
     },
     setRunning: (v: number) => {
       running = v;
+    },
+    /** What a draining agent's ended turn calls (the gateway's roster.finishDrain). */
+    setDrained: (f: (agent: AgentId) => Promise<unknown>) => {
+      drained = f;
     },
   };
 }
@@ -325,6 +331,29 @@ describe("executor: budgets, retirement, integrity", () => {
     expect(String(a!.reason)).toContain("mon/a");
     // The stimulus still waits; nothing was lost.
     expect((await t.rows("SELECT state FROM stimuli ORDER BY seq")).map((r) => r.state)).toEqual(["done", "queued"]);
+  });
+
+  test("an agent whose checkpoint fails while it drains is retired, and what waited for it is refused", async () => {
+    const scheduler = new Scheduler({ maxConcurrent: 1, runTurn: async () => ({ kind: "empty" }), queued: () => 0 });
+    const roster = new Roster(t.store, new FleetEvents(log), scheduler, t.book);
+    t.setDrained((a) => roster.finishDrain(a));
+    await t.queue();
+    await t.queue();
+    t.script.push(() => ok({ n: 1 }));
+    await t.executor.turn(A);
+    await t.store.client.execute({ sql: `UPDATE checkpoints SET state = '{"n":999}' WHERE agent = ?`, args: [A] });
+    expect(await roster.setLifecycle(A, "retire", { drain: true })).toEqual({ ok: true, status: "draining" });
+    await t.executor.turn(A);
+    const [a] = await t.rows("SELECT status, reason FROM agents");
+    expect(a!.status).toBe("retired");
+    expect(String(a!.reason)).toStartWith("failed while draining, retired: ");
+    expect(String(a!.reason)).toContain("mon/a");
+    expect(t.book.isRetired(A)).toBe(true);
+    // Its next turn refuses what still waited, with the reason recorded (nothing is left queued).
+    await t.executor.turn(A);
+    expect((await t.rows("SELECT state FROM stimuli ORDER BY seq")).map((r) => r.state)).toEqual(["done", "rejected"]);
+    expect(t.starts).toHaveLength(1);
+    scheduler.stop();
   });
 });
 

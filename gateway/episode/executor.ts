@@ -89,7 +89,7 @@ export interface EpisodeDeps {
   readonly lifecycleStamp?: (agent: AgentId) => number;
   /** The queue book: told right after the store's queue rows change. */
   readonly queue: EpisodeQueue;
-  /** A draining agent's turn ended (its head left, or its queue was empty): retire it when nothing is left. */
+  /** A draining agent's turn ended (its head left, its queue was empty, or it failed): retire it if it is done. */
   readonly drained?: (agent: AgentId) => Promise<unknown>;
   /** The spec a draining agent of a type no longer in fleet.toml runs on (the newest that has it), or null. */
   readonly drainSpec?: (type: string) => Promise<SpecVersion | null>;
@@ -537,6 +537,8 @@ export class EpisodeExecutor {
       await this.d.store.setAgentStatus(agentId, "failed", reason);
       this.d.events.emit("status", { agent: agentId, status: "failed", reason });
       this.d.log.error({ agent: agentId }, `agent failed: ${reason}`);
+      // A draining agent that fails cannot run its queue: the drain retires it now (docs/upgrading.md).
+      if (d.agent.status === "draining") await this.d.drained?.(agentId);
       return { failed: true, value: null };
     }
   }

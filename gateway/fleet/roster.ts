@@ -115,12 +115,18 @@ export class Roster {
   }
 
   /**
-   * A draining agent with nothing queued or admitted is retired (true). Called after each of its
-   * turns, when an admitted place is given back, and at start; idempotent.
+   * A draining agent with nothing queued or admitted is retired (true); so is one that failed
+   * while draining (a bad checkpoint): it cannot run its queue, which is refused. Called after each
+   * of its turns, when it fails, when an admitted place is given back, and at start; idempotent.
    */
   async finishDrain(id: AgentId): Promise<boolean> {
-    if (!this.book.isDraining(id) || this.book.pending(id) > 0) return false;
+    if (!this.book.isDraining(id)) return false;
     const agent = await this.store.getAgent(id);
+    if (agent?.status === "failed") {
+      this.bump(id);
+      await this.retireNow(id, `failed while draining, retired: ${agent.reason ?? "no reason recorded"}`);
+      return true;
+    }
     if (agent?.status !== "draining" || this.book.pending(id) > 0) return false;
     this.bump(id);
     const reason = drainedReason(agent.reason);
