@@ -254,6 +254,31 @@ describe("replication faults", () => {
     await f.close();
   });
 
+  test("a process whose only work left is waiting for the reader thread waits for its answer", async () => {
+    const f = await synthetic();
+    await enableReplication(f.store, sqld.url);
+    await f.commit(3, T0, 1000);
+    const dir = mkdtempSync(join(tmpdir(), "fleet-repl-reader-"));
+    dirs.push(dir);
+    // No top-level await (Bun holds the process for one): only the thread's answer is awaited,
+    // as in a failed start's clean-up. Before the fix the process exited 0 with nothing printed.
+    const script = join(dir, "read.ts");
+    writeFileSync(
+      script,
+      `import { BatchReader } from ${JSON.stringify(join(import.meta.dir, "../gateway/replication/index.ts"))};
+      void (async () => {
+        const r = await BatchReader.open(${JSON.stringify(f.store.path)});
+        const b = await r.read(100, ${await durableHead(f.store)});
+        await r.close();
+        console.log("read", b.entries.length);
+      })().catch((err) => { console.error(err); process.exit(1); });\n`,
+    );
+    const p = Bun.spawnSync([process.execPath, script], { stderr: "pipe" });
+    expect(p.stdout.toString().trim()).toMatch(/^read \d+$/);
+    expect(p.exitCode).toBe(0);
+    await f.close();
+  });
+
   test("pushes never overlap: three at once send three different batches, each once", async () => {
     const f = await synthetic();
     const r = replicator(f, spec(sqld.url, { batch_rows: 20 }), () => T0);

@@ -25,20 +25,24 @@ export type ReaderReply =
 /** A request before it is given its id (each member of the union on its own). */
 type Request<R = ReaderRequest> = R extends unknown ? Omit<R, "id"> : never;
 
+/** Bun's Worker, which can stop or start holding the process (its `ref` and `unref` are not in the DOM type). */
+type BunWorker = Worker & { ref(): void; unref(): void };
+
 export class BatchReader {
-  private readonly worker: Worker;
+  private readonly worker: BunWorker;
   private next = 1;
   private readonly pending = new Map<number, { resolve: (b: Batch | undefined) => void; reject: (e: Error) => void }>();
   private closed = false;
 
   private constructor() {
-    // A reader never keeps the process alive (`ref: false`): a push in flight holds it through its own promise.
-    this.worker = new Worker(new URL("./reader-worker.ts", import.meta.url), { ref: false });
+    // An idle reader never keeps the process alive (`ref: false`); one with a request out does (`request`).
+    this.worker = new Worker(new URL("./reader-worker.ts", import.meta.url), { ref: false }) as BunWorker;
     this.worker.onmessage = (e: MessageEvent<ReaderReply>) => {
       const reply = e.data;
       const p = this.pending.get(reply.id);
       if (!p) return;
       this.pending.delete(reply.id);
+      if (this.pending.size === 0) this.worker.unref();
       if (reply.ok) p.resolve(reply.batch);
       else p.reject(new Error(reply.error));
     };
@@ -46,6 +50,7 @@ export class BatchReader {
       const err = new Error(`replication reader thread failed: ${e.message}`);
       for (const p of this.pending.values()) p.reject(err);
       this.pending.clear();
+      this.worker.unref();
     };
   }
 
@@ -86,6 +91,9 @@ export class BatchReader {
     const id = this.next++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
+      // A promise alone does not keep the process alive: without this, a process whose last work is
+      // waiting for the thread's answer (a failed start's clean-up closing the reader) exits 0 midway.
+      this.worker.ref();
       this.worker.postMessage({ ...r, id } as ReaderRequest);
     });
   }
