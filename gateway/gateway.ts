@@ -252,7 +252,9 @@ export class Gateway {
     this.heldUids?.release();
     await step("re-publishing statuses", () => this.republished);
     await step("stopping the effects", () => this.effects?.stop());
-    await step("stopping the replicator", () => this.replicator?.stop());
+    // A push in flight gets the drain's bound too: a center that does not answer does not hold the stop.
+    const grace = this.current?.spec.fleet.drain_timeout_ms;
+    await step("stopping the replicator", () => this.replicator?.stop(grace));
     await step("stopping the HTTP API", () => this.http?.stop());
     await step("closing the broker", () => this.broker?.close());
     await this.telemetry?.close().catch((err: unknown) => this.log.warn({ err }, "telemetry: final export failed"));

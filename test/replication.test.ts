@@ -419,6 +419,100 @@ describe("replication faults", () => {
   );
 });
 
+describe("a center that hangs (kill -STOP)", () => {
+  let sqld: Sqld;
+  beforeAll(async () => {
+    sqld = await Sqld.start();
+    servers.push(sqld);
+  });
+  afterAll(() => sqld.thaw());
+
+  /** The queue as it is in the data dir: its entries and its newest seq. */
+  async function queue(f: SyntheticFleet): Promise<{ rows: number; head: number }> {
+    const rs = await f.store.client.execute("SELECT count(*), coalesce(max(seq), 0) FROM repl_pending");
+    return { rows: Number(rs.rows[0]![0]), head: Number(rs.rows[0]![1]) };
+  }
+
+  async function until(what: string, ok: () => Promise<boolean> | boolean, ms = 15_000): Promise<void> {
+    const end = Date.now() + ms;
+    while (!(await ok())) {
+      if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`);
+      await Bun.sleep(50);
+    }
+  }
+
+  /** A replicator running its own loop on the real clock, pushing to this test's sqld. */
+  async function running(f: SyntheticFleet, o: Partial<ReplicatorOptions> = {}): Promise<Replicator> {
+    const r = track(
+      new Replicator({
+        store: f.store,
+        spec: spec(sqld.url, { batch_rows: 20 }),
+        fleet: "synthetic",
+        log: quiet,
+        minBackoffMs: 10,
+        maxBackoffMs: 100,
+        ...o,
+      }),
+    );
+    await r.start();
+    await f.commit(5, Date.now() - 60_000, 1000);
+    await until(
+      "the first rows are pushed",
+      async () => (await queue(f)).rows === 0 && r.status().state === "streaming",
+    );
+    return r;
+  }
+
+  test(
+    "a push it does not answer fails as unreachable and backs off; the status counts the queue as it is; " +
+      "once it answers again the backlog is pushed",
+    async () => {
+      const f = await synthetic();
+      const r = await running(f, { pushTimeoutMs: 400 });
+      sqld.freeze();
+      try {
+        await f.commit(30, Date.now() - 30_000, 1000);
+        await until("the push fails", () => r.status().last_error?.kind === "unreachable");
+        const s = r.status();
+        expect(s.state).toBe("retrying");
+        expect(s.last_error!.message).toContain("did not answer within 0.4 s");
+        const q = await queue(f);
+        expect(q.rows).toBeGreaterThan(0);
+        expect(s.backlog.rows).toBe(q.rows);
+        expect(s.cursor.queued_seq).toBe(q.head);
+      } finally {
+        sqld.thaw();
+      }
+      await until("the backlog is pushed", async () => (await queue(f)).rows === 0 && r.status().backlog.rows === 0);
+      expect(r.status().state).toBe("streaming");
+      const db = sqld.client();
+      expect(await centralCount(db, "episodes", f.store.gatewayId)).toBe(35);
+      db.close();
+      await r.stop();
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test("stop gives up on a push in flight after its grace; the batch stays queued for the next start", async () => {
+    const f = await synthetic();
+    const r = await running(f, { pushTimeoutMs: 120_000 });
+    sqld.freeze();
+    try {
+      await f.commit(10, Date.now() - 30_000, 1000);
+      await Bun.sleep(500); // the loop counts the queue and sends a batch, which hangs
+      const t0 = performance.now();
+      await r.stop(300);
+      expect(performance.now() - t0).toBeLessThan(3000);
+      expect(r.status().state).toBe("stopped");
+      expect((await queue(f)).rows).toBeGreaterThan(0);
+    } finally {
+      sqld.thaw();
+    }
+    await f.close();
+  });
+});
+
 describe("what the center and fleet status are told after a push", () => {
   test(
     "caught up: the center's gateways row says 0 rows behind and lag 0, however old the rows pushed were",

@@ -86,6 +86,8 @@ export interface ReplicatorOptions {
    * episodes. False, or a store that is not a file: on the store's own connection.
    */
   readonly readOnThread?: boolean;
+  /** How long the center may take to answer one request before the push fails as `unreachable` (ms). */
+  readonly pushTimeoutMs?: number;
 }
 
 const MB = 1024 * 1024;
@@ -96,6 +98,30 @@ const MB = 1024 * 1024;
  * that commits faster than one round per `interval` clears.
  */
 export const HOT_BACKLOG_BATCHES = 10;
+
+/**
+ * A request the center has not answered in this long fails as `unreachable` and backs off like any
+ * other (docs/replication.md): a hung center (a frozen VM, a dead TCP peer) otherwise holds the push
+ * loop, and the status with it, for good. Generous: a full batch on a slow link is well within it.
+ */
+export const PUSH_TIMEOUT_MS = 30_000;
+
+/** Whether `p` settles within `ms` (its outcome is the caller's to read); the timer does not outlive it. */
+async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<false>((r) => (timer = setTimeout(() => r(false), ms)));
+  try {
+    return await Promise.race([
+      p.then(
+        () => true,
+        () => true,
+      ),
+      late,
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 /** Network failures: the server is down, unknown, or dropped the connection. */
 const UNREACHABLE =
@@ -226,8 +252,12 @@ export class Replicator {
     this.loop = this.run();
   }
 
-  /** Stop after the batch in flight (it either commits at the center or is re-sent later). */
-  async stop(): Promise<void> {
+  /**
+   * Stop after the batch in flight, waiting for it at most `graceMs` (the gateway's drain_timeout_ms):
+   * a center that does not answer does not hold up a stopping gateway. The batch either committed at
+   * the center or is re-sent at the next start (its entries leave the queue only once confirmed).
+   */
+  async stop(graceMs = 10_000): Promise<void> {
     if (this.state === "stopped" || this.state === "created") {
       this.state = "stopped";
       await this.closeReader();
@@ -236,7 +266,12 @@ export class Replicator {
     this.state = "stopped";
     this.stopped?.();
     this.wake?.();
-    await this.loop;
+    if (this.loop && !(await settlesWithin(this.loop, graceMs)))
+      this.log.warn(
+        { waited_ms: graceMs },
+        "stopping without the central server's answer to the request in flight: a batch it carried stays queued " +
+          "and goes again at the next start",
+      );
     this.client?.close();
     this.client = null;
     await this.closeReader();
@@ -384,7 +419,7 @@ export class Replicator {
       ],
     });
     try {
-      await client.batch(stmts, "write");
+      await this.answered(client.batch(stmts, "write"));
     } catch (err) {
       this.reconnect();
       throw this.classify(err);
@@ -462,7 +497,7 @@ export class Replicator {
     }
     if (!this.prepared) {
       try {
-        await prepareCentral(this.client, spec.url);
+        await this.answered(prepareCentral(this.client, spec.url));
       } catch (err) {
         this.reconnect();
         throw this.classify(err);
@@ -484,6 +519,20 @@ export class Replicator {
       "auth",
       `${e.message}: set [replication] auth_token_env to the name of an env var holding its JWT, and export it`,
       { cause: err },
+    );
+  }
+
+  /**
+   * `request`, or an `unreachable` failure once the center took longer than the push timeout to answer
+   * (the caller starts the client over, which gives up the request in flight).
+   */
+  private async answered<T>(request: Promise<T>): Promise<T> {
+    const ms = this.opts.pushTimeoutMs ?? PUSH_TIMEOUT_MS;
+    if (await settlesWithin(request, ms)) return request;
+    request.catch(() => {}); // given up: its outcome, whenever it comes, is not waited for
+    throw new ReplicationError(
+      "unreachable",
+      `central server ${redactUrl(this.opts.spec.url)} did not answer within ${ms / 1000} s`,
     );
   }
 
@@ -536,11 +585,7 @@ export class Replicator {
     const hot = jobs - this.jobsSeen > this.ownJobs;
     this.jobsSeen = jobs;
     this.ownJobs = 0;
-    try {
-      await this.refresh();
-    } catch (err) {
-      this.log.error({ err }, "reading the replication backlog failed");
-    }
+    await this.recount();
     const pending = this.backlogRows;
     if (pending === 0) {
       // Nothing to send; connect anyway, so a wrong URL or token shows before the first row does.
@@ -569,10 +614,33 @@ export class Replicator {
       this.roundAt = now;
     }
     const started = performance.now();
-    await this.pushOnce();
+    await this.countingWhile(this.pushOnce());
     this.pushed();
     if (hot) this.roundLeft -= 1;
     return hot ? Math.max(1, Math.round(performance.now() - started)) : 0;
+  }
+
+  /**
+   * Wait for `push`; while it is slower than an interval, count the queue again each interval, and
+   * once more after it, so the status shows the queue as it is, not as it was before the push.
+   */
+  private async countingWhile(push: Promise<number>): Promise<void> {
+    let slow = false;
+    while (!(await settlesWithin(push, this.opts.spec.interval_ms))) {
+      slow = true;
+      await this.recount();
+    }
+    await push;
+    if (slow) await this.recount();
+  }
+
+  /** `refresh`, a failure of which is logged (the status keeps its last figures). */
+  private async recount(): Promise<void> {
+    try {
+      await this.refresh();
+    } catch (err) {
+      this.log.error({ err }, "reading the replication backlog failed");
+    }
   }
 
   /** A push succeeded: the center is reachable (again). */

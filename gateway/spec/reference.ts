@@ -19,7 +19,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.synchronous":
     '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
   "fleet.drain_timeout_ms":
-    "On SIGTERM, how long in-flight episodes may finish before they are killed (their stimuli stay queued).",
+    "On SIGTERM, how long in-flight episodes may finish before they are killed (their stimuli stay queued); " +
+    "a replication push in flight then gets as long again for the center's answer (unanswered, it goes again at " +
+    "the next start).",
   "fleet.sandbox":
     'How episode subprocesses are isolated: "auto" picks the strongest available (see [sandbox.md](sandbox.md)).',
   "fleet.allow_weak_sandbox":

@@ -116,6 +116,16 @@ export class Sqld {
     await this.proc.exited;
   }
 
+  /** kill -STOP: the server hangs (accepts connections, answers nothing), like a frozen VM; `thaw` resumes it. */
+  freeze(): void {
+    if (this.proc && this.running) this.proc.kill("SIGSTOP");
+  }
+
+  /** kill -CONT. */
+  thaw(): void {
+    if (this.proc && this.running) this.proc.kill("SIGCONT");
+  }
+
   /** A client of this server (with a valid token when it has auth). */
   client(): Client {
     return createClient({ url: this.url, ...(this.auth ? { authToken: this.token() } : {}) });
