@@ -176,6 +176,23 @@ describe("fleet reshard", () => {
     expect(cli.stderr).toContain("is running on");
   });
 
+  test("a gateway.json whose gateway was killed but not reaped yet (a zombie) does not refuse", async () => {
+    const { a, b, root } = await sources();
+    // A child of `sleep 30`, which never reaps it: it exits at once and stays a zombie.
+    const parent = Bun.spawn(["sh", "-c", "sleep 0 & echo $!; exec sleep 30"], { stdout: "pipe" });
+    try {
+      const line = await parent.stdout.getReader().read(); // not the whole stream: sleep 30 holds it open
+      const pid = Number(new TextDecoder().decode(line.value).trim());
+      const stat = () => Bun.file(`/proc/${pid}/stat`).text();
+      for (let i = 0; i < 100 && !(await stat()).includes(") Z "); i++) await Bun.sleep(20);
+      writeFileSync(join(a.dir, "data", "gateway.json"), JSON.stringify({ pid }));
+      const report = await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "z"));
+      expect(report.targets).toHaveLength(2);
+    } finally {
+      parent.kill("SIGKILL");
+    }
+  });
+
   test("refuses an agent found in two data dirs, a non-empty output and a dir without fleet data", async () => {
     const { a, root } = await sources();
     const copy = join(root, "copy");

@@ -54,6 +54,27 @@ test("the next start kills a group still alive and leaves alone one that ended (
   expect(alive(stuck.pid)).toBe(false);
 });
 
+/** A zombie: a child of `sleep 30` (which never reaps it) that has exited; its pid once in state Z. */
+async function zombie(): Promise<number> {
+  const parent = Bun.spawn(["sh", "-c", "sleep 0 & echo $!; exec sleep 30"], { stdout: "pipe", detached: true });
+  started.push(parent.pid);
+  const first = await parent.stdout.getReader().read(); // the line, not the stream: sleep 30 holds it open
+  const pid = Number(new TextDecoder().decode(first.value).trim());
+  for (let i = 0; i < 100 && !readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z "); i++) await Bun.sleep(20);
+  return pid;
+}
+
+test("a ledger whose gateway was killed but not reaped yet (a zombie) does not hold the data dir", async () => {
+  const pid = await zombie();
+  const file = join(dir, "sandboxes-zombie");
+  writeFileSync(file, `gateway ${pid} ${startTicks(pid)}\n`);
+  expect(new SandboxLedger(file).sweep().ownerAlive).toBe(false);
+  // A live owner still does.
+  const parent = started.at(-1)!;
+  writeFileSync(file, `gateway ${parent} ${startTicks(parent)}\n`);
+  expect(new SandboxLedger(file).sweep().ownerAlive).toBe(true);
+});
+
 test("a long run's ledger stays small: it is compacted to the groups alive", async () => {
   const file = join(dir, "sandboxes-compact");
   const run = new SandboxLedger(file);

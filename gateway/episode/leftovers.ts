@@ -22,6 +22,7 @@ import {
   writeSync,
 } from "node:fs";
 import { basename, join } from "node:path";
+import { isZombie } from "../pids.ts";
 import { PRIVATE_FILE_MODE } from "../store/index.ts";
 
 /** Start time of a process in clock ticks since boot, or null when it is gone. */
@@ -127,7 +128,8 @@ export class SandboxLedger {
       else if (op === "-" && a) groups.delete(Number(a));
       else if (op === "root" && a) roots.add(a);
     }
-    if (owner && owner[0] !== process.pid && startTicks(owner[0]) === owner[1])
+    // A zombie owner (killed, not reaped yet) is gone: its start time still reads, its gateway does not run.
+    if (owner && owner[0] !== process.pid && startTicks(owner[0]) === owner[1] && !isZombie(owner[0]))
       return { killed: [], roots: 0, ownerAlive: true };
     const killed: number[] = [];
     for (const [pid, [from, to]] of groups) {

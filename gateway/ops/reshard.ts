@@ -14,6 +14,7 @@ import { existsSync, readdirSync, readFileSync, realpathSync, rmSync } from "nod
 import { join, resolve } from "node:path";
 import type { Client } from "@libsql/client";
 import { parse as parseToml } from "smol-toml";
+import { isZombie } from "../pids.ts";
 import { ownerShard, MAX_SHARDS, parseShard, type ShardSpec, shardLabel } from "../shard.ts";
 import { idOfSql, secureDataDir, Store } from "../store/index.ts";
 import { verifyStore, type VerifyProblem } from "./verify.ts";
@@ -101,6 +102,7 @@ function assertStopped(dir: string): void {
   } catch {
     return; // a kill -9 left it behind
   }
+  if (isZombie(pid)) return; // killed, not reaped yet: kill(pid, 0) still succeeds
   throw new ReshardError(`a gateway (pid ${pid}) is running on ${dir}: stop every gateway of the fleet first`);
 }
 
