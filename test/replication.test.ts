@@ -11,7 +11,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
-import { gcAll, verifyChains, verifyStore } from "../gateway/ops/index.ts";
+import { backupDatabase, gcAll, restoreDatabase, verifyChains, verifyStore } from "../gateway/ops/index.ts";
 import {
   BatchReader,
   CENTRAL_MIGRATIONS,
@@ -28,7 +28,7 @@ import {
   type ReplicationStatus,
 } from "../gateway/replication/index.ts";
 import type { ReplicationSpec } from "../gateway/spec/index.ts";
-import { appendAudit, idOfSql, migrate, wireSql } from "../gateway/store/index.ts";
+import { appendAudit, idOfSql, migrate, Store, wireSql } from "../gateway/store/index.ts";
 import { DAY, SyntheticFleet } from "./helpers/ops.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
 import { replicationToml } from "./helpers/replication.ts";
@@ -511,6 +511,73 @@ describe("a center that hangs (kill -STOP)", () => {
     }
     await f.close();
   });
+});
+
+describe("restoring a backup", () => {
+  test(
+    "a restored data dir replicates under a new gateway id; the old one is superseded at the center, " +
+      "each history verifies and nothing done after the restore is dropped",
+    async () => {
+      const sqld = await Sqld.start();
+      servers.push(sqld);
+      const db = sqld.client();
+      const f = await synthetic();
+      const old = f.store.gatewayId;
+      const audit = (store: Store, action: string) =>
+        appendAudit(store, { at: T0, actor: "ops", action, target: null, status: 200, detail: null });
+      await enableReplication(f.store, sqld.url);
+      await f.commit(8, T0, 1000);
+      await audit(f.store, "before-backup");
+      const r = replicator(f, spec(sqld.url), () => T0);
+      await r.drain();
+      const file = join(f.dir, "backup.db");
+      await backupDatabase(f.dbPath, file);
+      // The copy that is lost goes on: its rows reach the center under the old id (audit seqs 2 and 3).
+      await f.commit(8, T0 + 60_000, 1000);
+      await audit(f.store, "lost-1");
+      await audit(f.store, "lost-2");
+      await r.drain();
+      const restoredDir = join(f.dir, "restored");
+      await restoreDatabase(file, restoredDir, false);
+      const s = await Store.open(join(restoredDir, "fleet.db"), { synchronous: "normal" });
+      try {
+        expect(s.gatewayId).not.toBe(old);
+        expect(await enableReplication(s, sqld.url)).toBeGreaterThan(8); // the whole restored history
+        await audit(s, "after-restore"); // seq 2 again, locally
+        const r2 = track(new Replicator({ store: s, spec: spec(sqld.url), fleet: "synthetic", log: quiet }));
+        await r2.start();
+        await r2.drain();
+        await r2.stop();
+        const actions = async (gw: string) =>
+          (await db.execute({ sql: "SELECT action FROM audit WHERE gateway = ? ORDER BY seq", args: [gw] })).rows.map(
+            (row) => String(row[0]),
+          );
+        expect(await actions(old)).toEqual(["before-backup", "lost-1", "lost-2"]);
+        expect(await actions(s.gatewayId)).toEqual(["before-backup", "after-restore"]);
+        expect(await centralCount(db, "episodes", s.gatewayId)).toBe(8);
+        expect((await verifyAtCenter(sqld.url, old)).problems).toEqual([]);
+        expect((await verifyAtCenter(sqld.url, s.gatewayId)).problems).toEqual([]);
+        const reader = await CentralReader.open(sqld.url);
+        try {
+          const gws = await reader.gateways();
+          expect(gws.map((g) => [g.gateway, g.superseded]).sort()).toEqual(
+            [
+              [old, true],
+              [s.gatewayId, false],
+            ].sort(),
+          );
+          expect((await reader.gateways("synthetic")).map((g) => g.gateway)).toEqual([s.gatewayId]);
+        } finally {
+          reader.close();
+        }
+      } finally {
+        await s.close();
+        db.close();
+        await f.close();
+      }
+    },
+    SLOW,
+  );
 });
 
 describe("what the center and fleet status are told after a push", () => {

@@ -8,7 +8,7 @@
 import { createClient } from "@libsql/client";
 import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
-import { checkNotNewer, schemaVersion, Store } from "../store/index.ts";
+import { checkNotNewer, forkGatewayIdentity, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
 import { errorReason } from "./events.ts";
 
@@ -119,6 +119,13 @@ export async function restoreDatabase(source: string, dataDir: string, gatewayRu
     await client.execute({ sql: "VACUUM INTO ?", args: [partial] });
   } finally {
     client.close();
+  }
+  // The copy is a gateway of its own at the central server (docs/replication.md, "Restoring a backup").
+  const copy = createClient({ url: `file:${partial}` });
+  try {
+    await forkGatewayIdentity(copy);
+  } finally {
+    copy.close();
   }
   chmodSync(partial, 0o600);
   renameSync(partial, target);

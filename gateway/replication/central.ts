@@ -7,6 +7,7 @@ import { createClient, type Client, type InArgs, type InValue, type Row } from "
 import type { ChainSource } from "../ops/index.ts";
 import type { AgentRow, AuditRow, CheckpointRow, EpisodeRow, EventRow } from "../store/index.ts";
 import { checkNotNewer, schemaVersion } from "../store/index.ts";
+import { supersededKey } from "./identity.ts";
 import { classifyError, redactUrl } from "./replicator.ts";
 import { CENTRAL_SCHEMA_VERSION, REPLICATED } from "./tables.ts";
 import { parseShardFleetName, shardLabel } from "../shard.ts";
@@ -34,7 +35,8 @@ export interface CentralGateway extends Origin {
   readonly shard: string | null;
   /**
    * True for a gateway of an older layout of its fleet (before a `fleet reshard`): its agents
-   * now live, with their whole chains, on the gateways of the newest layout. Reads leave it
+   * now live, with their whole chains, on the gateways of the newest layout; or for a gateway
+   * whose data dir was restored from a backup under a new id (identity.ts). Reads leave it
    * out unless it is named.
    */
   readonly superseded: boolean;
@@ -48,7 +50,7 @@ type GatewayRow = Omit<CentralGateway, "base" | "shard" | "superseded">;
  * or a set of shards (`<name>-shard-<i>-of-<N>`); after a reshard the layout whose gateways
  * first pushed last is the fleet, the others are superseded.
  */
-export function fleetLayout(rows: readonly GatewayRow[]): CentralGateway[] {
+export function fleetLayout(rows: readonly GatewayRow[], restoredOver = new Set<string>()): CentralGateway[] {
   const layoutOf = (g: GatewayRow) => {
     const s = parseShardFleetName(g.fleet);
     return s ? { base: s.fleet, shard: shardLabel(s.shard), layout: `${s.shard.count}` } : null;
@@ -69,7 +71,7 @@ export function fleetLayout(rows: readonly GatewayRow[]): CentralGateway[] {
       ...g,
       base,
       shard: l?.shard ?? null,
-      superseded: newest.get(base)!.layout !== (l?.layout ?? "unsharded"),
+      superseded: newest.get(base)!.layout !== (l?.layout ?? "unsharded") || restoredOver.has(g.gateway),
     };
   });
 }
@@ -261,7 +263,13 @@ export class CentralReader {
    */
   async gateways(fleet?: string): Promise<CentralGateway[]> {
     const rows = await this.all(`SELECT ${GATEWAY_COLS.join(", ")} FROM gateways ORDER BY fleet, gateway`);
-    const all = fleetLayout(rows.map((r) => shape<GatewayRow>(r, GATEWAY_COLS)));
+    // Gateways a restored data dir took over from (identity.ts): `superseded:<gateway>` in the center's meta.
+    const marks = await this.all("SELECT key FROM meta WHERE key LIKE 'superseded:%'");
+    const restoredOver = new Set(marks.map((r) => String(r[0]).slice(supersededKey("").length)));
+    const all = fleetLayout(
+      rows.map((r) => shape<GatewayRow>(r, GATEWAY_COLS)),
+      restoredOver,
+    );
     return fleet ? gatewaysFor(all, fleet) : all;
   }
 

@@ -1,6 +1,7 @@
 export * from "./tables.ts";
 export * from "./batch.ts";
 export { BatchReader } from "./reader.ts";
+export * from "./identity.ts";
 export * from "./replicator.ts";
 export * from "./central.ts";
 export * from "./server.ts";

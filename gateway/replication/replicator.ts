@@ -12,9 +12,18 @@ import { existsSync } from "node:fs";
 import { createClient, type Client } from "@libsql/client";
 import type { Logger } from "pino";
 import type { ReplicationSpec } from "../spec/index.ts";
-import { checkNotNewer, idOfSql, migrate, SCHEMA_VERSION, SchemaVersionError, schemaVersion } from "../store/index.ts";
+import {
+  checkNotNewer,
+  idOfSql,
+  migrate,
+  SCHEMA_VERSION,
+  SchemaVersionError,
+  SUPERSEDES_META,
+  schemaVersion,
+} from "../store/index.ts";
 import type { Store } from "../store/index.ts";
 import { centralStatements, durableHead, readBatch, readEntries, type Batch } from "./batch.ts";
+import { supersededKey } from "./identity.ts";
 import { BatchReader } from "./reader.ts";
 import { CENTRAL_MIGRATIONS, CENTRAL_SCHEMA_VERSION } from "./tables.ts";
 
@@ -207,6 +216,8 @@ export class Replicator {
   private queuedSeq = 0;
   private failures = 0;
   private overBacklog = false;
+  /** The gateway id this data dir took over from at a restore (identity.ts), marked superseded at the center. */
+  private supersedes: string | null = null;
   /** Writer jobs seen at the last step, and this replicator's own (its confirms) since. */
   private jobsSeen = 0;
   private ownJobs = 0;
@@ -243,6 +254,7 @@ export class Replicator {
     this.lostRows = Number((await store.getMeta("replication.lost_rows")) ?? 0);
     this.confirmedSeq = Number((await store.getMeta("replication.confirmed_seq")) ?? 0);
     this.lastPushAt = Number((await store.getMeta("replication.last_push_at")) ?? 0) || null;
+    this.supersedes = await store.getMeta(SUPERSEDES_META);
     await this.refresh();
     this.jobsSeen = store.writer.stats.jobs;
     this.log.info(
@@ -418,6 +430,13 @@ export class Replicator {
         SCHEMA_VERSION,
       ],
     });
+    if (this.supersedes !== null) {
+      // Restored from a backup under a new id: the old id's rows at the center are the lost copy's.
+      stmts.push({
+        sql: "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+        args: [supersededKey(this.supersedes), store.gatewayId],
+      });
+    }
     try {
       await this.answered(client.batch(stmts, "write"));
     } catch (err) {

@@ -4,6 +4,7 @@ export * from "./checkpoint.ts";
 export * from "./migrate.ts";
 export * from "./files.ts";
 export * from "./audit.ts";
+export * from "./identity.ts";
 export { episodeStatus, STATUS_COMMITTED, STATUS_FAILED, stimulusKind } from "./codes.ts";
 export {
   hexOfSql,
