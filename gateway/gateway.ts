@@ -180,6 +180,8 @@ export class Gateway {
   private readonly started: Promise<void>;
   private markStarted: () => void = () => {};
   private tokenWatch: ReturnType<typeof setInterval> | null = null;
+  /** This run's sandbox ledger, taken with the data dir (`claimDataDir`). */
+  private ledger: SandboxLedger | null = null;
 
   constructor(readonly opts: GatewayOptions) {
     this.log = opts.logger ?? pino({ base: { svc: "fleet" } });
@@ -248,7 +250,7 @@ export class Gateway {
     step: (what: string, part: () => unknown) => Promise<void> = async (_what, part) => void (await part()),
   ): Promise<void> {
     await step("closing the warm spares", () => this.spares?.close());
-    this.spawnOptions?.ledger?.close();
+    this.ledger?.close();
     this.heldUids?.release();
     await step("re-publishing statuses", () => this.republished);
     await step("stopping the effects", () => this.effects?.stop());
@@ -268,6 +270,9 @@ export class Gateway {
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
     // Private to the gateway's user (0700, files 0600), older data dirs included: agents run as another uid.
     secureDataDir(this.dataDir);
+    // Another gateway running on the data dir is refused before anything here writes to its database.
+    const ledger = this.claimDataDir();
+    this.ledger = ledger;
     this.store = await Store.open(join(this.dataDir, "fleet.db"), {
       synchronous: spec.fleet.synchronous,
       commitFault: commitFaultFromEnv(process.env) ?? undefined,
@@ -326,7 +331,7 @@ export class Gateway {
     await this.rollouts.start(this.current);
     await this.startReplication(spec);
 
-    this.buildPipeline(spec);
+    this.buildPipeline(spec, ledger);
     const problems = await checkConfigs(typesToCheck(spec, null), this.spawnOptions, this.spares ?? undefined);
     if (problems.length > 0) throw configProblemsError(this.current, problems);
     publishFacts(this.events, () => this.broker);
@@ -711,9 +716,11 @@ export class Gateway {
     return held;
   }
 
-  /** Spawning, the episode executor, the scheduler, the roster and intake, wired to each other. */
-  private buildPipeline(spec: FleetSpec): void {
-    // Sandboxes a kill -9 of the previous run of this data dir left behind are reaped first.
+  /**
+   * Take the data dir: refuse it while the gateway its sandbox ledger names still runs (DataDirInUse),
+   * else reap the sandboxes a kill -9 of the previous run left behind and start this run's ledger.
+   */
+  private claimDataDir(): SandboxLedger {
     const ledger = new SandboxLedger(join(this.dataDir, "sandboxes"));
     const swept = ledger.sweep();
     if (swept.ownerAlive) throw new DataDirInUse(this.dataDir);
@@ -723,6 +730,11 @@ export class Gateway {
         `reaped ${swept.killed.length} sandbox process group(s) and ${swept.roots} staging folder(s) ` +
           "left by a previous run",
       );
+    return ledger;
+  }
+
+  /** Spawning, the episode executor, the scheduler, the roster and intake, wired to each other. */
+  private buildPipeline(spec: FleetSpec, ledger: SandboxLedger): void {
     this.heldUids = this.opts.spawn ? null : this.claimSandboxUids(spec);
     const base =
       this.opts.spawn ??

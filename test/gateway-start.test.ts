@@ -6,12 +6,13 @@
  * In-process gateway, real ports, real libSQL file.
  */
 import { afterEach, describe, expect, test } from "bun:test";
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { uidClaims } from "../gateway/episode/index.ts";
-import { Gateway } from "../gateway/gateway.ts";
+import { DataDirInUse, Gateway } from "../gateway/gateway.ts";
+import { Store } from "../gateway/store/index.ts";
 import { agentBlock, policyAgent, uidClaimsWork } from "./helpers/policy.ts";
 import { fleetHeader } from "./helpers/toml.ts";
 
@@ -59,5 +60,55 @@ describe("a gateway whose start fails", () => {
     if (claims) expect(claimed()).toBe(true);
     await second.stop();
     if (claims) expect(claimed()).toBe(false);
+  }, 60_000);
+
+  test("on a data dir another gateway runs on is refused before anything is written to its database", async () => {
+    dir = mkdtempSync(join(tmpdir(), "fleet-start-in-use-"));
+    chmodSync(dir, 0o755); // episodes run as other uids when root
+    const configPath = join(dir, "fleet.toml");
+    const dataDir = join(dir, "data");
+    const gateway = () =>
+      new Gateway({ configPath, dataDir, mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }) });
+    writeFileSync(configPath, fleetHeader("in-use") + agentBlock("steady", policyAgent("steady")));
+    const first = gateway();
+    await first.start();
+    await first.stop();
+    // Another process runs the data dir now: its sandbox ledger names it (pid and start time).
+    const other = Bun.spawn(["sleep", "30"]);
+    stops.push(() => other.kill("SIGKILL"));
+    const stat = readFileSync(`/proc/${other.pid}/stat`, "utf8");
+    writeFileSync(
+      join(dataDir, "sandboxes"),
+      `gateway ${other.pid} ${stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19]}\n`,
+    );
+    const counts = async () => {
+      const s = await Store.open(join(dataDir, "fleet.db"), { synchronous: "normal" });
+      try {
+        const n = (sql: string) => s.client.execute(sql).then((rs) => Number(rs.rows[0]![0]));
+        return {
+          specs: await n("SELECT count(*) FROM spec_versions"),
+          agents: await n("SELECT count(*) FROM agents"),
+          meta: (await s.client.execute("SELECT key, value FROM meta ORDER BY key")).rows.map((r) => [r[0], r[1]]),
+        };
+      } finally {
+        await s.close();
+      }
+    };
+    const before = await counts();
+    // A fleet.toml the running gateway does not have: a start that went on would record it and its agent.
+    writeFileSync(
+      configPath,
+      fleetHeader("in-use") +
+        agentBlock("steady", policyAgent("steady")) +
+        agentBlock("extra", policyAgent("steady"), { instances: ["a"] }),
+    );
+    const second = gateway();
+    const error = await second.start().then(
+      () => null,
+      (err: unknown) => err,
+    );
+    stops.push(() => second.stop());
+    expect(error).toBeInstanceOf(DataDirInUse);
+    expect(await counts()).toEqual(before);
   }, 60_000);
 });
