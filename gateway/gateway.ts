@@ -53,14 +53,19 @@ import {
 } from "./episode/index.ts";
 import { startHttp, type AuditEntry, type HttpServer } from "./http/index.ts";
 import {
+  diffTokens,
   LOCAL_TOKEN_NAME,
+  parseTokenSnapshot,
   removeLocalToken,
+  TOKENS_AUDITED_META,
   TOKENS_FILE,
   TokenAuth,
+  tokenAuditRecords,
   type TokenChange,
+  tokenSnapshot,
   writeLocalToken,
 } from "./auth/index.ts";
-import { appendAudit } from "./store/index.ts";
+import { appendAudit, appendAuditWithMeta } from "./store/index.ts";
 import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
@@ -357,6 +362,7 @@ export class Gateway {
       onChange: (c) => void this.auditTokenChange(c),
     });
     this.tokens.allow(writeLocalToken(this.dataDir), LOCAL_TOKEN_NAME, "admin");
+    await this.auditTokensUnseen();
     // Requests re-read a changed file at once; this also records edits while no request comes.
     this.tokenWatch = setInterval(() => this.tokens.refresh(), 1000);
     this.tokenWatch.unref();
@@ -517,13 +523,26 @@ export class Gateway {
     return appendAudit(this.store, { ...entry, at: this.now() });
   }
 
-  /** Tokens added to or removed from the tokens file while running (`fleet token add|revoke`). */
+  /**
+   * Tokens added to or removed from the tokens file (`fleet token add|revoke` while running), recorded
+   * with the file as audited (TOKENS_AUDITED_META) in one transaction.
+   */
   private async auditTokenChange(c: TokenChange): Promise<void> {
-    const entries = [
-      ...c.added.map((t) => ({ action: "token.add", target: t.name, detail: `scope ${t.scope}` })),
-      ...c.removed.map((t) => ({ action: "token.revoke", target: t.name, detail: `scope ${t.scope}` })),
-    ];
-    for (const e of entries) await this.audit({ actor: "tokens-file", status: 200, ...e }).catch(() => undefined);
+    const records = tokenAuditRecords(c, "tokens-file", this.now());
+    await appendAuditWithMeta(this.store, records, TOKENS_AUDITED_META, tokenSnapshot(c.tokens)).catch((err: unknown) =>
+      this.log.error({ err }, "recording a change of the tokens file in the audit log failed"),
+    );
+  }
+
+  /**
+   * At start: changes to the tokens file the audit log has not recorded (one made just before the last
+   * stop or crash, before the gateway saw it) are recorded now. A data dir without the record (an older
+   * release) takes the file as it is.
+   */
+  private async auditTokensUnseen(): Promise<void> {
+    const seen = await this.store.getMeta(TOKENS_AUDITED_META);
+    const change = diffTokens(seen === null ? this.tokens.tokens : parseTokenSnapshot(seen), this.tokens.tokens);
+    if (seen === null || change.added.length + change.removed.length > 0) await this.auditTokenChange(change);
   }
 
   /** Where secrets come from (tools, webhooks): the options, else the gateway's environment. */

@@ -7,16 +7,10 @@
 import { timingSafeEqual } from "node:crypto";
 import type { Logger } from "pino";
 import type { Principal, Scope } from "./scopes.ts";
-import { fileStamp, readTokens, type StoredToken, tokenDigest } from "./tokens.ts";
+import { diffTokens, fileStamp, readTokens, type StoredToken, type TokenChange, tokenDigest } from "./tokens.ts";
 
 interface Entry extends Principal {
   readonly digest: Buffer;
-}
-
-/** Tokens that appeared in or disappeared from the file since the last read. */
-export interface TokenChange {
-  readonly added: readonly StoredToken[];
-  readonly removed: readonly StoredToken[];
 }
 
 /** Options of a `TokenAuth`. */
@@ -51,6 +45,11 @@ export class TokenAuth {
     return this.stored.length;
   }
 
+  /** The tokens of the file as last read. */
+  get tokens(): readonly StoredToken[] {
+    return this.stored;
+  }
+
   /** The principal a presented token stands for, or null. */
   authenticate(token: string): Principal | null {
     return this.byDigest(tokenDigest(token));
@@ -81,10 +80,7 @@ export class TokenAuth {
     this.stored = next;
     this.entries = next.map((t) => ({ name: t.name, scope: t.scope, digest: Buffer.from(t.sha256, "hex") }));
     if (first) return;
-    const key = (t: StoredToken) => `${t.name}\n${t.sha256}\n${t.scope}`;
-    const old = new Set(before.map(key));
-    const now = new Set(next.map(key));
-    const change = { added: next.filter((t) => !old.has(key(t))), removed: before.filter((t) => !now.has(key(t))) };
+    const change = diffTokens(before, next);
     this.opts.log?.info({ file: this.file, tokens: next.length }, "tokens file reloaded");
     if (change.added.length + change.removed.length > 0) this.opts.onChange?.(change);
   }

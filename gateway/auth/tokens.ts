@@ -112,6 +112,55 @@ export function revokeToken(file: string, name: string): boolean {
   return true;
 }
 
+/** Tokens that appeared in or disappeared from the file, and the tokens it holds now. */
+export interface TokenChange {
+  readonly added: readonly StoredToken[];
+  readonly removed: readonly StoredToken[];
+  readonly tokens: readonly StoredToken[];
+}
+
+/** What changed from `before` to `after` (a token re-added under its name with another digest or scope: both). */
+export function diffTokens(before: readonly StoredToken[], after: readonly StoredToken[]): TokenChange {
+  const key = (t: StoredToken) => `${t.name}\n${t.sha256}\n${t.scope}`;
+  const old = new Set(before.map(key));
+  const now = new Set(after.map(key));
+  return {
+    added: after.filter((t) => !old.has(key(t))),
+    removed: before.filter((t) => !now.has(key(t))),
+    tokens: after,
+  };
+}
+
+/**
+ * Meta key: the tokens file as the audit log last recorded it (`tokenSnapshot`). The gateway records
+ * the changes since at start, so one made just before a stop or a crash is not lost; whoever records a
+ * change updates it in the same transaction (store `appendAuditWithMeta`), so none is recorded twice.
+ */
+export const TOKENS_AUDITED_META = "tokens.audited";
+
+/** The tokens as `TOKENS_AUDITED_META` keeps them (never a token: names, scopes, digests). */
+export function tokenSnapshot(tokens: readonly StoredToken[]): string {
+  return JSON.stringify(tokens.map((t) => ({ name: t.name, scope: t.scope, sha256: t.sha256, created: t.created })));
+}
+
+/** `tokenSnapshot`'s tokens; [] for a value that is not one. */
+export function parseTokenSnapshot(text: string): StoredToken[] {
+  try {
+    const list = JSON.parse(text) as unknown;
+    return Array.isArray(list) ? (list as StoredToken[]) : [];
+  } catch {
+    return [];
+  }
+}
+
+/** The audit records of `change` (`token.add`, `token.revoke`) by `actor`, at `at`. */
+export function tokenAuditRecords(change: TokenChange, actor: string, at: number) {
+  return [
+    ...change.added.map((t) => ({ action: "token.add", target: t.name, detail: `scope ${t.scope}` })),
+    ...change.removed.map((t) => ({ action: "token.revoke", target: t.name, detail: `scope ${t.scope}` })),
+  ].map((e) => ({ ...e, at, actor, status: 200 }));
+}
+
 /** What identifies one version of a file on disk (changes on every atomic rewrite). */
 export function fileStamp(file: string): string {
   try {

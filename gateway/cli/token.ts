@@ -7,8 +7,22 @@
 import { existsSync, mkdirSync } from "node:fs";
 import { userInfo } from "node:os";
 import { join } from "node:path";
-import { addToken, parseScope, readTokens, revokeToken, SCOPES, TOKENS_FILE, TokenFileError } from "../auth/index.ts";
-import { appendAudit, listAudit, Store } from "../store/index.ts";
+import {
+  addToken,
+  diffTokens,
+  parseScope,
+  parseTokenSnapshot,
+  readTokens,
+  revokeToken,
+  SCOPES,
+  type StoredToken,
+  TOKENS_AUDITED_META,
+  TOKENS_FILE,
+  TokenFileError,
+  tokenAuditRecords,
+  tokenSnapshot,
+} from "../auth/index.ts";
+import { appendAuditWithMeta, listAudit, Store } from "../store/index.ts";
 import { auditView } from "../store/index.ts";
 import { table, UsageError, when, type Cli } from "./context.ts";
 
@@ -24,21 +38,25 @@ async function tokensFile(cli: Cli): Promise<string> {
   return join(dir, TOKENS_FILE);
 }
 
-/** With the gateway stopped, record the change in the data dir's audit log (we are its only writer). */
-async function auditOffline(cli: Cli, action: string, target: string, detail: string): Promise<void> {
+/**
+ * With the gateway stopped, record the change from `before` to the file now in the data dir's audit
+ * log (we are its only writer), with the file as audited (TOKENS_AUDITED_META): the next start then
+ * records nothing twice. Changes before `before` the log has not recorded are recorded as the gateway
+ * would have (`tokens-file`).
+ */
+async function auditOffline(cli: Cli, file: string, before: readonly StoredToken[]): Promise<void> {
   if (await cli.running()) return; // the gateway records it when it re-reads the file
   const db = join(await cli.dataDir(), "fleet.db");
   if (!existsSync(db)) return;
   const store = await Store.open(db, { synchronous: "full" });
   try {
-    await appendAudit(store, {
-      at: Date.now(),
-      actor: `local:${userInfo().username}`,
-      action,
-      target,
-      status: 200,
-      detail,
-    });
+    const at = Date.now();
+    const now = readTokens(file);
+    const seen = await store.getMeta(TOKENS_AUDITED_META);
+    const missed =
+      seen === null ? [] : tokenAuditRecords(diffTokens(parseTokenSnapshot(seen), before), "tokens-file", at);
+    const own = tokenAuditRecords(diffTokens(before, now), `local:${userInfo().username}`, at);
+    await appendAuditWithMeta(store, [...missed, ...own], TOKENS_AUDITED_META, tokenSnapshot(now));
   } finally {
     await store.close();
   }
@@ -53,8 +71,9 @@ export async function cmdToken(cli: Cli, sub: string | undefined, name: string |
         if (!name) throw new UsageError("token add needs a name");
         const scope = cli.flags.scope === undefined ? null : parseScope(cli.flags.scope);
         if (scope === null) throw new UsageError(`token add needs --scope ${SCOPES.join("|")}`);
+        const before = readTokens(file);
         const token = addToken(file, name, scope);
-        await auditOffline(cli, "token.add", name, `scope ${scope}`);
+        await auditOffline(cli, file, before);
         cli.print({ name, scope, token }, () =>
           [
             `token ${name} (scope ${scope}): ${token}`,
@@ -74,12 +93,12 @@ export async function cmdToken(cli: Cli, sub: string | undefined, name: string |
       }
       case "revoke": {
         if (!name) throw new UsageError("token revoke needs a name");
-        const scope = readTokens(file).find((t) => t.name === name)?.scope;
+        const before = readTokens(file);
         if (!revokeToken(file, name)) {
           console.error(`fleet: no token named ${name} in ${file}`);
           return 1;
         }
-        await auditOffline(cli, "token.revoke", name, `scope ${scope}`);
+        await auditOffline(cli, file, before);
         cli.print({ ok: true, revoked: name }, () => `revoked token ${name} (refused from the next request on)`);
         return 0;
       }

@@ -21,6 +21,23 @@ export async function appendAudit(store: Store, r: NewAuditRecord): Promise<void
   await store.writer.write([store.db.insert(t.audit).values({ ...r, gateway: store.gatewayId })]);
 }
 
+/**
+ * Append `records` and set meta `key` to `value` in one transaction: what a record was written for
+ * (e.g. the tokens file as audited, `tokens.audited`) moves with it, so a crash neither loses nor
+ * doubles it.
+ */
+export async function appendAuditWithMeta(
+  store: Store,
+  records: readonly NewAuditRecord[],
+  key: string,
+  value: string,
+): Promise<void> {
+  await store.writer.write([
+    ...records.map((r) => store.db.insert(t.audit).values({ ...r, gateway: store.gatewayId })),
+    store.db.insert(t.meta).values({ key, value }).onConflictDoUpdate({ target: t.meta.key, set: { value } }),
+  ]);
+}
+
 /** Records newest first: `limit` of them with `seq` below `before` (when given). */
 export function listAudit(store: Store, opts: { limit: number; before?: number }): Promise<t.AuditRow[]> {
   const q = store.db.select().from(t.audit);
