@@ -149,7 +149,7 @@ describe("fleet retire --drain", () => {
     const base = ["--data-dir", fleet.dataDir];
     const cli = await runCli(["pause", "counter/c1", "--drain", ...base]);
     expect(cli.code).toBe(2);
-    expect(cli.stderr).toContain("--drain goes with retire");
+    expect(cli.stderr).toContain("fleet: pause does not take --drain");
     const yes = await fleet.fetch("/api/agents/counter/c1/retire?drain=yes", { method: "POST" });
     expect(yes.status).toBe(400);
     const onPause = await fleet.fetch("/api/agents/counter/c1/pause?drain=1", { method: "POST" });

@@ -327,6 +327,28 @@ describe("command-line mistakes", () => {
     }
   });
 
+  test("an option the command does not take is exit 2 naming it, and nothing is done", async () => {
+    const f = await stoppedFleet(2);
+    for (const [args, message] of [
+      [["retire", "meter/m1", "--dry-run"], "fleet: retire does not take --dry-run"],
+      [["pause", "meter/m1", "--drain"], "fleet: pause does not take --drain"],
+      [["episodes", "meter/m1", "--state", "failed"], "fleet: episodes does not take --state"],
+      [["agents", "--kind", "mqtt"], "fleet: agents does not take --kind"],
+      [["status", "--limit", "3"], "fleet: status does not take --limit"],
+      [["token", "list", "--scope", "read"], "fleet: token does not take --scope"],
+      [["device", "remove", "d1", "--dry-run"], "fleet: device does not take --dry-run"],
+    ] as const) {
+      const r = await f.cli(...args);
+      expect({ args, code: r.code, first: r.stderr.split("\n")[0] }).toEqual({ args, code: 2, first: message });
+    }
+    const agents = await f.cli("agents", "--json");
+    expect(agents.json.agents.map((a: { status: string }) => a.status)).toEqual(["idle", "idle"]);
+    // Each command's own options still parse (the central ones reach the central code: no server there).
+    expect((await f.cli("retire", "meter/m2", "--drain")).code).toBe(0);
+    expect((await f.cli("episodes", "meter/m1", "--status", "failed", "--kind", "mqtt", "--limit", "5")).code).toBe(0);
+    expect((await f.cli("gc", "--dry-run", "--now", String(Date.now()))).code).toBe(0);
+  });
+
   test("agents --status takes only an agent status (exit 2 listing them); draining is one", async () => {
     const f = await stoppedFleet(2);
     const bad = await f.cli("agents", "--status", "bogus");

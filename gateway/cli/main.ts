@@ -29,6 +29,7 @@ import { CentralError } from "../replication/index.ts";
 import { cmdState, cmdTrace } from "./history.ts";
 import { cmdInstallService } from "./service.ts";
 import { cmdDeploy } from "./deploy.ts";
+import { ARGS, checkOptions } from "./options.ts";
 import { SpecError } from "../spec/index.ts";
 import { DataDirInUse } from "../gateway.ts";
 
@@ -109,56 +110,9 @@ function negativeValues(argv: readonly string[]): string[] {
   return out;
 }
 
-const ARGS = {
-  allowPositionals: true,
-  strict: true,
-  options: {
-    config: { type: "string" },
-    "data-dir": { type: "string" },
-    "mqtt-port": { type: "string" },
-    "http-port": { type: "string" },
-    json: { type: "boolean", default: false },
-    agent: { type: "string" },
-    type: { type: "string" },
-    status: { type: "string" },
-    kind: { type: "string" },
-    state: { type: "string" },
-    limit: { type: "string" },
-    page: { type: "string" },
-    id: { type: "string" },
-    module: { type: "string" },
-    "dry-run": { type: "boolean", default: false },
-    now: { type: "string" },
-    scope: { type: "string" },
-    before: { type: "string" },
-    publish: { type: "string", multiple: true },
-    subscribe: { type: "string", multiple: true },
-    "client-id": { type: "string" },
-    mosquitto: { type: "string" },
-    central: { type: "string" },
-    url: { type: "string" },
-    "token-env": { type: "string" },
-    port: { type: "string" },
-    host: { type: "string" },
-    fleet: { type: "string" },
-    at: { type: "string" },
-    diff: { type: "string" },
-    topic: { type: "string" },
-    user: { type: "string" },
-    dir: { type: "string" },
-    check: { type: "boolean", default: false },
-    drain: { type: "boolean", default: false },
-    episodes: { type: "string" },
-    agents: { type: "string" },
-    from: { type: "string" },
-    to: { type: "string" },
-    out: { type: "string" },
-    partial: { type: "boolean", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  },
-} as const;
-
-const { values: flags, positionals } = parseCommandLine();
+const { values: flags, positionals, tokens } = parseCommandLine();
+/** The options given on the command line (a boolean's default is in `flags` too). */
+const given = tokens.flatMap((t) => (t.kind === "option" ? [t.name] : []));
 
 const cli = createCli(flags);
 
@@ -169,6 +123,7 @@ async function main(): Promise<number> {
     console.log(USAGE);
     return cmd || flags.help ? 0 : 2;
   }
+  checkOptions(cmd, a1, given);
   switch (cmd) {
     case "start":
       await cmdStart(cli);

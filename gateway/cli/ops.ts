@@ -140,7 +140,6 @@ export async function cmdLifecycle(
   const a = agent ? parseAgentId(agent) : null;
   if (!a) throw new UsageError(`${action} needs an agent <type>/<key>`);
   const drain = cli.flags.drain === true;
-  if (drain && action !== "retire") throw new UsageError(`--drain goes with retire, not ${action}`);
   const live = await cli.running();
   if (live) {
     const res = await liveFetch(live, `/api/agents/${a.type}/${a.key}/${action}${drain ? "?drain=1" : ""}`, {
