@@ -298,6 +298,22 @@ describe("operator actions on a stopped gateway", () => {
   });
 });
 
+describe("a fleet.toml that does not load", () => {
+  test("still names the data dir when it is TOML; when it is not, the command is exit 1, not ./.fleet", async () => {
+    const f = await stoppedFleet(2);
+    const edited = join(f.dir, "edited.toml"); // an edit a running gateway would refuse: an unknown key
+    writeFileSync(edited, `[fleet]\ndata_dir = ${JSON.stringify(f.dataDir)}\nbogus_key = 1\n`);
+    const agents = await runCli(["agents", "--json", "--config", edited]);
+    expect(agents.code).toBe(0);
+    expect(agents.json.agents.map((a: { id: string }) => a.id)).toEqual(["meter/m1", "meter/m2"]);
+    const broken = join(f.dir, "broken.toml");
+    writeFileSync(broken, `[fleet\ndata_dir = ${JSON.stringify(f.dataDir)}\n`);
+    const status = await runCli(["status", "--config", broken]);
+    expect({ code: status.code, stdout: status.stdout }).toEqual({ code: 1, stdout: "" });
+    expect(oneLine(status.stderr)).toStartWith(`fleet: invalid fleet spec: ${broken}:1:`);
+  });
+});
+
 describe("fleet agents", () => {
   test("lists each agent's queue length in a QUEUED column", async () => {
     const f = await stoppedFleet(6);

@@ -5,6 +5,7 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
+import { parse as parseToml } from "smol-toml";
 import type { CliContext } from "./devices.ts";
 import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
@@ -133,10 +134,15 @@ export function createCli(flags: CliFlags): Cli {
   async function dataDir(): Promise<string> {
     if (flags["data-dir"]) return resolve(flags["data-dir"]);
     if (process.env.FLEET_DATA_DIR) return resolve(process.env.FLEET_DATA_DIR);
+    if (!existsSync(configPath)) return resolve(".fleet"); // the default [fleet] data_dir
     try {
       return resolve((await loadSpec(configPath)).spec.fleet.data_dir);
-    } catch {
-      return resolve(".fleet");
+    } catch (err) {
+      // A fleet.toml that does not load (say an edit the running gateway refused) still names the data dir the
+      // gateway runs on; a file that is not even TOML names none, and ./.fleet would be a stray fleet.
+      const named = dataDirNamedIn(configPath);
+      if (named === null) throw err;
+      return resolve(named);
     }
   }
 
@@ -182,6 +188,17 @@ export function createCli(flags: CliFlags): Cli {
     openReadonly,
     print: (data, human) => console.log(flags.json ? JSON.stringify(data, null, 2) : human()),
   };
+}
+
+/** `[fleet] data_dir` of a fleet.toml that parses as TOML (the default when it has none), else null. */
+function dataDirNamedIn(file: string): string | null {
+  try {
+    const doc = parseToml(readFileSync(file, "utf8")) as { fleet?: { data_dir?: unknown } };
+    const named = doc.fleet?.data_dir ?? ".fleet";
+    return typeof named === "string" && named !== "" ? named : null;
+  } catch {
+    return null;
+  }
 }
 
 /** A timestamp as `YYYY-MM-DD HH:MM:SS` (UTC), or "-". */
