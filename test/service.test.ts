@@ -4,10 +4,11 @@
  * bubblewrap's user namespaces. `systemd-analyze verify` checks it when it is installed.
  */
 import { describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
+import { serviceBun } from "../gateway/cli/index.ts";
 
 describe("fleet install-service", () => {
   test("--dry-run prints a hardened unit that systemd-analyze verify accepts", async () => {
@@ -46,6 +47,33 @@ describe("fleet install-service", () => {
       rmSync(dir, { recursive: true, force: true });
     }
   }, 30_000);
+
+  test("ExecStart runs the bun under --dir/node_modules, not the one that ran the command", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-app-"));
+    try {
+      mkdirSync(join(dir, "node_modules/.bin"), { recursive: true });
+      writeFileSync(join(dir, "node_modules/.bin/bun"), "");
+      const r = await runCli(["install-service", "--dry-run", "--dir", dir]);
+      expect(r.code).toBe(0);
+      const exec = r.stdout.split("\n").find((l) => l.startsWith("ExecStart="));
+      expect(exec).toStartWith(`ExecStart=${dir}/node_modules/.bin/bun ${dir}/gateway/cli/main.ts start `);
+      expect(r.stderr).toBe("");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
+
+  test("without a bun under --dir: this bun when the unit can reach it, else --dir's, with a warning", () => {
+    const dir = "/opt/fleet-none";
+    expect(serviceBun(dir, "/usr/local/bin/bun")).toEqual({
+      path: "/usr/local/bin/bun",
+      warning: `no ${dir}/node_modules/.bin/bun (npm install in ${dir}): the unit runs /usr/local/bin/bun`,
+    });
+    expect(serviceBun(dir, "/root/.bun/bin/bun")).toEqual({
+      path: `${dir}/node_modules/.bin/bun`,
+      warning: `no ${dir}/node_modules/.bin/bun: run npm install in ${dir} before starting the service`,
+    });
+  });
 
   test("a bad user name or a relative path is a usage error, and nothing is written", async () => {
     const bad = await runCli(["install-service", "--dry-run", "--user", "Bad User"]);

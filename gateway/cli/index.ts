@@ -5,3 +5,4 @@
  * devices.ts. This door exports the context the commands share.
  */
 export { type Cli, type CliFlags, createCli, UsageError } from "./context.ts";
+export { serviceBun } from "./service.ts";

@@ -25,10 +25,12 @@ export interface ServiceOptions {
 const USER_RE = /^[a-z_][a-z0-9_-]{0,31}$/;
 /** Unit file paths are written without quoting: no spaces or specials. */
 const PATH_RE = /^\/[A-Za-z0-9._/@+-]*$/;
+/** What the unit's ProtectHome hides (or makes read-only). */
+const UNDER_HOME = /^\/(home|root)(\/|$)/;
 
 /** The unit file text. */
 export function serviceUnit(o: ServiceOptions): string {
-  const underHome = /^\/(home|root)(\/|$)/.test(o.dir) || /^\/(home|root)(\/|$)/.test(o.dataDir);
+  const underHome = UNDER_HOME.test(o.dir) || UNDER_HOME.test(o.dataDir);
   return `# Written by \`fleet install-service\`; see docs/deploy.md.
 [Unit]
 Description=Agent Fleets gateway (${o.dir}/fleet.toml)
@@ -77,6 +79,19 @@ WantedBy=multi-user.target
 `;
 }
 
+/**
+ * The bun the unit runs: the one `npm install` put under the app dir (docs/deploy.md), which the service user can
+ * reach. Without it, the bun running this command when it is outside /home and /root (ProtectHome hides those),
+ * else the app dir's path all the same, with a warning saying what to install.
+ */
+export function serviceBun(dir: string, running = process.execPath): { path: string; warning?: string } {
+  const local = join(dir, "node_modules/.bin/bun");
+  if (existsSync(local)) return { path: local };
+  if (!UNDER_HOME.test(running) && PATH_RE.test(running))
+    return { path: running, warning: `no ${local} (npm install in ${dir}): the unit runs ${running}` };
+  return { path: local, warning: `no ${local}: run npm install in ${dir} before starting the service` };
+}
+
 /** The command. */
 export async function cmdInstallService(cli: Cli, flags: { user?: string; dir?: string }): Promise<number> {
   const user = flags.user ?? "fleet";
@@ -89,13 +104,16 @@ export async function cmdInstallService(cli: Cli, flags: { user?: string; dir?: 
   ] as const) {
     if (!PATH_RE.test(p)) throw new UsageError(`${flag} "${p}" must be an absolute path without spaces or specials`);
   }
-  const unit = serviceUnit({ user, dir, dataDir, bun: process.execPath });
+  const bun = serviceBun(dir);
+  if (bun.warning) console.error(`fleet: warning: ${bun.warning}`);
+  const unit = serviceUnit({ user, dir, dataDir, bun: bun.path });
   if (cli.flags["dry-run"]) {
     process.stdout.write(unit);
     return 0;
   }
   if (process.getuid?.() !== 0) throw new UsageError("install-service writes /etc/systemd/system: run it as root");
   if (!existsSync(join(dir, "fleet.toml"))) throw new UsageError(`no fleet.toml in ${dir}`);
+  if (!existsSync(bun.path)) throw new UsageError(`no ${bun.path}: run npm install in ${dir} first`);
   let created = false;
   try {
     execFileSync("id", ["-u", user], { stdio: "ignore" });
