@@ -10,6 +10,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir, userInfo } from "node:os";
 import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
+import { stopOnSignals } from "../gateway/cli/index.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
 import { Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
@@ -408,6 +409,46 @@ describe("command-line mistakes", () => {
       "fleet: gc --now works only with --dry-run or on a stopped gateway's data dir: " +
         "the running gateway collects on its own clock",
     );
+  });
+});
+
+describe("fleet start's stop signals", () => {
+  /** The handler with a drain that ends when `finish` is called; the exit codes and warnings it gave. */
+  function handler() {
+    let finish = () => {};
+    const exits: number[] = [];
+    const warnings: unknown[] = [];
+    const log = { info: () => {}, warn: (o: unknown) => void warnings.push(o) } as never;
+    const drain = () => new Promise<void>((r) => (finish = r));
+    const signal = stopOnSignals(drain, log, (code) => void exits.push(code));
+    const end = async () => {
+      finish();
+      await Bun.sleep(0);
+    };
+    return { signal, exits, warnings, finish: end };
+  }
+
+  test("a drain that finishes exits 0", async () => {
+    const h = handler();
+    h.signal("SIGTERM");
+    expect(h.exits).toEqual([]);
+    await h.finish();
+    expect(h.exits).toEqual([0]);
+  });
+
+  test("a second SIGINT or SIGTERM during the drain exits at once, 130 or 143, never 0", async () => {
+    for (const [second, code] of [
+      ["SIGINT", 130],
+      ["SIGTERM", 143],
+    ] as const) {
+      const h = handler();
+      h.signal("SIGTERM");
+      h.signal(second);
+      expect(h.exits).toEqual([code]);
+      expect(h.warnings).toEqual([{ signal: second, exit_code: code }]);
+      await h.finish(); // the process is gone by then; the handler exits no second time
+      expect(h.exits).toEqual([code]);
+    }
   });
 });
 

@@ -9,6 +9,7 @@ import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
 import { auditLocal, gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
+import type { Logger } from "pino";
 import { checkConfigs, commandSpawnOptions, configProblemsError, typesToCheck } from "../episode/index.ts";
 import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
 import { versionOf } from "../code/index.ts";
@@ -51,16 +52,42 @@ export async function cmdStart(cli: Cli): Promise<void> {
     httpPort: intArg("--http-port", flags["http-port"], undefined, PORT),
     logger: log,
   });
-  const stop = async (signal: string) => {
-    log.info({ signal }, "shutting down");
-    await gw.stop();
-    process.exit(0);
-  };
-  process.on("SIGTERM", () => void stop("SIGTERM"));
-  process.on("SIGINT", () => void stop("SIGINT"));
+  const stop = stopOnSignals(() => gw.stop(), log);
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGHUP", () => void gw.reload("SIGHUP"));
   await gw.start();
   console.log(`fleet running: mqtt on port ${gw.broker.port}, http on port ${gw.http.port}, data in ${gw.dataDir}`);
+}
+
+/** A second stop signal's exit status: 128 + the signal's number, as a shell reports a process it killed. */
+const FORCED_EXIT = { SIGTERM: 143, SIGINT: 130 } as const;
+
+/**
+ * The SIGTERM/SIGINT handler of `fleet start`: the first signal drains the gateway, then exits 0. A second one
+ * during the drain exits at once with 128 + its number, never 0, since the drain did not finish (what was
+ * running or queued runs again at the next start: stimuli are durable).
+ */
+export function stopOnSignals(
+  drain: () => Promise<void>,
+  log: Pick<Logger, "info" | "warn">,
+  exit: (code: number) => void = (code) => process.exit(code),
+): (signal: keyof typeof FORCED_EXIT) => void {
+  let state: "running" | "draining" | "forced" = "running";
+  return (signal) => {
+    if (state !== "running") {
+      state = "forced";
+      const code = FORCED_EXIT[signal];
+      log.warn({ signal, exit_code: code }, "second stop signal during the drain: exiting now, the drain unfinished");
+      exit(code);
+      return;
+    }
+    state = "draining";
+    log.info({ signal }, "shutting down");
+    void drain().then(() => {
+      if (state === "draining") exit(0);
+    });
+  };
 }
 
 /**
