@@ -299,6 +299,33 @@ describe("operator actions on a stopped gateway", () => {
   });
 });
 
+describe("fleet send", () => {
+  test("its errors are one line on stderr starting with `fleet:`, nothing on stdout", async () => {
+    const f = await stoppedFleet(1);
+    const stopped = await f.cli("send", "meter/m1/in", "{}");
+    expect({ code: stopped.code, stdout: stopped.stdout }).toEqual({ code: 1, stdout: "" });
+    expect(oneLine(stopped.stderr)).toBe("fleet: the gateway is not running (start it with `fleet start`)");
+    // The running gateway's refusal: a stand-in for its HTTP API answering as it does.
+    const message = "no agent subscribes to meter/m1/in";
+    const server = Bun.serve({
+      port: 0,
+      hostname: "127.0.0.1",
+      fetch: () => Response.json({ error: { code: "no_target", message } }, { status: 404 }),
+    });
+    try {
+      writeFileSync(
+        join(f.dataDir, "gateway.json"),
+        JSON.stringify({ http_port: server.port, mqtt_port: 1, pid: process.pid }),
+      );
+      const live = await f.cli("send", "meter/m1/in", "{}");
+      expect({ code: live.code, stdout: live.stdout }).toEqual({ code: 1, stdout: "" });
+      expect(oneLine(live.stderr)).toBe(`fleet: ${message}`);
+    } finally {
+      server.stop(true);
+    }
+  });
+});
+
 describe("a fleet.toml that does not load", () => {
   test("still names the data dir when it is TOML; when it is not, the command is exit 1, not ./.fleet", async () => {
     const f = await stoppedFleet(2);

@@ -236,7 +236,7 @@ export async function cmdSend(cli: Cli, topic: string | undefined, payload: stri
   }
   const live = await cli.running();
   if (!live) {
-    console.error("the gateway is not running (start it with `fleet start`)");
+    console.error("fleet: the gateway is not running (start it with `fleet start`)");
     return 1;
   }
   const res = await liveFetch(live, "/api/send", {
@@ -248,13 +248,18 @@ export async function cmdSend(cli: Cli, topic: string | undefined, payload: stri
     duplicates?: unknown[];
     error?: { message: string };
   };
-  cli.print(body, () =>
-    res.ok
-      ? `accepted ${body.accepted?.length ?? 0}, duplicates ` +
-        `${body.duplicates?.length ?? 0}${body.accepted?.map((a) => `\n  ${a.agent} ${a.sid}`).join("") ?? ""}`
-      : `error: ${body.error?.message}`,
+  if (!res.ok) {
+    if (cli.json) cli.print(body, () => "");
+    console.error(`fleet: ${body.error?.message ?? `HTTP ${res.status}`}`);
+    return 1;
+  }
+  cli.print(
+    body,
+    () =>
+      `accepted ${body.accepted?.length ?? 0}, duplicates ` +
+      `${body.duplicates?.length ?? 0}${body.accepted?.map((a) => `\n  ${a.agent} ${a.sid}`).join("") ?? ""}`,
   );
-  return res.ok ? 0 : 1;
+  return 0;
 }
 
 /** `fleet validate [FILE]`: compile a fleet.toml without touching the fleet; 1 with the error's location. */
