@@ -393,6 +393,24 @@ describe("command-line mistakes", () => {
     expect((await f.cli("gc", "--dry-run", "--now", String(Date.now()))).code).toBe(0);
   });
 
+  test("fleet --help lists every option; a command's --help prints that command's usage only", async () => {
+    const all = await runCli(["--help"]);
+    expect(all.code).toBe(0);
+    for (const option of ["wakeups <type/key> [--state", "--page", "--before", "--json", "--data-dir /var/lib/<user>"])
+      expect(all.stdout).toContain(option);
+    const agents = await runCli(["agents", "--help"]);
+    expect(agents.code).toBe(0);
+    const lines = agents.stdout.trimEnd().split("\n");
+    expect(lines[0]).toBe("usage: fleet agents …");
+    expect(lines).toContain("  agents [--type T] [--status S] [--limit N] [--page N]");
+    expect(agents.stdout).toContain("--central URL");
+    expect(agents.stdout).toContain("Common: --config FILE");
+    expect(agents.stdout).not.toContain("install-service");
+    const retire = await runCli(["retire", "--help"]);
+    expect(retire.stdout).toContain("retire <type/key> --drain");
+    expect(retire.stdout).not.toContain("agents [--type");
+  });
+
   test("agents --status takes only an agent status (exit 2 listing them); draining is one", async () => {
     const f = await stoppedFleet(2);
     const bad = await f.cli("agents", "--status", "bogus");

@@ -41,7 +41,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
   episodes <type/key> [--kind K] [--status committed|failed] [--limit N] [--before MS]
                               its episodes, newest first; K: mqtt, timer, webhook, inbox, manual, wake
   show <episode>              one episode with its event log
-  wakeups <type/key> [--state pending|fired|cancelled|dropped]   the agent's durable wake-ups
+  wakeups <type/key> [--state pending|fired|cancelled|dropped] [--limit N]
+                              the agent's durable wake-ups
   verify [--agent type/key]   recompute every hash chain; exit 1 on mismatch
   replay <episode> [--module FILE]          re-run an episode on its recorded inputs: MATCH or first divergence
   replay --agent <type/key> [--module FILE] replay an agent's whole history (regression test for new code)
@@ -63,13 +64,15 @@ const USAGE = `usage: fleet <command> [args] [--json]
   reshard --from DIR1,DIR2 --to N --out PREFIX [--partial]
                               offline (gateways stopped): move each agent's chain into the data dir of its
                               shard under N shards (PREFIX1..PREFIXN) and verify every chain
-  install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/fleet] [--dry-run]
+  install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/<user>] [--dry-run]
                               write a hardened systemd unit (--dry-run prints it); docs/deploy.md
 
-  agents|episodes|show|verify|audit --central URL [--fleet NAME|GATEWAY]
+  agents|episodes|show|verify|audit --central URL [--fleet NAME|GATEWAY] [--token-env NAME]
                               the same over the central libSQL server every gateway replicates to
                               verify names a tampered row. Token: env --token-env NAME, else the one
                               [replication] auth_token_env names in fleet.toml, else FLEET_CENTRAL_TOKEN
+                              with their own options: agents --type --status --limit --page,
+                              episodes and audit --limit --before, verify --agent
   central --url URL [--host H] [--port N] [--token-env NAME]
                               read-only dashboard + JSON API over the central database
                               (binds 127.0.0.1:8090; off loopback needs env FLEET_CENTRAL_API_TOKEN)
@@ -77,7 +80,22 @@ ${ROLLOUT_USAGE}
 ${DEVICE_USAGE}
 ${TOKEN_USAGE}
 
-  Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR)`;
+  Common: --config FILE (env FLEET_CONFIG, default ./fleet.toml), --data-dir DIR (env FLEET_DATA_DIR),
+          --json (JSON output, e.g. device add --json), --help (fleet <command> --help: that command's usage)`;
+
+/** `fleet <command> --help`: the usage lines of that command (with their continuation lines), then the common ones. */
+function commandUsage(cmd: string): string {
+  const blocks: string[][] = [];
+  for (const line of USAGE.split("\n").slice(1)) {
+    if (/^ {2}\S/.test(line)) blocks.push([line]);
+    else if (/^ {3,}\S/.test(line)) blocks.at(-1)?.push(line);
+  }
+  const names = (block: string[]) => block[0]!.trim().split(/\s/)[0]!.split("|");
+  const own = blocks.filter((b) => names(b).includes(cmd));
+  const common = blocks.filter((b) => names(b).includes("Common:"));
+  if (own.length === 0) return USAGE;
+  return `usage: fleet ${cmd} …\n\n${[...own, ...common].map((b) => b.join("\n")).join("\n")}`;
+}
 
 /** The command line, or exit 2 with the usage when parseArgs refuses it (unknown option, missing value). */
 function parseCommandLine() {
@@ -119,6 +137,10 @@ const cli = createCli(flags);
 /** Run the command; its exit code, or -1 to keep the process running (`start`). */
 async function main(): Promise<number> {
   const [cmd, a1, a2] = positionals;
+  if (flags.help && cmd) {
+    console.log(commandUsage(cmd));
+    return 0;
+  }
   if (flags.help || !cmd) {
     console.log(USAGE);
     return cmd || flags.help ? 0 : 2;
