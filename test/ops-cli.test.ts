@@ -7,10 +7,11 @@
 import { Database } from "bun:sqlite";
 import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir, userInfo } from "node:os";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
 import { stopOnSignals } from "../gateway/cli/index.ts";
+import { localActor } from "../gateway/ops/index.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
 import { Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
@@ -236,7 +237,7 @@ describe("operator actions on a stopped gateway", () => {
     const db = f.sqlite();
     const [s1, s2] = quarantine(db, "meter/m1");
     db.close();
-    const actor = `local:${userInfo().username}`;
+    const actor = localActor(); // e.g. local:root, also with $USER unset
     for (const args of [
       ["pause", "meter/m1"],
       ["resume", "meter/m1"],
@@ -269,6 +270,20 @@ describe("operator actions on a stopped gateway", () => {
       [actor, "agent.pause", "meter/m2", 409, null],
       [actor, "agent.pause", "nosuch/x", 404, null],
     ]);
+  });
+
+  test("local:<user> is the uid's name in /etc/passwd, whatever $USER says", async () => {
+    const passwd = () => "root:x:0:0:root:/root:/bin/bash\nfleet:x:998:998::/var/lib/fleet:/usr/sbin/nologin\n";
+    expect(localActor(0, passwd)).toBe("local:root");
+    expect(localActor(998, passwd)).toBe("local:fleet");
+    const f = await stoppedFleet(1);
+    const r = await runCli(["pause", "meter/m1", "--data-dir", f.dataDir, "--config", join(f.dir, "fleet.toml")], {
+      env: { USER: "", LOGNAME: "" },
+    });
+    expect(r.code).toBe(0);
+    const audit = await f.cli("audit", "--json");
+    expect(audit.json.records[0].actor).toBe(localActor());
+    expect(audit.json.records[0].actor).not.toBe("local:unknown");
   });
 
   test("a refused pause, resume or retire is one line starting with `fleet:`", async () => {

@@ -5,7 +5,6 @@
  * stopped, the command appends that record to the data dir's audit log itself.
  */
 import { existsSync, mkdirSync } from "node:fs";
-import { userInfo } from "node:os";
 import { join } from "node:path";
 import {
   addToken,
@@ -23,6 +22,7 @@ import {
   tokenSnapshot,
 } from "../auth/index.ts";
 import { appendAuditWithMeta, listAudit, Store } from "../store/index.ts";
+import { localActor } from "../ops/index.ts";
 import { auditView } from "../store/index.ts";
 import { table, UsageError, when, type Cli } from "./context.ts";
 
@@ -55,7 +55,7 @@ async function auditOffline(cli: Cli, file: string, before: readonly StoredToken
     const seen = await store.getMeta(TOKENS_AUDITED_META);
     const missed =
       seen === null ? [] : tokenAuditRecords(diffTokens(parseTokenSnapshot(seen), before), "tokens-file", at);
-    const own = tokenAuditRecords(diffTokens(before, now), `local:${userInfo().username}`, at);
+    const own = tokenAuditRecords(diffTokens(before, now), localActor(), at);
     await appendAuditWithMeta(store, [...missed, ...own], TOKENS_AUDITED_META, tokenSnapshot(now));
   } finally {
     await store.close();
