@@ -373,6 +373,18 @@ describe("fleet agents", () => {
   });
 });
 
+describe("fleet agents paging", () => {
+  test("a page that does not reach the last agent ends with `more: --page N`", async () => {
+    const f = await stoppedFleet(2);
+    const first = await f.cli("agents", "--limit", "1");
+    expect(first.stdout.trimEnd().split("\n").slice(-2)).toEqual(["2 agent(s)", "more: --page 2"]);
+    expect((await f.cli("agents", "--limit", "1", "--json")).json.next_page).toBe(2);
+    const last = await f.cli("agents", "--limit", "1", "--page", "2");
+    expect(last.stdout.trimEnd().split("\n").at(-1)).toBe("2 agent(s)");
+    expect((await f.cli("agents", "--json")).json.next_page).toBeNull();
+  });
+});
+
 describe("command-line mistakes", () => {
   test("a negative number reaches the flag's range check (exit 2), not the parser's 'ambiguous'", async () => {
     const f = await stoppedFleet(2);

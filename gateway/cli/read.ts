@@ -131,8 +131,9 @@ export async function cmdAgents(cli: Cli): Promise<number> {
   // The queue lengths come from the store: the data dir is the truth whether or not a gateway runs.
   const queued = new Map((await store.queuedSummary()).map((q) => [q.agent, q.n]));
   const views = rows.map((a) => agentView(a, queued.get(a.id) ?? 0));
+  const nextPage = total > (page - 1) * limit + rows.length && rows.length > 0 ? page + 1 : null;
   cli.print(
-    { agents: views, total, page, limit },
+    { agents: views, total, page, limit, next_page: nextPage },
     () =>
       `${table(
         views.map((v) => ({
@@ -141,7 +142,7 @@ export async function cmdAgents(cli: Cli): Promise<number> {
           last_episode: when(v.last_episode_at),
         })),
         ["id", "status", "episodes", "failures", "queued", "seq", "checkpoint", "last_episode", "reason"],
-      )}\n${total} agent(s)`,
+      )}\n${total} agent(s)${nextPage === null ? "" : `\nmore: --page ${nextPage}`}`,
   );
   return 0;
 }
