@@ -6,7 +6,7 @@
  * version, and every hash chain (`fleet verify`).
  */
 import { createClient } from "@libsql/client";
-import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { checkNotNewer, forkGatewayIdentity, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
@@ -129,8 +129,9 @@ export async function restoreDatabase(source: string, dataDir: string, gatewayRu
   }
   chmodSync(partial, 0o600);
   renameSync(partial, target);
-  for (const leftover of readdirSync(dataDir).filter((f) => f.startsWith("fleet.db-"))) {
+  // A stale WAL, shm or journal would be applied to the new file; other files (a backup named
+  // fleet.db-<date>, the very one restored from) are the operator's and stay.
+  for (const leftover of ["fleet.db-wal", "fleet.db-shm", "fleet.db-journal"])
     rmSync(join(dataDir, leftover), { force: true });
-  }
   return { file: target, bytes: statSync(target).size, ...checked };
 }
