@@ -3,10 +3,11 @@
  * besides the copy, and what they refuse.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { Database } from "bun:sqlite";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { SyntheticFleet } from "./helpers/ops.ts";
+import { ROOT, SyntheticFleet } from "./helpers/ops.ts";
 import { backupDatabase, restoreDatabase } from "../gateway/ops/index.ts";
 
 const dirs: string[] = [];
@@ -46,5 +47,43 @@ describe("restore", () => {
     expect(existsSync(older)).toBe(true);
     expect(existsSync(newer)).toBe(true);
     expect(existsSync(join(data, "fleet.db-shm"))).toBe(false);
+  });
+});
+
+describe("backup", () => {
+  test("restore of a file with no schema version says it may be an incomplete backup", async () => {
+    const { dir } = await fleetDb();
+    const file = join(dir, "partial.db");
+    new Database(file).run("CREATE TABLE t (x)");
+    await expect(restoreDatabase(file, join(dir, "new"), false)).rejects.toThrow(
+      `${file} is not a fleet database or not a complete backup (no schema version)`,
+    );
+  });
+
+  test("a backup killed while it copies leaves no readable file under the final name", async () => {
+    const { dir, db } = await fleetDb();
+    const pad = new Database(db); // 32 MB more to copy, so the copy takes a while
+    pad.run("CREATE TABLE pad (x BLOB)");
+    for (let i = 0; i < 32; i++) pad.run("INSERT INTO pad VALUES (randomblob(1048576))");
+    pad.close();
+    const out = join(dir, "out");
+    const file = join(out, "nightly.db");
+    const script = `process.umask(0o022); const { backupDatabase } = await import(${JSON.stringify(
+      join(ROOT, "gateway/ops/index.ts"),
+    )}); await backupDatabase(${JSON.stringify(db)}, ${JSON.stringify(file)});`;
+    const proc = Bun.spawn(["bun", "-e", script], { stdout: "ignore", stderr: "ignore" });
+    const modes = new Set<number>();
+    // Wait until the copy is under way: a file under the final name, or the private scratch dir.
+    for (let started = false; !started && proc.exitCode === null; await Bun.sleep(0)) {
+      if (existsSync(file)) modes.add(statSync(file).mode & 0o777);
+      started = existsSync(out) && readdirSync(out).length > 0;
+    }
+    proc.kill(9);
+    await proc.exited;
+    if (existsSync(file)) modes.add(statSync(file).mode & 0o777);
+    for (const m of modes) expect(m.toString(8)).toBe("600");
+    for (const entry of existsSync(out) ? readdirSync(out) : []) {
+      if (entry !== "nightly.db") expect(statSync(join(out, entry)).mode & 0o777).toBe(0o700);
+    }
   });
 });

@@ -6,7 +6,17 @@
  * version, and every hash chain (`fleet verify`).
  */
 import { createClient } from "@libsql/client";
-import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, statSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  linkSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  renameSync,
+  rmSync,
+  statSync,
+} from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { checkNotNewer, forkGatewayIdentity, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
@@ -42,7 +52,7 @@ async function check(file: string): Promise<{ schema_version: number; verify: Ve
     const verdict = rows.map((r) => String(r[0])).join("; ");
     if (verdict !== "ok") throw checkFailed(file, `is damaged: ${verdict}`);
     version = await schemaVersion(client);
-    if (version === 0) throw checkFailed(file, "is not a fleet database (no schema version)");
+    if (version === 0) throw checkFailed(file, "is not a fleet database or not a complete backup (no schema version)");
     checkNotNewer(version, file);
   } catch (err) {
     if (err instanceof BackupError) throw err;
@@ -70,19 +80,30 @@ async function check(file: string): Promise<{ schema_version: number; verify: Ve
 export async function backupDatabase(dbPath: string, target: string): Promise<BackupReport> {
   const file = resolve(target);
   if (!existsSync(dbPath)) throw new BackupError(`no fleet database at ${dbPath}`);
-  if (existsSync(file)) throw new BackupError(`${file} already exists; choose a new file name`);
+  // lstat, not exists: a dangling symlink at FILE is something there too, not a path to follow.
+  if (lstatSync(file, { throwIfNoEntry: false })) {
+    throw new BackupError(`${file} already exists; choose a new file name`);
+  }
   mkdirSync(dirname(file), { recursive: true });
+  // The copy holds every agent's state and every device payload. VACUUM INTO creates its file with
+  // the umask, so it writes into a private (0700) directory beside FILE, and the finished copy is
+  // linked in under FILE: a backup killed midway leaves no readable, partial file under the final name.
+  let scratch: string | undefined;
   const client = createClient({ url: `file:${dbPath}` });
   try {
+    scratch = mkdtempSync(join(dirname(file), ".fleet-backup-"));
+    const partial = join(scratch, "copy.db");
     await client.execute("PRAGMA busy_timeout = 5000");
-    await client.execute({ sql: "VACUUM INTO ?", args: [file] });
+    await client.execute({ sql: "VACUUM INTO ?", args: [partial] });
+    chmodSync(partial, 0o600);
+    publish(partial, file);
   } catch (err) {
-    rmSync(file, { force: true }); // whatever a failed VACUUM INTO left is no copy
+    if (err instanceof BackupError) throw err;
     throw new BackupError(`cannot write a backup to ${file}: ${errorReason(err)}`);
   } finally {
     client.close();
+    if (scratch) rmSync(scratch, { recursive: true, force: true }); // whatever a failed VACUUM INTO left is no copy
   }
-  chmodSync(file, 0o600); // it holds every agent's state and every device payload
   try {
     return { file, bytes: statSync(file).size, ...(await check(file)) };
   } catch (err) {
@@ -91,6 +112,18 @@ export async function backupDatabase(dbPath: string, target: string): Promise<Ba
     // refuses it for the same reason this fails. The command still fails, so a timer's unit fails.
     const why = err instanceof BackupError ? (err.check ?? err.message) : errorReason(err);
     throw new BackupError(`copy written to ${file}, but it does not verify: it ${why}`);
+  }
+}
+
+/** Give the finished copy its final name without replacing anything that appeared there meanwhile. */
+function publish(partial: string, file: string): void {
+  try {
+    linkSync(partial, file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "EEXIST") throw new BackupError(`${file} already exists; choose a new file name`);
+    if (code !== "EPERM" && code !== "ENOTSUP" && code !== "EXDEV") throw err;
+    renameSync(partial, file); // a file system without hard links
   }
 }
 
