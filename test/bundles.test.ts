@@ -286,7 +286,8 @@ describe("retention of bundles", () => {
     const dir = tempDir();
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
     try {
-      const h = (c: string) => c.repeat(64);
+      const hashes = { "1": await blake3Hex("// 1"), "2": await blake3Hex("// 2") };
+      const h = (c: string) => hashes[c as keyof typeof hashes] ?? c.repeat(64);
       for (const c of ["1", "2"]) await store.saveBundle({ hash: h(c), module: `/m/${c}.ts`, code: `// ${c}`, at: 1 });
       const episode = (i: number, bundle: string | null) =>
         store.db.insert(tables.episodes).values({
@@ -318,7 +319,11 @@ describe("retention of bundles", () => {
       // A count that went wrong is a verify problem: retention would trust it.
       await store.client.execute("UPDATE bundle_uses SET episodes = 5");
       expect((await verifyStore(store)).problems).toEqual([
-        { agent: "", record: `bundle ${"1".repeat(16)}`, problem: "named by 1 episode(s), counted 5 in bundle_uses" },
+        {
+          agent: "",
+          record: `bundle ${h("1").slice(0, 16)}`,
+          problem: "named by 1 episode(s), counted 5 in bundle_uses",
+        },
       ]);
       await store.client.execute("UPDATE bundle_uses SET episodes = 1");
       await store.client.execute("DELETE FROM episodes");

@@ -5,6 +5,7 @@
  */
 import { bundleOfSql, hashEvents, verifyCheckpointRow, IntegrityError } from "../store/index.ts";
 import type { AgentRow, CheckpointRow, EpisodeRow, EventRow, Store } from "../store/index.ts";
+import { blake3Hex, hashValue } from "../hash.ts";
 import type { AgentId } from "../types.ts";
 import { errorReason, readEvents } from "./events.ts";
 
@@ -27,6 +28,14 @@ export interface VerifyReport {
 const short = (hash: unknown): string => String(hash).slice(0, 16);
 
 /**
+ * What verify reads of an agent row. `tombstonedSeq` (retention's frontier, migration 29) only where the
+ * source keeps it: states are collected at or below it, never above.
+ */
+export type ChainAgent = Pick<AgentRow, "anchorSeq" | "anchorHash" | "headSeq" | "headHash" | "episodes"> & {
+  readonly tombstonedSeq?: number;
+};
+
+/**
  * Where verify reads chains from: the local store, or one gateway's rows in the central
  * database (gateway/replication/). Rows come in the local row shapes.
  */
@@ -35,8 +44,8 @@ export interface ChainSource {
   agents(): Promise<string[]>;
   /** An agent's checkpoints, oldest first (a source may stream them: verify holds one at a time). */
   checkpoints(agent: string): AsyncIterable<CheckpointRow> | Promise<Iterable<CheckpointRow>>;
-  /** The agent row's chain anchor and head. */
-  agent(agent: string): Promise<Pick<AgentRow, "anchorSeq" | "anchorHash" | "headHash"> | undefined>;
+  /** The agent row's chain anchor, head and counts. */
+  agent(agent: string): Promise<ChainAgent | undefined>;
   /** An agent's episodes in id order after `afterId`. */
   episodes(agent: string, afterId: string, limit: number): Promise<EpisodeRow[]>;
   /** The events of these episodes, ordered by episode and seq; throws when a log cannot be read. */
@@ -46,19 +55,74 @@ export interface ChainSource {
 /** The local store as a chain source. */
 export function storeChains(store: Store): ChainSource {
   return {
-    agents: () => store.agentsWithCheckpoints(),
+    // Agents with a chain, and those with episodes but none (every stimulus so far failed).
+    agents: async () =>
+      (
+        await store.client.execute(`SELECT agent FROM checkpoints
+          UNION SELECT id FROM agents a WHERE EXISTS (SELECT 1 FROM episodes e WHERE e.agent = a.id)`)
+      ).rows.map((r) => String(r[0])),
     checkpoints: (agent) => store.listCheckpoints(agent as AgentId),
-    agent: (agent) => store.getAgent(agent as AgentId),
+    agent: async (agent) => {
+      const row = await store.getAgent(agent as AgentId);
+      return row && { ...row, tombstonedSeq: await tombstonedSeq(store, agent) };
+    },
     episodes: (agent, after, limit) => store.scanEpisodes(agent as AgentId, after, limit),
     events: (ids) => readEvents(store, ids),
   };
 }
 
+/** Retention's frontier of an agent; undefined in a data dir from before it (opened read-only, not upgraded). */
+async function tombstonedSeq(store: Store, agent: string): Promise<number | undefined> {
+  try {
+    const rs = await store.client.execute({ sql: "SELECT tombstoned_seq FROM agents WHERE id = ?", args: [agent] });
+    return rs.rows.length > 0 ? Number(rs.rows[0]![0]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Verify every agent (or those listed); with every agent, also the count of episodes naming each bundle. */
 export async function verifyStore(store: Store, only?: readonly AgentId[]): Promise<VerifyReport> {
   const report = await verifyChains(storeChains(store), only);
-  if (!only?.length) report.problems.push(...(await bundleUseProblems(store)));
+  if (!only?.length) report.problems.push(...(await bundleUseProblems(store)), ...(await contentProblems(store)));
   return report;
+}
+
+/**
+ * Stored code bundles and spec versions against the hashes that name them: a bundle is the BLAKE3 of
+ * its code; a spec version the BLAKE3 of its text, or with code pinned, of that hash and its bundles
+ * (gateway/code `withBundles`). Replay runs the stored code, so damage there is damage to history.
+ */
+async function contentProblems(store: Store): Promise<VerifyProblem[]> {
+  const problems: VerifyProblem[] = [];
+  // One row at a time: bundles are up to megabytes each.
+  const bundleHashes = (await store.client.execute("SELECT hash FROM bundles ORDER BY hash")).rows;
+  for (const { hash } of bundleHashes) {
+    const rs = await store.client.execute({ sql: "SELECT code FROM bundles WHERE hash = ?", args: [String(hash)] });
+    const code = String(rs.rows[0]?.[0] ?? "");
+    if ((await blake3Hex(code)) !== hash)
+      problems.push({ agent: "", record: `bundle ${short(hash)}`, problem: "stored code does not match its hash" });
+  }
+  const specs = await store.client.execute("SELECT hash, text, bundles FROM spec_versions ORDER BY created_at");
+  for (const { hash, text, bundles } of specs.rows) {
+    const ok = await specHash(String(text), bundles === null ? null : String(bundles)).then(
+      (h) => h === hash,
+      () => false, // bundles that are not JSON
+    );
+    if (!ok)
+      problems.push({
+        agent: "",
+        record: `spec version ${short(hash)}`,
+        problem: "stored fleet.toml text (or its code) does not match its hash",
+      });
+  }
+  return problems;
+}
+
+/** A spec version's hash from its stored text and bundles (JSON), as gateway/code `withBundles` makes it. */
+async function specHash(text: string, bundles: string | null): Promise<string> {
+  const textHash = await blake3Hex(text);
+  return bundles === null ? textHash : hashValue({ spec: textHash, bundles: JSON.parse(bundles) });
 }
 
 /**
@@ -112,6 +176,14 @@ async function eventLogs(
   return { logs, unreadable };
 }
 
+/** The chain verify has read for one agent, for matching its episodes against (hash -> link). */
+interface Link {
+  readonly seq: number;
+  readonly episode: string;
+  /** Its episode was seen: committed, this agent's, naming this checkpoint. */
+  sealed: boolean;
+}
+
 /** Verify every chain of a source (or the agents listed). */
 export async function verifyChains(src: ChainSource, only?: readonly string[]): Promise<VerifyReport> {
   const agents = only?.length ? [...only] : await src.agents();
@@ -119,11 +191,16 @@ export async function verifyChains(src: ChainSource, only?: readonly string[]): 
   let checkpoints = 0;
   let episodes = 0;
   for (const agent of agents) {
+    const found = (record: string, problem: string) => problems.push({ agent, record, problem });
     const a = await src.agent(agent);
     const chain = src.checkpoints(agent);
+    const links = new Map<string, Link>();
     let prev: string | null = null;
     let prevSeq = 0;
     let seen = 0;
+    let first: CheckpointRow | undefined;
+    let last: CheckpointRow | undefined;
+    const aboveFrontier: string[] = [];
     for await (const row of Symbol.asyncIterator in chain ? chain : await chain) {
       if (seen++ === 0 && row.seq !== 1) {
         // Retention deletes a prefix of the chain and keeps its newest hash as the anchor. A copy
@@ -131,64 +208,103 @@ export async function verifyChains(src: ChainSource, only?: readonly string[]): 
         prev = a?.anchorHash ?? null;
         prevSeq = a?.anchorSeq ?? 0;
       }
+      for (const r of aboveFrontier.splice(0))
+        found(r, `state collected above the retention frontier #${a?.tombstonedSeq}`);
+      first ??= row;
+      last = row;
       checkpoints++;
+      links.set(row.hash, { seq: row.seq, episode: row.episode, sealed: false });
       const rec = `checkpoint ${agent}#${row.seq} ${row.hash.slice(0, 16)}`;
-      if (row.seq !== prevSeq + 1) problems.push({ agent, record: rec, problem: `sequence gap after #${prevSeq}` });
-      if (row.parent !== prev)
-        problems.push({
-          agent,
-          record: rec,
-          problem: `parent ${short(row.parent)} does not link to #${prevSeq} ${short(prev)}`,
-        });
+      if (row.seq !== prevSeq + 1) found(rec, `sequence gap after #${prevSeq}`);
+      if (row.parent !== prev) found(rec, `parent ${short(row.parent)} does not link to #${prevSeq} ${short(prev)}`);
       if (row.state !== null) {
         try {
           await verifyCheckpointRow(row);
         } catch (err) {
-          problems.push({ agent, record: rec, problem: err instanceof IntegrityError ? err.message : String(err) });
+          found(rec, err instanceof IntegrityError ? err.message : String(err));
         }
+      } else if (a?.tombstonedSeq !== undefined && row.seq > a.tombstonedSeq) {
+        // Retention collects states oldest first and records how far (agents.tombstoned_seq). Named once
+        // the next checkpoint is read: at the head it is named as the head.
+        aboveFrontier.push(rec);
       }
       prev = row.hash;
       prevSeq = row.seq;
     }
-    if (a && seen > 0 && a.headHash !== prev)
-      problems.push({
-        agent,
-        record: `agent ${agent}`,
-        problem: `head ${short(a.headHash)} is not the newest checkpoint ${short(prev)}`,
-      });
+    if (last) {
+      if (!a) found(`agent ${agent}`, `no agent row for a chain of ${seen} checkpoint(s)`);
+      else if (a.headHash !== prev || a.headSeq !== prevSeq)
+        found(
+          `agent ${agent}`,
+          `head #${a.headSeq} ${short(a.headHash)} is not the newest checkpoint #${prevSeq} ${short(prev)}`,
+        );
+      // The agent's next episode loads its head: retention never collects it.
+      if (last.state === null)
+        found(`checkpoint ${agent}#${last.seq} ${last.hash.slice(0, 16)}`, "head state collected");
+    }
+    let committed = 0;
     for (let after = ""; ; ) {
       const page = await src.episodes(agent, after, 500);
       // One query per page, not per episode: `fleet verify` reads 100,000s of episodes.
       const { logs, unreadable } = await eventLogs(src, page);
       for (const ep of page) {
         episodes++;
+        const rec = `episode ${ep.id}`;
+        if (ep.status === "committed") {
+          committed++;
+          sealedBy(ep, links, first, a, (problem) => found(rec, problem));
+        }
         const cause = unreadable.get(ep.id);
         if (cause !== undefined) {
-          problems.push({ agent, record: `episode ${ep.id}`, problem: `event log unreadable: ${cause}` });
+          found(rec, `event log unreadable: ${cause}`);
           continue;
         }
         const events = logs.get(ep.id) ?? [];
         // Retention deletes an episode together with its log, so a log cannot vanish alone.
         if (events.length === 0) {
-          if (ep.eventCount > 0)
-            problems.push({
-              agent,
-              record: `episode ${ep.id}`,
-              problem: `event log missing (${ep.eventCount} event(s) recorded)`,
-            });
+          if (ep.eventCount > 0) found(rec, `event log missing (${ep.eventCount} event(s) recorded)`);
           continue;
         }
         const h = await hashEvents(events);
         if (h !== ep.eventsHash)
-          problems.push({
-            agent,
-            record: `episode ${ep.id}`,
-            problem: `event log hash mismatch (stored ${ep.eventsHash.slice(0, 16)}, recomputed ${h.slice(0, 16)})`,
-          });
+          found(rec, `event log hash mismatch (stored ${ep.eventsHash.slice(0, 16)}, recomputed ${h.slice(0, 16)})`);
       }
       if (page.length < 500) break;
       after = page[page.length - 1]!.id;
     }
+    // Retention deletes episodes oldest first: after the oldest checkpoint whose episode is here,
+    // every later one's must be here too.
+    let sealedFrom = Infinity;
+    for (const l of links.values()) if (l.sealed) sealedFrom = Math.min(sealedFrom, l.seq);
+    for (const [hash, l] of links) {
+      if (!l.sealed && l.seq > sealedFrom)
+        found(
+          `checkpoint ${agent}#${l.seq} ${hash.slice(0, 16)}`,
+          `its episode ${l.episode} is missing, not committed, or not this agent's`,
+        );
+    }
+    if (a && committed > a.episodes) found(`agent ${agent}`, `counts ${a.episodes} episode(s), ${committed} committed`);
   }
   return { agents: agents.length, checkpoints, episodes, problems };
+}
+
+/**
+ * Check a committed episode against the chain: it names a checkpoint of its agent that names it back.
+ * One older than the chain's first checkpoint may name one that retention deleted (below the anchor).
+ */
+function sealedBy(
+  ep: EpisodeRow,
+  links: ReadonlyMap<string, Link>,
+  first: CheckpointRow | undefined,
+  a: ChainAgent | undefined,
+  problem: (p: string) => void,
+): void {
+  const link = ep.checkpoint === null ? undefined : links.get(ep.checkpoint);
+  if (link) {
+    if (link.episode === ep.id) link.sealed = true;
+    else problem(`names checkpoint #${link.seq} ${short(ep.checkpoint)}, which was sealed by episode ${link.episode}`);
+    return;
+  }
+  const collected = first !== undefined && first.seq > 1 && (a?.anchorSeq ?? 0) > 0 && ep.startedAt <= first.createdAt;
+  if (!collected) problem(`committed, but its checkpoint ${short(ep.checkpoint)} is not in the agent's chain`);
 }
