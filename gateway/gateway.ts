@@ -298,6 +298,7 @@ export class Gateway {
     this.bundles = new BundleFiles(
       () => bundleDir(this.dataDir, this.spawnOptions),
       (hash) => this.store.bundleCode(hash),
+      this.log.child({ mod: "bundles" }),
     );
     // The checks at start (a lowered state version, the deploy gate) load agent code in the sandbox
     // before the pipeline is built: its spawn options, without the sandbox ledger until then.

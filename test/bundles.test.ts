@@ -189,6 +189,21 @@ describe("BundleFiles", () => {
     expect(readdirSync(dir)).toEqual([`${hash}.js`]);
   });
 
+  test("a file on disk whose bytes do not hash to its name is rewritten from the store, and logged", async () => {
+    const dir = join(tempDir(), "b");
+    const code = "export default 'stored';\n";
+    const hash = await blake3Hex(code);
+    const path = join(dir, `${hash}.js`);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(path, "export default 'edited';\n", { mode: 0o444 });
+    const warned: object[] = [];
+    const files = new BundleFiles(dir, async () => code, { warn: (obj) => warned.push(obj) });
+    expect(await files.file(hash)).toBe(path);
+    expect(await Bun.file(path).text()).toBe(code);
+    expect(statSync(path).mode & 0o777).toBe(0o444);
+    expect(warned).toEqual([{ bundle: hash, path }]);
+  });
+
   test("refuses a bundle the store lacks, stored code not matching its hash, a name that is no hash", async () => {
     const files = new BundleFiles(join(tempDir(), "b"), async () => "export default 'tampered';\n");
     const none = new BundleFiles(join(tempDir(), "b"), async () => null);

@@ -1,11 +1,12 @@
 /**
  * Stored bundles as files the episode sandbox can bind: `<dir>/<hash>.js`, written once
  * (atomically, read-only) from the store's copy after its hash was checked, never from the
- * editable source. When agents run as another uid (the gateway is root; bubblewrap, too, reads
- * the files it binds as that uid) the data dir (0700) is out of their reach, so the files live
- * beside it instead, world-readable like the agent modules themselves.
+ * editable source. A file already there is checked against its name before its first use.
+ * When agents run as another uid (the gateway is root; bubblewrap, too, reads the files it binds
+ * as that uid) the data dir (0700) is out of their reach, so the files live beside it instead,
+ * world-readable like the agent modules themselves.
  */
-import { chmodSync, existsSync, linkSync, mkdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, linkSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { processTempDir } from "../episode/index.ts";
@@ -94,6 +95,8 @@ export class BundleFiles {
     /** Folder of the `<hash>.js` files (see `bundleDir`). */
     readonly dir: string | (() => string),
     private readonly source: BundleSource,
+    /** Told of a file found with other bytes than its name's (rewritten from the store). */
+    private readonly log?: { warn(obj: object, msg: string): void },
   ) {}
 
   /** Code already in hand (just built), so `file` need not read the store. */
@@ -116,7 +119,13 @@ export class BundleFiles {
     if (!/^[0-9a-f]{64}$/.test(hash)) throw new BundleMissing(hash, "not a bundle hash");
     const dir = typeof this.dir === "string" ? this.dir : this.dir();
     const path = join(dir, `${hash}.js`);
-    if (existsSync(path)) return path;
+    if (existsSync(path)) {
+      // Named by content, so checked by content, once per process: a file edited or damaged on disk would
+      // otherwise run (and replay) as the code its name pins.
+      if ((await blake3Hex(readFileSync(path))) === hash) return path;
+      this.log?.warn({ bundle: hash, path }, "bundle file does not match its hash; rewriting it from the store");
+      rmSync(path, { force: true });
+    }
     const code = this.known.get(hash) ?? (await this.source(hash));
     if (code === null) throw new BundleMissing(hash, "not in the store");
     if ((await blake3Hex(code)) !== hash) throw new BundleMissing(hash, "stored code does not match its hash");
