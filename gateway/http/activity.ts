@@ -24,7 +24,12 @@ export function activityRoutes(gw: Pick<HttpHost, "store" | "now">) {
         return httpError(400, "bad_query", `agent must be <type>/<key>, got "${agentRaw.slice(0, 80)}"`);
       const outputs = await recentOutputs(gw.store, { limit, before, agent });
       const last = outputs.at(-1);
-      return json({ outputs, next_before: outputs.length === limit && last ? last.started_at : null });
+      if (outputs.length < limit || !last) return json({ outputs, next_before: null });
+      // The next page starts below the last row's start, so this one ends with every output of that ms
+      // (an episode's emit and publish, or episodes that started together): none falls between pages.
+      const sameMs = await recentOutputs(gw.store, { limit: -1, at: last.started_at, agent });
+      const page = [...outputs.filter((o) => o.started_at !== last.started_at), ...sameMs];
+      return json({ outputs: page, next_before: last.started_at });
     },
     "/api/activity": async (req: Request) => {
       const url = new URL(req.url);

@@ -3,3 +3,4 @@ export { intakeResponse, refusedResponse } from "./hooks.ts";
 export { type AccessDeps, type AuditEntry, createGuard, needOf } from "./access.ts";
 export { BodyBudget } from "./limits.ts";
 export { signInPage } from "./session.ts";
+export { activityRoutes } from "./activity.ts";

@@ -25,12 +25,15 @@ export interface OutputItem {
 const OUTPUT_EVENT = `(ev.kind = 'emit' OR (ev.kind = 'tool' AND json_extract(ev.data, '$.tool') = 'publish'
   AND json_extract(ev.data, '$.ok') = 1))`;
 
-/** The newest outputs of committed episodes (all agents, or one), newest first, before `before` (start ms). */
+/**
+ * The newest outputs of committed episodes (all agents, or one), newest first, before `before` (start ms);
+ * with `at`, all those of the episodes that started at that ms (the rest of a page's last ms).
+ */
 export async function recentOutputs(
   store: Store,
-  f: { limit: number; before?: number; agent?: string },
+  f: { limit: number; before?: number; at?: number; agent?: string },
 ): Promise<OutputItem[]> {
-  const args: InValue[] = [f.before ?? Number.MAX_SAFE_INTEGER];
+  const args: InValue[] = [f.at ?? f.before ?? Number.MAX_SAFE_INTEGER];
   if (f.agent !== undefined) args.push(f.agent);
   args.push(f.limit);
   // Walks episodes newest first (episodes_time, or episodes_agent for one agent) and reads each
@@ -39,7 +42,8 @@ export async function recentOutputs(
     sql: `SELECT ${idOfSql("ep.id")} AS episode, ep.agent AS agent, ep.started_at AS started_at,
             ep.ended_at AS ended_at, ev.kind AS kind, ev.data AS data
           FROM episodes ep JOIN events ev ON ev.episode = ep.id
-          WHERE ep.status = ${STATUS_COMMITTED} AND ep.started_at < ? ${f.agent !== undefined ? "AND ep.agent = ?" : ""}
+          WHERE ep.status = ${STATUS_COMMITTED} AND ep.started_at ${f.at === undefined ? "<" : "="} ?
+            ${f.agent !== undefined ? "AND ep.agent = ?" : ""}
             AND ${OUTPUT_EVENT}
           ORDER BY ep.started_at DESC, ep.id DESC, ev.seq DESC LIMIT ?`,
     args,
