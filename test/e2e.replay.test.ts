@@ -258,11 +258,11 @@ describe("fleet replay <episode>", () => {
   );
 
   test(
-    "an unknown episode is reported, not replayed, exit 1",
+    "an unknown episode is an error on stderr, as in show, exit 1",
     async () => {
       const j = await fleet.cli("replay", "00000000-0000-7000-8000-000000000000");
       expect(j.code).toBe(1);
-      expect(j.json).toMatchObject({ verdict: "UNREPLAYABLE", reason: "no such episode" });
+      expect(j.stderr.trim()).toBe("fleet: no episode starts with 00000000-0000-7000-8000-000000000000");
     },
     SLOW,
   );
@@ -289,7 +289,7 @@ describe("fleet replay --agent <type/key> --module FILE", () => {
       // With stderr beside, so a failure shows all that the operator would have read.
       expect({ code: h.code, stdout: h.stdout.trim(), stderr: h.stderr }).toMatchObject({
         code: 0,
-        stdout: `${READINGS.length}/${READINGS.length} episode(s) MATCH, 0 DIVERGED`,
+        stdout: `${READINGS.length}/${READINGS.length} episode(s) MATCH, 0 DIVERGED, 0 UNREPLAYABLE`,
       });
     },
     SLOW,

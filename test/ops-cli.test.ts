@@ -96,6 +96,29 @@ describe("a damaged event log", () => {
     }
   });
 
+  test("is counted UNREPLAYABLE by replay --agent, which goes on with the other episodes", async () => {
+    const f = await stoppedFleet();
+    const db = f.sqlite();
+    const episode = damageNewestLog(db, 2, 16);
+    const agent = (db.query("SELECT agent FROM episodes ORDER BY started_at DESC LIMIT 1").get() as { agent: string })
+      .agent;
+    db.close();
+    const r = await f.cli("replay", "--agent", agent);
+    expect(r.stdout).toContain(`UNREPLAYABLE ${episode} ${agent}: episode ${episode}: event log unreadable`);
+    expect(r.stdout).toMatch(/\d\/3 episode\(s\) MATCH, \d DIVERGED, 1 UNREPLAYABLE/);
+    const json = await f.cli("replay", "--agent", agent, "--json");
+    expect(json.json).toMatchObject({ episodes: 3, unreplayable: 1 });
+  });
+
+  test("is counted UNREPLAYABLE by deploy --check, not FAILED against the new code", async () => {
+    const f = await stoppedFleet();
+    const db = f.sqlite();
+    damageNewestLog(db, 2, 16);
+    db.close();
+    const r = await f.cli("deploy", "--check", "--type", "meter", "--json");
+    expect(r.json.types[0].counts).toMatchObject({ FAILED: 0, UNREPLAYABLE: 1 });
+  });
+
   test("backup writes the copy, then fails naming the broken record; restore refuses that copy", async () => {
     const f = await stoppedFleet();
     const db = f.sqlite();
@@ -113,6 +136,31 @@ describe("a damaged event log", () => {
     expect(r.code).toBe(1);
     expect(r.stderr).toContain("fails verification");
     expect(existsSync(join(f.dir, "new", "fleet.db"))).toBe(false);
+  });
+});
+
+describe("replay", () => {
+  test("an unknown episode id or prefix is an error on stderr, exit 1, as in show", async () => {
+    const f = await stoppedFleet(2);
+    for (const id of ["01a", "ffffffff-ffff"]) {
+      const r = await f.cli("replay", id);
+      expect(r.code).toBe(1);
+      expect(r.stdout).toBe("");
+      expect(oneLine(r.stderr)).toStartWith(`fleet: no episode `);
+    }
+  });
+
+  test("--agent with nothing replayable counts it UNREPLAYABLE and exits 1", async () => {
+    const f = await stoppedFleet(4);
+    const db = f.sqlite();
+    db.run("DELETE FROM spec_versions"); // every episode's spec version gone: none can be replayed
+    db.close();
+    const r = await f.cli("replay", "--agent", "meter/m1");
+    expect(r.code).toBe(1);
+    expect(r.stdout).toContain("0/2 episode(s) MATCH, 0 DIVERGED, 2 UNREPLAYABLE");
+    expect(r.stdout).toContain("UNREPLAYABLE ");
+    expect(r.stdout).not.toContain("SKIPPED");
+    expect(oneLine(r.stderr)).toBe("fleet: none of meter/m1's 2 committed episode(s) could be replayed");
   });
 });
 

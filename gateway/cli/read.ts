@@ -286,7 +286,7 @@ function agentFlag(flag: string | undefined): AgentId | undefined {
 
 function describeReplay(r: ReplayResult): string {
   if (r.verdict === "MATCH") return `MATCH     ${r.episode} ${r.agent}`;
-  if (r.verdict === "UNREPLAYABLE") return `SKIPPED   ${r.episode} ${r.agent}: ${r.reason}`;
+  if (r.verdict === "UNREPLAYABLE") return `UNREPLAYABLE ${r.episode} ${r.agent}: ${r.reason}`;
   const d = r.divergence;
   return (
     `DIVERGED  ${r.episode} ${r.agent} at ${d.at}\n  expected ` +
@@ -307,27 +307,36 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   if (agent) {
     if (!(await knownAgent(store, agent))) return 1;
     const results = await replayAgent(store, agent, spawn, module, bundleFile);
-    const diverged = results.filter((r) => r.verdict === "DIVERGED").length;
+    const count = (v: ReplayResult["verdict"]) => results.filter((r) => r.verdict === v).length;
     const summary = {
       agent: flags.agent,
       episodes: results.length,
-      matched: results.filter((r) => r.verdict === "MATCH").length,
-      diverged,
+      matched: count("MATCH"),
+      diverged: count("DIVERGED"),
+      unreplayable: count("UNREPLAYABLE"),
       results,
     };
     cli.print(summary, () =>
       [
         ...results.filter((r) => r.verdict !== "MATCH").map(describeReplay),
-        `${summary.matched}/${results.length} episode(s) MATCH, ${diverged} DIVERGED`,
+        `${summary.matched}/${results.length} episode(s) MATCH, ${summary.diverged} DIVERGED, ` +
+          `${summary.unreplayable} UNREPLAYABLE`,
       ].join("\n"),
     );
     if (results.length === 0) console.error(`fleet: ${agent} has no committed episode to replay`);
-    return diverged === 0 && results.length > 0 ? 0 : 1;
+    else if (summary.matched === 0 && summary.diverged === 0)
+      console.error(`fleet: none of ${agent}'s ${results.length} committed episode(s) could be replayed`);
+    // Nothing replayed is no evidence: at least one MATCH, and no DIVERGED.
+    return summary.diverged === 0 && summary.matched > 0 ? 0 : 1;
   }
   if (!episode) throw new UsageError("replay needs an episode id or --agent <type/key>");
-  // A unique prefix names the episode; anything else is replayed as given (and reported UNREPLAYABLE).
+  // The episode or a unique prefix of its id; anything else is an error, as in `show`.
   const found = await findEpisode(store, episode);
-  const r = await replayEpisode(store, "code" in found ? episode : found.id, spawn, module, undefined, bundleFile);
+  if ("code" in found) {
+    console.error(`fleet: ${found.message}`);
+    return 1;
+  }
+  const r = await replayEpisode(store, found.id, spawn, module, undefined, bundleFile);
   cli.print(r, () => describeReplay(r));
   return r.verdict === "MATCH" ? 0 : 1;
 }

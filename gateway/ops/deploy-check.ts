@@ -15,7 +15,7 @@ import type { AgentTypeSpec, FleetSpec, SpecVersion } from "../spec/index.ts";
 import { compileSpec, restartNeeded } from "../spec/index.ts";
 import { tables as t, type Store } from "../store/index.ts";
 import type { AgentId, Blake3Hex } from "../types.ts";
-import { type Divergence, replayEpisode, type ReplayResult } from "./replay.ts";
+import { type Divergence, replayOrUnreplayable, type ReplayResult } from "./replay.ts";
 
 /** The verdict of one replayed episode in a deploy check. */
 export type CheckVerdict = "MATCH" | "DIVERGED" | "FAILED" | "UNREPLAYABLE";
@@ -190,7 +190,8 @@ async function checkType(
   const episodes = (await Promise.all(agents.map((a) => lastCommitted(store, a, o.episodes)))).flat();
   const results = await pool(episodes, o.concurrency, async (id): Promise<ReplayResult> => {
     try {
-      return await replayEpisode(store, id, spawn, await o.module(), type.config);
+      // A stored log that cannot be read is damage to history, not the candidate's failure.
+      return await replayOrUnreplayable(store, id, spawn, await o.module(), type.config);
     } catch (err) {
       // A replay that cannot even run the candidate is the candidate's failure.
       const message = err instanceof Error ? err.message : String(err);

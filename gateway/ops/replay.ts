@@ -12,7 +12,7 @@ import { CHILD_LIMITS, runLimitsFor } from "../episode/index.ts";
 import { compileSpec } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
-import { readEventLog } from "./events.ts";
+import { EventLogError, readEventLog } from "./events.ts";
 
 /** The first difference between a recording and a replay. */
 export interface Divergence {
@@ -215,6 +215,20 @@ export async function replayEpisode(
   return { ...base, verdict: "MATCH" };
 }
 
+/**
+ * `replayEpisode` where an unreadable event log (damaged storage) is a verdict, UNREPLAYABLE with its
+ * cause, not an error: for replays of many episodes, which go on past it.
+ */
+export async function replayOrUnreplayable(...args: Parameters<typeof replayEpisode>): Promise<ReplayResult> {
+  try {
+    return await replayEpisode(...args);
+  } catch (err) {
+    if (!(err instanceof EventLogError)) throw err;
+    const ep = await args[0].getEpisode(err.episode);
+    return { episode: err.episode, agent: ep?.agent ?? "?", verdict: "UNREPLAYABLE", reason: err.message };
+  }
+}
+
 /** Replay an agent's whole recorded history (committed episodes, oldest first). */
 export async function replayAgent(
   store: Store,
@@ -228,7 +242,7 @@ export async function replayAgent(
     const page = await store.scanEpisodes(agent, after, 200);
     for (const ep of page)
       if (ep.status === "committed")
-        out.push(await replayEpisode(store, ep.id, spawn, moduleOverride, undefined, bundleFile));
+        out.push(await replayOrUnreplayable(store, ep.id, spawn, moduleOverride, undefined, bundleFile));
     if (page.length < 200) return out;
     after = page[page.length - 1]!.id;
   }
