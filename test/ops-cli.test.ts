@@ -164,6 +164,28 @@ describe("replay", () => {
   });
 });
 
+describe("trace", () => {
+  test("says when the stimulus was received and when the episode started", async () => {
+    const f = await stoppedFleet(2);
+    const db = f.sqlite();
+    const row = db.query("SELECT lower(hex(id)) AS id, started_at FROM episodes LIMIT 1").get() as {
+      id: string;
+      started_at: number;
+    };
+    db.close();
+    const h = row.id;
+    const r = await f.cli(
+      "trace",
+      `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`,
+    );
+    expect(r.stderr).toBe("");
+    expect(r.code).toBe(0);
+    // The synthetic stimulus is received 3 ms before its episode starts (test/helpers/ops.ts).
+    const received = new Date(row.started_at - 3).toISOString();
+    expect(r.stdout).toContain(`received ${received}, started ${new Date(row.started_at).toISOString()}`);
+  });
+});
+
 describe("errors are one line", () => {
   test("a backup that cannot be written says where and why, without a stack", async () => {
     const f = await stoppedFleet(2);

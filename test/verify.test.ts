@@ -59,6 +59,17 @@ describe("verify", () => {
     expect(r).toMatchObject({ agents: 2, checkpoints: 8, episodes: 8, problems: [] });
   });
 
+  test("names an edited state once: the record names the checkpoint, the problem says what is wrong", async () => {
+    const r = await tampered(`UPDATE checkpoints SET state = '{"edited":1}' WHERE agent = 'meter/m1' AND seq = 2`);
+    expect(r.problems).toEqual([
+      {
+        agent: "meter/m1",
+        record: expect.stringMatching(/^checkpoint meter\/m1#2 [0-9a-f]{16}$/),
+        problem: expect.stringMatching(/^hash mismatch/),
+      },
+    ]);
+  });
+
   test("names a head checkpoint whose state was collected", async () => {
     const r = await tampered("UPDATE checkpoints SET state = NULL WHERE agent = 'meter/m1' AND seq = 4");
     expect(problemsOf(r)).toEqual(["checkpoint: head state collected"]);

@@ -110,8 +110,9 @@ function describePatch(patch: readonly PatchOp[]): string {
 function head(n: TraceNode): string {
   const s = n.stimulus;
   const cause = s ? `${s.kind}${s.topic ? ` ${s.topic}` : ""} (payload ${s.payload_hash.slice(0, 12)})` : "?";
+  const received = s ? ` received ${new Date(s.received_at).toISOString()},` : "";
   const at = new Date(n.started_at).toISOString();
-  return `episode ${n.episode} ${n.agent} ${n.status} ${n.ms} ms <- ${cause} at ${at}`;
+  return `episode ${n.episode} ${n.agent} ${n.status} ${n.ms} ms <- ${cause}${received} started ${at}`;
 }
 
 function effectLines(e: TraceEffect, indent: string): string[] {

@@ -221,7 +221,7 @@ export async function verifyChains(src: ChainSource, only?: readonly string[]): 
         try {
           await verifyCheckpointRow(row);
         } catch (err) {
-          found(rec, err instanceof IntegrityError ? err.message : String(err));
+          found(rec, err instanceof IntegrityError ? err.detail : String(err)); // rec names the checkpoint
         }
       } else if (a?.tombstonedSeq !== undefined && row.seq > a.tombstonedSeq) {
         // Retention collects states oldest first and records how far (agents.tombstoned_seq). Named once

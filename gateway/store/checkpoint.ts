@@ -31,7 +31,8 @@ export class IntegrityError extends Error {
     readonly agent: string,
     readonly seq: number,
     readonly hash: string,
-    detail: string,
+    /** What is wrong, without the checkpoint's name (the message has both). */
+    readonly detail: string,
   ) {
     super(`checkpoint ${agent}#${seq} (${hash.slice(0, 12)}…): ${detail}`);
   }
