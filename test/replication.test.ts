@@ -230,6 +230,45 @@ describe("replication faults", () => {
     SLOW,
   );
 
+  test(
+    "verify at the center reads the event logs of an agent with episodes but no checkpoint",
+    async () => {
+      const f = await synthetic();
+      const r = replicator(f, spec(sqld.url), () => T0 + 10_000);
+      await enableReplication(f.store, sqld.url);
+      await f.commit(8, T0, 1000);
+      await r.drain();
+      const [g, agent] = [f.store.gatewayId, "t/b"];
+      // At the center, t/b's stimuli all failed (episodes, no chain); then one of its logs is edited.
+      await db.batch([
+        { sql: "DELETE FROM checkpoints WHERE gateway = ? AND agent = ?", args: [g, agent] },
+        {
+          sql: "UPDATE agents SET head_seq = 0, head_hash = NULL, episodes = 0 WHERE gateway = ? AND id = ?",
+          args: [g, agent],
+        },
+        {
+          sql: "UPDATE episodes SET status = 'failed', checkpoint = NULL WHERE gateway = ? AND agent = ?",
+          args: [g, agent],
+        },
+        {
+          sql: `UPDATE events SET data = replace(data, 'reading', 'edited') WHERE gateway = ? AND kind = 'decide'
+            AND episode = (SELECT min(id) FROM episodes WHERE gateway = ? AND agent = ?)`,
+          args: [g, g, agent],
+        },
+      ]);
+      const report = await verifyAtCenter(sqld.url, g);
+      expect(report.problems).toEqual([
+        {
+          agent,
+          record: expect.stringMatching(/^episode /),
+          problem: expect.stringMatching(/^event log hash mismatch/),
+        },
+      ]);
+      await f.close();
+    },
+    SLOW,
+  );
+
   test("the reader thread reads what the store's connection reads, and nothing past the durable head", async () => {
     const f = await synthetic();
     await enableReplication(f.store, sqld.url);

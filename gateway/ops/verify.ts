@@ -40,7 +40,7 @@ export type ChainAgent = Pick<AgentRow, "anchorSeq" | "anchorHash" | "headSeq" |
  * database (gateway/replication/). Rows come in the local row shapes.
  */
 export interface ChainSource {
-  /** Every agent that has at least one checkpoint. */
+  /** Every agent that has at least one checkpoint or episode. */
   agents(): Promise<string[]>;
   /** An agent's checkpoints, oldest first (a source may stream them: verify holds one at a time). */
   checkpoints(agent: string): AsyncIterable<CheckpointRow> | Promise<Iterable<CheckpointRow>>;

@@ -482,9 +482,11 @@ export class CentralReader {
       agents: async () =>
         (
           await this.collect<string>(
+            // Agents with a chain, and those with episodes but none (every stimulus so far failed).
             (after, limit) => ({
-              sql: `SELECT DISTINCT agent FROM checkpoints WHERE gateway = ? AND agent > ? ORDER BY agent LIMIT ?`,
-              args: [gateway, after ?? "", limit],
+              sql: `SELECT agent FROM checkpoints WHERE gateway = ? AND agent > ?
+                UNION SELECT agent FROM episodes WHERE gateway = ? AND agent > ? ORDER BY agent LIMIT ?`,
+              args: [gateway, after ?? "", gateway, after ?? "", limit],
             }),
             (r) => String(r.agent),
           )
