@@ -150,6 +150,31 @@ describe("replay", () => {
     }
   });
 
+  test("an episode whose log or checkpoint no longer matches its hash is UNREPLAYABLE, saying so", async () => {
+    const f = await stoppedFleet(2);
+    const db = f.sqlite();
+    const ids = db.query("SELECT lower(hex(id)) AS id FROM episodes LIMIT 2").all() as { id: string }[];
+    const [id, other] = [ids[0]!.id, ids[1]!.id];
+    const uuidOf = (h: string) =>
+      [h.slice(0, 8), h.slice(8, 12), h.slice(12, 16), h.slice(16, 20), h.slice(20)].join("-");
+    const [uuid, otherUuid] = [uuidOf(id), uuidOf(other)];
+    db.run(`UPDATE episodes SET log = jsonb(replace(json(log), '"reading"', '"edited"')) WHERE id = x'${id}'`);
+    db.run(`UPDATE checkpoints SET state = '{"edited":1}' WHERE episode = x'${other}'`);
+    db.close();
+    const log = await f.cli("replay", uuid, "--json");
+    expect([log.code, log.json.verdict, log.json.reason]).toEqual([
+      1,
+      "UNREPLAYABLE",
+      "its event log does not match its hash (see fleet verify)",
+    ]);
+    const state = await f.cli("replay", otherUuid, "--json");
+    expect([state.code, state.json.verdict, state.json.reason]).toEqual([
+      1,
+      "UNREPLAYABLE",
+      "its checkpoint does not match its hash",
+    ]);
+  });
+
   test("--agent with nothing replayable counts it UNREPLAYABLE and exits 1", async () => {
     const f = await stoppedFleet(4);
     const db = f.sqlite();

@@ -10,7 +10,8 @@ import { canonicalJson } from "../hash.ts";
 import { runEpisode, type SpawnOptions } from "../episode/index.ts";
 import { CHILD_LIMITS, runLimitsFor } from "../episode/index.ts";
 import { compileSpec } from "../spec/index.ts";
-import type { Store } from "../store/index.ts";
+import { hashEvents, IntegrityError, verifyCheckpointRow } from "../store/index.ts";
+import type { CheckpointRow, Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
 import { EventLogError, readEventLog } from "./events.ts";
 
@@ -95,6 +96,9 @@ export async function replayEpisode(
   const events = await readEventLog(store, ep.id);
   if (events.length === 0)
     return { ...base, verdict: "UNREPLAYABLE", reason: "its event log was collected by retention" };
+  // Recorded inputs that are not what was sealed would make any verdict meaningless.
+  if ((await hashEvents(events)) !== ep.eventsHash)
+    return { ...base, verdict: "UNREPLAYABLE", reason: "its event log does not match its hash (see fleet verify)" };
   const parsed = events.map((e) => JSON.parse(e.data) as unknown);
   const stimulus = parsed[0] as Stimulus;
   const records = events
@@ -108,9 +112,15 @@ export async function replayEpisode(
     const parent = await store.getCheckpoint(ep.parent);
     if (!parent || parent.state === null)
       return { ...base, verdict: "UNREPLAYABLE", reason: "its parent checkpoint was collected" };
+    if (!(await intact(parent)))
+      return { ...base, verdict: "UNREPLAYABLE", reason: "its parent checkpoint does not match its hash" };
     state = JSON.parse(parent.state);
     stateVersion = parent.stateVersion ?? 1;
   }
+  // The state it sealed, compared at the end: a checkpoint edited since is no evidence either way.
+  const sealed = ep.checkpoint ? await store.getCheckpoint(ep.checkpoint) : undefined;
+  if (sealed && sealed.state !== null && !(await intact(sealed)))
+    return { ...base, verdict: "UNREPLAYABLE", reason: "its checkpoint does not match its hash" };
   const sv =
     (await store.db.query.specVersions.findFirst({ where: (t, { eq }) => eq(t.hash, ep.specVersion) })) ?? null;
   if (!sv)
@@ -213,6 +223,17 @@ export async function replayEpisode(
     }
   }
   return { ...base, verdict: "MATCH" };
+}
+
+/** Whether a stored checkpoint's state still hashes to its name. */
+async function intact(row: CheckpointRow): Promise<boolean> {
+  try {
+    await verifyCheckpointRow(row);
+    return true;
+  } catch (err) {
+    if (err instanceof IntegrityError) return false;
+    throw err;
+  }
 }
 
 /**
