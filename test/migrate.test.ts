@@ -449,6 +449,47 @@ describe("schema migrations", () => {
     }
   });
 
+  test("chains collected before migration 29 get a tombstone frontier: they verify, a collected head not", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    let agent: string;
+    let head: number;
+    try {
+      await migrate(
+        c,
+        path,
+        MIGRATIONS.filter((m) => m.version < 34),
+      );
+      const [row] = (await c.execute("SELECT id, head_seq FROM agents WHERE head_seq >= 3 ORDER BY id LIMIT 1")).rows;
+      agent = String(row!.id);
+      head = Number(row!.head_seq);
+      // What retention did before migration 29: states collected, the frontier never recorded.
+      await c.execute({ sql: "UPDATE checkpoints SET state = NULL WHERE agent = ? AND seq <= 2", args: [agent] });
+      expect(
+        (await c.execute({ sql: "SELECT tombstoned_seq FROM agents WHERE id = ?", args: [agent] })).rows[0]![0],
+      ).toBe(0);
+    } finally {
+      c.close();
+    }
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const [after] = (
+        await store.client.execute({ sql: "SELECT tombstoned_seq FROM agents WHERE id = ?", args: [agent] })
+      ).rows;
+      expect(after![0]).toBe(2);
+      expect((await verifyStore(store)).problems).toEqual([]);
+      // A head collected is still named: the frontier stops below it.
+      await store.client.execute({
+        sql: "UPDATE checkpoints SET state = NULL WHERE agent = ? AND seq = ?",
+        args: [agent, head],
+      });
+      const problems = (await verifyStore(store)).problems.map((p) => p.record);
+      expect(problems.some((r) => r.includes(`${agent}#${head}`))).toBe(true);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("older episodes' outcomes and stimulus kinds become codes, read back as the same names", async () => {
     const path = fixtureCopy();
     const c = createClient({ url: `file:${path}` });

@@ -571,6 +571,16 @@ const BUNDLE_USES: readonly string[] = [
     ${unuseBundle("OLD.bundle")} ${useBundle("NEW.bundle")} END`,
 ];
 
+/**
+ * The tombstone frontier of chains collected before migration 29 recorded it: it stayed 0, and
+ * `fleet verify` (which allows collected states only at or below the frontier) would name every
+ * tombstone retention made before then. Set once from the states collected below each head.
+ */
+const TOMBSTONE_FRONTIER_BACKFILL: readonly string[] = [
+  `UPDATE agents SET tombstoned_seq = coalesce((SELECT max(c.seq) FROM checkpoints c
+    WHERE c.agent = agents.id AND c.seq < agents.head_seq AND c.state IS NULL), 0) WHERE tombstoned_seq = 0`,
+];
+
 /** Every migration, oldest first. */
 /**
  * No index of queued stimuli by agent (issue 13: intake throughput). `stimuli_queue` (agent, seq)
@@ -616,6 +626,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 31, name: "episode outcomes and stimulus kinds as codes", statements: EPISODE_CODES },
   { version: 32, name: "bundles kept by a count of their episodes", statements: BUNDLE_USES },
   { version: 33, name: "queued stimuli found through the queue book", statements: NO_QUEUE_INDEX },
+  { version: 34, name: "tombstone frontier of chains collected before 29", statements: TOMBSTONE_FRONTIER_BACKFILL },
 ];
 
 /** The schema version this code writes. */
