@@ -1314,6 +1314,15 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
     },
   );
 
+  test("it cannot make a user namespace of its own (one could mount a tmpfs no memory watch counts)", async () => {
+    // Where no memory cgroup runs (not root, or cgroup v2 only), such a tmpfs was memory_mb's escape.
+    const r = await run(start("nested-userns"), {}, noTools, BWRAP!);
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    const tried = r.state as { code: number; stderr: string };
+    expect(tried.code).not.toBe(0);
+    expect(tried.stderr).toMatch(/unshare failed/);
+  });
+
   test("its private /tmp holds at most memory_mb: past it a write fails with ENOSPC", async () => {
     // The size alone, faster than the memory watch (which counts /tmp too: the next tests) would see it,
     // and without the memory cgroup, which charges /tmp's pages too.

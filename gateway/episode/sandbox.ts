@@ -99,6 +99,21 @@ function fsArgs(tmpBytes: number | null = null): string[] {
  */
 const BWRAP_READ_ONLY: readonly string[] = Object.freeze(["--remount-ro", "/dev", "--remount-ro", "/"]);
 
+/**
+ * No user namespace can be made inside the sandbox (bubblewrap 0.8 and later; `--disable-userns`
+ * needs a user namespace of the sandbox's own). In a nested user and mount namespace an agent could
+ * mount a tmpfs of any size: memory neither the RSS watch, its /tmp's size nor an rlimit counts (an
+ * episode held 1.5 GB that way with memory_mb = 512 where no memory cgroup ran).
+ */
+const BWRAP_NO_USERNS: readonly string[] = Object.freeze(["--unshare-user", "--disable-userns"]);
+
+let noUsernsWorks: boolean | null = null;
+/** Whether this bubblewrap refuses user namespaces inside (probed once, as the uid episodes run as). */
+function probeNoUserns(bwrap: string, uid: number | null): boolean {
+  noUsernsWorks ??= bwrapRuns(bwrap, [...fsArgs(), ...BWRAP_NO_USERNS], uid);
+  return noUsernsWorks;
+}
+
 /** How big the sandbox's /tmp may grow, for the start-up log. */
 function tmpSize(bwrap: string, uid: number | null): string {
   return probeTmpfsSize(bwrap, uid) ? "of memory_mb" : "NOT size-limited (this bubblewrap cannot size a tmpfs)";
@@ -370,7 +385,9 @@ export function describeSandbox(o: SpawnOptions): string {
     o.uids !== null ? `a uid of its own (${o.uids})` : "same uid as the gateway",
     o.bwrap
       ? "bubblewrap (pid/net/ipc namespaces; sees only system libraries, bun, the host runtime and its agent's " +
-        `files; writes only its private /tmp, ${tmpSize(o.bwrap, o.uids?.range.first ?? null)})`
+        `files; writes only its private /tmp, ${tmpSize(o.bwrap, o.uids?.range.first ?? null)}; ` +
+        `${probeNoUserns(o.bwrap, o.uids?.range.first ?? null) ? "no" : "NOT refused (bubblewrap older than 0.8):"} ` +
+        "nested user namespaces)"
       : "no namespaces",
     !o.prlimit
       ? "no rlimits"
@@ -469,6 +486,7 @@ export function sandboxCommand(
       ...bindArgs(view.binds ?? []),
       ...BWRAP_READ_ONLY,
       ...BWRAP_ARGS,
+      ...(probeNoUserns(spawnOpts.bwrap, spawnOpts.uids?.range.first ?? null) ? BWRAP_NO_USERNS : []),
       "--",
     );
   if (spawnOpts.prlimit) {
