@@ -29,6 +29,7 @@ import {
   FLOODED_GROUP_NICE,
   idleSpawnOptions,
   ProcessTable,
+  rssMb,
   runEpisode,
   sessionGroups,
   SPARE_GROUP_NICE,
@@ -630,6 +631,38 @@ const ENV: ToolEnv = {
 function gate(type = "mon", tokensLeft = 1000): ToolGate {
   return new ToolGate({ type, key: "k1", id: `${type}/k1` }, spec.agents[type]!, spec, ENV, tokensLeft);
 }
+
+describe("the memory watch's process scan", () => {
+  /** A shell's 300 idle children, then (last) one holding 256 MB. */
+  const WIDE = 'i=0; while [ $i -lt 300 ]; do sleep 100 & i=$((i+1)); done; "$0" -e "$1" & wait';
+  const HOG =
+    "const k = []; for (let i = 0; i < 256; i++) k.push(new Uint8Array(1 << 20).fill(1)); setInterval(() => k, 1e3);";
+  const rssOf = (pid: number) => {
+    try {
+      return Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0) / 1024;
+    } catch {
+      return 0;
+    }
+  };
+
+  test("counts every process of a tree: memory in the 302nd counts (a scan once stopped after 256)", async () => {
+    // Without a memory cgroup (not root, cgroup v2 only) such a tree held 1.9 GB under memory_mb = 512.
+    const sh = Bun.spawn(["/bin/sh", "-c", WIDE, process.execPath, HOG], { stdio: ["ignore", "ignore", "ignore"] });
+    try {
+      const hog = () => descendantsOf(sh.pid).at(-1) ?? sh.pid;
+      await waitUntil(
+        () => descendantsOf(sh.pid).length === 301 && rssOf(hog()) > 200,
+        "the last child holds 200 MB",
+        60_000,
+      );
+      const total = [sh.pid, ...descendantsOf(sh.pid)].reduce((mb, pid) => mb + rssOf(pid), 0);
+      expect(rssMb(sh.pid)).toBeGreaterThan(0.9 * total);
+    } finally {
+      for (const pid of descendantsOf(sh.pid)) process.kill(pid, "SIGKILL");
+      sh.kill("SIGKILL");
+    }
+  });
+});
 
 describe("the sandbox's /tmp in the memory watch", () => {
   test("only a tmpfs counts: a disk seen mid set-up reads 0, not its GBs in use", () => {

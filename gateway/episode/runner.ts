@@ -45,7 +45,7 @@ export {
   type SandboxMode,
   type SpawnOptions,
 } from "./sandbox.ts";
-export { ProcessTable, setAutogroup, SparePool, tmpfsUsedMb } from "./host-process.ts";
+export { ProcessTable, rssMb, setAutogroup, SparePool, tmpfsUsedMb } from "./host-process.ts";
 export { processTempDir, SandboxLedger, startTicks, sweepProcessDirs, type Swept, ticksNow } from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
 export { UidPool } from "./uids.ts";
@@ -321,7 +321,7 @@ export async function runEpisode(
     // Under bubblewrap its /tmp is memory too (its size, memory_mb, is only the backstop).
     const tmp = spawnOpts.bwrap ? sandboxTmpMb(pid) : 0;
     if (outcome || cgroupOom()) return;
-    if (mb !== null && mb + tmp > limits.memoryMb) {
+    if (mb + tmp > limits.memoryMb) {
       const what = tmp >= 1 ? `RSS ${mb.toFixed(0)} MB + /tmp ${tmp.toFixed(0)} MB` : `RSS ${mb.toFixed(0)} MB`;
       finish({ ok: false, kind: "oom", message: `${what} exceeded memory_mb ${limits.memoryMb}` });
       return;
