@@ -1237,6 +1237,12 @@ describe("the IPC edge", () => {
     expect(r.records.filter((x) => x.k === "tool").length).toBeLessThan(4);
   });
 
+  test("tool records count against max_records: an episode of 50 tool calls fails as flood at 20", async () => {
+    const answered: ToolHandler = async () => ({ ok: true, result: { status: 200 } });
+    const r = expectFailure(await run(start("tool-loop", { n: 50 }), { maxRecords: 20 }, answered), "flood");
+    expect(r.message).toBe("more than 20 records");
+  });
+
   test("a tool call the agent does not await is answered and recorded before the episode ends", async () => {
     const calls: string[] = [];
     const r = await run(start("tool-unawaited"), {}, async (_call, tool) => {

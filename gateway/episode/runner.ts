@@ -262,6 +262,9 @@ export async function runEpisode(
             // The result is kept in the episode's log: it counts against the same cap as the child's records.
             if (outcome || !countRecords(Buffer.byteLength(JSON.stringify(r.result) ?? ""))) return;
             records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
+            // The gateway's own records count against max_records like the child's (20,000 unawaited sends committed).
+            if (records.length > limits.maxRecords)
+              return finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
             host.send({ t: "tool_result", call: msg.call, ok: r.ok, result: r.result });
           });
         return;
