@@ -1243,6 +1243,27 @@ describe("the IPC edge", () => {
     expect(r.message).toBe("more than 20 records");
   });
 
+  test("the time a stalled gateway stood still is not the agent's: it reads the result before timing out", async () => {
+    // The gateway's thread stands still for 2.5 s (as when stopped or starved) answering a tool call; the
+    // agent is done 200 ms after the answer. Its 1 s timer, long due, must not fire before the pipe is read.
+    const stalling: ToolHandler = async () => {
+      Bun.sleepSync(2500);
+      return { ok: true, result: { queued: true } };
+    };
+    const r = await run(start("tool-then-sleep", { ms: 200 }), { timeoutMs: 1000 }, stalling);
+    if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+    expect(r.state).toEqual({ n: 1 });
+  });
+
+  test("a stalled gateway still times out an agent that is not done: the extra wait is bounded", async () => {
+    const stalling: ToolHandler = async () => {
+      setTimeout(() => Bun.sleepSync(1500), 0);
+      return { ok: true, result: { queued: true } };
+    };
+    const r = await run(start("tool-then-sleep", { ms: 60_000 }), { timeoutMs: 1000 }, stalling);
+    expect(expectFailure(r, "timeout").ms).toBeLessThan(10_000);
+  });
+
   test("a tool call the agent does not await is answered and recorded before the episode ends", async () => {
     const calls: string[] = [];
     const r = await run(start("tool-unawaited"), {}, async (_call, tool) => {

@@ -125,6 +125,12 @@ export interface RunLimits extends ProcessLimits {
   readonly maxRecordBytes: number;
 }
 
+/**
+ * How late the episode's timer may fire before the gateway counts itself stalled (`timedOut`):
+ * far above a busy event loop's jitter, far below a stop the agent should not be blamed for.
+ */
+const STALL_MS = 250;
+
 /** Room for the envelope around records (the child counts the records alone). */
 const ENVELOPE_BYTES = 64 * 1024;
 
@@ -207,6 +213,21 @@ export async function runEpisode(
     return false;
   };
   let timer: ReturnType<typeof setTimeout> | undefined;
+  /**
+   * The episode's timer fired (due at `due`). Fired late by more than STALL_MS, the gateway itself was
+   * stopped or starved meanwhile (SIGSTOP, a paused VM, a loaded machine), and what the child sent before
+   * its deadline may still wait unread in the channel: the timer fires before the pipe is read. So it
+   * is read first, for as long as the stall lasted (at most the timeout again): a result that arrived
+   * wins; an agent still running after that is a timeout.
+   */
+  const timedOut = (due: number, graced = false): void => {
+    const late = performance.now() - due;
+    if (!graced && late > STALL_MS) {
+      timer = setTimeout(() => timedOut(due, true), Math.min(late, limits.timeoutMs));
+      return;
+    }
+    finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` });
+  };
   host.attach((raw, bytes) => {
     if (raw === MALFORMED)
       return finish({ ok: false, kind: "protocol", message: "subprocess sent a line that is not JSON" });
@@ -237,10 +258,8 @@ export async function runEpisode(
           sent = true;
           // The episode's own clock starts with its code: start-up time (a loaded machine) is not the agent's.
           clearTimeout(timer);
-          timer = setTimeout(
-            () => finish({ ok: false, kind: "timeout", message: `episode exceeded ${limits.timeoutMs} ms` }),
-            limits.timeoutMs,
-          );
+          const due = performance.now() + limits.timeoutMs;
+          timer = setTimeout(() => timedOut(due), limits.timeoutMs);
           host.send(start);
         }
         return;
