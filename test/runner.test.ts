@@ -419,6 +419,17 @@ describe.each(SANDBOXES)(
       },
     );
 
+    test("stderr past 1 MiB fails the episode as flood; the gateway reads no more of it", async () => {
+      // Four agents writing 364 MB each to stderr took most of the gateway's core and slowed its acknowledgements.
+      const r = expectFailure(await run(start("stderr-flood", { mb: 64 }), {}, noTools, spawn), "flood");
+      expect(r.message).toContain(`more than ${1024 * 1024} bytes to stderr`);
+      const quiet = await run(start("stderr-flood", { mb: 0.5 }), {}, noTools, spawn);
+      expect(quiet.ok).toBe(true);
+      // Below the bound a crash's message still ends with what it wrote last.
+      const crashed = await run(start("stderr-flood", { mb: 0.5, exit: true }), {}, noTools, spawn);
+      expect(expectFailure(crashed, "crashed").message).toEndWith("last words");
+    });
+
     test("process.exit(3) fails with kind crashed and names the exit code", async () => {
       const r = expectFailure(await run(start("exits"), {}, noTools, spawn), "crashed");
       expect(r.message).toContain("code 3");

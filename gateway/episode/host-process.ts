@@ -133,6 +133,26 @@ export const OVERSIZE: unique symbol = Symbol("oversize");
 export { MALFORMED, TOO_DEEP };
 
 /**
+ * Bytes of stderr the gateway reads from one host process. Past them it stops reading, and the
+ * episode fails as a flood: four agents writing 364 MB each took most of a core and 150 MB of
+ * the gateway's memory, and slowed its acknowledgements ~8x (stdout is not read at all).
+ */
+export const MAX_STDERR_BYTES = 1024 * 1024;
+
+/** Bytes of stderr kept for a failure's message (its tail explains a crash, e.g. "Out of memory"). */
+const STDERR_TAIL_BYTES = 4000;
+
+/** The last `max` bytes of `tail` followed by `chunk`. */
+function lastBytes(tail: Uint8Array, chunk: Uint8Array, max: number): Uint8Array {
+  if (chunk.length >= max) return chunk.slice(chunk.length - max);
+  const keep = tail.subarray(Math.max(0, tail.length + chunk.length - max));
+  const out = new Uint8Array(keep.length + chunk.length);
+  out.set(keep);
+  out.set(chunk, keep.length);
+  return out;
+}
+
+/**
  * The host process groups of one owner (a gateway, a replay, a test): which serve an
  * episode now, and every one started (spares included), so shutdown can kill them all.
  */
@@ -206,7 +226,12 @@ function killGroup(pid: number): void {
 export class HostProcess {
   readonly proc: ReturnType<typeof Bun.spawn>;
   readonly pid: number;
-  stderrTail = "";
+  /** The last bytes it wrote to stderr. */
+  private stderrLast: Uint8Array = new Uint8Array(0);
+  /** Whether it wrote more than MAX_STDERR_BYTES to stderr (reading stopped there). */
+  stderrFlooded = false;
+  /** Told once when it does (the runner fails its episode). */
+  onStderrFlood: (() => void) | null = null;
   readonly stderrDone: Promise<void>;
   private listener: Listener | null = null;
   private early: [unknown, number][] = [];
@@ -274,17 +299,29 @@ export class HostProcess {
     });
     this.channel = pump(this.proc.stdio[3] as unknown as number, reader);
     procs.started(this.pid);
-    // Keep the last few KB of stderr: it explains crashes (e.g. "Out of memory").
+    // Keep the last few KB of stderr (bytes, decoded only when asked for), up to MAX_STDERR_BYTES.
     const stderr = this.proc.stderr as ReadableStream<Uint8Array>;
     this.stderrDone = (async () => {
       const reader = stderr.getReader();
-      const dec = new TextDecoder();
+      let read = 0;
       for (;;) {
         const { value, done } = await reader.read().catch(() => ({ value: undefined, done: true }));
-        if (done) break;
-        this.stderrTail = (this.stderrTail + dec.decode(value)).slice(-4000);
+        if (done || value === undefined) break;
+        this.stderrLast = lastBytes(this.stderrLast, value, STDERR_TAIL_BYTES);
+        read += value.length;
+        if (read > MAX_STDERR_BYTES) {
+          this.stderrFlooded = true;
+          this.onStderrFlood?.();
+          await reader.cancel().catch(() => undefined);
+          break;
+        }
       }
     })();
+  }
+
+  /** The last few KB it wrote to stderr, as text. */
+  get stderrTail(): string {
+    return new TextDecoder().decode(this.stderrLast);
   }
 
   /** A host process started cold (no spare) for an agent whose files are mounted directly. */

@@ -10,6 +10,7 @@ import { MAX_JSON_DEPTH, parseChildMessage, type EpisodeRecord, type ParentMessa
 import {
   HostProcess,
   MALFORMED,
+  MAX_STDERR_BYTES,
   OVERSIZE,
   ProcessTable,
   rssMb,
@@ -315,6 +316,15 @@ export async function runEpisode(
       }
     }
   }, maxBytes);
+  // Past MAX_STDERR_BYTES the gateway stops reading the child's stderr (reading it costs us, not the agent).
+  const stderrFlood = (): void =>
+    finish({
+      ok: false,
+      kind: "flood",
+      message: `the subprocess wrote more than ${MAX_STDERR_BYTES} bytes to stderr (ctx.log is the episode's log)`,
+    });
+  if (host.stderrFlooded) stderrFlood();
+  else host.onStderrFlood = stderrFlood;
   refill();
 
   const pid = host.pid;
