@@ -776,6 +776,15 @@ describe("ToolGate: send", () => {
     ]);
   });
 
+  test("denies a payload larger than [broker] max_packet_bytes (what no device may send)", async () => {
+    const g = gate();
+    expect((await g.handle(1, "send", ["narrow/default", "x".repeat(200 * 1024)])).ok).toBe(true);
+    const out = await g.handle(2, "send", ["narrow/default", "x".repeat(300 * 1024)]);
+    expect(out).toMatchObject({ ok: false, result: { error: "denied" } });
+    expect((out.result as { reason: string }).reason).toContain("exceeds [broker] max_packet_bytes (262144)");
+    expect(g.sends).toHaveLength(1);
+  });
+
   test("denies a send to an unknown type", async () => {
     const g = gate();
     expect(await g.handle(1, "send", ["ghost/x", 1])).toEqual({
@@ -1273,6 +1282,14 @@ describe("the IPC edge", () => {
     };
     const r = await run(start("tool-then-sleep", { ms: 60_000 }), { timeoutMs: 1000 }, stalling);
     expect(expectFailure(r, "timeout").ms).toBeLessThan(10_000);
+  });
+
+  test("an emit whose out message passes [broker] max_packet_bytes fails the episode as too_large", async () => {
+    // A 7 MB emit was published, and queued whole for every offline persistent subscriber of out.
+    const limit = { maxPacketBytes: 256 * 1024 };
+    const r = expectFailure(await run(start("big-emit", { bytes: 300 * 1024 }), limit), "too_large");
+    expect(r.message).toContain("exceeds [broker] max_packet_bytes (262144)");
+    expect((await run(start("big-emit", { bytes: 200 * 1024 }), limit)).ok).toBe(true);
   });
 
   test("a tool call the agent does not await is answered and recorded before the episode ends", async () => {

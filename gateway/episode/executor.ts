@@ -307,7 +307,7 @@ export class EpisodeExecutor {
               limits: CHILD_LIMITS,
               wakes: { pending: d.pendingWakes, max: type.max_wakeups },
             },
-            runLimitsFor(type.budget),
+            runLimitsFor(type.budget, 0, sv.spec.broker.max_packet_bytes),
             // A call that arrives after the run ended must not reserve a place nobody settles.
             (call, tool, args) =>
               ended

@@ -14,9 +14,13 @@ import type { PendingPublish, PendingSend } from "./tools/index.ts";
 /** Record limits the subprocess enforces on itself (the gateway checks them too). */
 export const CHILD_LIMITS = { max_records: 10_000, max_record_bytes: 8 * 1024 * 1024 } as const;
 
-/** The sandbox limits of an episode of a type with this budget. */
-export function runLimitsFor(budget: BudgetSpec, minTimeoutMs = 0): RunLimits {
+/**
+ * The sandbox limits of an episode of a type with this budget; `maxPacketBytes` (`[broker]
+ * max_packet_bytes`) bounds its emits, where given.
+ */
+export function runLimitsFor(budget: BudgetSpec, minTimeoutMs = 0, maxPacketBytes?: number): RunLimits {
   return {
+    ...(maxPacketBytes === undefined ? {} : { maxPacketBytes }),
     timeoutMs: Math.max(budget.episode_timeout_ms, minTimeoutMs),
     memoryMb: budget.memory_mb,
     maxRecords: CHILD_LIMITS.max_records,

@@ -19,6 +19,7 @@ import {
   TOO_DEEP,
 } from "./host-process.ts";
 import { HOST_PATHS } from "../../agents/host/index.ts";
+import { topics } from "../protocol.ts";
 import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
 import { agentFiles, spareCanLoad } from "./sandbox-view.ts";
 
@@ -124,6 +125,11 @@ export interface RunLimits extends ProcessLimits {
   readonly maxRecords: number;
   /** Bytes of all records of one episode (events, outputs, logs, tool calls); also the cap of its state. */
   readonly maxRecordBytes: number;
+  /**
+   * `[broker] max_packet_bytes`: an emit whose `out` message (with its topic) is larger fails the episode
+   * as too_large. Absent (a replay, which reproduces history): not checked.
+   */
+  readonly maxPacketBytes?: number;
 }
 
 /**
@@ -213,6 +219,23 @@ export async function runEpisode(
     finish({ ok: false, kind: "too_large", message: `the episode's records exceed ${limits.maxRecordBytes} bytes` });
     return false;
   };
+  // What no device may send the broker, an emit may not publish either (an offline subscriber's queue keeps it).
+  const outTopic = topics.out(start.agent.type, start.agent.key);
+  let emits = 0;
+  const emitFits = (data: unknown): boolean => {
+    const max = limits.maxPacketBytes;
+    if (max === undefined) return true;
+    // The out message as the outbox will publish it (records.ts buildOutbox), + its topic and PUBLISH header.
+    const envelope = JSON.stringify({ episode: start.episode, seq: emits++, agent: start.agent.id, data });
+    const bytes = Buffer.byteLength(envelope) + Buffer.byteLength(outTopic) + 16;
+    if (bytes <= max) return true;
+    finish({
+      ok: false,
+      kind: "too_large",
+      message: `an emit of ${bytes} bytes (its out message with its topic) exceeds [broker] max_packet_bytes (${max})`,
+    });
+    return false;
+  };
   let timer: ReturnType<typeof setTimeout> | undefined;
   /**
    * The episode's timer fired (due at `due`). Fired late by more than STALL_MS, the gateway itself was
@@ -266,6 +289,7 @@ export async function runEpisode(
         return;
       case "records":
         if (!countRecords(bytes)) return;
+        for (const r of msg.records) if (r.k === "emit" && !emitFits(r.data)) return;
         records.push(...msg.records);
         if (records.length > limits.maxRecords)
           finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });

@@ -45,7 +45,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "(allow_anonymous = false). An anonymous broker on another address is refused (see allow_anonymous_network).",
   "broker.mqtt_port": "MQTT (TCP) port; 0 picks a free one (written to <data_dir>/gateway.json).",
   "broker.ws_port": "MQTT over WebSocket port; absent: no WebSocket listener.",
-  "broker.max_packet_bytes": "Largest MQTT packet accepted; a larger one closes the connection before it is buffered.",
+  "broker.max_packet_bytes":
+    "Largest MQTT packet accepted; a larger one closes the connection before it is buffered. " +
+    "Agents are held to it too: a larger publish or send is denied, a larger emit fails its episode (too_large).",
   "broker.max_connections":
     "Most open MQTT connections (TCP, TLS, WebSocket); past it a device " +
     "gets CONNACK 3 (counted in /metrics). 0 = no limit. Applies live.",

@@ -32,13 +32,18 @@ export function send(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
   const [target, payload] = parsed.args;
   const type = ctx.spec.agents[target.type];
   if (!type) return deny(`no agent type "${target.type}" in this fleet`);
+  // What a device could not send the broker, an agent may not send another either (it is a stimulus, or a publish).
+  const body = encodePayload(payload);
+  const max = ctx.spec.broker.max_packet_bytes;
+  const bytes = Buffer.byteLength(body);
+  if (bytes > max) return deny(`payload of ${bytes} bytes exceeds [broker] max_packet_bytes (${max})`);
   // Another shard's agent: its own gateway admits it when the forward arrives (docs/shards.md).
   if (!ownsAgent(ctx.spec.fleet.shard, target.id)) {
-    ctx.sends.push({ to: target, payload: encodePayload(payload), forward: true });
+    ctx.sends.push({ to: target, payload: body, forward: true });
     return { ok: true, result: { queued: true, to: target.id } };
   }
   const admission = ctx.env.admit?.(target.id, type.max_queue) ?? { ok: true };
   if (!admission.ok) return deny(`send to ${target.id} refused: ${admission.message}`);
-  ctx.sends.push({ to: target, payload: encodePayload(payload) });
+  ctx.sends.push({ to: target, payload: body });
   return { ok: true, result: { queued: true, to: target.id } };
 }
