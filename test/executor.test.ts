@@ -48,11 +48,11 @@ const ok = (state: unknown, records: RunResult["records"] = []): RunResult => ({
 const threw = (message: string): RunResult => ({ ok: false, kind: "threw", message, records: [], ms: 3 });
 
 let n = 0;
-async function setup(spec = sv) {
+async function setup(spec = sv, logger = log) {
   const store = await Store.open(join(root, `e${n++}.db`), { synchronous: "normal" });
   let clock = 10 * HOUR + 1000; // early in an hour window
   const book = new QueueBook();
-  const events = new FleetEvents(log);
+  const events = new FleetEvents(logger);
   const seen: { kind: keyof FleetEventMap; e: unknown }[] = [];
   for (const kind of ["episode", "status", "rejected", "intake"] as const)
     events.on(kind, (e) => seen.push({ kind, e }));
@@ -72,7 +72,7 @@ async function setup(spec = sv) {
     },
     toolEnv: { secrets: {}, fetch, admit: (a, max) => book.admit(a, max) },
     events,
-    log,
+    log: logger,
     now: () => clock,
     stopping: () => stopping,
     queue: book,
@@ -175,6 +175,28 @@ describe("executor: commit", () => {
     };
     expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
     expect(t.book.queued(A)).toBe(1);
+  });
+});
+
+describe("executor: the gateway's log", () => {
+  test("gets an episode's ctx.log lines up to 100 and 16 KiB, the line past it cut", async () => {
+    // 100 lines of 4096 characters put 430 KB in the gateway's log per episode.
+    const lines: string[] = [];
+    const u = await setup(sv, pino({ level: "debug" }, { write: (line: string) => void lines.push(line) }));
+    await u.queue();
+    const chatty = Array.from({ length: 100 }, () => ({ k: "log", level: "info", msg: "x".repeat(4000) }) as const);
+    u.script.push(() => ok({ n: 1 }, chatty));
+    expect(await u.executor.turn(A)).toEqual({ kind: "ran" });
+    const copied = lines.map((l) => JSON.parse(l).msg as string).filter((msg) => msg.startsWith("xxx"));
+    const cut = "... (cut: the episode's log has it all)";
+    expect(copied.map((msg) => msg.length)).toEqual([4000, 4000, 4000, 4000, 384 + cut.length]);
+    expect(copied.at(-1)).toEndWith(`x${cut}`);
+    const short = Array.from({ length: 150 }, (_, i) => ({ k: "log", level: "info", msg: `line ${i}` }) as const);
+    lines.length = 0;
+    await u.queue();
+    u.script.push(() => ok({ n: 2 }, short));
+    expect(await u.executor.turn(A)).toEqual({ kind: "ran" });
+    expect(lines.filter((l) => JSON.parse(l).msg.startsWith("line "))).toHaveLength(100);
   });
 });
 

@@ -22,6 +22,7 @@ import {
   buildOutbox,
   buildWakes,
   CHILD_LIMITS,
+  logCopy,
   runLimitsFor,
   toStimulus,
   type WakeEffects,
@@ -331,10 +332,8 @@ export class EpisodeExecutor {
         if (w.ok) wakes = w;
         else result = { ok: false, kind: "protocol", message: w.message, records: result.records, ms: result.ms };
       }
-      // ctx.log lines go to the gateway log too, with the episode's bound context (the first
-      // 100: all of them stay in the episode's event log; a chatty agent must not flood ours).
-      let logged = 0;
-      for (const r of result.records) if (r.k === "log" && logged++ < 100) log[r.level](r.msg);
+      // ctx.log lines go to the gateway log too, with the episode's bound context (within bounds: logCopy).
+      for (const [level, msg] of logCopy(result.records)) log[level](msg);
       const events = buildEvents(episode, stimulus, result);
       const base = {
         id: episode,

@@ -235,3 +235,30 @@ function inboxStimulus(episode: string, s: PendingSend, i: number, at: number): 
     receivedAt: at,
   };
 }
+
+/** The level of a ctx.log line. */
+type LogLevel = Extract<EpisodeRecord, { k: "log" }>["level"];
+
+/**
+ * What of an episode's ctx.log lines the gateway's own log gets: the first 100 lines and 16 KiB
+ * of text (all of them stay in the episode's event log). A chatty agent must not flood ours:
+ * 100 lines of 4096 characters put 430 KB in it per episode.
+ */
+export const LOG_COPY = { lines: 100, chars: 16 * 1024 } as const;
+
+/** The ctx.log lines copied to the gateway's log (LOG_COPY), the last one cut to fit. */
+export function logCopy(records: readonly EpisodeRecord[]): [LogLevel, string][] {
+  const out: [LogLevel, string][] = [];
+  let chars = 0;
+  for (const r of records) {
+    if (r.k !== "log") continue;
+    if (out.length === LOG_COPY.lines || chars === LOG_COPY.chars) break;
+    const room = LOG_COPY.chars - chars;
+    out.push([
+      r.level,
+      r.msg.length <= room ? r.msg : `${r.msg.slice(0, room)}... (cut: the episode's log has it all)`,
+    ]);
+    chars += Math.min(r.msg.length, room);
+  }
+  return out;
+}
