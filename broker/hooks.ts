@@ -44,6 +44,13 @@ export class PublishRefused extends Error {
  */
 export const DROPPED_TOPIC = "$fleet/dropped";
 
+/**
+ * The field a stored will carries its client's user name in. aedes stores a will with the client id
+ * only, and after a crash publishes it with no client (aedes.js `_clearWills`:
+ * `authorizePublish(null, will)`); the ACL must still judge it as the device that set it.
+ */
+export const WILL_USERNAME = "fleetUsername";
+
 /** aedes' CONNACK return codes we use (MQTT 3.1.1 §3.2.2.3). */
 const SERVER_UNAVAILABLE = 3;
 const IDENTIFIER_REJECTED = 2;
@@ -78,10 +85,13 @@ export function createHooks(
   // chunk's packets concurrently. A verdict that comes early waits in its turn for those before it.
   const turns = new WeakMap<Client, TurnQueue>();
 
-  const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo =>
-    client
-      ? { id: client.id, username: usernames.get(client) ?? null }
-      : { id: (packet as { clientId?: string } | undefined)?.clientId ?? "", username: null };
+  const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo => {
+    if (client) return { id: client.id, username: usernames.get(client) ?? null };
+    // A will whose client is gone: judged as the user name stored with it (see WILL_USERNAME).
+    const stored = packet as Record<string, unknown> | undefined;
+    const username = stored?.[WILL_USERNAME];
+    return { id: String(stored?.clientId ?? ""), username: typeof username === "string" ? username : null };
+  };
 
   // Never ack what was not recorded: an intake that throws or rejects refuses the publish.
   const intakeFailed = (err: unknown, info: ClientInfo, msg: PublishedMessage, what: string): IntakeVerdict => {
@@ -113,6 +123,8 @@ export function createHooks(
   return {
     preConnect(client, packet, done) {
       dedupeExactly(client);
+      // aedes stores this will only once authenticate accepted this user name (handlers/connect.js).
+      if (packet.will) Object.assign(packet.will, { [WILL_USERNAME]: packet.username ?? null });
       // MQTT-3.1.3-8: a zero-byte client id with CleanSession 0 gets CONNACK 0x02, then close.
       // aedes would invent an id and keep a session no one can resume; refuse it in authenticate.
       if (packet.clientId === "" && packet.clean === false && !state.refuseAtConnect.has(client)) {
@@ -200,6 +212,8 @@ export function createHooks(
       const rule = checkDevicePublishTopic(packet.topic);
       if (!rule.ok) return drop(rule.reason);
       const auth = state.auth;
+      // Only a will swept after a crash can get here anonymous while anonymous clients are refused.
+      if (info.username === null && !auth.allowAnonymous) return drop("anonymous clients not allowed");
       const acl = auth.authorizePublishTopic;
       if (!aclAllows(acl ? () => acl.call(auth, info, packet.topic) : null, packet.topic, info)) {
         return drop("not authorized");

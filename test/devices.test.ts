@@ -235,6 +235,68 @@ describe("device registry", () => {
   }, 30_000);
 });
 
+/** aedes inside an embedded broker: to run its will sweep's own call, `authorizePublish(null, will)`. */
+type AedesWills = {
+  authorizePublish(client: null, packet: Record<string, unknown>, cb: (err?: Error | null) => void): void;
+  persistence: { getWill(client: { id: string }): Promise<Record<string, unknown> | undefined> };
+};
+
+describe("wills", () => {
+  test("a will swept after a crash (no client) is judged as the device that set it", async () => {
+    const file = join(dir, "wills.toml");
+    const a = await addDevice(file, "dev-a", { publish: ["sensors/%u/#"] });
+    await addDevice(file, "dev-b", { publish: ["sensors/%u/#"] });
+    const registry = new DeviceRegistry(file);
+    const intakes: { topic: string; username: string | null }[] = [];
+    const broker = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: false,
+      intake: async (msg, client) => {
+        intakes.push({ topic: msg.topic, username: client.username });
+        return { ok: true };
+      },
+      logger: pino({ level: "silent" }),
+      persistence: { kind: "libsql", path: join(dir, "wills.db"), synchronous: "full", maxOfflineMessages: 100 },
+      ...deviceBrokerHooks(registry),
+    });
+    await broker.start();
+    const aedes = (broker as unknown as { aedes: AedesWills }).aedes;
+    const sweep = (will: Record<string, unknown>) =>
+      new Promise<string>((resolve, reject) =>
+        aedes.authorizePublish(null, { ...will }, (err) => (err ? reject(err) : resolve(String(will.topic)))),
+      ).then(() => intakes.splice(0));
+    try {
+      const url = `mqtt://127.0.0.1:${broker.port}`;
+      const willOf = async (topic: string) => {
+        const c = await connectAsync(url, {
+          clientId: "dev-a",
+          username: "dev-a",
+          password: a.secret,
+          reconnectPeriod: 0,
+          will: { topic, payload: Buffer.from("gone"), qos: 1, retain: false },
+        });
+        const will = await aedes.persistence.getWill({ id: "dev-a" });
+        c.end(true);
+        return will!;
+      };
+      const foreign = await willOf("sensors/dev-b/temp");
+      const own = await willOf("sensors/dev-a/status");
+      expect(await sweep(foreign)).toEqual([]); // outside dev-a's ACL: dropped, no intake
+      expect(await sweep(own)).toEqual([{ topic: "sensors/dev-a/status", username: "dev-a" }]);
+      // A will stored without a user name (by older code) is anonymous: refused, anonymous clients are not allowed.
+      const { fleetUsername: _, ...unstamped } = own;
+      expect(await sweep(unstamped)).toEqual([]);
+      removeDevice(file, "dev-a");
+      registry.refresh(true);
+      expect(await sweep(own)).toEqual([]); // a removed device's will
+    } finally {
+      await broker.close();
+    }
+  }, 30_000);
+});
+
 describe("device file editing", () => {
   test("add stores only a hash, keeps comments, and remove takes out exactly one device", async () => {
     const file = join(dir, "edit.toml");

@@ -308,10 +308,13 @@ export class DeviceRegistry {
     );
   }
 
-  /** Publish ACL: anonymous clients (when allowed) are limited by the built-in rules only. */
+  /**
+   * Publish ACL: anonymous clients (when allowed) are limited by the built-in rules only, and
+   * never publish as a device's client id (e.g. a will stored before wills kept their user name).
+   */
   mayPublish(client: ClientInfo, topic: string): boolean {
     const device = this.deviceOf(client);
-    if (device === null) return true;
+    if (device === null) return !this.config.byClientId.has(client.id);
     return (
       device !== undefined && aclAllowsPublish(device.acl.publish, { clientId: client.id, username: device.id }, topic)
     );
