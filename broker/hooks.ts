@@ -267,7 +267,16 @@ export function createHooks(
       done(null, null);
     },
 
-    authorizeForward(_client, packet) {
+    // Every delivery to a client, live or from its offline queue (aedes 1.2.0 handlers/connect.js
+    // emptyQueue: a refused queued message is removed), is checked against the subscribe rights in
+    // force now: a queue filled before a right was revoked must not leak on reconnect.
+    authorizeForward(client, packet) {
+      const auth = state.auth;
+      const acl = auth.authorizeSubscribeTopic;
+      if (acl) {
+        const info = infoOf(client);
+        if (!aclAllows(() => acl.call(auth, info, packet.topic), packet.topic, info)) return null;
+      }
       state.messagesOut++;
       return packet;
     },

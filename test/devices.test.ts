@@ -297,6 +297,48 @@ describe("wills", () => {
   }, 30_000);
 });
 
+describe("revoked subscribe rights", () => {
+  test("an offline session's queued messages are not delivered once the right is revoked", async () => {
+    const file = join(dir, "revoke.toml");
+    const a = await addDevice(file, "dev-a", { subscribe: ["alerts/%u/#"] });
+    const registry = new DeviceRegistry(file);
+    const broker = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: false,
+      intake: async () => ({ ok: true }),
+      logger: pino({ level: "silent" }),
+      ...deviceBrokerHooks(registry),
+    });
+    await broker.start();
+    const url = `mqtt://127.0.0.1:${broker.port}`;
+    const opts = { clientId: "dev-a", username: "dev-a", password: a.secret, clean: false, reconnectPeriod: 0 };
+    /** Reconnect the clean = false session and collect what it gets for a while. */
+    const reconnect = async (): Promise<string[]> => {
+      const got: string[] = [];
+      const c = await connectAsync(url, opts);
+      c.on("message", (topic) => got.push(topic));
+      await new Promise((r) => setTimeout(r, 500));
+      await c.endAsync();
+      return got;
+    };
+    try {
+      const c = await connectAsync(url, opts);
+      await c.subscribeAsync("alerts/dev-a/#", { qos: 1 });
+      await c.endAsync();
+      await broker.publish("alerts/dev-a/1", "queued while allowed", { qos: 1 });
+      expect(await reconnect()).toEqual(["alerts/dev-a/1"]);
+      writeFileSync(file, readFileSync(file, "utf8").replace('subscribe = ["alerts/%u/#"]', "subscribe = []"));
+      registry.refresh(true);
+      await broker.publish("alerts/dev-a/2", "queued after the revocation", { qos: 1 });
+      expect(await reconnect()).toEqual([]);
+    } finally {
+      await broker.close();
+    }
+  }, 30_000);
+});
+
 describe("device file editing", () => {
   test("add stores only a hash, keeps comments, and remove takes out exactly one device", async () => {
     const file = join(dir, "edit.toml");
