@@ -3,7 +3,7 @@
  * hashing, devices-file validation, the registry (auth, reload) and the file editor.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connectAsync } from "mqtt";
@@ -360,6 +360,37 @@ describe("device file editing", () => {
     expect(removeDevice(file, "boiler.1")).toBe(false);
     expect(listDevices(file).map((d) => d.id)).toEqual(["boiler-2"]);
     expect(readFileSync(file, "utf8")).toContain('subscribe = ["public/#"]');
+  }, 30_000);
+
+  test("concurrent add and remove commands in separate processes lose no edit", async () => {
+    const file = join(dir, "race.toml");
+    for (const v of ["victim-1", "victim-2"]) await addDevice(file, v);
+    const lib = join(import.meta.dir, "../gateway/devices/index.ts");
+    const run = (code: string) =>
+      Bun.spawn(["bun", "-e", `import { addDevice, removeDevice } from ${JSON.stringify(lib)}; ${code}`], {
+        stdout: "ignore",
+        stderr: "inherit",
+      }).exited;
+    const codes = await Promise.all([
+      ...[1, 2, 3, 4].map((i) => run(`await addDevice(${JSON.stringify(file)}, "race-${i}");`)),
+      ...[1, 2].map((i) => run(`if (!removeDevice(${JSON.stringify(file)}, "victim-${i}")) process.exit(3);`)),
+    ]);
+    expect(codes).toEqual([0, 0, 0, 0, 0, 0]);
+    expect(
+      listDevices(file)
+        .map((d) => d.id)
+        .sort(),
+    ).toEqual(["race-1", "race-2", "race-3", "race-4"]);
+    expect(existsSync(`${file}.lock`)).toBe(false);
+  }, 60_000);
+
+  test("a lock left by a command that died is taken over once stale", async () => {
+    const file = join(dir, "stale.toml");
+    writeFileSync(`${file}.lock`, "999999\n");
+    const old = new Date(Date.now() - 60_000);
+    utimesSync(`${file}.lock`, old, old);
+    await addDevice(file, "d");
+    expect(listDevices(file).map((d) => d.id)).toEqual(["d"]);
   }, 30_000);
 
   test("a new devices file is created readable by its owner only", async () => {

@@ -1,9 +1,22 @@
 /**
  * Editing the devices file for `fleet device add|list|remove`. Edits are textual (comments
  * and layout survive), checked by compiling the result before it is written, and written
- * atomically (temp file + rename) so a running gateway never reads half a file.
+ * atomically (temp file + rename) so a running gateway never reads half a file. Each
+ * read-edit-write holds `<file>.lock`, so concurrent commands never lose each other's edits.
  */
-import { chmodSync, existsSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  closeSync,
+  existsSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  unlinkSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { aclPatternProblem } from "./acl.ts";
 import { hashSecret, mosquittoHash, newSecret } from "./secret.ts";
@@ -53,6 +66,53 @@ function writeAtomic(file: string, text: string): void {
 }
 
 /**
+ * After how long a lock is taken as left by a command that died (an edit holds it for
+ * milliseconds), and how long an edit waits for one: longer, so a dead command's lock is cleared.
+ */
+const LOCK_STALE_MS = 10_000;
+const LOCK_WAIT_MS = 15_000;
+
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+/**
+ * Run `edit` (read, change, write: synchronous, so it takes milliseconds) holding `<file>.lock`,
+ * created with O_EXCL. A lock older than LOCK_STALE_MS is left by a command that died: removed.
+ */
+function withLock<T>(file: string, edit: () => T): T {
+  const lock = `${file}.lock`;
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  for (;;) {
+    try {
+      const fd = openSync(lock, "wx", 0o600);
+      writeSync(fd, `${process.pid}\n`);
+      closeSync(fd);
+      break;
+    } catch (err) {
+      if ((err as { code?: string }).code !== "EEXIST")
+        throw new DevicesError(file, `cannot create ${lock}: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    try {
+      if (Date.now() - statSync(lock).mtimeMs > LOCK_STALE_MS) {
+        unlinkSync(lock);
+        continue;
+      }
+    } catch {
+      continue; // released in the meantime
+    }
+    if (Date.now() > deadline)
+      throw new DevicesError(file, `${lock} is held by another \`fleet device\` command (remove it if none runs)`);
+    sleepSync(10 + Math.random() * 20);
+  }
+  try {
+    return edit();
+  } finally {
+    rmSync(lock, { force: true });
+  }
+}
+
+/**
  * Register a device: generate a random secret, store only its argon2id hash, and return the
  * secret (the only time it is ever shown). Creates the file when missing.
  */
@@ -73,26 +133,32 @@ export async function addDevice(
     const problem = aclPatternProblem(p);
     if (problem !== null) throw new DevicesError(file, `ACL pattern ${JSON.stringify(p)}: ${problem}`);
   }
-  const text = readText(file) ?? HEADER;
-  const before = compileDevices(text, file);
-  if (before.devices.has(id))
-    throw new DevicesError(file, `device "${id}" already exists (remove it first to issue a new secret)`);
+  const exists = () => new DevicesError(file, `device "${id}" already exists (remove it first to issue a new secret)`);
+  if (compileDevices(readText(file) ?? HEADER, file).devices.has(id)) throw exists(); // before the slow hashing
   const secret = newSecret();
-  const lines = [
-    "",
-    `[devices.${tomlKey(id)}]`,
+  const hashes = [
     `secret = ${JSON.stringify(await hashSecret(secret))}`,
     `mosquitto_secret = ${JSON.stringify(mosquittoHash(secret))}`,
-    ...(opts.clientId !== undefined && opts.clientId !== id ? [`client_id = ${JSON.stringify(opts.clientId)}`] : []),
-    `publish = ${tomlStrings(opts.publish ?? [])}`,
-    `subscribe = ${tomlStrings(opts.subscribe ?? [])}`,
-    `created = ${JSON.stringify((opts.now?.() ?? new Date()).toISOString())}`,
-    "",
   ];
-  const next = text.replace(/\n*$/, "\n") + lines.join("\n");
-  const after = compileDevices(next, file); // e.g. a clashing client id, or `devices = {…}` written inline
-  if (!after.devices.has(id)) throw new DevicesError(file, `could not add device "${id}" to this file; add it by hand`);
-  writeAtomic(file, next);
+  withLock(file, () => {
+    const text = readText(file) ?? HEADER;
+    if (compileDevices(text, file).devices.has(id)) throw exists(); // added while the secret was hashed
+    const lines = [
+      "",
+      `[devices.${tomlKey(id)}]`,
+      ...hashes,
+      ...(opts.clientId !== undefined && opts.clientId !== id ? [`client_id = ${JSON.stringify(opts.clientId)}`] : []),
+      `publish = ${tomlStrings(opts.publish ?? [])}`,
+      `subscribe = ${tomlStrings(opts.subscribe ?? [])}`,
+      `created = ${JSON.stringify((opts.now?.() ?? new Date()).toISOString())}`,
+      "",
+    ];
+    const next = text.replace(/\n*$/, "\n") + lines.join("\n");
+    const after = compileDevices(next, file); // e.g. a clashing client id, or `devices = {…}` written inline
+    if (!after.devices.has(id))
+      throw new DevicesError(file, `could not add device "${id}" to this file; add it by hand`);
+    writeAtomic(file, next);
+  });
   return { id, secret, file };
 }
 
@@ -118,38 +184,42 @@ function deviceTable(file: string, lines: readonly string[], id: string, what: s
  * patterns and client id stay. Its sessions must log in again with the new secret.
  */
 export async function rekeyDevice(file: string, id: string): Promise<{ id: string; secret: string; file: string }> {
-  const text = readText(file);
-  if (text === null || !compileDevices(text, file).devices.has(id))
-    throw new DevicesError(file, `no device "${id}" (add it with \`fleet device add ${id}\`)`);
-  const lines = text.split("\n");
-  const [start, end] = deviceTable(file, lines, id, "rekey");
+  const missing = () => new DevicesError(file, `no device "${id}" (add it with \`fleet device add ${id}\`)`);
+  const known = (text: string | null): text is string => text !== null && compileDevices(text, file).devices.has(id);
+  if (!known(readText(file))) throw missing();
   const secret = newSecret();
-  const body = lines.slice(start + 1, end).filter((l) => !/^\s*(?:secret|mosquitto_secret)\s*=/.test(l));
-  const next = [
-    ...lines.slice(0, start + 1),
+  const hashes = [
     `secret = ${JSON.stringify(await hashSecret(secret))}`,
     `mosquitto_secret = ${JSON.stringify(mosquittoHash(secret))}`,
-    ...body,
-    ...lines.slice(end),
-  ].join("\n");
-  const after = compileDevices(next, file).devices.get(id);
-  if (!after || after.mosquittoHash === null)
-    throw new DevicesError(file, `could not rekey device "${id}"; edit it by hand`);
-  writeAtomic(file, next);
+  ];
+  withLock(file, () => {
+    const text = readText(file);
+    if (!known(text)) throw missing(); // removed while the secret was hashed
+    const lines = text.split("\n");
+    const [start, end] = deviceTable(file, lines, id, "rekey");
+    const body = lines.slice(start + 1, end).filter((l) => !/^\s*(?:secret|mosquitto_secret)\s*=/.test(l));
+    const next = [...lines.slice(0, start + 1), ...hashes, ...body, ...lines.slice(end)].join("\n");
+    const after = compileDevices(next, file).devices.get(id);
+    if (!after || after.mosquittoHash === null)
+      throw new DevicesError(file, `could not rekey device "${id}"; edit it by hand`);
+    writeAtomic(file, next);
+  });
   return { id, secret, file };
 }
 
 /** Remove a device; false when there is none with that id. */
 export function removeDevice(file: string, id: string): boolean {
-  const text = readText(file);
-  if (text === null || !compileDevices(text, file).devices.has(id)) return false;
-  const lines = text.split("\n");
-  const [start, end] = deviceTable(file, lines, id, "remove");
-  const next = [...lines.slice(0, start), ...lines.slice(end)].join("\n").replace(/\n{3,}/g, "\n\n");
-  if (compileDevices(next, file).devices.has(id))
-    throw new DevicesError(file, `could not remove device "${id}"; remove it by hand`);
-  writeAtomic(file, next);
-  return true;
+  return withLock(file, () => {
+    const text = readText(file);
+    if (text === null || !compileDevices(text, file).devices.has(id)) return false;
+    const lines = text.split("\n");
+    const [start, end] = deviceTable(file, lines, id, "remove");
+    const next = [...lines.slice(0, start), ...lines.slice(end)].join("\n").replace(/\n{3,}/g, "\n\n");
+    if (compileDevices(next, file).devices.has(id))
+      throw new DevicesError(file, `could not remove device "${id}"; remove it by hand`);
+    writeAtomic(file, next);
+    return true;
+  });
 }
 
 /** The registered devices, without secrets. */
