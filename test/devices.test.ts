@@ -188,6 +188,27 @@ describe("device registry", () => {
     expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true);
   }, 30_000);
 
+  test("every refused login costs one verification: unknown id, wrong secret, wrong client id", async () => {
+    const file = join(dir, "timing.toml");
+    const a = await addDevice(file, "dev-a");
+    let verifications = 0;
+    const reg = new DeviceRegistry(file, {
+      verify: (secret, hash) => {
+        verifications++;
+        return verifySecret(secret, hash);
+      },
+    });
+    const cost = async (clientId: string, username: string, secret: string) => {
+      verifications = 0;
+      expect(await reg.authenticate({ id: clientId, username }, enc(secret))).toBe(false);
+      return verifications;
+    };
+    expect(await cost("probe", "nobody", "wrong")).toBe(1);
+    expect(await cost("dev-a", "dev-a", "wrong")).toBe(1);
+    expect(await cost("probe", "dev-a", "wrong")).toBe(1);
+    expect(await cost("probe", "dev-a", a.secret)).toBe(1);
+  }, 30_000);
+
   test("with anonymous clients allowed, an anonymous client cannot take a device's client id", async () => {
     const file = join(dir, "anon.toml");
     const a = await addDevice(file, "dev-a", { publish: ["sensors/%u/#"] });

@@ -200,6 +200,8 @@ export interface DeviceRegistryOptions {
    * broker can close sessions the new file no longer allows.
    */
   readonly onChange?: () => void;
+  /** Checks a secret against a stored hash (default: argon2id, `verifySecret`). */
+  readonly verify?: (secret: Uint8Array, hash: Argon2Hash) => Promise<boolean>;
 }
 
 /** The live devices file: answers auth and ACL questions, reloading when the file changes. */
@@ -211,6 +213,7 @@ export class DeviceRegistry {
   private readonly verified = new Map<string, { secretHash: string; digest: Uint8Array }>();
   private dummy: Promise<Argon2Hash> | null = null;
   private readonly now: () => number;
+  private readonly verify: (secret: Uint8Array, hash: Argon2Hash) => Promise<boolean>;
 
   /** Load `file` (throws DevicesError when it is invalid; a missing file is empty). */
   constructor(
@@ -218,6 +221,7 @@ export class DeviceRegistry {
     private readonly opts: DeviceRegistryOptions = {},
   ) {
     this.now = opts.now ?? Date.now;
+    this.verify = opts.verify ?? verifySecret;
     this.stamp = stampOf(file);
     this.config = loadDevices(file);
     this.lastCheck = this.now();
@@ -275,19 +279,21 @@ export class DeviceRegistry {
     }
     const pw = password ?? new Uint8Array(0);
     const device = devices.get(client.username);
+    // Every refusal costs one verification, so a timing cannot tell a registered id from another.
     if (!device) {
-      await verifySecret(pw, await this.dummyHash()); // same cost as a known device
+      await this.verify(pw, await this.dummyHash());
       log?.info({ client: client.id, username: client.username }, "connect refused: unknown device");
       return false;
     }
     if (client.id !== device.clientId) {
+      await this.verify(pw, device.secret);
       log?.info({ client: client.id, device: device.id }, "connect refused: a device must use its own client id");
       return false;
     }
     const digest = secretDigest(pw);
     const hit = this.verified.get(device.id);
     if (hit && hit.secretHash === device.secretHash && digestsEqual(hit.digest, digest)) return true;
-    const ok = await verifySecret(pw, device.secret);
+    const ok = await this.verify(pw, device.secret);
     if (ok) this.verified.set(device.id, { secretHash: device.secretHash, digest });
     else log?.info({ client: client.id, device: device.id }, "connect refused: wrong secret");
     return ok;
