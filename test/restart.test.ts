@@ -21,6 +21,19 @@ describe("restartNeeded", () => {
     ]);
   });
 
+  test("with no [broker] host, allow_anonymous goes off live; turning it on needs the listener moved", async () => {
+    const on = await spec('[broker]\nallow_anonymous = true\ndevices = "devices.toml"\n');
+    const off = await spec('[broker]\nallow_anonymous = false\ndevices = "devices.toml"\n');
+    expect(restartNeeded(on, off)).toEqual([]);
+    expect(restartNeeded(off, on)).toEqual([
+      'broker.host ("0.0.0.0" -> "127.0.0.1": its default follows allow_anonymous = true: ' +
+        "the listener must move to loopback)",
+    ]);
+    // A host the operator wrote is compared as written.
+    const lan = await spec('[broker]\nhost = "0.0.0.0"\nallow_anonymous = false\ndevices = "devices.toml"\n');
+    expect(restartNeeded(on, lan)).toEqual(['broker.host ("127.0.0.1" -> "0.0.0.0")']);
+  });
+
   test("the [replication] table is read at start: adding or changing it needs a restart", async () => {
     const before = await spec("");
     const after = await spec('[replication]\nurl = "http://127.0.0.1:8080"\n');

@@ -99,6 +99,7 @@ describe("compileSpec", () => {
     });
     expect(spec.broker).toEqual({
       host: "0.0.0.0",
+      host_default: true,
       mqtt_port: 1884,
       ws_port: null,
       max_packet_bytes: 262_144,

@@ -124,8 +124,7 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
     });
   const { tls_cert: httpCert, tls_key: httpKey, ...http } = raw.http;
   const httpTls = tlsFiles("http", { cert: httpCert, key: httpKey, ca: undefined }, dir, problems);
-  // Like Mosquitto 2: without device logins the broker listens on loopback only.
-  const host = hostRaw ?? (broker.allow_anonymous ? "127.0.0.1" : "0.0.0.0");
+  const host = hostRaw ?? defaultBrokerHost(broker.allow_anonymous);
   if (external === null && broker.allow_anonymous && !broker.allow_anonymous_network && !isLoopbackHost(host)) {
     problems.push({
       path: ["broker", "host"],
@@ -144,6 +143,7 @@ function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
     broker: {
       ...broker,
       host,
+      ...(hostRaw === undefined ? { host_default: true } : {}),
       ws_port: ws_port ?? null,
       devices_file: devices === undefined ? null : resolve(dir, devices),
       tls_port: tls_port ?? null,
@@ -389,4 +389,9 @@ function deepFreeze<T>(v: T): T {
     for (const x of Object.values(v)) deepFreeze(x);
   }
   return v;
+}
+
+/** `[broker] host` when fleet.toml sets none: like Mosquitto 2, loopback only without device logins. */
+export function defaultBrokerHost(allowAnonymous: boolean): string {
+  return allowAnonymous ? "127.0.0.1" : "0.0.0.0";
 }

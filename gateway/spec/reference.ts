@@ -52,7 +52,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Most open MQTT connections (TCP, TLS, WebSocket); past it a device " +
     "gets CONNACK 3 (counted in /metrics). 0 = no limit. Applies live.",
   "broker.allow_anonymous":
-    "false: devices need credentials from the devices file. Applies live (anonymous sessions are closed).",
+    "false: devices need credentials from the devices file. Applies live (anonymous sessions are closed). " +
+    "Without a host key, turning it off keeps the listener on 127.0.0.1 until a restart moves it to 0.0.0.0; " +
+    "turning it on needs a restart (the listener moves to loopback).",
   "broker.allow_anonymous_network":
     "true: allow_anonymous with a non-loopback host is accepted (anyone who reaches it can publish). Default: refused.",
   "broker.persistence":

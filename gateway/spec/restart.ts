@@ -53,6 +53,24 @@ export const LIVE_HTTP_KEYS = [
   "max_body_bytes_in_flight",
 ] as const satisfies readonly (keyof FleetSpec["http"])[];
 
+type BrokerKeys = Pick<FleetSpec["broker"], "host_default" | "allow_anonymous">;
+
+/**
+ * When fleet.toml sets no host, its default follows `allow_anonymous`, a key applied live. Turning
+ * anonymous access off would widen the default to every address: the listener stays where it is
+ * (still safe) until a restart, so that is no reason to refuse the reload. Turning it on narrows
+ * the default to loopback: the listener must move, and the message says why. null: the host
+ * changed otherwise.
+ */
+function defaultHostChange(
+  before: BrokerKeys,
+  after: BrokerKeys,
+): { readonly restart: false } | { readonly restart: true; readonly why: string } | null {
+  if (!before.host_default || !after.host_default) return null;
+  if (before.allow_anonymous && !after.allow_anonymous) return { restart: false };
+  return { restart: true, why: "its default follows allow_anonymous = true: the listener must move to loopback" };
+}
+
 /**
  * The changed keys that need a restart, as `table.key (old -> new)`. `ignore` names keys a
  * command-line flag overrides (e.g. `broker.mqtt_port` under `--mqtt-port`): the file's
@@ -68,7 +86,16 @@ export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: reado
       if (ignore.includes(path)) continue;
       const was = canonicalJson(a[key] ?? null);
       const now = canonicalJson(b[key] ?? null);
-      if (was !== now) out.push(`${RENDERED[path] ?? path} (${was} -> ${now})`);
+      if (was === now) continue;
+      if (path === "broker.host") {
+        const change = defaultHostChange(before.broker, after.broker);
+        if (change?.restart === false) continue;
+        if (change) {
+          out.push(`broker.host (${was} -> ${now}: ${change.why})`);
+          continue;
+        }
+      }
+      out.push(`${RENDERED[path] ?? path} (${was} -> ${now})`);
     }
   }
   // The replicator is built once at start from the whole table.

@@ -142,6 +142,8 @@ export interface FleetSpec {
   readonly broker: {
     /** Listen address of the embedded broker. */
     readonly host: string;
+    /** True when fleet.toml sets no host, so `host` is the default that follows `allow_anonymous`. */
+    readonly host_default?: true;
     readonly mqtt_port: number;
     readonly ws_port: number | null;
     readonly max_packet_bytes: number;
