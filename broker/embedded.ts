@@ -12,6 +12,13 @@ import { TcpListener, type ListenerHooks } from "./tcp.ts";
 import type { AuthChange, Broker, BrokerAuth, BrokerOptions, BrokerStats, ClientInfo } from "./types.ts";
 import { WsListener } from "./ws.ts";
 
+/**
+ * How long a write to a client may wait for its socket to drain before the client is dropped
+ * (aedes' default is 60 s). A subscriber that stops reading would otherwise hold the delivery of
+ * every message it matches, and with it the publisher whose messages fill its socket.
+ */
+export const DRAIN_TIMEOUT_MS = 5000;
+
 /** Lifecycle of an embedded broker. */
 type Lifecycle = "new" | "starting" | "running" | "draining" | "closed";
 
@@ -67,11 +74,20 @@ class EmbeddedBroker implements Broker {
     this.persistence = persistenceFor(opts.persistence, this.log);
     this.aedes = new Aedes({
       ...createHooks(opts, this.state, this.log),
+      drainTimeout: DRAIN_TIMEOUT_MS,
       ...(this.persistence ? { persistence: this.persistence } : {}),
     });
-    this.aedes.on("clientError", (client: Client, err: Error) =>
-      this.log.debug({ client: client.id, err: err.message }, "client dropped"),
-    );
+    const stalled = new WeakSet<Client>();
+    this.aedes.on("clientError", (client: Client, err: Error) => {
+      if (err.message === "drain timeout") {
+        // Every write that was waiting fails with it: say it once per client.
+        if (stalled.has(client)) return;
+        stalled.add(client);
+        this.log.warn({ client: client.id, drainTimeoutMs: DRAIN_TIMEOUT_MS }, "subscriber stopped reading; closed");
+        return;
+      }
+      this.log.debug({ client: client.id, err: err.message }, "client dropped");
+    });
     this.aedes.on("connectionError", (_client: Client, err: Error) => {
       if (err.message !== "unacceptable protocol version")
         return this.log.debug({ err: err.message }, "connection dropped before CONNECT completed");

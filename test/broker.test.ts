@@ -582,6 +582,22 @@ describe("gateway publishing", () => {
     expect(h.broker.stats().messagesOut).toBe(1);
   });
 
+  test("a subscriber that stops reading is dropped within seconds, not a minute", async () => {
+    const h = await startBroker();
+    const slow = await device(h, { clientId: "slow" });
+    await slow.subscribeAsync("big/#", { qos: 1 });
+    (slow.stream as Socket).pause(); // reads nothing more: the gateway's writes to it stop draining
+    const started = Date.now();
+    const payload = new Uint8Array(256 * 1024);
+    for (let i = 0; i < 64; i++) void h.broker.publish(`big/${i}`, payload, { qos: 1 }).catch(() => {});
+    const gone = async () => {
+      while (h.broker.stats().connections > 0) await Bun.sleep(100);
+    };
+    await within(gone(), 20_000, "the stalled subscriber to be dropped");
+    expect(Date.now() - started).toBeLessThan(20_000);
+    expect(h.logs.filter((l) => l.includes("subscriber stopped reading"))).toHaveLength(1);
+  }, 30_000);
+
   test("stopIntake refuses new devices and publishes but gateway publishes still flow", async () => {
     const h = await startBroker();
     const sub = await device(h);
