@@ -19,6 +19,7 @@ import {
 import { addDevice, listDevices, removeDevice } from "../gateway/devices/index.ts";
 import { hashSecret, newSecret, parseArgon2, verifySecret } from "../gateway/devices/index.ts";
 import { compileDevices, DeviceRegistry, DevicesError, deviceBrokerHooks } from "../gateway/devices/index.ts";
+import { loadDevices, mosquittoExport } from "../gateway/devices/index.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-devices-unit-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -357,6 +358,19 @@ describe("revoked subscribe rights", () => {
     } finally {
       await broker.close();
     }
+  }, 30_000);
+});
+
+describe("Mosquitto export", () => {
+  test("a device id with ':' is refused by name: Mosquitto's password file cannot hold it", async () => {
+    const file = join(dir, "colon.toml");
+    await addDevice(file, "dev:1");
+    await addDevice(file, "dev-2");
+    const r = mosquittoExport(loadDevices(file), null, new Date());
+    expect(r.ok).toBe(false);
+    expect(r.ok ? [] : r.problems).toEqual([
+      "device \"dev:1\": a Mosquitto user name cannot contain ':' (register it under another id)",
+    ]);
   }, 30_000);
 });
 

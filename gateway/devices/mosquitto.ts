@@ -60,6 +60,11 @@ export function mosquittoExport(config: DevicesConfig, gateway: GatewayLogin | n
       );
       continue;
     }
+    if (d.id.includes(":")) {
+      // mosquitto_passwd splits a line at its first ':': "dev:1:$7$…" is user "dev" with a bad hash.
+      problems.push(`device "${d.id}": a Mosquitto user name cannot contain ':' (register it under another id)`);
+      continue;
+    }
     const block = deviceAcl(d, problems);
     if (block === null) continue;
     passwd.push(`${d.id}:${d.mosquittoHash}`);
