@@ -39,6 +39,7 @@ const REQUIRED: Record<string, string> = {
   fleet_broker_messages_in_total: "counter",
   fleet_broker_messages_out_total: "counter",
   fleet_broker_offline_dropped_total: "counter",
+  fleet_broker_oversized_packets_total: "counter",
   fleet_db_commit_seconds: "histogram",
   fleet_retention_collected_total: "counter",
   fleet_retention_round_seconds: "histogram",

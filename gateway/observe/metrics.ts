@@ -479,6 +479,12 @@ export class FleetMetrics {
       "MQTT connections closed for breaking an input rule (invalid UTF-8, will QoS 3, ...).",
       () => host.broker?.stats().invalid,
     );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_oversized_packets_total",
+      "MQTT connections closed for a packet larger than [broker] max_packet_bytes (or a malformed length).",
+      () => host.broker?.stats().oversized,
+    );
     new Gauge({
       name: "fleet_spec_info",
       help:
