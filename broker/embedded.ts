@@ -67,6 +67,7 @@ class EmbeddedBroker implements Broker {
       refused: 0,
       dropped: 0,
       droppedLog: { at: 0, since: 0 },
+      badLoginLog: { at: 0, since: 0 },
       auth: authOf(opts),
       refuseAtConnect: new WeakMap(),
       usernames: new WeakMap(),

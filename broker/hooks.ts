@@ -18,6 +18,8 @@ export interface HookState {
   dropped: number;
   /** When a permanent refusal was last logged, and how many since (one line per 10 s at most). */
   droppedLog: { at: number; since: number };
+  /** When a refused login (bad credentials) was last logged, and how many since (one line per 10 s at most). */
+  badLoginLog: { at: number; since: number };
   /** Who may connect and what they may do; replaced whole when auth changes live. */
   auth: BrokerAuth;
   /** Connections to refuse at CONNECT with this CONNACK code (set before aedes authenticates). */
@@ -163,7 +165,18 @@ export function createHooks(
             log.info({ client: info.id }, "connect refused: anonymous client not authorized");
             return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
           }
-          log.info({ client: info.id, username: info.username }, "connect refused: bad credentials");
+          // A guessing client must not flood the log: one line per 10 s, with the count since.
+          const l = state.badLoginLog;
+          l.since++;
+          const now = Date.now();
+          if (now - l.at >= 10_000) {
+            log.info(
+              { client: info.id, username: info.username, refused: l.since },
+              "connect refused: bad credentials",
+            );
+            l.at = now;
+            l.since = 0;
+          }
           done(connackError(BAD_CREDENTIALS, "bad user name or password"), null);
         },
         (err: unknown) => {

@@ -725,6 +725,14 @@ describe("authentication", () => {
     );
     expect(bad?.code).toBe(4);
   });
+
+  test("refused logins are logged at most once per 10 s, with the count", async () => {
+    const h = await startBroker({ allowAnonymous: false, authenticate: async () => false });
+    for (let i = 0; i < 5; i++) {
+      expect((await refusedConnect(h, { username: "nobody", password: `guess-${i}` }))?.code).toBe(4);
+    }
+    expect(h.logs.filter((l) => l.includes("bad credentials"))).toHaveLength(1);
+  });
 });
 
 // --- MQTT input rules aedes does not enforce (raw bytes: mqtt.js refuses to build these) ---

@@ -210,6 +210,28 @@ describe("device registry", () => {
     expect(await cost("probe", "dev-a", a.secret)).toBe(1);
   }, 30_000);
 
+  test("logins are verified off the gateway's thread: timers keep firing while bad logins are hashed", async () => {
+    const file = join(dir, "off-thread.toml");
+    const a = await addDevice(file, "dev-a");
+    const reg = new DeviceRegistry(file);
+    expect(await reg.authenticate({ id: "x", username: "nobody" }, enc("warm-up"))).toBe(false); // makes the dummy
+    let worst = 0;
+    let last = performance.now();
+    const timer = setInterval(() => {
+      const t = performance.now();
+      worst = Math.max(worst, t - last);
+      last = t;
+    }, 5);
+    const started = performance.now();
+    const guesses = [1, 2, 3, 4].map((i) => reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(`guess-${i}`)));
+    expect(await Promise.all(guesses)).toEqual([false, false, false, false]);
+    clearInterval(timer);
+    const took = performance.now() - started;
+    // On the gateway's thread the four hashes ran back to back: the longest gap was most of `took`.
+    expect(worst).toBeLessThan(took / 3);
+    expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true);
+  }, 30_000);
+
   test("with anonymous clients allowed, an anonymous client cannot take a device's client id", async () => {
     const file = join(dir, "anon.toml");
     const a = await addDevice(file, "dev-a", { publish: ["sensors/%u/#"] });

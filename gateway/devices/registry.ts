@@ -16,7 +16,7 @@ import {
   mosquittoHashProblem,
   parseArgon2,
   secretDigest,
-  verifySecret,
+  verifySecretOffThread,
   type Argon2Hash,
 } from "./secret.ts";
 import { type Problem, reportProblems } from "../spec/index.ts";
@@ -200,7 +200,7 @@ export interface DeviceRegistryOptions {
    * broker can close sessions the new file no longer allows.
    */
   readonly onChange?: () => void;
-  /** Checks a secret against a stored hash (default: argon2id, `verifySecret`). */
+  /** Checks a secret against a stored hash (default: argon2id on its own thread, `verifySecretOffThread`). */
   readonly verify?: (secret: Uint8Array, hash: Argon2Hash) => Promise<boolean>;
 }
 
@@ -221,7 +221,7 @@ export class DeviceRegistry {
     private readonly opts: DeviceRegistryOptions = {},
   ) {
     this.now = opts.now ?? Date.now;
-    this.verify = opts.verify ?? verifySecret;
+    this.verify = opts.verify ?? verifySecretOffThread;
     this.stamp = stampOf(file);
     this.config = loadDevices(file);
     this.lastCheck = this.now();
@@ -279,15 +279,16 @@ export class DeviceRegistry {
     }
     const pw = password ?? new Uint8Array(0);
     const device = devices.get(client.username);
+    // Refusals are logged at debug: the broker logs bad logins, at most one line per 10 s.
     // Every refusal costs one verification, so a timing cannot tell a registered id from another.
     if (!device) {
       await this.verify(pw, await this.dummyHash());
-      log?.info({ client: client.id, username: client.username }, "connect refused: unknown device");
+      log?.debug({ client: client.id, username: client.username }, "connect refused: unknown device");
       return false;
     }
     if (client.id !== device.clientId) {
       await this.verify(pw, device.secret);
-      log?.info({ client: client.id, device: device.id }, "connect refused: a device must use its own client id");
+      log?.debug({ client: client.id, device: device.id }, "connect refused: a device must use its own client id");
       return false;
     }
     const digest = secretDigest(pw);
@@ -295,7 +296,7 @@ export class DeviceRegistry {
     if (hit && hit.secretHash === device.secretHash && digestsEqual(hit.digest, digest)) return true;
     const ok = await this.verify(pw, device.secret);
     if (ok) this.verified.set(device.id, { secretHash: device.secretHash, digest });
-    else log?.info({ client: client.id, device: device.id }, "connect refused: wrong secret");
+    else log?.debug({ client: client.id, device: device.id }, "connect refused: wrong secret");
     return ok;
   }
 

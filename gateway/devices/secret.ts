@@ -4,6 +4,7 @@
  */
 import { createHash, pbkdf2Sync, randomBytes, timingSafeEqual } from "node:crypto";
 import { argon2id } from "hash-wasm";
+import { argon2idOffThread, type Argon2Request } from "./argon2-thread.ts";
 
 /** argon2id cost (OWASP 2023 minimum: 19 MiB, 2 passes, 1 lane). */
 export const ARGON2_PARAMS = Object.freeze({ memorySize: 19_456, iterations: 2, parallelism: 1, hashLength: 32 });
@@ -62,16 +63,31 @@ export function parseArgon2(encoded: string): { ok: true; value: Argon2Hash } | 
 
 /** Whether `secret` matches the parsed hash; the comparison is constant-time. */
 export async function verifySecret(secret: Uint8Array | string, h: Argon2Hash): Promise<boolean> {
+  return verifyWith(secret, h, (args) => argon2id({ ...args, outputType: "binary" }));
+}
+
+/**
+ * `verifySecret` with the hash computed on a thread of its own (argon2-thread.ts): what the
+ * broker's logins use, so no login, good or bad, blocks the gateway's thread.
+ */
+export async function verifySecretOffThread(secret: Uint8Array | string, h: Argon2Hash): Promise<boolean> {
+  return verifyWith(secret, h, argon2idOffThread);
+}
+
+async function verifyWith(
+  secret: Uint8Array | string,
+  h: Argon2Hash,
+  compute: (args: Omit<Argon2Request, "id">) => Promise<Uint8Array>,
+): Promise<boolean> {
   // argon2 refuses an empty password; an empty secret never matches, but costs the same.
   const empty = secret.length === 0;
-  const computed = await argon2id({
+  const computed = await compute({
     password: empty ? "\u0000" : secret,
     salt: h.salt,
     memorySize: h.memorySize,
     iterations: h.iterations,
     parallelism: h.parallelism,
     hashLength: h.hash.length,
-    outputType: "binary",
   });
   return computed.length === h.hash.length && timingSafeEqual(computed, h.hash) && !empty;
 }
