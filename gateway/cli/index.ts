@@ -6,4 +6,4 @@
  */
 export { type Cli, type CliFlags, createCli, UsageError } from "./context.ts";
 export { serviceBun } from "./service.ts";
-export { stopOnSignals } from "./ops.ts";
+export { runningLine, stopOnSignals } from "./ops.ts";

@@ -57,7 +57,13 @@ export async function cmdStart(cli: Cli): Promise<void> {
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGHUP", () => void gw.reload("SIGHUP"));
   await gw.start();
-  console.log(`fleet running: mqtt on port ${gw.broker.port}, http on port ${gw.http.port}, data in ${gw.dataDir}`);
+  console.log(runningLine(gw.spec.spec.broker.external?.url ?? null, gw.broker.port, gw.http.port, gw.dataDir));
+}
+
+/** What `fleet start` prints once running: the MQTT port it listens on, or the external broker it uses. */
+export function runningLine(externalUrl: string | null, mqttPort: number, httpPort: number, dataDir: string): string {
+  const mqtt = externalUrl === null ? `mqtt on port ${mqttPort}` : `external broker ${externalUrl}`;
+  return `fleet running: ${mqtt}, http on port ${httpPort}, data in ${dataDir}`;
 }
 
 /** A second stop signal's exit status: 128 + the signal's number, as a shell reports a process it killed. */
