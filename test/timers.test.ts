@@ -141,6 +141,35 @@ describe("timers", () => {
     expect(fires.at(-1)!.at).toBe(10_000_000);
   });
 
+  test.each([
+    ["one", 1],
+    ["all", CATCH_UP_ALL_MAX],
+  ] as const)(
+    "a seconds cron down for a week catches up (%s) at once, not walking every missed fire",
+    async (policy, n) => {
+      const spec = await specWith({ sec: `cron = "* * * * * *"\ncatch_up = "${policy}"` });
+      const start = 1_700_000_000_000;
+      const { fires, timers } = setup(start + 7 * 86_400 * S, { last: { sec: start } });
+      const t0 = performance.now();
+      await timers.update(spec);
+      expect(performance.now() - t0).toBeLessThan(3000);
+      expect(fires).toHaveLength(n);
+      expect(fires.at(-1)!.at).toBe(start + 7 * 86_400 * S);
+    },
+  );
+
+  test("a forward clock jump of a week on a seconds cron fires the newest at once", async () => {
+    const spec = await specWith({ sec: 'cron = "* * * * * *"' });
+    const start = 1_700_000_000_000;
+    const { clock, fires, timers } = setup(start);
+    await timers.update(spec);
+    clock.t += 7 * 86_400 * S; // no RTC, then NTP sets the clock
+    const t0 = performance.now();
+    await clock.advance(0);
+    expect(performance.now() - t0).toBeLessThan(3000);
+    expect(fires.map((f) => f.at)).toEqual([start + 7 * 86_400 * S]);
+  });
+
   test("a redeploy keeps an unchanged timer's plan and stops a removed type's", async () => {
     const both = await specWith({ a: 'every = "10s"', b: 'every = "10s"' });
     const onlyA = await specWith({ a: 'every = "10s"' });

@@ -36,11 +36,14 @@ export const FAILED_FIRE_RETRY_MS = 1000;
 export function nextFire(timer: TimerSpec, after: number): number | null {
   // aligned to the epoch: stable across restarts
   if (timer.kind === "every") return (Math.floor(after / timer.ms) + 1) * timer.ms;
-  const next = new Cron(timer.expr, { paused: true, timezone: "UTC" }).nextRun(new Date(after));
+  const next = cron(timer.expr).nextRun(new Date(after));
   return next ? next.getTime() : null;
 }
 
-/** Scheduled times in (from, to], oldest first, at most `limit` (the newest ones). */
+/**
+ * Scheduled times in (from, to], oldest first, at most `limit` (the newest ones). Walks back
+ * from `to`, so the cost is `limit` steps however long the gap (a seconds cron down for a week).
+ */
 export function firesBetween(timer: TimerSpec, from: number, to: number, limit: number): number[] {
   const out: number[] = [];
   if (timer.kind === "every") {
@@ -49,11 +52,19 @@ export function firesBetween(timer: TimerSpec, from: number, to: number, limit: 
     for (let k = Math.max(first, last - limit + 1); k <= last; k++) out.push(k * timer.ms);
     return out;
   }
-  for (let t = nextFire(timer, from); t !== null && t <= to; t = nextFire(timer, t)) {
-    out.push(t);
-    if (out.length > limit) out.shift();
+  const c = cron(timer.expr);
+  // previousRuns(1, d) is the newest run strictly before d (cron times are whole seconds).
+  for (let before = to + 1; out.length < limit; ) {
+    const t = c.previousRuns(1, new Date(before))[0]?.getTime();
+    if (t === undefined || t <= from) break;
+    out.unshift(t);
+    before = t;
   }
   return out;
+}
+
+function cron(expr: string): Cron {
+  return new Cron(expr, { paused: true, timezone: "UTC" });
 }
 
 interface Entry {
