@@ -182,6 +182,35 @@ describe("timers", () => {
     expect(fires.filter((f) => f.type === "b")).toHaveLength(1);
   });
 
+  test("a schedule changed by a redeploy starts from now: no catch-up for the time before the change", async () => {
+    const hourly = await specWith({ t: 'cron = "0 * * * *"' });
+    const every2s = await specWith({ t: 'every = "2s"\ncatch_up = "all"' });
+    const { clock, fires, saved, timers } = setup(3_600_000 * 500 - 1);
+    await timers.update(hourly);
+    await clock.advance(1);
+    expect(fires.map((f) => f.at)).toEqual([3_600_000 * 500]);
+    await clock.advance(30 * S);
+    await timers.update(every2s);
+    expect(fires).toHaveLength(1); // 22:00:02 ... 22:00:30 were never due
+    expect(saved.get("t")).toBe(3_600_000 * 500 + 30 * S); // a restart catches up from the change
+    await clock.advance(2 * S);
+    expect(fires.map((f) => f.at)).toEqual([3_600_000 * 500, 3_600_000 * 500 + 32 * S]);
+  });
+
+  test("a timer removed by a redeploy and added back later replays nothing from its absence", async () => {
+    const withTimer = await specWith({ t: 'every = "10s"\ncatch_up = "all"' });
+    const without = await specWith({ t: "" });
+    const { clock, fires, timers } = setup(1_000_000_000);
+    await timers.update(withTimer);
+    await clock.advance(10 * S);
+    await timers.update(without);
+    await clock.advance(60 * S);
+    await timers.update(withTimer);
+    expect(fires.map((f) => f.at)).toEqual([1_000_010_000]);
+    await clock.advance(10 * S);
+    expect(fires.map((f) => f.at)).toEqual([1_000_010_000, 1_000_080_000]);
+  });
+
   test("the scheduler never sleeps longer than a minute, so a clock jump is noticed", async () => {
     const spec = await specWith({ hourly: 'every = "1h"' });
     const { clock, timers } = setup(3_600_000 * 100 + 1);

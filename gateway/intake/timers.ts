@@ -78,6 +78,7 @@ export class Timers {
   private entries = new Map<string, Entry>();
   private handle: unknown = null;
   private stopped = false;
+  private started = false;
   private firing: Promise<void> = Promise.resolve();
   /** Fires recorded since start (bench / metrics). */
   fired = 0;
@@ -91,9 +92,15 @@ export class Timers {
     this.clearTimer = d.clearTimer ?? ((h) => clearTimeout(h as ReturnType<typeof setTimeout>));
   }
 
-  /** (Re)schedule from a spec: new types start, removed ones stop, changed ones re-plan. Catches up missed fires. */
+  /**
+   * (Re)schedule from a spec: new types start, removed ones stop, changed ones re-plan. The
+   * first call (gateway start) catches up fires missed while the gateway was down; a timer
+   * a later call adds or changes starts from now, as nothing was due before the change.
+   */
   async update(spec: FleetSpec): Promise<void> {
     const now = this.now();
+    const starting = !this.started;
+    this.started = true;
     const next = new Map<string, Entry>();
     for (const type of Object.values(spec.agents)) {
       if (!type.timer) continue;
@@ -102,8 +109,15 @@ export class Timers {
         next.set(type.name, { ...prev, type });
         continue;
       }
-      const last = await this.d.lastFire(type.name);
-      if (last !== null) await this.catchUp(type, type.timer, last, now);
+      if (starting) {
+        const last = await this.d.lastFire(type.name);
+        if (last !== null) await this.catchUp(type, type.timer, last, now);
+      } else {
+        // A later restart catches up from here, not from a fire of the old schedule.
+        await this.d.saveLastFire(type.name, now).catch((err) => {
+          this.d.log.warn({ err, type: type.name }, "timer: could not record the schedule change");
+        });
+      }
       const at = nextFire(type.timer, now);
       if (at !== null) next.set(type.name, { type, timer: type.timer, next: at });
     }

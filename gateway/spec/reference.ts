@@ -117,7 +117,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.cron": "Timer as a cron expression (5 or 6 fields), instead of `every`.",
   "agents.*.catch_up":
     "Timer fires missed while the gateway was down, and fires that queued up while the agent was paused or busy: " +
-    '"none", "one" (run only the newest) or "all" (capped at 100 after downtime).',
+    '"none", "one" (run only the newest) or "all" (capped at 100 after downtime). A timer that a hot reload adds ' +
+    "or whose schedule it changes starts from the reload: nothing before it is caught up.",
   "agents.*.dedup":
     'The stimulus id from the payload: a field path ("id", "device.seq") or a template ("{device}:{seq}"); ' +
     "a brace that opens or closes no field is an error. Absent: only MQTT retransmissions are deduplicated.",
