@@ -124,4 +124,38 @@ describe("canary counts", () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  test("an aborted rollout stays off through later reloads of the same code, until new code", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    const h = (c: string) => c.repeat(64) as Blake3Hex;
+    const rollouts = new Rollouts({
+      store,
+      log: pino({ level: "silent" }),
+      now: () => 1_000_000,
+      agentsOf: async () => ["t/a", "t/b"],
+      retry: async () => {},
+      wake: () => {},
+    });
+    try {
+      const sv = await compileSpec(toml("canary = 1"), "/f/fleet.toml");
+      const v1 = { ...sv, bundles: { t: h("1") } };
+      const v2 = { ...sv, bundles: { t: h("2") } };
+      await rollouts.start(v1);
+      await rollouts.deployed(v1, v2);
+      expect((await rollouts.decide("t", "abort", "test")).ok).toBe(true);
+      const state = async () => (await rollouts.view()).map((v) => [v.id, v.state, v.to_bundle]);
+      const aborted = await state();
+      await rollouts.deployed(v2, v2); // a comment-only edit of fleet.toml
+      expect(await state()).toEqual(aborted);
+      expect(rollouts.bundleFor("t/a", "t", v2)).toBe(h("1"));
+      await rollouts.deployed(v2, { ...sv, bundles: { t: h("3") } }); // new code starts a new rollout from v1
+      const [r] = await rollouts.view();
+      expect([r!.state, r!.from_bundle, r!.to_bundle]).toEqual(["canary", h("1"), h("3")]);
+    } finally {
+      rollouts.stop();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });

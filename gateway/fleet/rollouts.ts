@@ -100,6 +100,8 @@ export class Rollouts {
       const t = next.spec.agents[type];
       const stable = this.stableBundle(type, current);
       if (!t || (stable === to && !this.active(type))) continue;
+      // Code a rollout already rolled back (or that was aborted) stays off until there is new code.
+      if (this.refused(type, to)) continue;
       const r = this.active(type);
       if (r && r.toBundle === to) continue;
       if (r) await this.settle(r, "superseded", `new code ${to.slice(0, 12)} deployed`);
@@ -199,6 +201,12 @@ export class Rollouts {
   private active(type: string): RolloutRow | null {
     const r = this.latest.get(type);
     return r && r.state === "canary" ? r : null;
+  }
+
+  /** Whether the type's newest rollout, of bundle `to`, was rolled back or aborted. */
+  private refused(type: string, to: string): boolean {
+    const r = this.latest.get(type);
+    return r !== undefined && r.toBundle === to && (r.state === "rolled_back" || r.state === "aborted");
   }
 
   /** What the type's agents that do not run a rollout's new code run: its previous bundle. */
