@@ -158,4 +158,34 @@ describe("canary counts", () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  test("a canary share that selects none of the type's agents is raised to take the lowest-hashing one", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    const h = (c: string) => c.repeat(64) as Blake3Hex;
+    const agents = ["t/a", "t/b", "t/k0", "t/k1"];
+    const rollouts = new Rollouts({
+      store,
+      log: pino({ level: "silent" }),
+      now: () => 1_000_000,
+      agentsOf: async () => agents,
+      retry: async () => {},
+      wake: () => {},
+    });
+    try {
+      expect(agents.filter((a) => isCanary(a, 0.1))).toEqual([]); // the share alone picks no one
+      const sv = await compileSpec(toml("canary = 0.1"), "/f/fleet.toml");
+      const v1 = { ...sv, bundles: { t: h("1") } };
+      const v2 = { ...sv, bundles: { t: h("2") } };
+      await rollouts.start(v1);
+      await rollouts.deployed(v1, v2);
+      const [r] = await rollouts.view();
+      expect([r!.state, r!.canary_agents]).toEqual(["canary", ["t/k0"]]);
+      expect(agents.map((a) => rollouts.bundleFor(a, "t", v2))).toEqual([h("1"), h("1"), h("2"), h("1")]);
+    } finally {
+      rollouts.stop();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });

@@ -51,7 +51,20 @@ export interface RolloutDeps {
 export function isCanary(agent: string, share: number): boolean {
   if (share <= 0) return false;
   if (share >= 1) return true;
-  return Number(Bun.hash.wyhash(agent, 0n) % 10_000n) / 10_000 < share;
+  return slot(agent) / 10_000 < share;
+}
+
+/**
+ * The share a rollout uses: `share`, raised just enough to take the lowest-hashing agent when it
+ * selects none of `agents` (a small share of a few agents), so new code always reaches a canary.
+ */
+export function canaryShare(agents: readonly string[], share: number): number {
+  if (share <= 0 || share >= 1 || agents.length === 0 || agents.some((a) => isCanary(a, share))) return share;
+  return (Math.min(...agents.map(slot)) + 1) / 10_000;
+}
+
+function slot(agent: string): number {
+  return Number(Bun.hash.wyhash(agent, 0n) % 10_000n);
 }
 
 /** The rollouts of one gateway: the newest per type, in memory, backed by the store. */
@@ -221,6 +234,14 @@ export class Rollouts {
   private async begin(type: string, from: string | null, to: string, sv: SpecVersion): Promise<void> {
     const t = sv.spec.agents[type]!;
     const at = this.d.now();
+    const agents = await this.d.agentsOf(type);
+    const share = canaryShare(agents, t.rollout.canary);
+    if (share !== t.rollout.canary)
+      this.d.log.warn(
+        { type, canary: t.rollout.canary, share },
+        `rollout of ${type}: canary = ${t.rollout.canary} selects none of its ${agents.length} agent(s); ` +
+          `the share is raised to ${share} to take one`,
+      );
     const [rs] = await this.d.store.writer.write([
       {
         sql: `INSERT INTO rollouts (gateway, type, from_bundle, to_bundle, canary, min_episodes, max_failure_rate,
@@ -230,7 +251,7 @@ export class Rollouts {
           type,
           from,
           to,
-          t.rollout.canary,
+          share,
           t.rollout.min_episodes,
           t.rollout.max_failure_rate,
           t.rollout.bake_ms,
@@ -242,7 +263,7 @@ export class Rollouts {
     const before = this.latest.get(type);
     if (before) this.tallies.delete(before.id);
     this.latest.set(type, row);
-    const canaries = (await this.d.agentsOf(type)).filter((a) => isCanary(a, row.canary));
+    const canaries = agents.filter((a) => isCanary(a, row.canary));
     await this.step(row, "started", { from, to, canary: row.canary, canary_agents: canaries });
     this.d.log.info(
       { type, from: from?.slice(0, 12) ?? null, to: to.slice(0, 12), canaries: canaries.length },
