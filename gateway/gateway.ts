@@ -75,7 +75,7 @@ import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
-import { deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
+import { canaryConfigRefusal, deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
@@ -1033,7 +1033,8 @@ export class Gateway {
         const problems = await checkConfigs(types, this.spawnOptions, this.spares ?? undefined);
         return problems.length > 0 ? configProblemsError(next, problems).message : null;
       },
-      gate: (current, next) =>
+      gate: async (current, next) =>
+        canaryConfigRefusal(current, next) ??
         reloadGate(this.store, current, next, this.spawnOptions, (h) => this.bundles.file(h)).catch(
           (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
         ),
@@ -1098,9 +1099,11 @@ export class Gateway {
     }
     let refused = pinned.ok ? null : pinned.problems.join("; ");
     if (pinned.ok && pinned.sv.hash !== previous.hash)
-      refused = await reloadGate(this.store, previous, pinned.sv, this.spawnOptions, (h) => this.bundles.file(h)).catch(
-        (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
-      );
+      refused =
+        canaryConfigRefusal(previous, pinned.sv) ??
+        (await reloadGate(this.store, previous, pinned.sv, this.spawnOptions, (h) => this.bundles.file(h)).catch(
+          (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
+        ));
     if (pinned.ok && refused === null) return { sv: pinned.sv, refused: null, previous };
     return {
       previous,

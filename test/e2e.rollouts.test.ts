@@ -174,4 +174,35 @@ bake = "2s"
       await fleet.dispose();
     }
   }, 300_000);
+
+  test("a reload that changes a canary type's code and config together is refused, and starts no rollout", async () => {
+    const fleet = new TestFleet("");
+    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
+    const module = join(fleet.dir, "relay.ts");
+    writeFileSync(module, V1);
+    const toml = (threshold: string) => `${fleetHeader("e2e-rollouts-config")}
+[agents.relay]
+module = ${q(module)}
+instances = ["a", "b"]
+config = { threshold = ${threshold} }
+
+[agents.relay.rollout]
+canary = 0.5
+`;
+    writeFileSync(fleet.configPath, toml("5"));
+    try {
+      await fleet.start();
+      const fleetView = async () =>
+        (await (await fleet.fetch("/api/fleet")).json()) as { spec_error: string | null; rollouts: Rollout[] };
+      const v1 = (await fleetView()).spec_error;
+      expect(v1).toBeNull();
+      writeFileSync(module, V3);
+      writeFileSync(fleet.configPath, toml("{ value = 5 }"));
+      const refused = await waitFor(async () => (await fleetView()).spec_error ?? undefined, 60_000, "a spec error");
+      expect(refused).toContain("agents.relay: new code and a new config together on a canary type");
+      expect((await fleetView()).rollouts).toEqual([]);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
 });

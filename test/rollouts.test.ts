@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
-import { isCanary, Rollouts } from "../gateway/fleet/index.ts";
+import { canaryConfigRefusal, isCanary, Rollouts } from "../gateway/fleet/index.ts";
 import { compileSpec, SpecError } from "../gateway/spec/index.ts";
 import { Store, tables } from "../gateway/store/index.ts";
 import type { AgentId, Blake3Hex } from "../gateway/types.ts";
@@ -187,5 +187,26 @@ describe("canary counts", () => {
       await store.close();
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("a reload that changes a canary type's code and config together", () => {
+  const h = (c: string) => c.repeat(64) as Blake3Hex;
+  const version = async (config: string, bundle: string, canary = "0.5") => ({
+    ...(await compileSpec(toml(`canary = ${canary}`).replace('module = "t.ts"', `module = "t.ts"\n${config}`), "/f/x")),
+    bundles: { t: h(bundle) },
+  });
+
+  test("is refused: the agents left on the previous bundle would run it with the new config", async () => {
+    const v1 = await version("config = { threshold = 5 }", "1");
+    const v2 = await version("config = { threshold = { value = 5 } }", "2");
+    expect(canaryConfigRefusal(v1, v2)).toContain("agents.t: new code and a new config together on a canary type");
+  });
+
+  test("is applied when only one of them changes, or without a canary share", async () => {
+    const v1 = await version("config = { threshold = 5 }", "1");
+    expect(canaryConfigRefusal(v1, await version("config = { threshold = 6 }", "1"))).toBeNull();
+    expect(canaryConfigRefusal(v1, await version("config = { threshold = 5 }", "2"))).toBeNull();
+    expect(canaryConfigRefusal(v1, await version("config = { threshold = 6 }", "2", "0"))).toBeNull();
   });
 });

@@ -11,6 +11,7 @@
  * (those of the type on the new bundle since the rollout began), so they need no counter of their own.
  */
 import type { Logger } from "pino";
+import { canonicalJson } from "../hash.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import { bundleToDriver, STATUS_FAILED, type RolloutRow, type RolloutState, type Store } from "../store/index.ts";
 
@@ -61,6 +62,30 @@ export function isCanary(agent: string, share: number): boolean {
 export function canaryShare(agents: readonly string[], share: number): number {
   if (share <= 0 || share >= 1 || agents.length === 0 || agents.some((a) => isCanary(a, share))) return share;
   return (Math.min(...agents.map(slot)) + 1) / 10_000;
+}
+
+/**
+ * Why `next` must not be applied: it changes both the code and the config of a type with a
+ * canary share, and the agents left on the previous bundle (the non-canaries, and every agent
+ * after a rollback or abort) would run that code with a config written for the new one.
+ */
+export function canaryConfigRefusal(current: SpecVersion, next: SpecVersion): string | null {
+  const types = Object.values(next.spec.agents).filter((t) => {
+    const before = current.spec.agents[t.name];
+    return (
+      before !== undefined &&
+      t.rollout.canary > 0 &&
+      (next.bundles[t.name] ?? null) !== (current.bundles[t.name] ?? null) &&
+      canonicalJson(before.config) !== canonicalJson(t.config)
+    );
+  });
+  if (types.length === 0) return null;
+  const names = types.map((t) => t.name).join(", ");
+  return (
+    `agents.${types[0]!.name}: new code and a new config together on a canary type (${names}): the agents ` +
+    "that stay on the previous bundle would run it with the new config; deploy a config both versions accept " +
+    "first and the code after it, or set rollout.canary = 0 for this deploy"
+  );
 }
 
 function slot(agent: string): number {

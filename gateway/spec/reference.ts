@@ -165,7 +165,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.rollout.canary":
     "Share of this type's agents (0 to 1, a stable choice by the hash of the agent id) that run new code " +
     "first; the others stay on the previous bundle until it is promoted. 0: new code reaches every agent at once. " +
-    "A share that selects none of the type's agents takes the one whose id hashes lowest (with a warning).",
+    "A share that selects none of the type's agents takes the one whose id hashes lowest (with a warning). " +
+    "With a share, a reload that changes both the code and the config of the type is refused.",
   "agents.*.rollout.min_episodes": "Episodes the canaries must run on new code before it can be promoted.",
   "agents.*.rollout.max_failure_rate":
     "Failed share of the canaries' episodes on new code past which it is rolled back by itself " +
