@@ -7,7 +7,7 @@
  * check is refused while the check fails and applied once it passes.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { TestFleet, cleanupAll, fixture, publishQos1, runCli, shippedAgent, waitFor } from "./helpers/gateway.ts";
 import { counterType, fleetHeader, q, tempMonitorType } from "./helpers/toml.ts";
@@ -255,17 +255,23 @@ describe("fleet deploy --check with the gateway running", () => {
 describe("POST /api/deploy/check", () => {
   const post = (body: unknown, init: RequestInit = {}) =>
     fleet.fetch("/api/deploy/check", { method: "POST", body: JSON.stringify(body), ...init });
+  /** The HTTP check bundles new modules only from the fleet.toml folder tree: a module there that wraps `ops(name)`. */
+  const inFleet = (name: string) => {
+    const path = join(fleet.dir, `${name}.ts`);
+    writeFileSync(path, `export { default } from ${q(ops(name))};\n`);
+    return path;
+  };
 
   test(
     "checks a candidate's text against the running spec and audits the verdict",
     async () => {
-      const toml = withModule(ops("temp-monitor-renamed"))(TOML);
+      const toml = withModule(inFleet("temp-monitor-renamed"))(TOML);
       const res = await post({ toml, episodes: 5, agents: 1 });
       expect(res.status).toBe(200);
       const report = (await res.json()) as Report;
       expect(report.ok).toBe(false);
       expect(report.types[0]?.counts.DIVERGED).toBe(1);
-      const same = (await (await post({ toml: withModule(ops("temp-monitor-same"))(TOML) })).json()) as Report;
+      const same = (await (await post({ toml: withModule(inFleet("temp-monitor-same"))(TOML) })).json()) as Report;
       expect(same.ok).toBe(true);
       const { records } = (await (await fleet.fetch("/api/audit?limit=10")).json()) as {
         records: { action: string; status: number; detail: string | null }[];
@@ -275,6 +281,25 @@ describe("POST /api/deploy/check", () => {
     },
     SLOW,
   );
+
+  test("a candidate module outside the fleet.toml folder, or not code, is refused before it is bundled", async () => {
+    const secret = join(fleet.dir, "..", `creds-${process.pid}.json`);
+    writeFileSync(secret, '{"password":"hunter2"}', { mode: 0o600 });
+    const data = join(fleet.dir, "creds.json");
+    writeFileSync(data, '{"password":"hunter2"}', { mode: 0o600 });
+    try {
+      for (const module of [secret, data, ops("temp-monitor-same")]) {
+        const res = await post({ toml: withModule(module)(TOML) });
+        expect(res.status).toBe(400);
+        const body = (await res.json()) as { error: { code: string; message: string }; key_path: string };
+        expect(body.error.code).toBe("bad_spec");
+        expect(body.key_path).toBe("agents.temp-monitor.module");
+        expect(body.error.message).toContain("is not a source file inside");
+      }
+    } finally {
+      rmSync(secret, { force: true });
+    }
+  });
 
   test("bad bodies, an invalid candidate, a read token, a non-JSON or cross-origin post are refused", async () => {
     expect((await post({ episodes: 0 })).status).toBe(400);

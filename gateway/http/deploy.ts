@@ -4,7 +4,9 @@
  * the fleet.toml file as it is now) and how much history to replay. Nothing is applied; the
  * verdict is the answer (200 either way, `ok` says which), audited as `deploy.check`.
  */
-import { SpecError } from "../spec/index.ts";
+import { realpathSync } from "node:fs";
+import { dirname, isAbsolute, relative } from "node:path";
+import { compileSpec, SpecError, type SpecVersion } from "../spec/index.ts";
 import type { HttpHost } from "./host.ts";
 import { DeployCheckBody } from "./bodies.ts";
 import { busy, noteAudit } from "./access.ts";
@@ -13,7 +15,7 @@ import { httpError, json, parseBody, readJson } from "./responses.ts";
 type Server = { timeout(req: Request, seconds: number): void };
 
 /** Routes to spread into `Bun.serve({ routes })`. */
-export function deployRoutes(gw: Pick<HttpHost, "deployCheck">) {
+export function deployRoutes(gw: Pick<HttpHost, "deployCheck" | "spec">) {
   let checking = false;
   return {
     "/api/deploy/check": {
@@ -29,6 +31,10 @@ export function deployRoutes(gw: Pick<HttpHost, "deployCheck">) {
         server.timeout(req, 0);
         try {
           const v = parsed.value ?? {};
+          if (v.toml !== undefined) {
+            const refused = foreignModule(await compileSpec(v.toml, gw.spec.path), gw.spec);
+            if (refused) return json({ error: { code: "bad_spec", message: refused.message }, ...refused.at }, 400);
+          }
           const report = await gw.deployCheck(v.toml ?? null, {
             episodes: v.episodes,
             agents: v.agents,
@@ -65,4 +71,40 @@ export function deployRoutes(gw: Pick<HttpHost, "deployCheck">) {
       },
     },
   };
+}
+
+/** What a module may be: source code (a data file such as `.json` or `.toml` would be inlined as JS). */
+const CODE_FILE = /\.[cm]?[jt]sx?$/;
+
+/**
+ * A candidate module the HTTP check must not bundle: one the running spec does not name, that is
+ * not source code inside the fleet.toml folder tree. Bundling it would copy a file only the gateway
+ * may read into a bundle file the sandbox (another uid) reads.
+ */
+function foreignModule(
+  candidate: SpecVersion,
+  running: SpecVersion,
+): { message: string; at: { line: null; column: null; key_path: string } } | null {
+  const trusted = new Set(Object.values(running.spec.agents).map((t) => t.module_path));
+  const root = real(dirname(running.path));
+  for (const t of Object.values(candidate.spec.agents)) {
+    if (trusted.has(t.module_path)) continue;
+    const rel = relative(root, real(t.module_path));
+    if (CODE_FILE.test(t.module_path) && rel !== "" && !rel.startsWith("..") && !isAbsolute(rel)) continue;
+    const key_path = `agents.${t.name}.module`;
+    return {
+      message: `${key_path} ${t.module_path} is not a source file inside ${root}: the HTTP check bundles only those`,
+      at: { line: null, column: null, key_path },
+    };
+  }
+  return null;
+}
+
+/** `path` with its symlinks resolved (as it is when missing: the check then reports it does not bundle). */
+function real(path: string): string {
+  try {
+    return realpathSync(path);
+  } catch {
+    return path;
+  }
 }
