@@ -273,4 +273,13 @@ describe("timer arithmetic", () => {
     expect(nextFire(cron, 0)).toBe(300_000);
     expect(firesBetween(cron, 0, 900_000, 10)).toEqual([300_000, 600_000, 900_000]);
   });
+
+  test("cron is read in UTC with seconds first in the 6-field form; every lines up with the epoch", async () => {
+    const at8 = (await specWith({ c: 'cron = "0 8 * * *"' })).agents.c!.timer!;
+    expect(new Date(nextFire(at8, Date.UTC(2030, 0, 1))!).toISOString()).toBe("2030-01-01T08:00:00.000Z");
+    const secs = (await specWith({ c: 'cron = "30 0 8 * * *"' })).agents.c!.timer!;
+    expect(new Date(nextFire(secs, Date.UTC(2030, 0, 1))!).toISOString()).toBe("2030-01-01T08:00:30.000Z");
+    const weekly = (await specWith({ w: 'every = "7d"' })).agents.w!.timer!;
+    expect(new Date(nextFire(weekly, Date.UTC(2030, 0, 1))!).toISOString()).toBe("2030-01-03T00:00:00.000Z");
+  });
 });

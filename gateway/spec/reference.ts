@@ -113,8 +113,13 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.subscribe": "MQTT topic filters whose messages are stimuli for this type.",
   "agents.*.key": "Instance key from the topic: `{1}` is the first wildcard's segment, and so on.",
   "agents.*.instances": "Agent keys deployed up front (they get timer stimuli before any message).",
-  "agents.*.every": 'Timer interval ("30s", "5m", "1h30m"); each fire is a stimulus of kind "timer".',
-  "agents.*.cron": "Timer as a cron expression (5 or 6 fields), instead of `every`.",
+  "agents.*.every":
+    'Timer interval ("30s", "5m", "1h30m"); each fire is a stimulus of kind "timer". Fires line up with the ' +
+    'Unix epoch, not with the start: "1h" on the hour, "7d" on Thursdays at 00:00 UTC.',
+  "agents.*.cron":
+    "Timer as a cron expression, instead of `every`, always in UTC whatever the gateway's TZ (there is no " +
+    'time zone option): "0 8 * * *" is 08:00 UTC. 5 fields (minute hour day month weekday), or 6 with ' +
+    'seconds first ("*/10 * * * * *"); no year field.',
   "agents.*.catch_up":
     "Timer fires missed while the gateway was down, and fires that queued up while the agent was paused or busy: " +
     '"none", "one" (run only the newest) or "all" (capped at 100 after downtime). A timer that a hot reload adds ' +
