@@ -12,6 +12,21 @@ describe("restartNeeded", () => {
     expect(restartNeeded(before, after)).toEqual(['telemetry.otlp_endpoint (null -> "http://127.0.0.1:4318")']);
   });
 
+  test("renaming the fleet applies live unless a span exporter or the replicator read the name at start", async () => {
+    const named = async (name: string, extra = "") =>
+      (await compileSpec(`[fleet]\nname = "${name}"\n${extra}`, "/tmp/fleet.toml")).spec;
+    expect(restartNeeded(await named("a7"), await named("a7-renamed"))).toEqual([]);
+    const otlp = '[telemetry]\notlp_endpoint = "http://127.0.0.1:4318"\n';
+    expect(restartNeeded(await named("a7", otlp), await named("a7-renamed", otlp))).toEqual([
+      'telemetry.service_name ("a7" -> "a7-renamed")',
+      'fleet.name ("a7" -> "a7-renamed")',
+    ]);
+    const central = '[replication]\nurl = "http://127.0.0.1:8080"\n';
+    expect(restartNeeded(await named("a7", central), await named("a7-renamed", central))).toEqual([
+      'fleet.name ("a7" -> "a7-renamed")',
+    ]);
+  });
+
   test("the broker's persistence and its queue bound are read at start: changing them needs a restart", async () => {
     const before = await spec("");
     const after = await spec('[broker]\npersistence = "libsql"\nmax_offline_messages = 10\n');

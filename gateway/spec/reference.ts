@@ -11,7 +11,9 @@ import { fleetSchema } from "./schema.ts";
 /** One line per key; `*` stands for an agent type or hook name. */
 export const KEY_DOCS: Readonly<Record<string, string>> = {
   fleet: "The fleet as a whole.",
-  "fleet.name": "Name of this fleet (shown in status, health and metrics; make it unique per site).",
+  "fleet.name":
+    "Name of this fleet (shown in status, health and metrics; make it unique per site). A rename applies " +
+    "live, except with a span exporter ([telemetry] otlp_endpoint) or [replication], which read it at start.",
   "fleet.data_dir": "Where the libSQL database and runtime files live (created 0700).",
   "fleet.max_concurrent_episodes":
     "Episodes running at once across the fleet; one at a time per agent always. During an intake burst, agents " +

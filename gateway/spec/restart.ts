@@ -78,7 +78,10 @@ function defaultHostChange(
  */
 export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: readonly string[] = []): string[] {
   const out: string[] = [];
+  // Without an exporter no telemetry key is read (service_name defaults to [fleet] name, which may change).
+  const exporting = before.telemetry.otlp_endpoint !== null || after.telemetry.otlp_endpoint !== null;
   for (const [table, keys] of Object.entries(RESTART_KEYS) as [keyof typeof RESTART_KEYS, readonly string[]][]) {
+    if (table === "telemetry" && !exporting) continue;
     const a = before[table] as unknown as Record<string, unknown>;
     const b = after[table] as unknown as Record<string, unknown>;
     for (const key of keys) {
@@ -102,5 +105,9 @@ export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: reado
   const was = canonicalJson(before.replication ?? null);
   const now = canonicalJson(after.replication ?? null);
   if (was !== now && !ignore.includes("replication")) out.push("replication (the [replication] table changed)");
+  // The fleet's name is read at start only by the span exporter and the replicator (its fleet there).
+  const replicating = before.replication !== null || after.replication !== null;
+  if ((exporting || replicating) && before.fleet.name !== after.fleet.name)
+    out.push(`fleet.name (${canonicalJson(before.fleet.name)} -> ${canonicalJson(after.fleet.name)})`);
   return out;
 }
