@@ -500,6 +500,13 @@ describe.each(SANDBOXES)("runEpisode in sandbox %s: environment", (_mode, spawn)
     }
   });
 
+  test("memory_mb values whose data limit once aborted Bun at start (640-775 MB) run an episode", async () => {
+    for (const memoryMb of [640, 700, 768, 1700]) {
+      const r = await run(start("env", { gateway_pid: process.pid }), { memoryMb }, noTools, spawn);
+      expect({ memoryMb, ok: r.ok, message: r.ok ? "" : r.message }).toEqual({ memoryMb, ok: true, message: "" });
+    }
+  });
+
   test("the agent's process holds no file of the gateway's open (its memory cgroup's procs file too)", async () => {
     const r = await run(start("env", { gateway_pid: process.pid }), {}, noTools, spawn);
     if (!r.ok) throw new Error(r.message);

@@ -128,6 +128,16 @@ function tmpSize(bwrap: string, uid: number | null): string {
 export const RUNTIME_DATA_MB = 384;
 
 /**
+ * RLIMIT_DATA for an episode of `memoryMb`: RUNTIME_DATA_MB above it, rounded up to 256 MB. Bun
+ * 1.4.5 aborts at start under some limits just past a GB (measured on 2 cores: every limit from
+ * ~1030 to 1159 MB and from ~2050 to 2199 MB aborts, so memory_mb = 768 could run nothing); every
+ * multiple of 256 MB measured, up to 16.5 GB, starts.
+ */
+export function dataLimitMb(memoryMb: number): number {
+  return Math.ceil((memoryMb + RUNTIME_DATA_MB) / 256) * 256;
+}
+
+/**
  * Devices first: episode processes run at nice 19 (and, where the kernel has autogroups, in a
  * group at EPISODE_GROUP_NICE: `autogroupNice`), so when episodes saturate the cores the gateway
  * gets the CPU the moment a packet arrives, to acknowledge stimuli (durable and cheap) while
@@ -490,7 +500,7 @@ export function sandboxCommand(
       "--",
     );
   if (spawnOpts.prlimit) {
-    const dataBytes = (limits.memoryMb + RUNTIME_DATA_MB) * 1024 * 1024;
+    const dataBytes = dataLimitMb(limits.memoryMb) * 1024 * 1024;
     // RLIMIT_CPU backstop: an agent spinning after its gateway died would run until
     // --die-with-parent or the disconnect handler stops it; CPU time can exceed wall time only by its threads.
     const cpuSeconds = 2 * Math.ceil(limits.timeoutMs / 1000) + 2;
