@@ -27,23 +27,33 @@ interface Row {
   [k: string]: unknown;
 }
 
+/** A fleet in a folder of its own (readable by the sandbox's uid) with a copy of door-watcher v1 as `door.ts`. */
+function doorFleet(): { fleet: TestFleet; door: string } {
+  const fleet = new TestFleet("");
+  if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
+  const door = join(fleet.dir, "door.ts");
+  writeFileSync(door, example("door-watcher"));
+  return { fleet, door };
+}
+
+/** The door type's table: it may publish alerts, and alerts after an hour open. */
+const doorType = (door: string) =>
+  agentType("door", door, ["doors/+/state"], {
+    extra: 'tools = ["publish"]\npublish = ["alerts/doors/#"]\nconfig = { open_after = "1h" }\n',
+  });
+
 afterAll(cleanupAll);
 
 describe("state migrations", () => {
   test("v1 -> v2 on live agents: migrated in their next episode, sealed with the version, verify passes; " +
     "a throwing migration quarantines and keeps v1; lowering version is refused", async () => {
-    const fleet = new TestFleet("");
-    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
-    const door = join(fleet.dir, "door.ts");
+    const { fleet, door } = doorFleet();
     const bad = join(fleet.dir, "door-bad.ts");
-    writeFileSync(door, example("door-watcher"));
     writeFileSync(bad, example("door-watcher"));
     writeFileSync(
       fleet.configPath,
       fleetHeader("e2e-migrations") +
-        agentType("door", door, ["doors/+/state"], {
-          extra: 'tools = ["publish"]\npublish = ["alerts/doors/#"]\nconfig = { open_after = "1h" }\n',
-        }) +
+        doorType(door) +
         agentType("door-bad", bad, ["bad/+/state"], {
           extra: 'config = { open_after = "1h" }\n\n[agents.door-bad.retry]\nmax_attempts = 1\nbackoff_ms = 10\n',
         }),
@@ -168,19 +178,10 @@ describe("state migrations", () => {
     }
   }, 240_000);
   test("replaying version-1 history on version 2 migrates first, compares behaviour, not the migration", async () => {
-    const fleet = new TestFleet("");
-    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
-    const door = join(fleet.dir, "door.ts");
+    const { fleet, door } = doorFleet();
     const v2 = join(fleet.dir, "door-v2.ts");
-    writeFileSync(door, example("door-watcher"));
     writeFileSync(v2, example("door-watcher-v2"));
-    writeFileSync(
-      fleet.configPath,
-      fleetHeader("e2e-migrations-replay") +
-        agentType("door", door, ["doors/+/state"], {
-          extra: 'tools = ["publish"]\npublish = ["alerts/doors/#"]\nconfig = { open_after = "1h" }\n',
-        }),
-    );
+    writeFileSync(fleet.configPath, fleetHeader("e2e-migrations-replay") + doorType(door));
     try {
       await fleet.start();
       const c = await fleet.mqtt();
