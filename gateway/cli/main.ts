@@ -55,7 +55,8 @@ const USAGE = `usage: fleet <command> [args] [--json]
   deploy --check [FILE] [--episodes N] [--agents M] [--type T,...]
                               replay the last N committed episodes of M agents of every type whose module,
                               code or config FILE changes (default: the fleet's fleet.toml) on the new code;
-                              per type MATCH / DIVERGED / FAILED / UNREPLAYABLE; exit 1 on any DIVERGED or FAILED
+                              per type MATCH / DIVERGED / FAILED / UNREPLAYABLE, and what a reload would refuse;
+                              exit 1 on any DIVERGED, FAILED or refusal
   state <type/key> [--at SEQ] [--diff A..B]   the agent's state at a checkpoint, or a JSON Patch between two
   trace <episode> | --topic T [--at TIME]      an episode's lineage: its cause upstream, its effects downstream
   backup FILE                 consistent, verified copy of the database (works while running); exit 1 when it
