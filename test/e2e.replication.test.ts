@@ -108,7 +108,8 @@ describe("replication to a central libSQL server", () => {
     ]);
     const ok = await runCli(["verify", ...atCenter, "--fleet", "plant-1"]);
     expect(ok.code).toBe(0);
-    expect(ok.json).toMatchObject({ agents: 3, checkpoints: 15, episodes: 15, problems: [] }); // agents with a chain
+    // Every agent with history: the three with a chain, and the poison stimulus's (a failed episode, no chain).
+    expect(ok.json).toMatchObject({ agents: 4, checkpoints: 15, episodes: 16, problems: [] });
 
     // A tampered central row is named.
     const victim = eps.json.episodes[2];
