@@ -4,7 +4,7 @@
  * agent module, runs `init` (brand-new agent) and `onStimulus`, streams the episode's
  * records, asks the gateway for every tool call, and reports the final state.
  */
-import { closeSync } from "node:fs";
+import { closeSync, writeSync } from "node:fs";
 import {
   CGROUP_PROCS_FD,
   CHILD_CHANNEL_FD,
@@ -490,12 +490,9 @@ else awaitStart();
 
 async function joinCgroup(): Promise<void> {
   try {
-    const procs = Bun.file(CGROUP_PROCS_FD).writer();
-    procs.write("0");
-    const written = procs.flush();
-    if (typeof written !== "number") await written;
-    await procs.end();
-    // The FileSink leaves the descriptor open: the agent's code must not hold the cgroup's file.
+    // Written and closed here, synchronously: a FileSink would dup the descriptor and close its copy
+    // when it gets to it, after the agent's code may have started (seen as fd 8 on a loaded machine).
+    writeSync(CGROUP_PROCS_FD, "0");
     closeSync(CGROUP_PROCS_FD);
   } catch (err) {
     process.stderr.write(`the episode could not join its memory cgroup: ${String(err)}\n`);
