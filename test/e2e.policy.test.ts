@@ -716,7 +716,7 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     expect(watch.hostLimits).not.toBeNull();
     expect(limitOf(watch.hostLimits!, "Max open files")).toBe("256");
     if (OWN_PROCESS_LIMIT) expect(limitOf(watch.hostLimits!, "Max processes")).toBe("4096");
-  }, 90_000);
+  }, 150_000);
 
   test("an fd leak stops at the fd limit: the agent sees EMFILE and its episode commits", async () => {
     const { episode } = await contained("fdleak", "fdleak/a", {}, 20_000);
@@ -725,7 +725,7 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     expect(out.json.data.error).toBe("EMFILE");
     expect(out.json.data.opened).toBeGreaterThan(100);
     expect(out.json.data.opened).toBeLessThan(256);
-  }, 60_000);
+  }, 120_000);
 });
 
 // ---------------------------------------------------------------------------------------

@@ -366,14 +366,14 @@ export class Pinger {
   }
 
   /** Stop pinging and wait (bounded) until every ping sent so far has its output. */
-  async stop(timeoutMs = 20_000): Promise<void> {
+  async stop(timeoutMs = 60_000): Promise<void> {
     this.running = false;
     await this.loop;
     await this.settle(timeoutMs);
   }
 
-  /** Wait (bounded) until every ping sent so far has its output. */
-  settle(timeoutMs = 20_000): Promise<void> {
+  /** Wait (60 s at most: the suite may load the machine) until every ping sent so far has its output. */
+  settle(timeoutMs = 60_000): Promise<void> {
     return within(
       (async () => {
         while ([...this.sent.keys()].some((id) => !this.arrived.has(id))) await Bun.sleep(20);
