@@ -23,7 +23,7 @@ import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded } from "./spec/ind
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import { IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
-import { checkConfigs, configProblemsError, EpisodeExecutor, moduleVersion, typesToCheck } from "./episode/index.ts";
+import { checkConfigs, configProblemsError, EpisodeExecutor, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
@@ -70,7 +70,7 @@ import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
-import { deployCheck, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
+import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
@@ -1056,13 +1056,8 @@ export class Gateway {
     for (const c of codeChanges(current, pinned.sv)) {
       const type = pinned.sv.spec.agents[c.type];
       if (!type || c.to === null) continue;
-      const version = await moduleVersion(type, await this.bundles.file(c.to), this.spawnOptions);
-      const stored = await this.store.maxStateVersion(c.type);
-      if (version !== null && version < stored)
-        problems.push(
-          `agents.${c.type}.module is version ${version} (defineAgent({ version })), lower than version ${stored} ` +
-            "that wrote its agents' state: a deploy may not lower version",
-        );
+      const lowered = await loweredVersion(this.store, type, await this.bundles.file(c.to), this.spawnOptions);
+      if (lowered !== null) problems.push(lowered);
     }
     return problems.length > 0 ? { ok: false, problems } : pinned;
   }

@@ -26,6 +26,10 @@ export const OPERATOR_DRAIN = "draining: retired by operator once its queued sti
 /** The suffix of a removed type's agents' reason while they drain. */
 const DRAINING_SUFFIX = "; draining its queued stimuli";
 
+/** The reason a removed type's agents are retired with (a returning type revives those that carry it). */
+const removedReason = (type: string, hash: string) =>
+  `type ${type} removed from fleet.toml (spec ${hash.slice(0, 12)})`;
+
 /** The reason a drained agent is retired with (the removal reason a returning type looks for stays). */
 function drainedReason(reason: string | null): string {
   if (reason?.endsWith(DRAINING_SUFFIX)) return reason.slice(0, -DRAINING_SUFFIX.length);
@@ -157,7 +161,7 @@ export class Roster {
    * drains first (its queued stimuli run on the last spec version that had the type).
    */
   async retireType(type: string, hash: string): Promise<void> {
-    const reason = `type ${type} removed from fleet.toml (spec ${hash.slice(0, 12)})`;
+    const reason = removedReason(type, hash);
     for (const a of await this.store.listAgents({ type, limit: 1_000_000 }).then((r) => r.rows)) {
       if (a.status === "retired" || a.status === "draining") continue;
       const id = a.id as AgentId;
@@ -175,7 +179,7 @@ export class Roster {
    * statuses only. The book then loads them as draining, and `finishDrains` retires those with nothing queued.
    */
   async drainTypeAtStart(type: string, hash: string): Promise<void> {
-    const reason = `type ${type} removed from fleet.toml (spec ${hash.slice(0, 12)})`;
+    const reason = removedReason(type, hash);
     for (const a of await this.store.listAgents({ type, limit: 1_000_000 }).then((r) => r.rows)) {
       if (a.status === "retired" || a.status === "draining") continue;
       const [status, why] =

@@ -112,6 +112,25 @@ export function typeChanges(
   return out;
 }
 
+/**
+ * Why `module` (new code for `type`) may not be deployed: its state version (`defineAgent({ version })`)
+ * is lower than the one that wrote its agents' state (docs/upgrading.md); null when it may.
+ */
+export async function loweredVersion(
+  store: Store,
+  type: AgentTypeSpec,
+  module: string,
+  spawn: SpawnOptions,
+): Promise<string | null> {
+  const version = await moduleVersion(type, module, spawn);
+  const stored = await store.maxStateVersion(type.name);
+  if (version === null || version >= stored) return null;
+  return (
+    `agents.${type.name}.module is version ${version} (defineAgent({ version })), lower than version ${stored} ` +
+    "that wrote its agents' state: a deploy may not lower version"
+  );
+}
+
 /** A stored spec version as it ran: compiled from its text, with the hash and code bundles stored with it. */
 export async function storedVersion(row: {
   readonly hash: string;
@@ -260,13 +279,8 @@ export async function deployCheck(
     else types.push(await checkType(store, type, changed, spawn, { ...o, module }));
     // A candidate pinned already (a reload) had these checks when it was pinned.
     if (built && built.hash !== from) {
-      const version = await moduleVersion(type, await module(), spawn);
-      const stored = await store.maxStateVersion(name);
-      if (version !== null && version < stored)
-        refusals.push(
-          `agents.${name}.module is version ${version} (defineAgent({ version })), lower than version ${stored} ` +
-            "that wrote its agents' state: a deploy may not lower version",
-        );
+      const lowered = await loweredVersion(store, type, await module(), spawn);
+      if (lowered !== null) refusals.push(lowered);
     }
   }
   const restart = opts.live && running ? restartNeeded(running.spec, candidate.spec) : [];
