@@ -4,10 +4,14 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import pino from "pino";
 import { ROOT, SyntheticFleet } from "./helpers/ops.ts";
+import { agentBlock, policyAgent } from "./helpers/policy.ts";
+import { fleetHeader } from "./helpers/toml.ts";
+import { DataDirInUse, Gateway } from "../gateway/gateway.ts";
 import { backupDatabase, restoreDatabase } from "../gateway/ops/index.ts";
 
 const dirs: string[] = [];
@@ -50,6 +54,55 @@ describe("restore", () => {
   });
 });
 
+/** Pad a stopped fleet.db with `mb` MB of random rows, so copying it takes a while. */
+function pad(db: string, mb: number): void {
+  const d = new Database(db);
+  d.run("CREATE TABLE pad (x BLOB)");
+  for (let i = 0; i < mb; i++) d.run("INSERT INTO pad VALUES (randomblob(1048576))");
+  d.close();
+}
+
+describe("restore holds the data dir", () => {
+  test("a gateway started while a restore writes refuses the data dir, and starts on it once restored", async () => {
+    const { dir, db } = await fleetDb();
+    chmodSync(dir, 0o755); // episodes run as other uids when root
+    pad(db, 32);
+    const file = join(dir, "nightly.db");
+    await backupDatabase(db, file);
+    const data = join(dir, "restored");
+    const configPath = join(dir, "fleet.toml");
+    writeFileSync(configPath, fleetHeader("restored") + agentBlock("steady", policyAgent("steady")));
+    const gateway = () =>
+      new Gateway({ configPath, dataDir: data, mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }) });
+    const script = `const { restoreDatabase } = await import(${JSON.stringify(join(ROOT, "gateway/ops/index.ts"))});
+      await restoreDatabase(${JSON.stringify(file)}, ${JSON.stringify(data)}, false);`;
+    const restore = Bun.spawn(["bun", "-e", script], { stdout: "ignore", stderr: "pipe" });
+    // Stop the restore while it copies: between its checks and the rename into place.
+    while (restore.exitCode === null && !existsSync(join(data, "fleet.db.restoring"))) await Bun.sleep(2);
+    restore.kill("SIGSTOP");
+    try {
+      const early = gateway();
+      const error = await early.start().then(
+        () => null,
+        (err: unknown) => err,
+      );
+      await early.stop();
+      expect(error).toBeInstanceOf(DataDirInUse);
+      expect(existsSync(join(data, "fleet.db"))).toBe(false);
+    } finally {
+      restore.kill("SIGCONT");
+    }
+    expect(await restore.exited).toBe(0);
+    const later = gateway();
+    try {
+      await later.start();
+      expect(later.state).toBe("running");
+    } finally {
+      await later.stop();
+    }
+  }, 120_000);
+});
+
 describe("backup", () => {
   test("restore of a file with no schema version says it may be an incomplete backup", async () => {
     const { dir } = await fleetDb();
@@ -62,10 +115,7 @@ describe("backup", () => {
 
   test("a backup killed while it copies leaves no readable file under the final name", async () => {
     const { dir, db } = await fleetDb();
-    const pad = new Database(db); // 32 MB more to copy, so the copy takes a while
-    pad.run("CREATE TABLE pad (x BLOB)");
-    for (let i = 0; i < 32; i++) pad.run("INSERT INTO pad VALUES (randomblob(1048576))");
-    pad.close();
+    pad(db, 32);
     const out = join(dir, "out");
     const file = join(out, "nightly.db");
     const script = `process.umask(0o022); const { backupDatabase } = await import(${JSON.stringify(

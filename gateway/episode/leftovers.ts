@@ -196,9 +196,17 @@ export class SandboxLedger {
     }
   }
 
-  private rewrite(): void {
+  /**
+   * Give the data dir up while this process lives on (`fleet restore` holds it only while it writes): the
+   * ledger names no owner, so a gateway may start on it.
+   */
+  release(): void {
+    this.rewrite(false);
+  }
+
+  private rewrite(owned = true): void {
     const lines = [
-      `gateway ${process.pid} ${startTicks(process.pid) ?? "?"}`,
+      ...(owned ? [`gateway ${process.pid} ${startTicks(process.pid) ?? "?"}`] : []),
       ...[...this.roots].map((r) => `root ${r}`),
       ...[...this.live].map(([pid, t]) => `+ ${pid} ${t}`),
     ];

@@ -18,6 +18,7 @@ import {
   statSync,
 } from "node:fs";
 import { dirname, join, resolve } from "node:path";
+import { SandboxLedger } from "../episode/index.ts";
 import { checkNotNewer, forkGatewayIdentity, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
 import { errorReason } from "./events.ts";
@@ -135,6 +136,20 @@ export async function restoreDatabase(source: string, dataDir: string, gatewayRu
   const from = resolve(source);
   if (!existsSync(from)) throw new BackupError(`no backup file at ${from}`);
   if (gatewayRunning) throw new BackupError(`a gateway is running on ${dataDir}; stop it first`);
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  // Hold the data dir as a gateway does (its sandbox ledger names this process) until the copy is in
+  // place: a gateway started meanwhile refuses it instead of making a fleet.db the rename then replaces.
+  const ledger = new SandboxLedger(join(dataDir, "sandboxes"));
+  if (ledger.sweep().ownerAlive) throw new BackupError(`a gateway is running on ${dataDir}; stop it first`);
+  try {
+    return await restoreInto(from, dataDir);
+  } finally {
+    ledger.release();
+  }
+}
+
+/** `restoreDatabase` once it holds the data dir. */
+async function restoreInto(from: string, dataDir: string): Promise<BackupReport> {
   const target = join(dataDir, "fleet.db");
   for (const f of ["fleet.db", "fleet.db-wal"]) {
     if (existsSync(join(dataDir, f))) {
@@ -142,7 +157,6 @@ export async function restoreDatabase(source: string, dataDir: string, gatewayRu
     }
   }
   const checked = await check(from);
-  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   // Copy through VACUUM INTO (a clean file, no WAL) under a temporary name, then rename, so
   // a crash never leaves a half-written fleet.db behind.
   const partial = `${target}.restoring`;
