@@ -573,6 +573,13 @@ describe("sealed checkpoints", () => {
       expect(a?.reason).toContain(`counter/a#${Number(head.seq)}`);
       expect((await fleet.agent("counter/b"))?.status).toBe("idle");
       expect((await fleet.episodes("counter/a")).length).toBe(2); // nothing ran on the broken state
+      // Pausing it would hide the failure (and its reason) behind "paused by operator": refused.
+      const pause = await fleet.fetch("/api/agents/counter/a/pause", { method: "POST" });
+      expect(pause.status).toBe(409);
+      const refusal = ((await pause.json()) as { error: { code: string; message: string } }).error;
+      expect(refusal.code).toBe("failed");
+      expect(refusal.message).toContain("hash mismatch");
+      expect(await fleet.agent("counter/a")).toMatchObject({ status: "failed", reason: a?.reason });
       expect(await fleet.stop()).toBe(0);
       await fleet.dispose();
     },

@@ -381,6 +381,23 @@ describe("operator actions on a stopped gateway", () => {
     expect(audit.json.records[0].actor).not.toBe("local:unknown");
   });
 
+  test("pausing a failed agent is refused and keeps its reason; resume tries it again", async () => {
+    const f = await stoppedFleet(2);
+    const db = f.sqlite();
+    const why = "checkpoint meter/m1#2 abc: hash mismatch";
+    db.query("UPDATE agents SET status = 'failed', reason = ? WHERE id = 'meter/m1'").run(why);
+    const agent = () => db.query("SELECT status, reason FROM agents WHERE id = 'meter/m1'").get();
+    const r = await f.cli("pause", "meter/m1");
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toBe(
+      `fleet: meter/m1 failed (${why}): it runs nothing to pause; resume tries it again, retire ends it`,
+    );
+    expect(agent()).toEqual({ status: "failed", reason: why });
+    expect((await f.cli("resume", "meter/m1")).code).toBe(0);
+    expect(agent()).toEqual({ status: "active", reason: null });
+    db.close();
+  });
+
   test("a refused pause, resume or retire is one line starting with `fleet:`", async () => {
     const f = await stoppedFleet(2);
     expect((await f.cli("retire", "meter/m1")).code).toBe(0);

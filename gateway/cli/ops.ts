@@ -18,7 +18,7 @@ import { SpecError } from "../spec/index.ts";
 import { Store } from "../store/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { parseAgentId, shownStatus } from "../types.ts";
-import { OPERATOR_DRAIN } from "../fleet/index.ts";
+import { lifecycleRefusal, OPERATOR_DRAIN } from "../fleet/index.ts";
 
 /** A port flag: 0 picks a free port. */
 const PORT = { min: 0, max: 65_535 } as const;
@@ -205,12 +205,8 @@ export async function cmdLifecycle(
     return 1;
   };
   if (!row) return refuse(404, `no agent ${a.id}`);
-  if (row.status === "retired" && action !== "retire") return refuse(409, `${a.id} is retired`);
-  if (row.status === "draining" && action !== "retire")
-    return refuse(
-      409,
-      `${a.id} is draining: it retires once its queue is empty (retire without --drain retires it now)`,
-    );
+  const refused = lifecycleRefusal(row, action);
+  if (refused) return refuse(409, refused.message);
   await audit(200); // before the change below: a failed write is an error the operator sees
   // Draining with nothing queued (or a failed agent, which cannot run its queue) is retiring.
   const drains = drain && row.status !== "retired" && row.status !== "failed" && !!(await store.headOfQueue(a.id));

@@ -14,7 +14,7 @@ import type { AgentId } from "../types.ts";
 export type LifecycleAction = "pause" | "resume" | "retire";
 
 /** Why a lifecycle action was refused; callers branch on this, never on the message. */
-export type LifecycleRefusal = "not_found" | "retired" | "draining";
+export type LifecycleRefusal = "not_found" | "retired" | "draining" | "failed";
 
 /** What a lifecycle action returns: an unknown or retired agent is an expected outcome. */
 export type LifecycleResult =
@@ -23,6 +23,33 @@ export type LifecycleResult =
 
 /** The reason a draining agent carries for its retirement by an operator. */
 export const OPERATOR_DRAIN = "draining: retired by operator once its queued stimuli have run";
+/**
+ * Why an operator action does not apply to an agent in its stored status, or null when it does (the running
+ * gateway's route and `fleet` on a stopped gateway judge alike). Pausing must not bring a retired agent back
+ * (resume would then reactivate it), nor hide a failure (the reason names the bad checkpoint; a resume tries
+ * the agent again, a retire ends it); a draining agent only retires.
+ */
+export function lifecycleRefusal(
+  agent: { readonly id: string; readonly status: string; readonly reason: string | null },
+  action: LifecycleAction,
+): { readonly code: LifecycleRefusal; readonly message: string } | null {
+  const id = agent.id;
+  if (agent.status === "retired" && action !== "retire") return { code: "retired", message: `${id} is retired` };
+  if (agent.status === "draining" && action !== "retire")
+    return {
+      code: "draining",
+      message: `${id} is draining: it retires once its queue is empty (retire without drain retires it now)`,
+    };
+  if (agent.status === "failed" && action === "pause")
+    return {
+      code: "failed",
+      message:
+        `${id} failed (${agent.reason ?? "no reason recorded"}): it runs nothing to pause; ` +
+        "resume tries it again, retire ends it",
+    };
+  return null;
+}
+
 /** The suffix of a removed type's agents' reason while they drain. */
 const DRAINING_SUFFIX = "; draining its queued stimuli";
 
@@ -66,15 +93,8 @@ export class Roster {
     this.bump(id);
     const agent = await this.store.getAgent(id);
     if (!agent) return { ok: false, code: "not_found", message: `no agent ${id}` };
-    // Pausing must not bring a retired agent back (resume would then reactivate it).
-    if (agent.status === "retired" && action !== "retire")
-      return { ok: false, code: "retired", message: `${id} is retired` };
-    if (agent.status === "draining" && action !== "retire")
-      return {
-        ok: false,
-        code: "draining",
-        message: `${id} is draining: it retires once its queue is empty (\`retire\` without drain retires it now)`,
-      };
+    const refused = lifecycleRefusal(agent, action);
+    if (refused) return { ok: false, ...refused };
     if (action === "pause") {
       await this.store.setAgentStatus(id, "paused", "paused by operator");
       this.events.emit("status", { agent: id, status: "paused", reason: "paused by operator" });

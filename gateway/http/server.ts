@@ -105,7 +105,7 @@ export function startHttp(
             return json({ ok: true, agent: id, action, ...(drain ? { drain } : {}), status: shownStatus(r.status) });
           return r.code === "not_found"
             ? httpError(404, "not_found", r.message)
-            : httpError(409, r.code === "draining" ? "draining" : "conflict", r.message);
+            : httpError(409, r.code === "retired" ? "conflict" : r.code, r.message);
         },
       },
       "/api/episodes/:id": (req: Req<"/api/episodes/:id">) => episodeDetail(gw, req.params.id),

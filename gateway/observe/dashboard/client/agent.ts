@@ -248,7 +248,7 @@ export function agentView(type: string, key: string, selectedAtStart: string | n
     statusEl.replaceChildren(pill(status, status, "agent-status"));
     reasonEl.textContent = reason ?? "";
     // A draining agent retires by itself once its queue is empty (`fleet retire --drain`).
-    pauseBtn.disabled = status === "paused" || status === "retired" || status === "draining";
+    pauseBtn.disabled = status !== "idle"; // paused already, retired, draining, or failed (its reason would be hidden)
     resumeBtn.disabled = status !== "paused" && status !== "failed";
     retireBtn.disabled = status === "retired";
   }
