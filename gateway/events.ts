@@ -30,6 +30,8 @@ export interface FleetEventMap {
   spawn: { type: string; start: "warm" | "cold" };
   /** Stimuli left in a retired agent's queue were refused (recorded as `rejected`). */
   rejected: { agent: string; count: number; reason: string };
+  /** A stimulus was refused: it would have created one agent more of `type` than its `max_agents`. */
+  agentRefused: { type: string; max: number };
   /** Messages that matched a subscription but named no valid agent were recorded as rejected. */
   rejectedMessage: { count: number };
   intake: {

@@ -74,7 +74,7 @@ import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } fr
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
-import { QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
+import { agentCapNotices, QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
 import { canaryConfigRefusal, deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
@@ -780,6 +780,7 @@ export class Gateway {
     this.book = new QueueBook({
       onQueued: (a) => this.scheduler.notify(a),
       onDrained: (a) => void this.roster.finishDrain(a).catch((err: unknown) => this.log.error({ err }, "drain")),
+      onCapped: agentCapNotices(this.log.child({ mod: "intake" }), this.events, this.now),
     });
     const executor = new EpisodeExecutor({
       store: this.store,
@@ -796,7 +797,7 @@ export class Gateway {
         this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
         return r;
       },
-      toolEnv: { secrets: this.secrets, fetch, admit: (a, max) => this.book.admit(a, max) },
+      toolEnv: { secrets: this.secrets, fetch, admit: (a, max, cap) => this.book.admit(a, max, cap) },
       events: this.events,
       log: this.log,
       now: this.now,
@@ -840,7 +841,7 @@ export class Gateway {
       this.store,
       {
         route: (t) => this.route(t),
-        admit: (a, max) => this.book.admit(a, max),
+        admit: (a, max, cap) => this.book.admit(a, max, cap),
         recorded: (a, seq, receivedAt) => {
           this.book.recorded(a, seq, receivedAt);
           this.pressure.recorded(1);

@@ -138,7 +138,7 @@ export function shownStatus<S extends string>(status: S): Exclude<S, "active"> |
 }
 
 /** Why a stimulus was not admitted to an agent's queue; callers branch on the code. */
-export type AdmissionCode = "retired" | "draining" | "queue_full";
+export type AdmissionCode = "retired" | "draining" | "queue_full" | "max_agents";
 
 /** The answer of the one admission every source goes through (intake, timers, sends, retries). */
 export type Admission =

@@ -21,6 +21,17 @@ describe("the HTTP answer to one recorded stimulus", () => {
     });
   });
 
+  test("a stimulus that would create an agent past max_agents is 429 max_agents with Retry-After", async () => {
+    const reason = "no new agent: type counter has max_agents (3)";
+    const res = intakeResponse(
+      { accepted: [], duplicates: [], refused: [{ agent, code: "max_agents", reason }] },
+      agent,
+    );
+    expect(res.status).toBe(429);
+    expect(res.headers.get("retry-after")).toBe("60");
+    expect(await res.json()).toEqual({ error: { code: "max_agents", message: reason } });
+  });
+
   test("a stimulus refused for a retired agent is 409, whatever its reason says", async () => {
     const res = intakeResponse(
       { accepted: [], duplicates: [], refused: [{ agent, code: "retired", reason: "queue full (no, retired)" }] },

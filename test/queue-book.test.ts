@@ -4,7 +4,9 @@
  * resync do to them. Intake and executor tests cover the book together with the store.
  */
 import { describe, expect, test } from "bun:test";
-import { QueueBook } from "../gateway/fleet/index.ts";
+import { agentCapNotices, QueueBook } from "../gateway/fleet/index.ts";
+import { FleetEvents } from "../gateway/events.ts";
+import type { StoredAgentStatus } from "../gateway/store/index.ts";
 import type { AgentId } from "../gateway/types.ts";
 
 const A = "mon/a" as AgentId;
@@ -95,10 +97,7 @@ describe("queue book", () => {
         { agent: B, seq: 3, receivedAt: 10 },
         { agent: A, seq: 6, receivedAt: 60 },
       ],
-      listAgents: (async (f: { status?: string }) => ({
-        rows: f.status === "retired" ? [{ id: B }] : [],
-        nextCursor: null,
-      })) as never,
+      agentStatuses: async () => [{ id: B, status: "retired" }],
     });
     expect(book.seqs(A)).toEqual([2, 6]);
     expect(woken.sort()).toEqual([A, B]);
@@ -107,5 +106,94 @@ describe("queue book", () => {
     expect(book.oldestReceivedAt()).toBe(10);
     expect(book.isRetired(B)).toBe(true);
     expect(book.admit(B, 10)).toMatchObject({ ok: false, code: "retired" });
+  });
+});
+
+describe("max_agents in the queue book", () => {
+  const mon = (key: string) => `mon/${key}` as AgentId;
+  /** A store page of agents, as the book reads them at start. */
+  const page = (rows: { id: AgentId; status: StoredAgentStatus }[]) => ({
+    queuedSeqs: async () => [],
+    agentStatuses: async () => rows,
+  });
+
+  test("a stimulus for a new agent takes a place until it is written; past the cap it is refused", () => {
+    const capped: string[] = [];
+    const book = new QueueBook({ onCapped: (type, max) => capped.push(`${type}:${max}`) });
+    expect(book.admit(mon("a"), 10, 2).ok).toBe(true);
+    expect(book.admit(mon("a"), 10, 2).ok).toBe(true); // the same new agent: the same place
+    expect(book.admit(mon("b"), 10, 2).ok).toBe(true);
+    expect(book.admit(mon("c"), 10, 2)).toMatchObject({ ok: false, code: "max_agents" });
+    expect(book.admit(C, 10, 2).ok).toBe(true); // another type counts its own
+    expect(capped).toEqual(["mon:2"]);
+    book.recorded(mon("a"), 1, 1);
+    book.released(mon("a"));
+    book.released(mon("b")); // its write failed: no agent, its place is free
+    expect(book.agents("mon")).toBe(1);
+    expect(book.admit(mon("c"), 10, 2).ok).toBe(true);
+    book.recorded(mon("c"), 2, 2);
+    expect(book.agents("mon")).toBe(2);
+    expect(book.admit(mon("d"), 10, 2)).toMatchObject({ ok: false, code: "max_agents" });
+    // An agent that exists is admitted whatever the count; 0 is no limit.
+    expect(book.admit(mon("a"), 10, 1).ok).toBe(true);
+    expect(book.admit(mon("d"), 10, 0).ok).toBe(true);
+  });
+
+  test("retiring an agent frees its place; bringing it back takes one, even past the cap", () => {
+    const book = new QueueBook();
+    for (const [i, k] of ["a", "b"].entries()) {
+      book.admit(mon(k), 10, 2);
+      book.recorded(mon(k), i + 1, 0);
+    }
+    expect(book.admit(mon("c"), 10, 2).ok).toBe(false);
+    book.retire(mon("a"));
+    book.retire(mon("a"));
+    expect(book.agents("mon")).toBe(1);
+    expect(book.admit(mon("c"), 10, 2).ok).toBe(true);
+    book.recorded(mon("c"), 3, 0);
+    book.unretire(mon("a")); // a removed type that came back: its agents return, the cap retires none
+    expect(book.agents("mon")).toBe(3);
+    expect(book.admit(mon("d"), 10, 3).ok).toBe(false);
+  });
+
+  test("a load counts every agent not retired, per type; deployed instances count once", async () => {
+    const book = new QueueBook();
+    await book.load(
+      page([
+        { id: mon("a"), status: "active" },
+        { id: mon("b"), status: "paused" },
+        { id: mon("c"), status: "draining" },
+        { id: mon("d"), status: "failed" },
+        { id: mon("e"), status: "retired" },
+        { id: C, status: "active" },
+      ]),
+    );
+    expect(book.agents("mon")).toBe(4);
+    expect(book.agents("door")).toBe(1);
+    book.unretire(mon("a")); // already counted
+    book.deployed([mon("a"), mon("e"), mon("f")]); // e stays retired
+    expect(book.agents("mon")).toBe(5);
+    expect(book.isRetired(mon("e"))).toBe(true);
+  });
+
+  test("each refusal is a fact on the bus; the log says so once a minute per type, with how many", () => {
+    let now = 0;
+    const lines: { type: string; refused: number }[] = [];
+    const events = new FleetEvents();
+    const facts: string[] = [];
+    events.on("agentRefused", (e) => facts.push(`${e.type}:${e.max}`));
+    const notice = agentCapNotices(
+      { warn: ((o: { type: string; refused: number }) => lines.push(o)) as never },
+      events,
+      () => now,
+    );
+    for (let i = 0; i < 5; i++) notice("mon", 3);
+    notice("door", 1);
+    now = 59_999;
+    notice("mon", 3);
+    now = 60_000;
+    notice("mon", 3);
+    expect(facts).toHaveLength(8);
+    expect(lines.map((l) => `${l.type}:${l.refused}`)).toEqual(["mon:1", "door:1", "mon:6"]);
   });
 });

@@ -148,6 +148,7 @@ describe("compileSpec", () => {
       bake_ms: 600_000,
     });
     expect(tm.max_queue).toBe(10_000);
+    expect(tm.max_agents).toBe(10_000);
     expect(tm.http_hosts).toEqual([]);
 
     const rep = spec.agents.reporter!;
@@ -175,6 +176,13 @@ describe("compileSpec", () => {
     expect(() => {
       (tm.subscribe as string[]).push("more/#");
     }).toThrow();
+  });
+
+  test("max_agents 0 is no limit, and instances up to max_agents are fine", async () => {
+    const none = await compileSpec(agent('max_agents = 0\ninstances = ["a", "b", "c"]'), FILE);
+    expect(none.spec.agents.x!.max_agents).toBe(0);
+    const full = await compileSpec(agent('max_agents = 3\ninstances = ["a", "b", "c"]'), FILE);
+    expect(full.spec.agents.x!.instances).toHaveLength(3);
   });
 
   test("an empty file is a fleet of defaults", async () => {
@@ -393,6 +401,15 @@ describe("schema errors name the key path", () => {
       /must be true or false/,
     ],
     ["unknown rollout key", agent("[agents.x.rollout]\nsurge = 2"), "agents.x.rollout.surge", /is not a known key/],
+    ["a negative max_agents", agent("max_agents = -1"), "agents.x.max_agents", /must be a non-negative integer/],
+    ["a fractional max_agents", agent("max_agents = 2.5"), "agents.x.max_agents", /must be a non-negative integer/],
+    ["max_agents as a string", agent('max_agents = "10"'), "agents.x.max_agents", /must be a non-negative integer/],
+    [
+      "more instances than max_agents",
+      agent('max_agents = 2\ninstances = ["a", "b", "c"]'),
+      "agents.x.instances",
+      /lists 3 instances, more than max_agents \(2\)/,
+    ],
   ];
   for (const [what, text, keyPath, message] of cases) {
     test(`${what} is reported at ${keyPath}`, async () => {

@@ -1,3 +1,4 @@
+export * from "./agent-cap.ts";
 export * from "./background.ts";
 export * from "./redeploy.ts";
 export * from "./reload.ts";

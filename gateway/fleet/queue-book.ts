@@ -19,6 +19,11 @@
  * A draining agent (`fleet retire --drain`) is refused like a retired one, but what was queued
  * or admitted before still runs; `pending()` says when nothing is left.
  *
+ * The book also knows which agents exist (have a row and are not retired), counted per type:
+ * a stimulus for an agent with no row creates it when written, so its admission takes a place
+ * under the type's `max_agents` (issue: sends to fresh keys grew a fleet without bound). The
+ * count is kept here, changed on create, retire and unretire, so intake never counts rows.
+ *
  * Nothing here listens to the event bus: the bus is for observers.
  */
 import type { Store } from "../store/index.ts";
@@ -30,6 +35,8 @@ export interface QueueBookOptions {
   readonly onQueued?: (agent: AgentId) => void;
   /** A draining agent's last admitted place was given back unused: nothing is left for it. */
   readonly onDrained?: (agent: AgentId) => void;
+  /** A stimulus was refused: it would have created one agent more of `type` than `max` (`max_agents`). */
+  readonly onCapped?: (type: string, max: number) => void;
 }
 
 /** A stimulus waiting in a queue: its seq and when it was received. */
@@ -59,16 +66,23 @@ export class QueueBook {
   private readonly reserved = new Map<AgentId, number>();
   private readonly retired = new Set<AgentId>();
   private readonly draining = new Set<AgentId>();
+  /** Agents that exist and are not retired (draining ones too). */
+  private readonly live = new Set<AgentId>();
+  /** `live` per type. */
+  private readonly liveByType = new Map<string, number>();
+  /** Agents without a row that admitted stimuli will create when written, per type: places under `max_agents`. */
+  private readonly creating = new Map<string, Set<AgentId>>();
   private totalQueued = 0;
 
   constructor(private readonly opts: QueueBookOptions = {}) {}
 
-  /** Read queued stimuli and retirements from the store (gateway start). */
-  async load(store: Pick<Store, "queuedSeqs" | "listAgents">): Promise<void> {
-    const { rows } = await store.listAgents({ status: "retired", limit: 1_000_000 });
-    for (const a of rows) this.retired.add(a.id as AgentId);
-    const drains = await store.listAgents({ status: "draining", limit: 1_000_000 });
-    for (const a of drains.rows) this.draining.add(a.id as AgentId);
+  /** Read the agents (retired, draining, the rest counted per type) and queued stimuli from the store (at start). */
+  async load(store: Pick<Store, "queuedSeqs" | "agentStatuses">): Promise<void> {
+    for (const a of await store.agentStatuses()) {
+      if (a.status === "retired") this.retired.add(a.id);
+      else this.exists(a.id);
+      if (a.status === "draining") this.draining.add(a.id);
+    }
     const loaded = new Set<AgentId>();
     for (const q of await store.queuedSeqs()) {
       if (this.insert(q.agent, q.seq, q.receivedAt)) loaded.add(q.agent);
@@ -77,30 +91,55 @@ export class QueueBook {
   }
 
   /**
-   * Admit one stimulus for `agent`: refused when it is retired or its queue (counting places
-   * reserved by admissions still in flight) holds `maxQueue`. An admitted place is reserved
-   * until `recorded()` or `released()`.
+   * Admit one stimulus for `agent`: refused when it is retired, its queue (counting places
+   * reserved by admissions still in flight) holds `maxQueue`, or it does not exist yet and its
+   * type has `maxAgents` agents (counting those admissions will create; 0: no limit). An
+   * admitted place is reserved until `recorded()` or `released()`.
    */
-  admit(agent: AgentId, maxQueue: number): Admission {
+  admit(agent: AgentId, maxQueue: number, maxAgents = 0): Admission {
     if (this.retired.has(agent)) return { ok: false, code: "retired", message: "agent is retired" };
     if (this.draining.has(agent))
       return { ok: false, code: "draining", message: "agent is draining: it runs what is queued, then retires" };
     const reserved = this.reserved.get(agent) ?? 0;
     if (this.queued(agent) + reserved >= maxQueue)
       return { ok: false, code: "queue_full", message: `queue full (max_queue ${maxQueue})` };
+    if (!this.live.has(agent)) {
+      const refused = this.admitNew(agent, maxAgents);
+      if (refused) return refused;
+    }
     this.reserved.set(agent, reserved + 1);
     return { ok: true };
   }
 
-  /** An admitted stimulus was written to the agent's queue as `seq`. */
+  /** An admission for an agent with no row: a place under its type's `max_agents`, or the refusal. */
+  private admitNew(agent: AgentId, maxAgents: number): Admission | null {
+    const type = typeOf(agent);
+    let creating = this.creating.get(type);
+    if (creating?.has(agent)) return null;
+    if (maxAgents > 0 && this.agents(type) + (creating?.size ?? 0) >= maxAgents) {
+      this.opts.onCapped?.(type, maxAgents);
+      return { ok: false, code: "max_agents", message: `no new agent: type ${type} has max_agents (${maxAgents})` };
+    }
+    if (!creating) this.creating.set(type, (creating = new Set()));
+    creating.add(agent);
+    return null;
+  }
+
+  /** An admitted stimulus was written to the agent's queue as `seq` (and the agent's row with it). */
   recorded(agent: AgentId, seq: number, receivedAt: number): void {
     this.unreserve(agent, 1);
+    if (!this.live.has(agent) && !this.retired.has(agent)) {
+      this.creating.get(typeOf(agent))?.delete(agent);
+      this.exists(agent);
+    }
     this.add(agent, seq, receivedAt);
   }
 
   /** `n` admitted places were not used (duplicates, a failed write, a send whose episode did not commit). */
   released(agent: AgentId, n = 1): void {
     this.unreserve(agent, n);
+    // No place left reserved: an agent they were to create was not.
+    if (!this.reserved.has(agent) && !this.live.has(agent)) this.creating.get(typeOf(agent))?.delete(agent);
     if (this.draining.has(agent) && this.pending(agent) === 0) this.opts.onDrained?.(agent);
   }
 
@@ -193,16 +232,36 @@ export class QueueBook {
     return this.retired.has(agent);
   }
 
-  /** The agent was retired: refuse what comes for it from now on. */
+  /** The agent was retired: refuse what comes for it from now on. Its place under `max_agents` is free. */
   retire(agent: AgentId): void {
     this.draining.delete(agent);
     this.retired.add(agent);
+    if (this.live.delete(agent)) this.liveByType.set(typeOf(agent), this.agents(typeOf(agent)) - 1);
   }
 
   /** The agent is active again (no longer retired or draining). */
   unretire(agent: AgentId): void {
     this.retired.delete(agent);
     this.draining.delete(agent);
+    this.exists(agent);
+  }
+
+  /** Agents whose rows were written outside intake (fleet.toml `instances`); retired ones stay retired. */
+  deployed(agents: readonly AgentId[]): void {
+    for (const a of agents) if (!this.retired.has(a)) this.exists(a);
+  }
+
+  /** Agents of a type that exist and are not retired: what `max_agents` bounds. */
+  agents(type: string): number {
+    return this.liveByType.get(type) ?? 0;
+  }
+
+  /** The agent has a row and is not retired (counted once). */
+  private exists(agent: AgentId): void {
+    if (this.live.has(agent)) return;
+    this.live.add(agent);
+    const type = typeOf(agent);
+    this.liveByType.set(type, this.agents(type) + 1);
   }
 
   private add(agent: AgentId, seq: number, receivedAt: number): void {
@@ -247,6 +306,9 @@ export class QueueBook {
     else this.reserved.delete(agent);
   }
 }
+
+/** An agent id's type: the part before `/`. */
+const typeOf = (agent: AgentId): string => agent.slice(0, agent.indexOf("/"));
 
 /** The first index of sorted `q` whose value is not below `seq`. */
 function lowerBound(q: readonly number[], seq: number): number {

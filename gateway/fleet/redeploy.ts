@@ -16,17 +16,17 @@ import type { Store } from "../store/index.ts";
 import type { Timers } from "../intake/index.ts";
 import { codeChanges, type Pinned } from "../code/index.ts";
 import { ownsAgent } from "../shard.ts";
-import { agentId } from "../types.ts";
+import { agentId, type AgentId } from "../types.ts";
 
 /**
  * Make sure every instance a spec lists exists as an agent row (of this shard's agents, when
  * sharded). Agent rows are never deleted (retired at most), so a spec version whose instances
  * were all written once needs nothing more: a restart on the same fleet.toml skips re-checking
- * 100,000 instances.
+ * 100,000 instances. Returns the instances it made sure of (none when skipped).
  */
-export async function deployInstances(store: Store, sv: SpecVersion, at: number): Promise<void> {
-  if ((await store.getMeta("instances_deployed")) === sv.hash) return;
-  const list = [];
+export async function deployInstances(store: Store, sv: SpecVersion, at: number): Promise<AgentId[]> {
+  if ((await store.getMeta("instances_deployed")) === sv.hash) return [];
+  const list: { id: AgentId; type: string; key: string }[] = [];
   for (const type of Object.values(sv.spec.agents)) {
     for (const key of type.instances) {
       const id = agentId(type.name, key);
@@ -35,6 +35,7 @@ export async function deployInstances(store: Store, sv: SpecVersion, at: number)
   }
   await store.ensureAgents(list, at);
   await store.setMeta("instances_deployed", sv.hash);
+  return list.map((a) => a.id);
 }
 
 /** What a redeploy changes on the running gateway. */
@@ -143,7 +144,7 @@ export class Redeploy {
     });
     await this.d.adopt(next);
     this.d.scheduler.setMaxConcurrent(next.spec.fleet.max_concurrent_episodes);
-    await deployInstances(this.d.store, next, this.d.now());
+    this.d.roster.deployed(await deployInstances(this.d.store, next, this.d.now()));
     for (const type of diff.removed) await this.d.roster.retireType(type, next.hash);
     for (const type of diff.added) await this.d.roster.unretireType(type);
     await this.d.roster.budgetsChanged(

@@ -170,6 +170,11 @@ export class Roster {
         if (budgetOfPause(a.reason) !== null) this.scheduler.wake(a.id as AgentId);
   }
 
+  /** Agents a reload's `instances` created or made sure of: they count under their type's `max_agents`. */
+  deployed(ids: readonly AgentId[]): void {
+    this.book.deployed(ids);
+  }
+
   /** At start: retire the draining agents whose queue emptied before the last stop. */
   async finishDrains(): Promise<void> {
     for (const a of (await this.store.listAgents({ status: "draining", limit: 1_000_000 })).rows)

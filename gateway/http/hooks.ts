@@ -149,11 +149,13 @@ export function otherShard(agents: readonly AgentId[], shard: ShardSpec | null):
 
 /** Seconds a client waits before retrying a stimulus refused for a full queue. */
 const QUEUE_FULL_RETRY_AFTER = "5";
+/** Seconds before retrying a stimulus refused for a new agent past `max_agents` (a place frees when one retires). */
+const MAX_AGENTS_RETRY_AFTER = "60";
 
 /**
  * The HTTP answer to recording one stimulus for one agent (webhooks, manual stimuli): 202 with
- * the new stimulus id, 200 with the original id for a duplicate, 429 when its queue is full,
- * 409 when it was refused otherwise.
+ * the new stimulus id, 200 with the original id for a duplicate, 429 when its queue is full or
+ * it would create an agent past `max_agents`, 409 when it was refused otherwise.
  */
 export function intakeResponse(report: IntakeReport, agent: string): Response {
   const a = report.accepted[0];
@@ -166,11 +168,15 @@ export function intakeResponse(report: IntakeReport, agent: string): Response {
 /**
  * Every target refused the stimulus; `message` says why, `extra` joins the error in the body.
  * A full queue drains, so while one is among the reasons the answer is 429 `queue_full` with
- * Retry-After (the client retries); only when every refusal is permanent (retired, draining) is
- * it 409 `refused`. MQTT intake tells transient from permanent the same way.
+ * Retry-After (the client retries); so is a new agent past its type's `max_agents` (429
+ * `max_agents`: a place frees when an agent retires or the cap is raised). Only when every
+ * refusal is permanent (retired, draining) is it 409 `refused`. MQTT intake tells transient
+ * from permanent the same way.
  */
 export function refusedResponse(report: IntakeReport, message: string, extra: Record<string, unknown> = {}): Response {
   if (report.refused.some((r) => r.code === "queue_full"))
     return json({ ...extra, error: { code: "queue_full", message } }, 429, { "retry-after": QUEUE_FULL_RETRY_AFTER });
+  if (report.refused.some((r) => r.code === "max_agents"))
+    return json({ ...extra, error: { code: "max_agents", message } }, 429, { "retry-after": MAX_AGENTS_RETRY_AFTER });
   return json({ ...extra, error: { code: "refused", message } }, 409);
 }

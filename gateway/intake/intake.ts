@@ -15,8 +15,8 @@ import type { Admission, AdmissionCode, AgentId, NewStimulus, StimulusId, Stimul
 export interface IntakeView {
   /** Route a topic with the current spec. */
   route(topic: string): Route;
-  /** Admit one stimulus (retired? queue full?) and reserve its place. */
-  admit(agent: AgentId, maxQueue: number): Admission;
+  /** Admit one stimulus (retired? queue full? a new agent past max_agents?) and reserve its place. */
+  admit(agent: AgentId, maxQueue: number, maxAgents: number): Admission;
   /** An admitted stimulus was written to the agent's queue as `seq`. */
   recorded(agent: AgentId, seq: number, receivedAt: number): void;
   /** Admitted places were not used (duplicates, a failed write). */
@@ -323,7 +323,8 @@ export class Intake {
     for (const t of targets) {
       const sid = explicitId ?? stimulusId(t.type.dedup, parsed, opts.redelivery ?? null);
       // A full queue is backpressure: no PUBACK, the device keeps the message and retries later.
-      const admission = this.view.admit(t.agent, t.type.max_queue);
+      // So is a new agent past its type's max_agents (a place frees when one retires).
+      const admission = this.view.admit(t.agent, t.type.max_queue, t.type.max_agents);
       if (!admission.ok) {
         refused.push({ agent: t.agent, code: admission.code, reason: admission.message });
         continue;
@@ -341,7 +342,9 @@ export class Intake {
         traceparent: opts.traceparent ?? null,
       });
     }
-    for (const r of refused) this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);
+    // max_agents refusals are logged by type, once a minute at most (fleet/agent-cap.ts): a flood of new keys.
+    for (const r of refused)
+      if (r.code !== "max_agents") this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);
     const accepted: IntakeReport["accepted"] = [];
     const duplicates: IntakeReport["duplicates"] = [];
     // The queue book (and so the scheduler) hears of the stimuli as soon as their transaction

@@ -181,6 +181,14 @@ export class FleetMetrics {
         "agent; recorded with the reason (GET /api/rejected).",
       registers,
     });
+    const refusedAgents = new Counter({
+      name: "fleet_agents_refused_total",
+      help:
+        "Stimuli refused because they would create one agent more than its type's max_agents " +
+        "(a device topic, inbox or send to a new key), by agent type.",
+      labelNames: ["type"],
+      registers,
+    });
     const statusChanges = new Counter({
       name: "fleet_agent_status_changes_total",
       help: "Agent status transitions published, by new status (idle|running|paused|draining|retired|failed).",
@@ -267,6 +275,7 @@ export class FleetMetrics {
       host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
       host.events.on("spawn", (e) => starts.inc({ type: e.type, start: e.start })),
       host.events.on("rejectedMessage", (e) => rejectedMessages.inc(e.count)),
+      host.events.on("agentRefused", (e) => refusedAgents.inc({ type: e.type })),
       host.events.on("retention", (e) => {
         for (const [kind, n] of Object.entries(e.collected)) if (n > 0) retained.inc({ kind }, n);
         retentionSeconds.observe(e.ms / 1000);
@@ -281,6 +290,7 @@ export class FleetMetrics {
     for (const type of Object.keys(host.spec.spec.agents)) {
       for (const outcome of ["committed", "failed"]) episodes.inc({ type, outcome }, 0);
       for (const start of ["warm", "cold"]) starts.inc({ type, start }, 0);
+      refusedAgents.inc({ type }, 0);
     }
     this.observeCommits(host.store);
 

@@ -330,6 +330,11 @@ function buildAgent(name: string, a: RawAgent, dir: string, problems: Problem[])
     const what = a.key === undefined ? `defaults to "${key}" (set it explicitly), which` : "";
     problems.push({ path: at("key"), message: `${what} references {${highest}} but ${why}`.trimStart() });
   }
+  if (a.max_agents > 0 && a.instances.length > a.max_agents)
+    problems.push({
+      path: at("instances"),
+      message: `lists ${a.instances.length} instances, more than max_agents (${a.max_agents})`,
+    });
   const tool_costs: Record<string, number> = {};
   for (const [t, c] of Object.entries(a.budget.tool_costs)) if (c !== undefined) tool_costs[t] = c;
   return {
@@ -357,6 +362,7 @@ function buildAgent(name: string, a: RawAgent, dir: string, problems: Problem[])
       bake_ms: parseDuration(a.rollout.bake) ?? 0,
     },
     max_queue: a.max_queue,
+    max_agents: a.max_agents,
     max_wakeups: a.max_wakeups,
   };
 }

@@ -76,6 +76,11 @@ export interface AgentTypeSpec {
   readonly rollout: RolloutSpec;
   /** Most stimuli that may wait for one agent; past it intake refuses (MQTT: connection closed, no PUBACK). */
   readonly max_queue: number;
+  /**
+   * Most agents of this type that may exist (not retired), instances included; 0: no limit. A stimulus
+   * that would create one more is refused like a full queue's.
+   */
+  readonly max_agents: number;
   /** Wake-ups an agent may have pending at once (`ctx.wakeIn` / `ctx.wakeAt`). */
   readonly max_wakeups: number;
 }

@@ -1,7 +1,8 @@
 /**
  * `send(agentId, payload)` (also `ctx.send`): queues an inbox message for another agent,
  * delivered after the episode commits. The target's type must be in the fleet, and the
- * target admitted by the queue book like any other stimulus (not retired, queue not full).
+ * target admitted by the queue book like any other stimulus (not retired, queue not full, and
+ * a target with no agent yet only while its type has fewer than `max_agents`).
  * A target another shard owns is forwarded through the broker after the commit instead.
  */
 import { z } from "zod";
@@ -42,7 +43,7 @@ export function send(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
     ctx.sends.push({ to: target, payload: body, forward: true });
     return { ok: true, result: { queued: true, to: target.id } };
   }
-  const admission = ctx.env.admit?.(target.id, type.max_queue) ?? { ok: true };
+  const admission = ctx.env.admit?.(target.id, type.max_queue, type.max_agents) ?? { ok: true };
   if (!admission.ok) return deny(`send to ${target.id} refused: ${admission.message}`);
   ctx.sends.push({ to: target, payload: body });
   return { ok: true, result: { queued: true, to: target.id } };

@@ -46,7 +46,7 @@ export interface ToolEnv {
    * reserved place until the episode commits or not (the executor settles it). A refusal is
    * a denied call, recorded in the episode's log.
    */
-  readonly admit?: (agent: AgentId, maxQueue: number) => Admission;
+  readonly admit?: (agent: AgentId, maxQueue: number, maxAgents: number) => Admission;
 }
 
 /** What one tool call sees of its episode: who calls, under which spec, and what it has queued or spent. */
