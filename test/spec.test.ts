@@ -148,7 +148,7 @@ describe("compileSpec", () => {
       bake_ms: 600_000,
     });
     expect(tm.max_queue).toBe(10_000);
-    expect(tm.max_agents).toBe(10_000);
+    expect(tm.max_agents).toBe(100_000);
     expect(tm.http_hosts).toEqual([]);
 
     const rep = spec.agents.reporter!;

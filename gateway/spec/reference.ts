@@ -144,9 +144,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.max_queue": "Stimuli that may wait per agent; past it intake refuses (no PUBACK, the device retries).",
   "agents.*.max_agents":
     "Most agents of this type that may exist (not retired), `instances` included (a list longer is an error); " +
-    "0: no limit. The default suits target fleets of 100k agents over many types; raise it for a type that " +
-    "needs more. A stimulus that would create one more agent (a topic or inbox with a new key, a send to a new " +
-    "key) is refused like a full queue's: no PUBACK (the device retries), a denied send, HTTP 429 `max_agents`; " +
+    "0: no limit. The default is the 100,000 agents one box is built for; lower it for a type whose keys come " +
+    "from devices or sends you do not control. A stimulus that would create one more agent (a topic or " +
+    "inbox with a new key, a send to a new key) is refused like a full queue's: no PUBACK (the device " +
+    "retries), a denied send, HTTP 429 `max_agents`; " +
     "counted in `fleet_agents_refused_total`, logged once a minute per type at most. Retiring an agent frees " +
     "a place; lowering the cap retires none (no new ones until fewer exist). Sharded: per shard.",
   "agents.*.max_wakeups":

@@ -89,7 +89,7 @@ const agentSchema = z.strictObject(
     secrets: list(envName()),
     config: z.record(z.string(), z.unknown(), says("must be a table")).default({}),
     max_queue: posInt(10_000),
-    max_agents: nonNegInt(10_000),
+    max_agents: nonNegInt(100_000),
     max_wakeups: posInt(100),
     budget: table({
       episodes_per_hour: posInt(DEFAULT_BUDGET.episodes_per_hour),
