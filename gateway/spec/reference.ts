@@ -14,7 +14,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.name":
     "Name of this fleet (shown in status, health and metrics; make it unique per site). A rename applies " +
     "live, except with a span exporter ([telemetry] otlp_endpoint) or [replication], which read it at start.",
-  "fleet.data_dir": "Where the libSQL database and runtime files live (created 0700).",
+  "fleet.data_dir":
+    "Where the libSQL database and runtime files live (created 0700). A relative path is taken from the " +
+    "directory `fleet` runs in, unlike module paths, which are relative to fleet.toml (a systemd unit sets " +
+    "WorkingDirectory, or give an absolute path); `--data-dir` overrides it.",
   "fleet.max_concurrent_episodes":
     "Episodes running at once across the fleet; one at a time per agent always. During an intake burst, agents " +
     "with a backlog share a quarter of it (docs/sandbox.md, devices first).",
