@@ -1036,6 +1036,7 @@ export class Gateway {
       },
       gate: async (current, next) =>
         canaryConfigRefusal(current, next) ??
+        this.rollouts?.configRefusal(current, next) ??
         reloadGate(this.store, current, next, this.spawnOptions, (h) => this.bundles.file(h)).catch(
           (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
         ),

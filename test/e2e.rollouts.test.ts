@@ -205,4 +205,57 @@ canary = 0.5
       await fleet.dispose();
     }
   }, 120_000);
+
+  test("a config-only reload while agents run the previous bundle is refused: in a rollout, after abort", async () => {
+    const fleet = new TestFleet("");
+    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
+    const module = join(fleet.dir, "relay.ts");
+    writeFileSync(module, V1);
+    const toml = (threshold: number, canary = 0.5) => `${fleetHeader("e2e-rollouts-config-only")}
+[agents.relay]
+module = ${q(module)}
+instances = ["a", "b", "c", "d"]
+config = { threshold = ${threshold} }
+
+[agents.relay.rollout]
+canary = ${canary}
+min_episodes = 1000
+`;
+    writeFileSync(fleet.configPath, toml(5));
+    try {
+      await fleet.start();
+      const view = async () =>
+        (await (await fleet.fetch("/api/fleet")).json()) as {
+          spec_version: string;
+          spec_error: string | null;
+          rollouts: Rollout[];
+        };
+      const settled = async (what: string, ok: (v: Awaited<ReturnType<typeof view>>) => boolean) =>
+        waitFor(async () => ((v) => (ok(v) ? v : undefined))(await view()), 60_000, what);
+      writeFileSync(module, V3); // new code, same config: a rollout starts
+      const canary = await settled("the canary rollout", (v) => v.rollouts[0]?.state === "canary");
+      writeFileSync(fleet.configPath, toml(6)); // config only
+      const refused = await settled("a spec error", (v) => v.spec_error !== null);
+      expect(refused.spec_error).toContain("agents.relay.config: a canary rollout of new code");
+      expect(refused.spec_error).toContain("promote or abort it first");
+      expect(refused.spec_version).toBe(canary.spec_version);
+
+      expect((await runCli(["rollout", "abort", "relay", "--data-dir", fleet.dataDir])).code).toBe(0);
+      writeFileSync(fleet.configPath, toml(7));
+      const aborted = await settled("the refusal after the abort", (v) => !!v.spec_error?.includes("was aborted"));
+      expect(aborted.spec_version).toBe(canary.spec_version);
+      expect(aborted.rollouts[0]?.state).toBe("aborted");
+
+      // New code and the config with rollout.canary = 0: both reach every agent at once.
+      writeFileSync(module, V1.replace("v: 1", "v: 4"));
+      writeFileSync(fleet.configPath, toml(7, 0));
+      const applied = await settled(
+        "the deploy",
+        (v) => v.spec_error === null && v.spec_version !== canary.spec_version,
+      );
+      expect(applied.spec_error).toBeNull();
+    } finally {
+      await fleet.dispose();
+    }
+  }, 180_000);
 });

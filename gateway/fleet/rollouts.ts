@@ -147,6 +147,34 @@ export class Rollouts {
     }
   }
 
+  /**
+   * Why `next` must not change a type's config while its code stays: some of its agents run the previous
+   * bundle (a canary rollout in progress, or one rolled back or aborted), and the config would reach that
+   * code, not only the code it was written for (`canaryConfigRefusal` covers code and config together).
+   */
+  configRefusal(current: SpecVersion, next: SpecVersion): string | null {
+    for (const [type, r] of this.latest) {
+      const before = current.spec.agents[type];
+      const after = next.spec.agents[type];
+      const code = current.bundles[type] ?? null;
+      if (!before || !after || r.toBundle !== code || (next.bundles[type] ?? null) !== code) continue;
+      if (canonicalJson(before.config) === canonicalJson(after.config)) continue;
+      const at = `agents.${type}.config`;
+      if (r.state === "canary")
+        return (
+          `${at}: a canary rollout of new code (${code.slice(0, 12)}) is in progress and its other agents run the ` +
+          `previous bundle, which the new config would reach; promote or abort it first (fleet rollout ${type})`
+        );
+      if (r.state === "rolled_back" || r.state === "aborted")
+        return (
+          `${at}: the rollout of ${code.slice(0, 12)} was ${r.state.replace("_", " ")} and every agent runs the ` +
+          "previous bundle, which the new config would reach; deploy it with new code (rollout.canary = 0 for " +
+          "that deploy takes both to every agent at once)"
+        );
+    }
+    return null;
+  }
+
   /** The bundle `agent` runs now: the canary's new code, the previous bundle for the others, else the spec's. */
   bundleFor(agent: string, type: string, sv: SpecVersion): string | null {
     const r = this.latest.get(type);

@@ -184,7 +184,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Share of this type's agents (0 to 1, a stable choice by the hash of the agent id) that run new code " +
     "first; the others stay on the previous bundle until it is promoted. 0: new code reaches every agent at once. " +
     "A share that selects none of the type's agents takes the one whose id hashes lowest (with a warning). " +
-    "With a share, a reload that changes both the code and the config of the type is refused.",
+    "With a share, a reload that changes both the code and the config of the type is refused, and so is one " +
+    "that changes its config while some of its agents run the previous bundle (a rollout in progress, rolled " +
+    "back or aborted).",
   "agents.*.rollout.min_episodes": "Episodes the canaries must run on new code before it can be promoted.",
   "agents.*.rollout.max_failure_rate":
     "Failed share of the canaries' episodes on new code past which it is rolled back by itself " +
