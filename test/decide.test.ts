@@ -24,6 +24,7 @@ module = "mon.ts"
 episodes_per_hour = 2
 tokens_per_day = 100
 cost_per_day = 1.5
+bytes_per_day = 1000
 
 [agents.mon.retry]
 max_attempts = 3
@@ -92,13 +93,14 @@ function inputs(over: Partial<TurnInputs> = {}): TurnInputs {
   };
 }
 
-const usage = (window: string, u: { episodes?: number; tokens?: number; cost?: number }) => ({
+const usage = (window: string, u: { episodes?: number; tokens?: number; cost?: number; bytes?: number }) => ({
   agent: "mon/a" as AgentId,
   window,
   episodes: u.episodes ?? 0,
   toolCalls: 0,
   tokens: u.tokens ?? 0,
   cost: u.cost ?? 0,
+  bytes: u.bytes ?? 0,
 });
 
 describe("decideTurn", () => {
@@ -197,9 +199,30 @@ describe("decideTurn", () => {
       [usage(win.hourWindow, { episodes: 2 }), "episodes_per_hour", win.hourEnds],
       [usage(win.dayWindow, { tokens: 100 }), "tokens_per_day", win.dayEnds],
       [usage(win.dayWindow, { cost: 1.5 }), "cost_per_day", win.dayEnds],
+      [usage(win.dayWindow, { bytes: 1000 }), "bytes_per_day", win.dayEnds],
     ] as const;
     for (const [row, budget, until] of cases)
       expect(decideTurn(inputs({ usage: [row] }), spec, NOW)).toMatchObject({ kind: "pause", budget, until });
+  });
+
+  test("bytes_per_day pauses with its reason once the day's stored bytes reach it; 0 is no limit", () => {
+    const stored = [usage(win.dayWindow, { bytes: 5000 })];
+    expect(decideTurn(inputs({ usage: [usage(win.dayWindow, { bytes: 999 })] }), spec, NOW).kind).toBe("run");
+    expect(decideTurn(inputs({ usage: stored }), spec, NOW)).toEqual({
+      kind: "pause",
+      budget: "bytes_per_day",
+      reason: "budget bytes_per_day (1000) reached",
+      until: win.dayEnds,
+    });
+    const unlimited = { ...spec, agents: { mon: { ...type, budget: { ...type.budget, bytes_per_day: 0 } } } };
+    expect(decideTurn(inputs({ usage: stored }), unlimited, NOW).kind).toBe("run");
+    // A reload that raises it past what was stored releases the agent it paused.
+    const paused = agent({ status: "paused", reason: "budget bytes_per_day (500) reached", pausedUntil: win.dayEnds });
+    expect(decideTurn(inputs({ agent: paused, usage: [usage(win.dayWindow, { bytes: 999 })] }), spec, NOW)).toEqual({
+      kind: "reactivate",
+      reason: "budget raised",
+    });
+    expect(decideTurn(inputs({ agent: paused, usage: stored }), spec, NOW).kind).toBe("wait");
   });
 
   test("a draining agent runs its queue; over a budget it waits for the window and stays draining", () => {

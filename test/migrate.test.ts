@@ -490,6 +490,59 @@ describe("schema migrations", () => {
     }
   });
 
+  test("budget windows booked before migration 35 count 0 bytes; their type totals keep bytes after it", async () => {
+    const path = fixtureCopy();
+    const c = createClient({ url: `file:${path}` });
+    let before: { agent: string; window: string; episodes: number; tokens: number }[];
+    try {
+      await migrate(
+        c,
+        path,
+        MIGRATIONS.filter((m) => m.version < 35),
+      );
+      before = (await c.execute(`SELECT agent, "window", episodes, tokens FROM budget_usage ORDER BY 1, 2`)).rows.map(
+        (r) => ({ agent: String(r[0]), window: String(r[1]), episodes: Number(r[2]), tokens: Number(r[3]) }),
+      );
+      expect(before.length).toBeGreaterThan(0);
+    } finally {
+      c.close();
+    }
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      const rows = await store.client.execute(`SELECT agent, "window", episodes, tokens, bytes FROM budget_usage
+        ORDER BY 1, 2`);
+      expect(rows.rows.map((r) => ({ agent: r[0], window: r[1], episodes: r[2], tokens: r[3] }))).toEqual(before);
+      expect(rows.rows.every((r) => r[4] === 0)).toBe(true);
+      // The remade triggers keep the type's totals, the bytes among them, in step with the ledger.
+      const { agent, window } = before[0]!;
+      await store.client.execute({
+        sql: `UPDATE budget_usage SET bytes = bytes + 500 WHERE agent = ? AND "window" = ?`,
+        args: [agent, window],
+      });
+      const total = async () =>
+        (
+          await store.client.execute({
+            sql: `SELECT bytes, max_bytes, episodes FROM usage_totals WHERE "window" = ?
+              AND type = substr(?, 1, instr(?, '/') - 1)`,
+            args: [window, agent, agent],
+          })
+        ).rows[0];
+      const sum = before.filter((u) => u.window === window && u.agent.split("/")[0] === agent.split("/")[0]);
+      expect({ ...(await total()) }).toMatchObject({
+        bytes: 500,
+        max_bytes: 500,
+        episodes: sum.reduce((n, u) => n + u.episodes, 0),
+      });
+      await store.client.execute({
+        sql: `DELETE FROM budget_usage WHERE agent = ? AND "window" = ?`,
+        args: [agent, window],
+      });
+      expect((await total())?.bytes ?? 0).toBe(0);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("older episodes' outcomes and stimulus kinds become codes, read back as the same names", async () => {
     const path = fixtureCopy();
     const c = createClient({ url: `file:${path}` });

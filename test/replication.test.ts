@@ -350,6 +350,12 @@ describe("replication faults", () => {
       expect(await byKind()).toEqual({ spec: 1, agent: 4, episode: 40 });
       await r.drain();
       await expectCenterEqualsLocal(f, db);
+      // The bytes the episodes stored (bytes_per_day) reach the center with the other budget use.
+      const stored = await db.execute({
+        sql: "SELECT sum(bytes) FROM budget_usage WHERE gateway = ?",
+        args: [f.store.gatewayId],
+      });
+      expect(Number(stored.rows[0]![0])).toBeGreaterThan(0);
       // An operator pause is no episode: it queues the agent itself; the next episodes queue only themselves.
       await f.store.setAgentStatus("t/a" as AgentId, "paused", "by test");
       await f.commit(8, T0 + 3_600_000, 60_000);

@@ -185,6 +185,16 @@ describe("compileSpec", () => {
     expect(full.spec.agents.x!.instances).toHaveLength(3);
   });
 
+  test("bytes_per_day defaults to 256 MiB a day per agent; 0 (no limit) and other integers are kept", async () => {
+    const budget = async (line: string) =>
+      (await compileSpec(`[agents.x]\nmodule = "m.ts"\n[agents.x.budget]\n${line}\n`, FILE)).spec.agents.x!.budget
+        .bytes_per_day;
+    expect(DEFAULT_BUDGET.bytes_per_day).toBe(268_435_456);
+    expect(await budget("")).toBe(268_435_456);
+    expect(await budget("bytes_per_day = 0")).toBe(0);
+    expect(await budget("bytes_per_day = 1048576")).toBe(1_048_576);
+  });
+
   test("an empty file is a fleet of defaults", async () => {
     const { spec } = await compileSpec("", FILE);
     expect(spec.fleet.name).toBe("fleet");
@@ -409,6 +419,24 @@ describe("schema errors name the key path", () => {
       agent('max_agents = 2\ninstances = ["a", "b", "c"]'),
       "agents.x.instances",
       /lists 3 instances, more than max_agents \(2\)/,
+    ],
+    [
+      "fractional bytes_per_day",
+      agent("[agents.x.budget]\nbytes_per_day = 1.5"),
+      "agents.x.budget.bytes_per_day",
+      /must be a non-negative integer/,
+    ],
+    [
+      "negative bytes_per_day",
+      agent("[agents.x.budget]\nbytes_per_day = -1"),
+      "agents.x.budget.bytes_per_day",
+      /must be a non-negative integer/,
+    ],
+    [
+      "bytes_per_day as a string",
+      agent('[agents.x.budget]\nbytes_per_day = "1GB"'),
+      "agents.x.budget.bytes_per_day",
+      /must be a non-negative integer/,
     ],
   ];
   for (const [what, text, keyPath, message] of cases) {

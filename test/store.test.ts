@@ -222,6 +222,8 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       maxEpisodes: 5,
       maxTokens: 600,
       maxCost: 1,
+      bytes: 70_000,
+      maxBytes: 50_000,
     },
   ],
   [
@@ -230,7 +232,15 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
   ],
   [
     tables.budgetUsage,
-    { agent: aid("temp/boiler-1"), window: "d:19675", episodes: 3, toolCalls: 7, tokens: 1234, cost: 1.5 },
+    {
+      agent: aid("temp/boiler-1"),
+      window: "d:19675",
+      episodes: 3,
+      toolCalls: 7,
+      tokens: 1234,
+      cost: 1.5,
+      bytes: 65_536,
+    },
   ],
   [
     tables.audit,
@@ -923,6 +933,47 @@ describe("commitEpisode", () => {
         ["d:1", 1, 2, 30, 0.5],
         ["h:1", 1, 2, 30, 0.5],
       ]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("books the bytes it stores: event log JSON, checkpoint state, outputs and sends (bytes_per_day)", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      await store.commitEpisode({
+        ...episodeCommit("ep-1", seq, "id:1", 1, HASH("a"), null),
+        wakes: [
+          {
+            id: "ep-1.w0",
+            gateway: "gw",
+            agent: aid("temp/boiler-1"),
+            dueAt: T0 + 1,
+            payload: `{"w":"é"}`,
+            setBy: "ep-1",
+            createdAt: T0,
+          },
+        ],
+      });
+      // The log as stored, checkpoint {"n":1}, outbox {}, inbox {"hi":1}, wake-up {"w":"é"} (é is 2 bytes).
+      const log = `[["stimulus",{}],["end",{"ok":true}]]`;
+      const stored = log.length + 7 + 2 + 8 + 10;
+      const rows = await store.usage(aid("temp/boiler-1"), ["h:1", "d:1"]);
+      expect(rows.map((u) => [u.window, u.bytes]).sort()).toEqual([
+        ["d:1", stored],
+        ["h:1", stored],
+      ]);
+      const totals = await store.db.select().from(tables.usageTotals).all();
+      expect(totals.map((u) => [u.window, u.bytes, u.maxBytes]).sort()).toEqual([
+        ["d:1", stored, stored],
+        ["h:1", stored, stored],
+      ]);
+      // A failed attempt books the log it stored.
+      const s2 = await intakeOne(store, stim("id:2"));
+      await store.recordFailure(episodeFailure("ep-f1", s2, "id:2", 1, T0 + 5000));
+      const failed = `[["stimulus",{}],["failure",{"kind":"threw"}]]`.length;
+      expect((await store.usage(aid("temp/boiler-1"), ["d:1"]))[0]!.bytes).toBe(stored + failed);
     } finally {
       await store.close();
     }

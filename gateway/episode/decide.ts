@@ -151,7 +151,7 @@ export function budgetOfPause(reason: string | null): string | null {
 export function overBudget(
   type: AgentTypeSpec,
   win: BudgetWindows,
-  rows: readonly Pick<UsageRow, "window" | "episodes" | "tokens" | "cost">[],
+  rows: readonly Pick<UsageRow, "window" | "episodes" | "tokens" | "cost" | "bytes">[],
   lifted?: string | null,
 ): { budget: string; reason: string; until: number } | null {
   if (lifted === null) return null;
@@ -172,6 +172,9 @@ export function overBudget(
     };
   if (day && b.cost_per_day > 0 && day.cost >= b.cost_per_day && lifted !== "cost_per_day")
     return { budget: "cost_per_day", reason: `budget cost_per_day (${b.cost_per_day}) reached`, until: win.dayEnds };
+  // Checked before the next episode, not during one: the episode that crosses it is committed whole.
+  if (day && b.bytes_per_day > 0 && day.bytes >= b.bytes_per_day && lifted !== "bytes_per_day")
+    return { budget: "bytes_per_day", reason: `budget bytes_per_day (${b.bytes_per_day}) reached`, until: win.dayEnds };
   return null;
 }
 

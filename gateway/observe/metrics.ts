@@ -380,6 +380,11 @@ export class FleetMetrics {
       "Cost units booked today, summed over the type's agents.",
       (s, t) => s.types.get(t)!.used.costDay,
     );
+    perType(
+      "fleet_budget_bytes_day_used",
+      "Bytes stored by episodes today (event logs, checkpoint states, outputs), summed over the type's agents.",
+      (s, t) => s.types.get(t)!.used.bytesDay,
+    );
     new Gauge({
       name: "fleet_budget_max_ratio",
       help: "Use/limit of the agent of this type closest to its budget (1 = that agent is paused), by budget.",
@@ -597,6 +602,7 @@ export class FleetMetrics {
         episodes_hour_limit: t.limits.episodes_per_hour,
         tokens_day: t.used.tokensDay,
         cost_day: t.used.costDay,
+        bytes_day: t.used.bytesDay,
         budget_burn: round(typeBurn),
       };
     }

@@ -44,7 +44,7 @@ export function queueByType(store: Store) {
 
 /**
  * Budget ledger of the given windows per type: totals and the highest single agent. Read from
- * `usage_totals`, which triggers keep in step with `budget_usage` (store/migrate.ts, migration 17):
+ * `usage_totals`, which triggers keep in step with `budget_usage` (store/migrate.ts, migrations 17, 35):
  * one row per window and type, not one per agent.
  */
 export function usageByType(store: Store, windows: readonly string[]) {
@@ -61,6 +61,8 @@ export function usageByType(store: Store, windows: readonly string[]) {
       maxTokens: u.maxTokens,
       cost: u.cost,
       maxCost: u.maxCost,
+      bytes: u.bytes,
+      maxBytes: u.maxBytes,
     })
     .from(u)
     .where(inArray(u.window, [...windows]))

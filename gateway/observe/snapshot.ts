@@ -14,7 +14,7 @@ export const AGENT_STATUSES = ["idle", "paused", "draining", "failed", "retired"
 export type ShownStatus = (typeof AGENT_STATUSES)[number];
 
 /** Budgets whose use is tracked per window. */
-export const BUDGETS = ["episodes_per_hour", "tokens_per_day", "cost_per_day"] as const;
+export const BUDGETS = ["episodes_per_hour", "tokens_per_day", "cost_per_day", "bytes_per_day"] as const;
 export type BudgetName = (typeof BUDGETS)[number];
 
 /** One agent type's slice of the snapshot. */
@@ -25,7 +25,7 @@ export interface TypeSnapshot {
   queued: number;
   /** Receive time of the oldest queued stimulus, or null. */
   oldestQueuedAt: number | null;
-  used: { episodesHour: number; toolCallsHour: number; tokensDay: number; costDay: number };
+  used: { episodesHour: number; toolCallsHour: number; tokensDay: number; costDay: number; bytesDay: number };
   /** Per-agent limit of each budget (Infinity / 0 when unlimited, as in the spec). */
   limits: Record<BudgetName, number>;
   /** Highest use/limit ratio of any single agent of the type, per budget (0 when unlimited). */
@@ -44,13 +44,14 @@ function emptyType(spec: AgentTypeSpec | undefined): TypeSnapshot {
     budgetPaused: 0,
     queued: 0,
     oldestQueuedAt: null,
-    used: { episodesHour: 0, toolCallsHour: 0, tokensDay: 0, costDay: 0 },
+    used: { episodesHour: 0, toolCallsHour: 0, tokensDay: 0, costDay: 0, bytesDay: 0 },
     limits: {
       episodes_per_hour: spec?.budget.episodes_per_hour ?? 0,
       tokens_per_day: spec?.budget.tokens_per_day ?? 0,
       cost_per_day: spec?.budget.cost_per_day ?? 0,
+      bytes_per_day: spec?.budget.bytes_per_day ?? 0,
     },
-    maxRatio: { episodes_per_hour: 0, tokens_per_day: 0, cost_per_day: 0 },
+    maxRatio: { episodes_per_hour: 0, tokens_per_day: 0, cost_per_day: 0, bytes_per_day: 0 },
   };
 }
 
@@ -107,8 +108,10 @@ export async function readSnapshot(
     } else {
       s.used.tokensDay = u.tokens ?? 0;
       s.used.costDay = u.cost ?? 0;
+      s.used.bytesDay = u.bytes ?? 0;
       s.maxRatio.tokens_per_day = ratio(u.maxTokens, s.limits.tokens_per_day);
       s.maxRatio.cost_per_day = ratio(u.maxCost, s.limits.cost_per_day);
+      s.maxRatio.bytes_per_day = ratio(u.maxBytes, s.limits.bytes_per_day);
     }
   }
   return { at: now, types };

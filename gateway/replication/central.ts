@@ -430,6 +430,7 @@ export class CentralReader {
       failuresLastHour: number;
       tokensToday: number;
       costToday: number;
+      bytesToday: number;
     })[]
   > {
     const gws = await this.gateways();
@@ -440,7 +441,8 @@ export class CentralReader {
       [now - 3_600_000],
     );
     const usage = await this.all(
-      `SELECT gateway, sum(tokens) AS tokens, sum(cost) AS cost FROM budget_usage WHERE "window" = ? GROUP BY gateway`,
+      `SELECT gateway, sum(tokens) AS tokens, sum(cost) AS cost, sum(bytes) AS bytes FROM budget_usage
+        WHERE "window" = ? GROUP BY gateway`,
       [`d:${Math.floor(now / 86_400_000)}`],
     );
     return gws.map((g) => {
@@ -456,6 +458,7 @@ export class CentralReader {
         failuresLastHour: Number(e?.failed ?? 0),
         tokensToday: Number(u?.tokens ?? 0),
         costToday: Number(u?.cost ?? 0),
+        bytesToday: Number(u?.bytes ?? 0),
       };
     });
   }

@@ -38,6 +38,7 @@ async function fleets() {
     ["failures/h", (f) => '<span class="' + (f.failuresLastHour ? "bad" : "") + '">' + esc(f.failuresLastHour)
         + "</span>"],
     ["tokens today", (f) => esc(f.tokensToday)], ["cost today", (f) => esc(f.costToday)],
+    ["bytes today", (f) => esc(f.bytesToday)],
     ["backlog rows", (f) => esc(f.backlogRows)], ["lag s", (f) => esc(Math.round(f.lagS))],
     ["lost rows", (f) => '<span class="' + (f.lostRows ? "bad" : "") + '">' + esc(f.lostRows) + "</span>"],
     ["last push", (f) => esc(time(f.lastPushAt))],

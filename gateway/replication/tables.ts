@@ -53,7 +53,12 @@ export const REPLICATED = {
     "hash, agent, seq, parent, episode, spec_version, state, created_at, state_version, migrated_from",
     "hash",
   ),
-  budget_usage: table("budget_usage", `agent, "window", episodes, tool_calls, tokens, cost`, `agent, "window"`, true),
+  budget_usage: table(
+    "budget_usage",
+    `agent, "window", episodes, tool_calls, tokens, cost, bytes`,
+    `agent, "window"`,
+    true,
+  ),
   stimuli: table(
     "stimuli",
     "seq, agent, sid, kind, topic, payload, received_at, state, attempts, not_before, last_error, episode, done_at",
@@ -84,9 +89,8 @@ const CENTRAL_V1: readonly string[] = [
     backlog_bytes INTEGER NOT NULL DEFAULT 0, lag_s REAL NOT NULL DEFAULT 0, lost_rows INTEGER NOT NULL DEFAULT 0,
     schema_version INTEGER NOT NULL)`,
   // The tables v1 shipped with, with the columns they had then; later ones come in their own migrations.
-  ...(["spec_versions", "agents", "episodes", "events", "budget_usage", "stimuli"] as const).map((n) =>
-    createTable(REPLICATED[n]),
-  ),
+  ...(["spec_versions", "agents", "episodes", "events", "stimuli"] as const).map((n) => createTable(REPLICATED[n])),
+  createTable({ ...REPLICATED.budget_usage, columns: REPLICATED.budget_usage.columns.slice(0, 6) }),
   createTable({ ...REPLICATED.checkpoints, columns: REPLICATED.checkpoints.columns.slice(0, 8) }),
   `CREATE INDEX IF NOT EXISTS agents_fleet ON agents (fleet, id)`,
   `CREATE INDEX IF NOT EXISTS episodes_agent ON episodes (gateway, agent, started_at)`,
@@ -114,12 +118,16 @@ const CENTRAL_V4: readonly string[] = [
   `ALTER TABLE checkpoints ADD COLUMN migrated_from`,
 ];
 
+/** Central schema v5: the bytes each agent's episodes stored per window (`bytes_per_day`). */
+const CENTRAL_V5: readonly string[] = [`ALTER TABLE budget_usage ADD COLUMN bytes`];
+
 /** The central database's migrations, oldest first (applied by the first gateway that connects). */
 export const CENTRAL_MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "central schema", statements: CENTRAL_V1 },
   { version: 2, name: "operator actions", statements: CENTRAL_V2 },
   { version: 3, name: "indexes for paged reads", statements: CENTRAL_V3 },
   { version: 4, name: "checkpoint state versions", statements: CENTRAL_V4 },
+  { version: 5, name: "bytes stored per budget window", statements: CENTRAL_V5 },
 ];
 
 /** The central schema version this code writes and reads. */

@@ -170,6 +170,13 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "subprocess is killed (oom).",
   "agents.*.budget.tool_costs": "Cost charged per call of each tool, against cost_per_day.",
   "agents.*.budget.cost_per_day": "Cost per day window (0 = no cost budget).",
+  "agents.*.budget.bytes_per_day":
+    "Bytes the agent's episodes store in fleet.db per day window (0 = no limit): the UTF-8 size of each " +
+    "episode's event log as JSON (stimulus, ctx.log lines, records, tool calls), its checkpoint state, its " +
+    "outgoing messages, the stimuli it sends to other agents and the wake-ups it sets; rows' fixed overhead " +
+    "(ids, hashes, indexes) is not counted. Failed attempts count their event log. An episode that crosses it " +
+    "is still committed whole; the next one waits. The default (256 MiB) leaves room for a busy agent: " +
+    "3600 episodes an hour of ~2 KB each store ~170 MB a day.",
   "agents.*.checkpoint": "Checkpoint retention.",
   "agents.*.checkpoint.keep":
     "Newest checkpoints kept per agent; older ones are collected, the chain stays verifiable (0 = keep all).",

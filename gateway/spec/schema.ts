@@ -28,6 +28,7 @@ export const DEFAULT_BUDGET: BudgetSpec = Object.freeze({
   memory_mb: 256,
   tool_costs: Object.freeze({}),
   cost_per_day: 0,
+  bytes_per_day: 268_435_456,
 });
 
 type Issue = { input?: unknown };
@@ -99,6 +100,7 @@ const agentSchema = z.strictObject(
       memory_mb: z.int(MEM).min(16, MEM).default(DEFAULT_BUDGET.memory_mb),
       tool_costs: z.partialRecord(tool, nonNegNum(), says("must be a table")).default({}),
       cost_per_day: nonNegNum().default(DEFAULT_BUDGET.cost_per_day),
+      bytes_per_day: nonNegInt(DEFAULT_BUDGET.bytes_per_day),
     }),
     checkpoint: table({ keep: nonNegInt(50) }),
     retry: table({ max_attempts: posInt(3), backoff_ms: nonNegInt(1000) }),

@@ -20,6 +20,8 @@ export interface BudgetSpec {
   readonly tool_costs: Readonly<Record<string, number>>;
   /** 0 = unlimited. */
   readonly cost_per_day: number;
+  /** Bytes an agent's episodes may store per day window (event log, checkpoint state, outputs); 0 = unlimited. */
+  readonly bytes_per_day: number;
 }
 
 /** Retry policy for a failing stimulus before it is quarantined. */

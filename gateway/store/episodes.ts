@@ -50,8 +50,11 @@ export interface EpisodeFailure {
   readonly usage: EpisodeUsage;
 }
 
-/** Book one episode in both budget windows; `excluded` lets one statement carry both rows. */
-function usageStatement(agent: AgentId, u: EpisodeUsage): RawStatement {
+/**
+ * Book one episode in both budget windows, with the `bytes` its statements store; `excluded` lets
+ * one statement carry both rows.
+ */
+function usageStatement(agent: AgentId, u: EpisodeUsage, bytes: number): RawStatement {
   const row = (window: string) => ({
     agent,
     window,
@@ -59,13 +62,32 @@ function usageStatement(agent: AgentId, u: EpisodeUsage): RawStatement {
     toolCalls: u.toolCalls,
     tokens: u.tokens,
     cost: u.cost,
+    bytes,
   });
   return insertRows(
     codecs.budgetUsage,
     [row(u.hourWindow), row(u.dayWindow)],
     `ON CONFLICT (agent, "window") DO UPDATE SET episodes = episodes + excluded.episodes,
-      tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost`,
+      tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost,
+      bytes = bytes + excluded.bytes`,
   );
+}
+
+const utf8Bytes = (s: string | null | undefined) => (s ? Buffer.byteLength(s, "utf8") : 0);
+
+/**
+ * The bytes an episode's statements store for `bytes_per_day` (docs/fleet-toml.md): its event log
+ * as the JSON text inserted, its checkpoint state, outgoing payloads, inbox sends and wake-ups.
+ * The rows' fixed overhead (ids, hashes, indexes) is left out: it is bounded by the episode count.
+ */
+function storedBytes(log: string, c: EpisodeCommit | null): number {
+  let n = utf8Bytes(log);
+  if (c === null) return n;
+  n += utf8Bytes(c.checkpoint.state);
+  for (const o of c.outbox) n += utf8Bytes(o.payload);
+  for (const s of c.inbox) n += s.payload.byteLength;
+  for (const w of c.wakes ?? []) n += utf8Bytes(w.payload);
+  return n;
 }
 
 /**
@@ -86,14 +108,14 @@ export function logText(events: readonly t.EventRow[]): string {
   return `${out}]`;
 }
 
-/** The episode row of an attempt with its event log, stored as JSONB by SQLite (invalid JSON aborts the commit). */
-function logStatements(episode: typeof t.episodes.$inferInsert, events: readonly t.EventRow[]): RawStatement[] {
+/** The episode row of an attempt with its event log (`logText`), stored as JSONB by SQLite (invalid JSON aborts it). */
+function logStatements(episode: typeof t.episodes.$inferInsert, log: string): RawStatement[] {
   const row = insertRows(codecs.episodes, [episode]);
   const values = codecs.episodes.tuple.slice(1, -1);
   return [
     {
       sql: `INSERT INTO episodes (${codecs.episodes.columns}, "log") VALUES (${values}, jsonb(?))`,
-      args: [...(row.args as InValue[]), logText(events)],
+      args: [...(row.args as InValue[]), log],
     },
   ];
 }
@@ -122,7 +144,8 @@ export interface SentStimulus {
 export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatement[] {
   const ep = c.episode;
   const now = ep.endedAt;
-  const out = logStatements(ep, c.events);
+  const log = logText(c.events);
+  const out = logStatements(ep, log);
   out.push(insertRows(codecs.checkpoints, [c.checkpoint]));
   for (const rows of chunks(c.outbox)) out.push(insertRows(codecs.outbox, rows));
   // Inbox sends: their target agents first (created on first sight), then the stimuli.
@@ -171,7 +194,7 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
         "episodes + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
       args: [c.checkpoint.seq, hashToDriver(c.checkpoint.hash), now, now, ep.agent],
     },
-    usageStatement(ep.agent, c.usage),
+    usageStatement(ep.agent, c.usage, storedBytes(log, c)),
   );
   return out;
 }
@@ -179,7 +202,8 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
 /** The statements that record a failed attempt: the stimulus is retried later or quarantined. */
 export function failureStatements(f: EpisodeFailure): RawStatement[] {
   const ep = f.episode;
-  const out = logStatements(ep, f.events);
+  const log = logText(f.events);
+  const out = logStatements(ep, log);
   // An unset error leaves last_error as it was (drizzle's .set() skipped undefined too).
   const [setError, error] = ep.error === undefined ? ["", []] : [", last_error = ?", [ep.error]];
   out.push(
@@ -198,8 +222,8 @@ export function failureStatements(f: EpisodeFailure): RawStatement[] {
       sql: "UPDATE agents SET failures = failures + 1, last_episode_at = ?, updated_at = ? WHERE id = ?",
       args: [ep.endedAt, ep.endedAt, ep.agent],
     },
-    // Failed attempts still count against episodes_per_hour and the tools they used.
-    usageStatement(ep.agent, f.usage),
+    // Failed attempts still count against episodes_per_hour, the tools they used and the log they stored.
+    usageStatement(ep.agent, f.usage, storedBytes(log, null)),
   );
   return out;
 }

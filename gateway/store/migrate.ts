@@ -592,6 +592,42 @@ const TOMBSTONE_FRONTIER_BACKFILL: readonly string[] = [
  */
 const NO_QUEUE_INDEX: readonly string[] = [`DROP INDEX stimuli_queue`];
 
+/**
+ * Bytes each agent's episodes store, per window (`bytes_per_day`, tester F: one agent's event log
+ * filled the disk and stopped the fleet): a `bytes` column in the ledger, and its sum and highest
+ * single agent in `usage_totals`, whose triggers (migration 17) are made again to keep them.
+ * Windows booked before it count 0 bytes.
+ */
+const STORED_BYTES: readonly string[] = [
+  `ALTER TABLE budget_usage ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0`,
+  `ALTER TABLE usage_totals ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0`,
+  `ALTER TABLE usage_totals ADD COLUMN max_bytes INTEGER NOT NULL DEFAULT 0`,
+  `DROP TRIGGER usage_totals_new`,
+  `DROP TRIGGER usage_totals_set`,
+  `DROP TRIGGER usage_totals_gone`,
+  `CREATE TRIGGER usage_totals_new AFTER INSERT ON budget_usage BEGIN
+    INSERT INTO usage_totals VALUES (NEW."window", ${usageType("NEW")}, 1, NEW.episodes, NEW.tool_calls, NEW.tokens,
+      NEW.cost, NEW.episodes, NEW.tokens, NEW.cost, NEW.bytes, NEW.bytes)
+    ON CONFLICT ("window", type) DO UPDATE SET agents = agents + 1, episodes = episodes + excluded.episodes,
+      tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost,
+      bytes = bytes + excluded.bytes, max_episodes = max(max_episodes, excluded.max_episodes),
+      max_tokens = max(max_tokens, excluded.max_tokens), max_cost = max(max_cost, excluded.max_cost),
+      max_bytes = max(max_bytes, excluded.max_bytes); END`,
+  `CREATE TRIGGER usage_totals_set AFTER UPDATE ON budget_usage BEGIN
+    UPDATE usage_totals SET episodes = episodes + NEW.episodes - OLD.episodes,
+      tool_calls = tool_calls + NEW.tool_calls - OLD.tool_calls, tokens = tokens + NEW.tokens - OLD.tokens,
+      cost = cost + NEW.cost - OLD.cost, bytes = bytes + NEW.bytes - OLD.bytes,
+      max_episodes = max(max_episodes, NEW.episodes), max_tokens = max(max_tokens, NEW.tokens),
+      max_cost = max(max_cost, NEW.cost), max_bytes = max(max_bytes, NEW.bytes)
+    WHERE "window" = NEW."window" AND type = ${usageType("NEW")}; END`,
+  `CREATE TRIGGER usage_totals_gone AFTER DELETE ON budget_usage BEGIN
+    UPDATE usage_totals SET agents = agents - 1, episodes = episodes - OLD.episodes,
+      tool_calls = tool_calls - OLD.tool_calls, tokens = tokens - OLD.tokens, cost = cost - OLD.cost,
+      bytes = bytes - OLD.bytes
+    WHERE "window" = OLD."window" AND type = ${usageType("OLD")};
+    DELETE FROM usage_totals WHERE "window" = OLD."window" AND type = ${usageType("OLD")} AND agents <= 0; END`,
+];
+
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
   { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
@@ -627,6 +663,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 32, name: "bundles kept by a count of their episodes", statements: BUNDLE_USES },
   { version: 33, name: "queued stimuli found through the queue book", statements: NO_QUEUE_INDEX },
   { version: 34, name: "tombstone frontier of chains collected before 29", statements: TOMBSTONE_FRONTIER_BACKFILL },
+  { version: 35, name: "bytes stored per budget window", statements: STORED_BYTES },
 ];
 
 /** The schema version this code writes. */

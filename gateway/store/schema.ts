@@ -284,6 +284,8 @@ export const budgetUsage = sqliteTable(
     toolCalls: integer("tool_calls").notNull().default(0),
     tokens: integer("tokens").notNull().default(0),
     cost: real("cost").notNull().default(0),
+    /** Bytes the agent's episodes stored (store/episodes.ts `storedBytes`), against `bytes_per_day`. */
+    bytes: integer("bytes").notNull().default(0),
   },
   (t) => [primaryKey({ columns: [t.agent, t.window] })],
 );
@@ -300,7 +302,7 @@ export const bundleUses = sqliteTable("bundle_uses", {
 
 /**
  * Budget use per window and agent type: the sums over the type's `budget_usage` rows and the
- * highest single agent. Kept by triggers on `budget_usage` (store/migrate.ts, migration 17);
+ * highest single agent. Kept by triggers on `budget_usage` (store/migrate.ts, migrations 17 and 35);
  * never written by code.
  */
 export const usageTotals = sqliteTable(
@@ -317,6 +319,9 @@ export const usageTotals = sqliteTable(
     maxEpisodes: integer("max_episodes").notNull(),
     maxTokens: integer("max_tokens").notNull(),
     maxCost: real("max_cost").notNull(),
+    /** Since migration 35: windows booked before it count 0 bytes. */
+    bytes: integer("bytes").notNull().default(0),
+    maxBytes: integer("max_bytes").notNull().default(0),
   },
   (t) => [primaryKey({ columns: [t.window, t.type] })],
 );

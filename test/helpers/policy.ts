@@ -21,7 +21,7 @@ const SHARED = { hog: "agents/hog", spin: "agents/loops" } as const;
 
 /** Absolute path of a policy fixture agent (world-readable: episodes run as other uids). */
 export const policyAgent = (
-  name: "steady" | "scripted" | "probe" | "hog" | "spin" | "forkbomb" | "fdleak" | "snoop",
+  name: "steady" | "scripted" | "probe" | "hog" | "spin" | "forkbomb" | "fdleak" | "snoop" | "logger",
 ): string =>
   join(ROOT, "test/fixtures", `${name in SHARED ? SHARED[name as keyof typeof SHARED] : `policy/${name}`}.ts`);
 
