@@ -662,6 +662,8 @@ export class Gateway {
       state: this.state,
       spec_version: this.current.hash,
       spec_error: this.specError,
+      /** A reload checking a new version before it applies it (`step`: config check, deploy check), else null. */
+      spec_pending: this.redeploy?.pending ?? null,
       /** Each type's newest canary rollout of new code (docs/upgrading.md). */
       rollouts: (await this.rollouts?.view()) ?? [],
       /** Same as /readyz: false while commits fail (full disk, I/O error), with the reason. */

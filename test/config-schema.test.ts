@@ -161,6 +161,38 @@ describe("a bad config refuses the deploy", () => {
     expect(fleet.logTail(200)).toContain("agents.t.config.threshold");
   });
 
+  test("a reload under its config check shows spec_pending with the version it checks, then applies it", async () => {
+    const fleet = new TestFleet(`${fleetHeader("cfg-pending")}\n${typeToml("{ threshold = 80 }")}`);
+    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
+    const slow = join(fleet.dir, "slow.ts"); // its config check takes 5 s
+    writeFileSync(slow, `await Bun.sleep(5000);\nexport { default } from ${JSON.stringify(TYPED)};\n`);
+    await fleet.start();
+    type View = {
+      spec_version: string;
+      spec_error: string | null;
+      spec_pending: { spec_version: string; step: string; since: number } | null;
+    };
+    const view = async () => (await (await fleet.fetch("/api/fleet")).json()) as View;
+    const before = await view();
+    expect(before.spec_pending).toBeNull();
+    writeFileSync(fleet.configPath, `${fleetHeader("cfg-pending")}\n${typeToml("{ threshold = 90 }", slow)}`);
+    const pending = await waitFor(async () => (await view()).spec_pending ?? undefined, 30_000, "the pending reload");
+    expect(pending.step).toBe("config check");
+    expect(pending.spec_version).not.toBe(before.spec_version);
+    const status = await runCli(["status", "--data-dir", fleet.dataDir]);
+    expect(status.stdout).toContain(`config check of ${pending.spec_version.slice(0, 12)} running for`);
+    expect((await view()).spec_version).toBe(before.spec_version);
+    const applied = await waitFor(
+      async () =>
+        ((v) => (v.spec_pending === null && v.spec_version !== before.spec_version ? v : undefined))(await view()),
+      60_000,
+      "the reload applied",
+    );
+    expect(applied.spec_version).toBe(pending.spec_version);
+    expect(applied.spec_error).toBeNull();
+    await fleet.stop();
+  });
+
   test("a hot redeploy with it is not applied; the running version keeps its config", async () => {
     const fleet = new TestFleet(`${fleetHeader("cfg-reload")}\n${typeToml("{ threshold = 80 }")}`);
     await fleet.start();

@@ -14,6 +14,7 @@ import { type AgentId, parseAgentId, parseStimulusKind, shownStatus } from "../t
 import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
 import { agentView, episodeView, episodesPage } from "../observe/index.ts";
 import type { Store } from "../store/index.ts";
+import type { SpecPending } from "../fleet/index.ts";
 
 /** `fleet status`: live health from a running gateway, else what the data dir says. */
 export async function cmdStatus(cli: Cli): Promise<number> {
@@ -31,9 +32,11 @@ export async function cmdStatus(cli: Cli): Promise<number> {
                 ? replicationLine(v as ReplicationLine)
                 : k === "rollouts" && Array.isArray(v)
                   ? rolloutLines(v as RolloutLine[])
-                  : typeof v === "object"
-                    ? JSON.stringify(v)
-                    : String(v)
+                  : k === "spec_pending" && v
+                    ? pendingLine(v as SpecPending)
+                    : typeof v === "object"
+                      ? JSON.stringify(v)
+                      : String(v)
             }`,
         ),
       ].join("\n"),
@@ -62,6 +65,12 @@ export async function cmdStatus(cli: Cli): Promise<number> {
       table(counts, ["type", "status", "n"]),
   );
   return 0;
+}
+
+/** A reload checking a new version (`/api/fleet` `spec_pending`): which check, of what, how long so far. */
+function pendingLine(p: SpecPending): string {
+  const secs = Math.max(0, Math.round((Date.now() - p.since) / 1000));
+  return `${p.step} of ${p.spec_version.slice(0, 12)} running for ${secs} s (not applied yet)`;
 }
 
 /** The fields of `/api/fleet`'s `rollouts` that `fleet status` prints. */

@@ -64,10 +64,23 @@ export interface RedeployDeps {
   applyLive?(current: FleetSpec, next: FleetSpec): Promise<string | null>;
 }
 
+/** A reload under way: the version it checks, which check runs, since when (epoch ms). */
+export interface SpecPending {
+  readonly spec_version: string;
+  readonly step: "config check" | "deploy check";
+  readonly since: number;
+}
+
 /** Applies fleet.toml changes one at a time. */
 export class Redeploy {
   /** Last spec reload error, shown by status and /api/fleet; null once a load succeeds. */
   error: string | null = null;
+  /**
+   * The version a reload is checking before it applies it (the config check in sandboxes, the replay
+   * gate), or null: while it runs `error` is null and the running version the old one, which alone would
+   * not say the edit was seen (shown by status and /api/fleet as `spec_pending`).
+   */
+  pending: SpecPending | null = null;
   private chain: Promise<void> = Promise.resolve();
 
   constructor(private readonly d: RedeployDeps) {}
@@ -108,12 +121,23 @@ export class Redeploy {
       this.d.log.error({ reason }, `fleet.toml not applied: ${this.error}`);
       return;
     }
+    try {
+      await this.checkAndApply(reason, current, next);
+    } finally {
+      this.pending = null;
+    }
+  }
+
+  /** `next` (a new version that needs no restart) checked, then applied unless a check refuses it. */
+  private async checkAndApply(reason: string, current: SpecVersion, next: SpecVersion): Promise<void> {
+    this.pending = { spec_version: next.hash, step: "config check", since: this.d.now() };
     const refused = (await this.d.check?.(current.spec, next)) ?? null;
     if (refused !== null) {
       this.error = `not applied: ${refused}`;
       this.d.log.error({ reason }, `fleet.toml ${this.error}; keeping spec ${current.hash.slice(0, 12)}`);
       return;
     }
+    this.pending = { spec_version: next.hash, step: "deploy check", since: this.pending?.since ?? this.d.now() };
     const gated = (await this.d.gate?.(current, next)) ?? null;
     if (gated !== null) {
       this.error = `not applied: ${gated}; still running spec ${current.hash.slice(0, 12)}`;
