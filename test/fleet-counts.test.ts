@@ -177,10 +177,12 @@ describe("usage_totals in the store", () => {
   /** Book `episodes` episodes for `agent` in `window` the way a commit does (upsert, incremented in place). */
   const book = (agent: string, window: string, tokens: number, cost: number) =>
     store.client.execute({
-      sql: `INSERT INTO budget_usage (agent, "window", episodes, tool_calls, tokens, cost) VALUES (?, ?, 1, 2, ?, ?)
+      sql: `INSERT INTO budget_usage (agent, "window", episodes, tool_calls, tokens, cost, bytes)
+        VALUES (?, ?, 1, 2, ?, ?, ?)
         ON CONFLICT (agent, "window") DO UPDATE SET episodes = episodes + excluded.episodes,
-        tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost`,
-      args: [agent, window, tokens, cost],
+        tool_calls = tool_calls + excluded.tool_calls, tokens = tokens + excluded.tokens, cost = cost + excluded.cost,
+        bytes = bytes + excluded.bytes`,
+      args: [agent, window, tokens, cost, 3 * tokens + 1],
     });
 
   /** Per window and type, from the ledger's rows themselves and from the totals the snapshot reads. */
@@ -188,7 +190,8 @@ describe("usage_totals in the store", () => {
     const rs = await store.client.execute(
       `SELECT "window", substr(agent, 1, instr(agent, '/') - 1) AS type, count(*) AS agents, sum(episodes) AS episodes,
         max(episodes) AS maxEpisodes, sum(tool_calls) AS toolCalls, sum(tokens) AS tokens, max(tokens) AS maxTokens,
-        round(sum(cost), 6) AS cost, max(cost) AS maxCost FROM budget_usage GROUP BY 1, 2 ORDER BY 1, 2`,
+        round(sum(cost), 6) AS cost, max(cost) AS maxCost, sum(bytes) AS bytes, max(bytes) AS maxBytes
+        FROM budget_usage GROUP BY 1, 2 ORDER BY 1, 2`,
     );
     const want = rs.rows
       .filter((r) => windows.includes(String(r.window)))
