@@ -112,6 +112,32 @@ describe("schema migrations", () => {
     }
   });
 
+  test("two processes migrating one file at once: the second applies only what the first did not yet", async () => {
+    const path = fixtureCopy();
+    const first = createClient({ url: `file:${path}` });
+    const second = createClient({ url: `file:${path}` });
+    await second.execute("PRAGMA busy_timeout = 5000");
+    // The second reads version 1, then the first migrates the whole way before the second takes the write lock.
+    const racing = new Proxy(second, {
+      get(target, key) {
+        if (key === "transaction")
+          return async (mode: "write") => {
+            await migrate(first, path);
+            return target.transaction(mode);
+          };
+        const v = Reflect.get(target, key) as unknown;
+        return typeof v === "function" ? v.bind(target) : v;
+      },
+    });
+    try {
+      expect(await migrate(racing, path)).toEqual({ from: SCHEMA_VERSION, to: SCHEMA_VERSION });
+      expect(await schemaVersion(second)).toBe(SCHEMA_VERSION);
+    } finally {
+      first.close();
+      second.close();
+    }
+  });
+
   test("a migration that fails leaves the old schema and version whole", async () => {
     const path = fixtureCopy();
     const broken: Migration[] = [

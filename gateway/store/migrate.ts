@@ -682,7 +682,7 @@ export class SchemaVersionError extends Error {
 }
 
 /** The version recorded in the database (0 for an empty one). */
-export async function schemaVersion(client: Client): Promise<number> {
+export async function schemaVersion(client: Pick<Client, "execute">): Promise<number> {
   const meta = await client.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
   if (meta.rows.length === 0) return 0;
   const row = await client.execute("SELECT value FROM meta WHERE key = 'schema_version'");
@@ -705,7 +705,9 @@ export function checkNotNewer(found: number, path: string, supported = SCHEMA_VE
 
 /**
  * Bring the database up to the newest migration, in one transaction. Returns the versions
- * before and after (equal when there was nothing to do).
+ * before and after (equal when there was nothing to do). The version is read again once the
+ * write lock is held: another process migrating the same file meanwhile (two offline commands,
+ * say) has applied some or all of the steps, and only the rest are applied here.
  */
 export async function migrate(
   client: Client,
@@ -713,12 +715,15 @@ export async function migrate(
   migrations: readonly Migration[] = MIGRATIONS,
 ): Promise<{ from: number; to: number }> {
   const target = migrations.at(-1)?.version ?? 0;
-  const from = await schemaVersion(client);
-  checkNotNewer(from, path, target);
-  const pending = migrations.filter((m) => m.version > from);
-  if (pending.length === 0) return { from, to: from };
+  const seen = await schemaVersion(client);
+  checkNotNewer(seen, path, target);
+  if (seen === target) return { from: seen, to: seen };
   const tx = await client.transaction("write");
   try {
+    const from = await schemaVersion(tx);
+    checkNotNewer(from, path, target);
+    const pending = migrations.filter((m) => m.version > from);
+    if (pending.length === 0) return { from, to: from };
     for (const m of pending) for (const sql of m.statements) await tx.execute(sql);
     await tx.execute({
       sql:
@@ -727,8 +732,8 @@ export async function migrate(
       args: [String(target)],
     });
     await tx.commit();
+    return { from, to: target };
   } finally {
     tx.close();
   }
-  return { from, to: target };
 }
