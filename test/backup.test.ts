@@ -4,7 +4,18 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { createClient } from "@libsql/client";
+import {
+  chmodSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
@@ -13,6 +24,9 @@ import { agentBlock, policyAgent } from "./helpers/policy.ts";
 import { fleetHeader } from "./helpers/toml.ts";
 import { DataDirInUse, Gateway } from "../gateway/gateway.ts";
 import { backupDatabase, restoreDatabase } from "../gateway/ops/index.ts";
+import { MIGRATIONS, migrate, SCHEMA_VERSION } from "../gateway/store/index.ts";
+
+const FIXTURE = join(import.meta.dir, "fixtures/datadir-v1/fleet.db");
 
 const dirs: string[] = [];
 afterAll(() => {
@@ -34,6 +48,71 @@ async function fleetDb(): Promise<{ dir: string; db: string }> {
   await fleet.close();
   return { dir, db: fleet.dbPath };
 }
+
+/** A stopped data dir an older release wrote: the release-0.1 fixture, upgraded to `version` as that release would. */
+async function olderDb(version: number): Promise<string> {
+  const dir = mkdtempSync(join(tmpdir(), "fleet-backup-"));
+  dirs.push(dir);
+  const db = join(dir, "fleet.db");
+  copyFileSync(FIXTURE, db);
+  const c = createClient({ url: `file:${db}` });
+  await migrate(c, db, MIGRATIONS.slice(0, version));
+  c.close();
+  return db;
+}
+
+/** `meta.<key>` of a database file. */
+function metaOf(db: string, key: string): string | undefined {
+  const d = new Database(db, { readonly: true });
+  try {
+    return d.query<{ value: string }, [string]>("SELECT value FROM meta WHERE key = ?").get(key)?.value;
+  } finally {
+    d.close();
+  }
+}
+const versionOf = (db: string) => Number(metaOf(db, "schema_version"));
+
+describe("older releases", () => {
+  for (const version of [1, 12]) {
+    test(`a schema ${version} backup restores upgraded to this schema, with a new gateway id`, async () => {
+      const backup = await olderDb(version);
+      expect(versionOf(backup)).toBe(version);
+      const data = join(backup, "..", "new");
+      const report = await restoreDatabase(backup, data, false);
+      expect(report).toMatchObject({ schema_version: SCHEMA_VERSION, upgraded_from: version });
+      expect(report.verify).toMatchObject({ agents: 3, checkpoints: 12, problems: [] });
+      expect(versionOf(join(data, "fleet.db"))).toBe(SCHEMA_VERSION);
+      expect(versionOf(backup)).toBe(version); // the backup itself is left as it was
+      expect(metaOf(join(data, "fleet.db"), "gateway_id")).not.toBe(metaOf(backup, "gateway_id"));
+      expect(readdirSync(data).sort()).toEqual(["fleet.db", "sandboxes"]);
+    });
+  }
+
+  test("a backup of a data dir an older release wrote keeps its schema and verifies as an upgraded copy", async () => {
+    const db = await olderDb(12);
+    const file = join(db, "..", "b.db");
+    const report = await backupDatabase(db, file);
+    expect(report).toMatchObject({ schema_version: 12, upgraded_from: 12 });
+    expect(report.verify).toMatchObject({ agents: 3, checkpoints: 12, problems: [] });
+    expect(versionOf(file)).toBe(12);
+    expect(versionOf(db)).toBe(12);
+    expect(readdirSync(join(db, "..")).filter((f) => f.startsWith(".fleet-backup"))).toEqual([]);
+  });
+
+  test("a backup a newer release wrote is refused, saying so, and nothing is restored", async () => {
+    const { dir, db } = await fleetDb();
+    const file = join(dir, "newer.db");
+    await backupDatabase(db, file);
+    const d = new Database(file);
+    d.run(`UPDATE meta SET value = '${SCHEMA_VERSION + 1}' WHERE key = 'schema_version'`);
+    d.close();
+    const data = join(dir, "new");
+    await expect(restoreDatabase(file, data, false)).rejects.toThrow(
+      `was written by a newer release (schema ${SCHEMA_VERSION + 1}; this one is ${SCHEMA_VERSION})`,
+    );
+    expect(readdirSync(data)).toEqual(["sandboxes"]);
+  });
+});
 
 describe("restore", () => {
   test("keeps backups named fleet.db-<date> in the data dir, the one restored from included", async () => {

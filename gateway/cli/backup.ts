@@ -5,11 +5,18 @@
 import { join } from "node:path";
 import { type BackupReport, backupDatabase, restoreDatabase } from "../ops/index.ts";
 import { type Cli, UsageError } from "./context.ts";
+import { SCHEMA_VERSION } from "../store/index.ts";
 
 function describe(verb: string, r: BackupReport): string {
   const v = r.verify;
+  const upgraded =
+    r.upgraded_from === null
+      ? ""
+      : verb === "restored"
+        ? `, upgraded from the backup's v${r.upgraded_from}`
+        : `, an older release's: verified in a scratch copy upgraded to v${SCHEMA_VERSION}`;
   return (
-    `${verb} ${r.file} (${r.bytes} bytes, schema v${r.schema_version}): ` +
+    `${verb} ${r.file} (${r.bytes} bytes, schema v${r.schema_version}${upgraded}): ` +
     `${v.agents} agent(s), ${v.checkpoints} checkpoint(s), ${v.episodes} episode(s) verified`
   );
 }
