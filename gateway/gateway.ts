@@ -281,7 +281,11 @@ export class Gateway {
     this.store = await Store.open(join(this.dataDir, "fleet.db"), {
       synchronous: spec.fleet.synchronous,
       commitFault: commitFaultFromEnv(process.env) ?? undefined,
+      upgrade: true,
     });
+    const upgraded = this.store.upgraded;
+    if (upgraded)
+      this.log.info(upgraded, `data dir upgraded from schema ${upgraded.from} to ${upgraded.to} (${upgraded.ms} ms)`);
     this.storageWatch = new StorageWatch(this.store, this.log);
     this.storageWatch.start();
     this.metrics = new FleetMetrics(this, { now: this.now });

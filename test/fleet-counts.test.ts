@@ -135,7 +135,7 @@ describe("agent_counts in the store", () => {
   });
 
   test("the migration counts the agents a data dir already has", async () => {
-    store = await Store.open(await olderDataDir(), { synchronous: "normal" });
+    store = await Store.open(await olderDataDir(), { synchronous: "normal", upgrade: true });
     const want = await expectTruth(store);
     expect(want["t1/paused"]).toEqual({ n: 5, budget: 5 });
     expect(Object.values(want).reduce((n, v) => n + v.n, 0)).toBe(50);
@@ -242,7 +242,7 @@ describe("usage_totals in the store", () => {
         args: [`t${i % 3}/k${i}`, i % 2 ? "h:5" : "d:0", i + 1, 7 * i, 0.25 * i],
       });
     c.close();
-    store = await Store.open(path, { synchronous: "normal" });
+    store = await Store.open(path, { synchronous: "normal", upgrade: true });
     const r = await both(["h:5", "d:0"]);
     expect(r.got).toEqual(r.want as never);
     expect(r.got.length).toBe(6);

@@ -4,9 +4,11 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
-import { copyFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import pino from "pino";
+import { Gateway } from "../gateway/gateway.ts";
 import { defaultSpawnOptions } from "../gateway/episode/index.ts";
 import { replayEpisode, verifyStore } from "../gateway/ops/index.ts";
 import {
@@ -25,6 +27,7 @@ import {
 } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { runCli } from "./helpers/gateway.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
 
 const FIXTURE = join(import.meta.dir, "fixtures/datadir-v1/fleet.db");
 const dirs: string[] = [];
@@ -54,7 +57,7 @@ describe("schema migrations", () => {
   test("a release 0.1 data dir opens with the current code, is at the current version and verifies", async () => {
     const path = fixtureCopy();
     expect(await versionOf(path)).toBe(1);
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       expect(await versionOf(path)).toBe(SCHEMA_VERSION);
       const report = await verifyStore(store);
@@ -74,12 +77,57 @@ describe("schema migrations", () => {
     expect(status.code).toBe(1);
     expect(status.stderr.trim().split("\n")).toHaveLength(1);
     expect(status.stderr).toContain(`has schema version 1, older than this code's ${SCHEMA_VERSION}`);
-    expect(status.stderr).toContain("start the gateway on the data dir once to upgrade it");
+    expect(status.stderr).toContain("`fleet start` upgrades it (irreversible; `fleet backup` first)");
+    const quarantine = await runCli(["quarantine", "--data-dir", dir]);
+    expect(quarantine.code).toBe(1);
+    expect(quarantine.stderr).toContain(`has schema version 1, older than this code's ${SCHEMA_VERSION}`);
     expect(await versionOf(path)).toBe(1); // read-only: nothing was upgraded
   });
 
+  test("offline commands that write refuse a data dir an older release wrote and change nothing", async () => {
+    const path = fixtureCopy();
+    const dir = dirname(path);
+    const before = readFileSync(path);
+    const commands = [
+      ["gc", "--dry-run"],
+      ["token", "add", "ops", "--scope", "read"],
+      ["pause", "temp-monitor/boiler-1"],
+      ["retire", "temp-monitor/boiler-1", "--drain"],
+      ["quarantine", "retry", "1"],
+    ];
+    for (const args of commands) {
+      const r = await runCli([...args, "--data-dir", dir]);
+      expect({ args, code: r.code }).toEqual({ args, code: 1 });
+      expect(r.stderr.trim()).toBe(
+        `fleet: ${dir} was written by an older release (schema 1; this one is ${SCHEMA_VERSION}): ` +
+          "`fleet start` upgrades it (irreversible; `fleet backup` first); nothing was changed",
+      );
+    }
+    expect(await versionOf(path)).toBe(1);
+    expect(readFileSync(path).equals(before)).toBe(true);
+    expect(existsSync(join(dir, "tokens.json"))).toBe(false);
+  });
+
+  test("a gateway's start upgrades an older data dir and logs one line saying from which schema", async () => {
+    const path = fixtureCopy();
+    const dir = dirname(path);
+    chmodSync(dir, 0o755); // episodes run as other uids when root
+    const configPath = join(dir, "fleet.toml");
+    writeFileSync(configPath, fleetHeader("upgrade") + counterType("counter", "c/+/in"));
+    const lines: { msg?: string }[] = [];
+    const logger = pino({ level: "info" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+    const gateway = new Gateway({ configPath, dataDir: dir, mqttPort: 0, httpPort: 0, logger });
+    await gateway.start();
+    await gateway.stop();
+    const upgraded = lines.filter((l) => l.msg?.startsWith("data dir upgraded"));
+    expect(upgraded).toEqual([
+      expect.objectContaining({ from: 1, to: SCHEMA_VERSION, msg: expect.stringContaining(`1 to ${SCHEMA_VERSION}`) }),
+    ]);
+    expect(await versionOf(path)).toBe(SCHEMA_VERSION);
+  });
+
   test("an episode from before code bundles whose module is gone replays as UNREPLAYABLE, saying why", async () => {
-    const store = await Store.open(fixtureCopy(), { synchronous: "full" });
+    const store = await Store.open(fixtureCopy(), { synchronous: "full", upgrade: true });
     try {
       const [ep] = await store.listEpisodes("temp-monitor/boiler-1" as AgentId, 1);
       const r = await replayEpisode(store, ep!.id, defaultSpawnOptions());
@@ -187,7 +235,7 @@ describe("schema migrations", () => {
     // Retention forgot half of the dedup memory before the upgrade.
     await c.execute("DELETE FROM stimuli WHERE seq IN (SELECT stimulus_seq FROM episodes ORDER BY id LIMIT 6)");
     c.close();
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const kinds = await store.client.execute(
         `SELECT ${stimulusKind.ofSql("stimulus_kind")} AS kind, count(*) AS n FROM episodes GROUP BY stimulus_kind`,
@@ -218,7 +266,7 @@ describe("schema migrations", () => {
     const before = await rows(c);
     c.close();
     expect(before.length).toBeGreaterThan(12);
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       expect(await rows(store.client)).toEqual(before);
       // No table of events is left: each log is its episode row's `log`, read through the view.
@@ -249,7 +297,7 @@ describe("schema migrations", () => {
     const [ep] = (await c.execute("SELECT episode FROM events ORDER BY episode LIMIT 1")).rows.map((r) => r.episode);
     await c.execute({ sql: "UPDATE events SET data = '{broken' WHERE episode = ? AND seq = 0", args: [ep!] });
     c.close();
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       expect(await versionOf(path)).toBe(SCHEMA_VERSION);
       const kept = await store.client.execute({
@@ -277,7 +325,7 @@ describe("schema migrations", () => {
     c.close();
     // One gateway wrote everything: the id the rows repeated is the data dir's own.
     expect(ids.rows).toHaveLength(1);
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       expect(store.gatewayId).toBe(String(ids.rows[0]![0]));
       expect(await Promise.all(tables.map((tb) => count(store.client, tb)))).toEqual(before);
@@ -305,7 +353,7 @@ describe("schema migrations", () => {
     }));
     c.close();
     expect(before.length).toBeGreaterThan(0);
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const raw = await store.client.execute(
         "SELECT count(*) AS n FROM episodes WHERE typeof(events_hash) = 'blob' AND length(events_hash) = 32",
@@ -341,7 +389,7 @@ describe("schema migrations", () => {
     const rows = (await c.execute("SELECT agent, sid, kind, topic FROM stimuli ORDER BY seq")).rows;
     c.close();
     expect(rows.length).toBeGreaterThan(0);
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const cols = await store.client.execute("SELECT name FROM pragma_index_info('stimuli_dedup') ORDER BY seqno");
       expect(cols.rows.map((r) => String(r.name))).toEqual(["sid", "agent"]);
@@ -376,7 +424,7 @@ describe("schema migrations", () => {
     c.close();
     expect(episodes.length).toBe(12);
     expect(stimuli.length).toBeGreaterThan(0);
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const raw = await store.client.execute(
         `SELECT (SELECT count(*) FROM episodes WHERE typeof(id) = 'blob' AND length(id) = 16) AS e,
@@ -444,7 +492,7 @@ describe("schema migrations", () => {
     } finally {
       c.close();
     }
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const raw = await store.client.execute(
         `SELECT typeof(bundle) AS t, length(bundle) AS n FROM episodes WHERE ${idOfSql("id")} IN (?, ?, ?, ?, ?)
@@ -497,7 +545,7 @@ describe("schema migrations", () => {
     } finally {
       c.close();
     }
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const [after] = (
         await store.client.execute({ sql: "SELECT tombstoned_seq FROM agents WHERE id = ?", args: [agent] })
@@ -533,7 +581,7 @@ describe("schema migrations", () => {
     } finally {
       c.close();
     }
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const rows = await store.client.execute(`SELECT agent, "window", episodes, tokens, bytes FROM budget_usage
         ORDER BY 1, 2`);
@@ -590,7 +638,7 @@ describe("schema migrations", () => {
     } finally {
       c.close();
     }
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     try {
       const raw = await store.client.execute(
         `SELECT ${idOfSql("id")} AS id, status, typeof(stimulus_kind) AS t, stimulus_kind FROM episodes ORDER BY rowid`,

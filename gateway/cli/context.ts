@@ -9,7 +9,7 @@ import { parse as parseToml } from "smol-toml";
 import type { CliContext } from "./devices.ts";
 import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
-import { SCHEMA_VERSION, Store, schemaVersion } from "../store/index.ts";
+import { SCHEMA_VERSION, Store, schemaVersion, UPGRADE_HINT } from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
 import { readLocalToken } from "../auth/index.ts";
 
@@ -108,8 +108,6 @@ export interface Cli extends CliContext {
   readonly flags: CliFlags;
   dataDir(): Promise<string>;
   running(): Promise<LiveGateway | null>;
-  /** The data dir's database, read-only; a UsageError when there is none. */
-  openReadonly(): Promise<Store>;
   /** Print `data` as JSON with --json, else the human text. */
   print(data: unknown, human: () => string): void;
 }
@@ -122,8 +120,7 @@ export function olderSchemaHint(reason: string): string | null {
   if (olderSchema === null || !/no such (table|column)/.test(reason)) return null;
   return (
     `${olderSchema.file} has schema version ${olderSchema.found}, older than this code's ${SCHEMA_VERSION}, ` +
-    `and this command reads what the upgrade adds (${reason}): start the gateway on the data dir once ` +
-    "to upgrade it (or upgrade a copy the same way)"
+    `and this command reads what the upgrade adds (${reason}): ${UPGRADE_HINT}`
   );
 }
 
@@ -168,15 +165,24 @@ export function createCli(flags: CliFlags): Cli {
     }
   }
 
-  async function openReadonly(): Promise<Store> {
+  async function databaseFile(): Promise<string> {
     const dir = await dataDir();
     const file = join(dir, "fleet.db");
     if (!existsSync(file))
       throw new UsageError(`no fleet data in ${dir} (start the gateway first, or pass --data-dir)`);
+    return file;
+  }
+
+  async function openReadonly(): Promise<Store> {
+    const file = await databaseFile();
     const store = await Store.open(file, { synchronous: "normal", readonly: true });
     const found = await schemaVersion(store.client);
     if (found < SCHEMA_VERSION) olderSchema = { file, found };
     return store;
+  }
+
+  async function openWritable(): Promise<Store> {
+    return Store.open(await databaseFile(), { synchronous: "full" });
   }
 
   return {
@@ -186,6 +192,7 @@ export function createCli(flags: CliFlags): Cli {
     dataDir,
     running,
     openReadonly,
+    openWritable,
     print: (data, human) => console.log(flags.json ? JSON.stringify(data, null, 2) : human()),
   };
 }

@@ -4,14 +4,14 @@
  * at the next CONNECT); quarantine goes through the running gateway's HTTP API, or writes
  * the data dir directly when the gateway is stopped (it is then the only writer).
  */
-import { chmodSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { addDevice, listDevices, mosquittoExport, mosquittoHash, rekeyDevice, removeDevice } from "../devices/index.ts";
 import { DevicesError, loadDevices } from "../devices/index.ts";
 import { auditLocal, listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { loadSpec } from "../spec/index.ts";
-import { Store } from "../store/index.ts";
+import type { Store } from "../store/index.ts";
 import { liveFetch, type LiveEndpoint } from "./live.ts";
 import { table } from "./table.ts";
 
@@ -22,6 +22,13 @@ export interface CliContext {
   dataDir(): Promise<string>;
   /** The running gateway's HTTP base URL, or null when it is stopped. */
   running(): Promise<LiveEndpoint | null>;
+  /** The data dir's database, read-only; a UsageError when there is none. */
+  openReadonly(): Promise<Store>;
+  /**
+   * The data dir's database for a command that writes to it (gateway stopped); a UsageError when there is
+   * none, a SchemaVersionError (nothing changed) when an older release wrote it: only `fleet start` upgrades.
+   */
+  openWritable(): Promise<Store>;
 }
 
 /** Flags of `fleet device add`. */
@@ -219,9 +226,7 @@ export async function quarantineCommand(args: readonly string[], limitFlag: numb
       const res = await liveFetch(live, `/api/quarantine?limit=${limit}`);
       items = ((await res.json()) as { stimuli: QuarantineItem[] }).stimuli;
     } else {
-      const file = join(await ctx.dataDir(), "fleet.db");
-      if (!existsSync(file)) return usage(`no fleet data in ${file} (start the gateway first, or pass --data-dir)`);
-      const store = await Store.open(file, { synchronous: "normal", readonly: true });
+      const store = await ctx.openReadonly();
       items = await listQuarantine(store, limit);
       await store.close();
     }
@@ -241,9 +246,7 @@ export async function quarantineCommand(args: readonly string[], limitFlag: numb
       ? { ok: true, agent: body.agent }
       : { ok: false, message: body.error?.message ?? `HTTP ${res.status}` };
   } else {
-    const file = join(await ctx.dataDir(), "fleet.db");
-    if (!existsSync(file)) return usage(`no fleet data in ${file} (pass --data-dir)`);
-    const store = await Store.open(file, { synchronous: "full" });
+    const store = await ctx.openWritable();
     try {
       const r = await resolveQuarantined(store, seq, sub);
       result = r.ok ? { ok: true, agent: r.agent } : { ok: false, message: r.message };

@@ -3,7 +3,7 @@
  * validate. Changes go through the running gateway's HTTP API (it is the only writer), or
  * to the data dir directly when it is stopped.
  */
-import { join, resolve } from "node:path";
+import { resolve } from "node:path";
 import { intArg, UsageError, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
@@ -15,7 +15,6 @@ import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
 import { versionOf } from "../code/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
-import { Store } from "../store/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { parseAgentId, shownStatus } from "../types.ts";
 import { lifecycleRefusal, OPERATOR_DRAIN } from "../fleet/index.ts";
@@ -135,7 +134,7 @@ export async function cmdGc(cli: Cli): Promise<number> {
         `WARNING: collecting as of ${new Date(now).toISOString()}, a time in the future: dedup ids younger than ` +
           `dedup_days are forgotten, so a stimulus already processed may run a second episode if it is sent again.`,
       );
-    const store = await Store.open(join(await cli.dataDir(), "fleet.db"), { synchronous: "full" });
+    const store = await cli.openWritable();
     const spec = (await loadSpec(cli.configPath)).spec;
     // A stopped gateway cannot tell how big its backlog is against max_backlog_mb: keep what `required` keeps.
     report = await gcAll(store, spec, {
@@ -192,8 +191,7 @@ export async function cmdLifecycle(
     return res.ok ? 0 : 1;
   }
   // Stopped: we are the only writer now.
-  const dir = await cli.dataDir();
-  const store = await Store.open(join(dir, "fleet.db"), { synchronous: "full" });
+  const store = await cli.openWritable();
   const row = await store.getAgent(a.id);
   // Recorded as the running gateway records POST /api/agents/<type>/<key>/<action> (http/access.ts).
   const audit = (status: number) =>

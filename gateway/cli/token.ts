@@ -14,14 +14,13 @@ import {
   readTokens,
   revokeToken,
   SCOPES,
-  type StoredToken,
   TOKENS_AUDITED_META,
   TOKENS_FILE,
   TokenFileError,
   tokenAuditRecords,
   tokenSnapshot,
 } from "../auth/index.ts";
-import { appendAuditWithMeta, listAudit, Store } from "../store/index.ts";
+import { appendAuditWithMeta, listAudit } from "../store/index.ts";
 import { localActor } from "../ops/index.ts";
 import { auditView } from "../store/index.ts";
 import { table, UsageError, when, type Cli } from "./context.ts";
@@ -39,17 +38,21 @@ async function tokensFile(cli: Cli): Promise<string> {
 }
 
 /**
- * With the gateway stopped, record the change from `before` to the file now in the data dir's audit
- * log (we are its only writer), with the file as audited (TOKENS_AUDITED_META): the next start then
- * records nothing twice. Changes before `before` the log has not recorded are recorded as the gateway
- * would have (`tokens-file`).
+ * Make a change to the tokens file and, with the gateway stopped, record it in the data dir's audit log
+ * (we are its only writer), with the file as audited (TOKENS_AUDITED_META): the next start then records
+ * nothing twice. Changes the log has not recorded yet are recorded as the gateway would have
+ * (`tokens-file`). The database is opened before the change, so a data dir that cannot take the record
+ * (one an older release wrote) refuses the command with the file unchanged. `change` returns false when
+ * it changed nothing.
  */
-async function auditOffline(cli: Cli, file: string, before: readonly StoredToken[]): Promise<void> {
-  if (await cli.running()) return; // the gateway records it when it re-reads the file
+async function changeTokens(cli: Cli, file: string, change: () => boolean): Promise<boolean> {
   const db = join(await cli.dataDir(), "fleet.db");
-  if (!existsSync(db)) return;
-  const store = await Store.open(db, { synchronous: "full" });
+  // The running gateway records it when it re-reads the file.
+  const store = (await cli.running()) || !existsSync(db) ? null : await cli.openWritable();
   try {
+    const before = readTokens(file);
+    if (!change()) return false;
+    if (store === null) return true;
     const at = Date.now();
     const now = readTokens(file);
     const seen = await store.getMeta(TOKENS_AUDITED_META);
@@ -57,8 +60,9 @@ async function auditOffline(cli: Cli, file: string, before: readonly StoredToken
       seen === null ? [] : tokenAuditRecords(diffTokens(parseTokenSnapshot(seen), before), "tokens-file", at);
     const own = tokenAuditRecords(diffTokens(before, now), localActor(), at);
     await appendAuditWithMeta(store, [...missed, ...own], TOKENS_AUDITED_META, tokenSnapshot(now));
+    return true;
   } finally {
-    await store.close();
+    await store?.close();
   }
 }
 
@@ -71,9 +75,11 @@ export async function cmdToken(cli: Cli, sub: string | undefined, name: string |
         if (!name) throw new UsageError("token add needs a name");
         const scope = cli.flags.scope === undefined ? null : parseScope(cli.flags.scope);
         if (scope === null) throw new UsageError(`token add needs --scope ${SCOPES.join("|")}`);
-        const before = readTokens(file);
-        const token = addToken(file, name, scope);
-        await auditOffline(cli, file, before);
+        let token = "";
+        await changeTokens(cli, file, () => {
+          token = addToken(file, name, scope);
+          return true;
+        });
         cli.print({ name, scope, token }, () =>
           [
             `token ${name} (scope ${scope}): ${token}`,
@@ -93,12 +99,10 @@ export async function cmdToken(cli: Cli, sub: string | undefined, name: string |
       }
       case "revoke": {
         if (!name) throw new UsageError("token revoke needs a name");
-        const before = readTokens(file);
-        if (!revokeToken(file, name)) {
+        if (!(await changeTokens(cli, file, () => revokeToken(file, name)))) {
           console.error(`fleet: no token named ${name} in ${file}`);
           return 1;
         }
-        await auditOffline(cli, file, before);
         cli.print({ ok: true, revoked: name }, () => `revoked token ${name} (refused from the next request on)`);
         return 0;
       }

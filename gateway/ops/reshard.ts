@@ -143,7 +143,7 @@ export async function reshard(
     if (existsSync(dir) && readdirSync(dir).length > 0)
       throw new ReshardError(`${dir} exists and is not empty: --out must name new data dirs`);
 
-  // Bring each source to this release's schema (as a start would), then read it through ATTACH.
+  // Each source must be at this release's schema (a start upgrades an older one; this refuses it), read through ATTACH.
   const layouts = new Map<string, ShardSpec>();
   for (const dir of sources) {
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "full" });

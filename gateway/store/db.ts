@@ -12,7 +12,7 @@ import { existsSync, fstatSync, statSync } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
 import { dirname } from "node:path";
 import * as schema from "./schema.ts";
-import { checkNotNewer, migrate, schemaVersion } from "./migrate.ts";
+import { checkNotNewer, checkNotOlder, migrate, schemaVersion } from "./migrate.ts";
 import { ensurePrivateFile, secureDataDir } from "./files.ts";
 import { nativeClient, runBatch } from "./native.ts";
 import { nativeConnection, ownStatement, type NativeConnection } from "./statements.ts";
@@ -51,6 +51,12 @@ export interface OpenDbOptions {
   synchronous: "full" | "normal";
   /** Read-only handles (CLI readers) skip migrations and never write. */
   readonly?: boolean;
+  /**
+   * Upgrade a database an older release wrote to this schema (a gateway's start: irreversible, that
+   * release refuses it after). Without it a writable open refuses one (`SchemaVersionError`) before
+   * changing anything; a new database is created either way.
+   */
+  upgrade?: boolean;
   busyTimeoutMs?: number;
   /**
    * Test hook: asked before every group commit; an error it returns fails that commit as if
@@ -100,11 +106,27 @@ export interface CommitHealth {
   readonly error: string | null;
 }
 
+/** The schema upgrade a writable open applied to a database an older release wrote. */
+export interface SchemaUpgrade {
+  readonly from: number;
+  readonly to: number;
+  readonly ms: number;
+}
+
 /** Open (and migrate) the fleet database at `path`. */
 export async function openDb(
   path: string,
   opts: OpenDbOptions,
-): Promise<{ client: Client; db: Db; native: NativeConnection }> {
+): Promise<{ client: Client; db: Db; native: NativeConnection; upgraded: SchemaUpgrade | null }> {
+  if (!opts.readonly && !opts.upgrade && existsSync(path)) {
+    const found = createClient({ url: `file:${path}` });
+    try {
+      await found.execute(`PRAGMA busy_timeout = ${opts.busyTimeoutMs ?? 5000}`);
+      checkNotOlder(await schemaVersion(found), path);
+    } finally {
+      found.close();
+    }
+  }
   if (!opts.readonly) {
     // A private dir, and a 0600 database file before SQLite creates it (its -wal and -shm copy its mode).
     if (!existsSync(dirname(path))) secureDataDir(dirname(path));
@@ -112,19 +134,22 @@ export async function openDb(
     for (const side of ["-wal", "-shm"]) if (existsSync(path + side)) ensurePrivateFile(path + side);
   }
   const client = createClient({ url: `file:${path}` });
+  let upgraded: SchemaUpgrade | null = null;
   // libSQL's defaults are journal_mode=delete, synchronous=FULL, busy_timeout=0: set them all.
   await client.execute(`PRAGMA busy_timeout = ${opts.busyTimeoutMs ?? 5000}`);
   if (!opts.readonly) {
     await client.execute("PRAGMA journal_mode = WAL");
     await client.execute(`PRAGMA synchronous = ${opts.synchronous.toUpperCase()}`);
     await client.execute("PRAGMA foreign_keys = OFF");
-    await migrate(client, path);
+    const started = performance.now();
+    const { from, to } = await migrate(client, path);
+    if (from > 0 && to > from) upgraded = { from, to, ms: Math.round(performance.now() - started) };
   } else {
     checkNotNewer(await schemaVersion(client), path);
   }
   const native = await nativeConnection(client);
   const fast = nativeClient(client, native);
-  return { client: fast, db: drizzle(fast, { schema }), native };
+  return { client: fast, db: drizzle(fast, { schema }), native, upgraded };
 }
 
 interface Job {

@@ -9,6 +9,7 @@
  * Migrations are append-only: never edit one that has shipped, add the next.
  */
 import type { Client } from "@libsql/client";
+import { dirname } from "node:path";
 import { episodeStatus, stimulusKind } from "./codes.ts";
 import { bundleRefSql, idBytesSql, idOfSql, specRefSql } from "./hashes.ts";
 
@@ -702,6 +703,24 @@ export function checkNotNewer(found: number, path: string, supported = SCHEMA_VE
     );
   }
 }
+
+/**
+ * Refuse to upgrade a database an older release wrote outside a gateway's start: the upgrade is
+ * irreversible (that release refuses the data dir after it), so an offline command must not do it.
+ */
+export function checkNotOlder(found: number, path: string, supported = SCHEMA_VERSION): void {
+  if (found > 0 && found < supported) {
+    throw new SchemaVersionError(
+      found,
+      supported,
+      `${dirname(path)} was written by an older release (schema ${found}; this one is ${supported}): ` +
+        `${UPGRADE_HINT}; nothing was changed`,
+    );
+  }
+}
+
+/** How a data dir an older release wrote is upgraded, for messages that refuse to read or write it. */
+export const UPGRADE_HINT = "`fleet start` upgrades it (irreversible; `fleet backup` first)";
 
 /**
  * Bring the database up to the newest migration, in one transaction. Returns the versions

@@ -7,7 +7,7 @@
  */
 import { and, asc, desc, eq, getTableColumns, gt, inArray, lt, count, min, sql } from "drizzle-orm";
 import type { Client, InValue, ResultSet } from "@libsql/client";
-import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement } from "./db.ts";
+import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement, type SchemaUpgrade } from "./db.ts";
 import * as t from "./schema.ts";
 import {
   commitStatements,
@@ -23,7 +23,7 @@ import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
 export type { Db, RawStatement, WriteItem, CommitFailureKind, CommitHealth } from "./db.ts";
-export { commitFaultFromEnv, GroupCommitter, openDb, WalFile } from "./db.ts";
+export { commitFaultFromEnv, GroupCommitter, openDb, type SchemaUpgrade, WalFile } from "./db.ts";
 export type {
   AgentRow,
   StimulusRow,
@@ -159,11 +159,16 @@ export class Store {
      * counts are then read from the agents table itself.
      */
     private readonly hasCounts: boolean,
+    /** The schema upgrade this open applied (`upgrade`: a gateway's start), else null. */
+    readonly upgraded: SchemaUpgrade | null,
   ) {}
 
-  /** Open the database file, migrating it, and load (or mint) the gateway id. */
+  /**
+   * Open the database file and load (or mint) the gateway id. A writable open creates a new database;
+   * one an older release wrote is upgraded only with `upgrade`, else refused (`SchemaVersionError`).
+   */
   static async open(path: string, opts: OpenDbOptions): Promise<Store> {
-    const { client, db, native } = await openDb(path, opts);
+    const { client, db, native, upgraded } = await openDb(path, opts);
     let gatewayId = (await db.select().from(t.meta).where(eq(t.meta.key, "gateway_id")).get())?.value;
     if (!gatewayId && !opts.readonly) {
       gatewayId = Bun.randomUUIDv7();
@@ -187,7 +192,7 @@ export class Store {
       Date.now,
       opts.synchronous === "full" && !opts.readonly ? { path: `${path}-wal`, sync: opts.walSync } : null,
     );
-    return new Store(client, db, committer, gatewayId ?? "unknown", path, counts.rows.length > 0);
+    return new Store(client, db, committer, gatewayId ?? "unknown", path, counts.rows.length > 0, upgraded);
   }
 
   /** Flush pending writes and close the file. */
