@@ -112,6 +112,18 @@ describe("older releases", () => {
     );
     expect(readdirSync(data)).toEqual(["sandboxes"]);
   });
+
+  test("a backup that fails verification once upgraded is refused, and the data dir is left as it was", async () => {
+    const db = await olderDb(12);
+    const d = new Database(db);
+    d.run(`UPDATE checkpoints SET state = '{"count":999}'`);
+    d.close();
+    const data = join(db, "..", "new");
+    mkdirSync(data, { mode: 0o700 });
+    writeFileSync(join(data, "fleet.db-shm"), "stale");
+    await expect(restoreDatabase(db, data, false)).rejects.toThrow("fails verification");
+    expect(readdirSync(data).sort()).toEqual(["fleet.db-shm", "sandboxes"]);
+  });
 });
 
 describe("restore", () => {

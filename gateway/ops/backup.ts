@@ -247,6 +247,10 @@ async function restoreInto(from: string, dataDir: string): Promise<BackupReport>
     }
     chmodSync(partial, 0o600);
     renameSync(partial, target);
+    // A stale WAL, shm or journal would be applied to the new file; other files (a backup named
+    // fleet.db-<date>, the very one restored from) are the operator's and stay.
+    for (const leftover of ["fleet.db-wal", "fleet.db-shm", "fleet.db-journal"])
+      rmSync(join(dataDir, leftover), { force: true });
     const upgradedFrom = version < SCHEMA_VERSION ? version : null;
     return {
       file: target,
@@ -256,10 +260,6 @@ async function restoreInto(from: string, dataDir: string): Promise<BackupReport>
       verify,
     };
   } finally {
-    removeDatabase(partial);
-    // A stale WAL, shm or journal would be applied to the new file; other files (a backup named
-    // fleet.db-<date>, the very one restored from) are the operator's and stay.
-    for (const leftover of ["fleet.db-wal", "fleet.db-shm", "fleet.db-journal"])
-      rmSync(join(dataDir, leftover), { force: true });
+    removeDatabase(partial); // after the rename, only what SQLite left beside the copy
   }
 }
