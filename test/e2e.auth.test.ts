@@ -321,6 +321,69 @@ describe("the dashboard session", () => {
   });
 });
 
+describe("an open event stream lives no longer than its credential", () => {
+  /** Open `/api/events` with `headers`; `ended()` resolves with what it got once the gateway ends it. */
+  async function openStream(headers: Record<string, string>) {
+    const res = await fetch(`${fleet.httpUrl}/api/events`, { headers });
+    expect(res.status).toBe(200);
+    const reader = res.body!.getReader();
+    let text = "";
+    const done = (async () => {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return text;
+        text += new TextDecoder().decode(value);
+      }
+    })();
+    await waitFor(async () => text.includes("event: health"), 10_000, "the stream's first health event");
+    return {
+      text: () => text,
+      ended: () => Promise.race([done, Bun.sleep(15_000).then(() => "still open")]),
+      cancel: () => reader.cancel().catch(() => undefined),
+    };
+  }
+
+  async function signIn(token: string): Promise<string> {
+    const res = await fetch(`${fleet.httpUrl}/api/session`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token }),
+    });
+    expect(res.status).toBe(200);
+    return (res.headers.get("set-cookie") ?? "").split(";")[0]!;
+  }
+
+  test("revoking the token ends its bearer and its session streams; no event reaches them after", async () => {
+    const token = await addToken("watcher", "read");
+    const byBearer = await openStream(bearer(token));
+    const byCookie = await openStream({ cookie: await signIn(token) });
+    expect((await fleet.cli("token", "revoke", "watcher")).code).toBe(0);
+    expect((await send("auth/sse/in", "after-revoke")).status).toBe(202);
+    for (const s of [byBearer, byCookie]) {
+      const text = await s.ended();
+      expect(text).not.toBe("still open");
+      expect(text).not.toContain("after-revoke");
+      expect(text).not.toContain("auth/sse");
+    }
+  }, 60_000);
+
+  test("signing out ends the session's stream", async () => {
+    const token = await addToken("watcher2", "read");
+    const cookie = await signIn(token);
+    const stream = await openStream({ cookie });
+    const out = await raw("/api/session", {
+      method: "DELETE",
+      headers: { cookie, "content-type": "application/json" },
+    });
+    expect(out.status).toBe(200);
+    expect(await stream.ended()).not.toBe("still open");
+    // Another stream of the same token, by bearer, is not affected.
+    const other = await openStream(bearer(token));
+    expect(await Promise.race([other.ended(), Bun.sleep(6_000).then(() => "still open")])).toBe("still open");
+    await other.cancel();
+  }, 60_000);
+});
+
 describe("the audit log", () => {
   test("every operator action is recorded with who, what, target, when and result, newest first", async () => {
     const since = Date.now();

@@ -13,7 +13,7 @@
  *  - Every state change by a known token is appended to the audit log, with its result.
  */
 import type { Principal, Scope, Sessions, TokenAuth } from "../auth/index.ts";
-import { SESSION_COOKIE, scopeCovers } from "../auth/index.ts";
+import { SESSION_COOKIE, scopeCovers, tokenDigest } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
 import { type BodyBudget, underBudget } from "./limits.ts";
 import { httpError, parseFlag } from "./responses.ts";
@@ -63,6 +63,18 @@ const principals = new WeakMap<Request, Principal>();
 /** Who made this request, once the guard let it through. */
 export function principalOf(req: Request): Principal | null {
   return principals.get(req) ?? null;
+}
+
+/** Whether the credential a request came with still admits it (checked again by long-lived responses). */
+const credentials = new WeakMap<Request, () => boolean>();
+
+/**
+ * Whether the token, session or `allow_unauthenticated` that let this request in still would:
+ * false once the token is revoked, the session signed out or expired. An event stream asks
+ * before every write and ends when it is false (access.md).
+ */
+export function credentialOf(req: Request): () => boolean {
+  return credentials.get(req) ?? (() => true);
 }
 
 const READ_METHODS = new Set(["GET", "HEAD", "OPTIONS"]);
@@ -163,6 +175,19 @@ export function createGuard(d: AccessDeps) {
     return d.http().allow_unauthenticated ? { name: "anonymous", scope: "admin" } : null;
   };
 
+  /** What `principal` read from the request, to be asked again later (the same order, the same answers). */
+  const credential = (req: Request): (() => boolean) => {
+    const authz = req.headers.get("authorization");
+    if (authz !== null) {
+      const m = /^Bearer\s+(\S+)\s*$/i.exec(authz);
+      const digest = m ? tokenDigest(m[1]!) : null;
+      return () => digest !== null && d.auth.byDigest(digest) !== null;
+    }
+    const sid = cookie(req, SESSION_COOKIE);
+    if (sid !== null) return () => d.sessions.principal(sid) !== null;
+    return () => d.http().allow_unauthenticated;
+  };
+
   const unauthorized = (why: string) => {
     const res = httpError(
       401,
@@ -220,6 +245,7 @@ export function createGuard(d: AccessDeps) {
         }
         who = p;
         principals.set(req, p);
+        credentials.set(req, credential(req));
       }
     }
     if (handler === null) return notAllowed(req.method, allow); // probes and sign-in

@@ -6,6 +6,7 @@
  */
 import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
+import { credentialOf } from "./access.ts";
 import { type AgentStatus, agentId, decodePayload, parseStimulusKind } from "../types.ts";
 import { agentView, episodeView } from "../observe/index.ts";
 import { episodesPage, recentCheckpoints } from "../observe/index.ts";
@@ -262,7 +263,8 @@ export function observeRoutes(gw: ReadHost): {
     ...dashboardRoutes(),
     "/metrics": async () =>
       new Response(await gw.metrics.text(), { headers: { "content-type": gw.metrics.contentType } }),
-    "/api/events": (req, server) => stream.handle(req, server),
+    // The stream ends once its token is revoked or its session ends (checked before each write).
+    "/api/events": (req, server) => stream.handle(req, server, credentialOf(req)),
     "/api/agents/:type/:key/checkpoints": async (req) => {
       const a = await agentOrError(gw, req.params.type!, req.params.key!);
       if (a instanceof Response) return a;

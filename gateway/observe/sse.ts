@@ -5,7 +5,9 @@
  * (computed once per tick for all connections, and only while someone listens). A client
  * that stops reading is never allowed to grow memory: past `maxBuffered` queued events its
  * new events are dropped and, once it drains, it gets one `resync` event telling it to
- * re-read the API. Disconnects unsubscribe at once.
+ * re-read the API. Disconnects unsubscribe at once. A stream lives no longer than the
+ * credential that opened it: asked before every write (every event, every health tick), a
+ * revoked token or an ended session closes it instead.
  */
 import type { FleetEventMap, FleetEvents } from "../events.ts";
 
@@ -29,6 +31,8 @@ interface Client {
   readonly ctrl: ReadableStreamDefaultController<Uint8Array>;
   /** Only facts about this agent, when set (`?agent=type/key`). */
   readonly agent: string | null;
+  /** Whether the credential that opened the stream still admits it. */
+  readonly admitted: () => boolean;
   dropped: number;
   close(): void;
 }
@@ -54,8 +58,15 @@ export class EventStream {
     return this.clients.size;
   }
 
-  /** Answer one `GET /api/events` (pass Bun's server to lift its idle timeout for this request). */
-  handle(req: Request, server?: { timeout(req: Request, seconds: number): void }): Response {
+  /**
+   * Answer one `GET /api/events` (pass Bun's server to lift its idle timeout for this request);
+   * `admitted` says whether its credential still holds (false: the stream ends at its next write).
+   */
+  handle(
+    req: Request,
+    server?: { timeout(req: Request, seconds: number): void },
+    admitted: () => boolean = () => true,
+  ): Response {
     if (this.closed) return new Response("shutting down", { status: 503 });
     const max = this.deps.maxStreams?.() ?? Number.POSITIVE_INFINITY;
     if (this.clients.size >= max)
@@ -72,6 +83,7 @@ export class EventStream {
         client = {
           ctrl,
           agent,
+          admitted,
           dropped: 0,
           close: () => {
             if (!open) return;
@@ -142,6 +154,11 @@ export class EventStream {
 
   private write(c: Client, event: string, data: unknown): void {
     if (!this.clients.has(c)) return;
+    // Revoked token, signed-out or expired session: nothing more goes out, the stream ends.
+    if (!c.admitted()) {
+      c.close();
+      return;
+    }
     const queued = 1 - (c.ctrl.desiredSize ?? 0);
     // Once dropping, keep dropping until the backlog is half gone, then say so once.
     if (queued >= (c.dropped > 0 ? this.maxBuffered / 2 : this.maxBuffered)) {
