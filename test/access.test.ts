@@ -8,7 +8,14 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { addToken, Sessions, TokenAuth } from "../gateway/auth/index.ts";
-import { type AuditEntry, BodyBudget, createGuard, needOf, signInPage } from "../gateway/http/index.ts";
+import {
+  type AuditEntry,
+  BodyBudget,
+  createGuard,
+  needOf,
+  readRequestBody,
+  signInPage,
+} from "../gateway/http/index.ts";
 import type { FleetSpec } from "../gateway/spec/index.ts";
 
 let dir: string;
@@ -177,5 +184,44 @@ describe("a method the route does not have", () => {
   test("a route's own methods still run", async () => {
     const g = guarded("/api/fleet");
     expect((await g.call("127.0.0.1", { authorization: `Bearer ${readToken}` }, "GET")).status).toBe(200);
+  });
+});
+
+describe("request bodies", () => {
+  test("a body trickled slowly is cut off at the read deadline (408), its bytes given back", async () => {
+    const bodies = new BodyBudget(() => 1_000_000, { readDeadlineMs: 300 });
+    const guard = createGuard({
+      http: () => HTTP,
+      auth,
+      sessions: new Sessions(auth),
+      audit: async () => undefined,
+      signInPage,
+      streams: () => 0,
+      bodies,
+    });
+    const read = async (req: Request) => {
+      const r = await readRequestBody(req, 1000);
+      return r.ok ? new Response("ok") : r.res;
+    };
+    const routes = guard.protect({ "/hooks/:name": { POST: read } }) as unknown as Record<string, Record<string, Call>>;
+    let timer: ReturnType<typeof setInterval> | undefined;
+    const trickle = new ReadableStream<Uint8Array>({
+      start(ctrl) {
+        // One byte every 100 ms: never idle for long, never done.
+        timer = setInterval(() => ctrl.enqueue(new Uint8Array([32])), 100);
+      },
+      cancel: () => clearInterval(timer),
+    });
+    const req = Object.assign(
+      new Request("http://x/hooks/h", { method: "POST", body: trickle, headers: { host: "192.0.2.2" } }),
+      { params: { name: "h" } },
+    );
+    const started = Date.now();
+    const res = await routes["/hooks/:name"]!.POST!(req, { requestIP: () => null, timeout: () => undefined });
+    clearInterval(timer);
+    expect(res.status).toBe(408);
+    expect(((await res.json()) as any).error.code).toBe("request_timeout");
+    expect(Date.now() - started).toBeLessThan(2_000);
+    expect(bodies.held).toBe(0);
   });
 });

@@ -9,13 +9,15 @@
  *  - Every request's Host must be an IP literal, localhost or an `[http] allowed_hosts` name
  *    (DNS rebinding); every state change must come with `content-type: application/json` and
  *    no foreign `Origin` (cross-site form or text/plain posts).
- *  - At most `max_concurrent_requests` are handled at once (health probes always answer).
+ *  - At most `max_concurrent_requests` are handled at once (health probes always answer);
+ *    requests that need no token (webhooks, sign-in) at most a quarter of them, and half of
+ *    the body budget, so they cannot starve the API.
  *  - Every state change by a known token is appended to the audit log, with its result.
  */
 import type { Principal, Scope, Sessions, TokenAuth } from "../auth/index.ts";
 import { SESSION_COOKIE, scopeCovers, tokenDigest } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
-import { type BodyBudget, underBudget } from "./limits.ts";
+import { type BodyBudget, unauthenticatedShare, underBudget } from "./limits.ts";
 import { httpError, parseFlag } from "./responses.ts";
 
 /** What a route needs before its handler runs. */
@@ -136,6 +138,8 @@ export function cookie(req: Request, name: string): string | null {
 /** The guard over a route table: wraps every handler; `inFlight()` says how many run now. */
 export function createGuard(d: AccessDeps) {
   let inFlight = 0;
+  /** Of those, requests that need no token (webhooks, sign-in and sign-out). */
+  let openInFlight = 0;
   // The names of the `[http]` table in force, made again when a reload replaces it.
   let hostsOf: FleetSpec["http"] | null = null;
   let allowedHosts = new Set<string>();
@@ -211,10 +215,17 @@ export function createGuard(d: AccessDeps) {
     server: Server,
   ) {
     const need = needOf(pattern, req.method);
-    if (inFlight + d.streams() >= d.http().max_concurrent_requests && pattern !== "/healthz" && pattern !== "/readyz")
-      return busy(`${inFlight + d.streams()} requests in flight (max_concurrent_requests)`);
+    const open = need === "hook" || need === "signin";
+    if (pattern !== "/healthz" && pattern !== "/readyz") {
+      const max = d.http().max_concurrent_requests;
+      if (inFlight + d.streams() >= max)
+        return busy(`${inFlight + d.streams()} requests in flight (max_concurrent_requests)`);
+      // A client without a token cannot take the slots the API needs.
+      if (open && openInFlight >= unauthenticatedShare(max, 1 / 4))
+        return busy(`${openInFlight} webhook and sign-in requests in flight (a quarter of max_concurrent_requests)`);
+    }
     // own secret; the body budget applies
-    if (need === "hook") return handler ? run(handler, req, server) : notAllowed(req.method, allow);
+    if (need === "hook") return handler ? run(handler, req, server, true) : notAllowed(req.method, allow);
     if (!hostOk(req))
       return httpError(403, "bad_host", "Host is not this gateway's (add the name to [http] allowed_hosts)");
     const changes = !READ_METHODS.has(req.method);
@@ -252,19 +263,29 @@ export function createGuard(d: AccessDeps) {
     // After the token (a missing one is a 401 whatever the body), before anything runs.
     if (changes && req.headers.get("content-type")?.split(";")[0]?.trim().toLowerCase() !== "application/json")
       return httpError(415, "unsupported_media_type", "state-changing calls need content-type: application/json");
-    const res = await run(handler, req, server);
+    const res = await run(handler, req, server, need === "signin");
     if (changes && who !== null) await record(who, pattern, req, res.status);
     return res;
   }
 
-  /** Run a handler counted in flight, its body read under the shared budget. */
-  async function run(handler: Handler, req: Request & { params: Record<string, string> }, server: Server) {
+  /** Run a handler counted in flight, its body read under the shared budget; `open`: it needed no token. */
+  async function run(
+    handler: Handler,
+    req: Request & { params: Record<string, string> },
+    server: Server,
+    open: boolean,
+  ) {
     inFlight++;
+    if (open) {
+      openInFlight++;
+      d.bodies.markUnauthenticated(req);
+    }
     underBudget(req, d.bodies);
     try {
       return await handler(req, server);
     } finally {
       inFlight--;
+      if (open) openInFlight--;
       d.bodies.release(req);
     }
   }

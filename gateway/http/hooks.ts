@@ -29,15 +29,29 @@ function safeEqual(a: string, b: string): boolean {
   return x.length === y.length && timingSafeEqual(x, y);
 }
 
+/** The signature header of a signed request, or null. */
+function signatureHeader(headers: Headers): string | null {
+  return headers.get("x-fleet-signature") ?? headers.get("x-hub-signature-256");
+}
+
+/**
+ * The check that needs no body, made before a byte of it is read: `Authorization: Bearer <secret>`
+ * (the scheme in any case, RFC 9110 §11.1) matches or not; null when a signature header is there
+ * (it covers the body, so it is checked once the body is read).
+ */
+export function checkBearer(secret: string, headers: Headers): boolean | null {
+  if (signatureHeader(headers)) return null;
+  const auth = headers.get("authorization")?.trim() ?? "";
+  const scheme = /^bearer\s+/i.exec(auth);
+  return scheme !== null && safeEqual(auth.slice(scheme[0].length), secret);
+}
+
 /** Check `X-Fleet-Signature: sha256=<hex HMAC of body>` or `Authorization: Bearer <secret>`. */
 export function checkSignature(secret: string, body: Uint8Array, headers: Headers): boolean {
-  const sig = headers.get("x-fleet-signature") ?? headers.get("x-hub-signature-256");
-  if (sig) {
-    const expected = `sha256=${createHmac("sha256", secret).update(body).digest("hex")}`;
-    return safeEqual(sig.trim().toLowerCase(), expected);
-  }
-  const auth = headers.get("authorization");
-  return auth !== null && safeEqual(auth.trim(), `Bearer ${secret}`);
+  const sig = signatureHeader(headers);
+  if (!sig) return checkBearer(secret, headers) === true;
+  const expected = `sha256=${createHmac("sha256", secret).update(body).digest("hex")}`;
+  return safeEqual(sig.trim().toLowerCase(), expected);
 }
 
 function resolveTarget(hook: HookSpec, spec: FleetSpec, payload: unknown): Target | string {
@@ -69,16 +83,17 @@ export async function handleHook(d: HookDeps, name: string, req: Request): Promi
   const spec = d.spec();
   const hook = spec.hooks[name];
   if (!hook) return httpError(404, "unknown_hook", `no hook "${name}" in fleet.toml`);
+  const secret = hook.secret_env ? d.secrets[hook.secret_env] : null;
+  const badSignature = () => httpError(401, "bad_signature", "signature or bearer token does not match");
+  // Refused before the body is read: a caller without the secret holds no body bytes and no time.
+  // The variable's name is the operator's to read (in the gateway's log), not the caller's.
+  if (secret === undefined || secret === "")
+    return httpError(503, "hook_unconfigured", "this hook's secret is not configured on the gateway");
+  if (secret !== null && checkBearer(secret, req.headers) === false) return badSignature();
   const read = await readRequestBody(req, hook.max_body_bytes);
   if (!read.ok) return read.res;
   const body = read.bytes;
-  if (hook.secret_env) {
-    const secret = d.secrets[hook.secret_env];
-    // The variable's name is the operator's to read (in the gateway's log), not the caller's.
-    if (!secret) return httpError(503, "hook_unconfigured", "this hook's secret is not configured on the gateway");
-    if (!checkSignature(secret, body, req.headers))
-      return httpError(401, "bad_signature", "signature or bearer token does not match");
-  }
+  if (secret !== null && !checkSignature(secret, body, req.headers)) return badSignature();
   let payload: unknown;
   try {
     payload = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(body));

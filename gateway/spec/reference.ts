@@ -105,9 +105,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "true: the API and dashboard need no token (only behind a proxy that authenticates). Logged at start and " +
     "when a reload turns it on; like the other access keys and limits of [http], a reload applies it at once.",
   "http.max_concurrent_requests":
-    "Requests handled at once, event streams included (they may take half of it at most); past it 503 with " +
-    "Retry-After. /healthz always answers.",
-  "http.max_body_bytes_in_flight": "Request body bytes held at once across all requests; past it 503 with Retry-After.",
+    "Requests handled at once, event streams included (they may take half of it at most, webhooks and sign-in " +
+    "a quarter); past it 503 with Retry-After. /healthz always answers.",
+  "http.max_body_bytes_in_flight":
+    "Request body bytes held at once across all requests, counted as they arrive (webhook and sign-in bodies: " +
+    "half of it at most); past it 503 with Retry-After.",
   llm: "The OpenAI-compatible endpoint behind the `llm` tool.",
   "llm.url": "Base URL of the endpoint (`/chat/completions` is appended).",
   "llm.model": "Model name sent with every request.",
@@ -208,7 +210,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Body field whose value is the stimulus id (the Idempotency-Key header wins); present but not a string of " +
     "1-256 characters or a finite number: 400.",
   "hooks.*.secret_env": "Environment variable holding the shared secret (HMAC X-Fleet-Signature or Bearer).",
-  "hooks.*.max_body_bytes": "Largest body accepted (413 past it).",
+  "hooks.*.max_body_bytes":
+    "Largest body accepted (413 past it); keep it under half of [http] max_body_bytes_in_flight (webhook bodies " +
+    "may hold no more together).",
   telemetry: "OpenTelemetry export: one span per episode, with its tool calls, decisions and outputs.",
   "telemetry.otlp_endpoint":
     "OTLP/HTTP collector URL (spans are POSTed as JSON to <url>/v1/traces); absent: nothing is exported.",
