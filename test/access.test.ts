@@ -126,6 +126,32 @@ describe("Host names", () => {
   });
 });
 
+describe("a web page cannot fire a webhook", () => {
+  const post = { "content-type": "text/plain" };
+  test("a foreign Origin is refused (403 bad_origin) whatever the listen address; none or our own passes", async () => {
+    for (const host of ["127.0.0.1", "0.0.0.0"]) {
+      const g = guarded("/hooks/:name", { host }, ["POST"]);
+      const foreign = await g.call("127.0.0.1", { ...post, origin: "http://evil.example" }, "POST");
+      expect(foreign.status).toBe(403);
+      expect(((await foreign.json()) as any).error.code).toBe("bad_origin");
+      expect((await g.call("127.0.0.1", { ...post, origin: "null" }, "POST")).status).toBe(403);
+      expect((await g.call("127.0.0.1", post, "POST")).status).toBe(200);
+      expect((await g.call("127.0.0.1", { ...post, origin: "http://192.0.2.2:8080" }, "POST")).status).toBe(200);
+    }
+  });
+
+  test("on a loopback gateway a foreign Host (DNS rebinding) is refused; on another address it is not", async () => {
+    const loopback = guarded("/hooks/:name", { host: "127.0.0.1" }, ["POST"]);
+    const rebound = await loopback.call("127.0.0.1", { ...post, host: "evil.example:21802" }, "POST");
+    expect(rebound.status).toBe(403);
+    expect(((await rebound.json()) as any).error.code).toBe("bad_host");
+    expect((await loopback.call("127.0.0.1", { ...post, host: "127.0.0.1:21802" }, "POST")).status).toBe(200);
+    // A public gateway's senders (GitHub, Slack) name it by whatever DNS name points at it.
+    const open = guarded("/hooks/:name", { host: "0.0.0.0" }, ["POST"]);
+    expect((await open.call("127.0.0.1", { ...post, host: "hooks.example.com" }, "POST")).status).toBe(200);
+  });
+});
+
 describe("allow_unauthenticated", () => {
   test("lets a call without a token through as `anonymous`, and audits it under that name", async () => {
     const g = guarded("/api/agents/:type/:key/:action", { allow_unauthenticated: true }, ["POST"]);

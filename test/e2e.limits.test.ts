@@ -202,3 +202,23 @@ describe("clients without a token cannot starve the API", () => {
     expect(answers.filter((a) => statusOf(a) === "HTTP/1.1 401 Unauthorized").length).toBe(share);
   }, 60_000);
 });
+
+describe("a web page cannot fire a webhook", () => {
+  test("a foreign Origin or, on this loopback gateway, a foreign Host is refused and records nothing", async () => {
+    const hook = (headers: Record<string, string>, id: string) =>
+      fetch(`${fleet.httpUrl}/hooks/open`, {
+        method: "POST",
+        headers: { "content-type": "text/plain", ...headers },
+        body: JSON.stringify({ id }),
+      });
+    expect((await hook({ origin: "http://evil.example" }, "csrf-1")).status).toBe(403);
+    expect((await hook({ origin: "null" }, "csrf-2")).status).toBe(403);
+    expect((await hook({ host: `evil.example:${fleet.info!.http_port}` }, "csrf-3")).status).toBe(403);
+    // Only the plain call (no Origin, our Host) makes an episode.
+    const before = await fleet.episodes("counter/hooked").catch(() => []);
+    expect((await hook({}, "plain")).status).toBe(202);
+    await fleet.waitCommitted("counter/hooked", before.length + 1);
+    await Bun.sleep(500);
+    expect((await fleet.episodes("counter/hooked")).length).toBe(before.length + 1);
+  }, 60_000);
+});

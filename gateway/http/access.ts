@@ -5,7 +5,8 @@
  *    `admin`. A missing or bad token is 401, a token without the scope 403.
  *  - `/healthz`, `/readyz`, `/metrics` answer loopback peers without a token (any peer with
  *    `[http] open_metrics = true`); others need `read`.
- *  - `/hooks/<name>` keep their own per-hook secret.
+ *  - `/hooks/<name>` keep their own per-hook secret; a foreign `Origin` (a web page's request) is
+ *    refused, and on a loopback-bound gateway a foreign Host too (DNS rebinding).
  *  - Every request's Host must be an IP literal, localhost or an `[http] allowed_hosts` name
  *    (DNS rebinding); every state change must come with `content-type: application/json` and
  *    no foreign `Origin` (cross-site form or text/plain posts).
@@ -112,6 +113,12 @@ function actionOf(pattern: string, req: Request & { params: Record<string, strin
 export function isLoopbackPeer(address: string | undefined): boolean {
   if (!address) return false;
   return address === "::1" || address.startsWith("127.") || address.startsWith("::ffff:127.");
+}
+
+/** Whether a listen address (`[http] host`) is this machine only. */
+function isLoopbackName(host: string): boolean {
+  const h = host.toLowerCase();
+  return h === "localhost" || h === "::1" || h === "[::1]" || h.startsWith("127.");
 }
 
 const IPV4 = /^\d{1,3}(\.\d{1,3}){3}$/;
@@ -224,8 +231,14 @@ export function createGuard(d: AccessDeps) {
       if (open && openInFlight >= unauthenticatedShare(max, 1 / 4))
         return busy(`${openInFlight} webhook and sign-in requests in flight (a quarter of max_concurrent_requests)`);
     }
-    // own secret; the body budget applies
-    if (need === "hook") return handler ? run(handler, req, server, true) : notAllowed(req.method, allow);
+    // Webhooks: their own secret, the body budget; no web page may fire one (access.md).
+    if (need === "hook") {
+      if (isLoopbackName(d.http().host) && !hostOk(req))
+        return httpError(403, "bad_host", "Host is not this gateway's (add the name to [http] allowed_hosts)");
+      // Browsers send Origin on every cross-origin POST; webhook senders send none.
+      if (!originOk(req)) return httpError(403, "bad_origin", "a web page of another origin may not call a webhook");
+      return handler ? run(handler, req, server, true) : notAllowed(req.method, allow);
+    }
     if (!hostOk(req))
       return httpError(403, "bad_host", "Host is not this gateway's (add the name to [http] allowed_hosts)");
     const changes = !READ_METHODS.has(req.method);
