@@ -251,3 +251,26 @@ describe("request bodies", () => {
     expect(bodies.held).toBe(0);
   });
 });
+
+describe("dashboard sessions", () => {
+  test("one token signing in again and again ends only its own oldest sessions (20 per token)", () => {
+    const sessions = new Sessions(auth);
+    const other = sessions.open(operateToken)!;
+    const mine = Array.from({ length: 25 }, () => sessions.open(readToken)!);
+    expect(sessions.principal(other.id)?.name).toBe("operator");
+    expect(mine.slice(0, 5).map((s) => sessions.principal(s.id))).toEqual([null, null, null, null, null]);
+    expect(mine.slice(5).every((s) => sessions.principal(s.id)?.name === "reader")).toBe(true);
+    expect(sessions.size).toBe(21);
+  });
+
+  test("past the global cap the token with the most sessions loses its oldest, not the oldest overall", () => {
+    const sessions = new Sessions(auth, { max: 10, maxPerToken: 100 });
+    const first = sessions.open(operateToken)!;
+    const reads = Array.from({ length: 9 }, () => sessions.open(readToken)!);
+    sessions.open(operateToken);
+    expect(sessions.size).toBe(10);
+    expect(sessions.principal(first.id)?.name).toBe("operator");
+    expect(sessions.principal(reads[0]!.id)).toBeNull();
+    expect(sessions.principal(reads[1]!.id)?.name).toBe("reader");
+  });
+});

@@ -384,6 +384,31 @@ describe("an open event stream lives no longer than its credential", () => {
   }, 60_000);
 });
 
+describe("sign-ins in a loop", () => {
+  test("cannot sign another token out, and are audited once a minute per token", async () => {
+    const admin = await addToken("loop-admin", "admin");
+    const reader = await addToken("loop-reader", "read");
+    const signIn = async (token: string) => {
+      const res = await fetch(`${fleet.httpUrl}/api/session`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ token }),
+      });
+      expect(res.status).toBe(200);
+      return (res.headers.get("set-cookie") ?? "").split(";")[0]!;
+    };
+    const adminCookie = await signIn(admin);
+    const first = await signIn(reader);
+    for (let i = 0; i < 30; i++) await signIn(reader);
+    expect((await raw("/api/session", { headers: { cookie: adminCookie } })).status).toBe(200);
+    // The reader's own oldest session made room (20 per token).
+    expect((await raw("/api/session", { headers: { cookie: first } })).status).toBe(401);
+    const audit = (await call("/api/audit?limit=200")).body.records;
+    const signins = audit.filter((x: any) => x.action === "session.signin" && x.actor === "loop-reader");
+    expect(signins.length).toBe(1);
+  }, 60_000);
+});
+
 describe("the audit log", () => {
   test("every operator action is recorded with who, what, target, when and result, newest first", async () => {
     const since = Date.now();

@@ -13,12 +13,31 @@ import { httpError, json, readJson } from "./responses.ts";
 export interface SessionDeps {
   readonly sessions: Sessions;
   readonly audit: (entry: AuditEntry) => Promise<void>;
+  /** The clock the sign-in audit is rate-limited on (default Date.now). */
+  readonly now?: () => number;
 }
+
+/** One sign-in per token is audited in this window; the others are counted into the next one recorded. */
+const SIGNIN_AUDIT_MS = 60_000;
 
 const clearCookie = `${SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0`;
 
 /** The `/api/session` route. */
 export function sessionRoutes(d: SessionDeps) {
+  const now = d.now ?? Date.now;
+  /** Per token name: when its last sign-in was recorded, and how many came since. */
+  const signins = new Map<string, { at: number; since: number }>();
+  /** Audit a sign-in unless one of the token was recorded in the last minute (a loop cannot grow the table). */
+  const auditSignin = async (name: string) => {
+    const last = signins.get(name);
+    if (last && now() - last.at < SIGNIN_AUDIT_MS) {
+      last.since++;
+      return;
+    }
+    signins.set(name, { at: now(), since: 0 });
+    const detail = last?.since ? `${last.since} more sign-in(s) since the last recorded, not recorded each` : null;
+    await d.audit({ actor: name, action: "session.signin", target: null, status: 200, detail });
+  };
   return {
     "/api/session": {
       GET: (req: Request) => {
@@ -33,7 +52,7 @@ export function sessionRoutes(d: SessionDeps) {
           return httpError(400, "bad_request", 'body must be {"token": "<token>"}');
         const s = d.sessions.open(token.trim());
         if (s === null) return httpError(401, "unauthorized", "bad or revoked token");
-        await d.audit({ actor: s.principal.name, action: "session.signin", target: null, status: 200, detail: null });
+        await auditSignin(s.principal.name);
         return json({ name: s.principal.name, scope: s.principal.scope }, 200, {
           "set-cookie":
             `${SESSION_COOKIE}=${s.id}; HttpOnly; SameSite=Strict; Path=/; ` + `Max-Age=${d.sessions.maxAgeSeconds}`,
