@@ -312,6 +312,13 @@ describe("the dashboard session", () => {
     expect((await raw("/api/session", { headers: { cookie } })).body).toEqual({ name: "browser", scope: "read" });
     expect((await raw("/api/agents", { headers: { cookie } })).status).toBe(200);
     expect((await raw("/", { headers: { cookie } })).body).toContain('data-testid="fleet-name"');
+    // Over plain HTTP the cookie has no Secure (the browser would drop it); the dashboard cannot be framed.
+    expect(set).not.toContain("Secure");
+    for (const path of ["/", "/ui/app.js"]) {
+      const page = await fetch(`${fleet.httpUrl}${path}`, { headers: { cookie } });
+      expect(page.headers.get("x-frame-options")).toBe("DENY");
+      expect(page.headers.get("content-security-policy")).toBe("frame-ancestors 'none'");
+    }
     // Without a session, / is the sign-in page and the dashboard's code is not served.
     expect((await raw("/")).body).toContain('id="signin"');
     expect((await raw("/ui/app.js")).status).toBe(401);

@@ -66,6 +66,15 @@ describe("TLS listeners", () => {
     });
     expect(res.status).toBe(200);
     expect(((await res.json()) as { fleet: string }).fleet).toBe("e2e-tls");
+    // The dashboard's session cookie is never sent over plain HTTP.
+    const signIn = await fetch(`https://127.0.0.1:${info.http_port}/api/session`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token: fleet.token }),
+      tls: { ca: certs.caPem },
+    });
+    expect(signIn.status).toBe(200);
+    expect(signIn.headers.get("set-cookie")).toMatch(/; Secure$/);
     const plain = await fetch(`http://127.0.0.1:${info.http_port}/healthz`).then(
       (r) => r.status,
       () => "refused",

@@ -1,6 +1,6 @@
 /**
  * Dashboard sign-in: `POST /api/session` with `{"token": "..."}` sets an `HttpOnly;
- * SameSite=Strict; Path=/` cookie holding an opaque session id; `GET /api/session` says who
+ * SameSite=Strict; Path=/` cookie (`Secure` over HTTPS) holding an opaque session id; `GET /api/session` says who
  * is signed in; `DELETE /api/session` signs out. `GET /` without a session shows the
  * sign-in page (a small form that posts the token as JSON: the API refuses form posts).
  */
@@ -53,9 +53,12 @@ export function sessionRoutes(d: SessionDeps) {
         const s = d.sessions.open(token.trim());
         if (s === null) return httpError(401, "unauthorized", "bad or revoked token");
         await auditSignin(s.principal.name);
+        // Over HTTPS the browser must never send the cookie over plain HTTP.
+        const secure = new URL(req.url).protocol === "https:" ? "; Secure" : "";
         return json({ name: s.principal.name, scope: s.principal.scope }, 200, {
           "set-cookie":
-            `${SESSION_COOKIE}=${s.id}; HttpOnly; SameSite=Strict; Path=/; ` + `Max-Age=${d.sessions.maxAgeSeconds}`,
+            `${SESSION_COOKIE}=${s.id}; HttpOnly; SameSite=Strict; Path=/; ` +
+            `Max-Age=${d.sessions.maxAgeSeconds}${secure}`,
         });
       },
       DELETE: async (req: Request) => {

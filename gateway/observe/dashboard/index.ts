@@ -6,7 +6,13 @@
  * JSON API and the `/api/events` stream.
  */
 
-const HEADERS = { "cache-control": "no-cache", "x-content-type-options": "nosniff" } as const;
+/** No page of another origin may frame the dashboard (to overlay its buttons): X-Frame-Options and CSP both. */
+const HEADERS = {
+  "cache-control": "no-cache",
+  "x-content-type-options": "nosniff",
+  "x-frame-options": "DENY",
+  "content-security-policy": "frame-ancestors 'none'",
+} as const;
 
 const FILES = {
   "/": { file: "index.html", type: "text/html; charset=utf-8" },
