@@ -120,6 +120,8 @@ describe("Host names", () => {
     ["FLEET.plant-7.lan:8080", 200],
     ["evil.example:8080", 403],
     ["127.0.0.1.evil.example", 403],
+    ["evil.com:80:80", 403],
+    ["fd00::2", 403],
   ] as const)("Host %s -> %d", async (host, status) => {
     const res = await guarded("/api/agents").call("127.0.0.1", { host, authorization: `Bearer ${readToken}` });
     expect(res.status).toBe(status);

@@ -285,6 +285,48 @@ describe("an Idempotency-Key on a manual stimulus", () => {
   });
 });
 
+describe("POST /api/send", () => {
+  const send = (body: unknown, key?: string) =>
+    call("POST", "/api/send", body, key === undefined ? {} : { "idempotency-key": key });
+
+  test("honours Idempotency-Key: a retry is a duplicate, the key with another payload a 422", async () => {
+    const first = await send({ topic: "hc/c2/in", payload: { n: 1 } }, "send-k1");
+    expect(first.status).toBe(202);
+    const again = await send({ topic: "hc/c2/in", payload: { n: 1 } }, "send-k1");
+    expect(again.status).toBe(200);
+    expect(again.body.duplicates).toEqual([{ agent: "counter/c2", sid: "idem:send-k1" }]);
+    const other = await send({ topic: "hc/c2/in", payload: { n: 2 } }, "send-k1");
+    expect([other.status, other.body.error.code]).toEqual([422, "idempotency_key_reused"]);
+    const both = await send({ topic: "hc/c2/in", payload: 1, id: "x" }, "send-k2");
+    expect([both.status, both.body.error.code]).toEqual([400, "bad_request"]);
+  });
+
+  test("without payload is a 400 saying it is required", async () => {
+    const r = await send({ topic: "hc/c2/in" });
+    expect([r.status, r.body.error.message]).toEqual([400, "body payload is required"]);
+    expect((await send({ topic: "hc/c2/in", payload: null })).status).toBe(202);
+  });
+});
+
+describe("bodies and queries a typo or a bad client gets wrong", () => {
+  test("a manual stimulus body that is not UTF-8 is a 400 bad_json, as a webhook's is", async () => {
+    const res = await fleet.fetch("/api/agents/counter/c2/stimuli", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: new Uint8Array([0x22, 0xff, 0xfe, 0x22]),
+    });
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as any).error.code).toBe("bad_json");
+  });
+
+  test("/api/activity?type= of a type not in the fleet is a 400 naming the fleet's types", async () => {
+    const r = await call("GET", "/api/activity?type=nope");
+    expect([r.status, r.body.error.code]).toEqual([400, "bad_query"]);
+    expect(r.body.error.message).toContain("counter, tight");
+    expect((await call("GET", "/api/activity?type=counter")).status).toBe(200);
+  });
+});
+
 describe("with the gateway stopped", () => {
   test("`fleet pause|resume|retire` print the status as the API shows it", async () => {
     expect(await fleet.stop()).toBe(0);

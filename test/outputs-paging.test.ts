@@ -28,7 +28,9 @@ describe("GET /api/outputs", () => {
       const t = Date.now() - 60_000;
       // One emit per episode: 3 episodes start at t, 3 at t + 1, 3 at t + 2 (their emits share a ms).
       for (let i = 0; i < 3; i++) await fleet.commit(3, t + i, 0);
-      const route = activityRoutes({ store: fleet.store, now: () => Date.now() })["/api/outputs"];
+      // The outputs route reads no spec (only /api/activity checks its type against it).
+      const spec = { spec: { agents: {} } } as never;
+      const route = activityRoutes({ store: fleet.store, now: () => Date.now(), spec })["/api/outputs"];
       const get = async (q: string) => (await route(new Request(`http://x/api/outputs?${q}`))).json();
       const all = await get("limit=500");
       expect(all.outputs).toHaveLength(9);

@@ -163,7 +163,9 @@ export function createGuard(d: AccessDeps) {
     const host = req.headers.get("host");
     if (host === null) return false;
     const name = hostName(host);
-    return IPV4.test(name) || name.includes(":") || hostsAllowed().has(name);
+    // An IPv6 literal is bracketed in a Host header (RFC 3986 §3.2.2); `evil.com:80:80` is no address.
+    const ipv6 = host.trim().startsWith("[") && name.includes(":");
+    return IPV4.test(name) || ipv6 || hostsAllowed().has(name);
   };
 
   /** Same-origin or no Origin at all (non-browser clients); a foreign or opaque origin is refused. */

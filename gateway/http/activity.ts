@@ -9,7 +9,7 @@ import type { HttpHost } from "./host.ts";
 import { httpError, intQuery, json } from "./responses.ts";
 
 /** Routes to spread into `Bun.serve({ routes })`. */
-export function activityRoutes(gw: Pick<HttpHost, "store" | "now">) {
+export function activityRoutes(gw: Pick<HttpHost, "store" | "now" | "spec">) {
   const history = new ActivityHistory(gw.store);
   return {
     "/api/outputs": async (req: Request) => {
@@ -38,6 +38,10 @@ export function activityRoutes(gw: Pick<HttpHost, "store" | "now">) {
       const type = url.searchParams.get("type") || undefined;
       if (type !== undefined && !agentId(type, "x"))
         return httpError(400, "bad_query", `type "${type.slice(0, 80)}" is not a valid type name`);
+      // A typo would read as a fleet with no activity.
+      const types = Object.keys(gw.spec.spec.agents);
+      if (type !== undefined && !types.includes(type))
+        return httpError(400, "bad_query", `type "${type}" is not in the fleet; its types: ${types.join(", ")}`);
       const now = gw.now();
       const buckets = await history.buckets({ now, minutes, type });
       return json({ now, bucket_ms: 60_000, minutes, type: type ?? null, buckets });

@@ -5,9 +5,9 @@ import { z } from "zod";
 export const SendBody = z.strictObject(
   {
     topic: z.string({ error: "must be a string" }).min(1, "must not be empty"),
-    /** A string is sent as is, anything else as JSON; absent = null. */
-    payload: z.unknown(),
-    /** An explicit stimulus id (dedup key); absent = the content hash. */
+    /** A string is sent as is, anything else as JSON (`null` too); it must be there. */
+    payload: z.custom<unknown>((v) => v !== undefined, { error: "is required" }),
+    /** An explicit stimulus id (dedup key, as an `Idempotency-Key` header is); absent = a new stimulus. */
     id: z
       .string({ error: "must be a string" })
       .min(1, "must not be empty")

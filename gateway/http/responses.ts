@@ -28,7 +28,12 @@ export async function readJson(
   if (!body.ok) return body;
   const raw = body.bytes;
   try {
-    return { ok: true, value: raw.byteLength ? JSON.parse(new TextDecoder().decode(raw)) : null, raw };
+    // Not UTF-8 is not JSON (RFC 8259 §8.1): refused, as a webhook's body is, not patched with U+FFFD.
+    return {
+      ok: true,
+      value: raw.byteLength ? JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(raw)) : null,
+      raw,
+    };
   } catch (err) {
     return { ok: false, res: httpError(400, "bad_json", `body is not JSON: ${(err as Error).message}`) };
   }

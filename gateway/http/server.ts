@@ -160,7 +160,12 @@ export function startHttp(
           const payload = new TextEncoder().encode(
             typeof v.payload === "string" ? v.payload : JSON.stringify(v.payload ?? null),
           );
-          const explicit = v.id !== undefined ? (`id:${v.id}` as StimulusId) : null;
+          // `Idempotency-Key` dedups as on manual stimuli and webhooks; `id` is the body's spelling of it.
+          const idem = idempotencyKey(req);
+          if (idem instanceof Response) return idem;
+          if (idem && v.id !== undefined)
+            return httpError(400, "bad_request", "send an id in the body or an Idempotency-Key header, not both");
+          const explicit = idem ?? (v.id !== undefined ? (`id:${v.id}` as StimulusId) : null);
           const report = await gw.intake.record(
             route.targets,
             route.inbox ? "inbox" : "manual",
@@ -169,6 +174,11 @@ export function startHttp(
             explicit,
             { traceparent: traceparentOf(req) },
           );
+          const dup = report.duplicates[0];
+          if (idem && dup) {
+            const reused = await reusedKey(storedPayload, report, dup.agent, idem, payload);
+            if (reused) return reused;
+          }
           // Every target refused: not a success, so `fleet send` exits non-zero; a full queue is a 429 to retry.
           if (report.accepted.length + report.duplicates.length === 0) {
             const why = report.refused.map((r) => `${r.agent}: ${r.reason}`).join("; ");
