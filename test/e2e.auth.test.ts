@@ -468,6 +468,39 @@ describe("the audit log", () => {
   }, 60_000);
 });
 
+// Last but one: it leaves this machine unable to sign in for a minute.
+describe("failed sign-ins", () => {
+  test("are logged, and past 10 a minute the peer's sign-ins are a 429 with Retry-After", async () => {
+    const good = await addToken("after-failures", "read");
+    const signIn = (token: string) =>
+      fetch(`${fleet.httpUrl}/api/session`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ token }),
+      });
+    // Earlier tests of this file failed a sign-in or two this minute: at most 10 more are 401s.
+    const statuses: number[] = [];
+    let limited: Response | null = null;
+    for (let i = 0; i <= 10 && limited === null; i++) {
+      const res = await signIn(`fleet_guess${i}`);
+      if (res.status === 429) limited = res;
+      else statuses.push(res.status);
+    }
+    expect(statuses.length).toBeGreaterThan(5);
+    expect(new Set(statuses)).toEqual(new Set([401]));
+    if (limited === null) throw new Error("no 429 after 11 failed sign-ins");
+    expect(Number(limited.headers.get("retry-after"))).toBeGreaterThan(0);
+    expect(((await limited.json()) as any).error.code).toBe("too_many_attempts");
+    // A valid token from the same peer waits too (the answer must not tell a good guess from a bad one).
+    expect((await signIn(good)).status).toBe(429);
+    // The API with a token is not affected.
+    expect((await raw("/api/fleet", { headers: bearer(good) })).status).toBe(200);
+    const log = readFileSync(fleet.logPath, "utf8");
+    expect(log).toContain("dashboard sign-in with a bad or revoked token");
+    expect(log).toContain("refusing this peer's sign-ins for a minute");
+  }, 60_000);
+});
+
 describe("at stop", () => {
   test("the per-run local token is removed with the run", async () => {
     const file = join(fleet.dataDir, "local-admin.token");

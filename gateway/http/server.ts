@@ -137,7 +137,7 @@ export function startHttp(
       ...activityRoutes(gw),
       ...deployRoutes(gw),
       ...auditRoutes(gw),
-      ...sessionRoutes({ sessions, audit }),
+      ...sessionRoutes({ sessions, audit, log: gw.log }),
       ...observe.routes,
       "/api/send": {
         // Used by `fleet send`: route a topic like a device publish, as a manual stimulus.

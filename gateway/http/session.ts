@@ -4,6 +4,7 @@
  * is signed in; `DELETE /api/session` signs out. `GET /` without a session shows the
  * sign-in page (a small form that posts the token as JSON: the API refuses form posts).
  */
+import type { Logger } from "pino";
 import type { Sessions } from "../auth/index.ts";
 import { SESSION_COOKIE } from "../auth/index.ts";
 import { type AuditEntry, cookie, principalOf } from "./access.ts";
@@ -15,7 +16,16 @@ export interface SessionDeps {
   readonly audit: (entry: AuditEntry) => Promise<void>;
   /** The clock the sign-in audit is rate-limited on (default Date.now). */
   readonly now?: () => number;
+  /** Where failed sign-ins are logged. */
+  readonly log?: Pick<Logger, "warn">;
 }
+
+/** Failed sign-ins one peer may make in a minute; past them its sign-ins are a 429 until the minute ends. */
+export const SIGNIN_FAILURES_PER_MINUTE = 10;
+/** Peers whose failures are remembered at once (past it the oldest are forgotten). */
+const FAILURE_PEERS = 10_000;
+
+type Peer = { requestIP(req: Request): { address: string } | null };
 
 /** One sign-in per token is audited in this window; the others are counted into the next one recorded. */
 const SIGNIN_AUDIT_MS = 60_000;
@@ -38,20 +48,53 @@ export function sessionRoutes(d: SessionDeps) {
     const detail = last?.since ? `${last.since} more sign-in(s) since the last recorded, not recorded each` : null;
     await d.audit({ actor: name, action: "session.signin", target: null, status: 200, detail });
   };
+  /** Per peer address: when its minute of failed sign-ins began, and how many it made. */
+  const failures = new Map<string, { since: number; count: number }>();
+  const failuresOf = (peer: string) => {
+    const f = failures.get(peer);
+    if (f && now() - f.since < SIGNIN_AUDIT_MS) return f;
+    if (f) failures.delete(peer);
+    return null;
+  };
+  /** Count a failed sign-in: the first of a minute is logged, and the one that reaches the limit. */
+  const failed = (peer: string) => {
+    const f = failuresOf(peer) ?? { since: now(), count: 0 };
+    if (f.count === 0) {
+      if (failures.size >= FAILURE_PEERS) failures.delete(failures.keys().next().value!);
+      failures.set(peer, f);
+    }
+    f.count++;
+    if (f.count === 1) d.log?.warn({ peer }, "dashboard sign-in with a bad or revoked token");
+    if (f.count === SIGNIN_FAILURES_PER_MINUTE)
+      d.log?.warn({ peer, failures: f.count }, "failed dashboard sign-ins: refusing this peer's sign-ins for a minute");
+  };
   return {
     "/api/session": {
       GET: (req: Request) => {
         const p = principalOf(req);
         return p ? json({ name: p.name, scope: p.scope }) : httpError(401, "unauthorized", "not signed in");
       },
-      POST: async (req: Request) => {
+      POST: async (req: Request, server: Peer) => {
+        const peer = server.requestIP(req)?.address ?? "unknown";
+        const f = failuresOf(peer);
+        if (f && f.count >= SIGNIN_FAILURES_PER_MINUTE) {
+          const wait = Math.max(1, Math.ceil((f.since + SIGNIN_AUDIT_MS - now()) / 1000));
+          return json(
+            { error: { code: "too_many_attempts", message: `too many failed sign-ins; retry in ${wait} s` } },
+            429,
+            { "retry-after": String(wait) },
+          );
+        }
         const body = await readJson(req, 4096);
         if (!body.ok) return body.res;
         const token = (body.value as { token?: unknown } | null)?.token;
         if (typeof token !== "string" || token.length === 0 || token.length > 256)
           return httpError(400, "bad_request", 'body must be {"token": "<token>"}');
         const s = d.sessions.open(token.trim());
-        if (s === null) return httpError(401, "unauthorized", "bad or revoked token");
+        if (s === null) {
+          failed(peer);
+          return httpError(401, "unauthorized", "bad or revoked token");
+        }
         await auditSignin(s.principal.name);
         // Over HTTPS the browser must never send the cookie over plain HTTP.
         const secure = new URL(req.url).protocol === "https:" ? "; Secure" : "";
