@@ -157,6 +157,19 @@ describe("a route answers only its own methods", () => {
   });
 });
 
+describe("a method no route table names", () => {
+  test("PROPFIND or TRACE on a route is its 405 with Allow (401 without a token); on no route a 404", async () => {
+    for (const method of ["PROPFIND", "TRACE"]) {
+      const r = await call(method, "/api/fleet");
+      expect([method, r.status, r.headers.get("allow")]).toEqual([method, 405, "GET, HEAD"]);
+    }
+    expect((await call("PROPFIND", "/api/fleet")).body.error.code).toBe("method_not_allowed");
+    expect((await call("PROPFIND", "/api/agents/counter/c1/pause")).headers.get("allow")).toBe("POST");
+    expect((await fetch(`${fleet.httpUrl}/api/fleet`, { method: "PROPFIND" })).status).toBe(401);
+    expect((await call("PROPFIND", "/api/nothing-here")).status).toBe(404);
+  });
+});
+
 describe("a full queue is backpressure, whichever way the stimulus comes", () => {
   test("POST /api/send to a full queue is 429 queue_full with Retry-After; to a retired agent 409", async () => {
     expect((await call("POST", "/api/agents/tight/q1/pause")).status).toBe(200);

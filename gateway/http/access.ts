@@ -316,6 +316,26 @@ export function createGuard(d: AccessDeps) {
     await d.audit({ actor: who.name, action, target: note?.target ?? target, status, detail: note?.detail ?? null });
   }
 
+  /** The routes `protect` wrapped, by path segments (`:name` matches any one segment). */
+  const known: { pattern: string; segments: string[]; literal: number; allow: readonly string[] }[] = [];
+
+  /**
+   * The answer for a request no route method took (Bun.serve's `fetch`): a method outside
+   * `ROUTE_METHODS` (PROPFIND, TRACE) on a path that has a route is guarded as that route's
+   * missing method (401 without a token, then 405 with `Allow`); any other path is a 404.
+   */
+  function fallback(req: Request, server: Server): Response | Promise<Response> {
+    const parts = new URL(req.url).pathname.split("/");
+    let best: (typeof known)[number] | null = null;
+    for (const r of known) {
+      if (r.segments.length !== parts.length) continue;
+      if (!r.segments.every((s, i) => (s.startsWith(":") ? parts[i] !== "" : s === parts[i]))) continue;
+      if (best === null || r.literal > best.literal) best = r;
+    }
+    if (best === null) return httpError(404, "not_found", "no such endpoint");
+    return guarded(best.pattern, null, best.allow, Object.assign(req, { params: {} }), server);
+  }
+
   /**
    * Wrap every handler of a Bun.serve route table. A bare function serves GET (and HEAD, which
    * Bun answers from GET); every other method of a route gets a guarded 405 naming those it has.
@@ -334,6 +354,8 @@ export function createGuard(d: AccessDeps) {
         continue;
       }
       const allow = Object.keys(table).includes("GET") ? [...Object.keys(table), "HEAD"] : Object.keys(table);
+      const segments = pattern.split("/");
+      known.push({ pattern, segments, literal: segments.filter((x) => !x.startsWith(":")).length, allow });
       const methods: Record<string, unknown> = {};
       for (const m of ROUTE_METHODS) {
         // HEAD of a GET route is Bun's: the GET handler's headers without the body.
@@ -347,10 +369,10 @@ export function createGuard(d: AccessDeps) {
     return out as R;
   }
 
-  return { protect, inFlight: () => inFlight };
+  return { protect, fallback, inFlight: () => inFlight };
 }
 
-/** The methods a Bun.serve route table can name; any other method falls through to its `fetch` (404). */
+/** The methods a Bun.serve route table can name; any other method falls through to its `fetch` (`fallback`). */
 const ROUTE_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] as const;
 
 /** 405 with `Allow`: the route exists, the method is not one of its own. */

@@ -189,7 +189,8 @@ export function startHttp(
         },
       },
     }),
-    fetch: () => httpError(404, "not_found", "no such endpoint"),
+    // Another method on a known path (PROPFIND, TRACE) is that route's 405; anything else a 404.
+    fetch: (req, server) => guard.fallback(req, server),
     error: (err) => httpError(500, "internal", err.message),
   });
   return {
