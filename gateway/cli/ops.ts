@@ -56,13 +56,34 @@ export async function cmdStart(cli: Cli): Promise<void> {
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGHUP", () => void gw.reload("SIGHUP"));
   await gw.start();
-  console.log(runningLine(gw.spec.spec.broker.external?.url ?? null, gw.broker.port, gw.http.port, gw.dataDir));
+  const http = gw.spec.spec.http;
+  const bound = { host: http.host, port: gw.http.port, noToken: http.allow_unauthenticated };
+  console.log(runningLine(gw.spec.spec.broker.external?.url ?? null, gw.broker.port, bound, gw.dataDir));
+  if (bound.noToken && !isLoopbackAddress(bound.host))
+    console.error(
+      `WARNING: the HTTP API on ${bound.host} needs no token ([http] allow_unauthenticated): ` +
+        "anyone who reaches this address can change the fleet as admin",
+    );
 }
 
-/** What `fleet start` prints once running: the MQTT port it listens on, or the external broker it uses. */
-export function runningLine(externalUrl: string | null, mqttPort: number, httpPort: number, dataDir: string): string {
+/** Whether a listen address is this machine only. */
+function isLoopbackAddress(host: string): boolean {
+  return host === "localhost" || host === "::1" || host.startsWith("127.");
+}
+
+/**
+ * What `fleet start` prints once running: the MQTT port it listens on (or the external broker it
+ * uses), the HTTP address it binds, and whether that API needs no token.
+ */
+export function runningLine(
+  externalUrl: string | null,
+  mqttPort: number,
+  http: { readonly host: string; readonly port: number; readonly noToken: boolean },
+  dataDir: string,
+): string {
   const mqtt = externalUrl === null ? `mqtt on port ${mqttPort}` : `external broker ${externalUrl}`;
-  return `fleet running: ${mqtt}, http on port ${httpPort}, data in ${dataDir}`;
+  const address = http.host.includes(":") ? `[${http.host}]:${http.port}` : `${http.host}:${http.port}`;
+  return `fleet running: ${mqtt}, http on ${address}${http.noToken ? " (no token needed)" : ""}, data in ${dataDir}`;
 }
 
 /** A second stop signal's exit status: 128 + the signal's number, as a shell reports a process it killed. */
