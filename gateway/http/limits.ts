@@ -78,11 +78,6 @@ export class BodyBudget {
   isUnauthenticated(req: Request): boolean {
     return this.open.has(req);
   }
-
-  /** What `req` holds now. */
-  heldBy(req: Request): number {
-    return this.byRequest.get(req) ?? 0;
-  }
 }
 
 /** The budget a request is read under (set by the access guard). */
