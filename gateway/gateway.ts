@@ -80,7 +80,7 @@ import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
 import { BundleFiles, buildBundle, bundleDir, codeChanges, pinCode, type Pinned } from "./code/index.ts";
-import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
+import { HOST_MODULES, HOST_PATHS } from "../agents/host/index.ts";
 import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
 
 /** Read a listener's PEM files (paths were checked readable when the spec loaded). */
@@ -611,7 +611,7 @@ export class Gateway {
     const path = this.current.path;
     const candidate = toml === null ? await loadSpec(path) : await compileSpec(toml, path);
     const build = async (modulePath: string) => {
-      const r = await buildBundle(modulePath, HOST_PATHS, SDK_ENTRY);
+      const r = await buildBundle(modulePath, HOST_MODULES);
       if (!r.ok) return null;
       this.bundles.remember(r.hash, r.code);
       return { hash: r.hash, file: () => this.bundles.file(r.hash) };
@@ -1074,8 +1074,7 @@ export class Gateway {
     return pinCode(next, current, {
       sink: this.store,
       files: this.bundles,
-      hostPaths: HOST_PATHS,
-      sdkEntry: SDK_ENTRY,
+      hostModules: HOST_MODULES,
       now: this.now,
       log: this.log.child({ mod: "code" }),
     });

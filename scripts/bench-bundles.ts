@@ -13,7 +13,7 @@
 import { chmodSync, mkdtempSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
+import { HOST_MODULES } from "../agents/host/index.ts";
 import { BundleFiles, buildBundle } from "../gateway/code/index.ts";
 import {
   CHILD_LIMITS,
@@ -44,7 +44,7 @@ const dir = mkdtempSync("/var/tmp/fleet-bench-bundles-");
 // Agents run as other uids when this runs as root: they must be able to enter the folder.
 chmodSync(dir, 0o755);
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-const built = await buildBundle(module, HOST_PATHS, SDK_ENTRY);
+const built = await buildBundle(module, HOST_MODULES);
 if (!built.ok) throw new Error(built.error);
 const files = new BundleFiles(dir, async () => built.code);
 const bundlePath = await files.file(built.hash);

@@ -6,6 +6,7 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import {
+  cpSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -18,8 +19,8 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
-import { HOST_PATHS, SDK_ENTRY } from "../agents/host/index.ts";
-import { BundleFiles, BundleMissing, buildBundle, pinCode, versionOf } from "../gateway/code/index.ts";
+import { HOST_MODULES, PROTOCOL_SPECIFIER, SDK_ENTRY, SDK_SPECIFIER } from "../agents/host/index.ts";
+import { BundleFiles, BundleMissing, buildBundle, pinCode, versionOf, withBundles } from "../gateway/code/index.ts";
 import { agentFiles, startTicks, sweepProcessDirs } from "../gateway/episode/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
 import { gcPass, verifyStore } from "../gateway/ops/index.ts";
@@ -37,6 +38,7 @@ afterAll(() => {
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
 
+const ROOT = join(import.meta.dir, "..");
 const silent = pino({ level: "silent" });
 const DAY = 86_400_000;
 
@@ -56,30 +58,47 @@ export default defineAgent({ init: () => ({}), onStimulus(_s, ctx) { ctx.emit({ 
 }
 
 describe("buildBundle", () => {
-  test("bundles local imports in and leaves the SDK to the host runtime, by its absolute path", async () => {
+  test("bundles local imports in and leaves the SDK to the host runtime, by its package name", async () => {
     const dir = tempDir();
-    const r = await buildBundle(writeAgent(dir, "alpha"), HOST_PATHS, SDK_ENTRY);
+    const r = await buildBundle(writeAgent(dir, "alpha"), HOST_MODULES);
     if (!r.ok) throw new Error(r.error);
     expect(r.code).toContain('"alpha"');
     expect(r.code).not.toContain("./word.ts");
-    expect(r.code).toContain(`from "${SDK_ENTRY}"`);
+    expect(r.code).toContain(`from "${SDK_SPECIFIER}"`);
+    expect(r.code).not.toContain(SDK_ENTRY);
     expect(r.code).not.toContain("class ToolDenied");
     expect(r.hash).toBe(await blake3Hex(r.code));
     // The same code bundles to the same hash; different code to another.
-    const again = await buildBundle(join(dir, "agent.ts"), HOST_PATHS, SDK_ENTRY);
+    const again = await buildBundle(join(dir, "agent.ts"), HOST_MODULES);
     expect(again.ok && again.hash).toBe(r.hash);
     writeAgent(dir, "beta");
-    const other = await buildBundle(join(dir, "agent.ts"), HOST_PATHS, SDK_ENTRY);
+    const other = await buildBundle(join(dir, "agent.ts"), HOST_MODULES);
     expect(other.ok && other.hash).not.toBe(r.hash);
+  });
+
+  test("the same module bundled in two installs (the repo, a copy of agents/ elsewhere) is the same code", async () => {
+    const copy = join(tempDir(), "install");
+    cpSync(join(ROOT, "agents"), join(copy, "agents"), { recursive: true });
+    const modules = {
+      [join(copy, "agents/sdk/index.ts")]: SDK_SPECIFIER,
+      [join(copy, "agents/protocol.ts")]: PROTOCOL_SPECIFIER,
+    };
+    const here = await buildBundle(join(ROOT, "agents/examples/anomaly.ts"), HOST_MODULES);
+    const there = await buildBundle(join(copy, "agents/examples/anomaly.ts"), modules);
+    if (!here.ok || !there.ok) throw new Error("bundling failed");
+    expect(there.hash).toBe(here.hash);
+    expect(here.code).toContain(`from "${SDK_SPECIFIER}"`);
+    expect(here.code).not.toContain(ROOT);
+    expect(there.code).not.toContain(copy);
   });
 
   test("a module that does not parse, imports a missing file or does not exist is an error naming why", async () => {
     const dir = tempDir();
     writeFileSync(join(dir, "bad.ts"), "export default {\n");
     writeFileSync(join(dir, "missing.ts"), 'import x from "./nope.ts";\nexport default x;\n');
-    const bad = await buildBundle(join(dir, "bad.ts"), HOST_PATHS, SDK_ENTRY);
-    const missing = await buildBundle(join(dir, "missing.ts"), HOST_PATHS, SDK_ENTRY);
-    const none = await buildBundle(join(dir, "none.ts"), HOST_PATHS, SDK_ENTRY);
+    const bad = await buildBundle(join(dir, "bad.ts"), HOST_MODULES);
+    const missing = await buildBundle(join(dir, "missing.ts"), HOST_MODULES);
+    const none = await buildBundle(join(dir, "none.ts"), HOST_MODULES);
     expect(bad.ok).toBe(false);
     expect(!missing.ok && missing.error).toContain("nope.ts");
     expect(!none.ok && none.error).toContain("none.ts");
@@ -110,7 +129,7 @@ describe("Bun macros in agent code", () => {
     const dir = tempDir();
     const { module, ran } = macroAgent(dir, attrs);
     return (async () => {
-      const built = await buildBundle(module, HOST_PATHS, SDK_ENTRY);
+      const built = await buildBundle(module, HOST_MODULES);
       expect(built.ok).toBe(false);
       expect(!built.ok && built.error).toContain("import attributes");
       expect(agentFiles(module).files).toEqual([realpathSync(module)]);
@@ -123,7 +142,7 @@ describe("Bun macros in agent code", () => {
     writeFileSync(join(dir, "data.json"), '{"n": 7}');
     const module = join(dir, "agent.ts");
     writeFileSync(module, 'import data from "./data.json" with { type: "json" };\nexport const n = data.n;\n');
-    const built = await buildBundle(module, HOST_PATHS, SDK_ENTRY);
+    const built = await buildBundle(module, HOST_MODULES);
     expect(built.ok && built.code).toContain("7");
   });
 });
@@ -219,8 +238,7 @@ describe("pinCode", () => {
   const pinDeps = (dir: string, saved: string[]) => ({
     sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash) },
     files: new BundleFiles(join(dir, "b"), async () => null),
-    hostPaths: HOST_PATHS,
-    sdkEntry: SDK_ENTRY,
+    hostModules: HOST_MODULES,
     now: () => 1,
     log: silent,
   });
@@ -259,6 +277,30 @@ describe("pinCode", () => {
     expect(still.ok).toBe(true);
   });
 
+  test("a stored bundle naming the SDK by an install path (older releases) is kept for the same code", async () => {
+    const dir = tempDir();
+    const module = writeAgent(dir, "one");
+    const sv = await compileSpec(toml(module), join(dir, "fleet.toml"));
+    const built = await buildBundle(module, HOST_MODULES);
+    if (!built.ok) throw new Error(built.error);
+    const older = async (code: string) => {
+      const hash = await blake3Hex(code);
+      const saved: string[] = [];
+      const deps = { ...pinDeps(dir, saved), files: new BundleFiles(join(tempDir(), "b"), async () => code) };
+      const pinned = await pinCode(sv, await withBundles(sv, { t: hash }), deps);
+      return { hash, saved, pinned: pinned.ok ? pinned.sv : null };
+    };
+    const legacy = built.code.replace(`from "${SDK_SPECIFIER}"`, `from "/old-install/agents/sdk/index.ts"`);
+    expect(legacy).not.toBe(built.code);
+    const same = await older(legacy);
+    expect(same.pinned?.bundles).toEqual({ t: same.hash });
+    expect(same.saved).toEqual([]);
+    // Code that differs in anything else is new code.
+    const other = await older(legacy.replace('"one"', '"uno"'));
+    expect(other.pinned?.bundles).toEqual({ t: built.hash });
+    expect(other.saved).toEqual([built.hash]);
+  });
+
   test("a redeploy that adds a type whose module is missing or does not bundle is refused", async () => {
     const dir = tempDir();
     const module = writeAgent(dir, "one");
@@ -282,14 +324,14 @@ describe("pinCode", () => {
     const sv = await compileSpec(toml(module), join(dir, "fleet.toml"));
     const saved: string[] = [];
     const pinned = await pinCode(sv, null, pinDeps(dir, saved));
-    const version = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
+    const version = await versionOf(sv, HOST_MODULES);
     expect(pinned.ok && pinned.sv.hash).toBe(version.sv.hash);
     expect(version.sv.bundles).toEqual(pinned.ok ? pinned.sv.bundles : {});
     expect(version.unbundled).toEqual([]);
     expect(saved).toHaveLength(1);
 
     writeFileSync(join(dir, "word.ts"), "export const word = (;\n");
-    const broken = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
+    const broken = await versionOf(sv, HOST_MODULES);
     expect(broken.sv.hash).toBe(sv.hash);
     expect(broken.unbundled.map((u) => u.type)).toEqual(["t"]);
     expect(broken.unbundled[0]!.error.length).toBeGreaterThan(0);

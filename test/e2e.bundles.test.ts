@@ -10,7 +10,10 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { bundleOfSql, episodeStatus, idBytesSql, idOfSql, specOfSql } from "../gateway/store/index.ts";
+import { withBundles } from "../gateway/code/index.ts";
+import { blake3Hex } from "../gateway/hash.ts";
+import { loadSpec } from "../gateway/spec/index.ts";
+import { bundleOfSql, episodeStatus, idBytesSql, idOfSql, Store, specOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -165,6 +168,48 @@ describe("code pinned by content", () => {
       await fleet.dispose();
     }
   }, 180_000);
+
+  test("an older release's bundle, importing the SDK from a gone install, runs, replays and is kept", async () => {
+    const { fleet } = taggerFleet("e2e-bundles-legacy");
+    try {
+      await fleet.start();
+      await publishQos1(await fleet.mqtt(), "tags/a/in", { id: "r1" });
+      await fleet.waitCommitted("tagger/a", 1);
+      const [first] = await episodeRows(fleet, "tagger/a");
+      const [built] = await fleet.query<Row>("SELECT code FROM bundles WHERE hash = ?", [first!.bundle as string]);
+      expect(String(built?.code)).toContain('from "agent-fleets"');
+      expect(String(built?.code)).not.toContain(ROOT);
+      await fleet.stop();
+
+      // What a release before 2026-12-04 stored for the same code: the SDK by its install's path (gone since).
+      const gone = `/gone-${process.pid}/agents/sdk/index.ts`;
+      expect(existsSync(gone)).toBe(false);
+      const code = String(built?.code).replace('from "agent-fleets"', `from ${JSON.stringify(gone)}`);
+      const legacy = await blake3Hex(code);
+      const sv = await withBundles(await loadSpec(fleet.configPath), { tagger: legacy });
+      const store = await Store.open(join(fleet.dataDir, "fleet.db"), { synchronous: "normal" });
+      try {
+        await store.saveBundle({ hash: legacy, module: "agent.ts", code, at: Date.now() });
+        await store.saveSpecVersion({ ...sv, summary: "older release", at: Date.now() + 1000 });
+      } finally {
+        await store.close();
+      }
+
+      // This release builds the same code to another text; it keeps the stored bundle (and spec version) and runs it.
+      await fleet.start();
+      await publishQos1(await fleet.mqtt(), "tags/a/in", { id: "r2" });
+      await fleet.waitCommitted("tagger/a", 2);
+      const second = (await episodeRows(fleet, "tagger/a"))[1]!;
+      expect(second.status).toBe("committed");
+      expect(second.bundle).toBe(legacy);
+      expect(second.spec_version).toBe(sv.hash);
+      const replay = await fleet.cli("replay", second.id as string);
+      expect(replay.json.verdict).toBe("MATCH");
+      expect((await fleet.cli("verify")).code).toBe(0);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
 
   test.if(IS_ROOT)(
     'a bundle runs under sandbox = "uid" (agents as uids of their own, files beside the private data dir)',

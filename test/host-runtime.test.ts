@@ -27,8 +27,8 @@ import {
   runtimeDir,
   runtimeFor,
 } from "../gateway/episode/index.ts";
-import { HOST_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
-import { JOIN_CGROUP_ARG, type ParentMessage } from "../agents/protocol.ts";
+import { HOST_ENTRY, PROTOCOL_SPECIFIER, SDK_ENTRY, SDK_SPECIFIER } from "../agents/host/index.ts";
+import { JOIN_CGROUP_ARG, MAX_LOG_CHARS, type ParentMessage } from "../agents/protocol.ts";
 
 const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
 afterAll(() => rmSync(base, { recursive: true, force: true }));
@@ -52,9 +52,9 @@ describe("the built host runtime", () => {
     expect(again).toBe(first);
     expect(first.startsWith(`${dir}/host-`)).toBe(true);
     expect(statSync(first).mode & 0o777).toBe(0o644);
-    // The SDK is inlined and its path is answered by the script itself, so agents meet the host's classes.
+    // The SDK is inlined and its specifier is answered by the script itself, so agents meet the host's classes.
     const code = readFileSync(first, "utf8");
-    expect(code).toContain(JSON.stringify(SDK_ENTRY));
+    expect(code).toContain(JSON.stringify(SDK_SPECIFIER));
     expect(code).toContain("class ToolDenied");
   });
 
@@ -170,8 +170,8 @@ describe("the built host runtime", () => {
 });
 
 /** A host child of the built runtime, its stdin ours, and the messages it sends on fd 3 as they come. */
-function hostChild() {
-  const child = Bun.spawn([process.execPath, hostScript(process.execPath)], {
+function hostChild(script = hostScript(process.execPath)) {
+  const child = Bun.spawn([process.execPath, script], {
     env: { ...CHILD_ENV },
     cwd: "/",
     stdio: ["pipe", "ignore", "pipe", "pipe"],
@@ -197,14 +197,15 @@ function hostChild() {
       await stdin.flush();
     },
     end: () => stdin.end(),
-    /** Resolves with the first message of type `t` (throws if the child ends without one). */
-    until: async (t: string) => {
+    /** Resolves with the first message of type `t`, or of any of them (throws if the child ends without one). */
+    until: async (t: string | string[]) => {
+      const wanted = (x: { t: string }) => (Array.isArray(t) ? t.includes(x.t) : x.t === t);
       for (;;) {
-        const m = said.find((x) => x.t === t);
+        const m = said.find(wanted);
         if (m) return m;
         if (child.exitCode !== null || child.signalCode !== null) {
           await reading;
-          const late = said.find((x) => x.t === t);
+          const late = said.find(wanted);
           if (late) return late;
           throw new Error(`the host ended without "${t}": ${JSON.stringify(said).slice(0, 500)}`);
         }
@@ -237,6 +238,45 @@ function agentModule(name: string, body: string): string {
   writeFileSync(file, `import { defineAgent } from ${JSON.stringify(SDK_ENTRY)};\n${body}`);
   return file;
 }
+
+describe("the SDK and protocol agent bundles import", () => {
+  const gone = `/gone-${process.pid}/agents`;
+  test.each([
+    ["built", "their fixed names", SDK_SPECIFIER, PROTOCOL_SPECIFIER],
+    ["built", "an install's paths that are gone (older releases)", `${gone}/sdk/index.ts`, `${gone}/protocol.ts`],
+    ["from its sources", "their fixed names", SDK_SPECIFIER, PROTOCOL_SPECIFIER],
+    ["from its sources", "an install's paths that are gone", `${gone}/sdk/index.ts`, `${gone}/protocol.ts`],
+  ])(
+    "the host %s answers imports by %s with its own copy (a denied tool is its ToolDenied)",
+    async (how, _, sdk, proto) => {
+      const file = join(mkdtempSync(join(base, "bundle-")), "bundle.js");
+      writeFileSync(
+        file,
+        `import { defineAgent, ToolDenied } from ${JSON.stringify(sdk)};
+import { MAX_LOG_CHARS } from ${JSON.stringify(proto)};
+export default defineAgent({
+  init: () => ({}),
+  async onStimulus(s, ctx) {
+    ctx.state.max = MAX_LOG_CHARS;
+    try { await ctx.tools.publish("t/x", 1); } catch (err) { ctx.state.denied = err instanceof ToolDenied; }
+  },
+});
+`,
+      );
+      const h = hostChild(how === "built" ? builtScript() : HOST_ENTRY);
+      await h.until("ready");
+      await h.write(`${JSON.stringify(startFor(file))}\n`);
+      const call = await h.until(["tool", "error"]);
+      expect(call).toMatchObject({ t: "tool" });
+      const denial = { t: "tool_result", call: call.call, ok: false, result: { error: "denied", reason: "test" } };
+      await h.write(`${JSON.stringify(denial)}\n`);
+      const done = await h.until("done");
+      h.child.kill("SIGKILL");
+      await h.child.exited;
+      expect(done.state).toEqual({ max: MAX_LOG_CHARS, denied: true });
+    },
+  );
+});
 
 describe("the host's start and its stdin", () => {
   const emitter = () =>

@@ -4,6 +4,9 @@
  * by path; nothing imports it as a library.
  */
 import { fileURLToPath } from "node:url";
+import { PROTOCOL_SPECIFIER, SDK_SPECIFIER } from "./modules.ts";
+
+export { LEGACY_HOST_IMPORT, legacyHostSpecifier, PROTOCOL_SPECIFIER, SDK_SPECIFIER } from "./modules.ts";
 
 /** Absolute path of the episode subprocess entry point. */
 export const HOST_ENTRY: string = fileURLToPath(new URL("./main.ts", import.meta.url));
@@ -21,5 +24,11 @@ export const HOST_PATHS: readonly string[] = Object.freeze([
 /** The IPC protocol module (agents may import CHILD_CHANNEL_FD and friends from it). */
 export const PROTOCOL_ENTRY: string = fileURLToPath(new URL("../protocol.ts", import.meta.url));
 
-/** The SDK's entry point (package `agent-fleets`): bundles import it from here (gateway/code). */
+/** The SDK's entry point (package `agent-fleets`). */
 export const SDK_ENTRY: string = fileURLToPath(new URL("../sdk/index.ts", import.meta.url));
+
+/** The modules the host runtime answers for agent bundles: each one's file, and the specifier bundles import it by. */
+export const HOST_MODULES: Readonly<Record<string, string>> = Object.freeze({
+  [SDK_ENTRY]: SDK_SPECIFIER,
+  [PROTOCOL_ENTRY]: PROTOCOL_SPECIFIER,
+});

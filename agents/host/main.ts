@@ -34,24 +34,43 @@ import {
   ToolFailed,
 } from "../sdk/index.ts";
 
+import { LEGACY_HOST_IMPORT, legacyHostSpecifier, PROTOCOL_SPECIFIER, SDK_SPECIFIER } from "./modules.ts";
+
 type Start = Extract<ParentMessage, { t: "start" }>;
 
 /**
- * Defined when the gateway built this file into one script (gateway/episode/host-runtime.ts):
- * the paths agent bundles import the SDK and the protocol by. They get this script's own copies,
- * so `instanceof ToolDenied` in an agent meets the class thrown here, and nothing is loaded twice.
+ * Defined when the gateway built this file into one script (gateway/episode/host-runtime.ts): the
+ * paths of the SDK and the protocol this script was built from.
  */
 declare const FLEET_HOST_MODULES: { sdk: string; protocol: string } | undefined;
+
+/**
+ * The SDK and the protocol an agent imports get this process's own copies: `instanceof ToolDenied`
+ * in an agent meets the class thrown here, and nothing is loaded twice. Bundles import them by fixed
+ * specifiers (./modules.ts); a module run from its file by their paths in this install (answered here
+ * when built; from the sources they are the very files loaded here); bundles stored by older releases
+ * by the paths of the install that built them, which may have moved or gone since.
+ */
+const own: Record<string, object> = { [SDK_SPECIFIER]: sdk, [PROTOCOL_SPECIFIER]: protocol };
 if (typeof FLEET_HOST_MODULES !== "undefined") {
-  const own = FLEET_HOST_MODULES;
-  Bun.plugin({
-    name: "fleet-host-runtime",
-    setup(build) {
-      build.module(own.sdk, () => ({ exports: sdk, loader: "object" }));
-      build.module(own.protocol, () => ({ exports: protocol, loader: "object" }));
-    },
-  });
+  own[FLEET_HOST_MODULES.sdk] = sdk;
+  own[FLEET_HOST_MODULES.protocol] = protocol;
 }
+Bun.plugin({
+  name: "fleet-host-runtime",
+  setup(build) {
+    for (const [specifier, exports] of Object.entries(own))
+      build.module(specifier, () => ({ exports: exports as Record<string, unknown>, loader: "object" }));
+    build.onResolve({ filter: LEGACY_HOST_IMPORT }, (args) => ({
+      path: legacyHostSpecifier(args.path) ?? SDK_SPECIFIER,
+      namespace: "fleet-host",
+    }));
+    build.onLoad({ filter: /.*/, namespace: "fleet-host" }, (args) => ({
+      exports: (own[args.path] ?? sdk) as Record<string, unknown>,
+      loader: "object",
+    }));
+  },
+});
 
 /*
  * Bun's own I/O, not node:fs / process.stdin: those two modules cost ~25 ms of start-up per

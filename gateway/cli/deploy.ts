@@ -12,7 +12,7 @@ import { commandSpawnOptions } from "../episode/index.ts";
 import { deployCheck, describeDeployCheck, storedSpec } from "../ops/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { BundleFiles, buildBundle, bundleDir } from "../code/index.ts";
-import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
+import { HOST_MODULES } from "../../agents/host/index.ts";
 
 /** Most episodes or agents a check may be asked to replay per agent or type. */
 const MAX_SAMPLE = 10_000;
@@ -46,7 +46,7 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
     const spawn = commandSpawnOptions("auto", {}, "fleet deploy --check");
     const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
     const build = async (path: string) => {
-      const r = await buildBundle(path, HOST_PATHS, SDK_ENTRY);
+      const r = await buildBundle(path, HOST_MODULES);
       if (!r.ok) return null;
       files.remember(r.hash, r.code);
       return { hash: r.hash, file: () => files.file(r.hash) };

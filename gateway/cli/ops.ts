@@ -11,7 +11,7 @@ import { auditLocal, gcAll, type GcReport } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
 import type { Logger } from "pino";
 import { checkConfigs, commandSpawnOptions, configProblemsError, typesToCheck } from "../episode/index.ts";
-import { HOST_PATHS, SDK_ENTRY } from "../../agents/host/index.ts";
+import { HOST_MODULES } from "../../agents/host/index.ts";
 import { versionOf } from "../code/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
@@ -298,7 +298,7 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
     const problems = await checkConfigs(typesToCheck(sv.spec, null), spawn);
     if (problems.length > 0) throw configProblemsError(sv, problems);
     // The version as the gateway would store it: the text's hash with its modules' bundles.
-    const version = await versionOf(sv, HOST_PATHS, SDK_ENTRY);
+    const version = await versionOf(sv, HOST_MODULES);
     // A running gateway refuses a deploy whose module does not bundle (gateway/code/pin.ts).
     const unbundled = version.unbundled.map((u) => `agents.${u.type}.module cannot be bundled: ${u.error}`);
     const ok = unbundled.length === 0;

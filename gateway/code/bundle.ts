@@ -7,6 +7,7 @@
  */
 import { readFileSync } from "node:fs";
 import { dirname, sep } from "node:path";
+import { legacyHostSpecifier } from "../../agents/host/index.ts";
 import { macroRisk } from "../episode/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Blake3Hex } from "../types.ts";
@@ -16,28 +17,25 @@ export type BuiltBundle =
   | { readonly ok: true; readonly hash: Blake3Hex; readonly code: string }
   | { readonly ok: false; readonly error: string };
 
-/** The package name an agent imports the SDK by (package.json `exports`). */
-const SDK_PACKAGE = "agent-fleets";
-
 /**
- * Bundle `modulePath` for the episode host. `hostPaths` are the runtime's files and folders
- * (agents/host HOST_PATHS); imports that resolve into them, and `agent-fleets` itself, are
- * left as imports of the host's copy at `sdkEntry`.
+ * Bundle `modulePath` for the episode host. `hostModules` maps each module the host runtime
+ * answers (agents/host HOST_MODULES: the SDK, the protocol) from its file to its specifier: an
+ * import that resolves to one of those files (by package name, relative path or absolute path)
+ * is left as an import of that specifier; everything else is bundled in.
  */
 export async function buildBundle(
   modulePath: string,
-  hostPaths: readonly string[],
-  sdkEntry: string,
+  hostModules: Readonly<Record<string, string>>,
 ): Promise<BuiltBundle> {
-  const inHost = (p: string) => hostPaths.some((h) => p === h || p.startsWith(h + sep));
+  const specifiers = new Set(Object.values(hostModules));
   let result: Awaited<ReturnType<typeof Bun.build>>;
   try {
     result = await Bun.build({
       entrypoints: [modulePath],
       target: "bun",
       format: "esm",
-      // Absolute paths in the output would make the hash depend on nothing but the code; the
-      // comments Bun writes name files relative to the working directory, so leave them out.
+      // The hash is to depend on nothing but the code: the comments Bun writes name files
+      // relative to the working directory, so they are left out (stripPathComments).
       minify: { whitespace: false, identifiers: false, syntax: false },
       plugins: [
         {
@@ -45,14 +43,16 @@ export async function buildBundle(
           setup(b) {
             b.onResolve({ filter: /.*/ }, (args) => {
               if (!args.importer) return undefined;
-              if (args.path === SDK_PACKAGE) return { path: sdkEntry, external: true };
+              // `agent-fleets` from a module outside the project (no node_modules to resolve it in).
+              if (specifiers.has(args.path)) return { path: args.path, external: true };
               let resolved: string;
               try {
                 resolved = Bun.resolveSync(args.path, dirname(args.importer));
               } catch {
                 return undefined;
               }
-              return resolved.startsWith("/") && inHost(resolved) ? { path: resolved, external: true } : undefined;
+              const specifier = hostModules[resolved];
+              return specifier === undefined ? undefined : { path: specifier, external: true };
             });
             // Each file is read and checked before Bun parses it: parsing would run a macro here, in the gateway.
             // (Bun runs no macro imported from node_modules.)
@@ -76,6 +76,18 @@ export async function buildBundle(
     return { ok: false, error: "bundling produced more than one file (a dynamic import of a local file?)" };
   const code = stripPathComments(await out.text());
   return { ok: true, hash: await blake3Hex(code), code };
+}
+
+/**
+ * `code` with every import of the SDK or the protocol by an install's absolute path (as releases
+ * before 2026-12-04 bundled them) naming its fixed specifier instead: such a stored bundle and one
+ * built by this release from the same source are then the same text (gateway/code/pin.ts).
+ */
+export function withHostSpecifiers(code: string): string {
+  return code.replace(/(\bfrom ?|\bimport\(|\brequire\()"(\/[^"\n]*)"/g, (whole, before: string, path: string) => {
+    const specifier = legacyHostSpecifier(path);
+    return specifier === null ? whole : `${before}${JSON.stringify(specifier)}`;
+  });
 }
 
 /** The loader for a JS/TS file by its extension. */

@@ -4,11 +4,12 @@
  * hash then covers the fleet.toml text and the bundles together (a code change alone is a new
  * version). Episodes run from the stored bundle, not from the file that may be edited meanwhile.
  */
+import { readFileSync } from "node:fs";
 import type { Logger } from "pino";
 import { hashValue } from "../hash.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import type { Blake3Hex } from "../types.ts";
-import { buildBundle } from "./bundle.ts";
+import { buildBundle, withHostSpecifiers } from "./bundle.ts";
 import type { BundleFiles } from "./files.ts";
 
 /** Where built bundles are kept (a `Store` satisfies it). */
@@ -20,8 +21,8 @@ export interface BundleSink {
 export interface PinDeps {
   readonly sink: BundleSink;
   readonly files: BundleFiles;
-  readonly hostPaths: readonly string[];
-  readonly sdkEntry: string;
+  /** The modules the host runtime answers (agents/host HOST_MODULES). */
+  readonly hostModules: Readonly<Record<string, string>>;
   readonly now: () => number;
   readonly log: Logger;
 }
@@ -43,14 +44,17 @@ export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: 
   const built = await Promise.all(
     Object.values(sv.spec.agents).map(async (t) => ({
       t,
-      r: await buildBundle(t.module_path, d.hostPaths, d.sdkEntry),
+      r: await buildBundle(t.module_path, d.hostModules),
     })),
   );
   for (const { t, r } of built) {
     if (r.ok) {
-      await d.sink.saveBundle({ hash: r.hash, module: t.module_path, code: r.code, at: d.now() });
-      d.files.remember(r.hash, r.code);
-      bundles[t.name] = r.hash;
+      const kept = await olderBuildOf(previous?.bundles[t.name], r, d.files);
+      if (kept === null) {
+        await d.sink.saveBundle({ hash: r.hash, module: t.module_path, code: r.code, at: d.now() });
+        d.files.remember(r.hash, r.code);
+      }
+      bundles[t.name] = kept ?? r.hash;
       continue;
     }
     const first = r.error.split("\n")[0] ?? r.error;
@@ -63,18 +67,36 @@ export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: 
 }
 
 /**
+ * `stored` (the bundle the type ran) when it is `built` as an older release bundled it: the same
+ * code but for importing the SDK and the protocol by its install's absolute path, which the host
+ * runtime answers as it does the fixed specifiers (docs/upgrading.md). Keeping it keeps the spec
+ * version: a product upgrade is no code change (and restarts no rollout). Null otherwise.
+ */
+async function olderBuildOf(
+  stored: Blake3Hex | undefined,
+  built: { readonly hash: Blake3Hex; readonly code: string },
+  files: BundleFiles,
+): Promise<Blake3Hex | null> {
+  if (stored === undefined || stored === built.hash) return null;
+  try {
+    return withHostSpecifiers(readFileSync(await files.file(stored), "utf8")) === built.code ? stored : null;
+  } catch {
+    return null; // not stored any more (or damaged): the build is new code
+  }
+}
+
+/**
  * The spec version `sv` would be if the gateway pinned it now (nothing stored), and the types whose
  * module cannot be bundled (they would run from their file), each with its first error line.
  */
 export async function versionOf(
   sv: SpecVersion,
-  hostPaths: readonly string[],
-  sdkEntry: string,
+  hostModules: Readonly<Record<string, string>>,
 ): Promise<{ sv: SpecVersion; unbundled: { type: string; error: string }[] }> {
   const bundles: Record<string, Blake3Hex> = {};
   const unbundled: { type: string; error: string }[] = [];
   for (const t of Object.values(sv.spec.agents)) {
-    const r = await buildBundle(t.module_path, hostPaths, sdkEntry);
+    const r = await buildBundle(t.module_path, hostModules);
     if (r.ok) bundles[t.name] = r.hash;
     else unbundled.push({ type: t.name, error: r.error.split("\n")[0] ?? r.error });
   }

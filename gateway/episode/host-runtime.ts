@@ -137,8 +137,9 @@ function place(from: string, to: string): void {
 
 /** `bun build` of the host entry into `outdir` (main.js, and main.js.jsc with `bytecode`). */
 function runBuild(bun: string, outdir: string, bytecode: boolean): { ok: true } | { ok: false; error: string } {
-  // The SDK and the protocol are inlined; agent bundles import them by these paths, and the
-  // built host answers those imports with its own copy (one ToolDenied class for both).
+  // The SDK and the protocol are inlined; the built host answers imports of them with its own copy
+  // (one ToolDenied class for both): by their fixed names (agent bundles), and by these paths (a
+  // module run from its file, which imports them by a relative path).
   const modules = JSON.stringify({ sdk: SDK_ENTRY, protocol: PROTOCOL_ENTRY });
   const r = Bun.spawnSync(
     [
