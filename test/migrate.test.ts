@@ -4,7 +4,7 @@
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
-import { chmodSync, copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import pino from "pino";
@@ -135,6 +135,32 @@ describe("schema migrations", () => {
     } finally {
       await store.close();
     }
+  });
+
+  test("an episode from before code bundles replays on its module file as it is now, and says so", async () => {
+    const path = fixtureCopy();
+    // Its module file, as it is now, where its spec version says (moved into the copy's folder).
+    const root = join(path, "..");
+    chmodSync(root, 0o755); // agents may run as another uid (a gateway run as root)
+    cpSync(join(import.meta.dir, "../agents"), join(root, "agents"), { recursive: true });
+    const store = await Store.open(path, { synchronous: "full" });
+    let id: string;
+    try {
+      const moved = "UPDATE spec_versions SET text = replace(text, '/work/wt-bench/agents/', ?)";
+      await store.client.execute({ sql: moved, args: [`${root}/agents/`] });
+      const [ep] = await store.listEpisodes("temp-monitor/boiler-1" as AgentId, 1);
+      id = ep!.id;
+      const r = await replayEpisode(store, id, defaultSpawnOptions());
+      const module = join(root, "agents/examples/temp-monitor.ts");
+      expect(r).toMatchObject({ verdict: "MATCH" });
+      expect(r).toMatchObject({ note: `code not pinned: ran the module file as it is now (${module})` });
+    } finally {
+      await store.close();
+    }
+    const json = await runCli(["replay", id, "--data-dir", root, "--json"]);
+    expect((json.json as { note?: string }).note).toContain("code not pinned: ran the module file as it is now");
+    const human = await runCli(["replay", id, "--data-dir", root]);
+    expect(human.stdout).toContain("code not pinned: ran the module file as it is now");
   });
 
   test("pending migrations apply in order, in one transaction with the version bump", async () => {

@@ -294,12 +294,13 @@ function agentFlag(flag: string | undefined): AgentId | undefined {
 }
 
 function describeReplay(r: ReplayResult): string {
-  if (r.verdict === "MATCH") return `MATCH     ${r.episode} ${r.agent}`;
   if (r.verdict === "UNREPLAYABLE") return `UNREPLAYABLE ${r.episode} ${r.agent}: ${r.reason}`;
+  const note = r.note ? `\n  ${r.note}` : "";
+  if (r.verdict === "MATCH") return `MATCH     ${r.episode} ${r.agent}${note}`;
   const d = r.divergence;
   return (
     `DIVERGED  ${r.episode} ${r.agent} at ${d.at}\n  expected ` +
-    `${JSON.stringify(d.expected)}\n  actual   ${JSON.stringify(d.actual)}`
+    `${JSON.stringify(d.expected)}\n  actual   ${JSON.stringify(d.actual)}${note}`
   );
 }
 
@@ -317,6 +318,7 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
     if (!(await knownAgent(store, agent))) return 1;
     const results = await replayAgent(store, agent, spawn, module, bundleFile);
     const count = (v: ReplayResult["verdict"]) => results.filter((r) => r.verdict === v).length;
+    const unpinned = results.filter((r) => r.verdict !== "UNREPLAYABLE" && r.note).length;
     const summary = {
       agent: flags.agent,
       episodes: results.length,
@@ -330,6 +332,9 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
         ...results.filter((r) => r.verdict !== "MATCH").map(describeReplay),
         `${summary.matched}/${results.length} episode(s) MATCH, ${summary.diverged} DIVERGED, ` +
           `${summary.unreplayable} UNREPLAYABLE`,
+        ...(unpinned > 0
+          ? [`${unpinned} from before code was pinned: code not pinned, ran the module file as it is now`]
+          : []),
       ].join("\n"),
     );
     if (results.length === 0) console.error(`fleet: ${agent} has no committed episode to replay`);

@@ -23,10 +23,18 @@ export interface Divergence {
   readonly actual: unknown;
 }
 
+/** Which episode a replay ran, and, when it may not have run the episode's own code, what it ran instead. */
+interface Replayed {
+  readonly episode: string;
+  readonly agent: string;
+  /** Set when no bundle was recorded (before code was pinned): `code not pinned: ran the module file as it is now`. */
+  readonly note?: string;
+}
+
 /** Result of replaying one episode. */
 export type ReplayResult =
-  | { readonly episode: string; readonly agent: string; readonly verdict: "MATCH" }
-  | { readonly episode: string; readonly agent: string; readonly verdict: "DIVERGED"; readonly divergence: Divergence }
+  | (Replayed & { readonly verdict: "MATCH" })
+  | (Replayed & { readonly verdict: "DIVERGED"; readonly divergence: Divergence })
   | { readonly episode: string; readonly agent: string; readonly verdict: "UNREPLAYABLE"; readonly reason: string };
 
 type Rec = EpisodeRecord;
@@ -143,6 +151,11 @@ export async function replayEpisode(
     // An episode from before code bundles ran its module file: gone since, there is nothing to run.
     return { ...base, verdict: "UNREPLAYABLE", reason: `it ran ${module}, which is no longer there (no code bundle)` };
   }
+  // Such an episode runs on its module file, which may have changed since: the verdict says so.
+  const ran: Replayed =
+    moduleOverride === undefined && !ep.bundle
+      ? { ...base, note: `code not pinned: ran the module file as it is now (${module})` }
+      : base;
   const inputs: ReplayInputs = {
     now: records.flatMap((r) => (r.k === "now" ? [r.v] : [])),
     random: records.flatMap((r) => (r.k === "random" ? [r.v] : [])),
@@ -182,11 +195,11 @@ export async function replayEpisode(
     // Other code that did something else first (a decision, or a tool call the recording cannot
     // answer, which then fails it) diverged there; only one that failed on the same path failed.
     const early = firstDivergence(records, actual);
-    if (early && early.actual !== "(nothing)") return { ...base, verdict: "DIVERGED", divergence: early };
+    if (early && early.actual !== "(nothing)") return { ...ran, verdict: "DIVERGED", divergence: early };
   }
   if (result.ok !== recordedOk) {
     return {
-      ...base,
+      ...ran,
       verdict: "DIVERGED",
       divergence: {
         at: "outcome",
@@ -200,7 +213,7 @@ export async function replayEpisode(
     const recorded = JSON.parse(ending.data) as { kind: string; message: string };
     if (recorded.kind !== result.kind) {
       return {
-        ...base,
+        ...ran,
         verdict: "DIVERGED",
         divergence: {
           at: "outcome",
@@ -211,18 +224,18 @@ export async function replayEpisode(
     }
   }
   const d = firstDivergence(records, actual);
-  if (d) return { ...base, verdict: "DIVERGED", divergence: d };
+  if (d) return { ...ran, verdict: "DIVERGED", divergence: d };
   if (result.ok && ep.checkpoint && !migrated) {
     const cp = await store.getCheckpoint(ep.checkpoint);
     if (cp && cp.state !== null && cp.state !== canonicalJson(result.state)) {
       return {
-        ...base,
+        ...ran,
         verdict: "DIVERGED",
         divergence: { at: "state", expected: JSON.parse(cp.state), actual: result.state },
       };
     }
   }
-  return { ...base, verdict: "MATCH" };
+  return { ...ran, verdict: "MATCH" };
 }
 
 /** Whether a stored checkpoint's state still hashes to its name. */
