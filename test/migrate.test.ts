@@ -143,7 +143,7 @@ describe("schema migrations", () => {
     const root = join(path, "..");
     chmodSync(root, 0o755); // agents may run as another uid (a gateway run as root)
     cpSync(join(import.meta.dir, "../agents"), join(root, "agents"), { recursive: true });
-    const store = await Store.open(path, { synchronous: "full" });
+    const store = await Store.open(path, { synchronous: "full", upgrade: true });
     let id: string;
     try {
       const moved = "UPDATE spec_versions SET text = replace(text, '/work/wt-bench/agents/', ?)";
