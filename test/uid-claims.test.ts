@@ -118,6 +118,8 @@ describe.if(IS_ROOT)("claiming sandbox uids among the gateways on one machine", 
     const sleeper = Bun.spawn(["sleep", "60"], { stdin: "ignore", stdout: "ignore", stderr: "ignore" });
     sleepers.push(sleeper);
     plant({ pid: sleeper.pid, start: "1", ...DEFAULT, owner: "/srv/reused" });
+    // This very process's pid, left by a command that held it before (killed before it let go).
+    plant({ pid: process.pid, start: "1", ...DEFAULT, owner: "fleet replay" });
     const held = claimUids(DEFAULT, "/srv/new", dir);
     expect(held.range).toEqual(DEFAULT);
     expect(held.movedPast).toBeNull();

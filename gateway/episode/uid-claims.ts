@@ -169,7 +169,11 @@ function liveClaims(db: Database.Database): UidClaim[] {
   const rows = db.prepare("SELECT pid, start, first, count, owner FROM claims ORDER BY rowid").all() as UidClaim[];
   const live: UidClaim[] = [];
   for (const c of rows) {
-    if (c.pid === process.pid || startTicks(c.pid) === c.start) live.push(c);
+    // This process's own pid is checked like any other: a command killed before it let go may have
+    // had it (its claim would otherwise hold a block for as long as this process runs).
+    // (Without /proc a claim names no start time; then only this process's own is known to be alive.)
+    const ticks = startTicks(c.pid);
+    if (ticks !== null ? ticks === c.start : c.pid === process.pid && c.start === "") live.push(c);
     else forget(db, c.pid, c.first);
   }
   return live;
