@@ -131,7 +131,9 @@ describe("replication to a central libSQL server", () => {
     await Promise.all([a.start(120_000), b.start(120_000)]);
     // Same agent ids and the same stimulus ids on both sites.
     await Promise.all([publishReadings(a, ["x", "y"], 4, "same"), publishReadings(b, ["x", "y"], 4, "same")]);
-    await Promise.all([a.waitCommitted("counter/y", 4, 120_000), b.waitCommitted("counter/y", 4, 120_000)]);
+    await Promise.all(
+      [a, b].flatMap((f) => ["counter/x", "counter/y"].map((agent) => f.waitCommitted(agent, 4, 120_000))),
+    );
     await Promise.all([caughtUp(a), caughtUp(b)]);
     const ca = await expectCentralEqualsLocal(a, db, "site-a");
     const cb = await expectCentralEqualsLocal(b, db, "site-b");
@@ -149,7 +151,8 @@ describe("replication to a central libSQL server", () => {
     const { sqld, db } = await central();
     const f = new TestFleet("");
     // A history of 1,000 episodes written through the gateway's commit path, then a gateway
-    // started on it with replication: it queues the history and pushes it 50 entries at a time.
+    // started on it with replication: it queues the history and pushes it 10 entries at a time (small
+    // batches, so the push lasts long enough to be killed in the middle on a fast or a busy machine).
     const synthetic = await SyntheticFleet.create(f.dir, {
       types: [{ name: "t", keys: ["a", "b", "c"] }],
       keep: 0,
@@ -158,7 +161,7 @@ describe("replication to a central libSQL server", () => {
     });
     await synthetic.commit(1000, Date.now() - 3_600_000, 1000);
     await synthetic.close();
-    appendFileSync(f.configPath, replicationToml(sqld.url, { batchRows: 50, interval: "50ms" }));
+    appendFileSync(f.configPath, replicationToml(sqld.url, { batchRows: 10, interval: "50ms" }));
     await f.start(120_000);
     const gateway = await gatewayIdOf(f);
     const count = async () =>
