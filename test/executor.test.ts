@@ -254,14 +254,22 @@ describe("executor: failure, retry, quarantine", () => {
     expect(t.book.queued(A)).toBe(0);
   });
 
-  test("an episode aborted by shutdown records nothing and leaves its stimulus queued", async () => {
+  test("an episode aborted by shutdown books its usage only and leaves its stimulus queued", async () => {
     await t.queue();
     t.setStopping(true);
-    t.script.push(() => ({ ok: false, kind: "crashed", message: "killed", records: [], ms: 1 }));
+    t.script.push(async (_start, onTool) => {
+      await onTool(1, "send", [{ type: "mon", key: "b" }, { hi: 1 }]);
+      await onTool(2, "send", [{ type: "mon", key: "b" }, { hi: 2 }]);
+      return { ok: false, kind: "crashed", message: "killed", records: [], ms: 1 };
+    });
     expect(await t.executor.turn(A)).toEqual({ kind: "parked" });
     expect(await t.rows("SELECT COUNT(*) AS n FROM episodes")).toEqual([{ n: 0 } as never]);
     expect(await t.rows("SELECT state, attempts FROM stimuli")).toEqual([{ state: "queued", attempts: 0 } as never]);
     expect(t.book.queued(A)).toBe(1);
+    // Its calls were made (and are made again after the restart): the attempt counts against its budgets.
+    const usage = await t.rows("SELECT episodes, tool_calls FROM budget_usage WHERE agent = ?", [A]);
+    expect(usage).toEqual([{ episodes: 1, tool_calls: 2 } as never, { episodes: 1, tool_calls: 2 } as never]);
+    expect(await t.rows("SELECT failures FROM agents WHERE id = ?", [A])).toEqual([{ failures: 0 } as never]);
   });
 });
 

@@ -71,6 +71,7 @@ export type TurnStore = Pick<
   | "getAgent"
   | "commitEpisode"
   | "recordFailure"
+  | "bookAborted"
 >;
 
 /** What the episode executor needs from the gateway. */
@@ -363,6 +364,9 @@ export class EpisodeExecutor {
       };
 
       if (!result.ok && this.d.stopping()) {
+        // Not a failed attempt (no retry or quarantine is counted), but its tool calls went out and
+        // run again after the restart: the attempt is booked against its budgets like any other.
+        await this.d.store.bookAborted(agentId, usage);
         log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
         return { kind: "parked" };
       }

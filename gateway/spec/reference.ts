@@ -24,7 +24,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.synchronous":
     '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
   "fleet.drain_timeout_ms":
-    "On SIGTERM, how long in-flight episodes may finish before they are killed (their stimuli stay queued); " +
+    "On SIGTERM, how long in-flight episodes may finish before they are killed (their stimuli stay queued, " +
+    "the attempt is not counted as failed, but its budget use is booked: it runs again after the restart and " +
+    "makes its tool calls again); " +
     "a replication push in flight then gets as long again for the center's answer (unanswered, it goes again at " +
     "the next start).",
   "fleet.sandbox":
@@ -160,7 +162,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.budget":
     "Limits per agent; exceeding one pauses the agent until its window resets, an operator resumes it, " +
     "or a reload raises that budget past what the agent has used.",
-  "agents.*.budget.episodes_per_hour": "Episodes per hour window; every attempt counts, a failed one too.",
+  "agents.*.budget.episodes_per_hour":
+    "Episodes per hour window; every attempt counts, a failed one too, and one a shutdown aborted.",
   "agents.*.budget.tool_calls_per_episode": "Tool calls one episode may make.",
   "agents.*.budget.tokens_per_day":
     "llm tokens per day window. Each call holds its max_tokens (capped at what is left) until the endpoint " +
@@ -182,7 +185,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.checkpoint": "Checkpoint retention.",
   "agents.*.checkpoint.keep":
     "Newest checkpoints kept per agent; older ones are collected, the chain stays verifiable (0 = keep all).",
-  "agents.*.retry": "What happens when an episode fails.",
+  "agents.*.retry":
+    "What happens when an episode fails. A retried attempt runs the agent again from its checkpoint: its " +
+    "http and llm calls are made again (and charged again).",
   "agents.*.retry.max_attempts": "Attempts per stimulus before it is quarantined.",
   "agents.*.retry.backoff_ms": "Wait before the second attempt; doubles with each further one.",
   "agents.*.rollout": "How a change to this type is deployed (docs/upgrading.md).",

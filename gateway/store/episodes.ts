@@ -199,6 +199,15 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
   return out;
 }
 
+/**
+ * The statements that book an attempt aborted by a shutdown: its budget use only (the episode,
+ * its tool calls, tokens and cost). Nothing else is recorded: its stimulus stays queued, its
+ * attempts untouched, and it runs again after the restart.
+ */
+export function abortedStatements(agent: AgentId, usage: EpisodeUsage): RawStatement[] {
+  return [usageStatement(agent, usage, 0)];
+}
+
 /** The statements that record a failed attempt: the stimulus is retried later or quarantined. */
 export function failureStatements(f: EpisodeFailure): RawStatement[] {
   const ep = f.episode;

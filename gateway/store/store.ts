@@ -12,9 +12,11 @@ import * as t from "./schema.ts";
 import {
   commitStatements,
   failureStatements,
+  abortedStatements,
   sentStimuli,
   type EpisodeCommit,
   type EpisodeFailure,
+  type EpisodeUsage,
   type SentStimulus,
 } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
@@ -826,6 +828,14 @@ export class Store {
   /** Record a failed attempt; the stimulus is retried later or quarantined. State is untouched. */
   async recordFailure(f: EpisodeFailure): Promise<void> {
     await this.writer.write(failureStatements(f));
+  }
+
+  /**
+   * Book the budget use of an attempt a shutdown aborted (its tool calls were made); its stimulus
+   * stays queued with its attempts untouched.
+   */
+  async bookAborted(agent: AgentId, usage: EpisodeUsage): Promise<void> {
+    await this.writer.write(abortedStatements(agent, usage));
   }
 
   getEpisode(id: string) {
