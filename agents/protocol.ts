@@ -148,8 +148,16 @@ export type EpisodeRecord =
 export interface ReplayInputs {
   readonly now: readonly number[];
   readonly random: readonly number[];
-  /** Tool results in call order. */
-  readonly tools: readonly { readonly tool: string; readonly ok: boolean; readonly result: unknown }[];
+  /**
+   * Tool results in the order the episode got them (concurrent calls complete out of call order),
+   * each with its call id (1-based, in call order).
+   */
+  readonly tools: readonly {
+    readonly call: number;
+    readonly tool: string;
+    readonly ok: boolean;
+    readonly result: unknown;
+  }[];
   /** The pending wake-ups the recorded episode saw, when it used wake-ups. */
   readonly pending_wakes?: readonly string[];
 }

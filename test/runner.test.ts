@@ -46,6 +46,7 @@ import { compileSpec, DEFAULT_SANDBOX_UIDS } from "../gateway/spec/index.ts";
 import type { FleetSpec } from "../gateway/spec/index.ts";
 import type { AgentId } from "../gateway/types.ts";
 import { ToolGate, type ToolEnv } from "../gateway/episode/index.ts";
+import { firstDivergence, replayInputs } from "../gateway/ops/index.ts";
 import { secureDataDir, writePrivateFile } from "../gateway/store/index.ts";
 import { isSandboxUid } from "./helpers/policy.ts";
 
@@ -297,6 +298,25 @@ describe("runEpisode: tool calls", () => {
     expect(decisions(threw.records)[0]).toMatchObject({
       name: "failed",
       data: { name: "ToolFailed", reason: expect.stringContaining("handler bug") },
+    });
+  });
+
+  test("concurrent calls answered out of call order replay as MATCH, each with its own result", async () => {
+    const payload = { slow: "http://h/slow", fast: "http://h/fast" };
+    // Live, the slow first call is answered after the fast second one.
+    const live = await run(start("tool-race", payload), {}, async (_call, _tool, args) => {
+      if (args[0] === payload.slow) await Bun.sleep(300);
+      return { ok: true, result: { url: args[0] } };
+    });
+    if (!live.ok) throw new Error(live.message);
+    expect(live.records.filter((r) => r.k === "tool").map((r) => (r as { call: number }).call)).toEqual([2, 1]);
+    const replayed = await run(start("tool-race", payload, { replay: replayInputs(live.records) }));
+    if (!replayed.ok) throw new Error(replayed.message);
+    expect(firstDivergence(live.records, replayed.records)).toBeNull();
+    expect(decisions(replayed.records).at(-1)).toEqual({
+      k: "decide",
+      name: "both",
+      data: [{ url: payload.slow }, { url: payload.fast }],
     });
   });
 });

@@ -33,6 +33,7 @@ import {
   ToolDenied,
   ToolFailed,
 } from "../sdk/index.ts";
+import { ReplayAnswers } from "./replay-answers.ts";
 
 import { LEGACY_HOST_IMPORT, legacyHostSpecifier, PROTOCOL_SPECIFIER, SDK_SPECIFIER } from "./modules.ts";
 
@@ -120,6 +121,22 @@ class Recorder {
     this.buffer.push(record);
   }
 
+  /**
+   * Count `record` and send it at once, ahead of what is buffered: a replayed tool call's record, at
+   * the place the gateway appends it live (when the call is answered, before the agent's records
+   * since its last call, which are sent with its next call or its end).
+   */
+  sendAhead(record: EpisodeRecord): void {
+    const buffered = this.buffer;
+    this.buffer = [];
+    try {
+      this.push(record);
+      this.flush();
+    } finally {
+      this.buffer = buffered;
+    }
+  }
+
   /** Send what is buffered (`now` false: with the next message sent). */
   flush(now = true): void {
     if (this.buffer.length === 0) return;
@@ -152,6 +169,7 @@ async function run(start: Start): Promise<void> {
   let nowIdx = 0;
   let randIdx = 0;
   let call = 0;
+  const answers = replay ? new ReplayAnswers(replay.tools) : null;
 
   const def = (await loadAgent(start.module)).default;
   if (def?.__fleetAgent !== true || typeof def.onStimulus !== "function") {
@@ -189,12 +207,14 @@ async function run(start: Start): Promise<void> {
     // Flushed before every call, live and in replay alike, so an agent that throws after a
     // tool call leaves the same records behind in both (replay compares them).
     rec.flush();
-    if (replay) {
-      const recorded = replay.tools[id - 1];
-      outcome =
-        recorded && recorded.tool === tool
-          ? recorded
-          : { ok: false, result: { error: "failed", reason: "replay: no recorded result for this call" } };
+    if (answers) {
+      const answer = answers.answer(id, tool);
+      unanswered.add(answer);
+      const recorded = await answer.finally(() => unanswered.delete(answer));
+      outcome = recorded ?? {
+        ok: false,
+        result: { error: "failed", reason: "replay: no recorded result for this call" },
+      };
     } else {
       const answer = new Promise<{ ok: boolean; result: unknown }>((resolve) => {
         pendingTools.set(id, resolve);
@@ -205,10 +225,7 @@ async function run(start: Start): Promise<void> {
     }
     // In replay the tool record is produced here (and sent at once, as the gateway appends
     // it live); live, the gateway records the call it ran.
-    if (replay) {
-      rec.push({ k: "tool", call: id, tool, args: jsonArgs, ok: outcome.ok, result: outcome.result });
-      rec.flush();
-    }
+    if (answers) rec.sendAhead({ k: "tool", call: id, tool, args: jsonArgs, ok: outcome.ok, result: outcome.result });
     if (!outcome.ok) throw toolError(tool, outcome.result);
     return outcome.result;
   };

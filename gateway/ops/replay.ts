@@ -81,6 +81,19 @@ export function firstDivergence(expected: readonly Rec[], actual: readonly Rec[]
   return null;
 }
 
+/**
+ * What a replay answers from, out of an episode's records (stimulus and ending left out): `now` and
+ * `random` in order, and the tool results in the order the episode got them, each with its call id.
+ */
+export function replayInputs(records: readonly Rec[]): ReplayInputs {
+  return {
+    now: records.flatMap((r) => (r.k === "now" ? [r.v] : [])),
+    random: records.flatMap((r) => (r.k === "random" ? [r.v] : [])),
+    tools: records.flatMap((r) => (r.k === "tool" ? [{ call: r.call, tool: r.tool, ok: r.ok, result: r.result }] : [])),
+    pending_wakes: records.find((r) => r.k === "pending_wakes")?.ids,
+  };
+}
+
 /** The file of a stored code bundle (gateway/code `BundleFiles.file`). */
 export type BundleFileOf = (hash: string) => Promise<string>;
 
@@ -156,15 +169,7 @@ export async function replayEpisode(
     moduleOverride === undefined && !ep.bundle
       ? { ...base, note: `code not pinned: ran the module file as it is now (${module})` }
       : base;
-  const inputs: ReplayInputs = {
-    now: records.flatMap((r) => (r.k === "now" ? [r.v] : [])),
-    random: records.flatMap((r) => (r.k === "random" ? [r.v] : [])),
-    tools: records
-      .flatMap((r) => (r.k === "tool" ? [r] : []))
-      .sort((x, y) => x.call - y.call)
-      .map((r) => ({ tool: r.tool, ok: r.ok, result: r.result })),
-    pending_wakes: records.find((r) => r.k === "pending_wakes")?.ids,
-  };
+  const inputs = replayInputs(records);
   const result = await runEpisode(
     {
       t: "start",
