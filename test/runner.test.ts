@@ -598,7 +598,14 @@ beforeAll(async () => {
           choices: [
             {
               index: 0,
-              message: { role: "assistant", content: `echo: ${r.messages.at(-1)?.content}` },
+              message: {
+                role: "assistant",
+                // "echo key" plays an endpoint that echoes the request's Authorization header.
+                content:
+                  r.messages.at(-1)?.content === "echo key"
+                    ? `key=${req.headers.get("authorization")}`
+                    : `echo: ${r.messages.at(-1)?.content}`,
+              },
               finish_reason: "stop",
             },
           ],
@@ -641,7 +648,7 @@ subscribe = ["s/+/t"]
 tools = ["publish", "send", "http", "llm"]
 publish = ["alerts/#", "ops/+/notice"]
 http_hosts = ["127.0.0.1:${port}"]
-secrets = ["API_TOKEN", "QUOTED_TOKEN", "UNSET_TOKEN"]
+secrets = ["API_TOKEN", "QUOTED_TOKEN", "UNSET_TOKEN", "SPACED", "INNER", "OUTER"]
 
 [agents.mon.budget]
 tool_calls_per_episode = 3
@@ -661,7 +668,17 @@ afterAll(() => server?.stop(true));
 /** A secret JSON escapes three ways: its quote, its backslash and (some servers) its slash. */
 const QUOTED = 'tok"en/with\\slash';
 const ENV: ToolEnv = {
-  secrets: { API_TOKEN: SECRET, QUOTED_TOKEN: QUOTED, OTHER_SECRET: "other-secret-value", LLM_KEY },
+  secrets: {
+    API_TOKEN: SECRET,
+    QUOTED_TOKEN: QUOTED,
+    OTHER_SECRET: "other-secret-value",
+    LLM_KEY,
+    // Stray spaces (an EnvironmentFile): a header value is sent trimmed.
+    SPACED: " SpaceSecret99 ",
+    // One secret inside another.
+    INNER: "Alpha1234",
+    OUTER: "PRIVATEpartAlpha1234restPRIVATE",
+  },
   fetch,
 };
 
@@ -883,6 +900,32 @@ describe("ToolGate: http", () => {
       expect(JSON.stringify(result.json)).not.toContain(form);
   });
 
+  test.each([
+    ["sent trimmed (stray spaces in its variable)", "SPACED", ["SpaceSecret99"]],
+    ["containing another secret", "OUTER", ["PRIVATE", "rest", "Alpha1234"]],
+  ])("redacts a secret %s whole", async (_how, name, parts) => {
+    const out = await gate().handle(1, "http", [
+      `http://127.0.0.1:${port}/echo`,
+      { headers: { authorization: `{{secret:${name}}}` } },
+    ]);
+    if (!out.ok) throw new Error(JSON.stringify(out.result));
+    const result = out.result as { json: { auth: string }; headers: Record<string, string> };
+    expect(result.json.auth).toBe(`[secret:${name}]`);
+    expect(result.headers["x-echo"]).toBe(`[secret:${name}]`);
+    for (const part of parts) expect(JSON.stringify(result)).not.toContain(part);
+  });
+
+  test("redacts a secret a JSON body writes \\u-escaped from the body text too", async () => {
+    const out = await gate().handle(1, "http", [
+      `http://127.0.0.1:${port}/echo-escaped`,
+      { headers: { authorization: "Bearer {{secret:API_TOKEN}}" } },
+    ]);
+    if (!out.ok) throw new Error(JSON.stringify(out.result));
+    const { body } = out.result as { body: string };
+    expect(JSON.parse(body)).toEqual({ auth: "Bearer [secret:API_TOKEN]", u: "Bearer [secret:API_TOKEN]" });
+    expect(body).not.toContain("\\u0073\\u0033");
+  });
+
   test("denies a secret whose variable is not set rather than sending an empty credential", async () => {
     const before = seen.length;
     const out = await gate().handle(1, "http", [
@@ -943,6 +986,12 @@ describe("ToolGate: llm", () => {
     expect(req[0]!.headers.authorization).toBe(`Bearer ${LLM_KEY}`);
     await g.handle(2, "llm", [{ messages: [{ role: "user", content: "again" }] }]);
     expect(g.tokens).toBe(24);
+  });
+
+  test("an endpoint that echoes the API key does not hand it to the agent", async () => {
+    const out = await gate("mon", 1000).handle(1, "llm", [{ prompt: "echo key" }]);
+    expect(out).toMatchObject({ ok: true, result: { text: "key=Bearer [secret:LLM_KEY]" } });
+    expect(JSON.stringify(out)).not.toContain(LLM_KEY);
   });
 
   test("caps max_tokens at what is left of the day's budget", async () => {

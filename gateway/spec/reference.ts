@@ -115,7 +115,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   llm: "The OpenAI-compatible endpoint behind the `llm` tool.",
   "llm.url": "Base URL of the endpoint (`/chat/completions` is appended).",
   "llm.model": "Model name sent with every request.",
-  "llm.api_key_env": "Environment variable (of the gateway) holding the API key; never visible to agents.",
+  "llm.api_key_env":
+    "Environment variable (of the gateway) holding the API key; never visible to agents (an endpoint that " +
+    "echoes it has it scrubbed from the answer, as `agents.*.secrets` are).",
   "llm.timeout_ms": "Timeout of one llm call.",
   agents: "Agent types, one table each: `[agents.<type>]`.",
   "agents.*.module": "The agent module (default export made by defineAgent); relative to fleet.toml.",
@@ -143,9 +145,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.http_hosts": "Host names the http tool may reach.",
   "agents.*.secrets":
     "Environment variable names the http tool may inject as {{secret:NAME}} in header values (not the URL or " +
-    "body); a call naming one that is unset is denied. The value is scrubbed from the response (as sent and " +
-    "as JSON escapes it, and from every string of the parsed json) when 4 characters or longer; a host that " +
-    "echoes it in another encoding defeats that, so list only hosts you trust.",
+    "body); a call naming one that is unset is denied. The value (and the value trimmed, as a header sends " +
+    "it) is scrubbed from the response's headers and body, in every spelling JSON has for it (`\\uXXXX` " +
+    "escapes included), longest secret first, when 4 characters or longer; a host that echoes it in another " +
+    "encoding (base64, URL-encoded) defeats that, so list only hosts you trust.",
   "agents.*.config":
     "Table handed to the agent as ctx.config; checked at validate and deploy against its module's config schema.",
   "agents.*.max_queue": "Stimuli that may wait per agent; past it intake refuses (no PUBACK, the device retries).",

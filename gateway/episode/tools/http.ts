@@ -8,6 +8,7 @@ import { z } from "zod";
 import { jsonNestedDeeper } from "../../../agents/protocol.ts";
 import { readBodyCapped } from "../../body.ts";
 import type { AgentTypeSpec } from "../../spec/index.ts";
+import { secretScrubber } from "./secrets.ts";
 import { arity, deny, failed, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
 
 const NAMES = ["url", "init"] as const;
@@ -60,7 +61,7 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
     if (typeof value !== "string") return deny(value.denied);
     headers[k] = value;
   }
-  const redact = (text: string) => redactSecrets(type, env.secrets, text);
+  const redact = secretScrubber(type.secrets.map((name) => ({ name, value: env.secrets[name] })));
   const timeout = Math.min(init?.timeout_ms ?? 10_000, type.budget.episode_timeout_ms);
   try {
     const res = await env.fetch(url, {
@@ -72,12 +73,12 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
     });
     const body = await readText(res, MAX_HTTP_BODY);
     if (body === null) return failed(`response larger than ${MAX_HTTP_BODY} bytes`);
+    // Scrubbed as text in every JSON spelling of each secret, so the parsed json is scrubbed too.
     const text = redact(body);
     let json: unknown;
     try {
-      // Nested past what an event log can hold: the agent gets the body text only. Parsed from the
-      // body as sent, then scrubbed: a secret written with other JSON escapes is a plain string here.
-      json = jsonNestedDeeper(body) ? undefined : redactValue(JSON.parse(body), redact);
+      // Nested past what an event log can hold: the agent gets the body text only.
+      json = jsonNestedDeeper(text) ? undefined : JSON.parse(text);
     } catch {
       json = undefined;
     }
@@ -109,35 +110,6 @@ function inject(
     return secrets[name] ?? "";
   });
   return denied ? { denied } : out;
-}
-
-/**
- * Scrub secret values from anything recorded or returned: as they are, and as a JSON string
- * writes them (quotes and backslashes escaped, `/` as `\/` too). Values shorter than 4 characters
- * are left alone (they would scrub ordinary text).
- */
-function redactSecrets(
-  type: AgentTypeSpec,
-  secrets: Readonly<Record<string, string | undefined>>,
-  text: string,
-): string {
-  let out = text;
-  for (const name of type.secrets) {
-    const v = secrets[name];
-    if (!v || v.length < 4) continue;
-    const escaped = JSON.stringify(v).slice(1, -1);
-    for (const form of new Set([v, escaped, escaped.replaceAll("/", "\\/")]))
-      out = out.split(form).join(`[secret:${name}]`);
-  }
-  return out;
-}
-
-/** `value` with `redact` applied to every string in it, keys included (a parsed JSON response). */
-function redactValue(value: unknown, redact: (text: string) => string): unknown {
-  if (typeof value === "string") return redact(value);
-  if (Array.isArray(value)) return value.map((v) => redactValue(v, redact));
-  if (typeof value !== "object" || value === null) return value;
-  return Object.fromEntries(Object.entries(value).map(([k, v]) => [redact(k), redactValue(v, redact)]));
 }
 
 /** A response body as text, or null past `cap` bytes. */

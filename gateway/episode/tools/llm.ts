@@ -5,6 +5,7 @@
  */
 import { z } from "zod";
 import { readText, MAX_HTTP_BODY } from "./http.ts";
+import { secretScrubber } from "./secrets.ts";
 import { arity, deny, failed, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
 
 const NAMES = ["request"] as const;
@@ -69,6 +70,8 @@ export async function llm(ctx: ToolContext, raw: readonly unknown[]): Promise<To
   const headers: Record<string, string> = { "content-type": "application/json" };
   const key = conf.api_key_env ? ctx.env.secrets[conf.api_key_env] : undefined;
   if (key) headers.authorization = `Bearer ${key}`;
+  // The key is never visible to agents: scrubbed from what an endpoint echoes (docs/fleet-toml.md).
+  const scrub = secretScrubber(conf.api_key_env ? [{ name: conf.api_key_env, value: key }] : []);
   try {
     const res = await ctx.env.fetch(`${conf.url.replace(/\/$/, "")}/chat/completions`, {
       method: "POST",
@@ -81,7 +84,7 @@ export async function llm(ctx: ToolContext, raw: readonly unknown[]): Promise<To
       settle(0);
       return failed(`llm endpoint answered ${res.status}`);
     }
-    const completion = Completion.safeParse(parseJson(body));
+    const completion = Completion.safeParse(parseJson(scrub(body)));
     if (!completion.success) {
       settle(0);
       return failed("llm endpoint answered something that is not a chat completion");
@@ -99,6 +102,6 @@ export async function llm(ctx: ToolContext, raw: readonly unknown[]): Promise<To
     return { ok: true, result: { text: data.choices?.[0]?.message?.content ?? "", usage } };
   } catch (err) {
     settle(0);
-    return failed(err instanceof Error ? err.message : String(err));
+    return failed(scrub(err instanceof Error ? err.message : String(err)));
   }
 }
