@@ -236,13 +236,13 @@ describe("decideTurn", () => {
     expect(decideTurn(inputs({ agent: draining, head: undefined }), spec, NOW)).toEqual({ kind: "empty" });
   });
 
-  test("usage under every budget runs, with the tokens left today", () => {
+  test("usage under every budget runs, with the tokens and cost left today", () => {
     const d = decideTurn(
       inputs({ usage: [usage(win.hourWindow, { episodes: 1 }), usage(win.dayWindow, { tokens: 30, cost: 1 })] }),
       spec,
       NOW,
     );
-    expect(d).toMatchObject({ kind: "run", tokensLeft: 70 });
+    expect(d).toMatchObject({ kind: "run", tokensLeft: 70, costLeft: 0.5 });
   });
 
   test("an operator's resume of a budget pause lifts that budget, and only it, until the override ends", () => {

@@ -347,7 +347,7 @@ describe("budgets pause the agent durably and it resumes", () => {
         agentBlock("cost", policyAgent("scripted"), {
           tools: ["publish"],
           publish: ["spend/#"],
-          budget: { tool_costs: "{ publish = 1.5 }", cost_per_day: 4 },
+          budget: { tool_costs: "{ publish = 1.5 }", cost_per_day: 4.5 },
         }),
       { env: { LLM_API_KEY: "llm-key-value", FLEET_TEST_CLOCK_OFFSET_MS: String(clockOffset) } },
     );
@@ -441,13 +441,19 @@ describe("budgets pause the agent durably and it resumes", () => {
     expect(await queued("tok/a")).toEqual([{ sid: "id:t3" }]);
   }, 60_000);
 
-  test("cost_per_day: tool_costs are charged per call; past the budget the agent pauses", async () => {
+  test("cost_per_day: tool_costs charged per call, one that would pass it denied; the agent pauses", async () => {
     const spend = (id: string) => ({
       id,
       steps: [0, 1].map((i) => ({ tool: "publish", args: [`spend/${id}/${i}`, { i }] })),
     });
     await stimulate(client, outs, "cost/a", spend("c1"));
-    await stimulate(client, outs, "cost/a", spend("c2"));
+    const c2 = await stimulate(client, outs, "cost/a", spend("c2"));
+    expect(c2.data.results[1]).toEqual({
+      tool: "publish",
+      ok: false,
+      caught: "ToolDenied",
+      reason: "budget cost_per_day (4.5) exhausted: this call costs 1.5, 0 left today",
+    });
     await publishQos1(client, "cost/a/in", spend("c3"));
     const a = await waitFor(
       async () => {
@@ -462,7 +468,7 @@ describe("budgets pause the agent durably and it resumes", () => {
     expect((await ledger()).find((r) => r.agent === "cost/a" && r.window === day)).toMatchObject({
       episodes: 2,
       tool_calls: 4,
-      cost: 6,
+      cost: 4.5,
     });
     expect(await queued("cost/a")).toEqual([{ sid: "id:c3" }]);
   }, 60_000);
@@ -565,8 +571,8 @@ describe("budgets pause the agent durably and it resumes", () => {
   test("a reload that raises a budget releases the agent it paused at once, not at the window's end", async () => {
     expect((await agentRow(fleet, "cost/a")).reason).toContain("cost_per_day");
     const text = readFileSync(fleet.configPath, "utf8");
-    expect(text).toContain("cost_per_day = 4");
-    writeFileSync(fleet.configPath, text.replace("cost_per_day = 4", "cost_per_day = 40"));
+    expect(text).toContain("cost_per_day = 4.5");
+    writeFileSync(fleet.configPath, text.replace("cost_per_day = 4.5", "cost_per_day = 40"));
     await fleet.waitCommitted("cost/a", 3, 20_000);
     const a = await agentRow(fleet, "cost/a");
     expect(a.status).toBe("idle");

@@ -657,6 +657,16 @@ tokens_per_day = 1000
 [agents.narrow]
 module = "narrow.ts"
 tools = ["publish"]
+
+[agents.priced]
+module = "priced.ts"
+tools = ["publish", "http"]
+publish = ["alerts/#"]
+http_hosts = ["127.0.0.1:${port}"]
+
+[agents.priced.budget]
+tool_costs = { publish = 1, http = 2 }
+cost_per_day = 10
 `,
       "/srv/fleet.toml",
     )
@@ -683,8 +693,8 @@ const ENV: ToolEnv = {
 };
 
 /** A fresh gate for one episode of `<type>/k1`. */
-function gate(type = "mon", tokensLeft = 1000): ToolGate {
-  return new ToolGate({ type, key: "k1", id: `${type}/k1` }, spec.agents[type]!, spec, ENV, tokensLeft);
+function gate(type = "mon", tokensLeft = 1000, costLeft?: number): ToolGate {
+  return new ToolGate({ type, key: "k1", id: `${type}/k1` }, spec.agents[type]!, spec, ENV, tokensLeft, costLeft);
 }
 
 describe("the memory watch's process scan", () => {
@@ -752,6 +762,34 @@ describe("ToolGate: allowlist and budget", () => {
     });
     expect(g.publishes).toHaveLength(3);
     expect(g.calls).toBe(4);
+  });
+});
+
+describe("ToolGate: tool_costs and cost_per_day", () => {
+  test("a call whose cost would pass what is left of cost_per_day is denied; calls made at once share it", async () => {
+    const g = gate("priced", 1000, 5);
+    const outs = await Promise.all([1, 2, 3].map((i) => g.handle(i, "http", [`http://127.0.0.1:${port}/plain`])));
+    expect(outs.map((o) => o.ok)).toEqual([true, true, false]);
+    expect(outs[2]).toEqual({
+      ok: false,
+      result: { error: "denied", reason: "budget cost_per_day (10) exhausted: this call costs 2, 1 left today" },
+    });
+    // A cheaper call still fits in what is left.
+    expect((await g.handle(4, "publish", ["alerts/x", 1])).ok).toBe(true);
+    expect(g.cost).toBe(5);
+  });
+
+  test("a refused call is not charged: only calls that went out are", async () => {
+    const g = gate("priced", 1000, 10);
+    const refused = [
+      await g.handle(1, "http", ["http://10.0.0.1/x"]),
+      await g.handle(2, "http", [42]),
+      await g.handle(3, "publish", ["elsewhere/x", 1]),
+    ];
+    expect(refused.map((o) => o.ok && o.result)).toEqual([false, false, false]);
+    expect(g.cost).toBe(0);
+    expect((await g.handle(4, "http", [`http://127.0.0.1:${port}/plain`])).ok).toBe(true);
+    expect(g.cost).toBe(2);
   });
 });
 

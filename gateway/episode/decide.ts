@@ -61,6 +61,8 @@ export type TurnDecision =
       readonly attempt: number;
       /** Tokens left today before this episode. */
       readonly tokensLeft: number;
+      /** Cost (`tool_costs`) left today before this episode. */
+      readonly costLeft: number;
       readonly windows: BudgetWindows;
       /** Ids of the agent's pending wake-ups. */
       readonly pendingWakes: readonly string[];
@@ -121,6 +123,11 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
       lifted === null || lifted === "tokens_per_day"
         ? Number.MAX_SAFE_INTEGER
         : type.budget.tokens_per_day - (day?.tokens ?? 0),
+    // cost_per_day = 0: no cost budget.
+    costLeft:
+      lifted === null || lifted === "cost_per_day" || type.budget.cost_per_day === 0
+        ? Number.MAX_SAFE_INTEGER
+        : type.budget.cost_per_day - (day?.cost ?? 0),
     windows,
     pendingWakes: inputs.pendingWakes,
   };

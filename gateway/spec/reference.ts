@@ -176,8 +176,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Memory ceiling of the episode's process tree, with what it keeps in its private /tmp (bubblewrap) and, in a " +
     "memory cgroup (root, cgroup v1), memory no process's RSS shows (memfd, shared memory); past it the " +
     "subprocess is killed (oom).",
-  "agents.*.budget.tool_costs": "Cost charged per call of each tool, against cost_per_day.",
-  "agents.*.budget.cost_per_day": "Cost per day window (0 = no cost budget).",
+  "agents.*.budget.tool_costs":
+    "Cost charged per call of each tool, against cost_per_day. Only calls that went out are charged: a call " +
+    "refused (a tool, host, topic or secret not allowed, a bad argument, no tokens or cost left) costs nothing.",
+  "agents.*.budget.cost_per_day":
+    "Cost per day window (0 = no cost budget). Held per call: a call whose cost would pass what is left " +
+    "today (calls made at once share it) is denied with ToolDenied; the agent pauses once it reaches it.",
   "agents.*.budget.bytes_per_day":
     "Bytes the agent's episodes store in fleet.db per day window (0 = no limit): the UTF-8 size of each " +
     "episode's event log as JSON (stimulus, ctx.log lines, records, tool calls), its checkpoint state, its " +

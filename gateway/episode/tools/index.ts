@@ -60,6 +60,8 @@ export class ToolGate implements ToolContext {
     readonly env: ToolEnv,
     /** Tokens left today before this episode; the llm tool is denied past it. */
     private readonly tokensLeftToday: number,
+    /** Cost (`tool_costs`) left today before this episode; a call that would pass it is denied. */
+    private readonly costLeftToday = Number.MAX_SAFE_INTEGER,
   ) {}
 
   tokensLeft(): number {
@@ -77,7 +79,18 @@ export class ToolGate implements ToolContext {
     if (!this.type.tools.includes(tool)) return deny(`tool "${tool}" is not in agents.${this.type.name}.tools`);
     const limit = this.type.budget.tool_calls_per_episode;
     if (this.calls > limit) return deny(`budget tool_calls_per_episode (${limit}) exhausted`);
-    this.cost += this.type.budget.tool_costs[tool] ?? 0;
-    return dispatch(this, tool, args);
+    const price = this.type.budget.tool_costs[tool] ?? 0;
+    const costLeft = this.costLeftToday - this.cost;
+    if (price > 0 && price > costLeft)
+      return deny(
+        `budget cost_per_day (${this.type.budget.cost_per_day}) exhausted: this call costs ${price}, ` +
+          `${Math.max(0, costLeft)} left today`,
+      );
+    // Held now, so calls made at once share what is left; given back when the call is refused
+    // (a bad argument, a host or topic not allowed, no tokens left): only calls that went out are charged.
+    this.cost += price;
+    const outcome = await dispatch(this, tool, args);
+    if (!outcome.ok && outcome.result.error === "denied") this.cost -= price;
+    return outcome;
   }
 }
