@@ -592,6 +592,14 @@ beforeAll(async () => {
       seen.push({ path: url.pathname, headers: Object.fromEntries(req.headers), body });
       if (url.pathname === "/v1/chat/completions") {
         const r = JSON.parse(body) as { messages: { content: string }[] };
+        const mode = r.messages.at(-1)?.content ?? "";
+        // "usage: {...}" plays an endpoint that reports that usage; the others misbehave as named.
+        if (mode.startsWith("usage: "))
+          return Response.json({ choices: [{ message: { content: "ok" } }], usage: JSON.parse(mode.slice(7)) });
+        if (mode === "silence") await Bun.sleep(2500);
+        if (mode === "answer 500") return new Response("overloaded", { status: 500 });
+        if (mode === "answer html") return new Response("<html></html>", { headers: { "content-type": "text/html" } });
+        if (mode === "answer 2 MB") return new Response(`{"choices":[],"pad":"${"x".repeat(2 * 1024 * 1024)}"}`);
         return Response.json({
           id: "chatcmpl-1",
           object: "chat.completion",
@@ -641,6 +649,7 @@ beforeAll(async () => {
 url = "http://127.0.0.1:${port}/v1"
 model = "tiny"
 api_key_env = "LLM_KEY"
+timeout_ms = 1000
 
 [agents.mon]
 module = "mon.ts"
@@ -1062,6 +1071,47 @@ describe("ToolGate: llm", () => {
     const out = await g.handle(1, "llm", [{ prompt: "no usage", max_tokens: 50 }]);
     expect(out).toMatchObject({ ok: true, result: { usage: { completion_tokens: 50, total_tokens: 50 } } });
     expect(g.tokens).toBe(50);
+  });
+
+  test.each([
+    ["reports usage {} (none)", "usage: {}", 100],
+    ["reports no completion count", 'usage: {"prompt_tokens":10}', 100],
+    ["reports a total below its parts", 'usage: {"prompt_tokens":100,"completion_tokens":300,"total_tokens":1}', 400],
+    ["reports a total above its parts", 'usage: {"prompt_tokens":1,"completion_tokens":2,"total_tokens":30}', 30],
+    ["reports counts as strings", 'usage: {"prompt_tokens":"10","completion_tokens":"5"}', 100],
+    ["reports fractional counts", 'usage: {"prompt_tokens":1.5,"completion_tokens":2.5}', 100],
+    ["reports negative counts", 'usage: {"prompt_tokens":-10,"completion_tokens":-5}', 100],
+  ])("an endpoint that %s still answers, and is charged as documented", async (_what, prompt, tokens) => {
+    const g = gate("mon", 1000);
+    const out = await g.handle(1, "llm", [{ prompt, max_tokens: 100 }]);
+    expect(out).toMatchObject({ ok: true, result: { text: "ok", usage: { total_tokens: tokens } } });
+    expect(g.tokens).toBe(tokens);
+  });
+
+  test.each([
+    ["times out (it may have spent what it held)", "silence", 100, "The operation timed out."],
+    ["answers a 200 that is not a completion", "answer html", 100, "not a chat completion"],
+    ["answers more than the size cap", "answer 2 MB", 100, "llm response larger than 1048576 bytes"],
+    ["answers an error status", "answer 500", 0, "llm endpoint answered 500"],
+  ])("a call whose endpoint %s fails, and is charged as documented", async (_what, prompt, tokens, reason) => {
+    const g = gate("mon", 1000);
+    const out = await g.handle(1, "llm", [{ prompt, max_tokens: 100 }]);
+    expect(out).toMatchObject({ ok: false, result: { error: "failed", reason: expect.stringContaining(reason) } });
+    expect(g.tokens).toBe(tokens);
+  });
+
+  test("a call denied while the day's tokens are held by calls in flight says so", async () => {
+    const g = gate("mon", 100);
+    const first = g.handle(1, "llm", [{ prompt: "silence", max_tokens: 100 }]);
+    const second = await g.handle(2, "llm", [{ prompt: "hi" }]);
+    expect(second).toEqual({
+      ok: false,
+      result: {
+        error: "denied",
+        reason: "budget tokens_per_day (1000) exhausted: 100 held by llm calls in flight until they are answered",
+      },
+    });
+    await first;
   });
 
   test("is denied once this episode has used up what was left", async () => {

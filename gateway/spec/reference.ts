@@ -170,7 +170,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.budget.tool_calls_per_episode": "Tool calls one episode may make.",
   "agents.*.budget.tokens_per_day":
     "llm tokens per day window. Each call holds its max_tokens (capped at what is left) until the endpoint " +
-    "answers, then is charged the usage it reports (the whole max_tokens when it reports none).",
+    "answers, then is charged the usage it reports: the larger of total_tokens and prompt_tokens + " +
+    "completion_tokens. It is charged the whole max_tokens when it reports none, no completion_tokens, or " +
+    "counts that are not non-negative integers, and when the call times out or the endpoint answers a 200 " +
+    "that is not a chat completion or is over 1 MiB (it may have spent them); an error status (4xx, 5xx) or " +
+    "an endpoint that cannot be reached is charged nothing. A call denied while the tokens left are held by " +
+    "calls in flight says so.",
   "agents.*.budget.episode_timeout_ms": "Wall-clock limit of one episode; past it the subprocess is killed (timeout).",
   "agents.*.budget.memory_mb":
     "Memory ceiling of the episode's process tree, with what it keeps in its private /tmp (bubblewrap) and, in a " +
