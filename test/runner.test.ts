@@ -973,6 +973,22 @@ describe("ToolGate: http", () => {
     expect(body).not.toContain("\\u0073\\u0033");
   });
 
+  test.each(["Host", "connection", "Transfer-Encoding", "content-length", "proxy-authorization", "upgrade"])(
+    "denies a %s header set by the agent, without calling the host",
+    async (name) => {
+      const before = seen.length;
+      const out = await gate().handle(1, "http", [
+        `http://127.0.0.1:${port}/echo`,
+        { headers: { [name]: "evil.example" } },
+      ]);
+      expect(out).toEqual({
+        ok: false,
+        result: { error: "denied", reason: `header ${name} is set by the gateway, not by the agent` },
+      });
+      expect(seen.length).toBe(before);
+    },
+  );
+
   test("denies a secret whose variable is not set rather than sending an empty credential", async () => {
     const before = seen.length;
     const out = await gate().handle(1, "http", [

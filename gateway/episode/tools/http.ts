@@ -14,6 +14,13 @@ import { arity, deny, failed, parseToolArgs, type ToolContext, type ToolOutcome 
 const NAMES = ["url", "init"] as const;
 /** Largest response body handed to the agent. */
 export const MAX_HTTP_BODY = 1024 * 1024;
+/**
+ * Headers the gateway sets, not the agent: `host` would reach another virtual host behind an allowed
+ * address than the one `http_hosts` allows, and the connection's own headers (RFC 9110 7.6.1, hop by
+ * hop) are the gateway's to set.
+ */
+const RESERVED_HEADER =
+  /^(?:host|connection|keep-alive|upgrade|te|trailer|transfer-encoding|content-length|proxy-[a-z0-9-]*)$/i;
 /** RFC 9110 method token. */
 const METHOD_RE = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
@@ -57,6 +64,7 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
     return deny(`host ${host} is not in agents.${type.name}.http_hosts`);
   const headers: Record<string, string> = {};
   for (const [k, v] of Object.entries(init?.headers ?? {})) {
+    if (RESERVED_HEADER.test(k)) return deny(`header ${k} is set by the gateway, not by the agent`);
     const value = inject(type, env.secrets, v);
     if (typeof value !== "string") return deny(value.denied);
     headers[k] = value;
