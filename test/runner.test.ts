@@ -902,6 +902,20 @@ describe("ToolGate: http", () => {
     expect(seen.length).toBe(before);
   });
 
+  test("an http_hosts entry host:port allows that port, the scheme's default one included", async () => {
+    const { spec: s } = await compileSpec(
+      `[agents.h]\nmodule = "h.ts"\ntools = ["http"]\nhttp_hosts = ["LOCALHOST:${port}", "127.0.0.1:80"]\n`,
+      "/srv/fleet.toml",
+    );
+    const g = new ToolGate({ type: "h", key: "k1", id: "h/k1" }, s.agents.h!, s, ENV, 0);
+    expect(await g.handle(1, "http", [`http://localhost:${port}/plain`])).toMatchObject({ ok: true });
+    expect(await g.handle(2, "http", [`http://LOCALHOST:${port}/plain`])).toMatchObject({ ok: true });
+    // Port 80 is http's default, so the URL drops it: allowed (the call fails, nothing listens there).
+    for (const url of ["http://127.0.0.1/", "http://127.0.0.1:80/"])
+      expect(await g.handle(3, "http", [url])).toMatchObject({ ok: false, result: { error: "failed" } });
+    expect(await g.handle(4, "http", ["https://127.0.0.1/"])).toMatchObject({ result: { error: "denied" } });
+  });
+
   test("denies schemes other than http and https", async () => {
     expect((await gate().handle(1, "http", ["file:///etc/passwd"])).result).toMatchObject({ error: "denied" });
   });

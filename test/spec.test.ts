@@ -459,6 +459,34 @@ describe("schema errors name the key path", () => {
     });
   }
 
+  test("http_hosts entries are normalised as the http tool compares them, or refused naming why", async () => {
+    const { spec } = await compileSpec(
+      agent('http_hosts = ["LOCALHOST:21903", "Example.COM", "127.1:80", "[0:0::1]:8080", "[::1]"]'),
+      FILE,
+    );
+    expect(spec.agents.x!.http_hosts).toEqual([
+      "localhost:21903",
+      "example.com",
+      "127.0.0.1:80",
+      "[::1]:8080",
+      "[::1]",
+    ]);
+    for (const [entry, why] of [
+      [
+        "::1",
+        'agents.x.http_hosts[0] "::1" is an IPv6 address: write it in brackets ([::1], or [::1]:8080 with a port)',
+      ],
+      ["host:0", 'agents.x.http_hosts[0] "host:0" has a port that is not a number from 1 to 65535'],
+      ["host:http", 'agents.x.http_hosts[0] "host:http" has a port that is not a number from 1 to 65535'],
+      [
+        "https://host/x",
+        'agents.x.http_hosts[0] "https://host/x" must be a host name or address, with an optional :port, ' +
+          "without scheme or path",
+      ],
+    ] as const)
+      expect((await specError(agent(`http_hosts = ["${entry}"]`))).detail).toBe(why);
+  });
+
   test("the documented example message is produced word for word", async () => {
     const err = await specError(
       '[agents.temp-monitor]\nmodule = "m.ts"\n[agents.temp-monitor.budget]\nepisodes_per_hour = 0\n',

@@ -142,7 +142,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.publish":
     "Topic filters the publish tool may write (the agent's own fleet/agents/... topics always, but for out, " +
     "status and inbox: the gateway's).",
-  "agents.*.http_hosts": "Host names the http tool may reach.",
+  "agents.*.http_hosts":
+    "Hosts the http tool may reach: `host` (every port) or `host:port` (that port; `example.com:443` " +
+    "allows https://example.com/). Names are compared lowercased and addresses canonical (`127.1` is " +
+    "127.0.0.1); an IPv6 address is written in brackets (`[::1]`, `[::1]:8080`). The agent cannot set " +
+    "the Host header: a call reaches the host its URL names.",
   "agents.*.secrets":
     "Environment variable names the http tool may inject as {{secret:NAME}} in header values (not the URL or " +
     "body); a call naming one that is unset is denied. The value (and the value trimmed, as a header sends " +

@@ -51,6 +51,34 @@ const str = () => z.string(says("must be a string")).min(1, "must not be empty")
  */
 const noCredentials = (u: string) => !URL.canParse(u) || (new URL(u).password === "" && new URL(u).username === "");
 const envName = () => str().regex(ENV_NAME_RE, "must be an environment variable name (A-Z, 0-9, _)");
+/**
+ * An `http_hosts` entry, `host` or `host:port`, as the http tool compares it with a URL: the host
+ * lowercased and canonical (`127.1` is `127.0.0.1`, IPv6 in brackets), the port as written.
+ */
+const httpHost = () =>
+  str().transform((entry, ctx) => {
+    const bracketed = /^\[([^\]]+)\](?::(\d+))?$/.exec(entry);
+    const [host, port] = bracketed
+      ? [`[${bracketed[1]}]`, bracketed[2]]
+      : entry.split(":").length > 2
+        ? [null, undefined]
+        : (entry.split(":") as [string, string | undefined]);
+    const why = /[\s/?#@]/.test(entry)
+      ? "must be a host name or address, with an optional :port, without scheme or path"
+      : host === null
+        ? `is an IPv6 address: write it in brackets ([${entry}], or [${entry}]:8080 with a port)`
+        : port !== undefined && !(/^\d{1,5}$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)
+          ? "has a port that is not a number from 1 to 65535"
+          : !URL.canParse(`http://${host}/`)
+            ? "must be a host name or address, with an optional :port, without scheme or path"
+            : null;
+    if (why !== null || host === null) {
+      ctx.addIssue({ code: "custom", message: `${JSON.stringify(entry)} ${why}` });
+      return z.NEVER;
+    }
+    const name = new URL(`http://${host}/`).hostname;
+    return port === undefined ? name : `${name}:${Number(port)}`;
+  });
 const list = <T extends z.ZodType>(item: T) => z.array(item, says("must be an array")).default([]);
 const filter = () =>
   str().superRefine((f, ctx) => {
@@ -86,7 +114,7 @@ const agentSchema = z.strictObject(
     dedup: dedupRule().optional(),
     tools: list(tool),
     publish: list(filter()),
-    http_hosts: list(str().regex(/^[^\s/]+$/, "must be a host name, without scheme or path")),
+    http_hosts: list(httpHost()),
     secrets: list(envName()),
     config: z.record(z.string(), z.unknown(), says("must be a table")).default({}),
     max_queue: posInt(10_000),

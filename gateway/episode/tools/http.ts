@@ -60,7 +60,10 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
   const { type, env } = ctx;
   if (url.protocol !== "http:" && url.protocol !== "https:") return deny(`scheme ${url.protocol} is not allowed`);
   const host = url.port ? `${url.hostname}:${url.port}` : url.hostname;
-  if (!type.http_hosts.some((h) => h === host || h === url.hostname))
+  // Entries are normalised at load (gateway/spec): a bare host allows every port, host:port that port,
+  // the scheme's default included (`example.com:443` allows https://example.com/).
+  const port = url.port || (url.protocol === "https:" ? "443" : "80");
+  if (!type.http_hosts.some((h) => h === url.hostname || h === `${url.hostname}:${port}`))
     return deny(`host ${host} is not in agents.${type.name}.http_hosts`);
   const headers: Record<string, string> = {};
   for (const [k, v] of Object.entries(init?.headers ?? {})) {
