@@ -633,6 +633,13 @@ beforeAll(async () => {
         const u = [...auth].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`).join("");
         return new Response(`{"auth":${JSON.stringify(auth).replaceAll("/", "\\/")},"u":"${u}"}`);
       }
+      if (url.pathname === "/cookies") {
+        const headers = new Headers({ "x-many": "a" });
+        headers.append("x-many", "b");
+        headers.append("set-cookie", "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT");
+        headers.append("set-cookie", "b=2");
+        return new Response("ok", { headers });
+      }
       if (url.pathname === "/redirect")
         return new Response(null, { status: 302, headers: { location: "http://example.invalid/steal" } });
       if (url.pathname === "/deep") return new Response(`${"[".repeat(1500)}${"]".repeat(1500)}`);
@@ -1035,6 +1042,14 @@ describe("ToolGate: http", () => {
     expect((deep as { result: object }).result).not.toHaveProperty("json");
     const shallow = await gate().handle(1, "http", [`http://127.0.0.1:${port}/shallow`]);
     expect((shallow as { result: object }).result).toHaveProperty("json");
+  });
+
+  test("keeps every set-cookie header, one per line; other repeated headers are joined with commas", async () => {
+    const out = await gate().handle(1, "http", [`http://127.0.0.1:${port}/cookies`]);
+    expect(out).toMatchObject({
+      ok: true,
+      result: { headers: { "x-many": "a, b", "set-cookie": "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT\nb=2" } },
+    });
   });
 
   test("does not follow redirects (they could lead to a host outside the allowlist)", async () => {

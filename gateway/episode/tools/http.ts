@@ -97,7 +97,7 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
       ok: true,
       result: {
         status: res.status,
-        headers: Object.fromEntries([...res.headers].map(([k, v]) => [k, redact(v)])),
+        headers: responseHeaders(res.headers, redact),
         body: text,
         ...(json === undefined ? {} : { json }),
       },
@@ -121,6 +121,19 @@ function inject(
     return secrets[name] ?? "";
   });
   return denied ? { denied } : out;
+}
+
+/**
+ * Response headers by lowercase name, scrubbed. A repeated header is one value, joined with ", " (RFC
+ * 9110 5.3), but for `set-cookie`, whose values may hold commas (RFC 6265 3): joined with a newline, which
+ * no header value contains.
+ */
+function responseHeaders(headers: Headers, redact: (text: string) => string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [k, v] of headers) if (k !== "set-cookie") out[k] = redact(v);
+  const cookies = headers.getSetCookie();
+  if (cookies.length > 0) out["set-cookie"] = redact(cookies.join("\n"));
+  return out;
 }
 
 /** A response body as text, or null past `cap` bytes. */
