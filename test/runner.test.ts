@@ -579,6 +579,8 @@ interface Seen {
 
 let server: ReturnType<typeof Bun.serve>;
 const seen: Seen[] = [];
+/** How each /hang request ended. */
+const hangs: string[] = [];
 let spec: FleetSpec;
 let port = 0;
 
@@ -632,6 +634,15 @@ beforeAll(async () => {
         const auth = req.headers.get("authorization") ?? "";
         const u = [...auth].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`).join("");
         return new Response(`{"auth":${JSON.stringify(auth).replaceAll("/", "\\/")},"u":"${u}"}`);
+      }
+      if (url.pathname === "/hang") {
+        // Answers after 3 s, unless the client goes away first.
+        const gone = await Promise.race([
+          new Promise<boolean>((r) => req.signal.addEventListener("abort", () => r(true))),
+          Bun.sleep(3000).then(() => false),
+        ]);
+        hangs.push(gone ? "cancelled" : "answered");
+        return new Response("late");
       }
       if (url.pathname === "/cookies") {
         const headers = new Headers({ "x-many": "a" });
@@ -921,6 +932,25 @@ describe("ToolGate: http", () => {
     for (const url of ["http://127.0.0.1/", "http://127.0.0.1:80/"])
       expect(await g.handle(3, "http", [url])).toMatchObject({ ok: false, result: { error: "failed" } });
     expect(await g.handle(4, "http", ["https://127.0.0.1/"])).toMatchObject({ result: { error: "denied" } });
+  });
+
+  test("a call still in flight when the episode ends is aborted with it", async () => {
+    const g = gate("mon", 1000);
+    const started = Date.now();
+    const pending = Promise.all([
+      g.handle(1, "http", [`http://127.0.0.1:${port}/hang`]),
+      g.handle(2, "llm", [{ prompt: "silence", max_tokens: 100 }]),
+    ]);
+    await Bun.sleep(200);
+    g.end();
+    const [http, llm] = await pending;
+    expect(Date.now() - started).toBeLessThan(900);
+    expect(http).toMatchObject({ ok: false, result: { error: "failed" } });
+    // The llm request was sent: it is charged what it held, as a timed-out one.
+    expect(llm).toMatchObject({ ok: false, result: { error: "failed" } });
+    expect(g.tokens).toBe(100);
+    await Bun.sleep(100);
+    expect(hangs.at(-1)).toBe("cancelled");
   });
 
   test("denies schemes other than http and https", async () => {

@@ -317,6 +317,7 @@ export class EpisodeExecutor {
                 : gate.handle(call, tool, args),
           );
     ended = true;
+    gate.end();
     try {
       const endedAt = this.d.now();
       let wakes: Extract<WakeEffects, { ok: true }> | null = null;

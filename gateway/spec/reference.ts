@@ -176,7 +176,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "llm tokens per day window. Each call holds its max_tokens (capped at what is left) until the endpoint " +
     "answers, then is charged the usage it reports: the larger of total_tokens and prompt_tokens + " +
     "completion_tokens. It is charged the whole max_tokens when it reports none, no completion_tokens, or " +
-    "counts that are not non-negative integers, and when the call times out or the endpoint answers a 200 " +
+    "counts that are not non-negative integers, and when the call times out, is cut off by the end of its " +
+    "episode, or the endpoint answers a 200 " +
     "that is not a chat completion or is over 1 MiB (it may have spent them); an error status (4xx, 5xx) or " +
     "an endpoint that cannot be reached is charged nothing. A call denied while the tokens left are held by " +
     "calls in flight says so.",

@@ -79,7 +79,7 @@ export async function http(ctx: ToolContext, raw: readonly unknown[]): Promise<T
       method: init?.method ?? "GET",
       headers,
       body: init?.body,
-      signal: AbortSignal.timeout(timeout),
+      signal: AbortSignal.any([ctx.signal, AbortSignal.timeout(timeout)]),
       redirect: "manual",
     });
     const body = await readText(res, MAX_HTTP_BODY);

@@ -52,6 +52,8 @@ export class ToolGate implements ToolContext {
   cost = 0;
   readonly publishes: PendingPublish[] = [];
   readonly sends: PendingSend[] = [];
+  private readonly ended = new AbortController();
+  readonly signal = this.ended.signal;
 
   constructor(
     readonly agent: AgentRef,
@@ -70,6 +72,14 @@ export class ToolGate implements ToolContext {
 
   spendTokens(n: number): void {
     this.tokens += n;
+  }
+
+  /**
+   * The episode ended (committed, failed or killed): calls still in flight are aborted, so the gateway
+   * does not keep talking to a host for an episode that no longer exists, or overlap its retry.
+   */
+  end(): void {
+    this.ended.abort(new Error("the episode ended"));
   }
 
   /** Handle one call from the subprocess. */

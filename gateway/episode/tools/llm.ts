@@ -109,7 +109,10 @@ export async function llm(ctx: ToolContext, raw: readonly unknown[]): Promise<To
       method: "POST",
       headers,
       body: JSON.stringify({ model: conf.model, messages, max_tokens: maxTokens }),
-      signal: AbortSignal.timeout(Math.min(conf.timeout_ms, ctx.type.budget.episode_timeout_ms)),
+      signal: AbortSignal.any([
+        ctx.signal,
+        AbortSignal.timeout(Math.min(conf.timeout_ms, ctx.type.budget.episode_timeout_ms)),
+      ]),
     });
     // An error status: the endpoint says it did not answer, nothing is charged.
     if (!res.ok) {
@@ -132,8 +135,9 @@ export async function llm(ctx: ToolContext, raw: readonly unknown[]): Promise<To
     settle(usage.total_tokens);
     return { ok: true, result: { text: data.choices?.[0]?.message?.content ?? "", usage } };
   } catch (err) {
-    // Timed out after sending (before or during the answer): the endpoint may have spent what it held.
-    settle(err instanceof Error && err.name === "TimeoutError" ? maxTokens : 0);
+    // Timed out, or cut off by the episode's end, after sending (before or during the answer): the
+    // endpoint may have spent what it held.
+    settle(err instanceof Error && (err.name === "TimeoutError" || ctx.signal.aborted) ? maxTokens : 0);
     return failed(scrub(err instanceof Error ? err.message : String(err)));
   }
 }

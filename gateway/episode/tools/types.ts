@@ -57,6 +57,8 @@ export interface ToolContext {
   readonly env: ToolEnv;
   readonly publishes: PendingPublish[];
   readonly sends: PendingSend[];
+  /** Aborted when the episode ends: a call still in flight then is cancelled with it. */
+  readonly signal: AbortSignal;
   /** Tokens of the day's budget not yet spent, this episode's calls included. */
   tokensLeft(): number;
   /** Meter tokens an llm call used. */
