@@ -1523,6 +1523,22 @@ describe("the IPC edge", () => {
     expect(expectFailure(r, "timeout").ms).toBeLessThan(10_000);
   });
 
+  test("a tool call in flight when the episode times out is in its log, cancelled", async () => {
+    const never: ToolHandler = () => new Promise(() => undefined);
+    const r = await run(start("tool-caller", { tool: "llm", args: [{ prompt: "slow" }] }), { timeoutMs: 500 }, never);
+    expectFailure(r, "timeout");
+    expect(r.records.filter((x) => x.k === "tool")).toEqual([
+      {
+        k: "tool",
+        call: 1,
+        tool: "llm",
+        args: [{ prompt: "slow" }],
+        ok: false,
+        result: { error: "failed", reason: "cancelled: the episode ended (timeout) while the call was in flight" },
+      },
+    ]);
+  });
+
   test("an emit whose out message passes [broker] max_packet_bytes fails the episode as too_large", async () => {
     // A 7 MB emit was published, and queued whole for every offline persistent subscriber of out.
     const limit = { maxPacketBytes: 256 * 1024 };

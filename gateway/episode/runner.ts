@@ -158,6 +158,8 @@ export async function runEpisode(
   let outcome: RunResult | null = null;
   /** Tool calls dispatched and not answered yet. */
   let toolsInFlight = 0;
+  /** Those calls, by call id: a failed episode's log records them as cancelled. */
+  const pendingCalls = new Map<number, { tool: string; args: readonly unknown[] }>();
   let settle!: () => void;
   const settled = new Promise<void>((r) => (settle = r));
 
@@ -166,6 +168,18 @@ export async function runEpisode(
     | { ok: false; kind: FailureKind; message: string };
   const finish = (r: Outcome): void => {
     if (outcome) return;
+    // Calls still in flight when the episode fails were made (an llm call is charged its hold): the log
+    // keeps them, cancelled with the episode (the gate aborts them when the run returns).
+    if (!r.ok)
+      for (const [call, c] of pendingCalls)
+        records.push({
+          k: "tool",
+          call,
+          tool: c.tool,
+          args: c.args,
+          ok: false,
+          result: { error: "failed", reason: `cancelled: the episode ended (${r.kind}) while the call was in flight` },
+        });
     outcome = { ...r, records, ms: performance.now() - began, start: startKind } as RunResult;
     settle();
   };
@@ -299,10 +313,12 @@ export async function runEpisode(
         if (outcome || !countRecords(bytes)) return;
         // The gateway, not the child, writes the tool record: the child cannot forge a result.
         toolsInFlight++;
+        pendingCalls.set(msg.call, { tool: msg.tool, args: msg.args });
         void onTool(msg.call, msg.tool, msg.args)
           .catch((err: unknown) => ({ ok: false, result: { error: "failed", reason: String(err) } }))
           .then((r) => {
             toolsInFlight--;
+            pendingCalls.delete(msg.call);
             // The result is kept in the episode's log: it counts against the same cap as the child's records.
             if (outcome || !countRecords(Buffer.byteLength(JSON.stringify(r.result) ?? ""))) return;
             records.push({ k: "tool", call: msg.call, tool: msg.tool, args: msg.args, ok: r.ok, result: r.result });
