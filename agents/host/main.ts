@@ -33,9 +33,8 @@ import {
   ToolDenied,
   ToolFailed,
 } from "../sdk/index.ts";
-import { ReplayAnswers } from "./replay-answers.ts";
-
 import { LEGACY_HOST_IMPORT, legacyHostSpecifier, PROTOCOL_SPECIFIER, SDK_SPECIFIER } from "./modules.ts";
+import { ReplayAnswers } from "./replay-answers.ts";
 
 type Start = Extract<ParentMessage, { t: "start" }>;
 
