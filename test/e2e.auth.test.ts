@@ -40,6 +40,17 @@ afterAll(async () => {
   await cleanupAll();
 }, 60_000);
 
+/** Sign in to the dashboard with `token`: the session cookie (`name=value`). */
+async function signIn(token: string): Promise<string> {
+  const res = await fetch(`${fleet.httpUrl}/api/session`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ token }),
+  });
+  expect(res.status).toBe(200);
+  return (res.headers.get("set-cookie") ?? "").split(";")[0]!;
+}
+
 describe("retention runs on the gateway's clock", () => {
   test("POST /api/gc?now=<future> is refused and an already-processed id still starts no second episode", async () => {
     expect((await send("auth/gc/in", "once")).status).toBe(202);
@@ -350,16 +361,6 @@ describe("an open event stream lives no longer than its credential", () => {
     };
   }
 
-  async function signIn(token: string): Promise<string> {
-    const res = await fetch(`${fleet.httpUrl}/api/session`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ token }),
-    });
-    expect(res.status).toBe(200);
-    return (res.headers.get("set-cookie") ?? "").split(";")[0]!;
-  }
-
   test("revoking the token ends its bearer and its session streams; no event reaches them after", async () => {
     const token = await addToken("watcher", "read");
     const byBearer = await openStream(bearer(token));
@@ -395,15 +396,6 @@ describe("sign-ins in a loop", () => {
   test("cannot sign another token out, and are audited once a minute per token", async () => {
     const admin = await addToken("loop-admin", "admin");
     const reader = await addToken("loop-reader", "read");
-    const signIn = async (token: string) => {
-      const res = await fetch(`${fleet.httpUrl}/api/session`, {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify({ token }),
-      });
-      expect(res.status).toBe(200);
-      return (res.headers.get("set-cookie") ?? "").split(";")[0]!;
-    };
     const adminCookie = await signIn(admin);
     const first = await signIn(reader);
     for (let i = 0; i < 30; i++) await signIn(reader);

@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { withBundles } from "../gateway/code/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
 import { loadSpec } from "../gateway/spec/index.ts";
-import { bundleOfSql, episodeStatus, idBytesSql, idOfSql, Store, specOfSql } from "../gateway/store/index.ts";
+import { bundleOfSql, episodeStatus, idOfSql, Store, specOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
@@ -124,11 +124,8 @@ describe("code pinned by content", () => {
       expect(v2).toMatch(/^[0-9a-f]{64}$/);
       expect(v2).not.toBe(v1);
       expect(after[2]!.spec_version).not.toBe(first[0]!.spec_version);
-      const [out] = await fleet.query<Row>(
-        `SELECT data FROM events WHERE episode = ${idBytesSql("?1")} AND kind = 'decide'`,
-        [after[2]!.id as string],
-      );
-      expect(JSON.parse(String(out?.data)).data.label).toBe("v2");
+      const [out] = await fleet.decisions(after[2]!.id as string);
+      expect(out?.data).toMatchObject({ label: "v2" });
 
       // Replay of the first episode runs the v1 bundle it names, though the file now says v2.
       const replay = await fleet.cli("replay", first[0]!.id as string);

@@ -8,7 +8,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { idBytesSql } from "../gateway/store/index.ts";
 import {
   ROOT,
   RawMqtt,
@@ -99,11 +98,7 @@ describe("max_agents", () => {
       client.end(true);
     }
     const [episode] = await fleet.waitCommitted("relay/x", 1);
-    const decisions = await fleet.query<{ data: string }>(
-      `SELECT data FROM events WHERE episode = ${idBytesSql("?1")} AND kind = 'decide'`,
-      [episode!.id],
-    );
-    expect(decisions.map((d) => JSON.parse(d.data))).toEqual([
+    expect(await fleet.decisions(episode!.id)).toEqual([
       expect.objectContaining({
         name: "send_denied",
         data: { to: "meter/s1", reason: expect.stringContaining("max_agents (3)") },

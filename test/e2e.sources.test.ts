@@ -40,7 +40,6 @@ import {
   waitCommitted,
 } from "./helpers/sources.ts";
 import { fleetHeader } from "./helpers/toml.ts";
-import { idBytesSql } from "../gateway/store/index.ts";
 
 // Our own temp root (os.tmpdir() reads TMPDIR on every call): another suite clearing
 // /tmp/fleet-e2e-* while this one runs must not pull the data dirs from under our gateways.
@@ -1050,11 +1049,7 @@ config = { to = "rec/r1" }
       // Another agent's ctx.send is refused too: the sender sees the tool denied.
       expect((await postStimulus(fleet, "relay/to-r1", { go: 1 })).status).toBe(202);
       const [relayed] = await waitCommitted(fleet, "relay/to-r1", 1);
-      const decisions = await fleet.query<{ data: string }>(
-        `SELECT data FROM events WHERE episode = ${idBytesSql("?1")} AND kind = 'decide'`,
-        [relayed!.id],
-      );
-      expect(decisions.map((d) => JSON.parse(d.data))).toEqual([
+      expect(await fleet.decisions(relayed!.id)).toEqual([
         expect.objectContaining({
           name: "send_denied",
           data: { to: "rec/r1", reason: expect.stringContaining("retired") },

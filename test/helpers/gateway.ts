@@ -19,6 +19,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createClient, type Client as DbClient } from "@libsql/client";
 import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
+import { idBytesSql } from "../../gateway/store/index.ts";
 
 /** The repository root (where gateway/cli/main.ts lives). */
 export const ROOT = resolve(import.meta.dir, "../..");
@@ -353,6 +354,15 @@ export class TestFleet {
     } finally {
       db.close();
     }
+  }
+
+  /** The `decide` events of one episode (its outputs, sends and denials), in order, parsed. */
+  async decisions(episode: string): Promise<{ name: string; data: unknown }[]> {
+    const rows = await this.query<{ data: string }>(
+      `SELECT data FROM events WHERE episode = ${idBytesSql("?1")} AND kind = 'decide' ORDER BY seq`,
+      [episode],
+    );
+    return rows.map((r) => JSON.parse(String(r.data)));
   }
 
   /** Episodes of an agent via `fleet episodes <agent> --json`, newest first. */
