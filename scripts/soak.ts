@@ -82,7 +82,7 @@ const fleet = await SyntheticFleet.create(dir, {
   dedupDays: retentionDays,
   // Fixed-width stimulus ids: every episode the same size all day (test/helpers/ops.ts).
   sidDigits: 10,
-  ...(flags.bundle ? { bundle: "b".repeat(64) } : {}),
+  ...(flags.bundle ? { bundle: true } : {}),
 });
 const T0 = Date.UTC(2026, 0, 5);
 const perHour = Math.round(rate * 3600);
@@ -148,6 +148,7 @@ console.log(
     `disk from hour ${settle}: ${after.length ? `${mb(Math.min(...after))}–${mb(Math.max(...after))} MB` : "n/a"} ` +
     `(${flat ? "flat" : "STILL GROWING"})`,
 );
+for (const p of report.problems.slice(0, 5)) console.log(`  ${p.record}: ${p.problem}`);
 await fleet.close();
 rmSync(dir, { recursive: true, force: true });
 process.exit(report.problems.length === 0 && flat ? 0 : 1);

@@ -38,7 +38,7 @@ try {
     keep,
     episodesDays: 30,
     dedupDays: 30,
-    ...(flags.bundle ? { bundle: "b".repeat(64) } : {}),
+    ...(flags.bundle ? { bundle: true } : {}),
   });
   await f.commit(episodes, Date.UTC(2026, 0, 5), 200, 200);
   await f.checkpointWal();

@@ -4,13 +4,12 @@
  */
 import { Database } from "bun:sqlite";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ROOT, SyntheticFleet } from "./helpers/ops.ts";
+import { SyntheticFleet } from "./helpers/ops.ts";
 import { verifyStore, type VerifyReport } from "../gateway/ops/index.ts";
 import { Store } from "../gateway/store/index.ts";
-import { blake3Hex } from "../gateway/hash.ts";
 
 let dir: string;
 let base: string;
@@ -18,13 +17,12 @@ let copies = 0;
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), "fleet-verify-"));
-  const bundle = await blake3Hex(readFileSync(join(ROOT, "agents/examples/temp-monitor.ts"), "utf8"));
   const fleet = await SyntheticFleet.create(dir, {
     types: [{ name: "meter", keys: ["m1", "m2"] }],
     keep: 0,
     episodesDays: 30,
     dedupDays: 7,
-    bundle,
+    bundle: true,
   });
   await fleet.commit(8, Date.now() - 60_000, 1000); // 4 checkpoints per agent
   await fleet.checkpointWal();

@@ -9,6 +9,7 @@
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { EpisodeRecord, Stimulus } from "../../agents/protocol.ts";
+import { blake3Hex } from "../../gateway/hash.ts";
 import { hashEvents, sealCheckpoint } from "../../gateway/store/index.ts";
 import { budgetWindows, buildEvents } from "../../gateway/episode/index.ts";
 import { compileSpec } from "../../gateway/spec/index.ts";
@@ -30,11 +31,11 @@ export interface SyntheticFleetOptions {
   readonly episodesDays: number;
   readonly dedupDays: number;
   /**
-   * The code bundle hash every episode records, as a gateway running pinned code does
-   * (docs/upgrading.md), stored as the gateway stores it (a `bundles` row with the module's code);
-   * none by default.
+   * Every episode names a code bundle, as a gateway running pinned code does (docs/upgrading.md):
+   * the module's code, stored as the gateway stores it (a `bundles` row under its BLAKE3 hash, so
+   * `verify` passes); none by default.
    */
-  readonly bundle?: string;
+  readonly bundle?: boolean;
   /**
    * Stimulus ids as `s:` and the stimulus number zero-padded to this many digits, so every
    * episode's rows are the same size however long the run (scripts/soak.ts); unpadded by default.
@@ -102,8 +103,13 @@ export class SyntheticFleet {
     const dbPath = join(dir, "data", "fleet.db");
     const store = await Store.open(dbPath, { synchronous: "normal" });
     await store.saveSpecVersion({ hash: spec.hash, path: configPath, text: toml, summary: "synthetic", at: 0 });
-    if (opts.bundle) await store.saveBundle({ hash: opts.bundle, module, code: readFileSync(module, "utf8"), at: 0 });
-    return new SyntheticFleet(dir, configPath, dbPath, store, spec, opts.bundle ?? null, opts.sidDigits ?? 0);
+    let bundle: string | null = null;
+    if (opts.bundle) {
+      const code = readFileSync(module, "utf8");
+      bundle = await blake3Hex(code);
+      await store.saveBundle({ hash: bundle, module, code, at: 0 });
+    }
+    return new SyntheticFleet(dir, configPath, dbPath, store, spec, bundle, opts.sidDigits ?? 0);
   }
 
   /** Every agent id of the fleet. */
