@@ -519,11 +519,24 @@ describe("executor: wake-ups", () => {
     expect(await t.rows("SELECT state FROM wakeups WHERE id = ?", [id])).toEqual([{ state: "pending" }] as never);
   });
 
-  test("a failed episode schedules nothing", async () => {
+  test("a failed episode schedules and publishes nothing: its wake-ups and emits are only in its log", async () => {
     await t.queue();
-    t.script.push((s) => ({ ok: false, kind: "threw", message: "boom", records: [wake(s, 1, t.now())], ms: 3 }));
+    t.script.push((s) => ({
+      ok: false,
+      kind: "threw",
+      message: "boom",
+      records: [{ k: "emit", data: { alarm: 1 } }, wake(s, 1, t.now())],
+      ms: 3,
+    }));
     expect((await t.executor.turn(A)).kind).toBe("wait");
     expect(await t.rows("SELECT id FROM wakeups")).toEqual([]);
+    expect(t.published.flatMap((p) => p.topics)).not.toContain("fleet/agents/mon/a/out");
+    expect((await t.rows("SELECT kind FROM events")).map((e) => e.kind)).toEqual([
+      "stimulus",
+      "emit",
+      "wake",
+      "failure",
+    ]);
   });
 
   test("a wake-up id the episode did not issue fails the episode as a protocol violation", async () => {

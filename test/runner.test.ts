@@ -301,6 +301,28 @@ describe("runEpisode: tool calls", () => {
     });
   });
 
+  test("a failed episode keeps what the agent recorded before it threw, live and in replay alike", async () => {
+    const live = await run(start("log-then-throw"));
+    if (live.ok) throw new Error("expected a failure");
+    expect(live.kind).toBe("threw");
+    expect(live.records.map((r) => r.k)).toEqual(["tool", "log", "decide", "emit", "now", "pending_wakes", "wake"]);
+    expect(live.records[1]).toEqual({ k: "log", level: "warn", msg: "the sensor value looks wrong" });
+    const replayed = await run(start("log-then-throw", { v: 1 }, { replay: replayInputs(live.records) }));
+    if (replayed.ok) throw new Error("expected the replay to fail too");
+    expect(replayed.records.map((r) => r.k)).toEqual(live.records.map((r) => r.k));
+    expect(firstDivergence(live.records, replayed.records)).toBeNull();
+  });
+
+  test("a failed episode's kept records stay within max_records, as a committed episode's do", async () => {
+    const r = await run(
+      start("log-then-throw", { flood: 50 }, { limits: { max_records: 20, max_record_bytes: 1 << 20 } }),
+    );
+    if (r.ok) throw new Error("expected a failure");
+    expect(r.kind).toBe("flood");
+    expect(r.records.length).toBeLessThanOrEqual(21);
+    expect(r.records.filter((x) => x.k === "log")).toHaveLength(20);
+  });
+
   test("concurrent calls answered out of call order replay as MATCH, each with its own result", async () => {
     const payload = { slow: "http://h/slow", fast: "http://h/fast" };
     // Live, the slow first call is answered after the fast second one.

@@ -144,6 +144,9 @@ class Recorder {
   }
 }
 
+/** The running episode's recorder: what it buffered is sent ahead of the episode's error too (`fail`). */
+let recorder: Recorder | null = null;
+
 const pendingTools = new Map<number, (r: { ok: boolean; result: unknown }) => void>();
 /** Tool calls sent and not answered yet: the episode ends only once each is (the agent may not await one). */
 const unanswered = new Set<Promise<unknown>>();
@@ -164,6 +167,7 @@ function toolError(tool: string, result: unknown): Error {
 
 async function run(start: Start): Promise<void> {
   const rec = new Recorder(start.limits);
+  recorder = rec;
   const replay = start.replay;
   let nowIdx = 0;
   let randIdx = 0;
@@ -353,7 +357,7 @@ async function run(start: Start): Promise<void> {
     state = asJson(ctx.state, "agent state");
   } catch (err) {
     const why = err instanceof Error ? err.message : String(err);
-    send({ t: "error", kind: "invalid_state", message: `agent state cannot be checkpointed as JSON: ${why}` });
+    sendError({ kind: "invalid_state", message: `agent state cannot be checkpointed as JSON: ${why}` });
     return;
   }
   rec.flush(false);
@@ -415,7 +419,18 @@ function fail(err: unknown): void {
   const terminal = err instanceof TerminalError || (err instanceof Error && err.name === "TerminalError");
   const kind = err instanceof Flood ? "flood" : terminal ? "terminal" : "threw";
   const e = err instanceof Error ? err : new Error(String(err));
-  send({ t: "error", kind, message: e.message, stack: e.stack?.slice(0, 4000) });
+  sendError({ kind, message: e.message, stack: e.stack?.slice(0, 4000) });
+}
+
+/**
+ * End the episode with an error, after the records the agent made since its last tool call: a failed
+ * episode's log keeps its ctx.log lines, decisions and the rest (shown, never acted on), within the
+ * same caps (a flood's record past the cap was never buffered), and a replay, failing the same way,
+ * leaves the same records.
+ */
+function sendError(error: Omit<Extract<ChildMessage, { t: "error" }>, "t">): void {
+  recorder?.flush(false);
+  send({ t: "error", ...error });
 }
 
 function onMessage(raw: unknown): void {
