@@ -5,7 +5,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { diffJson } from "../gateway/ops/index.ts";
-import { cleanupAll, publishQos1, runCli, TestFleet } from "./helpers/gateway.ts";
+import { join } from "node:path";
+import { cleanupAll, openDbFile, publishQos1, runCli, TestFleet } from "./helpers/gateway.ts";
 import { fleetHeader, relayChainTypes } from "./helpers/toml.ts";
 
 const TOML = fleetHeader("history") + relayChainTypes();
@@ -173,5 +174,23 @@ describe("the same over HTTP", () => {
     const bad = await get("/api/agents/alerter/d1/state?at=zero");
     expect(bad.status).toBe(400);
     expect(bad.body.error.code).toBe("bad_query");
+  });
+
+  test("a checkpoint whose stored state does not hash to it is 409 tampered, not shown under its hash", async () => {
+    const db = openDbFile(join(fleet.dataDir, "fleet.db"));
+    const where = "WHERE agent = 'alerter/d1' AND seq = 1";
+    const state = (await db.execute(`SELECT state FROM checkpoints ${where}`)).rows[0]!.state as string;
+    await db.execute(`UPDATE checkpoints SET state = '{"alerts":1000}' ${where}`);
+    try {
+      for (const path of ["/api/agents/alerter/d1/state?at=1", "/api/agents/alerter/d1/state/diff?from=1&to=2"]) {
+        const r = await get(path);
+        expect([r.status, r.body.error.code]).toEqual([409, "tampered"]);
+        expect(r.body.error.message).toContain("hash mismatch");
+      }
+      expect((await get("/api/agents/alerter/d1/state?at=2")).status).toBe(200);
+    } finally {
+      await db.execute({ sql: `UPDATE checkpoints SET state = ? ${where}`, args: [state] });
+      db.close();
+    }
   });
 });

@@ -583,6 +583,26 @@ describe("command-line mistakes", () => {
     expect(text.stdout).toContain("(state collected by retention; the hash stays in the chain)");
   });
 
+  test("state of a checkpoint whose stored state does not hash to it is refused, --at and --diff alike", async () => {
+    const f = await stoppedFleet(4);
+    const db = f.sqlite();
+    db.query(`UPDATE checkpoints SET state = '{"forged":true}' WHERE agent = 'meter/m1' AND seq = 1`).run();
+    db.close();
+    for (const args of [
+      ["--at", "1"],
+      ["--at", "1", "--json"],
+      ["--diff", "1..2"],
+    ]) {
+      const r = await f.cli("state", "meter/m1", ...args);
+      expect({ code: r.code, stdout: r.stdout }).toEqual({ code: 1, stdout: "" });
+      expect(oneLine(r.stderr)).toMatch(
+        /^fleet: checkpoint meter\/m1#1 \([0-9a-f]{12}…\): hash mismatch .*fleet verify/,
+      );
+      expect(r.stderr).not.toContain("forged");
+    }
+    expect((await f.cli("state", "meter/m1", "--at", "2")).code).toBe(0);
+  });
+
   test("gc --now on a running gateway is a one-line refusal, exit 1 (not the usage)", async () => {
     const f = await stoppedFleet(1);
     // A live gateway as the CLI sees one: gateway.json naming a live process (this one).

@@ -20,8 +20,12 @@ function agentOf(req: Req): AgentId | Response {
   return id ?? httpError(400, "bad_agent", "invalid agent id");
 }
 
-/** 404 for a state read that found nothing: `not_found` for an unknown agent, as on every route; `no_checkpoint`. */
+/**
+ * A state read with nothing to show: 404 `not_found` for an unknown agent, as on every route, or
+ * `no_checkpoint`; 409 `tampered` for a stored state that does not hash to its checkpoint.
+ */
 function stateMiss(miss: StateMiss): Response {
+  if (miss.code === "tampered") return httpError(409, miss.code, miss.message);
   return httpError(404, miss.code === "no_agent" ? "not_found" : miss.code, miss.message);
 }
 

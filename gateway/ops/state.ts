@@ -2,7 +2,7 @@
  * `fleet state <agent> [--at SEQ] [--diff A..B]`: an agent's state at any retained
  * checkpoint, and what changed between two of them as an RFC 6902 JSON Patch.
  */
-import type { CheckpointRow, Store } from "../store/index.ts";
+import { type CheckpointRow, IntegrityError, type Store, verifyCheckpointRow } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
 
 /** One change between two states (RFC 6902 subset: the ops a diff needs). */
@@ -23,10 +23,14 @@ export interface StateAt {
   readonly collected: boolean;
 }
 
-/** Why a state read found nothing. */
+/**
+ * Why a state read has nothing to show: `tampered` when the stored state does not hash to its
+ * checkpoint (it is refused, as loading it for an episode is, rather than shown under that hash).
+ */
 export type StateMiss =
   | { readonly code: "no_agent"; readonly message: string }
-  | { readonly code: "no_checkpoint"; readonly message: string };
+  | { readonly code: "no_checkpoint"; readonly message: string }
+  | { readonly code: "tampered"; readonly message: string };
 
 const pointerToken = (key: string) => key.replaceAll("~", "~0").replaceAll("/", "~1");
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
@@ -56,14 +60,25 @@ export function diffJson(a: unknown, b: unknown, path = ""): PatchOp[] {
   return JSON.stringify(a) === JSON.stringify(b) ? [] : [{ op: "replace", path, from_value: a, value: b }];
 }
 
-function stateOf(agent: string, row: CheckpointRow): StateAt {
+/** The state of `row`, checked against its hash as the loader checks it. */
+async function stateOf(agent: string, row: CheckpointRow): Promise<StateAt | StateMiss> {
+  let state: unknown = null;
+  if (row.state !== null) {
+    try {
+      state = await verifyCheckpointRow(row);
+    } catch (err) {
+      if (!(err instanceof IntegrityError)) throw err;
+      const message = `${err.message}: its stored state is not shown (\`fleet verify\` checks every checkpoint)`;
+      return { code: "tampered", message };
+    }
+  }
   return {
     agent,
     seq: row.seq,
     hash: row.hash,
     episode: row.episode,
     created_at: row.createdAt,
-    state: row.state === null ? null : JSON.parse(row.state),
+    state,
     collected: row.state === null,
   };
 }

@@ -49,8 +49,8 @@ export async function showState(target: HTMLElement, type: string, key: string, 
             ? h("ul", { class: "patch-list", "data-testid": "state-diff" }, ...patch.map(patchLine))
             : h("div", { class: "muted", "data-testid": "state-diff" }, "No change."),
         );
-      } catch {
-        parts.push(h("div", { class: "muted" }, `#${at.seq - 1} was collected: no diff.`));
+      } catch (err) {
+        parts.push(h("div", { class: "muted" }, `No diff from #${at.seq - 1}: ${messageOf(err)}`));
       }
     }
     target.replaceChildren(...parts);
