@@ -1,8 +1,8 @@
 /**
- * The gateway's facts on MQTT (docs/mqtt.md): a failed episode on `fleet/episodes`, each agent's
- * status retained on `fleet/agents/<type>/<key>/status`, the fleet summary retained on
- * `fleet/health`. A committed episode reaches `fleet/episodes` through its outbox rows
- * (episode.ts), with what it publishes.
+ * The gateway's facts on MQTT (docs/mqtt.md): every failed episode on `fleet/episodes` (the one that
+ * quarantined its stimulus too, marked `quarantined`), each agent's status retained on
+ * `fleet/agents/<type>/<key>/status`, the fleet summary retained on `fleet/health`. A committed
+ * episode reaches `fleet/episodes` through its outbox rows (episode/executor.ts), with what it publishes.
  */
 import type { Logger } from "pino";
 import type { Broker } from "../../broker/index.ts";
@@ -14,7 +14,7 @@ import { parseAgentId, shownStatus } from "../types.ts";
 /** Publish episode failures and status changes; `broker` is read per fact (it starts after the bus). */
 export function publishFacts(events: FleetEvents, broker: () => Broker | undefined): void {
   events.on("episode", (e) => {
-    if (e.status === "committed" || e.quarantined) return;
+    if (e.status === "committed") return;
     const body = {
       episode: e.episode,
       agent: e.agent,
@@ -23,6 +23,8 @@ export function publishFacts(events: FleetEvents, broker: () => Broker | undefin
       kind: e.kind,
       checkpoint: e.checkpoint,
       ms: Math.round(e.ms),
+      // The last attempt: no retry follows, the stimulus waits in the quarantine.
+      quarantined: e.quarantined,
     };
     void broker()
       ?.publish(topics.episodes, JSON.stringify(body))
