@@ -1,7 +1,7 @@
 /**
  * The episode executor in-process: a real libSQL file, a fake runner returning scripted
  * RunResults (no subprocess), a fake clock. Commit, failure + retry + quarantine, budget
- * pause, retired agent, corrupt checkpoint, sends, shutdown.
+ * pause, retired agent, corrupt checkpoint, sends, shutdown; which episode `fleet trace --topic` finds.
  */
 import { afterAll, beforeEach, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -14,6 +14,7 @@ import type { RunResult, ToolHandler } from "../gateway/episode/index.ts";
 import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
 import { QueueBook, Roster, Scheduler } from "../gateway/fleet/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
+import { episodeForTopic } from "../gateway/ops/index.ts";
 import { episodeStatus, Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
 
@@ -594,5 +595,45 @@ describe("executor: timer fires that piled up coalesce by catch_up", () => {
     for (let i = 0; i < 3; i++) await u.queue(A, "timer");
     for (let i = 0; i < 3; i++) expect(await u.executor.turn(A)).toEqual({ kind: "ran" });
     expect(u.starts.map((s) => s.stimulus.id)).toEqual(["id:0", "id:1", "id:2"]);
+  });
+});
+
+describe("executor: fleet trace --topic finds the episode whose output was published last", () => {
+  const published = (topic: string): RunResult["records"] => [
+    { k: "tool", call: 1, tool: "publish", args: [topic, { v: 1 }], ok: true, result: { seq: 0 } },
+  ];
+  const idOf = async (topic: string, at?: number) => {
+    const r = await episodeForTopic(t.store, topic, at);
+    return "code" in r ? r.code : r.agent;
+  };
+
+  test("by commit time: a slow episode that started first published last, and nothing before it ended", async () => {
+    await t.queue(A);
+    await t.queue(B);
+    const t0 = t.now();
+    let release = () => {};
+    const slow = new Promise<void>((r) => {
+      release = r;
+    });
+    // A starts first and commits 6 s later; B starts 1 s after A and commits at once.
+    t.script.push(async () => {
+      await slow;
+      t.tick(5000);
+      return ok({}, [{ k: "emit", data: { v: "A" } }, ...published("alerts/shared")]);
+    });
+    const turnA = t.executor.turn(A);
+    while (t.starts.length === 0) await Bun.sleep(1);
+    t.tick(1000);
+    t.script.push(() => ok({}, published("alerts/shared")));
+    expect(await t.executor.turn(B)).toEqual({ kind: "ran" });
+    release();
+    expect(await turnA).toEqual({ kind: "ran" });
+    expect(t.now()).toBe(t0 + 6000);
+
+    expect(await idOf("alerts/shared")).toBe(A);
+    expect(await idOf("alerts/shared", t0 + 3000)).toBe(B);
+    expect(await idOf("alerts/shared", t0 + 6000)).toBe(A);
+    expect(await idOf("fleet/agents/mon/a/out", t0 + 3000)).toBe("not_found");
+    expect(await idOf("fleet/agents/mon/a/out", t0 + 6000)).toBe(A);
   });
 });

@@ -236,26 +236,30 @@ export async function traceEpisode(store: Store, idOrPrefix: string): Promise<Tr
 
 /**
  * The committed episode behind the newest message on `topic` at or before `at` (default
- * now): a publish-tool call, or an emit on an agent's `out` topic.
+ * now): a publish-tool call, or an emit on an agent's `out` topic. Outputs are published at
+ * commit, so episodes are chosen by when they ended, not when they started: a slow episode
+ * publishes after one that started later, and one still running at `at` had published nothing.
  */
 export async function episodeForTopic(store: Store, topic: string, at?: number): Promise<EpisodeRow | TraceMiss> {
   const before = at ?? Number.MAX_SAFE_INTEGER;
   const out = /^fleet\/agents\/([^/]+)\/([^/]+)\/out$/.exec(topic);
+  // `started_at <= ?` too (implied) keeps the index on started_at in use.
   const rows = out
     ? await store.client.execute({
+        // One agent's episodes run one at a time: they end in the order they start.
         sql: `SELECT ${idOfSql("ep.id")} AS id FROM episodes ep
-              WHERE ep.agent = ? AND ep.status = ${STATUS_COMMITTED} AND ep.started_at <= ?
+              WHERE ep.agent = ? AND ep.status = ${STATUS_COMMITTED} AND ep.started_at <= ? AND ep.ended_at <= ?
               AND EXISTS (SELECT 1 FROM events e WHERE e.episode = ep.id AND e.kind = 'emit')
               ORDER BY ep.started_at DESC LIMIT 1`,
-        args: [`${out[1]}/${out[2]}`, before],
+        args: [`${out[1]}/${out[2]}`, before, before],
       })
     : await store.client.execute({
         sql: `SELECT ${idOfSql("ep.id")} AS id FROM events e JOIN episodes ep ON ep.id = e.episode
               WHERE e.kind = 'tool' AND json_extract(e.data, '$.tool') = 'publish'
               AND json_extract(e.data, '$.ok') = 1 AND json_extract(e.data, '$.args[0]') = ?
-              AND ep.status = ${STATUS_COMMITTED} AND ep.started_at <= ?
-              ORDER BY ep.started_at DESC LIMIT 1`,
-        args: [topic, before],
+              AND ep.status = ${STATUS_COMMITTED} AND ep.started_at <= ? AND ep.ended_at <= ?
+              ORDER BY ep.ended_at DESC LIMIT 1`,
+        args: [topic, before, before],
       });
   const id = rows.rows[0]?.id;
   if (id === undefined) return { code: "not_found", message: `no committed episode published to ${topic}` };
