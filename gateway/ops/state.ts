@@ -40,11 +40,11 @@ export function diffJson(a: unknown, b: unknown, path = ""): PatchOp[] {
   if (isObject(a) && isObject(b)) {
     const ops: PatchOp[] = [];
     for (const k of Object.keys(a).sort()) {
-      if (!(k in b)) ops.push({ op: "remove", path: `${path}/${pointerToken(k)}`, from_value: a[k] });
+      if (!Object.hasOwn(b, k)) ops.push({ op: "remove", path: `${path}/${pointerToken(k)}`, from_value: a[k] });
       else ops.push(...diffJson(a[k], b[k], `${path}/${pointerToken(k)}`));
     }
     for (const k of Object.keys(b).sort()) {
-      if (!(k in a)) ops.push({ op: "add", path: `${path}/${pointerToken(k)}`, value: b[k] });
+      if (!Object.hasOwn(a, k)) ops.push({ op: "add", path: `${path}/${pointerToken(k)}`, value: b[k] });
     }
     return ops;
   }
