@@ -1,7 +1,7 @@
 /**
  * The episode executor in-process: a real libSQL file, a fake runner returning scripted
  * RunResults (no subprocess), a fake clock. Commit, failure + retry + quarantine, budget
- * pause, retired agent, corrupt checkpoint, sends, shutdown; which episode `fleet trace --topic` finds.
+ * pause, retired agent, corrupt checkpoint, sends, shutdown; what `fleet trace` makes of the episodes.
  */
 import { afterAll, beforeEach, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -14,7 +14,7 @@ import type { RunResult, ToolHandler } from "../gateway/episode/index.ts";
 import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
 import { QueueBook, Roster, Scheduler } from "../gateway/fleet/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
-import { episodeForTopic } from "../gateway/ops/index.ts";
+import { episodeForTopic, traceEpisode } from "../gateway/ops/index.ts";
 import { episodeStatus, Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
 
@@ -635,5 +635,37 @@ describe("executor: fleet trace --topic finds the episode whose output was publi
     expect(await idOf("alerts/shared", t0 + 6000)).toBe(A);
     expect(await idOf("fleet/agents/mon/a/out", t0 + 3000)).toBe("not_found");
     expect(await idOf("fleet/agents/mon/a/out", t0 + 6000)).toBe(A);
+  });
+});
+
+describe("executor: fleet trace of a failed episode", () => {
+  test("shows its emits, publishes and sends as recorded but not delivered: no seq, not sent", async () => {
+    await t.queue(A);
+    const records: RunResult["records"] = [
+      { k: "emit", data: { v: "F" } },
+      { k: "tool", call: 1, tool: "publish", args: ["alerts/f", { v: "F" }], ok: true, result: { seq: 0 } },
+      { k: "tool", call: 2, tool: "send", args: ["mon/b", { v: "F" }], ok: true, result: { queued: true } },
+    ];
+    t.script.push(() => ({ ok: false, kind: "threw", message: "after-effects", records, ms: 3 }));
+    t.script.push(() => ok({}, records));
+    await t.executor.turn(A);
+    t.tick(100);
+    expect(await t.executor.turn(A)).toEqual({ kind: "ran" });
+    const [failed, committed] = t.starts.map((s) => s.episode);
+    const effects = async (episode: string) => {
+      const r = await traceEpisode(t.store, episode);
+      if ("code" in r) throw new Error(r.message);
+      return r.episode.effects.map((e) => ({ ...e, episodes: undefined }));
+    };
+    expect(await effects(failed!)).toEqual([
+      { kind: "emit", topic: "fleet/agents/mon/a/out", seq: null, data: { v: "F" }, episodes: undefined },
+      { kind: "publish", topic: "alerts/f", seq: null, ok: true, episodes: undefined },
+      { kind: "send", to: "mon/b", ok: true, sent: false, episodes: undefined },
+    ]);
+    expect(await effects(committed!)).toEqual([
+      { kind: "emit", topic: "fleet/agents/mon/a/out", seq: 0, data: { v: "F" }, episodes: undefined },
+      { kind: "publish", topic: "alerts/f", seq: 1, ok: true, episodes: undefined },
+      { kind: "send", to: "mon/b", ok: true, sent: true, episodes: undefined },
+    ]);
   });
 });

@@ -115,19 +115,22 @@ function head(n: TraceNode): string {
   return `episode ${n.episode} ${n.agent} ${n.status} ${n.ms} ms <- ${cause}${received} started ${at}`;
 }
 
+/** An effect a failed episode recorded: nothing was published or sent. */
+const NOT_DONE = " (not delivered: the episode failed)";
+
 function effectLines(e: TraceEffect, indent: string): string[] {
   switch (e.kind) {
     case "decide":
       return [`${indent}decide ${e.name} ${short(e.data)}`];
     case "emit":
-      return [`${indent}emit -> ${e.topic} seq ${e.seq} ${short(e.data)}`];
+      return [`${indent}emit -> ${e.topic}${e.seq === null ? NOT_DONE : ` seq ${e.seq}`} ${short(e.data)}`];
     case "publish":
-      return [`${indent}publish -> ${e.topic}${e.ok ? (e.seq === null ? "" : ` seq ${e.seq}`) : " (denied)"}`];
+      return [`${indent}publish -> ${e.topic}${e.ok ? (e.seq === null ? NOT_DONE : ` seq ${e.seq}`) : " (denied)"}`];
     case "tool":
       return [`${indent}tool ${e.tool}${e.ok ? "" : " (failed)"}`];
     case "send":
       return [
-        `${indent}send -> ${e.to}${e.ok ? "" : " (denied)"}`,
+        `${indent}send -> ${e.to}${e.ok ? (e.sent ? "" : NOT_DONE) : " (denied)"}`,
         ...e.episodes.flatMap((c) => nodeLines(c, `${indent}    `)),
       ];
     case "wake":

@@ -27,12 +27,24 @@ export interface TraceStimulus {
   readonly set_by: string | null;
 }
 
-/** One thing an episode did that left the episode. */
+/**
+ * One thing an episode did that left the episode. What a failed episode recorded is shown but never
+ * took effect: its emits and publishes have no `seq` (nothing was published), its sends are not
+ * `sent`, its wake-ups `not_scheduled`.
+ */
 export type TraceEffect =
   | { readonly kind: "decide"; readonly name: string; readonly data: unknown }
-  | { readonly kind: "emit"; readonly topic: string; readonly seq: number; readonly data: unknown }
+  | { readonly kind: "emit"; readonly topic: string; readonly seq: number | null; readonly data: unknown }
   | { readonly kind: "publish"; readonly topic: string; readonly seq: number | null; readonly ok: boolean }
-  | { readonly kind: "send"; readonly to: string; readonly ok: boolean; readonly episodes: readonly TraceNode[] }
+  | {
+      readonly kind: "send";
+      readonly to: string;
+      /** The call was allowed. */
+      readonly ok: boolean;
+      /** The message was written: allowed, and the episode committed. */
+      readonly sent: boolean;
+      readonly episodes: readonly TraceNode[];
+    }
   | { readonly kind: "tool"; readonly tool: string; readonly ok: boolean }
   | {
       readonly kind: "wake";
@@ -174,7 +186,7 @@ async function node(store: Store, ep: EpisodeRow, depth: number, seen: Set<strin
     const d = parse(e);
     if (e.kind === "decide") effects.push({ kind: "decide", name: String(d.name), data: d.data ?? null });
     else if (e.kind === "emit") {
-      effects.push({ kind: "emit", topic: outTopic, seq: emitSeq++, data: d.data ?? null });
+      effects.push({ kind: "emit", topic: outTopic, seq: committed ? emitSeq++ : null, data: d.data ?? null });
     } else if (e.kind === "tool") {
       const tool = String(d.tool);
       const ok = d.ok === true;
@@ -185,7 +197,7 @@ async function node(store: Store, ep: EpisodeRow, depth: number, seen: Set<strin
         const mine = ok ? (children.get(sendIndex++) ?? []) : [];
         const below: TraceNode[] = [];
         for (const child of mine) if (!seen.has(child.id)) below.push(await node(store, child, depth + 1, seen));
-        effects.push({ kind: "send", to: String(args[0]), ok, episodes: below });
+        effects.push({ kind: "send", to: String(args[0]), ok, sent: ok && committed, episodes: below });
       } else effects.push({ kind: "tool", tool, ok });
     } else if (e.kind === "wake") {
       const id = String(d.id);

@@ -78,14 +78,29 @@ function nodeHead(n: TraceNode): HTMLElement {
   );
 }
 
+/** An effect a failed episode recorded: nothing was published or sent. */
+const NOT_DONE = " (not delivered: the episode failed)";
+
 function effectItem(e: TraceEffect): HTMLLIElement {
   switch (e.kind) {
     case "decide":
       return h("li", {}, h("b", {}, "decide "), e.name, " ", h("span", { class: "mono" }, json(e.data)));
     case "emit":
-      return h("li", {}, h("b", {}, "emit "), h("span", { class: "mono" }, `${e.topic} #${e.seq}`));
+      return h(
+        "li",
+        {},
+        h("b", {}, "emit "),
+        h("span", { class: "mono" }, e.seq === null ? e.topic : `${e.topic} #${e.seq}`),
+        e.seq === null ? NOT_DONE : "",
+      );
     case "publish":
-      return h("li", {}, h("b", {}, "publish "), h("span", { class: "mono" }, e.topic), e.ok ? "" : " (denied)");
+      return h(
+        "li",
+        {},
+        h("b", {}, "publish "),
+        h("span", { class: "mono" }, e.topic),
+        e.ok ? (e.seq === null ? NOT_DONE : "") : " (denied)",
+      );
     case "tool":
       return h("li", {}, h("b", {}, "tool "), e.tool, e.ok ? "" : " (failed)");
     case "send":
@@ -94,7 +109,7 @@ function effectItem(e: TraceEffect): HTMLLIElement {
         {},
         h("b", {}, "send "),
         h("span", { class: "mono" }, e.to),
-        e.ok ? "" : " (denied)",
+        e.ok ? (e.sent ? "" : NOT_DONE) : " (denied)",
         ...e.episodes.map((c) => traceNode(c)),
       );
     case "wake":

@@ -194,12 +194,18 @@ export interface PatchOp {
   readonly from_value?: unknown;
 }
 
-/** What an episode caused, in a trace. */
+/** What an episode caused, in a trace (a failed episode's: no `seq`, not `sent`; nothing took effect). */
 export type TraceEffect =
   | { readonly kind: "decide"; readonly name: string; readonly data: unknown }
-  | { readonly kind: "emit"; readonly topic: string; readonly seq: number; readonly data: unknown }
+  | { readonly kind: "emit"; readonly topic: string; readonly seq: number | null; readonly data: unknown }
   | { readonly kind: "publish"; readonly topic: string; readonly seq: number | null; readonly ok: boolean }
-  | { readonly kind: "send"; readonly to: string; readonly ok: boolean; readonly episodes: readonly TraceNode[] }
+  | {
+      readonly kind: "send";
+      readonly to: string;
+      readonly ok: boolean;
+      readonly sent: boolean;
+      readonly episodes: readonly TraceNode[];
+    }
   | { readonly kind: "tool"; readonly tool: string; readonly ok: boolean }
   | {
       readonly kind: "wake";
