@@ -115,6 +115,8 @@ describe("/metrics", () => {
     }
     expect(sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" })).toBe(0);
     expect(sampleValue(x, "fleet_agents", { type: "counter", status: "idle" })).toBe(0);
+    // No [replication]: no fleet_replication_* series (an `_up 0` would fire the center-down alert).
+    expect([...x.types.keys()].filter((name) => name.startsWith("fleet_replication_"))).toEqual([]);
   }, 60_000);
 
   test("episode, intake, dedup, failure, budget and commit-latency metrics move with real episodes", async () => {

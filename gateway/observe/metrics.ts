@@ -91,6 +91,8 @@ function mirrorCounter(registry: Registry, name: string, help: string, read: () 
 /** The metrics of one gateway. */
 export class FleetMetrics {
   readonly registry = new Registry();
+  /** The `fleet_replication_*` series, exported only while replication runs (`[replication]` configured). */
+  private readonly replicationRegistry = new Registry();
   private readonly now: () => number;
   private readonly snapshots: SnapshotCache;
   private readonly rates: RollingCounts<"episodes" | "failures" | "stimuli" | "duplicates">;
@@ -409,7 +411,7 @@ export class FleetMetrics {
             this.set({ type, budget }, Number.isFinite(t.limits[budget]) ? t.limits[budget] : 0);
       },
     });
-    replicationMetrics(this.registry, () => host.replication?.() ?? null);
+    replicationMetrics(this.replicationRegistry, () => host.replication?.() ?? null);
     new Gauge({
       name: "fleet_episodes_running",
       help: "Episodes running now.",
@@ -554,9 +556,14 @@ export class FleetMetrics {
     });
   }
 
-  /** The Prometheus text exposition. */
-  text(): Promise<string> {
-    return this.registry.metrics();
+  /**
+   * The Prometheus text exposition. Without replication its series are left out, not exported at 0:
+   * `fleet_replication_up 0` would fire the alert meant for a gateway whose center is unreachable.
+   */
+  async text(): Promise<string> {
+    const main = await this.registry.metrics();
+    if (!this.host.replication?.()) return main;
+    return `${main.endsWith("\n") ? main : `${main}\n`}${await this.replicationRegistry.metrics()}`;
   }
 
   /** Content type of `text()`. */
