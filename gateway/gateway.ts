@@ -518,6 +518,11 @@ export class Gateway {
     return this.replicator?.keepUnconfirmed() ?? false;
   }
 
+  /** Spans the OTLP collector did not take, by reason; null without `[telemetry] otlp_endpoint`. */
+  telemetryDropped(): Readonly<Record<string, number>> | null {
+    return this.telemetry?.dropped ?? null;
+  }
+
   /** Replication status for health, metrics and the dashboard; null when not configured. */
   replication(): ReplicationStatus | null {
     return this.replicator?.status() ?? null;

@@ -3,10 +3,12 @@
  * OTLP/HTTP to a receiver this test runs; an episode caused by another agent's `ctx.send`
  * is a child of the sender's span in the same trace; tool calls are child spans; a webhook
  * carrying a W3C `traceparent` puts its episode in the caller's trace. A dead
- * collector costs nothing but the spans.
+ * collector costs nothing but the spans, which are counted and logged.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
 import { cleanupAll, publishQos1, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { sampleValue, scrape } from "./helpers/prom.ts";
 import { fleetHeader, q, relayChainTypes } from "./helpers/toml.ts";
 
 interface OtlpSpan {
@@ -121,7 +123,7 @@ describe("spans over OTLP/HTTP", () => {
 });
 
 describe("a dead collector", () => {
-  test("episodes commit as usual when the OTLP endpoint does not answer", async () => {
+  test("episodes commit as usual when the OTLP endpoint does not answer; lost spans are counted, logged", async () => {
     const dead = Bun.serve({ port: 0, hostname: "127.0.0.1", fetch: () => new Response("") });
     const url = `http://127.0.0.1:${dead.port}`;
     dead.stop(true); // nothing listens there any more
@@ -130,6 +132,20 @@ describe("a dead collector", () => {
     const client = await fleet.mqtt();
     for (let i = 0; i < 3; i++) await publishQos1(client, "door/d1/event", { n: i });
     expect(await fleet.waitCommitted("alerter/d1", 3)).toHaveLength(3);
+    // The exporter retries a refused connection for a few seconds before it gives the batch up.
+    const dropped = await waitFor(
+      async () => {
+        const v = sampleValue(await scrape(fleet.httpUrl), "fleet_telemetry_spans_dropped_total", {
+          reason: "unreachable",
+        });
+        return v !== undefined && v > 0 ? v : undefined;
+      },
+      60_000,
+      "spans counted as dropped in /metrics",
+      250,
+    );
+    expect(dropped).toBeGreaterThan(0);
+    expect(readFileSync(fleet.logPath, "utf8")).toContain("telemetry: the collector did not take");
     expect(await fleet.stop()).toBe(0);
-  });
+  }, 120_000);
 });

@@ -42,6 +42,8 @@ export interface MetricsHost {
   queues?(): readonly TypeQueueCount[];
   /** Replication status, null when `[replication]` is not configured. */
   replication?(): ReplicationStatus | null;
+  /** Spans the OTLP collector did not take, by reason; null without `[telemetry] otlp_endpoint`. */
+  telemetryDropped?(): Readonly<Record<string, number>> | null;
 }
 
 /** Options; tests inject the clock. */
@@ -412,6 +414,22 @@ export class FleetMetrics {
       },
     });
     replicationMetrics(this.replicationRegistry, () => host.replication?.() ?? null);
+    const spansSeen = new Map<string, number>();
+    new Counter({
+      name: "fleet_telemetry_spans_dropped_total",
+      help:
+        "Episode spans lost because the OTLP collector did not take them, by reason " +
+        "(rejected|timeout|unreachable).",
+      labelNames: ["reason"],
+      registers,
+      collect() {
+        for (const [reason, v] of Object.entries(host.telemetryDropped?.() ?? {})) {
+          const before = spansSeen.get(reason) ?? 0;
+          if (v > before) this.inc({ reason }, v - before);
+          spansSeen.set(reason, Math.max(before, v));
+        }
+      },
+    });
     new Gauge({
       name: "fleet_episodes_running",
       help: "Episodes running now.",

@@ -12,11 +12,21 @@
  * span, in that trace. Any other root episode's trace id is BLAKE3("trace:" + agent +
  * stimulus id), the same on every retry. Tool calls
  * are child spans, decisions and outputs are span events.
+ *
+ * Spans the collector did not take (down, an error status, no answer in time) are lost: they are
+ * counted by reason (`fleet_telemetry_spans_dropped_total`) and logged, a line a minute at most.
  */
 import { context, type SpanContext, SpanKind, SpanStatusCode, TraceFlags, trace } from "@opentelemetry/api";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
-import { BatchSpanProcessor, type IdGenerator, RandomIdGenerator, TracerProvider } from "@opentelemetry/sdk-trace";
+import {
+  BatchSpanProcessor,
+  type IdGenerator,
+  RandomIdGenerator,
+  type ReadableSpan,
+  type SpanExporter,
+  TracerProvider,
+} from "@opentelemetry/sdk-trace";
 import type { Logger } from "pino";
 import type { FleetEvents } from "../events.ts";
 import { blake3Hex } from "../hash.ts";
@@ -66,6 +76,80 @@ export interface TelemetryOptions {
   readonly log: Logger;
   /** Batch delay, ms (default 1000). */
   readonly delayMs?: number;
+  /** The clock of the drop warnings' rate limit (tests). */
+  readonly now?: () => number;
+  /** The exporter (tests); default OTLP/HTTP to `endpoint`. */
+  readonly exporter?: SpanExporter;
+}
+
+/** Why spans were lost: the collector answered an error status, did not answer in time, or was not reachable. */
+export type SpanDropReason = "rejected" | "timeout" | "unreachable";
+
+/** At most one warning about dropped spans per this many ms. */
+export const DROP_LOG_EVERY_MS = 60_000;
+
+function dropReason(err: Error | undefined): SpanDropReason {
+  // OTLPExporterError carries the HTTP status as `code`.
+  const status = (err as { code?: unknown } | undefined)?.code;
+  if (typeof status === "number" && status > 0) return "rejected";
+  return /timed? ?out|timeout/i.test(err?.message ?? "") ? "timeout" : "unreachable";
+}
+
+/**
+ * The exporter, watched: the SDK drops a batch the collector did not take without a word. Counts
+ * those spans by reason and warns, the first time at once, then at most once a minute with the
+ * counts since the last line; an export that works again after a loss says so.
+ */
+export class WatchedExporter implements SpanExporter {
+  readonly dropped: Record<SpanDropReason, number> = { rejected: 0, timeout: 0, unreachable: 0 };
+  private unlogged = 0;
+  private lastLog = -Infinity;
+
+  constructor(
+    private readonly inner: SpanExporter,
+    private readonly log: Logger,
+    private readonly now: () => number,
+  ) {}
+
+  export(spans: ReadableSpan[], done: Parameters<SpanExporter["export"]>[1]): void {
+    this.inner.export(spans, (result) => {
+      // ExportResultCode.SUCCESS is 0.
+      if (result.code === 0) this.recovered();
+      else this.lost(spans.length, result.error);
+      done(result);
+    });
+  }
+
+  private lost(n: number, err: Error | undefined): void {
+    const reason = dropReason(err);
+    this.dropped[reason] += n;
+    this.unlogged += n;
+    if (this.now() - this.lastLog < DROP_LOG_EVERY_MS) return;
+    this.lastLog = this.now();
+    this.log.warn(
+      { dropped: this.unlogged, by_reason: { ...this.dropped }, err: err?.message },
+      `telemetry: the collector did not take ${this.unlogged} span(s) (${reason}); they are lost`,
+    );
+    this.unlogged = 0;
+  }
+
+  private recovered(): void {
+    if (this.unlogged === 0) return;
+    this.log.warn(
+      { dropped: this.unlogged, by_reason: { ...this.dropped } },
+      `telemetry: the collector takes spans again; ${this.unlogged} more span(s) were lost since the last warning`,
+    );
+    this.unlogged = 0;
+    this.lastLog = this.now();
+  }
+
+  shutdown(): Promise<void> {
+    return this.inner.shutdown();
+  }
+
+  forceFlush(): Promise<void> {
+    return this.inner.forceFlush?.() ?? Promise.resolve();
+  }
 }
 
 function parse(row: EventRow): Record<string, unknown> {
@@ -80,6 +164,7 @@ function parse(row: EventRow): Record<string, unknown> {
 export class EpisodeTelemetry {
   private readonly ids = new DerivedIds();
   private readonly provider: TracerProvider;
+  private readonly exporter: WatchedExporter;
   private readonly traceIds = new Map<string, string>();
   private chain: Promise<void> = Promise.resolve();
   private off: (() => void) | null = null;
@@ -89,7 +174,11 @@ export class EpisodeTelemetry {
     private readonly opts: TelemetryOptions,
   ) {
     const url = opts.endpoint.replace(/\/+$/, "");
-    const exporter = new OTLPTraceExporter({ url: url.endsWith("/v1/traces") ? url : `${url}/v1/traces` });
+    const exporter = (this.exporter = new WatchedExporter(
+      opts.exporter ?? new OTLPTraceExporter({ url: url.endsWith("/v1/traces") ? url : `${url}/v1/traces` }),
+      opts.log,
+      opts.now ?? Date.now,
+    ));
     this.provider = new TracerProvider({
       idGenerator: this.ids,
       resource: resourceFromAttributes({
@@ -101,6 +190,11 @@ export class EpisodeTelemetry {
         new BatchSpanProcessor({ exporter, scheduledDelayMillis: opts.delayMs ?? 1000, maxQueueSize: 10_000 }),
       ],
     });
+  }
+
+  /** Spans the collector did not take, by reason, since start. */
+  get dropped(): Readonly<Record<SpanDropReason, number>> {
+    return this.exporter.dropped;
   }
 
   /** Start exporting the episodes reported on `events`. */

@@ -237,7 +237,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "may hold no more together).",
   telemetry: "OpenTelemetry export: one span per episode, with its tool calls, decisions and outputs.",
   "telemetry.otlp_endpoint":
-    "OTLP/HTTP collector URL (spans are POSTed as JSON to <url>/v1/traces); absent: nothing is exported.",
+    "OTLP/HTTP collector URL (spans are POSTed as JSON to <url>/v1/traces); absent: nothing is exported. Spans the " +
+    "collector does not take (down, an error status, no answer in time) are lost, counted in " +
+    "fleet_telemetry_spans_dropped_total{reason} (rejected|timeout|unreachable) and logged, a warning a minute " +
+    "at most.",
   "telemetry.service_name": "The spans' service.name (default: [fleet] name).",
   retention:
     "How long history is kept. Every minute the gateway collects in passes of 500 rows until nothing is due; " +
