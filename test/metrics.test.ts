@@ -10,7 +10,8 @@ import { join } from "node:path";
 import pino from "pino";
 import { Gateway } from "../gateway/gateway.ts";
 import { agentId, type AgentId } from "../gateway/types.ts";
-import { RollingCounts } from "../gateway/observe/index.ts";
+import { FleetMetrics, type MetricsHost, RollingCounts } from "../gateway/observe/index.ts";
+import { FleetEvents } from "../gateway/events.ts";
 import { authed, connectMqtt, publishQos1, subscribe, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { readLocalToken } from "../gateway/auth/index.ts";
 import { parseExposition, sampleValue, samplesOf, scrape, type Exposition } from "./helpers/prom.ts";
@@ -140,7 +141,7 @@ describe("/metrics", () => {
       expect(sampleValue(x, "fleet_episode_duration_seconds_count", { type: "counter" })).toBe(4);
       expect(sampleValue(x, "fleet_episode_duration_seconds_sum", { type: "counter" })).toBeGreaterThan(0);
       expect(sampleValue(x, "fleet_episode_duration_seconds_bucket", { type: "counter", le: "+Inf" })).toBe(4);
-      // Every episode, committed or failed, records how long its stimulus waited to start.
+      // Every stimulus, committed or quarantined, records once how long it waited for its episode.
       expect(sampleValue(x, "fleet_stimulus_wait_seconds_count", { type: "counter" })).toBe(4);
       expect(sampleValue(x, "fleet_stimulus_wait_seconds_count", { type: "thrower" })).toBe(1);
       // Every episode's process started one way or the other: a warm spare or spawned for it.
@@ -400,4 +401,34 @@ describe("rolling rates", () => {
     r.add("e");
     expect(r.sum("e")).toBe(1);
   }, 60_000);
+});
+
+describe("fleet_stimulus_wait_seconds", () => {
+  test("is observed once per stimulus, by the episode that settled it: retried attempts add nothing", async () => {
+    const events = new FleetEvents();
+    const host = { events, spec: { spec: { agents: { w: {} } } }, store: { writer: {} } } as unknown as MetricsHost;
+    const metrics = new FleetMetrics(host, { processMetrics: false });
+    const episode = (status: "committed" | "failed", quarantined: boolean, waitMs: number) =>
+      events.emit("episode", {
+        episode: "e",
+        agent: "w/q",
+        type: "w",
+        stimulus: "s",
+        status,
+        checkpoint: null,
+        ms: 5,
+        waitMs,
+        quarantined,
+      });
+    // A poison stimulus: a retried attempt, then the one that quarantines it (after the backoff).
+    episode("failed", false, 10);
+    episode("failed", true, 1_210);
+    // A good stimulus, after a retry.
+    episode("failed", false, 5);
+    episode("committed", false, 400);
+    const x = parseExposition(await metrics.registry.getSingleMetricAsString("fleet_stimulus_wait_seconds"));
+    expect(sampleValue(x, "fleet_stimulus_wait_seconds_count", { type: "w" })).toBe(2);
+    expect(sampleValue(x, "fleet_stimulus_wait_seconds_sum", { type: "w" })).toBeCloseTo(1.61, 5);
+    metrics.close();
+  });
 });

@@ -233,8 +233,9 @@ export class FleetMetrics {
     const wait = new Histogram({
       name: "fleet_stimulus_wait_seconds",
       help:
-        "How long each stimulus waited from being recorded to the start of its episode, by agent type " +
-        "(schedule-to-start: queueing behind other stimuli, paused agents, budget windows, retries).",
+        "How long each stimulus waited from being recorded to the start of the episode that settled it " +
+        "(committed it, or failed its last attempt), by agent type; once per stimulus (schedule-to-start: " +
+        "queueing behind other stimuli, paused agents, budget windows, earlier attempts and their backoff).",
       labelNames: ["type"],
       buckets: WAIT_BUCKETS,
       registers,
@@ -258,7 +259,9 @@ export class FleetMetrics {
       host.events.on("episode", (e) => {
         episodes.inc({ type: e.type, outcome: e.status });
         duration.observe({ type: e.type }, e.ms / 1000);
-        wait.observe({ type: e.type }, e.waitMs / 1000);
+        // Once per stimulus, by the episode that settled it (committed, or its last attempt failed): its
+        // wait includes the attempts before and their backoff. A retried attempt is not a stimulus.
+        if (e.status === "committed" || e.quarantined) wait.observe({ type: e.type }, e.waitMs / 1000);
         this.rates.add("episodes");
         if (e.status === "failed") {
           failures.inc({ type: e.type, kind: e.kind ?? "unknown" });
