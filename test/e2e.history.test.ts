@@ -62,6 +62,15 @@ describe("fleet trace", () => {
     const r = await fleet.cli("trace", "0000ffff");
     expect(r.code).toBe(1);
     expect(r.stderr.trim()).toBe("fleet: no episode starts with 0000ffff");
+    // A prefix too short to name one episode says so, for trace and show alike.
+    const prefix = (await fleet.episodes("relay/d1"))[0]!.id.slice(0, 3);
+    for (const cmd of ["trace", "show"]) {
+      const short = await fleet.cli(cmd, prefix);
+      expect([short.code, short.stderr.trim()]).toEqual([
+        1,
+        `fleet: an episode id prefix needs at least 4 characters, got "${prefix}"`,
+      ]);
+    }
     const t = await fleet.cli("trace", "--topic", "alerts/nobody");
     expect(t.code).toBe(1);
     expect(t.stderr).toContain("no committed episode published to alerts/nobody");

@@ -164,7 +164,7 @@ export class FleetMetrics {
     const stimuliPending = new Map<string, number>();
     new Counter({
       name: "fleet_stimuli_total",
-      help: "Stimuli accepted (durably queued) by source (mqtt|timer|webhook|inbox|manual).",
+      help: "Stimuli accepted (durably queued) by source (mqtt|timer|webhook|inbox|manual|wake).",
       labelNames: ["source"],
       registers,
       collect() {

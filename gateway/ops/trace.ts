@@ -87,7 +87,9 @@ const UUID_PREFIX = /^(?=.{1,36}$)[0-9a-f]{1,8}(-[0-9a-f]{0,4}(-[0-9a-f]{0,4}(-[
 export async function findEpisode(store: Store, idOrPrefix: string): Promise<EpisodeRow | TraceMiss> {
   const exact = await store.getEpisode(idOrPrefix);
   if (exact) return exact;
-  if (idOrPrefix.length < 4 || !/^[0-9a-f-]+$/.test(idOrPrefix)) {
+  if (/^[0-9a-f-]{1,3}$/.test(idOrPrefix))
+    return { code: "ambiguous", message: `an episode id prefix needs at least 4 characters, got "${idOrPrefix}"` };
+  if (!/^[0-9a-f-]{4,}$/.test(idOrPrefix)) {
     // A common slip: an agent's id where an episode's is wanted.
     const agent = parseAgentId(idOrPrefix)
       ? ` (${idOrPrefix} is an agent's id: \`fleet episodes ${idOrPrefix}\` lists its episodes)`
