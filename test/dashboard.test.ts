@@ -1,8 +1,8 @@
 import { describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { buildDashboard, dashboardRoutes } from "../gateway/observe/index.ts";
+import { dirname, join } from "node:path";
+import { buildDashboard, DASHBOARD_ENTRY, dashboardRoutes } from "../gateway/observe/index.ts";
 
 describe("the dashboard script", () => {
   test("is bundled from the TypeScript client into one self-contained browser module", async () => {
@@ -33,5 +33,45 @@ describe("the dashboard script", () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+/** A client module as the browser gets it, bundled by the dashboard's own build, loaded here. */
+async function clientModule<T>(name: string): Promise<T> {
+  const built = await buildDashboard(join(dirname(DASHBOARD_ENTRY), `${name}.ts`));
+  if (!built.ok) throw new Error(built.error);
+  const dir = mkdtempSync(join(tmpdir(), "dashboard-client-"));
+  try {
+    writeFileSync(join(dir, `${name}.mjs`), built.js);
+    return (await import(join(dir, `${name}.mjs`))) as T;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+describe("the dashboard's wording", () => {
+  test("the trace page says how each upstream episode caused the next: a send, or a wake-up it set", async () => {
+    type Node = { stimulus: { sent_by: string | null; set_by: string | null } | null };
+    const { causeLink } = await clientModule<{ causeLink: (n: Node) => string }>("history");
+    expect(causeLink({ stimulus: { sent_by: "e1", set_by: null } })).toBe("sent →");
+    expect(causeLink({ stimulus: { sent_by: null, set_by: "e1" } })).toBe("set the wake-up →");
+  });
+
+  test("durations are rounded before they are split: never 60 s or 60 min", async () => {
+    const { fmtMs } = await clientModule<{ fmtMs: (ms: number | null) => string }>("format");
+    const cases: [number | null, string][] = [
+      [null, "—"],
+      [850, "850 ms"],
+      [999.6, "1.0 s"],
+      [4_240, "4.2 s"],
+      [9_960, "10 s"],
+      [59_600, "1 min 0 s"],
+      [119_700, "2 min 0 s"],
+      [185_000, "3 min 5 s"],
+      [3_599_700, "1 h 0 min"],
+      [7_170_000, "2 h 0 min"],
+      [7_800_000, "2 h 10 min"],
+    ];
+    expect(cases.map(([ms]) => [ms, fmtMs(ms)])).toEqual(cases);
   });
 });

@@ -18,15 +18,20 @@ export function fmtBytes(n: number | null | undefined): string {
   return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
 }
 
-/** A duration: "850 ms", "4.2 s", "3 min 5 s", "2 h 10 min". */
+/**
+ * A duration: "850 ms", "4.2 s", "3 min 5 s", "2 h 10 min". Rounded to the smallest unit shown
+ * before it is split, so 119.7 s reads "2 min 0 s", never "1 min 60 s".
+ */
 export function fmtMs(ms: number | null | undefined): string {
   if (ms === null || ms === undefined) return "—";
-  if (ms < 1000) return `${Math.round(ms)} ms`;
-  const s = ms / 1000;
-  if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
-  const m = s / 60;
-  if (m < 60) return `${Math.floor(m)} min ${Math.round(s % 60)} s`;
-  return `${Math.floor(m / 60)} h ${Math.round(m % 60)} min`;
+  if (Math.round(ms) < 1000) return `${Math.round(ms)} ms`;
+  const tenths = Math.round(ms / 100);
+  if (tenths < 100) return `${(tenths / 10).toFixed(1)} s`;
+  const s = Math.round(ms / 1000);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  const m = Math.round(ms / 60_000);
+  return `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
 /** How long ago: "just now", "5m ago", "never". */

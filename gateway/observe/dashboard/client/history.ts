@@ -139,6 +139,9 @@ function traceNode(n: TraceNode): HTMLElement {
   );
 }
 
+/** How the episode above caused `n`: a `ctx.send`, or a wake-up it set. */
+export const causeLink = (n: TraceNode): string => (n.stimulus?.set_by ? "set the wake-up →" : "sent →");
+
 /** An episode's lineage: its causes (root first), then the episode and everything below it. */
 export async function showTrace(target: HTMLElement, episode: string): Promise<void> {
   let t: Trace;
@@ -153,7 +156,14 @@ export async function showTrace(target: HTMLElement, episode: string): Promise<v
     h(
       "div",
       { class: "trace", "data-testid": "trace" },
-      ...t.upstream.map((u) => h("div", { class: "trace-up" }, nodeHead(u), h("span", { class: "muted" }, "sent →"))),
+      ...t.upstream.map((u, i) =>
+        h(
+          "div",
+          { class: "trace-up" },
+          nodeHead(u),
+          h("span", { class: "muted" }, causeLink(t.upstream[i + 1] ?? t.episode)),
+        ),
+      ),
       traceNode(t.episode),
     ),
     h("div", { class: "muted" }, `episode ${short(t.episode.episode, 13)}…`),
