@@ -142,12 +142,17 @@ describe("a damaged event log", () => {
 describe("replay", () => {
   test("an unknown episode id or prefix is an error on stderr, exit 1, as in show", async () => {
     const f = await stoppedFleet(2);
-    for (const id of ["01a", "ffffffff-ffff"]) {
+    for (const id of ["0000", "ffffffff-ffff"]) {
       const r = await f.cli("replay", id);
       expect(r.code).toBe(1);
       expect(r.stdout).toBe("");
       expect(oneLine(r.stderr)).toStartWith(`fleet: no episode `);
     }
+    const short = await f.cli("replay", "01a");
+    expect([short.code, oneLine(short.stderr)]).toEqual([
+      1,
+      'fleet: an episode id prefix needs at least 4 characters, got "01a"',
+    ]);
   });
 
   test("an episode whose log or checkpoint no longer matches its hash is UNREPLAYABLE, saying so", async () => {
