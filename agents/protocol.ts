@@ -60,6 +60,80 @@ export function jsonNestedDeeper(text: string | Uint8Array, max = MAX_JSON_DEPTH
   return false;
 }
 
+/**
+ * Why `state` would not come back from its checkpoint as the agent left it, naming where
+ * (`state.readings is a Map`), or null when it would: state is plain JSON (agents/README.md), and
+ * JSON turns a Map, a Set or a class instance into `{}`, a Date into a string, NaN into null, and
+ * drops a function. An `undefined` key is dropped as documented; `undefined` as the state itself
+ * (an `init` or `migrate` without a `return`) or in an array is refused. One walk of the value;
+ * nesting past what the gateway accepts (MAX_JSON_DEPTH with the message around it), a cycle
+ * among them, is refused too.
+ */
+export function stateProblem(state: unknown): string | null {
+  const found = problemAt(state, 1);
+  if (found === null) return null;
+  // The path from the state down, its first 8 steps (a cycle's path is long and says nothing more).
+  const steps = found.path.length;
+  let path = "state";
+  for (let i = steps - 1; i >= Math.max(0, steps - 8); i--) {
+    const key = found.path[i]!;
+    path +=
+      typeof key === "number" ? `[${key}]` : /^[A-Za-z_$][\w$]*$/.test(key) ? `.${key}` : `[${JSON.stringify(key)}]`;
+  }
+  return `${path}${steps > 8 ? "…" : ""} ${found.what}`;
+}
+
+/** What is wrong at `value` (`depth` levels of arrays and objects down), with its path reversed. */
+function problemAt(value: unknown, depth: number): { what: string; path: (string | number)[] } | null {
+  switch (typeof value) {
+    case "string":
+    case "boolean":
+      return null;
+    case "number":
+      return Number.isFinite(value) ? null : { what: `is ${value}`, path: [] };
+    case "undefined":
+      return { what: "is undefined", path: [] };
+    case "function":
+      return { what: "is a function", path: [] };
+    case "bigint":
+      return { what: "is a BigInt", path: [] };
+    case "symbol":
+      return { what: "is a symbol", path: [] };
+  }
+  if (value === null) return null;
+  // The state is one level inside the `done` message, which may nest MAX_JSON_DEPTH levels.
+  if (depth >= MAX_JSON_DEPTH) return { what: `nests deeper than ${MAX_JSON_DEPTH - 1} levels (a cycle?)`, path: [] };
+  const proto = Object.getPrototypeOf(value);
+  if (Array.isArray(value) && proto === Array.prototype) {
+    for (let i = 0; i < value.length; i++) {
+      const found = problemAt(value[i], depth + 1);
+      if (found !== null) {
+        found.path.push(i);
+        return found;
+      }
+    }
+    return null;
+  }
+  if (proto !== Object.prototype && proto !== null) {
+    const name = typeof proto?.constructor === "function" ? proto.constructor.name : "";
+    const what = /^(Map|Set|Date|RegExp|Promise|WeakMap|WeakSet|Error)$/.test(name)
+      ? `is a ${name}`
+      : `is an instance of ${name || "a class"}`;
+    return { what, path: [] };
+  }
+  const obj = value as Record<string, unknown>;
+  for (const key in obj) {
+    const v = obj[key];
+    if (v === undefined) continue;
+    const found = problemAt(v, depth + 1);
+    if (found !== null) {
+      found.path.push(key);
+      return found;
+    }
+  }
+  return null;
+}
+
 /** The id of the `n`th wake-up (1-based) an episode sets: unique per episode, the same in a replay. */
 export function wakeIdOf(episode: string, n: number): string {
   return `${episode}.w${n}`;

@@ -14,6 +14,7 @@ import {
   MAX_WAKE_AT,
   MAX_WAKE_PAYLOAD_BYTES,
   parseParentMessage,
+  stateProblem,
   type WakeDelay,
   wakeDelayMs,
   wakeIdOf,
@@ -321,8 +322,10 @@ async function run(start: Start): Promise<void> {
   // State written by an older version of the code is migrated first, inside this episode (docs/upgrading.md).
   const version = def.version ?? 1;
   let migratedFrom: number | undefined;
-  if (start.fresh) ctx.state = await def.init({ agent: start.agent, config });
-  else {
+  if (start.fresh) {
+    ctx.state = await def.init({ agent: start.agent, config });
+    if (!stateIsJson(ctx.state, "init() returned state that")) return;
+  } else {
     const from = start.state_version ?? 1;
     if (from > version) {
       send({
@@ -343,6 +346,7 @@ async function run(start: Start): Promise<void> {
       }
       rec.push({ k: "migrate", from, to: version });
       ctx.state = await def.migrate(ctx.state, from);
+      if (!stateIsJson(ctx.state, `migrate() from version ${from} returned state that`)) return;
       migratedFrom = from;
     }
   }
@@ -352,16 +356,32 @@ async function run(start: Start): Promise<void> {
   // ends: the gateway fails an episode that ends with a call unanswered.
   while (unanswered.size > 0) await Promise.allSettled([...unanswered]);
   if (rec.flood !== null) throw new Flood(rec.flood);
-  let state: unknown;
-  try {
-    state = asJson(ctx.state, "agent state");
-  } catch (err) {
-    const why = err instanceof Error ? err.message : String(err);
-    sendError({ kind: "invalid_state", message: `agent state cannot be checkpointed as JSON: ${why}` });
-    return;
-  }
+  // Checked, not copied: state that passes is sent as it is (JSON.stringify drops its undefined keys).
+  if (!stateIsJson(ctx.state, "agent state")) return;
   rec.flush(false);
-  send({ t: "done", state, version, ...(migratedFrom === undefined ? {} : { migrated_from: migratedFrom }) });
+  send({
+    t: "done",
+    state: ctx.state,
+    version,
+    ...(migratedFrom === undefined ? {} : { migrated_from: migratedFrom }),
+  });
+}
+
+/**
+ * Whether `state` can be checkpointed as it is (`stateProblem`); if not, the episode fails as
+ * `invalid_state` naming the path, and nothing is checkpointed. `what` says whose state it is.
+ */
+function stateIsJson(state: unknown, what: string): boolean {
+  let problem: string | null;
+  try {
+    problem = stateProblem(state);
+  } catch (err) {
+    problem = `state cannot be read: ${err instanceof Error ? err.message : String(err)}`;
+  }
+  if (problem === null) return true;
+  const hint = problem === "state is undefined" ? " (a missing return?)" : "";
+  sendError({ kind: "invalid_state", message: `${what} cannot be checkpointed as JSON: ${problem}${hint}` });
+  return false;
 }
 
 /**

@@ -13,11 +13,12 @@
  * ```
  *
  * It keeps the gateway's rules that an author can trip over: tools outside the allowlist
- * throw `ToolDenied`, state and every recorded value must survive JSON, a throwing episode
+ * throw `ToolDenied`, state must be plain JSON (`stateProblem`: else the run fails as the gateway's
+ * episode does) and recorded values are copied as JSON, a throwing episode
  * leaves the state as it was (the checkpoint is not written), and `now()`/`random()` come
  * from an injectable clock and generator so a test is deterministic.
  */
-import { type AgentRef, MAX_WAKE_PAYLOAD_BYTES, wakeDelayMs, wakeIdOf } from "../protocol.ts";
+import { type AgentRef, MAX_WAKE_PAYLOAD_BYTES, stateProblem, wakeDelayMs, wakeIdOf } from "../protocol.ts";
 import {
   type AgentContext,
   type AgentDefinition,
@@ -134,6 +135,17 @@ function jsonCopy<T>(value: T, what: string): T {
   const text = JSON.stringify(value);
   if (text === undefined) throw new TypeError(`${what} is not JSON-serialisable`);
   return JSON.parse(text) as T;
+}
+
+/**
+ * `state` as its checkpoint would hold it; like the gateway, state that JSON would not give back as
+ * it is (`stateProblem`) fails the episode, with the gateway's `invalid_state` message.
+ */
+function checkpointOf<S>(state: S, what: string): S {
+  const problem = stateProblem(state);
+  if (problem === null) return JSON.parse(JSON.stringify(state)) as S;
+  const hint = problem === "state is undefined" ? " (a missing return?)" : "";
+  throw new Error(`${what} cannot be checkpointed as JSON: ${problem}${hint}`);
 }
 
 function defaultClock(): () => number {
@@ -259,7 +271,8 @@ export function testAgent<S, C = Record<string, unknown>>(
     let migratedFrom: number | null = null;
     const version = def.version ?? 1;
     try {
-      let current = state === undefined ? jsonCopy(await def.init({ agent, config }), "initial state") : state;
+      let current =
+        state === undefined ? checkpointOf(await def.init({ agent, config }), "init() returned state that") : state;
       // Like the gateway: state an older version wrote is migrated inside the episode (a throw changes nothing).
       if (state !== undefined && stateVersion > version)
         throw new Error(
@@ -270,7 +283,8 @@ export function testAgent<S, C = Record<string, unknown>>(
           throw new Error(
             `the agent's state was written by version ${stateVersion}; version ${version} of its code has no migrate()`,
           );
-        current = jsonCopy(await def.migrate(jsonCopy(current, "state"), stateVersion), "migrated state");
+        const migrated = await def.migrate(jsonCopy(current, "state"), stateVersion);
+        current = checkpointOf(migrated, `migrate() from version ${stateVersion} returned state that`);
         migratedFrom = stateVersion;
       }
       const ctx: AgentContext<S, C> = {
@@ -300,7 +314,7 @@ export function testAgent<S, C = Record<string, unknown>>(
       };
       await def.onStimulus(stimulus, ctx);
       // Like the gateway: the new checkpoint is the state as JSON, written only on success.
-      state = jsonCopy(ctx.state, "agent state");
+      state = checkpointOf(ctx.state, "agent state");
       stateVersion = version;
       // Like the gateway: wake-ups are scheduled and cancelled with the commit, not before.
       wakeups = [...wakeups.filter((w) => !cancelled.includes(w.id)), ...wakes].sort((a, b) => a.due_at - b.due_at);
