@@ -342,7 +342,9 @@ export class Gateway {
     await this.startReplication(spec);
 
     this.buildPipeline(spec, ledger);
-    const problems = await checkConfigs(typesToCheck(spec, null), this.spawnOptions, this.spares ?? undefined);
+    const problems = await checkConfigs(typesToCheck(spec, null), this.spawnOptions, this.spares ?? undefined, {
+      modules: false,
+    });
     if (problems.length > 0) throw configProblemsError(this.current, problems);
     publishFacts(this.events, () => this.broker);
 

@@ -175,7 +175,18 @@ async function run(start: Start): Promise<void> {
   let call = 0;
   const answers = replay ? new ReplayAnswers(replay.tools) : null;
 
-  const def = (await loadAgent(start.module)).default;
+  let loaded: { default?: AgentDefinition<unknown> };
+  try {
+    loaded = await loadAgent(start.module);
+  } catch (err) {
+    // A check (`fleet validate`, a deploy) says a module that throws when loaded can never run. Not so
+    // a package the sandbox cannot resolve from the module's source: episodes run its bundle.
+    if (start.mode !== "check" || (err instanceof Error && err.name === "ResolveMessage")) throw err;
+    const why = err instanceof Error ? err.message : String(err);
+    send({ t: "error", kind: "invalid_module", message: `${start.module} throws when loaded: ${why}` });
+    return;
+  }
+  const def = loaded.default;
   if (def?.__fleetAgent !== true || typeof def.onStimulus !== "function") {
     send({
       t: "error",

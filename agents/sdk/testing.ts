@@ -167,6 +167,10 @@ export function testAgent<S, C = Record<string, unknown>>(
   def: AgentDefinition<S, C>,
   opts: TestAgentOptions<C> = {},
 ): AgentUnderTest<S> {
+  // Like the gateway, which refuses such a module at deploy (and fails its episodes as invalid_module).
+  const made = def as Partial<AgentDefinition<S, C>> | null | undefined;
+  if (made?.__fleetAgent !== true || typeof made.onStimulus !== "function")
+    throw new TypeError("testAgent: the agent is not made by defineAgent() (the gateway refuses such a module)");
   const type = opts.type ?? "test";
   const key = opts.key ?? "k1";
   const agent: AgentRef = { type, key, id: `${type}/${key}` };

@@ -37,17 +37,23 @@ const noSchema = new Set<string>();
 /**
  * Check each type's config against its module's schema; types without a schema pass. A
  * module seen without a schema is not loaded again until its files change, so a redeploy
- * of such types costs no subprocess. `pool`: warm spares to run the checks in.
+ * of such types costs no subprocess. `pool`: warm spares to run the checks in. A module that
+ * can never run (no default export made by `defineAgent()`, it throws when loaded) is a problem
+ * at `agents.<type>.module` too, unless `modules` is false (a start: a version that ran before
+ * is checked against the module files as they are now, and a reload would have refused them).
  */
 export async function checkConfigs(
   types: readonly AgentTypeSpec[],
   spawn: SpawnOptions,
   pool?: SparePool,
+  opts: { readonly modules?: boolean } = {},
 ): Promise<ConfigProblem[]> {
   const problems: ConfigProblem[] = [];
   const queue = types.filter((t) => !noSchema.has(stampOrPath(t.module_path)));
+  const modules = opts.modules ?? true;
   const worker = async () => {
-    for (let type = queue.shift(); type; type = queue.shift()) problems.push(...(await checkType(type, spawn, pool)));
+    for (let type = queue.shift(); type; type = queue.shift())
+      problems.push(...(await checkType(type, spawn, pool, modules)));
   };
   await Promise.all(Array.from({ length: Math.min(PARALLEL, queue.length) }, worker));
   return problems.sort((a, b) => a.keyPath.localeCompare(b.keyPath));
@@ -77,9 +83,19 @@ function stampOrPath(module: string): string {
   }
 }
 
-async function checkType(type: AgentTypeSpec, spawn: SpawnOptions, pool?: SparePool): Promise<ConfigProblem[]> {
+async function checkType(
+  type: AgentTypeSpec,
+  spawn: SpawnOptions,
+  pool: SparePool | undefined,
+  modules: boolean,
+): Promise<ConfigProblem[]> {
   const stamp = stampOrPath(type.module_path);
   const check = await checkModule(type, type.module_path, spawn, pool);
+  if (check !== null && "invalid" in check) {
+    if (!modules) return [];
+    const path = ["agents", type.name, "module"];
+    return [{ type: type.name, keyPath: formatKeyPath(path), path, message: check.invalid }];
+  }
   if (!check || !Array.isArray(check.issues)) return [];
   if (check.schema === false) noSchema.add(stamp);
   return check.issues.map((i) => {
@@ -90,20 +106,29 @@ async function checkType(type: AgentTypeSpec, spawn: SpawnOptions, pool?: SpareP
 
 /**
  * The state version (`defineAgent({ version })`) of the code at `module` (a type's bundle, say),
- * read in the sandbox like a config check; null when the module cannot load.
+ * read in the sandbox like a config check: `invalid` says why it can never run (no default export
+ * made by `defineAgent()`, it throws when loaded); null when the check itself failed.
  */
-export async function moduleVersion(type: AgentTypeSpec, module: string, spawn: SpawnOptions): Promise<number | null> {
+export async function moduleVersion(
+  type: AgentTypeSpec,
+  module: string,
+  spawn: SpawnOptions,
+): Promise<{ version: number } | { invalid: string } | null> {
   const check = await checkModule(type, module, spawn);
-  return check ? (check.version ?? 1) : null;
+  if (check === null || "invalid" in check) return check;
+  return { version: check.version ?? 1 };
 }
 
-/** Load `module` in a sandboxed subprocess in `check` mode: what it says, or null when it cannot load. */
+/**
+ * Load `module` in a sandboxed subprocess in `check` mode: what it says; `invalid` (naming the type's
+ * `module` as fleet.toml writes it) when it can never run; null when the check failed otherwise.
+ */
 async function checkModule(
   type: AgentTypeSpec,
   module: string,
   spawn: SpawnOptions,
   pool?: SparePool,
-): Promise<ConfigCheck | null> {
+): Promise<ConfigCheck | { invalid: string } | null> {
   const limits: RunLimits = {
     timeoutMs: Math.max(type.budget.episode_timeout_ms, 10_000),
     memoryMb: type.budget.memory_mb,
@@ -132,7 +157,12 @@ async function checkModule(
     spawn,
     pool,
   );
-  // A module that cannot load is reported by its episodes as before; only the schema's verdict refuses a deploy.
+  // A module that cannot run refuses a deploy. Any other failure (a package the sandbox cannot resolve
+  // from the source, a crash) is reported by the episodes: only the module's own verdict refuses.
+  if (!r.ok && r.kind === "invalid_module") {
+    const why = r.message.startsWith(module) ? r.message.slice(module.length).trimStart() : r.message;
+    return { invalid: `${type.module} cannot run: it ${why}` };
+  }
   if (!r.ok) return null;
   return r.state as ConfigCheck | null;
 }

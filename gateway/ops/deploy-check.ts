@@ -113,8 +113,9 @@ export function typeChanges(
 }
 
 /**
- * Why `module` (new code for `type`) may not be deployed: its state version (`defineAgent({ version })`)
- * is lower than the one that wrote its agents' state (docs/upgrading.md); null when it may.
+ * Why `module` (new code for `type`) may not be deployed: it can never run (no default export made by
+ * `defineAgent()`, it throws when loaded), or its state version (`defineAgent({ version })`) is lower
+ * than the one that wrote its agents' state (docs/upgrading.md); null when it may.
  */
 export async function loweredVersion(
   store: Store,
@@ -122,8 +123,10 @@ export async function loweredVersion(
   module: string,
   spawn: SpawnOptions,
 ): Promise<string | null> {
-  const version = await moduleVersion(type, module, spawn);
+  const loaded = await moduleVersion(type, module, spawn);
+  if (loaded !== null && "invalid" in loaded) return `agents.${type.name}.module ${loaded.invalid}`;
   const stored = await store.maxStateVersion(type.name);
+  const version = loaded?.version ?? null;
   if (version === null || version >= stored) return null;
   return (
     `agents.${type.name}.module is version ${version} (defineAgent({ version })), lower than version ${stored} ` +
