@@ -26,7 +26,7 @@ export type Stimulus =
   | (StimulusBase & {
       readonly kind: "timer";
       readonly topic?: undefined;
-      readonly payload: { readonly scheduled_at: number; readonly fired_at: number; readonly timer: unknown };
+      readonly payload: { readonly scheduled_at: number; readonly fired_at: number; readonly timer: TimerInfo };
     })
   /** `POST /hooks/<name>`: the request body. */
   | (StimulusBase & { readonly kind: "webhook"; readonly topic?: string; readonly payload: unknown })
@@ -45,6 +45,11 @@ export type Stimulus =
       readonly payload: unknown;
       readonly wake: { readonly id: string; readonly due_at: number; readonly set_by: string };
     });
+
+/** The type's timer, as a timer stimulus carries it (`every` or `cron` in fleet.toml, and its `catch_up`). */
+export type TimerInfo =
+  | { readonly kind: "every"; readonly ms: number; readonly catch_up: "none" | "one" | "all" }
+  | { readonly kind: "cron"; readonly expr: string; readonly catch_up: "none" | "one" | "all" };
 
 /** `ctx.log(...)` logs at info; `ctx.log.debug|info|warn|error(...)` at that level. */
 export interface AgentLog {

@@ -18,15 +18,27 @@
  * leaves the state as it was (the checkpoint is not written), and `now()`/`random()` come
  * from an injectable clock and generator so a test is deterministic.
  */
-import { type AgentRef, MAX_WAKE_PAYLOAD_BYTES, stateProblem, wakeDelayMs, wakeIdOf } from "../protocol.ts";
+import {
+  type AgentRef,
+  MAX_LOG_CHARS,
+  MAX_WAKE_PAYLOAD_BYTES,
+  stateProblem,
+  wakeDelayMs,
+  wakeIdOf,
+} from "../protocol.ts";
 import {
   type AgentContext,
   type AgentDefinition,
   type AgentLog,
   type Stimulus,
+  type TimerInfo,
   ToolDenied,
+  ToolFailed,
   type Tools,
 } from "./index.ts";
+import { DEFAULT_TIMEOUT_MS, MAX_STATE_BYTES, publishDenial } from "./testing-rules.ts";
+
+export { DEFAULT_TIMEOUT_MS, MAX_STATE_BYTES } from "./testing-rules.ts";
 
 /** The names of the built-in tools (`ctx.send` is `ctx.tools.send`). */
 export type ToolName = keyof Tools;
@@ -48,15 +60,31 @@ export interface TestAgentOptions<C> {
   /** Start from this state instead of running `init`. */
   readonly state?: unknown;
   /**
-   * The code version that wrote `state` (default 1): when it is below the agent's `version`, the
-   * first run migrates it with `migrate` as the gateway does (docs/upgrading.md).
+   * The code version that wrote `state` (default: the agent's own `version`, so `state` is taken as
+   * this code's shape): when it is below the agent's `version`, the first run migrates it with
+   * `migrate` as the gateway does (docs/upgrading.md).
    */
   readonly stateVersion?: number;
   /** The type's `tools` allowlist (default: every built-in tool). `ctx.emit` is always allowed. */
   readonly tools?: readonly ToolName[];
-  /** Results of tool calls (default: publish and send succeed; http and llm fail with ToolFailed). */
+  /**
+   * The type's `publish` topic patterns (MQTT wildcards): when given, `publish` to a topic none of them
+   * matches is denied (`ToolDenied`) as in the gateway; the agent's own `fleet/agents/<type>/<key>/…`
+   * topics are allowed. Default: any topic.
+   */
+  readonly publish?: readonly string[];
+  /** Results of tool calls (default: publish and send succeed; http and llm throw ToolFailed). */
   readonly fakes?: ToolFakes;
-  /** Clock for `ctx.now()` and stimuli made by `stimuli.*` (default: starts at 1,000 and advances 1 ms per call). */
+  /**
+   * The type's `episode_timeout_ms` (default 5000, the gateway's): a run whose `init`, `migrate` and
+   * `onStimulus` have not settled by then fails with `timeout: episode exceeded <ms> ms`, as the gateway
+   * kills it. The agent's code may still be running afterwards; what it does to `ctx` then is ignored.
+   */
+  readonly timeoutMs?: number;
+  /**
+   * Clock for `ctx.now()` (default: starts at 1,000 and advances 1 ms per call). `stimuli.*` do not
+   * read it: their `received_at` is `Date.now()` unless given as their `at` argument.
+   */
   readonly now?: () => number;
   /** Generator for `ctx.random()` (default: a fixed sequence, so runs repeat). */
   readonly random?: () => number;
@@ -85,7 +113,11 @@ export interface ToolCall {
 /** What one episode did. */
 export interface EpisodeRun<S> {
   readonly stimulus: Stimulus;
-  /** "committed" when `onStimulus` resolved (state is the new checkpoint); "failed" when it threw. */
+  /**
+   * "committed" when `onStimulus` resolved (state is the new checkpoint); "failed" when it threw,
+   * timed out or left state the gateway would refuse. A failed run lists no `emits`, `published`,
+   * `sent`, `wakes` or `cancelled`: the gateway delivers none of them (its `toolCalls` and `logs` stay).
+   */
   readonly status: "committed" | "failed";
   /** The error it threw, when it failed. */
   readonly error: Error | null;
@@ -143,9 +175,17 @@ function jsonCopy<T>(value: T, what: string): T {
  */
 function checkpointOf<S>(state: S, what: string): S {
   const problem = stateProblem(state);
-  if (problem === null) return JSON.parse(JSON.stringify(state)) as S;
-  const hint = problem === "state is undefined" ? " (a missing return?)" : "";
-  throw new Error(`${what} cannot be checkpointed as JSON: ${problem}${hint}`);
+  if (problem !== null) {
+    const hint = problem === "state is undefined" ? " (a missing return?)" : "";
+    throw new Error(`${what} cannot be checkpointed as JSON: ${problem}${hint}`);
+  }
+  const text = JSON.stringify(state);
+  const bytes = Buffer.byteLength(text);
+  if (bytes > MAX_STATE_BYTES)
+    throw new Error(
+      `too_large: ${what} is ${bytes} bytes as JSON, more than the ${MAX_STATE_BYTES} an episode may send the gateway`,
+    );
+  return JSON.parse(text) as S;
 }
 
 function defaultClock(): () => number {
@@ -194,10 +234,11 @@ export function testAgent<S, C = Record<string, unknown>>(
   const now = opts.now ?? defaultClock();
   const random = opts.random ?? defaultRandom();
   let state: S | undefined = opts.state === undefined ? undefined : jsonCopy(opts.state as S, "initial state");
-  let stateVersion = opts.stateVersion ?? 1;
+  let stateVersion = opts.stateVersion ?? def.version ?? 1;
   let episodes = 0;
   const history: EpisodeRun<S>[] = [];
   const maxWakeups = opts.maxWakeups ?? 100;
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   let wakeups: PendingWake[] = [];
 
   async function run(stimulus: Stimulus): Promise<EpisodeRun<S>> {
@@ -216,6 +257,7 @@ export function testAgent<S, C = Record<string, unknown>>(
     const isPending = (id: string) =>
       (wakeups.some((w) => w.id === id) && !cancelled.includes(id)) || wakes.some((w) => w.id === id);
     const wakeAt = (at: number, payload: unknown): string => {
+      live();
       if (typeof at !== "number" || !Number.isFinite(at) || at < 0)
         throw new TypeError(`wake time must be epoch milliseconds; got ${JSON.stringify(at)}`);
       const data = jsonCopy(payload, "wake-up payload");
@@ -229,12 +271,22 @@ export function testAgent<S, C = Record<string, unknown>>(
       return id;
     };
 
+    /** After a timeout the gateway has killed the episode: its code touches nothing any more. */
+    let ended = false;
+    const live = () => {
+      if (ended) throw new Error(`episode ${episode} has ended (it timed out)`);
+    };
     const call = async (tool: ToolName, args: unknown[]): Promise<unknown> => {
+      live();
       const jsonArgs = jsonCopy(args, `arguments of ${tool}`);
-      if (!allowed.has(tool)) {
-        const err = new ToolDenied(tool, `tool ${tool} is not in this type's tools allowlist`);
-        toolCalls.push({ tool, args: jsonArgs, ok: false, result: err });
-        throw err;
+      const denied = !allowed.has(tool)
+        ? new ToolDenied(tool, `tool ${tool} is not in this type's tools allowlist`)
+        : tool === "publish"
+          ? publishDenial(jsonArgs, agent, opts.publish ?? null)
+          : null;
+      if (denied) {
+        toolCalls.push({ tool, args: jsonArgs, ok: false, result: denied });
+        throw denied;
       }
       try {
         const fake = opts.fakes?.[tool] as ((...a: unknown[]) => unknown) | undefined;
@@ -261,7 +313,12 @@ export function testAgent<S, C = Record<string, unknown>>(
     const logAt =
       (level: string) =>
       (...args: unknown[]) => {
-        const line = args.map((a) => (typeof a === "string" ? a : JSON.stringify(a))).join(" ");
+        live();
+        // Cut as the gateway's episode host cuts a line.
+        const line = args
+          .map((a) => (typeof a === "string" ? a : JSON.stringify(a)))
+          .join(" ")
+          .slice(0, MAX_LOG_CHARS);
         logs.push(level === "info" ? line : `[${level}] ${line}`);
       };
     const log: AgentLog = Object.assign(logAt("info"), {
@@ -274,7 +331,9 @@ export function testAgent<S, C = Record<string, unknown>>(
     let error: Error | null = null;
     let migratedFrom: number | null = null;
     const version = def.version ?? 1;
-    try {
+    /** The episode up to its new checkpoint (committed by the caller, and only if it came in time). */
+    const episodeBody = async (): Promise<{ next: S; migrated: number | null }> => {
+      let migrated: number | null = null;
       let current =
         state === undefined ? checkpointOf(await def.init({ agent, config }), "init() returned state that") : state;
       // Like the gateway: state an older version wrote is migrated inside the episode (a throw changes nothing).
@@ -287,17 +346,23 @@ export function testAgent<S, C = Record<string, unknown>>(
           throw new Error(
             `the agent's state was written by version ${stateVersion}; version ${version} of its code has no migrate()`,
           );
-        const migrated = await def.migrate(jsonCopy(current, "state"), stateVersion);
-        current = checkpointOf(migrated, `migrate() from version ${stateVersion} returned state that`);
-        migratedFrom = stateVersion;
+        const out = await def.migrate(jsonCopy(current, "state"), stateVersion);
+        current = checkpointOf(out, `migrate() from version ${stateVersion} returned state that`);
+        migrated = stateVersion;
       }
       const ctx: AgentContext<S, C> = {
         agent,
         state: jsonCopy(current, "state"),
         config,
         episode,
-        decide: (name, data) => decisions.push({ name: String(name), data: jsonCopy(data, "decision data") }),
-        emit: (payload) => emits.push(jsonCopy(payload, "emitted payload")),
+        decide: (name, data) => {
+          live();
+          decisions.push({ name: String(name), data: jsonCopy(data, "decision data") });
+        },
+        emit: (payload) => {
+          live();
+          emits.push(jsonCopy(payload, "emitted payload"));
+        },
         send,
         tools,
         now,
@@ -309,6 +374,7 @@ export function testAgent<S, C = Record<string, unknown>>(
         },
         wakeAt: (at, payload) => wakeAt(at, payload),
         cancelWake: (id) => {
+          live();
           if (!isPending(id)) return false;
           const own = wakes.findIndex((w) => w.id === id);
           if (own >= 0) wakes.splice(own, 1);
@@ -318,14 +384,28 @@ export function testAgent<S, C = Record<string, unknown>>(
       };
       await def.onStimulus(stimulus, ctx);
       // Like the gateway: the new checkpoint is the state as JSON, written only on success.
-      state = checkpointOf(ctx.state, "agent state");
+      return { next: checkpointOf(ctx.state, "agent state"), migrated };
+    };
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const body = episodeBody();
+    // Like the gateway, which kills the episode at its timeout: what the code does later is dropped.
+    body.catch(() => {});
+    try {
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`timeout: episode exceeded ${timeoutMs} ms`)), timeoutMs);
+      });
+      const done = await Promise.race([body, timeout]);
+      state = done.next;
       stateVersion = version;
+      migratedFrom = done.migrated;
       // Like the gateway: wake-ups are scheduled and cancelled with the commit, not before.
       wakeups = [...wakeups.filter((w) => !cancelled.includes(w.id)), ...wakes].sort((a, b) => a.due_at - b.due_at);
     } catch (err) {
       error = err instanceof Error ? err : new Error(String(err));
       state = before;
-      migratedFrom = null;
+    } finally {
+      clearTimeout(timer);
+      ended = true;
     }
     const result: EpisodeRun<S> = {
       stimulus,
@@ -334,10 +414,11 @@ export function testAgent<S, C = Record<string, unknown>>(
       state: state as S,
       migratedFrom,
       decisions,
-      emits,
+      // Like the gateway: a failed episode's emits, publishes and sends are never delivered.
+      emits: error === null ? emits : [],
       toolCalls,
-      published,
-      sent,
+      published: error === null ? published : [],
+      sent: error === null ? sent : [],
       wakes: error === null ? wakes : [],
       cancelled: error === null ? cancelled : [],
       logs,
@@ -376,7 +457,8 @@ function defaultTool(tool: ToolName, args: readonly unknown[]): unknown {
       return { queued: true, to: args[0] };
     case "http":
     case "llm":
-      throw new Error(`no fake for tool ${tool}: pass fakes.${tool} to testAgent()`);
+      // A ToolFailed, as the gateway's call failing would be: an agent's fallback for it runs.
+      throw new ToolFailed(tool, `no fake for tool ${tool}: pass fakes.${tool} to testAgent()`);
     default: {
       const never: never = tool;
       throw new Error(`unknown tool ${String(never)}`);
@@ -396,8 +478,11 @@ export const stimuli = {
     payload,
     received_at: at,
   }),
-  /** A timer fire: the payload the gateway sends (`scheduled_at`, `fired_at`, the type's timer). */
-  timer: (at = Date.now(), timer: unknown = { every_ms: 60_000 }): Stimulus => ({
+  /**
+   * A timer fire: the payload the gateway sends (`scheduled_at`, `fired_at`, the type's timer as
+   * `{ kind: "every", ms, catch_up }` or `{ kind: "cron", expr, catch_up }`).
+   */
+  timer: (at = Date.now(), timer: TimerInfo = { kind: "every", ms: 60_000, catch_up: "one" }): Stimulus => ({
     id: `timer:${at}`,
     kind: "timer",
     payload: { scheduled_at: at, fired_at: at, timer },

@@ -23,6 +23,8 @@ import {
 } from "./types.ts";
 
 export { encodePayload } from "./types.ts";
+/** The publish tool by itself (agent-fleets/testing is held to its answers: test/sdk-parity.test.ts). */
+export { publish as publishTool } from "./publish.ts";
 export type { PendingPublish, PendingSend, ToolEnv, ToolName, ToolOutcome } from "./types.ts";
 
 const isToolName = (tool: string): tool is ToolName => (TOOL_NAMES as readonly string[]).includes(tool);
