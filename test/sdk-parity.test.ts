@@ -4,6 +4,7 @@
  * the timer payload, http/llm without a fake, a failed run's effects, and state given without a version.
  */
 import { describe, expect, test } from "bun:test";
+import { z } from "zod";
 import { defineAgent, ToolDenied, ToolFailed } from "agent-fleets";
 import { DEFAULT_TIMEOUT_MS, MAX_STATE_BYTES, stimuli, testAgent } from "agent-fleets/testing";
 import { MAX_LOG_CHARS } from "../agents/protocol.ts";
@@ -146,6 +147,18 @@ describe("agent-fleets/testing stimuli and defaults match the gateway", () => {
     });
     const run = await testAgent(fallback).run(ping);
     expect(run.decisions).toEqual([{ name: "fallback", data: { failed: true } }]);
+  });
+
+  test("config is typed as the schema's input: a key the schema defaults may be left out", async () => {
+    const Config = z.object({ threshold: z.number(), hysteresis: z.number().default(2) });
+    const thermo = defineAgent<Record<string, never>, z.infer<typeof Config>>({
+      config: Config,
+      init: () => ({}),
+      onStimulus: (_s, ctx) => ctx.emit(ctx.config),
+    });
+    // No cast: this line is what tsc refused (TS2741, hysteresis missing) while config was the output type.
+    const run = await testAgent(thermo, { config: { threshold: 80 } }).run(ping);
+    expect(run.emits).toEqual([{ threshold: 80, hysteresis: 2 }]);
   });
 
   test("state given without stateVersion is taken as the agent's own version: no migration runs", async () => {

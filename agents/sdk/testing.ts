@@ -50,13 +50,27 @@ export type ToolFakes = {
   readonly [K in ToolName]?: (...args: Parameters<Tools[K]>) => unknown;
 };
 
+/**
+ * A config as written, before the schema's defaults: any key may be left out, at any depth (what is
+ * required is the schema's to say, and it says so on the first `run`).
+ */
+export type ConfigInput<C> = C extends readonly unknown[]
+  ? C
+  : C extends object
+    ? { readonly [K in keyof C]?: ConfigInput<C[K]> }
+    : C;
+
 /** How to set up the fake agent. */
 export interface TestAgentOptions<C> {
   /** Agent type (default "test"). */
   readonly type?: string;
   /** Instance key (default "k1"). */
   readonly key?: string;
-  readonly config?: C;
+  /**
+   * The type's `config` table as fleet.toml would write it: keys the agent's schema fills in with
+   * defaults may be left out (the schema runs on the first `run`, as the gateway runs it at deploy).
+   */
+  readonly config?: ConfigInput<C>;
   /** Start from this state instead of running `init`. */
   readonly state?: unknown;
   /**
