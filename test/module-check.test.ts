@@ -84,7 +84,7 @@ describe("a module that can never run is refused by the config check", () => {
 });
 
 describe("a hot reload to a module that can never run", () => {
-  test("is refused with the reason in spec_error; the last good code keeps running", async () => {
+  test("is refused with the reason in spec_error; the last good code keeps running, after a restart too", async () => {
     const fleet = new TestFleet("");
     if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
     const module = join(fleet.dir, "lab.ts");
@@ -111,6 +111,16 @@ describe("a hot reload to a module that can never run", () => {
       const [latest] = await fleet.waitCommitted("lab/k1", 2);
       expect(await fleet.decisions(latest!.id)).toMatchObject([{ name: "code", data: "A" }]);
       await c.endAsync();
+      // A restart with the last of them in place starts on the version that ran before, and says why.
+      expect(await fleet.stop()).toBe(0);
+      await fleet.start();
+      const view = (await (await fleet.fetch("/api/fleet")).json()) as { spec_error: string | null };
+      expect(view.spec_error).toContain("not applied at start: agents.lab.module");
+      const c2 = await fleet.mqtt();
+      await publishQos1(c2, "lab/k1/in", "3");
+      const [third] = await fleet.waitCommitted("lab/k1", 3);
+      expect(await fleet.decisions(third!.id)).toMatchObject([{ name: "code", data: "A" }]);
+      await c2.endAsync();
     } finally {
       await fleet.dispose();
     }
