@@ -6,7 +6,14 @@
 import { describe, expect, test } from "bun:test";
 import { z } from "zod";
 import { defineAgent, ToolDenied, ToolFailed } from "agent-fleets";
-import { DEFAULT_TIMEOUT_MS, MAX_STATE_BYTES, stimuli, testAgent } from "agent-fleets/testing";
+import {
+  DEFAULT_TIMEOUT_MS,
+  MAX_RECORD_BYTES,
+  MAX_RECORDS,
+  MAX_STATE_BYTES,
+  stimuli,
+  testAgent,
+} from "agent-fleets/testing";
 import { MAX_LOG_CHARS } from "../agents/protocol.ts";
 import { CHILD_LIMITS, publishTool } from "../gateway/episode/index.ts";
 import { compileSpec, DEFAULT_BUDGET } from "../gateway/spec/index.ts";
@@ -53,6 +60,27 @@ describe("agent-fleets/testing keeps the gateway's limits", () => {
     expect(nine.status).toBe("failed");
     expect(nine.error?.message).toMatch(/^too_large: agent state is \d+ bytes as JSON, more than the 8388608/);
     expect((await testAgent(big, { config: { mb: 7 } }).run(ping)).status).toBe("committed");
+  });
+
+  test("more records than an episode may write fail it as flood, even when the agent catches the error", async () => {
+    expect([MAX_RECORDS, MAX_RECORD_BYTES]).toEqual([CHILD_LIMITS.max_records, CHILD_LIMITS.max_record_bytes]);
+    const noisy = defineAgent<Record<string, never>, { n: number; blob?: number }>({
+      init: () => ({}),
+      onStimulus(_s, ctx) {
+        for (let i = 0; i < ctx.config.n; i++) {
+          try {
+            ctx.decide("tick", ctx.config.blob ? "z".repeat(ctx.config.blob) : i);
+          } catch {
+            // swallowed: the episode fails all the same
+          }
+        }
+      },
+    });
+    const many = await testAgent(noisy, { config: { n: MAX_RECORDS + 5 } }).run(ping);
+    expect(many.error?.message).toBe(`flood: episode wrote more than ${MAX_RECORDS} records`);
+    const big = await testAgent(noisy, { config: { n: 9, blob: 1024 * 1024 } }).run(ping);
+    expect(big.error?.message).toBe(`flood: episode records exceed ${MAX_RECORD_BYTES} bytes`);
+    expect((await testAgent(noisy, { config: { n: MAX_RECORDS } }).run(ping)).status).toBe("committed");
   });
 
   test("log lines are cut where the gateway cuts them", async () => {

@@ -9,12 +9,17 @@ import { ToolDenied } from "./index.ts";
 /** The gateway's default `episode_timeout_ms` (gateway/spec DEFAULT_BUDGET). */
 export const DEFAULT_TIMEOUT_MS = 5000;
 
+/** Most records (decisions, emits, log lines, tool calls, wake-ups, clock reads) of one episode (CHILD_LIMITS). */
+export const MAX_RECORDS = 10_000;
+
+/** Most bytes of one episode's records, as JSON (gateway/episode CHILD_LIMITS.max_record_bytes). */
+export const MAX_RECORD_BYTES = 8 * 1024 * 1024;
+
 /**
  * Most bytes of state (as JSON) an episode can send back: the gateway refuses a message from the
- * subprocess past its record limit (gateway/episode CHILD_LIMITS.max_record_bytes) and a small envelope,
- * and fails the episode as `too_large`.
+ * subprocess past its record limit and a small envelope, and fails the episode as `too_large`.
  */
-export const MAX_STATE_BYTES = 8 * 1024 * 1024;
+export const MAX_STATE_BYTES = MAX_RECORD_BYTES;
 
 /**
  * Why the gateway would deny `publish(...args)` for agent `type/key` with these `publish` patterns,

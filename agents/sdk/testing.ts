@@ -36,9 +36,9 @@ import {
   ToolFailed,
   type Tools,
 } from "./index.ts";
-import { DEFAULT_TIMEOUT_MS, MAX_STATE_BYTES, publishDenial } from "./testing-rules.ts";
+import { DEFAULT_TIMEOUT_MS, MAX_RECORD_BYTES, MAX_RECORDS, MAX_STATE_BYTES, publishDenial } from "./testing-rules.ts";
 
-export { DEFAULT_TIMEOUT_MS, MAX_STATE_BYTES } from "./testing-rules.ts";
+export { DEFAULT_TIMEOUT_MS, MAX_RECORD_BYTES, MAX_RECORDS, MAX_STATE_BYTES } from "./testing-rules.ts";
 
 /** The names of the built-in tools (`ctx.send` is `ctx.tools.send`). */
 export type ToolName = keyof Tools;
@@ -271,7 +271,6 @@ export function testAgent<S, C = Record<string, unknown>>(
     const isPending = (id: string) =>
       (wakeups.some((w) => w.id === id) && !cancelled.includes(id)) || wakes.some((w) => w.id === id);
     const wakeAt = (at: number, payload: unknown): string => {
-      live();
       if (typeof at !== "number" || !Number.isFinite(at) || at < 0)
         throw new TypeError(`wake time must be epoch milliseconds; got ${JSON.stringify(at)}`);
       const data = jsonCopy(payload, "wake-up payload");
@@ -281,17 +280,30 @@ export function testAgent<S, C = Record<string, unknown>>(
       if (count >= maxWakeups)
         throw new ToolDenied("wake", `the agent already has ${count} wake-ups pending (max_wakeups ${maxWakeups})`);
       const id = wakeIdOf(episode, wakes.length + 1);
+      record({ k: "wake", id, at: Math.round(at), data });
       wakes.push({ id, due_at: Math.round(at), payload: data, set_by: episode });
       return id;
     };
 
     /** After a timeout the gateway has killed the episode: its code touches nothing any more. */
     let ended = false;
-    const live = () => {
+    let recordCount = 0;
+    let recordBytes = 0;
+    /** Set once a limit is crossed; sticky, as in the gateway's host: an agent that catches it still fails. */
+    let flood: string | null = null;
+    /** One record of the episode's log, counted against the gateway's limits (its JSON as the host sends it). */
+    const record = (entry: Record<string, unknown>) => {
       if (ended) throw new Error(`episode ${episode} has ended (it timed out)`);
+      if (flood === null) {
+        recordCount += 1;
+        recordBytes += Buffer.byteLength(JSON.stringify(entry) ?? "null");
+        if (recordCount > MAX_RECORDS) flood = `flood: episode wrote more than ${MAX_RECORDS} records`;
+        else if (recordBytes > MAX_RECORD_BYTES) flood = `flood: episode records exceed ${MAX_RECORD_BYTES} bytes`;
+      }
+      if (flood !== null) throw new Error(flood);
     };
     const call = async (tool: ToolName, args: unknown[]): Promise<unknown> => {
-      live();
+      record({ k: "tool", tool, args });
       const jsonArgs = jsonCopy(args, `arguments of ${tool}`);
       const denied = !allowed.has(tool)
         ? new ToolDenied(tool, `tool ${tool} is not in this type's tools allowlist`)
@@ -327,12 +339,12 @@ export function testAgent<S, C = Record<string, unknown>>(
     const logAt =
       (level: string) =>
       (...args: unknown[]) => {
-        live();
         // Cut as the gateway's episode host cuts a line.
         const line = args
           .map((a) => (typeof a === "string" ? a : JSON.stringify(a)))
           .join(" ")
           .slice(0, MAX_LOG_CHARS);
+        record({ k: "log", level, msg: line });
         logs.push(level === "info" ? line : `[${level}] ${line}`);
       };
     const log: AgentLog = Object.assign(logAt("info"), {
@@ -370,26 +382,37 @@ export function testAgent<S, C = Record<string, unknown>>(
         config,
         episode,
         decide: (name, data) => {
-          live();
-          decisions.push({ name: String(name), data: jsonCopy(data, "decision data") });
+          const copy = jsonCopy(data, "decision data");
+          record({ k: "decide", name: String(name), data: copy });
+          decisions.push({ name: String(name), data: copy });
         },
         emit: (payload) => {
-          live();
-          emits.push(jsonCopy(payload, "emitted payload"));
+          const copy = jsonCopy(payload, "emitted payload");
+          record({ k: "emit", data: copy });
+          emits.push(copy);
         },
         send,
         tools,
-        now,
-        random,
+        now: () => {
+          const v = now();
+          record({ k: "now", v });
+          return v;
+        },
+        random: () => {
+          const v = random();
+          record({ k: "random", v });
+          return v;
+        },
         log,
+        // As in the gateway: the time a delay counts from is read (and recorded) through ctx.now().
         wakeIn: (delay, payload) => {
           const ms = wakeDelayMs(delay);
-          return wakeAt(now() + ms, payload);
+          return wakeAt(ctx.now() + ms, payload);
         },
         wakeAt: (at, payload) => wakeAt(at, payload),
         cancelWake: (id) => {
-          live();
           if (!isPending(id)) return false;
+          record({ k: "cancel_wake", id });
           const own = wakes.findIndex((w) => w.id === id);
           if (own >= 0) wakes.splice(own, 1);
           else cancelled.push(id);
@@ -397,6 +420,7 @@ export function testAgent<S, C = Record<string, unknown>>(
         },
       };
       await def.onStimulus(stimulus, ctx);
+      if (flood !== null) throw new Error(flood);
       // Like the gateway: the new checkpoint is the state as JSON, written only on success.
       return { next: checkpointOf(ctx.state, "agent state"), migrated };
     };
