@@ -384,13 +384,13 @@ export class Gateway {
     this.timers = fleetTimers(this, this.now);
     this.redeploy = this.createRedeploy();
     this.redeploy.error = this.startRefusal;
+    this.redeploy.read = file;
     this.state = "running";
     await this.timers.update(spec);
     this.wakeups = fleetWakeups(this, this.now);
     await this.wakeups.start();
     this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"), {
-      codeFiles: () =>
-        Object.values(this.current.spec.agents).flatMap((t) => agentFiles(t.module_path, HOST_PATHS).files),
+      codeFiles: () => this.codeFiles(),
     });
     // Primed with the file as read at start, not the running spec's text (a refused file's
     // predecessor): a reload only when the file changes, so a refusal at start stays the spec error.
@@ -1085,6 +1085,18 @@ export class Gateway {
       now: this.now,
       log: this.log.child({ mod: "code" }),
     });
+  }
+
+  /**
+   * The files whose change is a code change: the import closures of the running types' modules and
+   * of those fleet.toml names now (a type refused because its module was missing is applied once it
+   * is written), with where a missing module or import would appear.
+   */
+  private codeFiles(): string[] {
+    const modules = new Set<string>();
+    for (const spec of [this.current.spec, this.redeploy?.read?.spec])
+      for (const t of Object.values(spec?.agents ?? {})) modules.add(t.module_path);
+    return [...modules].flatMap((m) => agentFiles(m, HOST_PATHS).watched);
   }
 
   /** Why fleet.toml was not applied at start (the spec error until a reload applies a file). */

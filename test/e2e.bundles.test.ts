@@ -7,7 +7,16 @@
  * running the last good bundle.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { chmodSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import {
+  appendFileSync,
+  chmodSync,
+  existsSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { withBundles } from "../gateway/code/index.ts";
@@ -68,6 +77,11 @@ function taggerFleet(name: string, fleetLines = ""): { fleet: TestFleet; agent: 
     fleetHeader(name, { fleet: fleetLines }) + agentType("tagger", agent, ["tags/+/in"], { dedup: "id" }),
   );
   return { fleet, agent, labelFile };
+}
+
+/** The gateway's spec error (/api/fleet), null when fleet.toml and its modules are applied. */
+async function specError(fleet: TestFleet): Promise<string | null> {
+  return ((await (await fleet.fetch("/api/fleet")).json()) as { spec_error?: string | null }).spec_error ?? null;
 }
 
 async function episodeRows(fleet: TestFleet, agent: string): Promise<Row[]> {
@@ -165,6 +179,60 @@ describe("code pinned by content", () => {
       await fleet.dispose();
     }
   }, 180_000);
+
+  test("a module moved away and back is watched again: its next edit is deployed", async () => {
+    const { fleet, agent, labelFile } = taggerFleet("e2e-bundles-vanish");
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      await publishQos1(c, "tags/a/in", { id: "r1" });
+      await fleet.waitCommitted("tagger/a", 1);
+      // mv away (a deploy script's rm, a git stash): refused, the running code stays.
+      renameSync(agent, `${agent}.away`);
+      await waitFor(async () => (await specError(fleet))?.includes("cannot be bundled"), 20_000, "the refusal");
+      // Back: the same code again, the refusal is gone.
+      renameSync(`${agent}.away`, agent);
+      await waitFor(async () => (await specError(fleet)) === null, 20_000, "the refusal cleared");
+      // And its next edit is deployed, as any edit.
+      writeFileSync(labelFile, label("v2"));
+      await waitFor(
+        async () => (await fleet.query("SELECT hash FROM spec_versions")).length === 2,
+        20_000,
+        "a spec version for the edit after the module came back",
+      );
+      await publishQos1(c, "tags/a/in", { id: "r2" });
+      await fleet.waitCommitted("tagger/a", 2);
+      const [out] = await fleet.decisions((await episodeRows(fleet, "tagger/a"))[1]!.id as string);
+      expect(out?.data).toMatchObject({ label: "v2" });
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
+
+  test("a type added before its module exists is applied when the module is written", async () => {
+    const { fleet } = taggerFleet("e2e-bundles-late");
+    const late = join(fleet.dir, "late.ts");
+    try {
+      await fleet.start();
+      appendFileSync(fleet.configPath, agentType("late", late, ["late/+/in"], { dedup: "id" }));
+      await waitFor(
+        async () => (await specError(fleet))?.includes("agents.late.module cannot be bundled"),
+        20_000,
+        "the refusal of a type whose module is missing",
+      );
+      // Written afterwards (no edit of fleet.toml, no SIGHUP): the type is deployed.
+      writeFileSync(late, AGENT);
+      await waitFor(
+        async () => (await fleet.query("SELECT hash FROM spec_versions")).length === 2,
+        20_000,
+        "a spec version with the late type",
+      );
+      await publishQos1(await fleet.mqtt(), "late/x/in", { id: "l1" });
+      await fleet.waitCommitted("late/x", 1);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
 
   test("an older release's bundle, importing the SDK from a gone install, runs, replays and is kept", async () => {
     const { fleet } = taggerFleet("e2e-bundles-legacy");

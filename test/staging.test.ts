@@ -36,10 +36,8 @@ function agent(name: string): AgentFiles {
   writeFileSync(join(app, "agent.ts"), `export default "${name}";`);
   writeFileSync(join(app, "lib/util.ts"), `export const who = "${name}";`);
   writeFileSync(join(app, "node_modules/pkg/index.js"), `module.exports = "${name}";`);
-  return {
-    files: [join(app, "agent.ts"), join(app, "lib/util.ts")],
-    packages: [join(app, "node_modules/pkg")],
-  };
+  const files = [join(app, "agent.ts"), join(app, "lib/util.ts")];
+  return { files, packages: [join(app, "node_modules/pkg")], watched: files };
 }
 
 /** Every path in a root, relative to it, with a trailing slash for folders. */
@@ -141,7 +139,7 @@ describe("a warm spare's staging root", () => {
   test("a file the runtime already mounts is not staged over its mount point", () => {
     const root = new StagingRoot(RUNTIME);
     const bun = join(host, "runtime/bun");
-    root.stage({ files: [bun], packages: [] });
+    root.stage({ files: [bun], packages: [], watched: [bun] });
     expect(statSync(join(root.dir, bun)).size).toBe(0); // still the empty mount point of the skeleton
     root.remove();
   });

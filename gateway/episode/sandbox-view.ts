@@ -10,7 +10,7 @@
  * takes the spare, and appear inside at their real paths.
  */
 import { existsSync, lstatSync, readFileSync, readlinkSync, realpathSync, statSync } from "node:fs";
-import { dirname, join, sep } from "node:path";
+import { dirname, join, resolve, sep } from "node:path";
 import { macroRisk } from "./macros.ts";
 
 /** One read-only thing the sandbox shows at the same path as on the host. */
@@ -22,7 +22,15 @@ export type Bind =
 export interface AgentFiles {
   readonly files: readonly string[];
   readonly packages: readonly string[];
+  /**
+   * What to watch for a change of the closure: the files, and where a missing module or relative
+   * import would be (a file that appears there changes the closure as much as an edit does).
+   */
+  readonly watched: readonly string[];
 }
+
+/** Where Bun looks for a relative import `./x` (no extension, or one it adds). */
+const IMPORT_SUFFIXES = ["", ".ts", ".tsx", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.js"] as const;
 
 /** The system parts a Bun process needs: its shared libraries (and /usr/bin for what an agent may spawn). */
 const SYSTEM_PATHS = ["/usr/lib", "/usr/lib64", "/usr/bin", "/lib", "/lib64", "/bin"] as const;
@@ -92,19 +100,21 @@ function addPackage(root: string, packages: Set<string>): void {
  * The files `modulePath` loads: itself, every file it imports statically (transitively,
  * resolved as Bun resolves them), and whole npm packages for bare imports (with their
  * dependencies). Missing or unparsable files are left out: the episode then fails with
- * Bun's own error. Cached until one of the files changes.
+ * Bun's own error. Cached until one of the watched paths changes (a missing file that appears too).
  */
 export function agentFiles(modulePath: string, skip: readonly string[] = []): AgentFiles {
   const hit = cache.get(modulePath);
-  if (hit && hit.stamp === stampOf(hit.files.files)) return hit.files;
+  if (hit && hit.stamp === stampOf(hit.files.watched)) return hit.files;
   const files = new Set<string>();
   const packages = new Set<string>();
+  const missing = new Set<string>();
   const inSkip = (f: string) => skip.some((s) => f === s || f.startsWith(s + sep));
   const visit = (file: string): void => {
     let real: string;
     try {
       real = realpathSync(file);
     } catch {
+      missing.add(file);
       return;
     }
     if (files.has(real) || inSkip(real)) return;
@@ -129,20 +139,22 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
       try {
         resolved = Bun.resolveSync(imp.path, dirname(real));
       } catch {
+        if (imp.path.startsWith(".") || imp.path.startsWith("/"))
+          for (const suffix of IMPORT_SUFFIXES) missing.add(resolve(dirname(real), imp.path) + suffix);
         continue;
       }
       if (resolved.startsWith("/")) visit(resolved);
     }
   };
   visit(modulePath);
-  const out: AgentFiles = { files: [...files], packages: [...packages] };
-  cache.set(modulePath, { stamp: stampOf(out.files), files: out });
+  const out: AgentFiles = { files: [...files], packages: [...packages], watched: [...files, ...missing] };
+  cache.set(modulePath, { stamp: stampOf(out.watched), files: out });
   return out;
 }
 
 /** A stamp of a module's import closure (its files' mtimes): equal stamps, same code. */
 export function moduleStamp(modulePath: string): string {
-  return `${modulePath}\n${stampOf(agentFiles(modulePath).files)}`;
+  return `${modulePath}\n${stampOf(agentFiles(modulePath).watched)}`;
 }
 
 function stampOf(files: readonly string[]): string {

@@ -81,6 +81,11 @@ export class Redeploy {
    * not say the edit was seen (shown by status and /api/fleet as `spec_pending`).
    */
   pending: SpecPending | null = null;
+  /**
+   * fleet.toml as last read (applied or not; null until a read parses): the modules it names are
+   * watched too, so a module written after its type was added is picked up like an edit.
+   */
+  read: SpecVersion | null = null;
   private chain: Promise<void> = Promise.resolve();
 
   constructor(private readonly d: RedeployDeps) {}
@@ -99,6 +104,7 @@ export class Redeploy {
     let next: SpecVersion;
     try {
       next = await loadSpec(current.path);
+      this.read = next;
     } catch (err) {
       this.error = err instanceof SpecError ? err.message : String(err);
       this.d.log.error({ reason }, `fleet.toml rejected, keeping spec ${current.hash.slice(0, 12)}: ${this.error}`);
