@@ -5,8 +5,20 @@
  * Fixture: test/fixtures/config/typed.ts.
  */
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { execFileSync } from "node:child_process";
+import {
+  chmodSync,
+  cpSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  realpathSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { stimuli, testAgent } from "agent-fleets/testing";
 import typed from "./fixtures/config/typed.ts";
@@ -20,6 +32,7 @@ afterAll(cleanupAll);
 
 const TYPED = fileURLToPath(new URL("./fixtures/config/typed.ts", import.meta.url));
 const SPAWN = defaultSpawnOptions();
+const SDK = join(ROOT, "agents/sdk/index.ts");
 
 const typeToml = (config: string, module = TYPED) =>
   `[agents.t]\nmodule = ${q(module)}\nsubscribe = ["t/+/in"]\nkey = "{1}"\nconfig = ${config}\n`;
@@ -75,6 +88,24 @@ describe("config checked against the module's schema, in the sandbox", () => {
       expect(problems.map((p) => p.keyPath)).toEqual(["agents.t.config.threshold"]);
     } finally {
       rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a module whose packages are symlinks (pnpm, npm link, workspaces) is checked all the same", async () => {
+    // An app outside the install, zod in pnpm's layout: node_modules/zod -> .pnpm/zod@x/node_modules/zod.
+    const app = mkdtempSync(join(tmpdir(), "fleet-pnpm-"));
+    try {
+      const real = join(app, "node_modules/.pnpm/zod@x/node_modules/zod");
+      mkdirSync(dirname(real), { recursive: true });
+      cpSync(realpathSync(join(ROOT, "node_modules/zod")), real, { recursive: true, dereference: true });
+      symlinkSync(".pnpm/zod@x/node_modules/zod", join(app, "node_modules/zod"));
+      const mod = join(app, "agent.ts");
+      writeFileSync(mod, readFileSync(TYPED, "utf8").replace("../../../agents/sdk/index.ts", SDK));
+      execFileSync("chmod", ["-R", "a+rX", app]); // the sandbox's uid must read it
+      const problems = await problemsOf('{ threshold = "high" }', mod);
+      expect(problems.map((p) => p.keyPath)).toEqual(["agents.t.config.threshold"]);
+    } finally {
+      rmSync(app, { recursive: true, force: true });
     }
   });
 

@@ -37,7 +37,7 @@ function agent(name: string): AgentFiles {
   writeFileSync(join(app, "lib/util.ts"), `export const who = "${name}";`);
   writeFileSync(join(app, "node_modules/pkg/index.js"), `module.exports = "${name}";`);
   const files = [join(app, "agent.ts"), join(app, "lib/util.ts")];
-  return { files, packages: [join(app, "node_modules/pkg")], watched: files };
+  return { files, packages: [join(app, "node_modules/pkg")], watched: files, links: [] };
 }
 
 /** Every path in a root, relative to it, with a trailing slash for folders. */
@@ -139,7 +139,7 @@ describe("a warm spare's staging root", () => {
   test("a file the runtime already mounts is not staged over its mount point", () => {
     const root = new StagingRoot(RUNTIME);
     const bun = join(host, "runtime/bun");
-    root.stage({ files: [bun], packages: [], watched: [bun] });
+    root.stage({ files: [bun], packages: [], watched: [bun], links: [] });
     expect(statSync(join(root.dir, bun)).size).toBe(0); // still the empty mount point of the skeleton
     root.remove();
   });

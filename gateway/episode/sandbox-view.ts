@@ -27,6 +27,11 @@ export interface AgentFiles {
    * import would be (a file that appears there changes the closure as much as an edit does).
    */
   readonly watched: readonly string[];
+  /**
+   * The symlinks the module resolves its packages through (`node_modules/zod -> .pnpm/…`, `npm link`,
+   * workspaces): shown as they are, beside the packages at their real paths, or nothing resolves.
+   */
+  readonly links: readonly { readonly path: string; readonly target: string }[];
 }
 
 /** Where Bun looks for a relative import `./x` (no extension, or one it adds). */
@@ -70,16 +75,36 @@ function packageRoot(file: string): string | null {
   return file.slice(0, at + "/node_modules/".length) + name.join(sep);
 }
 
-/** The package folder `name` resolves to from `from` (node's lookup through parent node_modules). */
-function findPackage(name: string, from: string): string | null {
+/** The links met on the way to packages, by path. */
+type Links = Map<string, string>;
+
+/**
+ * The package folder `name` resolves to from `from` (node's lookup through parent node_modules);
+ * the symlinks met on the way (`node_modules` itself, `@scope`, the package) are added to `links`.
+ */
+function findPackage(name: string, from: string, links: Links): string | null {
   for (let dir = from; ; dir = dirname(dir)) {
     const candidate = join(dir, "node_modules", name);
-    if (existsSync(join(candidate, "package.json"))) return realpathSync(candidate);
+    if (existsSync(join(candidate, "package.json"))) {
+      let path = dir;
+      for (const part of ["node_modules", ...name.split("/")]) {
+        path = join(path, part);
+        if (lstatSync(path).isSymbolicLink()) links.set(path, readlinkSync(path));
+      }
+      return realpathSync(candidate);
+    }
     if (dirname(dir) === dir) return null;
   }
 }
 
-function addPackage(root: string, packages: Set<string>): void {
+/** The package name of a bare import (`zod`, `@scope/pkg`, from `zod/mini` or `@scope/pkg/sub`), or null. */
+function packageName(specifier: string): string | null {
+  if (specifier.startsWith(".") || specifier.startsWith("/") || specifier.includes(":")) return null;
+  const parts = specifier.split("/");
+  return (parts[0]?.startsWith("@") ? parts.slice(0, 2) : parts.slice(0, 1)).join("/");
+}
+
+function addPackage(root: string, packages: Set<string>, links: Links): void {
   if (packages.has(root)) return;
   packages.add(root);
   let deps: string[] = [];
@@ -91,8 +116,8 @@ function addPackage(root: string, packages: Set<string>): void {
     return;
   }
   for (const d of deps) {
-    const found = findPackage(d, root);
-    if (found) addPackage(found, packages);
+    const found = findPackage(d, root, links);
+    if (found) addPackage(found, packages, links);
   }
 }
 
@@ -108,6 +133,7 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
   const files = new Set<string>();
   const packages = new Set<string>();
   const missing = new Set<string>();
+  const links: Links = new Map();
   const inSkip = (f: string) => skip.some((s) => f === s || f.startsWith(s + sep));
   const visit = (file: string): void => {
     let real: string;
@@ -120,7 +146,7 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
     if (files.has(real) || inSkip(real)) return;
     const pkg = packageRoot(real);
     if (pkg) {
-      addPackage(pkg, packages);
+      addPackage(pkg, packages, links);
       return;
     }
     files.add(real);
@@ -143,11 +169,22 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
           for (const suffix of IMPORT_SUFFIXES) missing.add(resolve(dirname(real), imp.path) + suffix);
         continue;
       }
+      // Bun resolves through symlinks: the link itself is found as node would find it.
+      const name = packageName(imp.path);
+      if (name !== null) findPackage(name, dirname(real), links);
       if (resolved.startsWith("/")) visit(resolved);
     }
   };
   visit(modulePath);
-  const out: AgentFiles = { files: [...files], packages: [...packages], watched: [...files, ...missing] };
+  const out: AgentFiles = {
+    files: [...files],
+    packages: [...packages],
+    watched: [...files, ...missing],
+    // One inside a package folder is shown with it.
+    links: [...links]
+      .filter(([path]) => ![...packages].some((pkg) => path.startsWith(pkg + sep)))
+      .map(([path, target]) => ({ path, target })),
+  };
   cache.set(modulePath, { stamp: stampOf(out.watched), files: out });
   return out;
 }
@@ -194,7 +231,8 @@ function computeCanLoad(a: AgentFiles, hostPaths: readonly string[]): boolean {
       looked.add(join(dir, "node_modules") + sep);
       if (dirname(dir) === dir) break;
     }
-  return a.packages.every((pkg) => ![...looked].some((nm) => pkg.startsWith(nm)));
+  // A spare's staging moves files and folders only: an agent that needs links starts cold.
+  return a.links.length === 0 && a.packages.every((pkg) => ![...looked].some((nm) => pkg.startsWith(nm)));
 }
 
 /** Agent files as binds (a cold start mounts them directly). */
@@ -202,6 +240,7 @@ export function agentBinds(a: AgentFiles): Bind[] {
   return [
     ...a.files.map((path) => ({ kind: "file" as const, path })),
     ...a.packages.map((path) => ({ kind: "dir" as const, path })),
+    ...a.links.map((l) => ({ kind: "symlink" as const, ...l })),
   ];
 }
 
