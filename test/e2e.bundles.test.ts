@@ -7,10 +7,12 @@
  * running the last good bundle.
  */
 import { afterAll, describe, expect, test } from "bun:test";
+import { execFileSync } from "node:child_process";
 import {
   appendFileSync,
   chmodSync,
   existsSync,
+  mkdirSync,
   readdirSync,
   readFileSync,
   renameSync,
@@ -204,6 +206,38 @@ describe("code pinned by content", () => {
       await fleet.waitCommitted("tagger/a", 2);
       const [out] = await fleet.decisions((await episodeRows(fleet, "tagger/a"))[1]!.id as string);
       expect(out?.data).toMatchObject({ label: "v2" });
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
+
+  test("a new version of an npm package the module imports is new code, deployed", async () => {
+    const { fleet, agent } = taggerFleet("e2e-bundles-package");
+    const pkg = join(fleet.dir, "node_modules/m-helper");
+    const release = (version: string) => {
+      mkdirSync(pkg, { recursive: true });
+      writeFileSync(join(pkg, "package.json"), JSON.stringify({ name: "m-helper", version, main: "index.js" }));
+      writeFileSync(join(pkg, "index.js"), `exports.label = () => ${JSON.stringify(`helper ${version}`)};\n`);
+    };
+    release("1.0.0");
+    writeFileSync(agent, AGENT.replace('"./label.ts"', '"m-helper"'));
+    if (IS_ROOT) execFileSync("chmod", ["-R", "a+rX", fleet.dir]);
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      await publishQos1(c, "tags/a/in", { id: "r1" });
+      await fleet.waitCommitted("tagger/a", 1);
+      // What npm update does: the package's files, package.json with them, are written anew.
+      release("1.0.1");
+      await waitFor(
+        async () => (await fleet.query("SELECT hash FROM spec_versions")).length === 2,
+        20_000,
+        "a spec version for the package's new version",
+      );
+      await publishQos1(c, "tags/a/in", { id: "r2" });
+      await fleet.waitCommitted("tagger/a", 2);
+      const [out] = await fleet.decisions((await episodeRows(fleet, "tagger/a"))[1]!.id as string);
+      expect(out?.data).toMatchObject({ label: "helper 1.0.1" });
     } finally {
       await fleet.dispose();
     }

@@ -23,8 +23,9 @@ export interface AgentFiles {
   readonly files: readonly string[];
   readonly packages: readonly string[];
   /**
-   * What to watch for a change of the closure: the files, and where a missing module or relative
-   * import would be (a file that appears there changes the closure as much as an edit does).
+   * What to watch for a change of the closure: the files, where a missing module or relative import
+   * would be (a file that appears there changes the closure as much as an edit does), and each
+   * package's package.json (a new version installed; an edit inside a package is not watched).
    */
   readonly watched: readonly string[];
   /**
@@ -179,7 +180,7 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
   const out: AgentFiles = {
     files: [...files],
     packages: [...packages],
-    watched: [...files, ...missing],
+    watched: [...files, ...missing, ...[...packages].map((pkg) => join(pkg, "package.json"))],
     // One inside a package folder is shown with it.
     links: [...links]
       .filter(([path]) => ![...packages].some((pkg) => path.startsWith(pkg + sep)))
