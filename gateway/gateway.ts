@@ -389,7 +389,7 @@ export class Gateway {
     await this.timers.update(spec);
     this.wakeups = fleetWakeups(this, this.now);
     await this.wakeups.start();
-    this.watcher = new SpecWatcher(this.current.path, () => void this.reload("file changed"), {
+    this.watcher = new SpecWatcher(this.current.path, () => void this.redeploy?.reload("file changed", false), {
       codeFiles: () => this.codeFiles(),
     });
     // Primed with the file as read at start, not the running spec's text (a refused file's

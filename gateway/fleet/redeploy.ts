@@ -86,19 +86,30 @@ export class Redeploy {
    * watched too, so a module written after its type was added is picked up like an edit.
    */
   read: SpecVersion | null = null;
+  /** The last version refused after it was pinned, and why (null once a version is applied). */
+  private refused: { readonly hash: string; readonly error: string } | null = null;
   private chain: Promise<void> = Promise.resolve();
 
   constructor(private readonly d: RedeployDeps) {}
 
-  /** Queue a reload behind any in progress; resolves when it is applied (or rejected). */
-  reload(reason: string): Promise<void> {
+  /**
+   * Queue a reload behind any in progress; resolves when it is applied (or rejected). `recheck`
+   * false (the file watch): the version refused last, found again (a file touched, one more file
+   * watched), keeps its refusal without running its checks again; SIGHUP runs them.
+   */
+  reload(reason: string, recheck = true): Promise<void> {
     this.chain = this.chain
-      .then(() => this.reloadNow(reason))
+      .then(() => this.reloadNow(reason, recheck))
       .catch((err) => this.d.log.error({ err }, "reload failed"));
     return this.chain;
   }
 
-  private async reloadNow(reason: string): Promise<void> {
+  private refuse(hash: string, error: string): void {
+    this.error = error;
+    this.refused = { hash, error };
+  }
+
+  private async reloadNow(reason: string, recheck: boolean): Promise<void> {
     if (!this.d.running()) return;
     const current = this.d.current();
     let next: SpecVersion;
@@ -119,11 +130,15 @@ export class Redeploy {
       }
       next = pinned.sv;
     }
+    if (!recheck && this.refused?.hash === next.hash) {
+      this.error = this.refused.error;
+      return;
+    }
     this.error = null;
     if (next.hash === current.hash) return;
     const restart = this.d.needsRestart?.(current.spec, next.spec) ?? [];
     if (restart.length > 0) {
-      this.error = `needs restart: ${restart.join(", ")}; still running spec ${current.hash.slice(0, 12)}`;
+      this.refuse(next.hash, `needs restart: ${restart.join(", ")}; still running spec ${current.hash.slice(0, 12)}`);
       this.d.log.error({ reason }, `fleet.toml not applied: ${this.error}`);
       return;
     }
@@ -139,14 +154,14 @@ export class Redeploy {
     this.pending = { spec_version: next.hash, step: "config check", since: this.d.now() };
     const refused = (await this.d.check?.(current.spec, next)) ?? null;
     if (refused !== null) {
-      this.error = `not applied: ${refused}`;
+      this.refuse(next.hash, `not applied: ${refused}`);
       this.d.log.error({ reason }, `fleet.toml ${this.error}; keeping spec ${current.hash.slice(0, 12)}`);
       return;
     }
     this.pending = { spec_version: next.hash, step: "deploy check", since: this.pending?.since ?? this.d.now() };
     const gated = (await this.d.gate?.(current, next)) ?? null;
     if (gated !== null) {
-      this.error = `not applied: ${gated}; still running spec ${current.hash.slice(0, 12)}`;
+      this.refuse(next.hash, `not applied: ${gated}; still running spec ${current.hash.slice(0, 12)}`);
       this.d.log.error({ reason }, `fleet.toml ${this.error}`);
       return;
     }
@@ -154,7 +169,7 @@ export class Redeploy {
     try {
       live = (await this.d.applyLive?.(current.spec, next.spec)) ?? null;
     } catch (err) {
-      this.error = `not applied: ${err instanceof Error ? err.message : String(err)}`;
+      this.refuse(next.hash, `not applied: ${err instanceof Error ? err.message : String(err)}`);
       this.d.log.error({ reason }, `fleet.toml ${this.error}; keeping spec ${current.hash.slice(0, 12)}`);
       return;
     }
@@ -173,6 +188,7 @@ export class Redeploy {
       bundles: next.bundles,
     });
     await this.d.adopt(next);
+    this.refused = null;
     this.d.scheduler.setMaxConcurrent(next.spec.fleet.max_concurrent_episodes);
     this.d.roster.deployed(await deployInstances(this.d.store, next, this.d.now()));
     for (const type of diff.removed) await this.d.roster.retireType(type, next.hash);
