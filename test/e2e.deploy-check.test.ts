@@ -163,6 +163,25 @@ describe("fleet deploy --check with the gateway running", () => {
   );
 
   test(
+    "a candidate slower than its type's episode_timeout_ms is FAILED as the timeout it would be live",
+    async () => {
+      // The same outputs, 1.5 s late, under a 1 s timeout: a replay's own 10 s allowance does not pass it.
+      const budget = "\n[agents.counter.budget]\nepisode_timeout_ms = 1000\n";
+      const slow = (t: string) => t.replace(q(fixture("counter")), q(ops("counter-slow"))) + budget;
+      const { code, report } = await check(candidate("slow", slow));
+      expect(code).toBe(1);
+      const counter = report.types.find((t) => t.type === "counter")!;
+      expect(counter.counts).toEqual({ MATCH: 0, DIVERGED: 0, FAILED: 1, UNREPLAYABLE: 0 });
+      expect(counter.first?.divergence).toMatchObject({
+        at: "outcome",
+        expected: "committed",
+        actual: { kind: "timeout", message: expect.stringContaining("episode exceeded 1000 ms") },
+      });
+    },
+    SLOW,
+  );
+
+  test(
     "--episodes and --agents bound the sample, and the agents chosen are the same on every run",
     async () => {
       const path = candidate("renamed", withModule(ops("temp-monitor-renamed")));

@@ -100,6 +100,8 @@ export type RunResult =
       /** The state version the episode migrated from, when it ran `migrate`. */
       readonly migratedFrom?: number;
       readonly start?: StartKind;
+      /** How long the episode ran on its own clock (from its start sent to its end), what its timeout bounds. */
+      readonly codeMs?: number;
     }
   | {
       readonly ok: false;
@@ -108,6 +110,8 @@ export type RunResult =
       readonly records: EpisodeRecord[];
       readonly ms: number;
       readonly start?: StartKind;
+      /** As for a success; absent when the episode never started (its process did not). */
+      readonly codeMs?: number;
     };
 
 /** How an episode's process started: taken from the warm spares, or spawned for it (cold). */
@@ -156,6 +160,8 @@ export async function runEpisode(
   const began = performance.now();
   const records: EpisodeRecord[] = [];
   let outcome: RunResult | null = null;
+  /** When the episode's own clock started (its start sent), or null before. */
+  let clockFrom: number | null = null;
   /** Tool calls dispatched and not answered yet. */
   let toolsInFlight = 0;
   /** Those calls, by call id: a failed episode's log records them as cancelled. */
@@ -180,7 +186,9 @@ export async function runEpisode(
           ok: false,
           result: { error: "failed", reason: `cancelled: the episode ended (${r.kind}) while the call was in flight` },
         });
-    outcome = { ...r, records, ms: performance.now() - began, start: startKind } as RunResult;
+    const end = performance.now();
+    const codeMs = clockFrom === null ? {} : { codeMs: end - clockFrom };
+    outcome = { ...r, records, ms: end - began, start: startKind, ...codeMs } as RunResult;
     settle();
   };
 
@@ -296,7 +304,8 @@ export async function runEpisode(
           sent = true;
           // The episode's own clock starts with its code: start-up time (a loaded machine) is not the agent's.
           clearTimeout(timer);
-          const due = performance.now() + limits.timeoutMs;
+          clockFrom = performance.now();
+          const due = clockFrom + limits.timeoutMs;
           timer = setTimeout(() => timedOut(due), limits.timeoutMs);
           host.send(start);
         }

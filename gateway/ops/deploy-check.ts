@@ -213,7 +213,7 @@ async function checkType(
   const results = await pool(episodes, o.concurrency, async (id): Promise<ReplayResult> => {
     try {
       // A stored log that cannot be read is damage to history, not the candidate's failure.
-      return await replayOrUnreplayable(store, id, spawn, await o.module(), type.config);
+      return await replayOrUnreplayable(store, id, spawn, await o.module(), type);
     } catch (err) {
       // A replay that cannot even run the candidate is the candidate's failure.
       const message = err instanceof Error ? err.message : String(err);

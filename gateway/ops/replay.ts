@@ -7,9 +7,9 @@
 import { existsSync } from "node:fs";
 import type { EpisodeRecord, ReplayInputs, Stimulus } from "../../agents/protocol.ts";
 import { canonicalJson } from "../hash.ts";
-import { runEpisode, type SpawnOptions } from "../episode/index.ts";
+import { runEpisode, type RunResult, type SpawnOptions } from "../episode/index.ts";
 import { CHILD_LIMITS, runLimitsFor } from "../episode/index.ts";
-import { compileSpec } from "../spec/index.ts";
+import { type AgentTypeSpec, compileSpec } from "../spec/index.ts";
 import { hashEvents, IntegrityError, verifyCheckpointRow } from "../store/index.ts";
 import type { CheckpointRow, Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
@@ -100,14 +100,14 @@ export type BundleFileOf = (hash: string) => Promise<string>;
 /**
  * Replay one episode on the code it ran: the bundle it names (else, for an episode from before
  * code was pinned, its type's module file). `moduleOverride` runs the recording against other code,
- * `configOverride` with another `config` (the deploy check's candidate, ./deploy-check.ts).
+ * `candidate` with another type's `config` and `budget` (the deploy check's candidate, ./deploy-check.ts).
  */
 export async function replayEpisode(
   store: Store,
   episodeId: string,
   spawn: SpawnOptions,
   moduleOverride?: string,
-  configOverride?: Readonly<Record<string, unknown>>,
+  candidate?: Pick<AgentTypeSpec, "config" | "budget">,
   bundleFile?: BundleFileOf,
 ): Promise<ReplayResult> {
   const ep = await store.getEpisode(episodeId);
@@ -170,13 +170,14 @@ export async function replayEpisode(
       ? { ...base, note: `code not pinned: ran the module file as it is now (${module})` }
       : base;
   const inputs = replayInputs(records);
-  const result = await runEpisode(
+  const budget = (candidate ?? type).budget;
+  const run = await runEpisode(
     {
       t: "start",
       episode: ep.id,
       agent: { type: typeName, key, id: ep.agent },
       module,
-      config: configOverride ?? type.config,
+      config: (candidate ?? type).config,
       state,
       state_version: stateVersion,
       fresh: ep.parent === null,
@@ -186,10 +187,22 @@ export async function replayEpisode(
       wakes: { pending: inputs.pending_wakes ?? [], max: type.max_wakeups },
     },
     // A replay is not on the clock of a live fleet: allow at least 10 s.
-    runLimitsFor(type.budget, 10_000),
+    runLimitsFor(budget, 10_000),
     async () => ({ ok: false, result: { error: "failed", reason: "replay: tools are answered from the recording" } }),
     spawn,
   );
+  // ...but code slower than the type's episode_timeout_ms would time out live: it fails here as it would there.
+  const timeoutMs = budget.episode_timeout_ms;
+  const result: RunResult =
+    run.codeMs !== undefined && run.codeMs > timeoutMs
+      ? {
+          ok: false,
+          kind: "timeout",
+          message: `episode exceeded ${timeoutMs} ms (episode_timeout_ms; the replay ran ${Math.round(run.codeMs)} ms)`,
+          records: run.records,
+          ms: run.ms,
+        }
+      : run;
 
   // Other code with a newer state version migrates the recorded state first: that is the upgrade, not
   // a divergence. Its decisions, outputs and tool calls are compared; its final state (the new shape) is not.
