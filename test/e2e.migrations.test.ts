@@ -199,4 +199,33 @@ describe("state migrations", () => {
       await fleet.dispose();
     }
   }, 120_000);
+
+  test("a young agent's first episode, replayed on version 2 from its init, is compared by behaviour", async () => {
+    const { fleet, door } = doorFleet();
+    const v2 = join(fleet.dir, "door-v2.ts");
+    writeFileSync(v2, example("door-watcher-v2"));
+    const toml = fleetHeader("e2e-migrations-young") + doorType(door);
+    writeFileSync(fleet.configPath, toml);
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      // Its first episode is fresh: replayed, version 2's init runs (no migrate) and ends in the new shape.
+      for (const [i, state] of ["closed", "closed"].entries()) {
+        await publishQos1(c, "doors/d1/state", state);
+        await fleet.waitCommitted("door/d1", i + 1);
+      }
+      const r = await fleet.cli("replay", "--agent", "door/d1", "--module", v2);
+      const { results } = r.json as { results: { verdict: string; divergence?: { at: string } }[] };
+      expect(results.map((x) => x.divergence?.at ?? x.verdict)).toEqual(["MATCH", "MATCH"]);
+      expect(r.code).toBe(0);
+      // The upgrade of docs/upgrading.md, checked before it is deployed: OK.
+      const candidate = join(fleet.dir, "fleet.v2.toml");
+      writeFileSync(candidate, toml.replace(JSON.stringify(door), JSON.stringify(v2)));
+      const check = await runCli(["deploy", "--check", candidate, "--data-dir", fleet.dataDir, "--json"]);
+      expect(check.json).toMatchObject({ ok: true, types: [{ type: "door", counts: { MATCH: 2, DIVERGED: 0 } }] });
+      expect(check.code).toBe(0);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
 });

@@ -208,6 +208,8 @@ export async function replayEpisode(
   // a divergence. Its decisions, outputs and tool calls are compared; its final state (the new shape) is not.
   const migrated = result.records.some((r) => r.k === "migrate") && !records.some((r) => r.k === "migrate");
   const actual = migrated ? result.records.filter((r) => r.k !== "migrate") : result.records;
+  // Nor is it where a fresh agent's first episode starts from the new version's init (nothing to migrate).
+  const otherShape = result.ok && sealed != null && (result.version ?? 1) !== (sealed.stateVersion ?? 1);
   const recordedOk = ending.kind === "end";
   if (recordedOk && !result.ok) {
     // Other code that did something else first (a decision, or a tool call the recording cannot
@@ -243,7 +245,7 @@ export async function replayEpisode(
   }
   const d = firstDivergence(records, actual);
   if (d) return { ...ran, verdict: "DIVERGED", divergence: d };
-  if (result.ok && ep.checkpoint && !migrated) {
+  if (result.ok && ep.checkpoint && !migrated && !otherShape) {
     const cp = await store.getCheckpoint(ep.checkpoint);
     if (cp && cp.state !== null && cp.state !== canonicalJson(result.state)) {
       return {
