@@ -20,7 +20,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { HOST_MODULES, PROTOCOL_SPECIFIER, SDK_ENTRY, SDK_SPECIFIER } from "../agents/host/index.ts";
-import { BundleFiles, BundleMissing, buildBundle, pinCode, versionOf, withBundles } from "../gateway/code/index.ts";
+import {
+  BundleFiles,
+  BundleMissing,
+  buildBundle,
+  bundleDir,
+  pinCode,
+  versionOf,
+  withBundles,
+} from "../gateway/code/index.ts";
 import { agentFiles, startTicks, sweepProcessDirs } from "../gateway/episode/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
 import { gcPass, verifyStore } from "../gateway/ops/index.ts";
@@ -148,6 +156,16 @@ describe("Bun macros in agent code", () => {
 });
 
 describe("bundle folders in the temp dir", () => {
+  test("a data dir under /tmp keeps its bundles out of /tmp, whoever runs the agents (warm spares see them)", () => {
+    for (const uids of [null, {}]) {
+      const dir = bundleDir("/tmp/fleet-x/data", { uids });
+      expect(dir.startsWith("/tmp/")).toBe(false);
+      expect(dir).toContain("fleet-bundles-");
+    }
+    expect(bundleDir("/srv/fleet-x/data", { uids: null })).toBe("/srv/fleet-x/data/bundles");
+    expect(bundleDir("/srv/fleet-x/data", { uids: {} })).toBe("/srv/fleet-x/data.bundles");
+  });
+
   test("one whose gateway is gone (killed with -9) is removed when another is made; a live one's is kept", () => {
     const base = mkdtempSync(join(tmpdir(), "fleet-sweep-"));
     const sleeper = Bun.spawn(["sleep", "60"], { stdin: "ignore", stdout: "ignore", stderr: "ignore" });

@@ -26,6 +26,7 @@ import { blake3Hex } from "../gateway/hash.ts";
 import { loadSpec } from "../gateway/spec/index.ts";
 import { bundleOfSql, episodeStatus, idOfSql, Store, specOfSql } from "../gateway/store/index.ts";
 import { cleanupAll, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { sampleValue, scrape } from "./helpers/prom.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
 const SDK = join(ROOT, "agents/sdk/index.ts");
@@ -311,7 +312,7 @@ describe("code pinned by content", () => {
   }, 120_000);
 
   test.if(IS_ROOT)(
-    'a bundle runs under sandbox = "uid" (agents as uids of their own, files beside the private data dir)',
+    'a bundle runs under sandbox = "uid" (agents as uids of their own, files out of the private data dir and /tmp)',
     async () => {
       const { fleet } = taggerFleet("e2e-bundles-uid", 'sandbox = "uid"\nallow_weak_sandbox = true');
       try {
@@ -321,7 +322,21 @@ describe("code pinned by content", () => {
         const [ep] = await episodeRows(fleet, "tagger/u");
         expect(ep?.bundle).toMatch(/^[0-9a-f]{64}$/);
         const file = bundleFile(fleet, ep!.bundle as string);
-        expect(file.startsWith(`${fleet.dataDir}.bundles/`)).toBe(true);
+        // Beside the data dir, unless that is under /tmp (the sandbox's private /tmp would hide it from spares).
+        const under = fleet.dataDir.startsWith("/tmp/");
+        expect(file.startsWith(`${fleet.dataDir}.bundles/`)).toBe(!under);
+        expect(file.startsWith("/tmp/")).toBe(false);
+        // So later episodes start warm: a spare's root shows the bundle.
+        const c = await fleet.mqtt();
+        for (const id of ["u2", "u3", "u4"]) {
+          await publishQos1(c, "tags/u/in", { id });
+          await fleet.waitCommitted("tagger/u", Number(id.slice(1)));
+        }
+        const warm = sampleValue(await scrape(fleet.httpUrl), "fleet_episode_starts_total", {
+          type: "tagger",
+          start: "warm",
+        });
+        expect(warm ?? 0).toBeGreaterThan(0);
         expect(readFileSync(file, "utf8")).toContain('"v1"');
         expect(statSync(fleet.dataDir).mode & 0o777).toBe(0o700);
       } finally {

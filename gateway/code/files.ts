@@ -17,12 +17,13 @@ import type { Blake3Hex } from "../types.ts";
  * Where a data dir's bundle files live for a sandbox: inside it, or beside it when agents run as
  * another uid. When they could not reach beside it either (a parent folder others cannot enter),
  * a folder of this process in the temp dir serves instead (0755: Bun lists a folder it imports from).
- * So does it for a data dir under /tmp, where the sandbox's private /tmp would hide the bundle
- * from a warm spare's root (every episode would start cold) and its mount point would show the
- * data dir's path inside.
+ * So does it for a data dir under /tmp, whoever runs the agents: the sandbox's private /tmp would
+ * hide the bundle from a warm spare's root (every episode would start cold) and its mount point
+ * would show the data dir's path inside.
  */
 export function bundleDir(dataDir: string, sandbox: { readonly uids: object | null }): string {
-  if (sandbox.uids === null) return underTmp(dataDir) ? privateTmpDir() : join(dataDir, "bundles");
+  if (underTmp(dataDir)) return privateTmpDir();
+  if (sandbox.uids === null) return join(dataDir, "bundles");
   const beside = `${dataDir}.bundles`;
   return enterableByOthers(dirname(beside)) ? beside : privateTmpDir();
 }
