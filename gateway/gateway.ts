@@ -619,7 +619,7 @@ export class Gateway {
     const candidate = toml === null ? await loadSpec(path) : await compileSpec(toml, path);
     const build = async (modulePath: string) => {
       const r = await buildBundle(modulePath, HOST_MODULES);
-      if (!r.ok) return null;
+      if (!r.ok) return { error: r.error };
       this.bundles.remember(r.hash, r.code);
       return { hash: r.hash, file: () => this.bundles.file(r.hash) };
     };

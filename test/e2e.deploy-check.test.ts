@@ -471,7 +471,11 @@ describe("fleet deploy --check with the gateway stopped", () => {
       const r = await check(candidate("broken", withModule(broken)));
       expect(r.code).toBe(1);
       expect(r.report.ok).toBe(false);
-      expect(r.report.refusals).toEqual([`agents.temp-monitor.module ${broken} does not bundle`]);
+      // Why, as validate says it: the file, line and column.
+      expect(r.report.refusals).toEqual([
+        expect.stringMatching(/^agents\.temp-monitor\.module \S+ does not bundle: \S+broken\.ts:1:\d+: .*no-such-file/),
+      ]);
+      expect(r.report.refusals[0]).toStartWith(`agents.temp-monitor.module ${broken} does not bundle: `);
     },
     SLOW,
   );

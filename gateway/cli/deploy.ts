@@ -47,7 +47,7 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
     const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
     const build = async (path: string) => {
       const r = await buildBundle(path, HOST_MODULES);
-      if (!r.ok) return null;
+      if (!r.ok) return { error: r.error };
       files.remember(r.hash, r.code);
       return { hash: r.hash, file: () => files.file(r.hash) };
     };

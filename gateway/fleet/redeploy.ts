@@ -125,7 +125,8 @@ export class Redeploy {
       const pinned = await this.d.pin(next, current);
       if (!pinned.ok) {
         this.error = `not applied: ${pinned.problems.join("; ")}; still running spec ${current.hash.slice(0, 12)}`;
-        this.d.log.error({ reason }, `fleet.toml ${this.error}`);
+        // A module edit as often as a fleet.toml one: the problems name each module by its key.
+        this.d.log.error({ reason }, `new code ${this.error}`);
         return;
       }
       next = pinned.sv;

@@ -83,10 +83,10 @@ export interface DeployCheckOptions {
   /**
    * For a candidate whose code is not pinned yet (a file, not a reload): bundle a type's module as
    * the gateway would pin it (gateway/code; nothing stored) and give its hash and the file the
-   * sandbox runs, or null when it does not bundle. An edited module file is then a code change even
-   * when fleet.toml names the same path, and the replay runs what the gateway would run.
+   * sandbox runs, or why it does not bundle (the bundler's error). An edited module file is then a code
+   * change even when fleet.toml names the same path, and the replay runs what the gateway would run.
    */
-  readonly build?: (modulePath: string) => Promise<Built | null>;
+  readonly build?: (modulePath: string) => Promise<Built | { readonly error: string }>;
   /** The file of a stored bundle: a pinned candidate (a reload) is replayed on its own bundle. */
   readonly bundleFile?: (hash: string) => Promise<string>;
   /** The gateway runs `running`: the candidate would be a hot reload, which refuses keys read at start. */
@@ -254,11 +254,21 @@ export async function deployCheck(
   const types: TypeCheck[] = [];
   const refusals: string[] = [];
   // Each module bundled once: for its type's check, and for the spec version the candidate would be.
+  // undefined: not built here (pinned already, or no builder); null: it does not bundle (`unbundled` says why).
   const builds = new Map<string, Promise<Built | null | undefined>>();
+  const unbundled = new Map<string, string>();
   const buildOf = (type: AgentTypeSpec) => {
-    if (candidate.bundles[type.name] !== undefined || !opts.build) return Promise.resolve(undefined);
+    const build = opts.build;
+    if (candidate.bundles[type.name] !== undefined || !build) return Promise.resolve(undefined);
     let b = builds.get(type.name);
-    if (!b) builds.set(type.name, (b = opts.build(type.module_path)));
+    if (!b) {
+      b = build(type.module_path).then((r) => {
+        if ("hash" in r) return r;
+        unbundled.set(type.name, r.error.split("\n")[0] ?? r.error);
+        return null;
+      });
+      builds.set(type.name, b);
+    }
     return b;
   };
   for (const [name, type] of Object.entries(candidate.spec.agents)) {
@@ -289,7 +299,8 @@ export async function deployCheck(
   const restart = opts.live && running ? restartNeeded(running.spec, candidate.spec) : [];
   if (restart.length > 0) refusals.push(`needs restart: ${restart.join(", ")}`);
   for (const type of Object.values(candidate.spec.agents))
-    if ((await buildOf(type)) === null) refusals.push(`agents.${type.name}.module ${type.module} does not bundle`);
+    if ((await buildOf(type)) === null)
+      refusals.push(`agents.${type.name}.module ${type.module} does not bundle: ${unbundled.get(type.name)}`);
   // The candidate's hash as the gateway would store it if it applied the file now: its text's hash
   // with its bundles (a module that cannot be bundled runs from its file, as the gateway would run it).
   const bundles: Record<string, Blake3Hex> = { ...candidate.bundles };
