@@ -22,7 +22,8 @@ const TOML =
   fleetHeader("e2e-wakeups") +
   agentType("waker", WAKER, ["cmd/+"], {
     extra: "max_wakeups = 3\n\n[agents.waker.retry]\nmax_attempts = 1\n",
-  });
+  }) +
+  agentType("blocker", WAKER, ["blk/+"], { extra: "max_wakeups = 600\nmax_queue = 1\n" });
 
 interface Emitted {
   woke?: { id: string; due_at: number; set_by: string };
@@ -148,6 +149,22 @@ describe("durable wake-ups on the real gateway", () => {
     expect(all.length).toBeGreaterThanOrEqual(2);
     const episodes: EpisodeJson[] = await fleet.episodes("waker/d");
     expect(episodes.filter((e) => e.stimulus === `wake:${set!.set![0]}`)).toHaveLength(1);
+  });
+
+  test("a paused agent's 600 undeliverable wake-ups do not hold up another agent's wake-up", async () => {
+    const b = await fleet.mqtt({ clientId: "cmd-blocker" });
+    await publishQos1(b, "blk/b1", { at: Date.now() + 2000, many: 600 });
+    b.end(true);
+    await waitFor(async () => (await fleet.episodes("blocker/b1")).length === 1, 30_000, "the blocker's wake-ups");
+    expect((await fleet.fetch("/api/agents/blocker/b1/pause", { method: "POST" })).status).toBe(200);
+    await Bun.sleep(2500); // its wake-ups are due now: one fills its queue, the others are refused
+    await command(fleet, "victim", { in: "2s", data: "on time" });
+    const all = await waitEmit(fleet, "waker/victim", (e) => e.woke !== undefined, "the victim's wake-up");
+    const woke = all.find((e) => e.woke)!;
+    const [row] = await fleet.query<{ late: number }>("SELECT done_at - due_at AS late FROM wakeups WHERE id = ?", [
+      woke.woke!.id,
+    ]);
+    expect(row!.late).toBeLessThan(1500);
   });
 
   test("the dashboard's agent page lists the wake-ups with their state and the episode that set each", async () => {

@@ -285,6 +285,33 @@ describe("the wake-up clock", () => {
     timers.shift()!.fn();
     await waitUntil(async () => (await rows("SELECT state FROM wakeups"))[0]?.state === "fired");
   });
+
+  test("an agent with a full queue does not hold up another's wake-ups due after its own", async () => {
+    const B = "waker/b" as AgentId;
+    // More than a batch of A's due first, all refused: B's comes after them in due order.
+    for (let i = 0; i < 600; i++) await setWake(`epA.w${i + 1}`, A, clock - 1000 + i);
+    await setWake("epB.w1", B, clock - 1);
+    refuse.set(A, "queue_full");
+    const wc = clockWith();
+    await wc.start();
+    expect(await rows("SELECT state FROM wakeups WHERE agent = 'waker/b'")).toEqual([{ state: "fired" }]);
+    // A's first was tried, not its 600: the rest stay out of the looks while it is blocked.
+    expect(recordCalls).toBe(2);
+    expect(timers.map((t) => t.ms)).toEqual([WAKE_RETRY_MS]);
+    // B's next one, due before the retry, is not held up to it; the retry tries only A's soonest.
+    await setWake("epB.w2", B, clock + 300);
+    wc.scheduled(clock + 300);
+    expect(timers.map((t) => t.ms)).toEqual([300]);
+    clock += 300;
+    timers.shift()!.fn();
+    await waitUntil(async () => (await rows("SELECT state FROM wakeups WHERE id = 'epB.w2'"))[0]?.state === "fired");
+    expect(recordCalls).toBe(3);
+    refuse.clear();
+    clock += WAKE_RETRY_MS;
+    timers.shift()!.fn();
+    await waitUntil(async () => (await rows("SELECT COUNT(*) AS n FROM wakeups WHERE state = 'fired'"))[0]?.n === 602);
+    await wc.stop();
+  });
 });
 
 async function waitUntil(cond: () => Promise<boolean>, ms = 5000): Promise<void> {

@@ -9,7 +9,7 @@
  * finds the stimulus already recorded.
  */
 import type { Logger } from "pino";
-import type { WakeRow } from "../store/index.ts";
+import type { WakeFilter, WakeRow } from "../store/index.ts";
 import type { AgentId, StimulusId } from "../types.ts";
 import type { IntakeReport } from "./intake.ts";
 import type { Target } from "./router.ts";
@@ -18,14 +18,14 @@ import type { Target } from "./router.ts";
 export const WAKE_BATCH = 500;
 /** Longest sleep between looks, so a clock jump or a missed notification is noticed. */
 export const MAX_WAKE_SLEEP_MS = 60_000;
-/** After a wake-up could not be delivered (queue full, store error), look again after this long. */
+/** After a wake-up could not be delivered (queue full, store error), try it again after this long. */
 export const WAKE_RETRY_MS = 1000;
 
 /** What the wake-up clock needs from the gateway. */
 export interface WakeDeps {
   readonly store: {
-    dueWakes(now: number, limit: number): Promise<WakeRow[]>;
-    nextWakeDue(): Promise<number | null>;
+    dueWakes(now: number, limit: number, f?: WakeFilter): Promise<WakeRow[]>;
+    nextWakeDue(f?: WakeFilter): Promise<number | null>;
     settleWakes(ids: readonly string[], state: "fired" | "dropped", at: number, why?: string | null): Promise<void>;
   };
   /** Where a wake-up of `agent` is delivered; null when its type left the spec. */
@@ -51,6 +51,10 @@ export class WakeClock {
   private stopped = false;
   private firing: Promise<void> | null = null;
   private again = false;
+  /** Agents whose queue refused a wake-up, left out of the looks until one of theirs is taken. */
+  private readonly blocked = new Set<AgentId>();
+  /** When the blocked agents are tried again. */
+  private probeAt = 0;
   private readonly now: () => number;
   private readonly setTimer: (fn: () => void, ms: number) => unknown;
   private readonly clearTimer: (handle: unknown) => void;
@@ -105,57 +109,87 @@ export class WakeClock {
       return this.firing;
     }
     this.firing = this.look()
+      .then(() => false)
       .catch((err) => {
         this.d.log.error({ err, retry_ms: WAKE_RETRY_MS }, "wake-ups could not be fired; retrying");
-        return WAKE_RETRY_MS;
+        return true;
       })
-      .then(async (retryMs) => {
+      .then(async (failed) => {
         this.firing = null;
         if (this.again) {
           this.again = false;
           return this.tick();
         }
-        const next = await this.d.store.nextWakeDue().catch(() => this.now() + WAKE_RETRY_MS);
-        if (next === null) return;
-        this.armAt(Math.max(next, retryMs > 0 ? this.now() + retryMs : next));
+        // After a store error everything due waits a pause; otherwise what is due for an agent
+        // not blocked fires at once, and the blocked ones are tried again at probeAt.
+        const except = failed ? [] : [...this.blocked];
+        const next = await this.d.store.nextWakeDue({ except }).catch(() => null);
+        const retryAt = failed ? this.now() + WAKE_RETRY_MS : this.blocked.size > 0 ? this.probeAt : Infinity;
+        const at = failed ? Math.max(next ?? retryAt, retryAt) : Math.min(next ?? Infinity, retryAt);
+        if (at !== Infinity) this.armAt(at);
       });
     return this.firing;
   }
 
-  /** Fire every due wake-up; returns a delay before the next look when some could not be delivered. */
-  private async look(): Promise<number> {
-    let retry = 0;
+  /**
+   * Fire every due wake-up. An agent whose queue refuses one is blocked: its wake-ups are left
+   * out of the look (so it does not hold up the others due after them) and only its soonest is
+   * tried again, once per WAKE_RETRY_MS, until one is taken.
+   */
+  private async look(): Promise<void> {
+    if (this.blocked.size > 0 && this.now() >= this.probeAt) {
+      this.probeAt = this.now() + WAKE_RETRY_MS;
+      for (const agent of [...this.blocked]) {
+        if (this.stopped) return;
+        this.blocked.delete(agent);
+        await this.deliver(await this.d.store.dueWakes(this.now(), 1, { agent }));
+      }
+    }
     for (;;) {
-      if (this.stopped) return 0;
-      const now = this.now();
-      const due = await this.d.store.dueWakes(now, WAKE_BATCH);
-      if (due.length === 0) return retry;
-      const fired: string[] = [];
-      const dropped = new Map<string, string[]>();
-      const drop = (id: string, why: string) => dropped.set(why, [...(dropped.get(why) ?? []), id]);
-      await Promise.all(
-        due.map(async (w) => {
-          const target = this.d.target(w.agent);
-          if (!target) return drop(w.id, "the agent's type is not in the spec");
+      if (this.stopped) return;
+      const due = await this.d.store.dueWakes(this.now(), WAKE_BATCH, { except: [...this.blocked] });
+      // Each row of the batch was settled or its agent is blocked now: the next read moves on.
+      await this.deliver(due);
+      if (due.length < WAKE_BATCH) return;
+    }
+  }
+
+  /** Deliver due wake-ups: each agent's in order, stopping at the first its queue refuses. */
+  private async deliver(due: readonly WakeRow[]): Promise<void> {
+    if (due.length === 0) return;
+    const byAgent = new Map<AgentId, WakeRow[]>();
+    for (const w of due) byAgent.set(w.agent, [...(byAgent.get(w.agent) ?? []), w]);
+    const fired: string[] = [];
+    const dropped = new Map<string, string[]>();
+    const drop = (id: string, why: string) => dropped.set(why, [...(dropped.get(why) ?? []), id]);
+    await Promise.all(
+      [...byAgent].map(async ([agent, rows]) => {
+        const target = this.d.target(agent);
+        for (const w of rows) {
+          if (!target) {
+            drop(w.id, "the agent's type is not in the spec");
+            continue;
+          }
           const report = await this.d.record(target, this.d.payload(w), `wake:${w.id}` as StimulusId);
           const refused = report.refused[0];
           if (!refused) fired.push(w.id);
           else if (refused.code === "retired") drop(w.id, "the agent is retired");
           else if (refused.code === "draining") drop(w.id, "the agent is draining (retiring)");
-          else retry = WAKE_RETRY_MS;
-        }),
-      );
-      const at = this.now();
-      await this.d.store.settleWakes(fired, "fired", at);
-      for (const [why, ids] of dropped) {
-        await this.d.store.settleWakes(ids, "dropped", at, why);
-        this.d.log.warn({ count: ids.length }, `wake-ups dropped: ${why}`);
-      }
-      const droppedCount = [...dropped.values()].reduce((n, ids) => n + ids.length, 0);
-      this.fired += fired.length;
-      this.dropped += droppedCount;
-      // What is left waits on a full queue: look again later, not in a tight loop.
-      if (due.length < WAKE_BATCH || fired.length + droppedCount === 0) return retry;
+          else {
+            if (this.blocked.size === 0) this.probeAt = this.now() + WAKE_RETRY_MS;
+            this.blocked.add(agent);
+            return;
+          }
+        }
+      }),
+    );
+    const at = this.now();
+    await this.d.store.settleWakes(fired, "fired", at);
+    for (const [why, ids] of dropped) {
+      await this.d.store.settleWakes(ids, "dropped", at, why);
+      this.d.log.warn({ count: ids.length }, `wake-ups dropped: ${why}`);
     }
+    this.fired += fired.length;
+    this.dropped += [...dropped.values()].reduce((n, ids) => n + ids.length, 0);
   }
 }

@@ -66,6 +66,17 @@ export interface TurnInputs {
 /** A wake-up as stored. */
 export type WakeRow = typeof t.wakeups.$inferSelect;
 
+/** Which agents' wake-ups a look at the table reads: one agent's, or all but some. */
+export interface WakeFilter {
+  readonly agent?: AgentId;
+  readonly except?: readonly AgentId[];
+}
+
+const wakeFilterSql = (f: WakeFilter): string =>
+  f.agent !== undefined ? "agent = ?" : f.except?.length ? "agent NOT IN (SELECT value FROM json_each(?))" : "true";
+const wakeFilterArgs = (f: WakeFilter): string[] =>
+  f.agent !== undefined ? [f.agent] : f.except?.length ? [JSON.stringify(f.except)] : [];
+
 /**
  * Stimuli go in as multi-row INSERTs of these sizes, largest first (65 rows: 64 + 1): per row,
  * one statement of 64 costs SQLite less than 64 of one (AUTOINCREMENT reads and writes
@@ -681,19 +692,25 @@ export class Store {
 
   // ---- wake-ups ------------------------------------------------------------------
 
-  /** Pending wake-ups due at or before `now`, soonest first. */
-  async dueWakes(now: number, limit: number): Promise<WakeRow[]> {
+  /**
+   * Pending wake-ups due at or before `now`, soonest first: of `f.agent` only, or of every agent
+   * but those in `f.except` (agents whose queue refused one: their rows are not read again).
+   */
+  async dueWakes(now: number, limit: number, f: WakeFilter = {}): Promise<WakeRow[]> {
     const rs = await this.client.execute({
-      sql: `SELECT ${codecs.wakeups.columns} FROM wakeups WHERE state = 'pending' AND due_at <= ?
-        ORDER BY due_at, id LIMIT ?`,
-      args: [now, limit],
+      sql: `SELECT ${codecs.wakeups.columns} FROM wakeups WHERE ${wakeFilterSql(f)} AND state = 'pending'
+        AND due_at <= ? ORDER BY due_at, id LIMIT ?`,
+      args: [...wakeFilterArgs(f), now, limit],
     });
     return rs.rows.map((r) => decodeRow(codecs.wakeups, r));
   }
 
-  /** When the soonest pending wake-up is due, or null when none is pending. */
-  async nextWakeDue(): Promise<number | null> {
-    const rs = await this.client.execute("SELECT MIN(due_at) AS due FROM wakeups WHERE state = 'pending'");
+  /** When the soonest pending wake-up is due (of the agents `f` selects), or null when none is pending. */
+  async nextWakeDue(f: WakeFilter = {}): Promise<number | null> {
+    const rs = await this.client.execute({
+      sql: `SELECT MIN(due_at) AS due FROM wakeups WHERE ${wakeFilterSql(f)} AND state = 'pending'`,
+      args: wakeFilterArgs(f),
+    });
     const v = rs.rows[0]?.due;
     return v === null || v === undefined ? null : Number(v);
   }
