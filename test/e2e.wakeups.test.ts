@@ -7,6 +7,7 @@
  * Fixture agent: test/fixtures/wake/waker.ts.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { cleanupAll, publishQos1, runCli, TestFleet, waitFor, type EpisodeJson } from "./helpers/gateway.ts";
 import { idOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
@@ -191,6 +192,32 @@ describe("durable wake-ups on the real gateway", () => {
     }
     await fleet.stop();
   });
+});
+
+test("a reload lowering max_wakeups below what is pending stops only new wake-ups; cancels still commit", async () => {
+  const toml = (max: number) =>
+    fleetHeader("e2e-wakeups-cap") +
+    agentType("waker", WAKER, ["cmd/+"], { extra: `max_wakeups = ${max}\n\n[agents.waker.retry]\nmax_attempts = 1\n` });
+  const fleet = new TestFleet(toml(30));
+  await fleet.start();
+  await command(fleet, "e", { in: "1h", many: 20 });
+  const [set] = await waitEmit(fleet, "waker/e", (e) => e.set !== undefined, "20 wake-ups set");
+  expect(set!.set).toHaveLength(20);
+  const version = async () =>
+    ((await (await fleet.fetch("/api/fleet")).json()) as { spec_version: string }).spec_version;
+  const before = await version();
+  writeFileSync(fleet.configPath, toml(10));
+  await waitFor(async () => (await version()) !== before, 30_000, "the reload");
+  await command(fleet, "e", { in: "1h" });
+  await waitEmit(fleet, "waker/e", (e) => e.refused !== undefined, "the denied wake-up");
+  await command(fleet, "e", { cancel: "first" });
+  const all = await waitEmit(fleet, "waker/e", (e) => "was_pending" in e, "the cancel");
+  expect(all.find((e) => e.refused)).toMatchObject({ refused: "ToolDenied", set: [] });
+  expect(all.find((e) => "was_pending" in e)).toMatchObject({ was_pending: true });
+  const episodes: EpisodeJson[] = await fleet.episodes("waker/e");
+  expect(episodes.map((e) => e.status)).toEqual(["committed", "committed", "committed"]);
+  expect(await fleet.query("SELECT COUNT(*) AS n FROM wakeups WHERE state = 'pending'")).toEqual([{ n: 19 }]);
+  await fleet.stop();
 });
 
 test("`fleet wakeups` refuses a bad --state with a clear first line and the usage", async () => {

@@ -561,7 +561,10 @@ describe("executor: wake-ups", () => {
     await t.executor.turn(A);
     expect(await t.rows("SELECT id FROM wakeups")).toEqual([]);
     const [ep] = await t.rows("SELECT error_kind, error FROM episodes");
-    expect(ep).toMatchObject({ error_kind: "protocol", error: "more than max_wakeups (100) wake-ups pending" });
+    expect(ep).toMatchObject({
+      error_kind: "protocol",
+      error: "a wake-up was set with max_wakeups (100) already pending",
+    });
   });
 });
 

@@ -15,6 +15,7 @@ import { testAgent, stimuli } from "agent-fleets/testing";
 import doorWatcher from "../agents/examples/door-watcher.ts";
 import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
 import {
+  buildWakes,
   defaultSpawnOptions,
   runEpisode,
   toStimulus,
@@ -130,6 +131,31 @@ describe("ctx.wakeIn / wakeAt / cancelWake in an episode subprocess", () => {
 });
 
 const clockSpec = await compileSpec('[agents.waker]\nmodule = "w.ts"\n', "/srv/fleet.toml");
+
+test("over max_wakeups (a reload lowered it) the gateway fails only an episode that sets one", () => {
+  const pending = Array.from({ length: 20 }, (_, i) => `old.w${i + 1}`);
+  const check = (records: EpisodeRecord[]) => buildWakes(EPISODE, "gw", "waker/k1" as AgentId, records, pending, 10, 0);
+  expect(
+    check([
+      { k: "log", level: "info", msg: "hi" },
+      { k: "emit", data: 1 },
+    ]),
+  ).toMatchObject({ ok: true });
+  const cancels = pending.map((id): EpisodeRecord => ({ k: "cancel_wake", id }));
+  expect(check(cancels)).toMatchObject({ ok: true, cancels: pending });
+  const wake: EpisodeRecord = { k: "wake", id: `${EPISODE}.w1`, at: 5, data: null };
+  expect(check([wake])).toEqual({ ok: false, message: "a wake-up was set with max_wakeups (10) already pending" });
+  // Cancelled down to 9 first, it may set one again (as ctx.wakeAt would let it).
+  expect(check([...cancels.slice(0, 11), wake])).toMatchObject({ ok: true, wakes: [{ id: `${EPISODE}.w1` }] });
+});
+
+test("ctx.wakeIn is denied over a lowered max_wakeups, and cancelWake still works", async () => {
+  const pending = Array.from({ length: 20 }, (_, i) => `old.w${i + 1}`);
+  const r = await run(start({ in: 1000 }, { wakes: { pending, max: 10 } }));
+  expect(r.emits).toContainEqual(expect.objectContaining({ refused: "ToolDenied", set: [] }));
+  const c = await run(start({ cancel: "old.w1" }, { wakes: { pending, max: 10 } }));
+  expect(c.emits).toEqual([{ cancelled: "old.w1", was_pending: true }]);
+});
 
 describe("the wake-up clock", () => {
   const type = clockSpec.spec.agents.waker!;

@@ -85,7 +85,7 @@ export type WakeEffects =
 
 /**
  * The wake-ups an episode set and cancelled, checked again here (the subprocess is not
- * trusted): ids are `<episode>.w<n>` in order, and no more than `max` end up pending.
+ * trusted): ids are `<episode>.w<n>` in order, and none is set while `max` are pending.
  */
 export function buildWakes(
   episode: string,
@@ -104,6 +104,10 @@ export function buildWakes(
     if (r.k === "wake") {
       if (r.id !== wakeIdOf(episode, ++issued))
         return { ok: false, message: `wake-up id "${r.id.slice(0, 80)}" was not issued by this episode` };
+      // The cap bounds setting a wake-up, as ctx.wakeAt checks it; over it after a reload lowered
+      // it, the agent still runs and cancels.
+      if (live.size >= max)
+        return { ok: false, message: `a wake-up was set with max_wakeups (${max}) already pending` };
       wakes.push({
         id: r.id,
         gateway,
@@ -119,7 +123,6 @@ export function buildWakes(
       if (own >= 0) wakes.splice(own, 1);
       else cancels.push(r.id);
     }
-    if (live.size > max) return { ok: false, message: `more than max_wakeups (${max}) wake-ups pending` };
   }
   return { ok: true, wakes, cancels };
 }

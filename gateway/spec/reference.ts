@@ -165,7 +165,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "counted in `fleet_agents_refused_total`, logged once a minute per type at most. Retiring an agent frees " +
     "a place; lowering the cap retires none (no new ones until fewer exist). Sharded: per shard.",
   "agents.*.max_wakeups":
-    "Wake-ups (`ctx.wakeIn` / `ctx.wakeAt`) an agent may have pending at once; one more throws `ToolDenied`.",
+    "Wake-ups (`ctx.wakeIn` / `ctx.wakeAt`) an agent may have pending at once; one more throws `ToolDenied`. " +
+    "Lowered by a reload below what an agent has pending, it stops only new ones: the agent runs and may cancel.",
   "agents.*.budget":
     "Limits per agent; exceeding one pauses the agent until its window resets, an operator resumes it, " +
     "or a reload raises that budget past what the agent has used.",
