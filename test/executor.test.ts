@@ -509,6 +509,42 @@ describe("executor: wake-ups", () => {
     expect(row).toEqual({ state: "cancelled", done_by: t.starts[1]!.episode } as never);
   });
 
+  test("a wake-up that fell due while its cancelling episode ran is cancelled; its queued run is dropped", async () => {
+    await t.queue();
+    await t.queue();
+    t.script.push((s) => ok({}, [wake(s, 1, t.now() + 5000)]));
+    await t.executor.turn(A);
+    const id = `${t.starts[0]!.episode}.w1`;
+    t.script.push(async () => {
+      // The wake-up clock fires it now: its stimulus is queued behind this episode, its row marked fired.
+      const [o] = await t.store.intake([
+        {
+          agent: A,
+          type: "mon",
+          key: "a",
+          sid: `wake:${id}` as StimulusId,
+          kind: "wake",
+          topic: null,
+          payload: new TextEncoder().encode('{"data":null}'),
+          receivedAt: t.now(),
+        },
+      ]);
+      t.book.recorded(A, o!.seq!, o!.receivedAt);
+      await t.store.settleWakes([id], "fired", t.now());
+      return ok({}, [{ k: "cancel_wake", id }]);
+    });
+    await t.executor.turn(A);
+    const [row] = await t.rows("SELECT state, done_by FROM wakeups WHERE id = ?", [id]);
+    expect(row).toEqual({ state: "cancelled", done_by: t.starts[1]!.episode } as never);
+    const [stim] = await t.rows("SELECT state, last_error FROM stimuli WHERE sid = ?", [`wake:${id}`]);
+    expect(stim).toEqual({
+      state: "dropped",
+      last_error: `its wake-up was cancelled by episode ${t.starts[1]!.episode}`,
+    } as never);
+    expect(t.book.queued(A)).toBe(0);
+    expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
+  });
+
   test("an episode cannot cancel another agent's wake-up", async () => {
     await t.queue(A);
     await t.queue(B);

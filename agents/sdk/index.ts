@@ -142,7 +142,7 @@ export interface AgentContext<S, C = Record<string, unknown>> {
   wakeIn(delay: WakeDelay, payload?: unknown): string;
   /** Like `wakeIn`, at an absolute time (epoch ms; a past time fires at once). */
   wakeAt(epochMs: number, payload?: unknown): string;
-  /** Cancel a pending wake-up (with the episode's commit). True when it was pending. */
+  /** Cancel a pending wake-up (with the episode's commit). True when it was pending: then it never runs. */
   cancelWake(id: string): boolean;
 }
 

@@ -443,7 +443,7 @@ export class EpisodeExecutor {
       // Sends are written with the sender's commit (exactly once), into places admission reserved.
       const inbox = buildInbox(episode, gate.sends, endedAt);
       const gatherMs = commitGatherMs(summary.waitMs, this.d.running?.() ?? 1);
-      const sent = await this.d.store.commitEpisode(
+      const { sent, droppedWakes } = await this.d.store.commitEpisode(
         {
           episode: { ...base, status: "committed", checkpoint: sealed.hash },
           events,
@@ -469,6 +469,10 @@ export class EpisodeExecutor {
         gatherMs,
       );
       this.d.queue.left(agentId, head.seq);
+      if (droppedWakes.length > 0) {
+        this.d.queue.rejected(agentId, droppedWakes);
+        log.info({ count: droppedWakes.length }, "wake-ups cancelled after they fell due: their runs dropped");
+      }
       this.settleSends(gate, sent);
       if (agent.status === "draining") await this.d.drained?.(agentId);
       log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");

@@ -123,6 +123,17 @@ function logStatements(episode: typeof t.episodes.$inferInsert, log: string): Ra
 /** How an inbox send's insert ends: a duplicate is skipped, and each stimulus written says its seq. */
 const SENT = "ON CONFLICT DO NOTHING RETURNING agent, seq, received_at";
 
+/** How the statement dropping the queued stimuli of cancelled wake-ups begins. */
+const DROP_CANCELLED = "UPDATE stimuli SET state = 'dropped',";
+
+/** The queued `wake` stimuli an episode's commit dropped with the wake-ups it cancelled. */
+export function droppedWakeRuns(stmts: readonly RawStatement[], results: readonly ResultSet[]): number[] {
+  const seqs: number[] = [];
+  for (const [i, st] of stmts.entries())
+    if (st.sql.startsWith(DROP_CANCELLED)) for (const r of results[i]?.rows ?? []) seqs.push(Number(r[0]));
+  return seqs;
+}
+
 /** The inbox sends an episode's commit wrote (its duplicates are not among them), in order. */
 export function sentStimuli(stmts: readonly RawStatement[], results: readonly ResultSet[]): SentStimulus[] {
   const sent: SentStimulus[] = [];
@@ -177,12 +188,31 @@ export function commitStatements(gatewayId: string, c: EpisodeCommit): RawStatem
     out.push(insertRows(codecs.stimuli, stimuli, SENT));
   }
   for (const rows of chunks(c.wakes ?? [])) out.push(insertRows(codecs.wakeups, rows, "ON CONFLICT DO NOTHING"));
-  for (const ids of chunks(c.cancels ?? []))
-    out.push({
-      sql: `UPDATE wakeups SET state = 'cancelled', done_at = ?, done_by = ?
-        WHERE agent = ? AND state = 'pending' AND id IN (${ids.map(() => "?").join(",")})`,
-      args: [now, ep.id, ep.agent, ...ids],
-    });
+  // A cancel also catches a wake-up that fell due while the episode ran: its `wake` stimulus,
+  // queued behind this episode, is dropped with it, so cancelWake's `true` means it never runs.
+  for (const ids of chunks(c.cancels ?? [])) {
+    const list = ids.map(() => "?").join(",");
+    out.push(
+      {
+        sql: `UPDATE wakeups SET state = 'cancelled', done_at = ?, done_by = ?
+        WHERE agent = ? AND id IN (${list}) AND (state = 'pending' OR state = 'fired' AND EXISTS (
+          SELECT 1 FROM stimuli s WHERE s.sid = 'wake:' || wakeups.id AND s.agent = wakeups.agent
+            AND s.state = 'queued' AND s.seq != ?))`,
+        args: [now, ep.id, ep.agent, ...ids, ep.stimulusSeq],
+      },
+      {
+        sql: `${DROP_CANCELLED} last_error = ?, done_at = ?
+        WHERE agent = ? AND state = 'queued' AND seq != ? AND sid IN (${list}) RETURNING seq`,
+        args: [
+          `its wake-up was cancelled by episode ${ep.id}`,
+          now,
+          ep.agent,
+          ep.stimulusSeq,
+          ...ids.map((id) => `wake:${id}`),
+        ],
+      },
+    );
+  }
   out.push(
     {
       sql: "UPDATE stimuli SET state = 'done', episode = ?, done_at = ?, attempts = ? WHERE seq = ?",

@@ -14,6 +14,7 @@ import {
   failureStatements,
   abortedStatements,
   sentStimuli,
+  droppedWakeRuns,
   type EpisodeCommit,
   type EpisodeFailure,
   type EpisodeUsage,
@@ -834,12 +835,14 @@ export class Store {
 
   /**
    * Commit an episode whole: log, decisions, checkpoint, outbox, inbox sends, budget use, dedup
-   * mark. Resolves with the inbox stimuli written (a duplicate send writes none). `gatherMs`: how
+   * mark. Resolves with the inbox stimuli written (a duplicate send writes none) and the queued
+   * `wake` stimuli dropped with the wake-ups it cancelled. `gatherMs`: how
    * long the commit may wait for others to share its transaction (GroupCommitter.write).
    */
-  async commitEpisode(c: EpisodeCommit, gatherMs = 0): Promise<SentStimulus[]> {
+  async commitEpisode(c: EpisodeCommit, gatherMs = 0): Promise<{ sent: SentStimulus[]; droppedWakes: number[] }> {
     const stmts = commitStatements(this.gatewayId, c);
-    return sentStimuli(stmts, await this.writer.write(stmts, undefined, gatherMs));
+    const results = await this.writer.write(stmts, undefined, gatherMs);
+    return { sent: sentStimuli(stmts, results), droppedWakes: droppedWakeRuns(stmts, results) };
   }
 
   /** Record a failed attempt; the stimulus is retried later or quarantined. State is untouched. */
