@@ -32,6 +32,12 @@ export interface FleetEventMap {
   rejected: { agent: string; count: number; reason: string };
   /** A stimulus was refused: it would have created one agent more of `type` than its `max_agents`. */
   agentRefused: { type: string; max: number };
+  /**
+   * Intake refused a stimulus for an agent of `type` (`code`: queue_full, retired, draining,
+   * max_agents): from a device, webhook or send (the sender is told), a wake-up (tried again
+   * later) or a timer fire (lost for that agent).
+   */
+  refused: { source: FleetEventMap["intake"]["source"]; type: string; code: string };
   /** Messages that matched a subscription but named no valid agent were recorded as rejected. */
   rejectedMessage: { count: number };
   intake: {

@@ -106,6 +106,43 @@ describe("refused and rejected device messages", () => {
   });
 });
 
+describe("refusals of an agent with a full queue", () => {
+  test("a refusal repeated every second logs one line a minute per agent and reason, each counted", async () => {
+    const lines: { msg: string; agent?: string; source?: string; refused?: number }[] = [];
+    const logger = pino({ level: "info" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+    const counted: { source: string; type: string; code: string }[] = [];
+    ctx.events.on("refused", (e) => counted.push(e));
+    let clock = 1_000;
+    const intake = new Intake(
+      ctx.store,
+      {
+        route: createRouter(spec),
+        admit: () => ({ ok: false, code: "queue_full", message: "queue full" }),
+        recorded: () => {},
+        released: () => {},
+      },
+      ctx.events,
+      logger,
+      () => clock,
+    );
+    const fire = (key: string) =>
+      intake.record([target("sink", key)], "timer", null, enc(1), `timer:${clock}` as StimulusId);
+    for (let i = 0; i < 120; i++, clock += 1000) {
+      await fire("a");
+      await fire("b");
+    }
+    expect(counted).toHaveLength(240);
+    expect(counted[0]).toEqual({ source: "timer", type: "sink", code: "queue_full" });
+    // Each agent: its first refusal, then one line a minute later with the count since.
+    expect(lines.map((l) => [l.agent, l.source, l.refused])).toEqual([
+      ["sink/a", "timer", 1],
+      ["sink/b", "timer", 1],
+      ["sink/a", "timer", 60],
+      ["sink/b", "timer", 60],
+    ]);
+  });
+});
+
 describe("MQTT redeliveries", () => {
   const client = { id: "door-1", username: null };
   const msg = (dup?: boolean) => ({

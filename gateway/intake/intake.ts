@@ -6,6 +6,7 @@
 import type { Logger } from "pino";
 import type { ClientInfo, IntakeVerdict, PublishedMessage } from "../../broker/index.ts";
 import { blake3Hex } from "../hash.ts";
+import { RefusalLog } from "./refusals.ts";
 import type { Route, Target } from "./router.ts";
 import type { IntakeOutcome, Store } from "../store/index.ts";
 import type { FleetEvents } from "../events.ts";
@@ -210,13 +211,17 @@ const REJECTED_LOG_EVERY_MS = 10_000;
 
 /** Intake for all sources. */
 export class Intake {
+  private readonly refusals: RefusalLog;
+
   constructor(
     private readonly store: Store,
     private readonly view: IntakeView,
     private readonly events: FleetEvents,
     private readonly log: Logger,
     private readonly now: () => number = Date.now,
-  ) {}
+  ) {
+    this.refusals = new RefusalLog(log, events, now);
+  }
 
   /**
    * The broker hook: route, record, then let aedes ack. A message that matched a
@@ -342,9 +347,7 @@ export class Intake {
         traceparent: opts.traceparent ?? null,
       });
     }
-    // max_agents refusals are logged by type, once a minute at most (fleet/agent-cap.ts): a flood of new keys.
-    for (const r of refused)
-      if (r.code !== "max_agents") this.log.warn({ agent: r.agent, topic }, `stimulus refused: ${r.reason}`);
+    if (refused.length > 0) this.refusals.note(refused, kind, topic);
     const accepted: IntakeReport["accepted"] = [];
     const duplicates: IntakeReport["duplicates"] = [];
     // The queue book (and so the scheduler) hears of the stimuli as soon as their transaction

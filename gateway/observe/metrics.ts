@@ -193,6 +193,15 @@ export class FleetMetrics {
       labelNames: ["type"],
       registers,
     });
+    const refused = new Counter({
+      name: "fleet_intake_refused_total",
+      help:
+        "Stimuli intake refused for an agent, by source (mqtt|webhook|inbox|manual|wake|timer), agent type and " +
+        "reason (queue_full|retired|draining|max_agents). A refused wake-up is tried again; a refused timer fire " +
+        "is lost for that agent.",
+      labelNames: ["source", "type", "reason"],
+      registers,
+    });
     const statusChanges = new Counter({
       name: "fleet_agent_status_changes_total",
       help: "Agent status transitions published, by new status (idle|running|paused|draining|retired|failed).",
@@ -283,6 +292,7 @@ export class FleetMetrics {
       host.events.on("spawn", (e) => starts.inc({ type: e.type, start: e.start })),
       host.events.on("rejectedMessage", (e) => rejectedMessages.inc(e.count)),
       host.events.on("agentRefused", (e) => refusedAgents.inc({ type: e.type })),
+      host.events.on("refused", (e) => refused.inc({ source: e.source, type: e.type, reason: e.code })),
       host.events.on("retention", (e) => {
         for (const [kind, n] of Object.entries(e.collected)) if (n > 0) retained.inc({ kind }, n);
         retentionSeconds.observe(e.ms / 1000);
