@@ -133,6 +133,24 @@ describe("timers", () => {
     expect(fires.at(-1)!.at).toBe(1_000_040_000); // and back on schedule
   });
 
+  test.each([
+    ["none", 0],
+    ["one", 1],
+    ["all", 18],
+  ] as const)("a timer that never fired before a shutdown catches up (%s) after 3 h down", async (policy, n) => {
+    const spec = await specWith({ hourly: `every = "10m"\ncatch_up = "${policy}"` });
+    const start = 1_700_000_400_000 + 1000; // just past a 10-minute boundary: stopped 50 s later
+    const first = setup(start);
+    await first.timers.update(spec);
+    await first.clock.advance(50 * S);
+    await first.timers.stop();
+    expect(first.fires).toEqual([]);
+    const { fires, timers } = setup(start + 3 * 3600 * S, { last: Object.fromEntries(first.saved) });
+    await timers.update(spec);
+    expect(fires).toHaveLength(n);
+    if (n > 0) expect(fires.at(-1)!.at).toBe(1_700_000_400_000 + 3 * 3600 * S);
+  });
+
   test("catch_up = all replays at most CATCH_UP_ALL_MAX fires, the newest", async () => {
     const spec = await specWith({ tick: 'every = "1s"\ncatch_up = "all"' });
     const { fires, timers } = setup(10_000_000, { last: { tick: 10_000_000 - 1000 * S } });

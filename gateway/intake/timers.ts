@@ -3,8 +3,9 @@
  * timeout armed for the earliest due type, never one timer per agent. A fire is a
  * stimulus for every deployed instance of the type whose id is derived from the
  * *scheduled* time (`timer:<ms>`), so restarts, redeploys and overlapping schedulers
- * can never fire it twice. The last fire handled per type is remembered in `meta`, and
- * fires missed while the gateway was down follow the type's `catch_up` policy.
+ * can never fire it twice. The last fire handled per type (at first, when it was scheduled)
+ * is remembered in `meta`, and fires missed while the gateway was down follow the type's
+ * `catch_up` policy.
  */
 import { Cron } from "croner";
 import type { Logger } from "pino";
@@ -94,8 +95,9 @@ export class Timers {
 
   /**
    * (Re)schedule from a spec: new types start, removed ones stop, changed ones re-plan. The
-   * first call (gateway start) catches up fires missed while the gateway was down; a timer
-   * a later call adds or changes starts from now, as nothing was due before the change.
+   * first call (gateway start) catches up fires missed while the gateway was down, since the
+   * last fire or, before the first, since the timer was scheduled; a timer a later call adds
+   * or changes starts from now, as nothing was due before the change.
    */
   async update(spec: FleetSpec): Promise<void> {
     const now = this.now();
@@ -109,13 +111,14 @@ export class Timers {
         next.set(type.name, { ...prev, type });
         continue;
       }
-      if (starting) {
-        const last = await this.d.lastFire(type.name);
-        if (last !== null) await this.catchUp(type, type.timer, last, now);
-      } else {
-        // A later restart catches up from here, not from a fire of the old schedule.
+      const last = starting ? await this.d.lastFire(type.name) : null;
+      if (last !== null) await this.catchUp(type, type.timer, last, now);
+      else {
+        // Scheduled from now, remembered: a timer that has not fired yet when the gateway stops
+        // catches up after the downtime all the same. A later restart catches up from here, not
+        // from a fire of an old schedule.
         await this.d.saveLastFire(type.name, now).catch((err) => {
-          this.d.log.warn({ err, type: type.name }, "timer: could not record the schedule change");
+          this.d.log.warn({ err, type: type.name }, "timer: could not record when it was scheduled");
         });
       }
       const at = nextFire(type.timer, now);

@@ -134,7 +134,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "agents.*.catch_up":
     "Timer fires missed while the gateway was down, and fires that queued up while the agent was paused or busy: " +
     '"none", "one" (run only the newest) or "all" (capped at 100 after downtime). A timer that a hot reload adds ' +
-    "or whose schedule it changes starts from the reload: nothing before it is caught up.",
+    "or whose schedule it changes starts from the reload: nothing before it is caught up. Downtime before a " +
+    "timer's first fire counts too: a new hourly timer whose gateway is off overnight catches up in the morning.",
   "agents.*.dedup":
     'The stimulus id from the payload: a field path ("id", "device.seq") or a template ("{device}:{seq}"); ' +
     "a brace that opens or closes no field is an error. Absent: only MQTT retransmissions are deduplicated.",
