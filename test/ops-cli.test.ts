@@ -216,6 +216,21 @@ describe("trace", () => {
   });
 });
 
+describe("wakeups", () => {
+  test("a wake-up due at 0 (ctx.wakeAt(0)) shows its due time, the epoch, not '-'", async () => {
+    const f = await stoppedFleet(1);
+    const db = f.sqlite();
+    db.query(
+      `INSERT INTO wakeups (id, gateway, agent, due_at, payload, set_by, created_at)
+       VALUES ('ep.w1', 'g', 'meter/m1', 0, 'null', 'ep', 1)`,
+    ).run();
+    db.close();
+    const r = await f.cli("wakeups", "meter/m1");
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain("1970-01-01 00:00:00");
+  });
+});
+
 describe("errors are one line", () => {
   test("a backup that cannot be written says where and why, without a stack", async () => {
     const f = await stoppedFleet(2);

@@ -208,8 +208,8 @@ function dataDirNamedIn(file: string): string | null {
   }
 }
 
-/** A timestamp as `YYYY-MM-DD HH:MM:SS` (UTC), or "-". */
+/** A timestamp as `YYYY-MM-DD HH:MM:SS` (UTC), or "-" for none (0 is the epoch: `ctx.wakeAt(0)`). */
 export const when = (ms: number | null): string =>
-  ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "-";
+  ms === null ? "-" : new Date(ms).toISOString().replace("T", " ").slice(0, 19);
 
 export { table } from "./table.ts";
