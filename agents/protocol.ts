@@ -152,7 +152,29 @@ export function wakeDelayMs(delay: WakeDelay): number {
     const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)$/.exec(delay.trim());
     if (m) return Number(m[1]) * UNIT_MS[m[2] as keyof typeof UNIT_MS];
   }
-  throw new TypeError(`wake delay must be milliseconds >= 0 or like "10s", "5m", "2h"; got ${JSON.stringify(delay)}`);
+  throw new TypeError(`wake delay must be milliseconds >= 0 or like "10s", "5m", "2h"; got ${shownValue(delay)}`);
+}
+
+/** When a wake-up `delay` after `now` is due; a TypeError naming the delay when that is past MAX_WAKE_AT. */
+export function wakeDueAt(delay: WakeDelay, ms: number, now: number): number {
+  const at = now + ms;
+  if (at > MAX_WAKE_AT)
+    throw new TypeError(
+      `wake delay ${shownValue(delay)} is too long: it would be due after the latest time a wake-up may be set ` +
+        `for (${MAX_WAKE_AT} ms, in the year 275760)`,
+    );
+  return at;
+}
+
+/** A wake time or delay as an error message shows it: NaN and Infinity as such, not JSON's null. */
+export function shownValue(v: unknown): string {
+  if (typeof v === "number" || typeof v === "bigint" || v === undefined) return String(v);
+  if (typeof v === "string") return JSON.stringify(v.length > 80 ? `${v.slice(0, 80)}...` : v);
+  try {
+    return JSON.stringify(v)?.slice(0, 80) ?? typeof v;
+  } catch {
+    return typeof v;
+  }
 }
 
 /** Log levels of a `log` record. */

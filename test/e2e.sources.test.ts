@@ -450,7 +450,12 @@ secret_env = "FLEET_TEST_HOOK_NEVER_SET"
       expect(eps[0]!.emit).toMatchObject({ kind: "webhook", payload: { device: "pump-9", v: 3 } });
       const missing = await hook("routed", JSON.stringify({ v: 4 }));
       expect(missing.status).toBe(400);
-      expect(missing.body.error.message).toContain("device");
+      expect(missing.body.error.message).toBe('payload field "device" (the agent key) is missing');
+      const notKey = await hook("routed", JSON.stringify({ device: true }));
+      expect(notKey.status).toBe(400);
+      expect(notKey.body.error.message).toBe(
+        'payload field "device" (the agent key) is not a string or number (it is a boolean)',
+      );
       await fleet.dispose();
     },
     T,

@@ -1228,6 +1228,12 @@ describe("ToolGate: bad arguments are denied with a reason naming the argument",
     ["publish", ["alerts/x", 1, {}, "extra"], "publish takes (topic, payload, options), got 4 argument(s)"],
     ["send", [{ id: "mon/k2" }, 1], "send agent must be an agent id <type>/<key>"],
     ["send", ["no-slash", 1], 'send agent must be an agent id <type>/<key>, got "no-slash"'],
+    [
+      "send",
+      [`mon/${"k".repeat(200)}`, 1],
+      "send agent must be an agent id <type>/<key>: its key is longer than 128 bytes (200), " +
+        `got "mon/${"k".repeat(76)}..."`,
+    ],
     ["send", [], "send takes (agent, payload), got 0 argument(s)"],
     ["http", [7], "http url must be a string"],
     ["http", ["not a url"], 'http url must be an absolute URL, got "not a url"'],

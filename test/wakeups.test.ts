@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import pino from "pino";
 import { testAgent, stimuli } from "agent-fleets/testing";
+import { defineAgent } from "../agents/sdk/index.ts";
 import doorWatcher from "../agents/examples/door-watcher.ts";
 import type { EpisodeRecord, ParentMessage } from "../agents/protocol.ts";
 import {
@@ -107,6 +108,15 @@ describe("ctx.wakeIn / wakeAt / cancelWake in an episode subprocess", () => {
     const { records, emits } = await run(start({ in: "soon" }));
     expect(records.some((r) => r.k === "wake")).toBe(false);
     expect(emits[0]).toMatchObject({ refused: "TypeError", message: expect.stringContaining('"soon"') });
+  });
+
+  test("a delay too long to be due names the delay, not the time it sums to", async () => {
+    const { records, emits } = await run(start({ in: 1e300 }));
+    expect(records.some((r) => r.k === "wake")).toBe(false);
+    expect(emits[0]).toMatchObject({
+      refused: "TypeError",
+      message: expect.stringMatching(/^wake delay 1e\+300 is too long/),
+    });
   });
 
   test("cancelWake is true and recorded for a pending id, false and unrecorded for any other", async () => {
@@ -349,6 +359,29 @@ async function waitUntil(cond: () => Promise<boolean>, ms = 5000): Promise<void>
 }
 
 describe("agent-fleets/testing fakes wake-ups", () => {
+  test("NaN, Infinity and a too long delay are refused showing the value given", async () => {
+    const errors: string[] = [];
+    const agent = testAgent(
+      defineAgent({
+        init: () => ({}),
+        onStimulus(_s, ctx) {
+          for (const f of [() => ctx.wakeIn(Number.NaN), () => ctx.wakeAt(Infinity), () => ctx.wakeIn("99999999999d")])
+            try {
+              f();
+            } catch (err) {
+              errors.push((err as Error).message);
+            }
+        },
+      }),
+    );
+    await agent.run(stimuli.manual({}));
+    expect(errors).toEqual([
+      'wake delay must be milliseconds >= 0 or like "10s", "5m", "2h"; got NaN',
+      "wake time must be epoch milliseconds; got Infinity",
+      expect.stringMatching(/^wake delay "99999999999d" is too long/),
+    ]);
+  });
+
   test("the door watcher alerts when the door stays open, via its wake-up", async () => {
     const door = testAgent(doorWatcher, { key: "d1", config: { open_after: "5m" }, tools: ["publish"] });
     const opened = await door.run(stimuli.mqtt("doors/d1/state", { open: true }));

@@ -16,7 +16,9 @@ import {
   parseParentMessage,
   stateProblem,
   type WakeDelay,
+  shownValue,
   wakeDelayMs,
+  wakeDueAt,
   wakeIdOf,
   type ChildMessage,
   type ConfigCheck,
@@ -282,7 +284,7 @@ async function run(start: Start): Promise<void> {
   };
   const wakeAt = (at: number, payload: unknown): string => {
     if (typeof at !== "number" || !(at >= 0 && at <= MAX_WAKE_AT))
-      throw new TypeError(`wake time must be epoch milliseconds; got ${JSON.stringify(at)}`);
+      throw new TypeError(`wake time must be epoch milliseconds; got ${shownValue(at)}`);
     const data = asJson(payload, "wake-up payload");
     if (Buffer.byteLength(JSON.stringify(data)) > MAX_WAKE_PAYLOAD_BYTES)
       throw new TypeError(`wake-up payload exceeds ${MAX_WAKE_PAYLOAD_BYTES} bytes`);
@@ -320,7 +322,7 @@ async function run(start: Start): Promise<void> {
     log,
     wakeIn: (delay: WakeDelay, payload?: unknown) => {
       const ms = wakeDelayMs(delay);
-      return wakeAt(ctx.now() + ms, payload);
+      return wakeAt(wakeDueAt(delay, ms, ctx.now()), payload);
     },
     wakeAt: (at: number, payload?: unknown) => wakeAt(at, payload),
     cancelWake: (id: string) => {

@@ -22,8 +22,10 @@ import {
   type AgentRef,
   MAX_LOG_CHARS,
   MAX_WAKE_PAYLOAD_BYTES,
+  shownValue,
   stateProblem,
   wakeDelayMs,
+  wakeDueAt,
   wakeIdOf,
 } from "../protocol.ts";
 import {
@@ -272,7 +274,7 @@ export function testAgent<S, C = Record<string, unknown>>(
       (wakeups.some((w) => w.id === id) && !cancelled.includes(id)) || wakes.some((w) => w.id === id);
     const wakeAt = (at: number, payload: unknown): string => {
       if (typeof at !== "number" || !Number.isFinite(at) || at < 0)
-        throw new TypeError(`wake time must be epoch milliseconds; got ${JSON.stringify(at)}`);
+        throw new TypeError(`wake time must be epoch milliseconds; got ${shownValue(at)}`);
       const data = jsonCopy(payload, "wake-up payload");
       if (new TextEncoder().encode(JSON.stringify(data)).length > MAX_WAKE_PAYLOAD_BYTES)
         throw new TypeError(`wake-up payload exceeds ${MAX_WAKE_PAYLOAD_BYTES} bytes`);
@@ -407,7 +409,7 @@ export function testAgent<S, C = Record<string, unknown>>(
         // As in the gateway: the time a delay counts from is read (and recorded) through ctx.now().
         wakeIn: (delay, payload) => {
           const ms = wakeDelayMs(delay);
-          return wakeAt(ctx.now() + ms, payload);
+          return wakeAt(wakeDueAt(delay, ms, ctx.now()), payload);
         },
         wakeAt: (at, payload) => wakeAt(at, payload),
         cancelWake: (id) => {

@@ -67,8 +67,11 @@ function resolveTarget(hook: HookSpec, spec: FleetSpec, payload: unknown): Targe
       typeof payload === "object" && payload !== null
         ? (payload as Record<string, unknown>)[hook.key_field ?? ""]
         : undefined;
-    if (typeof v !== "string" && typeof v !== "number")
-      return `payload field "${hook.key_field}" (the agent key) is missing`;
+    if (v === undefined) return `payload field "${hook.key_field}" (the agent key) is missing`;
+    if (typeof v !== "string" && typeof v !== "number") {
+      const is = v === null ? "null" : Array.isArray(v) ? "an array" : `a ${typeof v}`;
+      return `payload field "${hook.key_field}" (the agent key) is not a string or number (it is ${is})`;
+    }
     key = String(v);
   }
   const type = spec.agents[typeName];

@@ -7,7 +7,7 @@
  */
 import { z } from "zod";
 import { ownsAgent } from "../../shard.ts";
-import { parseAgentId } from "../../types.ts";
+import { keyProblem, parseAgentId } from "../../types.ts";
 import { arity, deny, encodePayload, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
 
 const NAMES = ["agent", "payload"] as const;
@@ -18,7 +18,14 @@ export const SendArgs = z.tuple(
     z.string({ error: "must be an agent id <type>/<key>" }).transform((id, ctx) => {
       const target = parseAgentId(id);
       if (target) return target;
-      ctx.addIssue({ code: "custom", message: `must be an agent id <type>/<key>, got ${JSON.stringify(id)}` });
+      // Say why a <type>/<key> is not one (a key over 128 bytes...), and do not echo all of a long one.
+      const slash = id.indexOf("/");
+      const why = slash > 0 ? keyProblem(id.slice(slash + 1)) : null;
+      const shown = JSON.stringify(id.length > 80 ? `${id.slice(0, 80)}...` : id);
+      ctx.addIssue({
+        code: "custom",
+        message: `must be an agent id <type>/<key>${why ? `: its key ${why}` : ""}, got ${shown}`,
+      });
       return z.NEVER;
     }),
     z.unknown(),
