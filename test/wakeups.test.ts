@@ -35,6 +35,7 @@ afterAll(() => rmSync(root, { recursive: true, force: true }));
 
 type Start = Extract<ParentMessage, { t: "start" }>;
 const WAKER = fileURLToPath(new URL("./fixtures/wake/waker.ts", import.meta.url));
+const DEEP = fileURLToPath(new URL("./fixtures/wake/deep.ts", import.meta.url));
 const EPISODE = "0190f000-0000-7000-8000-00000000000a";
 const LIMITS: RunLimits = {
   timeoutMs: 20_000,
@@ -118,6 +119,20 @@ describe("ctx.wakeIn / wakeAt / cancelWake in an episode subprocess", () => {
       message: expect.stringMatching(/^wake delay 1e\+300 is too long/),
     });
   });
+
+  test.each(["wake", "emit"] as const)(
+    "a %s value nested as deep as its record allows is taken; one level more is a TypeError at the call",
+    async (what) => {
+      const deep = (depth: number) => start({ depth, what }, { module: DEEP });
+      const ok = await run(deep(197));
+      expect(ok.records.some((r) => r.k === what)).toBe(true);
+      const over = await run(deep(198));
+      const name = what === "wake" ? "wake-up payload" : "emitted payload";
+      expect(over.emits).toEqual([
+        { refused: "TypeError", message: `${name} nests deeper than 197 levels (arrays and objects)` },
+      ]);
+    },
+  );
 
   test("cancelWake is true and recorded for a pending id, false and unrecorded for any other", async () => {
     const pending = { wakes: { pending: ["e1.w1"], max: 100 } };

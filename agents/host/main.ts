@@ -10,6 +10,8 @@ import {
   CHILD_CHANNEL_FD,
   JOIN_CGROUP_ARG,
   encodeMessage,
+  jsonNestedDeeper,
+  MAX_JSON_DEPTH,
   MAX_LOG_CHARS,
   MAX_WAKE_AT,
   MAX_WAKE_PAYLOAD_BYTES,
@@ -155,10 +157,19 @@ const pendingTools = new Map<number, (r: { ok: boolean; result: unknown }) => vo
 const unanswered = new Set<Promise<unknown>>();
 let started = false;
 
-function asJson(value: unknown, what: string): unknown {
+/** Levels of nesting a record's message adds around its value: `{ t, records: [{ k, data }] }`. */
+const RECORD_WRAP = 3;
+
+/**
+ * The JSON copy of a value the agent passed; `wrap`: levels the message that carries it adds, so
+ * a value the gateway would refuse as nested past MAX_JSON_DEPTH is refused here, at the call.
+ */
+function asJson(value: unknown, what: string, wrap = 0): unknown {
   if (value === undefined) return null;
   const text = JSON.stringify(value);
   if (text === undefined) throw new TypeError(`${what} is not JSON-serialisable`);
+  if (wrap > 0 && jsonNestedDeeper(text, MAX_JSON_DEPTH - wrap))
+    throw new TypeError(`${what} nests deeper than ${MAX_JSON_DEPTH - wrap} levels (arrays and objects)`);
   return JSON.parse(text);
 }
 
@@ -219,7 +230,7 @@ async function run(start: Start): Promise<void> {
   const callTool = async (tool: string, args: unknown[]): Promise<unknown> => {
     call += 1;
     const id = call;
-    const jsonArgs = asJson(args, `arguments of ${tool}`) as unknown[];
+    const jsonArgs = asJson(args, `arguments of ${tool}`, 1) as unknown[];
     let outcome: { ok: boolean; result: unknown };
     // Flushed before every call, live and in replay alike, so an agent that throws after a
     // tool call leaves the same records behind in both (replay compares them).
@@ -285,7 +296,7 @@ async function run(start: Start): Promise<void> {
   const wakeAt = (at: number, payload: unknown): string => {
     if (typeof at !== "number" || !(at >= 0 && at <= MAX_WAKE_AT))
       throw new TypeError(`wake time must be epoch milliseconds; got ${shownValue(at)}`);
-    const data = asJson(payload, "wake-up payload");
+    const data = asJson(payload, "wake-up payload", RECORD_WRAP);
     if (Buffer.byteLength(JSON.stringify(data)) > MAX_WAKE_PAYLOAD_BYTES)
       throw new TypeError(`wake-up payload exceeds ${MAX_WAKE_PAYLOAD_BYTES} bytes`);
     const ids = pendingWakes();
@@ -305,8 +316,9 @@ async function run(start: Start): Promise<void> {
     state: start.state,
     config,
     episode: start.episode,
-    decide: (name, data) => rec.push({ k: "decide", name: String(name), data: asJson(data, "decision data") }),
-    emit: (payload) => rec.push({ k: "emit", data: asJson(payload, "emitted payload") }),
+    decide: (name, data) =>
+      rec.push({ k: "decide", name: String(name), data: asJson(data, "decision data", RECORD_WRAP) }),
+    emit: (payload) => rec.push({ k: "emit", data: asJson(payload, "emitted payload", RECORD_WRAP) }),
     send: sendTo,
     tools,
     now: () => {
