@@ -337,6 +337,17 @@ describe("the wake-up clock", () => {
     await waitUntil(async () => (await rows("SELECT state FROM wakeups"))[0]?.state === "fired");
   });
 
+  test("a failed read of the next due time looks again after a pause", async () => {
+    await setWake("ep1.w1", A, clock + 4000);
+    const read = store.nextWakeDue.bind(store);
+    store.nextWakeDue = async () => {
+      store.nextWakeDue = read;
+      throw new Error("database is locked");
+    };
+    await clockWith().start();
+    expect(timers.map((t) => t.ms)).toEqual([WAKE_RETRY_MS]);
+  });
+
   test("an agent with a full queue does not hold up another's wake-ups due after its own", async () => {
     const B = "waker/b" as AgentId;
     // More than a batch of A's due first, all refused: B's comes after them in due order.

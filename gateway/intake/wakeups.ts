@@ -123,7 +123,7 @@ export class WakeClock {
         // After a store error everything due waits a pause; otherwise what is due for an agent
         // not blocked fires at once, and the blocked ones are tried again at probeAt.
         const except = failed ? [] : [...this.blocked];
-        const next = await this.d.store.nextWakeDue({ except }).catch(() => null);
+        const next = await this.d.store.nextWakeDue({ except }).catch(() => this.now() + WAKE_RETRY_MS);
         const retryAt = failed ? this.now() + WAKE_RETRY_MS : this.blocked.size > 0 ? this.probeAt : Infinity;
         const at = failed ? Math.max(next ?? retryAt, retryAt) : Math.min(next ?? Infinity, retryAt);
         if (at !== Infinity) this.armAt(at);
