@@ -71,6 +71,7 @@ import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
+import { shardChangeRefusal, storedShard } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
@@ -121,6 +122,11 @@ export class DataDirInUse extends Error {
   constructor(readonly dataDir: string) {
     super(`another gateway is running on the data dir ${dataDir}`);
   }
+}
+
+/** `start` with a `[fleet] shard` other than the data dir's (docs/shards.md): refused before anything is written. */
+export class ShardChanged extends Error {
+  override readonly name = "ShardChanged";
 }
 
 /** A running fleet. */
@@ -286,6 +292,10 @@ export class Gateway {
     const upgraded = this.store.upgraded;
     if (upgraded)
       this.log.info(upgraded, `data dir upgraded from schema ${upgraded.from} to ${upgraded.to} (${upgraded.ms} ms)`);
+    // The shard decides which agents the data dir holds and which broker session it reads: another one
+    // would strand some agents' messages or run them on two gateways.
+    const shardChange = shardChangeRefusal(this.dataDir, await storedShard(this.store), spec.fleet.shard);
+    if (shardChange) throw new ShardChanged(shardChange);
     this.storageWatch = new StorageWatch(this.store, this.log);
     this.storageWatch.start();
     this.metrics = new FleetMetrics(this, { now: this.now });

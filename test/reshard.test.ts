@@ -12,6 +12,7 @@ import { ownerShard } from "../gateway/shard.ts";
 import { idBytesSql, idOfSql, Store } from "../gateway/store/index.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { HOUR, SyntheticFleet } from "./helpers/ops.ts";
+import { counterType, fleetHeader, q } from "./helpers/toml.ts";
 
 const dirs: string[] = [];
 afterAll(() => {
@@ -261,6 +262,35 @@ describe("fleet reshard", () => {
     const sharded = await reshard([join(ran.dir, "data")], 2, join(root, "r")).catch((e) => e);
     expect(sharded.message).toContain("2/2 is not among the sources");
   });
+
+  test("a gateway does not start on a data dir of another shard: refused, naming both; nothing written", async () => {
+    const { a, b, root } = await sources();
+    await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "s"));
+    const s1 = join(root, "s1");
+    const start = (shard: string | null) => {
+      const toml = join(root, `fleet-${shard?.replace("/", "-") ?? "none"}.toml`);
+      const fleet = `data_dir = ${q(s1)}${shard === null ? "" : `\nshard = ${q(shard)}`}`;
+      const broker = 'url = "mqtt://127.0.0.1:22549"\nclient_id = "gw-plant"';
+      writeFileSync(toml, fleetHeader("plant", { fleet, broker }) + counterType("temp", "t/+/in"));
+      return runCli(["start", "--config", toml, "--http-port", "22548"], { timeoutMs: 30_000 });
+    };
+    const grown = await start("1/3");
+    expect([grown.code, grown.stderr]).toEqual([1, expect.stringContaining(`the data dir ${s1} is shard 1/2`)]);
+    expect(grown.stderr).toContain('fleet.toml says shard = "1/3"');
+    expect(grown.stderr).toContain("needs `fleet reshard`");
+    const sibling = await start("2/2");
+    expect([sibling.code, sibling.stderr]).toEqual([1, expect.stringContaining("point data_dir at shard 2/2's")]);
+    const unsharded = await start(null);
+    expect([unsharded.code, unsharded.stderr]).toEqual([1, expect.stringContaining("fleet.toml says unsharded")]);
+    const store = await Store.open(join(s1, "fleet.db"), { synchronous: "normal", readonly: true });
+    try {
+      // No gateway ran on it: it still says it is 1/2 as reshard wrote it, with no spec of its own.
+      expect(await store.getMeta("instances_deployed")).toBeNull();
+      expect(await store.getMeta("reshard.shard")).toBe("1/2");
+    } finally {
+      await store.close();
+    }
+  }, 120_000);
 
   test("bad command lines are usage errors (exit 2)", async () => {
     for (const args of [

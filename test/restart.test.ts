@@ -64,12 +64,14 @@ describe("restartNeeded", () => {
     expect(restartNeeded(a, b)[0]).toContain('"client_id":"gw-2"');
   });
 
-  test("the shard is read at start: changing it needs a restart", async () => {
+  test("the shard is read at start: a change is refused, shown as i/N, pointing to fleet reshard", async () => {
     const sharded = async (shard: string) =>
       (await compileSpec(`[fleet]\nshard = "${shard}"\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n`, "/tmp/fleet.toml"))
         .spec;
     const [a, b] = [await sharded("1/2"), await sharded("1/3")];
-    expect(restartNeeded(a, b)).toEqual(['fleet.shard ({"count":2,"index":1} -> {"count":3,"index":1})']);
+    expect(restartNeeded(a, b)).toEqual([
+      'fleet.shard ("1/2" -> "1/3": not by a restart either: a new shard count needs `fleet reshard`)',
+    ]);
   });
 
   test("an unchanged file needs nothing", async () => {

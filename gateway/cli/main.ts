@@ -31,7 +31,7 @@ import { cmdInstallService } from "./service.ts";
 import { cmdDeploy } from "./deploy.ts";
 import { ARGS, checkOptions } from "./options.ts";
 import { SpecError } from "../spec/index.ts";
-import { DataDirInUse } from "../gateway.ts";
+import { DataDirInUse, ShardChanged } from "../gateway.ts";
 
 const USAGE = `usage: fleet <command> [args] [--json]
 
@@ -237,6 +237,7 @@ main().then(
       err instanceof EventLogError ||
       err instanceof ReshardError ||
       err instanceof SchemaVersionError ||
+      err instanceof ShardChanged ||
       err instanceof CentralError
     ) {
       console.error(`fleet: ${err.message}`);

@@ -14,6 +14,7 @@ import type { Store } from "../store/index.ts";
 import { Timers, WakeClock } from "../intake/index.ts";
 import { wakeStimulusPayload } from "../episode/index.ts";
 import { agentId, parseAgentId, type StimulusId } from "../types.ts";
+import { ownsAgent } from "../shard.ts";
 
 /** What background work reads from the gateway (the `Gateway` class satisfies it). */
 export interface BackgroundHost {
@@ -69,10 +70,13 @@ async function fireTimer(host: BackgroundHost, typeName: string, at: number, now
   const agents = await host.store.deployedOfType(typeName);
   if (agents.length === 0) return;
   const payload = new TextEncoder().encode(JSON.stringify({ scheduled_at: at, fired_at: now, timer: type.timer }));
+  // Only this shard's agents: a data dir may hold rows of agents another shard owns (docs/shards.md).
+  const shard = host.spec.spec.fleet.shard;
   const targets = agents.flatMap((a) => {
     const id = agentId(typeName, a.key);
-    return id ? [{ agent: id, type, key: a.key }] : [];
+    return id && ownsAgent(shard, id) ? [{ agent: id, type, key: a.key }] : [];
   });
+  if (targets.length === 0) return;
   await host.intake.record(targets, "timer", null, payload, `timer:${at}` as StimulusId);
 }
 

@@ -200,12 +200,15 @@ export async function reshard(
   }
 }
 
+/** What a data dir says about its shard; `known: false`: no gateway ran on it and `fleet reshard` did not write it. */
+export type StoredShard = { readonly known: false } | { readonly known: true; readonly shard: ShardSpec | null };
+
 /**
  * The shard a data dir is, as far as it knows: the `[fleet] shard` of the spec its gateway last ran
- * (the version whose instances it deployed at start), else the one `fleet reshard` wrote into it;
- * null for an unsharded one or one that cannot tell.
+ * (the version whose instances it deployed at start; null when unsharded), else the one `fleet reshard`
+ * wrote into it. A start on another shard is refused (gateway.ts), as it would strand or fork agents.
  */
-async function shardOf(store: Store): Promise<ShardSpec | null> {
+export async function storedShard(store: Store): Promise<StoredShard> {
   const ran = await store.getMeta("instances_deployed");
   if (ran) {
     const rs = await store.client.execute({ sql: "SELECT text FROM spec_versions WHERE hash = ?", args: [ran] });
@@ -214,7 +217,7 @@ async function shardOf(store: Store): Promise<ShardSpec | null> {
       try {
         const fleet = (parseToml(text) as { fleet?: { shard?: unknown } }).fleet;
         const s = typeof fleet?.shard === "string" ? parseShard(fleet.shard) : null;
-        return typeof s === "string" ? null : s;
+        return { known: true, shard: typeof s === "string" ? null : s };
       } catch {
         // A stored spec always parsed once; if it does not now, the dir cannot tell.
       }
@@ -222,7 +225,32 @@ async function shardOf(store: Store): Promise<ShardSpec | null> {
   }
   const written = await store.getMeta(RESHARD_SHARD);
   const s = written ? parseShard(written) : null;
-  return s === null || typeof s === "string" ? null : s;
+  return s === null || typeof s === "string" ? { known: false } : { known: true, shard: s };
+}
+
+/** The shard a data dir is, or null (unsharded, or it cannot tell). */
+async function shardOf(store: Store): Promise<ShardSpec | null> {
+  const stored = await storedShard(store);
+  return stored.known ? stored.shard : null;
+}
+
+/**
+ * Why a gateway configured as `configured` must not start on a data dir that is `stored`, or null
+ * when it may: the shard decides which agents the dir holds and which broker session it reads.
+ */
+export function shardChangeRefusal(dir: string, stored: StoredShard, configured: ShardSpec | null): string | null {
+  if (!stored.known) return null;
+  const was = stored.shard === null ? "unsharded" : shardLabel(stored.shard);
+  const now = configured === null ? "unsharded (no shard)" : `shard = "${shardLabel(configured)}"`;
+  if (was === (configured === null ? "unsharded" : shardLabel(configured))) return null;
+  const sameCount = stored.shard !== null && configured !== null && stored.shard.count === configured.count;
+  return (
+    `the data dir ${dir} is ${stored.shard === null ? "unsharded" : `shard ${was}`}; fleet.toml says ${now}. ` +
+    (sameCount
+      ? `Each shard keeps its own data dir: point data_dir at shard ${shardLabel(configured)}'s.`
+      : "A new shard count needs `fleet reshard` with every gateway of the fleet stopped (docs/shards.md).") +
+    " Nothing was changed"
+  );
 }
 
 /** The shards (`"i/N"`) of each layout among `shards` that are not there themselves. */

@@ -41,6 +41,13 @@ const RENDERED: Record<string, string> = {
   "broker.external": "broker.url (with username, password_env, client_id, ca_file, mqtt_version)",
 };
 
+/** A data dir keeps its shard: a restart on another is refused too (docs/shards.md). */
+const SHARD_CHANGE = "not by a restart either: a new shard count needs `fleet reshard`";
+
+function shardText(s: FleetSpec["fleet"]["shard"]): string {
+  return s === null ? "none" : `"${s.index}/${s.count}"`;
+}
+
 /** Keys a reload applies to the running broker without a restart. */
 export const LIVE_BROKER_KEYS = ["allow_anonymous", "devices_file", "max_connections"] as const;
 
@@ -90,6 +97,10 @@ export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: reado
       const was = canonicalJson(a[key] ?? null);
       const now = canonicalJson(b[key] ?? null);
       if (was === now) continue;
+      if (path === "fleet.shard") {
+        out.push(`fleet.shard (${shardText(before.fleet.shard)} -> ${shardText(after.fleet.shard)}: ${SHARD_CHANGE})`);
+        continue;
+      }
       if (path === "broker.host") {
         const change = defaultHostChange(before.broker, after.broker);
         if (change?.restart === false) continue;
