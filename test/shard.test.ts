@@ -4,7 +4,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { createRouter } from "../gateway/intake/index.ts";
-import { fleetLayout, gatewaysFor } from "../gateway/replication/index.ts";
+import { fleetLayout, gatewaysFor, layoutGaps } from "../gateway/replication/index.ts";
 import {
   ownerShard,
   ownsAgent,
@@ -180,6 +180,30 @@ describe("the central view of a sharded fleet", () => {
       ["g5", "plant", "3/3", false],
       ["o1", "other", null, false],
     ]);
+  });
+
+  test("3 shards, then 2, then 3 again: only the newest 3-shard layout is current, by generation not count", () => {
+    const regrown = fleetLayout([
+      gw("a1", "r-shard-1-of-3", 10),
+      gw("a2", "r-shard-2-of-3", 11),
+      gw("a3", "r-shard-3-of-3", 12),
+      gw("b1", "r-shard-1-of-2", 20),
+      gw("b2", "r-shard-2-of-2", 21),
+      gw("c1", "r-shard-1-of-3", 30),
+      gw("c2", "r-shard-2-of-3", 31),
+    ]);
+    expect(ids(gatewaysFor(regrown, "r"))).toEqual(["c1", "c2"]);
+    expect(regrown.filter((g) => g.superseded).map((g) => g.gateway)).toEqual(["a1", "a2", "a3", "b1", "b2"]);
+    // Shard 3 of the new layout has not pushed yet: a gap, not the old generation's shard 3 in its place.
+    expect(layoutGaps(regrown, "r")).toEqual([{ fleet: "r", shards: 3, missing: ["3/3"] }]);
+    // A reshard to the same count: each shard's newer gateway is the current one.
+    const same = fleetLayout(
+      [gw("a1", "r-shard-1-of-2", 10), gw("a2", "r-shard-2-of-2", 11)].concat([
+        gw("n1", "r-shard-1-of-2", 20),
+        gw("n2", "r-shard-2-of-2", 21),
+      ]),
+    );
+    expect(ids(gatewaysFor(same, "r"))).toEqual(["n1", "n2"]);
   });
 
   test("a fleet's name reads its current shards; a fleet id or gateway id reads what it names", () => {

@@ -48,7 +48,9 @@ type GatewayRow = Omit<CentralGateway, "base" | "shard" | "superseded">;
 /**
  * Which gateways make up each fleet now. A fleet is its unsharded gateways (`fleet` = its name)
  * or a set of shards (`<name>-shard-<i>-of-<N>`); after a reshard the layout whose gateways
- * first pushed last is the fleet, the others are superseded.
+ * first pushed last is the fleet, the others are superseded. A layout is a generation, not a
+ * count: shards of the newest count that first pushed before a gateway of another layout did
+ * (3 shards, then 2, then 3 again), or before a newer gateway of the same shard, are older ones.
  */
 export function fleetLayout(rows: readonly GatewayRow[], restoredOver = new Set<string>()): CentralGateway[] {
   const layoutOf = (g: GatewayRow) => {
@@ -56,6 +58,8 @@ export function fleetLayout(rows: readonly GatewayRow[], restoredOver = new Set<
     return s ? { base: s.fleet, shard: shardLabel(s.shard), layout: `${s.shard.count}` } : null;
   };
   const newest = new Map<string, { layout: string; at: number }>();
+  // Per sharded fleet id (one shard of one count), its gateway that first pushed last.
+  const latest = new Map<string, number>();
   for (const g of rows) {
     const l = layoutOf(g);
     const base = l?.base ?? g.fleet;
@@ -63,15 +67,26 @@ export function fleetLayout(rows: readonly GatewayRow[], restoredOver = new Set<
     const seen = newest.get(base);
     const at = Number(g.firstPushAt);
     if (!seen || at > seen.at) newest.set(base, { layout, at });
+    if (l) latest.set(g.fleet, Math.max(latest.get(g.fleet) ?? at, at));
+  }
+  // The newest layout's generation began after every gateway of another layout first pushed.
+  const since = new Map<string, number>();
+  for (const g of rows) {
+    const l = layoutOf(g);
+    const base = l?.base ?? g.fleet;
+    if ((l?.layout ?? "unsharded") === newest.get(base)!.layout) continue;
+    since.set(base, Math.max(since.get(base) ?? -Infinity, Number(g.firstPushAt)));
   }
   return rows.map((g) => {
     const l = layoutOf(g);
     const base = l?.base ?? g.fleet;
+    const at = Number(g.firstPushAt);
+    const older = l !== null && (at <= (since.get(base) ?? -Infinity) || at < latest.get(g.fleet)!);
     return {
       ...g,
       base,
       shard: l?.shard ?? null,
-      superseded: newest.get(base)!.layout !== (l?.layout ?? "unsharded") || restoredOver.has(g.gateway),
+      superseded: newest.get(base)!.layout !== (l?.layout ?? "unsharded") || older || restoredOver.has(g.gateway),
     };
   });
 }
