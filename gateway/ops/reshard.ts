@@ -240,12 +240,14 @@ async function shardOf(store: Store): Promise<ShardSpec | null> {
  */
 export function shardChangeRefusal(dir: string, stored: StoredShard, configured: ShardSpec | null): string | null {
   if (!stored.known) return null;
-  const was = stored.shard === null ? "unsharded" : shardLabel(stored.shard);
+  // One shard of one owns every agent, as an unsharded gateway does (`reshard --to 1` advises running it so).
+  const label = (s: ShardSpec | null) => (s === null || s.count === 1 ? "unsharded" : shardLabel(s));
+  const was = label(stored.shard);
   const now = configured === null ? "unsharded (no shard)" : `shard = "${shardLabel(configured)}"`;
-  if (was === (configured === null ? "unsharded" : shardLabel(configured))) return null;
+  if (was === label(configured)) return null;
   const sameCount = stored.shard !== null && configured !== null && stored.shard.count === configured.count;
   return (
-    `the data dir ${dir} is ${stored.shard === null ? "unsharded" : `shard ${was}`}; fleet.toml says ${now}. ` +
+    `the data dir ${dir} is ${was === "unsharded" ? was : `shard ${was}`}; fleet.toml says ${now}. ` +
     (sameCount
       ? `Each shard keeps its own data dir: point data_dir at shard ${shardLabel(configured)}'s.`
       : "A new shard count needs `fleet reshard` with every gateway of the fleet stopped (docs/shards.md).") +
