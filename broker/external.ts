@@ -46,6 +46,13 @@ export interface ExternalBrokerOptions {
   readonly subscriptionsFile?: string | null;
   /** How long `start()` waits for the first CONNACK (default 10 s); past it the client keeps trying. */
   readonly connectTimeoutMs?: number;
+  /**
+   * Client ids whose persistent sessions to end, once: those of shards a `fleet reshard` left out of the
+   * layout (docs/shards.md). Each gets a clean-session CONNECT and a DISCONNECT after the gateway connects.
+   */
+  readonly dropSessions?: readonly string[];
+  /** Called once every session of `dropSessions` has been ended (the data dir forgets them). */
+  readonly onSessionsDropped?: () => void;
 }
 
 /** MQTT 5 user property naming the gateway (its client id) on everything it publishes. */
@@ -88,10 +95,18 @@ class ExternalBroker implements Broker {
   /** Held PUBACKs, in the order their deliveries arrived. */
   private acks: Promise<void> = Promise.resolve();
   private closing: Promise<void> | null = null;
+  /** Options every connection of this client shares (protocol, login, CA). */
+  private common: IClientOptions = {};
+  /** Sessions still to end (`dropSessions`); tried again on each connection until done. */
+  private toDrop: string[];
+  private dropping: Promise<void> | null = null;
+  private dropsPending: boolean;
 
   constructor(private readonly opts: ExternalBrokerOptions) {
     this.log = opts.logger.child({ component: "broker", url: redact(opts.url) });
     this.filters = [...new Set(opts.filters)];
+    this.toDrop = (opts.dropSessions ?? []).filter((id) => id !== opts.clientId && id !== `${opts.clientId}-out`);
+    this.dropsPending = (opts.dropSessions ?? []).length > 0;
     this.retryDelay = opts.retryMs ?? 1000;
   }
 
@@ -110,14 +125,14 @@ class ExternalBroker implements Broker {
     if (this.lifecycle !== "new") throw new Error(`cannot start a broker client that is ${this.lifecycle}`);
     this.lifecycle = "starting";
     const v5 = this.opts.protocolVersion === 5;
-    const common: IClientOptions = {
+    const common: IClientOptions = (this.common = {
       protocolVersion: this.opts.protocolVersion,
       reconnectPeriod: 1000,
       connectTimeout: this.opts.connectTimeoutMs ?? 10_000,
       ...(this.opts.username === null ? {} : { username: this.opts.username }),
       ...(this.opts.password === null ? {} : { password: this.opts.password }),
       ...(this.opts.ca === null ? {} : { ca: this.opts.ca }),
-    };
+    });
     const client = connect(this.opts.url, {
       ...common,
       clientId: this.opts.clientId,
@@ -138,6 +153,7 @@ class ExternalBroker implements Broker {
       this.retryDelay = this.opts.retryMs ?? 1000;
       this.log.info({ sessionPresent: connack.sessionPresent, clientId: this.opts.clientId }, "connected to broker");
       void this.subscribe(this.filters).then(() => this.dropStale());
+      if (this.dropsPending) this.dropping ??= this.endSessions().finally(() => (this.dropping = null));
     });
     client.on("reconnect", () => this.reconnects++);
     client.on("offline", () => this.log.warn("broker connection lost; reconnecting"));
@@ -241,6 +257,36 @@ class ExternalBroker implements Broker {
       }
     }
     this.remember();
+  }
+
+  /**
+   * End the sessions of shards the layout no longer has: a clean-session CONNECT with each client id
+   * (MQTT-3.1.2-6 discards the session; under MQTT 5 a session expiry of 0 ends it at the DISCONNECT).
+   * Each still queued every message of the fleet, which the remaining shards' sessions hold too.
+   */
+  private async endSessions(): Promise<void> {
+    const v5 = this.opts.protocolVersion === 5;
+    for (const clientId of [...this.toDrop]) {
+      if (this.lifecycle === "closed") return;
+      const c = connect(this.opts.url, {
+        ...this.common,
+        clientId,
+        clean: true,
+        reconnectPeriod: 0,
+        ...(v5 ? { properties: { sessionExpiryInterval: 0 } } : {}),
+      });
+      const ok = await Promise.race([
+        new Promise<boolean>((resolve) => c.once("connect", () => resolve(true))),
+        new Promise<boolean>((resolve) => c.once("error", () => resolve(false))),
+        Bun.sleep(this.opts.connectTimeoutMs ?? 10_000).then(() => false),
+      ]);
+      await new Promise<void>((resolve) => c.end(!ok, {}, () => resolve()));
+      if (!ok) return; // tried again at the next connection
+      this.toDrop = this.toDrop.filter((id) => id !== clientId);
+      this.log.info({ clientId }, "ended the broker session of a shard the layout no longer has");
+    }
+    this.dropsPending = false;
+    this.opts.onSessionsDropped?.();
   }
 
   private remember(): void {

@@ -71,7 +71,7 @@ import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
-import { shardChangeRefusal, storedShard } from "./ops/index.ts";
+import { sessionsDropped, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
@@ -371,7 +371,9 @@ export class Gateway {
     // Agents that were draining when the gateway stopped: those with nothing left retire now.
     await this.roster.finishDrains();
 
-    this.broker = this.createBroker(spec);
+    // Sessions of shards a reshard left out of the layout: shard 1's first start ends them (docs/shards.md).
+    const drop = spec.broker.external ? await sessionsToDrop(this.store, spec.broker.external.client_id) : [];
+    this.broker = this.createBroker(spec, drop);
     this.effects = new Effects(this.store, this.broker, this.log);
     await this.broker.start();
     this.tokens = new TokenAuth(join(this.dataDir, TOKENS_FILE), {
@@ -893,7 +895,7 @@ export class Gateway {
   }
 
   /** The embedded broker, or a client of the external one (`[broker] url`). */
-  private createBroker(spec: FleetSpec): Broker {
+  private createBroker(spec: FleetSpec, dropSessions: readonly string[] = []): Broker {
     const ext = spec.broker.external;
     if (ext) {
       const password = ext.password_env === null ? null : (this.secrets[ext.password_env] ?? null);
@@ -910,6 +912,9 @@ export class Gateway {
         protocolVersion: ext.protocol_version,
         filters: intakeFilters(spec),
         subscriptionsFile: join(this.dataDir, "broker-subscriptions.json"),
+        dropSessions,
+        onSessionsDropped: () =>
+          void sessionsDropped(this.store).catch((err: unknown) => this.log.warn({ err }, "recording ended sessions")),
         intake: (msg, client) => this.brokerIntake(msg, client),
         logger: this.log.child({ mod: "broker" }),
       });

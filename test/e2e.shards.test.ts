@@ -9,9 +9,9 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { renameSync } from "node:fs";
 import { join } from "node:path";
-import { connectAsync, type MqttClient } from "mqtt";
+import { connect, connectAsync, type IConnackPacket, type MqttClient } from "mqtt";
 import { ownerShard } from "../gateway/shard.ts";
-import { hexOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
+import { hexOfSql, STATUS_COMMITTED, Store } from "../gateway/store/index.ts";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
 import { caughtUp, replicationToml } from "./helpers/replication.ts";
@@ -358,6 +358,39 @@ describe("two shards on one Mosquitto", () => {
       await centralView(sqld.url, agents, first + agents);
       await Promise.all(three.map((f) => f.stop()));
       for (const f of three) expect((await runCli(["verify", "--data-dir", f.dataDir])).code).toBe(0);
+    },
+    E2E_TIMEOUT,
+  );
+  test(
+    "after a shrink, shard 1's first start ends the removed shards' broker sessions, so a later grow " +
+      "does not replay their stale queue",
+    async () => {
+      const mq = await Mosquitto.start();
+      brokers.push(mq);
+      // What shard 3 of an earlier 3-shard layout left behind: a session queueing every message.
+      const stale = await connectAsync(mq.url, { clientId: "gw-shards-shrink-shard-3", clean: false });
+      await stale.subscribeAsync("c/+/in", { qos: 1 });
+      await stale.endAsync();
+      const device = await client(mq.url, "device-5");
+      await device.publishAsync("c/k1/in", JSON.stringify({ id: "old", n: 0 }), { qos: 1 });
+      const [one] = shards("shards-shrink", mq);
+      // As `fleet reshard --to 2` writes shard 1's new data dir from a 3-shard layout.
+      const store = await Store.open(join(one.dataDir, "fleet.db"), { synchronous: "normal" });
+      await store.setMeta("reshard.shard", "1/2");
+      await store.setMeta("reshard.drop_sessions", "[3]");
+      await store.close();
+      await one.start();
+      const meta = async () =>
+        (await one.query<{ value: string }>("SELECT value FROM meta WHERE key = 'reshard.drop_sessions'"))[0]?.value;
+      await waitFor(async () => (await meta()) === "[]", 30_000, "the sessions ended");
+      const back = connect(mq.url, { clientId: "gw-shards-shrink-shard-3", clean: false, reconnectPeriod: 0 });
+      const got: string[] = [];
+      back.on("message", (_t, p) => got.push(p.toString()));
+      const { sessionPresent: present } = await new Promise<IConnackPacket>((resolve) => back.once("connect", resolve));
+      await Bun.sleep(1000);
+      await back.endAsync();
+      expect({ present, got }).toEqual({ present: false, got: [] });
+      await one.stop();
     },
     E2E_TIMEOUT,
   );

@@ -7,7 +7,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { gcAll, reshard, ReshardError, shardChangeRefusal } from "../gateway/ops/index.ts";
+import { gcAll, reshard, ReshardError, sessionsToDrop, shardChangeRefusal } from "../gateway/ops/index.ts";
 import { ownerShard } from "../gateway/shard.ts";
 import { idBytesSql, idOfSql, Store } from "../gateway/store/index.ts";
 import { runCli } from "./helpers/gateway.ts";
@@ -282,6 +282,14 @@ describe("fleet reshard", () => {
     expect([sibling.code, sibling.stderr]).toEqual([1, expect.stringContaining("point data_dir at shard 2/2's")]);
     const unsharded = await start(null);
     expect([unsharded.code, unsharded.stderr]).toEqual([1, expect.stringContaining("fleet.toml says unsharded")]);
+    // Shrinking 2 -> 1 leaves shard 2's session: the new dir's gateway ends it (and -shard-1: it runs unsharded).
+    await reshard([s1, join(root, "s2")], 1, join(root, "one"));
+    const one = await Store.open(join(root, "one1", "fleet.db"), { synchronous: "normal", readonly: true });
+    try {
+      expect(await sessionsToDrop(one, "gw-plant")).toEqual(["gw-plant-shard-1", "gw-plant-shard-2"]);
+    } finally {
+      await one.close();
+    }
     // `reshard --to 1` writes 1/1 and advises running the gateway unsharded: both own every agent.
     expect(shardChangeRefusal(s1, { known: true, shard: { index: 1, count: 1 } }, null)).toBeNull();
     const store = await Store.open(join(s1, "fleet.db"), { synchronous: "normal", readonly: true });

@@ -15,7 +15,7 @@ import { join, resolve } from "node:path";
 import type { Client } from "@libsql/client";
 import { parse as parseToml } from "smol-toml";
 import { isZombie } from "../pids.ts";
-import { ownerShard, MAX_SHARDS, parseShard, type ShardSpec, shardLabel } from "../shard.ts";
+import { ownerShard, MAX_SHARDS, parseShard, shardClientId, type ShardSpec, shardLabel } from "../shard.ts";
 import { idOfSql, secureDataDir, Store } from "../store/index.ts";
 import { verifyStore, type VerifyProblem } from "./verify.ts";
 
@@ -60,6 +60,11 @@ export interface ReshardOptions {
 
 /** Meta key: the shard a data dir `fleet reshard` wrote is, until its gateway first starts on it. */
 const RESHARD_SHARD = "reshard.shard";
+/**
+ * Meta key (new shard 1's data dir): the broker sessions of the old layout the new one does not use, as
+ * a JSON list of shard indexes (0: the unsharded gateway's `<client_id>`). Its gateway ends them once.
+ */
+const DROP_SESSIONS = "reshard.drop_sessions";
 
 /** The same data dir named twice (by its real path), or undefined: `--from s1,s1` is a typo, not one source. */
 export function repeatedDir(dirs: readonly string[]): string | undefined {
@@ -145,11 +150,13 @@ export async function reshard(
 
   // Each source must be at this release's schema (a start upgrades an older one; this refuses it), read through ATTACH.
   const layouts = new Map<string, ShardSpec>();
+  let unsharded = false;
   for (const dir of sources) {
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "full" });
     try {
-      const shard = await shardOf(store);
-      if (shard) layouts.set(dir, shard);
+      const stored = await storedShard(store);
+      if (stored.known && stored.shard) layouts.set(dir, stored.shard);
+      else if (stored.known) unsharded = true;
     } finally {
       await store.close();
     }
@@ -179,6 +186,8 @@ export async function reshard(
     for (const [i, store] of targets.entries()) {
       // Until its gateway first starts on it, the new dir says which shard it is (a later reshard reads it).
       await store.setMeta(RESHARD_SHARD, `${i + 1}/${count}`);
+      const drop = leftSessions([...layouts.values()], unsharded, count);
+      if (i === 0 && drop.length > 0) await store.setMeta(DROP_SESSIONS, JSON.stringify(drop));
       report.push(await check(store, outs[i]!, i + 1, count));
     }
     const moved = report.reduce((n, t) => n + t.agents, 0);
@@ -228,10 +237,40 @@ export async function storedShard(store: Store): Promise<StoredShard> {
   return s === null || typeof s === "string" ? { known: false } : { known: true, shard: s };
 }
 
-/** The shard a data dir is, or null (unsharded, or it cannot tell). */
-async function shardOf(store: Store): Promise<ShardSpec | null> {
-  const stored = await storedShard(store);
-  return stored.known ? stored.shard : null;
+/**
+ * The broker sessions the old layout had and the new one of `count` shards does not use (shard indexes;
+ * 0 for the unsharded `<client_id>`). Each would go on queueing every message of the fleet, and a later
+ * layout with that index would run its stale queue again.
+ */
+function leftSessions(old: readonly ShardSpec[], unsharded: boolean, count: number): number[] {
+  const had = new Set<number>(unsharded ? [0] : []);
+  for (const s of old) for (let i = 1; i <= s.count; i++) had.add(i);
+  // One shard is run unsharded (`<client_id>`); the gateway never ends its own session either way.
+  const uses = (i: number) => (count === 1 ? i === 0 : i >= 1 && i <= count);
+  return [...had].filter((i) => !uses(i)).sort((a, b) => a - b);
+}
+
+/**
+ * The client ids whose sessions this data dir's gateway is to end (`reshard.drop_sessions`): the shards
+ * a reshard left out of the layout, named from the configured `client_id`.
+ */
+export async function sessionsToDrop(store: Store, clientId: string): Promise<string[]> {
+  const raw = await store.getMeta(DROP_SESSIONS);
+  let list: unknown;
+  try {
+    list = raw ? JSON.parse(raw) : [];
+  } catch {
+    list = [];
+  }
+  if (!Array.isArray(list)) return [];
+  // A shard's session is named by its index alone (shardClientId).
+  const ids = list.filter((i): i is number => Number.isInteger(i) && i >= 0);
+  return ids.map((i) => shardClientId(clientId, i === 0 ? null : { index: i, count: i }));
+}
+
+/** Every session `sessionsToDrop` named has been ended. */
+export async function sessionsDropped(store: Store): Promise<void> {
+  await store.setMeta(DROP_SESSIONS, "[]");
 }
 
 /**
