@@ -6,7 +6,7 @@
  * sends each PUBACK only after intake recorded the stimulus (mqtt.js `handleMessage`).
  */
 import { connect, type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import type { Logger } from "pino";
 import type {
   AuthChange,
@@ -59,6 +59,12 @@ export interface ExternalBrokerOptions {
 const ORIGIN = "fleet-gateway";
 /** MQTT 5 session expiry that never ends (MQTT-3.1.2-11: 0xFFFFFFFF = does not expire). */
 const NEVER = 0xffff_ffff;
+/** A connection the broker closes within this long of its CONNACK may have been taken over. */
+const TAKEOVER_MS = 5000;
+/** So many such closes in a row are reported as a take-over (a second gateway with the same client id). */
+const TAKEOVERS = 3;
+/** At most one client-error line per this long while the broker cannot be reached. */
+const ERROR_LOG_MS = 60_000;
 
 type Lifecycle = "new" | "starting" | "running" | "draining" | "closed";
 
@@ -101,6 +107,16 @@ class ExternalBroker implements Broker {
   private toDrop: string[];
   private dropping: Promise<void> | null = null;
   private dropsPending: boolean;
+  /** Whether this data dir has had a session on the broker (it recorded its subscriptions). */
+  private hadSession = false;
+  /** Since when the session connection is down (ms), null while connected; set before the first CONNACK. */
+  private downSince: number | null = Date.now();
+  /** Connections the broker closed soon after their CONNACK, in a row (another client took the session over). */
+  private takenOver = 0;
+  private connectedAt = 0;
+  /** Client errors since the last one logged (logged at most once per ERROR_LOG_MS while it lasts). */
+  private errorsSinceLog = 0;
+  private lastErrorLog = 0;
 
   constructor(private readonly opts: ExternalBrokerOptions) {
     this.log = opts.logger.child({ component: "broker", url: redact(opts.url) });
@@ -146,18 +162,33 @@ class ExternalBroker implements Broker {
     // session connection their PUBACKs would wait behind every delivery still being recorded.
     const out = connect(this.opts.url, { ...common, clientId: `${this.opts.clientId}-out`, clean: true });
     this.out = out;
-    out.on("error", (err) => this.log.warn({ err: err.message }, "broker client (outputs) error"));
+    out.on("error", (err) => this.clientError("broker client (outputs) error", err));
     this.holdAcks(client);
+    const file = this.opts.subscriptionsFile;
+    this.hadSession = file ? existsSync(file) : false;
     client.on("connect", (connack) => {
       this.generation++;
       this.retryDelay = this.opts.retryMs ?? 1000;
-      this.log.info({ sessionPresent: connack.sessionPresent, clientId: this.opts.clientId }, "connected to broker");
+      this.connectedAt = Date.now();
+      this.downSince = null;
+      const quiet = this.takenOver > 0;
+      if (!quiet)
+        this.log.info({ sessionPresent: connack.sessionPresent, clientId: this.opts.clientId }, "connected to broker");
+      if (!connack.sessionPresent && this.hadSession)
+        this.log.warn(
+          { clientId: this.opts.clientId },
+          `the broker has no session ${this.opts.clientId} for this gateway: messages published while it was not ` +
+            "connected are not queued here (readings queued for an earlier session, e.g. under another client_id, " +
+            "will not arrive here; or the broker lost its sessions)",
+        );
+      this.hadSession = true;
       void this.subscribe(this.filters).then(() => this.dropStale());
       if (this.dropsPending) this.dropping ??= this.endSessions().finally(() => (this.dropping = null));
     });
     client.on("reconnect", () => this.reconnects++);
+    client.on("close", () => this.closed());
     client.on("offline", () => this.log.warn("broker connection lost; reconnecting"));
-    client.on("error", (err) => this.log.warn({ err: err.message }, "broker client error"));
+    client.on("error", (err) => this.clientError("broker client error", err));
     const first = await Promise.race([
       new Promise<"connected">((resolve) => client.once("connect", () => resolve("connected"))),
       new Promise<Error>((resolve) => client.once("error", resolve)),
@@ -169,12 +200,49 @@ class ExternalBroker implements Broker {
       this.lifecycle = "closed";
       throw new Error(`broker ${redact(this.opts.url)} refused the gateway's CONNECT: ${first.message}`);
     }
+    if (first instanceof Error && isTlsRefusal(first)) {
+      client.end(true);
+      out.end(true);
+      this.lifecycle = "closed";
+      throw new Error(
+        `broker ${redact(this.opts.url)}: its TLS certificate does not verify (${first.message}); ` +
+          "check [broker] ca_file (the CA that signed the broker's certificate) and the host name in url",
+      );
+    }
     if (first !== "connected")
       this.log.warn(
         { why: first instanceof Error ? first.message : first },
         "broker not reachable at start; the gateway keeps trying (its session queues meanwhile)",
       );
     this.lifecycle = "running";
+  }
+
+  /** The session connection closed: note since when, and whether the broker closed it right after its CONNACK. */
+  private closed(): void {
+    if (this.downSince !== null) return;
+    const now = Date.now();
+    this.downSince = now;
+    if (this.lifecycle !== "running" && this.lifecycle !== "starting") return;
+    // Taken over: the broker closes a session's connection when another client connects with its id.
+    if (now - this.connectedAt < TAKEOVER_MS) this.takenOver++;
+    else this.takenOver = 0;
+    if (this.takenOver === TAKEOVERS)
+      this.log.error(
+        { clientId: this.opts.clientId, times: this.takenOver },
+        `the broker keeps closing the gateway's session ${this.opts.clientId} right after it connects: ` +
+          "another client uses the same client id (likely a second gateway with the same [broker] client_id " +
+          "and [fleet] shard); each takes the session from the other and the agents' state splits between them",
+      );
+  }
+
+  /** While the connection fails (a broker down for hours), one line per ERROR_LOG_MS, with the count. */
+  private clientError(what: string, err: Error): void {
+    this.errorsSinceLog++;
+    const now = Date.now();
+    if (now - this.lastErrorLog < ERROR_LOG_MS) return;
+    this.log.warn({ err: err.message, errors: this.errorsSinceLog }, what);
+    this.lastErrorLog = now;
+    this.errorsSinceLog = 0;
   }
 
   /**
@@ -439,6 +507,10 @@ class ExternalBroker implements Broker {
       external: {
         url: redact(this.opts.url),
         connected: (this.client?.connected ?? false) && (this.out?.connected ?? false),
+        disconnectedSince: this.downSince,
+        // Until a connection outlasts TAKEOVER_MS again.
+        takenOver:
+          this.takenOver >= TAKEOVERS && (this.downSince !== null || Date.now() - this.connectedAt < TAKEOVER_MS),
         reconnects: this.reconnects,
         withheld: this.withheld,
         staleRetained: this.staleRetained,
@@ -477,6 +549,12 @@ class ExternalBroker implements Broker {
 function isRefusal(err: Error): boolean {
   const code = (err as { code?: unknown }).code;
   return typeof code === "number" && code > 0;
+}
+
+/** The broker's TLS certificate does not verify against the CA: as permanent as a refused CONNECT. */
+function isTlsRefusal(err: Error): boolean {
+  const code = (err as { code?: unknown }).code;
+  return typeof code === "string" && /CERT|UNABLE_TO_(VERIFY|GET_ISSUER)|HOSTNAME_MISMATCH/.test(code);
 }
 
 /** The URL without a password, for logs. */

@@ -147,6 +147,10 @@ export interface BrokerStats {
     readonly withheld: number;
     /** Retained copies delivered at subscribe time, acknowledged and not taken as stimuli. */
     readonly staleRetained: number;
+    /** Since when (ms) the session connection is down; null while connected. */
+    readonly disconnectedSince: number | null;
+    /** The broker keeps closing the session right after each CONNACK: another client uses its client id. */
+    readonly takenOver: boolean;
   };
 }
 

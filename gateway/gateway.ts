@@ -498,13 +498,28 @@ export class Gateway {
     this.log.info("fleet stopped");
   }
 
-  /** `/readyz`: running, and commits are not failing for a storage reason. */
+  /** `/readyz`: running, commits are not failing for a storage reason, and an external broker is connected. */
   readiness(): Readiness {
     const r = readiness(this.state, this.store);
+    if (!r.ready) return r;
     const degraded = this.infra.degraded;
     // Episodes that cannot start (the machine's failure) make the gateway not ready too.
-    if (!r.ready || !degraded) return r;
-    return { ready: false, state: r.state, reason: `episodes cannot start: ${degraded.reason}` };
+    if (degraded) return { ready: false, state: r.state, reason: `episodes cannot start: ${degraded.reason}` };
+    // Cut off from an external broker, the gateway receives nothing (docs/http-api.md).
+    const ext = this.broker?.stats().external;
+    if (ext?.takenOver)
+      return {
+        ready: false,
+        state: r.state,
+        reason: "broker: another client keeps taking over this gateway's session",
+      };
+    if (ext && ext.disconnectedSince !== null)
+      return {
+        ready: false,
+        state: r.state,
+        reason: `broker: disconnected since ${new Date(ext.disconnectedSince).toISOString()}`,
+      };
+    return r;
   }
 
   /** Hot redeploy (redeploy.ts): load fleet.toml again; a no-op unless the gateway runs. */

@@ -9,6 +9,7 @@ import { connectAsync, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
 import { agentType, fleetHeader, q } from "./helpers/toml.ts";
+import { makeCerts } from "./helpers/tls.ts";
 import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 
 const E2E_TIMEOUT = 240_000;
@@ -283,6 +284,72 @@ describe("external broker (Mosquitto)", () => {
       const r = await runCli(["start", "--config", fleet.configPath, "--data-dir", fleet.dataDir]);
       expect(r.code).toBe(1);
       expect(r.stdout + r.stderr).toContain("FLEET_TEST_UNSET_PW, which is not set");
+    },
+    E2E_TIMEOUT,
+  );
+  test(
+    "cut off from its broker the gateway is not ready (/readyz 503, since when); back, it is; a restart " +
+      "under another client_id warns that the old session's readings will not arrive",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-ready", mq.url));
+      await fleet.start();
+      expect((await fleet.fetch("/readyz")).status).toBe(200);
+      await mq.stop();
+      const down = await waitFor(
+        async () => {
+          const res = await fleet.fetch("/readyz");
+          return res.status === 503 ? ((await res.json()) as { reason: string }) : null;
+        },
+        30_000,
+        "/readyz 503",
+      );
+      expect(down.reason).toMatch(/^broker: disconnected since \d{4}-/);
+      await mq.restart();
+      await waitFor(async () => (await fleet.fetch("/readyz")).status === 200, 30_000, "/readyz 200 again");
+      await fleet.stop();
+      expect(fleet.logTail(400)).not.toContain("the broker has no session");
+      writeFileSync(fleet.configPath, toml("ext-ready", mq.url).replace('"gw-ext-ready"', '"gw-ext-typo"'));
+      await fleet.start();
+      await waitFor(() => fleet.logTail(400).includes("the broker has no session gw-ext-typo"), 30_000, "warning");
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "a broker certificate the ca_file does not verify stops the start (exit 1), as a refused login does",
+    async () => {
+      const certs = makeCerts();
+      const wrong = makeCerts();
+      const mq = await Mosquitto.start({
+        extra: [`cafile ${certs.ca}`, `certfile ${certs.cert}`, `keyfile ${certs.key}`],
+      });
+      brokers.push(mq);
+      const url = `mqtts://127.0.0.1:${mq.port}`;
+      const fleet = new TestFleet(toml("ext-tls", url, `ca_file = ${q(wrong.ca)}`));
+      const r = await runCli(["start", "--config", fleet.configPath, "--data-dir", fleet.dataDir, "--http-port", "0"]);
+      expect([r.code, r.stderr]).toEqual([1, expect.stringContaining("its TLS certificate does not verify")]);
+      expect(r.stderr).toContain("ca_file");
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "two gateways with the same client id: the take-overs are reported at error level, and they are not ready",
+    async () => {
+      const mq = await mosquitto();
+      const a = new TestFleet(toml("ext-twice", mq.url));
+      const b = new TestFleet(toml("ext-twice", mq.url));
+      await a.start();
+      await b.start(60_000).catch(() => undefined); // it may never be ready: it is not, while both run
+      const said = (f: TestFleet) => f.logTail(2000).includes("another client uses the same client id");
+      await waitFor(() => said(a) || said(b), 60_000, "the take-over reported");
+      const ready = await Promise.all([a, b].map(async (f) => (await f.fetch("/readyz")).status));
+      expect(ready).toContain(503);
+      await b.stop();
+      await waitFor(async () => (await a.fetch("/readyz")).status === 200, 30_000, "a ready again");
+      await a.stop();
     },
     E2E_TIMEOUT,
   );

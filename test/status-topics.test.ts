@@ -32,6 +32,8 @@ const external = (connected: boolean) => ({
   reconnects: 0,
   withheld: 0,
   staleRetained: 0,
+  disconnectedSince: connected ? null : 1,
+  takenOver: false,
 });
 
 describe("fleet/health", () => {
