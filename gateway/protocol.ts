@@ -8,4 +8,6 @@ export const topics = {
   sends: "fleet/sends/#",
   episodes: "fleet/episodes",
   health: "fleet/health",
+  /** A shard's own retained health (docs/shards.md): on `fleet/health` the shards overwrite each other. */
+  shardHealth: (index: number, count: number) => `fleet/health/${index}-of-${count}`,
 } as const;

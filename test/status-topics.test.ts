@@ -47,6 +47,13 @@ describe("fleet/health", () => {
     }
   });
 
+  test("a shard publishes it on fleet/health and on its own fleet/health/<i>-of-<N>, no sibling's", async () => {
+    const { broker, published } = fakeBroker(external(true));
+    const { log } = logged();
+    await publishHealth(broker, async () => ({ ok: true }), log, { index: 2, count: 3 });
+    expect(published).toEqual(["fleet/health", "fleet/health/2-of-3"]);
+  });
+
   test("is skipped, with no warning, while the external broker is not connected", async () => {
     const { broker, published } = fakeBroker(external(false));
     const { lines, log } = logged();

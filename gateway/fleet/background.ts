@@ -118,7 +118,8 @@ export class Housekeeping {
 
   private async publishHealth(): Promise<void> {
     if (this.host.state !== "running") return;
-    await publishHealth(this.host.broker, () => this.host.health(), this.host.log);
+    const shard = this.host.spec.spec.fleet.shard;
+    await publishHealth(this.host.broker, () => this.host.health(), this.host.log, shard);
   }
 
   /** One round of bounded retention passes (ops/gc.ts `gcTick`); skipped if the previous one still runs. */

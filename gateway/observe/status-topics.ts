@@ -8,6 +8,7 @@ import type { Logger } from "pino";
 import type { Broker } from "../../broker/index.ts";
 import type { FleetEvents } from "../events.ts";
 import { topics } from "../protocol.ts";
+import type { ShardSpec } from "../shard.ts";
 import type { Store } from "../store/index.ts";
 import { parseAgentId, shownStatus } from "../types.ts";
 
@@ -72,12 +73,20 @@ export async function republishStatuses(
 /**
  * Publish the fleet summary, retained; a failure is logged (the next tick tries again). While the
  * gateway's connection to an external broker is down (at start it is not up yet) there is nothing
- * to say: the broker client logs its own state, and the next tick publishes.
+ * to say: the broker client logs its own state, and the next tick publishes. A shard also publishes it
+ * on `fleet/health/<i>-of-<N>`, which no other shard overwrites.
  */
-export async function publishHealth(broker: Broker, health: () => Promise<unknown>, log: Logger): Promise<void> {
+export async function publishHealth(
+  broker: Broker,
+  health: () => Promise<unknown>,
+  log: Logger,
+  shard: ShardSpec | null = null,
+): Promise<void> {
   if (broker.stats().external?.connected === false) return;
   try {
-    await broker.publish(topics.health, JSON.stringify(await health()), { qos: 0, retain: true });
+    const body = JSON.stringify(await health());
+    await broker.publish(topics.health, body, { qos: 0, retain: true });
+    if (shard) await broker.publish(topics.shardHealth(shard.index, shard.count), body, { qos: 0, retain: true });
   } catch (err) {
     log.warn({ err }, "health publish failed");
   }
