@@ -173,6 +173,28 @@ describe("effects", () => {
     expect(timers.delays).toEqual([]);
   });
 
+  test("an outage is logged once at warn, without a stack, its end at info; the retries only at debug", async () => {
+    const lines: { level: number; msg: string; err?: unknown }[] = [];
+    const logged = pino({ level: "debug" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+    const outbox = new FakeOutbox();
+    const broker = new FakeBroker();
+    const timers = new ManualTimers();
+    const effects = new Effects(outbox, broker, logged, { setTimeout: timers.setTimeout, retryMs: 100 });
+    broker.failing = 4;
+    effects.publishCommitted("e1", outbox.add("e1", 1));
+    await settle();
+    for (let i = 0; i < 4; i++) await timers.runAll();
+    expect(broker.sent).toEqual(["e1:0"]);
+    const drain = lines.filter((l) => l.msg.startsWith("publishing outbox"));
+    expect(drain.map((l) => [l.level, l.msg])).toEqual([
+      [40, "publishing outbox failed; retrying until it goes out"],
+      [20, "publishing outbox failed again"],
+      [20, "publishing outbox failed again"],
+      [30, "publishing outbox resumed"],
+    ]);
+    expect(drain[0]!.err).toBe("broker down");
+  });
+
   test("rows published before a failure are deleted; the rest are retried, none is lost", async () => {
     const { outbox, broker, timers, effects } = setup();
     outbox.add("a", 2);

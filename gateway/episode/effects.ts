@@ -57,6 +57,8 @@ export class Effects {
   private doneEpisodes: string[] = [];
   private deleteScheduled = false;
   private retryArmed = false;
+  /** The last drain could not publish (an outage is logged once). */
+  private failing = false;
   private retryDelay: number;
   private readonly opts: Required<EffectsOptions>;
 
@@ -175,6 +177,8 @@ export class Effects {
       const page = await this.store.pendingOutbox(500, after);
       if (page.length === 0) {
         this.retryDelay = this.opts.retryMs;
+        if (this.failing) this.log.info("publishing outbox resumed");
+        this.failing = false;
         return;
       }
       after = page[page.length - 1]!.id;
@@ -197,12 +201,13 @@ export class Effects {
       await this.store.deleteOutbox(sent);
       this.published += sent.length;
       if (failed) {
-        this.log.error(
-          { err: failed, retry_ms: this.stopped ? null : this.retryDelay },
-          this.stopped
-            ? "publishing outbox failed; rows stay for the next start"
-            : "publishing outbox failed; retrying",
-        );
+        // A broker out of reach fails every retry: one warning per outage, not a stack each time.
+        const err = failed instanceof Error ? failed.message : String(failed);
+        if (this.stopped) this.log.warn({ err }, "publishing outbox failed; rows stay for the next start");
+        else if (!this.failing)
+          this.log.warn({ err, retry_ms: this.retryDelay }, "publishing outbox failed; retrying until it goes out");
+        else this.log.debug({ err, retry_ms: this.retryDelay }, "publishing outbox failed again");
+        this.failing = true;
         this.scheduleRetry();
         return;
       }
