@@ -114,6 +114,8 @@ class ExternalBroker implements Broker {
   /** Connections the broker closed soon after their CONNACK, in a row (another client took the session over). */
   private takenOver = 0;
   private connectedAt = 0;
+  /** The gateway itself is closing the session connection (a withheld PUBACK's reconnect). */
+  private closingOurselves = false;
   /** Client errors since the last one logged (logged at most once per ERROR_LOG_MS while it lasts). */
   private errorsSinceLog = 0;
   private lastErrorLog = 0;
@@ -219,10 +221,12 @@ class ExternalBroker implements Broker {
 
   /** The session connection closed: note since when, and whether the broker closed it right after its CONNACK. */
   private closed(): void {
+    const ours = this.closingOurselves;
+    this.closingOurselves = false;
     if (this.downSince !== null) return;
     const now = Date.now();
     this.downSince = now;
-    if (this.lifecycle !== "running" && this.lifecycle !== "starting") return;
+    if (ours || (this.lifecycle !== "running" && this.lifecycle !== "starting")) return;
     // Taken over: the broker closes a session's connection when another client connects with its id.
     if (now - this.connectedAt < TAKEOVER_MS) this.takenOver++;
     else this.takenOver = 0;
@@ -451,6 +455,7 @@ class ExternalBroker implements Broker {
       this.retryTimer = null;
       if (this.lifecycle !== "running") return;
       this.log.info({ after_ms: delay }, "reconnecting so the broker redelivers unacknowledged messages");
+      this.closingOurselves = true; // not a take-over
       this.client?.stream?.destroy();
     }, delay);
   }

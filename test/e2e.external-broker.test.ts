@@ -235,6 +235,14 @@ describe("external broker (Mosquitto)", () => {
           .external.withheld;
       // One fits the queue; the others are withheld (and withheld again after each reconnect while paused).
       await waitFor(async () => (await withheld()) >= 3, 30_000, "PUBACKs withheld", 100);
+      // The gateway's own reconnects (after 1, 2, 4 s) are not take-overs: it stays ready and says nothing of one.
+      const reconnects = async () =>
+        ((await (await fleet.fetch("/api/fleet")).json()) as { broker: { external: { reconnects: number } } }).broker
+          .external.reconnects;
+      await waitFor(async () => (await reconnects()) >= 3, 30_000, "3 reconnects", 200);
+      await Bun.sleep(500);
+      expect((await fleet.fetch("/readyz")).status).toBe(200);
+      expect(fleet.logTail(2000)).not.toContain("another client uses the same client id");
       expect((await fleet.cli("resume", "counter/q")).code).toBe(0);
       await fleet.waitCommitted("counter/q", 4, 60_000);
       const seen = await recorded(fleet);
