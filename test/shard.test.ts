@@ -3,6 +3,8 @@
  * (its own agents are targets, the others' are named, forwarded sends keep the sender's ids).
  */
 import { describe, expect, test } from "bun:test";
+import pino from "pino";
+import { fleetTimers, type BackgroundHost } from "../gateway/fleet/index.ts";
 import { createRouter } from "../gateway/intake/index.ts";
 import { fleetLayout, gatewaysFor, layoutGaps } from "../gateway/replication/index.ts";
 import {
@@ -143,6 +145,35 @@ describe("routing on a shard", () => {
     expect(route("fleet/sends/temp/a/e")).toMatchObject({
       problems: [expect.stringContaining("not a forwarded send")],
     });
+  });
+});
+
+describe("timers on a shard", () => {
+  test("an every timer fires only for the agents this shard owns, whatever else its data dir holds", async () => {
+    const sv = await compileSpec(
+      `[fleet]\nshard = "1/2"\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n` +
+        `[agents.tick]\nmodule = "agent.ts"\nsubscribe = ["tick/+"]\nkey = "{1}"\nevery = "10s"\n`,
+      "/srv/fleet.toml",
+    );
+    const keys = Array.from({ length: 20 }, (_, i) => `t${i}`);
+    const recorded: string[] = [];
+    const now = 1_000_000;
+    const host = {
+      spec: sv,
+      store: {
+        getMeta: async () => String(now - 15_000), // a fire was missed: caught up at start
+        setMeta: async () => undefined,
+        deployedOfType: async () => keys.map((key) => ({ key })),
+      },
+      intake: { record: async (targets: { agent: string }[]) => void recorded.push(...targets.map((t) => t.agent)) },
+      log: pino({ level: "silent" }),
+    } as unknown as BackgroundHost;
+    const timers = fleetTimers(host, () => now);
+    await timers.update(sv.spec);
+    await timers.stop();
+    const mine = keys.map((k) => `tick/${k}`).filter((a) => ownerShard(a, 2) === 1);
+    expect(mine.length).toBeGreaterThan(0);
+    expect(recorded.sort()).toEqual(mine.sort());
   });
 });
 
