@@ -283,7 +283,7 @@ describe("fleet reshard", () => {
     const unsharded = await start(null);
     expect([unsharded.code, unsharded.stderr]).toEqual([1, expect.stringContaining("fleet.toml says unsharded")]);
     // Shrinking 2 -> 1 leaves shard 2's session: the new dir's gateway ends it (and -shard-1: it runs unsharded).
-    await reshard([s1, join(root, "s2")], 1, join(root, "one"));
+    expect((await reshard([s1, join(root, "s2")], 1, join(root, "one"))).ended_sessions).toEqual([1, 2]);
     const one = await Store.open(join(root, "one1", "fleet.db"), { synchronous: "normal", readonly: true });
     try {
       expect(await sessionsToDrop(one, "gw-plant")).toEqual(["gw-plant-shard-1", "gw-plant-shard-2"]);

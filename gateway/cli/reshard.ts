@@ -20,6 +20,12 @@ function describe(r: ReshardReport): string {
     ...(r.left_out.length > 0
       ? [`partial: ${r.left_out.join(", ")} of the old layout were not among --from; their agents are not here.`]
       : []),
+    ...(r.ended_sessions.length > 0
+      ? [
+          `the first start of shard 1 ends the broker sessions the old layout had and the new one does not use ` +
+            `(${r.ended_sessions.map((i) => (i === 0 ? "<client_id>" : `<client_id>-shard-${i}`)).join(", ")}).`,
+        ]
+      : []),
     r.verified
       ? r.to === 1
         ? "every chain verifies. Start the gateway unsharded (no [fleet] shard) on that data dir."

@@ -50,6 +50,11 @@ export interface ReshardReport {
    * `partial`): their agents are not in the new layout.
    */
   readonly left_out: readonly string[];
+  /**
+   * Broker sessions the old layout had and the new one does not use (shard indexes; 0: the unsharded
+   * `<client_id>`): the first start of new shard 1 ends them.
+   */
+  readonly ended_sessions: readonly number[];
 }
 
 /** How `reshard` runs. */
@@ -183,10 +188,10 @@ export async function reshard(
       shift += max;
     }
     const report: ReshardTarget[] = [];
+    const drop = leftSessions([...layouts.values()], unsharded, count);
     for (const [i, store] of targets.entries()) {
       // Until its gateway first starts on it, the new dir says which shard it is (a later reshard reads it).
       await store.setMeta(RESHARD_SHARD, `${i + 1}/${count}`);
-      const drop = leftSessions([...layouts.values()], unsharded, count);
       if (i === 0 && drop.length > 0) await store.setMeta(DROP_SESSIONS, JSON.stringify(drop));
       report.push(await check(store, outs[i]!, i + 1, count));
     }
@@ -198,6 +203,7 @@ export async function reshard(
       agents: moved,
       verified: report.every((t) => t.problems.length === 0),
       left_out: leftOut,
+      ended_sessions: drop,
     };
   } catch (err) {
     for (const t of targets) await t.close().catch(() => undefined);
