@@ -6,6 +6,7 @@
  */
 import type { Logger } from "pino";
 import type { FleetEvents } from "../events.ts";
+import { LogThrottle } from "../observe/index.ts";
 
 /** A type's refusals are logged once per this long at most. */
 export const AGENT_CAP_LOG_EVERY_MS = 60_000;
@@ -16,19 +17,14 @@ export function agentCapNotices(
   events: FleetEvents,
   now: () => number = Date.now,
 ): (type: string, max: number) => void {
-  const last = new Map<string, { at: number; since: number }>();
+  const lines = new LogThrottle(AGENT_CAP_LOG_EVERY_MS, now);
   return (type, max) => {
     events.emit("agentRefused", { type, max });
-    let l = last.get(type);
-    if (!l) last.set(type, (l = { at: Number.NEGATIVE_INFINITY, since: 0 }));
-    l.since++;
-    const at = now();
-    if (at - l.at < AGENT_CAP_LOG_EVERY_MS) return;
+    const refused = lines.due(type);
+    if (refused === null) return;
     log.warn(
-      { type, max_agents: max, refused: l.since },
+      { type, max_agents: max, refused },
       `stimuli refused: they would create more agents of type ${type} than max_agents (${max})`,
     );
-    l.at = at;
-    l.since = 0;
   };
 }

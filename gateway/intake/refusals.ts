@@ -7,6 +7,7 @@
  */
 import type { Logger } from "pino";
 import type { FleetEvents, FleetEventMap } from "../events.ts";
+import { LogThrottle } from "../observe/index.ts";
 import type { AdmissionCode, AgentId } from "../types.ts";
 
 /** One refused target (intake.ts `Refusal`). */
@@ -18,41 +19,28 @@ interface Refused {
 
 /** An agent's refusals for one reason are logged once per this long at most. */
 export const REFUSAL_LOG_EVERY_MS = 60_000;
-/** Past this many (agent, reason) entries, those whose line is older than a minute are forgotten. */
-const MAX_TRACKED = 10_000;
 
 /** Emits each refusal as a fact and logs it when its agent's line for that reason is a minute old. */
 export class RefusalLog {
-  private readonly last = new Map<string, { at: number; since: number }>();
+  private readonly lines: LogThrottle;
 
   constructor(
     private readonly log: Pick<Logger, "warn">,
     private readonly events: FleetEvents,
-    private readonly now: () => number = Date.now,
-  ) {}
+    now: () => number = Date.now,
+  ) {
+    this.lines = new LogThrottle(REFUSAL_LOG_EVERY_MS, now);
+  }
 
   /** Note the refusals of one intake from `source` (a message on `topic`, a timer fire, a wake-up...). */
   note(refused: readonly Refused[], source: FleetEventMap["intake"]["source"], topic: string | null): void {
-    const at = this.now();
     for (const r of refused) {
       this.events.emit("refused", { source, type: r.agent.slice(0, r.agent.indexOf("/")), code: r.code });
       // max_agents refusals are logged by type, once a minute at most (fleet/agent-cap.ts): a flood of new keys.
       if (r.code === "max_agents") continue;
-      const key = `${r.agent}\n${r.code}`;
-      let l = this.last.get(key);
-      if (!l) {
-        if (this.last.size >= MAX_TRACKED) this.forget(at);
-        this.last.set(key, (l = { at: Number.NEGATIVE_INFINITY, since: 0 }));
-      }
-      l.since++;
-      if (at - l.at < REFUSAL_LOG_EVERY_MS) continue;
-      this.log.warn({ agent: r.agent, topic, source, refused: l.since }, `stimulus refused: ${r.reason}`);
-      l.at = at;
-      l.since = 0;
+      const count = this.lines.due(`${r.agent}\n${r.code}`);
+      if (count !== null)
+        this.log.warn({ agent: r.agent, topic, source, refused: count }, `stimulus refused: ${r.reason}`);
     }
-  }
-
-  private forget(at: number): void {
-    for (const [key, l] of this.last) if (at - l.at >= REFUSAL_LOG_EVERY_MS) this.last.delete(key);
   }
 }
