@@ -158,10 +158,18 @@ export class WakeClock {
   private async deliver(due: readonly WakeRow[]): Promise<void> {
     if (due.length === 0) return;
     const byAgent = new Map<AgentId, WakeRow[]>();
-    for (const w of due) byAgent.set(w.agent, [...(byAgent.get(w.agent) ?? []), w]);
+    for (const w of due) {
+      const rows = byAgent.get(w.agent);
+      if (rows) rows.push(w);
+      else byAgent.set(w.agent, [w]);
+    }
     const fired: string[] = [];
     const dropped = new Map<string, string[]>();
-    const drop = (id: string, why: string) => dropped.set(why, [...(dropped.get(why) ?? []), id]);
+    const drop = (id: string, why: string): void => {
+      const ids = dropped.get(why);
+      if (ids) ids.push(id);
+      else dropped.set(why, [id]);
+    };
     await Promise.all(
       [...byAgent].map(async ([agent, rows]) => {
         const target = this.d.target(agent);
