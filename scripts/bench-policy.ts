@@ -7,7 +7,7 @@
  *    the same agent module and config otherwise, stimuli spread over 16 agents.
  * 2. Stimulus -> `out` latency (p50/p99) of a quiet agent pinged every 100 ms, alone vs
  *    while another agent is flooded with thousands of QoS 1 stimuli at once by a device in its own
- *    process (./bench/flooder.ts).
+ *    process, writing packets built beforehand (./bench/flooder.ts).
  *
  * Real gateway process, real MQTT (mqtt.js), real episode subprocesses. `benchPolicy()` is
  * exported so a bench runner can include it; run directly it prints a table.
@@ -269,7 +269,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       await quiet.stop(60_000);
       const flooded = quiet.latencies(from);
       log(`  ${phaseTails("flood", marks, await tails(fleet))}`);
-      log(`  flooder: ${await acked} ms for ${floodN} QoS 1 messages`);
+      log(`  flooder, ${floodN} QoS 1 messages: ${await acked}`);
       for (const line of await slowest(fleet, quiet, { name: "flood", from, to: performance.now() }, 3))
         log(`  ${line}`);
       const [{ n: backlog }] = (await fleet.query<{ n: number }>(

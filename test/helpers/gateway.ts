@@ -682,10 +682,10 @@ export function connectPacket(clientId: string): Buffer {
   return Buffer.concat([Buffer.from([0x10, ...remainingLength(body.length)]), body]);
 }
 
-/** A PUBLISH packet; QoS 1 carries packet id 1. */
-export function publishPacket(topic: string, payload: Buffer | string, qos: 0 | 1): Buffer {
+/** A PUBLISH packet; QoS 1 carries packet id `id` (1 unless given). */
+export function publishPacket(topic: string, payload: Buffer | string, qos: 0 | 1, id = 1): Buffer {
   const parts = [utf8Field(topic)];
-  if (qos === 1) parts.push(Buffer.from([0, 1]));
+  if (qos === 1) parts.push(Buffer.from([id >> 8, id & 0xff]));
   parts.push(typeof payload === "string" ? Buffer.from(payload) : payload);
   const body = Buffer.concat(parts);
   return Buffer.concat([Buffer.from([0x30 | (qos << 1), ...remainingLength(body.length)]), body]);
