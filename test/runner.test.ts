@@ -313,6 +313,31 @@ describe("runEpisode: tool calls", () => {
     expect(firstDivergence(live.records, replayed.records)).toBeNull();
   });
 
+  test("an episode killed at its timeout while it waits keeps what it recorded since its last tool call", async () => {
+    const r = await run(start("log-then-hang", { hang: true }), { timeoutMs: 1000 });
+    if (r.ok) throw new Error("expected a timeout");
+    expect(r.kind).toBe("timeout");
+    expect(r.records.map((x) => x.k)).toEqual(["tool", "log", "decide"]);
+    expect(r.records[1]).toMatchObject({ k: "log", msg: "waiting for the valve to answer" });
+  });
+
+  test("records made while a call is unanswered follow its record, live and in replay alike", async () => {
+    const slow: ToolHandler = async () => {
+      await Bun.sleep(300);
+      return { ok: true, result: null };
+    };
+    const live = await run(start("log-then-hang", { hang: false }), {}, slow);
+    if (!live.ok) throw new Error(live.message);
+    expect(live.records.map((x) => x.k)).toEqual(["tool", "log", "log", "decide"]);
+    expect(live.records.filter((x) => x.k === "log").map((x) => (x as { msg: string }).msg)).toEqual([
+      "meanwhile",
+      "after",
+    ]);
+    const replayed = await run(start("log-then-hang", { hang: false }, { replay: replayInputs(live.records) }));
+    if (!replayed.ok) throw new Error(replayed.message);
+    expect(firstDivergence(live.records, replayed.records)).toBeNull();
+  });
+
   test("a failed episode's kept records stay within max_records, as a committed episode's do", async () => {
     const r = await run(
       start("log-then-throw", { flood: 50 }, { limits: { max_records: 20, max_record_bytes: 1 << 20 } }),

@@ -103,11 +103,23 @@ async function drained(): Promise<void> {
 
 class Flood extends Error {}
 
-/** Buffers records and flushes them before each tool call and at the end, preserving order. */
+/**
+ * How long a record waits in the buffer, at most, while the agent is between tool calls: an episode
+ * that hangs (awaits what never settles) and is killed at its timeout still leaves what it logged.
+ */
+const IDLE_FLUSH_MS = 50;
+
+/**
+ * Buffers records and flushes them before each tool call and at the end, preserving order; and
+ * IDLE_FLUSH_MS after a record was buffered, when no tool call is unanswered. Not while one is: live,
+ * the gateway appends a call's record when it answers, so the agent's records made meanwhile belong
+ * after it (where replay puts them, `sendAhead`); they are sent once the call is answered.
+ */
 class Recorder {
   private buffer: EpisodeRecord[] = [];
   private count = 0;
   private bytes = 0;
+  private idleFlush: Timer | null = null;
   /** Set once a limit is crossed; sticky, so an agent that catches the error still fails. */
   flood: string | null = null;
   constructor(private readonly limits: Start["limits"]) {}
@@ -123,6 +135,14 @@ class Recorder {
       this.flood = `episode records exceed ${this.limits.max_record_bytes} bytes`;
     if (this.flood !== null) throw new Flood(this.flood);
     this.buffer.push(record);
+    this.idleFlush ??= setTimeout(() => this.flushIfIdle(), IDLE_FLUSH_MS).unref();
+  }
+
+  private flushIfIdle(): void {
+    this.idleFlush = null;
+    if (this.buffer.length === 0) return;
+    if (unanswered.size > 0) this.idleFlush = setTimeout(() => this.flushIfIdle(), IDLE_FLUSH_MS).unref();
+    else this.flush();
   }
 
   /**
