@@ -6,7 +6,7 @@
  * reload of fleet.toml), background.ts (timers, retention, health) and status-topics.ts.
  */
 import { readFileSync, rmSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
 import {
   createEmbeddedBroker,
@@ -80,7 +80,7 @@ import { canaryConfigRefusal, deployInstances, Redeploy, Rollouts } from "./flee
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
-import { BundleFiles, buildBundle, bundleDir, codeChanges, pinCode, type Pinned } from "./code/index.ts";
+import { BundleFiles, buildBundle, bundleDir, codeChanges, inSourceTerms, pinCode, type Pinned } from "./code/index.ts";
 import { HOST_MODULES, HOST_PATHS } from "../agents/host/index.ts";
 import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
 
@@ -851,6 +851,11 @@ export class Gateway {
       running: () => this.scheduler.active,
       infra: this.infra,
       bundleFile: (hash) => this.bundles.file(hash),
+      inSourceTerms: (text, bundle, sv, type) =>
+        inSourceTerms(text, bundle.file, this.bundles.sourceMap(bundle.hash), {
+          fleetDir: dirname(sv.path),
+          module: sv.spec.agents[type]?.module ?? type,
+        }),
       bundleFor: (agent, type, sv) =>
         this.rollouts ? this.rollouts.bundleFor(agent, type, sv) : (sv.bundles[type] ?? null),
     });

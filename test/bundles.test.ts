@@ -25,6 +25,8 @@ import {
   BundleMissing,
   buildBundle,
   bundleDir,
+  inSourceTerms,
+  parseSourceMap,
   pinCode,
   versionOf,
   withBundles,
@@ -110,6 +112,68 @@ describe("buildBundle", () => {
     expect(bad.ok).toBe(false);
     expect(!missing.ok && missing.error).toContain("nope.ts");
     expect(!none.ok && none.error).toContain("none.ts");
+  });
+
+  test("its source map leads each line of the code back to the file, line and column it came from", async () => {
+    const dir = tempDir();
+    mkdirSync(join(dir, "agents"));
+    // The throw is on line 4, column 19 of lib.ts; the call on line 5, column 12 of lab.ts.
+    writeFileSync(
+      join(dir, "agents/lib.ts"),
+      [
+        "// a helper",
+        "export function check(cfg: { field?: { x: number } }): number {",
+        "  // note",
+        '  if (!cfg.field) throw new Error("no field");',
+        "  return cfg.field.x;",
+        "}",
+        "",
+      ].join("\n"),
+    );
+    writeFileSync(
+      join(dir, "agents/lab.ts"),
+      [
+        `import { defineAgent } from ${JSON.stringify(SDK_ENTRY)};`,
+        'import { check } from "./lib.ts";',
+        "",
+        "export default defineAgent({ init: () => ({}), onStimulus(_s, ctx) {",
+        "  ctx.emit(check({}));",
+        "} });",
+        "",
+      ].join("\n"),
+    );
+    const r = await buildBundle(join(dir, "agents/lab.ts"), HOST_MODULES);
+    if (!r.ok) throw new Error(r.error);
+    expect(r.hash).toBe(await blake3Hex(r.code));
+    expect(r.code).not.toContain("debugId");
+    expect(r.code).not.toContain("agents/lib.ts");
+    const map = parseSourceMap(r.map ?? "");
+    expect(map).not.toBeNull();
+    // Where the code has them, 1-based columns as in Bun's stacks.
+    const lines = r.code.split("\n");
+    const position = (token: string) => {
+      const line = lines.findIndex((l) => l.includes(token));
+      expect(line).toBeGreaterThanOrEqual(0);
+      return `${line + 1}:${lines[line]!.indexOf(token) + 1}`;
+    };
+    const file = join(dir, "bundles", `${r.hash}.js`);
+    const stack =
+      `Error: no field\n    at check (${file}:${position("throw new Error")})\n` +
+      `    at onStimulus (${file}:${position("check({})")})`;
+    const names = { fleetDir: dir, module: "agents/lab.ts" };
+    expect(inSourceTerms(stack, file, map, names)).toBe(
+      "Error: no field\n    at check (agents/lib.ts:4:19)\n    at onStimulus (agents/lab.ts:5:12)",
+    );
+    // The file alone is the module; a position the map does not cover keeps the bundle's; no map, the same.
+    expect(inSourceTerms(`${file} has no default export`, file, map, names)).toBe(
+      "agents/lab.ts has no default export",
+    );
+    expect(inSourceTerms(`at ${file}:9999:1`, file, map, names)).toBe("at agents/lab.ts (bundle line 9999:1)");
+    expect(inSourceTerms(`at ${file}:3:1`, file, null, names)).toBe("at agents/lab.ts (bundle line 3:1)");
+    // A source outside the fleet's folder keeps its absolute path.
+    expect(
+      inSourceTerms(`at x (${file}:${position("throw new Error")})`, file, map, { ...names, fleetDir: "/elsewhere" }),
+    ).toBe(`at x (${join(dir, "agents/lib.ts")}:4:19)`);
   });
 });
 

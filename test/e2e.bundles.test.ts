@@ -183,6 +183,38 @@ describe("code pinned by content", () => {
     }
   }, 180_000);
 
+  test("a failed episode's error names the source files and lines, not the bundle", async () => {
+    const { fleet, labelFile } = taggerFleet("e2e-bundles-stack");
+    // The throw is on line 4 of label.ts; agent.ts calls label() on line 7.
+    writeFileSync(
+      labelFile,
+      '// labels\n\nexport const label = (): string => {\n  throw new Error("no label yet");\n};\n',
+    );
+    try {
+      await fleet.start();
+      await publishQos1(await fleet.mqtt(), "tags/a/in", { id: "r1" });
+      const [failed] = await waitFor(
+        async () => {
+          const list = await fleet.episodes("tagger/a");
+          return list.length > 0 ? list : undefined;
+        },
+        30_000,
+        "the failed episode",
+      );
+      const shown = await fleet.cli("show", failed!.id);
+      expect(shown.json).toMatchObject({ status: "failed", error_kind: "threw" });
+      const failure = shown.json.events.at(-1) as { kind: string; data: { message: string } };
+      expect(failure.kind).toBe("failure");
+      expect(failure.data.message).toContain("no label yet");
+      expect(failure.data.message).toMatch(/at label \(label\.ts:4:\d+\)/);
+      expect(failure.data.message).toMatch(/\(agent\.ts:7:\d+\)/);
+      // The bundle (<hash>.js) is named nowhere; frames below the agent's are the host runtime's.
+      expect(failure.data.message).not.toMatch(/[0-9a-f]{64}\.js/);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
+
   test("a module moved away and back is watched again: its next edit is deployed", async () => {
     const { fleet, agent, labelFile } = taggerFleet("e2e-bundles-vanish");
     try {

@@ -6,15 +6,19 @@
  * meets the very class the host throws.
  */
 import { readFileSync } from "node:fs";
-import { dirname, sep } from "node:path";
+import { dirname, resolve, sep } from "node:path";
 import { legacyHostSpecifier } from "../../agents/host/index.ts";
 import { macroRisk } from "../episode/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Blake3Hex } from "../types.ts";
 
-/** What bundling one module gave: its code and that code's BLAKE3, or why it failed. */
+/**
+ * What bundling one module gave: its code, that code's BLAKE3 and its source map (JSON, version 3,
+ * `sources` absolute, no `sourcesContent`; null when Bun made none that fits), or why it failed.
+ * The map is not part of the hash: it only says where in the sources each line of the code came from.
+ */
 export type BuiltBundle =
-  | { readonly ok: true; readonly hash: Blake3Hex; readonly code: string }
+  | { readonly ok: true; readonly hash: Blake3Hex; readonly code: string; readonly map: string | null }
   | { readonly ok: false; readonly error: string };
 
 /**
@@ -35,8 +39,10 @@ export async function buildBundle(
       target: "bun",
       format: "esm",
       // The hash is to depend on nothing but the code: the comments Bun writes name files
-      // relative to the working directory, so they are left out (stripPathComments).
+      // relative to the working directory, so they are left out (keptLines).
       minify: { whitespace: false, identifiers: false, syntax: false },
+      // For errors only: a failed episode's stack names the source's lines (./source-map.ts).
+      sourcemap: "external",
       plugins: [
         {
           name: "fleet-host-runtime",
@@ -71,11 +77,59 @@ export async function buildBundle(
     return { ok: false, error: describeBuildError(err) };
   }
   if (!result.success) return { ok: false, error: result.logs.map(placed).join("\n") || "bundling failed" };
-  const out = result.outputs.find((o) => o.kind === "entry-point") ?? result.outputs[0];
-  if (!out || result.outputs.length !== 1)
+  const code = result.outputs.filter((o) => o.kind !== "sourcemap");
+  const out = code[0];
+  if (!out || code.length !== 1)
     return { ok: false, error: "bundling produced more than one file (a dynamic import of a local file?)" };
-  const code = stripPathComments(await out.text());
-  return { ok: true, hash: await blake3Hex(code), code };
+  const sourceMap = result.outputs.find((o) => o.kind === "sourcemap");
+  const kept = keptLines(await out.text());
+  return {
+    ok: true,
+    hash: await blake3Hex(kept.code),
+    code: kept.code,
+    map: sourceMap ? mapOfKeptLines(await sourceMap.text(), kept.dropped) : null,
+  };
+}
+
+/**
+ * The bundle's text without the lines that are not code: Bun's comments naming each source file
+ * (relative to the cwd) and the debug id it adds with a source map, so the hash is the code's
+ * alone (the same as a build without a map), and which lines (0-based) were dropped.
+ */
+function keptLines(text: string): { code: string; dropped: ReadonlySet<number> } {
+  // The debug id comes last, after an empty line of its own.
+  const lines = text.replace(/\n\/\/# debugId=[0-9A-Fa-f]+\n?$/, "").split("\n");
+  const dropped = new Set<number>();
+  const kept: string[] = [];
+  lines.forEach((line, i) => {
+    if (/^\/\/ (?!@bun).*\.[cm]?[jt]sx?$/.test(line)) dropped.add(i);
+    else kept.push(line);
+  });
+  return { code: kept.join("\n"), dropped };
+}
+
+/**
+ * Bun's source map for the bundle's full text, made to fit the kept lines: a version 3 map's
+ * `mappings` has one `;`-separated group per generated line, so a dropped line's group goes too;
+ * that is exact only when the group is empty (a comment maps to nothing), else there is no map.
+ * Sources are made absolute (Bun writes them relative to the cwd) and their contents left out.
+ */
+function mapOfKeptLines(json: string, dropped: ReadonlySet<number>): string | null {
+  let map: { version?: unknown; sources?: unknown; mappings?: unknown; names?: unknown };
+  try {
+    map = JSON.parse(json) as typeof map;
+  } catch {
+    return null;
+  }
+  if (map.version !== 3 || typeof map.mappings !== "string" || !Array.isArray(map.sources)) return null;
+  const groups = map.mappings.split(";");
+  if ([...dropped].some((i) => (groups[i] ?? "") !== "")) return null;
+  return JSON.stringify({
+    version: 3,
+    sources: map.sources.map((s) => (typeof s === "string" ? resolve(s) : null)),
+    names: Array.isArray(map.names) ? map.names : [],
+    mappings: groups.filter((_, i) => !dropped.has(i)).join(";"),
+  });
 }
 
 /**
@@ -94,11 +148,6 @@ export function withHostSpecifiers(code: string): string {
 function loaderOf(path: string): "ts" | "tsx" | "js" | "jsx" {
   const ext = /\.[cm]?([jt]sx?)$/.exec(path)?.[1];
   return ext === "tsx" || ext === "js" || ext === "jsx" ? ext : "ts";
-}
-
-/** Bun's comments naming each source file (relative to the cwd): dropped, so the hash is the code's alone. */
-function stripPathComments(code: string): string {
-  return code.replace(/^\/\/ (?!@bun).*\.[cm]?[jt]sx?\n/gm, "");
 }
 
 function describeBuildError(err: unknown): string {

@@ -12,6 +12,7 @@ import { dirname, join, resolve } from "node:path";
 import { processTempDir } from "../episode/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Blake3Hex } from "../types.ts";
+import { type TraceMap, parseSourceMap } from "./source-map.ts";
 
 /**
  * Where a data dir's bundle files live for a sandbox: inside it, or beside it when agents run as
@@ -87,10 +88,15 @@ export class BundleMissing extends Error {
 /** The stored code of a bundle, or null when there is none. */
 export type BundleSource = (hash: string) => Promise<string | null>;
 
-/** Materialises stored bundles on demand, once per hash and process. */
+/** Source maps kept per process: the newest builds' (a reload with new code adds one each time). */
+const MAX_SOURCE_MAPS = 64;
+
+/** Materialises stored bundles on demand, once per hash and process; keeps the maps of those it built. */
 export class BundleFiles {
   private readonly ready = new Map<string, Promise<string>>();
   private readonly known = new Map<string, string>();
+  /** Hash -> source map (JSON until first used, then parsed; null when it did not parse). */
+  private readonly maps = new Map<string, string | TraceMap | null>();
 
   constructor(
     /** Folder of the `<hash>.js` files (see `bundleDir`). */
@@ -103,6 +109,28 @@ export class BundleFiles {
   /** Code already in hand (just built), so `file` need not read the store. */
   remember(hash: Blake3Hex, code: string): void {
     this.known.set(hash, code);
+  }
+
+  /**
+   * The source map of a bundle this process built (`buildBundle`), for its failures' stacks. Not
+   * stored: every start builds each type's bundle again, and a map is only ever read here.
+   */
+  rememberMap(hash: Blake3Hex, map: string): void {
+    this.maps.delete(hash);
+    this.maps.set(hash, map);
+    for (const old of this.maps.keys()) {
+      if (this.maps.size <= MAX_SOURCE_MAPS) break;
+      this.maps.delete(old);
+    }
+  }
+
+  /** The source map of bundle `hash`, parsed once; null when this process did not build it. */
+  sourceMap(hash: string): TraceMap | null {
+    const map = this.maps.get(hash);
+    if (typeof map !== "string") return map ?? null;
+    const parsed = parseSourceMap(map);
+    this.maps.set(hash, parsed);
+    return parsed;
   }
 
   /** Path of the bundle's file, written from the store's copy if it is not there yet. */

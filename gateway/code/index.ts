@@ -1,3 +1,4 @@
 export * from "./bundle.ts";
 export * from "./files.ts";
 export * from "./pin.ts";
+export * from "./source-map.ts";

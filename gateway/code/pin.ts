@@ -55,6 +55,8 @@ export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: 
         d.files.remember(r.hash, r.code);
       }
       bundles[t.name] = kept ?? r.hash;
+      // An older release's build of the same code differs in its import lines' text only: same lines.
+      if (r.map !== null) d.files.rememberMap(kept ?? r.hash, r.map);
       continue;
     }
     const first = r.error.split("\n")[0] ?? r.error;

@@ -106,6 +106,16 @@ export interface EpisodeDeps {
   readonly bundleFor?: (agent: AgentId, type: string, sv: SpecVersion) => string | null;
   /** The file of a stored bundle, materialised for the sandbox; throws when it cannot be. */
   readonly bundleFile?: (hash: string) => Promise<string>;
+  /**
+   * A failure's message and stack with the positions in bundle `hash` (its `file`) named in the
+   * sources' terms (gateway/code/source-map.ts); as it is without.
+   */
+  readonly inSourceTerms?: (
+    text: string,
+    bundle: { hash: string; file: string },
+    sv: SpecVersion,
+    type: string,
+  ) => string;
   /** Episodes running now, this one included: a commit waits for others only while some run (`commitGatherMs`). */
   readonly running?: () => number;
   /** Publish a committed episode's outbox now (effects after commit). */
@@ -318,6 +328,11 @@ export class EpisodeExecutor {
           );
     ended = true;
     gate.end();
+    if (!result.ok && bundle !== null && code.error === null && this.d.inSourceTerms)
+      result = {
+        ...result,
+        message: this.d.inSourceTerms(result.message, { hash: bundle, file: code.module }, sv, agent.type),
+      };
     try {
       const endedAt = this.d.now();
       let wakes: Extract<WakeEffects, { ok: true }> | null = null;
