@@ -1493,6 +1493,14 @@ describe("the IPC edge", () => {
     expect(process.memoryUsage().rss - rssBefore).toBeLessThan(48 * 1024 * 1024);
   });
 
+  test("a state past the cap fails as too_large naming the agent's state", async () => {
+    const f = expectFailure(await run(start("big-state", { mb: 12 })), "too_large");
+    expect(f.message).toStartWith("the agent's state (the subprocess's done message) exceeded");
+    // Any other kind of message is named by its kind.
+    const g = expectFailure(await run(start("raw-ipc", { huge_mb: 12 })), "too_large");
+    expect(g.message).toStartWith("a batch of the episode's records from the subprocess exceeded");
+  });
+
   test("records that pass the per-message cap but not the episode's total fail as too_large", async () => {
     const r = await run(start("raw-ipc", { chunks: 12, chunk_mb: 1 }));
     const f = expectFailure(r, "too_large");

@@ -17,8 +17,11 @@ export const TOO_DEEP: unique symbol = Symbol("too deep");
 export interface ChannelSink {
   /** One complete message (or MALFORMED), with its size on the wire in bytes. */
   message(raw: unknown, bytes: number): void;
-  /** A message grew past `cap()` bytes: reading stopped, nothing of it was kept. */
-  oversize(bytes: number, cap: number): void;
+  /**
+   * A message grew past `cap()` bytes: reading stopped, nothing of it was kept but its kind (its
+   * `t`, when its first bytes say, as the host writes them: `{"t":"done",...`), or null.
+   */
+  oversize(bytes: number, cap: number, kind: string | null): void;
 }
 
 /** Splits chunks into newline-delimited JSON messages, refusing a line past `cap()` bytes before buffering it. */
@@ -47,8 +50,9 @@ export class LineReader {
       const total = this.size + piece.length;
       if (total > this.cap()) {
         this.stopped = true;
+        const kind = kindOf(this.parts[0] ?? piece);
         this.parts = [];
-        this.sink.oversize(total, this.cap());
+        this.sink.oversize(total, this.cap(), kind);
         return false;
       }
       if (nl < 0) {
@@ -72,6 +76,11 @@ export class LineReader {
     }
     return false;
   }
+}
+
+/** The `t` a message starts with (`{"t":"done"`), from its first bytes; null when they do not say. */
+function kindOf(head: Uint8Array): string | null {
+  return /^\{"t":"([a-z_]{1,16})"/.exec(new TextDecoder().decode(head.subarray(0, 24)))?.[1] ?? null;
 }
 
 function concat(parts: readonly Uint8Array[], total: number): Uint8Array {

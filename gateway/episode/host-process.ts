@@ -295,7 +295,7 @@ export class HostProcess {
     };
     const reader = new LineReader(() => this.maxMessageBytes, {
       message: deliver,
-      oversize: (bytes, cap) => deliver({ [OVERSIZE]: true, bytes, cap }, bytes),
+      oversize: (bytes, cap, kind) => deliver({ [OVERSIZE]: true, bytes, cap, kind }, bytes),
     });
     this.channel = pump(this.proc.stdio[3] as unknown as number, reader);
     procs.started(this.pid);

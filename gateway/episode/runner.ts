@@ -288,7 +288,7 @@ export async function runEpisode(
         ok: false,
         kind: "too_large",
         message:
-          `a message from the subprocess exceeded ${maxBytes} bytes ` +
+          `${oversizeWhat((raw as { kind?: string | null }).kind ?? null)} exceeded ${maxBytes} bytes ` +
           `(refused after ${bytes} bytes; nothing of it kept)`,
       });
     const msg = parseChildMessage(raw, { replay: start.replay !== null });
@@ -434,4 +434,18 @@ export async function runEpisode(
   clearTimeout(rssTimer);
   await host.kill();
   return outcome!;
+}
+
+/** What an oversized message from the subprocess was, by its kind (`LineReader`): the agent's state, most often. */
+function oversizeWhat(kind: string | null): string {
+  switch (kind) {
+    case "done":
+      return "the agent's state (the subprocess's done message)";
+    case "records":
+      return "a batch of the episode's records from the subprocess";
+    case "tool":
+      return "a tool call's arguments from the subprocess";
+    default:
+      return kind === null ? "a message from the subprocess" : `a ${kind} message from the subprocess`;
+  }
 }
