@@ -53,6 +53,11 @@ export interface ExternalBrokerOptions {
   readonly dropSessions?: readonly string[];
   /** Called once every session of `dropSessions` has been ended (the data dir forgets them). */
   readonly onSessionsDropped?: () => void;
+  /**
+   * Called when the outputs connection is up again after the broker could not be reached (not at the
+   * first CONNACK of a start that found the broker): what could not be published meanwhile can go now.
+   */
+  readonly onOutputsReconnected?: () => void;
 }
 
 /** MQTT 5 user property naming the gateway (its client id) on everything it publishes. */
@@ -165,6 +170,11 @@ class ExternalBroker implements Broker {
     const out = connect(this.opts.url, { ...common, clientId: `${this.opts.clientId}-out`, clean: true });
     this.out = out;
     out.on("error", (err) => this.clientError("broker client (outputs) error", err));
+    let outBefore = false;
+    out.on("connect", () => {
+      if (outBefore || this.lifecycle === "running") this.opts.onOutputsReconnected?.();
+      outBefore = true;
+    });
     this.holdAcks(client);
     const file = this.opts.subscriptionsFile;
     this.hadSession = file ? existsSync(file) : false;

@@ -936,6 +936,8 @@ export class Gateway {
         onSessionsDropped: () =>
           void sessionsDropped(this.store).catch((err: unknown) => this.log.warn({ err }, "recording ended sessions")),
         intake: (msg, client) => this.brokerIntake(msg, client),
+        // Outputs held back by the outage go now, before newer ones (not at the next retry, up to 30 s on).
+        onOutputsReconnected: () => void this.effects.kick(),
         logger: this.log.child({ mod: "broker" }),
       });
     }

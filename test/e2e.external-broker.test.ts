@@ -326,6 +326,33 @@ describe("external broker (Mosquitto)", () => {
   );
 
   test(
+    "outputs of episodes run while the broker was down reach it in order once it is back, before later ones",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-outage", mq.url));
+      await fleet.start();
+      const sub = await client(mq.url, "outage-sub", false);
+      const counts: number[] = [];
+      sub.on("message", (_t, p) => counts.push((JSON.parse(p.toString()) as { data: { count: number } }).data.count));
+      await sub.subscribeAsync("fleet/agents/counter/o/out", { qos: 1 });
+      const send = async (n: number) => expect((await fleet.cli("send", "c/o/in", JSON.stringify({ n }))).code).toBe(0);
+      await send(0);
+      await waitFor(() => counts.length === 1, 30_000, "the first output");
+      await mq.stop();
+      for (const n of [1, 2, 3]) await send(n);
+      await fleet.waitCommitted("counter/o", 4);
+      await mq.restart();
+      await waitFor(async () => (await fleet.fetch("/readyz")).status === 200, 30_000, "connected again");
+      await send(4);
+      await waitFor(() => new Set(counts).size === 5, 60_000, "every output");
+      // At least once: one may come twice, but none overtakes an earlier one.
+      expect([...new Set(counts)]).toEqual([1, 2, 3, 4, 5]);
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
     "a broker certificate the ca_file does not verify stops the start (exit 1), as a refused login does",
     async () => {
       const certs = makeCerts();

@@ -213,6 +213,36 @@ describe("effects", () => {
     expect(outbox.rows.length).toBe(0);
   });
 
+  test("after a failed publish, later episodes' outputs wait behind it: order and retained values hold", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    broker.failing = 1;
+    effects.publishCommitted("e1", outbox.add("e1", 2));
+    await settle();
+    // The broker is back: the next episode's outputs must not overtake e1's (a retained topic would
+    // keep e1's older value), they go out behind them.
+    effects.publishCommitted("e2", outbox.add("e2", 1));
+    await settle();
+    expect(broker.sent).toEqual([]);
+    await timers.runAll();
+    expect(broker.sent).toEqual(["e1:0", "e1:1", "e2:0"]);
+    expect(outbox.rows.length).toBe(0);
+    // Caught up: the next one is published from memory again.
+    effects.publishCommitted("e3", outbox.add("e3", 1));
+    await settle();
+    expect(broker.sent.at(-1)).toBe("e3:0");
+  });
+
+  test("an episode committed while the drain at start runs is published after what it drains", async () => {
+    const { outbox, broker, effects } = setup();
+    outbox.add("old", 2); // left by a previous run
+    const drained = effects.kick();
+    effects.publishCommitted("e1", outbox.add("e1", 1));
+    await drained;
+    await settle();
+    expect(broker.sent).toEqual(["old:0", "old:1", "e1:0"]);
+    expect(outbox.rows.length).toBe(0);
+  });
+
   test("after stop() a failure is not retried: the rows stay for the next start", async () => {
     const { outbox, broker, timers, effects } = setup();
     outbox.add("e1", 1);

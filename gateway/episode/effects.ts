@@ -7,6 +7,11 @@
  * "Published" is aedes' publish callback, which runs after the message's retained row and
  * offline-queue rows are committed to the broker's persistence (broker.db with
  * `persistence = "libsql"`).
+ *
+ * Order: while older rows wait in the outbox (a publish failed, or the drain at start runs), a
+ * new commit's rows are not published from memory but left to the drain, which sends in outbox
+ * order: an agent's later output never overtakes an earlier one, and a retained topic keeps
+ * the last value published to it.
  */
 import type { Logger } from "pino";
 import type { Broker, PublishMeta } from "../../broker/index.ts";
@@ -59,6 +64,8 @@ export class Effects {
   private retryArmed = false;
   /** The last drain could not publish (an outage is logged once). */
   private failing = false;
+  /** A publish failed and its rows wait in the outbox: newer ones queue behind them (the drain). */
+  private behind = false;
   private retryDelay: number;
   private readonly opts: Required<EffectsOptions>;
 
@@ -88,6 +95,13 @@ export class Effects {
    * outbox rows in a later grouped delete. A crash in between re-sends them at start.
    */
   publishCommitted(episode: string, rows: readonly CommittedEffect[], agent: string | null = null): void {
+    // Older rows go first: a running drain sends these after them (it runs again if it read its
+    // pages before this commit); while a failure is pending, the retry (or `kick`) drains them in order.
+    if (this.running) {
+      void this.kick();
+      return;
+    }
+    if (this.behind) return;
     const run = (async () => {
       try {
         for (const r of rows)
@@ -100,6 +114,7 @@ export class Effects {
       } catch (err) {
         // Some rows may have gone out: the drain re-sends the episode whole (at least once).
         this.log.error({ err, episode }, "publishing effects failed; the outbox drain retries them");
+        this.behind = true;
         this.scheduleRetry();
         return;
       }
@@ -139,7 +154,7 @@ export class Effects {
     await this.kick().catch((err) => this.log.warn({ err }, "final outbox drain failed; rows stay for next start"));
   }
 
-  /** Drain the outbox soon; coalesces concurrent kicks. */
+  /** Drain the outbox now (at start, or when the broker is back); coalesces concurrent kicks. */
   kick(): Promise<void> {
     if (this.running) {
       this.again = true;
@@ -176,6 +191,7 @@ export class Effects {
     for (;;) {
       const page = await this.store.pendingOutbox(500, after);
       if (page.length === 0) {
+        this.behind = false;
         this.retryDelay = this.opts.retryMs;
         if (this.failing) this.log.info("publishing outbox resumed");
         this.failing = false;
@@ -208,6 +224,7 @@ export class Effects {
           this.log.warn({ err, retry_ms: this.retryDelay }, "publishing outbox failed; retrying until it goes out");
         else this.log.debug({ err, retry_ms: this.retryDelay }, "publishing outbox failed again");
         this.failing = true;
+        this.behind = true;
         this.scheduleRetry();
         return;
       }
