@@ -52,11 +52,12 @@ async function outboxEmpty(fleet: TestFleet): Promise<void> {
 
 describe("durable broker sessions", () => {
   test(
-    "a clean = false mosquitto_sub gets every QoS 1 output produced while it was away, across kill -9 of the gateway",
+    "a clean = false mosquitto_sub gets every QoS 1 output and fleet/episodes summary produced while it was " +
+      "away, across kill -9 of the gateway",
     async () => {
       const fleet = new TestFleet(toml("sessions-kill"));
       await fleet.start();
-      const first = mosquittoSub(fleet, "sess-sub");
+      const first = mosquittoSub(fleet, "sess-sub", ["-t", "fleet/episodes"]);
       await first.until((lines) => lines.some((l) => l.includes("SUBACK")), 15_000, "mosquitto_sub SUBACK");
       await first.stop(); // DISCONNECT; the session (subscription + queue) stays with the broker
 
@@ -68,12 +69,18 @@ describe("durable broker sessions", () => {
       await fleet.kill();
 
       await fleet.start();
-      const back = mosquittoSub(fleet, "sess-sub");
+      const back = mosquittoSub(fleet, "sess-sub", ["-t", "fleet/episodes"]);
       try {
-        const outs = (lines: readonly string[]) => lines.filter((l) => l.startsWith("fleet/agents/counter/one/out "));
-        await back.until((lines) => outs(lines).length >= 20, 30_000, "20 queued outputs");
-        const got = new Set(outs(back.lines).map((l) => JSON.parse(l.slice(l.indexOf(" ") + 1)).episode as string));
-        expect(got).toEqual(new Set(episodes.map((e) => e.id)));
+        const on = (topic: string) => (lines: readonly string[]) => lines.filter((l) => l.startsWith(`${topic} `));
+        const ids = (lines: readonly string[]) =>
+          new Set(lines.map((l) => JSON.parse(l.slice(l.indexOf(" ") + 1)).episode));
+        const outs = on("fleet/agents/counter/one/out");
+        const summaries = on("fleet/episodes");
+        await back.until((lines) => ids(outs(lines)).size >= 20, 30_000, "20 queued outputs");
+        expect(ids(outs(back.lines))).toEqual(new Set(episodes.map((e) => e.id)));
+        // The summaries are outputs too (docs/mqtt.md: at least once): queued for the session like the rest.
+        await back.until((lines) => ids(summaries(lines)).size >= 20, 30_000, "20 queued summaries");
+        expect(ids(summaries(back.lines))).toEqual(new Set(episodes.map((e) => e.id)));
       } finally {
         await back.stop();
       }

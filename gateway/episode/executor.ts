@@ -438,7 +438,8 @@ export class EpisodeExecutor {
       const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
       // Sends to another shard's agents leave through the broker, at least once, after the commit.
       outbox.push(...buildForwards(episode, gate.sends, endedAt, outbox.length));
-      // The fleet/episodes summary rides the outbox too, so it is delivered at least once.
+      // The fleet/episodes summary rides the outbox too, so it is delivered at least once: QoS 1, so a
+      // persistent subscriber that is away gets it queued, like the outputs it summarizes.
       outbox.push({
         episode,
         seq: outbox.length,
@@ -451,7 +452,7 @@ export class EpisodeExecutor {
           checkpoint: sealed.hash,
           ms: Math.round(result.ms),
         }),
-        qos: 0,
+        qos: 1,
         retain: false,
         createdAt: endedAt,
       });
