@@ -98,6 +98,9 @@ class ExternalBroker implements Broker {
   private staleRetained = 0;
   private lastRefusalLog = 0;
   private refusedSinceLog = 0;
+  /** The gateway's own publishes the broker refused for good (MQTT 5 PUBACK), since the last log line. */
+  private lastOutputRefusalLog = 0;
+  private outputsRefusedSinceLog = 0;
   private retryDelay: number;
   private retryTimer: ReturnType<typeof setTimeout> | null = null;
   private starting: Promise<void> | null = null;
@@ -452,6 +455,19 @@ class ExternalBroker implements Broker {
     this.refusedSinceLog = 0;
   }
 
+  /** An output the broker refused for good is dropped; one log line per 10 s at most, with the count. */
+  private logOutputRefusal(topic: string, reason: string): void {
+    this.outputsRefusedSinceLog++;
+    const now = Date.now();
+    if (now - this.lastOutputRefusalLog < 10_000) return;
+    this.log.warn(
+      { topic, reason, refused: this.outputsRefusedSinceLog },
+      "the broker refused a gateway publish for good (its ACL?); dropped, not retried",
+    );
+    this.lastOutputRefusalLog = now;
+    this.outputsRefusedSinceLog = 0;
+  }
+
   /**
    * A PUBACK held back: the broker resends an unacked message only on a new connection
    * (MQTT-4.4.0-1), so after a backoff the gateway drops the connection and reconnects.
@@ -499,6 +515,12 @@ class ExternalBroker implements Broker {
         { qos: opts.qos ?? 0, retain: opts.retain ?? false, ...(properties ? { properties } : {}) },
         (err) => {
           clearTimeout(timer);
+          // Sent again, the same message gets the same answer: it is settled (retried, it would hold
+          // back every output behind it in the outbox, forever).
+          if (err && refusedForGood(err)) {
+            this.logOutputRefusal(topic, err.message);
+            return resolve();
+          }
           if (err) return reject(err);
           this.messagesOut++;
           resolve();
@@ -564,6 +586,18 @@ class ExternalBroker implements Broker {
 function isRefusal(err: Error): boolean {
   const code = (err as { code?: unknown }).code;
   return typeof code === "number" && code > 0;
+}
+
+/**
+ * MQTT 5 PUBACK reason codes that answer a message the same way each time it is sent: not authorized
+ * (0x87), topic name invalid (0x90), payload format invalid (0x99). Others (quota exceeded, unspecified)
+ * may pass later and are retried.
+ */
+const REFUSED_FOR_GOOD = new Set([0x87, 0x90, 0x99]);
+
+function refusedForGood(err: Error): boolean {
+  const code = (err as { code?: unknown }).code;
+  return typeof code === "number" && REFUSED_FOR_GOOD.has(code);
 }
 
 /** The broker's TLS certificate does not verify against the CA: as permanent as a refused CONNECT. */

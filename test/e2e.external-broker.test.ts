@@ -4,7 +4,9 @@
  * the gateway's persistent session queues while it is down and each PUBACK waits for intake.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { connectAsync, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
@@ -187,6 +189,38 @@ describe("external broker (Mosquitto)", () => {
       expect(episodes).toHaveLength(2);
       expect((await recorded(fleet)).episodes.sort()).toEqual([0, 2]);
       await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "MQTT 5: an output the broker refuses for good (its ACL, PUBACK 0x87) is dropped and logged, not retried; " +
+      "the outputs after it go out",
+    async () => {
+      const aclDir = mkdtempSync(join(tmpdir(), "fleet-acl-"));
+      const acl = join(aclDir, "acl");
+      // Anonymous rules: everything the gateway needs except agent counter/no's out topic.
+      const topics = ["c/#", "fleet/agents/+/+/inbox", "fleet/agents/+/+/status", "fleet/agents/counter/ok/out"];
+      writeFileSync(acl, [...topics, "fleet/episodes", "fleet/health"].map((t) => `topic readwrite ${t}\n`).join(""));
+      chmodSync(acl, 0o644);
+      const mq = await Mosquitto.start({ aclFile: acl });
+      brokers.push(mq);
+      const fleet = new TestFleet(toml("ext-v5-acl", mq.url, 'mqtt_version = "5"'));
+      await fleet.start();
+      const sub = await client(mq.url, "acl-sub");
+      const seen: string[] = [];
+      sub.on("message", (topic) => seen.push(topic));
+      await sub.subscribeAsync("fleet/agents/counter/+/out", { qos: 1 });
+      expect((await fleet.cli("send", "c/no/in", '{"n":0}')).code).toBe(0);
+      await fleet.waitCommitted("counter/no", 1);
+      expect((await fleet.cli("send", "c/ok/in", '{"n":1}')).code).toBe(0);
+      await waitFor(() => seen.includes("fleet/agents/counter/ok/out"), 30_000, "the output after the refused one");
+      const outbox = async () => Number((await fleet.query<{ n: number }>("SELECT count(*) AS n FROM outbox"))[0]?.n);
+      await waitFor(async () => (await outbox()) === 0, 30_000, "the outbox to empty");
+      expect(fleet.logTail(400)).toContain("the broker refused a gateway publish for good");
+      expect(seen).not.toContain("fleet/agents/counter/no/out");
+      await fleet.stop();
+      rmSync(aclDir, { recursive: true, force: true });
     },
     E2E_TIMEOUT,
   );
