@@ -78,7 +78,14 @@ import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { agentCapNotices, QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
 import { canaryConfigRefusal, deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
-import { publishFacts, readiness, republishStatuses, StorageWatch, type Readiness } from "./observe/index.ts";
+import {
+  publishFacts,
+  readiness,
+  republishStatuses,
+  StorageWatch,
+  type FactsState,
+  type Readiness,
+} from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
 import { BundleFiles, buildBundle, bundleDir, codeChanges, inSourceTerms, pinCode, type Pinned } from "./code/index.ts";
 import { HOST_MODULES, HOST_PATHS } from "../agents/host/index.ts";
@@ -167,6 +174,8 @@ export class Gateway {
   private housekeeping: Housekeeping | null = null;
   /** The start's background re-publish of every agent's status; resolves with how many it published. */
   republished: Promise<number> = Promise.resolve(0);
+  /** Whether a status could not be published (./observe/status-topics.ts). */
+  private facts: FactsState = { statusMissed: false };
   private watcher: SpecWatcher | null = null;
   private spares: SparePool | null = null;
   /** This gateway's sandbox uids among the gateways on this machine (root), let go at stop. */
@@ -356,7 +365,7 @@ export class Gateway {
       modules: false,
     });
     if (problems.length > 0) throw configProblemsError(this.current, problems);
-    publishFacts(this.events, () => this.broker);
+    this.facts = publishFacts(this.events, () => this.broker);
 
     for (const row of await this.store.agentCounts()) void row; // warm the connection
     // Types fleet.toml dropped or brought back while the gateway was stopped: as a hot reload would,
@@ -914,6 +923,23 @@ export class Gateway {
     return this.intake.mqtt(msg, client);
   }
 
+  /**
+   * The external broker is reachable again: outputs held back by the outage go now, before newer ones
+   * (not at the next retry, up to 30 s on), and if a status could not be published meanwhile, every
+   * agent's status is published again (retained there, it would stay stale until the agent's next change).
+   */
+  private outputsReconnected(): void {
+    void this.effects.kick();
+    if (!this.facts.statusMissed || this.state !== "running") return;
+    this.facts.statusMissed = false;
+    this.log.info("re-publishing agent statuses: some could not be published while the broker was out of reach");
+    const again = () => republishStatuses(this.store, this.events, () => this.state !== "running");
+    this.republished = this.republished.then(again).catch((err: unknown) => {
+      this.log.error({ err }, "re-publishing agent statuses failed");
+      return 0;
+    });
+  }
+
   /** The embedded broker, or a client of the external one (`[broker] url`). */
   private createBroker(spec: FleetSpec, dropSessions: readonly string[] = []): Broker {
     const ext = spec.broker.external;
@@ -936,8 +962,7 @@ export class Gateway {
         onSessionsDropped: () =>
           void sessionsDropped(this.store).catch((err: unknown) => this.log.warn({ err }, "recording ended sessions")),
         intake: (msg, client) => this.brokerIntake(msg, client),
-        // Outputs held back by the outage go now, before newer ones (not at the next retry, up to 30 s on).
-        onOutputsReconnected: () => void this.effects.kick(),
+        onOutputsReconnected: () => this.outputsReconnected(),
         logger: this.log.child({ mod: "broker" }),
       });
     }

@@ -387,6 +387,32 @@ describe("external broker (Mosquitto)", () => {
   );
 
   test(
+    "a status that changed while the broker was out of reach is published (retained) once it is back",
+    async () => {
+      const mq = await mosquitto();
+      const fleet = new TestFleet(toml("ext-status", mq.url));
+      await fleet.start();
+      expect((await fleet.cli("send", "c/p/in", '{"n":0}')).code).toBe(0);
+      await fleet.waitCommitted("counter/p", 1);
+      const retained = async () => {
+        const c = await client(mq.url, `status-reader-${Date.now()}`);
+        const got = new Promise<string>((resolve) => c.once("message", (_t, p) => resolve(p.toString())));
+        await c.subscribeAsync("fleet/agents/counter/p/status", { qos: 1 });
+        const status = await Promise.race([got, Bun.sleep(2000).then(() => "{}")]);
+        c.end(true);
+        return (JSON.parse(status) as { status?: string }).status;
+      };
+      await waitFor(async () => (await retained()) === "idle", 30_000, "the idle status");
+      await mq.stop();
+      expect((await fleet.cli("pause", "counter/p")).code).toBe(0);
+      await mq.restart();
+      await waitFor(async () => (await retained()) === "paused", 30_000, "the paused status on the broker");
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
     "a broker certificate the ca_file does not verify stops the start (exit 1), as a refused login does",
     async () => {
       const certs = makeCerts();

@@ -12,8 +12,18 @@ import type { ShardSpec } from "../shard.ts";
 import type { Store } from "../store/index.ts";
 import { parseAgentId, shownStatus } from "../types.ts";
 
+/** What `publishFacts` keeps track of. */
+export interface FactsState {
+  /**
+   * A status could not be published (an external broker out of reach): the retained copy there may be
+   * stale until statuses are published again (the gateway does it when its connection is back).
+   */
+  statusMissed: boolean;
+}
+
 /** Publish episode failures and status changes; `broker` is read per fact (it starts after the bus). */
-export function publishFacts(events: FleetEvents, broker: () => Broker | undefined): void {
+export function publishFacts(events: FleetEvents, broker: () => Broker | undefined): FactsState {
+  const state: FactsState = { statusMissed: false };
   events.on("episode", (e) => {
     if (e.status === "committed") return;
     const body = {
@@ -38,8 +48,11 @@ export function publishFacts(events: FleetEvents, broker: () => Broker | undefin
     const body: Record<string, unknown> = { status: e.status };
     if (e.reason) body.reason = e.reason;
     if (e.checkpoint) body.checkpoint = e.checkpoint;
-    void b.publish(topics.status(a.type, a.key), JSON.stringify(body), { qos: 1, retain: true }).catch(() => undefined);
+    void b.publish(topics.status(a.type, a.key), JSON.stringify(body), { qos: 1, retain: true }).catch(() => {
+      state.statusMissed = true;
+    });
   });
+  return state;
 }
 
 const PAGE = 250;
