@@ -7,7 +7,7 @@ import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { type GuardViolation, parseInSlices, type SliceableClient } from "./connection.ts";
 import { createHooks, type HookState } from "./hooks.ts";
-import { persistenceFor, type LibsqlPersistence } from "./persistence/index.ts";
+import { persistenceFor, type BrokerPersistence } from "./persistence/index.ts";
 import { TcpListener, type ListenerHooks } from "./tcp.ts";
 import type { AuthChange, Broker, BrokerAuth, BrokerOptions, BrokerStats, ClientInfo } from "./types.ts";
 import { WsListener } from "./ws.ts";
@@ -42,7 +42,7 @@ class EmbeddedBroker implements Broker {
   private protocolRefused = 0;
   private lastProtocolLog = 0;
   private readonly aedes: Aedes;
-  private readonly persistence: LibsqlPersistence | null;
+  private readonly persistence: BrokerPersistence | null;
   private readonly tcp: TcpListener;
   private readonly ws: WsListener | null;
   private readonly mqtts: TcpListener | null;
@@ -76,7 +76,7 @@ class EmbeddedBroker implements Broker {
     this.aedes = new Aedes({
       ...createHooks(opts, this.state, this.log),
       drainTimeout: DRAIN_TIMEOUT_MS,
-      ...(this.persistence ? { persistence: this.persistence } : {}),
+      ...(this.persistence ? { persistence: this.persistence.aedes } : {}),
     });
     const stalled = new WeakSet<Client>();
     this.aedes.on("clientError", (client: Client, err: Error) => {

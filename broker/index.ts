@@ -29,6 +29,8 @@ export {
   BrokerStoreTooNew,
   LibsqlPersistence,
   type LibsqlPersistenceOptions,
+  memoryPersistence,
+  type MemoryPersistence,
   type PersistenceChoice,
   type PersistenceStats,
   SerialWriter,

@@ -992,7 +992,7 @@ export class Gateway {
               synchronous: spec.fleet.synchronous,
               maxOfflineMessages: spec.broker.max_offline_messages,
             }
-          : { kind: "memory" },
+          : { kind: "memory", maxOfflineMessages: spec.broker.max_offline_messages },
     });
   }
 

@@ -2,7 +2,7 @@
  * Durable broker sessions in process (issue 12): the embedded broker on its libSQL
  * persistence keeps clean = false sessions, offline queues and retained messages on disk,
  * resolves a gateway publish only once its queue rows are committed, and bounds each
- * client's queue with `max_offline_messages`.
+ * client's queue with `max_offline_messages` (as the in-memory persistence does).
  */
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
@@ -11,7 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
 import pino from "pino";
-import { BrokerStoreTooNew, createEmbeddedBroker, LibsqlPersistence, type Broker } from "../broker/index.ts";
+import { BrokerStoreTooNew, createEmbeddedBroker, LibsqlPersistence, memoryPersistence } from "../broker/index.ts";
+import type { Broker } from "../broker/index.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "broker-sessions-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -133,6 +134,60 @@ describe("the libSQL broker persistence", () => {
     // The oldest are kept (Mosquitto's max_queued_messages drops the newest the same way).
     expect(await got).toEqual(["m0", "m1", "m2", "m3", "m4"]);
     await waitForRows(path, 0);
+  });
+});
+
+describe('in-memory sessions (persistence = "memory")', () => {
+  test("an offline client's queue holds at most max_offline_messages too; the oldest are kept", async () => {
+    const broker = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: true,
+      logger,
+      intake: async () => ({ ok: true }),
+      persistence: { kind: "memory", maxOfflineMessages: 5 },
+    });
+    cleanups.push(() => broker.close());
+    await broker.start();
+    const sub = await client(broker, { clientId: "mem-1", clean: false });
+    await sub.subscribeAsync("out/#", { qos: 1 });
+    await sub.endAsync();
+    for (let i = 0; i < 8; i++) await broker.publish("out/a", `m${i}`, { qos: 1 });
+    expect(broker.stats().offlineDropped).toBe(3);
+    const back = later(broker, { clientId: "mem-1", clean: false });
+    const got = collect(back, 5);
+    back.connect();
+    expect(await got).toEqual(["m0", "m1", "m2", "m3", "m4"]);
+  });
+
+  test("a message leaves the count when it leaves the queue (its PUBACK): a drained queue has room", async () => {
+    const memory = memoryPersistence({ maxOfflineMessages: 2, logger });
+    // aedes' calls, as it makes them: queue for the session, number it when sent, clear it at its PUBACK.
+    const aedes = memory.aedes as unknown as {
+      outgoingEnqueueCombi(subs: object[], packet: object): Promise<void>;
+      outgoingUpdate(client: object, packet: object): Promise<void>;
+      outgoingClearMessageId(client: object, packet: object): Promise<unknown>;
+    };
+    const client = { id: "mem-2" };
+    const packet = (i: number) => ({ cmd: "publish", topic: "out/a", payload: Buffer.from(`m${i}`), qos: 1 });
+    const queue = (i: number) =>
+      aedes.outgoingEnqueueCombi([{ clientId: client.id, topic: "out/#", qos: 1 }], {
+        ...packet(i),
+        brokerId: "b",
+        brokerCounter: i,
+      });
+    for (let i = 0; i < 3; i++) await queue(i);
+    expect(memory.stats()).toEqual({ offlineDropped: 1, queued: 2 });
+    for (const i of [0, 1]) {
+      await aedes.outgoingUpdate(client, { ...packet(i), brokerId: "b", brokerCounter: i, messageId: i + 1 });
+      expect(await aedes.outgoingClearMessageId(client, { messageId: i + 1 })).toBeTruthy();
+    }
+    expect(memory.stats()).toEqual({ offlineDropped: 1, queued: 0 });
+    // An unknown packet id clears nothing and counts nothing.
+    expect(await aedes.outgoingClearMessageId(client, { messageId: 9 })).toBeFalsy();
+    for (let i = 3; i < 5; i++) await queue(i);
+    expect(memory.stats()).toEqual({ offlineDropped: 1, queued: 2 });
   });
 });
 

@@ -12,4 +12,5 @@ export {
 } from "./libsql.ts";
 export { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
 export { SerialWriter, type BatchRunner } from "./writer.ts";
-export { persistenceFor, type PersistenceChoice } from "./choice.ts";
+export { persistenceFor, type BrokerPersistence, type PersistenceChoice } from "./choice.ts";
+export { memoryPersistence, type MemoryPersistence } from "./memory.ts";

@@ -74,7 +74,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "such a message is taken for a retransmission, because mqtt.js resends an unacknowledged message after a " +
     "reconnect with DUP = 0. Read at start.",
   "broker.max_offline_messages":
-    "Messages queued per offline persistent client; past it the oldest are dropped, counted and logged.",
+    "Messages kept per persistent client session (queued + in flight), with either persistence; past it a new " +
+    "message for that client is dropped (the oldest are kept), counted and logged.",
   "broker.devices":
     "Devices file (credentials and ACLs, see docs/devices.md); reloaded when it changes. A new path applies live.",
   "broker.tls_port": "MQTT over TLS (mqtts) port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",
