@@ -191,6 +191,43 @@ describe('in-memory sessions (persistence = "memory")', () => {
   });
 });
 
+describe("the RETAIN flag of queued messages", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: a retained message queued for an away session comes back with RETAIN 0 (MQTT-3.3.1-9)`, async () => {
+      const broker = createEmbeddedBroker({
+        host: "127.0.0.1",
+        port: 0,
+        maxPacketBytes: 65536,
+        allowAnonymous: true,
+        logger,
+        intake: async () => ({ ok: true }),
+        persistence:
+          kind === "memory"
+            ? { kind, maxOfflineMessages: 100 }
+            : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
+      });
+      cleanups.push(() => broker.close());
+      await broker.start();
+      const sub = await client(broker, { clientId: `ret-${kind}`, clean: false });
+      await sub.subscribeAsync("state/#", { qos: 1 });
+      await sub.endAsync();
+      await broker.publish("state/a", "on", { qos: 1, retain: true });
+      // Queued because it matched the session's subscription: a consumer must not take it for a stored copy.
+      const back = later(broker, { clientId: `ret-${kind}`, clean: false });
+      const flags = new Promise<boolean>((resolve) => back.once("message", (_t, _p, packet) => resolve(packet.retain)));
+      back.connect();
+      expect(await flags).toBe(false);
+      // A new subscription still gets the stored copy with RETAIN 1.
+      const fresh = await client(broker, { clientId: `ret-new-${kind}`, clean: true });
+      const stored = new Promise<boolean>((resolve) =>
+        fresh.once("message", (_t, _p, packet) => resolve(packet.retain)),
+      );
+      await fresh.subscribeAsync("state/#", { qos: 1 });
+      expect(await stored).toBe(true);
+    });
+  }
+});
+
 describe("delivery to live clients beside durable sessions", () => {
   test("a publish held by its offline queue write still reaches a client a later publish reached first", async () => {
     const path = join(dir, `b${n++}.db`);

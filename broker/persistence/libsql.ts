@@ -367,7 +367,9 @@ export class LibsqlPersistence {
 
   private async enqueue(subs: readonly { readonly clientId: string }[], packet: StoredPacket): Promise<void> {
     if (subs.length === 0) return;
+    // MQTT-3.3.1-9: a queued message goes out because it matched an established subscription: RETAIN 0.
     const copy = queuedCopy(packet);
+    copy.retain = false;
     const text = encodePacket(copy);
     const brokerId = (copy.brokerId as string | undefined) ?? null;
     const brokerCounter = num(copy.brokerCounter);

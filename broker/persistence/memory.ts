@@ -1,7 +1,8 @@
 /**
  * `persistence = "memory"`: aedes' in-memory persistence, with each client's queue bounded by
  * `max_offline_messages` as broker.db's is (./libsql.ts). Unbounded, a clean = false subscriber that
- * never comes back would keep every QoS 1 output in the gateway's memory until it runs out.
+ * never comes back would keep every QoS 1 output in the gateway's memory until it runs out. Queued
+ * copies have RETAIN 0, as broker.db's (aedes' own keep the flag the message was published with).
  */
 import memory from "aedes-persistence";
 import type { Logger } from "pino";
@@ -20,7 +21,7 @@ export interface MemoryPersistenceOptions {
 }
 
 type Memory = ReturnType<typeof memory>;
-type Enqueue = (subs: { clientId: string }[], packet: { topic?: unknown }) => Promise<void>;
+type Enqueue = (subs: { clientId: string }[], packet: { topic?: unknown; retain?: boolean }) => Promise<void>;
 type Clear = (client: { id: string }, packet: unknown) => Promise<unknown>;
 
 /** aedes' memory persistence, as aedes takes it, and the counts `stats()` reports. */
@@ -73,7 +74,8 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
       held.set(clientId, n + 1);
       return true;
     });
-    if (kept.length > 0) await enqueue(kept, packet);
+    // MQTT-3.3.1-9: a queued message goes out because it matched an established subscription: RETAIN 0.
+    if (kept.length > 0) await enqueue(kept, { ...packet, retain: false });
   };
   const cleared: Clear = async (client, packet) => {
     const removed = await clear(client, packet);
