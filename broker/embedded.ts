@@ -9,6 +9,8 @@ import { type GuardViolation, parseInSlices, type SliceableClient } from "./conn
 import { createHooks, type HookState } from "./hooks.ts";
 import { persistenceFor, type BrokerPersistence } from "./persistence/index.ts";
 import { TcpListener, type ListenerHooks } from "./tcp.ts";
+import { checkTopicName } from "./topics.ts";
+import { PublishRefused } from "./types.ts";
 import type { AuthChange, Broker, BrokerAuth, BrokerOptions, BrokerStats, ClientInfo } from "./types.ts";
 import { WsListener } from "./ws.ts";
 
@@ -166,9 +168,9 @@ class EmbeddedBroker implements Broker {
     if (this.lifecycle === "new" || this.lifecycle === "starting") {
       return Promise.reject(new Error("broker is not started"));
     }
-    if (topic.length === 0 || topic.includes("+") || topic.includes("#")) {
-      return Promise.reject(new TypeError(`invalid publish topic ${JSON.stringify(topic)}`));
-    }
+    // aedes would refuse it too (or, past its level limit, throw in its topic matchers).
+    const name = checkTopicName(topic);
+    if (!name.ok) return Promise.reject(new PublishRefused(topic, name.reason));
     const body = typeof payload === "string" ? Buffer.from(payload, "utf8") : Buffer.from(payload);
     return new Promise((resolve, reject) => {
       this.aedes.publish(

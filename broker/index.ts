@@ -13,10 +13,12 @@ export type {
   PublishedMessage,
   PublishMeta,
 } from "./types.ts";
+export { PublishRefused } from "./types.ts";
 export { createEmbeddedBroker } from "./embedded.ts";
 export { createExternalBroker, type ExternalBrokerOptions } from "./external.ts";
 export {
   checkDevicePublishTopic,
+  checkTopicName,
   checkDeviceSubscribeFilter,
   compileFilter,
   matchTopic,

@@ -61,6 +61,29 @@ export function compileFilter(filter: string): CompiledFilter {
   };
 }
 
+/** Most levels aedes takes in a topic (its `maxTopicLevels`, which its topic matchers cannot exceed). */
+export const MAX_TOPIC_LEVELS = 100;
+/** MQTT-1.5.3: a topic is a UTF-8 string of at most 65,535 bytes. */
+const MAX_TOPIC_BYTES = 65_535;
+
+/**
+ * Whether `topic` is a topic name the broker can publish to (MQTT-3.3.2-2, MQTT-4.7.3-1/-2, MQTT-1.5.3,
+ * and aedes' level limit): what a device cannot send, the gateway cannot publish either.
+ */
+export function checkTopicName(topic: string): TopicCheck {
+  if (topic.length === 0) return { ok: false, reason: "empty topic" };
+  // MQTT-3.3.2-2: wildcards are not allowed in a PUBLISH topic name.
+  if (topic.includes("+") || topic.includes("#")) return { ok: false, reason: "wildcard in publish topic" };
+  // MQTT-4.7.3-2: no U+0000 in topic names.
+  if (topic.includes("\u0000")) return { ok: false, reason: "null character in topic" };
+  if (Buffer.byteLength(topic) > MAX_TOPIC_BYTES)
+    return { ok: false, reason: `topic longer than ${MAX_TOPIC_BYTES} bytes` };
+  let levels = 1;
+  for (let i = topic.indexOf("/"); i !== -1; i = topic.indexOf("/", i + 1)) levels++;
+  if (levels > MAX_TOPIC_LEVELS) return { ok: false, reason: `topic of more than ${MAX_TOPIC_LEVELS} levels` };
+  return OK;
+}
+
 /** The one `fleet/` topic a device may publish to: `fleet/agents/<type>/<key>/inbox`. */
 function isInboxTopic(levels: readonly string[]): boolean {
   return levels.length === 5 && levels[1] === "agents" && levels[2] !== "" && levels[3] !== "" && levels[4] === "inbox";
@@ -72,11 +95,8 @@ function isInboxTopic(levels: readonly string[]): boolean {
  * `fleet/agents/<type>/<key>/inbox`.
  */
 export function checkDevicePublishTopic(topic: string): TopicCheck {
-  if (topic.length === 0) return { ok: false, reason: "empty topic" };
-  // MQTT-3.3.2-2: wildcards are not allowed in a PUBLISH topic name.
-  if (topic.includes("+") || topic.includes("#")) return { ok: false, reason: "wildcard in publish topic" };
-  // MQTT-4.7.3-2: no U+0000 in topic names.
-  if (topic.includes("\u0000")) return { ok: false, reason: "null character in topic" };
+  const name = checkTopicName(topic);
+  if (!name.ok) return name;
   // Overriding aedes' authorizePublish drops its own $SYS guard, so check here.
   if (topic.startsWith("$")) return { ok: false, reason: "topics starting with '$' are reserved" };
   // Split only under fleet/: this runs for every device message.

@@ -22,6 +22,20 @@ export interface PublishedMessage {
   readonly expirySeconds?: number;
 }
 
+/**
+ * A gateway publish the broker will never take (a topic MQTT or the broker does not accept): sending it
+ * again cannot succeed, unlike a publish that failed because the broker is out of reach.
+ */
+export class PublishRefused extends Error {
+  constructor(
+    readonly topic: string,
+    readonly reason: string,
+  ) {
+    super(`publish to ${JSON.stringify(topic.slice(0, 200))} refused: ${reason}`);
+    this.name = "PublishRefused";
+  }
+}
+
 /** What identifies a gateway output (carried as MQTT 5 user properties where MQTT 5 is spoken). */
 export interface PublishMeta {
   readonly episode: string;

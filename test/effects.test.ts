@@ -7,7 +7,7 @@ import { describe, expect, test } from "bun:test";
 import pino from "pino";
 import { Effects, type OutboxStore } from "../gateway/episode/index.ts";
 import type { OutboxRow } from "../gateway/store/index.ts";
-import type { PublishMeta } from "../broker/index.ts";
+import { type PublishMeta, PublishRefused } from "../broker/index.ts";
 
 const log = pino({ level: "silent" });
 
@@ -241,6 +241,23 @@ describe("effects", () => {
     await settle();
     expect(broker.sent).toEqual(["old:0", "old:1", "e1:0"]);
     expect(outbox.rows.length).toBe(0);
+  });
+
+  test("an output the broker refuses for good is dropped and logged, not retried; later ones go", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    const publish = broker.publish.bind(broker);
+    broker.publish = async (topic, payload) => {
+      if (payload === "e1:0") throw new PublishRefused(topic, "topic of more than 100 levels");
+      return publish(topic, payload);
+    };
+    effects.publishCommitted("e1", outbox.add("e1", 2));
+    await settle();
+    effects.publishCommitted("e2", outbox.add("e2", 1));
+    await settle();
+    await timers.runAll();
+    expect(broker.sent).toEqual(["e1:1", "e2:0"]);
+    expect(outbox.rows.length).toBe(0);
+    expect(timers.delays).toEqual([]);
   });
 
   test("after stop() a failure is not retried: the rows stay for the next start", async () => {

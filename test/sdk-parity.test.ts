@@ -123,6 +123,9 @@ describe("agent-fleets/testing checks the publish tool as the gateway does", () 
       ["fleet/other"],
       ["fleet/agents/other/k9/inbox"],
       ["fleet/agents/lab/k1/out"],
+      ["fleet/agents/lab/k1/+"],
+      [`alerts/${"a/".repeat(99)}z`],
+      [`fleet/agents/lab/k1/${"a/".repeat(96)}z`],
     ];
     for (const [topic, options] of cases) {
       const args = options === undefined ? [topic, 1] : [topic, 1, options];
@@ -130,6 +133,9 @@ describe("agent-fleets/testing checks the publish tool as the gateway does", () 
       const expected = r.ok ? "ok" : (r.result as { reason: string }).reason;
       expect({ args, kit: await attempt(topic, options) }).toEqual({ args, kit: expected });
     }
+    // A topic the broker refuses is denied at the call, not refused after the commit (at every retry).
+    const deep = publishTool({ ...gateway, spec, publishes: [] } as never, [`alerts/${"a/".repeat(99)}z`, 1]);
+    expect((deep.result as { reason: string }).reason).toEndWith(": topic of more than 100 levels");
     // Without the type's publish list the kit allows any topic a device could publish to.
     expect(await attempt("not/allowed", undefined, null)).toBe("ok");
   });

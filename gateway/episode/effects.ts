@@ -14,7 +14,7 @@
  * the last value published to it.
  */
 import type { Logger } from "pino";
-import type { Broker, PublishMeta } from "../../broker/index.ts";
+import { type Broker, type PublishMeta, PublishRefused } from "../../broker/index.ts";
 import type { OutboxRow, Store } from "../store/index.ts";
 
 /** An outbox row as the drain reads it: with its episode's agent when the store knows it. */
@@ -104,12 +104,7 @@ export class Effects {
     if (this.behind) return;
     const run = (async () => {
       try {
-        for (const r of rows)
-          await this.broker.publish(r.topic, r.payload, {
-            qos: r.qos === 0 ? 0 : 1,
-            retain: r.retain,
-            ...metaOf(episode, r.seq, agent),
-          });
+        for (const r of rows) await this.send(episode, r, agent);
         this.published += rows.length;
       } catch (err) {
         // Some rows may have gone out: the drain re-sends the episode whole (at least once).
@@ -170,6 +165,23 @@ export class Effects {
     return this.running;
   }
 
+  /**
+   * Publish one row. One the broker will never take (PublishRefused) is settled, not retried: kept, it
+   * would hold back every output behind it, for good. Logged, it is dropped.
+   */
+  private async send(episode: string, r: CommittedEffect, agent: string | null): Promise<void> {
+    try {
+      await this.broker.publish(r.topic, r.payload, {
+        qos: r.qos === 0 ? 0 : 1,
+        retain: r.retain,
+        ...metaOf(episode, r.seq, agent),
+      });
+    } catch (err) {
+      if (!(err instanceof PublishRefused)) throw err;
+      this.log.error({ episode, seq: r.seq, agent, reason: err.reason }, "output refused by the broker; dropped");
+    }
+  }
+
   private scheduleRetry(): void {
     if (this.stopped || this.retryArmed) return;
     this.retryArmed = true;
@@ -203,11 +215,7 @@ export class Effects {
       let failed: unknown = null;
       for (const r of rows) {
         try {
-          await this.broker.publish(r.topic, r.payload, {
-            qos: r.qos === 0 ? 0 : 1,
-            retain: r.retain,
-            ...metaOf(r.episode, r.seq, r.agent ?? null),
-          });
+          await this.send(r.episode, r, r.agent ?? null);
         } catch (err) {
           failed = err;
           break;
