@@ -918,6 +918,19 @@ async function footprint(store: Store, episode: string) {
 }
 
 describe("commitEpisode", () => {
+  test("the outbox drain reads each row with its episode's agent (an episode id stored as 16 bytes)", async () => {
+    const store = await open(freshPath());
+    try {
+      const seq = await intakeOne(store, stim("id:1"));
+      const episode = "01a240b5-0260-70d5-9744-cb21174350c9"; // a UUIDv7, stored as its bytes (migration 26)
+      await store.commitEpisode(episodeCommit(episode, seq, "id:1", 1, HASH("a"), null));
+      const rows = await store.pendingOutbox();
+      expect(rows.map((r) => [r.episode, r.agent])).toEqual([[episode, aid("temp/boiler-1")]]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test("commits the whole episode: log, checkpoint, outbox, inbox, usage, dedup mark, agent head", async () => {
     const store = await open(freshPath());
     try {

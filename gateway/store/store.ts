@@ -943,14 +943,25 @@ export class Store {
    */
   async pendingOutbox(limit = 500, afterId = 0) {
     await this.writer.durable();
-    return this.db
-      .select({ ...getTableColumns(t.outbox), agent: t.episodes.agent })
+    const rows = await this.db
+      .select()
       .from(t.outbox)
-      .leftJoin(t.episodes, eq(t.episodes.id, t.outbox.episode))
       .where(gt(t.outbox.id, afterId))
       .orderBy(asc(t.outbox.id))
       .limit(limit)
       .all();
+    // Not a join: episodes.id is stored as 16 bytes (migration 26), outbox.episode as text, and SQL
+    // compares them as unequal; `inArray` turns each id into its stored form.
+    const ids = [...new Set(rows.map((r) => r.episode))];
+    const agents = new Map<string, AgentId>();
+    for (const part of chunks(ids))
+      for (const e of await this.db
+        .select({ id: t.episodes.id, agent: t.episodes.agent })
+        .from(t.episodes)
+        .where(inArray(t.episodes.id, part))
+        .all())
+        agents.set(e.id, e.agent);
+    return rows.map((r) => ({ ...r, agent: agents.get(r.episode) ?? null }));
   }
 
   /** Forget the effects of episodes whose outbox was published. */
