@@ -20,6 +20,13 @@ export interface HookState {
   droppedLog: { at: number; since: number };
   /** When a refused login (bad credentials) was last logged, and how many since (one line per 10 s at most). */
   badLoginLog: { at: number; since: number };
+  /**
+   * When a transient refusal (no PUBACK, closed: a full disk, a full queue) was last logged, and how many
+   * since (one line per 10 s at most): a device reconnects and resends at once, over and over.
+   */
+  refusedLog: { at: number; since: number };
+  /** When an intake that failed (a commit the disk refused) was last logged, and how many since (as above). */
+  intakeFailedLog: { at: number; since: number };
   /** Who may connect and what they may do; replaced whole when auth changes live. */
   auth: BrokerAuth;
   /** Connections to refuse at CONNECT with this CONNACK code (set before aedes authenticates). */
@@ -59,6 +66,20 @@ const IDENTIFIER_REJECTED = 2;
 const BAD_CREDENTIALS = 4;
 const NOT_AUTHORIZED = 5;
 
+/**
+ * Count one occurrence in `l`; when its log line is due (none in the last 10 s), the occurrences it
+ * stands for, this one included, else null.
+ */
+function logDue(l: { at: number; since: number }): number | null {
+  l.since++;
+  const now = Date.now();
+  if (now - l.at < 10_000) return null;
+  const count = l.since;
+  l.at = now;
+  l.since = 0;
+  return count;
+}
+
 function connackError(returnCode: 2 | 3 | 4 | 5, message: string): AuthenticateError {
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
@@ -97,7 +118,9 @@ export function createHooks(
 
   // Never ack what was not recorded: an intake that throws or rejects refuses the publish.
   const intakeFailed = (err: unknown, info: ClientInfo, msg: PublishedMessage, what: string): IntakeVerdict => {
-    log.error({ err, client: info.id, topic: msg.topic }, `intake ${what}; publish refused`);
+    const failed = logDue(state.intakeFailedLog);
+    if (failed !== null)
+      log.error({ err, client: info.id, topic: msg.topic, failed }, `intake ${what}; publish refused`);
     return { ok: false, reason: "intake failed" };
   };
   /** Run intake; `act` gets its verdict, or a refusal if it failed (one promise reaction either way). */
@@ -166,17 +189,9 @@ export function createHooks(
             return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
           }
           // A guessing client must not flood the log: one line per 10 s, with the count since.
-          const l = state.badLoginLog;
-          l.since++;
-          const now = Date.now();
-          if (now - l.at >= 10_000) {
-            log.info(
-              { client: info.id, username: info.username, refused: l.since },
-              "connect refused: bad credentials",
-            );
-            l.at = now;
-            l.since = 0;
-          }
+          const refused = logDue(state.badLoginLog);
+          if (refused !== null)
+            log.info({ client: info.id, username: info.username, refused }, "connect refused: bad credentials");
           done(connackError(BAD_CREDENTIALS, "bad user name or password"), null);
         },
         (err: unknown) => {
@@ -200,23 +215,20 @@ export function createHooks(
       const info = infoOf(client, packet);
       const refuse = (reason: string): void => {
         state.refused++;
-        log.info({ client: info.id, topic: packet.topic, reason }, "publish refused for now: no PUBACK, closed");
+        const refused = logDue(state.refusedLog);
+        if (refused !== null)
+          log.info(
+            { client: info.id, topic: packet.topic, reason, refused },
+            "publish refused for now: no PUBACK, closed",
+          );
         callback(new PublishRefused(packet.topic, reason));
       };
       const drop = (reason: string): void => {
         state.refused++;
         state.dropped++;
-        const l = state.droppedLog;
-        l.since++;
-        const now = Date.now();
-        if (now - l.at >= 10_000) {
-          log.warn(
-            { client: info.id, topic: packet.topic, reason, dropped: l.since },
-            "publish refused: acked, dropped",
-          );
-          l.at = now;
-          l.since = 0;
-        }
+        const dropped = logDue(state.droppedLog);
+        if (dropped !== null)
+          log.warn({ client: info.id, topic: packet.topic, reason, dropped }, "publish refused: acked, dropped");
         packet.topic = DROPPED_TOPIC;
         packet.retain = false;
         packet.payload = Buffer.alloc(0);

@@ -284,6 +284,20 @@ describe("intake and acknowledgement", () => {
     expect(h.broker.stats()).toMatchObject({ messagesIn: 1, refused: 1, dropped: 0 });
   });
 
+  test("a device resending into a full disk is logged at most once per 10 s, with the count", async () => {
+    const h = await startBroker({ intake: async (): Promise<never> => Promise.reject(new Error("disk is full")) });
+    // Each resend comes on a new connection, as a device's after its last one was closed.
+    for (let i = 0; i < 5; i++) {
+      const c = await device(h, { clientId: `full-${i}` });
+      const closed = closeOf(c);
+      c.publish("sensors/a/temperature", "1", { qos: 1 });
+      await within(closed, 5000, "the connection closed without a PUBACK");
+    }
+    expect(h.broker.stats()).toMatchObject({ messagesIn: 0, refused: 5 });
+    expect(h.logs.filter((l) => l.includes("intake failed; publish refused"))).toHaveLength(1);
+    expect(h.logs.filter((l) => l.includes("publish refused for now"))).toHaveLength(1);
+  });
+
   for (const [name, intake] of [
     ["a refused intake", async () => ({ ok: false, reason: "duplicate store down" }) as const],
     ["an intake that throws", async (): Promise<never> => Promise.reject(new Error("disk full"))],
