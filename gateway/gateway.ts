@@ -181,6 +181,7 @@ export class Gateway {
   /** This gateway's sandbox uids among the gateways on this machine (root), let go at stop. */
   private heldUids: HeldUids | null = null;
   private storageWatch: StorageWatch | null = null;
+  private executor: EpisodeExecutor | null = null;
   /** The devices registry behind broker auth, or null without a devices file. */
   private devices: DeviceRegistry | null = null;
   private telemetry: EpisodeTelemetry | null = null;
@@ -306,6 +307,7 @@ export class Gateway {
     const shardChange = shardChangeRefusal(this.dataDir, await storedShard(this.store), spec.fleet.shard);
     if (shardChange) throw new ShardChanged(shardChange);
     this.storageWatch = new StorageWatch(this.store, this.log);
+    this.storageWatch.onRecovered = () => this.storageRecovered();
     this.storageWatch.start();
     this.metrics = new FleetMetrics(this, { now: this.now });
     if (spec.telemetry.otlp_endpoint !== null) {
@@ -461,6 +463,14 @@ export class Gateway {
       },
       `fleet "${spec.fleet.name}" running`,
     );
+  }
+
+  /**
+   * Commits succeed again after failing (a full disk was freed): agents whose turns failed meanwhile
+   * run now, not when their backoff ends.
+   */
+  private storageRecovered(): void {
+    for (const agent of this.executor?.failedTurnAgents() ?? []) this.scheduler.wake(agent);
   }
 
   /** Stop the work the gateway does on its own from time to time, and its watches of files. */
@@ -868,6 +878,7 @@ export class Gateway {
       bundleFor: (agent, type, sv) =>
         this.rollouts ? this.rollouts.bundleFor(agent, type, sv) : (sv.bundles[type] ?? null),
     });
+    this.executor = executor;
     this.scheduler = new Scheduler({
       maxConcurrent: spec.fleet.max_concurrent_episodes,
       runTurn: (a) => executor.turn(a),

@@ -5,13 +5,13 @@
  * and `[broker] max_connections` refuses extra devices while HTTP keeps answering.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connectAsync } from "mqtt";
-import { TestFleet, authed, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
+import { ROOT, TestFleet, authed, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
-import { counterType, fleetHeader } from "./helpers/toml.ts";
+import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
 
 afterAll(async () => {
   await cleanupAll();
@@ -98,6 +98,41 @@ describe("failing commits", () => {
     await withFault.waitCommitted("counter/a", 2);
     expect(await withFault.stop()).toBe(0);
   }, 60_000);
+});
+
+/** The gateway log's JSON lines with this `msg`. */
+function logged(f: TestFleet, msg: string): Record<string, any>[] {
+  return readFileSync(f.logPath, "utf8")
+    .split("\n")
+    .filter((l) => l.includes(msg))
+    .map((l) => JSON.parse(l) as Record<string, any>)
+    .filter((l) => l.msg === msg);
+}
+
+describe("storage that comes back", () => {
+  test("an agent whose commits the full disk refused runs at once, not when its backoff ends", async () => {
+    const faultFile = join(tmpdir(), `fleet-disk-back-${process.pid}-${Date.now()}`);
+    const fleet = new TestFleet(
+      fleetHeader("e2e-disk-back") + agentType("slow", join(ROOT, "test/fixtures/ops/counter-slow.ts"), ["back/+/c"]),
+      { env: { FLEET_TEST_COMMIT_FAULT_FILE: faultFile } },
+    );
+    await fleet.start();
+    // Recorded, then the disk fills while its episode runs (1.5 s): every commit of it fails.
+    await publishQos1(await fleet.mqtt({ clientId: "back" }), "back/a/c", { id: "s1" });
+    writeFileSync(faultFile, "");
+    const failed = "episode turn failed unexpectedly";
+    // Each failed turn doubles the agent's wait: 1, 2, 4, 8, then 16 s.
+    await waitFor(() => logged(fleet, failed).length >= 5 || undefined, 60_000, "five failed turns");
+    const last = logged(fleet, failed).at(-1)!;
+    expect(last.retry_in_ms).toBe(16_000);
+    const backoffEnds = Date.parse(last.time) + last.retry_in_ms;
+    rmSync(faultFile);
+    const [episode] = await fleet.waitCommitted("slow/a", 1, 60_000);
+    expect(logged(fleet, "commits succeed again; ready")).toHaveLength(1);
+    // Woken when commits succeeded again (the probe runs every 2 s), not at the end of its 16 s wait.
+    expect(episode!.started_at).toBeLessThan(backoffEnds);
+    expect(await fleet.stop()).toBe(0);
+  }, 120_000);
 });
 
 describe("[broker] max_connections", () => {

@@ -182,6 +182,16 @@ export class EpisodeExecutor {
   }
 
   /**
+   * The agents whose last turn failed unexpectedly, for the caller to wake: storage came back, and a
+   * turn whose commit the full disk refused must not wait out a backoff that grew while it was full
+   * (up to TURN_ERROR_BACKOFF_MS.max). Their counts stay: a disk that is full again at once (it
+   * took a tiny write, not an episode) doubles their next wait as before, not from 1 s.
+   */
+  failedTurnAgents(): AgentId[] {
+    return [...this.turnErrors.keys()];
+  }
+
+  /**
    * The turn's inputs, its head read by the seq the queue book has. A head that is not queued
    * for the agent means the book disagrees with the rows: it reads the agent's queue again.
    */

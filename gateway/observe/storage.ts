@@ -31,6 +31,8 @@ export function readiness(state: GatewayState, store: Store | undefined): Readin
 export class StorageWatch {
   private timer: ReturnType<typeof setInterval> | null = null;
   private wasFailing = false;
+  /** Called once when commits succeed again after failing: what waited on the failure goes again now. */
+  onRecovered: (() => void) | null = null;
 
   constructor(
     private readonly store: Store,
@@ -66,7 +68,9 @@ export class StorageWatch {
     } else if (!h.failing && this.wasFailing) {
       this.log.info("commits succeed again; ready");
     }
+    const recovered = !h.failing && this.wasFailing;
     this.wasFailing = h.failing;
+    if (recovered) this.onRecovered?.();
   }
 
   private async probe(): Promise<void> {
