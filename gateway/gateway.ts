@@ -467,10 +467,11 @@ export class Gateway {
 
   /**
    * Commits succeed again after failing (a full disk was freed): agents whose turns failed meanwhile
-   * run now, not when their backoff ends.
+   * run now, not when their backoff ends, and a reload the failure cut short is tried again.
    */
   private storageRecovered(): void {
     for (const agent of this.executor?.failedTurnAgents() ?? []) this.scheduler.wake(agent);
+    void this.redeploy?.retryFailed();
   }
 
   /** Stop the work the gateway does on its own from time to time, and its watches of files. */

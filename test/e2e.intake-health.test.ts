@@ -135,6 +135,46 @@ describe("storage that comes back", () => {
   }, 120_000);
 });
 
+describe("a fleet.toml edit while the disk is full", () => {
+  test("is shown as not applied by status, and applied by itself once commits succeed again", async () => {
+    const faultFile = join(tmpdir(), `fleet-disk-edit-${process.pid}-${Date.now()}`);
+    const toml = fleetHeader("e2e-disk-edit") + counterType("counter", "edit/+/c");
+    const fleet = new TestFleet(toml, { env: { FLEET_TEST_COMMIT_FAULT_FILE: faultFile } });
+    await fleet.start();
+    const before = (await fleet.cli("status", "--json")).json.spec_version as string;
+    writeFileSync(faultFile, "");
+    writeFileSync(fleet.configPath, toml + counterType("second", "second/+/c"));
+    const edited = (await fleet.cli("validate", fleet.configPath, "--json")).json.hash as string;
+    expect(edited).not.toBe(before);
+    // The new version could not be stored: status says so (it said nothing, as if it were applied).
+    const refused = await waitFor(
+      async () => {
+        const s = (await fleet.cli("status", "--json")).json;
+        return typeof s.spec_error === "string" ? s : undefined;
+      },
+      30_000,
+      "the reload's failure in status",
+    );
+    expect(refused.spec_error).toContain("not applied: ");
+    expect(refused.spec_error).toContain("disk is full");
+    expect(refused.spec_version).toBe(before);
+    rmSync(faultFile);
+    // No second edit, no SIGHUP: the reload runs again when commits succeed again.
+    const applied = await waitFor(
+      async () => {
+        const s = (await fleet.cli("status", "--json")).json;
+        return s.spec_version === edited ? s : undefined;
+      },
+      30_000,
+      "the edit applied",
+    );
+    expect(applied.spec_error).toBeNull();
+    await publishQos1(await fleet.mqtt({ clientId: "edit" }), "second/a/c", { id: "x" });
+    await fleet.waitCommitted("second/a", 1);
+    expect(await fleet.stop()).toBe(0);
+  }, 120_000);
+});
+
 describe("[broker] max_connections", () => {
   test("past the limit a device gets CONNACK 3, the refusal is counted, and /healthz keeps answering", async () => {
     const fleet = new TestFleet(fleetHeader("e2e-maxconn", { broker: "max_connections = 2" }));

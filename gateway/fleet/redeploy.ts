@@ -88,6 +88,8 @@ export class Redeploy {
   read: SpecVersion | null = null;
   /** The last version refused after it was pinned, and why (null once a version is applied). */
   private refused: { readonly hash: string; readonly error: string } | null = null;
+  /** The last reload failed on an error of its own (a write the full disk refused): `retryFailed` runs it again. */
+  private failed = false;
   private chain: Promise<void> = Promise.resolve();
 
   constructor(private readonly d: RedeployDeps) {}
@@ -99,9 +101,23 @@ export class Redeploy {
    */
   reload(reason: string, recheck = true): Promise<void> {
     this.chain = this.chain
-      .then(() => this.reloadNow(reason, recheck))
-      .catch((err) => this.d.log.error({ err }, "reload failed"));
+      .then(() => {
+        this.failed = false;
+        return this.reloadNow(reason, recheck);
+      })
+      .catch((err: unknown) => {
+        // Shown by status like a refusal: the running version stays, the edit is not applied yet.
+        const why = err instanceof Error ? err.message : String(err);
+        this.error = `not applied: ${why}; still running spec ${this.d.current().hash.slice(0, 12)}`;
+        this.failed = true;
+        this.d.log.error({ err, reason }, `reload failed: ${this.error}`);
+      });
     return this.chain;
+  }
+
+  /** Run again a reload that failed on an error of its own (storage is back); nothing when none did. */
+  retryFailed(): Promise<void> {
+    return this.failed ? this.reload("storage recovered") : this.chain;
   }
 
   private refuse(hash: string, error: string): void {
