@@ -60,7 +60,8 @@ describe("a message that matches a subscription but names no valid agent", () =>
 describe("failing commits", () => {
   test("/readyz is 503 with the reason while commits fail, nothing is acked; 200 once a commit succeeds", async () => {
     const faultFile = join(tmpdir(), `fleet-disk-full-${process.pid}-${Date.now()}`);
-    const withFault = new TestFleet(fleetHeader("e2e-disk") + counterType("counter", "disk/+/c"), {
+    const hook = '\n[hooks.h]\nagent = "counter/h"\n';
+    const withFault = new TestFleet(fleetHeader("e2e-disk") + counterType("counter", "disk/+/c") + hook, {
       env: { FLEET_TEST_COMMIT_FAULT_FILE: faultFile },
     });
     await withFault.start();
@@ -90,12 +91,27 @@ describe("failing commits", () => {
     const metrics = await scrape(base);
     expect(sampleValue(metrics, "fleet_commit_failures_total", { kind: "disk_full" })).toBeGreaterThanOrEqual(1);
     expect(sampleValue(metrics, "fleet_storage_ok")).toBe(0);
+    // A webhook or `fleet send` is told to try again (503, Retry-After), not that the gateway broke (500).
+    for (const res of [
+      await fetch(`${base}/hooks/h`, { method: "POST", body: '{"id":"w"}' }),
+      await withFault.fetch("/api/send", { method: "POST", body: '{"topic":"disk/a/c","payload":{"id":"s"}}' }),
+    ]) {
+      expect(res.status).toBe(503);
+      expect(res.headers.get("retry-after")).toBe("5");
+      const err = ((await res.json()) as { error: { code: string; message: string } }).error;
+      expect(err.code).toBe("storage_unavailable");
+      expect(err.message).toContain("nothing was recorded: commits are failing (disk_full)");
+    }
+    const sent = await withFault.cli("send", "disk/a/c", '{"id":"s"}');
+    expect(sent.code).toBe(1);
+    expect(sent.stderr).toContain("nothing was recorded");
 
     rmSync(faultFile);
     // The gateway probes with a tiny write while failing, so readiness returns without traffic.
     await waitFor(async () => (await fetch(`${base}/readyz`)).status === 200, 15_000, "/readyz back to 200");
     await publishQos1(await withFault.mqtt({ clientId: "after" }), "disk/a/c", { id: "during" });
     await withFault.waitCommitted("counter/a", 2);
+    expect((await fetch(`${base}/hooks/h`, { method: "POST", body: '{"id":"w"}' })).status).toBe(202);
     expect(await withFault.stop()).toBe(0);
   }, 60_000);
 });

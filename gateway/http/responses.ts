@@ -5,6 +5,7 @@
 import type { z } from "zod";
 import { describeZodError, type Parsed, parseOptionalInt } from "../parse.ts";
 import { readRequestBody } from "./limits.ts";
+import { commitFailureKind } from "../store/index.ts";
 
 /** JSON response helper. */
 export function json(data: unknown, status = 200, headers: Record<string, string> = {}): Response {
@@ -14,6 +15,20 @@ export function json(data: unknown, status = 200, headers: Record<string, string
 /** Consistent error body. */
 export function httpError(status: number, code: string, message: string): Response {
   return json({ error: { code, message } }, status);
+}
+
+/**
+ * The answer to an error no route handled. A commit the storage refused (a full disk, an I/O error)
+ * is transient and recorded nothing: 503 `storage_unavailable` with Retry-After, so a webhook sender
+ * or `fleet send` tries again (as a device does, refused its PUBACK). Anything else is a 500.
+ */
+export function unexpectedError(err: Error): Response {
+  const kind = commitFailureKind(err);
+  if (kind === "disk_full" || kind === "io" || kind === "readonly" || kind === "busy") {
+    const message = `nothing was recorded: commits are failing (${kind}): ${err.message}; try again later`;
+    return json({ error: { code: "storage_unavailable", message } }, 503, { "retry-after": "5" });
+  }
+  return httpError(500, "internal", err.message);
 }
 
 /** Default cap of an API request body. */

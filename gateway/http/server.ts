@@ -4,7 +4,7 @@
  */
 import type { BunRequest } from "bun";
 import type { HttpHost } from "./host.ts";
-import { flagQuery, httpError, json, parseBody, readJson } from "./responses.ts";
+import { flagQuery, httpError, json, parseBody, readJson, unexpectedError } from "./responses.ts";
 import { SendBody } from "./bodies.ts";
 import { type AgentId, agentId, keyProblem, shownStatus, traceparentOf } from "../types.ts";
 import { Sessions } from "../auth/index.ts";
@@ -191,7 +191,7 @@ export function startHttp(
     }),
     // Another method on a known path (PROPFIND, TRACE) is that route's 405; anything else a 404.
     fetch: (req, server) => guard.fallback(req, server),
-    error: (err) => httpError(500, "internal", err.message),
+    error: (err) => unexpectedError(err),
   });
   return {
     port: server.port ?? opts.port,
