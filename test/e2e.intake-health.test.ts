@@ -191,6 +191,27 @@ describe("a fleet.toml edit while the disk is full", () => {
   }, 120_000);
 });
 
+describe("a start on a full disk", () => {
+  test("fails with one line naming the data dir and saying the disk is full", async () => {
+    const faultFile = join(tmpdir(), `fleet-disk-start-${process.pid}-${Date.now()}`);
+    writeFileSync(faultFile, "");
+    const fleet = new TestFleet(fleetHeader("e2e-disk-start") + counterType("counter", "start/+/c"), {
+      env: { FLEET_TEST_COMMIT_FAULT_FILE: faultFile },
+    });
+    await expect(fleet.start()).rejects.toThrow("gateway exited (code 1");
+    rmSync(faultFile);
+    const line = fleet
+      .logTail(5)
+      .split("\n")
+      .find((l) => l.startsWith("fleet: "));
+    expect(line).toStartWith(`fleet: cannot start: the disk of ${fleet.dataDir} is full: free space and start again (`);
+    expect(line).toContain("disk is full");
+    // Once space is back it starts as usual.
+    await fleet.start();
+    expect(await fleet.stop()).toBe(0);
+  }, 60_000);
+});
+
 describe("[broker] max_connections", () => {
   test("past the limit a device gets CONNACK 3, the refusal is counted, and /healthz keeps answering", async () => {
     const fleet = new TestFleet(fleetHeader("e2e-maxconn", { broker: "max_connections = 2" }));

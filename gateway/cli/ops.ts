@@ -15,6 +15,7 @@ import { HOST_MODULES } from "../../agents/host/index.ts";
 import { versionOf } from "../code/index.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SpecError } from "../spec/index.ts";
+import { commitFailureKind } from "../store/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { parseAgentId, shownStatus } from "../types.ts";
 import { lifecycleRefusal, OPERATOR_DRAIN } from "../fleet/index.ts";
@@ -55,7 +56,11 @@ export async function cmdStart(cli: Cli): Promise<void> {
   process.on("SIGTERM", () => stop("SIGTERM"));
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGHUP", () => void gw.reload("SIGHUP"));
-  await gw.start();
+  try {
+    await gw.start();
+  } catch (err) {
+    throw diskRefusedStart(err, gw.dataDir) ?? err;
+  }
   const http = gw.spec.spec.http;
   const bound = { host: http.host, port: gw.http.port, noToken: http.allow_unauthenticated };
   console.log(runningLine(gw.spec.spec.broker.external?.url ?? null, gw.broker.port, bound, gw.dataDir));
@@ -64,6 +69,20 @@ export async function cmdStart(cli: Cli): Promise<void> {
       `WARNING: the HTTP API on ${bound.host} needs no token ([http] allow_unauthenticated): ` +
         "anyone who reaches this address can change the fleet as admin",
     );
+}
+
+/**
+ * A start the data dir's disk refused (full: a new database, the local token; read-only): one line
+ * that says so and names the data dir, instead of libSQL's or the file system's bare message.
+ */
+export function diskRefusedStart(err: unknown, dataDir: string | undefined): Error | null {
+  const code = String((err as { code?: unknown } | null)?.code ?? "");
+  const kind = code === "ENOSPC" ? "disk_full" : code === "EROFS" ? "readonly" : commitFailureKind(err);
+  if (kind !== "disk_full" && kind !== "readonly") return null;
+  const where = dataDir ?? "the data dir";
+  const what = kind === "disk_full" ? "is full: free space" : "is read-only: make it writable";
+  const why = err instanceof Error ? err.message : String(err);
+  return new Error(`cannot start: the disk of ${where} ${what} and start again (${why})`);
 }
 
 /** Whether a listen address is this machine only. */
