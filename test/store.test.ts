@@ -5,12 +5,23 @@
  * and a failure leaves the checkpoint chain alone.
  */
 import { afterAll, afterEach, beforeEach, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, readdirSync, readlinkSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readlinkSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { createClient } from "@libsql/client";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
 import { checkpointHashIs, GroupCommitter, openDb, specOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
+import { WAL_SIZE_LIMIT } from "../gateway/store/index.ts";
 import { hashEvents, Store, tables, WalFile, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { findEpisode } from "../gateway/ops/index.ts";
@@ -1620,5 +1631,31 @@ describe("group committer with synchronous = full", () => {
     expect(openWal()).toBe(sqlites + 1);
     await store.close();
     expect(openWal()).toBe(sqlites);
+  });
+});
+
+describe("the WAL file", () => {
+  test("is cut back to WAL_SIZE_LIMIT by the first checkpoint after a reader that held it back lets go", async () => {
+    const path = freshPath();
+    const store = await open(path);
+    await store.setMeta("before", "1");
+    // A long read on another connection (`fleet backup`, `fleet verify`) keeps checkpoints from resetting the WAL.
+    const reader = createClient({ url: `file:${path}` });
+    const read = await reader.transaction("read");
+    try {
+      await read.execute("SELECT count(*) FROM meta");
+      const blob = "x".repeat(512 * 1024);
+      for (let i = 0; i < (2 * WAL_SIZE_LIMIT) / blob.length; i++) await store.setMeta(`big-${i}`, blob);
+      expect(statSync(`${path}-wal`).size).toBeGreaterThan(2 * WAL_SIZE_LIMIT);
+    } finally {
+      read.close();
+      reader.close();
+    }
+    // The checkpoint the gateway's connection runs then (its autocheckpoint, here by hand), and the write after
+    // it, which starts the WAL over: the file is cut back instead of keeping the space for good.
+    await store.client.execute("PRAGMA wal_checkpoint(PASSIVE)");
+    await store.setMeta("after", "1");
+    expect(statSync(`${path}-wal`).size).toBeLessThanOrEqual(WAL_SIZE_LIMIT);
+    await store.close();
   });
 });

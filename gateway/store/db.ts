@@ -113,6 +113,13 @@ export interface SchemaUpgrade {
   readonly ms: number;
 }
 
+/**
+ * Bytes the WAL file is cut back to when a checkpoint resets it (PRAGMA journal_size_limit): it holds
+ * about 4 MB between checkpoints (wal_autocheckpoint's 1000 pages), so this cuts only a WAL that grew
+ * while a reader held it back, and a data dir's size comes back down after a long backup.
+ */
+export const WAL_SIZE_LIMIT = 16 * 1024 * 1024;
+
 /** Open (and migrate) the fleet database at `path`. */
 export async function openDb(
   path: string,
@@ -139,6 +146,9 @@ export async function openDb(
   await client.execute(`PRAGMA busy_timeout = ${opts.busyTimeoutMs ?? 5000}`);
   if (!opts.readonly) {
     await client.execute("PRAGMA journal_mode = WAL");
+    // A WAL outgrows its usual ~4 MB while a reader holds an old snapshot (`fleet backup`, `verify`,
+    // `deploy --check` on a busy gateway); SQLite never gives that space back unless told to.
+    await client.execute(`PRAGMA journal_size_limit = ${WAL_SIZE_LIMIT}`);
     await client.execute(`PRAGMA synchronous = ${opts.synchronous.toUpperCase()}`);
     await client.execute("PRAGMA foreign_keys = OFF");
     const started = performance.now();

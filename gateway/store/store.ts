@@ -26,7 +26,15 @@ import type { AgentId, NewStimulus } from "../types.ts";
 
 export * as tables from "./schema.ts";
 export type { Db, RawStatement, WriteItem, CommitFailureKind, CommitHealth } from "./db.ts";
-export { commitFailureKind, commitFaultFromEnv, GroupCommitter, openDb, type SchemaUpgrade, WalFile } from "./db.ts";
+export {
+  commitFailureKind,
+  commitFaultFromEnv,
+  GroupCommitter,
+  openDb,
+  type SchemaUpgrade,
+  WAL_SIZE_LIMIT,
+  WalFile,
+} from "./db.ts";
 export type {
   AgentRow,
   StimulusRow,
