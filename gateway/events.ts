@@ -57,6 +57,7 @@ export interface FleetEventMap {
       readonly checkpoints: number;
       readonly episodes: number;
       readonly stimuli: number;
+      readonly quarantine_expired: number;
       readonly usage_rows: number;
       readonly bundles: number;
     };

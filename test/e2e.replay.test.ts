@@ -369,8 +369,10 @@ describe("fleet gc while the gateway runs", () => {
         checkpointsDeleted: 0,
         episodesDeleted: 18,
         eventsDeleted: before.events,
-        // Every dedup record but the quarantined d4's: the quarantine waits for retry or drop.
+        // Every dedup record but the quarantined d4's: quarantine_days (30) drops it first, and its id
+        // is remembered dedup_days more.
         stimuliForgotten: 17,
+        quarantineExpired: 1,
       });
       expect({
         episodes: await count("episodes"),
@@ -565,7 +567,8 @@ describe("fleet gc on the stopped gateway's data dir", () => {
         tombstoned: 0,
         checkpointsDeleted: 0,
         episodesDeleted: 18,
-        stimuliForgotten: 17, // d4 stays quarantined
+        stimuliForgotten: 17, // d4 is dropped (quarantine_days), its id remembered dedup_days more
+        quarantineExpired: 1,
       });
 
       const v = await fleet.cli("verify");

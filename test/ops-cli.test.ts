@@ -22,7 +22,7 @@ afterAll(() => {
 });
 
 /** A stopped fleet of two agents (meter/m1, meter/m2) with `episodes` committed episodes; its CLI. */
-async function stoppedFleet(episodes = 6, opts: { dedupDays?: number } = {}) {
+async function stoppedFleet(episodes = 6, opts: { dedupDays?: number; quarantineDays?: number } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "fleet-ops-cli-"));
   dirs.push(dir);
   const fleet = await SyntheticFleet.create(dir, {
@@ -30,6 +30,7 @@ async function stoppedFleet(episodes = 6, opts: { dedupDays?: number } = {}) {
     keep: 0,
     episodesDays: 30,
     dedupDays: opts.dedupDays ?? 7,
+    ...(opts.quarantineDays === undefined ? {} : { quarantineDays: opts.quarantineDays }),
   });
   await fleet.commit(episodes, Date.now() - 60_000, 1000);
   await fleet.checkpointWal();
@@ -308,6 +309,42 @@ describe("retention and the quarantine", () => {
     } finally {
       await store.close();
     }
+  });
+});
+
+describe("quarantine_days", () => {
+  test("a stimulus quarantined longer is dropped by gc, its id still a duplicate; a younger one stays", async () => {
+    const f = await stoppedFleet(6, { quarantineDays: 5 });
+    const db = f.sqlite();
+    const expired = quarantine(db, "meter/m1", Date.now() - 6 * 86_400_000);
+    const young = quarantine(db, "meter/m2", Date.now() - 4 * 86_400_000);
+    db.close();
+    const preview = await f.cli("gc", "--dry-run", "--json");
+    expect(preview.json.quarantineExpired).toBe(expired.length);
+    const gc = await f.cli("gc", "--json");
+    expect(gc.code).toBe(0);
+    expect(gc.json.quarantineExpired).toBe(expired.length);
+    expect(gc.stdout).not.toContain("quarantined stimulus");
+    const list = await f.cli("quarantine", "--json");
+    expect(list.json.stimuli.map((s: { seq: number }) => s.seq).sort()).toEqual(young);
+    const rows = f.sqlite();
+    const states = rows.query("SELECT state, count(*) AS n FROM stimuli WHERE agent = 'meter/m1' GROUP BY state").all();
+    rows.close();
+    // Dropped, not forgotten: the id is remembered dedup_days (7) from the drop.
+    expect(states).toEqual([{ state: "dropped", n: expired.length }]);
+    const human = await f.cli("gc");
+    expect(human.stdout).toContain("0 quarantined stimulus(es) past quarantine_days dropped");
+  });
+
+  test("quarantine_days = 0 keeps the quarantine until an operator retries or drops it", async () => {
+    const f = await stoppedFleet(4, { quarantineDays: 0 });
+    const db = f.sqlite();
+    const seqs = quarantine(db, "meter/m1", Date.now() - 400 * 86_400_000);
+    db.close();
+    const gc = await f.cli("gc", "--json");
+    expect(gc.json.quarantineExpired).toBe(0);
+    const list = await f.cli("quarantine", "--json");
+    expect(list.json.stimuli.map((s: { seq: number }) => s.seq).sort()).toEqual(seqs);
   });
 });
 

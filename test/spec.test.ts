@@ -131,7 +131,7 @@ describe("compileSpec", () => {
       api_key_env: "OPENAI_API_KEY",
       timeout_ms: 30_000,
     });
-    expect(spec.retention).toEqual({ episodes_days: 30, dedup_days: 7, redelivery_minutes: 60 });
+    expect(spec.retention).toEqual({ episodes_days: 30, dedup_days: 7, quarantine_days: 30, redelivery_minutes: 60 });
 
     const tm = spec.agents["temp-monitor"]!;
     expect(tm.key).toBe("{1}");
@@ -324,6 +324,12 @@ describe("schema errors name the key path", () => {
       /anyone on the network could publish to the fleet.*allow_anonymous_network = true/,
     ],
     ["port out of range", "[http]\nport = 70000\n", "http.port", /must be a port number/],
+    [
+      "a negative quarantine_days",
+      "[retention]\nquarantine_days = -1\n",
+      "retention.quarantine_days",
+      /must be a number of days, 0 for no limit/,
+    ],
     [
       "wrong type",
       '[fleet]\nmax_concurrent_episodes = "four"\n',

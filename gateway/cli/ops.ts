@@ -197,7 +197,8 @@ export async function cmdGc(cli: Cli): Promise<number> {
       `${dryRun ? "would collect" : "collected"}: ${report.tombstoned} checkpoint state(s) ` +
       `tombstoned, ${report.checkpointsDeleted} tombstone(s), ${report.episodesDeleted} ` +
       `episode(s) with ${report.eventsDeleted} event(s), ${report.stimuliForgotten} dedup ` +
-      `record(s), ${report.usageRowsDeleted} budget row(s), ${report.bundlesDeleted} code bundle(s) ` +
+      `record(s), ${report.quarantineExpired} quarantined stimulus(es) past quarantine_days dropped, ` +
+      `${report.usageRowsDeleted} budget row(s), ${report.bundlesDeleted} code bundle(s) ` +
       `in ${Math.round(report.ms)} ms`,
   );
   return 0;

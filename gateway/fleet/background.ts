@@ -143,6 +143,7 @@ export class Housekeeping {
           checkpoints: r.checkpointsDeleted,
           episodes: r.episodesDeleted,
           stimuli: r.stimuliForgotten,
+          quarantine_expired: r.quarantineExpired,
           usage_rows: r.usageRowsDeleted,
           bundles: r.bundlesDeleted,
         },
@@ -156,6 +157,11 @@ export class Housekeeping {
           "retention round stopped at its pass limit with rows still due: history grows past the retention window",
         );
       else if (gcTotal(r) > 0) this.host.log.info({ ...r, ms: Math.round(r.ms), passes }, "retention pass");
+      if (r.quarantineExpired > 0)
+        this.host.log.warn(
+          { dropped: r.quarantineExpired, quarantine_days: this.host.spec.spec.retention.quarantine_days },
+          "retention dropped quarantined stimuli nobody retried or dropped within quarantine_days",
+        );
     } catch (err) {
       this.host.log.error({ err }, "retention pass failed");
     } finally {

@@ -232,8 +232,9 @@ export class FleetMetrics {
     const retained = new Counter({
       name: "fleet_retention_collected_total",
       help:
-        "Rows background retention collected, by kind (episodes|checkpoints|tombstoned|stimuli|usage_rows|bundles; " +
-        "tombstoned: checkpoints past keep that lost their state).",
+        "Rows background retention collected, by kind (episodes|checkpoints|tombstoned|stimuli|quarantine_expired|" +
+        "usage_rows|bundles; tombstoned: checkpoints past keep that lost their state; quarantine_expired: stimuli " +
+        "quarantined longer than quarantine_days, dropped).",
       labelNames: ["kind"],
       registers,
     });

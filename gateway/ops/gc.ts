@@ -6,7 +6,7 @@
  *    newest deleted checkpoint of each agent becomes its chain anchor;
  *  - finished stimuli older than `retention.dedup_days` are forgotten (dedup memory), and
  *    so are settled wake-ups (pending ones are kept however old); quarantined stimuli are kept
- *    until an operator retries or drops them;
+ *    until an operator retries or drops them, or for `retention.quarantine_days` (then dropped);
  *  - code bundles no episode names any more (and no running or recent spec version) are deleted;
  *  - SQLite reuses the freed pages, so the file stops growing at its working-set size.
  *  - with `keepUnconfirmed` (`[replication] required`), nothing still in the replication
@@ -26,6 +26,8 @@ export interface GcReport {
   episodesDeleted: number;
   eventsDeleted: number;
   stimuliForgotten: number;
+  /** Stimuli quarantined longer than `retention.quarantine_days`, dropped. */
+  quarantineExpired: number;
   usageRowsDeleted: number;
   bundlesDeleted: number;
   ms: number;
@@ -174,8 +176,24 @@ export async function gcPass(store: Store, spec: FleetSpec, opts: GcOptions): Pr
     report.episodesDeleted = (eps as { rowsAffected: number }).rowsAffected;
   }
 
+  // 4a. The quarantine: a stimulus quarantined longer than quarantine_days (since its last attempt, done_at)
+  //     is dropped as `fleet quarantine drop` drops it, and finished now (done_at): its id is remembered
+  //     dedup_days more (4), so a device that sends the same poison again is not run again at once.
+  if (spec.retention.quarantine_days > 0) {
+    const quarantineCutoff = opts.now - spec.retention.quarantine_days * DAY;
+    const expired = sql`SELECT seq FROM stimuli WHERE state = 'quarantined' AND done_at < ${quarantineCutoff}
+      LIMIT ${batch}`;
+    if (opts.dryRun) report.quarantineExpired = await scalar(store, sql`SELECT count(*) FROM (${expired})`);
+    else {
+      const [q] = await store.writer.write([
+        store.db.run(sql`UPDATE stimuli SET state = 'dropped', done_at = ${opts.now} WHERE seq IN (${expired})`),
+      ]);
+      report.quarantineExpired = (q as { rowsAffected: number }).rowsAffected;
+    }
+  }
+
   // 4. Dedup memory: finished stimuli past dedup_days. Queued ones are never touched, nor quarantined
-  // ones: the quarantine is the operator's to-do list, kept until each is retried or dropped. An
+  // ones: the quarantine is the operator's to-do list, kept until each is retried or dropped (4a). An
   // MQTT redelivery id (r:) only has to outlive a retransmission, and a unique id (u:) can
   // never be repeated: both are forgotten after redelivery_minutes.
   const redeliveryCutoff = opts.now - spec.retention.redelivery_minutes * 60_000;
@@ -253,6 +271,7 @@ export function gcTotal(r: GcReport): number {
     r.episodesDeleted +
     r.eventsDeleted +
     r.stimuliForgotten +
+    r.quarantineExpired +
     r.usageRowsDeleted +
     r.bundlesDeleted
   );
@@ -266,6 +285,7 @@ function emptyReport(): GcReport {
     episodesDeleted: 0,
     eventsDeleted: 0,
     stimuliForgotten: 0,
+    quarantineExpired: 0,
     usageRowsDeleted: 0,
     bundlesDeleted: 0,
     ms: 0,

@@ -253,7 +253,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "retention.dedup_days":
     "A stimulus id from a `dedup` key, an Idempotency-Key or a timer is remembered at least this long " +
     "after its stimulus is finished. A quarantined stimulus is not finished: it is kept (and its id stays " +
-    "a duplicate) until an operator retries or drops it.",
+    "a duplicate) until an operator retries or drops it, or `quarantine_days` drops it.",
+  "retention.quarantine_days":
+    "A stimulus quarantined this long (since its last attempt) is dropped by retention, as `fleet quarantine " +
+    "drop` would: state `dropped`, its id remembered `dedup_days` more; logged with the count and counted " +
+    'in `fleet_retention_collected_total{kind="quarantine_expired"}`. An unattended box with one bad device ' +
+    "would otherwise keep every poison message it sends. 0: kept until an operator retries or drops it.",
   "retention.redelivery_minutes":
     "Without a `dedup` key, a QoS 1/2 message is deduplicated only against MQTT retransmissions " +
     "(same client, packet id and content) for this long.",

@@ -253,6 +253,10 @@ export const fleetSchema = z.strictObject({
   retention: table({
     episodes_days: positive().default(30),
     dedup_days: positive().default(7),
+    quarantine_days: z
+      .number(says("must be a number of days, 0 for no limit"))
+      .min(0, says("must be a number of days, 0 for no limit"))
+      .default(30),
     redelivery_minutes: positive().default(60),
   }),
   replication: z

@@ -219,6 +219,8 @@ export interface FleetSpec {
   readonly retention: {
     readonly episodes_days: number;
     readonly dedup_days: number;
+    /** Days a stimulus stays quarantined before retention drops it; 0: until an operator retries or drops it. */
+    readonly quarantine_days: number;
     /** How long an MQTT redelivery id (no `dedup` key) is remembered, in minutes. */
     readonly redelivery_minutes: number;
   };

@@ -5,7 +5,7 @@
  * commit, failure, the per-turn reads) are raw SQL derived from the schema (./sql.ts,
  * ./episodes.ts); the rest goes through drizzle.
  */
-import { and, asc, desc, eq, getTableColumns, gt, inArray, lt, count, min, sql } from "drizzle-orm";
+import { and, asc, desc, eq, gt, inArray, lt, count, min, sql } from "drizzle-orm";
 import type { Client, InValue, ResultSet } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement, type SchemaUpgrade } from "./db.ts";
 import * as t from "./schema.ts";

@@ -30,6 +30,8 @@ export interface SyntheticFleetOptions {
   readonly keep: number;
   readonly episodesDays: number;
   readonly dedupDays: number;
+  /** `[retention] quarantine_days` (the default, 30, when absent). */
+  readonly quarantineDays?: number;
   /**
    * Every episode names a code bundle, as a gateway running pinned code does (docs/upgrading.md):
    * the module's code, stored as the gateway stores it (a `bundles` row under its BLAKE3 hash, so
@@ -95,7 +97,8 @@ export class SyntheticFleet {
           `instances = [${t.keys.map((k) => JSON.stringify(k)).join(", ")}]\nconfig = { threshold = 80.0 }\n\n` +
           `[agents.${t.name}.checkpoint]\nkeep = ${opts.keep}\n`,
       ),
-      `[retention]\nepisodes_days = ${opts.episodesDays}\ndedup_days = ${opts.dedupDays}\n`,
+      `[retention]\nepisodes_days = ${opts.episodesDays}\ndedup_days = ${opts.dedupDays}\n` +
+        (opts.quarantineDays === undefined ? "" : `quarantine_days = ${opts.quarantineDays}\n`),
     ].join("\n");
     const configPath = join(dir, "fleet.toml");
     writeFileSync(configPath, toml);
