@@ -25,6 +25,11 @@ let n = 0;
 const logger = pino({ level: "silent" });
 
 async function startBroker(path: string, maxOfflineMessages = 1000): Promise<Broker> {
+  return startWith({ kind: "libsql", path, synchronous: "full", maxOfflineMessages });
+}
+
+/** An embedded broker on a free port with this persistence, closed after the test. */
+async function startWith(persistence: Parameters<typeof createEmbeddedBroker>[0]["persistence"]): Promise<Broker> {
   const broker = createEmbeddedBroker({
     host: "127.0.0.1",
     port: 0,
@@ -32,7 +37,7 @@ async function startBroker(path: string, maxOfflineMessages = 1000): Promise<Bro
     allowAnonymous: true,
     logger,
     intake: async () => ({ ok: true }),
-    persistence: { kind: "libsql", path, synchronous: "full", maxOfflineMessages },
+    persistence,
   });
   cleanups.push(() => broker.close());
   await broker.start();
@@ -139,17 +144,7 @@ describe("the libSQL broker persistence", () => {
 
 describe('in-memory sessions (persistence = "memory")', () => {
   test("an offline client's queue holds at most max_offline_messages too; the oldest are kept", async () => {
-    const broker = createEmbeddedBroker({
-      host: "127.0.0.1",
-      port: 0,
-      maxPacketBytes: 65536,
-      allowAnonymous: true,
-      logger,
-      intake: async () => ({ ok: true }),
-      persistence: { kind: "memory", maxOfflineMessages: 5 },
-    });
-    cleanups.push(() => broker.close());
-    await broker.start();
+    const broker = await startWith({ kind: "memory", maxOfflineMessages: 5 });
     const sub = await client(broker, { clientId: "mem-1", clean: false });
     await sub.subscribeAsync("out/#", { qos: 1 });
     await sub.endAsync();
