@@ -189,20 +189,11 @@ describe('in-memory sessions (persistence = "memory")', () => {
 describe("the RETAIN flag of queued messages", () => {
   for (const kind of ["libsql", "memory"] as const) {
     test(`${kind}: a retained message queued for an away session comes back with RETAIN 0 (MQTT-3.3.1-9)`, async () => {
-      const broker = createEmbeddedBroker({
-        host: "127.0.0.1",
-        port: 0,
-        maxPacketBytes: 65536,
-        allowAnonymous: true,
-        logger,
-        intake: async () => ({ ok: true }),
-        persistence:
-          kind === "memory"
-            ? { kind, maxOfflineMessages: 100 }
-            : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
-      });
-      cleanups.push(() => broker.close());
-      await broker.start();
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 100 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
+      );
       const sub = await client(broker, { clientId: `ret-${kind}`, clean: false });
       await sub.subscribeAsync("state/#", { qos: 1 });
       await sub.endAsync();
