@@ -404,12 +404,23 @@ describe.each(SANDBOXES)(
       // The RSS watch on its own (without the memory cgroup, which would race it).
       const watched = { ...spawn, memcg: null };
       const r = expectFailure(await run(start("child-hog"), { memoryMb: 128 }, noTools, watched), "oom");
-      expect(r.message).toMatch(/^RSS \d+ MB exceeded memory_mb 128/);
+      expect(r.message).toMatch(/^PSS \d+ MB of \d+ processes exceeded memory_mb 128/);
       if (spawn.memcg == null) return;
       // The memory cgroup on its own: an RSS watch that never gets to look.
       const blind = { ...spawn, rssPollMs: 600_000 };
       const cg = expectFailure(await run(start("child-hog"), { memoryMb: 128 }, noTools, blind), "oom");
       expect(cg.message).toContain("memory_mb 128 reached in the episode's memory cgroup");
+    });
+
+    test("pages many processes share count once: 150 sleeps whose RSS sum passes memory_mb commit", async () => {
+      // The RSS watch on its own, as above; it scans every 50-400 ms while they sleep.
+      const watched = { ...spawn, memcg: null };
+      const r = await run(start("sleepers", { n: 150, hold_ms: 1500 }), { memoryMb: 160 }, noTools, watched);
+      if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+      const seen = r.state as { n: number; rssSumMb: number };
+      expect(seen.n).toBe(150);
+      // What an RSS sum charged them: more than memory_mb, each libc and binary page 150 times.
+      expect(seen.rssSumMb).toBeGreaterThan(160);
     });
 
     test.if(spawn.nice != null)("an episode runs below the gateway's priority (nice 19: devices first)", async () => {
@@ -1741,11 +1752,11 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
 
   // The next two watch RSS and /tmp alone: where episodes get memory cgroups, the kernel's count of the
   // same pages may reach the limit first (an oom too, said otherwise), whichever of the two looks sooner.
-  test("what it keeps in /tmp counts toward memory_mb: RSS plus /tmp past it is oom", async () => {
+  test("what it keeps in /tmp counts toward memory_mb: memory plus /tmp past it is oom", async () => {
     const watchOnly = { ...BWRAP!, memcg: null };
     const r = await run(start("tmpfill", { max_mb: 120, pause_ms: 20 }), { memoryMb: 128 }, noTools, watchOnly);
     const failure = expectFailure(r, "oom");
-    expect(failure.message).toMatch(/^RSS \d+ MB \+ \/tmp \d+ MB exceeded memory_mb 128/);
+    expect(failure.message).toMatch(/^PSS \d+ MB of \d+ processes \+ \/tmp \d+ MB exceeded memory_mb 128/);
   });
 
   test("so do empty files by the hundred thousand: kernel memory (inodes) its size does not bound", async () => {

@@ -13,6 +13,7 @@ import {
   MAX_STDERR_BYTES,
   OVERSIZE,
   ProcessTable,
+  pssMb,
   rssMb,
   sandboxTmpMb,
   type SparePool,
@@ -47,7 +48,7 @@ export {
   type SandboxMode,
   type SpawnOptions,
 } from "./sandbox.ts";
-export { ProcessTable, rssMb, setAutogroup, SparePool, tmpfsUsedMb } from "./host-process.ts";
+export { ProcessTable, pssMb, rssMb, setAutogroup, SparePool, tmpfsUsedMb } from "./host-process.ts";
 export { processTempDir, SandboxLedger, startTicks, sweepProcessDirs, type Swept, ticksNow } from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
 export { UidPool } from "./uids.ts";
@@ -402,8 +403,12 @@ export async function runEpisode(
     // Under bubblewrap its /tmp is memory too (its size, memory_mb, is only the backstop).
     const tmp = spawnOpts.bwrap ? sandboxTmpMb(pid) : 0;
     if (outcome || cgroupOom()) return;
-    if (mb + tmp > limits.memoryMb) {
-      const what = tmp >= 1 ? `RSS ${mb.toFixed(0)} MB + /tmp ${tmp.toFixed(0)} MB` : `RSS ${mb.toFixed(0)} MB`;
+    // The RSS sum counts a page shared by n processes n times: past the limit, the tree's
+    // proportional set size (each page once) decides.
+    const tree = mb + tmp > limits.memoryMb ? pssMb(pid) : undefined;
+    if (tree && tree.mb + tmp > limits.memoryMb) {
+      const held = `PSS ${tree.mb.toFixed(0)} MB${tree.processes > 1 ? ` of ${tree.processes} processes` : ""}`;
+      const what = tmp >= 1 ? `${held} + /tmp ${tmp.toFixed(0)} MB` : held;
       finish({ ok: false, kind: "oom", message: `${what} exceeded memory_mb ${limits.memoryMb}` });
       return;
     }
