@@ -90,6 +90,12 @@ export class Redeploy {
   private refused: { readonly hash: string; readonly error: string } | null = null;
   /** The last reload failed on an error of its own (a write the full disk refused): `retryFailed` runs it again. */
   private failed = false;
+  /**
+   * The version whose agents, timers and budgets were last brought in line with it, while a newer
+   * version adopted since has not been (a write failed after the adoption: a full disk); the next
+   * reload finishes what that one began, even when fleet.toml is unchanged. Null when settled.
+   */
+  private unsettledFrom: SpecVersion | null = null;
   private chain: Promise<void> = Promise.resolve();
 
   constructor(private readonly d: RedeployDeps) {}
@@ -107,8 +113,14 @@ export class Redeploy {
       })
       .catch((err: unknown) => {
         // Shown by status like a refusal: the running version stays, the edit is not applied yet.
+        // Or it was adopted, and what follows the adoption waits for the retry.
         const why = err instanceof Error ? err.message : String(err);
-        this.error = `not applied: ${why}; still running spec ${this.d.current().hash.slice(0, 12)}`;
+        const running = this.d.current().hash.slice(0, 12);
+        this.error =
+          this.unsettledFrom && this.unsettledFrom.hash !== this.d.current().hash
+            ? `applied in part: spec ${running} runs, but its instances, retired types, budgets or timers ` +
+              `are not all in place: ${why}`
+            : `not applied: ${why}; still running spec ${running}`;
         this.failed = true;
         this.d.log.error({ err, reason }, `reload failed: ${this.error}`);
       });
@@ -152,7 +164,11 @@ export class Redeploy {
       return;
     }
     this.error = null;
-    if (next.hash === current.hash) return;
+    if (next.hash === current.hash) {
+      if (this.unsettledFrom)
+        await this.settle(reason, this.unsettledFrom, current, "finished what the last reload began");
+      return;
+    }
     const restart = this.d.needsRestart?.(current.spec, next.spec) ?? [];
     if (restart.length > 0) {
       this.refuse(next.hash, `needs restart: ${restart.join(", ")}; still running spec ${current.hash.slice(0, 12)}`);
@@ -204,22 +220,33 @@ export class Redeploy {
       at: this.d.now(),
       bundles: next.bundles,
     });
+    // From a version adopted but not settled (its steps below cut short), the steps cover both changes.
+    const from = this.unsettledFrom ?? current;
+    this.unsettledFrom = from;
     await this.d.adopt(next);
     this.refused = null;
+    await this.settle(reason, from, next, `${summary}${live ? ` (${live})` : ""}`);
+  }
+
+  /**
+   * What follows the adoption of `next`, idempotent: its instances exist, the types it removed
+   * (since `from`) retire and those it brings back return, agents paused by a budget it changed are
+   * released, and timers follow it. A failure leaves `unsettledFrom` for the next reload.
+   */
+  private async settle(reason: string, from: SpecVersion, next: SpecVersion, summary: string): Promise<void> {
+    const diff = diffSpecs(from.spec, next.spec);
     this.d.scheduler.setMaxConcurrent(next.spec.fleet.max_concurrent_episodes);
     this.d.roster.deployed(await deployInstances(this.d.store, next, this.d.now()));
     for (const type of diff.removed) await this.d.roster.retireType(type, next.hash);
     for (const type of diff.added) await this.d.roster.unretireType(type);
     await this.d.roster.budgetsChanged(
       diff.changed.filter(
-        (t) => canonicalJson(current.spec.agents[t]?.budget) !== canonicalJson(next.spec.agents[t]?.budget),
+        (t) => canonicalJson(from.spec.agents[t]?.budget) !== canonicalJson(next.spec.agents[t]?.budget),
       ),
     );
     await this.d.timers.update(next.spec);
-    this.d.log.info(
-      { reason, from: current.hash.slice(0, 12), to: next.hash.slice(0, 12) },
-      `redeployed: ${summary}${live ? ` (${live})` : ""}`,
-    );
+    this.unsettledFrom = null;
+    this.d.log.info({ reason, from: from.hash.slice(0, 12), to: next.hash.slice(0, 12) }, `redeployed: ${summary}`);
   }
 }
 
