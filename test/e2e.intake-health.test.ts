@@ -105,6 +105,18 @@ describe("failing commits", () => {
     const sent = await withFault.cli("send", "disk/a/c", '{"id":"s"}');
     expect(sent.code).toBe(1);
     expect(sent.stderr).toContain("nothing was recorded");
+    // A dry run changes nothing: it answers though its audit record cannot be written, which the log keeps.
+    const preview = await withFault.cli("gc", "--dry-run", "--json");
+    expect(preview.code).toBe(0);
+    expect(preview.json).toMatchObject({ tombstoned: 0, episodesDeleted: 0 });
+    const unwritten = logged(withFault, "audit record not written; this log line holds it");
+    expect(unwritten.map((l) => l.audit)).toContainEqual(
+      expect.objectContaining({ action: "gc.dry_run", status: 200, actor: expect.any(String) }),
+    );
+    // A real collection has to write: refused, nothing collected.
+    const gc = await withFault.cli("gc");
+    expect(gc.code).toBe(1);
+    expect(gc.stderr).toContain("gc refused");
 
     rmSync(faultFile);
     // The gateway probes with a tiny write while failing, so readiness returns without traffic.

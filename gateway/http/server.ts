@@ -9,7 +9,7 @@ import { SendBody } from "./bodies.ts";
 import { type AgentId, agentId, keyProblem, shownStatus, traceparentOf } from "../types.ts";
 import { Sessions } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
-import { createGuard, noteAudit } from "./access.ts";
+import { type AuditEntry, createGuard, noteAudit } from "./access.ts";
 import { BodyBudget } from "./limits.ts";
 import { Gauge, type Registry } from "prom-client";
 import { auditRoutes } from "./audit.ts";
@@ -52,7 +52,12 @@ export function startHttp(
   const storedPayload = async (agent: AgentId, sid: string) =>
     (await gw.store.findStimulus(agent, sid))?.payload ?? null;
   const sessions = new Sessions(gw.tokens);
-  const audit = gw.audit.bind(gw);
+  // Written before the response goes out. A write the disk refuses (full) does not turn the answer
+  // into an error: what the request did (or, for a dry run, found) stands, and the log keeps the record.
+  const audit = (entry: AuditEntry) =>
+    gw
+      .audit(entry)
+      .catch((err: unknown) => gw.log.error({ err, audit: entry }, "audit record not written; this log line holds it"));
   const bodies = new BodyBudget(() => opts.http().max_body_bytes_in_flight);
   const guard = createGuard({
     http: opts.http,
