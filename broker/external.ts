@@ -98,6 +98,8 @@ class ExternalBroker implements Broker {
   private staleRetained = 0;
   private lastRefusalLog = 0;
   private refusedSinceLog = 0;
+  /** The Maximum Packet Size the broker's CONNACK on the outputs connection gave (MQTT 5), or null. */
+  private outMaxPacket: number | null = null;
   /** The gateway's own publishes the broker refused for good (MQTT 5 PUBACK), since the last log line. */
   private lastOutputRefusalLog = 0;
   private outputsRefusedSinceLog = 0;
@@ -174,7 +176,8 @@ class ExternalBroker implements Broker {
     this.out = out;
     out.on("error", (err) => this.clientError("broker client (outputs) error", err));
     let outBefore = false;
-    out.on("connect", () => {
+    out.on("connect", (connack) => {
+      this.outMaxPacket = connack.properties?.maximumPacketSize ?? null;
       if (outBefore || this.lifecycle === "running") this.opts.onOutputsReconnected?.();
       outBefore = true;
     });
@@ -506,6 +509,16 @@ class ExternalBroker implements Broker {
           }
         : undefined;
     const body = typeof payload === "string" ? Buffer.from(payload, "utf8") : Buffer.from(payload);
+    // MQTT 5: a packet over the broker's Maximum Packet Size (its CONNACK) would be answered by a
+    // DISCONNECT (0x95), every time it was sent again: settled here, as a refusal for good.
+    const max = this.outMaxPacket;
+    if (max !== null) {
+      const size = publishPacketSize(topic, body.length, opts.qos ?? 0, properties?.userProperties);
+      if (size > max) {
+        this.logOutputRefusal(topic, `${size} bytes is larger than the broker's maximum packet size (${max})`);
+        return Promise.resolve();
+      }
+    }
     const ms = this.opts.publishTimeoutMs ?? 10_000;
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`no PUBACK within ${ms} ms`)), ms);
@@ -612,4 +625,26 @@ function redact(url: string): string {
   u.password = "";
   u.username = "";
   return u.toString();
+}
+
+/** Bytes of the remaining length's variable-length encoding (MQTT 2.2.3 / 1.5.5). */
+function varintBytes(n: number): number {
+  return n < 128 ? 1 : n < 16_384 ? 2 : n < 2_097_152 ? 3 : 4;
+}
+
+/**
+ * The size of an MQTT 5 PUBLISH packet on the wire, as the broker measures it against its Maximum
+ * Packet Size: fixed header, topic, packet id (QoS > 0), properties (user properties only) and payload.
+ */
+export function publishPacketSize(
+  topic: string,
+  payloadBytes: number,
+  qos: 0 | 1,
+  userProperties: Record<string, string> | undefined,
+): number {
+  let props = 0;
+  for (const [k, v] of Object.entries(userProperties ?? {}))
+    props += 1 + 2 + Buffer.byteLength(k) + 2 + Buffer.byteLength(v);
+  const remaining = 2 + Buffer.byteLength(topic) + (qos > 0 ? 2 : 0) + varintBytes(props) + props + payloadBytes;
+  return 1 + varintBytes(remaining) + remaining;
 }

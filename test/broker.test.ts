@@ -19,7 +19,7 @@ import {
   type ClientInfo,
   type PublishedMessage,
 } from "../broker/index.ts";
-import { compileFilter } from "../broker/index.ts";
+import { compileFilter, publishPacketSize } from "../broker/index.ts";
 import { remainingLength, seeded, within } from "./helpers/gateway.ts";
 
 const HOST = "127.0.0.1";
@@ -1186,6 +1186,39 @@ describe("compiled filters", () => {
     for (const f of filters) {
       const compiled = compileFilter(f);
       for (const t of topics) expect({ f, t, m: compiled(t.split("/")) }).toEqual({ f, t, m: matchTopic(f, t) });
+    }
+  });
+});
+
+describe("publishPacketSize (external broker, MQTT 5)", () => {
+  test("equals the bytes mqtt-packet writes for the PUBLISH, across the remaining length's 1- to 3-byte forms", async () => {
+    const { generate } = (await import("mqtt-packet")) as unknown as {
+      generate(packet: object, opts: { protocolVersion: number }): Buffer;
+    };
+    const props = { origin: "fleet-x", episode: "0190f000-0000-7000-8000-000000000001", seq: "3", agent: "t/é" };
+    for (const [bytes, qos, userProperties] of [
+      [0, 0, undefined],
+      [60, 1, undefined],
+      [100, 1, props],
+      [20_000, 1, props],
+      [3_000_000, 0, { a: "b" }],
+    ] as const) {
+      const topic = "fleet/agents/t/ké/out";
+      const wire = generate(
+        {
+          cmd: "publish",
+          topic,
+          payload: Buffer.alloc(bytes),
+          qos,
+          ...(qos > 0 ? { messageId: 42 } : {}),
+          properties: userProperties ? { userProperties } : {},
+        },
+        { protocolVersion: 5 },
+      );
+      expect({ bytes, size: publishPacketSize(topic, bytes, qos, userProperties) }).toEqual({
+        bytes,
+        size: wire.length,
+      });
     }
   });
 });

@@ -226,6 +226,32 @@ describe("external broker (Mosquitto)", () => {
   );
 
   test(
+    "MQTT 5: an output larger than the broker's maximum packet size (CONNACK) is dropped and logged, not " +
+      "sent to be disconnected for it; the outputs after it go out",
+    async () => {
+      const mq = await Mosquitto.start({ extra: ["max_packet_size 4096"] });
+      brokers.push(mq);
+      const fleet = new TestFleet(toml("ext-v5-size", mq.url, 'mqtt_version = "5"'));
+      await fleet.start();
+      const sub = await client(mq.url, "size-sub");
+      const seen: string[] = [];
+      sub.on("message", (topic) => seen.push(topic));
+      await sub.subscribeAsync("fleet/agents/counter/+/out", { qos: 1 });
+      // Recorded through the API (no broker packet): its output carries the 6 KB payload.
+      expect((await fleet.cli("send", "c/big/in", JSON.stringify({ n: 0, pad: "x".repeat(6000) }))).code).toBe(0);
+      await fleet.waitCommitted("counter/big", 1);
+      expect((await fleet.cli("send", "c/ok/in", '{"n":1}')).code).toBe(0);
+      await waitFor(() => seen.includes("fleet/agents/counter/ok/out"), 30_000, "the output after the oversized one");
+      const outbox = async () => Number((await fleet.query<{ n: number }>("SELECT count(*) AS n FROM outbox"))[0]?.n);
+      await waitFor(async () => (await outbox()) === 0, 30_000, "the outbox to empty");
+      expect(fleet.logTail(400)).toContain("larger than the broker's maximum packet size");
+      expect(seen).not.toContain("fleet/agents/counter/big/out");
+      await fleet.stop();
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
     "subscriptions follow a hot reload: a type added to fleet.toml gets its stimuli from the broker",
     async () => {
       const mq = await mosquitto();
