@@ -1191,7 +1191,7 @@ describe("compiled filters", () => {
 });
 
 describe("publishPacketSize (external broker, MQTT 5)", () => {
-  test("equals the bytes mqtt-packet writes for the PUBLISH, across the remaining length's 1- to 3-byte forms", async () => {
+  test("equals the bytes mqtt-packet writes for the PUBLISH, remaining lengths of 1 to 3 bytes", async () => {
     const { generate } = (await import("mqtt-packet")) as unknown as {
       generate(packet: object, opts: { protocolVersion: number }): Buffer;
     };
