@@ -1754,7 +1754,9 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
   // same pages may reach the limit first (an oom too, said otherwise), whichever of the two looks sooner.
   test("what it keeps in /tmp counts toward memory_mb: memory plus /tmp past it is oom", async () => {
     const watchOnly = { ...BWRAP!, memcg: null };
-    const r = await run(start("tmpfill", { max_mb: 120, pause_ms: 20 }), { memoryMb: 128 }, noTools, watchOnly);
+    // Held for 1.5 s once written: the watch, which looks every 400 ms by then, sees all of it.
+    const ask = { max_mb: 120, pause_ms: 20, hold_ms: 1500 };
+    const r = await run(start("tmpfill", ask), { memoryMb: 128 }, noTools, watchOnly);
     const failure = expectFailure(r, "oom");
     expect(failure.message).toMatch(/^PSS \d+ MB of \d+ processes \+ \/tmp \d+ MB exceeded memory_mb 128/);
   });
