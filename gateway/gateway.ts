@@ -857,7 +857,12 @@ export class Gateway {
         this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
         return r;
       },
-      toolEnv: { secrets: this.secrets, fetch, admit: (a, max, cap) => this.book.admit(a, max, cap) },
+      toolEnv: {
+        secrets: this.secrets,
+        fetch,
+        admit: (a, max, cap) => this.book.admit(a, max, cap),
+        sendHops: (sid, maxSteps) => this.store.sendHops(sid, maxSteps),
+      },
       events: this.events,
       log: this.log,
       now: this.now,

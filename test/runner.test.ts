@@ -965,6 +965,38 @@ describe("ToolGate: send", () => {
     expect((await gate().handle(1, "send", ["no-slash", 1])).ok).toBe(false);
     expect((await gate().handle(1, "send", [{ id: "mon/k2" }, 1])).ok).toBe(false);
   });
+
+  test("counts the sends that led to its stimulus once; every send is denied at [fleet] max_send_hops", async () => {
+    const asked: [string, number][] = [];
+    const atHops = (hops: number) =>
+      new ToolGate(
+        { type: "mon", key: "k1", id: "mon/k1" },
+        spec.agents.mon!,
+        spec,
+        {
+          ...ENV,
+          sendHops: async (sid, maxSteps) => {
+            asked.push([sid, maxSteps]);
+            return hops;
+          },
+        },
+        1000,
+        undefined,
+        "inbox:0190f000-0000-7000-8000-000000000001:0",
+      );
+    const below = atHops(15);
+    expect((await below.handle(1, "send", ["narrow/default", 1])).ok).toBe(true);
+    expect((await below.handle(2, "send", ["narrow/default", 2])).ok).toBe(true);
+    expect(asked).toEqual([["inbox:0190f000-0000-7000-8000-000000000001:0", 68]]);
+    const at = atHops(16);
+    const out = await at.handle(1, "send", ["narrow/default", 1]);
+    expect(out).toMatchObject({ ok: false, result: { error: "denied" } });
+    expect((out.result as { reason: string }).reason).toBe(
+      "send to narrow/default refused: this episode's stimulus is already 16 sends from where it came into the " +
+        "fleet ([fleet] max_send_hops = 16); agents sending to each other in a loop?",
+    );
+    expect(at.sends).toEqual([]);
+  });
 });
 
 describe("ToolGate: http", () => {

@@ -303,7 +303,7 @@ export class EpisodeExecutor {
     const stimulus = toStimulus(head);
     const stamp = this.d.lifecycleStamp?.(agentId);
     const ref = { type: agent.type, key: agent.key, id: agentId };
-    const gate = new ToolGate(ref, type, sv.spec, this.d.toolEnv, d.tokensLeft, d.costLeft);
+    const gate = new ToolGate(ref, type, sv.spec, this.d.toolEnv, d.tokensLeft, d.costLeft, head.sid);
     this.d.events.emit("status", { agent: agentId, status: "running" });
     const log = this.d.log.child({ agent: agentId, episode, stimulus: head.sid });
 

@@ -185,6 +185,7 @@ export const fleetSchema = z.strictObject({
     max_concurrent_episodes: posInt(4),
     synchronous: z.enum(["full", "normal"], says('must be "full" or "normal"')).default("full"),
     drain_timeout_ms: nonNegInt(10_000),
+    max_send_hops: nonNegInt(16),
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
     warm_spares: nonNegInt(2),
     allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),

@@ -122,6 +122,12 @@ export interface FleetSpec {
     readonly synchronous: "full" | "normal";
     readonly drain_timeout_ms: number;
     /**
+     * Most `ctx.send`s in a row from a stimulus that came from outside (a device, timer, webhook, the
+     * CLI) to the one an episode runs: a send past it is denied, which stops a loop between agents
+     * (docs/fleet-toml.md). 0 = no limit.
+     */
+    readonly max_send_hops: number;
+    /**
      * How episode subprocesses are isolated: "uid" (root only: a uid of its own per process, `sandbox_uids`), "bwrap"
      * (bubblewrap namespaces: own pid/net/ipc, read-only root; plus "uid" when root),
      * "none", or "auto" (bwrap when it works, else uid when root, else none).

@@ -167,6 +167,10 @@ export interface NewRejected {
   readonly receivedAt: number;
 }
 
+/** The stimulus id of a `ctx.send` (`inbox:<sending episode>:<n>`) and of a wake-up (`wake:<setting episode>.w<n>`). */
+const SENT_BY = /^inbox:([0-9a-f-]{36}):\d+$/;
+const WOKEN_BY = /^wake:([0-9a-f-]{36})\.w\d+$/;
+
 /** The fleet's durable state. */
 export class Store {
   private constructor(
@@ -868,6 +872,30 @@ export class Store {
 
   getEpisode(id: string) {
     return this.db.select().from(t.episodes).where(eq(t.episodes.id, id)).get();
+  }
+
+  /**
+   * How many `ctx.send`s in a row led to the stimulus `sid`: its causes are walked back through the
+   * episode that sent it (`inbox:<episode>:<n>`, one send each) or set it (`wake:<episode>.w<n>`, a
+   * wake-up: no send), up to a stimulus from outside the fleet, a cause the history no longer holds
+   * (retention, or another shard's episode), or `maxSteps` episodes. One lookup by id per step.
+   */
+  async sendHops(sid: string, maxSteps: number): Promise<number> {
+    let hops = 0;
+    for (let step = 0; step < maxSteps; step++) {
+      const sent = SENT_BY.exec(sid);
+      const episode = sent?.[1] ?? WOKEN_BY.exec(sid)?.[1];
+      if (episode === undefined) break;
+      if (sent) hops++;
+      const by = await this.db
+        .select({ sid: t.episodes.stimulusId })
+        .from(t.episodes)
+        .where(eq(t.episodes.id, episode))
+        .get();
+      if (!by) break;
+      sid = by.sid;
+    }
+    return hops;
   }
 
   /** An agent's episodes, newest first. */

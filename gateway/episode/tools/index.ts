@@ -66,7 +66,19 @@ export class ToolGate implements ToolContext {
     private readonly tokensLeftToday: number,
     /** Cost (`tool_costs`) left today before this episode; a call that would pass it is denied. */
     private readonly costLeftToday = Number.MAX_SAFE_INTEGER,
+    /** The id of the stimulus the episode runs (its chain of sends is counted from it). */
+    private readonly stimulusId = "",
   ) {}
+
+  private hops: Promise<number> | null = null;
+
+  sendHops(): Promise<number> {
+    // Walked once, at the first send: a few steps past the limit, wake-ups between sends included.
+    this.hops ??= this.env.sendHops
+      ? this.env.sendHops(this.stimulusId, 4 * (this.spec.fleet.max_send_hops + 1))
+      : Promise.resolve(0);
+    return this.hops;
+  }
 
   tokensLeft(): number {
     return this.tokensLeftToday - this.tokens;

@@ -34,12 +34,23 @@ export const SendArgs = z.tuple(
 );
 
 /** Queue one inbox message, or deny it. */
-export function send(ctx: ToolContext, raw: readonly unknown[]): ToolOutcome {
+export async function send(ctx: ToolContext, raw: readonly unknown[]): Promise<ToolOutcome> {
   const parsed = parseToolArgs("send", NAMES, SendArgs, raw);
   if (!parsed.ok) return parsed.outcome;
   const [target, payload] = parsed.args;
   const type = ctx.spec.agents[target.type];
   if (!type) return deny(`no agent type "${target.type}" in this fleet`);
+  // A loop between agents (A sends to B, B to A, ...) stops here: each message is one send further
+  // from what came from outside the fleet (a reading, a timer, a webhook), and past the limit none goes.
+  const maxHops = ctx.spec.fleet.max_send_hops;
+  if (maxHops > 0) {
+    const hops = await ctx.sendHops();
+    if (hops >= maxHops)
+      return deny(
+        `send to ${target.id} refused: this episode's stimulus is already ${hops} sends from where it came into ` +
+          `the fleet ([fleet] max_send_hops = ${maxHops}); agents sending to each other in a loop?`,
+      );
+  }
   // What a device could not send the broker, an agent may not send another either (it is a stimulus, or a publish).
   const body = encodePayload(payload);
   const max = ctx.spec.broker.max_packet_bytes;

@@ -47,6 +47,8 @@ export interface ToolEnv {
    * a denied call, recorded in the episode's log.
    */
   readonly admit?: (agent: AgentId, maxQueue: number, maxAgents: number) => Admission;
+  /** How many sends in a row led to the stimulus `sid` (store `sendHops`); without it no send is counted. */
+  readonly sendHops?: (sid: string, maxSteps: number) => Promise<number>;
 }
 
 /** What one tool call sees of its episode: who calls, under which spec, and what it has queued or spent. */
@@ -59,6 +61,8 @@ export interface ToolContext {
   readonly sends: PendingSend[];
   /** Aborted when the episode ends: a call still in flight then is cancelled with it. */
   readonly signal: AbortSignal;
+  /** How many sends in a row led to this episode's stimulus (0: it came from outside the fleet). */
+  sendHops(): Promise<number>;
   /** Tokens of the day's budget not yet spent, this episode's calls included. */
   tokensLeft(): number;
   /** Meter tokens an llm call used. */
