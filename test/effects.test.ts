@@ -59,7 +59,10 @@ class FakeBroker {
   /** The `meta` of each publish, in order (undefined when none was given). */
   readonly metas: (PublishMeta | undefined)[] = [];
   failing = 0;
+  /** While set, each publish waits for it (a PUBACK that is slow to come) and fails if it rejects. */
+  hold: Promise<void> | null = null;
   async publish(_topic: string, payload: string | Uint8Array, opts: { meta?: PublishMeta } = {}): Promise<void> {
+    if (this.hold) await this.hold;
     if (this.failing > 0) {
       this.failing--;
       throw new Error("broker down");
@@ -230,6 +233,40 @@ describe("effects", () => {
     effects.publishCommitted("e3", outbox.add("e3", 1));
     await settle();
     expect(broker.sent.at(-1)).toBe("e3:0");
+  });
+
+  test("a publish that fails late (no PUBACK in time) is not overtaken by the agent's next episode", async () => {
+    const { outbox, broker, timers, effects } = setup();
+    const late = Promise.withResolvers<void>();
+    broker.hold = late.promise;
+    effects.publishCommitted("e1", outbox.add("e1", 1), "t/k");
+    await settle();
+    // e1's PUBACK has not come when the agent's next episode commits: e2 waits for it, not beside it.
+    broker.hold = null;
+    effects.publishCommitted("e2", outbox.add("e2", 1), "t/k");
+    await settle();
+    expect(broker.sent).toEqual([]);
+    late.reject(new Error("no PUBACK within 10000 ms"));
+    await settle();
+    expect(broker.sent).toEqual([]);
+    await timers.runAll();
+    expect(broker.sent).toEqual(["e1:0", "e2:0"]);
+    expect(outbox.rows.length).toBe(0);
+  });
+
+  test("another agent's episode does not wait for a slow PUBACK", async () => {
+    const { outbox, broker, effects } = setup();
+    const late = Promise.withResolvers<void>();
+    broker.hold = late.promise;
+    effects.publishCommitted("e1", outbox.add("e1", 1), "t/a");
+    await settle();
+    broker.hold = null;
+    effects.publishCommitted("e2", outbox.add("e2", 1), "t/b");
+    await settle();
+    expect(broker.sent).toEqual(["e2:0"]);
+    late.resolve();
+    await settle();
+    expect(broker.sent).toEqual(["e2:0", "e1:0"]);
   });
 
   test("an episode committed while the drain at start runs is published after what it drains", async () => {

@@ -11,7 +11,8 @@
  * Order: while older rows wait in the outbox (a publish failed, or the drain at start runs), a
  * new commit's rows are not published from memory but left to the drain, which sends in outbox
  * order: an agent's later output never overtakes an earlier one, and a retained topic keeps
- * the last value published to it.
+ * the last value published to it. An agent's next episode also waits for its previous one's
+ * publishes to settle, so one whose PUBACK fails late (an external broker's timeout) is not overtaken.
  */
 import type { Logger } from "pino";
 import { type Broker, type PublishMeta, PublishRefused } from "../../broker/index.ts";
@@ -59,6 +60,11 @@ export class Effects {
   private readonly sentEpisodes = new Set<string>();
   /** Episodes being published from memory now. */
   private readonly inFlight = new Map<string, Promise<void>>();
+  /**
+   * The last publish from memory of each agent: the agent's next episode waits for it to settle (a
+   * PUBACK can take seconds from an external broker, and fail late), so it never goes out first.
+   */
+  private readonly lastOfAgent = new Map<string, Promise<void>>();
   private doneEpisodes: string[] = [];
   private deleteScheduled = false;
   private retryArmed = false;
@@ -102,7 +108,16 @@ export class Effects {
       return;
     }
     if (this.behind) return;
+    const key = agent ?? "";
+    const before = this.lastOfAgent.get(key);
     const run = (async () => {
+      if (before) {
+        await before;
+        // It failed meanwhile: these rows wait in the outbox behind its, for the retry's drain (or
+        // the drain running now, which runs again if it read its pages before they were committed).
+        if (this.running) return void this.kick();
+        if (this.behind) return;
+      }
       try {
         for (const r of rows) await this.send(episode, r, agent);
         this.published += rows.length;
@@ -120,8 +135,12 @@ export class Effects {
         // Joins whatever transaction commits next instead of paying its own fsync now.
         this.opts.setTimeout(() => void this.flushDeletes(), this.opts.deleteDelayMs);
       }
-    })().finally(() => this.inFlight.delete(episode));
+    })().finally(() => {
+      this.inFlight.delete(episode);
+      if (this.lastOfAgent.get(key) === run) this.lastOfAgent.delete(key);
+    });
     this.inFlight.set(episode, run);
+    this.lastOfAgent.set(key, run);
   }
 
   private async flushDeletes(): Promise<void> {
