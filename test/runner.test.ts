@@ -1786,10 +1786,10 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
   // same pages may reach the limit first (an oom too, said otherwise), whichever of the two looks sooner.
   test("what it keeps in /tmp counts toward memory_mb: memory plus /tmp past it is oom", async () => {
     const watchOnly = { ...BWRAP!, memcg: null };
-    // 126 MB of /tmp's 128, held for 1.5 s once written: the watch, which looks every 400 ms by then, sees
-    // all of it beside the host's own few MB. (Its PSS is all that counts of its memory, and a Bun process's
-    // shared pages are split among every Bun process on the box: 8 MB or less on a busy one.)
-    const ask = { max_mb: 126, pause_ms: 20, hold_ms: 1500 };
+    // 40 MB of its own (private: its PSS, all that counts of its memory besides /tmp, is at least that; a Bun
+    // process's shared pages split among every Bun process on the box, 8 MB or less of it on a busy CI box) and
+    // 100 MB in /tmp, held 1.5 s: the watch, which looks every 400 ms by then, sees 140 MB. Without /tmp: 40-60.
+    const ask = { max_mb: 100, pause_ms: 20, hold_ms: 1500, heap_mb: 40 };
     const r = await run(start("tmpfill", ask), { memoryMb: 128 }, noTools, watchOnly);
     const failure = expectFailure(r, "oom");
     expect(failure.message).toMatch(/^PSS \d+ MB of \d+ processes \+ \/tmp \d+ MB exceeded memory_mb 128/);
