@@ -862,6 +862,7 @@ export class Gateway {
         fetch,
         admit: (a, max, cap) => this.book.admit(a, max, cap),
         sendHops: (sid, maxSteps) => this.store.sendHops(sid, maxSteps),
+        sendRefused: (agent, code, reason) => this.intake.sendRefused(agent, code, reason),
       },
       events: this.events,
       log: this.log,

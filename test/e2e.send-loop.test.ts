@@ -6,6 +6,7 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { cleanupAll, fixture, TestFleet } from "./helpers/gateway.ts";
+import { sampleValue, scrape } from "./helpers/prom.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
 afterAll(async () => {
@@ -62,6 +63,17 @@ describe("[fleet] max_send_hops", () => {
         "refused: this episode's stimulus is already 5 sends from where it came into the fleet " +
           "([fleet] max_send_hops = 5)",
       );
+      // Counted, and logged once for the agent it was refused for.
+      const metrics = await scrape(fleet.httpUrl);
+      expect(
+        sampleValue(metrics, "fleet_intake_refused_total", { source: "inbox", type: "a", reason: "send_hops" }),
+      ).toBe(1);
+      const logged = fleet
+        .logTail(400)
+        .split("\n")
+        .filter((l) => l.includes("stimulus refused: send to a/1 refused: this episode's stimulus is already 5 sends"));
+      expect(logged).toHaveLength(1);
+      expect(logged[0]).toContain("(sent by b/1)");
       // A new message from outside starts its own count, though it runs on the same two agents.
       await serve(fleet);
       await rallyEnded(fleet, 6);

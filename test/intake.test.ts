@@ -290,11 +290,14 @@ describe("agent-to-agent sends go through the same admission", () => {
         secrets: {},
         fetch,
         admit: (a, max) => book.admit(a, max),
+        sendRefused: (a, code, reason) => ctx.intake.sendRefused(a, code, reason),
       },
       1000,
     );
 
-  test("a send to a full queue is denied with the refusal recorded as the call's result", async () => {
+  test("a send to a full queue is denied with the refusal recorded as the call's result, and counted", async () => {
+    const counted: unknown[] = [];
+    ctx.events.on("refused", (e) => counted.push(e));
     // sink's max_queue is 2
     for (const seq of [1001, 1002]) ctx.book.recorded("sink/a" as AgentId, seq, 1);
     const out = await gateFor(ctx.book).handle(1, "send", ["sink/a", { hi: 1 }]);
@@ -302,6 +305,8 @@ describe("agent-to-agent sends go through the same admission", () => {
       ok: false,
       result: { error: "denied", reason: "send to sink/a refused: queue full (max_queue 2)" },
     });
+    // As every source's refusals are (fleet_intake_refused_total): before, a refused send was only in its log.
+    expect(counted).toEqual([{ source: "inbox", type: "sink", code: "queue_full" }]);
   });
 
   test("sends of one episode reserve places: the third send to a queue of two is refused", async () => {

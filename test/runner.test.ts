@@ -968,6 +968,7 @@ describe("ToolGate: send", () => {
 
   test("counts the sends that led to its stimulus once; every send is denied at [fleet] max_send_hops", async () => {
     const asked: [string, number][] = [];
+    const refused: [string, string][] = [];
     const atHops = (hops: number) =>
       new ToolGate(
         { type: "mon", key: "k1", id: "mon/k1" },
@@ -979,6 +980,7 @@ describe("ToolGate: send", () => {
             asked.push([sid, maxSteps]);
             return hops;
           },
+          sendRefused: (agent, code) => refused.push([agent, code]),
         },
         1000,
         undefined,
@@ -996,6 +998,8 @@ describe("ToolGate: send", () => {
         "fleet ([fleet] max_send_hops = 16); agents sending to each other in a loop?",
     );
     expect(at.sends).toEqual([]);
+    // Counted for the target, as intake counts what it refuses.
+    expect(refused).toEqual([["narrow/default", "send_hops"]]);
   });
 });
 

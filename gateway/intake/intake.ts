@@ -223,6 +223,11 @@ export class Intake {
     this.refusals = new RefusalLog(log, events, now);
   }
 
+  /** A `ctx.send` to `agent` the send tool refused (a full queue, a retired agent, a loop): counted and logged. */
+  sendRefused(agent: AgentId, code: AdmissionCode | "send_hops", reason: string): void {
+    this.refusals.note([{ agent, code, reason }], "inbox", null);
+  }
+
   /**
    * The broker hook: route, record, then let aedes ack. A message that matched a
    * subscription but yields no valid agent (bad key) is recorded as a rejected message with

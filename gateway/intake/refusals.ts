@@ -13,7 +13,8 @@ import type { AdmissionCode, AgentId } from "../types.ts";
 /** One refused target (intake.ts `Refusal`). */
 interface Refused {
   readonly agent: AgentId;
-  readonly code: AdmissionCode;
+  /** `send_hops`: a send past `[fleet] max_send_hops` (a loop between agents), refused by the send tool. */
+  readonly code: AdmissionCode | "send_hops";
   readonly reason: string;
 }
 

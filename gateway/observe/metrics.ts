@@ -197,8 +197,8 @@ export class FleetMetrics {
       name: "fleet_intake_refused_total",
       help:
         "Stimuli intake refused for an agent, by source (mqtt|webhook|inbox|manual|wake|timer), agent type and " +
-        "reason (queue_full|retired|draining|max_agents). A refused wake-up is tried again; a refused timer fire " +
-        "is lost for that agent.",
+        "reason (queue_full|retired|draining|max_agents; send_hops: a send past [fleet] max_send_hops). A refused " +
+        "wake-up is tried again; a refused timer fire is lost for that agent; a refused send is a ToolDenied.",
       labelNames: ["source", "type", "reason"],
       registers,
     });

@@ -45,11 +45,13 @@ export async function send(ctx: ToolContext, raw: readonly unknown[]): Promise<T
   const maxHops = ctx.spec.fleet.max_send_hops;
   if (maxHops > 0) {
     const hops = await ctx.sendHops();
-    if (hops >= maxHops)
-      return deny(
+    if (hops >= maxHops) {
+      const reason =
         `send to ${target.id} refused: this episode's stimulus is already ${hops} sends from where it came into ` +
-          `the fleet ([fleet] max_send_hops = ${maxHops}); agents sending to each other in a loop?`,
-      );
+        `the fleet ([fleet] max_send_hops = ${maxHops}); agents sending to each other in a loop?`;
+      ctx.env.sendRefused?.(target.id, "send_hops", `${reason} (sent by ${ctx.agent.id})`);
+      return deny(reason);
+    }
   }
   // What a device could not send the broker, an agent may not send another either (it is a stimulus, or a publish).
   const body = encodePayload(payload);
@@ -62,7 +64,11 @@ export async function send(ctx: ToolContext, raw: readonly unknown[]): Promise<T
     return { ok: true, result: { queued: true, to: target.id } };
   }
   const admission = ctx.env.admit?.(target.id, type.max_queue, type.max_agents) ?? { ok: true };
-  if (!admission.ok) return deny(`send to ${target.id} refused: ${admission.message}`);
+  if (!admission.ok) {
+    const reason = `send to ${target.id} refused: ${admission.message}`;
+    ctx.env.sendRefused?.(target.id, admission.code, `${reason} (sent by ${ctx.agent.id})`);
+    return deny(reason);
+  }
   ctx.sends.push({ to: target, payload: body });
   return { ok: true, result: { queued: true, to: target.id } };
 }

@@ -7,7 +7,7 @@ import type { z } from "zod";
 import type { AgentRef } from "../../../agents/protocol.ts";
 import { describeZodError } from "../../parse.ts";
 import type { AgentTypeSpec, FleetSpec, TOOL_NAMES } from "../../spec/index.ts";
-import type { Admission, AgentId } from "../../types.ts";
+import type { Admission, AdmissionCode, AgentId } from "../../types.ts";
 
 /** A built-in tool's name. */
 export type ToolName = (typeof TOOL_NAMES)[number];
@@ -49,6 +49,8 @@ export interface ToolEnv {
   readonly admit?: (agent: AgentId, maxQueue: number, maxAgents: number) => Admission;
   /** How many sends in a row led to the stimulus `sid` (store `sendHops`); without it no send is counted. */
   readonly sendHops?: (sid: string, maxSteps: number) => Promise<number>;
+  /** A send the tool refused, for the metric and the (throttled) log: `fleet_intake_refused_total{source="inbox"}`. */
+  readonly sendRefused?: (agent: AgentId, code: AdmissionCode | "send_hops", reason: string) => void;
 }
 
 /** What one tool call sees of its episode: who calls, under which spec, and what it has queued or spent. */
