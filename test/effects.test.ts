@@ -235,16 +235,22 @@ describe("effects", () => {
     expect(broker.sent.at(-1)).toBe("e3:0");
   });
 
-  test("a publish that fails late (no PUBACK in time) is not overtaken by the agent's next episode", async () => {
-    const { outbox, broker, timers, effects } = setup();
+  /** e1 of agent `first` is published and its PUBACK does not come (`late` settles it); then e2 of `second` commits. */
+  async function slowThenNext(first: string, second: string) {
+    const ctx = setup();
     const late = Promise.withResolvers<void>();
-    broker.hold = late.promise;
-    effects.publishCommitted("e1", outbox.add("e1", 1), "t/k");
+    ctx.broker.hold = late.promise;
+    ctx.effects.publishCommitted("e1", ctx.outbox.add("e1", 1), first);
     await settle();
+    ctx.broker.hold = null;
+    ctx.effects.publishCommitted("e2", ctx.outbox.add("e2", 1), second);
+    await settle();
+    return { ...ctx, late };
+  }
+
+  test("a publish that fails late (no PUBACK in time) is not overtaken by the agent's next episode", async () => {
     // e1's PUBACK has not come when the agent's next episode commits: e2 waits for it, not beside it.
-    broker.hold = null;
-    effects.publishCommitted("e2", outbox.add("e2", 1), "t/k");
-    await settle();
+    const { outbox, broker, timers, late } = await slowThenNext("t/k", "t/k");
     expect(broker.sent).toEqual([]);
     late.reject(new Error("no PUBACK within 10000 ms"));
     await settle();
@@ -255,14 +261,7 @@ describe("effects", () => {
   });
 
   test("another agent's episode does not wait for a slow PUBACK", async () => {
-    const { outbox, broker, effects } = setup();
-    const late = Promise.withResolvers<void>();
-    broker.hold = late.promise;
-    effects.publishCommitted("e1", outbox.add("e1", 1), "t/a");
-    await settle();
-    broker.hold = null;
-    effects.publishCommitted("e2", outbox.add("e2", 1), "t/b");
-    await settle();
+    const { broker, late } = await slowThenNext("t/a", "t/b");
     expect(broker.sent).toEqual(["e2:0"]);
     late.resolve();
     await settle();
