@@ -232,8 +232,13 @@ min_episodes = 1000
         };
       const settled = async (what: string, ok: (v: Awaited<ReturnType<typeof view>>) => boolean) =>
         waitFor(async () => ((v) => (ok(v) ? v : undefined))(await view()), 60_000, what);
+      const before = (await view()).spec_version;
       writeFileSync(module, V3); // new code, same config: a rollout starts
-      const canary = await settled("the canary rollout", (v) => v.rollouts[0]?.state === "canary");
+      // The rollout is recorded a moment before the version it belongs to runs: wait for both.
+      const canary = await settled(
+        "the canary rollout",
+        (v) => v.rollouts[0]?.state === "canary" && v.spec_version !== before,
+      );
       writeFileSync(fleet.configPath, toml(6)); // config only
       const refused = await settled("a spec error", (v) => v.spec_error !== null);
       expect(refused.spec_error).toContain("agents.relay.config: a canary rollout of new code");
