@@ -82,6 +82,19 @@ export function newEpisodeId(): EpisodeId {
   return Bun.randomUUIDv7() as EpisodeId;
 }
 
+const SENT_BY = /^inbox:([0-9a-f-]{36}):\d+$/;
+const WOKEN_BY = /^wake:([0-9a-f-]{36})\.w\d+$/;
+
+/** The episode whose `ctx.send` made the stimulus id `sid` (`inbox:<episode>:<n>`), if one did. */
+export function sentBy(sid: string): string | undefined {
+  return SENT_BY.exec(sid)?.[1];
+}
+
+/** The episode that set the wake-up the stimulus id `sid` is (`wake:<episode>.w<n>`), if it is one. */
+export function setBy(sid: string): string | undefined {
+  return WOKEN_BY.exec(sid)?.[1];
+}
+
 /** A stimulus addressed to one agent, before it is recorded. */
 export interface NewStimulus {
   readonly agent: AgentId;

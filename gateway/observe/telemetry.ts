@@ -31,14 +31,11 @@ import type { Logger } from "pino";
 import type { FleetEvents } from "../events.ts";
 import { blake3Hex } from "../hash.ts";
 import type { EpisodeRow, EventRow, Store } from "../store/index.ts";
-import { parseTraceparent } from "../types.ts";
-
-const SENT = /^inbox:([0-9a-f-]{36}):\d+$/;
-const WOKEN = /^wake:([0-9a-f-]{36})\.w\d+$/;
+import { parseTraceparent, sentBy, setBy } from "../types.ts";
 
 /** The episode whose send or wake-up is this stimulus, if one is. */
 function causeOf(stimulusId: string): string | undefined {
-  return SENT.exec(stimulusId)?.[1] ?? WOKEN.exec(stimulusId)?.[1];
+  return sentBy(stimulusId) ?? setBy(stimulusId);
 }
 
 /** The span id every episode gets (16 hex). */

@@ -11,7 +11,7 @@
 import { idOfSql, STATUS_COMMITTED, type EpisodeRow, type EventRow, type Store } from "../store/index.ts";
 import { blake3Hex } from "../hash.ts";
 import { topics } from "../protocol.ts";
-import { parseAgentId } from "../types.ts";
+import { parseAgentId, sentBy, setBy } from "../types.ts";
 import { readEventLog } from "./events.ts";
 
 /** What started an episode. */
@@ -78,8 +78,6 @@ export interface Trace {
 export type TraceMiss = { readonly code: "not_found" | "ambiguous"; readonly message: string };
 
 const MAX_DEPTH = 32;
-const SENT = /^inbox:([0-9a-f-]{36}):\d+$/;
-const WOKEN = /^wake:([0-9a-f-]{36})\.w\d+$/;
 /** The beginning of a UUID's text: hex digits, with a dash exactly where the UUID has one. */
 const UUID_PREFIX = /^(?=.{1,36}$)[0-9a-f]{1,8}(-[0-9a-f]{0,4}(-[0-9a-f]{0,4}(-[0-9a-f]{0,4}(-[0-9a-f]{0,12})?)?)?)?$/;
 
@@ -132,8 +130,8 @@ async function stimulusOf(events: readonly EventRow[]): Promise<TraceStimulus | 
     topic: s.topic ?? null,
     payload_hash: await blake3Hex(JSON.stringify(s.payload ?? null)),
     received_at: Number(s.received_at ?? 0),
-    sent_by: SENT.exec(id)?.[1] ?? null,
-    set_by: WOKEN.exec(id)?.[1] ?? null,
+    sent_by: sentBy(id) ?? null,
+    set_by: setBy(id) ?? null,
   };
 }
 

@@ -22,7 +22,7 @@ import {
 } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
 import { checkpointHashIs, hashFromDriver, hashToDriver, knowBundle, knowSpecVersion } from "./hashes.ts";
-import type { AgentId, NewStimulus } from "../types.ts";
+import { type AgentId, type NewStimulus, sentBy, setBy } from "../types.ts";
 
 export * as tables from "./schema.ts";
 export type { Db, RawStatement, WriteItem, CommitFailureKind, CommitHealth } from "./db.ts";
@@ -166,10 +166,6 @@ export interface NewRejected {
   readonly reason: string;
   readonly receivedAt: number;
 }
-
-/** The stimulus id of a `ctx.send` (`inbox:<sending episode>:<n>`) and of a wake-up (`wake:<setting episode>.w<n>`). */
-const SENT_BY = /^inbox:([0-9a-f-]{36}):\d+$/;
-const WOKEN_BY = /^wake:([0-9a-f-]{36})\.w\d+$/;
 
 /** The fleet's durable state. */
 export class Store {
@@ -883,10 +879,10 @@ export class Store {
   async sendHops(sid: string, maxSteps: number): Promise<number> {
     let hops = 0;
     for (let step = 0; step < maxSteps; step++) {
-      const sent = SENT_BY.exec(sid);
-      const episode = sent?.[1] ?? WOKEN_BY.exec(sid)?.[1];
+      const sender = sentBy(sid);
+      const episode = sender ?? setBy(sid);
       if (episode === undefined) break;
-      if (sent) hops++;
+      if (sender) hops++;
       const by = await this.db
         .select({ sid: t.episodes.stimulusId })
         .from(t.episodes)

@@ -7,7 +7,7 @@
  */
 import { z } from "zod";
 import { ownsAgent } from "../../shard.ts";
-import { keyProblem, parseAgentId } from "../../types.ts";
+import { type AdmissionCode, type AgentId, keyProblem, parseAgentId } from "../../types.ts";
 import { arity, deny, encodePayload, parseToolArgs, type ToolContext, type ToolOutcome } from "./types.ts";
 
 const NAMES = ["agent", "payload"] as const;
@@ -45,13 +45,14 @@ export async function send(ctx: ToolContext, raw: readonly unknown[]): Promise<T
   const maxHops = ctx.spec.fleet.max_send_hops;
   if (maxHops > 0) {
     const hops = await ctx.sendHops();
-    if (hops >= maxHops) {
-      const reason =
-        `send to ${target.id} refused: this episode's stimulus is already ${hops} sends from where it came into ` +
-        `the fleet ([fleet] max_send_hops = ${maxHops}); agents sending to each other in a loop?`;
-      ctx.env.sendRefused?.(target.id, "send_hops", `${reason} (sent by ${ctx.agent.id})`);
-      return deny(reason);
-    }
+    if (hops >= maxHops)
+      return refuse(
+        ctx,
+        target.id,
+        "send_hops",
+        `this episode's stimulus is already ${hops} sends from where it came into the fleet ` +
+          `([fleet] max_send_hops = ${maxHops}); agents sending to each other in a loop?`,
+      );
   }
   // What a device could not send the broker, an agent may not send another either (it is a stimulus, or a publish).
   const body = encodePayload(payload);
@@ -64,11 +65,14 @@ export async function send(ctx: ToolContext, raw: readonly unknown[]): Promise<T
     return { ok: true, result: { queued: true, to: target.id } };
   }
   const admission = ctx.env.admit?.(target.id, type.max_queue, type.max_agents) ?? { ok: true };
-  if (!admission.ok) {
-    const reason = `send to ${target.id} refused: ${admission.message}`;
-    ctx.env.sendRefused?.(target.id, admission.code, `${reason} (sent by ${ctx.agent.id})`);
-    return deny(reason);
-  }
+  if (!admission.ok) return refuse(ctx, target.id, admission.code, admission.message);
   ctx.sends.push({ to: target, payload: body });
   return { ok: true, result: { queued: true, to: target.id } };
+}
+
+/** Deny a send to `to` that intake would refuse too: counted and logged as such (`sendRefused`). */
+function refuse(ctx: ToolContext, to: AgentId, code: AdmissionCode | "send_hops", why: string): ToolOutcome {
+  const reason = `send to ${to} refused: ${why}`;
+  ctx.env.sendRefused?.(to, code, `${reason} (sent by ${ctx.agent.id})`);
+  return deny(reason);
 }
