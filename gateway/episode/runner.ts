@@ -148,7 +148,8 @@ const ENVELOPE_BYTES = 64 * 1024;
 
 /**
  * Run one episode to completion or failure. Never throws. Its process group is registered
- * in `procs` (default: the pool's table, else a table of its own) while it lives.
+ * in `procs` (default: the pool's table, else a table of its own) while it lives, and is gone
+ * when this resolves.
  */
 export async function runEpisode(
   start: Extract<ParentMessage, { t: "start" }>,
@@ -158,6 +159,33 @@ export async function runEpisode(
   pool?: SparePool,
   procs: ProcessTable = pool?.procs ?? new ProcessTable(),
 ): Promise<RunResult> {
+  const { result, exited } = await runEpisodeDetached(start, limits, onTool, spawnOpts, pool, procs);
+  await exited;
+  return result;
+}
+
+/** An episode's outcome, and when its process group is gone. */
+export interface DetachedRun {
+  readonly result: RunResult;
+  /** Resolves once every process of the episode has exited (its kill was sent before `result`). */
+  readonly exited: Promise<void>;
+}
+
+/**
+ * `runEpisode`, resolving as soon as the outcome is known: the episode's process group has been
+ * sent SIGKILL by then, so no agent code runs after it, but the processes may still be exiting.
+ * Under load the exit and its notice take tens of milliseconds (a sandbox's teardown, the event
+ * loop's turn to hear of it), which a commit need not wait for; the caller waits for `exited`
+ * where processes must be gone (a concurrency slot, a shutdown).
+ */
+export async function runEpisodeDetached(
+  start: Extract<ParentMessage, { t: "start" }>,
+  limits: RunLimits,
+  onTool: ToolHandler,
+  spawnOpts: SpawnOptions,
+  pool?: SparePool,
+  procs: ProcessTable = pool?.procs ?? new ProcessTable(),
+): Promise<DetachedRun> {
   const began = performance.now();
   const records: EpisodeRecord[] = [];
   let outcome: RunResult | null = null;
@@ -209,14 +237,14 @@ export async function runEpisode(
     taken.prepare(files);
   } catch (err) {
     refill();
-    await taken?.kill();
-    return {
+    const result: RunResult = {
       ok: false,
       kind: "infra",
       message: `could not start the episode subprocess: ${String(err)}`,
       records,
       ms: performance.now() - began,
     };
+    return { result, exited: taken?.kill() ?? Promise.resolve() };
   }
   const host = taken;
   /** Whether the kernel killed a process of the episode at its memory cgroup's limit (then: finished as oom). */
@@ -437,8 +465,7 @@ export async function runEpisode(
   await settled;
   clearTimeout(timer);
   clearTimeout(rssTimer);
-  await host.kill();
-  return outcome!;
+  return { result: outcome!, exited: host.kill() };
 }
 
 /** What an oversized message from the subprocess was, by its kind (`LineReader`): the agent's state, most often. */

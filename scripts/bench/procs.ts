@@ -5,6 +5,7 @@
  */
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { cpuProfileArgs } from "../../test/helpers/gateway.ts";
 import { ROOT, defer, descendantPids, killPid, procStatusKb, tempDir, until } from "./harness.ts";
 
 /** The trivial agent every bench fleet runs. */
@@ -64,18 +65,7 @@ export async function startGateway(tag: string, fleetToml: string, opts: { dir?:
   const dataDir = join(dir, "data");
   const logFile = join(dir, "gateway.log");
   writeFileSync(config, fleetToml);
-  // BENCH_PROFILE_DIR=DIR: the gateway writes DIR/<tag>.cpuprofile when it stops (scripts/profile-summary.ts reads it).
-  const profDir = process.env.BENCH_PROFILE_DIR;
-  const prof = profDir
-    ? [
-        "--cpu-prof",
-        `--cpu-prof-dir=${profDir}`,
-        `--cpu-prof-name=${tag}.cpuprofile`,
-        ...(process.env.BENCH_PROFILE_INTERVAL_US
-          ? [`--cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL_US}`]
-          : []),
-      ]
-    : [];
+  const prof = cpuProfileArgs(tag);
   const proc = Bun.spawn(
     [
       process.execPath,

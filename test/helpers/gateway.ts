@@ -160,6 +160,22 @@ const fleets = new Set<TestFleet>();
  * One fleet under test: a temp dir holding fleet.toml, the data dir and the gateway log.
  * `start()` / `stop()` / `kill()` may be called repeatedly (restarts share the data dir).
  */
+/**
+ * BENCH_PROFILE_DIR=DIR: Bun's flags that make a gateway write DIR/<name>.cpuprofile when it stops
+ * (scripts/profile-summary.ts reads it), every BENCH_PROFILE_INTERVAL_US µs if set; else none.
+ */
+export function cpuProfileArgs(name: string): string[] {
+  const dir = process.env.BENCH_PROFILE_DIR;
+  if (!dir) return [];
+  const every = process.env.BENCH_PROFILE_INTERVAL_US;
+  return [
+    "--cpu-prof",
+    `--cpu-prof-dir=${dir}`,
+    `--cpu-prof-name=${name}.cpuprofile`,
+    ...(every ? [`--cpu-prof-interval=${every}`] : []),
+  ];
+}
+
 export class TestFleet {
   readonly dir: string;
   readonly configPath: string;
@@ -230,6 +246,7 @@ export class TestFleet {
     const proc = Bun.spawn(
       [
         BUN,
+        ...cpuProfileArgs(/^name\s*=\s*"([^"]+)"/m.exec(readFileSync(this.configPath, "utf8"))?.[1] ?? "fleet"),
         CLI,
         "start",
         "--config",
