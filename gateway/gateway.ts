@@ -38,7 +38,7 @@ import {
   hostScript,
   idleSpawnOptions,
   ProcessTable,
-  runEpisodeDetached,
+  runEpisode,
   runsAsUids,
   type Degraded,
   type HeldUids,
@@ -851,11 +851,11 @@ export class Gateway {
       // episodes run) is not a flood.
       run: async (start, limits, onTool) => {
         const flooded = this.book.queued(start.agent.id as AgentId) >= FLOOD_BACKLOG;
-        const run = flooded
-          ? await runEpisodeDetached(start, limits, onTool, floodSpawn, undefined, this.procs)
-          : await runEpisodeDetached(start, limits, onTool, spawnOptions, spares, this.procs);
-        this.events.emit("spawn", { type: start.agent.type, start: run.result.start ?? "cold" });
-        return run;
+        const r = flooded
+          ? await runEpisode(start, limits, onTool, floodSpawn, undefined, this.procs)
+          : await runEpisode(start, limits, onTool, spawnOptions, spares, this.procs);
+        this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
+        return r;
       },
       toolEnv: {
         secrets: this.secrets,

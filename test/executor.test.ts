@@ -17,7 +17,6 @@ import { compileSpec } from "../gateway/spec/index.ts";
 import { episodeForTopic, traceEpisode } from "../gateway/ops/index.ts";
 import { episodeStatus, Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
-import { waitFor } from "./helpers/gateway.ts";
 
 const log = pino({ level: "silent" });
 const root = mkdtempSync(join(tmpdir(), "fleet-executor-test-"));
@@ -61,7 +60,6 @@ async function setup(spec = sv, logger = log) {
   const script: Script[] = [];
   const starts: Start[] = [];
   const published: { episode: string; topics: string[] }[] = [];
-  const exits: Promise<void>[] = [];
   let stopping = false;
   let running = 1;
   let drained: ((agent: AgentId) => Promise<unknown>) | null = null;
@@ -71,10 +69,7 @@ async function setup(spec = sv, logger = log) {
     run: async (start, _limits, onTool) => {
       starts.push(start);
       const step = script.shift();
-      const result = await (step ? step(start, onTool) : ok(start.state));
-      // A run's processes may still be exiting when its outcome is known (runEpisodeDetached).
-      const exited = exits.shift();
-      return exited ? { result, exited } : { result };
+      return step ? step(start, onTool) : ok(start.state);
     },
     toolEnv: { secrets: {}, fetch, admit: (a, max) => book.admit(a, max) },
     events,
@@ -112,7 +107,6 @@ async function setup(spec = sv, logger = log) {
     script,
     starts,
     published,
-    exits,
     seen,
     queue,
     rows,
@@ -155,44 +149,6 @@ describe("executor: commit", () => {
     expect(t.seen.filter((s) => s.kind === "episode").map((s) => (s.e as { status: string }).status)).toEqual([
       "committed",
     ]);
-  });
-
-  test("an episode commits and publishes while its processes exit; the turn ends once they are gone", async () => {
-    await t.queue();
-    let gone!: () => void;
-    t.exits.push(new Promise<void>((r) => (gone = r)));
-    t.script.push(() => ok({ n: 1 }, [{ k: "emit", data: { hello: 1 } }]));
-    let ended = false;
-    const turn = t.executor.turn(A).then((r) => {
-      ended = true;
-      return r;
-    });
-    await waitFor(() => t.published.length === 1, 5000, "the commit published");
-    expect(await t.rows(`SELECT ${episodeStatus.ofSql("status")} AS status FROM episodes`)).toEqual([
-      { status: "committed" } as never,
-    ]);
-    expect(t.book.queued(A)).toBe(0);
-    await Bun.sleep(20);
-    expect(ended).toBe(false);
-    gone();
-    expect(await turn).toEqual({ kind: "ran" });
-  });
-
-  test("a failed episode's turn waits for its processes too", async () => {
-    await t.queue();
-    let gone!: () => void;
-    t.exits.push(new Promise<void>((r) => (gone = r)));
-    t.script.push(() => threw("boom"));
-    let ended = false;
-    const turn = t.executor.turn(A).then((r) => {
-      ended = true;
-      return r;
-    });
-    await waitFor(() => t.seen.some((s) => s.kind === "episode"), 5000, "the failure recorded");
-    await Bun.sleep(20);
-    expect(ended).toBe(false);
-    gone();
-    expect((await turn).kind).toBe("wait");
   });
 
   test("the next episode starts from the committed state", async () => {

@@ -31,7 +31,6 @@ import {
   ProcessTable,
   rssMb,
   runEpisode,
-  runEpisodeDetached,
   sessionGroups,
   SPARE_GROUP_NICE,
   SparePool,
@@ -199,18 +198,6 @@ describe("runEpisode: success", () => {
     expect(log).toEqual({ k: "log", level: "info", msg: `note ${JSON.stringify({ t: now.v, r: random.v })}` });
     expect(PROCS.episodePids()).not.toContain(r.pid);
     expect(() => process.kill(r.pid, 0)).toThrow();
-  });
-
-  test("detached, the outcome comes first: exited resolves once the process is gone and unregistered", async () => {
-    const before = new Set(PROCS.episodePids());
-    const pending = runEpisodeDetached(start("records", { v: 7 }), LIMITS, noTools, SPAWN, undefined, PROCS);
-    const [pid] = PROCS.episodePids().filter((p) => !before.has(p));
-    const { result, exited } = await pending;
-    if (!result.ok) throw new Error(`${result.kind}: ${result.message}`);
-    expect(result.state).toEqual({ count: 1, last: { v: 7 } });
-    await exited;
-    expect(gone(pid!)).toBe(true);
-    expect(PROCS.episodePids()).not.toContain(pid);
   });
 
   test("ctx.log records each line at its level: ctx.log() is info, ctx.log.debug|warn|error their own", async () => {

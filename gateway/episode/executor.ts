@@ -31,16 +31,12 @@ import type { RunLimits, RunResult, ToolHandler } from "./runner.ts";
 import type { InfraHealth } from "./infra.ts";
 import { type ToolEnv, ToolGate } from "./tools/index.ts";
 
-/**
- * Runs one episode to completion or failure and never throws (runner.ts `runEpisodeDetached` with
- * its spawner bound). `exited`, when given, resolves once the episode's processes are gone: the
- * turn commits without waiting for it and ends after it (its slot is a process until then).
- */
+/** Runs one episode to completion or failure and never throws (runner.ts `runEpisode` with its spawner bound). */
 export type EpisodeRunner = (
   start: Extract<ParentMessage, { t: "start" }>,
   limits: RunLimits,
   onTool: ToolHandler,
-) => Promise<{ readonly result: RunResult; readonly exited?: Promise<void> }>;
+) => Promise<RunResult>;
 
 /** What a turn tells the queue book (gateway/fleet/queue-book.ts) after each write that changes a queue. */
 export interface EpisodeQueue {
@@ -315,9 +311,9 @@ export class EpisodeExecutor {
     const bundle = this.d.bundleFor ? this.d.bundleFor(agentId, agent.type, sv) : (sv.bundles[agent.type] ?? null);
     const code = await this.codeOf(bundle, type.module_path);
     // A bundle that cannot be materialised is the machine's failure, not the agent's: nothing runs.
-    const run: Awaited<ReturnType<EpisodeRunner>> =
+    let result: RunResult =
       code.error !== null
-        ? { result: { ok: false, kind: "infra", message: code.error, records: [], ms: 0 } }
+        ? { ok: false, kind: "infra", message: code.error, records: [], ms: 0 }
         : await this.d.run(
             {
               t: "start",
@@ -342,13 +338,12 @@ export class EpisodeExecutor {
           );
     ended = true;
     gate.end();
-    let result = run.result;
+    if (!result.ok && bundle !== null && code.error === null && this.d.inSourceTerms)
+      result = {
+        ...result,
+        message: this.d.inSourceTerms(result.message, { hash: bundle, file: code.module }, sv, agent.type),
+      };
     try {
-      if (!result.ok && bundle !== null && code.error === null && this.d.inSourceTerms)
-        result = {
-          ...result,
-          message: this.d.inSourceTerms(result.message, { hash: bundle, file: code.module }, sv, agent.type),
-        };
       const endedAt = this.d.now();
       let wakes: Extract<WakeEffects, { ok: true }> | null = null;
       if (result.ok) {
@@ -522,8 +517,6 @@ export class EpisodeExecutor {
       // Whatever way the turn ends (failure, shutdown, a throw before the commit), the places
       // its sends reserved are given back unless the commit wrote them.
       this.settleSends(gate, null);
-      // The commit did not wait for the processes to go; the turn (its slot, the agent's next) does.
-      await run.exited;
     }
   }
 
