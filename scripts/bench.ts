@@ -30,7 +30,8 @@
  * brokers; bare spawn baselines run in this process like the gateway's runner does. Gateway
  * and baseline are measured in interleaved rounds (medians), so load from elsewhere on the
  * machine hits both. BENCH_PROFILE_DIR=DIR makes each gateway write DIR/<section>.cpuprofile
- * (BENCH_PROFILE_INTERVAL_US=N samples every N µs instead of every 1000: more samples per run);
+ * (the policy section's: DIR/<fleet name>.cpuprofile, e.g. bench-policy-flood.cpuprofile;
+ * BENCH_PROFILE_INTERVAL_US=N samples every N µs instead of every 1000: more samples per run);
  * `bun scripts/profile-summary.ts DIR/<section>.cpuprofile` summarises it by sample counts.
  *
  * Progress goes to stderr; stdout gets one table per section, the summary, and (unless
