@@ -157,10 +157,6 @@ export function scratchDir(prefix: string): string {
 const fleets = new Set<TestFleet>();
 
 /**
- * One fleet under test: a temp dir holding fleet.toml, the data dir and the gateway log.
- * `start()` / `stop()` / `kill()` may be called repeatedly (restarts share the data dir).
- */
-/**
  * BENCH_PROFILE_DIR=DIR: Bun's flags that make a gateway write DIR/<name>.cpuprofile when it stops
  * (scripts/profile-summary.ts reads it), every BENCH_PROFILE_INTERVAL_US µs if set; else none.
  */
@@ -176,6 +172,10 @@ export function cpuProfileArgs(name: string): string[] {
   ];
 }
 
+/**
+ * One fleet under test: a temp dir holding fleet.toml, the data dir and the gateway log.
+ * `start()` / `stop()` / `kill()` may be called repeatedly (restarts share the data dir).
+ */
 export class TestFleet {
   readonly dir: string;
   readonly configPath: string;
