@@ -65,7 +65,7 @@ export async function startGateway(tag: string, fleetToml: string, opts: { dir?:
   const dataDir = join(dir, "data");
   const logFile = join(dir, "gateway.log");
   writeFileSync(config, fleetToml);
-  const prof = cpuProfileArgs(tag);
+  const prof = cpuProfileArgs(() => tag);
   const proc = Bun.spawn(
     [
       process.execPath,

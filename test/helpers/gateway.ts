@@ -158,16 +158,17 @@ const fleets = new Set<TestFleet>();
 
 /**
  * BENCH_PROFILE_DIR=DIR: Bun's flags that make a gateway write DIR/<name>.cpuprofile when it stops
- * (scripts/profile-summary.ts reads it), every BENCH_PROFILE_INTERVAL_US µs if set; else none.
+ * (scripts/profile-summary.ts reads it), every BENCH_PROFILE_INTERVAL_US µs if set; else none
+ * (and `name` is not asked for).
  */
-export function cpuProfileArgs(name: string): string[] {
+export function cpuProfileArgs(name: () => string): string[] {
   const dir = process.env.BENCH_PROFILE_DIR;
   if (!dir) return [];
   const every = process.env.BENCH_PROFILE_INTERVAL_US;
   return [
     "--cpu-prof",
     `--cpu-prof-dir=${dir}`,
-    `--cpu-prof-name=${name}.cpuprofile`,
+    `--cpu-prof-name=${name()}.cpuprofile`,
     ...(every ? [`--cpu-prof-interval=${every}`] : []),
   ];
 }
@@ -246,7 +247,7 @@ export class TestFleet {
     const proc = Bun.spawn(
       [
         BUN,
-        ...cpuProfileArgs(/^name\s*=\s*"([^"]+)"/m.exec(readFileSync(this.configPath, "utf8"))?.[1] ?? "fleet"),
+        ...cpuProfileArgs(() => /^name\s*=\s*"([^"]+)"/m.exec(readFileSync(this.configPath, "utf8"))?.[1] ?? "fleet"),
         CLI,
         "start",
         "--config",
