@@ -1,6 +1,6 @@
 #!/usr/bin/env bun
 /**
- * The cost of policy (tools, budgets): `bun scripts/bench-policy.ts [--quick]`.
+ * The cost of policy (tools, budgets): `bun scripts/bench-policy.ts [--quick] [--flood]`.
  *
  * 1. Episodes/s with tools and budgets on (every episode makes 3 gated `publish` tool calls;
  *    every budget set, cost metered) vs off (no tool calls, default budgets): one gateway,
@@ -8,6 +8,9 @@
  * 2. Stimulus -> `out` latency (p50/p99) of a quiet agent pinged every 100 ms, alone vs
  *    while another agent is flooded with thousands of QoS 1 stimuli at once by a device in its own
  *    process, writing packets built beforehand (./bench/flooder.ts).
+ *
+ * `--flood` runs the second only (half the time): the one an A/B comparison of intake or scheduling
+ * changes needs, run after run, since its p99 moves with every run's flood onset.
  *
  * Real gateway process, real MQTT (mqtt.js), real episode subprocesses. `benchPolicy()` is
  * exported so a bench runner can include it; run directly it prints a table.
@@ -37,6 +40,8 @@ export interface PolicyRow {
 /** Options of the policy bench. */
 export interface PolicyBenchOptions {
   readonly quick: boolean;
+  /** Only the quiet agent's latency under a flood (the second measurement). */
+  readonly floodOnly?: boolean;
   readonly log?: (line: string) => void;
 }
 
@@ -158,7 +163,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
   const scripted = policyAgent("scripted");
 
   // ---- 1. throughput, policy off vs on --------------------------------------------------
-  {
+  if (!o.floodOnly) {
     const fleet = new TestFleet(
       fleetHeader("bench-policy-throughput", { maxConcurrent: 4 }) +
         agentBlock("off", scripted) +
@@ -323,19 +328,20 @@ export function renderPolicyTable(rows: readonly PolicyRow[]): string {
 
 if (import.meta.main) {
   const quick = process.argv.includes("--quick");
+  const floodOnly = process.argv.includes("--flood");
   const stop = async () => {
     await cleanupAll();
     process.exit(130);
   };
   process.on("SIGINT", () => void stop());
   process.on("SIGTERM", () => void stop());
-  console.log(
-    `policy bench${quick ? " (--quick)" : ""}: real gateway, mqtt.js, episode subprocesses; load average ${loadavg()
-      .map((l) => l.toFixed(1))
-      .join(" ")}`,
-  );
+  const load = loadavg()
+    .map((l) => l.toFixed(1))
+    .join(" ");
+  const mode = `${quick ? " (--quick)" : ""}${floodOnly ? " (--flood)" : ""}`;
+  console.log(`policy bench${mode}: real gateway, mqtt.js, episode subprocesses; load average ${load}`);
   try {
-    const rows = await benchPolicy({ quick, log: (l) => console.log(l) });
+    const rows = await benchPolicy({ quick, floodOnly, log: (l) => console.log(l) });
     console.log(`\n${renderPolicyTable(rows)}`);
   } finally {
     await cleanupAll();

@@ -25,7 +25,6 @@ export const policyAgent = (
 ): string =>
   join(ROOT, "test/fixtures", `${name in SHARED ? SHARED[name as keyof typeof SHARED] : `policy/${name}`}.ts`);
 
-/** `[fleet]`, `[broker]` and `[http]` on loopback with a 5 s drain; ports come from the harness flags. */
 /**
  * Whether `uid` is one the sandbox runs episodes as (root, the default `[fleet] sandbox_uids`, or a
  * block above it where another gateway on the machine held the default: gateway/episode/uid-claims.ts).
@@ -46,6 +45,7 @@ export function uidClaimsWork(): boolean {
   }
 }
 
+/** `[fleet]`, `[broker]` and `[http]` on loopback with a 5 s drain; ports come from the harness flags. */
 export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: string } = {}): string {
   return loopbackHeader(name, { drainTimeoutMs: 5000, ...o });
 }
