@@ -22,7 +22,7 @@ import { canonicalJson } from "./hash.ts";
 import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
-import { IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
+import { FloodRule, IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
 import { checkConfigs, configProblemsError, EpisodeExecutor, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
@@ -117,9 +117,6 @@ export interface GatewayOptions {
 }
 
 import { type AgentId, type GatewayState, parseAgentId, shownStatus } from "./types.ts";
-
-/** Stimuli queued for one agent from which it counts as flooded (docs/sandbox.md). */
-const FLOOD_BACKLOG = 8;
 
 export type { GatewayState };
 
@@ -842,15 +839,22 @@ export class Gateway {
       onDrained: (a) => void this.roster.finishDrain(a).catch((err: unknown) => this.log.error({ err }, "drain")),
       onCapped: agentCapNotices(this.log.child({ mod: "intake" }), this.events, this.now),
     });
+    const floods = new FloodRule({
+      queued: (a) => this.book.queued(a),
+      busyAgents: () => this.scheduler.busyAgents,
+      now: this.now,
+    });
     const executor = new EpisodeExecutor({
       store: this.store,
       spec: () => this.current,
-      // Fairness: an agent with a backlog (a flood: FLOOD_BACKLOG or more queued) starts cold at
-      // SCHED_IDLE. It leaves the warm spares to agents waiting on a stimulus or two, and its
+      // Fairness: an agent with a backlog while others have work (a flood: ./fleet/flood.ts) starts
+      // cold at SCHED_IDLE. It leaves the warm spares to agents waiting on a stimulus or two, and its
       // processes yield the CPU to theirs. An agent a little behind (pinged about as fast as its
-      // episodes run) is not a flood.
+      // episodes run) is not a flood, nor is one with a backlog and no one to yield to.
       run: async (start, limits, onTool) => {
-        const flooded = this.book.queued(start.agent.id as AgentId) >= FLOOD_BACKLOG;
+        const agent = start.agent.id as AgentId;
+        const flooded = floods.flooded(agent);
+        floods.started(agent);
         const r = flooded
           ? await runEpisode(start, limits, onTool, floodSpawn, undefined, this.procs)
           : await runEpisode(start, limits, onTool, spawnOptions, spares, this.procs);
@@ -890,7 +894,7 @@ export class Gateway {
       maxConcurrent: spec.fleet.max_concurrent_episodes,
       runTurn: (a) => executor.turn(a),
       queued: (a) => this.book.queued(a),
-      flooded: (a) => this.book.queued(a) >= FLOOD_BACKLOG,
+      flooded: (a) => floods.flooded(a),
       now: this.now,
     });
     // Bursts can come and go several times a second: the log says so at most once a minute.

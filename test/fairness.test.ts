@@ -20,64 +20,103 @@ import {
   idleSpawnOptions,
 } from "../gateway/episode/index.ts";
 
-let dir: string;
-let gw: Gateway;
-let base: string;
-let token: string;
+/** A gateway in this process on a fleet.toml of its own, and its HTTP API. */
+class Fleet {
+  private constructor(
+    private readonly dir: string,
+    private readonly gw: Gateway,
+    readonly base: string,
+    readonly token: string,
+  ) {}
 
-beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "fleet-fairness-"));
-  writeFileSync(
-    join(dir, "fleet.toml"),
-    fleetHeader("fairness-test", { maxConcurrent: 1, fleet: "warm_spares = 1" }) +
-      counterType("counter", "f/+/in", { instances: ["a", "b"] }) +
-      agentType("nicelog", fixture("nice-log"), ["n/+/in"], { dedup: "id", instances: ["x"] }),
-  );
-  gw = new Gateway({
-    configPath: join(dir, "fleet.toml"),
-    dataDir: join(dir, "data"),
-    mqttPort: 0,
-    httpPort: 0,
-    logger: pino({ level: "silent" }),
-  });
-  await gw.start();
-  base = `http://127.0.0.1:${gw.http.port}`;
-  token = readLocalToken(join(dir, "data"))!;
-});
+  static async start(toml: string): Promise<Fleet> {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-fairness-"));
+    writeFileSync(join(dir, "fleet.toml"), toml);
+    const gw = new Gateway({
+      configPath: join(dir, "fleet.toml"),
+      dataDir: join(dir, "data"),
+      mqttPort: 0,
+      httpPort: 0,
+      logger: pino({ level: "silent" }),
+    });
+    await gw.start();
+    return new Fleet(dir, gw, `http://127.0.0.1:${gw.http.port}`, readLocalToken(join(dir, "data"))!);
+  }
 
-afterAll(async () => {
-  await gw?.stop();
-  rmSync(dir, { recursive: true, force: true });
-});
+  async stop(): Promise<void> {
+    await this.gw.stop();
+    rmSync(this.dir, { recursive: true, force: true });
+  }
 
-const post = (path: string, body?: unknown) =>
-  fetch(
-    `${base}${path}`,
-    authed(token, { method: "POST", body: body === undefined ? undefined : JSON.stringify(body) }),
-  );
+  post(path: string, body?: unknown): Promise<Response> {
+    return fetch(
+      `${this.base}${path}`,
+      authed(this.token, { method: "POST", body: body === undefined ? undefined : JSON.stringify(body) }),
+    );
+  }
 
-async function starts(): Promise<{ warm: number; cold: number; committed: number }> {
-  const x = await scrape(base);
-  return {
-    warm: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "warm" }) ?? 0,
-    cold: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "cold" }) ?? 0,
-    committed: sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) ?? 0,
-  };
+  /** Queue ten stimuli for nicelog/`key` while paused, let them go, and read the priorities its episodes ran at. */
+  async niceLog(key: string): Promise<{ nice: (number | "idle")[]; groups: (number | null)[] }> {
+    expect((await this.post(`/api/agents/nicelog/${key}/pause`)).status).toBe(200);
+    for (let i = 1; i <= 10; i++)
+      expect((await this.post("/api/send", { topic: `n/${key}/in`, payload: { id: `${key}${i}` } })).status).toBe(202);
+    expect((await this.post(`/api/agents/nicelog/${key}/resume`)).status).toBe(200);
+    return waitFor(
+      async () => {
+        const r = await fetch(`${this.base}/api/agents/nicelog/${key}/state`, authed(this.token));
+        const body = (await r.json()) as { state?: { nice?: (number | "idle")[]; groups?: (number | null)[] } };
+        const { nice, groups } = body.state ?? {};
+        return nice?.length === 10 ? { nice, groups: groups ?? [] } : undefined;
+      },
+      30_000,
+      `ten episodes of nicelog/${key}`,
+      100,
+    );
+  }
+
+  async starts(): Promise<{ warm: number; cold: number; committed: number }> {
+    const x = await scrape(this.base);
+    return {
+      warm: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "warm" }) ?? 0,
+      cold: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "cold" }) ?? 0,
+      committed: sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) ?? 0,
+    };
+  }
+}
+
+const nicelog = (instances: string[]) =>
+  agentType("nicelog", fixture("nice-log"), ["n/+/in"], { dedup: "id", instances });
+
+/** The nice an episode runs at normally: relative to this process (the gateway runs in it), capped at 19. */
+function normalNice(): number {
+  const stat = readFileSync("/proc/self/stat", "utf8");
+  const own = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+  return Math.min(19, own + EPISODE_NICE);
 }
 
 describe("warm spares under a flood", () => {
+  let fleet: Fleet;
+  beforeAll(async () => {
+    fleet = await Fleet.start(
+      fleetHeader("fairness-test", { maxConcurrent: 1, fleet: "warm_spares = 1" }) +
+        counterType("counter", "f/+/in", { instances: ["a", "b"] }) +
+        nicelog(["x"]),
+    );
+  });
+  afterAll(() => fleet?.stop());
+
   test("an agent with a backlog leaves the last spare to others and starts cold; its last one is warm", async () => {
     // One stimulus for b: the pool is empty, so it starts cold and a spare is started behind it.
-    expect((await post("/api/send", { topic: "f/b/in", payload: { id: "b1" } })).status).toBe(202);
-    await waitFor(async () => ((await starts()).committed === 1 ? true : undefined), 20_000, "b's episode", 50);
+    expect((await fleet.post("/api/send", { topic: "f/b/in", payload: { id: "b1" } })).status).toBe(202);
+    await waitFor(async () => ((await fleet.starts()).committed === 1 ? true : undefined), 20_000, "b's episode", 50);
     // Ten for a, queued while it is paused, then let go (a flood is 8 or more queued).
-    expect((await post("/api/agents/counter/a/pause")).status).toBe(200);
+    expect((await fleet.post("/api/agents/counter/a/pause")).status).toBe(200);
     for (const id of Array.from({ length: 10 }, (_, i) => `a${i + 1}`))
-      expect((await post("/api/send", { topic: "f/a/in", payload: { id } })).status).toBe(202);
-    expect((await post("/api/agents/counter/a/resume")).status).toBe(200);
+      expect((await fleet.post("/api/send", { topic: "f/a/in", payload: { id } })).status).toBe(202);
+    expect((await fleet.post("/api/agents/counter/a/resume")).status).toBe(200);
     const done = await waitFor(
       async () => {
-        const s = await starts();
+        const s = await fleet.starts();
         return s.committed === 11 ? s : undefined;
       },
       30_000,
@@ -92,25 +131,20 @@ describe("warm spares under a flood", () => {
   test.if(defaultSpawnOptions().nice != null)(
     "a flooded agent's episodes run under SCHED_IDLE, in groups at nice 19, until its backlog is short",
     async () => {
-      expect((await post("/api/agents/nicelog/x/pause")).status).toBe(200);
-      for (let i = 1; i <= 10; i++)
-        expect((await post("/api/send", { topic: "n/x/in", payload: { id: `n${i}` } })).status).toBe(202);
-      expect((await post("/api/agents/nicelog/x/resume")).status).toBe(200);
-      const state = await waitFor(
-        async () => {
-          const r = await fetch(`${base}/api/agents/nicelog/x/state`, authed(token));
-          const body = (await r.json()) as { state?: { nice?: (number | "idle")[]; groups?: (number | null)[] } };
-          return body.state?.nice?.length === 10 ? body.state : undefined;
-        },
-        30_000,
-        "ten episodes of nicelog/x",
-        100,
+      // Another agent's episode a moment before: the backlog is a flood (gateway/fleet/flood.ts).
+      const before = (await fleet.starts()).committed;
+      expect((await fleet.post("/api/send", { topic: "f/b/in", payload: { id: "b-before-nicelog" } })).status).toBe(
+        202,
       );
+      await waitFor(
+        async () => ((await fleet.starts()).committed > before ? true : undefined),
+        20_000,
+        "b's episode",
+        50,
+      );
+      const state = await fleet.niceLog("x");
       // 10, 9 and 8 queued: flooded; then fewer than 8.
-      // Relative to this process (the gateway runs in it), capped at 19.
-      const stat = readFileSync("/proc/self/stat", "utf8");
-      const own = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
-      const normal = Math.min(19, own + EPISODE_NICE);
+      const normal = normalNice();
       const flood = idleSpawnOptions(defaultSpawnOptions()).idle ? "idle" : normal;
       expect(state.nice).toEqual([flood, flood, flood, normal, normal, normal, normal, normal, normal, normal]);
       // Where each episode is a scheduling group of its own, the flooded agent's groups yield too:
@@ -120,6 +154,26 @@ describe("warm spares under a flood", () => {
         const [low, usual] = [FLOODED_GROUP_NICE, EPISODE_GROUP_NICE];
         expect(state.groups).toEqual([low, low, low, usual, usual, usual, usual, usual, usual, usual]);
       }
+    },
+    60_000,
+  );
+});
+
+describe("a backlog with no one to yield to", () => {
+  let fleet: Fleet;
+  beforeAll(async () => {
+    fleet = await Fleet.start(
+      fleetHeader("fairness-alone", { maxConcurrent: 1, fleet: "warm_spares = 1" }) + nicelog(["y"]),
+    );
+  });
+  afterAll(() => fleet?.stop());
+
+  test.if(defaultSpawnOptions().nice != null)(
+    "an agent with a backlog while no other agent has work is no flood: its episodes run at the usual priority",
+    async () => {
+      const state = await fleet.niceLog("y");
+      expect(state.nice).toEqual(Array(10).fill(normalNice()));
+      if (defaultSpawnOptions().autogroup != null) expect(state.groups).toEqual(Array(10).fill(EPISODE_GROUP_NICE));
     },
     60_000,
   );

@@ -7,3 +7,4 @@ export * from "./scheduler.ts";
 export * from "./queue-book.ts";
 export * from "./rollouts.ts";
 export * from "./devices-first.ts";
+export * from "./flood.ts";

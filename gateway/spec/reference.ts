@@ -19,8 +19,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "directory `fleet` runs in, unlike module paths, which are relative to fleet.toml (a systemd unit sets " +
     "WorkingDirectory, or give an absolute path); `--data-dir` overrides it.",
   "fleet.max_concurrent_episodes":
-    "Episodes running at once across the fleet; one at a time per agent always. During an intake burst, agents " +
-    "with a backlog share a quarter of it (docs/sandbox.md, devices first).",
+    "Episodes running at once across the fleet; one at a time per agent always. During an intake burst, flooded " +
+    "agents (a backlog while others have work) share a quarter of it (docs/sandbox.md, devices first).",
   "fleet.synchronous":
     '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
   "fleet.drain_timeout_ms":
