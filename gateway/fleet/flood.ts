@@ -6,9 +6,10 @@
  *
  * A backlog alone is not enough. Yielding to agents that have no work helps no one, and it fed on
  * itself: an agent pinged 10 times a second that fell 8 behind while a CPU-bound program ran beside
- * the gateway then started every episode cold and under SCHED_IDLE, below that program, and was
- * 26 s behind half a minute later (bench-policy --flood, its no-flood phase). Alone, a backlog runs
- * warm and at the usual priority, and catches up.
+ * the gateway (scripts/soak.ts) then started every episode cold and under SCHED_IDLE, below that
+ * program, and was 26 s behind half a minute later (bench-policy --flood, its no-flood phase, where
+ * it is the only agent). Alone, a backlog runs warm and at the usual priority, and catches up when
+ * the machine lets it.
  */
 import type { AgentId } from "../types.ts";
 

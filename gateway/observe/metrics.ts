@@ -463,8 +463,8 @@ export class FleetMetrics {
     new Gauge({
       name: "fleet_episode_slots",
       help:
-        "Episodes agents with a backlog may run at once now: max_concurrent_episodes, " +
-        "a quarter of it during an intake burst.",
+        "Episodes flooded agents (a backlog while others have work) may run at once now: " +
+        "max_concurrent_episodes, a quarter of it during an intake burst.",
       registers,
       collect() {
         this.set(host.scheduler?.capacity ?? 0);
