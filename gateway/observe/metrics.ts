@@ -155,7 +155,7 @@ export class FleetMetrics {
       name: "fleet_episode_starts_total",
       help:
         "Episode processes started, by agent type and start (warm: a spare started ahead of need; cold: " +
-        "spawned for it, e.g. no spare left, or an agent with a backlog leaving the last spare to others).",
+        "spawned for it, e.g. no spare left, or a flooded agent leaving the spares to others).",
       labelNames: ["type", "start"],
       registers,
     });
