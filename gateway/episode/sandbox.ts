@@ -154,6 +154,8 @@ export const EPISODE_NICE = 19;
  * its first pings of the flood took 40-100 ms to answer instead of 10 (bench policy's p99 under a
  * flood: 4.5x, 3.0x, 1.25x at 10; 0.99x, 1.38x at 5). At 5 (weight 335) an episode still yields three
  * to one to the gateway, and a flooded agent's group (FLOODED_GROUP_NICE) yields 22 to one to it.
+ * At 0 the same p99 was 3.77x, 1.82x, 1.50x against 3.34x, 2.41x, 1.72x at 5 (alternating runs of
+ * `bench-policy --flood`): no better than the spread between runs, so 5 stays.
  */
 export const EPISODE_GROUP_NICE = 5;
 
