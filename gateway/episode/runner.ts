@@ -395,8 +395,8 @@ export async function runEpisode(
   // The interval doubles from rssPollMs up to 8x: short episodes are watched closely, and one
   // waiting seconds on a tool call is not scanned 20 times a second (RLIMIT_DATA still stops a
   // fast allocation in between, reported as oom too). The scan walks the tree (each thread's
-  // children); listing the episode's memory cgroup instead (one read) changed no bench figure:
-  // gateway CPU per episode 6.88, 7.54, 6.68 ms against 7.24, 7.22, 6.44 (`bench.ts episodes`).
+  // children). Listing the episode's memory cgroup instead (one read) did not show in `bench.ts
+  // episodes`: gateway CPU per episode 6.88, 7.54, 6.68 ms with it, 7.24, 7.22, 6.44 with the walk.
   let rssTimer: ReturnType<typeof setTimeout> | undefined;
   let rssEvery = spawnOpts.rssPollMs;
   const watchRss = (): void => {
