@@ -454,6 +454,12 @@ export class HostProcess {
  * code, no state), so an episode does not wait for process start-up. Each still serves
  * exactly one episode: a fresh process per episode, only started earlier. Spares are keyed
  * by their limits (the prlimit command line); a request with other limits starts cold.
+ *
+ * A spare does not import the agent's module ahead of its start (issue 13's "spares warmed per
+ * agent type"): what that would take off an episode's path is the module's load, 1.0-1.4 ms of CPU
+ * for the policy bench's agent and 1.6-1.9 ms for temp-monitor in a fresh runtime that has the SDK
+ * already, while a spare that ran one type's code could serve no other type's agents (they would
+ * start cold, or wait for another spare).
  */
 export class SparePool {
   private spares: HostProcess[] = [];

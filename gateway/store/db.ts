@@ -196,6 +196,12 @@ export interface CommitStats {
  * that work writes commits later, in a later WAL frame, so no sync can cover it without also
  * covering these rows.
  *
+ * A flush takes every job queued into one transaction, however many: while a device floods, that is
+ * hundreds of rows and milliseconds of the thread. Cut at 128 jobs, the rest in the next turn of
+ * the event loop, the quiet agent's p99 under a flood (`bun scripts/bench-policy.ts --flood`) was
+ * worse, 4.15x, 3.93x, 2.91x against 2.70x, 2.85x, 1.34x uncut (alternating runs): a quiet device's
+ * stimulus still queued behind the flood's, now behind more commits, and the slowest pings' episodes ran longer.
+ *
  * The transactions run on the gateway's thread. On a connection of their own on a worker thread
  * (a prototype, one transaction in flight, results returned by structured clone; `bun
  * scripts/bench.ts intake busy`, two pairs on two cores) durable intake ran at 21,600 and 27,000

@@ -1,0 +1,50 @@
+/**
+ * scripts/fuzz-mqtt.ts against a real gateway, briefly: raw TCP connections send valid MQTT 3.1.1
+ * and 5 packets with bytes flipped, cut, inserted or a bad remaining length, and a well-behaved
+ * device must still be acknowledged every 200 connections. The script exits non-zero if the
+ * gateway exits, stops acknowledging, writes to stderr or logs an error (level 50+).
+ */
+import { describe, expect, test } from "bun:test";
+import { join } from "node:path";
+import { ROOT } from "./helpers/gateway.ts";
+
+async function fuzz(...args: string[]): Promise<{ code: number; out: string }> {
+  const proc = Bun.spawn([process.execPath, join(ROOT, "scripts/fuzz-mqtt.ts"), "--seconds", "6", ...args], {
+    cwd: ROOT,
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+  return { code: await proc.exited, out: out + err };
+}
+
+function counts(out: string): { connections: number; checks: number; stimuli: number; keys: string[] } {
+  const m = /(\d+) fuzzed connections, (\d+) acknowledged checks, (\d+) stimuli recorded/.exec(out);
+  const keys = /agents recorded: (.*)/.exec(out)?.[1] ?? "";
+  if (!m) throw new Error(`no summary in the fuzzer's output:\n${out}`);
+  return { connections: Number(m[1]), checks: Number(m[2]), stimuli: Number(m[3]), keys: keys ? keys.split(",") : [] };
+}
+
+describe("mutated MQTT from many connections", () => {
+  test("the gateway stays up, logs no error and keeps acknowledging a device's QoS 1 publishes", async () => {
+    const { code, out } = await fuzz("--seed", "7");
+    expect({ code, out }).toEqual({ code: 0, out: expect.any(String) });
+    const c = counts(out);
+    expect(c.connections).toBeGreaterThanOrEqual(200);
+    expect(c.checks).toBeGreaterThanOrEqual(2);
+    // Valid packets between the broken ones got through to the store.
+    expect(c.stimuli).toBeGreaterThan(c.checks);
+    // Anonymous clients may publish any sensor's readings: the fuzzed ones for "b" ran too.
+    expect(c.keys).toContain("b");
+  }, 60_000);
+
+  test("with logins required, fuzzed and guessed CONNECTs record nothing outside the device's own topics", async () => {
+    const { code, out } = await fuzz("--seed", "21", "--auth");
+    expect({ code, out }).toEqual({ code: 0, out: expect.any(String) });
+    const c = counts(out);
+    expect(c.checks).toBeGreaterThanOrEqual(2);
+    expect(c.stimuli).toBeGreaterThan(c.checks);
+    // Anonymous and guessing connections published to sensors/b/...: refused at CONNECT, so only "fz" ran.
+    expect(c.keys).toEqual(["fz"]);
+  }, 60_000);
+});
