@@ -89,6 +89,13 @@ describe("keyPlaces", () => {
     expect(at(text, ["fleet", "name"])).toBe("none");
   });
 
+  test("a table made only by a subtable's header or a dotted key is placed where that is written", () => {
+    const text = "[fleet]\nname = 'x'\n\n[agents.t.budget]\nmemory_mb = 1\n[hooks]\nh.agent = 't/k'\n";
+    expect(at(text, ["agents", "t", "module"])).toBe("4:1");
+    expect(at(text, ["agents"])).toBe("4:1");
+    expect(at(text, ["hooks", "h", "secret_env"])).toBe("7:1");
+  });
+
   test("text that is not TOML ends the scan with what it found, without hanging", () => {
     for (const text of ["]]]]\n= = =\n{", "[a]\nx = [1, =, }\ny = 2\n", 'k = "open\n', "[[\n", "a = { b = \n"])
       expect(keyPlaces(text)).toBeInstanceOf(Map);
@@ -102,6 +109,11 @@ describe("schema errors name the line and column", () => {
     expect(err.keyPath).toBe("agents.t.surge");
     expect([err.line, err.column]).toEqual([6, 3]);
     expect(err.message).toBe(`${FILE}:6:3: agents.t.surge is not a known key`);
+  });
+
+  test("a required key missing from a table that has no header of its own: the line that made the table", async () => {
+    const err = await specError("[fleet]\nname = 'x'\n\n[agents.t.budget]\nmemory_mb = 128\n");
+    expect(err.message).toBe(`${FILE}:4:1: agents.t.module is required`);
   });
 
   test("every problem after the first is placed on its own line too", async () => {

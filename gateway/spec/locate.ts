@@ -185,10 +185,16 @@ class Scanner {
     return { line: this.line, column: this.i - this.lineStart + 1 };
   }
 
-  /** The first place a path is written wins (a table header before its keys, a key before redefinitions). */
+  /**
+   * The first place a path is written wins (a table header before its keys, a key before redefinitions).
+   * Its enclosing tables too: `[agents.x.budget]` or `agents.x.key = …` makes `agents.x` without a header
+   * of its own, and a key missing from it (`agents.x.module is required`) is reported there.
+   */
   private mark(path: readonly PropertyKey[], at: Place): void {
-    const name = formatKeyPath(path);
-    if (!this.places.has(name)) this.places.set(name, at);
+    for (let n = 1; n <= path.length; n++) {
+      const name = formatKeyPath(path.slice(0, n));
+      if (!this.places.has(name)) this.places.set(name, at);
+    }
   }
 }
 

@@ -1,0 +1,127 @@
+/**
+ * The shipped fleet.toml, mutated a few thousand ways (lines dropped, repeated or cut by a stray
+ * character; values of every TOML type put where others belong; unknown keys, dotted keys and
+ * tables added): `compileSpec` either compiles it or throws a SpecError that names the file, line
+ * and column, never another error and never a message with a hole in it.
+ */
+import { describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { compileSpec, SpecError } from "../gateway/spec/index.ts";
+import { ROOT, seeded } from "./helpers/gateway.ts";
+
+const FILE = join(ROOT, "fleet.toml");
+const BASE = readFileSync(FILE, "utf8");
+
+const VALUES = [
+  '""',
+  '"x"',
+  "0",
+  "-1",
+  "1e400",
+  "nan",
+  "inf",
+  "true",
+  "[]",
+  '[1, "a"]',
+  "{}",
+  "{ a = 1 }",
+  "1979-05-27T07:32:00Z",
+  '"5m"',
+  '"* * * * *"',
+  '"#"',
+  '"+/+"',
+  '"{9}"',
+  "9999999999999999999",
+  '"\\u0000"',
+  "[[]]",
+  '"../../etc/passwd"',
+];
+const KEYS = ["subscribe", "key", "every", "cron", "tools", "publish", "config", "budget", "instances", "dedup"];
+const MORE_KEYS = ["module", "max_queue", "retry", "checkpoint", "rollout", "warm_spares", "port", "max_packet_bytes"];
+const TABLES = [
+  "[agents.x]",
+  "[agents.x.budget]",
+  "[[agents]]",
+  "[hooks.h]",
+  "[fleet]",
+  "[broker]",
+  '[agents."a b"]',
+  "[agents.temp-monitor.retry]",
+  "[agents.temp-monitor.rollout]",
+  "[replication]",
+  "[telemetry]",
+  "[sources.s]",
+];
+const STRAYS = ["[", "]", "=", '"', "'", "#", "\\", "\u0000", "{", "}", ",", "\t"];
+
+function mutator(seed: number): () => string {
+  const rand = seeded(seed);
+  const int = (n: number): number => Math.floor(rand() * n);
+  const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
+  const key = (): string => pick(rand() < 0.5 ? KEYS : MORE_KEYS);
+  return () => {
+    const lines = BASE.split("\n");
+    for (let k = 0; k < 1 + int(3); k++) {
+      const i = int(lines.length);
+      const line = lines[i] ?? "";
+      switch (int(8)) {
+        case 0:
+          lines.splice(i, 1);
+          break;
+        case 1:
+          lines.splice(i, 0, line);
+          break;
+        case 2: {
+          const m = /^(\s*[\w.-]+\s*=\s*)/.exec(line);
+          if (m) lines[i] = m[1] + pick(VALUES);
+          break;
+        }
+        case 3:
+          lines.splice(i, 0, `${key()} = ${pick(VALUES)}`);
+          break;
+        case 4: {
+          const at = int(line.length + 1);
+          lines[i] = line.slice(0, at) + pick(STRAYS) + line.slice(at);
+          break;
+        }
+        case 5:
+          lines.splice(i, 0, pick(TABLES));
+          break;
+        case 6:
+          lines[i] = line.replace(/\d+/, () => pick(["0", "-5", "99999999999", "1.5"]));
+          break;
+        default:
+          lines.splice(i, 0, `${key()}.${key()} = ${pick(VALUES)}`);
+      }
+    }
+    return lines.join("\n");
+  };
+}
+
+describe("a mangled fleet.toml", () => {
+  test("compiles, or fails with a SpecError at a line and column, for 2,000 mutations", async () => {
+    const next = mutator(13);
+    const outcomes = { compiled: 0, refused: 0 };
+    const wrong: string[] = [];
+    for (let i = 0; i < 2000; i++) {
+      const text = next();
+      try {
+        await compileSpec(text, FILE);
+        outcomes.compiled++;
+      } catch (err) {
+        outcomes.refused++;
+        const ok =
+          err instanceof SpecError &&
+          err.line !== null &&
+          err.message.startsWith(`${FILE}:${err.line}:${err.column}: `) &&
+          !/undefined|\[object|NaN/.test(err.message);
+        if (!ok) wrong.push(`${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}\n${text}`);
+      }
+    }
+    expect(wrong.slice(0, 3)).toEqual([]);
+    // Both outcomes happen: the mutations reach the schema's checks, not only the TOML parser.
+    expect(outcomes.compiled).toBeGreaterThan(100);
+    expect(outcomes.refused).toBeGreaterThan(1000);
+  }, 60_000);
+});
