@@ -1,8 +1,9 @@
 /**
- * scripts/fuzz-mqtt.ts against a real gateway, briefly: raw TCP connections send valid MQTT 3.1.1
- * and 5 packets with bytes flipped, cut, inserted or a bad remaining length, and a well-behaved
- * device must still be acknowledged every 200 connections. The script exits non-zero if the
- * gateway exits, stops acknowledging, writes to stderr or logs an error (level 50+).
+ * The fuzzers in scripts/ against a real gateway, briefly. fuzz-mqtt: raw TCP connections send
+ * valid MQTT 3.1.1 and 5 packets with bytes flipped, cut, inserted or a bad remaining length, and a
+ * well-behaved device must still be acknowledged every 200 connections. fuzz-http: the API's routes
+ * with odd segments, query values, methods, tokens, bodies and headers. Each script exits non-zero
+ * if the gateway exits, stops answering, answers 5xx (HTTP), writes to stderr or logs an error.
  */
 import { describe, expect, test } from "bun:test";
 import { join } from "node:path";
@@ -46,5 +47,24 @@ describe("mutated MQTT from many connections", () => {
     expect(c.stimuli).toBeGreaterThan(c.checks);
     // Anonymous and guessing connections published to sensors/b/...: refused at CONNECT, so only "fz" ran.
     expect(c.keys).toEqual(["fz"]);
+  }, 60_000);
+});
+
+describe("odd HTTP requests (scripts/fuzz-http.ts)", () => {
+  test("every route, method, token, body and header mix is answered on purpose: no 5xx, no error logged", async () => {
+    const proc = Bun.spawn([process.execPath, join(ROOT, "scripts/fuzz-http.ts"), "--seconds", "6", "--seed", "3"], {
+      cwd: ROOT,
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+    const code = await proc.exited;
+    expect({ code, out: out + err }).toEqual({ code: 0, out: expect.any(String) });
+    const answers = /(\d+) requests, seed 3; answers (.*)/.exec(out);
+    expect(Number(answers?.[1])).toBeGreaterThan(100);
+    // Requests got past the token check to the routes' own answers, and some were refused there.
+    expect(answers?.[2]).toMatch(/\b200: \d+/);
+    expect(answers?.[2]).toMatch(/\b400: \d+/);
+    expect(answers?.[2]).toMatch(/\b401: \d+/);
   }, 60_000);
 });
