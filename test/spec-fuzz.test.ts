@@ -2,11 +2,13 @@
  * The shipped fleet.toml, mutated a few thousand ways (lines dropped, repeated or cut by a stray
  * character; values of every TOML type put where others belong; unknown keys, dotted keys and
  * tables added): `compileSpec` either compiles it or throws a SpecError that names the file, line
- * and column, never another error and never a message with a hole in it.
+ * and column, never another error and never a message with a hole in it. The same for a devices
+ * file and `compileDevices`.
  */
 import { describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
+import { compileDevices, DevicesError } from "../gateway/devices/index.ts";
 import { compileSpec, SpecError } from "../gateway/spec/index.ts";
 import { ROOT, seeded } from "./helpers/gateway.ts";
 
@@ -55,13 +57,33 @@ const TABLES = [
 ];
 const STRAYS = ["[", "]", "=", '"', "'", "#", "\\", "\u0000", "{", "}", ",", "\t"];
 
-function mutator(seed: number): () => string {
+/** A devices file as `fleet device add` writes it, with defaults and every per-device key. */
+const DEVICES = `[defaults]
+publish = ["fleet/agents/+/%u/inbox"]
+subscribe = ["fleet/agents/+/%u/out"]
+
+[devices.boiler-1]
+secret = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+publish = ["sensors/%c/#"]
+subscribe = ["alerts/%u/#"]
+client_id = "boiler-1"
+created = "2025-01-01T00:00:00.000Z"
+
+[devices."boiler.2"]
+secret = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+publish = ["sensors/%u/#", "fleet/agents/t/%u/inbox"]
+`;
+const DEVICE_KEYS = ["secret", "publish", "subscribe", "client_id", "created", "mosquitto_secret"];
+const DEVICE_VALUES = ['"a/#/b"', '"$SYS/#"', '"%c/+"', '"x/%z"', '"$argon2id$v=19$m=1,t=1,p=1$$"', '"a b"', '"#"'];
+const DEVICE_TABLES = ["[devices.x]", "[devices]", "[[devices]]", "[defaults]", '[devices."a/b"]', "[other]"];
+
+function mutator(seed: number, base = BASE, keys = [KEYS, MORE_KEYS], tables = TABLES, values = VALUES): () => string {
   const rand = seeded(seed);
   const int = (n: number): number => Math.floor(rand() * n);
   const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
-  const key = (): string => pick(rand() < 0.5 ? KEYS : MORE_KEYS);
+  const key = (): string => pick(pick(keys));
   return () => {
-    const lines = BASE.split("\n");
+    const lines = base.split("\n");
     for (let k = 0; k < 1 + int(3); k++) {
       const i = int(lines.length);
       const line = lines[i] ?? "";
@@ -74,11 +96,11 @@ function mutator(seed: number): () => string {
           break;
         case 2: {
           const m = /^(\s*[\w.-]+\s*=\s*)/.exec(line);
-          if (m) lines[i] = m[1] + pick(VALUES);
+          if (m) lines[i] = m[1] + pick(values);
           break;
         }
         case 3:
-          lines.splice(i, 0, `${key()} = ${pick(VALUES)}`);
+          lines.splice(i, 0, `${key()} = ${pick(values)}`);
           break;
         case 4: {
           const at = int(line.length + 1);
@@ -86,21 +108,21 @@ function mutator(seed: number): () => string {
           break;
         }
         case 5:
-          lines.splice(i, 0, pick(TABLES));
+          lines.splice(i, 0, pick(tables));
           break;
         case 6:
           lines[i] = line.replace(/\d+/, () => pick(["0", "-5", "99999999999", "1.5"]));
           break;
         default:
-          lines.splice(i, 0, `${key()}.${key()} = ${pick(VALUES)}`);
+          lines.splice(i, 0, `${key()}.${key()} = ${pick(values)}`);
       }
     }
     return lines.join("\n");
   };
 }
 
-describe("a mangled fleet.toml", () => {
-  test("compiles, or fails with a SpecError at a line and column, for 2,000 mutations", async () => {
+describe("mangled configuration files", () => {
+  test("a mangled fleet.toml compiles, or fails with a SpecError at a line and column, for 2,000 mutations", async () => {
     const next = mutator(13);
     const outcomes = { compiled: 0, refused: 0 };
     const wrong: string[] = [];
@@ -124,4 +146,29 @@ describe("a mangled fleet.toml", () => {
     expect(outcomes.compiled).toBeGreaterThan(100);
     expect(outcomes.refused).toBeGreaterThan(1000);
   }, 60_000);
+
+  test("a mangled devices file compiles, or fails with a DevicesError at a line and column, for 2,000 mutations", () => {
+    const file = "/etc/fleet/devices.toml";
+    const next = mutator(29, DEVICES, [DEVICE_KEYS], DEVICE_TABLES, [...VALUES, ...DEVICE_VALUES]);
+    const outcomes = { compiled: 0, refused: 0 };
+    const wrong: string[] = [];
+    for (let i = 0; i < 2000; i++) {
+      const text = next();
+      try {
+        compileDevices(text, file);
+        outcomes.compiled++;
+      } catch (err) {
+        outcomes.refused++;
+        const ok =
+          err instanceof DevicesError &&
+          err.line !== null &&
+          err.message.startsWith(`${file}:${err.line}:${err.column}: `) &&
+          !/undefined|\[object|NaN/.test(err.message);
+        if (!ok) wrong.push(`${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}\n${text}`);
+      }
+    }
+    expect(wrong.slice(0, 3)).toEqual([]);
+    expect(outcomes.compiled).toBeGreaterThan(100);
+    expect(outcomes.refused).toBeGreaterThan(1000);
+  });
 });
