@@ -183,7 +183,7 @@ function headers(token: string): Record<string, string> {
   const auth = rand();
   if (auth < 0.75) h.authorization = `Bearer ${token}`;
   else if (auth < 0.85) h.authorization = "Bearer wrong";
-  else if (auth < 0.9) h.authorization = pick(["Basic x", "Bearer", "", "bearer  " + token]);
+  else if (auth < 0.9) h.authorization = pick(["Basic x", "Bearer", "", `bearer  ${token}`]);
   if (rand() < 0.7)
     h["content-type"] = pick([
       "application/json",
@@ -197,7 +197,7 @@ function headers(token: string): Record<string, string> {
     h.traceparent = pick([
       "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
       "garbage",
-      "00-" + "0".repeat(32) + "-" + "0".repeat(16) + "-01",
+      `00-${"0".repeat(32)}-${"0".repeat(16)}-01`,
     ]);
   if (rand() < 0.05) h.origin = pick(["http://evil.example", "null"]);
   if (rand() < 0.05) h.host = pick(["evil.example", "127.0.0.1:1"]);

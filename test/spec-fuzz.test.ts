@@ -122,7 +122,7 @@ function mutator(seed: number, base = BASE, keys = [KEYS, MORE_KEYS], tables = T
 }
 
 describe("mangled configuration files", () => {
-  test("a mangled fleet.toml compiles, or fails with a SpecError at a line and column, for 2,000 mutations", async () => {
+  test("a mangled fleet.toml compiles, or fails with a SpecError at a line and column (2,000 mutations)", async () => {
     const next = mutator(13);
     const outcomes = { compiled: 0, refused: 0 };
     const wrong: string[] = [];
@@ -147,7 +147,7 @@ describe("mangled configuration files", () => {
     expect(outcomes.refused).toBeGreaterThan(1000);
   }, 60_000);
 
-  test("a mangled devices file compiles, or fails with a DevicesError at a line and column, for 2,000 mutations", () => {
+  test("a mangled devices file compiles, or fails with a DevicesError at a line and column (2,000 mutations)", () => {
     const file = "/etc/fleet/devices.toml";
     const next = mutator(29, DEVICES, [DEVICE_KEYS], DEVICE_TABLES, [...VALUES, ...DEVICE_VALUES]);
     const outcomes = { compiled: 0, refused: 0 };
