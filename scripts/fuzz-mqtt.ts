@@ -1,41 +1,26 @@
 /**
  * Throws mutated MQTT at a real gateway and checks it keeps serving: `bun scripts/fuzz-mqtt.ts
- * [--seconds 120] [--seed 1] [--auth] [--verbose]`. Each round opens a few raw TCP connections that send valid
+ * [--seconds 120] [--seed 1] [--auth] [--ws] [--verbose]`. Each round opens a few raw TCP connections that send valid
  * packets (mqtt-packet, MQTT 3.1.1 and 5) with bytes flipped, cut, repeated or inserted; every 200
  * connections a well-behaved client publishes at QoS 1 and must be acknowledged. `--auth`: the broker
  * wants logins (a devices file with one device); most fuzzed CONNECTs log in as it, the rest guess.
+ * `--ws`: half the connections come over the WebSocket listener instead, their bytes cut into frames.
  * Ends non-zero if the gateway exits, stops acknowledging, or logs an error it did not handle.
  * `--verbose` also counts the gateway's log lines by message (which refusals the fuzz reached).
  */
-import { readFileSync, writeFileSync } from "node:fs";
-import { connect as tcp, type Socket } from "node:net";
+import { writeFileSync } from "node:fs";
+import { createServer, connect as tcp, type Socket } from "node:net";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import mqtt from "mqtt";
 import mqttPacket from "mqtt-packet";
-import { ROOT, cleanupAll, tempDir } from "./bench/harness.ts";
+import { finish, fuzzArgs, fuzzChoices } from "./bench/fuzzkit.ts";
+import { ROOT, tempDir } from "./bench/harness.ts";
 import { startGateway } from "./bench/procs.ts";
 
-const { values } = parseArgs({
-  options: {
-    seconds: { type: "string", default: "120" },
-    seed: { type: "string", default: "1" },
-    auth: { type: "boolean", default: false },
-    verbose: { type: "boolean", default: false },
-  },
-});
-let seed = Number(values.seed) >>> 0 || 1;
-/** xorshift32: a run is repeatable from its seed. */
-const rand = (): number => {
-  seed ^= seed << 13;
-  seed >>>= 0;
-  seed ^= seed >>> 17;
-  seed ^= seed << 5;
-  seed >>>= 0;
-  return seed / 0x1_0000_0000;
-};
-const int = (n: number): number => Math.floor(rand() * n);
-const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
+const values = fuzzArgs(120, ["auth", "ws"]);
+/** `--ws`: half the connections come over the WebSocket listener, on a port free a moment ago. */
+const wsPort = values.ws ? await freePort() : null;
+const { rand, int, pick } = fuzzChoices(values.seed);
 
 const FLEET = `
 [fleet]
@@ -44,6 +29,7 @@ name = "fuzz"
 host = "127.0.0.1"
 allow_anonymous = ${!values.auth}
 ${values.auth ? 'devices = "devices.toml"' : ""}
+${wsPort !== null ? `ws_port = ${wsPort}` : ""}
 max_packet_bytes = 65536
 [http]
 host = "127.0.0.1"
@@ -167,15 +153,21 @@ function generate(pkt: object, v5: boolean): Buffer {
   }
 }
 
-async function fuzzConnection(port: number): Promise<void> {
+/** A connection's bytes: a valid CONNECT (mostly), then packets, some mutated. */
+function connectionBytes(): Buffer[] {
   const v5 = rand() < 0.15;
   const list = packets(v5);
   const chunks: Buffer[] = [];
-  if (rand() < 0.8) chunks.push(generate(list[0]!, v5)); // a valid CONNECT first, mostly
+  if (rand() < 0.8) chunks.push(generate(list[0]!, v5));
   for (let k = 0; k < 1 + int(12); k++) {
     const p = generate(pick(list), v5);
     chunks.push(rand() < 0.15 ? mutate(p) : p);
   }
+  return chunks;
+}
+
+async function fuzzConnection(port: number): Promise<void> {
+  const chunks = connectionBytes();
   await new Promise<void>((resolve) => {
     const s: Socket = tcp(port, "127.0.0.1");
     const done = () => {
@@ -189,6 +181,36 @@ async function fuzzConnection(port: number): Promise<void> {
       for (const c of chunks) s.write(c);
       setTimeout(done, 20 + int(80));
     });
+  });
+}
+
+/**
+ * The same over MQTT's WebSocket listener: the bytes cut into binary frames at random places, and now
+ * and then a text frame (which MQTT over WebSocket does not allow) or a frame of random bytes.
+ */
+let wsOpened = 0;
+async function fuzzWebSocket(port: number): Promise<void> {
+  const bytes = Buffer.concat(connectionBytes());
+  await new Promise<void>((resolve) => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/`, rand() < 0.9 ? ["mqtt"] : []);
+    ws.binaryType = "arraybuffer";
+    const done = () => {
+      ws.close();
+      resolve();
+    };
+    ws.onerror = done;
+    ws.onclose = done;
+    ws.onopen = () => {
+      wsOpened++;
+      for (let at = 0; at < bytes.length; ) {
+        const n = 1 + int(64);
+        ws.send(bytes.subarray(at, at + n));
+        at += n;
+        if (rand() < 0.02) ws.send(pick(["text", "\u0000", ""]));
+        if (rand() < 0.02) ws.send(new Uint8Array(Array.from({ length: int(32) }, () => int(256))));
+      }
+      setTimeout(done, 20 + int(80));
+    };
   });
 }
 
@@ -244,7 +266,11 @@ let checks = 0;
 let failure: string | null = null;
 try {
   while (performance.now() < until) {
-    await Promise.all(Array.from({ length: 8 }, () => fuzzConnection(gw.mqttPort)));
+    await Promise.all(
+      Array.from({ length: 8 }, () =>
+        wsPort !== null && rand() < 0.5 ? fuzzWebSocket(wsPort) : fuzzConnection(gw.mqttPort),
+      ),
+    );
     connections += 8;
     if (connections % 200 === 0) {
       try {
@@ -273,28 +299,21 @@ try {
   failure ??= `the gateway's API did not answer: ${String(err)}`;
 }
 await gw.stop();
-const err = readFileSync(join(dir, "gateway.err"), "utf8");
-const log = readFileSync(gw.logFile, "utf8").split("\n");
-const errors = log.filter((l) => /"level":(50|60)|uncaught|unhandled/i.test(l));
 console.log(
   `${connections} fuzzed connections, ${checks} acknowledged checks, ${stimuli} stimuli recorded, seed ${values.seed}`,
 );
 console.log(`agents recorded: ${keys.join(",")}`);
-console.log(`gateway stderr: ${err.length} bytes; error lines in its log: ${errors.length}`);
-if (values.verbose) {
-  // What the gateway said, by message: which refusals the fuzz reached.
-  const said = new Map<string, number>();
-  for (const l of log) {
-    const m = /"msg":"([^"]{0,60})/.exec(l);
-    if (m) said.set(m[1]!, (said.get(m[1]!) ?? 0) + 1);
-  }
-  for (const [msg, n] of [...said].sort((a, b) => b[1] - a[1]).slice(0, 25)) console.log(`  ${n}\t${msg}`);
+if (wsPort !== null) console.log(`WebSocket connections opened: ${wsOpened}`);
+await finish(gw, dir, failure, values.verbose);
+
+/** A TCP port nothing listens on now (the kernel's pick for a listener closed at once). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as { port: number };
+      srv.close(() => resolve(port));
+    });
+  });
 }
-for (const l of errors.slice(0, 10)) console.log(`  ${l.slice(0, 400)}`);
-if (err.trim()) console.log(err.slice(0, 2000));
-const failed = failure !== null || errors.length > 0 || err.trim() !== "";
-if (failure) console.log(`FAILED: ${failure}`);
-// A failed run keeps its data dir and logs to look at; a clean one leaves nothing behind.
-if (failed) console.log(`kept: ${dir}`);
-else await cleanupAll();
-process.exit(failed ? 1 : 0);

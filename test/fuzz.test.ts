@@ -50,6 +50,16 @@ describe("mutated MQTT from many connections", () => {
   }, 60_000);
 });
 
+describe("mutated MQTT over WebSocket", () => {
+  test("binary frames cut anywhere, text frames and junk frames leave the gateway serving", async () => {
+    const { code, out } = await fuzz("--seed", "11", "--ws");
+    expect({ code, out }).toEqual({ code: 0, out: expect.any(String) });
+    expect(counts(out).checks).toBeGreaterThanOrEqual(2);
+    // Half the connections went over the WebSocket listener, and it took them.
+    expect(Number(/WebSocket connections opened: (\d+)/.exec(out)?.[1])).toBeGreaterThan(50);
+  }, 60_000);
+});
+
 describe("odd HTTP requests (scripts/fuzz-http.ts)", () => {
   test("every route, method, token, body and header mix is answered on purpose: no 5xx, no error logged", async () => {
     const proc = Bun.spawn([process.execPath, join(ROOT, "scripts/fuzz-http.ts"), "--seconds", "6", "--seed", "3"], {

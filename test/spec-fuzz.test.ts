@@ -9,7 +9,7 @@ import { describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { compileDevices, DevicesError } from "../gateway/devices/index.ts";
-import { compileSpec, SpecError } from "../gateway/spec/index.ts";
+import { compileSpec, type ConfigFileError, SpecError } from "../gateway/spec/index.ts";
 import { ROOT, seeded } from "./helpers/gateway.ts";
 
 const FILE = join(ROOT, "fleet.toml");
@@ -121,54 +121,49 @@ function mutator(seed: number, base = BASE, keys = [KEYS, MORE_KEYS], tables = T
   };
 }
 
-describe("mangled configuration files", () => {
-  test("a mangled fleet.toml compiles, or fails with a SpecError at a line and column (2,000 mutations)", async () => {
-    const next = mutator(13);
-    const outcomes = { compiled: 0, refused: 0 };
-    const wrong: string[] = [];
-    for (let i = 0; i < 2000; i++) {
-      const text = next();
-      try {
-        await compileSpec(text, FILE);
-        outcomes.compiled++;
-      } catch (err) {
-        outcomes.refused++;
-        const ok =
-          err instanceof SpecError &&
-          err.line !== null &&
-          err.message.startsWith(`${FILE}:${err.line}:${err.column}: `) &&
-          !/undefined|\[object|NaN/.test(err.message);
-        if (!ok) wrong.push(`${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}\n${text}`);
-      }
+/**
+ * Compile 2,000 texts from `next` as `file`: how many compiled and were refused, and each refusal that
+ * was not an `errorClass` naming the file, line and column with a whole message (with its text).
+ */
+async function fuzzCompile(
+  next: () => string,
+  compile: (text: string, file: string) => unknown,
+  errorClass: typeof ConfigFileError,
+  file: string,
+): Promise<{ compiled: number; refused: number; wrong: string[] }> {
+  const out = { compiled: 0, refused: 0, wrong: [] as string[] };
+  for (let i = 0; i < 2000; i++) {
+    const text = next();
+    try {
+      await compile(text, file);
+      out.compiled++;
+    } catch (err) {
+      out.refused++;
+      const ok =
+        err instanceof errorClass &&
+        err.line !== null &&
+        err.message.startsWith(`${file}:${err.line}:${err.column}: `) &&
+        !/undefined|\[object|NaN/.test(err.message);
+      if (!ok) out.wrong.push(`${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}\n${text}`);
     }
-    expect(wrong.slice(0, 3)).toEqual([]);
+  }
+  return out;
+}
+
+describe("mangled configuration files", () => {
+  test("a mangled fleet.toml compiles, or fails with a SpecError at a line and column", async () => {
+    const r = await fuzzCompile(mutator(13), compileSpec, SpecError, FILE);
+    expect(r.wrong.slice(0, 3)).toEqual([]);
     // Both outcomes happen: the mutations reach the schema's checks, not only the TOML parser.
-    expect(outcomes.compiled).toBeGreaterThan(100);
-    expect(outcomes.refused).toBeGreaterThan(1000);
+    expect(r.compiled).toBeGreaterThan(100);
+    expect(r.refused).toBeGreaterThan(1000);
   }, 60_000);
 
-  test("a mangled devices file compiles, or fails with a DevicesError at a line and column (2,000 mutations)", () => {
-    const file = "/etc/fleet/devices.toml";
+  test("a mangled devices file compiles, or fails with a DevicesError at a line and column", async () => {
     const next = mutator(29, DEVICES, [DEVICE_KEYS], DEVICE_TABLES, [...VALUES, ...DEVICE_VALUES]);
-    const outcomes = { compiled: 0, refused: 0 };
-    const wrong: string[] = [];
-    for (let i = 0; i < 2000; i++) {
-      const text = next();
-      try {
-        compileDevices(text, file);
-        outcomes.compiled++;
-      } catch (err) {
-        outcomes.refused++;
-        const ok =
-          err instanceof DevicesError &&
-          err.line !== null &&
-          err.message.startsWith(`${file}:${err.line}:${err.column}: `) &&
-          !/undefined|\[object|NaN/.test(err.message);
-        if (!ok) wrong.push(`${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}\n${text}`);
-      }
-    }
-    expect(wrong.slice(0, 3)).toEqual([]);
-    expect(outcomes.compiled).toBeGreaterThan(100);
-    expect(outcomes.refused).toBeGreaterThan(1000);
+    const r = await fuzzCompile(next, compileDevices, DevicesError, "/etc/fleet/devices.toml");
+    expect(r.wrong.slice(0, 3)).toEqual([]);
+    expect(r.compiled).toBeGreaterThan(100);
+    expect(r.refused).toBeGreaterThan(1000);
   });
 });

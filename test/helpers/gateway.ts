@@ -793,16 +793,7 @@ export class RawMqtt {
 // ---- small utilities ---------------------------------------------------------------------
 
 /** A seeded PRNG (mulberry32): the crash test's "random" moments are reproducible. */
-export function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { seeded } from "./seeded.ts";
 
 /** Start a long-running helper process (e.g. mosquitto_sub) whose stdout lines are collected. */
 export function spawnLines(cmd: string[]): {

@@ -1,0 +1,62 @@
+/**
+ * What the fuzzers (scripts/fuzz-*.ts) share: their flags, their seeded choices, and the verdict on
+ * the gateway they ran against, read from its stderr and log once it has stopped.
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { chooser } from "../../test/helpers/seeded.ts";
+import { cleanupAll } from "./harness.ts";
+
+/** `--seconds`, `--seed`, `--verbose`, and a fuzzer's own boolean flags. */
+export function fuzzArgs<F extends string>(
+  seconds: number,
+  flags: readonly F[] = [],
+): { seconds: number; seed: number; verbose: boolean } & Record<F, boolean> {
+  const { values } = parseArgs({
+    options: {
+      seconds: { type: "string", default: String(seconds) },
+      seed: { type: "string", default: "1" },
+      verbose: { type: "boolean", default: false },
+      ...Object.fromEntries(flags.map((f) => [f, { type: "boolean", default: false }])),
+    },
+  });
+  const v = values as Record<string, string | boolean>;
+  const own = Object.fromEntries(flags.map((f) => [f, v[f] === true])) as Record<F, boolean>;
+  return { seconds: Number(v.seconds), seed: Number(v.seed), verbose: v.verbose === true, ...own };
+}
+
+/** The run's choices, reproducible from its seed. */
+export const fuzzChoices = chooser;
+
+/**
+ * Print what the stopped gateway left (stderr, log lines at level 50+, and with `verbose` its log
+ * by message: which refusals the fuzz reached) and exit: 1 if `failure` or either holds anything,
+ * keeping its data dir to look at; else 0, its temp dirs removed.
+ */
+export async function finish(
+  gw: { readonly logFile: string },
+  dir: string,
+  failure: string | null,
+  verbose: boolean,
+): Promise<never> {
+  const err = readFileSync(join(dir, "gateway.err"), "utf8");
+  const log = readFileSync(gw.logFile, "utf8").split("\n");
+  const errors = log.filter((l) => /"level":(50|60)|uncaught|unhandled/i.test(l));
+  console.log(`gateway stderr: ${err.length} bytes; error lines in its log: ${errors.length}`);
+  if (verbose) {
+    const said = new Map<string, number>();
+    for (const l of log) {
+      const m = /"msg":"([^"]{0,60})/.exec(l);
+      if (m) said.set(m[1]!, (said.get(m[1]!) ?? 0) + 1);
+    }
+    for (const [msg, n] of [...said].sort((a, b) => b[1] - a[1]).slice(0, 25)) console.log(`  ${n}\t${msg}`);
+  }
+  for (const l of errors.slice(0, 10)) console.log(`  ${l.slice(0, 600)}`);
+  if (err.trim()) console.log(err.slice(0, 2000));
+  const failed = failure !== null || errors.length > 0 || err.trim() !== "";
+  if (failure) console.log(`FAILED: ${failure}`);
+  if (failed) console.log(`kept: ${dir}`);
+  else await cleanupAll();
+  process.exit(failed ? 1 : 0);
+}
