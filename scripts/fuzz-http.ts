@@ -7,7 +7,7 @@
  * traceparent, Origin, Host). Ends non-zero on any 5xx other than a documented 503, on a request
  * the gateway did not answer, if it exits, or if it logs an error (level 50+).
  */
-import { finish, fuzzArgs, fuzzChoices } from "./bench/fuzzkit.ts";
+import { finish, fuzzArgs, fuzzChoices, sinkAgent } from "./bench/fuzzkit.ts";
 import { tempDir } from "./bench/harness.ts";
 import { startGateway } from "./bench/procs.ts";
 
@@ -22,15 +22,7 @@ host = "127.0.0.1"
 allow_anonymous = true
 [http]
 host = "127.0.0.1"
-[agents.sink]
-module = "${new URL("../agents/examples/temp-monitor.ts", import.meta.url).pathname}"
-subscribe = ["sensors/+/temperature"]
-key = "{1}"
-instances = ["a", "b"]
-dedup = "id"
-tools = ["publish"]
-publish = ["alerts/#"]
-config = { threshold = 80.0, hysteresis = 2.0 }
+${sinkAgent('instances = ["a", "b"]')}
 [hooks.h]
 agent = "sink/h"
 [hooks.d]

@@ -13,7 +13,7 @@ import { createServer, connect as tcp, type Socket } from "node:net";
 import { join } from "node:path";
 import mqtt from "mqtt";
 import mqttPacket from "mqtt-packet";
-import { finish, fuzzArgs, fuzzChoices } from "./bench/fuzzkit.ts";
+import { finish, fuzzArgs, fuzzChoices, sinkAgent } from "./bench/fuzzkit.ts";
 import { ROOT, tempDir } from "./bench/harness.ts";
 import { startGateway } from "./bench/procs.ts";
 
@@ -33,15 +33,7 @@ ${wsPort !== null ? `ws_port = ${wsPort}` : ""}
 max_packet_bytes = 65536
 [http]
 host = "127.0.0.1"
-[agents.sink]
-module = "${new URL("../agents/examples/temp-monitor.ts", import.meta.url).pathname}"
-subscribe = ["sensors/+/temperature"]
-key = "{1}"
-dedup = "id"
-tools = ["publish"]
-publish = ["alerts/#"]
-config = { threshold = 80.0, hysteresis = 2.0 }
-`;
+${sinkAgent()}`;
 
 /** The device `--auth` logs in as (its secret from `fleet device add`). */
 let device: { id: string; secret: string } | null = null;

@@ -26,6 +26,22 @@ export function fuzzArgs<F extends string>(
   return { seconds: Number(v.seconds), seed: Number(v.seed), verbose: v.verbose === true, ...own };
 }
 
+/**
+ * The agent type both fuzzers' fleets run: temp-monitor on `sensors/<key>/temperature`, deduplicated by
+ * `id`, publishing alerts (a fuzzer's checks wait for its episodes' stimuli, not their outputs).
+ */
+export function sinkAgent(extra = ""): string {
+  return `[agents.sink]
+module = "${new URL("../../agents/examples/temp-monitor.ts", import.meta.url).pathname}"
+subscribe = ["sensors/+/temperature"]
+key = "{1}"
+dedup = "id"
+tools = ["publish"]
+publish = ["alerts/#"]
+config = { threshold = 80.0, hysteresis = 2.0 }
+${extra}`;
+}
+
 /** The run's choices, reproducible from its seed. */
 export const fuzzChoices = chooser;
 
