@@ -1,7 +1,8 @@
 /**
- * Throws mutated MQTT at a real gateway and checks it keeps serving: `bun scripts/fuzz-mqtt.ts
- * [--seconds 120] [--seed 1] [--auth] [--ws] [--verbose]`. Each round opens a few raw TCP connections that send valid
- * packets (mqtt-packet, MQTT 3.1.1 and 5) with bytes flipped, cut, repeated or inserted; every 200
+ * Throws mutated MQTT at a real gateway and checks it keeps serving:
+ * `bun scripts/fuzz-mqtt.ts [--seconds 120] [--seed 1] [--auth] [--ws] [--verbose]`.
+ * Each round opens a few raw TCP connections that send valid packets (mqtt-packet, MQTT 3.1.1 and 5),
+ * some with bytes flipped, cut or inserted, a bad remaining length or another first byte; every 200
  * connections a well-behaved client publishes at QoS 1 and must be acknowledged. `--auth`: the broker
  * wants logins (a devices file with one device); most fuzzed CONNECTs log in as it, the rest guess.
  * `--ws`: half the connections come over the WebSocket listener instead, their bytes cut into frames.
@@ -137,6 +138,7 @@ function mutate(b: Buffer): Buffer {
   }
 }
 
+/** The packet's bytes; one mqtt-packet will not build (a field out of its range) is sent as a DISCONNECT. */
 function generate(pkt: object, v5: boolean): Buffer {
   try {
     return mqttPacket.generate(pkt as mqttPacket.Packet, { protocolVersion: v5 ? 5 : 4 });
