@@ -232,4 +232,4 @@ console.log(`${requests} requests, seed ${values.seed}; answers ${byStatus.join(
 console.log(`unexpected answers: ${bad.length}`);
 for (const b of bad.slice(0, 20)) console.log(`  ${b}`);
 if (bad.length > 0) failure ??= `${bad.length} unexpected answer(s)`;
-await finish(gw, dir, failure, values.verbose);
+await finish(dir, failure, values.verbose);

@@ -6,10 +6,11 @@
  * connections a well-behaved client publishes at QoS 1 and must be acknowledged. `--auth`: the broker
  * wants logins (a devices file with one device); most fuzzed CONNECTs log in as it, the rest guess.
  * `--ws`: half the connections come over the WebSocket listener instead, their bytes cut into frames.
+ * Then the gateway starts again on the fuzzed data dir and must serve a device once more.
  * Ends non-zero if the gateway exits, stops acknowledging, or logs an error it did not handle.
  * `--verbose` also counts the gateway's log lines by message (which refusals the fuzz reached).
  */
-import { writeFileSync } from "node:fs";
+import { renameSync, writeFileSync } from "node:fs";
 import { createServer, connect as tcp, type Socket } from "node:net";
 import { join } from "node:path";
 import mqtt from "mqtt";
@@ -293,12 +294,26 @@ try {
   failure ??= `the gateway's API did not answer: ${String(err)}`;
 }
 await gw.stop();
+// What the fuzz left in the store (persistent sessions, their queues, retained messages, wills) must load:
+// the same data dir starts again and a device is served. The fuzzed run's logs are kept beside.
+let restarted = false;
+if (failure === null)
+  try {
+    for (const f of ["gateway.log", "gateway.err"]) renameSync(join(dir, f), join(dir, f.replace(".", "-fuzzed.")));
+    const again = await startGateway("fuzz", FLEET, { dir });
+    await healthy(again.mqttPort, checks++);
+    await again.stop();
+    restarted = true;
+  } catch (err) {
+    failure = `restarting on the fuzzed data dir: ${String(err)}`;
+  }
 console.log(
   `${connections} fuzzed connections, ${checks} acknowledged checks, ${stimuli} stimuli recorded, seed ${values.seed}`,
 );
+console.log(`restarted on the fuzzed data dir and served: ${restarted ? "yes" : "no"}`);
 console.log(`agents recorded: ${keys.join(",")}`);
 if (wsPort !== null) console.log(`WebSocket connections opened: ${wsOpened}`);
-await finish(gw, dir, failure, values.verbose);
+await finish(dir, failure, values.verbose);
 
 /** A TCP port nothing listens on now (the kernel's pick for a listener closed at once). */
 function freePort(): Promise<number> {

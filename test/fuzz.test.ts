@@ -1,7 +1,8 @@
 /**
  * The fuzzers in scripts/ against a real gateway, briefly. fuzz-mqtt: raw TCP connections send
  * valid MQTT 3.1.1 and 5 packets with bytes flipped, cut, inserted or a bad remaining length, and a
- * well-behaved device must still be acknowledged every 200 connections. fuzz-http: the API's routes
+ * well-behaved device must still be acknowledged every 200 connections, and again after a restart on
+ * the data dir the fuzz left. fuzz-http: the API's routes
  * with odd segments, query values, methods, tokens, bodies and headers. Each script exits non-zero
  * if the gateway exits, stops answering, answers 5xx (HTTP), writes to stderr or logs an error.
  */
@@ -37,6 +38,8 @@ describe("mutated MQTT from many connections", () => {
     expect(c.stimuli).toBeGreaterThan(c.checks);
     // Anonymous clients may publish any sensor's readings: the fuzzed ones for "b" ran too.
     expect(c.keys).toContain("b");
+    // What the fuzz left in the store (sessions, queues, retained messages, wills) loads: it starts again and serves.
+    expect(out).toContain("restarted on the fuzzed data dir and served: yes");
   }, 60_000);
 
   test("with logins required, fuzzed and guessed CONNECTs record nothing outside the device's own topics", async () => {

@@ -2,7 +2,7 @@
  * What the fuzzers (scripts/fuzz-*.ts) share: their flags, their seeded choices, and the verdict on
  * the gateway they ran against, read from its stderr and log once it has stopped.
  */
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { chooser } from "../../test/helpers/seeded.ts";
@@ -46,18 +46,20 @@ ${extra}`;
 export const fuzzChoices = chooser;
 
 /**
- * Print what the stopped gateway left (stderr, log lines at level 50+, and with `verbose` its log
+ * Print what the stopped gateways in `dir` left (stderr, log lines at level 50+, and with `verbose` its log
  * by message: which refusals the fuzz reached) and exit: 1 if `failure` or either holds anything,
  * keeping its data dir to look at; else 0, its temp dirs removed.
  */
-export async function finish(
-  gw: { readonly logFile: string },
-  dir: string,
-  failure: string | null,
-  verbose: boolean,
-): Promise<never> {
-  const err = readFileSync(join(dir, "gateway.err"), "utf8");
-  const log = readFileSync(gw.logFile, "utf8").split("\n");
+export async function finish(dir: string, failure: string | null, verbose: boolean): Promise<never> {
+  // Every gateway run in `dir`: gateway.log and .err, and those of earlier runs kept as gateway-*.log and .err.
+  const files = readdirSync(dir).filter((f) => /^gateway.*\.(log|err)$/.test(f));
+  const read = (ext: string) =>
+    files
+      .filter((f) => f.endsWith(ext))
+      .map((f) => readFileSync(join(dir, f), "utf8"))
+      .join("");
+  const err = read(".err");
+  const log = read(".log").split("\n");
   const errors = log.filter((l) => /"level":(50|60)|uncaught|unhandled/i.test(l));
   console.log(`gateway stderr: ${err.length} bytes; error lines in its log: ${errors.length}`);
   if (verbose) {
