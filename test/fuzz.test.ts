@@ -1,10 +1,10 @@
 /**
- * The fuzzers in scripts/ against a real gateway, briefly. fuzz-mqtt: raw TCP connections send
- * valid MQTT 3.1.1 and 5 packets with bytes flipped, cut, inserted or a bad remaining length, and a
- * well-behaved device must still be acknowledged every 200 connections, and again after a restart on
- * the data dir the fuzz left. fuzz-http: the API's routes
- * with odd segments, query values, methods, tokens, bodies and headers. Each script exits non-zero
- * if the gateway exits, stops answering, answers 5xx (HTTP), writes to stderr or logs an error.
+ * The fuzzers in scripts/ against a real gateway, briefly. fuzz-mqtt: raw TCP (or WebSocket)
+ * connections send valid MQTT 3.1.1 and 5 packets with bytes flipped, cut, inserted or a bad remaining
+ * length; a well-behaved device must still be acknowledged every 200 connections, and again after a
+ * restart on the data dir the fuzz left. fuzz-http: the API's routes with odd segments, query values,
+ * methods, tokens, bodies and headers. Each script exits non-zero if the gateway exits, stops
+ * answering, answers 5xx (HTTP), writes to stderr or logs an error.
  */
 import { describe, expect, test } from "bun:test";
 import { join } from "node:path";
