@@ -50,13 +50,19 @@ beforeAll(async () => {
 afterAll(() => cleanupAll(), 60_000);
 
 describe("an agent writing malformed protocol messages straight to its channel", () => {
-  test("every stimulus ends committed or failed with a known kind, and the gateway stays ready", async () => {
+  test("each stimulus ends committed, or quarantined with a known failure kind; the gateway stays ready", async () => {
     const kinds = new Map<string, number>();
     for (const e of bySeed.values()) {
       const kind = e.status === "committed" ? "committed" : String(e.error_kind);
       kinds.set(kind, (kinds.get(kind) ?? 0) + 1);
     }
     for (const kind of kinds.keys()) expect(["committed", ...FAILURE_KINDS]).toContain(kind);
+    // Each seed's stimulus is settled: done once committed, quarantined once its one attempt failed.
+    const states = await fleet.query<{ sid: string; state: string }>(
+      "SELECT sid, state FROM stimuli WHERE agent LIKE 'fz/%' AND sid LIKE 'id:s%'",
+    );
+    const expected = [...bySeed].map(([seed, e]) => [`id:s${seed}`, e.status === "committed" ? "done" : "quarantined"]);
+    expect(Object.fromEntries(states.map((r) => [r.sid, r.state]))).toEqual(Object.fromEntries(expected));
     // Both outcomes happen: some seeds end in a state the gateway keeps, others are refused.
     expect(kinds.get("committed") ?? 0).toBeGreaterThan(0);
     expect(kinds.get("protocol") ?? 0).toBeGreaterThan(0);
