@@ -1,6 +1,6 @@
 /**
- * What the fuzzers (scripts/fuzz-*.ts) share: their flags, their seeded choices, and the verdict on
- * the gateway they ran against, read from its stderr and log once it has stopped.
+ * What the fuzzers (scripts/fuzz-*.ts) share: their flags, their seeded choices, the agent type they
+ * run, and the verdict on the gateways they ran against, read from their stderr and logs once stopped.
  */
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -46,9 +46,9 @@ ${extra}`;
 export const fuzzChoices = chooser;
 
 /**
- * Print what the stopped gateways in `dir` left (stderr, log lines at level 50+, and with `verbose` its log
- * by message: which refusals the fuzz reached) and exit: 1 if `failure` or either holds anything,
- * keeping its data dir to look at; else 0, its temp dirs removed.
+ * Print what the stopped gateways in `dir` left (stderr, log lines at level 50+, and with `verbose` their
+ * logs by message: which refusals the fuzz reached) and exit: 1 if `failure` or either holds anything,
+ * keeping the dir to look at; else 0, the run's temp dirs removed.
  */
 export async function finish(dir: string, failure: string | null, verbose: boolean): Promise<never> {
   // Every gateway run in `dir`: gateway.log and .err, and those of earlier runs kept as gateway-*.log and .err.
