@@ -7,12 +7,13 @@
  * traceparent, Origin, Host). Ends non-zero on any 5xx other than a documented 503, on a request
  * the gateway did not answer, if it exits, or if it logs an error (level 50+).
  */
-import { finish, fuzzArgs, fuzzChoices, sinkAgent } from "./bench/fuzzkit.ts";
+import { chooser } from "../test/helpers/seeded.ts";
+import { finish, fuzzArgs, sinkAgent } from "./bench/fuzzkit.ts";
 import { tempDir } from "./bench/harness.ts";
 import { startGateway } from "./bench/procs.ts";
 
 const values = fuzzArgs(60);
-const { rand, int, pick } = fuzzChoices(values.seed);
+const { rand, int, pick } = chooser(values.seed);
 
 const FLEET = `
 [fleet]

@@ -1,11 +1,11 @@
 /**
- * What the fuzzers (scripts/fuzz-*.ts) share: their flags, their seeded choices, the agent type they
- * run, and the verdict on the gateways they ran against, read from their stderr and logs once stopped.
+ * What the fuzzers (scripts/fuzz-*.ts) share: their flags, the agent type they run, and the verdict on
+ * the gateways they ran against, read from their stderr and logs once stopped. (Their seeded choices
+ * come from test/helpers/seeded.ts.)
  */
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { chooser } from "../../test/helpers/seeded.ts";
 import { cleanupAll } from "./harness.ts";
 
 /** `--seconds`, `--seed`, `--verbose`, and a fuzzer's own boolean flags. */
@@ -41,9 +41,6 @@ publish = ["alerts/#"]
 config = { threshold = 80.0, hysteresis = 2.0 }
 ${extra}`;
 }
-
-/** The run's choices, reproducible from its seed. */
-export const fuzzChoices = chooser;
 
 /**
  * Print what the stopped gateways in `dir` left (stderr, log lines at level 50+, and with `verbose` their
