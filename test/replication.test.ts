@@ -192,6 +192,34 @@ describe("replication faults", () => {
   );
 
   test(
+    "a batch larger than one statement holds is sent in several: the center ends equal to local and verifies",
+    async () => {
+      const f = await synthetic();
+      await enableReplication(f.store, sqld.url);
+      await f.commit(2100, T0, 1000);
+      // One batch of every entry: 2,100 episodes are more than a statement's 2,000 rows, their logs
+      // more than its 500 logs, so each goes in chunks.
+      const batch = await readEntries(f.store.client, 5000, await durableHead(f.store));
+      const chunks = (name: "episodes" | "events" | "checkpoints") => {
+        const rows = batch.rows[name];
+        return rows && "chunks" in rows ? rows.chunks.length : 0;
+      };
+      expect({ episodes: chunks("episodes"), events: chunks("events"), checkpoints: chunks("checkpoints") }).toEqual({
+        episodes: 2,
+        events: 5,
+        checkpoints: 2,
+      });
+      const r = replicator(f, spec(sqld.url, { batch_rows: 5000 }), () => T0 + 2100 * 1000);
+      await r.drain();
+      expect(r.status().pushed_batches).toBe(1);
+      await expectCenterEqualsLocal(f, db);
+      expect((await verifyAtCenter(sqld.url, f.store.gatewayId)).problems).toEqual([]);
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test(
     "a row changed again while its batch is in flight stays queued and goes again with its newest value",
     async () => {
       const f = await synthetic();

@@ -4,7 +4,7 @@
  * An `episode` entry carries the episode, its event log and the checkpoint it sealed.
  */
 import type { Client, InArgs, InStatement, InValue } from "@libsql/client";
-import { checkpointHashIs, idBytesSql, idOfSql, type Store, wireSql } from "../store/index.ts";
+import { checkpointHashIs, idBytesSql, idOfSql, logEventSql, type Store, wireSql } from "../store/index.ts";
 import { REPLICATED, type ReplicatedName, type ReplicatedTable } from "./tables.ts";
 
 /** One row of `repl_pending`. */
@@ -23,7 +23,10 @@ export interface PendingEntry {
  */
 export interface EncodedRows {
   readonly count: number;
-  /** JSON arrays of rows (each row an array in the table's column order), at most ROWS_PER_STATEMENT each. */
+  /**
+   * JSON arrays of rows (each row an array in the table's column order), at most ROWS_PER_STATEMENT
+   * each; for `events`, of `[episode, log]` pairs instead (`selectLogs`), `count` still in events.
+   */
   readonly chunks: readonly string[];
 }
 
@@ -63,37 +66,70 @@ async function select(db: BatchSource, t: ReplicatedTable, where: string, args: 
 }
 
 /**
- * Rows of `t` as JSON built by SQLite (json_group_array of json_array), ROWS_PER_STATEMENT to a
- * chunk: a third of the push's CPU went into turning rows into JS objects and back into JSON.
- * Only for tables without REAL columns (SQLite prints a REAL in JSON with 15 digits, which would
- * not round-trip) and without blobs (JSON cannot hold them).
+ * Rows as JSON built by SQLite: `SELECT ${columns} FROM ${from}`, each row encoded by `row` (a
+ * json_array over those columns), `per` rows to a chunk, and `n` (an aggregate) of each chunk.
+ * With at most `most` rows known to come, and `most <= per`, one chunk: numbering the rows for
+ * chunks (a window function, then a sort to group them) cost ~2 us a row (this box).
  */
-async function selectEncoded(
+async function encoded(
   db: BatchSource,
-  t: ReplicatedTable,
-  where: string,
+  q: { columns: string; from: string; row: string; n: string; per: number; most: number },
   args: InArgs,
-  qualify?: (column: string) => string,
 ): Promise<EncodedRows> {
-  const cols = t.columns.join(", ");
-  // With `qualify`, `where` is a whole join ("a JOIN b ... WHERE ...") and the columns are named through it.
-  const from = qualify ? where : `${t.name} WHERE ${where}`;
-  const q = qualify ?? ((c: string) => c);
-  // Hashes and episode ids stored as bytes go out as the text they are everywhere else (store/hashes.ts).
-  const inner = t.columns.map((c) => `${wireSql(t.name, c, q(c))} AS ${c}`).join(", ");
-  const rs = await db.execute({
-    sql: `SELECT json_group_array(json_array(${cols})) AS j, count(*) AS n FROM (SELECT ${inner},
-      (row_number() OVER () - 1) / ${ROWS_PER_STATEMENT} AS chunk FROM ${from}) GROUP BY chunk
-      ORDER BY chunk`,
-    args,
-  });
+  const sql =
+    q.most <= q.per
+      ? `SELECT json_group_array(${q.row}), ${q.n}, count(*) FROM (SELECT ${q.columns} FROM ${q.from})`
+      : `SELECT json_group_array(${q.row}), ${q.n}, count(*) FROM (SELECT ${q.columns},
+        (row_number() OVER () - 1) / ${q.per} AS chunk FROM ${q.from}) GROUP BY chunk ORDER BY chunk`;
+  const rs = await db.execute({ sql, args });
   let count = 0;
   const chunks: string[] = [];
   for (const r of rs.rows) {
+    if (Number(r[2]) === 0) continue; // one chunk, and no rows in it
     count += Number(r[1]);
     chunks.push(String(r[0]));
   }
   return { count, chunks };
+}
+
+/**
+ * Rows of `t` as JSON built by SQLite (json_group_array of json_array), ROWS_PER_STATEMENT to a
+ * chunk: a third of the push's CPU went into turning rows into JS objects and back into JSON.
+ * Only for tables without REAL columns (SQLite prints a REAL in JSON with 15 digits, which would
+ * not round-trip) and without blobs (JSON cannot hold them). `most`: how many rows can come at most.
+ */
+function selectEncoded(
+  db: BatchSource,
+  t: ReplicatedTable,
+  where: string,
+  args: InArgs,
+  most: number,
+  qualify?: (column: string) => string,
+): Promise<EncodedRows> {
+  // With `qualify`, `where` is a whole join ("a JOIN b ... WHERE ...") and the columns are named through it.
+  const from = qualify ? where : `${t.name} WHERE ${where}`;
+  const q = qualify ?? ((c: string) => c);
+  // Hashes and episode ids stored as bytes go out as the text they are everywhere else (store/hashes.ts).
+  const columns = t.columns.map((c) => `${wireSql(t.name, c, q(c))} AS ${c}`).join(", ");
+  const row = `json_array(${t.columns.join(", ")})`;
+  return encoded(db, { columns, from, row, n: "count(*)", per: ROWS_PER_STATEMENT, most }, args);
+}
+
+/** Most episode logs per statement (a temp-monitor episode's log holds 5 events). */
+const LOGS_PER_STATEMENT = 500;
+
+/**
+ * The event logs of the batch's `most` episode entries (binds ?1, ?2), one `[episode, log]` pair
+ * each, counted in events; the center expands each log into its events (`eventsInsertSql`).
+ * Reading the `events` view here instead (every event taken out of its log and put back into JSON
+ * one by one) was the costliest read of a push: ~21 us an episode entry of ~47 us of SQLite,
+ * against ~9 us for the logs (`readEntries` of 500-entry batches, this box).
+ */
+function selectLogs(db: BatchSource, range: InArgs, most: number): Promise<EncodedRows> {
+  const columns = `${idOfSql("e.id")} AS id, e.log AS log, e.event_count AS events`;
+  const row = "json_array(id, json(log))";
+  const q = { columns, from: EPISODE_ENTRIES, row, n: "coalesce(sum(events), 0)", per: LOGS_PER_STATEMENT, most };
+  return encoded(db, q, range);
 }
 
 function isEncoded(rows: readonly InValue[][] | EncodedRows): rows is EncodedRows {
@@ -182,7 +218,7 @@ export async function readEntries(db: BatchSource, limit: number, upTo: number):
   const missing = (kind: string, found: Set<string>) => {
     for (const e of byKind.get(kind) ?? []) if (!found.has(e.key)) lost.push(e);
   };
-  const { spec_versions, agents, episodes, events, checkpoints, budget_usage, stimuli, audit } = REPLICATED;
+  const { spec_versions, agents, episodes, checkpoints, budget_usage, stimuli, audit } = REPLICATED;
 
   if (byKind.has("spec")) {
     got.spec_versions = await select(db, spec_versions, `hash ${IN_JSON}`, [keys("spec")]);
@@ -195,20 +231,16 @@ export async function readEntries(db: BatchSource, limit: number, upTo: number):
   if (byKind.has("episode")) {
     const wanted = byKind.get("episode")!;
     const col = (c: string) => `e.${c}`;
-    got.episodes = await selectEncoded(db, episodes, EPISODE_ENTRIES, range, col);
-    got.events = await selectEncoded(
-      db,
-      events,
-      `repl_pending AS p NOT INDEXED JOIN events AS v ON v.episode = ${idBytesSql("p.key")}
-        WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'episode'`,
-      range,
-      (c) => `v.${c}`,
-    );
+    // At most one row each (an episode, its log, the checkpoint it sealed) per episode entry.
+    const most = wanted.length;
+    got.episodes = await selectEncoded(db, episodes, EPISODE_ENTRIES, range, most, col);
+    got.events = await selectLogs(db, range, most);
     got.checkpoints = await selectEncoded(
       db,
       checkpoints,
       EPISODE_ENTRIES.replace("WHERE", `JOIN checkpoints AS c ON ${checkpointHashIs("c.hash", "e.checkpoint")} WHERE`),
       range,
+      most,
       (c) => `c.${c}`,
     );
     if (got.episodes.count < wanted.length) {
@@ -227,6 +259,7 @@ export async function readEntries(db: BatchSource, limit: number, upTo: number):
         checkpoints,
         `episode IN (SELECT ${idBytesSql("value")} FROM json_each(?))`,
         [JSON.stringify(gone)],
+        Number.POSITIVE_INFINITY,
       );
       const kept = got.checkpoints;
       got.checkpoints = { count: kept.count + orphans.count, chunks: [...kept.chunks, ...orphans.chunks] };
@@ -253,7 +286,7 @@ export async function readEntries(db: BatchSource, limit: number, upTo: number):
     WHERE p.seq BETWEEN ?1 AND ?2 AND p.tbl = 'agent'`;
   if (byKind.has("episode") || byKind.has("agent")) {
     const from = [agentsOfEpisodes, byKind.has("agent") ? agentEntries : ""].filter(Boolean).join(" UNION ");
-    got.agents = await selectEncoded(db, agents, `id IN (${from})`, range);
+    got.agents = await selectEncoded(db, agents, `id IN (${from})`, range, entries.length);
     if (byKind.has("agent")) {
       const ids = await db.execute({
         sql: `SELECT id FROM agents WHERE id IN (${agentEntries})`,
@@ -331,6 +364,20 @@ function insertSql(t: ReplicatedTable): string {
 }
 
 /**
+ * The central INSERT of events from `[episode, log]` pairs (`selectLogs`): each log expanded as the
+ * gateway's own `events` view expands it (`logEventSql`), so an event reads the same on both sides.
+ */
+function eventsInsertSql(): string {
+  const { kind, data } = logEventSql("j");
+  const t = REPLICATED.events;
+  const values: Record<string, string> = { episode: "r.value ->> 0", seq: "j.key", kind, data };
+  return `INSERT INTO ${t.name} (fleet, gateway, ${t.columns.join(", ")})
+      SELECT ?, ?, ${t.columns.map((c) => values[c]).join(", ")}
+      FROM json_each(?) AS r, json_each(r.value, '$[1]') AS j
+      WHERE json_type(r.value, '$[1]') = 'array' ON CONFLICT DO NOTHING`;
+}
+
+/**
  * The central statements that write a batch's rows for gateway `gateway` of fleet `fleet`.
  * Each statement takes its rows as ONE JSON array bound as text and unpacks it with
  * `json_each` at the center: about 4x faster over HTTP than one bound value per column
@@ -342,7 +389,9 @@ export function centralStatements(fleet: string, gateway: string, rows: BatchRow
   for (const [name, list] of Object.entries(rows) as [ReplicatedName, InValue[][] | EncodedRows][]) {
     const t: ReplicatedTable = REPLICATED[name];
     if (isEncoded(list)) {
-      for (const chunk of list.chunks) out.push({ sql: insertSql(t), args: [fleet, gateway, chunk] });
+      // Events come as their episodes' logs (`selectLogs`); every other table as its rows.
+      const sql = name === "events" ? eventsInsertSql() : insertSql(t);
+      for (const chunk of list.chunks) out.push({ sql, args: [fleet, gateway, chunk] });
       continue;
     }
     if (list.length === 0) continue;

@@ -404,9 +404,19 @@ const SPEC_AND_PARENT_BYTES: readonly string[] = [
  * they are and read the same. Only the writer (store/episodes.ts `logText`) decides, by the exact
  * text prefix, so `data` still reads back byte for byte.
  */
+/**
+ * An event of an episode's log, as the `events` view shows it: `j` names a `json_each` row of the
+ * log. The central server expands the logs a gateway pushes with the same expressions
+ * (gateway/replication/batch.ts), so both sides show an event alike.
+ */
+export const logEventSql = (j: string) => ({
+  kind: `CASE ${j}.type WHEN 'object' THEN ${j}.value ->> 'k' ELSE ${j}.value ->> 0 END`,
+  data: `CASE ${j}.type WHEN 'object' THEN ${j}.value ELSE ${j}.value -> 1 END`,
+});
+
 const EVENTS_VIEW_22 = `CREATE VIEW events AS SELECT ep.id AS episode, j.key AS seq,
-    CASE j.type WHEN 'object' THEN j.value ->> 'k' ELSE j.value ->> 0 END AS kind,
-    CASE j.type WHEN 'object' THEN j.value ELSE j.value -> 1 END AS data
+    ${logEventSql("j").kind} AS kind,
+    ${logEventSql("j").data} AS data
     FROM episodes AS ep, json_each(ep.log) AS j`;
 const RECORD_KIND_IMPLIED: readonly string[] = [`DROP VIEW events`, EVENTS_VIEW_22];
 
