@@ -321,6 +321,7 @@ export class Gateway {
       () => bundleDir(this.dataDir, this.spawnOptions),
       (hash) => this.store.bundleCode(hash),
       this.log.child({ mod: "bundles" }),
+      (hash) => this.store.bundleMap(hash),
     );
     // The checks at start (a lowered state version, the deploy gate) load agent code in the sandbox
     // before the pipeline is built: its spawn options, without the sandbox ledger until then.
@@ -881,11 +882,15 @@ export class Gateway {
       running: () => this.scheduler.active,
       infra: this.infra,
       bundleFile: (hash) => this.bundles.file(hash),
-      inSourceTerms: (text, bundle, sv, type) =>
-        inSourceTerms(text, bundle.file, this.bundles.sourceMap(bundle.hash), {
+      inSourceTerms: async (text, bundle, sv, type) => {
+        if (!text.includes(bundle.file)) return text;
+        const found = await this.bundles.sourceMap(bundle.hash);
+        return inSourceTerms(text, bundle.file, found?.map ?? null, {
           fleetDir: dirname(sv.path),
           module: sv.spec.agents[type]?.module ?? type,
-        }),
+          ...(found && !found.built ? { storedBundle: bundle.hash } : {}),
+        });
+      },
       bundleFor: (agent, type, sv) =>
         this.rollouts ? this.rollouts.bundleFor(agent, type, sv) : (sv.bundles[type] ?? null),
     });

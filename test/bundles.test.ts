@@ -52,6 +52,39 @@ const ROOT = join(import.meta.dir, "..");
 const silent = pino({ level: "silent" });
 const DAY = 86_400_000;
 
+/**
+ * `<dir>/agents/lab.ts`, which calls `check` of `./lib.ts`: the throw is on line 4, column 19 of
+ * lib.ts; the call on line 5, column 12 of lab.ts. Returns lab.ts's path.
+ */
+function writeLab(dir: string): string {
+  mkdirSync(join(dir, "agents"));
+  writeFileSync(
+    join(dir, "agents/lib.ts"),
+    [
+      "// a helper",
+      "export function check(cfg: { field?: { x: number } }): number {",
+      "  // note",
+      '  if (!cfg.field) throw new Error("no field");',
+      "  return cfg.field.x;",
+      "}",
+      "",
+    ].join("\n"),
+  );
+  writeFileSync(
+    join(dir, "agents/lab.ts"),
+    [
+      `import { defineAgent } from ${JSON.stringify(SDK_ENTRY)};`,
+      'import { check } from "./lib.ts";',
+      "",
+      "export default defineAgent({ init: () => ({}), onStimulus(_s, ctx) {",
+      "  ctx.emit(check({}));",
+      "} });",
+      "",
+    ].join("\n"),
+  );
+  return join(dir, "agents/lab.ts");
+}
+
 /** An agent module importing a local helper and the SDK (by package name and by path). */
 function writeAgent(dir: string, word: string): string {
   writeFileSync(join(dir, "word.ts"), `export const word = ${JSON.stringify(word)};\n`);
@@ -116,32 +149,7 @@ describe("buildBundle", () => {
 
   test("its source map leads each line of the code back to the file, line and column it came from", async () => {
     const dir = tempDir();
-    mkdirSync(join(dir, "agents"));
-    // The throw is on line 4, column 19 of lib.ts; the call on line 5, column 12 of lab.ts.
-    writeFileSync(
-      join(dir, "agents/lib.ts"),
-      [
-        "// a helper",
-        "export function check(cfg: { field?: { x: number } }): number {",
-        "  // note",
-        '  if (!cfg.field) throw new Error("no field");',
-        "  return cfg.field.x;",
-        "}",
-        "",
-      ].join("\n"),
-    );
-    writeFileSync(
-      join(dir, "agents/lab.ts"),
-      [
-        `import { defineAgent } from ${JSON.stringify(SDK_ENTRY)};`,
-        'import { check } from "./lib.ts";',
-        "",
-        "export default defineAgent({ init: () => ({}), onStimulus(_s, ctx) {",
-        "  ctx.emit(check({}));",
-        "} });",
-        "",
-      ].join("\n"),
-    );
+    writeLab(dir);
     const r = await buildBundle(join(dir, "agents/lab.ts"), HOST_MODULES);
     if (!r.ok) throw new Error(r.error);
     expect(r.hash).toBe(await blake3Hex(r.code));
@@ -174,6 +182,74 @@ describe("buildBundle", () => {
     expect(
       inSourceTerms(`at x (${file}:${position("throw new Error")})`, file, map, { ...names, fleetDir: "/elsewhere" }),
     ).toBe(`at x (${join(dir, "agents/lib.ts")}:4:19)`);
+  });
+});
+
+describe("source maps stored with their bundles", () => {
+  test("a process that did not build a bundle names positions by its stored map, saying which bundle", async () => {
+    const dir = tempDir();
+    const module = writeLab(dir);
+    const sv = await compileSpec(
+      `[fleet]\nname = "maps"\n\n[agents.t]\nmodule = ${JSON.stringify(module)}\n`,
+      join(dir, "fleet.toml"),
+    );
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    try {
+      // The gateway that built it stores the map with the code.
+      const building = new BundleFiles(
+        join(dir, "b1"),
+        (h) => store.bundleCode(h),
+        silent,
+        (h) => store.bundleMap(h),
+      );
+      const deps = { sink: store, files: building, hostModules: HOST_MODULES, now: () => 1, log: silent };
+      const pinned = await pinCode(sv, null, deps);
+      if (!pinned.ok) throw new Error(pinned.problems.join("\n"));
+      const hash = pinned.sv.bundles.t!;
+      expect(parseSourceMap((await store.bundleMap(hash)) ?? "")).not.toBeNull();
+      expect((await building.sourceMap(hash))?.built).toBe(true);
+
+      // Another process (a restart after lab.ts changed, with a rollout still running this code) reads it back.
+      const later = new BundleFiles(
+        join(dir, "b2"),
+        (h) => store.bundleCode(h),
+        silent,
+        (h) => store.bundleMap(h),
+      );
+      const found = await later.sourceMap(hash);
+      expect(found?.built).toBe(false);
+      const lines = (await store.bundleCode(hash))!.split("\n");
+      const at = lines.findIndex((l) => l.includes("throw new Error"));
+      const file = join(dir, "b2", `${hash}.js`);
+      const frame = `at check (${file}:${at + 1}:${lines[at]!.indexOf("throw new Error") + 1})`;
+      const names = { fleetDir: dir, module: "agents/lab.ts", storedBundle: hash };
+      expect(inSourceTerms(frame, file, found?.map ?? null, names)).toBe(
+        `at check (agents/lib.ts:4:19 in bundle ${hash.slice(0, 12)})`,
+      );
+      // A bundle unknown to the store has no map.
+      expect(await later.sourceMap("e".repeat(64))).toBeNull();
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a bundle stored without a map (before migration 36) gets one when its code is built again", async () => {
+    const dir = tempDir();
+    const module = writeLab(dir);
+    const built = await buildBundle(module, HOST_MODULES);
+    if (!built.ok || built.map === null) throw new Error("no bundle with a map");
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    try {
+      await store.saveBundle({ hash: built.hash, module, code: built.code, at: 1 });
+      expect(await store.bundleMap(built.hash)).toBeNull();
+      await store.saveBundle({ hash: built.hash, module, code: built.code, at: 2, map: built.map });
+      expect(await store.bundleMap(built.hash)).toBe(built.map);
+      // A map once kept is not replaced.
+      await store.saveBundleMap(built.hash, "{}");
+      expect(await store.bundleMap(built.hash)).toBe(built.map);
+    } finally {
+      await store.close();
+    }
   });
 });
 
@@ -318,7 +394,7 @@ describe("pinCode", () => {
   const toml = (module: string) => `[fleet]\nname = "pin"\n\n[agents.t]\nmodule = ${JSON.stringify(module)}\n`;
   /** What pinning needs, its stored bundles' hashes going to `saved`. */
   const pinDeps = (dir: string, saved: string[]) => ({
-    sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash) },
+    sink: { saveBundle: async (b: { hash: string }) => void saved.push(b.hash), saveBundleMap: async () => {} },
     files: new BundleFiles(join(dir, "b"), async () => null),
     hostModules: HOST_MODULES,
     now: () => 1,

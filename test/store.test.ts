@@ -138,6 +138,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       code: "export default 1;",
       bytes: 17,
       createdAt: T0,
+      map: '{"version":3,"sources":["temp.ts"],"mappings":"AAAA"}',
     },
   ],
   [

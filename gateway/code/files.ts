@@ -88,15 +88,29 @@ export class BundleMissing extends Error {
 /** The stored code of a bundle, or null when there is none. */
 export type BundleSource = (hash: string) => Promise<string | null>;
 
-/** Source maps kept per process: the newest builds' (a reload with new code adds one each time). */
+/** Source maps kept per process: the newest used (a reload with new code adds one each time). */
 const MAX_SOURCE_MAPS = 64;
+
+/** The source map of a bundle, and whether this process built the bundle from its sources as they are now. */
+export interface BundleMap {
+  readonly map: TraceMap;
+  /** False: the map was stored with the bundle, whose sources may have changed since (a rollout's old code). */
+  readonly built: boolean;
+}
+
+/** A map as kept: its JSON until first used, then parsed (null when it did not parse). */
+interface KeptMap {
+  json: string | null;
+  parsed?: TraceMap | null;
+  readonly built: boolean;
+}
 
 /** Materialises stored bundles on demand, once per hash and process; keeps the maps of those it built. */
 export class BundleFiles {
   private readonly ready = new Map<string, Promise<string>>();
   private readonly known = new Map<string, string>();
-  /** Hash -> source map (JSON until first used, then parsed; null when it did not parse). */
-  private readonly maps = new Map<string, string | TraceMap | null>();
+  /** Hash -> source map, newest used last. */
+  private readonly maps = new Map<string, KeptMap>();
 
   constructor(
     /** Folder of the `<hash>.js` files (see `bundleDir`). */
@@ -104,6 +118,8 @@ export class BundleFiles {
     private readonly source: BundleSource,
     /** Told of a file found with other bytes than its name's (rewritten from the store). */
     private readonly log?: { warn(obj: object, msg: string): void },
+    /** The source map stored with a bundle (store `bundleMap`), for bundles this process did not build. */
+    private readonly storedMap?: (hash: string) => Promise<string | null>,
   ) {}
 
   /** Code already in hand (just built), so `file` need not read the store. */
@@ -111,26 +127,39 @@ export class BundleFiles {
     this.known.set(hash, code);
   }
 
-  /**
-   * The source map of a bundle this process built (`buildBundle`), for its failures' stacks. Not
-   * stored: every start builds each type's bundle again, and a map is only ever read here.
-   */
+  /** The source map of a bundle this process built (`buildBundle`), for its failures' stacks. */
   rememberMap(hash: Blake3Hex, map: string): void {
+    this.keep(hash, { json: map, built: true });
+  }
+
+  /**
+   * The source map of bundle `hash`, parsed once: the one this process built it with, else the one
+   * stored with it; null when there is neither (a bundle stored before maps were) or it does not parse.
+   */
+  async sourceMap(hash: string): Promise<BundleMap | null> {
+    let kept = this.maps.get(hash);
+    if (!kept && this.storedMap) {
+      const json = await this.storedMap(hash).catch(() => null);
+      // Built meanwhile (a reload): that one wins.
+      kept = this.maps.get(hash) ?? this.keep(hash, { json, built: false });
+    }
+    if (!kept) return null;
+    if (kept.parsed === undefined) {
+      kept.parsed = kept.json === null ? null : parseSourceMap(kept.json);
+      kept.json = null;
+    }
+    return kept.parsed ? { map: kept.parsed, built: kept.built } : null;
+  }
+
+  /** Keep `map` for `hash` as the newest, dropping the least recently kept past MAX_SOURCE_MAPS. */
+  private keep(hash: string, map: KeptMap): KeptMap {
     this.maps.delete(hash);
     this.maps.set(hash, map);
     for (const old of this.maps.keys()) {
       if (this.maps.size <= MAX_SOURCE_MAPS) break;
       this.maps.delete(old);
     }
-  }
-
-  /** The source map of bundle `hash`, parsed once; null when this process did not build it. */
-  sourceMap(hash: string): TraceMap | null {
-    const map = this.maps.get(hash);
-    if (typeof map !== "string") return map ?? null;
-    const parsed = parseSourceMap(map);
-    this.maps.set(hash, parsed);
-    return parsed;
+    return map;
   }
 
   /** Path of the bundle's file, written from the store's copy if it is not there yet. */

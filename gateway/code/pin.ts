@@ -14,7 +14,9 @@ import type { BundleFiles } from "./files.ts";
 
 /** Where built bundles are kept (a `Store` satisfies it). */
 export interface BundleSink {
-  saveBundle(b: { hash: string; module: string; code: string; at: number }): Promise<void>;
+  saveBundle(b: { hash: string; module: string; code: string; at: number; map?: string | null }): Promise<void>;
+  /** Keep `map` for a stored bundle that has none. */
+  saveBundleMap(hash: string, map: string): Promise<void>;
 }
 
 /** What pinning needs. */
@@ -51,12 +53,15 @@ export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: 
     if (r.ok) {
       const kept = await olderBuildOf(previous?.bundles[t.name], r, d.files);
       if (kept === null) {
-        await d.sink.saveBundle({ hash: r.hash, module: t.module_path, code: r.code, at: d.now() });
+        await d.sink.saveBundle({ hash: r.hash, module: t.module_path, code: r.code, at: d.now(), map: r.map });
         d.files.remember(r.hash, r.code);
       }
       bundles[t.name] = kept ?? r.hash;
       // An older release's build of the same code differs in its import lines' text only: same lines.
-      if (r.map !== null) d.files.rememberMap(kept ?? r.hash, r.map);
+      if (r.map !== null) {
+        d.files.rememberMap(kept ?? r.hash, r.map);
+        if (kept !== null) await d.sink.saveBundleMap(kept, r.map);
+      }
       continue;
     }
     const first = r.error.split("\n")[0] ?? r.error;

@@ -16,6 +16,11 @@ export interface SourceNames {
   readonly fleetDir: string;
   /** The type's module as fleet.toml writes it: names the bundle where no line is given or known. */
   readonly module: string;
+  /**
+   * The bundle's hash when its map came from the store, not from a build of the sources as they are
+   * now: a position then says which code it is in (`agents/lib.ts:4:19 in bundle 1a2b3c4d5e6f`).
+   */
+  readonly storedBundle?: string;
 }
 
 /** A parsed map, or null when the JSON is not one. */
@@ -42,7 +47,8 @@ export function inSourceTerms(text: string, file: string, map: TraceMap | null, 
       ? originalPositionFor(map, { line: Number(line), column: Math.max(0, Number(column) - 1) })
       : null;
     if (!found || found.source === null) return `${names.module} (bundle line ${line}:${column})`;
-    return `${shown(found.source, names.fleetDir)}:${found.line}:${found.column + 1}`;
+    const where = `${shown(found.source, names.fleetDir)}:${found.line}:${found.column + 1}`;
+    return names.storedBundle ? `${where} in bundle ${names.storedBundle.slice(0, 12)}` : where;
   });
 }
 

@@ -115,7 +115,7 @@ export interface EpisodeDeps {
     bundle: { hash: string; file: string },
     sv: SpecVersion,
     type: string,
-  ) => string;
+  ) => Promise<string>;
   /** Episodes running now, this one included: a commit waits for others only while some run (`commitGatherMs`). */
   readonly running?: () => number;
   /** Publish a committed episode's outbox now (effects after commit). */
@@ -341,7 +341,7 @@ export class EpisodeExecutor {
     if (!result.ok && bundle !== null && code.error === null && this.d.inSourceTerms)
       result = {
         ...result,
-        message: this.d.inSourceTerms(result.message, { hash: bundle, file: code.module }, sv, agent.type),
+        message: await this.d.inSourceTerms(result.message, { hash: bundle, file: code.module }, sv, agent.type),
       };
     try {
       const endedAt = this.d.now();

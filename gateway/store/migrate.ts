@@ -639,6 +639,13 @@ const STORED_BYTES: readonly string[] = [
     DELETE FROM usage_totals WHERE "window" = OLD."window" AND type = ${usageType("OLD")} AND agents <= 0; END`,
 ];
 
+/**
+ * Each bundle keeps the source map it was built with (docs/upgrading.md), so a failure in code
+ * this process did not build (a rollout's old bundle after a restart, an episode pinned to code
+ * edited since) still names the author's files and lines. Bundles stored before have none.
+ */
+const BUNDLE_MAPS: readonly string[] = [`ALTER TABLE bundles ADD COLUMN map TEXT`];
+
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
   { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
@@ -675,6 +682,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 33, name: "queued stimuli found through the queue book", statements: NO_QUEUE_INDEX },
   { version: 34, name: "tombstone frontier of chains collected before 29", statements: TOMBSTONE_FRONTIER_BACKFILL },
   { version: 35, name: "bytes stored per budget window", statements: STORED_BYTES },
+  { version: 36, name: "bundles keep their source maps", statements: BUNDLE_MAPS },
 ];
 
 /** The schema version this code writes. */

@@ -50,6 +50,8 @@ export const bundles = sqliteTable("bundles", {
   code: text("code").notNull(),
   bytes: integer("bytes").notNull(),
   createdAt: integer("created_at").notNull(),
+  /** The source map it was built with (JSON), for failures' stacks; null for bundles stored before 36. */
+  map: text("map"),
 });
 
 /** Durable agent status. `running`/`idle` are live states and are not stored. */

@@ -5,7 +5,7 @@
  * commit, failure, the per-turn reads) are raw SQL derived from the schema (./sql.ts,
  * ./episodes.ts); the rest goes through drizzle.
  */
-import { and, asc, desc, eq, gt, inArray, lt, count, min, sql } from "drizzle-orm";
+import { and, asc, desc, eq, gt, inArray, isNull, lt, count, min, sql } from "drizzle-orm";
 import type { Client, InValue, ResultSet } from "@libsql/client";
 import { openDb, GroupCommitter, type Db, type OpenDbOptions, type RawStatement, type SchemaUpgrade } from "./db.ts";
 import * as t from "./schema.ts";
@@ -268,8 +268,11 @@ export class Store {
 
   // ---- code bundles ----------------------------------------------------------------
 
-  /** Store a bundle by its hash (idempotent). */
-  async saveBundle(b: { hash: string; module: string; code: string; at: number }): Promise<void> {
+  /**
+   * Store a bundle by its hash (idempotent), with the source map it was built with: a bundle stored
+   * without one (by a release before migration 36) gets it now.
+   */
+  async saveBundle(b: { hash: string; module: string; code: string; at: number; map?: string | null }): Promise<void> {
     knowBundle(b.hash);
     await this.writer.write([
       this.db
@@ -281,9 +284,29 @@ export class Store {
           code: b.code,
           bytes: Buffer.byteLength(b.code),
           createdAt: b.at,
+          map: b.map ?? null,
         })
         .onConflictDoNothing(),
+      ...(b.map ? [this.bundleMapStatement(b.hash, b.map)] : []),
     ]);
+  }
+
+  /** Keep `map` as the source map of stored bundle `hash` where it has none (a no-op for a bundle not stored). */
+  async saveBundleMap(hash: string, map: string): Promise<void> {
+    await this.writer.write([this.bundleMapStatement(hash, map)]);
+  }
+
+  private bundleMapStatement(hash: string, map: string) {
+    return this.db
+      .update(t.bundles)
+      .set({ map })
+      .where(and(eq(t.bundles.hash, hash), isNull(t.bundles.map)));
+  }
+
+  /** A stored bundle's source map (JSON), or null when it has none or is not stored. */
+  async bundleMap(hash: string): Promise<string | null> {
+    const row = await this.db.select({ map: t.bundles.map }).from(t.bundles).where(eq(t.bundles.hash, hash)).get();
+    return row?.map ?? null;
   }
 
   /** The highest state version (`defineAgent({ version })`) of a head checkpoint of a `type` agent (1 at least). */
