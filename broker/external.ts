@@ -426,6 +426,7 @@ class ExternalBroker implements Broker {
         ? { expirySeconds: packet.properties.messageExpiryInterval }
         : {}),
       ...(packet.qos > 0 && typeof packet.messageId === "number" ? { messageId: packet.messageId } : {}),
+      ...hopsOf(packet.properties?.userProperties?.hops),
     };
     let verdict: IntakeVerdict;
     try {
@@ -505,6 +506,7 @@ class ExternalBroker implements Broker {
             userProperties: {
               [ORIGIN]: this.opts.clientId,
               ...(meta ? { episode: meta.episode, seq: String(meta.seq), agent: meta.agent } : {}),
+              ...(meta?.hops === undefined ? {} : { hops: String(meta.hops) }),
             },
           }
         : undefined;
@@ -647,4 +649,13 @@ export function publishPacketSize(
     props += 1 + 2 + Buffer.byteLength(k) + 2 + Buffer.byteLength(v);
   const remaining = 2 + Buffer.byteLength(topic) + (qos > 0 ? 2 : 0) + varintBytes(props) + props + payloadBytes;
   return 1 + varintBytes(remaining) + remaining;
+}
+
+/**
+ * A forwarded send's `hops` user property: a whole number of at most 6 digits, else nothing (its
+ * count starts here).
+ */
+function hopsOf(v: string | string[] | undefined): { hops?: number } {
+  const text = Array.isArray(v) ? v[0] : v;
+  return text !== undefined && /^\d{1,6}$/.test(text) ? { hops: Number(text) } : {};
 }

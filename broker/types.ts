@@ -20,6 +20,11 @@ export interface PublishedMessage {
   readonly dup?: boolean;
   /** MQTT 5 Message Expiry Interval as delivered (seconds left); absent when the message has none. */
   readonly expirySeconds?: number;
+  /**
+   * A forwarded `ctx.send`'s count of the sends that led to it, this one included (MQTT 5 user property
+   * `hops`, docs/shards.md); absent when the sender did not say (MQTT 3.1.1, older releases).
+   */
+  readonly hops?: number;
 }
 
 /**
@@ -41,6 +46,8 @@ export interface PublishMeta {
   readonly episode: string;
   readonly seq: number;
   readonly agent: string;
+  /** A forwarded send's count of the sends that led to it, this one included (`PublishedMessage.hops`). */
+  readonly hops?: number;
 }
 
 /** Who sent a packet. `id` is the MQTT client id; `username` is null for anonymous clients. */

@@ -383,7 +383,9 @@ export class Gateway {
     // Sessions of shards a reshard left out of the layout: shard 1's first start ends them (docs/shards.md).
     const drop = spec.broker.external ? await sessionsToDrop(this.store, spec.broker.external.client_id) : [];
     this.broker = this.createBroker(spec, drop);
-    this.effects = new Effects(this.store, this.broker, this.log);
+    this.effects = new Effects(this.store, this.broker, this.log, {
+      forwardHops: (episode) => this.store.forwardHops(episode, 4 * (this.current.spec.fleet.max_send_hops + 1)),
+    });
     await this.broker.start();
     this.tokens = new TokenAuth(join(this.dataDir, TOKENS_FILE), {
       log: this.log.child({ mod: "auth" }),

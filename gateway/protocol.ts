@@ -6,6 +6,8 @@ export const topics = {
   /** A `ctx.send` forwarded to the shard that owns its target (docs/shards.md). */
   send: (type: string, key: string, episode: string, n: number) => `fleet/sends/${type}/${key}/${episode}/${n}`,
   sends: "fleet/sends/#",
+  /** What every forwarded send's topic starts with. */
+  sendsPrefix: "fleet/sends/",
   episodes: "fleet/episodes",
   health: "fleet/health",
   /** A shard's own retained health (docs/shards.md): on `fleet/health` the shards overwrite each other. */

@@ -109,6 +109,8 @@ export interface NewStimulus {
   readonly expiresAt?: number | null;
   /** A valid W3C `traceparent` the stimulus arrived with. */
   readonly traceparent?: string | null;
+  /** A send another shard forwarded: the sends that led to it, this one included (`stimuli.hops`). */
+  readonly hops?: number | null;
 }
 
 const TRACEPARENT_RE = /^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$/;

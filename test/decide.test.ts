@@ -77,6 +77,7 @@ function head(over: Partial<StimulusRow> = {}): StimulusRow {
     doneAt: null,
     expiresAt: null,
     traceparent: null,
+    hops: null,
     ...over,
   };
 }

@@ -240,6 +240,51 @@ describe("two shards on one Mosquitto", () => {
   );
 
   test(
+    "under MQTT 5 a rally between agents of different shards stops at max_send_hops: forwards carry the count",
+    async () => {
+      const mq = await Mosquitto.start();
+      brokers.push(mq);
+      const pingpong = fixture("pingpong");
+      const toml = (i: number) =>
+        fleetHeader("shards-hops", {
+          fleet: `shard = ${q(`${i}/2`)}\nmax_send_hops = 5`,
+          broker: `url = ${q(mq.url)}\nclient_id = "gw-shards-hops"\nmqtt_version = "5"`,
+        }) +
+        agentType("a", pingpong, ["a/+/in"], { extra: 'tools = ["send"]\n' }) +
+        agentType("b", pingpong, ["b/+/in"], { extra: 'tools = ["send"]\n' });
+      const [one, two] = [new TestFleet(toml(1)), new TestFleet(toml(2))];
+      await Promise.all([one.start(), two.start()]);
+      const owned = (type: string, shard: number) => {
+        for (let n = 0; ; n++) if (ownerShard(`${type}/k${n}`, 2) === shard) return `${type}/k${n}`;
+      };
+      const [a, b] = [owned("a", 1), owned("b", 2)];
+      const device = await client(mq.url, "device-hops");
+      await device.publishAsync(`a/${a.slice(2)}/in`, JSON.stringify({ to: b, n: 0 }), { qos: 1 });
+      // a runs the reading (n = 0, no send before it), b n = 1, a 2, b 3, a 4, and b 5, whose send
+      // would be the 6th: denied, though every ball crossed between the shards.
+      const rally = await two.waitCommitted(b, 3, 120_000);
+      await one.waitCommitted(a, 3, 60_000);
+      const [stopped] = await two.decisions(rally[0]!.id); // the newest
+      expect(stopped).toMatchObject({ name: "stopped", data: { n: 5 } });
+      expect((stopped!.data as { reason: string }).reason).toContain(
+        "this episode's stimulus is already 5 sends from where it came into the fleet ([fleet] max_send_hops = 5)",
+      );
+      await Bun.sleep(1000);
+      expect(await one.waitCommitted(a, 3)).toHaveLength(3);
+      expect(await two.waitCommitted(b, 3)).toHaveLength(3);
+      // What each forward carried: 1, 3 and 5 sends reached b; 2 and 4 reached a.
+      const carried = async (fleet: TestFleet, agent: string) =>
+        (await fleet.query<{ hops: number }>("SELECT hops FROM stimuli WHERE agent = ? AND kind = 'inbox'", [agent]))
+          .map((r) => r.hops)
+          .sort();
+      expect(await carried(two, b)).toEqual([1, 3, 5]);
+      expect(await carried(one, a)).toEqual([2, 4]);
+      await Promise.all([one.stop(), two.stop()]);
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
     "HTTP stimuli for another shard's agent are refused with 421 naming the owner; the owner takes them",
     async () => {
       const mq = await Mosquitto.start();

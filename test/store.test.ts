@@ -180,6 +180,7 @@ const FULL_ROWS: [SQLiteTable, Record<string, unknown>][] = [
       doneAt: T0 + 2000,
       expiresAt: T0 + 60_000,
       traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+      hops: 3,
     },
   ],
   [
@@ -938,6 +939,32 @@ describe("commitEpisode", () => {
       await store.commitEpisode(episodeCommit(episode, seq, "id:1", 1, HASH("a"), null));
       const rows = await store.pendingOutbox();
       expect(rows.map((r) => [r.episode, r.agent])).toEqual([[episode, aid("temp/boiler-1")]]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("a send another shard forwarded counts the hops it carried; a forward from here carries one more", async () => {
+    const store = await open(freshPath());
+    try {
+      // Sent by an episode of the other shard (not in this store), 3 sends from where its rally began.
+      const there = "01a240b5-0260-70d5-9744-cb21174350c9";
+      const forwarded = { ...stim(`inbox:${there}:0`), kind: "inbox" as const, hops: 3 };
+      const seq = await intakeOne(store, forwarded);
+      expect(await store.sendHops(forwarded.sid, 20)).toBe(3);
+      // The same forward again (outputs go at least once) keeps the count it came with.
+      await store.intake([{ ...forwarded, hops: 9 }]);
+      expect(await store.sendHops(forwarded.sid, 20)).toBe(3);
+      // One that carried no count (MQTT 3.1.1, an older release) is one send, as before.
+      const bare = stim(`inbox:${there}:1`);
+      await intakeOne(store, bare);
+      expect(await store.sendHops(bare.sid, 20)).toBe(1);
+      // An episode here that ran the forwarded message: its sends are 4 hops out, here or forwarded on.
+      const here = "01a240b5-0261-70d5-9744-cb21174350c9";
+      await store.commitEpisode(episodeCommit(here, seq, forwarded.sid, 1, HASH("a"), null));
+      expect(await store.sendHops(`inbox:${here}:0`, 20)).toBe(4);
+      expect(await store.forwardHops(here, 20)).toBe(4);
+      expect(await store.forwardHops("01a240b5-0262-70d5-9744-cb21174350c9", 20)).toBeNull();
     } finally {
       await store.close();
     }

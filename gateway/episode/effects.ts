@@ -17,6 +17,7 @@
 import type { Logger } from "pino";
 import { type Broker, type PublishMeta, PublishRefused } from "../../broker/index.ts";
 import type { OutboxRow, Store } from "../store/index.ts";
+import { topics } from "../protocol.ts";
 
 /** An outbox row as the drain reads it: with its episode's agent when the store knows it. */
 export type PendingEffect = OutboxRow & { readonly agent?: string | null };
@@ -47,6 +48,11 @@ export interface EffectsOptions {
   readonly retryMs?: number;
   readonly retryMaxMs?: number;
   readonly setTimeout?: (fn: () => void, ms: number) => unknown;
+  /**
+   * What a send of `episode` forwarded to another shard carries: the sends that led to it (store
+   * `forwardHops`; docs/shards.md). Without it, or null, a forward carries no count.
+   */
+  readonly forwardHops?: (episode: string) => Promise<number | null>;
 }
 
 /** The outbox dispatcher. */
@@ -85,6 +91,7 @@ export class Effects {
       deleteDelayMs: opts.deleteDelayMs ?? 250,
       retryMs: opts.retryMs ?? 1000,
       retryMaxMs: opts.retryMaxMs ?? 30_000,
+      forwardHops: opts.forwardHops ?? (async () => null),
       setTimeout:
         opts.setTimeout ??
         ((fn, ms) => {
@@ -190,10 +197,11 @@ export class Effects {
    */
   private async send(episode: string, r: CommittedEffect, agent: string | null): Promise<void> {
     try {
+      const hops = r.topic.startsWith(topics.sendsPrefix) ? await this.opts.forwardHops(episode) : null;
       await this.broker.publish(r.topic, r.payload, {
         qos: r.qos === 0 ? 0 : 1,
         retain: r.retain,
-        ...metaOf(episode, r.seq, agent),
+        ...metaOf(episode, r.seq, agent, hops),
       });
     } catch (err) {
       if (!(err instanceof PublishRefused)) throw err;
@@ -259,7 +267,11 @@ export class Effects {
   }
 }
 
-/** Who produced an output (MQTT 5 user properties in external mode); nothing when the agent is unknown. */
-function metaOf(episode: string, seq: number, agent: string | null): { meta?: PublishMeta } {
-  return agent === null ? {} : { meta: { episode, seq, agent } };
+/**
+ * Who produced an output (MQTT 5 user properties in external mode), and for a forwarded send the sends
+ * that led to it; nothing when the agent is unknown.
+ */
+function metaOf(episode: string, seq: number, agent: string | null, hops: number | null): { meta?: PublishMeta } {
+  if (agent === null) return {};
+  return { meta: { episode, seq, agent, ...(hops === null ? {} : { hops }) } };
 }

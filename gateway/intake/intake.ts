@@ -250,7 +250,7 @@ export class Intake {
     if (route.forwarded) {
       // A send from another shard: the id and topic a send within one gateway has.
       const { sid, topic } = route.forwarded;
-      const report = await this.record(route.targets, kind, topic, msg.payload, sid);
+      const report = await this.record(route.targets, kind, topic, msg.payload, sid, { hops: msg.hops ?? null });
       return report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0
         ? refusal(report)
         : { ok: true };
@@ -324,6 +324,8 @@ export class Intake {
       readonly traceparent?: string | null;
       /** The payload as JSON, when the caller parsed it already (undefined: not JSON). */
       readonly parsed?: unknown;
+      /** A forwarded send's count of the sends that led to it (`PublishedMessage.hops`). */
+      readonly hops?: number | null;
     } = {},
   ): Promise<IntakeReport> {
     const refused: Refusal[] = [];
@@ -350,6 +352,7 @@ export class Intake {
         receivedAt: at,
         expiresAt: opts.expiresAt ?? null,
         traceparent: opts.traceparent ?? null,
+        ...(typeof opts.hops === "number" ? { hops: opts.hops } : {}),
       });
     }
     if (refused.length > 0) this.refusals.note(refused, kind, topic);

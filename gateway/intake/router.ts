@@ -122,7 +122,7 @@ function createFleetRouter(spec: FleetSpec): (topic: string) => Route {
   }));
   const sharded = spec.fleet.shard !== null;
   return (topic) => {
-    if (sharded && topic.startsWith(SENDS)) return forwardedSend(spec, topic);
+    if (sharded && topic.startsWith(topics.sendsPrefix)) return forwardedSend(spec, topic);
     const inbox = INBOX.exec(topic);
     if (inbox) {
       const [, typeName, key] = inbox as unknown as [string, string, string];
@@ -163,8 +163,6 @@ function refusedInbox(problem: string): Route {
   return { targets: [], inbox: true, problems: [problem], elsewhere: [] };
 }
 
-/** Where shards forward `ctx.send` messages for agents another shard owns. */
-const SENDS = "fleet/sends/";
 const SEND = /^fleet\/sends\/([^/]+)\/([^/]+)\/([0-9A-Za-z-]{1,64})\/(\d{1,6})$/;
 
 /**

@@ -32,8 +32,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "fleet.max_send_hops":
     "Most `ctx.send`s in a row from something that came into the fleet (a device's message, a timer, a webhook, " +
     "the CLI) to the message an episode runs: a send one further is denied (`ToolDenied`, recorded in the " +
-    "episode's log), which ends a loop of agents sending to each other. Wake-ups in between are followed; the " +
-    "count starts again at a shard boundary. 0 = no limit. Applies live.",
+    "episode's log), which ends a loop of agents sending to each other. Wake-ups in between are followed; a " +
+    "send forwarded to another shard carries the count under MQTT 5 (`broker.mqtt_version`), and starts it " +
+    "again under 3.1.1. 0 = no limit. Applies live.",
   "fleet.sandbox":
     'How episode subprocesses are isolated: "auto" picks the strongest available (see [sandbox.md](sandbox.md)).',
   "fleet.allow_weak_sandbox":

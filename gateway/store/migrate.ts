@@ -646,6 +646,13 @@ const STORED_BYTES: readonly string[] = [
  */
 const BUNDLE_MAPS: readonly string[] = [`ALTER TABLE bundles ADD COLUMN map TEXT`];
 
+/**
+ * A send another shard forwarded carries its count of the sends that led to it (docs/shards.md), so
+ * `[fleet] max_send_hops` bounds a loop between agents of different shards too. Null for every other
+ * stimulus (the count is then read from the local history).
+ */
+const FORWARDED_HOPS: readonly string[] = [`ALTER TABLE stimuli ADD COLUMN hops INTEGER`];
+
 export const MIGRATIONS: readonly Migration[] = [
   { version: 1, name: "initial schema", statements: INITIAL },
   { version: 2, name: "rejected messages", statements: REJECTED_MESSAGES },
@@ -683,6 +690,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 34, name: "tombstone frontier of chains collected before 29", statements: TOMBSTONE_FRONTIER_BACKFILL },
   { version: 35, name: "bytes stored per budget window", statements: STORED_BYTES },
   { version: 36, name: "bundles keep their source maps", statements: BUNDLE_MAPS },
+  { version: 37, name: "send hops carried across shards", statements: FORWARDED_HOPS },
 ];
 
 /** The schema version this code writes. */

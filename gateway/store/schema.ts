@@ -143,6 +143,8 @@ export const stimuli = sqliteTable(
     expiresAt: integer("expires_at"),
     /** W3C `traceparent` the stimulus arrived with (webhooks); its episode's span is that span's child. */
     traceparent: text("traceparent"),
+    /** A forwarded send's count of the sends that led to it (migration 37); null otherwise. */
+    hops: integer("hops"),
   },
   (t) => [
     uniqueIndex("stimuli_dedup").on(t.sid, t.agent),

@@ -566,6 +566,14 @@ export class Store {
         { sql: INSERTED_STIMULI, args: [run.length], when: (insert) => insert.rowsAffected < run.length },
       );
     }
+    // Forwarded sends' hop counts: few, so a statement of their own instead of a column in every insert.
+    const hops = all.filter((s) => typeof s.hops === "number");
+    if (hops.length > 0)
+      stmts.push({
+        sql: `UPDATE stimuli SET hops = h.value ->> 2 FROM json_each(?) AS h
+          WHERE stimuli.sid = h.value ->> 0 AND stimuli.agent = h.value ->> 1 AND stimuli.hops IS NULL`,
+        args: [JSON.stringify(hops.map((s) => [s.sid, s.agent, s.hops]))],
+      });
     // Each call's outcomes, from the results of the transaction they shared: a stimulus has the
     // seq its row was given; one whose (agent, sid) was there before, or earlier in the same
     // transaction, is a duplicate (the first of two equal stimuli got the row).
@@ -897,7 +905,8 @@ export class Store {
    * How many `ctx.send`s in a row led to the stimulus `sid`: its causes are walked back through the
    * episode that sent it (`inbox:<episode>:<n>`, one send each) or set it (`wake:<episode>.w<n>`, a
    * wake-up: no send), up to a stimulus from outside the fleet, a cause the history no longer holds
-   * (retention, or another shard's episode), or `maxSteps` episodes. One lookup by id per step.
+   * (retention, or another shard's episode: then the count a forwarded send carried, when it carried
+   * one), or `maxSteps` episodes. One lookup by id per step.
    */
   async sendHops(sid: string, maxSteps: number): Promise<number> {
     let hops = 0;
@@ -911,10 +920,37 @@ export class Store {
         .from(t.episodes)
         .where(eq(t.episodes.id, episode))
         .get();
-      if (!by) break;
+      if (!by) {
+        // Sent from another shard: the count it carried (this send included) stands for the history there.
+        if (sender) hops += Math.max(0, ((await this.forwardedHops(sid)) ?? 1) - 1);
+        break;
+      }
       sid = by.sid;
     }
     return hops;
+  }
+
+  /** The hop count a forwarded send `sid` carried (`stimuli.hops`), or null when it carried none. */
+  private async forwardedHops(sid: string): Promise<number | null> {
+    const rs = await this.client.execute({
+      sql: "SELECT hops FROM stimuli WHERE sid = ? AND hops IS NOT NULL LIMIT 1",
+      args: [sid],
+    });
+    const v = rs.rows[0]?.[0];
+    return v === undefined || v === null ? null : Number(v);
+  }
+
+  /**
+   * What a send of `episode` forwarded to another shard carries (docs/shards.md): the sends that led to
+   * the episode's stimulus, plus this one. Null when the episode is not in this store.
+   */
+  async forwardHops(episode: string, maxSteps: number): Promise<number | null> {
+    const by = await this.db
+      .select({ sid: t.episodes.stimulusId })
+      .from(t.episodes)
+      .where(eq(t.episodes.id, episode))
+      .get();
+    return by ? (await this.sendHops(by.sid, maxSteps)) + 1 : null;
   }
 
   /** An agent's episodes, newest first. */
