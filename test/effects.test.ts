@@ -5,7 +5,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import pino from "pino";
-import { Effects, type OutboxStore } from "../gateway/episode/index.ts";
+import { Effects, type EffectsOptions, type OutboxStore } from "../gateway/episode/index.ts";
 import type { OutboxRow } from "../gateway/store/index.ts";
 import { type PublishMeta, PublishRefused } from "../broker/index.ts";
 
@@ -18,14 +18,18 @@ class FakeOutbox implements OutboxStore {
   readonly agents = new Map<string, string>();
   private nextId = 1;
 
-  add(episode: string, n: number): { seq: number; topic: string; payload: string; qos: number; retain: boolean }[] {
+  add(
+    episode: string,
+    n: number,
+    topic = "fleet/agents/t/k/out",
+  ): { seq: number; topic: string; payload: string; qos: number; retain: boolean }[] {
     const out = [];
     for (let seq = 0; seq < n; seq++) {
       const row = {
         id: this.nextId++,
         episode,
         seq,
-        topic: `fleet/agents/t/k/out`,
+        topic,
         payload: `${episode}:${seq}`,
         qos: 1,
         retain: false,
@@ -89,11 +93,16 @@ class ManualTimers {
   }
 }
 
-function setup() {
+function setup(opts: EffectsOptions = {}) {
   const outbox = new FakeOutbox();
   const broker = new FakeBroker();
   const timers = new ManualTimers();
-  const effects = new Effects(outbox, broker, log, { setTimeout: timers.setTimeout, retryMs: 100, retryMaxMs: 400 });
+  const effects = new Effects(outbox, broker, log, {
+    setTimeout: timers.setTimeout,
+    retryMs: 100,
+    retryMaxMs: 400,
+    ...opts,
+  });
   return { outbox, broker, timers, effects };
 }
 
@@ -126,6 +135,26 @@ describe("effects", () => {
       undefined,
       { episode: "e1", seq: 0, agent: "t/k2" },
       { episode: "e1", seq: 1, agent: "t/k2" },
+    ]);
+  });
+
+  test("a send forwarded to another shard carries its episode's hop count; other outputs none", async () => {
+    const { outbox, broker, effects } = setup({
+      forwardHops: async (episode) => {
+        if (episode === "unread") throw new Error("store closed");
+        return episode === "e2" ? 3 : null;
+      },
+    });
+    effects.publishCommitted("e1", outbox.add("e1", 1), "a/k");
+    effects.publishCommitted("e2", outbox.add("e2", 1, "fleet/sends/b/k/e2/0"), "a/k");
+    // A count that cannot be read: the forward still goes, without one (its owner counts from 1).
+    effects.publishCommitted("unread", outbox.add("unread", 1, "fleet/sends/b/k/unread/0"), "a/j");
+    await settle();
+    // Another agent's output does not wait for a/k's: by episode.
+    expect(broker.metas.toSorted((x, y) => x!.episode.localeCompare(y!.episode))).toEqual([
+      { episode: "e1", seq: 0, agent: "a/k" },
+      { episode: "e2", seq: 0, agent: "a/k", hops: 3 },
+      { episode: "unread", seq: 0, agent: "a/j" },
     ]);
   });
 

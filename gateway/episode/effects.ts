@@ -197,7 +197,10 @@ export class Effects {
    */
   private async send(episode: string, r: CommittedEffect, agent: string | null): Promise<void> {
     try {
-      const hops = r.topic.startsWith(topics.sendsPrefix) ? await this.opts.forwardHops(episode) : null;
+      // A count that cannot be read leaves the forward without one (its owner counts from 1), not unsent.
+      const hops = r.topic.startsWith(topics.sendsPrefix)
+        ? await this.opts.forwardHops(episode).catch(() => null)
+        : null;
       await this.broker.publish(r.topic, r.payload, {
         qos: r.qos === 0 ? 0 : 1,
         retain: r.retain,
