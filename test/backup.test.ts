@@ -18,13 +18,13 @@ import {
 } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
 import { ROOT, SyntheticFleet } from "./helpers/ops.ts";
 import { agentBlock, policyAgent } from "./helpers/policy.ts";
 import { fleetHeader } from "./helpers/toml.ts";
-import { DataDirInUse, Gateway } from "../gateway/gateway.ts";
+import { DataDirInUse } from "../gateway/gateway.ts";
 import { backupDatabase, restoreDatabase } from "../gateway/ops/index.ts";
 import { MIGRATIONS, migrate, SCHEMA_VERSION } from "../gateway/store/index.ts";
+import { inProcessGateway } from "./helpers/in-process.ts";
 
 const FIXTURE = join(import.meta.dir, "fixtures/datadir-v1/fleet.db");
 
@@ -163,8 +163,7 @@ describe("restore holds the data dir", () => {
     const data = join(dir, "restored");
     const configPath = join(dir, "fleet.toml");
     writeFileSync(configPath, fleetHeader("restored") + agentBlock("steady", policyAgent("steady")));
-    const gateway = () =>
-      new Gateway({ configPath, dataDir: data, mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }) });
+    const gateway = () => inProcessGateway(configPath, data);
     const script = `const { restoreDatabase } = await import(${JSON.stringify(join(ROOT, "gateway/ops/index.ts"))});
       await restoreDatabase(${JSON.stringify(file)}, ${JSON.stringify(data)}, false);`;
     const restore = Bun.spawn(["bun", "-e", script], { stdout: "ignore", stderr: "pipe" });

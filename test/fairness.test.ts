@@ -6,9 +6,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { Gateway } from "../gateway/gateway.ts";
-import { readLocalToken } from "../gateway/auth/index.ts";
+import type { Gateway } from "../gateway/gateway.ts";
 import { authed, fixture, waitFor } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
 import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
@@ -19,6 +17,7 @@ import {
   FLOODED_GROUP_NICE,
   idleSpawnOptions,
 } from "../gateway/episode/index.ts";
+import { apiOf, inProcessGateway } from "./helpers/in-process.ts";
 
 /** A gateway in this process on a fleet.toml of its own, and its HTTP API. */
 class Fleet {
@@ -32,15 +31,10 @@ class Fleet {
   static async start(toml: string): Promise<Fleet> {
     const dir = mkdtempSync(join(tmpdir(), "fleet-fairness-"));
     writeFileSync(join(dir, "fleet.toml"), toml);
-    const gw = new Gateway({
-      configPath: join(dir, "fleet.toml"),
-      dataDir: join(dir, "data"),
-      mqttPort: 0,
-      httpPort: 0,
-      logger: pino({ level: "silent" }),
-    });
+    const gw = inProcessGateway(join(dir, "fleet.toml"), join(dir, "data"));
     await gw.start();
-    return new Fleet(dir, gw, `http://127.0.0.1:${gw.http.port}`, readLocalToken(join(dir, "data"))!);
+    const { base, token } = apiOf(gw, join(dir, "data"));
+    return new Fleet(dir, gw, base, token);
   }
 
   async stop(): Promise<void> {

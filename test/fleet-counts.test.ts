@@ -10,15 +10,14 @@ import { createClient } from "@libsql/client";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { Gateway } from "../gateway/gateway.ts";
+import type { Gateway } from "../gateway/gateway.ts";
 import { MIGRATIONS, Store, migrate } from "../gateway/store/index.ts";
 import { agentId, type AgentId, type StimulusId } from "../gateway/types.ts";
 import { agentStatusByType, queueByType, usageByType } from "../gateway/observe/index.ts";
-import { readLocalToken } from "../gateway/auth/index.ts";
 import { authed } from "./helpers/gateway.ts";
 import { sampleValue, samplesOf, scrape } from "./helpers/prom.ts";
 import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
+import { apiOf, inProcessGateway } from "./helpers/in-process.ts";
 
 const dirs: string[] = [];
 function tempDir(): string {
@@ -303,17 +302,9 @@ describe("fleet counts on a running gateway", () => {
   let token: string;
 
   async function start(): Promise<void> {
-    gw = new Gateway({
-      configPath: config,
-      dataDir: join(dir, "data"),
-      mqttPort: 0,
-      httpPort: 0,
-      logger: pino({ level: "silent" }),
-      now,
-    });
+    gw = inProcessGateway(config, join(dir, "data"), { now });
     await gw.start();
-    base = `http://127.0.0.1:${gw.http.port}`;
-    token = readLocalToken(join(dir, "data"))!;
+    ({ base, token } = apiOf(gw, join(dir, "data")));
   }
 
   beforeAll(async () => {

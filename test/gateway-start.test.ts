@@ -9,12 +9,12 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
 import { uidClaims } from "../gateway/episode/index.ts";
-import { DataDirInUse, Gateway } from "../gateway/gateway.ts";
+import { DataDirInUse } from "../gateway/gateway.ts";
 import { Store } from "../gateway/store/index.ts";
 import { agentBlock, policyAgent, uidClaimsWork } from "./helpers/policy.ts";
 import { fleetHeader } from "./helpers/toml.ts";
+import { inProcessGateway } from "./helpers/in-process.ts";
 
 let dir = "";
 const stops: (() => unknown)[] = [];
@@ -37,8 +37,7 @@ describe("a gateway whose start fails", () => {
     // after the database is open, the uids are claimed and the warm spares are spawned.
     const squatter = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
     stops.push(() => squatter.stop(true));
-    const gateway = (mqttPort: number) =>
-      new Gateway({ configPath, dataDir, mqttPort, httpPort: 0, logger: pino({ level: "silent" }) });
+    const gateway = (mqttPort: number) => inProcessGateway(configPath, dataDir, { mqttPort });
 
     const failed = gateway(squatter.port);
     const error = await failed.start().then(
@@ -67,8 +66,7 @@ describe("a gateway whose start fails", () => {
     chmodSync(dir, 0o755); // episodes run as other uids when root
     const configPath = join(dir, "fleet.toml");
     const dataDir = join(dir, "data");
-    const gateway = () =>
-      new Gateway({ configPath, dataDir, mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }) });
+    const gateway = () => inProcessGateway(configPath, dataDir);
     writeFileSync(configPath, fleetHeader("in-use") + agentBlock("steady", policyAgent("steady")));
     const first = gateway();
     await first.start();

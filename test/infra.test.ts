@@ -5,17 +5,17 @@
  * real libSQL file, real subprocesses once the "machine" is fixed.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
 import { defaultSpawnOptions, runEpisode } from "../gateway/episode/index.ts";
-import { Gateway } from "../gateway/gateway.ts";
+import type { Gateway } from "../gateway/gateway.ts";
 import { STATUS_COMMITTED } from "../gateway/store/index.ts";
 import { authed, openDbFile, waitFor } from "./helpers/gateway.ts";
 import { agentBlock, policyAgent } from "./helpers/policy.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
 import { fleetHeader } from "./helpers/toml.ts";
+import { apiOf, inProcessGateway } from "./helpers/in-process.ts";
 
 let dir: string;
 let gw: Gateway;
@@ -43,17 +43,9 @@ beforeAll(async () => {
       // One attempt: were an infra failure counted, the stimulus would be quarantined at once.
       agentBlock("steady", policyAgent("steady"), { extra: "retry = { max_attempts = 1 }\n" }),
   );
-  gw = new Gateway({
-    configPath: join(dir, "fleet.toml"),
-    dataDir: join(dir, "data"),
-    mqttPort: 0,
-    httpPort: 0,
-    logger: pino({ level: "silent" }),
-    spawn: { ...defaultSpawnOptions(), bun },
-  });
+  gw = inProcessGateway(join(dir, "fleet.toml"), join(dir, "data"), { spawn: { ...defaultSpawnOptions(), bun } });
   await gw.start();
-  base = `http://127.0.0.1:${gw.http.port}`;
-  token = readFileSync(join(dir, "data", "local-admin.token"), "utf8").trim();
+  ({ base, token } = apiOf(gw, join(dir, "data")));
 });
 
 afterAll(async () => {

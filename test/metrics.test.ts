@@ -7,15 +7,14 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { Gateway } from "../gateway/gateway.ts";
+import type { Gateway } from "../gateway/gateway.ts";
 import { agentId, type AgentId } from "../gateway/types.ts";
 import { FleetMetrics, type MetricsHost, RollingCounts } from "../gateway/observe/index.ts";
 import { FleetEvents } from "../gateway/events.ts";
 import { authed, connectMqtt, publishQos1, subscribe, TestFleet, waitFor } from "./helpers/gateway.ts";
-import { readLocalToken } from "../gateway/auth/index.ts";
 import { parseExposition, sampleValue, samplesOf, scrape, type Exposition } from "./helpers/prom.ts";
 import { counterType, fleetHeader, throwerType } from "./helpers/toml.ts";
+import { apiOf, inProcessGateway } from "./helpers/in-process.ts";
 
 const TOML =
   fleetHeader("metrics-test") +
@@ -64,18 +63,9 @@ beforeAll(async () => {
   const began = Date.now();
   const hourStart = Math.floor(began / 3_600_000) * 3_600_000 + 60_000;
   const now = () => hourStart + (Date.now() - began);
-  gw = new Gateway({
-    configPath: join(dir, "fleet.toml"),
-    dataDir: join(dir, "data"),
-    mqttPort: 0,
-    httpPort: 0,
-    logger: pino({ level: "silent" }),
-    healthIntervalMs: 250,
-    now,
-  });
+  gw = inProcessGateway(join(dir, "fleet.toml"), join(dir, "data"), { healthIntervalMs: 250, now });
   await gw.start();
-  base = `http://127.0.0.1:${gw.http.port}`;
-  token = readLocalToken(join(dir, "data"))!;
+  ({ base, token } = apiOf(gw, join(dir, "data")));
 });
 
 afterAll(async () => {
@@ -311,18 +301,10 @@ describe("retention metrics", () => {
         counterType("counter", "m/+/in") +
         "\n[retention]\nepisodes_days = 0.00002\ndedup_days = 0.00002\nredelivery_minutes = 0.01\n",
     );
-    const rgw = new Gateway({
-      configPath: join(rdir, "fleet.toml"),
-      dataDir: join(rdir, "data"),
-      mqttPort: 0,
-      httpPort: 0,
-      logger: pino({ level: "silent" }),
-      gcIntervalMs: 200,
-    });
+    const rgw = inProcessGateway(join(rdir, "fleet.toml"), join(rdir, "data"), { gcIntervalMs: 200 });
     try {
       await rgw.start();
-      const rbase = `http://127.0.0.1:${rgw.http.port}`;
-      const rtoken = readLocalToken(join(rdir, "data"))!;
+      const { base: rbase, token: rtoken } = apiOf(rgw, join(rdir, "data"));
       const fresh = await scrape(rbase);
       for (const kind of ["episodes", "checkpoints", "tombstoned", "stimuli", "usage_rows", "bundles"])
         expect(sampleValue(fresh, "fleet_retention_collected_total", { kind })).toBe(0);

@@ -8,7 +8,6 @@ import { chmodSync, copyFileSync, cpSync, existsSync, mkdtempSync, readFileSync,
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import pino from "pino";
-import { Gateway } from "../gateway/gateway.ts";
 import { defaultSpawnOptions } from "../gateway/episode/index.ts";
 import { replayEpisode, verifyStore } from "../gateway/ops/index.ts";
 import {
@@ -28,6 +27,7 @@ import {
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
+import { inProcessGateway } from "./helpers/in-process.ts";
 
 const FIXTURE = join(import.meta.dir, "fixtures/datadir-v1/fleet.db");
 const dirs: string[] = [];
@@ -116,7 +116,7 @@ describe("schema migrations", () => {
     writeFileSync(configPath, fleetHeader("upgrade") + counterType("counter", "c/+/in"));
     const lines: { msg?: string }[] = [];
     const logger = pino({ level: "info" }, { write: (line: string) => lines.push(JSON.parse(line)) });
-    const gateway = new Gateway({ configPath, dataDir: dir, mqttPort: 0, httpPort: 0, logger });
+    const gateway = inProcessGateway(configPath, dir, { logger });
     await gateway.start();
     await gateway.stop();
     const upgraded = lines.filter((l) => l.msg?.startsWith("data dir upgraded"));

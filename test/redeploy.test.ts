@@ -8,10 +8,9 @@ import { afterAll, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { Gateway } from "../gateway/gateway.ts";
 import { agentId } from "../gateway/types.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
+import { inProcessGateway } from "./helpers/in-process.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-redeploy-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -20,13 +19,7 @@ test("a reload cut short after its adoption is finished by the next reload of th
   const config = join(dir, "fleet.toml");
   const first = fleetHeader("redeploy-test") + counterType("counter", "c/+/in", { instances: ["a"] });
   writeFileSync(config, first);
-  const gw = new Gateway({
-    configPath: config,
-    dataDir: join(dir, "data"),
-    mqttPort: 0,
-    httpPort: 0,
-    logger: pino({ level: "silent" }),
-  });
+  const gw = inProcessGateway(config, join(dir, "data"));
   await gw.start();
   try {
     const before = (await gw.health()).spec_version;

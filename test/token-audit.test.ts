@@ -7,13 +7,12 @@ import { afterEach, expect, test } from "bun:test";
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
 import { addToken, revokeToken, TOKENS_FILE } from "../gateway/auth/index.ts";
-import { Gateway } from "../gateway/gateway.ts";
 import { listAudit, Store } from "../gateway/store/index.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { agentBlock, policyAgent } from "./helpers/policy.ts";
 import { fleetHeader } from "./helpers/toml.ts";
+import { inProcessGateway } from "./helpers/in-process.ts";
 
 let dir = "";
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
@@ -25,7 +24,7 @@ function setup() {
   writeFileSync(configPath, fleetHeader("token-audit") + agentBlock("steady", policyAgent("steady")));
   const dataDir = join(dir, "data");
   const run = async (between: () => unknown = () => {}) => {
-    const gw = new Gateway({ configPath, dataDir, mqttPort: 0, httpPort: 0, logger: pino({ level: "silent" }) });
+    const gw = inProcessGateway(configPath, dataDir);
     await gw.start();
     await between();
     await gw.stop();
