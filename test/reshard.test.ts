@@ -282,8 +282,23 @@ describe("fleet reshard", () => {
     expect([sibling.code, sibling.stderr]).toEqual([1, expect.stringContaining("point data_dir at shard 2/2's")]);
     const unsharded = await start(null);
     expect([unsharded.code, unsharded.stderr]).toEqual([1, expect.stringContaining("fleet.toml says unsharded")]);
-    // Shrinking 2 -> 1 leaves shard 2's session: the new dir's gateway ends it (and -shard-1: it runs unsharded).
-    expect((await reshard([s1, join(root, "s2")], 1, join(root, "one"))).ended_sessions).toEqual([1, 2]);
+    // Shrinking 2 -> 1 leaves shard 2's session: the new dir's gateway ends it (and -shard-1: it runs unsharded),
+    // and the unsharded <client_id> has no session yet: said so.
+    const shrunk = await reshard([s1, join(root, "s2")], 1, join(root, "one"));
+    expect([shrunk.ended_sessions, shrunk.new_sessions]).toEqual([[1, 2], [0]]);
+    // Growing 2 -> 3: shard 3 has no session yet; nothing to end.
+    const grown3 = await reshard([s1, join(root, "s2")], 3, join(root, "three"));
+    expect([grown3.ended_sessions, grown3.new_sessions]).toEqual([[], [3]]);
+    const said = await runCli([
+      "reshard",
+      "--from",
+      `${s1},${join(root, "s2")}`,
+      "--to",
+      "3",
+      "--out",
+      join(root, "t"),
+    ]);
+    expect(said.stdout).toContain("the broker has no session <client_id>-shard-3 yet");
     const one = await Store.open(join(root, "one1", "fleet.db"), { synchronous: "normal", readonly: true });
     try {
       expect(await sessionsToDrop(one, "gw-plant")).toEqual(["gw-plant-shard-1", "gw-plant-shard-2"]);

@@ -23,7 +23,14 @@ function describe(r: ReshardReport): string {
     ...(r.ended_sessions.length > 0
       ? [
           `the first start of shard 1 ends the broker sessions the old layout had and the new one does not use ` +
-            `(${r.ended_sessions.map((i) => (i === 0 ? "<client_id>" : `<client_id>-shard-${i}`)).join(", ")}).`,
+            `(${sessionNames(r.ended_sessions)}).`,
+        ]
+      : []),
+    ...(r.new_sessions.length > 0
+      ? [
+          `the broker has no session ${sessionNames(r.new_sessions)} yet: readings published for ` +
+            "those agents before that gateway first connects are queued for nobody. Keep the publishers stopped " +
+            "until it runs, or create the session now with every filter of the fleet (docs/shards.md).",
         ]
       : []),
     r.verified
@@ -32,6 +39,11 @@ function describe(r: ReshardReport): string {
         : `every chain verifies. Start shard i with [fleet] shard = "i/${r.to}" and its data dir.`
       : "some chains do NOT verify: keep the source data dirs and do not start these.",
   ].join("\n");
+}
+
+/** Broker sessions by shard index, as the broker knows them (0: the unsharded gateway's). */
+function sessionNames(indexes: readonly number[]): string {
+  return indexes.map((i) => (i === 0 ? "<client_id>" : `<client_id>-shard-${i}`)).join(", ");
 }
 
 /** `fleet reshard --from DIR1,DIR2,… --to N --out PREFIX [--partial]`. */

@@ -55,6 +55,12 @@ export interface ReshardReport {
    * `<client_id>`): the first start of new shard 1 ends them.
    */
   readonly ended_sessions: readonly number[];
+  /**
+   * Sessions the new layout uses that the old one did not have (shard indexes; 0: the unsharded
+   * `<client_id>`): none exists on the broker until that gateway first connects, so readings published
+   * for its agents before then are queued for nobody (docs/shards.md). Empty when no source says its layout.
+   */
+  readonly new_sessions: readonly number[];
 }
 
 /** How `reshard` runs. */
@@ -188,7 +194,9 @@ export async function reshard(
       shift += max;
     }
     const report: ReshardTarget[] = [];
-    const drop = leftSessions([...layouts.values()], unsharded, count);
+    const had = hadSessions([...layouts.values()], unsharded);
+    const drop = [...had].filter((i) => !usesSession(count, i)).sort((x, y) => x - y);
+    const fresh = had.size === 0 ? [] : sessionsOf(count).filter((i) => !had.has(i));
     for (const [i, store] of targets.entries()) {
       // Until its gateway first starts on it, the new dir says which shard it is (a later reshard reads it).
       await store.setMeta(RESHARD_SHARD, `${i + 1}/${count}`);
@@ -204,6 +212,7 @@ export async function reshard(
       verified: report.every((t) => t.problems.length === 0),
       left_out: leftOut,
       ended_sessions: drop,
+      new_sessions: fresh,
     };
   } catch (err) {
     for (const t of targets) await t.close().catch(() => undefined);
@@ -244,16 +253,23 @@ export async function storedShard(store: Store): Promise<StoredShard> {
 }
 
 /**
- * The broker sessions the old layout had and the new one of `count` shards does not use (shard indexes;
- * 0 for the unsharded `<client_id>`). Each would go on queueing every message of the fleet, and a later
- * layout with that index would run its stale queue again.
+ * The broker sessions the old layout had (shard indexes; 0 for the unsharded `<client_id>`). Those the
+ * new one does not use would go on queueing every message of the fleet, and a later layout with that
+ * index would run its stale queue again: the first start of new shard 1 ends them.
  */
-function leftSessions(old: readonly ShardSpec[], unsharded: boolean, count: number): number[] {
+function hadSessions(old: readonly ShardSpec[], unsharded: boolean): Set<number> {
   const had = new Set<number>(unsharded ? [0] : []);
   for (const s of old) for (let i = 1; i <= s.count; i++) had.add(i);
-  // One shard is run unsharded (`<client_id>`); the gateway never ends its own session either way.
-  const uses = (i: number) => (count === 1 ? i === 0 : i >= 1 && i <= count);
-  return [...had].filter((i) => !uses(i)).sort((a, b) => a - b);
+  return had;
+}
+
+/** The sessions a layout of `count` shards uses: one shard is run unsharded (`<client_id>`, index 0). */
+function sessionsOf(count: number): number[] {
+  return count === 1 ? [0] : Array.from({ length: count }, (_, i) => i + 1);
+}
+
+function usesSession(count: number, i: number): boolean {
+  return sessionsOf(count).includes(i);
 }
 
 /**
