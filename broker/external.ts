@@ -655,7 +655,7 @@ export function publishPacketSize(
  * A forwarded send's `hops` user property: a whole number of at most 6 digits, else nothing (its
  * count starts here).
  */
-function hopsOf(v: string | string[] | undefined): { hops?: number } {
+export function hopsOf(v: string | string[] | undefined): { hops?: number } {
   const text = Array.isArray(v) ? v[0] : v;
   return text !== undefined && /^\d{1,6}$/.test(text) ? { hops: Number(text) } : {};
 }

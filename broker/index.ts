@@ -15,7 +15,7 @@ export type {
 } from "./types.ts";
 export { PublishRefused } from "./types.ts";
 export { createEmbeddedBroker } from "./embedded.ts";
-export { createExternalBroker, type ExternalBrokerOptions, publishPacketSize } from "./external.ts";
+export { createExternalBroker, type ExternalBrokerOptions, hopsOf, publishPacketSize } from "./external.ts";
 export {
   checkDevicePublishTopic,
   checkTopicName,

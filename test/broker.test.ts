@@ -19,7 +19,7 @@ import {
   type ClientInfo,
   type PublishedMessage,
 } from "../broker/index.ts";
-import { compileFilter, publishPacketSize } from "../broker/index.ts";
+import { compileFilter, hopsOf, publishPacketSize } from "../broker/index.ts";
 import { remainingLength, seeded, within } from "./helpers/gateway.ts";
 
 const HOST = "127.0.0.1";
@@ -1187,6 +1187,17 @@ describe("compiled filters", () => {
       const compiled = compileFilter(f);
       for (const t of topics) expect({ f, t, m: compiled(t.split("/")) }).toEqual({ f, t, m: matchTopic(f, t) });
     }
+  });
+});
+
+describe("the hops user property of a forwarded send (external broker, MQTT 5)", () => {
+  test("a whole number of at most 6 digits is the count; anything else is no count (it starts again at 1)", () => {
+    expect(hopsOf("3")).toEqual({ hops: 3 });
+    expect(hopsOf("999999")).toEqual({ hops: 999999 });
+    // Sent twice, the first one counts.
+    expect(hopsOf(["2", "9"])).toEqual({ hops: 2 });
+    for (const junk of [undefined, "", "-1", "1.5", "1e3", " 4", "0x10", "1234567", "NaN", "four", []])
+      expect(hopsOf(junk)).toEqual({});
   });
 });
 

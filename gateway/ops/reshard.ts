@@ -195,7 +195,7 @@ export async function reshard(
     }
     const report: ReshardTarget[] = [];
     const had = hadSessions([...layouts.values()], unsharded);
-    const drop = [...had].filter((i) => !usesSession(count, i)).sort((x, y) => x - y);
+    const drop = [...had].filter((i) => !sessionsOf(count).includes(i)).sort((x, y) => x - y);
     const fresh = had.size === 0 ? [] : sessionsOf(count).filter((i) => !had.has(i));
     for (const [i, store] of targets.entries()) {
       // Until its gateway first starts on it, the new dir says which shard it is (a later reshard reads it).
@@ -266,10 +266,6 @@ function hadSessions(old: readonly ShardSpec[], unsharded: boolean): Set<number>
 /** The sessions a layout of `count` shards uses: one shard is run unsharded (`<client_id>`, index 0). */
 function sessionsOf(count: number): number[] {
   return count === 1 ? [0] : Array.from({ length: count }, (_, i) => i + 1);
-}
-
-function usesSession(count: number, i: number): boolean {
-  return sessionsOf(count).includes(i);
 }
 
 /**
