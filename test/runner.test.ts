@@ -1852,6 +1852,33 @@ describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares expect the 
   });
 });
 
+describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares that are ready go first", () => {
+  test("a ready spare is taken before the replacement still starting up that holds the agent's files", async () => {
+    const pool = new SparePool(2, BWRAP!, PROCS);
+    const files = agentFiles(fixture("records"), HOST_PATHS);
+    try {
+      pool.take(LIMITS); // primes two spares for no agent in particular
+      await waitUntil(() => pool.pids().length === 2, "two spares are up");
+      await waitUntil(() => pool.idle().every((h) => h.ready), "both spares said ready");
+      const first = pool.claim(LIMITS, files);
+      first.refill(); // its replacement holds the agent's files, and has not started up yet
+      expect(pool.idle(files).map(({ ready, holds }) => ({ ready, holds }))).toEqual([
+        { ready: true, holds: false },
+        { ready: false, holds: true },
+      ]);
+      const second = pool.claim(LIMITS, files);
+      second.refill();
+      expect(second.spare?.readyAt).not.toBeNull();
+      // The files are moved into the ready one's root: it serves the agent as the other would have.
+      second.spare?.prepare(files);
+      expect(second.spare?.holds(files)).toBe(true);
+      await Promise.all([first.spare?.kill(), second.spare?.kill()]);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
 describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares and npm packages", () => {
   test("an agent importing a package from its own app folder's node_modules runs from a warm spare", async () => {
     // An app folder of its own (node_modules folders are not committed), in /var/tmp: the sandbox's

@@ -495,9 +495,17 @@ export class SparePool {
     const key = this.keyOf(limits);
     for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
     this.spares = this.spares.filter((h) => h.alive);
-    // One already holding the agent's files first (nothing to move), else any for these limits.
-    const ready = this.spares.findIndex((h) => h.key === key && h.holds(files));
-    const i = ready >= 0 ? ready : this.spares.findIndex((h) => h.key === key);
+    // One that has said "ready" first: a spare still starting up (the replacement of the last one taken,
+    // slowed by the load that took it) can keep an episode waiting for tens of ms, while moving the
+    // agent's files into a ready one's root is a rename. Among those alike, one holding the files.
+    let i = -1;
+    let best = -1;
+    for (let j = 0; j < this.spares.length; j++) {
+      const h = this.spares[j]!;
+      if (h.key !== key) continue;
+      const rank = (h.readyAt !== null ? 2 : 0) + (h.holds(files) ? 1 : 0);
+      if (rank > best) [i, best] = [j, rank];
+    }
     const usable = i >= 0 && (files === null || !this.spawnOpts.bwrap || stageable(files));
     const spare = usable ? this.spares.splice(i, 1)[0]! : null;
     if (spare && this.spawnOpts.autogroup != null) setAutogroup(spare.pid, this.spawnOpts.autogroup);
@@ -547,6 +555,13 @@ export class SparePool {
   /** Process groups of the idle spares (each spare's pid leads its group). */
   pids(): number[] {
     return this.spares.filter((h) => h.alive).map((h) => h.pid);
+  }
+
+  /** The idle spares, oldest first: whether each has said "ready", and whether it holds `files`. */
+  idle(files: AgentFiles | null = null): { pid: number; ready: boolean; holds: boolean }[] {
+    return this.spares
+      .filter((h) => h.alive)
+      .map((h) => ({ pid: h.pid, ready: h.readyAt !== null, holds: h.holds(files) }));
   }
 
   /** Kill every spare (shutdown). */
