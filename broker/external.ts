@@ -5,7 +5,7 @@
  * subscriptions to the agents' topics, so the broker queues while the gateway is down, and
  * sends each PUBACK only after intake recorded the stimulus (mqtt.js `handleMessage`).
  */
-import { connect, type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+import { connect, type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient } from "mqtt";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import type { Logger } from "pino";
 import type {
@@ -310,15 +310,10 @@ class ExternalBroker implements Broker {
   private async subscribe(filters: readonly string[]): Promise<void> {
     const client = this.client;
     if (!client || filters.length === 0) return;
-    const v5 = this.opts.protocolVersion === 5;
-    const map = Object.fromEntries(
-      filters.map((f) => [f, v5 ? { qos: 1 as const, rh: 2 as const } : { qos: 1 as const }]),
-    );
     try {
-      const granted = await client.subscribeAsync(map);
-      const denied = granted.filter((g) => g.qos === 128 || (typeof g.qos === "number" && g.qos > 2));
-      for (const g of denied)
-        this.log.error({ filter: g.topic }, "broker refused the gateway's subscription (check its ACL)");
+      const denied = await subscribeQos1(client, filters, this.opts.protocolVersion === 5);
+      for (const filter of denied)
+        this.log.error({ filter }, "broker refused the gateway's subscription (check its ACL)");
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, "subscribe failed; retried on the next connection");
     }
@@ -619,6 +614,98 @@ function refusedForGood(err: Error): boolean {
 function isTlsRefusal(err: Error): boolean {
   const code = (err as { code?: unknown }).code;
   return typeof code === "string" && /CERT|UNABLE_TO_(VERIFY|GET_ISSUER)|HOSTNAME_MISMATCH/.test(code);
+}
+
+/**
+ * Subscribe `client` to `filters` with QoS 1 (under MQTT 5 without retained copies: Retain Handling 2),
+ * as a gateway's session is; resolves with the filters the broker refused in its SUBACK (reason code
+ * 0x80 or above: an ACL, most often). mqtt.js fails the whole call on such a code; the SUBACK it carries
+ * says which. Rejects when no SUBACK came (the connection closed).
+ */
+async function subscribeQos1(client: MqttClient, filters: readonly string[], v5: boolean): Promise<string[]> {
+  if (filters.length === 0) return [];
+  const map = Object.fromEntries(
+    filters.map((f) => [f, v5 ? { qos: 1 as const, rh: 2 as const } : { qos: 1 as const }]),
+  );
+  try {
+    await client.subscribeAsync(map);
+    return [];
+  } catch (err) {
+    // One SUBACK for the lot (no subscribeBatchSize is set): its codes in the order of the filters.
+    const granted = (err as { packet?: { granted?: unknown } }).packet?.granted;
+    if (!Array.isArray(granted) || granted.length !== filters.length) throw err;
+    return filters.filter((_, i) => typeof granted[i] === "number" && granted[i] >= 0x80);
+  }
+}
+
+/** How `prepareSessions` reaches the broker: as the gateway does (`ExternalBrokerOptions`). */
+export type SessionBrokerOptions = Pick<
+  ExternalBrokerOptions,
+  "url" | "username" | "password" | "ca" | "protocolVersion" | "connectTimeoutMs"
+>;
+
+/** One session `prepareSessions` made (or found). */
+export interface PreparedSession {
+  readonly clientId: string;
+  /** False when the broker had the session already (its subscriptions are renewed). */
+  readonly created: boolean;
+}
+
+/** A broker that refused `prepareSessions` its CONNECT, a subscription, or could not be reached. */
+export class SessionPrepareError extends Error {
+  override readonly name = "SessionPrepareError";
+}
+
+/**
+ * Give each of `clientIds` a persistent session on the broker subscribed (QoS 1) to `filters`, as
+ * a gateway with that client id would have it, then disconnect: the broker queues the fleet's
+ * messages for it from now on, until that gateway first connects and reads them (docs/shards.md).
+ * A session that exists already keeps its queue; its subscriptions are made again. Throws
+ * SessionPrepareError, naming the client id, at the first one that fails; those before it stay made.
+ */
+export async function prepareSessions(
+  o: SessionBrokerOptions,
+  clientIds: readonly string[],
+  filters: readonly string[],
+): Promise<PreparedSession[]> {
+  const v5 = o.protocolVersion === 5;
+  const done: PreparedSession[] = [];
+  for (const clientId of clientIds) {
+    const c = connect(o.url, {
+      protocolVersion: o.protocolVersion,
+      clientId,
+      clean: false,
+      reconnectPeriod: 0,
+      connectTimeout: o.connectTimeoutMs ?? 10_000,
+      resubscribe: false,
+      ...(o.username === null ? {} : { username: o.username }),
+      ...(o.password === null ? {} : { password: o.password }),
+      ...(o.ca === null ? {} : { ca: o.ca }),
+      ...(v5 ? { properties: { sessionExpiryInterval: NEVER } } : {}),
+    });
+    const fail = (why: string): never => {
+      throw new SessionPrepareError(`broker ${redact(o.url)}, session ${clientId}: ${why}`);
+    };
+    try {
+      const first = await Promise.race([
+        new Promise<IConnackPacket>((resolve) => c.once("connect", resolve)),
+        new Promise<Error>((resolve) => c.once("error", resolve)),
+        Bun.sleep(o.connectTimeoutMs ?? 10_000).then(() => "timeout" as const),
+      ]);
+      if (first === "timeout") fail("no CONNACK within the connect timeout");
+      if (first instanceof Error)
+        fail(isRefusal(first) ? `the broker refused the CONNECT: ${first.message}` : first.message);
+      const connack = first as IConnackPacket;
+      const denied = await subscribeQos1(c, filters, v5).catch((err: Error) =>
+        fail(`subscribing to the fleet's filters: ${err.message}`),
+      );
+      if (denied.length > 0) fail(`the broker refused the subscription to ${denied.join(", ")} (check its ACL)`);
+      done.push({ clientId, created: !connack.sessionPresent });
+    } finally {
+      await new Promise<void>((resolve) => c.end(false, {}, () => resolve()));
+    }
+  }
+  return done;
 }
 
 /** The URL without a password, for logs. */

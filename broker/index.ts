@@ -15,7 +15,16 @@ export type {
 } from "./types.ts";
 export { PublishRefused } from "./types.ts";
 export { createEmbeddedBroker } from "./embedded.ts";
-export { createExternalBroker, type ExternalBrokerOptions, hopsOf, publishPacketSize } from "./external.ts";
+export {
+  createExternalBroker,
+  type ExternalBrokerOptions,
+  hopsOf,
+  prepareSessions,
+  type PreparedSession,
+  publishPacketSize,
+  type SessionBrokerOptions,
+  SessionPrepareError,
+} from "./external.ts";
 export {
   checkDevicePublishTopic,
   checkTopicName,

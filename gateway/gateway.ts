@@ -28,7 +28,6 @@ import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
 import { FleetEvents } from "./events.ts";
-import { topics } from "./protocol.ts";
 import {
   agentFiles,
   claimUids,
@@ -71,7 +70,7 @@ import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
-import { sessionsDropped, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
+import { intakeFilters, sessionsDropped, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
@@ -1240,15 +1239,4 @@ export class Gateway {
       ?.setIntakeFilters(intakeFilters(sv.spec))
       .catch((err: unknown) => this.log.warn({ err }, "updating the broker subscriptions failed"));
   }
-}
-
-/**
- * Every topic a stimulus can come from: the types' `subscribe` filters and the agents' inboxes
- * (and, sharded, the sends other shards forward).
- */
-function intakeFilters(spec: FleetSpec): string[] {
-  const filters = new Set<string>([topics.inbox("+", "+")]);
-  if (spec.fleet.shard) filters.add(topics.sends);
-  for (const t of Object.values(spec.agents)) for (const f of t.subscribe) filters.add(f);
-  return [...filters];
 }

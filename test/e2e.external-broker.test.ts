@@ -5,7 +5,9 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
+import { Aedes } from "aedes";
 import { join } from "node:path";
 import { connectAsync, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, runCli, waitFor } from "./helpers/gateway.ts";
@@ -240,6 +242,42 @@ describe("external broker (Mosquitto)", () => {
         "the broker refused a gateway publish for good",
       );
       rmSync(aclDir, { recursive: true, force: true });
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "a subscription the broker refuses in its SUBACK (an ACL) is logged as an error naming the filter, and the " +
+      "filters it grants still deliver",
+    async () => {
+      // Mosquitto 2.0 grants what its ACL denies; an aedes that refuses c/# (0x80) as EMQX or HiveMQ would.
+      const refusing = await Aedes.createBroker({
+        authorizeSubscribe: (_client, sub, done) => done(null, sub.topic === "c/+/in" ? null : sub),
+      });
+      const server = createServer((socket) => refusing.handle(socket));
+      await new Promise<void>((resolve) => server.listen({ host: "127.0.0.1", port: 0 }, resolve));
+      const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
+      const fleet = new TestFleet(toml("ext-suback", url));
+      try {
+        await fleet.start();
+        await waitFor(
+          () => fleet.logTail(200).includes("broker refused the gateway's subscription (check its ACL)"),
+          15_000,
+          "the refusal in the log",
+        );
+        const line = fleet
+          .logTail(200)
+          .split("\n")
+          .find((l) => l.includes("refused the gateway's subscription"))!;
+        expect((JSON.parse(line) as { filter?: string; level?: number }).filter).toBe("c/+/in");
+        // The inbox filter was granted: a message there is recorded.
+        const dev = await client(url, "ext-suback-dev");
+        await dev.publishAsync("fleet/agents/counter/k1/inbox", JSON.stringify({ n: 0 }), { qos: 1 });
+        await waitFor(async () => (await recorded(fleet)).episodes.length === 1, 30_000, "the inbox episode");
+      } finally {
+        await fleet.dispose();
+        await new Promise<void>((resolve) => refusing.close(() => server.close(() => resolve())));
+      }
     },
     E2E_TIMEOUT,
   );

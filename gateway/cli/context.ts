@@ -95,6 +95,8 @@ export interface CliFlags {
   readonly out?: string;
   /** `reshard --partial`: the sources may be only some shards of their layout. */
   readonly partial?: boolean;
+  /** `reshard --to N --create-sessions`: the new layout's broker sessions, before the gateways stop. */
+  readonly "create-sessions"?: boolean;
   readonly help: boolean;
 }
 

@@ -13,7 +13,8 @@ import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
 import { cmdAudit, cmdToken, TOKEN_USAGE } from "./token.ts";
 import { cmdAgents, cmdEpisodes, cmdReplay, cmdShow, cmdStatus, cmdVerify, cmdWakeups } from "./read.ts";
 import { DevicesError } from "../devices/index.ts";
-import { BackupError, errorReason, EventLogError, ReshardError } from "../ops/index.ts";
+import { BackupError, errorReason, EventLogError, ReshardError, ShardSessionsError } from "../ops/index.ts";
+import { SessionPrepareError } from "../../broker/index.ts";
 import { SchemaVersionError } from "../store/index.ts";
 import { cmdBackup, cmdRestore } from "./backup.ts";
 import { cmdReshard } from "./reshard.ts";
@@ -65,6 +66,10 @@ const USAGE = `usage: fleet <command> [args] [--json]
   reshard --from DIR1,DIR2 --to N --out PREFIX [--partial]
                               offline (gateways stopped): move each agent's chain into the data dir of its
                               shard under N shards (PREFIX1..PREFIXN) and verify every chain
+  reshard --to N --create-sessions
+                              before stopping the gateways: create on the external broker the sessions the
+                              N-shard layout needs that the running one lacks, so nothing published during
+                              the switch is lost
   install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/<user>] [--dry-run]
                               write a hardened systemd unit (--dry-run prints it); docs/deploy.md
 
@@ -236,6 +241,8 @@ main().then(
       err instanceof DataDirInUse ||
       err instanceof EventLogError ||
       err instanceof ReshardError ||
+      err instanceof ShardSessionsError ||
+      err instanceof SessionPrepareError ||
       err instanceof SchemaVersionError ||
       err instanceof ShardChanged ||
       err instanceof CentralError

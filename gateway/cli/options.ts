@@ -52,6 +52,7 @@ export const ARGS = {
     to: { type: "string" },
     out: { type: "string" },
     partial: { type: "boolean", default: false },
+    "create-sessions": { type: "boolean", default: false },
     help: { type: "boolean", short: "h", default: false },
   },
 } as const;
@@ -85,7 +86,7 @@ const COMMAND_OPTIONS: Readonly<Record<string, readonly OptionName[]>> = {
   trace: ["topic", "at"],
   backup: [],
   restore: [],
-  reshard: ["from", "to", "out", "partial"],
+  reshard: ["from", "to", "out", "partial", "create-sessions"],
   "install-service": ["user", "dir", "dry-run"],
   central: ["url", "host", "port", "token-env"],
   device: [],

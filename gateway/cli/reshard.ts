@@ -3,7 +3,15 @@
  * of the fleet stopped. Moves each agent's chain into the data dir of its owner under N shards
  * (`PREFIX1` … `PREFIXN`) and verifies every chain there; exit 1 when one does not verify.
  */
-import { repeatedDir, type ReshardReport, reshard } from "../ops/index.ts";
+import { existsSync } from "node:fs";
+import {
+  createShardSessions,
+  repeatedDir,
+  type ReshardReport,
+  reshard,
+  type ShardSessionsReport,
+} from "../ops/index.ts";
+import { loadSpec } from "../spec/index.ts";
 import { type Cli, intArg, UsageError } from "./context.ts";
 
 function describe(r: ReshardReport): string {
@@ -30,7 +38,8 @@ function describe(r: ReshardReport): string {
       ? [
           `the broker has no session ${sessionNames(r.new_sessions)} yet: readings published for ` +
             "those agents before that gateway first connects are queued for nobody. Keep the publishers stopped " +
-            "until it runs, or create the session now with every filter of the fleet (docs/shards.md).",
+            "until it runs, or create the session now with every filter of the fleet (docs/shards.md; " +
+            "`fleet reshard --to N --create-sessions` does it while the gateways still run).",
         ]
       : []),
     r.verified
@@ -46,9 +55,44 @@ function sessionNames(indexes: readonly number[]): string {
   return indexes.map((i) => (i === 0 ? "<client_id>" : `<client_id>-shard-${i}`)).join(", ");
 }
 
-/** `fleet reshard --from DIR1,DIR2,… --to N --out PREFIX [--partial]`. */
+function describeSessions(r: ShardSessionsReport): string {
+  const layout = (n: number) => (n === 1 ? "one unsharded gateway" : `${n} shards`);
+  if (r.sessions.length === 0)
+    return (
+      `the layout of ${layout(r.to)} uses no broker session that the running one (${layout(r.from)}) lacks: ` +
+      "nothing to create."
+    );
+  return [
+    `broker sessions the layout of ${layout(r.to)} needs and the running one (${layout(r.from)}) lacks, ` +
+      `each subscribed to the fleet's ${r.filters.length} filter(s):`,
+    ...r.sessions.map((s) => `  ${s.clientId}  ${s.created ? "created" : "existed already (subscriptions renewed)"}`),
+    "the broker queues every message of the fleet for them from now on, until their gateways first connect. " +
+      `Now stop every gateway of the fleet and run fleet reshard --from … --to ${r.to} --out ….`,
+  ].join("\n");
+}
+
+/** `fleet reshard --to N --create-sessions`: reads fleet.toml (`-c`) for the broker and the running layout. */
+async function cmdCreateSessions(cli: Cli, to: number): Promise<number> {
+  if (!existsSync(cli.configPath))
+    throw new UsageError(`--create-sessions reads the fleet's fleet.toml: ${cli.configPath} does not exist`);
+  const spec = (await loadSpec(cli.configPath)).spec;
+  const report = await createShardSessions(spec, to, process.env);
+  cli.print(report, () => describeSessions(report));
+  return 0;
+}
+
+/** `fleet reshard --from DIR1,DIR2,… --to N --out PREFIX [--partial]`, or `--to N --create-sessions`. */
 export async function cmdReshard(cli: Cli): Promise<number> {
   const { from, to, out } = cli.flags;
+  if (cli.flags["create-sessions"] === true) {
+    if (from || out || cli.flags.partial === true)
+      throw new UsageError(
+        "--create-sessions takes only --to N (and -c FILE): run it while the gateways still run, " +
+          "before the reshard itself",
+      );
+    if (!to) throw new UsageError("reshard --create-sessions needs --to N");
+    return cmdCreateSessions(cli, intArg("--to", to, 1, { min: 1, max: 64 }));
+  }
   if (!from || !to || !out) throw new UsageError("reshard needs --from DIR1,DIR2,… --to N --out PREFIX");
   const dirs = from
     .split(",")

@@ -9,3 +9,4 @@ export * from "./state.ts";
 export * from "./trace.ts";
 export * from "./deploy-check.ts";
 export * from "./reshard.ts";
+export * from "./shard-sessions.ts";

@@ -17,6 +17,7 @@ import { parse as parseToml } from "smol-toml";
 import { isZombie } from "../pids.ts";
 import { ownerShard, MAX_SHARDS, parseShard, shardClientId, type ShardSpec, shardLabel } from "../shard.ts";
 import { idOfSql, secureDataDir, Store } from "../store/index.ts";
+import { layoutSessions } from "./shard-sessions.ts";
 import { verifyStore, type VerifyProblem } from "./verify.ts";
 
 /** The command cannot run (a gateway is running, an output exists, an agent is in two dirs, …). */
@@ -195,8 +196,8 @@ export async function reshard(
     }
     const report: ReshardTarget[] = [];
     const had = hadSessions([...layouts.values()], unsharded);
-    const drop = [...had].filter((i) => !sessionsOf(count).includes(i)).sort((x, y) => x - y);
-    const fresh = had.size === 0 ? [] : sessionsOf(count).filter((i) => !had.has(i));
+    const drop = [...had].filter((i) => !layoutSessions(count).includes(i)).sort((x, y) => x - y);
+    const fresh = had.size === 0 ? [] : layoutSessions(count).filter((i) => !had.has(i));
     for (const [i, store] of targets.entries()) {
       // Until its gateway first starts on it, the new dir says which shard it is (a later reshard reads it).
       await store.setMeta(RESHARD_SHARD, `${i + 1}/${count}`);
@@ -261,11 +262,6 @@ function hadSessions(old: readonly ShardSpec[], unsharded: boolean): Set<number>
   const had = new Set<number>(unsharded ? [0] : []);
   for (const s of old) for (let i = 1; i <= s.count; i++) had.add(i);
   return had;
-}
-
-/** The sessions a layout of `count` shards uses: one shard is run unsharded (`<client_id>`, index 0). */
-function sessionsOf(count: number): number[] {
-  return count === 1 ? [0] : Array.from({ length: count }, (_, i) => i + 1);
 }
 
 /**
