@@ -323,8 +323,9 @@ describe("two shards on one Mosquitto", () => {
 
   test(
     "fleet reshard 2 -> 3: refused while a shard runs; after, every chain verifies, each agent is on exactly " +
-      "one shard, the three shards go on from each chain's head with the dedup memory moved along, and the " +
-      "central view shows the fleet whole",
+      "one shard, the three shards go on from each chain's head with the dedup memory moved along (first with " +
+      "what was published while they were stopped, shard 3's kept by the session --create-sessions made), and " +
+      "the central view shows the fleet whole",
     async () => {
       const mq = await Mosquitto.start();
       brokers.push(mq);
@@ -360,7 +361,24 @@ describe("two shards on one Mosquitto", () => {
           `SELECT id, ${hexOfSql("head_hash")} AS head_hash FROM agents`,
         ))
           heads.set(r.id, r.head_hash);
+      // Before the stop, the broker gets shard 3's session (the new layout's only new one): what devices
+      // publish from the stop until the three gateways start waits for them all, none is queued for nobody.
+      const sessions = await runCli([
+        "reshard",
+        "--to",
+        "3",
+        "--create-sessions",
+        "--config",
+        one.configPath,
+        "--json",
+      ]);
+      expect(sessions.code).toBe(0);
+      expect((sessions.json as { sessions: unknown[] }).sessions).toEqual([
+        { clientId: "gw-shards-re-shard-3", created: true, index: 3 },
+      ]);
       await Promise.all([one.stop(), two.stop()]);
+      for (let k = 0; k < agents; k++)
+        await device.publishAsync(`c/d${k}/in`, JSON.stringify({ id: `gap${k}`, n: first + k }), { qos: 1 });
 
       const r = await runCli(args);
       expect(r.code).toBe(0);
@@ -383,24 +401,29 @@ describe("two shards on one Mosquitto", () => {
       // An old message id again (its agent may have moved): a duplicate; then one new stimulus per agent.
       await device.publishAsync("c/d5/in", JSON.stringify({ id: "m5", n: 5 }), { qos: 1 });
       for (let k = 0; k < agents; k++)
-        await device.publishAsync(`c/d${k}/in`, JSON.stringify({ id: `z${k}`, n: first + k }), { qos: 1 });
-      await waitFor(async () => (await total(three)) >= first + agents, 300_000, "one new episode per agent", 200);
+        await device.publishAsync(`c/d${k}/in`, JSON.stringify({ id: `z${k}`, n: first + 2 * agents + k }), {
+          qos: 1,
+        });
+      const all = first + 2 * agents;
+      await waitFor(async () => (await total(three)) >= all, 300_000, "two new episodes per agent", 200);
       for (const [i, f] of three.entries()) {
-        // Each chain goes on from the head it had before the reshard, on its new owner.
-        const rows = await f.query<{ agent: string; seq: number; parent: string }>(
-          `SELECT c.agent, c.seq, ${hexOfSql("c.parent")} AS parent
+        // Each chain goes on from the head it had before the reshard, on its new owner: first what was
+        // published while the gateways were stopped (shard 3's from the session made before), then the rest.
+        const rows = await f.query<{ agent: string; seq: number; parent: string; sid: string }>(
+          `SELECT c.agent, c.seq, ${hexOfSql("c.parent")} AS parent, s.sid
             FROM checkpoints c JOIN episodes e ON e.id = c.episode
-            JOIN stimuli s ON s.seq = e.stimulus_seq WHERE s.sid LIKE 'id:z%'`,
+            JOIN stimuli s ON s.seq = e.stimulus_seq WHERE s.sid LIKE 'id:gap%'`,
         );
+        expect(rows.length).toBe([...heads.keys()].filter((a) => ownerShard(a, 3) === i + 1).length);
         for (const row of rows) {
           expect(ownerShard(row.agent, 3)).toBe(i + 1);
           expect(row.parent).toBe(heads.get(row.agent)!);
           expect(row.seq).toBe(first / agents + 1);
         }
       }
-      expect(await total(three)).toBe(first + agents);
+      expect(await total(three)).toBe(all);
       await Promise.all(three.map(async (f) => caughtUp(f, 120_000)));
-      await centralView(sqld.url, agents, first + agents);
+      await centralView(sqld.url, agents, all);
       await Promise.all(three.map((f) => f.stop()));
       for (const f of three) expect((await runCli(["verify", "--data-dir", f.dataDir])).code).toBe(0);
     },
