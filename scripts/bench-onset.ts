@@ -1,0 +1,117 @@
+#!/usr/bin/env bun
+/**
+ * Quiet agents' latency while the gateway takes a burst, many times over:
+ *
+ *   bun scripts/bench-onset.ts [--bursts N] [--label L]
+ *
+ * The flood row of `bun scripts/bench-policy.ts --flood` (a quiet agent's p99 while another agent is
+ * flooded) is decided by the two or three pings sent during the one burst of its run, so it moves
+ * from 1.3x to 4x between runs of unchanged code, and comparing an intake or scheduling lever on it
+ * takes dozens of runs. This takes N bursts of 5,000 QoS 1 messages (./bench/flooder.ts, its own
+ * process, as in the policy bench) to an agent that is paused (its stimuli stay queued, none of its
+ * episodes runs), 1.5 s apart, while six quiet agents are pinged in turn every 80 ms (about 12
+ * episodes a second, half of what two cores run), and compares the pings sent during a burst (from
+ * the flooder's first packet to its last PUBACK) with those sent between bursts: ~100 of the first
+ * kind in a default run of 15 bursts. Their p50 still moves between runs of unchanged code (59, 60,
+ * 90, 93, 101 ms in five), so compare alternating runs, two or more a side, and look for a gap
+ * larger than that.
+ *
+ * For an A/B, run it alternately on the two versions (environment variables reach the gateway).
+ * It prints one line; it measures, it does not test.
+ */
+import { parseArgs } from "node:util";
+import { fileURLToPath } from "node:url";
+import { TestFleet, cleanupAll, waitFor } from "../test/helpers/gateway.ts";
+import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
+
+const FLOODER = fileURLToPath(new URL("./bench/flooder.ts", import.meta.url));
+const BURST = 5000;
+const QUIET_AGENTS = 6;
+const PING_MS = 80;
+const BETWEEN_MS = 1500;
+/** The flooder process's own start-up before its first packet (a burst's window starts after it). */
+const FLOODER_STARTUP_MS = 40;
+
+const { values } = parseArgs({
+  options: { bursts: { type: "string", default: "15" }, label: { type: "string", default: "run" } },
+});
+const bursts = Number(values.bursts);
+if (!Number.isSafeInteger(bursts) || bursts < 1) {
+  console.error("usage: bun scripts/bench-onset.ts [--bursts N] [--label L]");
+  process.exit(2);
+}
+
+/** One burst from its own process; resolves with how long its PUBACKs took (the flooder's figure). */
+async function burst(port: number, topic: string): Promise<number> {
+  const p = Bun.spawn([process.execPath, FLOODER, String(port), topic, String(BURST)], { stdout: "pipe" });
+  const out = await new Response(p.stdout).text();
+  if ((await p.exited) !== 0) throw new Error(`the flooder failed: ${out.trim()}`);
+  return Number(/acked in (\d+) ms/.exec(out)?.[1] ?? Number.NaN);
+}
+
+const fleet = new TestFleet(
+  fleetHeader("bench-onset", { maxConcurrent: 4 }) +
+    agentBlock("quiet", policyAgent("steady")) +
+    agentBlock("sink", policyAgent("steady")),
+);
+try {
+  await fleet.start();
+  const client = await fleet.mqtt();
+  const sub = await fleet.mqtt();
+  sub.setMaxListeners(32); // a message listener per quiet agent, beside mqtt.js's own
+  const quiet: Pinger[] = [];
+  for (let i = 0; i < QUIET_AGENTS; i++) quiet.push(await Pinger.create(client, sub, `quiet/q${i}`, `q${i}-`));
+  for (const p of quiet) p.ping();
+  for (const p of quiet) await p.settle();
+  // The bursts' agent exists (one episode), then is paused: its stimuli are recorded and stay queued.
+  await client.publishAsync("sink/s/in", JSON.stringify({ id: "first" }), { qos: 1 });
+  await waitFor(
+    async () =>
+      ((await fleet.query<{ n: number }>("SELECT count(*) AS n FROM episodes WHERE agent = 'sink/s'"))[0]?.n ?? 0) > 0,
+    60_000,
+    "the first episode of sink/s",
+  );
+  const paused = await fleet.fetch("/api/agents/sink/s/pause", { method: "POST" });
+  if (paused.status !== 200) throw new Error(`pausing sink/s: HTTP ${paused.status} ${await paused.text()}`);
+
+  let pinging = true;
+  const pings = (async () => {
+    for (let k = 0; pinging; k++) {
+      quiet[k % QUIET_AGENTS]!.ping();
+      await Bun.sleep(PING_MS);
+    }
+  })();
+  const windows: { burst: boolean; from: number; to: number }[] = [];
+  const acks: number[] = [];
+  await Bun.sleep(BETWEEN_MS);
+  for (let b = 0; b < bursts; b++) {
+    const calm = performance.now();
+    await Bun.sleep(BETWEEN_MS);
+    windows.push({ burst: false, from: calm, to: performance.now() });
+    const began = performance.now();
+    acks.push(await burst(fleet.mqttPort, "sink/s/in"));
+    windows.push({ burst: true, from: began + FLOODER_STARTUP_MS, to: performance.now() });
+    // The last burst's stragglers settle before the next calm window starts.
+    await Bun.sleep(BETWEEN_MS / 2);
+  }
+  pinging = false;
+  await pings;
+  for (const p of quiet) await p.settle(60_000);
+
+  const latencies = (burst: boolean) =>
+    quiet.flatMap((p) => windows.filter((w) => w.burst === burst).flatMap((w) => p.latencies(w.from, w.to)));
+  const show = (xs: number[]) =>
+    `n=${xs.length} p50 ${percentile(xs, 0.5).toFixed(1)} p90 ${percentile(xs, 0.9).toFixed(1)} ` +
+    `max ${Math.max(...xs).toFixed(0)} ms`;
+  const calm = latencies(false);
+  const during = latencies(true);
+  console.log(
+    `${values.label}: pings between bursts ${show(calm)} | during bursts ${show(during)} | ` +
+      `p50 ${(percentile(during, 0.5) / percentile(calm, 0.5)).toFixed(2)}x | ` +
+      `${BURST} acked in ${percentile(acks, 0.5).toFixed(0)} ms (median of ${acks.length})`,
+  );
+} finally {
+  await fleet.dispose();
+  await cleanupAll();
+}
+process.exit(0);
