@@ -152,22 +152,11 @@ class ExternalBroker implements Broker {
   private async doStart(): Promise<void> {
     if (this.lifecycle !== "new") throw new Error(`cannot start a broker client that is ${this.lifecycle}`);
     this.lifecycle = "starting";
-    const v5 = this.opts.protocolVersion === 5;
-    const common: IClientOptions = (this.common = {
-      protocolVersion: this.opts.protocolVersion,
-      reconnectPeriod: 1000,
-      connectTimeout: this.opts.connectTimeoutMs ?? 10_000,
-      ...(this.opts.username === null ? {} : { username: this.opts.username }),
-      ...(this.opts.password === null ? {} : { password: this.opts.password }),
-      ...(this.opts.ca === null ? {} : { ca: this.opts.ca }),
-    });
+    const common: IClientOptions = (this.common = { ...loginOptions(this.opts), reconnectPeriod: 1000 });
+    // Subscriptions are (re)made on every CONNACK below, with the filters in force then.
     const client = connect(this.opts.url, {
       ...common,
-      clientId: this.opts.clientId,
-      clean: false,
-      // Subscriptions are (re)made on every CONNACK below, with the filters in force then.
-      resubscribe: false,
-      ...(v5 ? { properties: { sessionExpiryInterval: NEVER } } : {}),
+      ...persistentSession(this.opts.clientId, this.opts.protocolVersion),
     });
     this.client = client;
     // Outputs go out on a connection of their own: mqtt.js reads one packet at a time, so on the
@@ -638,6 +627,30 @@ async function subscribeQos1(client: MqttClient, filters: readonly string[], v5:
   }
 }
 
+/** How every connection to the broker logs in: protocol, login, CA, the wait for a CONNACK. */
+function loginOptions(o: SessionBrokerOptions): IClientOptions {
+  return {
+    protocolVersion: o.protocolVersion,
+    connectTimeout: o.connectTimeoutMs ?? 10_000,
+    ...(o.username === null ? {} : { username: o.username }),
+    ...(o.password === null ? {} : { password: o.password }),
+    ...(o.ca === null ? {} : { ca: o.ca }),
+  };
+}
+
+/**
+ * A gateway's persistent session as `clientId` (clean = false; under MQTT 5 one that never expires). Its
+ * subscriptions are made by the caller after each CONNACK, not replayed by mqtt.js.
+ */
+function persistentSession(clientId: string, protocolVersion: 4 | 5): IClientOptions {
+  return {
+    clientId,
+    clean: false,
+    resubscribe: false,
+    ...(protocolVersion === 5 ? { properties: { sessionExpiryInterval: NEVER } } : {}),
+  };
+}
+
 /** How `prepareSessions` reaches the broker: as the gateway does (`ExternalBrokerOptions`). */
 export type SessionBrokerOptions = Pick<
   ExternalBrokerOptions,
@@ -672,16 +685,9 @@ export async function prepareSessions(
   const done: PreparedSession[] = [];
   for (const clientId of clientIds) {
     const c = connect(o.url, {
-      protocolVersion: o.protocolVersion,
-      clientId,
-      clean: false,
+      ...loginOptions(o),
       reconnectPeriod: 0,
-      connectTimeout: o.connectTimeoutMs ?? 10_000,
-      resubscribe: false,
-      ...(o.username === null ? {} : { username: o.username }),
-      ...(o.password === null ? {} : { password: o.password }),
-      ...(o.ca === null ? {} : { ca: o.ca }),
-      ...(v5 ? { properties: { sessionExpiryInterval: NEVER } } : {}),
+      ...persistentSession(clientId, o.protocolVersion),
     });
     const fail = (why: string): never => {
       throw new SessionPrepareError(`broker ${redact(o.url)}, session ${clientId}: ${why}`);

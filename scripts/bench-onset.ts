@@ -20,11 +20,10 @@
  * It prints one line; it measures, it does not test.
  */
 import { parseArgs } from "node:util";
-import { fileURLToPath } from "node:url";
 import { TestFleet, cleanupAll, waitFor } from "../test/helpers/gateway.ts";
 import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
+import { runFlooder } from "./bench/procs.ts";
 
-const FLOODER = fileURLToPath(new URL("./bench/flooder.ts", import.meta.url));
 const BURST = 5000;
 const QUIET_AGENTS = 6;
 const PING_MS = 80;
@@ -43,10 +42,7 @@ if (!Number.isSafeInteger(bursts) || bursts < 1) {
 
 /** One burst from its own process; resolves with how long its PUBACKs took (the flooder's figure). */
 async function burst(port: number, topic: string): Promise<number> {
-  const p = Bun.spawn([process.execPath, FLOODER, String(port), topic, String(BURST)], { stdout: "pipe" });
-  const out = await new Response(p.stdout).text();
-  if ((await p.exited) !== 0) throw new Error(`the flooder failed: ${out.trim()}`);
-  return Number(/acked in (\d+) ms/.exec(out)?.[1] ?? Number.NaN);
+  return Number(/acked in (\d+) ms/.exec(await runFlooder(port, topic, BURST))?.[1] ?? Number.NaN);
 }
 
 const fleet = new TestFleet(

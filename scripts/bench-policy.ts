@@ -16,12 +16,12 @@
  * exported so a bench runner can include it; run directly it prints a table.
  */
 import { loadavg } from "node:os";
-import { fileURLToPath } from "node:url";
 import type { MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, subscribe, waitFor } from "../test/helpers/gateway.ts";
 import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
 import { parseExposition, samplesOf } from "../test/helpers/prom.ts";
 import { STATUS_COMMITTED } from "../gateway/store/index.ts";
+import { runFlooder } from "./bench/procs.ts";
 
 /** One measured line: the same metric without and with the thing under test. */
 export interface PolicyRow {
@@ -46,7 +46,6 @@ export interface PolicyBenchOptions {
 }
 
 const KEYS = 16;
-const FLOODER = fileURLToPath(new URL("./bench/flooder.ts", import.meta.url));
 const STEPS = [0, 1, 2].map((i) => ({ tool: "publish", args: [`bench/policy/${i}`, { i }] }));
 
 /** Send `n` stimuli over KEYS agents of `type` and time until all their outputs arrived; episodes/s. */
@@ -250,15 +249,7 @@ export async function benchPolicy(o: PolicyBenchOptions): Promise<PolicyRow[]> {
       // The flooding device runs in its own process, as a device does: its PUBACKs are not handled
       // on this thread, which times the quiet agent's outputs (before, they queued in front of them).
       const floodN = o.quick ? 1000 : 5000;
-      const flooder = Bun.spawn([process.execPath, FLOODER, String(fleet.mqttPort), "flood/f1/in", String(floodN)], {
-        stdout: "pipe",
-        stderr: "inherit",
-      });
-      const acked = (async () => {
-        const out = await new Response(flooder.stdout).text();
-        if ((await flooder.exited) !== 0) throw new Error(`the flooder failed: ${out.trim()}`);
-        return out.trim();
-      })();
+      const acked = runFlooder(fleet.mqttPort, "flood/f1/in", floodN);
       acked.catch(() => {}); // awaited below; an error before then must not go unhandled
       await waitFor(
         async () =>

@@ -17,7 +17,7 @@ import { parse as parseToml } from "smol-toml";
 import { isZombie } from "../pids.ts";
 import { ownerShard, MAX_SHARDS, parseShard, shardClientId, type ShardSpec, shardLabel } from "../shard.ts";
 import { idOfSql, secureDataDir, Store } from "../store/index.ts";
-import { layoutSessions } from "./shard-sessions.ts";
+import { hadSessions, layoutSessions, sessionsAdded } from "./shard-sessions.ts";
 import { verifyStore, type VerifyProblem } from "./verify.ts";
 
 /** The command cannot run (a gateway is running, an output exists, an agent is in two dirs, …). */
@@ -197,7 +197,7 @@ export async function reshard(
     const report: ReshardTarget[] = [];
     const had = hadSessions([...layouts.values()], unsharded);
     const drop = [...had].filter((i) => !layoutSessions(count).includes(i)).sort((x, y) => x - y);
-    const fresh = had.size === 0 ? [] : layoutSessions(count).filter((i) => !had.has(i));
+    const fresh = had.size === 0 ? [] : sessionsAdded(had, count);
     for (const [i, store] of targets.entries()) {
       // Until its gateway first starts on it, the new dir says which shard it is (a later reshard reads it).
       await store.setMeta(RESHARD_SHARD, `${i + 1}/${count}`);
@@ -251,17 +251,6 @@ export async function storedShard(store: Store): Promise<StoredShard> {
   const written = await store.getMeta(RESHARD_SHARD);
   const s = written ? parseShard(written) : null;
   return s === null || typeof s === "string" ? { known: false } : { known: true, shard: s };
-}
-
-/**
- * The broker sessions the old layout had (shard indexes; 0 for the unsharded `<client_id>`). Those the
- * new one does not use would go on queueing every message of the fleet, and a later layout with that
- * index would run its stale queue again: the first start of new shard 1 ends them.
- */
-function hadSessions(old: readonly ShardSpec[], unsharded: boolean): Set<number> {
-  const had = new Set<number>(unsharded ? [0] : []);
-  for (const s of old) for (let i = 1; i <= s.count; i++) had.add(i);
-  return had;
 }
 
 /**

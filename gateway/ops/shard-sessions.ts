@@ -29,6 +29,22 @@ export function layoutSessions(count: number): number[] {
   return count === 1 ? [0] : Array.from({ length: count }, (_, i) => i + 1);
 }
 
+/**
+ * The broker sessions the old layout had (shard indexes; 0 for the unsharded `<client_id>`). Those the
+ * new one does not use would go on queueing every message of the fleet, and a later layout with that
+ * index would run its stale queue again: the first start of new shard 1 ends them.
+ */
+export function hadSessions(old: readonly ShardSpec[], unsharded: boolean): Set<number> {
+  const had = new Set<number>(unsharded ? [0] : []);
+  for (const s of old) for (let i = 1; i <= s.count; i++) had.add(i);
+  return had;
+}
+
+/** The sessions a layout of `count` shards uses that `had` (shard indexes, as `hadSessions` gives them) lacks. */
+export function sessionsAdded(had: ReadonlySet<number>, count: number): number[] {
+  return layoutSessions(count).filter((i) => !had.has(i));
+}
+
 /** `--create-sessions` cannot run: no external broker, a password not in the environment, a bad count. */
 export class ShardSessionsError extends Error {
   override readonly name = "ShardSessionsError";
@@ -66,8 +82,8 @@ export async function createShardSessions(
     );
   const from = spec.fleet.shard?.count ?? 1;
   // The sessions the gateways of this fleet.toml's layout use now (a "1/1" shard uses `-shard-1`).
-  const running = new Set(spec.fleet.shard ? Array.from({ length: from }, (_, i) => i + 1) : [0]);
-  const fresh = layoutSessions(to).filter((i) => !running.has(i));
+  const shard = spec.fleet.shard;
+  const fresh = sessionsAdded(hadSessions(shard ? [shard] : [], shard === null), to);
   const filters = intakeFilters(spec, to > 1 ? { index: 1, count: to } : null);
   if (fresh.length === 0) return { from, to, sessions: [], filters };
   const password = ext.password_env === null ? null : (env[ext.password_env] ?? null);

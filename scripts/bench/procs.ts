@@ -185,3 +185,20 @@ export async function startBareBroker(
   const { port } = JSON.parse(text.split("\n")[0]!) as { port: number };
   return { port, pid: proc.pid, stop };
 }
+
+/**
+ * Run the flooding device (./flooder.ts) in its own process: `count` QoS 1 messages to `topic` at once.
+ * Resolves with its report (`acked in N ms, …`) once every PUBACK is back; rejects when it fails.
+ */
+export async function runFlooder(port: number, topic: string, count: number): Promise<string> {
+  const flooder = Bun.spawn(
+    [process.execPath, join(ROOT, "scripts/bench/flooder.ts"), String(port), topic, String(count)],
+    {
+      stdout: "pipe",
+      stderr: "inherit",
+    },
+  );
+  const out = (await new Response(flooder.stdout).text()).trim();
+  if ((await flooder.exited) !== 0) throw new Error(`the flooder failed: ${out}`);
+  return out;
+}
