@@ -17,7 +17,8 @@
  * larger than that.
  *
  * For an A/B, run it alternately on the two versions (environment variables reach the gateway).
- * It prints one line; it measures, it does not test.
+ * It prints one line; it measures, it does not test. `--stages` adds two: where the pings' time
+ * went (during bursts, and between), from the rows the gateway kept for each.
  */
 import { parseArgs } from "node:util";
 import { TestFleet, cleanupAll, waitFor } from "../test/helpers/gateway.ts";
@@ -32,12 +33,53 @@ const BETWEEN_MS = 1500;
 const FLOODER_STARTUP_MS = 40;
 
 const { values } = parseArgs({
-  options: { bursts: { type: "string", default: "15" }, label: { type: "string", default: "run" } },
+  options: {
+    bursts: { type: "string", default: "15" },
+    label: { type: "string", default: "run" },
+    stages: { type: "boolean", default: false },
+  },
 });
 const bursts = Number(values.bursts);
 if (!Number.isSafeInteger(bursts) || bursts < 1) {
-  console.error("usage: bun scripts/bench-onset.ts [--bursts N] [--label L]");
+  console.error("usage: bun scripts/bench-onset.ts [--bursts N] [--label L] [--stages]");
   process.exit(2);
+}
+
+/** performance.now() here -> the wall clock the gateway stamps its rows with (same machine). */
+const WALL_OFFSET = Date.now() - performance.now();
+
+/**
+ * Where the quiet pings `sentIn` selects spent their time, p50 of each stage in ms, from the rows
+ * the gateway kept: sent -> recorded (the gateway read the PUBLISH: `stimuli.received_at`) ->
+ * started (committed, scheduled, a process taken: `episodes.started_at`) -> ended (the turn ran:
+ * `ended_at`) -> arrived (the episode committed, its output published and delivered).
+ */
+async function stageLine(pingers: Pinger[], sentIn: (at: number) => boolean): Promise<string> {
+  const rows = await fleet.query<{
+    payload: Uint8Array | null;
+    received_at: number;
+    started_at: number;
+    ended_at: number;
+  }>(
+    `SELECT s.payload, s.received_at, e.started_at, e.ended_at FROM stimuli s
+       JOIN episodes e ON e.stimulus_seq = s.seq WHERE s.agent LIKE 'quiet/%' AND e.status = 1`,
+  );
+  const stages: number[][] = [[], [], [], []];
+  for (const r of rows) {
+    if (r.payload === null) continue; // collected
+    const id = (JSON.parse(Buffer.from(r.payload).toString()) as { id: string }).id;
+    const p = pingers.find((q) => q.sent.has(id));
+    const sent = p?.sent.get(id);
+    const arrived = p?.arrived.get(id);
+    if (sent === undefined || arrived === undefined || !sentIn(sent)) continue;
+    const marks = [sent + WALL_OFFSET, r.received_at, r.started_at, r.ended_at, arrived + WALL_OFFSET];
+    for (let i = 0; i < 4; i++) stages[i]!.push(marks[i + 1]! - marks[i]!);
+  }
+  const p50 = (xs: number[]) => percentile(xs, 0.5).toFixed(1);
+  const p90 = (xs: number[]) => percentile(xs, 0.9).toFixed(1);
+  const names = ["sent->recorded", "recorded->started", "started->ended", "ended->arrived"];
+  const each = names.map((n, i) => `${n} ${p50(stages[i]!)}/${p90(stages[i]!)}`);
+  return `n=${stages[0]!.length}, p50/p90 ms: ${each.join(", ")}`;
 }
 
 /** One burst from its own process; resolves with how long its PUBACKs took (the flooder's figure). */
@@ -106,6 +148,11 @@ try {
       `p50 ${(percentile(during, 0.5) / percentile(calm, 0.5)).toFixed(2)}x | ` +
       `${BURST} acked in ${percentile(acks, 0.5).toFixed(0)} ms (median of ${acks.length})`,
   );
+  if (values.stages) {
+    const inBurst = (at: number) => windows.some((w) => w.burst && at >= w.from && at < w.to);
+    console.log(`${values.label}: during bursts, ${await stageLine(quiet, inBurst)}`);
+    console.log(`${values.label}: between bursts, ${await stageLine(quiet, (at) => !inBurst(at))}`);
+  }
 } finally {
   await fleet.dispose();
   await cleanupAll();

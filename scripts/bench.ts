@@ -7,7 +7,8 @@
  *
  *   intake    QoS 1 stimuli/s accepted durably vs bare aedes           (target >= 0.5x)
  *             gateway agents are paused so episodes do not compete with intake
- *   busy      QoS 1 intake while episodes run flat out vs the same gateway with agents paused (target >= 0.6x)
+ *   busy      QoS 1 intake while episodes run flat out vs the same gateway with agents paused (target >= 0.6x),
+ *             with flooded agents' backlog running and with quiet agents' episodes running; episodes/s beside it
  *   external  QoS 1 intake through an external Mosquitto into a gateway vs Mosquitto alone (same publisher)
  *   episodes  episodes/s, fresh subprocess each, vs bare Bun.spawn+IPC  (target >= 0.7x); CPU per
  *             episode split three ways: the gateway (target <= 1.5 ms), the runner alone (no gateway),
