@@ -22,7 +22,7 @@ import { canonicalJson } from "./hash.ts";
 import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
-import { FloodRule, IntakePressure, Scheduler, burstSlots } from "./fleet/index.ts";
+import { FloodRule, IntakePressure, QuietLane, Scheduler, burstSlots } from "./fleet/index.ts";
 import { checkConfigs, configProblemsError, EpisodeExecutor, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
@@ -36,6 +36,8 @@ import {
   hostBuildProblem,
   hostScript,
   idleSpawnOptions,
+  inGroupAt,
+  BURST_GROUP_NICE,
   ProcessTable,
   runEpisode,
   runsAsUids,
@@ -834,6 +836,8 @@ export class Gateway {
     if (slow) this.log.warn(`episodes run the host runtime from its sources (slower start-up): ${slow}`);
     const spawnOptions = this.spawnOptions;
     const floodSpawn = spawnOptions.nice ? idleSpawnOptions(spawnOptions) : spawnOptions;
+    const burstSpawn = inGroupAt(spawnOptions, BURST_GROUP_NICE);
+    const lane = new QuietLane();
     const spares = new SparePool(spec.fleet.warm_spares, spawnOptions, this.procs);
     this.spares = spares;
     this.book = new QueueBook({
@@ -857,11 +861,19 @@ export class Gateway {
         const agent = start.agent.id as AgentId;
         const flooded = floods.flooded(agent);
         floods.started(agent);
-        const r = flooded
-          ? await runEpisode(start, limits, onTool, floodSpawn, undefined, this.procs)
-          : await runEpisode(start, limits, onTool, spawnOptions, spares, this.procs);
-        this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
-        return r;
+        if (flooded) {
+          const r = await runEpisode(start, limits, onTool, floodSpawn, undefined, this.procs);
+          this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
+          return r;
+        }
+        const { yields, leave } = lane.enter(this.pressure.burst);
+        try {
+          const r = await runEpisode(start, limits, onTool, yields ? burstSpawn : spawnOptions, spares, this.procs);
+          this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
+          return r;
+        } finally {
+          leave();
+        }
       },
       toolEnv: {
         secrets: this.secrets,

@@ -4,7 +4,7 @@
  * them. The clock is injected; a burst's windows close on a real timer, or by hand.
  */
 import { describe, expect, test } from "bun:test";
-import { IntakePressure, burstSlots } from "../gateway/fleet/index.ts";
+import { IntakePressure, QuietLane, burstSlots } from "../gateway/fleet/index.ts";
 import { waitFor } from "./helpers/gateway.ts";
 
 /** A pressure watch on a hand-moved clock, recording every change. */
@@ -23,6 +23,22 @@ function watch(rate = 1000, windowMs = 20) {
 describe("devices first", () => {
   test("a burst's slots are a quarter of max_concurrent_episodes, never fewer than one", () => {
     expect([1, 2, 4, 8, 10, 64].map(burstSlots)).toEqual([1, 1, 1, 2, 3, 16]);
+  });
+
+  test("one quiet agent's episode at a time holds the lane; one beside it yields only during a burst", () => {
+    const lane = new QuietLane();
+    const first = lane.enter(true);
+    expect(first.yields).toBe(false);
+    expect(lane.enter(true).yields).toBe(true);
+    expect(lane.enter(false).yields).toBe(false);
+    // The holder ends: the next episode takes the lane, burst or not; leaving twice frees it once.
+    first.leave();
+    const next = lane.enter(true);
+    expect(next.yields).toBe(false);
+    first.leave();
+    expect(lane.enter(true).yields).toBe(true);
+    next.leave();
+    expect(lane.enter(true).yields).toBe(false);
   });
 
   test("stimuli below the rate are not a burst, however long they go on", () => {

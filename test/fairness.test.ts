@@ -10,7 +10,9 @@ import type { Gateway } from "../gateway/gateway.ts";
 import { authed, fixture, waitFor } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
 import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
+import { connectAsync } from "mqtt";
 import {
+  BURST_GROUP_NICE,
   defaultSpawnOptions,
   EPISODE_GROUP_NICE,
   EPISODE_NICE,
@@ -18,6 +20,7 @@ import {
   idleSpawnOptions,
 } from "../gateway/episode/index.ts";
 import { apiOf, inProcessGateway } from "./helpers/in-process.ts";
+import { BURST_RATE, burstSlots } from "../gateway/fleet/index.ts";
 
 /** A gateway in this process on a fleet.toml of its own, and its HTTP API. */
 class Fleet {
@@ -40,6 +43,28 @@ class Fleet {
   async stop(): Promise<void> {
     await this.gw.stop();
     rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  get mqttPort(): number {
+    return this.gw.broker.port;
+  }
+
+  /** The scheduling-group nice of each episode nicelog/`key` has run, once it has run `n`. */
+  async groupsOf(key: string, n: number): Promise<(number | null)[]> {
+    return waitFor(
+      async () => {
+        const r = await fetch(`${this.base}/api/agents/nicelog/${key}/state`, authed(this.token));
+        const groups = ((await r.json()) as { state?: { groups?: (number | null)[] } }).state?.groups;
+        return groups?.length === n ? groups : undefined;
+      },
+      30_000,
+      `${n} episode(s) of nicelog/${key}`,
+      50,
+    );
+  }
+
+  async gauge(name: string): Promise<number | undefined> {
+    return sampleValue(await scrape(this.base), name);
   }
 
   post(path: string, body?: unknown): Promise<Response> {
@@ -78,8 +103,8 @@ class Fleet {
   }
 }
 
-const nicelog = (instances: string[]) =>
-  agentType("nicelog", fixture("nice-log"), ["n/+/in"], { dedup: "id", instances });
+const nicelog = (instances: string[], extra?: string) =>
+  agentType("nicelog", fixture("nice-log"), ["n/+/in"], { dedup: "id", instances, extra });
 
 /** The nice an episode runs at normally: relative to this process (the gateway runs in it), capped at 19. */
 function normalNice(): number {
@@ -168,6 +193,66 @@ describe("a backlog with no one to yield to", () => {
       const state = await fleet.niceLog("y");
       expect(state.nice).toEqual(Array(10).fill(normalNice()));
       if (defaultSpawnOptions().autogroup != null) expect(state.groups).toEqual(Array(10).fill(EPISODE_GROUP_NICE));
+    },
+    60_000,
+  );
+});
+
+describe("quiet agents during an intake burst (devices first)", () => {
+  let fleet: Fleet;
+  beforeAll(async () => {
+    fleet = await Fleet.start(
+      fleetHeader("fairness-burst", { maxConcurrent: 2, drainTimeoutMs: 1000, fleet: "warm_spares = 1" }) +
+        counterType("counter", "f/+/in", { instances: ["sink"] }) +
+        nicelog(["lane", "x", "y"], "\n[agents.nicelog.budget]\nepisode_timeout_ms = 120000\n"),
+    );
+  });
+  afterAll(() => fleet?.stop());
+
+  test.if(defaultSpawnOptions().autogroup != null)(
+    "an agent's episode beside another quiet agent's yields while devices burst, and only then",
+    async () => {
+      // One quiet agent's episode holds the lane: it stays past the test's end (stopping the gateway aborts it).
+      const send = (topic: string, payload: unknown) => fleet.post("/api/send", { topic, payload });
+      expect((await send("n/lane/in", { id: "lane1", holdMs: 100_000 })).status).toBe(202);
+      await waitFor(
+        async () => ((await fleet.gauge("fleet_episodes_running")) === 1 ? true : undefined),
+        20_000,
+        "lane's episode",
+        50,
+      );
+      // No burst: another quiet agent's episode beside it runs at the usual priority.
+      expect((await send("n/x/in", { id: "x1" })).status).toBe(202);
+      expect(await fleet.groupsOf("x", 1)).toEqual([EPISODE_GROUP_NICE]);
+
+      // Devices publish to a paused agent faster than the burst rate until the test is done.
+      expect((await fleet.post("/api/agents/counter/sink/pause")).status).toBe(200);
+      const device = await connectAsync(`mqtt://127.0.0.1:${fleet.mqttPort}`, { reconnectPeriod: 0 });
+      let flooding = true;
+      const flood = (async () => {
+        for (let i = 0; flooding; i++) {
+          for (let j = 0; j < BURST_RATE / 10; j++)
+            device.publish("f/sink/in", JSON.stringify({ id: `s${i}-${j}` }), { qos: 1 });
+          await Bun.sleep(20);
+        }
+      })();
+      try {
+        await waitFor(
+          async () => ((await fleet.gauge("fleet_episode_slots")) === burstSlots(2) ? true : undefined),
+          20_000,
+          "the burst to lower the slots",
+          20,
+        );
+        expect((await send("n/y/in", { id: "y1" })).status).toBe(202);
+        expect(await fleet.groupsOf("y", 1)).toEqual([BURST_GROUP_NICE]);
+      } finally {
+        flooding = false;
+        await flood;
+        await device.endAsync();
+      }
+      // All the while the lane's episode ran: nothing of it is committed yet.
+      const lane = await fetch(`${fleet.base}/api/agents/nicelog/lane/state`, authed(fleet.token));
+      expect(((await lane.json()) as { state?: unknown }).state ?? null).toBeNull();
     },
     60_000,
   );

@@ -491,7 +491,12 @@ export class SparePool {
    * `take` in two steps: the spare (or null) now, its replacement when the caller calls `refill`
    * (the runner does once the episode's start is sent: a replacement's spawn is not on its path).
    */
-  claim(limits: ProcessLimits, files: AgentFiles | null = null): { spare: HostProcess | null; refill: () => void } {
+  claim(
+    limits: ProcessLimits,
+    files: AgentFiles | null = null,
+    /** The nice its scheduling group takes now (where episodes get groups); the pool's by default. */
+    groupNice: number | null | undefined = this.spawnOpts.autogroup,
+  ): { spare: HostProcess | null; refill: () => void } {
     const key = this.keyOf(limits);
     for (const dead of this.spares.filter((h) => !h.alive)) void dead.kill();
     this.spares = this.spares.filter((h) => h.alive);
@@ -508,7 +513,7 @@ export class SparePool {
     }
     const usable = i >= 0 && (files === null || !this.spawnOpts.bwrap || stageable(files));
     const spare = usable ? this.spares.splice(i, 1)[0]! : null;
-    if (spare && this.spawnOpts.autogroup != null) setAutogroup(spare.pid, this.spawnOpts.autogroup);
+    if (spare && groupNice != null) setAutogroup(spare.pid, groupNice);
     let done = false;
     const refill = () => {
       if (done) return;

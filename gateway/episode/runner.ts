@@ -26,6 +26,7 @@ import { agentFiles, spareCanLoad } from "./sandbox-view.ts";
 
 // Callers (episode executor, replay, gateway, tests, benches) import the whole runner surface from here.
 export {
+  BURST_GROUP_NICE,
   BWRAP_ARGS,
   CHILD_ENV,
   defaultSpawnOptions,
@@ -35,6 +36,7 @@ export {
   FLOODED_GROUP_NICE,
   hostCommand,
   idleSpawnOptions,
+  inGroupAt,
   nprocPerNamespace,
   runsAsUids,
   runtimeFor,
@@ -201,7 +203,8 @@ export async function runEpisode(
   try {
     // Under bubblewrap the sandbox shows the agent's own files and nothing else of the project.
     const files = spawnOpts.bwrap ? agentFiles(start.module, HOST_PATHS) : null;
-    const claimed = files === null || spareCanLoad(files, HOST_PATHS) ? pool?.claim(limits, files) : undefined;
+    const claimed =
+      files === null || spareCanLoad(files, HOST_PATHS) ? pool?.claim(limits, files, spawnOpts.autogroup) : undefined;
     if (claimed) refill = claimed.refill;
     const spare = claimed?.spare ?? null;
     if (spare) startKind = "warm";

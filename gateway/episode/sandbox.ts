@@ -262,6 +262,15 @@ function probeIdle(chrt: string): boolean {
 export const FLOODED_GROUP_NICE = 19;
 
 /**
+ * The nice of the scheduling group (where episodes get their own) of an episode that starts during an
+ * intake burst beside another episode of an agent that is not flooded (devices first: `QuietLane`,
+ * ../fleet/devices-first.ts). Weight 15 against EPISODE_GROUP_NICE's 335 and the gateway's 1024: at 15
+ * (weight 36) intake beside quiet agents filling every slot kept 0.40x and 0.59x of its rate, at 19
+ * 0.57x and 0.71x (bench `busy`).
+ */
+export const BURST_GROUP_NICE = 19;
+
+/**
  * The nice of a warm spare's scheduling group while it starts up and waits (where episodes get
  * groups): a spare's start-up (tens of ms of CPU for the runtime) is not on anyone's path, so it
  * yields to running episodes' groups; `SparePool.claim` raises it to EPISODE_GROUP_NICE when an

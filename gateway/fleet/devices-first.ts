@@ -20,6 +20,34 @@ export function burstSlots(maxConcurrent: number): number {
   return Math.max(1, Math.ceil(maxConcurrent / 4));
 }
 
+/**
+ * Devices first for agents that are not flooded: one episode of such an agent at a time holds the
+ * lane, at the usual priority, so a quiet agent still answers promptly while another agent's
+ * devices burst; one that starts beside it during a burst yields (its scheduling group at
+ * BURST_GROUP_NICE, ../episode/sandbox.ts). Without this, agents with a stimulus or two each, enough
+ * of them to fill every slot, took the cores from intake: a burst was recorded at 0.32-0.48x of its
+ * rate with them paused (bench `busy`, quiet agents' row; 0.57x and 0.71x with it), while one
+ * quiet agent pinged through another's flood (bench-onset) answered no slower with it.
+ */
+export class QuietLane {
+  private held = false;
+
+  /** An episode of an agent that is not flooded starts: whether it yields, and what to call when it ends. */
+  enter(burst: boolean): { yields: boolean; leave: () => void } {
+    if (this.held) return { yields: burst, leave: () => undefined };
+    this.held = true;
+    let left = false;
+    return {
+      yields: false,
+      leave: () => {
+        if (left) return;
+        left = true;
+        this.held = false;
+      },
+    };
+  }
+}
+
 /** Watches the rate of recorded stimuli; tells `onChange` when a burst starts and ends. */
 export class IntakePressure {
   private windowStart = -Infinity;
