@@ -264,9 +264,9 @@ export const FLOODED_GROUP_NICE = 19;
 /**
  * The nice of the scheduling group (where episodes get their own) of an episode that starts during an
  * intake burst beside another episode of an agent that is not flooded (devices first: `QuietLane`,
- * ../fleet/devices-first.ts). Weight 15 against EPISODE_GROUP_NICE's 335 and the gateway's 1024: at 15
+ * ../fleet/devices-first.ts). Weight 15 against EPISODE_GROUP_NICE's 335 and the gateway's 1024. At 15
  * (weight 36) intake beside quiet agents filling every slot kept 0.40x and 0.59x of its rate, at 19
- * 0.57x and 0.71x (bench `busy`).
+ * 0.57x and 0.71x (bench `busy`, two runs each, not alternated: a hint, not a measurement).
  */
 export const BURST_GROUP_NICE = 19;
 

@@ -25,9 +25,11 @@ export function burstSlots(maxConcurrent: number): number {
  * lane, at the usual priority, so a quiet agent still answers promptly while another agent's
  * devices burst; one that starts beside it during a burst yields (its scheduling group at
  * BURST_GROUP_NICE, ../episode/sandbox.ts). Without this, agents with a stimulus or two each, enough
- * of them to fill every slot, took the cores from intake: a burst was recorded at 0.32-0.48x of its
- * rate with them paused (bench `busy`, quiet agents' row; 0.57x and 0.71x with it), while one
- * quiet agent pinged through another's flood (bench-onset) answered no slower with it.
+ * of them to fill every slot, took the cores from intake: in three alternating pairs of bench `busy`
+ * (quiet agents' row, two cores) a burst was recorded at 0.30x, 0.22x, 0.28x of its rate with them
+ * paused (7,800-8,600 msg/s), and at 0.40x, 0.60x, 0.45x with it (11,300-14,800), their episodes
+ * going from 12-13 a second to 9-11 meanwhile; one quiet agent pinged through another's flood
+ * (bench-onset, bench-policy --flood) answered no slower with it.
  */
 export class QuietLane {
   private held = false;
