@@ -714,6 +714,46 @@ export async function prepareSessions(
   return done;
 }
 
+/**
+ * The retained messages the broker holds on `filters` now, as a clean session of its own reads them
+ * (a client id the broker makes up): what arrives between the SUBACK and `settleMs` after the last
+ * message. A filter the broker refuses (ACL) gives nothing. Throws SessionPrepareError when the
+ * broker cannot be reached or refuses the CONNECT.
+ */
+export async function readRetained(
+  o: SessionBrokerOptions,
+  filters: readonly string[],
+  settleMs = 300,
+): Promise<{ topic: string; payload: Buffer }[]> {
+  const c = connect(o.url, { ...loginOptions(o), reconnectPeriod: 0, clean: true, clientId: "" });
+  const got: { topic: string; payload: Buffer }[] = [];
+  let last = performance.now();
+  c.on("message", (topic, payload, packet) => {
+    if (!packet.retain) return;
+    got.push({ topic, payload });
+    last = performance.now();
+  });
+  const fail = (why: string): never => {
+    throw new SessionPrepareError(`broker ${redact(o.url)}, reading retained ${filters.join(", ")}: ${why}`);
+  };
+  try {
+    const first = await Promise.race([
+      new Promise<IConnackPacket>((resolve) => c.once("connect", resolve)),
+      new Promise<Error>((resolve) => c.once("error", resolve)),
+      Bun.sleep(o.connectTimeoutMs ?? 10_000).then(() => "timeout" as const),
+    ]);
+    if (first === "timeout") fail("no CONNACK within the connect timeout");
+    if (first instanceof Error)
+      fail(isRefusal(first) ? `the broker refused the CONNECT: ${first.message}` : first.message);
+    await subscribeQos1(c, filters, o.protocolVersion === 5).catch((err: Error) => fail(err.message));
+    last = performance.now();
+    while (performance.now() - last < settleMs) await Bun.sleep(Math.max(10, settleMs - (performance.now() - last)));
+    return got;
+  } finally {
+    await new Promise<void>((resolve) => c.end(false, {}, () => resolve()));
+  }
+}
+
 /** The URL without a password, for logs. */
 function redact(url: string): string {
   const u = new URL(url);

@@ -20,6 +20,7 @@ export {
   type ExternalBrokerOptions,
   hopsOf,
   prepareSessions,
+  readRetained,
   type PreparedSession,
   publishPacketSize,
   type SessionBrokerOptions,

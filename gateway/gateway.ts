@@ -731,6 +731,8 @@ export class Gateway {
       /** Poison stimuli waiting for an operator (`fleet quarantine`), now. */
       quarantined_stimuli: await this.store.countQuarantined(),
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
+      /** When this summary was made (ms since the epoch): a retained copy's age (`fleet reshard` reads it). */
+      at: Date.now(),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
       running_episodes: this.scheduler.active,
       /** Null while episodes start; else why they cannot (the machine's failure, not the agents'). */

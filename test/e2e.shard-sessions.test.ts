@@ -12,6 +12,7 @@ import { Aedes } from "aedes";
 import { join } from "node:path";
 import { connect, connectAsync, type IConnackPacket, type MqttClient } from "mqtt";
 import { fixture, runCli } from "./helpers/gateway.ts";
+import { LIVE_HEALTH_MS, liveLayouts } from "../gateway/ops/index.ts";
 import { Mosquitto } from "./helpers/mosquitto.ts";
 import { freePort } from "./helpers/sqld.ts";
 import { agentType, fleetHeader, q } from "./helpers/toml.ts";
@@ -132,6 +133,33 @@ describe("fleet reshard --to N --create-sessions", () => {
     expect(closed).toEqual([]);
   }, 60_000);
 
+  const STALE =
+    "a fleet.toml naming another layout than the running gateways' is refused before any session is made; " +
+    "health retained by gateways long gone does not count";
+  test(STALE, async () => {
+    const mq = await Mosquitto.start();
+    brokers.push(mq);
+    // Three shards run (their health says so, retained); the fleet.toml at hand still says two.
+    const gw = await device(mq.url);
+    const health = (shard: string | null, at: number) => JSON.stringify({ fleet: "plant", shard, at });
+    await gw.publishAsync("fleet/health/3-of-3", health("3/3", Date.now()), { qos: 1, retain: true });
+    const r = await createSessions(fleetToml(mq.url, { shard: "1/2" }), 4);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("fleet.toml says the running layout is 2 shards, but gateways of 3 shards");
+    expect(r.stderr).toContain("fleet/health/3-of-3");
+    // Nothing was made: shard 3's session (the running one's, in truth) and shard 4's are not on the broker.
+    for (const id of ["gw-plant-shard-3", "gw-plant-shard-4"])
+      expect((await resume(mq.url, id)).connack.sessionPresent).toBe(false);
+
+    // The three shards stopped long ago (their health is old); an unsharded gateway runs now.
+    const old = Date.now() - 2 * LIVE_HEALTH_MS;
+    await gw.publishAsync("fleet/health/3-of-3", health("3/3", old), { qos: 1, retain: true });
+    await gw.publishAsync("fleet/health", health(null, Date.now()), { qos: 1, retain: true });
+    const ok = await createSessions(fleetToml(mq.url), 2);
+    expect({ code: ok.code, stderr: ok.stderr }).toEqual({ code: 0, stderr: "" });
+    expect((ok.json as Report).sessions.map((s) => s.clientId)).toEqual(["gw-plant-shard-1", "gw-plant-shard-2"]);
+  }, 60_000);
+
   const SPLIT =
     "an unsharded fleet split in two gets both shard sessions; a sharded one going back to one gateway gets " +
     "<client_id>, under MQTT 5 too";
@@ -217,7 +245,8 @@ describe("fleet reshard --to N --create-sessions", () => {
     const login = 'username = "gw"\npassword_env = "FLEET_TEST_GW_PW"';
     const wrong = await createSessions(fleetToml(mq.url, { broker: login }), 2, { FLEET_TEST_GW_PW: "wrong-pw" });
     expect(wrong.code).toBe(1);
-    expect(wrong.stderr).toContain("session gw-plant-shard-1: the broker refused the CONNECT");
+    // The first connection reads the running gateways' health; it is refused before any session is made.
+    expect(wrong.stderr).toContain("reading retained fleet/health, fleet/health/+: the broker refused the CONNECT");
     expect(wrong.stderr).not.toContain("wrong-pw");
     // Mosquitto 2.0 grants a subscription its ACL denies (and delivers nothing). Brokers that refuse one: an
     // aedes that denies the inboxes in its SUBACK (0x80), as EMQX and HiveMQ do, or closes the connection.
@@ -247,7 +276,7 @@ describe("fleet reshard --to N --create-sessions", () => {
 
     const gone = await createSessions(fleetToml(`mqtt://127.0.0.1:${await freePort()}`), 2);
     expect(gone.code).toBe(1);
-    expect(gone.stderr).toContain("session gw-plant-shard-1:");
+    expect(gone.stderr).toContain("reading retained fleet/health, fleet/health/+:");
   }, 60_000);
 
   const USAGE = "bad command lines are usage errors (exit 2): with --from or --out, without --to, a --to out of range";
@@ -274,3 +303,29 @@ async function waitUntil(ok: () => boolean, what: string, timeoutMs = 10_000): P
     await Bun.sleep(20);
   }
 }
+
+describe("which layouts run, from the gateways' retained health", () => {
+  const now = 1_700_000_000_000;
+  const msg = (topic: string, body: unknown) => ({
+    topic,
+    payload: Buffer.from(typeof body === "string" ? body : JSON.stringify(body)),
+  });
+  test("recent health counts its layout (null shard: one gateway); old, timeless or unreadable health does not", () => {
+    const live = liveLayouts(
+      [
+        msg("fleet/health/1-of-3", { shard: "1/3", at: now - 5_000 }),
+        msg("fleet/health/2-of-3", { shard: "2/3", at: now + 2_000 }),
+        msg("fleet/health", { shard: null, at: now - 1_000 }),
+        msg("fleet/health/1-of-2", { shard: "1/2", at: now - LIVE_HEALTH_MS - 1 }),
+        msg("fleet/health/1-of-4", { shard: "1/4" }),
+        msg("fleet/health/2-of-4", "not json"),
+        msg("fleet/health/3-of-4", { shard: "three", at: now }),
+      ],
+      now,
+    );
+    expect([...live].sort()).toEqual([
+      [1, ["fleet/health"]],
+      [3, ["fleet/health/1-of-3", "fleet/health/2-of-3"]],
+    ]);
+  });
+});

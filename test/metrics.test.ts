@@ -231,6 +231,8 @@ describe("/metrics", () => {
       expect(h.budget_burn).toBeCloseTo(0.02, 3); // agents a and b: 2 of their 100 episodes this hour
       expect(h.lag_ms).toBe(0);
       expect(h.queued_stimuli).toBe(0);
+      // When it was made: a retained copy's age (fleet reshard --create-sessions reads it).
+      expect(Math.abs(h.at - Date.now())).toBeLessThan(60_000);
       expect(typeof h.db.commits).toBe("number");
       expect(h.subprocesses).toBe(0);
       await sub.close();

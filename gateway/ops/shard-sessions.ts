@@ -7,7 +7,7 @@
  * queued for nobody, so lost.
  */
 import { readFileSync } from "node:fs";
-import { prepareSessions, type PreparedSession } from "../../broker/index.ts";
+import { prepareSessions, type PreparedSession, readRetained } from "../../broker/index.ts";
 import { topics } from "../protocol.ts";
 import { MAX_SHARDS, shardClientId, type ShardSpec } from "../shard.ts";
 import type { FleetSpec } from "../spec/index.ts";
@@ -43,6 +43,41 @@ export function hadSessions(old: readonly ShardSpec[], unsharded: boolean): Set<
 /** The sessions a layout of `count` shards uses that `had` (shard indexes, as `hadSessions` gives them) lacks. */
 export function sessionsAdded(had: ReadonlySet<number>, count: number): number[] {
   return layoutSessions(count).filter((i) => !had.has(i));
+}
+
+/**
+ * How recent a gateway's retained health (published every 10 s) must be for `--create-sessions` to count
+ * its layout as running: a few missed ticks, and clocks a little apart between hosts.
+ */
+export const LIVE_HEALTH_MS = 60_000;
+
+/**
+ * The shard counts of the layouts whose gateways publish health now, from the retained messages on
+ * `fleet/health` and `fleet/health/<i>-of-<N>`: a body whose `at` is within `windowMs` of `now` (an
+ * unsharded gateway's `shard` is null: a layout of 1). Each count with the topics that show it.
+ * Bodies without `at` (a gateway from before it) or not JSON say nothing.
+ */
+export function liveLayouts(
+  retained: readonly { topic: string; payload: Buffer }[],
+  now: number,
+  windowMs = LIVE_HEALTH_MS,
+): Map<number, string[]> {
+  const live = new Map<number, string[]>();
+  for (const { topic, payload } of retained) {
+    let body: { at?: unknown; shard?: unknown };
+    try {
+      body = JSON.parse(payload.toString("utf8")) as typeof body;
+    } catch {
+      continue;
+    }
+    if (typeof body !== "object" || body === null || typeof body.at !== "number") continue;
+    if (Math.abs(now - body.at) > windowMs) continue;
+    const of = /^(\d+)\/(\d+)$/.exec(typeof body.shard === "string" ? body.shard : "");
+    const count = body.shard === null ? 1 : of ? Number(of[2]) : null;
+    if (count === null) continue;
+    live.set(count, [...(live.get(count) ?? []), topic]);
+  }
+  return live;
 }
 
 /** `--create-sessions` cannot run: no external broker, a password not in the environment, a bad count. */
@@ -92,16 +127,28 @@ export async function createShardSessions(
       `[broker] password_env names ${ext.password_env}, which is not set in the environment`,
     );
   const ids = fresh.map((i) => shardClientId(ext.client_id, i === 0 ? null : { index: i, count: to }));
-  const made = await prepareSessions(
-    {
-      url: ext.url,
-      username: ext.username,
-      password,
-      ca: ext.ca_file === null ? null : readFileSync(ext.ca_file, "utf8"),
-      protocolVersion: ext.protocol_version,
-    },
-    ids,
-    filters,
-  );
+  const broker = {
+    url: ext.url,
+    username: ext.username,
+    password,
+    ca: ext.ca_file === null ? null : readFileSync(ext.ca_file, "utf8"),
+    protocolVersion: ext.protocol_version,
+  };
+  // A fleet.toml that is not the one the gateways run (it names another layout) would have a running
+  // gateway's session taken over as if it were new: the gateways' retained health says what runs.
+  const live = liveLayouts(await readRetained(broker, [topics.health, `${topics.health}/+`]), Date.now());
+  const other = [...live].find(([count]) => count !== from);
+  if (other)
+    throw new ShardSessionsError(
+      `fleet.toml says the running layout is ${layoutName(from)}, but gateways of ${layoutName(other[0])} ` +
+        `published their health in the last ${LIVE_HEALTH_MS / 1000} s (${other[1].join(", ")}): run ` +
+        "--create-sessions with the fleet.toml the running gateways use, before changing its shard",
+    );
+  const made = await prepareSessions(broker, ids, filters);
   return { from, to, sessions: made.map((s, k) => ({ ...s, index: fresh[k]! })), filters };
+}
+
+/** "2 shards", or "1 gateway (unsharded)". */
+function layoutName(count: number): string {
+  return count === 1 ? "1 gateway (unsharded)" : `${count} shards`;
 }
