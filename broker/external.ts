@@ -717,8 +717,8 @@ export async function prepareSessions(
 /**
  * The retained messages the broker holds on `filters` now, as a clean session of its own reads them
  * (a client id the broker makes up): what arrives between the SUBACK and `settleMs` after the last
- * message. A filter the broker refuses (ACL) gives nothing. Throws SessionPrepareError when the
- * broker cannot be reached or refuses the CONNECT.
+ * message. A filter the broker refuses (ACL: in its SUBACK, or by closing the connection) gives
+ * nothing. Throws SessionPrepareError when the broker cannot be reached or refuses the CONNECT.
  */
 export async function readRetained(
   o: SessionBrokerOptions,
@@ -745,7 +745,8 @@ export async function readRetained(
     if (first === "timeout") fail("no CONNACK within the connect timeout");
     if (first instanceof Error)
       fail(isRefusal(first) ? `the broker refused the CONNECT: ${first.message}` : first.message);
-    await subscribeQos1(c, filters, o.protocolVersion === 5).catch((err: Error) => fail(err.message));
+    // A broker that answers a refused filter by closing the connection (as MQTT 3.1.1 lets it) hides it too.
+    if ((await subscribeQos1(c, filters, o.protocolVersion === 5).catch(() => null)) === null) return got;
     last = performance.now();
     while (performance.now() - last < settleMs) await Bun.sleep(Math.max(10, settleMs - (performance.now() - last)));
     return got;

@@ -863,14 +863,12 @@ export class Gateway {
         const agent = start.agent.id as AgentId;
         const flooded = floods.flooded(agent);
         floods.started(agent);
-        if (flooded) {
-          const r = await runEpisode(start, limits, onTool, floodSpawn, undefined, this.procs);
-          this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
-          return r;
-        }
-        const { yields, leave } = lane.enter(this.pressure.burst);
+        // Devices first for the others too: one holds the lane, one beside it yields during a burst (QuietLane).
+        const { yields, leave } = flooded ? { yields: false, leave: () => undefined } : lane.enter(this.pressure.burst);
         try {
-          const r = await runEpisode(start, limits, onTool, yields ? burstSpawn : spawnOptions, spares, this.procs);
+          const r = flooded
+            ? await runEpisode(start, limits, onTool, floodSpawn, undefined, this.procs)
+            : await runEpisode(start, limits, onTool, yields ? burstSpawn : spawnOptions, spares, this.procs);
           this.events.emit("spawn", { type: start.agent.type, start: r.start ?? "cold" });
           return r;
         } finally {

@@ -279,6 +279,25 @@ describe("fleet reshard --to N --create-sessions", () => {
     expect(gone.stderr).toContain("reading retained fleet/health, fleet/health/+:");
   }, 60_000);
 
+  test("health the broker will not show (its ACL closes the connection) does not stop it", async () => {
+    const hiding = await Aedes.createBroker({
+      authorizeSubscribe: (_client, sub, done) =>
+        sub.topic.startsWith("fleet/health") ? done(new Error("not for you")) : done(null, sub),
+    });
+    const server = createServer((socket) => hiding.handle(socket));
+    await new Promise<void>((resolve) => server.listen({ host: "127.0.0.1", port: 0 }, resolve));
+    try {
+      const r = await createSessions(fleetToml(`mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`), 2);
+      expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: "" });
+      expect((r.json as Report).sessions.map((s) => [s.clientId, s.created])).toEqual([
+        ["gw-plant-shard-1", true],
+        ["gw-plant-shard-2", true],
+      ]);
+    } finally {
+      await new Promise<void>((resolve) => hiding.close(() => server.close(() => resolve())));
+    }
+  }, 60_000);
+
   const USAGE = "bad command lines are usage errors (exit 2): with --from or --out, without --to, a --to out of range";
   test(USAGE, async () => {
     const config = fleetToml("mqtt://127.0.0.1:1", { shard: "1/2" });
