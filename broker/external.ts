@@ -693,15 +693,7 @@ export async function prepareSessions(
       throw new SessionPrepareError(`broker ${redact(o.url)}, session ${clientId}: ${why}`);
     };
     try {
-      const first = await Promise.race([
-        new Promise<IConnackPacket>((resolve) => c.once("connect", resolve)),
-        new Promise<Error>((resolve) => c.once("error", resolve)),
-        Bun.sleep(o.connectTimeoutMs ?? 10_000).then(() => "timeout" as const),
-      ]);
-      if (first === "timeout") fail("no CONNACK within the connect timeout");
-      if (first instanceof Error)
-        fail(isRefusal(first) ? `the broker refused the CONNECT: ${first.message}` : first.message);
-      const connack = first as IConnackPacket;
+      const connack = await connackOf(c, o, fail);
       const denied = await subscribeQos1(c, filters, v5).catch((err: Error) =>
         fail(`subscribing to the fleet's filters: ${err.message}`),
       );
@@ -737,14 +729,7 @@ export async function readRetained(
     throw new SessionPrepareError(`broker ${redact(o.url)}, reading retained ${filters.join(", ")}: ${why}`);
   };
   try {
-    const first = await Promise.race([
-      new Promise<IConnackPacket>((resolve) => c.once("connect", resolve)),
-      new Promise<Error>((resolve) => c.once("error", resolve)),
-      Bun.sleep(o.connectTimeoutMs ?? 10_000).then(() => "timeout" as const),
-    ]);
-    if (first === "timeout") fail("no CONNACK within the connect timeout");
-    if (first instanceof Error)
-      fail(isRefusal(first) ? `the broker refused the CONNECT: ${first.message}` : first.message);
+    await connackOf(c, o, fail);
     // A broker that answers a refused filter by closing the connection (as MQTT 3.1.1 lets it) hides it too.
     if ((await subscribeQos1(c, filters, o.protocolVersion === 5).catch(() => null)) === null) return got;
     last = performance.now();
@@ -753,6 +738,26 @@ export async function readRetained(
   } finally {
     await new Promise<void>((resolve) => c.end(false, {}, () => resolve()));
   }
+}
+
+/**
+ * The CONNACK of a one-off connection `c` (reconnectPeriod 0); `fail` says why there is none: a refusal, an
+ * error, the timeout.
+ */
+async function connackOf(
+  c: MqttClient,
+  o: SessionBrokerOptions,
+  fail: (why: string) => never,
+): Promise<IConnackPacket> {
+  const first = await Promise.race([
+    new Promise<IConnackPacket>((resolve) => c.once("connect", resolve)),
+    new Promise<Error>((resolve) => c.once("error", resolve)),
+    Bun.sleep(o.connectTimeoutMs ?? 10_000).then(() => "timeout" as const),
+  ]);
+  if (first === "timeout") return fail("no CONNACK within the connect timeout");
+  if (first instanceof Error)
+    return fail(isRefusal(first) ? `the broker refused the CONNECT: ${first.message}` : first.message);
+  return first;
 }
 
 /** The URL without a password, for logs. */
