@@ -49,20 +49,6 @@ class Fleet {
     return this.gw.broker.port;
   }
 
-  /** The scheduling-group nice of each episode nicelog/`key` has run, once it has run `n`. */
-  async groupsOf(key: string, n: number): Promise<(number | null)[]> {
-    return waitFor(
-      async () => {
-        const r = await fetch(`${this.base}/api/agents/nicelog/${key}/state`, authed(this.token));
-        const groups = ((await r.json()) as { state?: { groups?: (number | null)[] } }).state?.groups;
-        return groups?.length === n ? groups : undefined;
-      },
-      30_000,
-      `${n} episode(s) of nicelog/${key}`,
-      50,
-    );
-  }
-
   async gauge(name: string): Promise<number | undefined> {
     return sampleValue(await scrape(this.base), name);
   }
@@ -80,16 +66,21 @@ class Fleet {
     for (let i = 1; i <= 10; i++)
       expect((await this.post("/api/send", { topic: `n/${key}/in`, payload: { id: `${key}${i}` } })).status).toBe(202);
     expect((await this.post(`/api/agents/nicelog/${key}/resume`)).status).toBe(200);
+    return this.logOf(key, 10);
+  }
+
+  /** The priorities of the episodes nicelog/`key` has run (nice, group nice), once it has run `n`. */
+  async logOf(key: string, n: number): Promise<{ nice: (number | "idle")[]; groups: (number | null)[] }> {
     return waitFor(
       async () => {
         const r = await fetch(`${this.base}/api/agents/nicelog/${key}/state`, authed(this.token));
         const body = (await r.json()) as { state?: { nice?: (number | "idle")[]; groups?: (number | null)[] } };
         const { nice, groups } = body.state ?? {};
-        return nice?.length === 10 ? { nice, groups: groups ?? [] } : undefined;
+        return nice?.length === n ? { nice, groups: groups ?? [] } : undefined;
       },
       30_000,
-      `ten episodes of nicelog/${key}`,
-      100,
+      `${n} episode(s) of nicelog/${key}`,
+      50,
     );
   }
 
@@ -223,7 +214,7 @@ describe("quiet agents during an intake burst (devices first)", () => {
       );
       // No burst: another quiet agent's episode beside it runs at the usual priority.
       expect((await send("n/x/in", { id: "x1" })).status).toBe(202);
-      expect(await fleet.groupsOf("x", 1)).toEqual([EPISODE_GROUP_NICE]);
+      expect((await fleet.logOf("x", 1)).groups).toEqual([EPISODE_GROUP_NICE]);
 
       // Devices publish to a paused agent faster than the burst rate until the test is done.
       expect((await fleet.post("/api/agents/counter/sink/pause")).status).toBe(200);
@@ -244,7 +235,7 @@ describe("quiet agents during an intake burst (devices first)", () => {
           20,
         );
         expect((await send("n/y/in", { id: "y1" })).status).toBe(202);
-        expect(await fleet.groupsOf("y", 1)).toEqual([BURST_GROUP_NICE]);
+        expect((await fleet.logOf("y", 1)).groups).toEqual([BURST_GROUP_NICE]);
       } finally {
         flooding = false;
         await flood;

@@ -75,7 +75,7 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
     steady: zero(),
   };
   /** Publish a round to `topics` as phase `phase`: its intake rate, and what it cost whom. */
-  const measured = async (phase: Phase, topics: readonly string[], run: string): Promise<number> => {
+  const measured = async (phase: Phase, topics: readonly string[], run: string): Promise<void> => {
     const gw0 = cpuMs(gw.pid);
     const all0 = machineBusyMs();
     const wait0 = runQueueWaitMs(gw.pid);
@@ -88,7 +88,6 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
     p.wait += runQueueWaitMs(gw.pid) - wait0;
     p.msgs += perRound;
     intake[phase].push(r);
-    return r;
   };
   /** Episodes/s over `run` (or over ALONE_MS with nothing else going on). */
   const episodeRate = async (run: () => Promise<unknown> = () => Bun.sleep(ALONE_MS)): Promise<number> => {
