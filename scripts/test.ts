@@ -15,7 +15,9 @@
  * test did not stop) are killed then, and named in its output. Every `--progress` seconds (default
  * 120) the runner names the files that have been running longer than that.
  *
- * A file's output is printed whole when it ends, so the log reads as bun's own does. The last
+ * A file's output is printed whole when it ends, so the log reads as bun's own does, followed by a
+ * line with its seconds and the CPU seconds its process tree spent (what to cut to shorten a run
+ * whose cores are busy: episodes' processes, mostly). The last
  * lines are the totals in bun's form (" N pass", " N fail") and the exit code is non-zero when
  * a file failed, or its process ended without bun's summary (a crash).
  */
@@ -81,6 +83,8 @@ interface FileRun {
   readonly skip: number;
   readonly fail: number;
   readonly seconds: number;
+  /** CPU seconds (user + system) of the file's process and of every descendant reaped in its tree. */
+  readonly cpuSeconds: number;
   readonly code: number;
   /** bun printed its closing summary (a process that crashed or was killed did not). */
   readonly summarised: boolean;
@@ -144,6 +148,7 @@ async function runFile(file: string): Promise<FileRun> {
   const reading = Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
   const code = await proc.exited;
   clearTimeout(limit);
+  const usage = proc.resourceUsage();
   const left = groupMembers(proc.pid);
   if (left.length > 0) killGroup(proc.pid);
   running.delete(proc.pid);
@@ -159,6 +164,7 @@ async function runFile(file: string): Promise<FileRun> {
     skip: count(output, "skip"),
     fail: count(output, "fail"),
     seconds: (performance.now() - began) / 1000,
+    cpuSeconds: usage ? Number(usage.cpuTime.user + usage.cpuTime.system) / 1e6 : 0,
     code,
     summarised: /^Ran \d+ tests? across/m.test(output),
     output,
@@ -200,7 +206,7 @@ async function worker(): Promise<void> {
     const ok = run.code === 0 && run.summarised;
     process.stdout.write(`\n${run.output.trimEnd()}\n`);
     if (!ok) console.log(`!! ${file}: exit code ${run.code}${run.summarised ? "" : ", no summary from bun test"}`);
-    console.log(`-- ${runs.length}/${total} ${file}: ${run.seconds.toFixed(1)} s`);
+    console.log(`-- ${runs.length}/${total} ${file}: ${run.seconds.toFixed(1)} s, ${run.cpuSeconds.toFixed(1)} s CPU`);
   }
 }
 // A file's output waits for its end: say which files have been running long, so a slow or hung

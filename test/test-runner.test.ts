@@ -60,6 +60,8 @@ describe("the test runner (scripts/test.ts)", () => {
     expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 0 });
     expect(code).toBe(0);
     expect(out).toContain("(pass) one");
+    // Each file's line gives its seconds and its CPU seconds, to a tenth (this fixture takes less than that).
+    expect(out).toMatch(new RegExp(`^-- 1/1 ${FIXTURES}/passes\\.check\\.ts: \\d+\\.\\d s, \\d+\\.\\d s CPU$`, "m"));
   }, 30_000);
 
   test("a failing test fails the run, and the summary names its file and test", async () => {
