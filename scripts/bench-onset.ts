@@ -2,7 +2,7 @@
 /**
  * Quiet agents' latency while the gateway takes a burst, many times over:
  *
- *   bun scripts/bench-onset.ts [--bursts N] [--label L]
+ *   bun scripts/bench-onset.ts [--bursts N] [--label L] [--stages] [--warm-spares N]
  *
  * The flood row of `bun scripts/bench-policy.ts --flood` (a quiet agent's p99 while another agent is
  * flooded) is decided by the two or three pings sent during the one burst of its run, so it moves
@@ -37,11 +37,18 @@ const { values } = parseArgs({
     bursts: { type: "string", default: "15" },
     label: { type: "string", default: "run" },
     stages: { type: "boolean", default: false },
+    /** `[fleet] warm_spares` of the gateway measured (default: the gateway's default). */
+    "warm-spares": { type: "string" },
   },
 });
+const spares = values["warm-spares"];
+if (spares !== undefined && !/^\d+$/.test(spares)) {
+  console.error("--warm-spares takes a whole number");
+  process.exit(2);
+}
 const bursts = Number(values.bursts);
 if (!Number.isSafeInteger(bursts) || bursts < 1) {
-  console.error("usage: bun scripts/bench-onset.ts [--bursts N] [--label L] [--stages]");
+  console.error("usage: bun scripts/bench-onset.ts [--bursts N] [--label L] [--stages] [--warm-spares N]");
   process.exit(2);
 }
 
@@ -88,7 +95,10 @@ async function burst(port: number, topic: string): Promise<number> {
 }
 
 const fleet = new TestFleet(
-  fleetHeader("bench-onset", { maxConcurrent: 4 }) +
+  fleetHeader("bench-onset", {
+    maxConcurrent: 4,
+    ...(spares === undefined ? {} : { fleet: `warm_spares = ${spares}` }),
+  }) +
     agentBlock("quiet", policyAgent("steady")) +
     agentBlock("sink", policyAgent("steady")),
 );

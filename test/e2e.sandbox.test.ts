@@ -275,8 +275,8 @@ describe("leftover sandboxes and the weak fallback", () => {
         const warning = readFileSync(fleet.logPath, "utf8")
           .split("\n")
           .find((l) => l.includes("sandbox_uids holds 2 uid(s)"));
-        // 4 episodes at once and twice the 2 warm spares: 8 processes.
-        expect(warning).toContain("for up to 8 sandboxed processes");
+        // 4 episodes at once and twice the 4 warm spares (the default): 12 processes.
+        expect(warning).toContain("for up to 12 sandboxed processes");
         expect(warning).toContain("share a uid");
       } finally {
         await fleet.dispose();

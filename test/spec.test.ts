@@ -91,7 +91,7 @@ describe("compileSpec", () => {
       max_concurrent_episodes: 8,
       synchronous: "full",
       sandbox: "auto",
-      warm_spares: 2,
+      warm_spares: 4,
       allow_weak_sandbox: false,
       shard: null,
       sandbox_uids: { first: 1_879_048_192, count: 65_536 },

@@ -5,3 +5,4 @@ export * from "./locate.ts";
 export * from "./types.ts";
 export * from "./reference.ts";
 export * from "./restart.ts";
+export { DEFAULT_WARM_SPARES } from "./schema.ts";

@@ -177,6 +177,17 @@ const named = <T extends z.ZodType>(what: string, value: T) =>
     .default({});
 const positive = () => z.number(says("must be a positive number")).positive(says("must be a positive number"));
 
+/**
+ * Warm spares kept per set of episode limits. An idle spare holds ~6 MB (PSS; 2.4 MB of it its own,
+ * the rest Bun's pages shared with the others) and no CPU. Four, not two: a spare's replacement starts
+ * in a group that yields (SPARE_GROUP_NICE), so while devices burst it barely starts, and with two the
+ * third episode of a burst waited for a spare's start-up on a busy box. `bun scripts/bench-onset.ts`
+ * (six quiet agents pinged 12.5 times a second through 10 bursts of 5,000 QoS 1 messages, two cores,
+ * alternating runs): pings during bursts took 206-272 ms at p50 with two spares, 88-102 with four,
+ * 113-124 with six, and the bursts were acknowledged in 427-523, 367-374 and 425-446 ms.
+ */
+export const DEFAULT_WARM_SPARES = 4;
+
 /** The whole file. */
 export const fleetSchema = z.strictObject({
   fleet: table({
@@ -187,7 +198,7 @@ export const fleetSchema = z.strictObject({
     drain_timeout_ms: nonNegInt(10_000),
     max_send_hops: nonNegInt(16),
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
-    warm_spares: nonNegInt(2),
+    warm_spares: nonNegInt(DEFAULT_WARM_SPARES),
     allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),
     /** "first:count" (checked and compiled in load.ts): the uids episode processes run as, one each (root). */
     sandbox_uids: str().default("1879048192:65536"),

@@ -20,6 +20,7 @@ import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
 import { benchFleet, startGateway } from "./procs.ts";
 import { childCpu, runnerRate } from "./runner-alone.ts";
+import { DEFAULT_WARM_SPARES } from "../../gateway/spec/index.ts";
 
 const CONCURRENCY = 4;
 /** Interleaved rounds per target; the rows take the median. Five, not three: one round that meets a busy spell
@@ -234,7 +235,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       med("runner"),
       med("wrapped"),
       null,
-      "runEpisode with 2 warm spares, driven from the bench in the same rounds: no intake, SQL or scheduling",
+      `runEpisode with ${DEFAULT_WARM_SPARES} warm spares (the default), driven from the bench in the same rounds: ` +
+        "no intake, SQL or scheduling",
     ),
     deltaRow(
       "episodes",

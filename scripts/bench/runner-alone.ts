@@ -10,6 +10,7 @@
  * a child's CPU was the same for both (13.07 vs 12.98 ms, medians of 30, unwrapped).
  */
 import type { ParentMessage } from "../../agents/protocol.ts";
+import { DEFAULT_WARM_SPARES } from "../../gateway/spec/index.ts";
 import {
   CHILD_ENV,
   CHILD_LIMITS,
@@ -33,7 +34,7 @@ const LIMITS: RunLimits = {
   maxRecordBytes: CHILD_LIMITS.max_record_bytes,
 };
 /** Spares the pool keeps: the default `[fleet] warm_spares`. */
-const SPARES = 2;
+const SPARES = DEFAULT_WARM_SPARES;
 
 let pool: SparePool | null = null;
 defer(async () => {

@@ -46,7 +46,7 @@ export function uidClaimsWork(): boolean {
 }
 
 /** `[fleet]`, `[broker]` and `[http]` on loopback with a 5 s drain; ports come from the harness flags. */
-export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: string } = {}): string {
+export function fleetHeader(name: string, o: { maxConcurrent?: number; extra?: string; fleet?: string } = {}): string {
   return loopbackHeader(name, { drainTimeoutMs: 5000, ...o });
 }
 
