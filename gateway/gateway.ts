@@ -22,7 +22,7 @@ import { canonicalJson } from "./hash.ts";
 import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
-import { FloodRule, IntakePressure, QuietLane, Scheduler, burstSlots } from "./fleet/index.ts";
+import { FloodRule, IntakePressure, QuietLane, QuietPace, Scheduler, burstSlots } from "./fleet/index.ts";
 import { checkConfigs, configProblemsError, EpisodeExecutor, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
@@ -913,6 +913,7 @@ export class Gateway {
       runTurn: (a) => executor.turn(a),
       queued: (a) => this.book.queued(a),
       flooded: (a) => floods.flooded(a),
+      pace: new QuietPace(),
       now: this.now,
     });
     // Bursts can come and go several times a second: the log says so at most once a minute.

@@ -4,7 +4,7 @@
  * them. The clock is injected; a burst's windows close on a real timer, or by hand.
  */
 import { describe, expect, test } from "bun:test";
-import { IntakePressure, QuietLane, burstSlots } from "../gateway/fleet/index.ts";
+import { IntakePressure, QuietLane, QuietPace, burstSlots } from "../gateway/fleet/index.ts";
 import { waitFor } from "./helpers/gateway.ts";
 
 /** A pressure watch on a hand-moved clock, recording every change. */
@@ -23,6 +23,25 @@ function watch(rate = 1000, windowMs = 20) {
 describe("devices first", () => {
   test("a burst's slots are a quarter of max_concurrent_episodes, never fewer than one", () => {
     expect([1, 2, 4, 8, 10, 64].map(burstSlots)).toEqual([1, 1, 1, 2, 3, 16]);
+  });
+
+  test("the pace lets two starts through at once, then one per mean turn over its share of a slot", () => {
+    const pace = new QuietPace(0.5, 2);
+    const t = 1_000;
+    // No turn seen yet: nothing to pace by.
+    expect([pace.take(t), pace.take(t), pace.take(t)]).toEqual([true, true, true]);
+    pace.ran(40); // mean 40 ms at half a slot: a start per 80 ms
+    expect(pace.take(t)).toBe(true);
+    expect(pace.take(t)).toBe(true);
+    expect(pace.take(t)).toBe(false);
+    expect(pace.nextAt(t)).toBe(t + 80);
+    expect(pace.take(t + 79)).toBe(false);
+    expect(pace.take(t + 80)).toBe(true);
+    // Slower turns (a contended box) slow the pace: the mean moves a fifth of the way per turn.
+    pace.ran(140); // 0.8 * 40 + 0.2 * 140 = 60: a start per 120 ms
+    expect(pace.nextAt(t + 80)).toBe(t + 80 + 120);
+    // A quiet spell refills the bucket to its two starts, no more.
+    expect([pace.take(t + 10_000), pace.take(t + 10_000), pace.take(t + 10_000)]).toEqual([true, true, false]);
   });
 
   test("one quiet agent's episode at a time holds the lane; one beside it yields only during a burst", () => {

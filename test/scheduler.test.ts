@@ -4,7 +4,7 @@
  * waking, and idle().
  */
 import { describe, expect, test } from "bun:test";
-import { Scheduler, type TurnResult } from "../gateway/fleet/index.ts";
+import { QuietPace, Scheduler, type TurnResult } from "../gateway/fleet/index.ts";
 import { waitFor } from "./helpers/gateway.ts";
 import type { AgentId } from "../gateway/types.ts";
 
@@ -84,7 +84,13 @@ function setup(maxConcurrent: number) {
  * A scheduler whose turns each wait to be released by hand: `started` lists the agents whose
  * turns began, `finish()` releases everything until the scheduler is idle.
  */
-function gated(opts: { maxConcurrent: number; queued?: (a: AgentId) => number; flooded?: (a: AgentId) => boolean }) {
+function gated(opts: {
+  maxConcurrent: number;
+  queued?: (a: AgentId) => number;
+  flooded?: (a: AgentId) => boolean;
+  pace?: QuietPace;
+  now?: () => number;
+}) {
   const release: (() => void)[] = [];
   const started: string[] = [];
   const scheduler = new Scheduler({
@@ -405,6 +411,48 @@ describe("scheduler", () => {
     scheduler.setCap(null);
     // Lifting the cap starts the held floods, in the order they arrived.
     expect(started).toEqual(["f1", "quiet", "f2", "f3"]);
+    await finish();
+  });
+
+  test("under a cap agents that are not flooded start at a pace, the fewest starts in the burst first", async () => {
+    let t = 1_000;
+    const backlog = new Map<string, number>([
+      ["busy", 5],
+      ["a", 1],
+      ["b", 1],
+      ["ping", 1],
+      ["flood", 100],
+    ]);
+    const pace = new QuietPace(0.5, 2);
+    pace.ran(50); // a start per 100 ms once the bucket's two are spent
+    const { scheduler, started, release, finish } = gated({
+      maxConcurrent: 8,
+      queued: (a) => backlog.get(a) ?? 0,
+      flooded: (a) => (backlog.get(a) ?? 0) >= 8,
+      pace,
+      now: () => t,
+    });
+    scheduler.setCap(3);
+    for (const a of ["busy", "a", "b"]) scheduler.notify(id(a));
+    // Two at once from the bucket; the third waits for the pace though slots are free.
+    expect(started).toEqual(["busy", "a"]);
+    // A flooded agent is not paced: it takes a slot below the cap.
+    scheduler.notify(id("flood"));
+    expect(started).toEqual(["busy", "a", "flood"]);
+    // "busy" comes back with more work while "ping" arrives: "ping" has not started in this burst, "busy" has.
+    release.shift()!();
+    await tick();
+    scheduler.notify(id("busy"));
+    scheduler.notify(id("ping"));
+    t += 100;
+    await holds(() => started.length === 4, "one more start after 100 ms");
+    expect(started[3]).toBe("b");
+    t += 100;
+    await holds(() => started.length === 5, "the next start after another 100 ms");
+    expect(started[4]).toBe("ping");
+    // Lifting the cap starts whoever the pace still held, at once.
+    scheduler.setCap(null);
+    expect(started.slice(5)).toEqual(["busy"]);
     await finish();
   });
 });

@@ -5,7 +5,8 @@
  * `busy`), because the gateway's thread shared the cores with episode processes and with its own
  * work for them. While stimuli are recorded faster than `rate` per second, agents with a backlog
  * run at most a quarter of `max_concurrent_episodes` (at least one) at once (an agent with a
- * stimulus or two still takes any free slot); a window below the rate restores every slot.
+ * stimulus or two still takes any free slot, at a pace: QuietPace); a window below the rate
+ * restores every slot.
  * Running episodes are never stopped, and the cap never reaches zero, so a steady stream above
  * the rate slows episodes but does not stop them.
  */
@@ -47,6 +48,69 @@ export class QuietLane {
         this.held = false;
       },
     };
+  }
+}
+
+/** Of one slot's time, the share episodes of agents that are not flooded may take while a burst lasts. */
+export const QUIET_BURST_SHARE = 0.5;
+/** Starts such episodes may make at once during a burst before the pace applies (a ping or two). */
+export const QUIET_BURST_STARTS = 2;
+
+/**
+ * Devices first, in time: while a burst lasts, episodes of agents that are not flooded start at
+ * a pace of one per `mean turn / share` (a token bucket of `starts`), so that together they keep
+ * about `share` of one slot busy. Slots alone did not bound them: most of an episode's cost lands
+ * outside its process, at the usual priority (the gateway's spawn and commit, bubblewrap, and the
+ * kernel's work of tearing the process down: measured ~20 ms of the machine's CPU per episode on
+ * two cores, ~7 ms of it the episode's own), so quiet agents' episodes ran about as fast through
+ * one slot as through four (35-43 a second during bursts) and intake kept 0.46x-0.63x of its rate
+ * with them paused (bench `busy`, the quiet agents' row, alternating runs); with the pace, 0.73x-1.08x,
+ * their episodes at 16-24 a second during bursts. A turn takes longer when the cores are contended,
+ * so the pace slows as a burst takes them. A quiet agent pinged now and then finds a start in the
+ * bucket; a backlog of such agents waits (six agents pinged through bursts, bench-onset: 39-45 ms
+ * at p50 with the pace, 40-49 without).
+ */
+export class QuietPace {
+  private tokens: number;
+  private filledAt = -Infinity;
+  private meanMs: number | null = null;
+
+  constructor(
+    readonly share = QUIET_BURST_SHARE,
+    readonly starts = QUIET_BURST_STARTS,
+  ) {
+    this.tokens = starts;
+  }
+
+  /** A turn of such an agent took `ms`: the pace follows the turns' moving mean. */
+  ran(ms: number): void {
+    this.meanMs = this.meanMs === null ? ms : 0.8 * this.meanMs + 0.2 * ms;
+  }
+
+  /** Take a start now if the pace allows one. */
+  take(now: number): boolean {
+    if (this.intervalMs() <= 0) return true; // no turn seen yet: nothing to pace by
+    this.fill(now);
+    if (this.tokens < 1) return false;
+    this.tokens--;
+    return true;
+  }
+
+  /** When the next start will be allowed (now, if one is). */
+  nextAt(now: number): number {
+    if (this.intervalMs() <= 0) return now;
+    this.fill(now);
+    return this.tokens >= 1 ? now : now + (1 - this.tokens) * this.intervalMs();
+  }
+
+  private intervalMs(): number {
+    return (this.meanMs ?? 0) / this.share;
+  }
+
+  private fill(now: number): void {
+    const gained = this.filledAt === -Infinity ? this.starts : (now - this.filledAt) / this.intervalMs();
+    this.tokens = Math.min(this.starts, this.tokens + gained);
+    this.filledAt = now;
   }
 }
 

@@ -22,7 +22,19 @@ export interface SchedulerOptions {
    * below the cap; an agent with a stimulus or two still gets any slot up to maxConcurrent.
    */
   readonly flooded?: (agent: AgentId) => boolean;
+  /**
+   * Under a cap, the pace at which agents that are not flooded start (devices first, in time:
+   * ./devices-first.ts); without it they take any free slot at once.
+   */
+  readonly pace?: Pace;
   readonly now?: () => number;
+}
+
+/** A pace of starts (QuietPace): whether one may start now, when the next may, and how long turns take. */
+export interface Pace {
+  take(now: number): boolean;
+  nextAt(now: number): number;
+  ran(ms: number): void;
 }
 
 interface Slot {
@@ -44,6 +56,8 @@ export class Scheduler {
   /** Flooded agents waiting for a slot below the cap, in arrival order (devices first). */
   private readonly held: AgentId[] = [];
   private heldHead = 0;
+  /** Agents that are not flooded waiting under a cap for the pace to allow a start. */
+  private readonly paced = new PacedAgents();
   private running = 0;
   private stopped = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
@@ -161,6 +175,14 @@ export class Scheduler {
       this.held.splice(0, this.heldHead);
       this.heldHead = 0;
     }
+    const pace = this.cap !== null ? this.opts.pace : undefined;
+    // Then those the pace held back, as it allows (all of them once the cap is lifted).
+    while (this.running < this.maxConcurrent && this.paced.size > 0 && (!pace || pace.take(now))) {
+      const agent = this.paced.next();
+      const slot = this.slots.get(agent);
+      if (slot) this.leaveReady(agent, slot, now);
+    }
+    if (!pace) this.paced.newBurst();
     const flooded = this.opts.flooded;
     while (this.running < this.maxConcurrent && this.readyHead < this.ready.length && scanned < pending) {
       const agent = this.ready[this.readyHead++]!;
@@ -172,8 +194,17 @@ export class Scheduler {
         this.held.push(agent);
         continue;
       }
+      // Under a cap, one that is not flooded starts at the pace.
+      if (pace && flooded && !flooded(agent)) {
+        if (this.paced.size > 0 || !pace.take(now)) {
+          this.paced.add(agent);
+          continue;
+        }
+        this.paced.started(agent);
+      }
       this.leaveReady(agent, slot, now);
     }
+    if (pace && this.paced.size > 0) this.armTimer(pace.nextAt(now));
     // Compact the ring once its consumed prefix dominates.
     if (this.readyHead > 1024 && this.readyHead * 2 > this.ready.length) {
       this.ready.splice(0, this.readyHead);
@@ -214,12 +245,15 @@ export class Scheduler {
     slot.running = true;
     slot.waitUntil = 0; // any wait is over (the timer may not have fired yet)
     this.running++;
+    const { pace, flooded } = this.opts;
+    const began = pace ? this.now() : 0;
     void this.opts
       .runTurn(agent)
       .catch((): TurnResult => ({ kind: "wait", until: this.now() + 1000 }))
       .then((r) => {
         slot.running = false;
         this.running--;
+        if (pace && r.kind === "ran" && !flooded?.(agent)) pace.ran(this.now() - began);
         // News that arrived during the turn overrides what the turn saw before it.
         const notified = slot.notifiedWhileRunning;
         const woken = slot.wokenWhileRunning;
@@ -256,5 +290,49 @@ export class Scheduler {
         if (this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
         this.pump();
       });
+  }
+}
+
+/**
+ * Agents waiting for the pace during a burst: the one with the fewest starts in this burst goes
+ * first (arrival order among equals), so an agent pinged once is not queued behind one working
+ * through a backlog that FloodRule does not call a flood (it had no one to yield to).
+ */
+class PacedAgents {
+  /** Waiting agents by their starts in this burst (the last level holds every count beyond it). */
+  private readonly levels: AgentId[][] = Array.from({ length: 8 }, () => []);
+  private readonly starts = new Map<AgentId, number>();
+  private waiting = 0;
+
+  get size(): number {
+    return this.waiting;
+  }
+
+  add(agent: AgentId): void {
+    const level = Math.min(this.starts.get(agent) ?? 0, this.levels.length - 1);
+    this.levels[level]!.push(agent);
+    this.waiting++;
+  }
+
+  /** The next to start (size > 0), counted as started. */
+  next(): AgentId {
+    for (const level of this.levels) {
+      const agent = level.shift();
+      if (agent === undefined) continue;
+      this.waiting--;
+      this.started(agent);
+      return agent;
+    }
+    throw new Error("PacedAgents.next on an empty queue");
+  }
+
+  /** `agent` started in this burst without waiting. */
+  started(agent: AgentId): void {
+    this.starts.set(agent, (this.starts.get(agent) ?? 0) + 1);
+  }
+
+  /** A burst ended: counts start again (call only once no agent waits). */
+  newBurst(): void {
+    if (this.waiting === 0 && this.starts.size > 0) this.starts.clear();
   }
 }

@@ -20,7 +20,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "WorkingDirectory, or give an absolute path); `--data-dir` overrides it.",
   "fleet.max_concurrent_episodes":
     "Episodes running at once across the fleet; one at a time per agent always. During an intake burst, flooded " +
-    "agents (a backlog while others have work) share a quarter of it (docs/sandbox.md, devices first).",
+    "agents (a backlog while others have work) share a quarter of it, and other agents' episodes start at a pace " +
+    "(docs/sandbox.md, devices first).",
   "fleet.synchronous":
     '"full" survives power loss (fsync on every commit); "normal" survives process crashes only (WAL).',
   "fleet.drain_timeout_ms":

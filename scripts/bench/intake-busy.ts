@@ -131,17 +131,22 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
     await gw.stop();
   }
   // Microseconds per message of one of the phase counters, episodes running vs paused.
-  const perMessage = (metric: string, of: "cpu" | "other" | "wait", note: string) =>
+  const perMessage = (
+    metric: string,
+    of: "cpu" | "other" | "wait",
+    note: string,
+    [running, paused]: [Phase, Phase] = ["busy", "quiet"],
+  ) =>
     rateRow(
       "intake-busy",
-      `${metric} per message, running vs paused`,
+      `${metric} per message, ${running === "steady" ? "quiet agents " : ""}running vs paused`,
       "us",
-      (spent.busy[of] * 1000) / spent.busy.msgs,
-      (spent.quiet[of] * 1000) / spent.quiet.msgs,
+      (spent[running][of] * 1000) / spent[running].msgs,
+      (spent[paused][of] * 1000) / spent[paused].msgs,
       null,
       note,
     );
-  const episodeUs = (spent.busy.children * 1000) / spent.busy.msgs;
+  const episodeUs = (phase: Phase) => ((spent[phase].children * 1000) / spent[phase].msgs).toFixed(0);
   const median = (xs: number[]) => quantile(xs, 0.5);
   return [
     rateRow(
@@ -187,9 +192,17 @@ export async function benchIntakeBusy(o: BenchOptions): Promise<Row[]> {
     perMessage(
       "CPU outside the gateway and its episodes",
       "other",
-      `publisher, kernel workers, other load (/proc/stat); episodes took ${episodeUs.toFixed(0)} us/msg`,
+      `publisher, kernel workers, other load (/proc/stat); episodes took ${episodeUs("busy")} us/msg`,
     ),
     perMessage("gateway main thread run-queue wait", "wait", "runnable but waiting for a CPU (/proc/<pid>/schedstat)"),
+    perMessage("gateway CPU", "cpu", "the same, in the quiet agents' rounds", ["steady", "sinkQuiet"]),
+    perMessage(
+      "CPU outside the gateway and its episodes",
+      "other",
+      `the same; episodes took ${episodeUs("steady")} us/msg`,
+      ["steady", "sinkQuiet"],
+    ),
+    perMessage("gateway main thread run-queue wait", "wait", "the same", ["steady", "sinkQuiet"]),
   ];
 }
 
