@@ -62,6 +62,7 @@ export class Scheduler {
   private stopped = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
+  private paceTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly idleWaiters: (() => void)[] = [];
   private readonly now: () => number;
   /** Fleet-wide limit; a redeploy may change it. */
@@ -128,6 +129,7 @@ export class Scheduler {
   stop(): void {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
+    if (this.paceTimer) clearTimeout(this.paceTimer);
   }
 
   /** Resolves when no episode is running. */
@@ -204,7 +206,8 @@ export class Scheduler {
       }
       this.leaveReady(agent, slot, now);
     }
-    if (pace && this.paced.size > 0) this.armTimer(pace.nextAt(now));
+    // Waiting on the pace, not on a slot (a turn's end pumps again): look again when it allows a start.
+    if (pace && this.paced.size > 0 && this.running < this.maxConcurrent) this.armPace(pace.nextAt(now));
     // Compact the ring once its consumed prefix dominates.
     if (this.readyHead > 1024 && this.readyHead * 2 > this.ready.length) {
       this.ready.splice(0, this.readyHead);
@@ -217,6 +220,18 @@ export class Scheduler {
     slot.inReady = false;
     if (slot.waitUntil > now) this.armTimer(slot.waitUntil);
     else this.start(agent, slot);
+  }
+
+  /** Pump at `at`, when the pace allows the next start (one timer at a time; a turn that ends pumps sooner). */
+  private armPace(at: number): void {
+    if (this.paceTimer) return;
+    this.paceTimer = setTimeout(
+      () => {
+        this.paceTimer = null;
+        this.pump();
+      },
+      Math.max(1, at - this.now()),
+    );
   }
 
   private armTimer(at: number): void {
@@ -298,6 +313,9 @@ export class Scheduler {
  * first (arrival order among equals), so an agent pinged once is not queued behind one working
  * through a backlog that FloodRule does not call a flood (it had no one to yield to).
  */
+/** Agents whose starts one burst counts, at most. */
+const MAX_COUNTED = 10_000;
+
 class PacedAgents {
   /** Waiting agents by their starts in this burst (the last level holds every count beyond it). */
   private readonly levels: AgentId[][] = Array.from({ length: 8 }, () => []);
@@ -328,6 +346,8 @@ class PacedAgents {
 
   /** `agent` started in this burst without waiting. */
   started(agent: AgentId): void {
+    // A burst that never ends (a steady stream above the rate) forgets its counts now and then.
+    if (this.starts.size >= MAX_COUNTED) this.starts.clear();
     this.starts.set(agent, (this.starts.get(agent) ?? 0) + 1);
   }
 
