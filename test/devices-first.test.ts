@@ -29,19 +29,31 @@ describe("devices first", () => {
     const pace = new QuietPace(0.5, 2);
     const t = 1_000;
     // No turn seen yet: nothing to pace by.
-    expect([pace.take(t), pace.take(t), pace.take(t)]).toEqual([true, true, true]);
+    expect([pace.take(t, 1), pace.take(t, 1), pace.take(t, 1)]).toEqual([true, true, true]);
     pace.ran(40); // mean 40 ms at half a slot: a start per 80 ms
-    expect(pace.take(t)).toBe(true);
-    expect(pace.take(t)).toBe(true);
-    expect(pace.take(t)).toBe(false);
-    expect(pace.nextAt(t)).toBe(t + 80);
-    expect(pace.take(t + 79)).toBe(false);
-    expect(pace.take(t + 80)).toBe(true);
+    expect(pace.take(t, 1)).toBe(true);
+    expect(pace.take(t, 1)).toBe(true);
+    expect(pace.take(t, 1)).toBe(false);
+    expect(pace.nextAt(t, 1)).toBe(t + 80);
+    expect(pace.take(t + 79, 1)).toBe(false);
+    expect(pace.take(t + 80, 1)).toBe(true);
     // Slower turns (a contended box) slow the pace: the mean moves a fifth of the way per turn.
     pace.ran(140); // 0.8 * 40 + 0.2 * 140 = 60: a start per 120 ms
-    expect(pace.nextAt(t + 80)).toBe(t + 80 + 120);
+    expect(pace.nextAt(t + 80, 1)).toBe(t + 80 + 120);
     // A quiet spell refills the bucket to its two starts, no more.
-    expect([pace.take(t + 10_000), pace.take(t + 10_000), pace.take(t + 10_000)]).toEqual([true, true, false]);
+    expect([pace.take(t + 10_000, 1), pace.take(t + 10_000, 1), pace.take(t + 10_000, 1)]).toEqual([true, true, false]);
+  });
+
+  test("a burst's cap of more slots paces in proportion: four slots, four times the starts", () => {
+    const pace = new QuietPace(0.5, 2);
+    pace.ran(40);
+    const t = 1_000;
+    // Eight at once (two per slot), then one per 20 ms (40 ms / (0.5 x 4)).
+    const first = Array.from({ length: 9 }, () => pace.take(t, 4));
+    expect(first.filter(Boolean)).toHaveLength(8);
+    expect(pace.nextAt(t, 4)).toBe(t + 20);
+    expect(pace.take(t + 20, 4)).toBe(true);
+    expect(pace.take(t + 20, 4)).toBe(false);
   });
 
   test("one quiet agent's episode at a time holds the lane; one beside it yields only during a burst", () => {

@@ -51,15 +51,19 @@ export class QuietLane {
   }
 }
 
-/** Of one slot's time, the share episodes of agents that are not flooded may take while a burst lasts. */
+/**
+ * Of one slot's time per slot of a burst's cap, the share episodes of agents that are not flooded
+ * may take while the burst lasts (flooded agents' episodes may fill the cap's slots).
+ */
 export const QUIET_BURST_SHARE = 0.5;
-/** Starts such episodes may make at once during a burst before the pace applies (a ping or two). */
+/** Starts such episodes may make at once per slot of the cap before the pace applies (a ping or two). */
 export const QUIET_BURST_STARTS = 2;
 
 /**
  * Devices first, in time: while a burst lasts, episodes of agents that are not flooded start at
- * a pace of one per `mean turn / share` (a token bucket of `starts`), so that together they keep
- * about `share` of one slot busy. Slots alone did not bound them: most of an episode's cost lands
+ * a pace of one per `mean turn / (share x the cap's slots)` (a token bucket of `starts` per slot),
+ * so that together they keep about `share` of each of the cap's slots busy: half of one slot with
+ * max_concurrent_episodes = 4. Slots alone did not bound them: most of an episode's cost lands
  * outside its process, at the usual priority (the gateway's spawn and commit, bubblewrap, and the
  * kernel's work of tearing the process down: measured ~20 ms of the machine's CPU per episode on
  * two cores, ~7 ms of it the episode's own), so quiet agents' episodes ran about as fast through
@@ -71,45 +75,50 @@ export const QUIET_BURST_STARTS = 2;
  * at p50 with the pace, 40-49 without).
  */
 export class QuietPace {
-  private tokens: number;
+  private tokens = 0;
   private filledAt = -Infinity;
   private meanMs: number | null = null;
 
+  /**
+   * `share`: of one slot's time per slot of the burst's cap (burstSlots: a quarter of
+   * max_concurrent_episodes, so a bigger box paces in proportion); `starts`: the bucket per slot.
+   */
   constructor(
     readonly share = QUIET_BURST_SHARE,
     readonly starts = QUIET_BURST_STARTS,
-  ) {
-    this.tokens = starts;
-  }
+  ) {}
 
   /** A turn of such an agent took `ms`: the pace follows the turns' moving mean. */
   ran(ms: number): void {
     this.meanMs = this.meanMs === null ? ms : 0.8 * this.meanMs + 0.2 * ms;
   }
 
-  /** Take a start now if the pace allows one. */
-  take(now: number): boolean {
-    if (this.intervalMs() <= 0) return true; // no turn seen yet: nothing to pace by
-    this.fill(now);
+  /** Take a start now, under a cap of `slots`, if the pace allows one. */
+  take(now: number, slots: number): boolean {
+    const interval = this.intervalMs(slots);
+    if (interval <= 0) return true; // no turn seen yet: nothing to pace by
+    this.fill(now, slots, interval);
     if (this.tokens < 1) return false;
     this.tokens--;
     return true;
   }
 
-  /** When the next start will be allowed (now, if one is). */
-  nextAt(now: number): number {
-    if (this.intervalMs() <= 0) return now;
-    this.fill(now);
-    return this.tokens >= 1 ? now : now + (1 - this.tokens) * this.intervalMs();
+  /** When the next start will be allowed under a cap of `slots` (now, if one is). */
+  nextAt(now: number, slots: number): number {
+    const interval = this.intervalMs(slots);
+    if (interval <= 0) return now;
+    this.fill(now, slots, interval);
+    return this.tokens >= 1 ? now : now + (1 - this.tokens) * interval;
   }
 
-  private intervalMs(): number {
-    return (this.meanMs ?? 0) / this.share;
+  private intervalMs(slots: number): number {
+    return (this.meanMs ?? 0) / (this.share * Math.max(1, slots));
   }
 
-  private fill(now: number): void {
-    const gained = this.filledAt === -Infinity ? this.starts : (now - this.filledAt) / this.intervalMs();
-    this.tokens = Math.min(this.starts, this.tokens + gained);
+  private fill(now: number, slots: number, interval: number): void {
+    const most = this.starts * Math.max(1, slots);
+    const gained = this.filledAt === -Infinity ? most : (now - this.filledAt) / interval;
+    this.tokens = Math.min(most, this.tokens + gained);
     this.filledAt = now;
   }
 }

@@ -32,8 +32,8 @@ export interface SchedulerOptions {
 
 /** A pace of starts (QuietPace): whether one may start now, when the next may, and how long turns take. */
 export interface Pace {
-  take(now: number): boolean;
-  nextAt(now: number): number;
+  take(now: number, slots: number): boolean;
+  nextAt(now: number, slots: number): number;
   ran(ms: number): void;
 }
 
@@ -179,7 +179,7 @@ export class Scheduler {
     }
     const pace = this.cap !== null ? this.opts.pace : undefined;
     // Then those the pace held back, as it allows (all of them once the cap is lifted).
-    while (this.running < this.maxConcurrent && this.paced.size > 0 && (!pace || pace.take(now))) {
+    while (this.running < this.maxConcurrent && this.paced.size > 0 && (!pace || pace.take(now, capacity))) {
       const agent = this.paced.next();
       const slot = this.slots.get(agent);
       if (slot) this.leaveReady(agent, slot, now);
@@ -198,7 +198,7 @@ export class Scheduler {
       }
       // Under a cap, one that is not flooded starts at the pace.
       if (pace && flooded && !flooded(agent)) {
-        if (this.paced.size > 0 || !pace.take(now)) {
+        if (this.paced.size > 0 || !pace.take(now, capacity)) {
           this.paced.add(agent);
           continue;
         }
@@ -207,7 +207,7 @@ export class Scheduler {
       this.leaveReady(agent, slot, now);
     }
     // Waiting on the pace, not on a slot (a turn's end pumps again): look again when it allows a start.
-    if (pace && this.paced.size > 0 && this.running < this.maxConcurrent) this.armPace(pace.nextAt(now));
+    if (pace && this.paced.size > 0 && this.running < this.maxConcurrent) this.armPace(pace.nextAt(now, capacity));
     // Compact the ring once its consumed prefix dominates.
     if (this.readyHead > 1024 && this.readyHead * 2 > this.ready.length) {
       this.ready.splice(0, this.readyHead);
