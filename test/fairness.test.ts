@@ -248,3 +248,73 @@ describe("quiet agents during an intake burst (devices first)", () => {
     60_000,
   );
 });
+
+describe("quiet agents' starts during an intake burst (devices first, in time)", () => {
+  let fleet: Fleet;
+  beforeAll(async () => {
+    fleet = await Fleet.start(
+      fleetHeader("fairness-pace", { maxConcurrent: 4, drainTimeoutMs: 1000 }) +
+        counterType("counter", "f/+/in", { instances: ["sink"] }) +
+        counterType("quiet", "q/+/in"),
+    );
+  });
+  afterAll(() => fleet?.stop());
+
+  test("during a burst, agents with a stimulus each start at a pace, and every one of them runs", async () => {
+    const committed = async () =>
+      sampleValue(await scrape(fleet.base), "fleet_episodes_total", {
+        type: "quiet",
+        outcome: "committed",
+      }) ?? 0;
+    // One quiet episode before the burst: the pace follows the turns it has seen.
+    expect((await fleet.post("/api/send", { topic: "q/first/in", payload: { id: "first" } })).status).toBe(202);
+    await waitFor(async () => ((await committed()) === 1 ? true : undefined), 20_000, "the first episode", 50);
+
+    expect((await fleet.post("/api/agents/counter/sink/pause")).status).toBe(200);
+    const device = await connectAsync(`mqtt://127.0.0.1:${fleet.mqttPort}`, { reconnectPeriod: 0 });
+    let flooding = true;
+    const flood = (async () => {
+      for (let i = 0; flooding; i++) {
+        for (let j = 0; j < BURST_RATE / 10; j++)
+          device.publish("f/sink/in", JSON.stringify({ id: `s${i}-${j}` }), { qos: 1 });
+        await Bun.sleep(20);
+      }
+    })();
+    try {
+      await waitFor(
+        async () => ((await fleet.gauge("fleet_episode_slots")) === burstSlots(4) ? true : undefined),
+        20_000,
+        "the burst to lower the slots",
+        20,
+      );
+      // Twelve quiet agents, one stimulus each, at once: the bucket lets two start, the rest wait their turn.
+      const quiet = Array.from({ length: 12 }, (_, i) => `k${i}`);
+      await Promise.all(
+        quiet.map((k) => device.publishAsync(`q/${k}/in`, JSON.stringify({ id: `q-${k}` }), { qos: 1 })),
+      );
+      const paced = await waitFor(
+        async () => {
+          const n = (await fleet.gauge("fleet_episodes_paced")) ?? 0;
+          return n > 0 ? n : undefined;
+        },
+        20_000,
+        "an agent waiting for the pace",
+        5,
+      );
+      expect(paced).toBeLessThanOrEqual(quiet.length);
+      // The pace slows them; it never stops them while the burst goes on.
+      await waitFor(
+        async () => ((await committed()) === 1 + quiet.length ? true : undefined),
+        60_000,
+        "all of them",
+        50,
+      );
+      expect(await fleet.gauge("fleet_episode_slots")).toBe(burstSlots(4));
+      expect(await fleet.gauge("fleet_episodes_paced")).toBe(0);
+    } finally {
+      flooding = false;
+      await flood;
+      await device.endAsync();
+    }
+  }, 90_000);
+});

@@ -46,6 +46,7 @@ const REQUIRED: Record<string, string> = {
   fleet_retention_behind: "gauge",
   fleet_subprocesses_alive: "gauge",
   fleet_episode_slots: "gauge",
+  fleet_episodes_paced: "gauge",
   process_cpu_seconds_total: "counter",
   process_resident_memory_bytes: "gauge",
 };
@@ -164,6 +165,7 @@ describe("/metrics", () => {
       expect(sampleValue(g, "fleet_subprocesses_alive")).toBe(0);
       // No intake burst: every slot of max_concurrent_episodes (default 4).
       expect(sampleValue(g, "fleet_episode_slots")).toBe(4);
+      expect(sampleValue(g, "fleet_episodes_paced")).toBe(0);
     } finally {
       await mqtt.endAsync();
     }

@@ -96,6 +96,11 @@ export class Scheduler {
     return this.cap === null ? this.maxConcurrent : Math.min(this.cap, this.maxConcurrent);
   }
 
+  /** Agents whose next episode waits for the pace now (devices first, during an intake burst). */
+  get pacedAgents(): number {
+    return this.paced.size;
+  }
+
   /** Episodes running now. */
   get active(): number {
     return this.running;

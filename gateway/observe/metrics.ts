@@ -34,7 +34,7 @@ export interface MetricsHost {
   readonly store: Store;
   readonly spec: SpecVersion;
   readonly specError: string | null;
-  readonly scheduler: { readonly active: number; readonly capacity: number } | undefined;
+  readonly scheduler: { readonly active: number; readonly capacity: number; readonly pacedAgents: number } | undefined;
   readonly broker: { stats(): BrokerStats } | undefined;
   /** Episode subprocess groups alive now. */
   subprocesses(): number;
@@ -468,6 +468,16 @@ export class FleetMetrics {
       registers,
       collect() {
         this.set(host.scheduler?.capacity ?? 0);
+      },
+    });
+    new Gauge({
+      name: "fleet_episodes_paced",
+      help:
+        "Agents that are not flooded whose next episode waits for devices first's pace now: during an " +
+        "intake burst their episodes start at a pace (docs/sandbox.md).",
+      registers,
+      collect() {
+        this.set(host.scheduler?.pacedAgents ?? 0);
       },
     });
     new Gauge({
