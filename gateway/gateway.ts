@@ -22,7 +22,15 @@ import { canonicalJson } from "./hash.ts";
 import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
-import { FloodRule, IntakePressure, QuietLane, QuietPace, Scheduler, burstSlots } from "./fleet/index.ts";
+import {
+  FloodRule,
+  IntakePressure,
+  QuietLane,
+  QuietPace,
+  Scheduler,
+  burstSlots,
+  pressesIntake,
+} from "./fleet/index.ts";
 import { checkConfigs, configProblemsError, EpisodeExecutor, typesToCheck } from "./episode/index.ts";
 import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
@@ -937,9 +945,9 @@ export class Gateway {
       {
         route: (t) => this.route(t),
         admit: (a, max, cap) => this.book.admit(a, max, cap),
-        recorded: (a, seq, receivedAt) => {
+        recorded: (a, seq, receivedAt, kind) => {
           this.book.recorded(a, seq, receivedAt);
-          this.pressure.recorded(1);
+          if (pressesIntake(kind)) this.pressure.recorded(1);
         },
         released: (a, n) => this.book.released(a, n),
       },

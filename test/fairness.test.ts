@@ -20,7 +20,7 @@ import {
   idleSpawnOptions,
 } from "../gateway/episode/index.ts";
 import { apiOf, inProcessGateway } from "./helpers/in-process.ts";
-import { BURST_RATE, burstSlots } from "../gateway/fleet/index.ts";
+import { BURST_RATE, BURST_WINDOW_MS, burstSlots } from "../gateway/fleet/index.ts";
 
 /** A gateway in this process on a fleet.toml of its own, and its HTTP API. */
 class Fleet {
@@ -317,4 +317,58 @@ describe("quiet agents' starts during an intake burst (devices first, in time)",
       await device.endAsync();
     }
   }, 90_000);
+});
+
+describe("what counts as an intake burst (devices first)", () => {
+  const TICKERS = 200; // one fire records 200 stimuli in a quarter-second window: over BURST_RATE
+  let fleet: Fleet;
+  beforeAll(async () => {
+    fleet = await Fleet.start(
+      fleetHeader("fairness-kinds", { maxConcurrent: 4, drainTimeoutMs: 1000 }) +
+        counterType("counter", "f/+/in", { instances: ["sink"] }) +
+        counterType("tick", "t/+/in", {
+          instances: Array.from({ length: TICKERS }, (_, i) => `k${i}`),
+          extra: 'every = "1s"\n',
+        }),
+    );
+  });
+  afterAll(() => fleet?.stop());
+
+  test("a timer waking many agents at once is no burst; devices publishing as many messages are", async () => {
+    expect(TICKERS * (1000 / BURST_WINDOW_MS)).toBeGreaterThan(BURST_RATE);
+    const timerStimuli = async () =>
+      sampleValue(await scrape(fleet.base), "fleet_stimuli_total", { source: "timer" }) ?? 0;
+    // Watch the slots through two fires of the timer (each 200 stimuli at once).
+    const slots = new Set<number>();
+    await waitFor(
+      async () => {
+        slots.add((await fleet.gauge("fleet_episode_slots")) ?? -1);
+        return (await timerStimuli()) >= 2 * TICKERS ? true : undefined;
+      },
+      30_000,
+      "two fires of the timer",
+      10,
+    );
+    expect([...slots]).toEqual([4]);
+
+    // As many messages from a device, at once: a burst.
+    expect((await fleet.post("/api/agents/counter/sink/pause")).status).toBe(200);
+    const device = await connectAsync(`mqtt://127.0.0.1:${fleet.mqttPort}`, { reconnectPeriod: 0 });
+    try {
+      const lowered = waitFor(
+        async () => ((await fleet.gauge("fleet_episode_slots")) === burstSlots(4) ? true : undefined),
+        20_000,
+        "the device's burst to lower the slots",
+        5,
+      );
+      await Promise.all(
+        Array.from({ length: TICKERS }, (_, i) =>
+          device.publishAsync("f/sink/in", JSON.stringify({ id: `d${i}` }), { qos: 1 }),
+        ),
+      );
+      expect(await lowered).toBe(true);
+    } finally {
+      await device.endAsync();
+    }
+  }, 60_000);
 });

@@ -3,18 +3,29 @@
  * stimulus is cheap and keeps devices from backing up; episode work can lag. With every episode
  * slot busy on a two-core box, intake fell to a third of its rate with agents paused (bench
  * `busy`), because the gateway's thread shared the cores with episode processes and with its own
- * work for them. While stimuli are recorded faster than `rate` per second, agents with a backlog
- * run at most a quarter of `max_concurrent_episodes` (at least one) at once (an agent with a
- * stimulus or two still takes any free slot, at a pace: QuietPace); a window below the rate
- * restores every slot.
- * Running episodes are never stopped, and the cap never reaches zero, so a steady stream above
- * the rate slows episodes but does not stop them.
+ * work for them. While stimuli from outside (`pressesIntake`) are recorded faster than `rate` per
+ * second, agents with a backlog run at most a quarter of `max_concurrent_episodes` (at least one)
+ * at once (an agent with a stimulus or two still takes any free slot, at a pace: QuietPace); a
+ * window below the rate restores every slot. Running episodes are never stopped, and the cap
+ * never reaches zero, so a steady stream above the rate slows episodes but does not stop them.
  */
+
+import type { StimulusKind } from "../types.ts";
 
 /** Stimuli per second above which intake counts as a burst. */
 export const BURST_RATE = 500;
 /** How often a burst is re-examined, ms. */
 export const BURST_WINDOW_MS = 250;
+
+/**
+ * Whether stimuli of `kind` count toward a burst: those someone outside waits on an acknowledgement
+ * for (a device's PUBACK, a webhook's or `/api/send`'s answer). The gateway's own timers and
+ * wake-ups wait on no one: a cron tick that wakes a thousand agents at once is no reason for
+ * those agents' episodes to make room (until 2026-12-05 it lowered the slots as a burst did).
+ */
+export function pressesIntake(kind: StimulusKind): boolean {
+  return kind !== "timer" && kind !== "wake";
+}
 
 /** Episode slots while a burst lasts: a quarter of the configured ones, at least one. */
 export function burstSlots(maxConcurrent: number): number {

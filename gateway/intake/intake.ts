@@ -18,8 +18,8 @@ export interface IntakeView {
   route(topic: string): Route;
   /** Admit one stimulus (retired? queue full? a new agent past max_agents?) and reserve its place. */
   admit(agent: AgentId, maxQueue: number, maxAgents: number): Admission;
-  /** An admitted stimulus was written to the agent's queue as `seq`. */
-  recorded(agent: AgentId, seq: number, receivedAt: number): void;
+  /** An admitted stimulus of `kind` was written to the agent's queue as `seq`. */
+  recorded(agent: AgentId, seq: number, receivedAt: number, kind: StimulusKind): void;
   /** Admitted places were not used (duplicates, a failed write). */
   released(agent: AgentId, n?: number): void;
 }
@@ -374,7 +374,7 @@ export class Intake {
             this.view.released(o.agent);
           } else {
             accepted.push({ agent: o.agent, sid: o.sid, seq: o.seq });
-            this.view.recorded(o.agent, o.seq, o.receivedAt);
+            this.view.recorded(o.agent, o.seq, o.receivedAt, kind);
           }
         }
       } catch (err) {
