@@ -4,7 +4,7 @@
  * them. The clock is injected; a burst's windows close on a real timer, or by hand.
  */
 import { describe, expect, test } from "bun:test";
-import { IntakePressure, QuietLane, QuietPace, burstSlots } from "../gateway/fleet/index.ts";
+import { IntakePressure, QuietLane, QuietPace, burstSlots, pressesIntake } from "../gateway/fleet/index.ts";
 import { waitFor } from "./helpers/gateway.ts";
 
 /** A pressure watch on a hand-moved clock, recording every change. */
@@ -23,6 +23,11 @@ function watch(rate = 1000, windowMs = 20) {
 describe("devices first", () => {
   test("a burst's slots are a quarter of max_concurrent_episodes, never fewer than one", () => {
     expect([1, 2, 4, 8, 10, 64].map(burstSlots)).toEqual([1, 1, 1, 2, 3, 16]);
+  });
+
+  test("only stimuli someone waits on count toward a burst: not the gateway's own timers and wake-ups", () => {
+    const kinds = ["mqtt", "inbox", "webhook", "manual", "timer", "wake"] as const;
+    expect(kinds.filter(pressesIntake)).toEqual(["mqtt", "inbox", "webhook", "manual"]);
   });
 
   test("the pace lets two starts through at once, then one per mean turn over its share of a slot", () => {

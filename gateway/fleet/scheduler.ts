@@ -313,14 +313,14 @@ export class Scheduler {
   }
 }
 
+/** Agents whose starts one burst counts, at most. */
+const MAX_COUNTED = 10_000;
+
 /**
  * Agents waiting for the pace during a burst: the one with the fewest starts in this burst goes
  * first (arrival order among equals), so an agent pinged once is not queued behind one working
  * through a backlog that FloodRule does not call a flood (it had no one to yield to).
  */
-/** Agents whose starts one burst counts, at most. */
-const MAX_COUNTED = 10_000;
-
 class PacedAgents {
   /** Waiting agents by their starts in this burst (the last level holds every count beyond it). */
   private readonly levels: AgentId[][] = Array.from({ length: 8 }, () => []);
