@@ -10,7 +10,7 @@ import type { Gateway } from "../gateway/gateway.ts";
 import { authed, fixture, waitFor } from "./helpers/gateway.ts";
 import { sampleValue, scrape } from "./helpers/prom.ts";
 import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
-import { connectAsync } from "mqtt";
+import { connectAsync, type MqttClient } from "mqtt";
 import {
   BURST_GROUP_NICE,
   defaultSpawnOptions,
@@ -82,6 +82,36 @@ class Fleet {
       `${n} episode(s) of nicelog/${key}`,
       50,
     );
+  }
+
+  /**
+   * Run `body` while a device publishes to counter/sink (paused) faster than the burst rate, once
+   * the burst has lowered the slots to `slots`; the device is `body`'s to publish with too.
+   */
+  async duringBurst<T>(slots: number, body: (device: MqttClient) => Promise<T>): Promise<T> {
+    expect((await this.post("/api/agents/counter/sink/pause")).status).toBe(200);
+    const device = await connectAsync(`mqtt://127.0.0.1:${this.mqttPort}`, { reconnectPeriod: 0 });
+    let flooding = true;
+    const flood = (async () => {
+      for (let i = 0; flooding; i++) {
+        for (let j = 0; j < BURST_RATE / 10; j++)
+          device.publish("f/sink/in", JSON.stringify({ id: `s${i}-${j}` }), { qos: 1 });
+        await Bun.sleep(20);
+      }
+    })();
+    try {
+      await waitFor(
+        async () => ((await this.gauge("fleet_episode_slots")) === slots ? true : undefined),
+        20_000,
+        "the burst to lower the slots",
+        20,
+      );
+      return await body(device);
+    } finally {
+      flooding = false;
+      await flood;
+      await device.endAsync();
+    }
   }
 
   async starts(): Promise<{ warm: number; cold: number; committed: number }> {
@@ -217,30 +247,10 @@ describe("quiet agents during an intake burst (devices first)", () => {
       expect((await fleet.logOf("x", 1)).groups).toEqual([EPISODE_GROUP_NICE]);
 
       // Devices publish to a paused agent faster than the burst rate until the test is done.
-      expect((await fleet.post("/api/agents/counter/sink/pause")).status).toBe(200);
-      const device = await connectAsync(`mqtt://127.0.0.1:${fleet.mqttPort}`, { reconnectPeriod: 0 });
-      let flooding = true;
-      const flood = (async () => {
-        for (let i = 0; flooding; i++) {
-          for (let j = 0; j < BURST_RATE / 10; j++)
-            device.publish("f/sink/in", JSON.stringify({ id: `s${i}-${j}` }), { qos: 1 });
-          await Bun.sleep(20);
-        }
-      })();
-      try {
-        await waitFor(
-          async () => ((await fleet.gauge("fleet_episode_slots")) === burstSlots(2) ? true : undefined),
-          20_000,
-          "the burst to lower the slots",
-          20,
-        );
+      await fleet.duringBurst(burstSlots(2), async () => {
         expect((await send("n/y/in", { id: "y1" })).status).toBe(202);
         expect((await fleet.logOf("y", 1)).groups).toEqual([BURST_GROUP_NICE]);
-      } finally {
-        flooding = false;
-        await flood;
-        await device.endAsync();
-      }
+      });
       // All the while the lane's episode ran: nothing of it is committed yet.
       const lane = await fetch(`${fleet.base}/api/agents/nicelog/lane/state`, authed(fleet.token));
       expect(((await lane.json()) as { state?: unknown }).state ?? null).toBeNull();
@@ -270,23 +280,7 @@ describe("quiet agents' starts during an intake burst (devices first, in time)",
     expect((await fleet.post("/api/send", { topic: "q/first/in", payload: { id: "first" } })).status).toBe(202);
     await waitFor(async () => ((await committed()) === 1 ? true : undefined), 20_000, "the first episode", 50);
 
-    expect((await fleet.post("/api/agents/counter/sink/pause")).status).toBe(200);
-    const device = await connectAsync(`mqtt://127.0.0.1:${fleet.mqttPort}`, { reconnectPeriod: 0 });
-    let flooding = true;
-    const flood = (async () => {
-      for (let i = 0; flooding; i++) {
-        for (let j = 0; j < BURST_RATE / 10; j++)
-          device.publish("f/sink/in", JSON.stringify({ id: `s${i}-${j}` }), { qos: 1 });
-        await Bun.sleep(20);
-      }
-    })();
-    try {
-      await waitFor(
-        async () => ((await fleet.gauge("fleet_episode_slots")) === burstSlots(4) ? true : undefined),
-        20_000,
-        "the burst to lower the slots",
-        20,
-      );
+    await fleet.duringBurst(burstSlots(4), async (device) => {
       // Twelve quiet agents, one stimulus each, at once: the bucket lets two start, the rest wait their turn.
       const quiet = Array.from({ length: 12 }, (_, i) => `k${i}`);
       await Promise.all(
@@ -311,11 +305,7 @@ describe("quiet agents' starts during an intake burst (devices first, in time)",
       );
       expect(await fleet.gauge("fleet_episode_slots")).toBe(burstSlots(4));
       expect(await fleet.gauge("fleet_episodes_paced")).toBe(0);
-    } finally {
-      flooding = false;
-      await flood;
-      await device.endAsync();
-    }
+    });
   }, 90_000);
 });
 
