@@ -117,10 +117,17 @@ describe("the dashboard's charts", () => {
   });
 
   test("the overview draws one bar per minute with the API's values: 8 episodes, 2 failures, the lag", async () => {
-    await page.goto(`${base}/#/`);
-    await byTestId("chart-episodes").waitFor();
-    const api1 = await api("/api/activity?minutes=60");
-    const episodes = await bars("episodes");
+    // The page and the test each read the last 60 minutes: both read again if a minute turned in between.
+    let api1: any;
+    let episodes = new Map<number, number | null>();
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      if (attempt === 1) await page.goto(`${base}/#/`);
+      else await page.reload();
+      await byTestId("chart-episodes").waitFor();
+      episodes = await bars("episodes");
+      api1 = await api("/api/activity?minutes=60");
+      if (episodes.has(api1.buckets.at(-1).t)) break;
+    }
     expect(episodes.size).toBe(60);
     for (const b of api1.buckets) expect(episodes.get(b.t)).toBe(b.episodes);
     expect([...episodes.values()].reduce<number>((n, v) => n + (v ?? 0), 0)).toBe(8);
