@@ -114,12 +114,13 @@ class Fleet {
     }
   }
 
-  async starts(): Promise<{ warm: number; cold: number; committed: number }> {
+  /** Episodes of agent type `type` started warm and cold, and committed, so far. */
+  async starts(type = "counter"): Promise<{ warm: number; cold: number; committed: number }> {
     const x = await scrape(this.base);
     return {
-      warm: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "warm" }) ?? 0,
-      cold: sampleValue(x, "fleet_episode_starts_total", { type: "counter", start: "cold" }) ?? 0,
-      committed: sampleValue(x, "fleet_episodes_total", { type: "counter", outcome: "committed" }) ?? 0,
+      warm: sampleValue(x, "fleet_episode_starts_total", { type, start: "warm" }) ?? 0,
+      cold: sampleValue(x, "fleet_episode_starts_total", { type, start: "cold" }) ?? 0,
+      committed: sampleValue(x, "fleet_episodes_total", { type, outcome: "committed" }) ?? 0,
     };
   }
 }
@@ -271,11 +272,7 @@ describe("quiet agents' starts during an intake burst (devices first, in time)",
   afterAll(() => fleet?.stop());
 
   test("during a burst, agents with a stimulus each start at a pace, and every one of them runs", async () => {
-    const committed = async () =>
-      sampleValue(await scrape(fleet.base), "fleet_episodes_total", {
-        type: "quiet",
-        outcome: "committed",
-      }) ?? 0;
+    const committed = async () => (await fleet.starts("quiet")).committed;
     // One quiet episode before the burst: the pace follows the turns it has seen.
     expect((await fleet.post("/api/send", { topic: "q/first/in", payload: { id: "first" } })).status).toBe(202);
     await waitFor(async () => ((await committed()) === 1 ? true : undefined), 20_000, "the first episode", 50);
