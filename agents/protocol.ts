@@ -20,6 +20,20 @@ export const CHILD_CHANNEL_FD = 3;
 export const JOIN_CGROUP_ARG = "--join-cgroup";
 export const CGROUP_PROCS_FD = 4;
 
+/**
+ * `--nice=N`: the child lowers its own priority by N (capped at 19, as `nice -n N` does) before it
+ * says "ready". The gateway passes it where the episode's session is a scheduling group whose nice
+ * it sets (gateway/episode/sandbox.ts `sandboxCommand`): that group is what yields to the gateway,
+ * so the `nice` wrapper's exec (~0.5 ms of CPU an episode) would buy nothing but the process's own nice.
+ */
+export const NICE_ARG = "--nice";
+
+/** N of a `--nice=N` among `argv`, or null. */
+export function niceArg(argv: readonly string[]): number | null {
+  const digits = argv.find((a) => a.startsWith(`${NICE_ARG}=`))?.slice(NICE_ARG.length + 1) ?? "";
+  return /^\d{1,2}$/.test(digits) && Number(digits) <= 39 ? Number(digits) : null;
+}
+
 /** Longest `ctx.log` line, in characters (the host truncates; the gateway refuses longer ones). */
 export const MAX_LOG_CHARS = 4096;
 

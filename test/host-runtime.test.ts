@@ -28,7 +28,7 @@ import {
   runtimeFor,
 } from "../gateway/episode/index.ts";
 import { HOST_ENTRY, PROTOCOL_SPECIFIER, SDK_ENTRY, SDK_SPECIFIER } from "../agents/host/index.ts";
-import { JOIN_CGROUP_ARG, MAX_LOG_CHARS, type ParentMessage } from "../agents/protocol.ts";
+import { JOIN_CGROUP_ARG, MAX_LOG_CHARS, NICE_ARG, niceArg, type ParentMessage } from "../agents/protocol.ts";
 
 const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
 afterAll(() => rmSync(base, { recursive: true, force: true }));
@@ -168,6 +168,38 @@ describe("the built host runtime", () => {
     expect(said).not.toContain('"ready"');
   });
 });
+
+describe("the host's own priority (NICE_ARG)", () => {
+  test("--nice=N is read as N from 0 to 39 (nice's own range of steps); anything else is no request", () => {
+    expect(niceArg(["/bun", "/host.js", `${NICE_ARG}=19`, JOIN_CGROUP_ARG])).toBe(19);
+    expect(niceArg([`${NICE_ARG}=0`])).toBe(0);
+    for (const bad of ["x", "-1", "40", "1.5", ""]) expect(niceArg([`${NICE_ARG}=${bad}`])).toBeNull();
+    expect(niceArg([NICE_ARG, "19"])).toBeNull();
+    expect(niceArg(["/bun", "/host.js"])).toBeNull();
+  });
+
+  test("given --nice=N, the host lowers its priority by N (capped at 19) before it says ready", async () => {
+    const child = Bun.spawn([process.execPath, hostScript(process.execPath), `${NICE_ARG}=7`], {
+      env: { ...CHILD_ENV },
+      stdio: ["pipe", "ignore", "pipe", "pipe"],
+    });
+    const reader = Bun.file(child.stdio[3] as unknown as number)
+      .stream()
+      .getReader();
+    const first = new TextDecoder().decode((await reader.read()).value);
+    expect(first).toContain('"ready"');
+    // Waiting for its start now: its nice is already the lowered one.
+    expect(niceOf(child.pid)).toBe(Math.min(19, niceOf(process.pid) + 7));
+    child.kill("SIGKILL");
+    await child.exited;
+  });
+});
+
+/** The nice value of a process (field 19 of /proc/<pid>/stat). */
+function niceOf(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+}
 
 /** A host child of the built runtime, its stdin ours, and the messages it sends on fd 3 as they come. */
 function hostChild(script = hostScript(process.execPath)) {

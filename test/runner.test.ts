@@ -17,17 +17,19 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { type EpisodeRecord, MAX_JSON_DEPTH, type ParentMessage } from "../agents/protocol.ts";
+import { type EpisodeRecord, MAX_JSON_DEPTH, NICE_ARG, type ParentMessage } from "../agents/protocol.ts";
 import { HOST_PATHS } from "../agents/host/index.ts";
 import {
   agentFiles,
   CHILD_ENV,
   defaultSpawnOptions,
   describeSandbox,
+  hostCommand,
   EPISODE_GROUP_NICE,
   EPISODE_NICE,
   FLOODED_GROUP_NICE,
   idleSpawnOptions,
+  inRootCpuGroup,
   ProcessTable,
   rssMb,
   runEpisode,
@@ -429,6 +431,25 @@ describe.each(SANDBOXES)(
       // `nice -n` is relative to whatever this test process runs at (a CI runner may be niced), capped at 19.
       expect(r.state).toMatchObject({ nice: Math.min(19, ownNice() + EPISODE_NICE), policy: 0 });
     });
+
+    test.if(spawn.nice != null && spawn.autogroup != null)(
+      "where its session is a scheduling group, the episode lowers its own priority: no `nice` exec, the same nice",
+      async () => {
+        const wrapped = { ...spawn, autogroup: null };
+        const limits = { timeoutMs: 5000, memoryMb: 128, maxOpenFiles: 64, maxProcesses: 16 };
+        expect(hostCommand(limits, spawn)).not.toContain(spawn.nice!.bin);
+        expect(hostCommand(limits, spawn)).toContain(`${NICE_ARG}=${EPISODE_NICE}`);
+        expect(hostCommand(limits, wrapped)[0]).toBe(spawn.nice!.bin);
+        expect(hostCommand(limits, wrapped).some((a) => a.startsWith(NICE_ARG))).toBe(false);
+        const nice: number[] = [];
+        for (const opts of [spawn, wrapped]) {
+          const r = await run(start("priority"), {}, noTools, opts);
+          if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+          nice.push((r.state as { nice: number }).nice);
+        }
+        expect(nice).toEqual([Math.min(19, ownNice() + EPISODE_NICE), Math.min(19, ownNice() + EPISODE_NICE)]);
+      },
+    );
 
     // Its own session (the process-group kill) is a scheduling group of its own where the kernel has
     // autogroups; a group's weight, not its processes' nice, decides its share against the gateway.
@@ -1990,5 +2011,46 @@ describe.if(sessionGroups() === "fixed")("scheduling groups this process may not
     const options = defaultSpawnOptions("none", { allowWeak: true });
     expect(options.autogroup).toBeNull();
     expect(describeSandbox(options)).toContain("scheduling group at the default nice");
+  });
+});
+
+// Autogroups schedule only the root cpu cgroup's tasks: in a cpu cgroup (a systemd service with CPU
+// accounting, a container with a quota) a group nice changes nothing, and the start-up line must not claim one.
+describe("whether this process is where sessions are scheduling groups (the root cpu cgroup)", () => {
+  const dir = mkdtempSync(join(tmpdir(), "cpu-cgroup-"));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  /** A /proc/self/cgroup of `lines`, and a cgroup v2 mount whose cgroups list these controllers. */
+  const fake = (lines: string[], controllers: Record<string, string> = {}) => {
+    const at = mkdtempSync(join(dir, "case-"));
+    writeFileSync(join(at, "cgroup"), lines.join("\n") + "\n");
+    for (const [cgroup, list] of Object.entries(controllers)) {
+      mkdirSync(join(at, "mount", cgroup), { recursive: true });
+      writeFileSync(join(at, "mount", cgroup, "cgroup.controllers"), list + "\n");
+    }
+    return inRootCpuGroup(join(at, "cgroup"), join(at, "mount"));
+  };
+
+  test("cgroup v1: only the cpu hierarchy's path counts", () => {
+    expect(fake(["4:memory:/process_api/x", "2:cpu,cpuacct:/", "1:name=systemd:/"])).toBe(true);
+    expect(fake(["4:memory:/", "2:cpu,cpuacct:/system.slice/fleet.service"])).toBe(false);
+  });
+
+  test("cgroup v2: in a cpu cgroup when the controller is on in ours or any cgroup above it", () => {
+    expect(fake(["0::/"])).toBe(true);
+    expect(fake(["0::/system.slice/fleet.service"], { "system.slice/fleet.service": "memory pids" })).toBe(true);
+    expect(fake(["0::/system.slice/fleet.service"], { "system.slice/fleet.service": "cpuset cpu io memory" })).toBe(
+      false,
+    );
+    // Ours lists no cpu (its parent keeps it for itself): its tasks are scheduled in the parent's group.
+    expect(
+      fake(["0::/system.slice/fleet.service"], { "system.slice": "cpu memory", "system.slice/fleet.service": "" }),
+    ).toBe(false);
+    // cpuset is not cpu.
+    expect(fake(["0::/a/b"], { a: "cpuset memory", "a/b": "cpuset" })).toBe(true);
+  });
+
+  test("no cgroups at all, or a cgroup we cannot see: autogroups are left to decide", () => {
+    expect(inRootCpuGroup(join(dir, "missing"), join(dir, "no-mount"))).toBe(true);
+    expect(fake(["0::/elsewhere/x"])).toBe(true);
   });
 });

@@ -5,10 +5,12 @@
  * records, asks the gateway for every tool call, and reports the final state.
  */
 import { closeSync, writeSync } from "node:fs";
+import { getPriority, setPriority } from "node:os";
 import {
   CGROUP_PROCS_FD,
   CHILD_CHANNEL_FD,
   JOIN_CGROUP_ARG,
+  niceArg,
   encodeMessage,
   jsonNestedDeeper,
   MAX_JSON_DEPTH,
@@ -597,11 +599,24 @@ function awaitStartLine(): void {
   setImmediate(() => void readStdin().finally(() => process.exit(70)));
 }
 
-// The episode's memory cgroup first (the gateway passes its cgroup.procs): everything the agent's
+// Its priority first, where the gateway asks (NICE_ARG): below the gateway's, as `nice -n` would start it.
+const lowerBy = niceArg(process.argv);
+if (lowerBy !== null) lowerPriority(lowerBy);
+
+// The episode's memory cgroup next (the gateway passes its cgroup.procs): everything the agent's
 // code allocates, and every process it starts, is then counted against memory_mb. Not there, no run.
 // (No top-level await: Bun compiles no bytecode for a script that has one.)
 if (process.argv.includes(JOIN_CGROUP_ARG)) void joinCgroup().then(awaitStart);
 else awaitStart();
+
+function lowerPriority(by: number): void {
+  try {
+    setPriority(Math.min(19, getPriority() + by));
+  } catch (err) {
+    process.stderr.write(`the episode could not lower its priority: ${String(err)}\n`);
+    process.exit(70);
+  }
+}
 
 async function joinCgroup(): Promise<void> {
   try {

@@ -37,6 +37,7 @@ export {
   hostCommand,
   idleSpawnOptions,
   inGroupAt,
+  inRootCpuGroup,
   nprocPerNamespace,
   runsAsUids,
   runtimeFor,

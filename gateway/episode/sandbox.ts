@@ -7,7 +7,7 @@
 import { existsSync, readFileSync, realpathSync, statSync, writeFileSync } from "node:fs";
 import { release } from "node:os";
 import { HOST_ENTRY, HOST_PATHS } from "../../agents/host/index.ts";
-import { JOIN_CGROUP_ARG } from "../../agents/protocol.ts";
+import { JOIN_CGROUP_ARG, NICE_ARG } from "../../agents/protocol.ts";
 import { bytecodeOf, hostScript } from "./host-runtime.ts";
 import type { SandboxLedger } from "./leftovers.ts";
 import { bindArgs, runtimeBinds, type Bind } from "./sandbox-view.ts";
@@ -214,11 +214,40 @@ export function sessionGroups(): "none" | "settable" | "fixed" {
     } catch {
       // no such file: a kernel without autogroups
     }
-    sessionGroupsAre = on ? (ownGroupNiceWritable() ? "settable" : "fixed") : "none";
+    sessionGroupsAre = on && inRootCpuGroup() ? (ownGroupNiceWritable() ? "settable" : "fixed") : "none";
   }
   return sessionGroupsAre;
 }
 let sessionGroupsAre: "none" | "settable" | "fixed" | null = null;
+
+/**
+ * Whether this process is in the root cpu cgroup, the only one the kernel schedules by autogroup.
+ * A gateway in a cpu cgroup of its own (a systemd service with CPU accounting on, a container with
+ * a CPU quota) shares that group's CPU among its tasks by their nice: its writes to
+ * /proc/<pid>/autogroup still succeed but change nothing. cgroup v1: the path of the hierarchy that
+ * has `cpu`; v2: whether the cpu controller is on in any cgroup from ours up (cgroup.controllers).
+ */
+export function inRootCpuGroup(procCgroup = "/proc/self/cgroup", mount = "/sys/fs/cgroup"): boolean {
+  let lines: string[];
+  try {
+    lines = readFileSync(procCgroup, "utf8").trim().split("\n");
+  } catch {
+    return true; // no cgroups at all
+  }
+  const entries = lines.map((l) => /^(\d+):([^:]*):(.*)$/.exec(l)).filter((m) => m !== null);
+  const v1 = entries.find((m) => m[2]!.split(",").includes("cpu"));
+  if (v1) return v1[3] === "/";
+  const v2 = entries.find((m) => m[1] === "0" && m[2] === "");
+  if (!v2) return true;
+  for (let dir = v2[3]!; dir !== "/" && dir !== ""; dir = dir.slice(0, dir.lastIndexOf("/")) || "/") {
+    try {
+      if (readFileSync(`${mount}${dir}/cgroup.controllers`, "utf8").split(/\s+/).includes("cpu")) return false;
+    } catch {
+      // a cgroup we cannot see (another namespace's path): go on up
+    }
+  }
+  return true;
+}
 
 /** Whether two writes in a row of our own autogroup's nice (unchanged) both succeed. */
 function ownGroupNiceWritable(): boolean {
@@ -428,7 +457,9 @@ export function describeSandbox(o: SpawnOptions): string {
         ]
       : sessionGroups() === "fixed"
         ? ["its session's scheduling group at the default nice (setting it at every spawn needs CAP_SYS_ADMIN)"]
-        : []),
+        : inRootCpuGroup()
+          ? []
+          : ["in the gateway's cpu cgroup (there the kernel shares the CPU by nice, not by session)"]),
   ];
   return parts.join(", ");
 }
@@ -491,6 +522,8 @@ export function sandboxCommand(
 ): string[] {
   // Inside bubblewrap only the real file of the Bun binary is bound, not a link to it.
   const cmd = [spawnOpts.bwrap ? realBun(spawnOpts.bun) : spawnOpts.bun, script];
+  const selfNice = selfNiced(spawnOpts);
+  if (selfNice !== null) cmd.push(`${NICE_ARG}=${selfNice}`);
   // prlimit is under /usr/bin or /bin (`defaultSpawnOptions`), which every sandbox sees.
   if (spawnOpts.bwrap && spawnOpts.prlimit && spawnOpts.nprocInside)
     cmd.unshift(spawnOpts.prlimit, `--nproc=${limits.maxProcesses}`);
@@ -525,8 +558,19 @@ export function sandboxCommand(
     );
   }
   if (spawnOpts.idle) cmd.unshift(spawnOpts.idle.bin, "--idle", "0");
-  else if (spawnOpts.nice) cmd.unshift(spawnOpts.nice.bin, "-n", String(spawnOpts.nice.value));
+  else if (spawnOpts.nice && selfNice === null) cmd.unshift(spawnOpts.nice.bin, "-n", String(spawnOpts.nice.value));
   return cmd;
+}
+
+/**
+ * How much the script lowers its own priority as it starts (NICE_ARG), in place of the `nice`
+ * wrapper; null where the wrapper does it. Where its session is a scheduling group at a nice the
+ * gateway sets (`autogroup`), that group is what yields to the gateway, from the first instruction
+ * on, and holds only the episode's own processes: their nice decides nothing there, and one exec (~0.5
+ * ms of CPU an episode) is saved. Elsewhere the wrapper's nice covers Bun's own start too.
+ */
+function selfNiced(o: SpawnOptions): number | null {
+  return o.nice && o.autogroup != null && !o.idle ? o.nice.value : null;
 }
 
 /**

@@ -2,9 +2,14 @@
  * The bare episode baseline's child: says "ready", answers the first message, and waits
  * to be killed (as the gateway's runner kills an episode's process group after "done").
  * Given JOIN_CGROUP_ARG, it first joins the memory cgroup whose cgroup.procs is open on
- * CGROUP_PROCS_FD, as the episode host does (agents/host/main.ts).
+ * CGROUP_PROCS_FD, as the episode host does (agents/host/main.ts); given NICE_ARG, it lowers its priority first.
  */
-import { CGROUP_PROCS_FD, JOIN_CGROUP_ARG } from "../../agents/protocol.ts";
+import { getPriority, setPriority } from "node:os";
+import { CGROUP_PROCS_FD, JOIN_CGROUP_ARG, niceArg } from "../../agents/protocol.ts";
+
+// As the episode host lowers its own priority when asked (NICE_ARG), in place of a `nice` wrapper.
+const lowerBy = niceArg(process.argv);
+if (lowerBy !== null) setPriority(Math.min(19, getPriority() + lowerBy));
 
 process.on("message", (msg: unknown) => {
   process.send!({ t: "done", echo: msg });
