@@ -18,13 +18,16 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type EpisodeRecord, MAX_JSON_DEPTH, NICE_ARG, type ParentMessage } from "../agents/protocol.ts";
-import { HOST_PATHS } from "../agents/host/index.ts";
+import { HOST_ENTRY, HOST_PATHS, PROTOCOL_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
 import {
   agentFiles,
   CHILD_ENV,
   defaultSpawnOptions,
+  bytecodeOf,
   describeSandbox,
+  episodeFiles,
   hostCommand,
+  hostScript,
   EPISODE_GROUP_NICE,
   EPISODE_NICE,
   FLOODED_GROUP_NICE,
@@ -33,6 +36,7 @@ import {
   ProcessTable,
   rssMb,
   runEpisode,
+  runtimeFor,
   sessionGroups,
   SPARE_GROUP_NICE,
   SparePool,
@@ -1734,6 +1738,8 @@ describe.if(BWRAP !== undefined)("the bubblewrap sandbox shows an agent only wha
       join(REPO, "agents/sdk/index.ts"),
       join(REPO, "test/fixtures/policy/steady.ts"),
       join(REPO, "test/fixtures/unit/records.ts"),
+      join(REPO, "agents/host/main.ts"),
+      join(REPO, "agents/sdk/testing.ts"),
       join(REPO, "package.json"),
       join(REPO, "fleet.toml"),
       hostFile,
@@ -1851,10 +1857,32 @@ describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares' roots are 
   });
 });
 
+describe("what a sandbox shows of the host runtime", () => {
+  test("built: its script and bytecode, not the host's sources; an agent's import of the SDK by path, its entry alone", () => {
+    const script = hostScript(process.execPath);
+    expect(script).not.toBe(HOST_ENTRY);
+    const shown = runtimeFor(process.execPath, script).map((b) => b.path);
+    expect(shown).toContain(script);
+    expect(shown).toContain(bytecodeOf(script));
+    const inHost = (p: string) => HOST_PATHS.some((h) => p === h || p.startsWith(`${h}/`));
+    expect(shown.filter(inHost)).toEqual([]);
+    // records.ts imports the SDK by its path: the resolver must find that file, which the script answers.
+    const files = episodeFiles(fixture("records"), script).files;
+    expect(files.filter(inHost)).toEqual([SDK_ENTRY]);
+    expect(files).not.toContain(PROTOCOL_ENTRY);
+  });
+
+  test("from its sources (a Bun that cannot build it): the whole host runtime, left out of the agent's files", () => {
+    const shown = runtimeFor(process.execPath, HOST_ENTRY).map((b) => b.path);
+    for (const p of HOST_PATHS) expect(shown).toContain(p);
+    expect(episodeFiles(fixture("records"), HOST_ENTRY).files.filter((f) => f.includes("/agents/"))).toEqual([]);
+  });
+});
+
 describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares expect the agent that took the last one", () => {
   test("a replacement spare holds the files of the agent whose episode took the last one", async () => {
     const pool = new SparePool(1, BWRAP!, PROCS);
-    const files = agentFiles(fixture("records"), HOST_PATHS);
+    const files = episodeFiles(fixture("records"), hostScript(process.execPath));
     try {
       pool.take(LIMITS); // primes a spare for no agent in particular
       await waitUntil(() => pool.pids().length > 0, "a spare is up");
@@ -1876,7 +1904,7 @@ describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares expect the 
 describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares that are ready go first", () => {
   test("a ready spare is taken before the replacement still starting up that holds the agent's files", async () => {
     const pool = new SparePool(2, BWRAP!, PROCS);
-    const files = agentFiles(fixture("records"), HOST_PATHS);
+    const files = episodeFiles(fixture("records"), hostScript(process.execPath));
     try {
       pool.take(LIMITS); // primes two spares for no agent in particular
       await waitUntil(() => pool.pids().length === 2, "two spares are up");

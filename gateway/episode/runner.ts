@@ -21,8 +21,9 @@ import {
 } from "./host-process.ts";
 import { HOST_PATHS } from "../../agents/host/index.ts";
 import { topics } from "../protocol.ts";
-import type { ProcessLimits, SpawnOptions } from "./sandbox.ts";
-import { agentFiles, spareCanLoad } from "./sandbox-view.ts";
+import { episodeFiles, type ProcessLimits, type SpawnOptions } from "./sandbox.ts";
+import { spareCanLoad } from "./sandbox-view.ts";
+import { hostScript } from "./host-runtime.ts";
 
 // Callers (episode executor, replay, gateway, tests, benches) import the whole runner surface from here.
 export {
@@ -31,6 +32,7 @@ export {
   CHILD_ENV,
   defaultSpawnOptions,
   describeSandbox,
+  episodeFiles,
   EPISODE_GROUP_NICE,
   EPISODE_NICE,
   FLOODED_GROUP_NICE,
@@ -203,7 +205,7 @@ export async function runEpisode(
   let refill = (): void => undefined;
   try {
     // Under bubblewrap the sandbox shows the agent's own files and nothing else of the project.
-    const files = spawnOpts.bwrap ? agentFiles(start.module, HOST_PATHS) : null;
+    const files = spawnOpts.bwrap ? episodeFiles(start.module, hostScript(spawnOpts.bun)) : null;
     const claimed =
       files === null || spareCanLoad(files, HOST_PATHS) ? pool?.claim(limits, files, spawnOpts.autogroup) : undefined;
     if (claimed) refill = claimed.refill;

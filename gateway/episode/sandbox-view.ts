@@ -1,7 +1,8 @@
 /**
  * What an episode's sandbox can see of the host's files (bubblewrap mode): the system
- * libraries and binaries, the Bun executable, the host runtime (agents/host, agents/sdk,
- * agents/protocol.ts), and the agent module with the files it imports. Nothing else: not the
+ * libraries and binaries, the Bun executable, the host runtime (its built script, or where it
+ * could not be built agents/host, agents/sdk and agents/protocol.ts: ./sandbox.ts `hostShows`),
+ * and the agent module with the files it imports. Nothing else: not the
  * data dir, not fleet.toml, not the other agents' modules.
  *
  * A cold host process gets its agent's files as bind mounts. A warm spare starts before
@@ -127,9 +128,16 @@ function addPackage(root: string, packages: Set<string>, links: Links): void {
  * resolved as Bun resolves them), and whole npm packages for bare imports (with their
  * dependencies). Missing or unparsable files are left out: the episode then fails with
  * Bun's own error. Cached until one of the watched paths changes (a missing file that appears too).
+ * Files under `skip` are left out (the runtime shows them); `answered` ones are kept but not followed.
  */
-export function agentFiles(modulePath: string, skip: readonly string[] = []): AgentFiles {
-  const hit = cache.get(modulePath);
+export function agentFiles(
+  modulePath: string,
+  skip: readonly string[] = [],
+  /** Files the host runtime answers itself (the SDK, the protocol): kept (the resolver needs them), not followed. */
+  answered: readonly string[] = [],
+): AgentFiles {
+  const key = [modulePath, ...skip, "", ...answered].join("\0");
+  const hit = cache.get(key);
   if (hit && hit.stamp === stampOf(hit.files.watched)) return hit.files;
   const files = new Set<string>();
   const packages = new Set<string>();
@@ -144,7 +152,12 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
       missing.add(file);
       return;
     }
-    if (files.has(real) || inSkip(real)) return;
+    if (files.has(real)) return;
+    if (answered.includes(real)) {
+      files.add(real);
+      return;
+    }
+    if (inSkip(real)) return;
     const pkg = packageRoot(real);
     if (pkg) {
       addPackage(pkg, packages, links);
@@ -186,7 +199,7 @@ export function agentFiles(modulePath: string, skip: readonly string[] = []): Ag
       .filter(([path]) => ![...packages].some((pkg) => path.startsWith(pkg + sep)))
       .map(([path, target]) => ({ path, target })),
   };
-  cache.set(modulePath, { stamp: stampOf(out.watched), files: out });
+  cache.set(key, { stamp: stampOf(out.watched), files: out });
   return out;
 }
 
