@@ -1858,7 +1858,7 @@ describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares' roots are 
 });
 
 describe("what a sandbox shows of the host runtime", () => {
-  test("built: its script and bytecode, not the host's sources; an agent's import of the SDK by path, its entry alone", () => {
+  test("built: its script and bytecode, not the host's sources; an agent importing the SDK by path: its entry alone", () => {
     const script = hostScript(process.execPath);
     expect(script).not.toBe(HOST_ENTRY);
     const shown = runtimeFor(process.execPath, script).map((b) => b.path);
