@@ -20,7 +20,6 @@ import { fileURLToPath } from "node:url";
 import { type EpisodeRecord, MAX_JSON_DEPTH, NICE_ARG, type ParentMessage } from "../agents/protocol.ts";
 import { HOST_ENTRY, HOST_PATHS, PROTOCOL_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
 import {
-  agentFiles,
   CHILD_ENV,
   defaultSpawnOptions,
   bytecodeOf,
@@ -1858,7 +1857,7 @@ describe.if(BWRAP !== undefined && !CHECKOUT_UNDER_TMP)("warm spares' roots are 
 });
 
 describe("what a sandbox shows of the host runtime", () => {
-  test("built: its script and bytecode, not the host's sources; an agent importing the SDK by path: its entry alone", () => {
+  test("built: its script and bytecode, not the host's sources; the SDK imported by path: its entry alone", () => {
     const script = hostScript(process.execPath);
     expect(script).not.toBe(HOST_ENTRY);
     const shown = runtimeFor(process.execPath, script).map((b) => b.path);
@@ -2050,10 +2049,10 @@ describe("whether this process is where sessions are scheduling groups (the root
   /** A /proc/self/cgroup of `lines`, and a cgroup v2 mount whose cgroups list these controllers. */
   const fake = (lines: string[], controllers: Record<string, string> = {}) => {
     const at = mkdtempSync(join(dir, "case-"));
-    writeFileSync(join(at, "cgroup"), lines.join("\n") + "\n");
+    writeFileSync(join(at, "cgroup"), `${lines.join("\n")}\n`);
     for (const [cgroup, list] of Object.entries(controllers)) {
       mkdirSync(join(at, "mount", cgroup), { recursive: true });
-      writeFileSync(join(at, "mount", cgroup, "cgroup.controllers"), list + "\n");
+      writeFileSync(join(at, "mount", cgroup, "cgroup.controllers"), `${list}\n`);
     }
     return inRootCpuGroup(join(at, "cgroup"), join(at, "mount"));
   };
