@@ -47,6 +47,11 @@ export function wrappingNote(): string {
     "own pgid",
     ...(s.memcg ? ["a memory cgroup each, joined by the child"] : []),
     ...(s.autogroup != null ? [`autogroup nice ${s.autogroup}`] : []),
+    ...(s.idle
+      ? ["SCHED_IDLE (chrt)"]
+      : s.nice
+        ? [`nice ${s.nice.value} (${s.autogroup != null ? "the child sets it" : "through the nice binary"})`]
+        : []),
     "stderr pipe",
   ];
   return parts.join(", ");
