@@ -515,10 +515,10 @@ const hostViews = new Map<string, HostView>();
  * From its sources, the host runtime needs the whole of HOST_PATHS. Built into one script (the usual
  * case), it needs only that script and its bytecode: it answers the SDK and the protocol itself
  * (agents/host/main.ts), a bundle imports them by name, and an agent that imports them by path needs
- * only their entry files there for the resolver to find (bound with its own files). Every bind costs
- * bubblewrap a mount and a read of the mount table: three fewer saved ~1 ms of CPU an episode.
- * (Where the install's path has a symlink in it, the resolver's path is not the one the script
- * answers: there the sources are shown as from the sources.)
+ * only their entry files there for the resolver to find (bound with its own files). So an episode
+ * sees less of the install, and bubblewrap makes three mounts fewer. (Where the install's path has a
+ * symlink in it, the resolver's path is not the one the script answers: there the sources are shown
+ * as from the sources.)
  */
 function hostShows(script: string): HostView {
   let view = hostViews.get(script);
