@@ -24,6 +24,11 @@ import {
 import { ROOT, defer, killPid } from "./harness.ts";
 
 const CHILD = join(ROOT, "scripts/bench/bare-child.ts");
+/**
+ * What the child's sandbox shows besides the script: the protocol it imports. Two files, as the runner's
+ * sandbox shows the built host runtime and its bytecode.
+ */
+const CHILD_VIEW = { binds: [{ kind: "file" as const, path: join(ROOT, "agents/protocol.ts") }] };
 /** The limits the runner gives a bench fleet episode (procs.ts benchFleet, episode.ts runLimitsFor). */
 const LIMITS: ProcessLimits = { timeoutMs: 10_000, memoryMb: 128, maxOpenFiles: 256, maxProcesses: 4096 };
 
@@ -78,7 +83,9 @@ export async function bareRoundTrip(variant: BareVariant): Promise<{ ms: number;
   // Where the runner gives each episode a memory cgroup to join, the wrapped child joins one too, the same way.
   const cgroup = wrapped ? (s.memcg?.enter(LIMITS.memoryMb * 1024 * 1024) ?? null) : null;
   // The wrapped command line is the runner's own builder, so the baseline cannot drift from it.
-  const cmd = wrapped ? [...sandboxCommand(CHILD, LIMITS, s), ...(cgroup ? [JOIN_CGROUP_ARG] : [])] : [s.bun, CHILD];
+  const cmd = wrapped
+    ? [...sandboxCommand(CHILD, LIMITS, s, CHILD_VIEW), ...(cgroup ? [JOIN_CGROUP_ARG] : [])]
+    : [s.bun, CHILD];
   let answered = false;
   let replied!: () => void;
   const reply = new Promise<void>((r) => (replied = r));
