@@ -13,22 +13,16 @@
  * inside its pid namespace, so this misses most of them, but it is steadier). Run it on a quiet box;
  * it measures, it does not test.
  */
-import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { HOST_PATHS } from "../agents/host/index.ts";
 import { defaultSpawnOptions, hostCommand, type ProcessLimits } from "../gateway/episode/index.ts";
+import { machineBusyMs, quantile } from "./bench/harness.ts";
 
 const { values } = parseArgs({
   options: { starts: { type: "string", default: "200" }, rounds: { type: "string", default: "5" } },
 });
 const STARTS = Number(values.starts);
 const ROUNDS = Number(values.rounds);
-
-/** Busy CPU time of the whole machine, ms (USER_HZ = 100). */
-function machineBusyMs(): number {
-  const f = readFileSync("/proc/stat", "utf8").split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
-  return (f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!) * 10;
-}
 
 const spawn = defaultSpawnOptions("auto");
 if (!spawn.bwrap) {
@@ -78,7 +72,7 @@ for (let round = 0; round < ROUNDS; round++)
     (tree[name] ??= []).push(treeMs / STARTS);
   }
 
-const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)]!;
+const median = (v: number[]) => quantile(v, 0.5);
 const base = median(machine["the runner's"]!);
 console.log(`sandbox starts: ${STARTS} per variant and round, ${ROUNDS} rounds, medians (ms of CPU per start)`);
 console.log(
