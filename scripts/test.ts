@@ -3,10 +3,14 @@
  * The whole test suite, several files at a time: `bun test` runs its files one after another,
  * and most of the suite's time is spent waiting (on gateways, brokers, episodes, Paho's fixed
  * sleeps), so two files at once on two cores take about half the time. Each file runs in a
- * `bun test` process of its own, longest first (test/durations.json, seconds per file from an
- * earlier run; a file not listed counts as long), on `--jobs` workers.
+ * `bun test` process of its own, longest first (test/durations.json, seconds and CPU seconds per
+ * file from an earlier run; a file not listed counts as long), on `--jobs` workers. A file that
+ * mostly waits (its CPU under a fifth of its seconds, and at least WAITING_MIN_SECONDS long: Paho's
+ * fixed sleeps, the runner's sandbox probes) runs beside them on `--waiting-jobs` workers of its own
+ * (default 1), which take no other file: it does not hold a core's worker for minutes while the core
+ * idles. The `--jobs` workers take waiting files too once nothing else is left.
  *
- *   bun scripts/test.ts [--jobs N] [--update-durations] [bun test options, e.g. --timeout 60000]
+ *   bun scripts/test.ts [--jobs N] [--waiting-jobs N] [--update-durations] [bun test options, e.g. --timeout 60000]
  *
  * Options it does not know go to every `bun test`. `--glob` and `--durations` pick other files
  * (the runner's own test runs it on fixtures); `--file-timeout` (seconds, default 1200) kills a
@@ -28,10 +32,15 @@ import { join, relative, resolve } from "node:path";
 const ROOT = join(import.meta.dir, "..");
 /** Seconds assumed for a file test/durations.json does not list yet: new files run early. */
 const UNKNOWN_SECONDS = 60;
+/** A file whose recorded CPU seconds are under this share of its seconds mostly waits. */
+const WAITING_CPU_SHARE = 0.2;
+/** Shorter files are not worth a lane of their own, whatever they wait on. */
+const WAITING_MIN_SECONDS = 5;
 
 /** The runner's own options; everything else on the command line goes to every `bun test`. */
 const OWN = {
   jobs: "string",
+  "waiting-jobs": "string",
   glob: "string",
   durations: "string",
   "file-timeout": "string",
@@ -69,6 +78,9 @@ function usage(message: string): never {
 const jobs = Number(values.jobs ?? process.env.FLEET_TEST_JOBS ?? Math.min(availableParallelism(), 4));
 if (!Number.isInteger(jobs) || jobs < 1)
   usage(`--jobs must be a whole number of at least 1, not ${values.jobs ?? process.env.FLEET_TEST_JOBS}`);
+const waitingJobs = Number(values["waiting-jobs"] ?? 1);
+if (!Number.isInteger(waitingJobs) || waitingJobs < 0)
+  usage(`--waiting-jobs must be a whole number of at least 0, not ${values["waiting-jobs"]}`);
 const fileLimitMs = Number(values["file-timeout"]) * 1000;
 if (!(fileLimitMs > 0)) usage(`--file-timeout must be a number of seconds above 0, not ${values["file-timeout"]}`);
 const progressMs = Number(values.progress) * 1000;
@@ -179,14 +191,26 @@ for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   });
 }
 
+/** What an earlier run recorded of a file: seconds, and CPU seconds (a bare number: seconds only). */
+type Recorded = number | { readonly seconds: number; readonly cpu: number };
+
+/** Whether a file mostly waits, by what an earlier run recorded of it (a file not recorded does not). */
+function waits(r: Recorded | undefined): boolean {
+  if (r === undefined || typeof r === "number") return false;
+  return r.seconds >= WAITING_MIN_SECONDS && r.cpu < WAITING_CPU_SHARE * r.seconds;
+}
+
 /** Every test file, longest first by the durations an earlier run recorded. */
-async function testFiles(known: Record<string, number>): Promise<string[]> {
+async function testFiles(known: Record<string, Recorded>): Promise<string[]> {
   const files = [...new Bun.Glob(glob).scanSync({ cwd: ROOT })].sort();
-  const seconds = (f: string) => known[f] ?? UNKNOWN_SECONDS;
+  const seconds = (f: string) => {
+    const r = known[f];
+    return r === undefined ? UNKNOWN_SECONDS : typeof r === "number" ? r : r.seconds;
+  };
   return files.sort((a, b) => seconds(b) - seconds(a));
 }
 
-const known: Record<string, number> = await Bun.file(DURATIONS)
+const known: Record<string, Recorded> = await Bun.file(DURATIONS)
   .json()
   .catch(() => ({}));
 const queue = await testFiles(known);
@@ -195,12 +219,30 @@ if (total === 0) {
   console.error(`no test files match ${glob}`);
   process.exit(1);
 }
+// With no worker of their own, waiting files run on the --jobs workers like any other.
+const waiting = new Set(waitingJobs > 0 ? queue.filter((f) => waits(known[f])) : []);
 const runs: FileRun[] = [];
 const began = performance.now();
-console.log(`${total} test files, ${jobs} at a time`);
+console.log(
+  `${total} test files, ${jobs} at a time` +
+    (waiting.size > 0
+      ? `, and ${Math.min(waitingJobs, waiting.size)} more for the ${waiting.size} that mostly wait: ` +
+        [...waiting].join(", ")
+      : ""),
+);
 
-async function worker(): Promise<void> {
-  for (let file = queue.shift(); file !== undefined; file = queue.shift()) {
+/**
+ * The next file a worker runs, the longest left that it takes: a waiting worker takes waiting files only;
+ * the others take the rest first, then waiting files (nothing left for them otherwise).
+ */
+function next(waitingOnly: boolean): string | undefined {
+  const other = queue.findIndex((f) => !waiting.has(f));
+  const at = waitingOnly ? queue.findIndex((f) => waiting.has(f)) : Math.max(other, 0);
+  return queue.splice(at, at >= 0 ? 1 : 0)[0];
+}
+
+async function worker(waitingOnly: boolean): Promise<void> {
+  for (let file = next(waitingOnly); file !== undefined; file = next(waitingOnly)) {
     const run = await runFile(file);
     runs.push(run);
     const ok = run.code === 0 && run.summarised;
@@ -217,19 +259,26 @@ const progress = setInterval(() => {
   const list = long.map((r) => `${r.file} (${((now - r.began) / 1000).toFixed(0)} s)`).join(", ");
   if (long.length > 0) console.log(`.. still running: ${list}`);
 }, progressMs);
-await Promise.all(Array.from({ length: Math.min(jobs, total) }, worker));
+await Promise.all([
+  ...Array.from({ length: Math.min(jobs, total) }, () => worker(false)),
+  ...Array.from({ length: Math.min(waitingJobs, waiting.size) }, () => worker(true)),
+]);
 clearInterval(progress);
 
+const hundredths = (x: number) => Math.round(x * 100) / 100;
 const broken = runs.filter((r) => r.code !== 0 || !r.summarised);
 const sum = (k: "pass" | "skip" | "fail") => runs.reduce((n, r) => n + r[k], 0);
 // A file whose process failed without a failing test (it crashed, or failed to load) is one failure more.
 const fail = sum("fail") + broken.filter((r) => r.fail === 0).length;
 
 if (values["update-durations"]) {
-  const rounded = Object.fromEntries(
-    runs.map((r) => [r.file, Math.round(r.seconds * 100) / 100] as const).sort(([a], [b]) => a.localeCompare(b)),
-  );
-  await Bun.write(DURATIONS, `${JSON.stringify(rounded, null, 2)}\n`);
+  // One line per file, as the formatter leaves it.
+  const lines = runs
+    .map(
+      (r) => `  ${JSON.stringify(r.file)}: { "seconds": ${hundredths(r.seconds)}, "cpu": ${hundredths(r.cpuSeconds)} }`,
+    )
+    .sort();
+  await Bun.write(DURATIONS, `{\n${lines.join(",\n")}\n}\n`);
   console.log(`wrote ${relative(ROOT, DURATIONS)}`);
 }
 

@@ -81,13 +81,63 @@ describe("the test runner (scripts/test.ts)", () => {
     expect(out).toContain(`${FIXTURES}/crashes.check.ts (exit code 3): no failing test reported`);
   }, 30_000);
 
-  test("--update-durations records each file's seconds", async () => {
+  test("--update-durations records each file's seconds and CPU seconds", async () => {
     const { code } = await runner(`${FIXTURES}/{passes,fails}.check.ts`, ["--update-durations"]);
     expect(code).toBe(1);
-    const recorded = JSON.parse(readFileSync(join(dir, "durations.json"), "utf8")) as Record<string, number>;
+    const text = readFileSync(join(dir, "durations.json"), "utf8");
+    const recorded = JSON.parse(text) as Record<string, { seconds: number; cpu: number }>;
     expect(Object.keys(recorded).sort()).toEqual([`${FIXTURES}/fails.check.ts`, `${FIXTURES}/passes.check.ts`]);
-    for (const s of Object.values(recorded)) expect(s).toBeGreaterThan(0);
+    for (const r of Object.values(recorded)) {
+      expect(r.seconds).toBeGreaterThan(0);
+      // A bun process spends tens of milliseconds of CPU on its own start.
+      expect(r.cpu).toBeGreaterThan(0);
+    }
+    // One line per file, as the formatter leaves it (test/durations.json is committed).
+    expect(text.trimEnd().split("\n")).toHaveLength(4);
   }, 30_000);
+
+  describe("files that mostly wait", () => {
+    const [a, b] = [`${FIXTURES}/meet-a.check.ts`, `${FIXTURES}/meet-b.check.ts`];
+    const meet = async (recorded: Record<string, unknown>, more: string[], waitMs = 15_000) => {
+      writeFileSync(join(dir, "durations.json"), JSON.stringify(recorded));
+      const folder = mkdtempSync(join(dir, "meet-"));
+      const env = { FLEET_RUNNER_MEET: folder, FLEET_RUNNER_MEET_MS: String(waitMs) };
+      return runner(`${FIXTURES}/meet-{a,b}.check.ts`, more, env);
+    };
+
+    test("run beside the --jobs workers, on a worker of their own", async () => {
+      const recorded = { [a]: { seconds: 60, cpu: 1 }, [b]: { seconds: 60, cpu: 55 } };
+      const { code, out } = await meet(recorded, ["--jobs", "1"]);
+      expect(out).toContain(`2 test files, 1 at a time, and 1 more for the 1 that mostly wait: ${a}\n`);
+      expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 0 });
+      expect(code).toBe(0);
+    }, 60_000);
+
+    test("with --waiting-jobs 0 they queue for the --jobs workers like any other file", async () => {
+      const recorded = { [a]: { seconds: 60, cpu: 1 }, [b]: { seconds: 60, cpu: 55 } };
+      const { code, out } = await meet(recorded, ["--jobs", "1", "--waiting-jobs", "0"], 1000);
+      expect(out).toContain("2 test files, 1 at a time\n");
+      // One after the other: the first waited for the second in vain.
+      expect(totals(out)).toEqual({ pass: 1, skip: 0, fail: 1 });
+      expect(code).toBe(1);
+    }, 60_000);
+
+    test("are taken by a --jobs worker once no other file is left", async () => {
+      const recorded = { [a]: { seconds: 60, cpu: 1 }, [b]: { seconds: 50, cpu: 1 } };
+      const { code, out } = await meet(recorded, ["--jobs", "1"]);
+      expect(out).toContain(`and 1 more for the 2 that mostly wait: ${a}, ${b}\n`);
+      expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 0 });
+      expect(code).toBe(0);
+    }, 60_000);
+
+    test("a short file, or one recorded by seconds alone, does not count as waiting", async () => {
+      for (const recorded of [{ [a]: { seconds: 2, cpu: 0.1 } }, { [a]: 60 }]) {
+        const { code, out } = await meet(recorded, ["--jobs", "1"], 1000);
+        expect(out).toContain("2 test files, 1 at a time\n");
+        expect(code).toBe(1);
+      }
+    }, 60_000);
+  });
 
   test("files run longest first by the recorded durations, and a file not recorded counts as long", async () => {
     const order = async (seconds: Record<string, number>) => {
@@ -181,6 +231,12 @@ describe("the test runner (scripts/test.ts)", () => {
     const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, ["--jobs", "0"]);
     expect(code).toBe(2);
     expect(out).toContain("--jobs must be a whole number of at least 1, not 0");
+  }, 30_000);
+
+  test("--waiting-jobs must be a whole number of at least 0", async () => {
+    const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, ["--waiting-jobs", "-1"]);
+    expect(code).toBe(2);
+    expect(out).toContain("--waiting-jobs must be a whole number of at least 0, not -1");
   }, 30_000);
 
   test("--progress must be a number of seconds above 0", async () => {
