@@ -54,13 +54,20 @@ test("the next start kills a group still alive and leaves alone one that ended (
   expect(alive(stuck.pid)).toBe(false);
 });
 
-/** A zombie: a child of `sleep 30` (which never reaps it) that has exited; its pid once in state Z. */
+/**
+ * A zombie: a child of `sleep 30` (which never reaps it) that has exited; its pid once in state Z. The
+ * child ends only once its parent shell has exec'd `sleep 30`: had it ended before, the shell could reap it
+ * (under load it did, and the pid was gone).
+ */
 async function zombie(): Promise<number> {
-  const parent = Bun.spawn(["sh", "-c", "sleep 0 & echo $!; exec sleep 30"], { stdout: "pipe", detached: true });
+  const child = `(while [ "$(cat /proc/$$/comm)" != sleep ]; do sleep 0.01; done) & echo $!; exec sleep 30`;
+  const parent = Bun.spawn(["sh", "-c", child], { stdout: "pipe", detached: true });
   started.push(parent.pid);
   const first = await parent.stdout.getReader().read(); // the line, not the stream: sleep 30 holds it open
   const pid = Number(new TextDecoder().decode(first.value).trim());
-  for (let i = 0; i < 100 && !readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z "); i++) await Bun.sleep(20);
+  const state = () => readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]![0];
+  for (let i = 0; i < 500 && state() !== "Z"; i++) await Bun.sleep(20);
+  expect(state()).toBe("Z");
   return pid;
 }
 
