@@ -17,6 +17,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
+  HostRuntime,
   buildHostRuntime,
   bytecodeOf,
   CHILD_ENV,
@@ -34,12 +35,22 @@ const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
 afterAll(() => rmSync(base, { recursive: true, force: true }));
 
 /**
- * The built runtime these tests remove to see it built again. Where the build fails, hostScript falls
+ * A host runtime of this file's own, in its temp dir: the tests that remove its files to see them built
+ * again must not remove the one every gateway and test of this uid shares in /var/tmp (they did, and an
+ * episode of another test file running then failed: its script "(deleted)").
+ */
+const runtime = new HostRuntime([base]);
+/** The shared runtime's files as this file found them (inode numbers): none of its tests may replace them. */
+const sharedScript = hostScript(process.execPath);
+const sharedInodes = [sharedScript, bytecodeOf(sharedScript)].filter(existsSync).map((f) => statSync(f).ino);
+
+/**
+ * The built runtime these tests remove to see it built again. Where the build fails, the runtime falls
  * back to the sources (HOST_ENTRY): that is refused here, or the test would delete agents/host/main.ts.
  */
 function builtScript(): string {
-  const script = hostScript(process.execPath);
-  if (script === HOST_ENTRY) throw new Error(`the host runtime was not built: ${hostBuildProblem()}`);
+  const script = runtime.script(process.execPath);
+  if (script === HOST_ENTRY) throw new Error(`the host runtime was not built: ${runtime.problem()}`);
   return script;
 }
 
@@ -88,8 +99,9 @@ describe("the built host runtime", () => {
 
   test("a script whose bytecode went away is built again: the sandbox's bind of it would fail every episode", () => {
     const script = builtScript();
+    expect(script.startsWith(`${base}/`)).toBe(true);
     rmSync(bytecodeOf(script));
-    expect(hostScript(process.execPath)).toBe(script);
+    expect(runtime.script(process.execPath)).toBe(script);
     expect(statSync(bytecodeOf(script)).isFile()).toBe(true);
   });
 
@@ -129,8 +141,9 @@ describe("the built host runtime", () => {
 
   test("a built script that went away is built again, not left for every episode to fail on", () => {
     const script = builtScript();
+    expect(script.startsWith(`${base}/`)).toBe(true);
     rmSync(script);
-    const again = hostScript(process.execPath);
+    const again = runtime.script(process.execPath);
     expect(again).toBe(script);
     expect(statSync(again).isFile()).toBe(true);
   });
@@ -166,6 +179,12 @@ describe("the built host runtime", () => {
     expect(code).toBe(70);
     expect(err).toContain("the episode could not join its memory cgroup");
     expect(said).not.toContain('"ready"');
+  });
+
+  test("its tests leave the runtime this uid's gateways share as they found it", () => {
+    const now = [sharedScript, bytecodeOf(sharedScript)].filter(existsSync).map((f) => statSync(f).ino);
+    expect(sharedInodes.length).toBeGreaterThan(0);
+    expect(now).toEqual(sharedInodes);
   });
 });
 

@@ -29,40 +29,8 @@ import {
 import { join } from "node:path";
 import { HOST_ENTRY, PROTOCOL_ENTRY, SDK_ENTRY } from "../../agents/host/index.ts";
 
-let built: string | null | undefined;
-/** Whether `built` has its bytecode beside it. */
-let withBytecode = false;
-let why: string | null = null;
-
 /** Where a built script's bytecode is: Bun looks for it there when the script says `@bytecode`. */
 export const bytecodeOf = (script: string): string => `${script}.jsc`;
-
-/**
- * The script episode subprocesses run: the built host runtime, or its TypeScript entry when
- * building failed (`hostBuildProblem()` says why). Built on first use, once per process.
- */
-export function hostScript(bun: string): string {
-  // Built once; built again if a file went away (a temp dir cleaner), never left dangling: the
-  // sandbox binds the bytecode too, and a bind of a missing file fails the episode.
-  if (
-    built === undefined ||
-    (built !== null && !(existsSync(built) && (!withBytecode || existsSync(bytecodeOf(built)))))
-  ) {
-    why = null;
-    built = null;
-    for (const base of BASES) {
-      try {
-        built = buildHostRuntime(bun, runtimeDir(base));
-        withBytecode = existsSync(bytecodeOf(built));
-        why = null;
-        break;
-      } catch (err) {
-        why = err instanceof Error ? err.message : String(err);
-      }
-    }
-  }
-  return built ?? HOST_ENTRY;
-}
 
 /**
  * Where built runtimes go: world-enterable system temp dirs, not $TMPDIR (which may be a private
@@ -70,9 +38,60 @@ export function hostScript(bun: string): string {
  */
 const BASES = ["/var/tmp", "/tmp"];
 
+/**
+ * The script episode subprocesses run, built into the first of `bases` that takes it: the built host
+ * runtime, or its TypeScript entry when building failed (`problem()` says why). Built on first use;
+ * built again if a file went away (a temp dir cleaner), never left dangling: the sandbox binds the
+ * bytecode too, and a bind of a missing file fails the episode.
+ */
+export class HostRuntime {
+  private built: string | null | undefined;
+  /** Whether `built` has its bytecode beside it. */
+  private withBytecode = false;
+  private why: string | null = null;
+
+  constructor(private readonly bases: readonly string[]) {}
+
+  script(bun: string): string {
+    const built = this.built;
+    if (built === undefined || (built !== null && !this.whole(built))) {
+      this.why = null;
+      this.built = null;
+      for (const base of this.bases) {
+        try {
+          this.built = buildHostRuntime(bun, runtimeDir(base));
+          this.withBytecode = existsSync(bytecodeOf(this.built));
+          this.why = null;
+          break;
+        } catch (err) {
+          this.why = err instanceof Error ? err.message : String(err);
+        }
+      }
+    }
+    return this.built ?? HOST_ENTRY;
+  }
+
+  /** Why the host runtime runs from its sources (slower), or null. */
+  problem(): string | null {
+    return this.why;
+  }
+
+  private whole(script: string): boolean {
+    return existsSync(script) && (!this.withBytecode || existsSync(bytecodeOf(script)));
+  }
+}
+
+/** This process's host runtime, in the system temp dirs every gateway and CLI of this uid shares. */
+const shared = new HostRuntime(BASES);
+
+/** The script episode subprocesses run (`HostRuntime.script`), built once per process. */
+export function hostScript(bun: string): string {
+  return shared.script(bun);
+}
+
 /** Why the host runtime runs from its sources (slower), or null. */
 export function hostBuildProblem(): string | null {
-  return why;
+  return shared.problem();
 }
 
 /** This uid's directory for built runtimes under `base`, refused unless it is a real directory only we can write. */

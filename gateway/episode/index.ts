@@ -7,6 +7,6 @@ export * from "./tools/index.ts";
 export * from "./infra.ts";
 export * from "./config-check.ts";
 export { macroRisk } from "./macros.ts";
-export { buildHostRuntime, bytecodeOf, hostBuildProblem, hostScript, runtimeDir } from "./host-runtime.ts";
+export { HostRuntime, buildHostRuntime, bytecodeOf, hostBuildProblem, hostScript, runtimeDir } from "./host-runtime.ts";
 export { StagingRoot } from "./staging.ts";
 export type { AgentFiles, Bind } from "./sandbox-view.ts";
