@@ -15,6 +15,7 @@ import {
   gatewayIdOf,
   replicationOf,
   replicationToml,
+  slowProxy,
 } from "./helpers/replication.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
 import { CENTRAL_SCHEMA_VERSION } from "../gateway/replication/index.ts";
@@ -151,8 +152,9 @@ describe("replication to a central libSQL server", () => {
     const { sqld, db } = await central();
     const f = new TestFleet("");
     // A history of 1,000 episodes written through the gateway's commit path, then a gateway
-    // started on it with replication: it queues the history and pushes it 10 entries at a time (small
-    // batches, so the push lasts long enough to be killed in the middle on a fast or a busy machine).
+    // started on it with replication: it queues the history and pushes it 10 entries at a time, each
+    // request held 100 ms by a proxy, so the push lasts long enough to be killed in the middle however
+    // busy the machine (without the proxy, a run beside three other test files saw all 1,000 pushed first).
     const synthetic = await SyntheticFleet.create(f.dir, {
       types: [{ name: "t", keys: ["a", "b", "c"] }],
       keep: 0,
@@ -161,7 +163,8 @@ describe("replication to a central libSQL server", () => {
     });
     await synthetic.commit(1000, Date.now() - 3_600_000, 1000);
     await synthetic.close();
-    appendFileSync(f.configPath, replicationToml(sqld.url, { batchRows: 10, interval: "50ms" }));
+    const proxy = slowProxy(sqld.url, 100);
+    appendFileSync(f.configPath, replicationToml(proxy.url, { batchRows: 10, interval: "50ms" }));
     await f.start(120_000);
     const gateway = await gatewayIdOf(f);
     const count = async () =>
@@ -172,6 +175,7 @@ describe("replication to a central libSQL server", () => {
     await f.kill(); // mid-push: batches keep going back to back until the queue is empty
     const atKill = await count();
     expect(atKill).toBeLessThan(1000);
+    proxy.delayMs = 0;
     await f.start(120_000);
     await caughtUp(f, 120_000);
     const counts = await expectCentralEqualsLocal(f, db, "synthetic");
@@ -179,6 +183,7 @@ describe("replication to a central libSQL server", () => {
     const ok = await runCli(["verify", "--central", sqld.url, "--json"]);
     expect(ok.json).toMatchObject({ episodes: 1000, problems: [] });
     await f.dispose();
+    proxy.stop();
   }, 300_000);
 
   test("bad URL, wrong token, newer central schema: clear errors in log, status, metrics; episodes go on", async () => {

@@ -138,3 +138,40 @@ export async function expectCentralEqualsLocal(
   expect(fleets.rows.map((r) => r[0])).toEqual(counts.episodes! > 0 ? [fleet] : []);
   return counts;
 }
+
+/** An HTTP proxy in front of a central server whose delay can be changed: see `slowProxy`. */
+export interface SlowProxy {
+  readonly url: string;
+  /** Milliseconds each request is held before it is forwarded (0: none). */
+  delayMs: number;
+  stop(): void;
+}
+
+/**
+ * A proxy to `target` (a sqld URL) that holds each request `delayMs` before forwarding it: a push through
+ * it lasts as long as a test needs to interrupt it, however fast or busy the machine.
+ */
+export function slowProxy(target: string, delayMs: number): SlowProxy {
+  const proxy: SlowProxy = {
+    url: "",
+    delayMs,
+    stop: () => server.stop(true),
+  };
+  const server = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      if (proxy.delayMs > 0) await Bun.sleep(proxy.delayMs);
+      const url = new URL(req.url);
+      const body = req.method === "GET" || req.method === "HEAD" ? undefined : await req.arrayBuffer();
+      // Asked for plain bytes: fetch would unpack a compressed answer and leave its content-encoding.
+      const headers = new Headers(req.headers);
+      for (const h of ["host", "accept-encoding"]) headers.delete(h);
+      const answer = await fetch(`${target}${url.pathname}${url.search}`, { method: req.method, headers, body });
+      const out = new Headers(answer.headers);
+      for (const h of ["content-encoding", "content-length", "transfer-encoding"]) out.delete(h);
+      return new Response(await answer.arrayBuffer(), { status: answer.status, headers: out });
+    },
+  });
+  return Object.assign(proxy, { url: `http://127.0.0.1:${server.port}` });
+}
