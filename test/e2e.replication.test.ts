@@ -164,26 +164,29 @@ describe("replication to a central libSQL server", () => {
     await synthetic.commit(1000, Date.now() - 3_600_000, 1000);
     await synthetic.close();
     const proxy = slowProxy(sqld.url, 100);
-    appendFileSync(f.configPath, replicationToml(proxy.url, { batchRows: 10, interval: "50ms" }));
-    await f.start(120_000);
-    const gateway = await gatewayIdOf(f);
-    const count = async () =>
-      Number(
-        (await db.execute({ sql: "SELECT count(*) AS n FROM episodes WHERE gateway = ?", args: [gateway] })).rows[0]!.n,
-      );
-    await waitFor(async () => (await count()) > 0, 60_000, "the first pushed episodes at the center", 20);
-    await f.kill(); // mid-push: batches keep going back to back until the queue is empty
-    const atKill = await count();
-    expect(atKill).toBeLessThan(1000);
-    proxy.delayMs = 0;
-    await f.start(120_000);
-    await caughtUp(f, 120_000);
-    const counts = await expectCentralEqualsLocal(f, db, "synthetic");
-    expect(counts.episodes).toBe(1000);
-    const ok = await runCli(["verify", "--central", sqld.url, "--json"]);
-    expect(ok.json).toMatchObject({ episodes: 1000, problems: [] });
-    await f.dispose();
-    proxy.stop();
+    try {
+      appendFileSync(f.configPath, replicationToml(proxy.url, { batchRows: 10, interval: "50ms" }));
+      await f.start(120_000);
+      const gateway = await gatewayIdOf(f);
+      const count = async () => {
+        const rs = await db.execute({ sql: "SELECT count(*) AS n FROM episodes WHERE gateway = ?", args: [gateway] });
+        return Number(rs.rows[0]!.n);
+      };
+      await waitFor(async () => (await count()) > 0, 60_000, "the first pushed episodes at the center", 20);
+      await f.kill(); // mid-push: batches keep going back to back until the queue is empty
+      const atKill = await count();
+      expect(atKill).toBeLessThan(1000);
+      proxy.delayMs = 0;
+      await f.start(120_000);
+      await caughtUp(f, 120_000);
+      const counts = await expectCentralEqualsLocal(f, db, "synthetic");
+      expect(counts.episodes).toBe(1000);
+      const ok = await runCli(["verify", "--central", sqld.url, "--json"]);
+      expect(ok.json).toMatchObject({ episodes: 1000, problems: [] });
+      await f.dispose();
+    } finally {
+      proxy.stop();
+    }
   }, 300_000);
 
   test("bad URL, wrong token, newer central schema: clear errors in log, status, metrics; episodes go on", async () => {
