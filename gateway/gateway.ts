@@ -36,6 +36,7 @@ import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
 import { FleetEvents } from "./events.ts";
+import { startTicks } from "./pids.ts";
 import {
   agentFiles,
   claimUids,
@@ -453,6 +454,8 @@ export class Gateway {
         ...(this.broker.wssPort === null ? {} : { wss_port: this.broker.wssPort }),
         ...(spec.http.tls ? { https: true } : {}),
         pid: process.pid,
+        // Its start time: a reused pid is not this gateway (pids.ts processRuns).
+        ...(startTicks(process.pid) === null ? {} : { pid_start: startTicks(process.pid) }),
         gateway: this.store.gatewayId,
         ...(spec.fleet.shard ? { shard: shardLabel(spec.fleet.shard) } : {}),
       })}\n`,

@@ -1,8 +1,24 @@
 /**
  * Whether a gateway's process still runs, as the checks that a data dir is free read it (the
- * sandbox ledger's owner at start, `fleet reshard`).
+ * sandbox ledger's owner at start, the CLI's `gateway.json`, `fleet reshard`).
+ *
+ * A pid alone does not say: pids are reused (32,768 of them on many boxes, and after a reboot the
+ * same few low ones), so a file a gateway killed with -9 or a power cut left behind can name a
+ * live process that is not the gateway. Each record of a gateway's pid also keeps its start time,
+ * which a reused pid does not share.
  */
 import { readFileSync } from "node:fs";
+
+/** Start time of a process in clock ticks since boot, or null when it is gone (or /proc cannot tell). */
+export function startTicks(pid: number): string | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the parenthesised command: state ppid pgrp ... starttime is the 20th of them.
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
+  } catch {
+    return null;
+  }
+}
 
 /**
  * Whether `pid` has exited and waits to be reaped (state Z in `/proc/<pid>/stat`): dead, though
@@ -17,4 +33,24 @@ export function isZombie(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * Whether the process a record names (`pid`, and `start`: its `startTicks` when the record was
+ * written) still runs: the pid is alive, not a zombie, and, where the record has a start time and
+ * /proc shows one, started then. A record without a start time (an older gateway.json) or a box
+ * without /proc is judged by the pid alone, as before.
+ */
+export function processRuns(pid: number, start?: string | null): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+  } catch (err) {
+    // EPERM: it runs, as another user's process.
+    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  if (isZombie(pid)) return false;
+  if (start == null || start === "") return true;
+  const now = startTicks(pid);
+  return now === null || now === start;
 }

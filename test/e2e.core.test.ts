@@ -5,12 +5,15 @@
  * file and the `fleet` CLI. No timing assertions; every wait is bounded.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
+import { startTicks } from "../gateway/pids.ts";
 import { hexOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
 import {
   RawMqtt,
   Signal,
+  type GatewayInfo,
   TestFleet,
   alive,
   cleanupAll,
@@ -74,6 +77,13 @@ describe("the core loop (one shared gateway)", () => {
   afterAll(async () => {
     if (fleet?.running) expect(await fleet.stop()).toBe(0);
   }, 60_000);
+
+  test("gateway.json names the gateway's pid with its start time, by which the CLI finds it running", async () => {
+    const info = JSON.parse(readFileSync(join(fleet.dataDir, "gateway.json"), "utf8")) as GatewayInfo;
+    // A reused pid (a kill -9 or a power cut left the file behind) has another start time: pids.ts processRuns.
+    expect(info.pid_start).toBe(startTicks(info.pid)!);
+    expect((await fleet.cli("status")).json.fleet).toBe("e2e-core");
+  });
 
   test(
     "outputs arrive on fleet/agents/<type>/<key>/out from mqtt.js and mosquitto_pub publishes, seen by mosquitto_sub",

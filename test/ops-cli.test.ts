@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
 import { stopOnSignals } from "../gateway/cli/index.ts";
 import { localActor } from "../gateway/ops/index.ts";
+import { startTicks } from "../gateway/pids.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
 import { Store } from "../gateway/store/index.ts";
 import type { AgentId, StimulusId } from "../gateway/types.ts";
@@ -670,6 +671,28 @@ describe("command-line mistakes", () => {
       "fleet: gc --now works only with --dry-run or on a stopped gateway's data dir: " +
         "the running gateway collects on its own clock",
     );
+  });
+
+  test("a gateway.json whose pid is now another process's (a reused pid) names no running gateway", async () => {
+    const f = await stoppedFleet(1);
+    // As a gateway killed with -9 (or a power cut) leaves it: its pid is a live process now, started at another time.
+    const start = startTicks(process.pid)!;
+    const left = (pidStart: string) =>
+      writeFileSync(
+        join(f.dataDir, "gateway.json"),
+        JSON.stringify({ http_port: 1, mqtt_port: 1, pid: process.pid, pid_start: pidStart }),
+      );
+    left(String(Number(start) + 1));
+    const stale = await f.cli("gc", "--now", String(Date.now()), "--json");
+    expect({ code: stale.code, stderr: stale.stderr }).toEqual({ code: 0, stderr: "" });
+    expect(stale.json).toMatchObject({ tombstoned: 0, episodesDeleted: 0 });
+    const send = await f.cli("send", "meter/m1/in", "{}");
+    expect(oneLine(send.stderr)).toBe("fleet: the gateway is not running (start it with `fleet start`)");
+    // The same pid started when the file says: that gateway runs.
+    left(start);
+    const live = await f.cli("gc", "--now", String(Date.now()));
+    expect(live.code).toBe(1);
+    expect(oneLine(live.stderr)).toStartWith("fleet: gc --now works only with --dry-run or on a stopped gateway");
   });
 });
 

@@ -8,9 +8,10 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, w
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gcAll, reshard, ReshardError, sessionsToDrop, shardChangeRefusal } from "../gateway/ops/index.ts";
+import { startTicks } from "../gateway/pids.ts";
 import { ownerShard } from "../gateway/shard.ts";
 import { idBytesSql, idOfSql, Store } from "../gateway/store/index.ts";
-import { runCli } from "./helpers/gateway.ts";
+import { runCli, zombie } from "./helpers/gateway.ts";
 import { HOUR, SyntheticFleet } from "./helpers/ops.ts";
 import { counterType, fleetHeader, q } from "./helpers/toml.ts";
 
@@ -177,20 +178,28 @@ describe("fleet reshard", () => {
     expect(cli.stderr).toContain("is running on");
   });
 
+  test("a gateway.json whose pid is now another process's (started at another time) does not refuse", async () => {
+    const { a, b, root } = await sources();
+    const start = Number(startTicks(process.pid));
+    writeFileSync(join(a.dir, "data", "gateway.json"), JSON.stringify({ pid: process.pid, pid_start: `${start + 1}` }));
+    const report = await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "r"));
+    expect(report.targets).toHaveLength(2);
+    // The same pid with its own start time is the gateway: refused.
+    writeFileSync(join(b.dir, "data", "gateway.json"), JSON.stringify({ pid: process.pid, pid_start: `${start}` }));
+    const err = await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "q")).catch((e) => e);
+    expect(err).toBeInstanceOf(ReshardError);
+    expect(err.message).toContain(`a gateway (pid ${process.pid}) is running on ${join(b.dir, "data")}`);
+  });
+
   test("a gateway.json whose gateway was killed but not reaped yet (a zombie) does not refuse", async () => {
     const { a, b, root } = await sources();
-    // A child of `sleep 30`, which never reaps it: it exits at once and stays a zombie.
-    const parent = Bun.spawn(["sh", "-c", "sleep 0 & echo $!; exec sleep 30"], { stdout: "pipe" });
+    const z = await zombie();
     try {
-      const line = await parent.stdout.getReader().read(); // not the whole stream: sleep 30 holds it open
-      const pid = Number(new TextDecoder().decode(line.value).trim());
-      const stat = () => Bun.file(`/proc/${pid}/stat`).text();
-      for (let i = 0; i < 100 && !(await stat()).includes(") Z "); i++) await Bun.sleep(20);
-      writeFileSync(join(a.dir, "data", "gateway.json"), JSON.stringify({ pid }));
+      writeFileSync(join(a.dir, "data", "gateway.json"), JSON.stringify({ pid: z.pid }));
       const report = await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "z"));
       expect(report.targets).toHaveLength(2);
     } finally {
-      parent.kill("SIGKILL");
+      z.end();
     }
   });
 

@@ -7,6 +7,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SandboxLedger, startTicks, ticksNow } from "../gateway/episode/index.ts";
+import { zombie } from "./helpers/gateway.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-ledger-test-"));
 const started: number[] = [];
@@ -54,25 +55,10 @@ test("the next start kills a group still alive and leaves alone one that ended (
   expect(alive(stuck.pid)).toBe(false);
 });
 
-/**
- * A zombie: a child of `sleep 30` (which never reaps it) that has exited; its pid once in state Z. The
- * child ends only once its parent shell has exec'd `sleep 30`: had it ended before, the shell could reap it
- * (under load it did, and the pid was gone).
- */
-async function zombie(): Promise<number> {
-  const child = `(while [ "$(cat /proc/$$/comm)" != sleep ]; do sleep 0.01; done) & echo $!; exec sleep 30`;
-  const parent = Bun.spawn(["sh", "-c", child], { stdout: "pipe", detached: true });
-  started.push(parent.pid);
-  const first = await parent.stdout.getReader().read(); // the line, not the stream: sleep 30 holds it open
-  const pid = Number(new TextDecoder().decode(first.value).trim());
-  const state = () => readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]![0];
-  for (let i = 0; i < 500 && state() !== "Z"; i++) await Bun.sleep(20);
-  expect(state()).toBe("Z");
-  return pid;
-}
-
 test("a ledger whose gateway was killed but not reaped yet (a zombie) does not hold the data dir", async () => {
-  const pid = await zombie();
+  const z = await zombie();
+  started.push(z.parent);
+  const pid = z.pid;
   const file = join(dir, "sandboxes-zombie");
   writeFileSync(file, `gateway ${pid} ${startTicks(pid)}\n`);
   expect(new SandboxLedger(file).sweep().ownerAlive).toBe(false);

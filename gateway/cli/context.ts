@@ -8,6 +8,7 @@ import { join, resolve } from "node:path";
 import { parse as parseToml } from "smol-toml";
 import type { CliContext } from "./devices.ts";
 import { parseStrictInt } from "../parse.ts";
+import { processRuns } from "../pids.ts";
 import { loadSpec } from "../spec/index.ts";
 import { SCHEMA_VERSION, Store, schemaVersion, UPGRADE_HINT } from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
@@ -154,9 +155,11 @@ export function createCli(flags: CliFlags): Cli {
         http_port: number;
         mqtt_port: number;
         pid: number;
+        pid_start?: string;
         https?: boolean;
       };
-      process.kill(g.pid, 0); // throws when the pid is gone: a stale gateway.json
+      // A gateway killed with -9 (or a power cut) leaves its gateway.json, whose pid may be another process's by now.
+      if (!processRuns(g.pid, g.pid_start)) return null;
       return {
         http: `${g.https ? "https" : "http"}://127.0.0.1:${g.http_port}`,
         mqtt_port: g.mqtt_port,

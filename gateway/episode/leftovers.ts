@@ -22,19 +22,10 @@ import {
   writeSync,
 } from "node:fs";
 import { basename, join } from "node:path";
-import { isZombie } from "../pids.ts";
+import { isZombie, startTicks } from "../pids.ts";
 import { PRIVATE_FILE_MODE } from "../store/index.ts";
 
-/** Start time of a process in clock ticks since boot, or null when it is gone. */
-export function startTicks(pid: number): string | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    // Fields after the parenthesised command: state ppid pgrp ... starttime is the 20th of them.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
-  } catch {
-    return null;
-  }
-}
+export { startTicks };
 
 /**
  * A temp folder named by this process, `<prefix><pid>.<start time>-XXXXXX`, made after removing

@@ -14,7 +14,7 @@ import { existsSync, readdirSync, readFileSync, realpathSync, rmSync } from "nod
 import { join, resolve } from "node:path";
 import type { Client } from "@libsql/client";
 import { parse as parseToml } from "smol-toml";
-import { isZombie } from "../pids.ts";
+import { processRuns } from "../pids.ts";
 import { ownerShard, MAX_SHARDS, parseShard, shardClientId, type ShardSpec, shardLabel } from "../shard.ts";
 import { idOfSql, secureDataDir, Store } from "../store/index.ts";
 import { hadSessions, layoutSessions, sessionsAdded } from "./shard-sessions.ts";
@@ -104,22 +104,19 @@ const AGENT_TABLES = [
   ["budget_usage", "agent"],
 ] as const;
 
-/** Refuse a data dir a live gateway runs on (its gateway.json names a live pid). */
+/** Refuse a data dir a live gateway runs on (its gateway.json names a live pid, started when it says). */
 function assertStopped(dir: string): void {
   const file = join(dir, "gateway.json");
   if (!existsSync(file)) return;
-  let pid: number;
+  let g: { pid?: unknown; pid_start?: unknown };
   try {
-    pid = Number((JSON.parse(readFileSync(file, "utf8")) as { pid?: unknown }).pid);
+    g = JSON.parse(readFileSync(file, "utf8")) as typeof g;
   } catch {
     return; // unreadable: not a running gateway's
   }
-  try {
-    process.kill(pid, 0);
-  } catch {
-    return; // a kill -9 left it behind
-  }
-  if (isZombie(pid)) return; // killed, not reaped yet: kill(pid, 0) still succeeds
+  const pid = Number(g.pid);
+  // Gone, a zombie, or a reused pid: a kill -9 (or a power cut) left the file behind.
+  if (!processRuns(pid, typeof g.pid_start === "string" ? g.pid_start : null)) return;
   throw new ReshardError(`a gateway (pid ${pid}) is running on ${dir}: stop every gateway of the fleet first`);
 }
 

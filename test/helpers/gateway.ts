@@ -131,6 +131,8 @@ export interface GatewayInfo {
   readonly mqtt_port: number;
   readonly http_port: number;
   readonly pid: number;
+  /** Its start time in clock ticks since boot (/proc/<pid>/stat), where /proc shows it. */
+  readonly pid_start?: string;
   /** Present when configured: MQTT over TLS and over secure WebSocket. */
   readonly mqtts_port?: number;
   readonly wss_port?: number;
@@ -515,6 +517,27 @@ export function descendantsOf(root: number): number[] {
 export function alive(pid: number): boolean {
   const f = statFields(pid);
   return f !== null && f[0] !== "Z";
+}
+
+/**
+ * A zombie: a child of `sleep 30` (which never reaps it) that has exited; its pid once in state Z, and
+ * the parent's (`end()` kills it, and so the zombie). The child ends only once its parent shell has
+ * exec'd `sleep 30`: had it ended before, the shell could reap it (under load it did, and the pid was gone).
+ */
+export async function zombie(): Promise<{ pid: number; parent: number; end: () => void }> {
+  const child = `(while [ "$(cat /proc/$$/comm)" != sleep ]; do sleep 0.01; done) & echo $!; exec sleep 30`;
+  const parent = Bun.spawn(["sh", "-c", child], { stdout: "pipe", detached: true });
+  const end = () => reap([parent.pid]);
+  try {
+    const first = await parent.stdout.getReader().read(); // the line, not the stream: sleep 30 holds it open
+    const pid = Number(new TextDecoder().decode(first.value).trim());
+    for (let i = 0; i < 500 && statFields(pid)?.[0] !== "Z"; i++) await Bun.sleep(20);
+    if (statFields(pid)?.[0] !== "Z") throw new Error(`pid ${pid} did not become a zombie`);
+    return { pid, parent: parent.pid, end };
+  } catch (err) {
+    end();
+    throw err;
+  }
 }
 
 /** CPU time a process has used, in clock ticks (utime + stime). */
