@@ -36,7 +36,7 @@ import { Effects } from "./episode/index.ts";
 import { Intake } from "./intake/index.ts";
 import { createRouter, type Route } from "./intake/index.ts";
 import { FleetEvents } from "./events.ts";
-import { startTicks } from "./pids.ts";
+import { bootId, startTicks } from "./pids.ts";
 import {
   agentFiles,
   claimUids,
@@ -456,6 +456,7 @@ export class Gateway {
         pid: process.pid,
         // Its start time: a reused pid is not this gateway (pids.ts processRuns).
         ...(startTicks(process.pid) === null ? {} : { pid_start: startTicks(process.pid) }),
+        ...(bootId() === null ? {} : { boot_id: bootId() }),
         gateway: this.store.gatewayId,
         ...(spec.fleet.shard ? { shard: shardLabel(spec.fleet.shard) } : {}),
       })}\n`,

@@ -5,7 +5,9 @@
  * A pid alone does not say: pids are reused (32,768 of them on many boxes, and after a reboot the
  * same few low ones), so a file a gateway killed with -9 or a power cut left behind can name a
  * live process that is not the gateway. Each record of a gateway's pid also keeps its start time,
- * which a reused pid does not share.
+ * which a reused pid does not share, and the boot it was in: start times count from the boot, and
+ * a box that starts its services in the same order each time gives them the same pids at much the
+ * same times after every power cut.
  */
 import { readFileSync } from "node:fs";
 
@@ -35,14 +37,28 @@ export function isZombie(pid: number): boolean {
   }
 }
 
+/** This boot's id (/proc/sys/kernel/random/boot_id, new at every boot), or null where /proc does not say. */
+export function bootId(): string | null {
+  if (boot === undefined)
+    try {
+      boot = readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim() || null;
+    } catch {
+      boot = null;
+    }
+  return boot;
+}
+
+let boot: string | null | undefined;
+
 /**
- * Whether the process a record names (`pid`, and `start`: its `startTicks` when the record was
- * written) still runs: the pid is alive, not a zombie, and, where the record has a start time and
- * /proc shows one, started then. A record without a start time (an older gateway.json) or a box
- * without /proc is judged by the pid alone, as before.
+ * Whether the process a record names (`pid`; `start`, its `startTicks`, and `boot`, the `bootId`, when
+ * the record was written) still runs: the record is of this boot, and the pid is alive, not a zombie
+ * and, where the record has a start time and /proc shows one, started then. A record without them
+ * (an older gateway.json) or a box without /proc is judged by the pid alone, as before.
  */
-export function processRuns(pid: number, start?: string | null): boolean {
+export function processRuns(pid: number, start?: string | null, boot?: string | null): boolean {
   if (!Number.isSafeInteger(pid) || pid <= 0) return false;
+  if (!sameBoot(boot)) return false;
   try {
     process.kill(pid, 0);
   } catch (err) {
@@ -53,4 +69,10 @@ export function processRuns(pid: number, start?: string | null): boolean {
   if (start == null || start === "") return true;
   const now = startTicks(pid);
   return now === null || now === start;
+}
+
+/** Whether a record of `boot` (a `bootId`) is of this boot; true where either does not say. */
+export function sameBoot(boot: string | null | undefined): boolean {
+  const now = bootId();
+  return boot == null || boot === "" || now === null || boot === now;
 }

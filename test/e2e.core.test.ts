@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { startTicks } from "../gateway/pids.ts";
+import { bootId, startTicks } from "../gateway/pids.ts";
 import { hexOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
 import {
   RawMqtt,
@@ -82,6 +82,7 @@ describe("the core loop (one shared gateway)", () => {
     const info = JSON.parse(readFileSync(join(fleet.dataDir, "gateway.json"), "utf8")) as GatewayInfo;
     // A reused pid (a kill -9 or a power cut left the file behind) has another start time: pids.ts processRuns.
     expect(info.pid_start).toBe(startTicks(info.pid)!);
+    expect(info.boot_id).toBe(bootId()!);
     expect((await fleet.cli("status")).json.fleet).toBe("e2e-core");
   });
 

@@ -688,6 +688,13 @@ describe("command-line mistakes", () => {
     expect(stale.json).toMatchObject({ tombstoned: 0, episodesDeleted: 0 });
     const send = await f.cli("send", "meter/m1/in", "{}");
     expect(oneLine(send.stderr)).toBe("fleet: the gateway is not running (start it with `fleet start`)");
+    // The same pid at the same time after boot, in the boot before this one (a power cut): no gateway runs.
+    writeFileSync(
+      join(f.dataDir, "gateway.json"),
+      JSON.stringify({ http_port: 1, mqtt_port: 1, pid: process.pid, pid_start: start, boot_id: "0-before" }),
+    );
+    const rebooted = await f.cli("gc", "--now", String(Date.now()), "--json");
+    expect({ code: rebooted.code, stderr: rebooted.stderr }).toEqual({ code: 0, stderr: "" });
     // The same pid started when the file says: that gateway runs.
     left(start);
     const live = await f.cli("gc", "--now", String(Date.now()));

@@ -4,7 +4,7 @@
  * and its pid is reused (after a reboot, often at once).
  */
 import { describe, expect, test } from "bun:test";
-import { isZombie, processRuns, startTicks } from "../gateway/pids.ts";
+import { bootId, isZombie, processRuns, sameBoot, startTicks } from "../gateway/pids.ts";
 import { zombie } from "./helpers/gateway.ts";
 
 describe("processRuns", () => {
@@ -45,5 +45,18 @@ describe("processRuns", () => {
     // kill(0, 0) and kill(-1, 0) succeed (this process group, every process we may signal).
     for (const pid of [0, -1, -process.pid, 1.5, Number.NaN, Number.POSITIVE_INFINITY])
       expect(processRuns(pid)).toBe(false);
+  });
+
+  test("a record of another boot names no process that runs now, even a live pid started at that tick", () => {
+    const boot = bootId();
+    expect(boot).toMatch(/^[0-9a-f-]{36}$/);
+    const start = startTicks(process.pid);
+    expect(processRuns(process.pid, start, boot)).toBe(true);
+    expect(processRuns(process.pid, start, "00000000-0000-4000-8000-000000000000")).toBe(false);
+    // A record that does not say which boot (an older gateway.json) is judged by pid and start time.
+    expect(processRuns(process.pid, start, null)).toBe(true);
+    expect(sameBoot(undefined)).toBe(true);
+    expect(sameBoot(boot)).toBe(true);
+    expect(sameBoot("00000000-0000-4000-8000-000000000000")).toBe(false);
   });
 });

@@ -7,6 +7,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SandboxLedger, startTicks, ticksNow } from "../gateway/episode/index.ts";
+import { bootId } from "../gateway/pids.ts";
 import { zombie } from "./helpers/gateway.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-ledger-test-"));
@@ -106,6 +107,30 @@ test("a group is reaped by the start window its entry names; a pid started outsi
   expect(alive(p.pid)).toBe(true);
   // A ledger an older release wrote names the start time itself, and is still honoured.
   writeFileSync(file, `+ ${p.pid} ${started}\n`);
+  expect(new SandboxLedger(file).sweep().killed).toEqual([p.pid]);
+  await p.exited;
+  expect(alive(p.pid)).toBe(false);
+});
+
+test("a ledger written before a reboot holds nothing and kills nothing, whatever has its pids now", async () => {
+  const boot = bootId();
+  if (boot === null) return; // no /proc: the entries are judged by pid and start time alone
+  const p = group(["sleep", "60"]);
+  const ticks = Number(startTicks(p.pid));
+  const file = join(dir, "sandboxes-reboot");
+  // As a power cut leaves it: an owner and a group whose pids, at much the same times after boot, are live now.
+  const before = (id: string) =>
+    writeFileSync(file, `boot ${id}\ngateway ${p.pid} ${startTicks(p.pid)}\n+ ${p.pid} ${ticks - 10} ${ticks + 10}\n`);
+  before("00000000-0000-4000-8000-000000000000");
+  expect(new SandboxLedger(file).sweep()).toEqual({ killed: [], roots: 0, ownerAlive: false });
+  expect(alive(p.pid)).toBe(true);
+  // The ledger a sweep writes names this boot.
+  expect(readFileSync(file, "utf8").split("\n")[0]).toBe(`boot ${boot}`);
+  // The same entries written in this boot: the owner holds the data dir.
+  before(boot);
+  expect(new SandboxLedger(file).sweep().ownerAlive).toBe(true);
+  // Without the owner, the group is reaped.
+  writeFileSync(file, `boot ${boot}\n+ ${p.pid} ${ticks - 10} ${ticks + 10}\n`);
   expect(new SandboxLedger(file).sweep().killed).toEqual([p.pid]);
   await p.exited;
   expect(alive(p.pid)).toBe(false);

@@ -156,10 +156,11 @@ export function createCli(flags: CliFlags): Cli {
         mqtt_port: number;
         pid: number;
         pid_start?: string;
+        boot_id?: string;
         https?: boolean;
       };
       // A gateway killed with -9 (or a power cut) leaves its gateway.json, whose pid may be another process's by now.
-      if (!processRuns(g.pid, g.pid_start)) return null;
+      if (!processRuns(g.pid, g.pid_start, g.boot_id)) return null;
       return {
         http: `${g.https ? "https" : "http"}://127.0.0.1:${g.http_port}`,
         mqtt_port: g.mqtt_port,

@@ -5,7 +5,9 @@
  * started; the next start of the same data dir kills the groups still alive (same pid AND a
  * start time within the seconds its entry names: a reused pid is left alone) and removes the
  * folders. A group that ended is not noted (its pid no longer has such a start time): the ledger
- * is compacted from memory now and then instead, so an episode costs one write to it.
+ * is compacted from memory now and then instead, so an episode costs one write to it. The ledger
+ * names the boot it was written in: after a reboot (a power cut) none of its processes can be
+ * alive, whatever has their pids now, at much the same times after boot.
  */
 import {
   closeSync,
@@ -22,7 +24,7 @@ import {
   writeSync,
 } from "node:fs";
 import { basename, join } from "node:path";
-import { isZombie, startTicks } from "../pids.ts";
+import { bootId, isZombie, sameBoot, startTicks } from "../pids.ts";
 import { PRIVATE_FILE_MODE } from "../store/index.ts";
 
 export { startTicks };
@@ -112,12 +114,19 @@ export class SandboxLedger {
     // pid -> the window its start time falls in (an older ledger names the start time itself).
     const groups = new Map<number, [number, number]>();
     const roots = new Set<string>();
+    let boot: string | null = null;
     for (const line of text.split("\n")) {
       const [op, a, b, c] = line.split(" ");
-      if (op === "gateway" && a && b) owner = [Number(a), b];
+      if (op === "boot" && a) boot = a;
+      else if (op === "gateway" && a && b) owner = [Number(a), b];
       else if (op === "+" && a && b) groups.set(Number(a), [Number(b), Number(c ?? b)]);
       else if (op === "-" && a) groups.delete(Number(a));
       else if (op === "root" && a) roots.add(a);
+    }
+    // Written before a reboot: its pids are other processes' now, started at much the same times after boot.
+    if (!sameBoot(boot)) {
+      owner = null;
+      groups.clear();
     }
     // A zombie owner (killed, not reaped yet) is gone: its start time still reads, its gateway does not run.
     if (owner && owner[0] !== process.pid && startTicks(owner[0]) === owner[1] && !isZombie(owner[0]))
@@ -196,7 +205,9 @@ export class SandboxLedger {
   }
 
   private rewrite(owned = true): void {
+    const boot = bootId();
     const lines = [
+      ...(boot === null ? [] : [`boot ${boot}`]),
       ...(owned ? [`gateway ${process.pid} ${startTicks(process.pid) ?? "?"}`] : []),
       ...[...this.roots].map((r) => `root ${r}`),
       ...[...this.live].map(([pid, t]) => `+ ${pid} ${t}`),

@@ -108,7 +108,7 @@ const AGENT_TABLES = [
 function assertStopped(dir: string): void {
   const file = join(dir, "gateway.json");
   if (!existsSync(file)) return;
-  let g: { pid?: unknown; pid_start?: unknown };
+  let g: { pid?: unknown; pid_start?: unknown; boot_id?: unknown };
   try {
     g = JSON.parse(readFileSync(file, "utf8")) as typeof g;
   } catch {
@@ -116,7 +116,8 @@ function assertStopped(dir: string): void {
   }
   const pid = Number(g.pid);
   // Gone, a zombie, or a reused pid: a kill -9 (or a power cut) left the file behind.
-  if (!processRuns(pid, typeof g.pid_start === "string" ? g.pid_start : null)) return;
+  const text = (v: unknown) => (typeof v === "string" ? v : null);
+  if (!processRuns(pid, text(g.pid_start), text(g.boot_id))) return;
   throw new ReshardError(`a gateway (pid ${pid}) is running on ${dir}: stop every gateway of the fleet first`);
 }
 

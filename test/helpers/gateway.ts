@@ -133,6 +133,8 @@ export interface GatewayInfo {
   readonly pid: number;
   /** Its start time in clock ticks since boot (/proc/<pid>/stat), where /proc shows it. */
   readonly pid_start?: string;
+  /** The boot it runs in (/proc/sys/kernel/random/boot_id). */
+  readonly boot_id?: string;
   /** Present when configured: MQTT over TLS and over secure WebSocket. */
   readonly mqtts_port?: number;
   readonly wss_port?: number;
