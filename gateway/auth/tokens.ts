@@ -7,8 +7,8 @@
  * half a file.
  */
 import { createHash } from "node:crypto";
-import { chmodSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
-import { basename, dirname, join } from "node:path";
+import { readFileSync, statSync } from "node:fs";
+import { writeFileDurably } from "../durable.ts";
 import { parseScope, type Scope } from "./scopes.ts";
 
 /** The tokens file of a data dir. */
@@ -80,12 +80,9 @@ export function readTokens(file: string): StoredToken[] {
   });
 }
 
-/** Write the list atomically, 0600 (it holds digests of credentials). */
+/** Write the list atomically and durably (a power cut leaves the old list or the new one), 0600 (it holds digests). */
 function writeTokens(file: string, tokens: readonly StoredToken[]): void {
-  const tmp = join(dirname(file), `.${basename(file)}.${process.pid}.${Date.now()}.tmp`);
-  writeFileSync(tmp, `${JSON.stringify({ tokens }, null, 2)}\n`, { mode: 0o600 });
-  chmodSync(tmp, 0o600);
-  renameSync(tmp, file);
+  writeFileDurably(file, `${JSON.stringify({ tokens }, null, 2)}\n`, 0o600);
 }
 
 /** Add a token named `name`; returns the token (the only time it exists outside the caller). */

@@ -4,20 +4,8 @@
  * atomically (temp file + rename) so a running gateway never reads half a file. Each
  * read-edit-write holds `<file>.lock`, so concurrent commands never lose each other's edits.
  */
-import {
-  chmodSync,
-  closeSync,
-  existsSync,
-  openSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-  unlinkSync,
-  writeFileSync,
-  writeSync,
-} from "node:fs";
-import { basename, dirname, join } from "node:path";
+import { closeSync, existsSync, openSync, readFileSync, rmSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { writeFileDurably } from "../durable.ts";
 import { aclPatternProblem } from "./acl.ts";
 import { hashSecret, mosquittoHash, newSecret } from "./secret.ts";
 import { compileDevices, DEVICE_ID_RE, DevicesError, loadDevices } from "./registry.ts";
@@ -56,13 +44,12 @@ function readText(file: string): string | null {
   }
 }
 
-/** Write `text` to `file` atomically; a new file is 0600 (it holds hashes), an existing one keeps its mode. */
+/**
+ * Write `text` to `file` atomically and durably (a power cut leaves the old file or the new one, never an empty
+ * one: every device would be refused); a new file is 0600 (it holds hashes), an existing one keeps its mode.
+ */
 function writeAtomic(file: string, text: string): void {
-  const mode = existsSync(file) ? statSync(file).mode & 0o777 : 0o600;
-  const tmp = join(dirname(file), `.${basename(file)}.${process.pid}.${Date.now()}.tmp`);
-  writeFileSync(tmp, text, { mode });
-  chmodSync(tmp, mode);
-  renameSync(tmp, file);
+  writeFileDurably(file, text, existsSync(file) ? statSync(file).mode & 0o777 : 0o600);
 }
 
 /**

@@ -19,6 +19,7 @@ import {
   statSync,
 } from "node:fs";
 import { dirname, join, resolve } from "node:path";
+import { syncDir, syncFile } from "../durable.ts";
 import { SandboxLedger } from "../episode/index.ts";
 import { forkGatewayIdentity, migrate, SCHEMA_VERSION, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
@@ -171,7 +172,10 @@ export async function backupDatabase(dbPath: string, target: string): Promise<Ba
       client.close();
     }
     chmodSync(partial, 0o600);
+    // VACUUM INTO does not sync its file: a backup taken just before a power cut would come back short.
+    syncFile(partial);
     publish(partial, file);
+    syncDir(dirname(file));
     try {
       return { file, bytes: statSync(file).size, ...(await checkBackup(file, scratch)) };
     } catch (err) {
@@ -246,11 +250,14 @@ async function restoreInto(from: string, dataDir: string): Promise<BackupReport>
       copy.close();
     }
     chmodSync(partial, 0o600);
+    // On the disk before it is fleet.db (VACUUM INTO does not sync): a power cut must not leave a short one.
+    syncFile(partial);
     renameSync(partial, target);
     // A stale WAL, shm or journal would be applied to the new file; other files (a backup named
     // fleet.db-<date>, the very one restored from) are the operator's and stay.
     for (const leftover of ["fleet.db-wal", "fleet.db-shm", "fleet.db-journal"])
       rmSync(join(dataDir, leftover), { force: true });
+    syncDir(dataDir);
     const upgradedFrom = version < SCHEMA_VERSION ? version : null;
     return {
       file: target,

@@ -1,0 +1,50 @@
+/**
+ * Files that must survive a power cut, not only a kill -9. A process killed with -9 loses nothing it
+ * wrote: the page cache outlives it. A power cut loses what is only there, and a file renamed over
+ * another can come back empty on a file system without ext4's rename heuristic (f2fs and XFS, common
+ * on edge boxes' flash): every device refused, or every API token gone. fleet.db is SQLite's to sync;
+ * these are for the files the gateway and the CLI write themselves.
+ */
+import { chmodSync, closeSync, fsyncSync, openSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
+
+/** Put `file`'s bytes on the disk (fsync): a rename or link that names it after this finds it whole. */
+export function syncFile(file: string): void {
+  const fd = openSync(file, "r");
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Put `dir`'s entries on the disk (fsync of the folder): a file just created, renamed or linked in it stays. */
+export function syncDir(dir: string): void {
+  const fd = openSync(dir, "r");
+  try {
+    fsyncSync(fd);
+  } catch (err) {
+    // Some file systems cannot sync a folder (EINVAL): their entries are as durable as they get.
+    if ((err as NodeJS.ErrnoException).code !== "EINVAL") throw err;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Replace `file` with `text`, whole or not at all, also across a power cut: written beside it,
+ * synced, renamed over it, then the folder synced. `mode` is the new file's.
+ */
+export function writeFileDurably(file: string, text: string, mode: number): void {
+  const tmp = join(dirname(file), `.${basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  try {
+    writeFileSync(tmp, text, { mode });
+    chmodSync(tmp, mode);
+    syncFile(tmp);
+    renameSync(tmp, file);
+  } catch (err) {
+    rmSync(tmp, { force: true });
+    throw err;
+  }
+  syncDir(dirname(file));
+}
