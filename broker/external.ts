@@ -6,8 +6,9 @@
  * sends each PUBACK only after intake recorded the stimulus (mqtt.js `handleMessage`).
  */
 import { connect, type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient } from "mqtt";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import type { Logger } from "pino";
+import { writeFileDurably } from "../gateway/durable.ts";
 import type {
   AuthChange,
   Broker,
@@ -365,7 +366,8 @@ class ExternalBroker implements Broker {
     const file = this.opts.subscriptionsFile;
     if (!file) return;
     try {
-      writeFileSync(file, `${JSON.stringify(this.filters)}\n`, { mode: 0o600 });
+      // Whole or not at all: a torn file would make the next start forget which filters to drop.
+      writeFileDurably(file, `${JSON.stringify(this.filters)}\n`, 0o600);
     } catch (err) {
       this.log.warn({ err, file }, "could not record the broker subscriptions");
     }

@@ -5,7 +5,17 @@
  * on edge boxes' flash): every device refused, or every API token gone. fleet.db is SQLite's to sync;
  * these are for the files the gateway and the CLI write themselves.
  */
-import { chmodSync, closeSync, fsyncSync, openSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  closeSync,
+  fsyncSync,
+  openSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { basename, dirname, join } from "node:path";
 
 /** Put `file`'s bytes on the disk (fsync): a rename or link that names it after this finds it whole. */
@@ -33,13 +43,21 @@ export function syncDir(dir: string): void {
 
 /**
  * Replace `file` with `text`, whole or not at all, also across a power cut: written beside it,
- * synced, renamed over it, then the folder synced. `mode` is the new file's.
+ * synced, renamed over it, then the folder synced. `mode` is the new file's. The file keeps its
+ * owner where this process may give it (root editing a file the service user owns and must read).
  */
 export function writeFileDurably(file: string, text: string, mode: number): void {
   const tmp = join(dirname(file), `.${basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  const before = statSync(file, { throwIfNoEntry: false });
   try {
     writeFileSync(tmp, text, { mode });
     chmodSync(tmp, mode);
+    if (before && (before.uid !== process.getuid?.() || before.gid !== process.getgid?.()))
+      try {
+        chownSync(tmp, before.uid, before.gid);
+      } catch {
+        // not root: the file is this user's now, as any file it writes
+      }
     syncFile(tmp);
     renameSync(tmp, file);
   } catch (err) {

@@ -6,6 +6,7 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import {
+  chownSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -123,6 +124,19 @@ describe("writeFileDurably", () => {
     expect(readFileSync(join(dir, "taken", "inside"), "utf8")).toBe("kept");
     expect(readdirSync(dir)).toEqual(["taken"]);
   });
+
+  test.skipIf(process.getuid?.() !== 0)(
+    "a file another user owns stays theirs (root editing the service user's file, which it must still read)",
+    () => {
+      const file = join(root, "owned.json");
+      writeFileSync(file, "old\n", { mode: 0o600 });
+      chownSync(file, 4242, 4343);
+      writeFileDurably(file, "new\n", 0o600);
+      const st = statSync(file);
+      expect({ uid: st.uid, gid: st.gid, mode: st.mode & 0o777 }).toEqual({ uid: 4242, gid: 4343, mode: 0o600 });
+      expect(readFileSync(file, "utf8")).toBe("new\n");
+    },
+  );
 
   test("syncs the new bytes before the rename that names them, and the folder after it", async () => {
     const file = join(root, "traced.txt");

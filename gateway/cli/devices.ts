@@ -4,7 +4,8 @@
  * at the next CONNECT); quarantine goes through the running gateway's HTTP API, or writes
  * the data dir directly when the gateway is stopped (it is then the only writer).
  */
-import { chmodSync, mkdirSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, statSync } from "node:fs";
+import { writeFileDurably } from "../durable.ts";
 import { join, resolve } from "node:path";
 import { addDevice, listDevices, mosquittoExport, mosquittoHash, rekeyDevice, removeDevice } from "../devices/index.ts";
 import { DevicesError, loadDevices } from "../devices/index.ts";
@@ -183,9 +184,9 @@ async function exportMosquitto(ctx: CliContext, dir: string | undefined): Promis
   mkdirSync(dir, { recursive: true });
   const passwd = join(resolve(dir), "passwd");
   const acl = join(resolve(dir), "acl");
-  writeFileSync(passwd, r.passwd, { mode: 0o600 });
-  chmodSync(passwd, 0o600);
-  writeFileSync(acl, r.acl, { mode: 0o644 });
+  // Each replaced whole (and kept by its owner, e.g. mosquitto): a broker reloading meanwhile reads the old or the new.
+  writeFileDurably(passwd, r.passwd, 0o600);
+  writeFileDurably(acl, r.acl, existsSync(acl) ? statSync(acl).mode & 0o777 : 0o644);
   const devices = loadDevices(file).devices.size;
   out(ctx, { ok: true, passwd, acl, devices, notes: r.notes }, () =>
     [
