@@ -33,7 +33,10 @@
  * machine hits both. BENCH_PROFILE_DIR=DIR makes each gateway write DIR/<section>.cpuprofile
  * (the policy section's: DIR/<fleet name>.cpuprofile, e.g. bench-policy-flood.cpuprofile;
  * BENCH_PROFILE_INTERVAL_US=N samples every N µs instead of every 1000: more samples per run);
- * `bun scripts/profile-summary.ts DIR/<section>.cpuprofile` summarises it by sample counts.
+ * `bun scripts/profile-summary.ts DIR/<section>.cpuprofile` summarises it by sample counts. That
+ * sampler counts time, also time blocked in a system call; for CPU, BENCH_PERF_DIR=DIR records the
+ * episodes section's gateway with `perf` (cpu-clock, call stacks) and writes DIR/episodes.perf.txt:
+ * its CPU by thread and by JS function, named through the JIT dump it writes there (perf-summary.ts).
  *
  * Progress goes to stderr; stdout gets one table per section, the summary, and (unless
  * --json FILE is given) the results as JSON on its last line. Exit code 0 even when a

@@ -18,7 +18,7 @@ import type { BenchOptions, Row } from "./harness.ts";
 import { cpuMs, deltaRow, machineBusyMs, mainThreadMs, quantile, rateRow, threadsMs } from "./harness.ts";
 import { bareOnce, bareRate, wrappingNote } from "./bare.ts";
 import { collect, connect, json, publishWindowed, type Collector } from "./mqttkit.ts";
-import { benchFleet, startGateway } from "./procs.ts";
+import { benchFleet, perfRecording, startGateway } from "./procs.ts";
 import { childCpu, runnerRate } from "./runner-alone.ts";
 import { DEFAULT_WARM_SPARES } from "../../gateway/spec/index.ts";
 
@@ -146,6 +146,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
     },
   };
   const order = ["gateway", "wrapped", "runner", "plain"] as const;
+  // BENCH_PERF_DIR: the gateway's CPU by JS function over the measured rounds (it is idle in the others).
+  const perf = perfRecording("episodes", gw.pid);
   for (let round = 0; round < ROUNDS; round++) {
     for (let j = 0; j < order.length; j++) {
       const t = order[(round + j) % order.length]!;
@@ -157,6 +159,7 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
         `bare plain ${rates.plain.at(-1)!.toFixed(1)}/s`,
     );
   }
+  await perf?.finish();
   summaries.close();
   await gw.stop();
   const child = await childCpu(o.quick ? 5 : 30);

@@ -3,9 +3,10 @@
  * baseline brokers (scripts/bench/bare-broker.ts), each a subprocess so the publisher in
  * the bench process never shares their event loop. Both are torn down at exit.
  */
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { cpuProfileArgs } from "../../test/helpers/gateway.ts";
+import { recordPerf, summarizeRecording } from "../perf-summary.ts";
 import { ROOT, defer, descendantPids, killPid, procStatusKb, tempDir, until } from "./harness.ts";
 
 /** The trivial agent every bench fleet runs. */
@@ -83,7 +84,7 @@ export async function startGateway(tag: string, fleetToml: string, opts: { dir?:
     ],
     {
       cwd: ROOT,
-      env: { ...process.env, FLEET_LOG_FORMAT: "json" },
+      env: { ...process.env, FLEET_LOG_FORMAT: "json", ...perfEnv() },
       stdin: "ignore",
       stdout: Bun.file(logFile),
       stderr: Bun.file(join(dir, "gateway.err")),
@@ -201,4 +202,29 @@ export async function runFlooder(port: number, topic: string, count: number): Pr
   const out = (await new Response(flooder.stdout).text()).trim();
   if ((await flooder.exited) !== 0) throw new Error(`the flooder failed: ${out}`);
   return out;
+}
+
+/** BENCH_PERF_DIR=DIR: gateways write JavaScriptCore's JIT dump there, which names their JS in `perf` samples. */
+function perfEnv(): Record<string, string> {
+  const dir = process.env.BENCH_PERF_DIR;
+  if (!dir) return {};
+  mkdirSync(dir, { recursive: true });
+  return { BUN_JSC_useJITDump: "1", BUN_JSC_jitDumpDirectory: dir };
+}
+
+/**
+ * With BENCH_PERF_DIR, `perf record` of a gateway's threads from now until `finish()`, which writes
+ * DIR/<tag>.perf.txt (scripts/perf-summary.ts: CPU by JS function). Null without it.
+ */
+export function perfRecording(tag: string, pid: number): { finish: () => Promise<void> } | null {
+  const dir = process.env.BENCH_PERF_DIR;
+  if (!dir) return null;
+  const data = join(dir, `${tag}.perf.data`);
+  const rec = recordPerf(pid, data);
+  return {
+    finish: async () => {
+      await rec.stop();
+      writeFileSync(join(dir, `${tag}.perf.txt`), `${summarizeRecording(data, pid, dir)}\n`);
+    },
+  };
 }
