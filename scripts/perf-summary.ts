@@ -8,6 +8,7 @@
  *   BUN_JSC_useJITDump=1 BUN_JSC_jitDumpDirectory=/tmp/jd bun gateway/cli/main.ts start ...
  *   bun scripts/perf-summary.ts --pid PID --seconds 15 --jitdump /tmp/jd [--top 40]
  *   bun scripts/perf-summary.ts --data FILE.perf --pid PID --jitdump /tmp/jd   (a recording made before)
+ *   ... --callers NAME: the JS stacks NAME is on (who calls it, what it calls)
  *
  * Why beside `--cpu-prof` (scripts/profile-summary.ts): JavaScriptCore's sampler stops the JS
  * thread wherever it is, also blocked in a system call, so it counts time, not CPU. In the episodes
@@ -26,6 +27,51 @@ interface Code {
   readonly start: bigint;
   readonly end: bigint;
   readonly name: string;
+  /** When it was loaded (CLOCK_MONOTONIC, ns), as the dump says. */
+  readonly time: bigint;
+}
+
+/**
+ * Code by address and time. JSC reuses the memory of code it threw away, so records overlap: a
+ * sample's address is the code's that held it then, the newest loaded before the sample (perf
+ * records with `-k mono`, the clock of the dump's timestamps); a sample without a time, the newest.
+ */
+export class CodeMap {
+  private readonly codes: (Code & { readonly seq: number })[];
+  private readonly longest: bigint;
+
+  constructor(codes: readonly Code[]) {
+    this.codes = codes
+      .map((c, seq) => ({ ...c, seq }))
+      .sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
+    let longest = 0n; // bigints: no Math.max
+    for (const c of this.codes) if (c.end - c.start > longest) longest = c.end - c.start;
+    this.longest = longest;
+  }
+
+  get size(): number {
+    return this.codes.length;
+  }
+
+  /** The code `addr` was in at `time` (ns, CLOCK_MONOTONIC; null: now), or null. */
+  at(addr: bigint, time: bigint | null = null): Code | null {
+    let lo = 0;
+    let hi = this.codes.length - 1;
+    let last = -1; // the last record starting at or below addr
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.codes[mid]!.start <= addr) {
+        last = mid;
+        lo = mid + 1;
+      } else hi = mid - 1;
+    }
+    let best: (Code & { readonly seq: number }) | null = null;
+    for (let i = last; i >= 0 && this.codes[i]!.start + this.longest > addr; i--) {
+      const c = this.codes[i]!;
+      if (addr < c.end && (time === null || c.time <= time) && (best === null || c.seq > best.seq)) best = c;
+    }
+    return best;
+  }
 }
 
 /** JSC's JIT dump files of `pid` in `dir` (jit-<pid>.dump, or jit-<tid>-<pid>.dump as Bun names them). */
@@ -36,7 +82,7 @@ export function jitDumps(dir: string, pid: number): string[] {
     .map((f) => join(dir, f));
 }
 
-/** The code records (JIT_CODE_LOAD) of a jitdump file (the Linux perf jitdump format), sorted by address. */
+/** The code records (JIT_CODE_LOAD) of a jitdump file (the Linux perf jitdump format), in the order loaded. */
 export function readJitDump(file: string): Code[] {
   const b = readFileSync(file);
   const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
@@ -48,42 +94,29 @@ export function readJitDump(file: string): Code[] {
     const size = v.getUint32(at + 4, true);
     if (size < 16 || at + size > b.length) break;
     if (id === 0 && size >= 56) {
-      // pid u32, tid u32, vma u64, code_addr u64, code_size u64, code_index u64, then the name (NUL-terminated).
+      // After the record's id, size and timestamp: pid u32, tid u32, vma u64, code_addr u64, code_size u64,
+      // code_index u64, then the name (NUL-terminated).
       const start = v.getBigUint64(at + 32, true);
       const length = v.getBigUint64(at + 40, true);
       const nameEnd = b.indexOf(0, at + 56);
       const name = b.toString("utf8", at + 56, nameEnd < 0 ? at + size : Math.min(nameEnd, at + size));
-      codes.push({ start, end: start + length, name });
+      codes.push({ start, end: start + length, name, time: v.getBigUint64(at + 8, true) });
     }
     at += size;
   }
-  return codes.sort((a, c) => (a.start < c.start ? -1 : a.start > c.start ? 1 : 0));
-}
-
-/** The code `addr` is in, or null (binary search over sorted, non-overlapping ranges; later code wins a tie). */
-function codeAt(codes: readonly Code[], addr: bigint): Code | null {
-  let lo = 0;
-  let hi = codes.length - 1;
-  let found = -1;
-  while (lo <= hi) {
-    const mid = (lo + hi) >> 1;
-    if (codes[mid]!.start <= addr) {
-      found = mid;
-      lo = mid + 1;
-    } else hi = mid - 1;
-  }
-  const c = found >= 0 ? codes[found]! : null;
-  return c && addr < c.end ? c : null;
+  return codes;
 }
 
 /** One sample: its thread, and its stack from the leaf out (address and what perf names there). */
 interface Sample {
   readonly tid: number;
   readonly comm: string;
+  /** When it was taken (ns, the recording's clock), or null when perf script did not print it. */
+  readonly time: bigint | null;
   readonly frames: { readonly addr: bigint; readonly where: string }[];
 }
 
-/** `perf script -F comm,tid,ip,sym,dso` output, one sample per blank-line-separated block. */
+/** `perf script -F comm,tid,time,ip,sym,dso` output (time optional), one sample per blank-line-separated block. */
 export function parsePerfScript(text: string): Sample[] {
   const samples: Sample[] = [];
   let current: Sample | null = null;
@@ -93,10 +126,11 @@ export function parsePerfScript(text: string): Sample[] {
       continue;
     }
     if (!/^\s/.test(line)) {
-      // The header: "<comm> <tid>" (comm may hold spaces: the tid is the last field).
-      const m = /^(.*\S)\s+(\d+)\s*$/.exec(line);
+      // The header: "<comm> <tid> [<seconds>.<micros>:]" (comm may hold spaces).
+      const m = /^(.*\S)\s+(\d+)(?:\s+(\d+)\.(\d{1,9}):)?\s*$/.exec(line);
       if (!m) continue;
-      current = { comm: m[1]!, tid: Number(m[2]), frames: [] };
+      const time = m[3] === undefined ? null : BigInt(m[3]) * 1_000_000_000n + BigInt(m[4]!.padEnd(9, "0"));
+      current = { comm: m[1]!, tid: Number(m[2]), time, frames: [] };
       samples.push(current);
       continue;
     }
@@ -134,7 +168,7 @@ function table(title: string, counts: Map<string, number>, total: number, top: n
 const bump = (m: Map<string, number>, k: string) => m.set(k, (m.get(k) ?? 0) + 1);
 
 /** The summary of `samples` of process `pid`, its JS named by `codes`. */
-export function summarize(samples: readonly Sample[], pid: number, codes: readonly Code[], top = 40): string {
+export function summarize(samples: readonly Sample[], pid: number, codes: CodeMap, top = 40): string {
   const threads = new Map<string, number>();
   for (const s of samples) bump(threads, s.tid === pid ? `${s.comm} (main: the JS thread)` : s.comm);
   const main = samples.filter((s) => s.tid === pid);
@@ -142,7 +176,7 @@ export function summarize(samples: readonly Sample[], pid: number, codes: readon
   const inclusive = new Map<string, number>();
   const native = new Map<string, number>();
   for (const s of main) {
-    const names = s.frames.map((f) => codeAt(codes, f.addr)).filter((c): c is Code => c !== null);
+    const names = s.frames.map((f) => codes.at(f.addr, s.time)).filter((c): c is Code => c !== null);
     if (names.length === 0) {
       bump(inner, "(no JS frame on the stack)");
       bump(native, nativeKind(s.frames));
@@ -153,7 +187,7 @@ export function summarize(samples: readonly Sample[], pid: number, codes: readon
   }
   return [
     `${samples.length} samples (perf cpu-clock) of pid ${pid}, ${main.length} on its JS thread; ` +
-      `${codes.length} JIT code records`,
+      `${codes.size} JIT code records`,
     "",
     table("CPU by thread (share of all samples)", threads, samples.length, 20),
     table("JS thread: innermost JS function (its own code and the native code it called)", inner, main.length, top),
@@ -162,25 +196,49 @@ export function summarize(samples: readonly Sample[], pid: number, codes: readon
   ].join("\n");
 }
 
-/** Summarise a recording (`perf record -g` of `pid`) with the JIT dumps in `jitDir`. */
-export function summarizeRecording(data: string, pid: number, jitDir: string, top = 40): string {
-  const r = Bun.spawnSync(["perf", "script", "-i", data, "-F", "comm,tid,ip,sym,dso"], {
+/** The JS stacks (a function and the four JS frames around it, innermost first) in which `name` is on the JS thread. */
+export function callers(samples: readonly Sample[], pid: number, codes: CodeMap, name: string, top = 20): string {
+  const stacks = new Map<string, number>();
+  let n = 0;
+  for (const s of samples) {
+    if (s.tid !== pid) continue;
+    const names = s.frames
+      .map((f) => codes.at(f.addr, s.time))
+      .filter((c): c is Code => c !== null)
+      .map(jsName);
+    const i = names.findIndex((x) => x.startsWith(`${name} [`));
+    if (i < 0) continue;
+    n++;
+    bump(stacks, names.slice(Math.max(0, i - 1), i + 4).join(" < "));
+  }
+  return table(
+    `JS stacks around ${name} (${n} samples; the frame it called first, then it, then its callers)`,
+    stacks,
+    n,
+    top,
+  );
+}
+
+function perfScript(data: string): Sample[] {
+  const r = Bun.spawnSync(["perf", "script", "-i", data, "-F", "comm,tid,time,ip,sym,dso"], {
     stdout: "pipe",
     stderr: "pipe",
     maxBuffer: 1 << 30,
   });
   if (r.exitCode !== 0) throw new Error(`perf script failed: ${r.stderr.toString().trim().slice(0, 300)}`);
-  const codes = jitDumps(jitDir, pid).flatMap(readJitDump);
-  codes.sort((a, c) => (a.start < c.start ? -1 : a.start > c.start ? 1 : 0));
-  return summarize(parsePerfScript(r.stdout.toString()), pid, codes, top);
+  return parsePerfScript(r.stdout.toString());
+}
+
+/** Summarise a recording (`perf record -g` of `pid`) with the JIT dumps in `jitDir`. */
+export function summarizeRecording(data: string, pid: number, jitDir: string, top = 40): string {
+  return summarize(perfScript(data), pid, new CodeMap(jitDumps(jitDir, pid).flatMap(readJitDump)), top);
 }
 
 /** `perf record` of `pid`'s threads (not its children) into `data`, until `stop()`. */
 export function recordPerf(pid: number, data: string, hz = 2000): { stop: () => Promise<void> } {
-  const proc = Bun.spawn(
-    ["perf", "record", "-q", "-e", "cpu-clock", "-F", String(hz), "-g", "--no-inherit", "-p", String(pid), "-o", data],
-    { stdout: "ignore", stderr: "pipe" },
-  );
+  // -k mono: samples on the clock of JSC's dump timestamps, so each is matched to the code it ran.
+  const args = ["record", "-q", "-k", "mono", "-e", "cpu-clock", "-F", String(hz), "-g", "--no-inherit"];
+  const proc = Bun.spawn(["perf", ...args, "-p", String(pid), "-o", data], { stdout: "ignore", stderr: "pipe" });
   return {
     stop: async () => {
       proc.kill("SIGINT");
@@ -199,11 +257,15 @@ if (import.meta.main) {
       jitdump: { type: "string" },
       data: { type: "string" },
       top: { type: "string", default: "40" },
+      callers: { type: "string" },
     },
   });
   const pid = Number(values.pid);
   if (!Number.isSafeInteger(pid) || pid <= 0 || !values.jitdump) {
-    console.error("usage: bun scripts/perf-summary.ts --pid PID --jitdump DIR [--seconds N | --data FILE] [--top N]");
+    console.error(
+      "usage: bun scripts/perf-summary.ts --pid PID --jitdump DIR [--seconds N | --data FILE] " +
+        "[--top N] [--callers NAME]",
+    );
     process.exit(2);
   }
   let data = values.data;
@@ -213,5 +275,8 @@ if (import.meta.main) {
     await Bun.sleep(Number(values.seconds) * 1000);
     await rec.stop();
   }
-  console.log(summarizeRecording(data, pid, values.jitdump, Number(values.top)));
+  if (values.callers) {
+    const codes = new CodeMap(jitDumps(values.jitdump, pid).flatMap(readJitDump));
+    console.log(callers(perfScript(data), pid, codes, values.callers, Number(values.top)));
+  } else console.log(summarizeRecording(data, pid, values.jitdump, Number(values.top)));
 }

@@ -6,7 +6,7 @@ import { afterAll, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { jitDumps, parsePerfScript, readJitDump, summarize } from "../scripts/perf-summary.ts";
+import { CodeMap, jitDumps, parsePerfScript, readJitDump, summarize } from "../scripts/perf-summary.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-perf-summary-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -22,7 +22,7 @@ function jitdump(codes: { addr: bigint; size: bigint; name: string }[]): Buffer 
     const r = Buffer.alloc(56 + name.length + 4); // + 4 bytes of "code"
     r.writeUInt32LE(0, 0); // JIT_CODE_LOAD
     r.writeUInt32LE(r.length, 4);
-    r.writeBigUInt64LE(BigInt(i), 8);
+    r.writeBigUInt64LE(1_000n + BigInt(i), 8); // timestamp
     r.writeUInt32LE(100, 16);
     r.writeUInt32LE(101, 20);
     r.writeBigUInt64LE(0xdeadn, 24); // vma (not where the code is)
@@ -45,12 +45,19 @@ const CODES = [
   { addr: 0x9000n, size: 0x10n, name: "JSC-DFG: #Anon1" },
 ];
 
-test("reads the code records of a jitdump file, sorted by address, and finds Bun's per-thread file names", () => {
+test("reads the code records of a jitdump file in the order loaded, and finds Bun's per-thread file names", () => {
   const file = join(dir, "jit-101-100.dump");
   writeFileSync(file, jitdump([CODES[1]!, CODES[0]!, CODES[2]!]));
   writeFileSync(join(dir, "jit-5-99.dump"), jitdump([]));
   expect(jitDumps(dir, 100)).toEqual([file]);
-  expect(readJitDump(file)).toEqual(CODES.map((c) => ({ start: c.addr, end: c.addr + c.size, name: c.name })));
+  expect(readJitDump(file)).toEqual(
+    [CODES[1]!, CODES[0]!, CODES[2]!].map((c, i) => ({
+      start: c.addr,
+      end: c.addr + c.size,
+      name: c.name,
+      time: 1_000n + BigInt(i),
+    })),
+  );
   writeFileSync(join(dir, "not-a-dump"), "hello, this is not a jitdump file at all, no header here");
   expect(() => readJitDump(join(dir, "not-a-dump"))).toThrow("is not a jitdump file");
 });
@@ -91,6 +98,7 @@ test("charges each sample to its innermost JS function, inclusive to every JS fu
     "",
   ].join("\n");
   const samples = parsePerfScript(script);
+  expect(samples[0]!.time).toBe(null);
   expect(samples.map((s) => [s.comm, s.tid, s.frames.length])).toEqual([
     ["bun.exe", 100, 2],
     ["bun.exe", 100, 4],
@@ -100,7 +108,7 @@ test("charges each sample to its innermost JS function, inclusive to every JS fu
     ["bun.exe", 100, 1],
     ["JIT Worker", 102, 1],
   ]);
-  const codes = CODES.map((c) => ({ start: c.addr, end: c.addr + c.size, name: c.name }));
+  const codes = new CodeMap(CODES.map((c) => ({ start: c.addr, end: c.addr + c.size, name: c.name, time: 0n })));
   const text = summarize(samples, 100, codes);
   const section = (title: string) => text.split("## ").find((s) => s.startsWith(title))!;
   expect(text).toStartWith("7 samples (perf cpu-clock) of pid 100, 6 on its JS thread; 3 JIT code records");
@@ -118,4 +126,26 @@ test("charges each sample to its innermost JS function, inclusive to every JS fu
   expect(native).toContain(" 16.7%      1  syscall epoll_pwait2");
   expect(native).toContain(" 16.7%      1  user index.node");
   expect(native).toContain(" 16.7%      1  user [JIT] tid 100");
+});
+
+test("an address in code JSC reused is the code's that held it when the sample was taken", () => {
+  const codes = new CodeMap([
+    { start: 0x1000n, end: 0x2000n, name: "JSC-DFG: old#1", time: 100n }, // thrown away; its memory reused below
+    { start: 0x1000n, end: 0x1800n, name: "JSC-FTL: big#2", time: 200n },
+    { start: 0x1400n, end: 0x1410n, name: "JSC-Thunk: stub#3", time: 300n },
+  ]);
+  // Now (no time): the newest record that holds the address, not the one starting nearest below it.
+  expect(codes.at(0x1404n)?.name).toBe("JSC-Thunk: stub#3");
+  expect(codes.at(0x1500n)?.name).toBe("JSC-FTL: big#2");
+  expect(codes.at(0x1900n)?.name).toBe("JSC-DFG: old#1"); // only the old record reaches here
+  // At a time: the newest loaded by then.
+  expect(codes.at(0x1404n, 150n)?.name).toBe("JSC-DFG: old#1");
+  expect(codes.at(0x1404n, 250n)?.name).toBe("JSC-FTL: big#2");
+  expect(codes.at(0x1404n, 50n)).toBeNull(); // before any code was there
+  expect(codes.at(0x2000n)).toBeNull();
+  expect(codes.at(0x0fffn)).toBeNull();
+  // perf script's time field: seconds and microseconds, to ns.
+  const [s] = parsePerfScript("bun.exe 7 12.000345:\n\t 1404 [unknown] ([JIT] tid 7)\n");
+  expect(s!.time).toBe(12_000_345_000n);
+  expect(s!.frames).toEqual([{ addr: 0x1404n, where: "[unknown] ([JIT] tid 7)" }]);
 });
