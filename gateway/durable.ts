@@ -28,13 +28,22 @@ export function syncFile(file: string): void {
   }
 }
 
-/** Put `dir`'s entries on the disk (fsync of the folder): a file just created, renamed or linked in it stays. */
+/**
+ * Put `dir`'s entries on the disk (fsync of the folder): a file just created, renamed or linked in it
+ * stays. Best effort where it cannot be done: a folder this user may write but not read (EACCES), or a
+ * file system that cannot sync one (EINVAL), whose entries are as durable as they get.
+ */
 export function syncDir(dir: string): void {
-  const fd = openSync(dir, "r");
+  let fd: number;
+  try {
+    fd = openSync(dir, "r");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "EACCES") return;
+    throw err;
+  }
   try {
     fsyncSync(fd);
   } catch (err) {
-    // Some file systems cannot sync a folder (EINVAL): their entries are as durable as they get.
     if ((err as NodeJS.ErrnoException).code !== "EINVAL") throw err;
   } finally {
     closeSync(fd);

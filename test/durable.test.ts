@@ -6,6 +6,7 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import {
+  chmodSync,
   chownSync,
   existsSync,
   mkdirSync,
@@ -23,6 +24,17 @@ import { runCommand } from "./helpers/gateway.ts";
 import { ROOT, SyntheticFleet } from "./helpers/ops.ts";
 
 const WRITER = join(import.meta.dir, "fixtures/durable/write.ts");
+const NOBODY = { uid: 65534, gid: 65534 };
+
+/** Whether nobody can read the checkout and run the Bun binary (as in test/as-user.test.ts). */
+function nobodyCanRun(): boolean {
+  const r = Bun.spawnSync([process.execPath, "-e", "require('node:fs').readFileSync('package.json')"], {
+    ...NOBODY,
+    env: { PATH: "/usr/bin:/bin", HOME: "/tmp" },
+    cwd: ROOT,
+  });
+  return r.exitCode === 0;
+}
 const root = mkdtempSync(join(tmpdir(), "fleet-durable-"));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
@@ -135,6 +147,29 @@ describe("writeFileDurably", () => {
       const st = statSync(file);
       expect({ uid: st.uid, gid: st.gid, mode: st.mode & 0o777 }).toEqual({ uid: 4242, gid: 4343, mode: 0o600 });
       expect(readFileSync(file, "utf8")).toBe("new\n");
+    },
+  );
+
+  test.if(process.getuid?.() === 0 && nobodyCanRun())(
+    "in a folder its user may write but not read (no fsync of the folder there), the file is still written",
+    async () => {
+      const base = mkdtempSync(join(tmpdir(), "fleet-durable-nobody-"));
+      try {
+        chmodSync(base, 0o755);
+        const dir = join(base, "drop");
+        mkdirSync(dir);
+        chownSync(dir, NOBODY.uid, NOBODY.gid);
+        chmodSync(dir, 0o300); // write and search, no read: opening it to sync fails with EACCES
+        const r = await runCommand([process.execPath, WRITER, "write", join(dir, "f.txt"), "dropped"], {
+          ...NOBODY,
+          cwd: ROOT,
+          env: { PATH: `${dirname(process.execPath)}:/usr/bin:/bin`, HOME: "/tmp" },
+        });
+        expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: "" });
+        expect(readFileSync(join(dir, "f.txt"), "utf8")).toBe("dropped");
+      } finally {
+        rmSync(base, { recursive: true, force: true });
+      }
     },
   );
 
