@@ -21,6 +21,13 @@ export const JOIN_CGROUP_ARG = "--join-cgroup";
 export const CGROUP_PROCS_FD = 4;
 
 /**
+ * What every episode process sets its `/proc/self/oom_score_adj` to as it starts (raising it needs no
+ * privilege): when the whole box runs out of memory, the kernel's OOM killer takes episodes first,
+ * not the gateway (its RSS is the largest on an idle box, and losing it stops every agent).
+ */
+export const EPISODE_OOM_SCORE_ADJ = 1000;
+
+/**
  * `--nice=N`: the child lowers its own priority by N (capped at 19, as `nice -n N` does) before it
  * says "ready". The gateway passes it where the episode's session is a scheduling group whose nice
  * it sets (gateway/episode/sandbox.ts `sandboxCommand`): that group is what yields to the gateway,

@@ -29,7 +29,14 @@ import {
   runtimeFor,
 } from "../gateway/episode/index.ts";
 import { HOST_ENTRY, PROTOCOL_SPECIFIER, SDK_ENTRY, SDK_SPECIFIER } from "../agents/host/index.ts";
-import { JOIN_CGROUP_ARG, MAX_LOG_CHARS, NICE_ARG, niceArg, type ParentMessage } from "../agents/protocol.ts";
+import {
+  EPISODE_OOM_SCORE_ADJ,
+  JOIN_CGROUP_ARG,
+  MAX_LOG_CHARS,
+  NICE_ARG,
+  niceArg,
+  type ParentMessage,
+} from "../agents/protocol.ts";
 
 const base = mkdtempSync(join(tmpdir(), "host-runtime-test-"));
 afterAll(() => rmSync(base, { recursive: true, force: true }));
@@ -207,8 +214,9 @@ describe("the host's own priority (NICE_ARG)", () => {
       .getReader();
     const first = new TextDecoder().decode((await reader.read()).value);
     expect(first).toContain('"ready"');
-    // Waiting for its start now: its nice is already the lowered one.
+    // Waiting for its start now: its nice is already the lowered one, and it is the OOM killer's first choice.
     expect(niceOf(child.pid)).toBe(Math.min(19, niceOf(process.pid) + 7));
+    expect(readFileSync(`/proc/${child.pid}/oom_score_adj`, "utf8").trim()).toBe(String(EPISODE_OOM_SCORE_ADJ));
     child.kill("SIGKILL");
     await child.exited;
   });

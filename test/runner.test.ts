@@ -17,7 +17,13 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { type EpisodeRecord, MAX_JSON_DEPTH, NICE_ARG, type ParentMessage } from "../agents/protocol.ts";
+import {
+  EPISODE_OOM_SCORE_ADJ,
+  type EpisodeRecord,
+  MAX_JSON_DEPTH,
+  NICE_ARG,
+  type ParentMessage,
+} from "../agents/protocol.ts";
 import { HOST_ENTRY, HOST_PATHS, PROTOCOL_ENTRY, SDK_ENTRY } from "../agents/host/index.ts";
 import {
   CHILD_ENV,
@@ -426,6 +432,15 @@ describe.each(SANDBOXES)(
       expect(seen.n).toBe(150);
       // What an RSS sum charged them: more than memory_mb, each libc and binary page 150 times.
       expect(seen.rssSumMb).toBeGreaterThan(160);
+    });
+
+    test("an episode's process is the OOM killer's first choice, before the gateway (oom_score_adj 1000)", async () => {
+      const r = await run(start("priority"), {}, noTools, spawn);
+      if (!r.ok) throw new Error(`${r.kind}: ${r.message}`);
+      expect((r.state as { oom: number }).oom).toBe(EPISODE_OOM_SCORE_ADJ);
+      expect(EPISODE_OOM_SCORE_ADJ).toBe(1000);
+      // The gateway (this process) keeps its own.
+      expect(Number(readFileSync("/proc/self/oom_score_adj", "utf8"))).toBeLessThan(EPISODE_OOM_SCORE_ADJ);
     });
 
     test.if(spawn.nice != null)("an episode runs below the gateway's priority (nice 19: devices first)", async () => {

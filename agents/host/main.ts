@@ -4,11 +4,12 @@
  * agent module, runs `init` (brand-new agent) and `onStimulus`, streams the episode's
  * records, asks the gateway for every tool call, and reports the final state.
  */
-import { closeSync, writeSync } from "node:fs";
+import { closeSync, writeFileSync, writeSync } from "node:fs";
 import { getPriority, setPriority } from "node:os";
 import {
   CGROUP_PROCS_FD,
   CHILD_CHANNEL_FD,
+  EPISODE_OOM_SCORE_ADJ,
   JOIN_CGROUP_ARG,
   niceArg,
   encodeMessage,
@@ -602,12 +603,22 @@ function awaitStartLine(): void {
 // Its priority first, where the gateway asks (NICE_ARG): below the gateway's, as `nice -n` would start it.
 const lowerBy = niceArg(process.argv);
 if (lowerBy !== null) lowerPriority(lowerBy);
+// The OOM killer's first choice on a box out of memory, before the gateway (EPISODE_OOM_SCORE_ADJ).
+raiseOomScore();
 
 // The episode's memory cgroup next (the gateway passes its cgroup.procs): everything the agent's
 // code allocates, and every process it starts, is then counted against memory_mb. Not there, no run.
 // (No top-level await: Bun compiles no bytecode for a script that has one.)
 if (process.argv.includes(JOIN_CGROUP_ARG)) void joinCgroup().then(awaitStart);
 else awaitStart();
+
+function raiseOomScore(): void {
+  try {
+    writeFileSync("/proc/self/oom_score_adj", String(EPISODE_OOM_SCORE_ADJ));
+  } catch {
+    // No writable /proc here (a box without it): the kernel chooses as it would have.
+  }
+}
 
 function lowerPriority(by: number): void {
   try {
