@@ -7,7 +7,7 @@
  *             prlimit (RLIMIT_DATA/NOFILE/CPU/NPROC), a uid/gid of its own when root, its own process group,
  *             a memory cgroup it joins itself where the runner makes them (root, cgroup v1), cwd "/",
  *             the runner's child env, stderr piped and drained, its session's scheduling group at the
- *             runner's nice (where the kernel has autogroups).
+ *             runner's nice (where the kernel has autogroups), oom_score_adj 1000 as the host sets it.
  * Both are ended the way the runner ends an episode: SIGKILL on the reply, then await exit.
  */
 import { closeSync, openSync } from "node:fs";
@@ -57,6 +57,7 @@ export function wrappingNote(): string {
       : s.nice
         ? [`nice ${s.nice.value} (${s.autogroup != null ? "the child sets it" : "through the nice binary"})`]
         : []),
+    "oom_score_adj 1000 (the child sets it)",
     "stderr pipe",
   ];
   return parts.join(", ");
