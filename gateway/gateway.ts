@@ -444,6 +444,8 @@ export class Gateway {
       gcIntervalMs: this.opts.gcIntervalMs ?? 60_000,
     });
     this.housekeeping.start();
+    const pidStart = startTicks(process.pid);
+    const boot = bootId();
     writePrivateFile(
       join(this.dataDir, "gateway.json"),
       `${JSON.stringify({
@@ -455,8 +457,8 @@ export class Gateway {
         ...(spec.http.tls ? { https: true } : {}),
         pid: process.pid,
         // Its start time: a reused pid is not this gateway (pids.ts processRuns).
-        ...(startTicks(process.pid) === null ? {} : { pid_start: startTicks(process.pid) }),
-        ...(bootId() === null ? {} : { boot_id: bootId() }),
+        ...(pidStart === null ? {} : { pid_start: pidStart }),
+        ...(boot === null ? {} : { boot_id: boot }),
         gateway: this.store.gatewayId,
         ...(spec.fleet.shard ? { shard: shardLabel(spec.fleet.shard) } : {}),
       })}\n`,

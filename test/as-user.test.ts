@@ -5,9 +5,8 @@
  * they were found by hand. Where nobody cannot read the checkout, the test is skipped.
  */
 import { describe, expect, test } from "bun:test";
-import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { runCommand } from "./helpers/gateway.ts";
+import { NOBODY, NOBODY_ENV, nobodyCanRun, runCommand } from "./helpers/gateway.ts";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const FILES = [
@@ -17,25 +16,12 @@ const FILES = [
   "test/e2e.sandbox.test.ts",
   "test/e2e.bundles.test.ts",
 ];
-const NOBODY = { uid: 65534, gid: 65534 };
-const ENV = { PATH: `${dirname(process.execPath)}:/usr/bin:/bin`, HOME: "/tmp" };
-
-/** Whether nobody can read the checkout and run the Bun binary. */
-function nobodyCanRun(): boolean {
-  const r = Bun.spawnSync([process.execPath, "-e", "require('node:fs').readFileSync('package.json')"], {
-    ...NOBODY,
-    env: ENV,
-    cwd: ROOT,
-  });
-  return r.exitCode === 0;
-}
-
 // As root, where nobody can read the checkout (else the test shows as skipped).
-describe.if(process.getuid?.() === 0 && nobodyCanRun())("the sandbox's tests as a user other than root", () => {
+describe.if(process.getuid?.() === 0 && nobodyCanRun(ROOT))("the sandbox's tests as a user other than root", () => {
   test("pass as nobody: runner, host runtime, process limit, sandbox and bundles end to end", async () => {
     const { code, stdout, stderr } = await runCommand([process.execPath, "test", ...FILES], {
       ...NOBODY,
-      env: ENV,
+      env: NOBODY_ENV,
       cwd: ROOT,
       timeoutMs: 290_000,
     });

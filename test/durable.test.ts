@@ -20,21 +20,10 @@ import {
 import { tmpdir } from "node:os";
 import { dirname, isAbsolute, join } from "node:path";
 import { writeFileDurably } from "../gateway/durable.ts";
-import { runCommand } from "./helpers/gateway.ts";
+import { NOBODY, NOBODY_ENV, nobodyCanRun, runCommand } from "./helpers/gateway.ts";
 import { ROOT, SyntheticFleet } from "./helpers/ops.ts";
 
 const WRITER = join(import.meta.dir, "fixtures/durable/write.ts");
-const NOBODY = { uid: 65534, gid: 65534 };
-
-/** Whether nobody can read the checkout and run the Bun binary (as in test/as-user.test.ts). */
-function nobodyCanRun(): boolean {
-  const r = Bun.spawnSync([process.execPath, "-e", "require('node:fs').readFileSync('package.json')"], {
-    ...NOBODY,
-    env: { PATH: "/usr/bin:/bin", HOME: "/tmp" },
-    cwd: ROOT,
-  });
-  return r.exitCode === 0;
-}
 const root = mkdtempSync(join(tmpdir(), "fleet-durable-"));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
@@ -150,7 +139,7 @@ describe("writeFileDurably", () => {
     },
   );
 
-  test.if(process.getuid?.() === 0 && nobodyCanRun())(
+  test.if(process.getuid?.() === 0 && nobodyCanRun(ROOT))(
     "in a folder its user may write but not read (no fsync of the folder there), the file is still written",
     async () => {
       const base = mkdtempSync(join(tmpdir(), "fleet-durable-nobody-"));
@@ -163,7 +152,7 @@ describe("writeFileDurably", () => {
         const r = await runCommand([process.execPath, WRITER, "write", join(dir, "f.txt"), "dropped"], {
           ...NOBODY,
           cwd: ROOT,
-          env: { PATH: `${dirname(process.execPath)}:/usr/bin:/bin`, HOME: "/tmp" },
+          env: NOBODY_ENV,
         });
         expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: "" });
         expect(readFileSync(join(dir, "f.txt"), "utf8")).toBe("dropped");

@@ -132,10 +132,10 @@ test("an address in code JSC reused is the code's that held it when the sample w
   const codes = new CodeMap([
     { start: 0x1000n, end: 0x2000n, name: "JSC-DFG: old#1", time: 100n }, // thrown away; its memory reused below
     { start: 0x1000n, end: 0x1800n, name: "JSC-FTL: big#2", time: 200n },
-    { start: 0x1400n, end: 0x1410n, name: "JSC-Thunk: stub#3", time: 300n },
+    { start: 0x1400n, end: 0x1410n, name: "JSC-Thunk: trampoline#3", time: 300n },
   ]);
   // Now (no time): the newest record that holds the address, not the one starting nearest below it.
-  expect(codes.at(0x1404n)?.name).toBe("JSC-Thunk: stub#3");
+  expect(codes.at(0x1404n)?.name).toBe("JSC-Thunk: trampoline#3");
   expect(codes.at(0x1500n)?.name).toBe("JSC-FTL: big#2");
   expect(codes.at(0x1900n)?.name).toBe("JSC-DFG: old#1"); // only the old record reaches here
   // At a time: the newest loaded by then.

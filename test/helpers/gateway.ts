@@ -16,7 +16,7 @@ import {
 } from "node:fs";
 import { connect as netConnect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { createClient, type Client as DbClient } from "@libsql/client";
 import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
 import { idBytesSql } from "../../gateway/store/index.ts";
@@ -513,6 +513,21 @@ export function descendantsOf(root: number): number[] {
     }
   }
   return out;
+}
+
+/** The user `nobody`, for the tests whose paths differ for a gateway that is not root. */
+export const NOBODY = { uid: 65534, gid: 65534 } as const;
+/** The environment those runs get: this Bun on PATH, a HOME nobody may use. */
+export const NOBODY_ENV = { PATH: `${dirname(process.execPath)}:/usr/bin:/bin`, HOME: "/tmp" };
+
+/** Whether nobody can read the checkout at `cwd` and run this Bun binary (else such tests skip). */
+export function nobodyCanRun(cwd: string): boolean {
+  const r = Bun.spawnSync([process.execPath, "-e", "require('node:fs').readFileSync('package.json')"], {
+    ...NOBODY,
+    env: NOBODY_ENV,
+    cwd,
+  });
+  return r.exitCode === 0;
 }
 
 /** Whether a pid is alive (zombies count as gone). */
