@@ -557,6 +557,22 @@ export class Gateway {
     return r;
   }
 
+  /** One line for a service manager (systemd's `STATUS=`): readiness, episodes running, the queue and its lag. */
+  serviceStatus(): string {
+    const r = this.readiness();
+    const oldest = this.book.oldestReceivedAt();
+    const lag = oldest === null ? 0 : Math.max(0, this.now() - oldest);
+    const state = r.ready ? "ready" : `not ready (${r.reason ?? r.state})`;
+    const queued = this.book.total();
+    const running = this.scheduler.active;
+    return `${state}: ${running} episode(s) running, ${queued} stimuli queued, lag ${(lag / 1000).toFixed(1)} s`;
+  }
+
+  /** How long the oldest write waiting for its commit has waited (0: none): the watchdog's gate (systemd.ts). */
+  commitStallMs(): number {
+    return this.store.writer.stalledMs();
+  }
+
   /** Hot redeploy (redeploy.ts): load fleet.toml again; a no-op unless the gateway runs. */
   reload(reason: string): Promise<void> {
     return this.redeploy?.reload(reason) ?? Promise.resolve();

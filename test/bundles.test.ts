@@ -6,6 +6,7 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import {
+  chmodSync,
   cpSync,
   existsSync,
   mkdirSync,
@@ -295,6 +296,20 @@ describe("Bun macros in agent code", () => {
   });
 });
 
+/** Whether a folder of /var/tmp can be made immutable here (root, a file system with the attribute). */
+function immutableWorks(): boolean {
+  const dir = mkdtempSync("/var/tmp/fleet-chattr-");
+  try {
+    const ok = Bun.spawnSync(["chattr", "+i", dir], { stderr: "ignore" }).exitCode === 0;
+    if (ok) Bun.spawnSync(["chattr", "-i", dir]);
+    return ok;
+  } catch {
+    return false; // no chattr
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 describe("bundle folders in the temp dir", () => {
   test("a data dir under /tmp keeps its bundles out of /tmp, whoever runs the agents (warm spares see them)", () => {
     for (const uids of [null, {}]) {
@@ -302,9 +317,47 @@ describe("bundle folders in the temp dir", () => {
       expect(dir.startsWith("/tmp/")).toBe(false);
       expect(dir).toContain("fleet-bundles-");
     }
-    expect(bundleDir("/srv/fleet-x/data", { uids: null })).toBe("/srv/fleet-x/data/bundles");
-    expect(bundleDir("/srv/fleet-x/data", { uids: {} })).toBe("/srv/fleet-x/data.bundles");
   });
+
+  test("as another uid, agents read bundles beside the data dir, made 0755 whatever the umask (systemd's 0077)", () => {
+    const base = mkdtempSync("/var/tmp/fleet-bd-");
+    chmodSync(base, 0o755);
+    const data = join(base, "data");
+    mkdirSync(data, { mode: 0o700 });
+    const umask = process.umask(0o077);
+    try {
+      expect(bundleDir(data, { uids: null })).toBe(join(data, "bundles"));
+      expect(bundleDir(data, { uids: {} })).toBe(`${data}.bundles`);
+      expect(statSync(`${data}.bundles`).mode & 0o777).toBe(0o755);
+      // Beside a data dir that is not there, nothing is made: the temp dir serves.
+      expect(bundleDir(join(base, "absent/data"), { uids: {} })).toContain("fleet-bundles-");
+      expect(existsSync(join(base, "absent"))).toBe(false);
+    } finally {
+      process.umask(umask);
+      rmSync(base, { recursive: true, force: true });
+    }
+  });
+
+  // Immutable (chattr +i, root on ext4 and the like): not even root makes a folder in it, as under
+  // ProtectSystem=strict's read-only mount.
+  test.skipIf(!immutableWorks())(
+    "where the data dir's parent cannot be written (a service confined to its data dir), the temp dir serves",
+    () => {
+      const base = mkdtempSync("/var/tmp/fleet-bd-");
+      chmodSync(base, 0o755);
+      const data = join(base, "data");
+      mkdirSync(data, { mode: 0o700 });
+      expect(Bun.spawnSync(["chattr", "+i", base]).exitCode).toBe(0);
+      try {
+        const dir = bundleDir(data, { uids: {} });
+        expect(dir).toContain("fleet-bundles-");
+        expect(existsSync(`${data}.bundles`)).toBe(false);
+      } finally {
+        Bun.spawnSync(["chattr", "-i", base]);
+        rmSync(base, { recursive: true, force: true });
+      }
+    },
+  );
 
   test("one whose gateway is gone (killed with -9) is removed when another is made; a live one's is kept", () => {
     const base = mkdtempSync(join(tmpdir(), "fleet-sweep-"));

@@ -25,6 +25,7 @@ import {
   describeSandbox,
   hostBuildProblem,
   hostScript,
+  mkdirReadable,
   runtimeDir,
   runtimeFor,
 } from "../gateway/episode/index.ts";
@@ -74,6 +75,20 @@ describe("the built host runtime", () => {
     const code = readFileSync(first, "utf8");
     expect(code).toContain(JSON.stringify(SDK_SPECIFIER));
     expect(code).toContain("class ToolDenied");
+  });
+
+  test("its directory is made 0755 whatever the umask: episodes read it as uids of their own", () => {
+    const fresh = join(base, "umask");
+    mkdirSync(fresh, { mode: 0o755 });
+    const umask = process.umask(0o077);
+    try {
+      expect(statSync(runtimeDir(fresh)).mode & 0o777).toBe(0o755);
+      const deep = join(fresh, "a/b/c");
+      mkdirReadable(deep);
+      for (const d of [join(fresh, "a"), join(fresh, "a/b"), deep]) expect(statSync(d).mode & 0o777).toBe(0o755);
+    } finally {
+      process.umask(umask);
+    }
   });
 
   test("built again, files there with the same bytes stay: a sandbox that bound them must not see them deleted", () => {

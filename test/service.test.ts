@@ -25,6 +25,10 @@ describe("fleet install-service", () => {
       "PrivateTmp=yes",
       "ReadWritePaths=/var/lib/edge",
       "ExecReload=/bin/kill -HUP $MAINPID",
+      "Type=notify",
+      "NotifyAccess=main",
+      "WatchdogSec=30",
+      "TimeoutStartSec=15min",
       "WantedBy=multi-user.target",
     ]) {
       expect(unit.split("\n")).toContain(line);
@@ -45,6 +49,22 @@ describe("fleet install-service", () => {
       expect({ code: v.exitCode, stderr: v.stderr.toString() }).toEqual({ code: 0, stderr: "" });
     } finally {
       rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
+
+  test("--watchdog-sec sets WatchdogSec; 0 leaves the watchdog off; anything else is a usage error", async () => {
+    const unitOf = async (sec: string) => {
+      const r = await runCli(["install-service", "--dry-run", "--dir", "/opt/fleet", "--watchdog-sec", sec]);
+      return { code: r.code, lines: r.stdout.split("\n"), stderr: r.stderr };
+    };
+    expect((await unitOf("90")).lines).toContain("WatchdogSec=90");
+    const off = await unitOf("0");
+    expect(off.lines.filter((l) => l.startsWith("WatchdogSec="))).toEqual([]);
+    expect(off.lines).toContain("Type=notify");
+    for (const bad of ["-1", "1.5", "ten", "3601"]) {
+      const r = await unitOf(bad);
+      expect(r.code).toBe(2);
+      expect(r.stderr).toContain("--watchdog-sec");
     }
   }, 30_000);
 

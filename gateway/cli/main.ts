@@ -70,8 +70,9 @@ const USAGE = `usage: fleet <command> [args] [--json]
                               before stopping the gateways: create on the external broker the sessions the
                               N-shard layout needs that the running one lacks, so nothing published during
                               the switch is lost
-  install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/<user>] [--dry-run]
-                              write a hardened systemd unit (--dry-run prints it); docs/deploy.md
+  install-service [--user fleet] [--dir /opt/fleet] [--data-dir /var/lib/<user>] [--watchdog-sec 30] [--dry-run]
+                              write a hardened systemd unit (Type=notify, a watchdog; --dry-run prints it);
+                              docs/deploy.md
 
   agents|episodes|show|verify|audit --central URL [--fleet NAME|GATEWAY] [--token-env NAME]
                               the same over the central libSQL server every gateway replicates to
@@ -198,7 +199,7 @@ async function main(): Promise<number> {
     case "reshard":
       return cmdReshard(cli);
     case "install-service":
-      return cmdInstallService(cli, { user: flags.user, dir: flags.dir });
+      return cmdInstallService(cli, { user: flags.user, dir: flags.dir, watchdogSec: flags["watchdog-sec"] });
     case "device":
       return deviceCommand(
         positionals.slice(1),

@@ -19,6 +19,7 @@ import { commitFailureKind } from "../store/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { parseAgentId, shownStatus } from "../types.ts";
 import { lifecycleRefusal, OPERATOR_DRAIN } from "../fleet/index.ts";
+import { SystemdService } from "../systemd.ts";
 
 /** A port flag: 0 picks a free port. */
 const PORT = { min: 0, max: 65_535 } as const;
@@ -52,15 +53,26 @@ export async function cmdStart(cli: Cli): Promise<void> {
     httpPort: intArg("--http-port", flags["http-port"], undefined, PORT),
     logger: log,
   });
-  const stop = stopOnSignals(() => gw.stop(), log);
+  // Under systemd (Type=notify, docs/deploy.md): readiness, the watchdog, the status line.
+  const systemd = SystemdService.fromEnv(log);
+  const stop = stopOnSignals(() => {
+    systemd?.stopping(gw.spec?.spec.fleet.drain_timeout_ms ?? 10_000);
+    return gw.stop();
+  }, log);
   process.on("SIGTERM", () => stop("SIGTERM"));
   process.on("SIGINT", () => stop("SIGINT"));
-  process.on("SIGHUP", () => void gw.reload("SIGHUP"));
+  process.on("SIGHUP", () => {
+    const reload = () => gw.reload("SIGHUP");
+    void (systemd ? systemd.reload(reload, gw) : reload());
+  });
+  systemd?.starting();
   try {
     await gw.start();
   } catch (err) {
+    systemd?.close();
     throw diskRefusedStart(err, gw.dataDir) ?? err;
   }
+  systemd?.ready(gw);
   const http = gw.spec.spec.http;
   const bound = { host: http.host, port: gw.http.port, noToken: http.allow_unauthenticated };
   console.log(runningLine(gw.spec.spec.broker.external?.url ?? null, gw.broker.port, bound, gw.dataDir));

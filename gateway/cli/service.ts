@@ -8,6 +8,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Cli } from "./context.ts";
+import { parseStrictInt } from "../parse.ts";
 import { UsageError } from "./context.ts";
 
 /** What the unit is made from. */
@@ -20,7 +21,12 @@ export interface ServiceOptions {
   readonly dataDir: string;
   /** The bun binary. */
   readonly bun: string;
+  /** systemd's `WatchdogSec` in seconds; 0: no watchdog. */
+  readonly watchdogSec: number;
 }
+
+/** The watchdog's default: a gateway whose thread or commits stall this long is restarted. */
+export const DEFAULT_WATCHDOG_SEC = 30;
 
 const USER_RE = /^[a-z_][a-z0-9_-]{0,31}$/;
 /** Unit file paths are written without quoting: no spaces or specials. */
@@ -28,9 +34,15 @@ const PATH_RE = /^\/[A-Za-z0-9._/@+-]*$/;
 /** What the unit's ProtectHome hides (or makes read-only). */
 const UNDER_HOME = /^\/(home|root)(\/|$)/;
 
+/** Where a root gateway's code bundles live (gateway/code/files.ts): beside the data dir, for episodes' uids. */
+export function rootBundles(dataDir: string): string {
+  return `${dataDir}.bundles`;
+}
+
 /** The unit file text. */
 export function serviceUnit(o: ServiceOptions): string {
   const underHome = UNDER_HOME.test(o.dir) || UNDER_HOME.test(o.dataDir);
+  const root = o.user === "root";
   return `# Written by \`fleet install-service\`; see docs/deploy.md.
 [Unit]
 Description=Agent Fleets gateway (${o.dir}/fleet.toml)
@@ -38,7 +50,14 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Type=simple
+# The gateway says when it is ready, pings the watchdog while its thread and commits make
+# progress, and shows its state in \`systemctl status\` (docs/deploy.md).
+Type=notify
+NotifyAccess=main
+${o.watchdogSec > 0 ? `WatchdogSec=${o.watchdogSec}` : "# no watchdog (--watchdog-sec 0)"}
+# A migration of a large store can hold the thread for minutes; past this, a start goes on
+# for as long as its thread turns (it extends the timeout every 10 s).
+TimeoutStartSec=15min
 User=${o.user}
 Group=${o.user}
 WorkingDirectory=${o.dir}
@@ -60,13 +79,23 @@ UMask=0077
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=${underHome ? "read-only" : "yes"}
-ReadWritePaths=${o.dataDir}
+ReadWritePaths=${o.dataDir}${root ? ` ${rootBundles(o.dataDir)}` : ""}
 PrivateTmp=yes
 PrivateDevices=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
-ProtectControlGroups=yes
+${
+  root
+    ? `# As root each episode runs as a uid of its own, in a memory cgroup of the gateway's (docs/sandbox.md):
+# the code bundles live beside the data dir, /run/fleet holds this machine's uid claims (kept
+# for other gateways when this one stops), and the gateway's cgroup is delegated to it.
+RuntimeDirectory=fleet
+RuntimeDirectoryPreserve=yes
+Delegate=yes
+ProtectControlGroups=no`
+    : "ProtectControlGroups=yes"
+}
 ProtectClock=yes
 ProtectHostname=yes
 RestrictSUIDSGID=yes
@@ -93,7 +122,10 @@ export function serviceBun(dir: string, running = process.execPath): { path: str
 }
 
 /** The command. */
-export async function cmdInstallService(cli: Cli, flags: { user?: string; dir?: string }): Promise<number> {
+export async function cmdInstallService(
+  cli: Cli,
+  flags: { user?: string; dir?: string; watchdogSec?: string },
+): Promise<number> {
   const user = flags.user ?? "fleet";
   const dir = resolve(flags.dir ?? "/opt/fleet");
   const dataDir = resolve(cli.flags["data-dir"] ?? join("/var/lib", user));
@@ -104,9 +136,12 @@ export async function cmdInstallService(cli: Cli, flags: { user?: string; dir?: 
   ] as const) {
     if (!PATH_RE.test(p)) throw new UsageError(`${flag} "${p}" must be an absolute path without spaces or specials`);
   }
+  const watchdog = flags.watchdogSec ?? String(DEFAULT_WATCHDOG_SEC);
+  const watchdogSec = parseStrictInt(watchdog, { name: "--watchdog-sec", min: 0, max: 3600 });
+  if (!watchdogSec.ok) throw new UsageError(watchdogSec.message);
   const bun = serviceBun(dir);
   if (bun.warning) console.error(`fleet: warning: ${bun.warning}`);
-  const unit = serviceUnit({ user, dir, dataDir, bun: bun.path });
+  const unit = serviceUnit({ user, dir, dataDir, bun: bun.path, watchdogSec: watchdogSec.value });
   if (cli.flags["dry-run"]) {
     process.stdout.write(unit);
     return 0;
@@ -124,6 +159,8 @@ export async function cmdInstallService(cli: Cli, flags: { user?: string; dir?: 
     created = true;
   }
   execFileSync("install", ["-d", "-m", "0750", "-o", user, "-g", user, dataDir], { stdio: "inherit" });
+  // The unit's ReadWritePaths must exist.
+  if (user === "root") execFileSync("install", ["-d", "-m", "0755", rootBundles(dataDir)], { stdio: "inherit" });
   const file = "/etc/systemd/system/fleet.service";
   writeFileSync(file, unit, { mode: 0o644 });
   console.log(

@@ -6,10 +6,21 @@
  * as that uid) the data dir (0700) is out of their reach, so the files live beside it instead,
  * world-readable like the agent modules themselves.
  */
-import { chmodSync, existsSync, linkSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  accessSync,
+  chmodSync,
+  constants,
+  existsSync,
+  linkSync,
+  mkdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
-import { processTempDir } from "../episode/index.ts";
+import { mkdirReadable, processTempDir } from "../episode/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Blake3Hex } from "../types.ts";
 import { type TraceMap, parseSourceMap } from "./source-map.ts";
@@ -26,8 +37,38 @@ export function bundleDir(dataDir: string, sandbox: { readonly uids: object | nu
   if (underTmp(dataDir)) return privateTmpDir();
   if (sandbox.uids === null) return join(dataDir, "bundles");
   const beside = `${dataDir}.bundles`;
-  return enterableByOthers(dirname(beside)) ? beside : privateTmpDir();
+  return enterableByOthers(dirname(beside)) && writable(beside) ? beside : privateTmpDir();
 }
+
+/**
+ * Whether the folder beside the data dir is there to write, made (0755) if missing. A service confined to its
+ * data dir (systemd's `ProtectSystem=strict`) may not write beside it: the bundles then go to the temp dir.
+ * Asked once per folder and process.
+ */
+function writable(dir: string): boolean {
+  let ok = besideWritable.get(dir);
+  if (ok === undefined) {
+    try {
+      if (!existsSync(dir)) {
+        // Not -p: beside a data dir that is not there (yet), nothing is made.
+        mkdirSync(dir, { mode: 0o755 });
+        chmodSync(dir, 0o755);
+      }
+      accessSync(dir, constants.W_OK);
+      // access(2) says nothing of a read-only mount: a file made and removed does.
+      const probe = join(dir, `.probe-${process.pid}`);
+      writeFileSync(probe, "");
+      rmSync(probe);
+      ok = true;
+    } catch {
+      ok = false;
+    }
+    besideWritable.set(dir, ok);
+  }
+  return ok;
+}
+
+const besideWritable = new Map<string, boolean>();
 
 function underTmp(dir: string): boolean {
   const at = resolve(dir);
@@ -187,7 +228,10 @@ export class BundleFiles {
     const code = this.known.get(hash) ?? (await this.source(hash));
     if (code === null) throw new BundleMissing(hash, "not in the store");
     if ((await blake3Hex(code)) !== hash) throw new BundleMissing(hash, "stored code does not match its hash");
-    if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: dir.endsWith(".bundles") ? 0o755 : 0o700 });
+    if (existsSync(dir)) {
+      // made before
+    } else if (dir.endsWith(".bundles")) mkdirReadable(dir);
+    else mkdirSync(dir, { recursive: true, mode: 0o700 });
     const tmp = `${path}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
     writeFileSync(tmp, code, { mode: 0o444 });
     try {

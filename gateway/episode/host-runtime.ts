@@ -102,6 +102,9 @@ export function runtimeDir(base: string): string {
   const st = lstatSync(dir);
   if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o022) !== 0)
     throw new Error(`${dir} is not a directory of uid ${uid} that only it can write`);
+  // Episodes run as uids of their own and must reach the runtime: mkdir's mode is cut by the umask
+  // (0077 in the unit `fleet install-service` writes), so it is set here.
+  if ((st.mode & 0o055) !== 0o055) chmodSync(dir, 0o755);
   return dir;
 }
 

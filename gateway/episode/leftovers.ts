@@ -10,8 +10,10 @@
  * alive, whatever has their pids now, at much the same times after boot.
  */
 import {
+  chmodSync,
   closeSync,
   existsSync,
+  mkdirSync,
   mkdtempSync,
   openSync,
   readdirSync,
@@ -23,11 +25,24 @@ import {
   writeFileSync,
   writeSync,
 } from "node:fs";
-import { basename, join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import { bootId, isZombie, sameBoot, startTicks } from "../pids.ts";
 import { PRIVATE_FILE_MODE } from "../store/index.ts";
 
 export { startTicks };
+
+/**
+ * `mkdir -p` of folders episodes read as uids of their own (staging roots, code bundles): 0755 whatever
+ * the umask, which mkdir's mode is cut by (the unit of `fleet install-service` sets 0077).
+ */
+export function mkdirReadable(path: string): void {
+  const first = mkdirSync(path, { recursive: true, mode: 0o755 });
+  if (first === undefined) return;
+  for (let d = path; ; d = dirname(d)) {
+    chmodSync(d, 0o755);
+    if (d === first || dirname(d) === d) return;
+  }
+}
 
 /**
  * A temp folder named by this process, `<prefix><pid>.<start time>-XXXXXX`, made after removing

@@ -54,7 +54,15 @@ export {
   type SpawnOptions,
 } from "./sandbox.ts";
 export { ProcessTable, pssMb, rssMb, setAutogroup, SparePool, tmpfsUsedMb } from "./host-process.ts";
-export { processTempDir, SandboxLedger, startTicks, sweepProcessDirs, type Swept, ticksNow } from "./leftovers.ts";
+export {
+  mkdirReadable,
+  processTempDir,
+  SandboxLedger,
+  startTicks,
+  sweepProcessDirs,
+  type Swept,
+  ticksNow,
+} from "./leftovers.ts";
 export { agentFiles } from "./sandbox-view.ts";
 export { UidPool } from "./uids.ts";
 export {

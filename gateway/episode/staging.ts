@@ -30,7 +30,7 @@ import {
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import type { AgentFiles, Bind } from "./sandbox-view.ts";
-import { processTempDir } from "./leftovers.ts";
+import { mkdirReadable, processTempDir } from "./leftovers.ts";
 
 let rootsDir: string | null = null;
 
@@ -100,18 +100,19 @@ export class StagingRoot {
   constructor(runtime: readonly Bind[]) {
     this.key = runtimeKey(runtime);
     this.dir = join(stagingBase(), crypto.randomUUID());
-    mkdirSync(this.dir, { mode: 0o755 });
-    chmodSync(this.dir, 0o755);
-    for (const d of ["proc", "dev", "tmp"]) mkdirSync(join(this.dir, d), { mode: 0o755 });
+    // 0755 whatever the umask (mkdirReadable): the sandbox reads its root as the episode's uid.
+    mkdirReadable(this.dir);
+    for (const d of ["proc", "dev", "tmp"]) mkdirReadable(join(this.dir, d));
     for (const b of runtime) {
       const at = join(this.dir, b.path);
       if (b.kind === "symlink") {
-        mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+        mkdirReadable(dirname(at));
         symlinkQuiet(b.target, at);
-      } else if (b.kind === "dir") mkdirSync(at, { recursive: true, mode: 0o755 });
+      } else if (b.kind === "dir") mkdirReadable(at);
       else {
-        mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+        mkdirReadable(dirname(at));
         writeFileSync(at, "", { mode: 0o644 });
+        chmodSync(at, 0o644);
       }
     }
   }
@@ -219,7 +220,7 @@ class AgentTree {
         if (graft === null) continue;
         grafts.add(graft);
         const at = join(this.dir, path);
-        mkdirSync(dirname(at), { recursive: true, mode: 0o755 });
+        mkdirReadable(dirname(at));
         if (pkg) linkTree(path, at, 0);
         else linkOrCopy(path, at);
       }
@@ -287,7 +288,7 @@ const MAX_PACKAGE_DEPTH = 64;
 
 /** A package folder laid out at `to`: its folders made, its files linked; symlinks followed (shown resolved). */
 function linkTree(from: string, to: string, depth: number): void {
-  mkdirSync(to, { recursive: true, mode: 0o755 });
+  mkdirReadable(to);
   if (depth >= MAX_PACKAGE_DEPTH) return;
   for (const e of readdirSync(from, { withFileTypes: true })) {
     const src = join(from, e.name);

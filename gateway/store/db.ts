@@ -231,6 +231,8 @@ export class GroupCommitter {
   /** Optional observer of each failed job (metrics, logs). */
   onFailure: ((kind: CommitFailureKind, err: unknown) => void) | null = null;
   private healthNow: CommitHealth = { failing: false, since: null, kind: null, error: null };
+  /** When a commit last settled, or work arrived with none outstanding: what `stalledMs` counts from. */
+  private progressAt = 0;
 
   constructor(
     private readonly conn: NativeConnection,
@@ -251,6 +253,17 @@ export class GroupCommitter {
   }
 
   /**
+   * How long the queue has gone without a commit settling while it had work, in ms (0: no work
+   * waits), on the monotonic clock: a step of the wall clock is no stall. A failing commit settles
+   * too: only a store that neither commits nor fails stalls (a hung disk, a lost promise), which
+   * systemd's watchdog restarts (gateway/systemd.ts).
+   */
+  stalledMs(): number {
+    const outstanding = this.queue.length > 0 || this.inFlight.size > 0;
+    return outstanding ? Math.max(0, performance.now() - this.progressAt) : 0;
+  }
+
+  /**
    * Queue a job; resolves with one ResultSet per statement once durably committed. `committed`
    * hears of the commit first, before the WAL sync (see the class comment); it must not throw.
    *
@@ -265,6 +278,7 @@ export class GroupCommitter {
       return Promise.resolve([]);
     }
     return new Promise((resolve, reject) => {
+      if (this.queue.length === 0 && this.inFlight.size === 0) this.progressAt = performance.now();
       this.queue.push({ items: items.map(toStatement), resolve, reject, committed });
       if (gatherMs <= 0) this.schedule();
       else if (!this.scheduled && !this.gathering)
@@ -327,7 +341,10 @@ export class GroupCommitter {
     const jobs = this.queue;
     this.queue = [];
     if (jobs.length === 0) return;
-    const settled = this.commit(jobs).finally(() => this.inFlight.delete(settled));
+    const settled = this.commit(jobs).finally(() => {
+      this.inFlight.delete(settled);
+      this.progressAt = performance.now();
+    });
     this.inFlight.add(settled);
   }
 

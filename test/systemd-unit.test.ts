@@ -1,0 +1,241 @@
+/**
+ * The unit `fleet install-service` writes, run by a real systemd: a user manager of this test's own
+ * (`systemd --user`, as root: the unit's `User=` and confinement apply), since the box's init is not
+ * systemd. `systemctl start` returns once the gateway says READY=1; a gateway that stops pinging the
+ * watchdog is killed and restarted with its data; `systemctl stop` drains it to exit 0.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import {
+  chmodSync,
+  chownSync,
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  rmSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  rmdirSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
+import { join } from "node:path";
+import { rootBundles, serviceUnit } from "../gateway/cli/index.ts";
+import { cleanupAll, connectMqtt, NOBODY, nobodyCanRun, publishQos1, ROOT, waitFor } from "./helpers/gateway.ts";
+import { counterType, fleetHeader } from "./helpers/toml.ts";
+
+const MANAGER = "/lib/systemd/systemd";
+const root = process.getuid?.() === 0;
+const runnable = root && existsSync(MANAGER) && Bun.which("systemctl") !== null;
+/** Whether a systemd booted this box: then `systemd --user` needs no marker of ours. */
+const MARKER = "/run/systemd/system";
+
+// Under /var/lib, as a data dir of a real install: the unit's PrivateTmp hides the host's /tmp.
+const base = runnable ? mkdtempSync("/var/lib/fleet-sd-") : "";
+const env = {
+  PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+  HOME: base,
+  XDG_RUNTIME_DIR: join(base, "run"),
+  XDG_CONFIG_HOME: join(base, "config"),
+};
+const app = join(base, "app");
+const managerLog = join(base, "manager.log");
+let manager: ReturnType<typeof Bun.spawn> | null = null;
+let madeMarker = false;
+
+function systemctl(...args: string[]): { code: number; out: string } {
+  const r = Bun.spawnSync(["systemctl", "--user", "--no-pager", ...args], { env, stdout: "pipe", stderr: "pipe" });
+  return { code: r.exitCode, out: (r.stdout.toString() + r.stderr.toString()).trim() };
+}
+
+/** One installed unit: `fleet-test-<user>.service`, its data dir and its log. */
+class Installed {
+  readonly unit: string;
+  readonly data: string;
+  readonly log: string;
+
+  constructor(readonly user: "root" | "nobody") {
+    this.unit = `fleet-test-${user}.service`;
+    this.data = join(base, `data-${user}`);
+    this.log = join(base, `gateway-${user}.log`);
+    // As install-service makes it: owned by the service user, and there (the unit's ReadWritePaths).
+    mkdirSync(this.data, { mode: 0o750 });
+    if (user === "nobody") chownSync(this.data, NOBODY.uid, NOBODY.gid);
+    else mkdirSync(rootBundles(this.data), { mode: 0o755 });
+    const units = join(env.XDG_CONFIG_HOME, "systemd/user");
+    mkdirSync(join(units, `${this.unit}.d`), { recursive: true });
+    let unit = serviceUnit({ user, dir: app, dataDir: this.data, bun: process.execPath, watchdogSec: 3 });
+    // install-service makes a user and its group of one name; Debian's nobody's group is nogroup.
+    if (user === "nobody") unit = unit.replace("Group=nobody", "Group=nogroup");
+    writeFileSync(join(units, this.unit), unit);
+    // The test's own: logs to a file (no journald here), a short restart, SIGKILL soon after the
+    // watchdog's SIGABRT (the test hangs the gateway with SIGSTOP, which holds SIGABRT pending), and
+    // the code read-only inside the private /tmp when the repository is there (CI clones it under /tmp).
+    writeFileSync(
+      join(units, `${this.unit}.d`, "test.conf"),
+      `[Service]\nStandardOutput=append:${this.log}\nStandardError=append:${this.log}\nRestartSec=1\n` +
+        `TimeoutAbortSec=2\n${/^\/(var\/)?tmp\//.test(ROOT) ? `BindReadOnlyPaths=${ROOT}\n` : ""}`,
+    );
+  }
+
+  /** `systemctl show` properties of the unit. */
+  show(...props: string[]): Record<string, string> {
+    const out = systemctl("show", this.unit, ...props.flatMap((p) => ["-p", p])).out;
+    return Object.fromEntries(out.split("\n").map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+  }
+
+  /** The running gateway's ports, from its `gateway.json`, once it names `pid`. */
+  info(pid: number): { http_port: number; mqtt_port: number } | undefined {
+    try {
+      const g = JSON.parse(readFileSync(join(this.data, "gateway.json"), "utf8"));
+      return g.pid === pid ? g : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** The local operator's token of the running gateway. */
+  token(): string {
+    return readFileSync(join(this.data, "local-admin.token"), "utf8").trim();
+  }
+
+  /** What to show when a step fails: the unit's status, the manager's and the gateway's last lines. */
+  logs(): string {
+    const tail = (f: string) => (existsSync(f) ? readFileSync(f, "utf8").slice(-3000) : "");
+    const status = systemctl("status", this.unit).out;
+    return `\n${status}\n--- manager ---\n${tail(managerLog)}\n--- gateway ---\n${tail(this.log)}`;
+  }
+
+  /** How the gateway's start-up log line describes the episodes' sandbox. */
+  sandbox(): string {
+    for (const line of readFileSync(this.log, "utf8").split("\n"))
+      if (line.includes('"sandbox":')) return (JSON.parse(line) as { sandbox: string }).sandbox;
+    throw new Error(`no sandbox line${this.logs()}`);
+  }
+}
+
+beforeAll(async () => {
+  if (!runnable) return;
+  // The installed app, as docs/deploy.md lays it out: the code (linked), its fleet.toml; readable by a service user.
+  chmodSync(base, 0o755);
+  mkdirSync(app);
+  for (const part of ["gateway", "agents", "broker", "node_modules", "package.json"])
+    symlinkSync(join(ROOT, part), join(app, part));
+  writeFileSync(
+    join(app, "fleet.toml"),
+    fleetHeader("systemd", { broker: "mqtt_port = 0" }).replace(
+      '[http]\nhost = "127.0.0.1"',
+      '[http]\nhost = "127.0.0.1"\nport = 0',
+    ) + counterType("counter", "c/+/in"),
+  );
+  mkdirSync(env.XDG_RUNTIME_DIR, { mode: 0o755 });
+  chmodSync(env.XDG_RUNTIME_DIR, 0o755);
+  if (!existsSync(MARKER)) {
+    mkdirSync(MARKER, { recursive: true });
+    madeMarker = true;
+  }
+  const out = openSync(managerLog, "a");
+  manager = Bun.spawn([MANAGER, "--user"], {
+    env: { ...env, SYSTEMD_LOG_TARGET: "console", SYSTEMD_LOG_LEVEL: "info" },
+    stdin: "ignore",
+    stdout: out,
+    stderr: out,
+  });
+  closeSync(out);
+  await waitFor(() => /^(running|degraded)$/.test(systemctl("is-system-running").out), 20_000, "the user manager");
+  // Writable by the nobody unit's gateway, as /run/systemd/notify of a system manager is by every service.
+  chmodSync(join(env.XDG_RUNTIME_DIR, "systemd/notify"), 0o777);
+}, 30_000);
+
+afterAll(async () => {
+  if (manager) {
+    for (const user of ["root", "nobody"]) systemctl("stop", `fleet-test-${user}.service`);
+    manager.kill("SIGTERM");
+    await Promise.race([manager.exited, Bun.sleep(10_000)]);
+    if (manager.exitCode === null) manager.kill("SIGKILL");
+  }
+  if (madeMarker) rmdirSync(MARKER);
+  if (base && !process.env.FLEET_E2E_KEEP) rmSync(base, { recursive: true, force: true });
+  await cleanupAll();
+});
+
+/** A service user other than root, when it can run the code here (the repository readable by all). */
+const asNobody = runnable && nobodyCanRun(ROOT);
+
+describe.skipIf(!runnable)("the unit of fleet install-service under systemd", () => {
+  for (const user of ["root", "nobody"] as const)
+    test.skipIf(user === "nobody" && !asNobody)(
+      `as ${user}: start returns once ready, the watchdog restarts a hung gateway with its data, stop drains to 0`,
+      async () => {
+        const u = new Installed(user);
+        expect(systemctl("daemon-reload").code).toBe(0);
+
+        // Type=notify: `systemctl start` returns when the gateway says READY=1, and it listens by then.
+        const started = systemctl("start", u.unit);
+        expect({ ...started, logs: started.code === 0 ? "" : u.logs() }).toMatchObject({ code: 0 });
+        const first = u.show("ActiveState", "SubState", "MainPID", "StatusText", "NRestarts");
+        expect(first).toMatchObject({ ActiveState: "active", SubState: "running", NRestarts: "0" });
+        expect(first.StatusText).toStartWith("ready: ");
+        const pid = Number(first.MainPID);
+        const info = u.info(pid);
+        if (!info) throw new Error(`no gateway.json of pid ${pid}${u.logs()}`);
+        expect((await fetch(`http://127.0.0.1:${info.http_port}/readyz`)).status).toBe(200);
+        // Confined as the unit says, episodes keep their sandbox: as root a uid and a memory cgroup of their own.
+        if (user === "root") {
+          expect(u.sandbox()).toContain("a uid of its own");
+          expect(u.sandbox()).toContain("a memory cgroup of memory_mb");
+        } else expect(u.sandbox()).toContain("bubblewrap (pid/net/ipc namespaces");
+
+        // A stimulus acknowledged by the first run.
+        const client = await connectMqtt(info.mqtt_port);
+        await publishQos1(client, "c/a/in", JSON.stringify({ id: "before" }));
+        client.end(true);
+
+        // `systemctl reload`: SIGHUP, RELOADING=1, READY=1: active again, the same process.
+        expect(systemctl("reload", u.unit).code).toBe(0);
+        await waitFor(() => u.show("ActiveState").ActiveState === "active", 15_000, "active after the reload");
+        expect(Number(u.show("MainPID").MainPID)).toBe(pid);
+
+        // Hung: no pings. systemd's watchdog (3 s) aborts it, kills it, and starts it again.
+        process.kill(pid, "SIGSTOP");
+        const again = await waitFor(
+          () => {
+            const s = u.show("ActiveState", "MainPID", "NRestarts");
+            return s.ActiveState === "active" && s.NRestarts === "1" && Number(s.MainPID) !== pid ? s : undefined;
+          },
+          60_000,
+          "a restart after the watchdog",
+        ).catch((err) => {
+          throw new Error(`${(err as Error).message}${u.logs()}`);
+        });
+        // Nothing but the watchdog ends a stopped process: it stays stopped until killed.
+        expect(existsSync(`/proc/${pid}`)).toBe(false);
+        const info2 = await waitFor(() => u.info(Number(again.MainPID)), 15_000, "the new gateway.json");
+
+        // The stimulus the first run acknowledged ran its episode, in that run or in this one.
+        const episodes = await waitFor(
+          async () => {
+            const r = await fetch(`http://127.0.0.1:${info2.http_port}/api/agents/counter/a/episodes`, {
+              headers: { authorization: `Bearer ${u.token()}` },
+            });
+            const body = r.status === 200 ? ((await r.json()) as { episodes: { status: string }[] }) : undefined;
+            return body && body.episodes.length > 0 ? body.episodes : undefined;
+          },
+          30_000,
+          "counter/a's episode after the restart",
+        ).catch((err) => {
+          throw new Error(`${(err as Error).message}${u.logs()}`);
+        });
+        expect(episodes.map((e) => e.status)).toEqual(["committed"]);
+
+        // SIGTERM drains, then exits 0: systemd records a clean stop.
+        expect(systemctl("stop", u.unit).code).toBe(0);
+        expect(u.show("ActiveState", "Result", "ExecMainStatus")).toMatchObject({
+          ActiveState: "inactive",
+          Result: "success",
+          ExecMainStatus: "0",
+        });
+      },
+      150_000,
+    );
+});
