@@ -557,7 +557,10 @@ export class Gateway {
     return r;
   }
 
-  /** One line for a service manager (systemd's `STATUS=`): readiness, episodes running, the queue and its lag. */
+  /**
+   * One line for a service manager (systemd's `STATUS=`): readiness, episodes running, the queue and its lag, and
+   * the last reload's error while there is one.
+   */
   serviceStatus(): string {
     const r = this.readiness();
     const oldest = this.book.oldestReceivedAt();
@@ -565,7 +568,10 @@ export class Gateway {
     const state = r.ready ? "ready" : `not ready (${r.reason ?? r.state})`;
     const queued = this.book.total();
     const running = this.scheduler.active;
-    return `${state}: ${running} episode(s) running, ${queued} stimuli queued, lag ${(lag / 1000).toFixed(1)} s`;
+    const line = `${state}: ${running} episode(s) running, ${queued} stimuli queued, lag ${(lag / 1000).toFixed(1)} s`;
+    // After `systemctl reload`, `systemctl status` says whether the edit was refused, and why.
+    const refused = this.specError;
+    return refused === null ? line : `${line}; fleet.toml: ${refused.slice(0, 300)}`;
   }
 
   /** How long the oldest write waiting for its commit has waited (0: none): the watchdog's gate (systemd.ts). */

@@ -20,6 +20,8 @@ const AF_UNIX = 1;
 const SOCK_DGRAM = 2;
 const SOCK_CLOEXEC = 0o2000000;
 const MSG_NOSIGNAL = 0x4000;
+/** A manager that does not read its socket (its queue full) must not block the gateway's thread: EAGAIN instead. */
+const MSG_DONTWAIT = 0x40;
 /** sockaddr_un: a 16-bit family, then 108 bytes of path. */
 const SUN_PATH_MAX = 108;
 /** How often a start in progress extends systemd's start timeout, and by how much each time. */
@@ -111,7 +113,7 @@ export class Notifier {
       this.fd,
       ptr(msg),
       msg.length,
-      MSG_NOSIGNAL,
+      MSG_NOSIGNAL | MSG_DONTWAIT,
       ptr(this.address.bytes),
       this.address.length,
     );

@@ -4,6 +4,7 @@
  * `fleet start` notifying a socket. test/systemd-unit.test.ts runs the unit under a real systemd.
  */
 import { afterAll, describe, expect, test } from "bun:test";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Store } from "../gateway/store/index.ts";
 import { Notifier, notifyTarget, SystemdService, socketAddress, type Watched } from "../gateway/systemd.ts";
@@ -90,6 +91,23 @@ describe("datagrams", () => {
         socket.close();
       }
     });
+
+  test("a manager that does not read its socket never blocks the sender: a full queue is EAGAIN", () => {
+    const path = join(scratchDir("fleet-notify-"), "notify");
+    const socket = new NotifySocket(path);
+    const n = new Notifier({ socket: path, watchdogMs: null });
+    try {
+      const results = new Set<number>();
+      // Unix datagram queues hold max_dgram_qlen messages (10 by default) or their bytes: far fewer than this.
+      for (let i = 0; i < 5000; i++) results.add(n.send({ WATCHDOG: 1, STATUS: "x".repeat(200) }));
+      expect([...results].sort()).toEqual([0, 11]);
+      // What was queued is still there to read.
+      expect(socket.poll().length).toBeGreaterThan(0);
+    } finally {
+      n.close();
+      socket.close();
+    }
+  });
 
   test("a socket nobody listens on: the send fails with its errno", () => {
     const n = new Notifier({ socket: join(scratchDir("fleet-notify-"), "absent"), watchdogMs: null });
@@ -282,7 +300,7 @@ describe("the commit stall the watchdog reads", () => {
 });
 
 describe("fleet start under a service manager", () => {
-  test("READY=1 once MQTT and HTTP answer, watchdog pings, RELOADING=1 on SIGHUP, STOPPING=1 on SIGTERM", async () => {
+  test("READY=1 once listening, watchdog pings, RELOADING=1 and a refused edit, STOPPING=1 at the stop", async () => {
     const path = join(scratchDir("fleet-notify-"), "notify");
     const socket = new NotifySocket(path);
     const fleet = new TestFleet(fleetHeader("notify") + counterType("counter", "c/+/in"), {
@@ -304,10 +322,14 @@ describe("fleet start under a service manager", () => {
       const second = socket.received.findIndex((m, i) => i > readyAt && m.fields.WATCHDOG === "1");
       await socket.next("WATCHDOG", "1", 5000, second + 1);
 
+      // A reload of a fleet.toml it refuses: the status line after it says so (`systemctl status`).
+      writeFileSync(fleet.configPath, "[fleet\n");
       process.kill(fleet.pid, "SIGHUP");
       const reloading = await socket.next("RELOADING", "1");
       expect(reloading.fields.MONOTONIC_USEC).toMatch(/^\d+$/);
-      await socket.next("READY", "1", 15_000, socket.received.indexOf(reloading) + 1);
+      const reloaded = await socket.next("READY", "1", 15_000, socket.received.indexOf(reloading) + 1);
+      expect(reloaded.fields.STATUS).toStartWith("ready: 0 episode(s) running");
+      expect(reloaded.fields.STATUS).toContain("; fleet.toml: ");
 
       expect(await fleet.stop()).toBe(0);
       const stopping = await socket.next("STOPPING", "1");
