@@ -5,7 +5,7 @@
  * live next door: roster.ts (agents in memory, operator lifecycle), redeploy.ts (hot
  * reload of fleet.toml), background.ts (timers, retention, health) and status-topics.ts.
  */
-import { readFileSync, rmSync } from "node:fs";
+import { existsSync, readFileSync, rmSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
 import {
@@ -19,7 +19,7 @@ import {
   type ClientInfo,
 } from "../broker/index.ts";
 import { canonicalJson } from "./hash.ts";
-import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded } from "./spec/index.ts";
+import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
 import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import {
@@ -292,7 +292,8 @@ export class Gateway {
   }
 
   private async startParts(): Promise<void> {
-    const file = await loadSpec(resolve(this.opts.configPath));
+    const configPath = resolve(this.opts.configPath);
+    const file = await loadSpec(configPath).catch((err: unknown) => this.lastRunSpec(err));
     this.adopt(file);
     const spec = this.current.spec;
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
@@ -342,8 +343,8 @@ export class Gateway {
         uids: spec.fleet.sandbox_uids,
       });
     const starting = await this.startingVersion(this.current);
-    this.startRefusal = starting.refused;
-    if (starting.refused) this.log.error(`fleet.toml ${starting.refused}`);
+    this.startRefusal = starting.refused ?? this.unreadableFile;
+    if (this.startRefusal) this.log.error(`fleet.toml ${this.startRefusal}`);
     this.adopt(starting.sv);
     await this.store.saveSpecVersion({
       hash: this.current.hash,
@@ -427,7 +428,7 @@ export class Gateway {
     });
     // Primed with the file as read at start, not the running spec's text (a refused file's
     // predecessor): a reload only when the file changes, so a refusal at start stays the spec error.
-    this.watcher.start(file.text);
+    this.watcher.start(this.unreadableText ?? file.text);
     // Statuses may have changed while the gateway was down (an episode killed mid-run): re-publish
     // them (retained, in broker.db or in aedes' memory), in the background: with 100,000 agents
     // that is 100,000 publishes, which need not hold up the start. Then re-send unsent effects.
@@ -1240,6 +1241,44 @@ export class Gateway {
 
   /** Why fleet.toml was not applied at start (the spec error until a reload applies a file). */
   private startRefusal: string | null = null;
+  /** Why fleet.toml could not be read or compiled at all at start, when the version that ran before runs instead. */
+  private unreadableFile: string | null = null;
+  /** That file's text then ("" when it could not be read): the watcher applies the file once it differs. */
+  private unreadableText: string | null = null;
+
+  /**
+   * fleet.toml cannot be read or compiled at start (`err`): the version that ran before the gateway stopped,
+   * from its data dir, runs instead, and the error is the spec error, as after a refused reload: an edit
+   * with a typo never takes down a fleet that a power cut restarts. Only with a data dir given (`--data-dir`,
+   * `FLEET_DATA_DIR`, as the systemd unit does): the file that cannot be read cannot say where its data
+   * dir is. Otherwise, or on a data dir that never ran, `err` is thrown (the start fails).
+   */
+  private async lastRunSpec(err: unknown): Promise<SpecVersion> {
+    if (!(err instanceof SpecError) || this.opts.dataDir === undefined) throw err;
+    const db = join(resolve(this.opts.dataDir), "fleet.db");
+    if (!existsSync(db)) throw err;
+    let previous: SpecVersion | null = null;
+    try {
+      const store = await Store.open(db, { synchronous: "normal", readonly: true });
+      try {
+        previous = await storedSpec(store);
+      } finally {
+        await store.close();
+      }
+    } catch (readErr) {
+      this.log.warn({ err: readErr }, "the data dir's last spec version could not be read");
+    }
+    if (previous === null) throw err;
+    try {
+      this.unreadableText = readFileSync(this.opts.configPath, "utf8");
+    } catch {
+      this.unreadableText = "";
+    }
+    this.unreadableFile =
+      `not applied at start: ${err.message}; running spec ${previous.hash.slice(0, 12)}, the one that ran before ` +
+      "(fix the file: it is applied when it changes)";
+    return previous;
+  }
 
   /**
    * The version to start on: fleet.toml's, unless a hot reload from the version that ran before

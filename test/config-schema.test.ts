@@ -24,8 +24,8 @@ import { stimuli, testAgent } from "agent-fleets/testing";
 import typed from "./fixtures/config/typed.ts";
 import { checkConfigs, defaultSpawnOptions, runEpisode } from "../gateway/episode/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
-import { cleanupAll, fixture, publishQos1, ROOT, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
-import { fleetHeader, q } from "./helpers/toml.ts";
+import { cleanupAll, fixture, publishQos1, ROOT, runCli, runCommand, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { counterType, fleetHeader, q } from "./helpers/toml.ts";
 
 setDefaultTimeout(120_000);
 afterAll(cleanupAll);
@@ -191,6 +191,59 @@ describe("a bad config refuses the deploy", () => {
     expect(err?.message).toContain("gateway did not start");
     expect(fleet.logTail(200)).toContain("agents.t.config.threshold");
   });
+
+  test("a restart with a fleet.toml it cannot read runs the version that ran before and says why", async () => {
+    const fleet = new TestFleet(fleetHeader("cfg-restart") + counterType("counter", "restart/+/c"));
+    try {
+      await fleet.start();
+      const view = async () =>
+        (await (await fleet.fetch("/api/fleet")).json()) as { spec_version: string; spec_error: string | null };
+      const ran = (await view()).spec_version;
+      const c = await fleet.mqtt();
+      await publishQos1(c, "restart/a/c", { id: "1" });
+      await fleet.waitCommitted("counter/a", 1);
+      expect(await fleet.stop()).toBe(0);
+
+      // An edit with a typo, then a power cut: the fleet comes back on what it ran, not down.
+      const good = readFileSync(fleet.configPath, "utf8");
+      const typo = `${good}\n[fleet\n`;
+      const line = typo.split("\n").length - 1;
+      writeFileSync(fleet.configPath, typo);
+      await fleet.start();
+      const restarted = await view();
+      expect(restarted.spec_version).toBe(ran);
+      expect(restarted.spec_error).toStartWith(`not applied at start: ${fleet.configPath}:${line}:`);
+      expect(restarted.spec_error).toContain(`running spec ${ran.slice(0, 12)}, the one that ran before`);
+      expect(fleet.logTail(400)).toContain("fleet.toml not applied at start");
+      expect(fleet.logTail(400)).toContain("WARNING: fleet.toml not applied at start: ");
+      const c2 = await fleet.mqtt();
+      await publishQos1(c2, "restart/a/c", { id: "2" });
+      await fleet.waitCommitted("counter/a", 2);
+
+      // Fixed, the file is applied as any edit is.
+      writeFileSync(fleet.configPath, good);
+      await waitFor(async () => (await view()).spec_error === null, 30_000, "the fixed file applied");
+      expect(await fleet.stop()).toBe(0);
+
+      // Without a data dir given, the start fails as before: a file that cannot be read cannot say where its
+      // data dir is, and the default one (here the same fleet's) is not taken on trust.
+      writeFileSync(fleet.configPath, typo);
+      symlinkSync(fleet.dataDir, join(fleet.dir, ".fleet"));
+      const env: Record<string, string> = { ...(process.env as Record<string, string>), FLEET_LOG_FORMAT: "json" };
+      delete env.FLEET_DATA_DIR;
+      const r = await runCommand(
+        [process.execPath, join(ROOT, "gateway/cli/main.ts"), "start", "--config", fleet.configPath],
+        {
+          cwd: fleet.dir,
+          env,
+        },
+      );
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain(`${fleet.configPath}:${line}:`);
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
 
   test("a reload under its config check shows spec_pending with the version it checks, then applies it", async () => {
     const fleet = new TestFleet(`${fleetHeader("cfg-pending")}\n${typeToml("{ threshold = 80 }")}`);

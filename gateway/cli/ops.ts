@@ -76,6 +76,8 @@ export async function cmdStart(cli: Cli): Promise<void> {
   const http = gw.spec.spec.http;
   const bound = { host: http.host, port: gw.http.port, noToken: http.allow_unauthenticated };
   console.log(runningLine(gw.spec.spec.broker.external?.url ?? null, gw.broker.port, bound, gw.dataDir));
+  // A file refused at start (the version that ran before runs): said where a person starting it looks.
+  if (gw.specError) console.error(`WARNING: fleet.toml ${gw.specError}`);
   if (bound.noToken && !isLoopbackAddress(bound.host))
     console.error(
       `WARNING: the HTTP API on ${bound.host} needs no token ([http] allow_unauthenticated): ` +
