@@ -165,7 +165,9 @@ const asNobody = runnable && nobodyCanRun(ROOT);
 describe.skipIf(!runnable)("the unit of fleet install-service under systemd", () => {
   for (const user of ["root", "nobody"] as const)
     test.skipIf(user === "nobody" && !asNobody)(
-      `as ${user}: start returns once ready, the watchdog restarts a hung gateway with its data, stop drains to 0`,
+      `as ${user}: ready on start, restarted with its data when hung, stopped cleanly${
+        user === "root" ? "; a typo in fleet.toml survives a restart" : ""
+      }`,
       async () => {
         const u = new Installed(user);
         expect(systemctl("daemon-reload").code).toBe(0);
@@ -184,6 +186,8 @@ describe.skipIf(!runnable)("the unit of fleet install-service under systemd", ()
         if (user === "root") {
           expect(u.sandbox()).toContain("a uid of its own");
           expect(u.sandbox()).toContain("a memory cgroup of memory_mb");
+          // The machine's uid claims (/run/fleet) are writable: the range is checked against other gateways'.
+          expect(readFileSync(u.log, "utf8")).not.toContain("could not check which sandbox uids");
         } else expect(u.sandbox()).toContain("bubblewrap (pid/net/ipc namespaces");
 
         // A stimulus acknowledged by the first run.
@@ -227,6 +231,21 @@ describe.skipIf(!runnable)("the unit of fleet install-service under systemd", ()
           throw new Error(`${(err as Error).message}${u.logs()}`);
         });
         expect(episodes.map((e) => e.status)).toEqual(["committed"]);
+
+        // A typo in fleet.toml, then a restart (a power cut): the version that ran before runs, and says why.
+        if (user === "root") {
+          const toml = join(app, "fleet.toml");
+          const good = readFileSync(toml, "utf8");
+          writeFileSync(toml, `${good}\n[fleet\n`);
+          try {
+            expect(systemctl("restart", u.unit).code).toBe(0);
+            const s = u.show("ActiveState", "StatusText");
+            expect(s.ActiveState).toBe("active");
+            expect(s.StatusText).toContain("; fleet.toml: not applied at start: ");
+          } finally {
+            writeFileSync(toml, good);
+          }
+        }
 
         // SIGTERM drains, then exits 0: systemd records a clean stop.
         expect(systemctl("stop", u.unit).code).toBe(0);
