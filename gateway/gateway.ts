@@ -1277,7 +1277,8 @@ export class Gateway {
     this.unreadableFile =
       `not applied at start: ${err.message}; running spec ${previous.hash.slice(0, 12)}, the one that ran before ` +
       "(fix the file: it is applied when it changes)";
-    return previous;
+    // Watched and reloaded from where it is now, whatever path the version was stored with.
+    return Object.freeze({ ...previous, path: resolve(this.opts.configPath) });
   }
 
   /**
