@@ -143,6 +143,9 @@ export class ShardChanged extends Error {
   override readonly name = "ShardChanged";
 }
 
+/** A clock this far behind the data dir's newest record is logged and shown (systemd status, /api/fleet). */
+const CLOCK_BEHIND_WARN_MS = 60_000;
+
 /** A running fleet. */
 export class Gateway {
   state: GatewayState = "created";
@@ -317,6 +320,8 @@ export class Gateway {
     this.storageWatch = new StorageWatch(this.store, this.log);
     this.storageWatch.onRecovered = () => this.storageRecovered();
     this.storageWatch.start();
+    this.clockHighWater = await this.store.newestRecordedAt();
+    this.watchClock();
     this.metrics = new FleetMetrics(this, { now: this.now });
     if (spec.telemetry.otlp_endpoint !== null) {
       this.telemetry = new EpisodeTelemetry(this.store, {
@@ -571,8 +576,38 @@ export class Gateway {
     const running = this.scheduler.active;
     const line = `${state}: ${running} episode(s) running, ${queued} stimuli queued, lag ${(lag / 1000).toFixed(1)} s`;
     // After `systemctl reload`, `systemctl status` says whether the edit was refused, and why.
+    const behind = this.clockBehindMs();
+    const clock = behind > CLOCK_BEHIND_WARN_MS ? `; clock behind the data dir by ${Math.round(behind / 1000)} s` : "";
     const refused = this.specError;
-    return refused === null ? line : `${line}; fleet.toml: ${refused.slice(0, 300)}`;
+    return refused === null ? line + clock : `${line}${clock}; fleet.toml: ${refused.slice(0, 300)}`;
+  }
+
+  /**
+   * How far the clock reads earlier than the newest time the gateway saw or its data dir recorded, in ms (0: it
+   * does not). An edge box without a real-time clock boots at an old time until NTP sets it; meanwhile
+   * timestamps, budget windows, timers and retention follow the clock that is wrong.
+   */
+  clockBehindMs(): number {
+    const now = this.now();
+    if (now > this.clockHighWater) this.clockHighWater = now;
+    return this.clockHighWater - now;
+  }
+
+  /** Log once when the clock falls behind by more than a minute, and once when it has caught up. */
+  private watchClock(): void {
+    const behind = this.clockBehindMs();
+    if (behind > CLOCK_BEHIND_WARN_MS && !this.clockBehind) {
+      this.clockBehind = true;
+      this.log.error(
+        { behind_ms: behind, newest: new Date(this.clockHighWater).toISOString() },
+        `the system clock reads ${new Date(this.now()).toISOString()}, ${Math.round(behind / 1000)} s earlier than ` +
+          "the newest time this data dir recorded: timestamps, budget windows, timers and retention follow it; " +
+          "set the clock (NTP, an RTC)",
+      );
+    } else if (behind <= CLOCK_BEHIND_WARN_MS && this.clockBehind) {
+      this.clockBehind = false;
+      this.log.info("the system clock has caught up with the data dir's newest time");
+    }
   }
 
   /** How long the oldest write waiting for its commit has waited (0: none): the watchdog's gate (systemd.ts). */
@@ -744,6 +779,7 @@ export class Gateway {
 
   /** Fleet-level summary: the body of `fleet/health` and part of /api/fleet. */
   async health() {
+    this.watchClock();
     const counts = await this.store.agentCounts();
     const byStatus: Record<string, number> = {};
     // As every view shows a status: the stored `active` is `idle`.
@@ -768,6 +804,8 @@ export class Gateway {
       /** Poison stimuli waiting for an operator (`fleet quarantine`), now. */
       quarantined_stimuli: await this.store.countQuarantined(),
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
+      /** How far the clock reads earlier than the newest time seen or recorded (0: it does not). */
+      clock_behind_ms: this.clockBehindMs(),
       /** When this summary was made (ms since the epoch): a retained copy's age (`fleet reshard` reads it). */
       at: Date.now(),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
@@ -1238,6 +1276,10 @@ export class Gateway {
       for (const t of Object.values(spec?.agents ?? {})) modules.add(t.module_path);
     return [...modules].flatMap((m) => agentFiles(m, HOST_PATHS).watched);
   }
+
+  /** The newest time seen (the clock, the data dir's newest record): `clockBehindMs` measures from it. */
+  private clockHighWater = 0;
+  private clockBehind = false;
 
   /** Why fleet.toml was not applied at start (the spec error until a reload applies a file). */
   private startRefusal: string | null = null;

@@ -249,3 +249,31 @@ describe("[broker] max_connections", () => {
     expect(await fleet.stop()).toBe(0);
   }, 60_000);
 });
+
+describe("a clock behind the data dir", () => {
+  test("a restart whose clock reads earlier than the newest record says so: /api/fleet, the gauge, the log", async () => {
+    const env: Record<string, string> = {};
+    const fleet = new TestFleet(fleetHeader("e2e-clock") + counterType("counter", "clock/+/c"), { env });
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      await publishQos1(c, "clock/a/c", { id: "1" });
+      await fleet.waitCommitted("counter/a", 1);
+      const fleetView = async () => (await getJson(`${fleet.httpUrl}/api/fleet`, fleet)).body;
+      expect((await fleetView()).clock_behind_ms).toBe(0);
+      expect(sampleValue(await scrape(fleet.httpUrl), "fleet_clock_behind_seconds")).toBe(0);
+      expect(await fleet.stop()).toBe(0);
+
+      // A box without a real-time clock, booted an hour in the past (before NTP sets it).
+      env.FLEET_TEST_CLOCK_OFFSET_MS = String(-3_600_000);
+      await fleet.start();
+      const behind = (await fleetView()).clock_behind_ms as number;
+      expect(behind).toBeGreaterThan(3_500_000);
+      expect(behind).toBeLessThanOrEqual(3_600_000);
+      expect(sampleValue(await scrape(fleet.httpUrl), "fleet_clock_behind_seconds")).toBeGreaterThan(3500);
+      expect(fleet.logTail(100)).toContain("earlier than the newest time this data dir recorded");
+    } finally {
+      await fleet.dispose();
+    }
+  }, 90_000);
+});

@@ -38,6 +38,8 @@ export interface MetricsHost {
   readonly broker: { stats(): BrokerStats } | undefined;
   /** Episode subprocess groups alive now. */
   subprocesses(): number;
+  /** How far the clock reads earlier than the newest time seen or recorded, ms (gateway.ts). */
+  clockBehindMs?(): number;
   /** Stimuli waiting per type, from memory (the queue book); left out, the store is counted. */
   queues?(): readonly TypeQueueCount[];
   /** Replication status, null when `[replication]` is not configured. */
@@ -450,6 +452,16 @@ export class FleetMetrics {
       registers,
       collect() {
         this.set(host.scheduler?.active ?? 0);
+      },
+    });
+    new Gauge({
+      name: "fleet_clock_behind_seconds",
+      help:
+        "How far the system clock reads earlier than the newest time the gateway saw or its data dir recorded " +
+        "(0: it does not; a box without a real-time clock before NTP sets it).",
+      registers,
+      collect() {
+        this.set((host.clockBehindMs?.() ?? 0) / 1000);
       },
     });
     new Gauge({

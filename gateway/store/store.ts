@@ -643,6 +643,18 @@ export class Store {
   }
 
   /** Stimuli in quarantine now, waiting for an operator's retry or drop (a range of the state index). */
+  /**
+   * The newest time this store recorded, a stimulus received or an episode ended (0: none): a clock that
+   * reads earlier than it is behind (gateway.ts `clockBehindMs`). Two index seeks, not scans.
+   */
+  async newestRecordedAt(): Promise<number> {
+    const rs = await this.client.execute(
+      "SELECT max(coalesce((SELECT received_at FROM stimuli ORDER BY seq DESC LIMIT 1), 0), " +
+        "coalesce((SELECT ended_at FROM episodes ORDER BY id DESC LIMIT 1), 0))",
+    );
+    return Number(rs.rows[0]?.[0] ?? 0);
+  }
+
   async countQuarantined(): Promise<number> {
     const rs = await this.client.execute("SELECT count(*) FROM stimuli WHERE state = 'quarantined'");
     return Number(rs.rows[0]?.[0] ?? 0);
