@@ -251,7 +251,7 @@ describe("[broker] max_connections", () => {
 });
 
 describe("a clock behind the data dir", () => {
-  test("a restart whose clock reads earlier than the newest record says so: /api/fleet, the gauge, the log", async () => {
+  test("a restart whose clock reads earlier than the newest record says so: /api/fleet, gauge, log", async () => {
     const env: Record<string, string> = {};
     const fleet = new TestFleet(fleetHeader("e2e-clock") + counterType("counter", "clock/+/c"), { env });
     try {
