@@ -20,6 +20,7 @@ describe("fleet install-service", () => {
       "Group=edge",
       "WorkingDirectory=/opt/fleet",
       "Restart=always",
+      "StartLimitIntervalSec=0",
       "NoNewPrivileges=yes",
       "ProtectSystem=strict",
       "PrivateTmp=yes",

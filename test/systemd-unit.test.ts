@@ -14,6 +14,7 @@ import {
   rmSync,
   mkdirSync,
   openSync,
+  readdirSync,
   readFileSync,
   rmdirSync,
   symlinkSync,
@@ -41,6 +42,61 @@ const env = {
 const app = join(base, "app");
 const managerLog = join(base, "manager.log");
 let manager: ReturnType<typeof Bun.spawn> | null = null;
+/** The manager's cgroups (testCgroups), removed after it. */
+let groups: string[] = [];
+
+/**
+ * A cgroup of this test in each mounted hierarchy, under this process's own (so nothing leaves a limit it is
+ * under), where one can be made; cpuset's needs cpus and mems, so the manager stays out of it.
+ */
+function testCgroups(): string[] {
+  const mounts = readFileSync("/proc/self/mounts", "utf8")
+    .split("\n")
+    .map((l) => l.split(" "))
+    .filter((f) => f[2] === "cgroup" || f[2] === "cgroup2");
+  const made: string[] = [];
+  for (const line of readFileSync("/proc/self/cgroup", "utf8").trim().split("\n")) {
+    const [, controllers = "", path = "/"] = line.split(":");
+    const wanted = controllers === "" ? [] : controllers.split(",");
+    if (wanted.includes("cpuset")) continue;
+    const mount = mounts.find((f) =>
+      wanted.length === 0
+        ? f[2] === "cgroup2"
+        : f[2] === "cgroup" && wanted.every((c) => (f[3] ?? "").split(",").includes(c)),
+    );
+    if (!mount?.[1]) continue;
+    const dir = join(mount[1], path, `fleet-sd-${process.pid}`);
+    try {
+      mkdirSync(dir);
+      made.push(dir);
+    } catch {
+      // not ours to make (a read-only hierarchy): the manager stays where it is in this one
+    }
+  }
+  return made;
+}
+
+/** Kill what is left in a test cgroup and its children, then remove them, deepest first. */
+function removeCgroup(dir: string): void {
+  if (!existsSync(dir)) return;
+  for (const e of readdirSync(dir, { withFileTypes: true })) if (e.isDirectory()) removeCgroup(join(dir, e.name));
+  for (let tries = 0; tries < 50; tries++) {
+    const pids = readFileSync(join(dir, "cgroup.procs"), "utf8").trim().split("\n").filter(Boolean).map(Number);
+    for (const pid of pids) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // gone
+      }
+    }
+    try {
+      rmdirSync(dir);
+      return;
+    } catch {
+      Bun.sleepSync(100);
+    }
+  }
+}
 let madeMarker = false;
 
 function systemctl(...args: string[]): { code: number; out: string } {
@@ -54,17 +110,21 @@ class Installed {
   readonly data: string;
   readonly log: string;
 
-  constructor(readonly user: "root" | "nobody") {
-    this.unit = `fleet-test-${user}.service`;
-    this.data = join(base, `data-${user}`);
-    this.log = join(base, `gateway-${user}.log`);
+  constructor(
+    readonly user: "root" | "nobody",
+    name: string = user,
+    appDir = app,
+  ) {
+    this.unit = `fleet-test-${name}.service`;
+    this.data = join(base, `data-${name}`);
+    this.log = join(base, `gateway-${name}.log`);
     // As install-service makes it: owned by the service user, and there (the unit's ReadWritePaths).
     mkdirSync(this.data, { mode: 0o750 });
     if (user === "nobody") chownSync(this.data, NOBODY.uid, NOBODY.gid);
     else mkdirSync(rootBundles(this.data), { mode: 0o755 });
     const units = join(env.XDG_CONFIG_HOME, "systemd/user");
     mkdirSync(join(units, `${this.unit}.d`), { recursive: true });
-    let unit = serviceUnit({ user, dir: app, dataDir: this.data, bun: process.execPath, watchdogSec: 3 });
+    let unit = serviceUnit({ user, dir: appDir, dataDir: this.data, bun: process.execPath, watchdogSec: 3 });
     // install-service makes a user and its group of one name; Debian's nobody's group is nogroup.
     if (user === "nobody") unit = unit.replace("Group=nobody", "Group=nogroup");
     writeFileSync(join(units, this.unit), unit);
@@ -135,7 +195,11 @@ beforeAll(async () => {
     madeMarker = true;
   }
   const out = openSync(managerLog, "a");
-  manager = Bun.spawn([MANAGER, "--user"], {
+  // Started in cgroups of its own, under this process's: a manager at a hierarchy's root takes it as its own and
+  // moves PID 1 into an init.scope there (found: the box's whole process tree left the root cpu cgroup).
+  groups = testCgroups();
+  const join_ = 'for d in "$@"; do echo $$ > "$d/cgroup.procs" 2>/dev/null || true; done; exec "$0" --user';
+  manager = Bun.spawn(["sh", "-c", join_, MANAGER, ...groups], {
     env: { ...env, SYSTEMD_LOG_TARGET: "console", SYSTEMD_LOG_LEVEL: "info" },
     stdin: "ignore",
     stdout: out,
@@ -149,11 +213,12 @@ beforeAll(async () => {
 
 afterAll(async () => {
   if (manager) {
-    for (const user of ["root", "nobody"]) systemctl("stop", `fleet-test-${user}.service`);
+    for (const name of ["root", "nobody", "broken"]) systemctl("stop", `fleet-test-${name}.service`);
     manager.kill("SIGTERM");
     await Promise.race([manager.exited, Bun.sleep(10_000)]);
     if (manager.exitCode === null) manager.kill("SIGKILL");
   }
+  for (const dir of groups) removeCgroup(dir);
   if (madeMarker) rmdirSync(MARKER);
   if (base && !process.env.FLEET_E2E_KEEP) rmSync(base, { recursive: true, force: true });
   await cleanupAll();
@@ -257,4 +322,30 @@ describe.skipIf(!runnable)("the unit of fleet install-service under systemd", ()
       },
       150_000,
     );
+  test("a start that keeps failing is tried again for as long as it fails, never given up", async () => {
+    // A fresh data dir and a fleet.toml that does not compile: every start exits 1 within a second.
+    const broken = join(base, "app-broken");
+    mkdirSync(broken);
+    for (const part of ["gateway", "agents", "broker", "node_modules", "package.json"])
+      symlinkSync(join(ROOT, part), join(broken, part));
+    writeFileSync(join(broken, "fleet.toml"), "[fleet\n");
+    const u = new Installed("root", "broken", broken);
+    expect(systemctl("daemon-reload").code).toBe(0);
+    expect(systemctl("start", "--no-block", u.unit).code).toBe(0);
+    // systemd's default gives up after 5 starts in 10 s (the unit failed); with RestartSec=1 that is ~6 s.
+    const s = await waitFor(
+      () => {
+        const v = u.show("ActiveState", "Result", "NRestarts");
+        if (v.ActiveState === "failed") throw new Error(`systemd gave up: ${JSON.stringify(v)}`);
+        return Number(v.NRestarts) >= 8 ? v : undefined;
+      },
+      60_000,
+      "eight restarts",
+    ).catch((err) => {
+      throw new Error(`${(err as Error).message}${u.logs()}`);
+    });
+    expect(s.ActiveState).not.toBe("failed");
+    expect(readFileSync(u.log, "utf8")).toContain(`${join(broken, "fleet.toml")}:1:`);
+    expect(systemctl("stop", u.unit).code).toBe(0);
+  }, 90_000);
 });

@@ -48,6 +48,9 @@ export function serviceUnit(o: ServiceOptions): string {
 Description=Agent Fleets gateway (${o.dir}/fleet.toml)
 After=network-online.target
 Wants=network-online.target
+# An unattended box keeps trying: a start that fails (a disk not mounted yet, or full) is tried
+# again every RestartSec for as long as it fails, never given up after five.
+StartLimitIntervalSec=0
 
 [Service]
 # The gateway says when it is ready, pings the watchdog while its thread and commits make
