@@ -21,6 +21,7 @@ import {
   writeFileSync,
 } from "node:fs";
 import { join } from "node:path";
+import { dlopen, FFIType, ptr } from "bun:ffi";
 import { rootBundles, serviceUnit } from "../gateway/cli/index.ts";
 import { cleanupAll, connectMqtt, NOBODY, nobodyCanRun, publishQos1, ROOT, waitFor } from "./helpers/gateway.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
@@ -30,6 +31,39 @@ const root = process.getuid?.() === 0;
 const runnable = root && existsSync(MANAGER) && Bun.which("systemctl") !== null;
 /** Whether a systemd booted this box: then `systemd --user` needs no marker of ours. */
 const MARKER = "/run/systemd/system";
+/**
+ * The nodes a booted systemd makes at start for its units' namespaces (ProtectHome= mounts them over what it
+ * hides): a manager as root that is not PID 1 looks for them there too, and without them every start fails with
+ * 226/NAMESPACE.
+ */
+const INACCESSIBLE = "/run/systemd/inaccessible";
+/** What the test may leave in /run/systemd: the nodes, and what the manager makes beside them. */
+const BOOT_FILES = [INACCESSIBLE, "/run/systemd/unit-root", "/run/systemd/systemd-units-load"];
+let made: string[] = [];
+
+/** The inaccessible nodes, as systemd's `make_inaccessible_nodes` makes them (mode 0000), where missing. */
+function makeInaccessibleNodes(): void {
+  if (existsSync(INACCESSIBLE)) return;
+  mkdirSync(INACCESSIBLE, { recursive: true, mode: 0o755 });
+  mkdirSync(join(INACCESSIBLE, "dir"), { mode: 0 });
+  writeFileSync(join(INACCESSIBLE, "reg"), "", { mode: 0 });
+  const { symbols } = dlopen("libc.so.6", {
+    mknod: { args: [FFIType.cstring, FFIType.u32, FFIType.u64], returns: FFIType.i32 },
+  });
+  const S_IFIFO = 0o010000;
+  const S_IFCHR = 0o020000;
+  const S_IFBLK = 0o060000;
+  const S_IFSOCK = 0o140000;
+  for (const [name, type] of [
+    ["fifo", S_IFIFO],
+    ["sock", S_IFSOCK],
+    ["chr", S_IFCHR],
+    ["blk", S_IFBLK],
+  ] as const)
+    if (symbols.mknod(ptr(Buffer.from(`${join(INACCESSIBLE, name)}\0`)), type, 0) !== 0)
+      throw new Error(`cannot make ${join(INACCESSIBLE, name)}`);
+  for (const name of ["dir", "reg"]) chmodSync(join(INACCESSIBLE, name), 0);
+}
 
 // Under /var/lib, as a data dir of a real install: the unit's PrivateTmp hides the host's /tmp.
 const base = runnable ? mkdtempSync("/var/lib/fleet-sd-") : "";
@@ -194,6 +228,9 @@ beforeAll(async () => {
     mkdirSync(MARKER, { recursive: true });
     madeMarker = true;
   }
+  // What a booted systemd leaves in /run/systemd and a manager of its own makes there; removed after, if ours.
+  made = BOOT_FILES.filter((f) => !existsSync(f));
+  makeInaccessibleNodes();
   const out = openSync(managerLog, "a");
   // Started in cgroups of its own, under this process's: a manager at a hierarchy's root takes it as its own and
   // moves PID 1 into an init.scope there (found: the box's whole process tree left the root cpu cgroup).
@@ -220,6 +257,7 @@ afterAll(async () => {
   }
   for (const dir of groups) removeCgroup(dir);
   if (madeMarker) rmdirSync(MARKER);
+  for (const f of made) rmSync(f, { recursive: true, force: true });
   if (base && !process.env.FLEET_E2E_KEEP) rmSync(base, { recursive: true, force: true });
   await cleanupAll();
 });
