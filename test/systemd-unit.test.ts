@@ -8,135 +8,25 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import {
   chmodSync,
   chownSync,
-  closeSync,
   existsSync,
-  mkdtempSync,
-  rmSync,
   mkdirSync,
-  openSync,
-  readdirSync,
+  mkdtempSync,
   readFileSync,
-  rmdirSync,
+  rmSync,
   symlinkSync,
   writeFileSync,
 } from "node:fs";
 import { join } from "node:path";
-import { dlopen, FFIType, ptr } from "bun:ffi";
 import { rootBundles, serviceUnit } from "../gateway/cli/index.ts";
 import { cleanupAll, connectMqtt, NOBODY, nobodyCanRun, publishQos1, ROOT, waitFor } from "./helpers/gateway.ts";
+import { systemdRunnable as runnable, UserManager } from "./helpers/systemd.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
-
-const MANAGER = "/lib/systemd/systemd";
-const root = process.getuid?.() === 0;
-const runnable = root && existsSync(MANAGER) && Bun.which("systemctl") !== null;
-/** Whether a systemd booted this box: then `systemd --user` needs no marker of ours. */
-const MARKER = "/run/systemd/system";
-/**
- * The nodes a booted systemd makes at start for its units' namespaces (ProtectHome= mounts them over what it
- * hides): a manager as root that is not PID 1 looks for them there too, and without them every start fails with
- * 226/NAMESPACE.
- */
-const INACCESSIBLE = "/run/systemd/inaccessible";
-/** What the test may leave in /run/systemd: the nodes, and what the manager makes beside them. */
-const BOOT_FILES = [INACCESSIBLE, "/run/systemd/unit-root", "/run/systemd/systemd-units-load"];
-let made: string[] = [];
-
-/** The inaccessible nodes, as systemd's `make_inaccessible_nodes` makes them (mode 0000), where missing. */
-function makeInaccessibleNodes(): void {
-  if (existsSync(INACCESSIBLE)) return;
-  mkdirSync(INACCESSIBLE, { recursive: true, mode: 0o755 });
-  mkdirSync(join(INACCESSIBLE, "dir"), { mode: 0 });
-  writeFileSync(join(INACCESSIBLE, "reg"), "", { mode: 0 });
-  const { symbols } = dlopen("libc.so.6", {
-    mknod: { args: [FFIType.cstring, FFIType.u32, FFIType.u64], returns: FFIType.i32 },
-  });
-  const S_IFIFO = 0o010000;
-  const S_IFCHR = 0o020000;
-  const S_IFBLK = 0o060000;
-  const S_IFSOCK = 0o140000;
-  for (const [name, type] of [
-    ["fifo", S_IFIFO],
-    ["sock", S_IFSOCK],
-    ["chr", S_IFCHR],
-    ["blk", S_IFBLK],
-  ] as const)
-    if (symbols.mknod(ptr(Buffer.from(`${join(INACCESSIBLE, name)}\0`)), type, 0) !== 0)
-      throw new Error(`cannot make ${join(INACCESSIBLE, name)}`);
-  for (const name of ["dir", "reg"]) chmodSync(join(INACCESSIBLE, name), 0);
-}
 
 // Under /var/lib, as a data dir of a real install: the unit's PrivateTmp hides the host's /tmp.
 const base = runnable ? mkdtempSync("/var/lib/fleet-sd-") : "";
-const env = {
-  PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-  HOME: base,
-  XDG_RUNTIME_DIR: join(base, "run"),
-  XDG_CONFIG_HOME: join(base, "config"),
-};
+const manager = new UserManager(base);
 const app = join(base, "app");
-const managerLog = join(base, "manager.log");
-let manager: ReturnType<typeof Bun.spawn> | null = null;
-/** The manager's cgroups (testCgroups), removed after it. */
-let groups: string[] = [];
-
-/**
- * A cgroup of this test in each mounted hierarchy, under this process's own (so nothing leaves a limit it is
- * under), where one can be made; cpuset's needs cpus and mems, so the manager stays out of it.
- */
-function testCgroups(): string[] {
-  const mounts = readFileSync("/proc/self/mounts", "utf8")
-    .split("\n")
-    .map((l) => l.split(" "))
-    .filter((f) => f[2] === "cgroup" || f[2] === "cgroup2");
-  const made: string[] = [];
-  for (const line of readFileSync("/proc/self/cgroup", "utf8").trim().split("\n")) {
-    const [, controllers = "", path = "/"] = line.split(":");
-    const wanted = controllers === "" ? [] : controllers.split(",");
-    if (wanted.includes("cpuset")) continue;
-    const mount = mounts.find((f) =>
-      wanted.length === 0
-        ? f[2] === "cgroup2"
-        : f[2] === "cgroup" && wanted.every((c) => (f[3] ?? "").split(",").includes(c)),
-    );
-    if (!mount?.[1]) continue;
-    const dir = join(mount[1], path, `fleet-sd-${process.pid}`);
-    try {
-      mkdirSync(dir);
-      made.push(dir);
-    } catch {
-      // not ours to make (a read-only hierarchy): the manager stays where it is in this one
-    }
-  }
-  return made;
-}
-
-/** Kill what is left in a test cgroup and its children, then remove them, deepest first. */
-function removeCgroup(dir: string): void {
-  if (!existsSync(dir)) return;
-  for (const e of readdirSync(dir, { withFileTypes: true })) if (e.isDirectory()) removeCgroup(join(dir, e.name));
-  for (let tries = 0; tries < 50; tries++) {
-    const pids = readFileSync(join(dir, "cgroup.procs"), "utf8").trim().split("\n").filter(Boolean).map(Number);
-    for (const pid of pids) {
-      try {
-        process.kill(pid, "SIGKILL");
-      } catch {
-        // gone
-      }
-    }
-    try {
-      rmdirSync(dir);
-      return;
-    } catch {
-      Bun.sleepSync(100);
-    }
-  }
-}
-let madeMarker = false;
-
-function systemctl(...args: string[]): { code: number; out: string } {
-  const r = Bun.spawnSync(["systemctl", "--user", "--no-pager", ...args], { env, stdout: "pipe", stderr: "pipe" });
-  return { code: r.exitCode, out: (r.stdout.toString() + r.stderr.toString()).trim() };
-}
+const systemctl = (...args: string[]) => manager.systemctl(...args);
 
 /** One installed unit: `fleet-test-<user>.service`, its data dir and its log. */
 class Installed {
@@ -156,26 +46,23 @@ class Installed {
     mkdirSync(this.data, { mode: 0o750 });
     if (user === "nobody") chownSync(this.data, NOBODY.uid, NOBODY.gid);
     else mkdirSync(rootBundles(this.data), { mode: 0o755 });
-    const units = join(env.XDG_CONFIG_HOME, "systemd/user");
-    mkdirSync(join(units, `${this.unit}.d`), { recursive: true });
     let unit = serviceUnit({ user, dir: appDir, dataDir: this.data, bun: process.execPath, watchdogSec: 3 });
     // install-service makes a user and its group of one name; Debian's nobody's group is nogroup.
     if (user === "nobody") unit = unit.replace("Group=nobody", "Group=nogroup");
-    writeFileSync(join(units, this.unit), unit);
     // The test's own: logs to a file (no journald here), a short restart, SIGKILL soon after the
     // watchdog's SIGABRT (the test hangs the gateway with SIGSTOP, which holds SIGABRT pending), and
     // the code read-only inside the private /tmp when the repository is there (CI clones it under /tmp).
-    writeFileSync(
-      join(units, `${this.unit}.d`, "test.conf"),
-      `[Service]\nStandardOutput=append:${this.log}\nStandardError=append:${this.log}\nRestartSec=1\n` +
-        `TimeoutAbortSec=2\n${/^\/(var\/)?tmp\//.test(ROOT) ? `BindReadOnlyPaths=${ROOT}\n` : ""}`,
+    manager.install(
+      this.unit,
+      unit,
+      `StandardOutput=append:${this.log}\nStandardError=append:${this.log}\nRestartSec=1\nTimeoutAbortSec=2\n` +
+        (/^\/(var\/)?tmp\//.test(ROOT) ? `BindReadOnlyPaths=${ROOT}\n` : ""),
     );
   }
 
   /** `systemctl show` properties of the unit. */
   show(...props: string[]): Record<string, string> {
-    const out = systemctl("show", this.unit, ...props.flatMap((p) => ["-p", p])).out;
-    return Object.fromEntries(out.split("\n").map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+    return manager.show(this.unit, ...props);
   }
 
   /** The running gateway's ports, from its `gateway.json`, once it names `pid`. */
@@ -197,7 +84,7 @@ class Installed {
   logs(): string {
     const tail = (f: string) => (existsSync(f) ? readFileSync(f, "utf8").slice(-3000) : "");
     const status = systemctl("status", this.unit).out;
-    return `\n${status}\n--- manager ---\n${tail(managerLog)}\n--- gateway ---\n${tail(this.log)}`;
+    return `\n${status}\n--- manager ---\n${tail(manager.log)}\n--- gateway ---\n${tail(this.log)}`;
   }
 
   /** How the gateway's start-up log line describes the episodes' sandbox. */
@@ -222,42 +109,11 @@ beforeAll(async () => {
       '[http]\nhost = "127.0.0.1"\nport = 0',
     ) + counterType("counter", "c/+/in"),
   );
-  mkdirSync(env.XDG_RUNTIME_DIR, { mode: 0o755 });
-  chmodSync(env.XDG_RUNTIME_DIR, 0o755);
-  if (!existsSync(MARKER)) {
-    mkdirSync(MARKER, { recursive: true });
-    madeMarker = true;
-  }
-  // What a booted systemd leaves in /run/systemd and a manager of its own makes there; removed after, if ours.
-  made = BOOT_FILES.filter((f) => !existsSync(f));
-  makeInaccessibleNodes();
-  const out = openSync(managerLog, "a");
-  // Started in cgroups of its own, under this process's: a manager at a hierarchy's root takes it as its own and
-  // moves PID 1 into an init.scope there (found: the box's whole process tree left the root cpu cgroup).
-  groups = testCgroups();
-  const join_ = 'for d in "$@"; do echo $$ > "$d/cgroup.procs" 2>/dev/null || true; done; exec "$0" --user';
-  manager = Bun.spawn(["sh", "-c", join_, MANAGER, ...groups], {
-    env: { ...env, SYSTEMD_LOG_TARGET: "console", SYSTEMD_LOG_LEVEL: "info" },
-    stdin: "ignore",
-    stdout: out,
-    stderr: out,
-  });
-  closeSync(out);
-  await waitFor(() => /^(running|degraded)$/.test(systemctl("is-system-running").out), 20_000, "the user manager");
-  // Writable by the nobody unit's gateway, as /run/systemd/notify of a system manager is by every service.
-  chmodSync(join(env.XDG_RUNTIME_DIR, "systemd/notify"), 0o777);
+  await manager.start();
 }, 30_000);
 
 afterAll(async () => {
-  if (manager) {
-    for (const name of ["root", "nobody", "broken"]) systemctl("stop", `fleet-test-${name}.service`);
-    manager.kill("SIGTERM");
-    await Promise.race([manager.exited, Bun.sleep(10_000)]);
-    if (manager.exitCode === null) manager.kill("SIGKILL");
-  }
-  for (const dir of groups) removeCgroup(dir);
-  if (madeMarker) rmdirSync(MARKER);
-  for (const f of made) rmSync(f, { recursive: true, force: true });
+  if (runnable) await manager.stop(["root", "nobody", "broken"].map((n) => `fleet-test-${n}.service`));
   if (base && !process.env.FLEET_E2E_KEEP) rmSync(base, { recursive: true, force: true });
   await cleanupAll();
 });
