@@ -569,8 +569,7 @@ export class Gateway {
    */
   serviceStatus(): string {
     const r = this.readiness();
-    const oldest = this.book.oldestReceivedAt();
-    const lag = oldest === null ? 0 : Math.max(0, this.now() - oldest);
+    const lag = this.lagMs();
     const state = r.ready ? "ready" : `not ready (${r.reason ?? r.state})`;
     const queued = this.book.total();
     const running = this.scheduler.active;
@@ -608,6 +607,12 @@ export class Gateway {
       this.clockBehind = false;
       this.log.info("the system clock has caught up with the data dir's newest time");
     }
+  }
+
+  /** How long the oldest queued stimulus has waited, ms (0: none queued). */
+  private lagMs(): number {
+    const oldest = this.book.oldestReceivedAt();
+    return oldest === null ? 0 : Math.max(0, this.now() - oldest);
   }
 
   /** How long the oldest write waiting for its commit has waited (0: none): the watchdog's gate (systemd.ts). */
@@ -785,7 +790,6 @@ export class Gateway {
     // As every view shows a status: the stored `active` is `idle`.
     for (const c of counts) byStatus[shownStatus(c.status)] = (byStatus[shownStatus(c.status)] ?? 0) + c.n;
     const queued = this.book.total();
-    const oldest = this.book.oldestReceivedAt() ?? Infinity;
     return {
       fleet: this.current.spec.fleet.name,
       gateway: this.store.gatewayId,
@@ -815,7 +819,7 @@ export class Gateway {
       /** Idle warm spare processes (no agent code or state), by process group. */
       spares: this.spares?.pids() ?? [],
       queued_stimuli: queued,
-      lag_ms: Number.isFinite(oldest) ? Math.max(0, this.now() - oldest) : 0,
+      lag_ms: this.lagMs(),
       broker: this.broker.stats(),
       replication: this.replication(),
       ...(await this.metrics.healthSummary()),

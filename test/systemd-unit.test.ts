@@ -17,7 +17,8 @@ import {
   writeFileSync,
 } from "node:fs";
 import { join } from "node:path";
-import { rootBundles, serviceUnit } from "../gateway/cli/index.ts";
+import { serviceUnit } from "../gateway/cli/index.ts";
+import { bundlesBeside } from "../gateway/code/index.ts";
 import { cleanupAll, connectMqtt, NOBODY, nobodyCanRun, publishQos1, ROOT, waitFor } from "./helpers/gateway.ts";
 import { systemdRunnable as runnable, UserManager } from "./helpers/systemd.ts";
 import { counterType, fleetHeader } from "./helpers/toml.ts";
@@ -45,7 +46,7 @@ class Installed {
     // As install-service makes it: owned by the service user, and there (the unit's ReadWritePaths).
     mkdirSync(this.data, { mode: 0o750 });
     if (user === "nobody") chownSync(this.data, NOBODY.uid, NOBODY.gid);
-    else mkdirSync(rootBundles(this.data), { mode: 0o755 });
+    else mkdirSync(bundlesBeside(this.data), { mode: 0o755 });
     let unit = serviceUnit({ user, dir: appDir, dataDir: this.data, bun: process.execPath, watchdogSec: 3 });
     // install-service makes a user and its group of one name; Debian's nobody's group is nogroup.
     if (user === "nobody") unit = unit.replace("Group=nobody", "Group=nogroup");

@@ -5,5 +5,5 @@
  * devices.ts. This door exports the context the commands share.
  */
 export { type Cli, type CliFlags, createCli, UsageError } from "./context.ts";
-export { DEFAULT_WATCHDOG_SEC, rootBundles, serviceBun, serviceUnit } from "./service.ts";
+export { DEFAULT_WATCHDOG_SEC, serviceBun, serviceUnit } from "./service.ts";
 export { runningLine, stopOnSignals } from "./ops.ts";

@@ -8,6 +8,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Cli } from "./context.ts";
+import { bundlesBeside } from "../code/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import { UsageError } from "./context.ts";
 
@@ -33,11 +34,6 @@ const USER_RE = /^[a-z_][a-z0-9_-]{0,31}$/;
 const PATH_RE = /^\/[A-Za-z0-9._/@+-]*$/;
 /** What the unit's ProtectHome hides (or makes read-only). */
 const UNDER_HOME = /^\/(home|root)(\/|$)/;
-
-/** Where a root gateway's code bundles live (gateway/code/files.ts): beside the data dir, for episodes' uids. */
-export function rootBundles(dataDir: string): string {
-  return `${dataDir}.bundles`;
-}
 
 /** The unit file text. */
 export function serviceUnit(o: ServiceOptions): string {
@@ -82,7 +78,7 @@ UMask=0077
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=${underHome ? "read-only" : "yes"}
-ReadWritePaths=${o.dataDir}${root ? ` ${rootBundles(o.dataDir)}` : ""}
+ReadWritePaths=${o.dataDir}${root ? ` ${bundlesBeside(o.dataDir)}` : ""}
 PrivateTmp=yes
 PrivateDevices=yes
 ProtectKernelTunables=yes
@@ -163,7 +159,7 @@ export async function cmdInstallService(
   }
   execFileSync("install", ["-d", "-m", "0750", "-o", user, "-g", user, dataDir], { stdio: "inherit" });
   // The unit's ReadWritePaths must exist.
-  if (user === "root") execFileSync("install", ["-d", "-m", "0755", rootBundles(dataDir)], { stdio: "inherit" });
+  if (user === "root") execFileSync("install", ["-d", "-m", "0755", bundlesBeside(dataDir)], { stdio: "inherit" });
   const file = "/etc/systemd/system/fleet.service";
   writeFileSync(file, unit, { mode: 0o644 });
   console.log(

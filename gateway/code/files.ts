@@ -36,8 +36,13 @@ import { type TraceMap, parseSourceMap } from "./source-map.ts";
 export function bundleDir(dataDir: string, sandbox: { readonly uids: object | null }): string {
   if (underTmp(dataDir)) return privateTmpDir();
   if (sandbox.uids === null) return join(dataDir, "bundles");
-  const beside = `${dataDir}.bundles`;
+  const beside = bundlesBeside(dataDir);
   return enterableByOthers(dirname(beside)) && writable(beside) ? beside : privateTmpDir();
+}
+
+/** The folder beside the data dir where agents running as other uids read their bundles (made 0755). */
+export function bundlesBeside(dataDir: string): string {
+  return `${dataDir}.bundles`;
 }
 
 /**
@@ -228,10 +233,10 @@ export class BundleFiles {
     const code = this.known.get(hash) ?? (await this.source(hash));
     if (code === null) throw new BundleMissing(hash, "not in the store");
     if ((await blake3Hex(code)) !== hash) throw new BundleMissing(hash, "stored code does not match its hash");
-    if (existsSync(dir)) {
-      // made before
-    } else if (dir.endsWith(".bundles")) mkdirReadable(dir);
-    else mkdirSync(dir, { recursive: true, mode: 0o700 });
+    if (!existsSync(dir)) {
+      if (dir.endsWith(".bundles")) mkdirReadable(dir);
+      else mkdirSync(dir, { recursive: true, mode: 0o700 });
+    }
     const tmp = `${path}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
     writeFileSync(tmp, code, { mode: 0o444 });
     try {
