@@ -76,7 +76,7 @@ import {
   writeLocalToken,
 } from "./auth/index.ts";
 import { appendAudit, appendAuditWithMeta } from "./store/index.ts";
-import { EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
+import { DiskReserve, type DiskStatus, EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
@@ -191,6 +191,8 @@ export class Gateway {
   /** This gateway's sandbox uids among the gateways on this machine (root), let go at stop. */
   private heldUids: HeldUids | null = null;
   private storageWatch: StorageWatch | null = null;
+  /** The data disk's free-space reserve, `[fleet] disk_free_limit_mb` (observe/disk.ts). */
+  private disk: DiskReserve | null = null;
   private executor: EpisodeExecutor | null = null;
   /** The devices registry behind broker auth, or null without a devices file. */
   private devices: DeviceRegistry | null = null;
@@ -320,6 +322,8 @@ export class Gateway {
     this.storageWatch = new StorageWatch(this.store, this.log);
     this.storageWatch.onRecovered = () => this.storageRecovered();
     this.storageWatch.start();
+    this.disk = new DiskReserve(this.dataDir, () => this.current.spec.fleet.disk_free_limit_mb, this.log);
+    this.disk.start();
     this.clockHighWater = await this.store.newestRecordedAt();
     this.watchClock();
     this.metrics = new FleetMetrics(this, { now: this.now });
@@ -500,6 +504,7 @@ export class Gateway {
     this.housekeeping?.stop();
     this.rollouts?.stop();
     this.storageWatch?.stop();
+    this.disk?.stop();
     this.stopDeviceWatch?.();
     this.watcher?.stop();
   }
@@ -539,10 +544,18 @@ export class Gateway {
     this.log.info("fleet stopped");
   }
 
+  /** The data disk's free space against `[fleet] disk_free_limit_mb` (metrics), or null before start. */
+  diskStatus(): DiskStatus | null {
+    return this.disk?.status() ?? null;
+  }
+
   /** `/readyz`: running, commits are not failing for a storage reason, and an external broker is connected. */
   readiness(): Readiness {
     const r = readiness(this.state, this.store);
     if (!r.ready) return r;
+    // Taking nothing from outside while the data disk is low: a balancer should send devices elsewhere.
+    const low = this.disk?.refusal();
+    if (low) return { ready: false, state: r.state, reason: low };
     const degraded = this.infra.degraded;
     // Episodes that cannot start (the machine's failure) make the gateway not ready too.
     if (degraded) return { ready: false, state: r.state, reason: `episodes cannot start: ${degraded.reason}` };
@@ -810,6 +823,8 @@ export class Gateway {
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
       /** How far the clock reads earlier than the newest time seen or recorded (0: it does not). */
       clock_behind_ms: this.clockBehindMs(),
+      /** The data disk's free space and its reserve ([fleet] disk_free_limit_mb); `low`: refusing outside stimuli. */
+      disk: this.diskStatus(),
       /** When this summary was made (ms since the epoch): a retained copy's age (`fleet reshard` reads it). */
       at: Date.now(),
       agents: { total: Object.values(byStatus).reduce((a, b) => a + b, 0), ...byStatus },
@@ -1021,6 +1036,7 @@ export class Gateway {
           if (pressesIntake(kind)) this.pressure.recorded(1);
         },
         released: (a, n) => this.book.released(a, n),
+        diskLow: () => this.disk?.refusal() ?? null,
       },
       this.events,
       this.log,

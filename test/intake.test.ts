@@ -54,6 +54,8 @@ async function setup() {
     [];
   events.on("intake", (e) => intakeEvents.push(e));
   const route = createRouter(spec);
+  // The data disk's reserve as the test sets it: null, or why outside stimuli are refused.
+  const disk = { low: null as string | null };
   const intake = new Intake(
     store,
     {
@@ -61,13 +63,14 @@ async function setup() {
       admit: (a, max) => book.admit(a, max),
       recorded: (a, seq, at) => book.recorded(a, seq, at),
       released: (a, k) => book.released(a, k),
+      diskLow: () => disk.low,
     },
     events,
     log,
     () => 1_000,
   );
   const queuedInStore = async (a: string) => (await store.queuedSummary()).find((q) => q.agent === a)?.n ?? 0;
-  return { store, book, intake, events, notified, intakeEvents, queuedInStore };
+  return { store, book, intake, events, notified, intakeEvents, queuedInStore, disk };
 }
 
 let ctx: Awaited<ReturnType<typeof setup>>;
@@ -87,6 +90,7 @@ describe("refused and rejected device messages", () => {
         admit: (a, max) => ctx.book.admit(a, max),
         recorded: (a, seq, at) => ctx.book.recorded(a, seq, at),
         released: (a, k) => ctx.book.released(a, k),
+        diskLow: () => null,
       },
       ctx.events,
       logger,
@@ -120,6 +124,7 @@ describe("refusals of an agent with a full queue", () => {
         admit: () => ({ ok: false, code: "queue_full", message: "queue full" }),
         recorded: () => {},
         released: () => {},
+        diskLow: () => null,
       },
       ctx.events,
       logger,
@@ -196,6 +201,7 @@ describe("intake admission", () => {
           admit: (a, max) => book.admit(a, max),
           recorded: (a, seq, at) => book.recorded(a, seq, at),
           released: (a, k) => book.released(a, k),
+          diskLow: () => null,
         },
         new FleetEvents(log),
         log,
@@ -277,6 +283,46 @@ describe("intake admission", () => {
     expect(fresh.queued("mon/b1" as AgentId)).toBe(2);
     expect(fresh.total()).toBe(2);
     expect(fresh.isRetired("mon/b1" as AgentId)).toBe(true);
+  });
+});
+
+describe("a data disk below [fleet] disk_free_limit_mb", () => {
+  const LOW = "the data disk is low (12.0 MB free, below [fleet] disk_free_limit_mb = 50); try again later";
+
+  test("refuses stimuli from outside with code disk_low and writes nothing, a rejected message's row too", async () => {
+    const refused: { source: string; type: string; code: string }[] = [];
+    ctx.events.on("refused", (e) => refused.push(e));
+    ctx.disk.low = LOW;
+    const manual = await ctx.intake.record([target("mon", "d1")], "manual", null, enc({ id: 1 }), null);
+    expect(manual.refused).toEqual([{ agent: "mon/d1" as AgentId, code: "disk_low", reason: LOW }]);
+    const hook = await ctx.intake.record([target("mon", "d1")], "webhook", "hooks/h", enc({ id: 2 }), null);
+    expect(hook.refused.map((r) => r.code)).toEqual(["disk_low"]);
+    // A device is refused for now (no PUBACK: it keeps the message), not for good.
+    const v = await ctx.intake.mqtt({ topic: "s/d1/t", payload: enc({ id: 3 }), qos: 1, retain: false });
+    expect(v).toEqual({ ok: false, reason: LOW });
+    // A message naming no valid agent is not recorded as rejected either: it would write a row.
+    const bad = await ctx.intake.mqtt({ topic: "s/bad key!/t", payload: enc({ id: 4 }), qos: 1, retain: false });
+    expect(bad.ok).toBe(false);
+    expect(await ctx.store.countRejected()).toBe(0);
+    expect(await ctx.queuedInStore("mon/d1")).toBe(0);
+    expect(ctx.book.queued("mon/d1" as AgentId)).toBe(0);
+    expect(refused).toEqual([
+      { source: "manual", type: "mon", code: "disk_low" },
+      { source: "webhook", type: "mon", code: "disk_low" },
+      { source: "mqtt", type: "mon", code: "disk_low" },
+    ]);
+  });
+
+  test("timers and wake-ups, the fleet's own, still go in; outside stimuli again once there is room", async () => {
+    ctx.disk.low = LOW;
+    const timer = await ctx.intake.record([target("mon", "d2")], "timer", null, enc(null), "timer:1" as StimulusId);
+    const wake = await ctx.intake.record([target("mon", "d2")], "wake", null, enc(null), "wake:w1" as StimulusId);
+    expect(timer.accepted).toHaveLength(1);
+    expect(wake.accepted).toHaveLength(1);
+    ctx.disk.low = null;
+    const v = await ctx.intake.mqtt({ topic: "s/d2/t", payload: enc({ id: 5 }), qos: 1, retain: false });
+    expect(v.ok).toBe(true);
+    expect(await ctx.queuedInStore("mon/d2")).toBe(3);
   });
 });
 

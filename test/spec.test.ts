@@ -97,6 +97,7 @@ describe("compileSpec", () => {
       sandbox_uids: { first: 1_879_048_192, count: 65_536 },
       drain_timeout_ms: 10_000,
       max_send_hops: 16,
+      disk_free_limit_mb: 50,
     });
     expect(spec.broker).toEqual({
       host: "0.0.0.0",

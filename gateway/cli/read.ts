@@ -12,7 +12,7 @@ import { BundleFiles, bundleDir } from "../code/index.ts";
 import { commandSpawnOptions } from "../episode/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind, shownStatus } from "../types.ts";
 import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
-import { agentView, episodeView, episodesPage } from "../observe/index.ts";
+import { agentView, type DiskStatus, episodeView, episodesPage } from "../observe/index.ts";
 import type { Store } from "../store/index.ts";
 import type { SpecPending } from "../fleet/index.ts";
 
@@ -34,9 +34,11 @@ export async function cmdStatus(cli: Cli): Promise<number> {
                   ? rolloutLines(v as RolloutLine[])
                   : k === "spec_pending" && v
                     ? pendingLine(v as SpecPending)
-                    : typeof v === "object"
-                      ? JSON.stringify(v)
-                      : String(v)
+                    : k === "disk" && v
+                      ? diskLine(v as DiskStatus)
+                      : typeof v === "object"
+                        ? JSON.stringify(v)
+                        : String(v)
             }`,
         ),
       ].join("\n"),
@@ -65,6 +67,15 @@ export async function cmdStatus(cli: Cli): Promise<number> {
       table(counts, ["type", "status", "n"]),
   );
   return 0;
+}
+
+/** The data disk (`/api/fleet` `disk`): free space against `[fleet] disk_free_limit_mb`, and whether it refuses. */
+export function diskLine(d: DiskStatus): string {
+  const mb = (b: number | null) => (b === null ? "?" : (b / 1024 / 1024).toFixed(1));
+  const space = `${mb(d.free_bytes)} MB free of ${mb(d.total_bytes)} MB, reserve ${mb(d.limit_bytes)} MB`;
+  if (!d.low) return space;
+  const since = d.low_since === null ? "" : ` since ${new Date(d.low_since).toISOString()}`;
+  return `${space}: LOW, stimuli from outside refused${since}`;
 }
 
 /** A reload checking a new version (`/api/fleet` `spec_pending`): which check, of what, how long so far. */

@@ -187,11 +187,17 @@ export function intakeResponse(report: IntakeReport, agent: string): Response {
  * Every target refused the stimulus; `message` says why, `extra` joins the error in the body.
  * A full queue drains, so while one is among the reasons the answer is 429 `queue_full` with
  * Retry-After (the client retries); so is a new agent past its type's `max_agents` (429
- * `max_agents`: a place frees when an agent retires or the cap is raised). Only when every
+ * `max_agents`: a place frees when an agent retires or the cap is raised), and a data disk below
+ * `[fleet] disk_free_limit_mb` (503 `storage_unavailable`, as a full disk). Only when every
  * refusal is permanent (retired, draining) is it 409 `refused`. MQTT intake tells transient
  * from permanent the same way.
  */
 export function refusedResponse(report: IntakeReport, message: string, extra: Record<string, unknown> = {}): Response {
+  // The data disk low on space: the answer a full disk gets (nothing recorded, try again later).
+  if (report.refused.some((r) => r.code === "disk_low"))
+    return json({ ...extra, error: { code: "storage_unavailable", message } }, 503, {
+      "retry-after": QUEUE_FULL_RETRY_AFTER,
+    });
   if (report.refused.some((r) => r.code === "queue_full"))
     return json({ ...extra, error: { code: "queue_full", message } }, 429, { "retry-after": QUEUE_FULL_RETRY_AFTER });
   if (report.refused.some((r) => r.code === "max_agents"))

@@ -22,10 +22,15 @@ export interface IntakeView {
   recorded(agent: AgentId, seq: number, receivedAt: number, kind: StimulusKind): void;
   /** Admitted places were not used (duplicates, a failed write). */
   released(agent: AgentId, n?: number): void;
+  /** Why stimuli from outside the fleet are refused now (the data disk's reserve, observe/disk.ts), or null. */
+  diskLow(): string | null;
 }
 
-/** Why intake refused a stimulus for an agent (the queue book's admission codes). */
-export type RefusalCode = AdmissionCode;
+/** Why intake refused a stimulus for an agent: the queue book's admission codes, or a data disk low on space. */
+export type RefusalCode = AdmissionCode | "disk_low";
+
+/** Stimuli from outside the fleet: refused while the data disk is low. Timers and wake-ups are the fleet's own. */
+const OUTSIDE: ReadonlySet<StimulusKind> = new Set<StimulusKind>(["mqtt", "inbox", "webhook", "manual"]);
 
 /** A refused target: `code` for callers to branch on, `reason` for people. */
 export interface Refusal {
@@ -240,6 +245,14 @@ export class Intake {
       // Logged by the broker with its other permanent refusals: one line per 10 s at most.
       return { ok: false, reason: route.problems[0] ?? "unknown inbox", permanent: true };
     }
+    // A data disk low on space takes nothing from outside, a rejected message's row included.
+    if (route.targets.length + route.problems.length > 0) {
+      const low = this.view.diskLow();
+      if (low !== null) {
+        this.refuseLow(route.targets, route.inbox ? "inbox" : "mqtt", msg.topic, low);
+        return { ok: false, reason: low };
+      }
+    }
     const rejected = route.problems.length === 0 ? null : this.reject(msg, client?.id ?? null, route.problems);
     if (route.targets.length === 0) {
       // Every agent it is for belongs to another shard (or none could be named): nothing to record here.
@@ -277,6 +290,13 @@ export class Intake {
     }
     if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) return refusal(report);
     return { ok: true };
+  }
+
+  /** Refuse every target for the data disk's reserve (counted; the reserve logs it, once). */
+  private refuseLow(targets: readonly Target[], kind: StimulusKind, topic: string | null, reason: string): Refusal[] {
+    const refused = targets.map((t) => ({ agent: t.agent, code: "disk_low" as const, reason }));
+    this.refusals.note(refused, kind, topic);
+    return refused;
   }
 
   /** When a rejected message was last logged, and how many since (one line per 10 s at most). */
@@ -328,6 +348,8 @@ export class Intake {
       readonly hops?: number | null;
     } = {},
   ): Promise<IntakeReport> {
+    const low = OUTSIDE.has(kind) ? this.view.diskLow() : null;
+    if (low !== null) return { accepted: [], duplicates: [], refused: this.refuseLow(targets, kind, topic, low) };
     const refused: Refusal[] = [];
     const items: NewStimulus[] = [];
     const parsed = explicitId ? undefined : "parsed" in opts ? opts.parsed : tryJson(payload);

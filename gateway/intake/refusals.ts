@@ -14,7 +14,7 @@ import type { AdmissionCode, AgentId } from "../types.ts";
 interface Refused {
   readonly agent: AgentId;
   /** `send_hops`: a send past `[fleet] max_send_hops` (a loop between agents), refused by the send tool. */
-  readonly code: AdmissionCode | "send_hops";
+  readonly code: AdmissionCode | "send_hops" | "disk_low";
   readonly reason: string;
 }
 
@@ -38,7 +38,8 @@ export class RefusalLog {
     for (const r of refused) {
       this.events.emit("refused", { source, type: r.agent.slice(0, r.agent.indexOf("/")), code: r.code });
       // max_agents refusals are logged by type, once a minute at most (fleet/agent-cap.ts): a flood of new keys.
-      if (r.code === "max_agents") continue;
+      // And a data disk low on space once when it starts and once when it ends (observe/disk.ts).
+      if (r.code === "max_agents" || r.code === "disk_low") continue;
       const count = this.lines.due(`${r.agent}\n${r.code}`);
       if (count !== null)
         this.log.warn({ agent: r.agent, topic, source, refused: count }, `stimulus refused: ${r.reason}`);

@@ -9,3 +9,4 @@ export * from "./views.ts";
 export * from "./storage.ts";
 export * from "./telemetry.ts";
 export * from "./activity.ts";
+export * from "./disk.ts";

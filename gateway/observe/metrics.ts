@@ -11,6 +11,7 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import type { BrokerStats } from "../../broker/index.ts";
 import type { FleetEvents } from "../events.ts";
+import type { DiskStatus } from "./disk.ts";
 import { RollingCounts } from "./rates.ts";
 import {
   AGENT_STATUSES,
@@ -40,6 +41,8 @@ export interface MetricsHost {
   subprocesses(): number;
   /** How far the clock reads earlier than the newest time seen or recorded, ms (gateway.ts). */
   clockBehindMs?(): number;
+  /** The data disk's free space against its reserve ([fleet] disk_free_limit_mb), or null before start. */
+  diskStatus?(): DiskStatus | null;
   /** Stimuli waiting per type, from memory (the queue book); left out, the store is counted. */
   queues?(): readonly TypeQueueCount[];
   /** Replication status, null when `[replication]` is not configured. */
@@ -199,7 +202,8 @@ export class FleetMetrics {
       name: "fleet_intake_refused_total",
       help:
         "Stimuli intake refused for an agent, by source (mqtt|webhook|inbox|manual|wake|timer), agent type and " +
-        "reason (queue_full|retired|draining|max_agents; send_hops: a send past [fleet] max_send_hops). A refused " +
+        "reason (queue_full|retired|draining|max_agents; send_hops: a send past [fleet] max_send_hops; disk_low: " +
+        "the data disk below [fleet] disk_free_limit_mb). A refused " +
         "wake-up is tried again; a refused timer fire is lost for that agent; a refused send is a ToolDenied.",
       labelNames: ["source", "type", "reason"],
       registers,
@@ -462,6 +466,25 @@ export class FleetMetrics {
       registers,
       collect() {
         this.set((host.clockBehindMs?.() ?? 0) / 1000);
+      },
+    });
+    new Gauge({
+      name: "fleet_disk_free_bytes",
+      help: "Free space on the data dir's disk, as df's Avail (what an unprivileged writer may still use).",
+      registers,
+      collect() {
+        const free = host.diskStatus?.()?.free_bytes;
+        if (free !== null && free !== undefined) this.set(free);
+      },
+    });
+    new Gauge({
+      name: "fleet_disk_low",
+      help:
+        "1 while the data dir's disk has less free space than [fleet] disk_free_limit_mb: stimuli from outside " +
+        'the fleet are refused (fleet_intake_refused_total{reason="disk_low"}).',
+      registers,
+      collect() {
+        this.set(host.diskStatus?.()?.low ? 1 : 0);
       },
     });
     new Gauge({

@@ -36,6 +36,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "episode's log), which ends a loop of agents sending to each other. Wake-ups in between are followed; a " +
     "send forwarded to another shard carries the count under MQTT 5 (`broker.mqtt_version`), and starts it " +
     "again under 3.1.1. 0 = no limit. Applies live.",
+  "fleet.disk_free_limit_mb":
+    "Free space (MB) to keep on the disk of the data dir (RabbitMQ's disk_free_limit). Below it, stimuli from " +
+    "outside the fleet are refused as a full queue refuses them (MQTT: no PUBACK; HTTP: 503 " +
+    "storage_unavailable with Retry-After) until the free space is back above the limit plus a tenth; what was " +
+    "accepted still runs, timers and wake-ups go on, /readyz is 503. The room left is for the writes that free " +
+    "space (retention, `fleet gc`) and an operator's pause or reload. 0: none. Applied on reload.",
   "fleet.sandbox":
     'How episode subprocesses are isolated: "auto" picks the strongest available (see [sandbox.md](sandbox.md)).',
   "fleet.allow_weak_sandbox":

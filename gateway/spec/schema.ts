@@ -188,6 +188,13 @@ const positive = () => z.number(says("must be a positive number")).positive(says
  */
 export const DEFAULT_WARM_SPARES = 4;
 
+/**
+ * `[fleet] disk_free_limit_mb`'s default: RabbitMQ's `disk_free_limit` (50 MB). Room for what must still write
+ * while outside stimuli are refused: the accepted stimuli's episodes, retention's deletes (their WAL frames),
+ * an operator's reload.
+ */
+export const DEFAULT_DISK_FREE_LIMIT_MB = 50;
+
 /** The whole file. */
 export const fleetSchema = z.strictObject({
   fleet: table({
@@ -197,6 +204,7 @@ export const fleetSchema = z.strictObject({
     synchronous: z.enum(["full", "normal"], says('must be "full" or "normal"')).default("full"),
     drain_timeout_ms: nonNegInt(10_000),
     max_send_hops: nonNegInt(16),
+    disk_free_limit_mb: nonNegInt(DEFAULT_DISK_FREE_LIMIT_MB),
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
     warm_spares: nonNegInt(DEFAULT_WARM_SPARES),
     allow_weak_sandbox: z.boolean(says("must be true or false")).default(false),

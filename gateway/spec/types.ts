@@ -128,6 +128,11 @@ export interface FleetSpec {
      */
     readonly max_send_hops: number;
     /**
+     * Free space (MB) the data dir's disk keeps: below it, stimuli from outside the fleet are refused until
+     * space is freed (gateway/observe/disk.ts). 0 = no reserve.
+     */
+    readonly disk_free_limit_mb: number;
+    /**
      * How episode subprocesses are isolated: "uid" (root only: a uid of its own per process, `sandbox_uids`), "bwrap"
      * (bubblewrap namespaces: own pid/net/ipc, read-only root; plus "uid" when root),
      * "none", or "auto" (bwrap when it works, else uid when root, else none).
