@@ -322,7 +322,13 @@ export class Gateway {
     this.storageWatch = new StorageWatch(this.store, this.log);
     this.storageWatch.onRecovered = () => this.storageRecovered();
     this.storageWatch.start();
-    this.disk = new DiskReserve(this.dataDir, () => this.current.spec.fleet.disk_free_limit_mb, this.log);
+    const store = this.store;
+    this.disk = new DiskReserve(
+      this.dataDir,
+      () => this.current.spec.fleet.disk_free_limit_mb,
+      this.log,
+      () => store.freePageBytes(),
+    );
     this.disk.start();
     this.clockHighWater = await this.store.newestRecordedAt();
     this.watchClock();

@@ -13,7 +13,8 @@ const MB = 1024 * 1024;
 
 /** A reserve over a disk whose free space the test sets, with a hand-driven clock and a captured log. */
 function reserve(limitMb = 50) {
-  const disk = { free: 100 * MB, looks: 0, fail: null as Error | null };
+  // `dbFree`: fleet.db's free pages; `dbFail`: that read fails.
+  const disk = { free: 100 * MB, looks: 0, fail: null as Error | null, dbFree: 0, dbFail: false };
   const clock = { t: 0 };
   const lines: { level: string; msg: string; obj: Record<string, unknown> }[] = [];
   const at = (level: string) => (obj: object, msg: string) =>
@@ -29,6 +30,10 @@ function reserve(limitMb = 50) {
     "/data",
     () => limit.mb,
     log as never,
+    async () => {
+      if (disk.dbFail) throw new Error("the database is closed");
+      return disk.dbFree;
+    },
     measure,
     () => clock.t,
     () => 1_700_000_000_000,
@@ -49,6 +54,7 @@ describe("the data disk's reserve", () => {
     expect(ask()).toBe("the data disk is low (49.0 MB free, below [fleet] disk_free_limit_mb = 50); try again later");
     expect(r.status()).toEqual({
       free_bytes: 49 * MB,
+      db_free_bytes: 0,
       total_bytes: 1000 * MB,
       limit_bytes: 50 * MB,
       low: true,
@@ -105,6 +111,28 @@ describe("the data disk's reserve", () => {
     expect(lines.filter((l) => l.level === "warn").map((l) => l.msg)).toEqual([
       "cannot read the data disk's free space",
     ]);
+  });
+
+  test("the database's free pages count as room: retention's deletes end the refusal without a VACUUM", async () => {
+    const { r, disk, ask } = reserve();
+    disk.free = 40 * MB;
+    expect(ask()).not.toBeNull();
+    // `fleet gc` freed 20 MB of pages in fleet.db: the disk is as full as before, the next writes reuse them.
+    disk.dbFree = 20 * MB;
+    await r.poll();
+    expect(r.refusal()).toBeNull();
+    expect(r.status()).toMatchObject({ free_bytes: 40 * MB, db_free_bytes: 20 * MB, low: false });
+    // A read of them that fails keeps the last figure.
+    disk.dbFail = true;
+    await r.poll();
+    expect(r.status().db_free_bytes).toBe(20 * MB);
+    // Used up again by new writes: low again, and the message counts both.
+    disk.dbFail = false;
+    disk.dbFree = 2 * MB;
+    await r.poll();
+    expect(r.refusal()).toBe(
+      "the data disk is low (42.0 MB free, below [fleet] disk_free_limit_mb = 50); try again later",
+    );
   });
 
   test("diskSpace reads a real filesystem: free space within its size", () => {

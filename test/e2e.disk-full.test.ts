@@ -226,3 +226,52 @@ describe.skipIf(!canMount)("[fleet] disk_free_limit_mb: the reserve", () => {
     expect(await fleet.stop()).toBe(0);
   }, 120_000);
 });
+
+describe.skipIf(!canMount)("a data disk the fleet's own history filled", () => {
+  test("below the reserve, `fleet gc` makes room in fleet.db and devices are taken again, nothing deleted", async () => {
+    const toml =
+      fleetHeader("e2e-disk-own", { fleet: "disk_free_limit_mb = 12" }) +
+      agentType("fat", fixture("fat"), ["fat/+/c"], {
+        dedup: "id",
+        extra: "\n[agents.fat.checkpoint]\nkeep = 2\n",
+      });
+    const fleet = new TestFleet(toml);
+    expect(mountTmpfs(fleet.dataDir, 48)).toBe(true);
+    await fleet.start();
+    const dev = await fleet.mqtt({ clientId: "dev" });
+    // 256 KB of state per episode, each one kept as a checkpoint until gc: the history fills the disk.
+    let accepted = 0;
+    const isLow = async () => (await fleet.fetch("/readyz")).status === 503;
+    while (!(await isLow()) && accepted < 400) {
+      for (let i = 0; i < 10; i++, accepted++)
+        await dev.publishAsync("fat/a/c", JSON.stringify({ id: `f${accepted}`, kb: 256 }), { qos: 1 });
+      await fleet.waitCommitted("fat/a", accepted, 60_000);
+      await Bun.sleep(300); // one look at the disk
+    }
+    expect(accepted).toBeGreaterThan(20);
+    expect(accepted).toBeLessThan(400);
+    const low = (await (await fleet.fetch("/readyz")).json()) as { reason?: string };
+    expect(low.reason).toStartWith("the data disk is low");
+    // Devices are refused now.
+    const refused = dev.publishAsync("fat/a/c", JSON.stringify({ id: "refused", kb: 1 }), { qos: 1 });
+    refused.catch(() => undefined);
+    expect(await Promise.race([refused.then(() => "acked"), Bun.sleep(1500).then(() => "not acked")])).toBe(
+      "not acked",
+    );
+    await fleet.waitCommitted("fat/a", accepted, 60_000);
+
+    // Retention drops all but the last two checkpoints: pages free inside fleet.db, the file as large as before.
+    const gc = await fleet.cli("gc");
+    expect(gc.code).toBe(0);
+    await waitFor(async () => ((await fleet.fetch("/readyz")).status === 200 ? true : undefined), 20_000, "ready");
+    const disk = ((await (await fleet.fetch("/api/fleet")).json()) as { disk: Record<string, number> }).disk;
+    expect(disk.db_free_bytes).toBeGreaterThan(12 * MB);
+    expect(disk.free_bytes).toBeLessThan(12 * MB);
+    const again = await fleet.mqtt({ clientId: "dev2" });
+    await again.publishAsync("fat/a/c", JSON.stringify({ id: "after", kb: 1 }), { qos: 1 });
+    await fleet.waitCommitted("fat/a", accepted + 1);
+    expect(await fleet.query("SELECT 1 FROM stimuli WHERE sid = 'id:refused'")).toEqual([]);
+    expect(await fleet.stop()).toBe(0);
+    expect((await fleet.cli("verify")).json).toMatchObject({ problems: [] });
+  }, 180_000);
+});

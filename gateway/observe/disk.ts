@@ -10,6 +10,9 @@
  * The disk is looked at (one statfs) at most every CHECK_MS on the intake path, and every POLL_MS in the
  * background so readiness and the gauges follow without traffic. Free space is what an unprivileged writer
  * may use (`df`'s Avail): on a root-run gateway the blocks ext4 keeps for root stay a margin of their own.
+ * Added to it: fleet.db's free pages (read in the background), which the next writes reuse before the file
+ * grows. Retention's deletes free pages, not disk (SQLite returns them only on a VACUUM): without them, a
+ * disk the fleet's own history filled would stay below the limit after `fleet gc` made room.
  */
 import { statfsSync } from "node:fs";
 import type { Logger } from "pino";
@@ -42,7 +45,10 @@ export function clearsAt(limitBytes: number): number {
 
 /** What operators see of the reserve (`/api/fleet` `disk`, the gauges). */
 export interface DiskStatus {
+  /** The filesystem's free space (`df`'s Avail). */
   readonly free_bytes: number | null;
+  /** fleet.db's free pages, reused before the file grows: counted with `free_bytes` against the limit. */
+  readonly db_free_bytes: number;
   readonly total_bytes: number | null;
   readonly limit_bytes: number;
   /** True while outside stimuli are refused. */
@@ -54,6 +60,7 @@ export interface DiskStatus {
 /** Watches the data disk's free space against `[fleet] disk_free_limit_mb` (0: no reserve). */
 export class DiskReserve {
   private space: DiskSpace | null = null;
+  private dbFree = 0;
   private checkedAt = Number.NEGATIVE_INFINITY;
   private lowSince: number | null = null;
   private statFailed = false;
@@ -64,6 +71,8 @@ export class DiskReserve {
     /** The limit in MB, read at each check: a reload that changes it applies at the next one. */
     private readonly limitMb: () => number,
     private readonly log: Pick<Logger, "error" | "warn" | "info">,
+    /** Bytes of the database's free pages (Store.freePageBytes), read in the background; none if absent. */
+    private readonly dbFreeBytes: (() => Promise<number>) | null = null,
     private readonly measure: (dir: string) => DiskSpace = diskSpace,
     private readonly clock: () => number = () => performance.now(),
     private readonly now: () => number = Date.now,
@@ -72,9 +81,21 @@ export class DiskReserve {
   /** Poll in the background (idempotent). */
   start(): void {
     if (this.timer) return;
-    this.check(true);
-    this.timer = setInterval(() => this.check(true), POLL_MS);
+    void this.poll();
+    this.timer = setInterval(() => void this.poll(), POLL_MS);
     this.timer.unref?.();
+  }
+
+  /** One background look: the database's free pages, then the disk. */
+  async poll(): Promise<void> {
+    if (this.dbFreeBytes) {
+      try {
+        this.dbFree = await this.dbFreeBytes();
+      } catch {
+        // A store that is closing, or busy: the last figure stands until the next poll.
+      }
+    }
+    this.check(true);
   }
 
   stop(): void {
@@ -86,7 +107,9 @@ export class DiskReserve {
   refusal(): string | null {
     this.check(false);
     if (this.lowSince === null) return null;
-    const free = this.space ? `${(this.space.freeBytes / MB).toFixed(1)} MB free` : "free space unknown";
+    const free = this.space
+      ? `${((this.space.freeBytes + this.dbFree) / MB).toFixed(1)} MB free`
+      : "free space unknown";
     return `the data disk is low (${free}, below [fleet] disk_free_limit_mb = ${this.limitMb()}); try again later`;
   }
 
@@ -94,6 +117,7 @@ export class DiskReserve {
     this.check(false);
     return {
       free_bytes: this.space?.freeBytes ?? null,
+      db_free_bytes: this.dbFree,
       total_bytes: this.space?.totalBytes ?? null,
       limit_bytes: this.limitMb() * MB,
       low: this.lowSince !== null,
@@ -116,7 +140,7 @@ export class DiskReserve {
       return;
     }
     const limit = this.limitMb() * MB;
-    const free = this.space.freeBytes;
+    const free = this.space.freeBytes + this.dbFree;
     const mb = (free / MB).toFixed(1);
     if (this.lowSince === null) {
       if (limit === 0 || free >= limit) return;

@@ -41,7 +41,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "outside the fleet are refused as a full queue refuses them (MQTT: no PUBACK; HTTP: 503 " +
     "storage_unavailable with Retry-After) until the free space is back above the limit plus a tenth; what was " +
     "accepted still runs, timers and wake-ups go on, /readyz is 503. The room left is for the writes that free " +
-    "space (retention, `fleet gc`) and an operator's pause or reload. 0: none. Applied on reload.",
+    "space (retention, `fleet gc`) and an operator's pause or reload; the pages they free inside fleet.db count as " +
+    "free space (the file does not shrink). 0: none. Applied on reload.",
   "fleet.sandbox":
     'How episode subprocesses are isolated: "auto" picks the strongest available (see [sandbox.md](sandbox.md)).',
   "fleet.allow_weak_sandbox":

@@ -237,6 +237,18 @@ export class Store {
     ]);
   }
 
+  /**
+   * Bytes of the database's free pages: what retention deleted, reused by the next writes before the file
+   * grows (SQLite gives them back to the filesystem only on a VACUUM). The data disk's reserve counts them.
+   */
+  async freePageBytes(): Promise<number> {
+    const [count, size] = await Promise.all([
+      this.client.execute("PRAGMA freelist_count"),
+      this.client.execute("PRAGMA page_size"),
+    ]);
+    return Number(count.rows[0]?.[0] ?? 0) * Number(size.rows[0]?.[0] ?? 0);
+  }
+
   // ---- spec versions -------------------------------------------------------------
 
   /** Record an accepted spec version (idempotent by hash). */
