@@ -228,7 +228,7 @@ describe.skipIf(!canMount)("[fleet] disk_free_limit_mb: the reserve", () => {
 });
 
 describe.skipIf(!canMount)("a data disk the fleet's own history filled", () => {
-  test("below the reserve, `fleet gc` makes room in fleet.db and devices are taken again, nothing deleted", async () => {
+  test("below the reserve, `fleet gc` makes room in fleet.db and devices are taken again", async () => {
     const toml =
       fleetHeader("e2e-disk-own", { fleet: "disk_free_limit_mb = 12" }) +
       agentType("fat", fixture("fat"), ["fat/+/c"], {
