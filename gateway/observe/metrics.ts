@@ -480,7 +480,8 @@ export class FleetMetrics {
     new Gauge({
       name: "fleet_disk_low",
       help:
-        "1 while the data dir's disk has less free space than [fleet] disk_free_limit_mb: stimuli from outside " +
+        "1 while the data dir's disk has less free space (with fleet.db's free pages, which the next writes reuse) " +
+        "than [fleet] disk_free_limit_mb: stimuli from outside " +
         'the fleet are refused (fleet_intake_refused_total{reason="disk_low"}).',
       registers,
       collect() {
