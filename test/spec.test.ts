@@ -421,6 +421,18 @@ describe("schema errors name the key path", () => {
     ["unknown rollout key", agent("[agents.x.rollout]\nsurge = 2"), "agents.x.rollout.surge", /is not a known key/],
     ["a negative max_send_hops", "[fleet]\nmax_send_hops = -1\n", "fleet.max_send_hops", /must be a non-negative/],
     ["max_send_hops as a string", '[fleet]\nmax_send_hops = "16"\n', "fleet.max_send_hops", /must be a non-negative/],
+    [
+      "a negative disk_free_limit_mb",
+      "[fleet]\ndisk_free_limit_mb = -1\n",
+      "fleet.disk_free_limit_mb",
+      /must be a non-negative integer/,
+    ],
+    [
+      "disk_free_limit_mb in other units",
+      '[fleet]\ndisk_free_limit_mb = "1GB"\n',
+      "fleet.disk_free_limit_mb",
+      /must be a non-negative integer/,
+    ],
     ["a negative max_agents", agent("max_agents = -1"), "agents.x.max_agents", /must be a non-negative integer/],
     ["a fractional max_agents", agent("max_agents = 2.5"), "agents.x.max_agents", /must be a non-negative integer/],
     ["max_agents as a string", agent('max_agents = "10"'), "agents.x.max_agents", /must be a non-negative integer/],
