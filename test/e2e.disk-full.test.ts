@@ -79,19 +79,43 @@ function publishAll(c: MqttClient, topics: (i: number) => string, ids: readonly 
 
 const slowType = () => agentType("slow", fixture("slow-counter"), ["slow/+/c"], { dedup: "id" });
 
+/** A fleet started on a tmpfs of `mb` as its data dir. */
+async function fleetOnTmpfs(toml: string, mb: number): Promise<TestFleet> {
+  const fleet = new TestFleet(toml);
+  expect(mountTmpfs(fleet.dataDir, mb)).toBe(true);
+  await fleet.start();
+  return fleet;
+}
+
+/** Four stimuli for `slow/a`, acknowledged now; their episodes take 300 ms each, one after another. */
+async function queueSlow(fleet: TestFleet): Promise<void> {
+  const first = await fleet.mqtt({ clientId: "first" });
+  for (let i = 0; i < 4; i++)
+    await first.publishAsync("slow/a/c", JSON.stringify({ id: `s${i}`, hold_ms: 300 }), { qos: 1 });
+}
+
+/** Wait for /readyz 503; its reason. */
+async function notReady(fleet: TestFleet): Promise<string> {
+  const body = await waitFor(
+    async () => {
+      const r = await fleet.fetch("/readyz");
+      return r.status === 503 ? ((await r.json()) as { reason: string }) : undefined;
+    },
+    20_000,
+    "/readyz 503",
+  );
+  return body.reason;
+}
+
 describe.skipIf(!canMount)("a data disk that fills to its last byte (reserve off)", () => {
   test("nothing is acknowledged while it is full; once there is space all lands once, without a restart", async () => {
     const toml =
       fleetHeader("e2e-disk-full", { fleet: "disk_free_limit_mb = 0" }) +
       counterType("counter", "full/+/c") +
       slowType();
-    const fleet = new TestFleet(toml);
-    expect(mountTmpfs(fleet.dataDir, 48)).toBe(true);
-    await fleet.start();
-    const first = await fleet.mqtt({ clientId: "first" });
-    // Accepted before the disk fills: their episodes (300 ms each, one after another) commit after it did.
-    for (let i = 0; i < 4; i++)
-      await first.publishAsync("slow/a/c", JSON.stringify({ id: `s${i}`, hold_ms: 300 }), { qos: 1 });
+    const fleet = await fleetOnTmpfs(toml, 48);
+    // Accepted before the disk fills: their episodes commit after it did.
+    await queueSlow(fleet);
     const filler = join(fleet.dataDir, "filler");
     fill(filler);
 
@@ -99,15 +123,7 @@ describe.skipIf(!canMount)("a data disk that fills to its last byte (reserve off
     const acked: string[] = [];
     const ids = Array.from({ length: 24 }, (_, i) => `m${i}`);
     const all = publishAll(dev, (i) => `full/k${i % 3}/c`, ids, acked);
-    const ready = await waitFor(
-      async () => {
-        const r = await fleet.fetch("/readyz");
-        return r.status === 503 ? ((await r.json()) as { reason: string }) : undefined;
-      },
-      20_000,
-      "/readyz 503",
-    );
-    expect(ready.reason).toContain("commits failing (disk_full)");
+    expect(await notReady(fleet)).toContain("commits failing (disk_full)");
     const post = await fleet.fetch("/api/agents/counter/h/stimuli", { method: "POST", body: '{"id":"h1"}' });
     expect(post.status).toBe(503);
     expect(((await post.json()) as { error: { code: string } }).error.code).toBe("storage_unavailable");
@@ -152,25 +168,15 @@ describe.skipIf(!canMount)("[fleet] disk_free_limit_mb: the reserve", () => {
       fleetHeader("e2e-disk-reserve", { fleet: "disk_free_limit_mb = 24" }) +
       counterType("counter", "res/+/c") +
       slowType();
-    const fleet = new TestFleet(toml);
-    expect(mountTmpfs(fleet.dataDir, 64)).toBe(true);
-    await fleet.start();
-    const first = await fleet.mqtt({ clientId: "first" });
-    for (let i = 0; i < 4; i++)
-      await first.publishAsync("slow/a/c", JSON.stringify({ id: `s${i}`, hold_ms: 300 }), { qos: 1 });
+    const fleet = await fleetOnTmpfs(toml, 64);
+    await queueSlow(fleet);
     const filler = join(fleet.dataDir, "filler");
     fill(filler, 16 * MB);
     // The gateway looks at the disk every 250 ms at most (2 s without traffic): a device that publishes at
     // once may still get in. Once /readyz says so, nothing does.
-    const ready = await waitFor(
-      async () => {
-        const r = await fleet.fetch("/readyz");
-        return r.status === 503 ? ((await r.json()) as { reason: string }) : undefined;
-      },
-      20_000,
-      "/readyz 503",
+    expect(await notReady(fleet)).toMatch(
+      /^the data disk is low \(1\d\.\d MB free, below \[fleet\] disk_free_limit_mb = 24\)/,
     );
-    expect(ready.reason).toMatch(/^the data disk is low \(1\d\.\d MB free, below \[fleet\] disk_free_limit_mb = 24\)/);
     const dev = await device(fleet.mqttPort, "dev");
     const acked: string[] = [];
     const ids = Array.from({ length: 12 }, (_, i) => `m${i}`);
@@ -235,9 +241,7 @@ describe.skipIf(!canMount)("a data disk the fleet's own history filled", () => {
         dedup: "id",
         extra: "\n[agents.fat.checkpoint]\nkeep = 2\n",
       });
-    const fleet = new TestFleet(toml);
-    expect(mountTmpfs(fleet.dataDir, 48)).toBe(true);
-    await fleet.start();
+    const fleet = await fleetOnTmpfs(toml, 48);
     const dev = await fleet.mqtt({ clientId: "dev" });
     // 256 KB of state per episode, each one kept as a checkpoint until gc: the history fills the disk.
     let accepted = 0;
@@ -259,8 +263,7 @@ describe.skipIf(!canMount)("a data disk the fleet's own history filled", () => {
     }
     expect(accepted).toBeGreaterThan(20);
     expect(accepted).toBeLessThan(400);
-    const low = (await (await fleet.fetch("/readyz")).json()) as { reason?: string };
-    expect(low.reason).toStartWith("the data disk is low");
+    expect(await notReady(fleet)).toStartWith("the data disk is low");
     // Devices are refused now.
     const probe = await fleet.mqtt({ clientId: "probe" });
     const refused = probe.publishAsync("fat/a/c", JSON.stringify({ id: "refused", kb: 1 }), { qos: 1 });
