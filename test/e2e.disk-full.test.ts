@@ -14,8 +14,11 @@ import { agentType, counterType, fleetHeader } from "./helpers/toml.ts";
 
 const MB = 1024 * 1024;
 const mounted: string[] = [];
+/** Devices that reconnect by themselves: ended after the tests, whatever became of them. */
+const devices: MqttClient[] = [];
 
 afterAll(async () => {
+  for (const d of devices) d.end(true);
   // Lazily: a gateway still running keeps its files until it stops; the folders can then be removed.
   for (const dir of [...mounted]) unmount(dir);
   await cleanupAll();
@@ -54,7 +57,8 @@ function fill(path: string, leaveBytes = 0): void {
   const chunk = Buffer.alloc(64 * 1024, 7);
   try {
     for (;;) {
-      const left = statfsSync(path).bavail * statfsSync(path).bsize - leaveBytes;
+      const fs = statfsSync(path);
+      const left = fs.bavail * fs.bsize - leaveBytes;
       if (left <= 0) break;
       writeSync(fd, chunk, 0, Math.min(chunk.length, left));
     }
@@ -67,10 +71,12 @@ function fill(path: string, leaveBytes = 0): void {
 
 /** A device that reconnects and resends what was not acknowledged, as mqtt.js does by default. */
 async function device(port: number, clientId: string): Promise<MqttClient> {
-  return connectAsync(`mqtt://127.0.0.1:${port}`, { clientId, clean: false, reconnectPeriod: 300 });
+  const c = await connectAsync(`mqtt://127.0.0.1:${port}`, { clientId, clean: false, reconnectPeriod: 300 });
+  devices.push(c);
+  return c;
 }
 
-/** Publish QoS 1; resolves with the ids acknowledged so far, as they are. */
+/** Publish each id at QoS 1; `acked` gets each id as its PUBACK comes, the promise resolves once all came. */
 function publishAll(c: MqttClient, topics: (i: number) => string, ids: readonly string[], acked: string[]) {
   return Promise.all(
     ids.map((id, i) => c.publishAsync(topics(i), JSON.stringify({ id }), { qos: 1 }).then(() => acked.push(id))),
