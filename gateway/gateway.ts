@@ -329,6 +329,7 @@ export class Gateway {
       this.log,
       () => store.freePageBytes(),
     );
+    await this.disk.poll();
     this.disk.start();
     this.clockHighWater = await this.store.newestRecordedAt();
     this.watchClock();

@@ -113,6 +113,15 @@ describe("the data disk's reserve", () => {
     ]);
   });
 
+  test("a first poll reads the free pages before it decides: a start is not refused for nothing", async () => {
+    const { r, disk, lines } = reserve();
+    disk.free = 45 * MB;
+    disk.dbFree = 15 * MB;
+    await r.poll();
+    expect(r.refusal()).toBeNull();
+    expect(lines).toEqual([]);
+  });
+
   test("the database's free pages count as room: retention's deletes end the refusal without a VACUUM", async () => {
     const { r, disk, ask } = reserve();
     disk.free = 40 * MB;

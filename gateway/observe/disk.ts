@@ -78,10 +78,12 @@ export class DiskReserve {
     private readonly now: () => number = Date.now,
   ) {}
 
-  /** Poll in the background (idempotent). */
+  /**
+   * Poll in the background from now on (idempotent). Await one `poll()` before: until the database's free
+   * pages are read once, a look counts none, and a disk those pages keep above the limit would read as low.
+   */
   start(): void {
     if (this.timer) return;
-    void this.poll();
     this.timer = setInterval(() => void this.poll(), POLL_MS);
     this.timer.unref?.();
   }
