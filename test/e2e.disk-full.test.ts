@@ -161,6 +161,11 @@ describe.skipIf(!canMount)("a data disk that fills to its last byte (reserve off
     fill(filler);
     await expect(fleet.start()).rejects.toThrow("gateway exited (code 1");
     expect(fleet.logTail(5)).toContain(`fleet: cannot start: the disk of ${fleet.dataDir} is full: free space`);
+    // `fleet status` of the stopped gateway shows why.
+    const stopped = await runCli(["status", "--data-dir", fleet.dataDir]);
+    expect(stopped.stdout).toContain("gateway stopped");
+    expect(stopped.stdout).toMatch(/\ndisk +0\.0 MB free of 48\.0 MB\n/);
+    expect((await fleet.cli("status")).json.disk).toMatchObject({ free_bytes: 0, total_bytes: 48 * MB });
     rmSync(filler);
     await fleet.start();
     expect((await fleet.agent("slow/a"))?.seq).toBe(4);

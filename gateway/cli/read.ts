@@ -12,7 +12,7 @@ import { BundleFiles, bundleDir } from "../code/index.ts";
 import { commandSpawnOptions } from "../episode/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind, shownStatus } from "../types.ts";
 import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
-import { agentView, type DiskStatus, episodeView, episodesPage } from "../observe/index.ts";
+import { agentView, type DiskStatus, diskSpace, episodeView, episodesPage } from "../observe/index.ts";
 import type { Store } from "../store/index.ts";
 import type { SpecPending } from "../fleet/index.ts";
 
@@ -55,11 +55,14 @@ export async function cmdStatus(cli: Cli): Promise<number> {
     const confirmed = Number((await store.getMeta("replication.confirmed_seq")) ?? 0);
     replication = { backlog_rows: Number(rs.rows[0]?.n ?? 0), confirmed_seq: confirmed };
   }
-  const data = { state: "stopped", spec_version: specs[0]?.hash ?? null, agents: counts, replication };
+  // A gateway that will not start on a full disk says so; its free space here (the reserve's limit is the gateway's).
+  const space = stoppedDisk(await cli.dataDir());
+  const data = { state: "stopped", spec_version: specs[0]?.hash ?? null, agents: counts, replication, disk: space };
   cli.print(
     data,
     () =>
       `gateway stopped\nspec_version ${data.spec_version}\n` +
+      (space ? `disk               ${mb(space.free_bytes)} MB free of ${mb(space.total_bytes)} MB\n` : "") +
       (replication
         ? `replication        ${replication.backlog_rows} row(s) not confirmed by the central server ` +
           `(confirmed cursor #${replication.confirmed_seq})\n`
@@ -69,9 +72,21 @@ export async function cmdStatus(cli: Cli): Promise<number> {
   return 0;
 }
 
+/** Bytes as MB with one decimal ("?" unknown). */
+const mb = (b: number | null): string => (b === null ? "?" : (b / 1024 / 1024).toFixed(1));
+
+/** The free space of a stopped gateway's data disk, or null where it cannot be read. */
+function stoppedDisk(dir: string): { free_bytes: number; total_bytes: number } | null {
+  try {
+    const s = diskSpace(dir);
+    return { free_bytes: s.freeBytes, total_bytes: s.totalBytes };
+  } catch {
+    return null;
+  }
+}
+
 /** The data disk (`/api/fleet` `disk`): free space against `[fleet] disk_free_limit_mb`, and whether it refuses. */
 export function diskLine(d: DiskStatus): string {
-  const mb = (b: number | null) => (b === null ? "?" : (b / 1024 / 1024).toFixed(1));
   const space = `${mb(d.free_bytes)} MB free of ${mb(d.total_bytes)} MB, reserve ${mb(d.limit_bytes)} MB`;
   if (!d.low) return space;
   const since = d.low_since === null ? "" : ` since ${new Date(d.low_since).toISOString()}`;
