@@ -78,7 +78,7 @@ import {
 import { appendAudit, appendAuditWithMeta } from "./store/index.ts";
 import { DiskReserve, type DiskStatus, EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
-import { gcAll, resolveQuarantined, type GcReport, type QuarantineAction } from "./ops/index.ts";
+import { gcAll, resolveQuarantined, type GcOutcome, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
 import { intakeFilters, sessionsDropped, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
@@ -645,14 +645,20 @@ export class Gateway {
     return this.redeploy?.reload(reason) ?? Promise.resolve();
   }
 
-  /** Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run, on the gateway's clock. */
-  gc(opts: { dryRun: boolean }): Promise<GcReport> {
-    return gcAll(this.store, this.current.spec, {
+  /**
+   * Retention now (`fleet gc`, POST /api/gc): all passes, or a dry run, on the gateway's clock. A collection
+   * reports the free pages it left in fleet.db, and the data disk's reserve looks again at once (they count).
+   */
+  async gc(opts: { dryRun: boolean }): Promise<GcOutcome> {
+    const report = await gcAll(this.store, this.current.spec, {
       now: this.now(),
       dryRun: opts.dryRun,
       keepUnconfirmed: this.keepUnconfirmed(),
       keepBundles: this.bundlesInUse(),
     });
+    if (opts.dryRun) return report;
+    await this.disk?.poll();
+    return { ...report, dbFreeBytes: await this.store.freePageBytes() };
   }
 
   /** Code bundles episodes may run now: retention keeps them. */

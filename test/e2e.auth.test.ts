@@ -63,6 +63,7 @@ describe("retention runs on the gateway's clock", () => {
     const plain = await call("/api/gc", { method: "POST" });
     expect(plain.status).toBe(200);
     expect(plain.body.stimuliForgotten).toBe(0);
+    expect(plain.body.dbFreeBytes).toBeGreaterThanOrEqual(0);
 
     const again = await send("auth/gc/in", "once");
     expect(again.status).toBe(200);
@@ -83,6 +84,7 @@ describe("retention runs on the gateway's clock", () => {
     const preview = await fleet.cli("gc", "--config", fleet.configPath, "--dry-run", "--now", future);
     expect(preview.code).toBe(0);
     expect(preview.json.stimuliForgotten).toBeGreaterThanOrEqual(1);
+    expect(preview.json.dbFreeBytes).toBeUndefined(); // a preview frees nothing
     expect((await send("auth/gc/in", "once")).body.duplicates.length).toBe(1);
   }, 60_000);
 });

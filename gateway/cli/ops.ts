@@ -7,7 +7,7 @@ import { resolve } from "node:path";
 import { intArg, UsageError, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
-import { auditLocal, gcAll, type GcReport } from "../ops/index.ts";
+import { auditLocal, gcAll, type GcOutcome } from "../ops/index.ts";
 import { createLogger } from "../observe/index.ts";
 import type { Logger } from "pino";
 import { checkConfigs, commandSpawnOptions, configProblemsError, typesToCheck } from "../episode/index.ts";
@@ -160,7 +160,7 @@ export async function cmdGc(cli: Cli): Promise<number> {
   const dryRun = flags["dry-run"] === true;
   const now = intArg("--now (epoch milliseconds)", flags.now, undefined, { min: 0 });
   const live = await cli.running();
-  let report: GcReport;
+  let report: GcOutcome;
   if (now !== undefined && dryRun) {
     const store = await cli.openReadonly();
     const spec = (await loadSpec(cli.configPath)).spec;
@@ -176,7 +176,7 @@ export async function cmdGc(cli: Cli): Promise<number> {
       return 1;
     }
     const res = await liveFetch(live, `/api/gc${dryRun ? "?dry_run=1" : ""}`, { method: "POST" });
-    const body = (await res.json()) as GcReport & { error?: { message: string } };
+    const body = (await res.json()) as GcOutcome & { error?: { message: string } };
     if (!res.ok) {
       console.error(`fleet: gc refused: ${body.error?.message ?? `HTTP ${res.status}`}`);
       return 1;
@@ -196,6 +196,7 @@ export async function cmdGc(cli: Cli): Promise<number> {
       dryRun,
       keepUnconfirmed: spec.replication?.required ?? false,
     });
+    if (!dryRun) report.dbFreeBytes = await store.freePageBytes();
     // Recorded as the running gateway records POST /api/gc (http/access.ts).
     await auditLocal(store, {
       action: dryRun ? "gc.dry_run" : "gc",
@@ -213,7 +214,11 @@ export async function cmdGc(cli: Cli): Promise<number> {
       `episode(s) with ${report.eventsDeleted} event(s), ${report.stimuliForgotten} dedup ` +
       `record(s), ${report.quarantineExpired} quarantined stimulus(es) past quarantine_days dropped, ` +
       `${report.usageRowsDeleted} budget row(s), ${report.bundlesDeleted} code bundle(s) ` +
-      `in ${Math.round(report.ms)} ms`,
+      `in ${Math.round(report.ms)} ms` +
+      (report.dbFreeBytes === undefined
+        ? ""
+        : `; fleet.db has ${(report.dbFreeBytes / 1024 / 1024).toFixed(1)} MB of free pages, ` +
+          "which new writes reuse before the file grows"),
   );
   return 0;
 }

@@ -9,7 +9,7 @@ import type { AuditEntry } from "./access.ts";
 import type { FleetEvents } from "../events.ts";
 import type { LifecycleAction, LifecycleResult } from "../fleet/index.ts";
 import type { Intake, Route } from "../intake/index.ts";
-import type { GcReport, QuarantineAction, ReplayResult, TraceMiss } from "../ops/index.ts";
+import type { GcOutcome, QuarantineAction, ReplayResult, TraceMiss } from "../ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "../ops/index.ts";
 import type { SpecVersion } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
@@ -56,6 +56,6 @@ export interface HttpHost {
   /** The replay gate on `toml` (null: the fleet.toml file as it is now) against the running spec; throws SpecError. */
   deployCheck(toml: string | null, opts: DeployCheckOptions): Promise<DeployCheckReport>;
   /** Retention now, on the gateway's clock (never a client's). */
-  gc(opts: { dryRun: boolean }): Promise<GcReport>;
+  gc(opts: { dryRun: boolean }): Promise<GcOutcome>;
   routeTopic(topic: string): Route;
 }

@@ -33,6 +33,13 @@ export interface GcReport {
   ms: number;
 }
 
+/**
+ * What `fleet gc` and POST /api/gc answer: the report, and after a collection (not a dry run) the bytes of
+ * fleet.db's free pages: the room retention made, which the next writes reuse before the file grows (the data
+ * disk's reserve counts it).
+ */
+export type GcOutcome = GcReport & { dbFreeBytes?: number };
+
 /** Options of a pass. */
 export interface GcOptions {
   readonly now: number;
