@@ -658,7 +658,9 @@ export class Gateway {
     });
     if (opts.dryRun) return report;
     await this.disk?.poll();
-    return { ...report, dbFreeBytes: await this.store.freePageBytes() };
+    // The collection is done: a read of the free pages that fails leaves them out, not the answer.
+    const dbFreeBytes = await this.store.freePageBytes().catch(() => undefined);
+    return dbFreeBytes === undefined ? report : { ...report, dbFreeBytes };
   }
 
   /** Code bundles episodes may run now: retention keeps them. */
