@@ -24,10 +24,11 @@ afterAll(async () => {
   await cleanupAll();
 }, 60_000);
 
-/** Mount a tmpfs of `mb` on `dir`; false where this process may not mount (not root). */
-function mountTmpfs(dir: string, mb: number): boolean {
+/** Mount a tmpfs of `mb` (and `inodes` files, if given) on `dir`; false where this process may not mount. */
+function mountTmpfs(dir: string, mb: number, inodes?: number): boolean {
   mkdirSync(dir, { recursive: true });
-  const r = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", `size=${mb}m,mode=0700`, "tmpfs", dir], {
+  const opts = `size=${mb}m,mode=0700${inodes === undefined ? "" : `,nr_inodes=${inodes}`}`;
+  const r = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", dir], {
     stderr: "pipe",
   });
   if (r.exitCode !== 0) return false;
@@ -86,9 +87,9 @@ function publishAll(c: MqttClient, topics: (i: number) => string, ids: readonly 
 const slowType = () => agentType("slow", fixture("slow-counter"), ["slow/+/c"], { dedup: "id" });
 
 /** A fleet started on a tmpfs of `mb` as its data dir. */
-async function fleetOnTmpfs(toml: string, mb: number): Promise<TestFleet> {
+async function fleetOnTmpfs(toml: string, mb: number, inodes?: number): Promise<TestFleet> {
   const fleet = new TestFleet(toml);
-  expect(mountTmpfs(fleet.dataDir, mb)).toBe(true);
+  expect(mountTmpfs(fleet.dataDir, mb, inodes)).toBe(true);
   await fleet.start();
   return fleet;
 }
@@ -306,4 +307,28 @@ describe.skipIf(!canMount)("a data disk the fleet's own history filled", () => {
       /; fleet\.db has \d+\.\d MB of free pages, which new writes reuse before the file grows\n$/,
     );
   }, 180_000);
+});
+
+describe.skipIf(!canMount)("a data disk with no file left to make (inodes), its bytes free", () => {
+  test("the gateway needs no new file there: devices are acknowledged and episodes commit", async () => {
+    const fleet = await fleetOnTmpfs(fleetHeader("e2e-disk-inodes") + counterType("counter", "ino/+/c"), 64, 400);
+    const c = await fleet.mqtt({ clientId: "dev" });
+    await c.publishAsync("ino/a/c", JSON.stringify({ id: "before" }), { qos: 1 });
+    await fleet.waitCommitted("counter/a", 1);
+    // Every inode taken by empty files of another program.
+    const junk = join(fleet.dataDir, "junk");
+    mkdirSync(junk);
+    let files = 0;
+    try {
+      for (;;) closeSync(openSync(join(junk, `f${files++}`), "w"));
+    } catch (err) {
+      expect((err as NodeJS.ErrnoException).code).toBe("ENOSPC");
+    }
+    expect(statfsSync(fleet.dataDir).ffree).toBe(0);
+    for (let i = 0; i < 5; i++) await c.publishAsync("ino/a/c", JSON.stringify({ id: `after${i}` }), { qos: 1 });
+    await fleet.waitCommitted("counter/a", 6);
+    expect((await fleet.fetch("/readyz")).status).toBe(200);
+    expect((await fleet.agent("counter/a"))?.seq).toBe(6);
+    expect(await fleet.stop()).toBe(0);
+  }, 60_000);
 });
