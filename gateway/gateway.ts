@@ -657,9 +657,8 @@ export class Gateway {
       keepBundles: this.bundlesInUse(),
     });
     if (opts.dryRun) return report;
-    await this.disk?.poll();
-    // The collection is done: a read of the free pages that fails leaves them out, not the answer.
-    const dbFreeBytes = await this.store.freePageBytes().catch(() => undefined);
+    // The reserve's look reads the free pages: a read that fails leaves them out of the answer, not the collection.
+    const dbFreeBytes = await this.disk?.poll();
     return dbFreeBytes === undefined ? report : { ...report, dbFreeBytes };
   }
 

@@ -8,7 +8,7 @@ import { intArg, UsageError, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
 import { Gateway } from "../gateway.ts";
 import { auditLocal, gcAll, type GcOutcome } from "../ops/index.ts";
-import { createLogger } from "../observe/index.ts";
+import { createLogger, mbText } from "../observe/index.ts";
 import type { Logger } from "pino";
 import { checkConfigs, commandSpawnOptions, configProblemsError, typesToCheck } from "../episode/index.ts";
 import { HOST_MODULES } from "../../agents/host/index.ts";
@@ -217,7 +217,7 @@ export async function cmdGc(cli: Cli): Promise<number> {
       `in ${Math.round(report.ms)} ms` +
       (report.dbFreeBytes === undefined
         ? ""
-        : `; fleet.db has ${(report.dbFreeBytes / 1024 / 1024).toFixed(1)} MB of free pages, ` +
+        : `; fleet.db has ${mbText(report.dbFreeBytes)} MB of free pages, ` +
           "which new writes reuse before the file grows"),
   );
   return 0;

@@ -12,7 +12,7 @@ import { BundleFiles, bundleDir } from "../code/index.ts";
 import { commandSpawnOptions } from "../episode/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind, shownStatus } from "../types.ts";
 import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
-import { agentView, type DiskStatus, diskSpace, episodeView, episodesPage } from "../observe/index.ts";
+import { agentView, type DiskStatus, diskSpace, episodeView, episodesPage, mbText } from "../observe/index.ts";
 import type { Store } from "../store/index.ts";
 import type { SpecPending } from "../fleet/index.ts";
 
@@ -73,7 +73,7 @@ export async function cmdStatus(cli: Cli): Promise<number> {
 }
 
 /** Bytes as MB with one decimal ("?" unknown). */
-const mb = (b: number | null): string => (b === null ? "?" : (b / 1024 / 1024).toFixed(1));
+const mb = (b: number | null): string => (b === null ? "?" : mbText(b));
 
 /** The free space of a stopped gateway's data disk, or null where it cannot be read. */
 function stoppedDisk(dir: string): { free_bytes: number; total_bytes: number } | null {

@@ -30,6 +30,11 @@ export function diskSpace(dir: string): DiskSpace {
 }
 
 const MB = 1024 * 1024;
+
+/** Bytes as MB with one decimal, as the reserve's lines and `fleet status` and `fleet gc` print them. */
+export function mbText(bytes: number): string {
+  return (bytes / MB).toFixed(1);
+}
 /** Intake looks at the disk at most this often: a flood of 40,000 messages a second costs ~4 statfs a second. */
 export const CHECK_MS = 250;
 /** And the background at least this often, so /readyz, /metrics and the log follow a quiet gateway's disk. */
@@ -88,16 +93,19 @@ export class DiskReserve {
     this.timer.unref?.();
   }
 
-  /** One background look: the database's free pages, then the disk. */
-  async poll(): Promise<void> {
+  /** One background look: the database's free pages, then the disk. Resolves with the pages' bytes just read. */
+  async poll(): Promise<number | undefined> {
+    let read: number | undefined;
     if (this.dbFreeBytes) {
       try {
-        this.dbFree = await this.dbFreeBytes();
+        read = await this.dbFreeBytes();
+        this.dbFree = read;
       } catch {
         // A store that is closing, or busy: the last figure stands until the next poll.
       }
     }
     this.check(true);
+    return read;
   }
 
   stop(): void {
@@ -109,9 +117,7 @@ export class DiskReserve {
   refusal(): string | null {
     this.check(false);
     if (this.lowSince === null) return null;
-    const free = this.space
-      ? `${((this.space.freeBytes + this.dbFree) / MB).toFixed(1)} MB free`
-      : "free space unknown";
+    const free = this.space ? `${mbText(this.space.freeBytes + this.dbFree)} MB free` : "free space unknown";
     return `the data disk is low (${free}, below [fleet] disk_free_limit_mb = ${this.limitMb()}); try again later`;
   }
 
@@ -143,7 +149,7 @@ export class DiskReserve {
     }
     const limit = this.limitMb() * MB;
     const free = this.space.freeBytes + this.dbFree;
-    const mb = (free / MB).toFixed(1);
+    const mb = mbText(free);
     if (this.lowSince === null) {
       if (limit === 0 || free >= limit) return;
       this.lowSince = this.now();
