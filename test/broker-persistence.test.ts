@@ -50,3 +50,56 @@ abstract({
   persistence: () => new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" }),
   testAsync: true,
 });
+
+/**
+ * A session comes back: aedes restores its subscriptions, then reads its queue back (outgoingStream)
+ * and numbers each packet it sends (outgoingUpdate). A message queued just before the read-back also
+ * goes out live; found by a crash trial (test/helpers/trial.ts): the read-back handed it to aedes, its
+ * live copy was acknowledged, and numbering the read-back's copy failed with "no such packet", which
+ * aedes answers by dropping the client, at every reconnection while messages kept coming.
+ */
+test("a queued message sent live and acknowledged while the queue is read back: sent again, no error", async () => {
+  const p = new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" });
+  await p.setup({ id: "broker-1" });
+  const client = { id: "back-1" };
+  const sub = { clientId: client.id, topic: "out/#", qos: 1 };
+  const packet = (i: number) => ({
+    cmd: "publish",
+    topic: "out/a",
+    payload: Buffer.from(`m${i}`),
+    qos: 1,
+    retain: false,
+    dup: false,
+    brokerId: "broker-1",
+    brokerCounter: i,
+  });
+  type Queued = ReturnType<typeof packet>;
+  // More than a page (500 rows): the second page is read after the live sends below.
+  for (let i = 1; i <= 600; i++) await p.outgoingEnqueueCombi([sub], packet(i));
+  const stream = p.outgoingStream(client)[Symbol.asyncIterator]();
+  const first = (await stream.next()).value as Queued;
+  expect(first.payload.toString()).toBe("m1");
+  // Live copies go out and are acknowledged before aedes numbers what the read-back handed it: m2
+  // (read ahead already) and m550 (on the next page).
+  for (const i of [2, 550]) {
+    await p.outgoingUpdate(client, { ...packet(i), messageId: 1000 + i });
+    expect(await p.outgoingClearMessageId(client, { messageId: 1000 + i })).toBeTruthy();
+  }
+  // aedes wraps what it read (aedes-packet keeps the payload) and numbers it: every one resolves, m2's
+  // copy included (sent once more), where "no such packet" would have dropped the client.
+  await p.outgoingUpdate(client, { ...first, messageId: 1 });
+  const rest: string[] = [];
+  for (let r = await stream.next(), id = 2; !r.done; r = await stream.next(), id++) {
+    const q = r.value as Queued;
+    await p.outgoingUpdate(client, { ...q, messageId: id });
+    rest.push(q.payload.toString());
+  }
+  // What was on the next page and already went out live is not handed over again.
+  expect(rest).not.toContain("m550");
+  expect(rest.filter((m) => m !== "m2")).toEqual(
+    Array.from({ length: 598 }, (_, i) => `m${i + 3}`).filter((m) => m !== "m550"),
+  );
+  // A packet nobody read back and nobody queued is still an error, as in aedes' own persistence.
+  expect(p.outgoingUpdate(client, { ...packet(9999), messageId: 9 })).rejects.toThrow("no such packet");
+  await p.destroy();
+});

@@ -186,6 +186,35 @@ describe('in-memory sessions (persistence = "memory")', () => {
   });
 });
 
+describe("a session that comes back while messages keep coming", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: a queue longer than a page and live messages meanwhile all arrive, never dropped`, async () => {
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 5000 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 5000 },
+      );
+      const sub = await client(broker, { clientId: `back-${kind}`, clean: false });
+      await sub.subscribeAsync("out/#", { qos: 1 });
+      await sub.endAsync();
+      // More than one page of the queue's read-back (500 rows), so the stream reads again after the
+      // client has acknowledged live messages queued behind the ones it was away for.
+      const queued = Array.from({ length: 1200 }, (_, i) => `q${i}`);
+      for (const m of queued) await broker.publish("out/a", m, { qos: 1 });
+      const back = later(broker, { clientId: `back-${kind}`, clean: false });
+      let closed = 0;
+      back.on("close", () => closed++);
+      const live = Array.from({ length: 300 }, (_, i) => `l${i}`);
+      const got = collect(back, queued.length + live.length, 20_000);
+      back.connect();
+      await new Promise<void>((resolve) => back.once("connect", () => resolve()));
+      for (const m of live) await broker.publish("out/a", m, { qos: 1 });
+      expect(new Set(await got)).toEqual(new Set([...queued, ...live]));
+      expect(closed).toBe(0);
+    }, 30_000);
+  }
+});
+
 describe("the RETAIN flag of queued messages", () => {
   for (const kind of ["libsql", "memory"] as const) {
     test(`${kind}: a retained message queued for an away session comes back with RETAIN 0 (MQTT-3.3.1-9)`, async () => {

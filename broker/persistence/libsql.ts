@@ -69,6 +69,8 @@ interface QueueEntry {
   messageId: number | null;
   /** The packet being delivered (set by `outgoingUpdate`), so its PUBACK needs no read-back. */
   inFlight?: StoredPacket;
+  /** When `outgoingUpdate` last numbered it (the persistence's count of sends). */
+  sent?: number;
 }
 const DROP_LOG_INTERVAL_MS = 10_000;
 
@@ -96,6 +98,10 @@ export class LibsqlPersistence {
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
   /** clientId -> rows in its queue. */
   private readonly queues = new Map<string, QueueEntry[]>();
+  /** Packets numbered by `outgoingUpdate` so far: orders a live send against a queue's read-back. */
+  private sends = 0;
+  /** Payloads of the packets queues' read-backs have handed aedes (see outgoingUpdate). */
+  private readonly readBack = new WeakSet<object>();
   /**
    * Clients that may have a will or QoS 2 packets stored: a CONNECT of any other client (the
    * common case) asks the file nothing, so it never waits behind a large commit.
@@ -413,10 +419,15 @@ export class LibsqlPersistence {
     const bc = num(packet.brokerCounter);
     const mid = num(packet.messageId);
     // The index finds the same first row the statement below does.
-    const entry = this.queues
-      .get(client.id)
-      ?.find((e) => (e.brokerId === bid ? e.brokerCounter === bc : mid !== null && e.messageId === mid));
-    if (!entry) throw new Error("no such packet");
+    const entry = this.queuedEntry(client.id, bid, bc, mid);
+    if (!entry) {
+      // Sent live and acknowledged while the queue's read-back (outgoingStream) held it: aedes sends it
+      // once more (at least once) rather than dropping the client for an error. aedes wraps the packet
+      // it read (aedes-packet) but keeps its payload, which tells it from a live send.
+      if (this.readBack.has(packet.payload as object)) return;
+      throw new Error("no such packet");
+    }
+    entry.sent = ++this.sends;
     entry.brokerId = bid;
     entry.brokerCounter = bc;
     entry.messageId = mid;
@@ -463,22 +474,48 @@ export class LibsqlPersistence {
     return row ? decodePacket(String(row.packet), num(row.message_id)) : undefined;
   }
 
-  /** A client's queue, oldest first, read in pages. */
+  /** The first entry of a client's queue that is this packet: the same broker id and counter, else its messageId. */
+  private queuedEntry(clientId: string, bid: string | null, bc: number | null, mid: number | null) {
+    return this.queues
+      .get(clientId)
+      ?.find((e) => (e.brokerId === bid ? e.brokerCounter === bc : mid !== null && e.messageId === mid));
+  }
+
+  /**
+   * A client's queue as it stood when the client came back, oldest first, read in pages: what aedes
+   * sends it on CONNECT. A row is skipped when its entry has left the queue meanwhile, was sent live
+   * since (aedes restores the session's subscriptions before it reads the queue, so a message queued
+   * in between goes out both ways), or was queued after this call (it goes out live). aedes takes a
+   * row it cannot number (`outgoingUpdate`: "no such packet") for the client's error and drops its
+   * connection: a session coming back while messages kept coming was dropped at every try.
+   */
   outgoingStream(client: ClientRef): Readable {
     const self = this;
+    const waiting = new Set(this.queues.get(client.id));
+    const since = this.sends;
     return Readable.from(
       (async function* () {
         let after = 0;
-        for (;;) {
+        while (waiting.size > 0) {
           const [r] = await self.run([
             {
-              sql: `SELECT seq, packet, message_id FROM outgoing WHERE client_id = ? AND seq > ?
-                    ORDER BY seq LIMIT ${PAGE}`,
+              sql: `SELECT seq, packet, message_id, broker_id, broker_counter FROM outgoing
+                    WHERE client_id = ? AND seq > ? ORDER BY seq LIMIT ${PAGE}`,
               args: [client.id, after],
             },
           ]);
           const rows = r!.rows;
-          for (const row of rows) yield decodePacket(String(row.packet), num(row.message_id));
+          for (const row of rows) {
+            const bid = row.broker_id === null ? null : String(row.broker_id);
+            const bc = num(row.broker_counter);
+            const entry = self.queuedEntry(client.id, bid, bc, num(row.message_id));
+            if (entry === undefined || !waiting.delete(entry) || (entry.sent ?? 0) > since) continue;
+            const packet = decodePacket(String(row.packet), num(row.message_id));
+            // Until aedes numbers it, it may still go out live and be acknowledged (see outgoingUpdate).
+            // (A Buffer from the wire or the gateway. A PUBREL has none: its PUBCOMP cannot come before it is sent.)
+            if (typeof packet.payload === "object" && packet.payload !== null) self.readBack.add(packet.payload);
+            yield packet;
+          }
           if (rows.length < PAGE) return;
           after = Number(rows[rows.length - 1]!.seq);
         }
