@@ -1,0 +1,25 @@
+/**
+ * Crash trials with every way into the fleet at once (test/helpers/trial.ts): readings fanned out to
+ * two types, webhooks, sends between agents and wake-ups, a durable broker and a subscriber with a
+ * session, the gateway killed with SIGKILL at seeded moments; every guarantee checked after the last
+ * start. `bun scripts/crash-trials.ts` runs a campaign of many seeds; these run on every test run.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { cleanupAll } from "./helpers/gateway.ts";
+import { crashTrial } from "./helpers/trial.ts";
+
+afterAll(cleanupAll);
+
+describe("crash trials", () => {
+  // Seed 3 kills three times and sends some operations again; seed 12 kills once while the gateway
+  // recovers the previous kill's backlog (scripts/crash-trials.ts prints what each seed does).
+  for (const seed of [3, 12]) {
+    const name = `readings, webhooks, sends and wake-ups through SIGKILLs: each once, all summaries out (seed ${seed})`;
+    test(name, async () => {
+      const r = await crashTrial({ seed });
+      expect(r.kills).toBeGreaterThan(0);
+      expect(r.committed).toBeGreaterThan(r.ops);
+      expect(r.problems).toEqual([]);
+    }, 180_000);
+  }
+});

@@ -1,0 +1,308 @@
+/**
+ * A crash trial with every way into the fleet at once: devices' readings fanned out to two agent
+ * types, webhooks, agents sending to each other and setting wake-ups, with a durable broker and a
+ * subscriber that keeps a session, while the gateway is killed with SIGKILL one to three times at
+ * seeded moments (mid-burst, or while it recovers the last one's backlog). Devices and webhook
+ * callers retry what was not acknowledged, as real ones do.
+ *
+ * After the last start it checks what the contract promises (docs/guarantees.md), and returns every
+ * breach it finds rather than stopping at the first: each acknowledged stimulus committed exactly
+ * once by each agent it was routed to, each committed send delivered and each committed wake-up
+ * fired exactly once (and none that no committed episode made), each agent's state and checkpoint
+ * chain matching its committed history, nothing left queued, pending or quarantined, `fleet verify`
+ * clean, and every committed episode's summary delivered to the persistent subscriber.
+ *
+ * The suite runs a few seeds (test/e2e.crash-trials.test.ts); `bun scripts/crash-trials.ts` runs a
+ * campaign of many.
+ */
+import { cpSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connect, type MqttClient } from "mqtt";
+import { idOfSql, STATUS_COMMITTED } from "../../gateway/store/index.ts";
+import { fixture, TestFleet, waitFor } from "./gateway.ts";
+import { chooser } from "./seeded.ts";
+import { agentType, fleetHeader, q } from "./toml.ts";
+
+const KEYS = ["k0", "k1", "k2", "k3"] as const;
+
+/** One thing a device or a webhook caller asks of the fleet, retried until acknowledged. */
+interface Op {
+  readonly id: string;
+  readonly via: "mqtt" | "webhook";
+  readonly key: string;
+  /** The ledger agent its ledger episode sends to. */
+  readonly to?: string;
+  /** The delay of the wake-up its ledger episode sets, ms. */
+  readonly wake?: number;
+}
+
+export interface TrialOptions {
+  readonly seed: number;
+  /** Operations (readings and webhook calls); default 160. */
+  readonly ops?: number;
+  /** SIGKILLs; default 1 to 3, seeded. */
+  readonly kills?: number;
+  readonly log?: (line: string) => void;
+  /** Copy the directory (data dir, fleet.toml, the gateway's log) of a trial that found a problem to
+   *  a temp dir of its own, named in the log, before the harness removes it. */
+  readonly keep?: boolean;
+}
+
+export interface TrialReport {
+  readonly seed: number;
+  readonly ops: number;
+  readonly kills: number;
+  /** Kills that landed while the gateway recovered the previous one's backlog, nothing published. */
+  readonly recoveryKills: number;
+  /** Operations sent more than once (again after a kill took the first answer, or a refusal). */
+  readonly resent: number;
+  readonly committed: number;
+  readonly sends: number;
+  readonly wakes: number;
+  readonly seconds: number;
+  /** Every breach of the contract found; empty when the trial held. */
+  readonly problems: string[];
+}
+
+/** The stimulus id an operation's ledger episode runs under (docs/http-api.md, dedup). */
+const sidOf = (op: Op): string => (op.via === "mqtt" ? `id:${op.id}` : `idem:${op.id}`);
+
+function plan(seed: number, n: number): Op[] {
+  const c = chooser(seed);
+  return Array.from({ length: n }, (_, i) => {
+    const roll = c.rand();
+    return {
+      id: `op-${seed}-${i}`,
+      via: c.rand() < 0.15 ? "webhook" : "mqtt",
+      key: c.pick(KEYS),
+      ...(roll < 0.2 ? { to: `ledger/${c.pick(KEYS)}` } : {}),
+      ...(roll >= 0.2 && roll < 0.35 ? { wake: 20 + c.int(400) } : {}),
+    };
+  });
+}
+
+function fleetToml(seed: number): string {
+  return (
+    fleetHeader(`trial-${seed}`, { broker: 'persistence = "libsql"' }) +
+    agentType("ledger", fixture("ledger"), ["trial/+/in"], {
+      dedup: "id",
+      // keep = 0: no checkpoint is collected, so the chain is the committed history.
+      extra: 'tools = ["send"]\n[agents.ledger.checkpoint]\nkeep = 0\n',
+    }) +
+    agentType("mirror", fixture("counter"), ["trial/+/in"], {
+      dedup: "id",
+      extra: "[agents.mirror.checkpoint]\nkeep = 0\n",
+    }) +
+    `\n[hooks.trial]\ntype = ${q("ledger")}\nkey_field = ${q("key")}\n`
+  );
+}
+
+/** Run one trial; never throws for a breach of the contract (see `problems`), only for a broken harness. */
+export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
+  const began = performance.now();
+  const log = o.log ?? (() => undefined);
+  const c = chooser(o.seed ^ 0x5eed);
+  const ops = plan(o.seed, o.ops ?? 160);
+  const bySid = new Map(ops.map((op) => [sidOf(op), op]));
+  const kills = o.kills ?? 1 + c.int(3);
+  const fleet = new TestFleet(fleetToml(o.seed));
+  const acked = new Set<string>();
+  const tries = new Map<string, number>();
+  let recoveryKills = 0;
+  const watched = new Set<string>();
+  let watcher: MqttClient | null = null;
+  try {
+    for (let life = 0; life <= kills; life++) {
+      await fleet.start();
+      // A clean = false session: the summaries of episodes committed while it is away wait for it. It
+      // does not reconnect by itself: a connection the broker drops shows as summaries missing.
+      watcher?.end(true);
+      watcher = connect(`mqtt://127.0.0.1:${fleet.mqttPort}`, {
+        clientId: `trial-${o.seed}-watch`,
+        clean: false,
+        reconnectPeriod: 0,
+        manualConnect: true,
+      });
+      watcher.on("message", (_topic, payload) => {
+        const s = JSON.parse(payload.toString()) as { episode?: string; status?: string };
+        if (s.status === "committed" && typeof s.episode === "string") watched.add(s.episode);
+      });
+      const connected = new Promise((resolve, reject) => {
+        watcher!.once("connect", resolve);
+        watcher!.once("error", reject);
+      });
+      watcher.connect();
+      await connected;
+      await watcher.subscribeAsync("fleet/episodes", { qos: 1 });
+      const last = life === kills;
+      if (!last && life > 0 && c.rand() < 0.3) {
+        // Killed again while it runs the backlog the previous kill left (and redelivers outputs).
+        await Bun.sleep(c.int(400));
+        recoveryKills++;
+        log(`  life ${life}: killed while recovering, ${acked.size}/${ops.length} acknowledged`);
+        await fleet.kill();
+        continue;
+      }
+      const remaining = ops.length - acked.size;
+      const killAt = last ? Infinity : acked.size + 5 + c.int(Math.max(1, Math.floor(remaining * 0.6)));
+      const device = await fleet.mqtt({ clientId: `trial-${o.seed}-device-${life}`, reconnectPeriod: 0 });
+      const killed = await drive(fleet, device, ops, { acked, tries }, { killAt, window: 4 + c.int(24) });
+      if (last) break;
+      if (!killed) await waitFor(() => acked.size >= killAt || undefined, 30_000, "acknowledgements to kill at");
+      log(`  life ${life}: killed at ${acked.size}/${ops.length} acknowledged`);
+      await fleet.kill();
+    }
+    if (acked.size < ops.length) throw new Error(`only ${acked.size} of ${ops.length} operations acknowledged`);
+    await waitFor(
+      async () => {
+        const [s] = await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE state <> 'done'");
+        const [w] = await fleet.query<{ n: number }>("SELECT count(*) AS n FROM wakeups WHERE state = 'pending'");
+        return (s?.n ?? 1) + (w?.n ?? 1) === 0 || undefined;
+      },
+      90_000,
+      "every stimulus done and every wake-up fired",
+      200,
+    );
+    const committed = await fleet.query<{ id: string; agent: string; stimulus_id: string }>(
+      `SELECT ${idOfSql("id")} AS id, agent, stimulus_id FROM episodes WHERE status = ${STATUS_COMMITTED}`,
+    );
+    // At least once to a subscriber with a session: give the outbox the time to publish the last ones.
+    await waitFor(() => committed.every((e) => watched.has(e.id)) || undefined, 30_000, "every summary").catch(
+      () => undefined,
+    );
+    const problems = await check(fleet, ops, bySid, committed, watched);
+    const verify = await fleet.cli("verify");
+    if (verify.code !== 0) problems.push(`fleet verify exited ${verify.code}: ${verify.stdout}${verify.stderr}`);
+    const sends = ops.filter((op) => op.to).length;
+    const wakes = ops.filter((op) => op.wake !== undefined).length;
+    if (problems.length > 0 && o.keep === true) {
+      const kept = mkdtempSync(join(tmpdir(), `fleet-crash-trial-${o.seed}-`));
+      await fleet.stop();
+      cpSync(fleet.dir, kept, { recursive: true });
+      log(`  ${problems.length} problem(s); its directory is kept in ${kept}`);
+    }
+    return {
+      seed: o.seed,
+      ops: ops.length,
+      kills,
+      recoveryKills,
+      resent: [...tries.values()].filter((n) => n > 1).length,
+      committed: committed.length,
+      sends,
+      wakes,
+      seconds: (performance.now() - began) / 1000,
+      problems,
+    };
+  } finally {
+    watcher?.end(true);
+    await fleet.dispose();
+  }
+}
+
+/**
+ * Send every operation not yet acknowledged, at most `window` unanswered at once, until all are
+ * answered or `killAt` acknowledgements are in (true: time to kill). A device sends a reading again
+ * only after a reconnection, as the `mqtt` client does; a webhook caller retries a failed call.
+ */
+async function drive(
+  fleet: TestFleet,
+  device: MqttClient,
+  ops: readonly Op[],
+  { acked, tries }: { acked: Set<string>; tries: Map<string, number> },
+  o: { killAt: number; window: number },
+): Promise<boolean> {
+  let inflight = 0;
+  let wake: (() => void) | null = null;
+  const settle = () => {
+    inflight--;
+    wake?.();
+  };
+  const ack = (op: Op) => acked.add(op.id);
+  for (const op of ops) {
+    if (acked.has(op.id)) continue;
+    while (inflight >= o.window && acked.size < o.killAt) await new Promise<void>((r) => (wake = r));
+    if (acked.size >= o.killAt) return true;
+    inflight++;
+    const body = JSON.stringify({ id: op.id, key: op.key, to: op.to, wake: op.wake });
+    const sent =
+      op.via === "mqtt"
+        ? device.publishAsync(`trial/${op.key}/in`, body, { qos: 1 }).then(() => ack(op))
+        : fetch(`${fleet.httpUrl}/hooks/trial`, {
+            method: "POST",
+            headers: { "content-type": "application/json", "idempotency-key": op.id },
+            body,
+          }).then((r) => {
+            if (r.status === 200 || r.status === 202) ack(op);
+          });
+    tries.set(op.id, (tries.get(op.id) ?? 0) + 1);
+    sent.catch(() => undefined).finally(settle);
+  }
+  while (inflight > 0 && acked.size < o.killAt) await new Promise<void>((r) => (wake = r));
+  return acked.size >= o.killAt;
+}
+
+/** Every breach of the contract in the data dir after the last start, as one line each. */
+async function check(
+  fleet: TestFleet,
+  ops: readonly Op[],
+  bySid: ReadonlyMap<string, Op>,
+  committed: readonly { id: string; agent: string; stimulus_id: string }[],
+  watched: ReadonlySet<string>,
+): Promise<string[]> {
+  const problems: string[] = [];
+  const count = new Map<string, number>();
+  for (const e of committed)
+    count.set(`${e.agent} ${e.stimulus_id}`, (count.get(`${e.agent} ${e.stimulus_id}`) ?? 0) + 1);
+  for (const [k, n] of count) if (n > 1) problems.push(`${k}: committed ${n} times`);
+  for (const op of ops) {
+    const ledger = count.get(`ledger/${op.key} ${sidOf(op)}`) ?? 0;
+    if (ledger !== 1)
+      problems.push(`${op.id} (${op.via}, acknowledged): ledger/${op.key} committed it ${ledger} times`);
+    const mirror = count.get(`mirror/${op.key} ${sidOf(op)}`) ?? 0;
+    if (op.via === "mqtt" && mirror !== 1)
+      problems.push(`${op.id} (mqtt, acknowledged): mirror/${op.key} committed it ${mirror} times`);
+  }
+
+  // What each agent's newest state says it ran, against what the store says it committed.
+  const heads = await fleet.query<{ id: string; head_seq: number; state: string | null; chain: number }>(
+    "SELECT a.id, a.head_seq, c.state, (SELECT count(*) FROM checkpoints WHERE agent = a.id) AS chain " +
+      "FROM agents a LEFT JOIN checkpoints c ON c.hash = a.head_hash",
+  );
+  for (const h of heads) {
+    const n = committed.filter((e) => e.agent === h.id).length;
+    if (Number(h.head_seq) !== n || Number(h.chain) !== n)
+      problems.push(`${h.id}: ${n} committed episodes, head_seq ${h.head_seq}, ${h.chain} checkpoints`);
+    if (!h.id.startsWith("ledger/") || h.state === null) continue;
+    const seen = (JSON.parse(h.state) as { seen: Record<string, number> }).seen;
+    for (const [ref, times] of Object.entries(seen)) {
+      if (times !== 1) problems.push(`${h.id}: its state counted ${ref} ${times} times`);
+      const [kind, sid] = ref.startsWith("inbox:") || ref.startsWith("wake:") ? ref.split(/:(.*)/s) : ["", ref];
+      const op = bySid.get(sid!);
+      const made =
+        kind === "inbox"
+          ? op?.to === h.id && count.get(`ledger/${op.key} ${sid}`) === 1
+          : kind === "wake"
+            ? op?.wake !== undefined && `ledger/${op.key}` === h.id
+            : op !== undefined && `ledger/${op.key}` === h.id;
+      if (!made) problems.push(`${h.id}: ran ${ref}, which no acknowledged operation or committed episode made`);
+    }
+    for (const op of ops) {
+      if (op.to === h.id && seen[`inbox:${sidOf(op)}`] !== 1)
+        problems.push(`${h.id}: the send of ${op.id}'s episode arrived ${seen[`inbox:${sidOf(op)}`] ?? 0} times`);
+      if (op.wake !== undefined && `ledger/${op.key}` === h.id && seen[`wake:${sidOf(op)}`] !== 1)
+        problems.push(`${h.id}: the wake-up of ${op.id}'s episode fired ${seen[`wake:${sidOf(op)}`] ?? 0} times`);
+    }
+  }
+  const left = await fleet.query<{ agent: string; sid: string; state: string }>(
+    "SELECT agent, sid, state FROM stimuli WHERE state <> 'done'",
+  );
+  for (const s of left) problems.push(`stimulus ${s.sid} of ${s.agent} left ${s.state}`);
+  const unseen = committed.filter((e) => !watched.has(e.id));
+  if (unseen.length > 0)
+    problems.push(
+      `${unseen.length} committed episodes' summaries never reached the subscriber with a session ` +
+        `(first: ${unseen[0]!.id} of ${unseen[0]!.agent})`,
+    );
+  return problems;
+}
