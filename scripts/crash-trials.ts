@@ -4,7 +4,11 @@
  * SIGKILL one to three times per trial; after each, every guarantee is checked. Seeds run in
  * order from --seed; a trial that finds a problem prints each and keeps its directory.
  *
- * Usage: bun scripts/crash-trials.ts [--trials 20] [--seed 1] [--ops 160] [--kills N]
+ * Usage: bun scripts/crash-trials.ts [--trials 20] [--seed 1] [--ops 160] [--kills N] [--broker mosquitto]
+ *        [--replicate]
+ * (`--broker mosquitto`: a real Mosquitto as the external broker, up through the kills; default the
+ * embedded broker on its libSQL persistence. `--replicate`: replication to a real sqld, itself killed and
+ * restarted once per trial; the central copy must equal the gateway's.)
  * Exit 1 if any trial found a problem.
  */
 import { parseArgs } from "node:util";
@@ -17,9 +21,15 @@ const { values } = parseArgs({
     seed: { type: "string", default: "1" },
     ops: { type: "string", default: "160" },
     kills: { type: "string" },
+    broker: { type: "string", default: "embedded" },
+    replicate: { type: "boolean", default: false },
   },
 });
 const trials = Number(values.trials);
+if (values.broker !== "embedded" && values.broker !== "mosquitto") {
+  console.error(`crash-trials: --broker is "embedded" or "mosquitto", not ${JSON.stringify(values.broker)}`);
+  process.exit(2);
+}
 const first = Number(values.seed);
 const began = performance.now();
 const reports: TrialReport[] = [];
@@ -30,6 +40,8 @@ try {
       ops: Number(values.ops),
       ...(values.kills === undefined ? {} : { kills: Number(values.kills) }),
       keep: true,
+      broker: values.broker === "mosquitto" ? "mosquitto" : "embedded",
+      replicate: values.replicate,
       log: (line) => console.log(line),
     });
     reports.push(r);

@@ -18,9 +18,12 @@
 import { cpSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connect, type MqttClient } from "mqtt";
+import { connect, connectAsync, type MqttClient } from "mqtt";
 import { idOfSql, STATUS_COMMITTED } from "../../gateway/store/index.ts";
-import { fixture, TestFleet, waitFor } from "./gateway.ts";
+import { fixture, runCli, TestFleet, waitFor } from "./gateway.ts";
+import { Mosquitto } from "./mosquitto.ts";
+import { caughtUp, expectCentralEqualsLocal, replicationToml } from "./replication.ts";
+import { Sqld } from "./sqld.ts";
 import { chooser } from "./seeded.ts";
 import { agentType, fleetHeader, q } from "./toml.ts";
 
@@ -43,6 +46,17 @@ export interface TrialOptions {
   readonly ops?: number;
   /** SIGKILLs; default 1 to 3, seeded. */
   readonly kills?: number;
+  /**
+   * "embedded" (default): the gateway's own broker on its libSQL persistence. "mosquitto": a real
+   * Mosquitto as `[broker] url`, which devices and the subscriber use and which stays up through the
+   * kills (it queues what devices publish meanwhile in the gateway's session).
+   */
+  readonly broker?: "embedded" | "mosquitto";
+  /**
+   * Replicate to a real central server (sqld), which is itself killed with SIGKILL and restarted in
+   * one of the lives; after the last start the central copy must equal the gateway's, row for row.
+   */
+  readonly replicate?: boolean;
   readonly log?: (line: string) => void;
   /** Copy the directory (data dir, fleet.toml, the gateway's log) of a trial that found a problem to
    *  a temp dir of its own, named in the log, before the harness removes it. */
@@ -82,9 +96,12 @@ function plan(seed: number, n: number): Op[] {
   });
 }
 
-function fleetToml(seed: number): string {
+function fleetToml(seed: number, mosquitto: Mosquitto | null, central: Sqld | null): string {
+  const broker = mosquitto
+    ? `url = ${q(mosquitto.url)}\nclient_id = ${q(`gw-trial-${seed}`)}`
+    : 'persistence = "libsql"';
   return (
-    fleetHeader(`trial-${seed}`, { broker: 'persistence = "libsql"' }) +
+    fleetHeader(`trial-${seed}`, { broker }) +
     agentType("ledger", fixture("ledger"), ["trial/+/in"], {
       dedup: "id",
       // keep = 0: no checkpoint is collected, so the chain is the committed history.
@@ -94,7 +111,8 @@ function fleetToml(seed: number): string {
       dedup: "id",
       extra: "[agents.mirror.checkpoint]\nkeep = 0\n",
     }) +
-    `\n[hooks.trial]\ntype = ${q("ledger")}\nkey_field = ${q("key")}\n`
+    `\n[hooks.trial]\ntype = ${q("ledger")}\nkey_field = ${q("key")}\n` +
+    (central ? replicationToml(central.url) : "")
   );
 }
 
@@ -106,7 +124,14 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   const ops = plan(o.seed, o.ops ?? 160);
   const bySid = new Map(ops.map((op) => [sidOf(op), op]));
   const kills = o.kills ?? 1 + c.int(3);
-  const fleet = new TestFleet(fleetToml(o.seed));
+  const mosquitto = o.broker === "mosquitto" ? await Mosquitto.start() : null;
+  const central = o.replicate ? await Sqld.start() : null;
+  // The life in which the central server is killed, and how long it stays down.
+  const centralDown = central ? { life: c.int(kills + 1), ms: 200 + c.int(2000) } : null;
+  const fleet = new TestFleet(fleetToml(o.seed, mosquitto, central));
+  const mqttUrl = () => (mosquitto ? mosquitto.url : `mqtt://127.0.0.1:${fleet.mqttPort}`);
+  let device: MqttClient | null = null;
+  let centralBack: Promise<void> | undefined;
   const acked = new Set<string>();
   const tries = new Map<string, number>();
   let recoveryKills = 0;
@@ -118,7 +143,7 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       // A clean = false session: the summaries of episodes committed while it is away wait for it. It
       // does not reconnect by itself: a connection the broker drops shows as summaries missing.
       watcher?.end(true);
-      watcher = connect(`mqtt://127.0.0.1:${fleet.mqttPort}`, {
+      watcher = connect(mqttUrl(), {
         clientId: `trial-${o.seed}-watch`,
         clean: false,
         reconnectPeriod: 0,
@@ -135,6 +160,11 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       watcher.connect();
       await connected;
       await watcher.subscribeAsync("fleet/episodes", { qos: 1 });
+      if (central && centralDown?.life === life) {
+        await central.kill();
+        log(`  life ${life}: central server killed for ${centralDown.ms} ms`);
+        centralBack = Bun.sleep(centralDown.ms).then(() => central.restart());
+      }
       const last = life === kills;
       if (!last && life > 0 && c.rand() < 0.3) {
         // Killed again while it runs the backlog the previous kill left (and redelivers outputs).
@@ -146,13 +176,15 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       }
       const remaining = ops.length - acked.size;
       const killAt = last ? Infinity : acked.size + 5 + c.int(Math.max(1, Math.floor(remaining * 0.6)));
-      const device = await fleet.mqtt({ clientId: `trial-${o.seed}-device-${life}`, reconnectPeriod: 0 });
+      device?.end(true);
+      device = await connectAsync(mqttUrl(), { clientId: `trial-${o.seed}-device-${life}`, reconnectPeriod: 0 });
       const killed = await drive(fleet, device, ops, { acked, tries }, { killAt, window: 4 + c.int(24) });
       if (last) break;
       if (!killed) await waitFor(() => acked.size >= killAt || undefined, 30_000, "acknowledgements to kill at");
       log(`  life ${life}: killed at ${acked.size}/${ops.length} acknowledged`);
       await fleet.kill();
     }
+    await centralBack;
     if (acked.size < ops.length) throw new Error(`only ${acked.size} of ${ops.length} operations acknowledged`);
     await waitFor(
       async () => {
@@ -174,6 +206,7 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
     const problems = await check(fleet, ops, bySid, committed, watched);
     const verify = await fleet.cli("verify");
     if (verify.code !== 0) problems.push(`fleet verify exited ${verify.code}: ${verify.stdout}${verify.stderr}`);
+    if (central) problems.push(...(await centralProblems(fleet, central, `trial-${o.seed}`)));
     const sends = ops.filter((op) => op.to).length;
     const wakes = ops.filter((op) => op.wake !== undefined).length;
     if (problems.length > 0 && o.keep === true) {
@@ -196,7 +229,10 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
     };
   } finally {
     watcher?.end(true);
+    device?.end(true);
     await fleet.dispose();
+    await mosquitto?.dispose();
+    await central?.dispose();
   }
 }
 
@@ -305,4 +341,22 @@ async function check(
         `(first: ${unseen[0]!.id} of ${unseen[0]!.agent})`,
     );
   return problems;
+}
+
+/** The central copy against the gateway's, once the gateway says it has caught up; one line per breach. */
+async function centralProblems(fleet: TestFleet, central: Sqld, name: string): Promise<string[]> {
+  const db = central.client();
+  try {
+    await caughtUp(fleet, 120_000);
+    await expectCentralEqualsLocal(fleet, db, name);
+    const verify = await runCli(["verify", "--central", central.url, "--json"]);
+    const found = (verify.json as { problems?: unknown[] } | undefined)?.problems;
+    return verify.code === 0 && found?.length === 0
+      ? []
+      : [`fleet verify --central exited ${verify.code}: ${verify.stdout.slice(0, 2000)}${verify.stderr.slice(0, 500)}`];
+  } catch (err) {
+    return [`replication: ${String((err as Error).message).slice(0, 2000)}`];
+  } finally {
+    db.close();
+  }
 }
