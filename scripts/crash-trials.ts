@@ -47,8 +47,9 @@ try {
     reports.push(r);
     console.log(
       `seed ${seed}: ${r.problems.length === 0 ? "held" : `${r.problems.length} PROBLEM(S)`}: ${r.kills} kills ` +
-        `(${r.recoveryKills} in recovery), ${r.ops} operations (${r.resent} sent again), ${r.committed} episodes ` +
-        `committed, ${r.sends} sends, ${r.wakes} wake-ups, ${r.seconds.toFixed(1)} s`,
+        `(${r.recoveryKills} in recovery), ${r.stops} graceful stops, ${r.reloads} reloads, ${r.pauses} pauses, ` +
+        `${r.ops} operations (${r.resent} sent again), ${r.committed} episodes committed, ${r.sends} sends, ` +
+        `${r.wakes} wake-ups, ${r.seconds.toFixed(1)} s`,
     );
     for (const p of r.problems) console.log(`  ${p}`);
   }
@@ -60,7 +61,8 @@ const sum = (f: (r: TrialReport) => number) => reports.reduce((n, r) => n + f(r)
 console.log(
   `\n${reports.length} trials (seeds ${first}-${first + reports.length - 1}) in ` +
     `${((performance.now() - began) / 1000).toFixed(0)} s: ${sum((r) => r.kills)} kills ` +
-    `(${sum((r) => r.recoveryKills)} during recovery), ${sum((r) => r.ops)} operations acknowledged ` +
+    `(${sum((r) => r.recoveryKills)} during recovery), ${sum((r) => r.stops)} graceful stops, ` +
+    `${sum((r) => r.reloads)} reloads, ${sum((r) => r.pauses)} pauses, ${sum((r) => r.ops)} operations acknowledged ` +
     `(${sum((r) => r.resent)} sent again), ${sum((r) => r.committed)} episodes committed; ` +
     (failed.length === 0
       ? "every trial held"

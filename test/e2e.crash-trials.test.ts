@@ -11,9 +11,10 @@ import { crashTrial } from "./helpers/trial.ts";
 afterAll(cleanupAll);
 
 describe("crash trials", () => {
-  // Seed 3 kills three times and sends some operations again; seed 12 kills once while the gateway
-  // recovers the previous kill's backlog (scripts/crash-trials.ts prints what each seed does).
-  for (const seed of [3, 12]) {
+  // Seed 9: three kills, one while the gateway recovers the previous kill's backlog, a hot reload, two
+  // agents paused, operations sent again. Seed 5: a kill, then a graceful stop (the drain) with
+  // episodes running, a reload, two pauses. (scripts/crash-trials.ts prints what each seed does.)
+  for (const seed of [9, 5]) {
     const name = `readings, webhooks, sends and wake-ups through SIGKILLs: each once, all summaries out (seed ${seed})`;
     test(name, async () => {
       const r = await crashTrial({ seed });

@@ -2,8 +2,10 @@
  * A crash trial with every way into the fleet at once: devices' readings fanned out to two agent
  * types, webhooks, agents sending to each other and setting wake-ups, with a durable broker and a
  * subscriber that keeps a session, while the gateway is killed with SIGKILL one to three times at
- * seeded moments (mid-burst, or while it recovers the last one's backlog). Devices and webhook
- * callers retry what was not acknowledged, as real ones do.
+ * seeded moments (mid-burst, or while it recovers the last one's backlog) or stopped gracefully, with
+ * fleet.toml hot-reloaded and agents paused and resumed in between. Devices and webhook callers retry
+ * what was not acknowledged, as real ones do. Optionally on a real Mosquitto as the external broker, and
+ * replicating to a real central server that is killed too.
  *
  * After the last start it checks what the contract promises (docs/guarantees.md), and returns every
  * breach it finds rather than stopping at the first: each acknowledged stimulus committed exactly
@@ -15,7 +17,7 @@
  * The suite runs a few seeds (test/e2e.crash-trials.test.ts); `bun scripts/crash-trials.ts` runs a
  * campaign of many.
  */
-import { cpSync, mkdtempSync } from "node:fs";
+import { cpSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, connectAsync, type MqttClient } from "mqtt";
@@ -67,6 +69,12 @@ export interface TrialReport {
   readonly seed: number;
   readonly ops: number;
   readonly kills: number;
+  /** Lives ended by a graceful stop (SIGTERM) instead of a kill. */
+  readonly stops: number;
+  /** Hot reloads of fleet.toml made during the trial. */
+  readonly reloads: number;
+  /** Agents paused (and resumed, unless a kill came first) during the trial. */
+  readonly pauses: number;
   /** Kills that landed while the gateway recovered the previous one's backlog, nothing published. */
   readonly recoveryKills: number;
   /** Operations sent more than once (again after a kill took the first answer, or a refusal). */
@@ -96,12 +104,12 @@ function plan(seed: number, n: number): Op[] {
   });
 }
 
-function fleetToml(seed: number, mosquitto: Mosquitto | null, central: Sqld | null): string {
+function fleetToml(seed: number, mosquitto: Mosquitto | null, central: Sqld | null, maxConcurrent = 4): string {
   const broker = mosquitto
     ? `url = ${q(mosquitto.url)}\nclient_id = ${q(`gw-trial-${seed}`)}`
     : 'persistence = "libsql"';
   return (
-    fleetHeader(`trial-${seed}`, { broker }) +
+    fleetHeader(`trial-${seed}`, { broker, maxConcurrent }) +
     agentType("ledger", fixture("ledger"), ["trial/+/in"], {
       dedup: "id",
       // keep = 0: no checkpoint is collected, so the chain is the committed history.
@@ -128,7 +136,12 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   const central = o.replicate ? await Sqld.start() : null;
   // The life in which the central server is killed, and how long it stays down.
   const centralDown = central ? { life: c.int(kills + 1), ms: 200 + c.int(2000) } : null;
-  const fleet = new TestFleet(fleetToml(o.seed, mosquitto, central));
+  const toml = (maxConcurrent?: number) => fleetToml(o.seed, mosquitto, central, maxConcurrent);
+  const fleet = new TestFleet(toml());
+  // Breaches seen along the way (a graceful stop that failed); the rest are found after the last start.
+  const along: string[] = [];
+  let stops = 0;
+  const disturbed = { reloads: 0, pauses: 0 };
   const mqttUrl = () => (mosquitto ? mosquitto.url : `mqtt://127.0.0.1:${fleet.mqttPort}`);
   let device: MqttClient | null = null;
   let centralBack: Promise<void> | undefined;
@@ -177,12 +190,42 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       const remaining = ops.length - acked.size;
       const killAt = last ? Infinity : acked.size + 5 + c.int(Math.max(1, Math.floor(remaining * 0.6)));
       device?.end(true);
-      device = await connectAsync(mqttUrl(), { clientId: `trial-${o.seed}-device-${life}`, reconnectPeriod: 0 });
-      const killed = await drive(fleet, device, ops, { acked, tries }, { killAt, window: 4 + c.int(24) });
-      if (last) break;
-      if (!killed) await waitFor(() => acked.size >= killAt || undefined, 30_000, "acknowledgements to kill at");
-      log(`  life ${life}: killed at ${acked.size}/${ops.length} acknowledged`);
-      await fleet.kill();
+      device = null;
+      const settle = disturb(fleet, c, toml, (line) => log(`  life ${life}: ${line}`), disturbed);
+      const window = 4 + c.int(24);
+      // The last life sends until everything is acknowledged: a refusal (a full queue) is retried, on a
+      // new connection when the gateway closed the device's to withhold a PUBACK.
+      for (let round = 0; ; round++) {
+        if (!device?.connected) {
+          device?.end(true);
+          device = await connectAsync(mqttUrl(), { clientId: `trial-${o.seed}-device-${life}`, reconnectPeriod: 0 });
+        }
+        const { killed, refused } = await drive(fleet, device, ops, { acked, tries }, { killAt, window });
+        if (killed || acked.size === ops.length) break;
+        if (!last) {
+          log(`  life ${life}: everything sent, ${acked.size} acknowledged; not acknowledged: ${reasons(refused)}`);
+          break;
+        }
+        if (round === 300) throw new Error(`only ${acked.size}/${ops.length} acknowledged; ${reasons(refused)}`);
+        await Bun.sleep(200);
+      }
+      if (last) {
+        await settle();
+        // An agent paused when a kill came stays paused (that is durable): resume every one.
+        await Promise.all(KEYS.map((k) => operate(fleet, `ledger/${k}`, "resume")));
+        break;
+      }
+      if (c.rand() < 0.25) {
+        // A graceful stop instead (SIGTERM: the drain), with episodes running and more queued.
+        stops++;
+        log(`  life ${life}: stopped (SIGTERM) at ${acked.size}/${ops.length} acknowledged`);
+        const code = await fleet.stop(60_000).catch((err: Error) => err.message);
+        if (code !== 0) along.push(`life ${life}: a graceful stop ended with ${code}`);
+      } else {
+        log(`  life ${life}: killed at ${acked.size}/${ops.length} acknowledged`);
+        await fleet.kill();
+      }
+      await settle();
     }
     await centralBack;
     if (acked.size < ops.length) throw new Error(`only ${acked.size} of ${ops.length} operations acknowledged`);
@@ -203,7 +246,7 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
     await waitFor(() => committed.every((e) => watched.has(e.id)) || undefined, 30_000, "every summary").catch(
       () => undefined,
     );
-    const problems = await check(fleet, ops, bySid, committed, watched);
+    const problems = [...along, ...(await check(fleet, ops, bySid, committed, watched))];
     const verify = await fleet.cli("verify");
     if (verify.code !== 0) problems.push(`fleet verify exited ${verify.code}: ${verify.stdout}${verify.stderr}`);
     if (central) problems.push(...(await centralProblems(fleet, central, `trial-${o.seed}`)));
@@ -218,7 +261,9 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
     return {
       seed: o.seed,
       ops: ops.length,
-      kills,
+      kills: kills - stops,
+      stops,
+      ...disturbed,
       recoveryKills,
       resent: [...tries.values()].filter((n) => n > 1).length,
       committed: committed.length,
@@ -237,9 +282,62 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
 }
 
 /**
+ * What else happens during a life, at seeded moments: a hot reload of fleet.toml (another
+ * `max_concurrent_episodes`), an agent paused and resumed through the API. Returns what ends them:
+ * a kill may come first, and an agent it left paused stays paused (it is resumed at the end).
+ */
+function disturb(
+  fleet: TestFleet,
+  c: ReturnType<typeof chooser>,
+  toml: (maxConcurrent: number) => string,
+  log: (line: string) => void,
+  count: { reloads: number; pauses: number },
+): () => Promise<void> {
+  const timers: ReturnType<typeof setTimeout>[] = [];
+  const calls: Promise<unknown>[] = [];
+  // A life lasts a second or two: the moments fall early in it.
+  if (c.rand() < 0.4) {
+    const n = c.pick([2, 3, 4]);
+    const at = c.int(600);
+    timers.push(
+      setTimeout(() => {
+        writeFileSync(fleet.configPath, toml(n));
+        count.reloads++;
+        log(`fleet.toml edited: max_concurrent_episodes = ${n}`);
+      }, at),
+    );
+  }
+  if (c.rand() < 0.4) {
+    const agent = `ledger/${c.pick(KEYS)}`;
+    const at = c.int(400);
+    const held = 50 + c.int(400);
+    timers.push(
+      setTimeout(() => {
+        count.pauses++;
+        log(`${agent} paused for ${held} ms`);
+        calls.push(operate(fleet, agent, "pause"));
+      }, at),
+    );
+    timers.push(setTimeout(() => calls.push(operate(fleet, agent, "resume")), at + held));
+  }
+  return async () => {
+    for (const t of timers) clearTimeout(t);
+    await Promise.allSettled(calls);
+  };
+}
+
+/** `POST /api/agents/<id>/pause|resume` as the operator; an agent not made yet (404) or a gateway gone is fine. */
+async function operate(fleet: TestFleet, agent: string, action: "pause" | "resume"): Promise<void> {
+  if (!fleet.running) return;
+  await fleet.fetch(`/api/agents/${agent}/${action}`, { method: "POST" }).catch(() => undefined);
+}
+
+/**
  * Send every operation not yet acknowledged, at most `window` unanswered at once, until all are
- * answered or `killAt` acknowledgements are in (true: time to kill). A device sends a reading again
- * only after a reconnection, as the `mqtt` client does; a webhook caller retries a failed call.
+ * answered or `killAt` acknowledgements are in (then `killed`: time to kill). A device sends a reading
+ * again only after a reconnection, as the `mqtt` client does; a webhook caller retries a failed call.
+ * `refused` counts the answers that were not acknowledgements, by reason (a full queue's 429, a
+ * connection the gateway closed to withhold a PUBACK).
  */
 async function drive(
   fleet: TestFleet,
@@ -247,7 +345,9 @@ async function drive(
   ops: readonly Op[],
   { acked, tries }: { acked: Set<string>; tries: Map<string, number> },
   o: { killAt: number; window: number },
-): Promise<boolean> {
+): Promise<{ killed: boolean; refused: Map<string, number> }> {
+  const refused = new Map<string, number>();
+  const refuse = (why: string) => refused.set(why, (refused.get(why) ?? 0) + 1);
   let inflight = 0;
   let wake: (() => void) | null = null;
   const settle = () => {
@@ -258,7 +358,7 @@ async function drive(
   for (const op of ops) {
     if (acked.has(op.id)) continue;
     while (inflight >= o.window && acked.size < o.killAt) await new Promise<void>((r) => (wake = r));
-    if (acked.size >= o.killAt) return true;
+    if (acked.size >= o.killAt) return { killed: true, refused };
     inflight++;
     const body = JSON.stringify({ id: op.id, key: op.key, to: op.to, wake: op.wake });
     const sent =
@@ -268,15 +368,16 @@ async function drive(
             method: "POST",
             headers: { "content-type": "application/json", "idempotency-key": op.id },
             body,
-          }).then((r) => {
-            if (r.status === 200 || r.status === 202) ack(op);
-          });
+          }).then((r) => (r.status === 200 || r.status === 202 ? ack(op) : refuse(`HTTP ${r.status}`)));
     tries.set(op.id, (tries.get(op.id) ?? 0) + 1);
-    sent.catch(() => undefined).finally(settle);
+    sent.catch((err: Error) => refuse(`${op.via}: ${err.message}`)).finally(settle);
   }
   while (inflight > 0 && acked.size < o.killAt) await new Promise<void>((r) => (wake = r));
-  return acked.size >= o.killAt;
+  return { killed: acked.size >= o.killAt, refused };
 }
+
+const reasons = (refused: ReadonlyMap<string, number>) =>
+  [...refused].map(([why, n]) => `${n} x ${why}`).join(", ") || "none";
 
 /** Every breach of the contract in the data dir after the last start, as one line each. */
 async function check(
