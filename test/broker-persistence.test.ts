@@ -103,3 +103,35 @@ test("a queued message sent live and acknowledged while the queue is read back: 
   expect(p.outgoingUpdate(client, { ...packet(9999), messageId: 9 })).rejects.toThrow("no such packet");
   await p.destroy();
 });
+
+test("two QoS 2 messages past PUBREC each keep their own PUBREL: both are sent again on reconnect", async () => {
+  const p = new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" });
+  await p.setup({ id: "broker-1" });
+  const client = { id: "qos2-1" };
+  const sub = { clientId: client.id, topic: "out/#", qos: 2 };
+  const publish = (i: number) => ({
+    cmd: "publish",
+    topic: "out/a",
+    payload: Buffer.from(`m${i}`),
+    qos: 2,
+    retain: false,
+    dup: false,
+    brokerId: "broker-1",
+    brokerCounter: i,
+  });
+  for (const i of [1, 2]) await p.outgoingEnqueueCombi([sub], publish(i));
+  // Sent as 5 and 7; the client's PUBRECs turn each into its PUBREL (aedes' pubrec handler).
+  await p.outgoingUpdate(client, { ...publish(1), messageId: 5 });
+  await p.outgoingUpdate(client, { ...publish(2), messageId: 7 });
+  for (const messageId of [5, 7]) await p.outgoingUpdate(client, { cmd: "pubrel", messageId });
+  const resent: unknown[] = [];
+  for await (const packet of p.outgoingStream(client)) resent.push(packet);
+  expect(resent).toEqual([
+    { cmd: "pubrel", messageId: 5 },
+    { cmd: "pubrel", messageId: 7 },
+  ]);
+  // Their PUBCOMPs clear each one.
+  for (const messageId of [5, 7]) expect(await p.outgoingClearMessageId(client, { messageId })).toBeTruthy();
+  expect(p.stats().queued).toBe(0);
+  await p.destroy();
+});

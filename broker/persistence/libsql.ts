@@ -440,8 +440,9 @@ export class LibsqlPersistence {
                   packet = CASE WHEN broker_id IS ?2 AND broker_counter IS ?3 THEN packet ELSE ?5 END,
                   message_id = ?4, broker_id = ?2, broker_counter = ?3
                 WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ?1
-                               AND ((broker_id IS ?2 AND broker_counter IS ?3)
-                                    OR (broker_id IS NOT ?2 AND message_id = ?4))
+                               AND (CASE WHEN ?2 IS NULL THEN message_id = ?4
+                                    ELSE (broker_id IS ?2 AND broker_counter IS ?3)
+                                      OR (broker_id IS NOT ?2 AND message_id = ?4) END)
                              ORDER BY seq LIMIT 1)`,
           args: [client.id, bid, bc, mid, encodePacket(packet)],
         },
@@ -474,11 +475,18 @@ export class LibsqlPersistence {
     return row ? decodePacket(String(row.packet), num(row.message_id)) : undefined;
   }
 
-  /** The first entry of a client's queue that is this packet: the same broker id and counter, else its messageId. */
+  /**
+   * The first entry of a client's queue that is this packet: the same broker id and counter, else its
+   * messageId. A packet with no broker id (a PUBREL, which replaces its PUBLISH) is found by its
+   * messageId alone: matched on the missing ids, as aedes' in-memory persistence does, a second PUBREL
+   * took the first one's entry, so after a reconnection the first message's PUBREL was never sent
+   * again (its QoS 2 flow never completed) and the second message went out twice.
+   */
   private queuedEntry(clientId: string, bid: string | null, bc: number | null, mid: number | null) {
+    const sameId = (e: QueueEntry) => mid !== null && e.messageId === mid;
     return this.queues
       .get(clientId)
-      ?.find((e) => (e.brokerId === bid ? e.brokerCounter === bc : mid !== null && e.messageId === mid));
+      ?.find((e) => (bid === null ? sameId(e) : e.brokerId === bid ? e.brokerCounter === bc : sameId(e)));
   }
 
   /**
@@ -491,12 +499,12 @@ export class LibsqlPersistence {
    */
   outgoingStream(client: ClientRef): Readable {
     const self = this;
-    const waiting = new Set(this.queues.get(client.id));
+    const queued = new Set(this.queues.get(client.id));
     const since = this.sends;
     return Readable.from(
       (async function* () {
         let after = 0;
-        while (waiting.size > 0) {
+        while (queued.size > 0) {
           const [r] = await self.run([
             {
               sql: `SELECT seq, packet, message_id, broker_id, broker_counter FROM outgoing
@@ -509,7 +517,7 @@ export class LibsqlPersistence {
             const bid = row.broker_id === null ? null : String(row.broker_id);
             const bc = num(row.broker_counter);
             const entry = self.queuedEntry(client.id, bid, bc, num(row.message_id));
-            if (entry === undefined || !waiting.delete(entry) || (entry.sent ?? 0) > since) continue;
+            if (entry === undefined || !queued.has(entry) || (entry.sent ?? 0) > since) continue;
             const packet = decodePacket(String(row.packet), num(row.message_id));
             // Until aedes numbers it, it may still go out live and be acknowledged (see outgoingUpdate).
             // (A Buffer from the wire or the gateway. A PUBREL has none: its PUBCOMP cannot come before it is sent.)
