@@ -328,8 +328,10 @@ function disturb(
 
 /** `POST /api/agents/<id>/pause|resume` as the operator; an agent not made yet (404) or a gateway gone is fine. */
 async function operate(fleet: TestFleet, agent: string, action: "pause" | "resume"): Promise<void> {
-  if (!fleet.running) return;
-  await fleet.fetch(`/api/agents/${agent}/${action}`, { method: "POST" }).catch(() => undefined);
+  try {
+    // (A gateway just stopped has removed its token file: `fetch` throws before it sends.)
+    if (fleet.running) await fleet.fetch(`/api/agents/${agent}/${action}`, { method: "POST" });
+  } catch {}
 }
 
 /**
