@@ -5,10 +5,11 @@
  * order from --seed; a trial that finds a problem prints each and keeps its directory.
  *
  * Usage: bun scripts/crash-trials.ts [--trials 20] [--seed 1] [--ops 160] [--kills N] [--broker mosquitto]
- *        [--replicate]
+ *        [--replicate] [--shards N]
  * (`--broker mosquitto`: a real Mosquitto as the external broker, up through the kills; default the
  * embedded broker on its libSQL persistence. `--replicate`: replication to a real sqld, itself killed and
- * restarted once per trial; the central copy must equal the gateway's.)
+ * restarted once per trial; the central copy must equal the gateway's. `--shards N` (with `--broker
+ * mosquitto`): N gateways share the fleet, one of them ends each life, sends cross between them.)
  * Exit 1 if any trial found a problem.
  */
 import { parseArgs } from "node:util";
@@ -23,6 +24,7 @@ const { values } = parseArgs({
     kills: { type: "string" },
     broker: { type: "string", default: "embedded" },
     replicate: { type: "boolean", default: false },
+    shards: { type: "string", default: "1" },
   },
 });
 const trials = Number(values.trials);
@@ -42,6 +44,7 @@ try {
       keep: true,
       broker: values.broker === "mosquitto" ? "mosquitto" : "embedded",
       replicate: values.replicate,
+      shards: Number(values.shards),
       log: (line) => console.log(line),
     });
     reports.push(r);

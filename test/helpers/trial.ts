@@ -21,6 +21,7 @@ import { cpSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, connectAsync, type MqttClient } from "mqtt";
+import { ownerShard } from "../../gateway/shard.ts";
 import { idOfSql, STATUS_COMMITTED } from "../../gateway/store/index.ts";
 import { fixture, runCli, TestFleet, waitFor } from "./gateway.ts";
 import { Mosquitto } from "./mosquitto.ts";
@@ -59,6 +60,12 @@ export interface TrialOptions {
    * one of the lives; after the last start the central copy must equal the gateway's, row for row.
    */
   readonly replicate?: boolean;
+  /**
+   * Gateways sharing the fleet (`[fleet] shard`, docs/shards.md; 1 by default, more need
+   * `broker: "mosquitto"`): each life ends one of them, the others run on; webhooks and operator
+   * calls go to the owner of their agent, and sends cross between shards through the broker.
+   */
+  readonly shards?: number;
   readonly log?: (line: string) => void;
   /** Copy the directory (data dir, fleet.toml, the gateway's log) of a trial that found a problem to
    *  a temp dir of its own, named in the log, before the harness removes it. */
@@ -104,12 +111,20 @@ function plan(seed: number, n: number): Op[] {
   });
 }
 
-function fleetToml(seed: number, mosquitto: Mosquitto | null, central: Sqld | null, maxConcurrent = 4): string {
+interface Setup {
+  readonly seed: number;
+  readonly mosquitto: Mosquitto | null;
+  readonly central: Sqld | null;
+  /** `[fleet] shard` as "i/N", or null. */
+  readonly shard: string | null;
+}
+
+function fleetToml({ seed, mosquitto, central, shard }: Setup, maxConcurrent = 4): string {
   const broker = mosquitto
     ? `url = ${q(mosquitto.url)}\nclient_id = ${q(`gw-trial-${seed}`)}`
     : 'persistence = "libsql"';
   return (
-    fleetHeader(`trial-${seed}`, { broker, maxConcurrent }) +
+    fleetHeader(`trial-${seed}`, { broker, maxConcurrent, fleet: shard ? `shard = ${q(shard)}` : undefined }) +
     agentType("ledger", fixture("ledger"), ["trial/+/in"], {
       dedup: "id",
       // keep = 0: no checkpoint is collected, so the chain is the committed history.
@@ -136,13 +151,22 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   const central = o.replicate ? await Sqld.start() : null;
   // The life in which the central server is killed, and how long it stays down.
   const centralDown = central ? { life: c.int(kills + 1), ms: 200 + c.int(2000) } : null;
-  const toml = (maxConcurrent?: number) => fleetToml(o.seed, mosquitto, central, maxConcurrent);
-  const fleet = new TestFleet(toml());
+  const shards = o.shards ?? 1;
+  if (shards > 1 && !mosquitto) throw new Error('shards need the external broker (broker: "mosquitto")');
+  const fleets = Array.from({ length: shards }, (_, i) => {
+    const setup = { seed: o.seed, mosquitto, central, shard: shards > 1 ? `${i + 1}/${shards}` : null };
+    return new TestFleet(fleetToml(setup));
+  });
+  const tomls = (maxConcurrent: number) =>
+    fleets.map((_, i) =>
+      fleetToml({ seed: o.seed, mosquitto, central, shard: shards > 1 ? `${i + 1}/${shards}` : null }, maxConcurrent),
+    );
+  const owner = (agent: string) => fleets[shards > 1 ? ownerShard(agent, shards) - 1 : 0]!;
   // Breaches seen along the way (a graceful stop that failed); the rest are found after the last start.
   const along: string[] = [];
   let stops = 0;
   const disturbed = { reloads: 0, pauses: 0 };
-  const mqttUrl = () => (mosquitto ? mosquitto.url : `mqtt://127.0.0.1:${fleet.mqttPort}`);
+  const mqttUrl = () => (mosquitto ? mosquitto.url : `mqtt://127.0.0.1:${fleets[0]!.mqttPort}`);
   let device: MqttClient | null = null;
   let centralBack: Promise<void> | undefined;
   const acked = new Set<string>();
@@ -150,9 +174,12 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   let recoveryKills = 0;
   const watched = new Set<string>();
   let watcher: MqttClient | null = null;
+  // The gateway this life ends (with one shard, always the one).
+  let victim = fleets[0]!;
+  const name = (f: TestFleet) => (shards > 1 ? `shard ${fleets.indexOf(f) + 1}` : "the gateway");
   try {
     for (let life = 0; life <= kills; life++) {
-      await fleet.start();
+      for (const f of fleets) if (!f.running) await f.start();
       // A clean = false session: the summaries of episodes committed while it is away wait for it. It
       // does not reconnect by itself: a connection the broker drops shows as summaries missing.
       watcher?.end(true);
@@ -183,15 +210,15 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
         // Killed again while it runs the backlog the previous kill left (and redelivers outputs).
         await Bun.sleep(c.int(400));
         recoveryKills++;
-        log(`  life ${life}: killed while recovering, ${acked.size}/${ops.length} acknowledged`);
-        await fleet.kill();
+        log(`  life ${life}: ${name(victim)} killed while recovering, ${acked.size}/${ops.length} acknowledged`);
+        await victim.kill();
         continue;
       }
       const remaining = ops.length - acked.size;
       const killAt = last ? Infinity : acked.size + 5 + c.int(Math.max(1, Math.floor(remaining * 0.6)));
       device?.end(true);
       device = null;
-      const settle = disturb(fleet, c, toml, (line) => log(`  life ${life}: ${line}`), disturbed);
+      const settle = disturb(fleets, owner, c, tomls, (line) => log(`  life ${life}: ${line}`), disturbed);
       const window = 4 + c.int(24);
       // The last life sends until everything is acknowledged: a refusal (a full queue) is retried, on a
       // new connection when the gateway closed the device's to withhold a PUBACK.
@@ -200,7 +227,8 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
           device?.end(true);
           device = await connectAsync(mqttUrl(), { clientId: `trial-${o.seed}-device-${life}`, reconnectPeriod: 0 });
         }
-        const { killed, refused } = await drive(fleet, device, ops, { acked, tries }, { killAt, window });
+        const hookUrl = (op: Op) => `${owner(`ledger/${op.key}`).httpUrl}/hooks/trial`;
+        const { killed, refused } = await drive(hookUrl, device, ops, { acked, tries }, { killAt, window });
         if (killed || acked.size === ops.length) break;
         if (!last) {
           log(`  life ${life}: everything sent, ${acked.size} acknowledged; not acknowledged: ${reasons(refused)}`);
@@ -212,51 +240,60 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       if (last) {
         await settle();
         // An agent paused when a kill came stays paused (that is durable): resume every one.
-        await Promise.all(KEYS.map((k) => operate(fleet, `ledger/${k}`, "resume")));
+        await Promise.all(KEYS.map((k) => operate(owner(`ledger/${k}`), `ledger/${k}`, "resume")));
         break;
       }
+      if (shards > 1) victim = fleets[c.int(shards)]!;
       if (c.rand() < 0.25) {
         // A graceful stop instead (SIGTERM: the drain), with episodes running and more queued.
         stops++;
-        log(`  life ${life}: stopped (SIGTERM) at ${acked.size}/${ops.length} acknowledged`);
-        const code = await fleet.stop(60_000).catch((err: Error) => err.message);
+        log(`  life ${life}: ${name(victim)} stopped (SIGTERM) at ${acked.size}/${ops.length} acknowledged`);
+        const code = await victim.stop(60_000).catch((err: Error) => err.message);
         if (code !== 0) along.push(`life ${life}: a graceful stop ended with ${code}`);
       } else {
-        log(`  life ${life}: killed at ${acked.size}/${ops.length} acknowledged`);
-        await fleet.kill();
+        log(`  life ${life}: ${name(victim)} killed at ${acked.size}/${ops.length} acknowledged`);
+        await victim.kill();
       }
       await settle();
     }
     await centralBack;
     if (acked.size < ops.length) throw new Error(`only ${acked.size} of ${ops.length} operations acknowledged`);
+    const all = async <T>(sql: string) => (await Promise.all(fleets.map((f) => f.query<T>(sql)))).flat();
     await waitFor(
       async () => {
-        const [s] = await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE state <> 'done'");
-        const [w] = await fleet.query<{ n: number }>("SELECT count(*) AS n FROM wakeups WHERE state = 'pending'");
-        return (s?.n ?? 1) + (w?.n ?? 1) === 0 || undefined;
+        const left = await all<{ n: number }>(
+          "SELECT (SELECT count(*) FROM stimuli WHERE state <> 'done') + " +
+            "(SELECT count(*) FROM wakeups WHERE state = 'pending') AS n",
+        );
+        return left.every((r) => Number(r.n) === 0) || undefined;
       },
       90_000,
       "every stimulus done and every wake-up fired",
       200,
     );
-    const committed = await fleet.query<{ id: string; agent: string; stimulus_id: string }>(
+    const committed = await all<{ id: string; agent: string; stimulus_id: string }>(
       `SELECT ${idOfSql("id")} AS id, agent, stimulus_id FROM episodes WHERE status = ${STATUS_COMMITTED}`,
     );
     // At least once to a subscriber with a session: give the outbox the time to publish the last ones.
     await waitFor(() => committed.every((e) => watched.has(e.id)) || undefined, 30_000, "every summary").catch(
       () => undefined,
     );
-    const problems = [...along, ...(await check(fleet, ops, bySid, committed, watched))];
-    const verify = await fleet.cli("verify");
-    if (verify.code !== 0) problems.push(`fleet verify exited ${verify.code}: ${verify.stdout}${verify.stderr}`);
-    if (central) problems.push(...(await centralProblems(fleet, central, `trial-${o.seed}`)));
+    const problems = [...along, ...(await check(all, ops, bySid, committed, watched))];
+    for (const f of fleets) {
+      const verify = await f.cli("verify");
+      if (verify.code !== 0)
+        problems.push(`${name(f)}: fleet verify exited ${verify.code}: ${verify.stdout}${verify.stderr}`);
+      if (central) problems.push(...(await centralProblems(f, central, `trial-${o.seed}`)));
+    }
     const sends = ops.filter((op) => op.to).length;
     const wakes = ops.filter((op) => op.wake !== undefined).length;
     if (problems.length > 0 && o.keep === true) {
       const kept = mkdtempSync(join(tmpdir(), `fleet-crash-trial-${o.seed}-`));
-      await fleet.stop();
-      cpSync(fleet.dir, kept, { recursive: true });
-      log(`  ${problems.length} problem(s); its directory is kept in ${kept}`);
+      for (const [i, f] of fleets.entries()) {
+        await f.stop();
+        cpSync(f.dir, join(kept, `gateway-${i + 1}`), { recursive: true });
+      }
+      log(`  ${problems.length} problem(s); the gateways' directories are kept in ${kept}`);
     }
     return {
       seed: o.seed,
@@ -275,7 +312,7 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   } finally {
     watcher?.end(true);
     device?.end(true);
-    await fleet.dispose();
+    for (const f of fleets) await f.dispose();
     await mosquitto?.dispose();
     await central?.dispose();
   }
@@ -287,9 +324,10 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
  * a kill may come first, and an agent it left paused stays paused (it is resumed at the end).
  */
 function disturb(
-  fleet: TestFleet,
+  fleets: readonly TestFleet[],
+  owner: (agent: string) => TestFleet,
   c: ReturnType<typeof chooser>,
-  toml: (maxConcurrent: number) => string,
+  tomls: (maxConcurrent: number) => string[],
   log: (line: string) => void,
   count: { reloads: number; pauses: number },
 ): () => Promise<void> {
@@ -301,7 +339,8 @@ function disturb(
     const at = c.int(600);
     timers.push(
       setTimeout(() => {
-        writeFileSync(fleet.configPath, toml(n));
+        const texts = tomls(n);
+        for (const [i, f] of fleets.entries()) writeFileSync(f.configPath, texts[i]!);
         count.reloads++;
         log(`fleet.toml edited: max_concurrent_episodes = ${n}`);
       }, at),
@@ -315,10 +354,10 @@ function disturb(
       setTimeout(() => {
         count.pauses++;
         log(`${agent} paused for ${held} ms`);
-        calls.push(operate(fleet, agent, "pause"));
+        calls.push(operate(owner(agent), agent, "pause"));
       }, at),
     );
-    timers.push(setTimeout(() => calls.push(operate(fleet, agent, "resume")), at + held));
+    timers.push(setTimeout(() => calls.push(operate(owner(agent), agent, "resume")), at + held));
   }
   return async () => {
     for (const t of timers) clearTimeout(t);
@@ -342,7 +381,7 @@ async function operate(fleet: TestFleet, agent: string, action: "pause" | "resum
  * connection the gateway closed to withhold a PUBACK).
  */
 async function drive(
-  fleet: TestFleet,
+  hookUrl: (op: Op) => string,
   device: MqttClient,
   ops: readonly Op[],
   { acked, tries }: { acked: Set<string>; tries: Map<string, number> },
@@ -366,7 +405,7 @@ async function drive(
     const sent =
       op.via === "mqtt"
         ? device.publishAsync(`trial/${op.key}/in`, body, { qos: 1 }).then(() => ack(op))
-        : fetch(`${fleet.httpUrl}/hooks/trial`, {
+        : fetch(hookUrl(op), {
             method: "POST",
             headers: { "content-type": "application/json", "idempotency-key": op.id },
             body,
@@ -383,7 +422,7 @@ const reasons = (refused: ReadonlyMap<string, number>) =>
 
 /** Every breach of the contract in the data dir after the last start, as one line each. */
 async function check(
-  fleet: TestFleet,
+  all: <T>(sql: string) => Promise<T[]>,
   ops: readonly Op[],
   bySid: ReadonlyMap<string, Op>,
   committed: readonly { id: string; agent: string; stimulus_id: string }[],
@@ -404,7 +443,7 @@ async function check(
   }
 
   // What each agent's newest state says it ran, against what the store says it committed.
-  const heads = await fleet.query<{ id: string; head_seq: number; state: string | null; chain: number }>(
+  const heads = await all<{ id: string; head_seq: number; state: string | null; chain: number }>(
     "SELECT a.id, a.head_seq, c.state, (SELECT count(*) FROM checkpoints WHERE agent = a.id) AS chain " +
       "FROM agents a LEFT JOIN checkpoints c ON c.hash = a.head_hash",
   );
@@ -433,7 +472,7 @@ async function check(
         problems.push(`${h.id}: the wake-up of ${op.id}'s episode fired ${seen[`wake:${sidOf(op)}`] ?? 0} times`);
     }
   }
-  const left = await fleet.query<{ agent: string; sid: string; state: string }>(
+  const left = await all<{ agent: string; sid: string; state: string }>(
     "SELECT agent, sid, state FROM stimuli WHERE state <> 'done'",
   );
   for (const s of left) problems.push(`stimulus ${s.sid} of ${s.agent} left ${s.state}`);
