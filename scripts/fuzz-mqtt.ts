@@ -1,12 +1,13 @@
 /**
  * Throws mutated MQTT at a real gateway and checks it keeps serving:
- * `bun scripts/fuzz-mqtt.ts [--seconds 120] [--seed 1] [--auth] [--ws] [--verbose]`.
+ * `bun scripts/fuzz-mqtt.ts [--seconds 120] [--seed 1] [--auth] [--ws] [--libsql] [--verbose]`.
  * Each round opens a few raw TCP connections that send valid packets (mqtt-packet, MQTT 3.1.1 and 5),
  * some with bytes flipped, cut or inserted, a bad remaining length or another first byte, their
  * publishes carrying readings with odd dedup ids, or payloads that are not JSON objects; every 200
  * connections a well-behaved client publishes at QoS 1 and must be acknowledged. `--auth`: the broker
  * wants logins (a devices file with one device); most fuzzed CONNECTs log in as it, the rest guess.
  * `--ws`: half the connections come over the WebSocket listener instead, their bytes cut into frames.
+ * `--libsql`: the broker keeps sessions on its libSQL persistence (half the CONNECTs ask for one).
  * Then the gateway starts again on the fuzzed data dir and must serve a device once more.
  * Ends non-zero if the gateway exits, stops acknowledging, or logs an error it did not handle.
  * `--verbose` also counts the gateway's log lines by message (which refusals the fuzz reached).
@@ -22,7 +23,7 @@ import { finish, fuzzArgs, sinkAgent } from "./bench/fuzzkit.ts";
 import { ROOT, tempDir } from "./bench/harness.ts";
 import { startGateway } from "./bench/procs.ts";
 
-const values = fuzzArgs(120, ["auth", "ws"]);
+const values = fuzzArgs(120, ["auth", "ws", "libsql"]);
 /** `--ws`: half the connections come over the WebSocket listener, on a port free a moment ago. */
 const wsPort = values.ws ? await freePort() : null;
 const { rand, int, pick } = chooser(values.seed);
@@ -35,6 +36,7 @@ host = "127.0.0.1"
 allow_anonymous = ${!values.auth}
 ${values.auth ? 'devices = "devices.toml"' : ""}
 ${wsPort !== null ? `ws_port = ${wsPort}` : ""}
+${values.libsql ? 'persistence = "libsql"' : ""}
 max_packet_bytes = 65536
 [http]
 host = "127.0.0.1"
