@@ -47,7 +47,7 @@ export interface TrialOptions {
   readonly seed: number;
   /** Operations (readings and webhook calls); default 160. */
   readonly ops?: number;
-  /** SIGKILLs; default 1 to 3, seeded. */
+  /** Lives that end (by SIGKILL, or a quarter of them by a graceful stop); default 1 to 3, seeded. */
   readonly kills?: number;
   /**
    * "embedded" (default): the gateway's own broker on its libSQL persistence. "mosquitto": a real
@@ -147,20 +147,20 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   const ops = plan(o.seed, o.ops ?? 160);
   const bySid = new Map(ops.map((op) => [sidOf(op), op]));
   const kills = o.kills ?? 1 + c.int(3);
+  const shards = o.shards ?? 1;
+  if (shards > 1 && o.broker !== "mosquitto") throw new Error('shards need the external broker (broker: "mosquitto")');
   const mosquitto = o.broker === "mosquitto" ? await Mosquitto.start() : null;
   const central = o.replicate ? await Sqld.start() : null;
   // The life in which the central server is killed, and how long it stays down.
   const centralDown = central ? { life: c.int(kills + 1), ms: 200 + c.int(2000) } : null;
-  const shards = o.shards ?? 1;
-  if (shards > 1 && !mosquitto) throw new Error('shards need the external broker (broker: "mosquitto")');
-  const fleets = Array.from({ length: shards }, (_, i) => {
-    const setup = { seed: o.seed, mosquitto, central, shard: shards > 1 ? `${i + 1}/${shards}` : null };
-    return new TestFleet(fleetToml(setup));
-  });
-  const tomls = (maxConcurrent: number) =>
-    fleets.map((_, i) =>
-      fleetToml({ seed: o.seed, mosquitto, central, shard: shards > 1 ? `${i + 1}/${shards}` : null }, maxConcurrent),
-    );
+  const setups: Setup[] = Array.from({ length: shards }, (_, i) => ({
+    seed: o.seed,
+    mosquitto,
+    central,
+    shard: shards > 1 ? `${i + 1}/${shards}` : null,
+  }));
+  const fleets = setups.map((setup) => new TestFleet(fleetToml(setup)));
+  const tomls = (maxConcurrent: number) => setups.map((setup) => fleetToml(setup, maxConcurrent));
   const owner = (agent: string) => fleets[shards > 1 ? ownerShard(agent, shards) - 1 : 0]!;
   // Breaches seen along the way (a graceful stop that failed); the rest are found after the last start.
   const along: string[] = [];
@@ -180,26 +180,8 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   try {
     for (let life = 0; life <= kills; life++) {
       for (const f of fleets) if (!f.running) await f.start();
-      // A clean = false session: the summaries of episodes committed while it is away wait for it. It
-      // does not reconnect by itself: a connection the broker drops shows as summaries missing.
       watcher?.end(true);
-      watcher = connect(mqttUrl(), {
-        clientId: `trial-${o.seed}-watch`,
-        clean: false,
-        reconnectPeriod: 0,
-        manualConnect: true,
-      });
-      watcher.on("message", (_topic, payload) => {
-        const s = JSON.parse(payload.toString()) as { episode?: string; status?: string };
-        if (s.status === "committed" && typeof s.episode === "string") watched.add(s.episode);
-      });
-      const connected = new Promise((resolve, reject) => {
-        watcher!.once("connect", resolve);
-        watcher!.once("error", reject);
-      });
-      watcher.connect();
-      await connected;
-      await watcher.subscribeAsync("fleet/episodes", { qos: 1 });
+      watcher = await summaries(mqttUrl(), `trial-${o.seed}-watch`, watched);
       if (central && centralDown?.life === life) {
         await central.kill();
         log(`  life ${life}: central server killed for ${centralDown.ms} ms`);
@@ -316,6 +298,28 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
     await mosquitto?.dispose();
     await central?.dispose();
   }
+}
+
+/**
+ * A subscriber to `fleet/episodes` with a clean = false session, adding each committed episode's id to
+ * `into`: the summaries of episodes committed while it is away wait for it. It does not reconnect by
+ * itself: a connection the broker drops shows as summaries missing. Its handler is in place before the
+ * CONNACK, so nothing the session held is missed.
+ */
+async function summaries(url: string, clientId: string, into: Set<string>): Promise<MqttClient> {
+  const client = connect(url, { clientId, clean: false, reconnectPeriod: 0, manualConnect: true });
+  client.on("message", (_topic, payload) => {
+    const s = JSON.parse(payload.toString()) as { episode?: string; status?: string };
+    if (s.status === "committed" && typeof s.episode === "string") into.add(s.episode);
+  });
+  const connected = new Promise((resolve, reject) => {
+    client.once("connect", resolve);
+    client.once("error", reject);
+  });
+  client.connect();
+  await connected;
+  await client.subscribeAsync("fleet/episodes", { qos: 1 });
+  return client;
 }
 
 /**
