@@ -44,6 +44,12 @@ ${sinkAgent()}`;
 
 /** The device `--auth` logs in as (its secret from `fleet device add`). */
 let device: { id: string; secret: string } | null = null;
+/**
+ * The device the acknowledged checks log in as: one the fuzz never uses. A device has one client id, and a
+ * fuzzed CONNECT with it arriving late took the session over (MQTT-3.1.4-2), closing a check's connection
+ * before its PUBACK (seen with the libSQL persistence, whose slower CONNECT widened the window).
+ */
+let checker: { id: string; secret: string } | null = null;
 
 const VALID_TOPICS = [
   "sensors/fz/temperature",
@@ -235,13 +241,13 @@ async function fuzzWebSocket(port: number): Promise<void> {
 }
 
 async function healthy(port: number, n: number): Promise<void> {
-  const creds = device
-    ? { clientId: device.id, username: device.id, password: device.secret }
+  const creds = checker
+    ? { clientId: checker.id, username: checker.id, password: checker.secret }
     : { clientId: `fuzz-check-${n}` };
   const c = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { ...creds, reconnectPeriod: 0, connectTimeout: 5000 });
   try {
     const acked = c.publishAsync(
-      `sensors/${device?.id ?? "check"}/temperature`,
+      `sensors/${checker?.id ?? "check"}/temperature`,
       JSON.stringify({ id: `check-${n}`, t: 20 }),
       { qos: 1 },
     );
@@ -255,15 +261,15 @@ async function healthy(port: number, n: number): Promise<void> {
 }
 
 const dir = tempDir("fuzz");
-if (values.auth) {
-  writeFileSync(join(dir, "fleet.toml"), FLEET);
+/** `fleet device add <id>` with the fuzz's patterns: its id and secret. */
+function addDevice(id: string): { id: string; secret: string } {
   const add = Bun.spawnSync(
     [
       process.execPath,
       join(ROOT, "gateway/cli/main.ts"),
       "device",
       "add",
-      "fz",
+      id,
       "--publish",
       "sensors/%c/#",
       "--publish",
@@ -277,7 +283,13 @@ if (values.auth) {
     { cwd: ROOT, stderr: "inherit" },
   );
   if (add.exitCode !== 0) throw new Error("fleet device add failed");
-  device = JSON.parse(add.stdout.toString()) as { id: string; secret: string };
+  return JSON.parse(add.stdout.toString()) as { id: string; secret: string };
+}
+
+if (values.auth) {
+  writeFileSync(join(dir, "fleet.toml"), FLEET);
+  device = addDevice("fz");
+  checker = addDevice("fzcheck");
 }
 const gw = await startGateway("fuzz", FLEET, { dir });
 const until = performance.now() + Number(values.seconds) * 1000;

@@ -49,8 +49,19 @@ describe("mutated MQTT from many connections", () => {
     const c = counts(out);
     expect(c.checks).toBeGreaterThanOrEqual(2);
     expect(c.stimuli).toBeGreaterThan(c.checks);
-    // Anonymous and guessing connections published to sensors/b/...: refused at CONNECT, so only "fz" ran.
-    expect(c.keys).toEqual(["fz"]);
+    // Anonymous and guessing connections published to sensors/b/...: refused at CONNECT, so only the two
+    // devices' own agents ran ("fz", which the fuzz logs in as, and "fzcheck", the checks' device).
+    expect(c.keys.sort()).toEqual(["fz", "fzcheck"]);
+  }, 60_000);
+
+  test("on the libSQL broker persistence, fuzzed sessions leave the gateway serving, and it starts again", async () => {
+    const { code, out } = await run("mqtt", "--seed", "31", "--auth", "--libsql");
+    expect({ code, out }).toEqual({ code: 0, out: expect.any(String) });
+    const c = counts(out);
+    expect(c.checks).toBeGreaterThanOrEqual(2);
+    expect(c.stimuli).toBeGreaterThan(c.checks);
+    // broker.db with what the fuzz left (sessions, queues, QoS 2 state, wills) loads, and a device is served.
+    expect(out).toContain("restarted on the fuzzed data dir and served: yes");
   }, 60_000);
 });
 
