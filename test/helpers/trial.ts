@@ -241,7 +241,7 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
     await centralBack;
     if (acked.size < ops.length) throw new Error(`only ${acked.size} of ${ops.length} operations acknowledged`);
     const all = async <T>(sql: string) => (await Promise.all(fleets.map((f) => f.query<T>(sql)))).flat();
-    await waitFor(
+    const quiet = await waitFor(
       async () => {
         const left = await all<{ n: number }>(
           "SELECT (SELECT count(*) FROM stimuli WHERE state <> 'done') + " +
@@ -252,7 +252,18 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       90_000,
       "every stimulus done and every wake-up fired",
       200,
+    ).then(
+      () => null,
+      async () => {
+        // A breach too (what is left is listed by `check` below): say which agents hold it, and how.
+        const agents = await all<{ id: string; status: string; paused_until: number | null }>(
+          "SELECT id, status, paused_until FROM agents WHERE id IN " +
+            "(SELECT agent FROM stimuli WHERE state <> 'done' UNION SELECT agent FROM wakeups WHERE state = 'pending')",
+        );
+        return `not quiet 90 s after the last start; agents holding work: ${JSON.stringify(agents)}`;
+      },
     );
+    if (quiet) along.push(quiet);
     const committed = await all<{ id: string; agent: string; stimulus_id: string }>(
       `SELECT ${idOfSql("id")} AS id, agent, stimulus_id FROM episodes WHERE status = ${STATUS_COMMITTED}`,
     );
