@@ -23,4 +23,11 @@ describe("crash trials", () => {
       expect(r.problems).toEqual([]);
     }, 180_000);
   }
+
+  // Seed 2005: a real Mosquitto as the external broker and a central server killed too.
+  test("through a real Mosquitto, replicating to a central server killed too: the same, central = local", async () => {
+    const r = await crashTrial({ seed: 2005, broker: "mosquitto", replicate: true });
+    expect(r.kills + r.stops).toBeGreaterThan(0);
+    expect(r.problems).toEqual([]);
+  }, 240_000);
 });
