@@ -58,21 +58,30 @@ abstract({
  * live copy was acknowledged, and numbering the read-back's copy failed with "no such packet", which
  * aedes answers by dropping the client, at every reconnection while messages kept coming.
  */
-test("a queued message sent live and acknowledged while the queue is read back: sent again, no error", async () => {
+/** A persistence of broker "broker-1" on a fresh file, set up as aedes does. */
+async function opened(): Promise<LibsqlPersistence> {
   const p = new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" });
   await p.setup({ id: "broker-1" });
+  return p;
+}
+
+/** The i-th message broker "broker-1" publishes on out/a, as aedes queues it. */
+const published = (i: number, qos: 1 | 2) => ({
+  cmd: "publish",
+  topic: "out/a",
+  payload: Buffer.from(`m${i}`),
+  qos,
+  retain: false,
+  dup: false,
+  brokerId: "broker-1",
+  brokerCounter: i,
+});
+
+test("a queued message sent live and acknowledged while the queue is read back: sent again, no error", async () => {
+  const p = await opened();
   const client = { id: "back-1" };
   const sub = { clientId: client.id, topic: "out/#", qos: 1 };
-  const packet = (i: number) => ({
-    cmd: "publish",
-    topic: "out/a",
-    payload: Buffer.from(`m${i}`),
-    qos: 1,
-    retain: false,
-    dup: false,
-    brokerId: "broker-1",
-    brokerCounter: i,
-  });
+  const packet = (i: number) => published(i, 1);
   type Queued = ReturnType<typeof packet>;
   // More than a page (500 rows): the second page is read after the live sends below.
   for (let i = 1; i <= 600; i++) await p.outgoingEnqueueCombi([sub], packet(i));
@@ -105,20 +114,10 @@ test("a queued message sent live and acknowledged while the queue is read back: 
 });
 
 test("two QoS 2 messages past PUBREC each keep their own PUBREL: both are sent again on reconnect", async () => {
-  const p = new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" });
-  await p.setup({ id: "broker-1" });
+  const p = await opened();
   const client = { id: "qos2-1" };
   const sub = { clientId: client.id, topic: "out/#", qos: 2 };
-  const publish = (i: number) => ({
-    cmd: "publish",
-    topic: "out/a",
-    payload: Buffer.from(`m${i}`),
-    qos: 2,
-    retain: false,
-    dup: false,
-    brokerId: "broker-1",
-    brokerCounter: i,
-  });
+  const publish = (i: number) => published(i, 2);
   for (const i of [1, 2]) await p.outgoingEnqueueCombi([sub], publish(i));
   // Sent as 5 and 7; the client's PUBRECs turn each into its PUBREL (aedes' pubrec handler).
   await p.outgoingUpdate(client, { ...publish(1), messageId: 5 });
