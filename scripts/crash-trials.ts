@@ -27,24 +27,38 @@ const { values } = parseArgs({
     shards: { type: "string", default: "1" },
   },
 });
-const trials = Number(values.trials);
+/** A whole number of at least `min` from flag `name`, or a clear error (exit 2): a typo must not run nothing. */
+function count(name: string, raw: string | undefined, min: number): number {
+  const n = Number(raw);
+  if (Number.isInteger(n) && n >= min) return n;
+  console.error(`crash-trials: --${name} is a whole number of at least ${min}, not ${JSON.stringify(raw)}`);
+  process.exit(2);
+}
+const trials = count("trials", values.trials, 1);
+const ops = count("ops", values.ops, 1);
+const shards = count("shards", values.shards, 1);
+const kills = values.kills === undefined ? undefined : count("kills", values.kills, 1);
 if (values.broker !== "embedded" && values.broker !== "mosquitto") {
   console.error(`crash-trials: --broker is "embedded" or "mosquitto", not ${JSON.stringify(values.broker)}`);
   process.exit(2);
 }
-const first = Number(values.seed);
+if (shards > 1 && values.broker !== "mosquitto") {
+  console.error("crash-trials: --shards needs --broker mosquitto (shards share an external broker)");
+  process.exit(2);
+}
+const first = count("seed", values.seed, 0);
 const began = performance.now();
 const reports: TrialReport[] = [];
 try {
   for (let seed = first; seed < first + trials; seed++) {
     const r = await crashTrial({
       seed,
-      ops: Number(values.ops),
-      ...(values.kills === undefined ? {} : { kills: Number(values.kills) }),
+      ops,
+      ...(kills === undefined ? {} : { kills }),
       keep: true,
       broker: values.broker === "mosquitto" ? "mosquitto" : "embedded",
       replicate: values.replicate,
-      shards: Number(values.shards),
+      shards,
       log: (line) => console.log(line),
     });
     reports.push(r);

@@ -5,7 +5,7 @@
  * start. `bun scripts/crash-trials.ts` runs a campaign of many seeds; these run on every test run.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { cleanupAll } from "./helpers/gateway.ts";
+import { cleanupAll, ROOT, runCommand } from "./helpers/gateway.ts";
 import { crashTrial } from "./helpers/trial.ts";
 
 afterAll(cleanupAll);
@@ -30,4 +30,25 @@ describe("crash trials", () => {
     expect(r.kills + r.stops).toBeGreaterThan(0);
     expect(r.problems).toEqual([]);
   }, 240_000);
+});
+
+describe("scripts/crash-trials.ts", () => {
+  test("a flag it cannot use is a clear error (exit 2) before any trial, never a run of nothing", async () => {
+    const cases = [
+      { args: ["--trials", "abc"], says: "--trials is a whole number of at least 1" },
+      { args: ["--trials", "0"], says: "--trials is a whole number of at least 1" },
+      { args: ["--seed=-3"], says: "--seed is a whole number of at least 0" },
+      { args: ["--broker", "nats"], says: '--broker is "embedded" or "mosquitto"' },
+      { args: ["--shards", "2"], says: "--shards needs --broker mosquitto" },
+    ];
+    for (const { args, says } of cases) {
+      const r = await runCommand([process.execPath, "scripts/crash-trials.ts", ...args], { cwd: ROOT });
+      expect({ args, code: r.code, says: r.stderr.includes(says), ran: r.stdout.includes("trials (seeds") }).toEqual({
+        args,
+        code: 2,
+        says: true,
+        ran: false,
+      });
+    }
+  });
 });
