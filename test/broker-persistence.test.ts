@@ -134,3 +134,52 @@ test("two QoS 2 messages past PUBREC each keep their own PUBREL: both are sent a
   expect(p.stats().queued).toBe(0);
   await p.destroy();
 });
+
+test("a packet numbered with an identifier still in flight for its session gets a free one; none is lost", async () => {
+  const p = await opened();
+  // A connection of a returning session; aedes drew 7 as its first identifier.
+  const client: { id: string; _nextId?: number } = { id: "back-2", _nextId: 7 };
+  const sub = { clientId: client.id, topic: "out/#", qos: 1 };
+  // Sent as 7 by an earlier broker run and not acknowledged: it is handed over again with its 7.
+  const earlier = { ...published(1, 1), brokerId: "broker-0" };
+  await p.outgoingEnqueueCombi([sub], earlier);
+  await p.outgoingUpdate(client, { ...earlier, messageId: 7 });
+  // A message of this run numbered from 7 too, and one with 8 (both taken by aedes' counter).
+  const live = { ...published(2, 1), messageId: 7 };
+  await p.outgoingEnqueueCombi([sub], published(2, 1));
+  await p.outgoingUpdate(client, live);
+  expect(live.messageId).not.toBe(7);
+  expect(client._nextId).toBe(live.messageId + 1);
+  // Each PUBACK clears its own message: the earlier one is still the 7.
+  expect(((await p.outgoingClearMessageId(client, { messageId: 7 })) as { payload: Buffer }).payload.toString()).toBe(
+    "m1",
+  );
+  expect(p.stats().queued).toBe(1);
+  const back: string[] = [];
+  for await (const packet of p.outgoingStream({ id: client.id }))
+    back.push(String((packet as { payload: Buffer }).payload));
+  expect(back).toEqual(["m2"]);
+  expect(((await p.outgoingClearMessageId(client, live)) as { payload: Buffer }).payload.toString()).toBe("m2");
+  expect(p.stats().queued).toBe(0);
+  await p.destroy();
+});
+
+test("identifiers run on past 65535 to 1 and skip every one the session holds", async () => {
+  const p = await opened();
+  const client: { id: string; _nextId?: number } = { id: "wrap-1", _nextId: 65_535 };
+  const sub = { clientId: client.id, topic: "out/#", qos: 1 };
+  for (const [i, id] of [
+    [1, 65_535],
+    [2, 1],
+    [3, 2],
+  ] as const) {
+    await p.outgoingEnqueueCombi([sub], published(i, 1));
+    await p.outgoingUpdate(client, { ...published(i, 1), messageId: id });
+  }
+  const next = { ...published(4, 1), messageId: 65_535 };
+  await p.outgoingEnqueueCombi([sub], published(4, 1));
+  await p.outgoingUpdate(client, next);
+  expect(next.messageId).toBe(3);
+  expect(client._nextId).toBe(4);
+  await p.destroy();
+});

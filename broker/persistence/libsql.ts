@@ -38,6 +38,8 @@ export interface LibsqlPersistenceOptions {
 /** What aedes passes as a client: only the id is read here. */
 export interface ClientRef {
   readonly id: string;
+  /** aedes' next packet identifier for this connection (aedes' own field; see `outgoingUpdate`). */
+  _nextId?: number;
 }
 
 /** A subscription as aedes stores it (SUBSCRIBE packet entry; MQTT 5 options kept as given). */
@@ -73,6 +75,8 @@ interface QueueEntry {
   sent?: number;
 }
 const DROP_LOG_INTERVAL_MS = 10_000;
+/** The largest MQTT packet identifier (they run 1..65535). */
+const MAX_PACKET_ID = 65_535;
 
 /** Refused: the broker file was written by newer code. */
 export class BrokerStoreTooNew extends Error {
@@ -417,6 +421,7 @@ export class LibsqlPersistence {
   async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
     const bid = (packet.brokerId as string | undefined) ?? null;
     const bc = num(packet.brokerCounter);
+    if (bid !== null) this.renumberIfTaken(client, bid, bc, packet);
     const mid = num(packet.messageId);
     // The index finds the same first row the statement below does.
     const entry = this.queuedEntry(client.id, bid, bc, mid);
@@ -449,6 +454,33 @@ export class LibsqlPersistence {
       ],
       "background",
     ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "queued messageId not recorded"));
+  }
+
+  /**
+   * A returning connection starts numbering at a random identifier (aedes' `_nextId`) while packets
+   * of its session are still in flight under the identifiers they were sent with. A new packet given
+   * one of those would be in flight twice (MQTT-2.3.1-2 wants a currently unused one): the client
+   * drops a second QoS 2 PUBLISH with a pending identifier as a duplicate, and a packet of an earlier
+   * broker run holding it is the row the numbering below matches first: the new message took over
+   * that row, and the old one, unacknowledged, was never sent again if the connection broke before
+   * its PUBACK. Such a packet gets the next identifier nothing of the session holds, and aedes
+   * numbers on from there.
+   */
+  private renumberIfTaken(client: ClientRef, bid: string, bc: number | null, packet: StoredPacket): void {
+    const queue = this.queues.get(client.id);
+    const mid = num(packet.messageId);
+    if (!queue || mid === null) return;
+    const own = queue.find((e) => e.brokerId === bid && e.brokerCounter === bc);
+    if (!own || !queue.some((e) => e !== own && e.messageId === mid)) return;
+    const taken = new Set(queue.map((e) => (e === own ? null : e.messageId)));
+    const start = Number.isInteger(client._nextId) && client._nextId! >= 1 ? client._nextId! : mid;
+    for (let i = 0, id = start; i < MAX_PACKET_ID; i++, id = (id % MAX_PACKET_ID) + 1) {
+      if (taken.has(id)) continue;
+      packet.messageId = id;
+      client._nextId = (id % MAX_PACKET_ID) + 1;
+      return;
+    }
+    throw new Error(`every packet identifier is in flight for client ${client.id}`);
   }
 
   /** Remove the queued packet with `packet.messageId` (a PUBACK or PUBCOMP); resolves with it. */
