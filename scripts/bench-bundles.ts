@@ -12,7 +12,6 @@
  */
 import { chmodSync, mkdtempSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { parseArgs } from "node:util";
 import { HOST_MODULES } from "../agents/host/index.ts";
 import { BundleFiles, buildBundle } from "../gateway/code/index.ts";
 import {
@@ -25,8 +24,13 @@ import {
   SparePool,
 } from "../gateway/episode/index.ts";
 import { DEFAULT_BUDGET } from "../gateway/spec/index.ts";
+import { scriptArgs, wholeFlag } from "./bench/cli.ts";
 
-const { values } = parseArgs({
+const USAGE = `usage: bun scripts/bench-bundles.ts [--episodes 120] [--rounds 5] [--spares 0] [--concurrency 4]
+       [--module FILE]
+  episodes per second from the agent's stored code bundle vs from its module file, interleaved rounds
+  (--module: the agent, default agents/examples/anomaly.ts)`;
+const { values } = scriptArgs(USAGE, {
   options: {
     episodes: { type: "string", default: "120" },
     rounds: { type: "string", default: "5" },
@@ -35,9 +39,10 @@ const { values } = parseArgs({
     module: { type: "string", default: join(import.meta.dir, "../agents/examples/anomaly.ts") },
   },
 });
-const perRound = Number(values.episodes);
-const rounds = Number(values.rounds);
-const concurrency = Number(values.concurrency);
+const perRound = wholeFlag(USAGE, "episodes", values.episodes);
+const rounds = wholeFlag(USAGE, "rounds", values.rounds);
+const concurrency = wholeFlag(USAGE, "concurrency", values.concurrency);
+wholeFlag(USAGE, "spares", values.spares, 0);
 const module = resolve(values.module);
 
 const dir = mkdtempSync("/var/tmp/fleet-bench-bundles-");

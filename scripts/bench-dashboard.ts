@@ -13,12 +13,14 @@
  *   episodes  episodesPage with ?kind=mqtt (GET /api/agents/<t>/<k>/episodes?kind=), newest 25
  * Prints p50/p99 in ms. Progress on stderr.
  */
-import { parseArgs } from "node:util";
 import { ActivityHistory, episodesPage, recentOutputs } from "../gateway/observe/index.ts";
 import { SyntheticFleet } from "../test/helpers/ops.ts";
+import { scriptArgs } from "./bench/cli.ts";
 import { cleanupAll, fmt, quantile, tempDir } from "./bench/harness.ts";
 
-const { values } = parseArgs({ options: { quick: { type: "boolean", default: false } } });
+const USAGE = `usage: bun scripts/bench-dashboard.ts [--quick]
+  p50/p99 of the dashboard's read models on a store of 100,000 episodes (--quick: 20,000)`;
+const { values } = scriptArgs(USAGE, { options: { quick: { type: "boolean", default: false } } });
 const episodes = values.quick ? 20_000 : 100_000;
 const keys = (p: string) => Array.from({ length: 50 }, (_, i) => `${p}${i}`);
 const fleet = await SyntheticFleet.create(tempDir("dashboard"), {

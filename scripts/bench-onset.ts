@@ -20,9 +20,9 @@
  * It prints one line; it measures, it does not test. `--stages` adds two: where the pings' time
  * went (during bursts, and between), from the rows the gateway kept for each.
  */
-import { parseArgs } from "node:util";
 import { TestFleet, cleanupAll, waitFor } from "../test/helpers/gateway.ts";
 import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
+import { scriptArgs, wholeFlag } from "./bench/cli.ts";
 import { runFlooder } from "./bench/procs.ts";
 
 const BURST = 5000;
@@ -32,7 +32,10 @@ const BETWEEN_MS = 1500;
 /** The flooder process's own start-up before its first packet (a burst's window starts after it). */
 const FLOODER_STARTUP_MS = 40;
 
-const { values } = parseArgs({
+const USAGE = `usage: bun scripts/bench-onset.ts [--bursts 15] [--label L] [--stages] [--warm-spares N]
+  quiet agents' ping latency during bursts of 5,000 QoS 1 messages vs between them
+  (--label: names the run's line; --stages: where the pings' time went; --warm-spares: [fleet] warm_spares)`;
+const { values } = scriptArgs(USAGE, {
   options: {
     bursts: { type: "string", default: "15" },
     label: { type: "string", default: "run" },
@@ -42,15 +45,8 @@ const { values } = parseArgs({
   },
 });
 const spares = values["warm-spares"];
-if (spares !== undefined && !/^\d+$/.test(spares)) {
-  console.error("--warm-spares takes a whole number");
-  process.exit(2);
-}
-const bursts = Number(values.bursts);
-if (!Number.isSafeInteger(bursts) || bursts < 1) {
-  console.error("usage: bun scripts/bench-onset.ts [--bursts N] [--label L] [--stages] [--warm-spares N]");
-  process.exit(2);
-}
+if (spares !== undefined) wholeFlag(USAGE, "warm-spares", spares, 0);
+const bursts = wholeFlag(USAGE, "bursts", values.bursts);
 
 /** performance.now() here -> the wall clock the gateway stamps its rows with (same machine). */
 const WALL_OFFSET = Date.now() - performance.now();

@@ -17,11 +17,11 @@
  * for scripts/bench.ts. Progress on stderr; the tables on stdout, then the rows as JSON.
  */
 import { statSync, writeFileSync } from "node:fs";
-import { parseArgs } from "node:util";
 import { cpus } from "node:os";
 import { BACKGROUND_GC, gcAll, gcPass, gcTotal, type GcReport } from "../gateway/ops/index.ts";
 import { verifyStore } from "../gateway/ops/index.ts";
 import { DAY, SyntheticFleet } from "../test/helpers/ops.ts";
+import { scriptArgs } from "./bench/cli.ts";
 import { cleanupAll, deltaRow, fmt, quantile, table, tempDir, type BenchOptions, type Row } from "./bench/harness.ts";
 import { NOOP_AGENT, startGateway } from "./bench/procs.ts";
 
@@ -224,7 +224,10 @@ export async function benchOps(o: OpsOptions): Promise<Row[]> {
 }
 
 if (import.meta.main) {
-  const { values: flags } = parseArgs({
+  const usage = `usage: bun scripts/bench-ops.ts [--quick] [--json FILE]
+  p50/p99 of GET /metrics and GET /api/agents with 10,000 agents (--quick: 2,000), and retention throughput;
+  --json FILE: the rows as JSON too`;
+  const { values: flags } = scriptArgs(usage, {
     options: { quick: { type: "boolean", default: false }, json: { type: "string" } },
   });
   const started = performance.now();

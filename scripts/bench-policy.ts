@@ -21,6 +21,7 @@ import { TestFleet, cleanupAll, subscribe, waitFor } from "../test/helpers/gatew
 import { Pinger, agentBlock, fleetHeader, percentile, policyAgent } from "../test/helpers/policy.ts";
 import { parseExposition, samplesOf } from "../test/helpers/prom.ts";
 import { STATUS_COMMITTED } from "../gateway/store/index.ts";
+import { scriptArgs } from "./bench/cli.ts";
 import { runFlooder } from "./bench/procs.ts";
 
 /** One measured line: the same metric without and with the thing under test. */
@@ -318,8 +319,14 @@ export function renderPolicyTable(rows: readonly PolicyRow[]): string {
 }
 
 if (import.meta.main) {
-  const quick = process.argv.includes("--quick");
-  const floodOnly = process.argv.includes("--flood");
+  const usage = `usage: bun scripts/bench-policy.ts [--quick] [--flood]
+  episodes/s with tools and budgets on vs off, and a quiet agent's latency alone vs beside a flood
+  (--flood: the second only)`;
+  const { values } = scriptArgs(usage, {
+    options: { quick: { type: "boolean", default: false }, flood: { type: "boolean", default: false } },
+  });
+  const quick = values.quick === true;
+  const floodOnly = values.flood === true;
   const stop = async () => {
     await cleanupAll();
     process.exit(130);

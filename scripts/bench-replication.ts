@@ -362,3 +362,8 @@ export async function benchReplicationReal(o: BenchOptions): Promise<Row[]> {
     await sqld.dispose();
   }
 }
+
+if (import.meta.main) {
+  console.error("bench-replication: a section of the bench; run `bun scripts/bench.ts replication`");
+  process.exit(2);
+}

@@ -13,16 +13,18 @@
  * inside its pid namespace, so this misses most of them, but it is steadier). Run it on a quiet box;
  * it measures, it does not test.
  */
-import { parseArgs } from "node:util";
 import { HOST_PATHS } from "../agents/host/index.ts";
 import { defaultSpawnOptions, hostCommand, type ProcessLimits } from "../gateway/episode/index.ts";
+import { scriptArgs, wholeFlag } from "./bench/cli.ts";
 import { machineBusyMs, quantile } from "./bench/harness.ts";
 
-const { values } = parseArgs({
+const USAGE = `usage: bun scripts/bench-sandbox.ts [--starts 200] [--rounds 5]
+  the machine's CPU per sandbox start, for the runner's command line and variants of it`;
+const { values } = scriptArgs(USAGE, {
   options: { starts: { type: "string", default: "200" }, rounds: { type: "string", default: "5" } },
 });
-const STARTS = Number(values.starts);
-const ROUNDS = Number(values.rounds);
+const STARTS = wholeFlag(USAGE, "starts", values.starts);
+const ROUNDS = wholeFlag(USAGE, "rounds", values.rounds);
 
 const spawn = defaultSpawnOptions("auto");
 if (!spawn.bwrap) {

@@ -21,6 +21,7 @@
 import { Database } from "bun:sqlite";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { scriptArgs, wholeFlag } from "./bench/cli.ts";
 import { cleanupAll, fmt, table, type BenchOptions, type Row } from "./bench/harness.ts";
 import { NOOP_AGENT, startGateway, type GatewayProc } from "./bench/procs.ts";
 import { STATUS_COMMITTED } from "../gateway/store/index.ts";
@@ -357,10 +358,14 @@ export async function benchTimers(o: BenchOptions & { agents?: number; seconds?:
 }
 
 if (import.meta.main) {
-  const argv = process.argv.slice(2);
-  const num = (flag: string) => {
-    const i = argv.indexOf(flag);
-    return i >= 0 ? Number(argv[i + 1]) : undefined;
+  const usage = `usage: bun scripts/bench-timers.ts [--quick] [--agents 1000] [--seconds S]
+  1,000 agents (--agents) on a 1 s timer: stimuli recorded per second and the gateway's wake-ups`;
+  const { values } = scriptArgs(usage, {
+    options: { quick: { type: "boolean", default: false }, agents: { type: "string" }, seconds: { type: "string" } },
+  });
+  const num = (flag: "agents" | "seconds") => {
+    const raw = values[flag];
+    return raw === undefined ? undefined : wholeFlag(usage, flag, raw);
   };
   const started = performance.now();
   const log = (line: string) => console.error(`[${((performance.now() - started) / 1000).toFixed(1)}s] ${line}`);
@@ -368,11 +373,11 @@ if (import.meta.main) {
     process.on(sig, () => void cleanupAll().finally(() => process.exit(130)));
   try {
     const rows = await benchTimers({
-      quick: argv.includes("--quick"),
+      quick: values.quick === true,
       window: 1000,
       log,
-      agents: num("--agents"),
-      seconds: num("--seconds"),
+      agents: num("agents"),
+      seconds: num("seconds"),
     });
     const cells = rows.map((r) => {
       const unit = r.unit === "%" ? "%" : r.unit ? ` ${r.unit}` : "";

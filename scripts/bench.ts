@@ -42,10 +42,10 @@
  * --json FILE is given) the results as JSON on its last line. Exit code 0 even when a
  * target is missed (it is a measurement, not a test); 1 when a section could not run.
  */
-import { parseArgs } from "node:util";
 import { writeFileSync } from "node:fs";
 import { cpus } from "node:os";
 import { benchAgents } from "./bench/agents.ts";
+import { scriptArgs, usageError, wholeFlag } from "./bench/cli.ts";
 import { benchEpisodes, benchLatency } from "./bench/episodes.ts";
 import { beginShutdown, cleanupAll, rowCells, table, type BenchOptions, type Row } from "./bench/harness.ts";
 import { benchIntake } from "./bench/intake.ts";
@@ -74,35 +74,27 @@ const SECTIONS = [
 ] as const;
 type Section = (typeof SECTIONS)[number];
 
-const { values: flags, positionals } = parseArgs({
+const USAGE =
+  `usage: bun scripts/bench.ts [${SECTIONS.join("] [")}] [--quick] [--json FILE] [--window N] [--all-episodes]\n` +
+  "  the sections named (default: all), each against a baseline measured in the same run";
+const { values: flags, positionals } = scriptArgs(USAGE, {
   allowPositionals: true,
   options: {
     quick: { type: "boolean", default: false },
     json: { type: "string" },
     window: { type: "string", default: "1000" },
     "all-episodes": { type: "boolean", default: false },
-    help: { type: "boolean", short: "h", default: false },
   },
 });
-
-if (flags.help) {
-  console.log(
-    `usage: bun scripts/bench.ts [${SECTIONS.join("] [")}] [--quick] [--json FILE] [--window N] [--all-episodes]`,
-  );
-  process.exit(0);
-}
 const unknown = positionals.filter((p) => !(SECTIONS as readonly string[]).includes(p));
-if (unknown.length > 0) {
-  console.error(`bench: unknown section(s) ${unknown.join(", ")}; choose from ${SECTIONS.join(", ")}`);
-  process.exit(2);
-}
+if (unknown.length > 0) usageError(USAGE, `unknown section(s) ${unknown.join(", ")}`);
 const chosen: Section[] = positionals.length > 0 ? SECTIONS.filter((s) => positionals.includes(s)) : [...SECTIONS];
 
 const started = performance.now();
 const elapsed = () => `${((performance.now() - started) / 1000).toFixed(1)}s`;
 const opts: BenchOptions & { allEpisodes: boolean } = {
   quick: flags.quick,
-  window: Math.max(1, Number(flags.window) || 1000),
+  window: wholeFlag(USAGE, "window", flags.window),
   allEpisodes: flags["all-episodes"],
   log: (line) => console.error(`[${elapsed()}] ${line}`),
 };

@@ -4,19 +4,23 @@
  * SIGKILL one to three times per trial; after each, every guarantee is checked. Seeds run in
  * order from --seed; a trial that finds a problem prints each and keeps its directory.
  *
- * Usage: bun scripts/crash-trials.ts [--trials 20] [--seed 1] [--ops 160] [--kills N] [--broker mosquitto]
- *        [--replicate] [--shards N]
- * (`--broker mosquitto`: a real Mosquitto as the external broker, up through the kills; default the
- * embedded broker on its libSQL persistence. `--replicate`: replication to a real sqld, itself killed and
- * restarted once per trial; the central copy must equal the gateway's. `--shards N` (with `--broker
- * mosquitto`): N gateways share the fleet, one of them ends each life, sends cross between them.)
- * Exit 1 if any trial found a problem.
+ * Usage: `bun scripts/crash-trials.ts --help`.
  */
-import { parseArgs } from "node:util";
 import { cleanupAll } from "../test/helpers/gateway.ts";
 import { crashTrial, type TrialReport } from "../test/helpers/trial.ts";
+import { scriptArgs, usageError, wholeFlag } from "./bench/cli.ts";
 
-const { values } = parseArgs({
+const USAGE = `usage: bun scripts/crash-trials.ts [--trials 20] [--seed 1] [--ops 160] [--kills N]
+       [--broker embedded|mosquitto] [--replicate] [--shards N]
+  --trials N     trials to run, seeds --seed, --seed + 1, ...
+  --ops N        operations (readings, webhooks) per trial
+  --kills N      lives ended per trial (default: one to three, seeded)
+  --broker B     "embedded" (its libSQL persistence) or "mosquitto" (a real Mosquitto, up through the kills)
+  --replicate    replicate to a real sqld, itself killed once per trial; central must equal local
+  --shards N     N gateways share the fleet (needs --broker mosquitto); one of them ends each life
+Exit 1 if any trial found a problem (its directories are kept), 2 for a flag it cannot use.`;
+
+const { values } = scriptArgs(USAGE, {
   options: {
     trials: { type: "string", default: "20" },
     seed: { type: "string", default: "1" },
@@ -27,26 +31,17 @@ const { values } = parseArgs({
     shards: { type: "string", default: "1" },
   },
 });
-/** A whole number of at least `min` from flag `name`, or a clear error (exit 2): a typo must not run nothing. */
-function count(name: string, raw: string | undefined, min: number): number {
-  const n = Number(raw);
-  if (Number.isInteger(n) && n >= min) return n;
-  console.error(`crash-trials: --${name} is a whole number of at least ${min}, not ${JSON.stringify(raw)}`);
-  process.exit(2);
-}
-const trials = count("trials", values.trials, 1);
-const ops = count("ops", values.ops, 1);
-const shards = count("shards", values.shards, 1);
-const kills = values.kills === undefined ? undefined : count("kills", values.kills, 1);
+const trials = wholeFlag(USAGE, "trials", values.trials);
+const ops = wholeFlag(USAGE, "ops", values.ops);
+const shards = wholeFlag(USAGE, "shards", values.shards);
+const kills = values.kills === undefined ? undefined : wholeFlag(USAGE, "kills", values.kills);
 if (values.broker !== "embedded" && values.broker !== "mosquitto") {
-  console.error(`crash-trials: --broker is "embedded" or "mosquitto", not ${JSON.stringify(values.broker)}`);
-  process.exit(2);
+  usageError(USAGE, `--broker is "embedded" or "mosquitto", not ${JSON.stringify(values.broker)}`);
 }
 if (shards > 1 && values.broker !== "mosquitto") {
-  console.error("crash-trials: --shards needs --broker mosquitto (shards share an external broker)");
-  process.exit(2);
+  usageError(USAGE, "--shards needs --broker mosquitto (shards share an external broker)");
 }
-const first = count("seed", values.seed, 0);
+const first = wholeFlag(USAGE, "seed", values.seed, 0);
 const began = performance.now();
 const reports: TrialReport[] = [];
 try {

@@ -20,7 +20,7 @@
  */
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
+import { scriptArgs, usageError, wholeFlag } from "./bench/cli.ts";
 
 /** A compiled JS function's code: [start, end) in the process, and JSC's name for it ("JSC-DFG: name#hash"). */
 interface Code {
@@ -249,8 +249,10 @@ export function recordPerf(pid: number, data: string, hz = 2000): { stop: () => 
 }
 
 if (import.meta.main) {
-  const { values } = parseArgs({
-    args: Bun.argv.slice(2),
+  const usage =
+    "usage: bun scripts/perf-summary.ts --pid PID --jitdump DIR [--seconds 15 | --data FILE] [--top 40] " +
+    "[--callers NAME]\n  where a process's CPU went, by thread and function, from perf record (JIT frames named)";
+  const { values } = scriptArgs(usage, {
     options: {
       pid: { type: "string" },
       seconds: { type: "string", default: "15" },
@@ -260,14 +262,9 @@ if (import.meta.main) {
       callers: { type: "string" },
     },
   });
-  const pid = Number(values.pid);
-  if (!Number.isSafeInteger(pid) || pid <= 0 || !values.jitdump) {
-    console.error(
-      "usage: bun scripts/perf-summary.ts --pid PID --jitdump DIR [--seconds N | --data FILE] " +
-        "[--top N] [--callers NAME]",
-    );
-    process.exit(2);
-  }
+  const pid = wholeFlag(usage, "pid", values.pid);
+  if (!values.jitdump) usageError(usage, "--jitdump DIR is needed (where perf's JIT dumps are)");
+  wholeFlag(usage, "seconds", values.seconds);
   let data = values.data;
   if (!data) {
     data = join(values.jitdump, `perf-${pid}-${Date.now()}.data`);
@@ -277,6 +274,6 @@ if (import.meta.main) {
   }
   if (values.callers) {
     const codes = new CodeMap(jitDumps(values.jitdump, pid).flatMap(readJitDump));
-    console.log(callers(perfScript(data), pid, codes, values.callers, Number(values.top)));
-  } else console.log(summarizeRecording(data, pid, values.jitdump, Number(values.top)));
+    console.log(callers(perfScript(data), pid, codes, values.callers, wholeFlag(usage, "top", values.top)));
+  } else console.log(summarizeRecording(data, pid, values.jitdump, wholeFlag(usage, "top", values.top)));
 }

@@ -10,7 +10,7 @@
  * event loop hands the whole gap to the next sample, which makes "self time" of whatever ran
  * after an idle spell look huge (the markdown profile's failure mode). `--from` skips start-up.
  */
-import { parseArgs } from "node:util";
+import { scriptArgs, usageError, wholeFlag } from "./bench/cli.ts";
 
 interface ProfileNode {
   readonly id: number;
@@ -26,19 +26,17 @@ interface Profile {
   readonly endTime: number;
 }
 
-const { values, positionals } = parseArgs({
-  args: Bun.argv.slice(2),
+const USAGE = `usage: bun scripts/profile-summary.ts FILE.cpuprofile [--top 40] [--from SECONDS]
+  self and inclusive time per function of a CPU profile (--from: skip the first seconds)`;
+const { values, positionals } = scriptArgs(USAGE, {
   options: { top: { type: "string", default: "40" }, from: { type: "string", default: "0" } },
   allowPositionals: true,
 });
 const file = positionals[0];
-if (!file) {
-  console.error("usage: bun scripts/profile-summary.ts FILE.cpuprofile [--top N] [--from SECONDS]");
-  process.exit(2);
-}
+if (!file) usageError(USAGE, "which profile? (FILE.cpuprofile)");
+const top = wholeFlag(USAGE, "top", values.top);
+const fromUs = wholeFlag(USAGE, "from", values.from, 0) * 1e6;
 const profile = (await Bun.file(file).json()) as Profile;
-const top = Number(values.top);
-const fromUs = Number(values.from) * 1e6;
 
 const nodes = new Map(profile.nodes.map((n) => [n.id, n]));
 const parent = new Map<number, number>();

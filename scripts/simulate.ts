@@ -7,9 +7,9 @@
  *
  * The reading model is pure and seeded (exported for tests); the MQTT part runs only as a script.
  */
-import { parseArgs } from "node:util";
 import { connectAsync } from "mqtt";
 import type { MqttClient } from "mqtt";
+import { scriptArgs } from "./bench/cli.ts";
 
 /** Seeded uniform [0, 1) generator (mulberry32). */
 export function mulberry32(seed: number): () => number {
@@ -197,8 +197,12 @@ function fail(message: string): never {
   process.exit(2);
 }
 
+const SIMULATE_USAGE =
+  "usage: bun scripts/simulate.ts [--url mqtt://127.0.0.1:1883] [--devices 10] [--rate 1] [--duration 0]\n" +
+  "  [--qos 1] [--prefix sensors] [--anomaly-rate 0.01] [--excursions-per-hour 2] [--seed N] [--seq-start N]";
+
 function parseCli(argv: string[]): CliOptions {
-  const { values } = parseArgs({
+  const { values } = scriptArgs(SIMULATE_USAGE, {
     args: argv,
     options: {
       url: { type: "string", default: "mqtt://127.0.0.1:1883" },
@@ -211,17 +215,8 @@ function parseCli(argv: string[]): CliOptions {
       "excursions-per-hour": { type: "string", default: "2" },
       seed: { type: "string" },
       "seq-start": { type: "string" },
-      help: { type: "boolean", short: "h", default: false },
     },
-    strict: true,
   });
-  if (values.help) {
-    process.stdout.write(
-      "usage: bun scripts/simulate.ts [--url mqtt://127.0.0.1:1883] [--devices 10] [--rate 1] [--duration 0]\n" +
-        "  [--qos 1] [--prefix sensors] [--anomaly-rate 0.01] [--excursions-per-hour 2] [--seed N] [--seq-start N]\n",
-    );
-    process.exit(0);
-  }
   const num = (name: string, raw: string, ok: (n: number) => boolean, what: string): number => {
     const n = Number(raw);
     if (raw.trim() === "" || !Number.isFinite(n) || !ok(n)) fail(`--${name} must be ${what}, got "${raw}"`);

@@ -29,11 +29,16 @@
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import { BACKGROUND_GC, gcTick, verifyStore } from "../gateway/ops/index.ts";
 import { HOUR, SyntheticFleet } from "../test/helpers/ops.ts";
+import { scriptArgs, usageError } from "./bench/cli.ts";
 
-const { values: flags } = parseArgs({
+const USAGE =
+  "usage: bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10] [--tables]" +
+  " [--bundle]\n" +
+  "  a simulated day (or --hours) of temp-monitor episodes at --rate per second through the commit path,\n" +
+  "  with retention; prints disk, RSS and CPU per simulated hour and checks disk levels off";
+const { values: flags } = scriptArgs(USAGE, {
   options: {
     hours: { type: "string", default: "24" },
     rate: { type: "string", default: "50" },
@@ -42,21 +47,12 @@ const { values: flags } = parseArgs({
     keep: { type: "string", default: "10" },
     tables: { type: "boolean", default: false },
     bundle: { type: "boolean", default: false },
-    help: { type: "boolean", short: "h", default: false },
   },
 });
-if (flags.help) {
-  console.log(
-    "bun scripts/soak.ts [--hours 24] [--rate 50] [--agents 100] [--retention-hours 6] [--keep 10] [--tables]" +
-      " [--bundle]\n" +
-      "  a simulated day (or --hours) of temp-monitor episodes at --rate per second through the commit path,\n" +
-      "  with retention; prints disk, RSS and CPU per simulated hour and checks disk levels off",
-  );
-  process.exit(0);
-}
-const num = (name: Exclude<keyof typeof flags, "help" | "tables" | "bundle">) => {
+const num = (name: Exclude<keyof typeof flags, "tables" | "bundle">) => {
   const v = Number(flags[name]);
-  if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} must be a positive number`);
+  if (!Number.isFinite(v) || v <= 0)
+    usageError(USAGE, `--${name} is a positive number, not ${JSON.stringify(flags[name])}`);
   return v;
 };
 const hours = num("hours");

@@ -14,10 +14,12 @@
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import { SyntheticFleet } from "../test/helpers/ops.ts";
+import { scriptArgs, wholeFlag } from "./bench/cli.ts";
 
-const { values: flags } = parseArgs({
+const USAGE = `usage: bun scripts/store-bytes.ts [--episodes 5000] [--agents 100] [--keep 10] [--bundle]
+  where a typical episode's bytes go in the store, per table and index (--bundle: episodes name a code bundle)`;
+const { values: flags } = scriptArgs(USAGE, {
   options: {
     episodes: { type: "string", default: "5000" },
     agents: { type: "string", default: "100" },
@@ -25,11 +27,9 @@ const { values: flags } = parseArgs({
     bundle: { type: "boolean", default: false },
   },
 });
-const episodes = Number(flags.episodes);
-const agents = Number(flags.agents);
-const keep = Number(flags.keep);
-for (const [k, v] of Object.entries({ episodes, agents, keep }))
-  if (!Number.isSafeInteger(v) || v < 0 || (k !== "keep" && v === 0)) throw new Error(`--${k} must be a whole number`);
+const episodes = wholeFlag(USAGE, "episodes", flags.episodes);
+const agents = wholeFlag(USAGE, "agents", flags.agents);
+const keep = wholeFlag(USAGE, "keep", flags.keep, 0);
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-store-bytes-"));
 try {

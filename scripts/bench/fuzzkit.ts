@@ -4,8 +4,8 @@
  * come from test/helpers/seeded.ts.)
  */
 import { readdirSync, readFileSync } from "node:fs";
-import { join } from "node:path";
-import { parseArgs } from "node:util";
+import { basename, join } from "node:path";
+import { scriptArgs, wholeFlag } from "./cli.ts";
 import { cleanupAll } from "./harness.ts";
 
 /** `--seconds`, `--seed`, `--verbose`, and a fuzzer's own boolean flags. */
@@ -13,7 +13,10 @@ export function fuzzArgs<F extends string>(
   seconds: number,
   flags: readonly F[] = [],
 ): { seconds: number; seed: number; verbose: boolean } & Record<F, boolean> {
-  const { values } = parseArgs({
+  const usage =
+    `usage: bun scripts/${basename(process.argv[1] ?? "fuzz", ".ts")}.ts [--seconds ${seconds}] [--seed 1]` +
+    ` [--verbose]${flags.map((f) => ` [--${f}]`).join("")}`;
+  const { values } = scriptArgs(usage, {
     options: {
       seconds: { type: "string", default: String(seconds) },
       seed: { type: "string", default: "1" },
@@ -23,7 +26,12 @@ export function fuzzArgs<F extends string>(
   });
   const v = values as Record<string, string | boolean>;
   const own = Object.fromEntries(flags.map((f) => [f, v[f] === true])) as Record<F, boolean>;
-  return { seconds: Number(v.seconds), seed: Number(v.seed), verbose: v.verbose === true, ...own };
+  return {
+    seconds: wholeFlag(usage, "seconds", v.seconds as string),
+    seed: wholeFlag(usage, "seed", v.seed as string, 0),
+    verbose: v.verbose === true,
+    ...own,
+  };
 }
 
 /**
