@@ -42,6 +42,7 @@ export {
   LibsqlPersistence,
   type LibsqlPersistenceOptions,
   memoryPersistence,
+  persistenceFor,
   type MemoryPersistence,
   type PersistenceChoice,
   type PersistenceStats,

@@ -1,14 +1,16 @@
 /**
- * aedes-persistence's own conformance suite (`abstract.js`, unmodified) run against the
- * libSQL broker persistence, through a small adapter from its node:test-style `t` to bun:test.
+ * aedes-persistence's own conformance suite (`abstract.js`, unmodified) run against both broker
+ * persistences, through a small adapter from its node:test-style `t` to bun:test; then what aedes'
+ * own in-memory persistence got wrong, against both.
  */
-import { afterAll, expect, test } from "bun:test";
+import { afterAll, describe, expect, test } from "bun:test";
 import assert from "node:assert";
 import { mkdtempSync, rmSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { LibsqlPersistence } from "../broker/index.ts";
+import pino from "pino";
+import { LibsqlPersistence, memoryPersistence, persistenceFor } from "../broker/index.ts";
 
 type Assert = Record<string, (...args: unknown[]) => void>;
 interface TestContext {
@@ -45,10 +47,20 @@ function adapt(name: string, fn: (t: TestContext) => Promise<void>): void {
   });
 }
 
-abstract({
-  test: adapt,
-  persistence: () => new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" }),
-  testAsync: true,
+describe('[broker] persistence = "libsql"', () => {
+  abstract({
+    test: adapt,
+    persistence: () => new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" }),
+    testAsync: true,
+  });
+});
+
+describe('[broker] persistence = "memory" (its own outgoing queues)', () => {
+  abstract({
+    test: adapt,
+    persistence: () => memoryPersistence({ maxOfflineMessages: 1000 }).aedes,
+    testAsync: true,
+  });
 });
 
 /**
@@ -58,9 +70,35 @@ abstract({
  * live copy was acknowledged, and numbering the read-back's copy failed with "no such packet", which
  * aedes answers by dropping the client, at every reconnection while messages kept coming.
  */
-/** A persistence of broker "broker-1" on a fresh file, set up as aedes does. */
-async function opened(): Promise<LibsqlPersistence> {
-  const p = new LibsqlPersistence({ path: join(dir, `p${n++}.db`), synchronous: "normal" });
+/** The outgoing half of aedes' persistence interface, as aedes calls it, and the counts. */
+interface Outgoing {
+  setup(broker: { id: string }): Promise<void>;
+  outgoingEnqueueCombi(subs: { clientId: string; topic: string; qos: number }[], packet: object): Promise<void>;
+  outgoingUpdate(client: { id: string; _nextId?: number }, packet: object): Promise<void>;
+  outgoingClearMessageId(client: { id: string }, packet: { messageId?: number }): Promise<unknown>;
+  outgoingStream(client: { id: string }): AsyncIterable<unknown>;
+  stats(): { queued: number };
+  destroy(): Promise<void>;
+}
+
+/** `[broker] persistence` of broker "broker-1" (libsql on a fresh file), set up as aedes does. */
+async function opened(kind: "libsql" | "memory"): Promise<Outgoing> {
+  const chosen = persistenceFor(
+    kind === "libsql"
+      ? { kind, path: join(dir, `p${n++}.db`), synchronous: "normal", maxOfflineMessages: 1000 }
+      : { kind, maxOfflineMessages: 1000 },
+    pino({ level: "silent" }),
+  )!;
+  const base = chosen.aedes as Omit<Outgoing, "stats" | "destroy">;
+  const p: Outgoing = {
+    setup: (broker) => base.setup(broker),
+    outgoingEnqueueCombi: (subs, packet) => base.outgoingEnqueueCombi(subs, packet),
+    outgoingUpdate: (client, packet) => base.outgoingUpdate(client, packet),
+    outgoingClearMessageId: (client, packet) => base.outgoingClearMessageId(client, packet),
+    outgoingStream: (client) => base.outgoingStream(client),
+    stats: () => chosen.stats(),
+    destroy: () => chosen.destroy(),
+  };
   await p.setup({ id: "broker-1" });
   return p;
 }
@@ -77,109 +115,113 @@ const published = (i: number, qos: 1 | 2) => ({
   brokerCounter: i,
 });
 
-test("a queued message sent live and acknowledged while the queue is read back: sent again, no error", async () => {
-  const p = await opened();
-  const client = { id: "back-1" };
-  const sub = { clientId: client.id, topic: "out/#", qos: 1 };
-  const packet = (i: number) => published(i, 1);
-  type Queued = ReturnType<typeof packet>;
-  // More than a page (500 rows): the second page is read after the live sends below.
-  for (let i = 1; i <= 600; i++) await p.outgoingEnqueueCombi([sub], packet(i));
-  const stream = p.outgoingStream(client)[Symbol.asyncIterator]();
-  const first = (await stream.next()).value as Queued;
-  expect(first.payload.toString()).toBe("m1");
-  // Live copies go out and are acknowledged before aedes numbers what the read-back handed it: m2
-  // (read ahead already) and m550 (on the next page).
-  for (const i of [2, 550]) {
-    await p.outgoingUpdate(client, { ...packet(i), messageId: 1000 + i });
-    expect(await p.outgoingClearMessageId(client, { messageId: 1000 + i })).toBeTruthy();
-  }
-  // aedes wraps what it read (aedes-packet keeps the payload) and numbers it: every one resolves, m2's
-  // copy included (sent once more), where "no such packet" would have dropped the client.
-  await p.outgoingUpdate(client, { ...first, messageId: 1 });
-  const rest: string[] = [];
-  for (let r = await stream.next(), id = 2; !r.done; r = await stream.next(), id++) {
-    const q = r.value as Queued;
-    await p.outgoingUpdate(client, { ...q, messageId: id });
-    rest.push(q.payload.toString());
-  }
-  // What was on the next page and already went out live is not handed over again.
-  expect(rest).not.toContain("m550");
-  expect(rest.filter((m) => m !== "m2")).toEqual(
-    Array.from({ length: 598 }, (_, i) => `m${i + 3}`).filter((m) => m !== "m550"),
-  );
-  // A packet nobody read back and nobody queued is still an error, as in aedes' own persistence.
-  expect(p.outgoingUpdate(client, { ...packet(9999), messageId: 9 })).rejects.toThrow("no such packet");
-  await p.destroy();
-});
+for (const kind of ["libsql", "memory"] as const) {
+  describe(`[broker] persistence = "${kind}"`, () => {
+    test("a queued message sent live and acknowledged while the queue is read back: sent again, no error", async () => {
+      const p = await opened(kind);
+      const client = { id: "back-1" };
+      const sub = { clientId: client.id, topic: "out/#", qos: 1 };
+      const packet = (i: number) => published(i, 1);
+      type Queued = ReturnType<typeof packet>;
+      // More than a page (500 rows): the second page is read after the live sends below.
+      for (let i = 1; i <= 600; i++) await p.outgoingEnqueueCombi([sub], packet(i));
+      const stream = p.outgoingStream(client)[Symbol.asyncIterator]();
+      const first = (await stream.next()).value as Queued;
+      expect(first.payload.toString()).toBe("m1");
+      // Live copies go out and are acknowledged before aedes numbers what the read-back handed it: m2
+      // (read ahead already) and m550 (on the next page).
+      for (const i of [2, 550]) {
+        await p.outgoingUpdate(client, { ...packet(i), messageId: 1000 + i });
+        expect(await p.outgoingClearMessageId(client, { messageId: 1000 + i })).toBeTruthy();
+      }
+      // aedes wraps what it read (aedes-packet keeps the payload) and numbers it: every one resolves, m2's
+      // copy included (sent once more), where "no such packet" would have dropped the client.
+      await p.outgoingUpdate(client, { ...first, messageId: 1 });
+      const rest: string[] = [];
+      for (let r = await stream.next(), id = 2; !r.done; r = await stream.next(), id++) {
+        const q = r.value as Queued;
+        await p.outgoingUpdate(client, { ...q, messageId: id });
+        rest.push(q.payload.toString());
+      }
+      // What was on the next page and already went out live is not handed over again.
+      expect(rest).not.toContain("m550");
+      expect(rest.filter((m) => m !== "m2")).toEqual(
+        Array.from({ length: 598 }, (_, i) => `m${i + 3}`).filter((m) => m !== "m550"),
+      );
+      // A packet nobody read back and nobody queued is still an error, as in aedes' own persistence.
+      expect(p.outgoingUpdate(client, { ...packet(9999), messageId: 9 })).rejects.toThrow("no such packet");
+      await p.destroy();
+    });
 
-test("two QoS 2 messages past PUBREC each keep their own PUBREL: both are sent again on reconnect", async () => {
-  const p = await opened();
-  const client = { id: "qos2-1" };
-  const sub = { clientId: client.id, topic: "out/#", qos: 2 };
-  const publish = (i: number) => published(i, 2);
-  for (const i of [1, 2]) await p.outgoingEnqueueCombi([sub], publish(i));
-  // Sent as 5 and 7; the client's PUBRECs turn each into its PUBREL (aedes' pubrec handler).
-  await p.outgoingUpdate(client, { ...publish(1), messageId: 5 });
-  await p.outgoingUpdate(client, { ...publish(2), messageId: 7 });
-  for (const messageId of [5, 7]) await p.outgoingUpdate(client, { cmd: "pubrel", messageId });
-  const resent: unknown[] = [];
-  for await (const packet of p.outgoingStream(client)) resent.push(packet);
-  expect(resent).toEqual([
-    { cmd: "pubrel", messageId: 5 },
-    { cmd: "pubrel", messageId: 7 },
-  ]);
-  // Their PUBCOMPs clear each one.
-  for (const messageId of [5, 7]) expect(await p.outgoingClearMessageId(client, { messageId })).toBeTruthy();
-  expect(p.stats().queued).toBe(0);
-  await p.destroy();
-});
+    test("two QoS 2 messages past PUBREC each keep their own PUBREL: both are sent again on reconnect", async () => {
+      const p = await opened(kind);
+      const client = { id: "qos2-1" };
+      const sub = { clientId: client.id, topic: "out/#", qos: 2 };
+      const publish = (i: number) => published(i, 2);
+      for (const i of [1, 2]) await p.outgoingEnqueueCombi([sub], publish(i));
+      // Sent as 5 and 7; the client's PUBRECs turn each into its PUBREL (aedes' pubrec handler).
+      await p.outgoingUpdate(client, { ...publish(1), messageId: 5 });
+      await p.outgoingUpdate(client, { ...publish(2), messageId: 7 });
+      for (const messageId of [5, 7]) await p.outgoingUpdate(client, { cmd: "pubrel", messageId });
+      const resent: unknown[] = [];
+      for await (const packet of p.outgoingStream(client)) resent.push(packet);
+      expect(resent).toEqual([
+        { cmd: "pubrel", messageId: 5 },
+        { cmd: "pubrel", messageId: 7 },
+      ]);
+      // Their PUBCOMPs clear each one.
+      for (const messageId of [5, 7]) expect(await p.outgoingClearMessageId(client, { messageId })).toBeTruthy();
+      expect(p.stats().queued).toBe(0);
+      await p.destroy();
+    });
 
-test("a packet numbered with an identifier still in flight for its session gets a free one; none is lost", async () => {
-  const p = await opened();
-  // A connection of a returning session; aedes drew 7 as its first identifier.
-  const client: { id: string; _nextId?: number } = { id: "back-2", _nextId: 7 };
-  const sub = { clientId: client.id, topic: "out/#", qos: 1 };
-  // Sent as 7 by an earlier broker run and not acknowledged: it is handed over again with its 7.
-  const earlier = { ...published(1, 1), brokerId: "broker-0" };
-  await p.outgoingEnqueueCombi([sub], earlier);
-  await p.outgoingUpdate(client, { ...earlier, messageId: 7 });
-  // A message of this run numbered from 7 too, and one with 8 (both taken by aedes' counter).
-  const live = { ...published(2, 1), messageId: 7 };
-  await p.outgoingEnqueueCombi([sub], published(2, 1));
-  await p.outgoingUpdate(client, live);
-  expect(live.messageId).not.toBe(7);
-  expect(client._nextId).toBe(live.messageId + 1);
-  // Each PUBACK clears its own message: the earlier one is still the 7.
-  expect(((await p.outgoingClearMessageId(client, { messageId: 7 })) as { payload: Buffer }).payload.toString()).toBe(
-    "m1",
-  );
-  expect(p.stats().queued).toBe(1);
-  const back: string[] = [];
-  for await (const packet of p.outgoingStream({ id: client.id }))
-    back.push(String((packet as { payload: Buffer }).payload));
-  expect(back).toEqual(["m2"]);
-  expect(((await p.outgoingClearMessageId(client, live)) as { payload: Buffer }).payload.toString()).toBe("m2");
-  expect(p.stats().queued).toBe(0);
-  await p.destroy();
-});
+    test("a packet numbered with an identifier in flight for its session gets a free one; none is lost", async () => {
+      const p = await opened(kind);
+      // A connection of a returning session; aedes drew 7 as its first identifier.
+      const client: { id: string; _nextId?: number } = { id: "back-2", _nextId: 7 };
+      const sub = { clientId: client.id, topic: "out/#", qos: 1 };
+      // Sent as 7 by an earlier broker run and not acknowledged: it is handed over again with its 7.
+      const earlier = { ...published(1, 1), brokerId: "broker-0" };
+      await p.outgoingEnqueueCombi([sub], earlier);
+      await p.outgoingUpdate(client, { ...earlier, messageId: 7 });
+      // A message of this run numbered from 7 too, and one with 8 (both taken by aedes' counter).
+      const live = { ...published(2, 1), messageId: 7 };
+      await p.outgoingEnqueueCombi([sub], published(2, 1));
+      await p.outgoingUpdate(client, live);
+      expect(live.messageId).not.toBe(7);
+      expect(client._nextId).toBe(live.messageId + 1);
+      // Each PUBACK clears its own message: the earlier one is still the 7.
+      expect(
+        ((await p.outgoingClearMessageId(client, { messageId: 7 })) as { payload: Buffer }).payload.toString(),
+      ).toBe("m1");
+      expect(p.stats().queued).toBe(1);
+      const back: string[] = [];
+      for await (const packet of p.outgoingStream({ id: client.id }))
+        back.push(String((packet as { payload: Buffer }).payload));
+      expect(back).toEqual(["m2"]);
+      expect(((await p.outgoingClearMessageId(client, live)) as { payload: Buffer }).payload.toString()).toBe("m2");
+      expect(p.stats().queued).toBe(0);
+      await p.destroy();
+    });
 
-test("identifiers run on past 65535 to 1 and skip every one the session holds", async () => {
-  const p = await opened();
-  const client: { id: string; _nextId?: number } = { id: "wrap-1", _nextId: 65_535 };
-  const sub = { clientId: client.id, topic: "out/#", qos: 1 };
-  for (const [i, id] of [
-    [1, 65_535],
-    [2, 1],
-    [3, 2],
-  ] as const) {
-    await p.outgoingEnqueueCombi([sub], published(i, 1));
-    await p.outgoingUpdate(client, { ...published(i, 1), messageId: id });
-  }
-  const next = { ...published(4, 1), messageId: 65_535 };
-  await p.outgoingEnqueueCombi([sub], published(4, 1));
-  await p.outgoingUpdate(client, next);
-  expect(next.messageId).toBe(3);
-  expect(client._nextId).toBe(4);
-  await p.destroy();
-});
+    test("identifiers run on past 65535 to 1 and skip every one the session holds", async () => {
+      const p = await opened(kind);
+      const client: { id: string; _nextId?: number } = { id: "wrap-1", _nextId: 65_535 };
+      const sub = { clientId: client.id, topic: "out/#", qos: 1 };
+      for (const [i, id] of [
+        [1, 65_535],
+        [2, 1],
+        [3, 2],
+      ] as const) {
+        await p.outgoingEnqueueCombi([sub], published(i, 1));
+        await p.outgoingUpdate(client, { ...published(i, 1), messageId: id });
+      }
+      const next = { ...published(4, 1), messageId: 65_535 };
+      await p.outgoingEnqueueCombi([sub], published(4, 1));
+      await p.outgoingUpdate(client, next);
+      expect(next.messageId).toBe(3);
+      expect(client._nextId).toBe(4);
+      await p.destroy();
+    });
+  });
+}

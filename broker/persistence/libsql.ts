@@ -17,6 +17,7 @@ import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { matchTopic } from "../topics.ts";
 import { decodePacket, encodePacket, queuedCopy, type StoredPacket } from "./codec.ts";
+import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
 import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
@@ -33,13 +34,6 @@ export interface LibsqlPersistenceOptions {
   readonly logger?: Logger;
   /** Clock for the drop log's rate limit. */
   readonly now?: () => number;
-}
-
-/** What aedes passes as a client: only the id is read here. */
-export interface ClientRef {
-  readonly id: string;
-  /** aedes' next packet identifier for this connection (aedes' own field; see `outgoingUpdate`). */
-  _nextId?: number;
 }
 
 /** A subscription as aedes stores it (SUBSCRIBE packet entry; MQTT 5 options kept as given). */
@@ -64,19 +58,8 @@ export interface PersistenceStats {
 
 const PAGE = 500;
 
-/** A queued row as the in-memory index knows it (same order as `outgoing.seq`). */
-interface QueueEntry {
-  brokerId: string | null;
-  brokerCounter: number | null;
-  messageId: number | null;
-  /** The packet being delivered (set by `outgoingUpdate`), so its PUBACK needs no read-back. */
-  inFlight?: StoredPacket;
-  /** When `outgoingUpdate` last numbered it (the persistence's count of sends). */
-  sent?: number;
-}
-const DROP_LOG_INTERVAL_MS = 10_000;
-/** The largest MQTT packet identifier (they run 1..65535). */
-const MAX_PACKET_ID = 65_535;
+/** The drop log's rate limit (one line per 10 s at most, with the count since the last one). */
+export const DROP_LOG_INTERVAL_MS = 10_000;
 
 /** Refused: the broker file was written by newer code. */
 export class BrokerStoreTooNew extends Error {
@@ -89,8 +72,6 @@ export class BrokerStoreTooNew extends Error {
   }
 }
 
-const num = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
-
 /** aedes persistence on libSQL. */
 export class LibsqlPersistence {
   private db: DbThread | null = null;
@@ -100,12 +81,8 @@ export class LibsqlPersistence {
   private readonly trie = new SubscriptionTrie();
   /** clientId -> filter -> subscription, every persistent subscription (qos 0 too). */
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
-  /** clientId -> rows in its queue. */
-  private readonly queues = new Map<string, QueueEntry[]>();
-  /** Packets numbered by `outgoingUpdate` so far: orders a live send against a queue's read-back. */
-  private sends = 0;
-  /** Payloads of the packets queues' read-backs have handed aedes (see outgoingUpdate). */
-  private readonly readBack = new WeakSet<object>();
+  /** Each client's queue: broker id, counter and messageId per row (same order as `outgoing.seq`). */
+  private readonly outgoing: OutgoingQueues;
   /**
    * Clients that may have a will or QoS 2 packets stored: a CONNECT of any other client (the
    * common case) asks the file nothing, so it never waits behind a large commit.
@@ -117,14 +94,12 @@ export class LibsqlPersistence {
   private dropped = 0;
   private droppedSinceLog = 0;
   private lastDropLog = Number.NEGATIVE_INFINITY;
-  private readonly max: number;
   private readonly now: () => number;
 
   constructor(private readonly opts: LibsqlPersistenceOptions) {
-    this.max = opts.maxOfflineMessages ?? 1000;
-    if (!Number.isInteger(this.max) || this.max < 1) {
-      throw new RangeError(`maxOfflineMessages must be a positive integer, got ${opts.maxOfflineMessages}`);
-    }
+    this.outgoing = new OutgoingQueues(opts.maxOfflineMessages ?? 1000, (clientId, topic) =>
+      this.drop(clientId, topic),
+    );
     this.now = opts.now ?? Date.now;
   }
 
@@ -135,9 +110,7 @@ export class LibsqlPersistence {
 
   /** Counters since open. */
   stats(): PersistenceStats {
-    let queued = 0;
-    for (const q of this.queues.values()) queued += q.length;
-    return { offlineDropped: this.dropped, queued };
+    return { offlineDropped: this.dropped, queued: this.outgoing.size };
   }
 
   /** Open the file, create the tables, load subscriptions and queue sizes. Called by aedes' `listen`. */
@@ -173,7 +146,7 @@ export class LibsqlPersistence {
         });
       }
       for (const row of queued!.rows) {
-        this.queueOf(String(row.client_id)).push({
+        this.outgoing.restore(String(row.client_id), {
           brokerId: row.broker_id === null ? null : String(row.broker_id),
           brokerCounter: num(row.broker_counter),
           messageId: num(row.message_id),
@@ -190,15 +163,6 @@ export class LibsqlPersistence {
   private run(statements: InStatement[], lazy: boolean | "background" = false) {
     if (!this.writer) return Promise.reject(new Error("broker persistence is not set up"));
     return this.writer.run(statements, { lazy });
-  }
-
-  private queueOf(clientId: string): QueueEntry[] {
-    let q = this.queues.get(clientId);
-    if (!q) {
-      q = [];
-      this.queues.set(clientId, q);
-    }
-    return q;
   }
 
   // ---- retained ------------------------------------------------------------------------
@@ -383,21 +347,18 @@ export class LibsqlPersistence {
     const text = encodePacket(copy);
     const brokerId = (copy.brokerId as string | undefined) ?? null;
     const brokerCounter = num(copy.brokerCounter);
-    const statements: InStatement[] = [];
-    for (const { clientId } of subs) {
-      const queue = this.queueOf(clientId);
-      if (queue.length >= this.max) {
-        this.drop(clientId, String(packet.topic));
-        continue;
-      }
-      queue.push({ brokerId, brokerCounter, messageId: null });
-      statements.push({
+    const kept = this.outgoing.enqueue(
+      subs.map((s) => s.clientId),
+      String(packet.topic),
+      () => ({ brokerId, brokerCounter, messageId: null }),
+    );
+    await this.run(
+      kept.map((clientId) => ({
         sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
               VALUES (?, ?, ?, NULL, ?)`,
         args: [clientId, brokerId, brokerCounter, text],
-      });
-    }
-    await this.run(statements);
+      })),
+    );
   }
 
   private drop(clientId: string, topic: string): void {
@@ -406,7 +367,7 @@ export class LibsqlPersistence {
     const t = this.now();
     if (t - this.lastDropLog < DROP_LOG_INTERVAL_MS) return;
     this.opts.logger?.warn(
-      { client: clientId, topic, dropped: this.droppedSinceLog, total: this.dropped, max: this.max },
+      { client: clientId, topic, dropped: this.droppedSinceLog, total: this.dropped, max: this.outgoing.max },
       "offline queue full (max_offline_messages); message dropped for this client",
     );
     this.lastDropLog = t;
@@ -415,29 +376,14 @@ export class LibsqlPersistence {
 
   /**
    * Record the messageId given to a queued packet (same broker id and counter), or replace
-   * the queued packet holding that messageId (a PUBREL after PUBREC). Same matching as the
-   * in-memory persistence: the first row in queue order.
+   * the queued packet holding that messageId (a PUBREL after PUBREC): see `OutgoingQueues.number`.
    */
   async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
-    const bid = (packet.brokerId as string | undefined) ?? null;
-    const bc = num(packet.brokerCounter);
-    if (bid !== null) this.renumberIfTaken(client, bid, bc, packet);
-    const mid = num(packet.messageId);
-    // The index finds the same first row the statement below does.
-    const entry = this.queuedEntry(client.id, bid, bc, mid);
-    if (!entry) {
-      // Sent live and acknowledged while the queue's read-back (outgoingStream) held it: aedes sends it
-      // once more (at least once) rather than dropping the client for an error. aedes wraps the packet
-      // it read (aedes-packet) but keeps its payload, which tells it from a live send.
-      if (this.readBack.has(packet.payload as object)) return;
-      throw new Error("no such packet");
-    }
-    entry.sent = ++this.sends;
-    entry.brokerId = bid;
-    entry.brokerCounter = bc;
-    entry.messageId = mid;
-    entry.inFlight = packet;
+    const numbered = this.outgoing.number(client, packet);
+    if (!numbered) return;
+    const { brokerId: bid, brokerCounter: bc, messageId: mid } = numbered.entry;
     // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
+    // The statement finds the row the index found: the first in queue order.
     void this.run(
       [
         {
@@ -456,48 +402,18 @@ export class LibsqlPersistence {
     ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "queued messageId not recorded"));
   }
 
-  /**
-   * A returning connection starts numbering at a random identifier (aedes' `_nextId`) while packets
-   * of its session are still in flight under the identifiers they were sent with. A new packet given
-   * one of those would be in flight twice (MQTT-2.3.1-2 wants a currently unused one): the client
-   * drops a second QoS 2 PUBLISH with a pending identifier as a duplicate, and a packet of an earlier
-   * broker run holding it is the row the numbering below matches first: the new message took over
-   * that row, and the old one, unacknowledged, was never sent again if the connection broke before
-   * its PUBACK. Such a packet gets the next identifier nothing of the session holds, and aedes
-   * numbers on from there.
-   */
-  private renumberIfTaken(client: ClientRef, bid: string, bc: number | null, packet: StoredPacket): void {
-    const queue = this.queues.get(client.id);
-    const mid = num(packet.messageId);
-    if (!queue || mid === null) return;
-    const own = queue.find((e) => e.brokerId === bid && e.brokerCounter === bc);
-    if (!own || !queue.some((e) => e !== own && e.messageId === mid)) return;
-    const taken = new Set(queue.map((e) => (e === own ? null : e.messageId)));
-    const start = Number.isInteger(client._nextId) && client._nextId! >= 1 ? client._nextId! : mid;
-    for (let i = 0, id = start; i < MAX_PACKET_ID; i++, id = (id % MAX_PACKET_ID) + 1) {
-      if (taken.has(id)) continue;
-      packet.messageId = id;
-      client._nextId = (id % MAX_PACKET_ID) + 1;
-      return;
-    }
-    throw new Error(`every packet identifier is in flight for client ${client.id}`);
-  }
-
   /** Remove the queued packet with `packet.messageId` (a PUBACK or PUBCOMP); resolves with it. */
   async outgoingClearMessageId(client: ClientRef, packet: { messageId?: number }): Promise<StoredPacket | undefined> {
     const mid = num(packet?.messageId);
-    const queue = this.queues.get(client.id);
-    const at = mid === null || !queue ? -1 : queue.findIndex((e) => e.messageId === mid);
-    if (at < 0) return undefined;
-    const [entry] = queue!.splice(at, 1);
-    if (queue!.length === 0) this.queues.delete(client.id);
+    const entry = this.outgoing.clear(client.id, mid);
+    if (!entry) return undefined;
     const where = "WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ? AND message_id = ? ORDER BY seq LIMIT 1)";
     // Lazy: a PUBACK lost in a crash only means the message is delivered again.
-    if (entry!.inFlight) {
+    if (entry.inFlight) {
       void this.run([{ sql: `DELETE FROM outgoing ${where}`, args: [client.id, mid] }], "background").catch(
         (err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "acknowledged message not removed"),
       );
-      return entry!.inFlight;
+      return entry.inFlight;
     }
     const [r] = await this.run(
       [{ sql: `DELETE FROM outgoing ${where} RETURNING packet, message_id`, args: [client.id, mid] }],
@@ -508,35 +424,16 @@ export class LibsqlPersistence {
   }
 
   /**
-   * The first entry of a client's queue that is this packet: the same broker id and counter, else its
-   * messageId. A packet with no broker id (a PUBREL, which replaces its PUBLISH) is found by its
-   * messageId alone: matched on the missing ids, as aedes' in-memory persistence does, a second PUBREL
-   * took the first one's entry, so after a reconnection the first message's PUBREL was never sent
-   * again (its QoS 2 flow never completed) and the second message went out twice.
-   */
-  private queuedEntry(clientId: string, bid: string | null, bc: number | null, mid: number | null) {
-    const sameId = (e: QueueEntry) => mid !== null && e.messageId === mid;
-    return this.queues
-      .get(clientId)
-      ?.find((e) => (bid === null ? sameId(e) : e.brokerId === bid ? e.brokerCounter === bc : sameId(e)));
-  }
-
-  /**
    * A client's queue as it stood when the client came back, oldest first, read in pages: what aedes
-   * sends it on CONNECT. A row is skipped when its entry has left the queue meanwhile, was sent live
-   * since (aedes restores the session's subscriptions before it reads the queue, so a message queued
-   * in between goes out both ways), or was queued after this call (it goes out live). aedes takes a
-   * row it cannot number (`outgoingUpdate`: "no such packet") for the client's error and drops its
-   * connection: a session coming back while messages kept coming was dropped at every try.
+   * sends it on CONNECT (see `OutgoingQueues.snapshot`).
    */
   outgoingStream(client: ClientRef): Readable {
     const self = this;
-    const queued = new Set(this.queues.get(client.id));
-    const since = this.sends;
+    const snapshot = this.outgoing.snapshot(client.id);
     return Readable.from(
       (async function* () {
         let after = 0;
-        while (queued.size > 0) {
+        while (snapshot.entries.length > 0) {
           const [r] = await self.run([
             {
               sql: `SELECT seq, packet, message_id, broker_id, broker_counter FROM outgoing
@@ -547,13 +444,10 @@ export class LibsqlPersistence {
           const rows = r!.rows;
           for (const row of rows) {
             const bid = row.broker_id === null ? null : String(row.broker_id);
-            const bc = num(row.broker_counter);
-            const entry = self.queuedEntry(client.id, bid, bc, num(row.message_id));
-            if (entry === undefined || !queued.has(entry) || (entry.sent ?? 0) > since) continue;
+            const entry = self.outgoing.find(client.id, bid, num(row.broker_counter), num(row.message_id));
+            if (entry === undefined || !snapshot.hands(entry)) continue;
             const packet = decodePacket(String(row.packet), num(row.message_id));
-            // Until aedes numbers it, it may still go out live and be acknowledged (see outgoingUpdate).
-            // (A Buffer from the wire or the gateway. A PUBREL has none: its PUBCOMP cannot come before it is sent.)
-            if (typeof packet.payload === "object" && packet.payload !== null) self.readBack.add(packet.payload);
+            self.outgoing.handedOver(packet);
             yield packet;
           }
           if (rows.length < PAGE) return;

@@ -1,15 +1,19 @@
 /**
- * `persistence = "memory"`: aedes' in-memory persistence, with each client's queue bounded by
- * `max_offline_messages` as broker.db's is (./libsql.ts). Unbounded, a clean = false subscriber that
- * never comes back would keep every QoS 1 output in the gateway's memory until it runs out. Queued
- * copies have RETAIN 0, as broker.db's (aedes' own keep the flag the message was published with).
+ * `persistence = "memory"`: aedes' in-memory persistence for subscriptions, retained messages, wills
+ * and incoming QoS 2 packets, with the outgoing queues broker.db's index keeps (./outgoing.ts), holding
+ * the packets themselves. So each client's queue is bounded by `max_offline_messages` as broker.db's
+ * is (unbounded, a clean = false subscriber that never comes back would keep every QoS 1 output in the
+ * gateway's memory until it runs out), queued copies have RETAIN 0 (aedes' own keep the flag the
+ * message was published with), and none of what aedes' own queues get wrong: a session coming back
+ * while messages kept coming was dropped, a second pending QoS 2 PUBREL took the first one's place, a
+ * new packet could take an identifier still in flight.
  */
 import memory from "aedes-persistence";
+import { Readable } from "node:stream";
 import type { Logger } from "pino";
-import type { PersistenceStats } from "./libsql.ts";
-
-/** The drop log's rate limit (one line per 10 s at most, with the count since the last one). */
-const DROP_LOG_INTERVAL_MS = 10_000;
+import { queuedCopy, type StoredPacket } from "./codec.ts";
+import { DROP_LOG_INTERVAL_MS, type PersistenceStats } from "./libsql.ts";
+import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 
 /** What the in-memory persistence is given. */
 export interface MemoryPersistenceOptions {
@@ -21,8 +25,6 @@ export interface MemoryPersistenceOptions {
 }
 
 type Memory = ReturnType<typeof memory>;
-type Enqueue = (subs: { clientId: string }[], packet: { topic?: unknown; retain?: boolean }) => Promise<void>;
-type Clear = (client: { id: string }, packet: unknown) => Promise<unknown>;
 
 /** aedes' memory persistence, as aedes takes it, and the counts `stats()` reports. */
 export interface MemoryPersistence {
@@ -32,65 +34,67 @@ export interface MemoryPersistence {
   destroy(): Promise<void>;
 }
 
-/**
- * aedes' memory persistence with bounded queues. A message is removed from a client's queue only by
- * `outgoingClearMessageId` (its PUBACK, or a clean-session CONNECT emptying the queue one by one), so
- * counting enqueues and clears per client follows the queue's length.
- */
+/** aedes' memory persistence with the outgoing queues replaced. */
 export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersistence {
-  const max = opts.maxOfflineMessages;
-  if (!Number.isInteger(max) || max < 1)
-    throw new RangeError(`maxOfflineMessages must be a positive integer, got ${max}`);
   const now = opts.now ?? Date.now;
-  const base = memory();
-  const enqueue = (base.outgoingEnqueueCombi as unknown as Enqueue).bind(base);
-  const clear = (base.outgoingClearMessageId as unknown as Clear).bind(base);
-  const held = new Map<string, number>();
   let dropped = 0;
   let droppedSinceLog = 0;
   let lastDropLog = Number.NEGATIVE_INFINITY;
-
-  const drop = (clientId: string, topic: string) => {
+  const queues = new OutgoingQueues(opts.maxOfflineMessages, (clientId, topic) => {
     dropped++;
     droppedSinceLog++;
     const t = now();
     if (t - lastDropLog < DROP_LOG_INTERVAL_MS) return;
     opts.logger?.warn(
-      { client: clientId, topic, dropped: droppedSinceLog, total: dropped, max },
+      { client: clientId, topic, dropped: droppedSinceLog, total: dropped, max: queues.max },
       "offline queue full (max_offline_messages); message dropped for this client",
     );
     lastDropLog = t;
     droppedSinceLog = 0;
-  };
+  });
 
-  // aedes 1.2.0 calls both without a callback (the async form).
-  const capped: Enqueue = async (subs, packet) => {
-    const kept = subs.filter(({ clientId }) => {
-      const n = held.get(clientId) ?? 0;
-      if (n >= max) {
-        drop(clientId, String(packet.topic));
-        return false;
-      }
-      held.set(clientId, n + 1);
-      return true;
-    });
+  // aedes 1.2.0 calls these without a callback (the async form).
+  const outgoingEnqueueCombi = async (subs: readonly { clientId: string }[], packet: StoredPacket) => {
     // MQTT-3.3.1-9: a queued message goes out because it matched an established subscription: RETAIN 0.
-    if (kept.length > 0) await enqueue(kept, { ...packet, retain: false });
+    const copy: StoredPacket = { ...queuedCopy(packet), retain: false };
+    const brokerId = (copy.brokerId as string | undefined) ?? null;
+    const brokerCounter = num(copy.brokerCounter);
+    queues.enqueue(
+      subs.map((s) => s.clientId),
+      String(packet.topic),
+      () => ({ brokerId, brokerCounter, messageId: null, packet: copy }),
+    );
   };
-  const cleared: Clear = async (client, packet) => {
-    const removed = await clear(client, packet);
-    if (removed) {
-      const n = (held.get(client.id) ?? 1) - 1;
-      if (n > 0) held.set(client.id, n);
-      else held.delete(client.id);
-    }
-    return removed;
+  const outgoing = {
+    outgoingEnqueueCombi,
+    outgoingEnqueue: (sub: { clientId: string }, packet: StoredPacket) => outgoingEnqueueCombi([sub], packet),
+    async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
+      const numbered = queues.number(client, packet);
+      if (numbered?.replaces) numbered.entry.packet = packet;
+    },
+    async outgoingClearMessageId(client: ClientRef, packet: { messageId?: number }): Promise<unknown> {
+      const entry = queues.clear(client.id, num(packet?.messageId));
+      return entry ? (entry.inFlight ?? entry.packet) : undefined;
+    },
+    outgoingStream(client: ClientRef): Readable {
+      const snapshot = queues.snapshot(client.id);
+      return Readable.from(
+        (function* () {
+          for (const entry of snapshot.entries) {
+            if (!snapshot.hands(entry)) continue;
+            const packet: StoredPacket = { ...entry.packet, messageId: entry.messageId ?? undefined };
+            queues.handedOver(packet);
+            yield packet;
+          }
+        })(),
+      );
+    },
   };
-  Object.assign(base, { outgoingEnqueueCombi: capped, outgoingClearMessageId: cleared });
-
+  const base = memory();
+  Object.assign(base, outgoing);
   return {
     aedes: base,
-    stats: () => ({ offlineDropped: dropped, queued: [...held.values()].reduce((a, b) => a + b, 0) }),
+    stats: () => ({ offlineDropped: dropped, queued: queues.size }),
     // Nothing to write or close: it is memory, gone with the process.
     destroy: async () => {},
   };

@@ -1,0 +1,190 @@
+/**
+ * Each client session's outgoing queue as both persistences keep it in memory: per packet its broker
+ * id and counter and the messageId it was sent with (broker.db keeps the packets themselves on disk,
+ * `persistence = "memory"` in the entries). The matching aedes relies on lives here, with what its own
+ * in-memory persistence gets wrong: a session coming back while messages keep coming, a second
+ * pending QoS 2 PUBREL, a packet identifier drawn twice.
+ */
+import type { StoredPacket } from "./codec.ts";
+
+/** A queued packet as the index knows it (queue order = delivery order). */
+export interface QueueEntry {
+  brokerId: string | null;
+  brokerCounter: number | null;
+  messageId: number | null;
+  /** The queued packet itself, where the persistence keeps it in memory (`persistence = "memory"`). */
+  packet?: StoredPacket;
+  /** The packet being delivered (set when aedes numbers it), so its PUBACK needs no read-back. */
+  inFlight?: StoredPacket;
+  /** When aedes last numbered it (the count of sends). */
+  sent?: number;
+  /** Gone from its queue (acknowledged). */
+  cleared?: boolean;
+}
+
+/** What aedes passes as a client: its id, and its next packet identifier (aedes' own field). */
+export interface ClientRef {
+  readonly id: string;
+  _nextId?: number;
+}
+
+/** The largest MQTT packet identifier (they run 1..65535). */
+const MAX_PACKET_ID = 65_535;
+
+export const num = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
+
+/** Every client's queue, bounded; what aedes' outgoing calls decide before anything is stored. */
+export class OutgoingQueues {
+  private readonly queues = new Map<string, QueueEntry[]>();
+  /** Packets numbered so far: orders a live send against a queue's read-back. */
+  private sends = 0;
+  /** Payloads of the packets queues' read-backs have handed aedes (see `number`). */
+  private readonly readBack = new WeakSet<object>();
+
+  /** `max`: most packets per client (queued + in flight); `dropped` hears of each one refused. */
+  constructor(
+    readonly max: number,
+    private readonly dropped: (clientId: string, topic: string) => void,
+  ) {
+    if (!Number.isInteger(max) || max < 1)
+      throw new RangeError(`maxOfflineMessages must be a positive integer, got ${max}`);
+  }
+
+  /** Packets held in all queues. */
+  get size(): number {
+    let n = 0;
+    for (const q of this.queues.values()) n += q.length;
+    return n;
+  }
+
+  /** Append an entry to a client's queue as it was stored (at start, from disk); not bounded. */
+  restore(clientId: string, entry: QueueEntry): void {
+    this.queueOf(clientId).push(entry);
+  }
+
+  /**
+   * Queue `entry()` for each client with room; a full queue drops it for that client (the oldest are
+   * kept). Returns the clients it was queued for.
+   */
+  enqueue(clientIds: readonly string[], topic: string, entry: () => QueueEntry): string[] {
+    const kept: string[] = [];
+    for (const clientId of clientIds) {
+      const queue = this.queueOf(clientId);
+      if (queue.length >= this.max) {
+        this.dropped(clientId, topic);
+        continue;
+      }
+      queue.push(entry());
+      kept.push(clientId);
+    }
+    return kept;
+  }
+
+  /**
+   * aedes numbered `packet` to send it: its entry (the same broker id and counter, else the one holding
+   * its messageId: a PUBREL replacing its PUBLISH), now recording the messageId and the packet in
+   * flight; `replaces` when the entry held another packet (it is this one now). Null for a read-back's
+   * copy whose live twin was acknowledged meanwhile (sent once more, at least once). Throws for a
+   * packet no queue holds, as aedes' own persistence does.
+   */
+  number(client: ClientRef, packet: StoredPacket): { entry: QueueEntry; replaces: boolean } | null {
+    const bid = (packet.brokerId as string | undefined) ?? null;
+    const bc = num(packet.brokerCounter);
+    if (bid !== null) this.renumberIfTaken(client, bid, bc, packet);
+    const mid = num(packet.messageId);
+    const entry = this.find(client.id, bid, bc, mid);
+    if (!entry) {
+      // aedes wraps the packet it read (aedes-packet) but keeps its payload, which tells it from a live send.
+      if (this.readBack.has(packet.payload as object)) return null;
+      throw new Error("no such packet");
+    }
+    const replaces = entry.brokerId !== bid || entry.brokerCounter !== bc;
+    entry.sent = ++this.sends;
+    entry.brokerId = bid;
+    entry.brokerCounter = bc;
+    entry.messageId = mid;
+    entry.inFlight = packet;
+    return { entry, replaces };
+  }
+
+  /** Remove the first entry holding `messageId` (a PUBACK or PUBCOMP) and return it. */
+  clear(clientId: string, messageId: number | null): QueueEntry | undefined {
+    const queue = this.queues.get(clientId);
+    const at = messageId === null || !queue ? -1 : queue.findIndex((e) => e.messageId === messageId);
+    if (at < 0) return undefined;
+    const [entry] = queue!.splice(at, 1);
+    if (queue!.length === 0) this.queues.delete(clientId);
+    entry!.cleared = true;
+    return entry;
+  }
+
+  /**
+   * The first entry of a client's queue that is this packet: the same broker id and counter, else its
+   * messageId. A packet with no broker id (a PUBREL, which replaces its PUBLISH) is found by its
+   * messageId alone: matched on the missing ids, as aedes' in-memory persistence does, a second PUBREL
+   * took the first one's entry, so after a reconnection the first message's PUBREL was never sent
+   * again (its QoS 2 flow never completed) and the second message went out twice.
+   */
+  find(clientId: string, bid: string | null, bc: number | null, mid: number | null): QueueEntry | undefined {
+    const sameId = (e: QueueEntry) => mid !== null && e.messageId === mid;
+    return this.queues
+      .get(clientId)
+      ?.find((e) => (bid === null ? sameId(e) : e.brokerId === bid ? e.brokerCounter === bc : sameId(e)));
+  }
+
+  /**
+   * A client's queue as it stands when the client comes back, for aedes' read-back on CONNECT: `hands(e)`
+   * says whether an entry is still to be handed over then. Not when it has left the queue meanwhile, or
+   * was sent live since (aedes restores the session's subscriptions before it reads the queue, so a
+   * message queued in between goes out both ways); entries queued after this call go out live. aedes
+   * takes a packet it cannot number ("no such packet") for the client's error and drops its connection:
+   * a session coming back while messages kept coming was dropped at every try.
+   */
+  snapshot(clientId: string): { readonly entries: readonly QueueEntry[]; hands(entry: QueueEntry): boolean } {
+    const entries = [...(this.queues.get(clientId) ?? [])];
+    const at = new Set(entries);
+    const since = this.sends;
+    return { entries, hands: (e) => at.has(e) && !e.cleared && (e.sent ?? 0) <= since };
+  }
+
+  /** A packet a read-back handed aedes: until aedes numbers it, it may still go out live and be acknowledged. */
+  handedOver(packet: StoredPacket): void {
+    // (A Buffer from the wire or the gateway. A PUBREL has none: its PUBCOMP cannot come before it is sent.)
+    if (typeof packet.payload === "object" && packet.payload !== null) this.readBack.add(packet.payload);
+  }
+
+  /**
+   * A returning connection starts numbering at a random identifier (aedes' `_nextId`) while packets
+   * of its session are still in flight under the identifiers they were sent with. A new packet given
+   * one of those would be in flight twice (MQTT-2.3.1-2 wants a currently unused one): the client
+   * drops a second QoS 2 PUBLISH with a pending identifier as a duplicate, and a packet of an earlier
+   * broker run holding it is the entry `find` matches first: the new message took over that entry, and
+   * the old one, unacknowledged, was never sent again if the connection broke before its PUBACK. Such
+   * a packet gets the next identifier nothing of the session holds, and aedes numbers on from there.
+   */
+  private renumberIfTaken(client: ClientRef, bid: string, bc: number | null, packet: StoredPacket): void {
+    const queue = this.queues.get(client.id);
+    const mid = num(packet.messageId);
+    if (!queue || mid === null) return;
+    const own = queue.find((e) => e.brokerId === bid && e.brokerCounter === bc);
+    if (!own || !queue.some((e) => e !== own && e.messageId === mid)) return;
+    const taken = new Set(queue.map((e) => (e === own ? null : e.messageId)));
+    const start = Number.isInteger(client._nextId) && client._nextId! >= 1 ? client._nextId! : mid;
+    for (let i = 0, id = start; i < MAX_PACKET_ID; i++, id = (id % MAX_PACKET_ID) + 1) {
+      if (taken.has(id)) continue;
+      packet.messageId = id;
+      client._nextId = (id % MAX_PACKET_ID) + 1;
+      return;
+    }
+    throw new Error(`every packet identifier is in flight for client ${client.id}`);
+  }
+
+  private queueOf(clientId: string): QueueEntry[] {
+    let q = this.queues.get(clientId);
+    if (!q) {
+      q = [];
+      this.queues.set(clientId, q);
+    }
+    return q;
+  }
+}
