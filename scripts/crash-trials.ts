@@ -59,7 +59,8 @@ try {
     reports.push(r);
     console.log(
       `seed ${seed}: ${r.problems.length === 0 ? "held" : `${r.problems.length} PROBLEM(S)`}: ${r.kills} kills ` +
-        `(${r.recoveryKills} in recovery), ${r.stops} graceful stops, ${r.reloads} reloads, ${r.pauses} pauses, ` +
+        `(${r.recoveryKills} in recovery), ${r.stops} graceful stops, ` +
+        `${r.reloads} reloads${r.upgraded ? " (an upgrade)" : ""}, ${r.pauses} pauses, ` +
         `${r.ops} operations (${r.resent} sent again), ${r.committed} episodes committed, ${r.sends} sends, ` +
         `${r.wakes} wake-ups, ${r.seconds.toFixed(1)} s`,
     );
@@ -74,7 +75,8 @@ console.log(
   `\n${reports.length} trials (seeds ${first}-${first + reports.length - 1}) in ` +
     `${((performance.now() - began) / 1000).toFixed(0)} s: ${sum((r) => r.kills)} kills ` +
     `(${sum((r) => r.recoveryKills)} during recovery), ${sum((r) => r.stops)} graceful stops, ` +
-    `${sum((r) => r.reloads)} reloads, ${sum((r) => r.pauses)} pauses, ${sum((r) => r.ops)} operations acknowledged ` +
+    `${sum((r) => r.reloads)} reloads (${sum((r) => Number(r.upgraded))} upgrades), ${sum((r) => r.pauses)} pauses, ` +
+    `${sum((r) => r.ops)} operations acknowledged ` +
     `(${sum((r) => r.resent)} sent again), ${sum((r) => r.committed)} episodes committed; ` +
     (failed.length === 0
       ? "every trial held"

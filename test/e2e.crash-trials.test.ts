@@ -11,23 +11,27 @@ import { crashTrial } from "./helpers/trial.ts";
 afterAll(cleanupAll);
 
 describe("crash trials", () => {
-  // Seed 9: three kills, one while the gateway recovers the previous kill's backlog, a hot reload, two
-  // agents paused, operations sent again. Seed 5: a kill, then a graceful stop (the drain) with
-  // episodes running, a reload, two pauses. (scripts/crash-trials.ts prints what each seed does.)
-  for (const seed of [9, 5]) {
+  // Seed 3: three kills, a hot reload, an agent paused, operations sent again. Seed 15: a kill while the
+  // gateway recovers, a graceful stop (the drain) with episodes running, the ledger's new release
+  // deployed (a migration per agent), a pause. (scripts/crash-trials.ts prints what each seed does.)
+  for (const { seed, upgraded } of [
+    { seed: 3, upgraded: false },
+    { seed: 15, upgraded: true },
+  ]) {
     const name = `readings, webhooks, sends and wake-ups through SIGKILLs: each once, all summaries out (seed ${seed})`;
     test(name, async () => {
       const r = await crashTrial({ seed });
-      expect(r.kills).toBeGreaterThan(0);
+      expect({ killed: r.kills > 0, upgraded: r.upgraded }).toEqual({ killed: true, upgraded });
       expect(r.committed).toBeGreaterThan(r.ops);
       expect(r.problems).toEqual([]);
     }, 180_000);
   }
 
-  // Seed 2005: a real Mosquitto as the external broker and a central server killed too.
+  // Seed 2007: a real Mosquitto as the external broker, a central server killed too, three kills (one
+  // during recovery) and the ledger's new release deployed.
   test("through a real Mosquitto, replicating to a central server killed too: the same, central = local", async () => {
-    const r = await crashTrial({ seed: 2005, broker: "mosquitto", replicate: true });
-    expect(r.kills + r.stops).toBeGreaterThan(0);
+    const r = await crashTrial({ seed: 2007, broker: "mosquitto", replicate: true });
+    expect({ killed: r.kills + r.stops > 0, upgraded: r.upgraded }).toEqual({ killed: true, upgraded: true });
     expect(r.problems).toEqual([]);
   }, 240_000);
 });

@@ -3,7 +3,8 @@
  * types, webhooks, agents sending to each other and setting wake-ups, with a durable broker and a
  * subscriber that keeps a session, while the gateway is killed with SIGKILL one to three times at
  * seeded moments (mid-burst, or while it recovers the last one's backlog) or stopped gracefully, with
- * fleet.toml hot-reloaded and agents paused and resumed in between. Devices and webhook callers retry
+ * fleet.toml hot-reloaded, a new release of the ledger's code deployed (state version 2, with a
+ * `migrate`), and agents paused and resumed in between. Devices and webhook callers retry
  * what was not acknowledged, as real ones do. Optionally on a real Mosquitto as the external broker, and
  * replicating to a real central server that is killed too.
  *
@@ -11,7 +12,8 @@
  * breach it finds rather than stopping at the first: each acknowledged stimulus committed exactly
  * once by each agent it was routed to, each committed send delivered and each committed wake-up
  * fired exactly once (and none that no committed episode made), each agent's state and checkpoint
- * chain matching its committed history, nothing left queued, pending or quarantined, `fleet verify`
+ * chain matching its committed history (and the code release that wrote each checkpoint: never the
+ * old one after the new, the migration once per agent), nothing left queued, pending or quarantined, `fleet verify`
  * clean, and every committed episode's summary delivered to the persistent subscriber.
  *
  * The suite runs a few seeds (test/e2e.crash-trials.test.ts); `bun scripts/crash-trials.ts` runs a
@@ -78,8 +80,10 @@ export interface TrialReport {
   readonly kills: number;
   /** Lives ended by a graceful stop (SIGTERM) instead of a kill. */
   readonly stops: number;
-  /** Hot reloads of fleet.toml made during the trial. */
+  /** Hot reloads of fleet.toml made during the trial (the upgrade's included). */
   readonly reloads: number;
+  /** Whether the ledger's new release (test/fixtures/agents/ledger-v2.ts) was deployed during the trial. */
+  readonly upgraded: boolean;
   /** Agents paused (and resumed, unless a kill came first) during the trial. */
   readonly pauses: number;
   /** Kills that landed while the gateway recovered the previous one's backlog, nothing published. */
@@ -119,13 +123,26 @@ interface Setup {
   readonly shard: string | null;
 }
 
-function fleetToml({ seed, mosquitto, central, shard }: Setup, maxConcurrent = 4): string {
+/** What the trial changes in fleet.toml as it goes: the fleet's concurrency, the ledger's code release. */
+interface Edits {
+  maxConcurrent: number;
+  release: 1 | 2;
+}
+
+function fleetToml(
+  { seed, mosquitto, central, shard }: Setup,
+  edits: Edits = { maxConcurrent: 4, release: 1 },
+): string {
   const broker = mosquitto
     ? `url = ${q(mosquitto.url)}\nclient_id = ${q(`gw-trial-${seed}`)}`
     : 'persistence = "libsql"';
   return (
-    fleetHeader(`trial-${seed}`, { broker, maxConcurrent, fleet: shard ? `shard = ${q(shard)}` : undefined }) +
-    agentType("ledger", fixture("ledger"), ["trial/+/in"], {
+    fleetHeader(`trial-${seed}`, {
+      broker,
+      maxConcurrent: edits.maxConcurrent,
+      fleet: shard ? `shard = ${q(shard)}` : undefined,
+    }) +
+    agentType("ledger", fixture(edits.release === 1 ? "ledger" : "ledger-v2"), ["trial/+/in"], {
       dedup: "id",
       // keep = 0: no checkpoint is collected, so the chain is the committed history.
       extra: 'tools = ["send"]\n[agents.ledger.checkpoint]\nkeep = 0\n',
@@ -159,8 +176,9 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
     central,
     shard: shards > 1 ? `${i + 1}/${shards}` : null,
   }));
-  const fleets = setups.map((setup) => new TestFleet(fleetToml(setup)));
-  const tomls = (maxConcurrent: number) => setups.map((setup) => fleetToml(setup, maxConcurrent));
+  const edits: Edits = { maxConcurrent: 4, release: 1 };
+  const fleets = setups.map((setup) => new TestFleet(fleetToml(setup, edits)));
+  const tomls = () => setups.map((setup) => fleetToml(setup, edits));
   const owner = (agent: string) => fleets[shards > 1 ? ownerShard(agent, shards) - 1 : 0]!;
   // Breaches seen along the way (a graceful stop that failed); the rest are found after the last start.
   const along: string[] = [];
@@ -200,7 +218,7 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       const killAt = last ? Infinity : acked.size + 5 + c.int(Math.max(1, Math.floor(remaining * 0.6)));
       device?.end(true);
       device = null;
-      const settle = disturb(fleets, owner, c, tomls, (line) => log(`  life ${life}: ${line}`), disturbed);
+      const settle = disturb(fleets, owner, c, { edits, tomls }, (line) => log(`  life ${life}: ${line}`), disturbed);
       const window = 4 + c.int(24);
       // The last life sends until everything is acknowledged: a refusal (a full queue) is retried, on a
       // new connection when the gateway closed the device's to withhold a PUBACK.
@@ -294,6 +312,7 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       kills: kills - stops,
       stops,
       ...disturbed,
+      upgraded: edits.release === 2,
       recoveryKills,
       resent: [...tries.values()].filter((n) => n > 1).length,
       committed: committed.length,
@@ -335,31 +354,43 @@ async function summaries(url: string, clientId: string, into: Set<string>): Prom
 
 /**
  * What else happens during a life, at seeded moments: a hot reload of fleet.toml (another
- * `max_concurrent_episodes`), an agent paused and resumed through the API. Returns what ends them:
- * a kill may come first, and an agent it left paused stays paused (it is resumed at the end).
+ * `max_concurrent_episodes`, or the ledger's new release, once per trial), an agent paused and
+ * resumed through the API. Returns what ends them: a kill may come first, and an agent it left
+ * paused stays paused (it is resumed at the end).
  */
 function disturb(
   fleets: readonly TestFleet[],
   owner: (agent: string) => TestFleet,
   c: ReturnType<typeof chooser>,
-  tomls: (maxConcurrent: number) => string[],
+  config: { readonly edits: Edits; readonly tomls: () => string[] },
   log: (line: string) => void,
   count: { reloads: number; pauses: number },
 ): () => Promise<void> {
   const timers: ReturnType<typeof setTimeout>[] = [];
   const calls: Promise<unknown>[] = [];
+  const edit = (at: number, change: () => string) =>
+    timers.push(
+      setTimeout(() => {
+        const what = change();
+        const texts = config.tomls();
+        for (const [i, f] of fleets.entries()) writeFileSync(f.configPath, texts[i]!);
+        count.reloads++;
+        log(`fleet.toml edited: ${what}`);
+      }, at),
+    );
   // A life lasts a second or two: the moments fall early in it.
   if (c.rand() < 0.4) {
     const n = c.pick([2, 3, 4]);
-    const at = c.int(600);
-    timers.push(
-      setTimeout(() => {
-        const texts = tomls(n);
-        for (const [i, f] of fleets.entries()) writeFileSync(f.configPath, texts[i]!);
-        count.reloads++;
-        log(`fleet.toml edited: max_concurrent_episodes = ${n}`);
-      }, at),
-    );
+    edit(c.int(600), () => {
+      config.edits.maxConcurrent = n;
+      return `max_concurrent_episodes = ${n}`;
+    });
+  }
+  if (config.edits.release === 1 && c.rand() < 0.3) {
+    edit(c.int(800), () => {
+      config.edits.release = 2;
+      return "the ledger's new release deployed (ledger-v2.ts: state version 2, with a migrate)";
+    });
   }
   if (c.rand() < 0.4) {
     const agent = `ledger/${c.pick(KEYS)}`;
@@ -487,6 +518,7 @@ async function check(
         problems.push(`${h.id}: the wake-up of ${op.id}'s episode fired ${seen[`wake:${sidOf(op)}`] ?? 0} times`);
     }
   }
+  problems.push(...(await releaseProblems(all, heads)));
   const left = await all<{ agent: string; sid: string; state: string }>(
     "SELECT agent, sid, state FROM stimuli WHERE state <> 'done'",
   );
@@ -497,6 +529,46 @@ async function check(
       `${unseen.length} committed episodes' summaries never reached the subscriber with a session ` +
         `(first: ${unseen[0]!.id} of ${unseen[0]!.agent})`,
     );
+  return problems;
+}
+
+/**
+ * The code releases in each ledger agent's chain (`keep = 0`: the whole committed history): the state
+ * version of its checkpoints never goes back from 2 to 1, the migration is recorded on the first
+ * checkpoint of version 2 that follows one of version 1 and on no other, and the state counts as many
+ * migrations and version 2 episodes as the chain holds (a migration or an episode that was not
+ * committed, cut off by a kill, left nothing).
+ */
+async function releaseProblems(
+  all: <T>(sql: string) => Promise<T[]>,
+  heads: readonly { id: string; state: string | null }[],
+): Promise<string[]> {
+  const problems: string[] = [];
+  const rows = await all<{ agent: string; seq: number; version: number | null; from_version: number | null }>(
+    "SELECT agent, seq, state_version AS version, migrated_from AS from_version FROM checkpoints " +
+      "WHERE agent LIKE 'ledger/%' ORDER BY agent, seq",
+  );
+  for (const h of heads) {
+    if (!h.id.startsWith("ledger/") || h.state === null) continue;
+    const chain = rows.filter((r) => r.agent === h.id);
+    let migrations = 0;
+    for (const [i, r] of chain.entries()) {
+      const version = Number(r.version ?? 1);
+      const before = i === 0 ? null : Number(chain[i - 1]!.version ?? 1);
+      if (before !== null && version < before)
+        problems.push(`${h.id}: checkpoint ${r.seq} written by version ${version} after version ${before}`);
+      const migrated = before === 1 && version === 2;
+      if (migrated) migrations++;
+      if ((r.from_version === null ? null : Number(r.from_version)) !== (migrated ? 1 : null))
+        problems.push(`${h.id}: checkpoint ${r.seq} (version ${version}) says migrated from ${r.from_version}`);
+    }
+    const state = JSON.parse(h.state) as { migrated?: number; v2?: number };
+    const v2 = chain.filter((r) => Number(r.version ?? 1) === 2).length;
+    if ((state.migrated ?? 0) !== migrations)
+      problems.push(`${h.id}: its state counts ${state.migrated ?? 0} migrations, its chain ${migrations}`);
+    if ((state.v2 ?? 0) !== v2)
+      problems.push(`${h.id}: its state counts ${state.v2 ?? 0} version 2 episodes, its chain ${v2}`);
+  }
   return problems;
 }
 
