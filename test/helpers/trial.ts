@@ -23,7 +23,7 @@ import { cpSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, connectAsync, type MqttClient } from "mqtt";
-import { ownerShard } from "../../gateway/shard.ts";
+import { ownerShard, shardFleetName } from "../../gateway/shard.ts";
 import { idOfSql, STATUS_COMMITTED } from "../../gateway/store/index.ts";
 import { fixture, runCli, TestFleet, waitFor } from "./gateway.ts";
 import { Mosquitto } from "./mosquitto.ts";
@@ -290,11 +290,13 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       () => undefined,
     );
     const problems = [...along, ...(await check(all, ops, bySid, committed, watched))];
-    for (const f of fleets) {
+    for (const [i, f] of fleets.entries()) {
       const verify = await f.cli("verify");
       if (verify.code !== 0)
         problems.push(`${name(f)}: fleet verify exited ${verify.code}: ${verify.stdout}${verify.stderr}`);
-      if (central) problems.push(...(await centralProblems(f, central, `trial-${o.seed}`)));
+      // A shard replicates under a fleet name of its own (docs/shards.md).
+      const shard = shards > 1 ? { index: i + 1, count: shards } : null;
+      if (central) problems.push(...(await centralProblems(f, central, shardFleetName(`trial-${o.seed}`, shard))));
     }
     const sends = ops.filter((op) => op.to).length;
     const wakes = ops.filter((op) => op.wake !== undefined).length;
