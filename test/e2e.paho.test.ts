@@ -136,17 +136,24 @@ async function pinnedSuite(
 }
 
 describe("Paho interoperability suites", () => {
-  test("MQTT 3.1.1 (client_test.py) against the embedded broker of a running gateway: the unlisted pass", async () => {
-    const fleet = new TestFleet(fleetHeader("paho-311") + agentType("counter", COUNTER, ["c/+/in"]));
-    await fleet.start();
-    const names = await testNames("client_test.py");
-    const run = await pinnedSuite("client_test.py", fleet.mqttPort, names, PAHO_EXPECTED_FAILURES.v311);
-    expect(run.unexpected).toEqual({});
-    // The gateway's topic rules make this one fail deterministically.
-    expect(run.outcomes.test_subscribe_failure).toBe("fail");
-    expect((await fleet.fetch("/readyz")).status).toBe(200);
-    await fleet.stop();
-  }, 240_000);
+  // Both broker persistences: the suite's sessions, redelivery and QoS 2 flows go through each one's queues.
+  for (const persistence of ["memory", "libsql"] as const) {
+    const name =
+      "MQTT 3.1.1 (client_test.py) against the embedded broker of a running gateway, " +
+      `persistence = "${persistence}": the unlisted pass`;
+    test(name, async () => {
+      const header = fleetHeader(`paho-311-${persistence}`, { broker: `persistence = ${q(persistence)}` });
+      const fleet = new TestFleet(header + agentType("counter", COUNTER, ["c/+/in"]));
+      await fleet.start();
+      const names = await testNames("client_test.py");
+      const run = await pinnedSuite("client_test.py", fleet.mqttPort, names, PAHO_EXPECTED_FAILURES.v311);
+      expect(run.unexpected).toEqual({});
+      // The gateway's topic rules make this one fail deterministically.
+      expect(run.outcomes.test_subscribe_failure).toBe("fail");
+      expect((await fleet.fetch("/readyz")).status).toBe(200);
+      await fleet.stop();
+    }, 240_000);
+  }
 
   test("MQTT 5 (client_test5.py) against Mosquitto with an external-mode gateway: the unlisted pass", async () => {
     // The suite's anonymous clients may use every topic but the fleet's (its `+/+` would see the
