@@ -168,6 +168,10 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
   if (shards > 1 && o.broker !== "mosquitto") throw new Error('shards need the external broker (broker: "mosquitto")');
   const mosquitto = o.broker === "mosquitto" ? await Mosquitto.start() : null;
   const central = o.replicate ? await Sqld.start() : null;
+  // The life at whose start the ledger's new release is deployed, in two trials of five (drawn apart from
+  // the rest, so it does not move the other seeded moments).
+  const u = chooser(o.seed ^ 0x0c0de);
+  const upgradeLife = u.rand() < 0.4 ? u.int(kills + 1) : null;
   // The life in which the central server is killed, and how long it stays down.
   const centralDown = central ? { life: c.int(kills + 1), ms: 200 + c.int(2000) } : null;
   const setups: Setup[] = Array.from({ length: shards }, (_, i) => ({
@@ -200,6 +204,14 @@ export async function crashTrial(o: TrialOptions): Promise<TrialReport> {
       for (const f of fleets) if (!f.running) await f.start();
       watcher?.end(true);
       watcher = await summaries(mqttUrl(), `trial-${o.seed}-watch`, watched);
+      if (life === upgradeLife) {
+        edits.release = 2;
+        rewrite(fleets, tomls());
+        disturbed.reloads++;
+        log(
+          `  life ${life}: fleet.toml edited: the ledger's new release (ledger-v2.ts: state version 2, with a migrate)`,
+        );
+      }
       if (central && centralDown?.life === life) {
         await central.kill();
         log(`  life ${life}: central server killed for ${centralDown.ms} ms`);
@@ -356,9 +368,8 @@ async function summaries(url: string, clientId: string, into: Set<string>): Prom
 
 /**
  * What else happens during a life, at seeded moments: a hot reload of fleet.toml (another
- * `max_concurrent_episodes`, or the ledger's new release, once per trial), an agent paused and
- * resumed through the API. Returns what ends them: a kill may come first, and an agent it left
- * paused stays paused (it is resumed at the end).
+ * `max_concurrent_episodes`), an agent paused and resumed through the API. Returns what ends them:
+ * a kill may come first, and an agent it left paused stays paused (it is resumed at the end).
  */
 function disturb(
   fleets: readonly TestFleet[],
@@ -370,29 +381,17 @@ function disturb(
 ): () => Promise<void> {
   const timers: ReturnType<typeof setTimeout>[] = [];
   const calls: Promise<unknown>[] = [];
-  const edit = (at: number, change: () => string) =>
-    timers.push(
-      setTimeout(() => {
-        const what = change();
-        const texts = config.tomls();
-        for (const [i, f] of fleets.entries()) writeFileSync(f.configPath, texts[i]!);
-        count.reloads++;
-        log(`fleet.toml edited: ${what}`);
-      }, at),
-    );
   // A life lasts a second or two: the moments fall early in it.
   if (c.rand() < 0.4) {
     const n = c.pick([2, 3, 4]);
-    edit(c.int(600), () => {
-      config.edits.maxConcurrent = n;
-      return `max_concurrent_episodes = ${n}`;
-    });
-  }
-  if (config.edits.release === 1 && c.rand() < 0.3) {
-    edit(c.int(800), () => {
-      config.edits.release = 2;
-      return "the ledger's new release deployed (ledger-v2.ts: state version 2, with a migrate)";
-    });
+    timers.push(
+      setTimeout(() => {
+        config.edits.maxConcurrent = n;
+        rewrite(fleets, config.tomls());
+        count.reloads++;
+        log(`fleet.toml edited: max_concurrent_episodes = ${n}`);
+      }, c.int(600)),
+    );
   }
   if (c.rand() < 0.4) {
     const agent = `ledger/${c.pick(KEYS)}`;
@@ -411,6 +410,11 @@ function disturb(
     for (const t of timers) clearTimeout(t);
     await Promise.allSettled(calls);
   };
+}
+
+/** Write each gateway's fleet.toml: a hot reload (or what the next start reads, for a gateway down). */
+function rewrite(fleets: readonly TestFleet[], texts: readonly string[]): void {
+  for (const [i, f] of fleets.entries()) writeFileSync(f.configPath, texts[i]!);
 }
 
 /** `POST /api/agents/<id>/pause|resume` as the operator; an agent not made yet (404) or a gateway gone is fine. */
