@@ -55,6 +55,8 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
 
   // aedes 1.2.0 calls these without a callback (the async form).
   const outgoingEnqueueCombi = async (subs: readonly { clientId: string }[], packet: StoredPacket) => {
+    // aedes asks for every QoS > 0 publish; most match no clean = false session.
+    if (subs.length === 0) return;
     // MQTT-3.3.1-9: a queued message goes out because it matched an established subscription: RETAIN 0.
     const copy: StoredPacket = { ...queuedCopy(packet), retain: false };
     const brokerId = (copy.brokerId as string | undefined) ?? null;
