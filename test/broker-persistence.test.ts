@@ -204,6 +204,31 @@ for (const kind of ["libsql", "memory"] as const) {
       await p.destroy();
     });
 
+    test("a message a full queue dropped still goes to the connected client live, without an error", async () => {
+      const chosen = persistenceFor(
+        kind === "libsql"
+          ? { kind, path: join(dir, `p${n++}.db`), synchronous: "normal", maxOfflineMessages: 2 }
+          : { kind, maxOfflineMessages: 2 },
+        pino({ level: "silent" }),
+      )!;
+      const p = chosen.aedes as unknown as Outgoing;
+      await p.setup({ id: "broker-1" });
+      const client = { id: "behind-1" };
+      const sub = { clientId: client.id, topic: "out/#", qos: 1 };
+      for (const i of [1, 2, 3]) await p.outgoingEnqueueCombi([sub], published(i, 1));
+      expect(chosen.stats()).toEqual({ offlineDropped: 1, queued: 2 });
+      // aedes numbers each live send; the third was not queued. "no such packet" made aedes close the client.
+      for (const i of [1, 2, 3]) await p.outgoingUpdate(client, { ...published(i, 1), messageId: i });
+      expect(
+        ((await p.outgoingClearMessageId(client, { messageId: 1 })) as { payload: Buffer }).payload.toString(),
+      ).toBe("m1");
+      // Its PUBACK finds nothing to clear; with room again, an unknown packet is an error as before.
+      expect(await p.outgoingClearMessageId(client, { messageId: 3 })).toBeUndefined();
+      expect(p.outgoingUpdate(client, { ...published(9, 1), messageId: 9 })).rejects.toThrow("no such packet");
+      expect(chosen.stats()).toEqual({ offlineDropped: 1, queued: 1 });
+      await chosen.destroy();
+    });
+
     test("identifiers run on past 65535 to 1 and skip every one the session holds", async () => {
       const p = await opened(kind);
       const client: { id: string; _nextId?: number } = { id: "wrap-1", _nextId: 65_535 };

@@ -83,9 +83,10 @@ export class OutgoingQueues {
   /**
    * aedes numbered `packet` to send it: its entry (the same broker id and counter, else the one holding
    * its messageId: a PUBREL replacing its PUBLISH), now recording the messageId and the packet in
-   * flight; `replaces` when the entry held another packet (it is this one now). Null for a read-back's
-   * copy whose live twin was acknowledged meanwhile (sent once more, at least once). Throws for a
-   * packet no queue holds, as aedes' own persistence does.
+   * flight; `replaces` when the entry held another packet (it is this one now). Null, with nothing to
+   * keep, for a read-back's copy whose live twin was acknowledged meanwhile (sent once more, at least
+   * once) and for a live send of a message a full queue dropped (sent once, at most once). Throws for
+   * another packet no queue holds, as aedes' own persistence does.
    */
   number(client: ClientRef, packet: StoredPacket): { entry: QueueEntry; replaces: boolean } | null {
     const bid = (packet.brokerId as string | undefined) ?? null;
@@ -96,6 +97,9 @@ export class OutgoingQueues {
     if (!entry) {
       // aedes wraps the packet it read (aedes-packet) but keeps its payload, which tells it from a live send.
       if (this.readBack.has(packet.payload as object)) return null;
+      // A message dropped from a full queue still goes to a connected client, once, live: an error here
+      // would make aedes close the connection of a client that is only behind.
+      if (bid !== null && (this.queues.get(client.id)?.length ?? 0) >= this.max) return null;
       throw new Error("no such packet");
     }
     const replaces = entry.brokerId !== bid || entry.brokerCounter !== bc;
