@@ -77,16 +77,16 @@ interface Outgoing {
   outgoingUpdate(client: { id: string; _nextId?: number }, packet: object): Promise<void>;
   outgoingClearMessageId(client: { id: string }, packet: { messageId?: number }): Promise<unknown>;
   outgoingStream(client: { id: string }): AsyncIterable<unknown>;
-  stats(): { queued: number };
+  stats(): { offlineDropped: number; queued: number };
   destroy(): Promise<void>;
 }
 
 /** `[broker] persistence` of broker "broker-1" (libsql on a fresh file), set up as aedes does. */
-async function opened(kind: "libsql" | "memory"): Promise<Outgoing> {
+async function opened(kind: "libsql" | "memory", maxOfflineMessages = 1000): Promise<Outgoing> {
   const chosen = persistenceFor(
     kind === "libsql"
-      ? { kind, path: join(dir, `p${n++}.db`), synchronous: "normal", maxOfflineMessages: 1000 }
-      : { kind, maxOfflineMessages: 1000 },
+      ? { kind, path: join(dir, `p${n++}.db`), synchronous: "normal", maxOfflineMessages }
+      : { kind, maxOfflineMessages },
     pino({ level: "silent" }),
   )!;
   const base = chosen.aedes as Omit<Outgoing, "stats" | "destroy">;
@@ -205,18 +205,11 @@ for (const kind of ["libsql", "memory"] as const) {
     });
 
     test("a message a full queue dropped still goes to the connected client live, without an error", async () => {
-      const chosen = persistenceFor(
-        kind === "libsql"
-          ? { kind, path: join(dir, `p${n++}.db`), synchronous: "normal", maxOfflineMessages: 2 }
-          : { kind, maxOfflineMessages: 2 },
-        pino({ level: "silent" }),
-      )!;
-      const p = chosen.aedes as unknown as Outgoing;
-      await p.setup({ id: "broker-1" });
+      const p = await opened(kind, 2);
       const client = { id: "behind-1" };
       const sub = { clientId: client.id, topic: "out/#", qos: 1 };
       for (const i of [1, 2, 3]) await p.outgoingEnqueueCombi([sub], published(i, 1));
-      expect(chosen.stats()).toEqual({ offlineDropped: 1, queued: 2 });
+      expect(p.stats()).toEqual({ offlineDropped: 1, queued: 2 });
       // aedes numbers each live send; the third was not queued. "no such packet" made aedes close the client.
       for (const i of [1, 2, 3]) await p.outgoingUpdate(client, { ...published(i, 1), messageId: i });
       expect(
@@ -225,8 +218,8 @@ for (const kind of ["libsql", "memory"] as const) {
       // Its PUBACK finds nothing to clear; with room again, an unknown packet is an error as before.
       expect(await p.outgoingClearMessageId(client, { messageId: 3 })).toBeUndefined();
       expect(p.outgoingUpdate(client, { ...published(9, 1), messageId: 9 })).rejects.toThrow("no such packet");
-      expect(chosen.stats()).toEqual({ offlineDropped: 1, queued: 1 });
-      await chosen.destroy();
+      expect(p.stats()).toEqual({ offlineDropped: 1, queued: 1 });
+      await p.destroy();
     });
 
     test("identifiers run on past 65535 to 1 and skip every one the session holds", async () => {

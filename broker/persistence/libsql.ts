@@ -58,9 +58,6 @@ export interface PersistenceStats {
 
 const PAGE = 500;
 
-/** The drop log's rate limit (one line per 10 s at most, with the count since the last one). */
-export const DROP_LOG_INTERVAL_MS = 10_000;
-
 /** Refused: the broker file was written by newer code. */
 export class BrokerStoreTooNew extends Error {
   constructor(
@@ -91,16 +88,9 @@ export class LibsqlPersistence {
   private readonly incomingClients = new Set<string>();
   /** Retained writes of QoS > 0 packets, awaited by the same packet's `outgoingEnqueueCombi`. */
   private readonly retainedWrites = new WeakMap<object, Promise<unknown>>();
-  private dropped = 0;
-  private droppedSinceLog = 0;
-  private lastDropLog = Number.NEGATIVE_INFINITY;
-  private readonly now: () => number;
 
   constructor(private readonly opts: LibsqlPersistenceOptions) {
-    this.outgoing = new OutgoingQueues(opts.maxOfflineMessages ?? 1000, (clientId, topic) =>
-      this.drop(clientId, topic),
-    );
-    this.now = opts.now ?? Date.now;
+    this.outgoing = new OutgoingQueues({ max: opts.maxOfflineMessages ?? 1000, logger: opts.logger, now: opts.now });
   }
 
   /** The broker this persistence serves (set by `setup`). */
@@ -110,7 +100,7 @@ export class LibsqlPersistence {
 
   /** Counters since open. */
   stats(): PersistenceStats {
-    return { offlineDropped: this.dropped, queued: this.outgoing.size };
+    return { offlineDropped: this.outgoing.dropped, queued: this.outgoing.size };
   }
 
   /** Open the file, create the tables, load subscriptions and queue sizes. Called by aedes' `listen`. */
@@ -359,19 +349,6 @@ export class LibsqlPersistence {
         args: [clientId, brokerId, brokerCounter, text],
       })),
     );
-  }
-
-  private drop(clientId: string, topic: string): void {
-    this.dropped++;
-    this.droppedSinceLog++;
-    const t = this.now();
-    if (t - this.lastDropLog < DROP_LOG_INTERVAL_MS) return;
-    this.opts.logger?.warn(
-      { client: clientId, topic, dropped: this.droppedSinceLog, total: this.dropped, max: this.outgoing.max },
-      "offline queue full (max_offline_messages); message dropped for this client",
-    );
-    this.lastDropLog = t;
-    this.droppedSinceLog = 0;
   }
 
   /**

@@ -12,7 +12,7 @@ import memory from "aedes-persistence";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { queuedCopy, type StoredPacket } from "./codec.ts";
-import { DROP_LOG_INTERVAL_MS, type PersistenceStats } from "./libsql.ts";
+import type { PersistenceStats } from "./libsql.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 
 /** What the in-memory persistence is given. */
@@ -36,22 +36,7 @@ export interface MemoryPersistence {
 
 /** aedes' memory persistence with the outgoing queues replaced. */
 export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersistence {
-  const now = opts.now ?? Date.now;
-  let dropped = 0;
-  let droppedSinceLog = 0;
-  let lastDropLog = Number.NEGATIVE_INFINITY;
-  const queues = new OutgoingQueues(opts.maxOfflineMessages, (clientId, topic) => {
-    dropped++;
-    droppedSinceLog++;
-    const t = now();
-    if (t - lastDropLog < DROP_LOG_INTERVAL_MS) return;
-    opts.logger?.warn(
-      { client: clientId, topic, dropped: droppedSinceLog, total: dropped, max: queues.max },
-      "offline queue full (max_offline_messages); message dropped for this client",
-    );
-    lastDropLog = t;
-    droppedSinceLog = 0;
-  });
+  const queues = new OutgoingQueues({ max: opts.maxOfflineMessages, logger: opts.logger, now: opts.now });
 
   // aedes 1.2.0 calls these without a callback (the async form).
   const outgoingEnqueueCombi = async (subs: readonly { clientId: string }[], packet: StoredPacket) => {
@@ -96,7 +81,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   Object.assign(base, outgoing);
   return {
     aedes: base,
-    stats: () => ({ offlineDropped: dropped, queued: queues.size }),
+    stats: () => ({ offlineDropped: queues.dropped, queued: queues.size }),
     // Nothing to write or close: it is memory, gone with the process.
     destroy: async () => {},
   };

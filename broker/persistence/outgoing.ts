@@ -5,6 +5,7 @@
  * in-memory persistence gets wrong: a session coming back while messages keep coming, a second
  * pending QoS 2 PUBREL, a packet identifier drawn twice.
  */
+import type { Logger } from "pino";
 import type { StoredPacket } from "./codec.ts";
 
 /** A queued packet as the index knows it (queue order = delivery order). */
@@ -28,6 +29,9 @@ export interface ClientRef {
   _nextId?: number;
 }
 
+/** The drop log's rate limit (one line per 10 s at most, with the count since the last one). */
+const DROP_LOG_INTERVAL_MS = 10_000;
+
 /** The largest MQTT packet identifier (they run 1..65535). */
 const MAX_PACKET_ID = 65_535;
 
@@ -41,13 +45,22 @@ export class OutgoingQueues {
   /** Payloads of the packets queues' read-backs have handed aedes (see `number`). */
   private readonly readBack = new WeakSet<object>();
 
-  /** `max`: most packets per client (queued + in flight); `dropped` hears of each one refused. */
-  constructor(
-    readonly max: number,
-    private readonly dropped: (clientId: string, topic: string) => void,
-  ) {
-    if (!Number.isInteger(max) || max < 1)
-      throw new RangeError(`maxOfflineMessages must be a positive integer, got ${max}`);
+  /** Most packets per client (queued + in flight). */
+  readonly max: number;
+  private droppedTotal = 0;
+  private droppedSinceLog = 0;
+  private lastDropLog = Number.NEGATIVE_INFINITY;
+
+  /** `now`: the clock of the drop log's rate limit. */
+  constructor(private readonly opts: { readonly max: number; readonly logger?: Logger; readonly now?: () => number }) {
+    this.max = opts.max;
+    if (!Number.isInteger(this.max) || this.max < 1)
+      throw new RangeError(`maxOfflineMessages must be a positive integer, got ${opts.max}`);
+  }
+
+  /** Packets refused by a full queue since start. */
+  get dropped(): number {
+    return this.droppedTotal;
   }
 
   /** Packets held in all queues. */
@@ -71,7 +84,7 @@ export class OutgoingQueues {
     for (const clientId of clientIds) {
       const queue = this.queueOf(clientId);
       if (queue.length >= this.max) {
-        this.dropped(clientId, topic);
+        this.drop(clientId, topic);
         continue;
       }
       queue.push(entry());
@@ -181,6 +194,20 @@ export class OutgoingQueues {
       return;
     }
     throw new Error(`every packet identifier is in flight for client ${client.id}`);
+  }
+
+  /** Count a refused packet; logged at most once every 10 s, with the count since the last line. */
+  private drop(clientId: string, topic: string): void {
+    this.droppedTotal++;
+    this.droppedSinceLog++;
+    const t = (this.opts.now ?? Date.now)();
+    if (t - this.lastDropLog < DROP_LOG_INTERVAL_MS) return;
+    this.opts.logger?.warn(
+      { client: clientId, topic, dropped: this.droppedSinceLog, total: this.droppedTotal, max: this.max },
+      "offline queue full (max_offline_messages); message dropped for this client",
+    );
+    this.lastDropLog = t;
+    this.droppedSinceLog = 0;
   }
 
   private queueOf(clientId: string): QueueEntry[] {
