@@ -957,7 +957,7 @@ export class Gateway {
     });
     const floods = new FloodRule({
       queued: (a) => this.book.queued(a),
-      busyAgents: () => this.scheduler.busyAgents,
+      contendingAgents: () => this.scheduler.contendingAgents,
       now: this.now,
     });
     const executor = new EpisodeExecutor({

@@ -110,7 +110,8 @@ class Fleet {
     } finally {
       flooding = false;
       await flood;
-      await device.endAsync();
+      // At once: the flood's unacknowledged publishes must not hold a failed check's report back.
+      await device.endAsync(true);
     }
   }
 
@@ -124,6 +125,13 @@ class Fleet {
     };
   }
 }
+
+/**
+ * counter/sink, the agent `duringBurst` floods while it is paused. Its queue holds a minute of the flood:
+ * at the default max_queue (10,000) intake refuses it after a few seconds on a contended box (no PUBACK),
+ * the recorded rate falls under BURST_RATE and the burst a test runs in ends before the test does.
+ */
+const SINK = counterType("counter", "f/+/in", { instances: ["sink"], extra: "max_queue = 1000000\n" });
 
 const nicelog = (instances: string[], extra?: string) =>
   agentType("nicelog", fixture("nice-log"), ["n/+/in"], { dedup: "id", instances, extra });
@@ -220,12 +228,38 @@ describe("a backlog with no one to yield to", () => {
   );
 });
 
+describe("a backlog beside work that waits on a pause", () => {
+  let fleet: Fleet;
+  beforeAll(async () => {
+    fleet = await Fleet.start(
+      fleetHeader("fairness-paused", { maxConcurrent: 1, fleet: "warm_spares = 1" }) + nicelog(["z", "p"]),
+    );
+  });
+  afterAll(() => fleet?.stop());
+
+  test.if(defaultSpawnOptions().nice != null)(
+    "work that waits on a pause is no one to yield to: a backlog beside it runs at the usual priority",
+    async () => {
+      // p's stimulus waits while p is paused (an operator's pause; a quarantine holds work the same way).
+      expect((await fleet.post("/api/agents/nicelog/p/pause")).status).toBe(200);
+      expect((await fleet.post("/api/send", { topic: "n/p/in", payload: { id: "p1" } })).status).toBe(202);
+      const state = await fleet.niceLog("z");
+      expect(state.nice).toEqual(Array(10).fill(normalNice()));
+      if (defaultSpawnOptions().autogroup != null) expect(state.groups).toEqual(Array(10).fill(EPISODE_GROUP_NICE));
+      // p's work is still there, and runs once p is let go.
+      expect((await fleet.post("/api/agents/nicelog/p/resume")).status).toBe(200);
+      expect((await fleet.logOf("p", 1)).nice).toEqual([normalNice()]);
+    },
+    60_000,
+  );
+});
+
 describe("quiet agents during an intake burst (devices first)", () => {
   let fleet: Fleet;
   beforeAll(async () => {
     fleet = await Fleet.start(
       fleetHeader("fairness-burst", { maxConcurrent: 2, drainTimeoutMs: 1000, fleet: "warm_spares = 1" }) +
-        counterType("counter", "f/+/in", { instances: ["sink"] }) +
+        SINK +
         nicelog(["lane", "x", "y"], "\n[agents.nicelog.budget]\nepisode_timeout_ms = 120000\n"),
     );
   });
@@ -264,9 +298,7 @@ describe("quiet agents' starts during an intake burst (devices first, in time)",
   let fleet: Fleet;
   beforeAll(async () => {
     fleet = await Fleet.start(
-      fleetHeader("fairness-pace", { maxConcurrent: 4, drainTimeoutMs: 1000 }) +
-        counterType("counter", "f/+/in", { instances: ["sink"] }) +
-        counterType("quiet", "q/+/in"),
+      fleetHeader("fairness-pace", { maxConcurrent: 4, drainTimeoutMs: 1000 }) + SINK + counterType("quiet", "q/+/in"),
     );
   });
   afterAll(() => fleet?.stop());
@@ -312,7 +344,7 @@ describe("what counts as an intake burst (devices first)", () => {
   beforeAll(async () => {
     fleet = await Fleet.start(
       fleetHeader("fairness-kinds", { maxConcurrent: 4, drainTimeoutMs: 1000 }) +
-        counterType("counter", "f/+/in", { instances: ["sink"] }) +
+        SINK +
         counterType("tick", "t/+/in", {
           instances: Array.from({ length: TICKERS }, (_, i) => `k${i}`),
           extra: 'every = "1s"\n',

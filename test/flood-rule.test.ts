@@ -15,7 +15,7 @@ function rule() {
   const world = { busy: 1, now: 1_000_000 };
   const floods = new FloodRule({
     queued: (agent) => queued.get(agent) ?? 0,
-    busyAgents: () => world.busy,
+    contendingAgents: () => world.busy,
     now: () => world.now,
   });
   return { floods, queued, world };

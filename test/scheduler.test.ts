@@ -246,6 +246,34 @@ describe("scheduler", () => {
     expect(fleet.queues.get("p")).toBe(0);
   });
 
+  test("work that waits on a park or a wait contends for no slot; running and ready agents do", async () => {
+    const { fleet, scheduler, enqueue, drained } = setup(1);
+    fleet.script.set("p", () => ({ kind: "parked" }));
+    fleet.script.set("w", () => ({ kind: "wait", until: Date.now() + 60_000 }));
+    enqueue("p", 3);
+    enqueue("w", 3);
+    await holds(
+      () => fleet.turnsOf("p") === 1 && fleet.turnsOf("w") === 1 && scheduler.active === 0,
+      "p and w set aside",
+    );
+    // Both keep their work (and their entries), but neither contends.
+    expect(scheduler.busyAgents).toBe(2);
+    expect(scheduler.contendingAgents).toBe(0);
+    // One slot: a runs, b waits for it; both contend.
+    fleet.ticksPerTurn = 20;
+    enqueue("a", 1);
+    enqueue("b", 1);
+    expect(scheduler.active).toBe(1);
+    expect(scheduler.contendingAgents).toBe(2);
+    await holds(() => fleet.queues.get("a") === 0 && fleet.queues.get("b") === 0 && scheduler.active === 0, "a, b ran");
+    expect(scheduler.contendingAgents).toBe(0);
+    fleet.script.clear();
+    scheduler.wake(id("p"));
+    scheduler.wake(id("w"));
+    await drained();
+    expect(scheduler.contendingAgents).toBe(0);
+  });
+
   test("wake() of an agent with nothing queued starts no turn and keeps no entry", async () => {
     const { fleet, scheduler, drained } = setup(2);
     scheduler.wake(id("idle-agent"));

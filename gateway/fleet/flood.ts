@@ -1,6 +1,7 @@
 /**
  * Which agents count as flooded (docs/sandbox.md "Warm spares and fairness"): a backlog of
- * FLOOD_BACKLOG or more stimuli while some other agent has work, or had some a moment ago. A
+ * FLOOD_BACKLOG or more stimuli while some other agent has work it can run now (an episode running
+ * or ready to start), or started an episode a moment ago. A
  * flooded agent yields to the others: it starts cold (the warm spares are theirs), at SCHED_IDLE,
  * and waits for a slot below the devices-first cap.
  *
@@ -9,7 +10,9 @@
  * the gateway (scripts/soak.ts) then started every episode cold and under SCHED_IDLE, below that
  * program, and was 26 s behind half a minute later (bench-policy --flood, its no-flood phase, where
  * it is the only agent). Alone, a backlog runs warm and at the usual priority, and catches up when
- * the machine lets it.
+ * the machine lets it. Work that waits on a pause or a quarantine is no one to yield to either: until
+ * 2026-12-06 an agent paused with a stimulus queued made every other backlog in the fleet a flood,
+ * for as long as the pause lasted.
  */
 import type { AgentId } from "../types.ts";
 
@@ -27,8 +30,8 @@ export const FLOOD_PEERS_WINDOW_MS = 10_000;
 export interface FloodView {
   /** Stimuli waiting for an agent (the queue book). */
   queued(agent: AgentId): number;
-  /** Agents that have queued work or a running episode (the scheduler). */
-  busyAgents(): number;
+  /** Agents running an episode or ready to start one (the scheduler's contendingAgents). */
+  contendingAgents(): number;
   now(): number;
 }
 
@@ -50,11 +53,11 @@ export class FloodRule {
     this.last = { agent, at: this.view.now() };
   }
 
-  /** Whether `agent` has a backlog while others have work (now, or within the window). */
+  /** Whether `agent` has a backlog while others have work to run (now, or within the window). */
   flooded(agent: AgentId): boolean {
     if (this.view.queued(agent) < this.backlog) return false;
-    // It has work itself, so more than one busy agent means another one has some.
-    if (this.view.busyAgents() > 1) return true;
+    // Asked as it starts or waits to start, it contends itself: more than one means another one does.
+    if (this.view.contendingAgents() > 1) return true;
     const peer = this.last !== null && this.last.agent !== agent ? this.last : this.other;
     return peer !== null && this.view.now() - peer.at <= this.peersWindowMs;
   }

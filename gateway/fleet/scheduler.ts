@@ -59,6 +59,8 @@ export class Scheduler {
   /** Agents that are not flooded waiting under a cap for the pace to allow a start. */
   private readonly paced = new PacedAgents();
   private running = 0;
+  /** Agents with inReady set (in the ready ring, held under the cap, or waiting for the pace). */
+  private readyAgents = 0;
   private stopped = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
@@ -109,6 +111,15 @@ export class Scheduler {
   /** Agents that have queued work or a running episode. */
   get busyAgents(): number {
     return this.slots.size;
+  }
+
+  /**
+   * Agents contending for a slot now: running an episode or ready to start one. Work that waits
+   * on a pause, a quarantine, a budget window or a retry's backoff is not: it takes no CPU and
+   * nothing yielding to it would help (the flood rule, ./flood.ts).
+   */
+  get contendingAgents(): number {
+    return this.running + this.readyAgents;
   }
 
   /** New stimuli were queued for `agent` (the queue book says so). */
@@ -162,6 +173,7 @@ export class Scheduler {
   private makeReady(agent: AgentId, slot: Slot): void {
     if (slot.running || slot.inReady || slot.parked || this.opts.queued(agent) <= 0) return;
     slot.inReady = true;
+    this.readyAgents++;
     this.ready.push(agent);
   }
 
@@ -223,6 +235,7 @@ export class Scheduler {
   /** An agent taken from the ready ring (or held): it starts, or waits for its time. */
   private leaveReady(agent: AgentId, slot: Slot, now: number): void {
     slot.inReady = false;
+    this.readyAgents--;
     if (slot.waitUntil > now) this.armTimer(slot.waitUntil);
     else this.start(agent, slot);
   }
@@ -271,9 +284,10 @@ export class Scheduler {
       .runTurn(agent)
       .catch((): TurnResult => ({ kind: "wait", until: this.now() + 1000 }))
       .then((r) => {
+        // Asked while the turn still counts as running: the agent contends for itself, as at its start.
+        if (pace && r.kind === "ran" && !flooded?.(agent)) pace.ran(this.now() - began);
         slot.running = false;
         this.running--;
-        if (pace && r.kind === "ran" && !flooded?.(agent)) pace.ran(this.now() - began);
         // News that arrived during the turn overrides what the turn saw before it.
         const notified = slot.notifiedWhileRunning;
         const woken = slot.wokenWhileRunning;
