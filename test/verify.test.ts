@@ -8,7 +8,7 @@ import { copyFileSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SyntheticFleet } from "./helpers/ops.ts";
-import { verifyStore, type VerifyReport } from "../gateway/ops/index.ts";
+import { type ChainSource, storeChains, verifyChains, verifyStore, type VerifyReport } from "../gateway/ops/index.ts";
 import { Store } from "../gateway/store/index.ts";
 
 let dir: string;
@@ -128,5 +128,45 @@ describe("verify", () => {
       "bundle: stored code does not match its hash",
       "spec: stored fleet.toml text (or its code) does not match its hash",
     ]);
+  });
+});
+
+describe("verify beside a running gateway", () => {
+  test("sees each agent as of one moment: episodes committed between its reads are no broken chain", async () => {
+    const live = mkdtempSync(join(tmpdir(), "fleet-verify-live-"));
+    const writer = await SyntheticFleet.create(live, {
+      types: [{ name: "meter", keys: ["m1", "m2"] }],
+      keep: 0,
+      episodesDays: 30,
+      dedupDays: 7,
+    });
+    const reader = await Store.open(writer.dbPath, { synchronous: "normal", readonly: true });
+    try {
+      await writer.commit(4, Date.now() - 60_000, 1000);
+      await writer.store.writer.drain();
+      // Right after verify reads each agent's row, the gateway commits an episode for every agent:
+      // its chain, episodes and counts are read after that commit.
+      const src = storeChains(reader);
+      const committing: ChainSource = {
+        ...src,
+        agent: async (agent) => {
+          const row = await src.agent(agent);
+          await writer.commit(2, Date.now(), 1);
+          await writer.store.writer.drain();
+          return row;
+        },
+      };
+      const during = await verifyChains(committing);
+      expect(during.problems).toEqual([]);
+      // m1 as of before the first commit (2 of each), m2 as of before the second (the first gave it one more).
+      expect(during).toMatchObject({ agents: 2, checkpoints: 2 + 3, episodes: 2 + 3 });
+      // The commits landed: read again, every one of them verifies.
+      const after = await verifyStore(reader);
+      expect(after).toMatchObject({ agents: 2, checkpoints: 8, episodes: 8, problems: [] });
+    } finally {
+      await reader.close();
+      await writer.close();
+      rmSync(live, { recursive: true, force: true });
+    }
   });
 });

@@ -50,6 +50,13 @@ export interface ChainSource {
   episodes(agent: string, afterId: string, limit: number): Promise<EpisodeRow[]>;
   /** The events of these episodes, ordered by episode and seq; throws when a log cannot be read. */
   events(episodes: readonly string[]): Promise<EventRow[]>;
+  /**
+   * Run `read` with every read of this source seeing one state of the data, so that the rows one commit
+   * writes together (an agent's head, its newest checkpoint, the episode that sealed it) are seen all or
+   * none: verify reads an agent's row, chain and episodes in separate statements while a running gateway
+   * commits. Absent: reads are not isolated from one another.
+   */
+  consistent?<T>(read: () => Promise<T>): Promise<T>;
 }
 
 /** The local store as a chain source. */
@@ -68,6 +75,9 @@ export function storeChains(store: Store): ChainSource {
     },
     episodes: (agent, after, limit) => store.scanEpisodes(agent as AgentId, after, limit),
     events: (ids) => readEvents(store, ids),
+    // `fleet verify` on the data dir of a running gateway: without a snapshot, an episode committed
+    // between two reads showed as a broken chain (a head behind its newest checkpoint, a count short).
+    consistent: (read) => store.readSnapshot(read),
   };
 }
 
@@ -84,7 +94,14 @@ async function tombstonedSeq(store: Store, agent: string): Promise<number | unde
 /** Verify every agent (or those listed); with every agent, also the count of episodes naming each bundle. */
 export async function verifyStore(store: Store, only?: readonly AgentId[]): Promise<VerifyReport> {
   const report = await verifyChains(storeChains(store), only);
-  if (!only?.length) report.problems.push(...(await bundleUseProblems(store)), ...(await contentProblems(store)));
+  if (!only?.length)
+    // One snapshot: code retention may delete a bundle between the listing and the read of its code.
+    report.problems.push(
+      ...(await store.readSnapshot(async () => [
+        ...(await bundleUseProblems(store)),
+        ...(await contentProblems(store)),
+      ])),
+    );
   return report;
 }
 
@@ -192,100 +209,115 @@ export async function verifyChains(src: ChainSource, only?: readonly string[]): 
   let episodes = 0;
   for (const agent of agents) {
     const found = (record: string, problem: string) => problems.push({ agent, record, problem });
-    const a = await src.agent(agent);
-    const chain = src.checkpoints(agent);
-    const links = new Map<string, Link>();
-    let prev: string | null = null;
-    let prevSeq = 0;
-    let seen = 0;
-    let first: CheckpointRow | undefined;
-    let last: CheckpointRow | undefined;
-    const aboveFrontier: string[] = [];
-    for await (const row of Symbol.asyncIterator in chain ? chain : await chain) {
-      if (seen++ === 0 && row.seq !== 1) {
-        // Retention deletes a prefix of the chain and keeps its newest hash as the anchor. A copy
-        // that still has the whole chain (the central database) verifies it from the start.
-        prev = a?.anchorHash ?? null;
-        prevSeq = a?.anchorSeq ?? 0;
-      }
-      for (const r of aboveFrontier.splice(0))
-        found(r, `state collected above the retention frontier #${a?.tombstonedSeq}`);
-      first ??= row;
-      last = row;
-      checkpoints++;
-      links.set(row.hash, { seq: row.seq, episode: row.episode, sealed: false });
-      const rec = `checkpoint ${agent}#${row.seq} ${row.hash.slice(0, 16)}`;
-      if (row.seq !== prevSeq + 1) found(rec, `sequence gap after #${prevSeq}`);
-      if (row.parent !== prev) found(rec, `parent ${short(row.parent)} does not link to #${prevSeq} ${short(prev)}`);
-      if (row.state !== null) {
-        try {
-          await verifyCheckpointRow(row);
-        } catch (err) {
-          found(rec, err instanceof IntegrityError ? err.detail : String(err)); // rec names the checkpoint
-        }
-      } else if (a?.tombstonedSeq !== undefined && row.seq > a.tombstonedSeq) {
-        // Retention collects states oldest first and records how far (agents.tombstoned_seq). Named once
-        // the next checkpoint is read: at the head it is named as the head.
-        aboveFrontier.push(rec);
-      }
-      prev = row.hash;
-      prevSeq = row.seq;
-    }
-    if (last) {
-      if (!a) found(`agent ${agent}`, `no agent row for a chain of ${seen} checkpoint(s)`);
-      else if (a.headHash !== prev || a.headSeq !== prevSeq)
-        found(
-          `agent ${agent}`,
-          `head #${a.headSeq} ${short(a.headHash)} is not the newest checkpoint #${prevSeq} ${short(prev)}`,
-        );
-      // The agent's next episode loads its head: retention never collects it.
-      if (last.state === null)
-        found(`checkpoint ${agent}#${last.seq} ${last.hash.slice(0, 16)}`, "head state collected");
-    }
-    let committed = 0;
-    for (let after = ""; ; ) {
-      const page = await src.episodes(agent, after, 500);
-      // One query per page, not per episode: `fleet verify` reads 100,000s of episodes.
-      const { logs, unreadable } = await eventLogs(src, page);
-      for (const ep of page) {
-        episodes++;
-        const rec = `episode ${ep.id}`;
-        if (ep.status === "committed") {
-          committed++;
-          sealedBy(ep, links, first, a, (problem) => found(rec, problem));
-        }
-        const cause = unreadable.get(ep.id);
-        if (cause !== undefined) {
-          found(rec, `event log unreadable: ${cause}`);
-          continue;
-        }
-        const events = logs.get(ep.id) ?? [];
-        // Retention deletes an episode together with its log, so a log cannot vanish alone.
-        if (events.length === 0) {
-          if (ep.eventCount > 0) found(rec, `event log missing (${ep.eventCount} event(s) recorded)`);
-          continue;
-        }
-        const h = await hashEvents(events);
-        if (h !== ep.eventsHash)
-          found(rec, `event log hash mismatch (stored ${ep.eventsHash.slice(0, 16)}, recomputed ${h.slice(0, 16)})`);
-      }
-      if (page.length < 500) break;
-      after = page[page.length - 1]!.id;
-    }
-    // Retention deletes episodes oldest first: after the oldest checkpoint whose episode is here,
-    // every later one's must be here too.
-    let sealedFrom = Infinity;
-    for (const l of links.values()) if (l.sealed) sealedFrom = Math.min(sealedFrom, l.seq);
-    for (const [hash, l] of links) {
-      if (!l.sealed && l.seq > sealedFrom)
-        found(
-          `checkpoint ${agent}#${l.seq} ${hash.slice(0, 16)}`,
-          `its episode ${l.episode} is missing, not committed, or not this agent's`,
-        );
-    }
-    if (a && committed > a.episodes) found(`agent ${agent}`, `counts ${a.episodes} episode(s), ${committed} committed`);
+    const seen = src.consistent
+      ? await src.consistent(() => verifyAgent(src, agent, found))
+      : await verifyAgent(src, agent, found);
+    checkpoints += seen.checkpoints;
+    episodes += seen.episodes;
   }
   return { agents: agents.length, checkpoints, episodes, problems };
+}
+
+/** Verify one agent's chain and episodes, naming each broken record to `found`; what it read. */
+async function verifyAgent(
+  src: ChainSource,
+  agent: string,
+  found: (record: string, problem: string) => void,
+): Promise<{ checkpoints: number; episodes: number }> {
+  let checkpoints = 0;
+  let episodes = 0;
+  const a = await src.agent(agent);
+  const chain = src.checkpoints(agent);
+  const links = new Map<string, Link>();
+  let prev: string | null = null;
+  let prevSeq = 0;
+  let seen = 0;
+  let first: CheckpointRow | undefined;
+  let last: CheckpointRow | undefined;
+  const aboveFrontier: string[] = [];
+  for await (const row of Symbol.asyncIterator in chain ? chain : await chain) {
+    if (seen++ === 0 && row.seq !== 1) {
+      // Retention deletes a prefix of the chain and keeps its newest hash as the anchor. A copy
+      // that still has the whole chain (the central database) verifies it from the start.
+      prev = a?.anchorHash ?? null;
+      prevSeq = a?.anchorSeq ?? 0;
+    }
+    for (const r of aboveFrontier.splice(0))
+      found(r, `state collected above the retention frontier #${a?.tombstonedSeq}`);
+    first ??= row;
+    last = row;
+    checkpoints++;
+    links.set(row.hash, { seq: row.seq, episode: row.episode, sealed: false });
+    const rec = `checkpoint ${agent}#${row.seq} ${row.hash.slice(0, 16)}`;
+    if (row.seq !== prevSeq + 1) found(rec, `sequence gap after #${prevSeq}`);
+    if (row.parent !== prev) found(rec, `parent ${short(row.parent)} does not link to #${prevSeq} ${short(prev)}`);
+    if (row.state !== null) {
+      try {
+        await verifyCheckpointRow(row);
+      } catch (err) {
+        found(rec, err instanceof IntegrityError ? err.detail : String(err)); // rec names the checkpoint
+      }
+    } else if (a?.tombstonedSeq !== undefined && row.seq > a.tombstonedSeq) {
+      // Retention collects states oldest first and records how far (agents.tombstoned_seq). Named once
+      // the next checkpoint is read: at the head it is named as the head.
+      aboveFrontier.push(rec);
+    }
+    prev = row.hash;
+    prevSeq = row.seq;
+  }
+  if (last) {
+    if (!a) found(`agent ${agent}`, `no agent row for a chain of ${seen} checkpoint(s)`);
+    else if (a.headHash !== prev || a.headSeq !== prevSeq)
+      found(
+        `agent ${agent}`,
+        `head #${a.headSeq} ${short(a.headHash)} is not the newest checkpoint #${prevSeq} ${short(prev)}`,
+      );
+    // The agent's next episode loads its head: retention never collects it.
+    if (last.state === null) found(`checkpoint ${agent}#${last.seq} ${last.hash.slice(0, 16)}`, "head state collected");
+  }
+  let committed = 0;
+  for (let after = ""; ; ) {
+    const page = await src.episodes(agent, after, 500);
+    // One query per page, not per episode: `fleet verify` reads 100,000s of episodes.
+    const { logs, unreadable } = await eventLogs(src, page);
+    for (const ep of page) {
+      episodes++;
+      const rec = `episode ${ep.id}`;
+      if (ep.status === "committed") {
+        committed++;
+        sealedBy(ep, links, first, a, (problem) => found(rec, problem));
+      }
+      const cause = unreadable.get(ep.id);
+      if (cause !== undefined) {
+        found(rec, `event log unreadable: ${cause}`);
+        continue;
+      }
+      const events = logs.get(ep.id) ?? [];
+      // Retention deletes an episode together with its log, so a log cannot vanish alone.
+      if (events.length === 0) {
+        if (ep.eventCount > 0) found(rec, `event log missing (${ep.eventCount} event(s) recorded)`);
+        continue;
+      }
+      const h = await hashEvents(events);
+      if (h !== ep.eventsHash)
+        found(rec, `event log hash mismatch (stored ${ep.eventsHash.slice(0, 16)}, recomputed ${h.slice(0, 16)})`);
+    }
+    if (page.length < 500) break;
+    after = page[page.length - 1]!.id;
+  }
+  // Retention deletes episodes oldest first: after the oldest checkpoint whose episode is here,
+  // every later one's must be here too.
+  let sealedFrom = Infinity;
+  for (const l of links.values()) if (l.sealed) sealedFrom = Math.min(sealedFrom, l.seq);
+  for (const [hash, l] of links) {
+    if (!l.sealed && l.seq > sealedFrom)
+      found(
+        `checkpoint ${agent}#${l.seq} ${hash.slice(0, 16)}`,
+        `its episode ${l.episode} is missing, not committed, or not this agent's`,
+      );
+  }
+  if (a && committed > a.episodes) found(`agent ${agent}`, `counts ${a.episodes} episode(s), ${committed} committed`);
+  return { checkpoints, episodes };
 }
 
 /**

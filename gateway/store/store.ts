@@ -217,6 +217,22 @@ export class Store {
     return new Store(client, db, committer, gatewayId ?? "unknown", path, counts.rows.length > 0, upgraded);
   }
 
+  /**
+   * Run `read` on one state of the database: every statement it runs on this store sees what was
+   * committed when its first one ran, whatever another process commits meanwhile (a read
+   * transaction; in WAL mode it holds no lock a writer waits on). Only for a store that does not
+   * write while `read` runs (a read-only handle, a copy being checked): this store's own commits
+   * would land inside the transaction, or fail to begin. Not nested.
+   */
+  async readSnapshot<T>(read: () => Promise<T>): Promise<T> {
+    await this.client.execute("BEGIN DEFERRED");
+    try {
+      return await read();
+    } finally {
+      await this.client.execute("ROLLBACK");
+    }
+  }
+
   /** Flush pending writes and close the file. */
   async close(): Promise<void> {
     while (this.pendingIntake.length > 0) await this.flushIntake();
