@@ -1077,3 +1077,65 @@ describe("pushing beside episodes", () => {
     SLOW,
   );
 });
+
+describe("fleet verify --central while a gateway pushes", () => {
+  test(
+    "an episode that reached the center in part is verified again once the next push lands; " +
+      "what no push is coming for is reported at once",
+    async () => {
+      const sqld = await Sqld.start();
+      servers.push(sqld);
+      const f = await synthetic();
+      // Batches of one queue entry: an episode's rows (its checkpoint, its agent's head, itself) span pushes.
+      const r = replicator(f, spec(sqld.url, { batch_rows: 1 }), Date.now);
+      await enableReplication(f.store, sqld.url);
+      await f.commit(4, Date.now() - 60_000, 1000);
+      await r.drain();
+      const center = await CentralReader.open(sqld.url);
+      try {
+        const gw = f.store.gatewayId;
+        const verify = (settle?: () => Promise<boolean>) => verifyChains(center.chains(gw), undefined, { settle });
+        expect((await verify()).problems).toEqual([]);
+
+        // Two more episodes per agent, pushed one at a time until the center is torn: an episode brings its
+        // agent's row as it is now, so the head names a checkpoint whose episode is still to come.
+        await f.commit(8, Date.now(), 1);
+        await f.store.writer.drain();
+        let torn: Awaited<ReturnType<typeof verify>> | null = null;
+        while ((await r.pushOnce()) > 0) {
+          const seen = await verify();
+          if (seen.problems.length > 0) {
+            torn = seen;
+            break;
+          }
+        }
+        expect(torn?.problems.length).toBeGreaterThan(0);
+        expect((await center.pushState(gw))!.backlogRows).toBeGreaterThan(0);
+
+        // Nothing pushes: after the wait, what the center holds is reported.
+        expect((await verify(center.settling(gw, 300, 50))).problems).toEqual(torn!.problems);
+        // The gateway pushes the rest while verify waits: nothing is reported.
+        const settle = center.settling(gw, 10_000, 50);
+        const pushing = Bun.sleep(200).then(() => r.drain());
+        const settled = await verify(settle);
+        await pushing;
+        expect(settled.problems).toEqual([]);
+        expect(await verify()).toMatchObject({ checkpoints: 4 + 8, problems: [] });
+
+        // A center nothing is pushing to, and nothing left to come: a broken record is named without a wait.
+        await sqld.client().execute({
+          sql: "UPDATE agents SET head_seq = head_seq - 1 WHERE gateway = ? AND id = 't/a'",
+          args: [gw],
+        });
+        const began = performance.now();
+        const broken = await verify(center.settling(gw, 10_000, 50));
+        expect(performance.now() - began).toBeLessThan(5_000);
+        expect(broken.problems.map((p) => p.agent)).toContain("t/a");
+      } finally {
+        center.close();
+        await f.close();
+      }
+    },
+    SLOW,
+  );
+});

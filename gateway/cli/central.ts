@@ -220,7 +220,9 @@ export function cmdCentralVerify(cli: Cli): Promise<number> {
     let checkpoints = 0;
     let episodes = 0;
     for (const g of gateways) {
-      const r = await verifyChains(c.chains(g.gateway), cli.flags.agent ? [cli.flags.agent] : undefined);
+      // A gateway may be pushing as verify reads: what its next push completes is not reported as broken.
+      const settle = c.settling(g.gateway);
+      const r = await verifyChains(c.chains(g.gateway), cli.flags.agent ? [cli.flags.agent] : undefined, { settle });
       agents += r.agents;
       checkpoints += r.checkpoints;
       episodes += r.episodes;

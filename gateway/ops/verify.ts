@@ -201,21 +201,50 @@ interface Link {
   sealed: boolean;
 }
 
+/** How `verifyChains` treats a source that is still being written to. */
+export interface VerifyChainsOptions {
+  /**
+   * Asked after a pass that found broken agents: resolves true once the source may have changed in a way
+   * that completes them (they are verified again), false when it will not (what was found is reported).
+   * For a source that cannot show one moment (`ChainSource.consistent`) while it is written to: a center a
+   * gateway replicates to receives an episode's rows in batches cut by count, so an agent's newest commit
+   * may be there in part until the next batch lands.
+   */
+  readonly settle?: () => Promise<boolean>;
+}
+
+/** Passes over the broken agents at most, after the first (a source that never settles ends here). */
+const SETTLE_ROUNDS = 3;
+
 /** Verify every chain of a source (or the agents listed). */
-export async function verifyChains(src: ChainSource, only?: readonly string[]): Promise<VerifyReport> {
+export async function verifyChains(
+  src: ChainSource,
+  only?: readonly string[],
+  opts: VerifyChainsOptions = {},
+): Promise<VerifyReport> {
   const agents = only?.length ? [...only] : await src.agents();
-  const problems: VerifyProblem[] = [];
-  let checkpoints = 0;
-  let episodes = 0;
-  for (const agent of agents) {
+  const results = new Map<string, { checkpoints: number; episodes: number; problems: VerifyProblem[] }>();
+  const verify = async (agent: string) => {
+    const problems: VerifyProblem[] = [];
     const found = (record: string, problem: string) => problems.push({ agent, record, problem });
     const seen = src.consistent
       ? await src.consistent(() => verifyAgent(src, agent, found))
       : await verifyAgent(src, agent, found);
-    checkpoints += seen.checkpoints;
-    episodes += seen.episodes;
+    results.set(agent, { ...seen, problems });
+  };
+  for (const agent of agents) await verify(agent);
+  for (let round = 0; opts.settle && round < SETTLE_ROUNDS; round++) {
+    const broken = agents.filter((a) => results.get(a)!.problems.length > 0);
+    if (broken.length === 0 || !(await opts.settle())) break;
+    for (const agent of broken) await verify(agent);
   }
-  return { agents: agents.length, checkpoints, episodes, problems };
+  const all = [...results.values()];
+  return {
+    agents: agents.length,
+    checkpoints: all.reduce((n, r) => n + r.checkpoints, 0),
+    episodes: all.reduce((n, r) => n + r.episodes, 0),
+    problems: all.flatMap((r) => r.problems),
+  };
 }
 
 /** Verify one agent's chain and episodes, naming each broken record to `found`; what it read. */

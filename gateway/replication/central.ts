@@ -288,6 +288,38 @@ export class CentralReader {
     return fleet ? gatewaysFor(all, fleet) : all;
   }
 
+  /** What a gateway has pushed so far (rows, summed over its pushes) and the backlog its last push left. */
+  async pushState(gateway: string): Promise<{ pushedRows: number; backlogRows: number } | null> {
+    const [r] = await this.all("SELECT pushed_rows, backlog_rows FROM gateways WHERE gateway = ?", [gateway]);
+    return r ? { pushedRows: Number(r.pushed_rows), backlogRows: Number(r.backlog_rows) } : null;
+  }
+
+  /**
+   * For `verifyChains` (its `settle`) over `gateway`'s chains while the gateway may be pushing: call
+   * once before the first pass. After a pass, true at once when a push landed during it (the pass read
+   * across it), or once the next push lands while the last one left a backlog (a batch is cut by count,
+   * so it may hold part of a commit; the next one brings the rest), for up to `waitMs`. False when
+   * nothing moved and nothing is left to come: the center is at a commit of the gateway's, and what the
+   * pass found is what is there.
+   */
+  settling(gateway: string, waitMs = 15_000, pollMs = 250): () => Promise<boolean> {
+    // A failed read only means no settling. The first is made now, before the first pass.
+    const read = () => this.pushState(gateway).catch(() => null);
+    let seen = read();
+    return async () => {
+      const before = await seen;
+      let now = await read();
+      if (before === null || now === null) return false;
+      const limit = performance.now() + waitMs;
+      while (now.pushedRows === before.pushedRows && now.backlogRows > 0 && performance.now() < limit) {
+        await Bun.sleep(pollMs);
+        now = (await read()) ?? now;
+      }
+      seen = Promise.resolve(now);
+      return now.pushedRows !== before.pushedRows;
+    };
+  }
+
   /**
    * The condition a read of `fleet` (or of everything) puts on `gateway`: the gateway ids it
    * covers as a JSON list, or null when it covers every gateway the center has.
