@@ -132,6 +132,34 @@ describe("verify", () => {
 });
 
 describe("verify beside a running gateway", () => {
+  test("a read that fails inside a snapshot ends it: its error is reported, the next sees later commits", async () => {
+    const live = mkdtempSync(join(tmpdir(), "fleet-verify-snap-"));
+    const writer = await SyntheticFleet.create(live, {
+      types: [{ name: "meter", keys: ["m1"] }],
+      keep: 0,
+      episodesDays: 30,
+      dedupDays: 7,
+    });
+    const reader = await Store.open(writer.dbPath, { synchronous: "normal", readonly: true });
+    const count = async () => Number((await reader.client.execute("SELECT count(*) FROM checkpoints")).rows[0]![0]);
+    try {
+      await writer.commit(2, Date.now() - 60_000, 1000);
+      await writer.store.writer.drain();
+      const failing = reader.readSnapshot(async () => {
+        await count();
+        await reader.client.execute("SELECT no_such_column FROM checkpoints");
+      });
+      await expect(failing).rejects.toThrow(/no_such_column/);
+      await writer.commit(1, Date.now(), 1);
+      await writer.store.writer.drain();
+      expect(await reader.readSnapshot(count)).toBe(3);
+    } finally {
+      await reader.close();
+      await writer.close();
+      rmSync(live, { recursive: true, force: true });
+    }
+  });
+
   test("sees each agent as of one moment: episodes committed between its reads are no broken chain", async () => {
     const live = mkdtempSync(join(tmpdir(), "fleet-verify-live-"));
     const writer = await SyntheticFleet.create(live, {

@@ -226,10 +226,18 @@ export class Store {
    */
   async readSnapshot<T>(read: () => Promise<T>): Promise<T> {
     await this.client.execute("BEGIN DEFERRED");
+    let failed = false;
     try {
       return await read();
+    } catch (err) {
+      failed = true;
+      throw err;
     } finally {
-      await this.client.execute("ROLLBACK");
+      // After a failed read the transaction may be gone already (SQLite ends it on some errors): the
+      // read's error is the one to report, not that there was nothing to roll back.
+      await this.client.execute("ROLLBACK").catch((err: unknown) => {
+        if (!failed) throw err;
+      });
     }
   }
 
