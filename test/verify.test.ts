@@ -131,18 +131,35 @@ describe("verify", () => {
   });
 });
 
+/**
+ * A synthetic fleet of meter agents `keys` being written (the running gateway's side) and a read-only
+ * handle of the same file (verify's), for `body`; both closed and the folder removed after it.
+ */
+async function besideWriter(
+  keys: string[],
+  body: (writer: SyntheticFleet, reader: Store) => Promise<void>,
+): Promise<void> {
+  const live = mkdtempSync(join(tmpdir(), "fleet-verify-live-"));
+  const writer = await SyntheticFleet.create(live, {
+    types: [{ name: "meter", keys }],
+    keep: 0,
+    episodesDays: 30,
+    dedupDays: 7,
+  });
+  const reader = await Store.open(writer.dbPath, { synchronous: "normal", readonly: true });
+  try {
+    await body(writer, reader);
+  } finally {
+    await reader.close();
+    await writer.close();
+    rmSync(live, { recursive: true, force: true });
+  }
+}
+
 describe("verify beside a running gateway", () => {
-  test("a read that fails inside a snapshot ends it: its error is reported, the next sees later commits", async () => {
-    const live = mkdtempSync(join(tmpdir(), "fleet-verify-snap-"));
-    const writer = await SyntheticFleet.create(live, {
-      types: [{ name: "meter", keys: ["m1"] }],
-      keep: 0,
-      episodesDays: 30,
-      dedupDays: 7,
-    });
-    const reader = await Store.open(writer.dbPath, { synchronous: "normal", readonly: true });
-    const count = async () => Number((await reader.client.execute("SELECT count(*) FROM checkpoints")).rows[0]![0]);
-    try {
+  test("a read that fails inside a snapshot ends it: its error is reported, the next sees later commits", () =>
+    besideWriter(["m1"], async (writer, reader) => {
+      const count = async () => Number((await reader.client.execute("SELECT count(*) FROM checkpoints")).rows[0]![0]);
       await writer.commit(2, Date.now() - 60_000, 1000);
       await writer.store.writer.drain();
       const failing = reader.readSnapshot(async () => {
@@ -153,23 +170,10 @@ describe("verify beside a running gateway", () => {
       await writer.commit(1, Date.now(), 1);
       await writer.store.writer.drain();
       expect(await reader.readSnapshot(count)).toBe(3);
-    } finally {
-      await reader.close();
-      await writer.close();
-      rmSync(live, { recursive: true, force: true });
-    }
-  });
+    }));
 
-  test("sees each agent as of one moment: episodes committed between its reads are no broken chain", async () => {
-    const live = mkdtempSync(join(tmpdir(), "fleet-verify-live-"));
-    const writer = await SyntheticFleet.create(live, {
-      types: [{ name: "meter", keys: ["m1", "m2"] }],
-      keep: 0,
-      episodesDays: 30,
-      dedupDays: 7,
-    });
-    const reader = await Store.open(writer.dbPath, { synchronous: "normal", readonly: true });
-    try {
+  test("sees each agent as of one moment: episodes committed between its reads are no broken chain", () =>
+    besideWriter(["m1", "m2"], async (writer, reader) => {
       await writer.commit(4, Date.now() - 60_000, 1000);
       await writer.store.writer.drain();
       // Right after verify reads each agent's row, the gateway commits an episode for every agent:
@@ -191,10 +195,5 @@ describe("verify beside a running gateway", () => {
       // The commits landed: read again, every one of them verifies.
       const after = await verifyStore(reader);
       expect(after).toMatchObject({ agents: 2, checkpoints: 8, episodes: 8, problems: [] });
-    } finally {
-      await reader.close();
-      await writer.close();
-      rmSync(live, { recursive: true, force: true });
-    }
-  });
+    }));
 });
