@@ -73,3 +73,13 @@ export function describeZodError(what: string, error: z.ZodError, names: readonl
   if (issue.code === "unrecognized_keys") return `${subject} has unknown key(s) ${issue.keys.join(", ")}`;
   return `${subject} ${issue.message}`;
 }
+
+const LONE_SURROGATE = /\p{Surrogate}/u;
+
+/**
+ * Whether a string is well-formed Unicode: no lone surrogate (`"\ud800"` in JSON), which UTF-8
+ * storage turns into U+FFFD, so two different ids holding one would be stored as the same id.
+ */
+export function isWellFormed(s: string): boolean {
+  return !LONE_SURROGATE.test(s);
+}

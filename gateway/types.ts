@@ -48,7 +48,8 @@ export function parseStimulusKind(raw: string): { ok: true; kind: string } | { o
   return { ok: false, message: `kind must be one of ${STIMULUS_KINDS.join(", ")}; got "${raw.slice(0, 40)}"${hint}` };
 }
 
-const NAME = /^[A-Za-z0-9_.:@-]+$/;
+/** A type or key name; not `.` nor `..`, which a URL path drops (`/api/agents/t/../pause` is `/api/agents/pause`). */
+const NAME = /^(?!\.\.?$)[A-Za-z0-9_.:@-]+$/;
 
 /** Longest agent key (keys are ASCII, so characters = bytes): ids stay short in topics, rows and logs. */
 export const MAX_KEY_BYTES = 128;
@@ -57,6 +58,7 @@ export const MAX_KEY_BYTES = 128;
 export function keyProblem(key: string): string | null {
   if (key.length === 0) return "is empty";
   if (key.length > MAX_KEY_BYTES) return `is longer than ${MAX_KEY_BYTES} bytes (${key.length})`;
+  if (key === "." || key === "..") return `may not be "${key}" (a URL cannot name it)`;
   if (!NAME.test(key)) return "may only hold A-Z a-z 0-9 _ . : @ -";
   return null;
 }

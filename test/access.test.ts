@@ -6,6 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
+import { connect } from "node:net";
 import { join } from "node:path";
 import { addToken, Sessions, TokenAuth } from "../gateway/auth/index.ts";
 import {
@@ -252,6 +253,52 @@ describe("request bodies", () => {
     expect(Date.now() - started).toBeLessThan(2_000);
     expect(bodies.held).toBe(0);
   });
+  test("a body trickled past Bun's own 10 s request timeout still gets its 408, not a dropped connection", async () => {
+    // Bun.serve ends a request after 10 s unless told otherwise (at 12 s: its timer ticks every 4 s); the read
+    // deadline here is past that.
+    const bodies = new BodyBudget(() => 1_000_000, { readDeadlineMs: 14_500 });
+    const guard = createGuard({
+      http: () => HTTP,
+      auth,
+      sessions: new Sessions(auth),
+      audit: async () => undefined,
+      signInPage,
+      streams: () => 0,
+      bodies,
+    });
+    const read = async (req: Request) => {
+      const r = await readRequestBody(req, 1000);
+      return r.ok ? new Response("ok") : r.res;
+    };
+    const server = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      routes: guard.protect({ "/hooks/:name": { POST: read } }),
+    });
+    try {
+      const socket = connect(server.port!, "127.0.0.1");
+      let answer = "";
+      // Done at the answer's end or the connection's, whichever comes first.
+      const done = new Promise<void>((resolve) => {
+        socket.on("data", (d) => {
+          answer += d;
+          if (answer.endsWith("}}")) resolve();
+        });
+        socket.on("close", () => resolve());
+      });
+      socket.on("error", () => undefined);
+      socket.write("POST /hooks/h HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n");
+      const timer = setInterval(() => socket.destroyed || socket.write(" "), 250);
+      await Promise.race([done, Bun.sleep(20_000)]);
+      clearInterval(timer);
+      socket.destroy();
+      expect(answer.split("\r\n")[0]).toBe("HTTP/1.1 408 Request Timeout");
+      expect(answer).toContain('"request_timeout"');
+      expect(bodies.held).toBe(0);
+    } finally {
+      server.stop(true);
+    }
+  }, 30_000);
 });
 
 describe("dashboard sessions", () => {

@@ -332,8 +332,11 @@ describe("the dashboard session", () => {
       expect(page.headers.get("x-frame-options")).toBe("DENY");
       expect(page.headers.get("content-security-policy")).toBe("frame-ancestors 'none'");
     }
-    // Without a session, / is the sign-in page and the dashboard's code is not served.
+    // Without a session, / is the sign-in page and the dashboard's code is not served; it cannot be framed either.
     expect((await raw("/")).body).toContain('id="signin"');
+    const signIn = await fetch(`${fleet.httpUrl}/`);
+    expect(signIn.headers.get("x-frame-options")).toBe("DENY");
+    expect(signIn.headers.get("content-security-policy")).toContain("frame-ancestors 'none'");
     expect((await raw("/ui/app.js")).status).toBe(401);
     // Revoking the token ends its sessions.
     expect((await fleet.cli("token", "revoke", "browser")).code).toBe(0);

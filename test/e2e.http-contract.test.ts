@@ -180,6 +180,11 @@ describe("a full queue is backpressure, whichever way the stimulus comes", () =>
     expect(full.headers.get("retry-after")).toBe("5");
     expect(full.body.error.code).toBe("queue_full");
     expect(full.body.refused).toMatchObject([{ agent: "tight/q1", code: "queue_full" }]);
+    // A retry of what the full queue holds is a duplicate, not a 429; its id with another payload a 422.
+    const retry = await call("POST", "/api/send", { topic: "tight/q1/in", payload: { id: "f1" }, id: "f1" });
+    expect([retry.status, retry.body.duplicates]).toEqual([200, [{ agent: "tight/q1", sid: "id:f1" }]]);
+    const reused = await call("POST", "/api/send", { topic: "tight/q1/in", payload: { id: "f9" }, id: "f1" });
+    expect([reused.status, reused.body.error.code]).toEqual([422, "idempotency_key_reused"]);
     // The manual stimulus to the same agent answers the same.
     const manual = await call("POST", "/api/agents/tight/q1/stimuli", { n: 1 });
     expect([manual.status, manual.headers.get("retry-after"), manual.body.error.code]).toEqual([
@@ -188,12 +193,16 @@ describe("a full queue is backpressure, whichever way the stimulus comes", () =>
       "queue_full",
     ]);
 
+    expect((await call("POST", "/api/send", { topic: "hc/r1/in", payload: { id: "e1" }, id: "e1" })).status).toBe(202);
     expect((await call("POST", "/api/agents/counter/r1/retire")).body.status).toBe("retired");
     const retired = await call("POST", "/api/send", { topic: "hc/r1/in", payload: { id: "r" }, id: "r" });
     expect(retired.status).toBe(409);
     expect(retired.headers.get("retry-after")).toBeNull();
     expect(retired.body.error.code).toBe("refused");
     expect(retired.body.refused).toMatchObject([{ agent: "counter/r1", code: "retired" }]);
+    // ...but a retry of a stimulus it took before it was retired is a duplicate.
+    const before = await call("POST", "/api/send", { topic: "hc/r1/in", payload: { id: "e1" }, id: "e1" });
+    expect([before.status, before.body.duplicates]).toEqual([200, [{ agent: "counter/r1", sid: "id:e1" }]]);
     expect((await call("POST", "/api/agents/tight/q1/resume")).status).toBe(200);
   });
 });
@@ -312,6 +321,38 @@ describe("POST /api/send", () => {
     expect([other.status, other.body.error.code]).toEqual([422, "idempotency_key_reused"]);
     const both = await send({ topic: "hc/c2/in", payload: 1, id: "x" }, "send-k2");
     expect([both.status, both.body.error.code]).toEqual([400, "bad_request"]);
+  });
+
+  test("honours the body's id as the header: the id with another payload is a 422 that records nothing", async () => {
+    expect((await send({ topic: "hc/c2/in", payload: { n: 1 }, id: "send-b1" })).status).toBe(202);
+    const again = await send({ topic: "hc/c2/in", payload: { n: 1 }, id: "send-b1" });
+    expect(again.status).toBe(200);
+    expect(again.body.duplicates).toEqual([{ agent: "counter/c2", sid: "id:send-b1" }]);
+    const other = await send({ topic: "hc/c2/in", payload: { a: 5 }, id: "send-b1" });
+    expect([other.status, other.body.error.code]).toEqual([422, "idempotency_key_reused"]);
+    const rows = await fleet.query<{ payload: Uint8Array }>(
+      "SELECT payload FROM stimuli WHERE agent = 'counter/c2' AND sid = 'id:send-b1'",
+    );
+    expect(rows.map((r) => Buffer.from(r.payload).toString())).toEqual(['{"n":1}']);
+  });
+
+  test("an id with a lone surrogate is a 400: stored as UTF-8 it would be the same id as another", async () => {
+    // JSON.stringify keeps "\ud800" escaped, so the body is valid JSON holding a lone surrogate.
+    const r = await send({ topic: "hc/c2/in", payload: 1, id: "\ud800" });
+    expect([r.status, r.body.error.code]).toEqual([400, "bad_request"]);
+    expect(r.body.error.message).toBe("body id must be well-formed Unicode (no lone surrogate)");
+    expect((await send({ topic: "hc/c2/in", payload: 1, id: "\ud83d\ude00" })).status).toBe(202);
+  });
+
+  test("a string payload is sent as its text, as a device publishing it: '42' arrives as the number 42", async () => {
+    const first = await send({ topic: "hc/c1/in", payload: "42" });
+    const second = await send({ topic: "hc/c1/in", payload: 42 });
+    const raw = await send({ topic: "hc/c1/in", payload: JSON.stringify("42") });
+    expect([first.status, second.status, raw.status]).toEqual([202, 202, 202]);
+    const rows = await fleet.query<{ payload: Uint8Array }>(
+      "SELECT payload FROM stimuli WHERE agent = 'counter/c1' ORDER BY seq",
+    );
+    expect(rows.map((r) => Buffer.from(r.payload).toString()).slice(-3)).toEqual(["42", "42", '"42"']);
   });
 
   test("without payload is a 400 saying it is required", async () => {

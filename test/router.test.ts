@@ -2,7 +2,7 @@
  * Routing (topic -> agents) and stimulus ids (the dedup key intake records per agent).
  */
 import { describe, expect, test } from "bun:test";
-import { redeliveryId, stimulusId } from "../gateway/intake/index.ts";
+import { dedupProblem, redeliveryId, stimulusId } from "../gateway/intake/index.ts";
 import { createRouter, rememberRoutes, renderKey, type Route } from "../gateway/intake/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
 
@@ -88,6 +88,22 @@ describe("router: subscribe patterns and key templates", () => {
     expect(r.targets).toEqual([]);
     expect(r.problems.length).toBe(2); // temp and any-sensor both matched
     expect(r.problems.join("\n")).toContain("gives no valid key for temp");
+  });
+
+  test("a '.' or '..' level is no key (a URL path would drop it); '...' and 'a.' are keys", () => {
+    for (const level of [".", ".."]) {
+      const r = route(`sensors/${level}/temperature`);
+      expect(r.targets.map((t) => String(t.agent))).toEqual([`any-sensor/${level}.temperature`]);
+      expect(r.problems).toEqual([
+        `topic "sensors/${level}/temperature" gives no valid key for temp (template {1}): key "${level}" may not be ` +
+          `"${level}" (a URL cannot name it)`,
+      ]);
+      expect(route(`fleet/agents/temp/${level}/inbox`).problems).toEqual([
+        `"${level}" is not a valid agent key: it may not be "${level}" (a URL cannot name it)`,
+      ]);
+    }
+    expect(route("sensors/.../temperature").targets.map((t) => String(t.agent))).toContain("temp/...");
+    expect(route("sensors/a./temperature").targets.map((t) => String(t.agent))).toContain("temp/a.");
   });
 
   test("a key longer than 128 bytes is a problem that says so; 128 bytes is a key", () => {
@@ -231,6 +247,15 @@ describe("stimulusId", () => {
     for (const value of [{ t: 80 }, { id: "", t: 80 }, { id: true }, { id: { nested: 1 } }, [1, 2], 81.5]) {
       expect(stimulusId("id", value, fallback)).toBe(fallback);
     }
+  });
+
+  test("a dedup value with a lone surrogate is no id (as UTF-8 it would equal another), and a webhook says why", () => {
+    const fallback = "r:dev:7:abc" as never;
+    for (const id of ["\ud800", "a\udc00", "{x}\ud800"]) expect(stimulusId("id", { id }, fallback)).toBe(fallback);
+    expect(stimulusId("{d}:{n}", { d: "\udfff", n: 1 }, fallback)).toBe(fallback);
+    expect(idOf("id", { id: "\ud83d\ude00" })).toBe("id:\ud83d\ude00");
+    expect(dedupProblem("id", { id: "\ud800" })).toContain("well-formed Unicode");
+    expect(dedupProblem("id", { id: "\ud83d\ude00" })).toBeNull();
   });
 
   test("a redelivery id is the same only for the same client, packet id, topic and payload", async () => {

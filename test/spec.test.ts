@@ -300,6 +300,12 @@ describe("schema errors name the key path", () => {
     ],
     ["bad type name", '[agents."a b"]\nmodule = "m.ts"\n', 'agents."a b"', /is not a valid agent type name/],
     [
+      "type named ..",
+      '[agents.".."]\nmodule = "m.ts"\n',
+      'agents.".."',
+      /is not a valid agent type name .*not \. or \.\./,
+    ],
+    [
       "hook at unknown type",
       agent('[hooks.h]\ntype = "nope"\nkey_field = "k"'),
       "hooks.h.type",

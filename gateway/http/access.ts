@@ -143,6 +143,9 @@ export function cookie(req: Request, name: string): string | null {
 }
 
 /** The guard over a route table: wraps every handler; `inFlight()` says how many run now. */
+/** How long a request may take past its body's read deadline before the server drops it (s). */
+const HANDLER_GRACE_S = 30;
+
 export function createGuard(d: AccessDeps) {
   let inFlight = 0;
   /** Of those, requests that need no token (webhooks, sign-in and sign-out). */
@@ -296,6 +299,9 @@ export function createGuard(d: AccessDeps) {
       d.bodies.markUnauthenticated(req);
     }
     underBudget(req, d.bodies);
+    // Bun ends a request after 10 s without a word (its idleTimeout, not reset by body bytes), which
+    // would cut off a slow body before its 408 and a slow commit before its answer.
+    server.timeout(req, Math.ceil(d.bodies.readDeadlineMs / 1000) + HANDLER_GRACE_S);
     try {
       return await handler(req, server);
     } finally {

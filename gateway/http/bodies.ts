@@ -1,5 +1,6 @@
 /** The JSON request bodies of the API whose shape matters, as zod schemas (parsed with `parseBody`). */
 import { z } from "zod";
+import { isWellFormed } from "../parse.ts";
 
 /** `POST /api/send` (what `fleet send` posts): route `topic` like a device publish. */
 export const SendBody = z.strictObject(
@@ -12,6 +13,7 @@ export const SendBody = z.strictObject(
       .string({ error: "must be a string" })
       .min(1, "must not be empty")
       .max(256, "must be at most 256 characters")
+      .refine(isWellFormed, "must be well-formed Unicode (no lone surrogate)")
       .optional(),
   },
   { error: 'must be {"topic": string, "payload": any, "id"?: string}' },

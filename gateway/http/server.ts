@@ -180,8 +180,8 @@ export function startHttp(
             { traceparent: traceparentOf(req) },
           );
           const dup = report.duplicates[0];
-          if (idem && dup) {
-            const reused = await reusedKey(storedPayload, report, dup.agent, idem, payload);
+          if (explicit && dup) {
+            const reused = await reusedKey(storedPayload, report, dup.agent, explicit, payload);
             if (reused) return reused;
           }
           // Every target refused: not a success, so `fleet send` exits non-zero; a full queue is a 429 to retry.

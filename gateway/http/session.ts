@@ -123,6 +123,10 @@ export function signInPage(): Response {
       "cache-control": "no-store",
       "x-content-type-options": "nosniff",
       "x-frame-options": "DENY",
+      // Inline style and script are this page's own; nothing else may load, and no page may frame it.
+      "content-security-policy":
+        "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; " +
+        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     },
   });
 }

@@ -6,6 +6,7 @@
 import type { Logger } from "pino";
 import type { ClientInfo, IntakeVerdict, PublishedMessage } from "../../broker/index.ts";
 import { blake3Hex } from "../hash.ts";
+import { isWellFormed } from "../parse.ts";
 import { RefusalLog } from "./refusals.ts";
 import type { Route, Target } from "./router.ts";
 import type { IntakeOutcome, Store } from "../store/index.ts";
@@ -85,7 +86,8 @@ function at(parsed: unknown, path: string): unknown {
 }
 
 const usable = (v: unknown): v is string | number =>
-  (typeof v === "string" && v.length > 0 && v.length <= 256) || (typeof v === "number" && Number.isFinite(v));
+  (typeof v === "string" && v.length > 0 && v.length <= 256 && isWellFormed(v)) ||
+  (typeof v === "number" && Number.isFinite(v));
 
 /** A field of a `dedup` template (`{device}` in `"{device}:{seq}"`). */
 const TEMPLATE_FIELD = /\{([^{}]+)\}/g;
@@ -162,7 +164,10 @@ export function dedupProblem(dedup: string, parsed: unknown): string | null {
   for (const path of paths) {
     const v = at(parsed, path);
     if (v !== undefined && !usable(v))
-      return `body field "${path}" (the dedup id) must be a string of 1-256 characters or a finite number`;
+      return (
+        `body field "${path}" (the dedup id) must be a string of 1-256 characters (well-formed Unicode) ` +
+        "or a finite number"
+      );
   }
   return null;
 }
@@ -354,13 +359,15 @@ export class Intake {
     const items: NewStimulus[] = [];
     const parsed = explicitId ? undefined : "parsed" in opts ? opts.parsed : tryJson(payload);
     const at = this.now();
+    /** Refused by admission, unless already recorded (a retry of a stimulus taken before). */
+    const turnedAway: { refusal: Refusal; sid: StimulusId }[] = [];
     for (const t of targets) {
       const sid = explicitId ?? stimulusId(t.type.dedup, parsed, opts.redelivery ?? null);
       // A full queue is backpressure: no PUBACK, the device keeps the message and retries later.
       // So is a new agent past its type's max_agents (a place frees when one retires).
       const admission = this.view.admit(t.agent, t.type.max_queue, t.type.max_agents);
       if (!admission.ok) {
-        refused.push({ agent: t.agent, code: admission.code, reason: admission.message });
+        turnedAway.push({ refusal: { agent: t.agent, code: admission.code, reason: admission.message }, sid });
         continue;
       }
       items.push({
@@ -377,9 +384,15 @@ export class Intake {
         ...(typeof opts.hops === "number" ? { hops: opts.hops } : {}),
       });
     }
-    if (refused.length > 0) this.refusals.note(refused, kind, topic);
     const accepted: IntakeReport["accepted"] = [];
     const duplicates: IntakeReport["duplicates"] = [];
+    // A retry of what was recorded before is a duplicate whatever the queue holds now: refusing it
+    // would have the device (or client) send again and again what is already safe.
+    for (const { refusal, sid } of turnedAway) {
+      if (sid.startsWith("u:") || !(await this.store.findStimulus(refusal.agent, sid))) refused.push(refusal);
+      else duplicates.push({ agent: refusal.agent, sid });
+    }
+    if (refused.length > 0) this.refusals.note(refused, kind, topic);
     // The queue book (and so the scheduler) hears of the stimuli as soon as their transaction
     // commits, while the WAL syncs: the episode's own commit comes later in the WAL, so no
     // sync covers it without covering them, and nothing it does leaves before its own commit

@@ -247,7 +247,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "hooks.*.key_field": "Body field naming the agent key (with `type`).",
   "hooks.*.dedup":
     "Body field whose value is the stimulus id (the Idempotency-Key header wins); present but not a string of " +
-    "1-256 characters or a finite number: 400.",
+    "1-256 characters (well-formed Unicode) or a finite number: 400.",
   "hooks.*.secret_env": "Environment variable holding the shared secret (HMAC X-Fleet-Signature or Bearer).",
   "hooks.*.max_body_bytes":
     "Largest body accepted (413 past it); keep it under half of [http] max_body_bytes_in_flight (webhook bodies " +

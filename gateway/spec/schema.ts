@@ -11,10 +11,10 @@ import type { BudgetSpec } from "./types.ts";
 
 /** Tools an agent type may allowlist. */
 export const TOOL_NAMES = ["publish", "http", "llm", "send"] as const;
-/** Agent type and hook names. */
-export const TYPE_NAME_RE = /^[A-Za-z0-9_.-]+$/;
-/** Agent instance keys. */
-export const AGENT_KEY_RE = /^[A-Za-z0-9_.:@-]+$/;
+/** Agent type and hook names: not `.` nor `..`, which a URL path drops. */
+export const TYPE_NAME_RE = /^(?!\.\.?$)[A-Za-z0-9_.-]+$/;
+/** Agent instance keys: not `.` nor `..`, which a URL path drops. */
+export const AGENT_KEY_RE = /^(?!\.\.?$)[A-Za-z0-9_.:@-]+$/;
 const ENV_NAME_RE = /^[A-Z_][A-Z0-9_]*$/;
 /** A key template: key characters and `{n}` wildcard captures (n >= 1). */
 const KEY_TEMPLATE_RE = /^(?:[A-Za-z0-9_.:@-]|\{[1-9][0-9]*\})+$/;
@@ -97,7 +97,9 @@ const agentSchema = z.strictObject(
     subscribe: list(filter()),
     key: str().regex(KEY_TEMPLATE_RE, "must be key characters (A-Z a-z 0-9 _ . : @ -) and {n} captures").optional(),
     instances: list(
-      str().regex(AGENT_KEY_RE, "must be an agent key (A-Z a-z 0-9 _ . : @ -)").max(128, "must be at most 128 bytes"),
+      str()
+        .regex(AGENT_KEY_RE, "must be an agent key (A-Z a-z 0-9 _ . : @ -, not . or ..)")
+        .max(128, "must be at most 128 bytes"),
     ),
     every: str()
       .refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "30s", "5m" or "1h30m"')
@@ -170,7 +172,7 @@ const hookSchema = z.strictObject(
 const named = <T extends z.ZodType>(what: string, value: T) =>
   z
     .record(
-      str().regex(TYPE_NAME_RE, `is not a valid ${what} name (use A-Z a-z 0-9 _ . -)`),
+      str().regex(TYPE_NAME_RE, `is not a valid ${what} name (use A-Z a-z 0-9 _ . -, not . or ..)`),
       value,
       says("must be a table"),
     )
