@@ -268,6 +268,22 @@ describe("unknown names", () => {
     expect([none.status, none.body.error.code]).toEqual([409, "no_rollout"]);
   });
 
+  test("an action a route does not have is a 404, audited by its route and not by the name in the path", async () => {
+    const agent = await call("POST", "/api/agents/counter/c1/frobnicate");
+    expect([agent.status, agent.body.error.code]).toEqual([404, "not_found"]);
+    expect((await audit())[0]).toMatchObject({
+      action: "POST /api/agents/:type/:key/:action",
+      target: "counter/c1",
+      status: 404,
+    });
+    const rollout = await call("POST", "/api/rollouts/counter/frob");
+    expect(rollout.status).toBe(404);
+    expect((await audit())[0]).toMatchObject({ action: "POST /api/rollouts/:type/:action", status: 404 });
+    await call("POST", "/api/agents/counter/c2/pause");
+    expect((await audit())[0]).toMatchObject({ action: "agent.pause", target: "counter/c2" });
+    await call("POST", "/api/agents/counter/c2/resume");
+  });
+
   test("a deploy check forcing a type the candidate lacks is 400 bad_request naming it", async () => {
     const r = await call("POST", "/api/deploy/check", { types: ["counter", "nosuch"] });
     expect(r.status).toBe(400);

@@ -120,7 +120,8 @@ export async function addDevice(
     const problem = aclPatternProblem(p);
     if (problem !== null) throw new DevicesError(file, `ACL pattern ${JSON.stringify(p)}: ${problem}`);
   }
-  const exists = () => new DevicesError(file, `device "${id}" already exists (remove it first to issue a new secret)`);
+  const exists = () =>
+    new DevicesError(file, `device "${id}" already exists ("fleet device rekey ${id}" issues it a new secret)`);
   if (compileDevices(readText(file) ?? HEADER, file).devices.has(id)) throw exists(); // before the slow hashing
   const secret = newSecret();
   const hashes = [

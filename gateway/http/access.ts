@@ -92,11 +92,23 @@ export function needOf(pattern: string, method: string): Need {
   return READ_METHODS.has(method) ? "read" : "operate";
 }
 
+/** The actions of the routes that take one from the path, as audited (`agent.pause`). */
+const ACTIONS = {
+  agent: ["pause", "resume", "retire", "stimuli"],
+  quarantine: ["retry", "drop"],
+  rollout: ["promote", "abort"],
+} as const satisfies Record<string, readonly string[]>;
+
 /** The audit action and target of a state change on `pattern`. */
 function actionOf(pattern: string, req: Request & { params: Record<string, string> }): [string, string | null] {
   const p = req.params ?? {};
-  if (pattern === "/api/agents/:type/:key/:action") return [`agent.${p.action}`, `${p.type}/${p.key}`];
-  if (pattern === "/api/quarantine/:seq/:action") return [`quarantine.${p.action}`, `stimulus ${p.seq}`];
+  // An action the route does not have is audited by its route, not by a name the caller made up.
+  const named = (prefix: keyof typeof ACTIONS) =>
+    p.action && (ACTIONS[prefix] as readonly string[]).includes(p.action)
+      ? `${prefix}.${p.action}`
+      : `${req.method} ${pattern}`;
+  if (pattern === "/api/agents/:type/:key/:action") return [named("agent"), `${p.type}/${p.key}`];
+  if (pattern === "/api/quarantine/:seq/:action") return [named("quarantine"), `stimulus ${p.seq}`];
   // The flag as the handler reads it: a dry run is audited as one, a refused spelling as the gc it did not run.
   if (pattern === "/api/gc") {
     const dryRun = parseFlag(new URL(req.url), "dry_run");
@@ -105,7 +117,7 @@ function actionOf(pattern: string, req: Request & { params: Record<string, strin
   if (pattern === "/api/send") return ["send", null];
   if (pattern === "/api/episodes/:id/replay") return ["episode.replay", `episode ${p.id}`];
   if (pattern === "/api/deploy/check") return ["deploy.check", null];
-  if (pattern === "/api/rollouts/:type/:action") return [`rollout.${p.action}`, `type ${p.type}`];
+  if (pattern === "/api/rollouts/:type/:action") return [named("rollout"), `type ${p.type}`];
   return [`${req.method} ${pattern}`, null];
 }
 
