@@ -129,6 +129,23 @@ describe("fleet retire --drain", () => {
   );
 
   test(
+    "a drain ordered while the agent's last stimulus runs retires it once that episode commits",
+    async () => {
+      setGate(false);
+      await queueBehindRunning("gated/g2", ["last"]);
+      const statuses = await subscribe(await fleet.mqtt({ clientId: "drain-last" }), "fleet/agents/gated/g2/status");
+      const drained = await fleet.cli("retire", "gated/g2", "--drain");
+      expect(drained.json).toMatchObject({ ok: true, status: "draining" });
+      setGate(true);
+      const retired = await statuses.next((m) => m.json?.status === "retired", 60_000, "the retired status");
+      expect(retired.json.reason).toBe("retired by operator after draining its queue");
+      expect(await apiAgent("gated/g2")).toMatchObject({ status: "retired", queued: 0 });
+      expect(await stimuli("gated/g2")).toEqual([{ sid: "id:last", state: "done" }]);
+    },
+    SLOW,
+  );
+
+  test(
     "an agent with nothing queued is retired at once; retiring a retired agent with --drain is a no-op",
     async () => {
       setGate(true);

@@ -91,7 +91,11 @@ export interface EpisodeDeps {
   readonly lifecycleStamp?: (agent: AgentId) => number;
   /** The queue book: told right after the store's queue rows change. */
   readonly queue: EpisodeQueue;
-  /** A draining agent's turn ended (its head left, its queue was empty, or it failed): retire it if it is done. */
+  /**
+   * An agent's turn ended (its head left, its queue was empty, or it failed): retire it if it is draining
+   * and done. Asked after every turn, not only of an agent that was draining when the turn began: a drain
+   * ordered while its last episode ran has nothing else left to finish it (cheap: the queue book knows).
+   */
   readonly drained?: (agent: AgentId) => Promise<unknown>;
   /** The spec a draining agent of a type no longer in fleet.toml runs on (the newest that has it), or null. */
   readonly drainSpec?: (type: string) => Promise<SpecVersion | null>;
@@ -230,7 +234,7 @@ export class EpisodeExecutor {
           continue;
         case "empty":
           // Not a reason to zero the book: a stimulus recorded after this turn's read is counted there.
-          if (inputs.agent?.status === "draining") await this.d.drained?.(agentId);
+          await this.d.drained?.(agentId);
           return { kind: "empty" };
         case "refuse_retired": {
           const refused = await store.rejectQueued(agentId, d.reason, now);
@@ -408,7 +412,7 @@ export class EpisodeExecutor {
         });
         if (retry === null) {
           this.d.queue.left(agentId, head.seq);
-          if (agent.status === "draining") await this.d.drained?.(agentId);
+          await this.d.drained?.(agentId);
         }
         log.warn(
           { kind: result.kind, attempt: d.attempt, quarantined: retry === null },
@@ -500,7 +504,7 @@ export class EpisodeExecutor {
         log.info({ count: droppedWakes.length }, "wake-ups cancelled after they fell due: their runs dropped");
       }
       this.settleSends(gate, sent);
-      if (agent.status === "draining") await this.d.drained?.(agentId);
+      await this.d.drained?.(agentId);
       log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
       this.d.publishCommitted?.(episode, outbox, agentId);
       if (wakes && wakes.wakes.length > 0) this.d.wakesScheduled?.(Math.min(...wakes.wakes.map((w) => w.dueAt)));
@@ -572,7 +576,7 @@ export class EpisodeExecutor {
       this.d.events.emit("status", { agent: agentId, status: "failed", reason });
       this.d.log.error({ agent: agentId }, `agent failed: ${reason}`);
       // A draining agent that fails cannot run its queue: the drain retires it now (docs/upgrading.md).
-      if (d.agent.status === "draining") await this.d.drained?.(agentId);
+      await this.d.drained?.(agentId);
       return { failed: true, value: null };
     }
   }
