@@ -19,6 +19,7 @@ import {
   serverUrl,
   startCentralServer,
 } from "../gateway/replication/index.ts";
+import { appendAudit } from "../gateway/store/index.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { Sqld } from "./helpers/sqld.ts";
@@ -34,13 +35,33 @@ const gateways = new Map<string, string>();
 /** Episode ids of t/a in fleet north, newest first. */
 let northA: string[] = [];
 
-/** A synthetic gateway with `keys` agents of type t and 5 episodes each, pushed as `fleet` at `at`. */
-async function pushed(fleet: string, keys: string[], at: number): Promise<void> {
+/** Gateway ids of the two gateways that share the fleet name plant-7 (the docs allow it), in push order. */
+let plant7: string[] = [];
+/** Each gateway's operator actions, pushed beside its episodes: their times (ms after NOW - 100 s). */
+const PLANT7_AUDIT = [
+  [10, 40, 50],
+  [20, 40], // its seq 2 at the same millisecond as the other's seq 2
+];
+
+/**
+ * A synthetic gateway with `keys` agents of type t and 5 episodes each (started at the same times on
+ * every gateway), and an operator action at each of `audit`'s times, pushed as `fleet` at `at`.
+ */
+async function pushed(fleet: string, keys: string[], at: number, audit: number[] = []): Promise<string> {
   const dir = mkdtempSync(join(tmpdir(), "fleet-central-view-"));
   dirs.push(dir);
   const f = await SyntheticFleet.create(dir, { types: [{ name: "t", keys }], keep: 0, episodesDays: 30, dedupDays: 7 });
   await enableReplication(f.store, sqld.url);
   await f.commit(keys.length * 5, NOW - 600_000, 1000);
+  for (const ms of audit)
+    await appendAudit(f.store, {
+      at: NOW - 100_000 + ms,
+      actor: "ops",
+      action: "agent.pause",
+      target: "t/x",
+      status: 200,
+      detail: null,
+    });
   const spec = { url: sqld.url, auth_token_env: null, interval_ms: 50, batch_rows: 500, required: true };
   const r = new Replicator({
     store: f.store,
@@ -53,6 +74,7 @@ async function pushed(fleet: string, keys: string[], at: number): Promise<void> 
   await r.stop();
   gateways.set(fleet, f.store.gatewayId);
   await f.close();
+  return f.store.gatewayId;
 }
 
 beforeAll(async () => {
@@ -62,6 +84,10 @@ beforeAll(async () => {
   await pushed("plant", ["p1", "p2", "p3", "p4"], NOW - 4000);
   await pushed("plant-shard-1-of-3", ["p1", "p2"], NOW - 3000);
   await pushed("plant-shard-2-of-3", ["p3"], NOW - 2000);
+  plant7 = [
+    await pushed("plant-7", ["x"], NOW - 1500, PLANT7_AUDIT[0]),
+    await pushed("plant-7", ["x"], NOW - 1400, PLANT7_AUDIT[1]),
+  ];
   reader = await CentralReader.open(sqld.url);
   server = startCentralServer({ reader, port: 0 });
   northA = (await reader.episodes("t/a", { fleet: "north", limit: 100 })).map((e) => e.id);
@@ -226,6 +252,117 @@ describe("fleet central: the JSON API", () => {
     expect([plant.body.total, plant.body.incomplete]).toEqual([3, gap]);
     expect((await api(`/api/fleets/${gateways.get("north")!}/agents`)).body.incomplete).toEqual([]);
   });
+});
+
+/** Every page of `path` (a `?limit=` query) by next_before: the rows of each, in order, and the cursors handed out. */
+async function pages<R>(path: string, rows: string): Promise<{ seen: R[]; cursors: unknown[] }> {
+  const seen: R[] = [];
+  const cursors: unknown[] = [];
+  let next: unknown = null;
+  for (let page = 0; page < 20; page++) {
+    const r = await api(`${path}${next === null ? "" : `&before=${encodeURIComponent(String(next))}`}`);
+    expect(r.status).toBe(200);
+    seen.push(...(r.body[rows] as R[]));
+    next = r.body.next_before ?? null;
+    if (next === null) return { seen, cursors };
+    cursors.push(next);
+  }
+  throw new Error(`${path}: more than 20 pages`);
+}
+
+/** A record as these tests tell them apart: which gateway's which seq. */
+const place = (r: { gateway: string; seq: number }) => `${r.gateway}#${r.seq}`;
+
+describe("paging a read of several gateways (two gateways named plant-7)", () => {
+  test("audit: each page size walks every record once, newest first; a SEQ still pages one gateway", async () => {
+    const all = (await api("/api/fleets/plant-7/audit?limit=100")).body.records as {
+      gateway: string;
+      seq: number;
+      at: number;
+    }[];
+    const want = plant7.flatMap((gw, i) => PLANT7_AUDIT[i]!.map((_, s) => `${gw}#${s + 1}`));
+    expect(all.map(place).sort()).toEqual(want.sort());
+    expect(all.map((r) => r.at)).toEqual(all.map((r) => r.at).sort((a, b) => b - a));
+    for (const limit of [1, 2, 3, 4]) {
+      const { seen, cursors } = await pages<{ gateway: string; seq: number }>(
+        `/api/fleets/plant-7/audit?limit=${limit}`,
+        "records",
+      );
+      expect({ limit, seen: seen.map(place) }).toEqual({ limit, seen: all.map(place) });
+      for (const c of cursors) expect(typeof c).toBe("string");
+    }
+    // Every fleet at once pages the same way.
+    const everyFleet = (await pages<{ gateway: string; seq: number }>("/api/audit?limit=2", "records")).seen;
+    expect(everyFleet.map(place)).toEqual(all.map(place));
+    // One gateway: its log in seq order, paged by a plain SEQ as before.
+    const one = await pages<{ seq: number }>(`/api/fleets/${plant7[0]}/audit?limit=2`, "records");
+    expect([one.seen.map((r) => r.seq), one.cursors]).toEqual([[3, 2, 1], [2]]);
+    // A SEQ on a read of both is refused, saying why and what to do.
+    const refused = await api("/api/fleets/plant-7/audit?limit=2&before=2");
+    expect([refused.status, (refused.body.error as { code: string }).code]).toEqual([400, "bad_query"]);
+    expect((refused.body.error as { message: string }).message).toContain('"plant-7" covers 2 gateways');
+    expect((await api("/api/fleets/plant-7/audit?before=12:x")).status).toBe(400);
+  });
+
+  test("episodes that start in the same millisecond on both gateways are all paged; a plain MS bounds", async () => {
+    const all = (await api("/api/fleets/plant-7/agents/t/x/episodes?limit=100")).body.episodes as {
+      id: string;
+      gateway: string;
+      startedAt: number;
+    }[];
+    expect(all).toHaveLength(10);
+    const key = (e: { id: string; gateway: string }) => `${e.gateway}/${e.id}`;
+    expect(new Set(all.map(key)).size).toBe(10);
+    for (const limit of [1, 2, 3]) {
+      const { seen } = await pages<{ id: string; gateway: string }>(
+        `/api/fleets/plant-7/agents/t/x/episodes?limit=${limit}`,
+        "episodes",
+      );
+      expect({ limit, seen: seen.map(key) }).toEqual({ limit, seen: all.map(key) });
+    }
+    const bound = all[4]!.startedAt; // the third start time: two episodes on each gateway started before it
+    const older = (await api(`/api/fleets/plant-7/agents/t/x/episodes?before=${bound}`)).body.episodes as {
+      startedAt: number;
+    }[];
+    expect(older.map((e) => e.startedAt)).toEqual(all.filter((e) => e.startedAt < bound).map((e) => e.startedAt));
+    expect(older).toHaveLength(4);
+    // One gateway pages by start time, as before.
+    const one = await api(`/api/fleets/${plant7[1]}/agents/t/x/episodes?limit=2`);
+    expect(typeof one.body.next_before).toBe("number");
+  });
+
+  test("fleet audit|episodes --central --fleet plant-7 page on with the --before a full page ends with", async () => {
+    const walk = async (args: string[], rows: string) => {
+      const seen: string[] = [];
+      let before: string[] = [];
+      for (let page = 0; page < 10; page++) {
+        const r = await central(...args, "--fleet", "plant-7", "--limit", "2", "--json", ...before);
+        expect(r.code).toBe(0);
+        const out = r.json as Record<string, unknown>;
+        seen.push(
+          ...(out[rows] as { gateway: string; seq?: number; id?: string }[]).map(
+            (x) => `${x.gateway}#${x.seq ?? x.id}`,
+          ),
+        );
+        if (out.next_before === null) return seen;
+        before = ["--before", String(out.next_before)];
+      }
+      throw new Error("more than 10 pages");
+    };
+    const audit = await walk(["audit"], "records");
+    expect(audit).toEqual(
+      ((await api("/api/fleets/plant-7/audit")).body.records as { gateway: string; seq: number }[]).map(place),
+    );
+    expect(audit).toHaveLength(5);
+    expect(await walk(["episodes", "t/x"], "episodes")).toHaveLength(10);
+    const human = await central("audit", "--fleet", "plant-7", "--limit", "2");
+    expect(human.stdout).toMatch(/more: --before \d+:\S+:\d+/);
+    const refused = await central("audit", "--fleet", "plant-7", "--limit", "2", "--before", "2");
+    expect(refused.code).toBe(2);
+    expect(refused.stderr).toContain('"plant-7" covers 2 gateways');
+    const one = await central("audit", "--fleet", plant7[0]!, "--limit", "2", "--before", "2", "--json");
+    expect((one.json as { records: { seq: number }[] }).records.map((r) => r.seq)).toEqual([1]);
+  }, 120_000);
 });
 
 describe("fleet central: where it listens", () => {

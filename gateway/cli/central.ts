@@ -13,6 +13,10 @@ import {
   describeGap,
   type LayoutGap,
   layoutGaps,
+  parseAuditCursor,
+  parseBefore,
+  parseEpisodeCursor,
+  seqBeforeRefusal,
   startCentralServer,
 } from "../replication/index.ts";
 import { loadSpec } from "../spec/index.ts";
@@ -130,21 +134,28 @@ export function cmdCentralAgents(cli: Cli): Promise<number> {
   });
 }
 
-/** `fleet episodes <type/key> --central URL [--fleet F] [--limit N] [--before MS]`: newest first, paged. */
+/**
+ * `--before`: a plain integer from `min` (a SEQ or MS) or the cursor a full page ended with
+ * (cursor.ts); a bad one is exit 2, before anything is asked of the center.
+ */
+function beforeArg<K>(raw: string | undefined, min: number, parse: (text: string) => K | null): number | K | undefined {
+  if (raw === undefined) return undefined;
+  const v = parseBefore(raw, { name: "--before", min }, parse);
+  if (!v.ok) throw new UsageError(v.message);
+  return v.value;
+}
+
+/** `fleet episodes <type/key> --central URL [--fleet F] [--limit N] [--before MS|CURSOR]`: newest first, paged. */
 export function cmdCentralEpisodes(cli: Cli, agent: string | undefined): Promise<number> {
   if (!agent || !parseAgentId(agent)) throw new UsageError("episodes needs an agent <type>/<key>");
   const { flags } = cli;
   const limit = intArg("--limit", flags.limit, 50, { min: 1, max: 100_000 });
-  const before = intArg("--before", flags.before, undefined, { min: 0 });
+  const before = beforeArg(flags.before, 0, parseEpisodeCursor);
   return withCentral(cli, async (c) => {
-    const rows = (await c.episodes(agent, { fleet: flags.fleet, limit, before })).map((e) => ({
-      fleet: e.fleet,
-      gateway: e.gateway,
-      ...episodeView(e),
-    }));
-    const last = rows.at(-1);
+    const page = await c.episodesPage(agent, { fleet: flags.fleet, limit, before });
+    const rows = page.episodes.map((e) => ({ fleet: e.fleet, gateway: e.gateway, ...episodeView(e) }));
     // A full page ends with where the next one starts, as the local `episodes` says it.
-    const nextBefore = rows.length === limit && last ? last.started_at : null;
+    const nextBefore = page.nextBefore;
     const { gaps, lines } = await gapsOf(c, flags.fleet);
     cli.print({ agent, episodes: rows, next_before: nextBefore, incomplete: gaps }, () =>
       [
@@ -190,21 +201,32 @@ export function cmdCentralShow(cli: Cli, id: string | undefined): Promise<number
   });
 }
 
-/** `fleet audit --central URL [--fleet F] [--limit N] [--before SEQ]`: every fleet's operator actions, newest first. */
+/**
+ * `fleet audit --central URL [--fleet F] [--limit N] [--before SEQ|CURSOR]`: every fleet's operator actions,
+ * newest first. A SEQ pages a read of one gateway; a read across gateways pages with the cursor a full page
+ * ends with (`more: --before …`).
+ */
 export function cmdCentralAudit(cli: Cli): Promise<number> {
   const { flags } = cli;
   const limit = intArg("--limit", flags.limit, 50, { min: 1, max: 100_000 });
-  const before = intArg("--before", flags.before, undefined, { min: 1 });
-  if (before !== undefined && !flags.fleet) throw new UsageError("--before pages within one fleet: add --fleet");
+  const before = beforeArg(flags.before, 1, parseAuditCursor);
   return withCentral(cli, async (c) => {
-    const rows = await c.audit({ fleet: flags.fleet, limit, before });
-    const records = rows.map(centralAuditView);
-    const last = rows.at(-1);
-    cli.print({ records, next_before: flags.fleet && rows.length === limit && last ? last.seq : null }, () =>
-      table(
-        records.map((r) => ({ ...r, when: when(r.at) })),
-        ["fleet", "seq", "when", "actor", "action", "target", "status", "detail"],
-      ),
+    const refused = typeof before === "number" ? seqBeforeRefusal(await c.gateways(), flags.fleet) : null;
+    if (refused !== null)
+      throw new UsageError(
+        `--before SEQ: ${refused}: page on with the --before a full page ends with (more: --before …), ` +
+          "or pass a gateway id to --fleet",
+      );
+    const page = await c.auditPage({ fleet: flags.fleet, limit, before });
+    const records = page.records.map(centralAuditView);
+    cli.print({ records, next_before: page.nextBefore }, () =>
+      [
+        table(
+          records.map((r) => ({ ...r, when: when(r.at) })),
+          ["fleet", "seq", "when", "actor", "action", "target", "status", "detail"],
+        ),
+        ...(page.nextBefore === null ? [] : [`more: --before ${page.nextBefore}`]),
+      ].join("\n"),
     );
     return 0;
   });

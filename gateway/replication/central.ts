@@ -7,6 +7,7 @@ import { createClient, type Client, type InArgs, type InValue, type Row } from "
 import type { ChainSource } from "../ops/index.ts";
 import type { AgentRow, AuditRow, CheckpointRow, EpisodeRow, EventRow } from "../store/index.ts";
 import { checkNotNewer, schemaVersion } from "../store/index.ts";
+import { type AuditKey, auditCursor, type EpisodeKey, episodeCursor } from "./cursor.ts";
 import { supersededKey } from "./identity.ts";
 import { classifyError, redactUrl } from "./replicator.ts";
 import { CENTRAL_SCHEMA_VERSION, REPLICATED } from "./tables.ts";
@@ -146,6 +147,17 @@ export function describeGap(g: LayoutGap): string {
   );
 }
 
+/**
+ * Why an operator action's SEQ cannot page a read of `fleet` (of every fleet without it), or null
+ * when it can: a SEQ is a place in one gateway's log, and each gateway numbers its actions from 1.
+ */
+export function seqBeforeRefusal(all: readonly CentralGateway[], fleet?: string): string | null {
+  const n = gatewaysFor(all, fleet).length;
+  if (n <= 1) return null;
+  const read = fleet === undefined ? "every fleet" : `"${fleet.slice(0, 200)}"`;
+  return `a SEQ pages within one gateway, and ${read} covers ${n} gateways, each numbering its operator actions from 1`;
+}
+
 /** Why an episode could not be found by id or prefix (the local `fleet show`'s outcomes). */
 export type EpisodeMiss = { readonly code: "not_found" | "ambiguous"; readonly message: string };
 
@@ -190,6 +202,9 @@ const GATEWAY_COLS = [
   "schema_version",
 ];
 
+/** The operator actions after a place in a read across gateways, newest first (cursor.ts's AuditKey). */
+const AUDIT_KEY_BEFORE = "(at, gateway, seq) < (?, ?, ?)";
+
 /** Most rows one page asks for; a page sqld refuses as too large is asked again with half as many. */
 export const PAGE_ROWS = 1000;
 
@@ -199,6 +214,16 @@ const tooLarge = (err: unknown): boolean =>
 
 /** One page of a keyset walk: the rows after `after` (null: from the start), at most `limit`. */
 type PageQuery<C> = (after: C | null, limit: number) => { sql: string; args: InValue[] };
+
+/**
+ * The gateways a read covers: how many, and the condition on `gateway` that keeps to them (with its
+ * arguments), null when the read covers every gateway the center has.
+ */
+interface Scope {
+  readonly gateways: number;
+  readonly cond: string | null;
+  readonly args: readonly string[];
+}
 
 /** Read access to a central libSQL server. */
 export class CentralReader {
@@ -241,10 +266,16 @@ export class CentralReader {
    * Every row of a query, read in bounded pages (a 100,000-episode fleet does not fit in one
    * sqld response): `page` builds the statement for the rows after a cursor, `cursor` takes a
    * row's. A page refused as RESPONSE_TOO_LARGE is asked again with half as many rows (down
-   * to one), so rows of any size come through. Stops after `max` rows.
+   * to one), so rows of any size come through. Stops after `max` rows. Starts after `from` (a
+   * cursor a caller handed back), or at the start.
    */
-  async *walk<C>(page: PageQuery<C>, cursor: (r: Row) => C, max = Number.POSITIVE_INFINITY): AsyncGenerator<Row> {
-    let after: C | null = null;
+  async *walk<C>(
+    page: PageQuery<C>,
+    cursor: (r: Row) => C,
+    max = Number.POSITIVE_INFINITY,
+    from: C | null = null,
+  ): AsyncGenerator<Row> {
+    let after = from;
     let limit = PAGE_ROWS;
     for (let left = max; left > 0; ) {
       const want = Math.min(limit, left);
@@ -266,9 +297,9 @@ export class CentralReader {
   }
 
   /** `walk`, collected. */
-  private async collect<C>(page: PageQuery<C>, cursor: (r: Row) => C, max?: number): Promise<Row[]> {
+  private async collect<C>(page: PageQuery<C>, cursor: (r: Row) => C, max?: number, from?: C | null): Promise<Row[]> {
     const out: Row[] = [];
-    for await (const r of this.walk(page, cursor, max)) out.push(r);
+    for await (const r of this.walk(page, cursor, max, from)) out.push(r);
     return out;
   }
 
@@ -320,15 +351,12 @@ export class CentralReader {
     };
   }
 
-  /**
-   * The condition a read of `fleet` (or of everything) puts on `gateway`: the gateway ids it
-   * covers as a JSON list, or null when it covers every gateway the center has.
-   */
-  private async scope(fleet?: string): Promise<{ cond: string; arg: string } | null> {
+  /** What a read of `fleet` (or of everything) covers: see `Scope`. */
+  private async scope(fleet?: string): Promise<Scope> {
     const all = await this.gateways();
     const ids = gatewaysFor(all, fleet).map((g) => g.gateway);
-    if (!fleet && ids.length === all.length) return null;
-    return { cond: "gateway IN (SELECT value FROM json_each(?))", arg: JSON.stringify(ids) };
+    if (!fleet && ids.length === all.length) return { gateways: ids.length, cond: null, args: [] };
+    return { gateways: ids.length, cond: "gateway IN (SELECT value FROM json_each(?))", args: [JSON.stringify(ids)] };
   }
 
   /** Agents of every fleet (or one), paged. */
@@ -342,7 +370,7 @@ export class CentralReader {
       args.push(...values);
     };
     const scope = await this.scope(f.fleet);
-    if (scope) where_(scope.cond, scope.arg);
+    if (scope.cond) where_(scope.cond, ...scope.args);
     if (f.type) where_("type = ?", f.type);
     if (f.status) where_("status = ?", f.status);
     const where = conds.length ? `WHERE ${conds.join(" AND ")}` : "";
@@ -361,27 +389,47 @@ export class CentralReader {
     return { rows: rows.map((r) => shape<AgentRow & Origin>(r, AGENT_COLS)), total };
   }
 
-  /** One agent's episodes (in every fleet that has that agent id, or one), newest first, in pages. */
+  /** One agent's episodes (in every fleet that has that agent id, or one), newest first: `episodesPage`'s rows. */
   async episodes(
     agent: string,
-    f: { fleet?: string; limit?: number; before?: number } = {},
+    f: { fleet?: string; limit?: number; before?: number | EpisodeKey } = {},
   ): Promise<(EpisodeRow & Origin)[]> {
+    return (await this.episodesPage(agent, f)).episodes;
+  }
+
+  /**
+   * One agent's episodes (in every fleet that has that agent id, or one), newest first, and where the
+   * next page starts (null after a page that is not full). A plain `before` (ms) keeps to episodes that
+   * started earlier, on any read. A read of one gateway pages on by start time, as the local `episodes`
+   * does; a read across gateways by the last episode's whole key (cursor.ts), since episodes of two
+   * gateways may start in the same millisecond and a start time would skip the one not yet shown.
+   */
+  async episodesPage(
+    agent: string,
+    f: { fleet?: string; limit?: number; before?: number | EpisodeKey } = {},
+  ): Promise<{ episodes: (EpisodeRow & Origin)[]; nextBefore: number | string | null }> {
     // A resharded agent's episodes are at its old and its new gateway: only the current ones are read.
     const scope = await this.scope(f.fleet);
-    // `before` (a start time, ms) pages on from the last page's oldest, as the local `episodes` does.
-    const before = f.before === undefined ? [] : [f.before];
+    const limit = f.limit ?? 50;
+    const before = typeof f.before === "number" ? [f.before] : [];
+    const from = typeof f.before === "object" ? [f.before.startedAt, f.before.id, f.before.gateway] : null;
     const rows = await this.collect<InValue[]>(
       (after, limit) => ({
         sql: `SELECT ${EPISODE_COLS.join(", ")} FROM episodes
-          WHERE agent = ? ${scope ? `AND ${scope.cond}` : ""} ${before.length ? "AND started_at < ?" : ""}
+          WHERE agent = ? ${scope.cond ? `AND ${scope.cond}` : ""} ${before.length ? "AND started_at < ?" : ""}
             ${after ? "AND (started_at, id, gateway) < (?, ?, ?)" : ""}
           ORDER BY started_at DESC, id DESC, gateway DESC LIMIT ?`,
-        args: [agent, ...(scope ? [scope.arg] : []), ...before, ...(after ?? []), limit],
+        args: [agent, ...scope.args, ...before, ...(after ?? []), limit],
       }),
       (r) => [r.started_at, r.id, r.gateway] as InValue[],
-      f.limit ?? 50,
+      limit,
+      from,
     );
-    return rows.map((r) => shape<EpisodeRow & Origin>(r, EPISODE_COLS));
+    const episodes = rows.map((r) => shape<EpisodeRow & Origin>(r, EPISODE_COLS));
+    const last = episodes.at(-1);
+    if (episodes.length < limit || !last) return { episodes, nextBefore: null };
+    const keyed = scope.gateways > 1 || from !== null;
+    return { episodes, nextBefore: keyed ? episodeCursor(last) : last.startedAt };
   }
 
   /**
@@ -436,37 +484,60 @@ export class CentralReader {
     return { episode, events: events.map((r) => shape<EventRow>(r, EVENT_COLS)) };
   }
 
+  /** Operator actions (the gateways' audit logs), newest first: `auditPage`'s records. */
+  async audit(f: { fleet?: string; limit?: number; before?: number | AuditKey } = {}): Promise<(AuditRow & Origin)[]> {
+    return (await this.auditPage(f)).records;
+  }
+
   /**
-   * Operator actions (the gateways' audit logs), newest first: of one fleet or gateway, or of
-   * all. `before` (an audit seq) pages on within one gateway, so it needs `fleet` to name one.
+   * Operator actions (the gateways' audit logs) of one fleet or gateway, or of all, newest first, and
+   * where the next page starts (null after a page that is not full). A read of one gateway is its log
+   * in seq order, paged on by seq (`before` a SEQ), as the gateway's own `fleet audit` is. A read across
+   * gateways is in (at, gateway, seq) order, paged on by the last record's whole key (cursor.ts): each
+   * gateway numbers its actions from 1, so a SEQ is no place in it (`seqBeforeRefusal`).
    */
-  async audit(f: { fleet?: string; limit?: number; before?: number } = {}): Promise<(AuditRow & Origin)[]> {
-    if (this.version < 2) return []; // written before operator actions replicated
-    const conds: string[] = [];
-    const args: (string | number)[] = [];
+  async auditPage(
+    f: { fleet?: string; limit?: number; before?: number | AuditKey } = {},
+  ): Promise<{ records: (AuditRow & Origin)[]; nextBefore: number | string | null }> {
+    if (this.version < 2) return { records: [], nextBefore: null }; // written before operator actions replicated
     const scope = await this.scope(f.fleet);
-    if (scope) {
-      conds.push(scope.cond);
-      args.push(scope.arg);
+    const limit = f.limit ?? 50;
+    const where = (...conds: string[]) => {
+      const all = [...(scope.cond ? [scope.cond] : []), ...conds];
+      return all.length ? `WHERE ${all.join(" AND ")}` : "";
+    };
+    const bySeq = scope.gateways <= 1 && typeof f.before !== "object";
+    let rows: Row[];
+    if (bySeq) {
+      rows = await this.collect<number>(
+        (after, limit) => ({
+          sql: `SELECT ${AUDIT_COLS.join(", ")} FROM audit ${where(...(after === null ? [] : ["seq < ?"]))}
+            ORDER BY seq DESC LIMIT ?`,
+          args: [...scope.args, ...(after === null ? [] : [after]), limit],
+        }),
+        (r) => Number(r.seq),
+        limit,
+        typeof f.before === "number" ? f.before : null,
+      );
+    } else {
+      if (typeof f.before === "number")
+        throw new CentralError("an audit SEQ pages within one gateway; this read covers several (seqBeforeRefusal)");
+      const from = f.before ? [f.before.at, f.before.gateway, f.before.seq] : null;
+      rows = await this.collect<InValue[]>(
+        (after, limit) => ({
+          sql: `SELECT ${AUDIT_COLS.join(", ")} FROM audit ${where(...(after ? [AUDIT_KEY_BEFORE] : []))}
+            ORDER BY at DESC, gateway DESC, seq DESC LIMIT ?`,
+          args: [...scope.args, ...(after ?? []), limit],
+        }),
+        (r) => [r.at, r.gateway, r.seq] as InValue[],
+        limit,
+        from,
+      );
     }
-    if (f.before !== undefined) {
-      conds.push("seq < ?");
-      args.push(f.before);
-    }
-    const rows = await this.collect<InValue[]>(
-      (after, limit) => {
-        const all = after ? [...conds, "(at < ? OR (at = ? AND (gateway > ? OR (gateway = ? AND seq < ?))))"] : conds;
-        const [at, gateway, seq] = after ?? [];
-        return {
-          sql: `SELECT ${AUDIT_COLS.join(", ")} FROM audit ${all.length ? `WHERE ${all.join(" AND ")}` : ""}
-            ORDER BY at DESC, gateway, seq DESC LIMIT ?`,
-          args: [...args, ...(after ? [at!, at!, gateway!, gateway!, seq!] : []), limit],
-        };
-      },
-      (r) => [r.at, r.gateway, r.seq] as InValue[],
-      f.limit ?? 50,
-    );
-    return rows.map((r) => shape<AuditRow & Origin>(r, AUDIT_COLS));
+    const records = rows.map((r) => shape<AuditRow & Origin>(r, AUDIT_COLS));
+    const last = records.at(-1);
+    if (records.length < limit || !last) return { records, nextBefore: null };
+    return { records, nextBefore: bySeq ? last.seq : auditCursor(last) };
   }
 
   /** Per gateway: agents by status, episodes and failures in the last hour, today's budget burn. */

@@ -4,4 +4,5 @@ export { BatchReader } from "./reader.ts";
 export * from "./identity.ts";
 export * from "./replicator.ts";
 export * from "./central.ts";
+export * from "./cursor.ts";
 export * from "./server.ts";

@@ -6,7 +6,8 @@
  */
 import { parseOptionalInt } from "../parse.ts";
 import { shownStatus } from "../types.ts";
-import { type CentralReader, CentralError, gatewaysFor, layoutGaps } from "./central.ts";
+import { type CentralReader, CentralError, gatewaysFor, layoutGaps, seqBeforeRefusal } from "./central.ts";
+import { parseAuditCursor, parseBefore, parseEpisodeCursor } from "./cursor.ts";
 import { DASHBOARD_HTML } from "./dashboard.ts";
 import { type AuditRow, auditView } from "../store/index.ts";
 import type { Origin } from "./central.ts";
@@ -107,6 +108,21 @@ function intParam(q: URLSearchParams, name: string, dflt: number, min: number, m
   return v.ok ? v.value : problem(400, "bad_query", v.message);
 }
 
+/**
+ * `before`: a plain integer from `min` (a SEQ or MS) or a cursor `parse` reads (cursor.ts); undefined
+ * when absent or empty, a 400 naming it when neither.
+ */
+function beforeParam<K>(
+  q: URLSearchParams,
+  min: number,
+  parse: (text: string) => K | null,
+): number | K | undefined | Response {
+  const raw = q.get("before");
+  if (raw === null || raw === "") return undefined;
+  const v = parseBefore(raw, { name: "before", min }, parse);
+  return v.ok ? v.value : problem(400, "bad_query", v.message);
+}
+
 async function route(reader: CentralReader, url: URL, now: number): Promise<Response> {
   const parts = segments(url.pathname); // ["api", ...]
   if (!parts)
@@ -141,27 +157,31 @@ async function route(reader: CentralReader, url: URL, now: number): Promise<Resp
     const agents = r.rows.map((a) => ({ ...a, status: shownStatus(a.status) }));
     return json({ agents, total: r.total, incomplete: layoutGaps(all, fleet) });
   }
-  // /api/fleets/<gateway>/agents/<type>/<key>/episodes?limit=&before=MS: newest first; next_before pages on
+  // /api/fleets/<gateway>/agents/<type>/<key>/episodes?limit=&before=MS|CURSOR: newest first; next_before pages on
   if (parts.length === 7 && parts[1] === "fleets" && parts[3] === "agents" && parts[6] === "episodes") {
-    const before = intParam(q, "before", Number.MAX_SAFE_INTEGER, 0, Number.MAX_SAFE_INTEGER);
+    const before = beforeParam(q, 0, parseEpisodeCursor);
     if (before instanceof Response) return before;
     const agent = `${parts[4]}/${parts[5]}`;
-    const episodes = await reader.episodes(agent, { fleet, limit, before });
-    const last = episodes.at(-1);
-    return json({ agent, episodes, next_before: episodes.length === limit && last ? last.startedAt : null });
+    const page = await reader.episodesPage(agent, { fleet, limit, before });
+    return json({ agent, episodes: page.episodes, next_before: page.nextBefore });
   }
-  // /api/audit and /api/fleets/<gateway>/audit: operator actions, newest first
+  // /api/audit and /api/fleets/<gateway>/audit?limit=&before=SEQ|CURSOR: operator actions, newest first
   if (
     (parts.length === 2 && parts[1] === "audit") ||
     (parts.length === 4 && parts[1] === "fleets" && parts[3] === "audit")
   ) {
-    if (q.has("before") && parts.length === 2)
-      return problem(400, "bad_query", "before pages within one fleet: use /api/fleets/<gateway>/audit");
-    const before = q.has("before") ? intParam(q, "before", 0, 1, Number.MAX_SAFE_INTEGER) : undefined;
+    const before = beforeParam(q, 1, parseAuditCursor);
     if (before instanceof Response) return before;
-    const records = (await reader.audit({ fleet, limit, before })).map(centralAuditView);
-    const last = records.at(-1);
-    return json({ records, next_before: parts.length === 4 && records.length === limit && last ? last.seq : null });
+    const refused = typeof before === "number" ? seqBeforeRefusal(all, fleet) : null;
+    if (refused !== null)
+      return problem(
+        400,
+        "bad_query",
+        `before=SEQ: ${refused}; pass the next_before a full page returned, ` +
+          "or read one gateway (/api/fleets/<gateway id>/audit)",
+      );
+    const page = await reader.auditPage({ fleet, limit, before });
+    return json({ records: page.records.map(centralAuditView), next_before: page.nextBefore });
   }
   // /api/episodes/<id or unique prefix>
   if (parts.length === 3 && parts[1] === "episodes") {
