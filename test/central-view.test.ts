@@ -5,7 +5,8 @@
  * episodes page with --before, an episode is found by a unique prefix, API errors carry a code,
  * and a resharded fleet whose newest layout has a shard that never reported says so.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -23,6 +24,9 @@ import { appendAudit } from "../gateway/store/index.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
 import { runCli } from "./helpers/gateway.ts";
 import { Sqld } from "./helpers/sqld.ts";
+
+// The command-line tests start the CLI several times each: seconds apiece on a busy 2-core machine.
+setDefaultTimeout(60_000);
 
 const quiet = pino({ level: "silent" });
 const NOW = Date.now();
@@ -373,6 +377,38 @@ describe("fleet central: where it listens", () => {
       expect(isLoopback(h)).toBe(false);
     expect(serverUrl("::1", 58101)).toBe("http://[::1]:58101");
     expect(serverUrl("127.0.0.1", 8090)).toBe("http://127.0.0.1:8090");
+  });
+
+  test("with a token: the page loads without one, with its security headers; every /api call needs it", async () => {
+    const s = startCentralServer({ reader, port: 0, token: "s3cret" });
+    try {
+      const page = await fetch(`${s.url}/`);
+      expect(page.status).toBe(200);
+      expect(page.headers.get("x-frame-options")).toBe("DENY");
+      expect(page.headers.get("x-content-type-options")).toBe("nosniff");
+      expect(page.headers.get("cache-control")).toBe("no-store");
+      const csp = page.headers.get("content-security-policy") ?? "";
+      for (const d of ["default-src 'none'", "connect-src 'self'", "form-action 'none'", "frame-ancestors 'none'"])
+        expect(csp).toContain(d);
+      expect(csp).not.toContain("unsafe");
+      // Only the page's own inline style and script may run: the CSP names them by their hashes.
+      const html = await page.text();
+      const hash = (tag: string) => {
+        const text = new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`).exec(html)![1]!;
+        return `'sha256-${createHash("sha256").update(text).digest("base64")}'`;
+      };
+      expect(csp).toContain(`script-src ${hash("script")};`);
+      expect(csp).toContain(`style-src ${hash("style")};`);
+      const call = async (authorization?: string) => {
+        const res = await fetch(`${s.url}/api/fleets`, { headers: authorization ? { authorization } : {} });
+        return [res.status, res.status === 401 ? ((await res.json()) as { error: unknown }).error : null];
+      };
+      expect(await call()).toEqual([401, { code: "unauthorized", message: "bearer token required" }]);
+      expect(await call("Bearer wrong")).toEqual([401, { code: "unauthorized", message: "bearer token refused" }]);
+      expect(await call("Bearer s3cret")).toEqual([200, null]);
+    } finally {
+      s.stop();
+    }
   });
 
   test("--host 127.0.0.2 serves without a token; off loopback it needs one", async () => {

@@ -8,7 +8,7 @@ import { parseOptionalInt } from "../parse.ts";
 import { shownStatus } from "../types.ts";
 import { type CentralReader, CentralError, gatewaysFor, layoutGaps, seqBeforeRefusal } from "./central.ts";
 import { parseAuditCursor, parseBefore, parseEpisodeCursor } from "./cursor.ts";
-import { DASHBOARD_HTML } from "./dashboard.ts";
+import { DASHBOARD_HEADERS, DASHBOARD_HTML } from "./dashboard.ts";
 import { type AuditRow, auditView } from "../store/index.ts";
 import type { Origin } from "./central.ts";
 
@@ -73,11 +73,12 @@ export function startCentralServer(opts: CentralServerOptions): CentralServer {
       if (req.method !== "GET" && req.method !== "HEAD")
         return problem(405, "method_not_allowed", "the central view is read-only");
       if (url.pathname === "/healthz") return new Response("ok\n");
-      if (url.pathname === "/")
-        return new Response(DASHBOARD_HTML, { headers: { "content-type": "text/html; charset=utf-8" } });
+      // The page needs no token: it asks for one when an /api call answers 401 (dashboard.ts).
+      if (url.pathname === "/") return new Response(DASHBOARD_HTML, { headers: DASHBOARD_HEADERS });
       if (!url.pathname.startsWith("/api/")) return problem(404, "not_found", `no route ${url.pathname}`);
-      if (token && req.headers.get("authorization") !== `Bearer ${token}`)
-        return problem(401, "unauthorized", "bearer token required");
+      const auth = req.headers.get("authorization");
+      if (token && auth !== `Bearer ${token}`)
+        return problem(401, "unauthorized", auth === null ? "bearer token required" : "bearer token refused");
       try {
         return await route(reader, url, now());
       } catch (err) {
