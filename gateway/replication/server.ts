@@ -4,6 +4,7 @@
  * Only GET; it binds 127.0.0.1 unless told otherwise, and a non-loopback host needs a
  * bearer token (env FLEET_CENTRAL_API_TOKEN) that every /api request must carry.
  */
+import { createHash, timingSafeEqual } from "node:crypto";
 import { parseOptionalInt } from "../parse.ts";
 import { shownStatus } from "../types.ts";
 import { type CentralReader, CentralError, gatewaysFor, layoutGaps, seqBeforeRefusal } from "./central.ts";
@@ -54,6 +55,13 @@ const json = (body: unknown, status = 200) =>
 /** Errors are `{"error": {"code", "message"}}`, as the gateway's API words them (docs/http-api.md). */
 const problem = (status: number, code: string, message: string) => json({ error: { code, message } }, status);
 
+/** Whether an Authorization header carries `token`, compared in constant time (digests of equal length). */
+function sameToken(auth: string | null, token: string): boolean {
+  if (auth === null) return false;
+  const digest = (s: string) => createHash("sha256").update(s).digest();
+  return timingSafeEqual(digest(auth), digest(`Bearer ${token}`));
+}
+
 /** Start serving; throws CentralError when a non-loopback host has no token. */
 export function startCentralServer(opts: CentralServerOptions): CentralServer {
   const host = opts.host ?? "127.0.0.1";
@@ -77,7 +85,7 @@ export function startCentralServer(opts: CentralServerOptions): CentralServer {
       if (url.pathname === "/") return new Response(DASHBOARD_HTML, { headers: DASHBOARD_HEADERS });
       if (!url.pathname.startsWith("/api/")) return problem(404, "not_found", `no route ${url.pathname}`);
       const auth = req.headers.get("authorization");
-      if (token && auth !== `Bearer ${token}`)
+      if (token && !sameToken(auth, token))
         return problem(401, "unauthorized", auth === null ? "bearer token required" : "bearer token refused");
       try {
         return await route(reader, url, now());
