@@ -28,7 +28,15 @@ import {
   type ReplicationStatus,
 } from "../gateway/replication/index.ts";
 import type { ReplicationSpec } from "../gateway/spec/index.ts";
-import { appendAudit, idOfSql, migrate, Store, wireSql } from "../gateway/store/index.ts";
+import {
+  appendAudit,
+  idOfSql,
+  migrate,
+  Store,
+  SUPERSEDES_META,
+  supersededIds,
+  wireSql,
+} from "../gateway/store/index.ts";
 import { DAY, SyntheticFleet } from "./helpers/ops.ts";
 import { freePort, Sqld } from "./helpers/sqld.ts";
 import { replicationToml } from "./helpers/replication.ts";
@@ -651,6 +659,70 @@ describe("restoring a backup", () => {
     },
     SLOW,
   );
+});
+
+describe("restoring a backup of a restored data dir that never pushed", () => {
+  test(
+    "every id of the chain is superseded at the center by the last one's first push: no old id stays current",
+    async () => {
+      const sqld = await Sqld.start();
+      servers.push(sqld);
+      const db = sqld.client();
+      const f = await synthetic();
+      const first = f.store.gatewayId;
+      await enableReplication(f.store, sqld.url);
+      await f.commit(8, T0, 1000);
+      await replicator(f, spec(sqld.url), () => T0).drain();
+      // Restored once (never started), backed up again, restored again: only the last copy runs.
+      await backupDatabase(f.dbPath, join(f.dir, "one.db"));
+      const middleDir = join(f.dir, "middle");
+      await restoreDatabase(join(f.dir, "one.db"), middleDir, false);
+      await backupDatabase(join(middleDir, "fleet.db"), join(f.dir, "two.db"));
+      const lastDir = join(f.dir, "last");
+      await restoreDatabase(join(f.dir, "two.db"), lastDir, false);
+      const s = await Store.open(join(lastDir, "fleet.db"), { synchronous: "normal" });
+      const middle = await Store.open(join(middleDir, "fleet.db"), { synchronous: "normal" });
+      const between = middle.gatewayId;
+      await middle.close();
+      try {
+        expect(new Set([first, between, s.gatewayId]).size).toBe(3);
+        expect(supersededIds(await s.getMeta(SUPERSEDES_META))).toEqual([first, between]);
+        await enableReplication(s, sqld.url);
+        const r = track(new Replicator({ store: s, spec: spec(sqld.url), fleet: "synthetic", log: quiet }));
+        await r.start();
+        await r.drain();
+        await r.stop();
+        const marks = await db.execute("SELECT key, value FROM meta WHERE key LIKE 'superseded:%' ORDER BY key");
+        expect(marks.rows.map((m) => [String(m[0]), String(m[1])]).sort()).toEqual(
+          [
+            [`superseded:${first}`, s.gatewayId],
+            [`superseded:${between}`, s.gatewayId],
+          ].sort(),
+        );
+        const reader = await CentralReader.open(sqld.url);
+        try {
+          expect((await reader.gateways("synthetic")).map((g) => g.gateway)).toEqual([s.gatewayId]);
+          // Each agent once: the first id's copies are left out of the fleet's reads.
+          const { rows } = await reader.agents({ fleet: "synthetic" });
+          expect(rows.map((a) => [a.id, a.gateway])).toEqual(["t/a", "t/b", "t/c", "t/d"].map((a) => [a, s.gatewayId]));
+        } finally {
+          reader.close();
+        }
+      } finally {
+        await s.close();
+        db.close();
+        await f.close();
+      }
+    },
+    SLOW,
+  );
+
+  test("a data dir restored by an earlier release, which kept one bare id, still supersedes it", () => {
+    const id = "0192f3a4-5b6c-7d8e-9f00-112233445566";
+    expect(supersededIds(id)).toEqual([id]);
+    expect(supersededIds(JSON.stringify([id, "b"]))).toEqual([id, "b"]);
+    expect(supersededIds(null)).toEqual([]);
+  });
 });
 
 describe("what the center and fleet status are told after a push", () => {

@@ -20,6 +20,7 @@ import {
   SchemaVersionError,
   SUPERSEDES_META,
   schemaVersion,
+  supersededIds,
 } from "../store/index.ts";
 import type { Store } from "../store/index.ts";
 import { centralStatements, durableHead, readBatch, readEntries, type Batch } from "./batch.ts";
@@ -216,8 +217,8 @@ export class Replicator {
   private queuedSeq = 0;
   private failures = 0;
   private overBacklog = false;
-  /** The gateway id this data dir took over from at a restore (identity.ts), marked superseded at the center. */
-  private supersedes: string | null = null;
+  /** The gateway ids this data dir took over from at restores (identity.ts), marked superseded at the center. */
+  private supersedes: string[] = [];
   /** Writer jobs seen at the last step, and this replicator's own (its confirms) since. */
   private jobsSeen = 0;
   private ownJobs = 0;
@@ -254,7 +255,7 @@ export class Replicator {
     this.lostRows = Number((await store.getMeta("replication.lost_rows")) ?? 0);
     this.confirmedSeq = Number((await store.getMeta("replication.confirmed_seq")) ?? 0);
     this.lastPushAt = Number((await store.getMeta("replication.last_push_at")) ?? 0) || null;
-    this.supersedes = await store.getMeta(SUPERSEDES_META);
+    this.supersedes = supersededIds(await store.getMeta(SUPERSEDES_META));
     await this.refresh();
     this.jobsSeen = store.writer.stats.jobs;
     this.log.info(
@@ -430,13 +431,12 @@ export class Replicator {
         SCHEMA_VERSION,
       ],
     });
-    if (this.supersedes !== null) {
-      // Restored from a backup under a new id: the old id's rows at the center are the lost copy's.
+    // Restored from a backup under a new id: the old ids' rows at the center are the lost copies'.
+    for (const old of this.supersedes)
       stmts.push({
         sql: "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-        args: [supersededKey(this.supersedes), store.gatewayId],
+        args: [supersededKey(old), store.gatewayId],
       });
-    }
     try {
       await this.answered(client.batch(stmts, "write"));
     } catch (err) {
