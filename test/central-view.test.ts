@@ -136,6 +136,24 @@ describe("fleet <read command> --central: the command line", () => {
     }
   });
 
+  test("a --central URL the libSQL client refuses, or one carrying a token, is exit 2 before any read", async () => {
+    const config = ["--config", join(tmpdir(), "no-such-fleet.toml")];
+    for (const [url, says] of [
+      [`${sqld.url}?x=1`, 'query parameter the libSQL client does not take ("x")'],
+      [`${sqld.url}?tls=yes`, "tls parameter that is not 0 or 1"],
+      [`${sqld.url}?authToken=SECRET-JWT`, "must not carry a token as ?authToken="],
+      ["ftp://central", "must be an http://"],
+    ] as const) {
+      const r = await runCli(["agents", "--central", url, ...config]);
+      expect({ url, code: r.code, says: r.stderr.includes(says) }).toEqual({ url, code: 2, says: true });
+      expect(r.stderr).not.toContain("SECRET");
+    }
+    const serve = await runCli(["central", "--url", `${sqld.url}?x=1`, ...config]);
+    expect([serve.code, serve.stderr.includes("--url ")]).toEqual([2, true]);
+    // tls=0, the client's own parameter, is taken.
+    expect((await runCli(["agents", "--central", `${sqld.url}?tls=0`, "--fleet", "north", ...config])).code).toBe(0);
+  });
+
   test("episodes page with --before: a full page ends with `more: --before MS`; the next goes on", async () => {
     expect(northA).toHaveLength(5);
     const seen: string[] = [];

@@ -23,6 +23,7 @@ import {
   prepareCentral,
   REPLICATED,
   readEntries,
+  redactUrl,
   Replicator,
   type ReplicatorOptions,
   type ReplicationStatus,
@@ -722,6 +723,43 @@ describe("restoring a backup of a restored data dir that never pushed", () => {
     expect(supersededIds(id)).toEqual([id]);
     expect(supersededIds(JSON.stringify([id, "b"]))).toEqual([id, "b"]);
     expect(supersededIds(null)).toEqual([]);
+  });
+});
+
+describe("a [replication] url the libSQL client refuses", () => {
+  test(
+    "a push fails as `config` (the center was never asked), not `rejected`; status and logs show no query or " +
+      "userinfo of the URL",
+    async () => {
+      const f = await synthetic();
+      const lines: string[] = [];
+      const log = pino({ level: "info" }, { write: (line: string) => lines.push(line) });
+      // Past spec validation (which refuses both): a token and a parameter the client does not take.
+      const base = `http://127.0.0.1:${await freePort()}`;
+      const url = `${base}/?authToken=SECRET-JWT&x=1`;
+      await f.commit(3, T0, 1000);
+      // The loop's first wait never ends: one push, one failure, then stop.
+      const r = replicator(f, spec(url), () => T0, { log, sleep: () => new Promise<void>(() => {}) });
+      await r.start();
+      for (let i = 0; i < 400 && r.status().last_error === null; i++) await Bun.sleep(25);
+      await r.stop();
+      const status = r.status();
+      expect(status.last_error?.kind).toBe("config");
+      expect(status.last_error?.message).toContain("is not a URL the libSQL client takes");
+      expect(status.errors).toMatchObject({ config: 1, rejected: 0 });
+      expect(status.url).toBe(base);
+      expect(JSON.stringify(status)).not.toContain("SECRET");
+      expect(lines.join("\n")).toContain(`"url":"${base}"`);
+      expect(lines.join("\n")).not.toContain("SECRET");
+      await f.close();
+    },
+    SLOW,
+  );
+
+  test("every display of a central URL drops userinfo, query and fragment", () => {
+    expect(redactUrl("https://alice:pw@central:8080/db?authToken=eyJ.x.y&tls=1#frag")).toBe("https://central:8080/db");
+    expect(redactUrl("libsql://central.example?tls=0")).toBe("libsql://central.example");
+    expect(redactUrl("not a url")).toBe("(invalid URL)");
   });
 });
 

@@ -372,6 +372,20 @@ describe("schema errors name the key path", () => {
       /must not carry credentials .*auth_token_env/,
     ],
     [
+      // @libsql/client would send it as the token; fleet.toml (and so the center's spec_versions) would hold it.
+      "replication URL with a token in its query",
+      '[replication]\nurl = "http://central:8080?authToken=eyJhbGciOiJFZERTQSJ9.e30.sig"\n',
+      "replication.url",
+      /must not carry a token as \?authToken= .*auth_token_env/,
+    ],
+    [
+      "replication URL with a query parameter the libSQL client refuses",
+      '[replication]\nurl = "http://central:8080?x=1"\n',
+      "replication.url",
+      /query parameter the libSQL client does not take \("x"\): only tls=0 or tls=1/,
+    ],
+    ["replication URL with tls=2", '[replication]\nurl = "https://central?tls=2"\n', "replication.url", /not 0 or 1/],
+    [
       "password_env without username",
       '[broker]\nurl = "mqtt://b"\npassword_env = "PW"\n',
       "broker.password_env",
@@ -486,6 +500,13 @@ describe("schema errors name the key path", () => {
       else if (!written.startsWith("[")) expect(written).toStartWith(key);
     });
   }
+
+  test("a replication URL takes tls=0 or tls=1, the libSQL client's one query parameter but the token", async () => {
+    for (const url of ["libsql://central:8080?tls=0", "https://central?tls=1", "http://central:8080"]) {
+      const { spec } = await compileSpec(`[replication]\nurl = "${url}"\n`, FILE);
+      expect(spec.replication?.url).toBe(url);
+    }
+  });
 
   test("http_hosts entries are normalised as the http tool compares them, or refused naming why", async () => {
     const { spec } = await compileSpec(

@@ -19,7 +19,7 @@ import {
   seqBeforeRefusal,
   startCentralServer,
 } from "../replication/index.ts";
-import { loadSpec } from "../spec/index.ts";
+import { centralUrlProblem, displayUrl, loadSpec } from "../spec/index.ts";
 import { parseAgentId } from "../types.ts";
 import { type Cli, intArg, table, UsageError, when } from "./context.ts";
 
@@ -63,6 +63,21 @@ export async function centralToken(
   return { from: null };
 }
 
+/** Where the CLI takes the central server's token from, instead of the URL. */
+const CLI_SECRETS =
+  "(a command line shows in process lists and shell history): export the server's token in " +
+  "FLEET_CENTRAL_TOKEN, or pass --token-env NAME";
+
+/**
+ * `--central URL` (or `fleet central --url URL`) as the libSQL client takes it: a URL it would refuse, or
+ * one carrying a token, is a bad command line (exit 2) before anything is read or connected.
+ */
+export function checkCentralUrl(flag: string, url: string): string {
+  const problem = centralUrlProblem(url, CLI_SECRETS);
+  if (problem !== null) throw new UsageError(`${flag} ${URL.canParse(url) ? displayUrl(url) : "URL"} ${problem}`);
+  return url;
+}
+
 /** Open the central database at `url` with the token `centralToken` finds; says which token was refused. */
 export async function openCentral(cli: Pick<Cli, "flags" | "configPath">, url: string): Promise<CentralReader> {
   const { token, from } = await centralToken(cli);
@@ -84,7 +99,7 @@ export async function openCentral(cli: Pick<Cli, "flags" | "configPath">, url: s
  * (no fleet id, fleet name or gateway id of it) is an error, exit 1, whatever the command.
  */
 async function withCentral<T>(cli: Cli, run: (c: CentralReader) => Promise<T>): Promise<T> {
-  const c = await openCentral(cli, cli.flags.central!);
+  const c = await openCentral(cli, checkCentralUrl("--central", cli.flags.central!));
   try {
     const { fleet } = cli.flags;
     if (fleet !== undefined && (await c.gateways(fleet)).length === 0)
@@ -279,7 +294,7 @@ export async function cmdCentralServe(cli: Cli): Promise<void> {
   const { flags } = cli;
   if (!flags.url) throw new UsageError("central needs --url URL of the central libSQL server");
   const port = intArg("--port", flags.port, 8090, { min: 0, max: 65_535 });
-  const reader = await openCentral(cli, flags.url);
+  const reader = await openCentral(cli, checkCentralUrl("--url", flags.url));
   const server = startCentralServer({
     reader,
     host: flags.host ?? "127.0.0.1",

@@ -88,7 +88,7 @@ export function replicationMetrics(registry: Registry, read: () => ReplicationSt
   follow(
     registry,
     "fleet_replication_errors_total",
-    "Failed pushes by kind (unreachable|auth|schema|rejected).",
+    "Failed pushes by kind (unreachable|auth|schema|rejected|config).",
     ["kind"],
     () => {
       const s = read();

@@ -229,6 +229,7 @@ interface Scope {
 export class CentralReader {
   private constructor(
     private readonly client: Client,
+    /** The server's URL as shown: without userinfo or query (redactUrl). */
     readonly url: string,
     /** The center's schema version (a v1 center has no operator actions yet). */
     readonly version: number,
@@ -237,8 +238,13 @@ export class CentralReader {
   /** Connect and check the central schema (present, not newer than this code). */
   static async open(url: string, authToken?: string): Promise<CentralReader> {
     if (!URL.canParse(url) || !/^(https?|libsql|wss?):$/.test(new URL(url).protocol))
-      throw new CentralError(`--central ${url} is not an http(s)://, libsql:// or ws(s):// URL`);
-    const client = createClient({ url, ...(authToken ? { authToken } : {}) });
+      throw new CentralError(`--central ${redactUrl(url)} is not an http(s)://, libsql:// or ws(s):// URL`);
+    let client: Client;
+    try {
+      client = createClient({ url, ...(authToken ? { authToken } : {}) });
+    } catch (err) {
+      throw new CentralError(classifyError(err, url).message);
+    }
     let found: number;
     try {
       found = await schemaVersion(client);
@@ -251,7 +257,7 @@ export class CentralReader {
       const e = classifyError(err, url, authToken !== undefined);
       throw new CentralError(e.message, e.kind === "auth" ? "auth" : "other");
     }
-    return new CentralReader(client, url, found);
+    return new CentralReader(client, redactUrl(url), found);
   }
 
   close(): void {

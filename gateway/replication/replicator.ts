@@ -11,7 +11,7 @@
 import { existsSync } from "node:fs";
 import { createClient, type Client } from "@libsql/client";
 import type { Logger } from "pino";
-import type { ReplicationSpec } from "../spec/index.ts";
+import { displayUrl, type ReplicationSpec } from "../spec/index.ts";
 import {
   checkNotNewer,
   idOfSql,
@@ -31,8 +31,11 @@ import { CENTRAL_MIGRATIONS, CENTRAL_SCHEMA_VERSION } from "./tables.ts";
 /** Lifecycle: `connecting` until the central schema is checked, `retrying` after a failure. */
 export type ReplicatorState = "created" | "connecting" | "streaming" | "retrying" | "stopped";
 
-/** Why a push failed; retry decisions and metrics read this, not the message. */
-export type ReplicationErrorKind = "unreachable" | "auth" | "schema" | "rejected";
+/**
+ * Why a push failed; retry decisions and metrics read this, not the message. `config`: the gateway's own
+ * `[replication]` is wrong (a URL the libSQL client refuses): the center was never contacted.
+ */
+export type ReplicationErrorKind = "unreachable" | "auth" | "schema" | "rejected" | "config";
 
 /** A failure talking to the central server. */
 export class ReplicationError extends Error {
@@ -137,18 +140,19 @@ async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> 
 const UNREACHABLE =
   /ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ECONNRESET|ETIMEDOUT|EHOSTUNREACH|Unable to connect|fetch failed|socket|closed/i;
 
-/** Credentials never reach logs or status. */
-export function redactUrl(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.username || u.password) {
-      u.username = "***";
-      u.password = "";
-    }
-    return u.toString().replace(/\/$/, "");
-  } catch {
-    return "(invalid URL)";
-  }
+/**
+ * How the central server's URL is shown in logs, status, `fleet/health` and errors: without userinfo,
+ * query or fragment, so a credential that got into it (`?authToken=`, `user:pass@`) is never displayed.
+ */
+export const redactUrl = displayUrl;
+
+/** `text` (a client library's error message) without the parts of `url` that may hold a credential. */
+function scrubUrl(text: string, url: string): string {
+  if (!URL.canParse(url)) return text;
+  const u = new URL(url);
+  // The whole URL first, then its query alone (a message may quote either); userinfo is refused at spec time.
+  const shown = text.replaceAll(url, displayUrl(url));
+  return u.search.length > 1 ? shown.replaceAll(u.search, "") : shown;
 }
 
 /**
@@ -158,9 +162,16 @@ export function redactUrl(url: string): string {
 export function classifyError(err: unknown, url: string, sentToken = true): ReplicationError {
   if (err instanceof ReplicationError) return err;
   if (err instanceof SchemaVersionError) return new ReplicationError("schema", err.message, { cause: err });
-  const e = err as { message?: string; code?: string; cause?: { code?: string; message?: string } };
-  const text = `${e.code ?? ""} ${e.message ?? String(err)} ${e.cause?.code ?? ""} ${e.cause?.message ?? ""}`;
+  const raw = err as { message?: string; code?: string; cause?: { code?: string; message?: string } };
+  const e = { ...raw, message: scrubUrl(raw.message ?? String(err), url) };
+  const text = `${e.code ?? ""} ${e.message} ${e.cause?.code ?? ""} ${scrubUrl(e.cause?.message ?? "", url)}`;
   const where = redactUrl(url);
+  // The client refused the URL itself (URL_PARAM_NOT_SUPPORTED, URL_INVALID, URL_SCHEME_NOT_SUPPORTED) before
+  // sending anything: a configuration error of this side, which no retry mends.
+  if (/^URL_/.test(e.code ?? ""))
+    return new ReplicationError("config", `${where} is not a URL the libSQL client takes: ${e.message}`, {
+      cause: err,
+    });
   if (/\b401\b|\b403\b|unauthori[sz]ed|forbidden|auth/i.test(text))
     return new ReplicationError(
       "auth",
@@ -229,7 +240,13 @@ export class Replicator {
   private roundLeft = 0;
   private stopped: (() => void) | null = null;
   private readonly stoppedP = new Promise<void>((r) => (this.stopped = r));
-  private readonly errors: Record<ReplicationErrorKind, number> = { unreachable: 0, auth: 0, schema: 0, rejected: 0 };
+  private readonly errors: Record<ReplicationErrorKind, number> = {
+    unreachable: 0,
+    auth: 0,
+    schema: 0,
+    rejected: 0,
+    config: 0,
+  };
   private lastError: ReplicationStatus["last_error"] = null;
 
   constructor(private readonly opts: ReplicatorOptions) {

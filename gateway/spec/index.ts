@@ -1,3 +1,4 @@
+export * from "./central-url.ts";
 export * from "./duration.ts";
 export * from "./key-path.ts";
 export * from "./load.ts";

@@ -278,8 +278,9 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "(same client, packet id and content) for this long.",
   replication: "Push every record to a central libSQL server (sqld); see docs/replication.md. Read at start.",
   "replication.url":
-    "The central server: http(s)://, libsql:// or ws(s):// of sqld, without credentials (fleet.toml is " +
-    "replicated with the spec version): the token comes from auth_token_env.",
+    "The central server: http(s)://, libsql:// or ws(s):// of sqld, without credentials, in the userinfo or " +
+    "as ?authToken= (fleet.toml is replicated with the spec version): the token comes from auth_token_env. " +
+    "The one query parameter it takes is tls=0 or tls=1.",
   "replication.auth_token_env": "Environment variable holding the server's JWT (sent as a bearer token).",
   "replication.interval":
     "How often an idle replicator looks for new rows; while episodes commit, it pushes at most one round of " +

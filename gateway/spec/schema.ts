@@ -5,6 +5,7 @@
  */
 import { Cron } from "croner";
 import { z } from "zod";
+import { centralUrlProblem } from "./central-url.ts";
 import { parseDuration } from "./duration.ts";
 import { topicFilterProblem } from "./topic-filter.ts";
 import type { BudgetSpec } from "./types.ts";
@@ -49,7 +50,9 @@ const str = () => z.string(says("must be a string")).min(1, "must not be empty")
  * fleet.toml is kept whole as each spec version and replicated to the central server, where
  * everyone who reads the history would see credentials in a URL: secrets come from the environment.
  */
-const noCredentials = (u: string) => !URL.canParse(u) || (new URL(u).password === "" && new URL(u).username === "");
+const REPLICATED_SECRETS =
+  "(fleet.toml is stored and replicated as the spec version, where every reader of the center would see it): " +
+  "give the server's token in auth_token_env, the name of an env var holding it";
 const envName = () => str().regex(ENV_NAME_RE, "must be an environment variable name (A-Z, 0-9, _)");
 /**
  * An `http_hosts` entry, `host` or `host:port`, as the http tool compares it with a URL: the host
@@ -284,16 +287,10 @@ export const fleetSchema = z.strictObject({
   replication: z
     .strictObject(
       {
-        url: str()
-          .refine(
-            (u) => URL.canParse(u) && /^(https?|libsql|wss?):$/.test(new URL(u).protocol),
-            "must be an http://, https://, libsql://, ws:// or wss:// URL of a libSQL server (sqld)",
-          )
-          .refine(
-            noCredentials,
-            "must not carry credentials (fleet.toml is stored and replicated as the spec version): " +
-              "give the server's token in auth_token_env",
-          ),
+        url: str().superRefine((u, ctx) => {
+          const problem = centralUrlProblem(u, REPLICATED_SECRETS);
+          if (problem !== null) ctx.addIssue({ code: "custom", message: problem });
+        }),
         auth_token_env: envName().optional(),
         interval: str()
           .refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "2s" or "1m"')
