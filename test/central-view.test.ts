@@ -39,6 +39,8 @@ const gateways = new Map<string, string>();
 /** Episode ids of t/a in fleet north, newest first. */
 let northA: string[] = [];
 
+/** Gateway ids of the two gateways that both push as fleet `twin`. */
+const twins: string[] = [];
 /** Gateway ids of the two gateways that share the fleet name plant-7 (the docs allow it), in push order. */
 let plant7: string[] = [];
 /** Each gateway's operator actions, pushed beside its episodes: their times (ms after NOW - 100 s). */
@@ -92,6 +94,8 @@ beforeAll(async () => {
     await pushed("plant-7", ["x"], NOW - 1500, PLANT7_AUDIT[0]),
     await pushed("plant-7", ["x"], NOW - 1400, PLANT7_AUDIT[1]),
   ];
+  // Two gateways under one fleet name, each with an agent t/x (minted together: their ids share a prefix).
+  twins.push(await pushed("twin", ["x"], NOW - 1300, [60]), await pushed("twin", ["x"], NOW - 1000, [70]));
   reader = await CentralReader.open(sqld.url);
   server = startCentralServer({ reader, port: 0 });
   northA = (await reader.episodes("t/a", { fleet: "north", limit: 100 })).map((e) => e.id);
@@ -134,6 +138,72 @@ describe("fleet <read command> --central: the command line", () => {
       expect({ args, code: r.code }).toEqual({ args, code: 1 });
       expect(r.stderr).toContain('no fleet or gateway "nosuch" in the central database');
     }
+  });
+
+  test("an agent id that is not type/key is exit 2; one no gateway read has is exit 1 naming it", async () => {
+    for (const args of [
+      ["verify", "--agent", "bogus"],
+      ["episodes", "bogus"],
+    ]) {
+      const r = await central(...args);
+      expect({ args, code: r.code }).toEqual({ args, code: 2 });
+    }
+    expect((await central("verify", "--agent", "bogus")).stderr).toContain(
+      '--agent needs an agent <type>/<key>, got "bogus"',
+    );
+    for (const args of [
+      ["verify", "--agent", "t/nope"],
+      ["episodes", "t/nope"],
+      ["episodes", "t/a", "--fleet", "twin"], // t/a is north's, not twin's
+      ["verify", "--agent", "t/a", "--fleet", "twin"],
+    ]) {
+      const r = await central(...args);
+      expect({ args, code: r.code, out: r.stdout }).toEqual({ args, code: 1, out: "" });
+      expect(r.stderr).toContain(`no agent ${args.includes("t/nope") ? "t/nope" : "t/a"} in the central database`);
+    }
+  });
+
+  test("verify --agent counts the agent once per gateway that has it, and verifies only those", async () => {
+    const one = await central("verify", "--agent", "t/a", "--json");
+    expect(one.code).toBe(0);
+    const report = one.json as { agents: number; fleets: { gateway: string; agents: number }[] };
+    expect([report.agents, report.fleets]).toEqual([1, [expect.objectContaining({ gateway: gateways.get("north") })]]);
+    const human = await central("verify", "--agent", "t/x", "--fleet", "twin");
+    expect(human.code).toBe(0);
+    expect(human.stdout).toMatch(
+      /^verified 2 gateway\(s\) at the center: 2 agent\(s\), \d+ checkpoint\(s\), 10 episode/,
+    );
+  });
+
+  test("rows of two gateways of one fleet name are told apart by their GATEWAY column", async () => {
+    expect(twins[0]!.slice(0, 8)).toBe(twins[1]!.slice(0, 8)); // UUIDv7s minted together
+    /** The GATEWAY cells of a table, each checked to be a prefix (at least 8 characters) of a twin's id. */
+    const cells = (out: string) => {
+      const [head, ...rows] = out.split("\n").filter((l) => l.startsWith("twin") || l.startsWith("FLEET"));
+      const at = head!.indexOf("GATEWAY");
+      expect(at).toBeGreaterThan(0);
+      const values = rows.map((r) => r.slice(at).split(/\s+/)[0]!);
+      for (const v of values) {
+        expect(v.length).toBeGreaterThanOrEqual(8);
+        expect(twins.filter((t) => t.startsWith(v))).toHaveLength(1);
+      }
+      return values;
+    };
+    const agents = await central("agents", "--fleet", "twin");
+    expect(new Set(cells(agents.stdout)).size).toBe(2);
+    const episodes = await central("episodes", "t/x", "--fleet", "twin");
+    expect(new Set(cells(episodes.stdout)).size).toBe(2);
+    const audit = await central("audit", "--fleet", "twin");
+    expect(new Set(cells(audit.stdout)).size).toBe(2);
+  });
+
+  test("agents pages with --page: a page with more after it ends with `more: --page N`, as locally", async () => {
+    const first = await central("agents", "--fleet", "plant", "--limit", "2");
+    expect([first.code, first.stdout.includes("\n3 agent(s)\nmore: --page 2\n")]).toEqual([0, true]);
+    const json = await central("agents", "--fleet", "plant", "--limit", "2", "--json");
+    expect((json.json as { next_page: number | null }).next_page).toBe(2);
+    const last = await central("agents", "--fleet", "plant", "--limit", "2", "--page", "2");
+    expect(last.stdout).not.toContain("more:");
   });
 
   test("a --central URL the libSQL client refuses, or one carrying a token, is exit 2 before any read", async () => {
@@ -314,8 +384,10 @@ describe("paging a read of several gateways (two gateways named plant-7)", () =>
       for (const c of cursors) expect(typeof c).toBe("string");
     }
     // Every fleet at once pages the same way.
+    const everyAll = (await api("/api/audit?limit=100")).body.records as { gateway: string; seq: number }[];
+    expect(everyAll.length).toBeGreaterThan(all.length); // the twins' records too
     const everyFleet = (await pages<{ gateway: string; seq: number }>("/api/audit?limit=2", "records")).seen;
-    expect(everyFleet.map(place)).toEqual(all.map(place));
+    expect(everyFleet.map(place)).toEqual(everyAll.map(place));
     // One gateway: its log in seq order, paged by a plain SEQ as before.
     const one = await pages<{ seq: number }>(`/api/fleets/${plant7[0]}/audit?limit=2`, "records");
     expect([one.seen.map((r) => r.seq), one.cursors]).toEqual([[3, 2, 1], [2]]);

@@ -20,7 +20,7 @@ import {
   startCentralServer,
 } from "../replication/index.ts";
 import { centralUrlProblem, displayUrl, loadSpec } from "../spec/index.ts";
-import { parseAgentId } from "../types.ts";
+import { type AgentId, parseAgentId } from "../types.ts";
 import { type Cli, intArg, table, UsageError, when } from "./context.ts";
 
 /**
@@ -110,6 +110,24 @@ async function withCentral<T>(cli: Cli, run: (c: CentralReader) => Promise<T>): 
   }
 }
 
+/** An agent id flag parsed at the edge, as the local commands parse it: a malformed one is a usage error. */
+function agentArg(flag: string, value: string): AgentId {
+  const parsed = parseAgentId(value);
+  if (!parsed) throw new UsageError(`${flag} needs an agent <type>/<key>, got "${value}"`);
+  return parsed.id;
+}
+
+/**
+ * Gateway ids as the central tables show them: the first 8 characters, as the central dashboard does, or
+ * more where two of `ids` would read alike (UUIDv7s minted within a minute share their first 8).
+ */
+export function shortGateways(ids: Iterable<string>): (id: string) => string {
+  const distinct = [...new Set(ids)];
+  let n = 8;
+  while (n < 36 && new Set(distinct.map((id) => id.slice(0, n))).size < distinct.length) n++;
+  return (id) => id.slice(0, n);
+}
+
 /** The shards of the fleets read whose newest layout never reported (layoutGaps), as warning lines. */
 async function gapsOf(c: CentralReader, fleet: string | undefined): Promise<{ gaps: LayoutGap[]; lines: string[] }> {
   const gaps = layoutGaps(await c.gateways(), fleet);
@@ -133,17 +151,21 @@ export function cmdCentralAgents(cli: Cli): Promise<number> {
     });
     const views = rows.map((a) => ({ fleet: a.fleet, gateway: a.gateway, ...agentView(a, 0) }));
     const { gaps, lines } = await gapsOf(c, flags.fleet);
+    // As the local `agents` says it: a page with more after it ends with where the next one starts.
+    const nextPage = total > (page - 1) * limit + rows.length && rows.length > 0 ? page + 1 : null;
+    const gw = shortGateways(views.map((v) => v.gateway));
     cli.print(
-      { agents: views, total, page, limit, incomplete: gaps },
+      { agents: views, total, page, limit, next_page: nextPage, incomplete: gaps },
       () =>
         `${table(
           views.map((v) => ({
             ...v,
+            gateway: gw(v.gateway),
             checkpoint: v.checkpoint?.slice(0, 12) ?? null,
             last_episode: when(v.last_episode_at),
           })),
-          ["fleet", "id", "status", "episodes", "failures", "seq", "checkpoint", "last_episode", "reason"],
-        )}\n${[`${total} agent(s)`, ...lines].join("\n")}`,
+          ["fleet", "gateway", "id", "status", "episodes", "failures", "seq", "checkpoint", "last_episode", "reason"],
+        )}\n${[`${total} agent(s)`, ...(nextPage === null ? [] : [`more: --page ${nextPage}`]), ...lines].join("\n")}`,
     );
     return 0;
   });
@@ -167,16 +189,27 @@ export function cmdCentralEpisodes(cli: Cli, agent: string | undefined): Promise
   const limit = intArg("--limit", flags.limit, 50, { min: 1, max: 100_000 });
   const before = beforeArg(flags.before, 0, parseEpisodeCursor);
   return withCentral(cli, async (c) => {
+    // As the local `episodes`: an agent none of the gateways read has is exit 1, not an empty list.
+    if (!(await c.hasAgent(agent, flags.fleet))) {
+      console.error(`fleet: no agent ${agent} in the central database${flags.fleet ? ` (${flags.fleet})` : ""}`);
+      return 1;
+    }
     const page = await c.episodesPage(agent, { fleet: flags.fleet, limit, before });
     const rows = page.episodes.map((e) => ({ fleet: e.fleet, gateway: e.gateway, ...episodeView(e) }));
     // A full page ends with where the next one starts, as the local `episodes` says it.
     const nextBefore = page.nextBefore;
     const { gaps, lines } = await gapsOf(c, flags.fleet);
+    const gw = shortGateways(rows.map((e) => e.gateway));
     cli.print({ agent, episodes: rows, next_before: nextBefore, incomplete: gaps }, () =>
       [
         table(
-          rows.map((e) => ({ ...e, started: when(e.started_at), checkpoint: e.checkpoint?.slice(0, 12) ?? null })),
-          ["fleet", "id", "status", "started", "ms", "attempt", "stimulus", "checkpoint", "error_kind"],
+          rows.map((e) => ({
+            ...e,
+            gateway: gw(e.gateway),
+            started: when(e.started_at),
+            checkpoint: e.checkpoint?.slice(0, 12) ?? null,
+          })),
+          ["fleet", "gateway", "id", "status", "started", "ms", "attempt", "stimulus", "checkpoint", "error_kind"],
         ),
         ...(nextBefore === null ? [] : [`more: --before ${nextBefore}`]),
         ...lines,
@@ -234,11 +267,12 @@ export function cmdCentralAudit(cli: Cli): Promise<number> {
       );
     const page = await c.auditPage({ fleet: flags.fleet, limit, before });
     const records = page.records.map(centralAuditView);
+    const gw = shortGateways(records.map((r) => r.gateway));
     cli.print({ records, next_before: page.nextBefore }, () =>
       [
         table(
-          records.map((r) => ({ ...r, when: when(r.at) })),
-          ["fleet", "seq", "when", "actor", "action", "target", "status", "detail"],
+          records.map((r) => ({ ...r, gateway: gw(r.gateway), when: when(r.at) })),
+          ["fleet", "gateway", "seq", "when", "actor", "action", "target", "status", "detail"],
         ),
         ...(page.nextBefore === null ? [] : [`more: --before ${page.nextBefore}`]),
       ].join("\n"),
@@ -247,19 +281,27 @@ export function cmdCentralAudit(cli: Cli): Promise<number> {
   });
 }
 
-/** `fleet verify --central URL [--fleet F] [--agent type/key]`: every replicated chain; 1 on a mismatch. */
+/**
+ * `fleet verify --central URL [--fleet F] [--agent type/key]`: every replicated chain; 1 on a mismatch. With
+ * --agent, as the local `verify --agent`: a malformed id is exit 2, an agent no gateway read has is exit 1,
+ * and only the gateways that have it are verified and counted.
+ */
 export function cmdCentralVerify(cli: Cli): Promise<number> {
+  const only = cli.flags.agent === undefined ? undefined : agentArg("--agent", cli.flags.agent);
   return withCentral(cli, async (c) => {
-    const gateways = await c.gateways(cli.flags.fleet);
+    const read = await c.gateways(cli.flags.fleet);
     const problems: (VerifyProblem & { fleet: string; gateway: string })[] = [];
     const fleets = [];
+    const gateways = [];
     let agents = 0;
     let checkpoints = 0;
     let episodes = 0;
-    for (const g of gateways) {
+    for (const g of read) {
       // A gateway may be pushing as verify reads: what its next push completes is not reported as broken.
       const settle = c.settling(g.gateway);
-      const r = await verifyChains(c.chains(g.gateway), cli.flags.agent ? [cli.flags.agent] : undefined, { settle });
+      const r = await verifyChains(c.chains(g.gateway), only ? [only] : undefined, { settle });
+      if (only && r.agents === 0) continue; // this gateway does not have the agent
+      gateways.push(g);
       agents += r.agents;
       checkpoints += r.checkpoints;
       episodes += r.episodes;
@@ -272,6 +314,10 @@ export function cmdCentralVerify(cli: Cli): Promise<number> {
         episodes: r.episodes,
         problems: r.problems.length,
       });
+    }
+    if (only && agents === 0) {
+      console.error(`fleet: no agent ${only} in the central database${cli.flags.fleet ? ` (${cli.flags.fleet})` : ""}`);
+      return 1;
     }
     // Shards of the newest layout that never reported: their chains are not here to verify. Not a
     // mismatch (exit 0 when the rest verifies), but never a bare OK (docs/replication.md).

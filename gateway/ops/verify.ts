@@ -18,6 +18,7 @@ export interface VerifyProblem {
 
 /** What verify looked at and what it found. */
 export interface VerifyReport {
+  /** Agents the source has (an agent listed in `only` that it has no row, checkpoint or episode of is not one). */
   readonly agents: number;
   readonly checkpoints: number;
   readonly episodes: number;
@@ -223,7 +224,10 @@ export async function verifyChains(
   opts: VerifyChainsOptions = {},
 ): Promise<VerifyReport> {
   const agents = only?.length ? [...only] : await src.agents();
-  const results = new Map<string, { checkpoints: number; episodes: number; problems: VerifyProblem[] }>();
+  const results = new Map<
+    string,
+    { checkpoints: number; episodes: number; present: boolean; problems: VerifyProblem[] }
+  >();
   const verify = async (agent: string) => {
     const problems: VerifyProblem[] = [];
     const found = (record: string, problem: string) => problems.push({ agent, record, problem });
@@ -240,19 +244,22 @@ export async function verifyChains(
   }
   const all = [...results.values()];
   return {
-    agents: agents.length,
+    agents: all.filter((r) => r.present).length,
     checkpoints: all.reduce((n, r) => n + r.checkpoints, 0),
     episodes: all.reduce((n, r) => n + r.episodes, 0),
     problems: all.flatMap((r) => r.problems),
   };
 }
 
-/** Verify one agent's chain and episodes, naming each broken record to `found`; what it read. */
+/**
+ * Verify one agent's chain and episodes, naming each broken record to `found`; what it read, and whether
+ * the source has the agent at all (a row, a checkpoint or an episode of it).
+ */
 async function verifyAgent(
   src: ChainSource,
   agent: string,
   found: (record: string, problem: string) => void,
-): Promise<{ checkpoints: number; episodes: number }> {
+): Promise<{ checkpoints: number; episodes: number; present: boolean }> {
   let checkpoints = 0;
   let episodes = 0;
   const a = await src.agent(agent);
@@ -346,7 +353,7 @@ async function verifyAgent(
       );
   }
   if (a && committed > a.episodes) found(`agent ${agent}`, `counts ${a.episodes} episode(s), ${committed} committed`);
-  return { checkpoints, episodes };
+  return { checkpoints, episodes, present: a !== undefined || checkpoints > 0 || episodes > 0 };
 }
 
 /**

@@ -395,6 +395,18 @@ export class CentralReader {
     return { rows: rows.map((r) => shape<AgentRow & Origin>(r, AGENT_COLS)), total };
   }
 
+  /** Whether any gateway a read of `fleet` (or of everything) covers has the agent `agent`. */
+  async hasAgent(agent: string, fleet?: string): Promise<boolean> {
+    const scope = await this.scope(fleet);
+    // By the (gateway, id) key of each gateway: the center has no index on id alone.
+    const rows = await this.all(
+      `SELECT 1 FROM agents WHERE ${scope.cond ?? "gateway IN (SELECT gateway FROM gateways)"} AND id = ?
+        LIMIT 1`,
+      [...scope.args, agent],
+    );
+    return rows.length > 0;
+  }
+
   /** One agent's episodes (in every fleet that has that agent id, or one), newest first: `episodesPage`'s rows. */
   async episodes(
     agent: string,
