@@ -84,6 +84,37 @@ describe("schema migrations", () => {
     expect(await versionOf(path)).toBe(1); // read-only: nothing was upgraded
   });
 
+  test("read commands that look episodes up refuse a schema storing ids and outcomes in the old form", async () => {
+    // Schema 23 stores episode ids as text and outcomes as words: lookups by this code's forms find nothing.
+    const path = fixtureCopy();
+    const dir = dirname(path);
+    const c = createClient({ url: `file:${path}` });
+    await migrate(c, path, MIGRATIONS.slice(0, 23));
+    c.close();
+    const listed = await runCli(["episodes", "temp-monitor/boiler-1", "--data-dir", dir, "--json"]);
+    expect(listed.code).toBe(0);
+    const ids = (listed.json.episodes as { id: string }[]).map((e) => e.id);
+    expect(ids).toHaveLength(4);
+    const config = join(dirname(FIXTURE), "fleet.toml");
+    const commands = [
+      ["show", ids[0]!.slice(0, 13)],
+      ["show", ids[0]!],
+      ["trace", ids[0]!],
+      ["replay", ids[0]!],
+      ["replay", "--agent", "temp-monitor/boiler-1"],
+      ["episodes", "temp-monitor/boiler-1", "--status", "committed"],
+      ["deploy", "--check", "--type", "temp-monitor", "--config", config],
+    ];
+    for (const args of commands) {
+      const r = await runCli([...args, "--data-dir", dir]);
+      expect({ args, code: r.code, stdout: r.stdout }).toEqual({ args, code: 1, stdout: "" });
+      expect(r.stderr.trim().split("\n")).toHaveLength(1);
+      expect(r.stderr).toContain(`has schema version 23, older than this code's ${SCHEMA_VERSION}`);
+      expect(r.stderr).toContain("`fleet start` upgrades it (irreversible; `fleet backup` first)");
+    }
+    expect(await versionOf(path)).toBe(23);
+  });
+
   test("offline commands that write refuse a data dir an older release wrote and change nothing", async () => {
     const path = fixtureCopy();
     const dir = dirname(path);

@@ -10,7 +10,14 @@ import type { CliContext } from "./devices.ts";
 import { parseStrictInt } from "../parse.ts";
 import { processRuns } from "../pids.ts";
 import { loadSpec } from "../spec/index.ts";
-import { SCHEMA_VERSION, Store, schemaVersion, UPGRADE_HINT } from "../store/index.ts";
+import {
+  SCHEMA_VERSION,
+  SchemaVersionError,
+  Store,
+  schemaVersion,
+  STORED_FORMS_VERSION,
+  UPGRADE_HINT,
+} from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
 import { readLocalToken } from "../auth/index.ts";
 
@@ -179,11 +186,20 @@ export function createCli(flags: CliFlags): Cli {
     return file;
   }
 
-  async function openReadonly(): Promise<Store> {
+  async function openReadonly(lookup?: string): Promise<Store> {
     const file = await databaseFile();
     const store = await Store.open(file, { synchronous: "normal", readonly: true });
     const found = await schemaVersion(store.client);
     if (found < SCHEMA_VERSION) olderSchema = { file, found };
+    if (lookup !== undefined && found > 0 && found < STORED_FORMS_VERSION) {
+      await store.close();
+      throw new SchemaVersionError(
+        found,
+        SCHEMA_VERSION,
+        `${file} has schema version ${found}, older than this code's ${SCHEMA_VERSION}, and ${lookup} looks ` +
+          `episodes up by ids and outcomes in the form schema ${STORED_FORMS_VERSION} stores them: ${UPGRADE_HINT}`,
+      );
+    }
     return store;
   }
 

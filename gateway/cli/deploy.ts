@@ -34,7 +34,8 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
   const candidate = await loadSpec(resolve(file ?? cli.configPath));
   for (const t of force ?? [])
     if (!candidate.spec.agents[t]) throw new UsageError(`--type ${t}: no such agent type in ${candidate.path}`);
-  const store = await cli.openReadonly();
+  // Its sample is found by outcome, and each episode by id: an older schema would sample none and say OK.
+  const store = await cli.openReadonly("`fleet deploy --check`");
   try {
     const live = await cli.running();
     const hash = live

@@ -23,8 +23,12 @@ export interface CliContext {
   dataDir(): Promise<string>;
   /** The running gateway's HTTP base URL, or null when it is stopped. */
   running(): Promise<LiveEndpoint | null>;
-  /** The data dir's database, read-only; a UsageError when there is none. */
-  openReadonly(): Promise<Store>;
+  /**
+   * The data dir's database, read-only; a UsageError when there is none. A command that looks stored
+   * values up (episode ids, outcomes: named `lookup`, as `fleet show`) gets a SchemaVersionError instead
+   * when an older release stored them in another form: its lookups would find nothing.
+   */
+  openReadonly(lookup?: string): Promise<Store>;
   /**
    * The data dir's database for a command that writes to it (gateway stopped); a UsageError when there is
    * none, a SchemaVersionError (nothing changed) when an older release wrote it: only `fleet start` upgrades.

@@ -60,7 +60,7 @@ export async function cmdState(cli: Cli, name: string | undefined): Promise<numb
 
 /** `fleet trace <episode|prefix>` or `fleet trace --topic T [--at TIME]`. */
 export async function cmdTrace(cli: Cli, episode: string | undefined): Promise<number> {
-  const store = await cli.openReadonly();
+  const store = await cli.openReadonly("`fleet trace`");
   try {
     let id = episode;
     if (cli.flags.topic !== undefined) {

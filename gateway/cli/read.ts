@@ -194,7 +194,8 @@ export async function cmdEpisodes(cli: Cli, agent: string | undefined): Promise<
     throw new UsageError(`--status must be committed or failed, got "${status}"`);
   const kind = flags.kind === undefined ? undefined : parseStimulusKind(flags.kind);
   if (kind && !kind.ok) throw new UsageError(`--${kind.message}`);
-  const store = await cli.openReadonly();
+  // Filtering by outcome or kind looks up their stored codes; a plain listing reads any schema.
+  const store = await cli.openReadonly(status || kind ? "`fleet episodes --status|--kind`" : undefined);
   if (!(await knownAgent(store, id))) return 1;
   const rows = (await episodesPage(store, id, { limit, before, status, kind: kind?.kind })).map(episodeView);
   const last = rows.at(-1);
@@ -253,7 +254,7 @@ export async function cmdWakeups(cli: Cli, agent: string | undefined): Promise<n
 /** `fleet show <episode|prefix>`: one episode with its whole event log. */
 export async function cmdShow(cli: Cli, id: string | undefined): Promise<number> {
   if (!id) throw new UsageError("show needs an episode id (or a unique prefix of one)");
-  const store = await cli.openReadonly();
+  const store = await cli.openReadonly("`fleet show`");
   const ep = await findEpisode(store, id);
   if ("code" in ep) {
     console.error(`fleet: ${ep.message}`);
@@ -333,7 +334,7 @@ function describeReplay(r: ReplayResult): string {
 /** `fleet replay <episode> | --agent <type/key> [--module FILE]`: 0 only when everything MATCHes. */
 export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<number> {
   const { flags } = cli;
-  const store = await cli.openReadonly();
+  const store = await cli.openReadonly("`fleet replay`");
   const module = flags.module ? resolve(flags.module) : undefined;
   if (module !== undefined && !existsSync(module)) throw new UsageError(`--module ${flags.module}: no such file`);
   const spawn = commandSpawnOptions("auto", {}, "fleet replay");

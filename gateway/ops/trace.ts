@@ -108,7 +108,9 @@ export async function findEpisode(store: Store, idOrPrefix: string): Promise<Epi
   });
   if (rows.rows.length === 0) return { code: "not_found", message: `no episode starts with ${idOrPrefix}` };
   if (rows.rows.length > 1) return { code: "ambiguous", message: `more than one episode starts with ${idOrPrefix}` };
-  return (await store.getEpisode(String(rows.rows[0]!.id)))!;
+  const id = String(rows.rows[0]!.id);
+  // Found in a form the lookup by id does not read (an id an older release stored as text): not a row to trust.
+  return (await store.getEpisode(id)) ?? { code: "not_found", message: `episode ${id} cannot be read by its id` };
 }
 
 function parse(row: EventRow): Record<string, unknown> {

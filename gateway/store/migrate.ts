@@ -696,6 +696,14 @@ export const MIGRATIONS: readonly Migration[] = [
 /** The schema version this code writes. */
 export const SCHEMA_VERSION: number = MIGRATIONS.at(-1)?.version ?? 0;
 
+/**
+ * The newest migration that changed the form of values already stored (episode ids, hashes and spec
+ * references as bytes; outcomes and stimulus kinds as codes). In a database older than this, a lookup
+ * by one of those values finds nothing instead of failing, so a read command that looks them up
+ * refuses the database rather than answer "none".
+ */
+export const STORED_FORMS_VERSION = 31;
+
 /** The database's schema does not match what this code can use. */
 export class SchemaVersionError extends Error {
   override readonly name = "SchemaVersionError";
