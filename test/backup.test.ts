@@ -110,7 +110,7 @@ describe("older releases", () => {
     await expect(restoreDatabase(file, data, false)).rejects.toThrow(
       `was written by a newer release (schema ${SCHEMA_VERSION + 1}; this one is ${SCHEMA_VERSION})`,
     );
-    expect(readdirSync(data)).toEqual(["sandboxes"]);
+    expect(existsSync(data)).toBe(false); // a refused restore leaves no trace: not even the data dir
   });
 
   test("a backup that fails verification once upgraded is refused, and the data dir is left as it was", async () => {
@@ -122,11 +122,36 @@ describe("older releases", () => {
     mkdirSync(data, { mode: 0o700 });
     writeFileSync(join(data, "fleet.db-shm"), "stale");
     await expect(restoreDatabase(db, data, false)).rejects.toThrow("fails verification");
-    expect(readdirSync(data).sort()).toEqual(["fleet.db-shm", "sandboxes"]);
+    expect(readdirSync(data).sort()).toEqual(["fleet.db-shm"]);
   });
 });
 
 describe("restore", () => {
+  for (const stale of ["fleet.db-wal", "fleet.db-shm", "fleet.db-journal"]) {
+    test(`a stale ${stale} without its fleet.db is removed, and the backup restored`, async () => {
+      const { dir, db } = await fleetDb();
+      const file = join(dir, "b.db");
+      await backupDatabase(db, file);
+      const data = join(dir, "new");
+      mkdirSync(data, { mode: 0o700 });
+      writeFileSync(join(data, stale), "stale");
+      const report = await restoreDatabase(file, data, false);
+      expect(report.verify.problems).toEqual([]);
+      expect(readdirSync(data).sort()).toEqual(["fleet.db", "sandboxes"]);
+    });
+  }
+
+  test("a refused restore leaves an existing data dir as it was", async () => {
+    const { dir } = await fleetDb();
+    const garbage = join(dir, "garbage.db");
+    writeFileSync(garbage, "not a database");
+    const data = join(dir, "new");
+    mkdirSync(data, { mode: 0o700 });
+    writeFileSync(join(data, "tokens.json"), "{}");
+    await expect(restoreDatabase(garbage, data, false)).rejects.toThrow();
+    expect(readdirSync(data)).toEqual(["tokens.json"]);
+  });
+
   test("keeps backups named fleet.db-<date> in the data dir, the one restored from included", async () => {
     const { dir, db } = await fleetDb();
     const data = join(dir, "new");

@@ -15,6 +15,7 @@ import {
   mkdirSync,
   mkdtempSync,
   renameSync,
+  rmdirSync,
   rmSync,
   statSync,
 } from "node:fs";
@@ -213,26 +214,45 @@ export async function restoreDatabase(source: string, dataDir: string, gatewayRu
   const from = resolve(source);
   if (!existsSync(from)) throw new BackupError(`no backup file at ${from}`);
   if (gatewayRunning) throw new BackupError(`a gateway is running on ${dataDir}; stop it first`);
-  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const made = mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   // Hold the data dir as a gateway does (its sandbox ledger names this process) until the copy is in
   // place: a gateway started meanwhile refuses it instead of making a fleet.db the rename then replaces.
-  const ledger = new SandboxLedger(join(dataDir, "sandboxes"));
-  if (ledger.sweep().ownerAlive) throw new BackupError(`a gateway is running on ${dataDir}; stop it first`);
+  const ledgerFile = join(dataDir, "sandboxes");
+  const hadLedger = existsSync(ledgerFile);
+  const ledger = new SandboxLedger(ledgerFile);
   try {
-    return await restoreInto(from, dataDir);
-  } finally {
-    ledger.release();
+    if (ledger.sweep().ownerAlive) throw new BackupError(`a gateway is running on ${dataDir}; stop it first`);
+    try {
+      return await restoreInto(from, dataDir);
+    } finally {
+      ledger.release();
+    }
+  } catch (err) {
+    // A refused restore changes nothing: the ledger it started and the directories it made go again.
+    if (!hadLedger) rmSync(ledgerFile, { force: true });
+    if (made !== undefined) removeEmptyDirs(dataDir, made);
+    throw err;
+  }
+}
+
+/** Remove `dir` and its parents up to `top`, each only while it is empty (what a refused restore made). */
+function removeEmptyDirs(dir: string, top: string): void {
+  for (let d = resolve(dir); ; d = dirname(d)) {
+    try {
+      rmdirSync(d);
+    } catch {
+      return; // not empty: something else is there now, and stays
+    }
+    if (d === resolve(top) || dirname(d) === d) return;
   }
 }
 
 /** `restoreDatabase` once it holds the data dir. */
 async function restoreInto(from: string, dataDir: string): Promise<BackupReport> {
   const target = join(dataDir, "fleet.db");
-  for (const f of ["fleet.db", "fleet.db-wal"]) {
-    if (existsSync(join(dataDir, f))) {
-      throw new BackupError(`${dataDir} already holds a fleet database (${f}); restore into a data dir without one`);
-    }
-  }
+  // Only fleet.db is a database: a WAL without it is stale (nothing can replay it) and is removed below.
+  if (existsSync(target))
+    throw new BackupError(`${dataDir} already holds a fleet database (fleet.db); restore into a data dir without one`);
   const version = await checkFile(from);
   // Copy through VACUUM INTO (a clean file, no WAL) under a temporary name, upgrade the copy to this
   // release's schema (a backup of an older release restores as its data dir would start) and verify
@@ -252,11 +272,11 @@ async function restoreInto(from: string, dataDir: string): Promise<BackupReport>
     chmodSync(partial, 0o600);
     // On the disk before it is fleet.db (VACUUM INTO does not sync): a power cut must not leave a short one.
     syncFile(partial);
-    renameSync(partial, target);
-    // A stale WAL, shm or journal would be applied to the new file; other files (a backup named
-    // fleet.db-<date>, the very one restored from) are the operator's and stay.
+    // A stale WAL, shm or journal would be applied to the new file, so they go before it is there;
+    // other files (a backup named fleet.db-<date>, the very one restored from) are the operator's and stay.
     for (const leftover of ["fleet.db-wal", "fleet.db-shm", "fleet.db-journal"])
       rmSync(join(dataDir, leftover), { force: true });
+    renameSync(partial, target);
     syncDir(dataDir);
     const upgradedFrom = version < SCHEMA_VERSION ? version : null;
     return {
