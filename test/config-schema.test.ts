@@ -182,6 +182,23 @@ describe("a bad config refuses the deploy", () => {
     }
   });
 
+  test("`fleet validate` places a syntax error in a module at file:line:column, as a module not bundled", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-validate-"));
+    try {
+      chmodSync(dir, 0o755); // the module is loaded as another uid when root
+      mkdirSync(join(dir, "agents"));
+      writeFileSync(join(dir, "agents", "broken.ts"), "// an edit half done\nexport const x = ;\n");
+      const config = join(dir, "fleet.toml");
+      writeFileSync(config, `${fleetHeader("cfg-syntax")}\n${typeToml("{ threshold = 1 }", "agents/broken.ts")}`);
+      const r = await runCli(["validate", config, "--json"]);
+      expect(r.code).toBe(1);
+      expect(r.json).toMatchObject({ ok: false, file: config, unbundled: [{ type: "t" }] });
+      expect(r.json.unbundled[0].error).toContain(`${join(dir, "agents", "broken.ts")}:2:18: Unexpected ;`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("the gateway does not start on it, and says why", async () => {
     const fleet = new TestFleet(`${fleetHeader("cfg-start")}\n${typeToml("{ unit = 5 }")}`);
     const err = await fleet.start(60_000).then(

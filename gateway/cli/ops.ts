@@ -334,10 +334,16 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
       { allowWeak: sv.spec.fleet.allow_weak_sandbox },
       "fleet validate",
     );
-    const problems = await checkConfigs(typesToCheck(sv.spec, null), spawn);
-    if (problems.length > 0) throw configProblemsError(sv, problems);
     // The version as the gateway would store it: the text's hash with its modules' bundles.
     const version = await versionOf(sv, HOST_MODULES);
+    // A module that does not bundle (a syntax error, say) would also throw when loaded: its bundle error,
+    // which names file:line:column, is the one reported below, in the `unbundled` shape.
+    const unbundledTypes = new Set(version.unbundled.map((u) => u.type));
+    const problems = await checkConfigs(
+      typesToCheck(sv.spec, null).filter((t) => !unbundledTypes.has(t.name)),
+      spawn,
+    );
+    if (problems.length > 0) throw configProblemsError(sv, problems);
     // A running gateway refuses a deploy whose module does not bundle (gateway/code/pin.ts).
     const unbundled = version.unbundled.map((u) => `agents.${u.type}.module cannot be bundled: ${u.error}`);
     const ok = unbundled.length === 0;
