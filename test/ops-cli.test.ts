@@ -234,6 +234,16 @@ describe("wakeups", () => {
 });
 
 describe("errors are one line", () => {
+  test("a data dir with no fleet database is one line naming it, exit 1, without the usage", async () => {
+    const dir = join(mkdtempSync(join(tmpdir(), "fleet-ops-cli-")), "none");
+    dirs.push(dir);
+    for (const args of [["agents"], ["episodes", "meter/m1"], ["verify"], ["gc", "--dry-run"]]) {
+      const r = await runCli([...args, "--data-dir", dir]);
+      expect({ args, code: r.code }).toEqual({ args, code: 1 });
+      expect(r.stderr.trim()).toBe(`fleet: no fleet data in ${dir} (start the gateway first, or pass --data-dir)`);
+    }
+  });
+
   test("a backup that cannot be written says where and why, without a stack", async () => {
     const f = await stoppedFleet(2);
     const r = await f.cli("backup", "/proc/fleet-backup-test.db");

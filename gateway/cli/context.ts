@@ -24,6 +24,11 @@ import { readLocalToken } from "../auth/index.ts";
 /** A bad command line: cli.ts prints the message with the usage and exits 2. */
 export class UsageError extends Error {}
 
+/** The data dir holds no fleet database (a wrong --data-dir, or no gateway started there yet): one line, exit 1. */
+export class NoFleetData extends Error {
+  override readonly name = "NoFleetData";
+}
+
 /** A numeric flag or argument parsed strictly: `dflt` when absent, a UsageError naming it when bad. */
 export function intArg(
   name: string,
@@ -182,7 +187,7 @@ export function createCli(flags: CliFlags): Cli {
     const dir = await dataDir();
     const file = join(dir, "fleet.db");
     if (!existsSync(file))
-      throw new UsageError(`no fleet data in ${dir} (start the gateway first, or pass --data-dir)`);
+      throw new NoFleetData(`no fleet data in ${dir} (start the gateway first, or pass --data-dir)`);
     return file;
   }
 

@@ -24,13 +24,13 @@ export interface CliContext {
   /** The running gateway's HTTP base URL, or null when it is stopped. */
   running(): Promise<LiveEndpoint | null>;
   /**
-   * The data dir's database, read-only; a UsageError when there is none. A command that looks stored
+   * The data dir's database, read-only; a NoFleetData error when there is none. A command that looks stored
    * values up (episode ids, outcomes: named `lookup`, as `fleet show`) gets a SchemaVersionError instead
    * when an older release stored them in another form: its lookups would find nothing.
    */
   openReadonly(lookup?: string): Promise<Store>;
   /**
-   * The data dir's database for a command that writes to it (gateway stopped); a UsageError when there is
+   * The data dir's database for a command that writes to it (gateway stopped); a NoFleetData error when there is
    * none, a SchemaVersionError (nothing changed) when an older release wrote it: only `fleet start` upgrades.
    */
   openWritable(): Promise<Store>;

@@ -6,7 +6,7 @@
  * gateway's HTTP API (it is the only writer), or to the file when it is stopped.
  */
 import { parseArgs } from "node:util";
-import { createCli, intArg, olderSchemaHint, UsageError } from "./context.ts";
+import { createCli, intArg, NoFleetData, olderSchemaHint, UsageError } from "./context.ts";
 import { DEVICE_USAGE, deviceCommand, quarantineCommand } from "./devices.ts";
 import { cmdRollout, ROLLOUT_USAGE } from "./rollout.ts";
 import { cmdGc, cmdLifecycle, cmdSend, cmdStart, cmdValidate } from "./ops.ts";
@@ -245,6 +245,7 @@ main().then(
       err instanceof ShardSessionsError ||
       err instanceof SessionPrepareError ||
       err instanceof SchemaVersionError ||
+      err instanceof NoFleetData ||
       err instanceof ShardChanged ||
       err instanceof CentralError
     ) {
