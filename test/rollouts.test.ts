@@ -159,6 +159,82 @@ describe("canary counts", () => {
     }
   });
 
+  test("a decided rollout keeps its state across a restart on other code; one in progress is superseded", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    const h = (c: string) => c.repeat(64) as Blake3Hex;
+    const rollouts = () =>
+      new Rollouts({
+        store,
+        log: pino({ level: "silent" }),
+        now: () => 1_000_000,
+        agentsOf: async () => ["t/a", "t/b"],
+        retry: async () => {},
+        wake: () => {},
+      });
+    const sv = await compileSpec(toml("canary = 0.5"), "/f/fleet.toml");
+    const v1 = { ...sv, bundles: { t: h("1") } };
+    const v2 = { ...sv, bundles: { t: h("2") } };
+    const first = rollouts();
+    try {
+      await first.start(v1);
+      await first.deployed(v1, v2);
+      // Rolled back by itself; the operator then put the good code back live, and the gateway restarts on it.
+      await store.client.execute("UPDATE rollouts SET state = 'rolled_back', decided_at = 1000000");
+      first.stop();
+      const restarted = rollouts();
+      await restarted.start(v1);
+      expect((await restarted.view()).map((r) => [r.state, r.to_bundle])).toEqual([["rolled_back", h("2")]]);
+      restarted.stop();
+      // A rollout in progress when the code changed while the gateway was down is superseded by it.
+      const again = rollouts();
+      await again.start(v2);
+      expect((await again.view()).map((r) => [r.state, r.to_bundle])).toEqual([["rolled_back", h("2")]]);
+      await again.deployed(v2, { ...sv, bundles: { t: h("3") } });
+      again.stop();
+      const last = rollouts();
+      await last.start(v1);
+      const rows = await store.client.execute("SELECT state FROM rollouts ORDER BY id");
+      expect(rows.rows.map((r) => r.state)).toEqual(["rolled_back", "superseded"]);
+      last.stop();
+    } finally {
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a config change during a canary rollout is refused naming the commands that decide it", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    const h = (c: string) => c.repeat(64) as Blake3Hex;
+    const rollouts = new Rollouts({
+      store,
+      log: pino({ level: "silent" }),
+      now: () => 1_000_000,
+      agentsOf: async () => ["t/a", "t/b"],
+      retry: async () => {},
+      wake: () => {},
+    });
+    try {
+      const sv = await compileSpec(toml("canary = 0.5"), "/f/fleet.toml");
+      const v1 = { ...sv, bundles: { t: h("1") } };
+      const v2 = { ...sv, bundles: { t: h("2") } };
+      await rollouts.start(v1);
+      await rollouts.deployed(v1, v2);
+      const edited = await compileSpec(
+        toml("canary = 0.5").replace('module = "t.ts"', 'module = "t.ts"\nconfig = { x = 1 }'),
+        "/f/fleet.toml",
+      );
+      expect(rollouts.configRefusal(v2, { ...edited, bundles: v2.bundles })).toContain(
+        "promote or abort it first (`fleet rollout promote t` or `fleet rollout abort t`)",
+      );
+    } finally {
+      rollouts.stop();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("a canary share that selects none of the type's agents is raised to take the lowest-hashing one", async () => {
     const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });

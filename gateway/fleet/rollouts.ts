@@ -105,6 +105,8 @@ export class Rollouts {
   /**
    * Load the newest rollout of each type and square it with the code the gateway starts on: a
    * rollout of that code goes on where it was; new code since then starts a rollout of its own.
+   * Only a rollout in progress is superseded by it: a decided one (rolled back, promoted, aborted)
+   * keeps its state, since it no longer applies to code other than its own (`bundleFor`).
    */
   async start(sv: SpecVersion): Promise<void> {
     const rows = (
@@ -116,7 +118,8 @@ export class Rollouts {
     for (const [type, r] of this.latest) {
       const now = sv.bundles[type] ?? null;
       if (r.toBundle === now || (r.state !== "canary" && r.state !== "rolled_back")) continue;
-      await this.settle(r, "superseded", "the code changed while the gateway was down");
+      if (r.state === "canary") await this.settle(r, "superseded", "the code changed while the gateway was down");
+      // Its previous bundle is what the type's agents ran (all of them after a rollback): new code rolls out from it.
       const t = sv.spec.agents[type];
       if (t && now !== null && t.rollout.canary > 0 && r.fromBundle !== now)
         await this.begin(type, r.fromBundle, now, sv);
@@ -163,7 +166,8 @@ export class Rollouts {
       if (r.state === "canary")
         return (
           `${at}: a canary rollout of new code (${code.slice(0, 12)}) is in progress and its other agents run the ` +
-          `previous bundle, which the new config would reach; promote or abort it first (fleet rollout ${type})`
+          "previous bundle, which the new config would reach; promote or abort it first " +
+          `(\`fleet rollout promote ${type}\` or \`fleet rollout abort ${type}\`)`
         );
       if (r.state === "rolled_back" || r.state === "aborted")
         return (
