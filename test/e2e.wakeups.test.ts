@@ -133,6 +133,15 @@ describe("durable wake-ups on the real gateway", () => {
     const cli = await fleet.cli("wakeups", "waker/b");
     expect(cli.code).toBe(0);
     expect(cli.json.wakeups.map((w: { state: string }) => w.state).sort()).toEqual(["cancelled", "fired"]);
+    // What settled each: the episode that cancelled it, the episode that ran the one that fired.
+    const ran = (await emits(fleet, "waker/b")).find((e) => e.woke && e.payload === "sentinel")!;
+    const fired = cli.json.wakeups.find((w: { state: string }) => w.state === "fired");
+    expect(fired.done_by).toBe(ran.episode);
+    expect(cli.json.wakeups.find((w: { state: string }) => w.state === "cancelled").done_by).toMatch(/^[0-9a-f-]{36}$/);
+    const api = (await (await fleet.fetch("/api/agents/waker/b/wakeups?state=fired")).json()) as {
+      wakeups: { done_by: string | null }[];
+    };
+    expect(api.wakeups.map((w) => w.done_by)).toEqual([ran.episode]);
   });
 
   test("a wake-up survives kill -9 and fires once; one due while the gateway was down fires at start", async () => {

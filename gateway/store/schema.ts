@@ -432,7 +432,10 @@ export const wakeups = sqliteTable(
     createdAt: integer("created_at").notNull(),
     state: text("state").$type<WakeState>().notNull().default("pending"),
     doneAt: integer("done_at"),
-    /** The episode that cancelled it, or why it was dropped. */
+    /**
+     * The episode that cancelled it, or why it was dropped. Null for a fired one: `Store.listWakes`
+     * names the episode that ran it, from its stimulus.
+     */
     doneBy: text("done_by"),
   },
   (t) => [index("wakeups_due").on(t.state, t.dueAt), index("wakeups_agent").on(t.agent, t.state, t.dueAt)],

@@ -21,7 +21,7 @@ import {
   type SentStimulus,
 } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
-import { checkpointHashIs, hashFromDriver, hashToDriver, knowBundle, knowSpecVersion } from "./hashes.ts";
+import { checkpointHashIs, hashFromDriver, hashToDriver, idFromDriver, knowBundle, knowSpecVersion } from "./hashes.ts";
 import { type AgentId, type NewStimulus, sentBy, setBy } from "../types.ts";
 
 export * as tables from "./schema.ts";
@@ -824,14 +824,23 @@ export class Store {
     );
   }
 
-  /** An agent's wake-ups, soonest first (`state`: only those). */
+  /**
+   * An agent's wake-ups, latest due first (`state`: only those). A fired one is settled by the episode
+   * that ran its `wake` stimulus: `doneBy` names it once that episode committed (the stimulus row
+   * records it; one lookup by the stimulus's unique id), and is null while it is queued or failing.
+   */
   async listWakes(agent: AgentId, f: { state?: t.WakeState; limit?: number } = {}): Promise<WakeRow[]> {
     const rs = await this.client.execute({
-      sql: `SELECT ${codecs.wakeups.columns} FROM wakeups WHERE agent = ?${f.state ? " AND state = ?" : ""}
+      sql: `SELECT ${codecs.wakeups.columns}, CASE WHEN state = 'fired' THEN (SELECT s.episode FROM stimuli s
+          WHERE s.sid = 'wake:' || wakeups.id AND s.agent = wakeups.agent) END AS ran_by
+        FROM wakeups WHERE agent = ?${f.state ? " AND state = ?" : ""}
         ORDER BY due_at DESC, id LIMIT ?`,
       args: [agent, ...(f.state ? [f.state] : []), f.limit ?? 100],
     });
-    return rs.rows.map((r) => decodeRow(codecs.wakeups, r));
+    return rs.rows.map((r) => {
+      const w = decodeRow(codecs.wakeups, r);
+      return r.ran_by === null || r.ran_by === undefined ? w : { ...w, doneBy: idFromDriver(r.ran_by) };
+    });
   }
 
   /** One wake-up by id. */

@@ -25,7 +25,7 @@ function row(w: Wakeup, agentPath: string): HTMLTableRowElement {
   const episodeLink = (ep: string) =>
     h("a", { href: `#/agents/${agentPath}?episode=${ep}`, class: "mono" }, short(ep, 8));
   const settled =
-    w.state === "cancelled" && w.done_by
+    (w.state === "cancelled" || w.state === "fired") && w.done_by
       ? h("span", {}, "by ", episodeLink(w.done_by))
       : w.state === "dropped"
         ? h("span", { class: "muted" }, w.done_by ?? "")
