@@ -2,7 +2,7 @@
  * The embedded broker: aedes (MQTT 3.1/3.1.1; persistence in libSQL or in memory) behind the `Broker`
  * interface, listening on guarded TCP and optionally WebSocket connections.
  */
-import { Aedes, type Client } from "aedes";
+import { Aedes, type Client, type PublishPacket } from "aedes";
 import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { type GuardViolation, parseInSlices, type SliceableClient } from "./connection.ts";
@@ -75,6 +75,7 @@ class EmbeddedBroker implements Broker {
       auth: authOf(opts),
       refuseAtConnect: new WeakMap(),
       usernames: new WeakMap(),
+      publishFirst: null,
     };
     this.persistence = persistenceFor(opts.persistence, this.log);
     this.aedes = new Aedes({
@@ -82,6 +83,7 @@ class EmbeddedBroker implements Broker {
       drainTimeout: DRAIN_TIMEOUT_MS,
       ...(this.persistence ? { persistence: this.persistence.aedes } : {}),
     });
+    if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
     const stalled = new WeakSet<Client>();
     this.aedes.on("clientError", (client: Client, err: Error) => {
       if (err.message === "drain timeout") {
@@ -297,6 +299,7 @@ class EmbeddedBroker implements Broker {
     await this.starting?.catch(() => {});
     await this.stopIntake();
     this.lifecycle = "closed";
+    if (this.state.publishFirst) keepWills(this.aedes);
     await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
     await Promise.all([this.tcp.closeAll(), this.ws?.closeAll(), this.mqtts?.closeAll(), this.wss?.closeAll()]);
     // Every write aedes queued has committed once this resolves (a start that failed never opened it).
@@ -333,4 +336,42 @@ function authOf(a: BrokerAuth): BrokerAuth {
     authorizeSubscribeTopic: a.authorizeSubscribeTopic?.bind(a),
     sessionValid: a.sessionValid?.bind(a),
   };
+}
+
+/**
+ * `HookState.publishFirst` for `aedes`: publish a device's QoS 1 message from the publish hook, before
+ * aedes writes its PUBACK, and make aedes' own publish of it afterwards (handlers/publish.js) a no-op.
+ * Its callback comes once the persistence has written the retained copy and the offline queues.
+ */
+function publishBeforeAck(aedes: Aedes): (packet: PublishPacket, client: Client) => Promise<void> {
+  type Publish = (packet: PublishPacket, client: Client | null, done: (err?: Error | null) => void) => void;
+  const publish = (aedes.publish as unknown as Publish).bind(aedes);
+  const done = new WeakSet<PublishPacket>();
+  (aedes as unknown as { publish: Publish }).publish = (packet, client, cb) => {
+    if (!done.delete(packet)) return publish(packet, client, cb);
+    cb?.(null);
+  };
+  return (packet, client) =>
+    new Promise((resolve, reject) =>
+      publish(packet, client, (err) => {
+        if (err) return reject(err);
+        done.add(packet);
+        resolve();
+      }),
+    );
+}
+
+/**
+ * Before a graceful stop, with a durable persistence: closing the clients would publish each one's will
+ * (refused: intake is stopped) and delete its stored copy (aedes lib/client.js close). Forgotten in
+ * memory instead, the stored wills stay, and the next start publishes those whose clients do not come
+ * back, as after a crash (docs/broker.md).
+ */
+function keepWills(aedes: Aedes): void {
+  // aedes keeps its connected clients by id (aedes.js); its types do not declare the map.
+  const clients = (aedes as unknown as { clients: Record<string, { will?: unknown; _will?: unknown }> }).clients;
+  for (const client of Object.values(clients)) {
+    client.will = null;
+    client._will = null;
+  }
 }

@@ -33,6 +33,12 @@ export interface HookState {
   readonly refuseAtConnect: WeakMap<Client, { code: 2 | 3; reason: string }>;
   /** The user name each client connected with (aedes' Client does not keep it). */
   readonly usernames: WeakMap<Client, string | null>;
+  /**
+   * With a durable persistence: publish an accepted QoS 1 message (its retained copy and the offline
+   * queues it joins written) before its PUBACK, where aedes would ack first (handlers/publish.js), so
+   * a `kill -9` right after the ack cannot lose what the ack promised. Null: aedes' own order.
+   */
+  publishFirst: ((packet: PublishPacket, client: Client) => Promise<void>) | null;
 }
 
 /** Why a device publish was refused; aedes emits it as `clientError` and drops the connection. */
@@ -107,6 +113,8 @@ export function createHooks(
   // PUBLISH order (MQTT-4.6.0-2) even when intake resolves out of order, because aedes runs a read
   // chunk's packets concurrently. A verdict that comes early waits in its turn for those before it.
   const turns = new WeakMap<Client, TurnQueue>();
+  // Each client's acks waiting on `publishFirst`, chained so they still go out in PUBLISH order.
+  const acks = new WeakMap<Client, Promise<unknown>>();
 
   const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo => {
     if (client) return { id: client.id, username: usernames.get(client) ?? null };
@@ -261,7 +269,14 @@ export function createHooks(
             return;
           }
           state.messagesIn++;
-          callback(null); // only now may aedes write the PUBACK (it acks before `published` runs)
+          const first = client && packet.qos === 1 ? state.publishFirst : null;
+          if (!first || !client) return callback(null); // only now may aedes write the PUBACK
+          const published = first(packet, client);
+          const ack = Promise.all([acks.get(client), published]).then(
+            () => callback(null),
+            (err: unknown) => callback(err instanceof Error ? err : new Error(String(err))),
+          );
+          acks.set(client, ack);
         } catch (err) {
           log.error({ err, client: info.id, topic: msg.topic }, "publish handling failed");
         }

@@ -5,6 +5,8 @@
  * graceful restart. With `[broker] persistence = "memory"` the session is gone after a restart.
  */
 import { afterAll, describe, expect, test } from "bun:test";
+import { createClient } from "@libsql/client";
+import { join } from "node:path";
 import { connect, type IClientOptions, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, publishQos1, spawnLines, waitFor, within } from "./helpers/gateway.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
@@ -116,6 +118,78 @@ describe("durable broker sessions", () => {
         await d2.client.endAsync(true);
       }
       expect(await fleet.stop()).toBe(0);
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "a device's QoS 1 retained message and what it queued for an offline session survive a kill -9 right " +
+      "after its PUBACK",
+    async () => {
+      const fleet = new TestFleet(toml("sessions-ack"));
+      await fleet.start();
+      const away = device(fleet, { clientId: "sess-away", clean: false });
+      await away.sessionPresent;
+      await away.client.subscribeAsync("home/queued", { qos: 1 });
+      await away.client.endAsync();
+      const pub = await fleet.mqtt({ clientId: "sess-ack-pub" });
+      await pub.publishAsync("home/kept", "V0", { qos: 1, retain: true });
+      // SIGKILL the moment the second PUBACK arrives: what both promised must be on disk already.
+      const pid = fleet.pid;
+      const killed = new Promise<void>((resolve) => {
+        let acks = 0;
+        pub.on("packetreceive", (p) => {
+          if (p.cmd !== "puback" || ++acks < 2) return;
+          process.kill(pid, "SIGKILL");
+          resolve();
+        });
+      });
+      pub.publish("home/queued", "X1", { qos: 1 });
+      pub.publish("home/kept", "V1", { qos: 1, retain: true });
+      await within(killed, 15_000, "both PUBACKs");
+      await fleet.kill();
+
+      await fleet.start();
+      const back = device(fleet, { clientId: "sess-away", clean: false });
+      try {
+        const queued = new Promise<string>((resolve) =>
+          back.client.on("message", (topic, payload) => topic === "home/queued" && resolve(payload.toString())),
+        );
+        expect(await back.sessionPresent).toBe(true);
+        expect(await within(queued, 15_000, "the queued message")).toBe("X1");
+        const retained = new Promise<string>((resolve) =>
+          back.client.on("message", (topic, payload) => topic === "home/kept" && resolve(payload.toString())),
+        );
+        await back.client.subscribeAsync("home/kept", { qos: 1 });
+        expect(await within(retained, 15_000, "the retained message")).toBe("V1");
+      } finally {
+        await back.client.endAsync(true);
+      }
+      expect(await fleet.stop()).toBe(0);
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "a connected client's will outlives a graceful stop: kept in broker.db for the next start to publish",
+    async () => {
+      const fleet = new TestFleet(toml("sessions-will"));
+      await fleet.start();
+      const d = device(fleet, {
+        clientId: "sess-will",
+        keepalive: 600,
+        will: { topic: "home/gone", payload: Buffer.from("dead"), qos: 1, retain: true },
+      });
+      await d.sessionPresent;
+      expect(await fleet.stop()).toBe(0);
+      d.client.end(true);
+      const db = createClient({ url: `file:${join(fleet.dataDir, "broker.db")}` });
+      try {
+        const rows = (await db.execute("SELECT client_id FROM wills")).rows;
+        expect(rows.map((r) => String(r.client_id))).toEqual(["sess-will"]);
+      } finally {
+        db.close();
+      }
     },
     E2E_TIMEOUT,
   );
