@@ -53,6 +53,7 @@ const createSessions = (config: string, to: number, env: Record<string, string> 
 
 interface Report {
   from: number;
+  seen: string[];
   to: number;
   sessions: { clientId: string; created: boolean; index: number }[];
   filters: string[];
@@ -186,15 +187,70 @@ describe("fleet reshard --to N --create-sessions", () => {
     expect(one.got).toEqual(["c/d9/in"]);
   }, 60_000);
 
-  test("a layout that needs no new session (shrinking, the same count) connects to nothing", async () => {
-    // No broker listens there: any connection would fail the command.
-    const nowhere = `mqtt://127.0.0.1:${await freePort()}`;
+  const EDITED =
+    "a fleet.toml already edited to the new count is refused even where its own count needs no new session " +
+    "(an unsharded gateway runs, it says 1/2; two shards run, it says 1/3); the running one's makes them";
+  test(EDITED, async () => {
+    const mq = await Mosquitto.start();
+    brokers.push(mq);
+    const gw = await device(mq.url);
+    const health = (shard: string | null) => JSON.stringify({ fleet: "plant", shard, at: Date.now() });
+    // One unsharded gateway runs; fleet.toml says "1/2" already, which by itself needs no new session for 2.
+    await gw.publishAsync("fleet/health", health(null), { qos: 1, retain: true });
+    const split = await createSessions(fleetToml(mq.url, { shard: "1/2" }), 2);
+    expect(split.code).toBe(1);
+    expect(split.stderr).toContain(
+      "fleet.toml says the running layout is 2 shards, but gateways of 1 gateway (unsharded) published",
+    );
+    expect(split.stderr).toContain("(fleet/health)");
+    const splitOk = await createSessions(fleetToml(mq.url), 2);
+    expect({ code: splitOk.code, stderr: splitOk.stderr }).toEqual({ code: 0, stderr: "" });
+    expect((splitOk.json as Report).sessions.map((s) => s.clientId)).toEqual(["gw-plant-shard-1", "gw-plant-shard-2"]);
+
+    // Now two shards run; fleet.toml says "1/3", by which shard 3 would be a running session.
+    for (const [topic, shard] of [
+      ["fleet/health", "2/2"],
+      ["fleet/health/1-of-2", "1/2"],
+      ["fleet/health/2-of-2", "2/2"],
+    ] as const)
+      await gw.publishAsync(topic, health(shard), { qos: 1, retain: true });
+    const grow = await createSessions(fleetToml(mq.url, { shard: "1/3" }), 3);
+    expect(grow.code).toBe(1);
+    expect(grow.stderr).toContain("fleet.toml says the running layout is 3 shards, but gateways of 2 shards published");
+    expect((await resume(mq.url, "gw-plant-shard-3")).connack.sessionPresent).toBe(false);
+    const growOk = await createSessions(fleetToml(mq.url, { shard: "1/2" }), 3);
+    expect({ code: growOk.code, stderr: growOk.stderr }).toEqual({ code: 0, stderr: "" });
+    expect((growOk.json as Report).from).toBe(2);
+    expect([...(growOk.json as Report).seen].sort()).toEqual(
+      ["fleet/health", "fleet/health/1-of-2", "fleet/health/2-of-2"].sort(),
+    );
+  }, 60_000);
+
+  const NONE =
+    "a layout that needs no new session (shrinking, the same count) makes none; the report says whether the " +
+    "running layout is the gateways' health's or fleet.toml's alone";
+  test(NONE, async () => {
+    const mq = await Mosquitto.start();
+    brokers.push(mq);
+    // No gateway's health: fleet.toml is all there is to go by.
+    const quiet = await runCli(["reshard", "--to", "1", "--create-sessions", "--config", fleetToml(mq.url)]);
+    expect({ code: quiet.code, stderr: quiet.stderr }).toEqual({ code: 0, stderr: "" });
+    expect(quiet.stdout).toContain(
+      "uses no broker session that the running one (one unsharded gateway by fleet.toml: no gateway published " +
+        "its health in the last 60 s) lacks: nothing to create.",
+    );
+    const gw = await device(mq.url);
+    for (const i of [1, 2, 3])
+      await gw.publishAsync(
+        `fleet/health/${i}-of-3`,
+        JSON.stringify({ fleet: "plant", shard: `${i}/3`, at: Date.now() }),
+        { qos: 1, retain: true },
+      );
     for (const [shard, to] of [
       ["2/3", 2],
       ["1/3", 3],
-      [undefined, 1],
     ] as const) {
-      const r = await createSessions(fleetToml(nowhere, { shard }), to);
+      const r = await createSessions(fleetToml(mq.url, { shard }), to);
       expect({ shard, code: r.code, sessions: (r.json as Report | undefined)?.sessions }).toEqual({
         shard,
         code: 0,
@@ -207,10 +263,14 @@ describe("fleet reshard --to N --create-sessions", () => {
       "2",
       "--create-sessions",
       "--config",
-      fleetToml(nowhere, { shard: "1/3" }),
+      fleetToml(mq.url, { shard: "1/3" }),
     ]);
     expect(human.code).toBe(0);
+    expect(human.stdout).toMatch(/the running one \(3 shards, as their health on fleet\/health\/\d-of-3, .* says\)/);
     expect(human.stdout).toContain("nothing to create");
+    // No session was made.
+    for (const id of ["gw-plant", "gw-plant-shard-1", "gw-plant-shard-2", "gw-plant-shard-3"])
+      expect({ id, present: (await resume(mq.url, id)).connack.sessionPresent }).toEqual({ id, present: false });
   }, 60_000);
 
   const REFUSED =

@@ -6,6 +6,7 @@
 import { existsSync } from "node:fs";
 import {
   createShardSessions,
+  LIVE_HEALTH_MS,
   repeatedDir,
   type ReshardReport,
   reshard,
@@ -57,13 +58,16 @@ function sessionNames(indexes: readonly number[]): string {
 
 function describeSessions(r: ShardSessionsReport): string {
   const layout = (n: number) => (n === 1 ? "one unsharded gateway" : `${n} shards`);
+  // Where the running layout is known from: the gateways' own health, or fleet.toml alone when none spoke.
+  const running =
+    r.seen.length > 0
+      ? `the running one (${layout(r.from)}, as their health on ${r.seen.join(", ")} says)`
+      : `the running one (${layout(r.from)} by fleet.toml: no gateway published its health in the last ` +
+        `${LIVE_HEALTH_MS / 1000} s)`;
   if (r.sessions.length === 0)
-    return (
-      `the layout of ${layout(r.to)} uses no broker session that the running one (${layout(r.from)}) lacks: ` +
-      "nothing to create."
-    );
+    return `the layout of ${layout(r.to)} uses no broker session that ${running} lacks: nothing to create.`;
   return [
-    `broker sessions the layout of ${layout(r.to)} needs and the running one (${layout(r.from)}) lacks, ` +
+    `broker sessions the layout of ${layout(r.to)} needs and ${running} lacks, ` +
       `each subscribed to the fleet's ${r.filters.length} filter(s):`,
     ...r.sessions.map((s) => `  ${s.clientId}  ${s.created ? "created" : "existed already (subscriptions renewed)"}`),
     "the broker queues every message of the fleet for them from now on, until their gateways first connect. " +

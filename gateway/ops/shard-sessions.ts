@@ -7,7 +7,7 @@
  * queued for nobody, so lost.
  */
 import { readFileSync } from "node:fs";
-import { prepareSessions, type PreparedSession, readRetained } from "../../broker/index.ts";
+import { type PreparedSession, prepareSessions, readRetained, type SessionBrokerOptions } from "../../broker/index.ts";
 import { topics } from "../protocol.ts";
 import { MAX_SHARDS, shardClientId, type ShardSpec } from "../shard.ts";
 import type { FleetSpec } from "../spec/index.ts";
@@ -87,8 +87,16 @@ export class ShardSessionsError extends Error {
 
 /** What `--create-sessions` did. */
 export interface ShardSessionsReport {
-  /** The shard count of the running layout (fleet.toml's `[fleet] shard`; 1 when unsharded). */
+  /**
+   * The shard count of the running layout (1 when unsharded): fleet.toml's `[fleet] shard`, which the
+   * gateways' recent retained health agrees with (another layout there is refused).
+   */
   readonly from: number;
+  /**
+   * The retained health topics of the running gateways that showed `from`; empty when none published in
+   * the last 60 s (the gateways are down, or an ACL hides it): then `from` is fleet.toml's word alone.
+   */
+  readonly seen: readonly string[];
   readonly to: number;
   /** Each session the new layout uses that the running one does not, in index order (0: `<client_id>`). */
   readonly sessions: readonly (PreparedSession & { readonly index: number })[];
@@ -100,7 +108,8 @@ export interface ShardSessionsReport {
  * Create the sessions a layout of `to` shards needs that the layout `spec` runs in lacks, on the
  * broker `spec` names, with the password from `env` (`[broker] password_env`). Sessions the running
  * layout uses are never touched: connecting with a running gateway's client id would take its
- * session over. A `to` that needs no new session connects to nothing.
+ * session over. The gateways' retained health is read first, whatever `to` is: a fleet.toml already
+ * edited to the new count would otherwise find nothing to create, or the wrong sessions.
  */
 export async function createShardSessions(
   spec: FleetSpec,
@@ -115,18 +124,11 @@ export async function createShardSessions(
       "fleet.toml names no external broker ([broker] url): only gateways on an external broker have " +
         "broker sessions to prepare (shards need one)",
     );
-  const from = spec.fleet.shard?.count ?? 1;
-  // The sessions the gateways of this fleet.toml's layout use now (a "1/1" shard uses `-shard-1`).
-  const shard = spec.fleet.shard;
-  const fresh = sessionsAdded(hadSessions(shard ? [shard] : [], shard === null), to);
-  const filters = intakeFilters(spec, to > 1 ? { index: 1, count: to } : null);
-  if (fresh.length === 0) return { from, to, sessions: [], filters };
   const password = ext.password_env === null ? null : (env[ext.password_env] ?? null);
   if (ext.password_env !== null && password === null)
     throw new ShardSessionsError(
       `[broker] password_env names ${ext.password_env}, which is not set in the environment`,
     );
-  const ids = fresh.map((i) => shardClientId(ext.client_id, i === 0 ? null : { index: i, count: to }));
   const broker = {
     url: ext.url,
     username: ext.username,
@@ -134,8 +136,25 @@ export async function createShardSessions(
     ca: ext.ca_file === null ? null : readFileSync(ext.ca_file, "utf8"),
     protocolVersion: ext.protocol_version,
   };
-  // A fleet.toml that is not the one the gateways run (it names another layout) would have a running
-  // gateway's session taken over as if it were new: the gateways' retained health says what runs.
+  const from = spec.fleet.shard?.count ?? 1;
+  const seen = await runningLayoutSeen(broker, from);
+  // The sessions the gateways of this layout use now (a "1/1" shard uses `-shard-1`).
+  const shard = spec.fleet.shard;
+  const fresh = sessionsAdded(hadSessions(shard ? [shard] : [], shard === null), to);
+  const filters = intakeFilters(spec, to > 1 ? { index: 1, count: to } : null);
+  if (fresh.length === 0) return { from, seen, to, sessions: [], filters };
+  const ids = fresh.map((i) => shardClientId(ext.client_id, i === 0 ? null : { index: i, count: to }));
+  const made = await prepareSessions(broker, ids, filters);
+  return { from, seen, to, sessions: made.map((s, k) => ({ ...s, index: fresh[k]! })), filters };
+}
+
+/**
+ * The retained health topics showing that gateways of `from` shards (fleet.toml's layout) run. A
+ * fleet.toml that is not the one the gateways run (one already edited to the new count) would have a
+ * running gateway's session taken over as if it were new, or a new one not made: health of another
+ * layout is refused.
+ */
+async function runningLayoutSeen(broker: SessionBrokerOptions, from: number): Promise<string[]> {
   const live = liveLayouts(await readRetained(broker, [topics.health, `${topics.health}/+`]), Date.now());
   const other = [...live].find(([count]) => count !== from);
   if (other)
@@ -144,8 +163,7 @@ export async function createShardSessions(
         `published their health in the last ${LIVE_HEALTH_MS / 1000} s (${other[1].join(", ")}): run ` +
         "--create-sessions with the fleet.toml the running gateways use, before changing its shard",
     );
-  const made = await prepareSessions(broker, ids, filters);
-  return { from, to, sessions: made.map((s, k) => ({ ...s, index: fresh[k]! })), filters };
+  return live.get(from) ?? [];
 }
 
 /** "2 shards", or "1 gateway (unsharded)". */
