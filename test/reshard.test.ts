@@ -8,6 +8,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, w
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gcAll, reshard, ReshardError, sessionsToDrop, shardChangeRefusal } from "../gateway/ops/index.ts";
+import { blake3Hex } from "../gateway/hash.ts";
 import { startTicks } from "../gateway/pids.ts";
 import { ownerShard } from "../gateway/shard.ts";
 import { idBytesSql, idOfSql, Store } from "../gateway/store/index.ts";
@@ -325,6 +326,35 @@ describe("fleet reshard", () => {
       await store.close();
     }
   }, 120_000);
+
+  const DOUBLED =
+    "shrinking 3 -> 2 reports the moved agents of types without a dedup key (their readings can run twice), " +
+    "not those of a type with one or those that stay on their shard";
+  test(DOUBLED, async () => {
+    const { a, b, root } = await sources();
+    await reshard([join(a.dir, "data"), join(b.dir, "data")], 3, join(root, "s"));
+    const three = [1, 2, 3].map((i) => join(root, `s${i}`));
+    // Each shard's gateway ran on a fleet.toml where door has a dedup key and temp has none.
+    for (const [k, dir] of three.entries()) {
+      const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+      const text = `[fleet]\nname = "plant"\nshard = "${k + 1}/3"\n[agents.door]\ndedup = "id"\n[agents.temp]\n`;
+      const hash = await blake3Hex(text);
+      await store.saveSpecVersion({ hash, path: "fleet.toml", text, summary: "", at: 1 });
+      await store.setMeta("instances_deployed", hash);
+      await store.close();
+    }
+    const ids = [...(await snapshot(three.map((d) => join(d, "fleet.db")))).keys()];
+    // Shard 3's agents move to 1 or 2; the others stay where they were (rendezvous hashing).
+    const moved = ids.filter((id) => id.startsWith("temp/") && ownerShard(id, 3) === 3).length;
+    expect(moved).toBeGreaterThan(0);
+    expect(ids.some((id) => id.startsWith("door/") && ownerShard(id, 3) === 3)).toBe(true);
+    const report = await reshard(three, 2, join(root, "two"));
+    expect(report.moved_without_dedup).toEqual([{ type: "temp", agents: moved }]);
+    const said = await runCli(["reshard", "--from", three.join(","), "--to", "2", "--out", join(root, "t")]);
+    expect({ code: said.code, stderr: said.stderr }).toEqual({ code: 0, stderr: "" });
+    expect(said.stdout).toContain(`warning: ${moved} temp agent(s) now read another broker session than before`);
+    expect(said.stdout).toContain("Nothing doubles when the old gateways stopped together");
+  });
 
   test("bad command lines are usage errors (exit 2)", async () => {
     for (const args of [

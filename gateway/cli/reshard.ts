@@ -43,6 +43,15 @@ function describe(r: ReshardReport): string {
             "`fleet reshard --to N --create-sessions` does it while the gateways still run).",
         ]
       : []),
+    ...(r.moved_without_dedup.length > 0
+      ? [
+          `warning: ${r.moved_without_dedup.map((m) => `${m.agents} ${m.type} agent(s)`).join(", ")} now read ` +
+            "another broker session than before, and their type has no `dedup` key: a reading their old shard " +
+            "recorded while the new session queued it too (its gateway had stopped, or --create-sessions made it) " +
+            "runs again. Nothing doubles when the old gateways stopped together, or after the devices paused " +
+            "(docs/shards.md).",
+        ]
+      : []),
     r.verified
       ? r.to === 1
         ? "every chain verifies. Start the gateway unsharded (no [fleet] shard) on that data dir."

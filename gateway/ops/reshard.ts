@@ -62,6 +62,12 @@ export interface ReshardReport {
    * for its agents before then are queued for nobody (docs/shards.md). Empty when no source says its layout.
    */
   readonly new_sessions: readonly number[];
+  /**
+   * Agents that read another broker session under the new layout than under the old one, of types without
+   * a `dedup` key in the spec their source last ran, counted by type: a reading their old shard recorded
+   * that their new session queued too (it was not read then) runs again, under another redelivery id.
+   */
+  readonly moved_without_dedup: readonly { readonly type: string; readonly agents: number }[];
 }
 
 /** How `reshard` runs. */
@@ -161,12 +167,15 @@ export async function reshard(
   // Each source must be at this release's schema (a start upgrades an older one; this refuses it), read through ATTACH.
   const layouts = new Map<string, ShardSpec>();
   let unsharded = false;
+  // Each source's broker session (0: unsharded) and the types its spec gives a `dedup` key, where it knows them.
+  const reads = new Map<string, { session: number; dedup: ReadonlySet<string> }>();
   for (const dir of sources) {
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "full" });
     try {
       const stored = await storedShard(store);
       if (stored.known && stored.shard) layouts.set(dir, stored.shard);
       else if (stored.known) unsharded = true;
+      if (stored.known) reads.set(dir, { session: stored.shard?.index ?? 0, dedup: await dedupTypes(store) });
     } finally {
       await store.close();
     }
@@ -185,7 +194,7 @@ export async function reshard(
       secureDataDir(dir);
       targets.push(await Store.open(join(dir, "fleet.db"), { synchronous: "full" }));
     }
-    const owners = await planOwners(targets[0]!.client, sources, count);
+    const { owners, sourceOf } = await planOwners(targets[0]!.client, sources, count);
     // Stimulus seqs of different sources must not collide in a target: each source's are shifted past the last's.
     let shift = 0;
     for (const [k, src] of sources.entries()) {
@@ -212,6 +221,7 @@ export async function reshard(
       left_out: leftOut,
       ended_sessions: drop,
       new_sessions: fresh,
+      moved_without_dedup: movedWithoutDedup(owners, sourceOf, reads, count),
     };
   } catch (err) {
     for (const t of targets) await t.close().catch(() => undefined);
@@ -305,8 +315,53 @@ function missingShards(shards: readonly ShardSpec[]): string[] {
   return out;
 }
 
-/** Each agent's new shard; an agent found in two source dirs is refused (which copy is right?). */
-async function planOwners(client: Client, sources: readonly string[], count: number): Promise<Map<string, number>> {
+/**
+ * The agents whose broker session changes (their source's, known, against their new shard's; 0: unsharded)
+ * and whose type has no `dedup` key in that source's spec, counted by type.
+ */
+function movedWithoutDedup(
+  owners: ReadonlyMap<string, number>,
+  sourceOf: ReadonlyMap<string, string>,
+  reads: ReadonlyMap<string, { session: number; dedup: ReadonlySet<string> }>,
+  count: number,
+): { type: string; agents: number }[] {
+  const byType = new Map<string, number>();
+  for (const [agent, owner] of owners) {
+    const was = reads.get(sourceOf.get(agent) ?? "");
+    const type = agent.slice(0, agent.indexOf("/"));
+    if (!was || was.session === (count === 1 ? 0 : owner) || was.dedup.has(type)) continue;
+    byType.set(type, (byType.get(type) ?? 0) + 1);
+  }
+  return [...byType].sort(([x], [y]) => x.localeCompare(y)).map(([type, agents]) => ({ type, agents }));
+}
+
+/**
+ * The agent types with a `dedup` key in the spec a data dir's gateway last ran, or, in a dir `fleet reshard`
+ * wrote that no gateway ran on, its newest spec version (none known: empty).
+ */
+async function dedupTypes(store: Store): Promise<Set<string>> {
+  const ran = await store.getMeta("instances_deployed");
+  const rs = await store.client.execute(
+    ran
+      ? { sql: "SELECT text FROM spec_versions WHERE hash = ?", args: [ran] }
+      : "SELECT text FROM spec_versions ORDER BY created_at DESC LIMIT 1",
+  );
+  const text = rs.rows[0]?.text;
+  if (typeof text !== "string") return new Set();
+  try {
+    const agents = (parseToml(text) as { agents?: Record<string, { dedup?: unknown }> }).agents ?? {};
+    return new Set(Object.entries(agents).flatMap(([t, a]) => (typeof a?.dedup === "string" ? [t] : [])));
+  } catch {
+    return new Set();
+  }
+}
+
+/** Each agent's new shard and its source dir; an agent found in two source dirs is refused (which copy is right?). */
+async function planOwners(
+  client: Client,
+  sources: readonly string[],
+  count: number,
+): Promise<{ owners: Map<string, number>; sourceOf: Map<string, string> }> {
   const seenIn = new Map<string, string>();
   const owners = new Map<string, number>();
   for (const src of sources) {
@@ -323,7 +378,7 @@ async function planOwners(client: Client, sources: readonly string[], count: num
       await client.execute("DETACH DATABASE src");
     }
   }
-  return owners;
+  return { owners, sourceOf: seenIn };
 }
 
 function attach(client: Client, dir: string): Promise<unknown> {
