@@ -285,14 +285,20 @@ describe("two shards on one Mosquitto", () => {
   );
 
   test(
-    "HTTP stimuli for another shard's agent are refused with 421 naming the owner; the owner takes them",
+    "HTTP stimuli for another shard's agent are refused with 421 naming the owner; the owner takes them; " +
+      "fleet send names the targets it did not record because another shard owns them",
     async () => {
       const mq = await Mosquitto.start();
       brokers.push(mq);
-      const hook = '\n[hooks.h]\ntype = "counter"\nkey_field = "device"\n';
+      // watch subscribes to counter's topics too: one message, targets on both shards.
+      const hook = '\n[hooks.h]\ntype = "counter"\nkey_field = "device"\n' + agentType("watch", COUNTER, ["c/+/in"]);
       const [one, two] = shards("shards-http", mq, hook);
       await Promise.all([one.start(), two.start()]);
-      const remote = keyOwnedBy(2);
+      const ownedBy = (counter: number, watch: number) => {
+        for (let n = 0; ; n++)
+          if (ownerShard(`counter/k${n}`, 2) === counter && ownerShard(`watch/k${n}`, 2) === watch) return `k${n}`;
+      };
+      const remote = ownedBy(2, 2);
       const post = (fleet: TestFleet, path: string, body: unknown) =>
         fleet.fetch(path, {
           method: "POST",
@@ -314,6 +320,17 @@ describe("two shards on one Mosquitto", () => {
       expect((await post(two, "/api/send", { topic: `c/${remote}/in`, payload: { n: 0 } })).status).toBe(202);
       expect((await post(two, "/hooks/h", { device: remote })).status).toBe(202);
       await two.waitCommitted(`counter/${remote}`, 2);
+      const split = ownedBy(2, 1);
+      const sent = await runCli([
+        "send",
+        `c/${split}/in`,
+        JSON.stringify({ id: "cli-2", n: 1 }),
+        "--data-dir",
+        two.dataDir,
+      ]);
+      expect({ code: sent.code, stderr: sent.stderr }).toEqual({ code: 0, stderr: "" });
+      expect(sent.stdout).toContain(`accepted 1, duplicates 0, on other shards 1\n  counter/${split} id:cli-2`);
+      expect(sent.stdout).toContain(`watch/${split} NOT recorded here: owned by shard 1`);
       const health = (await (await one.fetch("/api/fleet")).json()) as { shard: string };
       expect(health.shard).toBe("1/2");
       await Promise.all([one.stop(), two.stop()]);

@@ -10,7 +10,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runCli } from "./helpers/gateway.ts";
-import { stopOnSignals } from "../gateway/cli/index.ts";
+import { describeSend, stopOnSignals } from "../gateway/cli/index.ts";
 import { localActor } from "../gateway/ops/index.ts";
 import { startTicks } from "../gateway/pids.ts";
 import { SyntheticFleet } from "./helpers/ops.ts";
@@ -760,5 +760,26 @@ describe("reshard", () => {
     expect(r.code).toBe(0);
     expect(r.stdout).toContain("Start the gateway unsharded (no [fleet] shard) on that data dir.");
     expect(r.stdout).not.toContain('"i/1"');
+  });
+});
+
+describe("fleet send's text", () => {
+  test("names the targets another shard owns (not recorded here) and the refused ones, not only the accepted", () => {
+    const text = describeSend({
+      accepted: [{ agent: "counter/b4", sid: "id:cli-2" }],
+      duplicates: [],
+      refused: [{ agent: "door/b4", code: "retired", reason: "door/b4 is retired" }],
+      elsewhere: [{ agent: "watch/b4", shard: 2 }],
+    });
+    expect(text.split("\n")).toEqual([
+      "accepted 1, duplicates 0, refused 1, on other shards 1",
+      "  counter/b4 id:cli-2",
+      "  door/b4 refused (retired): door/b4 is retired",
+      "  watch/b4 NOT recorded here: owned by shard 2 (send it to that shard's gateway)",
+    ]);
+    // Unsharded, nothing refused: as before.
+    expect(describeSend({ accepted: [{ agent: "counter/a", sid: "u:1" }], duplicates: [], refused: [] })).toBe(
+      "accepted 1, duplicates 0\n  counter/a u:1",
+    );
   });
 });

@@ -6,4 +6,4 @@
  */
 export { type Cli, type CliFlags, createCli, UsageError } from "./context.ts";
 export { DEFAULT_WATCHDOG_SEC, serviceBun, serviceUnit } from "./service.ts";
-export { runningLine, stopOnSignals } from "./ops.ts";
+export { describeSend, runningLine, type SendReport, stopOnSignals } from "./ops.ts";

@@ -303,23 +303,41 @@ export async function cmdSend(cli: Cli, topic: string | undefined, payload: stri
     method: "POST",
     body: JSON.stringify({ topic, payload: value, ...(cli.flags.id ? { id: cli.flags.id } : {}) }),
   });
-  const body = (await res.json()) as {
-    accepted?: { agent: string; sid: string }[];
-    duplicates?: unknown[];
-    error?: { message: string };
-  };
+  const body = (await res.json()) as SendReport & { error?: { message: string } };
   if (!res.ok) {
     if (cli.json) cli.print(body, () => "");
     console.error(`fleet: ${body.error?.message ?? `HTTP ${res.status}`}`);
     return 1;
   }
-  cli.print(
-    body,
-    () =>
-      `accepted ${body.accepted?.length ?? 0}, duplicates ` +
-      `${body.duplicates?.length ?? 0}${body.accepted?.map((a) => `\n  ${a.agent} ${a.sid}`).join("") ?? ""}`,
-  );
+  cli.print(body, () => describeSend(body));
   return 0;
+}
+
+/** What `POST /api/send` answers when some target took the message (docs/http-api.md). */
+export interface SendReport {
+  readonly accepted?: readonly { agent: string; sid: string }[];
+  readonly duplicates?: readonly unknown[];
+  readonly refused?: readonly { agent: string; code: string; reason: string }[];
+  /** Targets another shard owns: this gateway recorded nothing for them. */
+  readonly elsewhere?: readonly { agent: string; shard: number }[];
+}
+
+/**
+ * `fleet send`'s text: every target, so a target another shard owns or one that refused is not mistaken
+ * for one that ran (`--json` has the same lists).
+ */
+export function describeSend(r: SendReport): string {
+  const { accepted = [], duplicates = [], refused = [], elsewhere = [] } = r;
+  return [
+    `accepted ${accepted.length}, duplicates ${duplicates.length}` +
+      (refused.length > 0 ? `, refused ${refused.length}` : "") +
+      (elsewhere.length > 0 ? `, on other shards ${elsewhere.length}` : ""),
+    ...accepted.map((a) => `  ${a.agent} ${a.sid}`),
+    ...refused.map((f) => `  ${f.agent} refused (${f.code}): ${f.reason}`),
+    ...elsewhere.map(
+      (e) => `  ${e.agent} NOT recorded here: owned by shard ${e.shard} (send it to that shard's gateway)`,
+    ),
+  ].join("\n");
 }
 
 /** `fleet validate [FILE]`: compile a fleet.toml without touching the fleet; 1 with the error's location. */
