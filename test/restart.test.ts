@@ -64,14 +64,30 @@ describe("restartNeeded", () => {
     expect(restartNeeded(a, b)[0]).toContain('"client_id":"gw-2"');
   });
 
-  test("the shard is read at start: a change is refused, shown as i/N, pointing to fleet reshard", async () => {
-    const sharded = async (shard: string) =>
-      (await compileSpec(`[fleet]\nshard = "${shard}"\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n`, "/tmp/fleet.toml"))
-        .spec;
-    const [a, b] = [await sharded("1/2"), await sharded("1/3")];
+  const SHARD =
+    "the shard is read at start: a change is refused, shown as i/N; a new count points to fleet reshard, a new " +
+    "index of the same count to that shard's data dir";
+  test(SHARD, async () => {
+    const sharded = async (shard: string | null) =>
+      (
+        await compileSpec(
+          `[fleet]\n${shard === null ? "" : `shard = "${shard}"`}\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n`,
+          "/tmp/fleet.toml",
+        )
+      ).spec;
+    const [a, b, c] = [await sharded("1/2"), await sharded("1/3"), await sharded("2/2")];
     expect(restartNeeded(a, b)).toEqual([
       'fleet.shard ("1/2" -> "1/3": not by a restart either: a new shard count needs `fleet reshard`)',
     ]);
+    expect(restartNeeded(await sharded(null), a)).toEqual([
+      'fleet.shard (none -> "1/2": not by a restart either: a new shard count needs `fleet reshard`)',
+    ]);
+    expect(restartNeeded(a, c)).toEqual([
+      'fleet.shard ("1/2" -> "2/2": each shard keeps its own data dir: a restart is refused unless data_dir ' +
+        "names shard 2/2's)",
+    ]);
+    // One shard of one owns what an unsharded gateway does: a restart is enough (its session's name changes).
+    expect(restartNeeded(await sharded(null), await sharded("1/1"))).toEqual(['fleet.shard (none -> "1/1")']);
   });
 
   test("an unchanged file needs nothing", async () => {

@@ -41,11 +41,26 @@ const RENDERED: Record<string, string> = {
   "broker.external": "broker.url (with username, password_env, client_id, ca_file, mqtt_version)",
 };
 
-/** A data dir keeps its shard: a restart on another is refused too (docs/shards.md). */
-const SHARD_CHANGE = "not by a restart either: a new shard count needs `fleet reshard`";
+type Shard = FleetSpec["fleet"]["shard"];
 
-function shardText(s: FleetSpec["fleet"]["shard"]): string {
+function shardText(s: Shard): string {
   return s === null ? "none" : `"${s.index}/${s.count}"`;
+}
+
+/**
+ * Why a changed `[fleet] shard` takes more than a restart, as the refused start says it (docs/shards.md):
+ * a data dir keeps its shard, so another index needs that shard's data dir, another count `fleet reshard`.
+ * Unsharded and "1/1" own the same agents: between them a restart does (the session's name changes).
+ */
+function shardChangeWhy(before: Shard, after: Shard): string | null {
+  const count = (s: Shard) => s?.count ?? 1;
+  if (count(before) === 1 && count(after) === 1) return null;
+  if (before !== null && after !== null && before.count === after.count)
+    return (
+      `each shard keeps its own data dir: a restart is refused unless data_dir names shard ` +
+      `${after.index}/${after.count}'s`
+    );
+  return "not by a restart either: a new shard count needs `fleet reshard`";
 }
 
 /** Keys a reload applies to the running broker without a restart. */
@@ -98,7 +113,10 @@ export function restartNeeded(before: FleetSpec, after: FleetSpec, ignore: reado
       const now = canonicalJson(b[key] ?? null);
       if (was === now) continue;
       if (path === "fleet.shard") {
-        out.push(`fleet.shard (${shardText(before.fleet.shard)} -> ${shardText(after.fleet.shard)}: ${SHARD_CHANGE})`);
+        const why = shardChangeWhy(before.fleet.shard, after.fleet.shard);
+        out.push(
+          `fleet.shard (${shardText(before.fleet.shard)} -> ${shardText(after.fleet.shard)}${why ? `: ${why}` : ""})`,
+        );
         continue;
       }
       if (path === "broker.host") {
