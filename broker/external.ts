@@ -9,6 +9,7 @@ import { connect, type IClientOptions, type IConnackPacket, type IPublishPacket,
 import { existsSync, readFileSync } from "node:fs";
 import type { Logger } from "pino";
 import { writeFileDurably } from "../gateway/durable.ts";
+import { logDue } from "./hooks.ts";
 import type {
   AuthChange,
   Broker,
@@ -97,13 +98,13 @@ class ExternalBroker implements Broker {
   private withheld = 0;
   private reconnects = 0;
   private staleRetained = 0;
-  private lastRefusalLog = 0;
-  private refusedSinceLog = 0;
+  /** Refusals since the last log line, by kind: one line per 10 s at most for each (`logDue`). */
+  private readonly droppedLog = { at: 0, since: 0 };
+  private readonly withheldLog = { at: 0, since: 0 };
   /** The Maximum Packet Size the broker's CONNACK on the outputs connection gave (MQTT 5), or null. */
   private outMaxPacket: number | null = null;
   /** The gateway's own publishes the broker refused for good (MQTT 5 PUBACK), since the last log line. */
-  private lastOutputRefusalLog = 0;
-  private outputsRefusedSinceLog = 0;
+  private readonly outputsRefusedLog = { at: 0, since: 0 };
   private retryDelay: number;
   private retryTimer: ReturnType<typeof setTimeout> | null = null;
   private starting: Promise<void> | null = null;
@@ -431,31 +432,30 @@ class ExternalBroker implements Broker {
       this.logRefusal(topic, verdict.reason);
       return true;
     }
-    this.log.warn({ topic, reason: verdict.reason }, "publish not recorded now; PUBACK withheld, redelivered later");
+    // A full queue refuses every redelivery again until it drains: one line per 10 s at most, with the count.
+    const refused = logDue(this.withheldLog);
+    if (refused !== null)
+      this.log.warn(
+        { topic, reason: verdict.reason, refused },
+        "publish not recorded now; PUBACK withheld, redelivered later",
+      );
     return false;
   }
 
   /** Permanent refusals are acked and dropped; one log line per 10 s at most, with the count. */
   private logRefusal(topic: string, reason: string): void {
-    this.refusedSinceLog++;
-    const now = Date.now();
-    if (now - this.lastRefusalLog < 10_000) return;
-    this.log.warn({ topic, reason, refused: this.refusedSinceLog }, "publish refused for good: acknowledged, dropped");
-    this.lastRefusalLog = now;
-    this.refusedSinceLog = 0;
+    const refused = logDue(this.droppedLog);
+    if (refused !== null) this.log.warn({ topic, reason, refused }, "publish refused for good: acknowledged, dropped");
   }
 
   /** An output the broker refused for good is dropped; one log line per 10 s at most, with the count. */
   private logOutputRefusal(topic: string, reason: string): void {
-    this.outputsRefusedSinceLog++;
-    const now = Date.now();
-    if (now - this.lastOutputRefusalLog < 10_000) return;
-    this.log.warn(
-      { topic, reason, refused: this.outputsRefusedSinceLog },
-      "the broker refused a gateway publish for good (its ACL?); dropped, not retried",
-    );
-    this.lastOutputRefusalLog = now;
-    this.outputsRefusedSinceLog = 0;
+    const refused = logDue(this.outputsRefusedLog);
+    if (refused !== null)
+      this.log.warn(
+        { topic, reason, refused },
+        "the broker refused a gateway publish for good (its ACL?); dropped, not retried",
+      );
   }
 
   /**

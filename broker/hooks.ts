@@ -74,9 +74,9 @@ const NOT_AUTHORIZED = 5;
 
 /**
  * Count one occurrence in `l`; when its log line is due (none in the last 10 s), the occurrences it
- * stands for, this one included, else null.
+ * stands for, this one included, else null. The embedded and the external broker throttle alike.
  */
-function logDue(l: { at: number; since: number }): number | null {
+export function logDue(l: { at: number; since: number }): number | null {
   l.since++;
   const now = Date.now();
   if (now - l.at < 10_000) return null;

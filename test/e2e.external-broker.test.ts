@@ -321,7 +321,7 @@ describe("external broker (Mosquitto)", () => {
 
   test(
     "a transient refusal (queue full) withholds the PUBACK; after the gateway reconnects the broker " +
-      "redelivers, and each stimulus runs once",
+      "redelivers, and each stimulus runs once; the withheld PUBACKs are logged once per 10 s at most, with the count",
     async () => {
       const mq = await mosquitto();
       const fleet = new TestFleet(
@@ -333,6 +333,7 @@ describe("external broker (Mosquitto)", () => {
       await device.publishAsync("c/q/in", JSON.stringify({ n: 0 }), { qos: 1 });
       await fleet.waitCommitted("counter/q", 1);
       expect((await fleet.cli("pause", "counter/q")).code).toBe(0);
+      const since = performance.now();
       for (const n of [1, 2, 3]) await device.publishAsync("c/q/in", JSON.stringify({ n }), { qos: 1 });
       const withheld = async () =>
         ((await (await fleet.fetch("/api/fleet")).json()) as { broker: { external: { withheld: number } } }).broker
@@ -347,6 +348,15 @@ describe("external broker (Mosquitto)", () => {
       await Bun.sleep(500);
       expect((await fleet.fetch("/readyz")).status).toBe(200);
       expect(fleet.logTail(2000)).not.toContain("another client uses the same client id");
+      // Two withheld at each of 4 connections, 8 deliveries or more: one line per 10 s, with the count.
+      const lines = fleet
+        .logTail(2000)
+        .split("\n")
+        .filter((l) => l.includes("PUBACK withheld, redelivered later"));
+      const elapsed = performance.now() - since;
+      expect(lines.length).toBeGreaterThan(0);
+      expect(lines.length).toBeLessThanOrEqual(1 + Math.floor(elapsed / 10_000));
+      expect(lines[0]).toContain('"refused":');
       expect((await fleet.cli("resume", "counter/q")).code).toBe(0);
       await fleet.waitCommitted("counter/q", 4, 60_000);
       const seen = await recorded(fleet);
