@@ -270,7 +270,10 @@ export function createHooks(
           }
           state.messagesIn++;
           const first = client && packet.qos === 1 ? state.publishFirst : null;
-          if (!first || !client) return callback(null); // only now may aedes write the PUBACK
+          if (!first || !client) {
+            callback(null); // only now may aedes write the PUBACK
+            return;
+          }
           const published = first(packet, client);
           const ack = Promise.all([acks.get(client), published]).then(
             () => callback(null),
