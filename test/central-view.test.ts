@@ -12,6 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import {
+  CentralError,
   CentralReader,
   type CentralServer,
   enableReplication,
@@ -510,5 +511,24 @@ describe("fleet central: where it listens", () => {
       s.stop();
     }
     expect(() => startCentralServer({ reader, host: "0.0.0.0", port: 0 })).toThrow("FLEET_CENTRAL_API_TOKEN");
+  });
+});
+
+describe("a center that stops answering", () => {
+  test("a central read fails after its timeout, naming the server, instead of hanging", async () => {
+    // Accepts connections and never answers: a frozen sqld, or a dead peer behind a live proxy.
+    const frozen = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    try {
+      const started = Date.now();
+      const err = await CentralReader.open(`http://127.0.0.1:${frozen.port}`, undefined, { timeoutMs: 300 }).then(
+        () => null,
+        (e: unknown) => e,
+      );
+      expect(err).toBeInstanceOf(CentralError);
+      expect((err as Error).message).toBe(`central server http://127.0.0.1:${frozen.port} did not answer within 0.3 s`);
+      expect(Date.now() - started).toBeLessThan(20_000);
+    } finally {
+      frozen.stop(true);
+    }
   });
 });

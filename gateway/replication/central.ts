@@ -9,7 +9,7 @@ import type { AgentRow, AuditRow, CheckpointRow, EpisodeRow, EventRow } from "..
 import { checkNotNewer, schemaVersion } from "../store/index.ts";
 import { type AuditKey, auditCursor, type EpisodeKey, episodeCursor } from "./cursor.ts";
 import { supersededKey } from "./identity.ts";
-import { classifyError, redactUrl } from "./replicator.ts";
+import { classifyError, PUSH_TIMEOUT_MS, redactUrl, settlesWithin } from "./replicator.ts";
 import { CENTRAL_SCHEMA_VERSION, REPLICATED } from "./tables.ts";
 import { parseShardFleetName, shardLabel } from "../shard.ts";
 import { shownStatus } from "../types.ts";
@@ -225,6 +225,16 @@ interface Scope {
   readonly args: readonly string[];
 }
 
+/** How long a central read waits for the server before it fails (as a push does: a frozen sqld must not hang a read). */
+export const CENTRAL_READ_TIMEOUT_MS = PUSH_TIMEOUT_MS;
+
+/** `request`, or a CentralError once the center took longer than `ms` to answer. */
+async function answered<T>(request: Promise<T>, url: string, ms: number): Promise<T> {
+  if (await settlesWithin(request, ms)) return request;
+  request.catch(() => {}); // given up: its outcome, whenever it comes, is not waited for
+  throw new CentralError(`central server ${redactUrl(url)} did not answer within ${ms / 1000} s`);
+}
+
 /** Read access to a central libSQL server. */
 export class CentralReader {
   private constructor(
@@ -233,10 +243,13 @@ export class CentralReader {
     readonly url: string,
     /** The center's schema version (a v1 center has no operator actions yet). */
     readonly version: number,
+    /** How long one read waits for the server (ms). */
+    private readonly timeoutMs: number,
   ) {}
 
   /** Connect and check the central schema (present, not newer than this code). */
-  static async open(url: string, authToken?: string): Promise<CentralReader> {
+  static async open(url: string, authToken?: string, opts: { timeoutMs?: number } = {}): Promise<CentralReader> {
+    const timeoutMs = opts.timeoutMs ?? CENTRAL_READ_TIMEOUT_MS;
     if (!URL.canParse(url) || !/^(https?|libsql|wss?):$/.test(new URL(url).protocol))
       throw new CentralError(`--central ${redactUrl(url)} is not an http(s)://, libsql:// or ws(s):// URL`);
     let client: Client;
@@ -247,7 +260,7 @@ export class CentralReader {
     }
     let found: number;
     try {
-      found = await schemaVersion(client);
+      found = await answered(schemaVersion(client), url, timeoutMs);
       if (found === 0)
         throw new CentralError(`${redactUrl(url)} has no fleet data yet (no gateway has replicated to it)`);
       checkNotNewer(found, `central database ${redactUrl(url)}`, CENTRAL_SCHEMA_VERSION);
@@ -257,7 +270,7 @@ export class CentralReader {
       const e = classifyError(err, url, authToken !== undefined);
       throw new CentralError(e.message, e.kind === "auth" ? "auth" : "other");
     }
-    return new CentralReader(client, redactUrl(url), found);
+    return new CentralReader(client, redactUrl(url), found, timeoutMs);
   }
 
   close(): void {
@@ -265,7 +278,7 @@ export class CentralReader {
   }
 
   private async all(sql: string, args: InArgs = []): Promise<Row[]> {
-    return (await this.client.execute({ sql, args })).rows;
+    return (await answered(this.client.execute({ sql, args }), this.url, this.timeoutMs)).rows;
   }
 
   /**
@@ -287,7 +300,7 @@ export class CentralReader {
       const want = Math.min(limit, left);
       let rows: Row[];
       try {
-        rows = (await this.client.execute(page(after, want))).rows;
+        rows = (await answered(this.client.execute(page(after, want)), this.url, this.timeoutMs)).rows;
       } catch (err) {
         if (tooLarge(err) && want > 1) {
           limit = Math.max(1, Math.floor(want / 2));

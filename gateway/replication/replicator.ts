@@ -120,7 +120,7 @@ export const HOT_BACKLOG_BATCHES = 10;
 export const PUSH_TIMEOUT_MS = 30_000;
 
 /** Whether `p` settles within `ms` (its outcome is the caller's to read); the timer does not outlive it. */
-async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+export async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const late = new Promise<false>((r) => (timer = setTimeout(() => r(false), ms)));
   try {
