@@ -225,7 +225,7 @@ interface Scope {
   readonly args: readonly string[];
 }
 
-/** How long a central read waits for the server before it fails (as a push does: a frozen sqld must not hang a read). */
+/** How long a central read waits for the server before it fails, as a push does: a frozen sqld must not hang a read. */
 export const CENTRAL_READ_TIMEOUT_MS = PUSH_TIMEOUT_MS;
 
 /** `request`, or a CentralError once the center took longer than `ms` to answer. */
