@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import type { MqttClient } from "mqtt";
+import { connectAsync, type MqttClient } from "mqtt";
 import { bootId, startTicks } from "../gateway/pids.ts";
 import { hexOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
 import {
@@ -40,8 +40,8 @@ const IS_ROOT = process.getuid?.() === 0;
 const E2E_TIMEOUT = 120_000;
 
 /** `[fleet]`, `[broker]` and `[http]` on loopback with ports picked by the flags; `extra` adds `[fleet]` lines. */
-const header = (name: string, extra?: string): string =>
-  fleetHeader(name, { drainTimeoutMs: 10_000, maxPacketBytes: 65536, fleet: extra });
+const header = (name: string, extra?: string, broker?: string): string =>
+  fleetHeader(name, { drainTimeoutMs: 10_000, maxPacketBytes: 65536, fleet: extra, broker });
 
 /** An out message's envelope for `agent`, or undefined. */
 function outOf(
@@ -61,7 +61,7 @@ describe("the core loop (one shared gateway)", () => {
 
   beforeAll(async () => {
     fleet = new TestFleet(
-      header("e2e-core") +
+      header("e2e-core", undefined, "ws_port = 0") +
         agentType("counter", COUNTER, ["c/+/in"], { dedup: "id" }) +
         agentType("hashed", COUNTER, ["h/+/in"]) +
         agentType("twin-a", COUNTER, ["both/+/x"]) +
@@ -84,6 +84,22 @@ describe("the core loop (one shared gateway)", () => {
     expect(info.pid_start).toBe(startTicks(info.pid)!);
     expect(info.boot_id).toBe(bootId()!);
     expect((await fleet.cli("status")).json.fleet).toBe("e2e-core");
+  });
+
+  test("ws_port = 0 picks a free port, named in gateway.json and in the running log line", async () => {
+    const info = JSON.parse(readFileSync(join(fleet.dataDir, "gateway.json"), "utf8")) as GatewayInfo;
+    expect(info.ws_port).toBeGreaterThan(0);
+    const running = readFileSync(fleet.logPath, "utf8")
+      .split("\n")
+      .filter((l) => l.includes('"fleet \\"e2e-core\\" running"'))
+      .map((l) => JSON.parse(l) as { ws_port?: number });
+    expect(running.at(-1)?.ws_port).toBe(info.ws_port!);
+    const ws = await within(
+      connectAsync(`ws://127.0.0.1:${info.ws_port}/mqtt`, { clientId: "e2e-core-ws", reconnectPeriod: 0 }),
+      10_000,
+      "ws connect",
+    );
+    await ws.endAsync();
   });
 
   test(

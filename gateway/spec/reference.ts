@@ -65,7 +65,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "Address the MQTT listeners bind; default 127.0.0.1, or 0.0.0.0 when devices must log in " +
     "(allow_anonymous = false). An anonymous broker on another address is refused (see allow_anonymous_network).",
   "broker.mqtt_port": "MQTT (TCP) port; 0 picks a free one (written to <data_dir>/gateway.json).",
-  "broker.ws_port": "MQTT over WebSocket port; absent: no WebSocket listener.",
+  "broker.ws_port": "MQTT over WebSocket port; 0 picks a free one (gateway.json); absent: no WebSocket listener.",
   "broker.max_packet_bytes":
     "Largest MQTT packet accepted; a larger one closes the connection before it is buffered. " +
     "Agents are held to it too: a larger publish or send is denied, a larger emit fails its episode (too_large).",

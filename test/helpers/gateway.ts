@@ -135,7 +135,8 @@ export interface GatewayInfo {
   readonly pid_start?: string;
   /** The boot it runs in (/proc/sys/kernel/random/boot_id). */
   readonly boot_id?: string;
-  /** Present when configured: MQTT over TLS and over secure WebSocket. */
+  /** Present when configured: MQTT over WebSocket, over TLS and over secure WebSocket. */
+  readonly ws_port?: number;
   readonly mqtts_port?: number;
   readonly wss_port?: number;
   /** True when `[http]` serves HTTPS. */
