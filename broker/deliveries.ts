@@ -13,8 +13,17 @@
  * Here each client remembers the counters it was handed last; a message is a duplicate only when
  * its counter is one of them. Copies through overlapping subscriptions come within one delivery
  * round, so a short memory holds them.
+ *
+ * And each message goes out at the QoS its subscriptions granted (MQTT-3.8.4-6: the lower of the
+ * published QoS and the granted one). aedes 1.2.0 looks the granted QoS up by the message's own topic
+ * (lib/client.js `deliverQoS`: `subscriptions[packet.topic]`), so only an exact-topic subscription
+ * lowered it: a QoS 1 retained message went to a QoS 0 `rq/#` subscriber at QoS 1. Here the highest
+ * QoS granted by any of the client's subscriptions matching the topic decides, for live messages and
+ * for the retained ones a new subscription replays; overlapping subscriptions still deliver once, at
+ * the highest of them, whichever copy comes first.
  */
 import type { Client } from "aedes";
+import { matchTopic } from "./topics.ts";
 
 /** Counters remembered per client: copies of one message arrive together, so a few suffice. */
 const REMEMBERED = 64;
@@ -23,7 +32,8 @@ type Deliver = (packet: DeliveredPacket, cb: () => void) => void;
 
 /** What aedes hands a client's delivery functions (aedes-packet's Packet). */
 interface DeliveredPacket {
-  readonly qos: number;
+  qos: number;
+  readonly topic: string;
   readonly brokerId?: string | null;
   readonly brokerCounter?: number;
 }
@@ -33,11 +43,33 @@ interface DeliveringClient {
   deliver0: Deliver;
   deliverQoS: Deliver;
   readonly duplicates: Record<string, number>;
+  /** The client's subscriptions by filter, with the QoS granted (aedes' `Subscription`). */
+  readonly subscriptions: Record<string, { readonly qos: number }>;
 }
 
 /**
- * Make `client` drop only exact repeats. Call before it subscribes (aedes' `preConnect`): each
- * subscription keeps the delivery function it found.
+ * The QoS `packet` goes out at through a client with these subscriptions: the published QoS, lowered
+ * to the highest QoS granted by a subscription matching its topic (MQTT-3.8.4-6), or to `ceiling`
+ * when none matches (a delivery no subscription asked for: aedes' `Client#publish`).
+ */
+export function deliveredQos(
+  subscriptions: Readonly<Record<string, { readonly qos: number }>>,
+  packet: { readonly qos: number; readonly topic: string },
+  ceiling: number,
+): number {
+  let granted = -1;
+  for (const filter in subscriptions) {
+    const qos = subscriptions[filter]!.qos;
+    if (qos <= granted || !matchTopic(filter, packet.topic)) continue;
+    granted = qos;
+    if (granted >= packet.qos) break; // nothing lowers it
+  }
+  return Math.min(packet.qos, granted < 0 ? ceiling : granted);
+}
+
+/**
+ * Make `client` drop only exact repeats, and deliver at the QoS its subscriptions granted. Call before
+ * it subscribes (aedes' `preConnect`): each subscription keeps the delivery function it found.
  */
 export function dedupeExactly(client: Client): void {
   const c = client as unknown as DeliveringClient;
@@ -66,14 +98,17 @@ export function dedupeExactly(client: Client): void {
   };
   const deliver0 = c.deliver0;
   const deliverQoS = c.deliverQoS;
-  c.deliver0 = (packet, cb) => {
-    admit(packet);
-    deliver0(packet, cb);
+  // A QoS 0 subscription's function (`deliver0`) sends a message at QoS 1 when another subscription
+  // matching it granted QoS 1: the copies are one delivery, and the first one to come is the one sent.
+  const deliverAt = (ceiling: number): Deliver => {
+    return (packet, cb) => {
+      const qos = packet.qos === 0 ? 0 : deliveredQos(c.subscriptions, packet, ceiling);
+      admit(packet);
+      if (qos === 0) return deliver0(packet, cb);
+      packet.qos = qos; // the copy aedes made for this client's subscription (or retained replay)
+      deliverQoS(packet, cb);
+    };
   };
-  // aedes' deliverQoS hands a QoS 0 message to `deliver0` (this one): admitted there, once.
-  c.deliverQoS = (packet, cb) => {
-    if (packet.qos === 0) return c.deliver0(packet, cb);
-    admit(packet);
-    deliverQoS(packet, cb);
-  };
+  c.deliver0 = deliverAt(0);
+  c.deliverQoS = deliverAt(Number.POSITIVE_INFINITY);
 }

@@ -279,6 +279,64 @@ describe("delivery to live clients beside durable sessions", () => {
   });
 });
 
+/** Each message `c` receives: its payload and the QoS it came with. */
+function received(c: MqttClient): { payload: string; qos: number }[] {
+  const got: { payload: string; qos: number }[] = [];
+  c.on("message", (_t, p, packet) => got.push({ payload: p.toString(), qos: packet.qos }));
+  return got;
+}
+
+describe("the QoS a subscriber gets (MQTT-3.8.4-6: the lower of published and granted)", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: a retained QoS 1 message replayed to a QoS 0 wildcard subscription comes at QoS 0`, async () => {
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 100 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
+      );
+      // (Resolves once the message went its way: a device's PUBACK comes before that, and a subscriber quick
+      // enough would get it live too.)
+      await broker.publish("rq/a", "keep", { qos: 1, retain: true });
+      for (const filter of ["rq/#", "rq/+", "rq/a"]) {
+        const sub = await client(broker, { clientId: `rq-${kind}-${filter}`, clean: filter !== "rq/+" });
+        const got = received(sub);
+        await sub.subscribeAsync(filter, { qos: 0 });
+        await until(() => got.length > 0);
+        expect({ filter, got }).toEqual({ filter, got: [{ payload: "keep", qos: 0 }] });
+      }
+    });
+  }
+
+  test("a live QoS 1 message to a QoS 0 wildcard subscription comes at QoS 0, clean session or not", async () => {
+    const broker = await startBroker(join(dir, `b${n++}.db`));
+    for (const clean of [true, false]) {
+      const sub = await client(broker, { clientId: `live-q0-${clean}`, clean });
+      const got = received(sub);
+      await sub.subscribeAsync("live/#", { qos: 0 });
+      await broker.publish("live/a", "m", { qos: 1 });
+      await until(() => got.length > 0);
+      expect({ clean, got }).toEqual({ clean, got: [{ payload: "m", qos: 0 }] });
+    }
+  });
+
+  test("overlapping subscriptions deliver once, at the highest QoS granted by any of them", async () => {
+    const broker = await startBroker(join(dir, `b${n++}.db`));
+    const sub = await client(broker, { clientId: "overlap-qos", clean: true });
+    const got = received(sub);
+    await sub.subscribeAsync({ "ov/#": { qos: 0 }, "ov/+": { qos: 1 }, "+/+": { qos: 0 } });
+    await broker.publish("ov/a", "one", { qos: 1 });
+    await broker.publish("ov/a", "zero", { qos: 0 });
+    await broker.publish("ov/b", "last", { qos: 1 });
+    await until(() => got.some((m) => m.payload === "last"));
+    await Bun.sleep(100);
+    expect(got).toEqual([
+      { payload: "one", qos: 1 },
+      { payload: "zero", qos: 0 },
+      { payload: "last", qos: 1 },
+    ]);
+  });
+});
+
 describe("broker.db from other code", () => {
   test("a broker.db written by newer code is refused with its version, and left untouched", async () => {
     const path = join(dir, `b${n++}.db`);
