@@ -33,6 +33,7 @@ type Deliver = (packet: DeliveredPacket, cb: () => void) => void;
 /** What aedes hands a client's delivery functions (aedes-packet's Packet). */
 interface DeliveredPacket {
   qos: number;
+  dup?: boolean;
   readonly topic: string;
   readonly brokerId?: string | null;
   readonly brokerCounter?: number;
@@ -104,6 +105,9 @@ export function dedupeExactly(client: Client): void {
     return (packet, cb) => {
       const qos = packet.qos === 0 ? 0 : deliveredQos(c.subscriptions, packet, ceiling);
       admit(packet);
+      // A first delivery to this client, whatever the publisher's flag (MQTT-3.3.1-3); a resend of a
+      // session's message comes from its queue, not through here (OutgoingQueues.handedOver).
+      packet.dup = false;
       if (qos === 0) return deliver0(packet, cb);
       packet.qos = qos; // the copy aedes made for this client's subscription (or retained replay)
       deliverQoS(packet, cb);

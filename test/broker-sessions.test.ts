@@ -243,6 +243,48 @@ describe("the RETAIN flag of queued messages", () => {
   }
 });
 
+describe("the DUP flag of redelivered messages (MQTT-3.3.1-1)", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: a QoS 1 message sent before comes again with DUP 1; one never sent comes with DUP 0`, async () => {
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 100 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
+      );
+      // This connection takes the message and never acknowledges it (mqtt.js sends the PUBACK once its
+      // handleMessage calls back).
+      const first: { payload: string; dup: boolean }[] = [];
+      const away = await client(broker, { clientId: `dup-${kind}`, clean: false });
+      away.handleMessage = () => {};
+      away.on("message", (_t, p, packet) => first.push({ payload: p.toString(), dup: packet.dup }));
+      await away.subscribeAsync("redo/#", { qos: 1 });
+      await broker.publish("redo/a", "sent", { qos: 1 });
+      await until(() => first.length > 0);
+      expect(first).toEqual([{ payload: "sent", dup: false }]);
+      await away.endAsync(true);
+      // A publisher's DUP is not passed on (MQTT-3.3.1-3), to a live subscriber or to the queue of an away one.
+      const watcher = await client(broker, { clientId: `dup-watch-${kind}` });
+      await watcher.subscribeAsync("redo/#", { qos: 1 });
+      const watched = new Promise<boolean>((resolve) =>
+        watcher.once("message", (_t, _p, packet) => resolve(packet.dup)),
+      );
+      const publisher = await client(broker, { clientId: `dup-pub-${kind}` });
+      await publisher.publishAsync("redo/b", "queued", { qos: 1, dup: true });
+      // Live clients get a message once it is in the queues of the away sessions.
+      expect(await watched).toBe(false);
+      const back = later(broker, { clientId: `dup-${kind}`, clean: false });
+      const got: { payload: string; dup: boolean }[] = [];
+      back.on("message", (_t, p, packet) => got.push({ payload: p.toString(), dup: packet.dup }));
+      back.connect();
+      await until(() => got.length === 2);
+      expect(got).toEqual([
+        { payload: "sent", dup: true },
+        { payload: "queued", dup: false },
+      ]);
+    });
+  }
+});
+
 describe("delivery to live clients beside durable sessions", () => {
   test("a publish held by its offline queue write still reaches a client a later publish reached first", async () => {
     const path = join(dir, `b${n++}.db`);

@@ -68,3 +68,12 @@ export function queuedCopy(original: StoredPacket): StoredPacket {
   p.dup = original.dup || false;
   return p;
 }
+
+/**
+ * The copy of a published packet an offline queue keeps for a subscriber. RETAIN 0: it goes out because it
+ * matched an established subscription (MQTT-3.3.1-9). DUP 0: the publisher's flag is not passed on
+ * (MQTT-3.3.1-3), and the queue sets it once this copy was sent (`OutgoingQueues.handedOver`).
+ */
+export function queuedForSubscriber(original: StoredPacket): StoredPacket {
+  return { ...queuedCopy(original), retain: false, dup: false };
+}

@@ -16,7 +16,7 @@ import { dirname } from "node:path";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { matchTopic } from "../topics.ts";
-import { decodePacket, encodePacket, queuedCopy, type StoredPacket } from "./codec.ts";
+import { decodePacket, encodePacket, queuedCopy, queuedForSubscriber, type StoredPacket } from "./codec.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
@@ -331,9 +331,7 @@ export class LibsqlPersistence {
 
   private async enqueue(subs: readonly { readonly clientId: string }[], packet: StoredPacket): Promise<void> {
     if (subs.length === 0) return;
-    // MQTT-3.3.1-9: a queued message goes out because it matched an established subscription: RETAIN 0.
-    const copy = queuedCopy(packet);
-    copy.retain = false;
+    const copy = queuedForSubscriber(packet);
     const text = encodePacket(copy);
     const brokerId = (copy.brokerId as string | undefined) ?? null;
     const brokerCounter = num(copy.brokerCounter);

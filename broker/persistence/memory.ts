@@ -11,7 +11,7 @@
 import memory from "aedes-persistence";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
-import { queuedCopy, type StoredPacket } from "./codec.ts";
+import { queuedForSubscriber, type StoredPacket } from "./codec.ts";
 import type { PersistenceStats } from "./libsql.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 
@@ -42,8 +42,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   const outgoingEnqueueCombi = async (subs: readonly { clientId: string }[], packet: StoredPacket) => {
     // aedes asks for every QoS > 0 publish; most match no clean = false session.
     if (subs.length === 0) return;
-    // MQTT-3.3.1-9: a queued message goes out because it matched an established subscription: RETAIN 0.
-    const copy: StoredPacket = { ...queuedCopy(packet), retain: false };
+    const copy = queuedForSubscriber(packet);
     const brokerId = (copy.brokerId as string | undefined) ?? null;
     const brokerCounter = num(copy.brokerCounter);
     queues.enqueue(

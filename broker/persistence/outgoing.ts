@@ -116,6 +116,12 @@ export class OutgoingQueues {
       throw new Error("no such packet");
     }
     const replaces = entry.brokerId !== bid || entry.brokerCounter !== bc;
+    if (entry.messageId !== null && packet.cmd === "publish" && this.readBack.has(packet.payload as object)) {
+      // MQTT-3.3.1-1: a session's PUBLISH sent before (numbered then) goes out again with DUP = 1: aedes
+      // writes this very packet next, and never sets the flag on a read-back itself. One never sent keeps
+      // the DUP = 0 it was queued with (`queuedForSubscriber`).
+      packet.dup = true;
+    }
     entry.sent = ++this.sends;
     entry.brokerId = bid;
     entry.brokerCounter = bc;
