@@ -285,6 +285,27 @@ describe("the DUP flag of redelivered messages (MQTT-3.3.1-1)", () => {
   }
 });
 
+describe("CONNACK's session present (docs/broker.md: known to differ from MQTT-3.2.2-2)", () => {
+  test("it is 1 for a kept session with a subscription, and 0 for one with none (aedes 1.2.0)", async () => {
+    const broker = await startBroker(join(dir, `b${n++}.db`));
+    const present = async (clientId: string): Promise<boolean> => {
+      const c = later(broker, { clientId, clean: false });
+      const connack = new Promise<boolean>((resolve) => c.once("connect", (p) => resolve(p.sessionPresent)));
+      c.connect();
+      const flag = await connack;
+      await c.endAsync();
+      return flag;
+    };
+    expect(await present("sp-none")).toBe(false);
+    // Kept, but aedes takes the flag from the stored subscriptions alone.
+    expect(await present("sp-none")).toBe(false);
+    const sub = await client(broker, { clientId: "sp-sub", clean: false });
+    await sub.subscribeAsync("sp/#", { qos: 1 });
+    await sub.endAsync();
+    expect(await present("sp-sub")).toBe(true);
+  });
+});
+
 describe("delivery to live clients beside durable sessions", () => {
   test("a publish held by its offline queue write still reaches a client a later publish reached first", async () => {
     const path = join(dir, `b${n++}.db`);
