@@ -217,9 +217,9 @@ describe("a method the route does not have", () => {
 });
 
 describe("request bodies", () => {
-  test("a body trickled slowly is cut off at the read deadline (408), its bytes given back", async () => {
-    const bodies = new BodyBudget(() => 1_000_000, { readDeadlineMs: 300 });
-    const guard = createGuard({
+  /** A guarded webhook route that reads its body (at most 1000 bytes) under `bodies`, answering "ok". */
+  const bodyRoutes = (bodies: BodyBudget) =>
+    createGuard({
       http: () => HTTP,
       auth,
       sessions: new Sessions(auth),
@@ -227,12 +227,18 @@ describe("request bodies", () => {
       signInPage,
       streams: () => 0,
       bodies,
+    }).protect({
+      "/hooks/:name": {
+        POST: async (req: Request) => {
+          const r = await readRequestBody(req, 1000);
+          return r.ok ? new Response("ok") : r.res;
+        },
+      },
     });
-    const read = async (req: Request) => {
-      const r = await readRequestBody(req, 1000);
-      return r.ok ? new Response("ok") : r.res;
-    };
-    const routes = guard.protect({ "/hooks/:name": { POST: read } }) as unknown as Record<string, Record<string, Call>>;
+
+  test("a body trickled slowly is cut off at the read deadline (408), its bytes given back", async () => {
+    const bodies = new BodyBudget(() => 1_000_000, { readDeadlineMs: 300 });
+    const routes = bodyRoutes(bodies) as unknown as Record<string, Record<string, Call>>;
     let timer: ReturnType<typeof setInterval> | undefined;
     const trickle = new ReadableStream<Uint8Array>({
       start(ctrl) {
@@ -257,24 +263,7 @@ describe("request bodies", () => {
     // Bun.serve ends a request after 10 s unless told otherwise (at 12 s: its timer ticks every 4 s); the read
     // deadline here is past that.
     const bodies = new BodyBudget(() => 1_000_000, { readDeadlineMs: 14_500 });
-    const guard = createGuard({
-      http: () => HTTP,
-      auth,
-      sessions: new Sessions(auth),
-      audit: async () => undefined,
-      signInPage,
-      streams: () => 0,
-      bodies,
-    });
-    const read = async (req: Request) => {
-      const r = await readRequestBody(req, 1000);
-      return r.ok ? new Response("ok") : r.res;
-    };
-    const server = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      routes: guard.protect({ "/hooks/:name": { POST: read } }),
-    });
+    const server = Bun.serve({ hostname: "127.0.0.1", port: 0, routes: bodyRoutes(bodies) });
     try {
       const socket = connect(server.port!, "127.0.0.1");
       let answer = "";
