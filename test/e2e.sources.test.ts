@@ -616,7 +616,7 @@ key = "{1}"
 `);
 
   test(
-    "`fleet send <topic> <json>` starts one manual episode; the same --id twice makes one",
+    "`fleet send <topic> <json>` starts one manual episode; the same --id twice makes one, with another payload none",
     async () => {
       await fleet.start();
       const r = await fleet.cli("send", "manual/m1/cmd", JSON.stringify({ x: 1 }));
@@ -626,10 +626,12 @@ key = "{1}"
       expect(eps[0]!.kind).toBe("manual");
       expect(eps[0]!.emit).toMatchObject({ kind: "manual", topic: "manual/m1/cmd", payload: { x: 1 } });
       const a = await fleet.cli("send", "manual/m2/cmd", JSON.stringify({ y: 1 }), "--id", "op-1");
-      const b = await fleet.cli("send", "manual/m2/cmd", JSON.stringify({ y: 2 }), "--id", "op-1");
-      expect([a.code, b.code]).toEqual([0, 0]);
+      const b = await fleet.cli("send", "manual/m2/cmd", JSON.stringify({ y: 1 }), "--id", "op-1");
+      const c = await fleet.cli("send", "manual/m2/cmd", JSON.stringify({ y: 2 }), "--id", "op-1");
+      expect([a.code, b.code, c.code]).toEqual([0, 0, 1]);
       expect(a.json.accepted).toHaveLength(1);
       expect(b.json.duplicates).toHaveLength(1);
+      expect(c.stderr).toContain("already used with a different body");
       await waitCommitted(fleet, "rec/m2", 1);
       expect(await committedBeforeSentinel(fleet, "rec/m2")).toHaveLength(1);
       expect(await committedBeforeSentinel(fleet, "rec/m1")).toHaveLength(1);
