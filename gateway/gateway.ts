@@ -104,7 +104,16 @@ import {
   type Readiness,
 } from "./observe/index.ts";
 import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
-import { BundleFiles, buildBundle, bundleDir, codeChanges, inSourceTerms, pinCode, type Pinned } from "./code/index.ts";
+import {
+  BundleFiles,
+  buildBundle,
+  bundleDir,
+  codeChanges,
+  inSourceTerms,
+  pinCode,
+  type Pinned,
+  specScope,
+} from "./code/index.ts";
 import { HOST_MODULES, HOST_PATHS } from "../agents/host/index.ts";
 import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
 
@@ -778,8 +787,9 @@ export class Gateway {
   async deployCheck(toml: string | null, opts: DeployCheckOptions): Promise<DeployCheckReport> {
     const path = this.current.path;
     const candidate = toml === null ? await loadSpec(path) : await compileSpec(toml, path);
+    const scope = specScope(candidate, this.dataDir);
     const build = async (modulePath: string) => {
-      const r = await buildBundle(modulePath, HOST_MODULES);
+      const r = await buildBundle(modulePath, HOST_MODULES, scope);
       if (!r.ok) return { error: r.error };
       this.bundles.remember(r.hash, r.code);
       return { hash: r.hash, file: () => this.bundles.file(r.hash) };
@@ -1330,6 +1340,7 @@ export class Gateway {
       hostModules: HOST_MODULES,
       now: this.now,
       log: this.log.child({ mod: "code" }),
+      dataDir: this.dataDir,
     });
   }
 

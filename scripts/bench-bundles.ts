@@ -11,7 +11,7 @@
  * spares serve both sides alike). Prints one table and the JSON result on its last line.
  */
 import { chmodSync, mkdtempSync, rmSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { HOST_MODULES } from "../agents/host/index.ts";
 import { BundleFiles, buildBundle } from "../gateway/code/index.ts";
 import {
@@ -49,7 +49,7 @@ const dir = mkdtempSync("/var/tmp/fleet-bench-bundles-");
 // Agents run as other uids when this runs as root: they must be able to enter the folder.
 chmodSync(dir, 0o755);
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-const built = await buildBundle(module, HOST_MODULES);
+const built = await buildBundle(module, HOST_MODULES, { roots: [dirname(module)], refused: [] });
 if (!built.ok) throw new Error(built.error);
 const files = new BundleFiles(dir, async () => built.code);
 const bundlePath = await files.file(built.hash);

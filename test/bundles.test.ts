@@ -15,15 +15,17 @@ import {
   realpathSync,
   rmSync,
   statSync,
+  symlinkSync,
   writeFileSync,
 } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import pino from "pino";
 import { HOST_MODULES, PROTOCOL_SPECIFIER, SDK_ENTRY, SDK_SPECIFIER } from "../agents/host/index.ts";
 import {
   BundleFiles,
   BundleMissing,
+  type BundleScope,
   buildBundle,
   bundleDir,
   inSourceTerms,
@@ -50,6 +52,11 @@ afterAll(() => {
 });
 
 const ROOT = join(import.meta.dir, "..");
+
+/** A bundle's scope when no fleet.toml is in play: the module's own folder tree (/proc, /sys, /dev still refused). */
+function scopeOf(module: string): BundleScope {
+  return { roots: [dirname(module)], refused: [] };
+}
 const silent = pino({ level: "silent" });
 const DAY = 86_400_000;
 
@@ -104,7 +111,7 @@ export default defineAgent({ init: () => ({}), onStimulus(_s, ctx) { ctx.emit({ 
 describe("buildBundle", () => {
   test("bundles local imports in and leaves the SDK to the host runtime, by its package name", async () => {
     const dir = tempDir();
-    const r = await buildBundle(writeAgent(dir, "alpha"), HOST_MODULES);
+    const r = await buildBundle(writeAgent(dir, "alpha"), HOST_MODULES, scopeOf(join(dir, "agent.ts")));
     if (!r.ok) throw new Error(r.error);
     expect(r.code).toContain('"alpha"');
     expect(r.code).not.toContain("./word.ts");
@@ -113,10 +120,10 @@ describe("buildBundle", () => {
     expect(r.code).not.toContain("class ToolDenied");
     expect(r.hash).toBe(await blake3Hex(r.code));
     // The same code bundles to the same hash; different code to another.
-    const again = await buildBundle(join(dir, "agent.ts"), HOST_MODULES);
+    const again = await buildBundle(join(dir, "agent.ts"), HOST_MODULES, scopeOf(join(dir, "agent.ts")));
     expect(again.ok && again.hash).toBe(r.hash);
     writeAgent(dir, "beta");
-    const other = await buildBundle(join(dir, "agent.ts"), HOST_MODULES);
+    const other = await buildBundle(join(dir, "agent.ts"), HOST_MODULES, scopeOf(join(dir, "agent.ts")));
     expect(other.ok && other.hash).not.toBe(r.hash);
   });
 
@@ -127,8 +134,12 @@ describe("buildBundle", () => {
       [join(copy, "agents/sdk/index.ts")]: SDK_SPECIFIER,
       [join(copy, "agents/protocol.ts")]: PROTOCOL_SPECIFIER,
     };
-    const here = await buildBundle(join(ROOT, "agents/examples/anomaly.ts"), HOST_MODULES);
-    const there = await buildBundle(join(copy, "agents/examples/anomaly.ts"), modules);
+    const here = await buildBundle(
+      join(ROOT, "agents/examples/anomaly.ts"),
+      HOST_MODULES,
+      scopeOf(join(ROOT, "agents/examples/anomaly.ts")),
+    );
+    const there = await buildBundle(join(copy, "agents/examples/anomaly.ts"), modules, scopeOf(copy));
     if (!here.ok || !there.ok) throw new Error("bundling failed");
     expect(there.hash).toBe(here.hash);
     expect(here.code).toContain(`from "${SDK_SPECIFIER}"`);
@@ -140,9 +151,9 @@ describe("buildBundle", () => {
     const dir = tempDir();
     writeFileSync(join(dir, "bad.ts"), "export default {\n");
     writeFileSync(join(dir, "missing.ts"), 'import x from "./nope.ts";\nexport default x;\n');
-    const bad = await buildBundle(join(dir, "bad.ts"), HOST_MODULES);
-    const missing = await buildBundle(join(dir, "missing.ts"), HOST_MODULES);
-    const none = await buildBundle(join(dir, "none.ts"), HOST_MODULES);
+    const bad = await buildBundle(join(dir, "bad.ts"), HOST_MODULES, scopeOf(join(dir, "bad.ts")));
+    const missing = await buildBundle(join(dir, "missing.ts"), HOST_MODULES, scopeOf(join(dir, "missing.ts")));
+    const none = await buildBundle(join(dir, "none.ts"), HOST_MODULES, scopeOf(join(dir, "none.ts")));
     expect(bad.ok).toBe(false);
     expect(!missing.ok && missing.error).toContain("nope.ts");
     expect(!none.ok && none.error).toContain("none.ts");
@@ -151,7 +162,7 @@ describe("buildBundle", () => {
   test("its source map leads each line of the code back to the file, line and column it came from", async () => {
     const dir = tempDir();
     writeLab(dir);
-    const r = await buildBundle(join(dir, "agents/lab.ts"), HOST_MODULES);
+    const r = await buildBundle(join(dir, "agents/lab.ts"), HOST_MODULES, scopeOf(join(dir, "agents/lab.ts")));
     if (!r.ok) throw new Error(r.error);
     expect(r.hash).toBe(await blake3Hex(r.code));
     expect(r.code).not.toContain("debugId");
@@ -237,7 +248,7 @@ describe("source maps stored with their bundles", () => {
   test("a bundle stored without a map (before migration 36) gets one when its code is built again", async () => {
     const dir = tempDir();
     const module = writeLab(dir);
-    const built = await buildBundle(module, HOST_MODULES);
+    const built = await buildBundle(module, HOST_MODULES, scopeOf(module));
     if (!built.ok || built.map === null) throw new Error("no bundle with a map");
     const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
     try {
@@ -278,7 +289,7 @@ describe("Bun macros in agent code", () => {
     const dir = tempDir();
     const { module, ran } = macroAgent(dir, attrs);
     return (async () => {
-      const built = await buildBundle(module, HOST_MODULES);
+      const built = await buildBundle(module, HOST_MODULES, scopeOf(module));
       expect(built.ok).toBe(false);
       expect(!built.ok && built.error).toContain("import attributes");
       expect(agentFiles(module).files).toEqual([realpathSync(module)]);
@@ -291,8 +302,78 @@ describe("Bun macros in agent code", () => {
     writeFileSync(join(dir, "data.json"), '{"n": 7}');
     const module = join(dir, "agent.ts");
     writeFileSync(module, 'import data from "./data.json" with { type: "json" };\nexport const n = data.n;\n');
-    const built = await buildBundle(module, HOST_MODULES);
+    const built = await buildBundle(module, HOST_MODULES, scopeOf(module));
     expect(built.ok && built.code).toContain("7");
+  });
+});
+
+describe("files agent code may bundle", () => {
+  /** A fleet in `dir` (data dir `.fleet`, the default) whose type `t` runs `agent.ts` importing `spec` as `type`. */
+  async function importing(dir: string, spec: string, type = "text") {
+    const module = join(dir, "agent.ts");
+    writeFileSync(
+      module,
+      `import { defineAgent } from "agent-fleets";\n` +
+        `import data from ${JSON.stringify(spec)} with { type: ${JSON.stringify(type)} };\n` +
+        "export default defineAgent({ init: () => ({}),\n" +
+        "  onStimulus(_s, ctx) { ctx.emit({ data: String(data) }); } });\n",
+    );
+    const sv = await compileSpec(
+      `[fleet]\nname = "scope"\n\n[agents.t]\nmodule = "agent.ts"\n`,
+      join(dir, "fleet.toml"),
+    );
+    return versionOf(sv, HOST_MODULES);
+  }
+
+  test("/proc/self/environ is refused, naming the import and the rule; nothing of it is bundled", async () => {
+    const version = await importing(tempDir(), "/proc/self/environ");
+    expect(version.sv.bundles).toEqual({});
+    expect(version.unbundled).toHaveLength(1);
+    const error = version.unbundled[0]!.error;
+    expect(error).toContain('import "/proc/self/environ"');
+    expect(error).toContain("agent code may not import the gateway's files, /proc, /sys or /dev");
+  });
+
+  test("a file of the data dir inside the fleet.toml folder is refused, by a relative path too", async () => {
+    const dir = tempDir();
+    mkdirSync(join(dir, ".fleet"));
+    writeFileSync(join(dir, ".fleet/local-admin.token"), "SECRET-TOKEN\n");
+    const version = await importing(dir, "./.fleet/local-admin.token");
+    expect(version.unbundled[0]?.error).toContain(`inside the gateway's data dir (${join(dir, ".fleet")})`);
+    // A data dir named by the caller (the gateway's --data-dir) is refused wherever it is.
+    mkdirSync(join(dir, "elsewhere"));
+    writeFileSync(join(dir, "elsewhere/tokens.json"), "{}");
+    const sv = await compileSpec(
+      `[fleet]\nname = "scope"\n\n[agents.t]\nmodule = "agent.ts"\n`,
+      join(dir, "fleet.toml"),
+    );
+    writeFileSync(join(dir, "agent.ts"), 'import t from "./elsewhere/tokens.json";\nexport default t;\n');
+    expect((await versionOf(sv, HOST_MODULES)).unbundled).toEqual([]);
+    const named = await versionOf(sv, HOST_MODULES, join(dir, "elsewhere"));
+    expect(named.unbundled[0]?.error).toContain("inside the gateway's data dir");
+  });
+
+  test("a symlink inside the tree is judged by where it points: outside is refused", async () => {
+    const dir = tempDir();
+    const outside = tempDir();
+    writeFileSync(join(outside, "secret.txt"), "SECRET\n");
+    symlinkSync(join(outside, "secret.txt"), join(dir, "looks-local.txt"));
+    const version = await importing(dir, "./looks-local.txt");
+    expect(version.unbundled[0]?.error).toContain(`import "./looks-local.txt" (${realpathSync(outside)}/secret.txt)`);
+    expect(version.unbundled[0]?.error).toContain("is outside the folders agent code may import from");
+  });
+
+  test("text and JSON files inside the tree bundle as before", async () => {
+    const dir = tempDir();
+    mkdirSync(join(dir, "data"));
+    writeFileSync(join(dir, "data/table.json"), '{"rows": 41}');
+    writeFileSync(join(dir, "data/note.txt"), "a note");
+    const json = await importing(dir, "./data/table.json", "json");
+    expect(json.unbundled).toEqual([]);
+    const text = await importing(dir, "./data/note.txt");
+    expect(text.unbundled).toEqual([]);
+    const built = await buildBundle(join(dir, "agent.ts"), HOST_MODULES, scopeOf(join(dir, "agent.ts")));
+    expect(built.ok && built.code).toContain("a note");
   });
 });
 
@@ -492,7 +573,7 @@ describe("pinCode", () => {
     const dir = tempDir();
     const module = writeAgent(dir, "one");
     const sv = await compileSpec(toml(module), join(dir, "fleet.toml"));
-    const built = await buildBundle(module, HOST_MODULES);
+    const built = await buildBundle(module, HOST_MODULES, scopeOf(module));
     if (!built.ok) throw new Error(built.error);
     const older = async (code: string) => {
       const hash = await blake3Hex(code);

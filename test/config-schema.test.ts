@@ -266,7 +266,15 @@ describe("a bad config refuses the deploy", () => {
     const fleet = new TestFleet(`${fleetHeader("cfg-pending")}\n${typeToml("{ threshold = 80 }")}`);
     if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
     const slow = join(fleet.dir, "slow.ts"); // its config check takes 5 s
-    writeFileSync(slow, `await Bun.sleep(5000);\nexport { default } from ${JSON.stringify(TYPED)};\n`);
+    // A module may bundle only files of its fleet's folder (docs/sandbox.md): the typed agent is copied
+    // there, with this checkout's packages (zod) linked in as the fleet's own node_modules.
+    const sdk = JSON.stringify(join(ROOT, "agents/sdk/index.ts"));
+    writeFileSync(
+      join(fleet.dir, "typed.ts"),
+      readFileSync(TYPED, "utf8").replace('"../../../agents/sdk/index.ts"', sdk),
+    );
+    symlinkSync(realpathSync(join(ROOT, "node_modules")), join(fleet.dir, "node_modules"));
+    writeFileSync(slow, 'await Bun.sleep(5000);\nexport { default } from "./typed.ts";\n');
     await fleet.start();
     type View = {
       spec_version: string;

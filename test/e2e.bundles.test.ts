@@ -16,7 +16,9 @@ import {
   readdirSync,
   readFileSync,
   renameSync,
+  rmSync,
   statSync,
+  symlinkSync,
   writeFileSync,
 } from "node:fs";
 import { tmpdir } from "node:os";
@@ -179,6 +181,60 @@ describe("code pinned by content", () => {
       expect(last.spec_version).toBe(after[2]!.spec_version);
       expect((await fleet.cli("verify")).code).toBe(0);
     } finally {
+      await fleet.dispose();
+    }
+  }, 180_000);
+
+  test("a module importing a file the gateway may not give away is refused at validate and at hot reload", async () => {
+    const { fleet, agent } = taggerFleet("e2e-bundles-scope");
+    const outside = join(tmpdir(), `fleet-scope-${process.pid}.txt`);
+    writeFileSync(outside, "OUTSIDE-SECRET\n");
+    symlinkSync(outside, join(fleet.dir, "looks-local.txt"));
+    const hostile = (spec: string) =>
+      `import { defineAgent } from ${JSON.stringify(SDK)};\n` +
+      `import leak from ${JSON.stringify(spec)} with { type: "text" };\n` +
+      "export default defineAgent({ init: () => ({}), onStimulus(_s, ctx) { ctx.emit({ leak: String(leak) }); } });\n";
+    const cases = [
+      ["/proc/self/environ", "agent code may not import the gateway's files, /proc, /sys or /dev"],
+      ["./data/local-admin.token", `inside the gateway's data dir (${fleet.dataDir})`],
+      ["./looks-local.txt", "is outside the folders agent code may import from"],
+    ] as const;
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      await publishQos1(c, "tags/a/in", { id: "r1" });
+      await fleet.waitCommitted("tagger/a", 1);
+      const [good] = await episodeRows(fleet, "tagger/a");
+      for (const [spec, rule] of cases) {
+        writeFileSync(agent, hostile(spec));
+        const checked = await runCli(["validate", fleet.configPath, "--data-dir", fleet.dataDir]);
+        expect(checked.code).toBe(1);
+        expect(checked.stdout).toContain("agents.tagger.module cannot be bundled");
+        expect(checked.stdout).toContain(`import ${JSON.stringify(spec)}`);
+        expect(checked.stdout).toContain(rule);
+        const refused = await waitFor(
+          async () => ((await specError(fleet))?.includes(JSON.stringify(spec)) ? specError(fleet) : undefined),
+          20_000,
+          `the reload refusing ${spec}`,
+        );
+        expect(refused).toContain("agents.tagger.module cannot be bundled");
+        expect(refused).toContain(rule);
+      }
+      writeFileSync(agent, AGENT);
+      await waitFor(async () => (await specError(fleet)) === null, 20_000, "the refusal cleared");
+      // Nothing of the refused code ran: the next episode runs the code deployed before, and nothing leaked.
+      await publishQos1(c, "tags/a/in", { id: "r2" });
+      await fleet.waitCommitted("tagger/a", 2);
+      const rows = await episodeRows(fleet, "tagger/a");
+      expect(rows.map((e) => e.bundle)).toEqual([good!.bundle, good!.bundle]);
+      // No refused code was stored either (a stored bundle would carry what it inlined).
+      for (const { code } of await fleet.query<Row>("SELECT code FROM bundles")) {
+        expect(String(code)).not.toContain("leak");
+        expect(String(code)).not.toContain("OUTSIDE-SECRET");
+        expect(String(code)).not.toContain(fleet.token);
+      }
+    } finally {
+      rmSync(outside, { force: true });
       await fleet.dispose();
     }
   }, 180_000);

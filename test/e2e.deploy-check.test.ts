@@ -14,6 +14,12 @@ import { counterType, fleetHeader, q, tempMonitorType } from "./helpers/toml.ts"
 
 const SLOW = 180_000;
 const ops = (name: string) => join(import.meta.dir, "fixtures/ops", `${name}.ts`);
+/**
+ * A fixture's text for a copy in the fleet's folder: a module may bundle only files of its fleet's and
+ * its own folder and of the install's agents/ (docs/sandbox.md), so its imports name this checkout's agents/.
+ */
+const opsCopy = (name: string) =>
+  readFileSync(ops(name), "utf8").replaceAll('"../../../agents/', `"${join(import.meta.dir, "../agents")}/`);
 const SHIPPED = q(shippedAgent("temp-monitor"));
 const TOML = fleetHeader("e2e-deploy-check") + tempMonitorType("temp-monitor") + counterType("counter", "count/+/tick");
 const KEYS = ["boiler-1", "boiler-2", "boiler-3"];
@@ -277,7 +283,7 @@ describe("POST /api/deploy/check", () => {
   /** The HTTP check bundles new modules only from the fleet.toml folder tree: a module there that wraps `ops(name)`. */
   const inFleet = (name: string) => {
     const path = join(fleet.dir, `${name}.ts`);
-    writeFileSync(path, `export { default } from ${q(ops(name))};\n`);
+    writeFileSync(path, opsCopy(name));
     return path;
   };
 
@@ -421,7 +427,7 @@ describe("[agents.<t>.rollout] require_check", () => {
       );
       expect((await check()).report.types).toEqual([]);
 
-      reexport(ops("temp-monitor-renamed"));
+      writeFileSync(tm, opsCopy("temp-monitor-renamed"));
       const refused = await waitFor(
         async () => {
           const h = await health();

@@ -11,7 +11,7 @@ import { liveFetch } from "./live.ts";
 import { commandSpawnOptions } from "../episode/index.ts";
 import { deployCheck, describeDeployCheck, storedSpec } from "../ops/index.ts";
 import { loadSpec } from "../spec/index.ts";
-import { BundleFiles, buildBundle, bundleDir } from "../code/index.ts";
+import { BundleFiles, buildBundle, bundleDir, specScope } from "../code/index.ts";
 import { HOST_MODULES } from "../../agents/host/index.ts";
 
 /** Most episodes or agents a check may be asked to replay per agent or type. */
@@ -45,9 +45,11 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
     // Each module is bundled as the gateway would pin it (an edited file is a code change) and the
     // replays run that bundle, written where the sandbox can read it.
     const spawn = commandSpawnOptions("auto", {}, "fleet deploy --check");
-    const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
+    const dataDir = await cli.dataDir();
+    const files = new BundleFiles(bundleDir(dataDir, spawn), (h) => store.bundleCode(h));
+    const scope = specScope(candidate, dataDir);
     const build = async (path: string) => {
-      const r = await buildBundle(path, HOST_MODULES);
+      const r = await buildBundle(path, HOST_MODULES, scope);
       if (!r.ok) return { error: r.error };
       files.remember(r.hash, r.code);
       return { hash: r.hash, file: () => files.file(r.hash) };

@@ -353,7 +353,9 @@ export async function cmdValidate(cli: Cli, file: string | undefined): Promise<n
       "fleet validate",
     );
     // The version as the gateway would store it: the text's hash with its modules' bundles.
-    const version = await versionOf(sv, HOST_MODULES);
+    // No module may bundle a file of the data dir: the one this command runs on too, if it names one.
+    const dataDir = await cli.dataDir().catch(() => undefined);
+    const version = await versionOf(sv, HOST_MODULES, dataDir);
     // A module that does not bundle (a syntax error, say) would also throw when loaded: its bundle error,
     // which names file:line:column, is the one reported below, in the `unbundled` shape.
     const unbundledTypes = new Set(version.unbundled.map((u) => u.type));

@@ -11,6 +11,7 @@ import { legacyHostSpecifier } from "../../agents/host/index.ts";
 import { macroRisk } from "../episode/index.ts";
 import { blake3Hex } from "../hash.ts";
 import type { Blake3Hex } from "../types.ts";
+import { type BundleScope, ScopeCheck } from "./scope.ts";
 
 /**
  * What bundling one module gave: its code, that code's BLAKE3 and its source map (JSON, version 3,
@@ -25,13 +26,17 @@ export type BuiltBundle =
  * Bundle `modulePath` for the episode host. `hostModules` maps each module the host runtime
  * answers (agents/host HOST_MODULES: the SDK, the protocol) from its file to its specifier: an
  * import that resolves to one of those files (by package name, relative path or absolute path)
- * is left as an import of that specifier; everything else is bundled in.
+ * is left as an import of that specifier; everything else is bundled in, if `scope` lets the
+ * gateway read it (./scope.ts): a file outside it fails the build, naming the import and the rule.
  */
 export async function buildBundle(
   modulePath: string,
   hostModules: Readonly<Record<string, string>>,
+  scope: BundleScope,
 ): Promise<BuiltBundle> {
   const specifiers = new Set(Object.values(hostModules));
+  // The install's SDK and protocol folders (agents/sdk, agents/: the example agents too) are code anyone may read.
+  const check = new ScopeCheck(modulePath, scope, Object.keys(hostModules).map(dirname));
   let result: Awaited<ReturnType<typeof Bun.build>>;
   try {
     result = await Bun.build({
@@ -58,12 +63,18 @@ export async function buildBundle(
                 return undefined;
               }
               const specifier = hostModules[resolved];
-              return specifier === undefined ? undefined : { path: specifier, external: true };
+              if (specifier !== undefined) return { path: specifier, external: true };
+              // Checked here, where the import is known, so that the error names it and its file.
+              check.addPackage(args.path, args.importer);
+              if (resolved.startsWith("/")) check.allow(resolved, { specifier: args.path, importer: args.importer });
+              return undefined;
             });
-            // Each file is read and checked before Bun parses it: parsing would run a macro here, in the gateway.
+            // Every file Bun reads (the entry point, and any import resolved otherwise) is checked again as it loads.
+            // Each JS/TS file is read and checked before Bun parses it: parsing would run a macro here, in the gateway.
             // (Bun runs no macro imported from node_modules.)
-            b.onLoad({ filter: /\.[cm]?[jt]sx?$/ }, (args) => {
-              if (args.path.includes(`${sep}node_modules${sep}`)) return undefined;
+            b.onLoad({ filter: /.*/ }, (args) => {
+              check.allow(args.path);
+              if (!CODE_FILE.test(args.path) || args.path.includes(`${sep}node_modules${sep}`)) return undefined;
               const contents = readFileSync(args.path, "utf8");
               const risk = macroRisk(contents);
               if (risk) throw new Error(`${args.path}: ${risk}`);
@@ -143,6 +154,9 @@ export function withHostSpecifiers(code: string): string {
     return specifier === null ? whole : `${before}${JSON.stringify(specifier)}`;
   });
 }
+
+/** A JS or TS source file, by its extension. */
+const CODE_FILE = /\.[cm]?[jt]sx?$/;
 
 /** The loader for a JS/TS file by its extension. */
 function loaderOf(path: string): "ts" | "tsx" | "js" | "jsx" {

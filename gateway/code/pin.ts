@@ -11,6 +11,7 @@ import type { SpecVersion } from "../spec/index.ts";
 import type { Blake3Hex } from "../types.ts";
 import { buildBundle, withHostSpecifiers } from "./bundle.ts";
 import type { BundleFiles } from "./files.ts";
+import { specScope } from "./scope.ts";
 
 /** Where built bundles are kept (a `Store` satisfies it). */
 export interface BundleSink {
@@ -27,6 +28,8 @@ export interface PinDeps {
   readonly hostModules: Readonly<Record<string, string>>;
   readonly now: () => number;
   readonly log: Logger;
+  /** The gateway's data dir: no module may bundle a file of it (./scope.ts). */
+  readonly dataDir?: string;
 }
 
 /** The pinned version, or the problems that refuse it (one line each, naming the key path). */
@@ -43,10 +46,11 @@ export type Pinned =
 export async function pinCode(sv: SpecVersion, previous: SpecVersion | null, d: PinDeps): Promise<Pinned> {
   const bundles: Record<string, Blake3Hex> = {};
   const problems: string[] = [];
+  const scope = specScope(sv, d.dataDir);
   const built = await Promise.all(
     Object.values(sv.spec.agents).map(async (t) => ({
       t,
-      r: await buildBundle(t.module_path, d.hostModules),
+      r: await buildBundle(t.module_path, d.hostModules, scope),
     })),
   );
   for (const { t, r } of built) {
@@ -95,15 +99,18 @@ async function olderBuildOf(
 /**
  * The spec version `sv` would be if the gateway pinned it now (nothing stored), and the types whose
  * module cannot be bundled (they would run from their file), each with its first error line.
+ * `dataDir`: the gateway's, when it is not the spec's own `data_dir`.
  */
 export async function versionOf(
   sv: SpecVersion,
   hostModules: Readonly<Record<string, string>>,
+  dataDir?: string,
 ): Promise<{ sv: SpecVersion; unbundled: { type: string; error: string }[] }> {
   const bundles: Record<string, Blake3Hex> = {};
   const unbundled: { type: string; error: string }[] = [];
+  const scope = specScope(sv, dataDir);
   for (const t of Object.values(sv.spec.agents)) {
-    const r = await buildBundle(t.module_path, hostModules);
+    const r = await buildBundle(t.module_path, hostModules, scope);
     if (r.ok) bundles[t.name] = r.hash;
     else unbundled.push({ type: t.name, error: r.error.split("\n")[0] ?? r.error });
   }
