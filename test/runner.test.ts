@@ -1608,6 +1608,14 @@ describe("the IPC edge", () => {
     expect(r.records).toEqual([]);
   });
 
+  test("records past max_records fail the episode as flood; the log keeps max_records, nothing after", async () => {
+    // 30 batches of 1,000 written at once: the gateway stops at the batch that passes 10,000 and reads no further.
+    const batch = { t: "records", records: Array.from({ length: 1000 }, () => ({ k: "now", v: 1 })) };
+    const r = expectFailure(await run(start("raw-ipc", { lines: Array(30).fill(batch) })), "flood");
+    expect(r.message).toContain(`more than ${LIMITS.maxRecords} records`);
+    expect(r.records).toHaveLength(LIMITS.maxRecords);
+  });
+
   test("a tool call and done in one write fail the episode as protocol; a call after done is not run", async () => {
     const calls: string[] = [];
     const onTool: ToolHandler = async (_call, tool) => {

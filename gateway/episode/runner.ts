@@ -202,7 +202,8 @@ export async function runEpisode(
         });
     const end = performance.now();
     const codeMs = clockFrom === null ? {} : { codeMs: end - clockFrom };
-    outcome = { ...r, records, ms: end - began, start: startKind, ...codeMs } as RunResult;
+    // A copy: nothing the child sends after the end reaches the result (the log stored).
+    outcome = { ...r, records: [...records], ms: end - began, start: startKind, ...codeMs } as RunResult;
     settle();
   };
 
@@ -326,11 +327,15 @@ export async function runEpisode(
         }
         return;
       case "records":
-        if (!countRecords(bytes)) return;
+        // An episode that has ended reads no further: its log is what it held when it ended.
+        if (outcome || !countRecords(bytes)) return;
         for (const r of msg.records) if (r.k === "emit" && !emitFits(r.data)) return;
+        if (records.length + msg.records.length > limits.maxRecords) {
+          // The log keeps max_records, not the batch that passed them.
+          records.push(...msg.records.slice(0, limits.maxRecords - records.length));
+          return finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
+        }
         records.push(...msg.records);
-        if (records.length > limits.maxRecords)
-          finish({ ok: false, kind: "flood", message: `more than ${limits.maxRecords} records` });
         return;
       case "tool":
         // Nothing more runs for an episode that has ended (its process is being killed).
