@@ -322,7 +322,10 @@ export type ChildMessage =
   | { readonly t: "ready" }
   | { readonly t: "records"; readonly records: readonly EpisodeRecord[] }
   | { readonly t: "tool"; readonly call: number; readonly tool: string; readonly args: readonly unknown[] }
-  /** `version`: the code's `defineAgent({ version })`, which the new checkpoint records. */
+  /**
+   * `version`: the code's `defineAgent({ version })`. A claim the gateway checks, never stamps: the new
+   * checkpoint records the version the gateway read from the code itself (gateway/episode/state-version.ts).
+   */
   | { readonly t: "done"; readonly state: unknown; readonly version?: number; readonly migrated_from?: number }
   | {
       readonly t: "error";

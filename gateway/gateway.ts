@@ -20,7 +20,7 @@ import {
 } from "../broker/index.ts";
 import { canonicalJson } from "./hash.ts";
 import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
-import type { FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
+import type { AgentTypeSpec, FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
 import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import {
   FloodRule,
@@ -47,6 +47,8 @@ import {
   idleSpawnOptions,
   inGroupAt,
   BURST_GROUP_NICE,
+  moduleStamp,
+  moduleVersion,
   ProcessTable,
   runEpisode,
   runsAsUids,
@@ -159,6 +161,15 @@ export class ShardChanged extends Error {
   override readonly name = "ShardChanged";
 }
 
+/** The module's import-closure stamp (its files' mtimes), or nothing when its files cannot be read. */
+function stampOf(module: string): string {
+  try {
+    return moduleStamp(module);
+  } catch {
+    return "";
+  }
+}
+
 /** A clock this far behind the data dir's newest record is logged and shown (systemd status, /api/fleet). */
 const CLOCK_BEHIND_WARN_MS = 60_000;
 
@@ -183,6 +194,8 @@ export class Gateway {
   spawnOptions!: SpawnOptions;
   /** Stored code bundles as files for the sandbox (gateway/code). */
   bundles!: BundleFiles;
+  /** The state version each bundle's code declares (`codeVersion`), by bundle hash (or module file and stamp). */
+  private readonly codeVersions = new Map<string, Promise<number | null>>();
   /** Canary rollouts of new code (docs/upgrading.md). */
   rollouts: Rollouts | null = null;
   /** Who may call the HTTP API: the tokens file plus this run's local CLI token. */
@@ -1047,6 +1060,7 @@ export class Gateway {
       running: () => this.scheduler.active,
       infra: this.infra,
       bundleFile: (hash) => this.bundles.file(hash),
+      codeVersion: (module, type, bundle) => this.codeVersion(module, type, bundle),
       inSourceTerms: async (text, bundle, sv, type) => {
         if (!text.includes(bundle.file)) return text;
         const found = await this.bundles.sourceMap(bundle.hash);
@@ -1331,6 +1345,26 @@ export class Gateway {
       if (lowered !== null) problems.push(lowered);
     }
     return problems.length > 0 ? { ok: false, problems } : pinned;
+  }
+
+  /**
+   * The state version the code of an episode declares, read once per bundle in a check subprocess (a
+   * module file, each time its files change): what the checkpoint records, whatever the episode's
+   * subprocess says (gateway/episode/state-version.ts). Null when the check failed (asked again next time).
+   */
+  private codeVersion(module: string, type: AgentTypeSpec, bundle: string | null): Promise<number | null> {
+    const key = bundle ?? `${module}\n${stampOf(module)}`;
+    let known = this.codeVersions.get(key);
+    if (!known) {
+      known = moduleVersion(type, module, this.spawnOptions).then((r) =>
+        r !== null && "version" in r ? r.version : null,
+      );
+      this.codeVersions.set(key, known);
+      void known.then((v) => {
+        if (v === null) this.codeVersions.delete(key);
+      });
+    }
+    return known;
   }
 
   private pinOnly(next: SpecVersion, current: SpecVersion | null): Promise<Pinned> {

@@ -177,6 +177,78 @@ describe("state migrations", () => {
       await fleet.dispose();
     }
   }, 240_000);
+  test("a subprocess claiming another state version than its code's fails as protocol; deploys go on", async () => {
+    const fleet = new TestFleet("");
+    if (process.getuid?.() === 0) chmodSync(fleet.dir, 0o755);
+    // A copy in the fleet's folder, to edit later: its imports pointed at this checkout.
+    const module = join(fleet.dir, "forger.ts");
+    const fixture = (name: string) => readFileSync(join(ROOT, "test/fixtures/hostile", name), "utf8");
+    writeFileSync(module, fixture("forged-version.ts").replace('"../../../agents/sdk/index.ts"', JSON.stringify(SDK)));
+    writeFileSync(
+      join(fleet.dir, "channel.ts"),
+      fixture("channel.ts").replace('"../../../agents/protocol.ts"', JSON.stringify(join(ROOT, "agents/protocol.ts"))),
+    );
+    writeFileSync(
+      fleet.configPath,
+      fleetHeader("e2e-forged-version") +
+        agentType("forger", module, ["forge/+/in"], {
+          dedup: "id",
+          extra: "\n[agents.forger.retry]\nmax_attempts = 1\nbackoff_ms = 10\n",
+        }),
+    );
+    const failure = async (agent: string) => {
+      const [e] = await waitFor(
+        async () => {
+          const list = (await fleet.episodes(agent)).filter((x) => x.status === "failed");
+          return list.length > 0 ? list : undefined;
+        },
+        30_000,
+        `the failed episode of ${agent}`,
+      );
+      return e!;
+    };
+    try {
+      await fleet.start();
+      const c = await fleet.mqtt();
+      // A new agent claiming version 999 (Number.MAX_SAFE_INTEGER alike), and one claiming a migration never due.
+      await publishQos1(c, "forge/a/in", { id: "f1", version: 999 });
+      await publishQos1(c, "forge/b/in", { id: "f2", version: Number.MAX_SAFE_INTEGER });
+      await publishQos1(c, "forge/m/in", { id: "f3", version: 1, migrated_from: 1 });
+      for (const [agent, says] of [
+        ["forger/a", "reported state version 999; its code declares version 1"],
+        ["forger/b", `reported state version ${Number.MAX_SAFE_INTEGER}; its code declares version 1`],
+        ["forger/m", "reported a migration from version 1; none was due"],
+      ] as const) {
+        const e = await failure(agent);
+        expect(e.error_kind).toBe("protocol");
+        const shown = await fleet.cli("show", e.id);
+        expect(String(shown.json.error)).toContain(says);
+      }
+      // Nothing was committed: no checkpoint carries the claimed version.
+      const stamped = await fleet.query<Row>("SELECT state_version FROM checkpoints WHERE state_version IS NOT NULL");
+      expect(stamped).toEqual([]);
+      // Its honest claim (the version its code declares) commits; an edit of the module deploys.
+      await publishQos1(c, "forge/h/in", { id: "h1", version: 1 });
+      await fleet.waitCommitted("forger/h", 1);
+      const before = ((await (await fleet.fetch("/api/fleet")).json()) as { spec_version: string }).spec_version;
+      writeFileSync(module, `${readFileSync(module, "utf8")}export const edited = true;\n`);
+      await waitFor(
+        async () => {
+          const body = (await (await fleet.fetch("/api/fleet")).json()) as {
+            spec_version: string;
+            spec_error?: string;
+          };
+          if (body.spec_error) throw new Error(`the edit was refused: ${body.spec_error}`);
+          return body.spec_version !== before;
+        },
+        20_000,
+        "the edited module deployed",
+      );
+    } finally {
+      await fleet.dispose();
+    }
+  }, 120_000);
+
   test("replaying version-1 history on version 2 migrates first, compares behaviour, not the migration", async () => {
     const { fleet, door } = doorFleet();
     const v2 = join(fleet.dir, "door-v2.ts");

@@ -9,6 +9,7 @@ import { parseChildMessage, parseRecord } from "../agents/protocol.ts";
 import { defineAgent } from "agent-fleets";
 import { stimuli, testAgent } from "agent-fleets/testing";
 import v2 from "../agents/examples/door-watcher-v2.ts";
+import { confirmStateVersion } from "../gateway/episode/index.ts";
 import { sealCheckpoint, verifyCheckpointRow } from "../gateway/store/index.ts";
 import type { AgentId } from "../gateway/types.ts";
 
@@ -75,6 +76,39 @@ describe("protocol", () => {
       expect(parseChildMessage({ t: "done", state: {}, ...bad })).toBeNull();
     expect(parseRecord({ k: "migrate", from: 1, to: 2 }, { replay: false })).toEqual({ k: "migrate", from: 1, to: 2 });
     expect(parseRecord({ k: "migrate", from: "1", to: 2 }, { replay: false })).toBeNull();
+  });
+});
+
+describe("the state version a checkpoint records is the gateway's", () => {
+  const v2code = { declared: 2, previous: 1, fresh: false };
+  test("the code's declared version is stamped, with the migration due from the previous checkpoint", () => {
+    expect(confirmStateVersion({ version: 2, migratedFrom: 1 }, v2code)).toEqual({ version: 2, migratedFrom: 1 });
+    expect(confirmStateVersion({ version: 2 }, { ...v2code, previous: 2 })).toEqual({ version: 2 });
+    expect(confirmStateVersion({ version: 2 }, { ...v2code, fresh: true })).toEqual({ version: 2 });
+    expect(confirmStateVersion({}, { declared: 1, previous: 1, fresh: true })).toEqual({ version: 1 });
+  });
+
+  test.each([
+    ["a version the code does not declare", { version: 999 }, { declared: 1, previous: 1, fresh: false }],
+    ["the largest safe integer", { version: Number.MAX_SAFE_INTEGER }, { declared: 1, previous: 1, fresh: true }],
+    ["a migration from another version", { version: 2, migratedFrom: 7 }, v2code],
+    ["no migration where one was due", { version: 2 }, v2code],
+    ["a migration of new state", { version: 2, migratedFrom: 1 }, { ...v2code, fresh: true }],
+    ["success on state newer than the code", { version: 2 }, { ...v2code, previous: 3 }],
+  ])("%s is a protocol failure", (_what, claim, known) => {
+    const r = confirmStateVersion(claim, known);
+    expect("kind" in r && r.kind).toBe("protocol");
+  });
+
+  test("when the code's version could not be read, only a claim that changes nothing is stamped", () => {
+    expect(confirmStateVersion({ version: 3 }, { declared: null, previous: 3, fresh: false })).toEqual({ version: 3 });
+    const forged = confirmStateVersion({ version: 999 }, { declared: null, previous: 1, fresh: false });
+    expect("kind" in forged && forged.kind).toBe("infra");
+    const migrated = confirmStateVersion(
+      { version: 2, migratedFrom: 1 },
+      { declared: null, previous: 1, fresh: false },
+    );
+    expect("kind" in migrated && migrated.kind).toBe("infra");
   });
 });
 

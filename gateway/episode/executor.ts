@@ -9,7 +9,7 @@
 import type { Logger } from "pino";
 import type { ParentMessage } from "../../agents/protocol.ts";
 import type { FleetEvents } from "../events.ts";
-import type { SpecVersion } from "../spec/index.ts";
+import type { AgentTypeSpec, SpecVersion } from "../spec/index.ts";
 import { hashEvents, IntegrityError, sealCheckpoint, verifyCheckpointRow } from "../store/index.ts";
 import type { AgentRow, SentStimulus, Store, TurnInputs } from "../store/index.ts";
 import { type AgentId, newEpisodeId, type TurnResult } from "../types.ts";
@@ -28,6 +28,7 @@ import {
   type WakeEffects,
 } from "./records.ts";
 import type { RunLimits, RunResult, ToolHandler } from "./runner.ts";
+import { confirmStateVersion, type StampedVersion } from "./state-version.ts";
 import type { InfraHealth } from "./infra.ts";
 import { type ToolEnv, ToolGate } from "./tools/index.ts";
 
@@ -108,6 +109,12 @@ export interface EpisodeDeps {
    * its type. Null: the module file.
    */
   readonly bundleFor?: (agent: AgentId, type: string, sv: SpecVersion) => string | null;
+  /**
+   * The state version (`defineAgent({ version })`) the code at `module` (a bundle's file, or the module file)
+   * declares, as the gateway reads it (a check subprocess, kept per bundle); null when it could not be read.
+   * The checkpoint records this, never what the subprocess says (./state-version.ts).
+   */
+  readonly codeVersion?: (module: string, type: AgentTypeSpec, bundle: string | null) => Promise<number | null>;
   /** The file of a stored bundle, materialised for the sandbox; throws when it cannot be. */
   readonly bundleFile?: (hash: string) => Promise<string>;
   /**
@@ -348,6 +355,14 @@ export class EpisodeExecutor {
         message: await this.d.inSourceTerms(result.message, { hash: bundle, file: code.module }, sv, agent.type),
       };
     try {
+      let stamped: StampedVersion = { version: 1 };
+      if (result.ok) {
+        const declared = this.d.codeVersion ? await this.d.codeVersion(code.module, type, bundle) : null;
+        const known = { declared, previous: d.checkpoint?.stateVersion ?? 1, fresh: agent.headHash === null };
+        const confirmed = confirmStateVersion(result, known);
+        if ("kind" in confirmed) result = { ok: false, ...confirmed, records: result.records, ms: result.ms };
+        else stamped = confirmed;
+      }
       const endedAt = this.d.now();
       let wakes: Extract<WakeEffects, { ok: true }> | null = null;
       if (result.ok) {
@@ -437,8 +452,7 @@ export class EpisodeExecutor {
 
       const seq = agent.headSeq + 1;
       // Version 1 without a migration seals nothing new: such checkpoints hash as they always did.
-      const stateVersion =
-        (result.version ?? 1) > 1 || result.migratedFrom !== undefined ? (result.version ?? 1) : undefined;
+      const stateVersion = stamped.version > 1 || stamped.migratedFrom !== undefined ? stamped.version : undefined;
       const sealed = await sealCheckpoint({
         agent: agentId,
         seq,
@@ -447,7 +461,7 @@ export class EpisodeExecutor {
         spec_version: sv.hash,
         state: result.state,
         state_version: stateVersion,
-        migrated_from: result.migratedFrom,
+        migrated_from: stamped.migratedFrom,
       });
       const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
       // Sends to another shard's agents leave through the broker, at least once, after the commit.
@@ -488,7 +502,7 @@ export class EpisodeExecutor {
             state: sealed.stateText,
             createdAt: endedAt,
             stateVersion: stateVersion ?? null,
-            migratedFrom: result.migratedFrom ?? null,
+            migratedFrom: stamped.migratedFrom ?? null,
           },
           outbox,
           inbox,

@@ -10,3 +10,5 @@ export { macroRisk } from "./macros.ts";
 export { HostRuntime, buildHostRuntime, bytecodeOf, hostBuildProblem, hostScript, runtimeDir } from "./host-runtime.ts";
 export { StagingRoot } from "./staging.ts";
 export type { AgentFiles, Bind } from "./sandbox-view.ts";
+export { moduleStamp } from "./sandbox-view.ts";
+export { confirmStateVersion, type StampedVersion } from "./state-version.ts";
