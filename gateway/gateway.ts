@@ -932,7 +932,7 @@ export class Gateway {
     const past = held.movedPast;
     if (past)
       this.log.warn(
-        { pid: past.pid, holder: past.owner },
+        { holder_pid: past.pid, holder: past.owner },
         `the default sandbox_uids ${uidSpan(past)} are held by pid ${past.pid} (${past.owner}): ` +
           `episodes here run as ${uidSpan(held.range)}`,
       );

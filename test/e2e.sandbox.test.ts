@@ -328,6 +328,10 @@ describe("leftover sandboxes and the weak fallback", () => {
           const other = fleet === a ? b : a;
           if (Number(holder![1]) === other.pid) expect(holder![2]).toBe(`the gateway of ${other.dataDir}`);
           expect(line).toContain(`episodes here run as ${blockStart(uid)}-`);
+          // The holder's pid is a field of its own: `pid` is the logger's, the process that wrote the line.
+          const fields = JSON.parse(line!) as { pid?: number; holder_pid: number };
+          expect(fields.holder_pid).toBe(Number(holder![1]));
+          expect(fields.pid).not.toBe(fields.holder_pid);
         }
         // A range set in fleet.toml is not moved: the gateway names whose uids they are and does not start.
         over = new TestFleet(
