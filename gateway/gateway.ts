@@ -83,14 +83,7 @@ import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcOutcome, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
-import {
-  intakeFilters,
-  sessionsDropped,
-  sessionsToDrop,
-  shardChangeRefusal,
-  type StoredShard,
-  storedShard,
-} from "./ops/index.ts";
+import { intakeFilters, sessionsDropped, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
@@ -333,7 +326,6 @@ export class Gateway {
     this.dataDir = resolve(this.opts.dataDir ?? spec.fleet.data_dir);
     // Private to the gateway's user (0700, files 0600), older data dirs included: agents run as another uid.
     secureDataDir(this.dataDir);
-    await this.refuseOtherShard(spec);
     // Another gateway running on the data dir is refused before anything here writes to its database.
     const ledger = this.claimDataDir();
     this.ledger = ledger;
@@ -345,7 +337,8 @@ export class Gateway {
     const upgraded = this.store.upgraded;
     if (upgraded)
       this.log.info(upgraded, `data dir upgraded from schema ${upgraded.from} to ${upgraded.to} (${upgraded.ms} ms)`);
-    // Again on the writable handle: the read-only look may not have been possible (see refuseOtherShard).
+    // The shard decides which agents the data dir holds and which broker session it reads: another one
+    // would strand some agents' messages or run them on two gateways.
     const shardChange = shardChangeRefusal(this.dataDir, await storedShard(this.store), spec.fleet.shard);
     if (shardChange) throw new ShardChanged(shardChange);
     this.storageWatch = new StorageWatch(this.store, this.log);
@@ -937,31 +930,6 @@ export class Gateway {
           `episodes here run as ${uidSpan(held.range)}`,
       );
     return held;
-  }
-
-  /**
-   * The shard decides which agents the data dir holds and which broker session it reads: another one would
-   * strand some agents' messages or run them on two gateways. Refused before anything is written (the
-   * sandbox ledger's claim, a schema upgrade), through a read-only handle as the CLI reads a running
-   * gateway's dir, so the claim that follows still refuses a second gateway. A database this cannot read
-   * (a newer schema, say) is left to the writable open, which says why, and checked after it.
-   */
-  private async refuseOtherShard(spec: FleetSpec): Promise<void> {
-    const db = join(this.dataDir, "fleet.db");
-    if (!existsSync(db)) return;
-    let stored: StoredShard;
-    try {
-      const store = await Store.open(db, { synchronous: "normal", readonly: true });
-      try {
-        stored = await storedShard(store);
-      } finally {
-        await store.close();
-      }
-    } catch {
-      return;
-    }
-    const refusal = shardChangeRefusal(this.dataDir, stored, spec.fleet.shard);
-    if (refusal) throw new ShardChanged(refusal);
   }
 
   /**
