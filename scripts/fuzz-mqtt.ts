@@ -244,7 +244,13 @@ async function healthy(port: number, n: number): Promise<void> {
   const creds = checker
     ? { clientId: checker.id, username: checker.id, password: checker.secret }
     : { clientId: `fuzz-check-${n}` };
-  const c = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { ...creds, reconnectPeriod: 0, connectTimeout: 5000 });
+  // A generous CONNACK wait: with --auth every guessed login the fuzz made pays an argon2id hash, one at a
+  // time on the hashing thread (about 1 s each on a loaded 2-core box), and the check's login waits its turn.
+  const c = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+    ...creds,
+    reconnectPeriod: 0,
+    connectTimeout: 30_000,
+  });
   try {
     const acked = c.publishAsync(
       `sensors/${checker?.id ?? "check"}/temperature`,
