@@ -34,7 +34,7 @@ describe("crash trials", () => {
     const r = await crashTrial({ seed: 2010, broker: "mosquitto", replicate: true });
     expect({ killed: r.kills + r.stops > 0, upgraded: r.upgraded }).toEqual({ killed: true, upgraded: true });
     expect(r.problems).toEqual([]);
-  }, 240_000);
+  }, 360_000);
 });
 
 describe("scripts/crash-trials.ts", () => {
