@@ -70,6 +70,7 @@ class EmbeddedBroker implements Broker {
       dropped: 0,
       droppedLog: { at: 0, since: 0 },
       badLoginLog: { at: 0, since: 0 },
+      busyLoginLog: { at: 0, since: 0 },
       refusedLog: { at: 0, since: 0 },
       intakeFailedLog: { at: 0, since: 0 },
       auth: authOf(opts),

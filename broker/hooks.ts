@@ -6,7 +6,14 @@ import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aed
 import type { Logger } from "pino";
 import { dedupeExactly } from "./deliveries.ts";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
-import type { BrokerAuth, BrokerOptions, ClientInfo, IntakeVerdict, PublishedMessage } from "./types.ts";
+import {
+  BrokerBusy,
+  type BrokerAuth,
+  type BrokerOptions,
+  type ClientInfo,
+  type IntakeVerdict,
+  type PublishedMessage,
+} from "./types.ts";
 
 /** Mutable broker state the hooks read and count into. */
 export interface HookState {
@@ -20,6 +27,8 @@ export interface HookState {
   droppedLog: { at: number; since: number };
   /** When a refused login (bad credentials) was last logged, and how many since (one line per 10 s at most). */
   badLoginLog: { at: number; since: number };
+  /** The same for logins refused unchecked because too many were waiting (BrokerBusy). */
+  busyLoginLog: { at: number; since: number };
   /**
    * When a transient refusal (no PUBACK, closed: a full disk, a full queue) was last logged, and how many
    * since (one line per 10 s at most): a device reconnects and resends at once, over and over.
@@ -203,6 +212,12 @@ export function createHooks(
           done(connackError(BAD_CREDENTIALS, "bad user name or password"), null);
         },
         (err: unknown) => {
+          if (err instanceof BrokerBusy) {
+            const refused = logDue(state.busyLoginLog);
+            if (refused !== null)
+              log.warn({ client: info.id, username: info.username, refused }, `connect refused: ${err.message}`);
+            return done(connackError(SERVER_UNAVAILABLE, "server busy: too many logins waiting"), null);
+          }
           log.error({ err, client: info.id }, "authenticate hook failed; connect refused");
           done(connackError(SERVER_UNAVAILABLE, "authentication unavailable"), null);
         },

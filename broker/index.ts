@@ -13,7 +13,7 @@ export type {
   PublishedMessage,
   PublishMeta,
 } from "./types.ts";
-export { PublishRefused } from "./types.ts";
+export { BrokerBusy, PublishRefused } from "./types.ts";
 export { createEmbeddedBroker } from "./embedded.ts";
 export {
   createExternalBroker,

@@ -41,6 +41,17 @@ export class PublishRefused extends Error {
   }
 }
 
+/**
+ * Thrown (rejected) by an `authenticate` hook that cannot check a login now: the CONNECT is refused
+ * with "server unavailable" (MQTT 3.1.1 return code 3), which a device retries, not "bad credentials".
+ */
+export class BrokerBusy extends Error {
+  constructor(reason: string) {
+    super(reason);
+    this.name = "BrokerBusy";
+  }
+}
+
 /** What identifies a gateway output (carried as MQTT 5 user properties where MQTT 5 is spoken). */
 export interface PublishMeta {
   readonly episode: string;

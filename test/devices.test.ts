@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connectAsync } from "mqtt";
 import pino from "pino";
-import { createEmbeddedBroker } from "../broker/index.ts";
+import { BrokerBusy, createEmbeddedBroker } from "../broker/index.ts";
 import {
   aclAllowsPublish,
   aclAllowsSubscribe,
@@ -273,6 +273,148 @@ describe("device registry", () => {
         (e: { code?: number }) => e.code,
       );
       expect(unknown).toBe(4);
+    } finally {
+      await broker.close();
+    }
+  }, 30_000);
+});
+
+/**
+ * A registry whose verifications wait until the test ends them: `calls` lists the secrets in the order
+ * the hashing thread would have taken them, and `finish(ok)` ends the one running.
+ */
+async function heldRegistry(name: string, loginsWaitingPerLane?: number) {
+  const file = join(dir, `${name}.toml`);
+  const a = await addDevice(file, "dev-a");
+  const b = await addDevice(file, "dev-b");
+  const calls: string[] = [];
+  const running: Array<(ok: boolean) => void> = [];
+  const reg = new DeviceRegistry(file, {
+    loginsWaitingPerLane,
+    verify: (secret) => {
+      calls.push(new TextDecoder().decode(secret));
+      return new Promise<boolean>((resolve) => running.push(resolve));
+    },
+  });
+  const settled = async () => {
+    for (let i = 0; i < 5; i++) await Bun.sleep(0);
+  };
+  const finish = async (ok: boolean) => {
+    await settled();
+    expect(running.length).toBe(1); // one verification at a time
+    running.shift()?.(ok);
+    await settled();
+  };
+  return { reg, a, b, calls, finish, settled };
+}
+
+describe("logins wait their device's turn", () => {
+  test("a device's login is checked after at most one guess per other user name, not after all of them", async () => {
+    const { reg, a, calls, finish, settled } = await heldRegistry("turns");
+    const login = (id: string, username: string, secret: string) => reg.authenticate({ id, username }, enc(secret));
+    const guesses = [1, 2, 3, 4, 5].map((i) => login("x", `nobody${i}`, `g${i}`));
+    await settled();
+    const wrong = [1, 2, 3].map((i) => login("dev-b", "dev-b", `w${i}`));
+    await settled();
+    const device = login("dev-a", "dev-a", a.secret);
+    await finish(false); // g1, the first asked
+    await finish(false); // g2: the unknown user names' lane had the next turn when g1 ended
+    await finish(false); // w1
+    expect(calls).toEqual(["g1", "g2", "w1", a.secret]); // dev-a next: not behind g3..g5, w2 and w3
+    await finish(true);
+    expect(await device).toBe(true);
+    while (calls.length < 9) await finish(false);
+    await finish(false);
+    expect(await Promise.all([...guesses, ...wrong])).toEqual(Array(8).fill(false));
+    // The lanes were served in turn to the end.
+    expect(calls.slice(4)).toEqual(["g3", "w2", "g4", "w3", "g5"]);
+  }, 30_000);
+
+  test("the same secret asked again while its check waits joins it: one verification", async () => {
+    const { reg, a, calls, finish } = await heldRegistry("joined");
+    const logins = [1, 2, 3].map(() => reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret)));
+    const guesses = [1, 2].map(() => reg.authenticate({ id: "x", username: "nobody" }, enc("same")));
+    await finish(true);
+    await finish(false);
+    expect(await Promise.all(logins)).toEqual([true, true, true]);
+    expect(await Promise.all(guesses)).toEqual([false, false]);
+    expect(calls).toEqual([a.secret, "same"]);
+    // Once it has settled, a new ask is a new check (here answered from the verified-secret cache).
+    expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true);
+    expect(calls.length).toBe(2);
+  }, 30_000);
+
+  test("a full lane refuses at once as busy, unhashed; other devices' logins still go through", async () => {
+    const { reg, a, calls, finish, settled } = await heldRegistry("busy", 2);
+    const login = (id: string, username: string, secret: string) => reg.authenticate({ id, username }, enc(secret));
+    const held = [1, 2, 3].map((i) => login("dev-b", "dev-b", `w${i}`)); // one running, two waiting
+    await settled();
+    const refused = await login("dev-b", "dev-b", "w4").catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(BrokerBusy);
+    expect((refused as Error).message).toBe("2 logins for this user name are waiting to be checked");
+    const device = login("dev-a", "dev-a", a.secret);
+    await finish(false);
+    await finish(false);
+    expect(calls).toEqual(["w1", "w2", a.secret]); // w4 was never hashed; dev-a's turn came before w3
+    await finish(true);
+    expect(await device).toBe(true);
+    await finish(false);
+    expect(await Promise.all(held)).toEqual([false, false, false]);
+  }, 30_000);
+
+  test("a verification that fails rejects its own login only; the next one runs", async () => {
+    const file = join(dir, "throws.toml");
+    const a = await addDevice(file, "dev-a");
+    let first = true;
+    const reg = new DeviceRegistry(file, {
+      verify: (secret, hash) => {
+        if (first) {
+          first = false;
+          throw new Error("argon2 thread failed");
+        }
+        return verifySecret(secret, hash);
+      },
+    });
+    const failed = reg.authenticate({ id: "dev-a", username: "dev-a" }, enc("guess"));
+    const next = reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret));
+    expect(await failed.catch((e: Error) => e.message)).toBe("argon2 thread failed");
+    expect(await next).toBe(true);
+  }, 30_000);
+
+  test("on the broker, a busy refusal is CONNACK 3 (server unavailable), which a device retries", async () => {
+    const { reg, a, finish, settled } = await heldRegistry("busy-broker", 1);
+    const broker = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: false,
+      intake: async () => ({ ok: true }),
+      logger: pino({ level: "silent" }),
+      ...deviceBrokerHooks(reg),
+    });
+    await broker.start();
+    try {
+      const url = `mqtt://127.0.0.1:${broker.port}`;
+      const code = (p: Promise<{ end(force: boolean): unknown }>) =>
+        p.then(
+          (c) => {
+            c.end(true);
+            return 0;
+          },
+          (e: { code?: number }) => e.code,
+        );
+      const connect = (password: string) =>
+        connectAsync(url, { clientId: "dev-a", username: "dev-a", password, reconnectPeriod: 0 });
+      const running = code(connect("w1"));
+      const waiting = code(connect("w2"));
+      while (reg.loginsWaiting < 1) await settled();
+      expect(await code(connect("w3"))).toBe(3);
+      await finish(false);
+      await finish(false);
+      expect(await Promise.all([running, waiting])).toEqual([4, 4]);
+      const ok = code(connect(a.secret));
+      await finish(true);
+      expect(await ok).toBe(0);
     } finally {
       await broker.close();
     }

@@ -153,7 +153,7 @@ function descendantsOf(pid: number): number[] {
 const PROCS = new ProcessTable();
 
 /** Poll until `cond` holds; fails after `ms` (a bound, not a timing assertion). */
-async function waitUntil(cond: () => boolean, what: string, ms = 5000): Promise<void> {
+async function waitUntil(cond: () => boolean, what: string, ms = 30_000): Promise<void> {
   const deadline = Date.now() + ms;
   while (!cond()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);

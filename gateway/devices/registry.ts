@@ -10,6 +10,7 @@ import { parse, TomlError } from "smol-toml";
 import { z } from "zod";
 import type { BrokerOptions, ClientInfo } from "../../broker/index.ts";
 import { aclAllowsPublish, aclAllowsSubscribe, aclPatternProblem } from "./acl.ts";
+import { LoginQueue } from "./login-queue.ts";
 import {
   digestsEqual,
   hashSecret,
@@ -202,6 +203,8 @@ export interface DeviceRegistryOptions {
   readonly onChange?: () => void;
   /** Checks a secret against a stored hash (default: argon2id on its own thread, `verifySecretOffThread`). */
   readonly verify?: (secret: Uint8Array, hash: Argon2Hash) => Promise<boolean>;
+  /** Verifications one device's lane may hold waiting (default LOGINS_WAITING_PER_LANE); past it, busy. */
+  readonly loginsWaitingPerLane?: number;
 }
 
 /** The live devices file: answers auth and ACL questions, reloading when the file changes. */
@@ -214,6 +217,8 @@ export class DeviceRegistry {
   private dummy: Promise<Argon2Hash> | null = null;
   private readonly now: () => number;
   private readonly verify: (secret: Uint8Array, hash: Argon2Hash) => Promise<boolean>;
+  /** Verifications in turn, a lane per device (login-queue.ts). */
+  private readonly queue: LoginQueue;
 
   /** Load `file` (throws DevicesError when it is invalid; a missing file is empty). */
   constructor(
@@ -222,11 +227,17 @@ export class DeviceRegistry {
   ) {
     this.now = opts.now ?? Date.now;
     this.verify = opts.verify ?? verifySecretOffThread;
+    this.queue = new LoginQueue(opts.loginsWaitingPerLane);
     this.stamp = stampOf(file);
     this.config = loadDevices(file);
     this.lastCheck = this.now();
     if (this.stamp === "missing")
       opts.log?.warn({ file }, "devices file not found: no device can log in until `fleet device add` creates it");
+  }
+
+  /** Logins waiting for their verification's turn (not counting the one running). */
+  get loginsWaiting(): number {
+    return this.queue.waiting;
   }
 
   /** The current compiled file. */
@@ -281,20 +292,24 @@ export class DeviceRegistry {
     const device = devices.get(client.username);
     // Refusals are logged at debug: the broker logs bad logins, at most one line per 10 s.
     // Every refusal costs one verification, so a timing cannot tell a registered id from another.
+    // Verifications wait their device's turn (login-queue.ts); a full lane rejects with BrokerBusy.
+    const digest = secretDigest(pw);
+    const key = Buffer.from(digest).toString("hex");
     if (!device) {
-      await this.verify(pw, await this.dummyHash());
+      const dummy = await this.dummyHash();
+      await this.queue.check({ lane: "", key }, () => this.verify(pw, dummy));
       log?.debug({ client: client.id, username: client.username }, "connect refused: unknown device");
       return false;
     }
+    const check = { lane: device.id, key: `${key} ${device.secretHash}` };
     if (client.id !== device.clientId) {
-      await this.verify(pw, device.secret);
+      await this.queue.check(check, () => this.verify(pw, device.secret));
       log?.debug({ client: client.id, device: device.id }, "connect refused: a device must use its own client id");
       return false;
     }
-    const digest = secretDigest(pw);
     const hit = this.verified.get(device.id);
     if (hit && hit.secretHash === device.secretHash && digestsEqual(hit.digest, digest)) return true;
-    const ok = await this.verify(pw, device.secret);
+    const ok = await this.queue.check(check, () => this.verify(pw, device.secret));
     if (ok) this.verified.set(device.id, { secretHash: device.secretHash, digest });
     else log?.debug({ client: client.id, device: device.id }, "connect refused: wrong secret");
     return ok;

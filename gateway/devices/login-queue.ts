@@ -1,0 +1,87 @@
+/**
+ * The order logins are verified in. argon2id costs about 50 ms on a quiet core and over a second
+ * on a loaded edge box, and the hashing thread takes one at a time: in one FIFO, a device's login
+ * waited behind every guess made before it (a 6 s fuzz on a slow box never saw its device log in).
+ *
+ * Here each device has a lane of its own, and every login naming no device shares one more; the
+ * thread serves the lanes in turn, so a login waits behind at most one hash per other lane that
+ * has work. The same secret checked against the same hash while a check of it is waiting or
+ * running joins that check (a device reconnecting before its first CONNACK, a guesser repeating
+ * itself). A lane holds at most `perLane` checks; past that a login is refused at once as busy,
+ * unhashed, so a flood of guesses costs one core and bounded memory, and delays only its lane.
+ */
+import { BrokerBusy } from "../../broker/index.ts";
+
+/** One check's identity: which lane it waits in, and what makes two checks the same. */
+export interface LoginCheck {
+  /** The device the login names, or "" for a user name that is not a device. */
+  readonly lane: string;
+  /** Equal keys in one lane are one check (e.g. the secret's digest and the stored hash). */
+  readonly key: string;
+}
+
+interface Waiting {
+  readonly key: string;
+  readonly run: () => Promise<boolean>;
+  readonly resolve: (ok: boolean) => void;
+  readonly reject: (err: unknown) => void;
+}
+
+/** Checks waiting per lane by default: 8 hashes are seconds on a slow box; a device needs one. */
+export const LOGINS_WAITING_PER_LANE = 8;
+
+export class LoginQueue {
+  /** Lanes with work, in the order they are served (a lane served goes to the back). */
+  private readonly lanes = new Map<string, Waiting[]>();
+  /** Checks waiting or running, by lane and key: a second ask of the same one joins it. */
+  private readonly open = new Map<string, Promise<boolean>>();
+  private running = false;
+
+  constructor(private readonly perLane = LOGINS_WAITING_PER_LANE) {}
+
+  /** Run `verify` in `check.lane`'s turn; rejects with BrokerBusy when that lane is full. */
+  check(check: LoginCheck, verify: () => Promise<boolean>): Promise<boolean> {
+    const id = `${check.lane}\u0000${check.key}`;
+    const joined = this.open.get(id);
+    if (joined) return joined;
+    const lane = this.lanes.get(check.lane) ?? [];
+    if (lane.length >= this.perLane) {
+      return Promise.reject(new BrokerBusy(`${lane.length} logins for this user name are waiting to be checked`));
+    }
+    const result = new Promise<boolean>((resolve, reject) => lane.push({ key: id, run: verify, resolve, reject }));
+    this.lanes.set(check.lane, lane);
+    this.open.set(id, result);
+    this.pump();
+    return result;
+  }
+
+  /** Checks waiting (not counting the one running), for tests and stats. */
+  get waiting(): number {
+    let n = 0;
+    for (const lane of this.lanes.values()) n += lane.length;
+    return n;
+  }
+
+  private pump(): void {
+    if (this.running) return;
+    const next = this.lanes.entries().next();
+    if (next.done) return;
+    const [name, lane] = next.value;
+    const job = lane.shift() as Waiting;
+    // Served: to the back of the order, or out of it when it has nothing more.
+    this.lanes.delete(name);
+    if (lane.length > 0) this.lanes.set(name, lane);
+    this.running = true;
+    const settle = () => {
+      this.open.delete(job.key);
+      this.running = false;
+      this.pump();
+    };
+    new Promise<boolean>((resolve) => resolve(job.run())) // a verify that throws fails its check only
+      .then(
+        (ok) => job.resolve(ok),
+        (err: unknown) => job.reject(err),
+      )
+      .finally(settle);
+  }
+}
