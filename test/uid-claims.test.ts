@@ -6,7 +6,7 @@
  */
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import Database from "libsql";
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -187,6 +187,15 @@ describe.if(IS_ROOT)("claiming sandbox uids among the gateways on one machine", 
     expect(spawn.uids?.range).toEqual({ first: DEFAULT.first + BLOCK, count: BLOCK });
     const mine = uidClaims(dir).filter((c) => c.pid === process.pid);
     expect(mine).toEqual([expect.objectContaining({ first: DEFAULT.first + BLOCK, owner: "fleet replay" })]);
+  });
+
+  test("the claims folder is root's alone: made 0700, and one an older version left readable to all is closed", () => {
+    const fresh = join(dir, "fresh");
+    claimUids(DEFAULT, "/srv/a", fresh).release();
+    expect(statSync(fresh).mode & 0o777).toBe(0o700);
+    chmodSync(fresh, 0o755);
+    claimUids(DEFAULT, "/srv/a", fresh).release();
+    expect(statSync(fresh).mode & 0o777).toBe(0o700);
   });
 
   test("a claims folder others can write is not used: anyone could plant a claim in it", () => {

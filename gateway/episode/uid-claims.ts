@@ -12,7 +12,7 @@
  * block of 65,536 no live claim overlaps; a range set in fleet.toml that overlaps one is refused.
  */
 import Database from "libsql";
-import { mkdirSync, statSync } from "node:fs";
+import { chmodSync, mkdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { DEFAULT_SANDBOX_UIDS, type UidRange } from "../spec/index.ts";
 import { startTicks } from "./leftovers.ts";
@@ -154,14 +154,18 @@ function withClaims<T>(dir: string, fn: (db: Database.Database) => T): T {
   }
 }
 
-/** A folder only root can write: a claim anyone could plant would stop a gateway from starting. */
+/**
+ * A folder only root can write (a claim anyone could plant would stop a gateway from starting) and
+ * read (the claims name data dirs and pids). One an older version made readable to all is closed.
+ */
 function ensureRootFolder(dir: string): void {
-  mkdirSync(dir, { recursive: true, mode: 0o755 });
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
   const st = statSync(dir);
   if (st.uid !== 0 || (st.mode & 0o022) !== 0)
     throw new Error(
       `${dir} is not a folder only root can write (uid ${st.uid}, mode ${(st.mode & 0o777).toString(8)})`,
     );
+  if ((st.mode & 0o077) !== 0) chmodSync(dir, 0o700);
 }
 
 /** The claims of gateways alive now, in the order they were made; the rows of gateways gone are deleted. */
