@@ -71,6 +71,8 @@ class EmbeddedBroker implements Broker {
       droppedLog: { at: 0, since: 0 },
       badLoginLog: { at: 0, since: 0 },
       busyLoginLog: { at: 0, since: 0 },
+      loginsRefused: 0,
+      loginsBusy: 0,
       refusedLog: { at: 0, since: 0 },
       intakeFailedLog: { at: 0, since: 0 },
       auth: authOf(opts),
@@ -199,6 +201,8 @@ class EmbeddedBroker implements Broker {
       invalid: this.invalid,
       connections: this.open,
       connectionsRefused: this.connectionsRefused,
+      loginsRefused: this.state.loginsRefused,
+      loginsBusy: this.state.loginsBusy,
       offlineDropped: this.persistence?.stats().offlineDropped ?? 0,
     };
   }

@@ -541,6 +541,8 @@ class ExternalBroker implements Broker {
       invalid: 0,
       connections: (this.client?.connected ? 1 : 0) + (this.out?.connected ? 1 : 0),
       connectionsRefused: 0,
+      loginsRefused: 0,
+      loginsBusy: 0,
       offlineDropped: 0,
       external: {
         url: redact(this.opts.url),

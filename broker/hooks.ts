@@ -29,6 +29,10 @@ export interface HookState {
   badLoginLog: { at: number; since: number };
   /** The same for logins refused unchecked because too many were waiting (BrokerBusy). */
   busyLoginLog: { at: number; since: number };
+  /** CONNECTs refused for their credentials (CONNACK 4, or 5 for anonymous clients). */
+  loginsRefused: number;
+  /** CONNECTs refused unverified, too many logins for their user name waiting (CONNACK 3). */
+  loginsBusy: number;
   /**
    * When a transient refusal (no PUBACK, closed: a full disk, a full queue) was last logged, and how many
    * since (one line per 10 s at most): a device reconnects and resends at once, over and over.
@@ -192,6 +196,7 @@ export function createHooks(
       const anonymous = info.username === null;
       if (anonymous || !hook) {
         if (!auth.allowAnonymous) {
+          state.loginsRefused++;
           log.info({ client: info.id }, "connect refused: anonymous clients not allowed");
           return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
         }
@@ -201,6 +206,7 @@ export function createHooks(
       hook.call(auth, info, password ? bytes(password) : null).then(
         (ok) => {
           if (ok) return done(null, true);
+          state.loginsRefused++;
           if (anonymous) {
             log.info({ client: info.id }, "connect refused: anonymous client not authorized");
             return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
@@ -213,6 +219,7 @@ export function createHooks(
         },
         (err: unknown) => {
           if (err instanceof BrokerBusy) {
+            state.loginsBusy++;
             const refused = logDue(state.busyLoginLog);
             if (refused !== null)
               log.warn({ client: info.id, username: info.username, refused }, `connect refused: ${err.message}`);

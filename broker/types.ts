@@ -168,6 +168,10 @@ export interface BrokerStats {
   readonly connections: number;
   /** Connections refused because `maxConnections` were open. */
   readonly connectionsRefused: number;
+  /** CONNECTs refused for their credentials: a wrong or unknown user name, secret or client id (CONNACK 4 / 5). */
+  readonly loginsRefused: number;
+  /** CONNECTs refused unverified: too many logins for their user name were waiting (CONNACK 3). */
+  readonly loginsBusy: number;
   /** Messages not queued for a clean = false client because its queue was full (`max_offline_messages`). */
   readonly offlineDropped: number;
   /** External-broker mode only: the gateway's own connection to the broker. */

@@ -415,6 +415,7 @@ describe("logins wait their device's turn", () => {
       const ok = code(connect(a.secret));
       await finish(true);
       expect(await ok).toBe(0);
+      expect(broker.stats()).toMatchObject({ loginsBusy: 1, loginsRefused: 2 });
     } finally {
       await broker.close();
     }

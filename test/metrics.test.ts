@@ -40,6 +40,8 @@ const REQUIRED: Record<string, string> = {
   fleet_broker_messages_out_total: "counter",
   fleet_broker_offline_dropped_total: "counter",
   fleet_broker_oversized_packets_total: "counter",
+  fleet_broker_logins_refused_total: "counter",
+  fleet_broker_logins_busy_total: "counter",
   fleet_db_commit_seconds: "histogram",
   fleet_retention_collected_total: "counter",
   fleet_retention_round_seconds: "histogram",

@@ -570,6 +570,18 @@ export class FleetMetrics {
     );
     mirrorCounter(
       this.registry,
+      "fleet_broker_logins_refused_total",
+      "MQTT CONNECTs refused for a wrong or unknown user name, secret or client id (CONNACK 4 / 5).",
+      () => host.broker?.stats().loginsRefused,
+    );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_logins_busy_total",
+      "MQTT CONNECTs refused unverified: too many logins for that user name were waiting (CONNACK 3).",
+      () => host.broker?.stats().loginsBusy,
+    );
+    mirrorCounter(
+      this.registry,
       "fleet_broker_invalid_packets_total",
       "MQTT connections closed for breaking an input rule (invalid UTF-8, will QoS 3, ...).",
       () => host.broker?.stats().invalid,
