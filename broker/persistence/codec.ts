@@ -77,3 +77,35 @@ export function queuedCopy(original: StoredPacket): StoredPacket {
 export function queuedForSubscriber(original: StoredPacket): StoredPacket {
   return { ...queuedCopy(original), retain: false, dup: false };
 }
+
+/** A subscription aedes matched a publish to (one per matching filter); `qos` absent: a direct send. */
+export interface QueuedFor {
+  readonly clientId: string;
+  readonly qos?: number;
+}
+
+/**
+ * What the offline queues keep of `original` for `subs`: each client once, however many of its filters
+ * matched (the live copies of overlapping filters are one delivery too: deliveries.ts), at the QoS it is
+ * owed, the lower of the publish's and the highest its matching subscriptions granted (MQTT-3.8.4-6).
+ * Queuing a copy per filter sent a reconnecting client the message twice, and with a QoS 2 copy the
+ * second one's PUBREL found no packet: the connection was dropped at every reconnect.
+ */
+export function queuedPerClient(
+  subs: readonly QueuedFor[],
+  original: StoredPacket,
+): { readonly copy: StoredPacket; readonly clientIds: string[] }[] {
+  const published = Number(original.qos) || 0;
+  const owed = new Map<string, number>();
+  for (const s of subs)
+    owed.set(s.clientId, Math.max(owed.get(s.clientId) ?? 0, Math.min(published, s.qos ?? published)));
+  const byQos = new Map<number, string[]>();
+  for (const [clientId, qos] of owed) {
+    if (qos === 0) continue; // an offline client is owed no QoS 0 message
+    const clients = byQos.get(qos) ?? [];
+    clients.push(clientId);
+    byQos.set(qos, clients);
+  }
+  const copy = queuedForSubscriber(original);
+  return [...byQos].map(([qos, clientIds]) => ({ copy: { ...copy, qos }, clientIds }));
+}

@@ -16,7 +16,7 @@ import { dirname } from "node:path";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { matchTopic } from "../topics.ts";
-import { decodePacket, encodePacket, queuedCopy, queuedForSubscriber, type StoredPacket } from "./codec.ts";
+import { decodePacket, encodePacket, type QueuedFor, queuedCopy, queuedPerClient, type StoredPacket } from "./codec.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
@@ -314,12 +314,12 @@ export class LibsqlPersistence {
   // ---- outgoing queues -----------------------------------------------------------------
 
   /** Queue `packet` for one subscription's client. */
-  outgoingEnqueue(sub: { readonly clientId: string }, packet: StoredPacket): Promise<void> {
+  outgoingEnqueue(sub: QueuedFor, packet: StoredPacket): Promise<void> {
     return this.outgoingEnqueueCombi([sub], packet);
   }
 
   /** Queue `packet` for each subscription's client; a full queue drops it for that client (counted, logged). */
-  async outgoingEnqueueCombi(subs: readonly { readonly clientId: string }[], packet: StoredPacket): Promise<void> {
+  async outgoingEnqueueCombi(subs: readonly QueuedFor[], packet: StoredPacket): Promise<void> {
     const retained = this.retainedWrites.get(packet);
     if (retained) {
       this.retainedWrites.delete(packet);
@@ -329,24 +329,26 @@ export class LibsqlPersistence {
     }
   }
 
-  private async enqueue(subs: readonly { readonly clientId: string }[], packet: StoredPacket): Promise<void> {
+  private async enqueue(subs: readonly QueuedFor[], packet: StoredPacket): Promise<void> {
     if (subs.length === 0) return;
-    const copy = queuedForSubscriber(packet);
-    const text = encodePacket(copy);
-    const brokerId = (copy.brokerId as string | undefined) ?? null;
-    const brokerCounter = num(copy.brokerCounter);
-    const kept = this.outgoing.enqueue(
-      subs.map((s) => s.clientId),
-      String(packet.topic),
-      () => ({ brokerId, brokerCounter, messageId: null }),
-    );
-    await this.run(
-      kept.map((clientId) => ({
-        sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
-              VALUES (?, ?, ?, NULL, ?)`,
-        args: [clientId, brokerId, brokerCounter, text],
-      })),
-    );
+    const brokerId = (packet.brokerId as string | undefined) ?? null;
+    const brokerCounter = num(packet.brokerCounter);
+    const rows: InStatement[] = [];
+    for (const { copy, clientIds } of queuedPerClient(subs, packet)) {
+      const text = encodePacket(copy);
+      const kept = this.outgoing.enqueue(clientIds, String(packet.topic), () => ({
+        brokerId,
+        brokerCounter,
+        messageId: null,
+      }));
+      for (const clientId of kept)
+        rows.push({
+          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
+                VALUES (?, ?, ?, NULL, ?)`,
+          args: [clientId, brokerId, brokerCounter, text],
+        });
+    }
+    await this.run(rows);
   }
 
   /**

@@ -11,7 +11,7 @@
 import memory from "aedes-persistence";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
-import { queuedForSubscriber, type StoredPacket } from "./codec.ts";
+import { type QueuedFor, queuedPerClient, type StoredPacket } from "./codec.ts";
 import type { PersistenceStats } from "./libsql.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 
@@ -39,21 +39,22 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   const queues = new OutgoingQueues({ max: opts.maxOfflineMessages, logger: opts.logger, now: opts.now });
 
   // aedes 1.2.0 calls these without a callback (the async form).
-  const outgoingEnqueueCombi = async (subs: readonly { clientId: string }[], packet: StoredPacket) => {
+  const outgoingEnqueueCombi = async (subs: readonly QueuedFor[], packet: StoredPacket) => {
     // aedes asks for every QoS > 0 publish; most match no clean = false session.
     if (subs.length === 0) return;
-    const copy = queuedForSubscriber(packet);
-    const brokerId = (copy.brokerId as string | undefined) ?? null;
-    const brokerCounter = num(copy.brokerCounter);
-    queues.enqueue(
-      subs.map((s) => s.clientId),
-      String(packet.topic),
-      () => ({ brokerId, brokerCounter, messageId: null, packet: copy }),
-    );
+    const brokerId = (packet.brokerId as string | undefined) ?? null;
+    const brokerCounter = num(packet.brokerCounter);
+    for (const { copy, clientIds } of queuedPerClient(subs, packet))
+      queues.enqueue(clientIds, String(packet.topic), () => ({
+        brokerId,
+        brokerCounter,
+        messageId: null,
+        packet: copy,
+      }));
   };
   const outgoing = {
     outgoingEnqueueCombi,
-    outgoingEnqueue: (sub: { clientId: string }, packet: StoredPacket) => outgoingEnqueueCombi([sub], packet),
+    outgoingEnqueue: (sub: QueuedFor, packet: StoredPacket) => outgoingEnqueueCombi([sub], packet),
     async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
       const numbered = queues.number(client, packet);
       if (numbered?.replaces) numbered.entry.packet = packet;
