@@ -24,6 +24,7 @@
  *   replication  backlog drain rows/s into a real sqld vs raw batched INSERTs (target >= 0.5x);
  *             commit-path episodes/s with replication on vs off (target >= 0.9x); real episodes
  *             (subprocesses) of two gateways, one replicating, in interleaved rounds (target >= 0.9x)
+ *   logins    a device's first login (argon2id) while 16 clients guess logins vs on a quiet broker (target <= 3x)
  *   scale     100,000 agents deployed: gateway RSS (<= 400 MB), /api/agents pages and /metrics p99
  *             (<= 20 ms), restart to ready with 1,000,000 episodes of history (<= 3 s)
  *
@@ -56,6 +57,7 @@ import { benchTimers } from "./bench-timers.ts";
 import { benchPolicy } from "./bench-policy.ts";
 import { benchOps } from "./bench-ops.ts";
 import { benchReplication, benchReplicationReal } from "./bench-replication.ts";
+import { benchLogins } from "./bench/logins.ts";
 import { benchScale } from "./bench/scale.ts";
 
 const SECTIONS = [
@@ -70,6 +72,7 @@ const SECTIONS = [
   "policy",
   "ops",
   "replication",
+  "logins",
   "scale",
 ] as const;
 type Section = (typeof SECTIONS)[number];
@@ -122,6 +125,7 @@ const run: Record<Section, () => Promise<Row[]>> = {
     })),
   ops: () => benchOps(opts),
   replication: async () => [...(await benchReplication(opts)), ...(await benchReplicationReal(opts))],
+  logins: () => benchLogins(opts),
   scale: () => benchScale(opts),
 };
 
