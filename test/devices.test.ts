@@ -161,6 +161,25 @@ describe("devices file", () => {
   }, 30_000);
 });
 
+/** An embedded broker on a free port whose logins and ACLs are `registry`'s (more options over the defaults). */
+async function deviceBroker(
+  registry: DeviceRegistry,
+  more: Partial<Parameters<typeof createEmbeddedBroker>[0]> = {},
+): Promise<ReturnType<typeof createEmbeddedBroker>> {
+  const broker = createEmbeddedBroker({
+    host: "127.0.0.1",
+    port: 0,
+    maxPacketBytes: 65536,
+    allowAnonymous: false,
+    intake: async () => ({ ok: true }),
+    logger: pino({ level: "silent" }),
+    ...more,
+    ...deviceBrokerHooks(registry),
+  });
+  await broker.start();
+  return broker;
+}
+
 describe("device registry", () => {
   test("authenticates by device id + secret on the device's own client id, and reloads on edit", async () => {
     const file = join(dir, "reg.toml");
@@ -235,16 +254,7 @@ describe("device registry", () => {
   test("with anonymous clients allowed, an anonymous client cannot take a device's client id", async () => {
     const file = join(dir, "anon.toml");
     const a = await addDevice(file, "dev-a", { publish: ["sensors/%u/#"] });
-    const broker = createEmbeddedBroker({
-      host: "127.0.0.1",
-      port: 0,
-      maxPacketBytes: 65536,
-      allowAnonymous: true,
-      intake: async () => ({ ok: true }),
-      logger: pino({ level: "silent" }),
-      ...deviceBrokerHooks(new DeviceRegistry(file)),
-    });
-    await broker.start();
+    const broker = await deviceBroker(new DeviceRegistry(file), { allowAnonymous: true });
     try {
       const url = `mqtt://127.0.0.1:${broker.port}`;
       const refused = await connectAsync(url, { clientId: "dev-a", reconnectPeriod: 0 }).then(
@@ -383,16 +393,7 @@ describe("logins wait their device's turn", () => {
 
   test("on the broker, a busy refusal is CONNACK 3 (server unavailable), which a device retries", async () => {
     const { reg, a, finish, settled } = await heldRegistry("busy-broker", 1);
-    const broker = createEmbeddedBroker({
-      host: "127.0.0.1",
-      port: 0,
-      maxPacketBytes: 65536,
-      allowAnonymous: false,
-      intake: async () => ({ ok: true }),
-      logger: pino({ level: "silent" }),
-      ...deviceBrokerHooks(reg),
-    });
-    await broker.start();
+    const broker = await deviceBroker(reg);
     try {
       const url = `mqtt://127.0.0.1:${broker.port}`;
       const code = (p: Promise<{ end(force: boolean): unknown }>) =>
@@ -435,20 +436,13 @@ describe("wills", () => {
     await addDevice(file, "dev-b", { publish: ["sensors/%u/#"] });
     const registry = new DeviceRegistry(file);
     const intakes: { topic: string; username: string | null }[] = [];
-    const broker = createEmbeddedBroker({
-      host: "127.0.0.1",
-      port: 0,
-      maxPacketBytes: 65536,
-      allowAnonymous: false,
+    const broker = await deviceBroker(registry, {
       intake: async (msg, client) => {
         intakes.push({ topic: msg.topic, username: client.username });
         return { ok: true };
       },
-      logger: pino({ level: "silent" }),
       persistence: { kind: "libsql", path: join(dir, "wills.db"), synchronous: "full", maxOfflineMessages: 100 },
-      ...deviceBrokerHooks(registry),
     });
-    await broker.start();
     const aedes = (broker as unknown as { aedes: AedesWills }).aedes;
     const sweep = (will: Record<string, unknown>) =>
       new Promise<string>((resolve, reject) =>
@@ -489,16 +483,7 @@ describe("revoked subscribe rights", () => {
     const file = join(dir, "revoke.toml");
     const a = await addDevice(file, "dev-a", { subscribe: ["alerts/%u/#"] });
     const registry = new DeviceRegistry(file);
-    const broker = createEmbeddedBroker({
-      host: "127.0.0.1",
-      port: 0,
-      maxPacketBytes: 65536,
-      allowAnonymous: false,
-      intake: async () => ({ ok: true }),
-      logger: pino({ level: "silent" }),
-      ...deviceBrokerHooks(registry),
-    });
-    await broker.start();
+    const broker = await deviceBroker(registry);
     const url = `mqtt://127.0.0.1:${broker.port}`;
     const opts = { clientId: "dev-a", username: "dev-a", password: a.secret, clean: false, reconnectPeriod: 0 };
     /** Reconnect the clean = false session and collect what it gets for a while. */
