@@ -315,7 +315,7 @@ async function heldRegistry(name: string, loginsWaitingPerLane?: number) {
     running.shift()?.(ok);
     await settled();
   };
-  return { reg, a, b, calls, finish, settled };
+  return { reg, file, a, b, calls, finish, settled };
 }
 
 describe("logins wait their device's turn", () => {
@@ -370,6 +370,15 @@ describe("logins wait their device's turn", () => {
     expect(await device).toBe(true);
     await finish(false);
     expect(await Promise.all(held)).toEqual([false, false, false]);
+  }, 30_000);
+
+  test("a device removed while its login waited is refused, even with the right secret", async () => {
+    const { reg, file, a, finish } = await heldRegistry("removed-while-waiting");
+    const login = reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret));
+    expect(removeDevice(file, "dev-a")).toBe(true);
+    await finish(true); // the secret matched the hash the file had when the login came
+    expect(await login).toBe(false);
+    expect(reg.sessionValid({ id: "dev-a", username: "dev-a" })).toBe(false);
   }, 30_000);
 
   test("a verification that fails rejects its own login only; the next one runs", async () => {

@@ -310,9 +310,19 @@ export class DeviceRegistry {
     const hit = this.verified.get(device.id);
     if (hit && hit.secretHash === device.secretHash && digestsEqual(hit.digest, digest)) return true;
     const ok = await this.queue.check(check, () => this.verify(pw, device.secret));
-    if (ok) this.verified.set(device.id, { secretHash: device.secretHash, digest });
-    else log?.debug({ client: client.id, device: device.id }, "connect refused: wrong secret");
-    return ok;
+    if (!ok) {
+      log?.debug({ client: client.id, device: device.id }, "connect refused: wrong secret");
+      return false;
+    }
+    // The file may have changed while the login waited its turn: the device removed, its secret replaced.
+    this.refresh(true);
+    const now = this.config.devices.get(device.id);
+    if (now?.secretHash !== device.secretHash || now.clientId !== device.clientId) {
+      log?.info({ client: client.id, device: device.id }, "connect refused: the device changed while its login waited");
+      return false;
+    }
+    this.verified.set(device.id, { secretHash: device.secretHash, digest });
+    return true;
   }
 
   /**
