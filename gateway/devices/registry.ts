@@ -291,8 +291,9 @@ export class DeviceRegistry {
     const pw = password ?? new Uint8Array(0);
     const device = devices.get(client.username);
     // Refusals are logged at debug: the broker logs bad logins, at most one line per 10 s.
-    // Every refusal costs one verification, so a timing cannot tell a registered id from another.
-    // Verifications wait their device's turn (login-queue.ts); a full lane rejects with BrokerBusy.
+    // Every refusal costs one verification (or waits for the same secret's), so a timing cannot tell a
+    // registered id from another. Verifications wait their turn (login-queue.ts): a lane per device id,
+    // one for every other user name; a full lane rejects with BrokerBusy.
     const digest = secretDigest(pw);
     const key = Buffer.from(digest).toString("hex");
     if (!device) {
