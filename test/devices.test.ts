@@ -531,6 +531,23 @@ describe("Mosquitto export", () => {
       "device \"dev:1\": a Mosquitto user name cannot contain ':' (register it under another id)",
     ]);
   }, 30_000);
+
+  test("a pattern with a space at either end is refused by name: Mosquitto trims it into another topic", async () => {
+    // Mosquitto reads `topic write  lead/x` as lead/x, and `topic read  ` (a pattern of one space) as read
+    // and write access to the topic "read": the exported ACL would grant what the devices file does not.
+    const file = join(dir, "spaces.toml");
+    await addDevice(file, "dev-s", { publish: [" lead/x", "trail/x "], subscribe: [" "] });
+    const r = mosquittoExport(loadDevices(file), null, new Date());
+    const trims = (p: string) =>
+      `device "dev-s": pattern ${JSON.stringify(p)} starts or ends with a space, which Mosquitto's ACL file ` +
+      "trims (the line would grant another topic); remove the space";
+    expect(r.ok ? [] : r.problems).toEqual([trims(" lead/x"), trims("trail/x "), trims(" ")]);
+    // Spaces inside a pattern stay as they are on both brokers.
+    const inside = join(dir, "spaces-inside.toml");
+    await addDevice(inside, "dev-i", { publish: ["in  side/x"], subscribe: ["a b/+"] });
+    const ok = mosquittoExport(loadDevices(inside), null, new Date());
+    expect(ok.ok ? ok.acl : "").toContain("user dev-i\ntopic write in  side/x\ntopic read a b/+\n");
+  }, 30_000);
 });
 
 describe("device file editing", () => {

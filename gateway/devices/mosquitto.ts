@@ -39,6 +39,13 @@ export function filtersOverlap(a: string, b: string): boolean {
 // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what this rejects
 const UNSAFE = /[\u0000-\u001f\u007f]/;
 
+/**
+ * Mosquitto trims the spaces around the topic of an ACL line (`topic write  a/b ` grants `a/b`), and
+ * a topic of spaces only leaves `topic write`, which it reads as read and write access to the topic
+ * "write". A pattern with a space at either end cannot be written as it is.
+ */
+const SPACE_AT_END = /^ | $/;
+
 /** Build the password file and the ACL file for `config`. */
 export function mosquittoExport(config: DevicesConfig, gateway: GatewayLogin | null, at: Date): MosquittoExport {
   const problems: string[] = [];
@@ -108,6 +115,14 @@ function deviceAcl(d: Device, problems: string[]): string | null {
       if (topic === null) continue; // a value that is not one plain level: the pattern grants nothing
       if (UNSAFE.test(topic)) {
         problems.push(`device "${d.id}": pattern ${JSON.stringify(p)} holds a control character`);
+        ok = false;
+        continue;
+      }
+      if (SPACE_AT_END.test(topic)) {
+        problems.push(
+          `device "${d.id}": pattern ${JSON.stringify(p)} starts or ends with a space, which Mosquitto's ACL file ` +
+            "trims (the line would grant another topic); remove the space",
+        );
         ok = false;
         continue;
       }
