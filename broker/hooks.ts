@@ -327,6 +327,10 @@ export function createHooks(
       const allowed = rule.ok && aclAllows(acl ? () => acl.call(auth, info, sub.topic) : null, sub.topic, info);
       if (allowed) return done(null, sub);
       log.info({ client: info.id, filter: sub.topic }, "subscribe refused");
+      // aedes restores a returning session's stored subscriptions through here too, and keeps one it was
+      // refused in the store: its messages would go on filling the offline queue, and come once the right
+      // was back, published while it was revoked. A filter no longer granted leaves the session.
+      if (!client.clean) forgetStoredSubscription(client, sub.topic, log);
       // aedes 1.2.0 (lib/handlers/subscribe.js storeSubscriptions): a null subscription is
       // granted 128 in the SUBACK (MQTT 3.1.1 §3.9.3) and the connection stays open.
       done(null, null);
@@ -346,6 +350,19 @@ export function createHooks(
       return packet;
     },
   };
+}
+
+/** Drop `filter` from `client`'s stored session (a no-op when it holds none). */
+function forgetStoredSubscription(client: Client, filter: string, log: Logger): void {
+  const persistence = (client as unknown as { broker: { persistence: StoredSubscriptions } }).broker.persistence;
+  persistence
+    .removeSubscriptions(client, [filter])
+    .catch((err: unknown) => log.warn({ err, client: client.id, filter }, "refused subscription not removed"));
+}
+
+/** The part of aedes' persistence that drops a client's stored subscriptions. */
+interface StoredSubscriptions {
+  removeSubscriptions(client: Client, filters: string[]): Promise<unknown>;
 }
 
 /** One publish waiting for its verdict, or for the verdicts of those before it. */

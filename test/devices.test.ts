@@ -488,36 +488,50 @@ describe("wills", () => {
 });
 
 describe("revoked subscribe rights", () => {
-  test("an offline session's queued messages are not delivered once the right is revoked", async () => {
-    const file = join(dir, "revoke.toml");
-    const a = await addDevice(file, "dev-a", { subscribe: ["alerts/%u/#"] });
-    const registry = new DeviceRegistry(file);
-    const broker = await deviceBroker(registry);
-    const url = `mqtt://127.0.0.1:${broker.port}`;
-    const opts = { clientId: "dev-a", username: "dev-a", password: a.secret, clean: false, reconnectPeriod: 0 };
-    /** Reconnect the clean = false session and collect what it gets for a while. */
-    const reconnect = async (): Promise<string[]> => {
-      const got: string[] = [];
-      const c = await connectAsync(url, opts);
-      c.on("message", (topic) => got.push(topic));
-      await new Promise((r) => setTimeout(r, 500));
-      await c.endAsync();
-      return got;
-    };
-    try {
-      const c = await connectAsync(url, opts);
-      await c.subscribeAsync("alerts/dev-a/#", { qos: 1 });
-      await c.endAsync();
-      await broker.publish("alerts/dev-a/1", "queued while allowed", { qos: 1 });
-      expect(await reconnect()).toEqual(["alerts/dev-a/1"]);
-      writeFileSync(file, readFileSync(file, "utf8").replace('subscribe = ["alerts/%u/#"]', "subscribe = []"));
-      registry.refresh(true);
-      await broker.publish("alerts/dev-a/2", "queued after the revocation", { qos: 1 });
-      expect(await reconnect()).toEqual([]);
-    } finally {
-      await broker.close();
-    }
-  }, 30_000);
+  for (const kind of ["memory", "libsql"] as const)
+    test(`${kind}: a queue is not delivered once the right is revoked, nor once it is back`, async () => {
+      const file = join(dir, `revoke-${kind}.toml`);
+      const a = await addDevice(file, "dev-a", { subscribe: ["alerts/%u/#"] });
+      const registry = new DeviceRegistry(file);
+      const broker = await deviceBroker(registry, {
+        persistence:
+          kind === "memory"
+            ? { kind, maxOfflineMessages: 100 }
+            : { kind, path: join(dir, "revoke.db"), synchronous: "full", maxOfflineMessages: 100 },
+      });
+      const url = `mqtt://127.0.0.1:${broker.port}`;
+      const opts = { clientId: "dev-a", username: "dev-a", password: a.secret, clean: false, reconnectPeriod: 0 };
+      /** Reconnect the clean = false session and collect what it gets for a while. */
+      const reconnect = async (): Promise<string[]> => {
+        const got: string[] = [];
+        const c = await connectAsync(url, opts);
+        c.on("message", (topic) => got.push(topic));
+        await new Promise((r) => setTimeout(r, 500));
+        await c.endAsync();
+        return got;
+      };
+      try {
+        const c = await connectAsync(url, opts);
+        await c.subscribeAsync("alerts/dev-a/#", { qos: 1 });
+        await c.endAsync();
+        await broker.publish("alerts/dev-a/1", "queued while allowed", { qos: 1 });
+        expect(await reconnect()).toEqual(["alerts/dev-a/1"]);
+        writeFileSync(file, readFileSync(file, "utf8").replace('subscribe = ["alerts/%u/#"]', "subscribe = []"));
+        registry.refresh(true);
+        await broker.publish("alerts/dev-a/2", "queued after the revocation", { qos: 1 });
+        expect(await reconnect()).toEqual([]);
+        // The session came back without the revoked subscription: messages published now are not queued
+        // for it, and granting the right again does not bring them (nor the subscription) back.
+        await broker.publish("alerts/dev-a/3", "published while revoked", { qos: 1 });
+        writeFileSync(file, readFileSync(file, "utf8").replace("subscribe = []", 'subscribe = ["alerts/%u/#"]'));
+        registry.refresh(true);
+        expect(await reconnect()).toEqual([]);
+        await broker.publish("alerts/dev-a/4", "published with the right back, no subscription", { qos: 1 });
+        expect(await reconnect()).toEqual([]);
+      } finally {
+        await broker.close();
+      }
+    }, 30_000);
 });
 
 describe("Mosquitto export", () => {
