@@ -456,6 +456,62 @@ describe("an away session's queue (MQTT-3.8.4-6, and one copy for overlapping fi
   }
 });
 
+describe("retained messages a clean = false session's new subscription gets", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: a retained QoS 2 message completes its flow; a lost PUBREL comes again`, async () => {
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 100 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
+      );
+      await broker.publish("rq2/a", "kept", { qos: 1, retain: true });
+      const device = await client(broker, { clientId: `rq2-pub-${kind}` });
+      await device.publishAsync("rq2/b", "exactly once", { qos: 2, retain: true });
+      const id = `rq2-${kind}`;
+      // This connection answers the QoS 2 PUBLISH with PUBREC and never sends PUBCOMP (mqtt.js sends it
+      // once its handleMessage calls back). (Its PUBREC closed the connection: "no such packet".)
+      const first = await client(broker, { clientId: id, clean: false });
+      const got = received(first);
+      first.handleMessage = (packet, done) => (packet.qos === 2 ? undefined : done());
+      let closed = false;
+      first.on("close", () => {
+        closed = true;
+      });
+      const pubrels = (c: MqttClient): number[] => {
+        const ids: number[] = [];
+        c.on("packetreceive", (p) => (p.cmd === "pubrel" ? ids.push(p.messageId!) : undefined));
+        return ids;
+      };
+      const firstPubrels = pubrels(first);
+      await first.subscribeAsync("rq2/#", { qos: 2 });
+      await until(() => firstPubrels.length === 1 && got.length === 2);
+      expect(got.sort((a, b) => a.payload.localeCompare(b.payload))).toEqual([
+        { payload: "exactly once", qos: 2 },
+        { payload: "kept", qos: 1 },
+      ]);
+      await Bun.sleep(200);
+      expect(closed).toBe(false);
+      await first.endAsync(true);
+      // MQTT-4.4.0-1: the session sends the unacknowledged PUBREL again; this connection completes it.
+      const back = later(broker, { clientId: id, clean: false });
+      const backPubrels = pubrels(back);
+      back.connect();
+      await until(() => backPubrels.length === 1);
+      expect(backPubrels).toEqual(firstPubrels);
+      await Bun.sleep(200);
+      await back.endAsync();
+      // Completed: nothing comes a third time.
+      const again = later(broker, { clientId: id, clean: false });
+      const againPubrels = pubrels(again);
+      const againGot = received(again);
+      again.connect();
+      await until(() => again.connected);
+      await Bun.sleep(300);
+      expect({ pubrels: againPubrels, got: againGot }).toEqual({ pubrels: [], got: [] });
+    });
+  }
+});
+
 describe("broker.db from other code", () => {
   test("a broker.db written by newer code is refused with its version, and left untouched", async () => {
     const path = join(dir, `b${n++}.db`);

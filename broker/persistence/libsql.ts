@@ -359,6 +359,7 @@ export class LibsqlPersistence {
     const numbered = this.outgoing.number(client, packet);
     if (!numbered) return;
     const { brokerId: bid, brokerCounter: bc, messageId: mid } = numbered.entry;
+    if (numbered.added) return this.insertPubrel(client, mid, packet);
     // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
     // The statement finds the row the index found: the first in queue order.
     void this.run(
@@ -377,6 +378,21 @@ export class LibsqlPersistence {
       ],
       "background",
     ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "queued messageId not recorded"));
+  }
+
+  /** A PUBREL the queue keeps though its PUBLISH never was queued (`OutgoingQueues.keepPubrel`): a row of its own. */
+  private insertPubrel(client: ClientRef, messageId: number | null, pubrel: StoredPacket): void {
+    // Not awaited, as an update: a PUBREL lost in a crash only leaves that one flow unfinished.
+    void this.run(
+      [
+        {
+          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
+                VALUES (?, NULL, NULL, ?, ?)`,
+          args: [client.id, messageId, encodePacket(pubrel)],
+        },
+      ],
+      "background",
+    ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "PUBREL not recorded"));
   }
 
   /** Remove the queued packet with `packet.messageId` (a PUBACK or PUBCOMP); resolves with it. */

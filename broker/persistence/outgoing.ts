@@ -23,6 +23,15 @@ export interface QueueEntry {
   cleared?: boolean;
 }
 
+/** The entry a packet aedes numbered is (`OutgoingQueues.number`). */
+export interface Numbered {
+  readonly entry: QueueEntry;
+  /** The entry held another packet: it is this one now. */
+  readonly replaces: boolean;
+  /** The entry is new: a PUBREL of a PUBLISH never queued (`OutgoingQueues.keepPubrel`). */
+  readonly added?: true;
+}
+
 /** What aedes passes as a client: its id, and its next packet identifier (aedes' own field). */
 export interface ClientRef {
   readonly id: string;
@@ -96,12 +105,13 @@ export class OutgoingQueues {
   /**
    * aedes numbered `packet` to send it: its entry (the same broker id and counter, else the one holding
    * its messageId: a PUBREL replacing its PUBLISH), now recording the messageId and the packet in
-   * flight; `replaces` when the entry held another packet (it is this one now). Null, with nothing to
-   * keep, for a read-back's copy whose live twin was acknowledged meanwhile (sent once more, at least
-   * once) and for a live send of a message a full queue dropped (sent once, at most once). Throws for
-   * another packet no queue holds, as aedes' own persistence does.
+   * flight; `replaces` when the entry held another packet (it is this one now), `added` when the entry
+   * is new (a PUBREL of a PUBLISH never queued: `keepPubrel`). Null, with nothing to keep, for a
+   * read-back's copy whose live twin was acknowledged meanwhile (sent once more, at least once) and for
+   * a live send of a message a full queue dropped (sent once, at most once). Throws for another packet
+   * no queue holds, as aedes' own persistence does.
    */
-  number(client: ClientRef, packet: StoredPacket): { entry: QueueEntry; replaces: boolean } | null {
+  number(client: ClientRef, packet: StoredPacket): Numbered | null {
     const bid = (packet.brokerId as string | undefined) ?? null;
     const bc = num(packet.brokerCounter);
     if (bid !== null) this.renumberIfTaken(client, bid, bc, packet);
@@ -113,6 +123,7 @@ export class OutgoingQueues {
       // A message dropped from a full queue still goes to a connected client, once, live: an error here
       // would make aedes close the connection of a client that is only behind.
       if (bid !== null && (this.queues.get(client.id)?.length ?? 0) >= this.max) return null;
+      if (packet.cmd === "pubrel" && mid !== null) return this.keepPubrel(client.id, mid, packet);
       throw new Error("no such packet");
     }
     const replaces = entry.brokerId !== bid || entry.brokerCounter !== bc;
@@ -128,6 +139,28 @@ export class OutgoingQueues {
     entry.messageId = mid;
     entry.inFlight = packet;
     return { entry, replaces };
+  }
+
+  /**
+   * The PUBREL answering a PUBREC for a PUBLISH no queue held: a retained message sent to a new
+   * subscription, which aedes writes without queuing it, clean session or not (lib/client.js
+   * `deliverQoS`). It joins the session's queue like any PUBREL, so it is sent again when the session
+   * comes back (MQTT-4.4.0-1) and its PUBCOMP clears it. Thrown at ("no such packet"), aedes closed the
+   * connection of every clean = false client a retained QoS 2 message reached at QoS 2. Past
+   * `max` it is sent and not kept, like a live message a full queue dropped.
+   */
+  private keepPubrel(clientId: string, messageId: number, packet: StoredPacket): Numbered | null {
+    const queue = this.queueOf(clientId);
+    if (queue.length >= this.max) return null;
+    const entry: QueueEntry = {
+      brokerId: null,
+      brokerCounter: null,
+      messageId,
+      inFlight: packet,
+      sent: ++this.sends,
+    };
+    queue.push(entry);
+    return { entry, replaces: true, added: true };
   }
 
   /** Remove the first entry holding `messageId` (a PUBACK or PUBCOMP) and return it. */
