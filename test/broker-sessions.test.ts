@@ -456,6 +456,37 @@ describe("an away session's queue (MQTT-3.8.4-6, and one copy for overlapping fi
   }
 });
 
+describe("a connected session's queue", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: a message sent at QoS 0 (an exact filter's) leaves it: not resent, not filling it`, async () => {
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 3 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 3 },
+      );
+      const id = `exact-q0-${kind}`;
+      const sub = await client(broker, { clientId: id, clean: false });
+      const got = received(sub);
+      // aedes 1.2.0 sends a live message at the QoS of a filter that is exactly its topic (docs/broker.md),
+      // after it joined the session's queue at the QoS 1 `ex/#` owes it.
+      await sub.subscribeAsync({ "ex/a": { qos: 0 }, "ex/#": { qos: 1 } });
+      const device = await client(broker, { clientId: `${id}-device` });
+      for (let i = 0; i < 5; i++) await device.publishAsync("ex/a", `m${i}`, { qos: 1 });
+      await until(() => got.length === 5);
+      expect(got.map((m) => m.qos)).toEqual([0, 0, 0, 0, 0]);
+      // No QoS 0 message is acknowledged: kept, they filled the queue (max 3) and later ones were dropped.
+      expect(broker.stats().offlineDropped).toBe(0);
+      await sub.endAsync();
+      const back = later(broker, { clientId: id, clean: false });
+      const again = received(back);
+      back.connect();
+      await until(() => back.connected);
+      await Bun.sleep(300);
+      expect(again).toEqual([]);
+    });
+  }
+});
+
 describe("retained messages a clean = false session's new subscription gets", () => {
   for (const kind of ["libsql", "memory"] as const) {
     test(`${kind}: a retained QoS 2 message completes its flow; a lost PUBREL comes again`, async () => {

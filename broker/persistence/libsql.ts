@@ -17,7 +17,7 @@ import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { matchTopic } from "../topics.ts";
 import { decodePacket, encodePacket, type QueuedFor, queuedCopy, queuedPerClient, type StoredPacket } from "./codec.ts";
-import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
+import { type ClientRef, num, OutgoingQueues, type QueueEntry } from "./outgoing.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
 import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
@@ -360,6 +360,7 @@ export class LibsqlPersistence {
     if (!numbered) return;
     const { brokerId: bid, brokerCounter: bc, messageId: mid } = numbered.entry;
     if (numbered.added) return this.insertPubrel(client, mid, packet);
+    if (numbered.delivered) return this.deleteDelivered(client, numbered.entry);
     // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
     // The statement finds the row the index found: the first in queue order.
     void this.run(
@@ -393,6 +394,21 @@ export class LibsqlPersistence {
       ],
       "background",
     ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "PUBREL not recorded"));
+  }
+
+  /** The row of a queued message that went out at QoS 0 (`OutgoingQueues.sentAtQos0`): nothing acknowledges it. */
+  private deleteDelivered(client: ClientRef, entry: QueueEntry): void {
+    // Not awaited, as a PUBACK's delete: one lost in a crash only means the message is delivered again.
+    void this.run(
+      [
+        {
+          sql: `DELETE FROM outgoing WHERE seq = (SELECT seq FROM outgoing WHERE client_id = ?
+                  AND broker_id IS ? AND broker_counter IS ? ORDER BY seq LIMIT 1)`,
+          args: [client.id, entry.brokerId, entry.brokerCounter],
+        },
+      ],
+      "background",
+    ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "delivered message not removed"));
   }
 
   /** Remove the queued packet with `packet.messageId` (a PUBACK or PUBCOMP); resolves with it. */

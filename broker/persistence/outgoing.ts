@@ -30,6 +30,8 @@ export interface Numbered {
   readonly replaces: boolean;
   /** The entry is new: a PUBREL of a PUBLISH never queued (`OutgoingQueues.keepPubrel`). */
   readonly added?: true;
+  /** The entry left its queue: it goes out at QoS 0 (`OutgoingQueues.sentAtQos0`). */
+  readonly delivered?: true;
 }
 
 /** What aedes passes as a client: its id, and its next packet identifier (aedes' own field). */
@@ -106,7 +108,8 @@ export class OutgoingQueues {
    * aedes numbered `packet` to send it: its entry (the same broker id and counter, else the one holding
    * its messageId: a PUBREL replacing its PUBLISH), now recording the messageId and the packet in
    * flight; `replaces` when the entry held another packet (it is this one now), `added` when the entry
-   * is new (a PUBREL of a PUBLISH never queued: `keepPubrel`). Null, with nothing to keep, for a
+   * is new (a PUBREL of a PUBLISH never queued: `keepPubrel`), `delivered` when it left its queue (sent
+   * at QoS 0: `sentAtQos0`). Null, with nothing to keep, for a
    * read-back's copy whose live twin was acknowledged meanwhile (sent once more, at least once) and for
    * a live send of a message a full queue dropped (sent once, at most once). Throws for another packet
    * no queue holds, as aedes' own persistence does.
@@ -126,6 +129,7 @@ export class OutgoingQueues {
       if (packet.cmd === "pubrel" && mid !== null) return this.keepPubrel(client.id, mid, packet);
       throw new Error("no such packet");
     }
+    if (packet.cmd === "publish" && Number(packet.qos) === 0) return this.sentAtQos0(client.id, entry);
     const replaces = entry.brokerId !== bid || entry.brokerCounter !== bc;
     if (entry.messageId !== null && packet.cmd === "publish" && this.readBack.has(packet.payload as object)) {
       // MQTT-3.3.1-1: a session's PUBLISH sent before (numbered then) goes out again with DUP = 1: aedes
@@ -139,6 +143,21 @@ export class OutgoingQueues {
     entry.messageId = mid;
     entry.inFlight = packet;
     return { entry, replaces };
+  }
+
+  /**
+   * A queued message aedes sends at QoS 0 leaves the queue: nothing acknowledges it (at most once). It was
+   * queued at the QoS the client's filters owe it (`queuedPerClient`), but aedes 1.2.0 lowers a live copy to
+   * the QoS of a subscription to exactly its topic (lib/client.js `deliverQoS`; docs/broker.md). Kept, it
+   * came again with DUP = 1 when the session came back, and such messages filled a connected client's queue
+   * until `max` and every later one was dropped from it.
+   */
+  private sentAtQos0(clientId: string, entry: QueueEntry): Numbered {
+    const queue = this.queues.get(clientId)!;
+    queue.splice(queue.indexOf(entry), 1);
+    if (queue.length === 0) this.queues.delete(clientId);
+    entry.cleared = true;
+    return { entry, replaces: false, delivered: true };
   }
 
   /**
