@@ -18,6 +18,7 @@ import type { Logger } from "pino";
 import { matchTopic } from "../topics.ts";
 import { decodePacket, encodePacket, type QueuedFor, queuedCopy, queuedPerClient, type StoredPacket } from "./codec.ts";
 import { type ClientRef, num, OutgoingQueues, type QueueEntry } from "./outgoing.ts";
+import { RetainedReads } from "./retained-reads.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
 import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
@@ -88,6 +89,8 @@ export class LibsqlPersistence {
   private readonly incomingClients = new Set<string>();
   /** Retained writes of QoS > 0 packets, awaited by the same packet's `outgoingEnqueueCombi`. */
   private readonly retainedWrites = new WeakMap<object, Promise<unknown>>();
+  /** Retained messages stored while a new subscription's read of them is under way. */
+  private readonly retainedReads = new RetainedReads();
 
   constructor(private readonly opts: LibsqlPersistenceOptions) {
     this.outgoing = new OutgoingQueues({ max: opts.maxOfflineMessages ?? 1000, logger: opts.logger, now: opts.now });
@@ -160,6 +163,7 @@ export class LibsqlPersistence {
   /** Store (or, with an empty payload, delete) the retained message of `packet.topic`. */
   async storeRetained(packet: StoredPacket): Promise<void> {
     const topic = String(packet.topic);
+    this.retainedReads.stored(topic);
     const payload = packet.payload as { length: number } | undefined;
     const statement =
       !payload || payload.length === 0
@@ -180,12 +184,21 @@ export class LibsqlPersistence {
     await this.run([statement]);
   }
 
-  /** Retained messages matching any of `patterns` (a pattern's matches in topic order). */
+  /**
+   * Retained messages matching any of `patterns` (a pattern's matches in topic order), as they were when
+   * it was called: one stored since went to the new subscription live (`RetainedReads`).
+   */
   createRetainedStreamCombi(patterns: readonly string[]): Readable {
     const self = this;
+    const read = this.retainedReads.begin();
     return Readable.from(
       (async function* () {
-        for (const p of patterns) yield* self.retainedMatching(p);
+        try {
+          for (const p of patterns)
+            for await (const packet of self.retainedMatching(p)) if (!read.skip(String(packet.topic))) yield packet;
+        } finally {
+          read.end();
+        }
       })(),
     );
   }
