@@ -44,7 +44,7 @@ class EmbeddedBroker implements Broker {
   private protocolRefused = 0;
   private lastProtocolLog = 0;
   private readonly aedes: Aedes;
-  private readonly persistence: BrokerPersistence | null;
+  private readonly persistence: BrokerPersistence;
   private readonly tcp: TcpListener;
   private readonly ws: WsListener | null;
   private readonly mqtts: TcpListener | null;
@@ -84,7 +84,7 @@ class EmbeddedBroker implements Broker {
     this.aedes = new Aedes({
       ...createHooks(opts, this.state, this.log),
       drainTimeout: DRAIN_TIMEOUT_MS,
-      ...(this.persistence ? { persistence: this.persistence.aedes } : {}),
+      persistence: this.persistence.aedes,
     });
     if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
     const stalled = new WeakSet<Client>();
@@ -203,7 +203,7 @@ class EmbeddedBroker implements Broker {
       connectionsRefused: this.connectionsRefused,
       loginsRefused: this.state.loginsRefused,
       loginsBusy: this.state.loginsBusy,
-      offlineDropped: this.persistence?.stats().offlineDropped ?? 0,
+      offlineDropped: this.persistence.stats().offlineDropped,
     };
   }
 
@@ -308,9 +308,7 @@ class EmbeddedBroker implements Broker {
     await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
     await Promise.all([this.tcp.closeAll(), this.ws?.closeAll(), this.mqtts?.closeAll(), this.wss?.closeAll()]);
     // Every write aedes queued has committed once this resolves (a start that failed never opened it).
-    await this.persistence
-      ?.destroy()
-      .catch((err: unknown) => this.log.warn({ err }, "broker persistence close failed"));
+    await this.persistence.destroy().catch((err: unknown) => this.log.warn({ err }, "broker persistence close failed"));
     this.log.info("broker closed");
   }
 

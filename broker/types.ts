@@ -138,7 +138,7 @@ export interface BrokerOptions extends BrokerAuth {
    */
   intake(msg: PublishedMessage, client: ClientInfo): Promise<IntakeVerdict>;
   readonly logger: Logger;
-  /** Where sessions, offline queues and retained messages live; default in memory (lost on restart). */
+  /** Where sessions, offline queues and retained messages live; default in memory (lost on restart, 1,000 a client). */
   readonly persistence?: PersistenceChoice;
 }
 

@@ -401,12 +401,15 @@ describe("the QoS a subscriber gets (MQTT-3.8.4-6: the lower of published and gr
 });
 
 describe("an away session's queue (MQTT-3.8.4-6, and one copy for overlapping filters)", () => {
-  for (const kind of ["libsql", "memory"] as const) {
+  // "none": a broker built without a persistence option gets the memory one too, not aedes' own.
+  for (const kind of ["libsql", "memory", "none"] as const) {
     test(`${kind}: a message overlapping filters matched comes back once, at the QoS granted`, async () => {
       const broker = await startWith(
-        kind === "memory"
-          ? { kind, maxOfflineMessages: 100 }
-          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
+        kind === "none"
+          ? undefined
+          : kind === "memory"
+            ? { kind, maxOfflineMessages: 100 }
+            : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
       );
       const id = `away-${kind}`;
       const sub = await client(broker, { clientId: id, clean: false });

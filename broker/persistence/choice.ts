@@ -28,9 +28,16 @@ export interface BrokerPersistence {
   destroy(): Promise<void>;
 }
 
-/** The persistence chosen; null (no choice given): aedes' own in-memory default, unbounded. */
-export function persistenceFor(choice: PersistenceChoice | undefined, logger: Logger): BrokerPersistence | null {
-  if (!choice) return null;
+/**
+ * In memory, as fleet.toml's defaults have it, when no persistence is chosen. Never aedes' own in-memory
+ * persistence: its outgoing queues keep a copy per matching filter and close a client whose overlapping
+ * filters matched a queued QoS 2 message (the fixes are in `memoryPersistence`'s queues).
+ */
+export const DEFAULT_PERSISTENCE: PersistenceChoice = { kind: "memory", maxOfflineMessages: 1000 };
+
+/** The persistence chosen (DEFAULT_PERSISTENCE when none is). */
+export function persistenceFor(choice: PersistenceChoice | undefined, logger: Logger): BrokerPersistence {
+  choice ??= DEFAULT_PERSISTENCE;
   if (choice.kind === "memory") return memoryPersistence({ maxOfflineMessages: choice.maxOfflineMessages, logger });
   const libsql = new LibsqlPersistence({
     path: choice.path,
