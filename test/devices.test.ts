@@ -587,6 +587,17 @@ describe("device file editing", () => {
     expect(readFileSync(file, "utf8")).toContain('subscribe = ["public/#"]');
   }, 30_000);
 
+  test("a pattern holding DEL or another control still parses once written; a lone surrogate is refused", async () => {
+    const file = join(dir, "odd-patterns.toml");
+    const odd = ["sensors/%c/\u007f", "sensors/%c/\u0001\t\u0080"];
+    await addDevice(file, "odd", { publish: odd });
+    expect(loadDevices(file).devices.get("odd")?.acl.publish).toEqual(expect.arrayContaining(odd));
+    await expect(addDevice(file, "lone", { publish: ["sensors/\uD800"] })).rejects.toThrow(
+      'ACL pattern "sensors/\\ud800": must be valid Unicode (a lone surrogate is not: MQTT topics are UTF-8)',
+    );
+    expect(listDevices(file).map((d) => d.id)).toEqual(["odd"]);
+  }, 30_000);
+
   test("concurrent add and remove commands in separate processes lose no edit", async () => {
     const file = join(dir, "race.toml");
     for (const v of ["victim-1", "victim-2"]) await addDevice(file, v);

@@ -6,11 +6,13 @@
  * would widen (or reshape) the pattern, so such values match nothing.
  */
 import { matchTopic } from "../../broker/index.ts";
+import { isWellFormed } from "../parse.ts";
 
 /** Why an ACL pattern is unusable, or null when it is fine. */
 export function aclPatternProblem(pattern: string): string | null {
   if (pattern.length === 0) return "must not be empty";
   if (pattern.includes("\u0000")) return "must not contain NUL";
+  if (!isWellFormed(pattern)) return "must be valid Unicode (a lone surrogate is not: MQTT topics are UTF-8)";
   if (pattern.startsWith("$")) return "must not start with $ ($SYS and broker-internal topics stay protected)";
   const bad = /%[^cu]|%$/.exec(pattern);
   if (bad)

@@ -32,8 +32,13 @@ const HEADER = `# Device credentials and topic ACLs for the fleet's MQTT broker 
 # Secrets are stored only as argon2id hashes; add devices with \`fleet device add <id>\`.
 `;
 
-const tomlKey = (k: string) => (/^[A-Za-z0-9_-]+$/.test(k) ? k : JSON.stringify(k));
-const tomlStrings = (xs: readonly string[]) => `[${xs.map((x) => JSON.stringify(x)).join(", ")}]`;
+/**
+ * A TOML basic string. JSON's escapes are TOML's but for DEL (U+007F), which TOML wants escaped and JSON
+ * leaves raw: a pattern holding one was written into a file that no longer parsed.
+ */
+const tomlString = (x: string) => JSON.stringify(x).replaceAll("\u007f", "\\u007F");
+const tomlKey = (k: string) => (/^[A-Za-z0-9_-]+$/.test(k) ? k : tomlString(k));
+const tomlStrings = (xs: readonly string[]) => `[${xs.map(tomlString).join(", ")}]`;
 
 function readText(file: string): string | null {
   try {
