@@ -194,8 +194,12 @@ export class LibsqlPersistence {
     return Readable.from(
       (async function* () {
         try {
-          for (const p of patterns)
-            for await (const packet of self.retainedMatching(p)) if (!read.skip(String(packet.topic))) yield packet;
+          for (const p of patterns) {
+            for await (const packet of self.retainedMatching(p)) {
+              if (read.skip(String(packet.topic))) continue; // stored since the read began: it went out live
+              yield packet;
+            }
+          }
         } finally {
           read.end();
         }
