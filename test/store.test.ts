@@ -1690,4 +1690,31 @@ describe("the WAL file", () => {
     expect(statSync(`${path}-wal`).size).toBeLessThanOrEqual(WAL_SIZE_LIMIT);
     await store.close();
   });
+
+  test("stays under a store beside another connection of its process as another process's last closes", async () => {
+    // The CLI's schema check (openDb's first client) and a test's own client are such connections. Opening
+    // the store must not drop this process's POSIX locks on fleet.db (any close of a descriptor of the file
+    // does): another process's closing connection would then take them, checkpoint, and delete the WAL the
+    // store still writes, whose next sync failed with ENOENT (`fleet gc` in CI), or worse, went unseen.
+    const path = freshPath();
+    (await open(path)).close();
+    const other = createClient({ url: `file:${path}` });
+    await other.execute("SELECT count(*) FROM meta");
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      await store.setMeta("before", "1");
+      const script =
+        `import { createClient } from "@libsql/client";` +
+        `const c = createClient({ url: ${JSON.stringify(`file:${path}`)} });` +
+        `await c.execute("SELECT count(*) FROM meta"); c.close(); Bun.gc(true); await Bun.sleep(20); Bun.gc(true);`;
+      const child = Bun.spawn([process.execPath, "-e", script], { cwd: import.meta.dir, stderr: "pipe" });
+      expect(await child.exited).toBe(0);
+      expect(existsSync(`${path}-wal`)).toBe(true);
+      await store.setMeta("after", "1");
+      expect(await store.getMeta("after")).toBe("1");
+    } finally {
+      await store.close().catch(() => undefined);
+      other.close();
+    }
+  });
 });

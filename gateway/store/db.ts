@@ -467,7 +467,9 @@ export class GroupCommitter {
  * path is checked before each sync and the file opened again if it names another file than the
  * one open: SQLite makes a new WAL only when its last connection closes, which cannot happen
  * under a running committer, and the check keeps even that case from syncing a file SQLite no
- * longer writes.
+ * longer writes. A WAL gone from under the committer (ENOENT) fails its jobs: another process
+ * deleted it, which it can only do once this one lost its locks on fleet.db (./files.ts
+ * `ensurePrivateFile` says how that once happened), and rows written to it since are in no file.
  */
 export class WalFile {
   private handle: FileHandle | null = null;

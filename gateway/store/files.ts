@@ -27,9 +27,19 @@ export function secureDataDir(dir: string): void {
   }
 }
 
-/** Create `file` empty and 0600 unless it exists; an existing one is made 0600. */
+/**
+ * Create `file` empty and 0600 unless it exists; an existing one is made 0600 without being opened.
+ * Closing any descriptor of a file drops every POSIX lock this process holds on it, SQLite's too:
+ * with another connection to fleet.db open in this process (the CLI's schema check, whose connection
+ * lives until collected), another process's last connection to close then took the lock, checkpointed
+ * and deleted the WAL the store went on writing.
+ */
 export function ensurePrivateFile(file: string): void {
-  closeSync(openSync(file, "a", PRIVATE_FILE_MODE));
+  try {
+    closeSync(openSync(file, "wx", PRIVATE_FILE_MODE));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+  }
   chmodSync(file, PRIVATE_FILE_MODE);
 }
 
