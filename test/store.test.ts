@@ -1667,6 +1667,17 @@ describe("group committer with synchronous = full", () => {
 });
 
 describe("the WAL file", () => {
+  /** A read on a connection of another process, closed for real (libSQL closes it when collected), as a CLI's. */
+  async function readInAnotherProcess(path: string): Promise<void> {
+    const script =
+      `import { createClient } from "@libsql/client";` +
+      `const c = createClient({ url: ${JSON.stringify(`file:${path}`)} });` +
+      `await c.execute("SELECT count(*) FROM meta"); c.close(); Bun.gc(true); await Bun.sleep(20); Bun.gc(true);`;
+    const child = Bun.spawn([process.execPath, "-e", script], { cwd: import.meta.dir, stderr: "pipe" });
+    const code = await child.exited;
+    if (code !== 0) throw new Error(`the reader exited ${code}: ${await new Response(child.stderr).text()}`);
+  }
+
   test("is cut back to WAL_SIZE_LIMIT by the first checkpoint after a reader that held it back lets go", async () => {
     const path = freshPath();
     const store = await open(path);
@@ -1703,18 +1714,29 @@ describe("the WAL file", () => {
     const store = await Store.open(path, { synchronous: "full" });
     try {
       await store.setMeta("before", "1");
-      const script =
-        `import { createClient } from "@libsql/client";` +
-        `const c = createClient({ url: ${JSON.stringify(`file:${path}`)} });` +
-        `await c.execute("SELECT count(*) FROM meta"); c.close(); Bun.gc(true); await Bun.sleep(20); Bun.gc(true);`;
-      const child = Bun.spawn([process.execPath, "-e", script], { cwd: import.meta.dir, stderr: "pipe" });
-      expect(await child.exited).toBe(0);
+      await readInAnotherProcess(path);
       expect(existsSync(`${path}-wal`)).toBe(true);
       await store.setMeta("after", "1");
       expect(await store.getMeta("after")).toBe("1");
     } finally {
       await store.close().catch(() => undefined);
       other.close();
+    }
+  });
+
+  test("stays under the gateway's store when a CLI's connection to the live data dir closes", async () => {
+    // No other connection of the test's: openDb's own schema check of an existing file is one.
+    const path = freshPath();
+    (await open(path)).close();
+    const store = await Store.open(path, { synchronous: "full" });
+    try {
+      for (let i = 0; i < 3; i++) {
+        await readInAnotherProcess(path);
+        expect(existsSync(`${path}-wal`)).toBe(true);
+        await store.setMeta(`after-${i}`, "1");
+      }
+    } finally {
+      await store.close().catch(() => undefined);
     }
   });
 });
