@@ -21,6 +21,10 @@
  * QoS granted by any of the client's subscriptions matching the topic decides, for live messages and
  * for the retained ones a new subscription replays; overlapping subscriptions still deliver once, at
  * the highest of them, whichever copy comes first.
+ *
+ * And a retained message a new subscription of a clean = false session gets at QoS 1 or 2 joins the
+ * session's queue, as a live one does (`RetainedQueue`): aedes 1.2.0 writes it unqueued, so a connection
+ * lost before its PUBACK or PUBREC never got it again (MQTT-4.4.0-1; Mosquitto resends it).
  */
 import type { Client } from "aedes";
 import { matchTopic } from "./topics.ts";
@@ -34,13 +38,27 @@ type Deliver = (packet: DeliveredPacket, cb: () => void) => void;
 interface DeliveredPacket {
   qos: number;
   dup?: boolean;
+  retain?: boolean;
   readonly topic: string;
-  readonly brokerId?: string | null;
+  brokerId?: string | null;
   readonly brokerCounter?: number;
+}
+
+/**
+ * A persistence that keeps a retained message sent to a new subscription in the session's queue
+ * (both of this project's: ./persistence/outgoing.ts `queueRetained`). Whether it was queued; if it
+ * was, aedes is to send it as a queued one (RETAIN 0), and numbering it gives RETAIN 1 back.
+ */
+export interface RetainedQueue {
+  queueRetained(clientId: string, packet: DeliveredPacket, qos: number): boolean;
 }
 
 /** The parts of aedes' Client this relies on (set in its constructor, read by `dedupe`). */
 interface DeliveringClient {
+  readonly id: string;
+  /** Set at CONNECT: the session is kept (clean = false) or not. */
+  readonly clean: boolean;
+  readonly broker: { readonly id: string; readonly persistence: Partial<RetainedQueue> };
   deliver0: Deliver;
   deliverQoS: Deliver;
   readonly duplicates: Record<string, number>;
@@ -104,6 +122,12 @@ export function dedupeExactly(client: Client): void {
   const deliverAt = (ceiling: number): Deliver => {
     return (packet, cb) => {
       const qos = packet.qos === 0 ? 0 : deliveredQos(c.subscriptions, packet, ceiling);
+      // A retained message a new subscription replays has no broker id (lib/handlers/subscribe.js); its counter is new.
+      if (qos > 0 && packet.retain && !packet.brokerId && c.clean === false && c.broker.persistence.queueRetained) {
+        packet.brokerId = c.broker.id;
+        if (c.broker.persistence.queueRetained(c.id, packet, qos)) packet.retain = false;
+        else packet.brokerId = null;
+      }
       admit(packet);
       // A first delivery to this client, whatever the publisher's flag (MQTT-3.3.1-3); a resend of a
       // session's message comes from its queue, not through here (OutgoingQueues.handedOver).

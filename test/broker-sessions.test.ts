@@ -573,6 +573,85 @@ describe("retained messages a clean = false session's new subscription gets", ()
   }
 });
 
+describe("a retained message sent to a clean = false session's new subscription is kept in its queue", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: not acknowledged, it comes again with RETAIN 1 and DUP 1 when the session comes back`, async () => {
+      const opts =
+        kind === "memory"
+          ? ({ kind, maxOfflineMessages: 100 } as const)
+          : ({ kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 } as const);
+      let broker = await startWith(opts);
+      await broker.publish("rq1/a", "state", { qos: 1, retain: true });
+      const id = `rq1-${kind}`;
+      type Seen = { payload: string; qos: number; retain: boolean; dup: boolean };
+      const publishes = (c: MqttClient): Seen[] => {
+        const seen: Seen[] = [];
+        c.on("packetreceive", (p) => {
+          if (p.cmd === "publish") seen.push({ payload: String(p.payload), qos: p.qos, retain: p.retain, dup: p.dup });
+        });
+        return seen;
+      };
+      // This connection never acknowledges: mqtt.js sends PUBACK once its handleMessage calls back.
+      const first = await client(broker, { clientId: id, clean: false });
+      first.handleMessage = () => undefined;
+      const firstSeen = publishes(first);
+      await first.subscribeAsync("rq1/#", { qos: 1 });
+      await until(() => firstSeen.length === 1);
+      expect(firstSeen).toEqual([{ payload: "state", qos: 1, retain: true, dup: false }]);
+      await first.endAsync(true);
+      if (kind === "libsql") {
+        // Its queue row is on the disk: a broker restart keeps it too.
+        await broker.close();
+        broker = await startWith(opts);
+      }
+      // MQTT-4.4.0-1: the unacknowledged PUBLISH goes out again, still as a retained message (MQTT-3.3.1-8).
+      const back = later(broker, { clientId: id, clean: false });
+      const backSeen = publishes(back);
+      back.connect();
+      await until(() => backSeen.length === 1);
+      expect(backSeen).toEqual([{ payload: "state", qos: 1, retain: true, dup: true }]);
+      await Bun.sleep(200); // its PUBACK
+      await back.endAsync();
+      // Acknowledged: nothing comes a third time.
+      const again = later(broker, { clientId: id, clean: false });
+      const againSeen = publishes(again);
+      again.connect();
+      await until(() => again.connected);
+      await Bun.sleep(300);
+      expect(againSeen).toEqual([]);
+    });
+
+    test(`${kind}: past max_offline_messages it is not kept, and counted as dropped`, async () => {
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 1 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 1 },
+      );
+      await broker.publish("rqf/a", "a", { qos: 1, retain: true });
+      await broker.publish("rqf/b", "b", { qos: 1, retain: true });
+      const id = `rqf-${kind}`;
+      const seen = (c: MqttClient): string[] => {
+        const got: string[] = [];
+        c.on("packetreceive", (p) => (p.cmd === "publish" ? got.push(String(p.payload)) : undefined));
+        return got;
+      };
+      // Never acknowledging (mqtt.js then reads no further packet): the first one holds the queue's one place.
+      const first = await client(broker, { clientId: id, clean: false });
+      first.handleMessage = () => undefined;
+      const firstSeen = seen(first);
+      await first.subscribeAsync("rqf/#", { qos: 1 });
+      await until(() => firstSeen.length === 1 && broker.stats().offlineDropped === 1);
+      await first.endAsync(true);
+      const back = later(broker, { clientId: id, clean: false });
+      const backSeen = seen(back);
+      back.connect();
+      await until(() => backSeen.length === 1);
+      await Bun.sleep(300);
+      expect(backSeen).toEqual(firstSeen);
+    });
+  }
+});
+
 describe("broker.db from other code", () => {
   test("a broker.db written by newer code is refused with its version, and left untouched", async () => {
     const path = join(dir, `b${n++}.db`);

@@ -78,6 +78,14 @@ export function queuedForSubscriber(original: StoredPacket): StoredPacket {
   return { ...queuedCopy(original), retain: false, dup: false };
 }
 
+/**
+ * The copy of a retained message a new subscription of a clean = false session is sent, as its queue keeps
+ * it: RETAIN 1 (MQTT-3.3.1-8), DUP 0 until sent, at the QoS it goes out at.
+ */
+export function queuedRetained(original: StoredPacket, qos: number): StoredPacket {
+  return { ...queuedCopy(original), qos, retain: true, dup: false };
+}
+
 /** A subscription aedes matched a publish to (one per matching filter); `qos` absent: a direct send. */
 export interface QueuedFor {
   readonly clientId: string;

@@ -16,7 +16,15 @@ import { dirname } from "node:path";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { matchTopic } from "../topics.ts";
-import { decodePacket, encodePacket, type QueuedFor, queuedCopy, queuedPerClient, type StoredPacket } from "./codec.ts";
+import {
+  decodePacket,
+  encodePacket,
+  type QueuedFor,
+  queuedCopy,
+  queuedPerClient,
+  queuedRetained,
+  type StoredPacket,
+} from "./codec.ts";
 import { type ClientRef, num, OutgoingQueues, type QueueEntry } from "./outgoing.ts";
 import { RetainedReads } from "./retained-reads.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
@@ -366,6 +374,30 @@ export class LibsqlPersistence {
         });
     }
     await this.run(rows);
+  }
+
+  /**
+   * deliveries.ts `RetainedQueue`: queued at once, so it is sent now, in the order aedes hands it over, and
+   * its row written with the next commit (its messageId and its PUBACK's delete are queued after it).
+   */
+  queueRetained(clientId: string, packet: StoredPacket, qos: number): boolean {
+    const brokerId = String(packet.brokerId);
+    const brokerCounter = num(packet.brokerCounter);
+    if (!this.outgoing.queueRetained(clientId, String(packet.topic), { brokerId, brokerCounter, messageId: null }))
+      return false;
+    void this.run(
+      [
+        {
+          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
+                VALUES (?, ?, ?, NULL, ?)`,
+          args: [clientId, brokerId, brokerCounter, encodePacket(queuedRetained(packet, qos))],
+        },
+      ],
+      true,
+    ).catch((err: unknown) =>
+      this.opts.logger?.warn({ err, client: clientId }, "queued retained message not recorded"),
+    );
+    return true;
   }
 
   /**

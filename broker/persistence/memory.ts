@@ -11,7 +11,7 @@
 import memory from "aedes-persistence";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
-import { type QueuedFor, queuedPerClient, type StoredPacket } from "./codec.ts";
+import { type QueuedFor, queuedPerClient, queuedRetained, type StoredPacket } from "./codec.ts";
 import type { PersistenceStats } from "./libsql.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
 
@@ -55,6 +55,11 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   const outgoing = {
     outgoingEnqueueCombi,
     outgoingEnqueue: (sub: QueuedFor, packet: StoredPacket) => outgoingEnqueueCombi([sub], packet),
+    /** deliveries.ts `RetainedQueue`. */
+    queueRetained(clientId: string, packet: StoredPacket, qos: number): boolean {
+      const entry = { brokerId: String(packet.brokerId), brokerCounter: num(packet.brokerCounter), messageId: null };
+      return queues.queueRetained(clientId, String(packet.topic), { ...entry, packet: queuedRetained(packet, qos) });
+    },
     async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
       const numbered = queues.number(client, packet);
       if (numbered?.replaces) numbered.entry.packet = packet;

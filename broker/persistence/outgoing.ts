@@ -21,6 +21,8 @@ export interface QueueEntry {
   sent?: number;
   /** Gone from its queue (acknowledged). */
   cleared?: boolean;
+  /** A retained message sent to a new subscription (`queueRetained`): it goes out with RETAIN 1. */
+  retained?: true;
 }
 
 /** The entry a packet aedes numbered is (`OutgoingQueues.number`). */
@@ -130,6 +132,12 @@ export class OutgoingQueues {
       throw new Error("no such packet");
     }
     if (packet.cmd === "publish" && Number(packet.qos) === 0) return this.sentAtQos0(client.id, entry);
+    // aedes queues only what it sends with RETAIN 0 (lib/client.js `deliverQoS`): a retained message
+    // queued for a new subscription reaches it so, and gets its flag back before aedes writes this packet.
+    if (entry.retained) {
+      if (packet.cmd === "publish") packet.retain = true;
+      else delete entry.retained; // its PUBREL now
+    }
     const replaces = entry.brokerId !== bid || entry.brokerCounter !== bc;
     if (entry.messageId !== null && packet.cmd === "publish" && this.readBack.has(packet.payload as object)) {
       // MQTT-3.3.1-1: a session's PUBLISH sent before (numbered then) goes out again with DUP = 1: aedes
@@ -162,11 +170,12 @@ export class OutgoingQueues {
 
   /**
    * The PUBREL answering a PUBREC for a PUBLISH no queue held: a retained message sent to a new
-   * subscription, which aedes writes without queuing it, clean session or not (lib/client.js
-   * `deliverQoS`). It joins the session's queue like any PUBREL, so it is sent again when the session
-   * comes back (MQTT-4.4.0-1) and its PUBCOMP clears it. Thrown at ("no such packet"), aedes closed the
-   * connection of every clean = false client a retained QoS 2 message reached at QoS 2. Past
-   * `max` it is sent and not kept, like a live message a full queue dropped.
+   * subscription, which aedes writes without queuing it (lib/client.js `deliverQoS`; deliveries.ts
+   * queues it for a clean = false session, unless its queue is full). It joins the session's queue
+   * like any PUBREL, so it is sent again when the session comes back (MQTT-4.4.0-1) and its PUBCOMP
+   * clears it. Thrown at ("no such packet"), aedes closed the connection of every clean = false client
+   * a retained QoS 2 message reached at QoS 2. Past `max` it is sent and not kept, like a live
+   * message a full queue dropped.
    */
   private keepPubrel(clientId: string, messageId: number, packet: StoredPacket): Numbered | null {
     const queue = this.queueOf(clientId);
@@ -180,6 +189,16 @@ export class OutgoingQueues {
     };
     queue.push(entry);
     return { entry, replaces: true, added: true };
+  }
+
+  /**
+   * Queue a retained message sent to a new subscription of a clean = false session, which aedes sends
+   * without queuing it (lib/client.js `deliverQoS`): so a connection lost before its PUBACK or PUBREC
+   * brings it again when the session comes back (MQTT-4.4.0-1), as Mosquitto does. Whether it was
+   * queued (a full queue sends it unkept, as a live message a full queue dropped).
+   */
+  queueRetained(clientId: string, topic: string, entry: QueueEntry): boolean {
+    return this.enqueue([clientId], topic, () => ({ ...entry, retained: true })).length > 0;
   }
 
   /** Remove the first entry holding `messageId` (a PUBACK or PUBCOMP) and return it. */
