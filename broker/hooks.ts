@@ -183,7 +183,7 @@ export function createHooks(
     },
 
     authenticate(client, username, password, done) {
-      const info: ClientInfo = { id: client.id, username: username ?? null };
+      const info: ClientInfo = { id: client.id, username: username ?? null, gone: () => client.closed };
       usernames.set(client, info.username);
       if (!state.intakeOpen) return done(connackError(SERVER_UNAVAILABLE, "broker is not accepting devices"), null);
       const refusal = state.refuseAtConnect.get(client);

@@ -65,6 +65,8 @@ export interface PublishMeta {
 export interface ClientInfo {
   readonly id: string;
   readonly username: string | null;
+  /** Whether the connection has closed since (a login checked later need not be checked at all). */
+  readonly gone?: () => boolean;
 }
 
 /**

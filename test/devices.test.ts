@@ -6,7 +6,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connectAsync } from "mqtt";
+import { connect, connectAsync } from "mqtt";
 import pino from "pino";
 import { BrokerBusy, createEmbeddedBroker } from "../broker/index.ts";
 import {
@@ -426,6 +426,55 @@ describe("logins wait their device's turn", () => {
       await finish(true);
       expect(await ok).toBe(0);
       expect(broker.stats()).toMatchObject({ loginsBusy: 1, loginsRefused: 2 });
+    } finally {
+      await broker.close();
+    }
+  }, 30_000);
+
+  test("a login whose every asker hung up while it waited is refused unhashed; one still there keeps it", async () => {
+    const { reg, a, calls, finish, settled } = await heldRegistry("gone");
+    let hungUp = false;
+    const gone = () => hungUp;
+    const login = (username: string, secret: string, left?: () => boolean) =>
+      reg.authenticate({ id: username, username, gone: left }, enc(secret));
+    const running = login("dev-b", "w1");
+    await settled();
+    const abandoned = [login("dev-b", "w2", gone), login("nobody", "g1", gone)];
+    const joined = [login("dev-a", a.secret, gone), login("dev-a", a.secret, () => false)];
+    await settled();
+    hungUp = true;
+    await finish(false); // w1
+    expect(calls).toEqual(["w1", a.secret]); // w2 and g1 skipped; dev-a's check has an asker still there
+    await finish(true);
+    expect(await Promise.all([running, ...abandoned, ...joined])).toEqual([false, false, false, true, true]);
+  }, 30_000);
+
+  test("on the broker, a client that sends CONNECT and hangs up costs no hash", async () => {
+    const { reg, calls, finish, settled } = await heldRegistry("gone-broker");
+    const broker = await deviceBroker(reg);
+    try {
+      const url = `mqtt://127.0.0.1:${broker.port}`;
+      const held = connectAsync(url, { clientId: "dev-a", username: "dev-a", password: "w1", reconnectPeriod: 0 });
+      held.catch(() => undefined);
+      while (calls.length < 1) await settled();
+      for (let i = 0; i < 3; i++) {
+        const quitter = connect(url, {
+          clientId: `q${i}`,
+          username: `nobody${i}`,
+          password: `g${i}`,
+          reconnectPeriod: 0,
+        });
+        quitter.on("error", () => undefined);
+        while (reg.loginsWaiting < i + 1) await settled();
+        quitter.end(true);
+      }
+      // aedes marks each client closed once its socket's end arrives.
+      await Bun.sleep(200);
+      await finish(false);
+      expect(await held.catch((e: { code?: number }) => e.code)).toBe(4);
+      await settled();
+      expect(reg.loginsWaiting).toBe(0);
+      expect(calls).toEqual(["w1"]);
     } finally {
       await broker.close();
     }

@@ -9,6 +9,8 @@
  * running joins that check (a device reconnecting before its first CONNACK, a guesser repeating
  * itself). A lane holds at most `perLane` checks; past that a login is refused at once as busy,
  * unhashed, so a flood of guesses costs one core and bounded memory, and delays only its lane.
+ * A check whose every asker's connection closed while it waited is not run when its turn comes
+ * (refused, unhashed): a client that connects and hangs up at once costs no hash.
  */
 import { BrokerBusy } from "../../broker/index.ts";
 
@@ -18,6 +20,8 @@ export interface LoginCheck {
   readonly lane: string;
   /** Equal keys in one lane are one check (e.g. the secret's digest and the stored hash). */
   readonly key: string;
+  /** Whether the asker's connection has closed, so its answer is wanted no more (absent: always wanted). */
+  readonly gone?: () => boolean;
 }
 
 interface Waiting {
@@ -25,6 +29,11 @@ interface Waiting {
   readonly run: () => Promise<boolean>;
   readonly resolve: (ok: boolean) => void;
   readonly reject: (err: unknown) => void;
+  /** Each asker's `gone`, the first one's and those that joined it. */
+  readonly askers: (() => boolean)[];
+  /** An asker without `gone` joined: the check runs whatever the others did. */
+  wanted: boolean;
+  readonly result: Promise<boolean>;
 }
 
 /** Checks waiting per lane by default: 8 hashes are seconds on a slow box; a device needs one. */
@@ -34,7 +43,7 @@ export class LoginQueue {
   /** Lanes with work, in the order they are served (a lane served goes to the back). */
   private readonly lanes = new Map<string, Waiting[]>();
   /** Checks waiting or running, by lane and key: a second ask of the same one joins it. */
-  private readonly open = new Map<string, Promise<boolean>>();
+  private readonly open = new Map<string, Waiting>();
   private running = false;
 
   constructor(private readonly perLane = LOGINS_WAITING_PER_LANE) {}
@@ -43,14 +52,30 @@ export class LoginQueue {
   check(check: LoginCheck, verify: () => Promise<boolean>): Promise<boolean> {
     const id = `${check.lane}\u0000${check.key}`;
     const joined = this.open.get(id);
-    if (joined) return joined;
+    if (joined) {
+      if (check.gone) joined.askers.push(check.gone);
+      else joined.wanted = true;
+      return joined.result;
+    }
     const lane = this.lanes.get(check.lane) ?? [];
     if (lane.length >= this.perLane) {
       return Promise.reject(new BrokerBusy(`${lane.length} logins for this user name are waiting to be checked`));
     }
-    const result = new Promise<boolean>((resolve, reject) => lane.push({ key: id, run: verify, resolve, reject }));
+    let settle!: Pick<Waiting, "resolve" | "reject">;
+    const result = new Promise<boolean>((resolve, reject) => {
+      settle = { resolve, reject };
+    });
+    const job: Waiting = {
+      key: id,
+      run: verify,
+      ...settle,
+      askers: check.gone ? [check.gone] : [],
+      wanted: !check.gone,
+      result,
+    };
+    lane.push(job);
     this.lanes.set(check.lane, lane);
-    this.open.set(id, result);
+    this.open.set(id, job);
     this.pump();
     return result;
   }
@@ -64,13 +89,16 @@ export class LoginQueue {
 
   private pump(): void {
     if (this.running) return;
-    const next = this.lanes.entries().next();
-    if (next.done) return;
-    const [name, lane] = next.value;
-    const job = lane.shift() as Waiting;
-    // Served: to the back of the order, or out of it when it has nothing more.
-    this.lanes.delete(name);
-    if (lane.length > 0) this.lanes.set(name, lane);
+    let job: Waiting;
+    do {
+      const next = this.lanes.entries().next();
+      if (next.done) return;
+      const [name, lane] = next.value;
+      job = lane.shift() as Waiting;
+      // Served: to the back of the order, or out of it when it has nothing more.
+      this.lanes.delete(name);
+      if (lane.length > 0) this.lanes.set(name, lane);
+    } while (this.abandoned(job));
     this.running = true;
     const settle = () => {
       this.open.delete(job.key);
@@ -83,5 +111,13 @@ export class LoginQueue {
         (err: unknown) => job.reject(err),
       )
       .finally(settle);
+  }
+
+  /** No asker wants `job`'s answer any more: refused unhashed, and out of the queue. */
+  private abandoned(job: Waiting): boolean {
+    if (job.wanted || !job.askers.every((gone) => gone())) return false;
+    this.open.delete(job.key);
+    job.resolve(false);
+    return true;
   }
 }
