@@ -6,13 +6,14 @@
  */
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
-import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
 import pino from "pino";
 import { BrokerStoreTooNew, createEmbeddedBroker, LibsqlPersistence, memoryPersistence } from "../broker/index.ts";
 import type { Broker } from "../broker/index.ts";
+import { readInAnotherProcess } from "./helpers/gateway.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "broker-sessions-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -650,6 +651,28 @@ describe("a retained message sent to a clean = false session's new subscription 
       expect(backSeen).toEqual(firstSeen);
     });
   }
+});
+
+describe("broker.db beside other connections", () => {
+  test("keeps its WAL when another process's last connection closes, with another of this process open", async () => {
+    // A broker restarted in one process (a reload, a test) may open broker.db while a connection of the
+    // last one is still open until collected: opening it must not drop the process's locks on the file.
+    const path = join(dir, `b${n++}.db`);
+    await (await startBroker(path)).close();
+    const other = createClient({ url: `file:${path}` });
+    try {
+      await other.execute("SELECT count(*) FROM retained");
+      const broker = await startBroker(path);
+      await broker.publish("wal/a", "1", { qos: 1, retain: true });
+      await readInAnotherProcess(path, "retained");
+      expect(existsSync(`${path}-wal`)).toBe(true);
+      await broker.publish("wal/b", "2", { qos: 1, retain: true });
+      await broker.close();
+      expect(await rowsOnDisk(path, "retained")).toBe(2);
+    } finally {
+      other.close();
+    }
+  });
 });
 
 describe("broker.db from other code", () => {

@@ -25,6 +25,7 @@ import { WAL_SIZE_LIMIT } from "../gateway/store/index.ts";
 import { hashEvents, Store, tables, WalFile, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { findEpisode } from "../gateway/ops/index.ts";
+import { readInAnotherProcess } from "./helpers/gateway.ts";
 
 /** A test agent id (valid by construction). */
 const aid = (s: string) => s as AgentId;
@@ -1667,17 +1668,6 @@ describe("group committer with synchronous = full", () => {
 });
 
 describe("the WAL file", () => {
-  /** A read on a connection of another process, closed for real (libSQL closes it when collected), as a CLI's. */
-  async function readInAnotherProcess(path: string): Promise<void> {
-    const script =
-      `import { createClient } from "@libsql/client";` +
-      `const c = createClient({ url: ${JSON.stringify(`file:${path}`)} });` +
-      `await c.execute("SELECT count(*) FROM meta"); c.close(); Bun.gc(true); await Bun.sleep(20); Bun.gc(true);`;
-    const child = Bun.spawn([process.execPath, "-e", script], { cwd: import.meta.dir, stderr: "pipe" });
-    const code = await child.exited;
-    if (code !== 0) throw new Error(`the reader exited ${code}: ${await new Response(child.stderr).text()}`);
-  }
-
   test("is cut back to WAL_SIZE_LIMIT by the first checkpoint after a reader that held it back lets go", async () => {
     const path = freshPath();
     const store = await open(path);
@@ -1714,7 +1704,7 @@ describe("the WAL file", () => {
     const store = await Store.open(path, { synchronous: "full" });
     try {
       await store.setMeta("before", "1");
-      await readInAnotherProcess(path);
+      await readInAnotherProcess(path, "meta");
       expect(existsSync(`${path}-wal`)).toBe(true);
       await store.setMeta("after", "1");
       expect(await store.getMeta("after")).toBe("1");
@@ -1731,7 +1721,7 @@ describe("the WAL file", () => {
     const store = await Store.open(path, { synchronous: "full" });
     try {
       for (let i = 0; i < 3; i++) {
-        await readInAnotherProcess(path);
+        await readInAnotherProcess(path, "meta");
         expect(existsSync(`${path}-wal`)).toBe(true);
         await store.setMeta(`after-${i}`, "1");
       }

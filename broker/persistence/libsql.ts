@@ -121,7 +121,14 @@ export class LibsqlPersistence {
     const { path } = this.opts;
     if (path !== ":memory:") {
       mkdirSync(dirname(path), { recursive: true });
-      closeSync(openSync(path, "a", 0o600));
+      // Created 0600, or made so, never opened when it exists: closing a descriptor of the file drops every
+      // POSIX lock this process holds on it, SQLite's too (a connection still open, on any thread), and
+      // another process's last close could then delete the WAL still in use (gateway/store/files.ts).
+      try {
+        closeSync(openSync(path, "wx", 0o600));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      }
       chmodSync(path, 0o600);
     }
     let db: DbThread;

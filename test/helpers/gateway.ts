@@ -482,6 +482,20 @@ export function openDbFile(path: string): DbClient {
   return createClient({ url: `file:${path}` });
 }
 
+/**
+ * Read `table` of the SQLite file at `path` on a connection of another process, closed for real (libSQL
+ * closes a connection once it is collected), as a CLI's is: the last connection to close deletes the WAL.
+ */
+export async function readInAnotherProcess(path: string, table: string): Promise<void> {
+  const script =
+    `import { createClient } from "@libsql/client";` +
+    `const c = createClient({ url: ${JSON.stringify(`file:${path}`)} });` +
+    `await c.execute("SELECT count(*) FROM ${table}"); c.close(); Bun.gc(true); await Bun.sleep(20); Bun.gc(true);`;
+  const child = Bun.spawn([process.execPath, "-e", script], { cwd: ROOT, stderr: "pipe" });
+  const code = await child.exited;
+  if (code !== 0) throw new Error(`the reader exited ${code}: ${await new Response(child.stderr).text()}`);
+}
+
 // ---- processes --------------------------------------------------------------------------
 
 /** `/proc/<pid>/stat` fields after the command: [state, ppid, pgrp, ...]; null when gone. */
