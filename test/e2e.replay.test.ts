@@ -562,7 +562,8 @@ describe("fleet gc on the stopped gateway's data dir", () => {
         ],
         { timeoutMs: SLOW },
       );
-      // A failure says why (it failed once in CI with exit code 1 and nothing more to go on).
+      // A failure says why. It failed twice in CI: the WAL deleted under the command's store by this test's own
+      // connection closing (gateway/store/files.ts `ensurePrivateFile`; test/store.test.ts "the WAL file").
       if (gc.code !== 0) throw new Error(`fleet gc exited ${gc.code}: ${gc.stderr}${gc.stdout}`);
       expect(gc.json).toMatchObject({
         tombstoned: 0,
