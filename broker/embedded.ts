@@ -77,6 +77,7 @@ class EmbeddedBroker implements Broker {
       intakeFailedLog: { at: 0, since: 0 },
       auth: authOf(opts),
       refuseAtConnect: new WeakMap(),
+      hosts: new WeakMap(),
       usernames: new WeakMap(),
       publishFirst: null,
     };
@@ -113,7 +114,7 @@ class EmbeddedBroker implements Broker {
     });
     const hooks: ListenerHooks = {
       maxPacketBytes: opts.maxPacketBytes,
-      accept: (conn: Duplex, remote: string) => this.accept(conn, remote),
+      accept: (conn: Duplex, remote: string, host: string) => this.accept(conn, remote, host),
       violation: (v: GuardViolation, remote: string) => this.onViolation(v, remote),
     };
     this.tcp = new TcpListener(hooks);
@@ -249,7 +250,7 @@ class EmbeddedBroker implements Broker {
   }
 
   /** A new transport connection: counted, refused past `maxConnections`, else handed to aedes. */
-  private accept(conn: Duplex, remote: string): void {
+  private accept(conn: Duplex, remote: string, host: string): void {
     if (this.lifecycle === "closed") {
       conn.destroy();
       return;
@@ -275,6 +276,7 @@ class EmbeddedBroker implements Broker {
     this.open++;
     conn.once("close", () => this.open--);
     const client = this.aedes.handle(conn) as Client;
+    this.state.hosts.set(client, host);
     parseInSlices(client as unknown as SliceableClient, () => conn.destroyed);
     if (max > 0 && this.open > max) {
       this.state.refuseAtConnect.set(client, { code: 3, reason: `server busy: max_connections (${max}) reached` });

@@ -44,6 +44,8 @@ export interface HookState {
   auth: BrokerAuth;
   /** Connections to refuse at CONNECT with this CONNACK code (set before aedes authenticates). */
   readonly refuseAtConnect: WeakMap<Client, { code: 2 | 3; reason: string }>;
+  /** Each connection's peer address, for the login queue's fairness (`ClientInfo.host`). */
+  readonly hosts: WeakMap<Client, string>;
   /** The user name each client connected with (aedes' Client does not keep it). */
   readonly usernames: WeakMap<Client, string | null>;
   /**
@@ -183,7 +185,12 @@ export function createHooks(
     },
 
     authenticate(client, username, password, done) {
-      const info: ClientInfo = { id: client.id, username: username ?? null, gone: () => client.closed };
+      const info: ClientInfo = {
+        id: client.id,
+        username: username ?? null,
+        host: state.hosts.get(client),
+        gone: () => client.closed,
+      };
       usernames.set(client, info.username);
       if (!state.intakeOpen) return done(connackError(SERVER_UNAVAILABLE, "broker is not accepting devices"), null);
       const refusal = state.refuseAtConnect.get(client);

@@ -11,8 +11,8 @@ import { GuardedConnection, type GuardViolation } from "./connection.ts";
 /** What a listener needs from the broker. */
 export interface ListenerHooks {
   readonly maxPacketBytes: number;
-  /** Hand a guarded connection to aedes. */
-  accept(conn: Duplex, remote: string): void;
+  /** Hand a guarded connection to aedes; `host` is its peer's address (`remote` adds the port where there is one). */
+  accept(conn: Duplex, remote: string, host: string): void;
   /** The guard closed a connection. */
   violation(v: GuardViolation, remote: string): void;
 }
@@ -98,6 +98,6 @@ export class TcpListener {
       this.sockets.delete(socket);
       conn.destroy();
     });
-    this.hooks.accept(conn, remote);
+    this.hooks.accept(conn, remote, socket.remoteAddress ?? "?");
   }
 }

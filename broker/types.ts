@@ -67,6 +67,8 @@ export interface ClientInfo {
   readonly username: string | null;
   /** Whether the connection has closed since (a login checked later need not be checked at all). */
   readonly gone?: () => boolean;
+  /** The connection's peer address, at CONNECT (absent where the transport gives none). */
+  readonly host?: string | undefined;
 }
 
 /**

@@ -79,7 +79,7 @@ export class WsListener {
           const guard = new PacketSizeGuard(hooks.maxPacketBytes);
           const conn = new GuardedConnection(wsTransport(ws), guard, (v) => hooks.violation(v, ws.data.remote));
           ws.data.conn = conn;
-          hooks.accept(conn, ws.data.remote);
+          hooks.accept(conn, ws.data.remote, ws.data.remote);
         },
         message(ws, message) {
           const conn = ws.data.conn;

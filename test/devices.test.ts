@@ -449,6 +449,53 @@ describe("logins wait their device's turn", () => {
     expect(await Promise.all([running, ...abandoned, ...joined])).toEqual([false, false, false, true, true]);
   }, 30_000);
 
+  test("a flood from one address at a device's id keeps the device's own login neither out nor behind it", async () => {
+    const { reg, b, calls, finish, settled } = await heldRegistry("sources", 2);
+    const login = (host: string, secret: string) =>
+      reg.authenticate({ id: "dev-b", username: "dev-b", host }, enc(secret));
+    const running = login("10.0.0.9", "w0");
+    await settled();
+    const flood = [login("10.0.0.9", "w1"), login("10.0.0.9", "w2")]; // the lane's two places
+    await settled();
+    const refused = await login("10.0.0.9", "w3").catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(BrokerBusy); // full, and this address holds every place
+    // From another address: the flood's newest check gives its place up.
+    const device = login("10.0.0.5", b.secret);
+    expect(await flood[1]!.catch((e: unknown) => e)).toBeInstanceOf(BrokerBusy);
+    await finish(false); // w0
+    // 10.0.0.9 had the last turn in this lane: the device's check goes before w1.
+    expect(calls).toEqual(["w0", b.secret]);
+    await finish(true);
+    expect(await device).toBe(true);
+    await finish(false);
+    expect(await Promise.all([running, flood[0]])).toEqual([false, false]);
+    expect(calls).toEqual(["w0", b.secret, "w1"]);
+  }, 30_000);
+
+  test("on the broker, the login hook is told the connection's peer address", async () => {
+    const hosts: (string | undefined)[] = [];
+    const broker = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: false,
+      intake: async () => ({ ok: true }),
+      logger: pino({ level: "silent" }),
+      authenticate: async (info) => {
+        hosts.push(info.host);
+        return true;
+      },
+    });
+    await broker.start();
+    try {
+      const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { username: "u", password: "p" });
+      await c.endAsync();
+      expect(hosts).toEqual(["127.0.0.1"]);
+    } finally {
+      await broker.close();
+    }
+  }, 30_000);
+
   test("on the broker, a client that sends CONNECT and hangs up costs no hash", async () => {
     const { reg, calls, finish, settled } = await heldRegistry("gone-broker");
     const broker = await deviceBroker(reg);

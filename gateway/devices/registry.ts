@@ -298,11 +298,11 @@ export class DeviceRegistry {
     const key = Buffer.from(digest).toString("hex");
     if (!device) {
       const dummy = await this.dummyHash();
-      await this.queue.check({ lane: "", key, gone: client.gone }, () => this.verify(pw, dummy));
+      await this.queue.check({ lane: "", key, gone: client.gone, source: client.host }, () => this.verify(pw, dummy));
       log?.debug({ client: client.id, username: client.username }, "connect refused: unknown device");
       return false;
     }
-    const check = { lane: device.id, key: `${key} ${device.secretHash}`, gone: client.gone };
+    const check = { lane: device.id, key: `${key} ${device.secretHash}`, gone: client.gone, source: client.host };
     if (client.id !== device.clientId) {
       await this.queue.check(check, () => this.verify(pw, device.secret));
       log?.debug({ client: client.id, device: device.id }, "connect refused: a device must use its own client id");
