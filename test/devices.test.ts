@@ -166,6 +166,13 @@ async function deviceBroker(
   registry: DeviceRegistry,
   more: Partial<Parameters<typeof createEmbeddedBroker>[0]> = {},
 ): Promise<ReturnType<typeof createEmbeddedBroker>> {
+  return loginBroker({ ...more, ...deviceBrokerHooks(registry) });
+}
+
+/** An embedded broker on a free port that wants logins, with `more` on top, started. */
+async function loginBroker(
+  more: Partial<Parameters<typeof createEmbeddedBroker>[0]>,
+): Promise<ReturnType<typeof createEmbeddedBroker>> {
   const broker = createEmbeddedBroker({
     host: "127.0.0.1",
     port: 0,
@@ -174,7 +181,6 @@ async function deviceBroker(
     intake: async () => ({ ok: true }),
     logger: pino({ level: "silent" }),
     ...more,
-    ...deviceBrokerHooks(registry),
   });
   await broker.start();
   return broker;
@@ -474,19 +480,12 @@ describe("logins wait their device's turn", () => {
 
   test("on the broker, the login hook is told the connection's peer address", async () => {
     const hosts: (string | undefined)[] = [];
-    const broker = createEmbeddedBroker({
-      host: "127.0.0.1",
-      port: 0,
-      maxPacketBytes: 65536,
-      allowAnonymous: false,
-      intake: async () => ({ ok: true }),
-      logger: pino({ level: "silent" }),
+    const broker = await loginBroker({
       authenticate: async (info) => {
         hosts.push(info.host);
         return true;
       },
     });
-    await broker.start();
     try {
       const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { username: "u", password: "p" });
       await c.endAsync();
