@@ -211,8 +211,8 @@ export class LibsqlPersistence {
         try {
           for (const p of patterns) {
             for await (const packet of self.retainedMatching(p)) {
-              if (read.skip(String(packet.topic))) continue; // stored since the read began: it went out live
-              yield packet;
+              // A topic stored since the read began is not yielded: its newer message went out live.
+              if (!read.skip(String(packet.topic))) yield packet;
             }
           }
         } finally {
