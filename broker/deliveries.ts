@@ -53,12 +53,20 @@ export interface RetainedQueue {
   queueRetained(clientId: string, packet: DeliveredPacket, qos: number): boolean;
 }
 
+/**
+ * A persistence that sends each queued message to a returning session one way only, live or from its
+ * queue's read-back (./persistence/outgoing.ts `snapshot`): whether a live copy may go to `client`.
+ */
+export interface LiveClaims {
+  claimLive(client: object, brokerId: string, brokerCounter: number): boolean;
+}
+
 /** The parts of aedes' Client this relies on (set in its constructor, read by `dedupe`). */
 interface DeliveringClient {
   readonly id: string;
   /** Set at CONNECT: the session is kept (clean = false) or not. */
   readonly clean: boolean;
-  readonly broker: { readonly id: string; readonly persistence: Partial<RetainedQueue> };
+  readonly broker: { readonly id: string; readonly persistence: Partial<RetainedQueue & LiveClaims> };
   deliver0: Deliver;
   deliverQoS: Deliver;
   readonly duplicates: Record<string, number>;
@@ -127,6 +135,11 @@ export function dedupeExactly(client: Client): void {
         packet.brokerId = c.broker.id;
         if (c.broker.persistence.queueRetained(c.id, packet, qos)) packet.retain = false;
         else packet.brokerId = null;
+      }
+      // A message its session's queue holds, which the queue's read-back on CONNECT sends instead.
+      if (c.clean === false && packet.brokerId && packet.brokerCounter !== undefined) {
+        const claims = c.broker.persistence;
+        if (claims.claimLive && !claims.claimLive(c, packet.brokerId, packet.brokerCounter)) return cb();
       }
       admit(packet);
       // A first delivery to this client, whatever the publisher's flag (MQTT-3.3.1-3); a resend of a

@@ -5,6 +5,7 @@
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";
 import type { Logger } from "pino";
 import { dedupeExactly } from "./deliveries.ts";
+import { isSessionMark } from "./persistence/index.ts";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
 import {
   BrokerBusy,
@@ -327,6 +328,9 @@ export function createHooks(
     },
 
     authorizeSubscribe(client, sub, done) {
+      // A returning session with no subscriptions, as its persistence tells aedes (persistence/sessions.ts):
+      // turned away on restore, so nothing is subscribed and CONNACK says session present = 1.
+      if (isSessionMark(sub)) return done(null, null);
       const info = infoOf(client);
       const rule = checkDeviceSubscribeFilter(sub.topic);
       const auth = state.auth;

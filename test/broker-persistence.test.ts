@@ -94,6 +94,7 @@ interface Outgoing {
   outgoingUpdate(client: { id: string; _nextId?: number }, packet: object): Promise<void>;
   outgoingClearMessageId(client: { id: string }, packet: { messageId?: number }): Promise<unknown>;
   outgoingStream(client: { id: string }): AsyncIterable<unknown>;
+  claimLive(client: { id: string }, brokerId: string, brokerCounter: number): boolean;
   stats(): { offlineDropped: number; queued: number };
   destroy(): Promise<void>;
 }
@@ -113,6 +114,7 @@ async function opened(kind: "libsql" | "memory", maxOfflineMessages = 1000): Pro
     outgoingUpdate: (client, packet) => base.outgoingUpdate(client, packet),
     outgoingClearMessageId: (client, packet) => base.outgoingClearMessageId(client, packet),
     outgoingStream: (client) => base.outgoingStream(client),
+    claimLive: (client, brokerId, brokerCounter) => base.claimLive(client, brokerId, brokerCounter),
     stats: () => chosen.stats(),
     destroy: () => chosen.destroy(),
   };
@@ -167,6 +169,34 @@ for (const kind of ["libsql", "memory"] as const) {
       );
       // A packet nobody read back and nobody queued is still an error, as in aedes' own persistence.
       expect(p.outgoingUpdate(client, { ...packet(9999), messageId: 9 })).rejects.toThrow("no such packet");
+      await p.destroy();
+    });
+
+    test("a message queued as its session comes back goes out once: live, or from the queue's read-back", async () => {
+      const p = await opened(kind);
+      const connection = { id: "back-3" };
+      const sub = { clientId: connection.id, topic: "out/#", qos: 2 };
+      for (const i of [1, 2]) await p.outgoingEnqueueCombi([sub], published(i, 2));
+      // m1's live copy reaches the returning connection before its read-back starts: it goes out live.
+      expect(p.claimLive(connection, "broker-1", 1)).toBe(true);
+      await p.outgoingUpdate(connection, { ...published(1, 2), messageId: 1 });
+      const stream = p.outgoingStream(connection)[Symbol.asyncIterator]();
+      // m2's live copy comes once the read-back holds it: turned away, the read-back sends it.
+      expect(p.claimLive(connection, "broker-1", 2)).toBe(false);
+      // m3 is queued after the read-back began: it goes out live.
+      await p.outgoingEnqueueCombi([sub], published(3, 2));
+      expect(p.claimLive(connection, "broker-1", 3)).toBe(true);
+      const handed: string[] = [];
+      for (let r = await stream.next(); !r.done; r = await stream.next()) {
+        handed.push((r.value as { payload: Buffer }).payload.toString());
+      }
+      expect(handed).toEqual(["m2"]);
+      // The connection drops with nothing acknowledged: the next one gets all three from the read-back.
+      const next = { id: "back-3" };
+      const again: string[] = [];
+      for await (const packet of p.outgoingStream(next)) again.push((packet as { payload: Buffer }).payload.toString());
+      expect(again).toEqual(["m1", "m2", "m3"]);
+      expect(p.claimLive(next, "broker-1", 1)).toBe(false);
       await p.destroy();
     });
 

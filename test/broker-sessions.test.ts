@@ -286,25 +286,121 @@ describe("the DUP flag of redelivered messages (MQTT-3.3.1-1)", () => {
   }
 });
 
-describe("CONNACK's session present (docs/broker.md: known to differ from MQTT-3.2.2-2)", () => {
-  test("it is 1 for a kept session with a subscription, and 0 for one with none (aedes 1.2.0)", async () => {
-    const broker = await startBroker(join(dir, `b${n++}.db`));
-    const present = async (clientId: string): Promise<boolean> => {
-      const c = later(broker, { clientId, clean: false });
-      const connack = new Promise<boolean>((resolve) => c.once("connect", (p) => resolve(p.sessionPresent)));
-      c.connect();
-      const flag = await connack;
-      await c.endAsync();
-      return flag;
-    };
-    expect(await present("sp-none")).toBe(false);
-    // Kept, but aedes takes the flag from the stored subscriptions alone.
-    expect(await present("sp-none")).toBe(false);
-    const sub = await client(broker, { clientId: "sp-sub", clean: false });
-    await sub.subscribeAsync("sp/#", { qos: 1 });
-    await sub.endAsync();
-    expect(await present("sp-sub")).toBe(true);
+/** CONNACK's session present for a clean = false CONNECT of `clientId`; the client then disconnects. */
+async function present(broker: Broker, clientId: string): Promise<boolean> {
+  const c = later(broker, { clientId, clean: false });
+  const connack = new Promise<boolean>((resolve) => c.once("connect", (p) => resolve(p.sessionPresent)));
+  c.connect();
+  const flag = await connack;
+  await c.endAsync();
+  return flag;
+}
+
+for (const kind of ["libsql", "memory"] as const) {
+  const start = () =>
+    kind === "libsql" ? startBroker(join(dir, `b${n++}.db`)) : startWith({ kind, maxOfflineMessages: 1000 });
+
+  describe(`CONNACK's session present, persistence = "${kind}" (MQTT-3.2.2-1, MQTT-3.2.2-2)`, () => {
+    test("a clean = false session with no subscription is present when its client comes back", async () => {
+      const broker = await start();
+      expect(await present(broker, "sp-none")).toBe(false);
+      expect(await present(broker, "sp-none")).toBe(true);
+      // Taken over while connected: the session is there all the same (Mosquitto says 1 too).
+      const first = await client(broker, { clientId: "sp-live", clean: false });
+      const closed = new Promise<void>((resolve) => first.once("close", () => resolve()));
+      expect(await present(broker, "sp-live")).toBe(true);
+      await closed;
+    });
+
+    test("a session with subscriptions is present, and stays so once it unsubscribed from all", async () => {
+      const broker = await start();
+      const sub = await client(broker, { clientId: "sp-sub", clean: false });
+      await sub.subscribeAsync("sp/#", { qos: 1 });
+      await sub.endAsync();
+      expect(await present(broker, "sp-sub")).toBe(true);
+      const again = await client(broker, { clientId: "sp-sub", clean: false });
+      await again.unsubscribeAsync("sp/#");
+      await again.endAsync();
+      expect(await present(broker, "sp-sub")).toBe(true);
+    });
+
+    test("a clean = true CONNECT ends the session: it is not present, nor at the next clean = false one", async () => {
+      const broker = await start();
+      expect(await present(broker, "sp-ended")).toBe(false);
+      const clean = later(broker, { clientId: "sp-ended", clean: true });
+      const connack = new Promise<boolean>((resolve) => clean.once("connect", (p) => resolve(p.sessionPresent)));
+      clean.connect();
+      expect(await connack).toBe(false);
+      await clean.endAsync();
+      expect(await present(broker, "sp-ended")).toBe(false);
+    });
+
+    test("a session without subscriptions comes back subscribed to nothing (no filter is its mark)", async () => {
+      const broker = await start();
+      expect(await present(broker, "sp-empty")).toBe(false);
+      const back = await client(broker, { clientId: "sp-empty", clean: false });
+      expect(back.connected).toBe(true);
+      await back.subscribeAsync("sp/seen", { qos: 1 });
+      const got = collect(back, 1);
+      // `$fleet/session` is the placeholder's filter (broker/persistence/sessions.ts).
+      await broker.publish("$fleet/session", "not for anyone", { qos: 1 });
+      await broker.publish("sp/seen", "seen", { qos: 1 });
+      expect(await got).toEqual(["seen"]);
+      await back.endAsync();
+      // And it is not stored: the session comes back with the one subscription it made.
+      const again = await client(broker, { clientId: "sp-empty", clean: false });
+      const next = collect(again, 1);
+      await broker.publish("$fleet/session", "not for anyone", { qos: 1 });
+      await broker.publish("sp/seen", "seen again", { qos: 1 });
+      expect(await next).toEqual(["seen again"]);
+    });
   });
+}
+
+for (const kind of ["libsql", "memory"] as const) {
+  test(`QoS 2 messages published while a persistent subscriber comes back reach it once each (${kind})`, async () => {
+    const broker = await (kind === "libsql"
+      ? startBroker(join(dir, `b${n++}.db`))
+      : startWith({ kind, maxOfflineMessages: 1000 }));
+    const publisher = await client(broker, { clientId: "burst-pub" });
+    const first = await client(broker, { clientId: "burst-sub", clean: false });
+    await first.subscribeAsync("burst/#", { qos: 2 });
+    await first.endAsync();
+    const got: string[] = [];
+    const sent: string[] = [];
+    // aedes restores the subscriptions before it reads the queue back: messages published in between are
+    // queued and live at once. Before, some came both ways: 1 to 8 of these 140 with broker.db, in every run
+    // (in memory the window is narrower; test/broker-persistence.test.ts drives it step by step).
+    for (let round = 0; round < 20; round++) {
+      // One queued while it is away, so its queue has something to read back.
+      sent.push(`away${round}`);
+      await publisher.publishAsync("burst/a", `away${round}`, { qos: 2 });
+      const back = later(broker, { clientId: "burst-sub", clean: false });
+      back.on("message", (_t, payload) => got.push(payload.toString()));
+      const connected = new Promise((resolve) => back.once("connect", resolve));
+      back.connect();
+      const publishes: Promise<unknown>[] = [];
+      for (let i = 0; i < 6; i++) {
+        sent.push(`r${round}.${i}`);
+        publishes.push(publisher.publishAsync("burst/a", `r${round}.${i}`, { qos: 2 }));
+        await Bun.sleep(1);
+      }
+      await Promise.all([connected, ...publishes]);
+      await until(() => got.length >= sent.length);
+      await back.endAsync();
+    }
+    expect(got.sort()).toEqual(sent.sort());
+  });
+}
+
+test("a session with no subscription is still present after the broker restarts on its broker.db", async () => {
+  const path = join(dir, `b${n++}.db`);
+  const first = await startBroker(path);
+  expect(await present(first, "sp-restart")).toBe(false);
+  await first.close();
+  expect(await rowsOnDisk(path, "sessions")).toBe(1);
+  const second = await startBroker(path);
+  expect(await present(second, "sp-restart")).toBe(true);
 });
 
 describe("delivery to live clients beside durable sessions", () => {

@@ -15,3 +15,4 @@ export { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
 export { SerialWriter, type BatchRunner } from "./writer.ts";
 export { persistenceFor, type BrokerPersistence, type PersistenceChoice } from "./choice.ts";
 export { memoryPersistence, type MemoryPersistence } from "./memory.ts";
+export { isSessionMark } from "./sessions.ts";

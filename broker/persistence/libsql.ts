@@ -28,6 +28,7 @@ import {
 import { type ClientRef, num, OutgoingQueues, type QueueEntry } from "./outgoing.ts";
 import { RetainedReads } from "./retained-reads.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
+import { restoredSubscriptions } from "./sessions.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
 import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
 import { SerialWriter } from "./writer.ts";
@@ -87,6 +88,8 @@ export class LibsqlPersistence {
   private readonly trie = new SubscriptionTrie();
   /** clientId -> filter -> subscription, every persistent subscription (qos 0 too). */
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
+  /** Clients whose clean = false session exists, subscriptions or not (./sessions.ts); mirrors `sessions`. */
+  private readonly sessions = new Set<string>();
   /** Each client's queue: broker id, counter and messageId per row (same order as `outgoing.seq`). */
   private readonly outgoing: OutgoingQueues;
   /**
@@ -138,12 +141,14 @@ export class LibsqlPersistence {
       throw err instanceof TooNewOnThread ? new BrokerStoreTooNew(path, err.version) : err;
     }
     try {
-      const [subs, queued, wills, incoming] = await db.batch([
+      const [subs, queued, wills, incoming, sessions] = await db.batch([
         "SELECT client_id, topic, qos, options FROM subscriptions",
         "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
         "SELECT client_id FROM wills",
         "SELECT DISTINCT client_id FROM incoming",
+        "SELECT client_id FROM sessions",
       ]);
+      for (const row of sessions!.rows) this.sessions.add(String(row.client_id));
       for (const row of wills!.rows) this.willClients.add(String(row.client_id));
       for (const row of incoming!.rows) this.incomingClients.add(String(row.client_id));
       for (const row of subs!.rows) {
@@ -314,9 +319,23 @@ export class LibsqlPersistence {
     for (const t of topics) this.forget(client.id, t);
   }
 
-  /** A client's stored subscriptions (restored on a clean = false CONNECT). */
+  /**
+   * A client's stored subscriptions, restored on a clean = false CONNECT: aedes' lookup of the session, which
+   * opens it when new (durably, before the CONNACK), and answers for one with none (./sessions.ts).
+   */
   async subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]> {
-    return [...(this.subs.get(client.id)?.values() ?? [])].map((s) => ({ ...s }));
+    const existed = this.sessions.has(client.id);
+    if (!existed) {
+      this.sessions.add(client.id);
+      try {
+        await this.run([{ sql: "INSERT OR IGNORE INTO sessions (client_id) VALUES (?)", args: [client.id] }]);
+      } catch (err) {
+        this.sessions.delete(client.id);
+        throw err;
+      }
+    }
+    const subs = [...(this.subs.get(client.id)?.values() ?? [])].map((s) => ({ ...s }));
+    return restoredSubscriptions(subs, existed);
   }
 
   /** Number of QoS > 0 subscriptions and of clients with any subscription. */
@@ -329,11 +348,15 @@ export class LibsqlPersistence {
     return this.trie.match(topic);
   }
 
-  /** Drop a client's subscriptions (clean session). */
+  /** Drop a client's subscriptions and end its session (a clean = true CONNECT). */
   async cleanSubscriptions(client: ClientRef): Promise<void> {
-    if (!this.subs.has(client.id)) return; // the in-memory copy mirrors the table
-    await this.run([{ sql: "DELETE FROM subscriptions WHERE client_id = ?", args: [client.id] }]);
+    if (!this.subs.has(client.id) && !this.sessions.has(client.id)) return; // the in-memory copies mirror the tables
+    await this.run([
+      { sql: "DELETE FROM subscriptions WHERE client_id = ?", args: [client.id] },
+      { sql: "DELETE FROM sessions WHERE client_id = ?", args: [client.id] },
+    ]);
     for (const topic of [...(this.subs.get(client.id)?.keys() ?? [])]) this.forget(client.id, topic);
+    this.sessions.delete(client.id);
   }
 
   /** Client ids subscribed to exactly `topic`. */
@@ -492,9 +515,14 @@ export class LibsqlPersistence {
    * A client's queue as it stood when the client came back, oldest first, read in pages: what aedes
    * sends it on CONNECT (see `OutgoingQueues.snapshot`).
    */
+  /** deliveries.ts `LiveClaims`. */
+  claimLive(client: ClientRef, brokerId: string, brokerCounter: number): boolean {
+    return this.outgoing.claimLive(client, brokerId, brokerCounter);
+  }
+
   outgoingStream(client: ClientRef): Readable {
     const self = this;
-    const snapshot = this.outgoing.snapshot(client.id);
+    const snapshot = this.outgoing.snapshot(client);
     return Readable.from(
       (async function* () {
         let after = 0;

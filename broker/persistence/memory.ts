@@ -12,8 +12,9 @@ import memory from "aedes-persistence";
 import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { type QueuedFor, queuedPerClient, queuedRetained, type StoredPacket } from "./codec.ts";
-import type { PersistenceStats } from "./libsql.ts";
+import type { PersistenceStats, StoredSubscription } from "./libsql.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
+import { restoredSubscriptions } from "./sessions.ts";
 
 /** What the in-memory persistence is given. */
 export interface MemoryPersistenceOptions {
@@ -60,6 +61,9 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
       const entry = { brokerId: String(packet.brokerId), brokerCounter: num(packet.brokerCounter), messageId: null };
       return queues.queueRetained(clientId, String(packet.topic), { ...entry, packet: queuedRetained(packet, qos) });
     },
+    /** deliveries.ts `LiveClaims`. */
+    claimLive: (client: ClientRef, brokerId: string, brokerCounter: number): boolean =>
+      queues.claimLive(client, brokerId, brokerCounter),
     async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
       const numbered = queues.number(client, packet);
       if (numbered?.replaces) numbered.entry.packet = packet;
@@ -69,7 +73,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
       return entry ? (entry.inFlight ?? entry.packet) : undefined;
     },
     outgoingStream(client: ClientRef): Readable {
-      const snapshot = queues.snapshot(client.id);
+      const snapshot = queues.snapshot(client);
       return Readable.from(
         (function* () {
           for (const entry of snapshot.entries) {
@@ -83,7 +87,27 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     },
   };
   const base = memory();
-  Object.assign(base, outgoing);
+  // Which clean = false sessions exist, subscriptions or not (./sessions.ts).
+  const sessions = new Set<string>();
+  // aedes-persistence's types say callbacks; aedes 1.2.0 calls the async form, as above.
+  const sessionState = base as unknown as {
+    subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]>;
+    cleanSubscriptions(client: ClientRef): Promise<unknown>;
+  };
+  const baseSubscriptions = sessionState.subscriptionsByClient.bind(base);
+  const baseClean = sessionState.cleanSubscriptions.bind(base);
+  const presence = {
+    async subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]> {
+      const existed = sessions.has(client.id);
+      sessions.add(client.id);
+      return restoredSubscriptions(await baseSubscriptions(client), existed);
+    },
+    async cleanSubscriptions(client: ClientRef): Promise<void> {
+      sessions.delete(client.id);
+      await baseClean(client);
+    },
+  };
+  Object.assign(base, outgoing, presence);
   return {
     aedes: base,
     stats: () => ({ offlineDropped: queues.dropped, queued: queues.size }),

@@ -23,6 +23,10 @@ export interface QueueEntry {
   cleared?: boolean;
   /** A retained message sent to a new subscription (`queueRetained`): it goes out with RETAIN 1. */
   retained?: true;
+  /** The connection (aedes' client) that sent it live (`claimLive`): its read-back of the queue leaves it out. */
+  liveBy?: ClientRef;
+  /** The connection whose read-back of the queue hands it over (`snapshot`): its live copies are dropped. */
+  readBy?: ClientRef;
 }
 
 /** The entry a packet aedes numbered is (`OutgoingQueues.number`). */
@@ -229,16 +233,35 @@ export class OutgoingQueues {
   /**
    * A client's queue as it stands when the client comes back, for aedes' read-back on CONNECT: `hands(e)`
    * says whether an entry is still to be handed over then. Not when it has left the queue meanwhile, or
-   * was sent live since (aedes restores the session's subscriptions before it reads the queue, so a
-   * message queued in between goes out both ways); entries queued after this call go out live. aedes
-   * takes a packet it cannot number ("no such packet") for the client's error and drops its connection:
-   * a session coming back while messages kept coming was dropped at every try.
+   * was sent since; entries queued after this call go out live. aedes takes a packet it cannot number
+   * ("no such packet") for the client's error and drops its connection: a session coming back while
+   * messages kept coming was dropped at every try.
+   *
+   * aedes restores the session's subscriptions before it reads the queue, and a message published in
+   * between is both queued and sent live. Each such message goes out one way only: one this connection
+   * already sent live (`claimLive`) is left out here, and the others are this read-back's, whose live
+   * copies `claimLive` turns away. Sent both ways, a message published while its subscriber came back
+   * reached it twice, under two packet identifiers: QoS 2 delivered twice (MQTT-4.3.3).
    */
-  snapshot(clientId: string): { readonly entries: readonly QueueEntry[]; hands(entry: QueueEntry): boolean } {
-    const entries = [...(this.queues.get(clientId) ?? [])];
+  snapshot(client: ClientRef): { readonly entries: readonly QueueEntry[]; hands(entry: QueueEntry): boolean } {
+    const entries = (this.queues.get(client.id) ?? []).filter((e) => e.liveBy !== client);
+    for (const e of entries) e.readBy = client;
     const at = new Set(entries);
     const since = this.sends;
     return { entries, hands: (e) => at.has(e) && !e.cleared && (e.sent ?? 0) <= since };
+  }
+
+  /**
+   * Whether a live copy of the message with this broker id and counter may go to `client` (a connection of
+   * a clean = false session): not when that connection's read-back holds it (`snapshot`), which sends it.
+   * Otherwise a queued message is marked as sent live by this connection, for its read-back to leave out.
+   */
+  claimLive(client: ClientRef, brokerId: string, brokerCounter: number): boolean {
+    const entry = this.queues.get(client.id)?.find((e) => e.brokerId === brokerId && e.brokerCounter === brokerCounter);
+    if (!entry) return true;
+    if (entry.readBy === client) return false;
+    entry.liveBy = client;
+    return true;
   }
 
   /** A packet a read-back handed aedes: until aedes numbers it, it may still go out live and be acknowledged. */

@@ -1,6 +1,9 @@
 /** Tables of the broker's own libSQL file (`<data-dir>/broker.db`). */
 
-/** Bumped when the tables change; a file from newer code is refused. */
+/**
+ * Bumped when the tables change in a way older code would misread; a file from newer code is refused. A
+ * table older code does not know (`sessions`) is not such a change: it leaves it alone.
+ */
 export const BROKER_SCHEMA_VERSION = 1;
 
 /** DDL, idempotent. */
@@ -34,6 +37,10 @@ export const BROKER_DDL: readonly string[] = [
      message_id INTEGER NOT NULL,
      packet TEXT NOT NULL,
      PRIMARY KEY (client_id, message_id)
+   ) WITHOUT ROWID`,
+  // One row per clean = false session, subscriptions or not (./sessions.ts: CONNACK's session present).
+  `CREATE TABLE IF NOT EXISTS sessions (
+     client_id TEXT PRIMARY KEY
    ) WITHOUT ROWID`,
   `CREATE TABLE IF NOT EXISTS wills (
      client_id TEXT PRIMARY KEY,
