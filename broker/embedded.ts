@@ -88,6 +88,7 @@ class EmbeddedBroker implements Broker {
       persistence: this.persistence.aedes,
     });
     if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
+    noWillWhenSessionResumed(this.aedes);
     const stalled = new WeakSet<Client>();
     this.aedes.on("clientError", (client: Client, err: Error) => {
       if (err.message === "drain timeout") {
@@ -364,6 +365,30 @@ function publishBeforeAck(aedes: Aedes): (packet: PublishPacket, client: Client)
         resolve();
       }),
     );
+}
+
+/**
+ * A connection taken over by a new one of its client (MQTT-3.1.4-2) publishes no will when the session goes
+ * on (both clean = false): the client is back, as Mosquitto has it (and MQTT 5: a new connection came before
+ * the will delay). aedes 1.2.0 closed the old connection as one that dropped (lib/client.js `close`), so every
+ * reconnection that found its half-open connection still there published "offline" to the device's watchers,
+ * and then deleted the client's stored will, which was by then the new connection's (handlers/connect.js
+ * stores it just before): after a crash of the gateway, that will was never published. A takeover that ends
+ * the session (either CONNECT with clean = true) still publishes the old will, as Mosquitto does.
+ */
+function noWillWhenSessionResumed(aedes: Aedes): void {
+  type Connection = { readonly id: string; readonly clean: boolean; will?: unknown; _will?: unknown };
+  // aedes keeps its connected clients by id (aedes.js); its types declare neither the map nor registerClient.
+  const broker = aedes as unknown as { clients: Record<string, Connection>; registerClient(c: Connection): void };
+  const register = broker.registerClient.bind(aedes);
+  broker.registerClient = (client) => {
+    const old = broker.clients[client.id];
+    if (old && old !== client && !old.clean && !client.clean) {
+      old.will = null;
+      old._will = null;
+    }
+    register(client);
+  };
 }
 
 /**
