@@ -16,6 +16,7 @@ const SCRIPTS = [
   "bench-sandbox",
   "bench-timers",
   "crash-trials",
+  "diff-mqtt",
   "fuzz-http",
   "fuzz-mqtt",
   "perf-summary",
@@ -63,6 +64,7 @@ describe("values a script cannot use", () => {
     { script: "perf-summary", args: ["--pid", "12"], says: "--jitdump DIR is needed" },
     { script: "fuzz-mqtt", args: ["--seconds", "ten"], says: "--seconds is a whole number of at least 1" },
     { script: "bench-onset", args: ["--bursts"], says: "argument missing" },
+    { script: "diff-mqtt", args: ["--ops", "0"], says: "--ops is a whole number of at least 1" },
   ];
   test("each is a clear error with the usage, exit 2, before anything runs", async () => {
     const results = await Promise.all(
