@@ -511,15 +511,15 @@ export class LibsqlPersistence {
     return row ? decodePacket(String(row.packet), num(row.message_id)) : undefined;
   }
 
-  /**
-   * A client's queue as it stood when the client came back, oldest first, read in pages: what aedes
-   * sends it on CONNECT (see `OutgoingQueues.snapshot`).
-   */
   /** deliveries.ts `LiveClaims`. */
   claimLive(client: ClientRef, brokerId: string, brokerCounter: number): boolean {
     return this.outgoing.claimLive(client, brokerId, brokerCounter);
   }
 
+  /**
+   * A client's queue as it stood when the client came back, oldest first, read in pages: what aedes
+   * sends it on CONNECT (see `OutgoingQueues.snapshot`).
+   */
   outgoingStream(client: ClientRef): Readable {
     const self = this;
     const snapshot = this.outgoing.snapshot(client);

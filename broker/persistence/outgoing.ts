@@ -23,10 +23,10 @@ export interface QueueEntry {
   cleared?: boolean;
   /** A retained message sent to a new subscription (`queueRetained`): it goes out with RETAIN 1. */
   retained?: true;
-  /** The connection (aedes' client) that sent it live (`claimLive`): its read-back of the queue leaves it out. */
-  liveBy?: ClientRef;
+  /** The connection that sent it live (`claimLive`, `connectionOf`): its read-back of the queue leaves it out. */
+  liveBy?: number;
   /** The connection whose read-back of the queue hands it over (`snapshot`): its live copies are dropped. */
-  readBy?: ClientRef;
+  readBy?: number;
 }
 
 /** The entry a packet aedes numbered is (`OutgoingQueues.number`). */
@@ -61,6 +61,9 @@ export class OutgoingQueues {
   private sends = 0;
   /** Payloads of the packets queues' read-backs have handed aedes (see `number`). */
   private readonly readBack = new WeakSet<object>();
+  /** A number per connection (aedes' client object), for entries to name one without holding on to it. */
+  private readonly connections = new WeakMap<ClientRef, number>();
+  private lastConnection = 0;
 
   /** Most packets per client (queued + in flight). */
   readonly max: number;
@@ -244,8 +247,9 @@ export class OutgoingQueues {
    * reached it twice, under two packet identifiers: QoS 2 delivered twice (MQTT-4.3.3).
    */
   snapshot(client: ClientRef): { readonly entries: readonly QueueEntry[]; hands(entry: QueueEntry): boolean } {
-    const entries = (this.queues.get(client.id) ?? []).filter((e) => e.liveBy !== client);
-    for (const e of entries) e.readBy = client;
+    const connection = this.connectionOf(client);
+    const entries = (this.queues.get(client.id) ?? []).filter((e) => e.liveBy !== connection);
+    for (const e of entries) e.readBy = connection;
     const at = new Set(entries);
     const since = this.sends;
     return { entries, hands: (e) => at.has(e) && !e.cleared && (e.sent ?? 0) <= since };
@@ -259,9 +263,19 @@ export class OutgoingQueues {
   claimLive(client: ClientRef, brokerId: string, brokerCounter: number): boolean {
     const entry = this.queues.get(client.id)?.find((e) => e.brokerId === brokerId && e.brokerCounter === brokerCounter);
     if (!entry) return true;
-    if (entry.readBy === client) return false;
-    entry.liveBy = client;
+    const connection = this.connectionOf(client);
+    if (entry.readBy === connection) return false;
+    entry.liveBy = connection;
     return true;
+  }
+
+  private connectionOf(client: ClientRef): number {
+    let n = this.connections.get(client);
+    if (n === undefined) {
+      n = ++this.lastConnection;
+      this.connections.set(client, n);
+    }
+    return n;
   }
 
   /** A packet a read-back handed aedes: until aedes numbers it, it may still go out live and be acknowledged. */

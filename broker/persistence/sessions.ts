@@ -20,7 +20,7 @@ const SESSION = Symbol("fleet.session");
 type Subscription = { readonly topic: string; readonly qos: number; readonly [SESSION]?: true };
 
 /** The placeholder for a session with no subscriptions: no SUBSCRIBE can carry its symbol. */
-export function sessionMark(): Subscription {
+function sessionMark(): Subscription {
   // A valid filter (aedes validates it before authorizing), in the reserved `$` space, should a log show it.
   return { topic: "$fleet/session", qos: 0, [SESSION]: true };
 }
