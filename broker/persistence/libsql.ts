@@ -216,8 +216,8 @@ export class LibsqlPersistence {
         try {
           for (const p of patterns) {
             for await (const packet of self.retainedMatching(p)) {
-              // A topic stored since the read began is not yielded: its newer message went out live.
-              if (!read.skip(String(packet.topic))) yield packet;
+              // A topic stored since the read began had its newer message go out live: that one is the copy.
+              if (!read.storedSince(String(packet.topic))) yield packet;
             }
           }
         } finally {

@@ -261,7 +261,7 @@ export class OutgoingQueues {
    * Otherwise a queued message is marked as sent live by this connection, for its read-back to leave out.
    */
   claimLive(client: ClientRef, brokerId: string, brokerCounter: number): boolean {
-    const entry = this.queues.get(client.id)?.find((e) => e.brokerId === brokerId && e.brokerCounter === brokerCounter);
+    const entry = this.find(client.id, brokerId, brokerCounter, null);
     if (!entry) return true;
     const connection = this.connectionOf(client);
     if (entry.readBy === connection) return false;

@@ -22,13 +22,13 @@ export class RetainedReads {
     if (this.open > 0) this.storedAt.set(topic, this.stores);
   }
 
-  /** A read begins: `skip(topic)` says whether a message it found was stored since; call `end()` after it. */
-  begin(): { skip(topic: string): boolean; end(): void } {
+  /** A read begins: `storedSince(topic)` says whether `topic` was stored after it began; call `end()` after it. */
+  begin(): { storedSince(topic: string): boolean; end(): void } {
     const since = this.stores;
     this.open++;
     let ended = false;
     return {
-      skip: (topic) => (this.storedAt.get(topic) ?? 0) > since,
+      storedSince: (topic) => (this.storedAt.get(topic) ?? 0) > since,
       end: () => {
         if (ended) return;
         ended = true;
