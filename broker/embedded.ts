@@ -88,7 +88,7 @@ class EmbeddedBroker implements Broker {
       persistence: this.persistence.aedes,
     });
     if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
-    noWillWhenSessionResumed(this.aedes);
+    willsOnTakeover(this.aedes);
     const stalled = new WeakSet<Client>();
     this.aedes.on("clientError", (client: Client, err: Error) => {
       if (err.message === "drain timeout") {
@@ -370,22 +370,47 @@ function publishBeforeAck(aedes: Aedes): (packet: PublishPacket, client: Client)
 /**
  * A connection taken over by a new one of its client (MQTT-3.1.4-2) publishes no will when the session goes
  * on (both clean = false): the client is back, as Mosquitto has it (and MQTT 5: a new connection came before
- * the will delay). aedes 1.2.0 closed the old connection as one that dropped (lib/client.js `close`), so every
- * reconnection that found its half-open connection still there published "offline" to the device's watchers,
- * and then deleted the client's stored will, which was by then the new connection's (handlers/connect.js
- * stores it just before): after a crash of the gateway, that will was never published. A takeover that ends
- * the session (either CONNECT with clean = true) still publishes the old will, as Mosquitto does.
+ * the will delay). A takeover that ends the session (either CONNECT with clean = true) publishes the old will,
+ * as Mosquitto does. Either way the new connection's will stays stored for the next start after a crash.
+ *
+ * aedes 1.2.0 closed the old connection as one that dropped (lib/client.js `close`): it published the old
+ * will on every takeover, then deleted the client's stored will, which was by then the new connection's
+ * (handlers/connect.js stores it just before). Here the old connection closes without a will, and the will
+ * a takeover must publish is published once the old connection is gone (unsubscribed, as aedes does it).
  */
-function noWillWhenSessionResumed(aedes: Aedes): void {
-  type Connection = { readonly id: string; readonly clean: boolean; will?: unknown; _will?: unknown };
+function willsOnTakeover(aedes: Aedes): void {
+  type Connection = {
+    readonly id: string;
+    readonly clean: boolean;
+    will?: PublishPacket | null;
+    _will?: PublishPacket | null;
+    close(done?: () => void): void;
+  };
   // aedes keeps its connected clients by id (aedes.js); its types declare neither the map nor registerClient.
-  const broker = aedes as unknown as { clients: Record<string, Connection>; registerClient(c: Connection): void };
+  const broker = aedes as unknown as {
+    clients: Record<string, Connection>;
+    registerClient(c: Connection): void;
+    authorizePublish(c: Connection, packet: PublishPacket, done: (err?: Error | null) => void): void;
+    // As the old connection's own close does it (lib/client.js): the will goes out from that client.
+    publish(packet: PublishPacket, c: Connection, done: () => void): void;
+  };
   const register = broker.registerClient.bind(aedes);
   broker.registerClient = (client) => {
     const old = broker.clients[client.id];
-    if (old && old !== client && !old.clean && !client.clean) {
+    const will = old && old !== client ? old.will : null;
+    if (old && will) {
       old.will = null;
       old._will = null;
+      if (old.clean || client.clean) {
+        const close = old.close.bind(old);
+        old.close = (done) =>
+          close(() => {
+            broker.authorizePublish(old, will, (err) => {
+              if (!err) broker.publish(will, old, () => undefined);
+            });
+            done?.();
+          });
+      }
     }
     register(client);
   };

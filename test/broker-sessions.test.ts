@@ -425,21 +425,29 @@ describe("a connection taken over by a new one of its client (MQTT-3.1.4-2)", ()
     });
   }
 
-  test("the new connection's will stays stored in broker.db, for the next start after a crash", async () => {
-    const path = join(dir, `b${n++}.db`);
-    const broker = await startBroker(path);
-    const will = (payload: string) => ({ topic: "dev/avail", payload: Buffer.from(payload), qos: 1 as const });
-    await client(broker, { clientId: "dev-w", clean: false, will: will("first") });
-    await client(broker, { clientId: "dev-w", clean: false, will: will("second") });
-    await Bun.sleep(200); // before, the old connection's close deleted the row the new one had just stored
-    const db = createClient({ url: `file:${path}` });
-    try {
-      const rows = (await db.execute("SELECT packet FROM wills WHERE client_id = 'dev-w'")).rows;
-      expect(rows.map((r) => String(r.packet).includes(Buffer.from("second").toString("base64")))).toEqual([true]);
-    } finally {
-      db.close();
-    }
-  });
+  for (const [oldClean, newClean] of [
+    [false, false],
+    [false, true],
+    [true, false],
+    [true, true],
+  ] as const) {
+    const name = `clean = ${oldClean} taken over by clean = ${newClean}`;
+    test(`${name}: the new connection's will stays stored in broker.db, for the next start after a crash`, async () => {
+      const path = join(dir, `b${n++}.db`);
+      const broker = await startBroker(path);
+      const will = (payload: string) => ({ topic: "dev/avail", payload: Buffer.from(payload), qos: 1 as const });
+      await client(broker, { clientId: "dev-w", clean: oldClean, will: will("first") });
+      await client(broker, { clientId: "dev-w", clean: newClean, will: will("second") });
+      await Bun.sleep(200); // before, the old connection's close deleted the row the new one had just stored
+      const db = createClient({ url: `file:${path}` });
+      try {
+        const rows = (await db.execute("SELECT packet FROM wills WHERE client_id = 'dev-w'")).rows;
+        expect(rows.map((r) => String(r.packet).includes(Buffer.from("second").toString("base64")))).toEqual([true]);
+      } finally {
+        db.close();
+      }
+    });
+  }
 });
 
 test("a session with no subscription is still present after the broker restarts on its broker.db", async () => {
