@@ -24,12 +24,21 @@ export const DRAIN_TIMEOUT_MS = 5000;
 /** Lifecycle of an embedded broker. */
 type Lifecycle = "new" | "starting" | "running" | "draining" | "closed";
 
-/** Build an embedded aedes broker; nothing listens until `start()`. */
-export function createEmbeddedBroker(opts: BrokerOptions): Broker {
-  return new EmbeddedBroker(opts);
+/** The embedded broker: a `Broker` that also holds its clients' sessions. */
+export interface EmbeddedBroker extends Broker {
+  /**
+   * End now the clean = false sessions whose client has been away longer than `sessionExpiryMs` at `now`
+   * (a timer does it too); resolves with how many ended.
+   */
+  expireSessions(now?: number): Promise<number>;
 }
 
-class EmbeddedBroker implements Broker {
+/** Build an embedded aedes broker; nothing listens until `start()`. */
+export function createEmbeddedBroker(opts: BrokerOptions): EmbeddedBroker {
+  return new AedesBroker(opts);
+}
+
+class AedesBroker implements EmbeddedBroker {
   private lifecycle: Lifecycle = "new";
   private readonly log: Logger;
   private readonly state: HookState;
@@ -55,6 +64,10 @@ class EmbeddedBroker implements Broker {
   private boundWsPort: number | null;
   private starting: Promise<void> | null = null;
   private closing: Promise<void> | null = null;
+  /** `sessionExpiryMs`: the sweep's timer, the sweep under way, and the sessions it ended. */
+  private sweepTimer: ReturnType<typeof setInterval> | null = null;
+  private sweeping: Promise<number> | null = null;
+  private sessionsExpired = 0;
 
   constructor(private readonly opts: BrokerOptions) {
     if (!Number.isInteger(opts.maxPacketBytes) || opts.maxPacketBytes < 2) {
@@ -89,6 +102,9 @@ class EmbeddedBroker implements Broker {
     });
     if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
     willsOnTakeover(this.aedes);
+    this.aedes.on("clientDisconnect", (client: Client) => {
+      if (!client.clean) this.persistence.sessions.left(client.id, Date.now());
+    });
     const stalled = new WeakSet<Client>();
     this.aedes.on("clientError", (client: Client, err: Error) => {
       if (err.message === "drain timeout") {
@@ -160,6 +176,11 @@ class EmbeddedBroker implements Broker {
     if (this.mqtts && tls?.port != null) this.boundTlsPort = await this.mqtts.listen(this.opts.host, tls.port);
     if (this.wss && tls?.wssPort != null) this.boundWssPort = await this.wss.listen(this.opts.host, tls.wssPort, tls);
     this.lifecycle = "running";
+    const expiryMs = this.opts.sessionExpiryMs ?? 0;
+    if (expiryMs > 0) {
+      this.sweepTimer = setInterval(() => void this.expireSessions(), sessionSweepMs(expiryMs));
+      this.sweepTimer.unref();
+    }
     this.log.info(
       {
         host: this.opts.host,
@@ -189,6 +210,32 @@ class EmbeddedBroker implements Broker {
     });
   }
 
+  /** A call while a sweep runs joins it; 0 without an expiry. */
+  expireSessions(now = Date.now()): Promise<number> {
+    const maxAgeMs = this.opts.sessionExpiryMs ?? 0;
+    if (maxAgeMs <= 0 || this.lifecycle !== "running") return Promise.resolve(0);
+    this.sweeping ??= this.sweep(now, maxAgeMs).finally(() => (this.sweeping = null));
+    return this.sweeping;
+  }
+
+  private async sweep(now: number, maxAgeMs: number): Promise<number> {
+    const clients = (this.aedes as unknown as { clients: Record<string, Client | undefined> }).clients;
+    try {
+      const ended = await this.persistence.sessions.expire(now, maxAgeMs, (id) => clients[id] !== undefined);
+      if (ended.length === 0) return 0;
+      this.sessionsExpired += ended.length;
+      const shown = ended.slice(0, 20);
+      this.log.info(
+        { expired: ended.length, clients: shown, more: ended.length - shown.length, maxAgeMs },
+        "sessions expired: their clients stayed away longer than session_expiry_days",
+      );
+      return ended.length;
+    } catch (err) {
+      this.log.warn({ err }, "session expiry failed; the next sweep tries again");
+      return 0;
+    }
+  }
+
   /** aedes hands every publish to the hooks; nothing to subscribe. */
   async setIntakeFilters(): Promise<void> {}
 
@@ -206,6 +253,8 @@ class EmbeddedBroker implements Broker {
       loginsRefused: this.state.loginsRefused,
       loginsBusy: this.state.loginsBusy,
       offlineDropped: this.persistence.stats().offlineDropped,
+      sessions: this.persistence.sessions.count(),
+      sessionsExpired: this.sessionsExpired,
     };
   }
 
@@ -307,6 +356,8 @@ class EmbeddedBroker implements Broker {
     await this.starting?.catch(() => {});
     await this.stopIntake();
     this.lifecycle = "closed";
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    await this.sweeping;
     if (this.state.publishFirst) keepWills(this.aedes);
     await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
     await Promise.all([this.tcp.closeAll(), this.ws?.closeAll(), this.mqtts?.closeAll(), this.wss?.closeAll()]);
@@ -365,6 +416,14 @@ function publishBeforeAck(aedes: Aedes): (packet: PublishPacket, client: Client)
         resolve();
       }),
     );
+}
+
+/**
+ * How often sessions are checked for expiry: a quarter of the expiry, between a second and an hour. A session
+ * ends at most that long after its time is up.
+ */
+function sessionSweepMs(expiryMs: number): number {
+  return Math.min(3_600_000, Math.max(1000, Math.floor(expiryMs / 4)));
 }
 
 /**

@@ -14,7 +14,7 @@ export type {
   PublishMeta,
 } from "./types.ts";
 export { BrokerBusy, PublishRefused } from "./types.ts";
-export { createEmbeddedBroker } from "./embedded.ts";
+export { createEmbeddedBroker, type EmbeddedBroker } from "./embedded.ts";
 export {
   createExternalBroker,
   type ExternalBrokerOptions,

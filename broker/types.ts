@@ -144,6 +144,11 @@ export interface BrokerOptions extends BrokerAuth {
   readonly logger: Logger;
   /** Where sessions, offline queues and retained messages live; default in memory (lost on restart, 1,000 a client). */
   readonly persistence?: PersistenceChoice;
+  /**
+   * A clean = false session whose client has been away this long (ms, counted while the broker runs) ends, as a
+   * clean = true CONNECT would end it (`[broker] session_expiry_days`). 0 or absent: sessions never expire.
+   */
+  readonly sessionExpiryMs?: number;
 }
 
 /** Counters since `start()`. */
@@ -178,6 +183,10 @@ export interface BrokerStats {
   readonly loginsBusy: number;
   /** Messages not queued for a clean = false client because its queue was full (`max_offline_messages`). */
   readonly offlineDropped: number;
+  /** Embedded broker only: clean = false sessions held, connected or not. */
+  readonly sessions?: number;
+  /** Embedded broker only: sessions ended because their client stayed away (`sessionExpiryMs`). */
+  readonly sessionsExpired?: number;
   /** External-broker mode only: the gateway's own connection to the broker. */
   readonly external?: {
     readonly url: string;

@@ -1156,6 +1156,7 @@ export class Gateway {
       maxPacketBytes: spec.broker.max_packet_bytes,
       maxConnections: spec.broker.max_connections,
       trustDup: spec.broker.trust_dup,
+      sessionExpiryMs: spec.broker.session_expiry_days * 86_400_000,
       // Anonymous policy + device credentials and topic ACLs from the devices file (re-read when it changes).
       ...this.initialAuth(spec),
       intake: (msg, client) => this.brokerIntake(msg, client),

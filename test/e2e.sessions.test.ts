@@ -9,6 +9,7 @@ import { createClient } from "@libsql/client";
 import { join } from "node:path";
 import { connect, type IClientOptions, type MqttClient } from "mqtt";
 import { TestFleet, cleanupAll, fixture, publishQos1, spawnLines, waitFor, within } from "./helpers/gateway.ts";
+import { parseExposition, sampleValue } from "./helpers/prom.ts";
 import { agentType, fleetHeader } from "./helpers/toml.ts";
 
 const E2E_TIMEOUT = 180_000;
@@ -190,6 +191,55 @@ describe("durable broker sessions", () => {
       } finally {
         db.close();
       }
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "[broker] session_expiry_days ends the session of a device that stays away; a connected one keeps its own",
+    async () => {
+      // 0.00003 days: 2.6 s, swept every second (a quarter of it, at least a second).
+      const fleet = new TestFleet(
+        fleetHeader("sessions-expiry", { broker: 'persistence = "libsql"\nsession_expiry_days = 0.00003' }) +
+          agentType("counter", COUNTER, ["c/+/in"], { dedup: "id" }),
+      );
+      await fleet.start();
+      const metrics = async () => parseExposition(await (await fleet.fetch("/metrics")).text());
+      const stays = device(fleet, { clientId: "sess-stays", clean: false, keepalive: 600 });
+      const leaves = device(fleet, { clientId: "sess-leaves", clean: false });
+      try {
+        await Promise.all([stays.sessionPresent, leaves.sessionPresent]);
+        await stays.client.subscribeAsync(OUT, { qos: 1 });
+        await leaves.client.subscribeAsync(OUT, { qos: 1 });
+        await leaves.client.endAsync();
+        await waitFor(
+          async () => sampleValue(await metrics(), "fleet_broker_sessions_expired_total") === 1 || undefined,
+          30_000,
+          "the away session to expire",
+        );
+        // The connected one outlived several expiry periods and sweeps.
+        await Bun.sleep(3_000);
+        const x = await metrics();
+        expect([
+          sampleValue(x, "fleet_broker_sessions_expired_total"),
+          sampleValue(x, "fleet_broker_sessions"),
+        ]).toEqual([1, 1]);
+        const db = createClient({ url: `file:${join(fleet.dataDir, "broker.db")}` });
+        try {
+          const subs = (await db.execute("SELECT DISTINCT client_id FROM subscriptions")).rows;
+          expect(subs.map((r) => String(r.client_id))).toEqual(["sess-stays"]);
+        } finally {
+          db.close();
+        }
+        expect(fleet.logTail(200)).toContain("sessions expired");
+        const back = device(fleet, { clientId: "sess-leaves", clean: false });
+        expect(await back.sessionPresent).toBe(false);
+        await back.client.endAsync(true);
+      } finally {
+        await stays.client.endAsync(true);
+        await leaves.client.endAsync(true);
+      }
+      expect(await fleet.stop()).toBe(0);
     },
     E2E_TIMEOUT,
   );

@@ -27,12 +27,13 @@ describe("restartNeeded", () => {
     ]);
   });
 
-  test("the broker's persistence and its queue bound are read at start: changing them needs a restart", async () => {
+  test("the broker persistence, queue bound and session expiry are read at start: changes need a restart", async () => {
     const before = await spec("");
-    const after = await spec('[broker]\npersistence = "libsql"\nmax_offline_messages = 10\n');
+    const after = await spec('[broker]\npersistence = "libsql"\nmax_offline_messages = 10\nsession_expiry_days = 14\n');
     expect(restartNeeded(before, after)).toEqual([
       'broker.persistence ("memory" -> "libsql")',
       "broker.max_offline_messages (1000 -> 10)",
+      "broker.session_expiry_days (0 -> 14)",
     ]);
   });
 

@@ -114,6 +114,7 @@ describe("compileSpec", () => {
       tls: null,
       persistence: "memory",
       max_offline_messages: 1000,
+      session_expiry_days: 0,
       trust_dup: false,
       external: null,
     });
@@ -404,6 +405,19 @@ describe("schema errors name the key path", () => {
       /with url the gateway runs none/,
     ],
     ["username without url", '[broker]\nusername = "gw"\n', "broker.username", /needs url/],
+    [
+      "session expiry with an external broker",
+      '[broker]\nurl = "mqtt://b"\nsession_expiry_days = 14\n',
+      "broker.session_expiry_days",
+      /an external broker expires its own sessions/,
+    ],
+    ["a negative session expiry", "[broker]\nsession_expiry_days = -1\n", "broker.session_expiry_days", /0 for never/],
+    [
+      "a session expiry in words",
+      '[broker]\nsession_expiry_days = "2w"\n',
+      "broker.session_expiry_days",
+      /0 for never/,
+    ],
     [
       "MQTT 5 on the embedded broker",
       '[broker]\nmqtt_version = "5"\n',

@@ -2,6 +2,7 @@
 import type { Logger } from "pino";
 import { LibsqlPersistence, type PersistenceStats } from "./libsql.ts";
 import { memoryPersistence } from "./memory.ts";
+import type { SessionExpiry } from "./sessions.ts";
 
 /**
  * "libsql": sessions, offline queues, retained messages, wills and QoS 2 packets in a file
@@ -24,6 +25,8 @@ export type PersistenceChoice =
 /** A persistence as the embedded broker holds it: what aedes is given, its counts, its close. */
 export interface BrokerPersistence {
   readonly aedes: object;
+  /** Its clean = false sessions' ages: `[broker] session_expiry_days`. */
+  readonly sessions: SessionExpiry;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -45,5 +48,5 @@ export function persistenceFor(choice: PersistenceChoice | undefined, logger: Lo
     maxOfflineMessages: choice.maxOfflineMessages,
     logger,
   });
-  return { aedes: libsql, stats: () => libsql.stats(), destroy: () => libsql.destroy() };
+  return { aedes: libsql, sessions: libsql, stats: () => libsql.stats(), destroy: () => libsql.destroy() };
 }

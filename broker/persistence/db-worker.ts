@@ -10,7 +10,7 @@
  */
 import Database from "libsql";
 import type { InArgs, InStatement, InValue } from "@libsql/client";
-import { BROKER_DDL, BROKER_SCHEMA_VERSION } from "./schema.ts";
+import { BROKER_ADDED_COLUMNS, BROKER_DDL, BROKER_SCHEMA_VERSION } from "./schema.ts";
 import type { PlainResult, ThreadReply, ThreadRequest } from "./thread.ts";
 
 declare const self: Worker;
@@ -66,6 +66,10 @@ function open(path: string, synchronous: "full" | "normal"): void {
     d.exec("BEGIN IMMEDIATE");
     try {
       for (const ddl of BROKER_DDL) d.exec(ddl);
+      for (const { table, column, type } of BROKER_ADDED_COLUMNS) {
+        const columns = d.prepare(`PRAGMA table_info(${table})`).all([]) as { name?: unknown }[];
+        if (!columns.some((c) => c.name === column)) d.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${type}`);
+      }
       d.exec(`PRAGMA user_version = ${BROKER_SCHEMA_VERSION}`);
       d.exec("COMMIT");
     } catch (err) {

@@ -28,7 +28,7 @@ import {
 import { type ClientRef, num, OutgoingQueues, type QueueEntry } from "./outgoing.ts";
 import { RetainedReads } from "./retained-reads.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
-import { restoredSubscriptions } from "./sessions.ts";
+import { restoredSubscriptions, SessionAges, type SessionExpiry } from "./sessions.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
 import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
 import { SerialWriter } from "./writer.ts";
@@ -42,7 +42,7 @@ export interface LibsqlPersistenceOptions {
   /** Most messages kept per client (queued + in flight); past it new ones are dropped. Default 1000. */
   readonly maxOfflineMessages?: number;
   readonly logger?: Logger;
-  /** Clock for the drop log's rate limit. */
+  /** Clock of the drop log's rate limit and of the sessions' ages (ms since the epoch). */
   readonly now?: () => number;
 }
 
@@ -68,6 +68,12 @@ export interface PersistenceStats {
 
 const PAGE = 500;
 
+/** The statement that marks the broker running at `now` (./sessions.ts: downtime is not absence). */
+const ALIVE = (now: number): InStatement => ({
+  sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('alive_at', ?)",
+  args: [now],
+});
+
 /** Refused: the broker file was written by newer code. */
 export class BrokerStoreTooNew extends Error {
   constructor(
@@ -80,7 +86,7 @@ export class BrokerStoreTooNew extends Error {
 }
 
 /** aedes persistence on libSQL. */
-export class LibsqlPersistence {
+export class LibsqlPersistence implements SessionExpiry {
   private db: DbThread | null = null;
   private writer: SerialWriter | null = null;
   private brokerRef: BrokerRef | null = null;
@@ -90,6 +96,8 @@ export class LibsqlPersistence {
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
   /** Clients whose clean = false session exists, subscriptions or not (./sessions.ts); mirrors `sessions`. */
   private readonly sessions = new Set<string>();
+  /** When each session was last in use; mirrors `sessions.seen_at`. */
+  private readonly ages = new SessionAges();
   /** Each client's queue: broker id, counter and messageId per row (same order as `outgoing.seq`). */
   private readonly outgoing: OutgoingQueues;
   /**
@@ -141,14 +149,33 @@ export class LibsqlPersistence {
       throw err instanceof TooNewOnThread ? new BrokerStoreTooNew(path, err.version) : err;
     }
     try {
-      const [subs, queued, wills, incoming, sessions] = await db.batch([
+      const now = this.now();
+      const [, , , , subs, queued, wills, incoming, sessions] = await db.batch([
+        // Time the broker was not running is not absence: no client could come back to it.
+        {
+          sql: `UPDATE sessions SET seen_at = seen_at + max(0, ? - (SELECT value FROM meta WHERE key = 'alive_at'))
+                WHERE EXISTS (SELECT 1 FROM meta WHERE key = 'alive_at')`,
+          args: [now],
+        },
+        ALIVE(now),
+        // Sessions kept by older code have subscriptions or a queue without a row, or a row without a time:
+        // their clients' absence counts from now.
+        {
+          sql: `INSERT OR IGNORE INTO sessions (client_id, seen_at)
+                SELECT client_id, ? FROM subscriptions UNION SELECT client_id, ? FROM outgoing`,
+          args: [now, now],
+        },
+        { sql: "UPDATE sessions SET seen_at = ? WHERE seen_at IS NULL", args: [now] },
         "SELECT client_id, topic, qos, options FROM subscriptions",
         "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
         "SELECT client_id FROM wills",
         "SELECT DISTINCT client_id FROM incoming",
-        "SELECT client_id FROM sessions",
+        "SELECT client_id, seen_at FROM sessions",
       ]);
-      for (const row of sessions!.rows) this.sessions.add(String(row.client_id));
+      for (const row of sessions!.rows) {
+        this.sessions.add(String(row.client_id));
+        this.ages.touch(String(row.client_id), Number(row.seen_at));
+      }
       for (const row of wills!.rows) this.willClients.add(String(row.client_id));
       for (const row of incoming!.rows) this.incomingClients.add(String(row.client_id));
       for (const row of subs!.rows) {
@@ -171,6 +198,10 @@ export class LibsqlPersistence {
     }
     this.db = db;
     this.writer = new SerialWriter(db);
+  }
+
+  private now(): number {
+    return (this.opts.now ?? Date.now)();
   }
 
   private run(statements: InStatement[], lazy: boolean | "background" = false) {
@@ -325,15 +356,20 @@ export class LibsqlPersistence {
    */
   async subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]> {
     const existed = this.sessions.has(client.id);
+    const now = this.now();
+    this.ages.touch(client.id, now);
     if (!existed) {
       this.sessions.add(client.id);
       try {
-        await this.run([{ sql: "INSERT OR IGNORE INTO sessions (client_id) VALUES (?)", args: [client.id] }]);
+        await this.run([
+          { sql: "INSERT OR IGNORE INTO sessions (client_id, seen_at) VALUES (?, ?)", args: [client.id, now] },
+        ]);
       } catch (err) {
         this.sessions.delete(client.id);
+        this.ages.forget(client.id);
         throw err;
       }
-    }
+    } else this.recordSeen(client.id, now);
     const subs = [...(this.subs.get(client.id)?.values() ?? [])].map((s) => ({ ...s }));
     return restoredSubscriptions(subs, existed);
   }
@@ -357,6 +393,54 @@ export class LibsqlPersistence {
     ]);
     for (const topic of [...(this.subs.get(client.id)?.keys() ?? [])]) this.forget(client.id, topic);
     this.sessions.delete(client.id);
+    this.ages.forget(client.id);
+  }
+
+  // ---- session expiry (./sessions.ts) ---------------------------------------------------
+
+  /** The client of a clean = false session went away. */
+  left(clientId: string, at: number): void {
+    if (!this.sessions.has(clientId)) return;
+    this.ages.touch(clientId, at);
+    this.recordSeen(clientId, at);
+  }
+
+  /** A session's time, written with the next commit: lost in a crash, it is at most a sweep older. */
+  private recordSeen(clientId: string, at: number): void {
+    void this.run(
+      [{ sql: "UPDATE sessions SET seen_at = ? WHERE client_id = ?", args: [at, clientId] }],
+      "background",
+    ).catch((err: unknown) => this.opts.logger?.warn({ err, client: clientId }, "session time not recorded"));
+  }
+
+  /** End the sessions whose client has been away longer than `maxAgeMs`: one transaction. */
+  async expire(now: number, maxAgeMs: number, connected: (clientId: string) => boolean): Promise<string[]> {
+    // Every session has its row (`setup` gave one to those older code kept without).
+    const { due, touched } = this.ages.sweep(this.sessions, connected, now, now - maxAgeMs);
+    const statements: InStatement[] = touched.map((id) => ({
+      sql: "UPDATE sessions SET seen_at = ? WHERE client_id = ?",
+      args: [now, id],
+    }));
+    statements.push(ALIVE(now));
+    for (const id of due)
+      for (const table of ["subscriptions", "outgoing", "incoming", "sessions"])
+        statements.push({ sql: `DELETE FROM ${table} WHERE client_id = ?`, args: [id] });
+    // Gone from memory first: a client that comes back before the commit opens a new session, whose row
+    // the writer commits after these deletes. Should the commit fail, the next start reads them again.
+    for (const id of due) {
+      for (const topic of [...(this.subs.get(id)?.keys() ?? [])]) this.forget(id, topic);
+      this.sessions.delete(id);
+      this.ages.forget(id);
+      this.outgoing.dropClient(id);
+      this.incomingClients.delete(id);
+    }
+    await this.run(statements);
+    return due;
+  }
+
+  /** Clean = false sessions held. */
+  count(): number {
+    return this.sessions.size;
   }
 
   /** Client ids subscribed to exactly `topic`. */
@@ -644,6 +728,10 @@ export class LibsqlPersistence {
   async destroy(): Promise<void> {
     if (this.destroyed) throw new Error("destroyed called twice!");
     this.destroyed = true;
+    // Marked running until now: the time until the next start is downtime, not the clients' absence.
+    await this.writer
+      ?.run([ALIVE(this.now())], { lazy: "background" })
+      .catch((err: unknown) => this.opts.logger?.warn({ err }, "broker stop time not recorded"));
     await this.writer?.drain();
     await this.db?.close();
     this.db = null;

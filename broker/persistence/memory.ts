@@ -14,14 +14,14 @@ import type { Logger } from "pino";
 import { type QueuedFor, queuedPerClient, queuedRetained, type StoredPacket } from "./codec.ts";
 import type { PersistenceStats, StoredSubscription } from "./libsql.ts";
 import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
-import { restoredSubscriptions } from "./sessions.ts";
+import { restoredSubscriptions, SessionAges, type SessionExpiry } from "./sessions.ts";
 
 /** What the in-memory persistence is given. */
 export interface MemoryPersistenceOptions {
   /** Most messages kept per client (queued + in flight); past it new ones are dropped. */
   readonly maxOfflineMessages: number;
   readonly logger?: Logger;
-  /** Clock for the drop log's rate limit. */
+  /** Clock of the drop log's rate limit and of the sessions' ages (ms since the epoch). */
   readonly now?: () => number;
 }
 
@@ -31,6 +31,7 @@ type Memory = ReturnType<typeof memory>;
 export interface MemoryPersistence {
   /** What to hand aedes as its `persistence`. */
   readonly aedes: Memory;
+  readonly sessions: SessionExpiry;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -89,10 +90,13 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   const base = memory();
   // Which clean = false sessions exist, subscriptions or not (./sessions.ts).
   const sessions = new Set<string>();
+  const ages = new SessionAges();
+  const now = opts.now ?? Date.now;
   // aedes-persistence's types say callbacks; aedes 1.2.0 calls the async form, as above.
   const sessionState = base as unknown as {
     subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]>;
     cleanSubscriptions(client: ClientRef): Promise<unknown>;
+    cleanIncoming(client: ClientRef): Promise<unknown>;
   };
   const baseSubscriptions = sessionState.subscriptionsByClient.bind(base);
   const baseClean = sessionState.cleanSubscriptions.bind(base);
@@ -100,16 +104,38 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     async subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]> {
       const existed = sessions.has(client.id);
       sessions.add(client.id);
+      ages.touch(client.id, now());
       return restoredSubscriptions(await baseSubscriptions(client), existed);
     },
     async cleanSubscriptions(client: ClientRef): Promise<void> {
       sessions.delete(client.id);
+      ages.forget(client.id);
       await baseClean(client);
     },
+  };
+  const expiry: SessionExpiry = {
+    left(clientId, at) {
+      if (sessions.has(clientId)) ages.touch(clientId, at);
+    },
+    async expire(at, maxAgeMs, connected) {
+      const { due } = ages.sweep(sessions, connected, at, at - maxAgeMs);
+      for (const id of due) {
+        sessions.delete(id);
+        ages.forget(id);
+        queues.dropClient(id);
+      }
+      for (const id of due) {
+        await baseClean({ id });
+        await sessionState.cleanIncoming({ id });
+      }
+      return due;
+    },
+    count: () => sessions.size,
   };
   Object.assign(base, outgoing, presence);
   return {
     aedes: base,
+    sessions: expiry,
     stats: () => ({ offlineDropped: queues.dropped, queued: queues.size }),
     // Nothing to write or close: it is memory, gone with the process.
     destroy: async () => {},

@@ -208,6 +208,14 @@ export class OutgoingQueues {
     return this.enqueue([clientId], topic, () => ({ ...entry, retained: true })).length > 0;
   }
 
+  /** Forget a client's whole queue (its session ended); returns how many entries it held. */
+  dropClient(clientId: string): number {
+    const queue = this.queues.get(clientId);
+    this.queues.delete(clientId);
+    for (const entry of queue ?? []) entry.cleared = true;
+    return queue?.length ?? 0;
+  }
+
   /** Remove the first entry holding `messageId` (a PUBACK or PUBCOMP) and return it. */
   clear(clientId: string, messageId: number | null): QueueEntry | undefined {
     const queue = this.queues.get(clientId);

@@ -2,7 +2,8 @@
 
 /**
  * Bumped when the tables change in a way older code would misread; a file from newer code is refused. A
- * table older code does not know (`sessions`) is not such a change: it leaves it alone.
+ * table or a nullable column older code does not know (`sessions`, `meta`, `sessions.seen_at`) is not such a change:
+ * it leaves them alone.
  */
 export const BROKER_SCHEMA_VERSION = 1;
 
@@ -42,9 +43,24 @@ export const BROKER_DDL: readonly string[] = [
   `CREATE TABLE IF NOT EXISTS sessions (
      client_id TEXT PRIMARY KEY
    ) WITHOUT ROWID`,
+  // The broker's own marks: `alive_at`, when it last knew itself running (./sessions.ts: downtime is not absence).
+  `CREATE TABLE IF NOT EXISTS meta (
+     key TEXT PRIMARY KEY,
+     value
+   ) WITHOUT ROWID`,
   `CREATE TABLE IF NOT EXISTS wills (
      client_id TEXT PRIMARY KEY,
      broker_id TEXT,
      packet TEXT NOT NULL
    ) WITHOUT ROWID`,
+];
+
+/** Columns added to a table after it first shipped, to a file that lacks them (older code ignores them). */
+export const BROKER_ADDED_COLUMNS: readonly {
+  readonly table: string;
+  readonly column: string;
+  readonly type: string;
+}[] = [
+  // When the session was last in use (ms since the epoch): `[broker] session_expiry_days` (./sessions.ts).
+  { table: "sessions", column: "seen_at", type: "INTEGER" },
 ];

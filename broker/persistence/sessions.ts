@@ -37,3 +37,64 @@ export function isSessionMark(sub: unknown): boolean {
 export function restoredSubscriptions<S extends Subscription>(subs: S[], existed: boolean): (S | Subscription)[] {
   return subs.length === 0 && existed ? [sessionMark()] : subs;
 }
+
+/**
+ * When each clean = false session was last in use, for `[broker] session_expiry_days` (Mosquitto's
+ * `persistent_client_expiration`): a session whose client stayed away longer ends, as a clean = true
+ * CONNECT would end it, so a device that never comes back does not keep its subscriptions and a full
+ * offline queue for ever. Its client's CONNECT (the session's lookup) and its going away set the time;
+ * so does each sweep that finds it connected, so after a crash the time is at most one sweep old.
+ *
+ * broker.db also keeps when the broker last knew itself running (each sweep, and the stop): at the next
+ * start every session's time moves on by the downtime, since no client could have come back meanwhile. After
+ * a crash the running time since the last sweep is taken for downtime too: a session expires late by up to a
+ * sweep, never early.
+ */
+export class SessionAges {
+  private readonly seen = new Map<string, number>();
+
+  /** The session of `clientId` is in use at `at` (ms). */
+  touch(clientId: string, at: number): void {
+    this.seen.set(clientId, at);
+  }
+
+  forget(clientId: string): void {
+    this.seen.delete(clientId);
+  }
+
+  /**
+   * One sweep over `sessions` at `now`: those whose client is connected are in use now, those never
+   * timed (older files) start counting now (both `touched`, to write down); the others last in use
+   * before `cutoff` are `due` to end.
+   */
+  sweep(
+    sessions: Iterable<string>,
+    connected: (clientId: string) => boolean,
+    now: number,
+    cutoff: number,
+  ): { due: string[]; touched: string[] } {
+    const due: string[] = [];
+    const touched: string[] = [];
+    for (const id of new Set(sessions)) {
+      const seen = this.seen.get(id);
+      if (connected(id) || seen === undefined) {
+        this.seen.set(id, now);
+        touched.push(id);
+      } else if (seen < cutoff) due.push(id);
+    }
+    return { due, touched };
+  }
+}
+
+/** What the broker asks of its persistence for `[broker] session_expiry_days`. */
+export interface SessionExpiry {
+  /** The client of a clean = false session went away at `at` (ms). */
+  left(clientId: string, at: number): void;
+  /**
+   * End every session whose client has been away longer than `maxAgeMs` at `now`: its subscriptions,
+   * offline queue and QoS 2 packets go; the client ids ended are returned.
+   */
+  expire(now: number, maxAgeMs: number, connected: (clientId: string) => boolean): Promise<string[]>;
+  /** Clean = false sessions held. */
+  count(): number;
+}

@@ -555,6 +555,20 @@ export class FleetMetrics {
       () => host.broker?.stats().offlineDropped,
     );
     new Gauge({
+      name: "fleet_broker_sessions",
+      help: "Persistent (clean session 0) sessions the embedded broker holds, connected or not.",
+      registers,
+      collect() {
+        this.set(host.broker?.stats().sessions ?? 0);
+      },
+    });
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_sessions_expired_total",
+      "Persistent sessions ended because their client stayed away longer than [broker] session_expiry_days.",
+      () => host.broker?.stats().sessionsExpired,
+    );
+    new Gauge({
       name: "fleet_broker_connections",
       help: "Open MQTT connections (TCP, TLS, WebSocket; before and after CONNECT).",
       registers,

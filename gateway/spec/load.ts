@@ -103,7 +103,8 @@ export function isLoopbackHost(host: string): boolean {
 function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
   const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, host: hostRaw, ...rest } = raw.broker;
   // The external broker's keys are compiled apart (externalBroker).
-  const { url: _u, username: _n, password_env: _p, client_id: _c, ca_file: _f, mqtt_version: _v, ...broker } = rest;
+  const { url: _u, username: _n, password_env: _p, client_id: _c, ca_file: _f, mqtt_version: _v, ...keys } = rest;
+  const broker = { ...keys, session_expiry_days: keys.session_expiry_days ?? 0 };
   const external = externalBroker(raw, dir, problems);
   if (!broker.allow_anonymous && devices === undefined) {
     const message = "is required when allow_anonymous = false (a devices file with credentials and ACL)";
@@ -219,6 +220,13 @@ function externalBroker(raw: RawFleet, dir: string, problems: Problem[]): Extern
   for (const k of LISTENER_KEYS)
     if (b[k] !== undefined)
       problems.push({ path: at(k), message: "is a listener of the embedded broker; with url the gateway runs none" });
+  if (b.session_expiry_days !== undefined)
+    problems.push({
+      path: at("session_expiry_days"),
+      message:
+        "is the embedded broker's: an external broker expires its own sessions " +
+        "(Mosquitto: persistent_client_expiration)",
+    });
   if (b.password_env !== undefined && b.username === undefined)
     problems.push({ path: at("password_env"), message: "needs username (MQTT sends a password only with one)" });
   const parsed = new URL(b.url);

@@ -90,6 +90,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.max_offline_messages":
     "Messages kept per persistent client session (queued + in flight), with either persistence; past it a new " +
     "message for that client is dropped (the oldest are kept), counted and logged.",
+  "broker.session_expiry_days":
+    "A persistent (clean session 0) session whose client has been away this many days ends, as a clean session " +
+    "1 CONNECT would end it: its subscriptions, offline queue and QoS 2 state go (Mosquitto's " +
+    "persistent_client_expiration). Time the gateway was stopped does not count. Fractions allowed; 0 or absent: " +
+    "never. Embedded broker only. Read at start.",
   "broker.devices":
     "Devices file (credentials and ACLs, see docs/devices.md); reloaded when it changes. A new path applies live.",
   "broker.tls_port": "MQTT over TLS (mqtts) port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",

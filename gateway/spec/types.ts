@@ -190,6 +190,11 @@ export interface FleetSpec {
     /** Most messages kept per client session (queued + in flight); past it new ones are dropped, counted, logged. */
     readonly max_offline_messages: number;
     /**
+     * The embedded broker ends a clean = false session whose client has been away this many days (counted while
+     * the gateway runs), as a clean = true CONNECT would; 0: never (the default).
+     */
+    readonly session_expiry_days: number;
+    /**
      * Devices set DUP on every retransmission (MQTT-3.3.1-1): a QoS 1/2 message with DUP = 0 is
      * always new. False: one repeating a client id, packet id and payload is taken for a resend.
      */

@@ -1,0 +1,236 @@
+/**
+ * `[broker] session_expiry_days` (Mosquitto's persistent_client_expiration): a clean = false session whose
+ * client stays away longer ends as a clean = true CONNECT would end it, with either persistence; a connected
+ * client's session never does, and time the broker was stopped is not absence.
+ */
+import { afterAll, afterEach, describe, expect, test } from "bun:test";
+import { createClient } from "@libsql/client";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
+import pino from "pino";
+import { createEmbeddedBroker, type EmbeddedBroker, LibsqlPersistence } from "../broker/index.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "session-expiry-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const fn of cleanups.splice(0).reverse()) await fn();
+});
+
+const HOUR = 3_600_000;
+const DAY = 24 * HOUR;
+const EXPIRY = 7 * DAY;
+let n = 0;
+
+type Kind = "libsql" | "memory";
+
+/** An embedded broker with a week's expiry (its own timer never fires in a test), closed after the test. */
+async function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<EmbeddedBroker> {
+  const broker = createEmbeddedBroker({
+    host: "127.0.0.1",
+    port: 0,
+    maxPacketBytes: 65536,
+    allowAnonymous: true,
+    logger: pino({ level: "silent" }),
+    intake: async () => ({ ok: true }),
+    persistence:
+      kind === "libsql"
+        ? { kind, path, synchronous: "full", maxOfflineMessages: 100 }
+        : { kind, maxOfflineMessages: 100 },
+    sessionExpiryMs: EXPIRY,
+  });
+  cleanups.push(() => broker.close());
+  await broker.start();
+  return broker;
+}
+
+async function client(broker: EmbeddedBroker, opts: IClientOptions): Promise<MqttClient> {
+  const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...opts });
+  cleanups.push(() => c.endAsync(true));
+  return c;
+}
+
+/** A persistent subscriber to `t/#` that went away, with one QoS 1 message queued for it. */
+async function awaySubscriber(broker: EmbeddedBroker, clientId: string): Promise<void> {
+  const c = await client(broker, { clientId, clean: false });
+  await c.subscribeAsync("t/#", { qos: 1 });
+  await c.endAsync();
+  await broker.publish("t/1", "queued", { qos: 1 });
+}
+
+/** What a client gets when it takes up its session again: CONNACK's session present, and messages for 300 ms. */
+async function comeBack(broker: EmbeddedBroker, clientId: string): Promise<{ present: boolean; got: string[] }> {
+  const got: string[] = [];
+  const c = connect(`mqtt://127.0.0.1:${broker.port}`, {
+    clientId,
+    clean: false,
+    reconnectPeriod: 0,
+    manualConnect: true,
+  });
+  cleanups.push(() => c.endAsync(true));
+  c.on("message", (_t, payload) => got.push(payload.toString()));
+  const present = new Promise<boolean>((resolve) => c.once("connect", (p) => resolve(p.sessionPresent)));
+  c.connect();
+  const result = { present: await present, got };
+  await Bun.sleep(300);
+  return result;
+}
+
+async function countRows(path: string, table: string): Promise<number> {
+  const db = createClient({ url: `file:${path}` });
+  try {
+    return Number((await db.execute(`SELECT count(*) AS n FROM ${table}`)).rows[0]!.n);
+  } finally {
+    db.close();
+  }
+}
+
+for (const kind of ["libsql", "memory"] as const) {
+  describe(`session expiry, persistence = "${kind}"`, () => {
+    test("a session whose client stayed away longer ends: no session present, no queued message", async () => {
+      const broker = await startBroker(kind);
+      await awaySubscriber(broker, "gone");
+      expect(await broker.expireSessions(Date.now() + EXPIRY - HOUR)).toBe(0);
+      expect(broker.stats().sessions).toBe(1);
+      expect(await broker.expireSessions(Date.now() + EXPIRY + HOUR)).toBe(1);
+      expect(broker.stats()).toMatchObject({ sessions: 0, sessionsExpired: 1 });
+      expect(await comeBack(broker, "gone")).toEqual({ present: false, got: [] });
+      // A fresh session, subscribed to nothing: a new message for t/# is not queued for it.
+      await broker.publish("t/2", "after", { qos: 1 });
+      expect((await comeBack(broker, "gone")).got).toEqual([]);
+    });
+
+    test("a session not yet due keeps its subscriptions and queue", async () => {
+      const broker = await startBroker(kind);
+      await awaySubscriber(broker, "back-soon");
+      expect(await broker.expireSessions(Date.now() + EXPIRY - HOUR)).toBe(0);
+      expect(await comeBack(broker, "back-soon")).toEqual({ present: true, got: ["queued"] });
+    });
+
+    test("a connected client's session never expires; its absence counts from when it left", async () => {
+      const broker = await startBroker(kind);
+      const c = await client(broker, { clientId: "here", clean: false });
+      await c.subscribeAsync("t/#", { qos: 1 });
+      expect(await broker.expireSessions(Date.now() + 10 * EXPIRY)).toBe(0);
+      await c.endAsync();
+      const left = Date.now();
+      expect(await broker.expireSessions(left + EXPIRY - HOUR)).toBe(0);
+      expect(await broker.expireSessions(left + EXPIRY + HOUR)).toBe(1);
+    });
+
+    test("clean = true clients hold no session to expire", async () => {
+      const broker = await startBroker(kind);
+      const c = await client(broker, { clientId: "passing", clean: true });
+      await c.subscribeAsync("t/#", { qos: 1 });
+      await c.endAsync();
+      expect(broker.stats().sessions).toBe(0);
+      expect(await broker.expireSessions(Date.now() + 10 * EXPIRY)).toBe(0);
+    });
+  });
+}
+
+describe("session expiry on broker.db", () => {
+  test("an expired session's rows leave the file: subscriptions, queue and session", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const broker = await startBroker("libsql", path);
+    await awaySubscriber(broker, "gone");
+    expect([await countRows(path, "subscriptions"), await countRows(path, "outgoing")]).toEqual([1, 1]);
+    expect(await broker.expireSessions(Date.now() + EXPIRY + HOUR)).toBe(1);
+    const left = await Promise.all(["subscriptions", "outgoing", "sessions"].map((t) => countRows(path, t)));
+    expect(left).toEqual([0, 0, 0]);
+  });
+
+  test("a session kept across a restart keeps its age: it expires on time after the restart", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const first = await startBroker("libsql", path);
+    await awaySubscriber(first, "away");
+    const left = Date.now();
+    await first.close();
+    const second = await startBroker("libsql", path);
+    expect(second.stats().sessions).toBe(1);
+    expect(await second.expireSessions(left + EXPIRY + HOUR)).toBe(1);
+  });
+
+  /** A persistence on `path` whose clock reads `clock.now`. */
+  async function opened(path: string, clock: { now: number }): Promise<LibsqlPersistence> {
+    const p = new LibsqlPersistence({ path, now: () => clock.now });
+    await p.setup({ id: "broker" });
+    return p;
+  }
+
+  test("time the broker was stopped is not absence: the clock resumes where the stop left it", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const clock = { now: 1_000_000 };
+    const before = await opened(path, clock);
+    await before.subscriptionsByClient({ id: "dev" });
+    before.left("dev", clock.now + HOUR);
+    clock.now += 2 * HOUR;
+    await before.destroy();
+    // Stopped for 30 days: the session has been away one hour of running time.
+    clock.now += 30 * DAY;
+    const after = await opened(path, clock);
+    cleanups.push(() => after.destroy());
+    const never = () => false;
+    expect(await after.expire(clock.now, EXPIRY, never)).toEqual([]);
+    expect(await after.expire(clock.now + EXPIRY - 2 * HOUR, EXPIRY, never)).toEqual([]);
+    expect(await after.expire(clock.now + EXPIRY, EXPIRY, never)).toEqual(["dev"]);
+  });
+
+  test("after a crash, running time since the last sweep counts as downtime: expiry is late, not early", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const clock = { now: 1_000_000 };
+    const crashed = await opened(path, clock);
+    await crashed.subscriptionsByClient({ id: "dev" });
+    crashed.left("dev", clock.now);
+    clock.now += HOUR;
+    expect(await crashed.expire(clock.now, EXPIRY, () => false)).toEqual([]); // a sweep marks the broker running
+    // 50 minutes later the process dies (no destroy); it starts again 30 days after that.
+    clock.now += 50 * 60_000 + 30 * DAY;
+    const after = await opened(path, clock);
+    cleanups.push(() => after.destroy());
+    const never = () => false;
+    // Away one hour of running time as far as the file knows (the last 50 minutes are lost with the crash).
+    expect(await after.expire(clock.now + EXPIRY - HOUR, EXPIRY, never)).toEqual([]);
+    expect(await after.expire(clock.now + EXPIRY - HOUR + 1, EXPIRY, never)).toEqual(["dev"]);
+  });
+
+  test("sessions kept by older code (no row, or no time) count their absence from the first start", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const clock = { now: 5_000_000 };
+    const first = await opened(path, clock);
+    await first.destroy();
+    // As session 57's code left them: a subscription without a session row, and a row without a time.
+    const db = createClient({ url: `file:${path}` });
+    await db.execute("INSERT INTO subscriptions (client_id, topic, qos, options) VALUES ('old-sub', 't/#', 1, '{}')");
+    await db.execute("INSERT INTO sessions (client_id, seen_at) VALUES ('old-row', NULL)");
+    await db.execute("DELETE FROM meta");
+    db.close();
+    clock.now += 100 * DAY;
+    const after = await opened(path, clock);
+    cleanups.push(() => after.destroy());
+    expect(after.count()).toBe(2);
+    expect(await after.expire(clock.now + EXPIRY - HOUR, EXPIRY, () => false)).toEqual([]);
+    expect((await after.expire(clock.now + EXPIRY + HOUR, EXPIRY, () => false)).sort()).toEqual(["old-row", "old-sub"]);
+  });
+
+  test("a broker.db from before session_expiry_days gets a seen_at column; older code's rows load", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const db = createClient({ url: `file:${path}` });
+    await db.execute("CREATE TABLE sessions (client_id TEXT PRIMARY KEY) WITHOUT ROWID");
+    await db.execute("INSERT INTO sessions (client_id) VALUES ('dev')");
+    await db.execute("PRAGMA user_version = 1");
+    db.close();
+    const p = await opened(path, { now: 1_000 });
+    cleanups.push(() => p.destroy());
+    expect(p.count()).toBe(1);
+    const check = createClient({ url: `file:${path}` });
+    try {
+      const rows = (await check.execute("SELECT client_id, seen_at FROM sessions")).rows;
+      expect(rows.map((r) => [r.client_id, r.seen_at])).toEqual([["dev", 1000]]);
+    } finally {
+      check.close();
+    }
+  });
+});
