@@ -405,7 +405,10 @@ export class LibsqlPersistence implements SessionExpiry {
     this.recordSeen(clientId, at);
   }
 
-  /** A session's time, written with the next commit: lost in a crash, it is at most a sweep older. */
+  /**
+   * A session's time, written with the next commit (within 100 ms): a crash before it leaves the time before,
+   * as if this connection or disconnection had not been.
+   */
   private recordSeen(clientId: string, at: number): void {
     void this.run(
       [{ sql: "UPDATE sessions SET seen_at = ? WHERE client_id = ?", args: [at, clientId] }],

@@ -124,10 +124,8 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
         ages.forget(id);
         queues.dropClient(id);
       }
-      for (const id of due) {
-        await baseClean({ id });
-        await sessionState.cleanIncoming({ id });
-      }
+      // Started together, in this turn: aedes' memory persistence does its work before its first await.
+      await Promise.all(due.flatMap((id) => [baseClean({ id }), sessionState.cleanIncoming({ id })]));
       return due;
     },
     count: () => sessions.size,
