@@ -1168,8 +1168,13 @@ export class Gateway {
               path: join(this.dataDir, "broker.db"),
               synchronous: spec.fleet.synchronous,
               maxOfflineMessages: spec.broker.max_offline_messages,
+              maxOfflineBytes: spec.broker.max_offline_bytes,
             }
-          : { kind: "memory", maxOfflineMessages: spec.broker.max_offline_messages },
+          : {
+              kind: "memory",
+              maxOfflineMessages: spec.broker.max_offline_messages,
+              maxOfflineBytes: spec.broker.max_offline_bytes,
+            },
     });
   }
 

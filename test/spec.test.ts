@@ -114,6 +114,7 @@ describe("compileSpec", () => {
       tls: null,
       persistence: "memory",
       max_offline_messages: 1000,
+      max_offline_bytes: 0,
       session_expiry_days: 0,
       trust_dup: false,
       external: null,
@@ -410,6 +411,12 @@ describe("schema errors name the key path", () => {
       '[broker]\nurl = "mqtt://b"\nsession_expiry_days = 14\n',
       "broker.session_expiry_days",
       /an external broker expires its own sessions/,
+    ],
+    [
+      "a negative max_offline_bytes",
+      "[broker]\nmax_offline_bytes = -1\n",
+      "broker.max_offline_bytes",
+      /non-negative integer/,
     ],
     ["a negative session expiry", "[broker]\nsession_expiry_days = -1\n", "broker.session_expiry_days", /0 for never/],
     [

@@ -13,6 +13,8 @@ export type PersistenceChoice =
       readonly kind: "memory";
       /** Most messages kept per client (queued + in flight); past it new ones are dropped and counted. */
       readonly maxOfflineMessages: number;
+      /** Most payload bytes kept per client, the same way; 0 or absent: no bound. */
+      readonly maxOfflineBytes?: number;
     }
   | {
       readonly kind: "libsql";
@@ -20,6 +22,8 @@ export type PersistenceChoice =
       readonly synchronous: "full" | "normal";
       /** Most messages kept per client (queued + in flight); past it new ones are dropped and counted. */
       readonly maxOfflineMessages: number;
+      /** Most payload bytes kept per client, the same way; 0 or absent: no bound. */
+      readonly maxOfflineBytes?: number;
     };
 
 /** A persistence as the embedded broker holds it: what aedes is given, its counts, its close. */
@@ -41,11 +45,17 @@ export const DEFAULT_PERSISTENCE: PersistenceChoice = { kind: "memory", maxOffli
 /** The persistence chosen (DEFAULT_PERSISTENCE when none is). */
 export function persistenceFor(choice: PersistenceChoice | undefined, logger: Logger): BrokerPersistence {
   choice ??= DEFAULT_PERSISTENCE;
-  if (choice.kind === "memory") return memoryPersistence({ maxOfflineMessages: choice.maxOfflineMessages, logger });
+  if (choice.kind === "memory")
+    return memoryPersistence({
+      maxOfflineMessages: choice.maxOfflineMessages,
+      maxOfflineBytes: choice.maxOfflineBytes,
+      logger,
+    });
   const libsql = new LibsqlPersistence({
     path: choice.path,
     synchronous: choice.synchronous,
     maxOfflineMessages: choice.maxOfflineMessages,
+    maxOfflineBytes: choice.maxOfflineBytes,
     logger,
   });
   return { aedes: libsql, sessions: libsql, stats: () => libsql.stats(), destroy: () => libsql.destroy() };

@@ -25,7 +25,7 @@ import {
   queuedRetained,
   type StoredPacket,
 } from "./codec.ts";
-import { type ClientRef, num, OutgoingQueues, type QueueEntry } from "./outgoing.ts";
+import { type ClientRef, num, OutgoingQueues, payloadBytes, type QueueEntry } from "./outgoing.ts";
 import { RetainedReads } from "./retained-reads.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { restoredSubscriptions, SessionAges, type SessionExpiry } from "./sessions.ts";
@@ -41,6 +41,8 @@ export interface LibsqlPersistenceOptions {
   readonly synchronous?: "full" | "normal";
   /** Most messages kept per client (queued + in flight); past it new ones are dropped. Default 1000. */
   readonly maxOfflineMessages?: number;
+  /** Most payload bytes kept per client (queued + in flight); past it new ones are dropped. 0 (default): no bound. */
+  readonly maxOfflineBytes?: number;
   readonly logger?: Logger;
   /** Clock of the drop log's rate limit and of the sessions' ages (ms since the epoch). */
   readonly now?: () => number;
@@ -112,7 +114,12 @@ export class LibsqlPersistence implements SessionExpiry {
   private readonly retainedReads = new RetainedReads();
 
   constructor(private readonly opts: LibsqlPersistenceOptions) {
-    this.outgoing = new OutgoingQueues({ max: opts.maxOfflineMessages ?? 1000, logger: opts.logger, now: opts.now });
+    this.outgoing = new OutgoingQueues({
+      max: opts.maxOfflineMessages ?? 1000,
+      maxBytes: opts.maxOfflineBytes ?? 0,
+      logger: opts.logger,
+      now: opts.now,
+    });
   }
 
   /** The broker this persistence serves (set by `setup`). */
@@ -167,7 +174,9 @@ export class LibsqlPersistence implements SessionExpiry {
         },
         { sql: "UPDATE sessions SET seen_at = ? WHERE seen_at IS NULL", args: [now] },
         "SELECT client_id, topic, qos, options FROM subscriptions",
-        "SELECT client_id, broker_id, broker_counter, message_id FROM outgoing ORDER BY seq",
+        // Rows older code wrote have no size: their stored text, less base64's third, stands for it.
+        `SELECT client_id, broker_id, broker_counter, message_id, coalesce(bytes, length(packet) * 3 / 4) AS bytes
+         FROM outgoing ORDER BY seq`,
         "SELECT client_id FROM wills",
         "SELECT DISTINCT client_id FROM incoming",
         "SELECT client_id, seen_at FROM sessions",
@@ -190,6 +199,7 @@ export class LibsqlPersistence implements SessionExpiry {
           brokerId: row.broker_id === null ? null : String(row.broker_id),
           brokerCounter: num(row.broker_counter),
           messageId: num(row.message_id),
+          bytes: Number(row.bytes),
         });
       }
     } catch (err) {
@@ -478,16 +488,13 @@ export class LibsqlPersistence implements SessionExpiry {
     const rows: InStatement[] = [];
     for (const { copy, clientIds } of queuedPerClient(subs, packet)) {
       const text = encodePacket(copy);
-      const kept = this.outgoing.enqueue(clientIds, String(packet.topic), () => ({
-        brokerId,
-        brokerCounter,
-        messageId: null,
-      }));
-      for (const clientId of kept)
+      const bytes = payloadBytes(copy);
+      const entry = { brokerId, brokerCounter, messageId: null, bytes };
+      for (const clientId of this.outgoing.enqueue(clientIds, String(packet.topic), entry))
         rows.push({
-          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
-                VALUES (?, ?, ?, NULL, ?)`,
-          args: [clientId, brokerId, brokerCounter, text],
+          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet, bytes)
+                VALUES (?, ?, ?, NULL, ?, ?)`,
+          args: [clientId, brokerId, brokerCounter, text, bytes],
         });
     }
     await this.run(rows);
@@ -500,14 +507,15 @@ export class LibsqlPersistence implements SessionExpiry {
   queueRetained(clientId: string, packet: StoredPacket, qos: number): boolean {
     const brokerId = String(packet.brokerId);
     const brokerCounter = num(packet.brokerCounter);
-    if (!this.outgoing.queueRetained(clientId, String(packet.topic), { brokerId, brokerCounter, messageId: null }))
-      return false;
+    const bytes = payloadBytes(packet);
+    const entry = { brokerId, brokerCounter, messageId: null, bytes };
+    if (!this.outgoing.queueRetained(clientId, String(packet.topic), entry)) return false;
     void this.run(
       [
         {
-          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
-                VALUES (?, ?, ?, NULL, ?)`,
-          args: [clientId, brokerId, brokerCounter, encodePacket(queuedRetained(packet, qos))],
+          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet, bytes)
+                VALUES (?, ?, ?, NULL, ?, ?)`,
+          args: [clientId, brokerId, brokerCounter, encodePacket(queuedRetained(packet, qos)), bytes],
         },
       ],
       true,
@@ -553,8 +561,8 @@ export class LibsqlPersistence implements SessionExpiry {
     void this.run(
       [
         {
-          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet)
-                VALUES (?, NULL, NULL, ?, ?)`,
+          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet, bytes)
+                VALUES (?, NULL, NULL, ?, ?, 0)`,
           args: [client.id, messageId, encodePacket(pubrel)],
         },
       ],

@@ -13,13 +13,15 @@ import { Readable } from "node:stream";
 import type { Logger } from "pino";
 import { type QueuedFor, queuedPerClient, queuedRetained, type StoredPacket } from "./codec.ts";
 import type { PersistenceStats, StoredSubscription } from "./libsql.ts";
-import { type ClientRef, num, OutgoingQueues } from "./outgoing.ts";
+import { type ClientRef, num, OutgoingQueues, payloadBytes } from "./outgoing.ts";
 import { restoredSubscriptions, SessionAges, type SessionExpiry } from "./sessions.ts";
 
 /** What the in-memory persistence is given. */
 export interface MemoryPersistenceOptions {
   /** Most messages kept per client (queued + in flight); past it new ones are dropped. */
   readonly maxOfflineMessages: number;
+  /** Most payload bytes kept per client (queued + in flight); past it new ones are dropped. 0 or absent: no bound. */
+  readonly maxOfflineBytes?: number;
   readonly logger?: Logger;
   /** Clock of the drop log's rate limit and of the sessions' ages (ms since the epoch). */
   readonly now?: () => number;
@@ -38,7 +40,12 @@ export interface MemoryPersistence {
 
 /** aedes' memory persistence with the outgoing queues replaced. */
 export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersistence {
-  const queues = new OutgoingQueues({ max: opts.maxOfflineMessages, logger: opts.logger, now: opts.now });
+  const queues = new OutgoingQueues({
+    max: opts.maxOfflineMessages,
+    maxBytes: opts.maxOfflineBytes ?? 0,
+    logger: opts.logger,
+    now: opts.now,
+  });
 
   // aedes 1.2.0 calls these without a callback (the async form).
   const outgoingEnqueueCombi = async (subs: readonly QueuedFor[], packet: StoredPacket) => {
@@ -47,12 +54,13 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     const brokerId = (packet.brokerId as string | undefined) ?? null;
     const brokerCounter = num(packet.brokerCounter);
     for (const { copy, clientIds } of queuedPerClient(subs, packet))
-      queues.enqueue(clientIds, String(packet.topic), () => ({
+      queues.enqueue(clientIds, String(packet.topic), {
         brokerId,
         brokerCounter,
         messageId: null,
         packet: copy,
-      }));
+        bytes: payloadBytes(copy),
+      });
   };
   const outgoing = {
     outgoingEnqueueCombi,
@@ -60,7 +68,12 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     /** deliveries.ts `RetainedQueue`. */
     queueRetained(clientId: string, packet: StoredPacket, qos: number): boolean {
       const entry = { brokerId: String(packet.brokerId), brokerCounter: num(packet.brokerCounter), messageId: null };
-      return queues.queueRetained(clientId, String(packet.topic), { ...entry, packet: queuedRetained(packet, qos) });
+      const queued = queuedRetained(packet, qos);
+      return queues.queueRetained(clientId, String(packet.topic), {
+        ...entry,
+        packet: queued,
+        bytes: payloadBytes(queued),
+      });
     },
     /** deliveries.ts `LiveClaims`. */
     claimLive: (client: ClientRef, brokerId: string, brokerCounter: number): boolean =>

@@ -15,6 +15,8 @@ export interface QueueEntry {
   messageId: number | null;
   /** The queued packet itself, where the persistence keeps it in memory (`persistence = "memory"`). */
   packet?: StoredPacket;
+  /** Its payload's size, counted against `maxBytes` while it is queued. */
+  bytes?: number;
   /** The packet being delivered (set when aedes numbers it), so its PUBACK needs no read-back. */
   inFlight?: StoredPacket;
   /** When aedes last numbered it (the count of sends). */
@@ -49,6 +51,19 @@ export interface ClientRef {
 /** The drop log's rate limit (one line per 10 s at most, with the count since the last one). */
 const DROP_LOG_INTERVAL_MS = 10_000;
 
+/**
+ * Messages full queues turned away, remembered for their live sends (`number`), which follow within
+ * milliseconds: the newest this many, across all clients.
+ */
+const TURNED_AWAY_KEPT = 4096;
+
+/** The bytes of a packet's payload (what `maxBytes` counts, as Mosquitto's max_queued_bytes). */
+export function payloadBytes(packet: StoredPacket): number {
+  const payload = packet.payload;
+  if (payload instanceof Uint8Array) return payload.byteLength;
+  return typeof payload === "string" ? Buffer.byteLength(payload) : 0;
+}
+
 /** The largest MQTT packet identifier (they run 1..65535). */
 const MAX_PACKET_ID = 65_535;
 
@@ -57,6 +72,10 @@ export const num = (v: unknown): number | null => (v === null || v === undefined
 /** Every client's queue, bounded; what aedes' outgoing calls decide before anything is stored. */
 export class OutgoingQueues {
   private readonly queues = new Map<string, QueueEntry[]>();
+  /** Payload bytes each client's queue holds (`QueueEntry.bytes`). */
+  private readonly queuedBytes = new Map<string, number>();
+  /** The last messages full queues turned away (`client id, broker id:counter`), oldest first. */
+  private readonly turnedAway = new Set<string>();
   /** Packets numbered so far: orders a live send against a queue's read-back. */
   private sends = 0;
   /** Payloads of the packets queues' read-backs have handed aedes (see `number`). */
@@ -67,15 +86,27 @@ export class OutgoingQueues {
 
   /** Most packets per client (queued + in flight). */
   readonly max: number;
+  /** Most payload bytes per client (queued + in flight); 0: no bound but `max`. */
+  readonly maxBytes: number;
   private droppedTotal = 0;
   private droppedSinceLog = 0;
   private lastDropLog = Number.NEGATIVE_INFINITY;
 
   /** `now`: the clock of the drop log's rate limit. */
-  constructor(private readonly opts: { readonly max: number; readonly logger?: Logger; readonly now?: () => number }) {
+  constructor(
+    private readonly opts: {
+      readonly max: number;
+      readonly maxBytes?: number;
+      readonly logger?: Logger;
+      readonly now?: () => number;
+    },
+  ) {
     this.max = opts.max;
+    this.maxBytes = opts.maxBytes ?? 0;
     if (!Number.isInteger(this.max) || this.max < 1)
       throw new RangeError(`maxOfflineMessages must be a positive integer, got ${opts.max}`);
+    if (!Number.isInteger(this.maxBytes) || this.maxBytes < 0)
+      throw new RangeError(`maxOfflineBytes must be a non-negative integer, got ${opts.maxBytes}`);
   }
 
   /** Packets refused by a full queue since start. */
@@ -93,24 +124,45 @@ export class OutgoingQueues {
   /** Append an entry to a client's queue as it was stored (at start, from disk); not bounded. */
   restore(clientId: string, entry: QueueEntry): void {
     this.queueOf(clientId).push(entry);
+    this.addBytes(clientId, entry.bytes ?? 0);
   }
 
   /**
-   * Queue `entry()` for each client with room; a full queue drops it for that client (the oldest are
-   * kept). Returns the clients it was queued for.
+   * Queue a copy of `entry` (with its payload's `bytes`) for each client with room: fewer than `max`
+   * messages, and room for the bytes under `maxBytes`. A full queue drops it for that client (the oldest
+   * are kept). Returns the clients it was queued for.
    */
-  enqueue(clientIds: readonly string[], topic: string, entry: () => QueueEntry): string[] {
+  enqueue(clientIds: readonly string[], topic: string, entry: QueueEntry & { readonly bytes: number }): string[] {
     const kept: string[] = [];
     for (const clientId of clientIds) {
       const queue = this.queueOf(clientId);
-      if (queue.length >= this.max) {
-        this.drop(clientId, topic);
+      const full =
+        queue.length >= this.max ||
+        (this.maxBytes > 0 && (this.queuedBytes.get(clientId) ?? 0) + entry.bytes > this.maxBytes);
+      if (full) {
+        if (queue.length === 0) this.queues.delete(clientId);
+        this.drop(clientId, topic, entry);
         continue;
       }
-      queue.push(entry());
+      queue.push({ ...entry });
+      this.addBytes(clientId, entry.bytes);
       kept.push(clientId);
     }
     return kept;
+  }
+
+  private addBytes(clientId: string, bytes: number): void {
+    if (bytes === 0) return;
+    const total = (this.queuedBytes.get(clientId) ?? 0) + bytes;
+    if (total === 0) this.queuedBytes.delete(clientId);
+    else this.queuedBytes.set(clientId, total);
+  }
+
+  /** `entry` left `clientId`'s queue (already spliced out): it is cleared, and its bytes given back. */
+  private released(clientId: string, queue: QueueEntry[], entry: QueueEntry): void {
+    if (queue.length === 0) this.queues.delete(clientId);
+    entry.cleared = true;
+    this.addBytes(clientId, -(entry.bytes ?? 0));
   }
 
   /**
@@ -134,6 +186,7 @@ export class OutgoingQueues {
       if (this.readBack.has(packet.payload as object)) return null;
       // A message dropped from a full queue still goes to a connected client, once, live: an error here
       // would make aedes close the connection of a client that is only behind.
+      if (bid !== null && this.turnedAway.delete(`${client.id}\n${bid}:${bc}`)) return null;
       if (bid !== null && (this.queues.get(client.id)?.length ?? 0) >= this.max) return null;
       if (packet.cmd === "pubrel" && mid !== null) return this.keepPubrel(client.id, mid, packet);
       throw new Error("no such packet");
@@ -170,8 +223,7 @@ export class OutgoingQueues {
   private sentAtQos0(clientId: string, entry: QueueEntry): Numbered {
     const queue = this.queues.get(clientId)!;
     queue.splice(queue.indexOf(entry), 1);
-    if (queue.length === 0) this.queues.delete(clientId);
-    entry.cleared = true;
+    this.released(clientId, queue, entry);
     return { entry, replaces: false, delivered: true };
   }
 
@@ -204,14 +256,15 @@ export class OutgoingQueues {
    * brings it again when the session comes back (MQTT-4.4.0-1), as Mosquitto does. Whether it was
    * queued (a full queue sends it unkept, as a live message a full queue dropped).
    */
-  queueRetained(clientId: string, topic: string, entry: QueueEntry): boolean {
-    return this.enqueue([clientId], topic, () => ({ ...entry, retained: true })).length > 0;
+  queueRetained(clientId: string, topic: string, entry: QueueEntry & { readonly bytes: number }): boolean {
+    return this.enqueue([clientId], topic, { ...entry, retained: true }).length > 0;
   }
 
   /** Forget a client's whole queue (its session ended); returns how many entries it held. */
   dropClient(clientId: string): number {
     const queue = this.queues.get(clientId);
     this.queues.delete(clientId);
+    this.queuedBytes.delete(clientId);
     for (const entry of queue ?? []) entry.cleared = true;
     return queue?.length ?? 0;
   }
@@ -222,8 +275,7 @@ export class OutgoingQueues {
     const at = messageId === null || !queue ? -1 : queue.findIndex((e) => e.messageId === messageId);
     if (at < 0) return undefined;
     const [entry] = queue!.splice(at, 1);
-    if (queue!.length === 0) this.queues.delete(clientId);
-    entry!.cleared = true;
+    this.released(clientId, queue!, entry!);
     return entry;
   }
 
@@ -318,15 +370,31 @@ export class OutgoingQueues {
     throw new Error(`every packet identifier is in flight for client ${client.id}`);
   }
 
-  /** Count a refused packet; logged at most once every 10 s, with the count since the last line. */
-  private drop(clientId: string, topic: string): void {
+  /**
+   * Count a refused packet, and remember it for its live send (`number`); logged at most once every 10 s,
+   * with the count since the last line.
+   */
+  private drop(clientId: string, topic: string, entry: QueueEntry): void {
     this.droppedTotal++;
     this.droppedSinceLog++;
+    if (entry.brokerId !== null) {
+      this.turnedAway.add(`${clientId}\n${entry.brokerId}:${entry.brokerCounter}`);
+      if (this.turnedAway.size > TURNED_AWAY_KEPT) this.turnedAway.delete(this.turnedAway.values().next().value!);
+    }
     const t = (this.opts.now ?? Date.now)();
     if (t - this.lastDropLog < DROP_LOG_INTERVAL_MS) return;
+    const queued = { messages: this.queues.get(clientId)?.length ?? 0, bytes: this.queuedBytes.get(clientId) ?? 0 };
     this.opts.logger?.warn(
-      { client: clientId, topic, dropped: this.droppedSinceLog, total: this.droppedTotal, max: this.max },
-      "offline queue full (max_offline_messages); message dropped for this client",
+      {
+        client: clientId,
+        topic,
+        dropped: this.droppedSinceLog,
+        total: this.droppedTotal,
+        queued,
+        max: this.max,
+        maxBytes: this.maxBytes,
+      },
+      "offline queue full (max_offline_messages or max_offline_bytes); message dropped for this client",
     );
     this.lastDropLog = t;
     this.droppedSinceLog = 0;

@@ -2,7 +2,8 @@
 
 /**
  * Bumped when the tables change in a way older code would misread; a file from newer code is refused. A
- * table or a nullable column older code does not know (`sessions`, `meta`, `sessions.seen_at`) is not such a change:
+ * table or a nullable column older code does not know (`sessions`, `meta`, `sessions.seen_at`,
+ * `outgoing.bytes`) is not such a change:
  * it leaves them alone.
  */
 export const BROKER_SCHEMA_VERSION = 1;
@@ -63,4 +64,6 @@ export const BROKER_ADDED_COLUMNS: readonly {
 }[] = [
   // When the session was last in use (ms since the epoch): `[broker] session_expiry_days` (./sessions.ts).
   { table: "sessions", column: "seen_at", type: "INTEGER" },
+  // A queued message's payload bytes: `[broker] max_offline_bytes` (./outgoing.ts).
+  { table: "outgoing", column: "bytes", type: "INTEGER" },
 ];

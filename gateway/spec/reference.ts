@@ -90,6 +90,10 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.max_offline_messages":
     "Messages kept per persistent client session (queued + in flight), with either persistence; past it a new " +
     "message for that client is dropped (the oldest are kept), counted and logged.",
+  "broker.max_offline_bytes":
+    "Payload bytes kept per persistent client session (queued + in flight), with either persistence " +
+    "(Mosquitto's max_queued_bytes); past it a new message for that client is dropped, counted and logged, as " +
+    "past max_offline_messages. 0 (the default): only max_offline_messages bounds the queue. Read at start.",
   "broker.session_expiry_days":
     "A persistent (clean session 0) session whose client has been away this many days ends, as a clean session " +
     "1 CONNECT would end it: its subscriptions, offline queue and QoS 2 state go (Mosquitto's " +

@@ -25,6 +25,7 @@ const RESTART_KEYS = {
     "max_packet_bytes",
     "persistence",
     "max_offline_messages",
+    "max_offline_bytes",
     "session_expiry_days",
     "trust_dup",
     // Embedded or external, and the external broker's url, login, client id and CA.

@@ -189,6 +189,8 @@ export interface FleetSpec {
     readonly persistence: "libsql" | "memory";
     /** Most messages kept per client session (queued + in flight); past it new ones are dropped, counted, logged. */
     readonly max_offline_messages: number;
+    /** Most payload bytes per client session (queued + in flight), the same way; 0: no bound but the count. */
+    readonly max_offline_bytes: number;
     /**
      * The embedded broker ends a clean = false session whose client has been away this many days (counted while
      * the gateway runs), as a clean = true CONNECT would; 0: never (the default).

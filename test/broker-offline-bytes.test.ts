@@ -1,0 +1,158 @@
+/**
+ * `[broker] max_offline_bytes` (Mosquitto's max_queued_bytes): a clean = false session's queue holds at most
+ * that many payload bytes, with either persistence, beside `max_offline_messages`. Past it a message is not
+ * queued for that client, counted as dropped; a connected client still gets it live, once, and stays connected.
+ */
+import { afterAll, afterEach, describe, expect, test } from "bun:test";
+import { createClient } from "@libsql/client";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
+import pino from "pino";
+import { createEmbeddedBroker, type EmbeddedBroker, memoryPersistence } from "../broker/index.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "offline-bytes-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const fn of cleanups.splice(0).reverse()) await fn();
+});
+
+const logger = pino({ level: "silent" });
+let n = 0;
+
+type Kind = "libsql" | "memory";
+
+/** A broker whose sessions keep at most 10 payload bytes (and 100 messages) each. */
+async function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<EmbeddedBroker> {
+  const bounds = { maxOfflineMessages: 100, maxOfflineBytes: 10 };
+  const broker = createEmbeddedBroker({
+    host: "127.0.0.1",
+    port: 0,
+    maxPacketBytes: 65536,
+    allowAnonymous: true,
+    logger,
+    intake: async () => ({ ok: true }),
+    persistence: kind === "libsql" ? { kind, path, synchronous: "full", ...bounds } : { kind, ...bounds },
+  });
+  cleanups.push(() => broker.close());
+  await broker.start();
+  return broker;
+}
+
+async function client(broker: EmbeddedBroker, opts: IClientOptions): Promise<MqttClient> {
+  const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...opts });
+  cleanups.push(() => c.endAsync(true));
+  return c;
+}
+
+/** The messages a client taking up its session again gets within `ms`. */
+async function comeBack(broker: EmbeddedBroker, clientId: string, ms = 500): Promise<string[]> {
+  const c = connect(`mqtt://127.0.0.1:${broker.port}`, {
+    clientId,
+    clean: false,
+    reconnectPeriod: 0,
+    manualConnect: true,
+  });
+  cleanups.push(() => c.endAsync(true));
+  const got: string[] = [];
+  c.on("message", (_t, payload) => got.push(payload.toString()));
+  c.connect();
+  await Bun.sleep(ms);
+  return got;
+}
+
+/** A persistent subscriber to `out/#` that went away (the broker saw it go). */
+async function away(broker: EmbeddedBroker, clientId: string): Promise<void> {
+  const c = await client(broker, { clientId, clean: false });
+  await c.subscribeAsync("out/#", { qos: 1 });
+  await c.endAsync();
+  for (let i = 0; broker.stats().clients > 0; i++) {
+    if (i > 500) throw new Error("the broker did not see the client go");
+    await Bun.sleep(10);
+  }
+}
+
+for (const kind of ["libsql", "memory"] as const) {
+  describe(`max_offline_bytes, persistence = "${kind}"`, () => {
+    test("an away client's queue holds at most that many payload bytes; the oldest are kept", async () => {
+      const broker = await startBroker(kind);
+      await away(broker, "dev");
+      for (const payload of ["aaaa", "bbbb", "cccc", "dd"]) await broker.publish("out/x", payload, { qos: 1 });
+      // 4 + 4 fit in 10; "cccc" would make 12: dropped; "dd" makes 10: kept.
+      expect(broker.stats().offlineDropped).toBe(1);
+      expect(await comeBack(broker, "dev")).toEqual(["aaaa", "bbbb", "dd"]);
+    });
+
+    test("a message past the bound is not queued; a connected client gets it live, once, and stays", async () => {
+      const broker = await startBroker(kind);
+      const c = await client(broker, { clientId: "live", clean: false });
+      const got: string[] = [];
+      c.on("message", (_t, payload) => got.push(payload.toString()));
+      await c.subscribeAsync("out/#", { qos: 1 });
+      await broker.publish("out/x", "a payload of 24 bytes..", { qos: 1 });
+      await broker.publish("out/x", "small", { qos: 1 });
+      const deadline = Date.now() + 10_000;
+      while (got.length < 2 && Date.now() < deadline) await Bun.sleep(10);
+      await Bun.sleep(200); // a second copy would come within this
+      expect(got).toEqual(["a payload of 24 bytes..", "small"]);
+      expect(c.connected).toBe(true);
+      expect(broker.stats().offlineDropped).toBe(1);
+    });
+  });
+}
+
+test("a message's bytes leave the count with it (its PUBACK): a drained queue has room again", async () => {
+  const memory = memoryPersistence({ maxOfflineMessages: 100, maxOfflineBytes: 4, logger });
+  const aedes = memory.aedes as unknown as {
+    outgoingEnqueueCombi(subs: object[], packet: object): Promise<void>;
+    outgoingUpdate(client: object, packet: object): Promise<void>;
+    outgoingClearMessageId(client: object, packet: object): Promise<unknown>;
+  };
+  const client = { id: "dev" };
+  const packet = (i: number) => ({ cmd: "publish", topic: "out/a", payload: Buffer.from(`m${i}`), qos: 1 });
+  const queue = (i: number) =>
+    aedes.outgoingEnqueueCombi([{ clientId: client.id, topic: "out/#", qos: 1 }], {
+      ...packet(i),
+      brokerId: "b",
+      brokerCounter: i,
+    });
+  for (let i = 0; i < 3; i++) await queue(i);
+  expect(memory.stats()).toEqual({ offlineDropped: 1, queued: 2 });
+  for (const i of [0, 1]) {
+    await aedes.outgoingUpdate(client, { ...packet(i), brokerId: "b", brokerCounter: i, messageId: i + 1 });
+    expect(await aedes.outgoingClearMessageId(client, { messageId: i + 1 })).toBeTruthy();
+  }
+  for (let i = 3; i < 5; i++) await queue(i);
+  expect(memory.stats()).toEqual({ offlineDropped: 1, queued: 2 });
+});
+
+describe("max_offline_bytes on broker.db", () => {
+  test("a queue read back at start counts its bytes: the bound holds across a restart", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const first = await startBroker("libsql", path);
+    await away(first, "dev");
+    for (const payload of ["aaaa", "bbbb"]) await first.publish("out/x", payload, { qos: 1 });
+    await first.close();
+    const second = await startBroker("libsql", path);
+    await second.publish("out/x", "cccc", { qos: 1 });
+    expect(second.stats().offlineDropped).toBe(1);
+    expect(await comeBack(second, "dev")).toEqual(["aaaa", "bbbb"]);
+  });
+
+  test("rows older code wrote, without a size, count at about their stored size", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const first = await startBroker("libsql", path);
+    await away(first, "dev");
+    await first.publish("out/x", "a", { qos: 1 });
+    await first.close();
+    const db = createClient({ url: `file:${path}` });
+    await db.execute("UPDATE outgoing SET bytes = NULL");
+    db.close();
+    // The row's JSON text is far longer than 10 bytes: the queue counts as full.
+    const second = await startBroker("libsql", path);
+    await second.publish("out/x", "b", { qos: 1 });
+    expect(second.stats().offlineDropped).toBe(1);
+  });
+});
