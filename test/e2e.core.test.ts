@@ -521,7 +521,8 @@ describe("across restarts", () => {
 
       await fleet.start();
       for (let k = 0; k < 3; k++) {
-        const eps = await fleet.waitCommitted(`counter/t${k}`, n / 3);
+        // A wait, not a deadline: CI saw 15-18 s episodes here under load (30 s was too short).
+        const eps = await fleet.waitCommitted(`counter/t${k}`, n / 3, 60_000);
         expect(eps.length).toBe(n / 3);
         expect(new Set(eps.map((e) => e.stimulus)).size).toBe(n / 3);
         expect((await fleet.agent(`counter/t${k}`))?.seq).toBe(n / 3);
