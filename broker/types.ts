@@ -181,7 +181,7 @@ export interface BrokerStats {
   readonly loginsRefused: number;
   /** CONNECTs refused unverified: too many logins for their user name were waiting (CONNACK 3). */
   readonly loginsBusy: number;
-  /** Messages not queued for a clean = false client because its queue was full (`max_offline_messages`). */
+  /** Messages not queued for a clean = false client: its queue was full (`max_offline_messages` or `_bytes`). */
   readonly offlineDropped: number;
   /** Embedded broker only: clean = false sessions held, connected or not. */
   readonly sessions?: number;

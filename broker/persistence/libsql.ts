@@ -62,7 +62,7 @@ interface BrokerRef {
 
 /** Drop counters. */
 export interface PersistenceStats {
-  /** Messages not queued because the client's queue was full (`max_offline_messages`). */
+  /** Messages not queued because the client's queue was full (`max_offline_messages` or `max_offline_bytes`). */
   readonly offlineDropped: number;
   /** Messages held in all queues now. */
   readonly queued: number;

@@ -551,7 +551,7 @@ export class FleetMetrics {
     mirrorCounter(
       this.registry,
       "fleet_broker_offline_dropped_total",
-      "Messages not queued for a clean = false client because its queue held max_offline_messages.",
+      "Messages not queued for a clean = false client: its queue held max_offline_messages or max_offline_bytes.",
       () => host.broker?.stats().offlineDropped,
     );
     new Gauge({
