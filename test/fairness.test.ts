@@ -332,10 +332,17 @@ describe("quiet agents' starts during an intake burst (devices first, in time)",
         "all of them",
         50,
       );
-      expect(await fleet.gauge("fleet_episode_slots")).toBe(burstSlots(4));
+      // The burst goes on (the premise): on a loaded box one 250 ms window of it can fall under the rate and
+      // restore the slots for a moment (CI saw 4 here once), so this waits for the flood to lower them again.
+      await waitFor(
+        async () => ((await fleet.gauge("fleet_episode_slots")) === burstSlots(4) ? true : undefined),
+        20_000,
+        "the burst to hold the slots down",
+        20,
+      );
       expect(await fleet.gauge("fleet_episodes_paced")).toBe(0);
     });
-  }, 90_000);
+  }, 120_000);
 });
 
 describe("what counts as an intake burst (devices first)", () => {
