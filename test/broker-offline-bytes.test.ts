@@ -3,49 +3,31 @@
  * that many payload bytes, with either persistence, beside `max_offline_messages`. Past it a message is not
  * queued for that client, counted as dropped; a connected client still gets it live, once, and stays connected.
  */
-import { afterAll, afterEach, describe, expect, test } from "bun:test";
+import { afterAll, describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
-import pino from "pino";
-import { createEmbeddedBroker, type EmbeddedBroker, memoryPersistence } from "../broker/index.ts";
+import { connect, type IClientOptions, type MqttClient } from "mqtt";
+import type { EmbeddedBroker } from "../broker/index.ts";
+import { BrokerKit } from "./helpers/broker.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "offline-bytes-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const fn of cleanups.splice(0).reverse()) await fn();
-});
-
-const logger = pino({ level: "silent" });
+const kit = new BrokerKit();
 let n = 0;
 
 type Kind = "libsql" | "memory";
 
 /** A broker whose sessions keep at most 10 payload bytes (and 100 messages) each. */
-async function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<EmbeddedBroker> {
+function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<EmbeddedBroker> {
   const bounds = { maxOfflineMessages: 100, maxOfflineBytes: 10 };
-  const broker = createEmbeddedBroker({
-    host: "127.0.0.1",
-    port: 0,
-    maxPacketBytes: 65536,
-    allowAnonymous: true,
-    logger,
-    intake: async () => ({ ok: true }),
+  return kit.start({
     persistence: kind === "libsql" ? { kind, path, synchronous: "full", ...bounds } : { kind, ...bounds },
   });
-  cleanups.push(() => broker.close());
-  await broker.start();
-  return broker;
 }
 
-async function client(broker: EmbeddedBroker, opts: IClientOptions): Promise<MqttClient> {
-  const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...opts });
-  cleanups.push(() => c.endAsync(true));
-  return c;
-}
+const client = (broker: EmbeddedBroker, opts: IClientOptions) => kit.client(broker, opts);
 
 /** The messages a client taking up its session again gets within `ms`. */
 async function comeBack(broker: EmbeddedBroker, clientId: string, ms = 500): Promise<string[]> {
@@ -55,7 +37,7 @@ async function comeBack(broker: EmbeddedBroker, clientId: string, ms = 500): Pro
     reconnectPeriod: 0,
     manualConnect: true,
   });
-  cleanups.push(() => c.endAsync(true));
+  kit.defer(() => c.endAsync(true));
   const got: string[] = [];
   c.on("message", (_t, payload) => got.push(payload.toString()));
   c.connect();
@@ -102,31 +84,6 @@ for (const kind of ["libsql", "memory"] as const) {
     });
   });
 }
-
-test("a message's bytes leave the count with it (its PUBACK): a drained queue has room again", async () => {
-  const memory = memoryPersistence({ maxOfflineMessages: 100, maxOfflineBytes: 4, logger });
-  const aedes = memory.aedes as unknown as {
-    outgoingEnqueueCombi(subs: object[], packet: object): Promise<void>;
-    outgoingUpdate(client: object, packet: object): Promise<void>;
-    outgoingClearMessageId(client: object, packet: object): Promise<unknown>;
-  };
-  const client = { id: "dev" };
-  const packet = (i: number) => ({ cmd: "publish", topic: "out/a", payload: Buffer.from(`m${i}`), qos: 1 });
-  const queue = (i: number) =>
-    aedes.outgoingEnqueueCombi([{ clientId: client.id, topic: "out/#", qos: 1 }], {
-      ...packet(i),
-      brokerId: "b",
-      brokerCounter: i,
-    });
-  for (let i = 0; i < 3; i++) await queue(i);
-  expect(memory.stats()).toEqual({ offlineDropped: 1, queued: 2 });
-  for (const i of [0, 1]) {
-    await aedes.outgoingUpdate(client, { ...packet(i), brokerId: "b", brokerCounter: i, messageId: i + 1 });
-    expect(await aedes.outgoingClearMessageId(client, { messageId: i + 1 })).toBeTruthy();
-  }
-  for (let i = 3; i < 5; i++) await queue(i);
-  expect(memory.stats()).toEqual({ offlineDropped: 1, queued: 2 });
-});
 
 describe("max_offline_bytes on broker.db", () => {
   test("a queue read back at start counts its bytes: the bound holds across a restart", async () => {

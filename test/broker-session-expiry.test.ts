@@ -3,21 +3,18 @@
  * client stays away longer ends as a clean = true CONNECT would end it, with either persistence; a connected
  * client's session never does, and time the broker was stopped is not absence.
  */
-import { afterAll, afterEach, describe, expect, test } from "bun:test";
+import { afterAll, describe, expect, test } from "bun:test";
 import { createClient } from "@libsql/client";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
-import pino from "pino";
-import { createEmbeddedBroker, type EmbeddedBroker, LibsqlPersistence } from "../broker/index.ts";
+import { connect, type IClientOptions, type MqttClient } from "mqtt";
+import { type EmbeddedBroker, LibsqlPersistence } from "../broker/index.ts";
+import { BrokerKit } from "./helpers/broker.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "session-expiry-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const fn of cleanups.splice(0).reverse()) await fn();
-});
+const kit = new BrokerKit();
 
 const HOUR = 3_600_000;
 const DAY = 24 * HOUR;
@@ -27,30 +24,15 @@ let n = 0;
 type Kind = "libsql" | "memory";
 
 /** An embedded broker with a week's expiry (its own timer never fires in a test), closed after the test. */
-async function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<EmbeddedBroker> {
-  const broker = createEmbeddedBroker({
-    host: "127.0.0.1",
-    port: 0,
-    maxPacketBytes: 65536,
-    allowAnonymous: true,
-    logger: pino({ level: "silent" }),
-    intake: async () => ({ ok: true }),
-    persistence:
-      kind === "libsql"
-        ? { kind, path, synchronous: "full", maxOfflineMessages: 100 }
-        : { kind, maxOfflineMessages: 100 },
+function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<EmbeddedBroker> {
+  const bounds = { maxOfflineMessages: 100 };
+  return kit.start({
+    persistence: kind === "libsql" ? { kind, path, synchronous: "full", ...bounds } : { kind, ...bounds },
     sessionExpiryMs: EXPIRY,
   });
-  cleanups.push(() => broker.close());
-  await broker.start();
-  return broker;
 }
 
-async function client(broker: EmbeddedBroker, opts: IClientOptions): Promise<MqttClient> {
-  const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...opts });
-  cleanups.push(() => c.endAsync(true));
-  return c;
-}
+const client = (broker: EmbeddedBroker, opts: IClientOptions) => kit.client(broker, opts);
 
 /**
  * End `c` and wait for the broker to see it go: a sweep with a clock set ahead would otherwise find it still
@@ -83,7 +65,7 @@ async function comeBack(broker: EmbeddedBroker, clientId: string): Promise<{ pre
     reconnectPeriod: 0,
     manualConnect: true,
   });
-  cleanups.push(() => c.endAsync(true));
+  kit.defer(() => c.endAsync(true));
   c.on("message", (_t, payload) => got.push(payload.toString()));
   const present = new Promise<boolean>((resolve) => c.once("connect", (p) => resolve(p.sessionPresent)));
   c.connect();
@@ -185,7 +167,7 @@ describe("session expiry on broker.db", () => {
     // Stopped for 30 days: the session has been away one hour of running time.
     clock.now += 30 * DAY;
     const after = await opened(path, clock);
-    cleanups.push(() => after.destroy());
+    kit.defer(() => after.destroy());
     const never = () => false;
     expect(await after.expire(clock.now, EXPIRY, never)).toEqual([]);
     expect(await after.expire(clock.now + EXPIRY - 2 * HOUR, EXPIRY, never)).toEqual([]);
@@ -203,7 +185,7 @@ describe("session expiry on broker.db", () => {
     // 50 minutes later the process dies (no destroy); it starts again 30 days after that.
     clock.now += 50 * 60_000 + 30 * DAY;
     const after = await opened(path, clock);
-    cleanups.push(() => after.destroy());
+    kit.defer(() => after.destroy());
     const never = () => false;
     // Away one hour of running time as far as the file knows (the last 50 minutes are lost with the crash).
     expect(await after.expire(clock.now + EXPIRY - HOUR, EXPIRY, never)).toEqual([]);
@@ -223,7 +205,7 @@ describe("session expiry on broker.db", () => {
     db.close();
     clock.now += 100 * DAY;
     const after = await opened(path, clock);
-    cleanups.push(() => after.destroy());
+    kit.defer(() => after.destroy());
     expect(after.count()).toBe(2);
     expect(await after.expire(clock.now + EXPIRY - HOUR, EXPIRY, () => false)).toEqual([]);
     expect((await after.expire(clock.now + EXPIRY + HOUR, EXPIRY, () => false)).sort()).toEqual(["old-row", "old-sub"]);
@@ -237,7 +219,7 @@ describe("session expiry on broker.db", () => {
     await db.execute("PRAGMA user_version = 1");
     db.close();
     const p = await opened(path, { now: 1_000 });
-    cleanups.push(() => p.destroy());
+    kit.defer(() => p.destroy());
     expect(p.count()).toBe(1);
     const check = createClient({ url: `file:${path}` });
     try {

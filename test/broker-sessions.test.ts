@@ -157,8 +157,13 @@ describe('in-memory sessions (persistence = "memory")', () => {
     expect(await got).toEqual(["m0", "m1", "m2", "m3", "m4"]);
   });
 
-  test("a message leaves the count when it leaves the queue (its PUBACK): a drained queue has room", async () => {
-    const memory = memoryPersistence({ maxOfflineMessages: 2, logger });
+  // Two messages' room either way: by count, or by payload bytes (2 each).
+  const ROOM_FOR_TWO = [
+    ["max_offline_messages", { maxOfflineMessages: 2 }],
+    ["max_offline_bytes", { maxOfflineMessages: 100, maxOfflineBytes: 4 }],
+  ] as const;
+  test.each(ROOM_FOR_TWO)("a message leaves %s's count when it leaves the queue (its PUBACK)", async (_, bounds) => {
+    const memory = memoryPersistence({ ...bounds, logger });
     // aedes' calls, as it makes them: queue for the session, number it when sent, clear it at its PUBACK.
     const aedes = memory.aedes as unknown as {
       outgoingEnqueueCombi(subs: object[], packet: object): Promise<void>;

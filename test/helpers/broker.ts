@@ -1,0 +1,44 @@
+/** Embedded brokers on free ports and MQTT clients of them, for in-process tests; all closed after each test. */
+import { afterEach } from "bun:test";
+import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
+import pino from "pino";
+import { type BrokerOptions, createEmbeddedBroker, type EmbeddedBroker } from "../../broker/index.ts";
+
+export class BrokerKit {
+  private readonly cleanups: (() => unknown)[] = [];
+
+  /** Registers its own `afterEach`: make one at the top of a test file. */
+  constructor() {
+    afterEach(async () => {
+      for (const fn of this.cleanups.splice(0).reverse()) await fn();
+    });
+  }
+
+  /** Run `fn` after the current test, before what was deferred earlier. */
+  defer(fn: () => unknown): void {
+    this.cleanups.push(fn);
+  }
+
+  /** An anonymous loopback broker whose intake takes everything, started. */
+  async start(opts: Pick<BrokerOptions, "persistence" | "sessionExpiryMs">): Promise<EmbeddedBroker> {
+    const broker = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: true,
+      logger: pino({ level: "silent" }),
+      intake: async () => ({ ok: true }),
+      ...opts,
+    });
+    this.defer(() => broker.close());
+    await broker.start();
+    return broker;
+  }
+
+  /** A client connected to `broker` (no reconnects). */
+  async client(broker: EmbeddedBroker, opts: IClientOptions): Promise<MqttClient> {
+    const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...opts });
+    this.defer(() => c.endAsync(true));
+    return c;
+  }
+}
