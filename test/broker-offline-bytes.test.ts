@@ -8,7 +8,7 @@ import { createClient } from "@libsql/client";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connect, type IClientOptions, type MqttClient } from "mqtt";
+import type { IClientOptions, MqttClient } from "mqtt";
 import type { EmbeddedBroker } from "../broker/index.ts";
 import { BrokerKit } from "./helpers/broker.ts";
 
@@ -29,21 +29,8 @@ function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<Embedd
 
 const client = (broker: EmbeddedBroker, opts: IClientOptions) => kit.client(broker, opts);
 
-/** The messages a client taking up its session again gets within `ms`. */
-async function comeBack(broker: EmbeddedBroker, clientId: string, ms = 500): Promise<string[]> {
-  const c = connect(`mqtt://127.0.0.1:${broker.port}`, {
-    clientId,
-    clean: false,
-    reconnectPeriod: 0,
-    manualConnect: true,
-  });
-  kit.defer(() => c.endAsync(true));
-  const got: string[] = [];
-  c.on("message", (_t, payload) => got.push(payload.toString()));
-  c.connect();
-  await Bun.sleep(ms);
-  return got;
-}
+/** The messages a client taking up its session again gets within half a second. */
+const comeBack = async (broker: EmbeddedBroker, clientId: string) => (await kit.comeBack(broker, clientId, 500)).got;
 
 /** A persistent subscriber to `out/#` that went away (the broker saw it go). */
 async function away(broker: EmbeddedBroker, clientId: string): Promise<void> {

@@ -8,7 +8,7 @@ import { createClient } from "@libsql/client";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connect, type IClientOptions, type MqttClient } from "mqtt";
+import type { IClientOptions, MqttClient } from "mqtt";
 import { type EmbeddedBroker, LibsqlPersistence } from "../broker/index.ts";
 import { BrokerKit } from "./helpers/broker.ts";
 
@@ -56,23 +56,7 @@ async function awaySubscriber(broker: EmbeddedBroker, clientId: string): Promise
   await broker.publish("t/1", "queued", { qos: 1 });
 }
 
-/** What a client gets when it takes up its session again: CONNACK's session present, and messages for 300 ms. */
-async function comeBack(broker: EmbeddedBroker, clientId: string): Promise<{ present: boolean; got: string[] }> {
-  const got: string[] = [];
-  const c = connect(`mqtt://127.0.0.1:${broker.port}`, {
-    clientId,
-    clean: false,
-    reconnectPeriod: 0,
-    manualConnect: true,
-  });
-  kit.defer(() => c.endAsync(true));
-  c.on("message", (_t, payload) => got.push(payload.toString()));
-  const present = new Promise<boolean>((resolve) => c.once("connect", (p) => resolve(p.sessionPresent)));
-  c.connect();
-  const result = { present: await present, got };
-  await Bun.sleep(300);
-  return result;
-}
+const comeBack = (broker: EmbeddedBroker, clientId: string) => kit.comeBack(broker, clientId);
 
 async function countRows(path: string, table: string): Promise<number> {
   const db = createClient({ url: `file:${path}` });

@@ -1,6 +1,6 @@
 /** Embedded brokers on free ports and MQTT clients of them, for in-process tests; all closed after each test. */
 import { afterEach } from "bun:test";
-import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
+import { connect, connectAsync, type IClientOptions, type MqttClient } from "mqtt";
 import pino from "pino";
 import { type BrokerOptions, createEmbeddedBroker, type EmbeddedBroker } from "../../broker/index.ts";
 
@@ -40,5 +40,22 @@ export class BrokerKit {
     const c = await connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...opts });
     this.defer(() => c.endAsync(true));
     return c;
+  }
+
+  /**
+   * What a client taking up its clean = false session again gets: CONNACK's session present, and the messages
+   * that come within `ms` of it.
+   */
+  async comeBack(broker: EmbeddedBroker, clientId: string, ms = 300): Promise<{ present: boolean; got: string[] }> {
+    const opts = { clientId, clean: false, reconnectPeriod: 0, manualConnect: true };
+    const c = connect(`mqtt://127.0.0.1:${broker.port}`, opts);
+    this.defer(() => c.endAsync(true));
+    const got: string[] = [];
+    c.on("message", (_t, payload) => got.push(payload.toString()));
+    const present = new Promise<boolean>((resolve) => c.once("connect", (p) => resolve(p.sessionPresent)));
+    c.connect();
+    const result = { present: await present, got };
+    await Bun.sleep(ms);
+    return result;
   }
 }
