@@ -8,7 +8,7 @@ import { createClient } from "@libsql/client";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { IClientOptions, MqttClient } from "mqtt";
+import type { IClientOptions } from "mqtt";
 import type { EmbeddedBroker } from "../broker/index.ts";
 import { BrokerKit } from "./helpers/broker.ts";
 

@@ -291,7 +291,7 @@ describe("two shards on one Mosquitto", () => {
       const mq = await Mosquitto.start();
       brokers.push(mq);
       // watch subscribes to counter's topics too: one message, targets on both shards.
-      const hook = '\n[hooks.h]\ntype = "counter"\nkey_field = "device"\n' + agentType("watch", COUNTER, ["c/+/in"]);
+      const hook = `\n[hooks.h]\ntype = "counter"\nkey_field = "device"\n${agentType("watch", COUNTER, ["c/+/in"])}`;
       const [one, two] = shards("shards-http", mq, hook);
       await Promise.all([one.start(), two.start()]);
       const ownedBy = (counter: number, watch: number) => {
