@@ -405,6 +405,48 @@ describe("schema errors name the key path", () => {
       "broker.ws_port",
       /with url the gateway runs none/,
     ],
+    [
+      "the MQTT port with an external broker",
+      '[broker]\nurl = "mqtt://b"\nmqtt_port = 1883\n',
+      "broker.mqtt_port",
+      /with url the gateway runs none/,
+    ],
+    [
+      "a connection limit with an external broker",
+      '[broker]\nurl = "mqtt://b"\nmax_connections = 10\n',
+      "broker.max_connections",
+      /an external broker sets its own \(Mosquitto: max_connections\)/,
+    ],
+    [
+      "session persistence with an external broker",
+      '[broker]\nurl = "mqtt://b"\npersistence = "libsql"\n',
+      "broker.persistence",
+      /an external broker keeps its own \(Mosquitto: persistence\)/,
+    ],
+    [
+      "an offline queue bound with an external broker",
+      '[broker]\nurl = "mqtt://b"\nmax_offline_messages = 10\n',
+      "broker.max_offline_messages",
+      /Mosquitto: max_queued_messages/,
+    ],
+    [
+      "an offline byte bound with an external broker",
+      '[broker]\nurl = "mqtt://b"\nmax_offline_bytes = 0\n',
+      "broker.max_offline_bytes",
+      /Mosquitto: max_queued_bytes/,
+    ],
+    [
+      "trust_dup with an external broker",
+      '[broker]\nurl = "mqtt://b"\ntrust_dup = false\n',
+      "broker.trust_dup",
+      /only the embedded broker sees/,
+    ],
+    [
+      "allow_anonymous_network with an external broker",
+      '[broker]\nurl = "mqtt://b"\nallow_anonymous_network = true\n',
+      "broker.allow_anonymous_network",
+      /with url the gateway runs none/,
+    ],
     ["username without url", '[broker]\nusername = "gw"\n', "broker.username", /needs url/],
     [
       "session expiry with an external broker",
@@ -659,6 +701,21 @@ describe("listen addresses", () => {
     });
     const v5 = await compileSpec('[broker]\nurl = "mqtt://b"\nmqtt_version = "5"\nclient_id = "gw-1"\n', FILE);
     expect(v5.spec.broker.external).toMatchObject({ client_id: "gw-1", protocol_version: 5 });
+  });
+
+  test("with [broker] url, the keys that still mean something are accepted: host, logins, packet size", async () => {
+    // The devices file feeds `fleet device export --mosquitto`; max_packet_bytes caps agents' publishes.
+    const { spec } = await compileSpec(
+      '[broker]\nurl = "mqtt://b"\nhost = "127.0.0.1"\nallow_anonymous = false\ndevices = "devices.toml"\n' +
+        "max_packet_bytes = 4096\n",
+      FILE,
+    );
+    expect(spec.broker).toMatchObject({
+      allow_anonymous: false,
+      max_packet_bytes: 4096,
+      external: { url: "mqtt://b" },
+    });
+    expect(spec.broker.devices_file).toEndWith("devices.toml");
   });
 
   test("an anonymous broker on the network is accepted only with allow_anonymous_network = true", async () => {

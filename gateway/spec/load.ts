@@ -73,7 +73,7 @@ export async function compileSpec(text: string, file: string): Promise<SpecVersi
   const parsed = fleetSchema.safeParse(doc, { error: genericMessage });
   if (!parsed.success) throw specErrorOf(file, text, problemsOf(parsed.error));
   const problems: Problem[] = [];
-  const spec = build(parsed.data, dirname(file), problems);
+  const spec = build(parsed.data, givenKeys(doc, "broker"), dirname(file), problems);
   if (problems.length > 0) throw specErrorOf(file, text, problems);
   const hash = await blake3Hex(text);
   return deepFreeze({ hash, textHash: hash, bundles: {}, path: file, text, spec });
@@ -100,12 +100,18 @@ export function isLoopbackHost(host: string): boolean {
   return h === "localhost" || h === "::1" || /^127\.\d+\.\d+\.\d+$/.test(h) || /^::ffff:127\./.test(h);
 }
 
-function build(raw: RawFleet, dir: string, problems: Problem[]): FleetSpec {
+/** The keys a table of the TOML document names itself (before the schema's defaults fill the rest). */
+function givenKeys(doc: unknown, table: string): ReadonlySet<string> {
+  const t = (doc as Record<string, unknown>)[table];
+  return new Set(typeof t === "object" && t !== null ? Object.keys(t) : []);
+}
+
+function build(raw: RawFleet, givenBroker: ReadonlySet<string>, dir: string, problems: Problem[]): FleetSpec {
   const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, host: hostRaw, ...rest } = raw.broker;
   // The external broker's keys are compiled apart (externalBroker).
   const { url: _u, username: _n, password_env: _p, client_id: _c, ca_file: _f, mqtt_version: _v, ...keys } = rest;
   const broker = { ...keys, session_expiry_days: keys.session_expiry_days ?? 0 };
-  const external = externalBroker(raw, dir, problems);
+  const external = externalBroker(raw, givenBroker, dir, problems);
   if (!broker.allow_anonymous && devices === undefined) {
     const message = "is required when allow_anonymous = false (a devices file with credentials and ACL)";
     problems.push({ path: ["broker", "devices"], message });
@@ -200,11 +206,44 @@ function fleetShard(raw: RawFleet, external: ExternalBrokerSpec | null, problems
   return shard;
 }
 
-/** Keys that configure the embedded broker's listeners: meaningless with `[broker] url`. */
-const LISTENER_KEYS = ["ws_port", "tls_port", "wss_port", "tls_cert", "tls_key", "tls_ca"] as const;
+/**
+ * Keys only the embedded broker reads, and why each means nothing with `[broker] url`: given there, a
+ * key would say a listener, a limit or a store is in force that is not, so it is refused. (`host`
+ * is also a listener's, but every fleet.toml has written it and it promises nothing an external
+ * broker breaks; it stays accepted and unread.)
+ */
+const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
+  mqtt_port: "is a listener of the embedded broker; with url the gateway runs none",
+  ws_port: "is a listener of the embedded broker; with url the gateway runs none",
+  tls_port: "is a listener of the embedded broker; with url the gateway runs none",
+  wss_port: "is a listener of the embedded broker; with url the gateway runs none",
+  tls_cert: "is a listener of the embedded broker; with url the gateway runs none",
+  tls_key: "is a listener of the embedded broker; with url the gateway runs none",
+  tls_ca: "is a listener of the embedded broker; with url the gateway runs none",
+  allow_anonymous_network: "is about the embedded broker's listener; with url the gateway runs none",
+  max_connections:
+    "limits the embedded broker's connections; an external broker sets its own (Mosquitto: max_connections)",
+  persistence:
+    "is where the embedded broker keeps its sessions; an external broker keeps its own (Mosquitto: persistence)",
+  max_offline_messages:
+    "bounds the embedded broker's session queues; an external broker bounds its own " +
+    "(Mosquitto: max_queued_messages)",
+  max_offline_bytes:
+    "bounds the embedded broker's session queues; an external broker bounds its own (Mosquitto: max_queued_bytes)",
+  session_expiry_days:
+    "is the embedded broker's: an external broker expires its own sessions (Mosquitto: persistent_client_expiration)",
+  trust_dup:
+    "is about devices' own DUP flags, which only the embedded broker sees; through an external broker the " +
+    "gateway gets that broker's",
+};
 
 /** `[broker] url` and its keys, cross-checked; null when the embedded broker runs. */
-function externalBroker(raw: RawFleet, dir: string, problems: Problem[]): ExternalBrokerSpec | null {
+function externalBroker(
+  raw: RawFleet,
+  given: ReadonlySet<string>,
+  dir: string,
+  problems: Problem[],
+): ExternalBrokerSpec | null {
   const b = raw.broker;
   const at = (k: string) => ["broker", k];
   if (b.url === undefined) {
@@ -217,16 +256,7 @@ function externalBroker(raw: RawFleet, dir: string, problems: Problem[]): Extern
       });
     return null;
   }
-  for (const k of LISTENER_KEYS)
-    if (b[k] !== undefined)
-      problems.push({ path: at(k), message: "is a listener of the embedded broker; with url the gateway runs none" });
-  if (b.session_expiry_days !== undefined)
-    problems.push({
-      path: at("session_expiry_days"),
-      message:
-        "is the embedded broker's: an external broker expires its own sessions " +
-        "(Mosquitto: persistent_client_expiration)",
-    });
+  for (const [k, why] of Object.entries(EMBEDDED_ONLY)) if (given.has(k)) problems.push({ path: at(k), message: why });
   if (b.password_env !== undefined && b.username === undefined)
     problems.push({ path: at("password_env"), message: "needs username (MQTT sends a password only with one)" });
   const parsed = new URL(b.url);

@@ -64,41 +64,48 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.host":
     "Address the MQTT listeners bind; default 127.0.0.1, or 0.0.0.0 when devices must log in " +
     "(allow_anonymous = false). An anonymous broker on another address is refused (see allow_anonymous_network).",
-  "broker.mqtt_port": "MQTT (TCP) port; 0 picks a free one (written to <data_dir>/gateway.json).",
+  "broker.mqtt_port":
+    "MQTT (TCP) port; 0 picks a free one (written to <data_dir>/gateway.json). Embedded broker only (refused " +
+    "with url).",
   "broker.ws_port": "MQTT over WebSocket port; 0 picks a free one (gateway.json); absent: no WebSocket listener.",
   "broker.max_packet_bytes":
     "Largest MQTT packet accepted; a larger one closes the connection before it is buffered. " +
     "Agents are held to it too: a larger publish or send is denied, a larger emit fails its episode (too_large).",
   "broker.max_connections":
     "Most open MQTT connections (TCP, TLS, WebSocket); past it a device " +
-    "gets CONNACK 3 (counted in /metrics). 0 = no limit. Applies live.",
+    "gets CONNACK 3 (counted in /metrics). 0 = no limit. Applies live. Embedded broker only (refused with url).",
   "broker.allow_anonymous":
     "false: devices need credentials from the devices file. Applies live (anonymous sessions are closed). " +
     "Without a host key, turning it off keeps the listener on 127.0.0.1 until a restart moves it to 0.0.0.0; " +
     "turning it on needs a restart (the listener moves to loopback).",
   "broker.allow_anonymous_network":
-    "true: allow_anonymous with a non-loopback host is accepted (anyone who reaches it can publish). Default: refused.",
+    "true: allow_anonymous with a non-loopback host is accepted (anyone who reaches it can publish). Default: " +
+    "refused. Embedded broker only (refused with url).",
   "broker.persistence":
     'Where MQTT sessions live: "libsql" keeps subscriptions, offline queues, retained messages and wills ' +
-    'in <data_dir>/broker.db across restarts; "memory" loses them on any restart.',
+    'in <data_dir>/broker.db across restarts; "memory" loses them on any restart. Embedded broker only (refused ' +
+    "with url).",
   "broker.trust_dup":
     "true: devices set DUP on every retransmission (MQTT-3.3.1-1), so a QoS 1/2 message with DUP = 0 is always a " +
     "new message, even one that repeats its client id, packet id and payload within redelivery_minutes (a " +
     "device that numbers its packets from 1 at each connection and repeats a reading). false (the default): " +
     "such a message is taken for a retransmission, because mqtt.js resends an unacknowledged message after a " +
-    "reconnect with DUP = 0. Read at start.",
+    "reconnect with DUP = 0. Read at start. Embedded broker only (refused with url: the gateway sees that broker's " +
+    "DUP flag, not the device's).",
   "broker.max_offline_messages":
     "Messages kept per persistent client session (queued + in flight), with either persistence; past it a new " +
-    "message for that client is dropped (the oldest are kept), counted and logged.",
+    "message for that client is dropped (the oldest are kept), counted and logged. Embedded broker only (refused " +
+    "with url).",
   "broker.max_offline_bytes":
     "Payload bytes kept per persistent client session (queued + in flight), with either persistence " +
     "(Mosquitto's max_queued_bytes); past it a new message for that client is dropped, counted and logged, as " +
-    "past max_offline_messages. 0 (the default): only max_offline_messages bounds the queue. Read at start.",
+    "past max_offline_messages. 0 (the default): only max_offline_messages bounds the queue. Read at start. " +
+    "Embedded broker only (refused with url).",
   "broker.session_expiry_days":
     "A persistent (clean session 0) session whose client has been away this many days ends, as a clean session " +
     "1 CONNECT would end it: its subscriptions, offline queue and QoS 2 state go (Mosquitto's " +
     "persistent_client_expiration). Time the gateway was stopped does not count. Fractions allowed; 0 or absent: " +
-    "never. Embedded broker only. Read at start.",
+    "never. Embedded broker only (refused with url). Read at start.",
   "broker.devices":
     "Devices file (credentials and ACLs, see docs/devices.md); reloaded when it changes. A new path applies live.",
   "broker.tls_port": "MQTT over TLS (mqtts) port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",
