@@ -15,7 +15,7 @@ import type { MqttClient } from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
 import { cpuMs, mainThreadMs, quantile, rateRow, threadsMs } from "./harness.ts";
 import { connect, publishWindowed } from "./mqttkit.ts";
-import { benchFleet, startBareBroker, startGateway } from "./procs.ts";
+import { benchFleet, perfRecording, startBareBroker, startGateway } from "./procs.ts";
 
 const TOPICS = 200;
 /** Five, not three: the ratio's spread between runs (about ±0.1) was as wide as its margin to the target. */
@@ -73,6 +73,8 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
     clients[t] = await connect(ports[t], `bench-${t}`);
     await rate(clients[t], warmup, o.window, `${t}-warm`);
   }
+  // BENCH_PERF_DIR: the gateway's CPU by JS function over the rounds (it is idle in the others').
+  const perf = perfRecording("intake", gw.pid);
   for (let round = 0; round < ROUNDS; round++) {
     // Rotate the order so no target always runs first (or right after the gateway's fsyncs).
     for (let j = 0; j < TARGETS.length; j++) {
@@ -93,6 +95,7 @@ export async function benchIntake(o: BenchOptions): Promise<Row[]> {
     o.log(`  round ${round + 1}: ${TARGETS.map((t) => `${t} ${rates[t].at(-1)!.toFixed(0)}`).join(", ")} msg/s`);
   }
 
+  await perf?.finish();
   const health = await gw.api<{ queued_stimuli: number; running_episodes: number }>("/api/fleet");
   await gw.stop();
   const expected = warmup + perRound * ROUNDS;
