@@ -7,6 +7,7 @@ import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { type GuardViolation, parseInSlices, type SliceableClient } from "./connection.ts";
 import { createHooks, type HookState } from "./hooks.ts";
+import { type SysSnapshot, SysTree } from "./sys.ts";
 import { persistenceFor, type BrokerPersistence } from "./persistence/index.ts";
 import { TcpListener, type ListenerHooks } from "./tcp.ts";
 import { checkTopicName } from "./topics.ts";
@@ -68,6 +69,10 @@ class AedesBroker implements EmbeddedBroker {
   private sweepTimer: ReturnType<typeof setInterval> | null = null;
   private sweeping: Promise<number> | null = null;
   private sessionsExpired = 0;
+  /** The `$SYS/broker/` tree (`sysIntervalMs`), when on; the most clients connected at once, and since when. */
+  private readonly sys: SysTree | null;
+  private maxClients = 0;
+  private startedAt = Date.now();
 
   constructor(private readonly opts: BrokerOptions) {
     if (!Number.isInteger(opts.maxPacketBytes) || opts.maxPacketBytes < 2) {
@@ -102,6 +107,18 @@ class AedesBroker implements EmbeddedBroker {
     });
     if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
     willsOnTakeover(this.aedes);
+    this.aedes.on("client", () => {
+      this.maxClients = Math.max(this.maxClients, this.aedes.connectedClients ?? 0);
+    });
+    const sysMs = opts.sysIntervalMs ?? 0;
+    this.sys =
+      sysMs > 0
+        ? new SysTree(
+            sysMs,
+            () => this.sysSnapshot(),
+            (t, p) => this.publishSys(t, p),
+          )
+        : null;
     this.aedes.on("clientDisconnect", (client: Client) => {
       if (!client.clean) this.persistence.sessions.left(client.id, Date.now());
     });
@@ -168,6 +185,9 @@ class AedesBroker implements EmbeddedBroker {
     if (this.lifecycle !== "new") throw new Error(`cannot start a broker that is ${this.lifecycle}`);
     this.lifecycle = "starting";
     await this.aedes.listen();
+    // Before any client can subscribe: a retained tree an earlier run left in broker.db is replaced first.
+    this.startedAt = Date.now();
+    this.sys?.start();
     this.boundPort = await this.tcp.listen(this.opts.host, this.opts.port);
     if (this.ws && this.opts.wsPort != null) {
       this.boundWsPort = await this.ws.listen(this.opts.host, this.opts.wsPort);
@@ -234,6 +254,32 @@ class AedesBroker implements EmbeddedBroker {
       this.log.warn({ err }, "session expiry failed; the next sweep tries again");
       return 0;
     }
+  }
+
+  /** What `$SYS/broker/` shows now (./sys.ts). */
+  private sysSnapshot(): SysSnapshot {
+    const clients = Object.values((this.aedes as unknown as { clients: Record<string, Client> }).clients);
+    const persistentOnline = clients.filter((c) => !c.clean).length;
+    const stats = this.stats();
+    return {
+      version: this.opts.version ?? "agent-fleets",
+      uptimeSeconds: (Date.now() - this.startedAt) / 1000,
+      connected: stats.clients,
+      maximum: this.maxClients,
+      disconnected: Math.max(0, (stats.sessions ?? 0) - persistentOnline),
+      received: stats.messagesIn,
+      sent: stats.messagesOut,
+      dropped: stats.dropped + stats.offlineDropped,
+      sessionsExpired: stats.sessionsExpired ?? 0,
+    };
+  }
+
+  /** A retained QoS 0 `$SYS/broker/` message; one that fails (the persistence refused it) is logged and left. */
+  private publishSys(topic: string, payload: string): void {
+    const packet = { cmd: "publish", topic, payload: Buffer.from(payload), qos: 0, retain: true, dup: false } as const;
+    this.aedes.publish(packet as PublishPacket, (err) => {
+      if (err) this.log.warn({ err, topic }, "$SYS message not published");
+    });
   }
 
   /** aedes hands every publish to the hooks; nothing to subscribe. */
@@ -357,6 +403,7 @@ class AedesBroker implements EmbeddedBroker {
     await this.stopIntake();
     this.lifecycle = "closed";
     if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.sys?.stop();
     await this.sweeping;
     if (this.state.publishFirst) keepWills(this.aedes);
     await new Promise<void>((resolve) => this.aedes.close(() => resolve()));

@@ -7,6 +7,7 @@ import type { Logger } from "pino";
 import { dedupeExactly } from "./deliveries.ts";
 import { isSessionMark } from "./persistence/index.ts";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
+import { SYS_PREFIX } from "./sys.ts";
 import {
   BrokerBusy,
   type BrokerAuth,
@@ -125,6 +126,8 @@ export function createHooks(
   Pick<AedesOptions, "preConnect" | "authenticate" | "authorizePublish" | "authorizeSubscribe" | "authorizeForward">
 > {
   const usernames = state.usernames;
+  // Whether the broker publishes its `$SYS/broker/` tree (./sys.ts), which `$SYS/...` filters may then read.
+  const sysOn = (opts.sysIntervalMs ?? 0) > 0;
   // Each client's publishes whose verdicts are not all acted on yet, oldest first: acks go out in
   // PUBLISH order (MQTT-4.6.0-2) even when intake resolves out of order, because aedes runs a read
   // chunk's packets concurrently. A verdict that comes early waits in its turn for those before it.
@@ -332,7 +335,7 @@ export function createHooks(
       // turned away on restore, so nothing is subscribed and CONNACK says session present = 1.
       if (isSessionMark(sub)) return done(null, null);
       const info = infoOf(client);
-      const rule = checkDeviceSubscribeFilter(sub.topic);
+      const rule = checkDeviceSubscribeFilter(sub.topic, sysOn);
       const auth = state.auth;
       const acl = auth.authorizeSubscribeTopic;
       const allowed = rule.ok && aclAllows(acl ? () => acl.call(auth, info, sub.topic) : null, sub.topic, info);
@@ -351,6 +354,8 @@ export function createHooks(
     // emptyQueue: a refused queued message is removed), is checked against the subscribe rights in
     // force now: a queue filled before a right was revoked must not leak on reconnect.
     authorizeForward(client, packet) {
+      // aedes' own `$SYS/<broker id>/...` events name clients: only the counts of ./sys.ts go out.
+      if (packet.topic.startsWith("$SYS/") && !packet.topic.startsWith(SYS_PREFIX)) return null;
       const auth = state.auth;
       const acl = auth.authorizeSubscribeTopic;
       if (acl) {

@@ -106,9 +106,13 @@ export function checkDevicePublishTopic(topic: string): TopicCheck {
   return OK;
 }
 
-/** Whether a device may subscribe to `filter`: anything but `$SYS` (broker internals, other clients' ids). */
-export function checkDeviceSubscribeFilter(filter: string): TopicCheck {
-  // $SYS, and $fleet/dropped where permanently refused publishes go (hooks.ts): no `$` topic is for devices.
-  if (filter.startsWith("$")) return { ok: false, reason: "topics starting with '$' are reserved" };
+/**
+ * Whether a device may subscribe to `filter`: nothing starting with `$` (broker internals, other clients'
+ * ids, `$fleet/dropped` where permanently refused publishes go: hooks.ts), except `$SYS/...` when the broker
+ * publishes its `$SYS/broker/` tree (`sys`: ./sys.ts; hooks.ts forwards nothing else under `$SYS/`).
+ */
+export function checkDeviceSubscribeFilter(filter: string, sys = false): TopicCheck {
+  if (filter.startsWith("$") && !(sys && filter.startsWith("$SYS/")))
+    return { ok: false, reason: "topics starting with '$' are reserved" };
   return OK;
 }

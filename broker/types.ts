@@ -101,7 +101,10 @@ export interface BrokerAuth {
   authenticate?(client: ClientInfo, password: Uint8Array | null): Promise<boolean>;
   /** Optional per-client publish ACL; default allow (the device topic rules always apply first). */
   authorizePublishTopic?(client: ClientInfo, topic: string): boolean;
-  /** Optional per-client subscribe ACL; default allow (`$SYS` filters are always refused). */
+  /**
+   * Optional per-client subscribe ACL; default allow. `$` filters are refused before it is asked, except
+   * `$SYS/...` while the broker publishes its `$SYS/broker/` tree (`sysIntervalMs`).
+   */
   authorizeSubscribeTopic?(client: ClientInfo, filter: string): boolean;
   /**
    * When auth changes live: may a connected client that logged in with a username keep its
@@ -149,6 +152,13 @@ export interface BrokerOptions extends BrokerAuth {
    * clean = true CONNECT would end it (`[broker] session_expiry_days`). 0 or absent: sessions never expire.
    */
   readonly sessionExpiryMs?: number;
+  /**
+   * How often the `$SYS/broker/...` tree (./sys.ts: Mosquitto's names, counts only) is refreshed, ms
+   * (`[broker] sys_interval`). 0 or absent: no tree, and `$SYS` filters are refused as every `$` filter is.
+   */
+  readonly sysIntervalMs?: number;
+  /** `$SYS/broker/version`: the product and its version. */
+  readonly version?: string;
 }
 
 /** Counters since `start()`. */

@@ -21,7 +21,7 @@ import {
 import { canonicalJson } from "./hash.ts";
 import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
 import type { AgentTypeSpec, FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
-import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
+import { commitFaultFromEnv, SCHEMA_VERSION, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import {
   FloodRule,
   IntakePressure,
@@ -1157,6 +1157,8 @@ export class Gateway {
       maxConnections: spec.broker.max_connections,
       trustDup: spec.broker.trust_dup,
       sessionExpiryMs: spec.broker.session_expiry_days * 86_400_000,
+      sysIntervalMs: spec.broker.sys_interval * 1000,
+      version: productVersion(),
       // Anonymous policy + device credentials and topic ACLs from the devices file (re-read when it changes).
       ...this.initialAuth(spec),
       intake: (msg, client) => this.brokerIntake(msg, client),
@@ -1457,4 +1459,22 @@ export class Gateway {
       ?.setIntakeFilters(intakeFilters(sv.spec))
       .catch((err: unknown) => this.log.warn({ err }, "updating the broker subscriptions failed"));
   }
+}
+
+let version: string | null = null;
+/** `agent-fleets <package version> (schema <fleet.db schema>)`: what `$SYS/broker/version` says. */
+function productVersion(): string {
+  if (version === null) {
+    let pkg = "unknown";
+    try {
+      const parsed = JSON.parse(readFileSync(join(import.meta.dir, "..", "package.json"), "utf8")) as {
+        version?: unknown;
+      };
+      if (typeof parsed.version === "string") pkg = parsed.version;
+    } catch {
+      // a copy of the gateway without its package.json: the version stays "unknown"
+    }
+    version = `agent-fleets ${pkg} (schema ${SCHEMA_VERSION})`;
+  }
+  return version;
 }

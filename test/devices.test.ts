@@ -78,6 +78,17 @@ describe("ACL patterns", () => {
     expect(aclPatternProblem("")).toContain("empty");
     expect(aclPatternProblem("fleet/agents/+/%u/inbox")).toBeNull();
   });
+
+  test("a subscribe pattern may name the $SYS/broker/ tree; no other $ topic, and never to publish", () => {
+    expect(aclPatternProblem("$SYS/broker/#", "subscribe")).toBeNull();
+    expect(aclPatternProblem("$SYS/broker/clients/+", "subscribe")).toBeNull();
+    expect(aclPatternProblem("$SYS/#", "subscribe")).toContain("other than $SYS/broker/");
+    expect(aclPatternProblem("$fleet/dropped", "subscribe")).toContain("other than $SYS/broker/");
+    expect(aclPatternProblem("$SYS/broker/#", "publish")).toContain("must not start with $");
+    // A grant of the tree does not reach aedes' own events beside it.
+    expect(patternCoversFilter("$SYS/broker/#", "$SYS/#")).toBe(false);
+    expect(patternCoversFilter("$SYS/broker/#", "$SYS/broker/uptime")).toBe(true);
+  });
 });
 
 describe("secrets", () => {
@@ -138,6 +149,8 @@ describe("devices file", () => {
         'devices.b.client_id "a" is already the client id of device "a"',
       ],
       [`[other]\n`, "other is not a known key"],
+      [`[devices.a]\nsecret = ${h}\npublish = ["$SYS/broker/x"]\n`, "devices.a.publish[0] is not a valid ACL pattern"],
+      [`[devices.a]\nsecret = ${h}\nsubscribe = ["$SYS/#"]\n`, "other than $SYS/broker/"],
     ];
     for (const [text, message] of cases) {
       let err: unknown = null;
@@ -255,6 +268,34 @@ describe("device registry", () => {
     // On the gateway's thread the four hashes ran back to back: the longest gap was most of `took`.
     expect(worst).toBeLessThan(took / 3);
     expect(await reg.authenticate({ id: "dev-a", username: "dev-a" }, enc(a.secret))).toBe(true);
+  }, 30_000);
+
+  test("$SYS/broker/ is read by the devices the file grants it to, and by anonymous clients", async () => {
+    const file = join(dir, "sys.toml");
+    const ops = await addDevice(file, "ops-panel", { subscribe: ["$SYS/broker/#"] });
+    const plain = await addDevice(file, "dev-b", { subscribe: ["alerts/#"] });
+    const broker = await deviceBroker(new DeviceRegistry(file), { allowAnonymous: true, sysIntervalMs: 50 });
+    try {
+      const url = `mqtt://127.0.0.1:${broker.port}`;
+      const granted = async (opts: { clientId: string; username?: string; password?: string }) => {
+        const c = await connectAsync(url, { ...opts, reconnectPeriod: 0 });
+        const got = new Promise<string>((resolve) => c.once("message", (_t, p) => resolve(p.toString())));
+        const qos = await c.subscribeAsync("$SYS/broker/uptime", { qos: 0 }).then(
+          (g) => g[0]?.qos,
+          (e: { packet?: { granted?: number[] } }) => e.packet?.granted?.[0],
+        );
+        const uptime = qos === 0 ? await got : null;
+        await c.endAsync();
+        return { qos, uptime };
+      };
+      const seen = await granted({ clientId: "ops-panel", username: "ops-panel", password: ops.secret });
+      expect(seen.qos).toBe(0);
+      expect(seen.uptime).toMatch(/^\d+ seconds$/);
+      expect((await granted({ clientId: "dev-b", username: "dev-b", password: plain.secret })).qos).toBe(128);
+      expect((await granted({ clientId: "visitor" })).qos).toBe(0);
+    } finally {
+      await broker.close();
+    }
   }, 30_000);
 
   test("with anonymous clients allowed, an anonymous client cannot take a device's client id", async () => {

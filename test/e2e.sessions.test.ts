@@ -18,8 +18,8 @@ const OUT = "fleet/agents/counter/+/out";
 
 afterAll(() => cleanupAll(), 60_000);
 
-const toml = (name: string, persistence: "libsql" | "memory" = "libsql"): string =>
-  fleetHeader(name, { broker: `persistence = "${persistence}"` }) +
+const toml = (name: string, persistence: "libsql" | "memory" = "libsql", broker = ""): string =>
+  fleetHeader(name, { broker: `persistence = "${persistence}"\n${broker}` }) +
   agentType("counter", COUNTER, ["c/+/in"], { dedup: "id" });
 
 /** An mqtt.js client that connects on `.connect()`; resolves `sessionPresent` from its CONNACK. */
@@ -260,6 +260,41 @@ describe("durable broker sessions", () => {
         expect(await d2.sessionPresent).toBe(false);
       } finally {
         await d2.client.endAsync(true);
+      }
+      expect(await fleet.stop()).toBe(0);
+    },
+    E2E_TIMEOUT,
+  );
+
+  test(
+    "mosquitto_sub reads the gateway's $SYS/broker/ tree: its version, and an away session as disconnected",
+    async () => {
+      const fleet = new TestFleet(toml("sessions-sys", "libsql", "sys_interval = 1"));
+      await fleet.start();
+      const away = device(fleet, { clientId: "sess-away-device", clean: false });
+      await away.sessionPresent;
+      await away.client.subscribeAsync(OUT, { qos: 1 });
+      await away.client.endAsync();
+      const sys = spawnLines([
+        ...["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", String(fleet.mqttPort)],
+        ...["-i", "sys-reader", "-v", "-t", "$SYS/#"],
+      ]);
+      try {
+        await sys.until(
+          (lines) => lines.includes("$SYS/broker/clients/disconnected 1"),
+          30_000,
+          "the away session in $SYS/broker/clients/disconnected",
+        );
+        const { version } = (await Bun.file(join(import.meta.dir, "..", "package.json")).json()) as { version: string };
+        expect(sys.lines.filter((l) => l.startsWith("$SYS/broker/version "))).toEqual([
+          expect.stringMatching(new RegExp(`^\\$SYS/broker/version agent-fleets ${version} \\(schema \\d+\\)$`)),
+        ]);
+        expect(sys.lines.some((l) => /^\$SYS\/broker\/uptime \d+ seconds$/.test(l))).toBe(true);
+        // Counts only: aedes' own $SYS events, which name clients, are not forwarded.
+        expect(sys.lines.every((l) => l.startsWith("$SYS/broker/"))).toBe(true);
+        expect(sys.lines.some((l) => l.includes("sess-away-device") || l.includes("sys-reader"))).toBe(false);
+      } finally {
+        await sys.stop();
       }
       expect(await fleet.stop()).toBe(0);
     },

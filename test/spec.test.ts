@@ -116,6 +116,7 @@ describe("compileSpec", () => {
       max_offline_messages: 1000,
       max_offline_bytes: 0,
       session_expiry_days: 0,
+      sys_interval: 10,
       trust_dup: false,
       external: null,
     });
@@ -435,6 +436,13 @@ describe("schema errors name the key path", () => {
       "broker.max_offline_bytes",
       /Mosquitto: max_queued_bytes/,
     ],
+    [
+      "a $SYS interval with an external broker",
+      '[broker]\nurl = "mqtt://b"\nsys_interval = 10\n',
+      "broker.sys_interval",
+      /Mosquitto: sys_interval/,
+    ],
+    ["a negative $SYS interval", "[broker]\nsys_interval = -1\n", "broker.sys_interval", /non-negative integer/],
     [
       "trust_dup with an external broker",
       '[broker]\nurl = "mqtt://b"\ntrust_dup = false\n',

@@ -8,12 +8,18 @@
 import { matchTopic } from "../../broker/index.ts";
 import { isWellFormed } from "../parse.ts";
 
-/** Why an ACL pattern is unusable, or null when it is fine. */
-export function aclPatternProblem(pattern: string): string | null {
+/**
+ * Why an ACL pattern is unusable, or null when it is fine. A subscribe pattern may name the broker's
+ * `$SYS/broker/` tree (counts only: broker/sys.ts); every other `$` topic stays the broker's own.
+ */
+export function aclPatternProblem(pattern: string, use: "publish" | "subscribe" = "publish"): string | null {
   if (pattern.length === 0) return "must not be empty";
   if (pattern.includes("\u0000")) return "must not contain NUL";
   if (!isWellFormed(pattern)) return "must be valid Unicode (a lone surrogate is not: MQTT topics are UTF-8)";
-  if (pattern.startsWith("$")) return "must not start with $ ($SYS and broker-internal topics stay protected)";
+  if (pattern.startsWith("$") && !(use === "subscribe" && pattern.startsWith("$SYS/broker/")))
+    return use === "subscribe"
+      ? "must not start with $ other than $SYS/broker/ (broker-internal topics stay protected)"
+      : "must not start with $ ($SYS and broker-internal topics stay protected)";
   const bad = /%[^cu]|%$/.exec(pattern);
   if (bad)
     return `has an unknown substitution ${JSON.stringify(bad[0])} (use %c for the client id, %u for the username)`;

@@ -121,8 +121,12 @@ export async function addDevice(
       `client id ${JSON.stringify(opts.clientId)} must be A-Z a-z 0-9 _ . : @ - (no /, + or #)`,
     );
   }
-  for (const p of [...(opts.publish ?? []), ...(opts.subscribe ?? [])]) {
-    const problem = aclPatternProblem(p);
+  const uses: [string, "publish" | "subscribe"][] = [
+    ...(opts.publish ?? []).map((p): [string, "publish"] => [p, "publish"]),
+    ...(opts.subscribe ?? []).map((p): [string, "subscribe"] => [p, "subscribe"]),
+  ];
+  for (const [p, use] of uses) {
+    const problem = aclPatternProblem(p, use);
     if (problem !== null) throw new DevicesError(file, `ACL pattern ${JSON.stringify(p)}: ${problem}`);
   }
   const exists = () =>

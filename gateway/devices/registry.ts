@@ -61,12 +61,14 @@ export interface DevicesConfig {
 
 type Issue = { input?: unknown };
 const says = (m: string) => ({ error: (iss: Issue) => (iss.input === undefined ? "is required" : m) });
-const pattern = z.string(says("must be a string")).superRefine((p, ctx) => {
-  const problem = aclPatternProblem(p);
-  if (problem !== null)
-    ctx.addIssue({ code: "custom", message: `is not a valid ACL pattern (${JSON.stringify(p)}): ${problem}` });
-});
-const patterns = () => z.array(pattern, says("must be an array of topic patterns")).default([]);
+const pattern = (use: "publish" | "subscribe") =>
+  z.string(says("must be a string")).superRefine((p, ctx) => {
+    const problem = aclPatternProblem(p, use);
+    if (problem !== null)
+      ctx.addIssue({ code: "custom", message: `is not a valid ACL pattern (${JSON.stringify(p)}): ${problem}` });
+  });
+const patterns = (use: "publish" | "subscribe") =>
+  z.array(pattern(use), says("must be an array of topic patterns")).default([]);
 const idString = (what: string) =>
   z.string(says("must be a string")).regex(DEVICE_ID_RE, `must be a ${what} of A-Z a-z 0-9 _ . : @ - (no /, + or #)`);
 const deviceSchema = z.strictObject(
@@ -83,14 +85,16 @@ const deviceSchema = z.strictObject(
       })
       .optional(),
     client_id: idString("client id").optional(),
-    publish: patterns(),
-    subscribe: patterns(),
+    publish: patterns("publish"),
+    subscribe: patterns("subscribe"),
     created: z.union([z.string(), z.date()], says("must be a string or a date")).optional(),
   },
   says("must be a table"),
 );
 const fileSchema = z.strictObject({
-  defaults: z.strictObject({ publish: patterns(), subscribe: patterns() }, says("must be a table")).prefault({}),
+  defaults: z
+    .strictObject({ publish: patterns("publish"), subscribe: patterns("subscribe") }, says("must be a table"))
+    .prefault({}),
   devices: z.record(idString("device id"), deviceSchema, says("must be a table")).default({}),
 });
 

@@ -232,6 +232,7 @@ const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
     "bounds the embedded broker's session queues; an external broker bounds its own (Mosquitto: max_queued_bytes)",
   session_expiry_days:
     "is the embedded broker's: an external broker expires its own sessions (Mosquitto: persistent_client_expiration)",
+  sys_interval: "is the embedded broker's $SYS tree; an external broker publishes its own (Mosquitto: sys_interval)",
   trust_dup:
     "is about devices' own DUP flags, which only the embedded broker sees; through an external broker the " +
     "gateway gets that broker's",

@@ -106,6 +106,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "1 CONNECT would end it: its subscriptions, offline queue and QoS 2 state go (Mosquitto's " +
     "persistent_client_expiration). Time the gateway was stopped does not count. Fractions allowed; 0 or absent: " +
     "never. Embedded broker only (refused with url). Read at start.",
+  "broker.sys_interval":
+    "Seconds between refreshes of the $SYS/broker/ tree (Mosquitto's sys_interval and names: version, uptime, " +
+    "clients/connected, clients/disconnected, clients/total, clients/maximum, clients/expired, " +
+    "publish/messages/received, publish/messages/sent, publish/messages/dropped), retained, counts only (no client " +
+    "id). A client may subscribe to $SYS/... filters where the devices file's ACL grants them (anonymous clients: " +
+    "always). 0: no tree, and $SYS filters are refused (0x80). Read at start. Embedded broker only (refused with url).",
   "broker.devices":
     "Devices file (credentials and ACLs, see docs/devices.md); reloaded when it changes. A new path applies live.",
   "broker.tls_port": "MQTT over TLS (mqtts) port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",

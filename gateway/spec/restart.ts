@@ -28,6 +28,7 @@ const RESTART_KEYS = {
     "max_offline_bytes",
     "session_expiry_days",
     "trust_dup",
+    "sys_interval",
     // Embedded or external, and the external broker's url, login, client id and CA.
     "external",
   ],

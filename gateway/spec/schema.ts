@@ -242,6 +242,8 @@ export const fleetSchema = z.strictObject({
       .min(0, says("must be a number of days, 0 for never"))
       .optional(),
     trust_dup: bool(false),
+    /** Seconds between refreshes of the `$SYS/broker/` tree; 0: none (broker/sys.ts). */
+    sys_interval: nonNegInt(10),
     // External mode (docs/broker.md): the gateway is a client of an existing broker.
     url: str()
       .refine((u) => URL.canParse(u) && /^mqtts?:$/.test(new URL(u).protocol), 'must be an "mqtt://" or "mqtts://" URL')

@@ -196,6 +196,8 @@ export interface FleetSpec {
      * the gateway runs), as a clean = true CONNECT would; 0: never (the default).
      */
     readonly session_expiry_days: number;
+    /** Seconds between refreshes of the `$SYS/broker/` tree (Mosquitto's sys_interval); 0: no tree. */
+    readonly sys_interval: number;
     /**
      * Devices set DUP on every retransmission (MQTT-3.3.1-1): a QoS 1/2 message with DUP = 0 is
      * always new. False: one repeating a client id, packet id and payload is taken for a resend.

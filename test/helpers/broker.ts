@@ -20,7 +20,7 @@ export class BrokerKit {
   }
 
   /** An anonymous loopback broker whose intake takes everything, started. */
-  async start(opts: Pick<BrokerOptions, "persistence" | "sessionExpiryMs">): Promise<EmbeddedBroker> {
+  async start(opts: Partial<Omit<BrokerOptions, "logger" | "intake">>): Promise<EmbeddedBroker> {
     const broker = createEmbeddedBroker({
       host: "127.0.0.1",
       port: 0,

@@ -1,0 +1,232 @@
+/**
+ * The embedded broker's `$SYS/broker/` tree (`[broker] sys_interval`, Mosquitto's names): retained counts a
+ * client may read with `$SYS/...` filters, refreshed every interval, only what changed. No client id is in it:
+ * aedes' own `$SYS/<broker id>/...` events, which name clients, reach no one. Devices still cannot publish there.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { MqttClient } from "mqtt";
+import { createEmbeddedBroker, type EmbeddedBroker, SysTree, sysMessages, type SysSnapshot } from "../broker/index.ts";
+import pino from "pino";
+import { BrokerKit } from "./helpers/broker.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "broker-sys-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const kit = new BrokerKit();
+const INTERVAL_MS = 50;
+
+/** Every `$SYS` message a client gets, newest value per topic, and all of them in order. */
+async function watch(broker: EmbeddedBroker, filter: string, clientId = "watcher") {
+  const c = await kit.client(broker, { clientId });
+  const latest = new Map<string, string>();
+  const all: { topic: string; payload: string }[] = [];
+  c.on("message", (topic, payload) => {
+    latest.set(topic, payload.toString());
+    all.push({ topic, payload: payload.toString() });
+  });
+  // mqtt.js rejects a SUBACK that refuses (128), carrying the packet.
+  const granted = await c.subscribeAsync(filter, { qos: 0 }).then(
+    (grants) => grants[0]?.qos,
+    (err: { packet?: { granted?: number[] } }) => {
+      if (!err.packet?.granted) throw err;
+      return err.packet.granted[0];
+    },
+  );
+  return { c, latest, all, granted };
+}
+
+/** Wait until `ok` holds (a few refreshes at most), or fail naming `what`. */
+async function until(ok: () => boolean, what: string, ms = 5000): Promise<void> {
+  for (const end = Date.now() + ms; !ok(); await Bun.sleep(10))
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+}
+
+describe("the $SYS/broker/ tree", () => {
+  test("a client subscribed to $SYS/broker/# gets version, uptime and the client and publish counts", async () => {
+    const broker = await kit.start({ sysIntervalMs: INTERVAL_MS, version: "agent-fleets 9.9.9" });
+    const w = await watch(broker, "$SYS/broker/#");
+    expect(w.granted).toBe(0);
+    const pub = await kit.client(broker, { clientId: "device-1" });
+    for (let i = 0; i < 3; i++) await pub.publishAsync("sensors/a/t", `${i}`, { qos: 1 });
+    const sys = (k: string) => w.latest.get(`$SYS/broker/${k}`);
+    await until(() => sys("publish/messages/received") === "3" && sys("clients/connected") === "2", "the counts");
+    expect(sys("version")).toBe("agent-fleets 9.9.9");
+    expect(sys("uptime")).toMatch(/^\d+ seconds$/);
+    expect(sys("clients/maximum")).toBe("2");
+    expect(sys("clients/total")).toBe("2");
+    expect(sys("clients/disconnected")).toBe("0");
+    expect(sys("publish/messages/dropped")).toBe("0");
+    // The watcher's own $SYS deliveries count as sent.
+    expect(Number(sys("publish/messages/sent"))).toBeGreaterThan(0);
+  });
+
+  test("a persistent session whose client is away counts as disconnected, and in the total", async () => {
+    const broker = await kit.start({ sysIntervalMs: INTERVAL_MS });
+    const w = await watch(broker, "$SYS/broker/clients/+");
+    const away = await kit.client(broker, { clientId: "away", clean: false });
+    await away.subscribeAsync("out/#", { qos: 1 });
+    await away.endAsync();
+    const sys = (k: string) => w.latest.get(`$SYS/broker/clients/${k}`);
+    await until(() => sys("disconnected") === "1" && sys("connected") === "1", "the away session to count");
+    expect(sys("total")).toBe("2");
+    expect(sys("maximum")).toBe("2");
+  });
+
+  test("$SYS/# shows the counts only: aedes' own events, which name clients, reach no one", async () => {
+    const broker = await kit.start({ sysIntervalMs: INTERVAL_MS });
+    const w = await watch(broker, "$SYS/#");
+    expect(w.granted).toBe(0);
+    const other = await kit.client(broker, { clientId: "secret-device-id" });
+    await other.subscribeAsync("a/b", { qos: 0 });
+    await other.endAsync();
+    await until(() => w.latest.get("$SYS/broker/clients/connected") === "1" && w.all.length > 12, "refreshes");
+    await Bun.sleep(4 * INTERVAL_MS);
+    expect(w.all.every((m) => m.topic.startsWith("$SYS/broker/"))).toBe(true);
+    expect(w.all.some((m) => m.payload.includes("secret-device-id"))).toBe(false);
+  });
+
+  test("each refresh publishes only what changed", async () => {
+    const broker = await kit.start({ sysIntervalMs: 1000 });
+    const w = await watch(broker, "$SYS/broker/#");
+    await until(() => w.latest.has("$SYS/broker/uptime"), "the retained tree");
+    const before = w.all.length;
+    // The next refresh: uptime moved, the watcher made connected and maximum 1 and sent grew; the rest stayed.
+    await until(() => w.all.length > before, "a refresh", 3000);
+    await Bun.sleep(200);
+    const changed = new Set(w.all.slice(before).map((m) => m.topic.slice("$SYS/broker/".length)));
+    expect(changed.has("version")).toBe(false);
+    expect(changed.has("publish/messages/received")).toBe(false);
+    expect(changed.has("uptime")).toBe(true);
+  });
+
+  test("a client cannot publish into the tree: the next reader still sees the broker's values", async () => {
+    const broker = await kit.start({ sysIntervalMs: INTERVAL_MS, version: "agent-fleets 1" });
+    const forger = await kit.client(broker, { clientId: "forger" });
+    await forger.publishAsync("$SYS/broker/version", "forged", { qos: 1, retain: true });
+    expect(broker.stats().dropped).toBe(1);
+    const w = await watch(broker, "$SYS/broker/version");
+    await until(() => w.latest.has("$SYS/broker/version"), "the retained version");
+    expect(w.all.map((m) => m.payload)).toEqual(["agent-fleets 1"]);
+  });
+
+  test("other $ filters stay refused (0x80) while the tree is on", async () => {
+    const broker = await kit.start({ sysIntervalMs: INTERVAL_MS });
+    expect((await watch(broker, "$fleet/#")).granted).toBe(128);
+  });
+
+  test("the ACL decides $SYS filters as any other: a device it does not grant gets 0x80", async () => {
+    const broker = await kit.start({
+      sysIntervalMs: INTERVAL_MS,
+      authorizeSubscribeTopic: (_client, filter) => !filter.startsWith("$SYS/"),
+    });
+    const w = await watch(broker, "$SYS/broker/#");
+    expect(w.granted).toBe(128);
+    expect(w.c.connected).toBe(true);
+  });
+
+  test("with the tree off, a $SYS filter is refused (0x80) and the connection stays", async () => {
+    const broker = await kit.start({ sysIntervalMs: 0 });
+    const w = await watch(broker, "$SYS/#");
+    expect(w.granted).toBe(128);
+    await Bun.sleep(100);
+    expect(w.all).toEqual([]);
+    expect(w.c.connected).toBe(true);
+  });
+
+  test("libsql persistence: a restart replaces the tree an earlier run retained before anyone reads it", async () => {
+    const path = join(dir, "restart.db");
+    const persistence = { kind: "libsql", path, synchronous: "full", maxOfflineMessages: 1000 } as const;
+    const first = createEmbeddedBroker({
+      host: "127.0.0.1",
+      port: 0,
+      maxPacketBytes: 65536,
+      allowAnonymous: true,
+      logger: pino({ level: "silent" }),
+      intake: async () => ({ ok: true }),
+      persistence,
+      sysIntervalMs: INTERVAL_MS,
+      version: "release 1",
+    });
+    await first.start();
+    await Bun.sleep(2 * INTERVAL_MS);
+    await first.close();
+    const second = await kit.start({ persistence, sysIntervalMs: 60_000, version: "release 2" });
+    const w: { c: MqttClient; all: { payload: string }[] } = await watch(second, "$SYS/broker/version");
+    await until(() => w.all.length > 0, "the retained version");
+    await Bun.sleep(100);
+    // The retained copy, and the live one too when the subscription came before it was delivered: never release 1.
+    expect(new Set(w.all.map((m) => m.payload))).toEqual(new Set(["release 2"]));
+  });
+
+  test("mosquitto_sub reads it as it reads Mosquitto's", async () => {
+    const broker = await kit.start({ sysIntervalMs: INTERVAL_MS, version: "agent-fleets 9.9.9" });
+    const sub = Bun.spawn(
+      ["mosquitto_sub", "-h", "127.0.0.1", "-p", String(broker.port), "-v", "-C", "1", "-W", "10"].concat([
+        "-t",
+        "$SYS/broker/version",
+      ]),
+      { env: {}, stdout: "pipe", stderr: "pipe" },
+    );
+    kit.defer(() => sub.kill());
+    expect(await sub.exited).toBe(0);
+    expect((await new Response(sub.stdout).text()).trim()).toBe("$SYS/broker/version agent-fleets 9.9.9");
+  });
+});
+
+describe("SysTree", () => {
+  const base: SysSnapshot = {
+    version: "v",
+    uptimeSeconds: 1.9,
+    connected: 2,
+    maximum: 1,
+    disconnected: 3,
+    received: 10,
+    sent: 4,
+    dropped: 0,
+    sessionsExpired: 1,
+  };
+
+  test("the messages use Mosquitto's names; whole numbers, the maximum never below the connected", () => {
+    expect(Object.fromEntries(sysMessages(base))).toEqual({
+      "$SYS/broker/version": "v",
+      "$SYS/broker/uptime": "1 seconds",
+      "$SYS/broker/clients/connected": "2",
+      "$SYS/broker/clients/disconnected": "3",
+      "$SYS/broker/clients/total": "5",
+      "$SYS/broker/clients/expired": "1",
+      "$SYS/broker/clients/maximum": "2",
+      "$SYS/broker/publish/messages/received": "10",
+      "$SYS/broker/publish/messages/sent": "4",
+      "$SYS/broker/publish/messages/dropped": "0",
+    });
+  });
+
+  test("refresh publishes the whole tree first, then what changed", () => {
+    let now = base;
+    const sent: string[] = [];
+    const tree = new SysTree(
+      1000,
+      () => now,
+      (topic) => sent.push(topic),
+    );
+    expect(tree.refresh()).toBe(10);
+    expect(tree.refresh()).toBe(0);
+    now = { ...base, uptimeSeconds: 5, received: 11 };
+    sent.length = 0;
+    expect(tree.refresh()).toBe(2);
+    expect(sent).toEqual(["$SYS/broker/uptime", "$SYS/broker/publish/messages/received"]);
+  });
+
+  test("an interval that is not positive is refused", () => {
+    expect(
+      () =>
+        new SysTree(
+          0,
+          () => base,
+          () => undefined,
+        ),
+    ).toThrow(/must be > 0/);
+  });
+});
