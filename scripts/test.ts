@@ -11,12 +11,13 @@
  * idles. The `--jobs` workers take waiting files too once nothing else is left.
  *
  *   bun scripts/test.ts [--jobs N] [--waiting-jobs N] [--update-durations] [bun test options, e.g. --timeout 60000]
+ *                       [FILE ...]
  *
- * Options it does not know go to every `bun test`. `--glob` and `--durations` pick other files
- * (the runner's own test runs it on fixtures); `--file-timeout` (seconds, default 1200) kills a
- * file's process that never exits. Each file's `bun test` leads a process group of its own: at the
- * timeout the whole group is killed, and processes a file leaves running when it ends (a gateway a
- * test did not stop) are killed then, and named in its output. Every `--progress` seconds (default
+ * FILEs (paths that match `--glob`) run only those files. Options it does not know go to every `bun test`.
+ * `--glob` and `--durations` pick other files (the runner's own test runs it on fixtures); `--file-timeout`
+ * (seconds, default 1200) kills a file's process that never exits. Each file's `bun test` leads a process
+ * group of its own: at the timeout the whole group is killed, and processes a file leaves running when it
+ * ends (a gateway a test did not stop) are killed then, and named in its output. Every `--progress` seconds (default
  * 120) the runner names the files that have been running longer than that.
  *
  * A file's output is printed whole when it ends, so the log reads as bun's own does, followed by a
@@ -92,6 +93,18 @@ if (!(fileLimitMs > 0)) usage(`--file-timeout must be a number of seconds above 
 const progressMs = Number(values.progress) * 1000;
 if (!(progressMs > 0)) usage(`--progress must be a number of seconds above 0, not ${values.progress}`);
 const glob = String(values.glob);
+/**
+ * The files named on the command line: arguments that are paths matching the glob. (Without this they went to
+ * every `bun test` beside its own file: each worker ran them all.)
+ */
+const chosen = new Set<string>();
+for (let i = bunTestArgs.length - 1; i >= 0; i--) {
+  const arg = bunTestArgs[i]!;
+  const path = relative(ROOT, resolve(arg));
+  if (arg.startsWith("-") || !new Bun.Glob(glob).match(path)) continue;
+  chosen.add(path);
+  bunTestArgs.splice(i, 1);
+}
 const DURATIONS = resolve(ROOT, String(values.durations));
 
 /** What one file's `bun test` reported. */
@@ -208,7 +221,10 @@ function waits(r: Recorded | undefined): boolean {
 
 /** Every test file, longest first by the durations an earlier run recorded. */
 async function testFiles(known: Record<string, Recorded>): Promise<string[]> {
-  const files = [...new Bun.Glob(glob).scanSync({ cwd: ROOT })].sort();
+  const all = [...new Bun.Glob(glob).scanSync({ cwd: ROOT })].sort();
+  const missing = [...chosen].filter((f) => !all.includes(f));
+  if (missing.length > 0) usage(`no such test file: ${missing.join(", ")}`);
+  const files = chosen.size > 0 ? all.filter((f) => chosen.has(f)) : all;
   const seconds = (f: string) => {
     const r = known[f];
     return r === undefined ? UNKNOWN_SECONDS : typeof r === "number" ? r : r.seconds;

@@ -74,6 +74,19 @@ describe("the test runner (scripts/test.ts)", () => {
     expect(failed).not.toContain("passes.check.ts");
   }, 30_000);
 
+  test("files named on the command line run alone, once each; a name the glob does not find is refused", async () => {
+    const glob = `${FIXTURES}/{passes,fails}.check.ts`;
+    const { code, out } = await runner(glob, ["--jobs", "2", `./${FIXTURES}/passes.check.ts`]);
+    expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 0 });
+    expect(code).toBe(0);
+    expect(out).toContain("1 test files");
+    expect(out).not.toContain("fails.check.ts");
+    // A path the glob's pattern takes (a typo of a test file) but no file has: refused, nothing run.
+    const missing = await runner(`${FIXTURES}/*.check.ts`, [`${FIXTURES}/nowhere.check.ts`]);
+    expect(missing.code).toBe(2);
+    expect(missing.out).toContain(`no such test file: ${FIXTURES}/nowhere.check.ts`);
+  }, 30_000);
+
   test("a file whose process ends without bun's summary counts as a failure, said so", async () => {
     const { code, out } = await runner(`${FIXTURES}/{passes,crashes}.check.ts`);
     expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 1 });
