@@ -185,7 +185,7 @@ class AedesBroker implements EmbeddedBroker {
     if (this.lifecycle !== "new") throw new Error(`cannot start a broker that is ${this.lifecycle}`);
     this.lifecycle = "starting";
     await this.aedes.listen();
-    // Before any client can subscribe: a retained tree an earlier run left in broker.db is replaced first.
+    // Before the listeners open: the first client to subscribe finds the whole tree retained.
     this.startedAt = Date.now();
     this.sys?.start();
     this.boundPort = await this.tcp.listen(this.opts.host, this.opts.port);

@@ -112,6 +112,12 @@ export class LibsqlPersistence implements SessionExpiry {
   private readonly retainedWrites = new WeakMap<object, Promise<unknown>>();
   /** Retained messages stored while a new subscription's read of them is under way. */
   private readonly retainedReads = new RetainedReads();
+  /**
+   * Retained `$SYS/...` messages (the broker's `$SYS/broker/` tree, ../sys.ts), kept in memory as Mosquitto keeps
+   * them: refreshed every few seconds and rebuilt at each start, they would be a write to broker.db (on an edge
+   * box, its flash) every refresh for nothing a restart needs.
+   */
+  private readonly sysRetained = new Map<string, StoredPacket>();
 
   constructor(private readonly opts: LibsqlPersistenceOptions) {
     this.outgoing = new OutgoingQueues({
@@ -226,6 +232,11 @@ export class LibsqlPersistence implements SessionExpiry {
     const topic = String(packet.topic);
     this.retainedReads.stored(topic);
     const payload = packet.payload as { length: number } | undefined;
+    if (topic.startsWith("$SYS/")) {
+      if (!payload || payload.length === 0) this.sysRetained.delete(topic);
+      else this.sysRetained.set(topic, { ...packet });
+      return;
+    }
     const statement =
       !payload || payload.length === 0
         ? { sql: "DELETE FROM retained WHERE topic = ?", args: [topic] }
@@ -274,6 +285,11 @@ export class LibsqlPersistence implements SessionExpiry {
   }
 
   private async *retainedMatching(pattern: string): AsyncGenerator<StoredPacket> {
+    if (pattern.startsWith("$SYS/")) {
+      for (const [topic, packet] of [...this.sysRetained].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))
+        if (matchTopic(pattern, topic)) yield packet;
+      return;
+    }
     // Scan only the topics sharing the pattern's literal prefix, in pages.
     const levels = pattern.split("/");
     const wild = levels.findIndex((l) => l === "+" || l === "#");
