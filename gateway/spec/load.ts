@@ -212,14 +212,15 @@ function fleetShard(raw: RawFleet, external: ExternalBrokerSpec | null, problems
  * is also a listener's, but every fleet.toml has written it and it promises nothing an external
  * broker breaks; it stays accepted and unread.)
  */
+const LISTENER = "is a listener of the embedded broker; with url the gateway runs none";
 const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
-  mqtt_port: "is a listener of the embedded broker; with url the gateway runs none",
-  ws_port: "is a listener of the embedded broker; with url the gateway runs none",
-  tls_port: "is a listener of the embedded broker; with url the gateway runs none",
-  wss_port: "is a listener of the embedded broker; with url the gateway runs none",
-  tls_cert: "is a listener of the embedded broker; with url the gateway runs none",
-  tls_key: "is a listener of the embedded broker; with url the gateway runs none",
-  tls_ca: "is a listener of the embedded broker; with url the gateway runs none",
+  mqtt_port: LISTENER,
+  ws_port: LISTENER,
+  tls_port: LISTENER,
+  wss_port: LISTENER,
+  tls_cert: LISTENER,
+  tls_key: LISTENER,
+  tls_ca: LISTENER,
   allow_anonymous_network: "is about the embedded broker's listener; with url the gateway runs none",
   max_connections:
     "limits the embedded broker's connections; an external broker sets its own (Mosquitto: max_connections)",
