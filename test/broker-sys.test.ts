@@ -9,8 +9,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { createEmbeddedBroker, type EmbeddedBroker, SysTree, sysMessages, type SysSnapshot } from "../broker/index.ts";
-import pino from "pino";
+import { type EmbeddedBroker, SysTree, sysMessages, type SysSnapshot } from "../broker/index.ts";
 import { BrokerKit } from "./helpers/broker.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "broker-sys-"));
@@ -142,18 +141,7 @@ describe("the $SYS/broker/ tree", () => {
   test("libsql persistence: the tree stays out of broker.db, and a restart shows only this run's", async () => {
     const path = join(dir, "restart.db");
     const persistence = { kind: "libsql", path, synchronous: "full", maxOfflineMessages: 1000 } as const;
-    const first = createEmbeddedBroker({
-      host: "127.0.0.1",
-      port: 0,
-      maxPacketBytes: 65536,
-      allowAnonymous: true,
-      logger: pino({ level: "silent" }),
-      intake: async () => ({ ok: true }),
-      persistence,
-      sysIntervalMs: INTERVAL_MS,
-      version: "release 1",
-    });
-    await first.start();
+    const first = await kit.start({ persistence, sysIntervalMs: INTERVAL_MS, version: "release 1" });
     await Bun.sleep(2 * INTERVAL_MS);
     await first.close();
     // Retained in memory, as Mosquitto keeps $SYS: a refresh is no write to the box's flash.
