@@ -98,10 +98,11 @@ const glob = String(values.glob);
  * every `bun test` beside its own file: each worker ran them all.)
  */
 const chosen = new Set<string>();
+const testFile = new Bun.Glob(glob);
 for (let i = bunTestArgs.length - 1; i >= 0; i--) {
   const arg = bunTestArgs[i]!;
   const path = relative(ROOT, resolve(arg));
-  if (arg.startsWith("-") || !new Bun.Glob(glob).match(path)) continue;
+  if (arg.startsWith("-") || !testFile.match(path)) continue;
   chosen.add(path);
   bunTestArgs.splice(i, 1);
 }
@@ -221,7 +222,7 @@ function waits(r: Recorded | undefined): boolean {
 
 /** Every test file, longest first by the durations an earlier run recorded. */
 async function testFiles(known: Record<string, Recorded>): Promise<string[]> {
-  const all = [...new Bun.Glob(glob).scanSync({ cwd: ROOT })].sort();
+  const all = [...testFile.scanSync({ cwd: ROOT })].sort();
   const missing = [...chosen].filter((f) => !all.includes(f));
   if (missing.length > 0) usage(`no such test file: ${missing.join(", ")}`);
   const files = chosen.size > 0 ? all.filter((f) => chosen.has(f)) : all;

@@ -121,14 +121,11 @@ export async function addDevice(
       `client id ${JSON.stringify(opts.clientId)} must be A-Z a-z 0-9 _ . : @ - (no /, + or #)`,
     );
   }
-  const uses: [string, "publish" | "subscribe"][] = [
-    ...(opts.publish ?? []).map((p): [string, "publish"] => [p, "publish"]),
-    ...(opts.subscribe ?? []).map((p): [string, "subscribe"] => [p, "subscribe"]),
-  ];
-  for (const [p, use] of uses) {
-    const problem = aclPatternProblem(p, use);
-    if (problem !== null) throw new DevicesError(file, `ACL pattern ${JSON.stringify(p)}: ${problem}`);
-  }
+  for (const use of ["publish", "subscribe"] as const)
+    for (const p of opts[use] ?? []) {
+      const problem = aclPatternProblem(p, use);
+      if (problem !== null) throw new DevicesError(file, `ACL pattern ${JSON.stringify(p)}: ${problem}`);
+    }
   const exists = () =>
     new DevicesError(file, `device "${id}" already exists ("fleet device rekey ${id}" issues it a new secret)`);
   if (compileDevices(readText(file) ?? HEADER, file).devices.has(id)) throw exists(); // before the slow hashing
