@@ -80,6 +80,7 @@ class AedesBroker implements EmbeddedBroker {
     }
     this.log = opts.logger.child({ component: "broker" });
     this.maxConnections = opts.maxConnections ?? 0;
+    this.persistence = persistenceFor(opts.persistence, this.log);
     this.state = {
       intakeOpen: true,
       messagesIn: 0,
@@ -98,8 +99,8 @@ class AedesBroker implements EmbeddedBroker {
       hosts: new WeakMap(),
       usernames: new WeakMap(),
       publishFirst: null,
+      retained: this.persistence.retained,
     };
-    this.persistence = persistenceFor(opts.persistence, this.log);
     this.aedes = new Aedes({
       ...createHooks(opts, this.state, this.log),
       drainTimeout: DRAIN_TIMEOUT_MS,

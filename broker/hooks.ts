@@ -5,7 +5,7 @@
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";
 import type { Logger } from "pino";
 import { dedupeExactly } from "./deliveries.ts";
-import { isSessionMark } from "./persistence/index.ts";
+import { isSessionMark, type RetainedOrder } from "./persistence/index.ts";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
 import { SYS_PREFIX } from "./sys.ts";
 import {
@@ -56,6 +56,8 @@ export interface HookState {
    * a `kill -9` right after the ack cannot lose what the ack promised. Null: aedes' own order.
    */
   publishFirst: ((packet: PublishPacket, client: Client) => Promise<void>) | null;
+  /** Drops a retained copy a new subscription would get after a newer message of its topic went live. */
+  readonly retained: Pick<RetainedOrder, "mayForward">;
 }
 
 /** Why a device publish was refused; aedes emits it as `clientError` and drops the connection. */
@@ -354,6 +356,8 @@ export function createHooks(
     // emptyQueue: a refused queued message is removed), is checked against the subscribe rights in
     // force now: a queue filled before a right was revoked must not leak on reconnect.
     authorizeForward(client, packet) {
+      // First: it looks at each retained copy once, whatever comes of it below.
+      if (packet.retain && !state.retained.mayForward(packet)) return null;
       // aedes' own `$SYS/<broker id>/...` events name clients: only the counts of ./sys.ts go out.
       if (packet.topic.startsWith("$SYS/") && !packet.topic.startsWith(SYS_PREFIX)) return null;
       const auth = state.auth;

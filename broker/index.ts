@@ -44,6 +44,7 @@ export {
   type LibsqlPersistenceOptions,
   memoryPersistence,
   persistenceFor,
+  RetainedOrder,
   type MemoryPersistence,
   type PersistenceChoice,
   type PersistenceStats,

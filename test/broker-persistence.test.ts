@@ -11,7 +11,7 @@ import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
-import { LibsqlPersistence, memoryPersistence, persistenceFor } from "../broker/index.ts";
+import { LibsqlPersistence, memoryPersistence, persistenceFor, RetainedOrder } from "../broker/index.ts";
 
 type Assert = Record<string, (...args: unknown[]) => void>;
 interface TestContext {
@@ -290,3 +290,64 @@ for (const kind of ["libsql", "memory"] as const) {
     });
   });
 }
+
+describe("RetainedOrder: retained copies older than a message of their topic sent live", () => {
+  const copies = async (order: RetainedOrder, packets: { topic: string; payload: string }[]) => {
+    const out: { topic: string; payload: Buffer; retain: boolean }[] = [];
+    const source = (async function* () {
+      for (const p of packets) yield { ...p, payload: Buffer.from(p.payload), cmd: "publish", qos: 0, retain: true };
+    })();
+    for await (const c of order.stream(source)) out.push(c);
+    return out;
+  };
+
+  test("a copy whose topic was stored after its read began is dropped; the others and live packets go", async () => {
+    const order = new RetainedOrder();
+    order.stored("a");
+    const read = copies(order, [
+      { topic: "a", payload: "old a" },
+      { topic: "b", payload: "old b" },
+    ]);
+    order.stored("b");
+    const [a, b] = await read;
+    expect(order.mayForward(a!)).toBe(true);
+    expect(order.mayForward(b!)).toBe(false);
+    // Not a copy a read yielded: a live message, whatever its payload.
+    expect(order.mayForward({ payload: Buffer.from("old b") })).toBe(true);
+    expect(order.mayForward({})).toBe(true);
+  });
+
+  test("each copy is its own payload object, the same bytes; looked at once, then it is any packet", async () => {
+    const order = new RetainedOrder();
+    const [a] = await copies(order, [{ topic: "a", payload: "v" }]);
+    order.stored("a");
+    expect(a!.payload.toString()).toBe("v");
+    expect(order.mayForward(a!)).toBe(false);
+    expect(order.mayForward(a!)).toBe(true);
+  });
+
+  test("stores are remembered only while a read or a copy is pending", async () => {
+    const order = new RetainedOrder();
+    order.stored("before");
+    expect(order.remembered).toBe(0);
+    const [a, b] = await copies(order, [
+      { topic: "a", payload: "1" },
+      { topic: "b", payload: "2" },
+    ]);
+    order.stored("a");
+    expect(order.remembered).toBe(1);
+    order.mayForward(a!);
+    expect(order.remembered).toBe(1);
+    order.mayForward(b!);
+    expect(order.remembered).toBe(0);
+  });
+
+  test("copies never looked at (a stream torn down) stop holding the stores after the abandon delay", async () => {
+    const order = new RetainedOrder(20);
+    await copies(order, [{ topic: "a", payload: "1" }]);
+    order.stored("a");
+    expect(order.remembered).toBe(1);
+    await Bun.sleep(60);
+    expect(order.remembered).toBe(0);
+  });
+});

@@ -676,6 +676,40 @@ describe("a new subscription and a retained message published right after its SU
   }
 });
 
+describe("retained copies streaming to a new subscription while their topic is published again", () => {
+  for (const kind of ["libsql", "memory"] as const) {
+    test(`${kind}: the subscriber never sees the value go back: its last is the newest`, async () => {
+      const broker = await startWith(
+        kind === "memory"
+          ? { kind, maxOfflineMessages: 100 }
+          : { kind, path: join(dir, `b${n++}.db`), synchronous: "full", maxOfflineMessages: 100 },
+      );
+      const device = await client(broker, { clientId: `streaming-pub-${kind}` });
+      // aedes streams a subscription's retained copies about one per loop turn: the last topic's copy goes
+      // out several turns after the read, while the device publishes that topic again and again.
+      for (let t = 0; t < 10; t++) await device.publishAsync(`level/t${t}`, "0", { qos: 1, retain: true });
+      let last = 0;
+      let publishing = true;
+      const publishes = (async () => {
+        while (publishing) await device.publishAsync("level/t9", String(++last), { qos: 1, retain: true });
+      })();
+      const seen: number[][] = [];
+      for (let i = 0; i < 12; i++) {
+        const sub = await client(broker, { clientId: `streaming-${kind}-${i}` });
+        const values: number[] = [];
+        sub.on("message", (topic, p) => topic === "level/t9" && values.push(Number(p.toString())));
+        await sub.subscribeAsync("level/#", { qos: 0 });
+        seen.push(values);
+        await Bun.sleep(3);
+      }
+      publishing = false;
+      await publishes;
+      await until(() => seen.every((values) => values.at(-1) === last));
+      for (const values of seen) expect(values).toEqual(values.toSorted((a, b) => a - b));
+    });
+  }
+});
+
 describe("retained messages a clean = false session's new subscription gets", () => {
   for (const kind of ["libsql", "memory"] as const) {
     test(`${kind}: a retained QoS 2 message completes its flow; a lost PUBREL comes again`, async () => {

@@ -62,6 +62,34 @@ describe("the $SYS/broker/ tree", () => {
     expect(Number(sys("publish/messages/sent"))).toBeGreaterThan(0);
   });
 
+  test("a subscriber never sees a count go back: the retained copy cannot land after a newer refresh", async () => {
+    const broker = await kit.start({ sysIntervalMs: 5 });
+    const pub = await kit.client(broker, { clientId: "device-1" });
+    let publishing = true;
+    const publishes = (async () => {
+      for (let i = 0; publishing; i++) {
+        await pub.publishAsync("sensors/a/t", `${i}`, { qos: 1 });
+        await Bun.sleep(1);
+      }
+    })();
+    // Each new subscription's retained copies stream out over several loop turns while refreshes go on.
+    const watchers: Awaited<ReturnType<typeof watch>>[] = [];
+    for (let i = 0; i < 12; i++) {
+      watchers.push(await watch(broker, "$SYS/broker/#", `watcher-${i}`));
+      await Bun.sleep(7);
+    }
+    publishing = false;
+    await publishes;
+    const final = String(broker.stats().messagesIn);
+    const counts = (w: (typeof watchers)[number]) =>
+      w.all.filter((m) => m.topic === "$SYS/broker/publish/messages/received").map((m) => Number(m.payload));
+    await until(() => watchers.every((w) => String(counts(w).at(-1)) === final), "every watcher to see the last count");
+    for (const w of watchers) {
+      const seen = counts(w);
+      expect(seen).toEqual(seen.toSorted((a, b) => a - b));
+    }
+  });
+
   test("a persistent session whose client is away counts as disconnected, and in the total", async () => {
     const broker = await kit.start({ sysIntervalMs: INTERVAL_MS });
     const w = await watch(broker, "$SYS/broker/clients/+");

@@ -2,6 +2,7 @@
 import type { Logger } from "pino";
 import { LibsqlPersistence, type PersistenceStats } from "./libsql.ts";
 import { memoryPersistence } from "./memory.ts";
+import type { RetainedOrder } from "./retained-order.ts";
 import type { SessionExpiry } from "./sessions.ts";
 
 /**
@@ -31,6 +32,8 @@ export interface BrokerPersistence {
   readonly aedes: object;
   /** Its clean = false sessions' ages: `[broker] session_expiry_days`. */
   readonly sessions: SessionExpiry;
+  /** Drops a retained copy older than a message of its topic already sent live (./retained-order.ts). */
+  readonly retained: RetainedOrder;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -58,5 +61,11 @@ export function persistenceFor(choice: PersistenceChoice | undefined, logger: Lo
     maxOfflineBytes: choice.maxOfflineBytes,
     logger,
   });
-  return { aedes: libsql, sessions: libsql, stats: () => libsql.stats(), destroy: () => libsql.destroy() };
+  return {
+    aedes: libsql,
+    sessions: libsql,
+    retained: libsql.retained,
+    stats: () => libsql.stats(),
+    destroy: () => libsql.destroy(),
+  };
 }

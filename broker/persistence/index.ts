@@ -16,3 +16,4 @@ export { SerialWriter, type BatchRunner } from "./writer.ts";
 export { persistenceFor, type BrokerPersistence, type PersistenceChoice } from "./choice.ts";
 export { memoryPersistence, type MemoryPersistence } from "./memory.ts";
 export { isSessionMark } from "./sessions.ts";
+export { RetainedOrder } from "./retained-order.ts";

@@ -26,7 +26,7 @@ import {
   type StoredPacket,
 } from "./codec.ts";
 import { type ClientRef, num, OutgoingQueues, payloadBytes, type QueueEntry } from "./outgoing.ts";
-import { RetainedReads } from "./retained-reads.ts";
+import { RetainedOrder } from "./retained-order.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { restoredSubscriptions, SessionAges, type SessionExpiry } from "./sessions.ts";
 import { DbThread, TooNewOnThread } from "./thread.ts";
@@ -110,8 +110,8 @@ export class LibsqlPersistence implements SessionExpiry {
   private readonly incomingClients = new Set<string>();
   /** Retained writes of QoS > 0 packets, awaited by the same packet's `outgoingEnqueueCombi`. */
   private readonly retainedWrites = new WeakMap<object, Promise<unknown>>();
-  /** Retained messages stored while a new subscription's read of them is under way. */
-  private readonly retainedReads = new RetainedReads();
+  /** Which retained copies sent to a new subscription are older than a message of their topic sent live. */
+  readonly retained = new RetainedOrder();
   /**
    * Retained `$SYS/...` messages (the broker's `$SYS/broker/` tree, ../sys.ts), kept in memory as Mosquitto keeps
    * them: refreshed every few seconds and rebuilt at each start, they would be a write to broker.db (on an edge
@@ -230,7 +230,7 @@ export class LibsqlPersistence implements SessionExpiry {
   /** Store (or, with an empty payload, delete) the retained message of `packet.topic`. */
   async storeRetained(packet: StoredPacket): Promise<void> {
     const topic = String(packet.topic);
-    this.retainedReads.stored(topic);
+    this.retained.stored(topic);
     const payload = packet.payload as { length: number } | undefined;
     if (topic.startsWith("$SYS/")) {
       if (!payload || payload.length === 0) this.sysRetained.delete(topic);
@@ -257,24 +257,14 @@ export class LibsqlPersistence implements SessionExpiry {
   }
 
   /**
-   * Retained messages matching any of `patterns` (a pattern's matches in topic order), as they were when
-   * it was called: one stored since went to the new subscription live (`RetainedReads`).
+   * Retained messages matching any of `patterns` (a pattern's matches in topic order), stamped by
+   * `retained` (./retained-order.ts): one whose topic is stored again before it goes out is dropped then.
    */
   createRetainedStreamCombi(patterns: readonly string[]): Readable {
     const self = this;
-    const read = this.retainedReads.begin();
-    return Readable.from(
+    return this.retained.stream(
       (async function* () {
-        try {
-          for (const p of patterns) {
-            for await (const packet of self.retainedMatching(p)) {
-              // A topic stored since the read began had its newer message go out live: that one is the copy.
-              if (!read.storedSince(String(packet.topic))) yield packet;
-            }
-          }
-        } finally {
-          read.end();
-        }
+        for (const p of patterns) yield* self.retainedMatching(p);
       })(),
     );
   }

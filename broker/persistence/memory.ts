@@ -14,6 +14,7 @@ import type { Logger } from "pino";
 import { type QueuedFor, queuedPerClient, queuedRetained, type StoredPacket } from "./codec.ts";
 import type { PersistenceStats, StoredSubscription } from "./libsql.ts";
 import { type ClientRef, num, OutgoingQueues, payloadBytes } from "./outgoing.ts";
+import { RetainedOrder } from "./retained-order.ts";
 import { restoredSubscriptions, SessionAges, type SessionExpiry } from "./sessions.ts";
 
 /** What the in-memory persistence is given. */
@@ -34,6 +35,7 @@ export interface MemoryPersistence {
   /** What to hand aedes as its `persistence`. */
   readonly aedes: Memory;
   readonly sessions: SessionExpiry;
+  readonly retained: RetainedOrder;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -143,9 +145,25 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     },
     count: () => sessions.size,
   };
-  Object.assign(base, outgoing, presence);
+  // Retained copies sent to a new subscription, stamped to be dropped when older than a live message.
+  const retained = new RetainedOrder();
+  const retainedBase = base as unknown as {
+    storeRetained(packet: StoredPacket): Promise<void>;
+    createRetainedStreamCombi(patterns: readonly string[]): Readable;
+  };
+  const baseStore = retainedBase.storeRetained.bind(base);
+  const baseStream = retainedBase.createRetainedStreamCombi.bind(base);
+  const retainedReads = {
+    storeRetained(packet: StoredPacket): Promise<void> {
+      retained.stored(String(packet.topic));
+      return baseStore(packet);
+    },
+    createRetainedStreamCombi: (patterns: readonly string[]) => retained.stream(baseStream(patterns)),
+  };
+  Object.assign(base, outgoing, presence, retainedReads);
   return {
     aedes: base,
+    retained,
     sessions: expiry,
     stats: () => ({ offlineDropped: queues.dropped, queued: queues.size }),
     // Nothing to write or close: it is memory, gone with the process.
