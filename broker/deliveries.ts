@@ -25,6 +25,9 @@
  * And a retained message a new subscription of a clean = false session gets at QoS 1 or 2 joins the
  * session's queue, as a live one does (`RetainedQueue`): aedes 1.2.0 writes it unqueued, so a connection
  * lost before its PUBACK or PUBREC never got it again (MQTT-4.4.0-1; Mosquitto resends it).
+ *
+ * Replayed copies come about one per loop turn; one older than a message of its topic sent live
+ * meanwhile is dropped here, before it is queued or sent (./persistence/retained-order.ts).
  */
 import type { Client } from "aedes";
 import { matchTopic } from "./topics.ts";
@@ -51,6 +54,11 @@ interface DeliveredPacket {
  */
 export interface RetainedQueue {
   queueRetained(clientId: string, packet: DeliveredPacket, qos: number): boolean;
+}
+
+/** Which retained copies a new subscription replays are older than a live message (./persistence/retained-order.ts). */
+export interface RetainedCopies {
+  mayForward(packet: object): boolean;
 }
 
 /**
@@ -98,7 +106,7 @@ export function deliveredQos(
  * Make `client` drop only exact repeats, and deliver at the QoS its subscriptions granted. Call before
  * it subscribes (aedes' `preConnect`): each subscription keeps the delivery function it found.
  */
-export function dedupeExactly(client: Client): void {
+export function dedupeExactly(client: Client, retained: RetainedCopies): void {
   const c = client as unknown as DeliveringClient;
   // The last counters handed over, with their broker's id (a session's queue kept across a restart
   // holds the counters of the broker before it).
@@ -129,9 +137,12 @@ export function dedupeExactly(client: Client): void {
   // matching it granted QoS 1: the copies are one delivery, and the first one to come is the one sent.
   const deliverAt = (ceiling: number): Deliver => {
     return (packet, cb) => {
-      const qos = packet.qos === 0 ? 0 : deliveredQos(c.subscriptions, packet, ceiling);
       // A retained message a new subscription replays has no broker id (lib/handlers/subscribe.js); its counter is new.
-      if (qos > 0 && packet.retain && !packet.brokerId && c.clean === false && c.broker.persistence.queueRetained) {
+      const replay = packet.retain === true && !packet.brokerId;
+      // Before it is queued or sent: a copy older than a message of its topic already sent live goes nowhere.
+      if (replay && !retained.mayForward(packet)) return cb();
+      const qos = packet.qos === 0 ? 0 : deliveredQos(c.subscriptions, packet, ceiling);
+      if (qos > 0 && replay && c.clean === false && c.broker.persistence.queueRetained) {
         packet.brokerId = c.broker.id;
         if (c.broker.persistence.queueRetained(c.id, packet, qos)) packet.retain = false;
         else packet.brokerId = null;

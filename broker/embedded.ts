@@ -287,6 +287,7 @@ class AedesBroker implements EmbeddedBroker {
   async setIntakeFilters(): Promise<void> {}
 
   stats(): BrokerStats {
+    const persisted = this.persistence.stats();
     return {
       clients: this.aedes.connectedClients ?? 0,
       messagesIn: this.state.messagesIn,
@@ -299,7 +300,9 @@ class AedesBroker implements EmbeddedBroker {
       connectionsRefused: this.connectionsRefused,
       loginsRefused: this.state.loginsRefused,
       loginsBusy: this.state.loginsBusy,
-      offlineDropped: this.persistence.stats().offlineDropped,
+      offlineDropped: persisted.offlineDropped,
+      offlineQueued: persisted.queued,
+      offlineQueuedBytes: persisted.queuedBytes,
       sessions: this.persistence.sessions.count(),
       sessionsExpired: this.sessionsExpired,
     };

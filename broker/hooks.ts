@@ -4,8 +4,8 @@
  */
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";
 import type { Logger } from "pino";
-import { dedupeExactly } from "./deliveries.ts";
-import { isSessionMark, type RetainedOrder } from "./persistence/index.ts";
+import { dedupeExactly, type RetainedCopies } from "./deliveries.ts";
+import { isSessionMark } from "./persistence/index.ts";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
 import { SYS_PREFIX } from "./sys.ts";
 import {
@@ -57,7 +57,7 @@ export interface HookState {
    */
   publishFirst: ((packet: PublishPacket, client: Client) => Promise<void>) | null;
   /** Drops a retained copy a new subscription would get after a newer message of its topic went live. */
-  readonly retained: Pick<RetainedOrder, "mayForward">;
+  readonly retained: RetainedCopies;
 }
 
 /** Why a device publish was refused; aedes emits it as `clientError` and drops the connection. */
@@ -176,7 +176,7 @@ export function createHooks(
 
   return {
     preConnect(client, packet, done) {
-      dedupeExactly(client);
+      dedupeExactly(client, state.retained);
       // aedes stores this will only once authenticate accepted this user name (handlers/connect.js).
       if (packet.will) Object.assign(packet.will, { [WILL_USERNAME]: packet.username ?? null });
       // MQTT-3.1.3-8: a zero-byte client id with CleanSession 0 gets CONNACK 0x02, then close.
@@ -356,8 +356,6 @@ export function createHooks(
     // emptyQueue: a refused queued message is removed), is checked against the subscribe rights in
     // force now: a queue filled before a right was revoked must not leak on reconnect.
     authorizeForward(client, packet) {
-      // First: it looks at each retained copy once, whatever comes of it below.
-      if (packet.retain && !state.retained.mayForward(packet)) return null;
       // aedes' own `$SYS/<broker id>/...` events name clients: only the counts of ./sys.ts go out.
       if (packet.topic.startsWith("$SYS/") && !packet.topic.startsWith(SYS_PREFIX)) return null;
       const auth = state.auth;

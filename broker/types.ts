@@ -193,6 +193,9 @@ export interface BrokerStats {
   readonly loginsBusy: number;
   /** Messages not queued for a clean = false client: its queue was full (`max_offline_messages` or `_bytes`). */
   readonly offlineDropped: number;
+  /** Embedded broker only: messages held in sessions' queues (queued + in flight), and their payload bytes. */
+  readonly offlineQueued?: number;
+  readonly offlineQueuedBytes?: number;
   /** Embedded broker only: clean = false sessions held, connected or not. */
   readonly sessions?: number;
   /** Embedded broker only: sessions ended because their client stayed away (`sessionExpiryMs`). */

@@ -1171,11 +1171,13 @@ export class Gateway {
               synchronous: spec.fleet.synchronous,
               maxOfflineMessages: spec.broker.max_offline_messages,
               maxOfflineBytes: spec.broker.max_offline_bytes,
+              maxOfflineBytesTotal: spec.broker.max_offline_bytes_total,
             }
           : {
               kind: "memory",
               maxOfflineMessages: spec.broker.max_offline_messages,
               maxOfflineBytes: spec.broker.max_offline_bytes,
+              maxOfflineBytesTotal: spec.broker.max_offline_bytes_total,
             },
     });
   }

@@ -19,9 +19,15 @@ let n = 0;
 
 type Kind = "libsql" | "memory";
 
-/** A broker whose sessions keep at most 10 payload bytes (and 100 messages) each. */
-function startBroker(kind: Kind, path = join(dir, `b${n++}.db`)): Promise<EmbeddedBroker> {
-  const bounds = { maxOfflineMessages: 100, maxOfflineBytes: 10 };
+/** A broker whose sessions keep at most 10 payload bytes (and 100 messages) each, or these bounds. */
+function startBroker(
+  kind: Kind,
+  path = join(dir, `b${n++}.db`),
+  bounds: { maxOfflineMessages: number; maxOfflineBytes?: number; maxOfflineBytesTotal?: number } = {
+    maxOfflineMessages: 100,
+    maxOfflineBytes: 10,
+  },
+): Promise<EmbeddedBroker> {
   return kit.start({
     persistence: kind === "libsql" ? { kind, path, synchronous: "full", ...bounds } : { kind, ...bounds },
   });
@@ -72,6 +78,37 @@ for (const kind of ["libsql", "memory"] as const) {
   });
 }
 
+for (const kind of ["libsql", "memory"] as const) {
+  describe(`max_offline_bytes_total, persistence = "${kind}"`, () => {
+    const total = { maxOfflineMessages: 100, maxOfflineBytesTotal: 12 };
+
+    test("all sessions' queues together hold at most that many payload bytes; each keeps what it holds", async () => {
+      const broker = await startBroker(kind, undefined, total);
+      await away(broker, "dev-a");
+      await away(broker, "dev-b");
+      // "aaaa" twice makes 8, "bb" twice 12; "c" would make 13 for either: dropped for both.
+      for (const payload of ["aaaa", "bb", "c"]) await broker.publish("out/x", payload, { qos: 1 });
+      expect(broker.stats()).toMatchObject({ offlineDropped: 2, offlineQueued: 4, offlineQueuedBytes: 12 });
+      expect(await comeBack(broker, "dev-a")).toEqual(["aaaa", "bb"]);
+      expect(await comeBack(broker, "dev-b")).toEqual(["aaaa", "bb"]);
+      // Acknowledged, they leave the bound's count: room for new ones again.
+      expect(broker.stats()).toMatchObject({ offlineQueued: 0, offlineQueuedBytes: 0 });
+    });
+
+    test("room one session's queue gives back is room for another's", async () => {
+      const broker = await startBroker(kind, undefined, total);
+      await away(broker, "dev-a");
+      await broker.publish("out/a", "aaaaaaaaaaaa", { qos: 1 });
+      await away(broker, "dev-b");
+      await broker.publish("out/b", "bbbb", { qos: 1 });
+      expect(broker.stats().offlineDropped).toBe(2);
+      expect(await comeBack(broker, "dev-a")).toEqual(["aaaaaaaaaaaa"]);
+      await broker.publish("out/b", "cccc", { qos: 1 });
+      expect(await comeBack(broker, "dev-b")).toEqual(["cccc"]);
+    });
+  });
+}
+
 describe("max_offline_bytes on broker.db", () => {
   test("a queue read back at start counts its bytes: the bound holds across a restart", async () => {
     const path = join(dir, `b${n++}.db`);
@@ -83,6 +120,21 @@ describe("max_offline_bytes on broker.db", () => {
     await second.publish("out/x", "cccc", { qos: 1 });
     expect(second.stats().offlineDropped).toBe(1);
     expect(await comeBack(second, "dev")).toEqual(["aaaa", "bbbb"]);
+  });
+
+  test("queues read back at start count toward max_offline_bytes_total", async () => {
+    const path = join(dir, `b${n++}.db`);
+    const total = { maxOfflineMessages: 100, maxOfflineBytesTotal: 8 };
+    const first = await startBroker("libsql", path, total);
+    await away(first, "dev-a");
+    await away(first, "dev-b");
+    await first.publish("out/x", "aaaa", { qos: 1 });
+    await first.close();
+    const second = await startBroker("libsql", path, total);
+    expect(second.stats()).toMatchObject({ offlineQueued: 2, offlineQueuedBytes: 8 });
+    await second.publish("out/x", "b", { qos: 1 });
+    expect(second.stats().offlineDropped).toBe(2);
+    expect(await comeBack(second, "dev-a")).toEqual(["aaaa"]);
   });
 
   test("rows older code wrote, without a size, count at about their stored size", async () => {

@@ -115,6 +115,7 @@ describe("compileSpec", () => {
       persistence: "memory",
       max_offline_messages: 1000,
       max_offline_bytes: 0,
+      max_offline_bytes_total: 0,
       session_expiry_days: 0,
       sys_interval: 10,
       trust_dup: false,
@@ -437,6 +438,12 @@ describe("schema errors name the key path", () => {
       /Mosquitto: max_queued_bytes/,
     ],
     [
+      "a bound on all offline queues with an external broker",
+      '[broker]\nurl = "mqtt://b"\nmax_offline_bytes_total = 1000000\n',
+      "broker.max_offline_bytes_total",
+      /Mosquitto: memory_limit/,
+    ],
+    [
       "a $SYS interval with an external broker",
       '[broker]\nurl = "mqtt://b"\nsys_interval = 10\n',
       "broker.sys_interval",
@@ -466,6 +473,12 @@ describe("schema errors name the key path", () => {
       "a negative max_offline_bytes",
       "[broker]\nmax_offline_bytes = -1\n",
       "broker.max_offline_bytes",
+      /non-negative integer/,
+    ],
+    [
+      "a fractional max_offline_bytes_total",
+      "[broker]\nmax_offline_bytes_total = 1.5\n",
+      "broker.max_offline_bytes_total",
       /non-negative integer/,
     ],
     ["a negative session expiry", "[broker]\nsession_expiry_days = -1\n", "broker.session_expiry_days", /0 for never/],

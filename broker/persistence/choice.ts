@@ -16,6 +16,8 @@ export type PersistenceChoice =
       readonly maxOfflineMessages: number;
       /** Most payload bytes kept per client, the same way; 0 or absent: no bound. */
       readonly maxOfflineBytes?: number;
+      /** Most payload bytes kept in all clients' queues together, the same way; 0 or absent: no bound. */
+      readonly maxOfflineBytesTotal?: number;
     }
   | {
       readonly kind: "libsql";
@@ -25,6 +27,8 @@ export type PersistenceChoice =
       readonly maxOfflineMessages: number;
       /** Most payload bytes kept per client, the same way; 0 or absent: no bound. */
       readonly maxOfflineBytes?: number;
+      /** Most payload bytes kept in all clients' queues together, the same way; 0 or absent: no bound. */
+      readonly maxOfflineBytesTotal?: number;
     };
 
 /** A persistence as the embedded broker holds it: what aedes is given, its counts, its close. */
@@ -52,6 +56,7 @@ export function persistenceFor(choice: PersistenceChoice | undefined, logger: Lo
     return memoryPersistence({
       maxOfflineMessages: choice.maxOfflineMessages,
       maxOfflineBytes: choice.maxOfflineBytes,
+      maxOfflineBytesTotal: choice.maxOfflineBytesTotal,
       logger,
     });
   const libsql = new LibsqlPersistence({
@@ -59,6 +64,7 @@ export function persistenceFor(choice: PersistenceChoice | undefined, logger: Lo
     synchronous: choice.synchronous,
     maxOfflineMessages: choice.maxOfflineMessages,
     maxOfflineBytes: choice.maxOfflineBytes,
+    maxOfflineBytesTotal: choice.maxOfflineBytesTotal,
     logger,
   });
   return {

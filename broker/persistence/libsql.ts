@@ -43,6 +43,8 @@ export interface LibsqlPersistenceOptions {
   readonly maxOfflineMessages?: number;
   /** Most payload bytes kept per client (queued + in flight); past it new ones are dropped. 0 (default): no bound. */
   readonly maxOfflineBytes?: number;
+  /** Most payload bytes in all clients' queues together; past it new ones are dropped. 0 (default): no bound. */
+  readonly maxOfflineBytesTotal?: number;
   readonly logger?: Logger;
   /** Clock of the drop log's rate limit and of the sessions' ages (ms since the epoch). */
   readonly now?: () => number;
@@ -66,6 +68,8 @@ export interface PersistenceStats {
   readonly offlineDropped: number;
   /** Messages held in all queues now. */
   readonly queued: number;
+  /** Their payload bytes. */
+  readonly queuedBytes: number;
 }
 
 const PAGE = 500;
@@ -123,6 +127,7 @@ export class LibsqlPersistence implements SessionExpiry {
     this.outgoing = new OutgoingQueues({
       max: opts.maxOfflineMessages ?? 1000,
       maxBytes: opts.maxOfflineBytes ?? 0,
+      maxTotalBytes: opts.maxOfflineBytesTotal ?? 0,
       logger: opts.logger,
       now: opts.now,
     });
@@ -135,7 +140,7 @@ export class LibsqlPersistence implements SessionExpiry {
 
   /** Counters since open. */
   stats(): PersistenceStats {
-    return { offlineDropped: this.outgoing.dropped, queued: this.outgoing.size };
+    return { offlineDropped: this.outgoing.dropped, queued: this.outgoing.size, queuedBytes: this.outgoing.bytes };
   }
 
   /** Open the file, create the tables, load subscriptions and queue sizes. Called by aedes' `listen`. */
@@ -540,6 +545,7 @@ export class LibsqlPersistence implements SessionExpiry {
     if (!numbered) return;
     const { brokerId: bid, brokerCounter: bc, messageId: mid } = numbered.entry;
     if (numbered.added) return this.insertPubrel(client, mid, packet);
+    if (numbered.joined) return this.insertJoined(client, numbered.entry, packet);
     if (numbered.delivered) return this.deleteDelivered(client, numbered.entry);
     // Not awaited (aedes writes the packet once this resolves); it commits with the next transaction.
     // The statement finds the row the index found: the first in queue order.
@@ -574,6 +580,28 @@ export class LibsqlPersistence implements SessionExpiry {
       ],
       "background",
     ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "PUBREL not recorded"));
+  }
+
+  /** A live PUBLISH that joined the session's queue at its send (`OutgoingQueues.joinLate`): a row of its own. */
+  private insertJoined(client: ClientRef, entry: QueueEntry, packet: StoredPacket): void {
+    // Not awaited, as an update; its PUBACK's delete is queued after it.
+    void this.run(
+      [
+        {
+          sql: `INSERT INTO outgoing (client_id, broker_id, broker_counter, message_id, packet, bytes)
+                VALUES (?, ?, ?, ?, ?, ?)`,
+          args: [
+            client.id,
+            entry.brokerId,
+            entry.brokerCounter,
+            entry.messageId,
+            encodePacket(packet),
+            entry.bytes ?? 0,
+          ],
+        },
+      ],
+      "background",
+    ).catch((err: unknown) => this.opts.logger?.warn({ err, client: client.id }, "queued message not recorded"));
   }
 
   /** The row of a queued message that went out at QoS 0 (`OutgoingQueues.sentAtQos0`): nothing acknowledges it. */

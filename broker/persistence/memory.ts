@@ -23,6 +23,8 @@ export interface MemoryPersistenceOptions {
   readonly maxOfflineMessages: number;
   /** Most payload bytes kept per client (queued + in flight); past it new ones are dropped. 0 or absent: no bound. */
   readonly maxOfflineBytes?: number;
+  /** Most payload bytes in all clients' queues together; past it new ones are dropped. 0 or absent: no bound. */
+  readonly maxOfflineBytesTotal?: number;
   readonly logger?: Logger;
   /** Clock of the drop log's rate limit and of the sessions' ages (ms since the epoch). */
   readonly now?: () => number;
@@ -45,6 +47,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   const queues = new OutgoingQueues({
     max: opts.maxOfflineMessages,
     maxBytes: opts.maxOfflineBytes ?? 0,
+    maxTotalBytes: opts.maxOfflineBytesTotal ?? 0,
     logger: opts.logger,
     now: opts.now,
   });
@@ -82,7 +85,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
       queues.claimLive(client, brokerId, brokerCounter),
     async outgoingUpdate(client: ClientRef, packet: StoredPacket): Promise<void> {
       const numbered = queues.number(client, packet);
-      if (numbered?.replaces) numbered.entry.packet = packet;
+      if (numbered?.replaces || numbered?.joined) numbered.entry.packet = packet;
     },
     async outgoingClearMessageId(client: ClientRef, packet: { messageId?: number }): Promise<unknown> {
       const entry = queues.clear(client.id, num(packet?.messageId));
@@ -165,7 +168,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     aedes: base,
     retained,
     sessions: expiry,
-    stats: () => ({ offlineDropped: queues.dropped, queued: queues.size }),
+    stats: () => ({ offlineDropped: queues.dropped, queued: queues.size, queuedBytes: queues.bytes }),
     // Nothing to write or close: it is memory, gone with the process.
     destroy: async () => {},
   };

@@ -40,6 +40,8 @@ export interface Numbered {
   readonly added?: true;
   /** The entry left its queue: it goes out at QoS 0 (`OutgoingQueues.sentAtQos0`). */
   readonly delivered?: true;
+  /** The entry is new: a live PUBLISH its publish's queuing missed (`OutgoingQueues.joinLate`). */
+  readonly joined?: true;
 }
 
 /** What aedes passes as a client: its id, and its next packet identifier (aedes' own field). */
@@ -88,6 +90,10 @@ export class OutgoingQueues {
   readonly max: number;
   /** Most payload bytes per client (queued + in flight); 0: no bound but `max`. */
   readonly maxBytes: number;
+  /** Most payload bytes in all clients' queues together; 0: no bound. */
+  readonly maxTotalBytes: number;
+  /** Payload bytes in all queues (the sum of `queuedBytes`). */
+  private totalBytes = 0;
   private droppedTotal = 0;
   private droppedSinceLog = 0;
   private lastDropLog = Number.NEGATIVE_INFINITY;
@@ -97,21 +103,30 @@ export class OutgoingQueues {
     private readonly opts: {
       readonly max: number;
       readonly maxBytes?: number;
+      readonly maxTotalBytes?: number;
       readonly logger?: Logger;
       readonly now?: () => number;
     },
   ) {
     this.max = opts.max;
     this.maxBytes = opts.maxBytes ?? 0;
+    this.maxTotalBytes = opts.maxTotalBytes ?? 0;
     if (!Number.isInteger(this.max) || this.max < 1)
       throw new RangeError(`maxOfflineMessages must be a positive integer, got ${opts.max}`);
     if (!Number.isInteger(this.maxBytes) || this.maxBytes < 0)
       throw new RangeError(`maxOfflineBytes must be a non-negative integer, got ${opts.maxBytes}`);
+    if (!Number.isInteger(this.maxTotalBytes) || this.maxTotalBytes < 0)
+      throw new RangeError(`maxOfflineBytesTotal must be a non-negative integer, got ${opts.maxTotalBytes}`);
   }
 
   /** Packets refused by a full queue since start. */
   get dropped(): number {
     return this.droppedTotal;
+  }
+
+  /** Payload bytes held in all queues. */
+  get bytes(): number {
+    return this.totalBytes;
   }
 
   /** Packets held in all queues. */
@@ -129,17 +144,14 @@ export class OutgoingQueues {
 
   /**
    * Queue a copy of `entry` (with its payload's `bytes`) for each client with room: fewer than `max`
-   * messages, and room for the bytes under `maxBytes`. A full queue drops it for that client (the oldest
-   * are kept). Returns the clients it was queued for.
+   * messages, and room for the bytes under `maxBytes` and, with every other queue, under `maxTotalBytes`.
+   * A full queue drops it for that client (the oldest are kept). Returns the clients it was queued for.
    */
   enqueue(clientIds: readonly string[], topic: string, entry: QueueEntry & { readonly bytes: number }): string[] {
     const kept: string[] = [];
     for (const clientId of clientIds) {
       const queue = this.queueOf(clientId);
-      const full =
-        queue.length >= this.max ||
-        (this.maxBytes > 0 && (this.queuedBytes.get(clientId) ?? 0) + entry.bytes > this.maxBytes);
-      if (full) {
+      if (!this.hasRoom(clientId, queue, entry.bytes)) {
         if (queue.length === 0) this.queues.delete(clientId);
         this.drop(clientId, topic, entry);
         continue;
@@ -151,8 +163,16 @@ export class OutgoingQueues {
     return kept;
   }
 
+  /** Whether `clientId`'s queue (and all of them together) has room for one more message of `bytes`. */
+  private hasRoom(clientId: string, queue: readonly QueueEntry[], bytes: number): boolean {
+    if (queue.length >= this.max) return false;
+    if (this.maxBytes > 0 && (this.queuedBytes.get(clientId) ?? 0) + bytes > this.maxBytes) return false;
+    return !(this.maxTotalBytes > 0 && this.totalBytes + bytes > this.maxTotalBytes);
+  }
+
   private addBytes(clientId: string, bytes: number): void {
     if (bytes === 0) return;
+    this.totalBytes += bytes;
     const total = (this.queuedBytes.get(clientId) ?? 0) + bytes;
     if (total === 0) this.queuedBytes.delete(clientId);
     else this.queuedBytes.set(clientId, total);
@@ -172,8 +192,9 @@ export class OutgoingQueues {
    * is new (a PUBREL of a PUBLISH never queued: `keepPubrel`), `delivered` when it left its queue (sent
    * at QoS 0: `sentAtQos0`). Null, with nothing to keep, for a
    * read-back's copy whose live twin was acknowledged meanwhile (sent once more, at least once) and for
-   * a live send of a message a full queue dropped (sent once, at most once). Throws for another packet
-   * no queue holds, as aedes' own persistence does.
+   * a live send of a message a full queue dropped (sent once, at most once). `joined` for a live PUBLISH
+   * whose publish's queuing missed this session (`joinLate`). Throws for another packet no queue holds
+   * (a PUBLISH at QoS 0 or from no broker), as aedes' own persistence does.
    */
   number(client: ClientRef, packet: StoredPacket): Numbered | null {
     const bid = (packet.brokerId as string | undefined) ?? null;
@@ -189,6 +210,7 @@ export class OutgoingQueues {
       if (bid !== null && this.turnedAway.delete(`${client.id}\n${bid}:${bc}`)) return null;
       if (bid !== null && (this.queues.get(client.id)?.length ?? 0) >= this.max) return null;
       if (packet.cmd === "pubrel" && mid !== null) return this.keepPubrel(client.id, mid, packet);
+      if (packet.cmd === "publish" && bid !== null && Number(packet.qos) > 0) return this.joinLate(client.id, packet);
       throw new Error("no such packet");
     }
     if (packet.cmd === "publish" && Number(packet.qos) === 0) return this.sentAtQos0(client.id, entry);
@@ -251,6 +273,37 @@ export class OutgoingQueues {
   }
 
   /**
+   * A live QoS 1/2 PUBLISH no queue holds: a message published while this session's subscription was being
+   * stored. aedes stores a SUBSCRIBE's subscriptions, then adds them to its live routing; a publish meanwhile
+   * queued for the sessions stored before (its queuing waits on a commit with broker.db), and reached the new
+   * one live. It joins the session's queue at its send, so a connection lost before its PUBACK brings it
+   * again (MQTT-4.4.0-1); past the bounds it is sent and not kept (counted as dropped). Thrown at ("no such
+   * packet"), aedes closed the connection: a clean = false device that subscribed while its topic was busy
+   * was disconnected and got nothing.
+   */
+  private joinLate(clientId: string, packet: StoredPacket): Numbered | null {
+    const queue = this.queueOf(clientId);
+    const bytes = payloadBytes(packet);
+    if (!this.hasRoom(clientId, queue, bytes)) {
+      if (queue.length === 0) this.queues.delete(clientId);
+      this.droppedTotal++;
+      return null;
+    }
+    const entry: QueueEntry = {
+      brokerId: (packet.brokerId as string | undefined) ?? null,
+      brokerCounter: num(packet.brokerCounter),
+      messageId: num(packet.messageId),
+      packet,
+      bytes,
+      inFlight: packet,
+      sent: ++this.sends,
+    };
+    queue.push(entry);
+    this.addBytes(clientId, bytes);
+    return { entry, replaces: false, joined: true };
+  }
+
+  /**
    * Queue a retained message sent to a new subscription of a clean = false session, which aedes sends
    * without queuing it (lib/client.js `deliverQoS`): so a connection lost before its PUBACK or PUBREC
    * brings it again when the session comes back (MQTT-4.4.0-1), as Mosquitto does. Whether it was
@@ -264,6 +317,7 @@ export class OutgoingQueues {
   dropClient(clientId: string): number {
     const queue = this.queues.get(clientId);
     this.queues.delete(clientId);
+    this.totalBytes -= this.queuedBytes.get(clientId) ?? 0;
     this.queuedBytes.delete(clientId);
     for (const entry of queue ?? []) entry.cleared = true;
     return queue?.length ?? 0;
@@ -391,10 +445,13 @@ export class OutgoingQueues {
         dropped: this.droppedSinceLog,
         total: this.droppedTotal,
         queued,
+        queuedAll: this.totalBytes,
         max: this.max,
         maxBytes: this.maxBytes,
+        maxTotalBytes: this.maxTotalBytes,
       },
-      "offline queue full (max_offline_messages or max_offline_bytes); message dropped for this client",
+      "offline queue full (max_offline_messages, max_offline_bytes or max_offline_bytes_total); " +
+        "message dropped for this client",
     );
     this.lastDropLog = t;
     this.droppedSinceLog = 0;

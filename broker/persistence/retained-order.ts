@@ -9,10 +9,10 @@
  * broker.db the read itself comes later (its worker thread), and could return the new message, which
  * then arrived twice, the second time with RETAIN 1.
  *
- * So each copy a read yields is stamped with when the read began, and the broker's last look at a packet
- * before it is queued to the client (`authorizeForward`, in the order live messages are queued) drops a
- * copy whose topic was stored after its read began: that newer message went to the subscription live,
- * since aedes stores a retained message before it publishes it.
+ * So each copy a read yields is stamped with when the read began, and the client's delivery function
+ * (../deliveries.ts, where live messages pass too, in the order they are written) drops a copy whose topic
+ * was stored after its read began, before the session's queue keeps it: that newer message went to the
+ * subscription live, since aedes stores a retained message before it publishes it.
  */
 import { Readable } from "node:stream";
 import type { StoredPacket } from "./codec.ts";
@@ -72,8 +72,8 @@ export class RetainedOrder {
   }
 
   /**
-   * Whether `packet` may go to the client it is queued for: false only for a retained copy whose topic was
-   * stored after its read began. Call it for every packet about to go out; it looks at each copy once.
+   * Whether `packet` may go to its client: false only for a retained copy whose topic was stored after its
+   * read began. Call it for each replayed packet as it is delivered; it looks at each copy once.
    */
   mayForward(packet: { readonly payload?: unknown }): boolean {
     const payload = packet.payload;

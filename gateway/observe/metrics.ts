@@ -551,9 +551,26 @@ export class FleetMetrics {
     mirrorCounter(
       this.registry,
       "fleet_broker_offline_dropped_total",
-      "Messages not queued for a clean = false client: its queue held max_offline_messages or max_offline_bytes.",
+      "Messages not queued for a clean = false client: its queue was full (max_offline_messages, " +
+        "max_offline_bytes or max_offline_bytes_total).",
       () => host.broker?.stats().offlineDropped,
     );
+    new Gauge({
+      name: "fleet_broker_offline_queued_messages",
+      help: "Messages the embedded broker holds in clean = false sessions' queues (queued + in flight).",
+      registers,
+      collect() {
+        this.set(host.broker?.stats().offlineQueued ?? 0);
+      },
+    });
+    new Gauge({
+      name: "fleet_broker_offline_queued_bytes",
+      help: "Their payload bytes: what max_offline_bytes_total bounds.",
+      registers,
+      collect() {
+        this.set(host.broker?.stats().offlineQueuedBytes ?? 0);
+      },
+    });
     new Gauge({
       name: "fleet_broker_sessions",
       help: "Persistent (clean session 0) sessions the embedded broker holds, connected or not.",

@@ -231,6 +231,8 @@ const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
     "(Mosquitto: max_queued_messages)",
   max_offline_bytes:
     "bounds the embedded broker's session queues; an external broker bounds its own (Mosquitto: max_queued_bytes)",
+  max_offline_bytes_total:
+    "bounds the embedded broker's session queues; an external broker bounds its own (Mosquitto: memory_limit)",
   session_expiry_days:
     "is the embedded broker's: an external broker expires its own sessions (Mosquitto: persistent_client_expiration)",
   sys_interval: "is the embedded broker's $SYS tree; an external broker publishes its own (Mosquitto: sys_interval)",

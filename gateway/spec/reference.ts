@@ -101,6 +101,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "(Mosquitto's max_queued_bytes); past it a new message for that client is dropped, counted and logged, as " +
     "past max_offline_messages. 0 (the default): only max_offline_messages bounds the queue. Read at start. " +
     "Embedded broker only (refused with url).",
+  "broker.max_offline_bytes_total":
+    "Payload bytes kept in all persistent sessions' queues together (queued + in flight), with either " +
+    'persistence: with "memory" a bound on the gateway\'s memory however many sessions devices open, with ' +
+    '"libsql" on broker.db\'s size. Past it a new message is queued for no session (each session keeps what ' +
+    "it holds), counted and logged as past max_offline_messages; a connected client still gets it live. 0 (the " +
+    "default): only each session's bounds. Read at start. Embedded broker only (refused with url).",
   "broker.session_expiry_days":
     "A persistent (clean session 0) session whose client has been away this many days ends, as a clean session " +
     "1 CONNECT would end it: its subscriptions, offline queue and QoS 2 state go (Mosquitto's " +

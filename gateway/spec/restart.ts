@@ -26,6 +26,7 @@ const RESTART_KEYS = {
     "persistence",
     "max_offline_messages",
     "max_offline_bytes",
+    "max_offline_bytes_total",
     "session_expiry_days",
     "trust_dup",
     "sys_interval",

@@ -236,6 +236,7 @@ export const fleetSchema = z.strictObject({
     persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("memory"),
     max_offline_messages: posInt(1000),
     max_offline_bytes: nonNegInt(0),
+    max_offline_bytes_total: nonNegInt(0),
     /** Absent: sessions never expire (0 says the same); checked against url in load.ts. */
     session_expiry_days: z
       .number(says("must be a number of days, 0 for never"))

@@ -191,6 +191,8 @@ export interface FleetSpec {
     readonly max_offline_messages: number;
     /** Most payload bytes per client session (queued + in flight), the same way; 0: no bound but the count. */
     readonly max_offline_bytes: number;
+    /** Most payload bytes in all sessions' queues together, the same way; 0: no bound but each session's. */
+    readonly max_offline_bytes_total: number;
     /**
      * The embedded broker ends a clean = false session whose client has been away this many days (counted while
      * the gateway runs), as a clean = true CONNECT would; 0: never (the default).
