@@ -728,8 +728,14 @@ describe("retained copies streaming to a new subscription while their topic is p
 });
 
 describe("a clean = false subscription made while its topic is busy", () => {
-  for (const kind of ["libsql", "memory"] as const) {
-    test(`${kind}: the connection stays and gets every message published after its SUBACK, once`, async () => {
+  const cases = [
+    ["libsql", 1],
+    ["libsql", 2],
+    ["memory", 1],
+    ["memory", 2],
+  ] as const;
+  for (const [kind, qos] of cases) {
+    test(`${kind}, QoS ${qos}: the connection stays; every message after its SUBACK comes, once`, async () => {
       const broker = await startWith(
         kind === "memory"
           ? { kind, maxOfflineMessages: 1000 }
@@ -740,7 +746,7 @@ describe("a clean = false subscription made while its topic is busy", () => {
       let publishing = true;
       // Retained: with broker.db a publish then waits on a commit between its queuing and its live routing.
       const publishes = (async () => {
-        while (publishing) await device.publishAsync("busy/a", String(++last), { qos: 1, retain: true });
+        while (publishing) await device.publishAsync("busy/a", String(++last), { qos, retain: true });
       })();
       await Bun.sleep(20);
       const sub = await client(broker, { clientId: `busy-sub-${kind}`, clean: false });
@@ -750,7 +756,7 @@ describe("a clean = false subscription made while its topic is busy", () => {
       });
       const got: number[] = [];
       sub.on("message", (_t, p, packet) => !packet.retain && got.push(Number(p.toString())));
-      await sub.subscribeAsync("busy/#", { qos: 1 });
+      await sub.subscribeAsync("busy/#", { qos });
       const subscribedAt = last;
       await Bun.sleep(100);
       publishing = false;
