@@ -21,6 +21,10 @@ export interface Transport {
 
 /** The stream aedes sees for one client connection. */
 export class GuardedConnection extends Duplex {
+  /** Bytes the transport delivered, and bytes aedes wrote ($SYS/broker/bytes/...). */
+  bytesIn = 0;
+  bytesOut = 0;
+
   constructor(
     private readonly transport: Transport,
     private readonly guard: PacketSizeGuard,
@@ -32,6 +36,7 @@ export class GuardedConnection extends Duplex {
   /** Inbound bytes from the transport. A violating chunk is dropped whole and the connection destroyed. */
   receive(chunk: Uint8Array): void {
     if (this.destroyed) return;
+    this.bytesIn += chunk.byteLength;
     const verdict = this.guard.feed(chunk);
     if (!verdict.ok) {
       // Destroy first so not one more byte of the announced packet is read or buffered.
@@ -65,6 +70,7 @@ export class GuardedConnection extends Duplex {
   }
 
   override _write(chunk: Buffer, _enc: BufferEncoding, done: (err?: Error | null) => void): void {
+    this.bytesOut += chunk.byteLength;
     this.transport.write(chunk, done);
   }
 
@@ -73,7 +79,9 @@ export class GuardedConnection extends Duplex {
    * (header, length, topic length, topic, payload) inside cork/uncork, one syscall each otherwise.
    */
   override _writev(chunks: { chunk: Buffer }[], done: (err?: Error | null) => void): void {
-    this.transport.write(chunks.length === 1 ? chunks[0]!.chunk : Buffer.concat(chunks.map((c) => c.chunk)), done);
+    const bytes = chunks.length === 1 ? chunks[0]!.chunk : Buffer.concat(chunks.map((c) => c.chunk));
+    this.bytesOut += bytes.byteLength;
+    this.transport.write(bytes, done);
   }
 
   override _final(done: (err?: Error | null) => void): void {

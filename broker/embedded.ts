@@ -3,9 +3,8 @@
  * interface, listening on guarded TCP and optionally WebSocket connections.
  */
 import { Aedes, type Client, type PublishPacket } from "aedes";
-import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
-import { type GuardViolation, parseInSlices, type SliceableClient } from "./connection.ts";
+import { type GuardedConnection, type GuardViolation, parseInSlices, type SliceableClient } from "./connection.ts";
 import { createHooks, type HookState } from "./hooks.ts";
 import { type SysSnapshot, SysTree } from "./sys.ts";
 import { persistenceFor, type BrokerPersistence } from "./persistence/index.ts";
@@ -47,6 +46,9 @@ class AedesBroker implements EmbeddedBroker {
   private invalid = 0;
   /** Open client connections and the limit past which new ones are refused. */
   private open = 0;
+  /** The open connections, and the bytes of those closed since start ($SYS/broker/bytes/...). */
+  private readonly conns = new Set<GuardedConnection>();
+  private readonly closedBytes = { in: 0, out: 0 };
   private maxConnections: number;
   private connectionsRefused = 0;
   private lastRefusalLog = 0;
@@ -149,7 +151,7 @@ class AedesBroker implements EmbeddedBroker {
     });
     const hooks: ListenerHooks = {
       maxPacketBytes: opts.maxPacketBytes,
-      accept: (conn: Duplex, remote: string, host: string) => this.accept(conn, remote, host),
+      accept: (conn: GuardedConnection, remote: string, host: string) => this.accept(conn, remote, host),
       violation: (v: GuardViolation, remote: string) => this.onViolation(v, remote),
     };
     this.tcp = new TcpListener(hooks);
@@ -270,6 +272,8 @@ class AedesBroker implements EmbeddedBroker {
       disconnected: Math.max(0, (stats.sessions ?? 0) - persistentOnline),
       received: stats.messagesIn,
       sent: stats.messagesOut,
+      bytesReceived: stats.bytesIn ?? 0,
+      bytesSent: stats.bytesOut ?? 0,
       dropped: stats.dropped + stats.offlineDropped,
       sessionsExpired: stats.sessionsExpired ?? 0,
     };
@@ -297,6 +301,7 @@ class AedesBroker implements EmbeddedBroker {
       oversized: this.oversized,
       invalid: this.invalid,
       connections: this.open,
+      ...this.bytes(),
       connectionsRefused: this.connectionsRefused,
       loginsRefused: this.state.loginsRefused,
       loginsBusy: this.state.loginsBusy,
@@ -306,6 +311,17 @@ class AedesBroker implements EmbeddedBroker {
       sessions: this.persistence.sessions.count(),
       sessionsExpired: this.sessionsExpired,
     };
+  }
+
+  /** Bytes received from and sent to clients since start, open connections included. */
+  private bytes(): { bytesIn: number; bytesOut: number } {
+    let bytesIn = this.closedBytes.in;
+    let bytesOut = this.closedBytes.out;
+    for (const c of this.conns) {
+      bytesIn += c.bytesIn;
+      bytesOut += c.bytesOut;
+    }
+    return { bytesIn, bytesOut };
   }
 
   setMaxConnections(max: number): void {
@@ -350,7 +366,7 @@ class AedesBroker implements EmbeddedBroker {
   }
 
   /** A new transport connection: counted, refused past `maxConnections`, else handed to aedes. */
-  private accept(conn: Duplex, remote: string, host: string): void {
+  private accept(conn: GuardedConnection, remote: string, host: string): void {
     if (this.lifecycle === "closed") {
       conn.destroy();
       return;
@@ -374,7 +390,13 @@ class AedesBroker implements EmbeddedBroker {
       }
     }
     this.open++;
-    conn.once("close", () => this.open--);
+    this.conns.add(conn);
+    conn.once("close", () => {
+      this.open--;
+      this.conns.delete(conn);
+      this.closedBytes.in += conn.bytesIn;
+      this.closedBytes.out += conn.bytesOut;
+    });
     const client = this.aedes.handle(conn) as Client;
     this.state.hosts.set(client, host);
     parseInSlices(client as unknown as SliceableClient, () => conn.destroyed);

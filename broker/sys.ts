@@ -24,6 +24,9 @@ export interface SysSnapshot {
   readonly dropped: number;
   /** Persistent sessions ended by `session_expiry_days`. */
   readonly sessionsExpired: number;
+  /** Bytes received from and sent to clients, all listeners. */
+  readonly bytesReceived: number;
+  readonly bytesSent: number;
 }
 
 /** The topics and payloads of a snapshot, by Mosquitto's names. */
@@ -40,6 +43,8 @@ export function sysMessages(s: SysSnapshot): Map<string, string> {
     [`${SYS_PREFIX}publish/messages/received`, n(s.received)],
     [`${SYS_PREFIX}publish/messages/sent`, n(s.sent)],
     [`${SYS_PREFIX}publish/messages/dropped`, n(s.dropped)],
+    [`${SYS_PREFIX}bytes/received`, n(s.bytesReceived)],
+    [`${SYS_PREFIX}bytes/sent`, n(s.bytesSent)],
   ]);
 }
 

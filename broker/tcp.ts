@@ -4,7 +4,6 @@
  */
 import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer } from "node:tls";
-import type { Duplex } from "node:stream";
 import { PacketSizeGuard } from "./guard.ts";
 import { GuardedConnection, type GuardViolation } from "./connection.ts";
 
@@ -12,7 +11,7 @@ import { GuardedConnection, type GuardViolation } from "./connection.ts";
 export interface ListenerHooks {
   readonly maxPacketBytes: number;
   /** Hand a guarded connection to aedes; `host` is its peer's address (`remote` adds the port where there is one). */
-  accept(conn: Duplex, remote: string, host: string): void;
+  accept(conn: GuardedConnection, remote: string, host: string): void;
   /** The guard closed a connection. */
   violation(v: GuardViolation, remote: string): void;
 }

@@ -185,6 +185,9 @@ export interface BrokerStats {
   readonly invalid: number;
   /** Open client connections (TCP + WebSocket, before and after CONNECT). */
   readonly connections: number;
+  /** Embedded broker only: bytes received from and sent to client connections since start (MQTT, all listeners). */
+  readonly bytesIn?: number;
+  readonly bytesOut?: number;
   /** Connections refused because `maxConnections` were open. */
   readonly connectionsRefused: number;
   /** CONNECTs refused for their credentials: a wrong or unknown user name, secret or client id (CONNACK 4 / 5). */

@@ -60,6 +60,10 @@ describe("the $SYS/broker/ tree", () => {
     expect(sys("publish/messages/dropped")).toBe("0");
     // The watcher's own $SYS deliveries count as sent.
     expect(Number(sys("publish/messages/sent"))).toBeGreaterThan(0);
+    // Every byte on the wire, both ways: at least the three publishes' and the watcher's deliveries'.
+    await until(() => Number(sys("bytes/received")) === broker.stats().bytesIn, "the bytes received to settle");
+    expect(Number(sys("bytes/received"))).toBeGreaterThan(3 * "sensors/a/t0".length);
+    expect(Number(sys("bytes/sent"))).toBeGreaterThan(Number(sys("publish/messages/sent")) * "$SYS/broker/".length);
   });
 
   test("a subscriber never sees a count go back: the retained copy cannot land after a newer refresh", async () => {
@@ -211,6 +215,8 @@ describe("SysTree", () => {
     sent: 4,
     dropped: 0,
     sessionsExpired: 1,
+    bytesReceived: 1234,
+    bytesSent: 99.5,
   };
 
   test("the messages use Mosquitto's names; whole numbers, the maximum never below the connected", () => {
@@ -225,6 +231,8 @@ describe("SysTree", () => {
       "$SYS/broker/publish/messages/received": "10",
       "$SYS/broker/publish/messages/sent": "4",
       "$SYS/broker/publish/messages/dropped": "0",
+      "$SYS/broker/bytes/received": "1234",
+      "$SYS/broker/bytes/sent": "99",
     });
   });
 
@@ -236,7 +244,7 @@ describe("SysTree", () => {
       () => now,
       (topic) => sent.push(topic),
     );
-    expect(tree.refresh()).toBe(10);
+    expect(tree.refresh()).toBe(12);
     expect(tree.refresh()).toBe(0);
     now = { ...base, uptimeSeconds: 5, received: 11 };
     sent.length = 0;

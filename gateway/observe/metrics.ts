@@ -555,6 +555,18 @@ export class FleetMetrics {
         "max_offline_bytes or max_offline_bytes_total).",
       () => host.broker?.stats().offlineDropped,
     );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_bytes_received_total",
+      "Bytes the embedded broker received from client connections (MQTT, every listener).",
+      () => host.broker?.stats().bytesIn,
+    );
+    mirrorCounter(
+      this.registry,
+      "fleet_broker_bytes_sent_total",
+      "Bytes the embedded broker sent to client connections (MQTT, every listener).",
+      () => host.broker?.stats().bytesOut,
+    );
     new Gauge({
       name: "fleet_broker_offline_queued_messages",
       help: "Messages the embedded broker holds in clean = false sessions' queues (queued + in flight).",
