@@ -100,11 +100,14 @@ interface Outgoing {
 }
 
 /** `[broker] persistence` of broker "broker-1" (libsql on a fresh file), set up as aedes does. */
-async function opened(kind: "libsql" | "memory", maxOfflineMessages = 1000): Promise<Outgoing> {
+async function opened(
+  kind: "libsql" | "memory",
+  maxOfflineMessages = 1000,
+  maxOfflineBytesTotal = 0,
+): Promise<Outgoing> {
+  const bounds = { maxOfflineMessages, maxOfflineBytesTotal };
   const chosen = persistenceFor(
-    kind === "libsql"
-      ? { kind, path: join(dir, `p${n++}.db`), synchronous: "normal", maxOfflineMessages }
-      : { kind, maxOfflineMessages },
+    kind === "libsql" ? { kind, path: join(dir, `p${n++}.db`), synchronous: "normal", ...bounds } : { kind, ...bounds },
     pino({ level: "silent" }),
   )!;
   const base = chosen.aedes as Omit<Outgoing, "stats" | "destroy">;
@@ -276,6 +279,12 @@ for (const kind of ["libsql", "memory"] as const) {
       await p.outgoingUpdate(client, { ...published(4, 1), messageId: 4 });
       expect(p.stats()).toMatchObject({ queued: 2, queuedBytes: 4 });
       await p.destroy();
+      // Past max_offline_bytes_total the same, counted as dropped.
+      const bounded = await opened(kind, 100, 2);
+      await bounded.outgoingUpdate(client, { ...published(5, 1), messageId: 5 });
+      await bounded.outgoingUpdate(client, { ...published(6, 1), messageId: 6 });
+      expect(bounded.stats()).toEqual({ offlineDropped: 1, queued: 1, queuedBytes: 2 });
+      await bounded.destroy();
     });
 
     test("a message a full queue dropped still goes to the connected client live, without an error", async () => {

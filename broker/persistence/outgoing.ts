@@ -286,7 +286,8 @@ export class OutgoingQueues {
     const bytes = payloadBytes(packet);
     if (!this.hasRoom(clientId, queue, bytes)) {
       if (queue.length === 0) this.queues.delete(clientId);
-      this.droppedTotal++;
+      // Counted and logged as any drop; nothing to remember for a live send: this is it.
+      this.drop(clientId, String(packet.topic), { brokerId: null, brokerCounter: null, messageId: null });
       return null;
     }
     const entry: QueueEntry = {
