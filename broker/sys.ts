@@ -24,6 +24,8 @@ export interface SysSnapshot {
   readonly dropped: number;
   /** Persistent sessions ended by `session_expiry_days`. */
   readonly sessionsExpired: number;
+  /** Subscriptions held: connected clients' and those of persistent sessions whose client is away. */
+  readonly subscriptions: number;
   /** Bytes received from and sent to clients, all listeners. */
   readonly bytesReceived: number;
   readonly bytesSent: number;
@@ -40,6 +42,7 @@ export function sysMessages(s: SysSnapshot): Map<string, string> {
     [`${SYS_PREFIX}clients/total`, n(s.connected + s.disconnected)],
     [`${SYS_PREFIX}clients/expired`, n(s.sessionsExpired)],
     [`${SYS_PREFIX}clients/maximum`, n(Math.max(s.maximum, s.connected))],
+    [`${SYS_PREFIX}subscriptions/count`, n(s.subscriptions)],
     [`${SYS_PREFIX}publish/messages/received`, n(s.received)],
     [`${SYS_PREFIX}publish/messages/sent`, n(s.sent)],
     [`${SYS_PREFIX}publish/messages/dropped`, n(s.dropped)],

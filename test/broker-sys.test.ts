@@ -106,6 +106,49 @@ describe("the $SYS/broker/ tree", () => {
     expect(sys("maximum")).toBe("2");
   });
 
+  for (const kind of ["memory", "libsql"] as const) {
+    test(`subscriptions/count: connected clients' and away sessions' (${kind})`, async () => {
+      const persistence =
+        kind === "memory"
+          ? ({ kind, maxOfflineMessages: 100 } as const)
+          : ({ kind, path: join(dir, `subs-${kind}.db`), synchronous: "full", maxOfflineMessages: 100 } as const);
+      const broker = await kit.start({ sysIntervalMs: INTERVAL_MS, persistence });
+      const w = await watch(broker, "$SYS/broker/subscriptions/count");
+      const count = () => w.latest.get("$SYS/broker/subscriptions/count");
+      const away = await kit.client(broker, { clientId: "away", clean: false });
+      await away.subscribeAsync(["a/#", "b/#"], { qos: 1 });
+      await away.subscribeAsync("a/#", { qos: 0 }); // the same filter again: still one
+      await away.endAsync();
+      const here = await kit.client(broker, { clientId: "here" });
+      await here.subscribeAsync("x/#", { qos: 0 });
+      // The watcher's own, the away session's two, and one of a connected clean session.
+      await until(() => count() === "4", "4 subscriptions");
+      await here.unsubscribeAsync("x/#");
+      await until(() => count() === "3", "3 once x/# is gone");
+      await here.endAsync();
+      const back = await kit.client(broker, { clientId: "away", clean: false });
+      await back.unsubscribeAsync("b/#");
+      await until(() => count() === "2", "2 once b/# is gone");
+      // A clean session 1 CONNECT ends the session and its subscriptions.
+      await back.endAsync();
+      await kit.client(broker, { clientId: "away", clean: true });
+      await until(() => count() === "1", "the watcher's alone");
+    });
+  }
+
+  test("subscriptions/count after a restart counts the sessions broker.db kept", async () => {
+    const path = join(dir, "subs-restart.db");
+    const persistence = { kind: "libsql", path, synchronous: "full", maxOfflineMessages: 100 } as const;
+    const first = await kit.start({ sysIntervalMs: INTERVAL_MS, persistence });
+    const away = await kit.client(first, { clientId: "away", clean: false });
+    await away.subscribeAsync(["a/#", "b/#"], { qos: 1 });
+    await away.endAsync();
+    await first.close();
+    const second = await kit.start({ sysIntervalMs: INTERVAL_MS, persistence });
+    const w = await watch(second, "$SYS/broker/subscriptions/count");
+    await until(() => w.latest.get("$SYS/broker/subscriptions/count") === "3", "the two kept and the watcher's");
+  });
+
   test("$SYS/# shows the counts only: aedes' own events, which name clients, reach no one", async () => {
     const broker = await kit.start({ sysIntervalMs: INTERVAL_MS });
     const w = await watch(broker, "$SYS/#");
@@ -217,6 +260,7 @@ describe("SysTree", () => {
     sessionsExpired: 1,
     bytesReceived: 1234,
     bytesSent: 99.5,
+    subscriptions: 7,
   };
 
   test("the messages use Mosquitto's names; whole numbers, the maximum never below the connected", () => {
@@ -228,6 +272,7 @@ describe("SysTree", () => {
       "$SYS/broker/clients/total": "5",
       "$SYS/broker/clients/expired": "1",
       "$SYS/broker/clients/maximum": "2",
+      "$SYS/broker/subscriptions/count": "7",
       "$SYS/broker/publish/messages/received": "10",
       "$SYS/broker/publish/messages/sent": "4",
       "$SYS/broker/publish/messages/dropped": "0",
@@ -244,7 +289,7 @@ describe("SysTree", () => {
       () => now,
       (topic) => sent.push(topic),
     );
-    expect(tree.refresh()).toBe(12);
+    expect(tree.refresh()).toBe(13);
     expect(tree.refresh()).toBe(0);
     now = { ...base, uptimeSeconds: 5, received: 11 };
     sent.length = 0;

@@ -38,6 +38,8 @@ export interface BrokerPersistence {
   readonly sessions: SessionExpiry;
   /** Drops a retained copy older than a message of its topic already sent live (./retained-order.ts). */
   readonly retained: RetainedOrder;
+  /** The subscriptions clean = false sessions hold, their clients connected or not. */
+  subscriptions(): number;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -71,6 +73,7 @@ export function persistenceFor(choice: PersistenceChoice | undefined, logger: Lo
     aedes: libsql,
     sessions: libsql,
     retained: libsql.retained,
+    subscriptions: () => libsql.subscriptionCount(),
     stats: () => libsql.stats(),
     destroy: () => libsql.destroy(),
   };

@@ -100,6 +100,8 @@ export class LibsqlPersistence implements SessionExpiry {
   private readonly trie = new SubscriptionTrie();
   /** clientId -> filter -> subscription, every persistent subscription (qos 0 too). */
   private readonly subs = new Map<string, Map<string, StoredSubscription>>();
+  /** The subscriptions in `subs`, all clients together. */
+  private subsCount = 0;
   /** Clients whose clean = false session exists, subscriptions or not (./sessions.ts); mirrors `sessions`. */
   private readonly sessions = new Set<string>();
   /** When each session was last in use; mirrors `sessions.seen_at`. */
@@ -333,6 +335,7 @@ export class LibsqlPersistence implements SessionExpiry {
       this.subs.set(clientId, stored);
     }
     const before = stored.get(sub.topic);
+    if (!before) this.subsCount++;
     if (before && before.qos > 0) this.trie.remove(clientId, sub.topic);
     stored.set(sub.topic, sub);
     if (sub.qos > 0) {
@@ -346,6 +349,7 @@ export class LibsqlPersistence implements SessionExpiry {
     if (!stored || !sub) return;
     if (sub.qos > 0) this.trie.remove(clientId, topic);
     stored.delete(topic);
+    this.subsCount--;
     if (stored.size === 0) this.subs.delete(clientId);
   }
 
@@ -393,6 +397,11 @@ export class LibsqlPersistence implements SessionExpiry {
     } else this.recordSeen(client.id, now);
     const subs = [...(this.subs.get(client.id)?.values() ?? [])].map((s) => ({ ...s }));
     return restoredSubscriptions(subs, existed);
+  }
+
+  /** The subscriptions clean = false sessions hold, their clients connected or not. */
+  subscriptionCount(): number {
+    return this.subsCount;
   }
 
   /** Number of QoS > 0 subscriptions and of clients with any subscription. */

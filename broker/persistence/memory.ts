@@ -38,6 +38,8 @@ export interface MemoryPersistence {
   readonly aedes: Memory;
   readonly sessions: SessionExpiry;
   readonly retained: RetainedOrder;
+  /** The subscriptions clean = false sessions hold, their clients connected or not. */
+  subscriptions(): number;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -113,12 +115,40 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   // aedes-persistence's types say callbacks; aedes 1.2.0 calls the async form, as above.
   const sessionState = base as unknown as {
     subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]>;
+    addSubscriptions(client: ClientRef, subs: readonly { topic: string }[]): Promise<unknown>;
+    removeSubscriptions(client: ClientRef, topics: readonly string[]): Promise<unknown>;
     cleanSubscriptions(client: ClientRef): Promise<unknown>;
     cleanIncoming(client: ClientRef): Promise<unknown>;
   };
   const baseSubscriptions = sessionState.subscriptionsByClient.bind(base);
-  const baseClean = sessionState.cleanSubscriptions.bind(base);
+  const baseAdd = sessionState.addSubscriptions.bind(base);
+  const baseRemove = sessionState.removeSubscriptions.bind(base);
+  const cleanAll = sessionState.cleanSubscriptions.bind(base);
+  // The topics each session subscribes to, counted as aedes' memory persistence keeps them ($SYS subscriptions).
+  const topics = new Map<string, Set<string>>();
+  let subscriptionCount = 0;
+  const baseClean = (client: ClientRef): Promise<unknown> => {
+    subscriptionCount -= topics.get(client.id)?.size ?? 0;
+    topics.delete(client.id);
+    return cleanAll(client);
+  };
   const presence = {
+    async addSubscriptions(client: ClientRef, subs: readonly { topic: string }[]): Promise<void> {
+      let held = topics.get(client.id);
+      if (!held) topics.set(client.id, (held = new Set()));
+      for (const { topic } of subs) {
+        if (held.has(topic)) continue;
+        held.add(topic);
+        subscriptionCount++;
+      }
+      await baseAdd(client, subs);
+    },
+    async removeSubscriptions(client: ClientRef, removed: readonly string[]): Promise<void> {
+      const held = topics.get(client.id);
+      for (const topic of removed) if (held?.delete(topic)) subscriptionCount--;
+      if (held?.size === 0) topics.delete(client.id);
+      await baseRemove(client, removed);
+    },
     async subscriptionsByClient(client: ClientRef): Promise<StoredSubscription[]> {
       const existed = sessions.has(client.id);
       sessions.add(client.id);
@@ -167,6 +197,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   return {
     aedes: base,
     retained,
+    subscriptions: () => subscriptionCount,
     sessions: expiry,
     stats: () => ({ offlineDropped: queues.dropped, queued: queues.size, queuedBytes: queues.bytes }),
     // Nothing to write or close: it is memory, gone with the process.

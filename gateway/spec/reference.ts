@@ -114,7 +114,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "never. Embedded broker only (refused with url). Read at start.",
   "broker.sys_interval":
     "Seconds between refreshes of the $SYS/broker/ tree (Mosquitto's sys_interval and names: version, uptime, " +
-    "clients/connected, clients/disconnected, clients/total, clients/maximum, clients/expired, " +
+    "clients/connected, clients/disconnected, clients/total, clients/maximum, clients/expired, subscriptions/count, " +
     "publish/messages/received, publish/messages/sent, publish/messages/dropped, bytes/received, bytes/sent), " +
     "retained, counts only (no client " +
     "id). A client may subscribe to $SYS/... filters where the devices file's ACL grants them (anonymous clients: " +
