@@ -19,16 +19,20 @@ export interface Transport {
   destroy(): void;
 }
 
+/** Bytes received from and sent to clients, every connection of a broker together ($SYS/broker/bytes/...). */
+export interface Traffic {
+  in: number;
+  out: number;
+}
+
 /** The stream aedes sees for one client connection. */
 export class GuardedConnection extends Duplex {
-  /** Bytes the transport delivered, and bytes aedes wrote ($SYS/broker/bytes/...). */
-  bytesIn = 0;
-  bytesOut = 0;
-
   constructor(
     private readonly transport: Transport,
     private readonly guard: PacketSizeGuard,
     private readonly onViolation: (v: GuardViolation) => void,
+    /** Where the bytes this connection receives and sends are counted. */
+    private readonly traffic: Traffic = { in: 0, out: 0 },
   ) {
     super({ allowHalfOpen: false });
   }
@@ -36,7 +40,7 @@ export class GuardedConnection extends Duplex {
   /** Inbound bytes from the transport. A violating chunk is dropped whole and the connection destroyed. */
   receive(chunk: Uint8Array): void {
     if (this.destroyed) return;
-    this.bytesIn += chunk.byteLength;
+    this.traffic.in += chunk.byteLength;
     const verdict = this.guard.feed(chunk);
     if (!verdict.ok) {
       // Destroy first so not one more byte of the announced packet is read or buffered.
@@ -70,7 +74,7 @@ export class GuardedConnection extends Duplex {
   }
 
   override _write(chunk: Buffer, _enc: BufferEncoding, done: (err?: Error | null) => void): void {
-    this.bytesOut += chunk.byteLength;
+    this.traffic.out += chunk.byteLength;
     this.transport.write(chunk, done);
   }
 
@@ -80,7 +84,7 @@ export class GuardedConnection extends Duplex {
    */
   override _writev(chunks: { chunk: Buffer }[], done: (err?: Error | null) => void): void {
     const bytes = chunks.length === 1 ? chunks[0]!.chunk : Buffer.concat(chunks.map((c) => c.chunk));
-    this.bytesOut += bytes.byteLength;
+    this.traffic.out += bytes.byteLength;
     this.transport.write(bytes, done);
   }
 

@@ -3,8 +3,9 @@
  * interface, listening on guarded TCP and optionally WebSocket connections.
  */
 import { Aedes, type Client, type PublishPacket } from "aedes";
+import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
-import { type GuardedConnection, type GuardViolation, parseInSlices, type SliceableClient } from "./connection.ts";
+import { type GuardViolation, parseInSlices, type SliceableClient, type Traffic } from "./connection.ts";
 import { createHooks, type HookState } from "./hooks.ts";
 import { type SysSnapshot, SysTree } from "./sys.ts";
 import { persistenceFor, type BrokerPersistence } from "./persistence/index.ts";
@@ -46,9 +47,8 @@ class AedesBroker implements EmbeddedBroker {
   private invalid = 0;
   /** Open client connections and the limit past which new ones are refused. */
   private open = 0;
-  /** The open connections, and the bytes of those closed since start ($SYS/broker/bytes/...). */
-  private readonly conns = new Set<GuardedConnection>();
-  private readonly closedBytes = { in: 0, out: 0 };
+  /** Bytes received from and sent to clients since start, every listener ($SYS/broker/bytes/...). */
+  private readonly traffic: Traffic = { in: 0, out: 0 };
   private maxConnections: number;
   private connectionsRefused = 0;
   private lastRefusalLog = 0;
@@ -151,7 +151,8 @@ class AedesBroker implements EmbeddedBroker {
     });
     const hooks: ListenerHooks = {
       maxPacketBytes: opts.maxPacketBytes,
-      accept: (conn: GuardedConnection, remote: string, host: string) => this.accept(conn, remote, host),
+      traffic: this.traffic,
+      accept: (conn: Duplex, remote: string, host: string) => this.accept(conn, remote, host),
       violation: (v: GuardViolation, remote: string) => this.onViolation(v, remote),
     };
     this.tcp = new TcpListener(hooks);
@@ -307,7 +308,8 @@ class AedesBroker implements EmbeddedBroker {
       oversized: this.oversized,
       invalid: this.invalid,
       connections: this.open,
-      ...this.bytes(),
+      bytesIn: this.traffic.in,
+      bytesOut: this.traffic.out,
       connectionsRefused: this.connectionsRefused,
       loginsRefused: this.state.loginsRefused,
       loginsBusy: this.state.loginsBusy,
@@ -317,17 +319,6 @@ class AedesBroker implements EmbeddedBroker {
       sessions: this.persistence.sessions.count(),
       sessionsExpired: this.sessionsExpired,
     };
-  }
-
-  /** Bytes received from and sent to clients since start, open connections included. */
-  private bytes(): { bytesIn: number; bytesOut: number } {
-    let bytesIn = this.closedBytes.in;
-    let bytesOut = this.closedBytes.out;
-    for (const c of this.conns) {
-      bytesIn += c.bytesIn;
-      bytesOut += c.bytesOut;
-    }
-    return { bytesIn, bytesOut };
   }
 
   setMaxConnections(max: number): void {
@@ -372,7 +363,7 @@ class AedesBroker implements EmbeddedBroker {
   }
 
   /** A new transport connection: counted, refused past `maxConnections`, else handed to aedes. */
-  private accept(conn: GuardedConnection, remote: string, host: string): void {
+  private accept(conn: Duplex, remote: string, host: string): void {
     if (this.lifecycle === "closed") {
       conn.destroy();
       return;
@@ -396,13 +387,7 @@ class AedesBroker implements EmbeddedBroker {
       }
     }
     this.open++;
-    this.conns.add(conn);
-    conn.once("close", () => {
-      this.open--;
-      this.conns.delete(conn);
-      this.closedBytes.in += conn.bytesIn;
-      this.closedBytes.out += conn.bytesOut;
-    });
+    conn.once("close", () => this.open--);
     const client = this.aedes.handle(conn) as Client;
     this.state.hosts.set(client, host);
     parseInSlices(client as unknown as SliceableClient, () => conn.destroyed);

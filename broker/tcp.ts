@@ -4,14 +4,17 @@
  */
 import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer } from "node:tls";
+import type { Duplex } from "node:stream";
 import { PacketSizeGuard } from "./guard.ts";
-import { GuardedConnection, type GuardViolation } from "./connection.ts";
+import { GuardedConnection, type GuardViolation, type Traffic } from "./connection.ts";
 
 /** What a listener needs from the broker. */
 export interface ListenerHooks {
   readonly maxPacketBytes: number;
+  /** Where every connection's bytes are counted. */
+  readonly traffic: Traffic;
   /** Hand a guarded connection to aedes; `host` is its peer's address (`remote` adds the port where there is one). */
-  accept(conn: GuardedConnection, remote: string, host: string): void;
+  accept(conn: Duplex, remote: string, host: string): void;
   /** The guard closed a connection. */
   violation(v: GuardViolation, remote: string): void;
 }
@@ -89,7 +92,12 @@ export class TcpListener {
     socket.setNoDelay(true);
     const remote = `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? "?"}`;
     const guard = new PacketSizeGuard(this.hooks.maxPacketBytes);
-    const conn = new GuardedConnection(socketTransport(socket), guard, (v) => this.hooks.violation(v, remote));
+    const conn = new GuardedConnection(
+      socketTransport(socket),
+      guard,
+      (v) => this.hooks.violation(v, remote),
+      this.hooks.traffic,
+    );
     socket.on("data", (chunk: Buffer) => conn.receive(chunk));
     socket.on("end", () => conn.receiveEnd());
     socket.on("error", (err) => conn.destroy(err));

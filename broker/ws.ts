@@ -77,7 +77,8 @@ export class WsListener {
         maxPayloadLength: maxFrame,
         open(ws) {
           const guard = new PacketSizeGuard(hooks.maxPacketBytes);
-          const conn = new GuardedConnection(wsTransport(ws), guard, (v) => hooks.violation(v, ws.data.remote));
+          const remote = ws.data.remote;
+          const conn = new GuardedConnection(wsTransport(ws), guard, (v) => hooks.violation(v, remote), hooks.traffic);
           ws.data.conn = conn;
           hooks.accept(conn, ws.data.remote, ws.data.remote);
         },

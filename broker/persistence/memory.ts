@@ -123,14 +123,14 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   const baseSubscriptions = sessionState.subscriptionsByClient.bind(base);
   const baseAdd = sessionState.addSubscriptions.bind(base);
   const baseRemove = sessionState.removeSubscriptions.bind(base);
-  const cleanAll = sessionState.cleanSubscriptions.bind(base);
+  const cleanBase = sessionState.cleanSubscriptions.bind(base);
   // The topics each session subscribes to, counted as aedes' memory persistence keeps them ($SYS subscriptions).
   const topics = new Map<string, Set<string>>();
   let subscriptionCount = 0;
-  const baseClean = (client: ClientRef): Promise<unknown> => {
+  const cleanCounted = (client: ClientRef): Promise<unknown> => {
     subscriptionCount -= topics.get(client.id)?.size ?? 0;
     topics.delete(client.id);
-    return cleanAll(client);
+    return cleanBase(client);
   };
   const presence = {
     async addSubscriptions(client: ClientRef, subs: readonly { topic: string }[]): Promise<void> {
@@ -158,7 +158,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     async cleanSubscriptions(client: ClientRef): Promise<void> {
       sessions.delete(client.id);
       ages.forget(client.id);
-      await baseClean(client);
+      await cleanCounted(client);
     },
   };
   const expiry: SessionExpiry = {
@@ -173,7 +173,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
         queues.dropClient(id);
       }
       // Started together, in this turn: aedes' memory persistence does its work before its first await.
-      await Promise.all(due.flatMap((id) => [baseClean({ id }), sessionState.cleanIncoming({ id })]));
+      await Promise.all(due.flatMap((id) => [cleanCounted({ id }), sessionState.cleanIncoming({ id })]));
       return due;
     },
     count: () => sessions.size,
@@ -186,14 +186,14 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   };
   const baseStore = retainedBase.storeRetained.bind(base);
   const baseStream = retainedBase.createRetainedStreamCombi.bind(base);
-  const retainedReads = {
+  const retainedInOrder = {
     storeRetained(packet: StoredPacket): Promise<void> {
       retained.stored(String(packet.topic));
       return baseStore(packet);
     },
     createRetainedStreamCombi: (patterns: readonly string[]) => retained.stream(baseStream(patterns)),
   };
-  Object.assign(base, outgoing, presence, retainedReads);
+  Object.assign(base, outgoing, presence, retainedInOrder);
   return {
     aedes: base,
     retained,

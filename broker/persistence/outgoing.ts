@@ -294,7 +294,6 @@ export class OutgoingQueues {
       brokerId: (packet.brokerId as string | undefined) ?? null,
       brokerCounter: num(packet.brokerCounter),
       messageId: num(packet.messageId),
-      packet,
       bytes,
       inFlight: packet,
       sent: ++this.sends,
