@@ -74,6 +74,9 @@ class AedesBroker implements EmbeddedBroker {
   /** The `$SYS/broker/` tree (`sysIntervalMs`), when on; the most clients connected at once, and since when. */
   private readonly sys: SysTree | null;
   private maxClients = 0;
+  /** Since the start: CONNECTs accepted, and transport connections opened ($SYS/broker/load/...). */
+  private connects = 0;
+  private sockets = 0;
   private startedAt = Date.now();
 
   constructor(private readonly opts: BrokerOptions) {
@@ -111,6 +114,7 @@ class AedesBroker implements EmbeddedBroker {
     if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
     willsOnTakeover(this.aedes);
     this.aedes.on("client", () => {
+      this.connects++;
       this.maxClients = Math.max(this.maxClients, this.aedes.connectedClients ?? 0);
     });
     const sysMs = opts.sysIntervalMs ?? 0;
@@ -191,7 +195,7 @@ class AedesBroker implements EmbeddedBroker {
     await this.aedes.listen();
     // Before the listeners open: the first client to subscribe finds the whole tree retained.
     this.startedAt = Date.now();
-    this.sys?.start();
+    await this.sys?.start();
     this.boundPort = await this.tcp.listen(this.opts.host, this.opts.port);
     if (this.ws && this.opts.wsPort != null) {
       this.boundWsPort = await this.ws.listen(this.opts.host, this.opts.wsPort);
@@ -261,7 +265,7 @@ class AedesBroker implements EmbeddedBroker {
   }
 
   /** What `$SYS/broker/` shows now (./sys.ts). */
-  private sysSnapshot(): SysSnapshot {
+  private async sysSnapshot(): Promise<SysSnapshot> {
     // aedes' Client type leaves out `subscriptions` (by filter), which its handlers keep on every client.
     type Held = Client & { readonly subscriptions: Record<string, unknown> };
     const clients = Object.values((this.aedes as unknown as { clients: Record<string, Held> }).clients);
@@ -279,6 +283,9 @@ class AedesBroker implements EmbeddedBroker {
       received: stats.messagesIn,
       sent: stats.messagesOut,
       subscriptions: this.persistence.subscriptions() + cleanSubscriptions,
+      retained: await this.persistence.retainedCount(),
+      connects: this.connects,
+      sockets: this.sockets,
       bytesReceived: stats.bytesIn ?? 0,
       bytesSent: stats.bytesOut ?? 0,
       dropped: stats.dropped + stats.offlineDropped,
@@ -387,6 +394,7 @@ class AedesBroker implements EmbeddedBroker {
       }
     }
     this.open++;
+    this.sockets++;
     conn.once("close", () => this.open--);
     const client = this.aedes.handle(conn) as Client;
     this.state.hosts.set(client, host);

@@ -15,7 +15,7 @@ export type {
 } from "./types.ts";
 export { BrokerBusy, PublishRefused } from "./types.ts";
 export { createEmbeddedBroker, type EmbeddedBroker } from "./embedded.ts";
-export { SYS_PREFIX, type SysSnapshot, SysTree, sysMessages } from "./sys.ts";
+export { LoadAverages, SYS_PREFIX, type SysSnapshot, SysTree, sysMessages } from "./sys.ts";
 export {
   createExternalBroker,
   type ExternalBrokerOptions,

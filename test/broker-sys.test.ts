@@ -9,7 +9,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { MqttClient } from "mqtt";
-import { type EmbeddedBroker, SysTree, sysMessages, type SysSnapshot } from "../broker/index.ts";
+import { type EmbeddedBroker, LoadAverages, SysTree, sysMessages, type SysSnapshot } from "../broker/index.ts";
 import { BrokerKit } from "./helpers/broker.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "broker-sys-"));
@@ -149,6 +149,58 @@ describe("the $SYS/broker/ tree", () => {
     await until(() => w.latest.get("$SYS/broker/subscriptions/count") === "3", "the two kept and the watcher's");
   });
 
+  for (const kind of ["memory", "libsql"] as const) {
+    test(`retained messages/count: devices' and the tree's own, an empty payload clears one (${kind})`, async () => {
+      const persistence =
+        kind === "memory"
+          ? ({ kind, maxOfflineMessages: 100 } as const)
+          : ({ kind, path: join(dir, `retained-${kind}.db`), synchronous: "full", maxOfflineMessages: 100 } as const);
+      const broker = await kit.start({ sysIntervalMs: INTERVAL_MS, persistence });
+      const w = await watch(broker, "$SYS/broker/#");
+      const count = () => w.latest.get("$SYS/broker/retained messages/count");
+      // Every topic of the tree is retained; the watcher got each one.
+      const tree = () => new Set(w.all.map((m) => m.topic)).size;
+      await until(() => count() === String(tree()) && tree() === 35, "the tree's own");
+      const pub = await kit.client(broker, { clientId: "device-1" });
+      await pub.publishAsync("status/a", "on", { qos: 1, retain: true });
+      await pub.publishAsync("status/b", "on", { qos: 0, retain: true });
+      await pub.publishAsync("status/a", "off", { qos: 1, retain: true }); // replaced: still one
+      await pub.publishAsync("events/x", "not kept", { qos: 1 });
+      await until(() => count() === "37", "two more");
+      await pub.publishAsync("status/b", "", { qos: 1, retain: true });
+      await until(() => count() === "36", "one cleared");
+    });
+  }
+
+  test("retained messages/count after a restart counts what broker.db kept", async () => {
+    const path = join(dir, "retained-restart.db");
+    const persistence = { kind: "libsql", path, synchronous: "full", maxOfflineMessages: 100 } as const;
+    const first = await kit.start({ sysIntervalMs: INTERVAL_MS, persistence });
+    const pub = await kit.client(first, { clientId: "device-1" });
+    for (const t of ["a", "b", "c"]) await pub.publishAsync(`status/${t}`, "on", { qos: 1, retain: true });
+    await first.close();
+    const second = await kit.start({ sysIntervalMs: INTERVAL_MS, persistence });
+    const w = await watch(second, "$SYS/broker/retained messages/count");
+    await until(() => w.latest.get("$SYS/broker/retained messages/count") === String(35 + 3), "the tree's and 3");
+  });
+
+  test("load/*: per-minute rates of publishes, bytes, connections and sockets, with two decimals", async () => {
+    const broker = await kit.start({ sysIntervalMs: INTERVAL_MS });
+    const w = await watch(broker, "$SYS/broker/load/#");
+    const load = (k: string) => w.latest.get(`$SYS/broker/load/${k}`);
+    await until(() => w.latest.size === 21, "the 21 loads");
+    const pub = await kit.client(broker, { clientId: "device-1" });
+    for (let i = 0; i < 20; i++) await pub.publishAsync("sensors/a/t", `${i}`, { qos: 1 });
+    await until(() => Number(load("publish/received/1min")) > 0, "a publish load");
+    for (const k of ["publish/received", "bytes/received", "connections", "sockets"])
+      for (const window of ["1min", "5min", "15min"]) expect(load(`${k}/${window}`)).toMatch(/^\d+\.\d\d$/);
+    expect(Number(load("connections/1min"))).toBeGreaterThan(0);
+    expect(Number(load("sockets/1min"))).toBeGreaterThan(0);
+    // The shorter the window, the faster it rises.
+    expect(Number(load("publish/received/1min"))).toBeGreaterThan(Number(load("publish/received/15min")));
+    expect(load("publish/dropped/1min")).toBe("0.00");
+  });
+
   test("$SYS/# shows the counts only: aedes' own events, which name clients, reach no one", async () => {
     const broker = await kit.start({ sysIntervalMs: INTERVAL_MS });
     const w = await watch(broker, "$SYS/#");
@@ -156,7 +208,7 @@ describe("the $SYS/broker/ tree", () => {
     const other = await kit.client(broker, { clientId: "secret-device-id" });
     await other.subscribeAsync("a/b", { qos: 0 });
     await other.endAsync();
-    await until(() => w.latest.get("$SYS/broker/clients/connected") === "1" && w.all.length > 12, "refreshes");
+    await until(() => w.latest.get("$SYS/broker/clients/connected") === "1" && w.all.length > 35, "refreshes");
     await Bun.sleep(4 * INTERVAL_MS);
     expect(w.all.every((m) => m.topic.startsWith("$SYS/broker/"))).toBe(true);
     expect(w.all.some((m) => m.payload.includes("secret-device-id"))).toBe(false);
@@ -247,6 +299,55 @@ describe("the $SYS/broker/ tree", () => {
   });
 });
 
+describe("LoadAverages", () => {
+  const zero: SysSnapshot = {
+    version: "v",
+    uptimeSeconds: 0,
+    connected: 0,
+    maximum: 0,
+    disconnected: 0,
+    received: 0,
+    sent: 0,
+    dropped: 0,
+    sessionsExpired: 0,
+    bytesReceived: 0,
+    bytesSent: 0,
+    subscriptions: 0,
+    retained: 0,
+    connects: 0,
+    sockets: 0,
+  };
+  const load = (m: Map<string, string>, name: string) =>
+    ["1min", "5min", "15min"].map((w) => m.get(`$SYS/broker/load/${name}/${w}`));
+
+  test("every load starts at 0.00, under Mosquitto's names", () => {
+    const m = new LoadAverages().update(0, zero);
+    expect([...m.keys()].toSorted()).toEqual(
+      ["bytes/received", "bytes/sent", "connections", "publish/dropped", "publish/received", "publish/sent", "sockets"]
+        .flatMap((n) => ["1min", "5min", "15min"].map((w) => `$SYS/broker/load/${n}/${w}`))
+        .toSorted(),
+    );
+    expect(new Set(m.values())).toEqual(new Set(["0.00"]));
+  });
+
+  test("a minute at 600 per minute moves each window by its time constant (1 - e^(-1), -1/5, -1/15)", () => {
+    const loads = new LoadAverages();
+    loads.update(0, zero);
+    const m = loads.update(60_000, { ...zero, received: 600 });
+    expect(load(m, "publish/received")).toEqual(["379.27", "108.76", "38.70"]);
+    expect(load(m, "publish/sent")).toEqual(["0.00", "0.00", "0.00"]);
+  });
+
+  test("a steady rate is what every window settles on; a clock that goes back adds nothing", () => {
+    const loads = new LoadAverages();
+    let m = loads.update(0, zero);
+    for (let s = 10; s <= 3 * 3600; s += 10) m = loads.update(s * 1000, { ...zero, sockets: s * 2 });
+    expect(load(m, "sockets")).toEqual(["120.00", "120.00", "120.00"]);
+    const back = loads.update(1000, { ...zero, sockets: 3 * 3600 * 2 + 500 });
+    expect(load(back, "sockets")).toEqual(["120.00", "120.00", "120.00"]);
+  });
+});
+
 describe("SysTree", () => {
   const base: SysSnapshot = {
     version: "v",
@@ -261,6 +362,9 @@ describe("SysTree", () => {
     bytesReceived: 1234,
     bytesSent: 99.5,
     subscriptions: 7,
+    retained: 5,
+    connects: 3,
+    sockets: 4,
   };
 
   test("the messages use Mosquitto's names; whole numbers, the maximum never below the connected", () => {
@@ -273,6 +377,7 @@ describe("SysTree", () => {
       "$SYS/broker/clients/expired": "1",
       "$SYS/broker/clients/maximum": "2",
       "$SYS/broker/subscriptions/count": "7",
+      "$SYS/broker/retained messages/count": "5",
       "$SYS/broker/publish/messages/received": "10",
       "$SYS/broker/publish/messages/sent": "4",
       "$SYS/broker/publish/messages/dropped": "0",
@@ -281,20 +386,47 @@ describe("SysTree", () => {
     });
   });
 
-  test("refresh publishes the whole tree first, then what changed", () => {
+  test("refresh publishes the whole tree first, then what changed", async () => {
     let now = base;
+    let clock = 0;
     const sent: string[] = [];
     const tree = new SysTree(
       1000,
       () => now,
       (topic) => sent.push(topic),
+      () => clock,
     );
-    expect(tree.refresh()).toBe(13);
-    expect(tree.refresh()).toBe(0);
+    // 14 counts and 7 loads over 3 windows.
+    expect(await tree.refresh()).toBe(14 + 21);
+    clock = 1000;
+    expect(await tree.refresh()).toBe(0);
     now = { ...base, uptimeSeconds: 5, received: 11 };
+    clock = 2000;
     sent.length = 0;
-    expect(tree.refresh()).toBe(2);
-    expect(sent).toEqual(["$SYS/broker/uptime", "$SYS/broker/publish/messages/received"]);
+    expect(await tree.refresh()).toBe(5);
+    expect(sent).toEqual([
+      "$SYS/broker/uptime",
+      "$SYS/broker/publish/messages/received",
+      "$SYS/broker/load/publish/received/1min",
+      "$SYS/broker/load/publish/received/5min",
+      "$SYS/broker/load/publish/received/15min",
+    ]);
+  });
+
+  test("a refresh asked for while one waits on its snapshot is that one, and none publishes after stop", async () => {
+    const sent: string[] = [];
+    let release = () => {};
+    const tree = new SysTree(
+      1000,
+      () => new Promise<SysSnapshot>((resolve) => (release = () => resolve(base))),
+      (topic) => sent.push(topic),
+    );
+    const first = tree.refresh();
+    expect(tree.refresh()).toBe(first);
+    tree.stop();
+    release();
+    expect(await first).toBe(0);
+    expect(sent).toEqual([]);
   });
 
   test("an interval that is not positive is refused", () => {

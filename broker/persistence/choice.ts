@@ -40,6 +40,8 @@ export interface BrokerPersistence {
   readonly retained: RetainedOrder;
   /** The subscriptions clean = false sessions hold, their clients connected or not. */
   subscriptions(): number;
+  /** The retained messages held, `$SYS` ones included; never rejects. */
+  retainedCount(): number | Promise<number>;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -74,6 +76,7 @@ export function persistenceFor(choice: PersistenceChoice | undefined, logger: Lo
     sessions: libsql,
     retained: libsql.retained,
     subscriptions: () => libsql.subscriptionCount(),
+    retainedCount: () => libsql.retainedCount(),
     stats: () => libsql.stats(),
     destroy: () => libsql.destroy(),
   };

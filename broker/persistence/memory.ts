@@ -40,6 +40,8 @@ export interface MemoryPersistence {
   readonly retained: RetainedOrder;
   /** The subscriptions clean = false sessions hold, their clients connected or not. */
   subscriptions(): number;
+  /** The retained messages held, `$SYS` ones included. */
+  retainedCount(): number;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }
@@ -180,6 +182,8 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   };
   // Retained copies sent to a new subscription, stamped to be dropped when older than a live message.
   const retained = new RetainedOrder();
+  // aedes' store keeps its map private; the topics it holds, mirrored to count them.
+  const retainedTopics = new Set<string>();
   const retainedBase = base as unknown as {
     storeRetained(packet: StoredPacket): Promise<void>;
     createRetainedStreamCombi(patterns: readonly string[]): Readable;
@@ -188,7 +192,10 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
   const baseStream = retainedBase.createRetainedStreamCombi.bind(base);
   const retainedInOrder = {
     storeRetained(packet: StoredPacket): Promise<void> {
-      retained.stored(String(packet.topic));
+      const topic = String(packet.topic);
+      retained.stored(topic);
+      if (payloadBytes(packet) === 0) retainedTopics.delete(topic);
+      else retainedTopics.add(topic);
       return baseStore(packet);
     },
     createRetainedStreamCombi: (patterns: readonly string[]) => retained.stream(baseStream(patterns)),
@@ -198,6 +205,7 @@ export function memoryPersistence(opts: MemoryPersistenceOptions): MemoryPersist
     aedes: base,
     retained,
     subscriptions: () => subscriptionCount,
+    retainedCount: () => retainedTopics.size,
     sessions: expiry,
     stats: () => ({ offlineDropped: queues.dropped, queued: queues.size, queuedBytes: queues.bytes }),
     // Nothing to write or close: it is memory, gone with the process.

@@ -115,7 +115,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.sys_interval":
     "Seconds between refreshes of the $SYS/broker/ tree (Mosquitto's sys_interval and names: version, uptime, " +
     "clients/connected, clients/disconnected, clients/total, clients/maximum, clients/expired, subscriptions/count, " +
-    "publish/messages/received, publish/messages/sent, publish/messages/dropped, bytes/received, bytes/sent), " +
+    "retained messages/count, publish/messages/received, publish/messages/sent, publish/messages/dropped, " +
+    "bytes/received, bytes/sent, and load/<counter>/{1min,5min,15min}: docs/broker.md), " +
     "retained, counts only (no client " +
     "id). A client may subscribe to $SYS/... filters where the devices file's ACL grants them (anonymous clients: " +
     "always). 0: no tree, and $SYS filters are refused (0x80). Read at start. Embedded broker only (refused with url).",
