@@ -195,7 +195,7 @@ class AedesBroker implements EmbeddedBroker {
     await this.aedes.listen();
     // Before the listeners open: the first client to subscribe finds the whole tree retained.
     this.startedAt = Date.now();
-    await this.sys?.start();
+    this.sys?.start();
     this.boundPort = await this.tcp.listen(this.opts.host, this.opts.port);
     if (this.ws && this.opts.wsPort != null) {
       this.boundWsPort = await this.ws.listen(this.opts.host, this.opts.wsPort);
@@ -265,7 +265,7 @@ class AedesBroker implements EmbeddedBroker {
   }
 
   /** What `$SYS/broker/` shows now (./sys.ts). */
-  private async sysSnapshot(): Promise<SysSnapshot> {
+  private sysSnapshot(): SysSnapshot {
     // aedes' Client type leaves out `subscriptions` (by filter), which its handlers keep on every client.
     type Held = Client & { readonly subscriptions: Record<string, unknown> };
     const clients = Object.values((this.aedes as unknown as { clients: Record<string, Held> }).clients);
@@ -283,7 +283,7 @@ class AedesBroker implements EmbeddedBroker {
       received: stats.messagesIn,
       sent: stats.messagesOut,
       subscriptions: this.persistence.subscriptions() + cleanSubscriptions,
-      retained: await this.persistence.retainedCount(),
+      retained: stats.retainedMessages ?? 0,
       connects: this.connects,
       sockets: this.sockets,
       bytesReceived: stats.bytesIn ?? 0,
@@ -323,6 +323,7 @@ class AedesBroker implements EmbeddedBroker {
       offlineDropped: persisted.offlineDropped,
       offlineQueued: persisted.queued,
       offlineQueuedBytes: persisted.queuedBytes,
+      retainedMessages: this.persistence.retainedCount(),
       sessions: this.persistence.sessions.count(),
       sessionsExpired: this.sessionsExpired,
     };

@@ -117,14 +117,10 @@ export class SysTree {
   private timer: ReturnType<typeof setInterval> | null = null;
   private readonly last = new Map<string, string>();
   private readonly loads = new LoadAverages();
-  /** The refresh under way: a slow snapshot (a count read from disk) is not started again over it. */
-  private refreshing: Promise<number> | null = null;
-  private stopped = false;
 
   constructor(
     private readonly intervalMs: number,
-    /** What to show; must not reject (a count it cannot read is its last known one). */
-    private readonly snapshot: () => SysSnapshot | Promise<SysSnapshot>,
+    private readonly snapshot: () => SysSnapshot,
     /** A retained QoS 0 publish to `topic`; must not throw. */
     private readonly publish: (topic: string, payload: string) => void,
     /** Clock of the loads, ms. */
@@ -133,33 +129,23 @@ export class SysTree {
     if (!(intervalMs > 0)) throw new RangeError(`the $SYS interval must be > 0 ms, got ${intervalMs}`);
   }
 
-  /** Starts the refreshes; resolves when the first one is published. */
-  async start(): Promise<void> {
-    if (this.timer !== null || this.stopped) return;
-    this.timer = setInterval(() => this.refresh().catch(() => undefined), this.intervalMs);
+  start(): void {
+    if (this.timer !== null) return;
+    this.refresh();
+    this.timer = setInterval(() => this.refresh(), this.intervalMs);
     this.timer.unref();
-    await this.refresh();
   }
 
-  /** No refresh publishes anything after this, one under way included. */
   stop(): void {
-    this.stopped = true;
     if (this.timer !== null) clearInterval(this.timer);
     this.timer = null;
   }
 
-  /** Publish what changed since the last refresh; resolves to how many topics were published. */
-  refresh(): Promise<number> {
-    this.refreshing ??= this.publishChanges().finally(() => (this.refreshing = null));
-    return this.refreshing;
-  }
-
-  private async publishChanges(): Promise<number> {
-    const snapshot = await this.snapshot();
-    if (this.stopped) return 0;
+  /** Publish what changed since the last refresh; returns how many topics were published. */
+  refresh(): number {
+    const snapshot = this.snapshot();
     let published = 0;
-    const messages = [...sysMessages(snapshot), ...this.loads.update(this.now(), snapshot)];
-    for (const [topic, payload] of messages) {
+    for (const [topic, payload] of [...sysMessages(snapshot), ...this.loads.update(this.now(), snapshot)]) {
       if (this.last.get(topic) === payload) continue;
       this.last.set(topic, payload);
       this.publish(topic, payload);

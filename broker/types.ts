@@ -199,6 +199,8 @@ export interface BrokerStats {
   /** Embedded broker only: messages held in sessions' queues (queued + in flight), and their payload bytes. */
   readonly offlineQueued?: number;
   readonly offlineQueuedBytes?: number;
+  /** Embedded broker only: retained messages held, the `$SYS/broker/` tree's own included. */
+  readonly retainedMessages?: number;
   /** Embedded broker only: clean = false sessions held, connected or not. */
   readonly sessions?: number;
   /** Embedded broker only: sessions ended because their client stayed away (`sessionExpiryMs`). */

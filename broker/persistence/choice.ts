@@ -40,8 +40,8 @@ export interface BrokerPersistence {
   readonly retained: RetainedOrder;
   /** The subscriptions clean = false sessions hold, their clients connected or not. */
   subscriptions(): number;
-  /** The retained messages held, `$SYS` ones included; never rejects. */
-  retainedCount(): number | Promise<number>;
+  /** The retained messages held, `$SYS` ones included. */
+  retainedCount(): number;
   stats(): PersistenceStats;
   destroy(): Promise<void>;
 }

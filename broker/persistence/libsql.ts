@@ -29,7 +29,7 @@ import { type ClientRef, num, OutgoingQueues, payloadBytes, type QueueEntry } fr
 import { RetainedOrder } from "./retained-order.ts";
 import { BROKER_SCHEMA_VERSION } from "./schema.ts";
 import { restoredSubscriptions, SessionAges, type SessionExpiry } from "./sessions.ts";
-import { DbThread, TooNewOnThread } from "./thread.ts";
+import { DbThread, type PlainResult, TooNewOnThread } from "./thread.ts";
 import { SubscriptionTrie, type TopicSubscription } from "./trie.ts";
 import { SerialWriter } from "./writer.ts";
 
@@ -124,8 +124,8 @@ export class LibsqlPersistence implements SessionExpiry {
    * box, its flash) every refresh for nothing a restart needs.
    */
   private readonly sysRetained = new Map<string, StoredPacket>();
-  /** broker.db's retained rows at the last `retainedCount()`. */
-  private lastRetainedCount = 0;
+  /** broker.db's retained rows: counted at setup, then kept by each store and delete. */
+  private retainedRows = 0;
 
   constructor(private readonly opts: LibsqlPersistenceOptions) {
     this.outgoing = new OutgoingQueues({
@@ -172,7 +172,7 @@ export class LibsqlPersistence implements SessionExpiry {
     }
     try {
       const now = this.now();
-      const [, , , , subs, queued, wills, incoming, sessions] = await db.batch([
+      const [, , , , subs, queued, wills, incoming, sessions, retained] = await db.batch([
         // Time the broker was not running is not absence: no client could come back to it.
         {
           sql: `UPDATE sessions SET seen_at = seen_at + max(0, ? - (SELECT value FROM meta WHERE key = 'alive_at'))
@@ -195,7 +195,10 @@ export class LibsqlPersistence implements SessionExpiry {
         "SELECT client_id FROM wills",
         "SELECT DISTINCT client_id FROM incoming",
         "SELECT client_id, seen_at FROM sessions",
+        // Counted once here; each store and delete then says whether it added or removed a row.
+        "SELECT COUNT(*) AS n FROM retained",
       ]);
+      this.retainedRows = Number(retained!.rows[0]!.n);
       for (const row of sessions!.rows) {
         this.sessions.add(String(row.client_id));
         this.ages.touch(String(row.client_id), Number(row.seen_at));
@@ -246,23 +249,29 @@ export class LibsqlPersistence implements SessionExpiry {
       else this.sysRetained.set(topic, { ...packet });
       return;
     }
-    const statement =
-      !payload || payload.length === 0
-        ? { sql: "DELETE FROM retained WHERE topic = ?", args: [topic] }
-        : {
-            sql: "INSERT OR REPLACE INTO retained (topic, packet) VALUES (?, ?)",
-            args: [topic, encodePacket({ ...packet })],
-          };
+    const cleared = !payload || payload.length === 0;
+    const args = cleared ? [topic] : [topic, encodePacket({ ...packet })];
+    // The insert says whether the topic is new, so the count needs no read; the update runs only when it was
+    // not (`changes()` is still the insert's). One row written either way, as INSERT OR REPLACE wrote it.
+    const statements: InStatement[] = cleared
+      ? [{ sql: "DELETE FROM retained WHERE topic = ?", args }]
+      : [
+          { sql: "INSERT OR IGNORE INTO retained (topic, packet) VALUES (?1, ?2)", args },
+          { sql: "UPDATE retained SET packet = ?2 WHERE topic = ?1 AND changes() = 0", args },
+        ];
+    const counted = (results: PlainResult[]) => {
+      this.retainedRows += (cleared ? -1 : 1) * results[0]!.rowsAffected;
+    };
     if (Number(packet.qos) > 0) {
       // aedes' next step for this packet is outgoingEnqueueCombi, which waits for this write
       // too: the retained row and the queue rows share one commit, and aedes' callback still
       // comes only after both.
-      const write = this.run([statement], true);
+      const write = this.run(statements, true).then(counted);
       write.catch(() => undefined); // the error reaches aedes through outgoingEnqueueCombi
       this.retainedWrites.set(packet, write);
       return;
     }
-    await this.run([statement]);
+    counted(await this.run(statements));
   }
 
   /**
@@ -406,18 +415,9 @@ export class LibsqlPersistence implements SessionExpiry {
     return this.subsCount;
   }
 
-  /**
-   * The retained messages held, `$SYS` ones included: counted in broker.db at each call (an upsert cannot
-   * tell a new topic from a replaced one without a read of its own). One it cannot count is the last known.
-   */
-  async retainedCount(): Promise<number> {
-    try {
-      const [r] = await this.run([{ sql: "SELECT COUNT(*) AS n FROM retained", args: [] }]);
-      this.lastRetainedCount = Number(r!.rows[0]!.n);
-    } catch (err) {
-      this.opts.logger?.warn({ err }, "retained messages not counted; the last count stands");
-    }
-    return this.lastRetainedCount + this.sysRetained.size;
+  /** The retained messages held, `$SYS` ones included. */
+  retainedCount(): number {
+    return this.retainedRows + this.sysRetained.size;
   }
 
   /** Number of QoS > 0 subscriptions and of clients with any subscription. */

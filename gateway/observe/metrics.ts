@@ -584,6 +584,14 @@ export class FleetMetrics {
       },
     });
     new Gauge({
+      name: "fleet_broker_retained_messages",
+      help: "Retained messages the embedded broker holds ($SYS/broker/retained messages/count).",
+      registers,
+      collect() {
+        this.set(host.broker?.stats().retainedMessages ?? 0);
+      },
+    });
+    new Gauge({
       name: "fleet_broker_sessions",
       help: "Persistent (clean session 0) sessions the embedded broker holds, connected or not.",
       registers,
