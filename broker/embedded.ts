@@ -102,6 +102,7 @@ class AedesBroker implements EmbeddedBroker {
       auth: authOf(opts),
       refuseAtConnect: new WeakMap(),
       hosts: new WeakMap(),
+      identities: new WeakMap(),
       usernames: new WeakMap(),
       publishFirst: null,
       retained: this.persistence.retained,
@@ -156,13 +157,14 @@ class AedesBroker implements EmbeddedBroker {
     const hooks: ListenerHooks = {
       maxPacketBytes: opts.maxPacketBytes,
       traffic: this.traffic,
-      accept: (conn: Duplex, remote: string, host: string) => this.accept(conn, remote, host),
+      accept: (conn: Duplex, remote: string, host: string, identity?: string | null) =>
+        this.accept(conn, remote, host, identity),
       violation: (v: GuardViolation, remote: string) => this.onViolation(v, remote),
     };
     this.tcp = new TcpListener(hooks);
     this.ws = opts.wsPort == null ? null : new WsListener(hooks);
     const tls = opts.tls ?? null;
-    this.mqtts = tls?.port == null ? null : new TcpListener(hooks, tls);
+    this.mqtts = tls?.port == null ? null : new TcpListener(hooks, { ...tls, identity: tls.useIdentityAsUsername });
     this.wss = tls?.wssPort == null ? null : new WsListener(hooks);
     this.boundPort = opts.port;
     this.boundWsPort = opts.wsPort ?? null;
@@ -339,7 +341,11 @@ class AedesBroker implements EmbeddedBroker {
     let disconnected = 0;
     for (const client of clients) {
       if (client.closed) continue;
-      const info: ClientInfo = { id: client.id, username: this.state.usernames.get(client) ?? null };
+      const info: ClientInfo = {
+        id: client.id,
+        username: this.state.usernames.get(client) ?? null,
+        certified: this.state.identities.has(client),
+      };
       const why = await this.sessionProblem(client, info, auth).catch((err: unknown) => `auth check failed: ${err}`);
       if (why === null) continue;
       disconnected++;
@@ -371,7 +377,7 @@ class AedesBroker implements EmbeddedBroker {
   }
 
   /** A new transport connection: counted, refused past `maxConnections`, else handed to aedes. */
-  private accept(conn: Duplex, remote: string, host: string): void {
+  private accept(conn: Duplex, remote: string, host: string, identity?: string | null): void {
     if (this.lifecycle === "closed") {
       conn.destroy();
       return;
@@ -399,6 +405,7 @@ class AedesBroker implements EmbeddedBroker {
     conn.once("close", () => this.open--);
     const client = this.aedes.handle(conn) as Client;
     this.state.hosts.set(client, host);
+    if (identity !== undefined) this.state.identities.set(client, identity);
     parseInSlices(client as unknown as SliceableClient, () => conn.destroyed);
     if (max > 0 && this.open > max) {
       this.state.refuseAtConnect.set(client, { code: 3, reason: `server busy: max_connections (${max}) reached` });

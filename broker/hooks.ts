@@ -48,6 +48,11 @@ export interface HookState {
   readonly refuseAtConnect: WeakMap<Client, { code: 2 | 3; reason: string }>;
   /** Each connection's peer address, for the login queue's fairness (`ClientInfo.host`). */
   readonly hosts: WeakMap<Client, string>;
+  /**
+   * Connections whose user name is their client certificate's CN (`tls.useIdentityAsUsername`): the CN, or null
+   * for a certificate without one (refused at CONNECT).
+   */
+  readonly identities: WeakMap<Client, string | null>;
   /** The user name each client connected with (aedes' Client does not keep it). */
   readonly usernames: WeakMap<Client, string | null>;
   /**
@@ -138,7 +143,10 @@ export function createHooks(
   const acks = new WeakMap<Client, Promise<unknown>>();
 
   const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo => {
-    if (client) return { id: client.id, username: usernames.get(client) ?? null };
+    if (client) {
+      const username = usernames.get(client) ?? null;
+      return state.identities.has(client) ? { id: client.id, username, certified: true } : { id: client.id, username };
+    }
     // A will whose client is gone: judged as the user name stored with it (see WILL_USERNAME).
     const stored = packet as Record<string, unknown> | undefined;
     const username = stored?.[WILL_USERNAME];
@@ -177,6 +185,13 @@ export function createHooks(
   return {
     preConnect(client, packet, done) {
       dedupeExactly(client, state.retained);
+      // The certificate names the device, whatever the CONNECT says (Mosquitto's use_identity_as_username):
+      // aedes passes authenticate these, and the will below keeps the name it is judged as.
+      const identity = state.identities.get(client);
+      if (identity !== undefined) {
+        packet.username = identity ?? undefined;
+        packet.password = undefined;
+      }
       // aedes stores this will only once authenticate accepted this user name (handlers/connect.js).
       if (packet.will) Object.assign(packet.will, { [WILL_USERNAME]: packet.username ?? null });
       // MQTT-3.1.3-8: a zero-byte client id with CleanSession 0 gets CONNACK 0x02, then close.
@@ -191,11 +206,13 @@ export function createHooks(
     },
 
     authenticate(client, username, password, done) {
+      const certified = state.identities.has(client);
       const info: ClientInfo = {
         id: client.id,
         username: username ?? null,
         host: state.hosts.get(client),
         gone: () => client.closed,
+        ...(certified ? { certified } : {}),
       };
       usernames.set(client, info.username);
       if (!state.intakeOpen) return done(connackError(SERVER_UNAVAILABLE, "broker is not accepting devices"), null);
@@ -206,6 +223,11 @@ export function createHooks(
       }
       const auth = state.auth;
       const hook = auth.authenticate;
+      if (certified && info.username === null) {
+        state.loginsRefused++;
+        log.info({ client: info.id }, "connect refused: the client certificate has no single CN to name the device");
+        return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
+      }
       const anonymous = info.username === null;
       if (anonymous || !hook) {
         if (!auth.allowAnonymous) {
@@ -222,6 +244,14 @@ export function createHooks(
           state.loginsRefused++;
           if (anonymous) {
             log.info({ client: info.id }, "connect refused: anonymous client not authorized");
+            return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
+          }
+          if (certified) {
+            // No secret to guess: a certificate the CA signed for no device here (or for another client id).
+            log.info(
+              { client: info.id, certificate: info.username },
+              "connect refused: the certificate names no device",
+            );
             return done(connackError(NOT_AUTHORIZED, "not authorized"), null);
           }
           // A guessing client must not flood the log: one line per 10 s, with the count since.

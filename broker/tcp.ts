@@ -3,7 +3,7 @@
  * GuardedConnection before aedes sees it.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
-import { createServer as createTlsServer } from "node:tls";
+import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { Duplex } from "node:stream";
 import { PacketSizeGuard } from "./guard.ts";
 import { GuardedConnection, type GuardViolation, type Traffic } from "./connection.ts";
@@ -13,8 +13,12 @@ export interface ListenerHooks {
   readonly maxPacketBytes: number;
   /** Where every connection's bytes are counted. */
   readonly traffic: Traffic;
-  /** Hand a guarded connection to aedes; `host` is its peer's address (`remote` adds the port where there is one). */
-  accept(conn: Duplex, remote: string, host: string): void;
+  /**
+   * Hand a guarded connection to aedes; `host` is its peer's address (`remote` adds the port where there is one).
+   * `identity`, on a listener that takes the user name from client certificates (`TlsPem.identity`): the verified
+   * certificate's subject CN, or null when it has none (or several).
+   */
+  accept(conn: Duplex, remote: string, host: string, identity?: string | null): void;
   /** The guard closed a connection. */
   violation(v: GuardViolation, remote: string): void;
 }
@@ -37,6 +41,8 @@ export interface TlsPem {
   readonly cert: string;
   readonly key: string;
   readonly ca?: string | null;
+  /** With `ca`: each connection's certificate CN goes to `accept` as its `identity`. */
+  readonly identity?: boolean;
 }
 
 /** A TCP (or, with `tls`, TLS) listener for MQTT clients. */
@@ -45,10 +51,14 @@ export class TcpListener {
   private readonly sockets = new Set<Socket>();
   private closed: Promise<void> | null = null;
 
+  /** Whether connections carry their client certificate's CN (`TlsPem.identity`). */
+  private readonly identity: boolean;
+
   constructor(
     private readonly hooks: ListenerHooks,
     tls: TlsPem | null = null,
   ) {
+    this.identity = Boolean(tls?.ca && tls.identity);
     this.server = tls
       ? createTlsServer(
           {
@@ -105,6 +115,17 @@ export class TcpListener {
       this.sockets.delete(socket);
       conn.destroy();
     });
-    this.hooks.accept(conn, remote, socket.remoteAddress ?? "?");
+    const identity = this.identity ? certificateName(socket as TLSSocket) : undefined;
+    this.hooks.accept(conn, remote, socket.remoteAddress ?? "?", identity);
   }
+}
+
+/**
+ * The subject CN of the certificate a client presented, verified by the handshake (`rejectUnauthorized`); null
+ * when it has none, or several (Node gives an array then: which one names the device would be a guess).
+ */
+export function certificateName(socket: TLSSocket): string | null {
+  if (!socket.authorized) return null;
+  const cn: unknown = socket.getPeerCertificate()?.subject?.CN;
+  return typeof cn === "string" && cn !== "" ? cn : null;
 }

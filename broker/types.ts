@@ -69,6 +69,11 @@ export interface ClientInfo {
   readonly gone?: () => boolean;
   /** The connection's peer address, at CONNECT (absent where the transport gives none). */
   readonly host?: string | undefined;
+  /**
+   * The user name is the CN of the client certificate the TLS listener verified (`useIdentityAsUsername`):
+   * no password was asked, and none is checked.
+   */
+  readonly certified?: boolean;
 }
 
 /**
@@ -129,6 +134,13 @@ export interface BrokerOptions extends BrokerAuth {
     readonly cert: string;
     readonly key: string;
     readonly ca: string | null;
+    /**
+     * With `ca`: on the `mqtts` listener the verified certificate's subject CN is the user name (Mosquitto's
+     * `use_identity_as_username`), whatever the CONNECT says, and no password is asked; a certificate with no
+     * single CN is refused (CONNACK 5). The secure WebSocket listener still asks user name and password (Bun's
+     * WebSocket server does not show the client's certificate).
+     */
+    readonly useIdentityAsUsername?: boolean;
   } | null;
   /** Largest MQTT packet accepted (fixed header included); a larger one closes the connection. */
   readonly maxPacketBytes: number;

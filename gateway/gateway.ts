@@ -1151,6 +1151,7 @@ export class Gateway {
             port: spec.broker.tls_port,
             wssPort: spec.broker.wss_port,
             ...readTls(spec.broker.tls),
+            useIdentityAsUsername: spec.broker.use_identity_as_username,
           }
         : null,
       maxPacketBytes: spec.broker.max_packet_bytes,

@@ -5,9 +5,12 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { readFileSync, rmSync } from "node:fs";
+import { connect as tlsConnect } from "node:tls";
 import { connectAsync } from "mqtt";
+import type { IClientOptions } from "mqtt";
+import { closed, connackCode, deviceCli, publishOutcome } from "./helpers/devices.ts";
 import { TestFleet, authed, cleanupAll, publishQos1, within } from "./helpers/gateway.ts";
-import { makeCerts } from "./helpers/tls.ts";
+import { clientCertFor, makeCerts } from "./helpers/tls.ts";
 import { counterType, fleetHeader, q } from "./helpers/toml.ts";
 
 const certs = makeCerts();
@@ -113,4 +116,145 @@ describe("TLS listeners", () => {
     withCert.end(true);
     expect(await fleet.stop()).toBe(0);
   }, 60_000);
+});
+
+describe("use_identity_as_username: a device's client certificate is its login on mqtts", () => {
+  /** The CONNACK code over mqtts or wss (0: accepted), or the TLS error's code when the handshake failed. */
+  const tlsConnack = (url: string, opts: IClientOptions) =>
+    within(
+      connectAsync(url, {
+        ca: certs.caPem,
+        rejectUnauthorized: true,
+        reconnectPeriod: 0,
+        connectTimeout: 5000,
+        ...opts,
+      }),
+      15_000,
+      `connect ${url}`,
+    ).then(
+      (c) => {
+        c.end(true);
+        return 0 as number | string;
+      },
+      (e: { code?: number | string }) => e.code ?? "failed",
+    );
+
+  test("the CN names the device, no secret is asked; its ACL, client id, will and removal apply", async () => {
+    const fleet = new TestFleet(
+      fleetHeader("e2e-cert-login", {
+        broker: tlsLines(
+          `tls_ca = ${q(certs.ca)}\nuse_identity_as_username = true\nallow_anonymous = false\ndevices = "devices.toml"`,
+        ),
+      }) + counterType("counter", "tls/+/c"),
+    );
+    // makeCerts' client certificate says CN=boiler-1.
+    const added = await deviceCli(fleet, "add", "boiler-1", "--publish", "tls/%u/c", "--json");
+    expect(added.code).toBe(0);
+    const secret = added.json.secret as string;
+    const info = await fleet.start();
+    const mqtts = `mqtts://127.0.0.1:${info.mqtts_port}`;
+    const wss = `wss://127.0.0.1:${info.wss_port}`;
+    const boiler = { cert: readFileSync(certs.clientCert), key: readFileSync(certs.clientKey) };
+
+    // No user name, no password: the certificate is the login.
+    const device = await within(
+      connectAsync(mqtts, {
+        ca: certs.caPem,
+        ...boiler,
+        clientId: "boiler-1",
+        reconnectPeriod: 0,
+        connectTimeout: 10_000,
+      }),
+      15_000,
+      "mqtts connect with the device's certificate",
+    );
+    await publishQos1(device, "tls/boiler-1/c", { id: "c1" }, 60_000);
+    await fleet.waitCommitted("counter/boiler-1", 1);
+    // The ACL is the CN's: another device's topic is acknowledged and dropped, never recorded.
+    expect(await publishOutcome(device, "tls/boiler-2/c", JSON.stringify({ id: "x" }))).toBe("acked");
+    // A user name in the CONNECT changes nothing (the certificate names the device), nor does a wrong password.
+    expect(await tlsConnack(mqtts, { ...boiler, clientId: "boiler-1", username: "boiler-2", password: "no" })).toBe(0);
+
+    // Refused with CONNACK 5: another client id, a CN that is no device, a certificate without a CN.
+    expect(await tlsConnack(mqtts, { ...boiler, clientId: "not-boiler" })).toBe(5);
+    expect(await tlsConnack(mqtts, { ...clientCertFor(certs, "ghost", "/CN=ghost"), clientId: "ghost" })).toBe(5);
+    expect(await tlsConnack(mqtts, { ...clientCertFor(certs, "nameless", "/O=fleet test"), clientId: "x" })).toBe(5);
+    // The plain listener and the wss one (which cannot read certificates) still ask for the secret.
+    expect(await connackCode(fleet.mqttPort, { clientId: "boiler-1", username: "boiler-1" })).toBe(4);
+    expect(await connackCode(fleet.mqttPort, { clientId: "boiler-1", username: "boiler-1", password: secret })).toBe(0);
+    expect(await tlsConnack(wss, { ...boiler, clientId: "boiler-1", username: "boiler-1" })).toBe(4);
+    expect(await tlsConnack(wss, { ...boiler, clientId: "boiler-1", username: "boiler-1", password: secret })).toBe(0);
+    expect(await fleet.query("SELECT sid FROM stimuli WHERE agent = 'counter/boiler-2'")).toEqual([]);
+
+    // Its will is judged as the device too: published when the connection drops, within the device's ACL.
+    const willing = await within(
+      connectAsync(mqtts, {
+        ca: certs.caPem,
+        ...boiler,
+        clientId: "boiler-1",
+        reconnectPeriod: 0,
+        will: { topic: "tls/boiler-1/c", payload: Buffer.from(JSON.stringify({ id: "will" })), qos: 1, retain: false },
+      }),
+      15_000,
+      "mqtts connect with a will",
+    );
+    willing.stream.destroy();
+    await fleet.waitCommitted("counter/boiler-1", 2);
+
+    // Removed from the devices file, the device's certificate session ends (the file is re-read live).
+    const again = await within(
+      connectAsync(mqtts, { ca: certs.caPem, ...boiler, clientId: "boiler-1", reconnectPeriod: 0 }),
+      15_000,
+      "mqtts connect before the removal",
+    );
+    const gone = closed(again);
+    expect((await deviceCli(fleet, "remove", "boiler-1")).code).toBe(0);
+    await within(gone, 20_000, "the certificate session to close once its device is removed");
+    expect(await tlsConnack(mqtts, { ...boiler, clientId: "boiler-1" })).toBe(5);
+    device.end(true);
+    expect(await fleet.stop()).toBe(0);
+  }, 120_000);
+
+  test("a certificate another CA signed is refused on both TLS listeners, every time", async () => {
+    const rogue = makeCerts();
+    try {
+      const fleet = new TestFleet(fleetHeader("e2e-rogue-cert", { broker: tlsLines(`tls_ca = ${q(certs.ca)}`) }));
+      const info = await fleet.start();
+      const cert = { cert: readFileSync(rogue.clientCert), key: readFileSync(rogue.clientKey) };
+      // MQTT CONNECT (3.1.1, client id "x") and a WebSocket upgrade: what a device sends first on each listener.
+      const connect = Buffer.from([0x10, 13, 0, 4, ...Buffer.from("MQTT"), 4, 2, 0, 60, 0, 1, 0x78]);
+      const upgrade =
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" +
+        "Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+      /** The listener's first answer, or "" when the connection ends without one (the certificate refused). */
+      const answer = (port: number | undefined, first: string | Buffer, client = cert) =>
+        within(
+          new Promise<string>((resolve) => {
+            let got = "";
+            const s = tlsConnect({ host: "127.0.0.1", port, ca: certs.caPem, servername: "localhost", ...client });
+            s.on("secureConnect", () => s.write(first));
+            s.on("data", (d: Buffer) => {
+              got += d.toString("latin1");
+              s.destroy();
+            });
+            s.on("error", () => undefined);
+            s.on("close", () => resolve(got));
+          }),
+          15_000,
+          `the end of a connection with a rogue certificate on port ${port}`,
+        );
+      for (let i = 0; i < 10; i++) {
+        expect(await answer(info.mqtts_port, connect)).toBe("");
+        expect(await answer(info.wss_port, upgrade)).toBe("");
+      }
+      // The same first bytes with the CA's own client certificate are answered: a CONNACK, a 101.
+      const own = { cert: readFileSync(certs.clientCert), key: readFileSync(certs.clientKey) };
+      expect(await answer(info.mqtts_port, connect, own)).toStartWith("\x20\x02");
+      expect(await answer(info.wss_port, upgrade, own)).toStartWith("HTTP/1.1 101");
+      expect(await fleet.stop()).toBe(0);
+    } finally {
+      rmSync(rogue.dir, { recursive: true, force: true });
+    }
+  }, 120_000);
 });

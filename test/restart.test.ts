@@ -37,6 +37,14 @@ describe("restartNeeded", () => {
     ]);
   });
 
+  test("certificate user names are read at start: turning them on needs a restart", async () => {
+    const tls = `[broker]\nallow_anonymous = false\ndevices = "d.toml"\ntls_port = 8883\ntls_cert = "${import.meta.path}"
+tls_key = "${import.meta.path}"\ntls_ca = "${import.meta.path}"\n`;
+    expect(restartNeeded(await spec(tls), await spec(`${tls}use_identity_as_username = true\n`))).toEqual([
+      "broker.use_identity_as_username (false -> true)",
+    ]);
+  });
+
   test("with no [broker] host, allow_anonymous goes off live; turning it on needs the listener moved", async () => {
     const on = await spec('[broker]\nallow_anonymous = true\ndevices = "devices.toml"\n');
     const off = await spec('[broker]\nallow_anonymous = false\ndevices = "devices.toml"\n');

@@ -112,6 +112,7 @@ describe("compileSpec", () => {
       tls_port: null,
       wss_port: null,
       tls: null,
+      use_identity_as_username: false,
       persistence: "memory",
       max_offline_messages: 1000,
       max_offline_bytes: 0,
@@ -296,6 +297,26 @@ describe("schema errors name the key path", () => {
     ["negative max_connections", "[broker]\nmax_connections = -1\n", "broker.max_connections", /non-negative integer/],
     ["tls_port without a certificate", "[broker]\ntls_port = 8883\n", "broker.tls_port", /needs tls_cert and tls_key/],
     ["tls_cert without tls_key", '[http]\ntls_cert = "c.pem"\n', "http.tls_key", /both or neither/],
+    [
+      "certificate user names without client certificates",
+      '[broker]\nuse_identity_as_username = true\nallow_anonymous = false\ndevices = "d.toml"\n',
+      "broker.use_identity_as_username",
+      /needs tls_ca and tls_port: .*mqtts listener/,
+    ],
+    [
+      "certificate user names without a devices file",
+      // Any readable file stands for the PEM files here: they are read at start.
+      `[broker]\nuse_identity_as_username = true\ntls_port = 8883\ntls_cert = ${JSON.stringify(import.meta.path)}\n` +
+        `tls_key = ${JSON.stringify(import.meta.path)}\ntls_ca = ${JSON.stringify(import.meta.path)}\n`,
+      "broker.use_identity_as_username",
+      /needs devices: a certificate's CN is a device id there/,
+    ],
+    [
+      "certificate user names with an external broker",
+      '[broker]\nurl = "mqtt://b"\nuse_identity_as_username = true\n',
+      "broker.use_identity_as_username",
+      /with url the gateway runs none/,
+    ],
     [
       "unreadable certificate",
       '[broker]\ntls_port = 8883\ntls_cert = "/no/such/cert.pem"\ntls_key = "/no/such/key.pem"\n',

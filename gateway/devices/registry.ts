@@ -281,11 +281,22 @@ export class DeviceRegistry {
    * CONNECT check. A device logs in with username = device id, password = secret, and must
    * use its own client id (so it cannot take over another device's session). An anonymous
    * client (asked only when anonymous clients are allowed) may not use a device's client id.
+   * A certified client (its user name is the CN of a certificate the TLS listener verified) needs
+   * no secret: the CN must be a device, on its own client id.
    */
   async authenticate(client: ClientInfo, password: Uint8Array | null): Promise<boolean> {
     this.refresh(true);
     const { devices, byClientId } = this.config;
     const log = this.opts.log;
+    if (client.certified && client.username !== null) {
+      const device = devices.get(client.username);
+      if (device?.clientId === client.id) return true;
+      log?.debug(
+        { client: client.id, certificate: client.username },
+        device ? "connect refused: a device must use its own client id" : "connect refused: unknown device",
+      );
+      return false;
+    }
     if (client.username === null) {
       const owner = byClientId.get(client.id);
       if (owner)
@@ -332,7 +343,7 @@ export class DeviceRegistry {
 
   /**
    * Whether a connected device may keep its session when auth changes live: it logged in
-   * through this registry with its device's current secret, on its own client id.
+   * through this registry with its device's current secret (or its certificate), on its own client id.
    */
   sessionValid(client: ClientInfo): boolean {
     if (client.username === null) return false;
@@ -341,7 +352,8 @@ export class DeviceRegistry {
     return (
       device !== undefined &&
       device.clientId === client.id &&
-      this.verified.get(device.id)?.secretHash === device.secretHash
+      // A certified client gave no secret: a new one for its device leaves it be.
+      (client.certified === true || this.verified.get(device.id)?.secretHash === device.secretHash)
     );
   }
 

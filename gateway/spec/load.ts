@@ -129,6 +129,18 @@ function build(raw: RawFleet, givenBroker: ReadonlySet<string>, dir: string, pro
       path: ["broker", "tls_ca"],
       message: "needs tls_port or wss_port (client certificates are asked there)",
     });
+  if (broker.use_identity_as_username && external === null) {
+    const path = ["broker", "use_identity_as_username"];
+    if (tls_ca === undefined || tls_port === undefined)
+      problems.push({
+        path,
+        message:
+          "needs tls_ca and tls_port: the client certificates that name devices are asked on the mqtts listener " +
+          "(the secure WebSocket listener cannot read them and still asks for secrets)",
+      });
+    if (devices === undefined)
+      problems.push({ path, message: "needs devices: a certificate's CN is a device id there, and its ACL applies" });
+  }
   const { tls_cert: httpCert, tls_key: httpKey, ...http } = raw.http;
   const httpTls = tlsFiles("http", { cert: httpCert, key: httpKey, ca: undefined }, dir, problems);
   const host = hostRaw ?? defaultBrokerHost(broker.allow_anonymous);
@@ -221,6 +233,7 @@ const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
   tls_cert: LISTENER,
   tls_key: LISTENER,
   tls_ca: LISTENER,
+  use_identity_as_username: LISTENER,
   allow_anonymous_network: "is about the embedded broker's listener; with url the gateway runs none",
   max_connections:
     "limits the embedded broker's connections; an external broker sets its own (Mosquitto: max_connections)",

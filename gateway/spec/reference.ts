@@ -127,6 +127,13 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.tls_cert": "PEM certificate (chain) of the TLS listeners; relative to fleet.toml. Read at start.",
   "broker.tls_key": "PEM private key of tls_cert; relative to fleet.toml. Read at start.",
   "broker.tls_ca": "PEM CA bundle: when set, TLS clients must present a certificate it signed.",
+  "broker.use_identity_as_username":
+    "true: on the mqtts listener (tls_port), the subject CN of the client's certificate (signed by tls_ca) is its " +
+    "device id, whatever user name the CONNECT gives, and no secret is asked (Mosquitto's " +
+    "use_identity_as_username). The device must be in the devices file, on its own client id; its ACL applies, " +
+    "and removing it closes the session. A certificate with no single CN is refused (CONNACK 5). The wss " +
+    "listener still asks for user name and secret. Needs tls_ca, tls_port and devices. Embedded broker only " +
+    "(refused with url). Read at start.",
   "broker.url":
     '"mqtt://host:port" or "mqtts://host:port": embed no broker; the gateway is a client of this one with a ' +
     "persistent session (see [broker.md](broker.md#external-broker)). Read at start.",

@@ -22,6 +22,7 @@ const RESTART_KEYS = {
     "tls_port",
     "wss_port",
     "tls",
+    "use_identity_as_username",
     "max_packet_bytes",
     "persistence",
     "max_offline_messages",

@@ -182,6 +182,11 @@ export interface FleetSpec {
      */
     readonly tls: TlsFiles | null;
     /**
+     * On the `mqtts` listener, the client certificate's subject CN is the device id and no secret is asked
+     * (Mosquitto's use_identity_as_username); needs `tls_ca`, `tls_port` and a devices file.
+     */
+    readonly use_identity_as_username: boolean;
+    /**
      * Where the broker keeps clean = false sessions, offline queues, retained messages, wills
      * and QoS 2 packets: "libsql" (`<data-dir>/broker.db`, survives restarts and kill -9) or
      * "memory" (aedes' default, lost on any restart).

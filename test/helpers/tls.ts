@@ -1,6 +1,6 @@
 /**
  * Test certificates made at test time with Debian's `openssl` in a temp dir: a CA, a server
- * certificate for 127.0.0.1/localhost signed by it, and a client certificate (for `tls_ca`).
+ * certificate for 127.0.0.1/localhost signed by it, and client certificates (for `tls_ca`).
  */
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -83,4 +83,30 @@ export function makeCerts(): TestCerts {
     clientCert: join(dir, "client.pem"),
     clientKey: join(dir, "client.key"),
   };
+}
+
+/**
+ * Another client certificate signed by `certs`' CA, with subject `subject` (e.g. "/CN=boiler-2", or
+ * "/O=fleet test" for one without a CN): its PEM certificate and key.
+ */
+export function clientCertFor(certs: TestCerts, name: string, subject: string): { cert: string; key: string } {
+  const dir = certs.dir;
+  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+  openssl(dir, ["req", ...ec, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", subject]);
+  openssl(dir, [
+    "x509",
+    "-req",
+    "-in",
+    `${name}.csr`,
+    "-CA",
+    "ca.pem",
+    "-CAkey",
+    "ca.key",
+    "-CAcreateserial",
+    "-out",
+    `${name}.pem`,
+    "-days",
+    "1",
+  ]);
+  return { cert: readFileSync(join(dir, `${name}.pem`), "utf8"), key: readFileSync(join(dir, `${name}.key`), "utf8") };
 }
