@@ -38,8 +38,9 @@ describe("restartNeeded", () => {
   });
 
   test("certificate user names are read at start: turning them on needs a restart", async () => {
-    const tls = `[broker]\nallow_anonymous = false\ndevices = "d.toml"\ntls_port = 8883\ntls_cert = "${import.meta.path}"
-tls_key = "${import.meta.path}"\ntls_ca = "${import.meta.path}"\n`;
+    const file = import.meta.path;
+    const tls = `[broker]\nallow_anonymous = false\ndevices = "d.toml"\ntls_port = 8883\ntls_cert = "${file}"
+tls_key = "${file}"\ntls_ca = "${file}"\n`;
     expect(restartNeeded(await spec(tls), await spec(`${tls}use_identity_as_username = true\n`))).toEqual([
       "broker.use_identity_as_username (false -> true)",
     ]);
