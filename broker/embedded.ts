@@ -104,6 +104,7 @@ class AedesBroker implements EmbeddedBroker {
       hosts: new WeakMap(),
       identities: new WeakMap(),
       usernames: new WeakMap(),
+      maxKeepalive: opts.maxKeepaliveSeconds ?? 0,
       publishFirst: null,
       retained: this.persistence.retained,
     };
@@ -333,6 +334,10 @@ class AedesBroker implements EmbeddedBroker {
 
   setMaxConnections(max: number): void {
     this.maxConnections = max;
+  }
+
+  setMaxKeepalive(seconds: number): void {
+    this.state.maxKeepalive = seconds;
   }
 
   async setAuth(auth: BrokerAuth): Promise<AuthChange> {

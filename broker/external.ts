@@ -565,6 +565,8 @@ class ExternalBroker implements Broker {
 
   setMaxConnections(): void {}
 
+  setMaxKeepalive(): void {}
+
   /** From now on nothing is acknowledged: what arrives stays queued in the broker for the next run. */
   async stopIntake(): Promise<void> {
     if (this.lifecycle === "running" || this.lifecycle === "starting") this.lifecycle = "draining";

@@ -53,6 +53,8 @@ export interface HookState {
    * for a certificate without one (refused at CONNECT).
    */
   readonly identities: WeakMap<Client, string | null>;
+  /** Largest keep alive a CONNECT may ask for, seconds; 0: any (`BrokerOptions.maxKeepaliveSeconds`). */
+  maxKeepalive: number;
   /** The user name each client connected with (aedes' Client does not keep it). */
   readonly usernames: WeakMap<Client, string | null>;
   /**
@@ -200,6 +202,16 @@ export function createHooks(
         state.refuseAtConnect.set(client, {
           code: IDENTIFIER_REJECTED,
           reason: "a zero-length client id needs clean session (MQTT-3.1.3-8)",
+        });
+      }
+      // A client that never pings (0) or pings too seldom would hold a dead connection, its client id and its
+      // will for that long: Mosquitto refuses such a 3.1.1 CONNECT with "identifier rejected" too.
+      const max = state.maxKeepalive;
+      const keepalive = packet.keepalive ?? 0;
+      if (max > 0 && (keepalive === 0 || keepalive > max) && !state.refuseAtConnect.has(client)) {
+        state.refuseAtConnect.set(client, {
+          code: IDENTIFIER_REJECTED,
+          reason: `keep alive ${keepalive === 0 ? "0 (none)" : `${keepalive} s`} is not within max_keepalive ${max} s`,
         });
       }
       done(null, true);

@@ -149,6 +149,11 @@ export interface BrokerOptions extends BrokerAuth {
    * (server unavailable) and is closed. 0 or absent = no limit.
    */
   readonly maxConnections?: number;
+  /**
+   * Largest keep alive a CONNECT may ask for, seconds (Mosquitto's `max_keepalive`): a larger one, or 0 (never
+   * checked), gets CONNACK 2 (identifier rejected, Mosquitto's answer to an MQTT 3.1.1 client). 0 or absent: any.
+   */
+  readonly maxKeepaliveSeconds?: number;
   /** Hand intake each publish's DUP flag: devices set it on every retransmission (`[broker] trust_dup`). */
   readonly trustDup?: boolean;
   /**
@@ -275,6 +280,8 @@ export interface Broker {
   setAuth(auth: BrokerAuth): Promise<AuthChange>;
   /** Change the connection limit for new connections (0 = none); open ones stay. */
   setMaxConnections(max: number): void;
+  /** Change the keep alive bound for new CONNECTs (seconds, 0 = none); connected clients keep theirs. */
+  setMaxKeepalive(seconds: number): void;
   /** Stop accepting connections and publishes (intake stops), keep gateway publishing possible. */
   stopIntake(): Promise<void>;
   /** Close listeners and every connection; idempotent. */

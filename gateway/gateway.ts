@@ -1156,6 +1156,7 @@ export class Gateway {
         : null,
       maxPacketBytes: spec.broker.max_packet_bytes,
       maxConnections: spec.broker.max_connections,
+      maxKeepaliveSeconds: spec.broker.max_keepalive,
       trustDup: spec.broker.trust_dup,
       sessionExpiryMs: spec.broker.session_expiry_days * 86_400_000,
       sysIntervalMs: spec.broker.sys_interval * 1000,
@@ -1235,13 +1236,17 @@ export class Gateway {
     );
   }
 
-  /** The [broker] keys a reload applies live: connection limit, anonymous policy, devices file. */
+  /** The [broker] keys a reload applies live: connection and keep alive limits, anonymous policy, devices file. */
   private async applyBroker(current: FleetSpec, next: FleetSpec): Promise<string | null> {
     const [a, b] = [current.broker, next.broker];
     const done: string[] = [];
     if (a.max_connections !== b.max_connections) {
       this.broker.setMaxConnections(b.max_connections);
       done.push(`max_connections ${b.max_connections}`);
+    }
+    if (a.max_keepalive !== b.max_keepalive) {
+      this.broker.setMaxKeepalive(b.max_keepalive);
+      done.push(`max_keepalive ${b.max_keepalive} (new connections)`);
     }
     if (a.allow_anonymous !== b.allow_anonymous || a.devices_file !== b.devices_file) {
       const previous = this.devices;

@@ -781,6 +781,23 @@ describe("MQTT input rules", () => {
     expect((await clean.packet(CONNACK, "CONNACK")).body[1]).toBe(0);
   });
 
+  test("max_keepalive: a keep alive above it, or 0, gets CONNACK 0x02; a new bound holds for new ones", async () => {
+    const h = await startBroker({ maxKeepaliveSeconds: 60 });
+    const code = async (keepalive: number, clientId: string) =>
+      (await refusedConnect(h, { keepalive, clientId }))?.code;
+    expect(await code(0, "never-pings")).toBe(2);
+    expect(await code(61, "too-seldom")).toBe(2);
+    expect(h.logs.some((l) => l.includes("keep alive 61 s is not within max_keepalive 60 s"))).toBe(true);
+    expect(await code(60, "at-the-bound")).toBeUndefined();
+    const kept = await device(h, { clientId: "kept", keepalive: 30 });
+    // Lowered live: the connected client stays; a new CONNECT with the same keep alive is refused.
+    h.broker.setMaxKeepalive(10);
+    expect(await code(30, "after")).toBe(2);
+    expect(kept.connected).toBe(true);
+    h.broker.setMaxKeepalive(0);
+    expect(await code(0, "any-again")).toBeUndefined();
+  });
+
   test("an MQTT 5 CONNECT gets the 3.1.1 refusal CONNACK 0x01 and is closed; the broker goes on", async () => {
     const h = await startBroker();
     const raw = await RawClient.open(h.broker.port);

@@ -75,6 +75,29 @@ describe("reloading [broker] and [http]", () => {
     expect(await fleet.stop()).toBe(0);
   }, 60_000);
 
+  test("max_keepalive applies live to new connections; connected clients keep theirs", async () => {
+    const base = fleetHeader("e2e-reload-keepalive") + counterType("counter", "sensors/+/c");
+    const fleet = new TestFleet(base);
+    await fleet.start();
+    const port = fleet.mqttPort;
+    const seldom = await fleet.mqtt({ clientId: "seldom", keepalive: 600 });
+    writeFileSync(
+      fleet.configPath,
+      base.replace('[broker]\nhost = "127.0.0.1"', '[broker]\nhost = "127.0.0.1"\nmax_keepalive = 120'),
+    );
+    await waitFor(
+      async () => (await connackCode(port, { clientId: "seldom-2", keepalive: 600 })) === 2,
+      15_000,
+      "a keep alive of 600 s refused (CONNACK 2)",
+    );
+    expect(await connackCode(port, { clientId: "never", keepalive: 0 })).toBe(2);
+    expect(await connackCode(port, { clientId: "often", keepalive: 60 })).toBe(0);
+    expect((await fleetInfo(fleet)).spec_error).toBeNull();
+    expect(readFileSync(fleet.logPath, "utf8")).toContain("max_keepalive 120 (new connections)");
+    await publishQos1(seldom, "sensors/a/c", { id: "still-connected" });
+    expect(await fleet.stop()).toBe(0);
+  }, 60_000);
+
   test("removing a device from the devices file closes its live session, even an idle one", async () => {
     const fleet = new TestFleet(
       fleetHeader("e2e-device-removed", { broker: 'allow_anonymous = false\ndevices = "devices.toml"' }),

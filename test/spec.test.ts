@@ -106,6 +106,7 @@ describe("compileSpec", () => {
       ws_port: null,
       max_packet_bytes: 262_144,
       max_connections: 5000,
+      max_keepalive: 0,
       allow_anonymous: false,
       allow_anonymous_network: false,
       devices_file: "/srv/plant/devices.toml",
@@ -295,6 +296,14 @@ describe("schema errors name the key path", () => {
     ],
     ["missing module", "[agents.x]\nsubscribe = []\n", "agents.x.module", /is required/],
     ["negative max_connections", "[broker]\nmax_connections = -1\n", "broker.max_connections", /non-negative integer/],
+    ["fractional max_keepalive", "[broker]\nmax_keepalive = 1.5\n", "broker.max_keepalive", /non-negative integer/],
+    ["max_keepalive past 65535", "[broker]\nmax_keepalive = 70000\n", "broker.max_keepalive", /at most 65535/],
+    [
+      "max_keepalive with an external broker",
+      '[broker]\nurl = "mqtt://b"\nmax_keepalive = 60\n',
+      "broker.max_keepalive",
+      /an external broker bounds its own \(Mosquitto: max_keepalive\)/,
+    ],
     ["tls_port without a certificate", "[broker]\ntls_port = 8883\n", "broker.tls_port", /needs tls_cert and tls_key/],
     ["tls_cert without tls_key", '[http]\ntls_cert = "c.pem"\n', "http.tls_key", /both or neither/],
     [

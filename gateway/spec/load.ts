@@ -237,6 +237,8 @@ const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
   allow_anonymous_network: "is about the embedded broker's listener; with url the gateway runs none",
   max_connections:
     "limits the embedded broker's connections; an external broker sets its own (Mosquitto: max_connections)",
+  max_keepalive:
+    "bounds the embedded broker's clients' keep alive; an external broker bounds its own (Mosquitto: max_keepalive)",
   persistence:
     "is where the embedded broker keeps its sessions; an external broker keeps its own (Mosquitto: persistence)",
   max_offline_messages:

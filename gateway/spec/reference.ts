@@ -126,6 +126,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.wss_port": "MQTT over secure WebSocket port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",
   "broker.tls_cert": "PEM certificate (chain) of the TLS listeners; relative to fleet.toml. Read at start.",
   "broker.tls_key": "PEM private key of tls_cert; relative to fleet.toml. Read at start.",
+  "broker.max_keepalive":
+    "Largest keep alive (seconds) a device's CONNECT may ask for; a larger one, or 0 (never pinging), gets " +
+    "CONNACK 2 (identifier rejected), as Mosquitto's max_keepalive answers MQTT 3.1.1 clients: a device that " +
+    "never pings would hold a dead connection, its client id and its will until TCP notices. 0 (the default): " +
+    "any. At most 65535. A new value applies live to new connections. Embedded broker only (refused with url).",
   "broker.tls_ca": "PEM CA bundle: when set, TLS clients must present a certificate it signed.",
   "broker.use_identity_as_username":
     "true: on the mqtts listener (tls_port), the subject CN of the client's certificate (signed by tls_ca) is its " +

@@ -225,6 +225,12 @@ export const fleetSchema = z.strictObject({
     ws_port: port().optional(),
     max_packet_bytes: posInt(262_144),
     max_connections: nonNegInt(5000),
+    /** Seconds; 0: any keep alive, none included (load.ts checks it against url). */
+    max_keepalive: z
+      .int(NONNEG)
+      .min(0, NONNEG)
+      .max(65_535, says("must be at most 65535 (seconds), 0 for any"))
+      .default(0),
     allow_anonymous: z.boolean(says("must be true or false")).default(true),
     allow_anonymous_network: bool(false),
     devices: str().optional(),

@@ -167,6 +167,8 @@ export interface FleetSpec {
     readonly max_packet_bytes: number;
     /** Most open MQTT connections (TCP, TLS, WebSocket); past it CONNACK 3. 0 = no limit. */
     readonly max_connections: number;
+    /** Largest keep alive a CONNECT may ask for, seconds; a larger one or 0 gets CONNACK 2. 0: any. */
+    readonly max_keepalive: number;
     readonly allow_anonymous: boolean;
     /** Anonymous clients may connect on a non-loopback host (otherwise such a spec is refused). */
     readonly allow_anonymous_network: boolean;
