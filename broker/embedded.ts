@@ -340,6 +340,12 @@ class AedesBroker implements EmbeddedBroker {
     this.state.maxKeepalive = seconds;
   }
 
+  async setTlsCrl(crl: string | null): Promise<void> {
+    // The mqtts listener first: it checks the PEM (a new secure context), so a bad one changes neither.
+    this.mqtts?.setCrl(crl);
+    await this.wss?.setCrl(crl);
+  }
+
   async setAuth(auth: BrokerAuth): Promise<AuthChange> {
     this.state.auth = authOf(auth);
     const clients = Object.values((this.aedes as unknown as { clients: Record<string, Client> }).clients);

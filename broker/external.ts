@@ -567,6 +567,9 @@ class ExternalBroker implements Broker {
 
   setMaxKeepalive(): void {}
 
+  /** The external broker's listeners are its own (Mosquitto: crlfile). */
+  async setTlsCrl(): Promise<void> {}
+
   /** From now on nothing is acknowledged: what arrives stays queued in the broker for the next run. */
   async stopIntake(): Promise<void> {
     if (this.lifecycle === "running" || this.lifecycle === "starting") this.lifecycle = "draining";

@@ -3,7 +3,7 @@
  * GuardedConnection before aedes sees it.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
-import { createServer as createTlsServer, type TLSSocket } from "node:tls";
+import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket } from "node:tls";
 import type { Duplex } from "node:stream";
 import { PacketSizeGuard } from "./guard.ts";
 import { GuardedConnection, type GuardViolation, type Traffic } from "./connection.ts";
@@ -41,6 +41,8 @@ export interface TlsPem {
   readonly cert: string;
   readonly key: string;
   readonly ca?: string | null;
+  /** With `ca`: revoked client certificates (PEM CRLs), refused in the handshake. */
+  readonly crl?: string | null;
   /** With `ca`: each connection's certificate CN goes to `accept` as its `identity`. */
   readonly identity?: boolean;
 }
@@ -48,6 +50,7 @@ export interface TlsPem {
 /** A TCP (or, with `tls`, TLS) listener for MQTT clients. */
 export class TcpListener {
   private readonly server: Server;
+  private readonly tls: TlsPem | null;
   private readonly sockets = new Set<Socket>();
   private closed: Promise<void> | null = null;
 
@@ -59,16 +62,16 @@ export class TcpListener {
     tls: TlsPem | null = null,
   ) {
     this.identity = Boolean(tls?.ca && tls.identity);
+    this.tls = tls;
     this.server = tls
-      ? createTlsServer(
-          {
-            cert: tls.cert,
-            key: tls.key,
-            ...(tls.ca ? { ca: tls.ca, requestCert: true, rejectUnauthorized: true } : {}),
-          },
-          (socket) => this.onSocket(socket),
-        )
+      ? createTlsServer(secureOptions(tls), (socket) => this.onSocket(socket))
       : createServer((socket) => this.onSocket(socket));
+  }
+
+  /** New CRLs for the handshakes to come (a TLS listener with `ca`); throws on PEM it cannot use. */
+  setCrl(crl: string | null): void {
+    if (!this.tls?.ca) throw new Error("a CRL needs a TLS listener that asks for client certificates");
+    (this.server as TlsServer).setSecureContext(secureOptions({ ...this.tls, crl }));
   }
 
   /** Listen; resolves with the bound port. */
@@ -118,6 +121,16 @@ export class TcpListener {
     const identity = this.identity ? certificateName(socket as TLSSocket) : undefined;
     this.hooks.accept(conn, remote, socket.remoteAddress ?? "?", identity);
   }
+}
+
+/** A TLS listener's options: with `ca`, a client certificate it signed (and no CRL revoked) is required. */
+export function secureOptions(tls: TlsPem) {
+  return {
+    cert: tls.cert,
+    key: tls.key,
+    ...(tls.ca ? { ca: tls.ca, requestCert: true, rejectUnauthorized: true } : {}),
+    ...(tls.ca && tls.crl ? { crl: tls.crl } : {}),
+  };
 }
 
 /**

@@ -134,6 +134,8 @@ export interface BrokerOptions extends BrokerAuth {
     readonly cert: string;
     readonly key: string;
     readonly ca: string | null;
+    /** With `ca`: PEM CRLs; a client certificate they revoke is refused in the handshake (`setTlsCrl` swaps them). */
+    readonly crl?: string | null;
     /**
      * With `ca`: on the `mqtts` listener the verified certificate's subject CN is the user name (Mosquitto's
      * `use_identity_as_username`), whatever the CONNECT says, and no password is asked; a certificate with no
@@ -282,6 +284,11 @@ export interface Broker {
   setMaxConnections(max: number): void;
   /** Change the keep alive bound for new CONNECTs (seconds, 0 = none); connected clients keep theirs. */
   setMaxKeepalive(seconds: number): void;
+  /**
+   * New CRLs for the TLS listeners' handshakes to come (`tls.crl`); connections already open stay. Rejects,
+   * the listeners keeping the CRLs they had, when the PEM cannot be used.
+   */
+  setTlsCrl(crl: string | null): Promise<void>;
   /** Stop accepting connections and publishes (intake stops), keep gateway publishing possible. */
   stopIntake(): Promise<void>;
   /** Close listeners and every connection; idempotent. */

@@ -6,7 +6,7 @@
 import type { Server, ServerWebSocket } from "bun";
 import { PacketSizeGuard } from "./guard.ts";
 import { GuardedConnection } from "./connection.ts";
-import type { ListenerHooks, TlsPem } from "./tcp.ts";
+import { type ListenerHooks, secureOptions, type TlsPem } from "./tcp.ts";
 
 interface WsData {
   remote: string;
@@ -42,6 +42,9 @@ function wsTransport(ws: ServerWebSocket<WsData>) {
 /** A WebSocket listener for MQTT clients (any path; subprotocol `mqtt`). */
 export class WsListener {
   private server: Server<WsData> | null = null;
+  /** Servers a new CRL replaced: no longer listening, their connections still open until they end. */
+  private readonly retired: Server<WsData>[] = [];
+  private listening: { host: string; port: number; tls: TlsPem | null } | null = null;
 
   constructor(private readonly hooks: ListenerHooks) {}
 
@@ -55,15 +58,7 @@ export class WsListener {
     this.server = Bun.serve<WsData>({
       hostname: host,
       port,
-      ...(tls
-        ? {
-            tls: {
-              cert: tls.cert,
-              key: tls.key,
-              ...(tls.ca ? { ca: tls.ca, requestCert: true, rejectUnauthorized: true } : {}),
-            },
-          }
-        : {}),
+      ...(tls ? { tls: secureOptions(tls) } : {}),
       fetch(req, server) {
         const protocol = pickSubprotocol(req.headers.get("sec-websocket-protocol"));
         const remote = server.requestIP(req)?.address ?? "?";
@@ -108,7 +103,28 @@ export class WsListener {
         },
       },
     });
-    return Promise.resolve(this.server.port ?? port);
+    this.listening = { host, port: this.server.port ?? port, tls };
+    return Promise.resolve(this.listening.port);
+  }
+
+  /**
+   * New CRLs for the handshakes to come (a WSS listener with `ca`). Bun's server takes no new TLS options
+   * while it runs, so a new one takes the port over; the old one stops listening and keeps its connections.
+   */
+  async setCrl(crl: string | null): Promise<void> {
+    const was = this.listening;
+    if (!was?.tls?.ca || !this.server) throw new Error("a CRL needs a WSS listener that asks for client certificates");
+    const old = this.server;
+    // Its promise waits for every open connection to end: the port is free before that.
+    void old.stop(false).catch(() => undefined);
+    this.retired.push(old);
+    try {
+      await this.listen(was.host, was.port, { ...was.tls, crl });
+    } catch (err) {
+      // The new options did not take (PEM Bun cannot use): listen as before rather than not at all.
+      await this.listen(was.host, was.port, was.tls);
+      throw err;
+    }
   }
 
   /** Stop accepting new connections; open ones stay. */
@@ -120,7 +136,7 @@ export class WsListener {
 
   /** Close every connection and the listener. */
   async closeAll(): Promise<void> {
-    await this.server?.stop(true);
+    await Promise.all([this.server, ...this.retired.splice(0)].map((s) => s?.stop(true)));
     this.server = null;
   }
 }

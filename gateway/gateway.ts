@@ -86,7 +86,7 @@ import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } fr
 import { intakeFilters, sessionsDropped, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
-import { DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
+import { CrlWatch, DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { agentCapNotices, QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
 import { canaryConfigRefusal, deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
@@ -113,11 +113,12 @@ import { HOST_MODULES, HOST_PATHS } from "../agents/host/index.ts";
 import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
 
 /** Read a listener's PEM files (paths were checked readable when the spec loaded). */
-function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null } {
+function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null; crl: string | null } {
   return {
     cert: readFileSync(files.cert, "utf8"),
     key: readFileSync(files.key, "utf8"),
     ca: files.ca === null ? null : readFileSync(files.ca, "utf8"),
+    crl: files.crl ? readFileSync(files.crl, "utf8") : null,
   };
 }
 
@@ -235,6 +236,8 @@ export class Gateway {
   private readonly started: Promise<void>;
   private markStarted: () => void = () => {};
   private tokenWatch: ReturnType<typeof setInterval> | null = null;
+  /** `[broker] tls_crl`, re-read when it changes; null without one. */
+  private crlWatch: CrlWatch | null = null;
   /** This run's sandbox ledger, taken with the data dir (`claimDataDir`). */
   private ledger: SandboxLedger | null = null;
 
@@ -291,6 +294,7 @@ export class Gateway {
     this.pressure?.stop();
     this.scheduler?.stop();
     if (this.tokenWatch) clearInterval(this.tokenWatch);
+    this.crlWatch?.stop();
     await quietly("stopping the timers", () => this.timers?.stop());
     await quietly("stopping the wake-ups", () => this.wakeups?.stop());
     await this.releaseParts(quietly);
@@ -436,6 +440,7 @@ export class Gateway {
       forwardHops: (episode) => this.store.forwardHops(episode, 4 * (this.current.spec.fleet.max_send_hops + 1)),
     });
     await this.broker.start();
+    await this.crlWatch?.start();
     this.tokens = new TokenAuth(join(this.dataDir, TOKENS_FILE), {
       log: this.log.child({ mod: "auth" }),
       onChange: (c) => void this.auditTokenChange(c),
@@ -565,6 +570,7 @@ export class Gateway {
     }
     await this.releaseParts();
     if (this.tokenWatch) clearInterval(this.tokenWatch);
+    this.crlWatch?.stop();
     if (this.dataDir) removeLocalToken(this.dataDir);
     try {
       rmSync(join(this.dataDir, "gateway.json"));
@@ -1142,15 +1148,26 @@ export class Gateway {
         logger: this.log.child({ mod: "broker" }),
       });
     }
+    const files = spec.broker.tls;
+    const pem = files ? readTls(files) : null;
+    if (files?.crl && pem?.crl != null) {
+      const file = files.crl;
+      this.crlWatch = new CrlWatch(
+        file,
+        pem.crl,
+        (crl) => this.broker.setTlsCrl(crl),
+        this.log.child({ mod: "broker" }),
+      );
+    }
     return createEmbeddedBroker({
       host: spec.broker.host,
       port: this.opts.mqttPort ?? spec.broker.mqtt_port,
       wsPort: spec.broker.ws_port,
-      tls: spec.broker.tls
+      tls: pem
         ? {
             port: spec.broker.tls_port,
             wssPort: spec.broker.wss_port,
-            ...readTls(spec.broker.tls),
+            ...pem,
             useIdentityAsUsername: spec.broker.use_identity_as_username,
           }
         : null,

@@ -19,7 +19,7 @@ import {
 import { addDevice, listDevices, removeDevice } from "../gateway/devices/index.ts";
 import { hashSecret, newSecret, parseArgon2, verifySecret } from "../gateway/devices/index.ts";
 import { compileDevices, DeviceRegistry, DevicesError, deviceBrokerHooks } from "../gateway/devices/index.ts";
-import { loadDevices, mosquittoExport } from "../gateway/devices/index.ts";
+import { CrlWatch, loadDevices, mosquittoExport } from "../gateway/devices/index.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "fleet-devices-unit-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -770,4 +770,45 @@ describe("device file editing", () => {
     await addDevice(file, "d");
     expect(statSync(file).mode & 0o777).toBe(0o600);
   }, 30_000);
+});
+
+describe("CrlWatch ([broker] tls_crl)", () => {
+  const logged: { level: number; msg: string }[] = [];
+  const log = pino({ level: "info" }, { write: (line: string) => void logged.push(JSON.parse(line)) });
+
+  test("applies a changed file once, keeps the lists in force when one is refused or the file is missing", async () => {
+    const file = join(dir, "crl.pem");
+    writeFileSync(file, "list 1\n");
+    const applied: string[] = [];
+    const watch = new CrlWatch(
+      file,
+      "list 1\n",
+      async (pem) => {
+        if (pem.startsWith("bad")) throw new Error("no CRL in it");
+        applied.push(pem);
+      },
+      log,
+      60_000,
+    );
+    await watch.start();
+    expect(applied).toEqual([]); // what the listeners read at start
+    writeFileSync(file, "list 2\n");
+    await watch.check();
+    await watch.check(); // unchanged since: nothing again
+    expect(applied).toEqual(["list 2\n"]);
+    writeFileSync(file, "bad list\n");
+    await watch.check();
+    expect(logged.at(-1)?.msg).toBe("tls_crl not applied: the listeners keep the lists they had");
+    rmSync(file);
+    await watch.check();
+    await watch.check();
+    expect(logged.filter((l) => l.msg.startsWith("tls_crl unreadable"))).toHaveLength(1);
+    // Back with the lists last applied: nothing to do; with new ones: applied.
+    writeFileSync(file, "list 2\n");
+    await watch.check();
+    writeFileSync(file, "list 3, longer\n");
+    await watch.check();
+    expect(applied).toEqual(["list 2\n", "list 3, longer\n"]);
+    watch.stop();
+  });
 });

@@ -4,13 +4,14 @@
  * certificates when `tls_ca` is set. Certificates are made with `openssl` at test time.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { readFileSync, rmSync } from "node:fs";
+import { copyFileSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { connect as tlsConnect } from "node:tls";
 import { connectAsync } from "mqtt";
 import type { IClientOptions } from "mqtt";
 import { closed, connackCode, deviceCli, publishOutcome } from "./helpers/devices.ts";
-import { TestFleet, authed, cleanupAll, publishQos1, within } from "./helpers/gateway.ts";
-import { clientCertFor, makeCerts } from "./helpers/tls.ts";
+import { TestFleet, authed, cleanupAll, publishQos1, waitFor, within } from "./helpers/gateway.ts";
+import { clientCertFor, crlFor, makeCerts } from "./helpers/tls.ts";
 import { counterType, fleetHeader, q } from "./helpers/toml.ts";
 
 const certs = makeCerts();
@@ -118,27 +119,59 @@ describe("TLS listeners", () => {
   }, 60_000);
 });
 
-describe("use_identity_as_username: a device's client certificate is its login on mqtts", () => {
-  /** The CONNACK code over mqtts or wss (0: accepted), or the TLS error's code when the handshake failed. */
-  const tlsConnack = (url: string, opts: IClientOptions) =>
-    within(
-      connectAsync(url, {
-        ca: certs.caPem,
-        rejectUnauthorized: true,
-        reconnectPeriod: 0,
-        connectTimeout: 5000,
-        ...opts,
-      }),
-      15_000,
-      `connect ${url}`,
-    ).then(
-      (c) => {
-        c.end(true);
-        return 0 as number | string;
-      },
-      (e: { code?: number | string }) => e.code ?? "failed",
-    );
+/** MQTT CONNECT (3.1.1, client id "x") and a WebSocket upgrade: what a device sends first on each listener. */
+const CONNECT = Buffer.from([0x10, 13, 0, 4, ...Buffer.from("MQTT"), 4, 2, 0, 60, 0, 1, 0x78]);
+const UPGRADE =
+  "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" +
+  "Sec-WebSocket-Protocol: mqtt\r\n\r\n";
 
+/**
+ * A TLS listener's first answer to a device presenting `client`'s certificate (a CONNACK on mqtts, a 101 on wss),
+ * or "" when the connection ends without one: the certificate was refused in the handshake.
+ */
+const firstAnswer = (
+  port: number | undefined,
+  listener: "mqtts" | "wss",
+  client: { cert: Buffer | string; key: Buffer | string },
+) =>
+  within(
+    new Promise<string>((resolve) => {
+      let got = "";
+      const s = tlsConnect({ host: "127.0.0.1", port, ca: certs.caPem, servername: "localhost", ...client });
+      s.on("secureConnect", () => s.write(listener === "mqtts" ? CONNECT : UPGRADE));
+      s.on("data", (d: Buffer) => {
+        got += d.toString("latin1");
+        s.destroy();
+      });
+      s.on("error", () => undefined);
+      s.on("close", () => resolve(got));
+    }),
+    15_000,
+    `the first answer of ${listener} port ${port}`,
+  );
+
+/** The CONNACK code over mqtts or wss (0: accepted), or the TLS error's code when the handshake failed. */
+const tlsConnack = (url: string, opts: IClientOptions) =>
+  within(
+    connectAsync(url, {
+      ca: certs.caPem,
+      rejectUnauthorized: true,
+      reconnectPeriod: 0,
+      connectTimeout: 5000,
+      ...opts,
+    }),
+    15_000,
+    `connect ${url}`,
+  ).then(
+    (c) => {
+      c.end(true);
+      return 0 as number | string;
+    },
+    (e: { code?: number | string }) => e.code ?? "failed",
+  );
+
+describe("use_identity_as_username: a device's client certificate is its login on mqtts", () => {
   test("the CN names the device, no secret is asked; its ACL, client id, will and removal apply", async () => {
     const fleet = new TestFleet(
       fleetHeader("e2e-cert-login", {
@@ -221,40 +254,62 @@ describe("use_identity_as_username: a device's client certificate is its login o
       const fleet = new TestFleet(fleetHeader("e2e-rogue-cert", { broker: tlsLines(`tls_ca = ${q(certs.ca)}`) }));
       const info = await fleet.start();
       const cert = { cert: readFileSync(rogue.clientCert), key: readFileSync(rogue.clientKey) };
-      // MQTT CONNECT (3.1.1, client id "x") and a WebSocket upgrade: what a device sends first on each listener.
-      const connect = Buffer.from([0x10, 13, 0, 4, ...Buffer.from("MQTT"), 4, 2, 0, 60, 0, 1, 0x78]);
-      const upgrade =
-        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" +
-        "Sec-WebSocket-Protocol: mqtt\r\n\r\n";
-      /** The listener's first answer, or "" when the connection ends without one (the certificate refused). */
-      const answer = (port: number | undefined, first: string | Buffer, client = cert) =>
-        within(
-          new Promise<string>((resolve) => {
-            let got = "";
-            const s = tlsConnect({ host: "127.0.0.1", port, ca: certs.caPem, servername: "localhost", ...client });
-            s.on("secureConnect", () => s.write(first));
-            s.on("data", (d: Buffer) => {
-              got += d.toString("latin1");
-              s.destroy();
-            });
-            s.on("error", () => undefined);
-            s.on("close", () => resolve(got));
-          }),
-          15_000,
-          `the end of a connection with a rogue certificate on port ${port}`,
-        );
       for (let i = 0; i < 10; i++) {
-        expect(await answer(info.mqtts_port, connect)).toBe("");
-        expect(await answer(info.wss_port, upgrade)).toBe("");
+        expect(await firstAnswer(info.mqtts_port, "mqtts", cert)).toBe("");
+        expect(await firstAnswer(info.wss_port, "wss", cert)).toBe("");
       }
       // The same first bytes with the CA's own client certificate are answered: a CONNACK, a 101.
       const own = { cert: readFileSync(certs.clientCert), key: readFileSync(certs.clientKey) };
-      expect(await answer(info.mqtts_port, connect, own)).toStartWith("\x20\x02");
-      expect(await answer(info.wss_port, upgrade, own)).toStartWith("HTTP/1.1 101");
+      expect(await firstAnswer(info.mqtts_port, "mqtts", own)).toStartWith("\x20\x02");
+      expect(await firstAnswer(info.wss_port, "wss", own)).toStartWith("HTTP/1.1 101");
       expect(await fleet.stop()).toBe(0);
     } finally {
       rmSync(rogue.dir, { recursive: true, force: true });
     }
+  }, 120_000);
+});
+
+describe("tls_crl: revoked client certificates", () => {
+  test("a certificate the CRL revokes is refused on mqtts and wss; a new CRL applies without a restart", async () => {
+    const crlFile = join(certs.dir, "fleet-crl.pem");
+    copyFileSync(crlFor(certs, "none-revoked", []), crlFile);
+    const fleet = new TestFleet(
+      fleetHeader("e2e-crl", { broker: tlsLines(`tls_ca = ${q(certs.ca)}\ntls_crl = ${q(crlFile)}`) }),
+    );
+    const info = await fleet.start();
+    const mqtts = `mqtts://127.0.0.1:${info.mqtts_port}`;
+    const wss = `wss://127.0.0.1:${info.wss_port}`;
+    const boiler = { cert: readFileSync(certs.clientCert), key: readFileSync(certs.clientKey) };
+    const other = clientCertFor(certs, "crl-other", "/CN=other");
+    expect(await tlsConnack(mqtts, { ...boiler, clientId: "b1" })).toBe(0);
+    expect(await tlsConnack(wss, { ...boiler, clientId: "b2" })).toBe(0);
+    const open = await within(
+      connectAsync(mqtts, { ca: certs.caPem, ...boiler, clientId: "open", reconnectPeriod: 0 }),
+      15_000,
+      "mqtts connect before the revocation",
+    );
+
+    // The CA revokes boiler-1's certificate: the new list is picked up from the file, no restart.
+    copyFileSync(crlFor(certs, "boiler-revoked", [certs.clientCert]), crlFile);
+    const refused = async (listener: "mqtts" | "wss") =>
+      (await firstAnswer(listener === "mqtts" ? info.mqtts_port : info.wss_port, listener, boiler)) === "";
+    for (const listener of ["mqtts", "wss"] as const)
+      await waitFor(async () => (await refused(listener)) || undefined, 15_000, `boiler-1 refused on ${listener}`);
+    expect(await tlsConnack(mqtts, { ...other, clientId: "o1" })).toBe(0);
+    expect(await tlsConnack(wss, { ...other, clientId: "o2" })).toBe(0);
+    // A connection made before stays: revocation is checked at the handshake.
+    expect(open.connected).toBe(true);
+    await publishQos1(open, "anything/x", "1");
+    expect(fleet.logTail(200)).toContain("tls_crl reloaded");
+
+    // A file that is no CRL changes nothing: logged, and the lists in force stay.
+    writeFileSync(crlFile, "not a revocation list\n");
+    await waitFor(() => fleet.logTail(200).includes("tls_crl not applied") || undefined, 15_000, "the refusal logged");
+    expect(await refused("mqtts")).toBe(true);
+    expect(await refused("wss")).toBe(true);
+    expect(await tlsConnack(mqtts, { ...other, clientId: "o3" })).toBe(0);
+    expect(await tlsConnack(wss, { ...other, clientId: "o4" })).toBe(0);
+    open.end(true);
+    expect(await fleet.stop()).toBe(0);
   }, 120_000);
 });

@@ -7,6 +7,8 @@ import { compileSpec, DEFAULT_BUDGET, loadSpec, restartNeeded } from "../gateway
 import { SpecError } from "../gateway/spec/index.ts";
 
 const FILE = "/srv/plant/fleet.toml";
+/** Any readable file stands for a PEM file in these specs: the gateway reads them at start. */
+const PEM = JSON.stringify(import.meta.path);
 
 const FULL = `
 [fleet]
@@ -307,6 +309,18 @@ describe("schema errors name the key path", () => {
     ["tls_port without a certificate", "[broker]\ntls_port = 8883\n", "broker.tls_port", /needs tls_cert and tls_key/],
     ["tls_cert without tls_key", '[http]\ntls_cert = "c.pem"\n', "http.tls_key", /both or neither/],
     [
+      "a CRL without tls_ca",
+      `[broker]\ntls_port = 8883\ntls_cert = ${PEM}\ntls_key = ${PEM}\ntls_crl = ${PEM}\n`,
+      "broker.tls_crl",
+      /needs tls_ca: it revokes client certificates that CA signed/,
+    ],
+    [
+      "an unreadable CRL",
+      `[broker]\ntls_port = 8883\ntls_cert = ${PEM}\ntls_key = ${PEM}\ntls_ca = ${PEM}\ntls_crl = "/no/such/crl.pem"\n`,
+      "broker.tls_crl",
+      /cannot read \/no\/such\/crl.pem \(ENOENT\)/,
+    ],
+    [
       "certificate user names without client certificates",
       '[broker]\nuse_identity_as_username = true\nallow_anonymous = false\ndevices = "d.toml"\n',
       "broker.use_identity_as_username",
@@ -314,9 +328,8 @@ describe("schema errors name the key path", () => {
     ],
     [
       "certificate user names without a devices file",
-      // Any readable file stands for the PEM files here: they are read at start.
-      `[broker]\nuse_identity_as_username = true\ntls_port = 8883\ntls_cert = ${JSON.stringify(import.meta.path)}\n` +
-        `tls_key = ${JSON.stringify(import.meta.path)}\ntls_ca = ${JSON.stringify(import.meta.path)}\n`,
+      "[broker]\nuse_identity_as_username = true\n" +
+        `tls_port = 8883\ntls_cert = ${PEM}\ntls_key = ${PEM}\ntls_ca = ${PEM}\n`,
       "broker.use_identity_as_username",
       /needs devices: a certificate's CN is a device id there/,
     ],

@@ -107,7 +107,18 @@ function givenKeys(doc: unknown, table: string): ReadonlySet<string> {
 }
 
 function build(raw: RawFleet, givenBroker: ReadonlySet<string>, dir: string, problems: Problem[]): FleetSpec {
-  const { devices, ws_port, tls_port, wss_port, tls_cert, tls_key, tls_ca, host: hostRaw, ...rest } = raw.broker;
+  const {
+    devices,
+    ws_port,
+    tls_port,
+    wss_port,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    tls_crl,
+    host: hostRaw,
+    ...rest
+  } = raw.broker;
   // The external broker's keys are compiled apart (externalBroker).
   const { url: _u, username: _n, password_env: _p, client_id: _c, ca_file: _f, mqtt_version: _v, ...keys } = rest;
   const broker = { ...keys, session_expiry_days: keys.session_expiry_days ?? 0 };
@@ -116,7 +127,12 @@ function build(raw: RawFleet, givenBroker: ReadonlySet<string>, dir: string, pro
     const message = "is required when allow_anonymous = false (a devices file with credentials and ACL)";
     problems.push({ path: ["broker", "devices"], message });
   }
-  const brokerTls = tlsFiles("broker", { cert: tls_cert, key: tls_key, ca: tls_ca }, dir, problems);
+  const brokerTls = tlsFiles("broker", { cert: tls_cert, key: tls_key, ca: tls_ca, crl: tls_crl }, dir, problems);
+  if (tls_crl !== undefined && tls_ca === undefined)
+    problems.push({
+      path: ["broker", "tls_crl"],
+      message: "needs tls_ca: it revokes client certificates that CA signed",
+    });
   for (const [k, v] of [
     ["tls_port", tls_port],
     ["wss_port", wss_port],
@@ -142,7 +158,7 @@ function build(raw: RawFleet, givenBroker: ReadonlySet<string>, dir: string, pro
       problems.push({ path, message: "needs devices: a certificate's CN is a device id there, and its ACL applies" });
   }
   const { tls_cert: httpCert, tls_key: httpKey, ...http } = raw.http;
-  const httpTls = tlsFiles("http", { cert: httpCert, key: httpKey, ca: undefined }, dir, problems);
+  const httpTls = tlsFiles("http", { cert: httpCert, key: httpKey, ca: undefined, crl: undefined }, dir, problems);
   const host = hostRaw ?? defaultBrokerHost(broker.allow_anonymous);
   if (external === null && broker.allow_anonymous && !broker.allow_anonymous_network && !isLoopbackHost(host)) {
     problems.push({
@@ -233,6 +249,7 @@ const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
   tls_cert: LISTENER,
   tls_key: LISTENER,
   tls_ca: LISTENER,
+  tls_crl: LISTENER,
   use_identity_as_username: LISTENER,
   allow_anonymous_network: "is about the embedded broker's listener; with url the gateway runs none",
   max_connections:
@@ -306,7 +323,7 @@ function externalBroker(
 /** A table's `tls_cert`/`tls_key`(/`tls_ca`) as readable files, or null when TLS is off there. */
 function tlsFiles(
   table: "broker" | "http",
-  f: { cert: string | undefined; key: string | undefined; ca: string | undefined },
+  f: { cert: string | undefined; key: string | undefined; ca: string | undefined; crl: string | undefined },
   dir: string,
   problems: Problem[],
 ): TlsFiles | null {
@@ -320,11 +337,13 @@ function tlsFiles(
     cert: resolve(dir, f.cert),
     key: resolve(dir, f.key),
     ca: f.ca === undefined ? null : resolve(dir, f.ca),
+    ...(f.crl === undefined ? {} : { crl: resolve(dir, f.crl) }),
   };
   for (const [k, file] of [
     ["tls_cert", files.cert],
     ["tls_key", files.key],
     ["tls_ca", files.ca],
+    ["tls_crl", files.crl ?? null],
   ] as const) {
     if (file === null) continue;
     try {

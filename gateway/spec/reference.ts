@@ -132,6 +132,11 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "never pings would hold a dead connection, its client id and its will until TCP notices. 0 (the default): " +
     "any. At most 65535. A new value applies live to new connections. Embedded broker only (refused with url).",
   "broker.tls_ca": "PEM CA bundle: when set, TLS clients must present a certificate it signed.",
+  "broker.tls_crl":
+    "PEM file of certificate revocation lists (Mosquitto's crlfile): a client certificate they revoke is refused " +
+    "in the TLS handshake, on the mqtts and wss listeners. Re-read when the file changes (connections already " +
+    "open stay; a file that does not parse is logged and the previous lists kept). Keep it fresh: past a list's " +
+    "next update every client certificate of its CA is refused. Needs tls_ca. Embedded broker only.",
   "broker.use_identity_as_username":
     "true: on the mqtts listener (tls_port), the subject CN of the client's certificate (signed by tls_ca) is its " +
     "device id, whatever user name the CONNECT gives, and no secret is asked (Mosquitto's " +

@@ -239,6 +239,7 @@ export const fleetSchema = z.strictObject({
     tls_cert: str().optional(),
     tls_key: str().optional(),
     tls_ca: str().optional(),
+    tls_crl: str().optional(),
     use_identity_as_username: bool(false),
     persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("memory"),
     max_offline_messages: posInt(1000),

@@ -110,6 +110,8 @@ export interface TlsFiles {
   readonly key: string;
   /** CA bundle: when set, clients must present a certificate it signed. */
   readonly ca: string | null;
+  /** With `ca`: CRLs (PEM) of revoked client certificates; re-read when the file changes. */
+  readonly crl?: string | null;
 }
 
 /** The whole compiled fleet. */

@@ -2,7 +2,7 @@
  * Test certificates made at test time with Debian's `openssl` in a temp dir: a CA, a server
  * certificate for 127.0.0.1/localhost signed by it, and client certificates (for `tls_ca`).
  */
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -109,4 +109,26 @@ export function clientCertFor(certs: TestCerts, name: string, subject: string): 
     "1",
   ]);
   return { cert: readFileSync(join(dir, `${name}.pem`), "utf8"), key: readFileSync(join(dir, `${name}.key`), "utf8") };
+}
+
+/**
+ * A CRL file signed by `certs`' CA revoking the certificates at `revoked` (PEM paths; none: an empty list),
+ * valid a day: its path (`<name>.crl.pem` in the certificates' dir).
+ */
+export function crlFor(certs: TestCerts, name: string, revoked: readonly string[]): string {
+  const db = join(certs.dir, `${name}-db`);
+  mkdirSync(db, { recursive: true });
+  writeFileSync(join(db, "index.txt"), "");
+  writeFileSync(join(db, "crlnumber"), "01\n");
+  const config = join(db, "ca.cnf");
+  writeFileSync(
+    config,
+    `[ca]\ndefault_ca = d\n[d]\ndatabase = ${db}/index.txt\ncrlnumber = ${db}/crlnumber\n` +
+      "default_md = sha256\ndefault_crl_days = 1\n",
+  );
+  const ca = ["-config", config, "-keyfile", "ca.key", "-cert", "ca.pem"];
+  for (const cert of revoked) openssl(certs.dir, ["ca", ...ca, "-revoke", cert]);
+  const out = join(certs.dir, `${name}.crl.pem`);
+  openssl(certs.dir, ["ca", ...ca, "-gencrl", "-out", out]);
+  return out;
 }
