@@ -267,15 +267,20 @@ class AedesBroker implements EmbeddedBroker {
     }
   }
 
-  /** What `$SYS/broker/` shows now (./sys.ts). */
-  private sysSnapshot(): SysSnapshot {
+  subscriptionCount(): number {
     // aedes' Client type leaves out `subscriptions` (by filter), which its handlers keep on every client.
     type Held = Client & { readonly subscriptions: Record<string, unknown> };
-    const clients = Object.values((this.aedes as unknown as { clients: Record<string, Held> }).clients);
-    const persistentOnline = clients.filter((c) => !c.clean).length;
     // A clean session's subscriptions live in its client only; a kept session's are in the persistence too.
-    let cleanSubscriptions = 0;
-    for (const c of clients) if (c.clean) cleanSubscriptions += Object.keys(c.subscriptions).length;
+    let clean = 0;
+    for (const c of Object.values((this.aedes as unknown as { clients: Record<string, Held> }).clients))
+      if (c.clean) clean += Object.keys(c.subscriptions).length;
+    return this.persistence.subscriptions() + clean;
+  }
+
+  /** What `$SYS/broker/` shows now (./sys.ts). */
+  private sysSnapshot(): SysSnapshot {
+    const clients = Object.values((this.aedes as unknown as { clients: Record<string, Client> }).clients);
+    const persistentOnline = clients.filter((c) => !c.clean).length;
     const stats = this.stats();
     return {
       version: this.opts.version ?? "agent-fleets",
@@ -285,7 +290,7 @@ class AedesBroker implements EmbeddedBroker {
       disconnected: Math.max(0, (stats.sessions ?? 0) - persistentOnline),
       received: stats.messagesIn,
       sent: stats.messagesOut,
-      subscriptions: this.persistence.subscriptions() + cleanSubscriptions,
+      subscriptions: this.subscriptionCount(),
       retained: stats.retainedMessages ?? 0,
       connects: this.connects,
       sockets: this.sockets,

@@ -275,6 +275,11 @@ export interface Broker {
   /** Current counters. */
   stats(): BrokerStats;
   /**
+   * Embedded broker only: the subscriptions held, connected clients' and those of persistent sessions whose
+   * client is away (`$SYS/broker/subscriptions/count`). O(connected clients): not part of `stats()`.
+   */
+  subscriptionCount?(): number;
+  /**
    * Apply new auth rules now: later CONNECTs, publishes and subscribes use them, and every
    * connected client that no longer passes them (or whose subscriptions they no longer
    * grant) is disconnected.

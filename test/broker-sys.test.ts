@@ -123,6 +123,7 @@ describe("the $SYS/broker/ tree", () => {
       await here.subscribeAsync("x/#", { qos: 0 });
       // The watcher's own, the away session's two, and one of a connected clean session.
       await until(() => count() === "4", "4 subscriptions");
+      expect(broker.subscriptionCount?.()).toBe(4); // fleet_broker_subscriptions
       await here.unsubscribeAsync("x/#");
       await until(() => count() === "3", "3 once x/# is gone");
       await here.endAsync();

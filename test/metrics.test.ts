@@ -44,6 +44,7 @@ const REQUIRED: Record<string, string> = {
   fleet_broker_bytes_received_total: "counter",
   fleet_broker_bytes_sent_total: "counter",
   fleet_broker_retained_messages: "gauge",
+  fleet_broker_subscriptions: "gauge",
   fleet_broker_sessions: "gauge",
   fleet_broker_sessions_expired_total: "counter",
   fleet_broker_oversized_packets_total: "counter",

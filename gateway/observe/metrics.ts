@@ -36,7 +36,7 @@ export interface MetricsHost {
   readonly spec: SpecVersion;
   readonly specError: string | null;
   readonly scheduler: { readonly active: number; readonly capacity: number; readonly pacedAgents: number } | undefined;
-  readonly broker: { stats(): BrokerStats } | undefined;
+  readonly broker: { stats(): BrokerStats; subscriptionCount?(): number } | undefined;
   /** Episode subprocess groups alive now. */
   subprocesses(): number;
   /** How far the clock reads earlier than the newest time seen or recorded, ms (gateway.ts). */
@@ -581,6 +581,16 @@ export class FleetMetrics {
       registers,
       collect() {
         this.set(host.broker?.stats().offlineQueuedBytes ?? 0);
+      },
+    });
+    new Gauge({
+      name: "fleet_broker_subscriptions",
+      help:
+        "Subscriptions the embedded broker holds: connected clients' and away persistent sessions' " +
+        "($SYS/broker/subscriptions/count).",
+      registers,
+      collect() {
+        this.set(host.broker?.subscriptionCount?.() ?? 0);
       },
     });
     new Gauge({
