@@ -77,6 +77,8 @@ class AedesBroker implements EmbeddedBroker {
   /** Since the start: CONNECTs accepted, and transport connections opened ($SYS/broker/load/...). */
   private connects = 0;
   private sockets = 0;
+  /** Whether connects and disconnects are logged (`connectionMessages`). */
+  private connectionMessages: boolean;
   private startedAt = Date.now();
 
   constructor(private readonly opts: BrokerOptions) {
@@ -105,6 +107,7 @@ class AedesBroker implements EmbeddedBroker {
       identities: new WeakMap(),
       usernames: new WeakMap(),
       maxKeepalive: opts.maxKeepaliveSeconds ?? 0,
+      keepalives: new WeakMap(),
       publishFirst: null,
       retained: this.persistence.retained,
     };
@@ -115,9 +118,22 @@ class AedesBroker implements EmbeddedBroker {
     });
     if (opts.persistence?.kind === "libsql") this.state.publishFirst = publishBeforeAck(this.aedes);
     willsOnTakeover(this.aedes);
-    this.aedes.on("client", () => {
+    this.connectionMessages = opts.connectionMessages ?? false;
+    this.aedes.on("client", (client: Client) => {
       this.connects++;
       this.maxClients = Math.max(this.maxClients, this.aedes.connectedClients ?? 0);
+      if (!this.connectionMessages) return;
+      this.log.info(
+        {
+          client: client.id,
+          username: this.state.usernames.get(client) ?? null,
+          host: this.state.hosts.get(client),
+          keepalive: this.state.keepalives.get(client),
+          clean: client.clean,
+          ...(this.state.identities.has(client) ? { certificate: true } : {}),
+        },
+        "client connected",
+      );
     });
     const sysMs = opts.sysIntervalMs ?? 0;
     this.sys =
@@ -130,6 +146,8 @@ class AedesBroker implements EmbeddedBroker {
         : null;
     this.aedes.on("clientDisconnect", (client: Client) => {
       if (!client.clean) this.persistence.sessions.left(client.id, Date.now());
+      if (this.connectionMessages)
+        this.log.info({ client: client.id, username: this.state.usernames.get(client) ?? null }, "client disconnected");
     });
     const stalled = new WeakSet<Client>();
     this.aedes.on("clientError", (client: Client, err: Error) => {
@@ -343,6 +361,10 @@ class AedesBroker implements EmbeddedBroker {
 
   setMaxKeepalive(seconds: number): void {
     this.state.maxKeepalive = seconds;
+  }
+
+  setConnectionMessages(on: boolean): void {
+    this.connectionMessages = on;
   }
 
   async setTlsCrl(crl: string | null): Promise<void> {

@@ -567,6 +567,8 @@ class ExternalBroker implements Broker {
 
   setMaxKeepalive(): void {}
 
+  setConnectionMessages(): void {}
+
   /** The external broker's listeners are its own (Mosquitto: crlfile). */
   async setTlsCrl(): Promise<void> {}
 

@@ -55,6 +55,8 @@ export interface HookState {
   readonly identities: WeakMap<Client, string | null>;
   /** Largest keep alive a CONNECT may ask for, seconds; 0: any (`BrokerOptions.maxKeepaliveSeconds`). */
   maxKeepalive: number;
+  /** The keep alive each client's CONNECT asked for, seconds (for `connectionMessages`). */
+  readonly keepalives: WeakMap<Client, number>;
   /** The user name each client connected with (aedes' Client does not keep it). */
   readonly usernames: WeakMap<Client, string | null>;
   /**
@@ -208,6 +210,7 @@ export function createHooks(
       // will for that long: Mosquitto refuses such a 3.1.1 CONNECT with "identifier rejected" too.
       const max = state.maxKeepalive;
       const keepalive = packet.keepalive ?? 0;
+      state.keepalives.set(client, keepalive);
       if (max > 0 && (keepalive === 0 || keepalive > max) && !state.refuseAtConnect.has(client)) {
         state.refuseAtConnect.set(client, {
           code: IDENTIFIER_REJECTED,

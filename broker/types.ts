@@ -156,6 +156,8 @@ export interface BrokerOptions extends BrokerAuth {
    * checked), gets CONNACK 2 (identifier rejected, Mosquitto's answer to an MQTT 3.1.1 client). 0 or absent: any.
    */
   readonly maxKeepaliveSeconds?: number;
+  /** Log each client's connect (address, user name, keep alive, clean session) and disconnect at info. */
+  readonly connectionMessages?: boolean;
   /** Hand intake each publish's DUP flag: devices set it on every retransmission (`[broker] trust_dup`). */
   readonly trustDup?: boolean;
   /**
@@ -289,6 +291,8 @@ export interface Broker {
   setMaxConnections(max: number): void;
   /** Change the keep alive bound for new CONNECTs (seconds, 0 = none); connected clients keep theirs. */
   setMaxKeepalive(seconds: number): void;
+  /** Turn the connect and disconnect log lines (`connectionMessages`) on or off. */
+  setConnectionMessages(on: boolean): void;
   /**
    * New CRLs for the TLS listeners' handshakes to come (`tls.crl`); connections already open stay. Rejects,
    * the listeners keeping the CRLs they had, when the PEM cannot be used.

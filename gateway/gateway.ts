@@ -1174,6 +1174,7 @@ export class Gateway {
       maxPacketBytes: spec.broker.max_packet_bytes,
       maxConnections: spec.broker.max_connections,
       maxKeepaliveSeconds: spec.broker.max_keepalive,
+      connectionMessages: spec.broker.connection_messages,
       trustDup: spec.broker.trust_dup,
       sessionExpiryMs: spec.broker.session_expiry_days * 86_400_000,
       sysIntervalMs: spec.broker.sys_interval * 1000,
@@ -1264,6 +1265,10 @@ export class Gateway {
     if (a.max_keepalive !== b.max_keepalive) {
       this.broker.setMaxKeepalive(b.max_keepalive);
       done.push(`max_keepalive ${b.max_keepalive} (new connections)`);
+    }
+    if (a.connection_messages !== b.connection_messages) {
+      this.broker.setConnectionMessages(b.connection_messages);
+      done.push(`connection_messages ${b.connection_messages}`);
     }
     if (a.allow_anonymous !== b.allow_anonymous || a.devices_file !== b.devices_file) {
       const previous = this.devices;

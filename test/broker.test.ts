@@ -20,7 +20,7 @@ import {
   type PublishedMessage,
 } from "../broker/index.ts";
 import { compileFilter, hopsOf, publishPacketSize } from "../broker/index.ts";
-import { remainingLength, seeded, within } from "./helpers/gateway.ts";
+import { remainingLength, seeded, waitFor, within } from "./helpers/gateway.ts";
 
 const HOST = "127.0.0.1";
 const cleanups: (() => unknown)[] = [];
@@ -796,6 +796,23 @@ describe("MQTT input rules", () => {
     expect(kept.connected).toBe(true);
     h.broker.setMaxKeepalive(0);
     expect(await code(0, "any-again")).toBeUndefined();
+  });
+
+  test("connection_messages logs each connect (address, keep alive, clean session) and disconnect", async () => {
+    const h = await startBroker();
+    const lines = (msg: string) =>
+      h.logs.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.msg === msg);
+    const quiet = await device(h, { clientId: "quiet" });
+    await quiet.endAsync();
+    expect(lines("client connected")).toEqual([]);
+    h.broker.setConnectionMessages(true);
+    const loud = await device(h, { clientId: "loud", keepalive: 42, clean: false });
+    await loud.endAsync();
+    await waitFor(() => lines("client disconnected").length === 1, 5000, "the disconnect line", 10);
+    expect(lines("client connected")).toEqual([
+      expect.objectContaining({ client: "loud", username: null, host: "127.0.0.1", keepalive: 42, clean: false }),
+    ]);
+    expect(lines("client disconnected")).toEqual([expect.objectContaining({ client: "loud", username: null })]);
   });
 
   test("an MQTT 5 CONNECT gets the 3.1.1 refusal CONNACK 0x01 and is closed; the broker goes on", async () => {

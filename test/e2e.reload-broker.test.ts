@@ -75,7 +75,7 @@ describe("reloading [broker] and [http]", () => {
     expect(await fleet.stop()).toBe(0);
   }, 60_000);
 
-  test("max_keepalive applies live to new connections; connected clients keep theirs", async () => {
+  test("max_keepalive and connection_messages apply live to new connections; connected clients stay", async () => {
     const base = fleetHeader("e2e-reload-keepalive") + counterType("counter", "sensors/+/c");
     const fleet = new TestFleet(base);
     await fleet.start();
@@ -83,7 +83,10 @@ describe("reloading [broker] and [http]", () => {
     const seldom = await fleet.mqtt({ clientId: "seldom", keepalive: 600 });
     writeFileSync(
       fleet.configPath,
-      base.replace('[broker]\nhost = "127.0.0.1"', '[broker]\nhost = "127.0.0.1"\nmax_keepalive = 120'),
+      base.replace(
+        '[broker]\nhost = "127.0.0.1"',
+        '[broker]\nhost = "127.0.0.1"\nmax_keepalive = 120\nconnection_messages = true',
+      ),
     );
     await waitFor(
       async () => (await connackCode(port, { clientId: "seldom-2", keepalive: 600 })) === 2,
@@ -93,7 +96,12 @@ describe("reloading [broker] and [http]", () => {
     expect(await connackCode(port, { clientId: "never", keepalive: 0 })).toBe(2);
     expect(await connackCode(port, { clientId: "often", keepalive: 60 })).toBe(0);
     expect((await fleetInfo(fleet)).spec_error).toBeNull();
-    expect(readFileSync(fleet.logPath, "utf8")).toContain("max_keepalive 120 (new connections)");
+    const log = readFileSync(fleet.logPath, "utf8");
+    expect(log).toContain("max_keepalive 120 (new connections)");
+    expect(log).toContain("connection_messages true");
+    // The accepted connect after the reload is logged (with its keep alive); "seldom", made before, is not.
+    expect(log).toMatch(/"client":"often".*"keepalive":60.*"msg":"client connected"/);
+    expect(log).not.toMatch(/"client":"seldom".*"msg":"client connected"/);
     await publishQos1(seldom, "sensors/a/c", { id: "still-connected" });
     expect(await fleet.stop()).toBe(0);
   }, 60_000);

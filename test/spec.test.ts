@@ -116,6 +116,7 @@ describe("compileSpec", () => {
       wss_port: null,
       tls: null,
       use_identity_as_username: false,
+      connection_messages: false,
       persistence: "memory",
       max_offline_messages: 1000,
       max_offline_bytes: 0,
@@ -300,6 +301,12 @@ describe("schema errors name the key path", () => {
     ["negative max_connections", "[broker]\nmax_connections = -1\n", "broker.max_connections", /non-negative integer/],
     ["fractional max_keepalive", "[broker]\nmax_keepalive = 1.5\n", "broker.max_keepalive", /non-negative integer/],
     ["max_keepalive past 65535", "[broker]\nmax_keepalive = 70000\n", "broker.max_keepalive", /at most 65535/],
+    [
+      "connection_messages with an external broker",
+      '[broker]\nurl = "mqtt://b"\nconnection_messages = true\n',
+      "broker.connection_messages",
+      /an external broker logs its own \(Mosquitto: connection_messages\)/,
+    ],
     [
       "max_keepalive with an external broker",
       '[broker]\nurl = "mqtt://b"\nmax_keepalive = 60\n',

@@ -256,6 +256,8 @@ const EMBEDDED_ONLY: Readonly<Record<string, string>> = {
     "limits the embedded broker's connections; an external broker sets its own (Mosquitto: max_connections)",
   max_keepalive:
     "bounds the embedded broker's clients' keep alive; an external broker bounds its own (Mosquitto: max_keepalive)",
+  connection_messages:
+    "logs the embedded broker's clients; an external broker logs its own (Mosquitto: connection_messages)",
   persistence:
     "is where the embedded broker keeps its sessions; an external broker keeps its own (Mosquitto: persistence)",
   max_offline_messages:

@@ -126,6 +126,12 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "broker.wss_port": "MQTT over secure WebSocket port; needs tls_cert and tls_key. 0 picks a free one (gateway.json).",
   "broker.tls_cert": "PEM certificate (chain) of the TLS listeners; relative to fleet.toml. Read at start.",
   "broker.tls_key": "PEM private key of tls_cert; relative to fleet.toml. Read at start.",
+  "broker.connection_messages":
+    "true: log each client's connect (client id, user name, address, keep alive, clean session) and disconnect " +
+    'at info ("client connected", "client disconnected"), as Mosquitto\'s connection_messages (whose default is ' +
+    "true; here false, so a reconnect storm does not fill the log). Refused connects are logged either way (bad " +
+    "credentials at most one line per 10 s). " +
+    "Applied live. Embedded broker only (refused with url).",
   "broker.max_keepalive":
     "Largest keep alive (seconds) a device's CONNECT may ask for; a larger one, or 0 (never pinging), gets " +
     "CONNACK 2 (identifier rejected), as Mosquitto's max_keepalive answers MQTT 3.1.1 clients: a device that " +

@@ -3,7 +3,8 @@
  * (hosts, ports, TLS files, packet limit), the span exporter, and process-wide choices made at
  * start. A hot
  * reload that changes one of them is refused with "needs restart: …" instead of claiming
- * it was applied. Auth and ACL keys (`allow_anonymous`, `devices`), `max_connections`, `max_keepalive` and the
+ * it was applied. Auth and ACL keys (`allow_anonymous`, `devices`), `max_connections`, `max_keepalive`,
+ * `connection_messages` and the
  * HTTP access keys and limits (`allowed_hosts`, `allow_unauthenticated`, `open_metrics`,
  * `max_concurrent_requests`, `max_body_bytes_in_flight`) are applied live by the gateway.
  */
@@ -69,7 +70,13 @@ function shardChangeWhy(before: Shard, after: Shard): string | null {
 }
 
 /** Keys a reload applies to the running broker without a restart. */
-export const LIVE_BROKER_KEYS = ["allow_anonymous", "devices_file", "max_connections", "max_keepalive"] as const;
+export const LIVE_BROKER_KEYS = [
+  "allow_anonymous",
+  "devices_file",
+  "max_connections",
+  "max_keepalive",
+  "connection_messages",
+] as const;
 
 /** Keys of `[http]` a reload applies to the running server (the guard reads them per request). */
 export const LIVE_HTTP_KEYS = [

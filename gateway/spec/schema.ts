@@ -241,6 +241,7 @@ export const fleetSchema = z.strictObject({
     tls_ca: str().optional(),
     tls_crl: str().optional(),
     use_identity_as_username: bool(false),
+    connection_messages: bool(false),
     persistence: z.enum(["libsql", "memory"], says('must be "libsql" or "memory"')).default("memory"),
     max_offline_messages: posInt(1000),
     max_offline_bytes: nonNegInt(0),

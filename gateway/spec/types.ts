@@ -171,6 +171,8 @@ export interface FleetSpec {
     readonly max_connections: number;
     /** Largest keep alive a CONNECT may ask for, seconds; a larger one or 0 gets CONNACK 2. 0: any. */
     readonly max_keepalive: number;
+    /** Log each client's connect and disconnect at info (Mosquitto's connection_messages). */
+    readonly connection_messages: boolean;
     readonly allow_anonymous: boolean;
     /** Anonymous clients may connect on a non-loopback host (otherwise such a spec is refused). */
     readonly allow_anonymous_network: boolean;
