@@ -51,11 +51,10 @@ export interface TlsPem {
 export class TcpListener {
   private readonly server: Server;
   private readonly tls: TlsPem | null;
-  private readonly sockets = new Set<Socket>();
-  private closed: Promise<void> | null = null;
-
   /** Whether connections carry their client certificate's CN (`TlsPem.identity`). */
   private readonly identity: boolean;
+  private readonly sockets = new Set<Socket>();
+  private closed: Promise<void> | null = null;
 
   constructor(
     private readonly hooks: ListenerHooks,

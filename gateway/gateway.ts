@@ -294,7 +294,6 @@ export class Gateway {
     this.pressure?.stop();
     this.scheduler?.stop();
     if (this.tokenWatch) clearInterval(this.tokenWatch);
-    this.crlWatch?.stop();
     await quietly("stopping the timers", () => this.timers?.stop());
     await quietly("stopping the wake-ups", () => this.wakeups?.stop());
     await this.releaseParts(quietly);
@@ -542,6 +541,7 @@ export class Gateway {
     this.storageWatch?.stop();
     this.disk?.stop();
     this.stopDeviceWatch?.();
+    this.crlWatch?.stop();
     this.watcher?.stop();
   }
 
@@ -570,7 +570,6 @@ export class Gateway {
     }
     await this.releaseParts();
     if (this.tokenWatch) clearInterval(this.tokenWatch);
-    this.crlWatch?.stop();
     if (this.dataDir) removeLocalToken(this.dataDir);
     try {
       rmSync(join(this.dataDir, "gateway.json"));
