@@ -288,6 +288,12 @@ describe("tls_crl: revoked client certificates", () => {
       15_000,
       "mqtts connect before the revocation",
     );
+    // Over wss too: a new list moves the port to a new listener, and this connection stays with the old one.
+    const openWss = await within(
+      connectAsync(wss, { ca: certs.caPem, ...boiler, clientId: "open-wss", reconnectPeriod: 0 }),
+      15_000,
+      "wss connect before the revocation",
+    );
 
     // The CA revokes boiler-1's certificate: the new list is picked up from the file, no restart.
     copyFileSync(crlFor(certs, "boiler-revoked", [certs.clientCert]), crlFile);
@@ -300,6 +306,8 @@ describe("tls_crl: revoked client certificates", () => {
     // A connection made before stays: revocation is checked at the handshake.
     expect(open.connected).toBe(true);
     await publishQos1(open, "anything/x", "1");
+    expect(openWss.connected).toBe(true);
+    await publishQos1(openWss, "anything/y", "1");
     expect(fleet.logTail(200)).toContain("tls_crl reloaded");
 
     // A file that is no CRL changes nothing: logged, and the lists in force stay.
@@ -310,6 +318,7 @@ describe("tls_crl: revoked client certificates", () => {
     expect(await tlsConnack(mqtts, { ...other, clientId: "o3" })).toBe(0);
     expect(await tlsConnack(wss, { ...other, clientId: "o4" })).toBe(0);
     open.end(true);
+    openWss.end(true);
     expect(await fleet.stop()).toBe(0);
   }, 120_000);
 });
