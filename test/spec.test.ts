@@ -301,18 +301,6 @@ describe("schema errors name the key path", () => {
     ["negative max_connections", "[broker]\nmax_connections = -1\n", "broker.max_connections", /non-negative integer/],
     ["fractional max_keepalive", "[broker]\nmax_keepalive = 1.5\n", "broker.max_keepalive", /non-negative integer/],
     ["max_keepalive past 65535", "[broker]\nmax_keepalive = 70000\n", "broker.max_keepalive", /at most 65535/],
-    [
-      "connection_messages with an external broker",
-      '[broker]\nurl = "mqtt://b"\nconnection_messages = true\n',
-      "broker.connection_messages",
-      /an external broker logs its own \(Mosquitto: connection_messages\)/,
-    ],
-    [
-      "max_keepalive with an external broker",
-      '[broker]\nurl = "mqtt://b"\nmax_keepalive = 60\n',
-      "broker.max_keepalive",
-      /an external broker bounds its own \(Mosquitto: max_keepalive\)/,
-    ],
     ["tls_port without a certificate", "[broker]\ntls_port = 8883\n", "broker.tls_port", /needs tls_cert and tls_key/],
     ["tls_cert without tls_key", '[http]\ntls_cert = "c.pem"\n', "http.tls_key", /both or neither/],
     [
@@ -462,6 +450,18 @@ describe("schema errors name the key path", () => {
       '[broker]\nurl = "mqtt://b"\nmqtt_port = 1883\n',
       "broker.mqtt_port",
       /with url the gateway runs none/,
+    ],
+    [
+      "connection_messages with an external broker",
+      '[broker]\nurl = "mqtt://b"\nconnection_messages = true\n',
+      "broker.connection_messages",
+      /an external broker logs its own \(Mosquitto: connection_messages\)/,
+    ],
+    [
+      "max_keepalive with an external broker",
+      '[broker]\nurl = "mqtt://b"\nmax_keepalive = 60\n',
+      "broker.max_keepalive",
+      /an external broker bounds its own \(Mosquitto: max_keepalive\)/,
     ],
     [
       "a connection limit with an external broker",

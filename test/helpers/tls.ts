@@ -22,14 +22,23 @@ function openssl(dir: string, args: string[]): void {
   if (r.exitCode !== 0) throw new Error(`openssl ${args.join(" ")} failed: ${r.stderr.toString()}`);
 }
 
+/** A new EC P-256 key, unencrypted. */
+const EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+
+/** A key and a certificate for `subject`, signed by the CA in `dir` (EC P-256, valid one day): `<name>.pem`/`.key`. */
+function issue(dir: string, name: string, subject: string, extra: readonly string[] = []): void {
+  openssl(dir, ["req", ...EC, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", subject]);
+  const ca = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"];
+  openssl(dir, ["x509", "-req", "-in", `${name}.csr`, ...ca, "-out", `${name}.pem`, "-days", "1", ...extra]);
+}
+
 /** Make a CA and a server and client certificate signed by it (EC P-256, valid one day). */
 export function makeCerts(): TestCerts {
   const dir = mkdtempSync(join(tmpdir(), "fleet-tls-"));
-  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
   openssl(dir, [
     "req",
     "-x509",
-    ...ec,
+    ...EC,
     "-keyout",
     "ca.key",
     "-out",
@@ -40,40 +49,8 @@ export function makeCerts(): TestCerts {
     "/CN=fleet test CA",
   ]);
   writeFileSync(join(dir, "server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-  openssl(dir, ["req", ...ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
-  openssl(dir, [
-    "x509",
-    "-req",
-    "-in",
-    "server.csr",
-    "-CA",
-    "ca.pem",
-    "-CAkey",
-    "ca.key",
-    "-CAcreateserial",
-    "-out",
-    "server.pem",
-    "-days",
-    "1",
-    "-extfile",
-    "server.ext",
-  ]);
-  openssl(dir, ["req", ...ec, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=boiler-1"]);
-  openssl(dir, [
-    "x509",
-    "-req",
-    "-in",
-    "client.csr",
-    "-CA",
-    "ca.pem",
-    "-CAkey",
-    "ca.key",
-    "-CAcreateserial",
-    "-out",
-    "client.pem",
-    "-days",
-    "1",
-  ]);
+  issue(dir, "server", "/CN=localhost", ["-extfile", "server.ext"]);
+  issue(dir, "client", "/CN=boiler-1");
   return {
     dir,
     ca: join(dir, "ca.pem"),
@@ -91,23 +68,7 @@ export function makeCerts(): TestCerts {
  */
 export function clientCertFor(certs: TestCerts, name: string, subject: string): { cert: string; key: string } {
   const dir = certs.dir;
-  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-  openssl(dir, ["req", ...ec, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", subject]);
-  openssl(dir, [
-    "x509",
-    "-req",
-    "-in",
-    `${name}.csr`,
-    "-CA",
-    "ca.pem",
-    "-CAkey",
-    "ca.key",
-    "-CAcreateserial",
-    "-out",
-    `${name}.pem`,
-    "-days",
-    "1",
-  ]);
+  issue(dir, name, subject);
   return { cert: readFileSync(join(dir, `${name}.pem`), "utf8"), key: readFileSync(join(dir, `${name}.key`), "utf8") };
 }
 
