@@ -322,7 +322,7 @@ function externalBroker(
   };
 }
 
-/** A table's `tls_cert`/`tls_key`(/`tls_ca`) as readable files, or null when TLS is off there. */
+/** A table's `tls_cert`/`tls_key`(/`tls_ca`/`tls_crl`) as readable files, or null when TLS is off there. */
 function tlsFiles(
   table: "broker" | "http",
   f: { cert: string | undefined; key: string | undefined; ca: string | undefined; crl: string | undefined },
