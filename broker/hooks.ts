@@ -147,10 +147,8 @@ export function createHooks(
   const acks = new WeakMap<Client, Promise<unknown>>();
 
   const infoOf = (client: Client | null, packet?: PublishPacket): ClientInfo => {
-    if (client) {
-      const username = usernames.get(client) ?? null;
-      return state.identities.has(client) ? { id: client.id, username, certified: true } : { id: client.id, username };
-    }
+    // `certified` matters only at login and to a live re-check (embedded.ts `setAuth`): not asked for here.
+    if (client) return { id: client.id, username: usernames.get(client) ?? null };
     // A will whose client is gone: judged as the user name stored with it (see WILL_USERNAME).
     const stored = packet as Record<string, unknown> | undefined;
     const username = stored?.[WILL_USERNAME];
