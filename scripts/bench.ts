@@ -25,6 +25,8 @@
  *             commit-path episodes/s with replication on vs off (target >= 0.9x); real episodes
  *             (subprocesses) of two gateways, one replicating, in interleaved rounds (target >= 0.9x)
  *   logins    a device's first login (argon2id) while 16 clients guess logins vs on a quiet broker (target <= 3x)
+ *   redeploy  an edit of fleet.toml -> the new version live, while episodes run (<= 2,000 ms), vs the
+ *             same edit applied by SIGHUP (no wait for the file to settle)
  *   scale     100,000 agents deployed: gateway RSS (<= 400 MB), /api/agents pages and /metrics p99
  *             (<= 20 ms), restart to ready with 1,000,000 episodes of history (<= 3 s)
  *
@@ -59,6 +61,7 @@ import { benchOps } from "./bench-ops.ts";
 import { benchReplication, benchReplicationReal } from "./bench-replication.ts";
 import { benchLogins } from "./bench/logins.ts";
 import { benchScale } from "./bench/scale.ts";
+import { benchRedeploy } from "./bench/redeploy.ts";
 
 const SECTIONS = [
   "intake",
@@ -73,6 +76,7 @@ const SECTIONS = [
   "ops",
   "replication",
   "logins",
+  "redeploy",
   "scale",
 ] as const;
 type Section = (typeof SECTIONS)[number];
@@ -126,6 +130,7 @@ const run: Record<Section, () => Promise<Row[]>> = {
   ops: () => benchOps(opts),
   replication: async () => [...(await benchReplication(opts)), ...(await benchReplicationReal(opts))],
   logins: () => benchLogins(opts),
+  redeploy: () => benchRedeploy(opts),
   scale: () => benchScale(opts),
 };
 
