@@ -5,7 +5,7 @@
  * subscriptions to the agents' topics, so the broker queues while the gateway is down, and
  * sends each PUBACK only after intake recorded the stimulus (mqtt.js `handleMessage`).
  */
-import { connect, type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient } from "mqtt";
+import type { IClientOptions, IConnackPacket, IPublishPacket, MqttClient } from "mqtt";
 import { existsSync, readFileSync } from "node:fs";
 import type { Logger } from "pino";
 import { writeFileDurably } from "../gateway/durable.ts";
@@ -19,6 +19,14 @@ import type {
   PublishMeta,
   PublishedMessage,
 } from "./types.ts";
+
+/**
+ * mqtt.js, loaded when an external broker is first reached: a fleet on the embedded broker (the
+ * default) never needs it, and importing it costs every gateway start and CLI call ~60 ms.
+ */
+async function mqttConnect(): Promise<typeof import("mqtt").connect> {
+  return (await import("mqtt")).connect;
+}
 
 /** How to reach the external broker and what to do with what it delivers. */
 export interface ExternalBrokerOptions {
@@ -152,6 +160,7 @@ class ExternalBroker implements Broker {
   }
 
   private async doStart(): Promise<void> {
+    const connect = await mqttConnect();
     if (this.lifecycle !== "new") throw new Error(`cannot start a broker client that is ${this.lifecycle}`);
     this.lifecycle = "starting";
     const common: IClientOptions = (this.common = { ...loginOptions(this.opts), reconnectPeriod: 1000 });
@@ -340,6 +349,7 @@ class ExternalBroker implements Broker {
    */
   private async endSessions(): Promise<void> {
     const v5 = this.opts.protocolVersion === 5;
+    const connect = await mqttConnect();
     for (const clientId of [...this.toDrop]) {
       if (this.lifecycle === "closed") return;
       const c = connect(this.opts.url, {
@@ -694,6 +704,7 @@ export async function prepareSessions(
 ): Promise<PreparedSession[]> {
   const v5 = o.protocolVersion === 5;
   const done: PreparedSession[] = [];
+  const connect = await mqttConnect();
   for (const clientId of clientIds) {
     const c = connect(o.url, {
       ...loginOptions(o),
@@ -728,6 +739,7 @@ export async function readRetained(
   filters: readonly string[],
   settleMs = 300,
 ): Promise<{ topic: string; payload: Buffer }[]> {
+  const connect = await mqttConnect();
   const c = connect(o.url, { ...loginOptions(o), reconnectPeriod: 0, clean: true, clientId: "" });
   const got: { topic: string; payload: Buffer }[] = [];
   let last = performance.now();

@@ -78,7 +78,8 @@ import {
   writeLocalToken,
 } from "./auth/index.ts";
 import { appendAudit, appendAuditWithMeta } from "./store/index.ts";
-import { DiskReserve, type DiskStatus, EpisodeTelemetry, FleetMetrics } from "./observe/index.ts";
+import { DiskReserve, type DiskStatus, FleetMetrics } from "./observe/index.ts";
+import type { EpisodeTelemetry } from "./telemetry/index.ts";
 import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcOutcome, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
@@ -360,6 +361,8 @@ export class Gateway {
     this.watchClock();
     this.metrics = new FleetMetrics(this, { now: this.now });
     if (spec.telemetry.otlp_endpoint !== null) {
+      // Loaded only when asked for: importing the OpenTelemetry SDK costs every start (and CLI call) ~60 ms.
+      const { EpisodeTelemetry } = await import("./telemetry/index.ts");
       this.telemetry = new EpisodeTelemetry(this.store, {
         endpoint: spec.telemetry.otlp_endpoint,
         serviceName: spec.telemetry.service_name,

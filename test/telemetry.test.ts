@@ -6,7 +6,7 @@ import { describe, expect, test } from "bun:test";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { type SpanExporter, SimpleSpanProcessor, TracerProvider } from "@opentelemetry/sdk-trace";
 import pino from "pino";
-import { DROP_LOG_EVERY_MS, WatchedExporter } from "../gateway/observe/index.ts";
+import { DROP_LOG_EVERY_MS, WatchedExporter } from "../gateway/telemetry/index.ts";
 
 function logged() {
   const lines: { level: number; msg: string; dropped?: number }[] = [];

@@ -7,6 +7,5 @@ export * from "./sse.ts";
 export * from "./status-topics.ts";
 export * from "./views.ts";
 export * from "./storage.ts";
-export * from "./telemetry.ts";
 export * from "./activity.ts";
 export * from "./disk.ts";
