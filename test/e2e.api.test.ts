@@ -46,7 +46,7 @@ beforeAll(async () => {
   await publishQos1(client, "bad/x/in", { id: "boom" });
   await fleet.waitCommitted("counter/dev-000", 5);
   await fleet.waitCommitted("monitor/boiler-1", 2);
-  await waitFor(async () => (await fleet.episodes("thrower/x")).length === 1, 30_000, "the thrower's failed episode");
+  await fleet.waitEpisodes("thrower/x", (eps) => eps.length === 1, 30_000, "the thrower's failed episode");
 }, 90_000);
 
 afterAll(async () => {

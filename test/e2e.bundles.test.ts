@@ -249,11 +249,9 @@ describe("code pinned by content", () => {
     try {
       await fleet.start();
       await publishQos1(await fleet.mqtt(), "tags/a/in", { id: "r1" });
-      const [failed] = await waitFor(
-        async () => {
-          const list = await fleet.episodes("tagger/a");
-          return list.length > 0 ? list : undefined;
-        },
+      const [failed] = await fleet.waitEpisodes(
+        "tagger/a",
+        (list) => (list.length > 0 ? list : undefined),
         30_000,
         "the failed episode",
       );

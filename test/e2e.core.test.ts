@@ -686,14 +686,11 @@ describe("bad input", () => {
 
       for (const [name, kind] of Object.entries(expected)) {
         const agent = `${name}/k`;
-        const eps = await waitFor(
-          async () => {
-            const list = await fleet.episodes(agent);
-            return list.length >= 2 ? list : undefined;
-          },
+        const eps = await fleet.waitEpisodes(
+          agent,
+          (list) => (list.length >= 2 ? list : undefined),
           60_000,
           `two failed attempts of ${agent}`,
-          100,
         );
         expect(eps.length).toBe(2);
         for (const e of eps) {

@@ -66,11 +66,7 @@ beforeAll(async () => {
   await publishQos1(client, "bad/valve-9/in", { id: "boom" });
   await fleet.waitCommitted("temp-monitor/boiler-1", 2);
   await fleet.waitCommitted("counter/pump-05", 1);
-  await waitFor(
-    async () => (await fleet.episodes("thrower/valve-9")).length === 1,
-    30_000,
-    "the failed thrower episode",
-  );
+  await fleet.waitEpisodes("thrower/valve-9", (eps) => eps.length === 1, 30_000, "the failed thrower episode");
 
   browser = await launchChromium();
   // Signed in through the API here; the sign-in form itself is tested on a page of its own.

@@ -136,9 +136,9 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
 
     // Publish to its own inbox (allowed by its ACL) starts an inbox episode.
     expect(await publishOutcome(a, "fleet/agents/picky/dev-a/inbox", '{"id":"a-inbox","ok":true}')).toBe("acked");
-    await waitFor(
-      async () =>
-        (await fleet.episodes("picky/dev-a")).some((e) => e.stimulus === "id:a-inbox" && e.status === "committed"),
+    await fleet.waitEpisodes(
+      "picky/dev-a",
+      (eps) => eps.some((e) => e.stimulus === "id:a-inbox" && e.status === "committed"),
       30_000,
       "inbox episode",
     );
@@ -293,9 +293,9 @@ describe("devices and quarantine (one gateway, allow_anonymous = false)", () => 
     // The operator fixes the cause (here: the type's config), then starts the gateway.
     writeFileSync(fleet.configPath, fleetToml(true));
     await fleet.start();
-    await waitFor(
-      async () =>
-        (await fleet.episodes("picky/dev-a")).some((e) => e.stimulus === "id:poison-1" && e.status === "committed"),
+    await fleet.waitEpisodes(
+      "picky/dev-a",
+      (eps) => eps.some((e) => e.stimulus === "id:poison-1" && e.status === "committed"),
       30_000,
       "the retried stimulus to commit",
       200,

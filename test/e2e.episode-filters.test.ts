@@ -4,7 +4,7 @@
  * its two device readings when asked for `mqtt`. Bad values are refused with the allowed list.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { cleanupAll, fixture, publishQos1, runCli, TestFleet, waitFor } from "./helpers/gateway.ts";
+import { cleanupAll, fixture, publishQos1, runCli, TestFleet } from "./helpers/gateway.ts";
 import { agentType, fleetHeader, throwerType } from "./helpers/toml.ts";
 
 const TOML =
@@ -32,12 +32,13 @@ beforeAll(async () => {
   await publishQos1(client, "bad/v1/in", { id: "b1" });
   const manual = await fleet.fetch("/api/agents/thrower/v1/stimuli", { method: "POST", body: '{"by":"hand"}' });
   expect(manual.status).toBe(202);
-  await waitFor(
-    async () => (await fleet.episodes("watch/d1")).filter((e) => e.stimulus.startsWith("id:m")).length === 2,
+  await fleet.waitEpisodes(
+    "watch/d1",
+    (eps) => eps.filter((e) => e.stimulus.startsWith("id:m")).length === 2,
     30_000,
     "both device readings of watch/d1",
   );
-  await waitFor(async () => (await fleet.episodes("thrower/v1")).length === 2, 30_000, "both thrower failures");
+  await fleet.waitEpisodes("thrower/v1", (eps) => eps.length === 2, 30_000, "both thrower failures");
 }, 90_000);
 afterAll(cleanupAll);
 

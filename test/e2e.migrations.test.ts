@@ -113,8 +113,9 @@ describe("state migrations", () => {
       expect(JSON.parse(String(d1b.state)).openings).toBe(1);
 
       // The throwing migration: the episode failed, the stimulus is quarantined, the v1 checkpoint stands.
-      const failed = await waitFor(
-        async () => (await fleet.episodes("door-bad/b1")).find((e) => e.status === "failed"),
+      const failed = await fleet.waitEpisodes(
+        "door-bad/b1",
+        (eps) => eps.find((e) => e.status === "failed"),
         30_000,
         "the failed migration",
       );
@@ -197,9 +198,10 @@ describe("state migrations", () => {
         }),
     );
     const failure = async (agent: string) => {
-      const [e] = await waitFor(
-        async () => {
-          const list = (await fleet.episodes(agent)).filter((x) => x.status === "failed");
+      const [e] = await fleet.waitEpisodes(
+        agent,
+        (eps) => {
+          const list = eps.filter((x) => x.status === "failed");
           return list.length > 0 ? list : undefined;
         },
         30_000,

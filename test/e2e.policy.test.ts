@@ -648,11 +648,9 @@ describe("resource isolation: a misbehaving agent is contained while a healthy o
     const from = performance.now();
     pinger.start(PACE_MS);
     await publishQos1(client, `${agent}/in`, { id: `${name}-1`, ...payload });
-    const [episode] = await waitFor(
-      async () => {
-        const eps = await fleet.episodes(agent);
-        return eps.length > 0 ? eps : undefined;
-      },
+    const [episode] = await fleet.waitEpisodes(
+      agent,
+      (eps) => (eps.length > 0 ? eps : undefined),
       timeoutMs,
       `the ${name} episode to end`,
     );

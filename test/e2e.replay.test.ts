@@ -15,7 +15,6 @@ import {
   publishQos1,
   runCli,
   shippedAgent,
-  waitFor,
   type CliResult,
   type EpisodeJson,
 } from "./helpers/gateway.ts";
@@ -90,8 +89,9 @@ beforeAll(async () => {
   await fleet.waitCommitted("temp-monitor/boiler-1", READINGS.length, 90_000);
   await fleet.waitCommitted("anomaly/boiler-1", READINGS.length, 90_000);
   await fleet.waitCommitted("dice/d1", 3, 90_000);
-  await waitFor(
-    async () => (await fleet.episodes("dice/d1")).some((e) => e.status === "failed"),
+  await fleet.waitEpisodes(
+    "dice/d1",
+    (eps) => eps.some((e) => e.status === "failed"),
     60_000,
     "the failed dice episode",
   );

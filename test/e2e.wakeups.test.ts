@@ -165,7 +165,7 @@ describe("durable wake-ups on the real gateway", () => {
     const b = await fleet.mqtt({ clientId: "cmd-blocker" });
     await publishQos1(b, "blk/b1", { at: Date.now() + 2000, many: 600 });
     b.end(true);
-    await waitFor(async () => (await fleet.episodes("blocker/b1")).length === 1, 30_000, "the blocker's wake-ups");
+    await fleet.waitEpisodes("blocker/b1", (eps) => eps.length === 1, 30_000, "the blocker's wake-ups");
     expect((await fleet.fetch("/api/agents/blocker/b1/pause", { method: "POST" })).status).toBe(200);
     await Bun.sleep(2500); // its wake-ups are due now: one fills its queue, the others are refused
     await command(fleet, "victim", { in: "2s", data: "on time" });

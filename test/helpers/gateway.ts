@@ -19,7 +19,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { createClient, type Client as DbClient } from "@libsql/client";
 import { connectAsync, type IClientOptions, type MqttClient } from "mqtt";
-import { idBytesSql } from "../../gateway/store/index.ts";
+import { idBytesSql, STATUS_COMMITTED } from "../../gateway/store/index.ts";
 
 /** The repository root (where gateway/cli/main.ts lives). */
 export const ROOT = resolve(import.meta.dir, "../..");
@@ -404,21 +404,68 @@ export class TestFleet {
     return (r.json as { agents: AgentJson[] }).agents.find((a) => a.id === id);
   }
 
-  /** Wait (bounded) until `agent` has `n` committed episodes; returns them, newest first. */
+  /** How many committed episodes `agent` has, counted in the store (what the waits poll). */
+  async committedCount(agent: string): Promise<number> {
+    const [row] = await this.query<{ n: number }>(
+      `SELECT count(*) AS n FROM episodes WHERE agent = ? AND status = ${STATUS_COMMITTED}`,
+      [agent],
+    );
+    return Number(row?.n ?? 0);
+  }
+
+  /**
+   * Wait (bounded) until `probe` holds for `agent`'s episodes as `fleet episodes` lists them; returns what
+   * it returned. The list is read again only when the agent's rows in the store changed (an episode row is
+   * written once, at its commit or failure, and removed only by retention), so the wait costs a count per
+   * poll rather than a CLI process.
+   */
+  async waitEpisodes<T>(
+    agent: string,
+    probe: (episodes: EpisodeJson[]) => T | undefined | null | false,
+    timeoutMs: number,
+    what: string,
+    intervalMs = 100,
+  ): Promise<T> {
+    let read: string | null = null;
+    return waitFor(
+      async () => {
+        const [row] = await this.query<{ stamp: string }>(
+          "SELECT count(*) || ':' || coalesce(max(rowid), 0) AS stamp FROM episodes WHERE agent = ?",
+          [agent],
+        );
+        const stamp = String(row?.stamp);
+        if (stamp === read) return undefined;
+        const got = probe(await this.episodes(agent));
+        read = stamp;
+        return got;
+      },
+      timeoutMs,
+      what,
+      intervalMs,
+    );
+  }
+
+  /**
+   * Wait (bounded) until `agent` has `n` committed episodes; returns them, newest first, as
+   * `fleet episodes` lists them. The wait polls a count in the store: a CLI process per poll cost
+   * a second of CPU on a slow box, and on a busy one the waits grew and the polls with them.
+   */
   async waitCommitted(agent: string, n: number, timeoutMs = 30_000): Promise<EpisodeJson[]> {
-    let last: EpisodeJson[] = [];
+    let seen = 0;
     try {
       return await waitFor(
         async () => {
-          last = (await this.episodes(agent)).filter((e) => e.status === "committed");
-          return last.length >= n ? last : undefined;
+          seen = await this.committedCount(agent);
+          if (seen < n) return undefined;
+          const listed = (await this.episodes(agent)).filter((e) => e.status === "committed");
+          return listed.length >= n ? listed : undefined;
         },
         timeoutMs,
         `${n} committed episode(s) of ${agent}`,
         100,
       );
     } catch (err) {
-      throw new Error(`${(err as Error).message}; saw ${last.length}\n${this.logTail(20)}`);
+      throw new Error(`${(err as Error).message}; saw ${seen}\n${this.logTail(20)}`);
     }
   }
 
