@@ -160,9 +160,9 @@ class ExternalBroker implements Broker {
   }
 
   private async doStart(): Promise<void> {
-    const connect = await mqttConnect();
     if (this.lifecycle !== "new") throw new Error(`cannot start a broker client that is ${this.lifecycle}`);
     this.lifecycle = "starting";
+    const connect = await mqttConnect();
     const common: IClientOptions = (this.common = { ...loginOptions(this.opts), reconnectPeriod: 1000 });
     // Subscriptions are (re)made on every CONNACK below, with the filters in force then.
     const client = connect(this.opts.url, {
