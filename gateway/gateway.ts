@@ -1152,15 +1152,13 @@ export class Gateway {
     }
     const files = spec.broker.tls;
     const pem = files ? readTls(files) : null;
-    if (files?.crl && pem?.crl != null) {
-      const file = files.crl;
+    if (files?.crl && pem?.crl != null)
       this.crlWatch = new CrlWatch(
-        file,
+        files.crl,
         pem.crl,
         (crl) => this.broker.setTlsCrl(crl),
         this.log.child({ mod: "broker" }),
       );
-    }
     return createEmbeddedBroker({
       host: spec.broker.host,
       port: this.opts.mqttPort ?? spec.broker.mqtt_port,

@@ -8,9 +8,9 @@
  */
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import mqtt from "mqtt";
 import type { BenchOptions, Row } from "./harness.ts";
 import { fmt, killPid, quantile, until } from "./harness.ts";
+import { connect } from "./mqttkit.ts";
 import { benchFleet, NOOP_AGENT, startGateway, type GatewayProc } from "./procs.ts";
 
 const ROUNDS = 5;
@@ -51,7 +51,7 @@ async function applyMs(gw: GatewayProc, config: string, n: number, how: "edit" |
 
 /** Publish QoS 1 stimuli to the bench agents at LOAD_PER_S until stopped; the count sent. */
 async function load(port: number): Promise<{ stop(): Promise<number> }> {
-  const c = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "redeploy-load", reconnectPeriod: 0 });
+  const c = await connect(port, "redeploy-load");
   let sent = 0;
   const timer = setInterval(() => {
     const id = `l${sent++}`;
