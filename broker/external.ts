@@ -19,6 +19,7 @@ import type {
   PublishMeta,
   PublishedMessage,
 } from "./types.ts";
+import { OperatorError } from "../gateway/errors.ts";
 
 /**
  * mqtt.js, loaded when an external broker is first reached: a fleet on the embedded broker (the
@@ -686,7 +687,7 @@ export interface PreparedSession {
 }
 
 /** A broker that refused `prepareSessions` its CONNECT, a subscription, or could not be reached. */
-export class SessionPrepareError extends Error {
+export class SessionPrepareError extends OperatorError {
   override readonly name = "SessionPrepareError";
 }
 

@@ -99,7 +99,7 @@ import {
   type FactsState,
   type Readiness,
 } from "./observe/index.ts";
-import { disableReplication, Replicator, type ReplicationStatus } from "./replication/index.ts";
+import type { Replicator, ReplicationStatus } from "./replication/index.ts";
 import {
   BundleFiles,
   buildBundle,
@@ -112,6 +112,7 @@ import {
 } from "./code/index.ts";
 import { HOST_MODULES, HOST_PATHS } from "../agents/host/index.ts";
 import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
+import { OperatorError } from "./errors.ts";
 
 /** Read a listener's PEM files (paths were checked readable when the spec loaded). */
 function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null; crl: string | null } {
@@ -144,7 +145,7 @@ import { type AgentId, type GatewayState, parseAgentId, shownStatus } from "./ty
 export type { GatewayState };
 
 /** `start` on a data dir another live gateway runs on (its sandbox ledger names it): nothing was touched. */
-export class DataDirInUse extends Error {
+export class DataDirInUse extends OperatorError {
   override readonly name = "DataDirInUse";
   constructor(readonly dataDir: string) {
     super(`another gateway is running on the data dir ${dataDir}`);
@@ -152,7 +153,7 @@ export class DataDirInUse extends Error {
 }
 
 /** `start` with a `[fleet] shard` other than the data dir's (docs/shards.md): refused before anything is written. */
-export class ShardChanged extends Error {
+export class ShardChanged extends OperatorError {
   override readonly name = "ShardChanged";
 }
 
@@ -895,10 +896,14 @@ export class Gateway {
    */
   private async startReplication(spec: FleetSpec): Promise<void> {
     if (!spec.replication) {
+      // A fleet that never replicated has no queue to drop: its start loads none of the replicator's code.
+      if ((await this.store.getMeta("replication")) !== "on") return;
+      const { disableReplication } = await import("./replication/index.ts");
       if (await disableReplication(this.store))
         this.log.warn("[replication] removed from fleet.toml: replication queue dropped, retention no longer waits");
       return;
     }
+    const { Replicator } = await import("./replication/index.ts");
     this.replicator = new Replicator({
       store: this.store,
       spec: spec.replication,

@@ -154,6 +154,42 @@ export function shownStatus<S extends string>(status: S): Exclude<S, "active"> |
   return (status === "active" ? "idle" : status) as Exclude<S, "active"> | "idle";
 }
 
+/** An operator lifecycle action (`fleet pause|resume|retire`, POST /api/agents/.../<action>). */
+export type LifecycleAction = "pause" | "resume" | "retire";
+
+/** Why a lifecycle action was refused; callers branch on this, never on the message. */
+export type LifecycleRefusal = "not_found" | "retired" | "draining" | "failed";
+
+/** The reason a draining agent carries for its retirement by an operator. */
+export const OPERATOR_DRAIN = "draining: retired by operator once its queued stimuli have run";
+
+/**
+ * Why an operator action does not apply to an agent in its stored status, or null when it does (the running
+ * gateway's route and `fleet` on a stopped gateway judge alike). Pausing must not bring a retired agent back
+ * (resume would then reactivate it), nor hide a failure (the reason names the bad checkpoint; a resume tries
+ * the agent again, a retire ends it); a draining agent only retires.
+ */
+export function lifecycleRefusal(
+  agent: { readonly id: string; readonly status: string; readonly reason: string | null },
+  action: LifecycleAction,
+): { readonly code: LifecycleRefusal; readonly message: string } | null {
+  const id = agent.id;
+  if (agent.status === "retired" && action !== "retire") return { code: "retired", message: `${id} is retired` };
+  if (agent.status === "draining" && action !== "retire")
+    return {
+      code: "draining",
+      message: `${id} is draining: it retires once its queue is empty (retire without drain retires it now)`,
+    };
+  if (agent.status === "failed" && action === "pause")
+    return {
+      code: "failed",
+      message:
+        `${id} failed (${agent.reason ?? "no reason recorded"}): it runs nothing to pause; ` +
+        "resume tries it again, retire ends it",
+    };
+  return null;
+}
+
 /** Why a stimulus was not admitted to an agent's queue; callers branch on the code. */
 export type AdmissionCode = "retired" | "draining" | "queue_full" | "max_agents";
 

@@ -13,7 +13,8 @@
  *   episodes  episodesPage with ?kind=mqtt (GET /api/agents/<t>/<k>/episodes?kind=), newest 25
  * Prints p50/p99 in ms. Progress on stderr.
  */
-import { ActivityHistory, episodesPage, recentOutputs } from "../gateway/observe/index.ts";
+import { ActivityHistory, recentOutputs } from "../gateway/observe/index.ts";
+import { episodesPage } from "../gateway/store/index.ts";
 import { SyntheticFleet } from "../test/helpers/ops.ts";
 import { scriptArgs } from "./bench/cli.ts";
 import { cleanupAll, fmt, quantile, tempDir } from "./bench/harness.ts";

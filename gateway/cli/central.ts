@@ -3,7 +3,7 @@
  * central database, every fleet side by side (`--fleet NAME|GATEWAY` narrows to one).
  * The token, when the server wants one, comes from `centralToken`.
  */
-import { agentView, episodeView } from "../observe/index.ts";
+import { agentView, episodeView } from "../store/index.ts";
 import { verifyChains, type VerifyProblem } from "../ops/index.ts";
 import { existsSync } from "node:fs";
 import {

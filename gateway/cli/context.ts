@@ -1,31 +1,23 @@
 /**
  * What every `fleet` command shares: the parsed flags, where the config and data dir are,
  * whether a gateway is running, and how output is printed (human text or `--json`).
- * cli.ts builds one `Cli` from the command line and hands it to the command it runs.
+ * main.ts builds one `Cli` from the command line and hands it to the command it runs. The store, the spec
+ * loader and the token file are imported when a command first asks for them: each costs a CLI call time.
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { parse as parseToml } from "smol-toml";
 import type { CliContext } from "./devices.ts";
 import { parseStrictInt } from "../parse.ts";
 import { processRuns } from "../pids.ts";
-import { loadSpec } from "../spec/index.ts";
-import {
-  SCHEMA_VERSION,
-  SchemaVersionError,
-  Store,
-  schemaVersion,
-  STORED_FORMS_VERSION,
-  UPGRADE_HINT,
-} from "../store/index.ts";
+import type { Store } from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
-import { readLocalToken } from "../auth/index.ts";
+import { OperatorError } from "../errors.ts";
 
 /** A bad command line: cli.ts prints the message with the usage and exits 2. */
 export class UsageError extends Error {}
 
 /** The data dir holds no fleet database (a wrong --data-dir, or no gateway started there yet): one line, exit 1. */
-export class NoFleetData extends Error {
+export class NoFleetData extends OperatorError {
   override readonly name = "NoFleetData";
 }
 
@@ -128,14 +120,19 @@ export interface Cli extends CliContext {
 }
 
 /** A database an older release wrote, opened read-only by this command (it is upgraded at a gateway's start). */
-let olderSchema: { readonly file: string; readonly found: number } | null = null;
+let olderSchema: {
+  readonly file: string;
+  readonly found: number;
+  readonly supported: number;
+  readonly hint: string;
+} | null = null;
 
 /** Why a read of an older data dir failed, in its words, for an error naming what is missing; else null. */
 export function olderSchemaHint(reason: string): string | null {
   if (olderSchema === null || !/no such (table|column)/.test(reason)) return null;
   return (
-    `${olderSchema.file} has schema version ${olderSchema.found}, older than this code's ${SCHEMA_VERSION}, ` +
-    `and this command reads what the upgrade adds (${reason}): ${UPGRADE_HINT}`
+    `${olderSchema.file} has schema version ${olderSchema.found}, older than this code's ${olderSchema.supported}, ` +
+    `and this command reads what the upgrade adds (${reason}): ${olderSchema.hint}`
   );
 }
 
@@ -148,11 +145,12 @@ export function createCli(flags: CliFlags): Cli {
     if (process.env.FLEET_DATA_DIR) return resolve(process.env.FLEET_DATA_DIR);
     if (!existsSync(configPath)) return resolve(".fleet"); // the default [fleet] data_dir
     try {
+      const { loadSpec } = await import("../spec/index.ts");
       return resolve((await loadSpec(configPath)).spec.fleet.data_dir);
     } catch (err) {
       // A fleet.toml that does not load (say an edit the running gateway refused) still names the data dir the
       // gateway runs on; a file that is not even TOML names none, and ./.fleet would be a stray fleet.
-      const named = dataDirNamedIn(configPath);
+      const named = await dataDirNamedIn(configPath);
       if (named === null) throw err;
       return resolve(named);
     }
@@ -173,6 +171,7 @@ export function createCli(flags: CliFlags): Cli {
       };
       // A gateway killed with -9 (or a power cut) leaves its gateway.json, whose pid may be another process's by now.
       if (!processRuns(g.pid, g.pid_start, g.boot_id)) return null;
+      const { readLocalToken } = await import("../auth/index.ts");
       return {
         http: `${g.https ? "https" : "http"}://127.0.0.1:${g.http_port}`,
         mqtt_port: g.mqtt_port,
@@ -193,9 +192,11 @@ export function createCli(flags: CliFlags): Cli {
 
   async function openReadonly(lookup?: string): Promise<Store> {
     const file = await databaseFile();
+    const { Store, schemaVersion, SCHEMA_VERSION, SchemaVersionError, STORED_FORMS_VERSION, UPGRADE_HINT } =
+      await import("../store/index.ts");
     const store = await Store.open(file, { synchronous: "normal", readonly: true });
     const found = await schemaVersion(store.client);
-    if (found < SCHEMA_VERSION) olderSchema = { file, found };
+    if (found < SCHEMA_VERSION) olderSchema = { file, found, supported: SCHEMA_VERSION, hint: UPGRADE_HINT };
     if (lookup !== undefined && found > 0 && found < STORED_FORMS_VERSION) {
       await store.close();
       throw new SchemaVersionError(
@@ -209,7 +210,9 @@ export function createCli(flags: CliFlags): Cli {
   }
 
   async function openWritable(): Promise<Store> {
-    return Store.open(await databaseFile(), { synchronous: "full" });
+    const file = await databaseFile();
+    const { Store } = await import("../store/index.ts");
+    return Store.open(file, { synchronous: "full" });
   }
 
   return {
@@ -225,7 +228,8 @@ export function createCli(flags: CliFlags): Cli {
 }
 
 /** `[fleet] data_dir` of a fleet.toml that parses as TOML (the default when it has none), else null. */
-function dataDirNamedIn(file: string): string | null {
+async function dataDirNamedIn(file: string): Promise<string | null> {
+  const { parse: parseToml } = await import("smol-toml");
   try {
     const doc = parseToml(readFileSync(file, "utf8")) as { fleet?: { data_dir?: unknown } };
     const named = doc.fleet?.data_dir ?? ".fleet";

@@ -7,14 +7,12 @@
 import { existsSync, mkdirSync, statSync } from "node:fs";
 import { writeFileDurably } from "../durable.ts";
 import { join, resolve } from "node:path";
-import { addDevice, listDevices, mosquittoExport, mosquittoHash, rekeyDevice, removeDevice } from "../devices/index.ts";
-import { DevicesError, loadDevices } from "../devices/index.ts";
 import { auditLocal, listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
 import { parseStrictInt } from "../parse.ts";
-import { loadSpec } from "../spec/index.ts";
 import type { Store } from "../store/index.ts";
 import { liveFetch, type LiveEndpoint } from "./live.ts";
 import { table } from "./table.ts";
+import { DEVICE_USAGE } from "./usage.ts";
 
 /** What the command needs from cli.ts. */
 export interface CliContext {
@@ -45,16 +43,6 @@ export interface DeviceFlags {
   readonly mosquitto?: string;
 }
 
-/** Usage lines of these commands, for the CLI help. */
-export const DEVICE_USAGE = `  device add <id> [--publish PATTERN]... [--subscribe PATTERN]... [--client-id ID]
-                              register a device; prints its secret once
-  device list | device remove <id>
-  device rekey <id>           issue a device a new secret (printed once); its patterns stay
-  device export --mosquitto DIR
-                              write DIR/passwd and DIR/acl for Mosquitto (external broker mode)
-  quarantine [--limit N]      poison stimuli with their failures
-  quarantine retry|drop <seq> requeue (attempts reset) or drop one`;
-
 function usage(message: string): number {
   console.error(`fleet: ${message}\n\n${DEVICE_USAGE}`);
   return 2;
@@ -64,7 +52,12 @@ function out(ctx: CliContext, data: unknown, human: () => string): void {
   console.log(ctx.json ? JSON.stringify(data, null, 2) : human());
 }
 
+/** The devices registry and the spec loader: `device` commands load them, `quarantine` needs neither. */
+const registry = () => import("../devices/index.ts");
+const specs = () => import("../spec/index.ts");
+
 async function devicesFile(ctx: CliContext): Promise<string> {
+  const [{ DevicesError }, { loadSpec }] = await Promise.all([registry(), specs()]);
   const file = (await loadSpec(ctx.configPath)).spec.broker.devices_file;
   if (file === null)
     throw new DevicesError(ctx.configPath, 'names no devices file: add `devices = "devices.toml"` under [broker]');
@@ -74,6 +67,7 @@ async function devicesFile(ctx: CliContext): Promise<string> {
 /** `fleet device <add|list|remove> ...` */
 export async function deviceCommand(args: readonly string[], flags: DeviceFlags, ctx: CliContext): Promise<number> {
   const [sub, id] = args;
+  const { addDevice, DevicesError, listDevices, loadDevices, rekeyDevice, removeDevice } = await registry();
   try {
     switch (sub) {
       case "add": {
@@ -169,6 +163,10 @@ export async function deviceCommand(args: readonly string[], flags: DeviceFlags,
 /** `fleet device export --mosquitto DIR`: nothing is written unless every device can be expressed. */
 async function exportMosquitto(ctx: CliContext, dir: string | undefined): Promise<number> {
   if (!dir) return usage("device export needs --mosquitto DIR");
+  const [{ DevicesError, loadDevices, mosquittoExport, mosquittoHash }, { loadSpec }] = await Promise.all([
+    registry(),
+    specs(),
+  ]);
   const spec = (await loadSpec(ctx.configPath)).spec;
   const file = spec.broker.devices_file;
   if (file === null)

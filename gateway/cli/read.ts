@@ -7,14 +7,16 @@ import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { intArg, table, UsageError, when, type Cli } from "./context.ts";
 import { liveFetch } from "./live.ts";
-import { replayAgent, replayEpisode, type ReplayResult } from "../ops/index.ts";
-import { BundleFiles, bundleDir } from "../code/index.ts";
-import { commandSpawnOptions } from "../episode/index.ts";
+import type { ReplayResult } from "../ops/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind, shownStatus } from "../types.ts";
-import { findEpisode, readEventLog, verifyStore } from "../ops/index.ts";
-import { agentView, type DiskStatus, diskSpace, episodeView, episodesPage, mbText } from "../observe/index.ts";
+import { agentView, episodeView, episodesPage } from "../store/index.ts";
+import type { DiskStatus } from "../observe/index.ts";
+import { diskSpace, mbText } from "../disk.ts";
 import type { Store } from "../store/index.ts";
 import type { SpecPending } from "../fleet/index.ts";
+
+/** The operator commands' library, loaded by `show`, `verify` and `replay` only (the listings need the store). */
+const ops = () => import("../ops/index.ts");
 
 /** `fleet status`: live health from a running gateway, else what the data dir says. */
 export async function cmdStatus(cli: Cli): Promise<number> {
@@ -255,6 +257,7 @@ export async function cmdWakeups(cli: Cli, agent: string | undefined): Promise<n
 export async function cmdShow(cli: Cli, id: string | undefined): Promise<number> {
   if (!id) throw new UsageError("show needs an episode id (or a unique prefix of one)");
   const store = await cli.openReadonly("`fleet show`");
+  const { findEpisode, readEventLog } = await ops();
   const ep = await findEpisode(store, id);
   if ("code" in ep) {
     console.error(`fleet: ${ep.message}`);
@@ -292,6 +295,7 @@ export async function cmdVerify(cli: Cli): Promise<number> {
   const only = agentFlag(cli.flags.agent);
   const store = await cli.openReadonly();
   if (only && !(await knownAgent(store, only))) return 1;
+  const { verifyStore } = await ops();
   const report = await verifyStore(store, only ? [only] : undefined);
   cli.print(report, () => {
     const { agents, checkpoints, episodes } = report;
@@ -337,6 +341,8 @@ export async function cmdReplay(cli: Cli, episode: string | undefined): Promise<
   const store = await cli.openReadonly("`fleet replay`");
   const module = flags.module ? resolve(flags.module) : undefined;
   if (module !== undefined && !existsSync(module)) throw new UsageError(`--module ${flags.module}: no such file`);
+  const [{ findEpisode, replayAgent, replayEpisode }, { BundleFiles, bundleDir }, { commandSpawnOptions }] =
+    await Promise.all([ops(), import("../code/index.ts"), import("../episode/index.ts")]);
   const spawn = commandSpawnOptions("auto", {}, "fleet replay");
   const files = new BundleFiles(bundleDir(await cli.dataDir(), spawn), (h) => store.bundleCode(h));
   const bundleFile = (h: string) => files.file(h);

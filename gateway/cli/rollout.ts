@@ -7,9 +7,6 @@ import type { Cli } from "./context.ts";
 import { UsageError } from "./context.ts";
 import { liveFetch } from "./live.ts";
 
-/** Usage lines for `fleet --help`. */
-export const ROLLOUT_USAGE = `  rollout promote|abort <type>  decide a canary rollout by hand (gateway running)`;
-
 /** Run `fleet rollout …`; exit 1 when there is nothing to decide. */
 export async function cmdRollout(cli: Cli, action: string | undefined, type: string | undefined): Promise<number> {
   if (action !== "promote" && action !== "abort")

@@ -25,12 +25,6 @@ import { localActor } from "../ops/index.ts";
 import { auditView } from "../store/index.ts";
 import { table, UsageError, when, type Cli } from "./context.ts";
 
-/** Usage lines of these commands, for the CLI help. */
-export const TOKEN_USAGE = `  token add <name> --scope read|operate|admin
-                              create an API token; prints it once (only its SHA-256 is kept)
-  token list | token revoke <name>
-  audit [--limit N] [--before SEQ]  operator actions, newest first`;
-
 async function tokensFile(cli: Cli): Promise<string> {
   const dir = await cli.dataDir();
   mkdirSync(dir, { recursive: true });

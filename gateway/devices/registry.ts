@@ -29,6 +29,7 @@ export const DEVICE_ID_RE = /^[A-Za-z0-9_.:@-]+$/;
 /** A problem in the devices file: syntax errors carry line:column, schema errors the key path. */
 export class DevicesError extends ConfigFileError {
   override readonly name = "DevicesError";
+  override readonly subject = "devices file";
 }
 
 /** One registered device. */

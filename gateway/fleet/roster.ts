@@ -8,47 +8,20 @@ import type { FleetEvents } from "../events.ts";
 import type { QueueBook } from "./queue-book.ts";
 import type { Scheduler } from "./scheduler.ts";
 import type { Store, StoredAgentStatus } from "../store/index.ts";
-import type { AgentId } from "../types.ts";
+import {
+  type AgentId,
+  type LifecycleAction,
+  type LifecycleRefusal,
+  lifecycleRefusal,
+  OPERATOR_DRAIN,
+} from "../types.ts";
 
-/** An operator lifecycle action (`fleet pause|resume|retire`, POST /api/agents/.../<action>). */
-export type LifecycleAction = "pause" | "resume" | "retire";
-
-/** Why a lifecycle action was refused; callers branch on this, never on the message. */
-export type LifecycleRefusal = "not_found" | "retired" | "draining" | "failed";
+export { type LifecycleAction, type LifecycleRefusal, lifecycleRefusal, OPERATOR_DRAIN };
 
 /** What a lifecycle action returns: an unknown or retired agent is an expected outcome. */
 export type LifecycleResult =
   | { readonly ok: true; readonly status: StoredAgentStatus }
   | { readonly ok: false; readonly code: LifecycleRefusal; readonly message: string };
-
-/** The reason a draining agent carries for its retirement by an operator. */
-export const OPERATOR_DRAIN = "draining: retired by operator once its queued stimuli have run";
-/**
- * Why an operator action does not apply to an agent in its stored status, or null when it does (the running
- * gateway's route and `fleet` on a stopped gateway judge alike). Pausing must not bring a retired agent back
- * (resume would then reactivate it), nor hide a failure (the reason names the bad checkpoint; a resume tries
- * the agent again, a retire ends it); a draining agent only retires.
- */
-export function lifecycleRefusal(
-  agent: { readonly id: string; readonly status: string; readonly reason: string | null },
-  action: LifecycleAction,
-): { readonly code: LifecycleRefusal; readonly message: string } | null {
-  const id = agent.id;
-  if (agent.status === "retired" && action !== "retire") return { code: "retired", message: `${id} is retired` };
-  if (agent.status === "draining" && action !== "retire")
-    return {
-      code: "draining",
-      message: `${id} is draining: it retires once its queue is empty (retire without drain retires it now)`,
-    };
-  if (agent.status === "failed" && action === "pause")
-    return {
-      code: "failed",
-      message:
-        `${id} failed (${agent.reason ?? "no reason recorded"}): it runs nothing to pause; ` +
-        "resume tries it again, retire ends it",
-    };
-  return null;
-}
 
 /** The suffix of a removed type's agents' reason while they drain. */
 const DRAINING_SUFFIX = "; draining its queued stimuli";

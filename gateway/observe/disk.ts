@@ -14,27 +14,11 @@
  * grows. Retention's deletes free pages, not disk (SQLite returns them only on a VACUUM): without them, a
  * disk the fleet's own history filled would stay below the limit after `fleet gc` made room.
  */
-import { statfsSync } from "node:fs";
 import type { Logger } from "pino";
+import { type DiskSpace, diskSpace, MB, mbText } from "../disk.ts";
 
-/** Free and total bytes of the filesystem holding a path. */
-export interface DiskSpace {
-  readonly freeBytes: number;
-  readonly totalBytes: number;
-}
+export { type DiskSpace, diskSpace, mbText };
 
-/** statfs of `dir`: the bytes an unprivileged writer may still use, and the filesystem's size. */
-export function diskSpace(dir: string): DiskSpace {
-  const s = statfsSync(dir);
-  return { freeBytes: s.bavail * s.bsize, totalBytes: s.blocks * s.bsize };
-}
-
-const MB = 1024 * 1024;
-
-/** Bytes as MB with one decimal, as the reserve's lines and `fleet status` and `fleet gc` print them. */
-export function mbText(bytes: number): string {
-  return (bytes / MB).toFixed(1);
-}
 /** Intake looks at the disk at most this often: a flood of 40,000 messages a second costs ~4 statfs a second. */
 export const CHECK_MS = 250;
 /** And the background at least this often, so /readyz, /metrics and the log follow a quiet gateway's disk. */

@@ -5,7 +5,6 @@ export * from "./queries.ts";
 export * from "./rates.ts";
 export * from "./sse.ts";
 export * from "./status-topics.ts";
-export * from "./views.ts";
 export * from "./storage.ts";
 export * from "./activity.ts";
 export * from "./disk.ts";

@@ -1,11 +1,10 @@
 /**
- * Read-side queries for observing the fleet (metrics, health, dashboard, API paging).
+ * Read-side queries for observing the fleet (metrics, health, dashboard; the API's pages are store/views.ts).
  * Every query here is aggregated by agent *type* or bounded by a limit, so its cost does
  * not grow into one row per agent on the wire.
  */
-import { and, desc, eq, gt, inArray, lt, sql, count, min } from "drizzle-orm";
+import { eq, gt, inArray, sql, count, min } from "drizzle-orm";
 import { tables as t, type Store } from "../store/index.ts";
-import type { AgentId } from "../types.ts";
 
 /**
  * Agents per type and stored status; `budget` counts the pauses that end by themselves (a
@@ -66,50 +65,5 @@ export function usageByType(store: Store, windows: readonly string[]) {
     })
     .from(u)
     .where(inArray(u.window, [...windows]))
-    .all();
-}
-
-/** An agent's checkpoint chain, newest first, without the (possibly large) state text. */
-export function recentCheckpoints(store: Store, agent: AgentId, limit: number, beforeSeq?: number) {
-  const c = t.checkpoints;
-  const where = beforeSeq === undefined ? eq(c.agent, agent) : and(eq(c.agent, agent), lt(c.seq, beforeSeq));
-  return store.db
-    .select({
-      hash: c.hash,
-      seq: c.seq,
-      parent: c.parent,
-      episode: c.episode,
-      specVersion: c.specVersion,
-      collected: sql<number>`(${c.state} IS NULL)`.mapWith(Number),
-      createdAt: c.createdAt,
-    })
-    .from(c)
-    .where(where)
-    .orderBy(desc(c.seq))
-    .limit(limit)
-    .all();
-}
-
-/**
- * An agent's episodes, newest first, optionally only one status and one stimulus kind, paged by
- * start time. A kind filter is checked on the `episodes_agent` index entry (agent, started_at, kind)
- * before the row is read, so a few device episodes among thousands of timer fires cost index entries.
- */
-export function episodesPage(
-  store: Store,
-  agent: AgentId,
-  f: { limit: number; before?: number; status?: "committed" | "failed"; kind?: string },
-) {
-  const e = t.episodes;
-  const conds = [eq(e.agent, agent)];
-  if (f.kind !== undefined) conds.push(eq(e.stimulusKind, f.kind));
-  if (f.before !== undefined) conds.push(lt(e.startedAt, f.before));
-  if (f.status) conds.push(eq(e.status, f.status));
-  return store.db
-    .select()
-    .from(e)
-    .where(and(...conds))
-    .orderBy(desc(e.startedAt), desc(e.id))
-    .limit(f.limit)
     .all();
 }

@@ -6,7 +6,7 @@
  * version, and every hash chain (`fleet verify`). A backup of an older release's data dir keeps
  * its schema; `restore` upgrades its copy to this release's before checking it.
  */
-import { createClient } from "@libsql/client";
+import { createClient } from "@libsql/client/sqlite3";
 import {
   chmodSync,
   existsSync,
@@ -21,13 +21,13 @@ import {
 } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { syncDir, syncFile } from "../durable.ts";
-import { SandboxLedger } from "../episode/index.ts";
 import { forkGatewayIdentity, migrate, SCHEMA_VERSION, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
 import { errorReason } from "./events.ts";
+import { OperatorError } from "../errors.ts";
 
 /** Why a backup or restore was refused (the CLI prints the message, exit 1). */
-export class BackupError extends Error {
+export class BackupError extends OperatorError {
   override readonly name = "BackupError";
   /** When a copy failed its check: what is wrong with it (the message without the file's name). */
   readonly check?: string;
@@ -219,6 +219,7 @@ export async function restoreDatabase(source: string, dataDir: string, gatewayRu
   // place: a gateway started meanwhile refuses it instead of making a fleet.db the rename then replaces.
   const ledgerFile = join(dataDir, "sandboxes");
   const hadLedger = existsSync(ledgerFile);
+  const { SandboxLedger } = await import("../episode/index.ts");
   const ledger = new SandboxLedger(ledgerFile);
   try {
     if (ledger.sweep().ownerAlive) throw new BackupError(`a gateway is running on ${dataDir}; stop it first`);

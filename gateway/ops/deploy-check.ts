@@ -9,10 +9,8 @@
  */
 import { and, desc, eq } from "drizzle-orm";
 import { blake3Hex, canonicalJson } from "../hash.ts";
-import { withBundles } from "../code/index.ts";
-import { moduleVersion, type SpawnOptions } from "../episode/index.ts";
+import type { SpawnOptions } from "../episode/index.ts";
 import type { AgentTypeSpec, FleetSpec, SpecVersion } from "../spec/index.ts";
-import { compileSpec, restartNeeded } from "../spec/index.ts";
 import { tables as t, type Store } from "../store/index.ts";
 import type { AgentId, Blake3Hex } from "../types.ts";
 import { type Divergence, replayOrUnreplayable, type ReplayResult } from "./replay.ts";
@@ -123,6 +121,7 @@ export async function loweredVersion(
   module: string,
   spawn: SpawnOptions,
 ): Promise<string | null> {
+  const { moduleVersion } = await import("../episode/index.ts");
   const loaded = await moduleVersion(type, module, spawn);
   if (loaded !== null && "invalid" in loaded) return `agents.${type.name}.module ${loaded.invalid}`;
   const stored = await store.maxStateVersion(type.name);
@@ -141,6 +140,7 @@ export async function storedVersion(row: {
   readonly text: string;
   readonly bundles: string | null;
 }): Promise<SpecVersion> {
+  const { compileSpec } = await import("../spec/index.ts");
   const sv = await compileSpec(row.text, row.path);
   const bundles = row.bundles ? (JSON.parse(row.bundles) as Record<string, Blake3Hex>) : {};
   return Object.freeze({ ...sv, hash: row.hash as Blake3Hex, bundles: Object.freeze(bundles) });
@@ -296,6 +296,10 @@ export async function deployCheck(
       if (lowered !== null) refusals.push(lowered);
     }
   }
+  const [{ restartNeeded }, { withBundles }] = await Promise.all([
+    import("../spec/index.ts"),
+    import("../code/index.ts"),
+  ]);
   const restart = opts.live && running ? restartNeeded(running.spec, candidate.spec) : [];
   if (restart.length > 0) refusals.push(`needs restart: ${restart.join(", ")}`);
   for (const type of Object.values(candidate.spec.agents))

@@ -8,9 +8,12 @@
  */
 import { asc, inArray, sql } from "drizzle-orm";
 import { type EventRow, type Store, tables } from "../store/index.ts";
+import { errorReason, OperatorError } from "../errors.ts";
+
+export { errorReason };
 
 /** An episode's event log cannot be read (damaged storage): names the episode and the cause. */
-export class EventLogError extends Error {
+export class EventLogError extends OperatorError {
   override readonly name = "EventLogError";
   constructor(
     readonly episode: string,
@@ -18,17 +21,6 @@ export class EventLogError extends Error {
   ) {
     super(`episode ${episode}: event log unreadable: ${reason}`);
   }
-}
-
-/**
- * What went wrong, in one line: the innermost cause's message (a drizzle "Failed query" wraps the
- * libSQL error that says why, and quotes every parameter, binary ids included).
- */
-export function errorReason(err: unknown): string {
-  let e: unknown = err;
-  while (e instanceof Error && e.cause !== undefined && e.cause !== null) e = e.cause;
-  const message = e instanceof Error ? e.message : String(e);
-  return message.split("\n")[0]!.trim();
 }
 
 const utf8 = new TextDecoder("utf-8", { fatal: true });

@@ -7,9 +7,8 @@
 import { existsSync } from "node:fs";
 import type { EpisodeRecord, ReplayInputs, Stimulus } from "../../agents/protocol.ts";
 import { canonicalJson } from "../hash.ts";
-import { runEpisode, type RunResult, type SpawnOptions } from "../episode/index.ts";
-import { CHILD_LIMITS, runLimitsFor } from "../episode/index.ts";
-import { type AgentTypeSpec, compileSpec } from "../spec/index.ts";
+import type { RunResult, SpawnOptions } from "../episode/index.ts";
+import type { AgentTypeSpec } from "../spec/index.ts";
 import { hashEvents, IntegrityError, verifyCheckpointRow } from "../store/index.ts";
 import type { CheckpointRow, Store } from "../store/index.ts";
 import type { AgentId } from "../types.ts";
@@ -146,6 +145,10 @@ export async function replayEpisode(
     (await store.db.query.specVersions.findFirst({ where: (t, { eq }) => eq(t.hash, ep.specVersion) })) ?? null;
   if (!sv)
     return { ...base, verdict: "UNREPLAYABLE", reason: `spec version ${ep.specVersion.slice(0, 12)} is not stored` };
+  const [{ compileSpec }, { runEpisode, CHILD_LIMITS, runLimitsFor }] = await Promise.all([
+    import("../spec/index.ts"),
+    import("../episode/index.ts"),
+  ]);
   const spec = (await compileSpec(sv.text, sv.path)).spec;
   const [typeName, key] = [ep.agent.slice(0, ep.agent.indexOf("/")), ep.agent.slice(ep.agent.indexOf("/") + 1)];
   const type = spec.agents[typeName];

@@ -19,9 +19,10 @@ import { ownerShard, MAX_SHARDS, parseShard, shardClientId, type ShardSpec, shar
 import { idOfSql, secureDataDir, Store } from "../store/index.ts";
 import { hadSessions, layoutSessions, sessionsAdded } from "./shard-sessions.ts";
 import { verifyStore, type VerifyProblem } from "./verify.ts";
+import { OperatorError } from "../errors.ts";
 
 /** The command cannot run (a gateway is running, an output exists, an agent is in two dirs, …). */
-export class ReshardError extends Error {
+export class ReshardError extends OperatorError {
   override readonly name = "ReshardError";
 }
 

@@ -7,10 +7,11 @@
  * queued for nobody, so lost.
  */
 import { readFileSync } from "node:fs";
-import { type PreparedSession, prepareSessions, readRetained, type SessionBrokerOptions } from "../../broker/index.ts";
+import type { PreparedSession, SessionBrokerOptions } from "../../broker/index.ts";
 import { topics } from "../protocol.ts";
 import { MAX_SHARDS, shardClientId, type ShardSpec } from "../shard.ts";
 import type { FleetSpec } from "../spec/index.ts";
+import { OperatorError } from "../errors.ts";
 
 /**
  * Every topic a stimulus can come from, for a gateway of `spec`'s fleet that is `shard` (the spec's own
@@ -81,7 +82,7 @@ export function liveLayouts(
 }
 
 /** `--create-sessions` cannot run: no external broker, a password not in the environment, a bad count. */
-export class ShardSessionsError extends Error {
+export class ShardSessionsError extends OperatorError {
   override readonly name = "ShardSessionsError";
 }
 
@@ -144,6 +145,7 @@ export async function createShardSessions(
   const filters = intakeFilters(spec, to > 1 ? { index: 1, count: to } : null);
   if (fresh.length === 0) return { from, seen, to, sessions: [], filters };
   const ids = fresh.map((i) => shardClientId(ext.client_id, i === 0 ? null : { index: i, count: to }));
+  const { prepareSessions } = await import("../../broker/index.ts");
   const made = await prepareSessions(broker, ids, filters);
   return { from, seen, to, sessions: made.map((s, k) => ({ ...s, index: fresh[k]! })), filters };
 }
@@ -155,6 +157,7 @@ export async function createShardSessions(
  * layout is refused.
  */
 async function runningLayoutSeen(broker: SessionBrokerOptions, from: number): Promise<string[]> {
+  const { readRetained } = await import("../../broker/index.ts");
   const live = liveLayouts(await readRetained(broker, [topics.health, `${topics.health}/+`]), Date.now());
   const other = [...live].find(([count]) => count !== from);
   if (other)

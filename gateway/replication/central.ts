@@ -13,6 +13,7 @@ import { classifyError, PUSH_TIMEOUT_MS, redactUrl, settlesWithin } from "./repl
 import { CENTRAL_SCHEMA_VERSION, REPLICATED } from "./tables.ts";
 import { parseShardFleetName, shardLabel } from "../shard.ts";
 import { shownStatus } from "../types.ts";
+import { OperatorError } from "../errors.ts";
 
 /** Where a central row came from. */
 export interface Origin {
@@ -165,7 +166,7 @@ export type EpisodeMiss = { readonly code: "not_found" | "ambiguous"; readonly m
 const ID_PREFIX = /^[0-9a-f-]{4,}$/;
 
 /** The central database cannot be read (unreachable, refused, empty, or newer). */
-export class CentralError extends Error {
+export class CentralError extends OperatorError {
   override readonly name = "CentralError";
   constructor(
     message: string,

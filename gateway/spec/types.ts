@@ -8,6 +8,9 @@ import type { Blake3Hex } from "../types.ts";
 export type { Blake3Hex };
 
 import type { ShardSpec } from "../shard.ts";
+import { ConfigFileError } from "../errors.ts";
+
+export { ConfigFileError };
 
 /** Budget limits of one agent type (docs/fleet-toml.md `[agents.<type>.budget]`). */
 export interface BudgetSpec {
@@ -293,26 +296,10 @@ export interface SpecVersion {
   readonly spec: FleetSpec;
 }
 
-/** A problem in a configuration file: line/column for syntax, key path for schema. */
-export class ConfigFileError extends Error {
-  override readonly name: string = "ConfigFileError";
-  constructor(
-    /** File the error is in. */
-    readonly file: string,
-    /** Human sentence, e.g. "agents.t.budget.episodes_per_hour must be a positive integer". */
-    readonly detail: string,
-    readonly line: number | null = null,
-    readonly column: number | null = null,
-    /** Dotted key path for schema errors. */
-    readonly keyPath: string | null = null,
-  ) {
-    super(line !== null ? `${file}:${line}:${column ?? 0}: ${detail}` : `${file}: ${detail}`);
-  }
-}
-
 /** Where in fleet.toml an error is: line/column for syntax, key path for schema. */
 export class SpecError extends ConfigFileError {
   override readonly name = "SpecError";
+  override readonly subject = "fleet spec";
 }
 
 /** `[broker] url` and its keys: the gateway embeds no broker and connects to this one. */

@@ -5,8 +5,11 @@
  * writes goes through `GroupCommitter`, which folds the jobs queued in one turn of the
  * event loop into a single transaction, so one fsync covers many stimuli.
  */
-import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client";
-import { drizzle, type LibSQLDatabase } from "drizzle-orm/libsql";
+// The local-file client and its drizzle driver only: the packages' main entries load libSQL's remote
+// protocols too (40-odd modules more for every CLI call).
+import { createClient, type Client, type InArgs, type ResultSet } from "@libsql/client/sqlite3";
+import { drizzle } from "drizzle-orm/libsql/sqlite3";
+import type { LibSQLDatabase } from "drizzle-orm/libsql";
 import type { BatchItem } from "drizzle-orm/batch";
 import { existsSync, fstatSync, statSync } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";

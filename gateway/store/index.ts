@@ -23,3 +23,4 @@ export {
   specOfSql,
   wireSql,
 } from "./hashes.ts";
+export * from "./views.ts";

@@ -12,6 +12,7 @@ import type { Client } from "@libsql/client";
 import { dirname } from "node:path";
 import { episodeStatus, stimulusKind } from "./codes.ts";
 import { bundleRefSql, idBytesSql, idOfSql, specRefSql } from "./hashes.ts";
+import { OperatorError } from "../errors.ts";
 
 /**
  * The event log as rows (migration 18): each episode's `log` (JSONB `[[kind, data], ...]`) read out
@@ -705,7 +706,7 @@ export const SCHEMA_VERSION: number = MIGRATIONS.at(-1)?.version ?? 0;
 export const STORED_FORMS_VERSION = 31;
 
 /** The database's schema does not match what this code can use. */
-export class SchemaVersionError extends Error {
+export class SchemaVersionError extends OperatorError {
   override readonly name = "SchemaVersionError";
   constructor(
     readonly found: number,
