@@ -27,6 +27,8 @@
  *   logins    a device's first login (argon2id) while 16 clients guess logins vs on a quiet broker (target <= 3x)
  *   redeploy  an edit of fleet.toml -> the new version live, while episodes run (<= 2,000 ms), vs the
  *             same edit applied by SIGHUP (no wait for the file to settle)
+ *   cli       CPU per `fleet` call (--help, agents, episodes, status, verify) on a stopped data dir vs the
+ *             same call with the whole gateway preloaded (target <= 0.6x); beside it, x an empty bun process
  *   scale     100,000 agents deployed: gateway RSS (<= 400 MB), /api/agents pages and /metrics p99
  *             (<= 20 ms), restart to ready with 1,000,000 episodes of history (<= 3 s)
  *
@@ -62,6 +64,7 @@ import { benchReplication, benchReplicationReal } from "./bench-replication.ts";
 import { benchLogins } from "./bench/logins.ts";
 import { benchScale } from "./bench/scale.ts";
 import { benchRedeploy } from "./bench/redeploy.ts";
+import { benchCli } from "./bench/cli-calls.ts";
 
 const SECTIONS = [
   "intake",
@@ -77,6 +80,7 @@ const SECTIONS = [
   "replication",
   "logins",
   "redeploy",
+  "cli",
   "scale",
 ] as const;
 type Section = (typeof SECTIONS)[number];
@@ -131,6 +135,7 @@ const run: Record<Section, () => Promise<Row[]>> = {
   replication: async () => [...(await benchReplication(opts)), ...(await benchReplicationReal(opts))],
   logins: () => benchLogins(opts),
   redeploy: () => benchRedeploy(opts),
+  cli: () => benchCli(opts),
   scale: () => benchScale(opts),
 };
 

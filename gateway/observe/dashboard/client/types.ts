@@ -1,5 +1,5 @@
 /**
- * The JSON the dashboard reads, as the gateway's API writes it (gateway/observe/views.ts,
+ * The JSON the dashboard reads, as the gateway's API writes it (gateway/store/views.ts,
  * the `/api/fleet` health summary, the `/api/events` facts). Only the fields it shows.
  */
 
