@@ -2,7 +2,7 @@
  * What every `fleet` command shares: the parsed flags, where the config and data dir are,
  * whether a gateway is running, and how output is printed (human text or `--json`).
  * main.ts builds one `Cli` from the command line and hands it to the command it runs. The store, the spec
- * loader and the token file are imported when a command first asks for them: each costs a CLI call time.
+ * loader and the token file are imported when a command first asks for them, so a call loads only what it uses.
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -13,7 +13,7 @@ import type { Store } from "../store/index.ts";
 import type { LiveEndpoint } from "./live.ts";
 import { OperatorError } from "../errors.ts";
 
-/** A bad command line: cli.ts prints the message with the usage and exits 2. */
+/** A bad command line: main.ts prints the message with the usage and exits 2. */
 export class UsageError extends Error {}
 
 /** The data dir holds no fleet database (a wrong --data-dir, or no gateway started there yet): one line, exit 1. */
@@ -46,7 +46,7 @@ export function intArg(
   return v.value;
 }
 
-/** The flags cli.ts parses (every one optional on the command line). */
+/** The flags main.ts parses (every one optional on the command line). */
 export interface CliFlags {
   readonly config?: string;
   readonly "data-dir"?: string;

@@ -1,6 +1,6 @@
 /**
  * `fleet device add|list|remove|rekey|export` and `fleet quarantine [retry|drop <seq>]`, called by
- * cli.ts. Devices edit the file named by `[broker] devices` (a running gateway re-reads it
+ * main.ts. Devices edit the file named by `[broker] devices` (a running gateway re-reads it
  * at the next CONNECT); quarantine goes through the running gateway's HTTP API, or writes
  * the data dir directly when the gateway is stopped (it is then the only writer).
  */
@@ -14,7 +14,7 @@ import { liveFetch, type LiveEndpoint } from "./live.ts";
 import { table } from "./table.ts";
 import { DEVICE_USAGE } from "./usage.ts";
 
-/** What the command needs from cli.ts. */
+/** What the command needs from main.ts. */
 export interface CliContext {
   readonly json: boolean;
   readonly configPath: string;

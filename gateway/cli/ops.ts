@@ -12,6 +12,8 @@ import { lifecycleRefusal, OPERATOR_DRAIN, parseAgentId, shownStatus } from "../
 
 /** The operator library (retention, the audit log), for a command run on a stopped gateway's data dir. */
 const ops = () => import("../ops/index.ts");
+/** The fleet.toml loader, for retention's settings and `validate`. */
+const specs = () => import("../spec/index.ts");
 
 /**
  * `fleet gc [--dry-run] [--now MS]`: retention now, by the running gateway (on its own clock) or on
@@ -25,8 +27,8 @@ export async function cmdGc(cli: Cli): Promise<number> {
   const now = intArg("--now (epoch milliseconds)", flags.now, undefined, { min: 0 });
   const live = await cli.running();
   let report: GcOutcome;
-  const [{ auditLocal, gcAll }, { loadSpec }] = await Promise.all([ops(), import("../spec/index.ts")]);
   if (now !== undefined && dryRun) {
+    const [{ gcAll }, { loadSpec }] = await Promise.all([ops(), specs()]);
     const store = await cli.openReadonly();
     const spec = (await loadSpec(cli.configPath)).spec;
     report = await gcAll(store, spec, { now, dryRun: true, keepUnconfirmed: spec.replication?.required ?? false });
@@ -53,6 +55,7 @@ export async function cmdGc(cli: Cli): Promise<number> {
         `WARNING: collecting as of ${new Date(now).toISOString()}, a time in the future: dedup ids younger than ` +
           `dedup_days are forgotten, so a stimulus already processed may run a second episode if it is sent again.`,
       );
+    const [{ auditLocal, gcAll }, { loadSpec }] = await Promise.all([ops(), specs()]);
     const store = await cli.openWritable();
     const spec = (await loadSpec(cli.configPath)).spec;
     // A stopped gateway cannot tell how big its backlog is against max_backlog_mb: keep what `required` keeps.
@@ -210,7 +213,7 @@ export function describeSend(r: SendReport): string {
 export async function cmdValidate(cli: Cli, file: string | undefined): Promise<number> {
   const path = resolve(file ?? cli.configPath);
   const [{ loadSpec, SpecError }, { checkConfigs, commandSpawnOptions, configProblemsError, typesToCheck }] =
-    await Promise.all([import("../spec/index.ts"), import("../episode/index.ts")]);
+    await Promise.all([specs(), import("../episode/index.ts")]);
   const [{ versionOf }, { HOST_MODULES }] = await Promise.all([
     import("../code/index.ts"),
     import("../../agents/host/index.ts"),
