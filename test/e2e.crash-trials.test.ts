@@ -25,7 +25,7 @@ describe("crash trials", () => {
       expect({ killed: r.kills > 0, upgraded: r.upgraded }).toEqual({ killed: true, upgraded });
       expect(r.committed).toBeGreaterThan(r.ops);
       expect(r.problems).toEqual([]);
-    }, 180_000);
+    }, 600_000);
   }
 
   // Seed 2010: a real Mosquitto as the external broker, the ledger's new release deployed, reloads, two
@@ -34,7 +34,7 @@ describe("crash trials", () => {
     const r = await crashTrial({ seed: 2010, broker: "mosquitto", replicate: true });
     expect({ killed: r.kills + r.stops > 0, upgraded: r.upgraded }).toEqual({ killed: true, upgraded: true });
     expect(r.problems).toEqual([]);
-  }, 360_000);
+  }, 720_000);
 });
 
 describe("scripts/crash-trials.ts", () => {

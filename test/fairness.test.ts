@@ -60,11 +60,18 @@ class Fleet {
     );
   }
 
-  /** Queue ten stimuli for nicelog/`key` while paused, let them go, and read the priorities its episodes ran at. */
-  async niceLog(key: string): Promise<{ nice: (number | "idle")[]; groups: (number | null)[] }> {
+  /**
+   * Queue ten stimuli for nicelog/`key` while paused, run `beforeResume`, let them go, and read the priorities its
+   * episodes ran at.
+   */
+  async niceLog(
+    key: string,
+    beforeResume: () => Promise<void> = async () => undefined,
+  ): Promise<{ nice: (number | "idle")[]; groups: (number | null)[] }> {
     expect((await this.post(`/api/agents/nicelog/${key}/pause`)).status).toBe(200);
     for (let i = 1; i <= 10; i++)
       expect((await this.post("/api/send", { topic: `n/${key}/in`, payload: { id: `${key}${i}` } })).status).toBe(202);
+    await beforeResume();
     expect((await this.post(`/api/agents/nicelog/${key}/resume`)).status).toBe(200);
     return this.logOf(key, 10);
   }
@@ -180,18 +187,20 @@ describe("warm spares under a flood", () => {
   test.if(defaultSpawnOptions().nice != null)(
     "a flooded agent's episodes run under SCHED_IDLE, in groups at nice 19, until its backlog is short",
     async () => {
-      // Another agent's episode a moment before: the backlog is a flood (gateway/fleet/flood.ts).
-      const before = (await fleet.starts()).committed;
-      expect((await fleet.post("/api/send", { topic: "f/b/in", payload: { id: "b-before-nicelog" } })).status).toBe(
-        202,
-      );
-      await waitFor(
-        async () => ((await fleet.starts()).committed > before ? true : undefined),
-        20_000,
-        "b's episode",
-        50,
-      );
-      const state = await fleet.niceLog("x");
+      // Another agent's episode a moment before the backlog is let go: a flood (gateway/fleet/flood.ts) while
+      // that start is recent (FLOOD_PEERS_WINDOW_MS), so it runs once the ten are queued, not before: on a busy
+      // machine the sends alone took seconds of that window.
+      const state = await fleet.niceLog("x", async () => {
+        const before = (await fleet.starts()).committed;
+        const sent = await fleet.post("/api/send", { topic: "f/b/in", payload: { id: "b-before-nicelog" } });
+        expect(sent.status).toBe(202);
+        await waitFor(
+          async () => ((await fleet.starts()).committed > before ? true : undefined),
+          20_000,
+          "b's episode",
+          50,
+        );
+      });
       // 10, 9 and 8 queued: flooded; then fewer than 8.
       const normal = normalNice();
       const flood = idleSpawnOptions(defaultSpawnOptions()).idle ? "idle" : normal;
