@@ -88,7 +88,7 @@ import { intakeFilters, sessionsDropped, sessionsToDrop, shardChangeRefusal, sto
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
 import { CrlWatch, DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
-import { agentCapNotices, QueueBook, Roster, type LifecycleAction, type LifecycleResult } from "./fleet/index.ts";
+import { agentCapNotices, QueueBook, Roster, type LifecycleResult } from "./fleet/index.ts";
 import { canaryConfigRefusal, deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
 import {
@@ -140,7 +140,7 @@ export interface GatewayOptions {
   readonly gcIntervalMs?: number;
 }
 
-import { type AgentId, type GatewayState, parseAgentId, shownStatus } from "./types.ts";
+import { type AgentId, type GatewayState, type LifecycleAction, parseAgentId, shownStatus } from "./types.ts";
 
 export type { GatewayState };
 

@@ -7,7 +7,8 @@ import { describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CHECK_MS, clearsAt, DiskReserve, type DiskSpace, diskSpace } from "../gateway/observe/index.ts";
+import { CHECK_MS, clearsAt, DiskReserve } from "../gateway/observe/index.ts";
+import { type DiskSpace, diskSpace } from "../gateway/disk.ts";
 
 const MB = 1024 * 1024;
 

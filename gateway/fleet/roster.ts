@@ -16,8 +16,6 @@ import {
   OPERATOR_DRAIN,
 } from "../types.ts";
 
-export { type LifecycleAction, type LifecycleRefusal, lifecycleRefusal, OPERATOR_DRAIN };
-
 /** What a lifecycle action returns: an unknown or retired agent is an expected outcome. */
 export type LifecycleResult =
   | { readonly ok: true; readonly status: StoredAgentStatus }

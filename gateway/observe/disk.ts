@@ -17,8 +17,6 @@
 import type { Logger } from "pino";
 import { type DiskSpace, diskSpace, MB, mbText } from "../disk.ts";
 
-export { type DiskSpace, diskSpace, mbText };
-
 /** Intake looks at the disk at most this often: a flood of 40,000 messages a second costs ~4 statfs a second. */
 export const CHECK_MS = 250;
 /** And the background at least this often, so /readyz, /metrics and the log follow a quiet gateway's disk. */

@@ -10,8 +10,6 @@ import { asc, inArray, sql } from "drizzle-orm";
 import { type EventRow, type Store, tables } from "../store/index.ts";
 import { errorReason, OperatorError } from "../errors.ts";
 
-export { errorReason };
-
 /** An episode's event log cannot be read (damaged storage): names the episode and the cause. */
 export class EventLogError extends OperatorError {
   override readonly name = "EventLogError";

@@ -7,7 +7,8 @@ import { bundleOfSql, hashEvents, verifyCheckpointRow, IntegrityError } from "..
 import type { AgentRow, CheckpointRow, EpisodeRow, EventRow, Store } from "../store/index.ts";
 import { blake3Hex, hashValue } from "../hash.ts";
 import type { AgentId } from "../types.ts";
-import { errorReason, readEvents } from "./events.ts";
+import { readEvents } from "./events.ts";
+import { errorReason } from "../errors.ts";
 
 /** One broken record. */
 export interface VerifyProblem {
