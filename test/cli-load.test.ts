@@ -92,6 +92,29 @@ describe("what a fleet command loads", () => {
     });
   }
 
+  test("device add and list load the devices registry and the broker's topic rules, not the broker", async () => {
+    const config = join(dir, "devices-fleet.toml");
+    writeFileSync(config, '[fleet]\nname = "load"\n[broker]\ndevices = "devices.toml"\n');
+    const add = await loaded(["device", "add", "sensor-1", "--config", config]);
+    const list = await loaded(["device", "list", "--config", config]);
+    for (const { code, modules } of [add, list]) {
+      expect(code).toBe(0);
+      expect(modules.some((m) => m.endsWith("/gateway/devices/registry.ts"))).toBe(true);
+      // The broker's light doors (scripts/lint-imports.ts LIGHT_DOORS), nothing behind its index.
+      expect(modules.filter((m) => m.includes("/broker/")).map((m) => m.slice(m.lastIndexOf("/broker/")))).toEqual(
+        expect.arrayContaining(["/broker/topics.ts"]),
+      );
+      expect(modules.filter((m) => m.includes("/broker/") && !/\/broker\/(topics|types)\.ts$/.test(m))).toEqual([]);
+      expect(
+        parts(modules).filter((p) => !["/broker/", "/node_modules/zod/", "/node_modules/pino/"].includes(p)),
+      ).toEqual([]);
+      expect(
+        modules.filter((m) => m.includes("/node_modules/aedes") || m.includes("/node_modules/mqtt-packet/")),
+      ).toEqual([]);
+    }
+    expect(readFileSync(join(dir, "devices.toml"), "utf8")).toContain("sensor-1");
+  });
+
   test("start loads the gateway (the list above is of modules that exist and can be loaded)", async () => {
     // A start refused for a fleet.toml that does not load: it has imported the gateway by then.
     writeFileSync(join(dir, "fleet.toml"), "[fleet\n");

@@ -1,6 +1,6 @@
 /** The folder rule: another folder is imported only through its index.ts (scripts/lint-imports.ts). */
 import { describe, expect, test } from "bun:test";
-import { deepImports, folderOf } from "../scripts/lint-imports.ts";
+import { deepImports, folderOf, heavyDoorImports, LIGHT_DOORS } from "../scripts/lint-imports.ts";
 
 describe("lint-imports", () => {
   test("a deep import into another folder is a violation that names the door to use", () => {
@@ -27,5 +27,24 @@ describe("lint-imports", () => {
     const deep = `import { y } from ${JSON.stringify("../gateway/episode/runner.ts")};`;
     expect(deepImports("test/x.test.ts", deep)).toHaveLength(1);
     expect(deepImports("test/x.test.ts", 'import { y } from "../gateway/episode/index.ts";')).toEqual([]);
+  });
+
+  test("a light door may be imported from another folder, and may itself import types only", () => {
+    expect(LIGHT_DOORS.has("broker/topics.ts")).toBe(true);
+    expect(deepImports("gateway/devices/acl.ts", 'import { matchTopic } from "../../broker/topics.ts";')).toEqual([]);
+    expect(deepImports("gateway/devices/acl.ts", 'import { x } from "../../broker/hooks.ts";')).toHaveLength(1);
+    const src = [
+      'import type { Logger } from "pino";',
+      'export type { A } from "./a.ts";',
+      'import { parse } from "smol-toml";',
+      'export * from "./persistence/index.ts";',
+      'import "./side-effect.ts";',
+      "export class BrokerBusy extends Error {}",
+    ].join("\n");
+    expect(heavyDoorImports("broker/types.ts", src)).toEqual([
+      'broker/types.ts: a light door imports "smol-toml" at runtime; it may import types only',
+      'broker/types.ts: a light door imports "./persistence/index.ts" at runtime; it may import types only',
+      'broker/types.ts: a light door imports "./side-effect.ts" at runtime; it may import types only',
+    ]);
   });
 });

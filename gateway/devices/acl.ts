@@ -5,7 +5,7 @@
  * A substituted value is a literal: a client id or username that contains `/`, `+` or `#`
  * would widen (or reshape) the pattern, so such values match nothing.
  */
-import { matchTopic } from "../../broker/index.ts";
+import { matchTopic } from "../../broker/topics.ts";
 import { isWellFormed } from "../parse.ts";
 
 /**

@@ -15,7 +15,7 @@
  * A check whose every asker's connection closed while it waited is not run when its turn comes
  * (refused, unhashed): a client that connects and hangs up at once costs no hash.
  */
-import { BrokerBusy } from "../../broker/index.ts";
+import { BrokerBusy } from "../../broker/types.ts";
 
 /** One check's identity: which lane it waits in, and what makes two checks the same. */
 export interface LoginCheck {
