@@ -8,14 +8,10 @@
  * mostly waits (its CPU under a fifth of its seconds, and at least WAITING_MIN_SECONDS long: Paho's
  * fixed sleeps, the runner's sandbox probes) runs beside them on `--waiting-jobs` workers of its own
  * (default 1), which take no other file: it does not hold a core's worker for minutes while the core
- * idles. The `--jobs` workers take waiting files too once nothing else is left. Files wait in parts too
- * (a gateway starting, a broker's timeout): when the cores have stayed idle for a while all the same
- * (SPARE_IDLE_SHARE of their time over `--spare-window` seconds, read from /proc/stat), one of up to
- * `--spare-jobs` more workers (default 2) starts the next file, at most one per window, so the new
- * file's own CPU shows before the next is started.
+ * idles. The `--jobs` workers take waiting files too once nothing else is left.
  *
- *   bun scripts/test.ts [--jobs N] [--waiting-jobs N] [--spare-jobs N] [--update-durations]
- *                       [bun test options, e.g. --timeout 60000] [FILE ...]
+ *   bun scripts/test.ts [--jobs N] [--waiting-jobs N] [--update-durations] [bun test options, e.g. --timeout 60000]
+ *                       [FILE ...]
  *
  * FILEs (paths that match `--glob`) run only those files. Options it does not know go to every `bun test`.
  * `--glob` and `--durations` pick other files (the runner's own test runs it on fixtures); `--file-timeout`
@@ -33,7 +29,6 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { availableParallelism, constants } from "node:os";
 import { join, relative, resolve } from "node:path";
-import { IdleMeter } from "./idle-meter.ts";
 
 const ROOT = join(import.meta.dir, "..");
 /** Seconds assumed for a file test/durations.json does not list yet: new files run early. */
@@ -42,16 +37,11 @@ const UNKNOWN_SECONDS = 60;
 const WAITING_CPU_SHARE = 0.2;
 /** Shorter files are not worth a lane of their own, whatever they wait on. */
 const WAITING_MIN_SECONDS = 5;
-/** A spare worker starts a file when the cores were idle at least this share of the last window. */
-const SPARE_IDLE_SHARE = 0.4;
 
 /** The runner's own options; everything else on the command line goes to every `bun test`. */
 const OWN = {
   jobs: "string",
   "waiting-jobs": "string",
-  "spare-jobs": "string",
-  "spare-window": "string",
-  "idle-stat": "string",
   glob: "string",
   durations: "string",
   "file-timeout": "string",
@@ -63,8 +53,6 @@ const values: Record<string, string | boolean> = {
   durations: "test/durations.json",
   "file-timeout": "1200",
   progress: "120",
-  "spare-window": "5",
-  "idle-stat": "/proc/stat",
   "update-durations": false,
 };
 /** Options passed through to every `bun test`, in their order (e.g. --timeout 60000). */
@@ -100,11 +88,6 @@ if (!Number.isInteger(jobs) || jobs < 1)
 const waitingJobs = Number(values["waiting-jobs"] ?? 1);
 if (!Number.isInteger(waitingJobs) || waitingJobs < 0)
   usage(`--waiting-jobs must be a whole number of at least 0, not ${values["waiting-jobs"]}`);
-const spareJobs = Number(values["spare-jobs"] ?? 2);
-if (!Number.isInteger(spareJobs) || spareJobs < 0)
-  usage(`--spare-jobs must be a whole number of at least 0, not ${values["spare-jobs"]}`);
-const spareWindowMs = Number(values["spare-window"]) * 1000;
-if (!(spareWindowMs > 0)) usage(`--spare-window must be a number of seconds above 0, not ${values["spare-window"]}`);
 const fileLimitMs = Number(values["file-timeout"]) * 1000;
 if (!(fileLimitMs > 0)) usage(`--file-timeout must be a number of seconds above 0, not ${values["file-timeout"]}`);
 const progressMs = Number(values.progress) * 1000;
@@ -270,10 +253,6 @@ console.log(
         [...waiting].join(", ")
       : ""),
 );
-if (spareJobs > 0)
-  console.log(
-    `and up to ${spareJobs} more while the cores idle (${SPARE_IDLE_SHARE * 100}% of ${spareWindowMs / 1000} s)`,
-  );
 
 /**
  * The next file a worker runs, the longest left that it takes: a waiting worker takes waiting files only;
@@ -285,39 +264,14 @@ function next(waitingOnly: boolean): string | undefined {
   return queue.splice(at, at >= 0 ? 1 : 0)[0];
 }
 
-/** When any worker last started a file (performance.now() ms). */
-let lastStart = Number.NEGATIVE_INFINITY;
-
-/** Run `file` and print its output, then the line with its seconds and CPU seconds. */
-async function runAndReport(file: string): Promise<void> {
-  lastStart = performance.now();
-  const run = await runFile(file);
-  runs.push(run);
-  const ok = run.code === 0 && run.summarised;
-  process.stdout.write(`\n${run.output.trimEnd()}\n`);
-  if (!ok) console.log(`!! ${file}: exit code ${run.code}${run.summarised ? "" : ", no summary from bun test"}`);
-  console.log(`-- ${runs.length}/${total} ${file}: ${run.seconds.toFixed(1)} s, ${run.cpuSeconds.toFixed(1)} s CPU`);
-}
-
 async function worker(waitingOnly: boolean): Promise<void> {
-  for (let file = next(waitingOnly); file !== undefined; file = next(waitingOnly)) await runAndReport(file);
-}
-
-const idle = new IdleMeter(String(values["idle-stat"]), spareWindowMs);
-
-/**
- * A worker beside the others that starts the next file only when the cores have been idle over the last
- * window and no file started in it (see the top): a file just started has not shown its CPU yet.
- */
-async function spareWorker(): Promise<void> {
-  while (queue.some((f) => !waiting.has(f))) {
-    const share = idle.share();
-    if (share !== null && share >= SPARE_IDLE_SHARE && performance.now() - lastStart >= spareWindowMs) {
-      const file = next(false);
-      if (file === undefined) return;
-      console.log(`++ ${file}: started beside the others (cores ${Math.round(share * 100)}% idle)`);
-      await runAndReport(file);
-    } else await Bun.sleep(IdleMeter.SAMPLE_MS);
+  for (let file = next(waitingOnly); file !== undefined; file = next(waitingOnly)) {
+    const run = await runFile(file);
+    runs.push(run);
+    const ok = run.code === 0 && run.summarised;
+    process.stdout.write(`\n${run.output.trimEnd()}\n`);
+    if (!ok) console.log(`!! ${file}: exit code ${run.code}${run.summarised ? "" : ", no summary from bun test"}`);
+    console.log(`-- ${runs.length}/${total} ${file}: ${run.seconds.toFixed(1)} s, ${run.cpuSeconds.toFixed(1)} s CPU`);
   }
 }
 // A file's output waits for its end: say which files have been running long, so a slow or hung
@@ -331,10 +285,8 @@ const progress = setInterval(() => {
 await Promise.all([
   ...Array.from({ length: Math.min(jobs, total) }, () => worker(false)),
   ...Array.from({ length: Math.min(waitingJobs, waiting.size) }, () => worker(true)),
-  ...Array.from({ length: spareJobs }, () => spareWorker()),
 ]);
 clearInterval(progress);
-idle.stop();
 
 const hundredths = (x: number) => Math.round(x * 100) / 100;
 const broken = runs.filter((r) => r.code !== 0 || !r.summarised);

@@ -7,7 +7,6 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { ROOT } from "./helpers/gateway.ts";
-import { idleShare, parseCpuTicks } from "../scripts/idle-meter.ts";
 
 const RUNNER = join(ROOT, "scripts/test.ts");
 const FIXTURES = "test/fixtures/test-runner";
@@ -21,9 +20,7 @@ async function runner(
   env: Record<string, string> = {},
 ): Promise<{ code: number; out: string }> {
   const durations = relative(ROOT, join(dir, "durations.json"));
-  // No spare workers unless a test asks for them: they would start files beside the others on an idle box.
-  const args = ["--glob", glob, "--durations", durations, "--spare-jobs", "0", ...more];
-  const proc = Bun.spawn([process.execPath, RUNNER, ...args], {
+  const proc = Bun.spawn([process.execPath, RUNNER, "--glob", glob, "--durations", durations, ...more], {
     cwd: ROOT,
     env: { ...process.env, ...env },
     stdin: "ignore",
@@ -155,58 +152,6 @@ describe("the test runner (scripts/test.ts)", () => {
     }, 60_000);
   });
 
-  describe("spare workers", () => {
-    test("the cores' idle share is idle + iowait of all the ticks between two readings of /proc/stat", () => {
-      // user nice system idle iowait irq softirq steal guest guest_nice: guests are already in user and nice.
-      const from = parseCpuTicks("cpu  100 0 50 800 50 0 0 0 30 0\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 5\n");
-      const to = parseCpuTicks("cpu  400 0 100 1100 100 0 0 0 90 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n");
-      expect(from).toEqual({ idle: 850, total: 1000 });
-      expect(idleShare(from!, to!)).toBeCloseTo(350 / 700);
-      expect(idleShare(to!, to!)).toBeNull();
-      expect(parseCpuTicks("intr 5\n")).toBeNull();
-      expect(parseCpuTicks("cpu  1 2\n")).toBeNull();
-    });
-
-    const [a, b] = [`${FIXTURES}/meet-a.check.ts`, `${FIXTURES}/meet-b.check.ts`];
-    /** Run meet-a and meet-b with one --jobs worker and one spare, the cores' counters faked `idle` or busy. */
-    const withCores = async (idleCores: boolean) => {
-      writeFileSync(join(dir, "durations.json"), JSON.stringify({ [a]: { seconds: 60, cpu: 55 }, [b]: 50 }));
-      const folder = mkdtempSync(join(dir, "spare-"));
-      const stat = join(folder, "stat");
-      let ticks = 0;
-      const tick = () => {
-        ticks += 100;
-        const [busy, idle] = idleCores ? [100, ticks] : [ticks, 100];
-        writeFileSync(stat, `cpu  ${busy} 0 0 ${idle} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n`);
-      };
-      tick();
-      const timer = setInterval(tick, 100);
-      try {
-        const env = { FLEET_RUNNER_MEET: folder, FLEET_RUNNER_MEET_MS: "8000" };
-        const more = ["--jobs", "1", "--spare-jobs", "1", "--spare-window", "1", "--idle-stat", stat];
-        return await runner(`${FIXTURES}/meet-{a,b}.check.ts`, more, env);
-      } finally {
-        clearInterval(timer);
-      }
-    };
-
-    test("start the next file beside the others once the cores have been idle for a window", async () => {
-      const { code, out } = await withCores(true);
-      expect(out).toContain("and up to 1 more while the cores idle (40% of 1 s)\n");
-      expect(out).toContain(`++ ${b}: started beside the others (cores 100% idle)\n`);
-      // The two files met: they ran at once.
-      expect(totals(out)).toEqual({ pass: 2, skip: 0, fail: 0 });
-      expect(code).toBe(0);
-    }, 60_000);
-
-    test("start nothing while the cores are busy: the files run one after the other", async () => {
-      const { code, out } = await withCores(false);
-      expect(out).not.toContain("started beside the others");
-      expect(totals(out)).toEqual({ pass: 1, skip: 0, fail: 1 });
-      expect(code).toBe(1);
-    }, 60_000);
-  });
-
   test("files run longest first by the recorded durations, and a file not recorded counts as long", async () => {
     const order = async (seconds: Record<string, number>) => {
       writeFileSync(join(dir, "durations.json"), JSON.stringify(seconds));
@@ -305,15 +250,6 @@ describe("the test runner (scripts/test.ts)", () => {
     const { code, out } = await runner(`${FIXTURES}/passes.check.ts`, ["--waiting-jobs", "-1"]);
     expect(code).toBe(2);
     expect(out).toContain("--waiting-jobs must be a whole number of at least 0, not -1");
-  }, 30_000);
-
-  test("--spare-jobs must be a whole number of at least 0, and --spare-window a number of seconds", async () => {
-    const jobs = await runner(`${FIXTURES}/passes.check.ts`, ["--spare-jobs", "two"]);
-    expect(jobs.code).toBe(2);
-    expect(jobs.out).toContain("--spare-jobs must be a whole number of at least 0, not two");
-    const window = await runner(`${FIXTURES}/passes.check.ts`, ["--spare-window", "0"]);
-    expect(window.code).toBe(2);
-    expect(window.out).toContain("--spare-window must be a number of seconds above 0, not 0");
   }, 30_000);
 
   test("--progress must be a number of seconds above 0", async () => {
