@@ -40,10 +40,13 @@ describe("lint-imports", () => {
       'export * from "./persistence/index.ts";',
       'import "./side-effect.ts";',
       "export class BrokerBusy extends Error {}",
+      'import type { PersistenceChoice } from "./persistence/index.ts";',
+      'import {\n  a,\n  b,\n} from "./multi-line.ts";',
     ].join("\n");
     expect(heavyDoorImports("broker/types.ts", src)).toEqual([
       'broker/types.ts: a light door imports "smol-toml" at runtime; it may import types only',
       'broker/types.ts: a light door imports "./persistence/index.ts" at runtime; it may import types only',
+      'broker/types.ts: a light door imports "./multi-line.ts" at runtime; it may import types only',
       'broker/types.ts: a light door imports "./side-effect.ts" at runtime; it may import types only',
     ]);
   });
