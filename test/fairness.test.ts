@@ -162,13 +162,15 @@ describe("warm spares under a flood", () => {
   afterAll(() => fleet?.stop());
 
   test("an agent with a backlog leaves the last spare to others and starts cold; its last one is warm", async () => {
-    // One stimulus for b: the pool is empty, so it starts cold and a spare is started behind it.
-    expect((await fleet.post("/api/send", { topic: "f/b/in", payload: { id: "b1" } })).status).toBe(202);
-    await waitFor(async () => ((await fleet.starts()).committed === 1 ? true : undefined), 20_000, "b's episode", 50);
-    // Ten for a, queued while it is paused, then let go (a flood is 8 or more queued).
+    // Ten for a, queued while it is paused (a flood is 8 or more queued).
     expect((await fleet.post("/api/agents/counter/a/pause")).status).toBe(200);
     for (const id of Array.from({ length: 10 }, (_, i) => `a${i + 1}`))
       expect((await fleet.post("/api/send", { topic: "f/a/in", payload: { id } })).status).toBe(202);
+    // Then one for b: the pool is empty, so it starts cold and a spare is started behind it. It runs just
+    // before a's backlog is let go: a backlog is a flood only while another agent's start is recent
+    // (FLOOD_PEERS_WINDOW_MS), and on a busy machine the sends alone took seconds of that window.
+    expect((await fleet.post("/api/send", { topic: "f/b/in", payload: { id: "b1" } })).status).toBe(202);
+    await waitFor(async () => ((await fleet.starts()).committed === 1 ? true : undefined), 20_000, "b's episode", 50);
     expect((await fleet.post("/api/agents/counter/a/resume")).status).toBe(200);
     const done = await waitFor(
       async () => {
@@ -179,9 +181,14 @@ describe("warm spares under a flood", () => {
       "a's ten episodes",
       50,
     );
-    // b cold (no spare yet); a1-a3 cold (10, 9, 8 queued: flooded, one spare left);
-    // a4-a10 warm (fewer than 8 queued).
-    expect(done).toEqual({ warm: 7, cold: 4, committed: 11 });
+    // b cold (no spare yet); a1 cold (10 queued, b's start a moment ago: flooded, one spare left); a2 and a3
+    // cold too while b's start is within the window, which a machine too busy to run them in time is not
+    // (test/flood-rule.test.ts holds the window to a clock); a4-a10 warm (fewer than 8 queued). Without the
+    // rule a1 takes the spare b left and only b starts cold.
+    expect(done.committed).toBe(11);
+    expect(done.cold).toBeGreaterThanOrEqual(2);
+    expect(done.cold).toBeLessThanOrEqual(4);
+    expect(done.warm).toBe(11 - done.cold);
   }, 60_000);
 
   test.if(defaultSpawnOptions().nice != null)(
