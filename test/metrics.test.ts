@@ -157,10 +157,14 @@ describe("/metrics", () => {
       expect(sampleValue(x, "fleet_broker_messages_in_total")).toBeGreaterThanOrEqual(1);
       expect(sampleValue(x, "fleet_broker_clients")).toBe(1);
 
-      // Gauges read from the store (cached up to a second).
+      // Gauges from a snapshot cached up to a second, whose parts are read a moment apart (the queue book at once,
+      // the store's aggregates after): one taken as the fourth episode committed can count its budget use and
+      // still its stimulus as queued.
       const g = await scrapeUntil(
-        (x) => sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }) === 4,
-        "budget use of 4 counter episodes",
+        (x) =>
+          sampleValue(x, "fleet_budget_episodes_hour_used", { type: "counter" }) === 4 &&
+          sampleValue(x, "fleet_queue_depth") === 0,
+        "budget use of 4 counter episodes, and none queued",
       );
       expect(sampleValue(g, "fleet_agents", { type: "counter", status: "idle" })).toBe(3);
       expect(sampleValue(g, "fleet_agents", { type: "thrower", status: "idle" })).toBe(1);
