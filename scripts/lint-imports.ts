@@ -17,12 +17,12 @@ const root = process.argv[2] ?? join(import.meta.dir, "..");
 const SPECIFIER = /(?:\bfrom\s*|\bimport\s*\(\s*|\bimport\s+)(["'])(\.{1,2}\/[^"']+)\1/g;
 
 /**
- * Doors besides `index.ts`, and why. `broker/index.ts` loads aedes and the persistence (~0.2 s of CPU); the
- * devices registry needs only the topic rules and BrokerBusy, and `fleet device` should not pay for the broker.
+ * Doors besides `index.ts`. `broker/index.ts` loads aedes and the persistence (~0.2 s of CPU); the devices
+ * registry needs only the topic rules and BrokerBusy, and `fleet device` should not pay for the broker.
  */
-export const LIGHT_DOORS: ReadonlyMap<string, string> = new Map([
-  ["broker/topics.ts", "the pure topic rules (matching, validation)"],
-  ["broker/types.ts", "the broker's interface types and its two error classes"],
+export const LIGHT_DOORS: ReadonlySet<string> = new Set([
+  "broker/topics.ts", // the pure topic rules (matching, validation)
+  "broker/types.ts", // the broker's interface types and its two error classes
 ]);
 
 /** Runtime imports in a light door's source (it may import types only): each is a violation. */

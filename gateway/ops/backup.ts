@@ -23,8 +23,7 @@ import { dirname, join, resolve } from "node:path";
 import { syncDir, syncFile } from "../durable.ts";
 import { forkGatewayIdentity, migrate, SCHEMA_VERSION, schemaVersion, Store } from "../store/index.ts";
 import { type VerifyReport, verifyStore } from "./verify.ts";
-import { errorReason } from "../errors.ts";
-import { OperatorError } from "../errors.ts";
+import { errorReason, OperatorError } from "../errors.ts";
 
 /** Why a backup or restore was refused (the CLI prints the message, exit 1). */
 export class BackupError extends OperatorError {
