@@ -1069,7 +1069,6 @@ describe("ToolGate: http", () => {
 
   test("a call still in flight when the episode ends is aborted with it", async () => {
     const g = gate("mon", 1000);
-    const started = Date.now();
     const pending = Promise.all([
       g.handle(1, "http", [`http://127.0.0.1:${port}/hang`]),
       g.handle(2, "llm", [{ prompt: "silence", max_tokens: 100 }]),
@@ -1077,10 +1076,11 @@ describe("ToolGate: http", () => {
     await Bun.sleep(200);
     g.end();
     const [http, llm] = await pending;
-    expect(Date.now() - started).toBeLessThan(900);
-    expect(http).toMatchObject({ ok: false, result: { error: "failed" } });
+    // Each says the episode's end stopped it (the llm call's own timeout, 1 s, would say it timed out).
+    const ended = { ok: false, result: { error: "failed", reason: expect.stringContaining("the episode ended") } };
+    expect(http).toMatchObject(ended);
     // The llm request was sent: it is charged what it held, as a timed-out one.
-    expect(llm).toMatchObject({ ok: false, result: { error: "failed" } });
+    expect(llm).toMatchObject(ended);
     expect(g.tokens).toBe(100);
     await Bun.sleep(100);
     expect(hangs.at(-1)).toBe("cancelled");
