@@ -118,17 +118,27 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   // 3.31 s, mi-scavenger 0.53 s (mimalloc returning pages to the kernel, mostly system time),
   // JITWorker 0.38 s, HeapHelper 0.19 s. Keeping the pages longer (MIMALLOC_PURGE_DELAY=1000, with and
   // without MIMALLOC_PURGE_HOLES=0; the default delay is 100 ms) did not move the gateway's CPU per
-  // episode: 5.70 and 5.48 ms against 5.52 and 5.78 ms with the defaults, alternating runs.
+  // episode: 5.70 and 5.48 ms against 5.52 and 5.78 ms with the defaults, alternating runs. Nor did
+  // 10000 or MIMALLOC_PURGE_DECOMMITS=0 (2026-12-07). Never purging (MIMALLOC_PURGE_DELAY=-1) stops the
+  // scavenger and saves ~1.5-2 ms an episode, and costs RSS: docs/performance.md has the trade.
   const main = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   const jit = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
+  // mimalloc's scavenger thread (it returns freed pages to the kernel).
+  const scavenger = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   const measured = async <T>(t: keyof typeof cpu, pid: number | "self", run: () => Promise<T>): Promise<T> => {
     const id = pid === "self" ? process.pid : pid;
-    const before = { cpu: cpuMs(pid).self, main: mainThreadMs(id), jit: threadsMs(id, "JITWorker") };
+    const before = {
+      cpu: cpuMs(pid).self,
+      main: mainThreadMs(id),
+      jit: threadsMs(id, "JITWorker"),
+      scavenger: threadsMs(id, "mi-scavenger"),
+    };
     const busy = machineBusyMs();
     const r = await run();
     cpu[t] += cpuMs(pid).self - before.cpu;
     main[t] += mainThreadMs(id) - before.main;
     jit[t] += threadsMs(id, "JITWorker") - before.jit;
+    scavenger[t] += threadsMs(id, "mi-scavenger") - before.scavenger;
     machine[t] += machineBusyMs() - busy;
     return r;
   };
@@ -169,6 +179,7 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   const per = (t: keyof typeof cpu) => cpu[t] / (perRound * ROUNDS);
   const perMain = (t: keyof typeof main) => main[t] / (perRound * ROUNDS);
   const perJit = (t: keyof typeof jit) => jit[t] / (perRound * ROUNDS);
+  const perScavenger = (t: keyof typeof scavenger) => scavenger[t] / (perRound * ROUNDS);
   const perMachine = (t: keyof typeof machine) => machine[t] / (perRound * ROUNDS);
   o.log(
     `  own CPU ms per episode: gateway ${per("gateway").toFixed(1)}, bare spawn ` +
@@ -268,8 +279,9 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
       perMain("runner"),
       null,
       `the thread that runs the JS (and spawns); JIT compiler threads beside it: gateway ` +
-        `${perJit("gateway").toFixed(2)} ms, runner alone ${perJit("runner").toFixed(2)} ms; the rest of each ` +
-        "process's row is GC, the allocator and thread pools",
+        `${perJit("gateway").toFixed(2)} ms, runner alone ${perJit("runner").toFixed(2)} ms; mimalloc's scavenger: ` +
+        `gateway ${perScavenger("gateway").toFixed(2)} ms, runner alone ${perScavenger("runner").toFixed(2)} ms; ` +
+        "the rest of each process's row is GC, the allocator's other work and thread pools",
     ),
     deltaRow(
       "episodes",
