@@ -120,7 +120,8 @@ export async function benchEpisodes(o: BenchOptions): Promise<Row[]> {
   // without MIMALLOC_PURGE_HOLES=0; the default delay is 100 ms) did not move the gateway's CPU per
   // episode: 5.70 and 5.48 ms against 5.52 and 5.78 ms with the defaults, alternating runs. Nor did
   // 10000 or MIMALLOC_PURGE_DECOMMITS=0 (2026-12-07). Never purging (MIMALLOC_PURGE_DELAY=-1) stops the
-  // scavenger and saves ~1.5-2 ms an episode, and costs RSS: docs/performance.md has the trade.
+  // scavenger and saved 1.3 ms an episode on average over four pairs of runs, and costs RSS:
+  // docs/performance.md has the trade.
   const main = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   const jit = { plain: 0, wrapped: 0, gateway: 0, runner: 0 };
   // mimalloc's scavenger thread (it returns freed pages to the kernel).
