@@ -17,6 +17,13 @@ const root = process.argv[2] ?? join(import.meta.dir, "..");
 const SPECIFIER = /(?:\bfrom\s*|\bimport\s*\(\s*|\bimport\s+)(["'])(\.{1,2}\/[^"']+)\1/g;
 
 /**
+ * An `import ... from` or `export ... from` that is not `import type`. The clause between the keyword and
+ * `from` stays on its line but for a braced list: a class declaration above an `import type` is not taken
+ * for one statement.
+ */
+const RUNTIME_FROM = /^(?:import|export)[ \t]+(?!type\b)(?:[\w$*, \t]|\{[^}]*\})+?[ \t]*from[ \t]*(["'])([^"']+)\1/gm;
+
+/**
  * Doors besides `index.ts`. `broker/index.ts` loads aedes and the persistence (~0.2 s of CPU); the devices
  * registry needs only the topic rules and BrokerBusy, and `fleet device` should not pay for the broker.
  */
@@ -28,10 +35,7 @@ export const LIGHT_DOORS: ReadonlySet<string> = new Set([
 /** Runtime imports in a light door's source (it may import types only): each is a violation. */
 export function heavyDoorImports(file: string, source: string): string[] {
   const found: string[] = [];
-  // The clause between the keyword and `from` stays on its line but for a braced list: a class
-  // declaration above an `import type` is not taken for one statement.
-  const FROM = /^(?:import|export)[ \t]+(?!type\b)(?:[\w$*, \t]|\{[^}]*\})+?[ \t]*from[ \t]*(["'])([^"']+)\1/gm;
-  for (const m of source.matchAll(FROM)) {
+  for (const m of source.matchAll(RUNTIME_FROM)) {
     found.push(`${file}: a light door imports "${m[2]}" at runtime; it may import types only`);
   }
   for (const m of source.matchAll(/^import\s*(["'])([^"']+)\1/gm)) {

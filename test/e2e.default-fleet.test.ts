@@ -28,7 +28,7 @@ beforeAll(async () => {
 
 afterAll(cleanupAll);
 
-/** The episodes of `agent` that readings started (the dedup key `id`, not the heartbeat timer). */
+/** The committed episodes among `episodes` that readings started (the dedup key `id`, not the heartbeat timer). */
 const readingsRun = (episodes: EpisodeJson[]) =>
   episodes.filter((e) => e.stimulus.startsWith("id:") && e.status === "committed");
 
