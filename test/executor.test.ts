@@ -10,7 +10,7 @@ import { join } from "node:path";
 import pino from "pino";
 import type { ParentMessage } from "../agents/protocol.ts";
 import { budgetWindows, COMMIT_GATHER_MS, EpisodeExecutor, TURN_ERROR_BACKOFF_MS } from "../gateway/episode/index.ts";
-import type { RunResult, ToolHandler } from "../gateway/episode/index.ts";
+import type { EpisodeDeps, RunResult, ToolHandler } from "../gateway/episode/index.ts";
 import { FleetEvents, type FleetEventMap } from "../gateway/events.ts";
 import { QueueBook, Roster, Scheduler } from "../gateway/fleet/index.ts";
 import { compileSpec } from "../gateway/spec/index.ts";
@@ -49,7 +49,7 @@ const ok = (state: unknown, records: RunResult["records"] = []): RunResult => ({
 const threw = (message: string): RunResult => ({ ok: false, kind: "threw", message, records: [], ms: 3 });
 
 let n = 0;
-async function setup(spec = sv, logger = log) {
+async function setup(spec = sv, logger = log, deps: Partial<EpisodeDeps> = {}) {
   const store = await Store.open(join(root, `e${n++}.db`), { synchronous: "normal" });
   let clock = 10 * HOUR + 1000; // early in an hour window
   const book = new QueueBook();
@@ -80,6 +80,7 @@ async function setup(spec = sv, logger = log) {
     publishCommitted: (episode, rows) => published.push({ episode, topics: rows.map((r) => r.topic) }),
     running: () => running,
     drained: async (a) => drained?.(a),
+    ...deps,
   });
   let sid = 0;
   /** Queue one stimulus for `agent` as intake would. */
@@ -432,6 +433,30 @@ describe("executor: sends", () => {
     expect(t.book.admit(B, 1).ok).toBe(true);
     expect(t.book.queued(A)).toBe(1);
     expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "queued" } as never]);
+  });
+
+  test("a failure whose bundle positions cannot be read gives the sends' places back and the stimulus stays queued", async () => {
+    // The failure's message is put in the sources' terms (the bundle's source map) before anything is
+    // recorded: a store that cannot read the map throws there, and the turn fails unexpectedly.
+    t = await setup(sv, log, {
+      bundleFor: () => "b".repeat(64),
+      bundleFile: async () => "/bundles/mon.js",
+      inSourceTerms: async () => {
+        throw new Error("source map unreadable");
+      },
+    });
+    await t.queue();
+    t.script.push(async (_s, onTool) => {
+      await onTool(1, "send", [B, 1]);
+      return threw("at /bundles/mon.js:1:10");
+    });
+    expect((await t.executor.turn(A)).kind).toBe("wait");
+    expect(t.book.queued(B)).toBe(0);
+    expect(t.book.admit(B, 1).ok).toBe(true);
+    expect(t.book.queued(A)).toBe(1);
+    expect(await t.rows("SELECT state, attempts FROM stimuli WHERE agent = ?", [A])).toEqual([
+      { state: "queued", attempts: 0 } as never,
+    ]);
   });
 });
 

@@ -7,12 +7,12 @@
  * through `EpisodeDeps`, so a turn runs in tests without a subprocess.
  */
 import type { Logger } from "pino";
-import type { ParentMessage } from "../../agents/protocol.ts";
-import type { FleetEvents } from "../events.ts";
+import type { ParentMessage, Stimulus } from "../../agents/protocol.ts";
+import type { FleetEventMap, FleetEvents } from "../events.ts";
 import type { AgentTypeSpec, SpecVersion } from "../spec/index.ts";
 import { hashEvents, IntegrityError, sealCheckpoint, verifyCheckpointRow } from "../store/index.ts";
-import type { AgentRow, SentStimulus, Store, TurnInputs } from "../store/index.ts";
-import { type AgentId, newEpisodeId, type TurnResult } from "../types.ts";
+import type { AgentRow, EpisodeCommit, EpisodeUsage, SentStimulus, Store, TurnInputs } from "../store/index.ts";
+import { type AgentId, type EpisodeId, newEpisodeId, type TurnResult } from "../types.ts";
 import { topics } from "../protocol.ts";
 import { budgetWindows, decideTurn, retryAt, type TurnDecision } from "./decide.ts";
 import {
@@ -138,6 +138,37 @@ export interface EpisodeDeps {
 }
 
 type RunDecision = Extract<TurnDecision, { kind: "run" }>;
+
+/** One episode of a turn, as it starts: what its run, its commit and its failure all name. */
+interface EpisodeRun {
+  readonly agentId: AgentId;
+  readonly d: RunDecision;
+  readonly sv: SpecVersion;
+  /** When its turn began: the episode's start. */
+  readonly startedAt: number;
+  readonly episode: EpisodeId;
+  readonly stimulus: Stimulus;
+  /** The agent's lifecycle stamp as it began (`emitSettled`: did an operator act meanwhile?). */
+  readonly stamp: number | undefined;
+  readonly ref: { readonly type: string; readonly key: string; readonly id: AgentId };
+  readonly gate: ToolGate;
+  /** The gateway log, bound to the agent, the episode and its stimulus. */
+  readonly log: Logger;
+  readonly bundle: string | null;
+  /** The module it loads, or why its bundle could not be had. */
+  readonly code: { readonly module: string; readonly error: string | null };
+}
+
+/** What an ended episode writes whether it commits or fails. */
+interface EndedEpisode {
+  readonly endedAt: number;
+  readonly events: ReturnType<typeof buildEvents>;
+  /** Its episode row, less the outcome. */
+  readonly base: Omit<EpisodeCommit["episode"], "status">;
+  readonly usage: EpisodeUsage;
+  /** Its `episode` fact, less the outcome. */
+  readonly summary: Omit<FleetEventMap["episode"], "status" | "checkpoint" | "quarantined" | "kind">;
+}
 
 /** A stimulus that waited this long for its episode to start is in a backlog (COMMIT_GATHER_MS). */
 export const BACKLOG_WAIT_MS = 50;
@@ -317,10 +348,39 @@ export class EpisodeExecutor {
     const gate = new ToolGate(ref, type, sv.spec, this.d.toolEnv, d.tokensLeft, d.costLeft, head.sid);
     this.d.events.emit("status", { agent: agentId, status: "running" });
     const log = this.d.log.child({ agent: agentId, episode, stimulus: head.sid });
-
-    let ended = false;
     const bundle = this.d.bundleFor ? this.d.bundleFor(agentId, agent.type, sv) : (sv.bundles[agent.type] ?? null);
-    const code = await this.codeOf(bundle, type.module_path);
+    try {
+      const code = await this.codeOf(bundle, type.module_path);
+      const run: EpisodeRun = {
+        agentId,
+        d,
+        sv,
+        startedAt: now,
+        episode,
+        stimulus,
+        stamp,
+        ref,
+        gate,
+        log,
+        bundle,
+        code,
+      };
+      return await this.settle(run, await this.runEpisode(run, state.value));
+    } finally {
+      // Whatever way the turn ends (failure, shutdown, a throw before the commit), the places
+      // its sends reserved are given back unless the commit wrote them.
+      this.settleSends(gate, null);
+    }
+  }
+
+  /**
+   * Run the episode's process to its end; its tool calls go through the gate, which closes with it.
+   * A failure's message names positions in the sources' terms where its code is a bundle.
+   */
+  private async runEpisode(run: EpisodeRun, state: unknown): Promise<RunResult> {
+    const { d, sv, gate, code, bundle } = run;
+    const { agent, type } = d;
+    let ended = false;
     // A bundle that cannot be materialised is the machine's failure, not the agent's: nothing runs.
     let result: RunResult =
       code.error !== null
@@ -328,14 +388,14 @@ export class EpisodeExecutor {
         : await this.d.run(
             {
               t: "start",
-              episode,
-              agent: ref,
+              episode: run.episode,
+              agent: run.ref,
               module: code.module,
               config: type.config,
-              state: state.value,
+              state,
               state_version: d.checkpoint?.stateVersion ?? 1,
               fresh: agent.headHash === null,
-              stimulus,
+              stimulus: run.stimulus,
               replay: null,
               limits: CHILD_LIMITS,
               wakes: { pending: d.pendingWakes, max: type.max_wakeups },
@@ -354,188 +414,228 @@ export class EpisodeExecutor {
         ...result,
         message: await this.d.inSourceTerms(result.message, { hash: bundle, file: code.module }, sv, agent.type),
       };
-    try {
-      let stamped: StampedVersion = { version: 1 };
-      if (result.ok) {
-        const declared = this.d.codeVersion ? await this.d.codeVersion(code.module, type, bundle) : null;
-        const known = { declared, previous: d.checkpoint?.stateVersion ?? 1, fresh: agent.headHash === null };
-        const confirmed = confirmStateVersion(result, known);
-        if ("kind" in confirmed) result = { ok: false, ...confirmed, records: result.records, ms: result.ms };
-        else stamped = confirmed;
-      }
-      const endedAt = this.d.now();
-      let wakes: Extract<WakeEffects, { ok: true }> | null = null;
-      if (result.ok) {
-        const w = buildWakes(
-          episode,
-          this.d.store.gatewayId,
-          agentId,
-          result.records,
-          d.pendingWakes,
-          type.max_wakeups,
-          endedAt,
-        );
-        if (w.ok) wakes = w;
-        else result = { ok: false, kind: "protocol", message: w.message, records: result.records, ms: result.ms };
-      }
-      // ctx.log lines go to the gateway log too, with the episode's bound context (within bounds: logCopy).
-      for (const [level, msg] of logCopy(result.records)) log[level](msg);
-      const events = buildEvents(episode, stimulus, result);
-      const base = {
+    return result;
+  }
+
+  /**
+   * What an ended run leaves: its commit, or the record of its failure; neither when a shutdown
+   * aborted it or its process could not start.
+   */
+  private async settle(run: EpisodeRun, ran: RunResult): Promise<TurnResult> {
+    const { agentId, d, episode, gate, log } = run;
+    const { agent, head, type } = d;
+    let result = ran;
+    let stamped: StampedVersion = { version: 1 };
+    if (result.ok) {
+      const declared = this.d.codeVersion ? await this.d.codeVersion(run.code.module, type, run.bundle) : null;
+      const known = { declared, previous: d.checkpoint?.stateVersion ?? 1, fresh: agent.headHash === null };
+      const confirmed = confirmStateVersion(result, known);
+      if ("kind" in confirmed) result = { ok: false, ...confirmed, records: result.records, ms: result.ms };
+      else stamped = confirmed;
+    }
+    const endedAt = this.d.now();
+    let wakes: Extract<WakeEffects, { ok: true }> | null = null;
+    if (result.ok) {
+      const w = buildWakes(
+        episode,
+        this.d.store.gatewayId,
+        agentId,
+        result.records,
+        d.pendingWakes,
+        type.max_wakeups,
+        endedAt,
+      );
+      if (w.ok) wakes = w;
+      else result = { ok: false, kind: "protocol", message: w.message, records: result.records, ms: result.ms };
+    }
+    // ctx.log lines go to the gateway log too, with the episode's bound context (within bounds: logCopy).
+    for (const [level, msg] of logCopy(result.records)) log[level](msg);
+    const events = buildEvents(episode, run.stimulus, result);
+    const ended: EndedEpisode = {
+      endedAt,
+      events,
+      base: {
         id: episode,
         gateway: this.d.store.gatewayId,
         agent: agentId,
         stimulusSeq: head.seq,
         stimulusId: head.sid,
         stimulusKind: head.kind,
-        specVersion: sv.hash,
+        specVersion: run.sv.hash,
         attempt: d.attempt,
-        startedAt: now,
+        startedAt: run.startedAt,
         endedAt,
         parent: agent.headHash,
         eventsHash: await hashEvents(events),
         eventCount: events.length,
-        bundle,
-      };
-      const usage = { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost };
-      const summary = {
+        bundle: run.bundle,
+      },
+      usage: { ...d.windows, toolCalls: gate.calls, tokens: gate.tokens, cost: gate.cost },
+      summary: {
         episode,
         agent: agentId,
         stimulus: head.sid,
         ms: result.ms,
         // A clock stepped back (NTP) must not make a wait negative.
-        waitMs: Math.max(0, now - head.receivedAt),
+        waitMs: Math.max(0, run.startedAt - head.receivedAt),
         type: agent.type,
-      };
+      },
+    };
 
-      if (!result.ok && this.d.stopping()) {
-        // Not a failed attempt (no retry or quarantine is counted), but its tool calls went out and
-        // run again after the restart: the attempt is booked against its budgets like any other.
-        await this.d.store.bookAborted(agentId, usage);
-        log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
-        return { kind: "parked" };
-      }
-      if (!result.ok && result.kind === "infra") return this.couldNotStart(agentId, agent, stamp, result.message, log);
-      if (this.d.infra?.started()) this.d.events.emit("infra", { state: "recovered", reason: "episodes start again" });
-      if (!result.ok) {
-        const retry = retryAt(type, d.attempt, endedAt, result.kind);
-        await this.d.store.recordFailure({
-          episode: { ...base, status: "failed", errorKind: result.kind, error: result.message.slice(0, 4000) },
-          events,
-          retryAt: retry,
-          usage,
-        });
-        if (retry === null) {
-          this.d.queue.left(agentId, head.seq);
-          await this.d.drained?.(agentId);
-        }
-        log.warn(
-          { kind: result.kind, attempt: d.attempt, quarantined: retry === null },
-          `episode failed (${result.kind}): ${result.message.split("\n")[0]}`,
-        );
-        this.d.events.emit("episode", {
-          ...summary,
-          status: "failed",
-          kind: result.kind,
-          checkpoint: agent.headHash,
-          quarantined: retry === null,
-        });
-        await this.emitSettled(
-          agentId,
-          stamp,
-          agent.headHash,
-          `last episode failed: ${result.kind}`,
-          agent.status === "draining",
-        );
-        return retry === null ? { kind: "ran" } : { kind: "wait", until: retry };
-      }
-
-      const seq = agent.headSeq + 1;
-      // Version 1 without a migration seals nothing new: such checkpoints hash as they always did.
-      const stateVersion = stamped.version > 1 || stamped.migratedFrom !== undefined ? stamped.version : undefined;
-      const sealed = await sealCheckpoint({
-        agent: agentId,
-        seq,
-        parent: agent.headHash,
-        episode,
-        spec_version: sv.hash,
-        state: result.state,
-        state_version: stateVersion,
-        migrated_from: stamped.migratedFrom,
-      });
-      const outbox = buildOutbox(episode, ref, result.records, gate.publishes, endedAt);
-      // Sends to another shard's agents leave through the broker, at least once, after the commit.
-      outbox.push(...buildForwards(episode, gate.sends, endedAt, outbox.length));
-      // The fleet/episodes summary rides the outbox too, so it is delivered at least once: QoS 1, so a
-      // persistent subscriber that is away gets it queued, like the outputs it summarizes.
-      outbox.push({
-        episode,
-        seq: outbox.length,
-        topic: topics.episodes,
-        payload: JSON.stringify({
-          episode,
-          agent: agentId,
-          stimulus: head.sid,
-          status: "committed",
-          checkpoint: sealed.hash,
-          ms: Math.round(result.ms),
-        }),
-        qos: 1,
-        retain: false,
-        createdAt: endedAt,
-      });
-      // Sends are written with the sender's commit (exactly once), into places admission reserved.
-      const inbox = buildInbox(episode, gate.sends, endedAt);
-      const gatherMs = commitGatherMs(summary.waitMs, this.d.running?.() ?? 1);
-      const { sent, droppedWakes } = await this.d.store.commitEpisode(
-        {
-          episode: { ...base, status: "committed", checkpoint: sealed.hash },
-          events,
-          checkpoint: {
-            hash: sealed.hash,
-            gateway: this.d.store.gatewayId,
-            agent: agentId,
-            seq,
-            parent: agent.headHash,
-            episode,
-            specVersion: sv.hash,
-            state: sealed.stateText,
-            createdAt: endedAt,
-            stateVersion: stateVersion ?? null,
-            migratedFrom: stamped.migratedFrom ?? null,
-          },
-          outbox,
-          inbox,
-          usage,
-          wakes: wakes?.wakes,
-          cancels: wakes?.cancels,
-        },
-        gatherMs,
-      );
-      this.d.queue.left(agentId, head.seq);
-      if (droppedWakes.length > 0) {
-        this.d.queue.rejected(agentId, droppedWakes);
-        log.info({ count: droppedWakes.length }, "wake-ups cancelled after they fell due: their runs dropped");
-      }
-      this.settleSends(gate, sent);
-      await this.d.drained?.(agentId);
-      log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
-      this.d.publishCommitted?.(episode, outbox, agentId);
-      if (wakes && wakes.wakes.length > 0) this.d.wakesScheduled?.(Math.min(...wakes.wakes.map((w) => w.dueAt)));
-      this.d.events.emit("episode", { ...summary, status: "committed", checkpoint: sealed.hash, quarantined: false });
-      await this.emitSettled(agentId, stamp, sealed.hash, undefined, agent.status === "draining");
-      if (inbox.length > 0)
-        this.d.events.emit("intake", {
-          source: "inbox",
-          accepted: sent.length,
-          duplicates: inbox.length - sent.length,
-        });
-      return { kind: "ran" };
-    } finally {
-      // Whatever way the turn ends (failure, shutdown, a throw before the commit), the places
-      // its sends reserved are given back unless the commit wrote them.
-      this.settleSends(gate, null);
+    if (!result.ok && this.d.stopping()) {
+      // Not a failed attempt (no retry or quarantine is counted), but its tool calls went out and
+      // run again after the restart: the attempt is booked against its budgets like any other.
+      await this.d.store.bookAborted(agentId, ended.usage);
+      log.info({ kind: result.kind }, "episode aborted by shutdown; stimulus stays queued");
+      return { kind: "parked" };
     }
+    if (!result.ok && result.kind === "infra")
+      return this.couldNotStart(agentId, agent, run.stamp, result.message, log);
+    if (this.d.infra?.started()) this.d.events.emit("infra", { state: "recovered", reason: "episodes start again" });
+    if (!result.ok) return this.recordFailed(run, ended, result);
+    return this.commit(run, ended, result, stamped, wakes);
+  }
+
+  /** Record a failed attempt: its stimulus is tried again after a backoff, or quarantined. */
+  private async recordFailed(
+    run: EpisodeRun,
+    ended: EndedEpisode,
+    result: Extract<RunResult, { ok: false }>,
+  ): Promise<TurnResult> {
+    const { agentId, d, log } = run;
+    const { agent, head, type } = d;
+    const retry = retryAt(type, d.attempt, ended.endedAt, result.kind);
+    await this.d.store.recordFailure({
+      episode: { ...ended.base, status: "failed", errorKind: result.kind, error: result.message.slice(0, 4000) },
+      events: ended.events,
+      retryAt: retry,
+      usage: ended.usage,
+    });
+    if (retry === null) {
+      this.d.queue.left(agentId, head.seq);
+      await this.d.drained?.(agentId);
+    }
+    log.warn(
+      { kind: result.kind, attempt: d.attempt, quarantined: retry === null },
+      `episode failed (${result.kind}): ${result.message.split("\n")[0]}`,
+    );
+    this.d.events.emit("episode", {
+      ...ended.summary,
+      status: "failed",
+      kind: result.kind,
+      checkpoint: agent.headHash,
+      quarantined: retry === null,
+    });
+    await this.emitSettled(
+      agentId,
+      run.stamp,
+      agent.headHash,
+      `last episode failed: ${result.kind}`,
+      agent.status === "draining",
+    );
+    return retry === null ? { kind: "ran" } : { kind: "wait", until: retry };
+  }
+
+  /**
+   * Seal the new checkpoint and commit everything the episode did at once; then its effects
+   * (outputs published, sends' places settled, wake-ups armed) and its facts.
+   */
+  private async commit(
+    run: EpisodeRun,
+    ended: EndedEpisode,
+    result: Extract<RunResult, { ok: true }>,
+    stamped: StampedVersion,
+    wakes: Extract<WakeEffects, { ok: true }> | null,
+  ): Promise<TurnResult> {
+    const { agentId, d, episode, gate, log } = run;
+    const { agent, head } = d;
+    const { endedAt } = ended;
+    const seq = agent.headSeq + 1;
+    // Version 1 without a migration seals nothing new: such checkpoints hash as they always did.
+    const stateVersion = stamped.version > 1 || stamped.migratedFrom !== undefined ? stamped.version : undefined;
+    const sealed = await sealCheckpoint({
+      agent: agentId,
+      seq,
+      parent: agent.headHash,
+      episode,
+      spec_version: run.sv.hash,
+      state: result.state,
+      state_version: stateVersion,
+      migrated_from: stamped.migratedFrom,
+    });
+    const outbox = buildOutbox(episode, run.ref, result.records, gate.publishes, endedAt);
+    // Sends to another shard's agents leave through the broker, at least once, after the commit.
+    outbox.push(...buildForwards(episode, gate.sends, endedAt, outbox.length));
+    // The fleet/episodes summary rides the outbox too, so it is delivered at least once: QoS 1, so a
+    // persistent subscriber that is away gets it queued, like the outputs it summarizes.
+    outbox.push({
+      episode,
+      seq: outbox.length,
+      topic: topics.episodes,
+      payload: JSON.stringify({
+        episode,
+        agent: agentId,
+        stimulus: head.sid,
+        status: "committed",
+        checkpoint: sealed.hash,
+        ms: Math.round(result.ms),
+      }),
+      qos: 1,
+      retain: false,
+      createdAt: endedAt,
+    });
+    // Sends are written with the sender's commit (exactly once), into places admission reserved.
+    const inbox = buildInbox(episode, gate.sends, endedAt);
+    const gatherMs = commitGatherMs(ended.summary.waitMs, this.d.running?.() ?? 1);
+    const { sent, droppedWakes } = await this.d.store.commitEpisode(
+      {
+        episode: { ...ended.base, status: "committed", checkpoint: sealed.hash },
+        events: ended.events,
+        checkpoint: {
+          hash: sealed.hash,
+          gateway: this.d.store.gatewayId,
+          agent: agentId,
+          seq,
+          parent: agent.headHash,
+          episode,
+          specVersion: run.sv.hash,
+          state: sealed.stateText,
+          createdAt: endedAt,
+          stateVersion: stateVersion ?? null,
+          migratedFrom: stamped.migratedFrom ?? null,
+        },
+        outbox,
+        inbox,
+        usage: ended.usage,
+        wakes: wakes?.wakes,
+        cancels: wakes?.cancels,
+      },
+      gatherMs,
+    );
+    this.d.queue.left(agentId, head.seq);
+    if (droppedWakes.length > 0) {
+      this.d.queue.rejected(agentId, droppedWakes);
+      log.info({ count: droppedWakes.length }, "wake-ups cancelled after they fell due: their runs dropped");
+    }
+    this.settleSends(gate, sent);
+    await this.d.drained?.(agentId);
+    log.debug({ ms: Math.round(result.ms), checkpoint: sealed.hash }, "episode committed");
+    this.d.publishCommitted?.(episode, outbox, agentId);
+    if (wakes && wakes.wakes.length > 0) this.d.wakesScheduled?.(Math.min(...wakes.wakes.map((w) => w.dueAt)));
+    this.d.events.emit("episode", {
+      ...ended.summary,
+      status: "committed",
+      checkpoint: sealed.hash,
+      quarantined: false,
+    });
+    await this.emitSettled(agentId, run.stamp, sealed.hash, undefined, agent.status === "draining");
+    if (inbox.length > 0)
+      this.d.events.emit("intake", {
+        source: "inbox",
+        accepted: sent.length,
+        duplicates: inbox.length - sent.length,
+      });
+    return { kind: "ran" };
   }
 
   /** The module an episode loads: its bundle's file, or the module file when it has none. */

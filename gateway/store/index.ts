@@ -1,5 +1,5 @@
 export * from "./store.ts";
-export type { SentStimulus } from "./episodes.ts";
+export type { EpisodeCommit, EpisodeUsage, SentStimulus } from "./episodes.ts";
 export * from "./checkpoint.ts";
 export * from "./migrate.ts";
 export * from "./files.ts";
