@@ -435,7 +435,7 @@ describe("executor: sends", () => {
     expect(await t.rows("SELECT state FROM stimuli WHERE agent = ?", [A])).toEqual([{ state: "queued" } as never]);
   });
 
-  test("a failure whose bundle positions cannot be read gives the sends' places back and the stimulus stays queued", async () => {
+  test("a failure whose source map is unreadable gives the sends' places back; its stimulus stays queued", async () => {
     // The failure's message is put in the sources' terms (the bundle's source map) before anything is
     // recorded: a store that cannot read the map throws there, and the turn fails unexpectedly.
     t = await setup(sv, log, {
