@@ -223,6 +223,25 @@ describe("intake admission", () => {
     }
   });
 
+  test("a store that fails to tell a turned-away retry from a new stimulus gives every admission back", async () => {
+    // sink/a is full (max_queue 2), sink/b is not: one stimulus for both is admitted for sink/b only,
+    // then the store is asked whether sink/a had it already (a retry is a duplicate, not a refusal).
+    for (const id of ["f1", "f2"])
+      await ctx.intake.record([target("sink", "a")], "manual", null, enc(id), `m:${id}` as StimulusId);
+    ctx.store.findStimulus = async () => {
+      throw new Error("database is locked");
+    };
+    const both = [target("sink", "a"), target("sink", "b")];
+    await expect(ctx.intake.record(both, "manual", null, enc(1), "m:both" as StimulusId)).rejects.toThrow("locked");
+    expect(ctx.book.queued("sink/b" as AgentId)).toBe(0);
+    expect(await ctx.queuedInStore("sink/b")).toBe(0);
+    // Its place was given back: sink/b still takes its whole max_queue of 2.
+    expect([ctx.book.admit("sink/b" as AgentId, 2).ok, ctx.book.admit("sink/b" as AgentId, 2).ok]).toEqual([
+      true,
+      true,
+    ]);
+  });
+
   test("a duplicate is not queued again and gives its reserved place back", async () => {
     const msg = { topic: "s/b1/t", payload: enc({ id: "same" }), qos: 1 as const, retain: false };
     await ctx.intake.mqtt(msg);

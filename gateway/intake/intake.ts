@@ -386,11 +386,17 @@ export class Intake {
     }
     const accepted: IntakeReport["accepted"] = [];
     const duplicates: IntakeReport["duplicates"] = [];
-    // A retry of what was recorded before is a duplicate whatever the queue holds now: refusing it
-    // would have the device (or client) send again and again what is already safe.
-    for (const { refusal, sid } of turnedAway) {
-      if (sid.startsWith("u:") || !(await this.store.findStimulus(refusal.agent, sid))) refused.push(refusal);
-      else duplicates.push({ agent: refusal.agent, sid });
+    try {
+      // A retry of what was recorded before is a duplicate whatever the queue holds now: refusing it
+      // would have the device (or client) send again and again what is already safe.
+      for (const { refusal, sid } of turnedAway) {
+        if (sid.startsWith("u:") || !(await this.store.findStimulus(refusal.agent, sid))) refused.push(refusal);
+        else duplicates.push({ agent: refusal.agent, sid });
+      }
+    } catch (err) {
+      // Nothing is recorded: the admissions go back (the device, unacknowledged, sends again).
+      for (const s of items) this.view.released(s.agent);
+      throw err;
     }
     if (refused.length > 0) this.refusals.note(refused, kind, topic);
     // The queue book (and so the scheduler) hears of the stimuli as soon as their transaction
