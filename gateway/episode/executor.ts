@@ -381,34 +381,39 @@ export class EpisodeExecutor {
     const { d, sv, gate, code, bundle } = run;
     const { agent, type } = d;
     let ended = false;
-    // A bundle that cannot be materialised is the machine's failure, not the agent's: nothing runs.
-    let result: RunResult =
-      code.error !== null
-        ? { ok: false, kind: "infra", message: code.error, records: [], ms: 0 }
-        : await this.d.run(
-            {
-              t: "start",
-              episode: run.episode,
-              agent: run.ref,
-              module: code.module,
-              config: type.config,
-              state,
-              state_version: d.checkpoint?.stateVersion ?? 1,
-              fresh: agent.headHash === null,
-              stimulus: run.stimulus,
-              replay: null,
-              limits: CHILD_LIMITS,
-              wakes: { pending: d.pendingWakes, max: type.max_wakeups },
-            },
-            runLimitsFor(type.budget, 0, sv.spec.broker.max_packet_bytes),
-            // A call that arrives after the run ended must not reserve a place nobody settles.
-            (call, tool, args) =>
-              ended
-                ? Promise.resolve({ ok: false, result: { error: "denied", reason: "episode ended" } })
-                : gate.handle(call, tool, args),
-          );
-    ended = true;
-    gate.end();
+    let result: RunResult;
+    try {
+      // A bundle that cannot be materialised is the machine's failure, not the agent's: nothing runs.
+      result =
+        code.error !== null
+          ? { ok: false, kind: "infra", message: code.error, records: [], ms: 0 }
+          : await this.d.run(
+              {
+                t: "start",
+                episode: run.episode,
+                agent: run.ref,
+                module: code.module,
+                config: type.config,
+                state,
+                state_version: d.checkpoint?.stateVersion ?? 1,
+                fresh: agent.headHash === null,
+                stimulus: run.stimulus,
+                replay: null,
+                limits: CHILD_LIMITS,
+                wakes: { pending: d.pendingWakes, max: type.max_wakeups },
+              },
+              runLimitsFor(type.budget, 0, sv.spec.broker.max_packet_bytes),
+              // A call that arrives after the run ended must not reserve a place nobody settles.
+              (call, tool, args) =>
+                ended
+                  ? Promise.resolve({ ok: false, result: { error: "denied", reason: "episode ended" } })
+                  : gate.handle(call, tool, args),
+            );
+    } finally {
+      // Calls still in flight are aborted: their answers would reach nobody.
+      ended = true;
+      gate.end();
+    }
     if (!result.ok && bundle !== null && code.error === null && this.d.inSourceTerms)
       result = {
         ...result,
