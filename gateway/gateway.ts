@@ -8,20 +8,12 @@
 import { existsSync, readFileSync, rmSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import pino, { type Logger } from "pino";
-import {
-  createEmbeddedBroker,
-  createExternalBroker,
-  type AuthChange,
-  type Broker,
-  type BrokerAuth,
-  type IntakeVerdict,
-  type PublishedMessage,
-  type ClientInfo,
-} from "../broker/index.ts";
+import type { Broker, ClientInfo, IntakeVerdict, PublishedMessage } from "../broker/index.ts";
+import { BrokerLink, type TlsPem } from "./broker-link.ts";
 import { canonicalJson } from "./hash.ts";
 import { compileSpec, LIVE_HTTP_KEYS, loadSpec, restartNeeded, SpecError } from "./spec/index.ts";
 import type { AgentTypeSpec, FleetSpec, SpecVersion, TlsFiles } from "./spec/index.ts";
-import { commitFaultFromEnv, SCHEMA_VERSION, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
+import { commitFaultFromEnv, Store, secureDataDir, writePrivateFile } from "./store/index.ts";
 import {
   FloodRule,
   IntakePressure,
@@ -84,10 +76,9 @@ import type { Timers, WakeClock } from "./intake/index.ts";
 import { gcAll, resolveQuarantined, type GcOutcome, type QuarantineAction } from "./ops/index.ts";
 import { findEpisode, replayEpisode, type ReplayResult, type TraceMiss } from "./ops/index.ts";
 import { deployCheck, loweredVersion, reloadGate, storedSpec, storedVersion } from "./ops/index.ts";
-import { intakeFilters, sessionsDropped, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
+import { intakeFilters, sessionsToDrop, shardChangeRefusal, storedShard } from "./ops/index.ts";
 import type { DeployCheckOptions, DeployCheckReport } from "./ops/index.ts";
 import { diffSpecs, SpecWatcher } from "./fleet/index.ts";
-import { CrlWatch, DeviceRegistry, deviceBrokerHooks } from "./devices/index.ts";
 import { agentCapNotices, QueueBook, Roster, type LifecycleResult } from "./fleet/index.ts";
 import { canaryConfigRefusal, deployInstances, Redeploy, Rollouts } from "./fleet/index.ts";
 import { fleetTimers, fleetWakeups, Housekeeping } from "./fleet/index.ts";
@@ -111,11 +102,11 @@ import {
   specScope,
 } from "./code/index.ts";
 import { HOST_MODULES, HOST_PATHS } from "../agents/host/index.ts";
-import { shardClientId, shardFleetName, shardLabel } from "./shard.ts";
+import { shardFleetName, shardLabel } from "./shard.ts";
 import { OperatorError } from "./errors.ts";
 
 /** Read a listener's PEM files (paths were checked readable when the spec loaded). */
-function readTls(files: TlsFiles): { cert: string; key: string; ca: string | null; crl: string | null } {
+function readTls(files: TlsFiles): TlsPem {
   return {
     cert: readFileSync(files.cert, "utf8"),
     key: readFileSync(files.key, "utf8"),
@@ -219,13 +210,9 @@ export class Gateway {
   /** The data disk's free-space reserve, `[fleet] disk_free_limit_mb` (observe/disk.ts). */
   private disk: DiskReserve | null = null;
   private executor: EpisodeExecutor | null = null;
-  /** The devices registry behind broker auth, or null without a devices file. */
-  private devices: DeviceRegistry | null = null;
+  /** What the broker is told: its device auth, the reload keys it takes live (null until it is made). */
+  private link: BrokerLink | null = null;
   private telemetry: EpisodeTelemetry | null = null;
-  private stopDeviceWatch: (() => void) | null = null;
-  private rechecks: Promise<void> = Promise.resolve();
-  /** The broker auth in force. */
-  private auth: BrokerAuth | null = null;
   /** This gateway's episode and spare process groups (killed at the drain timeout). */
   private readonly procs = new ProcessTable();
   /** Whether episode subprocesses can be started (an infra failure makes the gateway degraded). */
@@ -238,8 +225,6 @@ export class Gateway {
   private readonly started: Promise<void>;
   private markStarted: () => void = () => {};
   private tokenWatch: ReturnType<typeof setInterval> | null = null;
-  /** `[broker] tls_crl`, re-read when it changes; null without one. */
-  private crlWatch: CrlWatch | null = null;
   /** This run's sandbox ledger, taken with the data dir (`claimDataDir`). */
   private ledger: SandboxLedger | null = null;
 
@@ -438,12 +423,21 @@ export class Gateway {
 
     // Sessions of shards a reshard left out of the layout: shard 1's first start ends them (docs/shards.md).
     const drop = spec.broker.external ? await sessionsToDrop(this.store, spec.broker.external.client_id) : [];
-    this.broker = this.createBroker(spec, drop);
+    this.link = new BrokerLink({
+      log: this.log,
+      dataDir: this.dataDir,
+      mqttPort: this.opts.mqttPort,
+      secrets: this.secrets,
+      store: this.store,
+      intake: (msg, client) => this.brokerIntake(msg, client),
+      outputsReconnected: () => this.outputsReconnected(),
+    });
+    this.broker = this.link.create(spec, drop, spec.broker.tls ? readTls(spec.broker.tls) : null);
     this.effects = new Effects(this.store, this.broker, this.log, {
       forwardHops: (episode) => this.store.forwardHops(episode, 4 * (this.current.spec.fleet.max_send_hops + 1)),
     });
     await this.broker.start();
-    await this.crlWatch?.start();
+    await this.link.startWatches();
     this.tokens = new TokenAuth(join(this.dataDir, TOKENS_FILE), {
       log: this.log.child({ mod: "auth" }),
       onChange: (c) => void this.auditTokenChange(c),
@@ -544,8 +538,7 @@ export class Gateway {
     this.rollouts?.stop();
     this.storageWatch?.stop();
     this.disk?.stop();
-    this.stopDeviceWatch?.();
-    this.crlWatch?.stop();
+    this.link?.stopWatches();
     this.watcher?.stop();
   }
 
@@ -1129,167 +1122,6 @@ export class Gateway {
     });
   }
 
-  /** The embedded broker, or a client of the external one (`[broker] url`). */
-  private createBroker(spec: FleetSpec, dropSessions: readonly string[] = []): Broker {
-    const ext = spec.broker.external;
-    if (ext) {
-      const password = ext.password_env === null ? null : (this.secrets[ext.password_env] ?? null);
-      if (ext.password_env !== null && password === null)
-        throw new Error(`[broker] password_env names ${ext.password_env}, which is not set in the environment`);
-      if (this.opts.mqttPort !== undefined) this.log.info("--mqtt-port is ignored: [broker] url names the broker");
-      return createExternalBroker({
-        url: ext.url,
-        username: ext.username,
-        password,
-        // Each shard has its own persistent session: `<client_id>-shard-<i>`.
-        clientId: shardClientId(ext.client_id, spec.fleet.shard),
-        ca: ext.ca_file === null ? null : readFileSync(ext.ca_file, "utf8"),
-        protocolVersion: ext.protocol_version,
-        filters: intakeFilters(spec),
-        subscriptionsFile: join(this.dataDir, "broker-subscriptions.json"),
-        dropSessions,
-        onSessionsDropped: () =>
-          void sessionsDropped(this.store).catch((err: unknown) => this.log.warn({ err }, "recording ended sessions")),
-        intake: (msg, client) => this.brokerIntake(msg, client),
-        onOutputsReconnected: () => this.outputsReconnected(),
-        logger: this.log.child({ mod: "broker" }),
-      });
-    }
-    const files = spec.broker.tls;
-    const pem = files ? readTls(files) : null;
-    if (files?.crl && pem?.crl != null)
-      this.crlWatch = new CrlWatch(
-        files.crl,
-        pem.crl,
-        (crl) => this.broker.setTlsCrl(crl),
-        this.log.child({ mod: "broker" }),
-      );
-    return createEmbeddedBroker({
-      host: spec.broker.host,
-      port: this.opts.mqttPort ?? spec.broker.mqtt_port,
-      wsPort: spec.broker.ws_port,
-      tls: pem
-        ? {
-            port: spec.broker.tls_port,
-            wssPort: spec.broker.wss_port,
-            ...pem,
-            useIdentityAsUsername: spec.broker.use_identity_as_username,
-          }
-        : null,
-      maxPacketBytes: spec.broker.max_packet_bytes,
-      maxConnections: spec.broker.max_connections,
-      maxKeepaliveSeconds: spec.broker.max_keepalive,
-      connectionMessages: spec.broker.connection_messages,
-      trustDup: spec.broker.trust_dup,
-      sessionExpiryMs: spec.broker.session_expiry_days * 86_400_000,
-      sysIntervalMs: spec.broker.sys_interval * 1000,
-      version: productVersion(),
-      // Anonymous policy + device credentials and topic ACLs from the devices file (re-read when it changes).
-      ...this.initialAuth(spec),
-      intake: (msg, client) => this.brokerIntake(msg, client),
-      logger: this.log.child({ mod: "broker" }),
-      persistence:
-        spec.broker.persistence === "libsql"
-          ? {
-              kind: "libsql",
-              path: join(this.dataDir, "broker.db"),
-              synchronous: spec.fleet.synchronous,
-              maxOfflineMessages: spec.broker.max_offline_messages,
-              maxOfflineBytes: spec.broker.max_offline_bytes,
-              maxOfflineBytesTotal: spec.broker.max_offline_bytes_total,
-            }
-          : {
-              kind: "memory",
-              maxOfflineMessages: spec.broker.max_offline_messages,
-              maxOfflineBytes: spec.broker.max_offline_bytes,
-              maxOfflineBytesTotal: spec.broker.max_offline_bytes_total,
-            },
-    });
-  }
-
-  /** Broker auth for a spec: anonymous policy plus the devices file's hooks (throws DevicesError on a bad file). */
-  private brokerAuth(spec: FleetSpec): BrokerAuth {
-    // An external broker authenticates devices itself (`fleet device export --mosquitto`).
-    const file = spec.broker.external ? null : spec.broker.devices_file;
-    // Same file: keep the registry, so the sessions it verified can stay.
-    if (file !== this.devices?.file) {
-      const registry =
-        file === null
-          ? null
-          : new DeviceRegistry(file, {
-              log: this.log.child({ mod: "devices" }),
-              // An edit of the devices file closes the sessions it no longer allows.
-              onChange: () => {
-                if (this.devices === registry) this.recheckSessions();
-              },
-            });
-      this.stopDeviceWatch?.();
-      this.stopDeviceWatch = registry?.watch() ?? null;
-      this.devices = registry;
-    }
-    return { allowAnonymous: spec.broker.allow_anonymous, ...(this.devices ? deviceBrokerHooks(this.devices) : {}) };
-  }
-
-  /** The auth the broker starts with (remembered as the auth in force). */
-  private initialAuth(spec: FleetSpec): BrokerAuth {
-    this.auth = this.brokerAuth(spec);
-    return this.auth;
-  }
-
-  /** Apply broker auth; passes run one at a time, each with the newest auth. */
-  private applyAuth(auth: BrokerAuth): Promise<AuthChange> {
-    this.auth = auth;
-    const run = this.rechecks.then(() => this.broker.setAuth(this.auth ?? auth));
-    this.rechecks = run.then(
-      () => undefined,
-      () => undefined,
-    );
-    return run;
-  }
-
-  /** Re-check every session against the auth in force (the devices file changed). */
-  private recheckSessions(): void {
-    if (!this.broker || !this.auth) return;
-    this.applyAuth(this.auth).then(
-      ({ disconnected }) => {
-        if (disconnected > 0)
-          this.log.info({ disconnected }, "devices file changed: sessions it no longer allows closed");
-      },
-      (err: unknown) => this.log.error({ err }, "re-checking sessions failed"),
-    );
-  }
-
-  /** The [broker] keys a reload applies live: connection and keep alive limits, anonymous policy, devices file. */
-  private async applyBroker(current: FleetSpec, next: FleetSpec): Promise<string | null> {
-    const [a, b] = [current.broker, next.broker];
-    const done: string[] = [];
-    if (a.max_connections !== b.max_connections) {
-      this.broker.setMaxConnections(b.max_connections);
-      done.push(`max_connections ${b.max_connections}`);
-    }
-    if (a.max_keepalive !== b.max_keepalive) {
-      this.broker.setMaxKeepalive(b.max_keepalive);
-      done.push(`max_keepalive ${b.max_keepalive} (new connections)`);
-    }
-    if (a.connection_messages !== b.connection_messages) {
-      this.broker.setConnectionMessages(b.connection_messages);
-      done.push(`connection_messages ${b.connection_messages}`);
-    }
-    if (a.allow_anonymous !== b.allow_anonymous || a.devices_file !== b.devices_file) {
-      const previous = this.devices;
-      let auth: BrokerAuth;
-      try {
-        auth = this.brokerAuth(next);
-      } catch (err) {
-        this.devices = previous;
-        throw err;
-      }
-      const { disconnected } = await this.applyAuth(auth);
-      done.push(`broker auth applied live, ${disconnected} session(s) closed`);
-    }
-    return done.length > 0 ? done.join("; ") : null;
-  }
-
   /**
    * The [http] keys a reload applies live (the guard reads the running spec per request): what
    * changed, said in the redeploy line. Host, port and TLS are restart keys.
@@ -1335,8 +1167,9 @@ export class Gateway {
           (err: unknown) => `the deploy check could not run: ${err instanceof Error ? err.message : String(err)}`,
         ),
       applyLive: async (current, next) =>
-        [await this.applyBroker(current, next), this.applyHttp(current, next)].filter((x) => x !== null).join("; ") ||
-        null,
+        [(await this.link?.applyLive(current, next)) ?? null, this.applyHttp(current, next)]
+          .filter((x) => x !== null)
+          .join("; ") || null,
       pin: (next, current) => this.pin(next, current),
     });
   }
@@ -1494,22 +1327,4 @@ export class Gateway {
       ?.setIntakeFilters(intakeFilters(sv.spec))
       .catch((err: unknown) => this.log.warn({ err }, "updating the broker subscriptions failed"));
   }
-}
-
-let version: string | null = null;
-/** `agent-fleets <package version> (schema <fleet.db schema>)`: what `$SYS/broker/version` says. */
-function productVersion(): string {
-  if (version === null) {
-    let pkg = "unknown";
-    try {
-      const parsed = JSON.parse(readFileSync(join(import.meta.dir, "..", "package.json"), "utf8")) as {
-        version?: unknown;
-      };
-      if (typeof parsed.version === "string") pkg = parsed.version;
-    } catch {
-      // a copy of the gateway without its package.json: the version stays "unknown"
-    }
-    version = `agent-fleets ${pkg} (schema ${SCHEMA_VERSION})`;
-  }
-  return version;
 }
