@@ -121,8 +121,11 @@ describe("external broker (Mosquitto)", () => {
           (await fleet.query<{ n: number }>(`SELECT count(*) AS n FROM episodes WHERE status = ${STATUS_COMMITTED}`))[0]
             ?.n,
         );
+      // The bounds are liveness, not speed: the four agents' backlogs are floods, whose episodes run under
+      // SCHED_IDLE, below every other process on the machine (in CI, the other test files): alone this
+      // test takes ~30 s, beside three busy loops on two cores it waited over a minute for 60 episodes.
       for (const at of [60, 180]) {
-        await waitFor(async () => (await committed()) >= at, 60_000, `${at} committed episodes`, 20);
+        await waitFor(async () => (await committed()) >= at, 180_000, `${at} committed episodes`, 20);
         await fleet.kill();
         const before = acked;
         // Devices go on publishing to Mosquitto while the gateway is down; its session queues them.
@@ -130,14 +133,14 @@ describe("external broker (Mosquitto)", () => {
         await fleet.start();
       }
       await publishing;
-      await waitFor(async () => (await committed()) >= total, 120_000, `${total} committed episodes`, 100);
+      await waitFor(async () => (await committed()) >= total, 300_000, `${total} committed episodes`, 100);
       const seen = await recorded(fleet);
       exactlyOnce(seen.episodes, total);
       exactlyOnce(seen.stimuli, total);
       await waitFor(() => outputs.size === total, 60_000, "every output on Mosquitto", 50);
       await fleet.stop();
     },
-    E2E_TIMEOUT,
+    15 * 60_000,
   );
 
   test(
