@@ -386,19 +386,6 @@ export class Intake {
     }
     const accepted: IntakeReport["accepted"] = [];
     const duplicates: IntakeReport["duplicates"] = [];
-    try {
-      // A retry of what was recorded before is a duplicate whatever the queue holds now: refusing it
-      // would have the device (or client) send again and again what is already safe.
-      for (const { refusal, sid } of turnedAway) {
-        if (sid.startsWith("u:") || !(await this.store.findStimulus(refusal.agent, sid))) refused.push(refusal);
-        else duplicates.push({ agent: refusal.agent, sid });
-      }
-    } catch (err) {
-      // Nothing is recorded: the admissions go back (the device, unacknowledged, sends again).
-      for (const s of items) this.view.released(s.agent);
-      throw err;
-    }
-    if (refused.length > 0) this.refusals.note(refused, kind, topic);
     // The queue book (and so the scheduler) hears of the stimuli as soon as their transaction
     // commits, while the WAL syncs: the episode's own commit comes later in the WAL, so no
     // sync covers it without covering them, and nothing it does leaves before its own commit
@@ -423,10 +410,18 @@ export class Intake {
       }
     };
     try {
+      // A retry of what was recorded before is a duplicate whatever the queue holds now: refusing it
+      // would have the device (or client) send again and again what is already safe.
+      for (const { refusal, sid } of turnedAway) {
+        if (sid.startsWith("u:") || !(await this.store.findStimulus(refusal.agent, sid))) refused.push(refusal);
+        else duplicates.push({ agent: refusal.agent, sid });
+      }
+      if (refused.length > 0) this.refusals.note(refused, kind, topic);
       await this.store.intake(items, committed);
     } catch (err) {
-      // Not committed: the admissions go back. Committed but not synced: the rows are in the
-      // queue all the same (the device, unacknowledged, sends again and is told it is a duplicate).
+      // Not committed (or the store could not tell a turned-away retry from a new stimulus): the
+      // admissions go back. Committed but not synced: the rows are in the queue all the same (the
+      // device, unacknowledged, sends again and is told it is a duplicate).
       if (!seen) for (const s of items) this.view.released(s.agent);
       throw err;
     }

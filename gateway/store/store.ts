@@ -22,7 +22,6 @@ import {
 } from "./episodes.ts";
 import { chunks, codecs, decodeRow, selectAll, selectOne } from "./sql.ts";
 import { IntakeBatches, type IntakeOutcome } from "./intake-batch.ts";
-export type { IntakeOutcome } from "./intake-batch.ts";
 import { checkpointHashIs, hashFromDriver, hashToDriver, idFromDriver, knowBundle, knowSpecVersion } from "./hashes.ts";
 import { type AgentId, type NewStimulus, sentBy, setBy } from "../types.ts";
 
@@ -52,6 +51,7 @@ export type {
   RolloutState,
 } from "./schema.ts";
 export type { EpisodeCommit, EpisodeFailure, EpisodeUsage } from "./episodes.ts";
+export type { IntakeOutcome } from "./intake-batch.ts";
 
 /** One agent's use of a budget window. */
 export type UsageRow = typeof t.budgetUsage.$inferSelect;
