@@ -546,12 +546,14 @@ export class Gateway {
   async stop(): Promise<void> {
     if (this.state === "stopped" || this.state === "draining") return;
     this.state = "draining";
+    // No episode starts from here on, first: the steps below may start one otherwise (the end of a
+    // burst lifts the devices-first cap, and a turn that ends while they wait starts the next).
+    this.scheduler?.stop();
     this.stopPeriodic();
     await this.timers?.stop();
     await this.wakeups?.stop();
     await this.broker?.stopIntake();
     this.pressure?.stop();
-    this.scheduler?.stop();
     const drainMs = this.current?.spec.fleet.drain_timeout_ms ?? 10_000;
     const drained = await Promise.race([
       this.scheduler?.idle().then(() => true) ?? true,
@@ -1060,7 +1062,7 @@ export class Gateway {
     let noted = -Infinity;
     let bursts = 0;
     this.pressure = new IntakePressure((burst) => {
-      this.scheduler.setCap(burst ? burstSlots(this.scheduler.maxConcurrent) : null);
+      this.scheduler.setCap(burst ? burstSlots : null);
       if (!burst) return;
       bursts++;
       if (this.now() - noted < 60_000) return;

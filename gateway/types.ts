@@ -54,6 +54,12 @@ const NAME = /^(?!\.\.?$)[A-Za-z0-9_.:@-]+$/;
 /** Longest agent key (keys are ASCII, so characters = bytes): ids stay short in topics, rows and logs. */
 export const MAX_KEY_BYTES = 128;
 
+/**
+ * The longest delay a timer holds (2^31 - 1 ms, ~24.8 days): setTimeout fires a longer one at once.
+ * Waits beyond it are armed in steps; delays fleet.toml gives in milliseconds are refused beyond it.
+ */
+export const MAX_TIMER_MS = 2_147_483_647;
+
 /** Why a string cannot be an agent key, or null when it can. */
 export function keyProblem(key: string): string | null {
   if (key.length === 0) return "is empty";

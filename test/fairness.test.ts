@@ -45,6 +45,20 @@ class Fleet {
     rmSync(this.dir, { recursive: true, force: true });
   }
 
+  /** Stop the gateway (its data dir stays until `stop`); the agents whose episodes began meanwhile. */
+  async stopGateway(): Promise<string[]> {
+    const began: string[] = [];
+    const off = this.gw.events.on("status", (e) => {
+      if (e.status === "running") began.push(e.agent);
+    });
+    try {
+      await this.gw.stop();
+    } finally {
+      off();
+    }
+    return began;
+  }
+
   get mqttPort(): number {
     return this.gw.broker.port;
   }
@@ -358,6 +372,38 @@ describe("quiet agents' starts during an intake burst (devices first, in time)",
       );
       expect(await fleet.gauge("fleet_episodes_paced")).toBe(0);
     });
+  }, 120_000);
+});
+
+describe("stopping during an intake burst", () => {
+  test("starts none of the episodes the burst held back: ending the burst does not reopen the slots", async () => {
+    const fleet = await Fleet.start(
+      fleetHeader("fairness-stop", { maxConcurrent: 4, drainTimeoutMs: 5000 }) + SINK + counterType("quiet", "q/+/in"),
+    );
+    try {
+      // One quiet episode first: the pace follows the turns it has seen.
+      expect((await fleet.post("/api/send", { topic: "q/first/in", payload: { id: "first" } })).status).toBe(202);
+      await waitFor(async () => ((await fleet.starts("quiet")).committed === 1 ? true : undefined), 20_000, "one", 50);
+      const began = await fleet.duringBurst(burstSlots(4), async (device) => {
+        await Promise.all(
+          Array.from({ length: 12 }, (_, i) =>
+            device.publishAsync(`q/k${i}/in`, JSON.stringify({ id: `q-${i}` }), { qos: 1 }),
+          ),
+        );
+        await waitFor(
+          async () => (((await fleet.gauge("fleet_episodes_paced")) ?? 0) > 0 ? true : undefined),
+          20_000,
+          "an agent waiting for the pace",
+          5,
+        );
+        // The stop ends the burst too; until 2026-12-08 that lifted the cap before the scheduler
+        // stopped, and every agent the pace held started while the gateway drained.
+        return fleet.stopGateway();
+      });
+      expect(began).toEqual([]);
+    } finally {
+      await fleet.stop();
+    }
   }, 120_000);
 });
 

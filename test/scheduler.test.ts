@@ -3,8 +3,9 @@
  * per-agent serialism, the fleet-wide bound, round-robin fairness, waits, parking and
  * waking, and idle().
  */
-import { describe, expect, test } from "bun:test";
-import { QuietPace, Scheduler, type TurnResult } from "../gateway/fleet/index.ts";
+import { describe, expect, spyOn, test } from "bun:test";
+import { burstSlots, QuietPace, Scheduler, type TurnResult } from "../gateway/fleet/index.ts";
+import { MAX_TIMER_MS } from "../gateway/types.ts";
 import { waitFor } from "./helpers/gateway.ts";
 import type { AgentId } from "../gateway/types.ts";
 
@@ -282,6 +283,39 @@ describe("scheduler", () => {
     expect(scheduler.busyAgents).toBe(0);
   });
 
+  test("notify() of agents with nothing queued keeps no entry (a rollout wakes every agent of a type)", async () => {
+    const { fleet, scheduler, drained } = setup(2);
+    for (let i = 0; i < 100; i++) scheduler.notify(id(`idle-${i}`));
+    await drained();
+    expect(fleet.turns).toEqual([]);
+    expect(scheduler.busyAgents).toBe(0);
+    expect(scheduler.contendingAgents).toBe(0);
+  });
+
+  test("a wait longer than a timer can hold is armed in steps, not re-armed every millisecond", async () => {
+    const { fleet, scheduler, enqueue } = setup(1);
+    const month = 30 * 86_400_000;
+    fleet.script.set("w", () => ({ kind: "wait", until: Date.now() + month }));
+    const delays: number[] = [];
+    const real = globalThis.setTimeout;
+    const spy = spyOn(globalThis, "setTimeout").mockImplementation(((fn: () => void, ms?: number) => {
+      delays.push(ms ?? 0);
+      return real(fn, ms);
+    }) as typeof setTimeout);
+    try {
+      enqueue("w", 1);
+      await holds(() => fleet.turnsOf("w") === 1 && scheduler.active === 0, "w waits");
+      await Bun.sleep(50);
+      // One timer, at the longest delay a timer holds; past it setTimeout fires at once (and it
+      // was re-armed every millisecond: ~50 timers in this sleep).
+      expect(delays.filter((ms) => ms > 1000)).toEqual([MAX_TIMER_MS]);
+      expect(fleet.turnsOf("w")).toBe(1);
+    } finally {
+      spy.mockRestore();
+      scheduler.stop();
+    }
+  });
+
   test("a stimulus queued while a turn finds the queue empty still gets its turn", async () => {
     const { fleet, scheduler, drained } = setup(2);
     // The turn looks at an empty queue; intake commits a stimulus and tells the scheduler
@@ -399,6 +433,20 @@ describe("scheduler", () => {
     expect(scheduler.active).toBe(1);
     scheduler.setMaxConcurrent(3);
     expect(scheduler.active).toBe(3);
+    await finish();
+  });
+
+  test("a cap given as a rule of the limit follows a change of the limit while it holds", async () => {
+    const { scheduler, finish } = gated({ maxConcurrent: 4 });
+    scheduler.setCap(burstSlots);
+    expect(scheduler.capacity).toBe(1);
+    // A redeploy raises max_concurrent_episodes mid-burst: the burst's cap is a quarter of the new one.
+    scheduler.setMaxConcurrent(16);
+    expect(scheduler.capacity).toBe(4);
+    scheduler.setMaxConcurrent(2);
+    expect(scheduler.capacity).toBe(1);
+    scheduler.setCap(null);
+    expect(scheduler.capacity).toBe(2);
     await finish();
   });
 

@@ -6,7 +6,7 @@
  * entry: idle agents cost rows on disk, not memory or processes.
  */
 
-import type { AgentId, TurnResult } from "../types.ts";
+import { MAX_TIMER_MS, type AgentId, type TurnResult } from "../types.ts";
 
 export type { TurnResult };
 
@@ -69,15 +69,15 @@ export class Scheduler {
   private readonly now: () => number;
   /** Fleet-wide limit; a redeploy may change it. */
   maxConcurrent: number;
-  /** A lower limit for now (devices first, during an intake burst), or null. */
-  private cap: number | null = null;
+  /** A lower limit for now (devices first, during an intake burst), or its rule of maxConcurrent, or null. */
+  private cap: number | ((maxConcurrent: number) => number) | null = null;
 
   constructor(private readonly opts: SchedulerOptions) {
     this.now = opts.now ?? Date.now;
     this.maxConcurrent = opts.maxConcurrent;
   }
 
-  /** Change the fleet-wide limit (redeploy) and start what now fits. */
+  /** Change the fleet-wide limit (redeploy) and start what now fits; a cap given as a rule follows it. */
   setMaxConcurrent(n: number): void {
     this.maxConcurrent = n;
     this.pump();
@@ -86,16 +86,18 @@ export class Scheduler {
   /**
    * Run at most `n` episodes of flooded agents at once until called with null (running ones go
    * on; none are stopped). Without a `flooded` option the cap holds for every agent. Devices
-   * first: the gateway lowers it while devices publish a burst.
+   * first: the gateway lowers it while devices publish a burst, as a rule of the fleet-wide limit
+   * (`burstSlots`), so a redeploy that changes the limit mid-burst changes the cap with it.
    */
-  setCap(n: number | null): void {
+  setCap(n: number | ((maxConcurrent: number) => number) | null): void {
     this.cap = n;
     this.pump();
   }
 
   /** Episodes of flooded agents allowed to run at once now. */
   get capacity(): number {
-    return this.cap === null ? this.maxConcurrent : Math.min(this.cap, this.maxConcurrent);
+    const cap = typeof this.cap === "function" ? this.cap(this.maxConcurrent) : this.cap;
+    return cap === null ? this.maxConcurrent : Math.min(cap, this.maxConcurrent);
   }
 
   /** Agents whose next episode waits for the pace now (devices first, during an intake burst). */
@@ -127,6 +129,7 @@ export class Scheduler {
     const slot = this.slot(agent);
     if (slot.running) slot.notifiedWhileRunning = true;
     this.makeReady(agent, slot);
+    this.forgetIfIdle(agent, slot);
     this.pump();
   }
 
@@ -137,7 +140,7 @@ export class Scheduler {
     slot.waitUntil = 0;
     if (slot.running) slot.wokenWhileRunning = true;
     this.makeReady(agent, slot);
-    if (!slot.running && !slot.inReady) this.slots.delete(agent); // nothing to do
+    this.forgetIfIdle(agent, slot);
     this.pump();
   }
 
@@ -168,6 +171,14 @@ export class Scheduler {
       this.slots.set(agent, s);
     }
     return s;
+  }
+
+  /**
+   * No entry for an agent with nothing to do: not running, ready, parked or waiting (a notify or a
+   * wake of an agent whose queue is empty, as a rollout's wake-up of every agent of a type is).
+   */
+  private forgetIfIdle(agent: AgentId, slot: Slot): void {
+    if (!slot.running && !slot.inReady && !slot.parked && slot.waitUntil === 0) this.slots.delete(agent);
   }
 
   private makeReady(agent: AgentId, slot: Slot): void {
@@ -270,7 +281,10 @@ export class Scheduler {
         }
         this.pump();
       },
-      Math.max(0, at - this.now()),
+      // A wait beyond what a timer can hold (a pause of a month, a retry's backoff doubled many
+      // times) wakes at the longest one, and the callback arms again for what is left: past it,
+      // setTimeout fires at once, and the callback re-armed it every millisecond.
+      Math.min(Math.max(0, at - this.now()), MAX_TIMER_MS),
     );
   }
 
