@@ -324,7 +324,8 @@ describe("executor: budgets, retirement, integrity", () => {
     await t.queue();
     await t.queue();
     await t.store.setAgentStatus(A, "retired", "retired by operator");
-    expect(await t.executor.turn(A)).toEqual({ kind: "parked" });
+    // Empty, not parked: the scheduler gives the agent a turn again when something more is recorded.
+    expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
     expect(t.starts).toHaveLength(0);
     const rows = await t.rows("SELECT state, last_error FROM stimuli");
     expect(rows.map((r) => r.state)).toEqual(["rejected", "rejected"]);
@@ -333,11 +334,26 @@ describe("executor: budgets, retirement, integrity", () => {
     expect(t.seen.find((s) => s.kind === "rejected")?.e).toMatchObject({ agent: A, count: 2 });
   });
 
+  test("a send admitted before its target retired, recorded after, is refused by the next turn", async () => {
+    await t.queue();
+    await t.store.setAgentStatus(A, "retired", "retired by operator");
+    expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
+    await t.queue(); // recorded after the refusal, as a send reserved before the retirement is
+    expect(t.book.queued(A)).toBe(1);
+    expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
+    expect(t.starts).toHaveLength(0);
+    expect((await t.rows("SELECT state FROM stimuli ORDER BY seq")).map((r) => r.state)).toEqual([
+      "rejected",
+      "rejected",
+    ]);
+    expect(t.book.queued(A)).toBe(0);
+  });
+
   test("an agent whose type is gone is retired; what waits for it is refused, not left queued", async () => {
     const other = await setup(await compileSpec('[agents.other]\nmodule = "o.ts"\n', "/srv/fleet.toml"));
     await other.queue();
     await other.queue();
-    expect(await other.executor.turn(A)).toEqual({ kind: "parked" });
+    expect(await other.executor.turn(A)).toEqual({ kind: "empty" });
     expect(other.starts).toHaveLength(0);
     expect((await other.rows("SELECT status, reason FROM agents"))[0]).toMatchObject({
       status: "retired",

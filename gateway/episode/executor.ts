@@ -282,7 +282,10 @@ export class EpisodeExecutor {
             this.d.log.warn({ agent: agentId, count }, `stimuli refused: ${d.reason}`);
             events.emit("rejected", { agent: agentId, count, reason: d.reason });
           }
-          return { kind: "parked" };
+          // Not parked: a send admitted before the retirement may still be recorded (during this
+          // turn, or after it), and the scheduler gives a parked agent no turn for it until a wake.
+          // As empty, news of it brings another turn, which refuses it too.
+          return { kind: "empty" };
         }
         case "expire":
           if (await store.expireStimulus(d.seq, d.reason, now)) {
