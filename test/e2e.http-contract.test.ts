@@ -63,7 +63,7 @@ describe("boolean query flags", () => {
     expect((await audit())[0]).toMatchObject({ action, status: 200, result: "ok" });
   });
 
-  test.each(["yes", "", "TRUE", "2"])(
+  test.each(["yes", "", "TRUE", "2", "constructor", "toString", "__proto__"])(
     "POST /api/gc?dry_run=%j is a 400 bad_query naming dry_run, and runs no gc",
     async (flag) => {
       const r = await call("POST", `/api/gc?dry_run=${flag}`);
@@ -254,6 +254,23 @@ describe("unknown names", () => {
     const r = await call("GET", path);
     expect([r.status, r.body.error.code]).toEqual([status, code]);
   });
+
+  test.each(["toString", "constructor", "__proto__", "hasOwnProperty"])(
+    "%s, a name every JavaScript object answers to, is no agent type, hook or rollout",
+    async (name) => {
+      const stimulus = await call("POST", `/api/agents/${name}/k1/stimuli`, { n: 1 });
+      expect([stimulus.status, stimulus.body.error.code]).toEqual([404, "not_found"]);
+      const hook = await call("POST", `/hooks/${name}`, { n: 1 });
+      expect([hook.status, hook.body.error.code]).toEqual([404, "unknown_hook"]);
+      const rollout = await call("POST", `/api/rollouts/${name}/promote`);
+      expect([rollout.status, rollout.body.error.code]).toEqual([404, "not_found"]);
+      const check = await call("POST", "/api/deploy/check", { types: [name] });
+      expect([check.status, check.body.error.code]).toEqual([400, "bad_request"]);
+      // Nothing was recorded for it, and no agent of such a type exists.
+      const agents = await call("GET", `/api/agents?type=${name}`);
+      expect(agents.body.agents ?? []).toEqual([]);
+    },
+  );
 
   test("a known agent without that checkpoint keeps its own code", async () => {
     const r = await call("GET", "/api/agents/counter/c1/state?at=99");

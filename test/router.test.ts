@@ -106,6 +106,14 @@ describe("router: subscribe patterns and key templates", () => {
     expect(route("sensors/a./temperature").targets.map((t) => String(t.agent))).toContain("temp/a.");
   });
 
+  test("an inbox naming a type every JavaScript object has (toString, constructor) routes nowhere", () => {
+    for (const name of ["toString", "constructor", "__proto__", "hasOwnProperty", "valueOf"]) {
+      const r = route(`fleet/agents/${name}/dev1/inbox`);
+      expect(r.targets).toEqual([]);
+      expect(r.problems).toEqual([`no agent type "${name}" in this fleet`]);
+    }
+  });
+
   test("a key longer than 128 bytes is a problem that says so; 128 bytes is a key", () => {
     const long = "k".repeat(129);
     const r = route(`sensors/${long}/temperature`);

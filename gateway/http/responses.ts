@@ -67,8 +67,7 @@ const FLAG_SPELLINGS: Readonly<Record<string, boolean>> = { "1": true, true: tru
 export function parseFlag(url: URL, name: string): Parsed<boolean, "bad_flag"> {
   const raw = url.searchParams.get(name);
   if (raw === null) return { ok: true, value: false };
-  const value = FLAG_SPELLINGS[raw];
-  if (value !== undefined) return { ok: true, value };
+  if (Object.hasOwn(FLAG_SPELLINGS, raw)) return { ok: true, value: FLAG_SPELLINGS[raw]! };
   return { ok: false, code: "bad_flag", message: `${name} must be 1, true, 0 or false, not ${JSON.stringify(raw)}` };
 }
 

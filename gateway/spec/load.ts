@@ -169,9 +169,11 @@ function build(raw: RawFleet, givenBroker: ReadonlySet<string>, dir: string, pro
         "or set allow_anonymous_network = true",
     });
   }
-  const agents: Record<string, AgentTypeSpec> = {};
+  // Without a prototype: devices and HTTP callers name types and hooks (`fleet/agents/<type>/<key>/inbox`,
+  // `/hooks/<name>`), and `toString` or `constructor` would find Object's, a "type" with no limits.
+  const agents: Record<string, AgentTypeSpec> = Object.create(null);
   for (const [name, a] of Object.entries(raw.agents)) agents[name] = buildAgent(name, a, dir, problems);
-  const hooks: Record<string, HookSpec> = {};
+  const hooks: Record<string, HookSpec> = Object.create(null);
   for (const [name, h] of Object.entries(raw.hooks)) hooks[name] = buildHook(name, h, raw.agents, problems);
   return {
     fleet: { ...raw.fleet, shard: fleetShard(raw, external, problems), sandbox_uids: sandboxUids(raw, problems) },
@@ -413,7 +415,7 @@ function buildAgent(name: string, a: RawAgent, dir: string, problems: Problem[])
       path: at("instances"),
       message: `lists ${a.instances.length} instances, more than max_agents (${a.max_agents})`,
     });
-  const tool_costs: Record<string, number> = {};
+  const tool_costs: Record<string, number> = Object.create(null); // looked up by the tool an agent names
   for (const [t, c] of Object.entries(a.budget.tool_costs)) if (c !== undefined) tool_costs[t] = c;
   return {
     name,
