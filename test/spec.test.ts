@@ -573,6 +573,31 @@ describe("schema errors name the key path", () => {
       /must be true or false/,
     ],
     ["unknown rollout key", agent("[agents.x.rollout]\nsurge = 2"), "agents.x.rollout.surge", /is not a known key/],
+    [
+      "an episode timeout longer than a timer holds",
+      agent("[agents.x.budget]\nepisode_timeout_ms = 3000000000"),
+      "agents.x.budget.episode_timeout_ms",
+      /must be at most 2147483647 ms \(about 24.8 days, the longest delay a timer holds\)/,
+    ],
+    [
+      "a retry backoff longer than a timer holds",
+      agent("[agents.x.retry]\nbackoff_ms = 2147483648"),
+      "agents.x.retry.backoff_ms",
+      /must be at most 2147483647 ms/,
+    ],
+    [
+      "a drain timeout longer than a timer holds",
+      "[fleet]\ndrain_timeout_ms = 1e10\n",
+      "fleet.drain_timeout_ms",
+      /at most/,
+    ],
+    ["an llm timeout longer than a timer holds", "[llm]\ntimeout_ms = 9999999999\n", "llm.timeout_ms", /at most/],
+    [
+      "a replication interval longer than a timer holds",
+      '[replication]\nurl = "http://127.0.0.1:8080"\ninterval = "30d"\n',
+      "replication.interval",
+      /must be at most 24 days/,
+    ],
     ["a negative max_send_hops", "[fleet]\nmax_send_hops = -1\n", "fleet.max_send_hops", /must be a non-negative/],
     ["max_send_hops as a string", '[fleet]\nmax_send_hops = "16"\n', "fleet.max_send_hops", /must be a non-negative/],
     [

@@ -29,7 +29,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "the attempt is not counted as failed, but its budget use is booked: it runs again after the restart and " +
     "makes its tool calls again); " +
     "a replication push in flight then gets as long again for the center's answer (unanswered, it goes again at " +
-    "the next start).",
+    "the next start). At most 2147483647 (~24.8 days).",
   "fleet.max_send_hops":
     "Most `ctx.send`s in a row from something that came into the fleet (a device's message, a timer, a webhook, " +
     "the CLI) to the message an episode runs: a send one further is denied (`ToolDenied`, recorded in the " +
@@ -186,7 +186,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "llm.api_key_env":
     "Environment variable (of the gateway) holding the API key; never visible to agents (an endpoint that " +
     "echoes it has it scrubbed from the answer, as `agents.*.secrets` are).",
-  "llm.timeout_ms": "Timeout of one llm call.",
+  "llm.timeout_ms": "Timeout of one llm call (at most 2147483647 ms, ~24.8 days, as every delay in ms).",
   agents: "Agent types, one table each: `[agents.<type>]`.",
   "agents.*.module": "The agent module (default export made by defineAgent); relative to fleet.toml.",
   "agents.*.subscribe": "MQTT topic filters whose messages are stimuli for this type.",
@@ -251,7 +251,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "that is not a chat completion or is over 1 MiB (it may have spent them); an error status (4xx, 5xx) or " +
     "an endpoint that cannot be reached is charged nothing. A call denied while the tokens left are held by " +
     "calls in flight says so.",
-  "agents.*.budget.episode_timeout_ms": "Wall-clock limit of one episode; past it the subprocess is killed (timeout).",
+  "agents.*.budget.episode_timeout_ms":
+    "Wall-clock limit of one episode; past it the subprocess is killed (timeout). At most 2147483647 (~24.8 days).",
   "agents.*.budget.memory_mb":
     "Memory ceiling of the episode's process tree, with what it keeps in its private /tmp (bubblewrap) and, in a " +
     "memory cgroup (root, cgroup v1), memory no process's RSS shows (memfd, shared memory); past it the " +
@@ -276,7 +277,8 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
     "What happens when an episode fails. A retried attempt runs the agent again from its checkpoint: its " +
     "http and llm calls are made again (and charged again).",
   "agents.*.retry.max_attempts": "Attempts per stimulus before it is quarantined.",
-  "agents.*.retry.backoff_ms": "Wait before the second attempt; doubles with each further one.",
+  "agents.*.retry.backoff_ms":
+    "Wait before the second attempt; doubles with each further one. At most 2147483647 (~24.8 days).",
   "agents.*.rollout": "How a change to this type is deployed (docs/upgrading.md).",
   "agents.*.rollout.require_check":
     "A hot reload that changes this type's module, code or config is applied only when the replay gate " +
@@ -337,7 +339,7 @@ export const KEY_DOCS: Readonly<Record<string, string>> = {
   "replication.auth_token_env": "Environment variable holding the server's JWT (sent as a bearer token).",
   "replication.interval":
     "How often an idle replicator looks for new rows; while episodes commit, it pushes at most one round of " +
-    "batches per interval (docs/replication.md).",
+    "batches per interval (docs/replication.md). At most 24 days.",
   "replication.batch_rows": "Queue entries per pushed batch (an episode brings its events and checkpoint).",
   "replication.required": "Retention keeps every row the center has not confirmed (until max_backlog_mb).",
   "replication.max_backlog_mb":

@@ -8,6 +8,7 @@ import { z } from "zod";
 import { centralUrlProblem } from "./central-url.ts";
 import { parseDuration } from "./duration.ts";
 import { topicFilterProblem } from "./topic-filter.ts";
+import { MAX_TIMER_MS } from "../types.ts";
 import type { BudgetSpec } from "./types.ts";
 
 /** Tools an agent type may allowlist. */
@@ -39,6 +40,10 @@ const POS = says("must be a positive integer");
 const NONNEG = says("must be a non-negative integer");
 const posInt = (d: number) => z.int(POS).positive(POS).default(d);
 const nonNegInt = (d: number) => z.int(NONNEG).min(0, NONNEG).default(d);
+/** A delay a timer holds: past MAX_TIMER_MS, setTimeout fires at once (an episode would time out as it began). */
+const TIMER = `must be at most ${MAX_TIMER_MS} ms (about 24.8 days, the longest delay a timer holds)`;
+const posMs = (d: number) => z.int(POS).positive(POS).max(MAX_TIMER_MS, TIMER).default(d);
+const nonNegMs = (d: number) => z.int(NONNEG).min(0, NONNEG).max(MAX_TIMER_MS, TIMER).default(d);
 const MEM = says("must be an integer of at least 16");
 const NONNEG_NUM = says("must be a non-negative number");
 const nonNegNum = () => z.number(NONNEG_NUM).min(0, NONNEG_NUM);
@@ -129,14 +134,14 @@ const agentSchema = z.strictObject(
       episodes_per_hour: posInt(DEFAULT_BUDGET.episodes_per_hour),
       tool_calls_per_episode: posInt(DEFAULT_BUDGET.tool_calls_per_episode),
       tokens_per_day: posInt(DEFAULT_BUDGET.tokens_per_day),
-      episode_timeout_ms: posInt(DEFAULT_BUDGET.episode_timeout_ms),
+      episode_timeout_ms: posMs(DEFAULT_BUDGET.episode_timeout_ms),
       memory_mb: z.int(MEM).min(16, MEM).default(DEFAULT_BUDGET.memory_mb),
       tool_costs: z.partialRecord(tool, nonNegNum(), says("must be a table")).default({}),
       cost_per_day: nonNegNum().default(DEFAULT_BUDGET.cost_per_day),
       bytes_per_day: nonNegInt(DEFAULT_BUDGET.bytes_per_day),
     }),
     checkpoint: table({ keep: nonNegInt(50) }),
-    retry: table({ max_attempts: posInt(3), backoff_ms: nonNegInt(1000) }),
+    retry: table({ max_attempts: posInt(3), backoff_ms: nonNegMs(1000) }),
     rollout: table({
       require_check: bool(false),
       canary: z
@@ -207,7 +212,7 @@ export const fleetSchema = z.strictObject({
     data_dir: str().default(".fleet"),
     max_concurrent_episodes: posInt(4),
     synchronous: z.enum(["full", "normal"], says('must be "full" or "normal"')).default("full"),
-    drain_timeout_ms: nonNegInt(10_000),
+    drain_timeout_ms: nonNegMs(10_000),
     max_send_hops: nonNegInt(16),
     disk_free_limit_mb: nonNegInt(DEFAULT_DISK_FREE_LIMIT_MB),
     sandbox: z.enum(["auto", "bwrap", "uid", "none"], says('must be "auto", "bwrap", "uid" or "none"')).default("auto"),
@@ -283,7 +288,7 @@ export const fleetSchema = z.strictObject({
       .default("http://127.0.0.1:11434/v1"),
     model: str().default("llama3.2"),
     api_key_env: envName().optional(),
-    timeout_ms: posInt(30_000),
+    timeout_ms: posMs(30_000),
   }),
   agents: named("agent type", agentSchema),
   hooks: named("hook", hookSchema),
@@ -312,6 +317,7 @@ export const fleetSchema = z.strictObject({
         auth_token_env: envName().optional(),
         interval: str()
           .refine((s) => (parseDuration(s) ?? 0) > 0, 'must be a positive duration like "2s" or "1m"')
+          .refine((s) => (parseDuration(s) ?? 0) <= MAX_TIMER_MS, "must be at most 24 days (a timer holds no longer)")
           .default("2s"),
         batch_rows: z.int(POS).positive(POS).max(10_000, "must be at most 10000").default(500),
         required: z.boolean(says("must be true or false")).default(true),
