@@ -47,7 +47,12 @@ const HTTP: FleetSpec["http"] = {
 type Call = (...a: unknown[]) => Promise<Response>;
 
 /** One guarded route answering 200 "ok" (to GET, or to `methods`), called as if from `peer`. */
-function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}, methods: readonly string[] = []) {
+function guarded(
+  pattern: string,
+  http: Partial<FleetSpec["http"]> = {},
+  methods: readonly string[] = [],
+  handler: () => Response | Promise<Response> = () => new Response("ok"),
+) {
   const audits: AuditEntry[] = [];
   const table = { ...HTTP, ...http };
   const guard = createGuard({
@@ -59,8 +64,7 @@ function guarded(pattern: string, http: Partial<FleetSpec["http"]> = {}, methods
     streams: () => 0,
     bodies: new BodyBudget(() => 1_000_000),
   });
-  const ok = () => new Response("ok");
-  const route = methods.length === 0 ? ok : Object.fromEntries(methods.map((m) => [m, ok]));
+  const route = methods.length === 0 ? handler : Object.fromEntries(methods.map((m) => [m, handler]));
   const routes = guard.protect({ [pattern]: route }) as unknown as Record<string, Record<string, Call>>;
   const call = (peer: string, headers: Record<string, string> = {}, method = "GET") => {
     const req = Object.assign(
@@ -163,6 +167,18 @@ describe("allow_unauthenticated", () => {
     expect(g.audits.map((a) => a.actor)).toEqual(["anonymous"]);
     // A bad token is still refused: only its absence is allowed.
     expect((await g.call("127.0.0.1", { authorization: "Bearer fleet_bad" })).status).toBe(401);
+  });
+});
+
+describe("a change whose handler throws", () => {
+  test("is audited with the status the server answers it with, and the error goes on to that answer", async () => {
+    const g = guarded("/api/agents/:type/:key/:action", { allow_unauthenticated: true }, ["POST"], () => {
+      throw new Error("half-way through");
+    });
+    const answer = g.call("127.0.0.1", { "content-type": "application/json" }, "POST");
+    expect(answer).rejects.toThrow("half-way through");
+    await answer.catch(() => undefined);
+    expect(g.audits.map((a) => [a.actor, a.status])).toEqual([["anonymous", 500]]);
   });
 });
 

@@ -344,6 +344,19 @@ describe("POST /api/send", () => {
   const send = (body: unknown, key?: string) =>
     call("POST", "/api/send", body, key === undefined ? {} : { "idempotency-key": key });
 
+  test("a payload nested too deep to encode again is a 400, recorded nowhere and audited", async () => {
+    const deep = 60_000; // ~120 KB: JSON.parse takes it, JSON.stringify overflows its stack
+    const body = `{"topic":"hc/c1/in","payload":${"[".repeat(deep)}${"]".repeat(deep)}}`;
+    const stimuli = async () =>
+      (await fleet.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE agent = 'counter/c1'"))[0]!.n;
+    const before = await stimuli();
+    const r = await call("POST", "/api/send", body, { "content-type": "application/json" });
+    expect(await stimuli()).toBe(before);
+    expect([r.status, r.body.error.code]).toEqual([400, "bad_request"]);
+    expect(r.body.error.message).toBe("payload nests too deep to be encoded again");
+    expect((await audit())[0]).toMatchObject({ action: "send", status: 400, result: "refused" });
+  });
+
   test("honours Idempotency-Key: a retry is a duplicate, the key with another payload a 422", async () => {
     const first = await send({ topic: "hc/c2/in", payload: { n: 1 } }, "send-k1");
     expect(first.status).toBe(202);

@@ -19,7 +19,7 @@ import type { Principal, Scope, Sessions, TokenAuth } from "../auth/index.ts";
 import { SESSION_COOKIE, scopeCovers, tokenDigest } from "../auth/index.ts";
 import type { FleetSpec } from "../spec/index.ts";
 import { type BodyBudget, unauthenticatedShare, underBudget } from "./limits.ts";
-import { httpError, parseFlag } from "./responses.ts";
+import { httpError, parseFlag, unexpectedError } from "./responses.ts";
 
 /** What a route needs before its handler runs. */
 export type Need = Scope | "probe" | "hook" | "signin" | "dashboard";
@@ -293,7 +293,15 @@ export function createGuard(d: AccessDeps) {
     // After the token (a missing one is a 401 whatever the body), before anything runs.
     if (changes && req.headers.get("content-type")?.split(";")[0]?.trim().toLowerCase() !== "application/json")
       return httpError(415, "unsupported_media_type", "state-changing calls need content-type: application/json");
-    const res = await run(handler, req, server, need === "signin");
+    let res: Response;
+    try {
+      res = await run(handler, req, server, need === "signin");
+    } catch (err) {
+      // A change that threw part-way is still a change someone asked for: recorded with the status
+      // the server's error handler answers (500, or 503 while commits fail), then answered by it.
+      if (changes && who !== null) await record(who, pattern, req, unexpectedError(err as Error).status);
+      throw err;
+    }
     if (changes && who !== null) await record(who, pattern, req, res.status);
     return res;
   }

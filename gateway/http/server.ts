@@ -162,9 +162,9 @@ export function startHttp(
             );
           if (route.targets.length === 0)
             return httpError(404, "no_target", route.problems[0] ?? `no agent subscribes to ${v.topic}`);
-          const payload = new TextEncoder().encode(
-            typeof v.payload === "string" ? v.payload : JSON.stringify(v.payload ?? null),
-          );
+          const text = typeof v.payload === "string" ? v.payload : encodable(v.payload ?? null);
+          if (text === null) return httpError(400, "bad_request", "payload nests too deep to be encoded again");
+          const payload = new TextEncoder().encode(text);
           // `Idempotency-Key` dedups as on manual stimuli and webhooks; `id` is the body's spelling of it.
           const idem = idempotencyKey(req);
           if (idem instanceof Response) return idem;
@@ -196,7 +196,12 @@ export function startHttp(
     }),
     // Another method on a known path (PROPFIND, TRACE) is that route's 405; anything else a 404.
     fetch: (req, server) => guard.fallback(req, server),
-    error: (err) => unexpectedError(err),
+    error: (err) => {
+      const res = unexpectedError(err);
+      // A bug or a failing disk, not the caller's mistake: the operator reads why in the log.
+      gw.log.error({ err, status: res.status }, "HTTP request failed");
+      return res;
+    },
   });
   return {
     port: server.port ?? opts.port,
@@ -255,6 +260,19 @@ async function manualStimulus(
     if (reused) return reused;
   }
   return intakeResponse(report, id);
+}
+
+/**
+ * `value` as JSON text, or null when it nests deeper than JSON.stringify can go (~50,000 levels
+ * overflow its stack; JSON.parse took them): a payload the caller must send otherwise.
+ */
+function encodable(value: unknown): string | null {
+  try {
+    return JSON.stringify(value);
+  } catch (err) {
+    if (err instanceof RangeError) return null;
+    throw err;
+  }
 }
 
 /** `?drain=1` on a retire (finish the queued stimuli first); a flag as `flagQuery` reads it, on retire only. */
