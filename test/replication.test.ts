@@ -824,6 +824,104 @@ describe("what the center and fleet status are told after a push", () => {
   });
 });
 
+describe("what is the center's doing and what is the gateway's own", () => {
+  test("pointed at another center, the last one's cursor, last push and lost rows are not shown as its", async () => {
+    const sqld = await Sqld.start();
+    servers.push(sqld);
+    const f = await synthetic();
+    await enableReplication(f.store, sqld.url);
+    await f.commit(8, T0, 1000);
+    await f.store.setMeta("replication.lost_rows", "3");
+    const first = replicator(f, spec(sqld.url), () => T0 + 60_000, { sleep: () => new Promise(() => undefined) });
+    await first.drain();
+    expect(first.status().cursor.confirmed_seq).toBeGreaterThan(0);
+    const elsewhere = `http://127.0.0.1:${await freePort()}`;
+    const moved = replicator(f, spec(elsewhere), () => T0 + 120_000, { sleep: () => new Promise(() => undefined) });
+    await moved.start();
+    const s = moved.status();
+    expect([s.cursor.confirmed_seq, s.last_push_at, s.lost_rows]).toEqual([0, null, 0]);
+    expect(s.backlog.rows).toBeGreaterThan(0); // the whole history goes to the new center
+    await moved.stop();
+    // The same center again keeps its figures.
+    const back = replicator(f, spec(elsewhere), () => T0 + 180_000, { sleep: () => new Promise(() => undefined) });
+    await f.store.setMeta("replication.confirmed_seq", "5");
+    await back.start();
+    expect(back.status().cursor.confirmed_seq).toBe(5);
+    await back.stop();
+    await f.close();
+  });
+
+  test("a confirm that fails on the gateway's own disk is kind local, and the batch goes again", async () => {
+    const sqld = await Sqld.start();
+    servers.push(sqld);
+    const db = sqld.client();
+    const f = await synthetic();
+    await enableReplication(f.store, sqld.url);
+    await f.commit(20, T0, 1000);
+    const r = replicator(f, spec(sqld.url), () => T0 + 60_000);
+    const write = f.store.writer.write.bind(f.store.writer);
+    let fail = true;
+    f.store.writer.write = ((stmts: Parameters<typeof write>[0]) => {
+      if (fail && JSON.stringify(stmts).includes("DELETE FROM repl_pending")) {
+        fail = false;
+        return Promise.reject(new Error("SQLITE_FULL: database or disk is full"));
+      }
+      return write(stmts);
+    }) as typeof f.store.writer.write;
+    const err = await r.pushOnce().catch((e: unknown) => e);
+    expect(err).toMatchObject({ kind: "local" });
+    expect(String((err as Error).message)).toBe(
+      "the gateway's own database failed confirming a batch the center committed (it goes again): " +
+        "SQLITE_FULL: database or disk is full",
+    );
+    const left = await f.store.client.execute("SELECT count(*) AS n FROM repl_pending");
+    expect(Number(left.rows[0]!.n)).toBeGreaterThan(0);
+    await r.drain();
+    await expectCenterEqualsLocal(f, db);
+    db.close();
+    await f.close();
+  });
+
+  test("a confirm that committed though its WAL sync failed does not make lost rows go backwards", async () => {
+    const sqld = await Sqld.start();
+    servers.push(sqld);
+    const f = await synthetic();
+    await enableReplication(f.store, sqld.url);
+    await f.commit(10, T0, 1000);
+    // Two episodes collected before their push: their entries are lost.
+    await f.store.client.execute("DELETE FROM episodes WHERE rowid IN (SELECT rowid FROM episodes LIMIT 2)");
+    const r = replicator(f, spec(sqld.url), () => T0 + 60_000);
+    const write = f.store.writer.write.bind(f.store.writer);
+    let fail = true;
+    f.store.writer.write = (async (stmts: Parameters<typeof write>[0]) => {
+      const done = await write(stmts);
+      if (fail && JSON.stringify(stmts).includes("DELETE FROM repl_pending")) {
+        fail = false;
+        throw new Error("SQLITE_IOERR: syncing the WAL failed"); // committed, not known to be on the disk
+      }
+      return done;
+    }) as typeof f.store.writer.write;
+    await expect(r.pushOnce()).rejects.toMatchObject({ kind: "local" });
+    expect(await f.store.getMeta("replication.lost_rows")).toBe("2");
+    await f.commit(5, T0 + 20_000, 1000);
+    await r.drain();
+    expect(r.status().lost_rows).toBe(2);
+    expect(await f.store.getMeta("replication.lost_rows")).toBe("2");
+    await f.close();
+  });
+
+  test("a push asked of a stopped replicator starts no reader thread and no client", async () => {
+    const f = await synthetic();
+    const r = replicator(f, spec("http://127.0.0.1:9"), () => T0);
+    await r.start();
+    await r.stop();
+    await expect(r.pushOnce()).rejects.toThrow("the replicator is stopped");
+    const internals = r as unknown as { reader: unknown; client: unknown };
+    expect([internals.reader, internals.client]).toEqual([null, null]);
+    await f.close();
+  });
+});
+
 describe("operator actions", () => {
   test(
     "replicate row for row and once, those recorded before replication too; a v1 center is upgraded for them",

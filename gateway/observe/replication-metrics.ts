@@ -88,7 +88,7 @@ export function replicationMetrics(registry: Registry, read: () => ReplicationSt
   follow(
     registry,
     "fleet_replication_errors_total",
-    "Failed pushes by kind (unreachable|auth|schema|rejected|config).",
+    "Failed pushes by kind (unreachable|auth|schema|rejected|config|local).",
     ["kind"],
     () => {
       const s = read();

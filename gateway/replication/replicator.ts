@@ -35,7 +35,7 @@ export type ReplicatorState = "created" | "connecting" | "streaming" | "retrying
  * Why a push failed; retry decisions and metrics read this, not the message. `config`: the gateway's own
  * `[replication]` is wrong (a URL the libSQL client refuses): the center was never contacted.
  */
-export type ReplicationErrorKind = "unreachable" | "auth" | "schema" | "rejected" | "config";
+export type ReplicationErrorKind = "unreachable" | "auth" | "schema" | "rejected" | "config" | "local";
 
 /** A failure talking to the central server. */
 export class ReplicationError extends Error {
@@ -201,6 +201,19 @@ export async function prepareCentral(client: Client, url: string): Promise<void>
 const newestAt = (m: number | null, e: { readonly at: number | null }): number | null =>
   e.at === null ? m : m === null ? e.at : Math.max(m, e.at);
 
+/**
+ * A step of a push on this side (the store, the reader thread): its failure is the gateway's own
+ * database (a full disk, a failed WAL sync), not the center's, and is reported as kind `local`.
+ */
+async function local<T>(what: string, step: () => Promise<T>): Promise<T> {
+  try {
+    return await step();
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    throw new ReplicationError("local", `the gateway's own database failed ${what}: ${message}`, { cause: err });
+  }
+}
+
 /** Pushes the local replication queue to the central server, beside the episodes. */
 export class Replicator {
   state: ReplicatorState = "created";
@@ -246,6 +259,7 @@ export class Replicator {
     schema: 0,
     rejected: 0,
     config: 0,
+    local: 0,
   };
   private lastError: ReplicationStatus["last_error"] = null;
 
@@ -310,6 +324,8 @@ export class Replicator {
   /** The thread batches are read on, started at the first push; null: the store's own connection. */
   private batchReader(): Promise<BatchReader | null> {
     const { store, readOnThread } = this.opts;
+    // A push the stop gave up waiting for goes on: it must not start a thread nothing will close.
+    if (this.state === "stopped") return Promise.reject(new Error("the replicator is stopped"));
     this.reader ??=
       readOnThread === false || !existsSync(store.path)
         ? Promise.resolve(null)
@@ -406,11 +422,11 @@ export class Replicator {
   private async pushNow(): Promise<number> {
     const client = await this.central();
     const { store, spec, fleet } = this.opts;
-    const upTo = await durableHead(store);
-    const reader = await this.batchReader();
-    const batch = reader
-      ? await reader.read(spec.batch_rows, upTo)
-      : await readEntries(store.client, spec.batch_rows, upTo);
+    const batch = await local("reading the queue", async () => {
+      const upTo = await durableHead(store);
+      const reader = await this.batchReader();
+      return reader ? reader.read(spec.batch_rows, upTo) : readEntries(store.client, spec.batch_rows, upTo);
+    });
     if (batch.entries.length === 0) return 0;
     this.noteSize(batch);
     const at = this.now();
@@ -467,7 +483,7 @@ export class Replicator {
     const first = batch.entries[0]!.seq;
     const cursor = batch.entries.reduce((m, e) => Math.max(m, e.seq), this.confirmedSeq);
     const bumped = JSON.stringify(batch.entries.filter((e) => e.ver !== 1).map((e) => [e.seq, e.ver]));
-    const local = [
+    const confirm = [
       {
         sql: `DELETE FROM repl_pending WHERE seq BETWEEN ? AND ? AND ver =
           coalesce((SELECT value ->> 1 FROM json_each(?) WHERE value ->> 0 = repl_pending.seq), 1)`,
@@ -481,13 +497,20 @@ export class Replicator {
       },
     ];
     if (batch.lost.length > 0) {
-      local.push({
+      confirm.push({
         sql: `INSERT INTO meta (key, value) VALUES ('replication.lost_rows', ?)
           ON CONFLICT (key) DO UPDATE SET value = excluded.value`,
         args: [String(lost)],
       });
     }
-    await store.writer.write(local);
+    try {
+      await local("confirming a batch the center committed (it goes again)", () => store.writer.write(confirm));
+    } catch (err) {
+      // A commit whose WAL sync failed may be in the file all the same: the lost-rows total is read
+      // back, not kept from before it, so the next confirm does not write a smaller one over it.
+      this.lostRows = Number((await store.getMeta("replication.lost_rows").catch(() => null)) ?? this.lostRows);
+      throw err;
+    }
     this.ownJobs += 1;
     this.backlogRows = backlogAfter;
     this.oldestAt = restAt;
@@ -515,6 +538,7 @@ export class Replicator {
 
   private async central(): Promise<Client> {
     const { spec } = this.opts;
+    if (this.state === "stopped" && !this.client) throw new Error("the replicator is stopped");
     if (!this.client) {
       let authToken: string | undefined;
       if (spec.auth_token_env) {
@@ -596,6 +620,8 @@ export class Replicator {
       try {
         delay = await this.step();
       } catch (err) {
+        // Stopped under a push it gave up waiting for: its end is no failure of the center's.
+        if (this.stopping()) break;
         delay = this.failed(err);
       }
       if (this.stopping()) break;
@@ -772,6 +798,16 @@ export async function enableReplication(store: Store, url: string): Promise<numb
         ON CONFLICT (key) DO UPDATE SET value = excluded.value`,
       args: [url],
     },
+    // Another center (or the first): what the last one confirmed, when, and what it lost are not this one's.
+    ...(was === url
+      ? []
+      : [
+          {
+            sql: `DELETE FROM meta WHERE key IN ('replication.confirmed_seq', 'replication.last_push_at',
+              'replication.lost_rows')`,
+            args: [],
+          },
+        ]),
   ]);
   return results.slice(0, 6).reduce((n, r) => n + r.rowsAffected, 0);
 }
