@@ -420,6 +420,8 @@ export class Gateway {
     await this.book.load(this.store);
     // Agents that were draining when the gateway stopped: those with nothing left retire now.
     await this.roster.finishDrains();
+    // Rollouts judged from here on (a rollback retries stimuli and wakes agents: the queues are loaded now).
+    this.rollouts?.watch();
 
     // Sessions of shards a reshard left out of the layout: shard 1's first start ends them (docs/shards.md).
     const drop = spec.broker.external ? await sessionsToDrop(this.store, spec.broker.external.client_id) : [];

@@ -454,8 +454,12 @@ describe("lifecycle results carry a code", () => {
       ok: false,
       code: "not_found",
     });
+    // A name that is no agent leaves nothing behind (each one an operator mistyped stayed in memory).
+    const stamps = (roster as unknown as { lifecycleStamps: Map<AgentId, number> }).lifecycleStamps;
+    expect(stamps.size).toBe(0);
     await ctx.store.ensureAgents([{ id: "mon/z" as AgentId, type: "mon", key: "z" }]);
     expect(await roster.setLifecycle("mon/z" as AgentId, "retire")).toEqual({ ok: true, status: "retired" });
+    expect(roster.lifecycleStamp("mon/z" as AgentId)).toBe(1);
     expect(ctx.book.isRetired("mon/z" as AgentId)).toBe(true);
     for (const action of ["pause", "resume"] as const)
       expect(await roster.setLifecycle("mon/z" as AgentId, action)).toEqual({

@@ -65,6 +65,60 @@ describe("the canary choice", () => {
   });
 });
 
+describe("when rollouts are judged", () => {
+  test("not before watch(): a rollback due at start waits until the gateway's queues are loaded", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));
+    const store = await Store.open(join(dir, "fleet.db"), { synchronous: "normal" });
+    const h = (c: string) => c.repeat(64) as Blake3Hex;
+    const now = 1_000_000;
+    const woken: string[] = [];
+    const rollouts = new Rollouts({
+      store,
+      log: pino({ level: "silent" }),
+      now: () => now,
+      agentsOf: async () => ["t/a", "t/b"],
+      retry: async () => {},
+      wake: (agents) => void woken.push(...agents),
+    });
+    try {
+      for (const c of ["1", "2"]) await store.saveBundle({ hash: h(c), module: "/m/t.ts", code: `// ${c}`, at: 1 });
+      const sv = await compileSpec(toml('canary = 0.5\nmin_episodes = 10\nbake = "1h"'), "/f/fleet.toml");
+      const current = { ...sv, bundles: { t: h("1") } };
+      await rollouts.start(current);
+      await rollouts.deployed(current, { ...sv, bundles: { t: h("2") } });
+      // Every canary episode failed: the next judgement rolls the code back.
+      for (let n = 1; n <= 5; n++)
+        await store.db.insert(tables.episodes).values({
+          id: `ep-${n}`,
+          agent: "t/a" as AgentId,
+          stimulusSeq: n,
+          stimulusId: `id:${n}`,
+          specVersion: h("a"),
+          status: "failed",
+          errorKind: "exception",
+          attempt: 1,
+          startedAt: now,
+          endedAt: now,
+          eventsHash: h("e"),
+          eventCount: 0,
+          bundle: h("2"),
+        });
+      const state = async () => (await rollouts.view()).find((v) => v.type === "t")?.state;
+      await Bun.sleep(1200); // two judgements' time, had start() begun them
+      expect(await state()).toBe("canary");
+      expect(woken).toEqual([]);
+      rollouts.watch();
+      for (let i = 0; i < 100 && (await state()) === "canary"; i++) await Bun.sleep(50);
+      expect(await state()).toBe("rolled_back");
+      expect(woken.length).toBeGreaterThan(0);
+    } finally {
+      rollouts.stop();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("canary counts", () => {
   test("are the new code's episodes since the rollout began, each counted once as evaluations read on", async () => {
     const dir = mkdtempSync(join(tmpdir(), "fleet-rollouts-"));

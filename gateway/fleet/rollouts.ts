@@ -124,12 +124,21 @@ export class Rollouts {
       if (t && now !== null && t.rollout.canary > 0 && r.fromBundle !== now)
         await this.begin(type, r.fromBundle, now, sv);
     }
+  }
+
+  /**
+   * Judge the rollouts in progress from now on, twice a second. Apart from `start`: a judgement
+   * retries quarantined stimuli and wakes agents, which must wait until the queues are loaded.
+   */
+  watch(): void {
+    if (this.timer) return;
     this.timer = setInterval(() => void this.evaluate(), 500);
     this.timer.unref?.();
   }
 
   stop(): void {
     if (this.timer) clearInterval(this.timer);
+    this.timer = null;
   }
 
   /**

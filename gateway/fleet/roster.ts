@@ -61,9 +61,10 @@ export class Roster {
    * or resumed; a plain retire retires it at once (what is still queued is refused).
    */
   async setLifecycle(id: AgentId, action: LifecycleAction, opts: { drain?: boolean } = {}): Promise<LifecycleResult> {
-    this.bump(id);
     const agent = await this.store.getAgent(id);
     if (!agent) return { ok: false, code: "not_found", message: `no agent ${id}` };
+    // Before any write of the action, after the lookup: a stamp per id an operator mistyped would stay for good.
+    this.bump(id);
     const refused = lifecycleRefusal(agent, action);
     if (refused) return { ok: false, ...refused };
     if (action === "pause") {
