@@ -770,16 +770,22 @@ export class Gateway {
   }
 
   resolveQuarantined(seq: number, action: "retry" | "drop"): Promise<QuarantineAction> {
-    return resolveQuarantined(this.store, seq, action, {
-      // An agent whose type left the spec is retired: the book refuses it before max_queue matters.
-      admit: (agent) =>
-        this.book.admit(agent, this.current.spec.agents[parseAgentId(agent)?.type ?? ""]?.max_queue ?? Infinity),
-      recorded: (agent, seq, receivedAt) => {
-        this.book.recorded(agent, seq, receivedAt);
-        this.scheduler.wake(agent);
+    return resolveQuarantined(
+      this.store,
+      seq,
+      action,
+      {
+        // An agent whose type left the spec is retired: the book refuses it before max_queue matters.
+        admit: (agent) =>
+          this.book.admit(agent, this.current.spec.agents[parseAgentId(agent)?.type ?? ""]?.max_queue ?? Infinity),
+        recorded: (agent, seq, receivedAt) => {
+          this.book.recorded(agent, seq, receivedAt);
+          this.scheduler.wake(agent);
+        },
+        released: (agent) => this.book.released(agent),
       },
-      released: (agent) => this.book.released(agent),
-    });
+      this.now(),
+    );
   }
 
   /**

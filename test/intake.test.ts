@@ -12,7 +12,7 @@ import { ToolGate } from "../gateway/episode/index.ts";
 import { FleetEvents } from "../gateway/events.ts";
 import { QueueBook, Roster, Scheduler } from "../gateway/fleet/index.ts";
 import { Intake, createRouter, type Target } from "../gateway/intake/index.ts";
-import { resolveQuarantined } from "../gateway/ops/index.ts";
+import { gcAll, resolveQuarantined } from "../gateway/ops/index.ts";
 import { compileSpec, type FleetSpec } from "../gateway/spec/index.ts";
 import { Store } from "../gateway/store/index.ts";
 import { type AgentId, agentId, type StimulusId } from "../gateway/types.ts";
@@ -171,6 +171,16 @@ describe("MQTT redeliveries", () => {
     expect(await ctx.queuedInStore("mon/b2")).toBe(2);
     await ctx.intake.mqtt(msg(true), client);
     expect(await ctx.queuedInStore("mon/b2")).toBe(2);
+  });
+
+  test("a new message that reused the packet id, refused for a full queue, is not acknowledged", async () => {
+    expect(await ctx.intake.mqtt(msg(false), client)).toEqual({ ok: true });
+    for (const messageId of [2, 3]) await ctx.intake.mqtt({ ...msg(false), messageId }, client);
+    expect(await ctx.queuedInStore("mon/b2")).toBe(3); // max_queue
+    // Packet id 1 again with DUP = 0: not the first one resent, a new reading; the queue has no room.
+    const verdict = await ctx.intake.mqtt(msg(false), client);
+    expect(verdict).toMatchObject({ ok: false, permanent: false });
+    expect(await ctx.queuedInStore("mon/b2")).toBe(3);
   });
 });
 
@@ -437,6 +447,42 @@ describe("quarantine retry goes through the same admission", () => {
     const r = await resolveQuarantined(ctx.store, seq, "retry", port(2));
     expect(r).toMatchObject({ ok: false, code: "queue_full" });
     expect((await ctx.store.getStimulus(seq))?.state).toBe("quarantined");
+  });
+
+  test("a dropped stimulus's id is remembered dedup_days from the drop, not from its quarantine", async () => {
+    const seq = await quarantined("sink/p" as AgentId, "p1");
+    await ctx.store.writer.write([{ sql: "UPDATE stimuli SET done_at = 1 WHERE seq = ?", args: [seq] }]);
+    const droppedAt = 30 * 86_400_000; // a month after it was quarantined
+    expect(await resolveQuarantined(ctx.store, seq, "drop", undefined, droppedAt)).toMatchObject({ ok: true });
+    // Retention the next minute (dedup_days = 7 by default): the id is still there to refuse a resend.
+    await gcAll(ctx.store, spec, { now: droppedAt + 60_000 });
+    expect(await ctx.store.getStimulus(seq)).toMatchObject({ state: "dropped", doneAt: droppedAt });
+    await gcAll(ctx.store, spec, { now: droppedAt + 8 * 86_400_000 });
+    expect(await ctx.store.getStimulus(seq)).toBeUndefined();
+  });
+
+  test("a stimulus retried or dropped meanwhile is not resolved twice; its admission is given back", async () => {
+    const seq = await quarantined("sink/t" as AgentId, "t1");
+    const stale = { ...port(2) };
+    expect(await resolveQuarantined(ctx.store, seq, "drop")).toMatchObject({ ok: true });
+    // A second operator's retry read it as quarantined a moment before: the write finds it dropped.
+    await ctx.store.writer.write([{ sql: "UPDATE stimuli SET state = 'quarantined' WHERE seq = ?", args: [seq] }]);
+    const getStimulus = ctx.store.getStimulus.bind(ctx.store);
+    let first = true;
+    ctx.store.getStimulus = async (s: number) => {
+      const row = await getStimulus(s);
+      if (first && row) {
+        first = false;
+        await ctx.store.writer.write([{ sql: "UPDATE stimuli SET state = 'dropped' WHERE seq = ?", args: [s] }]);
+      }
+      return row;
+    };
+    expect(await resolveQuarantined(ctx.store, seq, "retry", stale)).toMatchObject({
+      ok: false,
+      code: "not_quarantined",
+      message: `stimulus ${seq} is dropped, not quarantined`,
+    });
+    expect(ctx.book.pending("sink/t" as AgentId)).toBe(0);
   });
 
   test("a retry for a retired agent is refused with code retired", async () => {

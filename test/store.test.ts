@@ -1450,7 +1450,7 @@ describe("recordFailure", () => {
     const { store, s2 } = await withHistory();
     try {
       await store.recordFailure(episodeFailure("ep-f3", s2, "id:2", 3, null));
-      await store.setStimulusState(s2, "queued");
+      expect(await store.resolveQuarantine(s2, "queued", Date.now())).toBe(true);
       expect(await store.getStimulus(s2)).toMatchObject({ state: "queued", attempts: 0, notBefore: 0 });
       expect((await store.headOfQueue(aid("temp/boiler-1")))?.seq).toBe(s2);
     } finally {

@@ -288,12 +288,21 @@ export class Intake {
     // A sender that sets DUP on every redelivery (an external broker) says this is a first
     // delivery: a redelivery-id hit is an older message that reused the packet id, not this one.
     const reused = msg.dup === false ? report.duplicates.filter((d) => d.sid === redelivery) : [];
+    let outcome = report;
     if (reused.length > 0) {
       const agents = new Set(reused.map((d) => d.agent));
       const again = route.targets.filter((t) => agents.has(t.agent));
-      await this.record(again, kind, msg.topic, msg.payload, uniqueId(), { expiresAt });
+      const second = await this.record(again, kind, msg.topic, msg.payload, uniqueId(), { expiresAt });
+      // Those targets' outcome is the second recording's (a full queue refuses it), not a duplicate.
+      outcome = {
+        ...report,
+        accepted: [...report.accepted, ...second.accepted],
+        duplicates: [...report.duplicates.filter((d) => d.sid !== redelivery), ...second.duplicates],
+        refused: [...report.refused, ...second.refused],
+      };
     }
-    if (report.refused.length > 0 && report.accepted.length + report.duplicates.length === 0) return refusal(report);
+    if (outcome.refused.length > 0 && outcome.accepted.length + outcome.duplicates.length === 0)
+      return refusal(outcome);
     return { ok: true };
   }
 

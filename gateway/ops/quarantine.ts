@@ -96,6 +96,7 @@ export async function resolveQuarantined(
   seq: number,
   action: "retry" | "drop",
   queue?: RetryAdmission,
+  now = Date.now(),
 ): Promise<QuarantineAction> {
   const row = Number.isSafeInteger(seq) ? await store.getStimulus(seq) : undefined;
   if (!row) return { ok: false, code: "not_found", message: `no stimulus ${seq}` };
@@ -112,11 +113,18 @@ export async function resolveQuarantined(
     const a = offlineAdmission((await store.getAgent(agent))?.status);
     if (!a.ok) return { ok: false, code: a.code, message: `stimulus ${seq} not retried: ${a.message}` };
   }
+  let changed: boolean;
   try {
-    await store.setStimulusState(seq, state);
+    changed = await store.resolveQuarantine(seq, state, now);
   } catch (err) {
     if (admitted) queue.released(agent);
     throw err;
+  }
+  if (!changed) {
+    // Retried or dropped meanwhile (another operator, a rollback's retry).
+    if (admitted) queue.released(agent);
+    const current = (await store.getStimulus(seq))?.state ?? "gone";
+    return { ok: false, code: "not_quarantined", message: `stimulus ${seq} is ${current}, not quarantined` };
   }
   if (admitted) queue.recorded(agent, seq, row.receivedAt);
   return { ok: true, seq, agent: row.agent, state };

@@ -754,11 +754,19 @@ export class Store {
     return seqsOf(rs);
   }
 
-  /** Put a quarantined stimulus back in its queue, or drop it. */
-  async setStimulusState(seq: number, state: t.StimulusState): Promise<void> {
-    await this.writer.write([
-      this.db.update(t.stimuli).set({ state, attempts: 0, notBefore: 0 }).where(eq(t.stimuli.seq, seq)),
+  /**
+   * Put a quarantined stimulus back in its queue, or drop it; false when it was not quarantined (any
+   * more). A drop is done `at`: its id stays remembered `dedup_days` from then, not from the quarantine
+   * (retention collects ended stimuli by `done_at`, and a resent poison message would run again).
+   */
+  async resolveQuarantine(seq: number, state: "queued" | "dropped", at: number): Promise<boolean> {
+    const [rs] = await this.writer.write([
+      this.db
+        .update(t.stimuli)
+        .set({ state, attempts: 0, notBefore: 0, ...(state === "dropped" ? { doneAt: at } : {}) })
+        .where(and(eq(t.stimuli.seq, seq), eq(t.stimuli.state, "quarantined"))),
     ]);
+    return (rs?.rowsAffected ?? 0) > 0;
   }
 
   // ---- episodes ------------------------------------------------------------------
