@@ -10,6 +10,7 @@ import {
   mkdtempSync,
   readdirSync,
   readFileSync,
+  readlinkSync,
   rmSync,
   statSync,
   symlinkSync,
@@ -144,20 +145,46 @@ describe("a warm spare's staging root", () => {
     root.remove();
   });
 
-  test("an npm package is shown whole without copying its bytes (its files linked, symlinks resolved)", () => {
+  test("an npm package is shown whole without copying its bytes (its files linked, its symlinks kept)", () => {
     const a = agent("golf");
     const pkg = a.packages[0]!;
     mkdirSync(join(pkg, "lib"), { recursive: true });
     writeFileSync(join(pkg, "lib/real.js"), "module.exports = 1;");
     symlinkSync(join(pkg, "lib/real.js"), join(pkg, "alias.js"));
-    symlinkSync(join(pkg, "lib"), join(pkg, "lib-link"));
+    symlinkSync("lib", join(pkg, "lib-link"));
     const root = new StagingRoot(RUNTIME);
     root.stage(a);
     const shown = (p: string) => join(root.dir, pkg, p);
     expect(statSync(shown("index.js")).ino).toBe(statSync(join(pkg, "index.js")).ino);
-    expect(lstatSync(shown("alias.js")).isSymbolicLink()).toBe(false);
-    expect(readFileSync(shown("alias.js"), "utf8")).toBe("module.exports = 1;");
+    // Links as they are: in the sandbox they resolve against its binds, as in a cold start.
+    expect(readlinkSync(shown("alias.js"))).toBe(join(pkg, "lib/real.js"));
+    expect(readlinkSync(shown("lib-link"))).toBe("lib");
     expect(readFileSync(shown("lib-link/real.js"), "utf8")).toBe("module.exports = 1;");
+    root.remove();
+  });
+
+  test("a link out of a package stages nothing of what it points at (a token file, the data dir, /)", () => {
+    const a = agent("hotel");
+    const pkg = a.packages[0]!;
+    const gateway = mkdtempSync(join(host, "gateway-data-"));
+    writeFileSync(join(gateway, "local-admin.token"), "fleet_secret", { mode: 0o600 });
+    symlinkSync(join(gateway, "local-admin.token"), join(pkg, "token.txt"));
+    symlinkSync(gateway, join(pkg, "data"));
+    symlinkSync("/", join(pkg, "everything"));
+    const root = new StagingRoot(RUNTIME);
+    root.stage(a);
+    const staged = tree(root.dir).filter((p) => p.startsWith(relative("/", pkg)));
+    // The links themselves, nothing under them, and no copy of the token anywhere in the root.
+    for (const link of ["token.txt", "data", "everything"]) {
+      expect(lstatSync(join(root.dir, pkg, link)).isSymbolicLink()).toBe(true);
+      expect(staged.some((p) => p.startsWith(`${relative("/", join(pkg, link))}/`))).toBe(false);
+    }
+    const files = tree(root.dir).filter((p) => !p.endsWith("/"));
+    const holdsToken = files.some((p) => {
+      const at = join(root.dir, p);
+      return !lstatSync(at).isSymbolicLink() && readFileSync(at, "utf8") === "fleet_secret";
+    });
+    expect(holdsToken).toBe(false);
     root.remove();
   });
 });

@@ -20,10 +20,9 @@ import {
   mkdirSync,
   mkdtempSync,
   readdirSync,
-  realpathSync,
+  readlinkSync,
   renameSync,
   rmSync,
-  statSync,
   symlinkSync,
   writeFileSync,
 } from "node:fs";
@@ -283,27 +282,25 @@ function linkOrCopy(from: string, to: string): void {
   }
 }
 
-/** Deepest folder nesting followed in a package (a symlink loop ends there). */
+/** Deepest folder nesting laid out in a package. */
 const MAX_PACKAGE_DEPTH = 64;
 
-/** A package folder laid out at `to`: its folders made, its files linked; symlinks followed (shown resolved). */
+/**
+ * A package folder laid out at `to`: its folders made, its files linked, its symlinks made again as
+ * they are. Never followed here: the gateway's uid resolving one would stage what it points at (a
+ * link to the data dir, a token file) for the agent, and a link to `/` would walk the machine. In
+ * the sandbox a link resolves as in a cold start, against the same binds (packages at their real
+ * paths, ./sandbox-view.ts): a link out of them points at nothing.
+ */
 function linkTree(from: string, to: string, depth: number): void {
   mkdirReadable(to);
   if (depth >= MAX_PACKAGE_DEPTH) return;
   for (const e of readdirSync(from, { withFileTypes: true })) {
     const src = join(from, e.name);
     const dst = join(to, e.name);
-    let dir = e.isDirectory();
-    if (e.isSymbolicLink())
-      try {
-        dir = statSync(src).isDirectory();
-      } catch {
-        continue; // dangling
-      }
-    if (dir) linkTree(src, dst, depth + 1);
-    // A hard link to a symlink would be the link, not its file: link the file it resolves to.
+    if (e.isDirectory()) linkTree(src, dst, depth + 1);
     else if (e.isFile()) linkOrCopy(src, dst);
-    else if (e.isSymbolicLink()) linkOrCopy(realpathSync(src), dst);
+    else if (e.isSymbolicLink()) symlinkSync(readlinkSync(src), dst);
   }
 }
 
