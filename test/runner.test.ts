@@ -1608,6 +1608,38 @@ describe("the IPC edge", () => {
     expect(r.records).toEqual([]);
   });
 
+  test("a flood of blank lines fails the episode as too_large once they pass the message cap", async () => {
+    const r = expectFailure(await run(start("raw-ipc", { newlines_mb: 64 })), "too_large");
+    // Refused after about the cap, not after 64 MB of newlines the gateway's thread stepped through.
+    const refusedAfter = Number(/refused after (\d+) bytes/.exec(r.message)?.[1]);
+    expect(refusedAfter).toBeGreaterThan(LIMITS.maxRecordBytes);
+    expect(refusedAfter).toBeLessThan(LIMITS.maxRecordBytes + 2 * 1024 * 1024);
+  });
+
+  test("a second ready fails the episode as protocol: the host says it once", async () => {
+    const r = expectFailure(await run(start("raw-ipc", { lines: [{ t: "ready" }, { t: "ready" }] })), "protocol");
+    expect(r.message).toBe("subprocess said ready twice");
+  });
+
+  test("a tool call id out of turn (reused, or skipped) fails the episode as protocol; it is not run", async () => {
+    const calls: number[] = [];
+    const onTool: ToolHandler = async (call) => {
+      calls.push(call);
+      await Bun.sleep(50);
+      return { ok: true, result: { queued: true } };
+    };
+    const call = (id: number) => ({ t: "tool", call: id, tool: "publish", args: ["alerts/x", id] });
+    const reused = expectFailure(await run(start("raw-ipc", { lines: [call(1), call(1)] }), {}, onTool), "protocol");
+    expect(reused.message).toBe("tool call 1 out of turn (2 next)");
+    expect(calls).toEqual([1]);
+    // The call that went out is in the failed log, as cancelled or answered: the reused id did not hide it.
+    expect(reused.records.filter((x) => x.k === "tool").map((x) => (x as { call: number }).call)).toEqual([1]);
+    calls.length = 0;
+    const skipped = expectFailure(await run(start("raw-ipc", { lines: [call(2)] }), {}, onTool), "protocol");
+    expect(skipped.message).toBe("tool call 2 out of turn (1 next)");
+    expect(calls).toEqual([]);
+  });
+
   test("records past max_records fail the episode as flood; the log keeps max_records, nothing after", async () => {
     // 30 batches of 1,000 written at once: the gateway stops at the batch that passes 10,000 and reads no further.
     const batch = { t: "records", records: Array.from({ length: 1000 }, () => ({ k: "now", v: 1 })) };

@@ -28,6 +28,8 @@ export interface ChannelSink {
 export class LineReader {
   private parts: Uint8Array[] = [];
   private size = 0;
+  /** Blank lines since the last message. */
+  private blank = 0;
   private stopped = false;
   private readonly decoder = new TextDecoder();
 
@@ -48,11 +50,11 @@ export class LineReader {
       const nl = chunk.indexOf(10, start);
       const piece = chunk.subarray(start, nl < 0 ? chunk.length : nl);
       const total = this.size + piece.length;
-      if (total > this.cap()) {
+      if (total + this.blank > this.cap()) {
         this.stopped = true;
         const kind = kindOf(this.parts[0] ?? piece);
         this.parts = [];
-        this.sink.oversize(total, this.cap(), kind);
+        this.sink.oversize(total + this.blank, this.cap(), kind);
         return false;
       }
       if (nl < 0) {
@@ -64,7 +66,12 @@ export class LineReader {
       this.parts = [];
       this.size = 0;
       start = nl + 1;
-      if (total === 0) continue;
+      // Blank lines count toward the next message (and past the cap, stop the reader): a flood of
+      // newlines is no free work on the gateway's thread.
+      if (total === 0) {
+        this.blank++;
+        continue;
+      }
       let raw: unknown = MALFORMED;
       try {
         raw = JSON.parse(this.decoder.decode(line));
@@ -72,7 +79,9 @@ export class LineReader {
         // stays MALFORMED
       }
       if (raw !== MALFORMED && jsonNestedDeeper(line)) raw = TOO_DEEP;
-      this.sink.message(raw, total);
+      const bytes = total + this.blank;
+      this.blank = 0;
+      this.sink.message(raw, bytes);
     }
     return false;
   }

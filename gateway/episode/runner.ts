@@ -178,6 +178,8 @@ export async function runEpisode(
   let clockFrom: number | null = null;
   /** Tool calls dispatched and not answered yet. */
   let toolsInFlight = 0;
+  /** The id of the last tool call the child made. */
+  let lastCall = 0;
   /** Those calls, by call id: a failed episode's log records them as cancelled. */
   const pendingCalls = new Map<number, { tool: string; args: readonly unknown[] }>();
   let settle!: () => void;
@@ -315,17 +317,18 @@ export async function runEpisode(
         message: `subprocess sent a malformed message: ${String(JSON.stringify(raw)).slice(0, 300)}`,
       });
     switch (msg.t) {
-      case "ready":
-        if (!sent) {
-          sent = true;
-          // The episode's own clock starts with its code: start-up time (a loaded machine) is not the agent's.
-          clearTimeout(timer);
-          clockFrom = performance.now();
-          const due = clockFrom + limits.timeoutMs;
-          timer = setTimeout(() => timedOut(due), limits.timeoutMs);
-          host.send(start);
-        }
+      case "ready": {
+        // Said once, by the host: more of them would cost the gateway's thread and nothing the agent's budget.
+        if (sent) return finish({ ok: false, kind: "protocol", message: "subprocess said ready twice" });
+        sent = true;
+        // The episode's own clock starts with its code: start-up time (a loaded machine) is not the agent's.
+        clearTimeout(timer);
+        clockFrom = performance.now();
+        const due = clockFrom + limits.timeoutMs;
+        timer = setTimeout(() => timedOut(due), limits.timeoutMs);
+        host.send(start);
         return;
+      }
       case "records":
         // An episode that has ended reads no further: its log is what it held when it ended.
         if (outcome || !countRecords(bytes)) return;
@@ -340,6 +343,13 @@ export async function runEpisode(
       case "tool":
         // Nothing more runs for an episode that has ended (its process is being killed).
         if (outcome || !countRecords(bytes)) return;
+        // The host numbers its calls 1, 2, 3...: an id out of turn would stand for two calls in the log and in replay.
+        if (msg.call !== ++lastCall)
+          return finish({
+            ok: false,
+            kind: "protocol",
+            message: `tool call ${msg.call} out of turn (${lastCall} next)`,
+          });
         // The gateway, not the child, writes the tool record: the child cannot forge a result.
         toolsInFlight++;
         pendingCalls.set(msg.call, { tool: msg.tool, args: msg.args });
