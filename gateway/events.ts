@@ -25,7 +25,14 @@ export interface FleetEventMap {
     waitMs: number;
     quarantined: boolean;
   };
-  status: { agent: string; status: AgentStatus; reason?: string; checkpoint?: string | null };
+  status: {
+    agent: string;
+    status: AgentStatus;
+    reason?: string;
+    checkpoint?: string | null;
+    /** The agent's current status again, to restore its retained topic (start, broker reconnect): no change. */
+    republished?: true;
+  };
   /** An episode's process started: from the warm spares, or spawned for it. */
   spawn: { type: string; start: "warm" | "cold" };
   /** Stimuli left in a retired agent's queue were refused (recorded as `rejected`). */

@@ -9,7 +9,14 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Gateway } from "../gateway/gateway.ts";
 import { agentId, type AgentId } from "../gateway/types.ts";
-import { FleetMetrics, type MetricsHost, RollingCounts } from "../gateway/observe/index.ts";
+import {
+  FleetMetrics,
+  type MetricsHost,
+  publishFacts,
+  republishStatuses,
+  RollingCounts,
+} from "../gateway/observe/index.ts";
+import type { Broker } from "../broker/index.ts";
 import { FleetEvents } from "../gateway/events.ts";
 import { authed, connectMqtt, publishQos1, subscribe, TestFleet, waitFor } from "./helpers/gateway.ts";
 import { parseExposition, sampleValue, samplesOf, scrape, type Exposition } from "./helpers/prom.ts";
@@ -432,6 +439,46 @@ describe("fleet_stimulus_wait_seconds", () => {
     const x = parseExposition(await metrics.registry.getSingleMetricAsString("fleet_stimulus_wait_seconds"));
     expect(sampleValue(x, "fleet_stimulus_wait_seconds_count", { type: "w" })).toBe(2);
     expect(sampleValue(x, "fleet_stimulus_wait_seconds_sum", { type: "w" })).toBeCloseTo(1.61, 5);
+    metrics.close();
+  });
+});
+
+describe("fleet_agent_status_changes_total", () => {
+  test("is unchanged by the statuses every start republishes, which still restore each retained topic", async () => {
+    const events = new FleetEvents();
+    const host = { events, spec: { spec: { agents: { w: {} } } }, store: { writer: {} } } as unknown as MetricsHost;
+    const metrics = new FleetMetrics(host, { processMetrics: false });
+    const retained = new Map<string, Record<string, unknown>>();
+    const broker = {
+      publish: async (topic: string, payload: string, opts: { retain?: boolean }) => {
+        if (opts.retain) retained.set(topic, JSON.parse(payload));
+      },
+    } as unknown as Broker;
+    publishFacts(events, () => broker);
+    // 600 agents (three pages), as the agents table has them at start.
+    const agents = Array.from({ length: 600 }, (_, i) => ({
+      id: `w/k${String(i).padStart(3, "0")}` as AgentId,
+      status: i === 7 ? ("paused" as const) : ("active" as const),
+      reason: i === 7 ? "paused by operator" : null,
+      headHash: null as string | null,
+    }));
+    const store = {
+      agentStatusPage: async (after: string, limit: number) => agents.filter((a) => a.id > after).slice(0, limit),
+    };
+    const changes = async () =>
+      samplesOf(
+        parseExposition(await metrics.registry.getSingleMetricAsString("fleet_agent_status_changes_total")),
+        "fleet_agent_status_changes_total",
+      ).reduce((n, x) => n + x.value, 0);
+
+    expect(await republishStatuses(store, events)).toBe(600);
+    expect(await changes()).toBe(0);
+    expect(retained.size).toBe(600);
+    expect(retained.get("fleet/agents/w/k007/status")).toEqual({ status: "paused", reason: "paused by operator" });
+    expect(retained.get("fleet/agents/w/k000/status")).toEqual({ status: "idle" });
+    // A real transition still counts.
+    events.emit("status", { agent: "w/k000", status: "running" });
+    expect(await changes()).toBe(1);
     metrics.close();
   });
 });

@@ -521,6 +521,40 @@ describe("fleet send", () => {
   });
 });
 
+describe("reads from the running gateway", () => {
+  test("a read answered by an error status exits 1 with the server's message, printing nothing as data", async () => {
+    const f = await stoppedFleet(1);
+    // A stand-in for the running gateway at its request cap: every call is answered 503 busy.
+    const message = "too busy: 64 requests in flight; retry shortly";
+    const server = Bun.serve({
+      port: 0,
+      hostname: "127.0.0.1",
+      fetch: () =>
+        Response.json({ error: { code: "busy", message } }, { status: 503, headers: { "retry-after": "1" } }),
+    });
+    try {
+      writeFileSync(
+        join(f.dataDir, "gateway.json"),
+        JSON.stringify({ http_port: server.port, mqtt_port: 1, pid: process.pid }),
+      );
+      for (const [args, what] of [
+        [["status"], "status"],
+        [["status", "--json"], "status"],
+        [["quarantine"], "quarantine"],
+        [["quarantine", "--json"], "quarantine"],
+        // Not the newest stored spec version in place of the running one: refused.
+        [["deploy", "--check"], "deploy --check"],
+      ] as const) {
+        const r = await f.cli(...args);
+        expect({ args, code: r.code, stdout: r.stdout }).toEqual({ args, code: 1, stdout: "" });
+        expect(oneLine(r.stderr)).toBe(`fleet: ${what}: the running gateway answered HTTP 503: ${message}`);
+      }
+    } finally {
+      server.stop(true);
+    }
+  });
+});
+
 describe("a fleet.toml that does not load", () => {
   test("still names the data dir when it is TOML; when it is not, the command is exit 1, not ./.fleet", async () => {
     const f = await stoppedFleet(2);

@@ -98,6 +98,30 @@ describe("verify", () => {
     expect(problemsOf(r)).toEqual([expect.stringMatching(/^episode: event log hash mismatch/)]);
   });
 
+  test("names an agent whose head is set but whose whole chain and episodes are gone", async () => {
+    const r = await tampered(
+      "DELETE FROM episodes WHERE agent = 'meter/m1'",
+      "DELETE FROM checkpoints WHERE agent = 'meter/m1'",
+    );
+    expect(r).toMatchObject({ agents: 2, checkpoints: 4, episodes: 4 });
+    expect(r.problems).toEqual([
+      {
+        agent: "meter/m1",
+        record: "agent meter/m1",
+        problem: expect.stringMatching(/^head #4 [0-9a-f]{16} missing: no checkpoints$/),
+      },
+    ]);
+  });
+
+  test("passes an agent with no head, no checkpoint and no episode", async () => {
+    const r = await tampered(
+      "DELETE FROM episodes WHERE agent = 'meter/m1'",
+      "DELETE FROM checkpoints WHERE agent = 'meter/m1'",
+      "UPDATE agents SET head_seq = 0, head_hash = NULL, episodes = 0 WHERE id = 'meter/m1'",
+    );
+    expect(r).toMatchObject({ agents: 1, checkpoints: 4, episodes: 4, problems: [] });
+  });
+
   test.each([
     ["a committed episode deleted", [`DELETE FROM episodes WHERE id = ${HEAD}`]],
     [

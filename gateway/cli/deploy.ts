@@ -7,7 +7,8 @@
  */
 import { resolve } from "node:path";
 import { intArg, UsageError, type Cli } from "./context.ts";
-import { liveFetch } from "./live.ts";
+import { liveRead, type LiveEndpoint } from "./live.ts";
+import { OperatorError } from "../errors.ts";
 import { commandSpawnOptions } from "../episode/index.ts";
 import { deployCheck, describeDeployCheck, storedSpec } from "../ops/index.ts";
 import { loadSpec } from "../spec/index.ts";
@@ -16,6 +17,17 @@ import { HOST_MODULES } from "../../agents/host/index.ts";
 
 /** Most episodes or agents a check may be asked to replay per agent or type. */
 const MAX_SAMPLE = 10_000;
+
+/**
+ * The spec version the running gateway runs. Without it the check would compare against the newest stored
+ * version, which may not be the running one (a refused or pending deploy): refused instead.
+ */
+async function runningSpecVersion(live: LiveEndpoint): Promise<string> {
+  const { spec_version } = await liveRead<{ spec_version?: unknown }>(live, "/api/fleet", "deploy --check");
+  if (typeof spec_version !== "string" || spec_version === "")
+    throw new OperatorError("deploy --check: the running gateway's /api/fleet names no spec_version");
+  return spec_version;
+}
 
 /** `fleet deploy --check [FILE] [--episodes N] [--agents M] [--type T,…]`: 0 when nothing DIVERGED or FAILED. */
 export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<number> {
@@ -38,9 +50,7 @@ export async function cmdDeploy(cli: Cli, file: string | undefined): Promise<num
   const store = await cli.openReadonly("`fleet deploy --check`");
   try {
     const live = await cli.running();
-    const hash = live
-      ? ((await (await liveFetch(live, "/api/fleet")).json()) as { spec_version?: string }).spec_version
-      : undefined;
+    const hash = live ? await runningSpecVersion(live) : undefined;
     const running = await storedSpec(store, hash);
     // Each module is bundled as the gateway would pin it (an edited file is a code change) and the
     // replays run that bundle, written where the sandbox can read it.

@@ -10,7 +10,7 @@ import { join, resolve } from "node:path";
 import { auditLocal, listQuarantine, resolveQuarantined, type QuarantineItem } from "../ops/index.ts";
 import { parseStrictInt } from "../parse.ts";
 import type { Store } from "../store/index.ts";
-import { liveFetch, type LiveEndpoint } from "./live.ts";
+import { liveFetch, liveRead, type LiveEndpoint } from "./live.ts";
 import { table } from "./table.ts";
 import { DEVICE_USAGE } from "./usage.ts";
 
@@ -226,8 +226,8 @@ export async function quarantineCommand(args: readonly string[], limitFlag: numb
   if (sub === undefined || sub === "list") {
     let items: QuarantineItem[];
     if (live) {
-      const res = await liveFetch(live, `/api/quarantine?limit=${limit}`);
-      items = ((await res.json()) as { stimuli: QuarantineItem[] }).stimuli;
+      items = (await liveRead<{ stimuli: QuarantineItem[] }>(live, `/api/quarantine?limit=${limit}`, "quarantine"))
+        .stimuli;
     } else {
       const store = await ctx.openReadonly();
       items = await listQuarantine(store, limit);

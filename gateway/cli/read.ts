@@ -6,7 +6,7 @@
 import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { intArg, table, UsageError, when, type Cli } from "./context.ts";
-import { liveFetch } from "./live.ts";
+import { liveRead } from "./live.ts";
 import type { ReplayResult } from "../ops/index.ts";
 import { type AgentId, parseAgentId, parseStimulusKind, shownStatus } from "../types.ts";
 import { agentView, episodeView, episodesPage } from "../store/index.ts";
@@ -22,12 +22,12 @@ const ops = () => import("../ops/index.ts");
 export async function cmdStatus(cli: Cli): Promise<number> {
   const live = await cli.running();
   if (live) {
-    const health = await (await liveFetch(live, "/api/fleet")).json();
+    const health = await liveRead<Record<string, unknown>>(live, "/api/fleet", "status");
     const ready = (health as { readiness?: { ready: boolean; reason?: string } }).readiness;
     cli.print(health, () =>
       [
         ...(ready && !ready.ready ? [`NOT READY: ${ready.reason}`] : []),
-        ...Object.entries(health as Record<string, unknown>).map(
+        ...Object.entries(health).map(
           ([k, v]) =>
             `${k.padEnd(18)} ${
               k === "replication" && v

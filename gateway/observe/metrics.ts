@@ -295,7 +295,10 @@ export class FleetMetrics {
           this.rates.add("duplicates", e.duplicates);
         }
       }),
-      host.events.on("status", (e) => statusChanges.inc({ status: e.status })),
+      host.events.on("status", (e) => {
+        // A republish (every start, each broker reconnect) restores retained topics: it changes nothing.
+        if (!e.republished) statusChanges.inc({ status: e.status });
+      }),
       host.events.on("spawn", (e) => starts.inc({ type: e.type, start: e.start })),
       host.events.on("rejectedMessage", (e) => rejectedMessages.inc(e.count)),
       host.events.on("agentRefused", (e) => refusedAgents.inc({ type: e.type })),

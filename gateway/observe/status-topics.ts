@@ -58,9 +58,10 @@ export function publishFacts(events: FleetEvents, broker: () => Broker | undefin
 const PAGE = 250;
 
 /**
- * Emit every agent's current status again: retained topics live in aedes' memory, lost on
- * restart. Keyset pages of 250, each followed by a turn of the event loop, so with 100,000
- * agents the gateway serves MQTT and HTTP meanwhile (it runs after the gateway is up).
+ * Emit every agent's current status again, marked `republished` (no transition: metrics do not count
+ * it): retained topics live in aedes' memory, lost on restart. Keyset pages of 250, each followed by a
+ * turn of the event loop, so with 100,000 agents the gateway serves MQTT and HTTP meanwhile (it runs
+ * after the gateway is up).
  * `stopped` ends it early (the gateway is stopping).
  */
 export async function republishStatuses(
@@ -73,7 +74,13 @@ export async function republishStatuses(
     const rows = await store.agentStatusPage(after, PAGE);
     for (const a of rows) {
       const status = shownStatus(a.status);
-      events.emit("status", { agent: a.id, status, ...(a.reason ? { reason: a.reason } : {}), checkpoint: a.headHash });
+      events.emit("status", {
+        agent: a.id,
+        status,
+        ...(a.reason ? { reason: a.reason } : {}),
+        checkpoint: a.headHash,
+        republished: true,
+      });
     }
     n += rows.length;
     if (rows.length < PAGE) return n;

@@ -42,7 +42,7 @@ export type ChainAgent = Pick<AgentRow, "anchorSeq" | "anchorHash" | "headSeq" |
  * database (gateway/replication/). Rows come in the local row shapes.
  */
 export interface ChainSource {
-  /** Every agent that has at least one checkpoint or episode. */
+  /** Every agent that has at least one checkpoint or episode, and (the local store) each whose row has a head. */
   agents(): Promise<string[]>;
   /** An agent's checkpoints, oldest first (a source may stream them: verify holds one at a time). */
   checkpoints(agent: string): AsyncIterable<CheckpointRow> | Promise<Iterable<CheckpointRow>>;
@@ -64,11 +64,12 @@ export interface ChainSource {
 /** The local store as a chain source. */
 export function storeChains(store: Store): ChainSource {
   return {
-    // Agents with a chain, and those with episodes but none (every stimulus so far failed).
+    // Agents with a chain, those with episodes but none (every stimulus so far failed), and those whose
+    // row has a head: a chain lost whole (checkpoints and episodes) is named, not skipped.
     agents: async () =>
       (
-        await store.client.execute(`SELECT agent FROM checkpoints
-          UNION SELECT id FROM agents a WHERE EXISTS (SELECT 1 FROM episodes e WHERE e.agent = a.id)`)
+        await store.client.execute(`SELECT agent FROM checkpoints UNION SELECT id FROM agents a
+          WHERE a.head_seq > 0 OR EXISTS (SELECT 1 FROM episodes e WHERE e.agent = a.id)`)
       ).rows.map((r) => String(r[0])),
     checkpoints: (agent) => store.listCheckpoints(agent as AgentId),
     agent: async (agent) => {
@@ -311,6 +312,9 @@ async function verifyAgent(
       );
     // The agent's next episode loads its head: retention never collects it.
     if (last.state === null) found(`checkpoint ${agent}#${last.seq} ${last.hash.slice(0, 16)}`, "head state collected");
+  } else if (a && a.headSeq > 0) {
+    // Retention keeps the head checkpoint, so a head with no chain at all is history lost.
+    found(`agent ${agent}`, `head #${a.headSeq} ${short(a.headHash)} missing: no checkpoints`);
   }
   let committed = 0;
   for (let after = ""; ; ) {
