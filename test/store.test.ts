@@ -21,7 +21,7 @@ import { createClient } from "@libsql/client";
 import { eq, getTableColumns, is } from "drizzle-orm";
 import { getTableConfig, SQLiteTable } from "drizzle-orm/sqlite-core";
 import { checkpointHashIs, GroupCommitter, openDb, specOfSql, STATUS_COMMITTED } from "../gateway/store/index.ts";
-import { WAL_SIZE_LIMIT } from "../gateway/store/index.ts";
+import { QUEUED_TIMERS_AMONG, WAL_SIZE_LIMIT } from "../gateway/store/index.ts";
 import { hashEvents, Store, tables, WalFile, type EpisodeCommit, type EpisodeFailure } from "../gateway/store/index.ts";
 import type { AgentId, NewStimulus, StimulusId } from "../gateway/types.ts";
 import { findEpisode } from "../gateway/ops/index.ts";
@@ -554,6 +554,21 @@ describe("intake", () => {
         "EXPLAIN QUERY PLAN SELECT seq FROM stimuli WHERE seq = 2 AND state = 'queued' AND agent = 'temp/boiler-1'",
       );
       expect(plan.rows.map((r) => String(r.detail)).join("\n")).toContain("INTEGER PRIMARY KEY");
+    } finally {
+      await store.close();
+    }
+  });
+
+  test("superseded timer fires are found by rowid, not by walking every queued stimulus", async () => {
+    const store = await open(freshPath());
+    try {
+      const plan = await store.client.execute({
+        sql: `EXPLAIN QUERY PLAN ${QUEUED_TIMERS_AMONG}`,
+        args: ["[1, 2]", "temp/boiler-1"],
+      });
+      const detail = plan.rows.map((r) => String(r.detail)).join("\n");
+      expect(detail).toContain("SEARCH s USING INTEGER PRIMARY KEY");
+      expect(detail).not.toContain("stimuli_state");
     } finally {
       await store.close();
     }

@@ -98,6 +98,14 @@ export interface NewRejected {
   readonly receivedAt: number;
 }
 
+/**
+ * Agent `?2`'s queued timer fires among the seqs of `?1` (a JSON array), each looked up by its rowid:
+ * through the index of `state` the planner chose before, it walked every queued stimulus of the
+ * fleet, twice, inside the write transaction (~13 ms with 200,000 queued, when a backlog piles up fires).
+ */
+export const QUEUED_TIMERS_AMONG = `SELECT s.seq FROM json_each(?1) AS j CROSS JOIN stimuli AS s ON s.seq = j.value
+  WHERE s.state = 'queued' AND s.agent = ?2 AND s.kind = 'timer'`;
+
 /** The fleet's durable state. */
 export class Store {
   private constructor(
@@ -741,14 +749,11 @@ export class Store {
    */
   async supersedeTimers(agent: AgentId, queued: readonly number[], reason: string, at: number): Promise<number[]> {
     if (queued.length < 2) return [];
-    const timers = `SELECT seq FROM stimuli WHERE seq IN (SELECT value FROM json_each(?))
-      AND state = 'queued' AND agent = ? AND kind = 'timer'`;
-    const list = JSON.stringify(queued);
     const [rs] = await this.writer.write([
       {
-        sql: `UPDATE stimuli SET state = 'dropped', last_error = ?, done_at = ?
-          WHERE seq IN (${timers}) AND seq < (SELECT max(seq) FROM (${timers})) RETURNING seq`,
-        args: [reason, at, list, agent, list, agent],
+        sql: `UPDATE stimuli SET state = 'dropped', last_error = ?3, done_at = ?4
+          WHERE seq IN (${QUEUED_TIMERS_AMONG}) AND seq < (SELECT max(seq) FROM (${QUEUED_TIMERS_AMONG})) RETURNING seq`,
+        args: [JSON.stringify(queued), agent, reason, at],
       },
     ]);
     return seqsOf(rs);
