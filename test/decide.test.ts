@@ -90,6 +90,7 @@ function inputs(over: Partial<TurnInputs> = {}): TurnInputs {
     budgetOverride: { budget: null, until: 0 },
     checkpoint: undefined,
     pendingWakes: [],
+    headCancelledBy: null,
     ...over,
   };
 }

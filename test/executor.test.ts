@@ -586,6 +586,40 @@ describe("executor: wake-ups", () => {
     expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
   });
 
+  test("a wake-up the clock read as due before its cancel committed, and recorded after, never runs", async () => {
+    await t.queue();
+    await t.queue();
+    t.script.push((s) => ok({}, [wake(s, 1, t.now() + 5000)]));
+    await t.executor.turn(A);
+    const id = `${t.starts[0]!.episode}.w1`;
+    t.script.push(() => ok({}, [{ k: "cancel_wake", id }]));
+    await t.executor.turn(A); // the cancel commits: the row is cancelled, no stimulus of it is queued yet
+    // The clock's intake of what it read as due a moment before lands now.
+    const [o] = await t.store.intake([
+      {
+        agent: A,
+        type: "mon",
+        key: "a",
+        sid: `wake:${id}` as StimulusId,
+        kind: "wake",
+        topic: null,
+        payload: new TextEncoder().encode('{"data":null}'),
+        receivedAt: t.now(),
+      },
+    ]);
+    t.book.recorded(A, o!.seq!, o!.receivedAt);
+    await t.store.settleWakes([id], "fired", t.now()); // finds it cancelled: changes nothing
+    const starts = t.starts.length;
+    expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
+    expect(t.starts).toHaveLength(starts);
+    const [stim] = await t.rows("SELECT state, last_error FROM stimuli WHERE sid = ?", [`wake:${id}`]);
+    expect(stim).toEqual({
+      state: "dropped",
+      last_error: `its wake-up was cancelled by episode ${t.starts[1]!.episode}`,
+    } as never);
+    expect(t.book.queued(A)).toBe(0);
+  });
+
   test("an episode cannot cancel another agent's wake-up", async () => {
     await t.queue(A);
     await t.queue(B);

@@ -42,8 +42,11 @@ export type TurnDecision =
   | { readonly kind: "refuse_retired"; readonly reason: string }
   /** The agent cannot run (failed); an operator action wakes it. */
   | { readonly kind: "parked" }
-  /** The head's message expired (MQTT 5 message expiry) before its episode ran: skip it, decide again. */
-  | { readonly kind: "expire"; readonly seq: number; readonly reason: string }
+  /**
+   * Skip the head and decide again: its message expired (MQTT 5 message expiry) before its episode
+   * ran, or (`dropped`) it is a wake-up that was cancelled after it was recorded.
+   */
+  | { readonly kind: "expire"; readonly seq: number; readonly reason: string; readonly state?: "dropped" }
   /** Not before `until`: an operator or budget pause, or the head's retry backoff. */
   | { readonly kind: "wait"; readonly until: number }
   /** Its type is gone from the spec: retire it with this reason. */
@@ -94,6 +97,13 @@ export function decideTurn(inputs: TurnInputs, spec: FleetSpec, now: number): Tu
     }
   }
   if (!head) return { kind: "empty" };
+  if (inputs.headCancelledBy !== null)
+    return {
+      kind: "expire",
+      seq: head.seq,
+      reason: `its wake-up was cancelled${inputs.headCancelledBy ? ` by episode ${inputs.headCancelledBy}` : ""}`,
+      state: "dropped",
+    };
   if (head.expiresAt !== null && head.expiresAt <= now)
     return {
       kind: "expire",

@@ -288,7 +288,7 @@ export class EpisodeExecutor {
           return { kind: "empty" };
         }
         case "expire":
-          if (await store.expireStimulus(d.seq, d.reason, now)) {
+          if (await store.expireStimulus(d.seq, d.reason, now, d.state)) {
             this.d.queue.rejected(agentId, [d.seq]);
             this.d.log.info({ agent: agentId, stimulus: d.seq }, `stimulus skipped: ${d.reason}`);
             events.emit("rejected", { agent: agentId, count: 1, reason: d.reason });

@@ -72,6 +72,12 @@ export interface TurnInputs {
   readonly checkpoint: t.CheckpointRow | undefined;
   /** Ids of the agent's pending wake-ups, soonest first. */
   readonly pendingWakes: readonly string[];
+  /**
+   * The head is a `wake` stimulus whose wake-up was cancelled: the episode that cancelled it (null:
+   * it was not). The clock may have read the wake-up as due just before that episode's commit and
+   * recorded its stimulus just after; the turn drops it, so `cancelWake`'s true holds.
+   */
+  readonly headCancelledBy: string | null;
 }
 
 /** A wake-up as stored. */
@@ -96,6 +102,16 @@ export interface NewRejected {
   readonly client: string | null;
   readonly reason: string;
   readonly receivedAt: number;
+}
+
+/** A `wake` stimulus's cancelled wake-up: who cancelled it (`wake:<id>`; the column after the stimulus's own). */
+const CANCELLED_BY = `CASE WHEN kind = 'wake' THEN (SELECT coalesce(w.done_by, '') FROM wakeups w
+  WHERE w.id = substr(stimuli.sid, 6) AND w.agent = stimuli.agent AND w.state = 'cancelled') END`;
+
+/** The CANCELLED_BY column of a head row, or null. */
+function cancelledBy(row: Record<number, unknown> | undefined): string | null {
+  const v = row?.[codecs.stimuli.cols.length];
+  return v === null || v === undefined ? null : String(v);
 }
 
 /**
@@ -584,11 +600,12 @@ export class Store {
         { sql: `SELECT ${codecs.agents.columns} FROM agents WHERE id = ?`, args: [agent] },
         headSeq === undefined
           ? {
-              sql: `SELECT ${columns} FROM stimuli WHERE state = 'queued' AND agent = ? ORDER BY seq LIMIT 1`,
+              sql: `SELECT ${columns}, ${CANCELLED_BY} FROM stimuli WHERE state = 'queued' AND agent = ?
+                ORDER BY seq LIMIT 1`,
               args: [agent],
             }
           : {
-              sql: `SELECT ${columns} FROM stimuli WHERE seq = ? AND state = 'queued' AND agent = ?`,
+              sql: `SELECT ${columns}, ${CANCELLED_BY} FROM stimuli WHERE seq = ? AND state = 'queued' AND agent = ?`,
               args: [headSeq, agent],
             },
         {
@@ -617,6 +634,7 @@ export class Store {
       budgetOverride: parseBudgetOverride(String(override?.rows[0]?.value ?? "")),
       checkpoint: first(codecs.checkpoints, checkpoint),
       pendingWakes: wakes?.rows.map((r) => String(r.id)) ?? [],
+      headCancelledBy: cancelledBy(head?.rows[0]),
     };
   }
 
@@ -731,12 +749,20 @@ export class Store {
     return seqsOf(rs);
   }
 
-  /** Skip a queued stimulus whose message expired before its episode ran (state `expired`, with why). */
-  async expireStimulus(seq: number, reason: string, at: number): Promise<boolean> {
+  /**
+   * Skip a queued stimulus whose message expired before its episode ran (state `expired`, with why), or
+   * (`dropped`) a wake-up's that was cancelled after it was recorded; false when it was not queued.
+   */
+  async expireStimulus(
+    seq: number,
+    reason: string,
+    at: number,
+    state: "expired" | "dropped" = "expired",
+  ): Promise<boolean> {
     const [rs] = await this.writer.write([
       {
-        sql: "UPDATE stimuli SET state = 'expired', last_error = ?, done_at = ? WHERE seq = ? AND state = 'queued'",
-        args: [reason, at, seq],
+        sql: "UPDATE stimuli SET state = ?, last_error = ?, done_at = ? WHERE seq = ? AND state = 'queued'",
+        args: [state, reason, at, seq],
       },
     ]);
     return (rs?.rowsAffected ?? 0) > 0;
@@ -752,7 +778,8 @@ export class Store {
     const [rs] = await this.writer.write([
       {
         sql: `UPDATE stimuli SET state = 'dropped', last_error = ?3, done_at = ?4
-          WHERE seq IN (${QUEUED_TIMERS_AMONG}) AND seq < (SELECT max(seq) FROM (${QUEUED_TIMERS_AMONG})) RETURNING seq`,
+          WHERE seq IN (${QUEUED_TIMERS_AMONG})
+            AND seq < (SELECT max(seq) FROM (${QUEUED_TIMERS_AMONG})) RETURNING seq`,
         args: [JSON.stringify(queued), agent, reason, at],
       },
     ]);
