@@ -6,6 +6,7 @@ import { Aedes, type Client, type PublishPacket } from "aedes";
 import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { type GuardViolation, parseInSlices, type SliceableClient, type Traffic } from "./connection.ts";
+import { GrantedSubscriptions } from "./granted.ts";
 import { createHooks, type HookState } from "./hooks.ts";
 import { type SysSnapshot, SysTree } from "./sys.ts";
 import { persistenceFor, type BrokerPersistence } from "./persistence/index.ts";
@@ -110,7 +111,9 @@ class AedesBroker implements EmbeddedBroker {
       keepalives: new WeakMap(),
       publishFirst: null,
       retained: this.persistence.retained,
+      granted: new GrantedSubscriptions(),
     };
+    this.state.granted.storeOnlyGranted(this.persistence.aedes);
     this.aedes = new Aedes({
       ...createHooks(opts, this.state, this.log),
       drainTimeout: DRAIN_TIMEOUT_MS,

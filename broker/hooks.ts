@@ -5,6 +5,7 @@
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from "aedes";
 import type { Logger } from "pino";
 import { dedupeExactly, type RetainedCopies } from "./deliveries.ts";
+import type { GrantedSubscriptions } from "./granted.ts";
 import { isSessionMark } from "./persistence/index.ts";
 import { checkDevicePublishTopic, checkDeviceSubscribeFilter } from "./topics.ts";
 import { SYS_PREFIX } from "./sys.ts";
@@ -67,6 +68,8 @@ export interface HookState {
   publishFirst: ((packet: PublishPacket, client: Client) => Promise<void>) | null;
   /** Drops a retained copy a new subscription would get after a newer message of its topic went live. */
   readonly retained: RetainedCopies;
+  /** The subscriptions granted here that a session is to store (./granted.ts). */
+  readonly granted: GrantedSubscriptions;
 }
 
 /** Why a device publish was refused; aedes emits it as `clientError` and drops the connection. */
@@ -384,7 +387,10 @@ export function createHooks(
       const auth = state.auth;
       const acl = auth.authorizeSubscribeTopic;
       const allowed = rule.ok && aclAllows(acl ? () => acl.call(auth, info, sub.topic) : null, sub.topic, info);
-      if (allowed) return done(null, sub);
+      if (allowed) {
+        state.granted.record(client, sub);
+        return done(null, sub);
+      }
       log.info({ client: info.id, filter: sub.topic }, "subscribe refused");
       // aedes restores a returning session's stored subscriptions through here too, and keeps one it was
       // refused in the store: its messages would go on filling the offline queue, and come once the right
