@@ -64,6 +64,13 @@ describe("config checked against the module's schema, in the sandbox", () => {
     ]);
   });
 
+  test("a module whose top level forges the check's answer out of the host's shape cannot run", async () => {
+    const problems = await problemsOf("{}", fileURLToPath(new URL("./fixtures/unit/forged-check.ts", import.meta.url)));
+    expect(problems).toHaveLength(1);
+    expect(problems[0]!.keyPath).toBe("agents.t.module");
+    expect(problems[0]!.message).toEndWith("cannot run: its config check answered out of shape");
+  });
+
   test("a module without a schema takes any config", async () => {
     expect(await problemsOf('{ anything = "goes" }', fixture("counter"))).toEqual([]);
   });

@@ -164,5 +164,32 @@ async function checkModule(
     return { invalid: `${type.module} cannot run: it ${why}` };
   }
   if (!r.ok) return null;
-  return r.state as ConfigCheck | null;
+  // The module's top level ran in that process and can write to the channel before the host does:
+  // its answer is taken only in the shape the host gives it (a forged version would be stamped on state).
+  const check = parseCheck(r.state);
+  return check ?? { invalid: `${type.module} cannot run: its config check answered out of shape` };
+}
+
+/** Most issues, path levels and message characters the host sends (agents/host `checkConfig`). */
+const MAX_ISSUES = 20;
+const MAX_ISSUE_PATH = 64;
+const MAX_ISSUE_MESSAGE = 500;
+/** The highest state version taken: a timer-sized integer, far above any a release would declare. */
+const MAX_STATE_VERSION = 2_147_483_647;
+
+/** A config check's answer as the host writes it, or null. */
+function parseCheck(raw: unknown): ConfigCheck | null {
+  if (typeof raw !== "object" || raw === null) return null;
+  const { schema, version = 1, issues } = raw as Record<string, unknown>;
+  if (typeof schema !== "boolean") return null;
+  if (!Number.isSafeInteger(version) || (version as number) < 1 || (version as number) > MAX_STATE_VERSION) return null;
+  if (!Array.isArray(issues) || issues.length > MAX_ISSUES) return null;
+  const parsed: { path: string[]; message: string }[] = [];
+  for (const i of issues as unknown[]) {
+    const { path, message } = (i ?? {}) as { path?: unknown; message?: unknown };
+    if (!Array.isArray(path) || path.length > MAX_ISSUE_PATH || !path.every((p) => typeof p === "string")) return null;
+    if (typeof message !== "string" || message.length > MAX_ISSUE_MESSAGE) return null;
+    parsed.push({ path: path as string[], message });
+  }
+  return { schema, version: version as number, issues: parsed };
 }
