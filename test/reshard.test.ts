@@ -144,6 +144,44 @@ describe("fleet reshard", () => {
     expect(verify.code).toBe(0);
   });
 
+  test("every new shard keeps the fleet's rollouts: a rolled-back canary stays rolled back", async () => {
+    const { a, b, root } = await sources();
+    const rollout = (db: Store, type: string, state: string, at: number) =>
+      db.client.execute({
+        sql: `INSERT INTO rollouts (gateway, type, from_bundle, to_bundle, canary, min_episodes, max_failure_rate,
+          bake_ms, state, reason, started_at, decided_at) VALUES (?, ?, 'old', 'new', 0.1, 50, 0.05, 600000, ?, ?, ?, ?)
+          RETURNING id`,
+        args: [db.gatewayId, type, state, state === "canary" ? null : "failed", at, state === "canary" ? null : at + 1],
+      });
+    for (const [path, type, state] of [
+      [a.dbPath, "temp", "rolled_back"],
+      [b.dbPath, "door", "canary"],
+    ] as const) {
+      const db = await Store.open(path, { synchronous: "normal" });
+      const [row] = (await rollout(db, type, state, T0)).rows;
+      await db.client.execute({
+        sql: "INSERT INTO rollout_steps (rollout, at, step, detail) VALUES (?, ?, ?, NULL)",
+        args: [Number(row!.id), T0, state],
+      });
+      await db.close();
+    }
+    await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "s"));
+    for (const i of [1, 2]) {
+      const s = await Store.open(join(root, `s${i}`, "fleet.db"), { synchronous: "normal", readonly: true });
+      const rows = (
+        await s.client.execute(
+          "SELECT r.type, r.state, r.from_bundle, st.step FROM rollouts r JOIN rollout_steps st ON st.rollout = r.id " +
+            "ORDER BY r.type",
+        )
+      ).rows.map((r) => [r.type, r.state, r.from_bundle, r.step]);
+      expect(rows).toEqual([
+        ["door", "canary", "old", "canary"],
+        ["temp", "rolled_back", "old", "rolled_back"],
+      ]);
+      await s.close();
+    }
+  });
+
   test("the command line reports each new shard and exits 0 when every chain verifies", async () => {
     const { a, b, root } = await sources();
     const r = await runCli([

@@ -442,6 +442,23 @@ async function copySource(
           args: [],
         });
       }
+      // Rollouts are per type, not per agent: every new dir takes each source's, numbered after those it
+      // holds (a rolled-back canary's agents stay on the previous bundle; one in progress stays a canary).
+      const [{ base }] = (await client.execute("SELECT coalesce(max(id), 0) AS base FROM main.rollouts"))
+        .rows as unknown as [{ base: number }];
+      const rollout = (await columns(client, "rollouts")).filter((c) => c !== "id");
+      stmts.push(
+        {
+          sql: `INSERT INTO main.rollouts (id, ${rollout.join(", ")}) SELECT id + ?, ${rollout.join(", ")}
+            FROM src.rollouts ORDER BY id`,
+          args: [Number(base)],
+        },
+        {
+          sql: `INSERT INTO main.rollout_steps (rollout, at, step, detail) SELECT rollout + ?, at, step, detail
+            FROM src.rollout_steps ORDER BY seq`,
+          args: [Number(base)],
+        },
+      );
       // A timer's last fire: the newest any source handled, so no shard fires it again.
       stmts.push({
         sql: `INSERT INTO main.meta (key, value) SELECT key, value FROM src.meta WHERE key LIKE 'timer:%' AND true
