@@ -3,15 +3,20 @@
  * its owner under the new shard count, and every chain verifies there. Sources are data dirs
  * filled through the gateway's own commit path (test/helpers/ops.ts), one with a collected prefix.
  */
+import type { InValue } from "@libsql/client";
 import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import pino from "pino";
 import { gcAll, reshard, ReshardError, sessionsToDrop, shardChangeRefusal } from "../gateway/ops/index.ts";
 import { blake3Hex } from "../gateway/hash.ts";
 import { startTicks } from "../gateway/pids.ts";
 import { ownerShard } from "../gateway/shard.ts";
-import { idBytesSql, idOfSql, Store } from "../gateway/store/index.ts";
+import { Rollouts } from "../gateway/fleet/index.ts";
+import type { SpecVersion } from "../gateway/spec/index.ts";
+import { idBytesSql, idOfSql, type RolloutState, Store } from "../gateway/store/index.ts";
+import type { Blake3Hex } from "../gateway/types.ts";
 import { runCli, zombie } from "./helpers/gateway.ts";
 import { HOUR, SyntheticFleet } from "./helpers/ops.ts";
 import { counterType, fleetHeader, q } from "./helpers/toml.ts";
@@ -83,6 +88,75 @@ async function sources(): Promise<{ a: SyntheticFleet; b: SyntheticFleet; root: 
   return { a, b, root };
 }
 
+/** Three code bundles, oldest first, saved in `db` (the same hashes in every data dir). */
+async function codes(db: Store): Promise<[Blake3Hex, Blake3Hex, Blake3Hex]> {
+  const save = async (code: string) => {
+    const hash = (await blake3Hex(code)) as Blake3Hex;
+    await db.saveBundle({ hash, module: "/m/temp.ts", code, at: T0 });
+    return hash;
+  };
+  return [await save("// older"), await save("// old"), await save("// young")];
+}
+
+/** A rollout as a gateway leaves it (fleet/rollouts.ts): its row, a `started` step and, once decided, its verdict. */
+async function addRollout(
+  db: Store,
+  r: { type: string; from: string; to: string; state: RolloutState; canary: number; at: number },
+): Promise<void> {
+  const decided = r.state === "canary" ? null : r.at + 60_000;
+  const [row] = (
+    await db.client.execute({
+      sql: `INSERT INTO rollouts (gateway, type, from_bundle, to_bundle, canary, min_episodes, max_failure_rate,
+        bake_ms, state, reason, started_at, decided_at) VALUES (?, ?, ?, ?, ?, 50, 0.05, 600000, ?, ?, ?, ?)
+        RETURNING id`,
+      args: [db.gatewayId, r.type, r.from, r.to, r.canary, r.state, decided && "decided", r.at, decided],
+    })
+  ).rows;
+  for (const [step, at] of [["started", r.at] as const, ...(decided ? [[r.state, decided] as const] : [])])
+    await db.client.execute({
+      sql: "INSERT INTO rollout_steps (rollout, at, step, detail) VALUES (?, ?, ?, '{}')",
+      args: [Number(row!.id), at, step],
+    });
+}
+
+/** A data dir's rollouts in id order, each with its steps (ids left out: they are renumbered). */
+async function rollouts(dbPath: string): Promise<Record<string, unknown>[]> {
+  const s = await Store.open(dbPath, { synchronous: "normal", readonly: true });
+  try {
+    const q = async (sql: string, ...args: InValue[]) =>
+      (await s.client.execute({ sql, args })).rows.map((r) => ({ ...r }));
+    const rows = await q(
+      "SELECT id, type, from_bundle, to_bundle, canary, state, reason, started_at, decided_at FROM rollouts " +
+        "ORDER BY id",
+    );
+    const out: Record<string, unknown>[] = [];
+    for (const { id, ...r } of rows)
+      out.push({ ...r, steps: await q("SELECT at, step FROM rollout_steps WHERE rollout = ? ORDER BY seq", id!) });
+    return out;
+  } finally {
+    await s.close();
+  }
+}
+
+/** The bundle each agent runs when a gateway starts on `sv` in this data dir (fleet/rollouts.ts). */
+async function runs(dbPath: string, sv: SpecVersion, agents: readonly string[]): Promise<Map<string, string | null>> {
+  const s = await Store.open(dbPath, { synchronous: "normal", readonly: true });
+  try {
+    const r = new Rollouts({
+      store: s,
+      log: pino({ level: "silent" }),
+      now: () => T0 + 2 * HOUR,
+      agentsOf: async (type) => agents.filter((a) => a.startsWith(`${type}/`)),
+      retry: async () => {},
+      wake: () => {},
+    });
+    await r.start(sv);
+    return new Map(agents.map((a) => [a, r.bundleFor(a, a.slice(0, a.indexOf("/")), sv)]));
+  } finally {
+    await s.close();
+  }
+}
+
 /** Per agent: what each table holds of it, as comparable values. */
 async function snapshot(dbPaths: readonly string[]): Promise<Map<string, string>> {
   const out = new Map<string, string>();
@@ -144,41 +218,66 @@ describe("fleet reshard", () => {
     expect(verify.code).toBe(0);
   });
 
-  test("every new shard keeps the fleet's rollouts: a rolled-back canary stays rolled back", async () => {
-    const { a, b, root } = await sources();
-    const rollout = (db: Store, type: string, state: string, at: number) =>
-      db.client.execute({
-        sql: `INSERT INTO rollouts (gateway, type, from_bundle, to_bundle, canary, min_episodes, max_failure_rate,
-          bake_ms, state, reason, started_at, decided_at) VALUES (?, ?, 'old', 'new', 0.1, 50, 0.05, 600000, ?, ?, ?, ?)
-          RETURNING id`,
-        args: [db.gatewayId, type, state, state === "canary" ? null : "failed", at, state === "canary" ? null : at + 1],
-      });
-    for (const [path, type, state] of [
-      [a.dbPath, "temp", "rolled_back"],
-      [b.dbPath, "door", "canary"],
-    ] as const) {
-      const db = await Store.open(path, { synchronous: "normal" });
-      const [row] = (await rollout(db, type, state, T0)).rows;
-      await db.client.execute({
-        sql: "INSERT INTO rollout_steps (rollout, at, step, detail) VALUES (?, ?, ?, NULL)",
-        args: [Number(row!.id), T0, state],
-      });
-      await db.close();
-    }
-    await reshard([join(a.dir, "data"), join(b.dir, "data")], 2, join(root, "s"));
+  test("a rolled-back canary stays rolled back and one in progress stays a canary in every new shard", async () => {
+    const { b, root } = await sources();
+    const db = await Store.open(b.dbPath, { synchronous: "normal" });
+    const [older, old, young] = await codes(db);
+    // Older history of temp first: the newest rollout of a type is the one that rules it.
+    await addRollout(db, { type: "temp", from: older, to: old, state: "promoted", canary: 0.1, at: T0 });
+    await addRollout(db, { type: "temp", from: old, to: young, state: "rolled_back", canary: 0.1, at: T0 + HOUR });
+    await addRollout(db, { type: "door", from: old, to: young, state: "canary", canary: 0.5, at: T0 + HOUR });
+    await db.close();
+    const sv = { ...b.spec, bundles: { temp: young, door: young } };
+    const before = await runs(b.dbPath, sv, b.agents);
+    const door = b.agents.filter((a) => a.startsWith("door/"));
+    // The canary share splits door's agents; every temp agent is back on the previous bundle.
+    expect(new Set(door.map((a) => before.get(a)))).toEqual(new Set([old, young]));
+    expect(b.agents.filter((a) => a.startsWith("temp/") && before.get(a) !== old)).toEqual([]);
+    const history = await rollouts(b.dbPath);
+
+    await reshard([join(b.dir, "data")], 2, join(root, "s"));
     for (const i of [1, 2]) {
-      const s = await Store.open(join(root, `s${i}`, "fleet.db"), { synchronous: "normal", readonly: true });
-      const rows = (
-        await s.client.execute(
-          "SELECT r.type, r.state, r.from_bundle, st.step FROM rollouts r JOIN rollout_steps st ON st.rollout = r.id " +
-            "ORDER BY r.type",
-        )
-      ).rows.map((r) => [r.type, r.state, r.from_bundle, r.step]);
-      expect(rows).toEqual([
-        ["door", "canary", "old", "canary"],
-        ["temp", "rolled_back", "old", "rolled_back"],
-      ]);
+      const path = join(root, `s${i}`, "fleet.db");
+      expect({ shard: i, rollouts: await rollouts(path) }).toEqual({ shard: i, rollouts: history });
+      expect({ shard: i, runs: await runs(path, sv, b.agents) }).toEqual({ shard: i, runs: before });
+      const s = await Store.open(path, { synchronous: "normal", readonly: true });
+      const have = (await s.client.execute("SELECT hash FROM bundles")).rows.map((r) => String(r.hash));
+      expect(have).toEqual(expect.arrayContaining([old, young]));
       await s.close();
+    }
+  });
+
+  test("code one shard rolled back and another promoted stays off every agent whatever the --from order", async () => {
+    const { a, b, root } = await sources();
+    const [dbA, dbB] = [
+      await Store.open(a.dbPath, { synchronous: "normal" }),
+      await Store.open(b.dbPath, { synchronous: "normal" }),
+    ];
+    const [, old, young] = await codes(dbA);
+    await codes(dbB);
+    // Each shard judged its own canaries: a's failed, b's did well.
+    await addRollout(dbA, { type: "temp", from: old, to: young, state: "rolled_back", canary: 0.1, at: T0 });
+    await addRollout(dbB, { type: "temp", from: old, to: young, state: "promoted", canary: 0.1, at: T0 + HOUR });
+    await dbA.close();
+    await dbB.close();
+    const sv = { ...b.spec, bundles: { temp: young, door: old } };
+    const temp = [...a.agents, ...b.agents].filter((x) => x.startsWith("temp/"));
+    for (const [name, from] of [
+      ["ab", [a, b]],
+      ["ba", [b, a]],
+    ] as const) {
+      await reshard(
+        from.map((f) => join(f.dir, "data")),
+        3,
+        join(root, name),
+      );
+      for (const i of [1, 2, 3]) {
+        const path = join(root, `${name}${i}`, "fleet.db");
+        expect((await rollouts(path)).map((r) => r.state).sort()).toEqual(["promoted", "rolled_back"]);
+        const on = await runs(path, sv, temp);
+        const onNew = temp.filter((x) => on.get(x) !== old);
+        expect({ from: name, shard: i, onNew }).toEqual({ from: name, shard: i, onNew: [] });
+      }
     }
   });
 

@@ -6,13 +6,14 @@
  * What moves with an agent: its row (status, chain head and anchor, counters), its stimuli
  * (queued work and the dedup memory), its episodes with their event logs, its checkpoints, its
  * unsent outputs, its wake-ups and its budget usage. Every new data dir gets all spec versions and
- * code bundles (episodes name them) and each timer's last fire; audit records and rejected
- * messages go to shard 1. The source dirs are only read (after being migrated to this release's
- * schema, as a start would); the new dirs are fresh, with gateway ids of their own.
+ * code bundles (episodes name them), each timer's last fire and every canary rollout (they decide
+ * which bundle each agent of a type runs); audit records and rejected messages go to shard 1. The
+ * source dirs are only read (after being migrated to this release's schema, as a start would); the
+ * new dirs are fresh, with gateway ids of their own.
  */
 import { existsSync, readdirSync, readFileSync, realpathSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
-import type { Client } from "@libsql/client";
+import type { Client, InStatement, InValue } from "@libsql/client";
 import { parse as parseToml } from "smol-toml";
 import { processRuns } from "../pids.ts";
 import { ownerShard, MAX_SHARDS, parseShard, shardClientId, type ShardSpec, shardLabel } from "../shard.ts";
@@ -202,6 +203,7 @@ export async function reshard(
       const max = await copySource(targets, src, k, owners, shift);
       shift += max;
     }
+    await copyRollouts(targets, sources);
     const report: ReshardTarget[] = [];
     const had = hadSessions([...layouts.values()], unsharded);
     const drop = [...had].filter((i) => !layoutSessions(count).includes(i)).sort((x, y) => x - y);
@@ -442,23 +444,6 @@ async function copySource(
           args: [],
         });
       }
-      // Rollouts are per type, not per agent: every new dir takes each source's, numbered after those it
-      // holds (a rolled-back canary's agents stay on the previous bundle; one in progress stays a canary).
-      const [{ base }] = (await client.execute("SELECT coalesce(max(id), 0) AS base FROM main.rollouts"))
-        .rows as unknown as [{ base: number }];
-      const rollout = (await columns(client, "rollouts")).filter((c) => c !== "id");
-      stmts.push(
-        {
-          sql: `INSERT INTO main.rollouts (id, ${rollout.join(", ")}) SELECT id + ?, ${rollout.join(", ")}
-            FROM src.rollouts ORDER BY id`,
-          args: [Number(base)],
-        },
-        {
-          sql: `INSERT INTO main.rollout_steps (rollout, at, step, detail) SELECT rollout + ?, at, step, detail
-            FROM src.rollout_steps ORDER BY seq`,
-          args: [Number(base)],
-        },
-      );
       // A timer's last fire: the newest any source handled, so no shard fires it again.
       stmts.push({
         sql: `INSERT INTO main.meta (key, value) SELECT key, value FROM src.meta WHERE key LIKE 'timer:%' AND true
@@ -485,6 +470,67 @@ async function copySource(
     }
   }
   return max;
+}
+
+/** How far a rollout's state keeps its type's agents off the new code: the lower, the further. */
+const CAUTION: Readonly<Record<string, number>> = { rolled_back: 0, aborted: 0, canary: 1 };
+
+/** One source's rollout: its row as stored, and its steps. */
+interface SourceRollout {
+  readonly k: number;
+  readonly row: Readonly<Record<string, unknown>>;
+  readonly steps: readonly Readonly<Record<string, unknown>>[];
+}
+
+/**
+ * Every source's rollouts and their steps into every target, renumbered alike from 1: the targets are
+ * fresh, but the sources' ids collide. A gateway runs what each type's newest (highest id) rollout says
+ * (fleet/rollouts.ts `start`), so the one that rules a type is numbered last: of the sources' newest,
+ * those of the newest code, the most cautious. Shards judge their canaries apart: code one shard rolled
+ * back and another promoted stays off every agent, whatever the order of `--from`.
+ */
+async function copyRollouts(targets: readonly Store[], sources: readonly string[]): Promise<void> {
+  const client = targets[0]!.client;
+  const read: SourceRollout[] = [];
+  for (const [k, src] of sources.entries()) {
+    await attach(client, src);
+    try {
+      const steps = (await client.execute("SELECT * FROM src.rollout_steps ORDER BY seq")).rows;
+      for (const row of (await client.execute("SELECT * FROM src.rollouts ORDER BY id")).rows)
+        read.push({ k, row, steps: steps.filter((s) => s.rollout === row.id) });
+    } finally {
+      await client.execute("DETACH DATABASE src");
+    }
+  }
+  const type = (r: SourceRollout) => String(r.row.type);
+  const byTime = (x: SourceRollout, y: SourceRollout) =>
+    Number(x.row.started_at) - Number(y.row.started_at) || x.k - y.k || Number(x.row.id) - Number(y.row.id);
+  const caution = (r: SourceRollout) => CAUTION[String(r.row.state)] ?? 2;
+  // Each source's newest of each type (read in id order: the last one stays), oldest first.
+  const newest = [...new Map(read.map((r) => [`${type(r)}\n${r.k}`, r])).values()].sort(byTime);
+  const code = new Map(newest.map((r) => [type(r), r.row.to_bundle]));
+  const ruling = new Map<string, SourceRollout>();
+  for (const r of newest) {
+    const now = ruling.get(type(r));
+    if (r.row.to_bundle === code.get(type(r)) && (!now || caution(r) < caution(now))) ruling.set(type(r), r);
+  }
+  const last = new Set(ruling.values());
+  const order = [...read.filter((r) => !last.has(r)).sort(byTime), ...[...last].sort(byTime)];
+  const cols = (await columns(client, "rollouts")).filter((c) => c !== "id");
+  const stmts: InStatement[] = order.flatMap((r, i) => [
+    {
+      sql: `INSERT INTO rollouts (id, ${cols.join(", ")}) VALUES (?${", ?".repeat(cols.length)})`,
+      args: [i + 1, ...cols.map((c) => r.row[c] as InValue)],
+    },
+    ...r.steps.map((s) => ({
+      sql: "INSERT INTO rollout_steps (rollout, at, step, detail) VALUES (?, ?, ?, ?)",
+      args: [i + 1, s.at, s.step, s.detail] as InValue[],
+    })),
+  ]);
+  for (const store of targets)
+    await store.client.batch(stmts, "write").catch((err: unknown) => {
+      throw new ReshardError(`copying the rollouts into ${store.path} failed: ${String(err)}`);
+    });
 }
 
 /** Count what a new data dir holds and verify its chains (`fleet verify`). */
