@@ -317,6 +317,36 @@ export interface ConfigCheck {
   readonly issues: readonly { readonly path: readonly string[]; readonly message: string }[];
 }
 
+/** Most issues, path levels and message characters a check's answer holds (the host sends 20 of 500). */
+const MAX_CHECK_ISSUES = 20;
+const MAX_CHECK_PATH = 64;
+const MAX_CHECK_MESSAGE = 500;
+
+/**
+ * A `check` run's `done` state as the host writes it, or null. The module's top level runs in that
+ * process and can write to the channel before the host does: nothing else is taken.
+ */
+export function parseConfigCheck(raw: unknown): ConfigCheck | null {
+  if (!isObj(raw)) return null;
+  const { schema, version = 1, issues } = raw;
+  if (typeof schema !== "boolean" || !isVersion(version)) return null;
+  if (!Array.isArray(issues) || issues.length > MAX_CHECK_ISSUES) return null;
+  const parsed: { path: string[]; message: string }[] = [];
+  for (const i of issues) {
+    if (!isObj(i)) return null;
+    const { path, message } = i;
+    if (!Array.isArray(path) || path.length > MAX_CHECK_PATH || !path.every((p) => typeof p === "string")) return null;
+    if (typeof message !== "string" || message.length > MAX_CHECK_MESSAGE) return null;
+    parsed.push({ path: path as string[], message });
+  }
+  return { schema, version, issues: parsed };
+}
+
+/** A state version of agent code (`defineAgent({ version })`, a migration's ends): an integer from 1. */
+function isVersion(v: unknown): v is number {
+  return typeof v === "number" && Number.isSafeInteger(v) && v >= 1;
+}
+
 /** Subprocess -> gateway. `records` batches are flushed before every tool call and at the end. */
 export type ChildMessage =
   | { readonly t: "ready" }
@@ -363,10 +393,9 @@ export function parseChildMessage(raw: unknown, opts: { replay: boolean } = { re
       if (typeof raw.call !== "number" || typeof raw.tool !== "string" || !Array.isArray(raw.args)) return null;
       return { t: "tool", call: raw.call, tool: raw.tool, args: raw.args };
     case "done": {
-      const int = (v: unknown) => typeof v === "number" && Number.isSafeInteger(v) && v >= 1;
       if (
-        (raw.version !== undefined && !int(raw.version)) ||
-        (raw.migrated_from !== undefined && !int(raw.migrated_from))
+        (raw.version !== undefined && !isVersion(raw.version)) ||
+        (raw.migrated_from !== undefined && !isVersion(raw.migrated_from))
       )
         return null;
       return {
@@ -423,10 +452,8 @@ export function parseRecord(r: unknown, opts: { replay: boolean }): EpisodeRecor
     }
     case "cancel_wake":
       return typeof r.id === "string" && r.id.length <= 200 ? { k: "cancel_wake", id: r.id } : null;
-    case "migrate": {
-      const int = (v: unknown) => typeof v === "number" && Number.isSafeInteger(v) && v >= 1;
-      return int(r.from) && int(r.to) ? { k: "migrate", from: r.from as number, to: r.to as number } : null;
-    }
+    case "migrate":
+      return isVersion(r.from) && isVersion(r.to) ? { k: "migrate", from: r.from, to: r.to } : null;
     case "pending_wakes":
       return Array.isArray(r.ids) && r.ids.every((id) => typeof id === "string")
         ? { k: "pending_wakes", ids: r.ids as string[] }

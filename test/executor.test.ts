@@ -550,6 +550,24 @@ describe("executor: wake-ups", () => {
     expect(row).toEqual({ state: "cancelled", done_by: t.starts[1]!.episode } as never);
   });
 
+  /** The wake-up clock fires `id` now, as it does: the `wake` stimulus recorded, then the row marked fired. */
+  async function fireWake(id: string): Promise<void> {
+    const [o] = await t.store.intake([
+      {
+        agent: A,
+        type: "mon",
+        key: "a",
+        sid: `wake:${id}` as StimulusId,
+        kind: "wake",
+        topic: null,
+        payload: new TextEncoder().encode('{"data":null}'),
+        receivedAt: t.now(),
+      },
+    ]);
+    t.book.recorded(A, o!.seq!, o!.receivedAt);
+    await t.store.settleWakes([id], "fired", t.now());
+  }
+
   test("a wake-up that fell due while its cancelling episode ran is cancelled; its queued run is dropped", async () => {
     await t.queue();
     await t.queue();
@@ -558,20 +576,7 @@ describe("executor: wake-ups", () => {
     const id = `${t.starts[0]!.episode}.w1`;
     t.script.push(async () => {
       // The wake-up clock fires it now: its stimulus is queued behind this episode, its row marked fired.
-      const [o] = await t.store.intake([
-        {
-          agent: A,
-          type: "mon",
-          key: "a",
-          sid: `wake:${id}` as StimulusId,
-          kind: "wake",
-          topic: null,
-          payload: new TextEncoder().encode('{"data":null}'),
-          receivedAt: t.now(),
-        },
-      ]);
-      t.book.recorded(A, o!.seq!, o!.receivedAt);
-      await t.store.settleWakes([id], "fired", t.now());
+      await fireWake(id);
       return ok({}, [{ k: "cancel_wake", id }]);
     });
     await t.executor.turn(A);
@@ -595,20 +600,7 @@ describe("executor: wake-ups", () => {
     t.script.push(() => ok({}, [{ k: "cancel_wake", id }]));
     await t.executor.turn(A); // the cancel commits: the row is cancelled, no stimulus of it is queued yet
     // The clock's intake of what it read as due a moment before lands now.
-    const [o] = await t.store.intake([
-      {
-        agent: A,
-        type: "mon",
-        key: "a",
-        sid: `wake:${id}` as StimulusId,
-        kind: "wake",
-        topic: null,
-        payload: new TextEncoder().encode('{"data":null}'),
-        receivedAt: t.now(),
-      },
-    ]);
-    t.book.recorded(A, o!.seq!, o!.receivedAt);
-    await t.store.settleWakes([id], "fired", t.now()); // finds it cancelled: changes nothing
+    await fireWake(id); // its row: found cancelled, unchanged
     const starts = t.starts.length;
     expect(await t.executor.turn(A)).toEqual({ kind: "empty" });
     expect(t.starts).toHaveLength(starts);

@@ -4,7 +4,7 @@
  * (`fleet validate`, gateway start, hot redeploy), in the same sandboxed subprocess an
  * episode runs in: the schema is the agent's code, and agent code is not run in the gateway.
  */
-import type { ConfigCheck } from "../../agents/protocol.ts";
+import { type ConfigCheck, parseConfigCheck } from "../../agents/protocol.ts";
 import {
   type AgentTypeSpec,
   type FleetSpec,
@@ -96,7 +96,7 @@ async function checkType(
     const path = ["agents", type.name, "module"];
     return [{ type: type.name, keyPath: formatKeyPath(path), path, message: check.invalid }];
   }
-  if (!check || !Array.isArray(check.issues)) return [];
+  if (!check) return [];
   if (check.schema === false) noSchema.add(stamp);
   return check.issues.map((i) => {
     const path = ["agents", type.name, "config", ...i.path];
@@ -166,30 +166,6 @@ async function checkModule(
   if (!r.ok) return null;
   // The module's top level ran in that process and can write to the channel before the host does:
   // its answer is taken only in the shape the host gives it (a forged version would be stamped on state).
-  const check = parseCheck(r.state);
+  const check = parseConfigCheck(r.state);
   return check ?? { invalid: `${type.module} cannot run: its config check answered out of shape` };
-}
-
-/** Most issues, path levels and message characters the host sends (agents/host `checkConfig`). */
-const MAX_ISSUES = 20;
-const MAX_ISSUE_PATH = 64;
-const MAX_ISSUE_MESSAGE = 500;
-/** The highest state version taken: a timer-sized integer, far above any a release would declare. */
-const MAX_STATE_VERSION = 2_147_483_647;
-
-/** A config check's answer as the host writes it, or null. */
-function parseCheck(raw: unknown): ConfigCheck | null {
-  if (typeof raw !== "object" || raw === null) return null;
-  const { schema, version = 1, issues } = raw as Record<string, unknown>;
-  if (typeof schema !== "boolean") return null;
-  if (!Number.isSafeInteger(version) || (version as number) < 1 || (version as number) > MAX_STATE_VERSION) return null;
-  if (!Array.isArray(issues) || issues.length > MAX_ISSUES) return null;
-  const parsed: { path: string[]; message: string }[] = [];
-  for (const i of issues as unknown[]) {
-    const { path, message } = (i ?? {}) as { path?: unknown; message?: unknown };
-    if (!Array.isArray(path) || path.length > MAX_ISSUE_PATH || !path.every((p) => typeof p === "string")) return null;
-    if (typeof message !== "string" || message.length > MAX_ISSUE_MESSAGE) return null;
-    parsed.push({ path: path as string[], message });
-  }
-  return { schema, version: version as number, issues: parsed };
 }

@@ -100,8 +100,12 @@ export async function resolveQuarantined(
 ): Promise<QuarantineAction> {
   const row = Number.isSafeInteger(seq) ? await store.getStimulus(seq) : undefined;
   if (!row) return { ok: false, code: "not_found", message: `no stimulus ${seq}` };
-  if (row.state !== "quarantined")
-    return { ok: false, code: "not_quarantined", message: `stimulus ${seq} is ${row.state}, not quarantined` };
+  const notQuarantined = (state: string): QuarantineAction => ({
+    ok: false,
+    code: "not_quarantined",
+    message: `stimulus ${seq} is ${state}, not quarantined`,
+  });
+  if (row.state !== "quarantined") return notQuarantined(row.state);
   const state = action === "retry" ? "queued" : "dropped";
   const agent = row.agent as AgentId;
   const admitted = state === "queued" && queue !== undefined;
@@ -123,8 +127,7 @@ export async function resolveQuarantined(
   if (!changed) {
     // Retried or dropped meanwhile (another operator, a rollback's retry).
     if (admitted) queue.released(agent);
-    const current = (await store.getStimulus(seq))?.state ?? "gone";
-    return { ok: false, code: "not_quarantined", message: `stimulus ${seq} is ${current}, not quarantined` };
+    return notQuarantined((await store.getStimulus(seq))?.state ?? "gone");
   }
   if (admitted) queue.recorded(agent, seq, row.receivedAt);
   return { ok: true, seq, agent: row.agent, state };
