@@ -63,8 +63,16 @@ describe("replication to a central libSQL server", () => {
     const f = new TestFleet(fleetToml("plant-1", sqld.url));
     await f.start(120_000);
     await publishReadings(f, ["a", "b", "c"], 5, "r1");
-    await f.waitCommitted("counter/a", 5, 120_000);
-    await f.waitCommitted("counter/c", 5, 120_000);
+    for (const k of ["a", "b", "c"]) await f.waitCommitted(`counter/${k}`, 5, 120_000);
+    // The poison message's attempts run on their retry backoff, beside the readings: all of them end first.
+    await waitFor(
+      async () =>
+        (await f.query<{ n: number }>("SELECT count(*) AS n FROM stimuli WHERE state = 'quarantined'"))[0]!.n === 1
+          ? true
+          : undefined,
+      120_000,
+      "the poison message quarantined",
+    );
     // Operator actions replicate too: one that worked and one the gateway refused.
     expect((await f.fetch("/api/agents/counter/c/pause", { method: "POST" })).status).toBe(200);
     expect((await f.fetch("/api/agents/counter/c/resume", { method: "POST" })).status).toBe(200);
